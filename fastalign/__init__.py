@@ -1,0 +1,1 @@
+"""fastalign: fast kernels and engines for aligning language models without RLHF."""
