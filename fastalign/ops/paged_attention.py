@@ -1,0 +1,197 @@
+"""Attention of packed new-token queries over a paged KV pool, and the KV append into that pool.
+
+Layout (one layer of the pool): k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim].
+Each of R rows owns a context of seq_lens[r] tokens stored in the blocks block_table[r, :ceil(seq_len /
+block_size)] (rows may share blocks; nothing is ever copied). The last q_len_r tokens of a row are new:
+their queries are q[cu_q_lens[r]:cu_q_lens[r + 1]] and their K/V are already written (`write_kv`).
+Query i of row r sits at position seq_lens[r] - q_len_r + i and attends causally to positions <= it, so
+one call covers decode (q_len 1), extension by a few tokens, and prefill of a long new span.
+
+Backends: "triton" (the kernels in `fastalign.kernels.paged_attention`; on CPU only under
+TRITON_INTERPRET=1), "torch" (any device, row by row), "auto" (triton on CUDA, torch otherwise).
+
+Checks. Shapes, dtypes and devices are always checked (free: host metadata only). The contents of the
+index tensors (cu_q_lens monotone and ending at T, q_len <= seq_len, context within the block table,
+block ids within the pool, slots within the pool) are checked when `validate` is True, or when it is None
+and the tensors are on the CPU. On CUDA that check needs one device sync, so by default it is skipped
+there: callers that build their metadata on the host should validate it once, there, with
+`check_paged_metadata`, before copying it to the device.
+"""
+import os
+
+import torch
+
+_BACKENDS = ("auto", "triton", "torch")
+_INDEX_DTYPE = torch.int32
+_SCORE_BUDGET = 1 << 24  # fp32 score elements held at once by the torch path (64 MiB)
+
+
+def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, scale=None, backend="auto",
+                    validate=None):
+    """Causal attention of the new tokens of R rows over their paged contexts.
+
+    q [T, num_heads, head_dim]; k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] of
+    q's dtype and device; block_table [R, max_blocks] int32; seq_lens [R] int32 (context length
+    including the new tokens); cu_q_lens [R + 1] int32. num_heads must be a multiple of num_kv_heads
+    (GQA). scale defaults to head_dim ** -0.5. Returns [T, num_heads, head_dim] in q's dtype, with the
+    softmax accumulated in fp32.
+    """
+    _check_attention_args(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens)
+    if scale is None:
+        scale = q.shape[2] ** -0.5
+    elif not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale: expected a positive number, got {scale!r}")
+    if validate or (validate is None and q.device.type == "cpu"):
+        check_paged_metadata(block_table, seq_lens, cu_q_lens, num_tokens=q.shape[0],
+                             num_blocks=k_cache.shape[0], block_size=k_cache.shape[1])
+    if _resolve_backend(backend, q.device) == "triton":
+        from fastalign.kernels.paged_attention import paged_attention_triton
+        return paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, float(scale))
+    return _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, float(scale))
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping, *, validate=None):
+    """Write the K/V of T new tokens into the pool in place: token t goes to slot slot_mapping[t].
+
+    k, v [T, num_kv_heads, head_dim] of the cache's dtype and device; slot_mapping [T] int64 with
+    slot = block * block_size + offset. Slots must be distinct (a repeated slot keeps an arbitrary one).
+    """
+    _check_cache_pair(k_cache, v_cache)
+    if k.dim() != 3 or k.shape[1:] != k_cache.shape[2:]:
+        raise ValueError(f"k: expected shape [T, {k_cache.shape[2]}, {k_cache.shape[3]}] "
+                         f"(num_kv_heads, head_dim of k_cache), got {list(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected the shape of k {list(k.shape)}, got {list(v.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        _check_like(name, t, k_cache, "k_cache")
+    _check_index(slot_mapping, "slot_mapping", [k.shape[0]], torch.int64, k_cache.device)
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    if validate or (validate is None and k.device.type == "cpu"):
+        if slot_mapping.numel() and not bool(((slot_mapping >= 0) & (slot_mapping < num_slots)).all()):
+            raise ValueError(f"slot_mapping: every slot must lie in [0, {num_slots}) "
+                             "(num_blocks * block_size)")
+    blocks = torch.div(slot_mapping, k_cache.shape[1], rounding_mode="floor")
+    offsets = slot_mapping - blocks * k_cache.shape[1]
+    k_cache.index_put_((blocks, offsets), k)
+    v_cache.index_put_((blocks, offsets), v)
+
+
+def check_paged_metadata(block_table, seq_lens, cu_q_lens, *, num_tokens, num_blocks, block_size):
+    """Raise ValueError unless the index tensors describe a valid batch (one device sync on CUDA).
+
+    Checks: cu_q_lens starts at 0, never decreases and ends at num_tokens; q_len <= seq_len for every
+    row; every context fits in its block table row; the block ids it uses lie in [0, num_blocks).
+    """
+    cu = cu_q_lens.long()
+    q_lens = cu[1:] - cu[:-1]
+    seq = seq_lens.long()
+    used_blocks = torch.div(seq + block_size - 1, block_size, rounding_mode="floor")
+    used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < used_blocks[:, None]
+    ids = block_table[used]
+    failures = torch.stack([
+        cu[0] != 0,
+        cu[-1] != num_tokens,
+        (q_lens < 0).any(),
+        (q_lens > seq).any(),
+        (used_blocks > block_table.shape[1]).any(),
+        ((ids < 0) | (ids >= num_blocks)).any(),
+    ]).tolist()
+    messages = [
+        "cu_q_lens: expected cu_q_lens[0] == 0",
+        f"cu_q_lens: expected cu_q_lens[-1] == T == {num_tokens} (the number of query tokens)",
+        "cu_q_lens: expected a non-decreasing sequence",
+        "seq_lens: every row needs q_len <= seq_len (seq_len counts the new tokens too)",
+        f"seq_lens: a context is longer than its block table row holds "
+        f"(max_blocks {block_table.shape[1]} * block_size {block_size})",
+        f"block_table: a block id used by a row lies outside [0, {num_blocks}) (num_blocks of the pool)",
+    ]
+    for failed, message in zip(failures, messages):
+        if failed:
+            raise ValueError(message)
+
+
+def _check_attention_args(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens):
+    """Shape, dtype and device checks (host metadata only, no device sync)."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError(f"q: expected a tensor [T, num_heads, head_dim], got "
+                         f"{list(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+    _check_cache_pair(k_cache, v_cache)
+    _check_like("q", q, k_cache, "k_cache")
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    if head_dim != k_cache.shape[3]:
+        raise ValueError(f"q: head_dim {head_dim} differs from k_cache's head_dim {k_cache.shape[3]}")
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(f"q: num_heads {num_heads} must be a multiple of k_cache's num_kv_heads {num_kv_heads}")
+    if block_table.dim() != 2:
+        raise ValueError(f"block_table: expected [R, max_blocks] int32, got shape {list(block_table.shape)}")
+    rows = block_table.shape[0]
+    _check_index(block_table, "block_table", [rows, block_table.shape[1]], _INDEX_DTYPE, q.device)
+    _check_index(seq_lens, "seq_lens", [rows], _INDEX_DTYPE, q.device)
+    _check_index(cu_q_lens, "cu_q_lens", [rows + 1], _INDEX_DTYPE, q.device)
+
+
+def _check_cache_pair(k_cache, v_cache):
+    if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
+        raise ValueError("k_cache: expected a tensor [num_blocks, block_size, num_kv_heads, head_dim]")
+    if not k_cache.is_floating_point():
+        raise ValueError(f"k_cache: expected a floating-point dtype, got {k_cache.dtype}")
+    if not isinstance(v_cache, torch.Tensor) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache: expected the shape of k_cache {list(k_cache.shape)}, got "
+                         f"{list(v_cache.shape) if isinstance(v_cache, torch.Tensor) else type(v_cache).__name__}")
+    _check_like("v_cache", v_cache, k_cache, "k_cache")
+
+
+def _check_like(name, t, ref, ref_name):
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name}: expected dtype {ref.dtype} (that of {ref_name}), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (that of {ref_name}), got {t.device}")
+
+
+def _check_index(t, name, shape, dtype, device):
+    if not isinstance(t, torch.Tensor) or list(t.shape) != list(shape) or t.dtype != dtype:
+        got = f"{list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name}: expected shape {list(shape)} of {dtype}, got {got}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device} (that of q / the cache), got {t.device}")
+
+
+def _resolve_backend(backend, device):
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
+                           f"imported to run the kernels on the CPU; got tensors on {device}")
+    return backend
+
+
+def _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale):
+    """Row by row: gather the row's context once, then attend in query chunks whose fp32 scores stay
+    within _SCORE_BUDGET elements. Reads the index tensors on the host (a device sync on CUDA)."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    seq_list, cu_list = seq_lens.tolist(), cu_q_lens.tolist()
+    for r, seq_len in enumerate(seq_list):
+        start, q_len = cu_list[r], cu_list[r + 1] - cu_list[r]
+        if q_len == 0:
+            continue
+        blocks = block_table[r, : -(-seq_len // block_size)].long()
+        # [num_kv_heads, 1, seq_len, head_dim]: the row's context, broadcast over the heads of a group.
+        k = k_cache[blocks].flatten(0, 1)[:seq_len].float().permute(1, 0, 2).unsqueeze(1)
+        v = v_cache[blocks].flatten(0, 1)[:seq_len].float().permute(1, 0, 2).unsqueeze(1)
+        key_pos = torch.arange(seq_len, device=q.device)
+        chunk = max(1, _SCORE_BUDGET // (num_heads * seq_len))
+        for c0 in range(0, q_len, chunk):
+            c1 = min(q_len, c0 + chunk)
+            qc = q[start + c0: start + c1].float().view(c1 - c0, num_kv_heads, group, head_dim)
+            scores = (qc.permute(1, 2, 0, 3) @ k.transpose(-1, -2)) * scale  # [Hkv, G, c, S]
+            query_pos = torch.arange(seq_len - q_len + c0, seq_len - q_len + c1, device=q.device)
+            scores.masked_fill_(key_pos[None, :] > query_pos[:, None], float("-inf"))
+            o = torch.softmax(scores, dim=-1) @ v  # [Hkv, G, c, D]
+            out[start + c0: start + c1] = o.permute(2, 0, 1, 3).reshape(c1 - c0, num_heads, head_dim)
+    return out

@@ -1,0 +1,199 @@
+"""paged_attention and write_kv against the float64 reference, on both backends, and their input checks."""
+import pytest
+import torch
+
+import fastalign.ops.paged_attention as pa_module
+from fastalign.ops.paged_attention import check_paged_metadata, paged_attention, write_kv
+from fastalign.reference.paged_attention import paged_attention_reference
+from tests.conftest import requires_cuda
+
+UNUSED_BLOCK_ID = 1 << 30  # block table entries past a row's last block: must never be read
+
+
+def make_paged_batch(rows, block_size, num_heads, num_kv_heads, head_dim, *, shared_blocks=0,
+                     dtype=torch.float32, device="cpu"):
+    """Random queries and a random paged pool for rows given as (seq_len, q_len).
+
+    Block ids are a random permutation (non-contiguous tables); every row's first `shared_blocks`
+    blocks are the same blocks. Pool slots that no row reads hold NaN, and table entries past a row's
+    last block hold an id outside the pool, so that reading anything outside a context shows up.
+    """
+    blocks_per_row = [-(-seq_len // block_size) for seq_len, _ in rows]
+    num_private = sum(max(0, n - shared_blocks) for n in blocks_per_row)
+    num_blocks = shared_blocks + num_private + 2
+    ids = torch.randperm(num_blocks)
+    shared_ids, private_ids = ids[:shared_blocks].tolist(), iter(ids[shared_blocks:].tolist())
+    table = torch.full((len(rows), max(blocks_per_row, default=0) + 1), UNUSED_BLOCK_ID, dtype=torch.int32)
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim)
+    read = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+    for r, ((seq_len, _), n) in enumerate(zip(rows, blocks_per_row)):
+        row_ids = (shared_ids + [next(private_ids) for _ in range(n - shared_blocks)])[:n]
+        table[r, :n] = torch.tensor(row_ids, dtype=torch.int32)
+        for p in range(seq_len):
+            read[row_ids[p // block_size], p % block_size] = True
+    k_cache[~read] = float("nan")
+    v_cache[~read] = float("nan")
+    q_lens = torch.tensor([q_len for _, q_len in rows], dtype=torch.int32)
+    cu_q_lens = torch.zeros(len(rows) + 1, dtype=torch.int32)
+    cu_q_lens[1:] = torch.cumsum(q_lens, 0)
+    q = torch.randn(int(cu_q_lens[-1]), num_heads, head_dim)
+    seq_lens = torch.tensor([seq_len for seq_len, _ in rows], dtype=torch.int32)
+    batch = dict(q=q.to(dtype), k_cache=k_cache.to(dtype), v_cache=v_cache.to(dtype), block_table=table,
+                 seq_lens=seq_lens, cu_q_lens=cu_q_lens)
+    return {name: t.to(device) for name, t in batch.items()}
+
+
+# (rows as (seq_len, q_len), block_size, num_heads, num_kv_heads, head_dim, shared_blocks)
+CASES = {
+    "prefill_q_len_eq_seq_len": ([(13, 13)], 5, 4, 4, 16, 0),
+    "single_token": ([(1, 1)], 4, 2, 1, 16, 0),
+    "decode_gqa": ([(17, 1), (9, 1), (30, 1)], 8, 8, 2, 16, 0),
+    "extend_shared_prefix_mha": ([(20, 4), (11, 3), (7, 7)], 3, 3, 3, 16, 2),
+    "extend_shared_gqa_d32": ([(40, 3), (40, 1), (35, 2), (33, 5)], 16, 6, 2, 32, 2),
+    "row_inside_shared_block": ([(14, 2), (10, 1)], 8, 4, 2, 16, 2),
+    "head_dim_not_pow2": ([(12, 5), (6, 1)], 4, 4, 2, 24, 1),
+    "empty_row": ([(9, 2), (5, 0), (6, 1)], 4, 2, 2, 16, 0),
+}
+
+
+def run_case(case, backend, dtype=torch.float32, device="cpu"):
+    rows, block_size, num_heads, num_kv_heads, head_dim, shared = CASES[case]
+    batch = make_paged_batch(rows, block_size, num_heads, num_kv_heads, head_dim, shared_blocks=shared,
+                             dtype=dtype, device=device)
+    out = paged_attention(**batch, backend=backend)
+    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()})
+    assert out.dtype == dtype and out.shape == batch["q"].shape
+    return out.cpu().double(), ref
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_torch_path_matches_reference(case):
+    out, ref = run_case(case, "torch")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_path_query_chunks_match_reference(monkeypatch):
+    """A score budget of a few elements forces the query-chunk loop of the torch path."""
+    monkeypatch.setattr(pa_module, "_SCORE_BUDGET", 64)
+    out, ref = run_case("extend_shared_prefix_mha", "torch")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_scale_argument_is_used():
+    batch = make_paged_batch([(9, 3)], 4, 2, 1, 16)
+    out = paged_attention(**batch, scale=0.3, backend="torch")
+    torch.testing.assert_close(out.double(), paged_attention_reference(**batch, scale=0.3), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, paged_attention(**batch, backend="torch"))
+
+
+def test_bf16_torch_path_matches_reference():
+    out, ref = run_case("extend_shared_gqa_d32", "torch", dtype=torch.bfloat16)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", CASES)
+def test_torch_path_on_cuda_matches_reference(case):
+    out, ref = run_case(case, "torch", device="cuda")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_write_kv_writes_slots_and_nothing_else():
+    k_cache, v_cache = torch.zeros(4, 3, 2, 8), torch.zeros(4, 3, 2, 8)
+    k, v = torch.randn(5, 2, 8), torch.randn(5, 2, 8)
+    slots = torch.tensor([11, 0, 4, 5, 7])
+    write_kv(k, v, k_cache, v_cache, slots)
+    expected_k, expected_v = torch.zeros(12, 2, 8), torch.zeros(12, 2, 8)
+    for t, s in enumerate(slots.tolist()):
+        expected_k[s], expected_v[s] = k[t], v[t]
+    assert torch.equal(k_cache.view(12, 2, 8), expected_k) and torch.equal(v_cache.view(12, 2, 8), expected_v)
+
+
+def test_write_kv_into_non_contiguous_cache_view():
+    """A layer that is a strided view of a bigger pool is written in place, not into a copy."""
+    pool = torch.zeros(2, 4, 3, 2, 8)  # [layer-major... K/V interleaved per block]: [kv, blocks, ...]
+    k_cache, v_cache = pool.permute(1, 0, 2, 3, 4).unbind(1)  # each [4, 3, 2, 8], non-contiguous
+    k, v = torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    write_kv(k, v, k_cache, v_cache, torch.tensor([10, 2]))
+    assert torch.equal(pool[0, 3, 1], k[0]) and torch.equal(pool[1, 0, 2], v[1])
+    assert int((pool != 0).sum()) == 4 * 16
+
+
+def test_write_kv_then_attention_equals_dense_causal_attention():
+    """End to end: prefill a sequence through write_kv at scattered slots, then attend."""
+    seq_len, block_size, heads, kv_heads, dim = 11, 4, 4, 2, 16
+    k_cache, v_cache = torch.full((6, block_size, kv_heads, dim), float("nan")), torch.zeros(6, block_size, kv_heads, dim)
+    table = torch.tensor([[5, 1, 3]], dtype=torch.int32)
+    k, v, q = torch.randn(seq_len, kv_heads, dim), torch.randn(seq_len, kv_heads, dim), torch.randn(seq_len, heads, dim)
+    slots = torch.tensor([int(table[0, p // block_size]) * block_size + p % block_size for p in range(seq_len)])
+    write_kv(k, v, k_cache, v_cache, slots)
+    out = paged_attention(q, k_cache, v_cache, table, torch.tensor([seq_len], dtype=torch.int32),
+                          torch.tensor([0, seq_len], dtype=torch.int32), backend="torch")
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1), v.repeat_interleave(2, 1).transpose(0, 1),
+        is_causal=True).transpose(0, 1)
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+
+
+def _bad(batch, **changes):
+    return {**batch, **changes}
+
+
+BASE = dict(rows=[(9, 2), (6, 1)], block_size=4, num_heads=4, num_kv_heads=2, head_dim=16)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda b: dict(q=b["q"][0]), "q: expected a tensor"),
+    (lambda b: dict(k_cache=b["k_cache"][0]), "k_cache: expected a tensor"),
+    (lambda b: dict(v_cache=b["v_cache"][:-1]), "v_cache: expected the shape"),
+    (lambda b: dict(q=b["q"][..., :8]), "head_dim 8 differs"),
+    (lambda b: dict(q=b["q"][:, :3]), "multiple of k_cache's num_kv_heads 2"),
+    (lambda b: dict(q=b["q"].double()), "q: expected dtype torch.float32"),
+    (lambda b: dict(v_cache=b["v_cache"].half()), "v_cache: expected dtype"),
+    (lambda b: dict(block_table=b["block_table"].long()), "block_table: expected shape .* of torch.int32"),
+    (lambda b: dict(block_table=b["block_table"][0]), "block_table: expected \\[R, max_blocks\\]"),
+    (lambda b: dict(seq_lens=b["seq_lens"][:1]), "seq_lens: expected shape \\[2\\]"),
+    (lambda b: dict(cu_q_lens=b["cu_q_lens"][:2]), "cu_q_lens: expected shape \\[3\\]"),
+    (lambda b: dict(cu_q_lens=torch.tensor([0, 2, 4], dtype=torch.int32)), "cu_q_lens\\[-1\\] == T == 3"),
+    (lambda b: dict(cu_q_lens=torch.tensor([1, 2, 3], dtype=torch.int32)), "cu_q_lens\\[0\\] == 0"),
+    (lambda b: dict(cu_q_lens=torch.tensor([0, 4, 3], dtype=torch.int32), q=torch.randn(3, 4, 16)),
+     "non-decreasing"),
+    (lambda b: dict(seq_lens=torch.tensor([1, 6], dtype=torch.int32)), "q_len <= seq_len"),
+    (lambda b: dict(seq_lens=torch.tensor([9, 30], dtype=torch.int32)), "longer than its block table row"),
+    (lambda b: dict(block_table=torch.where(b["block_table"] == b["block_table"][0, 0], 99, b["block_table"])),
+     "outside \\[0, 7\\)"),
+    (lambda b: dict(scale=-1.0), "scale: expected a positive number"),
+    (lambda b: dict(backend="cuda"), "backend: expected one of"),
+])
+def test_bad_input_is_rejected_with_a_clear_error(change, match):
+    batch = make_paged_batch(**BASE)
+    with pytest.raises(ValueError, match=match):
+        paged_attention(**_bad(batch, **change(batch)))
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        paged_attention(**make_paged_batch(**BASE), backend="triton")
+
+
+def test_check_paged_metadata_accepts_a_valid_batch():
+    b = make_paged_batch(**BASE)
+    check_paged_metadata(b["block_table"], b["seq_lens"], b["cu_q_lens"], num_tokens=3,
+                         num_blocks=b["k_cache"].shape[0], block_size=4)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda k, v, s: dict(k=k[:, :1]), "k: expected shape \\[T, 2, 8\\]"),
+    (lambda k, v, s: dict(v=v[:1]), "v: expected the shape of k"),
+    (lambda k, v, s: dict(k=k.double(), v=v.double()), "k: expected dtype torch.float32"),
+    (lambda k, v, s: dict(slot_mapping=s.int()), "slot_mapping: expected shape \\[2\\] of torch.int64"),
+    (lambda k, v, s: dict(slot_mapping=torch.tensor([0, 12])), "slot_mapping: every slot must lie in \\[0, 12\\)"),
+    (lambda k, v, s: dict(slot_mapping=torch.tensor([-1, 0])), "slot_mapping: every slot"),
+])
+def test_write_kv_bad_input_is_rejected(change, match):
+    args = dict(k=torch.randn(2, 2, 8), v=torch.randn(2, 2, 8), slot_mapping=torch.tensor([0, 1]))
+    args.update(change(args["k"], args["v"], args["slot_mapping"]))
+    with pytest.raises(ValueError, match=match):
+        write_kv(args["k"], args["v"], torch.zeros(4, 3, 2, 8), torch.zeros(4, 3, 2, 8), args["slot_mapping"])
