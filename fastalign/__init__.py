@@ -1,1 +1,4 @@
 """fastalign: fast kernels and engines for aligning language models without RLHF."""
+from fastalign.ops.linear_cross_entropy import linear_cross_entropy
+from fastalign.ops.linear_kl_div import linear_kl_div
+from fastalign.unlearn.token_weights import unlearning_token_weights

@@ -1,0 +1,40 @@
+"""Chooses the implementation behind a fused op: Triton kernels or the chunked torch path.
+
+Both implement the same launcher contract (`forward`, `backward` in a module named after the op):
+`fastalign.kernels.<op>` (Triton) and `fastalign.ops.torch_chunked.<op>` (pure torch, bounded memory).
+"""
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def triton_interpreting():
+    """True when Triton kernels run on the CPU through Triton's interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def select_backend(op, backend, device):
+    """The launcher module of `op` for `backend` ("auto" = Triton on CUDA tensors, torch elsewhere)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "torch":
+        return importlib.import_module(f"fastalign.ops.torch_chunked.{op}")
+    if device.type != "cuda" and not triton_interpreting():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got tensors on {device}); set TRITON_INTERPRET=1 before "
+            "importing fastalign to run the Triton kernels on the CPU through Triton's interpreter")
+    try:
+        return importlib.import_module(f"fastalign.kernels.{op}")
+    except ImportError as err:
+        raise ImportError(f"backend='triton' needs the triton package ({err}); use backend='torch'") from err
+
+
+def require_triton_dtype(module, name, t):
+    """Triton kernels take fp32, fp16 and bf16; float64 is served by the torch path only."""
+    if module.__name__.startswith("fastalign.kernels.") and t.dtype == torch.float64:
+        raise TypeError(f"{name} is float64, which the Triton backend does not support: use backend='torch'")

@@ -1,0 +1,54 @@
+"""Argument checks shared by the fused linear loss ops.
+
+Every check names the argument and what was expected, so that bad input fails here with a clear
+message instead of deep inside a kernel.
+"""
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _describe(t):
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(name, t, *, ndim, dtypes=None, like=None):
+    """`t` is a tensor of rank `ndim`, with a dtype in `dtypes` and on the device of `like`."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got {_describe(t)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {_describe(t)}")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"{name} must be on {like.device} like the hidden states, got {_describe(t)}")
+
+
+def check_linear(hidden_name, hidden, weight_name, weight):
+    """hidden [N, H] and weight [V, H]: floating, same dtype and device, matching H, V >= 1."""
+    check_tensor(hidden_name, hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor(weight_name, weight, ndim=2, like=hidden)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{weight_name} must have the dtype of {hidden_name} ({hidden.dtype}), got {weight.dtype}")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"{weight_name} must be [V, H] with H = {hidden_name}.shape[1] = {hidden.shape[1]}, "
+            f"got {_describe(weight)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{weight_name} must have at least one row (vocabulary size V >= 1), got {_describe(weight)}")
+
+
+def check_per_token(name, t, n, like, *, dtypes):
+    """An optional per-token vector of length n on the device of `like`."""
+    if t is None:
+        return
+    check_tensor(name, t, ndim=1, dtypes=dtypes, like=like)
+    if t.shape[0] != n:
+        raise ValueError(f"{name} must have shape [{n}] (one entry per token), got {_describe(t)}")
+
+
+def check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

@@ -1,0 +1,78 @@
+"""fastalign.linear_cross_entropy: token-weighted cross-entropy of `hidden @ weight.T + bias`, fused.
+
+The [tokens x vocab] logits are never held in memory: the backends tile (Triton) or chunk (torch) over
+them and recompute them in the backward pass from the saved per-token logsumexp.
+"""
+import torch
+
+from .backend import require_triton_dtype, select_backend
+from .checks import check_per_token, check_reduction, check_tensor, check_linear, FLOAT_DTYPES
+from .token_rows import TokenRows
+
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Autograd over the live rows; gradients flow to hidden, weight and bias (not target or token_weight)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, token_weight, ignore_index, reduction, launcher):
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        rows = TokenRows(target != ignore_index, token_weight, reduction, acc)
+        live_hidden, live_target = rows.gather(hidden).contiguous(), rows.gather(target).long()
+        weight = weight.contiguous()
+        if rows.num_live:
+            lse, target_logit = launcher.forward(live_hidden, weight, bias, live_target)
+        else:
+            lse = target_logit = hidden.new_zeros(0, dtype=acc)
+        ctx.save_for_backward(live_hidden, weight, bias, live_target, lse)
+        ctx.rows, ctx.launcher, ctx.acc = rows, launcher, acc
+        return rows.reduce(lse - target_logit)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        live_hidden, weight, bias, live_target, lse = ctx.saved_tensors
+        rows = ctx.rows
+        need_weight, need_bias = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        if rows.num_live == 0:
+            d_hidden = torch.zeros((rows.num_tokens, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+            return (d_hidden, torch.zeros_like(weight) if need_weight else None,
+                    torch.zeros_like(bias) if need_bias else None) + (None,) * 5
+        d_live, d_weight, d_bias = ctx.launcher.backward(
+            live_hidden, weight, bias, live_target, lse, rows.grad_scale(grad_output, ctx.acc), need_weight, need_bias)
+        return (rows.scatter(d_live, live_hidden.dtype),
+                None if d_weight is None else d_weight.to(weight.dtype),
+                None if d_bias is None else d_bias.to(bias.dtype)) + (None,) * 5
+
+
+def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None, ignore_index=-100,
+                         reduction="mean", backend="auto"):
+    """Token-weighted cross-entropy of the logits `hidden @ weight.T + bias`, without materialising them.
+
+    hidden [N, H], weight [V, H], target [N] (integer; ignore_index marks tokens that carry no loss),
+    token_weight [N] float of any sign (default 1), bias [V]. Per token CE_t = logsumexp(z_t) - z_t[y_t].
+    reduction: "sum" = sum_t w_t CE_t; "mean" = that sum / number of non-ignored tokens (0 if none);
+    "none" = the [N] vector w_t CE_t (0 at ignored tokens). The result is float32 (float64 for float64
+    inputs) whatever the input dtype; ignored and zero-weight tokens never reach the matmul.
+    backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
+    """
+    check_linear("hidden", hidden, "weight", weight)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    check_tensor("target", target, ndim=1, dtypes=INTEGER_DTYPES, like=hidden)
+    if target.shape[0] != n:
+        raise ValueError(f"target must have shape [{n}] (one per row of hidden), got shape {tuple(target.shape)}")
+    check_per_token("token_weight", token_weight, n, hidden, dtypes=FLOAT_DTYPES)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, like=hidden)
+        if bias.shape[0] != vocab or bias.dtype != hidden.dtype:
+            raise ValueError(f"bias must be [{vocab}] of dtype {hidden.dtype}, got shape {tuple(bias.shape)}, "
+                             f"dtype {bias.dtype}")
+    check_reduction(reduction)
+    out_of_range = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if bool(out_of_range.any()):
+        bad = int(target[out_of_range][0])
+        raise ValueError(f"target values must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {bad}")
+    launcher = select_backend("linear_cross_entropy", backend, hidden.device)
+    require_triton_dtype(launcher, "hidden", hidden)
+    return LinearCrossEntropyFunction.apply(hidden, weight, bias, target, token_weight, ignore_index, reduction,
+                                            launcher)

@@ -1,0 +1,74 @@
+"""fastalign.linear_kl_div: token-weighted forward KL(P || Q) between two linear heads, fused.
+
+P = softmax(ref_hidden @ ref_weight.T) is the frozen reference (no gradient), Q = softmax(hidden @ weight.T)
+the policy. Neither [tokens x vocab] distribution is held in memory; when ref_weight is weight (one frozen
+lm_head shared by both models) each weight tile is read once for both products.
+"""
+import torch
+
+from .backend import require_triton_dtype, select_backend
+from .checks import check_per_token, check_reduction, check_linear, FLOAT_DTYPES
+from .token_rows import TokenRows
+
+
+class LinearKLDivFunction(torch.autograd.Function):
+    """Autograd over the live rows; gradients flow to hidden and weight only."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ref_hidden, ref_weight, token_weight, mask, reduction, launcher):
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        counted = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device) if mask is None else mask
+        rows = TokenRows(counted, token_weight, reduction, acc)
+        shared = ref_weight is weight
+        live_hidden, live_ref = rows.gather(hidden).contiguous(), rows.gather(ref_hidden.detach()).contiguous()
+        weight = weight.contiguous()
+        ref_weight = weight.detach() if shared else ref_weight.detach().contiguous()
+        if rows.num_live:
+            kl, lse, ref_lse = launcher.forward(live_hidden, weight, live_ref, weight if shared else ref_weight)
+        else:
+            kl = lse = ref_lse = hidden.new_zeros(0, dtype=acc)
+        ctx.save_for_backward(live_hidden, weight, live_ref, None if shared else ref_weight, lse, ref_lse)
+        ctx.rows, ctx.launcher, ctx.acc = rows, launcher, acc
+        return rows.reduce(kl)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        live_hidden, weight, live_ref, ref_weight, lse, ref_lse = ctx.saved_tensors
+        rows, need_weight = ctx.rows, ctx.needs_input_grad[1]
+        if rows.num_live == 0:
+            d_hidden = torch.zeros((rows.num_tokens, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+            return (d_hidden, torch.zeros_like(weight) if need_weight else None) + (None,) * 6
+        d_live, d_weight = ctx.launcher.backward(
+            live_hidden, weight, live_ref, weight if ref_weight is None else ref_weight, lse, ref_lse,
+            rows.grad_scale(grad_output, ctx.acc), need_weight)
+        return (rows.scatter(d_live, live_hidden.dtype),
+                None if d_weight is None else d_weight.to(weight.dtype)) + (None,) * 6
+
+
+def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, token_weight=None, mask=None, reduction="mean",
+                  backend="auto"):
+    """Token-weighted forward KL(P_t || Q_t) per token, without materialising either distribution.
+
+    hidden [N, H] and weight [V, H] give the policy Q = softmax(hidden @ weight.T); ref_hidden [N, H_ref] and
+    ref_weight [V, H_ref] the frozen reference P (never differentiated; ref_weight may be `weight` itself).
+    token_weight [N] float (default 1); mask [N] bool, True where a token counts.
+    reduction: "sum" = sum_t w_t KL_t over counted tokens; "mean" = that sum / number of counted tokens
+    (0 if none); "none" = the [N] vector (0 at masked-out tokens). Result float32 (float64 for float64 inputs).
+    backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
+    """
+    check_linear("hidden", hidden, "weight", weight)
+    check_linear("ref_hidden", ref_hidden, "ref_weight", ref_weight)
+    n = hidden.shape[0]
+    if ref_hidden.shape[0] != n or ref_hidden.device != hidden.device:
+        raise ValueError(f"ref_hidden must have {n} rows on {hidden.device} like hidden, got shape "
+                         f"{tuple(ref_hidden.shape)} on {ref_hidden.device}")
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"ref_weight must have the vocabulary size of weight ({weight.shape[0]} rows), got shape "
+                         f"{tuple(ref_weight.shape)}")
+    check_per_token("token_weight", token_weight, n, hidden, dtypes=FLOAT_DTYPES)
+    check_per_token("mask", mask, n, hidden, dtypes=(torch.bool,))
+    check_reduction(reduction)
+    launcher = select_backend("linear_kl_div", backend, hidden.device)
+    require_triton_dtype(launcher, "hidden", hidden)
+    require_triton_dtype(launcher, "ref_hidden", ref_hidden)
+    return LinearKLDivFunction.apply(hidden, weight, ref_hidden, ref_weight, token_weight, mask, reduction, launcher)

@@ -1,0 +1,38 @@
+"""Slow, obviously correct float64 versions of the fused linear losses, for tests.
+
+They materialise the full [N, V] logits in float64 and follow the definitions line by line.
+"""
+import torch
+
+
+def _reduce(per_token, counted, reduction):
+    if reduction == "none":
+        return per_token
+    total = per_token.sum()
+    return total if reduction == "sum" else total / max(int(counted.sum()), 1)
+
+
+def linear_cross_entropy_reference(hidden, weight, target, *, token_weight=None, bias=None, ignore_index=-100,
+                                   reduction="mean"):
+    """float64 sum/mean/none of w_t * (logsumexp(z_t) - z_t[y_t]) over non-ignored tokens."""
+    logits = hidden.double() @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    counted = target != ignore_index
+    safe_target = torch.where(counted, target, torch.zeros_like(target)).long()
+    ce = torch.logsumexp(logits, dim=1) - logits.gather(1, safe_target[:, None]).squeeze(1)
+    if token_weight is not None:
+        ce = ce * token_weight.double()
+    return _reduce(torch.where(counted, ce, torch.zeros_like(ce)), counted, reduction)
+
+
+def linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, *, token_weight=None, mask=None,
+                            reduction="mean"):
+    """float64 sum/mean/none of w_t * KL(P_t || Q_t) over masked-in tokens; P is not differentiated."""
+    log_q = torch.log_softmax(hidden.double() @ weight.double().t(), dim=1)
+    log_p = torch.log_softmax(ref_hidden.detach().double() @ ref_weight.detach().double().t(), dim=1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(1)
+    if token_weight is not None:
+        kl = kl * token_weight.double()
+    counted = torch.ones_like(kl, dtype=torch.bool) if mask is None else mask
+    return _reduce(torch.where(counted, kl, torch.zeros_like(kl)), counted, reduction)

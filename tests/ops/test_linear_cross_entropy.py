@@ -1,0 +1,148 @@
+"""fastalign.linear_cross_entropy against its float64 reference, on every backend."""
+import pytest
+import torch
+
+import fastalign
+from fastalign.ops.torch_chunked import chunking
+from fastalign.reference.linear_losses import linear_cross_entropy_reference
+from tests.compare import REL_TOL, assert_rel_close, grads_of
+from tests.conftest import HAS_CUDA, requires_cuda
+
+BACKENDS = ["torch", "triton"]
+SHAPES = [(1, 16, 37), (13, 24, 131), (40, 40, 1000)]  # (N, H, V): V a multiple of no block size
+
+
+def make_inputs(n, h, v, *, dtype=torch.float32, device="cpu", bias=False, weighted=False, ignored=0.2):
+    hidden = torch.randn(n, h, dtype=dtype, device=device, requires_grad=True)
+    weight = (torch.randn(v, h, dtype=dtype, device=device) / h ** 0.5).requires_grad_()
+    target = torch.randint(0, v, (n,), device=device)
+    target[torch.rand(n, device=device) < ignored] = -100
+    extra = {}
+    if bias:
+        extra["bias"] = torch.randn(v, dtype=dtype, device=device, requires_grad=True)
+    if weighted:
+        extra["token_weight"] = torch.randn(n, device=device)  # mixed signs, as in unlearning
+    return hidden, weight, target, extra
+
+
+def check_against_reference(hidden, weight, target, extra, reduction, backend, rel):
+    out = fastalign.linear_cross_entropy(hidden, weight, target, reduction=reduction, backend=backend, **extra)
+    ref = linear_cross_entropy_reference(hidden, weight, target, reduction=reduction, **extra)
+    assert out.dtype == (torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    assert_rel_close("loss", out, ref, rel)
+    inputs = [hidden, weight] + ([extra["bias"]] if "bias" in extra else [])
+    seed = torch.randn(out.shape, device=out.device)
+    for name, got, want in zip(["d_hidden", "d_weight", "d_bias"], grads_of(out, inputs, seed),
+                               grads_of(ref, inputs, seed)):
+        assert got.dtype == want.dtype
+        assert_rel_close(name, got, want, rel)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias,weighted", [(False, False), (True, True)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_reference_fp32(backend, shape, bias, weighted, reduction):
+    hidden, weight, target, extra = make_inputs(*shape, bias=bias, weighted=weighted)
+    check_against_reference(hidden, weight, target, extra, reduction, backend, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_tokens_ignored_gives_zero_loss_and_gradients(backend, reduction):
+    hidden, weight, target, extra = make_inputs(5, 16, 37, bias=True, weighted=True, ignored=1.0)
+    out = fastalign.linear_cross_entropy(hidden, weight, target, reduction=reduction, backend=backend, **extra)
+    assert torch.all(out == 0) and not torch.isnan(out).any()
+    for grad in grads_of(out, [hidden, weight, extra["bias"]], torch.ones_like(out)):
+        assert torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_weight_tokens_contribute_nothing(backend):
+    hidden, weight, target, extra = make_inputs(9, 16, 37, weighted=True, ignored=0.0)
+    extra["token_weight"][::2] = 0
+    check_against_reference(hidden, weight, target, extra, "sum", backend, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    base_hidden = torch.randn(24, 11, requires_grad=True)
+    hidden = base_hidden.t()  # [11, 24], column-major
+    base_weight = torch.randn(131, 48, requires_grad=True)
+    weight = base_weight[:, ::2]  # [131, 24], strided
+    target = torch.randint(0, 131, (22,))[::2]
+    assert not hidden.is_contiguous() and not weight.is_contiguous() and not target.is_contiguous()
+    check_against_reference(hidden, weight, target, {}, "mean", backend, REL_TOL[torch.float32])
+
+
+def test_torch_backend_across_chunk_boundaries(monkeypatch):
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 3 * 4 * 131)  # 3 rows of V=131 fp32 logits per chunk
+    hidden, weight, target, extra = make_inputs(14, 24, 131, bias=True, weighted=True)
+    check_against_reference(hidden, weight, target, extra, "sum", "torch", REL_TOL[torch.float32])
+
+
+def test_weight_without_grad_skips_its_gradient():
+    hidden, weight, target, _ = make_inputs(6, 16, 37)
+    weight.requires_grad_(False)
+    out = fastalign.linear_cross_entropy(hidden, weight, target, backend="torch")
+    (d_hidden,) = torch.autograd.grad(out, [hidden])
+    ref = linear_cross_entropy_reference(hidden, weight, target)
+    assert_rel_close("d_hidden", d_hidden, torch.autograd.grad(ref, [hidden])[0], REL_TOL[torch.float32])
+
+
+def test_gradcheck_float64():
+    hidden, weight, target, extra = make_inputs(4, 5, 7, dtype=torch.float64, bias=True, weighted=True, ignored=0.3)
+
+    def loss(h, w, b):
+        return fastalign.linear_cross_entropy(h, w, target, bias=b, token_weight=extra["token_weight"],
+                                              reduction="none", backend="torch")
+
+    assert torch.autograd.gradcheck(loss, (hidden, weight, extra["bias"]))
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", SHAPES + [(300, 64, 5000)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matches_reference_half_precision_on_gpu(shape, dtype):
+    hidden, weight, target, extra = make_inputs(*shape, dtype=dtype, device="cuda", bias=True, weighted=True)
+    check_against_reference(hidden, weight, target, extra, "mean", "triton", REL_TOL[dtype])
+
+
+BAD_INPUTS = [
+    (lambda h, w, t: (h[0], w, t), "hidden must have 2 dimension"),
+    (lambda h, w, t: (h, w[:, :-1], t), "weight must be \\[V, H\\] with H"),
+    (lambda h, w, t: (h, w.double(), t), "weight must have the dtype of hidden"),
+    (lambda h, w, t: (h, w, t[:-1]), "target must have shape \\[6\\]"),
+    (lambda h, w, t: (h, w, t.float()), "target must have dtype"),
+    (lambda h, w, t: (h, w, torch.full_like(t, 37)), "target values must lie in \\[0, 37\\)"),
+    (lambda h, w, t: (h, w, torch.full_like(t, -5)), "found -5"),
+    (lambda h, w, t: (h.int(), w, t), "hidden must have dtype"),
+]
+
+
+@pytest.mark.parametrize("make_bad,message", BAD_INPUTS)
+def test_bad_input_is_named(make_bad, message):
+    hidden, weight, target, _ = make_inputs(6, 16, 37, ignored=0.0)
+    with pytest.raises((ValueError, TypeError), match=message):
+        fastalign.linear_cross_entropy(*make_bad(hidden.detach(), weight.detach(), target))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"token_weight": torch.ones(5)}, "token_weight must have shape \\[6\\]"),
+    ({"token_weight": torch.ones(6, dtype=torch.long)}, "token_weight must have dtype"),
+    ({"bias": torch.ones(36)}, "bias must be \\[37\\]"),
+    ({"reduction": "avg"}, "reduction must be one of"),
+    ({"backend": "cuda"}, "backend must be one of"),
+])
+def test_bad_options_are_named(kwargs, message):
+    hidden, weight, target, _ = make_inputs(6, 16, 37)
+    with pytest.raises((ValueError, TypeError), match=message):
+        fastalign.linear_cross_entropy(hidden, weight, target, **kwargs)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only error")
+def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    hidden, weight, target, _ = make_inputs(3, 16, 37)
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        fastalign.linear_cross_entropy(hidden, weight, target, backend="triton")
