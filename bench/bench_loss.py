@@ -1,0 +1,212 @@
+"""Benchmark of the fused linear losses against what users would otherwise run.
+
+linear_cross_entropy: fastalign (plain and with signed token weights), naive torch (materialised logits),
+a chunked torch.compile version (checkpointed row chunks), Liger-Kernel's fused linear cross-entropy and
+Cut Cross-Entropy when importable. linear_kl_div: fastalign (separate and shared lm_head), naive torch, and
+Liger's fused linear JSD with beta=0 (forward KL) when importable.
+Forward and forward+backward; median time, peak extra memory (CUDA), achieved TFLOP/s counted as
+2*N*H*V (forward) and 6*N*H*V (forward+backward) per product, and the measured bf16 matmul peak of the
+same device for scale.
+
+    python bench/bench_loss.py               # Llama-3-8B head (H 4096, V 128256) in bf16, N 2048..16384, CUDA
+    python bench/bench_loss.py --quick       # a small fp32 shape, runs anywhere (CPU smoke run)
+"""
+import argparse
+import functools
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import fastalign  # noqa: E402
+
+IGNORE = -100
+
+
+# ---- cross-entropy candidates: (hidden, weight, target, token_weight) -> scalar loss ----
+
+def fastalign_ce(h, w, y, tw):
+    return fastalign.linear_cross_entropy(h, w, y)
+
+
+def fastalign_ce_signed(h, w, y, tw):
+    return fastalign.linear_cross_entropy(h, w, y, token_weight=tw, reduction="sum")
+
+
+def naive_ce(h, w, y, tw):
+    return F.cross_entropy((h @ w.t()).float(), y, ignore_index=IGNORE)
+
+
+def _chunk_ce_sum(h, w, y):
+    return F.cross_entropy((h @ w.t()).float(), y, ignore_index=IGNORE, reduction="sum")
+
+
+def compiled_chunked_ce(h, w, y, tw, *, chunk=1024, _compiled={}):
+    fn = _compiled.setdefault("fn", torch.compile(_chunk_ce_sum, dynamic=False))
+    total = sum(checkpoint(fn, h[i:i + chunk], w, y[i:i + chunk], use_reentrant=False)
+                for i in range(0, h.shape[0], chunk))
+    return total / (y != IGNORE).sum().clamp(min=1)
+
+
+def liger_ce():
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
+    return lambda h, w, y, tw: loss(w, h, y)
+
+
+def cce_ce():
+    from cut_cross_entropy import linear_cross_entropy as cce
+    return lambda h, w, y, tw: cce(h, w, y, ignore_index=IGNORE)
+
+
+# ---- KL candidates: (hidden, weight, ref_hidden, ref_weight) -> scalar loss ----
+
+def fastalign_kl(h, w, rh, rw):
+    return fastalign.linear_kl_div(h, w, rh, rw)
+
+
+def naive_kl(h, w, rh, rw):
+    log_q = torch.log_softmax((h @ w.t()).float(), dim=-1)
+    log_p = torch.log_softmax((rh @ rw.t()).float(), dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+
+
+def liger_kl():
+    from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+    loss = LigerFusedLinearJSD(jsd_beta=0.0, ignore_index=IGNORE)
+    return lambda h, w, rh, rw: loss(h, w, rh, rw, None)
+
+
+def optional(factory):
+    try:
+        return factory()
+    except ImportError:
+        return None
+
+
+def matmul_peak_tflops(device, dtype):
+    """Achieved TFLOP/s of one large square matmul: the reference point for 'fraction of peak'."""
+    n = 8192 if torch.device(device).type == "cuda" else 512
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / harness.median_ms(lambda: a @ b, device, warmup=3, reps=10) / 1e9
+
+
+def measure(name, loss_fn, make_inputs, grad_inputs, flops_fwd, device, grad_bytes, logits_bytes):
+    """One table row: forward-only and forward+backward time and memory of loss_fn on fresh inputs."""
+    args = make_inputs()
+
+    def forward():
+        with torch.no_grad():
+            loss_fn(*args)
+
+    def forward_backward():
+        for t in grad_inputs(args):
+            t.grad = None
+        loss_fn(*args).backward()
+
+    try:
+        fwd_ms = harness.median_ms(forward, device)
+        fwd_mib = harness.peak_extra_mib(forward, device)
+        fb_ms = harness.median_ms(forward_backward, device)
+        for t in grad_inputs(args):
+            t.grad = None
+        fb_mib = harness.peak_extra_mib(forward_backward, device)
+    except torch.OutOfMemoryError:
+        return {"method": name, "error": "out of memory"}
+    extra = None if fb_mib is None else fb_mib - grad_bytes / 2 ** 20
+    return {"method": name, "fwd_ms": fwd_ms, "fwd_bwd_ms": fb_ms, "fwd_tflops": flops_fwd / fwd_ms / 1e9,
+            "fwd_bwd_tflops": 3 * flops_fwd / fb_ms / 1e9, "fwd_peak_mib": fwd_mib, "fwd_bwd_peak_mib": fb_mib,
+            "extra_mib": extra, "extra_vs_logits": None if extra is None else extra * 2 ** 20 / logits_bytes}
+
+
+COLUMNS = [("op", "op", "{}"), ("n", "N", "{}"), ("method", "method", "{}"), ("fwd_ms", "fwd ms", "{:.2f}"),
+           ("fwd_bwd_ms", "fwd+bwd ms", "{:.2f}"), ("fwd_bwd_tflops", "fwd+bwd TFLOP/s", "{:.3g}"),
+           ("fwd_bwd_peak_mib", "peak MiB", "{:.0f}"), ("extra_mib", "extra MiB", "{:.1f}"),
+           ("extra_vs_logits", "extra/logits", "{:.2%}"), ("error", "error", "{}")]
+
+
+def report(rows, row, verbose):
+    rows.append(row)
+    if verbose:
+        harness.print_table([row], COLUMNS)
+
+
+def run(args):
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    ce_methods = [("fastalign", fastalign_ce), ("fastalign signed-weights", fastalign_ce_signed),
+                  ("naive torch", naive_ce), ("torch.compile chunked", compiled_chunked_ce),
+                  ("liger", optional(liger_ce)), ("cut-cross-entropy", optional(cce_ce))]
+    kl_methods = [("fastalign", fastalign_kl), ("fastalign shared-head", fastalign_kl), ("naive torch", naive_kl),
+                  ("liger jsd beta=0", optional(liger_kl))]
+    h, v = args.hidden, args.vocab
+    for n in args.tokens:
+        flops = 2 * n * h * v
+        logits_bytes = n * v * dtype.itemsize
+        weight = (torch.randn(v, h, device=device, dtype=dtype) / h ** 0.5).requires_grad_()
+
+        def ce_inputs():
+            hidden = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
+            target = torch.randint(0, v, (n,), device=device)
+            return hidden, weight, target, torch.randn(n, device=device)
+
+        for name, fn in ce_methods:
+            if fn is None:
+                continue
+            row = measure(name, fn, ce_inputs, lambda a: a[:2], flops, device, (n * h + v * h) * dtype.itemsize,
+                          logits_bytes)
+            report(rows, {"op": "linear_cross_entropy", "n": n, **row}, args.verbose)
+
+        ref_weight = torch.randn(v, h, device=device, dtype=dtype) / h ** 0.5
+
+        def kl_inputs(shared):
+            hidden = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
+            ref_hidden = hidden.detach() + 0.1 * torch.randn_like(hidden)
+            return hidden, weight, ref_hidden, weight if shared else ref_weight
+
+        for name, fn in kl_methods:
+            if fn is None:
+                continue
+            make = functools.partial(kl_inputs, "shared" in name)
+            row = measure(name, fn, make, lambda a: a[:2], 2 * flops, device, (n * h + v * h) * dtype.itemsize,
+                          logits_bytes)
+            report(rows, {"op": "linear_kl_div", "n": n, **row}, args.verbose)
+        del weight, ref_weight
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small fp32 shape (N 256, H 128, V 4099) for any device")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) | float16 | float32")
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    parser.add_argument("--verbose", action="store_true", help="print each row as it is measured")
+    args = parser.parse_args()
+    if args.quick:
+        args.hidden, args.vocab, args.tokens = 128, 4099, [256]
+        args.dtype = args.dtype or "float32"
+    args.dtype = args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32")
+    peak = matmul_peak_tflops(args.device, getattr(torch, args.dtype))
+    rows = run(args)
+    for row in rows:
+        if "fwd_bwd_tflops" in row:
+            row["fraction_of_matmul_peak"] = row["fwd_bwd_tflops"] / peak
+    print(f"device: {harness.device_name(args.device)}   dtype: {args.dtype}   H={args.hidden} V={args.vocab}   "
+          f"measured {args.dtype} matmul peak: {peak:.3g} TFLOP/s")
+    harness.print_table(rows, COLUMNS + [("fraction_of_matmul_peak", "of peak", "{:.0%}")])
+    config = {"hidden": args.hidden, "vocab": args.vocab, "tokens": args.tokens, "dtype": args.dtype,
+              "matmul_peak_tflops": peak}
+    print("wrote", harness.write_results("bench_loss", args.device, config, rows))
+
+
+if __name__ == "__main__":
+    main()

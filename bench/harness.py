@@ -1,0 +1,92 @@
+"""Shared benchmark plumbing: timing, peak memory, device and commit identification, table and JSON output.
+
+Every bench/ script measures its candidates in one run, prints a table and writes
+bench/results/<name>-<device>-<commit>.json, so that each claim in the README or an issue note traces back
+to a committed measurement on a named device.
+"""
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def device_name(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device, *, warmup=2, reps=5):
+    """Median wall time of fn() in milliseconds, after warm-up; synchronised on CUDA."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_mib(fn, device):
+    """Peak device memory allocated by one fn() call beyond what was allocated before it (CUDA only, else None)."""
+    if torch.device(device).type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+
+
+def print_table(rows, columns):
+    """rows: list of dicts; columns: list of (key, header, format)."""
+    cells = [[header for _, header, _ in columns]]
+    for row in rows:
+        cells.append(["-" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    for i, r in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_results(name, device, config, rows):
+    """Writes the JSON record of one run and returns its path."""
+    commit = git_commit()
+    record = {"benchmark": name, "device": device_name(device), "commit": commit, "torch": torch.__version__,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": config, "results": rows}
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", record["device"].split(" (")[0]).strip("-").lower()
+    path = os.path.join(RESULTS_DIR, f"{name}-{slug}-{commit}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    return path
