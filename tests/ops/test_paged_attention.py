@@ -54,6 +54,8 @@ CASES = {
     "row_inside_shared_block": ([(14, 2), (10, 1)], 8, 4, 2, 16, 2),
     "head_dim_not_pow2": ([(12, 5), (6, 1)], 4, 4, 2, 24, 1),
     "empty_row": ([(9, 2), (5, 0), (6, 1)], 4, 2, 2, 16, 0),
+    "decode_group_of_7": ([(33, 1), (20, 2), (70, 1)], 16, 14, 2, 16, 1),
+    "prefill_several_query_tiles": ([(70, 70), (75, 38)], 7, 8, 2, 16, 0),
 }
 
 
@@ -67,9 +69,10 @@ def run_case(case, backend, dtype=torch.float32, device="cpu"):
     return out.cpu().double(), ref
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("case", CASES)
-def test_torch_path_matches_reference(case):
-    out, ref = run_case(case, "torch")
+def test_fp32_matches_reference(case, backend):
+    out, ref = run_case(case, backend)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -93,10 +96,25 @@ def test_bf16_torch_path_matches_reference():
 
 
 @requires_cuda
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("case", CASES)
-def test_torch_path_on_cuda_matches_reference(case):
-    out, ref = run_case(case, "torch", device="cuda")
+def test_fp32_on_cuda_matches_reference(case, backend):
+    out, ref = run_case(case, backend, device="cuda")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES)
+def test_half_precision_triton_on_cuda_matches_reference(case, dtype):
+    out, ref = run_case(case, "triton", dtype=dtype, device="cuda")
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_triton_path_rejects_float64():
+    batch = make_paged_batch([(5, 2)], 4, 2, 1, 16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="use backend='torch'"):
+        paged_attention(**batch, backend="triton")
 
 
 def test_write_kv_writes_slots_and_nothing_else():

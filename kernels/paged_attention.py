@@ -1,0 +1,224 @@
+"""Triton paged attention: packed new-token queries of many rows against a paged KV pool.
+
+One kernel serves decode (one new token per row), extension by a few tokens and prefill of a long span.
+A program owns one query tile of one row and one KV head: its BLOCK_M rows are (query token, query
+head) pairs, the GROUP query heads that read this KV head times BLOCK_M // GROUP consecutive new
+tokens, so each K/V tile is loaded once for the whole GQA group. It walks the row's context through
+the block table BLOCK_N keys at a time (any pool block size: each key finds its page) with an online
+softmax in fp32, causal per query: query i of a row with q_len new tokens and seq_len context tokens
+sits at position seq_len - q_len + i.
+
+Query tiles are laid out without knowing q_len on the host (no device sync): row r owns tile slots
+[cu_q_lens[r] // Q + r, cu_q_lens[r + 1] // Q + r + 1), which is at least ceil(q_len_r / Q) slots
+(Q = BLOCK_M // GROUP), so T // Q + R programs cover any batch; a program finds its row by binary
+search over cu_q_lens and returns at once if its slot lies past the row's queries.
+
+When rows x tiles x KV heads are too few to fill the GPU (decode over long contexts), each row's keys
+are cut into NUM_SPLITS equal parts handled by separate programs, which write an fp32 partial output
+and its log-sum-exp; a second kernel merges the parts.
+
+Index safety: table columns, page ids and token indices are clamped into their tensors, so metadata
+that was not validated can give a wrong answer but never an out-of-bounds access.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _paged_attention_kernel(
+    Q, K, V, BlockTable, SeqLens, CuQLens, Out, Lse,
+    qk_scale, num_rows, num_tokens, num_blocks, max_blocks,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_bt,
+    stride_os, stride_ot, stride_oh,
+    stride_ls, stride_lt,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    QUERIES: tl.constexpr = BLOCK_M // GROUP  # new tokens per tile
+    slot = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # The row owning this tile slot: the last r with cu_q_lens[r] // QUERIES + r <= slot.
+    lo = 0
+    hi = num_rows - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tl.load(CuQLens + mid) // QUERIES + mid <= slot:
+            lo = mid
+        else:
+            hi = mid - 1
+    row = lo
+    q_begin = tl.load(CuQLens + row)
+    q_len = tl.load(CuQLens + row + 1) - q_begin
+    first_query = (slot - (q_begin // QUERIES + row)) * QUERIES
+    if first_query >= q_len:
+        return
+    seq_len = tl.load(SeqLens + row)
+    context_start = seq_len - q_len  # position of the row's first new token
+
+    offs_m = tl.arange(0, BLOCK_M)
+    query = first_query + offs_m // GROUP
+    head = kv_head * GROUP + offs_m % GROUP
+    row_ok = (offs_m < QUERIES * GROUP) & (query < q_len)
+    token = tl.minimum(tl.maximum(q_begin + query, 0), num_tokens - 1)
+    query_pos = context_start + query
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    # Keys this tile may see (causal bound of its last query), and this split's share of them.
+    kv_end = tl.minimum(seq_len, context_start + tl.minimum(q_len, first_query + QUERIES))
+    split_len = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    kv_lo = split * split_len
+    kv_hi = tl.minimum(kv_end, kv_lo + split_len)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table_row = BlockTable + row * stride_bt
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        key_ok = pos < kv_hi
+        column = tl.minimum(pos // PAGE, max_blocks - 1)
+        page = tl.load(table_row + column, mask=key_ok, other=0)
+        page = tl.minimum(tl.maximum(page, 0), num_blocks - 1).to(tl.int64)
+        within = pos % PAGE
+        kv_mask = key_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + page[:, None] * stride_kb + within[:, None] * stride_ks + kv_head * stride_kh
+                    + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + page[:, None] * stride_vb + within[:, None] * stride_vs + kv_head * stride_vh
+                    + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        visible = key_ok[None, :] & (pos[None, :] <= query_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see no key yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    out_ptrs = Out + split * stride_os + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if NUM_SPLITS > 1:
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(Lse + split * stride_ls + token * stride_lt + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    Partial, Lse, Out,
+    stride_ps, stride_pt, stride_ph,
+    stride_ls, stride_lt,
+    stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """out[t, h] = sum_s 2^(lse_s - lse) partial_s[t, h], lse = log2 sum_s 2^lse_s (empty parts: -inf)."""
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < NUM_SPLITS
+    lse = tl.load(Lse + offs_s * stride_ls + token * stride_lt + head, mask=s_ok, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
+    weight = weight / tl.maximum(tl.sum(weight, 0), 1e-30)
+    mask = s_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    part = tl.load(Partial + offs_s[:, None] * stride_ps + token * stride_pt + head * stride_ph + offs_d[None, :],
+                   mask=mask, other=0.0)
+    out = tl.sum(part * weight[:, None], 0)
+    tl.store(Out + token * stride_ot + head * stride_oh + offs_d, out.to(Out.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a small number so that splitting is exercised on small tests
+
+
+def launch_config(num_tokens, num_rows, group, head_dim, max_context):
+    """Tile sizes from shapes alone (no device sync): (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    mean_q_len = -(-num_tokens // max(num_rows, 1))
+    block_m = max(16, triton.next_power_of_2(group), min(128, triton.next_power_of_2(group * mean_q_len)))
+    block_n = 64 if head_dim <= 128 else 32
+    num_warps = 8 if block_m >= 128 else 4
+    return block_m, block_n, num_warps, 2
+
+
+def choose_num_splits(programs, max_context, block_n, device):
+    """Split each row's keys while the grid is under two waves and every part keeps >= 4 key tiles."""
+    target = 2 * _num_sms(device)
+    if programs >= target:
+        return 1
+    return max(1, min(-(-target // programs), max_context // (4 * block_n), 16))
+
+
+def paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, num_splits=None):
+    """Launch the paged attention kernel (arguments already checked by `fastalign.ops.paged_attention`).
+
+    num_splits: parts per row's keys; None picks from the grid size and the block table's capacity.
+    """
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"q: the Triton backend takes {_SUPPORTED_DTYPES}, got {q.dtype}; use backend='torch'")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: the Triton backend needs a contiguous last (head_dim) dimension")
+    num_tokens, num_heads, head_dim = q.shape
+    num_blocks, page, num_kv_heads, _ = k_cache.shape
+    num_rows, max_blocks = block_table.shape
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    if num_tokens == 0 or num_rows == 0 or max_blocks == 0 or num_blocks == 0:
+        return out.zero_()
+    block_m, block_n, num_warps, num_stages = launch_config(num_tokens, num_rows, group, head_dim,
+                                                            max_blocks * page)
+    queries_per_tile = block_m // group
+    slots = num_tokens // queries_per_tile + num_rows
+    if num_splits is None:
+        num_splits = choose_num_splits(slots * num_kv_heads, max_blocks * page, block_n, q.device)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if num_splits == 1:  # the kernel writes the output itself and no log-sum-exp
+        partial, lse, lse_strides = out.unsqueeze(0), out, (0, 0)
+    else:
+        partial = torch.empty((num_splits, num_tokens, num_heads, head_dim), device=q.device, dtype=torch.float32)
+        lse = torch.empty((num_splits, num_tokens, num_heads), device=q.device, dtype=torch.float32)
+        lse_strides = (lse.stride(0), lse.stride(1))
+    _paged_attention_kernel[(slots, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, partial, lse,
+        scale * LOG2E, num_rows, num_tokens, num_blocks, max_blocks,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_table.stride(0),
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        *lse_strides,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, PAGE=page,
+        BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            partial, lse, out,
+            partial.stride(0), partial.stride(1), partial.stride(2),
+            lse.stride(0), lse.stride(1),
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=1 if head_dim <= 64 else 2,
+        )
+    return out
