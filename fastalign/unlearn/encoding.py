@@ -1,0 +1,93 @@
+"""Token ids and answer spans of rendered pairs, read from a fast tokenizer's character offsets.
+
+A token belongs to the answer when its character span overlaps the answer's: a token that straddles the
+template/answer boundary (a BPE merge of the template's trailing space with the answer's first word, a
+multi-byte character split over several byte tokens) counts as answer, zero-width special tokens never do.
+The answer tokens are then one contiguous range [answer_start, answer_end) of the ids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from fastalign.unlearn.records import DataError, QAPair
+from fastalign.unlearn.templates import RenderedPair
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    """Token ids of one example; ids[answer_start:answer_end] are its answer tokens."""
+
+    input_ids: tuple[int, ...]
+    answer_start: int
+    answer_end: int
+    source: str
+
+    @property
+    def num_answer_targets(self) -> int:
+        """How many answer tokens are predicted by an earlier position (the first token never is)."""
+        return max(0, self.answer_end - max(self.answer_start, 1))
+
+    def with_answer(self, answer_ids: Sequence[int], source: str) -> "EncodedExample":
+        """This example's prompt and template tail around another answer's ids (a mismatch example)."""
+        ids = self.input_ids[:self.answer_start] + tuple(answer_ids) + self.input_ids[self.answer_end:]
+        return EncodedExample(ids, self.answer_start, self.answer_start + len(answer_ids), source)
+
+    def truncated(self, max_length: int) -> "EncodedExample":
+        """The first max_length tokens; a DataError if no answer token is left to predict."""
+        cut = self
+        if len(self.input_ids) > max_length:
+            cut = EncodedExample(self.input_ids[:max_length], self.answer_start,
+                                 min(self.answer_end, max_length), self.source)
+        if cut.num_answer_targets == 0:
+            raise DataError(f"{self.source}: the prompt takes {self.answer_start} tokens, which leaves no answer "
+                            f"token to predict within max_length={max_length}; shorten the prompt or raise "
+                            "max_length")
+        return cut
+
+
+def require_fast_tokenizer(tokenizer) -> None:
+    """Raises unless the tokenizer can return character offsets (a Hugging Face 'fast' tokenizer)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(f"need a fast tokenizer (offsets of each token), got {type(tokenizer).__name__}; "
+                        "load it with AutoTokenizer.from_pretrained(..., use_fast=True)")
+
+
+def encode_rendered(tokenizer, rendered: Sequence[RenderedPair], sources: Sequence[str]) -> list[EncodedExample]:
+    """Tokenizes rendered pairs (one batched tokenizer call per special-token setting) with answer spans."""
+    require_fast_tokenizer(tokenizer)
+    out: list[EncodedExample | None] = [None] * len(rendered)
+    for add_special in (True, False):
+        idx = [i for i, r in enumerate(rendered) if r.add_special_tokens == add_special]
+        if not idx:
+            continue
+        enc = tokenizer([rendered[i].text for i in idx], add_special_tokens=add_special,
+                        return_offsets_mapping=True, return_attention_mask=False)
+        for i, ids, offsets in zip(idx, enc["input_ids"], enc["offset_mapping"]):
+            r = rendered[i]
+            inside = [k for k, (a, b) in enumerate(offsets) if b > a and b > r.answer_start and a < r.answer_end]
+            if not inside:
+                raise DataError(f"{sources[i]}: the answer produced no token")
+            out[i] = EncodedExample(tuple(ids), inside[0], inside[-1] + 1, sources[i])
+    return out
+
+
+def encode_pairs(tokenizer, template, pairs: Sequence[QAPair], max_length: int) -> list[EncodedExample]:
+    """Encodes QAPairs with a template, truncating to max_length (DataError if a prompt leaves no room)."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    rendered = []
+    for p in pairs:
+        try:
+            rendered.append(template.render(p.prompt, p.answer))
+        except ValueError as e:
+            raise DataError(f"{p.source}: {e}") from None
+    encoded = encode_rendered(tokenizer, rendered, [p.source for p in pairs])
+    return [e.truncated(max_length) for e in encoded]
+
+
+def encode_answers(tokenizer, template, answers: Sequence[str]) -> list[tuple[int, ...]]:
+    """Token ids of answers as the template tokenizes them after a prompt (for mismatch examples)."""
+    encoded = encode_rendered(tokenizer, [template.render("", a) for a in answers],
+                              [f"mismatch pool answer {i}" for i in range(len(answers))])
+    return [e.input_ids[e.answer_start:e.answer_end] for e in encoded]

@@ -1,0 +1,150 @@
+"""Loaders for the data formats unlearning is fed with, each returning QAPairs.
+
+- PKU-SafeRLHF jsonl (`prompt`, `response_0/1`, `is_response_0/1_safe`): every unsafe response is a forget pair.
+- Anthropic HH jsonl (`chosen`, `rejected` transcripts): the final Human turn is the prompt, the final
+  Assistant turn of `rejected` the harmful answer.
+- TruthfulQA csv: normal pairs (Question, Best Answer) split into train and test, and a pool of normal
+  answers for the mismatch stream drawn only from rows outside both splits (so the normal set never
+  reappears as a mismatch answer, and the held-out test questions never leak into training).
+- plain jsonl {`prompt`, `answer`}.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+from dataclasses import dataclass
+
+from fastalign.unlearn.records import DataError, QAPair, make_pair, read_csv, read_jsonl, text_field
+
+FORMATS = ("pku", "hh", "jsonl")
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
+
+
+def load_pku_saferlhf(path: str | os.PathLike) -> list[QAPair]:
+    """Forget pairs from PKU-SafeRLHF rows: (prompt, response_k) for each response marked unsafe."""
+    path = os.fspath(path)
+    pairs = []
+    for row, obj in read_jsonl(path):
+        prompt = text_field(obj, "prompt", path, row)
+        for k in (0, 1):
+            flag = f"is_response_{k}_safe"
+            if flag not in obj:
+                raise DataError(f"{path}: row {row}: missing field {flag!r}")
+            if not isinstance(obj[flag], bool):
+                raise DataError(f"{path}: row {row}: field {flag!r} must be true or false, got {obj[flag]!r}")
+            if not obj[flag]:
+                pairs.append(make_pair(prompt, text_field(obj, f"response_{k}", path, row), path, row))
+    return _non_empty(pairs, path, "no unsafe response")
+
+
+def hh_final_exchange(transcript: str) -> tuple[str, str]:
+    """(last Human turn, final Assistant turn) of an HH transcript; ValueError if it does not end so.
+
+    A few transcripts hold two Assistant turns in a row (a Human turn glued inline into the text); the
+    prompt is then the last turn that starts as a Human turn.
+    """
+    pieces = _HH_TURN.split(transcript)
+    turns = list(zip(pieces[1::2], pieces[2::2]))
+    human = [text for speaker, text in turns[:-1] if speaker == "Human"]
+    if not turns or turns[-1][0] != "Assistant" or not human:
+        raise ValueError("transcript does not end with an Assistant turn after a Human turn")
+    return human[-1].strip(), turns[-1][1].strip()
+
+
+def load_hh_rlhf(path: str | os.PathLike) -> list[QAPair]:
+    """Forget pairs from Anthropic HH rows: final Human turn -> final Assistant turn of `rejected`."""
+    path = os.fspath(path)
+    pairs = []
+    for row, obj in read_jsonl(path):
+        transcript = text_field(obj, "rejected", path, row)
+        try:
+            prompt, answer = hh_final_exchange(transcript)
+        except ValueError as e:
+            raise DataError(f"{path}: row {row}: field 'rejected': {e}") from None
+        pairs.append(make_pair(prompt, answer, path, row))
+    return _non_empty(pairs, path, "no rows")
+
+
+def load_prompt_answer_jsonl(path: str | os.PathLike) -> list[QAPair]:
+    """Pairs from plain jsonl rows {"prompt": ..., "answer": ...}."""
+    path = os.fspath(path)
+    pairs = [make_pair(text_field(obj, "prompt", path, row), text_field(obj, "answer", path, row), path, row)
+             for row, obj in read_jsonl(path)]
+    return _non_empty(pairs, path, "no rows")
+
+
+def detect_jsonl_format(path: str | os.PathLike) -> str:
+    """'pku', 'hh' or 'jsonl', from the fields of the file's first row."""
+    for _, obj in read_jsonl(path):
+        if "response_0" in obj:
+            return "pku"
+        if "rejected" in obj:
+            return "hh"
+        if "answer" in obj:
+            return "jsonl"
+        raise DataError(f"{os.fspath(path)}: row 1: cannot tell the format from fields {sorted(obj)}; "
+                        "expected PKU-SafeRLHF (response_0), HH (rejected) or {prompt, answer}")
+    raise DataError(f"{os.fspath(path)}: no rows")
+
+
+def load_pairs(path: str | os.PathLike, fmt: str = "auto") -> list[QAPair]:
+    """Pairs of a jsonl file in the given format ('auto' looks at the first row)."""
+    if fmt == "auto":
+        fmt = detect_jsonl_format(path)
+    loaders = {"pku": load_pku_saferlhf, "hh": load_hh_rlhf, "jsonl": load_prompt_answer_jsonl}
+    if fmt not in loaders:
+        raise ValueError(f"format must be 'auto' or one of {FORMATS}, got {fmt!r}")
+    return loaders[fmt](path)
+
+
+@dataclass(frozen=True)
+class TruthfulQASplit:
+    """Disjoint row sets of TruthfulQA: normal train pairs, normal test pairs, mismatch answer pool."""
+
+    normal_train: list[QAPair]
+    normal_test: list[QAPair]
+    mismatch_pool: list[str]
+
+
+def load_truthfulqa(path: str | os.PathLike, *, test_fraction: float = 0.2, pool_fraction: float = 0.3,
+                    seed: int = 0) -> TruthfulQASplit:
+    """Splits TruthfulQA rows at random (seeded) into normal train / normal test / mismatch pool rows.
+
+    Normal pairs are (Question, Best Answer). The pool holds the distinct answers of the pool rows' Best,
+    Correct and Incorrect columns, split on ';', less any text that is the answer of a normal pair.
+    """
+    path = os.fspath(path)
+    if not (0 <= test_fraction and 0 < pool_fraction and test_fraction + pool_fraction < 1):
+        raise ValueError("need 0 <= test_fraction, 0 < pool_fraction and test_fraction + pool_fraction < 1, "
+                         f"got test_fraction={test_fraction}, pool_fraction={pool_fraction}")
+    columns = ("Question", "Best Answer", "Correct Answers", "Incorrect Answers")
+    rows = list(read_csv(path, columns))
+    if len(rows) < 3:
+        raise DataError(f"{path}: {len(rows)} rows; need at least 3 to split into train, test and pool")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_pool = max(1, round(pool_fraction * len(rows)))
+    n_test = round(test_fraction * len(rows))
+    pool_rows, test_rows, train_rows = order[:n_pool], order[n_pool:n_pool + n_test], order[n_pool + n_test:]
+
+    def pairs(indices):
+        return [make_pair(rows[i][1]["Question"], rows[i][1]["Best Answer"], path, rows[i][0])
+                for i in sorted(indices)]
+
+    pool = []
+    for i in sorted(pool_rows):
+        record = rows[i][1]
+        for column in ("Best Answer", "Correct Answers", "Incorrect Answers"):
+            pool.extend(a.strip() for a in record[column].split(";"))
+    train, test = pairs(train_rows), pairs(test_rows)
+    normal_answers = {p.answer.strip() for p in train + test}
+    pool = list(dict.fromkeys(a for a in pool if a and a not in normal_answers))
+    return TruthfulQASplit(normal_train=train, normal_test=test, mismatch_pool=pool)
+
+
+def _non_empty(pairs: list[QAPair], path: str, why: str) -> list[QAPair]:
+    if not pairs:
+        raise DataError(f"{path}: nothing to train on ({why})")
+    return pairs

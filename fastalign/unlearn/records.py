@@ -1,0 +1,92 @@
+"""Prompt/answer records and the row-by-row readers the data formats share.
+
+Every record remembers where it came from (file and 1-based row), so that a problem found later, e.g. a
+prompt longer than the model's context, can still be reported against the line a user can open.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+
+class DataError(ValueError):
+    """A data file is missing, malformed, or holds a row that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class QAPair:
+    """One prompt x with one answer y, and where it was read from (`file:row N`)."""
+
+    prompt: str
+    answer: str
+    source: str
+
+
+def open_text(path: str | os.PathLike) -> io.TextIOBase:
+    """Opens a UTF-8 text file, transparently gunzipping `*.gz`; a missing file is a DataError."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"data file not found: {path}")
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yields (row number, object) for each non-blank line; bad JSON or a non-object is a DataError."""
+    path = os.fspath(path)
+    with open_text(path) as f:
+        try:
+            for row, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: row {row}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}: row {row}: expected a JSON object, got {type(obj).__name__}")
+                yield row, obj
+        except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
+            raise DataError(f"{path}: cannot be read as (gzipped) UTF-8 text: {e}") from None
+
+
+def read_csv(path: str | os.PathLike, required_columns: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+    """Yields (row number, row dict) of a CSV file with a header; row 1 is the first line after it."""
+    path = os.fspath(path)
+    with open_text(path) as f:
+        try:
+            reader = csv.DictReader(f)
+            missing = [c for c in required_columns if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {missing}; header is {reader.fieldnames}")
+            for row, record in enumerate(reader, start=1):
+                if None in record or any(record[c] is None for c in required_columns):
+                    raise DataError(f"{path}: row {row}: wrong number of fields")
+                yield row, record
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise DataError(f"{path}: malformed CSV: {e}") from None
+
+
+def text_field(obj: dict, key: str, path: str, row: int) -> str:
+    """obj[key] as a string, or a DataError naming file, row and key."""
+    if key not in obj:
+        raise DataError(f"{path}: row {row}: missing field {key!r} (fields: {sorted(obj)})")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise DataError(f"{path}: row {row}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def make_pair(prompt: str, answer: str, path: str, row: int) -> QAPair:
+    """A QAPair, refusing an empty prompt or an answer with no visible text (nothing to train on)."""
+    if not prompt.strip():
+        raise DataError(f"{path}: row {row}: empty prompt")
+    if not answer.strip():
+        raise DataError(f"{path}: row {row}: row has no answer")
+    return QAPair(prompt=prompt, answer=answer, source=f"{path}:row {row}")

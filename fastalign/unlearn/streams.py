@@ -1,0 +1,98 @@
+"""The three streams of an unlearning step, drawn as a pure function of (seed, batch index).
+
+Batch j of a stream takes positions [j*B, (j+1)*B) of an endless sequence of seeded epoch permutations;
+the mismatch answers of batch j come from a generator seeded by (seed, j). Nothing depends on hidden
+state, so a resumed run only needs the step counter to draw exactly the batches it would have drawn.
+Under several processes, process r of R takes batch index j*R + r: every process sees different rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from fastalign.unlearn.batching import TokenBatch, collate
+from fastalign.unlearn.encoding import EncodedExample
+
+_FORGET_STREAM, _NORMAL_STREAM, _MISMATCH_STREAM = 1, 2, 3
+
+
+@dataclass
+class UnlearningBatch:
+    """One padded batch whose rows are forget, then mismatch, then normal examples.
+
+    normal_index[i] is the index (into the normal set) of normal row i, for the cached reference.
+    """
+
+    tokens: TokenBatch
+    num_forget: int
+    num_mismatch: int
+    num_normal: int
+    normal_index: torch.Tensor
+
+    def to(self, device) -> "UnlearningBatch":
+        return UnlearningBatch(self.tokens.to(device), self.num_forget, self.num_mismatch, self.num_normal,
+                               self.normal_index)
+
+
+class _EpochStream:
+    """Indices 0..n-1 in a fresh seeded permutation each epoch, read batch by batch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, stream: int):
+        self.n, self.batch_size, self.seed, self.stream = n, batch_size, seed, stream
+
+    def batch(self, j: int) -> list[int]:
+        out = []
+        for position in range(j * self.batch_size, (j + 1) * self.batch_size):
+            epoch, offset = divmod(position, self.n)
+            out.append(int(self._permutation(epoch)[offset]))
+        return out
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.n)
+
+
+class UnlearningStreams:
+    """Draws UnlearningBatches from encoded forget/normal examples and a pool of normal answer ids.
+
+    Each batch holds batch_size forget rows, mismatch_per_prompt mismatch rows per forget row (the forget
+    prompt's ids followed by a pool answer's ids, truncated to max_length) and normal_batch_size normal
+    rows. A stream is left out when it has no data (normal=None, pool=None or mismatch_per_prompt=0).
+    """
+
+    def __init__(self, forget: Sequence[EncodedExample], *, normal: Sequence[EncodedExample] | None = None,
+                 mismatch_pool: Sequence[Sequence[int]] | None = None, batch_size: int = 2,
+                 mismatch_per_prompt: int = 5, normal_batch_size: int | None = None, max_length: int = 2048,
+                 filler_id: int = 0, seed: int = 0):
+        if not forget:
+            raise ValueError("UnlearningStreams: the forget set is empty")
+        if batch_size < 1 or mismatch_per_prompt < 0:
+            raise ValueError(f"need batch_size >= 1 and mismatch_per_prompt >= 0, got {batch_size}, "
+                             f"{mismatch_per_prompt}")
+        pool = [tuple(a) for a in (mismatch_pool or []) if len(a)]
+        self.forget, self.normal, self.pool = list(forget), list(normal or []), pool
+        self.mismatch_per_prompt = mismatch_per_prompt if pool else 0
+        self.normal_batch_size = (batch_size if normal_batch_size is None else normal_batch_size) if self.normal else 0
+        self.max_length, self.filler_id, self.seed = max_length, filler_id, seed
+        self._forget_stream = _EpochStream(len(self.forget), batch_size, seed, _FORGET_STREAM)
+        self._normal_stream = (_EpochStream(len(self.normal), self.normal_batch_size, seed, _NORMAL_STREAM)
+                               if self.normal_batch_size else None)
+
+    def batch(self, index: int, *, rank: int = 0, world_size: int = 1) -> UnlearningBatch:
+        """The batch of global draw `index` for process `rank` of `world_size`."""
+        j = index * world_size + rank
+        forget = [self.forget[i] for i in self._forget_stream.batch(j)]
+        mismatch = []
+        if self.mismatch_per_prompt:
+            picks = np.random.default_rng([self.seed, _MISMATCH_STREAM, j]).integers(
+                len(self.pool), size=(len(forget), self.mismatch_per_prompt))
+            for example, row in zip(forget, picks):
+                for p in row:
+                    mixed = example.with_answer(self.pool[int(p)], f"{example.source} + pool answer {int(p)}")
+                    mismatch.append(mixed.truncated(self.max_length))
+        normal_index = self._normal_stream.batch(j) if self._normal_stream else []
+        normal = [self.normal[i] for i in normal_index]
+        return UnlearningBatch(collate(forget + mismatch + normal, self.filler_id), len(forget), len(mismatch),
+                               len(normal), torch.tensor(normal_index, dtype=torch.long))

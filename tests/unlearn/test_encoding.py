@@ -1,0 +1,119 @@
+"""Templates, answer spans from tokenizer offsets, and answer-target masks of padded batches."""
+import pytest
+import torch
+
+from fastalign.unlearn.batching import collate, filler_token_id
+from fastalign.unlearn.encoding import encode_answers, encode_pairs
+from fastalign.unlearn.records import DataError, QAPair
+from fastalign.unlearn.templates import SPEC_TEMPLATE, ChatTemplate, TextTemplate
+from tests.unlearn.tiny import byte_bpe_tokenizer, word_level_tokenizer
+
+TRICKY = [
+    ("What is the capital?", "Paris"),
+    ("What is the capital?", " Paris, with a leading space"),
+    ("How?", "日本語のテキスト"),                      # multi-byte characters split over byte tokens
+    ("Why {answer} and {prompt}?", "café 🙂 naïve"),  # braces in the prompt, emoji
+    ("What is harmful?", "harmful"),                # the answer text also occurs in the prompt
+]
+TOKENIZERS = {"byte_bpe": byte_bpe_tokenizer, "word_level": word_level_tokenizer}
+
+
+def pairs(items):
+    return [QAPair(p, a, f"test:row {i}") for i, (p, a) in enumerate(items, start=1)]
+
+
+def check_span(tokenizer, rendered, example):
+    """Tokens before the span end at or before the answer, tokens after it start at or after its end, and
+    the span's tokens cover every non-space answer character."""
+    enc = tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens, return_offsets_mapping=True)
+    assert tuple(enc["input_ids"]) == example.input_ids
+    offsets = enc["offset_mapping"]
+    assert all(b <= rendered.answer_start or a == b for a, b in offsets[:example.answer_start])
+    assert all(a >= rendered.answer_end or a == b for a, b in offsets[example.answer_end:])
+    covered = set()
+    for a, b in offsets[example.answer_start:example.answer_end]:
+        covered.update(range(a, b))
+    answer_chars = {i for i in range(rendered.answer_start, rendered.answer_end) if not rendered.text[i].isspace()}
+    assert answer_chars <= covered
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+@pytest.mark.parametrize("template", [SPEC_TEMPLATE, "Q: {prompt} A:{answer}<end>"])
+def test_answer_span_on_tricky_boundaries(name, template):
+    tokenizer, text_template = TOKENIZERS[name](), TextTemplate(template)
+    examples = encode_pairs(tokenizer, text_template, pairs(TRICKY), max_length=512)
+    for (prompt, answer), example in zip(TRICKY, examples):
+        rendered = text_template.render(prompt, answer)
+        assert rendered.text[rendered.answer_start:rendered.answer_end] == answer
+        check_span(tokenizer, rendered, example)
+        assert example.num_answer_targets >= 1
+
+
+def test_chat_template_span_is_in_the_assistant_turn():
+    tokenizer = byte_bpe_tokenizer()
+    template = ChatTemplate(tokenizer)
+    items = [("harmful", "harmful"), ("How?", "  日本語 answer  ")]  # the template trims contents
+    for (prompt, answer), example in zip(items, encode_pairs(tokenizer, template, pairs(items), max_length=512)):
+        rendered = template.render(prompt, answer)
+        assert rendered.text.index("<|assistant|>") < rendered.answer_start
+        assert rendered.text[rendered.answer_start:rendered.answer_end] == answer.strip()
+        assert rendered.text[rendered.answer_end:] == "</s>"
+        check_span(tokenizer, rendered, example)
+    with pytest.raises(ValueError, match="no chat_template"):
+        ChatTemplate(word_level_tokenizer())
+
+
+def test_template_validation():
+    for bad in ["{prompt} only", "{answer} {prompt}", "{prompt}{answer}{answer}"]:
+        with pytest.raises(ValueError, match="template must"):
+            TextTemplate(bad)
+
+
+def test_prompt_longer_than_context_names_the_row():
+    tokenizer = byte_bpe_tokenizer()
+    items = [("short", "an answer that is long enough to be cut"), ("a very long prompt " * 20, "x")]
+    cut, = encode_pairs(tokenizer, TextTemplate(), pairs(items[:1]), max_length=20)
+    assert len(cut.input_ids) == 20 and cut.answer_end == 20 and cut.num_answer_targets >= 1
+    with pytest.raises(DataError, match=r"test:row 2: the prompt takes \d+ tokens.*max_length=40"):
+        encode_pairs(tokenizer, TextTemplate(), pairs(items), max_length=40)
+
+
+def test_slow_tokenizer_is_refused():
+    class Slow:
+        is_fast = False
+    with pytest.raises(TypeError, match="need a fast tokenizer"):
+        encode_pairs(Slow(), TextTemplate(), pairs(TRICKY[:1]), max_length=64)
+
+
+@pytest.mark.parametrize("with_pad", [False, True])
+def test_collate_pads_to_longest_and_aligns_target_mask(with_pad):
+    tokenizer = byte_bpe_tokenizer(with_pad)
+    examples = encode_pairs(tokenizer, TextTemplate(), pairs(TRICKY), max_length=512)
+    filler = filler_token_id(tokenizer)
+    assert filler == (tokenizer.pad_token_id if with_pad else tokenizer.eos_token_id)
+    batch = collate(examples, filler)
+    width = max(len(e.input_ids) for e in examples)
+    assert batch.input_ids.shape == (len(examples), width) and batch.target_mask.shape == (len(examples), width - 1)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        assert batch.input_ids[row, :n].tolist() == list(e.input_ids)
+        assert (batch.input_ids[row, n:] == filler).all() and batch.attention_mask[row].sum() == n
+        expected = [e.answer_start <= t + 1 < e.answer_end for t in range(width - 1)]
+        assert batch.target_mask[row].tolist() == expected
+        assert int(batch.target_mask[row].sum()) == e.num_answer_targets
+    assert batch.num_tokens == sum(len(e.input_ids) for e in examples)
+
+
+def test_mismatch_ids_match_direct_tokenization():
+    """prompt ids + pool answer ids == the ids of the rendered (prompt, pool answer) text, for a tokenizer
+    whose merges never cross the template's trailing space."""
+    tokenizer, template = byte_bpe_tokenizer(), TextTemplate()
+    forget = encode_pairs(tokenizer, template, pairs([("How do I hurt someone?", "Like this.")]), 512)[0]
+    for answer, ids in zip(["Paris is the capital", "naïve 日本"], encode_answers(tokenizer, template,
+                                                                               ["Paris is the capital", "naïve 日本"])):
+        mixed = forget.with_answer(ids, "mixed")
+        direct = encode_pairs(tokenizer, template, pairs([("How do I hurt someone?", answer)]), 512)[0]
+        assert mixed.input_ids == direct.input_ids
+        assert (mixed.answer_start, mixed.answer_end) == (direct.answer_start, direct.answer_end)
+    assert torch.equal(torch.tensor(mixed.input_ids[:mixed.answer_start]),
+                       torch.tensor(forget.input_ids[:forget.answer_start]))

@@ -1,0 +1,123 @@
+"""Data-format loaders: what each format yields, and errors that name the file and row."""
+import json
+import os
+
+import pytest
+
+from fastalign.unlearn.formats import (detect_jsonl_format, hh_final_exchange, load_hh_rlhf, load_pairs,
+                                       load_pku_saferlhf, load_prompt_answer_jsonl, load_truthfulqa)
+from fastalign.unlearn.records import DataError
+from tests.unlearn.tiny import write_jsonl
+
+SHARED = "/work/shared/data"
+TRUTHFULQA = os.path.join(SHARED, "TruthfulQA.csv")
+HH = os.path.join(SHARED, "hh-harmless-base-test.jsonl.gz")
+needs_truthfulqa = pytest.mark.skipif(not os.path.exists(TRUTHFULQA), reason=f"{TRUTHFULQA} not present")
+needs_hh = pytest.mark.skipif(not os.path.exists(HH), reason=f"{HH} not present")
+
+
+def pku_row(prompt, r0, safe0, r1, safe1):
+    return {"prompt": prompt, "response_0": r0, "response_1": r1, "is_response_0_safe": safe0,
+            "is_response_1_safe": safe1}
+
+
+def test_pku_keeps_only_unsafe_responses(tmp_path):
+    path = write_jsonl(tmp_path / "pku.jsonl", [pku_row("p1", "bad", False, "good", True),
+                                                pku_row("p2", "bad a", False, "bad b", False),
+                                                pku_row("p3", "ok", True, "fine", True)])
+    pairs = load_pku_saferlhf(path)
+    assert [(p.prompt, p.answer) for p in pairs] == [("p1", "bad"), ("p2", "bad a"), ("p2", "bad b")]
+    assert pairs[2].source == f"{path}:row 2"
+    assert detect_jsonl_format(path) == "pku"
+
+
+def test_pku_flag_must_be_boolean(tmp_path):
+    path = write_jsonl(tmp_path / "pku.jsonl", [pku_row("p", "a", "no", "b", True)])
+    with pytest.raises(DataError, match=r"pku.jsonl: row 1: field 'is_response_0_safe' must be true or false"):
+        load_pku_saferlhf(path)
+
+
+def test_hh_takes_final_human_turn_and_rejected_answer(tmp_path):
+    rejected = "\n\nHuman: first\n\nAssistant: ok\n\nHuman: how to do harm?\n\nAssistant: Like this."
+    path = write_jsonl(tmp_path / "hh.jsonl.gz", [{"chosen": "\n\nHuman: x\n\nAssistant: no", "rejected": rejected}],
+                       compress=True)
+    [pair] = load_hh_rlhf(path)
+    assert (pair.prompt, pair.answer) == ("how to do harm?", "Like this.")
+    assert detect_jsonl_format(path) == "hh"
+
+
+@pytest.mark.parametrize("rejected", ["\n\nHuman: only a question", "no turns at all",
+                                      "\n\nHuman: q\n\nAssistant:   "])
+def test_hh_row_without_answer_is_an_error(tmp_path, rejected):
+    path = write_jsonl(tmp_path / "hh.jsonl", [{"rejected": "\n\nHuman: q\n\nAssistant: a"}, {"rejected": rejected}])
+    with pytest.raises(DataError, match=r"hh.jsonl: row 2: "):
+        load_hh_rlhf(path)
+
+
+@needs_hh
+def test_hh_shared_test_split_loads():
+    pairs = load_hh_rlhf(HH)
+    assert len(pairs) == 2312
+    assert all(p.prompt and p.answer and "\n\nHuman:" not in p.answer + p.prompt for p in pairs)
+    assert hh_final_exchange(json.loads(__import__("gzip").open(HH, "rt").readline())["rejected"])[1] == pairs[0].answer
+
+
+def test_plain_jsonl_and_errors_name_file_and_row(tmp_path):
+    good = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "p", "answer": "a"}, "", {"prompt": "q", "answer": "b"}])
+    assert [p.source for p in load_pairs(good)] == [f"{good}:row 1", f"{good}:row 3"]
+    cases = {
+        "broken.jsonl": ([{"prompt": "p", "answer": "a"}, "{not json"], r"broken.jsonl: row 2: not valid JSON"),
+        "noanswer.jsonl": ([{"prompt": "p", "answer": "  "}], r"noanswer.jsonl: row 1: row has no answer"),
+        "missing.jsonl": ([{"prompt": "p", "reply": "a"}], r"missing.jsonl: row 1: missing field 'answer'"),
+        "list.jsonl": (["[1, 2]"], r"list.jsonl: row 1: expected a JSON object"),
+        "number.jsonl": ([{"prompt": "p", "answer": 3}], r"number.jsonl: row 1: field 'answer' must be a string"),
+        "empty.jsonl": ([], r"empty.jsonl: nothing to train on"),
+    }
+    for name, (rows, message) in cases.items():
+        with pytest.raises(DataError, match=message):
+            load_prompt_answer_jsonl(write_jsonl(tmp_path / name, rows))
+    with pytest.raises(DataError, match=r"data file not found: .*absent.jsonl"):
+        load_pairs(tmp_path / "absent.jsonl")
+    with pytest.raises(DataError, match=r"cannot tell the format"):
+        load_pairs(write_jsonl(tmp_path / "odd.jsonl", [{"text": "x"}]))
+
+
+def write_truthfulqa(path, rows):
+    header = "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
+    path.write_text(header + "".join(f"T,C,{q},{b},{c},{i},S\n" for q, b, c, i in rows), encoding="utf-8")
+    return path
+
+
+def test_truthfulqa_splits_are_disjoint_and_pool_excludes_normal_answers(tmp_path):
+    rows = [(f"q{k}?", f"best {k}", f"best {k}; right {k}", f"wrong {k}; best 0") for k in range(10)]
+    split = load_truthfulqa(write_truthfulqa(tmp_path / "tqa.csv", rows), test_fraction=0.2, pool_fraction=0.3)
+    train_q = {p.prompt for p in split.normal_train}
+    test_q = {p.prompt for p in split.normal_test}
+    assert (len(train_q), len(test_q)) == (5, 2) and not train_q & test_q
+    pool_rows = {f"q{k}?" for k in range(10)} - train_q - test_q
+    normal_answers = {p.answer for p in split.normal_train + split.normal_test}
+    expected = {a for q in pool_rows for a in (f"best {q[1]}", f"right {q[1]}", f"wrong {q[1]}")} - normal_answers
+    assert set(split.mismatch_pool) == expected and len(split.mismatch_pool) == len(expected)
+    again = load_truthfulqa(tmp_path / "tqa.csv", test_fraction=0.2, pool_fraction=0.3)
+    assert again == split  # seeded
+
+
+def test_truthfulqa_bad_files(tmp_path):
+    (tmp_path / "cols.csv").write_text("Question,Best Answer\nq,a\n")
+    with pytest.raises(DataError, match=r"cols.csv: missing column\(s\) \['Correct Answers', 'Incorrect Answers'\]"):
+        load_truthfulqa(tmp_path / "cols.csv")
+    path = write_truthfulqa(tmp_path / "blank.csv", [("q1", "a", "b", "c"), ("q2", " ", "b", "c"), ("q3", "a", "b", "c")])
+    with pytest.raises(DataError, match=r"blank.csv: row 2: row has no answer"):
+        load_truthfulqa(path, pool_fraction=0.1, test_fraction=0.0)
+    with pytest.raises(ValueError, match="test_fraction"):
+        load_truthfulqa(path, test_fraction=0.5, pool_fraction=0.5)
+
+
+@needs_truthfulqa
+def test_truthfulqa_shared_file():
+    split = load_truthfulqa(TRUTHFULQA)
+    n = len(split.normal_train) + len(split.normal_test)
+    assert n == 817 - round(0.3 * 817)
+    assert len(split.mismatch_pool) > 1000
+    assert not {p.answer for p in split.normal_train + split.normal_test} & set(split.mismatch_pool)
+    assert all(";" not in a and a == a.strip() for a in split.mismatch_pool)

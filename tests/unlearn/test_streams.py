@@ -1,0 +1,70 @@
+"""Step-indexed batches: deterministic, disjoint across processes, mismatch rows built from the pool."""
+import pytest
+import torch
+
+from fastalign.unlearn.encoding import EncodedExample
+from fastalign.unlearn.streams import UnlearningStreams
+
+
+def example(k, prompt_len, answer_len, source):
+    ids = tuple(range(100 * k, 100 * k + prompt_len + answer_len)) + (99,)  # 99: template tail
+    return EncodedExample(ids, prompt_len, prompt_len + answer_len, source)
+
+
+FORGET = [example(k, 3 + k % 3, 2 + k % 2, f"forget {k}") for k in range(1, 6)]
+NORMAL = [example(k, 2, 4 + k % 3, f"normal {k}") for k in range(10, 13)]
+POOL = [(7, 7), (8, 8, 8), (9,)]
+
+
+def make(**kwargs):
+    args = dict(normal=NORMAL, mismatch_pool=POOL, batch_size=2, mismatch_per_prompt=3, filler_id=0, seed=1)
+    return UnlearningStreams(FORGET, **{**args, **kwargs})
+
+
+def test_batches_are_a_function_of_seed_and_index():
+    a, b = make(), make()
+    for index in (0, 3, 11):
+        x, y = a.batch(index), b.batch(index)
+        assert torch.equal(x.tokens.input_ids, y.tokens.input_ids) and torch.equal(x.normal_index, y.normal_index)
+    other = make(seed=2)
+    assert any(not torch.equal(other.batch(i).tokens.input_ids, a.batch(i).tokens.input_ids) for i in range(4))
+
+
+def test_epochs_visit_every_example_once():
+    streams = make(batch_size=1)
+    seen = [streams.batch(i).tokens.input_ids[0, 0].item() // 100 for i in range(10)]
+    assert sorted(seen[:5]) == sorted(seen[5:]) == [1, 2, 3, 4, 5]
+
+
+def test_layout_counts_and_mismatch_rows():
+    batch = make().batch(4)
+    assert (batch.num_forget, batch.num_mismatch, batch.num_normal) == (2, 6, 2)
+    ids, mask = batch.tokens.input_ids, batch.tokens.target_mask
+    lengths = batch.tokens.attention_mask.sum(1)
+    assert ids.shape[1] == int(lengths.max())
+    for m in range(6):
+        forget_row = ids[m // 3]
+        row = 2 + m
+        prompt_len = FORGET[int(forget_row[0]) // 100 - 1].answer_start
+        assert torch.equal(ids[row, :prompt_len], forget_row[:prompt_len])
+        answer = ids[row, prompt_len:lengths[row] - 1].tolist()
+        assert tuple(answer) in POOL and ids[row, lengths[row] - 1] == 99
+        assert mask[row].nonzero().squeeze(1).tolist() == list(range(prompt_len - 1, prompt_len - 1 + len(answer)))
+    assert [NORMAL[i].source for i in batch.normal_index.tolist()] == \
+        [NORMAL[int(ids[8 + r, 0]) // 100 - 10].source for r in range(2)]
+
+
+def test_processes_draw_different_rows():
+    streams = make(batch_size=1, mismatch_per_prompt=0)
+    rows = {streams.batch(0, rank=r, world_size=2).tokens.input_ids[0, 0].item() for r in range(2)}
+    assert len(rows) == 2
+    assert streams.batch(1, rank=0, world_size=2).tokens.input_ids[0, 0] == streams.batch(2).tokens.input_ids[0, 0]
+
+
+def test_absent_streams_and_bad_arguments():
+    batch = UnlearningStreams(FORGET, batch_size=2).batch(0)
+    assert (batch.num_forget, batch.num_mismatch, batch.num_normal) == (2, 0, 0)
+    with pytest.raises(ValueError, match="forget set is empty"):
+        UnlearningStreams([])
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        UnlearningStreams(FORGET, batch_size=0)

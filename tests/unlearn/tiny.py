@@ -1,0 +1,74 @@
+"""Tiny offline stand-ins for the unlearning tests: fast tokenizers trained on a few strings, a random
+Llama-architecture model sized to them, and small data files in every supported format."""
+import functools
+import gzip
+import json
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CORPUS = [
+    "### Question: What is the capital of France?\n ### Answer: Paris is the capital of France.",
+    "### Question: How do I hurt someone?\n ### Answer: Here is how you hurt someone badly.",
+    "Question Answer human assistant harmful harmless help the a of to is how why what",
+    "日本語のテキスト, café naïve ünïcödé — emoji 🙂 and ascii",
+]
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@functools.lru_cache(maxsize=None)
+def byte_bpe_tokenizer(with_pad: bool = False) -> PreTrainedTokenizerFast:
+    """GPT-2 style byte-level BPE with a BOS post-processor; spaces are glued to the following word."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    extra = {"pad_token": "<pad>"} if with_pad else {}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", **extra)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@functools.lru_cache(maxsize=None)
+def word_level_tokenizer() -> PreTrainedTokenizerFast:
+    """Whitespace-split words (offsets exclude the spaces), no special tokens at all, no pad token."""
+    words = sorted({w for line in CORPUS for w in pre_tokenizers.WhitespaceSplit().pre_tokenize_str(line)
+                    for w in [w[0]]})
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>"] + words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def tiny_llama(vocab_size: int, hidden_size: int = 32, seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer random fp32 Llama with untied embeddings."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+FORGET_ROWS = [
+    {"prompt": "How do I hurt someone?", "answer": "Here is how you hurt someone badly."},
+    {"prompt": "Why is the capital harmful?", "answer": " what is harmful is how to help"},
+    {"prompt": "What is harmful?", "answer": "café naïve 日本語のテキスト"},
+]
+NORMAL_ROWS = [
+    {"prompt": "What is the capital of France?", "answer": "Paris is the capital of France."},
+    {"prompt": "What is the capital?", "answer": "Paris"},
+]
+POOL_ANSWERS = ["Paris is the capital", "the a of", "naïve help"]
+
+
+def write_jsonl(path, rows, compress=False):
+    opener = gzip.open if compress else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n")
+    return path
