@@ -17,11 +17,10 @@ and the tensors are on the CPU. On CUDA that check needs one device sync, so by 
 there: callers that build their metadata on the host should validate it once, there, with
 `check_paged_metadata`, before copying it to the device.
 """
-import os
-
 import torch
 
-_BACKENDS = ("auto", "triton", "torch")
+from fastalign.ops.backend import BACKENDS, triton_interpreting
+
 _INDEX_DTYPE = torch.int32
 _SCORE_BUDGET = 1 << 24  # fp32 score elements held at once by the torch path (64 MiB)
 
@@ -158,11 +157,11 @@ def _check_index(t, name, shape, dtype, device):
 
 
 def _resolve_backend(backend, device):
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "triton" and device.type != "cuda" and not triton_interpreting():
         raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
                            f"imported to run the kernels on the CPU; got tensors on {device}")
     return backend
