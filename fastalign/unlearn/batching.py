@@ -26,6 +26,10 @@ class TokenBatch:
     def to(self, device) -> "TokenBatch":
         return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device))
 
+    def rows(self, start: int, stop: int) -> "TokenBatch":
+        """The sub-batch of rows [start, stop)."""
+        return TokenBatch(self.input_ids[start:stop], self.attention_mask[start:stop], self.target_mask[start:stop])
+
     @property
     def num_tokens(self) -> int:
         """Tokens that are not padding."""

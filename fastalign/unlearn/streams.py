@@ -7,6 +7,7 @@ Under several processes, process r of R takes batch index j*R + r: every process
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -23,7 +24,8 @@ _FORGET_STREAM, _NORMAL_STREAM, _MISMATCH_STREAM = 1, 2, 3
 class UnlearningBatch:
     """One padded batch whose rows are forget, then mismatch, then normal examples.
 
-    normal_index[i] is the index (into the normal set) of normal row i, for the cached reference.
+    normal_index[i] is the index (into the normal set) of normal row i, for the cached reference;
+    examples are the rows before padding (their `source` says where each came from).
     """
 
     tokens: TokenBatch
@@ -31,10 +33,10 @@ class UnlearningBatch:
     num_mismatch: int
     num_normal: int
     normal_index: torch.Tensor
+    examples: tuple[EncodedExample, ...]
 
     def to(self, device) -> "UnlearningBatch":
-        return UnlearningBatch(self.tokens.to(device), self.num_forget, self.num_mismatch, self.num_normal,
-                               self.normal_index)
+        return dataclasses.replace(self, tokens=self.tokens.to(device))
 
 
 class _EpochStream:
@@ -94,5 +96,6 @@ class UnlearningStreams:
                     mismatch.append(mixed.truncated(self.max_length))
         normal_index = self._normal_stream.batch(j) if self._normal_stream else []
         normal = [self.normal[i] for i in normal_index]
-        return UnlearningBatch(collate(forget + mismatch + normal, self.filler_id), len(forget), len(mismatch),
-                               len(normal), torch.tensor(normal_index, dtype=torch.long))
+        rows = forget + mismatch + normal
+        return UnlearningBatch(collate(rows, self.filler_id), len(forget), len(mismatch), len(normal),
+                               torch.tensor(normal_index, dtype=torch.long), tuple(rows))

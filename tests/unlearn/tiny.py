@@ -72,3 +72,23 @@ def write_jsonl(path, rows, compress=False):
         for row in rows:
             f.write((row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n")
     return path
+
+
+def tiny_streams(tokenizer, *, batch_size=2, mismatch_per_prompt=2, seed=0, max_length=64):
+    """Streams over FORGET_ROWS, NORMAL_ROWS and POOL_ANSWERS encoded with the SPEC template."""
+    from fastalign.unlearn.batching import filler_token_id
+    from fastalign.unlearn.encoding import encode_answers, encode_pairs
+    from fastalign.unlearn.records import QAPair
+    from fastalign.unlearn.streams import UnlearningStreams
+    from fastalign.unlearn.templates import TextTemplate
+
+    template = TextTemplate()
+
+    def encode(rows, name):
+        pairs = [QAPair(r["prompt"], r["answer"], f"{name}:row {i}") for i, r in enumerate(rows, start=1)]
+        return encode_pairs(tokenizer, template, pairs, max_length)
+
+    return UnlearningStreams(encode(FORGET_ROWS, "forget"), normal=encode(NORMAL_ROWS, "normal"),
+                             mismatch_pool=encode_answers(tokenizer, template, POOL_ANSWERS), batch_size=batch_size,
+                             mismatch_per_prompt=mismatch_per_prompt, max_length=max_length,
+                             filler_id=filler_token_id(tokenizer), seed=seed)

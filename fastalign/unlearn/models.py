@@ -1,0 +1,53 @@
+"""Access to the two halves of a Hugging Face causal LM that the fused losses need.
+
+The losses take the decoder's final hidden states (after its last norm) and the lm_head weight instead
+of logits, so the model is split into its decoder (`get_decoder()`) and its output embedding
+(`get_output_embeddings()`). PEFT wrappers are looked through: their LoRA layers live inside the
+decoder's modules, so calling the decoder runs them.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastalign.unlearn.batching import TokenBatch
+
+# Config attributes of models that transform the logits after the lm_head (which the fused losses do not).
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+def base_causal_lm(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(decoder, lm_head) of a causal LM; a clear error for models the fused losses cannot serve."""
+    base = base_causal_lm(model)
+    get_head = getattr(base, "get_output_embeddings", None)
+    lm_head = get_head() if get_head is not None else None
+    if lm_head is None or not isinstance(getattr(lm_head, "weight", None), torch.Tensor):
+        raise TypeError(f"{type(base).__name__} has no lm_head (get_output_embeddings() gives "
+                        f"{type(lm_head).__name__}); unlearning needs a causal LM such as LlamaForCausalLM")
+    config = getattr(base, "config", None)
+    for name, neutral in _LOGIT_TRANSFORMS.items():
+        value = getattr(config, name, neutral)
+        if value != neutral:
+            raise NotImplementedError(f"{type(base).__name__} transforms its logits ({name}={value}), which the "
+                                      "fused losses do not reproduce")
+    decoder = base.get_decoder()
+    if decoder is base:
+        raise TypeError(f"{type(base).__name__}: cannot find the decoder that produces the final hidden states")
+    return decoder, lm_head
+
+
+def final_hidden_states(decoder: torch.nn.Module, tokens: TokenBatch) -> torch.Tensor:
+    """The decoder's last hidden states [B, W, H], W = the longest row (columns of padding only are cut)."""
+    width = int(tokens.attention_mask.sum(1).max())
+    return decoder(input_ids=tokens.input_ids[:, :width], attention_mask=tokens.attention_mask[:, :width],
+                   use_cache=False).last_hidden_state
+
+
+def at_answer_targets(hidden: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """Rows [N, H] of hidden [B, W, H] at the positions whose target is an answer token, row-major order."""
+    width = hidden.shape[1]
+    return hidden[:, :width - 1][target_mask[:, :width - 1]]

@@ -1,0 +1,105 @@
+"""The unlearning loss of SPEC §1 from one policy forward and the fused linear losses.
+
+    L = w_fgt * L_fgt + w_rdn * L_rdn + w_nor * L_nor
+
+One decoder forward runs over the forget, mismatch and normal rows of a batch together. Only the hidden
+states whose target is an answer token are gathered; L_fgt and L_rdn come from one signed, per-sequence
+normalised linear_cross_entropy over the forget and mismatch answer tokens, L_nor from linear_kl_div over
+the normal answer tokens against the reference. No [tokens x vocab] logits are ever formed.
+
+The objective is an nn.Module whose forward does all of this, so that DDP/FSDP wrappers see the lm_head
+weight used inside their forward.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from fastalign.ops.linear_cross_entropy import linear_cross_entropy
+from fastalign.ops.linear_kl_div import linear_kl_div
+from fastalign.unlearn.models import at_answer_targets, causal_lm_parts, final_hidden_states
+from fastalign.unlearn.streams import UnlearningBatch
+from fastalign.unlearn.token_weights import unlearning_token_weights
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """w_fgt, w_rdn, w_nor of SPEC §1 (defaults 0.5, 1.0, 1.0); each must be a finite number >= 0."""
+
+    forget: float = 0.5
+    mismatch: float = 1.0
+    normal: float = 1.0
+
+    def __post_init__(self):
+        for name in ("forget", "mismatch", "normal"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"loss weight {name} must be a finite number >= 0, got {value!r}")
+
+
+class LossTerms(NamedTuple):
+    """The total loss (differentiable) and its three terms (detached): L_fgt <= 0 is minus the forget NLL."""
+
+    total: torch.Tensor
+    forget: torch.Tensor
+    mismatch: torch.Tensor
+    normal: torch.Tensor
+
+    @property
+    def forget_nll(self) -> torch.Tensor:
+        """The mean per-sequence NLL of the forget answers (what early stopping watches)."""
+        return -self.forget
+
+
+class UnlearningObjective(torch.nn.Module):
+    """forward(batch) -> LossTerms for a causal LM `model`, a reference (see reference.py) and weights.
+
+    The reference is needed only when batches carry normal rows. backend selects the fused-op backend
+    ("auto": Triton on CUDA, chunked torch elsewhere).
+    """
+
+    def __init__(self, model: torch.nn.Module, weights: LossWeights = LossWeights(), reference=None,
+                 backend: str = "auto"):
+        super().__init__()
+        causal_lm_parts(model)  # fail now, not at the first step, on a model without an lm_head
+        self.model, self.weights, self.reference, self.backend = model, weights, reference, backend
+
+    def forward(self, batch: UnlearningBatch) -> LossTerms:
+        decoder, lm_head = causal_lm_parts(self.model)
+        weight, bias = lm_head.weight, lm_head.bias
+        tokens, n_fgt, n_rdn = batch.tokens, batch.num_forget, batch.num_mismatch
+        hidden = final_hidden_states(decoder, tokens).to(weight.dtype)
+        zero = hidden.new_zeros((), dtype=torch.float32)
+
+        forget = mismatch = normal = zero
+        if n_fgt + n_rdn:
+            answers = tokens.target_mask[:n_fgt + n_rdn, :hidden.shape[1] - 1]
+            # Unit-weight terms (L_fgt, L_rdn) per token; w_fgt, w_rdn enter through the sum below, so
+            # each term's value is exact even when its weight is 0.
+            signed = unlearning_token_weights(answers[:n_fgt] if n_fgt else None,
+                                              answers[n_fgt:] if n_rdn else None,
+                                              forget_weight=1.0, mismatch_weight=1.0)
+            targets = tokens.input_ids[:n_fgt + n_rdn, 1:hidden.shape[1]][answers]
+            per_token = linear_cross_entropy(at_answer_targets(hidden[:n_fgt + n_rdn], answers), weight, targets,
+                                             token_weight=signed.to(weight.device)[answers.flatten()], bias=bias,
+                                             reduction="none", backend=self.backend)
+            n_forget_tokens = int(answers[:n_fgt].sum())
+            forget, mismatch = per_token[:n_forget_tokens].sum(), per_token[n_forget_tokens:].sum()
+
+        if batch.num_normal:
+            if self.reference is None:
+                raise ValueError("the batch has normal rows but the objective has no reference for the KL term")
+            if bias is not None:
+                raise NotImplementedError("the KL term does not support an lm_head bias")
+            normal_tokens = tokens.rows(n_fgt + n_rdn, n_fgt + n_rdn + batch.num_normal)
+            ref_hidden, ref_weight = self.reference(normal_tokens, batch.normal_index, weight)
+            normal = linear_kl_div(at_answer_targets(hidden[n_fgt + n_rdn:], normal_tokens.target_mask), weight,
+                                   ref_hidden.to(ref_weight.dtype), ref_weight, reduction="mean",
+                                   backend=self.backend)
+
+        w = self.weights
+        total = w.forget * forget + w.mismatch * mismatch + w.normal * normal
+        return LossTerms(total, forget.detach(), mismatch.detach(), normal.detach())

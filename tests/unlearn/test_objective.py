@@ -1,0 +1,124 @@
+"""UnlearningObjective against SPEC §1 computed per sequence from full logits, for each reference mode."""
+import copy
+
+import pytest
+import torch
+
+from fastalign.unlearn.objective import LossWeights, UnlearningObjective
+from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
+from fastalign.unlearn.spec_loss import spec_unlearning_terms
+from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
+
+WEIGHTS = LossWeights(forget=0.5, mismatch=1.0, normal=1.0)
+
+
+def perturb(model, skip_lm_head=False):
+    """Moves the policy away from its reference so that the KL term and its gradient are not zero."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and not (skip_lm_head and "lm_head" in name):
+                p.add_(0.05 * torch.randn_like(p))
+
+
+def setup(mode):
+    """(policy, reference, logits function of the reference) for a reference mode."""
+    tokenizer = byte_bpe_tokenizer()
+    model = tiny_llama(len(tokenizer))
+    streams = tiny_streams(tokenizer)
+    if mode == "copy":
+        reference = FrozenCopyReference(model)
+        perturb(model)
+        return model, streams, reference, lambda ids: reference.model(ids).logits
+    if mode == "adapter":
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        perturb(model)  # LoRA B starts at zero: make the adapter actually change the model
+
+        def reference_logits(ids):
+            with model.disable_adapter():
+                return model(ids).logits
+        return model, streams, AdapterDisabledReference(model), reference_logits
+    model.lm_head.weight.requires_grad_(False)
+    original = copy.deepcopy(model)
+    reference = CachedReference(model, streams.normal, batch_size=2)
+    perturb(model, skip_lm_head=True)
+    return model, streams, reference, lambda ids: original(ids).logits
+
+
+@pytest.mark.parametrize("mode", ["copy", "adapter", "cached"])
+def test_terms_and_gradients_match_per_sequence_spec(mode):
+    model, streams, reference, reference_logits = setup(mode)
+    objective = UnlearningObjective(model, WEIGHTS, reference)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for index in (0, 1):
+        batch = streams.batch(index)
+        assert batch.num_forget and batch.num_mismatch and batch.num_normal
+        terms = objective(batch)
+        fast_grads = torch.autograd.grad(terms.total, params)
+
+        f, m = batch.num_forget, batch.num_mismatch
+        rows = batch.examples
+        spec = spec_unlearning_terms(lambda ids: model(ids).logits, reference_logits, rows[:f], rows[f:f + m],
+                                     rows[f + m:])
+        assert spec["normal"] > 1e-4  # the KL term is not trivially zero
+        for name in ("forget", "mismatch", "normal"):
+            torch.testing.assert_close(getattr(terms, name).double(), spec[name], rtol=1e-5, atol=1e-6)
+        spec_total = WEIGHTS.forget * spec["forget"] + WEIGHTS.mismatch * spec["mismatch"] + \
+            WEIGHTS.normal * spec["normal"]
+        torch.testing.assert_close(terms.total.double(), spec_total, rtol=1e-5, atol=1e-6)
+        spec_grads = torch.autograd.grad(spec_total, params)
+        for fast, slow in zip(fast_grads, spec_grads):
+            torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)
+
+
+def test_one_policy_forward_per_step():
+    model, streams, reference, _ = setup("copy")
+    calls = []
+    model.model.register_forward_hook(lambda *_: calls.append(1))
+    UnlearningObjective(model, WEIGHTS, reference)(streams.batch(0))
+    assert len(calls) == 1
+
+
+def test_weights_scale_terms_and_absent_streams():
+    model, streams, reference, _ = setup("copy")
+    batch = streams.batch(0)
+    base = UnlearningObjective(model, LossWeights(1.0, 1.0, 1.0), reference)(batch)
+    scaled = UnlearningObjective(model, LossWeights(0.0, 2.0, 3.0), reference)(batch)
+    torch.testing.assert_close(scaled.forget, base.forget)  # still measured with weight 0
+    torch.testing.assert_close(scaled.total, 2 * base.mismatch + 3 * base.normal)
+    forget_only = tiny_streams(byte_bpe_tokenizer(), mismatch_per_prompt=0)
+    forget_only.normal = []
+    forget_only.normal_batch_size, forget_only._normal_stream = 0, None
+    terms = UnlearningObjective(model, WEIGHTS)(forget_only.batch(0))
+    assert terms.mismatch == 0 and terms.normal == 0 and terms.forget < 0
+
+
+def test_bad_inputs():
+    model, streams, reference, _ = setup("copy")
+    for bad in [float("nan"), float("inf"), -1.0, "1"]:
+        with pytest.raises(ValueError, match="loss weight normal must be a finite number"):
+            LossWeights(normal=bad)
+    with pytest.raises(TypeError, match="LlamaModel has no lm_head"):
+        UnlearningObjective(model.model)
+    with pytest.raises(ValueError, match="has no reference for the KL term"):
+        UnlearningObjective(model, WEIGHTS)(streams.batch(0))
+    with pytest.raises(TypeError, match="reference='adapter' needs a PEFT model"):
+        AdapterDisabledReference(model)
+
+
+def test_cached_reference_refuses_a_trainable_or_changed_lm_head():
+    model, streams, _, _ = setup("copy")
+    with pytest.raises(ValueError, match="reference='cached' needs a frozen lm_head"):
+        CachedReference(model, streams.normal)
+    model.lm_head.weight.requires_grad_(False)
+    reference = CachedReference(model, streams.normal)
+    objective = UnlearningObjective(model, WEIGHTS, reference)
+    objective(streams.batch(0))
+    model.lm_head.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="needs a frozen lm_head"):
+        objective(streams.batch(0))
+    model.lm_head.weight.requires_grad_(False)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.01)
+    with pytest.raises(RuntimeError, match="modified after the reference was cached"):
+        objective(streams.batch(0))
