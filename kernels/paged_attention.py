@@ -30,7 +30,10 @@ LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@triton.jit
+# Arguments that change from call to call are not specialised, so that a runtime whose batch shape changes
+# every step reuses one compiled kernel per tile configuration.
+@triton.jit(do_not_specialize=["num_rows", "num_tokens", "num_blocks", "max_blocks", "stride_bt", "stride_os",
+                               "stride_ls"])
 def _paged_attention_kernel(
     Q, K, V, BlockTable, SeqLens, CuQLens, Out, Lse,
     qk_scale, num_rows, num_tokens, num_blocks, max_blocks,
@@ -119,7 +122,7 @@ def _paged_attention_kernel(
         tl.store(Lse + split * stride_ls + token * stride_lt + head, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ps", "stride_ls"])
 def _merge_splits_kernel(
     Partial, Lse, Out,
     stride_ps, stride_pt, stride_ph,
@@ -152,13 +155,23 @@ def _num_sms(device):
     return 4  # the interpreter: a small number so that splitting is exercised on small tests
 
 
-def launch_config(num_tokens, num_rows, group, head_dim, max_context):
-    """Tile sizes from shapes alone (no device sync): (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+def launch_config(num_tokens, num_rows, group, head_dim, itemsize):
+    """Tile sizes from shapes alone (no device sync): (BLOCK_M, BLOCK_N, num_warps, num_stages).
+
+    BLOCK_M covers the mean new tokens of a row times the GQA group: at least 16 (tensor cores), at most
+    128 in 16-bit (32, or 16 past head_dim 128, in fp32, which is for tests). Chosen from sm_90 compiles
+    without register spills (ptxas -v), not yet tuned by measurement on a GPU.
+    """
     mean_q_len = -(-num_tokens // max(num_rows, 1))
-    block_m = max(16, triton.next_power_of_2(group), min(128, triton.next_power_of_2(group * mean_q_len)))
-    block_n = 64 if head_dim <= 128 else 32
-    num_warps = 8 if block_m >= 128 else 4
-    return block_m, block_n, num_warps, 2
+    wide_head = head_dim > 128
+    if itemsize <= 2:
+        largest, block_n = 128, (32 if wide_head else 64)
+    else:
+        largest, block_n = (16, 16) if wide_head else (32, 32)
+    block_m = max(16, triton.next_power_of_2(group), min(largest, triton.next_power_of_2(group * mean_q_len)))
+    num_warps = 8 if block_m >= 64 else 4
+    num_stages = 3 if block_m <= 32 else 2
+    return block_m, block_n, num_warps, num_stages
 
 
 def choose_num_splits(programs, max_context, block_n, device):
@@ -186,8 +199,7 @@ def paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens
     out = torch.empty_like(q)
     if num_tokens == 0 or num_rows == 0 or max_blocks == 0 or num_blocks == 0:
         return out.zero_()
-    block_m, block_n, num_warps, num_stages = launch_config(num_tokens, num_rows, group, head_dim,
-                                                            max_blocks * page)
+    block_m, block_n, num_warps, num_stages = launch_config(num_tokens, num_rows, group, head_dim, q.element_size())
     queries_per_tile = block_m // group
     slots = num_tokens // queries_per_tile + num_rows
     if num_splits is None:

@@ -1,4 +1,8 @@
-"""Kernel-level edge cases of the Triton paged attention: split keys, tile layout, index safety."""
+"""Kernel-level edge cases of the Triton paged attention: split keys, tile layout, index safety, GPU build."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -18,7 +22,7 @@ def test_split_keys_merge_to_the_reference(num_splits):
 
 @pytest.mark.parametrize("num_tokens, num_rows, group", [(1, 1, 1), (8, 8, 7), (1000, 1, 4), (30, 3, 128), (5, 5, 3)])
 def test_tiles_hold_whole_groups_and_fit_tensor_cores(num_tokens, num_rows, group):
-    block_m, block_n, _, _ = launch_config(num_tokens, num_rows, group, 64, 4096)
+    block_m, block_n, _, _ = launch_config(num_tokens, num_rows, group, 64, 2)
     assert block_m >= max(16, group) and block_m & (block_m - 1) == 0
     assert block_m // group >= 1 and block_n >= 16
 
@@ -30,3 +34,40 @@ def test_unvalidated_bad_block_ids_stay_in_bounds():
     batch["seq_lens"][0] = 300  # also past the table's capacity
     out = paged_attention(**batch, backend="triton", validate=False)
     assert out.shape == batch["q"].shape
+
+
+COMPILE_FOR_SM90 = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastalign.kernels.paged_attention import _merge_splits_kernel, _paged_attention_kernel, launch_config
+
+def compile_kernel(fn, pointers, constants, num_warps, num_stages):
+    signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if name == "qk_scale" else "i32")
+                 for name in fn.arg_names}
+    triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": num_warps, "num_stages": num_stages})
+
+# decode with split keys, a long bf16 prefill, an fp32 extension with a group of 7 and head_dim 96
+for dtype, itemsize, tokens, rows, group, head_dim, splits in (("bf16", 2, 8, 8, 4, 64, 3),
+                                                                ("bf16", 2, 4096, 1, 4, 128, 1),
+                                                                ("fp32", 4, 40, 4, 7, 96, 1)):
+    block_m, block_n, num_warps, num_stages = launch_config(tokens, rows, group, head_dim, itemsize)
+    out = "*fp32" if splits > 1 else "*" + dtype
+    pointers = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, BlockTable="*i32", SeqLens="*i32",
+                    CuQLens="*i32", Out=out, Lse="*fp32")
+    constants = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GROUP=group, PAGE=16,
+                     BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=splits)
+    compile_kernel(_paged_attention_kernel, pointers, constants, num_warps, num_stages)
+compile_kernel(_merge_splits_kernel, dict(Partial="*fp32", Lse="*fp32", Out="*bf16"),
+               dict(HEAD_DIM=64, BLOCK_D=64, NUM_SPLITS=3, BLOCK_S=4), 1, 1)
+"""
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter never compiles: build the kernels for an H100 (sm_90) with the wheel's ptxas."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
