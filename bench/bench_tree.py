@@ -1,23 +1,33 @@
-"""Benchmark of the tree KV runtime (issue 3): decode attention over rows that share a prefix.
+"""Benchmark of the tree KV runtime (issue 3): decode attention over shared prefixes, and the TreeRunner.
 
-Each of R rows is a prefix of P tokens shared by all rows (its full blocks stored once, the partly filled
-last block copied per row, as copy-on-write leaves it) plus a private suffix, and decodes one new token.
-Candidates on the same inputs:
-  fastalign paged   fastalign.ops.paged_attention (Triton on CUDA; the torch path on CPU, and the Triton
-                    kernel there too when TRITON_INTERPRET=1 is set)
-  dense sdpa        torch scaled_dot_product_attention over per-row contiguous copies of the KV (what a cache
-                    without paging holds; building the copies is not timed)
-Bandwidth counts unique KV bytes: every pool token that some row reads, once, whatever the number of rows
-reading it; it is compared with the device's measured copy bandwidth (read + write of a large buffer).
-On CUDA every call is timed inside a CUDA graph (kernel time without Python launch cost, "graph us") and
-eagerly ("eager us"). The largest output difference to dense sdpa is printed as a sanity check.
+Sections (each prints its own table; the JSON holds every row with its section):
 
-    python bench/bench_tree.py            # Llama-3.2-1B attention (32 heads, 8 KV heads, head_dim 64), bf16
-    python bench/bench_tree.py --quick    # a small fp32 shape, runs anywhere (CPU smoke run)
+attention   Decode attention of R rows that share a prefix of P tokens (its full blocks stored once, the
+            partly filled last block copied per row, as copy-on-write leaves it) plus a private suffix.
+              fastalign paged   fastalign.ops.paged_attention (Triton on CUDA; the torch path on CPU, and
+                                the Triton kernel there too when TRITON_INTERPRET=1 is set)
+              dense sdpa        torch scaled_dot_product_attention over per-row contiguous copies of the KV
+                                (what a cache without paging holds; building the copies is not timed)
+            Bandwidth counts unique KV bytes: every pool token that some row reads, once, whatever the
+            number of rows reading it, against the device's measured copy bandwidth (read + write of a
+            large buffer); target 60%. On CUDA each call is timed inside a CUDA graph (kernel time
+            without Python launch cost, "graph us") and eagerly ("eager us"). The largest output
+            difference to dense sdpa is printed as a sanity check.
+extend      A random Llama (Llama-3.2-1B shape in bf16 on CUDA) holding a prefix of 1,500 tokens: one
+            batched extend of 10 children by 10 tokens each against one child by 10 tokens; target 1.5x.
+rewind      Releasing a branch of L tokens below the prefix (what a search does when it rewinds), and
+            extending the prefix by one token afterwards, for growing L: both should stay flat.
+decode      Plain batch-1 greedy decoding: TreeRunner (one extend per token) against Hugging Face
+            generate with its cache, same model and prompt; target: runner time <= 1.3x generate's.
+
+    python bench/bench_tree.py            # CUDA, bf16, the shapes above
+    python bench/bench_tree.py --quick    # small fp32 shapes, runs anywhere (CPU smoke run)
 """
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +39,8 @@ from fastalign.ops.backend import triton_interpreting  # noqa: E402
 from fastalign.ops.paged_attention import check_paged_metadata, paged_attention  # noqa: E402
 
 BANDWIDTH_TARGET = 0.6  # issue 3: decode attention reaches 60% of measured HBM bandwidth (unique KV bytes)
+BATCHED_EXTEND_TARGET = 1.5  # 10 children x 10 tokens cost at most 1.5x one child x 10 tokens
+DECODE_TARGET = 1.3  # runner greedy decoding within 1.3x the time of Hugging Face generate
 
 
 def shared_prefix_batch(rows, prefix, suffix, heads, kv_heads, head_dim, page, dtype, device):
@@ -135,37 +147,190 @@ ATTENTION_COLUMNS = [("prefix", "prefix", "{}"), ("rows", "rows", "{}"), ("uniqu
                      ("max_diff", "max |diff| vs sdpa", "{:.2e}"), ("error", "error", "{}")]
 
 
+EXTEND_COLUMNS = [("prefix", "prefix", "{}"), ("children", "children", "{}"), ("tokens_each", "tokens each", "{}"),
+                  ("ms", "ms", "{:.2f}"), ("vs_one_child", "vs one child", "{:.2f}x")]
+REWIND_COLUMNS = [("prefix", "prefix", "{}"), ("branch_tokens", "branch tokens", "{}"),
+                  ("release_us", "release us", "{:.1f}"), ("extend_after_us", "extend 1 token after, us", "{:.0f}")]
+DECODE_COLUMNS = [("prompt", "prompt", "{}"), ("new_tokens", "new tokens", "{}"), ("method", "method", "{}"),
+                  ("ms", "ms", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:.1f}"), ("vs_hf", "time vs HF", "{:.2f}x"),
+                  ("same_greedy_tokens", "same greedy tokens", "{}")]
+def random_llama(quick, device, dtype):
+    """A random-weight Llama: Llama-3.2-1B's shape, or a tiny one with --quick."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    if quick:
+        config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    else:
+        config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                             num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
+                             max_position_embeddings=131072, tie_word_embeddings=True)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = None  # random weights: decode exactly the asked number of tokens
+    model.generation_config.pad_token_id = 0
+    return model.to(dtype).eval()
+
+
+def median_ms_of_steps(step, cleanup, device, *, warmup=2, reps=5):
+    """Median time of step() in ms; cleanup(result) runs after each, untimed."""
+    times = []
+    for i in range(warmup + reps):
+        harness.synchronize(device)
+        start = time.perf_counter()
+        result = step()
+        harness.synchronize(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+        cleanup(result)
+    return statistics.median(times)
+
+
+def random_tokens(n, vocab):
+    return torch.randint(0, vocab, (n,)).tolist()
+
+
+def extend_rows(runner, root, vocab, device, children_counts, tokens_each):
+    """Time of one batched extend of k children of root by tokens_each tokens, for each k."""
+    rows, one_child_ms = [], None
+    for k in children_counts:
+        def step(k=k):
+            return runner.extend([root] * k, [random_tokens(tokens_each, vocab) for _ in range(k)])[0]
+        ms = median_ms_of_steps(step, runner.release, device)
+        one_child_ms = ms if k == 1 else one_child_ms
+        rows.append({"section": "extend", "prefix": root.length, "children": k, "tokens_each": tokens_each,
+                     "ms": ms, "vs_one_child": None if one_child_ms is None else ms / one_child_ms})
+    return rows
+
+
+def rewind_rows(runner, root, vocab, device, branch_lengths, reps=5):
+    """Release of a branch of L tokens under root, then one-token extend of root, for each L (us)."""
+    rows = []
+    for length in branch_lengths:
+        release_us, extend_us = [], []
+        for _ in range(reps):
+            (branch,), _ = runner.extend([root], [random_tokens(length, vocab)], logits=None)
+            harness.synchronize(device)
+            start = time.perf_counter()
+            runner.release(branch)
+            release_us.append((time.perf_counter() - start) * 1e6)
+            start = time.perf_counter()
+            (child,), _ = runner.extend([root], [random_tokens(1, vocab)])
+            harness.synchronize(device)
+            extend_us.append((time.perf_counter() - start) * 1e6)
+            runner.release(child)
+        rows.append({"section": "rewind", "prefix": root.length, "branch_tokens": length,
+                     "release_us": statistics.median(release_us), "extend_after_us": statistics.median(extend_us)})
+    return rows
+
+
+def decode_rows(model, runner, prompt, new_tokens, device):
+    """Greedy batch-1 decoding of new_tokens tokens: TreeRunner against Hugging Face generate."""
+    def runner_decode():
+        (span,), logits = runner.extend([None], [prompt])
+        produced = []
+        for _ in range(new_tokens):
+            token = int(logits[0].argmax())
+            produced.append(token)
+            (child,), logits = runner.extend([span], [[token]])
+            runner.release(span)
+            span = child
+        runner.release(span)
+        return produced
+
+    ids = torch.tensor([prompt], device=device)
+
+    def hf_generate():
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 do_sample=False, use_cache=True)
+        return out[0, len(prompt):].tolist()
+
+    ours, theirs = runner_decode(), hf_generate()
+    same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+    hf_ms = harness.median_ms(hf_generate, device, warmup=1, reps=3)
+    runner_ms = harness.median_ms(runner_decode, device, warmup=1, reps=3)
+    common = {"section": "decode", "prompt": len(prompt), "new_tokens": new_tokens}
+    return [{**common, "method": "fastalign TreeRunner", "ms": runner_ms, "tokens_per_s": new_tokens / runner_ms * 1e3,
+             "vs_hf": runner_ms / hf_ms, "same_greedy_tokens": same},
+            {**common, "method": "HF generate (cache)", "ms": hf_ms, "tokens_per_s": new_tokens / hf_ms * 1e3,
+             "vs_hf": 1.0}]
+
+
+def runner_rows(args, device, dtype):
+    """Rows of the extend, rewind and decode sections."""
+    from fastalign.runtime import TreeRunner
+    model = random_llama(args.quick, device, dtype)
+    vocab = model.config.vocab_size
+    runner = TreeRunner(model, max_tokens=args.pool_tokens)
+    root = runner.prefill(random_tokens(args.tree_prefix, vocab))
+    runner.pin(root)
+    rows = extend_rows(runner, root, vocab, device, [1, args.children], args.child_tokens)
+    rows += rewind_rows(runner, root, vocab, device, args.branch_lengths)
+    rows += decode_rows(model, runner, random_tokens(args.decode_prompt, vocab), args.decode_tokens, device)
+    return rows
+
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small fp32 shape for any device (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="small fp32 shapes for any device (smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) | float16 | float32")
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--page", type=int, default=16, help="tokens per pool block")
-    parser.add_argument("--prefix", type=int, nargs="+", default=[1500, 8000, 32000])
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 10, 64])
-    parser.add_argument("--suffix", type=int, default=10, help="private tokens of each row before its new token")
-    parser.add_argument("--iters", type=int, default=20, help="calls per timed measurement")
-    parser.add_argument("--dense-limit-gib", type=float, default=8.0)
+    parser.add_argument("--sections", nargs="+", choices=["attention", "runner"], default=["attention", "runner"],
+                        help="runner = the extend, rewind and decode sections")
+    group = parser.add_argument_group("attention")
+    group.add_argument("--heads", type=int, default=32)
+    group.add_argument("--kv-heads", type=int, default=8)
+    group.add_argument("--head-dim", type=int, default=64)
+    group.add_argument("--page", type=int, default=16, help="tokens per pool block")
+    group.add_argument("--prefix", type=int, nargs="+", default=[1500, 8000, 32000])
+    group.add_argument("--rows", type=int, nargs="+", default=[1, 10, 64])
+    group.add_argument("--suffix", type=int, default=10, help="private tokens of each row before its new token")
+    group.add_argument("--iters", type=int, default=20, help="calls per timed measurement")
+    group.add_argument("--dense-limit-gib", type=float, default=8.0)
+    group = parser.add_argument_group("runner")
+    group.add_argument("--tree-prefix", type=int, default=1500)
+    group.add_argument("--children", type=int, default=10)
+    group.add_argument("--child-tokens", type=int, default=10)
+    group.add_argument("--branch-lengths", type=int, nargs="+", default=[16, 256, 2048, 8192])
+    group.add_argument("--decode-prompt", type=int, default=128)
+    group.add_argument("--decode-tokens", type=int, default=128)
+    group.add_argument("--pool-tokens", type=int, default=1 << 16)
     args = parser.parse_args()
     if args.quick:
         args.heads, args.kv_heads, args.head_dim, args.prefix, args.rows, args.iters = 4, 2, 32, [100], [1, 4], 2
+        args.tree_prefix, args.branch_lengths, args.decode_prompt, args.decode_tokens = 100, [16, 64, 256], 16, 16
+        args.pool_tokens = 4096
         args.dtype = args.dtype or "float32"
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.manual_seed(0)
-    copy_gbs = copy_bandwidth_gbs(device)
-    rows = attention_rows(args, device, dtype, copy_gbs)
-    print(f"device: {harness.device_name(device)}   dtype: {dtype}   heads {args.heads}/{args.kv_heads} kv, "
-          f"head_dim {args.head_dim}, page {args.page}, suffix {args.suffix}   measured copy bandwidth: "
-          f"{copy_gbs:.0f} GB/s   target: {BANDWIDTH_TARGET:.0%} of it")
-    harness.print_table(rows, ATTENTION_COLUMNS)
-    config = {key: getattr(args, key) for key in ("heads", "kv_heads", "head_dim", "page", "prefix", "rows",
-                                                   "suffix", "iters")}
-    config.update(dtype=str(dtype), copy_bandwidth_gbs=copy_gbs, bandwidth_target=BANDWIDTH_TARGET)
-    print("wrote", harness.write_results("bench_tree", device, config, rows))
+    print(f"device: {harness.device_name(device)}   dtype: {dtype}")
+    rows, config = [], {"dtype": str(dtype), "quick": args.quick}
+    if "attention" in args.sections:
+        copy_gbs = copy_bandwidth_gbs(device)
+        attention = [{"section": "attention", **row} for row in attention_rows(args, device, dtype, copy_gbs)]
+        print(f"\n[attention] heads {args.heads}/{args.kv_heads} kv, head_dim {args.head_dim}, page {args.page}, "
+              f"suffix {args.suffix}; measured copy bandwidth {copy_gbs:.0f} GB/s; target {BANDWIDTH_TARGET:.0%} of it")
+        harness.print_table(attention, ATTENTION_COLUMNS)
+        rows += attention
+        config.update({key: getattr(args, key) for key in ("heads", "kv_heads", "head_dim", "page", "prefix",
+                                                             "rows", "suffix", "iters")},
+                      copy_bandwidth_gbs=copy_gbs, bandwidth_target=BANDWIDTH_TARGET)
+    if "runner" in args.sections:
+        runner = runner_rows(args, device, dtype)
+        for section, columns, note in (
+                ("extend", EXTEND_COLUMNS, f"target: {args.children} children <= {BATCHED_EXTEND_TARGET}x one child"),
+                ("rewind", REWIND_COLUMNS, "target: flat in the branch length"),
+                ("decode", DECODE_COLUMNS, f"target: runner time <= {DECODE_TARGET}x HF generate")):
+            print(f"\n[{section}] {'random Llama (tiny)' if args.quick else 'random Llama-3.2-1B shape'}; {note}")
+            harness.print_table([row for row in runner if row["section"] == section], columns)
+        rows += runner
+        config.update({key: getattr(args, key) for key in ("tree_prefix", "children", "child_tokens",
+                                                             "branch_lengths", "decode_prompt", "decode_tokens",
+                                                             "pool_tokens")},
+                      batched_extend_target=BATCHED_EXTEND_TARGET, decode_target=DECODE_TARGET)
+    print("\nwrote", harness.write_results("bench_tree", device, config, rows))
 
 
 if __name__ == "__main__":
