@@ -1,0 +1,82 @@
+"""Compute accounting of an unlearning run: tokens, estimated FLOPs and device-seconds.
+
+FLOPs are the usual dense-transformer estimate, counted on the padded [rows x width] grid the model really
+computes (padding included, since it costs the same):
+  forward of the decoder  = 2 * P_dec * slots + 4 * layers * hidden * sum_rows(width^2)   (full-square attention)
+  backward                = 2x forward when every decoder weight trains, 1x (input gradients only) otherwise
+  gradient checkpointing  = one more forward
+  lm_head (fused losses)  = per answer token: 2*V*H forward, +2*V*H for the hidden gradient, +2*V*H for the
+                            weight gradient when the lm_head trains; the KL term adds 2*V*H per token for P
+  reference               = one decoder forward over the normal rows (frozen copy / disabled adapter), 0 cached
+P_dec counts the decoder's matmul weights (embeddings excluded). These are estimates for comparing runs
+and methods (e.g. against the compute of RLHF), not measurements.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from fastalign.unlearn.models import causal_lm_parts
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the FLOP estimate needs to know about a causal LM."""
+
+    decoder_params: int
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+
+    @classmethod
+    def of(cls, model) -> "ModelShape":
+        decoder, lm_head = causal_lm_parts(model)
+        embedding = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else None
+        skip = {id(p) for p in embedding.parameters()} if embedding is not None else set()
+        params = sum(p.numel() for p in decoder.parameters() if id(p) not in skip and p.dim() >= 2)
+        config = getattr(decoder, "config", None)
+        return cls(params, int(getattr(config, "num_hidden_layers", 0)), lm_head.weight.shape[1],
+                   lm_head.weight.shape[0])
+
+    def decoder_forward(self, attention_mask: torch.Tensor) -> float:
+        """Forward FLOPs over a padded batch [rows, width] (width trimmed to the longest row)."""
+        rows, width = attention_mask.shape[0], int(attention_mask.sum(1).max()) if attention_mask.numel() else 0
+        return 2.0 * self.decoder_params * rows * width + 4.0 * self.num_layers * self.hidden_size * rows * width ** 2
+
+
+@dataclass
+class ComputeTotals:
+    """Running totals of a run (summed over processes): tokens, padded slots, answer tokens, FLOPs, time."""
+
+    tokens: int = 0
+    padded_slots: int = 0
+    answer_tokens: int = 0
+    reference_tokens: int = 0
+    flops: float = 0.0
+    device_seconds: float = 0.0
+
+    def add(self, other: "ComputeTotals") -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def batch_compute(shape: ModelShape, batch, *, decoder_trains: bool, lm_head_trains: bool, checkpointing: bool,
+                  reference_forward: bool) -> ComputeTotals:
+    """Estimated compute of one objective forward + backward over an UnlearningBatch."""
+    tokens = batch.tokens
+    forward = shape.decoder_forward(tokens.attention_mask)
+    policy = forward * (1 + (2 if decoder_trains else 1) + (1 if checkpointing else 0))
+    answers = int(tokens.target_mask.sum())
+    normal_rows = tokens.rows(batch.num_forget + batch.num_mismatch, tokens.input_ids.shape[0])
+    normal_answers = int(normal_rows.target_mask.sum())
+    head = 2.0 * shape.vocab_size * shape.hidden_size * ((4 if lm_head_trains else 2) * answers + normal_answers)
+    reference = shape.decoder_forward(normal_rows.attention_mask) if reference_forward and batch.num_normal else 0.0
+    return ComputeTotals(tokens=tokens.num_tokens, padded_slots=int(tokens.attention_mask.numel()),
+                         answer_tokens=answers,
+                         reference_tokens=normal_rows.num_tokens if reference_forward else 0,
+                         flops=policy + head + reference)

@@ -1,0 +1,145 @@
+"""Every setting of an unlearning run in one flat, validated dataclass, loadable from JSON or YAML.
+
+Defaults follow SPEC §1 (the reference's recipe): lr 2e-6, batch 2, at most 1000 steps, K = 5 mismatch
+answers per prompt, weights 0.5 / 1.0 / 1.0, early stop once the forget NLL exceeds 100.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import yaml
+
+from fastalign.unlearn.objective import LossWeights
+from fastalign.unlearn.reference import REFERENCE_MODES
+from fastalign.unlearn.templates import SPEC_TEMPLATE
+
+PRECISIONS = ("fp32", "bf16-mixed", "bf16")
+
+
+@dataclass
+class UnlearnConfig:
+    """Settings of `fastalign unlearn`; see `fastalign unlearn --help` for what each one means."""
+
+    # model and data
+    model: str = ""
+    forget: list[str] = field(default_factory=list)
+    forget_format: str = "auto"
+    normal: str | None = None
+    mismatch_pool: str | None = None
+    output_dir: str = ""
+    template: str = SPEC_TEMPLATE
+    chat_template: bool = False
+    max_length: int = 512
+    truthfulqa_test_fraction: float = 0.2
+    truthfulqa_pool_fraction: float = 0.3
+    # objective
+    batch_size: int = 2
+    normal_batch_size: int | None = None
+    mismatch_per_prompt: int = 5
+    forget_weight: float = 0.5
+    mismatch_weight: float = 1.0
+    normal_weight: float = 1.0
+    reference: str = "auto"
+    # optimisation
+    lr: float = 2e-6
+    weight_decay: float = 0.0
+    max_steps: int = 1000
+    grad_accum: int = 1
+    max_forget_nll: float | None = 100.0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    lora: bool = False
+    lora_rank: int = 32
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # bookkeeping
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 0
+    log_every: int = 1
+    progress: bool = True
+    backend: str = "auto"
+
+    def __post_init__(self):
+        self.forget = [self.forget] if isinstance(self.forget, str) else list(self.forget)
+        self.lora_targets = [self.lora_targets] if isinstance(self.lora_targets, str) else list(self.lora_targets)
+        self.loss_weights  # validates the three weights
+        positive = ("max_length", "batch_size", "max_steps", "grad_accum", "log_every", "lora_rank")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("mismatch_per_prompt", "save_every", "keep_checkpoints", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.normal_batch_size is not None and (not isinstance(self.normal_batch_size, int)
+                                                   or self.normal_batch_size < 1):
+            raise ValueError(f"normal_batch_size must be an integer >= 1, got {self.normal_batch_size!r}")
+        for name in ("lr", "weight_decay", "lora_dropout", "lora_alpha"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.max_forget_nll is not None and not (isinstance(self.max_forget_nll, (int, float))
+                                                    and math.isfinite(self.max_forget_nll)):
+            raise ValueError(f"max_forget_nll must be a finite number or None, got {self.max_forget_nll!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.reference not in ("auto",) + REFERENCE_MODES:
+            raise ValueError(f"reference must be 'auto' or one of {REFERENCE_MODES}, got {self.reference!r}")
+        if self.reference == "adapter" and not self.lora:
+            raise ValueError("reference='adapter' needs lora=True (the reference is the model with its adapter off)")
+
+    @property
+    def loss_weights(self) -> LossWeights:
+        return LossWeights(self.forget_weight, self.mismatch_weight, self.normal_weight)
+
+    @property
+    def reference_mode(self) -> str:
+        """The reference actually used: 'auto' means the adapter-disabled model under LoRA, else a frozen copy."""
+        if self.reference != "auto":
+            return self.reference
+        return "adapter" if self.lora else "copy"
+
+    def check_paths(self) -> None:
+        """Raises unless the model, data files and output directory are given."""
+        missing = [name for name in ("model", "forget", "output_dir") if not getattr(self, name)]
+        if missing:
+            raise ValueError(f"missing setting(s): {', '.join(missing)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, origin: str = "config") -> "UnlearnConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{origin}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The settings of a .json, .yaml or .yml file, as a dict (unknown names are refused later)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        loads, errors = yaml.safe_load, yaml.YAMLError
+    elif path.endswith(".json"):
+        loads, errors = json.loads, json.JSONDecodeError
+    else:
+        raise ValueError(f"config file must end in .json, .yaml or .yml: {path}")
+    try:
+        values = loads(text)
+    except errors as e:
+        raise ValueError(f"{path}: cannot be read: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of setting names to values, got {type(values).__name__}")
+    return {k.replace("-", "_"): v for k, v in values.items()}

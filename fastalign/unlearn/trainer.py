@@ -1,0 +1,290 @@
+"""The unlearning training loop: AdamW with a linear schedule, gradient accumulation, early stop on the
+forget NLL, optional LoRA, bf16, gradient checkpointing, atomic checkpoints and an exact resume.
+
+The same code runs in one process or under `accelerate launch` (DDP): the objective module (policy +
+fused losses) is what accelerate wraps, and each process draws its own rows of every step (see
+streams.py). A resumed run restores the trainable weights, optimizer, scheduler, step counter and RNG
+states, and draws the same batches, so it ends bit-identical to a run that was never interrupted.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fastalign.unlearn.checkpoint import (atomic_directory, latest_checkpoint, read_checkpoint,
+                                          remove_stale_temporaries, write_checkpoint, write_text_atomic)
+from fastalign.unlearn.compute import ComputeTotals, ModelShape, batch_compute
+from fastalign.unlearn.config import UnlearnConfig
+from fastalign.unlearn.models import base_causal_lm, causal_lm_parts
+from fastalign.unlearn.objective import UnlearningObjective
+from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
+from fastalign.unlearn.streams import UnlearningStreams
+
+# Settings that may change between a run and its resumption; any other change would alter the result.
+_RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_checkpoints", "progress", "log_every", "resume"}
+
+
+@dataclass
+class StepRecord:
+    """What one optimizer step did (terms averaged over micro-batches and processes); one line of log.jsonl."""
+
+    step: int
+    loss: float
+    forget_nll: float
+    mismatch_nll: float
+    normal_kl: float
+    lr: float
+    tokens: int
+    flops: float
+    seconds: float
+
+
+@dataclass
+class RunSummary:
+    """The outcome of a run, also written to <output_dir>/run.json."""
+
+    steps: int
+    stop_reason: str
+    last: StepRecord | None
+    compute: dict
+    num_processes: int
+    device: str
+    model_dir: str | None
+
+
+def _require_accelerate():
+    try:
+        import accelerate
+    except ImportError as e:
+        raise ImportError("the unlearning trainer needs accelerate: pip install 'fastalign[unlearn]'") from e
+    return accelerate
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+class UnlearningTrainer:
+    """Trains `model` (a transformers causal LM) on `streams` with the settings of `config`.
+
+    config.output_dir receives checkpoints/, log.jsonl, run.json and, at the end, model/ (LoRA merged in).
+    step_callback(record) runs on the main process after every step.
+    """
+
+    def __init__(self, model, streams: UnlearningStreams, config: UnlearnConfig, *, tokenizer=None,
+                 accelerator=None, step_callback: Callable[[StepRecord], None] | None = None):
+        if not config.output_dir:
+            raise ValueError("config.output_dir must name the directory for checkpoints, logs and the model")
+        causal_lm_parts(model)
+        for name, p in model.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                raise ValueError(f"model parameter {name} holds NaN or infinite values")
+        self.config, self.streams, self.tokenizer, self.step_callback = config, streams, tokenizer, step_callback
+        torch.manual_seed(config.seed)  # LoRA initialisation draws from it
+        mixed = {"fp32": "no", "bf16-mixed": "bf16", "bf16": "no"}[config.precision]
+        self.accelerator = accelerator or _require_accelerate().Accelerator(mixed_precision=mixed)
+        self.model = self._prepare_model(model)
+        self.shape = ModelShape.of(self.model)
+
+    def _prepare_model(self, model):
+        config = self.config
+        if config.precision == "bf16":
+            model = model.to(torch.bfloat16)
+        if config.lora and not hasattr(model, "disable_adapter"):
+            try:
+                import peft
+            except ImportError as e:
+                raise ImportError("lora=True needs peft: pip install 'fastalign[lora]'") from e
+            model = peft.get_peft_model(model, peft.LoraConfig(
+                r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                target_modules=list(config.lora_targets)))
+        if config.reference_mode == "cached":
+            causal_lm_parts(model)[1].weight.requires_grad_(False)  # the cache is valid only for this head
+        if config.gradient_checkpointing:
+            base_causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model.to(self.accelerator.device).train()
+
+    def _reference(self):
+        mode, model = self.config.reference_mode, self.model
+        if not self.streams.normal:
+            return None
+        if mode == "copy":
+            return FrozenCopyReference(model, dtype=None if self.config.precision == "fp32" else torch.bfloat16)
+        if mode == "adapter":
+            return AdapterDisabledReference(model)
+        return CachedReference(model, self.streams.normal, filler_id=self.streams.filler_id)
+
+    def train(self) -> RunSummary:
+        config, acc = self.config, self.accelerator
+        out = config.output_dir
+        resume_from = self._resume_point()
+        if acc.is_main_process:
+            os.makedirs(out, exist_ok=True)
+            remove_stale_temporaries(out)
+            write_text_atomic(os.path.join(out, "config.json"), json.dumps(config.to_dict(), indent=1))
+
+        objective = acc.prepare(UnlearningObjective(self.model, config.loss_weights, self._reference(),
+                                                    backend=config.backend))
+        trainable = [(n, p) for n, p in acc.unwrap_model(objective).model.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("the model has no trainable parameter")
+        optimizer = acc.prepare(torch.optim.AdamW([p for _, p in trainable], lr=config.lr,
+                                                  weight_decay=config.weight_decay))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: max(0.0, 1.0 - s / config.max_steps))  # linear to 0, no warm-up (SPEC §1)
+        step, totals = 0, ComputeTotals()
+        if resume_from:
+            step, totals = self._load(resume_from, trainable, optimizer, scheduler)
+
+        lm_head_trains = causal_lm_parts(self.model)[1].weight.requires_grad
+        decoder_trains = all(p.requires_grad for p in causal_lm_parts(self.model)[0].parameters())
+        progress = _progress_bar(config, acc.is_main_process, step)
+        stop_reason, record = "max_steps", None
+        while step < config.max_steps:
+            started = time.perf_counter()
+            term_sums = torch.zeros(4, dtype=torch.float64, device=acc.device)
+            compute = ComputeTotals()
+            for micro in range(config.grad_accum):
+                batch = self.streams.batch(step * config.grad_accum + micro, rank=acc.process_index,
+                                           world_size=acc.num_processes).to(acc.device)
+                last_micro = micro == config.grad_accum - 1
+                with contextlib.nullcontext() if last_micro else acc.no_sync(objective):
+                    terms = objective(batch)
+                    if not bool(torch.isfinite(terms.total)):
+                        raise FloatingPointError(f"step {step + 1}: the loss is not finite ({terms}); rows: "
+                                                 f"{[e.source for e in batch.examples]}")
+                    acc.backward(terms.total / config.grad_accum)
+                term_sums += torch.stack([t.detach().double() for t in terms]) / config.grad_accum
+                compute.add(batch_compute(self.shape, batch, decoder_trains=decoder_trains,
+                                          lm_head_trains=lm_head_trains, checkpointing=config.gradient_checkpointing,
+                                          reference_forward=config.reference_mode != "cached"))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            total, forget, mismatch, normal = acc.reduce(term_sums, reduction="mean").tolist()
+            counts = acc.reduce(torch.tensor([compute.tokens, compute.padded_slots, compute.answer_tokens,
+                                              compute.reference_tokens, compute.flops], dtype=torch.float64,
+                                             device=acc.device), reduction="sum").tolist()
+            seconds = time.perf_counter() - started
+            step_totals = ComputeTotals(*(int(c) for c in counts[:4]), counts[4], seconds * acc.num_processes)
+            totals.add(step_totals)
+            record = StepRecord(step, total, -forget, mismatch, normal, lr, step_totals.tokens, step_totals.flops,
+                                seconds)
+            self._report(record, progress)
+            if config.max_forget_nll is not None and record.forget_nll > config.max_forget_nll:
+                stop_reason = f"forget NLL {record.forget_nll:.4g} > max_forget_nll {config.max_forget_nll:g}"
+                break
+            if config.save_every and step % config.save_every == 0 and step < config.max_steps:
+                self._save_checkpoint(step, totals, trainable, optimizer, scheduler)
+        progress.close()
+        return self._finish(step, stop_reason, record, totals)
+
+    def _resume_point(self) -> str | None:
+        """The checkpoint to resume from; refuses to start over a previous run unless asked to resume."""
+        out = self.config.output_dir
+        existing = latest_checkpoint(out) if os.path.isdir(out) else None
+        if existing and not self.config.resume:
+            raise FileExistsError(f"{out} already holds a run ({existing}); resume it with resume=True "
+                                  "(--resume) or choose another output_dir")
+        if os.path.isdir(os.path.join(out, "model")) and not existing:
+            raise FileExistsError(f"{out} already holds a finished model; choose another output_dir")
+        return existing
+
+    def _load(self, path, trainable, optimizer, scheduler) -> tuple[int, ComputeTotals]:
+        state, rank_state = read_checkpoint(path, self.accelerator.process_index)
+        changed = sorted(k for k, v in self.config.to_dict().items()
+                         if k not in _RESUMABLE_CHANGES and state["config"].get(k) != v)
+        if changed:
+            raise ValueError(f"cannot resume {path}: setting(s) {changed} differ from the interrupted run")
+        missing = [n for n, _ in trainable if n not in state["trainable"]]
+        if missing:
+            raise ValueError(f"cannot resume {path}: it lacks trainable parameter(s) {missing[:5]}")
+        with torch.no_grad():
+            for name, p in trainable:
+                p.copy_(state["trainable"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(rank_state)
+        if self.accelerator.is_main_process:
+            _truncate_log(os.path.join(self.config.output_dir, "log.jsonl"), state["step"])
+        return state["step"], ComputeTotals(**state["compute"])
+
+    def _save_checkpoint(self, step, totals, trainable, optimizer, scheduler):
+        acc = self.accelerator
+        state = {"step": step, "config": self.config.to_dict(), "compute": totals.to_dict(),
+                 "trainable": {n: p.detach().cpu().clone() for n, p in trainable},
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        write_checkpoint(self.config.output_dir, step, state, _rng_state(), rank=acc.process_index,
+                         is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
+                         keep=self.config.keep_checkpoints)
+
+    def _report(self, record: StepRecord, progress) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        progress.update(1)
+        progress.set_postfix(fgt_nll=f"{record.forget_nll:.3f}", rdn=f"{record.mismatch_nll:.3f}",
+                             kl=f"{record.normal_kl:.4f}", refresh=False)
+        if record.step % self.config.log_every == 0 or record.step == self.config.max_steps:
+            with open(os.path.join(self.config.output_dir, "log.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(asdict(record)) + "\n")
+        if self.step_callback is not None:
+            self.step_callback(record)
+
+    def _finish(self, step, stop_reason, record, totals) -> RunSummary:
+        acc, out = self.accelerator, self.config.output_dir
+        acc.wait_for_everyone()
+        model_dir = os.path.join(out, "model")
+        summary = RunSummary(step, stop_reason, record, totals.to_dict(), acc.num_processes,
+                             _device_name(acc.device), model_dir)
+        if acc.is_main_process:
+            if hasattr(self.model, "merge_and_unload"):
+                self.model = self.model.merge_and_unload()
+            with atomic_directory(model_dir) as tmp:
+                self.model.save_pretrained(tmp)
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(tmp)
+            write_text_atomic(os.path.join(out, "run.json"), json.dumps(asdict(summary), indent=1))
+        acc.wait_for_everyone()
+        return summary
+
+
+def _progress_bar(config: UnlearnConfig, is_main: bool, step: int):
+    from tqdm.auto import tqdm
+    return tqdm(total=config.max_steps, initial=step, desc="unlearn", disable=not (config.progress and is_main),
+                dynamic_ncols=True)
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Drops log lines of steps after `step` (written by the interrupted run after its last checkpoint)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(kept)

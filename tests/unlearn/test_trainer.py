@@ -1,0 +1,151 @@
+"""The training loop: exact max steps, early stop, compute accounting, LoRA merged on save, cached reference,
+bit-identical resume after a kill, atomic checkpoints, and refusals of bad runs."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+pytest.importorskip("accelerate")
+from accelerate.state import AcceleratorState  # noqa: E402
+
+from fastalign.unlearn import checkpoint  # noqa: E402
+from fastalign.unlearn.config import UnlearnConfig  # noqa: E402
+from fastalign.unlearn.trainer import UnlearningTrainer  # noqa: E402
+from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(True)  # lets the next test choose another mixed precision
+
+
+class Killed(Exception):
+    pass
+
+
+def run(tmp_path, name="run", model=None, callback=None, **settings):
+    tokenizer = byte_bpe_tokenizer()
+    settings = {"max_steps": 5, "lr": 1e-3, "grad_accum": 2, "progress": False, **settings}
+    config = UnlearnConfig(output_dir=str(tmp_path / name), **settings)
+    trainer = UnlearningTrainer(model or tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config,
+                                tokenizer=tokenizer, step_callback=callback)
+    return trainer, trainer.train()
+
+
+def log_lines(path):
+    with open(os.path.join(path, "log.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
+
+
+def test_killed_and_resumed_run_is_bit_identical(tmp_path):
+    whole, summary = run(tmp_path, "whole", save_every=2)
+
+    def kill_after_step_3(record):
+        if record.step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(tmp_path, "killed", save_every=2, callback=kill_after_step_3)
+    assert sorted(os.listdir(tmp_path / "killed" / "checkpoints")) == ["latest", "step-000002"]
+    with pytest.raises(FileExistsError, match="resume it with resume=True"):
+        run(tmp_path, "killed", save_every=2)
+    with pytest.raises(ValueError, match=r"setting\(s\) \['lr'\] differ"):
+        run(tmp_path, "killed", save_every=2, resume=True, lr=2e-3)
+    resumed, resumed_summary = run(tmp_path, "killed", save_every=2, resume=True)
+
+    assert summary.steps == resumed_summary.steps == 5
+    for (name, a), (_, b) in zip(whole.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert log_lines(tmp_path / "whole") == log_lines(tmp_path / "killed")
+    assert [r["step"] for r in log_lines(tmp_path / "killed")] == [1, 2, 3, 4, 5]
+    assert summary.compute["flops"] == resumed_summary.compute["flops"]
+
+
+def test_max_steps_schedule_compute_and_outputs(tmp_path):
+    tokenizer = byte_bpe_tokenizer()
+    trainer, summary = run(tmp_path, max_steps=3, grad_accum=1)
+    lines = log_lines(tmp_path / "run")
+    assert [r["step"] for r in lines] == [1, 2, 3] and summary.stop_reason == "max_steps"
+    assert [r["lr"] for r in lines] == pytest.approx([1e-3, 1e-3 * 2 / 3, 1e-3 / 3])
+    streams = tiny_streams(tokenizer)
+    assert summary.compute["tokens"] == sum(streams.batch(i).tokens.num_tokens for i in range(3))
+    assert summary.compute["flops"] > 0 and summary.compute["device_seconds"] > 0
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert saved["steps"] == 3 and saved["last"]["step"] == 3
+    reloaded = type(trainer.model).from_pretrained(tmp_path / "run" / "model")
+    for (name, a), (_, b) in zip(trainer.model.named_parameters(), reloaded.named_parameters()):
+        assert torch.equal(a, b), name
+    with pytest.raises(FileExistsError, match="already holds a finished model"):
+        run(tmp_path, max_steps=3)
+
+
+def test_early_stop_once_forget_nll_passes_threshold(tmp_path):
+    _, summary = run(tmp_path, max_steps=50, max_forget_nll=6.5, forget_weight=20.0, lr=1e-2, grad_accum=1)
+    lines = log_lines(tmp_path / "run")
+    assert 2 <= summary.steps == len(lines) < 50
+    assert lines[-1]["forget_nll"] > 6.5 and all(r["forget_nll"] <= 6.5 for r in lines[:-1])
+    assert summary.stop_reason.startswith("forget NLL")
+
+
+def test_lora_is_merged_on_save(tmp_path):
+    pytest.importorskip("peft")
+    trainer, _ = run(tmp_path, max_steps=2, lora=True, lora_rank=4, lora_targets=["q_proj", "v_proj"], lr=1e-2)
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert type(trainer.model) is LlamaForCausalLM  # merged in place
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    original = tiny_llama(len(byte_bpe_tokenizer()))
+    q_changed = not torch.equal(merged.model.layers[0].self_attn.q_proj.weight,
+                                original.model.layers[0].self_attn.q_proj.weight)
+    k_same = torch.equal(merged.model.layers[0].self_attn.k_proj.weight, original.model.layers[0].self_attn.k_proj.weight)
+    assert q_changed and k_same
+
+
+def test_cached_reference_freezes_the_head(tmp_path):
+    original = tiny_llama(len(byte_bpe_tokenizer()))
+    trainer, summary = run(tmp_path, max_steps=2, reference="cached")
+    assert torch.equal(trainer.model.lm_head.weight, original.lm_head.weight)
+    assert not torch.equal(trainer.model.model.layers[0].mlp.up_proj.weight, original.model.layers[0].mlp.up_proj.weight)
+    assert summary.last.normal_kl > 0
+    assert summary.compute["reference_tokens"] == 0
+
+
+@pytest.mark.parametrize("settings", [{"precision": "bf16-mixed"}, {"precision": "bf16"},
+                                      {"gradient_checkpointing": True}])
+def test_precisions_and_checkpointing_run(tmp_path, settings):
+    _, summary = run(tmp_path, max_steps=1, grad_accum=1, **settings)
+    assert summary.steps == 1 and torch.isfinite(torch.tensor(summary.last.loss))
+
+
+def test_failed_checkpoint_write_leaves_no_checkpoint(tmp_path, monkeypatch):
+    real_save = checkpoint.save_file
+
+    def fail_on_state(obj, path):
+        if path.endswith("state.pt"):
+            raise OSError("disk full")
+        real_save(obj, path)
+
+    monkeypatch.setattr(checkpoint, "save_file", fail_on_state)
+    with pytest.raises(OSError, match="disk full"):
+        run(tmp_path, save_every=1)
+    assert os.listdir(tmp_path / "run" / "checkpoints") == []
+    assert checkpoint.latest_checkpoint(str(tmp_path / "run")) is None
+
+
+def test_bad_models_and_settings(tmp_path):
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.down_proj.weight holds NaN"):
+        run(tmp_path, model=model)
+    with pytest.raises(TypeError, match="LlamaModel has no lm_head"):
+        run(tmp_path, model=tiny_llama(len(byte_bpe_tokenizer())).model)
+    for bad, message in [({"forget_weight": float("inf")}, "loss weight forget must be a finite number"),
+                         ({"max_steps": 0}, "max_steps must be an integer >= 1"),
+                         ({"reference": "adapter"}, "reference='adapter' needs lora=True"),
+                         ({"precision": "fp8"}, "precision must be one of")]:
+        with pytest.raises(ValueError, match=message):
+            UnlearnConfig(output_dir=str(tmp_path), **bad)
+    assert not os.path.exists(tmp_path / "run")
