@@ -7,19 +7,12 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from fastalign.unlearn import checkpoint
+from fastalign.unlearn.config import UnlearnConfig
+from fastalign.unlearn.trainer import UnlearningTrainer
+from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
+
 pytest.importorskip("accelerate")
-from accelerate.state import AcceleratorState  # noqa: E402
-
-from fastalign.unlearn import checkpoint  # noqa: E402
-from fastalign.unlearn.config import UnlearnConfig  # noqa: E402
-from fastalign.unlearn.trainer import UnlearningTrainer  # noqa: E402
-from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)  # lets the next test choose another mixed precision
 
 
 class Killed(Exception):

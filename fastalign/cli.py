@@ -1,0 +1,29 @@
+"""The `fastalign` command. Each subcommand lives in its own module exposing `register(subparsers)`,
+which adds its parser and sets `func` (called with the parsed arguments, returns the exit code)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = (
+    "fastalign.unlearn.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastalign", description="Fast alignment of language models without "
+                                     "RLHF: unlearning and RAIN.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""`fastalign unlearn`: make a model stop answering harmful prompts, from harmful examples only.
+
+Each option maps to one UnlearnConfig field; a --config file (JSON/YAML, same names) sets any of them and
+options given on the command line win over it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+from fastalign.unlearn.config import PRECISIONS, UnlearnConfig, read_config_file
+from fastalign.unlearn.formats import FORMATS
+from fastalign.unlearn.reference import REFERENCE_MODES
+
+DESCRIPTION = """\
+Unlearning (Yao et al. 2023): gradient ascent on harmful answers (forget), gradient descent on the same
+prompts paired with random normal answers (mismatch), and a KL term that keeps normal answers close to
+the original model. Only answer tokens carry loss. The loss is fused (no [tokens x vocab] logits), so it
+runs in a fraction of the memory and time of the published recipe.
+
+data formats:
+  forget  jsonl: PKU-SafeRLHF rows (prompt, response_0/1, is_response_0/1_safe; unsafe responses are
+          forgotten), Anthropic HH rows (chosen/rejected; the final Human turn and the rejected final
+          Assistant turn) or plain {"prompt": ..., "answer": ...} rows; .jsonl.gz works too.
+  normal  TruthfulQA.csv (Question + Best Answer; a held-out share of its rows supplies the mismatch
+          answers) or plain {"prompt", "answer"} jsonl.
+
+outputs in --output-dir: model/ (the unlearned model, LoRA merged, with its tokenizer), log.jsonl (one
+line per step: loss, forget NLL, mismatch NLL, normal KL, lr, tokens, FLOPs), run.json (summary and
+compute spent), checkpoints/ (with --save-every; continue a killed run with --resume).
+
+examples:
+  fastalign unlearn --model ./opt-1.3b --forget pku_train.jsonl --normal TruthfulQA.csv --output-dir out
+  fastalign unlearn --config run.yaml --max-steps 200 --lora --precision bf16-mixed
+  fastalign unlearn --config run.yaml --check      # load and validate everything, train nothing
+"""
+
+
+def _default(name):
+    return next(f for f in fields(UnlearnConfig) if f.name == name).default
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def register(subparsers) -> None:
+    """Adds the `unlearn` command to the `fastalign` parser."""
+    p = subparsers.add_parser("unlearn", help="unlearn harmful answers from a causal LM (fine-tuning)",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              argument_default=argparse.SUPPRESS)
+    add = p.add_argument
+    add("--config", metavar="FILE", help="JSON or YAML file of settings (names as below, '_' or '-'); "
+        "command-line options override it")
+    add("--check", action="store_true", help="load the model and all data, report, and exit without training")
+
+    g = p.add_argument_group("model and data").add_argument
+    g("--model", metavar="PATH", help="local Hugging Face causal LM directory (weights + fast tokenizer)")
+    g("--forget", metavar="FILE", nargs="+", help="harmful examples to forget (jsonl, see formats above)")
+    g("--forget-format", choices=("auto",) + FORMATS, help="format of the forget files (default: auto, from "
+      "the first row)")
+    g("--normal", metavar="FILE", help="normal examples kept close to the original model (TruthfulQA .csv "
+      "or jsonl)")
+    g("--mismatch-pool", metavar="FILE", help="normal answers for the mismatch stream (TruthfulQA .csv or "
+      "jsonl); default: the held-out rows of a TruthfulQA --normal")
+    g("--output-dir", metavar="DIR", help="where model/, logs and checkpoints go")
+    g("--template", help=f"text template with {{prompt}} and {{answer}} (default: {_default('template')!r})")
+    g("--chat-template", action=argparse.BooleanOptionalAction,
+      help="render examples with the tokenizer's chat template instead of --template")
+    g("--max-length", type=int, metavar="N", help=f"longest sequence in tokens; longer answers are cut, a prompt that "
+      f"leaves no room is an error (default: {_default('max_length')})")
+
+    g = p.add_argument_group("loss").add_argument
+    g("--forget-weight", type=float, metavar="X", help=f"w_fgt, weight of gradient ascent on harmful answers "
+      f"(default: {_default('forget_weight')})")
+    g("--mismatch-weight", type=float, metavar="X", help=f"w_rdn, weight of the random-answer term "
+      f"(default: {_default('mismatch_weight')}; 0 turns it off)")
+    g("--normal-weight", type=float, metavar="X", help=f"w_nor, weight of the KL to the original model on normal answers "
+      f"(default: {_default('normal_weight')}; 0 turns it off)")
+    g("--mismatch-per-prompt", type=int, metavar="N", help=f"K, random normal answers per harmful prompt "
+      f"(default: {_default('mismatch_per_prompt')})")
+    g("--reference", choices=("auto",) + REFERENCE_MODES,
+      help="original model for the KL term: copy = a frozen copy (one more model in memory); adapter = "
+      "the LoRA model with its adapter off (needs --lora, no copy); cached = its hidden states on the "
+      "normal set computed once up front (no copy; freezes the lm_head); auto = adapter with --lora, else "
+      "copy (default)")
+
+    g = p.add_argument_group("optimisation").add_argument
+    g("--max-steps", type=int, metavar="N", help=f"optimizer steps (default: {_default('max_steps')})")
+    g("--batch-size", type=int, metavar="N", help=f"harmful prompts per step and process (default: {_default('batch_size')})")
+    g("--normal-batch-size", type=int, metavar="N", help="normal examples per step and process (default: --batch-size)")
+    g("--grad-accum", type=int, metavar="N", help="micro-batches accumulated per optimizer step (default: 1)")
+    g("--lr", type=float, metavar="X", help=f"AdamW learning rate, linear decay to 0 (default: {_default('lr')})")
+    g("--weight-decay", type=float, metavar="X", help="AdamW weight decay (default: 0)")
+    g("--max-forget-nll", type=_optional_float, metavar="X|none", help=f"stop early once the mean NLL of the harmful answers "
+      f"exceeds this; 'none' never stops (default: {_default('max_forget_nll')})")
+    g("--precision", choices=PRECISIONS, help="fp32; bf16-mixed (fp32 weights, bf16 compute); bf16 (bf16 "
+      "weights: least memory) (default: fp32)")
+    g("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+      help="recompute activations in the backward pass (less memory, ~30%% more compute)")
+    g("--seed", type=int, metavar="N", help="seed of data order, mismatch answers and LoRA initialisation (default: 0)")
+    g("--backend", choices=("auto", "triton", "torch"), help="fused-loss backend (default: auto)")
+
+    g = p.add_argument_group("LoRA").add_argument
+    g("--lora", action=argparse.BooleanOptionalAction, help="train a LoRA adapter (merged into model/ at the end)")
+    g("--lora-rank", type=int, metavar="N", help=f"(default: {_default('lora_rank')})")
+    g("--lora-alpha", type=int, metavar="N", help=f"(default: {_default('lora_alpha')})")
+    g("--lora-dropout", type=float, metavar="X", help="(default: 0)")
+    g("--lora-targets", nargs="+", metavar="MODULE", help="module names to adapt (default: q_proj v_proj)")
+
+    g = p.add_argument_group("checkpoints and logging").add_argument
+    g("--save-every", type=int, metavar="N", help="write a checkpoint every N steps (default: 0, none)")
+    g("--keep-checkpoints", type=int, metavar="N", help="checkpoints kept (default: 2; 0 keeps all)")
+    g("--resume", action=argparse.BooleanOptionalAction,
+      help="continue the run in --output-dir from its latest checkpoint")
+    g("--log-every", type=int, metavar="N", help="write a log line every N steps (default: 1)")
+    g("--progress", action=argparse.BooleanOptionalAction, help="show a progress bar (default: on)")
+    p.set_defaults(func=main)
+
+
+def config_from_args(args: argparse.Namespace) -> UnlearnConfig:
+    """Defaults, then the --config file, then the options given on the command line."""
+    given = {k: v for k, v in vars(args).items() if k not in ("config", "check", "func", "command")}
+    values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    return UnlearnConfig.from_dict({**values, **given}, origin=getattr(args, "config", "command line"))
+
+
+def main(args: argparse.Namespace) -> int:
+    from fastalign.unlearn.records import DataError
+    from fastalign.unlearn.run import load_model_and_tokenizer, load_streams, run_unlearning
+
+    try:
+        config = config_from_args(args)
+        if getattr(args, "check", False):
+            config.check_paths()
+            model, tokenizer = load_model_and_tokenizer(config)
+            streams = load_streams(config, tokenizer)
+            print(json.dumps({"model": type(model).__name__, "forget": len(streams.forget),
+                              "normal": len(streams.normal), "mismatch_pool": len(streams.pool),
+                              "reference": config.reference_mode}, indent=1))
+            return 0
+        summary = run_unlearning(config)
+    except (DataError, ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
+        print(f"fastalign unlearn: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"steps": summary.steps, "stop_reason": summary.stop_reason, "model_dir": summary.model_dir,
+                      "compute": summary.compute}, indent=1))
+    return 0

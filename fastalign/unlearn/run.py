@@ -1,0 +1,81 @@
+"""An unlearning run from an UnlearnConfig: load the model and data, check them all, then train.
+
+Every data file is read, validated and tokenized before anything is written to the output directory,
+so a bad row stops the run with an error naming it and leaves no partial output.
+"""
+from __future__ import annotations
+
+import os
+
+from fastalign.unlearn.batching import filler_token_id
+from fastalign.unlearn.config import UnlearnConfig
+from fastalign.unlearn.encoding import encode_answers, encode_pairs
+from fastalign.unlearn.formats import load_pairs, load_truthfulqa
+from fastalign.unlearn.records import DataError
+from fastalign.unlearn.streams import UnlearningStreams
+from fastalign.unlearn.templates import ChatTemplate, TextTemplate
+
+
+def _truthfulqa(config: UnlearnConfig, path: str):
+    return load_truthfulqa(path, test_fraction=config.truthfulqa_test_fraction,
+                           pool_fraction=config.truthfulqa_pool_fraction, seed=config.seed)
+
+
+def _is_csv(path: str) -> bool:
+    return path.endswith((".csv", ".csv.gz"))
+
+
+def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
+    """The forget, normal and mismatch streams the config describes, tokenized.
+
+    normal: a TruthfulQA .csv (its train split; its pool rows also feed the mismatch pool unless
+    mismatch_pool is given) or a {prompt, answer} jsonl. mismatch_pool: a TruthfulQA .csv or a jsonl
+    whose answers form the pool. A stream whose weight is 0 is not loaded.
+    """
+    template = ChatTemplate(tokenizer) if config.chat_template else TextTemplate(config.template)
+    forget = [pair for path in config.forget for pair in load_pairs(path, config.forget_format)]
+    normal_split = _truthfulqa(config, config.normal) if config.normal and _is_csv(config.normal) else None
+    normal = pool = None
+    if config.normal_weight > 0:
+        if not config.normal:
+            raise DataError("normal_weight > 0 needs a normal data file (normal=...), or set normal_weight=0")
+        normal = normal_split.normal_train if normal_split else load_pairs(config.normal, "jsonl")
+    if config.mismatch_weight > 0 and config.mismatch_per_prompt > 0:
+        if config.mismatch_pool and _is_csv(config.mismatch_pool):
+            pool = _truthfulqa(config, config.mismatch_pool).mismatch_pool
+        elif config.mismatch_pool:
+            pool = [p.answer for p in load_pairs(config.mismatch_pool)]
+        elif normal_split:
+            pool = normal_split.mismatch_pool
+        else:
+            raise DataError("mismatch_weight > 0 needs a pool of normal answers: give mismatch_pool=... or a "
+                            "TruthfulQA .csv as normal, or set mismatch_weight=0")
+    return UnlearningStreams(
+        encode_pairs(tokenizer, template, forget, config.max_length),
+        normal=encode_pairs(tokenizer, template, normal, config.max_length) if normal else None,
+        mismatch_pool=encode_answers(tokenizer, template, pool) if pool else None,
+        batch_size=config.batch_size, mismatch_per_prompt=config.mismatch_per_prompt,
+        normal_batch_size=config.normal_batch_size, max_length=config.max_length,
+        filler_id=filler_token_id(tokenizer), seed=config.seed)
+
+
+def load_model_and_tokenizer(config: UnlearnConfig):
+    """The causal LM (bf16 weights for precision='bf16', fp32 otherwise) and its fast tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.exists(config.model) and os.path.sep in config.model:
+        raise FileNotFoundError(f"model not found: {config.model}")
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype), tokenizer
+
+
+def run_unlearning(config: UnlearnConfig, **trainer_options):
+    """Loads, validates and trains; returns the trainer's RunSummary."""
+    from fastalign.unlearn.trainer import UnlearningTrainer
+
+    config.check_paths()
+    model, tokenizer = load_model_and_tokenizer(config)
+    streams = load_streams(config, tokenizer)
+    return UnlearningTrainer(model, streams, config, tokenizer=tokenizer, **trainer_options).train()

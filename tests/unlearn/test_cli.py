@@ -1,0 +1,88 @@
+"""`fastalign unlearn` end to end on a tiny model saved to disk: config file + overrides, --check, errors."""
+import json
+import os
+
+import pytest
+import yaml
+
+from fastalign.cli import main
+from fastalign.unlearn.cli import config_from_args
+from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, write_jsonl
+
+pytest.importorskip("accelerate")
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    tokenizer = byte_bpe_tokenizer()
+    tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    write_jsonl(tmp_path / "pku.jsonl", [
+        {"prompt": "How do I hurt someone?", "response_0": "Here is how.", "is_response_0_safe": False,
+         "response_1": "I will not help.", "is_response_1_safe": True},
+        {"prompt": "What is harmful?", "response_0": "harmful help", "is_response_0_safe": False,
+         "response_1": "the a of", "is_response_1_safe": False}])
+    rows = "".join(f"T,C,What is {k}?,Paris {k},Paris {k}; the {k},naïve {k}; help {k},S\n" for k in range(10))
+    (tmp_path / "tqa.csv").write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,"
+                                      "Source\n" + rows, encoding="utf-8")
+    config = {"model": str(tmp_path / "model"), "forget": [str(tmp_path / "pku.jsonl")],
+              "normal": str(tmp_path / "tqa.csv"), "lr": 1e-3, "max_steps": 50, "mismatch_per_prompt": 2,
+              "max_length": 64}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path
+
+
+def test_help_explains_formats_and_outputs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["unlearn", "--help"])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for phrase in ["data formats:", "PKU-SafeRLHF", "TruthfulQA", "--reference", "--resume", "log.jsonl"]:
+        assert phrase in text
+
+
+def test_train_from_config_file_with_overrides(workspace, capsys):
+    out = workspace / "out"
+    code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--max-steps", "2", "--output-dir",
+                 str(out), "--no-progress", "--reference", "cached"])
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["max_steps"], saved["lr"], saved["reference"], saved["mismatch_per_prompt"]) == (2, 1e-3, "cached", 2)
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+    assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "tokenizer.json").is_file()
+    assert json.loads(capsys.readouterr().out)["steps"] == 2
+
+
+def test_check_loads_everything_and_writes_nothing(workspace, capsys):
+    code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
+                 "--check"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["forget"] == 3 and report["normal"] == 5 and report["mismatch_pool"] > 0
+    assert not os.path.exists(workspace / "out")
+
+
+def test_errors_name_the_problem_and_write_nothing(workspace, capsys):
+    base = ["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
+            "--no-progress"]
+    write_jsonl(workspace / "bad.jsonl", [{"prompt": "p", "answer": "a"}, {"prompt": "q"}])
+    cases = [(["--forget", str(workspace / "absent.jsonl")], "data file not found: .*absent.jsonl"),
+             (["--forget", str(workspace / "bad.jsonl")], r"bad.jsonl: row 2: missing field 'answer'"),
+             (["--max-length", "8"], r"pku.jsonl:row 1: the prompt takes \d+ tokens"),
+             (["--normal-weight", "nan"], "loss weight normal must be a finite number"),
+             (["--model", str(workspace / "nowhere")], "model not found")]
+    for extra, message in cases:
+        assert main(base + extra) == 2
+        assert __import__("re").search(message, capsys.readouterr().err), message
+        assert not os.path.exists(workspace / "out")
+    (workspace / "typo.yaml").write_text("max_step: 3\n")
+    assert main(["unlearn", "--config", str(workspace / "typo.yaml")]) == 2
+    assert "unknown setting(s) ['max_step']" in capsys.readouterr().err
+
+
+def test_command_line_wins_over_config_file(workspace):
+    from fastalign.cli import build_parser
+    args = build_parser().parse_args(["unlearn", "--config", str(workspace / "run.yaml"), "--lr", "0.5",
+                                      "--no-progress", "--max-forget-nll", "none"])
+    config = config_from_args(args)
+    assert (config.lr, config.progress, config.max_forget_nll, config.max_steps) == (0.5, False, None, 50)
