@@ -1,0 +1,258 @@
+"""Benchmark of one unlearning step (forward + backward + AdamW) of a Llama-architecture model, four ways,
+on the same batch (2 harmful prompts, K=5 mismatch answers each, 2 normal examples):
+
+- fastalign:          one policy forward, fused signed CE + fused KL on the answer tokens, frozen copy in the
+                      model's dtype;
+- unfused baseline:   a well-written plain-torch step: dynamic padding, model dtype, one forward returning
+                      the full logits, vectorised weighted CE and KL on them, frozen copy;
+- reference recipe:   the published code's shape: every row padded to max length, separate forwards for the
+                      forget / mismatch / normal rows, a per-sample Python loss loop, KL over every position
+                      (padding included) against an fp32 copy;
+- fastalign cached:   fastalign with the reference hidden states of the normal set cached up front (no
+                      reference model; lm_head frozen).
+`--preset 8b` instead runs the 8B-class model the two ways that fit one GPU: LoRA with the adapter-disabled
+reference, and full weights with the cached reference (gradient checkpointing on); peak memory reported.
+
+Weights are random (configs only, nothing downloaded): speed and memory do not depend on their values.
+Median step time after a warm-up step; peak memory = torch.cuda.max_memory_allocated over the steps
+(model, optimizer state, activations: everything), CUDA only.
+
+    python bench/bench_unlearn.py                  # Llama-3.2-1B shape, bf16, CUDA
+    python bench/bench_unlearn.py --preset 8b      # Llama-3-8B shape, bf16, CUDA
+    python bench/bench_unlearn.py --quick          # tiny fp32 model on any device (CPU smoke run)
+"""
+import argparse
+import copy
+import gc
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+from fastalign.unlearn.batching import collate  # noqa: E402
+from fastalign.unlearn.encoding import EncodedExample  # noqa: E402
+from fastalign.unlearn.objective import LossWeights, UnlearningObjective  # noqa: E402
+from fastalign.unlearn.reference import (AdapterDisabledReference, CachedReference,  # noqa: E402
+                                         FrozenCopyReference)
+from fastalign.unlearn.streams import UnlearningStreams  # noqa: E402
+from fastalign.unlearn.token_weights import unlearning_token_weights  # noqa: E402
+
+PRESETS = {  # Llama shapes: hidden, layers, heads, kv heads, intermediate, vocab
+    "quick": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, vocab_size=1000),
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=8192, vocab_size=128256),
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=14336, vocab_size=128256),
+}
+WEIGHTS = LossWeights()
+
+
+def synthetic_batch(vocab, args):
+    """The step's batch: random ids, prompt and answer lengths drawn from the configured ranges."""
+    rng = np.random.default_rng(0)
+
+    def examples(n, name):
+        out = []
+        for i in range(n):
+            p, a = rng.integers(*args.prompt_tokens), rng.integers(*args.answer_tokens)
+            out.append(EncodedExample(tuple(int(t) for t in rng.integers(1, vocab, p + a)), int(p), int(p + a),
+                                      f"{name} {i}"))
+        return out
+
+    pool = [tuple(int(t) for t in rng.integers(1, vocab, rng.integers(*args.answer_tokens))) for _ in range(32)]
+    normal = examples(args.batch_size, "normal")
+    streams = UnlearningStreams(examples(args.batch_size, "forget"), normal=normal, mismatch_pool=pool,
+                                batch_size=args.batch_size, mismatch_per_prompt=5, max_length=args.max_length)
+    return streams.batch(0), normal
+
+
+def make_model(args, device, dtype):
+    torch.manual_seed(0)
+    config = LlamaConfig(**PRESETS[args.preset], max_position_embeddings=max(args.max_length, 256),
+                         tie_word_embeddings=False)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def optimizer_step(model):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+
+    def step():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+# ---- the four ways: each returns a no-argument function that performs one full step ----
+
+def fastalign_step(model, batch, normal, args, reference):
+    objective = UnlearningObjective(model, WEIGHTS, reference)
+    finish = optimizer_step(model)
+
+    def step():
+        objective(batch).total.backward()
+        finish()
+    return step
+
+
+def fastalign_frozen_copy(model, batch, normal, args):
+    return fastalign_step(model, batch, normal, args, FrozenCopyReference(model))
+
+
+def fastalign_cached(model, batch, normal, args):
+    model.lm_head.weight.requires_grad_(False)
+    return fastalign_step(model, batch, normal, args, CachedReference(model, normal, batch_size=args.batch_size))
+
+
+def fastalign_lora(model, batch, normal, args):
+    import peft
+    model = peft.get_peft_model(model, peft.LoraConfig(r=32, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    return fastalign_step(model, batch, normal, args, AdapterDisabledReference(model))
+
+
+def unfused_baseline(model, batch, normal, args):
+    reference = copy.deepcopy(model).requires_grad_(False).eval()
+    finish = optimizer_step(model)
+    tokens, nf, nm = batch.tokens, batch.num_forget, batch.num_mismatch
+    signed = unlearning_token_weights(tokens.target_mask[:nf], tokens.target_mask[nf:nf + nm],
+                                      forget_weight=WEIGHTS.forget, mismatch_weight=WEIGHTS.mismatch)
+    normal_tokens = tokens.rows(nf + nm, tokens.input_ids.shape[0])
+
+    def step():
+        logits = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits[:, :-1]
+        targets = tokens.input_ids[:, 1:]
+        ce = F.cross_entropy(logits[:nf + nm].flatten(0, 1).float(), targets[:nf + nm].flatten(), reduction="none")
+        with torch.no_grad():
+            ref_logits = reference(input_ids=normal_tokens.input_ids,
+                                   attention_mask=normal_tokens.attention_mask).logits[:, :-1]
+        mask = normal_tokens.target_mask
+        log_q = torch.log_softmax(logits[nf + nm:][mask].float(), -1)
+        log_p = torch.log_softmax(ref_logits[mask].float(), -1)
+        kl = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+        ((ce * signed).sum() + WEIGHTS.normal * kl).backward()
+        finish()
+    return step
+
+
+def reference_recipe(model, batch, normal, args):
+    reference = copy.deepcopy(model).float().requires_grad_(False).eval()
+    finish = optimizer_step(model)
+    nf, nm, examples = batch.num_forget, batch.num_mismatch, batch.examples
+
+    def padded(rows):
+        tokens = collate(rows, 0)
+        pad = args.max_length - tokens.input_ids.shape[1]
+        return F.pad(tokens.input_ids, (0, pad)), F.pad(tokens.attention_mask, (0, pad))
+
+    streams = {name: padded(rows) for name, rows in (("forget", examples[:nf]), ("mismatch", examples[nf:nf + nm]),
+                                                     ("normal", examples[nf + nm:]))}
+
+    def answer_loss(name, rows):
+        ids, attention = streams[name]
+        logits = model(input_ids=ids, attention_mask=attention).logits
+        losses = []
+        for b, e in enumerate(rows):  # the reference's per-sample loop
+            ce = F.cross_entropy(logits[b, :-1], ids[b, 1:], reduction="none")
+            position = torch.zeros_like(ce)
+            position[e.answer_start - 1:e.answer_end - 1] = 1
+            losses.append((ce * position / position.sum()).sum())
+        return torch.stack(losses).mean()
+
+    def step():
+        forget = -answer_loss("forget", examples[:nf])
+        mismatch = answer_loss("mismatch", examples[nf:nf + nm])
+        ids, attention = streams["normal"]
+        q = torch.softmax(model(input_ids=ids, attention_mask=attention).logits, -1)
+        with torch.no_grad():
+            p = torch.softmax(reference(input_ids=ids, attention_mask=attention).logits, -1)
+        kl = -(p * torch.log(q.float() + 1e-12)).sum(-1).mean()  # every position, padding included
+        (WEIGHTS.forget * forget + WEIGHTS.mismatch * mismatch + WEIGHTS.normal * kl).backward()
+        finish()
+    return step
+
+
+COMPARE = [("fastalign", fastalign_frozen_copy), ("unfused baseline", unfused_baseline),
+           ("reference recipe", reference_recipe), ("fastalign cached", fastalign_cached)]
+ON_ONE_GPU_8B = [("fastalign LoRA", fastalign_lora), ("fastalign full + cached", fastalign_cached)]
+
+
+def measure(name, build, batch, normal, args, device, dtype):
+    """Builds a fresh model for one way, then times its steps and records peak memory."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        step = build(make_model(args, device, dtype), batch.to(device), normal, args)
+        ms = harness.median_ms(step, device, warmup=1, reps=args.reps)
+    except torch.OutOfMemoryError:
+        return {"method": name, "error": "out of memory"}
+    finally:
+        step = None
+        gc.collect()
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    return {"method": name, "step_ms": ms, "peak_gib": peak}
+
+
+COLUMNS = [("method", "method", "{}"), ("step_ms", "step ms", "{:.1f}"), ("peak_gib", "peak GiB", "{:.2f}"),
+           ("speedup_vs_reference", "x vs reference", "{:.1f}"), ("speedup_vs_unfused", "x vs unfused", "{:.2f}"),
+           ("memory_vs_unfused", "mem / unfused", "{:.2f}"), ("error", "error", "{}")]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny fp32 model, short rows: runs on a CPU")
+    parser.add_argument("--preset", choices=PRESETS, default="1b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) | float32")
+    parser.add_argument("--batch-size", type=int, default=2, help="harmful prompts (and normal rows) per step")
+    parser.add_argument("--prompt-tokens", type=int, nargs=2, default=[32, 128], help="range of prompt lengths")
+    parser.add_argument("--answer-tokens", type=int, nargs=2, default=[32, 256], help="range of answer lengths")
+    parser.add_argument("--max-length", type=int, default=2048, help="the reference recipe pads to this")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    if args.quick:
+        args.preset, args.prompt_tokens, args.answer_tokens, args.max_length = "quick", [4, 16], [4, 24], 128
+        args.dtype = args.dtype or "float32"
+    if args.preset == "8b":
+        args.gradient_checkpointing = True
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    batch, normal = synthetic_batch(PRESETS[args.preset]["vocab_size"], args)
+
+    rows = [measure(name, build, batch, normal, args, device, dtype)
+            for name, build in (ON_ONE_GPU_8B if args.preset == "8b" else COMPARE)]
+    by_name = {r["method"]: r for r in rows if "step_ms" in r}
+    for r in rows:
+        if "step_ms" not in r:
+            continue
+        if "reference recipe" in by_name:
+            r["speedup_vs_reference"] = by_name["reference recipe"]["step_ms"] / r["step_ms"]
+        if "unfused baseline" in by_name:
+            r["speedup_vs_unfused"] = by_name["unfused baseline"]["step_ms"] / r["step_ms"]
+            if r["peak_gib"] is not None:
+                r["memory_vs_unfused"] = r["peak_gib"] / by_name["unfused baseline"]["peak_gib"]
+    tokens = batch.tokens
+    print(f"device: {harness.device_name(device)}   dtype: {str(dtype).split('.')[-1]}   preset: {args.preset}   "
+          f"rows: {tokens.input_ids.shape[0]} x {tokens.input_ids.shape[1]} (reference recipe: x {args.max_length})"
+          f"   answer tokens: {int(tokens.target_mask.sum())}")
+    harness.print_table(rows, COLUMNS)
+    config = {"preset": args.preset, **PRESETS[args.preset], "dtype": str(dtype), "batch_size": args.batch_size,
+              "mismatch_per_prompt": 5, "rows": list(tokens.input_ids.shape), "max_length": args.max_length,
+              "answer_tokens": int(tokens.target_mask.sum()), "gradient_checkpointing": args.gradient_checkpointing}
+    print("wrote", harness.write_results("bench_unlearn", device, config, rows))
+
+
+if __name__ == "__main__":
+    main()
