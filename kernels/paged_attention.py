@@ -17,6 +17,12 @@ When rows x tiles x KV heads are too few to fill the GPU (decode over long conte
 are cut into NUM_SPLITS equal parts handled by separate programs, which write an fp32 partial output
 and its log-sum-exp; a second kernel merges the parts.
 
+Shared prefixes (cascade): when consecutive rows share the first blocks of their contexts (children of
+one span), a first pass treats each group as one row whose queries are all the group's new tokens and
+attends them, without causal mask, to the shared blocks only: those blocks are read once per group
+instead of once per row. A second pass attends each row to the rest of its context (KvStart: the
+row's first key), causally; the merge kernel combines both passes' parts.
+
 Index safety: table columns, page ids and token indices are clamped into their tensors, so metadata
 that was not validated can give a wrong answer but never an out-of-bounds access.
 """
@@ -35,7 +41,7 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @triton.jit(do_not_specialize=["num_rows", "num_tokens", "num_blocks", "max_blocks", "stride_bt", "stride_os",
                                "stride_ls"])
 def _paged_attention_kernel(
-    Q, K, V, BlockTable, SeqLens, CuQLens, Out, Lse,
+    Q, K, V, BlockTable, SeqLens, CuQLens, KvStart, Out, Lse,
     qk_scale, num_rows, num_tokens, num_blocks, max_blocks,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -45,6 +51,7 @@ def _paged_attention_kernel(
     stride_ls, stride_lt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     QUERIES: tl.constexpr = BLOCK_M // GROUP  # new tokens per tile
     slot = tl.program_id(0)
@@ -80,10 +87,18 @@ def _paged_attention_kernel(
     q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-    # Keys this tile may see (causal bound of its last query), and this split's share of them.
-    kv_end = tl.minimum(seq_len, context_start + tl.minimum(q_len, first_query + QUERIES))
-    split_len = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    kv_lo = split * split_len
+    # Keys this tile may see (from the row's first key to the causal bound of its last query), and this
+    # split's share of them.
+    if CAUSAL:
+        kv_end = tl.minimum(seq_len, context_start + tl.minimum(q_len, first_query + QUERIES))
+    else:
+        kv_end = seq_len
+    if HAS_KV_START:
+        kv_begin = tl.minimum(tl.load(KvStart + row), kv_end)
+    else:
+        kv_begin = 0
+    split_len = tl.cdiv(tl.cdiv(kv_end - kv_begin, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    kv_lo = kv_begin + split * split_len
     kv_hi = tl.minimum(kv_end, kv_lo + split_len)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -103,8 +118,10 @@ def _paged_attention_kernel(
         v = tl.load(V + page[:, None] * stride_vb + within[:, None] * stride_vs + kv_head * stride_vh
                     + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        visible = key_ok[None, :] & (pos[None, :] <= query_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
+        if CAUSAL:
+            s = tl.where(key_ok[None, :] & (pos[None, :] <= query_pos[:, None]), s, float("-inf"))
+        else:
+            s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see no key yet
         p = tl.exp2(s - m_safe[:, None])
@@ -117,7 +134,7 @@ def _paged_attention_kernel(
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     out_ptrs = Out + split * stride_os + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    if NUM_SPLITS > 1:
+    if WRITE_LSE:
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         tl.store(Lse + split * stride_ls + token * stride_lt + head, lse, mask=row_ok)
 
@@ -182,55 +199,96 @@ def choose_num_splits(programs, max_context, block_n, device):
     return max(1, min(-(-target // programs), max_context // (4 * block_n), 16))
 
 
-def paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, num_splits=None):
-    """Launch the paged attention kernel (arguments already checked by `fastalign.ops.paged_attention`).
+def paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, *, shared_prefix=None,
+                           num_splits=None):
+    """Launch the paged attention kernels (arguments already checked by `fastalign.ops.paged_attention`).
 
-    num_splits: parts per row's keys; None picks from the grid size and the block table's capacity.
+    shared_prefix: None, or (cu_group_rows [G + 1] int32, prefix_lens [G] int32) for the cascade passes.
+    num_splits: parts per row's keys (in both passes); None picks from the grid size (the second pass of
+    a cascade, which reads only each row's own suffix, then takes one part).
     """
     if q.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"q: the Triton backend takes {_SUPPORTED_DTYPES}, got {q.dtype}; use backend='torch'")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name}: the Triton backend needs a contiguous last (head_dim) dimension")
-    num_tokens, num_heads, head_dim = q.shape
-    num_blocks, page, num_kv_heads, _ = k_cache.shape
-    num_rows, max_blocks = block_table.shape
-    group = num_heads // num_kv_heads
     out = torch.empty_like(q)
-    if num_tokens == 0 or num_rows == 0 or max_blocks == 0 or num_blocks == 0:
+    if q.shape[0] == 0 or block_table.shape[0] == 0 or block_table.shape[1] == 0 or k_cache.shape[0] == 0:
         return out.zero_()
-    block_m, block_n, num_warps, num_stages = launch_config(num_tokens, num_rows, group, head_dim, q.element_size())
-    queries_per_tile = block_m // group
-    slots = num_tokens // queries_per_tile + num_rows
-    if num_splits is None:
-        num_splits = choose_num_splits(slots * num_kv_heads, max_blocks * page, block_n, q.device)
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if num_splits == 1:  # the kernel writes the output itself and no log-sum-exp
-        partial, lse, lse_strides = out.unsqueeze(0), out, (0, 0)
+    max_context = block_table.shape[1] * k_cache.shape[1]
+    if shared_prefix is None:
+        config = _pass_config(q, k_cache, block_table.shape[0], max_context, num_splits)
+        if config["num_splits"] == 1:
+            _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, config, out, None,
+                            causal=True, kv_start=None)
+            return out
+        partial, lse = _partials(q, config["num_splits"])
+        _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, config, partial, lse,
+                        causal=True, kv_start=None)
     else:
-        partial = torch.empty((num_splits, num_tokens, num_heads, head_dim), device=q.device, dtype=torch.float32)
-        lse = torch.empty((num_splits, num_tokens, num_heads), device=q.device, dtype=torch.float32)
-        lse_strides = (lse.stride(0), lse.stride(1))
-    _paged_attention_kernel[(slots, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, partial, lse,
-        scale * LOG2E, num_rows, num_tokens, num_blocks, max_blocks,
+        cu_group_rows, prefix_lens = shared_prefix
+        first_rows = cu_group_rows[:-1].long()
+        shared = _pass_config(q, k_cache, prefix_lens.shape[0], max_context, num_splits)
+        own = _pass_config(q, k_cache, block_table.shape[0], max_context, num_splits or 1)
+        partial, lse = _partials(q, shared["num_splits"] + own["num_splits"])
+        cut = shared["num_splits"]
+        _attention_pass(q, k_cache, v_cache, block_table.index_select(0, first_rows), prefix_lens,
+                        cu_q_lens.index_select(0, cu_group_rows.long()), scale, shared, partial[:cut], lse[:cut],
+                        causal=False, kv_start=None)
+        row_starts = torch.repeat_interleave(prefix_lens, (cu_group_rows[1:] - cu_group_rows[:-1]).long(),
+                                             output_size=block_table.shape[0])
+        _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, own, partial[cut:],
+                        lse[cut:], causal=True, kv_start=row_starts)
+    head_dim = q.shape[2]
+    _merge_splits_kernel[(q.shape[0], q.shape[1])](
+        partial, lse, out,
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), NUM_SPLITS=partial.shape[0],
+        BLOCK_S=triton.next_power_of_2(partial.shape[0]), num_warps=1 if head_dim <= 64 else 2,
+    )
+    return out
+
+
+def _pass_config(q, k_cache, num_rows, max_context, num_splits):
+    """Tiles, grid and number of key parts of one pass over num_rows rows."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    block_m, block_n, num_warps, num_stages = launch_config(num_tokens, num_rows, group, head_dim, q.element_size())
+    slots = num_tokens // (block_m // group) + num_rows
+    if num_splits is None:
+        num_splits = choose_num_splits(slots * num_kv_heads, max_context, block_n, q.device)
+    return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages, slots=slots,
+                num_splits=num_splits)
+
+
+def _partials(q, num_splits):
+    """fp32 partial outputs [num_splits, T, H, D] and their log2-sum-exp [num_splits, T, H]."""
+    num_tokens, num_heads, head_dim = q.shape
+    return (torch.empty((num_splits, num_tokens, num_heads, head_dim), device=q.device, dtype=torch.float32),
+            torch.empty((num_splits, num_tokens, num_heads), device=q.device, dtype=torch.float32))
+
+
+def _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, config, dest, lse, *, causal,
+                    kv_start):
+    """One launch: dest is the output (lse None, one part) or fp32 parts [num_splits, T, H, D] with lse."""
+    head_dim = q.shape[2]
+    num_blocks, page, num_kv_heads, _ = k_cache.shape
+    parts = dest if lse is not None else dest.unsqueeze(0)
+    _paged_attention_kernel[(config["slots"], num_kv_heads, config["num_splits"])](
+        q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, seq_lens if kv_start is None else kv_start,
+        parts, parts if lse is None else lse,
+        scale * LOG2E, block_table.shape[0], q.shape[0], num_blocks, block_table.shape[1],
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0),
-        partial.stride(0), partial.stride(1), partial.stride(2),
-        *lse_strides,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, PAGE=page,
-        BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        num_warps=num_warps, num_stages=num_stages,
+        parts.stride(0), parts.stride(1), parts.stride(2),
+        *((0, 0) if lse is None else (lse.stride(0), lse.stride(1))),
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GROUP=q.shape[1] // num_kv_heads,
+        PAGE=page, BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], NUM_SPLITS=config["num_splits"],
+        CAUSAL=causal, HAS_KV_START=kv_start is not None, WRITE_LSE=lse is not None,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
-    if num_splits > 1:
-        _merge_splits_kernel[(num_tokens, num_heads)](
-            partial, lse, out,
-            partial.stride(0), partial.stride(1), partial.stride(2),
-            lse.stride(0), lse.stride(1),
-            out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=1 if head_dim <= 64 else 2,
-        )
-    return out

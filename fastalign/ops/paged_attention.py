@@ -10,13 +10,19 @@ one call covers decode (q_len 1), extension by a few tokens, and prefill of a lo
 Backends: "triton" (the kernels in `fastalign.kernels.paged_attention`; on CPU only under
 TRITON_INTERPRET=1), "torch" (any device, row by row), "auto" (triton on CUDA, torch otherwise).
 
+Shared prefixes. Rows that share the first blocks of their contexts (the children of one span) can say
+so with `shared_prefix` (build it on the host with `plan_shared_prefix`): the Triton path then reads
+those blocks once per group of rows instead of once per row (cascade attention). The result is the
+same with or without it; the torch path ignores it.
+
 Checks. Shapes, dtypes and devices are always checked (free: host metadata only). The contents of the
 index tensors (cu_q_lens monotone and ending at T, q_len <= seq_len, context within the block table,
-block ids within the pool, slots within the pool) are checked when `validate` is True, or when it is None
+block ids within the pool, slots within the pool, shared prefixes really shared) are checked when `validate` is True, or when it is None
 and the tensors are on the CPU. On CUDA that check needs one device sync, so by default it is skipped
 there: callers that build their metadata on the host should validate it once, there, with
 `check_paged_metadata`, before copying it to the device.
 """
+import numpy as np
 import torch
 
 from fastalign.ops.backend import BACKENDS, triton_interpreting
@@ -26,7 +32,7 @@ _SCORE_BUDGET = 1 << 24  # fp32 score elements held at once by the torch path (6
 
 
 def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, scale=None, backend="auto",
-                    validate=None):
+                    validate=None, shared_prefix=None):
     """Causal attention of the new tokens of R rows over their paged contexts.
 
     q [T, num_heads, head_dim]; k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] of
@@ -34,19 +40,60 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, sc
     including the new tokens); cu_q_lens [R + 1] int32. num_heads must be a multiple of num_kv_heads
     (GQA). scale defaults to head_dim ** -0.5. Returns [T, num_heads, head_dim] in q's dtype, with the
     softmax accumulated in fp32.
+
+    shared_prefix: None, or (cu_group_rows [G + 1] int32, prefix_lens [G] int32) on q's device: rows
+    cu_group_rows[g]:cu_group_rows[g + 1] (consecutive, every row in one group) share their first
+    prefix_lens[g] context tokens, a whole number of blocks that all lie before each row's new tokens.
     """
     _check_attention_args(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens)
     if scale is None:
         scale = q.shape[2] ** -0.5
     elif not isinstance(scale, (int, float)) or not scale > 0:
         raise ValueError(f"scale: expected a positive number, got {scale!r}")
+    if shared_prefix is not None:
+        _check_shared_prefix_args(shared_prefix, block_table.shape[0], q.device)
     if validate or (validate is None and q.device.type == "cpu"):
         check_paged_metadata(block_table, seq_lens, cu_q_lens, num_tokens=q.shape[0],
-                             num_blocks=k_cache.shape[0], block_size=k_cache.shape[1])
+                             num_blocks=k_cache.shape[0], block_size=k_cache.shape[1], shared_prefix=shared_prefix)
     if _resolve_backend(backend, q.device) == "triton":
         from fastalign.kernels.paged_attention import paged_attention_triton
-        return paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, float(scale))
+        return paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, float(scale),
+                                      shared_prefix=shared_prefix)
     return _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, float(scale))
+
+
+def plan_shared_prefix(block_table, seq_lens, cu_q_lens, block_size):
+    """The `shared_prefix` argument for a batch, computed on the host (numpy or CPU tensors in, int32 CPU
+    tensors out), or None when no two consecutive rows share a block.
+
+    Consecutive rows form a group while each new row shares, with the group's first row, at least half
+    of the group's current prefix (and at least one block); the group's prefix is the blocks all its rows
+    share, counting only whole blocks before each row's new tokens.
+    """
+    table = np.asarray(block_table)
+    seq = np.asarray(seq_lens, dtype=np.int64)
+    cu = np.asarray(cu_q_lens, dtype=np.int64)
+    usable = (seq - np.diff(cu)) // block_size  # whole blocks before each row's new tokens
+    if len(usable) == 0:
+        return None
+    cu_group_rows, prefix_blocks = [0], []
+    first, shared = 0, int(usable[0])
+    for r in range(1, len(usable)):
+        limit = min(shared, int(usable[r]))
+        differ = np.flatnonzero(table[r, :limit] != table[first, :limit])
+        common = int(differ[0]) if len(differ) else limit
+        if common >= max(1, (shared + 1) // 2):
+            shared = common
+        else:
+            cu_group_rows.append(r)
+            prefix_blocks.append(shared)
+            first, shared = r, int(usable[r])
+    cu_group_rows.append(len(usable))
+    prefix_blocks.append(shared)
+    if len(prefix_blocks) == len(usable):
+        return None
+    return (torch.tensor(cu_group_rows, dtype=_INDEX_DTYPE),
+            torch.tensor(prefix_blocks, dtype=_INDEX_DTYPE) * block_size)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping, *, validate=None):
@@ -75,11 +122,13 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, *, validate=None):
     v_cache.index_put_((blocks, offsets), v)
 
 
-def check_paged_metadata(block_table, seq_lens, cu_q_lens, *, num_tokens, num_blocks, block_size):
-    """Raise ValueError unless the index tensors describe a valid batch (one device sync on CUDA).
+def check_paged_metadata(block_table, seq_lens, cu_q_lens, *, num_tokens, num_blocks, block_size,
+                         shared_prefix=None):
+    """Raise ValueError unless the index tensors describe a valid batch (device syncs on CUDA).
 
     Checks: cu_q_lens starts at 0, never decreases and ends at num_tokens; q_len <= seq_len for every
-    row; every context fits in its block table row; the block ids it uses lie in [0, num_blocks).
+    row; every context fits in its block table row; the block ids it uses lie in [0, num_blocks); and,
+    with shared_prefix, that its groups cover the rows and really share their prefix blocks.
     """
     cu = cu_q_lens.long()
     q_lens = cu[1:] - cu[:-1]
@@ -104,9 +153,56 @@ def check_paged_metadata(block_table, seq_lens, cu_q_lens, *, num_tokens, num_bl
         f"(max_blocks {block_table.shape[1]} * block_size {block_size})",
         f"block_table: a block id used by a row lies outside [0, {num_blocks}) (num_blocks of the pool)",
     ]
+    _raise_first(failures, messages)
+    if shared_prefix is not None:
+        _check_shared_prefix_contents(shared_prefix, block_table, seq - q_lens, block_size)
+
+
+def _check_shared_prefix_contents(shared_prefix, block_table, context_before_new, block_size):
+    cu_group_rows, prefix_lens = (t.long() for t in shared_prefix)
+    sizes = cu_group_rows[1:] - cu_group_rows[:-1]
+    _raise_first(torch.stack([
+        cu_group_rows[0] != 0,
+        cu_group_rows[-1] != block_table.shape[0],
+        (sizes <= 0).any(),
+        ((prefix_lens < 0) | (prefix_lens % block_size != 0)).any(),
+    ]).tolist(), [
+        "shared_prefix: expected cu_group_rows[0] == 0",
+        f"shared_prefix: expected cu_group_rows[-1] == R == {block_table.shape[0]}",
+        "shared_prefix: every group needs at least one row (cu_group_rows strictly increasing)",
+        f"shared_prefix: every prefix length must be a non-negative multiple of block_size {block_size}",
+    ])
+    row_prefix = torch.repeat_interleave(prefix_lens, sizes)
+    first_row = torch.repeat_interleave(cu_group_rows[:-1], sizes)
+    prefix_columns = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < (
+        row_prefix // block_size)[:, None]
+    _raise_first(torch.stack([
+        (row_prefix > context_before_new).any(),
+        (row_prefix > block_table.shape[1] * block_size).any(),
+        (block_table != block_table[first_row])[prefix_columns].any(),
+    ]).tolist(), [
+        "shared_prefix: a group's prefix reaches into a row's new tokens (prefix <= seq_len - q_len)",
+        "shared_prefix: a group's prefix is longer than the block table rows",
+        "shared_prefix: rows of a group disagree on the block ids of the shared prefix",
+    ])
+
+
+def _raise_first(failures, messages):
     for failed, message in zip(failures, messages):
         if failed:
             raise ValueError(message)
+
+
+def _check_shared_prefix_args(shared_prefix, num_rows, device):
+    if not isinstance(shared_prefix, (tuple, list)) or len(shared_prefix) != 2:
+        raise ValueError("shared_prefix: expected a pair (cu_group_rows [G + 1] int32, prefix_lens [G] int32)")
+    cu_group_rows, prefix_lens = shared_prefix
+    if not isinstance(prefix_lens, torch.Tensor) or prefix_lens.dim() != 1:
+        raise ValueError("shared_prefix: expected prefix_lens to be a tensor [G] of torch.int32")
+    _check_index(prefix_lens, "shared_prefix prefix_lens", [prefix_lens.shape[0]], _INDEX_DTYPE, device)
+    _check_index(cu_group_rows, "shared_prefix cu_group_rows", [prefix_lens.shape[0] + 1], _INDEX_DTYPE, device)
+    if prefix_lens.shape[0] > num_rows or prefix_lens.shape[0] == 0 and num_rows:
+        raise ValueError(f"shared_prefix: expected between 1 and R == {num_rows} groups, got {prefix_lens.shape[0]}")
 
 
 def _check_attention_args(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens):

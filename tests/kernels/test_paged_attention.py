@@ -9,7 +9,7 @@ import torch
 from fastalign.kernels.paged_attention import launch_config, paged_attention_triton
 from fastalign.ops.paged_attention import paged_attention
 from fastalign.reference.paged_attention import paged_attention_reference
-from tests.ops.test_paged_attention import make_paged_batch
+from tests.ops.test_paged_attention import SHARED_CASES, make_paged_batch, make_shared_case
 
 
 @pytest.mark.parametrize("num_splits", [2, 3, 5])
@@ -18,6 +18,14 @@ def test_split_keys_merge_to_the_reference(num_splits):
     batch = make_paged_batch([(200, 1), (150, 3), (64, 2), (3, 1)], 16, 4, 2, 16, shared_blocks=4)
     out = paged_attention_triton(**batch, scale=0.25, num_splits=num_splits)
     torch.testing.assert_close(out.double(), paged_attention_reference(**batch, scale=0.25), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("case", SHARED_CASES)
+def test_cascade_passes_with_split_keys_merge_to_the_reference(case, num_splits):
+    batch, plan = make_shared_case(case)
+    out = paged_attention_triton(**batch, scale=0.3, shared_prefix=plan, num_splits=num_splits)
+    torch.testing.assert_close(out.double(), paged_attention_reference(**batch, scale=0.3), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("num_tokens, num_rows, group", [(1, 1, 1), (8, 8, 7), (1000, 1, 4), (30, 3, 128), (5, 5, 3)])
@@ -48,16 +56,20 @@ def compile_kernel(fn, pointers, constants, num_warps, num_stages):
     triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": num_warps, "num_stages": num_stages})
 
-# decode with split keys, a long bf16 prefill, an fp32 extension with a group of 7 and head_dim 96
-for dtype, itemsize, tokens, rows, group, head_dim, splits in (("bf16", 2, 8, 8, 4, 64, 3),
-                                                                ("bf16", 2, 4096, 1, 4, 128, 1),
-                                                                ("fp32", 4, 40, 4, 7, 96, 1)):
+# decode with split keys; a long bf16 prefill; the two cascade passes (shared blocks without causal mask,
+# then each row from its own first key); an fp32 extension with a group of 7 and head_dim 96
+for dtype, itemsize, tokens, rows, group, head_dim, splits, causal, kv_start, partial in (
+        ("bf16", 2, 8, 8, 4, 64, 3, True, False, True),
+        ("bf16", 2, 4096, 1, 4, 128, 1, True, False, False),
+        ("bf16", 2, 64, 1, 4, 64, 4, False, False, True),
+        ("bf16", 2, 64, 64, 4, 64, 1, True, True, True),
+        ("fp32", 4, 40, 4, 7, 96, 1, True, False, False)):
     block_m, block_n, num_warps, num_stages = launch_config(tokens, rows, group, head_dim, itemsize)
-    out = "*fp32" if splits > 1 else "*" + dtype
     pointers = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, BlockTable="*i32", SeqLens="*i32",
-                    CuQLens="*i32", Out=out, Lse="*fp32")
+                    CuQLens="*i32", KvStart="*i32", Out="*fp32" if partial else "*" + dtype, Lse="*fp32")
     constants = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GROUP=group, PAGE=16,
-                     BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=splits)
+                     BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=splits, CAUSAL=causal, HAS_KV_START=kv_start,
+                     WRITE_LSE=partial)
     compile_kernel(_paged_attention_kernel, pointers, constants, num_warps, num_stages)
 compile_kernel(_merge_splits_kernel, dict(Partial="*fp32", Lse="*fp32", Out="*bf16"),
                dict(HEAD_DIM=64, BLOCK_D=64, NUM_SPLITS=3, BLOCK_S=4), 1, 1)

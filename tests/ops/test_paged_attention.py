@@ -3,32 +3,36 @@ import pytest
 import torch
 
 import fastalign.ops.paged_attention as pa_module
-from fastalign.ops.paged_attention import check_paged_metadata, paged_attention, write_kv
+from fastalign.ops.paged_attention import check_paged_metadata, paged_attention, plan_shared_prefix, write_kv
 from fastalign.reference.paged_attention import paged_attention_reference
 from tests.conftest import requires_cuda
 
 UNUSED_BLOCK_ID = 1 << 30  # block table entries past a row's last block: must never be read
 
 
-def make_paged_batch(rows, block_size, num_heads, num_kv_heads, head_dim, *, shared_blocks=0,
+def make_paged_batch(rows, block_size, num_heads, num_kv_heads, head_dim, *, shared_blocks=0, groups=None,
                      dtype=torch.float32, device="cpu"):
     """Random queries and a random paged pool for rows given as (seq_len, q_len).
 
-    Block ids are a random permutation (non-contiguous tables); every row's first `shared_blocks`
-    blocks are the same blocks. Pool slots that no row reads hold NaN, and table entries past a row's
-    last block hold an id outside the pool, so that reading anything outside a context shows up.
+    Block ids are a random permutation (non-contiguous tables); rows with the same label in `groups`
+    (default: all rows) have the same first `shared_blocks` blocks. Pool slots that no row reads hold
+    NaN, and table entries past a row's last block hold an id outside the pool, so that reading anything
+    outside a context shows up.
     """
+    groups = [0] * len(rows) if groups is None else groups
+    labels = sorted(set(groups))
     blocks_per_row = [-(-seq_len // block_size) for seq_len, _ in rows]
     num_private = sum(max(0, n - shared_blocks) for n in blocks_per_row)
-    num_blocks = shared_blocks + num_private + 2
-    ids = torch.randperm(num_blocks)
-    shared_ids, private_ids = ids[:shared_blocks].tolist(), iter(ids[shared_blocks:].tolist())
+    num_blocks = len(labels) * shared_blocks + num_private + 2
+    ids = torch.randperm(num_blocks).tolist()
+    shared_ids = {label: ids[i * shared_blocks:(i + 1) * shared_blocks] for i, label in enumerate(labels)}
+    private_ids = iter(ids[len(labels) * shared_blocks:])
     table = torch.full((len(rows), max(blocks_per_row, default=0) + 1), UNUSED_BLOCK_ID, dtype=torch.int32)
     k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim)
     v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim)
     read = torch.zeros(num_blocks, block_size, dtype=torch.bool)
     for r, ((seq_len, _), n) in enumerate(zip(rows, blocks_per_row)):
-        row_ids = (shared_ids + [next(private_ids) for _ in range(n - shared_blocks)])[:n]
+        row_ids = (shared_ids[groups[r]] + [next(private_ids) for _ in range(n - shared_blocks)])[:n]
         table[r, :n] = torch.tensor(row_ids, dtype=torch.int32)
         for p in range(seq_len):
             read[row_ids[p // block_size], p % block_size] = True
@@ -74,6 +78,60 @@ def run_case(case, backend, dtype=torch.float32, device="cpu"):
 def test_fp32_matches_reference(case, backend):
     out, ref = run_case(case, backend)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# Batches whose rows share prefixes: (rows, block_size, num_heads, num_kv_heads, head_dim, shared_blocks, groups)
+SHARED_CASES = {
+    "one_group_decode_and_extend": ([(45, 1), (50, 2), (47, 1), (60, 3)], 5, 4, 2, 16, 8, None),
+    "two_groups_and_a_loner": ([(45, 1), (50, 2), (47, 1), (30, 1), (33, 2), (12, 1)], 5, 6, 2, 16, 6,
+                               [0, 0, 0, 1, 1, 2]),
+    "child_inside_parent_block": ([(14, 2), (10, 1)], 8, 4, 2, 16, 2, None),
+}
+
+
+def make_shared_case(case, dtype=torch.float32, device="cpu"):
+    rows, block_size, num_heads, num_kv_heads, head_dim, shared, groups = SHARED_CASES[case]
+    batch = make_paged_batch(rows, block_size, num_heads, num_kv_heads, head_dim, shared_blocks=shared,
+                             groups=groups, dtype=dtype)
+    plan = plan_shared_prefix(batch["block_table"], batch["seq_lens"], batch["cu_q_lens"], block_size)
+    assert plan is not None, "the case must share a prefix"
+    return {name: t.to(device) for name, t in batch.items()}, tuple(t.to(device) for t in plan)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", SHARED_CASES)
+def test_shared_prefix_cascade_matches_reference(case, backend):
+    batch, plan = make_shared_case(case)
+    out = paged_attention(**batch, backend=backend, shared_prefix=plan)
+    torch.testing.assert_close(out.double(), paged_attention_reference(**batch), rtol=1e-5, atol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", SHARED_CASES)
+def test_shared_prefix_cascade_bf16_on_cuda_matches_reference(case):
+    batch, plan = make_shared_case(case, dtype=torch.bfloat16, device="cuda")
+    out = paged_attention(**batch, shared_prefix=plan, validate=True)
+    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()})
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_plan_shared_prefix_groups_rows_by_their_common_whole_blocks():
+    table = torch.tensor([[7, 3, 9, 1, 0],
+                          [7, 3, 9, 4, 0],    # shares 3 blocks with row 0
+                          [7, 3, 9, 1, 5],    # 3 again (the group's prefix never grows back)
+                          [8, 2, 6, 0, 0],    # shares nothing: a new group (2 whole blocks before its token)
+                          [8, 2, 6, 0, 0],    # only 1 whole block before its 8 new tokens: joins with 1
+                          [8, 1, 0, 0, 0]], dtype=torch.int32)  # no whole block before its token: alone
+    seq_lens = torch.tensor([16, 16, 20, 12, 12, 3], dtype=torch.int32)
+    cu_q_lens = torch.tensor([0, 1, 2, 3, 4, 12, 13], dtype=torch.int32)
+    cu_group_rows, prefix_lens = plan_shared_prefix(table, seq_lens, cu_q_lens, 4)
+    assert cu_group_rows.tolist() == [0, 3, 5, 6] and prefix_lens.tolist() == [12, 4, 0]
+    assert cu_group_rows.dtype == prefix_lens.dtype == torch.int32
+
+
+def test_plan_shared_prefix_is_none_without_sharing():
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    assert plan_shared_prefix(table, torch.tensor([8, 8]), torch.tensor([0, 1, 2]), 4) is None
 
 
 def test_torch_path_query_chunks_match_reference(monkeypatch):
@@ -200,6 +258,29 @@ def test_check_paged_metadata_accepts_a_valid_batch():
     b = make_paged_batch(**BASE)
     check_paged_metadata(b["block_table"], b["seq_lens"], b["cu_q_lens"], num_tokens=3,
                          num_blocks=b["k_cache"].shape[0], block_size=4)
+
+
+def _groups(*values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("shared_prefix, match", [
+    ((_groups(0, 4),), "expected a pair"),
+    ((_groups(0, 4).long(), _groups(8)), "cu_group_rows: expected shape \\[2\\] of torch.int32"),
+    ((_groups(0, 2, 4), _groups(8)), "cu_group_rows: expected shape \\[2\\]"),
+    ((_groups(1, 4), _groups(8)), "cu_group_rows\\[0\\] == 0"),
+    ((_groups(0, 3), _groups(8)), "cu_group_rows\\[-1\\] == R == 4"),
+    ((_groups(0, 0, 4), _groups(0, 8)), "at least one row"),
+    ((_groups(0, 4), _groups(6)), "multiple of block_size 4"),
+    ((_groups(0, 4), _groups(32)), "reaches into a row's new tokens"),
+    ((_groups(0, 4), _groups(8)), "disagree on the block ids"),
+])
+def test_bad_shared_prefix_is_rejected(shared_prefix, match):
+    """Rows 0-1 and rows 2-3 share two blocks each: (cu_group_rows [0, 2, 4], prefix_lens [8, 8]) is valid."""
+    batch = make_paged_batch([(17, 1), (21, 2), (13, 1), (25, 1)], 4, 4, 2, 16, shared_blocks=2, groups=[0, 0, 1, 1])
+    paged_attention(**batch, shared_prefix=(_groups(0, 2, 4), _groups(8, 8)))
+    with pytest.raises(ValueError, match=match):
+        paged_attention(**batch, shared_prefix=shared_prefix)
 
 
 @pytest.mark.parametrize("change, match", [
