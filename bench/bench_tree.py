@@ -6,6 +6,9 @@ attention   Decode attention of R rows that share a prefix of P tokens (its full
             partly filled last block copied per row, as copy-on-write leaves it) plus a private suffix.
               fastalign paged   fastalign.ops.paged_attention (Triton on CUDA; the torch path on CPU, and
                                 the Triton kernel there too when TRITON_INTERPRET=1 is set)
+              ... cascade       the same with shared_prefix from plan_shared_prefix (Triton only): the
+                                shared blocks are read once for all rows; "plan us" is the host-side
+                                planning, once per forward (not per layer), not included in the time
               dense sdpa        torch scaled_dot_product_attention over per-row contiguous copies of the KV
                                 (what a cache without paging holds; building the copies is not timed)
             Bandwidth counts unique KV bytes: every pool token that some row reads, once, whatever the
@@ -36,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 from fastalign.ops.backend import triton_interpreting  # noqa: E402
-from fastalign.ops.paged_attention import check_paged_metadata, paged_attention  # noqa: E402
+from fastalign.ops.paged_attention import check_paged_metadata, paged_attention, plan_shared_prefix  # noqa: E402
 
 BANDWIDTH_TARGET = 0.6  # issue 3: decode attention reaches 60% of measured HBM bandwidth (unique KV bytes)
 BATCHED_EXTEND_TARGET = 1.5  # 10 children x 10 tokens cost at most 1.5x one child x 10 tokens
@@ -46,7 +49,8 @@ DECODE_TARGET = 1.3  # runner greedy decoding within 1.3x the time of Hugging Fa
 def shared_prefix_batch(rows, prefix, suffix, heads, kv_heads, head_dim, page, dtype, device):
     """Queries of one decode token per row, a pool holding the rows' contexts, and the paged metadata.
 
-    Returns (batch for paged_attention, unique tokens read from the pool)."""
+    Returns (batch for paged_attention, unique tokens read from the pool, its shared_prefix plan or None,
+    planning time in us)."""
     shared_blocks = prefix // page
     private_tokens = prefix - shared_blocks * page + suffix + 1  # copied tail of the prefix, suffix, new token
     private_blocks = -(-private_tokens // page)
@@ -60,9 +64,13 @@ def shared_prefix_batch(rows, prefix, suffix, heads, kv_heads, head_dim, page, d
                  v_cache=torch.randn(pool_shape, device=device, dtype=dtype),
                  block_table=table.to(device), seq_lens=torch.full((rows,), seq_len, dtype=torch.int32, device=device),
                  cu_q_lens=torch.arange(rows + 1, dtype=torch.int32, device=device))
-    check_paged_metadata(table, batch["seq_lens"].cpu(), batch["cu_q_lens"].cpu(), num_tokens=rows,
-                         num_blocks=num_blocks, block_size=page)
-    return batch, shared_blocks * page + rows * private_tokens
+    host_seq_lens, host_cu_q_lens = batch["seq_lens"].cpu(), batch["cu_q_lens"].cpu()
+    check_paged_metadata(table, host_seq_lens, host_cu_q_lens, num_tokens=rows, num_blocks=num_blocks, block_size=page)
+    start = time.perf_counter()
+    plan = plan_shared_prefix(table, host_seq_lens, host_cu_q_lens, page)
+    plan_us = (time.perf_counter() - start) * 1e6
+    shared_prefix = None if plan is None else tuple(t.to(device) for t in plan)
+    return batch, shared_blocks * page + rows * private_tokens, shared_prefix, plan_us
 
 
 def dense_copies(batch, seq_len):
@@ -115,14 +123,17 @@ def attention_rows(args, device, dtype, copy_gbs):
     out_rows = []
     for prefix in args.prefix:
         for rows in args.rows:
-            batch, unique_tokens = shared_prefix_batch(rows, prefix, args.suffix, args.heads, args.kv_heads,
-                                                       args.head_dim, args.page, dtype, device)
+            batch, unique_tokens, shared_prefix, plan_us = shared_prefix_batch(
+                rows, prefix, args.suffix, args.heads, args.kv_heads, args.head_dim, args.page, dtype, device)
             seq_len = prefix + args.suffix + 1
             token_bytes = 2 * args.kv_heads * args.head_dim * dtype.itemsize  # K and V of one token
             unique_bytes = unique_tokens * token_bytes
             common = {"prefix": prefix, "rows": rows, "unique_mib": unique_bytes / 2 ** 20}
             candidates = [(f"fastalign paged ({b})",
                            lambda b=b: paged_attention(**batch, backend=b, validate=False)) for b in backends if b]
+            if shared_prefix is not None and backends[0] == "triton":
+                candidates.append(("fastalign paged cascade (triton)", lambda: paged_attention(
+                    **batch, backend="triton", validate=False, shared_prefix=shared_prefix)))
             dense_bytes = rows * seq_len * token_bytes
             if dense_bytes <= args.dense_limit_gib * 2 ** 30:
                 k, v = dense_copies(batch, seq_len)
@@ -135,6 +146,7 @@ def attention_rows(args, device, dtype, copy_gbs):
                 best_us = graph_us or eager_us
                 gbs = unique_bytes / best_us / 1e3
                 out_rows.append({**common, "method": name, "graph_us": graph_us, "eager_us": eager_us,
+                                 "plan_us": plan_us if "cascade" in name else None,
                                  "unique_gbs": gbs, "of_copy_bw": gbs / copy_gbs,
                                  "max_diff": None if expected is None else (fn().float() - expected).abs().max().item()})
             del batch, candidates
@@ -143,6 +155,7 @@ def attention_rows(args, device, dtype, copy_gbs):
 
 ATTENTION_COLUMNS = [("prefix", "prefix", "{}"), ("rows", "rows", "{}"), ("unique_mib", "unique KV MiB", "{:.2f}"),
                      ("method", "method", "{}"), ("graph_us", "graph us", "{:.1f}"), ("eager_us", "eager us", "{:.1f}"),
+                     ("plan_us", "plan us", "{:.0f}"),
                      ("unique_gbs", "unique GB/s", "{:.0f}"), ("of_copy_bw", "of copy bw", "{:.0%}"),
                      ("max_diff", "max |diff| vs sdpa", "{:.2e}"), ("error", "error", "{}")]
 
