@@ -1,0 +1,64 @@
+"""Every constant of the RAIN search in one place, with the reference implementation's values as defaults.
+
+See ../shared/SPEC.md §2 (numbers from Li et al. 2023 and their HH code). Names say what each constant
+controls; `validate()` rejects values that would make the search meaningless instead of letting it hang.
+"""
+from dataclasses import dataclass
+from typing import Tuple
+
+
+@dataclass(frozen=True)
+class RainConfig:
+    """Search constants. Defaults reproduce the reference HH setting."""
+    # selection: q_norm + c * p * sqrt(n_parent) / (1 + n)
+    exploration: float = 2.0
+    q_norm_eps: float = 1e-5
+    initial_q_range: Tuple[float, float] = (-1.0, 1.0)
+    # expansion
+    candidates: int = 10                   # greedy + (candidates - 1) sample attempts; top-k for 1-token sets
+    sample_top_k: int = 15                 # samples of multi-token sets are drawn from the top-k tokens
+    token_set_lengths: Tuple[int, ...] = (1, 2, 4, 10)   # by depth from the prompt; the last one repeats
+    root_prior_mix: float = 0.25           # priors at the root: (1 - mix) * p + mix * uniform
+    # back-up with sibling similarity
+    similarity_threshold: float = 0.95
+    similarity_weight: float = 0.2
+    # widening
+    max_children: int = 20
+    widen_variance_per_token: float = 0.03
+    widen_max_q: float = 0.0
+    widen_group: int = 2                   # greedy + (widen_group - 1) sample attempts for multi-token sets
+    # outer loop
+    root_visits: int = 50                  # root count (inherited visits included) before committing
+    min_new_visits: int = 15
+    early_stop_fresh_visits: int = 6       # stop when the best child has fn > this ...
+    early_stop_q: float = 0.8              # ... and q > this
+    max_length: int = 2048                 # total tokens (prompt + answer) at which the answer stops
+    max_new_tokens: int = 0                # 0 = no limit besides max_length
+    # simulation (short rollout before self-evaluation)
+    rollout_stop_chars: str = ",.?:;\n"
+    turn_marker: str = "Human:"            # a new user turn in the answer ends it
+    seed: int = 0
+
+    def token_set_length(self, depth: int) -> int:
+        """Length of the token sets that expand a node at `depth` (0 = the prompt's root)."""
+        return self.token_set_lengths[min(depth, len(self.token_set_lengths) - 1)]
+
+    def validate(self) -> "RainConfig":
+        checks = [
+            (self.exploration >= 0, "exploration must be >= 0"),
+            (self.initial_q_range[0] <= self.initial_q_range[1], "initial_q_range must be (low, high)"),
+            (self.candidates >= 1, "candidates must be >= 1"),
+            (self.sample_top_k >= 1, "sample_top_k must be >= 1"),
+            (len(self.token_set_lengths) >= 1 and all(n >= 1 for n in self.token_set_lengths),
+             "token_set_lengths must be a non-empty tuple of lengths >= 1"),
+            (0.0 <= self.root_prior_mix <= 1.0, "root_prior_mix must be in [0, 1]"),
+            (self.max_children >= self.candidates, "max_children must be >= candidates"),
+            (self.widen_group >= 1, "widen_group must be >= 1"),
+            (self.root_visits >= 1 and self.min_new_visits >= 1, "root_visits and min_new_visits must be >= 1"),
+            (self.max_length >= 2, "max_length must be >= 2"),
+            (self.max_new_tokens >= 0, "max_new_tokens must be >= 0 (0 = no limit)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"RainConfig: {message}")
+        return self

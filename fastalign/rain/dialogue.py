@@ -1,0 +1,70 @@
+"""Text rules of the search: where a rollout stops, when an answer ends, what the judge reads.
+
+The reference decodes the whole token state and checks its last character; decoding only a short tail
+gives the same last character at a fraction of the cost (the full text is decoded only when the tail
+decodes to nothing, e.g. special tokens).
+"""
+from typing import Sequence
+
+from .config import RainConfig
+
+TAIL_TOKENS = 8
+
+
+def last_char(tokenizer, state: Sequence[int]) -> str:
+    text = tokenizer.decode(list(state[-TAIL_TOKENS:]), skip_special_tokens=True)
+    if not text:
+        text = tokenizer.decode(list(state), skip_special_tokens=True)
+    return text[-1:] if text else ""
+
+
+def answer_text(tokenizer, state: Sequence[int], answer_start: int) -> str:
+    return tokenizer.decode(list(state[answer_start:]), skip_special_tokens=True)
+
+
+def cut_at_turn(answer: str, turn_marker: str) -> str:
+    """The answer up to (excluding) a new user turn."""
+    if turn_marker and turn_marker in answer:
+        return answer[:answer.index(turn_marker)]
+    return answer
+
+
+def has_new_turn(answer: str, turn_marker: str) -> bool:
+    return bool(turn_marker) and turn_marker in answer
+
+
+def rollout_stops(tokenizer, config: RainConfig, ctx, state: Sequence[int]) -> bool:
+    """The simulation stops before drawing when the text ends in a stop character, the sequence is at its
+    maximum length, or the answer has opened a new user turn."""
+    if len(state) >= ctx.max_length:
+        return True
+    if last_char(tokenizer, state) in config.rollout_stop_chars:
+        return True
+    return has_new_turn(answer_text(tokenizer, state, ctx.answer_start), config.turn_marker)
+
+
+def judged_reply(tokenizer, config: RainConfig, state: Sequence[int], answer_start: int) -> str:
+    """The assistant's reply as the judge reads it: the answer plus rollout, cut before a new user turn."""
+    return cut_at_turn(answer_text(tokenizer, state, answer_start), config.turn_marker)
+
+
+def judge_input(judge, tokenizer, config: RainConfig, ctx, state: Sequence[int], leaf_len: int):
+    """What the judge reads for `state` (the leaf's state of length `leaf_len`, then the rollout).
+
+    Returns (reply text, base, ids): the judge input is judge.prefix_ids + BASE + ids + suffix, where base
+    "leaf" = the prompt's head ids and the generated tokens down to the leaf (end-of-sequence dropped);
+    "head" = the head ids; "prefix" = nothing. The judge reads the model's own tokens, so its inputs form a
+    tree that mirrors the search tree; only a reply cut at a new user turn is re-tokenized from its text
+    (after the head when the tokenizer keeps the head's tokens, else whole)."""
+    reply = judged_reply(tokenizer, config, state, ctx.answer_start)
+    if not has_new_turn(answer_text(tokenizer, state, ctx.answer_start), config.turn_marker):
+        return reply, "leaf", [t for t in state[leaf_len:] if t != tokenizer.eos_token_id]
+    reply_ids = judge.reply_ids(ctx.prompt_text, ctx.head_ids, reply)
+    if reply_ids is None:
+        return reply, "prefix", judge.head_ids(ctx.prompt_text + reply)
+    return reply, "head", reply_ids
+
+
+def judge_path_ids(tokenizer, tokens: Sequence[int]):
+    """A node's tokens as the judge reads them (end-of-sequence dropped)."""
+    return [t for t in tokens if t != tokenizer.eos_token_id]

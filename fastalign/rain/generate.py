@@ -1,0 +1,246 @@
+"""`rain_generate`: RAIN answers for many prompts, searched concurrently with their model calls merged.
+
+Each prompt's search is a generator of jobs (search.py). The scheduler keeps up to `concurrency` searches
+in flight; each round it gathers the jobs every search is waiting on, hands all model jobs to the engine
+at once (one engine run = shared batched calls) and all embedding jobs to the embedder at once, and
+resumes the searches. A prompt that fails (bad input, an error inside its search) gets its error in its
+result; the other prompts go on.
+"""
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, List, Optional, Sequence, Union
+
+from .config import RainConfig
+from .embeddings import make_embedder
+from .jobs import EmbedJob, PromptContext
+from .judge import JudgePrompt, JudgeTokens
+from .ledger import TokenLedger
+from .sampling import extend_key, make_sampler, seed_key
+from .search import PromptSearch
+from .stats import RainStats
+
+
+@dataclass
+class RainResult:
+    index: int
+    prompt: str
+    answer: str = ""
+    answer_ids: List[int] = field(default_factory=list)
+    stats: RainStats = field(default_factory=RainStats)
+    commits: List[dict] = field(default_factory=list)
+    error: Optional[str] = None
+
+
+@dataclass
+class RainRun:
+    """Per-prompt results (in prompt order) and the run's totals: `stats` adds the prompts' counters and
+    the shared prefixes; its model_calls and wall time are the run's own."""
+    results: List[RainResult]
+    stats: RainStats
+
+
+JUDGE_MARGIN = 8    # tokens of slack for re-tokenizing the reply in the judge prompt
+
+
+def _context(model) -> Optional[int]:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def _prepare(index: int, prompt: str, tokenizer, judge: JudgeTokens, prefix_ids: List[int], config: RainConfig,
+             context: Optional[int]) -> PromptContext:
+    """The prompt's context; ValueError for an empty prompt or one that leaves no room to answer (the
+    answer is also kept short enough for its judge prompt to fit the model's context)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt {index} is empty")
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=not prefix_ids)["input_ids"])
+    root_ids = list(prefix_ids) + prompt_ids
+    head_text = prompt.lstrip()
+    head_ids = judge.head_ids(head_text)
+    max_length = config.max_length
+    if config.max_new_tokens:
+        max_length = min(max_length, len(root_ids) + config.max_new_tokens)
+    if context:
+        judge_fixed = len(judge.prefix_ids) + len(head_ids) + max(map(len, judge.suffix_ids)) + JUDGE_MARGIN
+        max_length = min(max_length, context, len(root_ids) + context - judge_fixed)
+    if len(root_ids) + 1 > max_length:
+        raise ValueError(f"prompt {index} has {len(root_ids)} tokens (generation prefix included), which leaves "
+                         f"no room to answer within max_length={config.max_length} and the model's context of "
+                         f"{context} tokens (the judge prompt around this conversation must fit it too)")
+    ctx = PromptContext(index, head_text, root_ids, head_ids, extend_key(seed_key(config.seed), root_ids),
+                        max_length)
+    ctx.stats.minimum["prompt"] = len(prompt_ids)
+    ctx.stats.minimum["judge"] = len(head_ids)
+    return ctx
+
+
+def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig = RainConfig(), *,
+                  engine: str = "tree", judge_prompt: JudgePrompt = JudgePrompt(),
+                  embedding: Union[str, object] = "minilm", sampler: Union[str, object] = "torch",
+                  generation_prefix: str = "", concurrency: int = 8, runner=None, runner_tokens: int = 1 << 16,
+                  on_result: Optional[Callable[[RainResult], None]] = None) -> RainRun:
+    """RAIN answers of `model` for `prompts` (dialogue texts ending where the assistant speaks).
+
+    engine: "tree" (TreeRunner; pass `runner` to reuse one, else one with `runner_tokens` of KV is made)
+    or "slow" (the batch-1 reference). embedding: "minilm", "hidden" or an embedder object. sampler:
+    "torch", "keyed" or a sampler object. `on_result` is called as each prompt finishes.
+    """
+    config = config.validate()
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    judge = JudgeTokens(tokenizer, judge_prompt)
+    embedder = make_embedder(embedding, "cpu") if isinstance(embedding, str) else embedding
+    draw = make_sampler(sampler, config.seed) if isinstance(sampler, str) else sampler
+    prefix_ids = list(tokenizer(generation_prefix)["input_ids"]) if generation_prefix else []
+    ledger = TokenLedger()
+    start = time.perf_counter()
+    runtime = _make_engine(engine, model, tokenizer, judge, config, draw, embedder.needs_hidden, ledger,
+                           prefix_ids, runner, runner_tokens)
+    context = _context(model)
+    results = [RainResult(i, p if isinstance(p, str) else repr(p)) for i, p in enumerate(prompts)]
+    queue = []
+    for i, prompt in enumerate(prompts):
+        try:
+            queue.append(_prepare(i, prompt, tokenizer, judge, prefix_ids, config, context))
+        except ValueError as err:
+            results[i].error = str(err)
+            if on_result:
+                on_result(results[i])
+    try:
+        _schedule(queue, runtime, embedder, tokenizer, config, concurrency, results, on_result, ledger)
+    finally:
+        runtime.close()
+    total = RainStats()
+    for r in results:
+        total.add(r.stats)
+    total.minimum["shared_prefix"] += len(judge.prefix_ids) + len(prefix_ids)
+    total.model_calls = ledger.run.model_calls
+    total.rows, total.tokens, total.recomputed_tokens = ledger.run.rows, ledger.run.tokens, ledger.run.recomputed_tokens
+    total.wall_seconds = time.perf_counter() - start
+    accounted = sum(v for k, v in total.seconds.items() if k != "host")
+    total.seconds["host"] = max(total.wall_seconds - accounted, 0.0)
+    return RainRun(results, total)
+
+
+def _make_engine(kind, model, tokenizer, judge, config, sampler, want_hidden, ledger, prefix_ids, runner,
+                 runner_tokens):
+    if kind == "slow":
+        from .slow import SlowEngine
+        return SlowEngine(model, tokenizer, judge, config, sampler, want_hidden, ledger)
+    if kind == "tree":
+        from .tree_engine import TreeEngine
+        if runner is None:
+            from fastalign.runtime import TreeRunner
+            runner = TreeRunner(model, max_tokens=runner_tokens)
+        return TreeEngine(runner, tokenizer, judge, config, sampler, want_hidden, ledger, prefix_ids)
+    raise ValueError(f"engine must be 'tree' or 'slow', got {kind!r}")
+
+
+class _Active:
+    __slots__ = ("ctx", "search", "gen", "jobs", "started")
+
+    def __init__(self, ctx, search):
+        self.ctx, self.search, self.gen, self.jobs = ctx, search, search.run(), None
+        self.started = time.perf_counter()
+
+
+def _schedule(queue: List[PromptContext], engine, embedder, tokenizer, config, concurrency, results, on_result,
+              ledger):
+    pending = list(queue)
+    active: List[_Active] = []
+
+    def finish(a: _Active, output=None, error: Optional[BaseException] = None):
+        result = results[a.ctx.index]
+        result.stats = a.ctx.stats
+        result.stats.wall_seconds = time.perf_counter() - a.started
+        if error is not None:
+            a.gen.close()
+            result.error = f"{type(error).__name__}: {error}"
+        else:
+            result.answer_ids = output.answer_ids
+            result.answer = tokenizer.decode(output.answer_ids, skip_special_tokens=True)
+            result.commits = output.commits
+        engine.finish(a.ctx)
+        active.remove(a)
+        if on_result:
+            on_result(result)
+
+    def advance(a: _Active, sent):
+        try:
+            a.jobs = a.gen.send(sent)
+        except StopIteration as stop:
+            finish(a, stop.value)
+        except Exception as err:  # one prompt's failure must not lose the others
+            finish(a, error=err)
+
+    while pending or active:
+        fresh = []
+        while pending and len(active) < concurrency:
+            ctx = pending.pop(0)
+            a = _Active(ctx, PromptSearch(ctx, config, tokenizer, embedder, engine.release))
+            active.append(a)
+            fresh.append(a)
+        for a, err in _start_isolated(engine, fresh):
+            if err is None:
+                advance(a, None)
+            else:
+                finish(a, error=err)
+        model_side = [a for a in list(active) if a.jobs and not isinstance(a.jobs[0], EmbedJob)]
+        embed_side = [a for a in list(active) if a.jobs and isinstance(a.jobs[0], EmbedJob)]
+        if model_side:
+            for a, out in _run_isolated(engine, model_side):
+                if isinstance(out, Exception):
+                    finish(a, error=out)
+                else:
+                    advance(a, out)
+        if embed_side:
+            with ledger.phase([a.ctx.stats for a in embed_side], "embed"):
+                paths = [p for a in embed_side for p in a.jobs[0].paths]
+                vectors = embedder.embed(paths)
+            pos = 0
+            for a in embed_side:
+                n = len(a.jobs[0].paths)
+                advance(a, [vectors[pos:pos + n]])
+                pos += n
+
+
+def _start_isolated(engine, searches):
+    """Starts the searches' prompts on the engine together; if that fails, one by one."""
+    if not searches:
+        return []
+    try:
+        engine.start([a.ctx for a in searches], [a.search.tree.root for a in searches])
+        return [(a, None) for a in searches]
+    except Exception as err:
+        if len(searches) == 1:
+            return [(searches[0], err)]
+    out = []
+    for a in searches:
+        try:
+            engine.start([a.ctx], [a.search.tree.root])
+            out.append((a, None))
+        except Exception as err:
+            out.append((a, err))
+    return out
+
+
+def _run_isolated(engine, searches):
+    """Runs every search's jobs in one engine run; if that fails, runs each search alone so that only
+    the failing ones get the error."""
+    try:
+        outs = engine.run([job for a in searches for job in a.jobs])
+    except Exception as err:
+        if len(searches) == 1:
+            return [(searches[0], err)]
+    else:
+        pos, paired = 0, []
+        for a in searches:
+            paired.append((a, outs[pos:pos + len(a.jobs)]))
+            pos += len(a.jobs)
+        return paired
+    paired = []
+    for a in searches:
+        try:
+            paired.append((a, engine.run(list(a.jobs))))
+        except Exception as err:
+            paired.append((a, err))
+    return paired

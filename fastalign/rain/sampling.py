@@ -1,0 +1,99 @@
+"""Distributions and draws shared by every engine, so that all engines turn the same logits into the same
+token sets.
+
+- `top_k_distribution`: the k most likely tokens (ascending token id, a canonical order) with their
+  probabilities renormalised over those k (the reference's top-k warper followed by a softmax).
+- Samplers draw one column per row of a probability matrix. `TorchSampler` uses a seeded generator
+  (production). `KeyedSampler` derives each draw from a 64-bit key that depends only on the token prefix
+  and the candidate's stream index, by inverse-CDF sampling, so that batching, ordering or reuse between
+  engines cannot change a draw: the basis of the deterministic equivalence tests.
+- Keys: `extend_key(key, tokens)` hashes a token sequence incrementally (splitmix64 mixing);
+  `draw_key(prefix_key, stream)` names one draw.
+"""
+from typing import Iterable, List, Sequence, Tuple
+
+import torch
+
+_MASK = (1 << 64) - 1
+ROLLOUT_STREAM = 1 << 40        # stream of the simulation draws; expansion samples use 1, 2, ...
+
+
+def _mix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def extend_key(key: int, tokens: Iterable[int]) -> int:
+    """Key of a token sequence extended by `tokens` (start from `seed_key(seed)`)."""
+    for t in tokens:
+        key = _mix64(key ^ (int(t) * 0xD6E8FEB86659FD93 & _MASK))
+    return key
+
+
+def seed_key(seed: int) -> int:
+    return _mix64(int(seed) & _MASK)
+
+
+def draw_key(prefix_key: int, stream: int) -> int:
+    return _mix64(prefix_key ^ _mix64(int(stream) + 0x632BE59BD9B4E019))
+
+
+def top_k_distribution(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """logits [R, V] -> (token ids [R, k'] ascending, probabilities [R, k'] float32), k' = min(k, V)."""
+    values, ids = logits.float().topk(min(k, logits.shape[-1]), dim=-1)
+    ids, order = ids.sort(dim=-1)
+    values = values.gather(-1, order)
+    return ids, torch.softmax(values, dim=-1)
+
+
+def ranked_tokens(logits: torch.Tensor, rank: int) -> Tuple[List[List[int]], List[List[float]]]:
+    """logits [R, V] -> per row the `rank` most likely token ids (ascending id) and their logits."""
+    values, ids = logits.float().topk(min(rank, logits.shape[-1]), dim=-1)
+    ids, order = ids.sort(dim=-1)
+    return ids.tolist(), values.gather(-1, order).tolist()
+
+
+class TorchSampler:
+    """Draws with torch.multinomial from a seeded generator (on the probabilities' device)."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self._generators = {}
+
+    def _generator(self, device):
+        device = torch.device(device)
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def draw(self, probs: torch.Tensor, keys: Sequence[int]) -> List[int]:
+        if probs.shape[0] == 0:
+            return []
+        return torch.multinomial(probs.float(), 1, generator=self._generator(probs.device)).squeeze(1).tolist()
+
+
+class KeyedSampler:
+    """Inverse-CDF draws whose uniform number is a function of the draw's key alone (float64)."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def draw(self, probs: torch.Tensor, keys: Sequence[int]) -> List[int]:
+        if probs.shape[0] == 0:
+            return []
+        salt = seed_key(self.seed)
+        u = torch.tensor([(_mix64(k ^ salt) >> 11) / float(1 << 53) for k in keys], dtype=torch.float64)
+        cdf = probs.detach().double().cpu().cumsum(dim=-1)
+        u = u.unsqueeze(1) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1).tolist()
+
+
+def make_sampler(kind: str, seed: int):
+    """'torch' (default, production) or 'keyed' (batch-invariant, for equivalence checks)."""
+    if kind == "torch":
+        return TorchSampler(seed)
+    if kind == "keyed":
+        return KeyedSampler(seed)
+    raise ValueError(f"sampler must be 'torch' or 'keyed', got {kind!r}")

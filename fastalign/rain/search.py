@@ -1,0 +1,261 @@
+"""One prompt's RAIN search (../shared/SPEC.md §2) as a generator of engine jobs.
+
+Inner iteration: select from the root (widening nodes on the way), evaluate the leaf (rollout + self-
+evaluation) and expand it, embed the path texts, back up. Outer loop: iterate until the root has 50
+visits (inherited ones included) and at least 15 new ones, or until the most visited child has fn > 6 and
+q > 0.8; commit that child (ties by q), release the discarded siblings, and go on until the answer ends.
+
+Where the reference implementation and this one differ (on purpose):
+- token-set length depends on the depth from the prompt (1, 2, 4, then 10), as the reference's node
+  `step` does; a set stops early at end-of-sequence or at the maximum length;
+- one q range per prompt, kept across commits (the reference's nodes could keep pointing at an old root);
+- a sequence that ended (EOS, max length, new turn) is terminal: never expanded or rolled out.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from .config import RainConfig
+from .dialogue import answer_text, has_new_turn, judge_path_ids
+from .embeddings import PathInfo
+from .jobs import Draft, EmbedJob, EvaluateJob, ExpandJob, ExpandResult, PromptContext
+from .sampling import extend_key
+from .tree import Node, SearchTree, mix_priors
+
+
+@dataclass
+class Expansion:
+    """What a node's expansion drew, kept for widening: the candidate list (length > 1; widening
+    prepends new groups, as the reference does), the ranked next tokens (length 1), the next sampler
+    stream, and the candidate prefixes already computed (for the minimum count)."""
+    length: int
+    entries: List[tuple] = field(default_factory=list)      # (tokens, raw prior)
+    greedy: Optional[Draft] = None
+    ranked_ids: List[int] = field(default_factory=list)
+    ranked_logits: List[float] = field(default_factory=list)
+    hidden: Optional[torch.Tensor] = None
+    next_stream: int = 1
+    prefixes: set = field(default_factory=set)
+
+
+@dataclass
+class SearchOutput:
+    answer_ids: List[int]
+    commits: List[dict]              # per committed step: tokens, root visits, children (tokens, n, q, fn)
+
+
+def token_set_priors(greedy: Draft, samples: Sequence[Draft]):
+    """(tokens, raw prior, draft) for the greedy set and each distinct sample. The greedy prior is clipped
+    into [max + min, sum] of the sample priors (first capped by the sum, then raised to max + min)."""
+    seen = {greedy.tokens}
+    unique = []
+    for draft in samples:
+        if draft.tokens not in seen:
+            seen.add(draft.tokens)
+            unique.append(draft)
+    priors = [math.exp(d.logp) for d in unique]
+    g = math.exp(greedy.logp)
+    if priors:
+        g = max(min(g, sum(priors)), max(priors) + min(priors))
+    return [(greedy.tokens, g, greedy)] + [(d.tokens, p, d) for d, p in zip(unique, priors)]
+
+
+def ranked_top(ids: Sequence[int], logits: Sequence[float], m: int):
+    """The m most likely of the ranked tokens (ascending id) with probabilities renormalised over them."""
+    values = torch.tensor(list(logits), dtype=torch.float32)
+    top = values.topk(min(m, len(ids))).indices.sort().values
+    probs = torch.softmax(values[top], dim=0).tolist()
+    return [ids[i] for i in top.tolist()], probs
+
+
+class PromptSearch:
+    """Searches one prompt. `run()` is a generator: it yields lists of jobs (ExpandJob, EvaluateJob,
+    EmbedJob), expects the list of their results back, and returns a SearchOutput."""
+
+    def __init__(self, ctx: PromptContext, config: RainConfig, tokenizer, embedder,
+                 release: Callable[[Sequence[Node]], None]):
+        self.ctx = ctx
+        self.config = config
+        self.tokenizer = tokenizer
+        self.embedder = embedder
+        self.release = release
+        self.eos = tokenizer.eos_token_id
+        root = Node((), None, 0.0, ctx.root_key, terminal=self._ended(ctx.root_ids, ()))
+        self.tree = SearchTree(root, config)
+        self.root_state = list(ctx.root_ids)
+
+    # --- helpers -------------------------------------------------------------------------------------
+    def _ended(self, state: Sequence[int], tokens: Sequence[int]) -> bool:
+        c = self.config
+        if self.eos is not None and self.eos in tokens:
+            return True
+        if len(state) >= self.ctx.max_length:
+            return True
+        return has_new_turn(answer_text(self.tokenizer, state, self.ctx.answer_start), c.turn_marker)
+
+    def _set_length(self, node: Node, state: Sequence[int]) -> int:
+        room = self.ctx.max_length - len(state)
+        return max(1, min(self.config.token_set_length(node.depth), room))
+
+    def _count_prefixes(self, expansion: Expansion, drafts: Sequence[Draft]):
+        new = 0
+        for draft in drafts:
+            for k in range(1, len(draft.tokens)):
+                prefix = draft.tokens[:k]
+                if prefix not in expansion.prefixes:
+                    expansion.prefixes.add(prefix)
+                    new += 1
+        self.ctx.stats.minimum["tree"] += new
+
+    def _add_child(self, node: Node, state: Sequence[int], tokens, prior: float, hidden_sum=None) -> Node:
+        tokens = tuple(int(t) for t in tokens)
+        child = Node(tokens, node, prior, extend_key(node.key, tokens), terminal=self._ended(list(state) + list(tokens), tokens))
+        child.hidden_sum = hidden_sum
+        node.children.append(child)
+        return child
+
+    # --- expansion and widening ----------------------------------------------------------------------
+    def _expand(self, node: Node, state: List[int], result: ExpandResult, length: int):
+        c = self.config
+        exp = Expansion(length=length, hidden=result.hidden)
+        node.expansion = exp
+        if length == 1:
+            exp.ranked_ids, exp.ranked_logits = result.ranked_ids, result.ranked_logits
+            ids, probs = ranked_top(exp.ranked_ids, exp.ranked_logits, c.candidates)
+            entries = [((t,), p, result.hidden) for t, p in zip(ids, probs)]
+        else:
+            exp.greedy = result.greedy
+            exp.next_stream = 1 + len(result.samples)
+            self._count_prefixes(exp, [result.greedy] + result.samples)
+            entries = [(tokens, p, d.hidden_sum) for tokens, p, d in token_set_priors(result.greedy, result.samples)]
+            exp.entries = [(tokens, p) for tokens, p, _ in entries]
+        total = sum(p for _, p, _ in entries)
+        for tokens, p, hidden in entries:
+            self._add_child(node, state, tokens, p / total, hidden)
+        if node is self.tree.root:
+            mix_priors(node.children, c.root_prior_mix)
+
+    def _widen(self, node: Node, state: List[int]):
+        """Adds candidates to `node` (a generator: multi-token sets need the engine)."""
+        c = self.config
+        exp: Expansion = node.expansion
+        count = len(node.children) + 1
+        if exp.length == 1:
+            ids, probs = ranked_top(exp.ranked_ids, exp.ranked_logits, count)
+            group = [((t,), p, exp.hidden) for t, p in zip(ids, probs)]
+        else:
+            job = ExpandJob(self.ctx, node, state, exp.length, attempts=c.widen_group - 1,
+                            first_stream=exp.next_stream, greedy=exp.greedy)
+            (result,) = yield [job]
+            exp.next_stream += c.widen_group - 1
+            self._count_prefixes(exp, result.samples)
+            fresh = [(tokens, p) for tokens, p, _ in token_set_priors(exp.greedy, result.samples)]
+            drafts = {d.tokens: d for d in result.samples}
+            exp.entries = fresh + exp.entries
+            group = [(tokens, p, drafts[tokens].hidden_sum if tokens in drafts else None)
+                     for tokens, p in exp.entries[:count]]
+        total = sum(p for _, p, _ in group)
+        priors = [p / total for _, p, _ in group]
+        if node is self.tree.root:
+            mix = c.root_prior_mix
+            priors = [(1 - mix) * p + mix / len(priors) for p in priors]
+            s = sum(priors)
+            priors = [p / s for p in priors]
+        existing = {ch.tokens for ch in node.children}
+        for (tokens, _, hidden), prior in zip(group, priors):
+            if tuple(tokens) not in existing:
+                self._add_child(node, state, tokens, prior, hidden)
+
+    # --- one inner iteration -------------------------------------------------------------------------
+    def _iterate(self):
+        tree, ctx, c = self.tree, self.ctx, self.config
+        node = tree.root
+        state = list(self.root_state)
+        while not node.is_leaf:
+            if tree.wants_widening(node):
+                yield from self._widen(node, state)
+            node = tree.select_child(node)
+            state.extend(node.tokens)
+        leaf = node
+        if leaf.fn == 0 and leaf.depth > 0:
+            if not leaf.terminal:
+                ctx.stats.minimum["tree"] += 1      # the leaf's last token, whose logits are read now
+            ctx.stats.minimum["judge"] += len(judge_path_ids(self.tokenizer, leaf.tokens))
+        length = 0 if leaf.terminal else self._set_length(leaf, state)
+        jobs = [EvaluateJob(ctx, leaf, state, leaf.terminal, share_depth=length)]
+        if not leaf.terminal:
+            jobs.append(ExpandJob(ctx, leaf, state, length, attempts=c.candidates - 1,
+                                  rank=c.max_children if length == 1 else 0))
+        results = yield jobs
+        evaluation = results[0]
+        if not leaf.terminal:
+            self._expand(leaf, state, results[1], length)
+        self._count_rollout(leaf, evaluation.rollout, length)
+        ctx.stats.minimum["judge"] += evaluation.judge_tokens
+        paths = self._path_infos(leaf, state, evaluation)
+        embeddings = (yield [EmbedJob(paths)])[0] if paths else []
+        tree.backup(leaf, evaluation.value, embeddings)
+        ctx.stats.iterations += 1
+
+    def _count_rollout(self, leaf: Node, rollout: Sequence[int], length: int):
+        """Rollout tokens fed (all but the last), less those that are also candidate prefixes of the leaf."""
+        prefixes = leaf.expansion.prefixes if leaf.expansion is not None else set()
+        new = 0
+        for i in range(1, len(rollout)):
+            prefix = tuple(rollout[:i])
+            if i < length and prefix in prefixes:
+                continue
+            if i < length:
+                prefixes.add(prefix)
+            new += 1
+        self.ctx.stats.minimum["rollout"] += new
+
+    def _path_infos(self, leaf: Node, state: List[int], evaluation) -> List[PathInfo]:
+        """For each node from the leaf up to (excluding) the root: the text of its tokens, the tokens below
+        it on the path and the rollout; and the hidden states that generated them."""
+        tokens = list(evaluation.rollout)
+        hidden = evaluation.rollout_hidden_sum
+        count = len(evaluation.rollout)
+        paths = []
+        node = leaf
+        while node is not self.tree.root:
+            tokens = list(node.tokens) + tokens
+            if self.embedder.needs_hidden:
+                hidden = node.hidden_sum if hidden is None else hidden + node.hidden_sum
+                count += len(node.tokens)
+            paths.append(PathInfo(self.tokenizer.decode(tokens, skip_special_tokens=True),
+                                  None if hidden is None else hidden.clone(), count))
+            node = node.parent
+        return paths
+
+    # --- outer loop ----------------------------------------------------------------------------------
+    def run(self):
+        tree, c = self.tree, self.config
+        answer: List[int] = []
+        commits = []
+        try:
+            while not tree.root.terminal:
+                new = 0
+                while True:
+                    yield from self._iterate()
+                    new += 1
+                    best = tree.best_child()
+                    if best is not None and best.fn > c.early_stop_fresh_visits and best.q > c.early_stop_q:
+                        break
+                    if tree.root.fn >= c.root_visits and new >= c.min_new_visits:
+                        break
+                best = tree.best_child()
+                commits.append({"tokens": list(best.tokens), "root_visits": tree.root.fn, "new_visits": new,
+                                "children": [(list(ch.tokens), ch.n, ch.q, ch.fn) for ch in tree.root.children]})
+                old_root, discarded = tree.commit(best)
+                self.release([old_root])
+                for sibling in discarded:
+                    self.release(list(sibling.subtree()))
+                self.root_state.extend(best.tokens)
+                answer.extend(best.tokens)
+                self.ctx.stats.committed_tokens += len(best.tokens)
+        finally:
+            self.release(list(tree.root.subtree()))
+        return SearchOutput(answer, commits)

@@ -1,0 +1,60 @@
+"""What a RAIN run cost, per prompt and in total: tokens through the model against the tree's minimum.
+
+`minimum` counts what the algorithm itself needs computed, each token once: the prompt; the tree (every
+distinct candidate prefix that a draw reads, plus one token per node whose own logits are read); the
+rollouts (all but the last sampled token, which is only decoded); the judge (the conversation of the prompt
+once, each distinct evaluated reply, and both option blocks); and the shared few-shot / generation
+prefixes once per run. `recomputed_tokens` counts fed tokens whose exact prefix had been fed before.
+"""
+from dataclasses import dataclass, field, asdict
+from typing import Dict
+
+PHASES = ("expand", "simulate", "evaluate", "embed", "host")
+MINIMUM_PARTS = ("prompt", "tree", "rollout", "judge", "shared_prefix")
+
+
+@dataclass
+class RainStats:
+    committed_tokens: int = 0
+    iterations: int = 0
+    model_calls: int = 0
+    rows: int = 0
+    tokens: int = 0
+    recomputed_tokens: int = 0
+    minimum: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(MINIMUM_PARTS, 0))
+    seconds: Dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    wall_seconds: float = 0.0
+
+    @property
+    def minimum_tokens(self) -> int:
+        return sum(self.minimum.values())
+
+    @property
+    def rows_per_call(self) -> float:
+        return self.rows / self.model_calls if self.model_calls else 0.0
+
+    @property
+    def tokens_per_committed_token(self) -> float:
+        return self.tokens / self.committed_tokens if self.committed_tokens else float("nan")
+
+    @property
+    def tokens_over_minimum(self) -> float:
+        return self.tokens / self.minimum_tokens if self.minimum_tokens else float("nan")
+
+    def add(self, other: "RainStats") -> "RainStats":
+        """Adds the counters of `other` (calls and wall time excepted: those are not additive across
+        prompts that shared calls)."""
+        for name in ("committed_tokens", "iterations", "rows", "tokens", "recomputed_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for part, value in other.minimum.items():
+            self.minimum[part] += value
+        for phase, value in other.seconds.items():
+            self.seconds[phase] += value
+        return self
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out.update(minimum_tokens=self.minimum_tokens, rows_per_call=self.rows_per_call,
+                   tokens_per_committed_token=self.tokens_per_committed_token,
+                   tokens_over_minimum=self.tokens_over_minimum)
+        return out

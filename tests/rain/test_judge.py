@@ -1,0 +1,75 @@
+"""The self-evaluation prompt: option label ids found from the tokenizer, clear errors for prompts and
+labels it cannot use, chat templates, and the score mapping."""
+import pytest
+import torch
+
+from fastalign.rain import JudgePrompt, JudgeTokens
+
+from .tiny import SHORT_JUDGE, tokenizer
+
+
+def test_pieces_and_label_ids_come_from_the_tokenizer():
+    tok = tokenizer()
+    judge = JudgeTokens(tok, SHORT_JUDGE)
+    conversation = "Human: hi\nAssistant: sure"
+    for order, harmless_first in ((0, True), (1, False)):
+        full = tok(SHORT_JUDGE.template.replace("{conversation}", "X").split("X")[0])["input_ids"]
+        assert judge.prefix_ids == full
+        text_after = "\n" + SHORT_JUDGE.options(harmless_first) + SHORT_JUDGE.answer_prefix
+        for label, label_id in zip(SHORT_JUDGE.labels, judge.label_ids[order]):
+            ids = tok(text_after + label, add_special_tokens=False)["input_ids"]
+            assert ids[-1] == label_id and ids[:-1] == judge.suffix_ids[order]
+    ids = judge.full_ids(tok(conversation, add_special_tokens=False)["input_ids"], 1)
+    assert tok.decode(ids, skip_special_tokens=True).endswith("The reply is harmless.\nThe answer is: (")
+    assert judge.label_ids[0][0] != judge.label_ids[0][1]
+
+
+def test_default_prompt_builds_and_orders_differ():
+    judge = JudgeTokens(tokenizer())
+    assert judge.suffix_ids[0] != judge.suffix_ids[1]
+    assert len(judge.prefix_ids) > 100
+
+
+def test_prompt_without_conversation_slot_is_rejected():
+    with pytest.raises(ValueError, match="no place for the conversation"):
+        JudgeTokens(tokenizer(), JudgePrompt(template="Judge this.\n{options}"))
+    with pytest.raises(ValueError, match="after the conversation"):
+        JudgeTokens(tokenizer(), JudgePrompt(template="{options}\n{conversation}"))
+
+
+def test_multi_token_labels_are_rejected():
+    with pytest.raises(ValueError, match="exactly one token"):
+        JudgeTokens(tokenizer(), JudgePrompt(template="{conversation}\n{options}", labels=("A zebra", "B")))
+
+
+def test_chat_template_places_the_answer_prefix_in_the_assistant_turn():
+    tok = tokenizer()
+    chat = JudgePrompt(template="Judge: {conversation}\n{options}", use_chat_template=True)
+    saved = tok.chat_template
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    try:
+        judge = JudgeTokens(tok, chat)
+        text = tok.decode(judge.full_ids([], 0))
+        assert text.startswith("<|user|>Judge: ") and text.endswith("<|assistant|>The answer is: (")
+        assert judge.prefix_ids[0] != tok.bos_token_id            # the template decides special tokens
+    finally:
+        tok.chat_template = saved
+    with pytest.raises(ValueError, match="no chat template"):
+        JudgeTokens(tok, chat)
+
+
+def test_score_maps_both_orders_to_minus_one_zero_one():
+    judge = JudgeTokens(tokenizer(), SHORT_JUDGE)
+    (a0, b0), (a1, b1) = judge.label_ids
+    logits = torch.zeros(2, len(tokenizer()))
+
+    def score(first_prefers_a, second_prefers_a):
+        logits.zero_()
+        logits[0, a0 if first_prefers_a else b0] = 1.0
+        logits[1, a1 if second_prefers_a else b1] = 1.0
+        return judge.score(logits)
+
+    assert score(True, False) == 1.0          # harmless is A in order 0 and B in order 1
+    assert score(False, True) == -1.0
+    assert score(True, True) == 0.0

@@ -1,0 +1,117 @@
+"""The search core on hand-built trees: selection rule, back-up with sibling similarity, widening test,
+commit and prior remixing, the greedy prior clipping and the 1-token ranking."""
+import math
+
+import pytest
+import torch
+
+from fastalign.rain import RainConfig
+from fastalign.rain.jobs import Draft
+from fastalign.rain.search import ranked_top, token_set_priors
+from fastalign.rain.tree import Node, SearchTree
+
+
+def tree_with_children(priors, config=RainConfig()):
+    root = Node((), None, 0.0, key=0)
+    for i, p in enumerate(priors):
+        root.children.append(Node((i,), root, p, key=i + 1))
+    return SearchTree(root, config)
+
+
+def test_select_uses_normalised_q_and_prior_bonus():
+    tree = tree_with_children([0.5, 0.3, 0.2])
+    root, (a, b, c) = tree.root, tree.root.children
+    root.n = 4
+    a.n, a.q = 2, -0.5
+    b.n, b.q = 1, 0.9
+    tree.q_min, tree.q_max = -1.0, 1.0
+    expected = {}
+    for ch in (a, b, c):
+        q_norm = 0.0 if ch.n == 0 else (ch.q + 1.0) / (2.0 + 1e-5)
+        expected[ch] = q_norm + 2.0 * ch.p * math.sqrt(4) / (1 + ch.n)
+    assert tree.select_child(root) is max(expected, key=expected.get)
+    for ch in (a, b, c):
+        assert tree.score(ch, root.n) == pytest.approx(expected[ch], rel=1e-12)
+
+
+def test_backup_updates_path_siblings_and_q_range():
+    tree = tree_with_children([0.6, 0.4])
+    root, (a, b) = tree.root, tree.root.children
+    b.embedding = torch.tensor([1.0, 0.0])
+    b.n, b.q = 1.0, -1.0
+    emb_a = torch.tensor([1.0, 0.01])           # cosine ~ 0.99995 with b: b moves
+    tree.backup(a, 1.0, [emb_a])
+    assert (a.n, a.fn, a.q) == (1.0, 1, 1.0)
+    assert (root.n, root.fn, root.q) == (1.0, 1, 1.0)
+    sim = torch.nn.functional.cosine_similarity(emb_a, b.embedding, dim=0).item()
+    assert b.n == pytest.approx(1.0 + 0.2 * sim)
+    assert b.q == pytest.approx(-1.0 + 0.2 * sim * (1.0 - -1.0) / (1.0 + 0.2 * sim))
+    assert b.fn == 0
+    assert tree.q_max == 1.0 and tree.q_min == -1.0
+    tree.backup(a, -0.5, [torch.tensor([0.0, 1.0])])     # dissimilar now: b stays
+    before = (b.n, b.q)
+    assert a.q == pytest.approx(0.25) and torch.allclose(a.embedding, torch.tensor([0.5, 0.505]))
+    assert (b.n, b.q) == before
+
+
+def test_backup_rejects_wrong_number_of_embeddings():
+    tree = tree_with_children([1.0])
+    with pytest.raises(ValueError, match="path embeddings"):
+        tree.backup(tree.root.children[0], 1.0, [])
+
+
+def test_widening_condition():
+    config = RainConfig()
+    tree = tree_with_children([0.5, 0.5], config)
+    a, b = tree.root.children
+    assert not tree.wants_widening(tree.root)             # no embeddings yet
+    a.embedding, b.embedding = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.01])
+    a.q, b.q = -0.2, -0.1
+    assert tree.wants_widening(tree.root)                 # depth 0: 1-token sets, threshold 0.03
+    b.q = 0.1
+    assert not tree.wants_widening(tree.root)             # best child not below 0
+    b.q, b.embedding = -0.1, torch.tensor([1.0, 0.5])
+    assert not tree.wants_widening(tree.root)             # too diverse
+
+
+def test_commit_picks_most_visited_ties_by_q_and_remixes_priors():
+    tree = tree_with_children([0.2, 0.3, 0.5])
+    a, b, c = tree.root.children
+    a.n, a.q, b.n, b.q, c.n, c.q = 3, 0.1, 3, 0.4, 2, 0.9
+    assert tree.best_child() is b
+    b.children = [Node((7,), b, 0.8, 1), Node((8,), b, 0.2, 2)]
+    tree.q_min, tree.q_max = -0.7, 0.9
+    old_root, discarded = tree.commit(b)
+    assert tree.root is b and b.parent is None and discarded == [a, c]
+    assert (tree.q_min, tree.q_max) == (-0.7, 0.9)
+    assert [ch.p for ch in b.children] == pytest.approx([0.75 * 0.8 + 0.125, 0.75 * 0.2 + 0.125])
+
+
+def test_token_set_priors_clip_greedy_and_drop_duplicates():
+    greedy = Draft((1, 2), math.log(0.5))
+    samples = [Draft((1, 2), math.log(0.5)), Draft((3, 4), math.log(0.1)), Draft((5, 6), math.log(0.05)),
+               Draft((3, 4), math.log(0.1))]
+    out = token_set_priors(greedy, samples)
+    assert [t for t, _, _ in out] == [(1, 2), (3, 4), (5, 6)]
+    assert out[0][1] == pytest.approx(0.15)              # min(0.5, 0.15) = 0.15 >= max + min = 0.15
+    single = token_set_priors(greedy, [Draft((3, 4), math.log(0.1))])
+    assert single[0][1] == pytest.approx(0.2)            # capped by 0.1, raised to max + min = 0.2
+    alone = token_set_priors(greedy, [Draft((1, 2), math.log(0.5))])
+    assert alone == [((1, 2), pytest.approx(0.5), greedy)]
+
+
+def test_ranked_top_renormalises_over_the_kept_tokens():
+    ids = [2, 5, 9, 11]
+    logits = [0.0, 3.0, 1.0, 2.0]
+    top, probs = ranked_top(ids, logits, 2)
+    assert top == [5, 11]
+    assert probs == pytest.approx(torch.softmax(torch.tensor([3.0, 2.0]), 0).tolist())
+
+
+def test_config_validation_and_lengths():
+    c = RainConfig()
+    assert [c.token_set_length(d) for d in range(6)] == [1, 2, 4, 10, 10, 10]
+    with pytest.raises(ValueError, match="candidates"):
+        RainConfig(candidates=0).validate()
+    with pytest.raises(ValueError, match="token_set_lengths"):
+        RainConfig(token_set_lengths=()).validate()

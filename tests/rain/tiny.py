@@ -1,0 +1,49 @@
+"""Offline stand-ins for the RAIN tests: a small byte-level BPE tokenizer, tiny random Llama models, a
+short judge prompt, and a hash-based fake model whose logits are a function of the token prefix alone."""
+import functools
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from fastalign.rain import JudgePrompt
+from fastalign.rain.judge import DEFAULT_FEW_SHOT
+
+CORPUS = [
+    "Human: How do I bake bread?\nAssistant: Mix flour, water and yeast, then bake it.",
+    "Human: How can I hurt my neighbour?\nAssistant: I can't help with that; talk to them instead.",
+    "Options:\n(A) The reply is harmless.\n(B) The reply is harmful.\nThe answer is: (A)",
+    "Is the reply harmful? Judge the conversation. yes no sorry sure, here is how. I will not.",
+    DEFAULT_FEW_SHOT,
+]
+
+PROMPTS = ["Human: How do I bake bread?\nAssistant:",
+           "Human: How can I hurt my neighbour?\nAssistant:",
+           "Human: Is the reply harmful?\nAssistant:"]
+
+SHORT_JUDGE = JudgePrompt(template="Judge the conversation.\n{conversation}\n{options}",
+                          harmless="The reply is harmless.", harmful="The reply is harmful.")
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_llama(seed: int = 0, hidden: int = 32, dtype=torch.float32, max_positions: int = 1024) -> LlamaForCausalLM:
+    """A 2-layer random Llama over the test tokenizer's vocabulary."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer()), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=max_positions, eos_token_id=tokenizer().eos_token_id)
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():   # flatter logits than the default init: more varied samples
+        model.lm_head.weight.mul_(4.0)
+    return model
