@@ -97,7 +97,8 @@ def register(subparsers) -> None:
     g("--max-forget-nll", type=_optional_float, metavar="X|none", help=f"stop early once the mean NLL of the harmful answers "
       f"exceeds this; 'none' never stops (default: {_default('max_forget_nll')})")
     g("--precision", choices=PRECISIONS, help="fp32; bf16-mixed (fp32 weights, bf16 compute); bf16 (bf16 "
-      "weights: least memory) (default: fp32)")
+      "weights and optimizer state: least memory, but updates far below a weight's size are rounded away, so "
+      "prefer it with --lora, whose adapters stay fp32) (default: fp32)")
     g("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
       help="recompute activations in the backward pass (less memory, ~30%% more compute)")
     g("--seed", type=int, metavar="N", help="seed of data order, mismatch answers and LoRA initialisation (default: 0)")

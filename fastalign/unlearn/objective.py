@@ -69,9 +69,15 @@ class UnlearningObjective(torch.nn.Module):
 
     def forward(self, batch: UnlearningBatch) -> LossTerms:
         decoder, lm_head = causal_lm_parts(self.model)
-        weight, bias = lm_head.weight, lm_head.bias
         tokens, n_fgt, n_rdn = batch.tokens, batch.num_forget, batch.num_mismatch
-        hidden = final_hidden_states(decoder, tokens).to(weight.dtype)
+        hidden = final_hidden_states(decoder, tokens)
+        # Under autocast (fp32 weights, bf16 compute) the fused ops take the autocast dtype like a matmul would.
+        device_type = hidden.device.type
+        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                 else lm_head.weight.dtype)
+        weight = lm_head.weight.to(dtype)
+        bias = None if lm_head.bias is None else lm_head.bias.to(dtype)
+        hidden = hidden.to(dtype)
         zero = hidden.new_zeros((), dtype=torch.float32)
 
         forget = mismatch = normal = zero
@@ -95,10 +101,10 @@ class UnlearningObjective(torch.nn.Module):
             if bias is not None:
                 raise NotImplementedError("the KL term does not support an lm_head bias")
             normal_tokens = tokens.rows(n_fgt + n_rdn, n_fgt + n_rdn + batch.num_normal)
-            ref_hidden, ref_weight = self.reference(normal_tokens, batch.normal_index, weight)
+            ref_hidden, ref_weight = self.reference(normal_tokens, batch.normal_index, lm_head.weight)
+            ref_weight = weight if ref_weight is lm_head.weight else ref_weight.to(dtype)  # shared: read once
             normal = linear_kl_div(at_answer_targets(hidden[n_fgt + n_rdn:], normal_tokens.target_mask), weight,
-                                   ref_hidden.to(ref_weight.dtype), ref_weight, reduction="mean",
-                                   backend=self.backend)
+                                   ref_hidden.to(dtype), ref_weight, reduction="mean", backend=self.backend)
 
         w = self.weights
         total = w.forget * forget + w.mismatch * mismatch + w.normal * normal

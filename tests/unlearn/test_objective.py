@@ -122,3 +122,19 @@ def test_cached_reference_refuses_a_trainable_or_changed_lm_head():
         model.lm_head.weight.mul_(1.01)
     with pytest.raises(RuntimeError, match="modified after the reference was cached"):
         objective(streams.batch(0))
+
+
+@pytest.mark.parametrize("mode", ["copy", "cached"])
+def test_bf16_autocast_stays_close_to_fp32_spec(mode):
+    model, streams, reference, reference_logits = setup(mode)
+    batch = streams.batch(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = UnlearningObjective(model, WEIGHTS, reference)(batch)
+    f, m = batch.num_forget, batch.num_mismatch
+    spec = spec_unlearning_terms(lambda ids: model(ids).logits, reference_logits, batch.examples[:f],
+                                 batch.examples[f:f + m], batch.examples[f + m:])
+    for name in ("forget", "mismatch"):
+        torch.testing.assert_close(getattr(terms, name).double(), spec[name], rtol=2e-2, atol=0)
+    # The whole decoder runs in bf16 here, so the small KL between two nearby models moves by the bf16
+    # rounding of both models' hidden states (~1e-2 * |logits| ~ a few 1e-3 of KL).
+    torch.testing.assert_close(terms.normal.double(), spec["normal"], rtol=0.2, atol=5e-3)
