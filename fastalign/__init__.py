@@ -3,4 +3,5 @@ from fastalign.ops.linear_cross_entropy import linear_cross_entropy
 from fastalign.ops.linear_kl_div import linear_kl_div
 from fastalign.unlearn.token_weights import unlearning_token_weights
 from fastalign.unlearn import UnlearnConfig, UnlearningObjective, UnlearningTrainer, run_unlearning
+from fastalign.runtime import PoolExhaustedError, Span, TreeRunner
 from fastalign.rain import JudgePrompt, RainConfig, rain_generate

@@ -1,0 +1,361 @@
+#include "span_tree.h"
+
+#include <algorithm>
+#include <limits>
+#include <unordered_set>
+
+namespace fastalign {
+
+namespace {
+std::string span_name(int64_t id) { return "span " + std::to_string(id); }
+}  // namespace
+
+SpanTree::SpanTree(int32_t num_blocks, int32_t block_size)
+    : block_size_(block_size), allocator_(num_blocks), fill_(num_blocks, 0) {
+  if (block_size <= 0) throw std::invalid_argument("block_size must be positive, got " + std::to_string(block_size));
+}
+
+const SpanTree::Span& SpanTree::node(int64_t id) const {
+  auto it = spans_.find(id);
+  if (it == spans_.end()) throw std::invalid_argument("unknown " + span_name(id));
+  return it->second;
+}
+
+SpanTree::Span& SpanTree::node(int64_t id) {
+  auto it = spans_.find(id);
+  if (it == spans_.end()) throw std::invalid_argument("unknown " + span_name(id));
+  return it->second;
+}
+
+SpanTree::Span& SpanTree::live_node(int64_t id, const char* what) {
+  auto it = spans_.find(id);
+  if (it == spans_.end() || !it->second.live)
+    throw std::invalid_argument(std::string(what) + ": " + span_name(id) + " is unknown or was released");
+  return it->second;
+}
+
+bool SpanTree::is_live(int64_t id) const {
+  auto it = spans_.find(id);
+  return it != spans_.end() && it->second.live;
+}
+
+bool SpanTree::evictable(const Span& s) {
+  return s.resident && s.pins == 0 && s.locks == 0 && s.resident_children == 0;
+}
+
+void SpanTree::refresh_lru(int64_t id) {
+  Span& s = node(id);
+  if (s.in_lru) {
+    lru_.erase({s.lru_key, id});
+    s.in_lru = false;
+  }
+  if (evictable(s)) {
+    lru_.insert({s.last_used, id});
+    s.lru_key = s.last_used;
+    s.in_lru = true;
+  }
+}
+
+void SpanTree::touch(int64_t id) {
+  node(id).last_used = ++clock_;
+  refresh_lru(id);
+}
+
+int64_t SpanTree::add_node(int64_t parent, const int32_t* tokens, int64_t n) {
+  int64_t start = parent >= 0 ? node(parent).length : 0;
+  if (start + n > std::numeric_limits<int32_t>::max())
+    throw std::invalid_argument("a span may not exceed 2^31 - 1 tokens");
+  int64_t id = next_id_++;
+  Span& s = spans_[id];
+  s.parent = parent;
+  s.length = start + n;
+  s.tokens.assign(tokens, tokens + n);
+  if (parent >= 0) ++node(parent).num_children;
+  return id;
+}
+
+std::string SpanTree::exhausted_message() const {
+  std::unordered_set<int32_t> pinned_blocks;
+  for (const auto& [id, s] : spans_)
+    if (s.pins > 0) pinned_blocks.insert(s.blocks.begin(), s.blocks.end());
+  return "KV pool exhausted: all " + std::to_string(num_blocks()) + " blocks of " + std::to_string(block_size_) +
+         " tokens are held by spans that cannot be evicted (" + std::to_string(pinned_blocks.size()) +
+         " by pinned spans, the rest by spans this call uses and their ancestors) and the call needs more; "
+         "give the runner a larger pool or unpin/release spans";
+}
+
+int32_t SpanTree::take_block() {
+  int32_t block = allocator_.allocate();
+  while (block < 0) {
+    if (lru_.empty()) throw PoolExhausted(exhausted_message());
+    drop_kv(lru_.begin()->second);
+    block = allocator_.allocate();
+  }
+  fill_[block] = 0;
+  return block;
+}
+
+void SpanTree::attach(int64_t id, ForwardPlan& plan) {
+  Span& s = node(id);
+  // Resident and locked from the start, so that abandon() undoes a partial attach like a complete one.
+  s.resident = true;
+  ++s.locks;
+  plan.spans.push_back(id);
+  s.blocks.reserve(static_cast<size_t>((s.length + block_size_ - 1) / block_size_));
+  int64_t start = 0;
+  if (s.parent >= 0) {
+    Span& p = node(s.parent);
+    ++p.resident_children;
+    refresh_lru(s.parent);
+    start = p.length;
+    int64_t full = start / block_size_;
+    for (int64_t i = 0; i < full; ++i) {
+      allocator_.incref(p.blocks[i]);
+      s.blocks.push_back(p.blocks[i]);
+    }
+    int32_t offset = static_cast<int32_t>(start % block_size_);
+    if (offset != 0) {
+      int32_t partial = p.blocks[full];
+      if (fill_[partial] == offset) {
+        allocator_.incref(partial);
+        s.blocks.push_back(partial);
+        s.shared_block = partial;
+        s.shared_from = s.shared_to = offset;
+      } else {
+        int32_t copy = take_block();
+        s.blocks.push_back(copy);
+        fill_[copy] = offset;
+        plan.copy_src.push_back(partial);
+        plan.copy_dst.push_back(copy);
+      }
+    }
+  }
+  for (int64_t pos = start; pos < s.length; ++pos) {
+    size_t index = static_cast<size_t>(pos / block_size_);
+    if (index == s.blocks.size()) s.blocks.push_back(take_block());
+    int32_t block = s.blocks[index];
+    int32_t offset = static_cast<int32_t>(pos % block_size_);
+    fill_[block] = offset + 1;
+    if (block == s.shared_block) s.shared_to = offset + 1;
+    plan.token_ids.push_back(s.tokens[pos - start]);
+    plan.positions.push_back(static_cast<int32_t>(pos));
+    plan.slot_mapping.push_back(static_cast<int64_t>(block) * block_size_ + offset);
+  }
+  touch(id);
+}
+
+void SpanTree::end_row(int64_t id, ForwardPlan& plan, std::vector<std::vector<int32_t>>& tables) {
+  const Span& s = node(id);
+  plan.row_spans.push_back(id);
+  plan.seq_lens.push_back(static_cast<int32_t>(s.length));
+  plan.cu_q_lens.push_back(static_cast<int32_t>(plan.token_ids.size()));
+  tables.push_back(s.blocks);
+}
+
+void SpanTree::finish(ForwardPlan& plan, const std::vector<std::vector<int32_t>>& tables) const {
+  size_t width = 0;
+  for (const auto& t : tables) width = std::max(width, t.size());
+  plan.max_blocks = static_cast<int32_t>(width);
+  plan.block_table.assign(tables.size() * width, 0);
+  for (size_t r = 0; r < tables.size(); ++r)
+    std::copy(tables[r].begin(), tables[r].end(), plan.block_table.begin() + r * width);
+}
+
+void SpanTree::abandon(const ForwardPlan& plan) {
+  for (auto it = plan.spans.rbegin(); it != plan.spans.rend(); ++it) {
+    Span& s = node(*it);
+    if (!s.resident || s.locks <= 0) throw std::invalid_argument("abandon: the plan was already finished");
+    --s.locks;
+    drop_kv(*it);
+  }
+  if (plan.creates_spans)
+    for (int64_t id : plan.row_spans) erase_node(id);
+}
+
+void SpanTree::drop_kv(int64_t id) {
+  Span& s = node(id);
+  if (s.resident_children != 0) throw std::logic_error("drop_kv: " + span_name(id) + " has resident children");
+  for (int32_t block : s.blocks) allocator_.decref(block);
+  if (s.shared_block >= 0 && fill_[s.shared_block] == s.shared_to) fill_[s.shared_block] = s.shared_from;
+  s.shared_block = -1;
+  s.blocks.clear();
+  s.blocks.shrink_to_fit();
+  s.resident = false;
+  refresh_lru(id);
+  if (s.parent >= 0) {
+    --node(s.parent).resident_children;
+    refresh_lru(s.parent);
+  }
+}
+
+void SpanTree::erase_node(int64_t id) {
+  while (true) {
+    Span& s = node(id);
+    if (s.resident) drop_kv(id);
+    int64_t parent = s.parent;
+    spans_.erase(id);
+    if (parent < 0) return;
+    Span& p = node(parent);
+    --p.num_children;
+    if (p.live || p.num_children > 0) return;
+    id = parent;  // a released ancestor that no live span needs any more
+  }
+}
+
+ForwardPlan SpanTree::plan_extend(const std::vector<int64_t>& parents, const int32_t* tokens, int64_t num_tokens,
+                                  const int64_t* cu_lens) {
+  size_t rows = parents.size();
+  if (cu_lens[0] != 0 || cu_lens[rows] != num_tokens)
+    throw std::invalid_argument("cu_lens must start at 0 and end at the number of tokens");
+  for (size_t r = 0; r < rows; ++r) {
+    if (cu_lens[r + 1] <= cu_lens[r])
+      throw std::invalid_argument("token list " + std::to_string(r) + " is empty: a span appends at least one token");
+    if (parents[r] < 0) continue;
+    Span& p = live_node(parents[r], "extend");
+    if (!p.resident) throw std::invalid_argument("extend: parent " + span_name(parents[r]) + " is not resident");
+  }
+  std::vector<int64_t> parent_ids;
+  for (int64_t p : parents)
+    if (p >= 0) parent_ids.push_back(p);
+  lock(parent_ids);
+  std::vector<int64_t> children;
+  for (size_t r = 0; r < rows; ++r)
+    children.push_back(add_node(parents[r], tokens + cu_lens[r], cu_lens[r + 1] - cu_lens[r]));
+  ForwardPlan plan;
+  plan.cu_q_lens.push_back(0);
+  std::vector<std::vector<int32_t>> tables;
+  try {
+    for (int64_t child : children) {
+      attach(child, plan);
+      end_row(child, plan, tables);
+    }
+  } catch (...) {
+    abandon(plan);
+    for (int64_t child : children) erase_node(child);
+    unlock(parent_ids);
+    throw;
+  }
+  plan.creates_spans = true;
+  unlock(parent_ids);
+  for (int64_t p : parent_ids) touch(p);
+  finish(plan, tables);
+  return plan;
+}
+
+ForwardPlan SpanTree::plan_restore(const std::vector<int64_t>& targets) {
+  for (int64_t t : targets) live_node(t, "restore");
+  // Paths are chosen against the residency before this round: a span this forward writes is no base.
+  std::vector<std::vector<int64_t>> paths;  // each from the target up to its topmost non-resident ancestor
+  std::vector<int64_t> bases;               // resident parent of each path's top, or -1
+  std::unordered_set<int64_t> tops;
+  for (int64_t t : targets) {
+    std::vector<int64_t> path;
+    int64_t id = t;
+    while (id >= 0 && !node(id).resident) {
+      path.push_back(id);
+      id = node(id).parent;
+    }
+    if (path.empty() || !tops.insert(path.back()).second) continue;
+    paths.push_back(std::move(path));
+    bases.push_back(id);
+  }
+  std::vector<int64_t> locked_bases;
+  for (int64_t b : bases)
+    if (b >= 0) locked_bases.push_back(b);
+  lock(locked_bases);
+  ForwardPlan plan;
+  plan.cu_q_lens.push_back(0);
+  std::vector<std::vector<int32_t>> tables;
+  try {
+    for (const auto& path : paths) {
+      for (auto it = path.rbegin(); it != path.rend(); ++it) attach(*it, plan);
+      end_row(path.front(), plan, tables);
+    }
+  } catch (...) {
+    abandon(plan);
+    unlock(locked_bases);
+    throw;
+  }
+  unlock(locked_bases);
+  finish(plan, tables);
+  return plan;
+}
+
+void SpanTree::lock(const std::vector<int64_t>& ids) {
+  for (int64_t id : ids) node(id);  // all or nothing
+  for (int64_t id : ids) {
+    ++node(id).locks;
+    refresh_lru(id);
+  }
+}
+
+void SpanTree::unlock(const std::vector<int64_t>& ids) {
+  for (int64_t id : ids)
+    if (node(id).locks <= 0) throw std::invalid_argument("unlock: " + span_name(id) + " is not locked");
+  for (int64_t id : ids) {
+    --node(id).locks;
+    refresh_lru(id);
+  }
+}
+
+void SpanTree::pin(int64_t id) {
+  Span& s = live_node(id, "pin");
+  if (!s.resident) throw std::invalid_argument("pin: " + span_name(id) + " is not resident; restore it first");
+  ++s.pins;
+  refresh_lru(id);
+}
+
+void SpanTree::unpin(int64_t id) {
+  Span& s = live_node(id, "unpin");
+  if (s.pins == 0) throw std::invalid_argument("unpin: " + span_name(id) + " is not pinned");
+  --s.pins;
+  refresh_lru(id);
+}
+
+void SpanTree::release(int64_t id) {
+  Span& s = live_node(id, "release");
+  if (s.locks > 0) throw std::invalid_argument("release: " + span_name(id) + " is in use by a running call");
+  s.live = false;
+  s.pins = 0;
+  if (s.num_children == 0)
+    erase_node(id);
+  else
+    refresh_lru(id);
+}
+
+void SpanTree::evict(int64_t id) {
+  Span& s = live_node(id, "evict");
+  if (!s.resident) throw std::invalid_argument("evict: " + span_name(id) + " is not resident");
+  if (s.pins > 0) throw std::invalid_argument("evict: " + span_name(id) + " is pinned");
+  if (s.locks > 0) throw std::invalid_argument("evict: " + span_name(id) + " is in use by a running call");
+  if (s.resident_children > 0)
+    throw std::invalid_argument("evict: " + span_name(id) + " has resident children; evict them first");
+  drop_kv(id);
+}
+
+std::vector<int64_t> SpanTree::span_ids() const {
+  std::vector<int64_t> ids;
+  ids.reserve(spans_.size());
+  for (const auto& entry : spans_) ids.push_back(entry.first);
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+std::vector<int64_t> SpanTree::lru_order() const {
+  std::vector<int64_t> ids;
+  for (const auto& entry : lru_) ids.push_back(entry.second);
+  return ids;
+}
+
+std::vector<int32_t> SpanTree::tokens(int64_t id) const {
+  const Span* s = &node(id);
+  std::vector<int32_t> out(static_cast<size_t>(s->length));
+  while (true) {
+    std::copy(s->tokens.begin(), s->tokens.end(), out.begin() + (s->length - static_cast<int64_t>(s->tokens.size())));
+    if (s->parent < 0) break;
+    s = &node(s->parent);
+  }
+  return out;
+}
+
+}  // namespace fastalign

@@ -1,0 +1,49 @@
+"""A forward plan of the span tree moved to the model's device, in the layout of the paged attention ops."""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    """R rows of new tokens, packed: row r owns tokens cu_q_lens[r]:cu_q_lens[r + 1]."""
+
+    input_ids: torch.Tensor     # [T] int64
+    positions: torch.Tensor     # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64, where each new token's K/V goes in the pool
+    block_table: torch.Tensor   # [R, max_blocks] int32
+    seq_lens: torch.Tensor      # [R] int32, context length of each row with its new tokens
+    cu_q_lens: torch.Tensor     # [R + 1] int32
+    host_seq_lens: np.ndarray   # the same two on the host, for loops and output selection
+    host_cu_q_lens: np.ndarray
+
+    @classmethod
+    def from_plan(cls, plan, device):
+        """Two host-to-device copies in all: one of the int64 arrays, one of the int32 ones."""
+        num_tokens, rows = plan.num_tokens, plan.num_rows
+        block_table = plan.block_table
+        seq_lens, cu_q_lens = plan.seq_lens, plan.cu_q_lens
+        wide = torch.from_numpy(np.concatenate(
+            [plan.token_ids.astype(np.int64), plan.positions.astype(np.int64), plan.slot_mapping]))
+        narrow = torch.from_numpy(np.concatenate([block_table.ravel(), seq_lens, cu_q_lens]))
+        wide, narrow = wide.to(device), narrow.to(device)
+        table_size = block_table.size
+        return cls(
+            input_ids=wide[:num_tokens],
+            positions=wide[num_tokens:2 * num_tokens],
+            slot_mapping=wide[2 * num_tokens:],
+            block_table=narrow[:table_size].view(rows, block_table.shape[1]),
+            seq_lens=narrow[table_size:table_size + rows],
+            cu_q_lens=narrow[table_size + rows:],
+            host_seq_lens=seq_lens,
+            host_cu_q_lens=cu_q_lens,
+        )
+
+    @property
+    def num_rows(self):
+        return self.seq_lens.shape[0]
+
+    @property
+    def num_tokens(self):
+        return self.input_ids.shape[0]

@@ -1,0 +1,69 @@
+"""The slow path for causal LMs outside the Llama family: Hugging Face's own forward and cache.
+
+The KV still lives in the paged pool, so that spans, sharing, eviction and every guarantee of the tree
+are the same as on the fast path. Each row runs on its own: its context is gathered from the pool into a
+`DynamicCache`, the model runs its new tokens with that cache, and the K/V the model appended to the cache
+are written back into the pool. This works for any model whose cache layers hold per-token K and V of
+shape [batch, kv_heads, tokens, head_dim] (GPT-2, OPT, ...); it costs one gather of the context per row.
+"""
+import torch
+from transformers import DynamicCache
+
+from fastalign.ops.paged_attention import write_kv
+
+
+class HFCacheModel:
+    """The forward of any Hugging Face causal LM with a DynamicCache over a ForwardBatch, row by row."""
+
+    def __init__(self, model):
+        self.model = model
+        self.device = next(model.parameters()).device
+        try:
+            with torch.inference_mode():
+                cache = DynamicCache()
+                model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), past_key_values=cache,
+                      use_cache=True)
+                keys = cache.layers[0].keys
+        except Exception as err:
+            raise ValueError(f"model: {type(model).__name__} cannot run on the Hugging Face cache fallback "
+                             f"(a one-token forward with a DynamicCache failed: {err!r})") from err
+        if keys is None or keys.dim() != 4 or keys.shape[2] != 1:
+            raise ValueError(f"model: {type(model).__name__} cannot run on the Hugging Face cache fallback: its "
+                             "cache does not hold per-token K/V of shape [batch, kv_heads, tokens, head_dim]")
+        self.num_layers = len(cache.layers)
+        self.num_kv_heads, self.head_dim, self.dtype = keys.shape[1], keys.shape[3], keys.dtype
+        self.max_context = getattr(model.config, "max_position_embeddings", None)
+
+    def forward(self, batch, pool, select, want_logits, want_hidden):
+        """Writes the KV of every token of `batch` into `pool`; returns (logits, hidden) of the tokens
+        at indices `select` (None: nothing), logits in float32, hidden = the model's last hidden state."""
+        cu, seq_lens = batch.host_cu_q_lens.tolist(), batch.host_seq_lens.tolist()
+        logits, hidden = [], []
+        for row, seq_len in enumerate(seq_lens):
+            start, end = cu[row], cu[row + 1]
+            context = seq_len - (end - start)
+            cache = self._gather_context(pool, batch.block_table[row], context)
+            out = self.model(input_ids=batch.input_ids[None, start:end], past_key_values=cache, use_cache=True,
+                             attention_mask=torch.ones(1, seq_len, dtype=torch.long, device=self.device),
+                             output_hidden_states=want_hidden and select is not None)
+            for index, layer in enumerate(cache.layers):
+                write_kv(layer.keys[0, :, context:].transpose(0, 1), layer.values[0, :, context:].transpose(0, 1),
+                         pool.k(index), pool.v(index), batch.slot_mapping[start:end])
+            if select is not None:
+                logits.append(out.logits[0])
+                hidden.append(out.hidden_states[-1][0] if want_hidden else None)
+        if select is None:
+            return None, None
+        return (torch.cat(logits)[select].float() if want_logits else None,
+                torch.cat(hidden)[select] if want_hidden else None)
+
+    def _gather_context(self, pool, block_row, context):
+        """A DynamicCache holding the first `context` tokens of the row's blocks, every layer."""
+        if context == 0:
+            return DynamicCache()
+        blocks = block_row[: -(-context // pool.block_size)].long()
+
+        def tokens(t):  # [blocks, block_size, heads, dim] -> [1, heads, context, dim]
+            return t[blocks].flatten(0, 1)[:context].transpose(0, 1)[None]
+
+        return DynamicCache(ddp_cache_data=[(tokens(pool.k(i)), tokens(pool.v(i))) for i in range(self.num_layers)])

@@ -1,0 +1,110 @@
+"""Runs a loaded Hugging Face Llama-family model (Llama, Mistral, Qwen2) on the paged KV pool.
+
+The model's own modules do everything but attention: embeddings, RMSNorms, q/k/v/o projections (with
+Qwen2's biases), the SwiGLU MLP, the final norm, the (tied or untied) LM head, and the rotary embedding
+module, which gives cos/sin for any positions including Hugging Face's RoPE scaling variants. Attention
+is `paged_attention` over the pool, after `write_kv` has stored the new tokens' rotated K and V, so that
+rows of a batch read their shared prefix blocks in place.
+
+Per decoder layer, as in Hugging Face's LlamaDecoderLayer:
+    h = h + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))   with n = input_layernorm(h)
+    h = h + mlp(post_attention_layernorm(h))
+"""
+import torch
+
+from fastalign.ops.paged_attention import paged_attention, write_kv
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+_LAYER_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+
+
+def llama_family_problem(model):
+    """Why `model` cannot run on the paged Llama path, or None when it can."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LLAMA_FAMILY:
+        return f"model_type {model_type!r} is not one of {LLAMA_FAMILY}"
+    inner = getattr(model, "model", None)
+    missing = [name for name in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(inner, name)]
+    if not hasattr(model, "lm_head"):
+        missing.append("lm_head")
+    if not missing:
+        missing = [f"layers[{i}].{name}" for i, layer in enumerate(inner.layers) for name in _LAYER_MODULES
+                   if not _has_submodule(layer, name)]
+    if missing:
+        return f"its modules do not follow the Llama layout (missing {', '.join(missing)})"
+    return None
+
+
+def _has_submodule(module, name):
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def context_limit(config):
+    """Longest sequence the model attends to in full: max_position_embeddings, or the sliding window
+    where one applies (beyond it the model would attend to a window, which the pool's kernels do not)."""
+    limit = config.max_position_embeddings
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window and (layer_types is None or "sliding_attention" in layer_types):
+        limit = min(limit, window)
+    return limit
+
+
+def rotate_half(x):
+    """[x1, x2] -> [-x2, x1] over the last dimension (the pairing of Hugging Face's RoPE layout)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class PagedLlama:
+    """The forward of a Llama-family causal LM over a ForwardBatch, with its KV in a KVPool."""
+
+    def __init__(self, model, attention_backend="auto"):
+        problem = llama_family_problem(model)
+        if problem is not None:
+            raise ValueError(f"model: cannot run on the paged Llama path: {problem}")
+        config = model.config
+        self.model = model
+        self.layers = model.model.layers
+        self.num_layers = len(self.layers)
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = self.layers[0].self_attn.head_dim
+        self.max_context = context_limit(config)
+        self.attention_backend = attention_backend
+        weight = model.model.embed_tokens.weight
+        self.dtype, self.device = weight.dtype, weight.device
+
+    def forward(self, batch, pool, select, want_logits, want_hidden):
+        """Writes the KV of every token of `batch` into `pool`; returns (logits, hidden) of the tokens
+        at indices `select` (None: nothing), logits in float32, hidden after the final norm."""
+        inner = self.model.model
+        num_tokens = batch.num_tokens
+        h = inner.embed_tokens(batch.input_ids)
+        cos, sin = inner.rotary_emb(h, batch.positions[None])
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim]: broadcast over heads
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
+            k = attn.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = attn.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            k_cache, v_cache = pool.k(index), pool.v(index)
+            write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+            o = paged_attention(q, k_cache, v_cache, batch.block_table, batch.seq_lens, batch.cu_q_lens,
+                                scale=attn.scaling, backend=self.attention_backend)
+            h = h + attn.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if select is None:
+            return None, None
+        hidden = inner.norm(h[select])
+        logits = self.model.lm_head(hidden).float() if want_logits else None
+        return logits, hidden if want_hidden else None

@@ -1,0 +1,77 @@
+"""Span: the user's handle on a node of a TreeRunner's tree (its parent's tokens plus its own, with KV)."""
+import weakref
+
+
+class Span:
+    """A token sequence with cached KV: `parent`'s sequence plus `new_tokens`. Immutable.
+
+    Create spans with `TreeRunner.prefill` / `TreeRunner.extend`; end them with `TreeRunner.release`, or
+    simply drop every reference to them (a span nobody can reach is released when collected). A span keeps
+    its parent reachable, so holding a leaf keeps its whole path. Rewinding to an ancestor is just using the
+    ancestor's handle: nothing is computed or copied.
+    """
+
+    __slots__ = ("_runner", "_id", "_parent", "_length", "_finalizer", "__weakref__")
+
+    def __init__(self, runner, span_id, parent, length, tree):
+        self._runner = runner
+        self._id = span_id
+        self._parent = parent
+        self._length = length
+        self._finalizer = weakref.finalize(self, _release_if_live, tree, span_id)
+        self._finalizer.atexit = False
+
+    @property
+    def id(self):
+        """The span's id in the runner's span tree (unique for the runner's lifetime)."""
+        return self._id
+
+    @property
+    def parent(self):
+        """The span this one extends, or None for a root (returned even after it was released)."""
+        return self._parent
+
+    @property
+    def length(self):
+        """Number of tokens from the root through this span."""
+        return self._length
+
+    def __len__(self):
+        return self._length
+
+    @property
+    def alive(self):
+        """False once released."""
+        return self._runner.tree.is_live(self._id)
+
+    @property
+    def resident(self):
+        """True while the span's KV is in the pool (an evicted span is recomputed when used)."""
+        self._runner.check_span(self, "span")
+        return self._runner.tree.is_resident(self._id)
+
+    @property
+    def pins(self):
+        self._runner.check_span(self, "span")
+        return self._runner.tree.pins(self._id)
+
+    @property
+    def new_tokens(self):
+        """The tokens this span appends to its parent, as a list of ints."""
+        self._runner.check_span(self, "span")
+        return self._runner.tree.new_tokens(self._id).tolist()
+
+    @property
+    def tokens(self):
+        """Every token from the root through this span, as a list of ints."""
+        self._runner.check_span(self, "span")
+        return self._runner.tree.tokens(self._id).tolist()
+
+    def __repr__(self):
+        state = "released" if not self.alive else f"length={self._length}"
+        return f"Span(id={self._id}, {state})"
+
+
+def _release_if_live(tree, span_id):
+    if tree.is_live(span_id):
+        tree.release(span_id)

@@ -1,0 +1,60 @@
+"""The span tree (fastalign._C.SpanTree) plus the policy that makes eviction invisible to results.
+
+Every call that uses spans goes through `SpanStore.extend` or `SpanStore.make_resident`: the spans it
+uses are locked (never evicted while the call runs), evicted ones are recomputed first (one forward per
+round of `plan_restore`), and a forward that raises is rolled back, so that the tree never names blocks
+whose KV was not written. `run(plan)` is the caller's forward: it copies `plan.copy_src` blocks into
+`plan.copy_dst`, computes the KV of the plan's tokens into `plan.slot_mapping`, and returns whatever the
+caller wants back. The store knows nothing about models or devices, which is what lets the property
+tests drive it without one.
+"""
+import numpy as np
+
+from fastalign._C import SpanTree
+
+
+class SpanStore:
+    """Owns the span tree of one KV pool of `num_blocks` blocks of `block_size` tokens."""
+
+    def __init__(self, num_blocks, block_size):
+        self.tree = SpanTree(num_blocks, block_size)
+
+    def extend(self, parent_ids, tokens, cu_lens, run):
+        """Create one child per row and compute its KV: `parent_ids` [R] int64 (-1: a new root), row r's
+        tokens are `tokens[cu_lens[r]:cu_lens[r + 1]]`. Returns (child ids, run's result for the plan);
+        the plan's rows are the children, in order."""
+        used = [int(p) for p in parent_ids if p >= 0]
+        self.tree.lock(used)
+        try:
+            self._restore(used, run)
+            plan = self.tree.plan_extend(np.asarray(parent_ids, dtype=np.int64), tokens, cu_lens)
+            try:
+                result = run(plan)
+            except BaseException:
+                self.tree.abandon(plan)
+                raise
+            self.tree.unlock(plan.spans)
+        finally:
+            self.tree.unlock(used)
+        return plan.row_spans, result
+
+    def make_resident(self, ids, run):
+        """Recompute whichever of `ids` (and of their ancestors) were evicted."""
+        ids = [int(i) for i in ids]
+        self.tree.lock(ids)
+        try:
+            self._restore(ids, run)
+        finally:
+            self.tree.unlock(ids)
+
+    def _restore(self, ids, run):
+        while True:
+            plan = self.tree.plan_restore(ids)
+            if plan.num_rows == 0:
+                return
+            try:
+                run(plan)
+            except BaseException:
+                self.tree.abandon(plan)
+                raise
+            self.tree.unlock(plan.spans)

@@ -1,0 +1,219 @@
+"""TreeRunner: a language model whose KV cache is a tree of spans that a search grows and prunes.
+
+A span (see span.py) is a handle on cached KV: creating children of spans computes only their new
+tokens, all rows in ONE batched forward; a child shares its parent's blocks; releasing a branch gives
+its blocks back; rewinding to an ancestor is using the ancestor's handle. The pool is fixed-size; when it
+is full, least-recently-used unpinned spans are evicted and transparently recomputed if used again, so
+eviction is a cache policy that never changes a result (see csrc/span_tree.h).
+
+Llama-family models (Llama, Mistral, Qwen2) run on the paged pool with the paged attention kernels;
+other causal LMs fall back to Hugging Face's own forward and cache, row by row, with the same API.
+"""
+import numpy as np
+import torch
+
+from fastalign.runtime.forward_batch import ForwardBatch
+from fastalign.runtime.kv_pool import KVPool
+from fastalign.runtime.llama import PagedLlama, llama_family_problem
+from fastalign.runtime.span import Span
+from fastalign.runtime.span_store import SpanStore
+
+_OUTPUTS = ("last", "all", None)
+
+
+class TreeRunner:
+    """Runs `model` (a loaded Hugging Face causal LM, in eval mode) over a tree of cached spans.
+
+    Size the KV pool with exactly one of `max_tokens` (rounded up to whole blocks) or `max_bytes`.
+    `fallback=False` refuses models outside the Llama family instead of running them on Hugging Face's
+    cache. `attention_backend` is passed to `fastalign.ops.paged_attention` ("auto", "triton", "torch").
+    """
+
+    def __init__(self, model, *, max_tokens=None, max_bytes=None, block_size=16, fallback=True,
+                 attention_backend="auto"):
+        if not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
+        problem = llama_family_problem(model)
+        if problem is None:
+            self.model_runner = PagedLlama(model, attention_backend)
+        elif fallback:
+            from fastalign.runtime.hf_cache import HFCacheModel
+            self.model_runner = HFCacheModel(model)
+        else:
+            raise ValueError(f"model: unsupported architecture for the paged runner ({problem}) and "
+                             "fallback=False; pass fallback=True to run it on Hugging Face's cache")
+        self.model = model
+        mr = self.model_runner
+        geometry = dict(num_layers=mr.num_layers, block_size=block_size, num_kv_heads=mr.num_kv_heads,
+                        head_dim=mr.head_dim, dtype=mr.dtype)
+        num_blocks = KVPool.num_blocks_for(max_tokens=max_tokens, max_bytes=max_bytes, block_size=block_size,
+                                           bytes_per_block=KVPool.bytes_per_block(**geometry))
+        self.pool = KVPool(num_blocks=num_blocks, device=mr.device, **geometry)
+        self.store = SpanStore(num_blocks, block_size)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.max_context = mr.max_context
+
+    # ----- the tree
+
+    @property
+    def tree(self):
+        """The C++ span tree (fastalign._C.SpanTree), for inspection."""
+        return self.store.tree
+
+    @property
+    def paged(self):
+        """True on the paged Llama path, False on the Hugging Face cache fallback."""
+        return isinstance(self.model_runner, PagedLlama)
+
+    @property
+    def block_size(self):
+        return self.pool.block_size
+
+    @property
+    def num_blocks(self):
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self):
+        return self.tree.num_free_blocks
+
+    def prefill(self, token_ids):
+        """A new root span holding `token_ids` (one forward, no outputs). To also get the next-token
+        logits, use `extend([None], [token_ids])`."""
+        (root,), _ = self.extend([None], [token_ids], logits=None)
+        return root
+
+    def extend(self, parents, token_lists, *, logits="last", hidden=None):
+        """Append token_lists[i] (one or more token ids) to parents[i] (a Span, or None to start a new
+        root), every row in ONE forward. Parents may repeat and may be evicted (they are recomputed).
+
+        logits / hidden choose the outputs: "last" -> a tensor [R, vocab] / [R, hidden_size] taken at each
+        child's last token (the next-token logits); "all" -> a list of R tensors [n_i, ...], one row per new
+        token of child i (logits at token t predict token t + 1); None -> not computed. Logits are float32;
+        hidden states are the final hidden states (after the final norm) in the model's dtype.
+        Returns (children, logits), or (children, logits, hidden) when hidden is not None.
+        """
+        for name, value in (("logits", logits), ("hidden", hidden)):
+            if value not in _OUTPUTS:
+                raise ValueError(f"{name}: expected one of {_OUTPUTS}, got {value!r}")
+        parents = list(parents)
+        parent_ids = np.array([-1 if p is None else self.check_span(p, f"parents[{i}]").id
+                               for i, p in enumerate(parents)], dtype=np.int64)
+        tokens, cu_lens = self._pack_tokens(token_lists, len(parents))
+        self._check_context(parents, cu_lens)
+        want = [o for o in (logits, hidden) if o is not None]
+        select_all = "all" in want
+
+        def run(plan):
+            return self._forward(plan, (select_all, logits is not None, hidden is not None) if want else None)
+
+        child_ids, (out_logits, out_hidden) = self.store.extend(parent_ids, tokens, cu_lens, run)
+        children = [Span(self, int(i), p, int(n), self.tree)
+                    for i, p, n in zip(child_ids, parents, self._lengths(parents, cu_lens))]
+        results = (children, self._format(out_logits, logits, cu_lens))
+        if hidden is not None:
+            results += (self._format(out_hidden, hidden, cu_lens),)
+        return results
+
+    def release(self, spans):
+        """End one span or an iterable of spans. A released span's KV is freed once no live descendant
+        needs it as a prefix; its descendants stay valid. Releasing also drops its pins."""
+        spans = [spans] if isinstance(spans, Span) else list(spans)
+        ids = [self.check_span(s, f"spans[{i}]").id for i, s in enumerate(spans)]
+        if len(set(ids)) != len(ids):
+            raise ValueError("spans: the same span is listed twice")
+        for span in spans:
+            span._finalizer.detach()
+            self.tree.release(span.id)
+
+    def pin(self, span):
+        """Keep `span` (and so its ancestors) resident until unpinned or released; pins nest. An evicted
+        span is recomputed first."""
+        self.check_span(span, "span")
+        self.store.make_resident([span.id], lambda plan: self._forward(plan, None))
+        self.tree.pin(span.id)
+
+    def unpin(self, span):
+        """Undo one `pin` of `span`."""
+        self.check_span(span, "span")
+        self.tree.unpin(span.id)
+
+    def check_span(self, span, name):
+        """`span` itself when it is a live span of this runner; a ValueError naming `name` otherwise."""
+        if not isinstance(span, Span):
+            raise ValueError(f"{name}: expected a Span of this runner, got {type(span).__name__}")
+        if span._runner is not self:
+            raise ValueError(f"{name}: {span!r} belongs to another TreeRunner")
+        if not self.tree.is_live(span.id):
+            raise ValueError(f"{name}: span {span.id} was released")
+        return span
+
+    # ----- internals
+
+    def _pack_tokens(self, token_lists, rows):
+        """Flat int32 tokens and int64 row offsets, after checking every list and token id."""
+        if isinstance(token_lists, (str, bytes)):
+            raise ValueError("token_lists: expected one sequence of token ids per parent")
+        token_lists = list(token_lists)
+        if len(token_lists) != rows:
+            raise ValueError(f"token_lists: expected {rows} lists (one per parent), got {len(token_lists)}")
+        arrays = []
+        for i, ids in enumerate(token_lists):
+            if isinstance(ids, torch.Tensor):
+                ids = ids.detach().cpu().numpy()
+            array = np.asarray(ids)
+            if array.ndim != 1 or array.size == 0 or not (np.issubdtype(array.dtype, np.integer)
+                                                        and array.dtype != np.bool_):
+                raise ValueError(f"token_lists[{i}]: expected a non-empty 1-D sequence of int token ids, got "
+                                 f"shape {list(array.shape)} of {array.dtype}")
+            bad = (array < 0) | (array >= self.vocab_size)
+            if bad.any():
+                raise ValueError(f"token_lists[{i}]: token id {array[bad][0]} is outside the vocabulary "
+                                 f"[0, {self.vocab_size})")
+            arrays.append(array.astype(np.int32))
+        cu_lens = np.zeros(rows + 1, dtype=np.int64)
+        cu_lens[1:] = np.cumsum([len(a) for a in arrays])
+        tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
+        return tokens, cu_lens
+
+    @staticmethod
+    def _lengths(parents, cu_lens):
+        return [(0 if p is None else p.length) + int(n) for p, n in zip(parents, np.diff(cu_lens))]
+
+    def _check_context(self, parents, cu_lens):
+        if self.max_context is None:
+            return
+        for i, length in enumerate(self._lengths(parents, cu_lens)):
+            if length > self.max_context:
+                raise ValueError(f"token_lists[{i}]: the child would hold {length} tokens, past the model's "
+                                 f"context of {self.max_context}")
+
+    def _forward(self, plan, outputs):
+        """Run one plan: block copies, then the model over its rows. `outputs` is None (KV only) or
+        (at every token?, logits?, hidden?)."""
+        device = self.model_runner.device
+        with torch.inference_mode():
+            if len(plan.copy_src):
+                self.pool.copy_blocks(torch.from_numpy(plan.copy_src.astype(np.int64)).to(device),
+                                      torch.from_numpy(plan.copy_dst.astype(np.int64)).to(device))
+            batch = ForwardBatch.from_plan(plan, device)
+            if outputs is None:
+                return self.model_runner.forward(batch, self.pool, None, False, False)
+            at_every_token, want_logits, want_hidden = outputs
+            if at_every_token:
+                select = torch.arange(batch.num_tokens, device=device)
+            else:
+                select = batch.cu_q_lens[1:].long() - 1
+            return self.model_runner.forward(batch, self.pool, select, want_logits, want_hidden)
+
+    @staticmethod
+    def _format(out, which, cu_lens):
+        """Outputs of the selected tokens in the shape `which` asks for (all tokens were selected when
+        either output asked for "all")."""
+        if which is None:
+            return None
+        if out.shape[0] == cu_lens[-1] and which == "last":
+            return out[torch.from_numpy(cu_lens[1:] - 1).to(out.device)]
+        if which == "all":
+            return list(torch.split(out, np.diff(cu_lens).tolist()))
+        return out

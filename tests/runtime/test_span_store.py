@@ -1,0 +1,329 @@
+"""The span tree and its store against a plain Python model of the tree, without any language model.
+
+The "forward" here writes (token, position) pairs into a host array standing for the KV pool, so that
+every invariant about blocks can be checked together with what a span would actually read back: a
+resident span's block table must yield exactly its tokens at their positions, whatever copies, in-place
+appends, evictions, recomputations and failed forwards happened before.
+"""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import event as hypothesis_event
+from hypothesis.control import currently_in_test_context
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from fastalign._C import PoolExhaustedError, SpanTree
+from fastalign.runtime.span_store import SpanStore
+
+
+class InjectedFailure(Exception):
+    pass
+
+
+def event(name):
+    """Count how often a path was taken (shown by --hypothesis-show-statistics)."""
+    if currently_in_test_context():
+        hypothesis_event(name)
+
+
+class FakePool:
+    """The pool's contents as (token, position) per slot; -1 where nothing was written."""
+
+    def __init__(self, tree):
+        self.tree = tree
+        self.slots = np.full((tree.num_blocks * tree.block_size, 2), -1, dtype=np.int64)
+        self.fail = False
+        self.forwards = 0
+
+    def run(self, plan):
+        self.check_plan(plan)
+        self.forwards += 1
+        event("recompute evicted spans" if not plan.creates_spans else "extend")
+        if len(plan.copy_src):
+            event("copy-on-write")
+        bs = self.tree.block_size
+        view = self.slots.reshape(self.tree.num_blocks, bs, 2)
+        view[plan.copy_dst] = view[plan.copy_src]
+        written = np.stack([plan.token_ids, plan.positions], axis=1)
+        if self.fail:  # a forward that dies half-way: some KV written, then an exception
+            half = plan.num_tokens // 2
+            self.slots[plan.slot_mapping[:half]] = written[:half]
+            raise InjectedFailure
+        self.slots[plan.slot_mapping] = written
+        return plan.num_rows
+
+    def check_plan(self, plan):
+        """The plan's metadata says what the paged attention contract needs, row by row."""
+        tree, bs = self.tree, self.tree.block_size
+        cu = plan.cu_q_lens
+        assert cu[0] == 0 and cu[-1] == plan.num_tokens and np.all(np.diff(cu) > 0)
+        assert len(np.unique(plan.slot_mapping)) == plan.num_tokens
+        for r, span in enumerate(plan.row_spans):
+            seq_len = tree.length(span)
+            assert plan.seq_lens[r] == seq_len
+            table = tree.block_table(span)
+            assert len(table) == -(-seq_len // bs)
+            assert np.array_equal(plan.block_table[r, :len(table)], table)
+            q = cu[r + 1] - cu[r]
+            assert np.array_equal(plan.positions[cu[r]:cu[r + 1]], np.arange(seq_len - q, seq_len))
+            assert np.array_equal(plan.token_ids[cu[r]:cu[r + 1]], tree.tokens(span)[seq_len - q:])
+            pos = plan.positions[cu[r]:cu[r + 1]]
+            assert np.array_equal(plan.slot_mapping[cu[r]:cu[r + 1]], table[pos // bs] * bs + pos % bs)
+
+
+class SpanTreeMachine(RuleBasedStateMachine):
+    """Random prefill / extend / release / pin / unpin / evict / failing forwards on a small pool."""
+
+    @initialize(block_size=st.sampled_from([1, 3, 4]), num_blocks=st.integers(6, 16))
+    def setup(self, block_size, num_blocks):
+        self.store = SpanStore(num_blocks, block_size)
+        self.tree = self.store.tree
+        self.pool = FakePool(self.tree)
+        self.parent = {}   # id -> parent id (-1 for a root), for every span ever created
+        self.tokens = {}   # id -> full token sequence
+        self.live = set()
+        self.pins = {}     # live id -> pin count
+
+    # ----- helpers
+
+    def resident_children(self, span):
+        return [c for c in self.tree.span_ids() if self.parent[c] == span and self.tree.is_resident(c)]
+
+    def extend(self, parents, lists):
+        cu = np.concatenate([[0], np.cumsum([len(t) for t in lists])]).astype(np.int64)
+        tokens = np.concatenate(lists).astype(np.int32)
+        before = set(self.tree.span_ids())
+        try:
+            children, rows = self.store.extend(np.array(parents, dtype=np.int64), tokens, cu, self.pool.run)
+        except (PoolExhaustedError, InjectedFailure) as err:
+            event(type(err).__name__)
+            assert set(self.tree.span_ids()) <= before, "a failed extend left new spans behind"
+            return
+        assert rows == len(parents)
+        for child, parent, new in zip(children.tolist(), parents, lists):
+            assert child not in before
+            self.parent[child] = parent
+            self.tokens[child] = (self.tokens[parent] if parent >= 0 else []) + list(new)
+            self.live.add(child)
+            self.pins[child] = 0
+
+    # ----- rules
+
+    @rule(data=st.data(), fail=st.booleans())
+    def extend_rows(self, data, fail):
+        bs = self.tree.block_size
+        rows = data.draw(st.integers(1, 4))
+        choices = [-1] + sorted(self.live)
+        parents = [data.draw(st.sampled_from(choices)) for _ in range(rows)]
+        lists = [data.draw(st.lists(st.integers(0, 50), min_size=1, max_size=2 * bs + 1)) for _ in range(rows)]
+        self.pool.fail = fail and data.draw(st.integers(0, 3)) == 0
+        try:
+            self.extend(parents, lists)
+        finally:
+            self.pool.fail = False
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def release(self, data):
+        span = data.draw(st.sampled_from(sorted(self.live)))
+        self.tree.release(span)
+        self.live.discard(span)
+        del self.pins[span]
+        with pytest.raises(ValueError, match="released"):
+            self.tree.release(span)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def pin(self, data):
+        span = data.draw(st.sampled_from(sorted(self.live)))
+        try:
+            self.store.make_resident([span], self.pool.run)
+        except PoolExhaustedError:
+            return
+        self.tree.pin(span)
+        self.pins[span] += 1
+
+    @precondition(lambda self: any(self.pins.values()))
+    @rule(data=st.data())
+    def unpin(self, data):
+        span = data.draw(st.sampled_from(sorted(s for s, n in self.pins.items() if n)))
+        self.tree.unpin(span)
+        self.pins[span] -= 1
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def evict(self, data):
+        span = data.draw(st.sampled_from(sorted(self.live)))
+        allowed = self.tree.is_resident(span) and self.pins[span] == 0 and not self.resident_children(span)
+        if allowed:
+            self.tree.evict(span)
+            assert not self.tree.is_resident(span)
+        else:
+            with pytest.raises(ValueError):
+                self.tree.evict(span)
+
+    # ----- invariants
+
+    @invariant()
+    def nodes_are_live_spans_and_their_ancestors(self):
+        needed = set()
+        for span in self.live:
+            while span >= 0 and span not in needed:
+                needed.add(span)
+                span = self.parent[span]
+        assert set(self.tree.span_ids()) == needed
+        for span in needed:
+            assert self.tree.is_live(span) == (span in self.live)
+            assert self.tree.tokens(span).tolist() == self.tokens[span]
+            assert self.tree.parent(span) == self.parent[span]
+            assert self.tree.locks(span) == 0
+
+    @invariant()
+    def pins_keep_spans_resident(self):
+        for span in self.live:
+            assert self.tree.pins(span) == self.pins[span]
+            if self.pins[span]:
+                assert self.tree.is_resident(span), f"pinned span {span} was evicted"
+
+    @invariant()
+    def residency_is_closed_under_ancestors(self):
+        for span in self.tree.span_ids():
+            if self.tree.is_resident(span) and self.parent[span] >= 0:
+                assert self.tree.is_resident(self.parent[span])
+
+    @invariant()
+    def refcounts_count_resident_spans(self):
+        tree, bs = self.tree, self.tree.block_size
+        expected = np.zeros(tree.num_blocks, dtype=np.int64)
+        unique_tokens, bound = 0, 0
+        for span in tree.span_ids():
+            table = tree.block_table(span)
+            if not tree.is_resident(span):
+                assert len(table) == 0
+                continue
+            assert len(table) == -(-tree.length(span) // bs)
+            assert len(set(table.tolist())) == len(table)
+            expected[table] += 1
+            own = len(tree.new_tokens(span))
+            unique_tokens += own
+            bound += -(-own // bs) + 1
+        assert np.array_equal(tree.refcounts(), expected)
+        free = tree.free_blocks()
+        assert len(set(free.tolist())) == len(free), "a block was freed twice"
+        assert set(free.tolist()) == set(np.flatnonzero(expected == 0).tolist()), "a block leaked"
+        assert tree.num_free_blocks == len(free)
+        used = tree.num_blocks - len(free)
+        assert unique_tokens <= used * bs and used <= bound
+
+    @invariant()
+    def resident_spans_read_their_tokens(self):
+        tree, bs = self.tree, self.tree.block_size
+        for span in tree.span_ids():
+            if not tree.is_resident(span):
+                continue
+            table, length = tree.block_table(span), tree.length(span)
+            pos = np.arange(length)
+            stored = self.pool.slots[table[pos // bs] * bs + pos % bs]
+            assert stored[:, 0].tolist() == self.tokens[span], f"span {span} reads wrong tokens"
+            assert np.array_equal(stored[:, 1], pos)
+            parent = self.parent[span]
+            if parent >= 0:  # full blocks of the parent are shared, never copied
+                full = tree.length(parent) // bs
+                assert np.array_equal(table[:full], tree.block_table(parent)[:full])
+
+    @invariant()
+    def lru_holds_exactly_the_evictable_spans(self):
+        tree = self.tree
+        evictable = {s for s in tree.span_ids() if tree.is_resident(s) and tree.pins(s) == 0
+                     and not self.resident_children(s)}
+        assert set(tree.lru_order()) == evictable
+
+
+TestSpanTreeMachine = SpanTreeMachine.TestCase
+TestSpanTreeMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
+                                        suppress_health_check=[HealthCheck.too_slow])
+
+
+# ----- deterministic cases
+
+
+def fresh(num_blocks, block_size):
+    store = SpanStore(num_blocks, block_size)
+    return store, FakePool(store.tree)
+
+
+def grow(store, pool, parents, lists):
+    cu = np.concatenate([[0], np.cumsum([len(t) for t in lists])]).astype(np.int64)
+    children, _ = store.extend(np.array(parents, dtype=np.int64), np.concatenate(lists).astype(np.int32), cu,
+                               pool.run)
+    return children.tolist()
+
+
+def test_first_child_appends_in_place_and_later_children_copy():
+    store, pool = fresh(8, 4)
+    (root,) = grow(store, pool, [-1], [[1, 2, 3, 4, 5, 6]])  # blocks 0 (full) and 1 (2 of 4 slots)
+    first, second = grow(store, pool, [root, root], [[7], [8, 9]])
+    tree = store.tree
+    root_table = tree.block_table(root).tolist()
+    assert tree.block_table(first).tolist() == root_table  # wrote slot 2 of the root's partial block
+    second_table = tree.block_table(second).tolist()
+    assert second_table[0] == root_table[0] and second_table[1] != root_table[1]
+    assert tree.refcounts()[root_table].tolist() == [3, 2]
+
+
+def test_evicted_span_is_recomputed_on_use():
+    store, pool = fresh(3, 2)
+    (root,) = grow(store, pool, [-1], [[1, 2]])
+    (a,) = grow(store, pool, [root], [[3, 4]])
+    (b,) = grow(store, pool, [root], [[5, 6, 7, 8]])  # pool full: a (least recently used leaf) is evicted
+    tree = store.tree
+    assert not tree.is_resident(a) and tree.is_resident(b)
+    assert tree.lru_order() == [b]
+    forwards = pool.forwards
+    (c,) = grow(store, pool, [a], [[9]])  # a comes back (one forward), then c (another); b is evicted
+    assert pool.forwards == forwards + 2
+    assert tree.is_resident(a) and tree.is_resident(c) and not tree.is_resident(b)
+    assert tree.tokens(c).tolist() == [1, 2, 3, 4, 9]
+
+
+def test_pinned_spans_filling_the_pool_give_a_clear_error_and_a_consistent_pool():
+    store, pool = fresh(4, 2)
+    (root,) = grow(store, pool, [-1], [[1, 2, 3, 4, 5, 6]])
+    store.tree.pin(root)
+    with pytest.raises(PoolExhaustedError, match="KV pool exhausted.*pinned"):
+        grow(store, pool, [root], [[7, 8, 9]])
+    assert store.tree.span_ids() == [root]
+    assert store.tree.num_free_blocks == 1
+    (child,) = grow(store, pool, [root], [[7]])
+    assert store.tree.tokens(child).tolist() == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_released_parent_lives_while_a_child_needs_it():
+    store, pool = fresh(8, 4)
+    (root,) = grow(store, pool, [-1], [[1, 2, 3]])
+    (child,) = grow(store, pool, [root], [[4, 5]])
+    tree = store.tree
+    tree.release(root)
+    assert not tree.is_live(root) and tree.exists(root)
+    assert tree.tokens(child).tolist() == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="released"):
+        grow(store, pool, [root], [[6]])
+    tree.release(child)
+    assert tree.span_ids() == [] and tree.num_free_blocks == 8
+
+
+def test_bad_tree_arguments():
+    tree = SpanTree(4, 2)
+    with pytest.raises(ValueError, match="num_blocks must be positive"):
+        SpanTree(0, 2)
+    with pytest.raises(ValueError, match="block_size must be positive"):
+        SpanTree(4, 0)
+    with pytest.raises(ValueError, match="token list 0 is empty"):
+        tree.plan_extend(np.array([-1]), np.zeros(0, dtype=np.int32), np.array([0, 0]))
+    with pytest.raises(ValueError, match="cu_lens must have one entry more"):
+        tree.plan_extend(np.array([-1]), np.zeros(2, dtype=np.int32), np.array([0]))
+    for op in (tree.release, tree.pin, tree.unpin, tree.evict):
+        with pytest.raises(ValueError, match="span 7 is unknown"):
+            op(7)
+    assert tree.num_free_blocks == 4 and tree.span_ids() == []
