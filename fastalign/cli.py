@@ -8,6 +8,7 @@ import sys
 
 COMMAND_MODULES = (
     "fastalign.unlearn.cli",
+    "fastalign.rain.cli",
 )
 
 

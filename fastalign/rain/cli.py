@@ -1,0 +1,167 @@
+"""`fastalign rain`: RAIN answers for a prompt file or the HH harmless-base split, with plain greedy
+decoding alongside for comparison.
+
+Each prompt's record {"index", "prompt", "rain", "vanilla", "error", "stats"} is appended to --output and
+flushed as soon as that prompt finishes, so a killed run resumes where it stopped (prompts whose index is
+already in the file are skipped). A prompt that fails gets its error in its record; the others go on.
+Under torchrun (WORLD_SIZE > 1) each rank searches every WORLD_SIZE-th prompt on cuda:LOCAL_RANK and
+writes <output>.rank<RANK>.
+"""
+import argparse
+import gzip
+import json
+import os
+import sys
+
+import torch
+
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("rain", help="RAIN: the model searches, judges and rewinds its own answers",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", help="a .jsonl file (field --field) or a .txt file (one prompt per line)")
+    source.add_argument("--hh", help="path of HH-RLHF harmless-base jsonl(.gz): its first Human turns are the prompts")
+    parser.add_argument("--field", default="prompt")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all)")
+    parser.add_argument("--model", required=True, help="Hugging Face causal LM directory")
+    parser.add_argument("--output", required=True, help="jsonl file the records are appended to")
+    parser.add_argument("--engine", choices=("tree", "slow"), default="tree")
+    parser.add_argument("--embedding", choices=("minilm", "hidden"), default="minilm")
+    parser.add_argument("--sampler", choices=("torch", "keyed"), default="torch")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--root-visits", type=int, default=50)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--kv-tokens", type=int, default=1 << 17, help="KV pool size of the tree engine, in tokens")
+    parser.add_argument("--generation-prefix-file", help="text put before every prompt (e.g. few-shot chat turns)")
+    parser.add_argument("--judge-template-file", help="judge prompt with {conversation} and {options}")
+    parser.add_argument("--labels", default="A,B", help="the two answer option labels")
+    parser.add_argument("--chat-template", action="store_true", help="render the judge prompt with the chat template")
+    parser.add_argument("--no-vanilla", action="store_true", help="skip the greedy decoding baseline")
+    parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK where CUDA is present, else cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def hh_prompts(path: str):
+    """First Human turn of each HH dialogue, as '\\n\\nHuman: ...\\n\\nAssistant:'."""
+    opener = gzip.open if path.endswith(".gz") else open
+    prompts = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            text = json.loads(line).get("chosen", "")
+            if HH_ASSISTANT not in text:
+                raise ValueError(f"{path}: line {line_no}: no '{HH_ASSISTANT.strip()}' turn in 'chosen'")
+            prompts.append(text[:text.index(HH_ASSISTANT) + len(HH_ASSISTANT)])
+    return prompts
+
+
+def file_prompts(path: str, field: str):
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            out = []
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if field not in record:
+                        raise ValueError(f"{path}: line {line_no}: no field {field!r}")
+                    out.append(record[field])
+            return out
+        return [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+
+
+def done_indices(path: str):
+    if not os.path.exists(path):
+        return set()
+    with open(path, encoding="utf-8") as f:
+        return {json.loads(line)["index"] for line in f if line.strip()}
+
+
+@torch.no_grad()
+def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, turn_marker: str) -> str:
+    """Plain KV-cached greedy decoding, cut before a new user turn."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return text.split(turn_marker)[0] if turn_marker else text
+
+
+def run(args) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import JudgePrompt, RainConfig, rain_generate
+
+    if not os.path.isdir(args.model):
+        print(f"--model: no model directory at {args.model!r}", file=sys.stderr)
+        return 2
+    source = args.hh or args.prompts
+    if not os.path.isfile(source):
+        print(f"{'--hh' if args.hh else '--prompts'}: no file at {source!r}", file=sys.stderr)
+        return 2
+    prompts = hh_prompts(args.hh) if args.hh else file_prompts(args.prompts, args.field)
+    if args.limit:
+        prompts = prompts[:args.limit]
+    judge = JudgePrompt(labels=tuple(args.labels.split(",")), use_chat_template=args.chat_template)
+    if args.judge_template_file:
+        with open(args.judge_template_file, encoding="utf-8") as f:
+            judge = JudgePrompt(template=f.read(), labels=judge.labels, use_chat_template=args.chat_template)
+    prefix = ""
+    if args.generation_prefix_file:
+        with open(args.generation_prefix_file, encoding="utf-8") as f:
+            prefix = f.read()
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
+    config = RainConfig(max_new_tokens=args.max_new_tokens, root_visits=args.root_visits, seed=args.seed)
+    output = args.output
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:   # launched by torchrun: every rank takes every world-th prompt and writes its own file
+        output = f"{output}.rank{rank}"
+    done = done_indices(output)
+    todo = [i for i in range(len(prompts)) if i not in done and i % world == rank]
+    progress = _progress(len(todo))
+
+    with open(output, "a", encoding="utf-8") as out:
+        def write(result):
+            index = todo[result.index]
+            vanilla = None
+            if not args.no_vanilla and result.error is None:
+                vanilla = greedy_answer(model, tokenizer, prefix + prompts[index], args.max_new_tokens,
+                                        config.turn_marker)
+            out.write(json.dumps({"index": index, "prompt": prompts[index], "rain": result.answer,
+                                  "vanilla": vanilla, "error": result.error,
+                                  "stats": result.stats.as_dict()}) + "\n")
+            out.flush()
+            progress(result)
+
+        run_ = rain_generate(model, tokenizer, [prompts[i] for i in todo], config, engine=args.engine,
+                             judge_prompt=judge, embedding=args.embedding, sampler=args.sampler,
+                             generation_prefix=prefix, concurrency=args.concurrency,
+                             runner_tokens=args.kv_tokens, on_result=write)
+    print(json.dumps({"prompts": len(todo), "skipped_done": len(done),
+                      "errors": sum(r.error is not None for r in run_.results),
+                      "stats": run_.stats.as_dict()}, indent=1))
+    return 0
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None:
+        bar = tqdm(total=total, desc="rain", unit="prompt")
+        return lambda result: bar.update(1)
+    count = [0]
+
+    def tick(result):
+        count[0] += 1
+        print(f"rain: {count[0]}/{total} prompts", file=sys.stderr)
+    return tick
