@@ -77,7 +77,8 @@ def register(subparsers) -> None:
       f"(default: {_default('forget_weight')})")
     g("--mismatch-weight", type=float, metavar="X", help=f"w_rdn, weight of the random-answer term "
       f"(default: {_default('mismatch_weight')}; 0 turns it off)")
-    g("--normal-weight", type=float, metavar="X", help=f"w_nor, weight of the KL to the original model on normal answers "
+    g("--normal-weight", type=float, metavar="X",
+      help=f"w_nor, weight of the KL to the original model on normal answers "
       f"(default: {_default('normal_weight')}; 0 turns it off)")
     g("--mismatch-per-prompt", type=int, metavar="N", help=f"K, random normal answers per harmful prompt "
       f"(default: {_default('mismatch_per_prompt')})")
@@ -89,12 +90,14 @@ def register(subparsers) -> None:
 
     g = p.add_argument_group("optimisation").add_argument
     g("--max-steps", type=int, metavar="N", help=f"optimizer steps (default: {_default('max_steps')})")
-    g("--batch-size", type=int, metavar="N", help=f"harmful prompts per step and process (default: {_default('batch_size')})")
+    g("--batch-size", type=int, metavar="N",
+      help=f"harmful prompts per step and process (default: {_default('batch_size')})")
     g("--normal-batch-size", type=int, metavar="N", help="normal examples per step and process (default: --batch-size)")
     g("--grad-accum", type=int, metavar="N", help="micro-batches accumulated per optimizer step (default: 1)")
     g("--lr", type=float, metavar="X", help=f"AdamW learning rate, linear decay to 0 (default: {_default('lr')})")
     g("--weight-decay", type=float, metavar="X", help="AdamW weight decay (default: 0)")
-    g("--max-forget-nll", type=_optional_float, metavar="X|none", help=f"stop early once the mean NLL of the harmful answers "
+    g("--max-forget-nll", type=_optional_float, metavar="X|none",
+      help=f"stop early once the mean NLL of the harmful answers "
       f"exceeds this; 'none' never stops (default: {_default('max_forget_nll')})")
     g("--precision", choices=PRECISIONS, help="fp32; bf16-mixed (fp32 weights, bf16 compute); bf16 (bf16 "
       "weights and optimizer state: least memory, but updates far below a weight's size are rounded away, so "
@@ -143,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
                               "reference": config.reference_mode}, indent=1))
             return 0
         summary = run_unlearning(config)
-    except (DataError, ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
+    except (DataError, ValueError, FileNotFoundError, FileExistsError, TypeError, FloatingPointError) as e:
         print(f"fastalign unlearn: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"steps": summary.steps, "stop_reason": summary.stop_reason, "model_dir": summary.model_dir,

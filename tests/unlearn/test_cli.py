@@ -1,6 +1,7 @@
 """`fastalign unlearn` end to end on a tiny model saved to disk: config file + overrides, --check, errors."""
 import json
 import os
+import re
 
 import pytest
 import yaml
@@ -73,7 +74,7 @@ def test_errors_name_the_problem_and_write_nothing(workspace, capsys):
              (["--model", str(workspace / "nowhere")], "model not found")]
     for extra, message in cases:
         assert main(base + extra) == 2
-        assert __import__("re").search(message, capsys.readouterr().err), message
+        assert re.search(message, capsys.readouterr().err), message
         assert not os.path.exists(workspace / "out")
     (workspace / "typo.yaml").write_text("max_step: 3\n")
     assert main(["unlearn", "--config", str(workspace / "typo.yaml")]) == 2

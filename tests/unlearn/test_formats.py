@@ -1,4 +1,5 @@
 """Data-format loaders: what each format yields, and errors that name the file and row."""
+import gzip
 import json
 import os
 
@@ -59,7 +60,7 @@ def test_hh_shared_test_split_loads():
     pairs = load_hh_rlhf(HH)
     assert len(pairs) == 2312
     assert all(p.prompt and p.answer and "\n\nHuman:" not in p.answer + p.prompt for p in pairs)
-    assert hh_final_exchange(json.loads(__import__("gzip").open(HH, "rt").readline())["rejected"])[1] == pairs[0].answer
+    assert hh_final_exchange(json.loads(gzip.open(HH, "rt").readline())["rejected"])[1] == pairs[0].answer
 
 
 def test_plain_jsonl_and_errors_name_file_and_row(tmp_path):
@@ -106,7 +107,8 @@ def test_truthfulqa_bad_files(tmp_path):
     (tmp_path / "cols.csv").write_text("Question,Best Answer\nq,a\n")
     with pytest.raises(DataError, match=r"cols.csv: missing column\(s\) \['Correct Answers', 'Incorrect Answers'\]"):
         load_truthfulqa(tmp_path / "cols.csv")
-    path = write_truthfulqa(tmp_path / "blank.csv", [("q1", "a", "b", "c"), ("q2", " ", "b", "c"), ("q3", "a", "b", "c")])
+    rows = [("q1", "a", "b", "c"), ("q2", " ", "b", "c"), ("q3", "a", "b", "c")]
+    path = write_truthfulqa(tmp_path / "blank.csv", rows)
     with pytest.raises(DataError, match=r"blank.csv: row 2: row has no answer"):
         load_truthfulqa(path, pool_fraction=0.1, test_fraction=0.0)
     with pytest.raises(ValueError, match="test_fraction"):

@@ -92,7 +92,8 @@ def test_lora_is_merged_on_save(tmp_path):
     original = tiny_llama(len(byte_bpe_tokenizer()))
     q_changed = not torch.equal(merged.model.layers[0].self_attn.q_proj.weight,
                                 original.model.layers[0].self_attn.q_proj.weight)
-    k_same = torch.equal(merged.model.layers[0].self_attn.k_proj.weight, original.model.layers[0].self_attn.k_proj.weight)
+    k_same = torch.equal(merged.model.layers[0].self_attn.k_proj.weight,
+                         original.model.layers[0].self_attn.k_proj.weight)
     assert q_changed and k_same
 
 
@@ -100,7 +101,8 @@ def test_cached_reference_freezes_the_head(tmp_path):
     original = tiny_llama(len(byte_bpe_tokenizer()))
     trainer, summary = run(tmp_path, max_steps=2, reference="cached")
     assert torch.equal(trainer.model.lm_head.weight, original.lm_head.weight)
-    assert not torch.equal(trainer.model.model.layers[0].mlp.up_proj.weight, original.model.layers[0].mlp.up_proj.weight)
+    up_proj = trainer.model.model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(up_proj, original.model.layers[0].mlp.up_proj.weight)
     assert summary.last.normal_kl > 0
     assert summary.compute["reference_tokens"] == 0
 

@@ -38,8 +38,8 @@ def byte_bpe_tokenizer(with_pad: bool = False) -> PreTrainedTokenizerFast:
 @functools.lru_cache(maxsize=None)
 def word_level_tokenizer() -> PreTrainedTokenizerFast:
     """Whitespace-split words (offsets exclude the spaces), no special tokens at all, no pad token."""
-    words = sorted({w for line in CORPUS for w in pre_tokenizers.WhitespaceSplit().pre_tokenize_str(line)
-                    for w in [w[0]]})
+    split = pre_tokenizers.WhitespaceSplit()
+    words = sorted({word for line in CORPUS for word, _ in split.pre_tokenize_str(line)})
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>"] + words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
