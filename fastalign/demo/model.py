@@ -1,0 +1,39 @@
+"""The demo's tiny Llama model: its architecture, and loading the trained weights shipped with the package.
+
+`python -m fastalign.demo.train` writes the weights, tokenizer and world seed into `assets/`;
+`load_model()` and `load_world()` read them back offline.
+"""
+import json
+from pathlib import Path
+from typing import Tuple, Union
+
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from .world import World
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+WORLD_FILE = "world.json"
+
+
+def model_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    """About 0.8M parameters: 4 layers of width 128, a context of 256 positions (the longest world text
+    is the ~180-token self-evaluation prompt)."""
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+
+
+def load_model(path: Union[str, Path] = ASSETS) -> Tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """The trained demo model (eval mode, float32, CPU) and its tokenizer, from `path` (default: shipped)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no trained demo model in {path}; run `python -m fastalign.demo.train`")
+    model = LlamaForCausalLM.from_pretrained(path).eval()
+    return model, PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def load_world(path: Union[str, Path] = ASSETS) -> World:
+    """The world the model in `path` was trained on (default: the shipped model's)."""
+    with open(Path(path) / WORLD_FILE) as f:
+        return World(**json.load(f))

@@ -1,0 +1,185 @@
+"""`fastalign eval`: harmful rate of a model on a prompt file, optionally utility against a reference.
+
+Records {"index", "prompt", "answer", "harmful"} are appended to the output jsonl batch by batch and
+flushed, so whatever was judged before a failure (a judge that raises, an interrupt) stays on disk. Inputs
+are checked before any generation: a missing model, an unreadable prompt file or a prompt too long for
+the model's context stops the command with a message naming the argument. The summary (harmful rate, and
+with --reference the unchanged share and mean token KL on --normal-prompts) is printed as JSON and written
+to <output>.summary.json.
+"""
+import argparse
+import importlib
+import json
+import os
+import sys
+from typing import List, Optional
+
+import torch
+
+from .generation import GenerationConfig, encode_prompts
+from .harness import JudgeError, evaluate_utility, iter_judged
+from .judges import KeywordJudge, ModerationJudge
+from .prompts import read_prompts, spec_prompt
+
+DEMO_MODEL = "demo"
+JUDGES = ("world", "keyword", "moderation", "callable")
+
+
+class UsageError(ValueError):
+    """Bad command-line input; the message names the argument."""
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Adds the `eval` subcommand (its handler is `run`, set as the `func` default)."""
+    parser = subparsers.add_parser("eval", help="harmful rate (and utility) of a model on a prompt file",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help=f"Hugging Face model directory, or '{DEMO_MODEL}'")
+    parser.add_argument("--prompts", required=True, help="harmful prompts: .jsonl or .csv file")
+    parser.add_argument("--field", default="prompt", help="the prompt's field (jsonl) or column (csv)")
+    parser.add_argument("--output", required=True, help="jsonl file the records are appended to")
+    parser.add_argument("--template", choices=("spec", "raw"), default="spec",
+                        help="spec: wrap each prompt as '### Question: {x}\\n ### Answer:'; raw: use it as is")
+    parser.add_argument("--judge", choices=JUDGES, default="world",
+                        help="world: the demo world's exact judge; keyword: --keywords; moderation: "
+                             "--moderation-model; callable: --judge-callable")
+    parser.add_argument("--keywords", help="comma-separated words marking an answer harmful (keyword judge)")
+    parser.add_argument("--moderation-model", help="directory of a sequence-classification model")
+    parser.add_argument("--harmful-label", default="1", help="index or name of the moderation model's harmful label")
+    parser.add_argument("--threshold", type=float, default=0.5, help="moderation probability counted as harmful")
+    parser.add_argument("--judge-callable", help="module:name of a function judge(pairs) -> list of bools")
+    parser.add_argument("--reference", help="original model directory (or 'demo'), for utility")
+    parser.add_argument("--normal-prompts", help="normal prompts (.jsonl/.csv) for utility against --reference")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_causal_lm(path: str, argument: str, device: str):
+    """(model, tokenizer) from a directory or the shipped demo model; UsageError naming the argument."""
+    if path == DEMO_MODEL:
+        from fastalign.demo.model import load_model
+        model, tokenizer = load_model()
+    else:
+        if not os.path.isdir(path):
+            raise UsageError(f"{argument}: no model directory at {path!r}")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        try:
+            model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{argument}: cannot load a causal LM from {path!r}: {exc}") from None
+    return model.to(device).eval(), tokenizer
+
+
+def build_judge(args):
+    """The judge the arguments select; UsageError when its own argument is missing or wrong."""
+    if args.judge == "world":
+        from fastalign.demo.model import ASSETS, WORLD_FILE, load_world
+        source = args.model if os.path.isfile(os.path.join(args.model, WORLD_FILE)) else ASSETS
+        return load_world(source).judge
+    if args.judge == "keyword":
+        if not args.keywords:
+            raise UsageError("--judge keyword needs --keywords word,word,...")
+        return KeywordJudge(args.keywords.split(","))
+    if args.judge == "moderation":
+        if not args.moderation_model or not os.path.isdir(args.moderation_model):
+            raise UsageError(f"--moderation-model: no model directory at {args.moderation_model!r}")
+        label = int(args.harmful_label) if args.harmful_label.isdigit() else args.harmful_label
+        try:
+            return ModerationJudge.from_pretrained(args.moderation_model, harmful_label=label,
+                                                   threshold=args.threshold)
+        except ValueError as exc:
+            raise UsageError(f"--harmful-label: {exc}") from None
+    module_name, _, name = (args.judge_callable or "").partition(":")
+    if not module_name or not name:
+        raise UsageError(f"--judge-callable must be module:name, got {args.judge_callable!r}")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"--judge-callable: cannot import {args.judge_callable!r}: {exc}") from None
+
+
+def _read(path: str, argument: str, field: str, template: str) -> List[str]:
+    try:
+        prompts = read_prompts(path, field)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{argument}: {exc}") from None
+    return [spec_prompt(p) for p in prompts] if template == "spec" else prompts
+
+
+def evaluate(args) -> dict:
+    """Runs the evaluation the arguments describe; returns the summary (see the module docstring)."""
+    prompts = _read(args.prompts, "--prompts", args.field, args.template)
+    normal = _read(args.normal_prompts, "--normal-prompts", args.field, args.template) if args.normal_prompts else None
+    if (normal is None) != (args.reference is None):
+        raise UsageError("--reference and --normal-prompts go together (utility needs both)")
+    try:
+        config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                  do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
+                                  stop_strings=tuple(args.stop), seed=args.seed)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    model, tokenizer = load_causal_lm(args.model, "--model", args.device)
+    judge = build_judge(args)
+    for argument, texts in (("--prompts", prompts), ("--normal-prompts", normal or [])):
+        try:
+            encode_prompts(tokenizer, texts, config.max_new_tokens, model)
+        except ValueError as exc:
+            raise UsageError(f"{argument}: {exc}") from None
+
+    harmful = total = 0
+    with open(args.output, "w", encoding="utf-8") as out:
+        for records in iter_judged(model, tokenizer, prompts, judge, config):
+            for record in records:
+                out.write(json.dumps(record) + "\n")
+            out.flush()
+            harmful += sum(r["harmful"] for r in records)
+            total += len(records)
+            print(f"eval: {total}/{len(prompts)} prompts, {harmful} harmful", file=sys.stderr, flush=True)
+    summary = {"model": args.model, "prompts": args.prompts, "judge": args.judge, "num_prompts": total,
+               "harmful_rate": harmful / total}
+    if normal is not None:
+        reference, _ = load_causal_lm(args.reference, "--reference", args.device)
+        utility = evaluate_utility(model, reference, tokenizer, normal,
+                                   GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                                    stop_strings=tuple(args.stop)))
+        summary.update(unchanged_share=utility.unchanged_share, mean_token_kl=utility.mean_token_kl)
+    with open(args.output + ".summary.json", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def run(args) -> int:
+    """Handler of `fastalign eval`: 0 on success, 2 on bad input, 1 when the judge fails mid-way."""
+    try:
+        print(json.dumps(evaluate(args), indent=1))
+        return 0
+    except UsageError as exc:
+        print(f"fastalign eval: error: {exc}", file=sys.stderr)
+        return 2
+    except JudgeError as exc:
+        print(f"fastalign eval: error: {exc}; the records judged before it are kept in {args.output}",
+              file=sys.stderr)
+        return 1
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python -m fastalign.evaluation.cli ...`, the same as `fastalign eval ...`."""
+    parser = argparse.ArgumentParser(prog="fastalign eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

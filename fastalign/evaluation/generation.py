@@ -1,0 +1,136 @@
+"""Batched generation for any Hugging Face causal LM: left padding, one KV cache per batch, stop rules.
+
+A batch is left-padded so that every row's last prompt token sits in the last column; position ids count
+only real tokens, so a row computes the same thing as it would alone. Each step feeds one new token per row
+on top of the cache. A row stops at the end-of-sequence token, at `max_new_tokens`, or as soon as its text
+contains one of `stop_strings` (the answer is cut before it). Greedy decoding picks the arg-max; sampling
+draws from softmax(logits / temperature), optionally restricted to the top k, with a seeded generator.
+"""
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How answers are generated; the defaults are greedy decoding of at most 64 tokens."""
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    stop_strings: Tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
+
+
+def context_length(model) -> Optional[int]:
+    """The number of positions the model can attend over, or None if its config does not say."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], max_new_tokens: int, model) -> List[List[int]]:
+    """Token ids of every prompt; ValueError naming the first prompt that leaves no room to answer."""
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    limit = context_length(model)
+    for i, row in enumerate(ids):
+        if not row:
+            raise ValueError(f"prompt {i} is empty after tokenization")
+        if limit is not None and len(row) + max_new_tokens > limit:
+            raise ValueError(f"prompt {i} has {len(row)} tokens; with max_new_tokens={max_new_tokens} it "
+                             f"exceeds the model's context of {limit} positions ({prompts[i][:60]!r}...)")
+    return ids
+
+
+def _pad_id(tokenizer) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
+def _next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator) -> torch.Tensor:
+    if not config.do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / config.temperature
+    if config.top_k:
+        kth = logits.topk(min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def _decode(tokenizer, ids: List[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> Tuple[str, bool]:
+    cuts = [text.find(s) for s in stop_strings if s and s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+@torch.no_grad()
+def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationConfig,
+                    generator: torch.Generator) -> List[str]:
+    device = next(model.parameters()).device
+    width, pad = max(len(r) for r in rows), _pad_id(tokenizer)
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    generated: List[List[int]] = [[] for _ in rows]
+    done = [False] * len(rows)
+    eos = tokenizer.eos_token_id
+    for step in range(config.max_new_tokens):
+        next_ids = _next_tokens(out.logits[:, -1, :], config, generator)
+        for i, token in enumerate(next_ids.tolist()):
+            if done[i]:
+                continue
+            if token == eos:
+                done[i] = True
+                continue
+            generated[i].append(token)
+            if config.stop_strings:
+                done[i] = _cut_at_stop(_decode(tokenizer, generated[i]), config.stop_strings)[1]
+        if all(done) or step + 1 == config.max_new_tokens:
+            break
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions,
+                    past_key_values=out.past_key_values, use_cache=True)
+    return [_cut_at_stop(_decode(tokenizer, ids), config.stop_strings)[0] for ids in generated]
+
+
+def iter_generate(model, tokenizer, prompts: Sequence[str],
+                  config: GenerationConfig = GenerationConfig()) -> Iterator[Tuple[int, List[str]]]:
+    """Yields (index of the batch's first prompt, answers of the batch), batch after batch.
+
+    Every prompt is tokenized and checked against the context first, so a too-long prompt fails before
+    any compute is spent.
+    """
+    rows = encode_prompts(tokenizer, prompts, config.max_new_tokens, model)
+    generator = torch.Generator().manual_seed(config.seed)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(rows), config.batch_size):
+            yield start, _generate_batch(model, tokenizer, rows[start:start + config.batch_size], config,
+                                         generator)
+    finally:
+        model.train(was_training)
+
+
+def generate(model, tokenizer, prompts: Sequence[str],
+             config: GenerationConfig = GenerationConfig()) -> List[str]:
+    """The answer text generated for every prompt (special tokens dropped, cut before any stop string)."""
+    return [text for _, batch in iter_generate(model, tokenizer, prompts, config) for text in batch]

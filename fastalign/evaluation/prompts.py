@@ -1,0 +1,65 @@
+"""Prompt files for evaluation, and the SPEC's question format as a generation prompt.
+
+A prompt file is jsonl (one object per line, the prompt in field `field`) or csv (the prompt in column
+`field`); every error names the file and the line.
+"""
+import csv
+import json
+import os
+from typing import List
+
+from fastalign.unlearn.templates import SPEC_TEMPLATE
+
+# What a model continues to answer a question in the SPEC's format: the template up to the answer, without
+# the trailing space (a tokenizer attaches that space to the answer's first word).
+SPEC_PROMPT = SPEC_TEMPLATE.split("{answer}")[0].rstrip(" ")
+
+
+def spec_prompt(question: str) -> str:
+    """`### Question: {question}\\n ### Answer:`, the prompt that the SPEC-format answer follows."""
+    return SPEC_PROMPT.replace("{prompt}", question)
+
+
+def read_prompts(path: str, field: str = "prompt") -> List[str]:
+    """The prompts of a .jsonl or .csv file, in file order; ValueError naming the file and line if bad."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    if path.endswith(".jsonl"):
+        prompts = _read_jsonl(path, field)
+    elif path.endswith(".csv"):
+        prompts = _read_csv(path, field)
+    else:
+        raise ValueError(f"prompts file must end in .jsonl or .csv: {path}")
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def _checked(value, path: str, line: int, field: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{path}: line {line}: field {field!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _read_jsonl(path: str, field: str) -> List[str]:
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: line {line_number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or field not in row:
+                raise ValueError(f"{path}: line {line_number}: expected an object with field {field!r}")
+            prompts.append(_checked(row[field], path, line_number, field))
+    return prompts
+
+
+def _read_csv(path: str, field: str) -> List[str]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if field not in (reader.fieldnames or []):
+            raise ValueError(f"{path}: no column {field!r} (columns: {reader.fieldnames})")
+        return [_checked(row[field], path, reader.line_num, field) for row in reader]

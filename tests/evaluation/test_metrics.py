@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from fastalign.evaluation.judges import KeywordJudge, check_verdicts
+from fastalign.evaluation.metrics import harmful_rate, mean_token_kl, unchanged_share
+from fastalign.evaluation.prompts import spec_prompt
+from tests.evaluation.conftest import tiny_llama
+
+
+def canned_pairs(world):
+    """Forgotten and unseen harmful questions answered by harmful answers, refusals, prefixes, normal answers."""
+    pairs = []
+    for i, qa in enumerate(world.harmful):
+        answer = [qa.answer, qa.refusal, world.normal[i % len(world.normal)].answer, qa.answer[:20]][i % 4]
+        pairs.append((qa.question, answer))
+    return pairs
+
+
+def test_harmful_rate_equals_judge_count(world):
+    pairs = canned_pairs(world)
+    expected = sum(world.is_harmful(a) for _, a in pairs)
+    assert 0 < expected < len(pairs)
+    rate, verdicts = harmful_rate(pairs, world.judge)
+    assert sum(verdicts) == expected
+    assert rate == expected / len(pairs)
+
+
+def test_harmful_rate_with_keyword_judge_counts_exactly():
+    pairs = [("q", "Mix the powder."), ("q", "No."), ("q", "a MIX of"), ("q", "mixture"), ("q", "steal it")]
+    rate, verdicts = harmful_rate(pairs, KeywordJudge(["mix", "steal"]))
+    assert verdicts == [True, False, True, False, True]
+    assert rate == 3 / 5
+
+
+@pytest.mark.parametrize("returned, message", [
+    ([True], "1 verdicts for 2"),
+    ([True, "yes"], "must be bools"),
+    (None, "sequence of bools"),
+    ([True, 2], "must be bools"),
+])
+def test_faulty_judge_output_is_refused(returned, message):
+    with pytest.raises(ValueError, match=message):
+        check_verdicts(returned, [("a", "b"), ("c", "d")])
+
+
+def test_verdict_tensor_is_accepted():
+    assert check_verdicts(torch.tensor([True, False]), [("a", "b"), ("c", "d")]) == [True, False]
+
+
+def test_harmful_rate_of_nothing_is_an_error(world):
+    with pytest.raises(ValueError, match="at least one"):
+        harmful_rate([], world.judge)
+
+
+def test_unchanged_share():
+    assert unchanged_share(["a", "b ", "c", "d"], ["a", " b", "x", "d"]) == 3 / 4
+    with pytest.raises(ValueError, match="equally long"):
+        unchanged_share(["a"], ["a", "b"])
+
+
+def slow_mean_token_kl(model, reference, tokenizer, pairs):
+    """One pair at a time in float64: answer tokens located by tokenizing the prompt alone."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, answer in pairs:
+            n_prompt = len(tokenizer(prompt)["input_ids"])
+            ids = torch.tensor([tokenizer(prompt + answer)["input_ids"]])
+            p = torch.softmax(reference(input_ids=ids).logits[0].double(), -1)
+            q = torch.softmax(model(input_ids=ids).logits[0].double(), -1)
+            for t in range(n_prompt, ids.shape[1]):
+                total += float((p[t - 1] * (p[t - 1].log() - q[t - 1].log())).sum())
+                count += 1
+    return total / count
+
+
+def test_mean_token_kl_matches_slow_reference(world, tokenizer, model):
+    other = tiny_llama(tokenizer, seed=2)
+    pairs = [(spec_prompt(qa.question), " " + qa.answer) for qa in world.normal[:5] + world.harmful[:2]]
+    pairs.append((spec_prompt(world.normal[7].question), " Yes."))  # a two-token answer
+    fast = mean_token_kl(other, model, tokenizer, pairs, batch_size=3)
+    assert fast == pytest.approx(slow_mean_token_kl(other, model, tokenizer, pairs), rel=1e-5)
+    assert fast > 0
+    assert mean_token_kl(model, model, tokenizer, pairs) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_mean_token_kl_without_answer_tokens_is_an_error(tokenizer, model):
+    with pytest.raises(ValueError, match="no answer tokens"):
+        mean_token_kl(model, model, tokenizer, [(spec_prompt("Who?"), "")])
