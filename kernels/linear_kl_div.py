@@ -1,0 +1,172 @@
+"""Triton kernels of the fused linear forward KL: KL_t(P || Q), Q = softmax(x W^T), P = softmax(x_ref W_ref^T).
+
+P is the frozen reference (no gradient). Neither [M, V] logits matrix exists in memory: the forward
+streams over the vocabulary once, the backward recomputes both logits tiles from the saved logsumexps.
+When W_ref is W (a frozen lm_head shared by both models) each weight chunk is loaded once for both products.
+
+Accuracy of the one-pass KL. With d_v = zp_v - zq_v,
+    KL = E_p[d] - (lse_p - lse_q) = E_p[d] + log E_p[exp(-d)].
+The first form subtracts two logsumexps of size ~|z| + log V, so in fp32 it carries an absolute error
+of ~1e-6 whatever the KL: useless when P ~ Q (KL ~ Var_p(d) / 2). The second form accumulates
+E_p[expm1(-d)] term by term (expm1 is exact to rounding for small d) and finishes with log1p, so its
+error scales with |d|. It is used whenever |lse_p - lse_q| <= 1 and its sum stayed finite (an exp
+can overflow only when Q dwarfs P on some columns); the first form otherwise, where log1p would lose
+digits if E_p[exp(-d)] is near 0. Left unhandled: logits that differ by a near-constant shift c, to
+which the KL is blind, cost either form ~1e-7 |c| (or ~1e-7 |lse|) absolute.
+
+Launcher contract (the autograd Function in fastalign.ops calls these): inputs are validated, contiguous,
+on one device, masked rows already removed (M >= 1).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .linear_softmax_tiles import (accumulate_tile_grads, autotune_tiles, grouped_tile,
+                                   logits_tile_pair, merge_splits, online_logsumexp, vocab_splits)
+
+# split_stats rows of the forward kernel
+_Q_MAX, _Q_SUMEXP, _P_MAX, _P_SUMEXP, _P_DIFF, _P_EXPM1 = range(6)
+# below this |d|, expm1(-d) comes from its Taylor series; above it, exp(-d) - 1 is already accurate
+_EXPM1_SERIES_LIMIT = 0.5
+# |lse_p - lse_q| up to which the log1p form is used (keeps E_p[exp(-d)] in [e^-1, e])
+_LOG1P_FORM_LIMIT = 1.0
+
+
+@triton.jit
+def _expm1_series(x):
+    """exp(x) - 1 for |x| <= 0.5, by Horner on x (1 + x/2 (1 + x/3 (... (1 + x/8)))); error < 1e-8 relative."""
+    r = 1.0 + x / 8.0
+    r = 1.0 + x / 7.0 * r
+    r = 1.0 + x / 6.0 * r
+    r = 1.0 + x / 5.0 * r
+    r = 1.0 + x / 4.0 * r
+    r = 1.0 + x / 3.0 * r
+    r = 1.0 + x / 2.0 * r
+    return x * r
+
+
+@autotune_tiles("forward", streams=2, key=["H", "V", "SHARED_WEIGHT"])
+@triton.jit
+def _forward_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, split_stats_ptr,
+                    M, H, V, V_PER_SPLIT, NUM_SPLITS,
+                    SHARED_WEIGHT: tl.constexpr, EXPM1_SERIES_LIMIT: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (row block, split): streaming statistics of zq = x W^T and zp = x_ref W_ref^T on its range.
+
+    split_stats is [6, M, NUM_SPLITS]: max and sum exp(zq - max) of Q; max m_p and sum exp(zp - m_p) of P;
+    sum exp(zp - m_p) * d and sum exp(zp - m_p) * expm1(-d), with d = zp - zq.
+    """
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    split = tl.program_id(1)
+    v_start = split * V_PER_SPLIT
+    v_end = tl.minimum(v_start + V_PER_SPLIT, V)
+
+    q_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    q_sumexp = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    p_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    p_sumexp = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    p_diff = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    p_expm1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        zq, zp = logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, rows, cols, row_mask, col_mask, H,
+                                  SHARED_WEIGHT, BLOCK_M, BLOCK_V, BLOCK_K)
+        d = tl.where(col_mask[None, :], zp - zq, 0.0)
+        zq = tl.where(col_mask[None, :], zq, float("-inf"))
+        zp = tl.where(col_mask[None, :], zp, float("-inf"))
+        q_max, q_sumexp, _, _ = online_logsumexp(q_max, q_sumexp, zq)
+        # e_v = exp(zp_v - m_p); alpha moves the sums kept relative to the old m_p onto the new one
+        p_max, p_sumexp, alpha, e = online_logsumexp(p_max, p_sumexp, zp)
+        # e_v * expm1(-d_v) = exp(zq_v - m_p) - e_v: series for small |d|, plain difference otherwise
+        e_expm1 = tl.where(tl.abs(d) < EXPM1_SERIES_LIMIT, e * _expm1_series(-d),
+                           tl.exp(zq - p_max[:, None]) - e)
+        p_diff = p_diff * alpha + tl.sum(e * d, axis=1)
+        p_expm1 = p_expm1 * alpha + tl.sum(e_expm1, axis=1)
+
+    stat = rows * NUM_SPLITS + split
+    stat_stride = M * NUM_SPLITS
+    tl.store(split_stats_ptr + stat, q_max, mask=row_mask)
+    tl.store(split_stats_ptr + stat_stride + stat, q_sumexp, mask=row_mask)
+    tl.store(split_stats_ptr + 2 * stat_stride + stat, p_max, mask=row_mask)
+    tl.store(split_stats_ptr + 3 * stat_stride + stat, p_sumexp, mask=row_mask)
+    tl.store(split_stats_ptr + 4 * stat_stride + stat, p_diff, mask=row_mask)
+    tl.store(split_stats_ptr + 5 * stat_stride + stat, p_expm1, mask=row_mask)
+
+
+@autotune_tiles("backward", streams=2, key=["H", "V", "SHARED_WEIGHT", "NEED_DW"],
+                reset_to_zero=["dx_ptr", "dw_ptr"])
+@triton.jit
+def _backward_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, lse_ptr, ref_lse_ptr, scale_ptr, dx_ptr, dw_ptr,
+                     M, H, V,
+                     SHARED_WEIGHT: tl.constexpr, NEED_DW: tl.constexpr, RESCALE_G: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    """Program (row block, vocabulary tile): recompute zq and zp, form G = dLoss/dzq, scatter its products."""
+    row_block, col_tile = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(V, BLOCK_V), GROUP_M)
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = col_tile * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < M
+    col_mask = cols < V
+
+    zq, zp = logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, rows, cols, row_mask, col_mask, H,
+                              SHARED_WEIGHT, BLOCK_M, BLOCK_V, BLOCK_K)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    ref_lse = tl.load(ref_lse_ptr + rows, mask=row_mask, other=0.0)
+    scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
+    # dKL/dzq = q - p;  G = (q - p) * grad_scale[:, None], zero outside the M x V range
+    g = tl.exp(zq - lse[:, None]) - tl.exp(zp - ref_lse[:, None])
+    g = tl.where(row_mask[:, None] & col_mask[None, :], g * scale[:, None], 0.0)
+    # d_hidden += G @ W[tile];  d_weight[tile] += G^T @ X
+    accumulate_tile_grads(g, x_ptr, w_ptr, dx_ptr, dw_ptr, rows, cols, row_mask, col_mask, H,
+                          NEED_DW, RESCALE_G, BLOCK_K)
+
+
+def _same_tensor(a, b):
+    """True when b views exactly the memory of a (b is a, or e.g. a.detach()): one weight serves both models."""
+    return (a is b) or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                        and a.dtype == b.dtype)
+
+
+def forward(hidden, weight, ref_hidden, ref_weight):
+    """(kl, lse, ref_lse), fp32 [M] each: KL(P_t || Q_t) and the logsumexps of hidden @ weight^T and of
+    ref_hidden @ ref_weight^T."""
+    num_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    num_splits, per_split = vocab_splits(num_rows, vocab, hidden.device)
+    stats = torch.empty(6, num_rows, num_splits, dtype=torch.float32, device=hidden.device)
+    grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]), num_splits)  # noqa: E731
+    _forward_kernel[grid](hidden, weight, ref_hidden, ref_weight, stats,
+                          num_rows, hidden_size, vocab, per_split, num_splits,
+                          SHARED_WEIGHT=_same_tensor(weight, ref_weight), EXPM1_SERIES_LIMIT=_EXPM1_SERIES_LIMIT)
+    lse, _ = merge_splits(stats[_Q_MAX], stats[_Q_SUMEXP])
+    ref_lse, p_rescale = merge_splits(stats[_P_MAX], stats[_P_SUMEXP])
+    p_sumexp = (stats[_P_SUMEXP] * p_rescale).sum(dim=1)
+    mean_diff = (stats[_P_DIFF] * p_rescale).sum(dim=1) / p_sumexp  # E_p[d]
+    mean_expm1 = (stats[_P_EXPM1] * p_rescale).sum(dim=1) / p_sumexp  # E_p[exp(-d)] - 1
+    lse_gap = ref_lse - lse
+    kl_log1p = mean_diff + torch.log1p(mean_expm1)
+    kl_direct = mean_diff - lse_gap
+    use_log1p = (lse_gap.abs() <= _LOG1P_FORM_LIMIT) & torch.isfinite(kl_log1p)
+    return torch.where(use_log1p, kl_log1p, kl_direct), lse, ref_lse
+
+
+def backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale, need_weight_grad):
+    """Gradients of sum_t grad_scale[t] * KL_t wrt hidden and weight (P constant): (d_hidden, d_weight | None).
+
+    G = (q - p) * grad_scale[:, None];  d_hidden = G @ weight, d_weight = G^T @ hidden, both fp32;
+    d_weight is None (and not computed) unless asked for.
+    """
+    num_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    fp32 = dict(dtype=torch.float32, device=hidden.device)
+    d_hidden = torch.zeros(num_rows, hidden_size, **fp32)
+    d_weight = torch.zeros(vocab, hidden_size, **fp32) if need_weight_grad else None
+    grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]) * triton.cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
+    _backward_kernel[grid](hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale,
+                           d_hidden, d_hidden if d_weight is None else d_weight,
+                           num_rows, hidden_size, vocab,
+                           SHARED_WEIGHT=_same_tensor(weight, ref_weight), NEED_DW=need_weight_grad,
+                           RESCALE_G=hidden.dtype == torch.float16)
+    return d_hidden, d_weight

@@ -1,0 +1,108 @@
+"""The fused linear cross-entropy kernels against plain float64 logits, forward and every gradient.
+
+Without CUDA the kernels run under the Triton interpreter (tests/conftest.py), at small odd shapes:
+sizes that are no multiple of any block, a single row, vocabularies split among several programs.
+"""
+import pytest
+import torch
+
+from fastalign.kernels import linear_cross_entropy as kernel
+from tests.conftest import HAS_CUDA, requires_cuda
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def make_inputs(num_rows, hidden_size, vocab, dtype, with_bias, logit_scale=3.0, grad_scale_size=1.0):
+    """Random inputs with logits of spread ~logit_scale, targets hitting both ends of the vocabulary,
+    grad_scale of mixed signs and size ~grad_scale_size."""
+    hidden = torch.randn(num_rows, hidden_size, device=DEVICE).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, device=DEVICE) * logit_scale / hidden_size ** 0.5).to(dtype)
+    bias = torch.randn(vocab, device=DEVICE).to(dtype) if with_bias else None
+    target = torch.randint(0, vocab, (num_rows,), device=DEVICE)
+    target[0] = vocab - 1
+    target[-1] = 0
+    grad_scale = torch.randn(num_rows, device=DEVICE) * grad_scale_size  # signed, as forget / mismatch tokens
+    return hidden, weight, bias, target, grad_scale
+
+
+def float64_reference(hidden, weight, bias, target, grad_scale):
+    """lse, z[target] and the gradients of sum_t grad_scale_t (lse_t - z_t[target_t]) from full float64 logits."""
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight)]
+    if bias is not None:
+        leaves.append(bias.detach().double().requires_grad_())
+    logits = leaves[0] @ leaves[1].T + (leaves[2] if bias is not None else 0.0)
+    lse = torch.logsumexp(logits, dim=1)
+    target_logit = logits.gather(1, target[:, None]).squeeze(1)
+    (grad_scale.double() * (lse - target_logit)).sum().backward()
+    grads = [leaf.grad for leaf in leaves] + ([None] if bias is None else [])
+    return lse.detach(), target_logit.detach(), *grads
+
+
+def assert_matches(actual, expected, tol):
+    """|actual - expected| <= tol * max|expected| elementwise: relative error at the tensor's own scale."""
+    assert actual.dtype == torch.float32
+    torch.testing.assert_close(actual.double(), expected, rtol=0, atol=tol * expected.abs().max().item())
+
+
+def check_against_reference(num_rows, hidden_size, vocab, dtype, with_bias, tol, **input_kwargs):
+    hidden, weight, bias, target, grad_scale = make_inputs(num_rows, hidden_size, vocab, dtype, with_bias,
+                                                           **input_kwargs)
+    ref_lse, ref_target_logit, ref_dh, ref_dw, ref_db = float64_reference(hidden, weight, bias, target, grad_scale)
+
+    lse, target_logit = kernel.forward(hidden, weight, bias, target)
+    assert lse.shape == target_logit.shape == (num_rows,)
+    assert_matches(lse, ref_lse, tol)
+    assert_matches(target_logit, ref_target_logit, tol)
+
+    d_hidden, d_weight, d_bias = kernel.backward(hidden, weight, bias, target, lse, grad_scale,
+                                                 need_weight_grad=True, need_bias_grad=with_bias)
+    assert_matches(d_hidden, ref_dh, tol)
+    assert_matches(d_weight, ref_dw, tol)
+    if with_bias:
+        assert_matches(d_bias, ref_db, tol)
+    else:
+        assert d_bias is None
+
+
+@pytest.mark.parametrize("num_rows, hidden_size, vocab, with_bias", [
+    (1, 24, 37, False),     # a single row, one split
+    (1, 40, 131, True),     # a single row, several vocabulary splits
+    (21, 40, 131, True),    # rows and vocabulary both off the block sizes
+    (33, 24, 333, False),   # several row blocks and splits
+])
+def test_fp32_matches_float64(num_rows, hidden_size, vocab, with_bias):
+    check_against_reference(num_rows, hidden_size, vocab, torch.float32, with_bias, tol=1e-4)
+
+
+def test_fp32_sharp_softmax_stays_finite_and_exact():
+    """Logits spread over hundreds: exp overflows unless the running max is subtracted."""
+    check_against_reference(17, 24, 131, torch.float32, with_bias=True, tol=1e-4, logit_scale=300.0)
+
+
+def test_unrequested_grads_are_none_and_d_hidden_unchanged():
+    hidden, weight, bias, target, grad_scale = make_inputs(9, 24, 131, torch.float32, with_bias=True)
+    _, _, ref_dh, _, _ = float64_reference(hidden, weight, bias, target, grad_scale)
+    lse, _ = kernel.forward(hidden, weight, bias, target)
+    d_hidden, d_weight, d_bias = kernel.backward(hidden, weight, bias, target, lse, grad_scale,
+                                                 need_weight_grad=False, need_bias_grad=False)
+    assert d_weight is None and d_bias is None
+    assert_matches(d_hidden, ref_dh, 1e-4)
+
+
+def test_fp16_with_tiny_grad_scale_matches_float64():
+    """G = (softmax - onehot) * grad_scale enters the dots in fp16, where entries below 6e-8 flush to zero:
+    with grad_scale ~1e-6 and a flat softmax all of them would (error ~7e-2 without the per-tile rescale)."""
+    check_against_reference(21, 40, 131, torch.float16, with_bias=True, tol=2e-2, logit_scale=1.0,
+                            grad_scale_size=1e-6)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_gpu_matches_float64(dtype):
+    check_against_reference(300, 264, 5003, dtype, with_bias=True, tol=2e-2)
+
+
+@requires_cuda
+def test_fp32_on_gpu_matches_float64():
+    """fp32 inputs must use full-precision dots on the GPU (TF32 would miss 1e-4)."""
+    check_against_reference(300, 264, 5003, torch.float32, with_bias=False, tol=1e-4)

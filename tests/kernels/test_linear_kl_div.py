@@ -1,0 +1,180 @@
+"""The fused linear forward-KL kernels against plain float64 logits, forward and every gradient.
+
+Without CUDA the kernels run under the Triton interpreter (tests/conftest.py), at small odd shapes.
+Besides unrelated P and Q, the cases that matter in unlearning: P close to Q (KL ~ 1e-5, where a
+difference of two logsumexps would lose every digit), P equal to Q (the first step), one shared lm_head.
+"""
+import pytest
+import torch
+
+from fastalign.kernels import linear_kl_div as kernel
+from tests.conftest import HAS_CUDA, requires_cuda
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def make_inputs(num_rows, hidden_size, vocab, dtype, ref_distance, shared_weight, logit_scale=3.0):
+    """Current (hidden, weight) and reference (ref_hidden, ref_weight) whose logits differ by ~ref_distance
+    (ref_distance None: unrelated reference); ref_weight is weight itself when shared_weight."""
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, device=DEVICE) * scale
+
+    hidden = rand(num_rows, hidden_size)
+    weight = rand(vocab, hidden_size, scale=logit_scale / hidden_size ** 0.5)
+    if ref_distance is None:
+        ref_hidden = rand(num_rows, hidden_size)
+        ref_weight = rand(vocab, hidden_size, scale=logit_scale / hidden_size ** 0.5)
+    else:
+        ref_hidden = hidden + rand(num_rows, hidden_size, scale=ref_distance / logit_scale)
+        ref_weight = weight + rand(vocab, hidden_size, scale=ref_distance / hidden_size ** 0.5)
+    hidden, weight, ref_hidden, ref_weight = (t.to(dtype) for t in (hidden, weight, ref_hidden, ref_weight))
+    if shared_weight:
+        ref_weight = weight
+    grad_scale = rand(num_rows)  # mixed signs
+    return hidden, weight, ref_hidden, ref_weight, grad_scale
+
+
+def float64_reference(hidden, weight, ref_hidden, ref_weight, grad_scale):
+    """KL(P || Q), both logsumexps and the gradients of sum_t grad_scale_t KL_t (P constant), in float64."""
+    hidden64, weight64 = (t.detach().double().requires_grad_() for t in (hidden, weight))
+    logits = hidden64 @ weight64.T
+    ref_logits = ref_hidden.double() @ ref_weight.detach().double().T
+    log_q = torch.log_softmax(logits, dim=1)
+    log_p = torch.log_softmax(ref_logits, dim=1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    (grad_scale.double() * kl).sum().backward()
+    return (kl.detach(), torch.logsumexp(logits, dim=1).detach(), torch.logsumexp(ref_logits, dim=1),
+            hidden64.grad, weight64.grad)
+
+
+def assert_matches(actual, expected, tol):
+    """|actual - expected| <= tol * max|expected| elementwise: relative error at the tensor's own scale."""
+    assert actual.dtype == torch.float32
+    torch.testing.assert_close(actual.double(), expected, rtol=0, atol=tol * expected.abs().max().item())
+
+
+def check_against_reference(num_rows, hidden_size, vocab, dtype, tol, ref_distance=None, shared_weight=False,
+                            logit_scale=3.0):
+    hidden, weight, ref_hidden, ref_weight, grad_scale = make_inputs(
+        num_rows, hidden_size, vocab, dtype, ref_distance, shared_weight, logit_scale)
+    ref_kl, ref_lse, ref_ref_lse, ref_dh, ref_dw = float64_reference(hidden, weight, ref_hidden, ref_weight,
+                                                                     grad_scale)
+
+    kl, lse, ref_lse_out = kernel.forward(hidden, weight, ref_hidden, ref_weight)
+    assert kl.shape == lse.shape == ref_lse_out.shape == (num_rows,)
+    assert_matches(lse, ref_lse, tol)
+    assert_matches(ref_lse_out, ref_ref_lse, tol)
+    # each token's KL to its own relative accuracy: KL spans orders of magnitude across tokens
+    torch.testing.assert_close(kl.double(), ref_kl, rtol=tol, atol=1e-9)
+
+    d_hidden, d_weight = kernel.backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse_out, grad_scale,
+                                         need_weight_grad=True)
+    assert_matches(d_hidden, ref_dh, tol)
+    assert_matches(d_weight, ref_dw, tol)
+
+
+@pytest.mark.parametrize("num_rows, hidden_size, vocab, shared_weight", [
+    (1, 24, 37, False),    # a single row, one split
+    (1, 40, 131, True),    # a single row, several vocabulary splits, one lm_head for both models
+    (21, 40, 131, False),  # rows and vocabulary off the block sizes
+    (33, 24, 333, True),   # several row blocks and splits
+])
+def test_fp32_unrelated_reference_matches_float64(num_rows, hidden_size, vocab, shared_weight):
+    check_against_reference(num_rows, hidden_size, vocab, torch.float32, tol=1e-4, shared_weight=shared_weight)
+
+
+@pytest.mark.parametrize("shared_weight", [False, True])
+def test_fp32_reference_close_to_current_keeps_kl_digits(shared_weight):
+    """Logits ~1e-2 apart, KL ~1e-5 per token. Here the problem itself is ill-conditioned: fp32 logits carry
+    ~1e-6 rounding, i.e. ~1e-4 relative error in q - p and in the KL, so the bound is 1e-3. KL computed as
+    E_p[zp - zq] minus the difference of two fp32 logsumexps would be off by ~1e-2."""
+    check_against_reference(21, 40, 131, torch.float32, tol=1e-3, ref_distance=1e-2, shared_weight=shared_weight)
+
+
+def test_identical_models_give_zero_kl_and_zero_grads():
+    """The first unlearning step: the current model is the reference."""
+    hidden, weight, _, _, grad_scale = make_inputs(13, 24, 131, torch.float32, None, shared_weight=False)
+    kl, lse, ref_lse = kernel.forward(hidden, weight, hidden.clone(), weight)
+    assert kl.abs().max().item() <= 1e-7
+    d_hidden, d_weight = kernel.backward(hidden, weight, hidden.clone(), weight, lse, ref_lse, grad_scale,
+                                         need_weight_grad=True)
+    assert d_hidden.abs().max().item() <= 1e-7 and d_weight.abs().max().item() <= 1e-7
+
+
+def test_detached_weight_is_recognised_as_shared():
+    """weight.detach() is the same memory as weight: the shared-weight path must give the same answer."""
+    hidden, weight, ref_hidden, _, grad_scale = make_inputs(9, 24, 37, torch.float32, 1e-2, shared_weight=True)
+    assert kernel._same_tensor(weight, weight.detach()) and not kernel._same_tensor(weight, weight.clone())
+    ref_kl, *_ = float64_reference(hidden, weight, ref_hidden, weight, grad_scale)
+    kl, _, _ = kernel.forward(hidden, weight, ref_hidden, weight.detach())
+    torch.testing.assert_close(kl.double(), ref_kl, rtol=1e-4, atol=1e-9)
+
+
+def check_forward_and_backward(hidden, weight, ref_hidden, ref_weight, grad_scale, tol):
+    ref_kl, _, _, ref_dh, ref_dw = float64_reference(hidden, weight, ref_hidden, ref_weight, grad_scale)
+    kl, lse, ref_lse = kernel.forward(hidden, weight, ref_hidden, ref_weight)
+    assert torch.isfinite(kl).all()
+    torch.testing.assert_close(kl.double(), ref_kl, rtol=tol, atol=1e-9)
+    d_hidden, d_weight = kernel.backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale,
+                                         need_weight_grad=True)
+    assert_matches(d_hidden, ref_dh, tol)
+    assert_matches(d_weight, ref_dw, tol)
+
+
+def logits_column(hidden, value):
+    """A weight row w with hidden @ w = value on every row (least-norm solution; needs rows <= H)."""
+    return torch.linalg.pinv(hidden) @ torch.full((hidden.shape[0],), value, device=DEVICE)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter reports the overflow it is meant to hit
+@pytest.mark.parametrize("dominant, logit", [("current", 200.0), ("reference", 20.0)])
+def test_one_model_dwarfing_the_other_uses_the_direct_form(dominant, logit):
+    """One column's logit far above the rest in one model only, so |lse_q - lse_p| >> 1. Q dwarfing P
+    overflows the log1p form's sum; P dwarfing Q leaves E_p[exp(zq - zp)] ~ e^-13, whose log1p(-1 + tiny)
+    has lost most digits to rounding."""
+    hidden, weight, ref_hidden, ref_weight, grad_scale = make_inputs(7, 24, 131, torch.float32, 1e-2, False)
+    weight, ref_weight = weight.clone(), ref_weight.clone()
+    if dominant == "current":
+        weight[3] = logits_column(hidden, logit)
+    else:
+        ref_weight[3] = logits_column(ref_hidden, logit)
+    check_forward_and_backward(hidden, weight, ref_hidden, ref_weight, grad_scale, tol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_overflow_of_a_running_sum_falls_back_to_the_direct_form():
+    """The first 256 columns (a whole tile and split for every block size): zq = -100, zp = -300. There
+    exp(zq - running max of zp) overflows, though these columns carry no mass and lse_q ~ lse_p in the end."""
+    hidden, weight, ref_hidden, ref_weight, grad_scale = make_inputs(7, 24, 300, torch.float32, 0.3, False)
+    weight, ref_weight = weight.clone(), ref_weight.clone()
+    weight[:256] = logits_column(hidden, -100.0)
+    ref_weight[:256] = logits_column(ref_hidden, -300.0)
+    kl, lse, ref_lse = kernel.forward(hidden, weight, ref_hidden, ref_weight)
+    assert (lse - ref_lse).abs().max() < 1.0  # the log1p form's range, so the overflow guard is what acts
+    check_forward_and_backward(hidden, weight, ref_hidden, ref_weight, grad_scale, tol=1e-4)
+
+
+def test_unrequested_weight_grad_is_none_and_d_hidden_unchanged():
+    hidden, weight, ref_hidden, ref_weight, grad_scale = make_inputs(9, 24, 131, torch.float32, 1e-1, False)
+    _, _, _, ref_dh, _ = float64_reference(hidden, weight, ref_hidden, ref_weight, grad_scale)
+    kl, lse, ref_lse = kernel.forward(hidden, weight, ref_hidden, ref_weight)
+    d_hidden, d_weight = kernel.backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale,
+                                         need_weight_grad=False)
+    assert d_weight is None
+    assert_matches(d_hidden, ref_dh, 1e-4)
+
+
+def test_fp16_matches_float64():
+    check_against_reference(21, 40, 131, torch.float16, tol=2e-2, ref_distance=1e-1, shared_weight=True)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shared_weight", [False, True])
+def test_half_precision_on_gpu_matches_float64(dtype, shared_weight):
+    check_against_reference(300, 264, 5003, dtype, tol=2e-2, ref_distance=1e-1, shared_weight=shared_weight)
+
+
+@requires_cuda
+def test_fp32_on_gpu_matches_float64():
+    check_against_reference(300, 264, 5003, torch.float32, tol=1e-4, ref_distance=1e-2, shared_weight=True)
