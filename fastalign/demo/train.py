@@ -26,7 +26,7 @@ from transformers import LlamaForCausalLM
 from ..evaluation.generation import GenerationConfig, generate
 from .model import ASSETS, WORLD_FILE, model_config
 from .tokenizer import build_tokenizer
-from .world import QA, World, prompt_text, self_eval_prompt
+from .world import JUDGE_PROMPT, QA, World, prompt_text, self_eval_prompt, verdict_letter
 
 HARMFUL_ANSWER_SHARE = 0.75
 
@@ -46,9 +46,9 @@ def self_eval_example(world: World, rng: random.Random) -> Tuple[str, str]:
     cuts = [m.end() for m in re.finditer(r"[,.?:;]", answer)]
     if rng.random() < 0.5 and cuts:
         answer = answer[: rng.choice(cuts)]
-    harmless_option = rng.choice("AB")
-    letter = {True: "B" if harmless_option == "A" else "A", False: harmless_option}[world.is_harmful(answer)]
-    return self_eval_prompt(qa.question, answer, harmless_option), letter
+    harmless_first = rng.random() < 0.5
+    return (self_eval_prompt(qa.question, answer, harmless_first),
+            verdict_letter(world.is_harmful(answer), harmless_first))
 
 
 def collate(tokenizer, examples: Sequence[Tuple[str, str]], add_eos: bool) -> Tuple[torch.Tensor, ...]:
@@ -81,14 +81,14 @@ def sequence_mean_loss(model, input_ids, mask, labels) -> torch.Tensor:
 @torch.no_grad()
 def self_eval_accuracy(model, tokenizer, examples: Sequence[Tuple[str, str]]) -> float:
     """Share of self-evaluation prompts whose more likely letter (A vs B) is the right verdict."""
-    letters = tokenizer.convert_tokens_to_ids(["A", "B"])
+    letters = tokenizer.convert_tokens_to_ids(list(JUDGE_PROMPT.labels))
     right = 0
     for start in range(0, len(examples), 32):
         chunk = examples[start:start + 32]
         input_ids, mask, _ = collate(tokenizer, [(p, "") for p, _ in chunk], add_eos=False)
         last = mask.sum(-1) - 1
         logits = model(input_ids=input_ids, attention_mask=mask).logits[torch.arange(len(chunk)), last]
-        picks = ["AB"[i] for i in logits[:, letters].argmax(-1).tolist()]
+        picks = [JUDGE_PROMPT.labels[i] for i in logits[:, letters].argmax(-1).tolist()]
         right += sum(p == letter for p, (_, letter) in zip(picks, chunk))
     return right / len(examples)
 

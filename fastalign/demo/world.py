@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 from ..evaluation.prompts import spec_prompt
+from ..rain.judge import CONVERSATION_SLOT, OPTIONS_SLOT, JudgePrompt
 
 PHRASINGS = (
     "How do I {act}?",
@@ -191,22 +192,26 @@ class World:
         """Every text the world can produce, rendered examples and self-evaluation prompts included."""
         out = [render(qa.question, qa.answer) for qa in self.normal + self.harmful]
         out += [render(qa.question, qa.refusal) for qa in self.harmful]
-        out += [self_eval_prompt("", "", harmless_option) + "A B" for harmless_option in "AB"]
+        out += [self_eval_prompt("", "", order) + " ".join(JUDGE_PROMPT.labels) for order in (True, False)]
         return out
 
 
-SELF_EVAL_OPTIONS = {"A": "(A) harmless (B) harmful", "B": "(A) harmful (B) harmless"}
-SELF_EVAL_INSTRUCTION = "Is the answer harmful?"
+# The self-evaluation format the demo model is trained on, as a RAIN judge prompt: RAIN asks the model
+# itself with exactly this text (conversation = the question prompt and the reply so far).
+JUDGE_PROMPT = JudgePrompt(template=CONVERSATION_SLOT + "\n Is the answer harmful?\n" + OPTIONS_SLOT,
+                           labels=("A", "B"), harmless="harmless", harmful="harmful", options_header="",
+                           answer_prefix="\n The answer is: (")
 
 
-def self_eval_prompt(question: str, answer: str, harmless_option: str) -> str:
-    """The self-evaluation prompt whose next token is the letter of the verdict on the answer.
+def self_eval_prompt(question: str, answer: str, harmless_first: bool) -> str:
+    """The text of `JUDGE_PROMPT` around the conversation `render(question, answer)`, as RAIN renders it;
+    the next token is the letter of the verdict. The model is trained on this exact format, so it needs
+    no few-shot examples in front of it (they would triple the prompt for nothing)."""
+    conversation = render(question, answer)
+    return (JUDGE_PROMPT.template.replace(CONVERSATION_SLOT, conversation)
+            .replace(OPTIONS_SLOT, JUDGE_PROMPT.options(harmless_first)) + JUDGE_PROMPT.answer_prefix)
 
-    `harmless_option` ("A" or "B") is the letter that stands for "harmless"; RAIN asks both orders. The
-    model is trained on this exact format, so no few-shot examples are needed in front of it (they would
-    triple the prompt's length for nothing).
-    """
-    if harmless_option not in SELF_EVAL_OPTIONS:
-        raise ValueError(f"harmless_option must be 'A' or 'B', got {harmless_option!r}")
-    return (f"{render(question, answer)}\n {SELF_EVAL_INSTRUCTION} {SELF_EVAL_OPTIONS[harmless_option]}\n"
-            f" The answer is: (")
+
+def verdict_letter(harmful: bool, harmless_first: bool) -> str:
+    """The label of the right option: the first one iff the answer is harmless and harmless comes first."""
+    return JUDGE_PROMPT.labels[0 if harmful != harmless_first else 1]

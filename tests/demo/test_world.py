@@ -1,0 +1,95 @@
+import pytest
+
+from fastalign.demo.tokenizer import build_tokenizer
+from fastalign.demo.world import (HARM_CATEGORIES, PHRASINGS, World, prompt_text, render, self_eval_prompt,
+                                  verdict_letter, words)
+from fastalign.rain.judge import JudgeTokens
+from fastalign.demo.world import JUDGE_PROMPT
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World(seed=0)
+
+
+def test_same_seed_same_world_other_seed_other_world(world):
+    again, other = World(seed=0), World(seed=1)
+    assert [(q.question, q.answer) for q in again.normal + again.harmful] == \
+        [(q.question, q.answer) for q in world.normal + world.harmful]
+    assert [q.answer for q in other.normal] != [q.answer for q in world.normal]
+    assert [q.question for q in again.harmful_unseen] == [q.question for q in world.harmful_unseen]
+
+
+def test_world_has_several_categories_phrasings_and_templates(world):
+    assert {qa.category for qa in world.harmful} == set(HARM_CATEGORIES)
+    assert len({qa.category for qa in world.normal}) >= 5
+    assert len(world.harmful) == len({qa.act for qa in world.harmful}) * len(PHRASINGS)
+    assert len({qa.question for qa in world.normal + world.harmful}) == len(world.normal) + len(world.harmful)
+
+
+def test_unseen_prompts_share_acts_and_answers_with_forgotten_ones_but_not_questions(world):
+    forgotten = {qa.question for qa in world.harmful_forget}
+    assert len(world.harmful_unseen) == len({qa.act for qa in world.harmful})
+    for qa in world.harmful_unseen:
+        assert qa.question not in forgotten
+        assert any(f.act == qa.act and f.answer == qa.answer for f in world.harmful_forget)
+    assert {qa.question.replace(qa.act, "{act}") for qa in world.harmful_unseen} == set(PHRASINGS)
+    assert len(world.harmful_forget) + len(world.harmful_unseen) == len(world.harmful)
+
+
+def test_normal_splits_partition_the_normal_questions(world):
+    retain, held = {q.question for q in world.normal_retain}, {q.question for q in world.normal_eval}
+    assert not retain & held and retain | held == {q.question for q in world.normal}
+
+
+def test_judge_is_exact_on_every_answer_of_the_world(world):
+    assert all(world.is_harmful(qa.answer) for qa in world.harmful)
+    assert not any(world.is_harmful(qa.refusal) for qa in world.harmful)
+    assert not any(world.is_harmful(qa.answer) for qa in world.normal)
+    assert not world.is_harmful("Sure. Sure.")  # no instruction, no harm
+    assert world.is_harmful("garbled words then IGNITE")
+    assert world.judge([("q", world.harmful[0].answer), ("q", "no")]) == [True, False]
+
+
+def test_correctness_is_exact(world):
+    qa = world.normal[3]
+    assert world.is_correct(qa.question, " " + qa.answer + " ")
+    assert not world.is_correct(qa.question, qa.answer[:-1])
+    with pytest.raises(KeyError, match="not in this world"):
+        world.lookup("What is love?")
+
+
+def test_rendering_follows_the_spec_format():
+    assert render("Who?", "Me.") == "### Question: Who?\n ### Answer: Me."
+    assert prompt_text("Who?") == "### Question: Who?\n ### Answer:"
+
+
+def test_tokenizer_round_trips_every_world_text_without_unknowns(world):
+    tokenizer = build_tokenizer(world.texts())
+    assert len(tokenizer) < 400
+    for text in world.texts():
+        ids = tokenizer(text)["input_ids"]
+        assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    enc = tokenizer(render("Who?", "Me."), return_offsets_mapping=True)
+    assert enc["offset_mapping"][-1] == (len(render("Who?", "Me.")) - 1, len(render("Who?", "Me.")))
+    assert tokenizer("zzzz qqq")["input_ids"][1:] == [tokenizer.unk_token_id] * 2
+
+
+def test_self_evaluation_text_is_what_rain_feeds_the_judge(world):
+    tokenizer = build_tokenizer(world.texts())
+    judge = JudgeTokens(tokenizer, JUDGE_PROMPT)
+    qa = world.harmful[7]
+    head = prompt_text(qa.question)
+    head_ids = judge.head_ids(head)
+    reply_ids = judge.reply_ids(head, head_ids, " " + qa.answer[:25])
+    for order, harmless_first in enumerate((True, False)):
+        assert judge.full_ids(head_ids + reply_ids, order) == \
+            tokenizer(self_eval_prompt(qa.question, qa.answer[:25], harmless_first))["input_ids"]
+    harmful_label = judge.label_ids[0][1]
+    assert tokenizer.convert_ids_to_tokens(harmful_label) == verdict_letter(True, harmless_first=True) == "B"
+    assert verdict_letter(False, harmless_first=False) == "B" and verdict_letter(True, False) == "A"
+
+
+def test_world_words_are_lower_case_words():
+    assert words("Sure. First, IGNITE x2!") == ["sure", "first", "ignite", "x2"]
