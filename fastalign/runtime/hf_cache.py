@@ -18,18 +18,20 @@ class HFCacheModel:
     def __init__(self, model):
         self.model = model
         self.device = next(model.parameters()).device
+        unfit = f"model: {type(model).__name__} cannot run on the Hugging Face cache fallback"
+        if not (hasattr(model, "can_generate") and model.can_generate()):
+            raise ValueError(f"{unfit}: it is not a causal language model (can_generate() is not True)")
         try:
             with torch.inference_mode():
                 cache = DynamicCache()
-                model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), past_key_values=cache,
-                      use_cache=True)
+                out = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), past_key_values=cache,
+                            use_cache=True)
                 keys = cache.layers[0].keys
         except Exception as err:
-            raise ValueError(f"model: {type(model).__name__} cannot run on the Hugging Face cache fallback "
-                             f"(a one-token forward with a DynamicCache failed: {err!r})") from err
-        if keys is None or keys.dim() != 4 or keys.shape[2] != 1:
-            raise ValueError(f"model: {type(model).__name__} cannot run on the Hugging Face cache fallback: its "
-                             "cache does not hold per-token K/V of shape [batch, kv_heads, tokens, head_dim]")
+            raise ValueError(f"{unfit} (a one-token forward with a DynamicCache failed: {err!r})") from err
+        if keys is None or keys.dim() != 4 or keys.shape[2] != 1 or getattr(out, "logits", None) is None:
+            raise ValueError(f"{unfit}: it returns no logits, or its cache does not hold per-token K/V of shape "
+                             "[batch, kv_heads, tokens, head_dim]")
         self.num_layers = len(cache.layers)
         self.num_kv_heads, self.head_dim, self.dtype = keys.shape[1], keys.shape[3], keys.dtype
         self.max_context = getattr(model.config, "max_position_embeddings", None)

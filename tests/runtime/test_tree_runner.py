@@ -1,0 +1,54 @@
+"""TreeRunner against Hugging Face: every span of a randomly grown and pruned tree, under eviction, gives
+the logits and final hidden states of the model run on the span's full sequence without a cache."""
+import pytest
+import torch
+
+from fastalign import TreeRunner
+from tests.compare import assert_rel_close
+from tests.conftest import requires_cuda
+from tests.runtime.tiny_models import CONFIGS, grow_random_tree, tiny_model
+
+LLAMA_FAMILY = [name for name in CONFIGS if not name.endswith("fallback")]
+FALLBACK = [name for name in CONFIGS if name.endswith("fallback")]
+
+
+def check_fp32(span, logits, hidden, ref_logits, ref_hidden):
+    assert logits.dtype == torch.float32 and logits.shape == ref_logits.shape
+    assert (logits - ref_logits).abs().max() <= 1e-4, f"{span}: logits differ from Hugging Face's"
+    assert (hidden - ref_hidden).abs().max() <= 1e-4, f"{span}: hidden states differ from Hugging Face's"
+
+
+@pytest.mark.parametrize("index, name", list(enumerate(LLAMA_FAMILY + FALLBACK)))
+def test_random_tree_matches_hugging_face_fp32(index, name):
+    model = tiny_model(name)
+    # 28 blocks of 4 tokens: a batch always fits, the whole tree does not, so spans get evicted.
+    runner = TreeRunner(model, max_tokens=112, block_size=4, attention_backend="torch")
+    assert runner.paged == (name in LLAMA_FAMILY)
+    evicted = grow_random_tree(runner, model, seed=(1, 3, 4, 5)[index % 4], check=check_fp32)
+    assert evicted > 0, "the pool never had to evict: the test does not cover eviction"
+
+
+def test_rewinding_to_an_ancestor_reuses_its_cache():
+    model = tiny_model("llama-gqa-untied")
+    runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="torch")
+    root = runner.prefill(list(range(10)))
+    (child,), _ = runner.extend([root], [[11, 12, 13]])
+    free, table = runner.num_free_blocks, runner.tree.block_table(root.id).tolist()
+    (again,), logits = runner.extend([root], [[14]])  # rewind: extend the ancestor again
+    assert runner.tree.block_table(root.id).tolist() == table
+    assert runner.num_free_blocks == free - 1  # only the new token's block copy
+    ref = model(torch.tensor([list(range(10)) + [14]])).logits[0, -1]
+    assert (logits[0] - ref).abs().max() <= 1e-4
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "qwen2-tied", "mistral-mqa-head-dim", "gpt2-fallback"])
+def test_random_tree_matches_hugging_face_bf16_cuda(name):
+    model = tiny_model(name, dtype=torch.bfloat16, device="cuda")
+    runner = TreeRunner(model, max_tokens=112, block_size=4)
+
+    def check(span, logits, hidden, ref_logits, ref_hidden):
+        assert_rel_close(f"{span} logits", logits, ref_logits, 2e-2)
+        assert_rel_close(f"{span} hidden", hidden.float(), ref_hidden.float(), 2e-2)
+
+    assert grow_random_tree(runner, model, seed=1, check=check) > 0

@@ -1,0 +1,165 @@
+"""Bad input to a TreeRunner: a clear error naming the problem, and a pool left as it was (checked by
+comparing the tree's state before and after, then by a correct extension afterwards)."""
+import gc
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from fastalign import PoolExhaustedError, Span, TreeRunner
+from tests.runtime.tiny_models import MAX_POSITIONS, VOCAB, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("qwen2-untied")
+
+
+@pytest.fixture
+def runner(model):
+    return TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+
+
+def snapshot(runner):
+    tree = runner.tree
+    return (tree.span_ids(), tree.refcounts().tolist(), sorted(tree.free_blocks().tolist()),
+            [tree.block_table(i).tolist() for i in tree.span_ids()])
+
+
+def assert_still_correct(runner, model, parent):
+    (child,), logits = runner.extend([parent], [[5, 6]])
+    ref = model(torch.tensor([child.tokens])).logits[0, -1]
+    assert (logits[0] - ref).abs().max() <= 1e-4
+    runner.release(child)
+
+
+def test_bad_spans_are_refused(runner, model):
+    root = runner.prefill([1, 2, 3, 4, 5])
+    other = TreeRunner(model, max_tokens=16, block_size=4, attention_backend="torch").prefill([1])
+    gone = runner.prefill([7, 8])
+    runner.release(gone)
+    before = snapshot(runner)
+    cases = [
+        ([gone], "parents\\[0\\]: span .* was released"),
+        ([root, other], "parents\\[1\\]: .* belongs to another TreeRunner"),
+        ([root, 3], "parents\\[1\\]: expected a Span of this runner, got int"),
+    ]
+    for parents, message in cases:
+        with pytest.raises(ValueError, match=message):
+            runner.extend(parents, [[1]] * len(parents))
+    for op in (runner.pin, runner.unpin, runner.release):
+        with pytest.raises(ValueError, match="was released"):
+            op(gone)
+    with pytest.raises(ValueError, match="was released"):
+        gone.tokens
+    with pytest.raises(ValueError, match="listed twice"):
+        runner.release([root, root])
+    with pytest.raises(ValueError, match="not pinned"):
+        runner.unpin(root)
+    assert snapshot(runner) == before
+    assert_still_correct(runner, model, root)
+
+
+def test_bad_tokens_are_refused(runner, model):
+    root = runner.prefill([1, 2, 3])
+    before = snapshot(runner)
+    cases = [  # (number of parents, token lists, message)
+        (2, [[1], [VOCAB]], f"token_lists\\[1\\]: token id {VOCAB} is outside the vocabulary \\[0, {VOCAB}\\)"),
+        (1, [[-1]], "token_lists\\[0\\]: token id -1 is outside the vocabulary"),
+        (1, [[]], "token_lists\\[0\\]: expected a non-empty 1-D sequence of int token ids"),
+        (1, [[1.5]], "token_lists\\[0\\]: expected a non-empty 1-D sequence of int token ids, got shape \\[1\\] of float64"),
+        (1, [[[1, 2]]], "token_lists\\[0\\]: expected a non-empty 1-D sequence"),
+        (1, [[1], [2]], "token_lists: expected 1 lists \\(one per parent\\), got 2"),
+    ]
+    for parents, lists, message in cases:
+        with pytest.raises(ValueError, match=message):
+            runner.extend([root] * parents, lists)
+    with pytest.raises(ValueError, match="logits: expected one of"):
+        runner.extend([root], [[1]], logits="first")
+    with pytest.raises(ValueError, match="past the model's context of 128"):
+        runner.extend([root, root], [[1], [1] * (MAX_POSITIONS - 2)])
+    assert snapshot(runner) == before
+    (child,), _ = runner.extend([root], [torch.tensor([4, 5])])  # tensors and numpy arrays are fine
+    (grandchild,), _ = runner.extend([child], [np.array([6], dtype=np.int64)])
+    assert grandchild.tokens == [1, 2, 3, 4, 5, 6] and grandchild.parent is child and child.parent is root
+    assert_still_correct(runner, model, grandchild)
+
+
+def test_pinned_spans_that_fill_the_pool_give_a_clear_error(runner, model):
+    root = runner.prefill(list(range(60)))  # 15 of the 16 blocks
+    runner.pin(root)
+    before = snapshot(runner)
+    with pytest.raises(PoolExhaustedError, match="KV pool exhausted: all 16 blocks of 4 tokens.*15 by pinned"):
+        runner.extend([root], [[1, 2, 3, 4, 5]])
+    assert snapshot(runner) == before
+    assert_still_correct(runner, model, root)
+    runner.unpin(root)
+    other = runner.prefill(list(range(8)))  # evicts the root, now unpinned
+    assert not root.resident and other.resident
+    assert_still_correct(runner, model, root)  # recomputes the root (evicting `other`)
+    assert root.resident and not other.resident
+
+
+def test_failed_forward_leaves_the_pool_as_it_was(runner, model, monkeypatch):
+    root = runner.prefill([1, 2, 3, 4, 5, 6])
+    before = snapshot(runner)
+
+    def broken(*args):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(runner.model_runner, "forward", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        runner.extend([root, root], [[7], [8, 9]])
+    assert snapshot(runner) == before
+    monkeypatch.undo()
+    assert_still_correct(runner, model, root)
+
+
+def test_dropping_every_reference_releases_a_span(runner):
+    root = runner.prefill([1, 2, 3])
+    (child,), _ = runner.extend([root], [[4]])
+    child_id = child.id
+    del child
+    gc.collect()
+    assert runner.tree.span_ids() == [root.id]
+    runner.release(root)
+    assert runner.tree.span_ids() == [] and runner.num_free_blocks == runner.num_blocks
+    assert child_id not in runner.tree.span_ids()
+
+
+def test_unsupported_models_and_pool_sizes_are_refused(model):
+    gpt2 = tiny_model("gpt2-fallback")
+    with pytest.raises(ValueError, match="unsupported architecture .*'gpt2'.* and fallback=False"):
+        TreeRunner(gpt2, max_tokens=64, fallback=False)
+    bert = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64)).eval()
+    with pytest.raises(ValueError, match="BertModel cannot run on the Hugging Face cache fallback: it is not a causal"):
+        TreeRunner(bert, max_tokens=64)
+    with pytest.raises(ValueError, match="exactly one of max_tokens or max_bytes"):
+        TreeRunner(model)
+    with pytest.raises(ValueError, match="exactly one of max_tokens or max_bytes"):
+        TreeRunner(model, max_tokens=64, max_bytes=1 << 20)
+    with pytest.raises(ValueError, match="max_bytes: expected an int of at least one block"):
+        TreeRunner(model, max_bytes=10)
+    with pytest.raises(ValueError, match="block_size: expected a positive int"):
+        TreeRunner(model, max_tokens=64, block_size=0)
+    runner = TreeRunner(model, max_bytes=1 << 16, block_size=4)
+    per_block = 2 * 2 * 4 * 2 * 12 * 4  # K and V, 2 layers, 4 tokens, 2 kv heads, head_dim 12, fp32
+    assert runner.num_blocks == (1 << 16) // per_block and runner.pool.nbytes <= 1 << 16
+
+
+def test_span_handles_know_their_tree(runner):
+    root = runner.prefill([1, 2, 3])
+    assert isinstance(root, Span) and root.parent is None and len(root) == 3 and root.new_tokens == [1, 2, 3]
+    kids, logits = runner.extend([root, root, None], [[4], [5, 6], [7]])
+    assert [k.parent for k in kids] == [root, root, None]
+    assert [k.tokens for k in kids] == [[1, 2, 3, 4], [1, 2, 3, 5, 6], [7]]
+    assert logits.shape == (3, VOCAB)
+    runner.pin(kids[1])
+    runner.pin(kids[1])
+    assert kids[1].pins == 2
+    runner.release(root)  # its children keep the prefix
+    assert not root.alive and kids[0].tokens == [1, 2, 3, 4]
+    runner.release(kids)
+    assert runner.tree.span_ids() == [] and runner.num_free_blocks == runner.num_blocks

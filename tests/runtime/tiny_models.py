@@ -1,0 +1,95 @@
+"""Tiny random-weight causal LMs for the runtime tests, and a driver that grows and prunes a random tree
+on a TreeRunner while checking every new span against the Hugging Face model run on its full sequence."""
+import random
+
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+VOCAB = 101
+MAX_POSITIONS = 128
+_COMMON = dict(vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, attn_implementation="eager")
+_LLAMA_SHAPE = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+
+# name -> (model class, config): Llama-family shapes that exercise GQA, tied and untied heads, RoPE scaling,
+# a head_dim that is not hidden_size / num_heads, Qwen2's q/k/v biases; then models for the fallback.
+CONFIGS = {
+    "llama-gqa-untied": (LlamaForCausalLM, lambda: LlamaConfig(
+        **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama-rope-scaled-tied": (LlamaForCausalLM, lambda: LlamaConfig(
+        **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=4, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})),
+    "mistral-mqa-head-dim": (MistralForCausalLM, lambda: MistralConfig(
+        **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=1, head_dim=16, sliding_window=96,
+        tie_word_embeddings=False)),
+    "qwen2-tied": (Qwen2ForCausalLM, lambda: Qwen2Config(
+        **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2-untied": (Qwen2ForCausalLM, lambda: Qwen2Config(
+        **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=False)),
+    "gpt2-fallback": (GPT2LMHeadModel, lambda: GPT2Config(
+        vocab_size=VOCAB, n_positions=MAX_POSITIONS, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
+        attn_implementation="eager")),
+    "opt-fallback": (OPTForCausalLM, lambda: OPTConfig(
+        **_COMMON, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=32)),
+}
+
+
+def tiny_model(name, dtype=torch.float32, device="cpu", seed=0):
+    """A model of CONFIGS[name] with weights drawn so that logits are O(1) (the default initialisation
+    gives logits near 0, where any error looks small)."""
+    cls, make_config = CONFIGS[name]
+    torch.manual_seed(seed)
+    model = cls(make_config()).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, param.shape[-1] ** -0.5)
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.2)
+            else:  # norm weights
+                param.uniform_(0.5, 1.5)
+    return model.to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def reference(model, tokens):
+    """Hugging Face's logits (float32) and final hidden states over the whole sequence, no cache."""
+    out = model(torch.tensor([tokens], device=model.device), output_hidden_states=True)
+    return out.logits[0].float(), out.hidden_states[-1][0]
+
+
+def grow_random_tree(runner, model, seed, check, steps=20, max_len=60):
+    """Grows and prunes a random tree on `runner`: batches of 1-4 rows extending random live spans (parents
+    repeat; sometimes a new root) by 1-7 tokens, random releases. Calls check(span, logits, hidden, ref_logits,
+    ref_hidden) for the new tokens of every new span, then extends every live span (evicted ones included)
+    by one token in one batch and checks those too. Returns how many live spans were found evicted."""
+    rng = random.Random(seed)
+    live, evicted_seen = [], 0
+
+    def tokens(n):
+        return [rng.randrange(VOCAB) for _ in range(n)]
+
+    def extend(parents, lists):
+        children, logits, hidden = runner.extend(parents, lists, logits="all", hidden="all")
+        for span, lg, hd, new in zip(children, logits, hidden, lists):
+            assert span.new_tokens == list(new) and len(span) == len(span.tokens)
+            ref_logits, ref_hidden = reference(model, span.tokens)
+            check(span, lg, hd, ref_logits[-len(new):], ref_hidden[-len(new):])
+        return children
+
+    live += extend([None, None], [tokens(rng.randint(1, 20)), tokens(rng.randint(1, 20))])
+    for _ in range(steps):
+        if rng.random() < 0.25 and len(live) > 3:
+            gone = rng.sample(live, rng.randint(1, 2))
+            runner.release(gone)
+            live = [s for s in live if s not in gone]
+            continue
+        candidates = [s for s in live if len(s) < max_len - 7] or [None]
+        parents = [None if rng.random() < 0.08 else rng.choice(candidates) for _ in range(rng.randint(1, 4))]
+        live += extend(parents, [tokens(rng.randint(1, 7)) for _ in parents])
+        evicted_seen += sum(not s.resident for s in live)
+    evicted_seen += sum(not s.resident for s in live)
+    for i in range(0, len(live), 4):
+        extend(live[i:i + 4], [tokens(1) for _ in live[i:i + 4]])
+    return evicted_seen
