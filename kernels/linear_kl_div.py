@@ -45,10 +45,10 @@ def _expm1_series(x):
     return x * r
 
 
-@autotune_tiles("forward", streams=2, key=["H", "V", "SHARED_WEIGHT"])
+@autotune_tiles("forward", streams=2, key=["H", "H_REF", "V", "SHARED_WEIGHT"])
 @triton.jit
 def _forward_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, split_stats_ptr,
-                    M, H, V, V_PER_SPLIT, NUM_SPLITS,
+                    M, H, H_REF, V, V_PER_SPLIT, NUM_SPLITS,
                     SHARED_WEIGHT: tl.constexpr, EXPM1_SERIES_LIMIT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (row block, split): streaming statistics of zq = x W^T and zp = x_ref W_ref^T on its range.
@@ -71,7 +71,7 @@ def _forward_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, split_stats_ptr,
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        zq, zp = logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, rows, cols, row_mask, col_mask, H,
+        zq, zp = logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, rows, cols, row_mask, col_mask, H, H_REF,
                                   SHARED_WEIGHT, BLOCK_M, BLOCK_V, BLOCK_K)
         d = tl.where(col_mask[None, :], zp - zq, 0.0)
         zq = tl.where(col_mask[None, :], zq, float("-inf"))
@@ -95,11 +95,11 @@ def _forward_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, split_stats_ptr,
     tl.store(split_stats_ptr + 5 * stat_stride + stat, p_expm1, mask=row_mask)
 
 
-@autotune_tiles("backward", streams=2, key=["H", "V", "SHARED_WEIGHT", "NEED_DW"],
+@autotune_tiles("backward", streams=2, key=["H", "H_REF", "V", "SHARED_WEIGHT", "NEED_DW"],
                 reset_to_zero=["dx_ptr", "dw_ptr"])
 @triton.jit
 def _backward_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, lse_ptr, ref_lse_ptr, scale_ptr, dx_ptr, dw_ptr,
-                     M, H, V,
+                     M, H, H_REF, V,
                      SHARED_WEIGHT: tl.constexpr, NEED_DW: tl.constexpr, RESCALE_G: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr):
@@ -110,7 +110,7 @@ def _backward_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, lse_ptr, ref_lse_ptr, scale_p
     row_mask = rows < M
     col_mask = cols < V
 
-    zq, zp = logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, rows, cols, row_mask, col_mask, H,
+    zq, zp = logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, rows, cols, row_mask, col_mask, H, H_REF,
                               SHARED_WEIGHT, BLOCK_M, BLOCK_V, BLOCK_K)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     ref_lse = tl.load(ref_lse_ptr + rows, mask=row_mask, other=0.0)
@@ -130,7 +130,9 @@ def _same_tensor(a, b):
 
 
 def forward(hidden, weight, ref_hidden, ref_weight):
-    """(kl, lse, ref_lse), fp32 [M] each: KL(P_t || Q_t) and the logsumexps of hidden @ weight^T and of
+    """hidden [M, H], weight [V, H], ref_hidden [M, H_ref], ref_weight [V, H_ref] (H_ref == H when shared).
+
+    (kl, lse, ref_lse), fp32 [M] each: KL(P_t || Q_t) and the logsumexps of hidden @ weight^T and of
     ref_hidden @ ref_weight^T."""
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
@@ -138,7 +140,7 @@ def forward(hidden, weight, ref_hidden, ref_weight):
     stats = torch.empty(6, num_rows, num_splits, dtype=torch.float32, device=hidden.device)
     grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]), num_splits)  # noqa: E731
     _forward_kernel[grid](hidden, weight, ref_hidden, ref_weight, stats,
-                          num_rows, hidden_size, vocab, per_split, num_splits,
+                          num_rows, hidden_size, ref_hidden.shape[1], vocab, per_split, num_splits,
                           SHARED_WEIGHT=_same_tensor(weight, ref_weight), EXPM1_SERIES_LIMIT=_EXPM1_SERIES_LIMIT)
     lse, _ = merge_splits(stats[_Q_MAX], stats[_Q_SUMEXP])
     ref_lse, p_rescale = merge_splits(stats[_P_MAX], stats[_P_SUMEXP])
@@ -166,7 +168,7 @@ def backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale, n
     grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]) * triton.cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
     _backward_kernel[grid](hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale,
                            d_hidden, d_hidden if d_weight is None else d_weight,
-                           num_rows, hidden_size, vocab,
+                           num_rows, hidden_size, ref_hidden.shape[1], vocab,
                            SHARED_WEIGHT=_same_tensor(weight, ref_weight), NEED_DW=need_weight_grad,
                            RESCALE_G=hidden.dtype == torch.float16)
     return d_hidden, d_weight

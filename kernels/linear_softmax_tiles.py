@@ -123,22 +123,23 @@ def logits_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, H,
 
 
 @triton.jit
-def logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, rows, cols, row_mask, col_mask, H,
+def logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, rows, cols, row_mask, col_mask, H, H_REF,
                      SHARED_WEIGHT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(x @ w^T, xr @ wr^T) on one tile; with SHARED_WEIGHT (wr is w) each w chunk is loaded once."""
-    z = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
-    zr = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
-    for k in range(0, H, BLOCK_K):
-        w = _load_k_chunk(w_ptr, cols, col_mask, k, H, BLOCK_K)
-        if SHARED_WEIGHT:
-            wr = w
-        else:
-            wr = _load_k_chunk(wr_ptr, cols, col_mask, k, H, BLOCK_K)
-        x = _load_k_chunk(x_ptr, rows, row_mask, k, H, BLOCK_K)
-        xr = _load_k_chunk(xr_ptr, rows, row_mask, k, H, BLOCK_K)
-        z = tl.dot(x, tl.trans(w), z, input_precision="ieee")
-        zr = tl.dot(xr, tl.trans(wr), zr, input_precision="ieee")
+    """(x @ w^T, xr @ wr^T) on one tile. With SHARED_WEIGHT (wr is w, so H_REF == H) each w chunk is
+    loaded once for both products; otherwise the reference may have its own width H_REF."""
+    if SHARED_WEIGHT:
+        z = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+        zr = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+        for k in range(0, H, BLOCK_K):
+            w = _load_k_chunk(w_ptr, cols, col_mask, k, H, BLOCK_K)
+            x = _load_k_chunk(x_ptr, rows, row_mask, k, H, BLOCK_K)
+            xr = _load_k_chunk(xr_ptr, rows, row_mask, k, H, BLOCK_K)
+            z = tl.dot(x, tl.trans(w), z, input_precision="ieee")
+            zr = tl.dot(xr, tl.trans(w), zr, input_precision="ieee")
+    else:
+        z = logits_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, H, BLOCK_M, BLOCK_V, BLOCK_K)
+        zr = logits_tile(xr_ptr, wr_ptr, rows, cols, row_mask, col_mask, H_REF, BLOCK_M, BLOCK_V, BLOCK_K)
     return z, zr
 
 

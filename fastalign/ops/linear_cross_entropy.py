@@ -19,8 +19,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, target, token_weight, ignore_index, reduction, launcher):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         rows = TokenRows(target != ignore_index, token_weight, reduction, acc)
-        live_hidden, live_target = rows.gather(hidden).contiguous(), rows.gather(target).long()
-        weight = weight.contiguous()
+        live_hidden, live_target = rows.gather(hidden).contiguous(), rows.gather(target).long().contiguous()
+        weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
         if rows.num_live:
             lse, target_logit = launcher.forward(live_hidden, weight, bias, live_target)
         else:

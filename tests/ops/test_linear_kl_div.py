@@ -61,7 +61,8 @@ def test_reference_of_another_width(backend):
 @pytest.mark.parametrize("shared", [False, True])
 def test_policy_close_to_reference(backend, shared):
     """KL near 0 (~1e-4 here) is where cancellation shows: fp32 log-probabilities of size ~5 carry ~1e-6 of
-    absolute error, so the KL is held to that absolute bound and its gradient q - p to the usual relative one."""
+    absolute error, so the KL is held to that absolute bound. Its gradient q - p is ~1e-2 of q and p, each
+    carrying ~1e-6 relative error from its fp32 logsumexp: ~1e-4 relative error in q - p, held to 1e-3."""
     hidden, weight, ref_hidden, ref_weight, _ = make_inputs(13, 24, 131, shared=shared, closeness=1e-2)
     out = fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, reduction="none", backend=backend)
     ref = linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, reduction="none")
@@ -69,7 +70,7 @@ def test_policy_close_to_reference(backend, shared):
     seed = torch.randn(out.shape)
     for name, got, want in zip(["d_hidden", "d_weight"], grads_of(out, [hidden, weight], seed),
                                grads_of(ref, [hidden, weight], seed)):
-        assert_rel_close(name, got, want, 1e-4)
+        assert_rel_close(name, got, want, 1e-3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
