@@ -62,13 +62,10 @@ void SpanTree::touch(int64_t id) {
 }
 
 int64_t SpanTree::add_node(int64_t parent, const int32_t* tokens, int64_t n) {
-  int64_t start = parent >= 0 ? node(parent).length : 0;
-  if (start + n > std::numeric_limits<int32_t>::max())
-    throw std::invalid_argument("a span may not exceed 2^31 - 1 tokens");
   int64_t id = next_id_++;
   Span& s = spans_[id];
   s.parent = parent;
-  s.length = start + n;
+  s.length = (parent >= 0 ? node(parent).length : 0) + n;
   s.tokens.assign(tokens, tokens + n);
   if (parent >= 0) ++node(parent).num_children;
   return id;
@@ -81,7 +78,7 @@ std::string SpanTree::exhausted_message() const {
   return "KV pool exhausted: all " + std::to_string(num_blocks()) + " blocks of " + std::to_string(block_size_) +
          " tokens are held by spans that cannot be evicted (" + std::to_string(pinned_blocks.size()) +
          " by pinned spans, the rest by spans this call uses and their ancestors) and the call needs more; "
-         "give the runner a larger pool or unpin/release spans";
+         "give the runner a larger pool, unpin or release spans, or extend fewer rows per call";
 }
 
 int32_t SpanTree::take_block() {
@@ -210,9 +207,14 @@ ForwardPlan SpanTree::plan_extend(const std::vector<int64_t>& parents, const int
   for (size_t r = 0; r < rows; ++r) {
     if (cu_lens[r + 1] <= cu_lens[r])
       throw std::invalid_argument("token list " + std::to_string(r) + " is empty: a span appends at least one token");
-    if (parents[r] < 0) continue;
-    Span& p = live_node(parents[r], "extend");
-    if (!p.resident) throw std::invalid_argument("extend: parent " + span_name(parents[r]) + " is not resident");
+    int64_t start = 0;
+    if (parents[r] >= 0) {
+      Span& p = live_node(parents[r], "extend");
+      if (!p.resident) throw std::invalid_argument("extend: parent " + span_name(parents[r]) + " is not resident");
+      start = p.length;
+    }
+    if (start + cu_lens[r + 1] - cu_lens[r] > std::numeric_limits<int32_t>::max())
+      throw std::invalid_argument("token list " + std::to_string(r) + ": a span may not exceed 2^31 - 1 tokens");
   }
   std::vector<int64_t> parent_ids;
   for (int64_t p : parents)

@@ -60,8 +60,9 @@ class SpanTree {
   SpanTree(int32_t num_blocks, int32_t block_size);
 
   // Creates one child per row (parent -1 makes a root) holding tokens[cu_lens[r]:cu_lens[r+1]] and plans
-  // the forward that computes their KV. Parents must be live and resident. On PoolExhausted nothing is
-  // created and every parent keeps its KV.
+  // the forward that computes their KV; the children are touched (most recently used), and so are the
+  // parents. Parents must be live and resident. On PoolExhausted nothing is created and every parent keeps
+  // its KV (other spans may have been evicted on the way: eviction never changes a result).
   ForwardPlan plan_extend(const std::vector<int64_t>& parents, const int32_t* tokens, int64_t num_tokens,
                           const int64_t* cu_lens);
   // One round of recomputing evicted spans: for each target that is not resident, the path from its

@@ -97,6 +97,8 @@ class TreeRunner:
             if value not in _OUTPUTS:
                 raise ValueError(f"{name}: expected one of {_OUTPUTS}, got {value!r}")
         parents = list(parents)
+        if not parents:
+            raise ValueError("parents: expected at least one parent (None starts a new root)")
         parent_ids = np.array([-1 if p is None else self.check_span(p, f"parents[{i}]").id
                                for i, p in enumerate(parents)], dtype=np.int64)
         tokens, cu_lens = self._pack_tokens(token_lists, len(parents))

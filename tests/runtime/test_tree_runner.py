@@ -41,6 +41,22 @@ def test_rewinding_to_an_ancestor_reuses_its_cache():
     assert (logits[0] - ref).abs().max() <= 1e-4
 
 
+def test_output_choices_agree():
+    model = tiny_model("qwen2-tied")
+    runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="torch")
+    root = runner.prefill([3, 1, 4, 1, 5])
+    lists = [[9, 2, 6], [5], [3, 5]]
+    _, all_logits, all_hidden = runner.extend([root] * 3, lists, logits="all", hidden="all")
+    _, last_logits, all_hidden2 = runner.extend([root] * 3, lists, logits="last", hidden="all")
+    _, none_logits, last_hidden = runner.extend([root] * 3, lists, logits=None, hidden="last")
+    children, only_logits = runner.extend([root] * 3, lists)
+    assert none_logits is None and last_logits.shape == (3, runner.vocab_size)
+    assert [h.shape[0] for h in all_hidden] == [3, 1, 2]
+    torch.testing.assert_close(last_logits, torch.stack([lg[-1] for lg in all_logits]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(only_logits, last_logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(last_hidden, torch.stack([h[-1] for h in all_hidden2]), rtol=0, atol=1e-6)
+
+
 @requires_cuda
 @pytest.mark.parametrize("name", ["llama-gqa-untied", "qwen2-tied", "mistral-mqa-head-dim", "gpt2-fallback"])
 def test_random_tree_matches_hugging_face_bf16_cuda(name):

@@ -75,6 +75,8 @@ def test_bad_tokens_are_refused(runner, model):
     for parents, lists, message in cases:
         with pytest.raises(ValueError, match=message):
             runner.extend([root] * parents, lists)
+    with pytest.raises(ValueError, match="parents: expected at least one parent"):
+        runner.extend([], [])
     with pytest.raises(ValueError, match="logits: expected one of"):
         runner.extend([root], [[1]], logits="first")
     with pytest.raises(ValueError, match="past the model's context of 128"):
