@@ -28,12 +28,7 @@ class SpanStore:
         try:
             self._restore(used, run)
             plan = self.tree.plan_extend(np.asarray(parent_ids, dtype=np.int64), tokens, cu_lens)
-            try:
-                result = run(plan)
-            except BaseException:
-                self.tree.abandon(plan)
-                raise
-            self.tree.unlock(plan.spans)
+            result = self._run(plan, run)
         finally:
             self.tree.unlock(used)
         return plan.row_spans, result
@@ -52,9 +47,14 @@ class SpanStore:
             plan = self.tree.plan_restore(ids)
             if plan.num_rows == 0:
                 return
-            try:
-                run(plan)
-            except BaseException:
-                self.tree.abandon(plan)
-                raise
-            self.tree.unlock(plan.spans)
+            self._run(plan, run)
+
+    def _run(self, plan, run):
+        """run(plan), then lift the plan's locks; if run raises, the plan is undone."""
+        try:
+            result = run(plan)
+        except BaseException:
+            self.tree.abandon(plan)
+            raise
+        self.tree.unlock(plan.spans)
+        return result

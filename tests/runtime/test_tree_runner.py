@@ -4,18 +4,12 @@ import pytest
 import torch
 
 from fastalign import TreeRunner
-from tests.compare import assert_rel_close
+from tests.compare import rel_error
 from tests.conftest import requires_cuda
-from tests.runtime.tiny_models import CONFIGS, grow_random_tree, tiny_model
+from tests.runtime.tiny_models import CONFIGS, grow_random_tree, reference, tiny_model
 
 LLAMA_FAMILY = [name for name in CONFIGS if not name.endswith("fallback")]
 FALLBACK = [name for name in CONFIGS if name.endswith("fallback")]
-
-
-def check_fp32(span, logits, hidden, ref_logits, ref_hidden):
-    assert logits.dtype == torch.float32 and logits.shape == ref_logits.shape
-    assert (logits - ref_logits).abs().max() <= 1e-4, f"{span}: logits differ from Hugging Face's"
-    assert (hidden - ref_hidden).abs().max() <= 1e-4, f"{span}: hidden states differ from Hugging Face's"
 
 
 @pytest.mark.parametrize("index, name", list(enumerate(LLAMA_FAMILY + FALLBACK)))
@@ -24,8 +18,40 @@ def test_random_tree_matches_hugging_face_fp32(index, name):
     # 28 blocks of 4 tokens: a batch always fits, the whole tree does not, so spans get evicted.
     runner = TreeRunner(model, max_tokens=112, block_size=4, attention_backend="torch")
     assert runner.paged == (name in LLAMA_FAMILY)
-    evicted = grow_random_tree(runner, model, seed=(1, 3, 4, 5)[index % 4], check=check_fp32)
+
+    def check(span, logits, hidden):
+        ref_logits, ref_hidden = reference(model, span)
+        assert logits.dtype == torch.float32 and logits.shape == ref_logits.shape
+        assert (logits - ref_logits).abs().max() <= 1e-4, f"{span}: logits differ from Hugging Face's"
+        assert (hidden - ref_hidden).abs().max() <= 1e-4, f"{span}: hidden states differ from Hugging Face's"
+
+    evicted = grow_random_tree(runner, seed=(1, 3, 4, 5)[index % 4], check=check)
     assert evicted > 0, "the pool never had to evict: the test does not cover eviction"
+
+
+BF16_CASES = [("cpu", "torch", name) for name in ("llama-gqa-untied", "mistral-mqa-head-dim")] + [
+    pytest.param("cuda", "auto", name, marks=requires_cuda)
+    for name in ("llama-gqa-untied", "qwen2-tied", "mistral-mqa-head-dim", "gpt2-fallback")]
+
+
+@pytest.mark.parametrize("device, backend, name", BF16_CASES)
+def test_random_tree_in_bf16_is_as_close_to_fp32_as_hugging_face(device, backend, name):
+    """bf16 runs of the runner and of Hugging Face differ by rounding, so both are measured against the
+    fp32 model: over the whole tree, the runner may be off by at most 1.5x Hugging Face's own error."""
+    model = tiny_model(name, dtype=torch.bfloat16, device=device)
+    model32 = tiny_model(name, device=device)
+    runner = TreeRunner(model, max_tokens=112, block_size=4, attention_backend=backend)
+    errors = []
+
+    def check(span, logits, hidden):
+        (logits32, hidden32), (logits16, hidden16) = reference(model32, span), reference(model, span)
+        errors.append([rel_error(logits, logits32), rel_error(logits16, logits32),
+                       rel_error(hidden.float(), hidden32), rel_error(hidden16.float(), hidden32)])
+
+    assert grow_random_tree(runner, seed=1, check=check) > 0
+    ours_logits, hf_logits, ours_hidden, hf_hidden = torch.tensor(errors).max(dim=0).values.tolist()
+    assert ours_logits <= 1.5 * hf_logits + 1e-3, f"logits: {ours_logits:.3g} vs Hugging Face {hf_logits:.3g}"
+    assert ours_hidden <= 1.5 * hf_hidden + 1e-3, f"hidden: {ours_hidden:.3g} vs Hugging Face {hf_hidden:.3g}"
 
 
 def test_rewinding_to_an_ancestor_reuses_its_cache():
@@ -55,16 +81,3 @@ def test_output_choices_agree():
     torch.testing.assert_close(last_logits, torch.stack([lg[-1] for lg in all_logits]), rtol=0, atol=1e-6)
     torch.testing.assert_close(only_logits, last_logits, rtol=0, atol=1e-6)
     torch.testing.assert_close(last_hidden, torch.stack([h[-1] for h in all_hidden2]), rtol=0, atol=1e-6)
-
-
-@requires_cuda
-@pytest.mark.parametrize("name", ["llama-gqa-untied", "qwen2-tied", "mistral-mqa-head-dim", "gpt2-fallback"])
-def test_random_tree_matches_hugging_face_bf16_cuda(name):
-    model = tiny_model(name, dtype=torch.bfloat16, device="cuda")
-    runner = TreeRunner(model, max_tokens=112, block_size=4)
-
-    def check(span, logits, hidden, ref_logits, ref_hidden):
-        assert_rel_close(f"{span} logits", logits, ref_logits, 2e-2)
-        assert_rel_close(f"{span} hidden", hidden.float(), ref_hidden.float(), 2e-2)
-
-    assert grow_random_tree(runner, model, seed=1, check=check) > 0

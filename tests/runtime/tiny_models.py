@@ -53,17 +53,19 @@ def tiny_model(name, dtype=torch.float32, device="cpu", seed=0):
 
 
 @torch.no_grad()
-def reference(model, tokens):
-    """Hugging Face's logits (float32) and final hidden states over the whole sequence, no cache."""
-    out = model(torch.tensor([tokens], device=model.device), output_hidden_states=True)
-    return out.logits[0].float(), out.hidden_states[-1][0]
+def reference(model, span):
+    """Hugging Face's logits (float32) and final hidden states at the new tokens of `span`, from the model
+    run on the span's whole sequence without a cache."""
+    out = model(torch.tensor([span.tokens], device=model.device), output_hidden_states=True)
+    new = len(span.new_tokens)
+    return out.logits[0, -new:].float(), out.hidden_states[-1][0, -new:]
 
 
-def grow_random_tree(runner, model, seed, check, steps=20, max_len=60):
+def grow_random_tree(runner, seed, check, steps=20, max_len=60):
     """Grows and prunes a random tree on `runner`: batches of 1-4 rows extending random live spans (parents
-    repeat; sometimes a new root) by 1-7 tokens, random releases. Calls check(span, logits, hidden, ref_logits,
-    ref_hidden) for the new tokens of every new span, then extends every live span (evicted ones included)
-    by one token in one batch and checks those too. Returns how many live spans were found evicted."""
+    repeat; sometimes a new root) by 1-7 tokens, random releases. Calls check(span, logits, hidden) with the
+    outputs at the new tokens of every new span, then extends every live span (evicted ones included) by
+    one token, four rows per batch, and checks those too. Returns how many live spans were found evicted."""
     rng = random.Random(seed)
     live, evicted_seen = [], 0
 
@@ -74,8 +76,7 @@ def grow_random_tree(runner, model, seed, check, steps=20, max_len=60):
         children, logits, hidden = runner.extend(parents, lists, logits="all", hidden="all")
         for span, lg, hd, new in zip(children, logits, hidden, lists):
             assert span.new_tokens == list(new) and len(span) == len(span.tokens)
-            ref_logits, ref_hidden = reference(model, span.tokens)
-            check(span, lg, hd, ref_logits[-len(new):], ref_hidden[-len(new):])
+            check(span, lg, hd)
         return children
 
     live += extend([None, None], [tokens(rng.randint(1, 20)), tokens(rng.randint(1, 20))])
