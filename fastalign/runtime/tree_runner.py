@@ -103,11 +103,9 @@ class TreeRunner:
                                for i, p in enumerate(parents)], dtype=np.int64)
         tokens, cu_lens = self._pack_tokens(token_lists, len(parents))
         self._check_context(parents, cu_lens)
-        want = [o for o in (logits, hidden) if o is not None]
-        select_all = "all" in want
 
-        def run(plan):
-            return self._forward(plan, (select_all, logits is not None, hidden is not None) if want else None)
+        def run(plan):  # outputs only for the new children, not for spans recomputed on the way
+            return self._forward(plan, logits, hidden) if plan.creates_spans else self._forward(plan)
 
         child_ids, (out_logits, out_hidden) = self.store.extend(parent_ids, tokens, cu_lens, run)
         children = [Span(self, int(i), p, int(n), self.tree)
@@ -132,7 +130,7 @@ class TreeRunner:
         """Keep `span` (and so its ancestors) resident until unpinned or released; pins nest. An evicted
         span is recomputed first."""
         self.check_span(span, "span")
-        self.store.make_resident([span.id], lambda plan: self._forward(plan, None))
+        self.store.make_resident([span.id], self._forward)
         self.tree.pin(span.id)
 
     def unpin(self, span):
@@ -175,8 +173,7 @@ class TreeRunner:
             arrays.append(array.astype(np.int32))
         cu_lens = np.zeros(rows + 1, dtype=np.int64)
         cu_lens[1:] = np.cumsum([len(a) for a in arrays])
-        tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
-        return tokens, cu_lens
+        return np.concatenate(arrays), cu_lens
 
     @staticmethod
     def _lengths(parents, cu_lens):
@@ -190,23 +187,23 @@ class TreeRunner:
                 raise ValueError(f"token_lists[{i}]: the child would hold {length} tokens, past the model's "
                                  f"context of {self.max_context}")
 
-    def _forward(self, plan, outputs):
-        """Run one plan: block copies, then the model over its rows. `outputs` is None (KV only) or
-        (at every token?, logits?, hidden?)."""
+    def _forward(self, plan, logits=None, hidden=None):
+        """Run one plan: block copies, then the model over its rows. Returns (logits, hidden) at the tokens
+        that the choices ("last", "all" or None) need: every token when either is "all", else each row's
+        last; (None, None) when both are None."""
         device = self.model_runner.device
         with torch.inference_mode():
             if len(plan.copy_src):
                 self.pool.copy_blocks(torch.from_numpy(plan.copy_src.astype(np.int64)).to(device),
                                       torch.from_numpy(plan.copy_dst.astype(np.int64)).to(device))
             batch = ForwardBatch.from_plan(plan, device)
-            if outputs is None:
-                return self.model_runner.forward(batch, self.pool, None, False, False)
-            at_every_token, want_logits, want_hidden = outputs
-            if at_every_token:
+            if logits is None and hidden is None:
+                select = None
+            elif "all" in (logits, hidden):
                 select = torch.arange(batch.num_tokens, device=device)
             else:
                 select = batch.cu_q_lens[1:].long() - 1
-            return self.model_runner.forward(batch, self.pool, select, want_logits, want_hidden)
+            return self.model_runner.forward(batch, self.pool, select, logits is not None, hidden is not None)
 
     @staticmethod
     def _format(out, which, cu_lens):
