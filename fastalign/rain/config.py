@@ -38,6 +38,11 @@ class RainConfig:
     rollout_stop_chars: str = ",.?:;\n"
     turn_marker: str = "Human:"            # a new user turn in the answer ends it
     seed: int = 0
+    # several inner iterations at once (off by default): leaves picked one after another, each adding
+    # `virtual_loss` visits of value -1 to its path until its own result is backed up; all their model
+    # calls merged
+    parallel_leaves: int = 1
+    virtual_loss: float = 1.0
 
     def token_set_length(self, depth: int) -> int:
         """Length of the token sets that expand a node at `depth` (0 = the prompt's root)."""
@@ -57,6 +62,8 @@ class RainConfig:
             (self.root_visits >= 1 and self.min_new_visits >= 1, "root_visits and min_new_visits must be >= 1"),
             (self.max_length >= 2, "max_length must be >= 2"),
             (self.max_new_tokens >= 0, "max_new_tokens must be >= 0 (0 = no limit)"),
+            (self.parallel_leaves >= 1, "parallel_leaves must be >= 1 (1 = one inner iteration at a time)"),
+            (self.virtual_loss > 0, "virtual_loss must be > 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -8,13 +8,14 @@ result; the other prompts go on.
 """
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 from .config import RainConfig
 from .embeddings import make_embedder
 from .jobs import EmbedJob, PromptContext
 from .judge import JudgePrompt, JudgeTokens
-from .ledger import TokenLedger
+from .ledger import EMPTY_KEY, TokenLedger
+from .minimum import RequiredPrefixes
 from .sampling import extend_key, make_sampler, seed_key
 from .search import PromptSearch
 from .stats import RainStats
@@ -34,9 +35,12 @@ class RainResult:
 @dataclass
 class RainRun:
     """Per-prompt results (in prompt order) and the run's totals: `stats` adds the prompts' counters and
-    the shared prefixes; its model_calls and wall time are the run's own."""
+    the shared prefixes; its model_calls and wall time are the run's own. `ledger` (what was fed) and
+    `required` (the tree's minimum) are kept for inspection."""
     results: List[RainResult]
     stats: RainStats
+    ledger: Optional[TokenLedger] = None
+    required: Optional[RequiredPrefixes] = None
 
 
 JUDGE_MARGIN = 8    # tokens of slack for re-tokenizing the reply in the judge prompt
@@ -47,7 +51,7 @@ def _context(model) -> Optional[int]:
 
 
 def _prepare(index: int, prompt: str, tokenizer, judge: JudgeTokens, prefix_ids: List[int], config: RainConfig,
-             context: Optional[int]) -> PromptContext:
+             context: Optional[int], required: RequiredPrefixes, prefix_key: int) -> PromptContext:
     """The prompt's context; ValueError for an empty prompt or one that leaves no room to answer (the
     answer is also kept short enough for its judge prompt to fit the model's context)."""
     if not isinstance(prompt, str) or not prompt.strip():
@@ -68,8 +72,8 @@ def _prepare(index: int, prompt: str, tokenizer, judge: JudgeTokens, prefix_ids:
                          f"{context} tokens (the judge prompt around this conversation must fit it too)")
     ctx = PromptContext(index, head_text, root_ids, head_ids, extend_key(seed_key(config.seed), root_ids),
                         max_length)
-    ctx.stats.minimum["prompt"] = len(prompt_ids)
-    ctx.stats.minimum["judge"] = len(head_ids)
+    ctx.gen_key = required.add(ctx.stats, "prompt", prefix_key, prompt_ids)
+    ctx.head_key = required.add(ctx.stats, "judge", judge.prefix_key, head_ids)
     return ctx
 
 
@@ -92,6 +96,9 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     draw = make_sampler(sampler, config.seed) if isinstance(sampler, str) else sampler
     prefix_ids = list(tokenizer(generation_prefix)["input_ids"]) if generation_prefix else []
     ledger = TokenLedger()
+    required, shared = RequiredPrefixes(), RainStats()
+    required.add(shared, "shared_prefix", EMPTY_KEY, judge.prefix_ids)
+    prefix_key = required.add(shared, "shared_prefix", EMPTY_KEY, prefix_ids)
     start = time.perf_counter()
     runtime = _make_engine(engine, model, tokenizer, judge, config, draw, embedder.needs_hidden, ledger,
                            prefix_ids, runner, runner_tokens)
@@ -100,25 +107,26 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     queue = []
     for i, prompt in enumerate(prompts):
         try:
-            queue.append(_prepare(i, prompt, tokenizer, judge, prefix_ids, config, context))
+            queue.append(_prepare(i, prompt, tokenizer, judge, prefix_ids, config, context, required, prefix_key))
         except ValueError as err:
             results[i].error = str(err)
             if on_result:
                 on_result(results[i])
     try:
-        _schedule(queue, runtime, embedder, tokenizer, config, concurrency, results, on_result, ledger)
+        runtime.prepare(queue)
+        _schedule(queue, runtime, embedder, tokenizer, judge, required, config, concurrency, results, on_result,
+                  ledger)
     finally:
         runtime.close()
-    total = RainStats()
+    total = RainStats().add(shared)
     for r in results:
         total.add(r.stats)
-    total.minimum["shared_prefix"] += len(judge.prefix_ids) + len(prefix_ids)
     total.model_calls = ledger.run.model_calls
     total.rows, total.tokens, total.recomputed_tokens = ledger.run.rows, ledger.run.tokens, ledger.run.recomputed_tokens
     total.wall_seconds = time.perf_counter() - start
     accounted = sum(v for k, v in total.seconds.items() if k != "host")
     total.seconds["host"] = max(total.wall_seconds - accounted, 0.0)
-    return RainRun(results, total)
+    return RainRun(results, total, ledger, required)
 
 
 def _make_engine(kind, model, tokenizer, judge, config, sampler, want_hidden, ledger, prefix_ids, runner,
@@ -143,8 +151,8 @@ class _Active:
         self.started = time.perf_counter()
 
 
-def _schedule(queue: List[PromptContext], engine, embedder, tokenizer, config, concurrency, results, on_result,
-              ledger):
+def _schedule(queue: List[PromptContext], engine, embedder, tokenizer, judge, required, config, concurrency, results,
+              on_result, ledger):
     pending = list(queue)
     active: List[_Active] = []
 
@@ -176,7 +184,7 @@ def _schedule(queue: List[PromptContext], engine, embedder, tokenizer, config, c
         fresh = []
         while pending and len(active) < concurrency:
             ctx = pending.pop(0)
-            a = _Active(ctx, PromptSearch(ctx, config, tokenizer, embedder, engine.release))
+            a = _Active(ctx, PromptSearch(ctx, config, tokenizer, embedder, judge, required, engine.commit))
             active.append(a)
             fresh.append(a)
         for a, err in _start_isolated(engine, fresh):

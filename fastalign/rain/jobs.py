@@ -5,7 +5,7 @@ runs unchanged on the batch-1 reference engine and on the batched tree engine, a
 model calls.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -20,11 +20,14 @@ class PromptContext:
     prompt_text: str                 # the dialogue as the judge reads it (no generation prefix)
     root_ids: List[int]              # generation prefix + prompt: the root's token state
     head_ids: List[int]              # the judge's tokens of `prompt_text`
-    root_key: int
+    root_key: int                    # sampling key of the root state
     max_length: int                  # the answer stops at this many tokens (prompt included)
+    gen_key: int = 0                 # ledger key of the root state (generation prefix + prompt)
+    head_key: int = 0                # ledger key of the judge's few-shot prefix + head
     stats: RainStats = field(default_factory=RainStats)
     judge_cache: Dict[str, float] = field(default_factory=dict)
-    handle: object = None            # engine state (e.g. the judge head span)
+    judging: Set[str] = field(default_factory=set)      # replies being judged right now (an engine's)
+    handle: object = None            # engine state (the prompt's cached prefixes)
 
     @property
     def answer_start(self) -> int:
@@ -70,7 +73,6 @@ class EvaluateJob:
     node: object
     state: List[int]
     terminal: bool
-    share_depth: int = 0             # rollout prefixes shorter than this may be candidate prefixes too
 
 
 @dataclass
@@ -78,7 +80,7 @@ class Evaluation:
     value: float
     rollout: List[int]
     rollout_hidden_sum: Optional[torch.Tensor] = None
-    judge_tokens: int = 0            # the judge tokens this evaluation needed (0 when cached)
+    judged: Optional[Tuple[str, List[int]]] = None      # (base, ids) of the judge input scored, None if cached
 
 
 @dataclass

@@ -5,7 +5,8 @@ answer options, once in each order ("(A) harmless (B) harmful" and reversed), ea
 prefix such as "The answer is: (". The model's next-token logits for the two option labels decide each
 order; the score is v = harmless wins in order 1 + harmless wins in order 2, mapped from {0, .5, 1} to
 [-1, 1]. Both orders share every token up to the options, so an engine computes the few-shot prefix once
-and the conversation once per text, and only the two option blocks as a batch of two rows.
+and the conversation once per text, then the beginning both option blocks share, and only the rest of
+the two option blocks as a batch of two rows.
 
 Token layout of one judge input (fixed, so that every engine feeds the same ids):
     prefix_ids + head_ids + reply_ids + suffix_ids[order]
@@ -17,6 +18,9 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+
+from .ledger import EMPTY_KEY
+from .minimum import chain_key
 
 CONVERSATION_SLOT = "{conversation}"
 OPTIONS_SLOT = "{options}"
@@ -109,6 +113,8 @@ class JudgeTokens:
                              "option orders share the conversation's tokens")
         if len(prompt.labels) != 2 or any(not label for label in prompt.labels) or prompt.labels[0] == prompt.labels[1]:
             raise ValueError(f"JudgePrompt.labels must be two different non-empty strings, got {prompt.labels!r}")
+        if prompt.harmless == prompt.harmful:
+            raise ValueError("JudgePrompt: the harmless and harmful statements must differ")
         befores, afters = zip(*(self._split(order) for order in (True, False)))
         if befores[0] != befores[1]:
             raise ValueError("JudgePrompt: the text before the conversation differs between the two option orders")
@@ -117,6 +123,14 @@ class JudgeTokens:
         self.label_ids: Tuple[Tuple[int, int], Tuple[int, int]] = tuple(
             tuple(self._label_id(after, suffix, label) for label in prompt.labels)
             for after, suffix in zip(afters, self.suffix_ids))
+        self.prefix_key = chain_key(EMPTY_KEY, self.prefix_ids)
+        # both option blocks begin alike ("Options:\n(A) The reply is harm..."): that part is computed once
+        shared = 0
+        limit = min(map(len, self.suffix_ids)) - 1
+        while shared < limit and self.suffix_ids[0][shared] == self.suffix_ids[1][shared]:
+            shared += 1
+        self.shared_suffix_ids: List[int] = self.suffix_ids[0][:shared]
+        self.option_ids: Tuple[List[int], List[int]] = tuple(s[shared:] for s in self.suffix_ids)
 
     # --- building ------------------------------------------------------------------------------------
     def _render(self, conversation: str, harmless_first: bool) -> str:

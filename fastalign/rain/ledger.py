@@ -21,7 +21,7 @@ def prefix_keys(key: int, tokens: Iterable[int]):
 
 class TokenLedger:
     def __init__(self):
-        self._seen = set()
+        self.fed_keys = set()
         self.run = RainStats()          # run-wide counters (shared prefixes, all calls)
 
     def feed(self, stats: Optional[RainStats], parent_key: int, tokens: Sequence[int]) -> int:
@@ -29,10 +29,10 @@ class TokenLedger:
         key = parent_key
         recomputed = 0
         for key in prefix_keys(parent_key, tokens):
-            if key in self._seen:
+            if key in self.fed_keys:
                 recomputed += 1
             else:
-                self._seen.add(key)
+                self.fed_keys.add(key)
         for s in (stats, self.run):
             if s is not None:
                 s.rows += 1

@@ -3,10 +3,12 @@ token sets.
 
 - `top_k_distribution`: the k most likely tokens (ascending token id, a canonical order) with their
   probabilities renormalised over those k (the reference's top-k warper followed by a softmax).
-- Samplers draw one column per row of a probability matrix. `TorchSampler` uses a seeded generator
-  (production). `KeyedSampler` derives each draw from a 64-bit key that depends only on the token prefix
-  and the candidate's stream index, by inverse-CDF sampling, so that batching, ordering or reuse between
-  engines cannot change a draw: the basis of the deterministic equivalence tests.
+- Samplers draw one column per row of a probability matrix, all rows in one call (`draw`), or several
+  draws per row (`draw_many`, for pools of rollout tokens drawn ahead). `TorchSampler` uses a seeded
+  generator (production): its draws are independent, each used once. `KeyedSampler` derives each draw from
+  a 64-bit key that depends only on the token prefix and the candidate's stream index, by inverse-CDF
+  sampling, so that batching, ordering or reuse between engines cannot change a draw (`repeatable`: a
+  draw at the same key always gives the same token): the basis of the deterministic equivalence tests.
 - Keys: `extend_key(key, tokens)` hashes a token sequence incrementally (splitmix64 mixing);
   `draw_key(prefix_key, stream)` names one draw.
 """
@@ -57,6 +59,7 @@ def ranked_tokens(logits: torch.Tensor, rank: int) -> Tuple[List[List[int]], Lis
 
 class TorchSampler:
     """Draws with torch.multinomial from a seeded generator (on the probabilities' device)."""
+    repeatable = False
 
     def __init__(self, seed: int = 0):
         self.seed = seed
@@ -73,9 +76,18 @@ class TorchSampler:
             return []
         return torch.multinomial(probs.float(), 1, generator=self._generator(probs.device)).squeeze(1).tolist()
 
+    def draw_many(self, probs: torch.Tensor, keys: Sequence[int], count: int) -> List[List[int]]:
+        """`count` independent draws per row (with replacement), in one call."""
+        if probs.shape[0] == 0:
+            return []
+        return torch.multinomial(probs.float(), count, replacement=True,
+                                 generator=self._generator(probs.device)).tolist()
+
 
 class KeyedSampler:
-    """Inverse-CDF draws whose uniform number is a function of the draw's key alone (float64)."""
+    """Inverse-CDF draws whose uniform number is a function of the draw's key alone (float64, on the
+    probabilities' device; each row independent of the others)."""
+    repeatable = True
 
     def __init__(self, seed: int = 0):
         self.seed = seed
@@ -84,10 +96,15 @@ class KeyedSampler:
         if probs.shape[0] == 0:
             return []
         salt = seed_key(self.seed)
-        u = torch.tensor([(_mix64(k ^ salt) >> 11) / float(1 << 53) for k in keys], dtype=torch.float64)
-        cdf = probs.detach().double().cpu().cumsum(dim=-1)
+        u = torch.tensor([(_mix64(k ^ salt) >> 11) / float(1 << 53) for k in keys], dtype=torch.float64,
+                         device=probs.device)
+        cdf = probs.detach().double().cumsum(dim=-1)
         u = u.unsqueeze(1) * cdf[:, -1:]
         return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1).tolist()
+
+    def draw_many(self, probs: torch.Tensor, keys: Sequence[int], count: int) -> List[List[int]]:
+        """One draw per row: drawing again at the same key would give the same token (`repeatable`)."""
+        return [[t] for t in self.draw(probs, keys)]
 
 
 def make_sampler(kind: str, seed: int):

@@ -3,7 +3,8 @@
 Inner iteration: select from the root (widening nodes on the way), evaluate the leaf (rollout + self-
 evaluation) and expand it, embed the path texts, back up. Outer loop: iterate until the root has 50
 visits (inherited ones included) and at least 15 new ones, or until the most visited child has fn > 6 and
-q > 0.8; commit that child (ties by q), release the discarded siblings, and go on until the answer ends.
+q > 0.8; commit that child (ties by q), let the engine drop the discarded siblings, and go on until the
+answer ends. Optionally several inner iterations run at once under virtual loss (`parallel_leaves`).
 
 Where the reference implementation and this one differ (on purpose):
 - token-set length depends on the depth from the prompt (1, 2, 4, then 10), as the reference's node
@@ -20,7 +21,9 @@ import torch
 from .config import RainConfig
 from .dialogue import answer_text, has_new_turn, judge_path_ids
 from .embeddings import PathInfo
-from .jobs import Draft, EmbedJob, EvaluateJob, ExpandJob, ExpandResult, PromptContext
+from .jobs import Draft, EmbedJob, Evaluation, EvaluateJob, ExpandJob, ExpandResult, PromptContext
+from .judge import JudgeTokens
+from .minimum import RequiredPrefixes, chain_key
 from .sampling import extend_key
 from .tree import Node, SearchTree, mix_priors
 
@@ -28,8 +31,8 @@ from .tree import Node, SearchTree, mix_priors
 @dataclass
 class Expansion:
     """What a node's expansion drew, kept for widening: the candidate list (length > 1; widening
-    prepends new groups, as the reference does), the ranked next tokens (length 1), the next sampler
-    stream, and the candidate prefixes already computed (for the minimum count)."""
+    prepends new groups, as the reference does), the ranked next tokens (length 1) and the next sampler
+    stream."""
     length: int
     entries: List[tuple] = field(default_factory=list)      # (tokens, raw prior)
     greedy: Optional[Draft] = None
@@ -37,7 +40,6 @@ class Expansion:
     ranked_logits: List[float] = field(default_factory=list)
     hidden: Optional[torch.Tensor] = None
     next_stream: int = 1
-    prefixes: set = field(default_factory=set)
 
 
 @dataclass
@@ -72,19 +74,28 @@ def ranked_top(ids: Sequence[int], logits: Sequence[float], m: int):
 
 class PromptSearch:
     """Searches one prompt. `run()` is a generator: it yields lists of jobs (ExpandJob, EvaluateJob,
-    EmbedJob), expects the list of their results back, and returns a SearchOutput."""
+    EmbedJob), expects the list of their results back, and returns a SearchOutput. `on_commit(ctx,
+    old_root, new_root)` is called at each commit (the engine drops what only the discarded branches used).
+    Every sequence whose model outputs the search reads is registered in `required` (the tree's minimum)."""
 
-    def __init__(self, ctx: PromptContext, config: RainConfig, tokenizer, embedder,
-                 release: Callable[[Sequence[Node]], None]):
+    def __init__(self, ctx: PromptContext, config: RainConfig, tokenizer, embedder, judge: JudgeTokens,
+                 required: RequiredPrefixes, on_commit: Callable[[PromptContext, Node, Node], None]):
         self.ctx = ctx
         self.config = config
         self.tokenizer = tokenizer
         self.embedder = embedder
-        self.release = release
+        self.judge = judge
+        self.required = required
+        self.on_commit = on_commit
         self.eos = tokenizer.eos_token_id
-        root = Node((), None, 0.0, ctx.root_key, terminal=self._ended(ctx.root_ids, ()))
+        root = Node((), None, 0.0, ctx.root_key, terminal=self._ended(ctx.root_ids, ()), seq_key=ctx.gen_key)
         self.tree = SearchTree(root, config)
         self.root_state = list(ctx.root_ids)
+        # the judge's view of the committed answer: its key, and the tokens committed since the last
+        # registration (registered only when a judge input needs them)
+        self.root_judge_key = ctx.head_key
+        self.judge_registered_key = ctx.head_key
+        self.judge_pending: List[int] = []
 
     # --- helpers -------------------------------------------------------------------------------------
     def _ended(self, state: Sequence[int], tokens: Sequence[int]) -> bool:
@@ -99,22 +110,40 @@ class PromptSearch:
         room = self.ctx.max_length - len(state)
         return max(1, min(self.config.token_set_length(node.depth), room))
 
-    def _count_prefixes(self, expansion: Expansion, drafts: Sequence[Draft]):
-        new = 0
-        for draft in drafts:
-            for k in range(1, len(draft.tokens)):
-                prefix = draft.tokens[:k]
-                if prefix not in expansion.prefixes:
-                    expansion.prefixes.add(prefix)
-                    new += 1
-        self.ctx.stats.minimum["tree"] += new
-
     def _add_child(self, node: Node, state: Sequence[int], tokens, prior: float, hidden_sum=None) -> Node:
         tokens = tuple(int(t) for t in tokens)
-        child = Node(tokens, node, prior, extend_key(node.key, tokens), terminal=self._ended(list(state) + list(tokens), tokens))
+        child = Node(tokens, node, prior, extend_key(node.key, tokens),
+                     terminal=self._ended(list(state) + list(tokens), tokens), seq_key=chain_key(node.seq_key, tokens))
         child.hidden_sum = hidden_sum
         node.children.append(child)
         return child
+
+    # --- the tree's minimum --------------------------------------------------------------------------
+    def _require_drafts(self, node: Node, drafts: Sequence[Draft]):
+        """Each draw of a token set reads the distribution after each of its prefixes."""
+        for draft in drafts:
+            self.required.add(self.ctx.stats, "tree", node.seq_key, draft.tokens[:-1])
+
+    def _require_evaluation(self, leaf: Node, evaluation: Evaluation):
+        stats, required = self.ctx.stats, self.required
+        if not leaf.terminal:
+            required.add_key(stats, "tree", leaf.seq_key)                         # its distribution is read
+            required.add(stats, "rollout", leaf.seq_key, evaluation.rollout[:-1])
+        if evaluation.judged is None:
+            return
+        base, ids = evaluation.judged
+        if base == "leaf":
+            if self.judge_pending:
+                required.add(stats, "judge", self.judge_registered_key, self.judge_pending)
+                self.judge_registered_key, self.judge_pending = self.root_judge_key, []
+            key = self.root_judge_key
+            for node in reversed(list(_path_to_root(leaf, self.tree.root))):
+                key = required.add(stats, "judge", key, judge_path_ids(self.tokenizer, node.tokens))
+        else:
+            key = self.ctx.head_key if base == "head" else self.judge.prefix_key
+        key = required.add(stats, "judge", key, ids)
+        for suffix in self.judge.suffix_ids:
+            required.add(stats, "judge", key, suffix)
 
     # --- expansion and widening ----------------------------------------------------------------------
     def _expand(self, node: Node, state: List[int], result: ExpandResult, length: int):
@@ -128,7 +157,7 @@ class PromptSearch:
         else:
             exp.greedy = result.greedy
             exp.next_stream = 1 + len(result.samples)
-            self._count_prefixes(exp, [result.greedy] + result.samples)
+            self._require_drafts(node, [result.greedy] + result.samples)
             entries = [(tokens, p, d.hidden_sum) for tokens, p, d in token_set_priors(result.greedy, result.samples)]
             exp.entries = [(tokens, p) for tokens, p, _ in entries]
         total = sum(p for _, p, _ in entries)
@@ -150,7 +179,7 @@ class PromptSearch:
                             first_stream=exp.next_stream, greedy=exp.greedy)
             (result,) = yield [job]
             exp.next_stream += c.widen_group - 1
-            self._count_prefixes(exp, result.samples)
+            self._require_drafts(node, result.samples)
             fresh = [(tokens, p) for tokens, p, _ in token_set_priors(exp.greedy, result.samples)]
             drafts = {d.tokens: d for d in result.samples}
             exp.entries = fresh + exp.entries
@@ -168,9 +197,10 @@ class PromptSearch:
             if tuple(tokens) not in existing:
                 self._add_child(node, state, tokens, prior, hidden)
 
-    # --- one inner iteration -------------------------------------------------------------------------
-    def _iterate(self):
-        tree, ctx, c = self.tree, self.ctx, self.config
+    # --- inner iterations ----------------------------------------------------------------------------
+    def _select(self):
+        """Walks from the root to a leaf, widening nodes on the way. Returns (leaf, its token state)."""
+        tree = self.tree
         node = tree.root
         state = list(self.root_state)
         while not node.is_leaf:
@@ -178,56 +208,63 @@ class PromptSearch:
                 yield from self._widen(node, state)
             node = tree.select_child(node)
             state.extend(node.tokens)
-        leaf = node
-        if leaf.fn == 0 and leaf.depth > 0:
+        return node, state
+
+    def _iterate(self):
+        """One inner iteration, or with parallel_leaves > 1 up to that many at once: leaves are picked one
+        after another under virtual loss (a leaf picked twice ends the batch), evaluated and expanded in one
+        engine run, then backed up in the order they were picked. Returns the number of iterations."""
+        tree, ctx, c = self.tree, self.ctx, self.config
+        picked = []
+        for _ in range(c.parallel_leaves):
+            leaf, state = yield from self._select()
+            if any(leaf is other for other, _ in picked):
+                break
+            picked.append((leaf, state))
+            if c.parallel_leaves > 1:
+                tree.add_virtual_loss(leaf, c.virtual_loss)
+        jobs, lengths = [], []
+        for leaf, state in picked:
+            length = 0 if leaf.terminal else self._set_length(leaf, state)
+            lengths.append(length)
+            jobs.append(EvaluateJob(ctx, leaf, state, leaf.terminal))
             if not leaf.terminal:
-                ctx.stats.minimum["tree"] += 1      # the leaf's last token, whose logits are read now
-            ctx.stats.minimum["judge"] += len(judge_path_ids(self.tokenizer, leaf.tokens))
-        length = 0 if leaf.terminal else self._set_length(leaf, state)
-        jobs = [EvaluateJob(ctx, leaf, state, leaf.terminal, share_depth=length)]
-        if not leaf.terminal:
-            jobs.append(ExpandJob(ctx, leaf, state, length, attempts=c.candidates - 1,
-                                  rank=c.max_children if length == 1 else 0))
-        results = yield jobs
-        evaluation = results[0]
-        if not leaf.terminal:
-            self._expand(leaf, state, results[1], length)
-        self._count_rollout(leaf, evaluation.rollout, length)
-        ctx.stats.minimum["judge"] += evaluation.judge_tokens
-        paths = self._path_infos(leaf, state, evaluation)
-        embeddings = (yield [EmbedJob(paths)])[0] if paths else []
-        tree.backup(leaf, evaluation.value, embeddings)
-        ctx.stats.iterations += 1
+                jobs.append(ExpandJob(ctx, leaf, state, length, attempts=c.candidates - 1,
+                                      rank=c.max_children if length == 1 else 0))
+        results = iter((yield jobs))
+        evaluations, paths = [], []
+        for (leaf, state), length in zip(picked, lengths):
+            if c.parallel_leaves > 1:
+                tree.add_virtual_loss(leaf, -c.virtual_loss)
+            evaluation = next(results)
+            if not leaf.terminal:
+                self._expand(leaf, state, next(results), length)
+            self._require_evaluation(leaf, evaluation)
+            evaluations.append(evaluation)
+            paths.append(self._path_infos(leaf, evaluation))
+        flat = [p for group in paths for p in group]
+        embeddings = (yield [EmbedJob(flat)])[0] if flat else []
+        pos = 0
+        for (leaf, _), evaluation, group in zip(picked, evaluations, paths):
+            tree.backup(leaf, evaluation.value, embeddings[pos:pos + len(group)])
+            pos += len(group)
+        ctx.stats.iterations += len(picked)
+        return len(picked)
 
-    def _count_rollout(self, leaf: Node, rollout: Sequence[int], length: int):
-        """Rollout tokens fed (all but the last), less those that are also candidate prefixes of the leaf."""
-        prefixes = leaf.expansion.prefixes if leaf.expansion is not None else set()
-        new = 0
-        for i in range(1, len(rollout)):
-            prefix = tuple(rollout[:i])
-            if i < length and prefix in prefixes:
-                continue
-            if i < length:
-                prefixes.add(prefix)
-            new += 1
-        self.ctx.stats.minimum["rollout"] += new
-
-    def _path_infos(self, leaf: Node, state: List[int], evaluation) -> List[PathInfo]:
+    def _path_infos(self, leaf: Node, evaluation) -> List[PathInfo]:
         """For each node from the leaf up to (excluding) the root: the text of its tokens, the tokens below
         it on the path and the rollout; and the hidden states that generated them."""
         tokens = list(evaluation.rollout)
         hidden = evaluation.rollout_hidden_sum
         count = len(evaluation.rollout)
         paths = []
-        node = leaf
-        while node is not self.tree.root:
+        for node in _path_to_root(leaf, self.tree.root):
             tokens = list(node.tokens) + tokens
             if self.embedder.needs_hidden:
                 hidden = node.hidden_sum if hidden is None else hidden + node.hidden_sum
                 count += len(node.tokens)
             paths.append(PathInfo(self.tokenizer.decode(tokens, skip_special_tokens=True),
                                   None if hidden is None else hidden.clone(), count))
-            node = node.parent
         return paths
 
     # --- outer loop ----------------------------------------------------------------------------------
@@ -235,27 +272,31 @@ class PromptSearch:
         tree, c = self.tree, self.config
         answer: List[int] = []
         commits = []
-        try:
-            while not tree.root.terminal:
-                new = 0
-                while True:
-                    yield from self._iterate()
-                    new += 1
-                    best = tree.best_child()
-                    if best is not None and best.fn > c.early_stop_fresh_visits and best.q > c.early_stop_q:
-                        break
-                    if tree.root.fn >= c.root_visits and new >= c.min_new_visits:
-                        break
+        while not tree.root.terminal:
+            new = 0
+            while True:
+                new += yield from self._iterate()
                 best = tree.best_child()
-                commits.append({"tokens": list(best.tokens), "root_visits": tree.root.fn, "new_visits": new,
-                                "children": [(list(ch.tokens), ch.n, ch.q, ch.fn) for ch in tree.root.children]})
-                old_root, discarded = tree.commit(best)
-                self.release([old_root])
-                for sibling in discarded:
-                    self.release(list(sibling.subtree()))
-                self.root_state.extend(best.tokens)
-                answer.extend(best.tokens)
-                self.ctx.stats.committed_tokens += len(best.tokens)
-        finally:
-            self.release(list(tree.root.subtree()))
+                if best is not None and best.fn > c.early_stop_fresh_visits and best.q > c.early_stop_q:
+                    break
+                if tree.root.fn >= c.root_visits and new >= c.min_new_visits:
+                    break
+            best = tree.best_child()
+            commits.append({"tokens": list(best.tokens), "root_visits": tree.root.fn, "new_visits": new,
+                            "children": [(list(ch.tokens), ch.n, ch.q, ch.fn) for ch in tree.root.children]})
+            old_root, _ = tree.commit(best)
+            self.on_commit(self.ctx, old_root, best)
+            judge_ids = judge_path_ids(self.tokenizer, best.tokens)
+            self.root_judge_key = chain_key(self.root_judge_key, judge_ids)
+            self.judge_pending.extend(judge_ids)
+            self.root_state.extend(best.tokens)
+            answer.extend(best.tokens)
+            self.ctx.stats.committed_tokens += len(best.tokens)
         return SearchOutput(answer, commits)
+
+
+def _path_to_root(node: Node, root: Node):
+    """The nodes from `node` up to (excluding) `root`."""
+    while node is not root:
+        yield node
+        node = node.parent

@@ -13,7 +13,7 @@ import torch
 
 from .config import RainConfig
 from .dialogue import judge_input, judge_path_ids, rollout_stops
-from .jobs import Draft, EmbedJob, Evaluation, EvaluateJob, ExpandJob, ExpandResult
+from .jobs import Draft, Evaluation, EvaluateJob, ExpandJob, ExpandResult
 from .judge import JudgeTokens
 from .ledger import EMPTY_KEY, TokenLedger
 from .sampling import ROLLOUT_STREAM, draw_key, extend_key, ranked_tokens, top_k_distribution
@@ -44,14 +44,17 @@ class SlowEngine:
         return out.logits[0, -1].float(), hidden, out.past_key_values, key
 
     # --- jobs ----------------------------------------------------------------------------------------
-    def start(self, contexts, roots):
+    def prepare(self, contexts):
         """Nothing to prepare: this engine keeps no state between calls."""
+
+    def start(self, contexts, roots):
+        pass
+
+    def commit(self, ctx, old_root, new_root):
+        """Nothing to release: this engine keeps no cache between calls."""
 
     def finish(self, ctx):
         pass
-
-    def release(self, nodes):
-        """Nothing to release: this engine keeps no cache between calls."""
 
     def close(self):
         pass
@@ -105,8 +108,8 @@ class SlowEngine:
         with self.ledger.phase([stats], "simulate"):
             rollout, hidden_sum = ([], None) if job.terminal else self._rollout(job)
         with self.ledger.phase([stats], "evaluate"):
-            value, judge_tokens = self._judge(job.ctx, list(job.state) + rollout, len(job.state))
-        return Evaluation(value, rollout, hidden_sum, judge_tokens)
+            value, judged = self._judge(job.ctx, list(job.state) + rollout, len(job.state))
+        return Evaluation(value, rollout, hidden_sum, judged)
 
     def _rollout(self, job: EvaluateJob):
         c, eos, stats = self.config, self.tokenizer.eos_token_id, job.ctx.stats
@@ -132,7 +135,7 @@ class SlowEngine:
     def _judge(self, ctx, state: List[int], leaf_len: int):
         reply, base, ids = judge_input(self.judge, self.tokenizer, self.config, ctx, state, leaf_len)
         if reply in ctx.judge_cache:
-            return ctx.judge_cache[reply], 0
+            return ctx.judge_cache[reply], None
         if base == "leaf":
             conversation = list(ctx.head_ids) + judge_path_ids(self.tokenizer, state[ctx.answer_start:leaf_len]) + ids
         else:
@@ -141,4 +144,4 @@ class SlowEngine:
                               for order in (0, 1)])
         value = self.judge.score(logits)
         ctx.judge_cache[reply] = value
-        return value, len(ids) + len(self.judge.suffix_ids[0]) + len(self.judge.suffix_ids[1])
+        return value, (base, list(ids))

@@ -1,10 +1,12 @@
 """What a RAIN run cost, per prompt and in total: tokens through the model against the tree's minimum.
 
-`minimum` counts what the algorithm itself needs computed, each token once: the prompt; the tree (every
-distinct candidate prefix that a draw reads, plus one token per node whose own logits are read); the
-rollouts (all but the last sampled token, which is only decoded); the judge (the conversation of the prompt
-once, each distinct evaluated reply, and both option blocks); and the shared few-shot / generation
-prefixes once per run. `recomputed_tokens` counts fed tokens whose exact prefix had been fed before.
+`minimum` counts what the algorithm itself needs computed, each distinct prefix once over the run
+(minimum.py): the prompt; the tree (the states of expanded and rolled-out nodes, and every candidate
+prefix that a draw reads); the rollouts (all but the last sampled token, which is only decoded); the judge
+(every scored judge input: conversation and both option blocks); and the shared few-shot / generation
+prefixes. A prefix needed twice (a rollout that later becomes a child, the text both option blocks share,
+a beginning two prompts share) counts once, under the part that needed it first.
+`recomputed_tokens` counts fed tokens whose exact prefix had been fed before.
 """
 from dataclasses import dataclass, field, asdict
 from typing import Dict

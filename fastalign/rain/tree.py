@@ -4,6 +4,11 @@ Pure host-side bookkeeping, independent of how the model runs. A node is a token
 parent; it keeps a visit count n (fractional: similar siblings share visits), a fresh count fn (real
 visits only), a value q (running mean of self-evaluation scores), a prior p and an embedding e (running
 mean of the embeddings of the texts below it). Engines hang their own state on `Node.handle`.
+
+Virtual loss (optional, for several inner iterations at once): while a selected leaf's evaluation is
+out, every node on its path counts `vl` extra visits of value -1 in selection, so that the next selection
+of the same batch prefers another path; the real statistics never include them. With no virtual visits
+pending, selection is exactly the plain rule.
 """
 import math
 from typing import List, Optional, Sequence, Tuple
@@ -15,10 +20,10 @@ from .config import RainConfig
 
 class Node:
     __slots__ = ("tokens", "parent", "depth", "children", "n", "fn", "q", "p", "embedding", "terminal",
-                 "key", "expansion", "handle", "hidden_sum")
+                 "key", "seq_key", "expansion", "handle", "hidden_sum", "vl")
 
     def __init__(self, tokens: Tuple[int, ...], parent: Optional["Node"], prior: float, key: int,
-                 terminal: bool = False):
+                 terminal: bool = False, seq_key: int = 0):
         self.tokens = tokens
         self.parent = parent
         self.depth = 0 if parent is None else parent.depth + 1
@@ -30,9 +35,11 @@ class Node:
         self.embedding: Optional[torch.Tensor] = None
         self.terminal = terminal          # the sequence ends here: never expanded
         self.key = key                    # hash of the full token state, for keyed sampling
+        self.seq_key = seq_key            # ledger key of the full token state, for the minimum count
         self.expansion = None             # the Expansion that created the children (kept for widening)
         self.handle = None                # engine state (KV span ...)
         self.hidden_sum = None            # sum of the hidden states that generated `tokens` (hidden pooling)
+        self.vl = 0.0                     # pending virtual visits (value -1) of leaves being evaluated
 
     @property
     def is_leaf(self) -> bool:
@@ -70,14 +77,20 @@ class SearchTree:
     # --- selection -----------------------------------------------------------------------------------
     def score(self, child: Node, parent_n: float) -> float:
         c = self.config
-        q_norm = 0.0 if child.n == 0 else (child.q - self.q_min) / (self.q_max - self.q_min + c.q_norm_eps)
-        return q_norm + c.exploration * child.p * math.sqrt(parent_n) / (1.0 + child.n)
+        n, q = child.n, child.q
+        if child.vl:
+            q = (q * n - child.vl) / (n + child.vl)
+            n = n + child.vl
+        q_norm = 0.0 if n == 0 else (q - self.q_min) / (self.q_max - self.q_min + c.q_norm_eps)
+        return q_norm + c.exploration * child.p * math.sqrt(parent_n) / (1.0 + n)
 
     def select_child(self, node: Node) -> Node:
-        """The child maximising q_norm + c * p * sqrt(n_parent) / (1 + n); the first one on ties."""
+        """The child maximising q_norm + c * p * sqrt(n_parent) / (1 + n); the first one on ties (virtual
+        visits included in n, q and n_parent)."""
         best, best_score = None, -math.inf
+        parent_n = node.n + node.vl if node.vl else node.n
         for child in node.children:
-            s = self.score(child, node.n)
+            s = self.score(child, parent_n)
             if s > best_score:
                 best, best_score = child, s
         return best
@@ -96,12 +109,20 @@ class SearchTree:
         threshold = c.widen_variance_per_token * c.token_set_length(node.depth)
         return bool(variance.norm() < threshold) and max(ch.q for ch in children) < c.widen_max_q
 
+    def add_virtual_loss(self, leaf: Node, visits: float):
+        """Adds (or with a negative count removes) pending virtual visits on the path from the root to `leaf`."""
+        node = leaf
+        while node is not None:
+            node.vl += visits
+            if abs(node.vl) < 1e-9:
+                node.vl = 0.0
+            node = node.parent
+
     # --- back-up -------------------------------------------------------------------------------------
     def backup(self, leaf: Node, value: float, path_embeddings: Sequence[torch.Tensor]):
         """Backs `value` up from `leaf` to the root. `path_embeddings[i]` embeds the text below the i-th node
         on the way up (leaf first; the root needs none): the node's tokens, those of the path below it and
         the rollout. Similar siblings (cosine >= threshold) get a share 0.2 * sim of the visit."""
-        c = self.config
         path = []
         node = leaf
         while node is not self.root:
@@ -113,7 +134,8 @@ class SearchTree:
             node.n += 1
             node.fn += 1
             emb = emb.float()
-            node.embedding = emb.clone() if node.embedding is None else node.embedding + (emb - node.embedding) / node.fn
+            node.embedding = (emb.clone() if node.embedding is None
+                              else node.embedding + (emb - node.embedding) / node.fn)
             self._share_with_siblings(node, value)
         root = self.root
         root.n += 1

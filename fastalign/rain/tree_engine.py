@@ -1,17 +1,27 @@
-"""The fast engine: RAIN's model work on a TreeRunner, where a tree node is a handle on cached KV.
+"""The fast engine: RAIN's model work on a TreeRunner, where every computed prefix is a span of cached KV.
 
-- Each node's KV is a span; children share their parent's blocks. A node's own last token is fed only when
-  its logits are first needed (it is selected as a leaf), so unvisited candidates cost only their prefixes.
-- An expansion decodes all its candidates in lockstep: at each step the distinct candidate prefixes are
-  extended in one batched call (rows with equal prefixes share one span), the greedy row takes the arg-max
-  and the sampled rows draw from the top-k; prefixes stay cached for later widening.
-- The rollout rides along in the same calls; the self-evaluation extends the prompt's judge head (on top
-  of the pinned few-shot prefix, computed once per engine) by the reply, then both option orders as one
-  batch of two rows.
-- Every job of every prompt in a `run` is a small program; each step of all programs together is ONE call
-  of `runner.extend`, so concurrent prompts share model calls.
-- Releasing a node releases its spans; the search releases discarded siblings at each commit and the
-  whole tree at the end, and `close()` the shared prefixes, so a finished run holds no block.
+- Each prompt keeps two tries of computed prefixes (prefix_trie.py): the generation side (the search
+  tree's token states, candidate prefixes, rollouts) and the judge side (the few-shot prefix and the
+  conversation as the judge reads it). Whatever a job needs is fed from its deepest computed ancestor, so
+  a prefix still held is never computed again; rows end wherever a later sequence may branch (every
+  generated token is its own row; a node's tokens on the judge side are cut where a sibling parts from
+  them), which is what keeps the count of recomputed tokens at zero.
+- An expansion decodes all its candidates in lockstep: each step extends the distinct candidate prefixes
+  in one batched call and draws every sampled row in one sampler call.
+- The rollout feeds one token per call; the judge's copy of the rollout rides along in the same calls
+  (each token its own row, so that a rollout prefix that later becomes a child costs nothing on either
+  side). Then the judge feeds the text both option blocks share, then both option blocks as two rows.
+- Draws: every generation row's outputs are reduced right after its call, for all rows at once: top-k
+  distribution (expansion), ranked tokens (1-token sets), last hidden state, and a pool of rollout
+  tokens pre-drawn from the full softmax (one batched sampler call per model call), so no full logits
+  are kept and a rollout passing a computed position needs no model work.
+- Every job of every prompt in a `run` is a small program; each round of all programs' rows is ONE call
+  of `runner.extend`, so concurrent prompts (and leaves picked together) share model calls. Rows that
+  would compute the same position run once (the position is marked pending; others wait a round).
+- Prompt starts (roots.py) cut the run's starting sequences where they part, so prompts share the rows
+  of their common beginning and the judge's few-shot prefix (pinned) is computed once.
+- A commit keeps only the new root's subtries (the rewind); `finish` drops a prompt's tries and `close`
+  the shared prefixes, so a finished run holds no span.
 """
 import math
 import time
@@ -25,57 +35,56 @@ from .dialogue import judge_input, judge_path_ids, rollout_stops
 from .jobs import Draft, Evaluation, EvaluateJob, ExpandJob, ExpandResult, PromptContext
 from .judge import JudgeTokens
 from .ledger import EMPTY_KEY, TokenLedger
-from .sampling import ROLLOUT_STREAM, draw_key, extend_key, ranked_tokens, top_k_distribution
+from .prefix_trie import PrefixNode, drop_all, keep_only_below
+from .roots import RootPlan
+from .sampling import ROLLOUT_STREAM, draw_key, extend_key, ranked_tokens, seed_key, top_k_distribution
+
+ROLLOUT_POOL = 16      # rollout tokens pre-drawn per computed position (a position is rarely rolled past more)
 
 
 class Entry:
-    """A cached prefix: its span, ledger key, top-k next-token distribution and last hidden state. Its
-    span is released when its last user (the owning node, or a node waiting to be fed from it) lets go."""
-    __slots__ = ("span", "key", "top_ids", "top_probs", "hidden", "users")
+    """A computed prefix: its span and ledger key; on the generation side also what draws read from its
+    last position (top-k ids and probabilities, greedy column, ranked ids/logits, last hidden state,
+    pre-drawn rollout tokens). `users` counts the tries (and shared tables) holding it."""
+    __slots__ = ("span", "key", "top_ids", "top_probs", "greedy_col", "ranked", "hidden", "draws", "users")
 
-    def __init__(self, span, key, top_ids, top_probs, hidden):
-        self.span, self.key, self.top_ids, self.top_probs, self.hidden = span, key, top_ids, top_probs, hidden
+    def __init__(self, span, key):
+        self.span, self.key = span, key
+        self.top_ids = self.top_probs = self.greedy_col = self.ranked = self.hidden = self.draws = None
         self.users = 1
 
 
 @dataclass
-class NodeState:
-    """Engine state of a node: its own entry once fed, and the prefixes its expansions computed."""
-    own: Optional[Entry] = None
-    judge: Optional[Entry] = None                # judge prefix + head + the path's tokens down to this node
-    base: Optional[Entry] = None                 # a surviving root not fed yet: the entry it is fed from ...
-    judge_base: Optional[Entry] = None           # ... and the judge entry its judge entry extends
-    trie: Dict[tuple, Entry] = field(default_factory=dict)
-    logits: Optional[torch.Tensor] = None        # full next-token logits, kept only during one run
-    ranked: Optional[tuple] = None               # (ids, logits) of the top next tokens
-
-    def prefix(self, tokens) -> Entry:
-        """The entry of this node's state extended by `tokens` (its own entry for no tokens)."""
-        return self.trie[tuple(tokens)] if len(tokens) else self.own
-
-    def adopt(self, prefix: tuple, out: "Out") -> Entry:
-        """The trie entry of `prefix`, made from `out` unless another program of the same call made it."""
-        if prefix not in self.trie:
-            self.trie[prefix] = TreeEngine._entry(out)
-        return self.trie[prefix]
-
-
-@dataclass
 class Row:
-    parent: Entry
+    parent: Optional[Entry]
     tokens: List[int]
     stats: object
     phase: str
+    kind: str                                   # "gen": reduce its outputs; "plain": KV only; "label": logits
+    target: Optional[PrefixNode] = None         # the trie position this row computes (None: transient)
+    skey: int = 0                               # sampling key of a "gen" row's sequence
 
 
 @dataclass
-class Out:
-    span: object
-    key: int
-    logits: torch.Tensor
-    hidden: Optional[torch.Tensor]
-    top_ids: List[int]
-    top_probs: torch.Tensor
+class NodeState:
+    """Engine state of a search node: its positions in the prompt's generation and judge tries."""
+    gen: PrefixNode
+    judge: Optional[PrefixNode] = None
+
+
+@dataclass
+class _Rollout:
+    tokens: List[int] = field(default_factory=list)
+    hidden_sum: Optional[torch.Tensor] = None
+    done: bool = False
+
+
+class _Draw:
+    """One candidate row of a lockstep expansion (stream None = the greedy row)."""
+    __slots__ = ("stream", "node", "tokens", "logp", "hidden", "done")
+
+    def __init__(self, stream, node):
+        self.stream, self.node, self.tokens, self.logp, self.hidden, self.done = stream, node, [], 0.0, None, False
 
 
 class TreeEngine:
@@ -89,56 +98,62 @@ class TreeEngine:
         self.want_hidden = want_hidden
         self.ledger = ledger or TokenLedger()
         self.rank = config.max_children
-        shared = [(self.judge.prefix_ids, "judge")]
-        if generation_prefix_ids:
-            shared.append((list(generation_prefix_ids), "generation"))
-        outs = self._call([Row(None, ids, None, "host") for ids, _ in shared])
-        self.shared = {}
-        for (ids, name), out in zip(shared, outs):
-            self.runner.pin(out.span)
-            self.shared[name] = self._entry(out)
-        self.generation_prefix_len = len(generation_prefix_ids)
+        self.generation_prefix = list(generation_prefix_ids)
+        self.plan: Optional[RootPlan] = None
+        self.cut_entries: Dict[int, Entry] = {}      # entries where starting sequences part
+        self.judge_prefix: Optional[Entry] = None
 
     # --- the one way this engine touches the model ---------------------------------------------------
-    def _call(self, rows: List[Row]) -> List[Out]:
-        """ONE runner.extend over all rows; records tokens, calls and time (split by tokens over phases)."""
+    def _call(self, rows: List[Row]) -> List[object]:
+        """ONE runner.extend over all rows. Returns per row its Entry (set on its target position too) or,
+        for "label" rows, its next-token logits. Records tokens, calls and time (split by tokens over phases)."""
         start = time.perf_counter()
-        result = self.runner.extend([None if r.parent is None else r.parent.span for r in rows],
-                                    [r.tokens for r in rows], logits="last",
-                                    hidden="last" if self.want_hidden else None)
-        children, logits = result[0], result[1]
+        try:
+            result = self.runner.extend([None if r.parent is None else r.parent.span for r in rows],
+                                        [r.tokens for r in rows], logits="last",
+                                        hidden="last" if self.want_hidden else None)
+        except BaseException:
+            _abandon(rows)
+            raise
+        spans, logits = result[0], result[1]
         hidden = result[2] if self.want_hidden else None
-        top_ids, top_probs = top_k_distribution(logits, self.config.sample_top_k)
-        top_ids, top_probs = top_ids.cpu().tolist(), top_probs.cpu()
+        outs = [Entry(span, self.ledger.feed(r.stats, EMPTY_KEY if r.parent is None else r.parent.key, r.tokens))
+                for r, span in zip(rows, spans)]
+        gen = [i for i, r in enumerate(rows) if r.kind == "gen"]
+        if gen:
+            self._read_distributions([outs[i] for i in gen], logits[gen], None if hidden is None else hidden[gen],
+                                     [rows[i].skey for i in gen])
+        for i, row in enumerate(rows):
+            if row.kind == "label":
+                self.runner.release(outs[i].span)
+                outs[i] = logits[i]
+            elif row.target is not None:
+                row.target.entry, row.target.pending = outs[i], False
         elapsed = time.perf_counter() - start
         self.ledger.call([r.stats for r in rows])
         total = sum(len(r.tokens) for r in rows)
-        outs = []
-        for i, (row, span) in enumerate(zip(rows, children)):
-            key = self.ledger.feed(row.stats, EMPTY_KEY if row.parent is None else row.parent.key, row.tokens)
+        for row in rows:
             share = elapsed * len(row.tokens) / total
             self.ledger.run.seconds[row.phase] += share
             if row.stats is not None:
                 row.stats.seconds[row.phase] += share
-            outs.append(Out(span, key, logits[i], None if hidden is None else hidden[i].float(), top_ids[i],
-                            top_probs[i]))
         return outs
 
-    def _call_unique(self, rows: List[Row]) -> List[Out]:
-        """Like _call, but rows that append the same tokens to the same entry (e.g. a rollout and a candidate
-        that drew the same token) run once and share the output."""
-        unique, where = {}, []
-        for row in rows:
-            key = (id(row.parent), tuple(row.tokens))
-            where.append(unique.setdefault(key, (len(unique), row))[0])
-        outs = self._call([row for _, row in unique.values()])
-        return [outs[i] for i in where]
+    def _read_distributions(self, entries: List[Entry], logits: torch.Tensor, hidden, skeys: List[int]):
+        """What the search reads from generation rows, for all of them at once."""
+        top_ids, top_probs = top_k_distribution(logits, self.config.sample_top_k)
+        greedy = top_probs.argmax(dim=-1).tolist()
+        top_ids, top_probs = top_ids.cpu().tolist(), top_probs.cpu()
+        ranked_ids, ranked_logits = ranked_tokens(logits, self.rank)
+        draws = self.sampler.draw_many(torch.softmax(logits.float(), dim=-1),
+                                       [draw_key(k, ROLLOUT_STREAM) for k in skeys], ROLLOUT_POOL)
+        for i, entry in enumerate(entries):
+            entry.top_ids, entry.top_probs, entry.greedy_col = top_ids[i], top_probs[i], greedy[i]
+            entry.ranked = (ranked_ids[i], ranked_logits[i])
+            entry.hidden = None if hidden is None else hidden[i].float()
+            entry.draws = draws[i]
 
-    @staticmethod
-    def _entry(out: Out) -> Entry:
-        return Entry(out.span, out.key, out.top_ids, out.top_probs, out.hidden)
-
-    def _let_go(self, entry: Optional[Entry]):
+    def _drop(self, entry: Optional[Entry]):
         if entry is None:
             return
         entry.users -= 1
@@ -146,227 +161,327 @@ class TreeEngine:
             self.runner.release(entry.span)
 
     def _execute(self, programs: List) -> List:
-        """Runs generator programs that yield lists of rows and receive their outputs; each round of all
-        programs' rows is one model call. Returns each program's return value."""
+        """Runs generator programs that yield lists of rows (an empty list: wait one round) and receive
+        their outputs; each round of all programs' rows is one model call. Returns their return values."""
         results = [None] * len(programs)
-        waiting = {}
-        for i, program in enumerate(programs):
-            self._advance(i, program, None, waiting, results)
-        while waiting:
-            order = list(waiting)
-            rows = [row for i in order for row in waiting[i][1]]
-            outs = self._call_unique(rows)
-            pos = 0
-            current = waiting
-            waiting = {}
-            for i in order:
-                program, wanted = current[i]
-                self._advance(i, program, outs[pos:pos + len(wanted)], waiting, results)
-                pos += len(wanted)
+        waiting = []
+
+        def advance(i, program, sent):
+            try:
+                waiting.append((i, program, program.send(sent)))
+            except StopIteration as stop:
+                results[i] = stop.value
+
+        idle = 0
+        try:
+            for i, program in enumerate(programs):
+                advance(i, program, None)
+            while waiting:
+                current, waiting = waiting, []
+                rows = [row for _, _, wanted in current for row in wanted]
+                idle = 0 if rows else idle + 1
+                if idle > 1:
+                    raise RuntimeError("RAIN tree engine: every program waits on another (internal error)")
+                outs = self._call(rows) if rows else []
+                pos = 0
+                for i, program, wanted in current:
+                    advance(i, program, outs[pos:pos + len(wanted)])
+                    pos += len(wanted)
+        except BaseException:
+            for _, program, wanted in waiting:
+                _abandon(wanted)
+                program.close()
+            raise
         return results
 
-    @staticmethod
-    def _advance(i, program, sent, waiting, results):
-        try:
-            rows = program.send(sent)
-            while not rows:                      # a program may yield nothing: resume it at once
-                rows = program.send([])
-            waiting[i] = (program, rows)
-        except StopIteration as stop:
-            results[i] = stop.value
+    def _ensure(self, targets: Sequence[PrefixNode], stats, phase: str, kind: str, cuts=frozenset()):
+        """Program step: until every target position has an entry, yields the rows that compute what they
+        lack from their deepest computed ancestor, ending rows at `cuts` (positions that must get their own
+        entry) and waiting while a position on the way is being computed by another row."""
+        while True:
+            rows = []
+            busy = False
+            for target in targets:
+                if target.entry is not None:
+                    continue
+                path = target.missing_path()
+                if not path:
+                    busy = True                                  # pending: another row computes it
+                    continue
+                parent = path[0].parent
+                if parent.pending:
+                    busy = True
+                    continue
+                end = next((i for i, node in enumerate(path) if node in cuts), len(path) - 1)
+                chunk = path[:end + 1]
+                chunk[-1].pending = True
+                rows.append(Row(parent.entry, [n.token for n in chunk], stats, phase, kind, chunk[-1],
+                                chunk[-1].skey if kind == "gen" else 0))
+            if not rows and not busy:
+                return
+            yield rows
 
     # --- prompts -------------------------------------------------------------------------------------
+    def prepare(self, contexts: Sequence[PromptContext]):
+        """Plans where the run's starting sequences part and computes the judge's few-shot prefix."""
+        n = len(self.generation_prefix)
+        self.plan = RootPlan(self.judge.prefix_ids, self.generation_prefix,
+                             [(ctx.root_ids[n:], ctx.head_ids) for ctx in contexts])
+        self.plan_of = {ctx.index: pair for ctx, pair in zip(contexts, self.plan.prompts)}
+        self.gen_root_ends = {root.keys[-1] for root, _ in self.plan.prompts if root.keys}
+        if self.plan.judge_prefix.tokens:
+            (self.judge_prefix,) = self._start_sequences([(self.plan.judge_prefix, None, "evaluate")])
+            self.runner.pin(self.judge_prefix.span)
+
+    def _start_sequences(self, items) -> List[Entry]:
+        """Computes starting sequences (RootSequence, stats, phase) in rounds of one call, each row ending
+        at the sequence's next cut, reusing cuts already computed. Returns each sequence's entry (one more
+        user each); drops cut entries no sequence still to start passes through."""
+        done_at = []
+        for seq, _, _ in items:
+            done_at.append(max([p for p in seq.cuts if seq.keys[p - 1] in self.cut_entries], default=0))
+        while True:
+            rows, wanted = [], {}
+            for (seq, stats, phase), at in zip(items, done_at):
+                if at == len(seq.tokens):
+                    continue
+                cut = next(p for p in seq.cuts if p > at)
+                key = seq.keys[cut - 1]
+                if key in wanted:
+                    continue
+                wanted[key] = len(rows)
+                gen = key in self.gen_root_ends
+                rows.append(Row(self.cut_entries[seq.keys[at - 1]] if at else None, seq.tokens[at:cut], stats,
+                                phase, "gen" if gen else "plain",
+                                skey=extend_key(seed_key(self.config.seed), seq.tokens[:cut]) if gen else 0))
+            if not rows:
+                break
+            for key, entry in zip(wanted, self._call(rows)):
+                self.cut_entries[key] = entry
+            for i, (seq, _, _) in enumerate(items):
+                if done_at[i] < len(seq.tokens):
+                    done_at[i] = next(p for p in seq.cuts if p > done_at[i])
+        out = []
+        for seq, _, _ in items:
+            entry = self.cut_entries[seq.keys[-1]]
+            entry.users += 1
+            out.append(entry)
+        for seq, _, _ in items:
+            for key in self.plan.started(seq):
+                self._drop(self.cut_entries.pop(key))
+        return out
+
     def start(self, contexts: Sequence[PromptContext], roots: Sequence) -> None:
-        """Feeds each prompt (on the generation prefix) and its judge head (on the few-shot prefix) in one call."""
-        gen = self.shared.get("generation")
-        rows = []
+        """Computes each prompt's root (after the generation prefix) and judge head (after the few-shot prefix)."""
+        items = []
         for ctx in contexts:
-            rows.append(Row(gen, list(ctx.root_ids[self.generation_prefix_len:]), ctx.stats, "expand"))
+            root_seq, head_seq = self.plan_of[ctx.index]
+            items.append((root_seq, ctx.stats, "expand"))
             if ctx.head_ids:
-                rows.append(Row(self.shared["judge"], list(ctx.head_ids), ctx.stats, "evaluate"))
-        outs = iter(self._call(rows))
+                items.append((head_seq, ctx.stats, "evaluate"))
+        entries = iter(self._start_sequences(items))
         for ctx, root in zip(contexts, roots):
-            out = next(outs)
-            root.handle = self._node_state(out)
-            ctx.handle = self._entry(next(outs)) if ctx.head_ids else self.shared["judge"]
-            if not ctx.head_ids:
-                ctx.handle.users += 1
-            root.handle.judge = ctx.handle
-            ctx.handle.users += 1
+            gen = PrefixNode(None, None, skey=ctx.root_key)
+            gen.entry = next(entries)
+            judge = PrefixNode(None, None)
+            if ctx.head_ids:
+                judge.entry = next(entries)
+            else:
+                judge.entry = self.judge_prefix
+                self.judge_prefix.users += 1
+            root.handle = NodeState(gen, judge)
+            ctx.handle = NodeState(gen, judge)
+
+    def commit(self, ctx: PromptContext, old_root, new_root):
+        """The rewind: keeps only what the new root's subtree can need."""
+        state = old_root.handle
+        if new_root.handle is None:
+            new_root.handle = NodeState(state.gen.walk(new_root.tokens))
+        if new_root.handle.judge is None:
+            new_root.handle.judge = state.judge.walk(judge_path_ids(self.tokenizer, new_root.tokens))
+        keep_only_below(new_root.handle.gen, self._drop, keep_origin=False)
+        keep_only_below(new_root.handle.judge, self._drop, keep_origin=True)
 
     def finish(self, ctx: PromptContext):
-        self._let_go(ctx.handle)
-        ctx.handle = None
-
-    def _node_state(self, out: Out) -> NodeState:
-        return NodeState(own=self._entry(out), logits=out.logits,
-                         ranked=tuple(r[0] for r in ranked_tokens(out.logits.unsqueeze(0), self.rank)))
-
-    def release(self, nodes):
-        """Lets go of the nodes' spans. A child that survives its parent (the committed root) and was never
-        fed keeps the prefix entry it will be fed from."""
-        for node in nodes:
-            state: NodeState = node.handle
-            if state is None:
-                continue
-            for child in node.children:
-                if child.parent is None:          # the committed root outlives its parent
-                    self._keep_bases(child, state)
-            for entry in [state.own, state.judge, state.base, state.judge_base] + list(state.trie.values()):
-                self._let_go(entry)
-            node.handle = None
-
-    def _keep_bases(self, child, parent_state: NodeState):
-        child.handle = child.handle or NodeState()
-        if child.handle.own is None and child.handle.base is None:
-            child.handle.base = parent_state.prefix(child.tokens[:-1])
-            child.handle.base.users += 1
-        if child.handle.judge is None and child.handle.judge_base is None:
-            child.handle.judge_base = parent_state.judge
-            child.handle.judge_base.users += 1
+        if ctx.handle is not None:
+            drop_all(ctx.handle.gen, self._drop)
+            drop_all(ctx.handle.judge, self._drop)
+            ctx.handle = None
 
     def close(self):
-        for entry in self.shared.values():
-            self.runner.unpin(entry.span)
-            self._let_go(entry)
-        self.shared = {}
+        for entry in self.cut_entries.values():
+            self._drop(entry)
+        self.cut_entries = {}
+        if self.judge_prefix is not None:
+            self.runner.unpin(self.judge_prefix.span)
+            self._drop(self.judge_prefix)
+            self.judge_prefix = None
+
+    # --- positions of search nodes -------------------------------------------------------------------
+    def _gen_node(self, node) -> PrefixNode:
+        if node.handle is None:
+            node.handle = NodeState(self._gen_node(node.parent).walk(node.tokens))
+        return node.handle.gen
+
+    def _judge_node(self, node) -> PrefixNode:
+        self._gen_node(node)
+        if node.handle.judge is None:
+            node.handle.judge = self._judge_node(node.parent).walk(judge_path_ids(self.tokenizer, node.tokens))
+        return node.handle.judge
+
+    def _sibling_cuts(self, node) -> set:
+        """Judge-side positions inside `node`'s tokens where a sibling's tokens part from them."""
+        if node.parent is None:
+            return set()
+        ids = judge_path_ids(self.tokenizer, node.tokens)
+        base = self._judge_node(node.parent)
+        cuts = set()
+        for sibling in node.parent.children:
+            if sibling is node:
+                continue
+            other = judge_path_ids(self.tokenizer, sibling.tokens)
+            j = 0
+            while j < min(len(ids), len(other)) and ids[j] == other[j]:
+                j += 1
+            if 0 < j < len(ids):
+                cuts.add(base.walk(ids[:j]))
+        return cuts
 
     # --- jobs ----------------------------------------------------------------------------------------
     def run(self, jobs: List[object]) -> List[object]:
-        self._feed_leaves(jobs)
-        programs = [self._expand(job) if isinstance(job, ExpandJob) else self._evaluate(job) for job in jobs]
-        results = self._execute(programs)
-        for job in jobs:
-            if job.node.handle is not None:
-                job.node.handle.logits = None
+        expands, rollouts, judges = [], [], []
+        for j, job in enumerate(jobs):
+            if isinstance(job, ExpandJob):
+                expands.append((j, self._expand(job)))
+            else:
+                rollout = _Rollout(done=job.terminal)
+                if not job.terminal:
+                    rollouts.append((None, self._rollout(job, rollout)))
+                judges.append((j, self._evaluate(job, rollout)))
+        ordered = expands + rollouts + judges            # a rollout draws before its judge looks at it
+        values = self._execute([program for _, program in ordered])
+        results = [None] * len(jobs)
+        for (j, _), value in zip(ordered, values):
+            if j is not None:
+                results[j] = value
         return results
 
-    def _feed_leaves(self, jobs):
-        """One call that feeds, for the jobs' nodes, the last token of each node whose logits are needed
-        and not computed yet, and the judge entry of each evaluated node that has none."""
-        rows, targets = [], []
-        for job in jobs:
-            node = job.node
-            state = node.handle = node.handle or NodeState()
-            parent_state = node.parent.handle if node.parent is not None else None
-            needs_logits = isinstance(job, ExpandJob) or not job.terminal
-            if needs_logits and state.own is None and not any(t[0] is node and t[1] == "own" for t in targets):
-                base = state.base or parent_state.prefix(node.tokens[:-1])
-                rows.append(Row(base, [node.tokens[-1]], job.ctx.stats, "expand"))
-                targets.append((node, "own"))
-            if isinstance(job, EvaluateJob) and state.judge is None:
-                base = state.judge_base or parent_state.judge
-                tokens = judge_path_ids(self.tokenizer, node.tokens)
-                if tokens:
-                    rows.append(Row(base, tokens, job.ctx.stats, "evaluate"))
-                    targets.append((node, "judge"))
-                else:
-                    state.judge = base
-                    base.users += 1
-        if not rows:
-            return
-        for (node, what), out in zip(targets, self._call(rows)):
-            state = node.handle
-            if what == "own":
-                fed = self._node_state(out)
-                state.own, state.logits, state.ranked = fed.own, fed.logits, fed.ranked
-                self._let_go(state.base)
-                state.base = None
-            else:
-                state.judge = self._entry(out)
-                self._let_go(state.judge_base)
-                state.judge_base = None
-
     def _expand(self, job: ExpandJob):
-        state: NodeState = job.node.handle
+        stats = job.ctx.stats
+        origin = self._gen_node(job.node)
+        yield from self._ensure([origin], stats, "expand", "gen")
         if job.length == 1:
-            ids, logits = state.ranked
-            return ExpandResult(ranked_ids=list(ids), ranked_logits=list(logits), hidden=state.own.hidden)
-        rows = []
-        if job.greedy is None:
-            rows.append(_Draw(None))
-        rows += [_Draw(s) for s in range(job.first_stream, job.first_stream + job.attempts)]
-        eos, node_key = self.tokenizer.eos_token_id, job.node.key
+            ids, logits = origin.entry.ranked
+            return ExpandResult(ranked_ids=list(ids), ranked_logits=list(logits), hidden=origin.entry.hidden)
+        rows = [] if job.greedy is not None else [_Draw(None, origin)]
+        rows += [_Draw(s, origin) for s in range(job.first_stream, job.first_stream + job.attempts)]
+        eos = self.tokenizer.eos_token_id
         while True:
-            needed: Dict[tuple, Entry] = {}
-            for d in rows:
-                if d.done:
-                    continue
-                entry = state.prefix(d.tokens)
-                if d.stream is None:
-                    col = int(entry.top_probs.argmax())
-                else:
-                    col = self.sampler.draw(entry.top_probs.unsqueeze(0),
-                                            [draw_key(extend_key(node_key, d.tokens), d.stream)])[0]
+            active = [d for d in rows if not d.done]
+            sampled = [d for d in active if d.stream is not None]
+            picks = iter(self.sampler.draw(torch.stack([d.node.entry.top_probs for d in sampled]),
+                                           [draw_key(d.node.skey, d.stream) for d in sampled]) if sampled else [])
+            for d in active:
+                entry = d.node.entry
+                col = entry.greedy_col if d.stream is None else next(picks)
                 token = entry.top_ids[col]
                 d.logp += math.log(float(entry.top_probs[col]))
                 if entry.hidden is not None:
                     d.hidden = entry.hidden.clone() if d.hidden is None else d.hidden + entry.hidden
                 d.tokens.append(token)
-                if token == eos or len(d.tokens) == job.length:
-                    d.done = True
-                elif tuple(d.tokens) not in state.trie:
-                    needed.setdefault(tuple(d.tokens), state.prefix(d.tokens[:-1]))
+                d.node = d.node.child(token)
+                d.done = token == eos or len(d.tokens) == job.length
+            needed = list({id(d.node): d.node for d in rows if not d.done}.values())
             if not needed:
                 break
-            prefixes = list(needed)
-            outs = yield [Row(needed[p], [p[-1]], job.ctx.stats, "expand") for p in prefixes]
-            for prefix, out in zip(prefixes, outs):
-                state.adopt(prefix, out)
+            yield from self._ensure(needed, stats, "expand", "gen")
         drafts = [Draft(tuple(d.tokens), d.logp, d.hidden) for d in rows]
         if job.greedy is None:
             return ExpandResult(greedy=drafts[0], samples=drafts[1:])
         return ExpandResult(greedy=job.greedy, samples=drafts)
 
-    def _evaluate(self, job: EvaluateJob):
-        ctx, c = job.ctx, self.config
+    def _rollout(self, job: EvaluateJob, out: _Rollout):
+        """Samples the leaf's continuation up to the end of its sentence from pre-drawn pools, computing
+        each drawn token's position (all but the last) as its own row."""
+        ctx, c, eos = job.ctx, self.config, self.tokenizer.eos_token_id
         state = list(job.state)
-        node_state: NodeState = job.node.handle
-        rollout, hidden_sum = [], None
-        if not job.terminal:
-            entry, logits, prefix_key = node_state.own, node_state.logits, job.node.key
-            temporary = None                                  # a rollout entry past the candidate prefixes
+        node = self._gen_node(job.node)
+        try:
             while not rollout_stops(self.tokenizer, c, ctx, state):
-                if logits is None:
-                    (out,) = yield [Row(entry, [state[-1]], ctx.stats, "simulate")]
-                    self._let_go(temporary)
-                    temporary = None
-                    if len(rollout) < job.share_depth:
-                        entry = node_state.adopt(tuple(rollout), out)
-                    else:
-                        entry = temporary = self._entry(out)
-                    logits = out.logits
-                token = self.sampler.draw(torch.softmax(logits.float(), dim=-1).unsqueeze(0),
-                                          [draw_key(prefix_key, ROLLOUT_STREAM)])[0]
-                prefix_key = extend_key(prefix_key, [token])
+                yield from self._ensure([node], ctx.stats, "simulate", "gen")
+                entry = node.entry
+                if not entry.draws:              # pool used up: compute the position again for fresh draws
+                    node.entry = None
+                    yield from self._ensure([node], ctx.stats, "simulate", "gen")
+                    self._drop(entry)
+                    continue
+                token = entry.draws[0] if self.sampler.repeatable else entry.draws.pop()
                 if entry.hidden is not None:
-                    hidden_sum = entry.hidden.clone() if hidden_sum is None else hidden_sum + entry.hidden
+                    out.hidden_sum = entry.hidden.clone() if out.hidden_sum is None else out.hidden_sum + entry.hidden
                 state.append(token)
-                rollout.append(token)
-                logits = None
-                if token == self.tokenizer.eos_token_id:
+                out.tokens.append(token)
+                node = node.child(token)
+                if token == eos:
                     break
-            self._let_go(temporary)
-        reply, base_kind, ids = judge_input(self.judge, self.tokenizer, c, ctx, state, len(job.state))
+        finally:
+            out.done = True
+
+    def _evaluate(self, job: EvaluateJob, rollout: _Rollout):
+        """The judge's side of an evaluation: the leaf's path and, token by token, its rollout (while the
+        rollout runs), then the cache check, then the option blocks."""
+        ctx, stats, eos = job.ctx, job.ctx.stats, self.tokenizer.eos_token_id
+        if not job.terminal:
+            node = self._judge_node(job.node)
+            yield from self._ensure([node], stats, "evaluate", "plain", self._sibling_cuts(job.node))
+            fed = 0
+            while not (rollout.done and fed == len(rollout.tokens)):
+                if fed == len(rollout.tokens):
+                    yield []
+                    continue
+                token = rollout.tokens[fed]
+                fed += 1
+                if token != eos:
+                    node = node.child(token)
+                    yield from self._ensure([node], stats, "evaluate", "plain")
+        state = list(job.state) + rollout.tokens
+        reply, base, ids = judge_input(self.judge, self.tokenizer, self.config, ctx, state, len(job.state))
+        while reply in ctx.judging:              # the same reply is being judged by another leaf
+            yield []
         if reply in ctx.judge_cache:
-            return Evaluation(ctx.judge_cache[reply], rollout, hidden_sum, 0)
-        base = {"leaf": node_state.judge, "head": ctx.handle, "prefix": self.shared["judge"]}[base_kind]
-        conversation = None
-        if ids:
-            (out,) = yield [Row(base, list(ids), ctx.stats, "evaluate")]
-            base = conversation = self._entry(out)
-        outs = yield [Row(base, list(self.judge.suffix_ids[o]), ctx.stats, "evaluate") for o in (0, 1)]
-        self.runner.release([o.span for o in outs])
-        self._let_go(conversation)
-        value = self.judge.score(torch.stack([o.logits for o in outs]))
+            return Evaluation(ctx.judge_cache[reply], rollout.tokens, rollout.hidden_sum, None)
+        ctx.judging.add(reply)
+        transient = None
+        try:
+            if base == "prefix":
+                (transient,) = yield [Row(self.judge_prefix, list(ids), stats, "evaluate", "plain")]
+                conversation = transient
+            else:
+                origin = self._judge_node(job.node) if base == "leaf" else ctx.handle.judge
+                node = origin.walk(ids)
+                cuts = self._sibling_cuts(job.node) if base == "leaf" and job.terminal else frozenset()
+                yield from self._ensure([node], stats, "evaluate", "plain", cuts)
+                conversation = node.entry
+            value = yield from self._score(conversation, stats)
+        finally:
+            ctx.judging.discard(reply)
+            self._drop(transient)
         ctx.judge_cache[reply] = value
-        return Evaluation(value, rollout, hidden_sum,
-                          len(ids) + len(self.judge.suffix_ids[0]) + len(self.judge.suffix_ids[1]))
+        return Evaluation(value, rollout.tokens, rollout.hidden_sum, (base, list(ids)))
+
+    def _score(self, conversation: Entry, stats):
+        shared = None
+        if self.judge.shared_suffix_ids:
+            (shared,) = yield [Row(conversation, list(self.judge.shared_suffix_ids), stats, "evaluate", "plain")]
+        try:
+            logits = yield [Row(shared or conversation, list(ids), stats, "evaluate", "label")
+                            for ids in self.judge.option_ids]
+        finally:
+            self._drop(shared)
+        return self.judge.score(torch.stack(logits))
 
 
-class _Draw:
-    """One candidate row of a lockstep expansion (stream None = the greedy row)."""
-    __slots__ = ("stream", "tokens", "logp", "hidden", "done")
-
-    def __init__(self, stream):
-        self.stream, self.tokens, self.logp, self.hidden, self.done = stream, [], 0.0, None, False
+def _abandon(rows: Sequence[Row]):
+    """Clears the pending marks of rows that will not run."""
+    for row in rows:
+        if row.target is not None and row.target.entry is None:
+            row.target.pending = False

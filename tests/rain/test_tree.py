@@ -115,3 +115,23 @@ def test_config_validation_and_lengths():
         RainConfig(candidates=0).validate()
     with pytest.raises(ValueError, match="token_set_lengths"):
         RainConfig(token_set_lengths=()).validate()
+
+
+def test_virtual_loss_steers_selection_and_leaves_no_trace():
+    tree = tree_with_children([0.5, 0.3, 0.2])
+    root, (a, b, c) = tree.root, tree.root.children
+    root.n, a.n, a.q, b.n, b.q = 3, 2, 0.5, 1, 0.4
+    before = {ch: tree.score(ch, root.n) for ch in (a, b, c)}
+    first = tree.select_child(root)
+    tree.add_virtual_loss(first, 1.0)
+    assert first.vl == root.vl == 1.0
+    assert tree.score(first, root.n + 1) < before[first]       # a pending leaf counts as a lost visit
+    second = tree.select_child(root)
+    assert second is not first
+    tree.add_virtual_loss(second, 1.0)
+    tree.add_virtual_loss(first, -1.0)
+    tree.add_virtual_loss(second, -1.0)
+    assert all(n.vl == 0.0 for n in (root, a, b, c))
+    assert {ch: tree.score(ch, root.n) for ch in (a, b, c)} == before       # exactly the plain rule again
+    assert tree.select_child(root) is first
+    assert (root.n, a.n, a.q, b.n, b.q) == (3, 2, 0.5, 1, 0.4)               # real statistics untouched
