@@ -4,8 +4,9 @@ decoding alongside for comparison.
 Each prompt's record {"index", "prompt", "rain", "vanilla", "error", "stats"} is appended to --output and
 flushed as soon as that prompt finishes, so a killed run resumes where it stopped (prompts whose index is
 already in the file are skipped). A prompt that fails gets its error in its record; the others go on.
-Under torchrun (WORLD_SIZE > 1) each rank searches every WORLD_SIZE-th prompt on cuda:LOCAL_RANK and
-writes <output>.rank<RANK>.
+Several GPUs: launch with torchrun (e.g. `torchrun --nproc_per_node 8 -m fastalign.cli rain ...`): each
+rank joins the process group, searches every WORLD_SIZE-th prompt on cuda:LOCAL_RANK and writes
+<output>.rank<RANK>; at the end rank 0 merges them into <output> and prints the combined summary.
 """
 import argparse
 import gzip
@@ -34,6 +35,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--root-visits", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--parallel-leaves", type=int, default=1,
+                        help="inner iterations run at once under virtual loss (1 = off, the reference's search)")
+    parser.add_argument("--virtual-loss", type=float, default=1.0, help="virtual visits (value -1) per pending leaf")
     parser.add_argument("--kv-tokens", type=int, default=1 << 17, help="KV pool size of the tree engine, in tokens")
     parser.add_argument("--generation-prefix-file", help="text put before every prompt (e.g. few-shot chat turns)")
     parser.add_argument("--judge-template-file", help="judge prompt with {conversation} and {options}")
@@ -76,13 +80,6 @@ def file_prompts(path: str, field: str):
         return [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
 
 
-def done_indices(path: str):
-    if not os.path.exists(path):
-        return set()
-    with open(path, encoding="utf-8") as f:
-        return {json.loads(line)["index"] for line in f if line.strip()}
-
-
 @torch.no_grad()
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, turn_marker: str) -> str:
     """Plain KV-cached greedy decoding, cut before a new user turn."""
@@ -96,7 +93,8 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, turn_marke
 def run(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import JudgePrompt, RainConfig, rain_generate
+    from . import JudgePrompt, RainConfig, RainStats, rain_generate
+    from .distributed import done_indices, gather, join_from_env, leave, merge_rank_files
 
     if not os.path.isdir(args.model):
         print(f"--model: no model directory at {args.model!r}", file=sys.stderr)
@@ -116,52 +114,62 @@ def run(args) -> int:
     if args.generation_prefix_file:
         with open(args.generation_prefix_file, encoding="utf-8") as f:
             prefix = f.read()
-    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
-    config = RainConfig(max_new_tokens=args.max_new_tokens, root_visits=args.root_visits, seed=args.seed)
-    output = args.output
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:   # launched by torchrun: every rank takes every world-th prompt and writes its own file
-        output = f"{output}.rank{rank}"
-    done = done_indices(output)
-    todo = [i for i in range(len(prompts)) if i not in done and i % world == rank]
-    progress = _progress(len(todo))
+    placement = join_from_env()
+    try:
+        device = args.device or (f"cuda:{placement.local_rank}" if torch.cuda.is_available() else "cpu")
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
+        config = RainConfig(max_new_tokens=args.max_new_tokens, root_visits=args.root_visits, seed=args.seed,
+                            parallel_leaves=args.parallel_leaves, virtual_loss=args.virtual_loss)
+        done = done_indices(args.output)
+        todo = placement.share(i for i in range(len(prompts)) if i not in done)
+        progress = _progress(len(todo), placement.rank)
 
-    with open(output, "a", encoding="utf-8") as out:
-        def write(result):
-            index = todo[result.index]
-            vanilla = None
-            if not args.no_vanilla and result.error is None:
-                vanilla = greedy_answer(model, tokenizer, prefix + prompts[index], args.max_new_tokens,
-                                        config.turn_marker)
-            out.write(json.dumps({"index": index, "prompt": prompts[index], "rain": result.answer,
-                                  "vanilla": vanilla, "error": result.error,
-                                  "stats": result.stats.as_dict()}) + "\n")
-            out.flush()
-            progress(result)
+        with open(placement.output(args.output), "a", encoding="utf-8") as out:
+            def write(result):
+                index = todo[result.index]
+                vanilla = None
+                if not args.no_vanilla and result.error is None:
+                    vanilla = greedy_answer(model, tokenizer, prefix + prompts[index], args.max_new_tokens,
+                                            config.turn_marker)
+                out.write(json.dumps({"index": index, "prompt": prompts[index], "rain": result.answer,
+                                      "vanilla": vanilla, "error": result.error,
+                                      "stats": result.stats.as_dict()}) + "\n")
+                out.flush()
+                progress(result)
 
-        run_ = rain_generate(model, tokenizer, [prompts[i] for i in todo], config, engine=args.engine,
-                             judge_prompt=judge, embedding=args.embedding, sampler=args.sampler,
-                             generation_prefix=prefix, concurrency=args.concurrency,
-                             runner_tokens=args.kv_tokens, on_result=write)
-    print(json.dumps({"prompts": len(todo), "skipped_done": len(done),
-                      "errors": sum(r.error is not None for r in run_.results),
-                      "stats": run_.stats.as_dict()}, indent=1))
+            run_ = rain_generate(model, tokenizer, [prompts[i] for i in todo], config, engine=args.engine,
+                                 judge_prompt=judge, embedding=args.embedding, sampler=args.sampler,
+                                 generation_prefix=prefix, concurrency=args.concurrency,
+                                 runner_tokens=args.kv_tokens, on_result=write)
+        summaries = gather(placement, (len(todo), sum(r.error is not None for r in run_.results), run_.stats))
+        merge_rank_files(placement, args.output)
+        if summaries is not None:
+            stats = RainStats()
+            for _, _, s in summaries:
+                stats.add(s)
+            stats.model_calls = sum(s.model_calls for _, _, s in summaries)
+            stats.wall_seconds = max(s.wall_seconds for _, _, s in summaries)
+            print(json.dumps({"prompts": sum(n for n, _, _ in summaries), "skipped_done": len(done),
+                              "errors": sum(e for _, e, _ in summaries), "processes": placement.world_size,
+                              "stats": stats.as_dict()}, indent=1))
+    finally:
+        leave(placement)
     return 0
 
 
-def _progress(total: int):
+def _progress(total: int, rank: int):
+    name = f"rain[{rank}]" if rank else "rain"
     try:
         from tqdm import tqdm
     except ImportError:
         tqdm = None
     if tqdm is not None:
-        bar = tqdm(total=total, desc="rain", unit="prompt")
+        bar = tqdm(total=total, desc=name, unit="prompt", position=rank)
         return lambda result: bar.update(1)
     count = [0]
 
     def tick(result):
         count[0] += 1
-        print(f"rain: {count[0]}/{total} prompts", file=sys.stderr)
+        print(f"{name}: {count[0]}/{total} prompts", file=sys.stderr)
     return tick

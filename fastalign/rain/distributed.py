@@ -1,0 +1,102 @@
+"""Spreading a RAIN run's prompts over several processes (GPUs) launched by torchrun.
+
+Under torchrun (WORLD_SIZE > 1) each process joins the default process group (NCCL on CUDA, gloo on
+CPU), takes every WORLD_SIZE-th prompt (prompt i goes to rank i % WORLD_SIZE) and appends its records to
+its own file <output>.rank<RANK> as each prompt finishes. At the end the ranks meet at a barrier and rank
+0 merges every rank file into <output> (in prompt order, skipping records already there) and removes
+them. A killed run resumes with any number of processes: prompts recorded in <output> or in any rank file
+are skipped, and the next merge collects the leftovers.
+"""
+import glob
+import json
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Set
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Placement:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def output(self, path: str) -> str:
+        """The file this process appends its records to."""
+        return f"{path}.rank{self.rank}" if self.distributed else path
+
+    def share(self, indices) -> List[int]:
+        return [i for i in indices if i % self.world_size == self.rank]
+
+
+def join_from_env() -> Placement:
+    """Joins the process group torchrun describes in the environment (once); a single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1:
+        return Placement()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return Placement(dist.get_rank(), dist.get_world_size(), local)
+
+
+def leave(placement: Placement):
+    if placement.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _records(path: str):
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _rank_files(path: str) -> List[str]:
+    return sorted(glob.glob(glob.escape(path) + ".rank*"))
+
+
+def done_indices(path: str) -> Set[int]:
+    """Prompt indices already recorded in `path` or in any of its rank files."""
+    return {r["index"] for p in [path] + _rank_files(path) for r in _records(p)}
+
+
+def gather(placement: Placement, value) -> Optional[list]:
+    """Every rank's `value` on rank 0 (None elsewhere); [value] for a single process."""
+    if not placement.distributed:
+        return [value]
+    out = [None] * placement.world_size
+    dist.all_gather_object(out, value)
+    return out if placement.rank == 0 else None
+
+
+def merge_rank_files(placement: Placement, path: str):
+    """After all ranks are done: rank 0 appends the rank files' records to `path` in prompt order and removes
+    the rank files."""
+    if not placement.distributed:
+        return
+    dist.barrier()
+    if placement.rank == 0:
+        have = {r["index"] for r in _records(path)}
+        files = _rank_files(path)
+        fresh = {}
+        for p in files:
+            for record in _records(p):
+                if record["index"] not in have:
+                    fresh[record["index"]] = record
+        with open(path, "a", encoding="utf-8") as out:
+            for index in sorted(fresh):
+                out.write(json.dumps(fresh[index]) + "\n")
+        for p in files:
+            os.remove(p)
+    dist.barrier()
