@@ -8,7 +8,7 @@ normalised linear_cross_entropy over the forget and mismatch answer tokens, L_no
 the normal answer tokens against the reference. No [tokens x vocab] logits are ever formed.
 
 The objective is an nn.Module whose forward does all of this, so that DDP/FSDP wrappers see the lm_head
-weight used inside their forward.
+weight used inside their forward (sharding.head_weight gathers it if FSDP gave the lm_head a unit of its own).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
 from fastalign.ops.linear_kl_div import linear_kl_div
 from fastalign.unlearn.models import at_answer_targets, causal_lm_parts, final_hidden_states
+from fastalign.unlearn.sharding import head_weight
 from fastalign.unlearn.streams import UnlearningBatch
 from fastalign.unlearn.token_weights import unlearning_token_weights
 
@@ -59,6 +60,12 @@ class UnlearningObjective(torch.nn.Module):
 
     The reference is needed only when batches carry normal rows. backend selects the fused-op backend
     ("auto": Triton on CUDA, chunked torch elsewhere).
+
+    L_fgt and L_rdn are means over the batch's sequences; L_nor is the KL summed over the batch's normal
+    answer tokens and divided by `normal_denominator` (default: their number, i.e. the batch's token mean).
+    The trainer passes the step's average number of normal answer tokens per micro-batch (counted over every
+    micro-batch of every process), so that averaging the micro-batch losses over gradient accumulation and
+    processes, as accumulation and DDP/FSDP do, gives SPEC §1's mean over all the step's normal tokens.
     """
 
     def __init__(self, model: torch.nn.Module, weights: LossWeights = LossWeights(), reference=None,
@@ -67,15 +74,23 @@ class UnlearningObjective(torch.nn.Module):
         causal_lm_parts(model)  # fail now, not at the first step, on a model without an lm_head
         self.model, self.weights, self.reference, self.backend = model, weights, reference, backend
 
-    def forward(self, batch: UnlearningBatch) -> LossTerms:
+    @property
+    def _no_split_modules(self):
+        """The wrapped model's layer classes, which FSDP's transformer auto-wrap policy shards one unit each."""
+        return getattr(self.model, "_no_split_modules", None)
+
+    def forward(self, batch: UnlearningBatch, normal_denominator: float | None = None) -> LossTerms:
+        if normal_denominator is not None and not normal_denominator > 0:
+            raise ValueError(f"normal_denominator must be > 0, got {normal_denominator!r}")
         decoder, lm_head = causal_lm_parts(self.model)
+        lm_weight = head_weight(lm_head)
         tokens, n_fgt, n_rdn = batch.tokens, batch.num_forget, batch.num_mismatch
         hidden = final_hidden_states(decoder, tokens)
         # Under autocast (fp32 weights, bf16 compute) the fused ops take the autocast dtype like a matmul would.
         device_type = hidden.device.type
         dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                 else lm_head.weight.dtype)
-        weight = lm_head.weight.to(dtype)
+                 else lm_weight.dtype)
+        weight = lm_weight.to(dtype)
         bias = None if lm_head.bias is None else lm_head.bias.to(dtype)
         hidden = hidden.to(dtype)
         zero = hidden.new_zeros((), dtype=torch.float32)
@@ -101,10 +116,13 @@ class UnlearningObjective(torch.nn.Module):
             if bias is not None:
                 raise NotImplementedError("the KL term does not support an lm_head bias")
             normal_tokens = tokens.rows(n_fgt + n_rdn, n_fgt + n_rdn + batch.num_normal)
-            ref_hidden, ref_weight = self.reference(normal_tokens, batch.normal_index, lm_head.weight)
-            ref_weight = weight if ref_weight is lm_head.weight else ref_weight.to(dtype)  # shared: read once
-            normal = linear_kl_div(at_answer_targets(hidden[n_fgt + n_rdn:], normal_tokens.target_mask), weight,
-                                   ref_hidden.to(dtype), ref_weight, reduction="mean", backend=self.backend)
+            ref_hidden, ref_weight = self.reference(normal_tokens, batch.normal_index, lm_weight)
+            ref_weight = weight if ref_weight is lm_weight else ref_weight.to(dtype)  # shared: read once
+            kl_sum = linear_kl_div(at_answer_targets(hidden[n_fgt + n_rdn:], normal_tokens.target_mask), weight,
+                                   ref_hidden.to(dtype), ref_weight, reduction="sum", backend=self.backend)
+            if normal_denominator is None:
+                normal_denominator = int(normal_tokens.target_mask.sum())
+            normal = kl_sum / normal_denominator if normal_denominator else kl_sum  # no token: the sum is 0
 
         w = self.weights
         total = w.forget * forget + w.mismatch * mismatch + w.normal * normal

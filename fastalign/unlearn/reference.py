@@ -56,25 +56,30 @@ class AdapterDisabledReference:
 class CachedReference:
     """Reference hidden states of every normal example, computed once, paired with a frozen lm_head.
 
-    At every call the lm_head weight is checked: it must not require a gradient and must not have been
-    modified in place since the cache was built (an optimizer step would do that); otherwise the KL term
-    would silently compare against a different distribution, so the call raises.
+    At every call the lm_head weight the objective passes in is checked: it must not require a gradient and
+    must hold the values the cache was computed with (an optimizer step or any in-place change would alter
+    them); otherwise the KL term would silently compare against a different distribution, so the call raises.
+    The check compares exact fingerprints of the weight's values (weight_fingerprint), not the identity or
+    version counter of one tensor object: under FSDP the weight seen in the forward is a freshly gathered
+    tensor each step, possibly in FSDP's compute dtype, and it is still valid when its values are unchanged.
     """
 
     def __init__(self, model, normal: Sequence[EncodedExample], *, batch_size: int = 8, filler_id: int = 0,
                  device: torch.device | str | None = None):
         decoder, lm_head = causal_lm_parts(model)
-        self._weight = lm_head.weight
-        self._check_frozen()
-        self._version = self._weight._version
-        device = self._weight.device if device is None else torch.device(device)
+        weight = lm_head.weight
+        self._check_frozen(weight)
+        # The forward may see the weight cast to a compute dtype (FSDP mixed precision): one baseline per dtype.
+        self._fingerprints = {dtype: weight_fingerprint(weight, dtype)
+                              for dtype in {weight.dtype, torch.float32, torch.bfloat16, torch.float16}}
+        device = weight.device if device is None else torch.device(device)
         training = decoder.training
         decoder.eval()
         self.cache: list[torch.Tensor] = []
         with torch.no_grad():
             for start in range(0, len(normal), batch_size):
                 chunk = normal[start:start + batch_size]
-                tokens = collate(chunk, filler_id).to(self._weight.device)
+                tokens = collate(chunk, filler_id).to(weight.device)
                 hidden = final_hidden_states(decoder, tokens)
                 counts = tokens.target_mask.sum(1).tolist()
                 self.cache.extend(h.to(device) for h in at_answer_targets(hidden, tokens.target_mask).split(counts))
@@ -84,16 +89,39 @@ class CachedReference:
     def num_bytes(self) -> int:
         return sum(h.numel() * h.element_size() for h in self.cache)
 
-    def _check_frozen(self):
-        if self._weight.requires_grad:
+    @staticmethod
+    def _check_frozen(weight: torch.Tensor):
+        if weight.requires_grad:
             raise ValueError("reference='cached' needs a frozen lm_head (its weight requires grad): the cached "
                              "reference hidden states are only valid with the lm_head they were computed with; "
                              "freeze it (and tied input embeddings) or choose reference='copy'")
 
     def __call__(self, tokens: TokenBatch, normal_index: torch.Tensor, weight: torch.Tensor):
-        self._check_frozen()
-        if self._weight._version != self._version:
+        self._check_frozen(weight)
+        expected = self._fingerprints.get(weight.dtype)
+        if expected is None:
+            raise TypeError(f"reference='cached': the lm_head weight arrived as {weight.dtype}; the cache knows "
+                            f"{sorted(str(d) for d in self._fingerprints)}")
+        if weight_fingerprint(weight) != expected:
             raise RuntimeError("reference='cached': the lm_head weight was modified after the reference was cached")
         if not normal_index.numel():
             return weight.new_zeros((0, weight.shape[1])), weight
-        return torch.cat([self.cache[i] for i in normal_index.tolist()]).to(weight.device), self._weight
+        return torch.cat([self.cache[i] for i in normal_index.tolist()]).to(weight.device), weight
+
+
+_INTEGER_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def weight_fingerprint(weight: torch.Tensor, dtype: torch.dtype | None = None) -> int:
+    """The sum of the bit patterns of `weight` (cast to `dtype`) read as integers, wrapping at 2**64.
+
+    Integer addition is exact and associative, so the same values give the same number whatever the
+    summation order, device kernel or memory layout; changing any element changes it. Rows are summed
+    in slices so that the int64 temporaries stay small next to the weight.
+    """
+    dtype = weight.dtype if dtype is None else dtype
+    flat = weight.detach().reshape(weight.shape[0], -1)
+    rows = max(1, (1 << 24) // max(flat.shape[1], 1))
+    sums = [part.to(dtype).contiguous().view(_INTEGER_VIEWS[dtype.itemsize]).sum(dtype=torch.int64)
+            for part in flat.split(rows)]
+    return int(torch.stack(sums).sum()) if sums else 0

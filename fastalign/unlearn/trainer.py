@@ -1,10 +1,15 @@
 """The unlearning training loop: AdamW with a linear schedule, gradient accumulation, early stop on the
 forget NLL, optional LoRA, bf16, gradient checkpointing, atomic checkpoints and an exact resume.
 
-The same code runs in one process or under `accelerate launch` (DDP): the objective module (policy +
-fused losses) is what accelerate wraps, and each process draws its own rows of every step (see
-streams.py). A resumed run restores the trainable weights, optimizer, scheduler, step counter and RNG
-states, and draws the same batches, so it ends bit-identical to a run that was never interrupted.
+The same code runs in one process or under `accelerate launch` (DDP, FSDP 1 or 2): the objective module
+(policy + fused losses) is what accelerate wraps, and each process draws its own rows of every step (see
+streams.py). A step is one global batch: its forget and mismatch terms are means over all its sequences and
+its KL term the mean over all its normal answer tokens, across micro-batches and processes alike (the
+token count is all-reduced before the forward). A non-finite loss on any process stops every process with
+the same error, so none is left waiting at the next collective. Checkpoints and the saved model hold full
+(unsharded) tensors whatever the wrapping. A resumed run restores the trainable weights, optimizer,
+scheduler, step counter and RNG states, and draws the same batches, so it ends bit-identical to a run that
+was never interrupted.
 """
 from __future__ import annotations
 
@@ -26,7 +31,9 @@ from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.models import base_causal_lm, causal_lm_parts
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
-from fastalign.unlearn.streams import UnlearningStreams
+from fastalign.unlearn.sharding import (full_model_state, load_optimizer_state, load_trainable_state,
+                                        optimizer_state, trainable_names, trainable_state)
+from fastalign.unlearn.streams import UnlearningBatch, UnlearningStreams
 
 # Settings that may change between a run and its resumption; any other change would alter the result.
 _RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_checkpoints", "progress", "log_every", "resume"}
@@ -106,6 +113,10 @@ class UnlearningTrainer:
         torch.manual_seed(config.seed)  # LoRA initialisation draws from it
         mixed = {"fp32": "no", "bf16-mixed": "bf16", "bf16": "no"}[config.precision]
         self.accelerator = accelerator or _require_accelerate().Accelerator(mixed_precision=mixed)
+        self.sharded = self.accelerator.distributed_type == "FSDP"  # accelerate's DistributedType is a str enum
+        if self.sharded and config.lora:
+            raise NotImplementedError("lora=True under FSDP is not supported (the adapter could not be merged "
+                                      "into sharded weights); LoRA's trainable weights are small: use DDP")
         self.model = self._prepare_model(model)
         self.shape = ModelShape.of(self.model)
 
@@ -146,18 +157,12 @@ class UnlearningTrainer:
             remove_stale_temporaries(out)
             write_text_atomic(os.path.join(out, "config.json"), json.dumps(config.to_dict(), indent=1))
 
-        objective = acc.prepare(UnlearningObjective(self.model, config.loss_weights, self._reference(),
-                                                    backend=config.backend))
-        trainable = [(n, p) for n, p in acc.unwrap_model(objective).model.named_parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError("the model has no trainable parameter")
-        optimizer = acc.prepare(torch.optim.AdamW([p for _, p in trainable], lr=config.lr,
-                                                  weight_decay=config.weight_decay))
+        objective, optimizer = self._prepare_objective()
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: max(0.0, 1.0 - s / config.max_steps))  # linear to 0, no warm-up (SPEC §1)
         step, totals = 0, ComputeTotals()
         if resume_from:
-            step, totals = self._load(resume_from, trainable, optimizer, scheduler)
+            step, totals = self._load(resume_from, objective, optimizer, scheduler)
 
         lm_head_trains = causal_lm_parts(self.model)[1].weight.requires_grad
         decoder_trains = all(p.requires_grad for p in causal_lm_parts(self.model)[0].parameters())
@@ -167,15 +172,15 @@ class UnlearningTrainer:
             started = time.perf_counter()
             term_sums = torch.zeros(4, dtype=torch.float64, device=acc.device)
             compute = ComputeTotals()
-            for micro in range(config.grad_accum):
-                batch = self.streams.batch(step * config.grad_accum + micro, rank=acc.process_index,
-                                           world_size=acc.num_processes).to(acc.device)
+            batches = [self.streams.batch(step * config.grad_accum + micro, rank=acc.process_index,
+                                          world_size=acc.num_processes).to(acc.device)
+                       for micro in range(config.grad_accum)]
+            normal_denominator = self._normal_denominator(batches)
+            for micro, batch in enumerate(batches):
                 last_micro = micro == config.grad_accum - 1
                 with contextlib.nullcontext() if last_micro else acc.no_sync(objective):
-                    terms = objective(batch)
-                    if not bool(torch.isfinite(terms.total)):
-                        raise FloatingPointError(f"step {step + 1}: the loss is not finite ({terms}); rows: "
-                                                 f"{[e.source for e in batch.examples]}")
+                    terms = objective(batch, normal_denominator)
+                    self._check_finite(step, terms, batch)
                     acc.backward(terms.total / config.grad_accum)
                 term_sums += torch.stack([t.detach().double() for t in terms]) / config.grad_accum
                 compute.add(batch_compute(self.shape, batch, decoder_trains=decoder_trains,
@@ -201,9 +206,47 @@ class UnlearningTrainer:
                 stop_reason = f"forget NLL {record.forget_nll:.4g} > max_forget_nll {config.max_forget_nll:g}"
                 break
             if config.save_every and step % config.save_every == 0 and step < config.max_steps:
-                self._save_checkpoint(step, totals, trainable, optimizer, scheduler)
+                self._save_checkpoint(step, totals, objective, optimizer, scheduler)
         progress.close()
-        return self._finish(step, stop_reason, record, totals)
+        return self._finish(step, stop_reason, record, totals, objective)
+
+    def _prepare_objective(self):
+        """The accelerate-prepared objective and AdamW over its trainable parameters.
+
+        FSDP2 needs the model and its optimizer prepared together (it swaps the parameters for sharded
+        ones); DDP and FSDP1 need the optimizer built on the wrapped model's parameters.
+        """
+        acc, config = self.accelerator, self.config
+        objective = UnlearningObjective(self.model, config.loss_weights, self._reference(), backend=config.backend)
+
+        def adamw(module):
+            params = [p for p in module.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError("the model has no trainable parameter")
+            return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+        if getattr(acc, "is_fsdp2", False):
+            return acc.prepare(objective, adamw(objective))
+        objective = acc.prepare(objective)
+        return objective, acc.prepare(adamw(objective))
+
+    def _normal_denominator(self, batches: list[UnlearningBatch]) -> float:
+        """The step's normal answer tokens (all micro-batches, all processes) per micro-batch and process."""
+        acc = self.accelerator
+        local = sum(int(b.tokens.target_mask[b.num_forget + b.num_mismatch:].sum()) for b in batches)
+        total = acc.reduce(torch.tensor(float(local), dtype=torch.float64, device=acc.device), reduction="sum")
+        return max(float(total), 1.0) / (len(batches) * acc.num_processes)
+
+    def _check_finite(self, step: int, terms, batch: UnlearningBatch) -> None:
+        """Raises FloatingPointError on every process when the loss is not finite on any of them."""
+        acc = self.accelerator
+        bad_here = not bool(torch.isfinite(terms.total))
+        flags = acc.gather(torch.tensor([int(bad_here)], device=acc.device)).tolist()
+        bad = [rank for rank, flag in enumerate(flags) if flag]
+        if bad:
+            here = (f"; here {terms}, rows {[e.source for e in batch.examples]}" if bad_here else "")
+            raise FloatingPointError(f"step {step + 1}: the loss is not finite on process(es) {bad} of "
+                                     f"{acc.num_processes}{here}")
 
     def _resume_point(self) -> str | None:
         """The checkpoint to resume from; refuses to start over a previous run unless asked to resume."""
@@ -216,30 +259,29 @@ class UnlearningTrainer:
             raise FileExistsError(f"{out} already holds a finished model; choose another output_dir")
         return existing
 
-    def _load(self, path, trainable, optimizer, scheduler) -> tuple[int, ComputeTotals]:
+    def _load(self, path, objective, optimizer, scheduler) -> tuple[int, ComputeTotals]:
         state, rank_state = read_checkpoint(path, self.accelerator.process_index)
         changed = sorted(k for k, v in self.config.to_dict().items()
                          if k not in _RESUMABLE_CHANGES and state["config"].get(k) != v)
         if changed:
             raise ValueError(f"cannot resume {path}: setting(s) {changed} differ from the interrupted run")
-        missing = [n for n, _ in trainable if n not in state["trainable"]]
+        missing = sorted(trainable_names(objective) - set(state["trainable"]))
         if missing:
             raise ValueError(f"cannot resume {path}: it lacks trainable parameter(s) {missing[:5]}")
-        with torch.no_grad():
-            for name, p in trainable:
-                p.copy_(state["trainable"][name])
-        optimizer.load_state_dict(state["optimizer"])
+        load_trainable_state(objective, state["trainable"])
+        load_optimizer_state(objective, _torch_optimizer(optimizer), state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(rank_state)
         if self.accelerator.is_main_process:
             _truncate_log(os.path.join(self.config.output_dir, "log.jsonl"), state["step"])
         return state["step"], ComputeTotals(**state["compute"])
 
-    def _save_checkpoint(self, step, totals, trainable, optimizer, scheduler):
+    def _save_checkpoint(self, step, totals, objective, optimizer, scheduler):
         acc = self.accelerator
         state = {"step": step, "config": self.config.to_dict(), "compute": totals.to_dict(),
-                 "trainable": {n: p.detach().cpu().clone() for n, p in trainable},
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+                 "trainable": trainable_state(objective),
+                 "optimizer": optimizer_state(objective, _torch_optimizer(optimizer)),
+                 "scheduler": scheduler.state_dict()}
         write_checkpoint(self.config.output_dir, step, state, _rng_state(), rank=acc.process_index,
                          is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
                          keep=self.config.keep_checkpoints)
@@ -256,22 +298,30 @@ class UnlearningTrainer:
         if self.step_callback is not None:
             self.step_callback(record)
 
-    def _finish(self, step, stop_reason, record, totals) -> RunSummary:
+    def _finish(self, step, stop_reason, record, totals, objective) -> RunSummary:
         acc, out = self.accelerator, self.config.output_dir
         acc.wait_for_everyone()
         model_dir = os.path.join(out, "model")
         summary = RunSummary(step, stop_reason, record, totals.to_dict(), acc.num_processes,
                              _device_name(acc.device), model_dir)
+        # FSDP: gather full weights (collective); the keys of the objective's "model." submodule are the model's.
+        state = ({k.removeprefix("model."): v for k, v in full_model_state(objective).items()}
+                 if self.sharded else None)
         if acc.is_main_process:
             if hasattr(self.model, "merge_and_unload"):
                 self.model = self.model.merge_and_unload()
             with atomic_directory(model_dir) as tmp:
-                self.model.save_pretrained(tmp)
+                self.model.save_pretrained(tmp, state_dict=state)
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(tmp)
             write_text_atomic(os.path.join(out, "run.json"), json.dumps(asdict(summary), indent=1))
         acc.wait_for_everyone()
         return summary
+
+
+def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's AcceleratedOptimizer wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _progress_bar(config: UnlearnConfig, is_main: bool, step: int):

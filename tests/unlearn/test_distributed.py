@@ -1,5 +1,10 @@
-"""Two gloo processes on the CPU through accelerate (DDP) train exactly like one process that accumulates
-the same two micro-batches: process r of 2 draws batch 2*step + r, as micro-batch r of one process does."""
+"""The trainer under two gloo processes on the CPU, through accelerate: DDP, FSDP2 (lm_head in the root unit
+or in a unit of its own), FSDP1, the cached reference under FSDP2, and errors raised on every process.
+
+Process r of 2 draws batch 2*step + r, as micro-batch r of one process that accumulates two micro-batches
+does, so each distributed run must end where that single-process run ends (fp32: to rounding). All
+scenarios run in one launch of distributed_worker.py (see there for how FSDP is selected on the CPU).
+"""
 import json
 import os
 import socket
@@ -12,10 +17,12 @@ from transformers import LlamaForCausalLM
 
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.trainer import UnlearningTrainer
-from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
+from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama
 
 pytest.importorskip("accelerate")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCENARIOS = ["ddp", "fsdp2", "fsdp2_head_unit", "fsdp1", "fsdp2_cached", "fsdp2_cached_head_changed", "nonfinite"]
+TERMS = ("loss", "forget_nll", "mismatch_nll", "normal_kl")
 
 
 def free_port():
@@ -24,29 +31,113 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_match_one_process_with_accumulation(tmp_path):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Output root of the two-process runs of every scenario."""
+    root = tmp_path_factory.mktemp("distributed")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               os.path.join(ROOT, "tests", "unlearn", "ddp_worker.py"), str(tmp_path / "ddp"), "2"]
+               os.path.join(ROOT, "tests", "unlearn", "distributed_worker.py"), str(root), *SCENARIOS]
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    return root
 
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One-process runs with the worker's settings, accumulating 2 (or 4) micro-batches: name -> (trainer, dir)."""
+    from tests.unlearn.distributed_worker import SETTINGS, streams
+
+    root, out = tmp_path_factory.mktemp("single"), {}
     tokenizer = byte_bpe_tokenizer()
-    config = UnlearnConfig(output_dir=str(tmp_path / "single"), max_steps=2, lr=1e-3, grad_accum=2, progress=False)
-    single = UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config)
-    summary = single.train()
+    for name, settings in {"copy": {"grad_accum": 2}, "copy_accum4": {"grad_accum": 4},
+                           "cached": {"grad_accum": 2, "reference": "cached"}}.items():
+        config = UnlearnConfig(output_dir=str(root / name), **{**SETTINGS, **settings})
+        trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), streams(), config)
+        trainer.train()
+        out[name] = trainer, root / name
+    return out
 
-    ddp_model = LlamaForCausalLM.from_pretrained(tmp_path / "ddp" / "model")
-    for (name, a), (_, b) in zip(single.model.named_parameters(), ddp_model.named_parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    ddp_run = json.loads((tmp_path / "ddp" / "run.json").read_text())
-    assert ddp_run["num_processes"] == 2 and ddp_run["steps"] == 2
-    assert ddp_run["compute"]["tokens"] == summary.compute["tokens"]
-    assert sorted(os.listdir(tmp_path / "ddp" / "checkpoints" / "step-000001")) == ["rank-0.pt", "rank-1.pt",
-                                                                                    "state.pt"]
-    for single_line, ddp_line in zip((tmp_path / "single" / "log.jsonl").read_text().splitlines(),
-                                     (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()):
-        a, b = json.loads(single_line), json.loads(ddp_line)
-        for key in ("loss", "forget_nll", "mismatch_nll", "normal_kl"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+def outcomes(path):
+    return [(path / f"outcome-rank{r}.txt").read_text() for r in range(2)]
+
+
+def log(path):
+    return [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(path, model_dir, single_run):
+    """Saved weights and logged terms of a distributed run equal those of the single-process run."""
+    trainer, single_dir = single_run
+    saved = LlamaForCausalLM.from_pretrained(path / model_dir)
+    for (name, a), (_, b) in zip(trainer.model.named_parameters(), saved.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    ours, theirs = log(path), log(single_dir)
+    assert [r["step"] for r in ours] == [1, 2]
+    for a, b in zip(theirs, ours):
+        for key in TERMS:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+        assert a["tokens"] == b["tokens"]
+
+
+def units(path):
+    return json.loads((path / "units.json").read_text())
+
+
+DECODER_UNITS = ["model.layers.0", "model.layers.1"]
+
+
+@pytest.mark.parametrize("scenario", ["ddp", "fsdp2", "fsdp1"])
+def test_two_processes_match_one_process_with_accumulation(runs, single, scenario):
+    """Also the KL term: the processes hold different numbers of normal tokens, and the KL must be their
+    global token mean (as test_trainer checks for one process), not a mean of per-process means."""
+    path = runs / scenario
+    assert outcomes(path) == ["ok", "ok"]
+    assert units(path) == ([] if scenario == "ddp" else DECODER_UNITS)
+    assert_same_run(path, "model", single["copy"])
+    run = json.loads((path / "run.json").read_text())
+    assert run["num_processes"] == 2 and run["steps"] == 2
+    assert log(path)[1]["normal_kl"] > 1e-5  # the KL term is not trivially 0 in the comparison
+
+
+def test_fsdp2_lm_head_in_its_own_unit_trains_checkpoints_and_resumes(runs, single):
+    """The fused losses gather an lm_head that FSDP sharded in a unit of its own, its gradient is reduced
+    (the head trains as in one process), accumulation works, and a resumed FSDP run ends bit-identical."""
+    path = runs / "fsdp2_head_unit"
+    assert outcomes(path) == ["ok", "ok"]
+    assert "lm_head" in units(path)
+    assert_same_run(path, "model", single["copy_accum4"])
+    original = tiny_llama(len(byte_bpe_tokenizer()))
+    saved = LlamaForCausalLM.from_pretrained(path / "model")
+    assert not torch.allclose(saved.lm_head.weight, original.lm_head.weight, atol=1e-4)
+    uninterrupted = LlamaForCausalLM.from_pretrained(path / "model-uninterrupted")
+    for (name, a), (_, b) in zip(saved.named_parameters(), uninterrupted.named_parameters()):
+        assert torch.equal(a, b), name
+    checkpoint = torch.load(path / "checkpoints" / "step-000001" / "state.pt", weights_only=False)
+    assert checkpoint["trainable"]["model.lm_head.weight"].shape == original.lm_head.weight.shape  # full, unsharded
+
+
+def test_fsdp2_cached_reference(runs, single):
+    """Under FSDP the cached reference accepts the gathered, unchanged lm_head every step, and rejects it
+    on both processes once one process's shard has been changed."""
+    path = runs / "fsdp2_cached"
+    assert outcomes(path) == ["ok", "ok"]
+    assert units(path) == DECODER_UNITS
+    assert_same_run(path, "model", single["cached"])
+    saved = LlamaForCausalLM.from_pretrained(path / "model")
+    assert torch.equal(saved.lm_head.weight, tiny_llama(len(byte_bpe_tokenizer())).lm_head.weight)
+
+    changed = runs / "fsdp2_cached_head_changed"
+    assert outcomes(changed) == ["RuntimeError: reference='cached': the lm_head weight was modified after the "
+                                 "reference was cached"] * 2
+    assert [r["step"] for r in log(changed)] == [1] and not (changed / "model").exists()
+
+
+def test_non_finite_loss_on_one_process_stops_both(runs):
+    path = runs / "nonfinite"
+    first, second = outcomes(path)
+    assert first == "FloatingPointError: step 2: the loss is not finite on process(es) [1] of 2"
+    assert second.startswith(first + "; here LossTerms(total=tensor(nan") and "rows ['forget:row" in second
+    assert [r["step"] for r in log(path)] == [1] and not (path / "model").exists()

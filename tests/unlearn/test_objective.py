@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fastalign.unlearn.objective import LossWeights, UnlearningObjective
-from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
+from fastalign.unlearn.reference import (AdapterDisabledReference, CachedReference, FrozenCopyReference,
+                                         weight_fingerprint)
 from fastalign.unlearn.spec_loss import spec_unlearning_terms
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
 
@@ -106,6 +107,30 @@ def test_bad_inputs():
         AdapterDisabledReference(model)
 
 
+def test_normal_denominator_divides_the_kl_sum():
+    model, streams, reference, _ = setup("copy")
+    objective = UnlearningObjective(model, LossWeights(0.0, 0.0, 1.0), reference)
+    batch = streams.batch(0)
+    count = int(batch.tokens.target_mask[batch.num_forget + batch.num_mismatch:].sum())
+    params = [p for p in model.parameters() if p.requires_grad]
+    mean, scaled = objective(batch), objective(batch, normal_denominator=2.5)
+    torch.testing.assert_close(scaled.normal, mean.normal * count / 2.5)
+    for a, b in zip(torch.autograd.grad(mean.total, params), torch.autograd.grad(scaled.total, params)):
+        torch.testing.assert_close(b, a * count / 2.5)
+    with pytest.raises(ValueError, match="normal_denominator must be > 0, got 0"):
+        objective(batch, normal_denominator=0)
+
+
+def test_weight_fingerprint_sees_values_not_layout():
+    weight = torch.randn(37, 11)
+    fingerprint = weight_fingerprint(weight)
+    assert weight_fingerprint(weight.t().contiguous().t()) == fingerprint  # same values, other layout
+    nudged = weight.clone()
+    nudged[36, 10] = torch.nextafter(nudged[36, 10], torch.tensor(float("inf")))
+    assert weight_fingerprint(nudged) != fingerprint  # one ulp of one element
+    assert weight_fingerprint(weight, torch.bfloat16) == weight_fingerprint(weight.to(torch.bfloat16))
+
+
 def test_cached_reference_refuses_a_trainable_or_changed_lm_head():
     model, streams, _, _ = setup("copy")
     with pytest.raises(ValueError, match="reference='cached' needs a frozen lm_head"):
@@ -114,6 +139,10 @@ def test_cached_reference_refuses_a_trainable_or_changed_lm_head():
     reference = CachedReference(model, streams.normal)
     objective = UnlearningObjective(model, WEIGHTS, reference)
     objective(streams.batch(0))
+    batch = streams.batch(0)
+    normal_rows = batch.tokens.rows(batch.num_forget + batch.num_mismatch, batch.tokens.input_ids.shape[0])
+    # FSDP with a bf16 compute dtype hands over a gathered bf16 copy: accepted while its values are unchanged.
+    reference(normal_rows, batch.normal_index, model.lm_head.weight.detach().clone().to(torch.bfloat16))
     model.lm_head.weight.requires_grad_(True)
     with pytest.raises(ValueError, match="needs a frozen lm_head"):
         objective(streams.batch(0))
@@ -122,6 +151,10 @@ def test_cached_reference_refuses_a_trainable_or_changed_lm_head():
         model.lm_head.weight.mul_(1.01)
     with pytest.raises(RuntimeError, match="modified after the reference was cached"):
         objective(streams.batch(0))
+    with pytest.raises(RuntimeError, match="modified after the reference was cached"):
+        reference(normal_rows, batch.normal_index, model.lm_head.weight.to(torch.bfloat16))
+    with pytest.raises(TypeError, match="the lm_head weight arrived as torch.float64"):
+        reference(normal_rows, batch.normal_index, model.lm_head.weight.double())
 
 
 @pytest.mark.parametrize("mode", ["copy", "cached"])

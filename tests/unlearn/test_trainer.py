@@ -1,5 +1,6 @@
 """The training loop: exact max steps, early stop, compute accounting, LoRA merged on save, cached reference,
 bit-identical resume after a kill, atomic checkpoints, and refusals of bad runs."""
+import copy
 import json
 import os
 
@@ -9,6 +10,7 @@ from transformers import LlamaForCausalLM
 
 from fastalign.unlearn import checkpoint
 from fastalign.unlearn.config import UnlearnConfig
+from fastalign.unlearn.spec_loss import spec_unlearning_terms
 from fastalign.unlearn.trainer import UnlearningTrainer
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
 
@@ -144,3 +146,40 @@ def test_bad_models_and_settings(tmp_path):
         with pytest.raises(ValueError, match=message):
             UnlearnConfig(output_dir=str(tmp_path), **bad)
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_lora_under_fsdp_is_refused(tmp_path):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    acc = Accelerator()
+    acc.state.distributed_type = DistributedType.FSDP  # as `accelerate launch` with FSDP would set it
+    config = UnlearnConfig(output_dir=str(tmp_path / "run"), lora=True, progress=False)
+    with pytest.raises(NotImplementedError, match="lora=True under FSDP is not supported"):
+        UnlearningTrainer(tiny_llama(len(byte_bpe_tokenizer())), tiny_streams(byte_bpe_tokenizer()), config,
+                          accelerator=acc)
+
+
+def test_kl_term_is_the_token_mean_over_all_micro_batches_of_a_step(tmp_path):
+    """SPEC §1's L_nor is a mean over the step's normal tokens: with micro-batches holding different numbers
+    of normal tokens, that is not the mean of each micro-batch's token mean."""
+    tokenizer = byte_bpe_tokenizer()
+    streams = tiny_streams(tokenizer, normal_batch_size=1)
+    config = UnlearnConfig(output_dir=str(tmp_path / "run"), max_steps=2, lr=1e-3, grad_accum=2, progress=False)
+    trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), streams, config)
+    after_step_1 = []
+    trainer.step_callback = lambda record: after_step_1.append(copy.deepcopy(trainer.model))
+    trainer.train()
+
+    original = tiny_llama(len(tokenizer))
+    normal = [b.examples[b.num_forget + b.num_mismatch:] for b in (streams.batch(2), streams.batch(3))]  # step 2
+    assert len({sum(e.num_answer_targets for e in rows) for rows in normal}) == 2  # different token counts
+
+    @torch.no_grad()
+    def kl(rows):
+        return float(spec_unlearning_terms(lambda ids: after_step_1[0](ids).logits, lambda ids: original(ids).logits,
+                                           [], [], rows)["normal"])
+    logged = log_lines(tmp_path / "run")[1]["normal_kl"]
+    # fp32 log-probabilities of size ~6 carry ~5e-7 of rounding into a KL of ~2e-4; the two means differ by ~3e-5.
+    assert logged == pytest.approx(kl(normal[0] + normal[1]), abs=5e-7)
+    assert logged != pytest.approx((kl(normal[0]) + kl(normal[1])) / 2, abs=5e-6)

@@ -74,7 +74,8 @@ def write_jsonl(path, rows, compress=False):
     return path
 
 
-def tiny_streams(tokenizer, *, batch_size=2, mismatch_per_prompt=2, seed=0, max_length=64):
+def tiny_streams(tokenizer, *, batch_size=2, mismatch_per_prompt=2, normal_batch_size=None, seed=0,
+                 max_length=64):
     """Streams over FORGET_ROWS, NORMAL_ROWS and POOL_ANSWERS encoded with the SPEC template."""
     from fastalign.unlearn.batching import filler_token_id
     from fastalign.unlearn.encoding import encode_answers, encode_pairs
@@ -90,5 +91,6 @@ def tiny_streams(tokenizer, *, batch_size=2, mismatch_per_prompt=2, seed=0, max_
 
     return UnlearningStreams(encode(FORGET_ROWS, "forget"), normal=encode(NORMAL_ROWS, "normal"),
                              mismatch_pool=encode_answers(tokenizer, template, POOL_ANSWERS), batch_size=batch_size,
-                             mismatch_per_prompt=mismatch_per_prompt, max_length=max_length,
+                             mismatch_per_prompt=mismatch_per_prompt, normal_batch_size=normal_batch_size,
+                             max_length=max_length,
                              filler_id=filler_token_id(tokenizer), seed=seed)

@@ -1,0 +1,144 @@
+"""One of two gloo processes on the CPU that run the multi-process trainer scenarios of
+test_distributed.py, one after another in one process group (starting the processes costs more than all
+the training): argv = output root, then scenario names. Each scenario trains the tiny model for two steps
+in <root>/<scenario> and writes outcome-rank<r>.txt: "ok", or the type and message of what it raised, and
+units.json: the names of the modules that are FSDP units (checked by the test: the premise of a scenario).
+
+accelerate chooses FSDP only on accelerator devices and DDP on the CPU; the FSDP scenarios build its
+FSDP plugin and select DistributedType.FSDP themselves, after which accelerate's own FSDP code (prepare
+with fully_shard / FullyShardedDataParallel, no_sync, backward, reduce) runs as it would on GPUs.
+"""
+import json
+import os
+import shutil
+import sys
+
+import torch
+from accelerate import Accelerator, FullyShardedDataParallelPlugin
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+from fastalign.unlearn.config import UnlearnConfig
+from fastalign.unlearn.objective import UnlearningObjective
+from fastalign.unlearn.trainer import UnlearningTrainer
+from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
+
+# Shared with test_distributed.py: what every scenario trains, on streams with one normal row per batch
+# (the two processes then hold different numbers of normal tokens, so a per-process KL mean would differ
+# from the global one).
+SETTINGS = {"max_steps": 2, "lr": 1e-3, "progress": False}
+NORMAL_BATCH_SIZE = 1
+
+
+def streams():
+    return tiny_streams(byte_bpe_tokenizer(), normal_batch_size=NORMAL_BATCH_SIZE)
+# fsdp2, fsdp1: decoder layers get a unit each (the objective passes on the model's _no_split_modules), the
+# rest, lm_head included, is the root unit. fsdp2_head_unit: every Linear, lm_head included, a unit of its own.
+FSDP_PLUGINS = {
+    "fsdp2": dict(fsdp_version=2, auto_wrap_policy="transformer_based_wrap"),
+    "fsdp2_head_unit": dict(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                            transformer_cls_names_to_wrap=["LlamaDecoderLayer", "Linear"]),
+    "fsdp1": dict(fsdp_version=1, auto_wrap_policy="transformer_based_wrap", use_orig_params=True),
+}
+
+
+def accelerator(kind: str) -> Accelerator:
+    AcceleratorState._reset_state()  # a fresh accelerate configuration; the process group stays
+    acc = Accelerator()
+    if kind != "ddp":
+        acc.state.distributed_type = DistributedType.FSDP
+        acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(**FSDP_PLUGINS[kind])
+        # accelerate's CPU device is cpu:0, which FSDP1 rejects as inconsistent with its compute device "cpu".
+        acc.state.device = torch.device("cpu")
+    return acc
+
+
+def train(root, name, kind, **settings):
+    tokenizer = byte_bpe_tokenizer()
+    config = UnlearnConfig(output_dir=os.path.join(root, name), **{**SETTINGS, **settings})
+    acc = accelerator(kind)
+    trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), streams(), config, accelerator=acc)
+    try:
+        trainer.train()
+    finally:
+        record_units(os.path.join(root, name), trainer.model, acc)
+    return acc
+
+
+def record_units(path, model, acc):
+    units = [name for name, m in model.named_modules() if isinstance(m, (FSDPModule, FullyShardedDataParallel))]
+    if acc.is_main_process:
+        with open(os.path.join(path, "units.json"), "w") as f:
+            json.dump(units, f)
+
+
+def resumed(root, name, kind):
+    """Trains (accumulating 2 micro-batches) with a checkpoint after step 1, keeps the model, then resumes
+    from that checkpoint and trains step 2 again."""
+    acc = train(root, name, kind, save_every=1, grad_accum=2)
+    if acc.is_main_process:
+        shutil.move(os.path.join(root, name, "model"), os.path.join(root, name, "model-uninterrupted"))
+    acc.wait_for_everyone()
+    train(root, name, kind, save_every=1, grad_accum=2, resume=True)
+
+
+def scale_head_shard_after_step_1(model):
+    """Changes process 0's shard of the lm_head weight in place (the other process's shard is untouched)."""
+    def callback(record):
+        if record.step == 1:
+            with torch.no_grad():
+                model.lm_head.weight.to_local().mul_(1.01)
+    return callback
+
+
+def poison_process_1_at_step_2():
+    """Makes process 1's loss NaN from the second step on; process 0's stays finite."""
+    forward, calls = UnlearningObjective.forward, []
+
+    def poisoned(self, batch, normal_denominator=None):
+        terms = forward(self, batch, normal_denominator)
+        calls.append(1)
+        if torch.distributed.get_rank() == 1 and len(calls) >= 2:
+            terms = terms._replace(total=terms.total * float("nan"))
+        return terms
+    UnlearningObjective.forward = poisoned
+    return lambda: setattr(UnlearningObjective, "forward", forward)
+
+
+def run(root, scenario):
+    if scenario in ("ddp", "fsdp2", "fsdp1"):
+        train(root, scenario, scenario)
+    elif scenario == "fsdp2_head_unit":
+        resumed(root, scenario, scenario)
+    elif scenario == "fsdp2_cached":
+        train(root, scenario, "fsdp2", reference="cached")
+    elif scenario == "fsdp2_cached_head_changed":
+        tokenizer = byte_bpe_tokenizer()
+        config = UnlearnConfig(output_dir=os.path.join(root, scenario), reference="cached", **SETTINGS)
+        trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), streams(), config, accelerator=accelerator("fsdp2"))
+        trainer.step_callback = scale_head_shard_after_step_1(trainer.model)
+        trainer.train()
+    elif scenario == "nonfinite":
+        restore = poison_process_1_at_step_2()
+        try:
+            train(root, scenario, "ddp")
+        finally:
+            restore()
+    else:
+        raise ValueError(f"unknown scenario {scenario}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    root, scenarios = sys.argv[1], sys.argv[2:]
+    rank = int(os.environ["RANK"])
+    for scenario in scenarios:
+        try:
+            run(root, scenario)
+            outcome = "ok"
+        except Exception as e:  # recorded for the test, which checks every process raised the same
+            outcome = f"{type(e).__name__}: {e}"
+        os.makedirs(os.path.join(root, scenario), exist_ok=True)
+        with open(os.path.join(root, scenario, f"outcome-rank{rank}.txt"), "w") as f:
+            f.write(outcome)
