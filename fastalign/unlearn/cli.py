@@ -71,6 +71,9 @@ def register(subparsers) -> None:
       help="render examples with the tokenizer's chat template instead of --template")
     g("--max-length", type=int, metavar="N", help=f"longest sequence in tokens; longer answers are cut, a prompt that "
       f"leaves no room is an error (default: {_default('max_length')})")
+    g("--skip-long-prompts", action=argparse.BooleanOptionalAction,
+      help="leave out (and count in run.json) examples whose prompt leaves no answer token within --max-length, "
+      "instead of stopping with an error naming the row")
 
     g = p.add_argument_group("loss").add_argument
     g("--forget-weight", type=float, metavar="X", help=f"w_fgt, weight of gradient ascent on harmful answers "
@@ -143,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
             streams = load_streams(config, tokenizer)
             print(json.dumps({"model": type(model).__name__, "forget": len(streams.forget),
                               "normal": len(streams.normal), "mismatch_pool": len(streams.pool),
-                              "reference": config.reference_mode}, indent=1))
+                              "skipped": streams.skipped, "reference": config.reference_mode}, indent=1))
             return 0
         summary = run_unlearning(config)
     except (DataError, ValueError, FileNotFoundError, FileExistsError, TypeError, FloatingPointError) as e:

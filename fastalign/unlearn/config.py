@@ -34,6 +34,7 @@ class UnlearnConfig:
     template: str = SPEC_TEMPLATE
     chat_template: bool = False
     max_length: int = 512
+    skip_long_prompts: bool = False
     truthfulqa_test_fraction: float = 0.2
     truthfulqa_pool_fraction: float = 0.3
     # objective

@@ -33,13 +33,17 @@ class EncodedExample:
         ids = self.input_ids[:self.answer_start] + tuple(answer_ids) + self.input_ids[self.answer_end:]
         return EncodedExample(ids, self.answer_start, self.answer_start + len(answer_ids), source)
 
+    def fits(self, max_length: int) -> bool:
+        """Whether an answer token is left to predict within the first max_length tokens."""
+        return min(self.answer_end, max_length) > max(self.answer_start, 1)
+
     def truncated(self, max_length: int) -> "EncodedExample":
         """The first max_length tokens; a DataError if no answer token is left to predict."""
         cut = self
         if len(self.input_ids) > max_length:
             cut = EncodedExample(self.input_ids[:max_length], self.answer_start,
                                  min(self.answer_end, max_length), self.source)
-        if cut.num_answer_targets == 0:
+        if not cut.fits(max_length):
             raise DataError(f"{self.source}: the prompt takes {self.answer_start} tokens, which leaves no answer "
                             f"token to predict within max_length={max_length}; shorten the prompt or raise "
                             "max_length")
@@ -72,8 +76,11 @@ def encode_rendered(tokenizer, rendered: Sequence[RenderedPair], sources: Sequen
     return out
 
 
-def encode_pairs(tokenizer, template, pairs: Sequence[QAPair], max_length: int) -> list[EncodedExample]:
-    """Encodes QAPairs with a template, truncating to max_length (DataError if a prompt leaves no room)."""
+def encode_pairs(tokenizer, template, pairs: Sequence[QAPair], max_length: int, *,
+                 skip_too_long: bool = False) -> list[EncodedExample]:
+    """Encodes QAPairs with a template, truncating to max_length. A pair whose prompt leaves no answer token
+    within max_length is a DataError naming its row, or, with skip_too_long, left out (the caller can count
+    the pairs it lost)."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     rendered = []
@@ -83,7 +90,7 @@ def encode_pairs(tokenizer, template, pairs: Sequence[QAPair], max_length: int) 
         except ValueError as e:
             raise DataError(f"{p.source}: {e}") from None
     encoded = encode_rendered(tokenizer, rendered, [p.source for p in pairs])
-    return [e.truncated(max_length) for e in encoded]
+    return [e.truncated(max_length) for e in encoded if e.fits(max_length) or not skip_too_long]
 
 
 def encode_answers(tokenizer, template, answers: Sequence[str]) -> list[tuple[int, ...]]:

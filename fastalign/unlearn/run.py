@@ -50,13 +50,24 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
         else:
             raise DataError("mismatch_weight > 0 needs a pool of normal answers: give mismatch_pool=... or a "
                             "TruthfulQA .csv as normal, or set mismatch_weight=0")
+
+    def encode(pairs):
+        return encode_pairs(tokenizer, template, pairs, config.max_length, skip_too_long=config.skip_long_prompts)
+
+    forget_examples = encode(forget)
+    normal_examples = encode(normal) if normal else None
+    skipped = {"forget": len(forget) - len(forget_examples),
+               "normal": len(normal) - len(normal_examples) if normal else 0}
+    for name, given, kept in (("forget", forget, forget_examples), ("normal", normal, normal_examples)):
+        if given and not kept:
+            raise DataError(f"every {name} example's prompt leaves no answer token within max_length="
+                            f"{config.max_length}; raise max_length")
     return UnlearningStreams(
-        encode_pairs(tokenizer, template, forget, config.max_length),
-        normal=encode_pairs(tokenizer, template, normal, config.max_length) if normal else None,
+        forget_examples, normal=normal_examples,
         mismatch_pool=encode_answers(tokenizer, template, pool) if pool else None,
         batch_size=config.batch_size, mismatch_per_prompt=config.mismatch_per_prompt,
         normal_batch_size=config.normal_batch_size, max_length=config.max_length,
-        filler_id=filler_token_id(tokenizer), seed=config.seed)
+        filler_id=filler_token_id(tokenizer), seed=config.seed, skipped=skipped)
 
 
 def load_model_and_tokenizer(config: UnlearnConfig):

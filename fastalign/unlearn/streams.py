@@ -62,12 +62,13 @@ class UnlearningStreams:
     Each batch holds batch_size forget rows, mismatch_per_prompt mismatch rows per forget row (the forget
     prompt's ids followed by a pool answer's ids, truncated to max_length) and normal_batch_size normal
     rows. A stream is left out when it has no data (normal=None, pool=None or mismatch_per_prompt=0).
+    skipped: how many examples of each stream were dropped while loading (recorded with the run).
     """
 
     def __init__(self, forget: Sequence[EncodedExample], *, normal: Sequence[EncodedExample] | None = None,
                  mismatch_pool: Sequence[Sequence[int]] | None = None, batch_size: int = 2,
                  mismatch_per_prompt: int = 5, normal_batch_size: int | None = None, max_length: int = 2048,
-                 filler_id: int = 0, seed: int = 0):
+                 filler_id: int = 0, seed: int = 0, skipped: dict[str, int] | None = None):
         if not forget:
             raise ValueError("UnlearningStreams: the forget set is empty")
         if batch_size < 1 or mismatch_per_prompt < 0:
@@ -78,6 +79,7 @@ class UnlearningStreams:
         self.mismatch_per_prompt = mismatch_per_prompt if pool else 0
         self.normal_batch_size = (batch_size if normal_batch_size is None else normal_batch_size) if self.normal else 0
         self.max_length, self.filler_id, self.seed = max_length, filler_id, seed
+        self.skipped = dict(skipped or {})
         self._forget_stream = _EpochStream(len(self.forget), batch_size, seed, _FORGET_STREAM)
         self._normal_stream = (_EpochStream(len(self.normal), self.normal_batch_size, seed, _NORMAL_STREAM)
                                if self.normal_batch_size else None)

@@ -65,6 +65,7 @@ class RunSummary:
     num_processes: int
     device: str
     model_dir: str | None
+    skipped_examples: dict
 
 
 def _require_accelerate():
@@ -303,7 +304,7 @@ class UnlearningTrainer:
         acc.wait_for_everyone()
         model_dir = os.path.join(out, "model")
         summary = RunSummary(step, stop_reason, record, totals.to_dict(), acc.num_processes,
-                             _device_name(acc.device), model_dir)
+                             _device_name(acc.device), model_dir, self.streams.skipped)
         # FSDP: gather full weights (collective); the keys of the objective's "model." submodule are the model's.
         state = ({k.removeprefix("model."): v for k, v in full_model_state(objective).items()}
                  if self.sharded else None)

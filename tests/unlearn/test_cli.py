@@ -81,6 +81,20 @@ def test_errors_name_the_problem_and_write_nothing(workspace, capsys):
     assert "unknown setting(s) ['max_step']" in capsys.readouterr().err
 
 
+def test_skip_long_prompts_counts_what_it_skips(workspace, capsys):
+    """At 18 tokens the first PKU prompt (19 tokens with BOS) leaves no room for its answer; the other does."""
+    base = ["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
+            "--no-progress", "--skip-long-prompts"]
+    assert main(base + ["--max-length", "18", "--check"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["forget"] == 2 and report["skipped"] == {"forget": 1, "normal": 0}
+    assert main(base + ["--max-length", "18", "--max-steps", "1"]) == 0
+    assert json.loads((workspace / "out" / "run.json").read_text())["skipped_examples"] == {"forget": 1, "normal": 0}
+    assert main(base + ["--max-length", "17", "--output-dir", str(workspace / "out2")]) == 2
+    assert "every forget example's prompt leaves no answer token within max_length=17" in capsys.readouterr().err
+    assert not os.path.exists(workspace / "out2")
+
+
 def test_command_line_wins_over_config_file(workspace):
     from fastalign.cli import build_parser
     args = build_parser().parse_args(["unlearn", "--config", str(workspace / "run.yaml"), "--lr", "0.5",

@@ -76,6 +76,8 @@ def test_prompt_longer_than_context_names_the_row():
     assert len(cut.input_ids) == 20 and cut.answer_end == 20 and cut.num_answer_targets >= 1
     with pytest.raises(DataError, match=r"test:row 2: the prompt takes \d+ tokens.*max_length=40"):
         encode_pairs(tokenizer, TextTemplate(), pairs(items), max_length=40)
+    kept = encode_pairs(tokenizer, TextTemplate(), pairs(items), max_length=40, skip_too_long=True)
+    assert [e.source for e in kept] == ["test:row 1"] and kept[0].num_answer_targets >= 1
 
 
 def test_slow_tokenizer_is_refused():
