@@ -24,15 +24,16 @@ from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.trainer import UnlearningTrainer
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
 
-# Shared with test_distributed.py: what every scenario trains, on streams with one normal row per batch
-# (the two processes then hold different numbers of normal tokens, so a per-process KL mean would differ
-# from the global one).
-SETTINGS = {"max_steps": 2, "lr": 1e-3, "progress": False}
-NORMAL_BATCH_SIZE = 1
+# Shared with test_distributed.py: what every scenario trains, with a checkpoint after step 1, on streams
+# with one normal row per batch (the two processes then hold different numbers of normal tokens, so a
+# per-process KL mean would differ from the global one).
+SETTINGS = {"max_steps": 2, "lr": 1e-3, "progress": False, "save_every": 1}
 
 
 def streams():
-    return tiny_streams(byte_bpe_tokenizer(), normal_batch_size=NORMAL_BATCH_SIZE)
+    return tiny_streams(byte_bpe_tokenizer(), normal_batch_size=1)
+
+
 # fsdp2, fsdp1: decoder layers get a unit each (the objective passes on the model's _no_split_modules), the
 # rest, lm_head included, is the root unit. fsdp2_head_unit: every Linear, lm_head included, a unit of its own.
 FSDP_PLUGINS = {
@@ -43,12 +44,14 @@ FSDP_PLUGINS = {
 }
 
 
-def accelerator(kind: str) -> Accelerator:
+def accelerator(kind: str, mixed_precision: str = "no") -> Accelerator:
     AcceleratorState._reset_state()  # a fresh accelerate configuration; the process group stays
-    acc = Accelerator()
+    acc = Accelerator(mixed_precision=mixed_precision)
     if kind != "ddp":
         acc.state.distributed_type = DistributedType.FSDP
         acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(**FSDP_PLUGINS[kind])
+        if mixed_precision != "no":
+            acc.state.fsdp_plugin.set_mixed_precision(mixed_precision)  # as accelerate does when it picks FSDP
         # accelerate's CPU device is cpu:0, which FSDP1 rejects as inconsistent with its compute device "cpu".
         acc.state.device = torch.device("cpu")
     return acc
@@ -57,7 +60,7 @@ def accelerator(kind: str) -> Accelerator:
 def train(root, name, kind, **settings):
     tokenizer = byte_bpe_tokenizer()
     config = UnlearnConfig(output_dir=os.path.join(root, name), **{**SETTINGS, **settings})
-    acc = accelerator(kind)
+    acc = accelerator(kind, "bf16" if config.precision == "bf16-mixed" else "no")
     trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), streams(), config, accelerator=acc)
     try:
         trainer.train()
@@ -76,11 +79,11 @@ def record_units(path, model, acc):
 def resumed(root, name, kind):
     """Trains (accumulating 2 micro-batches) with a checkpoint after step 1, keeps the model, then resumes
     from that checkpoint and trains step 2 again."""
-    acc = train(root, name, kind, save_every=1, grad_accum=2)
+    acc = train(root, name, kind, grad_accum=2)
     if acc.is_main_process:
         shutil.move(os.path.join(root, name, "model"), os.path.join(root, name, "model-uninterrupted"))
     acc.wait_for_everyone()
-    train(root, name, kind, save_every=1, grad_accum=2, resume=True)
+    train(root, name, kind, grad_accum=2, resume=True)
 
 
 def scale_head_shard_after_step_1(model):
@@ -113,6 +116,8 @@ def run(root, scenario):
         resumed(root, scenario, scenario)
     elif scenario == "fsdp2_cached":
         train(root, scenario, "fsdp2", reference="cached")
+    elif scenario == "fsdp2_cached_bf16":
+        train(root, scenario, "fsdp2", reference="cached", precision="bf16-mixed")
     elif scenario == "fsdp2_cached_head_changed":
         tokenizer = byte_bpe_tokenizer()
         config = UnlearnConfig(output_dir=os.path.join(root, scenario), reference="cached", **SETTINGS)

@@ -21,7 +21,8 @@ from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama
 
 pytest.importorskip("accelerate")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCENARIOS = ["ddp", "fsdp2", "fsdp2_head_unit", "fsdp1", "fsdp2_cached", "fsdp2_cached_head_changed", "nonfinite"]
+SCENARIOS = ["ddp", "fsdp2", "fsdp2_head_unit", "fsdp1", "fsdp2_cached", "fsdp2_cached_bf16",
+             "fsdp2_cached_head_changed", "nonfinite"]
 TERMS = ("loss", "forget_nll", "mismatch_nll", "normal_kl")
 
 
@@ -100,6 +101,17 @@ def test_two_processes_match_one_process_with_accumulation(runs, single, scenari
     run = json.loads((path / "run.json").read_text())
     assert run["num_processes"] == 2 and run["steps"] == 2
     assert log(path)[1]["normal_kl"] > 1e-5  # the KL term is not trivially 0 in the comparison
+    assert_full_checkpoint(path)
+
+
+def assert_full_checkpoint(path):
+    """The step-1 checkpoint holds every trainable weight unsharded, and AdamW's state for each."""
+    state = torch.load(path / "checkpoints" / "step-000001" / "state.pt", weights_only=False)
+    original = dict(tiny_llama(len(byte_bpe_tokenizer())).named_parameters())
+    assert {k.removeprefix("model.") for k in state["trainable"]} == set(original)
+    for name, tensor in state["trainable"].items():
+        assert tensor.shape == original[name.removeprefix("model.")].shape, name
+        assert state["optimizer"]["state"][name]["exp_avg"].shape == tensor.shape, name
 
 
 def test_fsdp2_lm_head_in_its_own_unit_trains_checkpoints_and_resumes(runs, single):
@@ -115,8 +127,7 @@ def test_fsdp2_lm_head_in_its_own_unit_trains_checkpoints_and_resumes(runs, sing
     uninterrupted = LlamaForCausalLM.from_pretrained(path / "model-uninterrupted")
     for (name, a), (_, b) in zip(saved.named_parameters(), uninterrupted.named_parameters()):
         assert torch.equal(a, b), name
-    checkpoint = torch.load(path / "checkpoints" / "step-000001" / "state.pt", weights_only=False)
-    assert checkpoint["trainable"]["model.lm_head.weight"].shape == original.lm_head.weight.shape  # full, unsharded
+    assert_full_checkpoint(path)
 
 
 def test_fsdp2_cached_reference(runs, single):
@@ -127,6 +138,16 @@ def test_fsdp2_cached_reference(runs, single):
     assert units(path) == DECODER_UNITS
     assert_same_run(path, "model", single["cached"])
     saved = LlamaForCausalLM.from_pretrained(path / "model")
+    assert torch.equal(saved.lm_head.weight, tiny_llama(len(byte_bpe_tokenizer())).lm_head.weight)
+
+    # bf16 compute: FSDP gathers a bf16 lm_head for the forward, which the cache accepts (its values are
+    # the bf16 rounding of the frozen fp32 head); the terms stay within bf16 rounding of the fp32 run's.
+    bf16 = runs / "fsdp2_cached_bf16"
+    assert outcomes(bf16) == ["ok", "ok"]
+    for a, b in zip(log(single["cached"][1]), log(bf16)):
+        for key in ("forget_nll", "mismatch_nll"):
+            assert b[key] == pytest.approx(a[key], rel=2e-2), key
+    saved = LlamaForCausalLM.from_pretrained(bf16 / "model")
     assert torch.equal(saved.lm_head.weight, tiny_llama(len(byte_bpe_tokenizer())).lm_head.weight)
 
     changed = runs / "fsdp2_cached_head_changed"
