@@ -35,6 +35,12 @@ examples:
   fastalign unlearn --model ./opt-1.3b --forget pku_train.jsonl --normal TruthfulQA.csv --output-dir out
   fastalign unlearn --config run.yaml --max-steps 200 --lora --precision bf16-mixed
   fastalign unlearn --config run.yaml --check      # load and validate everything, train nothing
+
+several GPUs (the same command under accelerate; --batch-size is per process, the KL is averaged over the
+normal tokens of all processes, checkpoints and model/ hold full weights; LoRA runs under DDP only):
+  accelerate launch --num_processes 8 -m fastalign.cli unlearn --config run.yaml                  # DDP
+  accelerate launch --num_processes 8 --use_fsdp --fsdp_version 2 \
+      --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP -m fastalign.cli unlearn --config run.yaml   # FSDP
 """
 
 
