@@ -14,15 +14,15 @@ FSDP2 alike: full tensors of the trainable parameters and their optimizer state,
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+
+# torch.distributed's FSDP, DTensor and checkpoint modules take about a second to import: they are imported
+# where used, so that importing fastalign stays quick.
 
 
 def head_weight(lm_head: torch.nn.Module) -> torch.Tensor:
     """The lm_head's full weight, to be read inside the objective's forward (gathered if FSDP sharded it)."""
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
 
     if isinstance(lm_head, FSDPModule):
         lm_head.unshard()
@@ -37,39 +37,50 @@ def head_weight(lm_head: torch.nn.Module) -> torch.Tensor:
     return weight
 
 
-def _full(model: torch.nn.Module, **options) -> StateDictOptions:
+def _options(**options):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(**options)
+
+
+def _full(model: torch.nn.Module, **options):
     """Full tensors, moved to the CPU of process 0 only, unless the model already lives on the CPU (where
     that move is moot, and FSDP1's version of it crashes: every process then gets the full tensors)."""
     on_cpu = next(model.parameters()).device.type == "cpu"
-    return StateDictOptions(full_state_dict=True, cpu_offload=not on_cpu, **options)
+    return _options(full_state_dict=True, cpu_offload=not on_cpu, **options)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full tensors of the trainable parameters of a (wrapped) model, on the CPU of process 0 (other
     processes may get an empty dict). Collective: every process calls it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
     return get_model_state_dict(model, options=_full(model, ignore_frozen_params=True))
 
 
 def trainable_names(model: torch.nn.Module) -> set[str]:
     """Names of the trainable parameters of a (wrapped) model, as the state dicts above spell them."""
-    return set(get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)))
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return set(get_model_state_dict(model, options=_options(ignore_frozen_params=True)))
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full state dict of a (wrapped) model, on the CPU of process 0 (maybe empty elsewhere). Collective."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
     return get_model_state_dict(model, options=_full(model))
 
 
 def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Full optimizer state keyed by parameter name, on the CPU of process 0 (maybe empty elsewhere). Collective."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     return get_optimizer_state_dict(model, optimizer, options=_full(model))
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Loads full tensors of (at least) every trainable parameter; each process reads the whole `state`."""
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    set_model_state_dict(model, state, options=_options(full_state_dict=True, strict=False))
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Inverse of optimizer_state; each process reads the whole `state`."""
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=_options(full_state_dict=True))
