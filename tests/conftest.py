@@ -5,6 +5,7 @@ themselves (not only the torch fallback) are tested everywhere. The variable mus
 kernel module is imported, which is why it lives here.
 """
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_CUDA = torch.cuda.is_available()
+# The team's shared data sets (TruthfulQA, HH harmless-base) lie in shared/data beside the checkout; never in the repo.
+SHARED_DATA = Path(os.environ.get("FASTALIGN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 

@@ -8,11 +8,11 @@ import pytest
 from fastalign.unlearn.formats import (detect_jsonl_format, hh_final_exchange, load_hh_rlhf, load_pairs,
                                        load_pku_saferlhf, load_prompt_answer_jsonl, load_truthfulqa)
 from fastalign.unlearn.records import DataError
+from tests.conftest import SHARED_DATA
 from tests.unlearn.tiny import write_jsonl
 
-SHARED = "/work/shared/data"
-TRUTHFULQA = os.path.join(SHARED, "TruthfulQA.csv")
-HH = os.path.join(SHARED, "hh-harmless-base-test.jsonl.gz")
+TRUTHFULQA = os.path.join(SHARED_DATA, "TruthfulQA.csv")
+HH = os.path.join(SHARED_DATA, "hh-harmless-base-test.jsonl.gz")
 needs_truthfulqa = pytest.mark.skipif(not os.path.exists(TRUTHFULQA), reason=f"{TRUTHFULQA} not present")
 needs_hh = pytest.mark.skipif(not os.path.exists(HH), reason=f"{HH} not present")
 
