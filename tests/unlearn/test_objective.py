@@ -7,7 +7,7 @@ import torch
 from fastalign.unlearn.objective import LossWeights, UnlearningObjective
 from fastalign.unlearn.reference import (AdapterDisabledReference, CachedReference, FrozenCopyReference,
                                          weight_fingerprint)
-from fastalign.unlearn.spec_loss import spec_unlearning_terms
+from fastalign.reference.unlearning_loss import spec_unlearning_terms
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
 
 WEIGHTS = LossWeights(forget=0.5, mismatch=1.0, normal=1.0)

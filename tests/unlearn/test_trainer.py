@@ -10,7 +10,7 @@ from transformers import LlamaForCausalLM
 
 from fastalign.unlearn import checkpoint
 from fastalign.unlearn.config import UnlearnConfig
-from fastalign.unlearn.spec_loss import spec_unlearning_terms
+from fastalign.reference.unlearning_loss import spec_unlearning_terms
 from fastalign.unlearn.trainer import UnlearningTrainer
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
 
