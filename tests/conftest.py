@@ -17,6 +17,13 @@ HAS_CUDA = torch.cuda.is_available()
 # The team's shared data sets (TruthfulQA, HH harmless-base) lie in shared/data beside the checkout; never in the repo.
 SHARED_DATA = Path(os.environ.get("FASTALIGN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+# Where tests run the Triton kernels: on the GPU when there is one, else on CPU tensors in the interpreter.
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def device_for(backend):
+    """The device of a test's tensors for `backend` ("triton" follows TRITON_DEVICE, the torch path stays on CPU)."""
+    return TRITON_DEVICE if backend == "triton" else "cpu"
 
 
 @pytest.fixture(autouse=True)

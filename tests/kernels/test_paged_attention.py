@@ -9,13 +9,15 @@ import torch
 from fastalign.kernels.paged_attention import launch_config, paged_attention_triton
 from fastalign.ops.paged_attention import paged_attention
 from fastalign.reference.paged_attention import paged_attention_reference
+from tests.conftest import TRITON_DEVICE
 from tests.ops.test_paged_attention import SHARED_CASES, make_paged_batch, make_shared_case
 
 
 @pytest.mark.parametrize("num_splits", [2, 5])
 def test_split_keys_merge_to_the_reference(num_splits):
     """Contexts of several key tiles cut into parts, some of them empty for the shorter rows."""
-    batch = make_paged_batch([(200, 1), (150, 3), (64, 2), (3, 1)], 16, 4, 2, 16, shared_blocks=4)
+    batch = make_paged_batch([(200, 1), (150, 3), (64, 2), (3, 1)], 16, 4, 2, 16, shared_blocks=4,
+                             device=TRITON_DEVICE)
     out = paged_attention_triton(**batch, scale=0.25, num_splits=num_splits)
     torch.testing.assert_close(out.double(), paged_attention_reference(**batch, scale=0.25), rtol=1e-5, atol=1e-5)
 
@@ -23,7 +25,7 @@ def test_split_keys_merge_to_the_reference(num_splits):
 @pytest.mark.parametrize("num_splits", [3])
 @pytest.mark.parametrize("case", SHARED_CASES)
 def test_cascade_passes_with_split_keys_merge_to_the_reference(case, num_splits):
-    batch, plan = make_shared_case(case)
+    batch, plan = make_shared_case(case, device=TRITON_DEVICE)
     out = paged_attention_triton(**batch, scale=0.3, shared_prefix=plan, num_splits=num_splits)
     torch.testing.assert_close(out.double(), paged_attention_reference(**batch, scale=0.3), rtol=1e-5, atol=1e-5)
 
@@ -37,7 +39,7 @@ def test_tiles_hold_whole_groups_and_fit_tensor_cores(num_tokens, num_rows, grou
 
 def test_unvalidated_bad_block_ids_stay_in_bounds():
     """Block ids outside the pool (validation skipped) must not read outside the pool: the kernel clamps."""
-    batch = make_paged_batch([(40, 2), (17, 1)], 8, 4, 2, 16)
+    batch = make_paged_batch([(40, 2), (17, 1)], 8, 4, 2, 16, device=TRITON_DEVICE)
     batch["block_table"].fill_(1 << 30)
     batch["seq_lens"][0] = 300  # also past the table's capacity
     out = paged_attention(**batch, backend="triton", validate=False)

@@ -6,7 +6,7 @@ import fastalign
 from fastalign.ops.torch_chunked import chunking
 from fastalign.reference.linear_losses import linear_cross_entropy_reference
 from tests.compare import REL_TOL, assert_rel_close, grads_of
-from tests.conftest import HAS_CUDA, requires_cuda
+from tests.conftest import HAS_CUDA, device_for, requires_cuda
 
 BACKENDS = ["torch", "triton"]
 SHAPES = [(1, 16, 37), (13, 24, 131), (40, 40, 1000)]  # (N, H, V): V a multiple of no block size
@@ -43,14 +43,15 @@ def check_against_reference(hidden, weight, target, extra, reduction, backend, r
 @pytest.mark.parametrize("bias,weighted", [(False, False), (True, True)])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_matches_reference_fp32(backend, shape, bias, weighted, reduction):
-    hidden, weight, target, extra = make_inputs(*shape, bias=bias, weighted=weighted)
+    hidden, weight, target, extra = make_inputs(*shape, bias=bias, weighted=weighted, device=device_for(backend))
     check_against_reference(hidden, weight, target, extra, reduction, backend, REL_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_tokens_ignored_gives_zero_loss_and_gradients(backend, reduction):
-    hidden, weight, target, extra = make_inputs(5, 16, 37, bias=True, weighted=True, ignored=1.0)
+    hidden, weight, target, extra = make_inputs(5, 16, 37, bias=True, weighted=True, ignored=1.0,
+                                                device=device_for(backend))
     out = fastalign.linear_cross_entropy(hidden, weight, target, reduction=reduction, backend=backend, **extra)
     assert torch.all(out == 0) and not torch.isnan(out).any()
     for grad in grads_of(out, [hidden, weight, extra["bias"]], torch.ones_like(out)):
@@ -59,18 +60,17 @@ def test_all_tokens_ignored_gives_zero_loss_and_gradients(backend, reduction):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_weight_tokens_contribute_nothing(backend):
-    hidden, weight, target, extra = make_inputs(9, 16, 37, weighted=True, ignored=0.0)
+    hidden, weight, target, extra = make_inputs(9, 16, 37, weighted=True, ignored=0.0, device=device_for(backend))
     extra["token_weight"][::2] = 0
     check_against_reference(hidden, weight, target, extra, "sum", backend, REL_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
-    base_hidden = torch.randn(24, 11, requires_grad=True)
-    hidden = base_hidden.t()  # [11, 24], column-major
-    base_weight = torch.randn(131, 48, requires_grad=True)
-    weight = base_weight[:, ::2]  # [131, 24], strided
-    target = torch.randint(0, 131, (22,))[::2]
+    device = device_for(backend)
+    hidden = torch.randn(24, 11, device=device, requires_grad=True).t()  # [11, 24], column-major
+    weight = torch.randn(131, 48, device=device, requires_grad=True)[:, ::2]  # [131, 24], strided
+    target = torch.randint(0, 131, (22,), device=device)[::2]
     assert not hidden.is_contiguous() and not weight.is_contiguous() and not target.is_contiguous()
     check_against_reference(hidden, weight, target, {}, "mean", backend, REL_TOL[torch.float32])
 

@@ -6,7 +6,7 @@ import fastalign
 from fastalign.ops.torch_chunked import chunking
 from fastalign.reference.linear_losses import linear_kl_div_reference
 from tests.compare import REL_TOL, assert_rel_close, grads_of
-from tests.conftest import requires_cuda
+from tests.conftest import device_for, requires_cuda
 
 BACKENDS = ["torch", "triton"]
 SHAPES = [(1, 16, 37), (13, 24, 131), (40, 40, 1000)]  # (N, H, V): V a multiple of no block size
@@ -47,13 +47,13 @@ def check_against_reference(hidden, weight, ref_hidden, ref_weight, extra, reduc
 @pytest.mark.parametrize("shared,weighted", [(False, False), (True, True)])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_matches_reference_fp32(backend, shape, shared, weighted, reduction):
-    inputs = make_inputs(*shape, shared=shared, weighted=weighted)
+    inputs = make_inputs(*shape, shared=shared, weighted=weighted, device=device_for(backend))
     check_against_reference(*inputs, reduction, backend, REL_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reference_of_another_width(backend):
-    inputs = make_inputs(7, 16, 131, ref_h=40, weighted=True)
+    inputs = make_inputs(7, 16, 131, ref_h=40, weighted=True, device=device_for(backend))
     check_against_reference(*inputs, "sum", backend, REL_TOL[torch.float32])
 
 
@@ -63,11 +63,12 @@ def test_policy_close_to_reference(backend, shared):
     """KL near 0 (~1e-4 here) is where cancellation shows: fp32 log-probabilities of size ~5 carry ~1e-6 of
     absolute error, so the KL is held to that absolute bound. Its gradient q - p is ~1e-2 of q and p, each
     carrying ~1e-6 relative error from its fp32 logsumexp: ~1e-4 relative error in q - p, held to 1e-3."""
-    hidden, weight, ref_hidden, ref_weight, _ = make_inputs(13, 24, 131, shared=shared, closeness=1e-2)
+    hidden, weight, ref_hidden, ref_weight, _ = make_inputs(13, 24, 131, shared=shared, closeness=1e-2,
+                                                            device=device_for(backend))
     out = fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, reduction="none", backend=backend)
     ref = linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, reduction="none")
     assert ref.max() > 1e-5 and (out - ref).abs().max() <= 2e-6
-    seed = torch.randn(out.shape)
+    seed = torch.randn(out.shape, device=out.device)
     for name, got, want in zip(["d_hidden", "d_weight"], grads_of(out, [hidden, weight], seed),
                                grads_of(ref, [hidden, weight], seed)):
         assert_rel_close(name, got, want, 1e-3)
@@ -75,7 +76,7 @@ def test_policy_close_to_reference(backend, shared):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_identical_distributions_give_zero(backend):
-    hidden, weight, _, _, _ = make_inputs(6, 16, 37)
+    hidden, weight, _, _, _ = make_inputs(6, 16, 37, device=device_for(backend))
     out = fastalign.linear_kl_div(hidden, weight, hidden.detach(), weight, reduction="none", backend=backend)
     assert out.abs().max() < 1e-5
 
@@ -83,7 +84,8 @@ def test_identical_distributions_give_zero(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_tokens_masked_gives_zero_loss_and_gradients(backend, reduction):
-    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(5, 16, 37, weighted=True, masked=1.0)
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(5, 16, 37, weighted=True, masked=1.0,
+                                                                device=device_for(backend))
     out = fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, reduction=reduction, backend=backend,
                                   **extra)
     assert torch.all(out == 0)
@@ -93,10 +95,11 @@ def test_all_tokens_masked_gives_zero_loss_and_gradients(backend, reduction):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
-    hidden = torch.randn(24, 11, requires_grad=True).t()
-    weight = torch.randn(131, 48, requires_grad=True)[:, ::2]
-    ref_hidden = torch.randn(11, 48)[:, 1::2]
-    ref_weight = torch.randn(48, 131).t()[:, :24]
+    device = device_for(backend)
+    hidden = torch.randn(24, 11, device=device, requires_grad=True).t()
+    weight = torch.randn(131, 48, device=device, requires_grad=True)[:, ::2]
+    ref_hidden = torch.randn(11, 48, device=device)[:, 1::2]
+    ref_weight = torch.randn(48, 131, device=device).t()[:, :24]
     check_against_reference(hidden, weight, ref_hidden, ref_weight, {}, "mean", backend, REL_TOL[torch.float32])
 
 

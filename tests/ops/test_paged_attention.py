@@ -5,7 +5,7 @@ import torch
 import fastalign.ops.paged_attention as pa_module
 from fastalign.ops.paged_attention import check_paged_metadata, paged_attention, plan_shared_prefix, write_kv
 from fastalign.reference.paged_attention import paged_attention_reference
-from tests.conftest import requires_cuda
+from tests.conftest import TRITON_DEVICE, device_for, requires_cuda
 
 UNUSED_BLOCK_ID = 1 << 30  # block table entries past a row's last block: must never be read
 
@@ -63,7 +63,8 @@ CASES = {
 }
 
 
-def run_case(case, backend, dtype=torch.float32, device="cpu"):
+def run_case(case, backend, dtype=torch.float32, device=None):
+    device = device or device_for(backend)
     rows, block_size, num_heads, num_kv_heads, head_dim, shared = CASES[case]
     batch = make_paged_batch(rows, block_size, num_heads, num_kv_heads, head_dim, shared_blocks=shared,
                              dtype=dtype, device=device)
@@ -101,9 +102,10 @@ def make_shared_case(case, dtype=torch.float32, device="cpu"):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("case", SHARED_CASES)
 def test_shared_prefix_cascade_matches_reference(case, backend):
-    batch, plan = make_shared_case(case)
+    batch, plan = make_shared_case(case, device=device_for(backend))
     out = paged_attention(**batch, backend=backend, shared_prefix=plan)
-    torch.testing.assert_close(out.double(), paged_attention_reference(**batch), rtol=1e-5, atol=1e-5)
+    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()})
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5)
 
 
 @requires_cuda
@@ -170,7 +172,7 @@ def test_half_precision_triton_on_cuda_matches_reference(case, dtype):
 
 
 def test_triton_path_rejects_float64():
-    batch = make_paged_batch([(5, 2)], 4, 2, 1, 16, dtype=torch.float64)
+    batch = make_paged_batch([(5, 2)], 4, 2, 1, 16, dtype=torch.float64, device=TRITON_DEVICE)
     with pytest.raises(TypeError, match="use backend='torch'"):
         paged_attention(**batch, backend="triton")
 

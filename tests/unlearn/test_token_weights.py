@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import fastalign
+from tests.conftest import device_for
 
 
 def spec_loss(logits_fgt, y_fgt, mask_fgt, logits_rdn, y_rdn, mask_rdn, w_fgt, w_rdn):
@@ -31,8 +32,9 @@ def test_signed_cross_entropy_equals_spec_objective(backend):
     assert torch.all(weights[: 21][mask_f.flatten()] < 0) and torch.all(weights[21:][mask_r.flatten()] > 0)
     hidden = torch.cat([hid_f.reshape(-1, h), hid_r.reshape(-1, h)])
     target = torch.cat([torch.where(mask_f, y_f, -100).flatten(), torch.where(mask_r, y_r, -100).flatten()])
-    got = fastalign.linear_cross_entropy(hidden, weight, target, token_weight=weights, reduction="sum",
-                                         backend=backend)
+    device = device_for(backend)
+    got = fastalign.linear_cross_entropy(hidden.to(device), weight.to(device), target.to(device),
+                                         token_weight=weights.to(device), reduction="sum", backend=backend)
     want = spec_loss(hid_f @ weight.t(), y_f, mask_f, hid_r @ weight.t(), y_r, mask_r, 0.5, 1.0)
     assert torch.isfinite(got) and abs(float(got) - float(want)) <= 1e-5 * max(1.0, abs(float(want)))
 
