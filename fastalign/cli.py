@@ -9,6 +9,8 @@ import sys
 COMMAND_MODULES = (
     "fastalign.unlearn.cli",
     "fastalign.rain.cli",
+    "fastalign.evaluation.cli",
+    "fastalign.demo.cli",
 )
 
 

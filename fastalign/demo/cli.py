@@ -1,0 +1,89 @@
+"""`fastalign demo`: unlearning and RAIN on the shipped tiny model, before/after, on any CPU in minutes.
+
+Prints a table (progress of each phase on stderr while it runs); `--json` prints the same numbers as JSON.
+"""
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .model import ASSETS
+from .story import DemoResult, DemoSettings, run_demo
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Adds the `demo` subcommand (its handler is `run`, set as the `func` default)."""
+    parser = subparsers.add_parser("demo", help="unlearning on a tiny model, before and after (CPU, minutes)",
+                                   description=__doc__)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = DemoSettings()
+    parser.add_argument("--json", action="store_true", help="print the numbers as JSON instead of a table")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--no-rain", action="store_true", help="skip the RAIN phase")
+    parser.add_argument("--model-dir", type=Path, default=ASSETS,
+                        help="a model written by `python -m fastalign.demo.train` (default: the shipped one)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (a model this small runs fastest on one)")
+    for f in fields(DemoSettings):
+        if f.name == "reference":
+            parser.add_argument("--reference", choices=("copy", "cached"), default=defaults.reference,
+                                help="unlearning's KL reference: a frozen copy, or cached hidden states "
+                                     "(lm_head frozen)")
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
+                                default=getattr(defaults, f.name), help="unlearning setting")
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:5.1f}%"
+
+
+def format_table(result: DemoResult) -> str:
+    """The before / after unlearning / RAIN table and the time of each phase."""
+    n = result.prompts
+    columns = [result.before, result.after] + ([result.rain] if result.rain else [])
+    rows = [("harmful rate, forgotten prompts", "forgotten", "harmful_rate_forgotten"),
+            ("harmful rate, unseen prompts", "unseen", "harmful_rate_unseen"),
+            ("normal answers correct", "normal", "normal_accuracy")]
+    lines = [f"fastalign demo: tiny Llama ({result.model_parameters / 1e6:.2f}M parameters), synthetic QA world "
+             f"(seed {result.world_seed}), {result.unlearning['steps']} unlearning steps",
+             "", f"{'':34s}{'prompts':>8s}{'before':>9s}{'after':>9s}" + (f"{'RAIN':>9s}" if result.rain else "")]
+    lines += [f"{name:34s}{n[count]:8d}" + "".join(f"{_percent(c[key]):>9s}" for c in columns)
+              for name, count, key in rows]
+    lines += [f"{'normal answers unchanged':34s}{n['normal']:8d}{'':>9s}{_percent(result.normal_unchanged):>9s}",
+              f"{'normal mean token KL to original':34s}{n['normal']:8d}{'':>9s}{result.normal_mean_token_kl:9.4f}",
+              "(after = unlearned model, greedy; RAIN = the original model searching and judging itself)",
+              "", "wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+              + f" (total {sum(result.seconds.values()):.1f} s)"]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    """Handler of `fastalign demo`."""
+    torch.set_num_threads(args.threads)
+    settings = DemoSettings(**{f.name: getattr(args, f.name) for f in fields(DemoSettings)})
+
+    def on_phase(name: str, seconds: float) -> None:
+        if not args.quiet:
+            print(f"demo: {name} done in {seconds:.1f} s", file=sys.stderr, flush=True)
+
+    result = run_demo(settings, progress=not args.quiet, on_phase=on_phase, model_dir=args.model_dir,
+                      rain=not args.no_rain)
+    print(json.dumps(result.to_dict(), indent=1) if args.json else format_table(result))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python -m fastalign.demo ...`, the same as `fastalign demo ...`."""
+    parser = argparse.ArgumentParser(prog="fastalign demo", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,190 @@
+"""The demo's story in one function: the shipped tiny model answers harmful questions; unlearning makes it
+stop, also on harmful questions it never unlearned, while its normal answers stay; RAIN makes the unchanged
+model refuse at inference time, judging its own answers; every phase timed.
+
+Phases: load (model, tokenizer, world) -> evaluate before (greedy answers, exact world judge) -> unlearn
+(fastalign's trainer, SPEC §1 objective, on the world's forget / normal / mismatch data) -> evaluate after
+-> rain (SPEC §2 search on the original model, its self-evaluation in the world's `JUDGE_PROMPT` format).
+Harmful rates are measured on the forgotten prompts and on the unseen ones; normal prompts are the world's
+`normal_eval` split, which unlearning never sees (its normal stream is `normal_retain`).
+"""
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from ..evaluation.generation import GenerationConfig, generate
+from ..evaluation.metrics import mean_token_kl, unchanged_share
+from ..rain import RainConfig, rain_generate
+from ..unlearn.batching import filler_token_id
+from ..unlearn.config import UnlearnConfig
+from ..unlearn.encoding import encode_answers, encode_pairs
+from ..unlearn.records import QAPair
+from ..unlearn.streams import UnlearningStreams
+from ..unlearn.templates import TextTemplate
+from ..unlearn.trainer import UnlearningTrainer
+from .model import ASSETS, load_model, load_world
+from .world import JUDGE_PROMPT, QA, World, prompt_text
+
+
+@dataclass
+class DemoSettings:
+    """The unlearning run of the demo, tuned for the tiny model: a learning rate far above SPEC's 2e-6 (which
+    is for 7B models), 60 steps, and the normal term weighted 2 (SPEC: 1) over batches of 32 normal rows,
+    which holds >= 94% of the held-out normal answers over unlearning seeds 0-2 with either reference."""
+    steps: int = 60
+    lr: float = 1e-3
+    batch_size: int = 8
+    mismatch_per_prompt: int = 2
+    normal_batch_size: int = 32
+    forget_weight: float = 0.5
+    mismatch_weight: float = 1.0
+    normal_weight: float = 2.0
+    reference: str = "copy"
+    seed: int = 0
+
+
+@dataclass
+class Scores:
+    """What one evaluation measured, and the answers behind it."""
+    harmful_rate_forgotten: float
+    harmful_rate_unseen: float
+    normal_accuracy: float
+    answers: Dict[str, List[str]] = field(repr=False, default_factory=dict)
+
+
+# The answer of a world question is at most ~40 tokens; 48 leaves room for any garbling.
+GENERATION = GenerationConfig(max_new_tokens=48, batch_size=64)
+
+
+def greedy_answers(model, tokenizer, prompts: List[str]) -> List[str]:
+    return generate(model, tokenizer, prompts, GENERATION)
+
+
+def rain_answers(model, tokenizer, prompts: List[str], seed: int) -> List[str]:
+    """RAIN's answers; the world's answers end at end-of-sequence or at a new `###` turn."""
+    config = RainConfig(max_new_tokens=GENERATION.max_new_tokens, turn_marker="###", seed=seed)
+    run = rain_generate(model, tokenizer, prompts, config, judge_prompt=JUDGE_PROMPT, embedding="hidden")
+    failed = [r for r in run.results if r.error]
+    if failed:
+        raise RuntimeError(f"RAIN failed on prompt {failed[0].index}: {failed[0].error}")
+    return [r.answer for r in run.results]
+
+
+def evaluate(world: World, answer: Callable[[List[str]], List[str]]) -> Scores:
+    """Answers (by `answer`, a function of a prompt list) to the forgotten, unseen and normal-eval
+    questions, scored by the exact judge."""
+    def ask(qas: List[QA]) -> List[str]:
+        return answer([prompt_text(qa.question) for qa in qas])
+
+    answers = {"forgotten": ask(world.harmful_forget), "unseen": ask(world.harmful_unseen),
+               "normal": ask(world.normal_eval)}
+    rate = lambda texts: sum(map(world.is_harmful, texts)) / len(texts)  # noqa: E731
+    correct = sum(world.is_correct(qa.question, a) for qa, a in zip(world.normal_eval, answers["normal"]))
+    return Scores(rate(answers["forgotten"]), rate(answers["unseen"]), correct / len(world.normal_eval), answers)
+
+
+def unlearning_streams(tokenizer, world: World, settings: DemoSettings, max_length: int) -> UnlearningStreams:
+    """Forget = the forgotten harmful pairs, normal = `normal_retain`, mismatch pool = all normal answers.
+
+    Every answer ends with the end-of-sequence token, as in the model's training: otherwise nothing in
+    the objective holds the probability of stopping after an answer, and unlearning lets normal answers
+    run on past their end.
+    """
+    eos = tokenizer.eos_token
+
+    def pairs(qas: List[QA], name: str) -> List[QAPair]:
+        return [QAPair(qa.question, qa.answer + eos, f"world.{name}[{i}]") for i, qa in enumerate(qas)]
+
+    template = TextTemplate()
+    return UnlearningStreams(
+        encode_pairs(tokenizer, template, pairs(world.harmful_forget, "harmful_forget"), max_length),
+        normal=encode_pairs(tokenizer, template, pairs(world.normal_retain, "normal_retain"), max_length),
+        mismatch_pool=encode_answers(tokenizer, template, [a + eos for a in world.normal_answers]),
+        batch_size=settings.batch_size, mismatch_per_prompt=settings.mismatch_per_prompt,
+        normal_batch_size=settings.normal_batch_size, max_length=max_length,
+        filler_id=filler_token_id(tokenizer), seed=settings.seed)
+
+
+def unlearn(model, tokenizer, world: World, settings: DemoSettings, progress: bool, output_dir: str):
+    """Runs fastalign's unlearning trainer on the world's data; returns its RunSummary (model trained in place)."""
+    config = UnlearnConfig(model="demo", output_dir=output_dir, lr=settings.lr, max_steps=settings.steps,
+                           batch_size=settings.batch_size, mismatch_per_prompt=settings.mismatch_per_prompt,
+                           normal_batch_size=settings.normal_batch_size, forget_weight=settings.forget_weight,
+                           mismatch_weight=settings.mismatch_weight, normal_weight=settings.normal_weight,
+                           reference=settings.reference, seed=settings.seed, progress=progress,
+                           log_every=settings.steps, max_forget_nll=None)
+    streams = unlearning_streams(tokenizer, world, settings, model.config.max_position_embeddings)
+    return UnlearningTrainer(model, streams, config, tokenizer=tokenizer).train()
+
+
+@dataclass
+class DemoResult:
+    """Every number `fastalign demo` shows (and prints with --json)."""
+    model_parameters: int
+    world_seed: int
+    prompts: Dict[str, int]
+    before: Dict[str, float]
+    after: Dict[str, float]
+    rain: Optional[Dict[str, float]]
+    normal_unchanged: float
+    normal_mean_token_kl: float
+    unlearning: Dict[str, object]
+    seconds: Dict[str, float]
+    settings: Dict[str, object]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _numbers(scores: Scores) -> Dict[str, float]:
+    return {"harmful_rate_forgotten": scores.harmful_rate_forgotten,
+            "harmful_rate_unseen": scores.harmful_rate_unseen, "normal_accuracy": scores.normal_accuracy}
+
+
+def run_demo(settings: DemoSettings = DemoSettings(), progress: bool = True,
+             on_phase: Optional[Callable[[str, float], None]] = None, model_dir: Path = ASSETS,
+             rain: bool = True) -> DemoResult:
+    """The whole story on the model in `model_dir` (default: the shipped one), RAIN included unless
+    `rain=False`; `on_phase(name, seconds)` is called as each phase ends."""
+    seconds: Dict[str, float] = {}
+
+    @contextmanager
+    def phase(name: str):
+        start = time.perf_counter()
+        yield
+        seconds[name] = round(time.perf_counter() - start, 2)
+        if on_phase:
+            on_phase(name, seconds[name])
+
+    with phase("load"):
+        model, tokenizer = load_model(model_dir)
+        original, _ = load_model(model_dir)
+        world = load_world(model_dir)
+    with phase("evaluate_before"):
+        before = evaluate(world, lambda prompts: greedy_answers(model, tokenizer, prompts))
+    with phase("unlearn"), tempfile.TemporaryDirectory(prefix="fastalign-demo-") as tmp:
+        summary = unlearn(model, tokenizer, world, settings, progress, tmp)
+    model.eval()
+    with phase("evaluate_after"):
+        after = evaluate(world, lambda prompts: greedy_answers(model, tokenizer, prompts))
+        normal_pairs = [(prompt_text(qa.question), " " + a)
+                        for qa, a in zip(world.normal_eval, before.answers["normal"]) if a]
+        kl = mean_token_kl(model, original, tokenizer, normal_pairs)
+    rain_scores = None
+    if rain:
+        with phase("rain"):
+            rain_scores = _numbers(evaluate(world, lambda prompts: rain_answers(original, tokenizer, prompts,
+                                                                                  settings.seed)))
+    return DemoResult(
+        model_parameters=sum(p.numel() for p in model.parameters()), world_seed=world.seed,
+        prompts={"forgotten": len(world.harmful_forget), "unseen": len(world.harmful_unseen),
+                 "normal": len(world.normal_eval)},
+        before=_numbers(before), after=_numbers(after), rain=rain_scores,
+        normal_unchanged=unchanged_share(before.answers["normal"], after.answers["normal"]),
+        normal_mean_token_kl=kl,
+        unlearning={"steps": summary.steps, "stop_reason": summary.stop_reason,
+                    "last_forget_nll": summary.last.forget_nll if summary.last else None},
+        seconds=seconds, settings=asdict(settings))
