@@ -102,6 +102,8 @@ def main():
                   runner_tokens=args.kv_tokens or (1 << 16 if args.quick else 1 << 18))
     first = prompts[:args.prompts]
     rows = []
+    for engine in ("tree", "slow"):                  # warm-up: first calls, lazy imports, allocator
+        rain_generate(model, tok, first[:1], RainConfig(max_new_tokens=1, root_visits=2), engine=engine, **common)
 
     tree = rain_generate(model, tok, first, config, engine="tree", concurrency=1, sampler="keyed", **common)
     start = time.perf_counter()

@@ -52,6 +52,8 @@ class RootPlan:
         self.remaining: Dict[int, int] = {}      # cut key -> sequences through it not started yet
         for seq in [self.judge_prefix] + [s for pair in self.prompts for s in pair]:
             n = len(seq.keys)
+            if n == 0:
+                continue
             seq.cuts = [p for p in range(1, n) if counts[seq.keys[p - 1]] != counts[seq.keys[p]]] + [n]
             for p in seq.cuts:
                 key = seq.keys[p - 1]

@@ -45,12 +45,15 @@ ROLLOUT_POOL = 16      # rollout tokens pre-drawn per computed position (a posit
 class Entry:
     """A computed prefix: its span and ledger key; on the generation side also what draws read from its
     last position (top-k ids and probabilities, greedy column, ranked ids/logits, last hidden state,
-    pre-drawn rollout tokens). `users` counts the tries (and shared tables) holding it."""
-    __slots__ = ("span", "key", "top_ids", "top_probs", "greedy_col", "ranked", "hidden", "draws", "users")
+    pre-drawn rollout tokens; a prompt's root, which no row can compute again, also keeps its full next-token
+    probabilities to draw more). `users` counts the tries (and shared tables) holding it."""
+    __slots__ = ("span", "key", "top_ids", "top_probs", "greedy_col", "ranked", "hidden", "draws", "probs",
+                 "users")
 
     def __init__(self, span, key):
         self.span, self.key = span, key
         self.top_ids = self.top_probs = self.greedy_col = self.ranked = self.hidden = self.draws = None
+        self.probs = None
         self.users = 1
 
 
@@ -122,7 +125,7 @@ class TreeEngine:
         gen = [i for i, r in enumerate(rows) if r.kind == "gen"]
         if gen:
             self._read_distributions([outs[i] for i in gen], logits[gen], None if hidden is None else hidden[gen],
-                                     [rows[i].skey for i in gen])
+                                     [rows[i].skey for i in gen], [rows[i].target is None for i in gen])
         for i, row in enumerate(rows):
             if row.kind == "label":
                 self.runner.release(outs[i].span)
@@ -139,19 +142,21 @@ class TreeEngine:
                 row.stats.seconds[row.phase] += share
         return outs
 
-    def _read_distributions(self, entries: List[Entry], logits: torch.Tensor, hidden, skeys: List[int]):
+    def _read_distributions(self, entries: List[Entry], logits: torch.Tensor, hidden, skeys: List[int],
+                            roots: List[bool]):
         """What the search reads from generation rows, for all of them at once."""
         top_ids, top_probs = top_k_distribution(logits, self.config.sample_top_k)
         greedy = top_probs.argmax(dim=-1).tolist()
         top_ids, top_probs = top_ids.cpu().tolist(), top_probs.cpu()
         ranked_ids, ranked_logits = ranked_tokens(logits, self.rank)
-        draws = self.sampler.draw_many(torch.softmax(logits.float(), dim=-1),
-                                       [draw_key(k, ROLLOUT_STREAM) for k in skeys], ROLLOUT_POOL)
+        probs = torch.softmax(logits.float(), dim=-1)
+        draws = self.sampler.draw_many(probs, [draw_key(k, ROLLOUT_STREAM) for k in skeys], ROLLOUT_POOL)
         for i, entry in enumerate(entries):
             entry.top_ids, entry.top_probs, entry.greedy_col = top_ids[i], top_probs[i], greedy[i]
             entry.ranked = (ranked_ids[i], ranked_logits[i])
             entry.hidden = None if hidden is None else hidden[i].float()
             entry.draws = draws[i]
+            entry.probs = probs[i] if roots[i] else None
 
     def _drop(self, entry: Optional[Entry]):
         if entry is None:
@@ -188,8 +193,9 @@ class TreeEngine:
                     advance(i, program, outs[pos:pos + len(wanted)])
                     pos += len(wanted)
         except BaseException:
-            for _, program, wanted in waiting:
+            for _, _, wanted in waiting:
                 _abandon(wanted)
+            for program in programs:         # runs their clean-up now (a retry must not see their claims)
                 program.close()
             raise
         return results
@@ -410,6 +416,9 @@ class TreeEngine:
             while not rollout_stops(self.tokenizer, c, ctx, state):
                 yield from self._ensure([node], ctx.stats, "simulate", "gen")
                 entry = node.entry
+                if not entry.draws and entry.probs is not None:      # a prompt's root: draw more
+                    entry.draws = self.sampler.draw_many(entry.probs.unsqueeze(0), [draw_key(node.skey, ROLLOUT_STREAM)],
+                                                         ROLLOUT_POOL)[0]
                 if not entry.draws:              # pool used up: compute the position again for fresh draws
                     node.entry = None
                     yield from self._ensure([node], ctx.stats, "simulate", "gen")

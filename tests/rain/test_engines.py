@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from fastalign.rain import RainConfig, rain_generate
+from fastalign.rain import RainConfig, rain_generate, tree_engine
 
 from .fake_model import HashLM, HashRunner
 from .tiny import PROMPTS, SHORT_JUDGE, tiny_llama, tokenizer
@@ -111,6 +111,22 @@ def test_no_recomputation_with_long_rollouts(sampler, parallel_leaves):
     assert stats.recomputed_tokens == 0
     assert run.required.keys <= run.ledger.fed_keys
     assert stats.tokens <= 1.2 * stats.minimum_tokens
+    assert not runner.live
+
+
+def test_used_up_rollout_pools_are_drawn_again(monkeypatch):
+    """With one pre-drawn rollout token per position, a position rolled past twice is computed again for
+    fresh draws (the ledger counts it), and a prompt's root (shared by identical prompts) draws more from
+    its kept probabilities; the search runs to the end and leaves nothing behind."""
+    monkeypatch.setattr(tree_engine, "ROLLOUT_POOL", 1)
+    model = HashLM(len(tokenizer()))
+    config = RainConfig(root_visits=8, min_new_visits=3, max_new_tokens=10, rollout_stop_chars="\n")
+    runner = HashRunner(len(tokenizer()))
+    run = rain_generate(model, tokenizer(), [PROMPTS[0]] * 3 + PROMPTS[1:], config, runner=runner,
+                        judge_prompt=SHORT_JUDGE, embedding="hidden", sampler="torch")
+    assert all(r.error is None and r.answer_ids for r in run.results)
+    assert run.stats.recomputed_tokens > 0
+    assert run.required.keys <= run.ledger.fed_keys
     assert not runner.live
 
 

@@ -30,3 +30,9 @@ def test_generation_prefix_is_shared_and_lone_prompts_are_not_cut():
     (root_a, head_a), (root_b, head_b) = plan.prompts
     assert root_a.tokens == [1, 60, 61, 5, 6] and root_a.cuts == [1, 3, 5] and root_b.cuts == [1, 3, 4]
     assert head_a.cuts == [1, 2, 4] and head_b.cuts == [1, 2, 3]
+
+
+def test_empty_judge_prefix_has_no_cuts():
+    plan = RootPlan([], [], [([1, 5], [5]), ([1, 6], [6])])
+    assert plan.judge_prefix.cuts == []
+    assert [head.cuts for _, head in plan.prompts] == [[1], [1]]
