@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from .model import ASSETS
 from .story import DemoResult, DemoSettings, run_demo
@@ -61,7 +62,8 @@ def format_table(result: DemoResult) -> str:
               for name, count, key in rows]
     lines += [f"{'normal answers unchanged':34s}{n['normal']:8d}{'':>9s}{_percent(result.normal_unchanged):>9s}",
               f"{'normal mean token KL to original':34s}{n['normal']:8d}{'':>9s}{result.normal_mean_token_kl:9.4f}",
-              "(after = unlearned model, greedy; RAIN = the original model searching and judging itself)",
+              "(after = the unlearned model, greedy" + ("; RAIN = the original model searching and judging "
+                                                        "itself)" if result.rain else ")"),
               "", "wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
               + f" (total {sum(result.seconds.values()):.1f} s)"]
     return "\n".join(lines)
@@ -70,6 +72,7 @@ def format_table(result: DemoResult) -> str:
 def run(args) -> int:
     """Handler of `fastalign demo`."""
     torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()  # loading/saving bars of a 4 MB model are noise next to the phases
     settings = DemoSettings(**{f.name: getattr(args, f.name) for f in fields(DemoSettings)})
 
     def on_phase(name: str, seconds: float) -> None:

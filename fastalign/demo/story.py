@@ -167,7 +167,7 @@ def run_demo(settings: DemoSettings = DemoSettings(), progress: bool = True,
         before = evaluate(world, lambda prompts: greedy_answers(model, tokenizer, prompts))
     with phase("unlearn"), tempfile.TemporaryDirectory(prefix="fastalign-demo-") as tmp:
         summary = unlearn(model, tokenizer, world, settings, progress, tmp)
-    model.eval()
+    model.to(original.device).eval()  # the trainer may have moved it to an accelerator
     with phase("evaluate_after"):
         after = evaluate(world, lambda prompts: greedy_answers(model, tokenizer, prompts))
         normal_pairs = [(prompt_text(qa.question), " " + a)
