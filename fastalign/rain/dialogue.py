@@ -51,18 +51,27 @@ def judged_reply(tokenizer, config: RainConfig, state: Sequence[int], answer_sta
 def judge_input(judge, tokenizer, config: RainConfig, ctx, state: Sequence[int], leaf_len: int):
     """What the judge reads for `state` (the leaf's state of length `leaf_len`, then the rollout).
 
-    Returns (reply text, base, ids): the judge input is judge.prefix_ids + BASE + ids + suffix, where base
-    "leaf" = the prompt's head ids and the generated tokens down to the leaf (end-of-sequence dropped);
-    "head" = the head ids; "prefix" = nothing. The judge reads the model's own tokens, so its inputs form a
-    tree that mirrors the search tree; only a reply cut at a new user turn is re-tokenized from its text
-    (after the head when the tokenizer keeps the head's tokens, else whole)."""
-    reply = judged_reply(tokenizer, config, state, ctx.answer_start)
-    if not has_new_turn(answer_text(tokenizer, state, ctx.answer_start), config.turn_marker):
-        return reply, "leaf", [t for t in state[leaf_len:] if t != tokenizer.eos_token_id]
-    reply_ids = judge.reply_ids(ctx.prompt_text, ctx.head_ids, reply)
-    if reply_ids is None:
-        return reply, "prefix", judge.head_ids(ctx.prompt_text + reply)
-    return reply, "head", reply_ids
+    Returns (reply text, base, ids): the judge input is judge.prefix_ids + head_ids + BASE + ids + suffix,
+    where base "leaf" = the generated tokens down to the leaf and "head" = nothing. The judge reads the
+    model's own tokens (end-of-sequence dropped), so its inputs form a tree that mirrors the search tree.
+    A reply cut before a new user turn keeps the model's tokens that end before the cut; only the text
+    between the last of them and the cut is tokenized anew (base "leaf" when the cut lies in the rollout,
+    "head" when it lies in the leaf's own tokens)."""
+    answer_ids = list(state[ctx.answer_start:])
+    answer = tokenizer.decode(answer_ids, skip_special_tokens=True)
+    reply = cut_at_turn(answer, config.turn_marker)
+    eos = tokenizer.eos_token_id
+    if reply == answer:
+        return reply, "leaf", [t for t in state[leaf_len:] if t != eos]
+    kept = len(answer_ids)
+    while kept and not reply.startswith(tokenizer.decode(answer_ids[:kept], skip_special_tokens=True)):
+        kept -= 1
+    rest = reply[len(tokenizer.decode(answer_ids[:kept], skip_special_tokens=True)):]
+    tail = judge.head_ids(rest) if rest else []
+    path = leaf_len - ctx.answer_start
+    if kept >= path:
+        return reply, "leaf", [t for t in answer_ids[path:kept] if t != eos] + tail
+    return reply, "head", [t for t in answer_ids[:kept] if t != eos] + tail
 
 
 def judge_path_ids(tokenizer, tokens: Sequence[int]):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
 
 from .config import RainConfig
+from .dialogue import cut_at_turn
 from .embeddings import make_embedder
 from .jobs import EmbedJob, PromptContext
 from .judge import JudgePrompt, JudgeTokens
@@ -23,6 +24,8 @@ from .stats import RainStats
 
 @dataclass
 class RainResult:
+    """One prompt's answer: its text (cut before a new user turn, as the judge reads it), the committed
+    tokens, the cost counters, each commit's decision, or the error that stopped this prompt."""
     index: int
     prompt: str
     answer: str = ""
@@ -165,7 +168,8 @@ def _schedule(queue: List[PromptContext], engine, embedder, tokenizer, judge, re
             result.error = f"{type(error).__name__}: {error}"
         else:
             result.answer_ids = output.answer_ids
-            result.answer = tokenizer.decode(output.answer_ids, skip_special_tokens=True)
+            result.answer = cut_at_turn(tokenizer.decode(output.answer_ids, skip_special_tokens=True),
+                                        config.turn_marker)
             result.commits = output.commits
         engine.finish(a.ctx)
         active.remove(a)

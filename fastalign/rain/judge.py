@@ -11,11 +11,12 @@ the two option blocks as a batch of two rows.
 Token layout of one judge input (fixed, so that every engine feeds the same ids):
     prefix_ids + head_ids + reply_ids + suffix_ids[order]
 prefix = the prompt text before the conversation slot; head = the prompt's dialogue (the same for every
-evaluation of one prompt); reply = the answer so far plus the rollout; suffix = the text after the slot.
+evaluation of one prompt); reply = the answer so far plus the rollout (the model's own tokens, see
+dialogue.judge_input); suffix = the text after the slot.
 The label token ids are found from the tokenizer in context, never hard-coded.
 """
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -164,16 +165,9 @@ class JudgeTokens:
         return with_label[-1]
 
     def head_ids(self, head_text: str) -> List[int]:
-        """Tokens of a prompt's dialogue (shared by all evaluations of that prompt)."""
+        """Tokens of a text inside the conversation slot: a prompt's dialogue (shared by all evaluations of
+        that prompt), or the end of a reply cut before a new turn."""
         return self._encode(head_text, special=False)
-
-    def reply_ids(self, head_text: str, head_ids: Sequence[int], reply: str) -> Optional[List[int]]:
-        """Tokens of `reply` after the head: those of head + reply past the head's tokens, or None when the
-        tokenizer merges across the boundary (the caller then feeds head + reply as one piece)."""
-        ids = self._encode(head_text + reply, special=False)
-        if ids[:len(head_ids)] != list(head_ids):
-            return None
-        return ids[len(head_ids):]
 
     def full_ids(self, conversation_ids: Sequence[int], order: int) -> List[int]:
         return self.prefix_ids + list(conversation_ids) + self.suffix_ids[order]

@@ -140,7 +140,7 @@ class PromptSearch:
             for node in reversed(list(_path_to_root(leaf, self.tree.root))):
                 key = required.add(stats, "judge", key, judge_path_ids(self.tokenizer, node.tokens))
         else:
-            key = self.ctx.head_key if base == "head" else self.judge.prefix_key
+            key = self.ctx.head_key
         key = required.add(stats, "judge", key, ids)
         for suffix in self.judge.suffix_ids:
             required.add(stats, "judge", key, suffix)

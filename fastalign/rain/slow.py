@@ -139,7 +139,7 @@ class SlowEngine:
         if base == "leaf":
             conversation = list(ctx.head_ids) + judge_path_ids(self.tokenizer, state[ctx.answer_start:leaf_len]) + ids
         else:
-            conversation = (list(ctx.head_ids) if base == "head" else []) + ids
+            conversation = list(ctx.head_ids) + ids
         logits = torch.stack([self._forward(ctx.stats, self.judge.full_ids(conversation, order))[0]
                               for order in (0, 1)])
         value = self.judge.score(logits)

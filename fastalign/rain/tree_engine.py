@@ -437,7 +437,9 @@ class TreeEngine:
 
     def _evaluate(self, job: EvaluateJob, rollout: _Rollout):
         """The judge's side of an evaluation: the leaf's path and, token by token, its rollout (while the
-        rollout runs), then the cache check, then the option blocks."""
+        rollout runs), then the cache check, then whatever the judge input still lacks (a reply cut before
+        a new turn ends in tokens of its own; a terminal leaf's path is fed only now), then the option
+        blocks."""
         ctx, stats, eos = job.ctx, job.ctx.stats, self.tokenizer.eos_token_id
         if not job.terminal:
             node = self._judge_node(job.node)
@@ -459,21 +461,14 @@ class TreeEngine:
         if reply in ctx.judge_cache:
             return Evaluation(ctx.judge_cache[reply], rollout.tokens, rollout.hidden_sum, None)
         ctx.judging.add(reply)
-        transient = None
         try:
-            if base == "prefix":
-                (transient,) = yield [Row(self.judge_prefix, list(ids), stats, "evaluate", "plain")]
-                conversation = transient
-            else:
-                origin = self._judge_node(job.node) if base == "leaf" else ctx.handle.judge
-                node = origin.walk(ids)
-                cuts = self._sibling_cuts(job.node) if base == "leaf" and job.terminal else frozenset()
-                yield from self._ensure([node], stats, "evaluate", "plain", cuts)
-                conversation = node.entry
-            value = yield from self._score(conversation, stats)
+            origin = self._judge_node(job.node) if base == "leaf" else ctx.handle.judge
+            node = origin.walk(ids)
+            cuts = self._sibling_cuts(job.node) if job.terminal else frozenset()
+            yield from self._ensure([node], stats, "evaluate", "plain", cuts)
+            value = yield from self._score(node.entry, stats)
         finally:
             ctx.judging.discard(reply)
-            self._drop(transient)
         ctx.judge_cache[reply] = value
         return Evaluation(value, rollout.tokens, rollout.hidden_sum, (base, list(ids)))
 

@@ -114,6 +114,23 @@ def test_no_recomputation_with_long_rollouts(sampler, parallel_leaves):
     assert not runner.live
 
 
+def test_replies_cut_at_a_new_turn():
+    """A turn marker that most replies contain ("e"), so that the judge reads replies cut before it: both
+    engines still decide alike, and the judge's copy keeps the model's tokens up to the cut, so nearly
+    nothing is fed twice (only a token that straddles the cut inside a leaf whose rollout completes the
+    marker can cost its node's tokens again)."""
+    model = HashLM(len(tokenizer()))
+    config = dataclasses.replace(SMALL, turn_marker="e")
+    out = run_both(model, PROMPTS, config, lambda: HashRunner(len(tokenizer())), judge_prompt=SHORT_JUDGE,
+                   embedding="hidden", sampler="keyed")
+    (slow, _), (tree, runner) = out["slow"], out["tree"]
+    assert decisions(slow) == decisions(tree) and all(r.error is None for r in tree.results)
+    assert all("e" not in r.answer for r in tree.results) and any(r.answer for r in tree.results)
+    assert tree.stats.recomputed_tokens <= 0.01 * tree.stats.tokens
+    assert tree.required.keys <= tree.ledger.fed_keys
+    assert not runner.live
+
+
 def test_used_up_rollout_pools_are_drawn_again(monkeypatch):
     """With one pre-drawn rollout token per position, a position rolled past twice is computed again for
     fresh draws (the ledger counts it), and a prompt's root (shared by identical prompts) draws more from
