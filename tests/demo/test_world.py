@@ -80,11 +80,12 @@ def test_self_evaluation_text_is_what_rain_feeds_the_judge(world):
     tokenizer = build_tokenizer(world.texts())
     judge = JudgeTokens(tokenizer, JUDGE_PROMPT)
     qa = world.harmful[7]
-    head = prompt_text(qa.question)
-    head_ids = judge.head_ids(head)
-    reply_ids = judge.reply_ids(head, head_ids, " " + qa.answer[:25])
+    head, reply = prompt_text(qa.question), " " + qa.answer[:25]
+    # RAIN feeds the model's own reply tokens after the head's: the same ids as the whole text's.
+    conversation_ids = judge.head_ids(head) + tokenizer(reply, add_special_tokens=False)["input_ids"]
+    assert conversation_ids == judge.head_ids(head + reply)
     for order, harmless_first in enumerate((True, False)):
-        assert judge.full_ids(head_ids + reply_ids, order) == \
+        assert judge.full_ids(conversation_ids, order) == \
             tokenizer(self_eval_prompt(qa.question, qa.answer[:25], harmless_first))["input_ids"]
     harmful_label = judge.label_ids[0][1]
     assert tokenizer.convert_ids_to_tokens(harmful_label) == verdict_letter(True, harmless_first=True) == "B"
