@@ -94,6 +94,8 @@ def main():
     args = parser.parse_args()
     if not args.quick and not (args.model and args.hh):
         parser.error("give --quick, or --model and --hh")
+    if args.quick and args.device == "cpu":
+        torch.set_num_threads(1)    # tiny ops: a second thread only adds wake-ups (and stalls on a shared CPU)
     model, tok, prompts = load(args)
     judge_prompt = JudgePrompt()
     config = RainConfig(max_new_tokens=args.max_new_tokens or (8 if args.quick else 64),
