@@ -26,6 +26,16 @@ def device_for(backend):
     return TRITON_DEVICE if backend == "triton" else "cpu"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_cpu_thread():
+    """The tests run tiny models and shapes, for which one intra-op thread is fastest, and far faster than two
+    when the cores are shared with other work; the previous setting is restored at the end."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -43,11 +43,3 @@ def model_dir(tmp_path_factory, model, tokenizer):
     (path / WORLD_FILE).write_text('{"seed": 0}')  # the world judge reads the world beside the model
     return path
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster than on two when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
