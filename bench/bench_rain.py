@@ -7,7 +7,8 @@ several concurrencies, and with several inner iterations at once under virtual l
 2. The tree engine's throughput at several concurrencies (distinct prompts, production sampler).
 3. Virtual loss (`parallel_leaves`) off and on, same prompts: harmless rate of the answers by a judge
    (`--judge keyword` with --keywords, or `--judge moderation --judge-model DIR`, a local classifier),
-   wall time and sequential model calls per committed token. With --quick the model is random and the
+   wall time and sequential model calls per committed token (and per prompt against the calls the search
+   itself needs one after another, RainStats.required_calls). With --quick the model is random and the
    judge a keyword list: the harmless rates there say nothing about the method.
 
     python bench/bench_rain.py --quick                 # CPU: tiny random Llama, short answers
@@ -67,6 +68,8 @@ def row(name, run, extra=None):
            "calls_per_commit": s.model_calls / max(s.committed_tokens, 1), "wall_s": s.wall_seconds,
            "s_per_commit": s.wall_seconds / max(s.committed_tokens, 1),
            "commits_per_s": s.committed_tokens / max(s.wall_seconds, 1e-9), "iterations": s.iterations,
+           "calls_over_required": sum(r.stats.model_calls / max(r.stats.required_calls, 1) for r in run.results)
+           / max(len(run.results), 1),
            "phases_s": dict(s.seconds), "errors": sum(r.error is not None for r in run.results)}
     out.update(extra or {})
     return out
@@ -144,6 +147,7 @@ def main():
                        ("calls", "calls", "{}"), ("rows_per_call", "rows/call", "{:.1f}"),
                        ("tokens_per_commit", "tok/commit", "{:.1f}"), ("over_minimum", "tok/min", "{:.3f}"),
                        ("recomputed", "recomp", "{}"), ("calls_per_commit", "calls/commit", "{:.2f}"),
+                       ("calls_over_required", "calls/req", "{:.2f}"),
                        ("s_per_commit", "s/commit", "{:.4f}"), ("commits_per_s", "commit/s", "{:.2f}"),
                        ("harmless_rate", "harmless", "{:.3f}")])
     extra = {k: v for k, v in rows[0].items() if k in ("speedup_per_commit", "token_ratio_vs_slow",

@@ -76,6 +76,7 @@ def _prepare(index: int, prompt: str, tokenizer, judge: JudgeTokens, prefix_ids:
     ctx = PromptContext(index, head_text, root_ids, head_ids, extend_key(seed_key(config.seed), root_ids),
                         max_length)
     ctx.gen_key = required.add(ctx.stats, "prompt", prefix_key, prompt_ids)
+    ctx.stats.required_calls = 1                  # the prompt's state, before anything can be drawn
     ctx.head_key = required.add(ctx.stats, "judge", judge.prefix_key, head_ids)
     return ctx
 

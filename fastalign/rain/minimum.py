@@ -40,6 +40,10 @@ class RequiredPrefixes:
             stats.minimum[part] += new
         return key
 
+    def new_positions(self, key: int, tokens: Iterable[int]):
+        """For each token, whether the prefix ending there is not registered yet (nothing is registered)."""
+        return [k not in self.keys for k in prefix_keys(key, tokens)]
+
     def add_key(self, stats: Optional[RainStats], part: str, key: int):
         """Registers one sequence whose shorter prefixes are registered already."""
         if key not in self.keys:

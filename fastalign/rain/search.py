@@ -119,6 +119,24 @@ class PromptSearch:
         return child
 
     # --- the tree's minimum --------------------------------------------------------------------------
+    def _new_steps(self, node: Node, drafts: Sequence[Draft]) -> int:
+        """Lockstep steps of an expansion that reach a candidate prefix not computed before."""
+        steps = set()
+        for draft in drafts:
+            new = self.required.new_positions(node.seq_key, draft.tokens[:-1])
+            steps.update(i for i, fresh in enumerate(new) if fresh)
+        return len(steps)
+
+    def _required_chain(self, leaf: Node, evaluation: Evaluation, expansion: Optional[ExpandResult]) -> int:
+        """Calls this leaf's evaluation and expansion need one after another (see RainStats.required_calls);
+        computed before this run's sequences are registered."""
+        own = 0 if leaf.terminal else int(leaf.seq_key not in self.required.keys)
+        rollout = sum(self.required.new_positions(leaf.seq_key, evaluation.rollout[:-1]))
+        expand = own
+        if expansion is not None and expansion.greedy is not None:
+            expand += self._new_steps(leaf, [expansion.greedy] + expansion.samples)
+        return max(own + rollout + (evaluation.judged is not None), expand)
+
     def _require_drafts(self, node: Node, drafts: Sequence[Draft]):
         """Each draw of a token set reads the distribution after each of its prefixes."""
         for draft in drafts:
@@ -179,6 +197,7 @@ class PromptSearch:
                             first_stream=exp.next_stream, greedy=exp.greedy)
             (result,) = yield [job]
             exp.next_stream += c.widen_group - 1
+            self.ctx.stats.required_calls += self._new_steps(node, result.samples)
             self._require_drafts(node, result.samples)
             fresh = [(tokens, p) for tokens, p, _ in token_set_priors(exp.greedy, result.samples)]
             drafts = {d.tokens: d for d in result.samples}
@@ -232,13 +251,15 @@ class PromptSearch:
                 jobs.append(ExpandJob(ctx, leaf, state, length, attempts=c.candidates - 1,
                                       rank=c.max_children if length == 1 else 0))
         results = iter((yield jobs))
+        outcomes = [(next(results), None if leaf.terminal else next(results)) for leaf, _ in picked]
+        ctx.stats.required_calls += max(self._required_chain(leaf, evaluation, expansion)
+                                        for (leaf, _), (evaluation, expansion) in zip(picked, outcomes))
         evaluations, paths = [], []
-        for (leaf, state), length in zip(picked, lengths):
+        for (leaf, state), length, (evaluation, expansion) in zip(picked, lengths, outcomes):
             if c.parallel_leaves > 1:
                 tree.add_virtual_loss(leaf, -c.virtual_loss)
-            evaluation = next(results)
-            if not leaf.terminal:
-                self._expand(leaf, state, next(results), length)
+            if expansion is not None:
+                self._expand(leaf, state, expansion, length)
             self._require_evaluation(leaf, evaluation)
             evaluations.append(evaluation)
             paths.append(self._path_infos(leaf, evaluation))

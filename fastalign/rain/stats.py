@@ -7,6 +7,14 @@ prefix that a draw reads); the rollouts (all but the last sampled token, which i
 prefixes. A prefix needed twice (a rollout that later becomes a child, the text both option blocks share,
 a beginning two prompts share) counts once, under the part that needed it first.
 `recomputed_tokens` counts fed tokens whose exact prefix had been fed before.
+
+`required_calls` is the search's own bound on the model calls one prompt needs one after another, with
+unlimited batching and rows of any shape: in each engine run, a drawn token needs the distribution before
+it, so every position on a draw's path that was not computed before costs one call after the previous
+one (the leaf's own state, then each rollout position; each step of an expansion that reaches a new
+candidate prefix), and a self-evaluation needs one more call once its reply is complete; leaves evaluated
+together run in parallel; a prompt's runs follow one another. A prompt's `model_calls` (the calls it took
+part in) over its `required_calls` says how far an engine is from that bound.
 """
 from dataclasses import dataclass, field, asdict
 from typing import Dict
@@ -20,6 +28,7 @@ class RainStats:
     committed_tokens: int = 0
     iterations: int = 0
     model_calls: int = 0
+    required_calls: int = 0
     rows: int = 0
     tokens: int = 0
     recomputed_tokens: int = 0
@@ -46,7 +55,7 @@ class RainStats:
     def add(self, other: "RainStats") -> "RainStats":
         """Adds the counters of `other` (calls and wall time excepted: those are not additive across
         prompts that shared calls)."""
-        for name in ("committed_tokens", "iterations", "rows", "tokens", "recomputed_tokens"):
+        for name in ("committed_tokens", "iterations", "rows", "tokens", "recomputed_tokens", "required_calls"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for part, value in other.minimum.items():
             self.minimum[part] += value

@@ -91,6 +91,7 @@ def test_cost_against_reference_and_tree_minimum():
     assert s.recomputed_tokens > 0.5 * s.tokens
     for r in tree.results:
         assert r.stats.model_calls > 0 and r.stats.iterations > 0 and r.stats.wall_seconds > 0
+        assert r.stats.required_calls <= r.stats.model_calls <= 1.6 * r.stats.required_calls
         assert set(r.stats.seconds) == {"expand", "simulate", "evaluate", "embed", "host"}
 
 
