@@ -75,6 +75,14 @@ def register(subparsers) -> None:
     g("--template", help=f"text template with {{prompt}} and {{answer}} (default: {_default('template')!r})")
     g("--chat-template", action=argparse.BooleanOptionalAction,
       help="render examples with the tokenizer's chat template instead of --template")
+    g("--answer-eos", action=argparse.BooleanOptionalAction,
+      help="end every answer (forget, mismatch and normal) with the tokenizer's end-of-sequence token, trained "
+      "like the other answer tokens, so that unlearning keeps the model's chance of stopping after a normal "
+      "answer (without it, answers may run on past their end). Added as a token id, not as text; an error if "
+      "the tokenizer has no EOS token. If the template already puts the EOS token after the answer (e.g. a "
+      "chat template whose end of turn is the EOS token), that one is trained instead of adding a second; "
+      "otherwise the EOS token goes right after the answer, before the template's own end marker. An answer "
+      "cut by --max-length gets none. (default: off, as SPEC §1's template has no end token)")
     g("--max-length", type=int, metavar="N", help=f"longest sequence in tokens; longer answers are cut, a prompt that "
       f"leaves no room is an error (default: {_default('max_length')})")
     g("--skip-long-prompts", action=argparse.BooleanOptionalAction,

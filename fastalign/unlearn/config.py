@@ -33,6 +33,7 @@ class UnlearnConfig:
     output_dir: str = ""
     template: str = SPEC_TEMPLATE
     chat_template: bool = False
+    answer_eos: bool = False
     max_length: int = 512
     skip_long_prompts: bool = False
     truthfulqa_test_fraction: float = 0.2
@@ -88,6 +89,10 @@ class UnlearnConfig:
         if self.max_forget_nll is not None and not (isinstance(self.max_forget_nll, (int, float))
                                                     and math.isfinite(self.max_forget_nll)):
             raise ValueError(f"max_forget_nll must be a finite number or None, got {self.max_forget_nll!r}")
+        for name in ("chat_template", "answer_eos", "skip_long_prompts", "lora", "gradient_checkpointing", "resume",
+                     "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.reference not in ("auto",) + REFERENCE_MODES:

@@ -4,6 +4,10 @@ A token belongs to the answer when its character span overlaps the answer's: a t
 template/answer boundary (a BPE merge of the template's trailing space with the answer's first word, a
 multi-byte character split over several byte tokens) counts as answer, zero-width special tokens never do.
 The answer tokens are then one contiguous range [answer_start, answer_end) of the ids.
+
+With answer_eos, every answer also ends with the tokenizer's end-of-sequence id as an answer token (so the
+objective holds the model's chance of stopping after an answer); it is placed on the token ids, never
+pasted into the text, so it does not depend on how a tokenizer parses special-token text.
 """
 from __future__ import annotations
 
@@ -33,6 +37,17 @@ class EncodedExample:
         ids = self.input_ids[:self.answer_start] + tuple(answer_ids) + self.input_ids[self.answer_end:]
         return EncodedExample(ids, self.answer_start, self.answer_start + len(answer_ids), source)
 
+    def ending_with(self, end_id: int) -> "EncodedExample":
+        """This example with end_id as its last answer token. Where the template already puts end_id after the
+        answer (a chat template's end of turn, a tokenizer that appends EOS), the span is extended through its
+        first one, with whatever the template renders between them; otherwise end_id is inserted right after
+        the answer, before the template's tail."""
+        tail = self.input_ids[self.answer_end:]
+        if end_id in tail:
+            return EncodedExample(self.input_ids, self.answer_start, self.answer_end + tail.index(end_id) + 1,
+                                  self.source)
+        return self.with_answer(self.input_ids[self.answer_start:self.answer_end] + (end_id,), self.source)
+
     def fits(self, max_length: int) -> bool:
         """Whether an answer token is left to predict within the first max_length tokens."""
         return min(self.answer_end, max_length) > max(self.answer_start, 1)
@@ -57,9 +72,22 @@ def require_fast_tokenizer(tokenizer) -> None:
                         "load it with AutoTokenizer.from_pretrained(..., use_fast=True)")
 
 
-def encode_rendered(tokenizer, rendered: Sequence[RenderedPair], sources: Sequence[str]) -> list[EncodedExample]:
-    """Tokenizes rendered pairs (one batched tokenizer call per special-token setting) with answer spans."""
+def eos_token_id(tokenizer) -> int:
+    """The tokenizer's end-of-sequence id; a ValueError if it has none (answer_eos needs one)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError(f"answer_eos needs a tokenizer with an end-of-sequence token, but "
+                         f"{type(tokenizer).__name__}.eos_token_id is None; set tokenizer.eos_token or turn "
+                         "answer_eos off")
+    return int(eos)
+
+
+def encode_rendered(tokenizer, rendered: Sequence[RenderedPair], sources: Sequence[str], *,
+                    answer_eos: bool = False) -> list[EncodedExample]:
+    """Tokenizes rendered pairs (one batched tokenizer call per special-token setting) with answer spans;
+    with answer_eos, each answer ends with the EOS id (see EncodedExample.ending_with)."""
     require_fast_tokenizer(tokenizer)
+    end_id = eos_token_id(tokenizer) if answer_eos else None
     out: list[EncodedExample | None] = [None] * len(rendered)
     for add_special in (True, False):
         idx = [i for i, r in enumerate(rendered) if r.add_special_tokens == add_special]
@@ -72,15 +100,17 @@ def encode_rendered(tokenizer, rendered: Sequence[RenderedPair], sources: Sequen
             inside = [k for k, (a, b) in enumerate(offsets) if b > a and b > r.answer_start and a < r.answer_end]
             if not inside:
                 raise DataError(f"{sources[i]}: the answer produced no token")
-            out[i] = EncodedExample(tuple(ids), inside[0], inside[-1] + 1, sources[i])
+            example = EncodedExample(tuple(ids), inside[0], inside[-1] + 1, sources[i])
+            out[i] = example if end_id is None else example.ending_with(end_id)
     return out
 
 
 def encode_pairs(tokenizer, template, pairs: Sequence[QAPair], max_length: int, *,
-                 skip_too_long: bool = False) -> list[EncodedExample]:
+                 skip_too_long: bool = False, answer_eos: bool = False) -> list[EncodedExample]:
     """Encodes QAPairs with a template, truncating to max_length. A pair whose prompt leaves no answer token
     within max_length is a DataError naming its row, or, with skip_too_long, left out (the caller can count
-    the pairs it lost)."""
+    the pairs it lost). answer_eos: end each answer with the EOS id (an answer cut by max_length loses it,
+    as it did not end there)."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     rendered = []
@@ -89,12 +119,13 @@ def encode_pairs(tokenizer, template, pairs: Sequence[QAPair], max_length: int, 
             rendered.append(template.render(p.prompt, p.answer))
         except ValueError as e:
             raise DataError(f"{p.source}: {e}") from None
-    encoded = encode_rendered(tokenizer, rendered, [p.source for p in pairs])
+    encoded = encode_rendered(tokenizer, rendered, [p.source for p in pairs], answer_eos=answer_eos)
     return [e.truncated(max_length) for e in encoded if e.fits(max_length) or not skip_too_long]
 
 
-def encode_answers(tokenizer, template, answers: Sequence[str]) -> list[tuple[int, ...]]:
-    """Token ids of answers as the template tokenizes them after a prompt (for mismatch examples)."""
+def encode_answers(tokenizer, template, answers: Sequence[str], *, answer_eos: bool = False) -> list[tuple[int, ...]]:
+    """Token ids of answers as the template tokenizes them after a prompt (for mismatch examples); with
+    answer_eos they end with the EOS id, as the answers of encode_pairs(..., answer_eos=True) do."""
     encoded = encode_rendered(tokenizer, [template.render("", a) for a in answers],
-                              [f"mismatch pool answer {i}" for i in range(len(answers))])
+                              [f"mismatch pool answer {i}" for i in range(len(answers))], answer_eos=answer_eos)
     return [e.input_ids[e.answer_start:e.answer_end] for e in encoded]

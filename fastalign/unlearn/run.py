@@ -30,7 +30,8 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
 
     normal: a TruthfulQA .csv (its train split; its pool rows also feed the mismatch pool unless
     mismatch_pool is given) or a {prompt, answer} jsonl. mismatch_pool: a TruthfulQA .csv or a jsonl
-    whose answers form the pool. A stream whose weight is 0 is not loaded.
+    whose answers form the pool. A stream whose weight is 0 is not loaded. With answer_eos, every answer of
+    the three streams ends with the tokenizer's EOS id as an answer token.
     """
     template = ChatTemplate(tokenizer) if config.chat_template else TextTemplate(config.template)
     forget = [pair for path in config.forget for pair in load_pairs(path, config.forget_format)]
@@ -52,7 +53,8 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
                             "TruthfulQA .csv as normal, or set mismatch_weight=0")
 
     def encode(pairs):
-        return encode_pairs(tokenizer, template, pairs, config.max_length, skip_too_long=config.skip_long_prompts)
+        return encode_pairs(tokenizer, template, pairs, config.max_length, skip_too_long=config.skip_long_prompts,
+                            answer_eos=config.answer_eos)
 
     forget_examples = encode(forget)
     normal_examples = encode(normal) if normal else None
@@ -64,7 +66,7 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
                             f"{config.max_length}; raise max_length")
     return UnlearningStreams(
         forget_examples, normal=normal_examples,
-        mismatch_pool=encode_answers(tokenizer, template, pool) if pool else None,
+        mismatch_pool=encode_answers(tokenizer, template, pool, answer_eos=config.answer_eos) if pool else None,
         batch_size=config.batch_size, mismatch_per_prompt=config.mismatch_per_prompt,
         normal_batch_size=config.normal_batch_size, max_length=config.max_length,
         filler_id=filler_token_id(tokenizer), seed=config.seed, skipped=skipped)

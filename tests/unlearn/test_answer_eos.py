@@ -1,0 +1,112 @@
+"""answer_eos: every answer of the three streams ends with the tokenizer's EOS id as an answer token."""
+import pytest
+
+from fastalign.cli import build_parser
+from fastalign.unlearn.cli import config_from_args
+from fastalign.unlearn.config import UnlearnConfig
+from fastalign.unlearn.encoding import encode_answers, encode_pairs
+from fastalign.unlearn.records import QAPair
+from fastalign.unlearn.run import load_streams
+from fastalign.unlearn.templates import ChatTemplate, TextTemplate
+from tests.unlearn.tiny import FORGET_ROWS, NORMAL_ROWS, POOL_ANSWERS, byte_bpe_tokenizer, word_level_tokenizer, \
+    write_jsonl
+
+ITEMS = [("What is the capital?", "Paris"), ("How?", " 日本語のテキスト"), ("What is harmful?", "café 🙂 naïve")]
+
+
+def pairs(items):
+    return [QAPair(p, a, f"test:row {i}") for i, (p, a) in enumerate(items, start=1)]
+
+
+@pytest.fixture
+def data_files(tmp_path):
+    rows = "".join(f"T,C,What is {k}?,Paris {k},Paris {k}; the {k},naïve {k}; help {k},S\n" for k in range(10))
+    (tmp_path / "tqa.csv").write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,"
+                                      "Source\n" + rows, encoding="utf-8")
+    return {"forget": [str(write_jsonl(tmp_path / "forget.jsonl", FORGET_ROWS))],
+            "normal": str(write_jsonl(tmp_path / "normal.jsonl", NORMAL_ROWS)), "mismatch_pool": str(tmp_path / "tqa.csv")}
+
+
+def test_every_row_of_every_stream_ends_its_answer_with_eos(data_files):
+    """Forget, mismatch and normal rows of a drawn batch: the EOS id is the last answer token, its position is
+    a loss target, and the rest of each answer is what it was without answer_eos."""
+    tokenizer = byte_bpe_tokenizer()
+    eos = tokenizer.eos_token_id
+    settings = dict(model="m", output_dir="o", batch_size=2, mismatch_per_prompt=3, max_length=64, **data_files)
+    plain = load_streams(UnlearnConfig(**settings), tokenizer)
+    streams = load_streams(UnlearnConfig(answer_eos=True, **settings), tokenizer)
+    assert all(a[-1] == eos and eos not in a[:-1] for a in streams.pool)
+    assert [a[:-1] for a in streams.pool] == plain.pool
+    for index in range(3):
+        batch, before = streams.batch(index), plain.batch(index)
+        assert (batch.num_forget, batch.num_mismatch, batch.num_normal) == (2, 6, 2)
+        for row, (example, old) in enumerate(zip(batch.examples, before.examples)):
+            assert example.input_ids[example.answer_end - 1] == eos, example.source
+            assert example.input_ids[:example.answer_end - 1] == old.input_ids[:old.answer_end]
+            assert example.input_ids[example.answer_end:] == old.input_ids[old.answer_end:]
+            assert example.answer_start == old.answer_start
+            mask = batch.tokens.target_mask[row]
+            assert mask[example.answer_end - 2] and int(mask.sum()) == old.num_answer_targets + 1
+            assert batch.tokens.input_ids[row, example.answer_end - 1] == eos
+
+
+def test_off_by_default_leaves_encodings_unchanged():
+    tokenizer, template = byte_bpe_tokenizer(), TextTemplate()
+    assert UnlearnConfig().answer_eos is False
+    default = encode_pairs(tokenizer, template, pairs(ITEMS), 64)
+    assert default == encode_pairs(tokenizer, template, pairs(ITEMS), 64, answer_eos=False)
+    assert all(tokenizer.eos_token_id not in e.input_ids for e in default)
+    answers = [a for _, a in ITEMS]
+    assert encode_answers(tokenizer, template, answers) == encode_answers(tokenizer, template, answers,
+                                                                           answer_eos=False)
+
+
+def test_eos_goes_before_a_text_templates_tail():
+    tokenizer, template = byte_bpe_tokenizer(), TextTemplate("Q: {prompt} A:{answer}<end>")
+    plain = encode_pairs(tokenizer, template, pairs(ITEMS), 64)
+    for old, new in zip(plain, encode_pairs(tokenizer, template, pairs(ITEMS), 64, answer_eos=True)):
+        assert new.input_ids == old.input_ids[:old.answer_end] + (tokenizer.eos_token_id,) + old.input_ids[old.answer_end:]
+        assert (new.answer_start, new.answer_end) == (old.answer_start, old.answer_end + 1)
+
+
+def test_chat_template_end_of_turn_eos_is_trained_not_doubled():
+    """The tiny chat template closes each turn with </s>, the EOS token: answer_eos makes that one the last
+    answer token and adds no second EOS; mismatch answers end the same way."""
+    tokenizer = byte_bpe_tokenizer()
+    template, eos = ChatTemplate(tokenizer), tokenizer.eos_token_id
+    plain = encode_pairs(tokenizer, template, pairs(ITEMS), 64)
+    for old, new in zip(plain, encode_pairs(tokenizer, template, pairs(ITEMS), 64, answer_eos=True)):
+        assert new.input_ids == old.input_ids and old.input_ids[old.answer_end] == eos
+        assert (new.answer_start, new.answer_end) == (old.answer_start, old.answer_end + 1)
+    pool = encode_answers(tokenizer, template, ["Paris is the capital"], answer_eos=True)
+    mixed = new.with_answer(pool[0], "mixed")
+    assert mixed.input_ids[mixed.answer_end - 1] == eos and mixed.input_ids.count(eos) == new.input_ids.count(eos)
+
+
+def test_answer_cut_by_max_length_gets_no_eos():
+    tokenizer = byte_bpe_tokenizer()
+    cut, = encode_pairs(tokenizer, TextTemplate(), pairs([("short", "an answer that is long enough to be cut")]),
+                        max_length=20, answer_eos=True)
+    assert len(cut.input_ids) == 20 and tokenizer.eos_token_id not in cut.input_ids
+
+
+def test_tokenizer_without_eos_is_an_error():
+    tokenizer = word_level_tokenizer()
+    assert tokenizer.eos_token_id is None
+    assert encode_pairs(tokenizer, TextTemplate(), pairs([("What is harmful?", "harmful help")]), 64)
+    with pytest.raises(ValueError, match="answer_eos needs a tokenizer with an end-of-sequence token"):
+        encode_pairs(tokenizer, TextTemplate(), pairs([("What is harmful?", "harmful help")]), 64, answer_eos=True)
+    with pytest.raises(ValueError, match="answer_eos needs a tokenizer with an end-of-sequence token"):
+        encode_answers(tokenizer, TextTemplate(), ["harmful help"], answer_eos=True)
+
+
+def test_command_line_and_config_values(capsys):
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["unlearn", "--answer-eos"])).answer_eos is True
+    assert config_from_args(parse(["unlearn", "--no-answer-eos"])).answer_eos is False
+    assert config_from_args(parse(["unlearn"])).answer_eos is False
+    with pytest.raises(ValueError, match="answer_eos must be true or false"):
+        UnlearnConfig(answer_eos="yes")
+    with pytest.raises(SystemExit):
+        parse(["unlearn", "--help"])
+    assert "end-of-sequence" in capsys.readouterr().out
