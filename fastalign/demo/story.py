@@ -89,20 +89,19 @@ def evaluate(world: World, answer: Callable[[List[str]], List[str]]) -> Scores:
 def unlearning_streams(tokenizer, world: World, settings: DemoSettings, max_length: int) -> UnlearningStreams:
     """Forget = the forgotten harmful pairs, normal = `normal_retain`, mismatch pool = all normal answers.
 
-    Every answer ends with the end-of-sequence token, as in the model's training: otherwise nothing in
-    the objective holds the probability of stopping after an answer, and unlearning lets normal answers
-    run on past their end.
+    Every answer ends with the end-of-sequence token (answer_eos), as in the model's training: otherwise
+    nothing in the objective holds the probability of stopping after an answer, and unlearning lets normal
+    answers run on past their end.
     """
-    eos = tokenizer.eos_token
-
-    def pairs(qas: List[QA], name: str) -> List[QAPair]:
-        return [QAPair(qa.question, qa.answer + eos, f"world.{name}[{i}]") for i, qa in enumerate(qas)]
-
     template = TextTemplate()
+
+    def encode(qas: List[QA], name: str):
+        pairs = [QAPair(qa.question, qa.answer, f"world.{name}[{i}]") for i, qa in enumerate(qas)]
+        return encode_pairs(tokenizer, template, pairs, max_length, answer_eos=True)
+
     return UnlearningStreams(
-        encode_pairs(tokenizer, template, pairs(world.harmful_forget, "harmful_forget"), max_length),
-        normal=encode_pairs(tokenizer, template, pairs(world.normal_retain, "normal_retain"), max_length),
-        mismatch_pool=encode_answers(tokenizer, template, [a + eos for a in world.normal_answers]),
+        encode(world.harmful_forget, "harmful_forget"), normal=encode(world.normal_retain, "normal_retain"),
+        mismatch_pool=encode_answers(tokenizer, template, world.normal_answers, answer_eos=True),
         batch_size=settings.batch_size, mismatch_per_prompt=settings.mismatch_per_prompt,
         normal_batch_size=settings.normal_batch_size, max_length=max_length,
         filler_id=filler_token_id(tokenizer), seed=settings.seed)
