@@ -8,8 +8,7 @@ from fastalign.unlearn.encoding import encode_answers, encode_pairs
 from fastalign.unlearn.records import QAPair
 from fastalign.unlearn.run import load_streams
 from fastalign.unlearn.templates import ChatTemplate, TextTemplate
-from tests.unlearn.tiny import FORGET_ROWS, NORMAL_ROWS, POOL_ANSWERS, byte_bpe_tokenizer, word_level_tokenizer, \
-    write_jsonl
+from tests.unlearn.tiny import FORGET_ROWS, NORMAL_ROWS, byte_bpe_tokenizer, word_level_tokenizer, write_jsonl
 
 ITEMS = [("What is the capital?", "Paris"), ("How?", " 日本語のテキスト"), ("What is harmful?", "café 🙂 naïve")]
 
