@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
+
 #include "block_allocator.h"
 #include "span_tree.h"
 
@@ -27,12 +29,20 @@ std::vector<T> to_vector(const InArray<T>& values, const char* name) {
 }
 
 ForwardPlan plan_extend(SpanTree& tree, const InArray<int64_t>& parents, const InArray<int32_t>& tokens,
-                        const InArray<int64_t>& cu_lens) {
+                        const InArray<int64_t>& cu_lens, const std::optional<InArray<int64_t>>& cuts,
+                        const std::optional<InArray<int64_t>>& cu_cuts) {
   std::vector<int64_t> parent_ids = to_vector(parents, "parents");
+  py::ssize_t rows = static_cast<py::ssize_t>(parent_ids.size());
   if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be one-dimensional");
-  if (cu_lens.ndim() != 1 || cu_lens.size() != static_cast<py::ssize_t>(parent_ids.size()) + 1)
+  if (cu_lens.ndim() != 1 || cu_lens.size() != rows + 1)
     throw std::invalid_argument("cu_lens must have one entry more than parents");
-  return tree.plan_extend(parent_ids, tokens.data(), tokens.size(), cu_lens.data());
+  if (cuts.has_value() != cu_cuts.has_value()) throw std::invalid_argument("give both cuts and cu_cuts, or neither");
+  if (!cuts.has_value()) return tree.plan_extend(parent_ids, tokens.data(), tokens.size(), cu_lens.data());
+  if (cuts->ndim() != 1) throw std::invalid_argument("cuts must be one-dimensional");
+  if (cu_cuts->ndim() != 1 || cu_cuts->size() != rows + 1)
+    throw std::invalid_argument("cu_cuts must have one entry more than parents");
+  if (cu_cuts->data()[rows] != cuts->size()) throw std::invalid_argument("cu_cuts must end at the number of cuts");
+  return tree.plan_extend(parent_ids, tokens.data(), tokens.size(), cu_lens.data(), cuts->data(), cu_cuts->data());
 }
 
 }  // namespace
@@ -48,6 +58,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_rows", [](const ForwardPlan& p) { return p.row_spans.size(); })
       .def_property_readonly("num_tokens", [](const ForwardPlan& p) { return p.token_ids.size(); })
       .def_property_readonly("row_spans", [](const ForwardPlan& p) { return to_numpy(p.row_spans); })
+      .def_property_readonly("cut_spans", [](const ForwardPlan& p) { return to_numpy(p.cut_spans); })
       .def_property_readonly("spans", [](const ForwardPlan& p) { return to_numpy(p.spans); })
       .def_property_readonly("token_ids", [](const ForwardPlan& p) { return to_numpy(p.token_ids); })
       .def_property_readonly("positions", [](const ForwardPlan& p) { return to_numpy(p.positions); })
@@ -66,7 +77,9 @@ PYBIND11_MODULE(_C, m) {
   py::class_<SpanTree>(m, "SpanTree", "Tree of token spans owning the blocks of a paged KV pool (see span_tree.h).")
       .def(py::init<int32_t, int32_t>(), py::arg("num_blocks"), py::arg("block_size"))
       .def("plan_extend", &plan_extend, py::arg("parents"), py::arg("tokens"), py::arg("cu_lens"),
-           "Create one child per row (parent -1: a root) and plan the forward computing their KV.")
+           py::arg("cuts") = py::none(), py::arg("cu_cuts") = py::none(),
+           "Create one child per row (parent -1: a root), and a span at each cut inside a row (row r's offsets "
+           "cuts[cu_cuts[r]:cu_cuts[r+1]]), and plan the forward computing their KV.")
       .def("plan_restore", &SpanTree::plan_restore, py::arg("targets"),
            "One round of recomputing evicted targets and their evicted ancestors; call until num_rows == 0.")
       .def("abandon", &SpanTree::abandon, py::arg("plan"),

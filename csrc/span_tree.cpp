@@ -165,8 +165,10 @@ void SpanTree::abandon(const ForwardPlan& plan) {
     --s.locks;
     drop_kv(*it);
   }
-  if (plan.creates_spans)
+  if (plan.creates_spans) {
     for (int64_t id : plan.row_spans) erase_node(id);
+    for (auto it = plan.cut_spans.rbegin(); it != plan.cut_spans.rend(); ++it) erase_node(*it);
+  }
 }
 
 void SpanTree::drop_kv(int64_t id) {
@@ -200,10 +202,11 @@ void SpanTree::erase_node(int64_t id) {
 }
 
 ForwardPlan SpanTree::plan_extend(const std::vector<int64_t>& parents, const int32_t* tokens, int64_t num_tokens,
-                                  const int64_t* cu_lens) {
+                                  const int64_t* cu_lens, const int64_t* cuts, const int64_t* cu_cuts) {
   size_t rows = parents.size();
   if (cu_lens[0] != 0 || cu_lens[rows] != num_tokens)
     throw std::invalid_argument("cu_lens must start at 0 and end at the number of tokens");
+  if (cu_cuts != nullptr && cu_cuts[0] != 0) throw std::invalid_argument("cu_cuts must start at 0");
   for (size_t r = 0; r < rows; ++r) {
     if (cu_lens[r + 1] <= cu_lens[r])
       throw std::invalid_argument("token list " + std::to_string(r) + " is empty: a span appends at least one token");
@@ -215,25 +218,47 @@ ForwardPlan SpanTree::plan_extend(const std::vector<int64_t>& parents, const int
     }
     if (start + cu_lens[r + 1] - cu_lens[r] > std::numeric_limits<int32_t>::max())
       throw std::invalid_argument("token list " + std::to_string(r) + ": a span may not exceed 2^31 - 1 tokens");
+    if (cu_cuts == nullptr) continue;
+    if (cu_cuts[r + 1] < cu_cuts[r]) throw std::invalid_argument("cu_cuts must not decrease");
+    int64_t previous = 0;
+    for (int64_t k = cu_cuts[r]; k < cu_cuts[r + 1]; ++k) {
+      if (cuts[k] <= previous || cuts[k] >= cu_lens[r + 1] - cu_lens[r])
+        throw std::invalid_argument("cuts of row " + std::to_string(r) + ": expected increasing offsets in [1, " +
+                                    std::to_string(cu_lens[r + 1] - cu_lens[r] - 1) + "], got " +
+                                    std::to_string(cuts[k]) + " after " + std::to_string(previous));
+      previous = cuts[k];
+    }
   }
+
   std::vector<int64_t> parent_ids;
   for (int64_t p : parents)
     if (p >= 0) parent_ids.push_back(p);
   lock(parent_ids);
-  std::vector<int64_t> children;
-  for (size_t r = 0; r < rows; ++r)
-    children.push_back(add_node(parents[r], tokens + cu_lens[r], cu_lens[r + 1] - cu_lens[r]));
   ForwardPlan plan;
+  std::vector<std::vector<int64_t>> chains;  // per row: its cut spans, then its child
+  for (size_t r = 0; r < rows; ++r) {
+    std::vector<int64_t> chain;
+    int64_t parent = parents[r], begin = 0, n = cu_lens[r + 1] - cu_lens[r];
+    for (int64_t k = cu_cuts ? cu_cuts[r] : 0; k < (cu_cuts ? cu_cuts[r + 1] : 0); ++k) {
+      parent = add_node(parent, tokens + cu_lens[r] + begin, cuts[k] - begin);
+      chain.push_back(parent);
+      plan.cut_spans.push_back(parent);
+      begin = cuts[k];
+    }
+    chain.push_back(add_node(parent, tokens + cu_lens[r] + begin, n - begin));
+    chains.push_back(std::move(chain));
+  }
   plan.cu_q_lens.push_back(0);
   std::vector<std::vector<int32_t>> tables;
   try {
-    for (int64_t child : children) {
-      attach(child, plan);
-      end_row(child, plan, tables);
+    for (const auto& chain : chains) {
+      for (int64_t id : chain) attach(id, plan);
+      end_row(chain.back(), plan, tables);
     }
   } catch (...) {
     abandon(plan);
-    for (int64_t child : children) erase_node(child);
+    for (const auto& chain : chains)
+      for (auto it = chain.rbegin(); it != chain.rend(); ++it) erase_node(*it);
     unlock(parent_ids);
     throw;
   }

@@ -42,6 +42,7 @@ class PoolExhausted : public std::runtime_error {
 // packed new tokens. Row r's tokens are token_ids[cu_q_lens[r]:cu_q_lens[r+1]].
 struct ForwardPlan {
   std::vector<int64_t> row_spans;     // [R] the span whose last token ends each row
+  std::vector<int64_t> cut_spans;     // spans that plan_extend created at cuts inside rows, row by row
   std::vector<int64_t> spans;         // every span given KV by this plan, in order; all left locked
   std::vector<int32_t> token_ids;     // [T]
   std::vector<int32_t> positions;     // [T] position of each new token in its sequence
@@ -63,15 +64,20 @@ class SpanTree {
   // the forward that computes their KV; the children are touched (most recently used), and so are the
   // parents. Parents must be live and resident. On PoolExhausted nothing is created and every parent keeps
   // its KV (other spans may have been evicted on the way: eviction never changes a result).
+  // Cuts (optional, cu_cuts null for none): row r's offsets cuts[cu_cuts[r]:cu_cuts[r+1]], increasing and
+  // strictly inside the row, each end a span inside the row: the chain parent -> span of the first c1
+  // tokens -> span of the next ones -> ... -> the row's child, all computed by the row in the same forward
+  // (listed in plan.cut_spans), so a row's intermediate prefixes become spans without extra tokens.
   ForwardPlan plan_extend(const std::vector<int64_t>& parents, const int32_t* tokens, int64_t num_tokens,
-                          const int64_t* cu_lens);
+                          const int64_t* cu_lens, const int64_t* cuts = nullptr, const int64_t* cu_cuts = nullptr);
   // One round of recomputing evicted spans: for each target that is not resident, the path from its
   // topmost non-resident ancestor down to it becomes one row, at most one row per such ancestor (a span
   // whose KV this very forward writes cannot be copied from). Call until the plan has no rows.
   ForwardPlan plan_restore(const std::vector<int64_t>& targets);
 
   // Undoes a plan whose forward failed: its spans lose their KV (newest first, so that blocks shared in
-  // place go back to their earlier fill) and lose the plan's locks; spans it created are deleted.
+  // place go back to their earlier fill) and lose the plan's locks; spans it created (cut spans included)
+  // are deleted.
   void abandon(const ForwardPlan& plan);
 
   // Locked spans are never evicted: the runner locks what a call uses until its forward is done.

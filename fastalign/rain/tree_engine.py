@@ -3,14 +3,17 @@
 - Each prompt keeps two tries of computed prefixes (prefix_trie.py): the generation side (the search
   tree's token states, candidate prefixes, rollouts) and the judge side (the few-shot prefix and the
   conversation as the judge reads it). Whatever a job needs is fed from its deepest computed ancestor, so
-  a prefix still held is never computed again; rows end wherever a later sequence may branch (every
-  generated token is its own row; a node's tokens on the judge side are cut where a sibling parts from
-  them), which is what keeps the count of recomputed tokens at zero.
+  a prefix still held is never computed again; every position where a later sequence may branch gets
+  an entry of its own (every generated token; on the judge side each rollout token and each position
+  of a node's tokens where a sibling parts from them), either as the end of a row or as a cut inside one
+  (`runner.extend(..., cuts=...)`: a span at a chosen position, made by the row's own forward), which is
+  what keeps the count of recomputed tokens at zero without costing calls.
 - An expansion decodes all its candidates in lockstep: each step extends the distinct candidate prefixes
   in one batched call and draws every sampled row in one sampler call.
-- The rollout feeds one token per call; the judge's copy of the rollout rides along in the same calls
-  (each token its own row, so that a rollout prefix that later becomes a child costs nothing on either
-  side). Then the judge feeds the text both option blocks share, then both option blocks as two rows.
+- The rollout feeds one token per call; the judge's copy of the rollout rides along in the same calls.
+  Once the reply is complete, ONE row feeds whatever the judge input still lacks (the rollout's last
+  token, cut there) and the text both option blocks share; the next call runs both option blocks as two
+  rows on top of it.
 - Draws: every generation row's outputs are reduced right after its call, for all rows at once: top-k
   distribution (expansion), ranked tokens (1-token sets), last hidden state, and a pool of rollout
   tokens pre-drawn from the full softmax (one batched sampler call per model call), so no full logits
@@ -26,7 +29,7 @@
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,6 +38,7 @@ from .dialogue import judge_input, judge_path_ids, rollout_stops
 from .jobs import Draft, Evaluation, EvaluateJob, ExpandJob, ExpandResult, PromptContext
 from .judge import JudgeTokens
 from .ledger import EMPTY_KEY, TokenLedger
+from .minimum import chain_key
 from .prefix_trie import PrefixNode, drop_all, keep_only_below
 from .roots import RootPlan
 from .sampling import ROLLOUT_STREAM, draw_key, extend_key, ranked_tokens, seed_key, top_k_distribution
@@ -66,6 +70,8 @@ class Row:
     kind: str                                   # "gen": reduce its outputs; "plain": KV only; "label": logits
     target: Optional[PrefixNode] = None         # the trie position this row computes (None: transient)
     skey: int = 0                               # sampling key of a "gen" row's sequence
+    cuts: List[Tuple[int, PrefixNode]] = field(default_factory=list)  # (offset, position) inside the row
+                                                                      # that gets an entry too
 
 
 @dataclass
@@ -109,29 +115,46 @@ class TreeEngine:
     # --- the one way this engine touches the model ---------------------------------------------------
     def _call(self, rows: List[Row]) -> List[object]:
         """ONE runner.extend over all rows. Returns per row its Entry (set on its target position too) or,
-        for "label" rows, its next-token logits. Records tokens, calls and time (split by tokens over phases)."""
+        for "label" rows, its next-token logits; positions at a row's cuts get entries of their own from
+        the same row (runner cuts). Records tokens, calls and time (split by tokens over phases)."""
         start = time.perf_counter()
+        offsets = [[end for end, _ in r.cuts] for r in rows]
         try:
             result = self.runner.extend([None if r.parent is None else r.parent.span for r in rows],
-                                        [r.tokens for r in rows], logits="last",
-                                        hidden="last" if self.want_hidden else None)
+                                        [r.tokens for r in rows], cuts=offsets if any(offsets) else None,
+                                        logits="last", hidden="last" if self.want_hidden else None)
         except BaseException:
             _abandon(rows)
             raise
-        spans, logits = result[0], result[1]
+        chains = result[0] if any(offsets) else [[span] for span in result[0]]
+        logits = result[1]
         hidden = result[2] if self.want_hidden else None
-        outs = [Entry(span, self.ledger.feed(r.stats, EMPTY_KEY if r.parent is None else r.parent.key, r.tokens))
-                for r, span in zip(rows, spans)]
-        gen = [i for i, r in enumerate(rows) if r.kind == "gen"]
+        outs, gen, at = [], [], 0                # gen: (entry, output index, skey, is a root) to read
+        for r, chain in zip(rows, chains):
+            parent_key = EMPTY_KEY if r.parent is None else r.parent.key
+            for (end, node), span in zip(r.cuts, chain):
+                node.entry, node.pending = Entry(span, chain_key(parent_key, r.tokens[:end])), False
+                if r.kind == "gen":
+                    gen.append((node.entry, at, node.skey, False))
+                at += 1
+            outs.append(Entry(chain[-1], self.ledger.feed(r.stats, parent_key, r.tokens)))
+            if r.kind == "gen":
+                gen.append((outs[-1], at, r.skey, r.target is None))
+            at += 1
         if gen:
-            self._read_distributions([outs[i] for i in gen], logits[gen], None if hidden is None else hidden[gen],
-                                     [rows[i].skey for i in gen], [rows[i].target is None for i in gen])
+            index = torch.tensor([g[1] for g in gen], device=logits.device)
+            self._read_distributions([g[0] for g in gen], logits[index],
+                                     None if hidden is None else hidden[index.to(hidden.device)],
+                                     [g[2] for g in gen], [g[3] for g in gen])
+        at = 0
         for i, row in enumerate(rows):
+            at += len(row.cuts)
             if row.kind == "label":
                 self.runner.release(outs[i].span)
-                outs[i] = logits[i]
+                outs[i] = logits[at]
             elif row.target is not None:
                 row.target.entry, row.target.pending = outs[i], False
+            at += 1
         elapsed = time.perf_counter() - start
         self.ledger.call([r.stats for r in rows])
         total = sum(len(r.tokens) for r in rows)
@@ -202,30 +225,41 @@ class TreeEngine:
 
     def _ensure(self, targets: Sequence[PrefixNode], stats, phase: str, kind: str, cuts=frozenset()):
         """Program step: until every target position has an entry, yields the rows that compute what they
-        lack from their deepest computed ancestor, ending rows at `cuts` (positions that must get their own
-        entry) and waiting while a position on the way is being computed by another row."""
+        lack from their deepest computed ancestor (one row per target, giving `cuts` on the way, positions
+        that must get their own entry, entries from the same row), waiting while a position on the way is
+        being computed by another row."""
         while True:
             rows = []
             busy = False
             for target in targets:
-                if target.entry is not None:
-                    continue
-                path = target.missing_path()
-                if not path:
-                    busy = True                                  # pending: another row computes it
-                    continue
-                parent = path[0].parent
-                if parent.pending:
-                    busy = True
-                    continue
-                end = next((i for i, node in enumerate(path) if node in cuts), len(path) - 1)
-                chunk = path[:end + 1]
-                chunk[-1].pending = True
-                rows.append(Row(parent.entry, [n.token for n in chunk], stats, phase, kind, chunk[-1],
-                                chunk[-1].skey if kind == "gen" else 0))
+                row = self._row_to(target, stats, phase, kind, cuts)
+                if row is None:
+                    busy = busy or target.entry is None
+                else:
+                    rows.append(row)
             if not rows and not busy:
                 return
             yield rows
+
+    @staticmethod
+    def _row_to(target: PrefixNode, stats, phase: str, kind: str, cuts=frozenset(), suffix: Sequence[int] = ()):
+        """The row that computes `target` (and the `cuts` on the way) from its deepest computed ancestor,
+        followed by `suffix` (then the row's own end is transient and `target` is one of its cuts); its
+        positions are marked pending. None when `target` has an entry, or a position on the way is pending."""
+        if target.entry is not None:
+            return None
+        path = target.missing_path()
+        if not path or path[0].parent.pending:
+            return None
+        inner = [(i + 1, node) for i, node in enumerate(path[:-1]) if node in cuts]
+        if suffix:
+            inner.append((len(path), target))
+        for _, node in inner:
+            node.pending = True
+        target.pending = True
+        end = None if suffix else target
+        return Row(path[0].parent.entry, [n.token for n in path] + list(suffix), stats, phase, kind, end,
+                   target.skey if kind == "gen" and end is not None else 0, inner)
 
     # --- prompts -------------------------------------------------------------------------------------
     def prepare(self, contexts: Sequence[PromptContext]):
@@ -437,23 +471,32 @@ class TreeEngine:
 
     def _evaluate(self, job: EvaluateJob, rollout: _Rollout):
         """The judge's side of an evaluation: the leaf's path and, token by token, its rollout (while the
-        rollout runs), then the cache check, then whatever the judge input still lacks (a reply cut before
-        a new turn ends in tokens of its own; a terminal leaf's path is fed only now), then the option
-        blocks."""
+        rollout runs: each token rides in the call that computes it on the generation side), then the
+        cache check, then ONE row with whatever the judge input still lacks (the rollout's last token; a
+        reply cut before a new turn ends in tokens of its own; a terminal leaf's path is fed only now) and
+        the text both option blocks share, then the option blocks."""
         ctx, stats, eos = job.ctx, job.ctx.stats, self.tokenizer.eos_token_id
+        rollout_nodes = set()
         if not job.terminal:
             node = self._judge_node(job.node)
             yield from self._ensure([node], stats, "evaluate", "plain", self._sibling_cuts(job.node))
             fed = 0
-            while not (rollout.done and fed == len(rollout.tokens)):
+            while not rollout.done:
                 if fed == len(rollout.tokens):
                     yield []
                     continue
-                token = rollout.tokens[fed]
-                fed += 1
+                drawn = []
+                for token in rollout.tokens[fed:]:
+                    if token != eos:
+                        node = node.child(token)
+                        drawn.append(node)
+                fed = len(rollout.tokens)
+                if drawn:                        # tokens drawn without model work arrive together
+                    yield from self._ensure([node], stats, "evaluate", "plain", set(drawn))
+            for token in rollout.tokens[fed:]:   # drawn last: each a position of its own in the last row
                 if token != eos:
                     node = node.child(token)
-                    yield from self._ensure([node], stats, "evaluate", "plain")
+                    rollout_nodes.add(node)
         state = list(job.state) + rollout.tokens
         reply, base, ids = judge_input(self.judge, self.tokenizer, self.config, ctx, state, len(job.state))
         while reply in ctx.judging:              # the same reply is being judged by another leaf
@@ -464,28 +507,40 @@ class TreeEngine:
         try:
             origin = self._judge_node(job.node) if base == "leaf" else ctx.handle.judge
             node = origin.walk(ids)
-            cuts = self._sibling_cuts(job.node) if job.terminal else frozenset()
-            yield from self._ensure([node], stats, "evaluate", "plain", cuts)
-            value = yield from self._score(node.entry, stats)
+            cuts = self._sibling_cuts(job.node) if job.terminal else rollout_nodes
+            value = yield from self._score(node, stats, cuts)
         finally:
             ctx.judging.discard(reply)
         ctx.judge_cache[reply] = value
         return Evaluation(value, rollout.tokens, rollout.hidden_sum, (base, list(ids)))
 
-    def _score(self, conversation: Entry, stats):
+    def _score(self, conversation: PrefixNode, stats, cuts):
+        """Program: the conversation's missing tokens (entries at `cuts` on the way and at its end) and the
+        text both option blocks share in one row, then both option blocks as two rows."""
+        shared_ids = list(self.judge.shared_suffix_ids)
+        while True:
+            if conversation.entry is not None:
+                row = Row(conversation.entry, shared_ids, stats, "evaluate", "plain") if shared_ids else None
+            else:
+                row = self._row_to(conversation, stats, "evaluate", "plain", cuts, shared_ids)
+            if row is not None or conversation.entry is not None:
+                break
+            yield []                             # a position on the way is being computed by another row
         shared = None
-        if self.judge.shared_suffix_ids:
-            (shared,) = yield [Row(conversation, list(self.judge.shared_suffix_ids), stats, "evaluate", "plain")]
+        if row is not None:
+            (shared,) = yield [row]
         try:
-            logits = yield [Row(shared or conversation, list(ids), stats, "evaluate", "label")
+            logits = yield [Row(shared or conversation.entry, list(ids), stats, "evaluate", "label")
                             for ids in self.judge.option_ids]
         finally:
-            self._drop(shared)
+            if shared_ids:
+                self._drop(shared)
         return self.judge.score(torch.stack(logits))
 
 
 def _abandon(rows: Sequence[Row]):
     """Clears the pending marks of rows that will not run."""
     for row in rows:
-        if row.target is not None and row.target.entry is None:
-            row.target.pending = False
+        for node in [node for _, node in row.cuts] + [row.target]:
+            if node is not None and node.entry is None:
+                node.pending = False

@@ -19,19 +19,20 @@ class SpanStore:
     def __init__(self, num_blocks, block_size):
         self.tree = SpanTree(num_blocks, block_size)
 
-    def extend(self, parent_ids, tokens, cu_lens, run):
+    def extend(self, parent_ids, tokens, cu_lens, run, cuts=None, cu_cuts=None):
         """Create one child per row and compute its KV: `parent_ids` [R] int64 (-1: a new root), row r's
-        tokens are `tokens[cu_lens[r]:cu_lens[r + 1]]`. Returns (child ids, run's result for the plan);
-        the plan's rows are the children, in order."""
+        tokens are `tokens[cu_lens[r]:cu_lens[r + 1]]`; with `cuts`, also a span at each of row r's offsets
+        `cuts[cu_cuts[r]:cu_cuts[r + 1]]` (see SpanTree.plan_extend). Returns (child ids, cut span ids row
+        by row, run's result for the plan); the plan's rows are the children, in order."""
         used = [int(p) for p in parent_ids if p >= 0]
         self.tree.lock(used)
         try:
             self._restore(used, run)
-            plan = self.tree.plan_extend(np.asarray(parent_ids, dtype=np.int64), tokens, cu_lens)
+            plan = self.tree.plan_extend(np.asarray(parent_ids, dtype=np.int64), tokens, cu_lens, cuts, cu_cuts)
             result = self._run(plan, run)
         finally:
             self.tree.unlock(used)
-        return plan.row_spans, result
+        return plan.row_spans, plan.cut_spans, result
 
     def make_resident(self, ids, run):
         """Recompute whichever of `ids` (and of their ancestors) were evicted."""

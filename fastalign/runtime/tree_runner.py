@@ -83,14 +83,21 @@ class TreeRunner:
         (root,), _ = self.extend([None], [token_ids], logits=None)
         return root
 
-    def extend(self, parents, token_lists, *, logits="last", hidden=None):
+    def extend(self, parents, token_lists, *, cuts=None, logits="last", hidden=None):
         """Append token_lists[i] (one or more token ids) to parents[i] (a Span, or None to start a new
         root), every row in ONE forward. Parents may repeat and may be evicted (they are recomputed).
 
-        logits / hidden choose the outputs: "last" -> a tensor [R, vocab] / [R, hidden_size] taken at each
-        child's last token (the next-token logits); "all" -> a list of R tensors [n_i, ...], one row per new
-        token of child i (logits at token t predict token t + 1); None -> not computed. Logits are float32;
-        hidden states are the final hidden states (after the final norm) in the model's dtype.
+        cuts: None, or one sequence per row of increasing offsets strictly inside the row (1 <= c <
+        len(token_lists[i])): each offset c also makes a span of the row's first c tokens, in the same
+        forward and without computing any token twice (row i then grows the chain parents[i] -> span at
+        its first cut -> ... -> its child). With cuts, the first value returned is a list of R lists,
+        row i's spans at its cuts and then its child.
+
+        logits / hidden choose the outputs: "last" -> a tensor [S, vocab] / [S, hidden_size] taken at the
+        last token of each returned span, in order (S = R without cuts: the next-token logits of each
+        child); "all" -> a list of R tensors [n_i, ...], one row per new token of row i (logits at token t
+        predict token t + 1); None -> not computed. Logits are float32; hidden states are the final hidden
+        states (after the final norm) in the model's dtype.
         Returns (children, logits), or (children, logits, hidden) when hidden is not None.
         """
         for name, value in (("logits", logits), ("hidden", hidden)):
@@ -102,17 +109,38 @@ class TreeRunner:
         parent_ids = np.array([-1 if p is None else self.check_span(p, f"parents[{i}]").id
                                for i, p in enumerate(parents)], dtype=np.int64)
         tokens, cu_lens = self._pack_tokens(token_lists, len(parents))
+        row_cuts = None if cuts is None else self._check_cuts(cuts, cu_lens)
         self._check_context(parents, cu_lens)
+        ends = cu_lens[1:] - 1                      # the token that ends each returned span
+        if row_cuts is not None:
+            ends = np.array([cu_lens[r] + c - 1 for r, offsets in enumerate(row_cuts) for c in offsets
+                             + [cu_lens[r + 1] - cu_lens[r]]], dtype=np.int64)
 
         def run(plan):  # outputs only for the new children, not for spans recomputed on the way
-            return self._forward(plan, logits, hidden) if plan.creates_spans else self._forward(plan)
+            return self._forward(plan, logits, hidden, ends) if plan.creates_spans else self._forward(plan)
 
-        child_ids, (out_logits, out_hidden) = self.store.extend(parent_ids, tokens, cu_lens, run)
-        children = [Span(self, int(i), p, int(n), self.tree)
-                    for i, p, n in zip(child_ids, parents, self._lengths(parents, cu_lens))]
-        results = (children, self._format(out_logits, logits, cu_lens))
+        flat_cuts = cu_cuts = None
+        if row_cuts is not None:
+            flat_cuts = np.array([c for offsets in row_cuts for c in offsets], dtype=np.int64)
+            cu_cuts = np.zeros(len(parents) + 1, dtype=np.int64)
+            cu_cuts[1:] = np.cumsum([len(offsets) for offsets in row_cuts])
+        child_ids, cut_ids, (out_logits, out_hidden) = self.store.extend(parent_ids, tokens, cu_lens, run,
+                                                                         flat_cuts, cu_cuts)
+        if row_cuts is None:
+            children = [Span(self, int(i), p, int(n), self.tree)
+                        for i, p, n in zip(child_ids, parents, self._lengths(parents, cu_lens))]
+        else:
+            children, cut_ids = [], iter(cut_ids.tolist())
+            for parent, offsets, child_id, length in zip(parents, row_cuts, child_ids,
+                                                         self._lengths(parents, cu_lens)):
+                base, chain = (0 if parent is None else parent.length), []
+                for c in offsets:
+                    chain.append(Span(self, next(cut_ids), chain[-1] if chain else parent, base + c, self.tree))
+                chain.append(Span(self, int(child_id), chain[-1] if chain else parent, length, self.tree))
+                children.append(chain)
+        results = (children, self._format(out_logits, logits, cu_lens, ends))
         if hidden is not None:
-            results += (self._format(out_hidden, hidden, cu_lens),)
+            results += (self._format(out_hidden, hidden, cu_lens, ends),)
         return results
 
     def release(self, spans):
@@ -176,6 +204,30 @@ class TreeRunner:
         return np.concatenate(arrays), cu_lens
 
     @staticmethod
+    def _check_cuts(cuts, cu_lens):
+        """Each row's cut offsets as a list of ints, after checking them against the row's length."""
+        if isinstance(cuts, (str, bytes)):
+            raise ValueError("cuts: expected one sequence of offsets per parent")
+        cuts = list(cuts)
+        rows = len(cu_lens) - 1
+        if len(cuts) != rows:
+            raise ValueError(f"cuts: expected {rows} sequences (one per parent), got {len(cuts)}")
+        checked = []
+        for i, offsets in enumerate(cuts):
+            n = int(cu_lens[i + 1] - cu_lens[i])
+            array = np.asarray(list(offsets))
+            integer = np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_
+            if array.size and (array.ndim != 1 or not integer):
+                raise ValueError(f"cuts[{i}]: expected a 1-D sequence of int offsets, got shape {list(array.shape)} "
+                                 f"of {array.dtype}")
+            offsets = [int(c) for c in array.ravel()]
+            if any(b <= a for a, b in zip([0] + offsets, offsets)) or (offsets and offsets[-1] >= n):
+                raise ValueError(f"cuts[{i}]: expected increasing offsets in [1, {n - 1}] (strictly inside the "
+                                 f"row of {n} tokens), got {offsets}")
+            checked.append(offsets)
+        return checked
+
+    @staticmethod
     def _lengths(parents, cu_lens):
         return [(0 if p is None else p.length) + int(n) for p, n in zip(parents, np.diff(cu_lens))]
 
@@ -187,10 +239,10 @@ class TreeRunner:
                 raise ValueError(f"token_lists[{i}]: the child would hold {length} tokens, past the model's "
                                  f"context of {self.max_context}")
 
-    def _forward(self, plan, logits=None, hidden=None):
+    def _forward(self, plan, logits=None, hidden=None, ends=None):
         """Run one plan: block copies, then the model over its rows. Returns (logits, hidden) at the tokens
-        that the choices ("last", "all" or None) need: every token when either is "all", else each row's
-        last; (None, None) when both are None."""
+        that the choices ("last", "all" or None) need: every token when either is "all", else the tokens
+        at `ends` (the returned spans' last tokens); (None, None) when both are None."""
         device = self.model_runner.device
         with torch.inference_mode():
             if len(plan.copy_src):
@@ -202,17 +254,17 @@ class TreeRunner:
             elif "all" in (logits, hidden):
                 select = torch.arange(batch.num_tokens, device=device)
             else:
-                select = batch.cu_q_lens[1:].long() - 1
+                select = torch.from_numpy(ends).to(device)
             return self.model_runner.forward(batch, self.pool, select, logits is not None, hidden is not None)
 
     @staticmethod
-    def _format(out, which, cu_lens):
+    def _format(out, which, cu_lens, ends):
         """Outputs of the selected tokens in the shape `which` asks for (all tokens were selected when
         either output asked for "all")."""
         if which is None:
             return None
-        if out.shape[0] == cu_lens[-1] and which == "last":
-            return out[torch.from_numpy(cu_lens[1:] - 1).to(out.device)]
+        if which == "last" and out.shape[0] != len(ends):
+            return out[torch.from_numpy(ends).to(out.device)]
         if which == "all":
             return list(torch.split(out, np.diff(cu_lens).tolist()))
         return out

@@ -49,19 +49,26 @@ class HashRunner:
         self.pins = {}
         self.calls = 0
 
-    def extend(self, parents, token_lists, *, logits="last", hidden=None):
+    def extend(self, parents, token_lists, *, cuts=None, logits="last", hidden=None):
+        """With cuts, row i returns a chain of spans (one per cut, then its child) and the outputs are at
+        every returned span's last token, as TreeRunner.extend does."""
         self.calls += 1
         children, out_logits, out_hidden = [], [], []
-        for parent, tokens in zip(parents, token_lists):
+        for i, (parent, tokens) in enumerate(zip(parents, token_lists)):
             assert len(tokens) > 0, "empty row"
             if parent is not None:
                 assert parent.alive, "extending a released span"
-            span = FakeSpan((parent.tokens if parent is not None else []) + list(tokens), parent)
-            self.live.add(span)
-            children.append(span)
-            lg, hd = prefix_outputs(span.tokens, self.vocab_size)
-            out_logits.append(lg)
-            out_hidden.append(hd)
+            offsets = [] if cuts is None else list(cuts[i])
+            assert offsets == sorted(set(offsets)) and all(0 < c < len(tokens) for c in offsets), "bad cuts"
+            base, chain = (parent.tokens if parent is not None else []), []
+            for end in offsets + [len(tokens)]:
+                span = FakeSpan(base + list(tokens[:end]), chain[-1] if chain else parent)
+                self.live.add(span)
+                chain.append(span)
+                lg, hd = prefix_outputs(span.tokens, self.vocab_size)
+                out_logits.append(lg)
+                out_hidden.append(hd)
+            children.append(chain if cuts is not None else chain[0])
         result = (children, torch.stack(out_logits))
         if hidden is not None:
             result += (torch.stack(out_hidden),)

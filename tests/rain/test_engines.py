@@ -91,7 +91,8 @@ def test_cost_against_reference_and_tree_minimum():
     assert s.recomputed_tokens > 0.5 * s.tokens
     for r in tree.results:
         assert r.stats.model_calls > 0 and r.stats.iterations > 0 and r.stats.wall_seconds > 0
-        assert r.stats.required_calls <= r.stats.model_calls <= 1.6 * r.stats.required_calls
+        calls, required = r.stats.model_calls, r.stats.required_calls
+        assert required <= calls <= 1.4 * required, (calls, required)   # 1.6x before runner cuts
         assert set(r.stats.seconds) == {"expand", "simulate", "evaluate", "embed", "host"}
 
 

@@ -90,23 +90,32 @@ class SpanTreeMachine(RuleBasedStateMachine):
     def resident_children(self, span):
         return [c for c in self.tree.span_ids() if self.parent[c] == span and self.tree.is_resident(c)]
 
-    def extend(self, parents, lists):
+    def extend(self, parents, lists, cuts):
         cu = np.concatenate([[0], np.cumsum([len(t) for t in lists])]).astype(np.int64)
         tokens = np.concatenate(lists).astype(np.int32)
+        flat_cuts = np.array([c for offsets in cuts for c in offsets], dtype=np.int64)
+        cu_cuts = np.concatenate([[0], np.cumsum([len(c) for c in cuts])]).astype(np.int64)
         before = set(self.tree.span_ids())
         try:
-            children, rows = self.store.extend(np.array(parents, dtype=np.int64), tokens, cu, self.pool.run)
+            children, cut_spans, rows = self.store.extend(np.array(parents, dtype=np.int64), tokens, cu,
+                                                          self.pool.run, flat_cuts, cu_cuts)
         except (PoolExhaustedError, InjectedFailure) as err:
             event(type(err).__name__)
             assert set(self.tree.span_ids()) <= before, "a failed extend left new spans behind"
             return
-        assert rows == len(parents)
-        for child, parent, new in zip(children.tolist(), parents, lists):
-            assert child not in before
-            self.parent[child] = parent
-            self.tokens[child] = (self.tokens[parent] if parent >= 0 else []) + list(new)
-            self.live.add(child)
-            self.pins[child] = 0
+        assert rows == len(parents) and len(cut_spans) == len(flat_cuts)
+        if len(flat_cuts):
+            event("extend with cuts")
+        cut_spans = iter(cut_spans.tolist())
+        for child, parent, new, offsets in zip(children.tolist(), parents, lists, cuts):
+            base = self.tokens[parent] if parent >= 0 else []
+            for span, c in [(next(cut_spans), c) for c in offsets] + [(child, len(new))]:
+                assert span not in before
+                self.parent[span] = parent
+                self.tokens[span] = base + list(new[:c])
+                self.live.add(span)
+                self.pins[span] = 0
+                parent = span
 
     # ----- rules
 
@@ -117,9 +126,11 @@ class SpanTreeMachine(RuleBasedStateMachine):
         choices = [-1] + sorted(self.live)
         parents = [data.draw(st.sampled_from(choices)) for _ in range(rows)]
         lists = [data.draw(st.lists(st.integers(0, 50), min_size=1, max_size=2 * bs + 1)) for _ in range(rows)]
+        cuts = [sorted(data.draw(st.sets(st.integers(1, len(t) - 1), max_size=2))) if len(t) > 1 else []
+                for t in lists]
         self.pool.fail = fail and data.draw(st.integers(0, 3)) == 0
         try:
-            self.extend(parents, lists)
+            self.extend(parents, lists, cuts)
         finally:
             self.pool.fail = False
 
@@ -255,8 +266,8 @@ def fresh(num_blocks, block_size):
 
 def grow(store, pool, parents, lists):
     cu = np.concatenate([[0], np.cumsum([len(t) for t in lists])]).astype(np.int64)
-    children, _ = store.extend(np.array(parents, dtype=np.int64), np.concatenate(lists).astype(np.int32), cu,
-                               pool.run)
+    children, _, _ = store.extend(np.array(parents, dtype=np.int64), np.concatenate(lists).astype(np.int32), cu,
+                                  pool.run)
     return children.tolist()
 
 
@@ -323,6 +334,16 @@ def test_bad_tree_arguments():
         tree.plan_extend(np.array([-1]), np.zeros(0, dtype=np.int32), np.array([0, 0]))
     with pytest.raises(ValueError, match="cu_lens must have one entry more"):
         tree.plan_extend(np.array([-1]), np.zeros(2, dtype=np.int32), np.array([0]))
+    three = (np.array([-1]), np.zeros(3, dtype=np.int32), np.array([0, 3]))
+    for cuts, cu_cuts, message in (([3], [0, 1], r"cuts of row 0: expected increasing offsets in \[1, 2\]"),
+                                   ([0], [0, 1], "cuts of row 0"), ([2, 1], [0, 2], "cuts of row 0"),
+                                   ([1], [1, 1], "cu_cuts must start at 0"),
+                                   ([1], [0, 0], "cu_cuts must end at the number of cuts"),
+                                   ([1], [0], "cu_cuts must have one entry more")):
+        with pytest.raises(ValueError, match=message):
+            tree.plan_extend(*three, np.array(cuts), np.array(cu_cuts))
+    with pytest.raises(ValueError, match="both cuts and cu_cuts"):
+        tree.plan_extend(*three, np.array([1]))
     for op in (tree.release, tree.pin, tree.unpin, tree.evict):
         with pytest.raises(ValueError, match="span 7 is unknown"):
             op(7)
