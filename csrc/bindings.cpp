@@ -72,14 +72,17 @@ PYBIND11_MODULE(_C, m) {
                                                            p.block_table.data());
                              })
       .def_property_readonly("copy_src", [](const ForwardPlan& p) { return to_numpy(p.copy_src); })
-      .def_property_readonly("copy_dst", [](const ForwardPlan& p) { return to_numpy(p.copy_dst); });
+      .def_property_readonly("copy_dst", [](const ForwardPlan& p) { return to_numpy(p.copy_dst); })
+      .def_property_readonly("extra_src", [](const ForwardPlan& p) { return to_numpy(p.extra_src); })
+      .def_property_readonly("extra_dst", [](const ForwardPlan& p) { return to_numpy(p.extra_dst); });
 
   py::class_<SpanTree>(m, "SpanTree", "Tree of token spans owning the blocks of a paged KV pool (see span_tree.h).")
       .def(py::init<int32_t, int32_t>(), py::arg("num_blocks"), py::arg("block_size"))
       .def("plan_extend", &plan_extend, py::arg("parents"), py::arg("tokens"), py::arg("cu_lens"),
            py::arg("cuts") = py::none(), py::arg("cu_cuts") = py::none(),
-           "Create one child per row (parent -1: a root), and a span at each cut inside a row (row r's offsets "
-           "cuts[cu_cuts[r]:cu_cuts[r+1]]), and plan the forward computing their KV.")
+           "Create one child per row (parent -1: a root; -2 - j: the child of row j < r), and a span at each "
+           "cut inside a row (row r's offsets cuts[cu_cuts[r]:cu_cuts[r+1]]), and plan the forward computing "
+           "their KV.")
       .def("plan_restore", &SpanTree::plan_restore, py::arg("targets"),
            "One round of recomputing evicted targets and their evicted ancestors; call until num_rows == 0.")
       .def("abandon", &SpanTree::abandon, py::arg("plan"),

@@ -124,6 +124,15 @@ void SpanTree::attach(int64_t id, ForwardPlan& plan) {
         fill_[copy] = offset;
         plan.copy_src.push_back(partial);
         plan.copy_dst.push_back(copy);
+        // slots of the partial block that this very forward fills are not there to copy yet: the forward
+        // writes those tokens into the copy as well
+        for (size_t t = 0; t < plan.slot_mapping.size(); ++t) {
+          int64_t slot = plan.slot_mapping[t];
+          if (slot / block_size_ == partial && slot % block_size_ < offset) {
+            plan.extra_src.push_back(static_cast<int64_t>(t));
+            plan.extra_dst.push_back(static_cast<int64_t>(copy) * block_size_ + slot % block_size_);
+          }
+        }
       }
     }
   }
@@ -165,10 +174,8 @@ void SpanTree::abandon(const ForwardPlan& plan) {
     --s.locks;
     drop_kv(*it);
   }
-  if (plan.creates_spans) {
-    for (int64_t id : plan.row_spans) erase_node(id);
-    for (auto it = plan.cut_spans.rbegin(); it != plan.cut_spans.rend(); ++it) erase_node(*it);
-  }
+  if (plan.creates_spans)  // newest first: children (of cuts, of earlier rows) before their parents
+    for (auto it = plan.spans.rbegin(); it != plan.spans.rend(); ++it) erase_node(*it);
 }
 
 void SpanTree::drop_kv(int64_t id) {
@@ -207,6 +214,7 @@ ForwardPlan SpanTree::plan_extend(const std::vector<int64_t>& parents, const int
   if (cu_lens[0] != 0 || cu_lens[rows] != num_tokens)
     throw std::invalid_argument("cu_lens must start at 0 and end at the number of tokens");
   if (cu_cuts != nullptr && cu_cuts[0] != 0) throw std::invalid_argument("cu_cuts must start at 0");
+  std::vector<int64_t> row_lengths(rows);
   for (size_t r = 0; r < rows; ++r) {
     if (cu_lens[r + 1] <= cu_lens[r])
       throw std::invalid_argument("token list " + std::to_string(r) + " is empty: a span appends at least one token");
@@ -215,7 +223,14 @@ ForwardPlan SpanTree::plan_extend(const std::vector<int64_t>& parents, const int
       Span& p = live_node(parents[r], "extend");
       if (!p.resident) throw std::invalid_argument("extend: parent " + span_name(parents[r]) + " is not resident");
       start = p.length;
+    } else if (parents[r] < -1) {
+      int64_t row = -2 - parents[r];
+      if (row >= static_cast<int64_t>(r))
+        throw std::invalid_argument("row " + std::to_string(r) + ": a parent row must be an earlier row, got row " +
+                                    std::to_string(row));
+      start = row_lengths[row];
     }
+    row_lengths[r] = start + cu_lens[r + 1] - cu_lens[r];
     if (start + cu_lens[r + 1] - cu_lens[r] > std::numeric_limits<int32_t>::max())
       throw std::invalid_argument("token list " + std::to_string(r) + ": a span may not exceed 2^31 - 1 tokens");
     if (cu_cuts == nullptr) continue;
@@ -238,7 +253,8 @@ ForwardPlan SpanTree::plan_extend(const std::vector<int64_t>& parents, const int
   std::vector<std::vector<int64_t>> chains;  // per row: its cut spans, then its child
   for (size_t r = 0; r < rows; ++r) {
     std::vector<int64_t> chain;
-    int64_t parent = parents[r], begin = 0, n = cu_lens[r + 1] - cu_lens[r];
+    int64_t parent = parents[r] < -1 ? chains[-2 - parents[r]].back() : parents[r];
+    int64_t begin = 0, n = cu_lens[r + 1] - cu_lens[r];
     for (int64_t k = cu_cuts ? cu_cuts[r] : 0; k < (cu_cuts ? cu_cuts[r + 1] : 0); ++k) {
       parent = add_node(parent, tokens + cu_lens[r] + begin, cuts[k] - begin);
       chain.push_back(parent);
@@ -257,8 +273,8 @@ ForwardPlan SpanTree::plan_extend(const std::vector<int64_t>& parents, const int
     }
   } catch (...) {
     abandon(plan);
-    for (const auto& chain : chains)
-      for (auto it = chain.rbegin(); it != chain.rend(); ++it) erase_node(*it);
+    for (auto chain = chains.rbegin(); chain != chains.rend(); ++chain)
+      for (auto it = chain->rbegin(); it != chain->rend(); ++it) erase_node(*it);
     unlock(parent_ids);
     throw;
   }

@@ -53,6 +53,8 @@ struct ForwardPlan {
   int32_t max_blocks = 0;
   std::vector<int32_t> copy_src;      // [C] copy block copy_src[i] into copy_dst[i] before the forward
   std::vector<int32_t> copy_dst;      // [C]
+  std::vector<int64_t> extra_src;     // [E] the forward writes the K/V of token extra_src[i] to slot extra_dst[i]
+  std::vector<int64_t> extra_dst;     //     too: a copied block's slots that this very forward fills
   bool creates_spans = false;         // from plan_extend: the row spans are new
 };
 
@@ -64,6 +66,9 @@ class SpanTree {
   // the forward that computes their KV; the children are touched (most recently used), and so are the
   // parents. Parents must be live and resident. On PoolExhausted nothing is created and every parent keeps
   // its KV (other spans may have been evicted on the way: eviction never changes a result).
+  // A parent -2 - j (j < r) is the child of row j of the same call: row r attends to row j's tokens,
+  // which the same forward computes (and writes twice where a block of theirs is copied for row r, see
+  // extra_src), so rows that build on one another still cost one forward and no recomputed token.
   // Cuts (optional, cu_cuts null for none): row r's offsets cuts[cu_cuts[r]:cu_cuts[r+1]], increasing and
   // strictly inside the row, each end a span inside the row: the chain parent -> span of the first c1
   // tokens -> span of the next ones -> ... -> the row's child, all computed by the row in the same forward

@@ -12,8 +12,8 @@
   in one batched call and draws every sampled row in one sampler call.
 - The rollout feeds one token per call; the judge's copy of the rollout rides along in the same calls.
   Once the reply is complete, ONE row feeds whatever the judge input still lacks (the rollout's last
-  token, cut there) and the text both option blocks share; the next call runs both option blocks as two
-  rows on top of it.
+  token, cut there) and the text both option blocks share, and the same call runs both option blocks
+  as two rows on top of that row (a row may extend a row of the same call).
 - Draws: every generation row's outputs are reduced right after its call, for all rows at once: top-k
   distribution (expansion), ranked tokens (1-token sets), last hidden state, and a pool of rollout
   tokens pre-drawn from the full softmax (one batched sampler call per model call), so no full logits
@@ -72,6 +72,7 @@ class Row:
     skey: int = 0                               # sampling key of a "gen" row's sequence
     cuts: List[Tuple[int, PrefixNode]] = field(default_factory=list)  # (offset, position) inside the row
                                                                       # that gets an entry too
+    after: Optional["Row"] = None               # a row of the same call that this row extends (parent None)
 
 
 @dataclass
@@ -119,8 +120,10 @@ class TreeEngine:
         the same row (runner cuts). Records tokens, calls and time (split by tokens over phases)."""
         start = time.perf_counter()
         offsets = [[end for end, _ in r.cuts] for r in rows]
+        index = {id(r): i for i, r in enumerate(rows)}
         try:
-            result = self.runner.extend([None if r.parent is None else r.parent.span for r in rows],
+            result = self.runner.extend([index[id(r.after)] if r.after is not None else
+                                         None if r.parent is None else r.parent.span for r in rows],
                                         [r.tokens for r in rows], cuts=offsets if any(offsets) else None,
                                         logits="last", hidden="last" if self.want_hidden else None)
         except BaseException:
@@ -131,7 +134,8 @@ class TreeEngine:
         hidden = result[2] if self.want_hidden else None
         outs, gen, at = [], [], 0                # gen: (entry, output index, skey, is a root) to read
         for r, chain in zip(rows, chains):
-            parent_key = EMPTY_KEY if r.parent is None else r.parent.key
+            parent = outs[index[id(r.after)]] if r.after is not None else r.parent
+            parent_key = EMPTY_KEY if parent is None else parent.key
             for (end, node), span in zip(r.cuts, chain):
                 node.entry, node.pending = Entry(span, chain_key(parent_key, r.tokens[:end])), False
                 if r.kind == "gen":
@@ -472,9 +476,9 @@ class TreeEngine:
     def _evaluate(self, job: EvaluateJob, rollout: _Rollout):
         """The judge's side of an evaluation: the leaf's path and, token by token, its rollout (while the
         rollout runs: each token rides in the call that computes it on the generation side), then the
-        cache check, then ONE row with whatever the judge input still lacks (the rollout's last token; a
-        reply cut before a new turn ends in tokens of its own; a terminal leaf's path is fed only now) and
-        the text both option blocks share, then the option blocks."""
+        cache check, then ONE call: a row with whatever the judge input still lacks (the rollout's last
+        token; a reply cut before a new turn ends in tokens of its own; a terminal leaf's path is fed only
+        now) and the text both option blocks share, and the option blocks on top of it."""
         ctx, stats, eos = job.ctx, job.ctx.stats, self.tokenizer.eos_token_id
         rollout_nodes = set()
         if not job.terminal:
@@ -516,7 +520,8 @@ class TreeEngine:
 
     def _score(self, conversation: PrefixNode, stats, cuts):
         """Program: the conversation's missing tokens (entries at `cuts` on the way and at its end) and the
-        text both option blocks share in one row, then both option blocks as two rows."""
+        text both option blocks share in one row, and both option blocks as two rows on that row, in ONE
+        call."""
         shared_ids = list(self.judge.shared_suffix_ids)
         while True:
             if conversation.entry is not None:
@@ -526,14 +531,13 @@ class TreeEngine:
             if row is not None or conversation.entry is not None:
                 break
             yield []                             # a position on the way is being computed by another row
-        shared = None
-        if row is not None:
-            (shared,) = yield [row]
-        try:
-            logits = yield [Row(shared or conversation.entry, list(ids), stats, "evaluate", "label")
+        if row is None:
+            logits = yield [Row(conversation.entry, list(ids), stats, "evaluate", "label")
                             for ids in self.judge.option_ids]
-        finally:
-            if shared_ids:
+        else:
+            shared, *logits = yield [row] + [Row(None, list(ids), stats, "evaluate", "label", after=row)
+                                             for ids in self.judge.option_ids]
+            if shared_ids:                       # the row's end is the transient shared text
                 self._drop(shared)
         return self.judge.score(torch.stack(logits))
 

@@ -17,6 +17,9 @@ class ForwardBatch:
     cu_q_lens: torch.Tensor     # [R + 1] int32
     host_seq_lens: np.ndarray   # the same two on the host, for loops and output selection
     host_cu_q_lens: np.ndarray
+    extra_src: torch.Tensor     # [E] int64: token extra_src[i]'s K/V also goes to slot extra_dst[i] (a block
+    extra_dst: torch.Tensor     # [E] int64  copied for a row that extends a row of the same forward)
+    host_extra_src: np.ndarray
 
     @classmethod
     def from_plan(cls, plan, device):
@@ -24,20 +27,25 @@ class ForwardBatch:
         num_tokens, rows = plan.num_tokens, plan.num_rows
         block_table = plan.block_table
         seq_lens, cu_q_lens = plan.seq_lens, plan.cu_q_lens
+        extra_src, extra_dst = plan.extra_src, plan.extra_dst
         wide = torch.from_numpy(np.concatenate(
-            [plan.token_ids.astype(np.int64), plan.positions.astype(np.int64), plan.slot_mapping]))
+            [plan.token_ids.astype(np.int64), plan.positions.astype(np.int64), plan.slot_mapping, extra_src,
+             extra_dst]))
         narrow = torch.from_numpy(np.concatenate([block_table.ravel(), seq_lens, cu_q_lens]))
         wide, narrow = wide.to(device), narrow.to(device)
         table_size = block_table.size
         return cls(
             input_ids=wide[:num_tokens],
             positions=wide[num_tokens:2 * num_tokens],
-            slot_mapping=wide[2 * num_tokens:],
+            slot_mapping=wide[2 * num_tokens:3 * num_tokens],
             block_table=narrow[:table_size].view(rows, block_table.shape[1]),
             seq_lens=narrow[table_size:table_size + rows],
             cu_q_lens=narrow[table_size + rows:],
             host_seq_lens=seq_lens,
             host_cu_q_lens=cu_q_lens,
+            extra_src=wide[3 * num_tokens:3 * num_tokens + len(extra_src)],
+            extra_dst=wide[3 * num_tokens + len(extra_src):],
+            host_extra_src=extra_src,
         )
 
     @property

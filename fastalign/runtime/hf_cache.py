@@ -6,6 +6,7 @@ are the same as on the fast path. Each row runs on its own: its context is gathe
 are written back into the pool. This works for any model whose cache layers hold per-token K and V of
 shape [batch, kv_heads, tokens, head_dim] (GPT-2, OPT, ...); it costs one gather of the context per row.
 """
+import numpy as np
 import torch
 from transformers import DynamicCache
 
@@ -48,9 +49,14 @@ class HFCacheModel:
             out = self.model(input_ids=batch.input_ids[None, start:end], past_key_values=cache, use_cache=True,
                              attention_mask=torch.ones(1, seq_len, dtype=torch.long, device=self.device),
                              output_hidden_states=want_hidden and select is not None)
+            extra = np.flatnonzero((batch.host_extra_src >= start) & (batch.host_extra_src < end))
+            extra_src = torch.from_numpy(batch.host_extra_src[extra] - start).to(self.device)
             for index, layer in enumerate(cache.layers):
-                write_kv(layer.keys[0, :, context:].transpose(0, 1), layer.values[0, :, context:].transpose(0, 1),
-                         pool.k(index), pool.v(index), batch.slot_mapping[start:end])
+                keys, values = layer.keys[0, :, context:].transpose(0, 1), layer.values[0, :, context:].transpose(0, 1)
+                write_kv(keys, values, pool.k(index), pool.v(index), batch.slot_mapping[start:end])
+                if len(extra):
+                    write_kv(keys[extra_src], values[extra_src], pool.k(index), pool.v(index),
+                             batch.extra_dst[torch.from_numpy(extra).to(self.device)])
             if select is not None:
                 logits.append(out.logits[0])
                 hidden.append(out.hidden_states[-1][0] if want_hidden else None)

@@ -99,6 +99,8 @@ class PagedLlama:
             k = k * cos + rotate_half(k) * sin
             k_cache, v_cache = pool.k(index), pool.v(index)
             write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+            if len(batch.host_extra_src):
+                write_kv(k[batch.extra_src], v[batch.extra_src], k_cache, v_cache, batch.extra_dst)
             o = paged_attention(q, k_cache, v_cache, batch.block_table, batch.seq_lens, batch.cu_q_lens,
                                 scale=attn.scaling, backend=self.attention_backend)
             h = h + attn.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))

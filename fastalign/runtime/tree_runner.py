@@ -84,8 +84,10 @@ class TreeRunner:
         return root
 
     def extend(self, parents, token_lists, *, cuts=None, logits="last", hidden=None):
-        """Append token_lists[i] (one or more token ids) to parents[i] (a Span, or None to start a new
-        root), every row in ONE forward. Parents may repeat and may be evicted (they are recomputed).
+        """Append token_lists[i] (one or more token ids) to parents[i] (a Span, None to start a new root,
+        or the int j < i: the child of row j of this call), every row in ONE forward. Parents may repeat
+        and may be evicted (they are recomputed). A row on an earlier row attends to that row's tokens as
+        the same forward computes them: rows that build on one another cost one call, no token twice.
 
         cuts: None, or one sequence per row of increasing offsets strictly inside the row (1 <= c <
         len(token_lists[i])): each offset c also makes a span of the row's first c tokens, in the same
@@ -106,8 +108,8 @@ class TreeRunner:
         parents = list(parents)
         if not parents:
             raise ValueError("parents: expected at least one parent (None starts a new root)")
-        parent_ids = np.array([-1 if p is None else self.check_span(p, f"parents[{i}]").id
-                               for i, p in enumerate(parents)], dtype=np.int64)
+        parent_ids = np.array([self._parent_code(p, i) for i, p in enumerate(parents)], dtype=np.int64)
+        parents = [int(p) if isinstance(p, np.integer) else p for p in parents]
         tokens, cu_lens = self._pack_tokens(token_lists, len(parents))
         row_cuts = None if cuts is None else self._check_cuts(cuts, cu_lens)
         self._check_context(parents, cu_lens)
@@ -126,14 +128,17 @@ class TreeRunner:
             cu_cuts[1:] = np.cumsum([len(offsets) for offsets in row_cuts])
         child_ids, cut_ids, (out_logits, out_hidden) = self.store.extend(parent_ids, tokens, cu_lens, run,
                                                                          flat_cuts, cu_cuts)
+        lengths = self._lengths(parents, cu_lens)
         if row_cuts is None:
-            children = [Span(self, int(i), p, int(n), self.tree)
-                        for i, p, n in zip(child_ids, parents, self._lengths(parents, cu_lens))]
+            children = []
+            for i, p, n in zip(child_ids, parents, lengths):
+                children.append(Span(self, int(i), children[p] if isinstance(p, int) else p, int(n), self.tree))
         else:
             children, cut_ids = [], iter(cut_ids.tolist())
-            for parent, offsets, child_id, length in zip(parents, row_cuts, child_ids,
-                                                         self._lengths(parents, cu_lens)):
-                base, chain = (0 if parent is None else parent.length), []
+            for parent, offsets, child_id, length, row_len in zip(parents, row_cuts, child_ids, lengths,
+                                                                  np.diff(cu_lens)):
+                parent = children[parent][-1] if isinstance(parent, int) else parent
+                base, chain = length - int(row_len), []
                 for c in offsets:
                     chain.append(Span(self, next(cut_ids), chain[-1] if chain else parent, base + c, self.tree))
                 chain.append(Span(self, int(child_id), chain[-1] if chain else parent, length, self.tree))
@@ -227,9 +232,24 @@ class TreeRunner:
             checked.append(offsets)
         return checked
 
+    def _parent_code(self, parent, row):
+        """The span tree's code of parents[row]: its span id, -1 for a new root, -2 - j for row j's child."""
+        if parent is None:
+            return -1
+        if isinstance(parent, (int, np.integer)) and not isinstance(parent, bool):
+            if not 0 <= parent < row:
+                raise ValueError(f"parents[{row}]: a row index must name an earlier row of this call (0 <= j < "
+                                 f"{row}), got {parent}")
+            return -2 - int(parent)
+        return self.check_span(parent, f"parents[{row}]").id
+
     @staticmethod
     def _lengths(parents, cu_lens):
-        return [(0 if p is None else p.length) + int(n) for p, n in zip(parents, np.diff(cu_lens))]
+        lengths = []
+        for p, n in zip(parents, np.diff(cu_lens)):
+            base = 0 if p is None else lengths[p] if isinstance(p, (int, np.integer)) else p.length
+            lengths.append(base + int(n))
+        return lengths
 
     def _check_context(self, parents, cu_lens):
         if self.max_context is None:

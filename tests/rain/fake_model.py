@@ -51,11 +51,14 @@ class HashRunner:
 
     def extend(self, parents, token_lists, *, cuts=None, logits="last", hidden=None):
         """With cuts, row i returns a chain of spans (one per cut, then its child) and the outputs are at
-        every returned span's last token, as TreeRunner.extend does."""
+        every returned span's last token; an int parent j is row j's child; as TreeRunner.extend does."""
         self.calls += 1
         children, out_logits, out_hidden = [], [], []
         for i, (parent, tokens) in enumerate(zip(parents, token_lists)):
             assert len(tokens) > 0, "empty row"
+            if isinstance(parent, int):
+                assert 0 <= parent < i, "a parent row must be an earlier row"
+                parent = children[parent][-1] if cuts is not None else children[parent]
             if parent is not None:
                 assert parent.alive, "extending a released span"
             offsets = [] if cuts is None else list(cuts[i])

@@ -51,6 +51,9 @@ class FakePool:
             self.slots[plan.slot_mapping[:half]] = written[:half]
             raise InjectedFailure
         self.slots[plan.slot_mapping] = written
+        self.slots[plan.extra_dst] = written[plan.extra_src]
+        if len(plan.extra_src):
+            event("copy of a block this forward fills")
         return plan.num_rows
 
     def check_plan(self, plan):
@@ -59,6 +62,8 @@ class FakePool:
         cu = plan.cu_q_lens
         assert cu[0] == 0 and cu[-1] == plan.num_tokens and np.all(np.diff(cu) > 0)
         assert len(np.unique(plan.slot_mapping)) == plan.num_tokens
+        slots = np.concatenate([plan.slot_mapping, plan.extra_dst])
+        assert len(np.unique(slots)) == len(slots), "a slot is written twice"
         for r, span in enumerate(plan.row_spans):
             seq_len = tree.length(span)
             assert plan.seq_lens[r] == seq_len
@@ -107,7 +112,9 @@ class SpanTreeMachine(RuleBasedStateMachine):
         if len(flat_cuts):
             event("extend with cuts")
         cut_spans = iter(cut_spans.tolist())
-        for child, parent, new, offsets in zip(children.tolist(), parents, lists, cuts):
+        children = children.tolist()
+        for child, parent, new, offsets in zip(children, parents, lists, cuts):
+            parent = children[-2 - parent] if parent < -1 else parent      # -2 - j: row j's child
             base = self.tokens[parent] if parent >= 0 else []
             for span, c in [(next(cut_spans), c) for c in offsets] + [(child, len(new))]:
                 assert span not in before
@@ -124,7 +131,7 @@ class SpanTreeMachine(RuleBasedStateMachine):
         bs = self.tree.block_size
         rows = data.draw(st.integers(1, 4))
         choices = [-1] + sorted(self.live)
-        parents = [data.draw(st.sampled_from(choices)) for _ in range(rows)]
+        parents = [data.draw(st.sampled_from(choices + [-2 - j for j in range(r)])) for r in range(rows)]
         lists = [data.draw(st.lists(st.integers(0, 50), min_size=1, max_size=2 * bs + 1)) for _ in range(rows)]
         cuts = [sorted(data.draw(st.sets(st.integers(1, len(t) - 1), max_size=2))) if len(t) > 1 else []
                 for t in lists]

@@ -43,7 +43,8 @@ def test_bad_spans_are_refused(runner, model):
     cases = [
         ([gone], "parents\\[0\\]: span .* was released"),
         ([root, other], "parents\\[1\\]: .* belongs to another TreeRunner"),
-        ([root, 3], "parents\\[1\\]: expected a Span of this runner, got int"),
+        ([root, 3], "parents\\[1\\]: a row index must name an earlier row of this call"),
+        ([root, "3"], "parents\\[1\\]: expected a Span of this runner, got str"),
     ]
     for parents, message in cases:
         with pytest.raises(ValueError, match=message):
