@@ -4,10 +4,10 @@ A prompt file is jsonl (one object per line, the prompt in field `field`) or csv
 `field`); every error names the file and the line.
 """
 import csv
-import json
 import os
 from typing import List
 
+from fastalign.unlearn.records import read_jsonl
 from fastalign.unlearn.templates import SPEC_TEMPLATE
 
 # What a model continues to answer a question in the SPEC's format: the template up to the answer, without
@@ -43,17 +43,10 @@ def _checked(value, path: str, line: int, field: str) -> str:
 
 def _read_jsonl(path: str, field: str) -> List[str]:
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {line_number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or field not in row:
-                raise ValueError(f"{path}: line {line_number}: expected an object with field {field!r}")
-            prompts.append(_checked(row[field], path, line_number, field))
+    for line_number, row in read_jsonl(path):  # bad JSON and non-objects are errors naming the row
+        if field not in row:
+            raise ValueError(f"{path}: line {line_number}: expected an object with field {field!r}")
+        prompts.append(_checked(row[field], path, line_number, field))
     return prompts
 
 

@@ -9,12 +9,13 @@ rank joins the process group, searches every WORLD_SIZE-th prompt on cuda:LOCAL_
 <output>.rank<RANK>; at the end rank 0 merges them into <output> and prints the combined summary.
 """
 import argparse
-import gzip
 import json
 import os
 import sys
 
 import torch
+
+from fastalign.unlearn.records import read_jsonl
 
 HH_ASSISTANT = "\n\nAssistant:"
 
@@ -53,30 +54,24 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def hh_prompts(path: str):
     """First Human turn of each HH dialogue, as '\\n\\nHuman: ...\\n\\nAssistant:'."""
-    opener = gzip.open if path.endswith(".gz") else open
     prompts = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            text = json.loads(line).get("chosen", "")
-            if HH_ASSISTANT not in text:
-                raise ValueError(f"{path}: line {line_no}: no '{HH_ASSISTANT.strip()}' turn in 'chosen'")
-            prompts.append(text[:text.index(HH_ASSISTANT) + len(HH_ASSISTANT)])
+    for line_no, record in read_jsonl(path):  # gzip-aware; bad JSON names the row
+        text = record.get("chosen", "")
+        if HH_ASSISTANT not in text:
+            raise ValueError(f"{path}: line {line_no}: no '{HH_ASSISTANT.strip()}' turn in 'chosen'")
+        prompts.append(text[:text.index(HH_ASSISTANT) + len(HH_ASSISTANT)])
     return prompts
 
 
 def file_prompts(path: str, field: str):
+    if path.endswith(".jsonl"):
+        out = []
+        for line_no, record in read_jsonl(path):
+            if field not in record:
+                raise ValueError(f"{path}: line {line_no}: no field {field!r}")
+            out.append(record[field])
+        return out
     with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            out = []
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if field not in record:
-                        raise ValueError(f"{path}: line {line_no}: no field {field!r}")
-                    out.append(record[field])
-            return out
         return [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
 
 
