@@ -1,8 +1,8 @@
 """Triton kernels of the fused linear cross-entropy: CE_t = logsumexp(z_t) - z_t[y_t], z = x W^T + b.
 
 The [M, V] logits never exist in memory. The forward streams over the vocabulary keeping a running
-(max, sum-exp) per row; the backward recomputes each logits tile from the saved logsumexp and pushes
-its gradient tile straight into d_hidden / d_weight / d_bias with fp32 atomic adds.
+(max, sum-exp) per row; the backward recomputes the logits chunk by chunk from the saved logsumexp, and
+chunked_backward.py takes the products of each gradient chunk with the weight and the hidden states.
 
 Launcher contract (the autograd Function in fastalign.ops calls these): inputs are validated, contiguous,
 on one device, ignore_index rows already removed (M >= 1), every target in [0, V).
@@ -11,11 +11,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_softmax_tiles import (accumulate_tile_grads, autotune_tiles, grouped_tile,
-                                   logits_tile, merge_splits, online_logsumexp, vocab_splits)
+from .chunked_backward import backward_in_chunks
+from .linear_softmax_tiles import (autotune_tiles, chunk_grid, logits_tile, merge_splits, online_logsumexp,
+                                   store_gradient_tile, vocab_splits)
 
 
-@autotune_tiles("forward", streams=1, key=["H", "V", "HAS_BIAS"])
+@autotune_tiles(streams=1, key=["H", "V", "HAS_BIAS"])
 @triton.jit
 def _forward_kernel(x_ptr, w_ptr, b_ptr, target_ptr, split_stats_ptr, target_logit_ptr,
                     M, H, V, V_PER_SPLIT, NUM_SPLITS,
@@ -54,19 +55,16 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, target_ptr, split_stats_ptr, target_log
     tl.store(target_logit_ptr + rows, target_logit, mask=row_mask & (target >= v_start) & (target < v_end))
 
 
-@autotune_tiles("backward", streams=1, key=["H", "V", "HAS_BIAS", "NEED_DW"],
-                reset_to_zero=["dx_ptr", "dw_ptr", "db_ptr"])
+@autotune_tiles(streams=1, key=["H", "HAS_BIAS"])
 @triton.jit
-def _backward_kernel(x_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, scale_ptr, dx_ptr, dw_ptr, db_ptr,
-                     M, H, V,
-                     HAS_BIAS: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-                     RESCALE_G: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr):
-    """Program (row block, vocabulary tile): recompute z, form G = dLoss/dz, scatter its products."""
-    row_block, col_tile = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(V, BLOCK_V), GROUP_M)
-    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = col_tile * BLOCK_V + tl.arange(0, BLOCK_V)
+def _gradient_kernel(x_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, scale_ptr, g_ptr,
+                     M, H, V, COL_START, G_STRIDE,
+                     HAS_BIAS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (row block, column tile) of one [M, V] chunk whose first column is COL_START in the whole
+    vocabulary: G = (softmax(z) - onehot(y)) * scale[:, None], recomputed from the saved lse."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < M
     col_mask = cols < V
 
@@ -76,15 +74,8 @@ def _backward_kernel(x_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, scale_ptr, dx_ptr
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
     target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
-    # G = (softmax(z) - onehot(y)) * grad_scale[:, None], zero outside the M x V range
-    g = tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
-    g = tl.where(row_mask[:, None] & col_mask[None, :], g * scale[:, None], 0.0)
-    if NEED_DB:
-        # d_bias[v] += sum_t G[t, v]
-        tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")
-    # d_hidden += G @ W[tile];  d_weight[tile] += G^T @ X
-    accumulate_tile_grads(g, x_ptr, w_ptr, dx_ptr, dw_ptr, rows, cols, row_mask, col_mask, H,
-                          NEED_DW, RESCALE_G, BLOCK_K)
+    g = tl.exp(z - lse[:, None]) - tl.where(cols[None, :] + COL_START == target[:, None], 1.0, 0.0)
+    store_gradient_tile(g_ptr, g * scale[:, None], rows, cols, row_mask, col_mask, G_STRIDE)
 
 
 def forward(hidden, weight, bias, target):
@@ -105,19 +96,12 @@ def backward(hidden, weight, bias, target, lse, grad_scale, need_weight_grad, ne
     """Gradients of sum_t grad_scale[t] * (lse_t - z[t, target_t]): (d_hidden, d_weight | None, d_bias | None).
 
     G = (softmax(z) - onehot(target)) * grad_scale[:, None];  d_hidden = G @ weight, d_weight = G^T @ hidden,
-    d_bias = G.sum(0); all fp32. d_weight / d_bias are None (and not computed) unless asked for.
+    d_bias = G.sum(0). d_hidden / d_weight come in the inputs' dtype, d_bias in fp32; d_weight / d_bias are
+    None (and not computed) unless asked for.
     """
-    num_rows, hidden_size = hidden.shape
-    vocab = weight.shape[0]
-    fp32 = dict(dtype=torch.float32, device=hidden.device)
-    d_hidden = torch.zeros(num_rows, hidden_size, **fp32)
-    d_weight = torch.zeros(vocab, hidden_size, **fp32) if need_weight_grad else None
-    d_bias = torch.zeros(vocab, **fp32) if need_bias_grad else None
-    grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]) * triton.cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
-    _backward_kernel[grid](hidden, weight, weight if bias is None else bias, target, lse, grad_scale,
-                           d_hidden, d_hidden if d_weight is None else d_weight,
-                           d_hidden if d_bias is None else d_bias,
-                           num_rows, hidden_size, vocab,
-                           HAS_BIAS=bias is not None, NEED_DW=need_weight_grad, NEED_DB=need_bias_grad,
-                           RESCALE_G=hidden.dtype == torch.float16)
-    return d_hidden, d_weight, d_bias
+    def write_gradient(rows, cols, row_scale, out):
+        _gradient_kernel[chunk_grid(out)](hidden[rows], weight[cols], weight if bias is None else bias[cols], target[rows],
+                               lse[rows], row_scale, out, out.shape[0], hidden.shape[1], out.shape[1],
+                               cols.start, out.stride(0), HAS_BIAS=bias is not None)
+
+    return backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_grad, write_gradient)

@@ -1,7 +1,8 @@
 """Triton kernels of the fused linear forward KL: KL_t(P || Q), Q = softmax(x W^T), P = softmax(x_ref W_ref^T).
 
 P is the frozen reference (no gradient). Neither [M, V] logits matrix exists in memory: the forward
-streams over the vocabulary once, the backward recomputes both logits tiles from the saved logsumexps.
+streams over the vocabulary once, the backward recomputes both logits chunk by chunk from the saved
+logsumexps, and chunked_backward.py takes the products of each gradient chunk.
 When W_ref is W (a frozen lm_head shared by both models) each weight chunk is loaded once for both products.
 
 Accuracy of the one-pass KL. With d_v = zp_v - zq_v,
@@ -21,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_softmax_tiles import (accumulate_tile_grads, autotune_tiles, grouped_tile,
-                                   logits_tile_pair, merge_splits, online_logsumexp, vocab_splits)
+from .chunked_backward import backward_in_chunks
+from .linear_softmax_tiles import (autotune_tiles, chunk_grid, logits_tile_pair, merge_splits, online_logsumexp,
+                                   store_gradient_tile, vocab_splits)
 
 # split_stats rows of the forward kernel
 _Q_MAX, _Q_SUMEXP, _P_MAX, _P_SUMEXP, _P_DIFF, _P_EXPM1 = range(6)
@@ -45,7 +47,7 @@ def _expm1_series(x):
     return x * r
 
 
-@autotune_tiles("forward", streams=2, key=["H", "H_REF", "V", "SHARED_WEIGHT"])
+@autotune_tiles(streams=2, key=["H", "H_REF", "V", "SHARED_WEIGHT"])
 @triton.jit
 def _forward_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, split_stats_ptr,
                     M, H, H_REF, V, V_PER_SPLIT, NUM_SPLITS,
@@ -95,18 +97,16 @@ def _forward_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, split_stats_ptr,
     tl.store(split_stats_ptr + 5 * stat_stride + stat, p_expm1, mask=row_mask)
 
 
-@autotune_tiles("backward", streams=2, key=["H", "H_REF", "V", "SHARED_WEIGHT", "NEED_DW"],
-                reset_to_zero=["dx_ptr", "dw_ptr"])
+@autotune_tiles(streams=2, key=["H", "H_REF", "SHARED_WEIGHT"])
 @triton.jit
-def _backward_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, lse_ptr, ref_lse_ptr, scale_ptr, dx_ptr, dw_ptr,
-                     M, H, H_REF, V,
-                     SHARED_WEIGHT: tl.constexpr, NEED_DW: tl.constexpr, RESCALE_G: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr):
-    """Program (row block, vocabulary tile): recompute zq and zp, form G = dLoss/dzq, scatter its products."""
-    row_block, col_tile = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(V, BLOCK_V), GROUP_M)
-    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = col_tile * BLOCK_V + tl.arange(0, BLOCK_V)
+def _gradient_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, lse_ptr, ref_lse_ptr, scale_ptr, g_ptr,
+                     M, H, H_REF, V, G_STRIDE,
+                     SHARED_WEIGHT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (row block, column tile) of one [M, V] chunk: recompute zq and zp from the saved
+    logsumexps, G = dKL/dzq * scale[:, None] = (q - p) * scale[:, None]."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < M
     col_mask = cols < V
 
@@ -115,12 +115,8 @@ def _backward_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, lse_ptr, ref_lse_ptr, scale_p
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     ref_lse = tl.load(ref_lse_ptr + rows, mask=row_mask, other=0.0)
     scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
-    # dKL/dzq = q - p;  G = (q - p) * grad_scale[:, None], zero outside the M x V range
     g = tl.exp(zq - lse[:, None]) - tl.exp(zp - ref_lse[:, None])
-    g = tl.where(row_mask[:, None] & col_mask[None, :], g * scale[:, None], 0.0)
-    # d_hidden += G @ W[tile];  d_weight[tile] += G^T @ X
-    accumulate_tile_grads(g, x_ptr, w_ptr, dx_ptr, dw_ptr, rows, cols, row_mask, col_mask, H,
-                          NEED_DW, RESCALE_G, BLOCK_K)
+    store_gradient_tile(g_ptr, g * scale[:, None], rows, cols, row_mask, col_mask, G_STRIDE)
 
 
 def _same_tensor(a, b):
@@ -157,18 +153,16 @@ def forward(hidden, weight, ref_hidden, ref_weight):
 def backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale, need_weight_grad):
     """Gradients of sum_t grad_scale[t] * KL_t wrt hidden and weight (P constant): (d_hidden, d_weight | None).
 
-    G = (q - p) * grad_scale[:, None];  d_hidden = G @ weight, d_weight = G^T @ hidden, both fp32;
+    G = (q - p) * grad_scale[:, None];  d_hidden = G @ weight, d_weight = G^T @ hidden, in the inputs' dtype;
     d_weight is None (and not computed) unless asked for.
     """
-    num_rows, hidden_size = hidden.shape
-    vocab = weight.shape[0]
-    fp32 = dict(dtype=torch.float32, device=hidden.device)
-    d_hidden = torch.zeros(num_rows, hidden_size, **fp32)
-    d_weight = torch.zeros(vocab, hidden_size, **fp32) if need_weight_grad else None
-    grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]) * triton.cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
-    _backward_kernel[grid](hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale,
-                           d_hidden, d_hidden if d_weight is None else d_weight,
-                           num_rows, hidden_size, ref_hidden.shape[1], vocab,
-                           SHARED_WEIGHT=_same_tensor(weight, ref_weight), NEED_DW=need_weight_grad,
-                           RESCALE_G=hidden.dtype == torch.float16)
+    shared = _same_tensor(weight, ref_weight)
+
+    def write_gradient(rows, cols, row_scale, out):
+        _gradient_kernel[chunk_grid(out)](hidden[rows], weight[cols], ref_hidden[rows], ref_weight[cols],
+                                          lse[rows], ref_lse[rows], row_scale, out,
+                                          out.shape[0], hidden.shape[1], ref_hidden.shape[1], out.shape[1],
+                                          out.stride(0), SHARED_WEIGHT=shared)
+
+    d_hidden, d_weight, _ = backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, False, write_gradient)
     return d_hidden, d_weight

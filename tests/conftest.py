@@ -16,7 +16,8 @@ if not torch.cuda.is_available():
 HAS_CUDA = torch.cuda.is_available()
 # The team's shared data sets (TruthfulQA, HH harmless-base) lie in shared/data beside the checkout; never in the repo.
 SHARED_DATA = Path(os.environ.get("FASTALIGN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+_NEEDS_CUDA = "needs a CUDA device"
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=_NEEDS_CUDA)
 # Where tests run the Triton kernels: on the GPU when there is one, else on CPU tensors in the interpreter.
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -24,6 +25,13 @@ TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 def device_for(backend):
     """The device of a test's tensors for `backend` ("triton" follows TRITON_DEVICE, the torch path stays on CPU)."""
     return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked requires_cuda also carry the `gpu` marker, so that `pytest -m gpu` runs exactly them."""
+    for item in items:
+        if any(mark.name == "skipif" and mark.kwargs.get("reason") == _NEEDS_CUDA for mark in item.iter_markers()):
+            item.add_marker(pytest.mark.gpu)
 
 
 @pytest.fixture(autouse=True, scope="session")

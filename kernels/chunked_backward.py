@@ -1,0 +1,87 @@
+"""The backward pass shared by the fused linear-softmax losses, in bounded memory and without atomics.
+
+Both losses have a gradient wrt the logits z = x W^T of the form G[t, v] = grad_scale[t] * D[t, v]
+(D = softmax(z_t) - onehot(y_t) for cross-entropy, q_t - p_t for the KL), which a loss-specific Triton
+kernel recomputes tile by tile from the logsumexps saved in the forward pass. The gradients are then
+
+    d_x = G @ W        (a contraction over the vocabulary)
+    d_W = G^T @ x      (a contraction over the rows)
+
+A single fused kernel that pushes each tile's products into [M, H] and [V, H] accumulators needs fp32
+buffers of both sizes (for Llama-3-8B's head, [V, H] in fp32 alone is as large as the bf16 logits of 8k
+tokens) and moves 4 bytes of atomic traffic per multiply-add pair of every tile. Here instead:
+
+- the rows are taken in segments of `rows` rows; each segment owns an fp32 accumulator of d_x [rows, H]
+  that sees the whole vocabulary before it is rounded once into d_hidden (exact fp32 sum over V);
+- within a segment, the vocabulary is taken in chunks of `cols` columns; the kernel writes G of one
+  (segment, chunk) into a [rows, cols] buffer in the input dtype, and two library matmuls take the
+  products: d_x_segment += G @ W[chunk] (rounded to the input dtype once per chunk, then summed in fp32),
+  d_W[chunk] += G^T @ x[segment] (accumulated into d_weight in the weight dtype, one rounding per segment).
+
+Extra memory is the accumulator, one matmul output and one G chunk, whatever N and V: about 16 MiB at
+H = 4096 in bf16 (under 1% of the 2 GiB of bf16 logits of 8192 tokens over 128256 words). The matmuls run
+at library speed on tensor cores (fp32 inputs: at torch's float32 matmul precision, full fp32 by default),
+and the results are deterministic (no atomics).
+
+fp16 has too little range for G itself (grad_scale is often ~1e-4 / tokens): the kernels write
+G / max|grad_scale| (entries in [-1, 1]) and the scale is multiplied back in fp32, as the alpha of the
+matmuls and on the fp32 accumulator.
+"""
+import torch
+
+from .linear_softmax_tiles import INTERPRET
+
+# fp32 d_x accumulator of one row segment, and entries of G per chunk (enough tiles to fill an H100/H200:
+# 2M entries are 128 tiles of 128 x 128)
+_SEGMENT_ACCUMULATOR_BYTES = 8 * 2 ** 20
+_GRADIENT_CHUNK_ENTRIES = 2 ** 21
+_ALIGN = 128
+# Under the interpreter (CPU tests) tiny segments and chunks, so that every boundary is crossed at test shapes.
+_INTERPRET_ROWS, _INTERPRET_COLS = 16, 64
+
+
+def chunk_plan(num_rows, vocab, hidden_size):
+    """(rows per segment, columns per chunk) for a backward over [num_rows, vocab] logits of width hidden_size."""
+    if INTERPRET:
+        return min(num_rows, _INTERPRET_ROWS), min(vocab, _INTERPRET_COLS)
+    rows = max(_ALIGN, _SEGMENT_ACCUMULATOR_BYTES // (4 * hidden_size) // _ALIGN * _ALIGN)
+    rows = min(rows, num_rows)
+    cols = max(_ALIGN, _GRADIENT_CHUNK_ENTRIES // rows // _ALIGN * _ALIGN)
+    return rows, min(cols, vocab)
+
+
+def backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_grad, write_gradient):
+    """(d_hidden [M, H] in hidden's dtype, d_weight [V, H] in weight's dtype or None, d_bias [V] fp32 or None).
+
+    write_gradient(rows, cols, row_scale, out) must fill out [len(rows), len(cols)] (a strided view) with
+    D[rows, cols] * row_scale[:, None], where rows and cols are slices and row_scale [len(rows)] fp32.
+    """
+    num_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    seg_rows, chunk_cols = chunk_plan(num_rows, vocab, hidden_size)
+    # G / scale_max: entries of size <= 1 whatever grad_scale, so that fp16 neither underflows nor overflows
+    scale_max = grad_scale.abs().max()
+    row_scale = (grad_scale / scale_max.clamp(min=torch.finfo(torch.float32).tiny)).float()
+    scale_max = scale_max.item()
+
+    d_hidden = torch.empty_like(hidden)
+    d_weight = torch.zeros_like(weight) if need_weight_grad else None
+    d_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_bias_grad else None
+    gradient = torch.empty(seg_rows, chunk_cols, dtype=hidden.dtype, device=hidden.device)
+    partial = torch.empty(seg_rows, hidden_size, dtype=hidden.dtype, device=hidden.device)
+    accumulator = torch.empty(seg_rows, hidden_size, dtype=torch.float32, device=hidden.device)
+    for r0 in range(0, num_rows, seg_rows):
+        rows = slice(r0, min(r0 + seg_rows, num_rows))
+        n = rows.stop - r0
+        acc = accumulator[:n].zero_()
+        for c0 in range(0, vocab, chunk_cols):
+            cols = slice(c0, min(c0 + chunk_cols, vocab))
+            g = gradient[:n, :cols.stop - c0]
+            write_gradient(rows, cols, row_scale[rows], g)
+            acc += torch.mm(g, weight[cols], out=partial[:n])
+            if d_weight is not None:
+                d_weight[cols].addmm_(g.t(), hidden[rows], alpha=scale_max)
+            if d_bias is not None:
+                d_bias[cols] += g.sum(dim=0, dtype=torch.float32) * scale_max
+        d_hidden[rows] = acc.mul_(scale_max)
+    return d_hidden, d_weight, d_bias
