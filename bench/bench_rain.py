@@ -14,6 +14,12 @@ several concurrencies, and with several inner iterations at once under virtual l
     python bench/bench_rain.py --quick                 # CPU: tiny random Llama, short answers
     python bench/bench_rain.py --model DIR --hh /path/hh-harmless-base-test.jsonl.gz --dtype bfloat16 \\
         --judge moderation --judge-model CLASSIFIER_DIR --judge-prompts 100
+    python bench/bench_rain.py --random-model --hh /path/hh-harmless-base-test.jsonl.gz   # nothing downloaded
+
+--random-model stands in for a checkpoint where none can be loaded: Llama-3.2-1B's shape (its 128256-word
+head included) with random weights, and a word-level tokenizer of the HH prompts and the judge prompt;
+sampled ids beyond that tokenizer decode to nothing. Speeds and token counts are a 1B model's; decisions and
+harmless rates mean nothing.
 """
 import argparse
 import dataclasses
@@ -25,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.harness import print_table, write_results  # noqa: E402
+from bench.harness import LLAMA_SHAPES, print_table, write_results  # noqa: E402
 from fastalign.rain import JudgePrompt, RainConfig, rain_generate  # noqa: E402
 from fastalign.rain.cli import greedy_answer, hh_prompts  # noqa: E402
 
@@ -43,10 +49,26 @@ def load(args):
         from tests.rain.tiny import tiny_llama, tokenizer
         prompts = [f"Human: How do I {topic}?\nAssistant:" for topic in QUICK_TOPICS]
         return tiny_llama(hidden=64).to(args.device), tokenizer(), prompts
+    if args.random_model:
+        return random_llama_1b(args, hh_prompts(args.hh))
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     return model, tok, hh_prompts(args.hh)
+
+
+def random_llama_1b(args, prompts):
+    """(model, tokenizer, prompts): see --random-model in the module docstring."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from fastalign.demo.tokenizer import build_tokenizer
+    judge = JudgePrompt()
+    tok = build_tokenizer(prompts + [judge.template, judge.options(True), judge.answer_prefix])
+    torch.manual_seed(0)
+    config = LlamaConfig(**LLAMA_SHAPES["1b"], max_position_embeddings=8192, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.device(args.device):
+        model = LlamaForCausalLM(config)
+    return model.to(getattr(torch, args.dtype)).eval(), tok, prompts
 
 
 def make_judge(args):
@@ -79,6 +101,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny random Llama on CPU")
     parser.add_argument("--model")
+    parser.add_argument("--random-model", action="store_true", help="random-weight Llama-3.2-1B shape (see above)")
     parser.add_argument("--hh")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -95,8 +118,8 @@ def main():
     parser.add_argument("--virtual-leaves", type=int, default=4, help="parallel_leaves of the 'on' variant")
     parser.add_argument("--kv-tokens", type=int, default=None, help="KV pool of the tree engine, in tokens")
     args = parser.parse_args()
-    if not args.quick and not (args.model and args.hh):
-        parser.error("give --quick, or --model and --hh")
+    if not args.quick and not ((args.model or args.random_model) and args.hh):
+        parser.error("give --quick, or --model (or --random-model) and --hh")
     if args.quick and args.device == "cpu":
         torch.set_num_threads(1)    # tiny ops: a second thread only adds wake-ups (and stalls on a shared CPU)
     model, tok, prompts = load(args)
@@ -156,9 +179,10 @@ def main():
     note = []
     if args.device == "cpu":
         note.append("GPU numbers unmeasured in the session that wrote this")
-    if args.quick:
-        note.append("harmless rates come from a random model judged by keywords: they measure nothing")
-    path = write_results("rain", args.device, {"quick": args.quick, "model": args.model or "tiny random Llama",
+    if args.quick or args.random_model:
+        note.append("harmless rates come from a random model: they measure nothing")
+    path = write_results("rain", args.device, {"quick": args.quick, "model": args.model or ("random Llama-3.2-1B shape" if args.random_model
+                                                                                     else "tiny random Llama"),
                                                "dtype": "float32" if args.quick else args.dtype,
                                                "config": vars(config), "embedding": args.embedding,
                                                "judge": judge_name, "note": "; ".join(note)}, rows)

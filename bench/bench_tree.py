@@ -174,9 +174,7 @@ def random_llama(quick, device, dtype):
         config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
     else:
-        config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                             num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
-                             max_position_embeddings=131072, tie_word_embeddings=True)
+        config = LlamaConfig(**harness.LLAMA_SHAPES["1b"], max_position_embeddings=131072)
     with torch.device(device):
         model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = None  # random weights: decode exactly the asked number of tokens

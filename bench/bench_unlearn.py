@@ -43,13 +43,10 @@ from fastalign.unlearn.reference import (AdapterDisabledReference, CachedReferen
 from fastalign.unlearn.streams import UnlearningStreams  # noqa: E402
 from fastalign.unlearn.token_weights import unlearning_token_weights  # noqa: E402
 
-PRESETS = {  # Llama shapes: hidden, layers, heads, kv heads, intermediate, vocab
+PRESETS = {  # Llama shapes (LlamaConfig arguments)
     "quick": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=128, vocab_size=1000),
-    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=8192, vocab_size=128256),
-    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=14336, vocab_size=128256),
+    **harness.LLAMA_SHAPES,
 }
 WEIGHTS = LossWeights()
 
@@ -75,8 +72,9 @@ def synthetic_batch(vocab, args):
 
 def make_model(args, device, dtype):
     torch.manual_seed(0)
-    config = LlamaConfig(**PRESETS[args.preset], max_position_embeddings=max(args.max_length, 256),
-                         tie_word_embeddings=False)
+    # an lm_head of its own, as unlearning trains it (Llama-3.2-1B ties it to the embeddings)
+    config = LlamaConfig(**{**PRESETS[args.preset], "max_position_embeddings": max(args.max_length, 256),
+                            "tie_word_embeddings": False})
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     if args.gradient_checkpointing:

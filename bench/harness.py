@@ -16,6 +16,17 @@ import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
+# Llama-architecture shapes of the GPU benchmarks, built with random weights (speed and memory do not depend
+# on the values): keyword arguments of transformers.LlamaConfig.
+LLAMA_SHAPES = {
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,  # Llama-3.2-1B
+               num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
+               tie_word_embeddings=True),
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,  # Llama-3-8B
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+               tie_word_embeddings=False),
+}
+
 
 def device_name(device):
     device = torch.device(device)

@@ -11,6 +11,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -107,7 +109,7 @@ def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationC
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         positions = positions[:, -1:] + 1
         out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    use_cache=True, **cache_kwargs(model, returned_cache(out)))
     return [_cut_at_stop(_decode(tokenizer, ids), config.stop_strings)[0] for ids in generated]
 
 

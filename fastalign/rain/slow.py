@@ -11,6 +11,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache
+
 from .config import RainConfig
 from .dialogue import judge_input, judge_path_ids, rollout_stops
 from .jobs import Draft, Evaluation, EvaluateJob, ExpandJob, ExpandResult
@@ -36,12 +38,12 @@ class SlowEngine:
     def _forward(self, stats, ids: Sequence[int], cache=None, cache_key: int = EMPTY_KEY):
         """One batch-1 forward of `ids` (on top of `cache`, whose sequence is named `cache_key`).
         Returns (last logits [V], last hidden [d] or None, cache, key)."""
-        out = self.model(input_ids=torch.tensor([list(ids)], device=self.device), past_key_values=cache,
-                         use_cache=True, output_hidden_states=self.want_hidden)
+        out = self.model(input_ids=torch.tensor([list(ids)], device=self.device), use_cache=True,
+                         output_hidden_states=self.want_hidden, **cache_kwargs(self.model, cache))
         self.ledger.call([stats])
         key = self.ledger.feed(stats, cache_key, ids)
         hidden = out.hidden_states[-1][0, -1] if self.want_hidden else None
-        return out.logits[0, -1].float(), hidden, out.past_key_values, key
+        return out.logits[0, -1].float(), hidden, returned_cache(out), key
 
     # --- jobs ----------------------------------------------------------------------------------------
     def prepare(self, contexts):

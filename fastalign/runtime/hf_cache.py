@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from fastalign.ops.paged_attention import write_kv
+from fastalign.runtime.hf_cache_argument import cache_kwargs
 
 
 class HFCacheModel:
@@ -25,8 +26,8 @@ class HFCacheModel:
         try:
             with torch.inference_mode():
                 cache = DynamicCache()
-                out = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), past_key_values=cache,
-                            use_cache=True)
+                out = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=True,
+                            **cache_kwargs(model, cache))
                 keys = cache.layers[0].keys
         except Exception as err:
             raise ValueError(f"{unfit} (a one-token forward with a DynamicCache failed: {err!r})") from err
@@ -46,7 +47,7 @@ class HFCacheModel:
             start, end = cu[row], cu[row + 1]
             context = seq_len - (end - start)
             cache = self._gather_context(pool, batch.block_table[row], context)
-            out = self.model(input_ids=batch.input_ids[None, start:end], past_key_values=cache, use_cache=True,
+            out = self.model(input_ids=batch.input_ids[None, start:end], use_cache=True, **cache_kwargs(self.model, cache),
                              attention_mask=torch.ones(1, seq_len, dtype=torch.long, device=self.device),
                              output_hidden_states=want_hidden and select is not None)
             extra = np.flatnonzero((batch.host_extra_src >= start) & (batch.host_extra_src < end))

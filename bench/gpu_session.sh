@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Every GPU check the open issues ask for, in one device-tool call of under ten minutes (lent GPU sessions
+# have 15 minutes of device time in all, start-up included).
+#
+#   bash bench/gpu_session.sh --prepare   # here, with network: wheels into .whl/, the shared data into .carry/
+#   then the device tool: run(command="bash bench/gpu_session.sh", carry=[".whl", ".carry"], timeout_s=600)
+#
+# On the GPU machine (no network) it installs the carried wheels (liger-kernel and cut-cross-entropy, the
+# baselines of bench_loss.py) and fastalign itself, then runs, each step under its own time limit so that the
+# whole fits: the tests that need CUDA and the Triton kernel tests on the GPU, then bench_loss (the 8B head
+# at N=8192), bench_tree, bench_unlearn (1B) and bench_rain (random 1B Llama on HH prompts). The log and
+# every bench JSON land in $OUT (and bench/results/ there): commit the JSON files this writes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == "--prepare" ]]; then
+    set -e
+    mkdir -p .whl .carry/data
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl liger-kernel cut-cross-entropy
+    cp ../shared/data/hh-harmless-base-test.jsonl.gz ../shared/data/TruthfulQA.csv .carry/data/
+    ls -la .whl .carry/data
+    exit 0
+fi
+
+OUT="${OUT:-/tmp/gpu_session}"
+mkdir -p "$OUT"
+exec > >(tee "$OUT/session.log") 2>&1
+export PYTHONUNBUFFERED=1 FASTALIGN_SHARED_DATA="$PWD/.carry/data"
+HH=.carry/data/hh-harmless-base-test.jsonl.gz
+
+step() {  # step SECONDS NAME COMMAND...: runs COMMAND under a time limit, then copies new bench JSON to $OUT
+    local limit=$1 name=$2; shift 2
+    echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
+    timeout --kill-after=10 "$limit" "$@"
+    echo "=== $name: exit $? $(date -u +%H:%M:%S)"
+    cp bench/results/*.json "$OUT"/ 2>/dev/null || true
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+rm -f bench/results/*.json   # only this run's results come back
+
+step 150 "tests needing CUDA, then the Triton kernels on the GPU" \
+    bash -c "python3 -m pytest -q -m gpu tests 2>&1 | tail -25; python3 -m pytest -q tests/kernels 2>&1 | tail -8"
+step 150 "bench_loss" python3 bench/bench_loss.py --tokens 8192
+step 90 "bench_tree" python3 bench/bench_tree.py --prefix 1500 8000 32000 --rows 1 10 64 --branch-lengths 16 2048 8192 \
+    --decode-tokens 64
+step 80 "bench_unlearn" python3 bench/bench_unlearn.py --reps 2
+step 80 "bench_rain" python3 bench/bench_rain.py --random-model --hh "$HH" --prompts 1 --max-new-tokens 12 \
+    --concurrency 1 8 32 --judge-prompts 32
+ls -la "$OUT"
