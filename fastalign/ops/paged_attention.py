@@ -100,7 +100,8 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, *, validate=None):
     """Write the K/V of T new tokens into the pool in place: token t goes to slot slot_mapping[t].
 
     k, v [T, num_kv_heads, head_dim] of the cache's dtype and device; slot_mapping [T] int64 with
-    slot = block * block_size + offset. Slots must be distinct (a repeated slot keeps an arbitrary one).
+    slot = block * block_size + offset; in each cache the slots of consecutive blocks follow each other
+    (stride(0) == block_size * stride(1), as in a KVPool layer). Slots must be distinct (a repeated slot keeps an arbitrary one).
     """
     _check_cache_pair(k_cache, v_cache)
     if k.dim() != 3 or k.shape[1:] != k_cache.shape[2:]:
@@ -111,15 +112,19 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, *, validate=None):
     for name, t in (("k", k), ("v", v)):
         _check_like(name, t, k_cache, "k_cache")
     _check_index(slot_mapping, "slot_mapping", [k.shape[0]], torch.int64, k_cache.device)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.stride(0) != cache.shape[1] * cache.stride(1):
+            raise ValueError(f"{name}: its blocks and their slots must form one dimension (stride(0) == "
+                             "block_size * stride(1)), as in a KVPool layer: it is written through that view")
     num_slots = k_cache.shape[0] * k_cache.shape[1]
     if validate or (validate is None and k.device.type == "cpu"):
         if slot_mapping.numel() and not bool(((slot_mapping >= 0) & (slot_mapping < num_slots)).all()):
             raise ValueError(f"slot_mapping: every slot must lie in [0, {num_slots}) "
                              "(num_blocks * block_size)")
-    blocks = torch.div(slot_mapping, k_cache.shape[1], rounding_mode="floor")
-    offsets = slot_mapping - blocks * k_cache.shape[1]
-    k_cache.index_put_((blocks, offsets), k)
-    v_cache.index_put_((blocks, offsets), v)
+    # one scatter per tensor over the pool seen as [num_slots, num_kv_heads, head_dim]
+    slot_shape = (num_slots,) + tuple(k_cache.shape[2:])
+    k_cache.view(slot_shape).index_copy_(0, slot_mapping, k)
+    v_cache.view(slot_shape).index_copy_(0, slot_mapping, v)
 
 
 def check_paged_metadata(block_table, seq_lens, cu_q_lens, *, num_tokens, num_blocks, block_size,

@@ -189,13 +189,18 @@ def test_write_kv_writes_slots_and_nothing_else():
 
 
 def test_write_kv_into_non_contiguous_cache_view():
-    """A layer that is a strided view of a bigger pool is written in place, not into a copy."""
-    pool = torch.zeros(2, 4, 3, 2, 8)  # [layer-major... K/V interleaved per block]: [kv, blocks, ...]
-    k_cache, v_cache = pool.permute(1, 0, 2, 3, 4).unbind(1)  # each [4, 3, 2, 8], non-contiguous
+    """Caches that are strided views of a bigger pool (K and V interleaved per slot) are written in place;
+    a layout whose blocks and slots do not form one dimension is refused, not written into a copy."""
+    pool = torch.zeros(4, 3, 2, 2, 8)  # [blocks, slots, K|V, kv_heads, head_dim]
+    k_cache, v_cache = pool[:, :, 0], pool[:, :, 1]  # each [4, 3, 2, 8], non-contiguous
+    assert not k_cache.is_contiguous()
     k, v = torch.randn(2, 2, 8), torch.randn(2, 2, 8)
     write_kv(k, v, k_cache, v_cache, torch.tensor([10, 2]))
-    assert torch.equal(pool[0, 3, 1], k[0]) and torch.equal(pool[1, 0, 2], v[1])
+    assert torch.equal(pool[3, 1, 0], k[0]) and torch.equal(pool[0, 2, 1], v[1])
     assert int((pool != 0).sum()) == 4 * 16
+    slot_major = torch.zeros(3, 4, 2, 8).transpose(0, 1)  # [blocks, slots] with slots outermost in memory
+    with pytest.raises(ValueError, match="k_cache: its blocks and their slots must form one dimension"):
+        write_kv(k, v, slot_major, slot_major.clone(), torch.tensor([10, 2]))
 
 
 def test_write_kv_then_attention_equals_dense_causal_attention():
