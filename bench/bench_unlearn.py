@@ -37,6 +37,7 @@ import harness  # noqa: E402
 
 from fastalign.unlearn.batching import collate  # noqa: E402
 from fastalign.unlearn.encoding import EncodedExample  # noqa: E402
+from fastalign.unlearn.models import enable_activation_checkpointing  # noqa: E402
 from fastalign.unlearn.objective import LossWeights, UnlearningObjective  # noqa: E402
 from fastalign.unlearn.reference import (AdapterDisabledReference, CachedReference,  # noqa: E402
                                          FrozenCopyReference)
@@ -78,7 +79,7 @@ def make_model(args, device, dtype):
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model.train()
 
 

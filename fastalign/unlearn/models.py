@@ -20,6 +20,18 @@ def base_causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def enable_activation_checkpointing(model):
+    """Recompute each decoder layer's activations in the backward pass (non-reentrant checkpoints).
+
+    transformers after 5.17 names this activation_checkpointing_enable (gradient_checkpointing_enable is
+    deprecated there, to go in v6); 5.17 has only the old name."""
+    base = base_causal_lm(model)
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(decoder, lm_head) of a causal LM; a clear error for models the fused losses cannot serve."""
     base = base_causal_lm(model)

@@ -28,7 +28,7 @@ from fastalign.unlearn.checkpoint import (atomic_directory, latest_checkpoint, r
                                           remove_stale_temporaries, write_checkpoint, write_text_atomic)
 from fastalign.unlearn.compute import ComputeTotals, ModelShape, batch_compute
 from fastalign.unlearn.config import UnlearnConfig
-from fastalign.unlearn.models import base_causal_lm, causal_lm_parts
+from fastalign.unlearn.models import causal_lm_parts, enable_activation_checkpointing
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
 from fastalign.unlearn.sharding import (full_model_state, load_optimizer_state, load_trainable_state,
@@ -136,7 +136,7 @@ class UnlearningTrainer:
         if config.reference_mode == "cached":
             causal_lm_parts(model)[1].weight.requires_grad_(False)  # the cache is valid only for this head
         if config.gradient_checkpointing:
-            base_causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         return model.to(self.accelerator.device).train()
 
     def _reference(self):
