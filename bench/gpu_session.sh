@@ -26,7 +26,6 @@ fi
 
 OUT="${OUT:-/tmp/gpu_session}"
 mkdir -p "$OUT"
-exec > >(tee "$OUT/session.log") 2>&1
 export PYTHONUNBUFFERED=1 FASTALIGN_SHARED_DATA="$PWD/.carry/data"
 HH=.carry/data/hh-harmless-base-test.jsonl.gz
 
@@ -38,21 +37,25 @@ step() {  # step SECONDS NAME COMMAND...: runs COMMAND under a time limit, then 
     cp bench/results/*.json "$OUT"/ 2>/dev/null || true
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site
-fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-rm -f bench/results/*.json   # only this run's results come back
+session() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+            && export PYTHONPATH=/tmp/site
+    fi
+    python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+    rm -f bench/results/*.json   # only this run's results come back
 
-step 150 "tests needing CUDA, then the Triton kernels on the GPU" \
-    bash -c "python3 -m pytest -q -m gpu tests 2>&1 | tail -25; python3 -m pytest -q tests/kernels 2>&1 | tail -8"
-step 150 "bench_loss" python3 bench/bench_loss.py --tokens 8192
-step 90 "bench_tree" python3 bench/bench_tree.py --prefix 1500 8000 32000 --rows 1 10 64 --branch-lengths 16 2048 8192 \
-    --decode-tokens 64
-step 80 "bench_unlearn" python3 bench/bench_unlearn.py --reps 2
-step 80 "bench_rain" python3 bench/bench_rain.py --random-model --hh "$HH" --prompts 1 --max-new-tokens 12 \
-    --concurrency 1 8 32 --judge-prompts 32
-ls -la "$OUT"
+    step 150 "tests needing CUDA, then the Triton kernels on the GPU" \
+        bash -c "python3 -m pytest -q -m gpu tests 2>&1 | tail -25; python3 -m pytest -q tests/kernels 2>&1 | tail -8"
+    step 150 "bench_loss" python3 bench/bench_loss.py --tokens 8192
+    step 90 "bench_tree" python3 bench/bench_tree.py --prefix 1500 8000 32000 --rows 1 10 64 --branch-lengths 16 2048 8192 \
+        --decode-tokens 64
+    step 80 "bench_unlearn" python3 bench/bench_unlearn.py --reps 2
+    step 80 "bench_rain" python3 bench/bench_rain.py --random-model --hh "$HH" --prompts 1 --max-new-tokens 12 \
+        --concurrency 1 8 32 --judge-prompts 32
+    ls -la "$OUT"
+}
+
+session 2>&1 | tee "$OUT/session.log"
