@@ -2,7 +2,8 @@
 # Every GPU check the open issues ask for, in one device-tool call of under ten minutes (lent GPU sessions
 # have 15 minutes of device time in all, start-up included).
 #
-#   bash bench/gpu_session.sh --prepare   # here, with network: wheels into .whl/, the shared data into .carry/
+#   bash bench/gpu_session.sh --prepare   # here, with network: wheels into .whl/, the shared data and the
+#                                         # commit into .carry/ (prepare again after committing)
 #   then the device tool: run(command="bash bench/gpu_session.sh", carry=[".whl", ".carry"], timeout_s=600)
 #
 # On the GPU machine (no network) it installs the carried wheels (liger-kernel and cut-cross-entropy, the
@@ -20,13 +21,16 @@ if [[ "${1:-}" == "--prepare" ]]; then
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .whl liger-kernel cut-cross-entropy
     cp ../shared/data/hh-harmless-base-test.jsonl.gz ../shared/data/TruthfulQA.csv .carry/data/
+    # the device's copy of the tree has no .git: the bench JSON takes the commit from here
+    git rev-parse --short HEAD | tr -d '\n' > .carry/commit
+    [[ -z "$(git status --porcelain --untracked-files=no)" ]] || echo -n "-dirty" >> .carry/commit
     ls -la .whl .carry/data
     exit 0
 fi
 
 OUT="${OUT:-/tmp/gpu_session}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 FASTALIGN_SHARED_DATA="$PWD/.carry/data"
+export PYTHONUNBUFFERED=1 FASTALIGN_SHARED_DATA="$PWD/.carry/data" FASTALIGN_COMMIT="$(cat .carry/commit 2>/dev/null)"
 HH=.carry/data/hh-harmless-base-test.jsonl.gz
 
 step() {  # step SECONDS NAME COMMAND...: runs COMMAND under a time limit, then copies new bench JSON to $OUT

@@ -36,6 +36,10 @@ def device_name(device):
 
 
 def git_commit():
+    """The checkout's short commit (-dirty with uncommitted changes); FASTALIGN_COMMIT where a copy of the
+    tree runs without its .git (bench/gpu_session.sh sets it), else "unknown"."""
+    if os.environ.get("FASTALIGN_COMMIT"):
+        return os.environ["FASTALIGN_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=os.path.dirname(os.path.abspath(__file__)))
