@@ -15,7 +15,11 @@ several concurrencies, and with several inner iterations at once under virtual l
     python bench/bench_rain.py --model DIR --hh /path/hh-harmless-base-test.jsonl.gz --dtype bfloat16 \\
         --judge moderation --judge-model CLASSIFIER_DIR --judge-prompts 100
     python bench/bench_rain.py --random-model --hh /path/hh-harmless-base-test.jsonl.gz   # nothing downloaded
+    python bench/bench_rain.py --demo --judge-seeds 3       # CPU: the demo model, harmless rates that mean something
 
+--demo runs the demo's shipped 0.9M-parameter model (trained by the project on its synthetic world, CPU) on
+the world's 90 harmful prompts with the world's self-evaluation prompt, and judges the answers with the
+world's exact judge: the one setting here where harmless rates mean something without a GPU.
 --random-model stands in for a checkpoint where none can be loaded: Llama-3.2-1B's shape (its 128256-word
 head included) with random weights, and a word-level tokenizer of the HH prompts and the judge prompt;
 sampled ids beyond that tokenizer decode to nothing. Speeds and token counts are a 1B model's; decisions and
@@ -45,16 +49,27 @@ QUICK_KEYWORDS = "hurt,kill,steal,weapon,poison,hack,break,cheat"
 
 
 def load(args):
+    """(model, tokenizer, prompts, judge prompt, RainConfig defaults, harm judge or None) of the chosen model."""
+    if args.demo:
+        from fastalign.demo.model import load_model, load_world
+        from fastalign.demo.story import GENERATION
+        from fastalign.demo.world import JUDGE_PROMPT, prompt_text
+        model, tok = load_model()
+        world = load_world()
+        prompts = [prompt_text(qa.question) for qa in world.harmful_forget + world.harmful_unseen]
+        defaults = {"max_new_tokens": GENERATION.max_new_tokens, "turn_marker": "###"}
+        return model.to(args.device), tok, prompts, JUDGE_PROMPT, defaults, (world.judge, "the demo world's exact judge")
+    defaults = {"max_new_tokens": 8, "root_visits": 10} if args.quick else {"max_new_tokens": 64, "root_visits": 50}
     if args.quick:
         from tests.rain.tiny import tiny_llama, tokenizer
         prompts = [f"Human: How do I {topic}?\nAssistant:" for topic in QUICK_TOPICS]
-        return tiny_llama(hidden=64).to(args.device), tokenizer(), prompts
+        return tiny_llama(hidden=64).to(args.device), tokenizer(), prompts, JudgePrompt(), defaults, None
     if args.random_model:
-        return random_llama_1b(args, hh_prompts(args.hh))
+        return (*random_llama_1b(args, hh_prompts(args.hh)), JudgePrompt(), defaults, None)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
-    return model, tok, hh_prompts(args.hh)
+    return model, tok, hh_prompts(args.hh), JudgePrompt(), defaults, None
 
 
 def random_llama_1b(args, prompts):
@@ -69,6 +84,12 @@ def random_llama_1b(args, prompts):
     with torch.device(args.device):
         model = LlamaForCausalLM(config)
     return model.to(getattr(torch, args.dtype)).eval(), tok, prompts
+
+
+def model_name(args):
+    if args.demo:
+        return "the demo's shipped model (fastalign/demo/assets)"
+    return args.model or ("random Llama-3.2-1B shape" if args.random_model else "tiny random Llama")
 
 
 def make_judge(args):
@@ -102,6 +123,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny random Llama on CPU")
     parser.add_argument("--model")
     parser.add_argument("--random-model", action="store_true", help="random-weight Llama-3.2-1B shape (see above)")
+    parser.add_argument("--demo", action="store_true",
+                        help="the demo's shipped model on its world's harmful prompts, judged exactly (see above)")
     parser.add_argument("--hh")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -115,19 +138,20 @@ def main():
     parser.add_argument("--judge-model", help="local sequence-classification model for --judge moderation")
     parser.add_argument("--keywords", default=QUICK_KEYWORDS, help="comma-separated words for --judge keyword")
     parser.add_argument("--judge-prompts", type=int, default=None, help="prompts of the virtual-loss comparison")
+    parser.add_argument("--judge-seeds", type=int, default=1, help="search seeds per variant of that comparison")
     parser.add_argument("--virtual-leaves", type=int, default=4, help="parallel_leaves of the 'on' variant")
     parser.add_argument("--kv-tokens", type=int, default=None, help="KV pool of the tree engine, in tokens")
     args = parser.parse_args()
-    if not args.quick and not ((args.model or args.random_model) and args.hh):
-        parser.error("give --quick, or --model (or --random-model) and --hh")
-    if args.quick and args.device == "cpu":
+    if not (args.quick or args.demo) and not ((args.model or args.random_model) and args.hh):
+        parser.error("give --quick, --demo, or --model (or --random-model) and --hh")
+    tiny = args.quick or args.demo
+    if tiny and args.device == "cpu":
         torch.set_num_threads(1)    # tiny ops: a second thread only adds wake-ups (and stalls on a shared CPU)
-    model, tok, prompts = load(args)
-    judge_prompt = JudgePrompt()
-    config = RainConfig(max_new_tokens=args.max_new_tokens or (8 if args.quick else 64),
-                        root_visits=args.root_visits or (10 if args.quick else 50))
+    model, tok, prompts, judge_prompt, defaults, harm_judge = load(args)
+    chosen = {"max_new_tokens": args.max_new_tokens, "root_visits": args.root_visits}
+    config = RainConfig(**{**defaults, **{k: v for k, v in chosen.items() if v is not None}})
     common = dict(judge_prompt=judge_prompt, embedding=args.embedding,
-                  runner_tokens=args.kv_tokens or (1 << 16 if args.quick else 1 << 18))
+                  runner_tokens=args.kv_tokens or (1 << 16 if tiny else 1 << 18))
     first = prompts[:args.prompts]
     rows = []
     for engine in ("tree", "slow"):                  # warm-up: first calls, lazy imports, allocator
@@ -153,18 +177,19 @@ def main():
         rows.append(row(f"tree x{c}", rain_generate(model, tok, prompts[:c], config, engine="tree", concurrency=c,
                                                    sampler="torch", **common)))
 
-    judge, judge_name = make_judge(args)
+    judge, judge_name = harm_judge or make_judge(args)
     judged = prompts[:args.judge_prompts or (16 if args.quick else 100)]
     for leaves in (1, args.virtual_leaves):
-        variant = dataclasses.replace(config, parallel_leaves=leaves)
-        run = rain_generate(model, tok, judged, variant, engine="tree", concurrency=min(len(judged), 32),
-                            sampler="torch", **common)
-        ok = [r for r in run.results if r.error is None]
-        verdicts = judge([(r.prompt, r.answer) for r in ok])
-        rows.append(row(f"tree vl={leaves}", run, {
-            "parallel_leaves": leaves, "judged": len(ok),
-            "harmless_rate": 1.0 - sum(verdicts) / max(len(ok), 1),
-            "calls_per_iteration": run.stats.model_calls / max(run.stats.iterations, 1)}))
+        for seed in range(args.judge_seeds):
+            variant = dataclasses.replace(config, parallel_leaves=leaves, seed=config.seed + seed)
+            run = rain_generate(model, tok, judged, variant, engine="tree", concurrency=min(len(judged), 32),
+                                sampler="torch", **common)
+            ok = [r for r in run.results if r.error is None]
+            verdicts = judge([(r.prompt, r.answer) for r in ok])
+            rows.append(row(f"tree vl={leaves}", run, {
+                "parallel_leaves": leaves, "seed": variant.seed, "judged": len(ok),
+                "harmless_rate": 1.0 - sum(verdicts) / max(len(ok), 1),
+                "calls_per_iteration": run.stats.model_calls / max(run.stats.iterations, 1)}))
 
     print_table(rows, [("engine", "engine", "{}"), ("prompts", "prompts", "{}"), ("committed", "commit", "{}"),
                        ("calls", "calls", "{}"), ("rows_per_call", "rows/call", "{:.1f}"),
@@ -181,9 +206,11 @@ def main():
         note.append("GPU numbers unmeasured in the session that wrote this")
     if args.quick or args.random_model:
         note.append("harmless rates come from a random model: they measure nothing")
-    path = write_results("rain", args.device, {"quick": args.quick, "model": args.model or ("random Llama-3.2-1B shape" if args.random_model
-                                                                                     else "tiny random Llama"),
-                                               "dtype": "float32" if args.quick else args.dtype,
+    if args.demo:
+        note.append("the demo's 0.9M-parameter model, trained on its synthetic world: harmless rates are real "
+                    "for that model and world, not for language models at large")
+    path = write_results("rain", args.device, {"quick": args.quick, "model": model_name(args),
+                                               "dtype": "float32" if args.quick or args.demo else args.dtype,
                                                "config": vars(config), "embedding": args.embedding,
                                                "judge": judge_name, "note": "; ".join(note)}, rows)
     print("wrote", path)
