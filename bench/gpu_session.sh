@@ -5,6 +5,7 @@
 #   bash bench/gpu_session.sh --prepare   # here, with network: wheels into .whl/, the shared data and the
 #                                         # commit into .carry/ (prepare again after committing)
 #   then the device tool: run(command="bash bench/gpu_session.sh", carry=[".whl", ".carry"], timeout_s=600)
+#   with device time left: run(command="bash bench/gpu_session.sh 8b", ...)   # bench_unlearn --preset 8b alone
 #
 # On the GPU machine (no network) it installs the carried wheels (liger-kernel and cut-cross-entropy, the
 # baselines of bench_loss.py) and fastalign itself, then runs, each step under its own time limit so that the
@@ -51,6 +52,11 @@ session() {
     python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
     rm -f bench/results/*.json   # only this run's results come back
 
+    if [[ "${1:-}" == "8b" ]]; then
+        step 400 "bench_unlearn 8b (LoRA; full weights + cached reference)" \
+            python3 bench/bench_unlearn.py --preset 8b --reps 2
+        return
+    fi
     step 150 "tests needing CUDA, then the Triton kernels on the GPU" \
         bash -c "python3 -m pytest -q -m gpu tests 2>&1 | tail -25; python3 -m pytest -q tests/kernels 2>&1 | tail -8"
     step 150 "bench_loss" python3 bench/bench_loss.py --tokens 8192
@@ -62,4 +68,4 @@ session() {
     ls -la "$OUT"
 }
 
-session 2>&1 | tee "$OUT/session.log"
+session "$@" 2>&1 | tee "$OUT/session.log"
