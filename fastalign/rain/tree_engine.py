@@ -23,6 +23,9 @@
   would compute the same position run once (the position is marked pending; others wait a round).
 - Prompt starts (roots.py) cut the run's starting sequences where they part, so prompts share the rows
   of their common beginning and the judge's few-shot prefix (pinned) is computed once.
+- A judge prompt that begins with the conversation itself (no few-shot text before it) reads the very
+  sequences the search generates: then one trie serves both sides, its judge-side rows reduce their
+  outputs like generation rows ("gen"), and the judge's copy of a path or rollout costs nothing.
 - A commit keeps only the new root's subtries (the rewind); `finish` drops a prompt's tries and `close`
   the shared prefixes, so a finished run holds no span.
 """
@@ -321,18 +324,21 @@ class TreeEngine:
         for ctx in contexts:
             root_seq, head_seq = self.plan_of[ctx.index]
             items.append((root_seq, ctx.stats, "expand"))
-            if ctx.head_ids:
+            if ctx.head_ids and not _judges_generation(ctx):
                 items.append((head_seq, ctx.stats, "evaluate"))
         entries = iter(self._start_sequences(items))
         for ctx, root in zip(contexts, roots):
             gen = PrefixNode(None, None, skey=ctx.root_key)
             gen.entry = next(entries)
-            judge = PrefixNode(None, None)
-            if ctx.head_ids:
-                judge.entry = next(entries)
+            if _judges_generation(ctx):
+                judge = gen
             else:
-                judge.entry = self.judge_prefix
-                self.judge_prefix.users += 1
+                judge = PrefixNode(None, None)
+                if ctx.head_ids:
+                    judge.entry = next(entries)
+                else:
+                    judge.entry = self.judge_prefix
+                    self.judge_prefix.users += 1
             root.handle = NodeState(gen, judge)
             ctx.handle = NodeState(gen, judge)
 
@@ -343,6 +349,9 @@ class TreeEngine:
             new_root.handle = NodeState(state.gen.walk(new_root.tokens))
         if new_root.handle.judge is None:
             new_root.handle.judge = state.judge.walk(judge_path_ids(self.tokenizer, new_root.tokens))
+        if _judges_generation(ctx):          # one trie: the judge keeps the origin it may read from
+            keep_only_below(new_root.handle.gen, self._drop, keep_origin=True)
+            return
         keep_only_below(new_root.handle.gen, self._drop, keep_origin=False)
         keep_only_below(new_root.handle.judge, self._drop, keep_origin=True)
 
@@ -480,10 +489,11 @@ class TreeEngine:
         token; a reply cut before a new turn ends in tokens of its own; a terminal leaf's path is fed only
         now) and the text both option blocks share, and the option blocks on top of it."""
         ctx, stats, eos = job.ctx, job.ctx.stats, self.tokenizer.eos_token_id
+        kind = _judge_row_kind(ctx)
         rollout_nodes = set()
         if not job.terminal:
             node = self._judge_node(job.node)
-            yield from self._ensure([node], stats, "evaluate", "plain", self._sibling_cuts(job.node))
+            yield from self._ensure([node], stats, "evaluate", kind, self._sibling_cuts(job.node))
             fed = 0
             while not rollout.done:
                 if fed == len(rollout.tokens):
@@ -496,7 +506,7 @@ class TreeEngine:
                         drawn.append(node)
                 fed = len(rollout.tokens)
                 if drawn:                        # tokens drawn without model work arrive together
-                    yield from self._ensure([node], stats, "evaluate", "plain", set(drawn))
+                    yield from self._ensure([node], stats, "evaluate", kind, set(drawn))
             for token in rollout.tokens[fed:]:   # drawn last: each a position of its own in the last row
                 if token != eos:
                     node = node.child(token)
@@ -512,22 +522,22 @@ class TreeEngine:
             origin = self._judge_node(job.node) if base == "leaf" else ctx.handle.judge
             node = origin.walk(ids)
             cuts = self._sibling_cuts(job.node) if job.terminal else rollout_nodes
-            value = yield from self._score(node, stats, cuts)
+            value = yield from self._score(node, stats, cuts, kind)
         finally:
             ctx.judging.discard(reply)
         ctx.judge_cache[reply] = value
         return Evaluation(value, rollout.tokens, rollout.hidden_sum, (base, list(ids)))
 
-    def _score(self, conversation: PrefixNode, stats, cuts):
+    def _score(self, conversation: PrefixNode, stats, cuts, kind: str):
         """Program: the conversation's missing tokens (entries at `cuts` on the way and at its end) and the
-        text both option blocks share in one row, and both option blocks as two rows on that row, in ONE
-        call."""
+        text both option blocks share in one row (of `kind`), and both option blocks as two rows on that
+        row, in ONE call."""
         shared_ids = list(self.judge.shared_suffix_ids)
         while True:
             if conversation.entry is not None:
                 row = Row(conversation.entry, shared_ids, stats, "evaluate", "plain") if shared_ids else None
             else:
-                row = self._row_to(conversation, stats, "evaluate", "plain", cuts, shared_ids)
+                row = self._row_to(conversation, stats, "evaluate", kind, cuts, shared_ids)
             if row is not None or conversation.entry is not None:
                 break
             yield []                             # a position on the way is being computed by another row
@@ -540,6 +550,17 @@ class TreeEngine:
             if shared_ids:                       # the row's end is the transient shared text
                 self._drop(shared)
         return self.judge.score(torch.stack(logits))
+
+
+def _judges_generation(ctx: PromptContext) -> bool:
+    """True when the judge's input begins with exactly the generated sequence (few-shot prefix + head ==
+    generation prefix + prompt): one trie then serves both sides."""
+    return ctx.head_key == ctx.gen_key
+
+
+def _judge_row_kind(ctx: PromptContext) -> str:
+    """Judge-side rows on a shared trie compute positions the search may read: they reduce their outputs."""
+    return "gen" if _judges_generation(ctx) else "plain"
 
 
 def _abandon(rows: Sequence[Row]):

@@ -116,6 +116,23 @@ def test_no_recomputation_with_long_rollouts(sampler, parallel_leaves):
     assert not runner.live
 
 
+def test_judge_prompt_that_begins_with_the_conversation_shares_the_generation_trie():
+    """A judge template with nothing before the conversation reads exactly the sequences the search
+    generates: the tree engine computes them once for both sides (as the demo's judge prompt needs), makes
+    the decisions of the reference engine, feeds exactly the tree's minimum and releases everything."""
+    judge_prompt = dataclasses.replace(SHORT_JUDGE, template="{conversation}\nJudge the conversation.\n{options}")
+    model = HashLM(len(tokenizer()))
+    out = run_both(model, PROMPTS, SMALL, lambda: HashRunner(len(tokenizer())), judge_prompt=judge_prompt,
+                   embedding="hidden", sampler="keyed", concurrency=2)
+    slow, (tree, runner) = out["slow"][0], out["tree"]
+    assert all(r.error is None for r in tree.results) and tree.stats.committed_tokens > 0
+    assert decisions(slow) == decisions(tree)
+    assert tree.stats.recomputed_tokens == 0
+    assert tree.stats.tokens == tree.stats.minimum_tokens
+    assert tree.required.keys <= tree.ledger.fed_keys
+    assert not runner.live
+
+
 def test_replies_cut_at_a_new_turn():
     """A turn marker that most replies contain ("e"), so that the judge reads replies cut before it: both
     engines still decide alike, and the judge's copy keeps the model's tokens up to the cut, so nearly
