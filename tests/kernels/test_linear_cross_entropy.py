@@ -95,10 +95,15 @@ def test_fp16_with_small_grad_scale_matches_float64():
                             grad_scale_size=1e-3)
 
 
+# on CUDA, (3000, 1024, 5003) spans 2 row segments and 5 vocabulary chunks of the backward (chunk_plan)
+GPU_SHAPES = [(300, 264, 5003), (3000, 1024, 5003)]
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_on_gpu_matches_float64(dtype):
-    check_against_reference(300, 264, 5003, dtype, with_bias=True, tol=2e-2)
+@pytest.mark.parametrize("num_rows, hidden_size, vocab", GPU_SHAPES)
+def test_half_precision_on_gpu_matches_float64(dtype, num_rows, hidden_size, vocab):
+    check_against_reference(num_rows, hidden_size, vocab, dtype, with_bias=True, tol=2e-2)
 
 
 @requires_cuda

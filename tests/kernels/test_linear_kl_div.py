@@ -9,6 +9,7 @@ import torch
 
 from fastalign.kernels import linear_kl_div as kernel
 from tests.conftest import HAS_CUDA, requires_cuda
+from tests.kernels.test_linear_cross_entropy import GPU_SHAPES
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -186,8 +187,10 @@ def test_fp16_gradient_chunks_are_scaled_out_of_the_subnormal_range():
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shared_weight", [False, True])
-def test_half_precision_on_gpu_matches_float64(dtype, shared_weight):
-    check_against_reference(300, 264, 5003, dtype, tol=2e-2, ref_distance=1e-1, shared_weight=shared_weight)
+@pytest.mark.parametrize("num_rows, hidden_size, vocab", GPU_SHAPES)
+def test_half_precision_on_gpu_matches_float64(dtype, shared_weight, num_rows, hidden_size, vocab):
+    check_against_reference(num_rows, hidden_size, vocab, dtype, tol=2e-2, ref_distance=1e-1,
+                            shared_weight=shared_weight)
 
 
 @requires_cuda
