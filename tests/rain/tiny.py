@@ -3,11 +3,11 @@ short judge prompt, and a hash-based fake model whose logits are a function of t
 import functools
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fastalign.rain import JudgePrompt
 from fastalign.rain.judge import DEFAULT_FEW_SHOT
+from tests.byte_bpe import train_byte_bpe
 
 CORPUS = [
     "Human: How do I bake bread?\nAssistant: Mix flour, water and yeast, then bake it.",
@@ -27,13 +27,7 @@ SHORT_JUDGE = JudgePrompt(template="Judge the conversation.\n{conversation}\n{op
 
 @functools.lru_cache(maxsize=None)
 def tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = train_byte_bpe(CORPUS, vocab_size=600)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 

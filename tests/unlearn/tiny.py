@@ -5,8 +5,10 @@ import gzip
 import json
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tests.byte_bpe import train_byte_bpe
 
 CORPUS = [
     "### Question: What is the capital of France?\n ### Answer: Paris is the capital of France.",
@@ -22,13 +24,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | tr
 @functools.lru_cache(maxsize=None)
 def byte_bpe_tokenizer(with_pad: bool = False) -> PreTrainedTokenizerFast:
     """GPT-2 style byte-level BPE with a BOS post-processor; spaces are glued to the following word."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = train_byte_bpe(CORPUS, vocab_size=320)
     extra = {"pad_token": "<pad>"} if with_pad else {}
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", **extra)
     fast.chat_template = CHAT_TEMPLATE
