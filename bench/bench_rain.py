@@ -58,7 +58,8 @@ def load(args):
         world = load_world()
         prompts = [prompt_text(qa.question) for qa in world.harmful_forget + world.harmful_unseen]
         defaults = {"max_new_tokens": GENERATION.max_new_tokens, "turn_marker": "###"}
-        return model.to(args.device), tok, prompts, JUDGE_PROMPT, defaults, (world.judge, "the demo world's exact judge")
+        judge = (world.judge, "the demo world's exact judge")
+        return model.to(args.device), tok, prompts, JUDGE_PROMPT, defaults, judge
     defaults = {"max_new_tokens": 8, "root_visits": 10} if args.quick else {"max_new_tokens": 64, "root_visits": 50}
     if args.quick:
         from tests.rain.tiny import tiny_llama, tokenizer

@@ -100,8 +100,9 @@ def backward(hidden, weight, bias, target, lse, grad_scale, need_weight_grad, ne
     None (and not computed) unless asked for.
     """
     def write_gradient(rows, cols, row_scale, out):
-        _gradient_kernel[chunk_grid(out)](hidden[rows], weight[cols], weight if bias is None else bias[cols], target[rows],
-                               lse[rows], row_scale, out, out.shape[0], hidden.shape[1], out.shape[1],
-                               cols.start, out.stride(0), HAS_BIAS=bias is not None)
+        _gradient_kernel[chunk_grid(out)](hidden[rows], weight[cols], weight if bias is None else bias[cols],
+                                          target[rows], lse[rows], row_scale, out,
+                                          out.shape[0], hidden.shape[1], out.shape[1], cols.start, out.stride(0),
+                                          HAS_BIAS=bias is not None)
 
     return backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_grad, write_gradient)

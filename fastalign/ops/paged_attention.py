@@ -101,7 +101,8 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, *, validate=None):
 
     k, v [T, num_kv_heads, head_dim] of the cache's dtype and device; slot_mapping [T] int64 with
     slot = block * block_size + offset; in each cache the slots of consecutive blocks follow each other
-    (stride(0) == block_size * stride(1), as in a KVPool layer). Slots must be distinct (a repeated slot keeps an arbitrary one).
+    (stride(0) == block_size * stride(1), as in a KVPool layer). Slots must be distinct (a repeated slot
+    keeps an arbitrary one).
     """
     _check_cache_pair(k_cache, v_cache)
     if k.dim() != 3 or k.shape[1:] != k_cache.shape[2:]:

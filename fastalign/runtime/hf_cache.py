@@ -47,7 +47,8 @@ class HFCacheModel:
             start, end = cu[row], cu[row + 1]
             context = seq_len - (end - start)
             cache = self._gather_context(pool, batch.block_table[row], context)
-            out = self.model(input_ids=batch.input_ids[None, start:end], use_cache=True, **cache_kwargs(self.model, cache),
+            out = self.model(input_ids=batch.input_ids[None, start:end], use_cache=True,
+                             **cache_kwargs(self.model, cache),
                              attention_mask=torch.ones(1, seq_len, dtype=torch.long, device=self.device),
                              output_hidden_states=want_hidden and select is not None)
             extra = np.flatnonzero((batch.host_extra_src >= start) & (batch.host_extra_src < end))
