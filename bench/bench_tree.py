@@ -18,6 +18,8 @@ attention   Decode attention of R rows that share a prefix of P tokens (its full
             difference to dense sdpa is printed as a sanity check.
 extend      A random Llama (Llama-3.2-1B shape in bf16 on CUDA) holding a prefix of 1,500 tokens: one
             batched extend of 10 children by 10 tokens each against one child by 10 tokens; target 1.5x.
+            On CUDA both with the runner's cascade attention (the children read the prefix blocks once)
+            and without it (cascade_attention=False: once per child).
 rewind      Releasing a branch of L tokens below the prefix (what a search does when it rewinds), and
             extending the prefix by one token afterwards, for growing L: both should stay flat.
 decode      Plain batch-1 greedy decoding: TreeRunner (one extend per token) against Hugging Face
@@ -161,7 +163,7 @@ ATTENTION_COLUMNS = [("prefix", "prefix", "{}"), ("rows", "rows", "{}"), ("uniqu
 
 
 EXTEND_COLUMNS = [("prefix", "prefix", "{}"), ("children", "children", "{}"), ("tokens_each", "tokens each", "{}"),
-                  ("ms", "ms", "{:.2f}"), ("vs_one_child", "vs one child", "{:.2f}x")]
+                  ("cascade", "cascade", "{}"), ("ms", "ms", "{:.2f}"), ("vs_one_child", "vs one child", "{:.2f}x")]
 REWIND_COLUMNS = [("prefix", "prefix", "{}"), ("branch_tokens", "branch tokens", "{}"),
                   ("release_us", "release us", "{:.1f}"), ("extend_after_us", "extend 1 token after, us", "{:.0f}")]
 DECODE_COLUMNS = [("prompt", "prompt", "{}"), ("new_tokens", "new tokens", "{}"), ("method", "method", "{}"),
@@ -200,7 +202,7 @@ def random_tokens(n, vocab):
     return torch.randint(0, vocab, (n,)).tolist()
 
 
-def extend_rows(runner, root, vocab, device, children_counts, tokens_each):
+def extend_rows(runner, root, vocab, device, children_counts, tokens_each, cascade):
     """Time of one batched extend of k children of root by tokens_each tokens, for each k."""
     rows, one_child_ms = [], None
     for k in children_counts:
@@ -209,7 +211,7 @@ def extend_rows(runner, root, vocab, device, children_counts, tokens_each):
         ms = median_ms_of_steps(step, runner.release, device)
         one_child_ms = ms if k == 1 else one_child_ms
         rows.append({"section": "extend", "prefix": root.length, "children": k, "tokens_each": tokens_each,
-                     "ms": ms, "vs_one_child": None if one_child_ms is None else ms / one_child_ms})
+                     "cascade": cascade, "ms": ms, "vs_one_child": None if one_child_ms is None else ms / one_child_ms})
     return rows
 
 
@@ -272,10 +274,14 @@ def runner_rows(args, device, dtype):
     from fastalign.runtime import TreeRunner
     model = random_llama(args.quick, device, dtype)
     vocab = model.config.vocab_size
-    runner = TreeRunner(model, max_tokens=args.pool_tokens)
-    root = runner.prefill(random_tokens(args.tree_prefix, vocab))
-    runner.pin(root)
-    rows = extend_rows(runner, root, vocab, device, [1, args.children], args.child_tokens)
+    prefix = random_tokens(args.tree_prefix, vocab)
+    rows = []
+    for cascade in ("off", "on") if device.type == "cuda" else ("-",):  # the torch backend has no cascade
+        runner = TreeRunner(model, max_tokens=args.pool_tokens, cascade_attention=cascade != "off")
+        root = runner.prefill(prefix)
+        runner.pin(root)
+        rows += extend_rows(runner, root, vocab, device, [1, args.children], args.child_tokens, cascade)
+    # the last runner (with the cascade, where there is one) serves the rewind and decode sections
     rows += rewind_rows(runner, root, vocab, device, args.branch_lengths)
     rows += decode_rows(model, runner, random_tokens(args.decode_prompt, vocab), args.decode_tokens, device)
     return rows

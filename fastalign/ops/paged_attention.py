@@ -55,7 +55,7 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, sc
     if validate or (validate is None and q.device.type == "cpu"):
         check_paged_metadata(block_table, seq_lens, cu_q_lens, num_tokens=q.shape[0],
                              num_blocks=k_cache.shape[0], block_size=k_cache.shape[1], shared_prefix=shared_prefix)
-    if _resolve_backend(backend, q.device) == "triton":
+    if resolve_backend(backend, q.device) == "triton":
         from fastalign.kernels.paged_attention import paged_attention_triton
         return paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, float(scale),
                                       shared_prefix=shared_prefix)
@@ -68,26 +68,34 @@ def plan_shared_prefix(block_table, seq_lens, cu_q_lens, block_size):
 
     Consecutive rows form a group while each new row shares, with the group's first row, at least half
     of the group's current prefix (and at least one block); the group's prefix is the blocks all its rows
-    share, counting only whole blocks before each row's new tokens.
+    share, counting only whole blocks before each row's new tokens. The block comparisons are one numpy
+    pass (a runtime plans every forward); the walk over rows only compares integers.
     """
     table = np.asarray(block_table)
     seq = np.asarray(seq_lens, dtype=np.int64)
     cu = np.asarray(cu_q_lens, dtype=np.int64)
     usable = (seq - np.diff(cu)) // block_size  # whole blocks before each row's new tokens
-    if len(usable) == 0:
+    width = min(table.shape[1], int(usable.max(initial=0)))
+    if len(usable) < 2 or width == 0:
         return None
+    # Blocks that row r shares with row r - 1: the leading run of equal ids, within both rows' usable blocks.
+    # Inside a group, rows agree with its first row on the group's prefix, so for those blocks, agreeing
+    # with the previous row is agreeing with the first.
+    same = (table[1:, :width] == table[:-1, :width]) & (
+        np.arange(width)[None, :] < np.minimum(usable[1:], usable[:-1])[:, None])
+    with_previous = np.where(same.all(axis=1), width, same.argmin(axis=1)).tolist()
+    usable = usable.tolist()
     cu_group_rows, prefix_blocks = [0], []
-    first, shared = 0, int(usable[0])
-    for r in range(1, len(usable)):
-        limit = min(shared, int(usable[r]))
-        differ = np.flatnonzero(table[r, :limit] != table[first, :limit])
-        common = int(differ[0]) if len(differ) else limit
-        if common >= max(1, (shared + 1) // 2):
+    shared = usable[0]
+    for r, common in enumerate(with_previous, start=1):
+        if common >= shared > 0:
+            continue  # the row shares the group's whole prefix
+        if 0 < common < shared <= 2 * common:
             shared = common
         else:
             cu_group_rows.append(r)
             prefix_blocks.append(shared)
-            first, shared = r, int(usable[r])
+            shared = usable[r]
     cu_group_rows.append(len(usable))
     prefix_blocks.append(shared)
     if len(prefix_blocks) == len(usable):
@@ -258,7 +266,8 @@ def _check_index(t, name, shape, dtype, device):
         raise ValueError(f"{name}: expected device {device} (that of q / the cache), got {t.device}")
 
 
-def _resolve_backend(backend, device):
+def resolve_backend(backend, device):
+    """The backend ("triton" or "torch") that `paged_attention(backend=backend)` uses for tensors on `device`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":

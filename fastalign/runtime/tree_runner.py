@@ -12,6 +12,7 @@ other causal LMs fall back to Hugging Face's own forward and cache, row by row, 
 import numpy as np
 import torch
 
+from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.forward_batch import ForwardBatch
 from fastalign.runtime.kv_pool import KVPool
 from fastalign.runtime.llama import PagedLlama, llama_family_problem
@@ -27,10 +28,13 @@ class TreeRunner:
     Size the KV pool with exactly one of `max_tokens` (rounded up to whole blocks) or `max_bytes`.
     `fallback=False` refuses models outside the Llama family instead of running them on Hugging Face's
     cache. `attention_backend` is passed to `fastalign.ops.paged_attention` ("auto", "triton", "torch").
+    `cascade_attention`: on the Triton backend, rows of a forward that share whole prefix blocks (the
+    children of one span, consecutive in the call) read those blocks once per group instead of once per
+    row (planned on the host for each forward, `plan_shared_prefix`); results are the same either way.
     """
 
     def __init__(self, model, *, max_tokens=None, max_bytes=None, block_size=16, fallback=True,
-                 attention_backend="auto"):
+                 attention_backend="auto", cascade_attention=True):
         if not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
         problem = llama_family_problem(model)
@@ -51,6 +55,8 @@ class TreeRunner:
         self.pool = KVPool(num_blocks=num_blocks, device=mr.device, **geometry)
         self.store = SpanStore(num_blocks, block_size)
         self.vocab_size = model.get_input_embeddings().num_embeddings
+        self._cascade_block_size = block_size if (
+            cascade_attention and self.paged and resolve_backend(attention_backend, mr.device) == "triton") else None
         self.max_context = mr.max_context
 
     # ----- the tree
@@ -268,7 +274,7 @@ class TreeRunner:
             if len(plan.copy_src):
                 self.pool.copy_blocks(torch.from_numpy(plan.copy_src.astype(np.int64)).to(device),
                                       torch.from_numpy(plan.copy_dst.astype(np.int64)).to(device))
-            batch = ForwardBatch.from_plan(plan, device)
+            batch = ForwardBatch.from_plan(plan, device, cascade_block_size=self._cascade_block_size)
             if logits is None and hidden is None:
                 select = None
             elif "all" in (logits, hidden):

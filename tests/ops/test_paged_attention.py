@@ -1,4 +1,5 @@
 """paged_attention and write_kv against the float64 reference, on both backends, and their input checks."""
+import numpy as np
 import pytest
 import torch
 
@@ -129,6 +130,41 @@ def test_plan_shared_prefix_groups_rows_by_their_common_whole_blocks():
     cu_group_rows, prefix_lens = plan_shared_prefix(table, seq_lens, cu_q_lens, 4)
     assert cu_group_rows.tolist() == [0, 3, 5, 6] and prefix_lens.tolist() == [12, 4, 0]
     assert cu_group_rows.dtype == prefix_lens.dtype == torch.int32
+
+
+def _plan_rule_row_by_row(table, seq_lens, cu_q_lens, block_size):
+    """The grouping rule of plan_shared_prefix written plainly: each row compared with its group's first row."""
+    usable = [(int(s) - (int(cu_q_lens[r + 1]) - int(cu_q_lens[r]))) // block_size for r, s in enumerate(seq_lens)]
+    starts, prefixes, first, shared = [0], [], 0, usable[0]
+    for r in range(1, len(usable)):
+        limit = min(shared, usable[r])
+        common = next((j for j in range(limit) if table[r][j] != table[first][j]), limit)
+        if common >= max(1, (shared + 1) // 2):
+            shared = common
+        else:
+            starts.append(r)
+            prefixes.append(shared)
+            first, shared = r, usable[r]
+    prefixes.append(shared)
+    return None if len(prefixes) == len(usable) else (starts + [len(usable)], [p * block_size for p in prefixes])
+
+
+def test_plan_shared_prefix_follows_its_rule_on_random_batches():
+    rng = np.random.default_rng(0)
+    grouped = 0
+    for _ in range(500):
+        rows, width, block_size = int(rng.integers(1, 10)), int(rng.integers(1, 7)), int(rng.choice([1, 2, 4]))
+        common_ids = rng.integers(0, 4, size=(1, width))
+        table = np.where(rng.random((rows, width)) < 0.25, rng.integers(0, 4, size=(rows, width)), common_ids)
+        table = table[np.lexsort(table.T[::-1])] if rng.random() < 0.5 else table  # long runs, or not
+        seq_lens = rng.integers(1, width * block_size + 1, size=rows)
+        q_lens = np.minimum(rng.integers(1, 4, size=rows), seq_lens)
+        cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)])
+        expected = _plan_rule_row_by_row(table.tolist(), seq_lens, cu_q_lens, block_size)
+        plan = plan_shared_prefix(table.astype(np.int32), seq_lens, cu_q_lens, block_size)
+        assert (None if plan is None else tuple(t.tolist() for t in plan)) == expected
+        grouped += expected is not None
+    assert grouped > 100  # both outcomes are covered
 
 
 def test_plan_shared_prefix_is_none_without_sharing():
