@@ -12,8 +12,10 @@ class KVPool:
     """KV storage for `num_blocks` blocks of `block_size` tokens of every layer of one model."""
 
     def __init__(self, *, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
-        # Zeros, not garbage: a block's unused slots then never hold NaN or inf.
-        self.data = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
+        # Not initialised (a large pool costs no fill, and on the CPU only the pages written get touched):
+        # attention reads a slot only once its token's K/V is written, which the runtime tests check by
+        # filling a fresh pool with NaN.
+        self.data = torch.empty(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
                                 dtype=dtype, device=device)
 
     @staticmethod

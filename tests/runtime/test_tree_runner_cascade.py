@@ -33,6 +33,7 @@ def attention_calls(monkeypatch):
 def test_children_of_one_span_are_planned_as_one_group_and_match_hugging_face(name, cascade, attention_calls):
     model = tiny_model(name, device=TRITON_DEVICE)
     runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="triton", cascade_attention=cascade)
+    runner.pool.data.fill_(float("nan"))  # slots must be written before they are read
     root = runner.prefill(ROOT)
     (mid,), _ = runner.extend([root], [MID])
     attention_calls.clear()

@@ -20,6 +20,7 @@ LISTS = [[9, 2], [6, 5, 3], [7], [8, 8], [2, 7, 1, 8, 2], [4], [1, 1, 1, 1, 1]]
 def test_rows_on_earlier_rows_match_hugging_face(name, with_cuts):
     model = tiny_model(name)
     runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="torch")
+    runner.pool.data.fill_(float("nan"))  # slots must be written before they are read
     root = runner.prefill(ROOT)
     parents = [root if p == "root" else p for p in PARENTS]
     cuts = [[1], [1, 2], [], [], [3], [], [2]] if with_cuts else None
