@@ -58,7 +58,7 @@ session() {
         return
     fi
     step 150 "tests needing CUDA, then the Triton kernels on the GPU" \
-        bash -c "python3 -m pytest -q -m gpu tests 2>&1 | tail -25; python3 -m pytest -q -m \"not gpu\" tests/kernels 2>&1 | tail -8"
+        bash -c "python3 -m pytest -q -m gpu tests 2>&1 | tail -25; python3 -m pytest -q -m \"not gpu\" tests/kernels tests/runtime/test_tree_runner_cascade.py 2>&1 | tail -8"
     step 150 "bench_loss" python3 bench/bench_loss.py --tokens 8192
     step 90 "bench_tree" python3 bench/bench_tree.py --prefix 1500 8000 32000 --rows 1 10 64 --branch-lengths 16 2048 8192 \
         --decode-tokens 64

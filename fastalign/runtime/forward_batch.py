@@ -1,5 +1,6 @@
 """A forward plan of the span tree moved to the model's device, in the layout of the paged attention ops."""
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -22,7 +23,8 @@ class ForwardBatch:
     extra_src: torch.Tensor     # [E] int64: token extra_src[i]'s K/V also goes to slot extra_dst[i] (a block
     extra_dst: torch.Tensor     # [E] int64  copied for a row that extends a row of the same forward)
     host_extra_src: np.ndarray
-    shared_prefix: tuple = None  # (cu_group_rows, prefix_lens) int32 for the cascade attention, or None
+    # (cu_group_rows, prefix_lens) int32: rows that share prefix blocks, for the cascade attention; or None
+    shared_prefix: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     @classmethod
     def from_plan(cls, plan, device, *, cascade_block_size=None):
