@@ -83,9 +83,11 @@ def liger_kl():
 
 
 def optional(factory):
+    """factory() (a baseline's loss function), or None when its package is missing or fails to load."""
     try:
         return factory()
-    except ImportError:
+    except Exception as err:  # ImportError, or a package that imports but does not work with this torch/triton
+        print(f"skipped: {factory.__name__} ({type(err).__name__}: {err})")
         return None
 
 
@@ -99,10 +101,13 @@ def matmul_peak_tflops(device, dtype):
 def measure(name, loss_fn, make_inputs, grad_inputs, flops_fwd, device, grad_bytes, logits_bytes):
     """One table row: forward-only and forward+backward time and memory of loss_fn on fresh inputs."""
     args = make_inputs()
+    # Forward only on detached inputs: Liger computes its gradients inside the forward whenever the inputs
+    # require them, even under no_grad.
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
 
     def forward():
         with torch.no_grad():
-            loss_fn(*args)
+            loss_fn(*detached)
 
     def forward_backward():
         for t in grad_inputs(args):
@@ -118,6 +123,8 @@ def measure(name, loss_fn, make_inputs, grad_inputs, flops_fwd, device, grad_byt
         fb_mib = harness.peak_extra_mib(forward_backward, device)
     except torch.OutOfMemoryError:
         return {"method": name, "error": "out of memory"}
+    except Exception as err:  # one method failing must not lose the others' rows
+        return {"method": name, "error": f"{type(err).__name__}: {err}"[:300]}
     extra = None if fb_mib is None else fb_mib - grad_bytes / 2 ** 20
     return {"method": name, "fwd_ms": fwd_ms, "fwd_bwd_ms": fb_ms, "fwd_tflops": flops_fwd / fwd_ms / 1e9,
             "fwd_bwd_tflops": 3 * flops_fwd / fb_ms / 1e9, "fwd_peak_mib": fwd_mib, "fwd_bwd_peak_mib": fb_mib,
@@ -130,53 +137,51 @@ COLUMNS = [("op", "op", "{}"), ("n", "N", "{}"), ("method", "method", "{}"), ("f
            ("extra_vs_logits", "extra/logits", "{:.2%}"), ("error", "error", "{}")]
 
 
-def report(rows, row, verbose):
+def report(rows, row, args, config):
+    """Adds a row, and rewrites the JSON with every row so far (a run cut short keeps what it measured)."""
+    if "fwd_bwd_tflops" in row:
+        row["fraction_of_matmul_peak"] = row["fwd_bwd_tflops"] / config["matmul_peak_tflops"]
     rows.append(row)
-    if verbose:
+    harness.write_results("bench_loss", args.device, config, rows)
+    if args.verbose:
         harness.print_table([row], COLUMNS)
 
 
-def run(args):
+def run(args, config):
+    """Every (op, method) at every N, in the order of what the issue's targets compare (fastalign against
+    Liger and CCE first, then the other baselines), so that a run cut short keeps the rows that matter."""
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     rows = []
-    ce_methods = [("fastalign", fastalign_ce), ("fastalign signed-weights", fastalign_ce_signed),
-                  ("naive torch", naive_ce), ("torch.compile chunked", compiled_chunked_ce),
-                  ("liger", optional(liger_ce)), ("cut-cross-entropy", optional(cce_ce))]
-    kl_methods = [("fastalign", fastalign_kl), ("fastalign shared-head", fastalign_kl), ("naive torch", naive_kl),
-                  ("liger jsd beta=0", optional(liger_kl))]
+    ce, kl = "linear_cross_entropy", "linear_kl_div"
+    methods = [(ce, "fastalign", fastalign_ce), (ce, "liger", optional(liger_ce)),
+               (ce, "cut-cross-entropy", optional(cce_ce)), (kl, "fastalign", fastalign_kl),
+               (kl, "liger jsd beta=0", optional(liger_kl)), (ce, "fastalign signed-weights", fastalign_ce_signed),
+               (kl, "fastalign shared-head", fastalign_kl), (ce, "naive torch", naive_ce), (kl, "naive torch", naive_kl),
+               (ce, "torch.compile chunked", compiled_chunked_ce)]
     h, v = args.hidden, args.vocab
     for n in args.tokens:
         flops = 2 * n * h * v
-        logits_bytes = n * v * dtype.itemsize
         weight = (torch.randn(v, h, device=device, dtype=dtype) / h ** 0.5).requires_grad_()
+        ref_weight = torch.randn(v, h, device=device, dtype=dtype) / h ** 0.5
 
         def ce_inputs():
             hidden = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
             target = torch.randint(0, v, (n,), device=device)
             return hidden, weight, target, torch.randn(n, device=device)
 
-        for name, fn in ce_methods:
-            if fn is None:
-                continue
-            row = measure(name, fn, ce_inputs, lambda a: a[:2], flops, device, (n * h + v * h) * dtype.itemsize,
-                          logits_bytes)
-            report(rows, {"op": "linear_cross_entropy", "n": n, **row}, args.verbose)
-
-        ref_weight = torch.randn(v, h, device=device, dtype=dtype) / h ** 0.5
-
         def kl_inputs(shared):
             hidden = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
             ref_hidden = hidden.detach() + 0.1 * torch.randn_like(hidden)
             return hidden, weight, ref_hidden, weight if shared else ref_weight
 
-        for name, fn in kl_methods:
+        for op, name, fn in methods:
             if fn is None:
                 continue
-            make = functools.partial(kl_inputs, "shared" in name)
-            row = measure(name, fn, make, lambda a: a[:2], 2 * flops, device, (n * h + v * h) * dtype.itemsize,
-                          logits_bytes)
-            report(rows, {"op": "linear_kl_div", "n": n, **row}, args.verbose)
+            make = ce_inputs if op == ce else functools.partial(kl_inputs, "shared" in name)
+            row = measure(name, fn, make, lambda a: a[:2], flops if op == ce else 2 * flops, device,
+                          (n * h + v * h) * dtype.itemsize, n * v * dtype.itemsize)
+            report(rows, {"op": op, "n": n, **row}, args, config)
         del weight, ref_weight
     return rows
 
@@ -196,15 +201,12 @@ def main():
         args.dtype = args.dtype or "float32"
     args.dtype = args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32")
     peak = matmul_peak_tflops(args.device, getattr(torch, args.dtype))
-    rows = run(args)
-    for row in rows:
-        if "fwd_bwd_tflops" in row:
-            row["fraction_of_matmul_peak"] = row["fwd_bwd_tflops"] / peak
+    config = {"hidden": args.hidden, "vocab": args.vocab, "tokens": args.tokens, "dtype": args.dtype,
+              "matmul_peak_tflops": peak}
+    rows = run(args, config)
     print(f"device: {harness.device_name(args.device)}   dtype: {args.dtype}   H={args.hidden} V={args.vocab}   "
           f"measured {args.dtype} matmul peak: {peak:.3g} TFLOP/s")
     harness.print_table(rows, COLUMNS + [("fraction_of_matmul_peak", "of peak", "{:.0%}")])
-    config = {"hidden": args.hidden, "vocab": args.vocab, "tokens": args.tokens, "dtype": args.dtype,
-              "matmul_peak_tflops": peak}
     print("wrote", harness.write_results("bench_loss", args.device, config, rows))
 
 

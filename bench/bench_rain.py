@@ -154,7 +154,23 @@ def main():
     common = dict(judge_prompt=judge_prompt, embedding=args.embedding,
                   runner_tokens=args.kv_tokens or (1 << 16 if tiny else 1 << 18))
     first = prompts[:args.prompts]
+    note = []
+    if args.device == "cpu":
+        note.append("GPU numbers unmeasured in the session that wrote this")
+    if args.quick or args.random_model:
+        note.append("harmless rates come from a random model: they measure nothing")
+    if args.demo:
+        note.append("the demo's 0.9M-parameter model, trained on its synthetic world: harmless rates are real "
+                    "for that model and world, not for language models at large")
+    record = {"quick": args.quick, "model": model_name(args),
+              "dtype": "float32" if args.quick or args.demo else args.dtype, "config": vars(config),
+              "embedding": args.embedding, "judge": None, "note": "; ".join(note)}
     rows = []
+
+    def add(new_row):
+        """Adds a row and rewrites the JSON with every row so far (a run cut short keeps what it measured)."""
+        rows.append(new_row)
+        return write_results("rain", args.device, record, rows)
     for engine in ("tree", "slow"):                  # warm-up: first calls, lazy imports, allocator
         rain_generate(model, tok, first[:1], RainConfig(max_new_tokens=1, root_visits=2), engine=engine, **common)
 
@@ -163,22 +179,22 @@ def main():
     for p, r in zip(first, tree.results):
         greedy_answer(model, tok, p, max(len(r.answer_ids), 1), config.turn_marker)
     greedy_s = time.perf_counter() - start
-    rows.append(row("tree", tree, {"greedy_s_same_length": greedy_s,
-                                   "rain_over_greedy": tree.stats.wall_seconds / greedy_s}))
+    add(row("tree", tree, {"greedy_s_same_length": greedy_s, "rain_over_greedy": tree.stats.wall_seconds / greedy_s}))
     if not args.skip_slow:
         slow = rain_generate(model, tok, first, config, engine="slow", sampler="keyed", **common)
         same = [r.answer_ids for r in slow.results] == [r.answer_ids for r in tree.results]
-        rows.append(row("slow", slow, {"same_decisions": same}))
-        rows[0]["speedup_per_commit"] = rows[1]["s_per_commit"] / rows[0]["s_per_commit"]
-        rows[0]["token_ratio_vs_slow"] = rows[1]["tokens_per_commit"] / rows[0]["tokens_per_commit"]
+        slow_row = row("slow", slow, {"same_decisions": same})
+        rows[0]["speedup_per_commit"] = slow_row["s_per_commit"] / rows[0]["s_per_commit"]
+        rows[0]["token_ratio_vs_slow"] = slow_row["tokens_per_commit"] / rows[0]["tokens_per_commit"]
+        add(slow_row)
     for c in args.concurrency:
         if c > len(prompts):
             print(f"concurrency {c}: only {len(prompts)} distinct prompts, skipped")
             continue
-        rows.append(row(f"tree x{c}", rain_generate(model, tok, prompts[:c], config, engine="tree", concurrency=c,
-                                                   sampler="torch", **common)))
+        add(row(f"tree x{c}", rain_generate(model, tok, prompts[:c], config, engine="tree", concurrency=c,
+                                           sampler="torch", **common)))
 
-    judge, judge_name = harm_judge or make_judge(args)
+    judge, record["judge"] = harm_judge or make_judge(args)
     judged = prompts[:args.judge_prompts or (16 if args.quick else 100)]
     for leaves in (1, args.virtual_leaves):
         for seed in range(args.judge_seeds):
@@ -187,7 +203,7 @@ def main():
                                 sampler="torch", **common)
             ok = [r for r in run.results if r.error is None]
             verdicts = judge([(r.prompt, r.answer) for r in ok])
-            rows.append(row(f"tree vl={leaves}", run, {
+            add(row(f"tree vl={leaves}", run, {
                 "parallel_leaves": leaves, "seed": variant.seed, "judged": len(ok),
                 "harmless_rate": 1.0 - sum(verdicts) / max(len(ok), 1),
                 "calls_per_iteration": run.stats.model_calls / max(run.stats.iterations, 1)}))
@@ -202,19 +218,7 @@ def main():
     extra = {k: v for k, v in rows[0].items() if k in ("speedup_per_commit", "token_ratio_vs_slow",
                                                        "rain_over_greedy", "greedy_s_same_length")}
     print(extra)
-    note = []
-    if args.device == "cpu":
-        note.append("GPU numbers unmeasured in the session that wrote this")
-    if args.quick or args.random_model:
-        note.append("harmless rates come from a random model: they measure nothing")
-    if args.demo:
-        note.append("the demo's 0.9M-parameter model, trained on its synthetic world: harmless rates are real "
-                    "for that model and world, not for language models at large")
-    path = write_results("rain", args.device, {"quick": args.quick, "model": model_name(args),
-                                               "dtype": "float32" if args.quick or args.demo else args.dtype,
-                                               "config": vars(config), "embedding": args.embedding,
-                                               "judge": judge_name, "note": "; ".join(note)}, rows)
-    print("wrote", path)
+    print("wrote", write_results("rain", args.device, record, rows))
 
 
 if __name__ == "__main__":

@@ -334,6 +334,7 @@ def main():
         config.update({key: getattr(args, key) for key in ("heads", "kv_heads", "head_dim", "page", "prefix",
                                                              "rows", "suffix", "iters")},
                       copy_bandwidth_gbs=copy_gbs, bandwidth_target=BANDWIDTH_TARGET)
+        harness.write_results("bench_tree", device, config, rows)  # now too: the runner sections may be cut short
     if "runner" in args.sections:
         runner = runner_rows(args, device, dtype)
         for section, columns, note in (

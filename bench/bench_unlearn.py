@@ -148,10 +148,12 @@ def reference_recipe(model, batch, normal, args):
     finish = optimizer_step(model)
     nf, nm, examples = batch.num_forget, batch.num_mismatch, batch.examples
 
+    device = next(model.parameters()).device
+
     def padded(rows):
         tokens = collate(rows, 0)
         pad = args.max_length - tokens.input_ids.shape[1]
-        return F.pad(tokens.input_ids, (0, pad)), F.pad(tokens.attention_mask, (0, pad))
+        return F.pad(tokens.input_ids, (0, pad)).to(device), F.pad(tokens.attention_mask, (0, pad)).to(device)
 
     streams = {name: padded(rows) for name, rows in (("forget", examples[:nf]), ("mismatch", examples[nf:nf + nm]),
                                                      ("normal", examples[nf + nm:]))}
@@ -186,21 +188,40 @@ ON_ONE_GPU_8B = [("fastalign LoRA", fastalign_lora), ("fastalign full + cached",
 
 
 def measure(name, build, batch, normal, args, device, dtype):
-    """Builds a fresh model for one way, then times its steps and records peak memory."""
+    """Builds a fresh model for one way, then times its steps and records their peak memory (from the end of
+    the build: the model is made in fp32 and cast, a transient no step needs). A failure becomes the row's error."""
     gc.collect()
+    step = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     try:
         step = build(make_model(args, device, dtype), batch.to(device), normal, args)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         ms = harness.median_ms(step, device, warmup=1, reps=args.reps)
     except torch.OutOfMemoryError:
         return {"method": name, "error": "out of memory"}
+    except Exception as err:  # one way failing must not lose the others' rows
+        return {"method": name, "error": f"{type(err).__name__}: {err}"[:300]}
     finally:
         step = None
         gc.collect()
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     return {"method": name, "step_ms": ms, "peak_gib": peak}
+
+
+def add_ratios(rows):
+    """Each measured row against the reference recipe and the unfused baseline, where those were measured."""
+    by_name = {r["method"]: r for r in rows if "step_ms" in r}
+    for r in rows:
+        if "step_ms" not in r:
+            continue
+        if "reference recipe" in by_name:
+            r["speedup_vs_reference"] = by_name["reference recipe"]["step_ms"] / r["step_ms"]
+        if "unfused baseline" in by_name:
+            r["speedup_vs_unfused"] = by_name["unfused baseline"]["step_ms"] / r["step_ms"]
+            if r["peak_gib"] is not None:
+                r["memory_vs_unfused"] = r["peak_gib"] / by_name["unfused baseline"]["peak_gib"]
 
 
 COLUMNS = [("method", "method", "{}"), ("step_ms", "step ms", "{:.1f}"), ("peak_gib", "peak GiB", "{:.2f}"),
@@ -229,28 +250,22 @@ def main():
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     batch, normal = synthetic_batch(PRESETS[args.preset]["vocab_size"], args)
-
-    rows = [measure(name, build, batch, normal, args, device, dtype)
-            for name, build in (ON_ONE_GPU_8B if args.preset == "8b" else COMPARE)]
-    by_name = {r["method"]: r for r in rows if "step_ms" in r}
-    for r in rows:
-        if "step_ms" not in r:
-            continue
-        if "reference recipe" in by_name:
-            r["speedup_vs_reference"] = by_name["reference recipe"]["step_ms"] / r["step_ms"]
-        if "unfused baseline" in by_name:
-            r["speedup_vs_unfused"] = by_name["unfused baseline"]["step_ms"] / r["step_ms"]
-            if r["peak_gib"] is not None:
-                r["memory_vs_unfused"] = r["peak_gib"] / by_name["unfused baseline"]["peak_gib"]
     tokens = batch.tokens
-    print(f"device: {harness.device_name(device)}   dtype: {str(dtype).split('.')[-1]}   preset: {args.preset}   "
-          f"rows: {tokens.input_ids.shape[0]} x {tokens.input_ids.shape[1]} (reference recipe: x {args.max_length})"
-          f"   answer tokens: {int(tokens.target_mask.sum())}")
-    harness.print_table(rows, COLUMNS)
     config = {"preset": args.preset, **PRESETS[args.preset], "dtype": str(dtype), "batch_size": args.batch_size,
               "mismatch_per_prompt": 5, "rows": list(tokens.input_ids.shape), "max_length": args.max_length,
               "answer_tokens": int(tokens.target_mask.sum()), "gradient_checkpointing": args.gradient_checkpointing}
-    print("wrote", harness.write_results("bench_unlearn", device, config, rows))
+    print(f"device: {harness.device_name(device)}   dtype: {str(dtype).split('.')[-1]}   preset: {args.preset}   "
+          f"rows: {tokens.input_ids.shape[0]} x {tokens.input_ids.shape[1]} (reference recipe: x {args.max_length})"
+          f"   answer tokens: {int(tokens.target_mask.sum())}")
+    rows = []
+    for name, build in ON_ONE_GPU_8B if args.preset == "8b" else COMPARE:
+        rows.append(measure(name, build, batch, normal, args, device, dtype))
+        add_ratios(rows)
+        path = harness.write_results("bench_unlearn", device, config, rows)  # after each row: a cut run keeps them
+        harness.print_table(rows[-1:], COLUMNS)
+    print()
+    harness.print_table(rows, COLUMNS)
+    print("wrote", path)
 
 
 if __name__ == "__main__":
