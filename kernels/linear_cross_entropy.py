@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from .chunked_backward import backward_in_chunks
-from .linear_softmax_tiles import (autotune_tiles, chunk_grid, logits_tile, merge_splits, online_logsumexp,
-                                   store_gradient_tile, vocab_splits)
+from .linear_softmax_tiles import (autotune_tiles, chunk_grid, forward_grid, logits_tile, merge_splits,
+                                   online_logsumexp, store_gradient_tile, vocab_splits)
 
 
 @autotune_tiles(streams=1, key=["H", "V", "HAS_BIAS"])
@@ -22,13 +22,13 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, target_ptr, split_stats_ptr, target_log
                     M, H, V, V_PER_SPLIT, NUM_SPLITS,
                     HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (row block, split): (max, sum-exp) of z over its vocabulary range, and z[t, y_t] if y_t is in it.
+    """Program (split, row block): (max, sum-exp) of z over its vocabulary range, and z[t, y_t] if y_t is in it.
 
     split_stats is [2, M, NUM_SPLITS]: running max, then sum of exp(z - max).
     """
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(0) % NUM_SPLITS  # the split varies fastest: see forward_grid
+    rows = (tl.program_id(0) // NUM_SPLITS) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
-    split = tl.program_id(1)
     v_start = split * V_PER_SPLIT
     v_end = tl.minimum(v_start + V_PER_SPLIT, V)
     target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
@@ -85,9 +85,9 @@ def forward(hidden, weight, bias, target):
     num_splits, per_split = vocab_splits(num_rows, vocab, hidden.device)
     split_stats = torch.empty(2, num_rows, num_splits, dtype=torch.float32, device=hidden.device)
     target_logit = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
-    grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]), num_splits)  # noqa: E731
-    _forward_kernel[grid](hidden, weight, weight if bias is None else bias, target, split_stats, target_logit,
-                          num_rows, hidden_size, vocab, per_split, num_splits, HAS_BIAS=bias is not None)
+    _forward_kernel[forward_grid(num_rows, num_splits)](
+        hidden, weight, weight if bias is None else bias, target, split_stats, target_logit,
+        num_rows, hidden_size, vocab, per_split, num_splits, HAS_BIAS=bias is not None)
     lse, _ = merge_splits(split_stats[0], split_stats[1])
     return lse, target_logit
 

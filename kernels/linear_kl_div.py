@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from .chunked_backward import backward_in_chunks
-from .linear_softmax_tiles import (autotune_tiles, chunk_grid, logits_tile_pair, merge_splits, online_logsumexp,
-                                   store_gradient_tile, vocab_splits)
+from .linear_softmax_tiles import (autotune_tiles, chunk_grid, forward_grid, logits_tile_pair, merge_splits,
+                                   online_logsumexp, store_gradient_tile, vocab_splits)
 
 # split_stats rows of the forward kernel
 _Q_MAX, _Q_SUMEXP, _P_MAX, _P_SUMEXP, _P_DIFF, _P_EXPM1 = range(6)
@@ -53,14 +53,14 @@ def _forward_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, split_stats_ptr,
                     M, H, H_REF, V, V_PER_SPLIT, NUM_SPLITS,
                     SHARED_WEIGHT: tl.constexpr, EXPM1_SERIES_LIMIT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (row block, split): streaming statistics of zq = x W^T and zp = x_ref W_ref^T on its range.
+    """Program (split, row block): streaming statistics of zq = x W^T and zp = x_ref W_ref^T on its range.
 
     split_stats is [6, M, NUM_SPLITS]: max and sum exp(zq - max) of Q; max m_p and sum exp(zp - m_p) of P;
     sum exp(zp - m_p) * d and sum exp(zp - m_p) * expm1(-d), with d = zp - zq.
     """
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(0) % NUM_SPLITS  # the split varies fastest: see forward_grid
+    rows = (tl.program_id(0) // NUM_SPLITS) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
-    split = tl.program_id(1)
     v_start = split * V_PER_SPLIT
     v_end = tl.minimum(v_start + V_PER_SPLIT, V)
 
@@ -134,10 +134,10 @@ def forward(hidden, weight, ref_hidden, ref_weight):
     vocab = weight.shape[0]
     num_splits, per_split = vocab_splits(num_rows, vocab, hidden.device)
     stats = torch.empty(6, num_rows, num_splits, dtype=torch.float32, device=hidden.device)
-    grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]), num_splits)  # noqa: E731
-    _forward_kernel[grid](hidden, weight, ref_hidden, ref_weight, stats,
-                          num_rows, hidden_size, ref_hidden.shape[1], vocab, per_split, num_splits,
-                          SHARED_WEIGHT=_same_tensor(weight, ref_weight), EXPM1_SERIES_LIMIT=_EXPM1_SERIES_LIMIT)
+    _forward_kernel[forward_grid(num_rows, num_splits)](
+        hidden, weight, ref_hidden, ref_weight, stats,
+        num_rows, hidden_size, ref_hidden.shape[1], vocab, per_split, num_splits,
+        SHARED_WEIGHT=_same_tensor(weight, ref_weight), EXPM1_SERIES_LIMIT=_EXPM1_SERIES_LIMIT)
     lse, _ = merge_splits(stats[_Q_MAX], stats[_Q_SUMEXP])
     ref_lse, p_rescale = merge_splits(stats[_P_MAX], stats[_P_SUMEXP])
     p_sumexp = (stats[_P_SUMEXP] * p_rescale).sum(dim=1)

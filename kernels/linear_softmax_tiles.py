@@ -22,6 +22,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Forward programs split the vocabulary in ranges that are multiples of this, so that every BLOCK_V
 # below divides a range and each range starts on a tile boundary.
 _SPLIT_ALIGN = 32 if INTERPRET else 256
+# Vocabulary splits of a forward with many rows: the programs that run together then share their row blocks
+# (forward_grid), and 16 x 64 row blocks at N 8192 make ~8 waves on 132 SMs (little idle tail).
+_MIN_SPLITS = 16
 # Under the interpreter (CPU tests) a few splits make the merge path run even at tiny V.
 _INTERPRET_TARGET_PROGRAMS = 4
 _INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_V": 32, "BLOCK_K": 16}
@@ -54,19 +57,34 @@ def autotune_tiles(streams, key):
 
 
 def vocab_splits(num_rows, vocab, device):
-    """(number of splits, columns per split) for a forward grid of (row blocks, vocab splits).
+    """(number of splits, columns per split) of a forward over the vocabulary.
 
-    Few rows give few row blocks; splitting the vocabulary among more programs keeps the GPU busy.
-    Every split is non-empty, so every program sees at least one valid column per tile.
+    Few rows give few row blocks; splitting the vocabulary among more programs keeps the GPU busy. Many
+    rows still get _MIN_SPLITS splits (see forward_grid). Every split is non-empty, so every program sees
+    at least one valid column per tile.
     """
     if INTERPRET:
-        target_programs = _INTERPRET_TARGET_PROGRAMS
+        target_programs, min_splits = _INTERPRET_TARGET_PROGRAMS, 1
     else:
         target_programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        min_splits = _MIN_SPLITS
     row_blocks = triton.cdiv(num_rows, 64)
-    splits = max(1, min(triton.cdiv(target_programs, row_blocks), triton.cdiv(vocab, _SPLIT_ALIGN)))
+    splits = max(1, min(max(triton.cdiv(target_programs, row_blocks), min_splits), triton.cdiv(vocab, _SPLIT_ALIGN)))
     per_split = triton.cdiv(triton.cdiv(vocab, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
     return triton.cdiv(vocab, per_split), per_split
+
+
+def forward_grid(num_rows, num_splits):
+    """Launch grid of a forward kernel: one axis of num_splits x row blocks programs, the split varying fastest
+    (program p has split p % num_splits and row block p // num_splits).
+
+    Programs start in grid order, so the ones running together are all the splits of a few row blocks:
+    the few [BLOCK_M, H] row blocks they read stay in L2 for every vocabulary tile, and the weight tiles
+    of the splits are shared by those row blocks. With the row block varying fastest instead, a wave
+    would read a different [BLOCK_M, H] block per program (64 MiB at H 4096, BLOCK_M 128 on an H100:
+    more than L2), again at every tile.
+    """
+    return lambda meta: (num_splits * triton.cdiv(num_rows, meta["BLOCK_M"]),)
 
 
 def chunk_grid(out):
