@@ -50,11 +50,13 @@ def chunk_plan(num_rows, vocab, hidden_size):
     return rows, min(cols, vocab)
 
 
-def backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_grad, write_gradient):
+def backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_grad, segment_writer):
     """(d_hidden [M, H] in hidden's dtype, d_weight [V, H] in weight's dtype or None, d_bias [V] fp32 or None).
 
-    write_gradient(rows, cols, row_scale, out) must fill out [len(rows), len(cols)] (a strided view) with
-    D[rows, cols] * row_scale[:, None], where rows and cols are slices and row_scale [len(rows)] fp32.
+    segment_writer(rows, row_scale) is called once per row segment (rows a slice, row_scale [len(rows)] fp32)
+    and returns write(cols, out), which must fill out [len(rows), len(cols)] (a strided view) with
+    D[rows, cols] * row_scale[:, None] for the slice cols. The chunk loop runs once per chunk on the host
+    while the GPU runs its three products, so what can be done once per segment is done there.
     """
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
@@ -73,14 +75,15 @@ def backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_g
     for r0 in range(0, num_rows, seg_rows):
         rows = slice(r0, min(r0 + seg_rows, num_rows))
         n = rows.stop - r0
-        acc = accumulator[:n].zero_()
+        acc, segment_partial, segment_hidden = accumulator[:n].zero_(), partial[:n], hidden[rows]
+        write_gradient = segment_writer(rows, row_scale[rows])
         for c0 in range(0, vocab, chunk_cols):
             cols = slice(c0, min(c0 + chunk_cols, vocab))
             g = gradient[:n, :cols.stop - c0]
-            write_gradient(rows, cols, row_scale[rows], g)
-            acc += torch.mm(g, weight[cols], out=partial[:n])
+            write_gradient(cols, g)
+            acc += torch.mm(g, weight[cols], out=segment_partial)
             if d_weight is not None:
-                d_weight[cols].addmm_(g.t(), hidden[rows], alpha=scale_max)
+                d_weight[cols].addmm_(g.t(), segment_hidden, alpha=scale_max)
             if d_bias is not None:
                 d_bias[cols] += g.sum(dim=0, dtype=torch.float32) * scale_max
         d_hidden[rows] = acc.mul_(scale_max)

@@ -99,10 +99,13 @@ def backward(hidden, weight, bias, target, lse, grad_scale, need_weight_grad, ne
     d_bias = G.sum(0). d_hidden / d_weight come in the inputs' dtype, d_bias in fp32; d_weight / d_bias are
     None (and not computed) unless asked for.
     """
-    def write_gradient(rows, cols, row_scale, out):
-        _gradient_kernel[chunk_grid(out)](hidden[rows], weight[cols], weight if bias is None else bias[cols],
-                                          target[rows], lse[rows], row_scale, out,
-                                          out.shape[0], hidden.shape[1], out.shape[1], cols.start, out.stride(0),
-                                          HAS_BIAS=bias is not None)
+    def segment_writer(rows, row_scale):
+        x, y, row_lse = hidden[rows], target[rows], lse[rows]
 
-    return backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_grad, write_gradient)
+        def write(cols, out):
+            _gradient_kernel[chunk_grid(out)](x, weight[cols], weight if bias is None else bias[cols], y, row_lse,
+                                              row_scale, out, out.shape[0], x.shape[1], out.shape[1], cols.start,
+                                              out.stride(0), HAS_BIAS=bias is not None)
+        return write
+
+    return backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_grad, segment_writer)

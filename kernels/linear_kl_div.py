@@ -158,11 +158,14 @@ def backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale, n
     """
     shared = _same_tensor(weight, ref_weight)
 
-    def write_gradient(rows, cols, row_scale, out):
-        _gradient_kernel[chunk_grid(out)](hidden[rows], weight[cols], ref_hidden[rows], ref_weight[cols],
-                                          lse[rows], ref_lse[rows], row_scale, out,
-                                          out.shape[0], hidden.shape[1], ref_hidden.shape[1], out.shape[1],
-                                          out.stride(0), SHARED_WEIGHT=shared)
+    def segment_writer(rows, row_scale):
+        x, x_ref, row_lse, row_ref_lse = hidden[rows], ref_hidden[rows], lse[rows], ref_lse[rows]
 
-    d_hidden, d_weight, _ = backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, False, write_gradient)
+        def write(cols, out):
+            _gradient_kernel[chunk_grid(out)](x, weight[cols], x_ref, ref_weight[cols], row_lse, row_ref_lse,
+                                              row_scale, out, out.shape[0], x.shape[1], x_ref.shape[1],
+                                              out.shape[1], out.stride(0), SHARED_WEIGHT=shared)
+        return write
+
+    d_hidden, d_weight, _ = backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, False, segment_writer)
     return d_hidden, d_weight
