@@ -14,7 +14,9 @@ import time
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# bench/results/, or FASTALIGN_BENCH_RESULTS (the smoke tests write there, not into the checkout)
+RESULTS_DIR = os.environ.get("FASTALIGN_BENCH_RESULTS") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                          "results")
 
 # Llama-architecture shapes of the GPU benchmarks, built with random weights (speed and memory do not depend
 # on the values): keyword arguments of transformers.LlamaConfig.

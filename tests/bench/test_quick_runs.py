@@ -1,0 +1,36 @@
+"""Every benchmark script runs end to end in its --quick form on the CPU and writes its JSON record.
+
+The numbers of a CPU smoke run mean nothing; what is tested is that the scripts a user runs on a GPU still
+work after a change (they import the package, call its public API and the baselines' plumbing).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNS = {
+    "bench_loss": ["--quick"],
+    "bench_tree": ["--quick"],
+    "bench_unlearn": ["--quick", "--reps", "1"],
+    "bench_rain": ["--quick", "--skip-slow", "--prompts", "1", "--concurrency", "2", "--judge-prompts", "2",
+                   "--max-new-tokens", "3", "--root-visits", "4"],
+}
+RECORD_NAMES = {"bench_rain": "rain"}
+
+
+@pytest.mark.parametrize("script", sorted(RUNS))
+def test_quick_run_writes_its_record(script, tmp_path):
+    # without Triton's interpreter, which the kernel tests cover: the scripts' CPU paths alone, in seconds
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+           "FASTALIGN_BENCH_RESULTS": str(tmp_path), "FASTALIGN_COMMIT": "test"}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), *RUNS[script]], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = tmp_path.glob(f"{RECORD_NAMES.get(script, script)}-cpu-test.json")
+    record = json.loads(path.read_text())
+    assert record["commit"] == "test" and record["device"].startswith("cpu") and record["results"]
+    assert not [row for row in record["results"] if row.get("error")], record["results"]
