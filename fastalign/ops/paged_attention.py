@@ -24,6 +24,7 @@ there: callers that build their metadata on the host should validate it once, th
 """
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fastalign.ops.backend import BACKENDS, triton_interpreting
 
@@ -279,11 +280,12 @@ def resolve_backend(backend, device):
 
 
 def _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale):
-    """Row by row: gather the row's context once, then attend in query chunks whose fp32 scores stay
-    within _SCORE_BUDGET elements. Reads the index tensors on the host (a device sync on CUDA)."""
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
+    """Row by row: gather the row's context once, then torch's scaled_dot_product_attention in fp32 over
+    query chunks whose score matrices stay within _SCORE_BUDGET elements. The mask places query i of a row
+    at position seq_len - q_len + i; a chunk that is only the row's last query sees every key and needs
+    none (decode). Reads the index tensors on the host (a device sync on CUDA)."""
+    num_heads = q.shape[1]
+    block_size = k_cache.shape[1]
     out = torch.empty_like(q)
     seq_list, cu_list = seq_lens.tolist(), cu_q_lens.tolist()
     for r, seq_len in enumerate(seq_list):
@@ -291,17 +293,18 @@ def _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens
         if q_len == 0:
             continue
         blocks = block_table[r, : -(-seq_len // block_size)].long()
-        # [num_kv_heads, 1, seq_len, head_dim]: the row's context, broadcast over the heads of a group.
-        k = k_cache[blocks].flatten(0, 1)[:seq_len].float().permute(1, 0, 2).unsqueeze(1)
-        v = v_cache[blocks].flatten(0, 1)[:seq_len].float().permute(1, 0, 2).unsqueeze(1)
+        # [1, num_kv_heads, seq_len, head_dim]: the row's context (sdpa broadcasts it over each GQA group)
+        k = k_cache[blocks].flatten(0, 1)[:seq_len].float().transpose(0, 1)[None]
+        v = v_cache[blocks].flatten(0, 1)[:seq_len].float().transpose(0, 1)[None]
         key_pos = torch.arange(seq_len, device=q.device)
         chunk = max(1, _SCORE_BUDGET // (num_heads * seq_len))
         for c0 in range(0, q_len, chunk):
             c1 = min(q_len, c0 + chunk)
-            qc = q[start + c0: start + c1].float().view(c1 - c0, num_kv_heads, group, head_dim)
-            scores = (qc.permute(1, 2, 0, 3) @ k.transpose(-1, -2)) * scale  # [Hkv, G, c, S]
-            query_pos = torch.arange(seq_len - q_len + c0, seq_len - q_len + c1, device=q.device)
-            scores.masked_fill_(key_pos[None, :] > query_pos[:, None], float("-inf"))
-            o = torch.softmax(scores, dim=-1) @ v  # [Hkv, G, c, D]
-            out[start + c0: start + c1] = o.permute(2, 0, 1, 3).reshape(c1 - c0, num_heads, head_dim)
+            mask = None
+            if c0 < q_len - 1:
+                query_pos = torch.arange(seq_len - q_len + c0, seq_len - q_len + c1, device=q.device)
+                mask = key_pos[None, :] <= query_pos[:, None]
+            qc = q[start + c0: start + c1].float().transpose(0, 1)[None]  # [1, num_heads, c, head_dim]
+            o = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+            out[start + c0: start + c1] = o[0].transpose(0, 1)
     return out
