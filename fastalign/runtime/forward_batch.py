@@ -33,39 +33,27 @@ class ForwardBatch:
         cascade_block_size: the pool's block size to also plan which rows share whole prefix blocks
         (`plan_shared_prefix`, for `paged_attention(shared_prefix=...)`); None plans nothing.
         """
-        num_tokens, rows = plan.num_tokens, plan.num_rows
-        block_table = plan.block_table
-        seq_lens, cu_q_lens = plan.seq_lens, plan.cu_q_lens
-        extra_src, extra_dst = plan.extra_src, plan.extra_dst
-        groups = None if cascade_block_size is None else plan_shared_prefix(block_table, seq_lens, cu_q_lens,
-                                                                             cascade_block_size)
-        wide = torch.from_numpy(np.concatenate(
-            [plan.token_ids.astype(np.int64), plan.positions.astype(np.int64), plan.slot_mapping, extra_src,
-             extra_dst]))
-        narrow_parts = [block_table.ravel(), seq_lens, cu_q_lens]
-        if groups is not None:
-            narrow_parts += [t.numpy() for t in groups]
-        narrow = torch.from_numpy(np.concatenate(narrow_parts))
-        wide, narrow = wide.to(device), narrow.to(device)
-        table_size = block_table.size
-        shared_prefix = None
-        if groups is not None:
-            start = table_size + 2 * rows + 1
-            num_groups = len(groups[1])
-            shared_prefix = (narrow[start:start + num_groups + 1], narrow[start + num_groups + 1:])
+        block_table, seq_lens, cu_q_lens, extra_src = plan.block_table, plan.seq_lens, plan.cu_q_lens, plan.extra_src
+        groups = () if cascade_block_size is None else plan_shared_prefix(block_table, seq_lens, cu_q_lens,
+                                                                           cascade_block_size) or ()
+        wide = [plan.token_ids.astype(np.int64), plan.positions.astype(np.int64), plan.slot_mapping, extra_src,
+                plan.extra_dst]
+        narrow = [block_table.ravel(), seq_lens, cu_q_lens] + [t.numpy() for t in groups]
+        input_ids, positions, slot_mapping, extra_src_d, extra_dst_d = _to_device(wide, device)
+        table, seq_lens_d, cu_q_lens_d, *shared_prefix = _to_device(narrow, device)
         return cls(
-            input_ids=wide[:num_tokens],
-            positions=wide[num_tokens:2 * num_tokens],
-            slot_mapping=wide[2 * num_tokens:3 * num_tokens],
-            block_table=narrow[:table_size].view(rows, block_table.shape[1]),
-            seq_lens=narrow[table_size:table_size + rows],
-            cu_q_lens=narrow[table_size + rows:table_size + 2 * rows + 1],
+            input_ids=input_ids,
+            positions=positions,
+            slot_mapping=slot_mapping,
+            block_table=table.view(block_table.shape),
+            seq_lens=seq_lens_d,
+            cu_q_lens=cu_q_lens_d,
             host_seq_lens=seq_lens,
             host_cu_q_lens=cu_q_lens,
-            extra_src=wide[3 * num_tokens:3 * num_tokens + len(extra_src)],
-            extra_dst=wide[3 * num_tokens + len(extra_src):],
+            extra_src=extra_src_d,
+            extra_dst=extra_dst_d,
             host_extra_src=extra_src,
-            shared_prefix=shared_prefix,
+            shared_prefix=tuple(shared_prefix) or None,
         )
 
     @property
@@ -75,3 +63,9 @@ class ForwardBatch:
     @property
     def num_tokens(self):
         return self.input_ids.shape[0]
+
+
+def _to_device(arrays, device):
+    """The host arrays (all of one dtype) on `device` after one copy: views of one tensor, in order."""
+    flat = torch.from_numpy(np.concatenate(arrays)).to(device)
+    return flat.split([a.size for a in arrays])
