@@ -121,10 +121,8 @@ def measure(name, loss_fn, make_inputs, grad_inputs, flops_fwd, device, grad_byt
         for t in grad_inputs(args):
             t.grad = None
         fb_mib = harness.peak_extra_mib(forward_backward, device)
-    except torch.OutOfMemoryError:
-        return {"method": name, "error": "out of memory"}
-    except Exception as err:  # one method failing must not lose the others' rows
-        return {"method": name, "error": f"{type(err).__name__}: {err}"[:300]}
+    except Exception as err:
+        return harness.failure_row(name, err)
     extra = None if fb_mib is None else fb_mib - grad_bytes / 2 ** 20
     return {"method": name, "fwd_ms": fwd_ms, "fwd_bwd_ms": fb_ms, "fwd_tflops": flops_fwd / fwd_ms / 1e9,
             "fwd_bwd_tflops": 3 * flops_fwd / fb_ms / 1e9, "fwd_peak_mib": fwd_mib, "fwd_bwd_peak_mib": fb_mib,

@@ -199,10 +199,8 @@ def measure(name, build, batch, normal, args, device, dtype):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         ms = harness.median_ms(step, device, warmup=1, reps=args.reps)
-    except torch.OutOfMemoryError:
-        return {"method": name, "error": "out of memory"}
-    except Exception as err:  # one way failing must not lose the others' rows
-        return {"method": name, "error": f"{type(err).__name__}: {err}"[:300]}
+    except Exception as err:
+        return harness.failure_row(name, err)
     finally:
         step = None
         gc.collect()

@@ -84,6 +84,13 @@ def peak_extra_mib(fn, device):
     return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
 
 
+def failure_row(method, err):
+    """The table row of a method that raised `err`, so that one failing method does not lose the others' rows."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return {"method": method, "error": "out of memory"}
+    return {"method": method, "error": f"{type(err).__name__}: {err}"[:300]}
+
+
 def print_table(rows, columns):
     """rows: list of dicts; columns: list of (key, header, format)."""
     cells = [[header for _, header, _ in columns]]
