@@ -59,10 +59,47 @@ def test_all_tokens_ignored_gives_zero_loss_and_gradients(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_zero_weight_tokens_contribute_nothing(backend):
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_zero_weight_tokens_contribute_nothing(backend, reduction):
+    """Zero-weight tokens are skipped but still counted by "mean" (they are not ignored)."""
     hidden, weight, target, extra = make_inputs(9, 16, 37, weighted=True, ignored=0.0, device=device_for(backend))
     extra["token_weight"][::2] = 0
-    check_against_reference(hidden, weight, target, extra, "sum", backend, REL_TOL[torch.float32])
+    check_against_reference(hidden, weight, target, extra, reduction, backend, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropped_rows_never_reach_the_matmul(backend):
+    """Ignored and zero-weight rows are gathered out before any product: NaN there changes nothing."""
+    device = device_for(backend)
+    hidden, weight, target, extra = make_inputs(9, 16, 37, weighted=True, ignored=0.0, device=device)
+    extra["token_weight"][::3] = 0
+    target[1] = -100
+    dropped = (extra["token_weight"] == 0) | (target == -100)
+    poisoned = hidden.detach().masked_fill(dropped[:, None], float("nan")).requires_grad_()
+    clean = hidden.detach().masked_fill(dropped[:, None], 0.0).requires_grad_()
+    for reduction in ("mean", "sum", "none"):
+        got, want = (fastalign.linear_cross_entropy(h, weight, target, reduction=reduction, backend=backend, **extra)
+                     for h in (poisoned, clean))
+        assert torch.equal(got, want)
+        seed = torch.ones_like(got)
+        for g, w in zip(grads_of(got, [poisoned, weight], seed), grads_of(want, [clean, weight], seed)):
+            assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("ignore_index", [0, -1])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_custom_ignore_index(ignore_index, reduction):
+    hidden, weight, target, extra = make_inputs(13, 24, 131, bias=True, weighted=True, ignored=0.0)
+    target[::3] = ignore_index
+    out = fastalign.linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index, reduction=reduction,
+                                         backend="torch", **extra)
+    ref = linear_cross_entropy_reference(hidden, weight, target, ignore_index=ignore_index, reduction=reduction,
+                                         **extra)
+    assert_rel_close("loss", out, ref, REL_TOL[torch.float32])
+    inputs, seed = [hidden, weight, extra["bias"]], torch.randn(out.shape)
+    for name, got, want in zip(["d_hidden", "d_weight", "d_bias"], grads_of(out, inputs, seed),
+                               grads_of(ref, inputs, seed)):
+        assert_rel_close(name, got, want, REL_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -100,6 +137,24 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(loss, (hidden, weight, extra["bias"]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_backend_accumulates_half_precision_in_fp32(dtype, reduction):
+    """Half-precision inputs, exactly representable: the fp32 loss is within fp32 rounding of the float64
+    reference (accumulating in the input dtype is off by 1e-4 to 3e-2 here), gradients within one rounding
+    to the input dtype."""
+    hidden, weight, target, extra = make_inputs(13, 24, 131, dtype=dtype, bias=True, weighted=True)
+    out = fastalign.linear_cross_entropy(hidden, weight, target, reduction=reduction, backend="torch", **extra)
+    ref = linear_cross_entropy_reference(hidden, weight, target, reduction=reduction, **extra)
+    assert out.dtype == torch.float32
+    assert_rel_close("loss", out, ref, 1e-5)
+    inputs, seed = [hidden, weight, extra["bias"]], torch.randn(out.shape)
+    for name, got, want in zip(["d_hidden", "d_weight", "d_bias"], grads_of(out, inputs, seed),
+                               grads_of(ref, inputs, seed)):
+        assert got.dtype == dtype
+        assert_rel_close(name, got, want, 2 ** -7)
+
+
 @requires_cuda
 @pytest.mark.parametrize("shape", SHAPES + [(300, 64, 5000)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -117,6 +172,7 @@ BAD_INPUTS = [
     (lambda h, w, t: (h, w, torch.full_like(t, 37)), "target values must lie in \\[0, 37\\)"),
     (lambda h, w, t: (h, w, torch.full_like(t, -5)), "found -5"),
     (lambda h, w, t: (h.int(), w, t), "hidden must have dtype"),
+    (lambda h, w, t: (h, w[:0], torch.full_like(t, -100)), "weight must have at least one row"),
 ]
 
 
@@ -131,6 +187,7 @@ def test_bad_input_is_named(make_bad, message):
     ({"token_weight": torch.ones(5)}, "token_weight must have shape \\[6\\]"),
     ({"token_weight": torch.ones(6, dtype=torch.long)}, "token_weight must have dtype"),
     ({"bias": torch.ones(36)}, "bias must be \\[37\\]"),
+    ({"bias": torch.ones(37, dtype=torch.float64)}, "bias must be \\[37\\] of dtype"),
     ({"reduction": "avg"}, "reduction must be one of"),
     ({"backend": "cuda"}, "backend must be one of"),
 ])
@@ -138,6 +195,12 @@ def test_bad_options_are_named(kwargs, message):
     hidden, weight, target, _ = make_inputs(6, 16, 37)
     with pytest.raises((ValueError, TypeError), match=message):
         fastalign.linear_cross_entropy(hidden, weight, target, **kwargs)
+
+
+def test_triton_backend_refuses_float64():
+    hidden, weight, target, _ = make_inputs(6, 16, 37, dtype=torch.float64)
+    with pytest.raises(TypeError, match="hidden is float64, which the Triton backend does not support"):
+        fastalign.linear_cross_entropy(hidden, weight, target, backend="triton")
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only error")

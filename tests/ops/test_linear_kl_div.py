@@ -118,6 +118,22 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(loss, (hidden, weight))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_backend_accumulates_half_precision_in_fp32(dtype):
+    """Exactly representable half-precision inputs: the fp32 KL is within fp32 rounding of the float64 reference."""
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(13, 24, 131, dtype=dtype, weighted=True)
+    out = fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, reduction="none", backend="torch", **extra)
+    ref = linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, reduction="none", **extra)
+    assert out.dtype == torch.float32
+    assert_rel_close("kl", out, ref, 1e-5)
+
+
+def test_triton_backend_refuses_float64():
+    hidden, weight, ref_hidden, ref_weight, _ = make_inputs(6, 16, 37, dtype=torch.float64)
+    with pytest.raises(TypeError, match="hidden is float64, which the Triton backend does not support"):
+        fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, backend="triton")
+
+
 @requires_cuda
 @pytest.mark.parametrize("shape", SHAPES + [(300, 64, 5000)])
 @pytest.mark.parametrize("shared", [False, True])
@@ -135,6 +151,7 @@ def test_matches_reference_bf16_on_gpu(shape, shared):
     (lambda a: {**a, "mask": torch.ones(5, dtype=torch.bool)}, "mask must have shape \\[6\\]"),
     (lambda a: {**a, "token_weight": torch.ones(7)}, "token_weight must have shape \\[6\\]"),
     (lambda a: {**a, "reduction": "batchmean"}, "reduction must be one of"),
+    (lambda a: {**a, "weight": a["weight"][:0], "ref_weight": a["ref_weight"][:0]}, "weight must have at least one row"),
 ])
 def test_bad_input_is_named(change, message):
     hidden, weight, ref_hidden, ref_weight, _ = make_inputs(6, 16, 37)

@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 
+from fastalign.unlearn import objective
 from fastalign.unlearn.objective import LossWeights, UnlearningObjective
 from fastalign.unlearn.reference import (AdapterDisabledReference, CachedReference, FrozenCopyReference,
                                          weight_fingerprint)
@@ -171,3 +172,19 @@ def test_bf16_autocast_stays_close_to_fp32_spec(mode):
     # The whole decoder runs in bf16 here, so the small KL between two nearby models moves by the bf16
     # rounding of both models' hidden states (~1e-2 * |logits| ~ a few 1e-3 of KL).
     torch.testing.assert_close(terms.normal.double(), spec["normal"], rtol=0.2, atol=5e-3)
+
+
+def test_fused_ops_take_the_autocast_dtype(monkeypatch):
+    """Under bf16 autocast the head's matmuls run in bf16, as an unfused lm_head would (the memory and speed
+    the user asked for), not in the fp32 of the stored weights."""
+    model, streams, reference, _ = setup("copy")
+    seen = []
+    for name in ("linear_cross_entropy", "linear_kl_div"):
+        def spy(hidden, weight, *args, _op=getattr(objective, name), _name=name, **kwargs):
+            seen.append((_name, hidden.dtype, weight.dtype))
+            return _op(hidden, weight, *args, **kwargs)
+        monkeypatch.setattr(objective, name, spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        UnlearningObjective(model, WEIGHTS, reference)(streams.batch(0))
+    assert seen == [("linear_cross_entropy", torch.bfloat16, torch.bfloat16),
+                    ("linear_kl_div", torch.bfloat16, torch.bfloat16)]
