@@ -187,6 +187,65 @@ def test_parallel_leaves_under_virtual_loss():
     assert per_iteration[0] < 0.75 * per_iteration[1], per_iteration
 
 
+def run_tree(prompts, config, runner=None, **kw):
+    tok = tokenizer()
+    return rain_generate(HashLM(len(tok)), tok, prompts, config, runner=runner or HashRunner(len(tok)),
+                         judge_prompt=SHORT_JUDGE, embedding="hidden", sampler="keyed", **kw)
+
+
+@pytest.mark.parametrize("config", [SMALL, RainConfig(root_visits=20, min_new_visits=3, max_new_tokens=12,
+                                                      early_stop_fresh_visits=2, early_stop_q=0.0)])
+def test_commits_follow_the_stopping_rules_and_the_length_limit(config):
+    """Every commit is taken at the first iteration where a stopping rule holds (the most visited child's
+    fresh visits and q, or the root's visits and the new ones), and answers stop at max_new_tokens. The
+    engine comparisons cannot see these rules: both engines share them."""
+    early_stops = 0
+    for result in run_tree(PROMPTS, config, concurrency=2).results:
+        assert result.error is None and len(result.answer_ids) <= config.max_new_tokens
+        for commit in result.commits:
+            _, _, q, fn = max(commit["children"], key=lambda child: (child[1], child[2]))
+            early = fn > config.early_stop_fresh_visits and q > config.early_stop_q
+            by_visits = commit["root_visits"] >= config.root_visits and commit["new_visits"] >= config.min_new_visits
+            assert early or by_visits, commit
+            if not early:                                      # not one iteration later than needed
+                assert commit["new_visits"] == config.min_new_visits or commit["root_visits"] == config.root_visits
+            early_stops += early and not by_visits
+    if config.early_stop_q == 0.0:
+        assert early_stops > 0                                 # the scenario exercises the early stop
+
+
+def test_widening_adds_candidates_at_the_root():
+    """Widening wanted at every selection (uniform root priors, so that every child gets visited and
+    embedded): the root gains candidates beyond the first 10, up to max_children."""
+    config = RainConfig(root_visits=40, min_new_visits=3, max_new_tokens=2, widen_variance_per_token=1e9,
+                        widen_max_q=2.0, early_stop_q=2.0, root_prior_mix=1.0)
+    sizes = [len(r.commits[0]["children"]) for r in run_tree(PROMPTS, config, concurrency=2).results]
+    assert all(config.candidates < n <= config.max_children for n in sizes), sizes
+
+
+def test_commit_releases_everything_above_the_new_root(monkeypatch):
+    """After each commit no span above the new root stays alive, except the deepest computed ancestor
+    while the new root itself has no span yet."""
+    commit, checked = tree_engine.TreeEngine.commit, []
+
+    def checked_commit(self, ctx, old_root, new_root):
+        commit(self, ctx, old_root, new_root)
+        node, tail = new_root.handle.gen, []
+        while node.parent is not None:
+            tail.append(node.token)
+            node = node.parent
+        state = list(ctx.root_ids) + tail[::-1]
+        above = [s for s in self.runner.live
+                 if len(s.tokens) < len(state) and s.tokens == state[:len(s.tokens)]
+                 and s.tokens[:len(ctx.root_ids)] == list(ctx.root_ids)]
+        assert len(above) <= (0 if new_root.handle.gen.entry is not None else 1), (len(above), len(state))
+        checked.append(len(state))
+
+    monkeypatch.setattr(tree_engine.TreeEngine, "commit", checked_commit)
+    run_tree(PROMPTS[:1], RainConfig(root_visits=8, min_new_visits=3, max_new_tokens=10), concurrency=1)
+    assert len(checked) >= 3
+
+
 class FailingRunner(HashRunner):
     """Fails any row that extends a sequence containing `poison`."""
 

@@ -4,7 +4,7 @@ row's distribution."""
 import torch
 
 from fastalign.rain import KeyedSampler, TorchSampler
-from fastalign.rain.sampling import draw_key, extend_key, seed_key
+from fastalign.rain.sampling import draw_key, extend_key, seed_key, top_k_distribution
 
 
 def test_keyed_draws_are_batch_invariant():
@@ -26,3 +26,9 @@ def test_torch_pools_follow_each_rows_distribution():
     for row, pool in zip(probs, pools):
         freq = torch.bincount(torch.tensor(pool), minlength=4).float() / len(pool)
         assert torch.allclose(freq, row, atol=0.03), (freq, row)
+
+
+def test_top_k_distribution_keeps_each_probability_with_its_token():
+    ids, probs = top_k_distribution(torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]]), 3)
+    assert ids.tolist() == [[1, 2, 3]]
+    assert torch.allclose(probs[0], torch.softmax(torch.tensor([3.0, 1.0, 2.0]), dim=0))

@@ -54,6 +54,42 @@ def test_backup_updates_path_siblings_and_q_range():
     assert (b.n, b.q) == before
 
 
+def test_child_with_only_shared_visits_has_a_normalised_q():
+    """A child visited only through sibling shares (0 < n < 1) is scored on its q, not as unvisited."""
+    tree = tree_with_children([0.5, 0.5])
+    tree.root.n = 3
+    b = tree.root.children[1]
+    b.n, b.q = 0.2, 1.0
+    assert tree.score(b, 3) == pytest.approx(2.0 / (2.0 + 1e-5) + 2.0 * 0.5 * math.sqrt(3) / 1.2)
+
+
+def test_backup_divides_q_by_n_and_the_embedding_by_fn():
+    """q averages over all visits (shared ones included); the embedding over the node's own visits."""
+    tree = tree_with_children([0.5, 0.5])
+    a = tree.root.children[0]
+    a.n, a.fn, a.q, a.embedding = 1.5, 1, 0.0, torch.tensor([1.0, 0.0])   # 0.5 shared by a sibling
+    tree.backup(a, 1.0, [torch.tensor([0.0, 1.0])])
+    assert (a.n, a.fn) == (2.5, 2)
+    assert a.q == pytest.approx(1.0 / 2.5)
+    assert torch.allclose(a.embedding, torch.tensor([0.5, 0.5]))
+
+
+def test_similarity_threshold_is_inclusive():
+    tree = tree_with_children([0.5, 0.5], RainConfig(similarity_threshold=1.0))
+    a, b = tree.root.children
+    b.embedding, b.n, b.q = torch.tensor([1.0, 0.0]), 1.0, 0.0
+    tree.backup(a, 1.0, [torch.tensor([1.0, 0.0])])      # cosine exactly 1.0
+    assert b.n == pytest.approx(1.2) and b.q == pytest.approx(0.2 / 1.2)
+
+
+def test_q_range_grows_beyond_a_narrow_initial_range():
+    tree = tree_with_children([1.0, 0.0], RainConfig(initial_q_range=(0.0, 0.0)))
+    a, b = tree.root.children
+    tree.backup(a, 1.0, [torch.tensor([1.0, 0.0])])
+    tree.backup(b, -1.0, [torch.tensor([0.0, 1.0])])
+    assert (tree.q_min, tree.q_max) == (-1.0, 1.0)
+
+
 def test_backup_rejects_wrong_number_of_embeddings():
     tree = tree_with_children([1.0])
     with pytest.raises(ValueError, match="path embeddings"):
@@ -72,6 +108,29 @@ def test_widening_condition():
     assert not tree.wants_widening(tree.root)             # best child not below 0
     b.q, b.embedding = -0.1, torch.tensor([1.0, 0.5])
     assert not tree.wants_widening(tree.root)             # too diverse
+
+
+def test_widening_threshold_scales_with_the_childrens_set_length():
+    """Threshold = widen_variance_per_token x the children's token-set length (1 at depth 0, 2 at depth 1),
+    on the unbiased variance of the children's embeddings."""
+    tree = tree_with_children([0.5, 0.5])
+    a, b = tree.root.children
+    a.q = b.q = -0.5
+    a.embedding, b.embedding = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.3])   # variance 0.045
+    assert not tree.wants_widening(tree.root)             # 0.045 > 0.03
+    tree.root.depth = 1
+    assert tree.wants_widening(tree.root)                 # 0.045 <= 0.06
+    b.embedding = torch.tensor([1.0, 0.4])                # unbiased 0.08 (biased: 0.04)
+    assert not tree.wants_widening(tree.root)
+
+
+def test_no_widening_at_max_children():
+    tree = tree_with_children([0.05] * 20)
+    for child in tree.root.children:
+        child.embedding, child.q = torch.tensor([1.0, 0.0]), -0.5
+    assert not tree.wants_widening(tree.root)
+    tree.root.children.pop()
+    assert tree.wants_widening(tree.root)
 
 
 def test_commit_picks_most_visited_ties_by_q_and_remixes_priors():

@@ -1,0 +1,32 @@
+"""PromptSearch's expansion: the priors of a node's children from what the engine drew."""
+import math
+
+import pytest
+import torch
+
+from fastalign.rain import RainConfig
+from fastalign.rain.jobs import Draft, ExpandResult, PromptContext
+from fastalign.rain.minimum import RequiredPrefixes
+from fastalign.rain.search import PromptSearch
+
+from .tiny import tokenizer
+
+
+def test_expansion_priors_are_normalised_and_mixed_at_the_root():
+    """Root: softmax over the top candidates, mixed 3:1 with uniform (root_prior_mix 0.25). Deeper: the raw
+    token-set priors (greedy clipped to the samples' sum) normalised, not mixed."""
+    ctx = PromptContext(index=0, prompt_text="", root_ids=[5], head_ids=[], root_key=0, max_length=100)
+    search = PromptSearch(ctx, RainConfig(), tokenizer(), embedder=None, judge=None, required=RequiredPrefixes(),
+                          on_commit=None)
+    root = search.tree.root
+    logits = [3.0, 2.0, 1.0, 0.0]
+    search._expand(root, [5], ExpandResult(ranked_ids=[10, 11, 12, 13], ranked_logits=logits), 1)
+    softmax = torch.softmax(torch.tensor(logits), dim=0).tolist()
+    assert [c.p for c in root.children] == pytest.approx([0.75 * p + 0.25 / 4 for p in softmax])
+
+    child = root.children[0]
+    greedy = Draft((20, 21), math.log(0.3))
+    samples = [Draft((22, 23), math.log(0.1)), Draft((24, 25), math.log(0.05))]
+    search._expand(child, [5, 10], ExpandResult(greedy=greedy, samples=samples), 2)
+    raw = [0.15, 0.1, 0.05]                                # greedy clipped to the samples' sum
+    assert [c.p for c in child.children] == pytest.approx([r / sum(raw) for r in raw])
