@@ -339,3 +339,25 @@ def test_write_kv_bad_input_is_rejected(change, match):
     args.update(change(args["k"], args["v"], args["slot_mapping"]))
     with pytest.raises(ValueError, match=match):
         write_kv(args["k"], args["v"], torch.zeros(4, 3, 2, 8), torch.zeros(4, 3, 2, 8), args["slot_mapping"])
+
+
+def test_block_id_equal_to_num_blocks_is_rejected():
+    batch = make_paged_batch([(9, 2), (6, 1)], 4, 4, 2, 16)
+    table = batch["block_table"].clone()
+    table[0, 0] = batch["k_cache"].shape[0]
+    with pytest.raises(ValueError, match="outside \\[0, 7\\)"):
+        paged_attention(**{**batch, "block_table": table})
+
+
+def test_shared_prefix_may_end_where_the_new_tokens_start():
+    batch = make_paged_batch([(9, 1), (10, 2)], 4, 4, 2, 16, shared_blocks=2)  # context before new: 8 and 8
+    plan = plan_shared_prefix(batch["block_table"], batch["seq_lens"], batch["cu_q_lens"], 4)
+    assert [t.tolist() for t in plan] == [[0, 2], [8]]
+    out = paged_attention(**batch, shared_prefix=plan)
+    torch.testing.assert_close(out.double(), paged_attention_reference(**batch), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prefix_whose_later_block_differs_is_rejected():
+    batch = make_paged_batch([(17, 1), (21, 2)], 4, 4, 2, 16, shared_blocks=1)  # only block 0 shared
+    with pytest.raises(ValueError, match="disagree on the block ids"):
+        paged_attention(**batch, shared_prefix=(_groups(0, 2), _groups(8)))

@@ -355,3 +355,60 @@ def test_bad_tree_arguments():
         with pytest.raises(ValueError, match="span 7 is unknown"):
             op(7)
     assert tree.num_free_blocks == 4 and tree.span_ids() == []
+
+
+def test_in_place_append_comes_back_after_eviction_release_and_failed_forward():
+    """A parent's partly filled last block takes its next child in place again once the child that had
+    appended there is evicted, released or failed: no copy, no extra block."""
+    store, pool = fresh(8, 4)
+    tree = store.tree
+    (root,) = grow(store, pool, [-1], [[1, 2, 3, 4, 5, 6]])     # block 1 holds 2 of 4 slots
+    table = tree.block_table(root).tolist()
+    (first,) = grow(store, pool, [root], [[7]])                 # in place
+    assert tree.block_table(first).tolist() == table
+    tree.evict(first)
+    free = tree.num_free_blocks
+    (again,) = grow(store, pool, [root], [[8]])                 # in place again: no copy, no block
+    assert tree.block_table(again).tolist() == table and tree.num_free_blocks == free
+    tree.release(again)
+    pool.fail = True
+    with pytest.raises(InjectedFailure):
+        grow(store, pool, [root], [[9]])
+    pool.fail = False
+    (late,) = grow(store, pool, [root], [[10]])
+    assert tree.block_table(late).tolist() == table and tree.num_free_blocks == free
+
+
+def test_eviction_takes_the_least_recently_used_span():
+    """The pool full, a new span evicts the least recently used unpinned span first."""
+    store, pool = fresh(3, 2)
+    a, b, c = (grow(store, pool, [-1], [[t, t]])[0] for t in (1, 2, 3))
+    grow(store, pool, [-1], [[4, 4]])
+    assert [store.tree.is_resident(s) for s in (a, b, c)] == [False, True, True]
+
+
+def test_extending_a_span_makes_it_recently_used():
+    """Extending a span counts as a use: the other one becomes the first to go."""
+    store, pool = fresh(3, 2)
+    (a,) = grow(store, pool, [-1], [[1, 2]])
+    (b,) = grow(store, pool, [-1], [[3, 4]])
+    (c,) = grow(store, pool, [a], [[5, 6]])
+    store.tree.release(c)
+    assert store.tree.lru_order() == [b, a]
+    grow(store, pool, [-1], [[7, 8, 9, 10]])
+    assert store.tree.is_resident(a) and not store.tree.is_resident(b)
+
+
+def test_release_drops_the_pins_of_a_kept_prefix():
+    """A released span kept only as a child's prefix loses its pins: it can be evicted once the child goes."""
+    store, pool = fresh(3, 2)
+    tree = store.tree
+    (root,) = grow(store, pool, [-1], [[1, 2]])
+    tree.pin(root)
+    (child,) = grow(store, pool, [root], [[3, 4]])
+    tree.release(root)                       # kept as the child's prefix, but no longer pinned
+    assert tree.pins(root) == 0
+    tree.evict(child)
+    assert tree.lru_order() == [root]
+    grow(store, pool, [-1], [[5, 6, 7, 8, 9, 10]])   # needs all 3 blocks: the root's KV goes
+    assert not tree.is_resident(root)

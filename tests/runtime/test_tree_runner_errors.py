@@ -166,3 +166,21 @@ def test_span_handles_know_their_tree(runner):
     assert not root.alive and kids[0].tokens == [1, 2, 3, 4]
     runner.release(kids)
     assert runner.tree.span_ids() == [] and runner.num_free_blocks == runner.num_blocks
+
+
+def test_context_limit_is_inclusive_and_follows_the_sliding_window():
+    runner = TreeRunner(tiny_model("qwen2-untied"), max_tokens=256, block_size=4, attention_backend="torch")
+    root = runner.prefill([1] * (MAX_POSITIONS - 1))
+    runner.extend([root], [[2]], logits=None)                 # exactly the context: fine
+    with pytest.raises(ValueError, match="past the model's context of 128"):
+        runner.extend([root], [[2, 3]])
+    mistral = TreeRunner(tiny_model("mistral-mqa-head-dim"), max_tokens=256, block_size=4, attention_backend="torch")
+    assert mistral.max_context == 96                           # its sliding window
+    with pytest.raises(ValueError, match="past the model's context of 96"):
+        mistral.prefill([1] * 97)
+
+
+def test_max_tokens_rounds_up_to_whole_blocks():
+    model = tiny_model("qwen2-untied")
+    assert TreeRunner(model, max_tokens=65, block_size=4).num_blocks == 17
+    assert TreeRunner(model, max_tokens=3, block_size=4).num_blocks == 1

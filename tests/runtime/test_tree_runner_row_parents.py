@@ -76,3 +76,17 @@ def test_failed_forward_with_row_parents_leaves_the_pool_as_it_was(monkeypatch):
     (_, chained), logits = runner.extend([root, 0], [[7, 8], [9]])
     ref = model(torch.tensor([chained.tokens])).logits[0, -1]
     assert (logits[1] - ref).abs().max() <= 1e-4
+
+
+def test_fallback_row_on_a_row_whose_first_token_is_copied():
+    """Hugging Face fallback: rows on earlier rows where a later row copies the partial block that the
+    earlier rows fill in the same forward (the first token of a row is then written twice)."""
+    model = tiny_model("gpt2-fallback")
+    runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="torch")
+    runner.pool.data.fill_(float("nan"))
+    root = runner.prefill([3, 1, 4, 1, 5])
+    # rows 1 and 2 append in place to the root's partial block; row 3 copies it while this forward fills
+    # it, so the first token of row 1 (a row boundary) is written twice
+    children, logits, hidden = runner.extend([root, 0, 1, 1], [[9], [2], [6], [5]], hidden="last")
+    for span, lg, hd in zip(children, logits, hidden):
+        check_against_hugging_face(model, span, lg, hd)
