@@ -5,8 +5,11 @@ computes (padding included, since it costs the same):
   forward of the decoder  = 2 * P_dec * slots + 4 * layers * hidden * sum_rows(width^2)   (full-square attention)
   backward                = 2x forward when every decoder weight trains, 1x (input gradients only) otherwise
   gradient checkpointing  = one more forward
-  lm_head (fused losses)  = per answer token: 2*V*H forward, +2*V*H for the hidden gradient, +2*V*H for the
-                            weight gradient when the lm_head trains; the KL term adds 2*V*H per token for P
+  lm_head (fused losses)  = per answer token: 2*V*H forward, 2*V*H again in the backward (the fused ops
+                            recompute the logits instead of storing them), +2*V*H for the hidden gradient,
+                            +2*V*H for the weight gradient when the lm_head trains; the KL term adds the
+                            reference logits P per normal answer token, computed in the forward and again in
+                            the backward (2 x 2*V*H)
   reference               = one decoder forward over the normal rows (frozen copy / disabled adapter), 0 cached
 P_dec counts the decoder's matmul weights (embeddings excluded). These are estimates for comparing runs
 and methods (e.g. against the compute of RLHF), not measurements.
@@ -74,7 +77,7 @@ def batch_compute(shape: ModelShape, batch, *, decoder_trains: bool, lm_head_tra
     answers = int(tokens.target_mask.sum())
     normal_rows = tokens.rows(batch.num_forget + batch.num_mismatch, tokens.input_ids.shape[0])
     normal_answers = int(normal_rows.target_mask.sum())
-    head = 2.0 * shape.vocab_size * shape.hidden_size * ((4 if lm_head_trains else 2) * answers + normal_answers)
+    head = 2.0 * shape.vocab_size * shape.hidden_size * ((4 if lm_head_trains else 3) * answers + 2 * normal_answers)
     reference = shape.decoder_forward(normal_rows.attention_mask) if reference_forward and batch.num_normal else 0.0
     return ComputeTotals(tokens=tokens.num_tokens, padded_slots=int(tokens.attention_mask.numel()),
                          answer_tokens=answers,

@@ -23,13 +23,15 @@ def pairs(items):
 
 
 def check_span(tokenizer, rendered, example):
-    """Tokens before the span end at or before the answer, tokens after it start at or after its end, and
-    the span's tokens cover every non-space answer character."""
+    """Tokens before the span end at or before the answer, tokens after it start at or after its end, every
+    token of the span overlaps the answer, and the span's tokens cover every non-space answer character."""
     enc = tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens, return_offsets_mapping=True)
     assert tuple(enc["input_ids"]) == example.input_ids
     offsets = enc["offset_mapping"]
     assert all(b <= rendered.answer_start or a == b for a, b in offsets[:example.answer_start])
     assert all(a >= rendered.answer_end or a == b for a, b in offsets[example.answer_end:])
+    assert all(a < rendered.answer_end and b > rendered.answer_start or a == b
+               for a, b in offsets[example.answer_start:example.answer_end])
     covered = set()
     for a, b in offsets[example.answer_start:example.answer_end]:
         covered.update(range(a, b))
@@ -87,19 +89,23 @@ def test_slow_tokenizer_is_refused():
         encode_pairs(Slow(), TextTemplate(), pairs(TRICKY[:1]), max_length=64)
 
 
-@pytest.mark.parametrize("with_pad", [False, True])
-def test_collate_pads_to_longest_and_aligns_target_mask(with_pad):
+@pytest.mark.parametrize("with_pad,answer_eos", [(False, False), (True, False), (False, True)])
+def test_collate_pads_to_longest_and_aligns_target_mask(with_pad, answer_eos):
+    """Padding is known by position, never by id: without a pad token the filler is EOS, which answers
+    ending in EOS also hold as a real token."""
     tokenizer = byte_bpe_tokenizer(with_pad)
-    examples = encode_pairs(tokenizer, TextTemplate(), pairs(TRICKY), max_length=512)
+    examples = encode_pairs(tokenizer, TextTemplate(), pairs(TRICKY), max_length=512, answer_eos=answer_eos)
     filler = filler_token_id(tokenizer)
     assert filler == (tokenizer.pad_token_id if with_pad else tokenizer.eos_token_id)
+    assert all(filler in e.input_ids for e in examples) == answer_eos
     batch = collate(examples, filler)
     width = max(len(e.input_ids) for e in examples)
     assert batch.input_ids.shape == (len(examples), width) and batch.target_mask.shape == (len(examples), width - 1)
     for row, e in enumerate(examples):
         n = len(e.input_ids)
         assert batch.input_ids[row, :n].tolist() == list(e.input_ids)
-        assert (batch.input_ids[row, n:] == filler).all() and batch.attention_mask[row].sum() == n
+        assert (batch.input_ids[row, n:] == filler).all()
+        assert batch.attention_mask[row].tolist() == [1] * n + [0] * (width - n)
         expected = [e.answer_start <= t + 1 < e.answer_end for t in range(width - 1)]
         assert batch.target_mask[row].tolist() == expected
         assert int(batch.target_mask[row].sum()) == e.num_answer_targets

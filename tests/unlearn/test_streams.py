@@ -30,10 +30,25 @@ def test_batches_are_a_function_of_seed_and_index():
     assert any(not torch.equal(other.batch(i).tokens.input_ids, a.batch(i).tokens.input_ids) for i in range(4))
 
 
-def test_epochs_visit_every_example_once():
+def test_epochs_visit_every_example_once_in_a_fresh_order():
     streams = make(batch_size=1)
-    seen = [streams.batch(i).tokens.input_ids[0, 0].item() // 100 for i in range(10)]
-    assert sorted(seen[:5]) == sorted(seen[5:]) == [1, 2, 3, 4, 5]
+    orders = [tuple(streams.batch(5 * epoch + i).tokens.input_ids[0, 0].item() // 100 for i in range(5))
+              for epoch in range(4)]
+    assert all(sorted(order) == [1, 2, 3, 4, 5] for order in orders)
+    assert len(set(orders)) > 1
+
+
+def test_mismatch_rows_respect_max_length():
+    """A pool answer longer than the room left after the forget prompt is cut to max_length."""
+    streams = make(mismatch_pool=[tuple(range(50, 70)), (7, 7)], mismatch_per_prompt=4, max_length=10)
+    long_drawn = False
+    for index in range(5):
+        batch = streams.batch(index)
+        assert batch.tokens.input_ids.shape[1] <= 10
+        mismatch = batch.examples[batch.num_forget:batch.num_forget + batch.num_mismatch]
+        assert all(len(e.input_ids) <= 10 and e.answer_end <= 10 and e.num_answer_targets >= 1 for e in mismatch)
+        long_drawn |= any(50 in e.input_ids for e in mismatch)
+    assert long_drawn
 
 
 def test_layout_counts_and_mismatch_rows():

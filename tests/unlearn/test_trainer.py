@@ -35,21 +35,26 @@ def log_lines(path):
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
 
 
-def test_killed_and_resumed_run_is_bit_identical(tmp_path):
-    whole, summary = run(tmp_path, "whole", save_every=2)
+@pytest.mark.parametrize("settings", [{}, {"lora": True, "lora_rank": 4, "lora_dropout": 0.5, "lr": 1e-2}],
+                         ids=["full", "lora-dropout"])
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, settings):
+    """With LoRA dropout the run draws random numbers: the resume must restore the generators' states."""
+    if settings.get("lora"):
+        pytest.importorskip("peft")
+    whole, summary = run(tmp_path, "whole", save_every=2, **settings)
 
     def kill_after_step_3(record):
         if record.step == 3:
             raise Killed
 
     with pytest.raises(Killed):
-        run(tmp_path, "killed", save_every=2, callback=kill_after_step_3)
+        run(tmp_path, "killed", save_every=2, callback=kill_after_step_3, **settings)
     assert sorted(os.listdir(tmp_path / "killed" / "checkpoints")) == ["latest", "step-000002"]
     with pytest.raises(FileExistsError, match="resume it with resume=True"):
-        run(tmp_path, "killed", save_every=2)
+        run(tmp_path, "killed", save_every=2, **settings)
     with pytest.raises(ValueError, match=r"setting\(s\) \['lr'\] differ"):
-        run(tmp_path, "killed", save_every=2, resume=True, lr=2e-3)
-    resumed, resumed_summary = run(tmp_path, "killed", save_every=2, resume=True)
+        run(tmp_path, "killed", save_every=2, resume=True, **{**settings, "lr": 2e-3})
+    resumed, resumed_summary = run(tmp_path, "killed", save_every=2, resume=True, **settings)
 
     assert summary.steps == resumed_summary.steps == 5
     for (name, a), (_, b) in zip(whole.model.named_parameters(), resumed.model.named_parameters()):
@@ -83,6 +88,12 @@ def test_early_stop_once_forget_nll_passes_threshold(tmp_path):
     assert 2 <= summary.steps == len(lines) < 50
     assert lines[-1]["forget_nll"] > 6.5 and all(r["forget_nll"] <= 6.5 for r in lines[:-1])
     assert summary.stop_reason.startswith("forget NLL")
+
+
+def test_early_stop_needs_the_forget_nll_to_exceed_the_threshold(tmp_path):
+    _, first = run(tmp_path, "probe", max_steps=1, grad_accum=1, max_forget_nll=None)
+    _, summary = run(tmp_path, max_steps=2, grad_accum=1, max_forget_nll=first.last.forget_nll)  # equal: go on
+    assert summary.steps == 2, summary.stop_reason
 
 
 def test_lora_is_merged_on_save(tmp_path):

@@ -1,0 +1,39 @@
+"""The FLOP estimate of one objective step, term by term against compute.py's formula written out by hand
+for the tiny Llama (hidden 32, 2 layers, 4 heads of 8, 2 KV heads, MLP 64)."""
+import itertools
+
+import pytest
+
+from fastalign.unlearn.compute import ModelShape, batch_compute
+from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
+
+
+def test_flop_estimate_follows_the_documented_formula():
+    tokenizer = byte_bpe_tokenizer()
+    shape = ModelShape.of(tiny_llama(len(tokenizer)))
+    per_layer = 2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64          # q, o; k, v; gate, up, down
+    assert (shape.decoder_params, shape.num_layers, shape.hidden_size, shape.vocab_size) == \
+        (2 * per_layer, 2, 32, len(tokenizer))
+    batch = tiny_streams(tokenizer).batch(0)
+    f, m = batch.num_forget, batch.num_mismatch
+    lengths = batch.tokens.attention_mask.sum(1).tolist()
+    normal_lengths = lengths[f + m:]
+    assert len(set(lengths)) > 1 and max(normal_lengths) < max(lengths)   # the normal rows are narrower
+
+    def forward(rows, width):
+        return 2.0 * shape.decoder_params * rows * width + 4.0 * 2 * 32 * rows * width ** 2
+
+    answers = int(batch.tokens.target_mask.sum())
+    normal_answers = sum(e.num_answer_targets for e in batch.examples[f + m:])
+    vh = 2.0 * shape.vocab_size * 32
+    for decoder_trains, head_trains, checkpointing, reference_forward in itertools.product([True, False], repeat=4):
+        got = batch_compute(shape, batch, decoder_trains=decoder_trains, lm_head_trains=head_trains,
+                            checkpointing=checkpointing, reference_forward=reference_forward)
+        policy = forward(len(lengths), max(lengths)) * (1 + (2 if decoder_trains else 1) + checkpointing)
+        # per answer token: forward, recomputed in the backward, hidden gradient (+ weight gradient);
+        # per normal answer token: the reference logits, forward and recomputed
+        head = vh * ((4 if head_trains else 3) * answers + 2 * normal_answers)
+        reference = forward(len(normal_lengths), max(normal_lengths)) if reference_forward else 0.0
+        assert got.flops == pytest.approx(policy + head + reference, rel=1e-12)
+        assert got.reference_tokens == (sum(normal_lengths) if reference_forward else 0)
+        assert got.answer_tokens == answers and got.tokens == sum(lengths)

@@ -1,0 +1,24 @@
+"""load_streams: which rows of the user's files feed which stream."""
+from fastalign.unlearn.config import UnlearnConfig
+from fastalign.unlearn.encoding import encode_answers
+from fastalign.unlearn.formats import load_truthfulqa
+from fastalign.unlearn.run import load_streams
+from fastalign.unlearn.templates import TextTemplate
+from tests.unlearn.tiny import FORGET_ROWS, byte_bpe_tokenizer, write_jsonl
+
+
+def test_truthfulqa_as_normal_feeds_the_mismatch_pool_from_its_pool_rows_only(tmp_path):
+    """The mismatch answers come from TruthfulQA's pool rows, never from the normal pairs trained on."""
+    rows = "".join(f"T,C,What is {k}?,Paris {k},Paris {k}; the {k},naïve {k}; help {k},S\n" for k in range(10))
+    csv = tmp_path / "tqa.csv"
+    csv.write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n" + rows,
+                   encoding="utf-8")
+    forget = write_jsonl(tmp_path / "forget.jsonl", FORGET_ROWS)
+    tokenizer = byte_bpe_tokenizer()
+    config = UnlearnConfig(model="m", output_dir="o", forget=[str(forget)], normal=str(csv), max_length=64, seed=3)
+    streams = load_streams(config, tokenizer)
+    split = load_truthfulqa(csv, test_fraction=config.truthfulqa_test_fraction,
+                            pool_fraction=config.truthfulqa_pool_fraction, seed=config.seed)
+    assert streams.pool == encode_answers(tokenizer, TextTemplate(), split.mismatch_pool)
+    normal_answers = {e.input_ids[e.answer_start:e.answer_end] for e in streams.normal}
+    assert normal_answers and not normal_answers & set(streams.pool)
