@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from fastalign.kernels import linear_cross_entropy as kernel
+from fastalign.kernels import linear_softmax_tiles as tiles
 from tests.conftest import HAS_CUDA, requires_cuda
+from tests.kernels.gpu_plans import force_tile_config, use_gpu_plans
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -110,3 +112,34 @@ def test_half_precision_on_gpu_matches_float64(dtype, num_rows, hidden_size, voc
 def test_fp32_on_gpu_matches_float64():
     """fp32 inputs must use full-precision dots on the GPU (TF32 would miss 1e-4)."""
     check_against_reference(300, 264, 5003, torch.float32, with_bias=False, tol=1e-4)
+
+
+@pytest.mark.parametrize("tile", tiles._TILE_SHAPES[1] + [tiles._SMALL_TILE], ids=str)
+def test_cross_entropy_in_each_gpu_tile_config_with_the_gpu_plans(monkeypatch, tile):
+    """Each autotune candidate (the autotuner may pick any of them on a GPU; the interpreter only runs 16/32/16),
+    with the GPU's vocabulary splits (256 + 77 columns) and one backward chunk of the whole vocabulary, so that
+    a column-tile grid or mask that depends on the block shape shows."""
+    for tuner in (kernel._forward_kernel, kernel._gradient_kernel):
+        force_tile_config(monkeypatch, tuner, *tile[:3])
+    use_gpu_plans(monkeypatch)
+    check_against_reference(21, 72, 333, torch.float32, with_bias=True, tol=1e-4)
+
+
+def test_only_the_split_holding_a_target_writes_its_logit():
+    """On a GPU the programs of all splits run at once; the interpreter runs them in grid order, so a split that
+    also wrote (a wrong) z[t, y_t] for a target just past its range is overwritten by the next split here but
+    races there. Split 0 of row block 0 run alone must leave every other split's targets untouched."""
+    num_rows, hidden_size, vocab = 8, 24, 131
+    hidden, weight, _, _, _ = make_inputs(num_rows, hidden_size, vocab, torch.float32, with_bias=False)
+    num_splits, per_split = tiles.vocab_splits(num_rows, vocab, hidden.device)
+    assert num_splits >= 2
+    target = torch.tensor([0, per_split - 1, per_split, per_split + 1, vocab - 1, 5, per_split, per_split - 1],
+                          device=hidden.device)
+    split_stats = torch.empty(2, num_rows, num_splits, device=hidden.device)
+    target_logit = torch.full((num_rows,), float("nan"), device=hidden.device)
+    kernel._forward_kernel[(1,)](hidden, weight, weight, target, split_stats, target_logit,
+                                 num_rows, hidden_size, vocab, per_split, num_splits, HAS_BIAS=False)
+    inside = target < per_split
+    expected = (hidden.double() @ weight.double().T).gather(1, target[:, None]).squeeze(1)
+    torch.testing.assert_close(target_logit[inside].double(), expected[inside], rtol=1e-5, atol=1e-5)
+    assert target_logit[~inside].isnan().all(), target_logit

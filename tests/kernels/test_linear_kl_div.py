@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from fastalign.kernels import linear_kl_div as kernel
+from fastalign.kernels import linear_softmax_tiles as tiles
 from tests.conftest import HAS_CUDA, requires_cuda
+from tests.kernels.gpu_plans import force_tile_config, use_gpu_plans
 from tests.kernels.test_linear_cross_entropy import GPU_SHAPES
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -196,3 +198,11 @@ def test_half_precision_on_gpu_matches_float64(dtype, shared_weight, num_rows, h
 @requires_cuda
 def test_fp32_on_gpu_matches_float64():
     check_against_reference(300, 264, 5003, torch.float32, tol=1e-4, ref_distance=1e-2, shared_weight=True)
+
+
+@pytest.mark.parametrize("tile", tiles._TILE_SHAPES[2] + [tiles._SMALL_TILE], ids=str)
+def test_kl_in_each_gpu_tile_config_with_the_gpu_plans(monkeypatch, tile):
+    for tuner in (kernel._forward_kernel, kernel._gradient_kernel):
+        force_tile_config(monkeypatch, tuner, *tile[:3])
+    use_gpu_plans(monkeypatch)
+    check_against_reference(21, 72, 333, torch.float32, tol=1e-4, shared_weight=tile[0] == 64)

@@ -1,7 +1,8 @@
 """The fused-loss kernels build for an H100/H200 (sm_90) in every autotuning configuration, without a GPU.
 
 The interpreter that runs them in CPU tests never compiles them; this catches what only the compiler sees
-(unsupported ops, tile shapes that do not lower, shared memory beyond the 227 KiB an sm_90 block can have).
+(unsupported ops, tile shapes that do not lower, shared memory beyond the 227 KiB an sm_90 block can have,
+fp32 dots lowered to TF32).
 """
 from tests.kernels.sm90_build import assert_builds_for_sm90
 
@@ -35,6 +36,8 @@ for dtype in ("bf16", "fp32"):
         for config in tuner.configs if dtype == "bf16" else tuner.configs[-1:]:
             compiled = compile_config(tuner, pointers, constants, config)
             assert compiled.metadata.shared <= SM90_SHARED_MEMORY, (tuner.fn.__name__, config, compiled.metadata.shared)
+            # input_precision="ieee" is invisible in the interpreter: only the build shows fp32 dots kept off TF32
+            assert dtype == "bf16" or "tf32" not in compiled.asm["ptx"], (tuner.fn.__name__, "fp32 dots use TF32")
 """
 
 

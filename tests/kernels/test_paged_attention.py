@@ -2,12 +2,13 @@
 import pytest
 import torch
 
+import fastalign.kernels.paged_attention as pak
 from fastalign.kernels.paged_attention import launch_config, paged_attention_triton
 from fastalign.ops.paged_attention import paged_attention
 from fastalign.reference.paged_attention import paged_attention_reference
 from tests.conftest import TRITON_DEVICE
 from tests.kernels.sm90_build import assert_builds_for_sm90
-from tests.ops.test_paged_attention import SHARED_CASES, make_paged_batch, make_shared_case
+from tests.ops.test_paged_attention import CASES, SHARED_CASES, make_paged_batch, make_shared_case
 
 
 @pytest.mark.parametrize("num_splits", [2, 5])
@@ -77,3 +78,80 @@ compile_kernel(_merge_splits_kernel, dict(Partial="*fp32", Lse="*fp32", Out="*bf
 
 def test_kernels_compile_for_sm90_without_a_gpu():
     assert_builds_for_sm90(COMPILE_FOR_SM90)
+
+
+# ---------------------------------------------------------------- paged attention: split keys and races
+
+def assert_matches_reference(out, batch, scale):
+    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, scale=scale)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_tiles_with_split_keys_merge_to_the_reference():
+    """Query tiles of several queries whose key range is split (on a GPU: prefill of few rows over long
+    contexts): here BLOCK_M 32 holds 8 queries, and the tile of positions 61..68 has its second part start at
+    key 64, so queries 61-63 see no key in that part's first key tile (the m_safe guard)."""
+    batch = make_paged_batch([(75, 38)], 7, 8, 2, 16, device=TRITON_DEVICE)
+    out = paged_attention_triton(**batch, scale=0.25, num_splits=2)
+    assert_matches_reference(out, batch, 0.25)
+
+
+def test_long_contexts_split_their_keys_through_the_op(monkeypatch):
+    """The automatic choice of splits (paged_attention passes no num_splits) with a GPU's SM count: the op's
+    tests never reach it, their contexts being under 4 key tiles."""
+    monkeypatch.setattr(pak, "_num_sms", lambda device: 132)
+    chosen, real = [], pak.choose_num_splits
+    monkeypatch.setattr(pak, "choose_num_splits", lambda *args: chosen.append(real(*args)) or chosen[-1])
+    batch = make_paged_batch([(300, 1), (260, 9), (140, 1)], 16, 4, 2, 16, device=TRITON_DEVICE)
+    out = paged_attention(**batch, backend="triton", scale=0.25)
+    assert max(chosen) > 1
+    assert_matches_reference(out, batch, 0.25)
+
+
+@pytest.mark.parametrize("case", SHARED_CASES)
+def test_cascade_with_split_shared_pass_and_one_part_per_row(monkeypatch, case):
+    """What a GPU does by default: the shared pass (few groups, long prefixes) splits its keys, the rows' own
+    pass takes one part, so the two passes own different numbers of parts."""
+    monkeypatch.setattr(pak, "choose_num_splits", lambda *args: 3)
+    batch, plan = make_shared_case(case, device=TRITON_DEVICE)
+    out = paged_attention_triton(**batch, scale=0.3, shared_prefix=plan)
+    assert_matches_reference(out, batch, 0.3)
+
+
+def test_a_query_tile_writes_only_its_own_queries():
+    """GROUP 3 does not divide BLOCK_M: the tile's last rows map to the next tile's first query. The interpreter
+    runs the next tile afterwards and overwrites them, a GPU runs both at once; run the first tile alone."""
+    batch = make_paged_batch([(20, 12)], 4, 6, 2, 16, device=TRITON_DEVICE)
+    q, k_cache = batch["q"], batch["k_cache"]
+    max_context = batch["block_table"].shape[1] * k_cache.shape[1]
+    config = pak._pass_config(q, k_cache, 1, max_context, 1)
+    queries = config["block_m"] // 3
+    assert config["block_m"] % 3 and queries < 12
+    out = torch.full_like(q, float("nan"))
+    pak._attention_pass(q, k_cache, batch["v_cache"], batch["block_table"], batch["seq_lens"], batch["cu_q_lens"],
+                        0.25, dict(config, slots=1), out, None, causal=True, kv_start=None)
+    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, scale=0.25)
+    torch.testing.assert_close(out[:queries].cpu().double(), ref[:queries], rtol=1e-5, atol=1e-5)
+    assert out[queries:].isnan().all()
+
+
+@pytest.mark.parametrize("case", ["decode_gqa", "extend_shared_gqa_d32", "prefill_several_query_tiles"])
+def test_fp16_tiles_match_the_reference(case):
+    """16-bit inputs take the GPU's tiles (BLOCK_M up to 128, BLOCK_N 64) and round P to fp16 before P @ V;
+    the interpreter computes fp16 dots (bf16, stored as uint16 there, it does not)."""
+    rows, block_size, num_heads, num_kv_heads, head_dim, shared = CASES[case]
+    batch = make_paged_batch(rows, block_size, num_heads, num_kv_heads, head_dim, shared_blocks=shared,
+                             dtype=torch.float16, device=TRITON_DEVICE)
+    out = paged_attention(**batch, backend="triton")
+    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()})
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_heads_wider_than_128_take_their_own_tiles(dtype):
+    """head_dim 160 (BLOCK_D 256, masked) selects the narrow key tiles of wide heads."""
+    batch = make_paged_batch([(40, 3), (25, 1)], 8, 4, 2, 160, dtype=dtype, device=TRITON_DEVICE)
+    out = paged_attention(**batch, backend="triton")
+    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()})
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=tol, atol=tol)

@@ -1,0 +1,30 @@
+"""Forcing, under Triton's interpreter, the plans and tile configurations that only a GPU would choose.
+
+The interpreter runs one small tile configuration and its own vocabulary split plan; on an H100/H200 the
+autotuner may pick any configuration and the plan follows the SM count. These helpers make a CPU test run
+the GPU's choices instead.
+"""
+import types
+
+import torch
+import triton
+
+from fastalign.kernels import chunked_backward
+from fastalign.kernels import linear_softmax_tiles as tiles
+
+
+def use_gpu_plans(monkeypatch, sms=132):
+    """vocab_splits as on an H100/H200 (256-aligned ranges, at least 16 splits, 2 x SMs target programs) and
+    the backward's GPU chunk plan."""
+    monkeypatch.setattr(tiles, "INTERPRET", False)
+    monkeypatch.setattr(tiles, "_SPLIT_ALIGN", 256)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(multi_processor_count=sms))
+    monkeypatch.setattr(chunked_backward, "INTERPRET", False)
+
+
+def force_tile_config(monkeypatch, tuner, block_m, block_v, block_k):
+    """Make an autotuned kernel run exactly one of its configurations (a single config is not benchmarked)."""
+    monkeypatch.setattr(tuner, "configs", [triton.Config({"BLOCK_M": block_m, "BLOCK_V": block_v,
+                                                          "BLOCK_K": block_k})])
+    monkeypatch.setattr(tuner, "cache", {})
