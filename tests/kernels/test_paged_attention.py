@@ -80,7 +80,8 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     assert_builds_for_sm90(COMPILE_FOR_SM90)
 
 
-# ---------------------------------------------------------------- paged attention: split keys and races
+# Paths a GPU takes and the interpreter would not: split keys on prefill tiles, the automatic split choice,
+# programs that run at once on a GPU (run alone here), 16-bit and wide-head tiles.
 
 def assert_matches_reference(out, batch, scale):
     ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, scale=scale)
