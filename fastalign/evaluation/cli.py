@@ -1,11 +1,11 @@
 """`fastalign eval`: harmful rate of a model on a prompt file, optionally utility against a reference.
 
-Records {"index", "prompt", "answer", "harmful"} are appended to the output jsonl batch by batch and
-flushed, so whatever was judged before a failure (a judge that raises, an interrupt) stays on disk. Inputs
-are checked before any generation: a missing model, an unreadable prompt file or a prompt too long for
-the model's context stops the command with a message naming the argument. The summary (harmful rate, and
-with --reference the unchanged share and mean token KL on --normal-prompts) is printed as JSON and written
-to <output>.summary.json.
+Records {"index", "prompt", "answer", "harmful"} are written to the output jsonl (a new run replaces it)
+batch by batch and flushed, so whatever was judged before a failure (a judge that raises, an interrupt)
+stays on disk. Inputs are checked before any generation: a missing model, an unreadable prompt file or a
+prompt too long for the model's context stops the command with a message naming the argument. The summary
+(harmful rate, and with --reference the unchanged share and mean token KL on --normal-prompts) is printed
+as JSON and written to <output>.summary.json.
 """
 import argparse
 import importlib
@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help=f"Hugging Face model directory, or '{DEMO_MODEL}'")
     parser.add_argument("--prompts", required=True, help="harmful prompts: .jsonl or .csv file")
     parser.add_argument("--field", default="prompt", help="the prompt's field (jsonl) or column (csv)")
-    parser.add_argument("--output", required=True, help="jsonl file the records are appended to")
+    parser.add_argument("--output", required=True,
+                        help="jsonl file the records are written to, batch by batch (a new run replaces it)")
     parser.add_argument("--template", choices=("spec", "raw"), default="spec",
                         help="spec: wrap each prompt as '### Question: {x}\\n ### Answer:'; raw: use it as is")
     parser.add_argument("--judge", choices=JUDGES, default="world",

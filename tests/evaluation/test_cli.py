@@ -103,3 +103,31 @@ def test_bad_prompt_file_names_the_line(model_dir, tmp_path, capsys):
     bad.write_text('{"prompt": "ok"}\n{"question": "no prompt field"}\n')
     assert run("--model", model_dir, "--prompts", bad, "--output", tmp_path / "o.jsonl") == 2
     assert f"--prompts: {bad}: line 2: expected an object with field 'prompt'" in capsys.readouterr().err
+
+
+_lines_on_disk = {}
+
+
+def judge_counting_lines_on_disk(pairs):
+    """A --judge-callable that notes how many records are already on disk when each batch is judged."""
+    _lines_on_disk["seen"].append(len(open(_lines_on_disk["path"]).read().splitlines()))
+    return [False] * len(pairs)
+
+
+def test_eval_records_reach_disk_batch_by_batch(world, model_dir, tmp_path):
+    """Each batch's records are on disk before the next batch is judged: a killed run keeps them."""
+    prompts = write_prompts(tmp_path / "p.jsonl", [qa.question for qa in world.harmful[:6]])
+    out = tmp_path / "out.jsonl"
+    _lines_on_disk.update(path=str(out), seen=[])
+    assert run("--model", model_dir, "--prompts", prompts, "--output", out, "--batch-size", 2,
+               "--max-new-tokens", 3, "--judge", "callable",
+               "--judge-callable", f"{__name__}:judge_counting_lines_on_disk") == 0
+    assert _lines_on_disk["seen"] == [0, 2, 4]
+
+
+def test_eval_rerun_replaces_the_output(world, model_dir, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", [qa.question for qa in world.harmful[:3]])
+    out = tmp_path / "out.jsonl"
+    args = ("--model", model_dir, "--prompts", prompts, "--output", out, "--max-new-tokens", 3)
+    assert run(*args) == 0 and run(*args) == 0
+    assert [r["index"] for r in records(out)] == [0, 1, 2]

@@ -1,5 +1,9 @@
+import collections
+import copy
+
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from fastalign.evaluation.generation import GenerationConfig, generate
 from fastalign.evaluation.prompts import spec_prompt
@@ -64,3 +68,41 @@ def test_prompt_longer_than_context_is_refused(tokenizer, model):
 def test_bad_generation_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GenerationConfig(**kwargs)
+
+
+def test_generation_stops_at_eos_like_the_slow_reference(world, tokenizer, model):
+    """Rows stop at EOS as one-at-a-time decoding does. The tiny model never picks EOS: make EOS win wherever
+    its most common answer token would."""
+    prompts = prompts_of(world)
+    config = GenerationConfig(max_new_tokens=12, batch_size=4)
+    free = generate(model, tokenizer, prompts, config)
+    ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in free]
+    token = collections.Counter(t for row in ids for t in row[1:]).most_common(1)[0][0]
+    eos_model = copy.deepcopy(model)
+    with torch.no_grad():
+        eos_model.lm_head.weight[tokenizer.eos_token_id] = eos_model.lm_head.weight[token] * 1.05
+    batched = generate(eos_model, tokenizer, prompts, config)
+    assert batched == [slow_greedy(eos_model, tokenizer, p, 12) for p in prompts]
+    assert any(len(b) < len(f) for b, f in zip(batched, free))  # EOS did end some answers early
+
+
+def test_top_k_one_sampling_is_greedy(world, tokenizer, model):
+    """Sampling from the top 1 token, at any temperature, is greedy decoding."""
+    prompts = prompts_of(world)
+    sampled = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=10, do_sample=True,
+                                                                   temperature=3.0, top_k=1, seed=3))
+    assert sampled == generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=10))
+
+
+def test_batched_greedy_with_absolute_positions(world, tokenizer):
+    """Left padding shifts no position: a model with learned absolute positions (which, unlike RoPE, would
+    show a shift) decodes each prompt of a batch as it decodes it alone."""
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=96, n_embd=32, n_layer=2, n_head=4,
+                                      eos_token_id=tokenizer.eos_token_id,
+                                      bos_token_id=tokenizer.bos_token_id)).eval()
+    with torch.no_grad():
+        gpt2.transformer.wpe.weight.mul_(30)  # make positions matter
+    prompts = prompts_of(world)
+    batched = generate(gpt2, tokenizer, prompts, GenerationConfig(max_new_tokens=8, batch_size=8))
+    assert batched == [slow_greedy(gpt2, tokenizer, p, 8) for p in prompts]

@@ -2,6 +2,7 @@ import pytest
 
 from fastalign.evaluation.generation import GenerationConfig, generate
 from fastalign.evaluation.harness import JudgeError, evaluate_harm, evaluate_utility
+from fastalign.evaluation.metrics import mean_token_kl
 from fastalign.evaluation.prompts import spec_prompt
 from tests.evaluation.conftest import tiny_llama
 
@@ -31,3 +32,29 @@ def test_utility_against_itself_and_against_another_model(world, tokenizer, mode
     assert other.unchanged_share < 1.0 and other.mean_token_kl > 0.0
     with pytest.raises(ValueError, match="greedy"):
         evaluate_utility(model, model, tokenizer, prompts, GenerationConfig(do_sample=True))
+
+
+def test_utility_kl_is_measured_on_the_reference_answers(world, tokenizer, model):
+    """The per-token KL is measured on the reference model's greedy answers."""
+    prompts = [spec_prompt(qa.question) for qa in world.normal[:6]]
+    config = GenerationConfig(max_new_tokens=5)
+    other = tiny_llama(tokenizer, seed=5)
+    report = evaluate_utility(other, model, tokenizer, prompts, config)
+    reference_answers = generate(model, tokenizer, prompts, config)
+    pairs = [(p, a) for p, a in zip(prompts, reference_answers) if a]
+    assert report.unchanged_share < 1.0
+    assert report.mean_token_kl == pytest.approx(mean_token_kl(other, model, tokenizer, pairs), rel=1e-6)
+
+
+def test_judge_sees_and_records_name_the_right_prompts(world, tokenizer, model):
+    """Over several batches, the judge sees and the records name each answer's own prompt."""
+    prompts = [spec_prompt(qa.question) for qa in world.harmful[:7]]
+    seen = []
+
+    def judge(pairs):
+        seen.extend(pairs)
+        return [False] * len(pairs)
+
+    report = evaluate_harm(model, tokenizer, prompts, judge, GenerationConfig(max_new_tokens=3, batch_size=3))
+    assert [p for p, _ in seen] == prompts
+    assert [r["prompt"] for r in report.records] == prompts

@@ -5,22 +5,34 @@ import os
 import subprocess
 import sys
 
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import fastalign.rain as rain_package
 from fastalign.cli import main
+from fastalign.rain.cli import greedy_answer
 
 from .tiny import PROMPTS, tiny_llama, tokenizer
 
 
-def test_rain_command_writes_records_and_resumes(tmp_path):
+@pytest.fixture
+def rain_setup(tmp_path):
+    """A saved tiny model, two prompts, a short judge template: (model dir, output path, the command's args)."""
     model_dir = tmp_path / "model"
     tiny_llama().save_pretrained(model_dir)
     tokenizer().save_pretrained(model_dir)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Human: How do I bake bread?\\nAssistant:\nHuman: Is the reply harmful?\\nAssistant:\n")
+    (tmp_path / "judge.txt").write_text("Judge the conversation.\n{conversation}\n{options}")
     out = tmp_path / "out.jsonl"
     args = ["rain", "--model", str(model_dir), "--prompts", str(prompts), "--output", str(out),
             "--embedding", "hidden", "--max-new-tokens", "3", "--root-visits", "3", "--engine", "slow",
             "--judge-template-file", str(tmp_path / "judge.txt")]
-    (tmp_path / "judge.txt").write_text("Judge the conversation.\n{conversation}\n{options}")
+    return model_dir, out, args
+
+
+def test_rain_command_writes_records_and_resumes(rain_setup, tmp_path):
+    _, out, args = rain_setup
     assert main(args) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["index"] for r in records) == [0, 1]
@@ -28,7 +40,8 @@ def test_rain_command_writes_records_and_resumes(tmp_path):
                for r in records)
     assert main(args) == 0                                   # resumes: nothing left to do
     assert len(out.read_text().splitlines()) == 2
-    assert main(["rain", "--model", str(tmp_path / "nope"), "--prompts", str(prompts), "--output", str(out)]) == 2
+    assert main(["rain", "--model", str(tmp_path / "nope"), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--output", str(out)]) == 2
 
 
 def test_rain_command_under_torchrun_with_two_gloo_processes(tmp_path):
@@ -59,3 +72,34 @@ def test_rain_command_under_torchrun_with_two_gloo_processes(tmp_path):
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     assert summary["processes"] == 2 and summary["prompts"] == 2 and summary["skipped_done"] == 2
     assert summary["stats"]["recomputed_tokens"] == 0
+
+
+
+def test_rain_record_is_on_disk_as_soon_as_its_prompt_finishes(rain_setup, monkeypatch):
+    """Each prompt's record is on disk as soon as the prompt finishes: a killed run keeps it."""
+    _, out, args = rain_setup
+    real, lines = rain_package.rain_generate, []
+
+    def spy(*a, on_result, **kw):
+        def wrapped(result):
+            on_result(result)
+            lines.append(len(out.read_text().splitlines()))
+        return real(*a, on_result=wrapped, **kw)
+
+    monkeypatch.setattr(rain_package, "rain_generate", spy)
+    assert main(args + ["--concurrency", "1"]) == 0
+    assert lines == [1, 2]
+
+
+def test_rain_vanilla_answer_uses_the_generation_prefix(rain_setup, tmp_path):
+    """The vanilla answer beside RAIN's is decoded after the same generation prefix."""
+    model_dir, out, args = rain_setup
+    prefix = "Human: How can I hurt my neighbour?\nAssistant: I can't help with that.\n\n"
+    (tmp_path / "prefix.txt").write_text(prefix)
+    assert main(args + ["--generation-prefix-file", str(tmp_path / "prefix.txt")]) == 0
+    model, tok = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    rows = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["index"])
+    with_prefix = [greedy_answer(model, tok, prefix + r["prompt"], 3, "Human:") for r in rows]
+    without = [greedy_answer(model, tok, r["prompt"], 3, "Human:") for r in rows]
+    assert with_prefix != without                       # the prefix matters for this model
+    assert [r["vanilla"] for r in rows] == with_prefix

@@ -280,3 +280,67 @@ def test_bad_prompts_and_failures_stay_with_their_prompt():
     assert errors[0] is None and errors[4] is None
     assert run.results[0].answer_ids and run.results[4].answer_ids
     assert sorted(r.index for r in seen) == [0, 1, 2, 3, 4]
+
+
+class LateFailingRunner(FailingRunner):
+    """Fails only when extending a sequence that already holds `poison`: the prompt's start succeeds and
+    the failure comes from a later, merged engine run."""
+
+    def extend(self, parents, token_lists, **kw):
+        sequences = []
+        for p, t in zip(parents, token_lists):
+            base = sequences[p] if isinstance(p, int) else p.tokens if p is not None else []
+            if self.poison in base:
+                raise RuntimeError("device fault")
+            sequences.append(base + list(t))
+        return super(FailingRunner, self).extend(parents, token_lists, **kw)
+
+
+def test_failure_in_a_merged_engine_run_stays_with_its_prompt():
+    """A model call failing inside a merged batch, after the prompts started, fails only the prompt whose row
+    broke it."""
+    tok = tokenizer()
+    poison_prompt = "Human: zebra zebra?\nAssistant:"
+    poison = tok(poison_prompt)["input_ids"][3]
+    prompts = [PROMPTS[0], poison_prompt, PROMPTS[2]]
+    run = rain_generate(HashLM(len(tok), max_positions=200), tok, prompts,
+                        RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3),
+                        runner=LateFailingRunner(len(tok), poison), judge_prompt=SHORT_JUDGE,
+                        embedding="hidden")
+    errors = [r.error for r in run.results]
+    assert errors[1] is not None and "device fault" in errors[1]
+    assert errors[0] is None and errors[2] is None
+    assert run.results[0].answer_ids and run.results[2].answer_ids
+
+
+def test_error_inside_one_search_stays_with_its_prompt(monkeypatch):
+    """An exception inside one prompt's search (here: its commit) ends that prompt only."""
+    real_commit = tree_engine.TreeEngine.commit
+
+    def commit(self, ctx, old_root, new_root):
+        if ctx.index == 1:
+            raise RuntimeError("commit fault")
+        return real_commit(self, ctx, old_root, new_root)
+
+    monkeypatch.setattr(tree_engine.TreeEngine, "commit", commit)
+    tok = tokenizer()
+    run = rain_generate(HashLM(len(tok), max_positions=200), tok, list(PROMPTS),
+                        RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3), runner=HashRunner(len(tok)),
+                        judge_prompt=SHORT_JUDGE, embedding="hidden")
+    errors = [r.error for r in run.results]
+    assert errors[1] == "RuntimeError: commit fault"
+    assert errors[0] is None and errors[2] is None and run.results[2].answer_ids
+
+
+def test_answer_never_runs_past_the_models_context():
+    """Generation prefix, prompt and answer together stay within the model's context."""
+    tok = tokenizer()
+    prefix = "Human: How do I bake bread?\nAssistant: Mix flour, water and yeast, then bake it.\n\n" * 4
+    prefix_len = len(tok(prefix)["input_ids"])
+    run = rain_generate(HashLM(len(tok), max_positions=200), tok, [PROMPTS[0]],
+                        RainConfig(root_visits=2, min_new_visits=1), engine="slow",
+                        judge_prompt=SHORT_JUDGE, embedding="hidden", generation_prefix=prefix)
+    r = run.results[0]
+    assert r.error is None
+    prompt_len = len(tok(PROMPTS[0], add_special_tokens=False)["input_ids"])
+    assert prefix_len + prompt_len + len(r.answer_ids) <= 200

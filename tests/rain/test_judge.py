@@ -73,3 +73,11 @@ def test_score_maps_both_orders_to_minus_one_zero_one():
     assert score(True, False) == 1.0          # harmless is A in order 0 and B in order 1
     assert score(False, True) == -1.0
     assert score(True, True) == 0.0
+
+
+def test_label_that_merges_with_the_answer_prefix_is_rejected():
+    """A label that merges with the end of the answer prefix ('... is: ' + '(A' tokenizes as ' (' 'A': one
+    token more than the prefix, but not the prefix's tokens plus one) is refused."""
+    with pytest.raises(ValueError, match="exactly one token"):
+        JudgeTokens(tokenizer(), JudgePrompt(template="{conversation}\n{options}",
+                                                   answer_prefix="\nThe answer is: ", labels=("(A", "(B")))
