@@ -192,68 +192,56 @@ def _schedule(queue: List[PromptContext], engine, embedder, tokenizer, judge, re
             a = _Active(ctx, PromptSearch(ctx, config, tokenizer, embedder, judge, required, engine.commit))
             active.append(a)
             fresh.append(a)
-        for a, err in _start_isolated(engine, fresh):
-            if err is None:
-                advance(a, None)
+        for a, out in _isolated(lambda searches: _start(engine, searches), fresh, lambda a: [a]):
+            if isinstance(out, Exception):
+                finish(a, error=out)
             else:
-                finish(a, error=err)
+                advance(a, None)
         model_side = [a for a in list(active) if a.jobs and not isinstance(a.jobs[0], EmbedJob)]
         embed_side = [a for a in list(active) if a.jobs and isinstance(a.jobs[0], EmbedJob)]
-        if model_side:
-            for a, out in _run_isolated(engine, model_side):
+        for a, out in _isolated(engine.run, model_side, lambda a: a.jobs):
+            if isinstance(out, Exception):
+                finish(a, error=out)
+            else:
+                advance(a, out)
+        if embed_side:
+            with ledger.phase([a.ctx.stats for a in embed_side], "embed"):
+                embedded = _isolated(embedder.embed, embed_side, lambda a: a.jobs[0].paths)
+            for a, out in embedded:
                 if isinstance(out, Exception):
                     finish(a, error=out)
                 else:
-                    advance(a, out)
-        if embed_side:
-            with ledger.phase([a.ctx.stats for a in embed_side], "embed"):
-                paths = [p for a in embed_side for p in a.jobs[0].paths]
-                vectors = embedder.embed(paths)
-            pos = 0
-            for a in embed_side:
-                n = len(a.jobs[0].paths)
-                advance(a, [vectors[pos:pos + n]])
-                pos += n
+                    advance(a, [out])
 
 
-def _start_isolated(engine, searches):
-    """Starts the searches' prompts on the engine together; if that fails, one by one."""
+def _start(engine, searches):
+    """Starts the searches' prompts on the engine together (one result, None, per search)."""
+    engine.start([a.ctx for a in searches], [a.search.tree.root for a in searches])
+    return [None] * len(searches)
+
+
+def _isolated(run, searches, items_of):
+    """[(search, its results or the exception)]: `run` takes every search's items in one call (a flat list in,
+    one result per item out); if that call fails, each search runs alone, so that only the failing ones get
+    the error (a model call or an embedding batch shared by many prompts)."""
     if not searches:
         return []
     try:
-        engine.start([a.ctx for a in searches], [a.search.tree.root for a in searches])
-        return [(a, None) for a in searches]
-    except Exception as err:
-        if len(searches) == 1:
-            return [(searches[0], err)]
-    out = []
-    for a in searches:
-        try:
-            engine.start([a.ctx], [a.search.tree.root])
-            out.append((a, None))
-        except Exception as err:
-            out.append((a, err))
-    return out
-
-
-def _run_isolated(engine, searches):
-    """Runs every search's jobs in one engine run; if that fails, runs each search alone so that only
-    the failing ones get the error."""
-    try:
-        outs = engine.run([job for a in searches for job in a.jobs])
+        outs = run([item for a in searches for item in items_of(a)])
     except Exception as err:
         if len(searches) == 1:
             return [(searches[0], err)]
     else:
         pos, paired = 0, []
         for a in searches:
-            paired.append((a, outs[pos:pos + len(a.jobs)]))
-            pos += len(a.jobs)
+            n = len(items_of(a))
+            paired.append((a, outs[pos:pos + n]))
+            pos += n
         return paired
     paired = []
     for a in searches:
         try:
-            paired.append((a, engine.run(list(a.jobs))))
+            paired.append((a, run(list(items_of(a)))))
         except Exception as err:
             paired.append((a, err))
     return paired

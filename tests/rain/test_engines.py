@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from fastalign.rain import RainConfig, rain_generate, tree_engine
+from fastalign.rain.embeddings import HiddenStateEmbedder
 
 from .fake_model import HashLM, HashRunner
 from .tiny import PROMPTS, SHORT_JUDGE, tiny_llama, tokenizer
@@ -344,3 +345,38 @@ def test_answer_never_runs_past_the_models_context():
     assert r.error is None
     prompt_len = len(tok(PROMPTS[0], add_special_tokens=False)["input_ids"])
     assert prefix_len + prompt_len + len(r.answer_ids) <= 200
+
+
+class FailingEmbedder(HiddenStateEmbedder):
+    """Records the path texts it embeds; fails any batch that holds the path text `poison`."""
+
+    def __init__(self, poison=None):
+        self.poison, self.texts = poison, []
+
+    def embed(self, paths):
+        self.texts.extend(p.text for p in paths)
+        if any(p.text == self.poison for p in paths):
+            raise RuntimeError("embedder fault")
+        return super().embed(paths)
+
+
+def test_embedder_failure_stays_with_its_prompt():
+    """The sibling embeddings of many prompts are computed in one batch: when it fails, only the prompt whose
+    path broke it gets the error. (A first run, one prompt at a time, finds a path text only prompt 1 has; the
+    keyed sampler makes each prompt's search independent of the batching.)"""
+    tok = tokenizer()
+    config = RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3)
+    recorder, texts_by_prompt = FailingEmbedder(), []
+
+    def finished(result):
+        texts_by_prompt.append(set(recorder.texts))
+        recorder.texts.clear()
+
+    rain_generate(HashLM(len(tok)), tok, PROMPTS, config, runner=HashRunner(len(tok)), judge_prompt=SHORT_JUDGE,
+                  sampler="keyed", embedding=recorder, concurrency=1, on_result=finished)
+    only_prompt_1 = sorted(texts_by_prompt[1] - texts_by_prompt[0] - texts_by_prompt[2])
+    run = rain_generate(HashLM(len(tok)), tok, PROMPTS, config, runner=HashRunner(len(tok)), judge_prompt=SHORT_JUDGE,
+                        sampler="keyed", embedding=FailingEmbedder(only_prompt_1[0]), concurrency=3)
+    errors = [r.error for r in run.results]
+    assert errors[1] is not None and "embedder fault" in errors[1]
+    assert errors[0] is None and errors[2] is None and run.results[0].answer_ids and run.results[2].answer_ids
