@@ -185,6 +185,14 @@ def _schedule(queue: List[PromptContext], engine, embedder, tokenizer, judge, re
         except Exception as err:  # one prompt's failure must not lose the others
             finish(a, error=err)
 
+    def settle(paired, sent_of):
+        """Each search of `_isolated`'s pairs ends with its exception, or goes on with sent_of(its results)."""
+        for a, out in paired:
+            if isinstance(out, Exception):
+                finish(a, error=out)
+            else:
+                advance(a, sent_of(out))
+
     while pending or active:
         fresh = []
         while pending and len(active) < concurrency:
@@ -192,26 +200,14 @@ def _schedule(queue: List[PromptContext], engine, embedder, tokenizer, judge, re
             a = _Active(ctx, PromptSearch(ctx, config, tokenizer, embedder, judge, required, engine.commit))
             active.append(a)
             fresh.append(a)
-        for a, out in _isolated(lambda searches: _start(engine, searches), fresh, lambda a: [a]):
-            if isinstance(out, Exception):
-                finish(a, error=out)
-            else:
-                advance(a, None)
+        settle(_isolated(lambda searches: _start(engine, searches), fresh, lambda a: [a]), lambda out: None)
         model_side = [a for a in list(active) if a.jobs and not isinstance(a.jobs[0], EmbedJob)]
         embed_side = [a for a in list(active) if a.jobs and isinstance(a.jobs[0], EmbedJob)]
-        for a, out in _isolated(engine.run, model_side, lambda a: a.jobs):
-            if isinstance(out, Exception):
-                finish(a, error=out)
-            else:
-                advance(a, out)
+        settle(_isolated(engine.run, model_side, lambda a: a.jobs), lambda out: out)
         if embed_side:
             with ledger.phase([a.ctx.stats for a in embed_side], "embed"):
                 embedded = _isolated(embedder.embed, embed_side, lambda a: a.jobs[0].paths)
-            for a, out in embedded:
-                if isinstance(out, Exception):
-                    finish(a, error=out)
-                else:
-                    advance(a, [out])
+            settle(embedded, lambda vectors: [vectors])   # the search's one EmbedJob gets its vectors
 
 
 def _start(engine, searches):

@@ -11,13 +11,19 @@ from tests.kernels.sm90_build import assert_builds_for_sm90
 from tests.ops.test_paged_attention import CASES, SHARED_CASES, make_paged_batch, make_shared_case
 
 
+def assert_matches_reference(out, batch, scale):
+    """out equals the float64 reference of the op on `batch` (fp32 tolerances)."""
+    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, scale=scale)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("num_splits", [2, 5])
 def test_split_keys_merge_to_the_reference(num_splits):
     """Contexts of several key tiles cut into parts, some of them empty for the shorter rows."""
     batch = make_paged_batch([(200, 1), (150, 3), (64, 2), (3, 1)], 16, 4, 2, 16, shared_blocks=4,
                              device=TRITON_DEVICE)
     out = paged_attention_triton(**batch, scale=0.25, num_splits=num_splits)
-    torch.testing.assert_close(out.double(), paged_attention_reference(**batch, scale=0.25), rtol=1e-5, atol=1e-5)
+    assert_matches_reference(out, batch, 0.25)
 
 
 @pytest.mark.parametrize("num_splits", [3])
@@ -25,7 +31,7 @@ def test_split_keys_merge_to_the_reference(num_splits):
 def test_cascade_passes_with_split_keys_merge_to_the_reference(case, num_splits):
     batch, plan = make_shared_case(case, device=TRITON_DEVICE)
     out = paged_attention_triton(**batch, scale=0.3, shared_prefix=plan, num_splits=num_splits)
-    torch.testing.assert_close(out.double(), paged_attention_reference(**batch, scale=0.3), rtol=1e-5, atol=1e-5)
+    assert_matches_reference(out, batch, 0.3)
 
 
 @pytest.mark.parametrize("num_tokens, num_rows, group", [(1, 1, 1), (8, 8, 7), (1000, 1, 4), (30, 3, 128), (5, 5, 3)])
@@ -82,11 +88,6 @@ def test_kernels_compile_for_sm90_without_a_gpu():
 
 # Paths a GPU takes and the interpreter would not: split keys on prefill tiles, the automatic split choice,
 # programs that run at once on a GPU (run alone here), 16-bit and wide-head tiles.
-
-def assert_matches_reference(out, batch, scale):
-    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, scale=scale)
-    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5)
-
 
 def test_prefill_tiles_with_split_keys_merge_to_the_reference():
     """Query tiles of several queries whose key range is split (on a GPU: prefill of few rows over long

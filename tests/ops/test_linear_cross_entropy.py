@@ -91,15 +91,8 @@ def test_dropped_rows_never_reach_the_matmul(backend):
 def test_custom_ignore_index(ignore_index, reduction):
     hidden, weight, target, extra = make_inputs(13, 24, 131, bias=True, weighted=True, ignored=0.0)
     target[::3] = ignore_index
-    out = fastalign.linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index, reduction=reduction,
-                                         backend="torch", **extra)
-    ref = linear_cross_entropy_reference(hidden, weight, target, ignore_index=ignore_index, reduction=reduction,
-                                         **extra)
-    assert_rel_close("loss", out, ref, REL_TOL[torch.float32])
-    inputs, seed = [hidden, weight, extra["bias"]], torch.randn(out.shape)
-    for name, got, want in zip(["d_hidden", "d_weight", "d_bias"], grads_of(out, inputs, seed),
-                               grads_of(ref, inputs, seed)):
-        assert_rel_close(name, got, want, REL_TOL[torch.float32])
+    check_against_reference(hidden, weight, target, {**extra, "ignore_index": ignore_index}, reduction, "torch",
+                            REL_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -188,10 +188,12 @@ def test_parallel_leaves_under_virtual_loss():
     assert per_iteration[0] < 0.75 * per_iteration[1], per_iteration
 
 
-def run_tree(prompts, config, runner=None, **kw):
+def run_tree(prompts, config, **kw):
+    """The tree engine on the hash model, keyed sampler, hidden-state embeddings (each overridable)."""
     tok = tokenizer()
-    return rain_generate(HashLM(len(tok)), tok, prompts, config, runner=runner or HashRunner(len(tok)),
-                         judge_prompt=SHORT_JUDGE, embedding="hidden", sampler="keyed", **kw)
+    settings = {"runner": HashRunner(len(tok)), "judge_prompt": SHORT_JUDGE, "embedding": "hidden",
+                "sampler": "keyed", **kw}
+    return rain_generate(HashLM(len(tok)), tok, prompts, config, **settings)
 
 
 @pytest.mark.parametrize("config", [SMALL, RainConfig(root_visits=20, min_new_visits=3, max_new_tokens=12,
@@ -248,18 +250,19 @@ def test_commit_releases_everything_above_the_new_root(monkeypatch):
 
 
 class FailingRunner(HashRunner):
-    """Fails any row that extends a sequence containing `poison`."""
+    """Fails any row whose sequence contains `poison`; with `late`, only a row extending a sequence that
+    already held it (the prompt's start succeeds, a later merged engine run fails)."""
 
-    def __init__(self, vocab, poison):
+    def __init__(self, vocab, poison, late=False):
         super().__init__(vocab)
-        self.poison = poison
+        self.poison, self.late = poison, late
 
     def extend(self, parents, token_lists, **kw):
         sequences = []                   # each row's whole sequence (an int parent is an earlier row)
         for p, t in zip(parents, token_lists):
             base = sequences[p] if isinstance(p, int) else p.tokens if p is not None else []
             sequences.append(base + list(t))
-            if self.poison in sequences[-1]:
+            if self.poison in (base if self.late else sequences[-1]):
                 raise RuntimeError("device fault")
         return super().extend(parents, token_lists, **kw)
 
@@ -283,20 +286,6 @@ def test_bad_prompts_and_failures_stay_with_their_prompt():
     assert sorted(r.index for r in seen) == [0, 1, 2, 3, 4]
 
 
-class LateFailingRunner(FailingRunner):
-    """Fails only when extending a sequence that already holds `poison`: the prompt's start succeeds and
-    the failure comes from a later, merged engine run."""
-
-    def extend(self, parents, token_lists, **kw):
-        sequences = []
-        for p, t in zip(parents, token_lists):
-            base = sequences[p] if isinstance(p, int) else p.tokens if p is not None else []
-            if self.poison in base:
-                raise RuntimeError("device fault")
-            sequences.append(base + list(t))
-        return super(FailingRunner, self).extend(parents, token_lists, **kw)
-
-
 def test_failure_in_a_merged_engine_run_stays_with_its_prompt():
     """A model call failing inside a merged batch, after the prompts started, fails only the prompt whose row
     broke it."""
@@ -304,10 +293,8 @@ def test_failure_in_a_merged_engine_run_stays_with_its_prompt():
     poison_prompt = "Human: zebra zebra?\nAssistant:"
     poison = tok(poison_prompt)["input_ids"][3]
     prompts = [PROMPTS[0], poison_prompt, PROMPTS[2]]
-    run = rain_generate(HashLM(len(tok), max_positions=200), tok, prompts,
-                        RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3),
-                        runner=LateFailingRunner(len(tok), poison), judge_prompt=SHORT_JUDGE,
-                        embedding="hidden")
+    run = run_tree(prompts, RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3),
+                   runner=FailingRunner(len(tok), poison, late=True))
     errors = [r.error for r in run.results]
     assert errors[1] is not None and "device fault" in errors[1]
     assert errors[0] is None and errors[2] is None
@@ -324,10 +311,7 @@ def test_error_inside_one_search_stays_with_its_prompt(monkeypatch):
         return real_commit(self, ctx, old_root, new_root)
 
     monkeypatch.setattr(tree_engine.TreeEngine, "commit", commit)
-    tok = tokenizer()
-    run = rain_generate(HashLM(len(tok), max_positions=200), tok, list(PROMPTS),
-                        RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3), runner=HashRunner(len(tok)),
-                        judge_prompt=SHORT_JUDGE, embedding="hidden")
+    run = run_tree(PROMPTS, RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3))
     errors = [r.error for r in run.results]
     assert errors[1] == "RuntimeError: commit fault"
     assert errors[0] is None and errors[2] is None and run.results[2].answer_ids
@@ -364,7 +348,6 @@ def test_embedder_failure_stays_with_its_prompt():
     """The sibling embeddings of many prompts are computed in one batch: when it fails, only the prompt whose
     path broke it gets the error. (A first run, one prompt at a time, finds a path text only prompt 1 has; the
     keyed sampler makes each prompt's search independent of the batching.)"""
-    tok = tokenizer()
     config = RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3)
     recorder, texts_by_prompt = FailingEmbedder(), []
 
@@ -372,11 +355,9 @@ def test_embedder_failure_stays_with_its_prompt():
         texts_by_prompt.append(set(recorder.texts))
         recorder.texts.clear()
 
-    rain_generate(HashLM(len(tok)), tok, PROMPTS, config, runner=HashRunner(len(tok)), judge_prompt=SHORT_JUDGE,
-                  sampler="keyed", embedding=recorder, concurrency=1, on_result=finished)
+    run_tree(PROMPTS, config, embedding=recorder, concurrency=1, on_result=finished)
     only_prompt_1 = sorted(texts_by_prompt[1] - texts_by_prompt[0] - texts_by_prompt[2])
-    run = rain_generate(HashLM(len(tok)), tok, PROMPTS, config, runner=HashRunner(len(tok)), judge_prompt=SHORT_JUDGE,
-                        sampler="keyed", embedding=FailingEmbedder(only_prompt_1[0]), concurrency=3)
+    run = run_tree(PROMPTS, config, embedding=FailingEmbedder(only_prompt_1[0]), concurrency=3)
     errors = [r.error for r in run.results]
     assert errors[1] is not None and "embedder fault" in errors[1]
     assert errors[0] is None and errors[2] is None and run.results[0].answer_ids and run.results[2].answer_ids
