@@ -194,3 +194,44 @@ def test_kl_term_is_the_token_mean_over_all_micro_batches_of_a_step(tmp_path):
     # fp32 log-probabilities of size ~6 carry ~5e-7 of rounding into a KL of ~2e-4; the two means differ by ~3e-5.
     assert logged == pytest.approx(kl(normal[0] + normal[1]), abs=5e-7)
     assert logged != pytest.approx((kl(normal[0]) + kl(normal[1])) / 2, abs=5e-6)
+
+
+def test_accumulated_gradient_is_that_of_the_whole_step(tmp_path, monkeypatch):
+    """With grad_accum micro-batches of equal size, the gradient the optimizer sees is that of SPEC §1's
+    objective over all the step's rows (each micro-batch's loss divided by grad_accum). AdamW alone hides a
+    constant factor on the gradient, so the gradient is read where the optimizer steps."""
+    tokenizer = byte_bpe_tokenizer()
+    streams = tiny_streams(tokenizer)
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(optimizer, *args, **kwargs):
+        if not seen:
+            seen.append({id(p): p.grad.clone() for group in optimizer.param_groups for p in group["params"]})
+        return real_step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    config = UnlearnConfig(output_dir=str(tmp_path / "run"), max_steps=1, lr=1e-3, grad_accum=2, progress=False)
+    trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), streams, config)
+    names = {id(p): name for name, p in trainer.model.named_parameters()}
+    trainer.train()
+
+    model, original = tiny_llama(len(tokenizer)), tiny_llama(len(tokenizer))
+    batches = [streams.batch(0), streams.batch(1)]
+    rows = {"forget": [], "mismatch": [], "normal": []}
+    for b in batches:
+        ends = {"forget": (0, b.num_forget), "mismatch": (b.num_forget, b.num_forget + b.num_mismatch),
+                "normal": (b.num_forget + b.num_mismatch, len(b.examples))}
+        for term, (start, end) in ends.items():
+            rows[term] += b.examples[start:end]
+    terms = spec_unlearning_terms(lambda ids: model(ids).logits, lambda ids: original(ids).logits,
+                                  rows["forget"], rows["mismatch"], rows["normal"])
+    weights = config.loss_weights
+    total = weights.forget * terms["forget"] + weights.mismatch * terms["mismatch"] + weights.normal * terms["normal"]
+    total.backward()
+
+    expected = dict(model.named_parameters())
+    assert len(seen[0]) == len(expected)
+    for key, grad in seen[0].items():
+        name = names[key]
+        torch.testing.assert_close(grad, expected[name].grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
