@@ -3,3 +3,9 @@
 Each module holds the @triton.jit kernels and the host-side launchers that the ops in
 `fastalign.ops` dispatch to. Importing a module here requires triton.
 """
+import os
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from .triton36_interpreter import squeeze_loop_bounds
+
+    squeeze_loop_bounds()
