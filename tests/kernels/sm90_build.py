@@ -1,19 +1,69 @@
 """Building Triton kernels for an H100/H200 (sm_90) on a machine without a GPU.
 
 The interpreter that runs the kernels in CPU tests never compiles them; a build with the wheel's ptxas
-catches what only the compiler sees. The build runs in a fresh process, outside the interpreter.
+catches what only the compiler sees. Kernels are built as a launch at the shapes that matter specialises
+them: every pointer (torch allocations are 16-byte aligned) and every integer argument that the kernel lets
+Triton specialise carries the multiple-of-16 hint (at Llama-3-8B's H 4096, V 128256 and 16-row tiles all of
+them are). Only with those hints are loads vectorised and software-pipelined, which sets the registers and
+the shared memory that a GPU run gets. The build runs in a fresh process, outside the interpreter:
+assert_builds_for_sm90(script) runs a script that calls build_for_sm90 and check_build.
 """
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SM90_SHARED_MEMORY = 227 * 1024
+
 
 def assert_builds_for_sm90(script):
-    """Runs `script` (which calls triton.compile for GPUTarget("cuda", 90, 32)) in a fresh process without
-    TRITON_INTERPRET; fails with the end of its stderr if it does not exit cleanly."""
+    """Runs `script` in a fresh process without TRITON_INTERPRET; fails with the end of its stderr if it
+    does not exit cleanly."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def build_for_sm90(kernel, types, constants, num_warps, num_stages):
+    """triton.compile of `kernel` (a JITFunction) for sm_90. `types` maps pointer arguments to "*bf16" etc.
+    and float scalars to "fp32"; other arguments not in `constants` are i32."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in kernel.arg_names}
+    unspecialised = set(kernel.do_not_specialize)
+    hinted = [i for i, name in enumerate(kernel.arg_names)
+              if signature[name].startswith("*") or (signature[name] == "i32" and name not in unspecialised)]
+    return triton.compile(ASTSource(kernel, signature, constants, {(i,): [["tt.divisibility", 16]] for i in hinted}),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def stack_bytes(compiled):
+    """The per-thread stack frame of the built kernel (register spills land there), read with cuobjdump."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+        path = f.name
+    try:
+        usage = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", path], capture_output=True,
+                               text=True, check=True).stdout
+    finally:
+        os.remove(path)
+    return int(re.search(r"STACK:(\d+)", usage).group(1))
+
+
+def check_build(compiled, what, *, tuned):
+    """Shared memory within what an sm_90 block can have; for a `tuned` build (one meant to be fast on a
+    GPU) also no register spills and a main loop whose global loads are copied asynchronously (pipelined)."""
+    assert compiled.metadata.shared <= SM90_SHARED_MEMORY, (what, "shared memory", compiled.metadata.shared)
+    if tuned:
+        assert stack_bytes(compiled) == 0, (what, "spills registers")
+        assert "async_copy_global_to_local" in compiled.asm["ttgir"], (what, "global loads are not pipelined")

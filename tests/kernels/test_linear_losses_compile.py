@@ -2,23 +2,14 @@
 
 The interpreter that runs them in CPU tests never compiles them; this catches what only the compiler sees
 (unsupported ops, tile shapes that do not lower, shared memory beyond the 227 KiB an sm_90 block can have,
-fp32 dots lowered to TF32).
+register spills, main loops whose loads are not pipelined, fp32 dots lowered to TF32).
 """
 from tests.kernels.sm90_build import assert_builds_for_sm90
 
 COMPILE_FOR_SM90 = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from fastalign.kernels import linear_cross_entropy as ce, linear_kl_div as kl
-
-SM90_SHARED_MEMORY = 227 * 1024
-
-def compile_config(tuner, pointers, constants, config):
-    constants = {**constants, **config.kwargs}
-    signature = {name: "constexpr" if name in constants else pointers.get(name, "i32") for name in tuner.fn.arg_names}
-    return triton.compile(ASTSource(tuner.fn, signature, constants), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+from fastalign.kernels.linear_softmax_tiles import _SMALL_TILE
+from tests.kernels.sm90_build import build_for_sm90, check_build
 
 # bf16 in every configuration; fp32 in the smallest one, which the autotuner keeps as the one that always fits
 for dtype in ("bf16", "fp32"):
@@ -32,12 +23,16 @@ for dtype in ("bf16", "fp32"):
          dict(SHARED_WEIGHT=False, EXPM1_SERIES_LIMIT=0.5)),
         (kl._gradient_kernel, dict(x_ptr=x, w_ptr=x, xr_ptr=x, wr_ptr=x, g_ptr=x, **stats), dict(SHARED_WEIGHT=True)),
     ]
-    for tuner, pointers, constants in cases:
+    for tuner, types, constants in cases:
         for config in tuner.configs if dtype == "bf16" else tuner.configs[-1:]:
-            compiled = compile_config(tuner, pointers, constants, config)
-            assert compiled.metadata.shared <= SM90_SHARED_MEMORY, (tuner.fn.__name__, config, compiled.metadata.shared)
+            compiled = build_for_sm90(tuner.fn, types, {**constants, **config.kwargs}, config.num_warps,
+                                      config.num_stages)
+            what = (tuner.fn.__module__, tuner.fn.__name__, dtype, config.kwargs, config.num_warps, config.num_stages)
+            # the tile shapes are tuned for 16-bit inputs, the small tile for fp32 (whose dots run on FMA units)
+            small = (*config.kwargs.values(), config.num_warps, config.num_stages) == _SMALL_TILE
+            check_build(compiled, what, tuned=small == (dtype == "fp32"))
             # input_precision="ieee" is invisible in the interpreter: only the build shows fp32 dots kept off TF32
-            assert dtype == "bf16" or "tf32" not in compiled.asm["ptx"], (tuner.fn.__name__, "fp32 dots use TF32")
+            assert dtype == "bf16" or "tf32" not in compiled.asm["ptx"], (what, "fp32 dots use TF32")
 """
 
 

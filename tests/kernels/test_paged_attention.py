@@ -52,18 +52,11 @@ def test_unvalidated_bad_block_ids_stay_in_bounds():
 
 COMPILE_FOR_SM90 = r"""
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from fastalign.kernels.paged_attention import _merge_splits_kernel, _paged_attention_kernel, launch_config
-
-def compile_kernel(fn, pointers, constants, num_warps, num_stages):
-    signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if name == "qk_scale" else "i32")
-                 for name in fn.arg_names}
-    triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": num_warps, "num_stages": num_stages})
+from tests.kernels.sm90_build import build_for_sm90, check_build
 
 # decode with split keys; a long bf16 prefill; the two cascade passes (shared blocks without causal mask,
-# then each row from its own first key); an fp32 extension with a group of 7 and head_dim 96
+# then each row from its own first key); an fp32 extension with a group of 7 and head_dim 96 (for tests, not tuned)
 for dtype, itemsize, tokens, rows, group, head_dim, splits, causal, kv_start, partial in (
         ("bf16", 2, 8, 8, 4, 64, 3, True, False, True),
         ("bf16", 2, 4096, 1, 4, 128, 1, True, False, False),
@@ -71,14 +64,15 @@ for dtype, itemsize, tokens, rows, group, head_dim, splits, causal, kv_start, pa
         ("bf16", 2, 64, 64, 4, 64, 1, True, True, True),
         ("fp32", 4, 40, 4, 7, 96, 1, True, False, False)):
     block_m, block_n, num_warps, num_stages = launch_config(tokens, rows, group, head_dim, itemsize)
-    pointers = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, BlockTable="*i32", SeqLens="*i32",
-                    CuQLens="*i32", KvStart="*i32", Out="*fp32" if partial else "*" + dtype, Lse="*fp32")
+    types = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, BlockTable="*i32", SeqLens="*i32", CuQLens="*i32",
+                 KvStart="*i32", Out="*fp32" if partial else "*" + dtype, Lse="*fp32", qk_scale="fp32")
     constants = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GROUP=group, PAGE=16,
                      BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=splits, CAUSAL=causal, HAS_KV_START=kv_start,
                      WRITE_LSE=partial)
-    compile_kernel(_paged_attention_kernel, pointers, constants, num_warps, num_stages)
-compile_kernel(_merge_splits_kernel, dict(Partial="*fp32", Lse="*fp32", Out="*bf16"),
-               dict(HEAD_DIM=64, BLOCK_D=64, NUM_SPLITS=3, BLOCK_S=4), 1, 1)
+    check_build(build_for_sm90(_paged_attention_kernel, types, constants, num_warps, num_stages),
+                (dtype, tokens, rows, group, head_dim), tuned=dtype == "bf16")
+check_build(build_for_sm90(_merge_splits_kernel, dict(Partial="*fp32", Lse="*fp32", Out="*bf16"),
+                           dict(HEAD_DIM=64, BLOCK_D=64, NUM_SPLITS=3, BLOCK_S=4), 1, 1), "merge", tuned=False)
 """
 
 
