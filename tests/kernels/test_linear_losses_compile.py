@@ -4,12 +4,12 @@ The interpreter that runs them in CPU tests never compiles them; this catches wh
 (unsupported ops, tile shapes that do not lower, shared memory beyond the 227 KiB an sm_90 block can have,
 register spills, main loops whose loads are not pipelined, fp32 dots lowered to TF32).
 """
-from tests.kernels.sm90_build import assert_builds_for_sm90
+from tests.kernels.gpu_build import assert_builds
 
 COMPILE_FOR_SM90 = """
 from fastalign.kernels import linear_cross_entropy as ce, linear_kl_div as kl
 from fastalign.kernels.linear_softmax_tiles import _SMALL_TILE
-from tests.kernels.sm90_build import build_for_sm90, check_build
+from tests.kernels.gpu_build import build_for_gpu, check_build
 
 # bf16 in every configuration; fp32 in the smallest one, which the autotuner keeps as the one that always fits
 for dtype in ("bf16", "fp32"):
@@ -25,16 +25,20 @@ for dtype in ("bf16", "fp32"):
     ]
     for tuner, types, constants in cases:
         for config in tuner.configs if dtype == "bf16" else tuner.configs[-1:]:
-            compiled = build_for_sm90(tuner.fn, types, {**constants, **config.kwargs}, config.num_warps,
-                                      config.num_stages)
+            compiled = build_for_gpu(tuner.fn, types, {**constants, **config.kwargs}, config.num_warps,
+                                     config.num_stages)
             what = (tuner.fn.__module__, tuner.fn.__name__, dtype, config.kwargs, config.num_warps, config.num_stages)
             # the tile shapes are tuned for 16-bit inputs, the small tile for fp32 (whose dots run on FMA units)
             small = (*config.kwargs.values(), config.num_warps, config.num_stages) == _SMALL_TILE
             check_build(compiled, what, tuned=small == (dtype == "fp32"))
             # input_precision="ieee" is invisible in the interpreter: only the build shows fp32 dots kept off TF32
             assert dtype == "bf16" or "tf32" not in compiled.asm["ptx"], (what, "fp32 dots use TF32")
+            if small:  # the configuration that always launches, also on an A100 or an L4 (sm_89)
+                for capability in (80, 89):
+                    check_build(build_for_gpu(tuner.fn, types, {**constants, **config.kwargs}, config.num_warps,
+                                              config.num_stages, capability), what, tuned=False, capability=capability)
 """
 
 
 def test_kernels_compile_for_sm90_without_a_gpu():
-    assert_builds_for_sm90(COMPILE_FOR_SM90)
+    assert_builds(COMPILE_FOR_SM90)

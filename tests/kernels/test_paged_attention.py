@@ -7,7 +7,7 @@ from fastalign.kernels.paged_attention import launch_config, paged_attention_tri
 from fastalign.ops.paged_attention import paged_attention
 from fastalign.reference.paged_attention import paged_attention_reference
 from tests.conftest import TRITON_DEVICE
-from tests.kernels.sm90_build import assert_builds_for_sm90
+from tests.kernels.gpu_build import assert_builds
 from tests.ops.test_paged_attention import CASES, SHARED_CASES, make_paged_batch, make_shared_case
 
 
@@ -50,16 +50,19 @@ def test_unvalidated_bad_block_ids_stay_in_bounds():
     assert out.shape == batch["q"].shape
 
 
-COMPILE_FOR_SM90 = r"""
+COMPILE_FOR_GPUS = r"""
 import triton
 from fastalign.kernels.paged_attention import _merge_splits_kernel, _paged_attention_kernel, launch_config
-from tests.kernels.sm90_build import build_for_sm90, check_build
+from tests.kernels.gpu_build import build_for_gpu, check_build
 
-# decode with split keys; a long bf16 prefill; the two cascade passes (shared blocks without causal mask,
-# then each row from its own first key); an fp32 extension with a group of 7 and head_dim 96 (for tests, not tuned)
+# decode with split keys; a long bf16 prefill, also of heads wider than 128; the two cascade passes (shared
+# blocks without causal mask, then each row from its own first key); an fp32 extension with a group of 7 and
+# head_dim 96 (for tests, not tuned). The tiles come from shapes alone, with no fallback: the 16-bit ones must
+# also fit an A100's and an L4's (sm_89) block.
 for dtype, itemsize, tokens, rows, group, head_dim, splits, causal, kv_start, partial in (
         ("bf16", 2, 8, 8, 4, 64, 3, True, False, True),
         ("bf16", 2, 4096, 1, 4, 128, 1, True, False, False),
+        ("bf16", 2, 4096, 1, 4, 256, 1, True, False, False),
         ("bf16", 2, 64, 1, 4, 64, 4, False, False, True),
         ("bf16", 2, 64, 64, 4, 64, 1, True, True, True),
         ("fp32", 4, 40, 4, 7, 96, 1, True, False, False)):
@@ -69,15 +72,17 @@ for dtype, itemsize, tokens, rows, group, head_dim, splits, causal, kv_start, pa
     constants = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GROUP=group, PAGE=16,
                      BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=splits, CAUSAL=causal, HAS_KV_START=kv_start,
                      WRITE_LSE=partial)
-    check_build(build_for_sm90(_paged_attention_kernel, types, constants, num_warps, num_stages),
-                (dtype, tokens, rows, group, head_dim), tuned=dtype == "bf16")
-check_build(build_for_sm90(_merge_splits_kernel, dict(Partial="*fp32", Lse="*fp32", Out="*bf16"),
-                           dict(HEAD_DIM=64, BLOCK_D=64, NUM_SPLITS=3, BLOCK_S=4), 1, 1), "merge", tuned=False)
+    what = (dtype, tokens, rows, group, head_dim)
+    for capability in (90, 80, 89) if dtype == "bf16" else (90,):
+        compiled = build_for_gpu(_paged_attention_kernel, types, constants, num_warps, num_stages, capability)
+        check_build(compiled, what, tuned=dtype == "bf16" and capability == 90, capability=capability)
+check_build(build_for_gpu(_merge_splits_kernel, dict(Partial="*fp32", Lse="*fp32", Out="*bf16"),
+                          dict(HEAD_DIM=64, BLOCK_D=64, NUM_SPLITS=3, BLOCK_S=4), 1, 1), "merge", tuned=False)
 """
 
 
-def test_kernels_compile_for_sm90_without_a_gpu():
-    assert_builds_for_sm90(COMPILE_FOR_SM90)
+def test_kernels_compile_for_sm90_and_fit_sm80_sm89_without_a_gpu():
+    assert_builds(COMPILE_FOR_GPUS)
 
 
 # Paths a GPU takes and the interpreter would not: split keys on prefill tiles, the automatic split choice,

@@ -1,4 +1,4 @@
-"""Building Triton kernels for an H100/H200 (sm_90) on a machine without a GPU.
+"""Building Triton kernels for NVIDIA GPUs (an H100/H200, sm_90, first) on a machine without a GPU.
 
 The interpreter that runs the kernels in CPU tests never compiles them; a build with the wheel's ptxas
 catches what only the compiler sees. Kernels are built as a launch at the shapes that matter specialises
@@ -6,7 +6,7 @@ them: every pointer (torch allocations are 16-byte aligned) and every integer ar
 Triton specialise carries the multiple-of-16 hint (at Llama-3-8B's H 4096, V 128256 and 16-row tiles all of
 them are). Only with those hints are loads vectorised and software-pipelined, which sets the registers and
 the shared memory that a GPU run gets. The build runs in a fresh process, outside the interpreter:
-assert_builds_for_sm90(script) runs a script that calls build_for_sm90 and check_build.
+assert_builds(script) runs a script that calls build_for_gpu and check_build.
 """
 import os
 import re
@@ -17,10 +17,11 @@ import tempfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SM90_SHARED_MEMORY = 227 * 1024
+# The most shared memory one block can have, by compute capability: H100/H200, A100, L4/RTX 4090 (and sm_86).
+SHARED_MEMORY_PER_BLOCK = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024}
 
 
-def assert_builds_for_sm90(script):
+def assert_builds(script):
     """Runs `script` in a fresh process without TRITON_INTERPRET; fails with the end of its stderr if it
     does not exit cleanly."""
     pytest.importorskip("triton.backends.nvidia")
@@ -30,8 +31,8 @@ def assert_builds_for_sm90(script):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def build_for_sm90(kernel, types, constants, num_warps, num_stages):
-    """triton.compile of `kernel` (a JITFunction) for sm_90. `types` maps pointer arguments to "*bf16" etc.
+def build_for_gpu(kernel, types, constants, num_warps, num_stages, capability=90):
+    """triton.compile of `kernel` (a JITFunction) for sm_`capability`. `types` maps pointer arguments to "*bf16" etc.
     and float scalars to "fp32"; other arguments not in `constants` are i32."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -42,7 +43,7 @@ def build_for_sm90(kernel, types, constants, num_warps, num_stages):
     hinted = [i for i, name in enumerate(kernel.arg_names)
               if signature[name].startswith("*") or (signature[name] == "i32" and name not in unspecialised)]
     return triton.compile(ASTSource(kernel, signature, constants, {(i,): [["tt.divisibility", 16]] for i in hinted}),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+                          target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def stack_bytes(compiled):
@@ -60,10 +61,11 @@ def stack_bytes(compiled):
     return int(re.search(r"STACK:(\d+)", usage).group(1))
 
 
-def check_build(compiled, what, *, tuned):
-    """Shared memory within what an sm_90 block can have; for a `tuned` build (one meant to be fast on a
-    GPU) also no register spills and a main loop whose global loads are copied asynchronously (pipelined)."""
-    assert compiled.metadata.shared <= SM90_SHARED_MEMORY, (what, "shared memory", compiled.metadata.shared)
+def check_build(compiled, what, *, tuned, capability=90):
+    """Shared memory within what a block of sm_`capability` can have; for a `tuned` build (one meant to be
+    fast on a GPU) also no register spills and a main loop whose global loads are copied asynchronously."""
+    limit = SHARED_MEMORY_PER_BLOCK[capability]
+    assert compiled.metadata.shared <= limit, (what, f"sm_{capability} shared memory", compiled.metadata.shared)
     if tuned:
         assert stack_bytes(compiled) == 0, (what, "spills registers")
         assert "async_copy_global_to_local" in compiled.asm["ttgir"], (what, "global loads are not pipelined")
