@@ -128,6 +128,9 @@ def load_truthfulqa(path: str | os.PathLike, *, test_fraction: float = 0.2, pool
     n_pool = max(1, round(pool_fraction * len(rows)))
     n_test = round(test_fraction * len(rows))
     pool_rows, test_rows, train_rows = order[:n_pool], order[n_pool:n_pool + n_test], order[n_pool + n_test:]
+    if not train_rows:
+        raise DataError(f"{path}: test_fraction={test_fraction} and pool_fraction={pool_fraction} of {len(rows)} "
+                        f"rows leave no normal training row ({n_test} test, {n_pool} pool)")
 
     def pairs(indices):
         return [make_pair(rows[i][1]["Question"], rows[i][1]["Best Answer"], path, rows[i][0])

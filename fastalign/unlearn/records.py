@@ -37,6 +37,14 @@ def open_text(path: str | os.PathLike) -> io.TextIOBase:
     return open(path, encoding="utf-8", newline="")
 
 
+# What reading a text file that is not (gzipped) UTF-8 raises, once a line is read.
+_UNREADABLE = (UnicodeDecodeError, EOFError, gzip.BadGzipFile)
+
+
+def _unreadable(path: str, error: Exception) -> DataError:
+    return DataError(f"{path}: cannot be read as (gzipped) UTF-8 text: {error}")
+
+
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Yields (row number, object) for each non-blank line; bad JSON or a non-object is a DataError."""
     path = os.fspath(path)
@@ -52,8 +60,8 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                 if not isinstance(obj, dict):
                     raise DataError(f"{path}: row {row}: expected a JSON object, got {type(obj).__name__}")
                 yield row, obj
-        except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
-            raise DataError(f"{path}: cannot be read as (gzipped) UTF-8 text: {e}") from None
+        except _UNREADABLE as e:
+            raise _unreadable(path, e) from None
 
 
 def read_csv(path: str | os.PathLike, required_columns: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
@@ -69,7 +77,9 @@ def read_csv(path: str | os.PathLike, required_columns: tuple[str, ...]) -> Iter
                 if None in record or any(record[c] is None for c in required_columns):
                     raise DataError(f"{path}: row {row}: wrong number of fields")
                 yield row, record
-        except (UnicodeDecodeError, csv.Error) as e:
+        except _UNREADABLE as e:
+            raise _unreadable(path, e) from None
+        except csv.Error as e:
             raise DataError(f"{path}: malformed CSV: {e}") from None
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastalign.unlearn.batching import collate, filler_token_id
-from fastalign.unlearn.encoding import encode_answers, encode_pairs
+from fastalign.unlearn.encoding import EncodedExample, encode_answers, encode_pairs
 from fastalign.unlearn.records import DataError, QAPair
 from fastalign.unlearn.templates import SPEC_TEMPLATE, ChatTemplate, TextTemplate
 from tests.unlearn.tiny import byte_bpe_tokenizer, word_level_tokenizer
@@ -65,6 +65,25 @@ def test_chat_template_span_is_in_the_assistant_turn():
         ChatTemplate(word_level_tokenizer())
 
 
+def test_text_template_keeps_the_tokenizers_bos():
+    tokenizer = byte_bpe_tokenizer()
+    example, = encode_pairs(tokenizer, TextTemplate(), pairs(TRICKY[:1]), max_length=64)
+    assert example.input_ids[0] == tokenizer.bos_token_id
+
+
+def test_chat_template_whose_conversation_does_not_start_with_the_user_turn_is_refused():
+    """A conversation that does not extend the rendered user turn (here: a system line put before it) leaves the
+    answer's place unknown; searching past len(user turn) would land inside 'Assistant'."""
+    class SystemFirst:
+        chat_template = "stub"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt=False):
+            text = "".join(f"{m['role'].title()}: {m['content']}\n" for m in messages)
+            return text + "Assistant:" if add_generation_prompt else "System: be nice\n" + text
+    with pytest.raises(ValueError, match="does not contain the answer verbatim"):
+        ChatTemplate(SystemFirst()).render("q", "a")
+
+
 def test_template_validation():
     for bad in ["{prompt} only", "{answer} {prompt}", "{prompt}{answer}{answer}"]:
         with pytest.raises(ValueError, match="template must"):
@@ -80,6 +99,26 @@ def test_prompt_longer_than_context_names_the_row():
         encode_pairs(tokenizer, TextTemplate(), pairs(items), max_length=40)
     kept = encode_pairs(tokenizer, TextTemplate(), pairs(items), max_length=40, skip_too_long=True)
     assert [e.source for e in kept] == ["test:row 1"] and kept[0].num_answer_targets >= 1
+
+
+def test_prompt_that_fills_max_length_leaves_no_answer():
+    example = EncodedExample(tuple(range(6)), 4, 6, "test:row 1")
+    assert not example.fits(4) and example.fits(5)
+    assert example.truncated(5) == EncodedExample((0, 1, 2, 3, 4), 4, 5, "test:row 1")
+    with pytest.raises(DataError, match=r"test:row 1: the prompt takes 4 tokens.*max_length=4"):
+        example.truncated(4)
+
+
+def test_max_length_below_two_is_refused():
+    with pytest.raises(ValueError, match="max_length must be at least 2"):
+        encode_pairs(byte_bpe_tokenizer(), TextTemplate(), pairs(TRICKY[:1]), max_length=1)
+
+
+def test_answer_at_position_zero_is_never_a_target():
+    """Token 0 is predicted by no position: an answer starting there has one target fewer."""
+    example = EncodedExample((5, 6, 7), 0, 2, "s")
+    assert example.num_answer_targets == 1
+    assert collate([example], filler_id=0).target_mask.tolist() == [[True, False]]
 
 
 def test_slow_tokenizer_is_refused():
@@ -110,6 +149,19 @@ def test_collate_pads_to_longest_and_aligns_target_mask(with_pad, answer_eos):
         assert batch.target_mask[row].tolist() == expected
         assert int(batch.target_mask[row].sum()) == e.num_answer_targets
     assert batch.num_tokens == sum(len(e.input_ids) for e in examples)
+
+
+def test_filler_is_zero_without_pad_or_eos():
+    assert filler_token_id(word_level_tokenizer()) == 0
+
+
+def test_rows_slices_every_tensor_of_a_batch():
+    batch = collate([EncodedExample((1, 2, 3), 1, 3, "a"), EncodedExample((4, 5), 1, 2, "b"),
+                     EncodedExample((6, 7, 8), 2, 3, "c")], filler_id=0)
+    middle = batch.rows(1, 2)
+    for part, whole in zip((middle.input_ids, middle.attention_mask, middle.target_mask),
+                           (batch.input_ids, batch.attention_mask, batch.target_mask)):
+        assert torch.equal(part, whole[1:2])
 
 
 def test_mismatch_ids_match_direct_tokenization():

@@ -38,6 +38,13 @@ def test_pku_flag_must_be_boolean(tmp_path):
         load_pku_saferlhf(path)
 
 
+def test_pku_row_without_a_safety_flag_names_the_field(tmp_path):
+    row = pku_row("p", "bad", False, "good", True)
+    del row["is_response_1_safe"]
+    with pytest.raises(DataError, match=r"pku.jsonl: row 1: missing field 'is_response_1_safe'"):
+        load_pku_saferlhf(write_jsonl(tmp_path / "pku.jsonl", [row]))
+
+
 def test_hh_takes_final_human_turn_and_rejected_answer(tmp_path):
     rejected = "\n\nHuman: first\n\nAssistant: ok\n\nHuman: how to do harm?\n\nAssistant: Like this."
     path = write_jsonl(tmp_path / "hh.jsonl.gz", [{"chosen": "\n\nHuman: x\n\nAssistant: no", "rejected": rejected}],
@@ -53,6 +60,15 @@ def test_hh_row_without_answer_is_an_error(tmp_path, rejected):
     path = write_jsonl(tmp_path / "hh.jsonl", [{"rejected": "\n\nHuman: q\n\nAssistant: a"}, {"rejected": rejected}])
     with pytest.raises(DataError, match=r"hh.jsonl: row 2: "):
         load_hh_rlhf(path)
+
+
+def test_hh_turns_are_stripped_of_surrounding_whitespace():
+    assert hh_final_exchange("\n\nHuman:  how?  \n\nAssistant: Like this. \n") == ("how?", "Like this.")
+
+
+def test_hh_is_detected_by_its_rejected_field_alone(tmp_path):
+    path = write_jsonl(tmp_path / "hh.jsonl", [{"rejected": "\n\nHuman: q\n\nAssistant: a"}])
+    assert detect_jsonl_format(path) == "hh"
 
 
 @needs_hh
@@ -73,6 +89,7 @@ def test_plain_jsonl_and_errors_name_file_and_row(tmp_path):
         "list.jsonl": (["[1, 2]"], r"list.jsonl: row 1: expected a JSON object"),
         "number.jsonl": ([{"prompt": "p", "answer": 3}], r"number.jsonl: row 1: field 'answer' must be a string"),
         "empty.jsonl": ([], r"empty.jsonl: nothing to train on"),
+        "blankprompt.jsonl": ([{"prompt": " \n", "answer": "a"}], r"blankprompt.jsonl: row 1: empty prompt"),
     }
     for name, (rows, message) in cases.items():
         with pytest.raises(DataError, match=message):
@@ -83,9 +100,24 @@ def test_plain_jsonl_and_errors_name_file_and_row(tmp_path):
         load_pairs(write_jsonl(tmp_path / "odd.jsonl", [{"text": "x"}]))
 
 
+TRUTHFULQA_HEADER = "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
+
+
+def test_unreadable_files_are_data_errors(tmp_path):
+    """A .gz that is not gzipped and a file that is not UTF-8 are DataErrors naming the file."""
+    (tmp_path / "plain.jsonl.gz").write_text('{"prompt": "p", "answer": "a"}\n')
+    with pytest.raises(DataError, match=r"plain.jsonl.gz: cannot be read as \(gzipped\) UTF-8 text"):
+        load_pairs(tmp_path / "plain.jsonl.gz")
+    (tmp_path / "plain.csv.gz").write_text(TRUTHFULQA_HEADER + "T,C,q,a,b,c,S\n" * 3)
+    with pytest.raises(DataError, match=r"plain.csv.gz: cannot be read as \(gzipped\) UTF-8 text"):
+        load_truthfulqa(tmp_path / "plain.csv.gz")
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "café", "answer": "a"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.jsonl: cannot be read as \(gzipped\) UTF-8 text"):
+        load_pairs(tmp_path / "latin1.jsonl")
+
+
 def write_truthfulqa(path, rows):
-    header = "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
-    path.write_text(header + "".join(f"T,C,{q},{b},{c},{i},S\n" for q, b, c, i in rows), encoding="utf-8")
+    path.write_text(TRUTHFULQA_HEADER + "".join(f"T,C,{q},{b},{c},{i},S\n" for q, b, c, i in rows), encoding="utf-8")
     return path
 
 
@@ -113,6 +145,44 @@ def test_truthfulqa_bad_files(tmp_path):
         load_truthfulqa(path, pool_fraction=0.1, test_fraction=0.0)
     with pytest.raises(ValueError, match="test_fraction"):
         load_truthfulqa(path, test_fraction=0.5, pool_fraction=0.5)
+
+
+def test_truthfulqa_row_with_wrong_number_of_fields_names_the_row(tmp_path):
+    good = "T,C,q,a,b,c,S\n"
+    for name, bad in [("short.csv", "T,C,q,a\n"), ("long.csv", "T,C,q,a,b,c,S,extra\n")]:
+        (tmp_path / name).write_text(TRUTHFULQA_HEADER + good + bad + good)
+        with pytest.raises(DataError, match=rf"{name}: row 2: wrong number of fields"):
+            load_truthfulqa(tmp_path / name)
+
+
+@pytest.mark.parametrize("test_fraction, pool_fraction", [(0.4, 0.55), (0.0, 0.9)])
+def test_truthfulqa_fractions_that_leave_no_training_row_are_refused(tmp_path, test_fraction, pool_fraction):
+    """With 4 rows, rounding gives every row to the test split and the pool: no normal pair would be trained on."""
+    rows = [(f"q{k}?", f"best {k}", f"right {k}", f"wrong {k}") for k in range(4)]
+    with pytest.raises(DataError, match=r"tqa.csv: test_fraction=.* of 4 rows leave no normal training row"):
+        load_truthfulqa(write_truthfulqa(tmp_path / "tqa.csv", rows), test_fraction=test_fraction,
+                        pool_fraction=pool_fraction)
+
+
+def test_truthfulqa_tiny_pool_fraction_still_gives_one_pool_row(tmp_path):
+    rows = [(f"q{k}?", f"best {k}", f"right {k}", f"wrong {k}") for k in range(3)]
+    split = load_truthfulqa(write_truthfulqa(tmp_path / "tqa.csv", rows), test_fraction=0.0, pool_fraction=0.1)
+    assert len(split.normal_train) == 2 and len(split.mismatch_pool) == 3
+
+
+def test_truthfulqa_pool_never_holds_a_test_answer(tmp_path):
+    """Every row lists all Best Answers as incorrect ones: the pool keeps none of the train or test answers."""
+    everyone = "; ".join(f"best {k}" for k in range(10))
+    rows = [(f"q{k}?", f"best {k}", f"right {k}", everyone) for k in range(10)]
+    split = load_truthfulqa(write_truthfulqa(tmp_path / "tqa.csv", rows), test_fraction=0.2, pool_fraction=0.3)
+    assert split.normal_test
+    assert not {p.answer for p in split.normal_train + split.normal_test} & set(split.mismatch_pool)
+
+
+def test_truthfulqa_pool_has_no_blank_answers(tmp_path):
+    rows = [(f"q{k}?", f"best {k}", f"right {k};; ", f"wrong {k};") for k in range(10)]
+    split = load_truthfulqa(write_truthfulqa(tmp_path / "tqa.csv", rows), test_fraction=0.2, pool_fraction=0.3)
+    assert split.mismatch_pool and all(split.mismatch_pool)
 
 
 @needs_truthfulqa

@@ -76,6 +76,35 @@ def test_processes_draw_different_rows():
     assert streams.batch(1, rank=0, world_size=2).tokens.input_ids[0, 0] == streams.batch(2).tokens.input_ids[0, 0]
 
 
+def test_a_process_draws_the_whole_batch_of_its_global_index():
+    """Process r of R at step i draws batch i*R + r of a single process, mismatch answers included."""
+    streams = make()
+    for rank in range(2):
+        assert streams.batch(3, rank=rank, world_size=2).examples == streams.batch(6 + rank).examples
+
+
+def test_forget_and_normal_orders_are_drawn_independently():
+    """Equal-sized forget and normal sets are not walked in the same order (each stream has its own seed)."""
+    streams = make(normal=[example(k, 2, 3, f"normal {k}") for k in range(10, 15)], batch_size=1,
+                   mismatch_per_prompt=0)
+    forget_order = [FORGET.index(streams.batch(i).examples[0]) for i in range(5)]
+    normal_order = [streams.batch(i).normal_index.item() for i in range(5)]
+    assert forget_order != normal_order
+
+
+def test_normal_batch_size_sets_the_number_of_normal_rows():
+    batch = make(normal_batch_size=5).batch(0)
+    assert (batch.num_forget, batch.num_normal, len(batch.normal_index)) == (2, 5, 5)
+
+
+def test_empty_pool_answers_are_never_drawn():
+    streams = make(mismatch_pool=[(), (7, 7)])
+    for index in range(3):
+        batch = streams.batch(index)
+        mismatch = batch.examples[batch.num_forget:batch.num_forget + batch.num_mismatch]
+        assert mismatch and all(e.input_ids[e.answer_start:e.answer_end] == (7, 7) for e in mismatch)
+
+
 def test_absent_streams_and_bad_arguments():
     batch = UnlearningStreams(FORGET, batch_size=2).batch(0)
     assert (batch.num_forget, batch.num_mismatch, batch.num_normal) == (2, 0, 0)

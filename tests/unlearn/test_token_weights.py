@@ -55,3 +55,15 @@ def test_one_stream_alone_and_empty_answers():
 def test_bad_masks_are_named(forget, mismatch, message):
     with pytest.raises((TypeError, ValueError), match=message):
         fastalign.unlearning_token_weights(forget, mismatch)
+
+
+def test_default_weights_are_the_spec_ones():
+    """Defaults w_fgt = 0.5, w_rdn = 1.0 (SPEC §1)."""
+    mask = torch.tensor([[True, True]])
+    assert fastalign.unlearning_token_weights(mask, mask).tolist() == [-0.25, -0.25, 0.5, 0.5]
+
+
+def test_masks_on_different_devices_are_refused():
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="forget_mask is on cpu but mismatch_mask on meta"):
+        fastalign.unlearning_token_weights(mask, mask.to("meta"))
