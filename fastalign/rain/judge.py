@@ -99,7 +99,8 @@ class JudgeTokens:
     """The token pieces of a judge prompt for one tokenizer, and the scoring rule.
 
     Raises ValueError when the template has no conversation slot, when the options come before the
-    conversation, or when an option label is not exactly one token where the model must produce it."""
+    conversation, when the two option orders read the same, or when an option label is not exactly one token
+    where the model must produce it."""
 
     def __init__(self, tokenizer, prompt: JudgePrompt = JudgePrompt()):
         self.tokenizer = tokenizer
@@ -121,6 +122,10 @@ class JudgeTokens:
             raise ValueError("JudgePrompt: the text before the conversation differs between the two option orders")
         self.prefix_ids: List[int] = self._encode(befores[0], special=not prompt.use_chat_template)
         self.suffix_ids: Tuple[List[int], List[int]] = tuple(self._encode(a, special=False) for a in afters)
+        if self.suffix_ids[0] == self.suffix_ids[1]:
+            raise ValueError("JudgePrompt: the two option orders read the same (does option_line contain "
+                             f"'{{label}}' and '{{statement}}'? got {prompt.option_line!r}); the score could not "
+                             "tell harmless from harmful")
         self.label_ids: Tuple[Tuple[int, int], Tuple[int, int]] = tuple(
             tuple(self._label_id(after, suffix, label) for label in prompt.labels)
             for after, suffix in zip(afters, self.suffix_ids))

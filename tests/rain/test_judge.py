@@ -1,5 +1,7 @@
 """The self-evaluation prompt: option label ids found from the tokenizer, clear errors for prompts and
 labels it cannot use, chat templates, and the score mapping."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -42,6 +44,14 @@ def test_multi_token_labels_are_rejected():
         JudgeTokens(tokenizer(), JudgePrompt(template="{conversation}\n{options}", labels=("A zebra", "B")))
 
 
+def test_equal_labels_or_statements_are_rejected():
+    """Either would make the two option orders the same question, so the score could not tell them apart."""
+    with pytest.raises(ValueError, match="two different"):
+        JudgeTokens(tokenizer(), dataclasses.replace(SHORT_JUDGE, labels=("A", "A")))
+    with pytest.raises(ValueError, match="must differ"):
+        JudgeTokens(tokenizer(), dataclasses.replace(SHORT_JUDGE, harmful=SHORT_JUDGE.harmless))
+
+
 def test_chat_template_places_the_answer_prefix_in_the_assistant_turn():
     tok = tokenizer()
     chat = JudgePrompt(template="Judge: {conversation}\n{options}", use_chat_template=True)
@@ -73,6 +83,17 @@ def test_score_maps_both_orders_to_minus_one_zero_one():
     assert score(True, False) == 1.0          # harmless is A in order 0 and B in order 1
     assert score(False, True) == -1.0
     assert score(True, True) == 0.0
+
+
+def test_option_line_without_the_statement_is_rejected():
+    """"({label})" alone makes both option orders the same text: the score would never judge."""
+    with pytest.raises(ValueError, match=r"the two option orders read the same .*'\(\{label\}\)'"):
+        JudgeTokens(tokenizer(), dataclasses.replace(SHORT_JUDGE, option_line="({label})"))
+
+
+def test_a_tie_is_not_a_win_in_either_order():
+    """Equal label logits: harmless wins neither order (the rule is the same for both orders)."""
+    assert JudgeTokens(tokenizer(), SHORT_JUDGE).score(torch.zeros(2, len(tokenizer()))) == -1.0
 
 
 def test_label_that_merges_with_the_answer_prefix_is_rejected():

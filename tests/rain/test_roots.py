@@ -1,5 +1,6 @@
 """Where the run's starting sequences are cut: at every prefix where one of them parts from or ends
 inside another, and nowhere else."""
+from fastalign.rain.ledger import EMPTY_KEY, prefix_keys
 from fastalign.rain.roots import RootPlan
 
 
@@ -36,3 +37,19 @@ def test_empty_judge_prefix_has_no_cuts():
     plan = RootPlan([], [], [([1, 5], [5]), ([1, 6], [6])])
     assert plan.judge_prefix.cuts == []
     assert [head.cuts for _, head in plan.prompts] == [[1], [1]]
+
+
+def test_lone_prompt_is_not_cut_where_the_generation_prefix_ends():
+    """Only one sequence passes through the generation prefix: its end is no place where sequences part."""
+    plan = RootPlan([1, 50], [1, 60, 61], [([5, 6], [5, 6])])
+    (root, head), = plan.prompts
+    assert root.cuts == [1, 5] and head.cuts == [1, 2, 4]
+
+
+def test_keys_are_the_ledger_keys_of_each_whole_sequence():
+    """A head's keys continue the judge prefix's (its tokens may begin like a generation root)."""
+    plan = RootPlan([1, 50], [], [([1, 5], [1, 5])])
+    (root, head), = plan.prompts
+    for seq in (plan.judge_prefix, root, head):
+        assert seq.keys == list(prefix_keys(EMPTY_KEY, seq.tokens))
+    assert head.tokens == [1, 50, 1, 5] and head.keys[-1] != root.keys[-1]

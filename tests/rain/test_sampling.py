@@ -4,7 +4,7 @@ row's distribution."""
 import torch
 
 from fastalign.rain import KeyedSampler, TorchSampler
-from fastalign.rain.sampling import draw_key, extend_key, seed_key, top_k_distribution
+from fastalign.rain.sampling import draw_key, extend_key, ranked_tokens, seed_key, top_k_distribution
 
 
 def test_keyed_draws_are_batch_invariant():
@@ -32,3 +32,30 @@ def test_top_k_distribution_keeps_each_probability_with_its_token():
     ids, probs = top_k_distribution(torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]]), 3)
     assert ids.tolist() == [[1, 2, 3]]
     assert torch.allclose(probs[0], torch.softmax(torch.tensor([3.0, 1.0, 2.0]), dim=0))
+
+
+def test_ranked_tokens_keep_each_logit_with_its_token():
+    assert ranked_tokens(torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]]), 3) == ([[1, 2, 3]], [[3.0, 1.0, 2.0]])
+
+
+def test_k_beyond_the_vocabulary_keeps_every_token():
+    logits = torch.tensor([[0.5, -1.0, 2.0]])
+    ids, probs = top_k_distribution(logits, 15)
+    assert ids.tolist() == [[0, 1, 2]] and torch.allclose(probs[0], torch.softmax(logits[0], dim=0))
+    assert ranked_tokens(logits, 20) == ([[0, 1, 2]], [[0.5, -1.0, 2.0]])
+
+
+def test_a_key_names_the_whole_token_sequence():
+    """Sequences that differ before their last token get different keys; extending is incremental."""
+    base = seed_key(0)
+    assert extend_key(base, [1, 3]) != extend_key(base, [2, 3])
+    assert extend_key(extend_key(base, [1]), [3]) == extend_key(base, [1, 3])
+    assert draw_key(extend_key(base, [1, 3]), 1) != draw_key(extend_key(base, [2, 3]), 1)
+
+
+def test_the_seed_changes_the_draws_of_both_samplers():
+    probs = torch.full((16, 50), 1.0 / 50)
+    keys = [draw_key(extend_key(seed_key(1), [i]), 1) for i in range(16)]
+    for make in (KeyedSampler, TorchSampler):
+        assert make(seed=2).draw(probs, keys) == make(seed=2).draw(probs, keys)
+        assert make(seed=2).draw(probs, keys) != make(seed=3).draw(probs, keys)

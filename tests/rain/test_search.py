@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastalign.rain import RainConfig
-from fastalign.rain.jobs import Draft, ExpandResult, PromptContext
+from fastalign.rain.jobs import Draft, ExpandJob, ExpandResult, PromptContext
 from fastalign.rain.minimum import RequiredPrefixes
 from fastalign.rain.search import PromptSearch
 
@@ -30,3 +30,18 @@ def test_expansion_priors_are_normalised_and_mixed_at_the_root():
     search._expand(child, [5, 10], ExpandResult(greedy=greedy, samples=samples), 2)
     raw = [0.15, 0.1, 0.05]                                # greedy clipped to the samples' sum
     assert [c.p for c in child.children] == pytest.approx([r / sum(raw) for r in raw])
+
+
+def test_widening_samples_on_streams_the_first_expansion_did_not_use():
+    """A keyed draw is a function of its stream: a widening that reused one of the first expansion's streams
+    would draw one of its samples again."""
+    ctx = PromptContext(index=0, prompt_text="", root_ids=[5], head_ids=[], root_key=0, max_length=100)
+    search = PromptSearch(ctx, RainConfig(token_set_lengths=(2,)), tokenizer(), embedder=None, judge=None,
+                          required=RequiredPrefixes(), on_commit=None)
+    first = next(job for job in next(search.run()) if isinstance(job, ExpandJob))
+    samples = [Draft((20 + i, 40), math.log(0.05)) for i in range(first.attempts)]
+    search._expand(first.node, [5], ExpandResult(greedy=Draft((10, 11), math.log(0.3)), samples=samples), 2)
+    (widening,) = next(search._widen(first.node, [5]))
+    used = set(range(first.first_stream, first.first_stream + first.attempts))
+    assert widening.attempts > 0
+    assert used.isdisjoint(range(widening.first_stream, widening.first_stream + widening.attempts))

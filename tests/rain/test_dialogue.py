@@ -1,0 +1,55 @@
+"""The text rules of the search: where a rollout stops, and what the judge reads of a reply cut before a new
+user turn (the model's own tokens up to the cut, then the cut text tokenized anew)."""
+from fastalign.rain import JudgeTokens, RainConfig
+from fastalign.rain.dialogue import answer_text, judge_input, last_char, rollout_stops
+from fastalign.rain.jobs import PromptContext
+
+from .tiny import PROMPTS, SHORT_JUDGE, tokenizer
+
+
+def ids(text):
+    return tokenizer()(text, add_special_tokens=False)["input_ids"]
+
+
+def context(max_length=100):
+    root = tokenizer()(PROMPTS[0])["input_ids"]
+    return PromptContext(index=0, prompt_text=PROMPTS[0], root_ids=root, head_ids=[], root_key=0,
+                         max_length=max_length)
+
+
+def test_rollout_stops_at_a_new_turn_in_the_answer_only():
+    """The prompt's own "Human:" does not stop a rollout; one that opens the answer does (':' is no stop
+    character here)."""
+    tok, ctx, config = tokenizer(), context(), RainConfig(rollout_stop_chars=".")
+    assert answer_text(tok, ctx.root_ids + ids(" I will not"), ctx.answer_start) == " I will not"
+    assert not rollout_stops(tok, config, ctx, ctx.root_ids + ids(" I will not"))
+    assert rollout_stops(tok, config, ctx, ctx.root_ids + ids("Human:"))
+
+
+def test_rollout_stops_when_the_sequence_reaches_max_length():
+    tok, config = tokenizer(), RainConfig(rollout_stop_chars=".")
+    state = context().root_ids + ids(" I will not")
+    assert rollout_stops(tok, config, context(max_length=len(state)), state)
+    assert not rollout_stops(tok, config, context(max_length=len(state) + 1), state)
+
+
+def test_last_char_sees_a_character_split_over_byte_tokens():
+    """'。' is three byte tokens of this tokenizer: the decoded tail must hold all of them."""
+    assert len(ids("\u3002")) == 3
+    assert last_char(tokenizer(), ids(" yes\u3002")) == "\u3002"
+    assert rollout_stops(tokenizer(), RainConfig(rollout_stop_chars="\u3002"), context(),
+                         context().root_ids + ids(" yes\u3002"))
+
+
+def test_judge_input_of_a_reply_cut_in_the_rollout_keeps_the_models_tokens():
+    """Turn marker "e" cuts the reply inside the rollout: base "leaf" (the leaf's tokens are read from the
+    search tree), then the rollout's tokens that end before the cut, then the cut text tokenized anew; a
+    cut right after the leaf's last token keeps no rollout token but is still "leaf"."""
+    tok, ctx = tokenizer(), context()
+    judge, config = JudgeTokens(tok, SHORT_JUDGE), RainConfig(turn_marker="e")
+    leaf = ctx.root_ids + ids(" I will not")
+    assert ids(" do that here")[2:] == ids(" here")            # ' he', 're': the cut falls after ' h'
+    reply, base, judged = judge_input(judge, tok, config, ctx, leaf + ids(" do that here"), len(leaf))
+    assert (reply, base, judged) == (" I will not do that h", "leaf", ids(" do that") + judge.head_ids(" h"))
+    reply, base, judged = judge_input(judge, tok, config, ctx, leaf + ids(" help"), len(leaf))
+    assert (reply, base, judged) == (" I will not h", "leaf", judge.head_ids(" h"))
