@@ -57,10 +57,6 @@ class ForwardBatch:
         )
 
     @property
-    def num_rows(self):
-        return self.seq_lens.shape[0]
-
-    @property
     def num_tokens(self):
         return self.input_ids.shape[0]
 

@@ -412,3 +412,52 @@ def test_release_drops_the_pins_of_a_kept_prefix():
     assert tree.lru_order() == [root]
     grow(store, pool, [-1], [[5, 6, 7, 8, 9, 10]])   # needs all 3 blocks: the root's KV goes
     assert not tree.is_resident(root)
+
+
+def reads(tree, pool, span):
+    """The tokens a resident span reads back from its block table."""
+    bs, pos = tree.block_size, np.arange(tree.length(span))
+    return pool.slots[tree.block_table(span)[pos // bs] * bs + pos % bs, 0].tolist()
+
+
+def test_interrupted_forward_is_undone_like_a_failed_one():
+    """A forward stopped by a BaseException that is no Exception (KeyboardInterrupt) is rolled back too."""
+    store, pool = fresh(8, 4)
+    (root,) = grow(store, pool, [-1], [[1, 2, 3, 4, 5, 6]])
+    tree = store.tree
+    before = (tree.span_ids(), tree.refcounts().tolist(), tree.num_free_blocks)
+
+    def interrupted(plan):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store.extend(np.array([root, root]), np.array([7, 8, 9], dtype=np.int32), np.array([0, 1, 3]), interrupted)
+    assert (tree.span_ids(), tree.refcounts().tolist(), tree.num_free_blocks) == before and tree.locks(root) == 0
+
+
+def test_make_resident_recomputes_an_evicted_span_and_its_evicted_ancestors():
+    store, pool = fresh(8, 2)
+    tree = store.tree
+    (root,) = grow(store, pool, [-1], [[1, 2, 3]])
+    (child,) = grow(store, pool, [root], [[4, 5]])
+    tree.evict(child)
+    tree.evict(root)
+    forwards = pool.forwards
+    store.make_resident([child], pool.run)
+    assert pool.forwards == forwards + 1 and tree.is_resident(root) and tree.is_resident(child)
+    assert reads(tree, pool, child) == [1, 2, 3, 4, 5] and tree.locks(child) == tree.locks(root) == 0
+
+
+def test_evicted_siblings_under_an_evicted_parent_are_restored_in_two_rounds():
+    """One round restores the parent with one sibling (a span written by a forward is no base in it); the
+    other sibling needs a second round before the extension."""
+    store, pool = fresh(8, 2)
+    tree = store.tree
+    (root,) = grow(store, pool, [-1], [[1, 2, 3]])
+    a, b = grow(store, pool, [root, root], [[4], [5]])
+    for span in (a, b, root):
+        tree.evict(span)
+    forwards = pool.forwards
+    c, d = grow(store, pool, [a, b], [[6], [7]])
+    assert pool.forwards == forwards + 3
+    assert reads(tree, pool, c) == [1, 2, 3, 4, 6] and reads(tree, pool, d) == [1, 2, 3, 5, 7]

@@ -85,3 +85,12 @@ def test_output_choices_agree():
     torch.testing.assert_close(last_logits, torch.stack([lg[-1] for lg in all_logits]), **close)
     torch.testing.assert_close(only_logits, last_logits, **close)
     torch.testing.assert_close(last_hidden, torch.stack([h[-1] for h in all_hidden2]), **close)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-fallback"])
+def test_logits_are_float32_and_hidden_states_in_the_model_dtype(name):
+    runner = TreeRunner(tiny_model(name, dtype=torch.bfloat16), max_tokens=64, block_size=4, attention_backend="torch")
+    _, last_logits, last_hidden = runner.extend([None, None], [[1, 2, 3], [4]], hidden="last")
+    _, all_logits, all_hidden = runner.extend([None], [[5, 6]], logits="all", hidden="all")
+    assert last_logits.dtype == all_logits[0].dtype == torch.float32
+    assert last_hidden.dtype == all_hidden[0].dtype == torch.bfloat16

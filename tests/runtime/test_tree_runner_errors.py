@@ -72,6 +72,7 @@ def test_bad_tokens_are_refused(runner, model):
         (1, [[1.5]], "token_lists\\[0\\]: expected a non-empty 1-D sequence of int token ids, got shape \\[1\\] of float64"),
         (1, [[[1, 2]]], "token_lists\\[0\\]: expected a non-empty 1-D sequence"),
         (1, [[1], [2]], "token_lists: expected 1 lists \\(one per parent\\), got 2"),
+        (2, "ab", "token_lists: expected one sequence of token ids per parent"),
     ]
     for parents, lists, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -80,6 +81,8 @@ def test_bad_tokens_are_refused(runner, model):
         runner.extend([], [])
     with pytest.raises(ValueError, match="logits: expected one of"):
         runner.extend([root], [[1]], logits="first")
+    with pytest.raises(ValueError, match="hidden: expected one of"):
+        runner.extend([root], [[1]], hidden="first")
     with pytest.raises(ValueError, match="past the model's context of 128"):
         runner.extend([root, root], [[1], [1] * (MAX_POSITIONS - 2)])
     assert snapshot(runner) == before
@@ -184,3 +187,54 @@ def test_max_tokens_rounds_up_to_whole_blocks():
     model = tiny_model("qwen2-untied")
     assert TreeRunner(model, max_tokens=65, block_size=4).num_blocks == 17
     assert TreeRunner(model, max_tokens=3, block_size=4).num_blocks == 1
+
+
+def test_pool_sizes_are_checked_at_their_bounds(model):
+    """max_tokens must be a positive int, max_bytes an int of at least one block: exactly one block is fine."""
+    per_block = 2 * 2 * 4 * 2 * 12 * 4  # K and V, 2 layers, 4 tokens, 2 kv heads, head_dim 12, fp32
+    assert TreeRunner(model, max_bytes=per_block, block_size=4).num_blocks == 1
+    for max_tokens in (0, 64.0):
+        with pytest.raises(ValueError, match="max_tokens: expected a positive int"):
+            TreeRunner(model, max_tokens=max_tokens, block_size=4)
+    with pytest.raises(ValueError, match="max_bytes: expected an int of at least one block"):
+        TreeRunner(model, max_bytes=float(1 << 16), block_size=4)
+
+
+def test_fallback_refuses_tokens_past_max_position_embeddings():
+    runner = TreeRunner(tiny_model("gpt2-fallback"), max_tokens=256, block_size=4)
+    assert runner.max_context == MAX_POSITIONS
+    with pytest.raises(ValueError, match="past the model's context of 128"):
+        runner.prefill([1] * (MAX_POSITIONS + 1))
+
+
+def test_released_span_kept_as_a_prefix_refuses_every_query_but_alive(runner):
+    """Its node still exists (a live child needs it), yet the handle answers only `alive` and its repr."""
+    root = runner.prefill([1, 2, 3])
+    (child,), _ = runner.extend([root], [[4]])
+    runner.release(root)
+    assert runner.tree.exists(root.id) and not root.alive
+    assert repr(root) == f"Span(id={root.id}, released)" and repr(child) == f"Span(id={child.id}, length=4)"
+    for name in ("resident", "pins", "new_tokens", "tokens"):
+        with pytest.raises(ValueError, match=f"span: span {root.id} was released"):
+            getattr(root, name)
+
+
+def test_pinning_an_evicted_span_recomputes_it(runner, model):
+    root = runner.prefill(list(range(40)))   # 10 of the 16 blocks
+    runner.prefill(list(range(40, 80)))      # evicts the root
+    assert not root.resident
+    runner.pin(root)
+    assert root.resident and root.pins == 1
+    assert_still_correct(runner, model, root)
+
+
+def test_spans_of_another_runner_are_refused_by_pin_unpin_and_release(runner, model):
+    root = runner.prefill([1, 2, 3])
+    runner.pin(root)
+    other = TreeRunner(model, max_tokens=16, block_size=4, attention_backend="torch").prefill([1])
+    assert other.id == root.id  # the same id in both trees: only the runner check tells them apart
+    before = snapshot(runner)
+    for op in (runner.pin, runner.unpin, runner.release):
+        with pytest.raises(ValueError, match="belongs to another TreeRunner"):
+            op(other)
+    assert snapshot(runner) == before and root.alive and root.pins == 1

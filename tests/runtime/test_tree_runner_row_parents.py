@@ -2,6 +2,7 @@
 row's index): one forward computes both, and every child must give the logits and final hidden states of
 the Hugging Face model run on its whole sequence, also where a row's partial last block is copied for a
 second row while the same forward fills it."""
+import numpy as np
 import pytest
 import torch
 
@@ -90,3 +91,12 @@ def test_fallback_row_on_a_row_whose_first_token_is_copied():
     children, logits, hidden = runner.extend([root, 0, 1, 1], [[9], [2], [6], [5]], hidden="last")
     for span, lg, hd in zip(children, logits, hidden):
         check_against_hugging_face(model, span, lg, hd)
+
+
+def test_row_parents_may_be_numpy_integers():
+    runner = TreeRunner(tiny_model("qwen2-untied"), max_tokens=64, block_size=4, attention_backend="torch")
+    root = runner.prefill(ROOT)
+    (a, b), _ = runner.extend([root, np.int64(0)], [[7, 8], [9]])
+    assert b.parent is a and b.tokens == ROOT + [7, 8, 9] and len(b) == len(ROOT) + 3
+    (chain_a, chain_b), _ = runner.extend([root, np.int32(0)], [[7, 8], [9, 6]], cuts=[[1], [1]])
+    assert chain_b[0].parent is chain_a[-1] and chain_b[-1].tokens == ROOT + [7, 8, 9, 6]
