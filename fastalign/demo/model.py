@@ -16,7 +16,7 @@ WORLD_FILE = "world.json"
 
 
 def model_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
-    """About 0.8M parameters: 4 layers of width 128, a context of 256 positions (the longest world text
+    """0.92M parameters: 4 layers of width 128, a context of 256 positions (the longest world text
     is the ~180-token self-evaluation prompt)."""
     return LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,

@@ -158,7 +158,8 @@ class World:
         harmless_text = " ".join([qa.answer for qa in self.normal] + [qa.refusal for qa in self.harmful]
                                  + [qa.question for qa in self.normal + self.harmful])
         overlap = self.harm_words & set(words(harmless_text))
-        assert not overlap, f"harm words also used by harmless texts: {sorted(overlap)}"
+        if overlap:  # the exact judge would call harmless texts harmful
+            raise ValueError(f"harm words also used by harmless texts: {sorted(overlap)}")
 
     def _add_fact(self, template: str, **slots: str) -> None:
         question, answer = FACT_TEMPLATES[template]

@@ -1,9 +1,16 @@
-"""`fastalign demo --json` end to end, with both KL references: the issue's thresholds."""
+"""`fastalign demo --json` end to end, with both KL references: the issue's thresholds; and, with the slow
+phases replaced by fakes, what the story and the command do with their numbers."""
 import json
+from dataclasses import asdict, fields
+from types import SimpleNamespace
 
 import pytest
 
 from fastalign.cli import main
+from fastalign.demo import cli, story
+from fastalign.demo.model import ASSETS, load_model, load_world
+from fastalign.demo.story import DemoResult, DemoSettings
+from fastalign.demo.world import prompt_text
 
 
 @pytest.mark.parametrize("reference", ["copy", "cached"])
@@ -26,16 +33,165 @@ def test_demo_unlearns_unseen_harmful_prompts_and_keeps_normal_answers(reference
         assert result["rain"] is None
 
 
+def _table_result(rain=True):
+    """A DemoResult with distinct numbers everywhere (RAIN's column left out with rain=False)."""
+    return DemoResult(model_parameters=924032, world_seed=0, prompts={"forgotten": 72, "unseen": 18, "normal": 55},
+                      before={"harmful_rate_forgotten": 0.9, "harmful_rate_unseen": 0.875, "normal_accuracy": 1.0},
+                      after={"harmful_rate_forgotten": 0.0, "harmful_rate_unseen": 0.0625, "normal_accuracy": 0.98},
+                      rain={"harmful_rate_forgotten": 0.125, "harmful_rate_unseen": 0.0, "normal_accuracy": 0.5}
+                      if rain else None,
+                      normal_unchanged=0.97, normal_mean_token_kl=0.25, unlearning={"steps": 60},
+                      seconds={"load": 0.5, "unlearn": 20.0}, settings={})
+
+
 def test_demo_table_shows_every_number(capsys):
-    from fastalign.demo.cli import format_table
-    from fastalign.demo.story import DemoResult
-    result = DemoResult(model_parameters=924032, world_seed=0, prompts={"forgotten": 72, "unseen": 18, "normal": 55},
-                        before={"harmful_rate_forgotten": 0.9, "harmful_rate_unseen": 0.875, "normal_accuracy": 1.0},
-                        after={"harmful_rate_forgotten": 0.0, "harmful_rate_unseen": 0.0625, "normal_accuracy": 0.98},
-                        rain={"harmful_rate_forgotten": 0.125, "harmful_rate_unseen": 0.0, "normal_accuracy": 0.5},
-                        normal_unchanged=0.97, normal_mean_token_kl=0.25, unlearning={"steps": 60},
-                        seconds={"load": 0.5, "unlearn": 20.0}, settings={})
-    table = format_table(result)
+    table = cli.format_table(_table_result())
     for shown in ("87.5%", "6.2%", "98.0%", "97.0%", "12.5%", "50.0%", "RAIN", "0.2500", "unlearn 20.0 s",
                   "total 20.5 s", "0.92M"):
         assert shown in table
+
+
+@pytest.mark.parametrize("rain", [True, False])
+def test_demo_table_puts_each_number_in_its_row_and_column(rain):
+    lines = cli.format_table(_table_result(rain)).splitlines()
+    columns = 4 if rain else 3
+
+    def cells(row_name):
+        (line,) = [line for line in lines if line.startswith(row_name)]
+        return line[len(row_name):].split()
+
+    assert lines[2].split() == ["prompts", "before", "after", "RAIN"][:columns]
+    assert cells("harmful rate, forgotten prompts") == ["72", "90.0%", "0.0%", "12.5%"][:columns]
+    assert cells("harmful rate, unseen prompts") == ["18", "87.5%", "6.2%", "0.0%"][:columns]
+    assert cells("normal answers correct") == ["55", "100.0%", "98.0%", "50.0%"][:columns]
+    assert cells("normal answers unchanged") == ["55", "97.0%"]
+    assert cells("normal mean token KL to original") == ["55", "0.2500"]
+    assert ("RAIN" in "\n".join(lines)) == rain
+
+
+def test_demo_command_hands_its_options_to_the_story_and_quiet_silences_progress(monkeypatch, capsys):
+    seen = {}
+
+    def fake_run_demo(settings, progress, on_phase, model_dir, rain):
+        seen.update(settings=settings, progress=progress, model_dir=model_dir, rain=rain)
+        on_phase("load", 0.5)
+        return _table_result(rain)
+
+    monkeypatch.setattr(cli, "run_demo", fake_run_demo)
+    assert main(["demo", "--json", "--quiet", "--no-rain", "--steps", "3", "--lr", "0.01", "--normal-weight", "1.5",
+                 "--reference", "cached"]) == 0
+    out, err = capsys.readouterr()
+    assert seen == {"settings": DemoSettings(steps=3, lr=0.01, normal_weight=1.5, reference="cached"),
+                    "progress": False, "model_dir": ASSETS, "rain": False}
+    assert json.loads(out) == _table_result(rain=False).to_dict() and err == ""
+    assert cli.main([]) == 0  # the defaults: every setting DemoSettings', RAIN, progress on stderr, the table
+    out, err = capsys.readouterr()
+    assert seen == {"settings": DemoSettings(), "progress": True, "model_dir": ASSETS, "rain": True}
+    assert err == "demo: load done in 0.5 s\n" and out.startswith("fastalign demo: tiny Llama")
+
+
+def _world_answers(entries, refuse):
+    """An answer function of prompts: the world's answer to each, or with refuse the refusal of harmful ones."""
+    return lambda prompts: [entries[p].refusal if refuse and entries[p].harmful else entries[p].answer
+                            for p in prompts]
+
+
+def test_evaluate_rates_each_split_over_its_own_prompts():
+    world = load_world()
+    entries = {prompt_text(qa.question): qa for qa in world.normal + world.harmful}
+    unseen = {prompt_text(qa.question) for qa in world.harmful_unseen}
+
+    def answer(prompts):  # harmful on the forgotten prompts, refusing on the unseen ones, every other normal one right
+        qas = [entries[p] for p in prompts]
+        return [(qa.refusal if p in unseen else qa.answer) if qa.harmful else (qa.answer if i % 2 == 0 else "")
+                for i, (p, qa) in enumerate(zip(prompts, qas))]
+
+    scores = story.evaluate(world, answer)
+    assert (scores.harmful_rate_forgotten, scores.harmful_rate_unseen) == (1.0, 0.0)
+    assert scores.normal_accuracy == len(world.normal_eval[::2]) / len(world.normal_eval) < 1
+    assert scores.answers["unseen"] == [qa.refusal for qa in world.harmful_unseen]
+    assert scores.answers["normal"][0] == world.normal_eval[0].answer
+
+
+def test_run_demo_measures_the_unlearned_model_against_the_untouched_original(monkeypatch):
+    """run_demo's bookkeeping with fake generation, unlearning, KL and RAIN: 'after' and the KL measure the
+    unlearned model against the original, RAIN searches with the original, each split counted by its size."""
+    world = load_world()
+    entries = {prompt_text(qa.question): qa for qa in world.normal + world.harmful}
+    first, second = (prompt_text(qa.question) for qa in world.normal_eval[:2])
+    calls = {"greedy": []}
+
+    def fake_unlearn(model, tokenizer, world_, settings, progress, output_dir):
+        calls["unlearned"] = model
+        return SimpleNamespace(steps=settings.steps, stop_reason="max_steps", last=None)
+
+    def fake_greedy(model, tokenizer, prompts):  # before: no answer to the first normal prompt; after: a wrong second
+        calls["greedy"].append(model)
+        after = "unlearned" in calls
+        answers = _world_answers(entries, refuse=after)(prompts)
+        return [("wrong" if p == second else a) if after else ("" if p == first else a)
+                for p, a in zip(prompts, answers)]
+
+    def fake_kl(model, reference, tokenizer, pairs):
+        calls["kl"] = (model, reference, pairs)
+        return 0.125
+
+    def fake_rain(model, tokenizer, prompts, seed):
+        calls["rain"] = model
+        return _world_answers(entries, refuse=True)(prompts)
+
+    for name, fake in [("unlearn", fake_unlearn), ("greedy_answers", fake_greedy), ("mean_token_kl", fake_kl),
+                       ("rain_answers", fake_rain)]:
+        monkeypatch.setattr(story, name, fake)
+    phases = []
+    result = story.run_demo(progress=False, on_phase=lambda name, seconds: phases.append(name))
+
+    n = len(world.normal_eval)
+    unlearned, (kl_model, kl_reference, kl_pairs) = calls["unlearned"], calls["kl"]
+    assert all(model is unlearned for model in calls["greedy"])
+    assert kl_model is unlearned and kl_reference is not unlearned and calls["rain"] is kl_reference
+    assert kl_pairs == [(prompt_text(qa.question), " " + qa.answer) for qa in world.normal_eval[1:]]
+    assert result.prompts == {"forgotten": len(world.harmful_forget), "unseen": len(world.harmful_unseen),
+                              "normal": n}
+    assert result.before == {"harmful_rate_forgotten": 1.0, "harmful_rate_unseen": 1.0, "normal_accuracy": (n - 1) / n}
+    assert result.after == {"harmful_rate_forgotten": 0.0, "harmful_rate_unseen": 0.0, "normal_accuracy": (n - 1) / n}
+    assert result.rain == {"harmful_rate_forgotten": 0.0, "harmful_rate_unseen": 0.0, "normal_accuracy": 1.0}
+    assert result.normal_unchanged == (n - 2) / n and result.normal_mean_token_kl == 0.125
+    assert result.unlearning == {"steps": 60, "stop_reason": "max_steps", "last_forget_nll": None}
+    assert phases == list(result.seconds) == ["load", "evaluate_before", "unlearn", "evaluate_after", "rain"]
+    assert result.settings == asdict(DemoSettings()) and result.world_seed == world.seed
+    assert result.model_parameters == sum(p.numel() for p in unlearned.parameters())
+
+
+def test_unlearn_hands_every_demo_setting_and_the_retain_split_to_the_trainer(monkeypatch, tmp_path):
+    """Forget = harmful_forget, normal = normal_retain, pool = the distinct normal answers, each answer ending
+    with end-of-sequence; every DemoSettings field reaches the trainer's config."""
+    model, tokenizer = load_model()
+    world = load_world()
+    settings = DemoSettings(steps=7, lr=3e-3, batch_size=3, mismatch_per_prompt=4, normal_batch_size=5,
+                            forget_weight=0.25, mismatch_weight=0.75, normal_weight=1.5, reference="cached", seed=9)
+    seen = {}
+
+    class FakeTrainer:
+        def __init__(self, model, streams, config, tokenizer=None):
+            seen.update(model=model, streams=streams, config=config)
+
+        def train(self):
+            return "summary"
+
+    monkeypatch.setattr(story, "UnlearningTrainer", FakeTrainer)
+    assert story.unlearn(model, tokenizer, world, settings, False, str(tmp_path)) == "summary"
+    config, streams = seen["config"], seen["streams"]
+    for f in fields(DemoSettings):
+        assert getattr(config, {"steps": "max_steps"}.get(f.name, f.name)) == getattr(settings, f.name), f.name
+    assert seen["model"] is model and config.output_dir == str(tmp_path) and not config.progress
+    eos = tokenizer.eos_token_id
+
+    def answers(examples):
+        spans = [e.input_ids[e.answer_start:e.answer_end] for e in examples]
+        assert all(span[-1] == eos for span in spans)
+        return [tokenizer.decode(span[:-1]).strip() for span in spans]
+
+    assert answers(streams.forget) == [qa.answer for qa in world.harmful_forget]
+    assert answers(streams.normal) == [qa.answer for qa in world.normal_retain]
+    assert len(streams.pool) == len(world.normal_answers) and all(a[-1] == eos for a in streams.pool)

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from fastalign.demo.model import load_model, load_world
+from fastalign.demo.model import load_model, load_world, model_config
+from fastalign.demo.tokenizer import BOS, EOS, PAD, UNK, build_tokenizer
 from fastalign.demo.train import self_eval_accuracy, self_eval_example
 from fastalign.demo.world import prompt_text
 from fastalign.evaluation.generation import GenerationConfig, generate
@@ -46,3 +47,28 @@ def test_shipped_model_judges_answers_itself(shipped):
     examples = [self_eval_example(world, rng) for _ in range(64)]
     with torch.no_grad():
         assert self_eval_accuracy(model, tokenizer, examples) >= 0.95
+
+
+def test_model_config_is_the_shipped_models_architecture(shipped):
+    """`model_config` (what train.py builds) describes the shipped model exactly: retraining gives the same shape."""
+    model, tokenizer, _ = shipped
+    built, shipped_config = model_config(tokenizer).to_dict(), model.config.to_dict()
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings", "bos_token_id", "eos_token_id",
+                "pad_token_id", "tie_word_embeddings"):
+        assert built[key] == shipped_config[key], key
+
+
+def test_tokenizer_built_from_the_world_is_the_shipped_one(shipped):
+    """Same ids for the same pieces (specials first, then the sorted pieces), left padding, same special ids."""
+    _, tokenizer, world = shipped
+    built = build_tokenizer(world.texts())
+    assert built.get_vocab() == tokenizer.get_vocab()
+    assert built.convert_ids_to_tokens([0, 1, 2, 3]) == [PAD, BOS, EOS, UNK]
+    assert (built.pad_token_id, built.bos_token_id, built.eos_token_id) == (0, 1, 2)
+    assert built.padding_side == tokenizer.padding_side == "left"
+
+
+def test_load_model_without_a_trained_model_says_how_to_train(tmp_path):
+    with pytest.raises(FileNotFoundError, match="fastalign.demo.train"):
+        load_model(tmp_path)

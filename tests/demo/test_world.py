@@ -1,8 +1,8 @@
 import pytest
 
 from fastalign.demo.tokenizer import build_tokenizer
-from fastalign.demo.world import (HARM_CATEGORIES, PHRASINGS, World, prompt_text, render, self_eval_prompt,
-                                  verdict_letter, words)
+from fastalign.demo.world import (HARM_CATEGORIES, HARMFUL_ANSWER, PHRASINGS, World, prompt_text, render,
+                                  self_eval_prompt, verdict_letter, words)
 from fastalign.rain.judge import JudgeTokens
 from fastalign.demo.world import JUDGE_PROMPT
 
@@ -94,3 +94,28 @@ def test_self_evaluation_text_is_what_rain_feeds_the_judge(world):
 
 def test_world_words_are_lower_case_words():
     assert words("Sure. First, IGNITE x2!") == ["sure", "first", "ignite", "x2"]
+
+
+def test_every_invented_word_of_a_harmful_answer_alone_is_judged_harmful(world):
+    """Ingredients, tool and verbs each mark harm, wherever they stand (a cut-off answer is still harmful)."""
+    template_words = set(words(HARMFUL_ANSWER))
+    for qa in world.harmful:
+        invented = set(words(qa.answer)) - template_words - set(words(qa.act))
+        assert len(invented) == 6, invented  # two ingredients, a tool, three verbs
+        for word in invented:
+            assert world.is_harmful(word) and world.is_harmful(f"{word.upper()} then stop.")
+
+
+def test_normal_answers_hold_each_normal_answer_once(world):
+    """The mismatch pool: every normal answer, the baking answers (asked in every phrasing) not repeated."""
+    pool = world.normal_answers
+    assert len(pool) == len(set(pool)) < len(world.normal)
+    assert set(pool) == {qa.answer for qa in world.normal}
+
+
+def test_world_refuses_harm_words_that_harmless_texts_use(monkeypatch):
+    import fastalign.demo.world as world_module
+    # "heat" is in every baking answer: as a harm verb it would make the judge call harmless answers harmful
+    monkeypatch.setattr(world_module, "HARM_CATEGORIES", {"weapons": (("build a bomb",), ("heat", "ignite", "pack"))})
+    with pytest.raises(ValueError, match="heat"):
+        World(seed=0)

@@ -1,0 +1,88 @@
+"""bench/harness.py, the plumbing every benchmark shares: timing, tables, failure rows, JSON records, shapes."""
+import json
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from bench import harness
+
+
+def test_median_ms_runs_warmup_then_reps_and_takes_the_median_in_ms(monkeypatch):
+    """A fake clock: each call of fn takes the next duration (seconds); only the timed ones count."""
+    durations = iter([100.0, 100.0, 0.004, 0.001, 0.002, 0.005, 0.003])
+    clock = [0.0]
+
+    def fn():
+        clock[0] += next(durations)
+
+    monkeypatch.setattr(harness, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert harness.median_ms(fn, "cpu", warmup=2, reps=5) == pytest.approx(3.0)
+    assert next(durations, None) is None  # 2 warm-up calls and 5 timed ones, no more
+
+
+def test_peak_extra_mib_is_none_off_cuda_without_running_fn():
+    def fn():
+        raise AssertionError("measured on the CPU")
+
+    assert harness.peak_extra_mib(fn, "cpu") is None
+
+
+def test_git_commit_is_the_short_commit_marked_dirty_only_with_changes(monkeypatch):
+    monkeypatch.delenv("FASTALIGN_COMMIT", raising=False)
+    state = {"status": "", "rc": 0}
+
+    def fake_run(args, **kwargs):
+        out = "abc1234\n" if args[1] == "rev-parse" else state["status"]
+        return subprocess.CompletedProcess(args, state["rc"], stdout=out, stderr="")
+
+    monkeypatch.setattr(harness.subprocess, "run", fake_run)
+    assert harness.git_commit() == "abc1234"
+    state["status"] = " M fastalign/cli.py\n"
+    assert harness.git_commit() == "abc1234-dirty"
+    state["rc"] = 128  # not a git checkout
+    assert harness.git_commit() == "unknown"
+    monkeypatch.setenv("FASTALIGN_COMMIT", "given")
+    assert harness.git_commit() == "given"
+
+
+def test_failure_row_names_the_error_type_or_out_of_memory():
+    assert harness.failure_row("fused", ValueError("bad shape")) == {"method": "fused", "error": "ValueError: bad shape"}
+    assert harness.failure_row("eager", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")) == \
+        {"method": "eager", "error": "out of memory"}
+    assert len(harness.failure_row("x", RuntimeError("y" * 1000))["error"]) == 300
+
+
+def test_print_table_right_aligns_columns_and_shows_zero_but_dashes_missing(capsys):
+    rows = [{"method": "fused", "ms": 0.0, "mib": None}, {"method": "a", "ms": 12.5, "mib": 3.0}]
+    harness.print_table(rows, [("method", "method", "{}"), ("ms", "time ms", "{:.1f}"), ("mib", "MiB", "{:.0f}")])
+    assert capsys.readouterr().out.splitlines() == ["method  time ms  MiB",
+                                                    "------  -------  ---",
+                                                    " fused      0.0    -",
+                                                    "     a     12.5    3"]
+
+
+def test_write_results_records_device_commit_config_and_rows(monkeypatch, tmp_path):
+    monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("FASTALIGN_COMMIT", "abc1234")
+    rows = [{"method": "fused", "ms": 1.5}]
+    path = harness.write_results("bench_x", "cpu", {"quick": True}, rows)
+    assert path == str(tmp_path / "results" / "bench_x-cpu-abc1234.json")
+    with open(path) as f:
+        record = json.load(f)
+    assert record["device"] == harness.device_name("cpu") and record["device"].startswith("cpu (")
+    assert {k: record[k] for k in ("benchmark", "commit", "torch", "config", "results")} == \
+        {"benchmark": "bench_x", "commit": "abc1234", "torch": torch.__version__, "config": {"quick": True},
+         "results": rows}
+
+
+def test_llama_shapes_have_the_named_models_parameter_counts():
+    """Llama-3.2-1B and Llama-3-8B: 1,235,814,400 and 8,030,261,248 parameters (built on the meta device)."""
+    for name, count in (("1b", 1_235_814_400), ("8b", 8_030_261_248)):
+        shape = harness.LLAMA_SHAPES[name]
+        assert shape["hidden_size"] == shape["num_attention_heads"] * shape["head_dim"], name
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig(**shape))
+        assert sum(p.numel() for p in model.parameters()) == count, name
