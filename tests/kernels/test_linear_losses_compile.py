@@ -25,8 +25,8 @@ for dtype in ("bf16", "fp32"):
     ]
     for tuner, types, constants in cases:
         for config in tuner.configs if dtype == "bf16" else tuner.configs[-1:]:
-            compiled = build_for_gpu(tuner.fn, types, {**constants, **config.kwargs}, config.num_warps,
-                                     config.num_stages)
+            kernel = (tuner.fn, types, {**constants, **config.kwargs}, config.num_warps, config.num_stages)
+            compiled = build_for_gpu(*kernel)
             what = (tuner.fn.__module__, tuner.fn.__name__, dtype, config.kwargs, config.num_warps, config.num_stages)
             # the tile shapes are tuned for 16-bit inputs, the small tile for fp32 (whose dots run on FMA units)
             small = (*config.kwargs.values(), config.num_warps, config.num_stages) == _SMALL_TILE
@@ -35,8 +35,7 @@ for dtype in ("bf16", "fp32"):
             assert dtype == "bf16" or "tf32" not in compiled.asm["ptx"], (what, "fp32 dots use TF32")
             if small:  # the configuration that always launches, also on an A100 or an L4 (sm_89)
                 for capability in (80, 89):
-                    check_build(build_for_gpu(tuner.fn, types, {**constants, **config.kwargs}, config.num_warps,
-                                              config.num_stages, capability), what, tuned=False, capability=capability)
+                    check_build(build_for_gpu(*kernel, capability), what, tuned=False, capability=capability)
 """
 
 
