@@ -2,6 +2,8 @@
 
 Each module holds the @triton.jit kernels and the host-side launchers that the ops in
 `fastalign.ops` dispatch to. Importing a module here requires triton.
+Every launch passes enable_fp_fusion=True (multiply-adds contracted to FMA): Triton 3.9 warns when it is left
+unset and Triton 3.10 turns it off by default, which would change the kernels' rounding and speed.
 """
 import os
 

@@ -87,7 +87,7 @@ def forward(hidden, weight, bias, target):
     target_logit = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
     _forward_kernel[forward_grid(num_rows, num_splits)](
         hidden, weight, weight if bias is None else bias, target, split_stats, target_logit,
-        num_rows, hidden_size, vocab, per_split, num_splits, HAS_BIAS=bias is not None)
+        num_rows, hidden_size, vocab, per_split, num_splits, HAS_BIAS=bias is not None, enable_fp_fusion=True)
     lse, _ = merge_splits(split_stats[0], split_stats[1])
     return lse, target_logit
 
@@ -105,7 +105,8 @@ def backward(hidden, weight, bias, target, lse, grad_scale, need_weight_grad, ne
         def write(cols, out):
             _gradient_kernel[chunk_grid(out)](x, weight[cols], weight if bias is None else bias[cols], y, row_lse,
                                               row_scale, out, out.shape[0], x.shape[1], out.shape[1], cols.start,
-                                              out.stride(0), HAS_BIAS=bias is not None)
+                                              out.stride(0), HAS_BIAS=bias is not None,
+                                              enable_fp_fusion=True)
         return write
 
     return backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_grad, segment_writer)

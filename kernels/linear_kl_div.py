@@ -137,7 +137,8 @@ def forward(hidden, weight, ref_hidden, ref_weight):
     _forward_kernel[forward_grid(num_rows, num_splits)](
         hidden, weight, ref_hidden, ref_weight, stats,
         num_rows, hidden_size, ref_hidden.shape[1], vocab, per_split, num_splits,
-        SHARED_WEIGHT=_same_tensor(weight, ref_weight), EXPM1_SERIES_LIMIT=_EXPM1_SERIES_LIMIT)
+        SHARED_WEIGHT=_same_tensor(weight, ref_weight), EXPM1_SERIES_LIMIT=_EXPM1_SERIES_LIMIT,
+        enable_fp_fusion=True)
     lse, _ = merge_splits(stats[_Q_MAX], stats[_Q_SUMEXP])
     ref_lse, p_rescale = merge_splits(stats[_P_MAX], stats[_P_SUMEXP])
     p_sumexp = (stats[_P_SUMEXP] * p_rescale).sum(dim=1)
@@ -164,7 +165,8 @@ def backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale, n
         def write(cols, out):
             _gradient_kernel[chunk_grid(out)](x, weight[cols], x_ref, ref_weight[cols], row_lse, row_ref_lse,
                                               row_scale, out, out.shape[0], x.shape[1], x_ref.shape[1],
-                                              out.shape[1], out.stride(0), SHARED_WEIGHT=shared)
+                                              out.shape[1], out.stride(0), SHARED_WEIGHT=shared,
+                                              enable_fp_fusion=True)
         return write
 
     d_hidden, d_weight, _ = backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, False, segment_writer)

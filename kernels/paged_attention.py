@@ -247,7 +247,7 @@ def paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens
         lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), NUM_SPLITS=partial.shape[0],
-        BLOCK_S=triton.next_power_of_2(partial.shape[0]), num_warps=1 if head_dim <= 64 else 2,
+        BLOCK_S=triton.next_power_of_2(partial.shape[0]), num_warps=1 if head_dim <= 64 else 2, enable_fp_fusion=True,
     )
     return out
 
@@ -291,5 +291,5 @@ def _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GROUP=q.shape[1] // num_kv_heads,
         PAGE=page, BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], NUM_SPLITS=config["num_splits"],
         CAUSAL=causal, HAS_KV_START=kv_start is not None, WRITE_LSE=lse is not None,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"], enable_fp_fusion=True,
     )

@@ -3,10 +3,17 @@
 Every check names the argument and what was expected, so that bad input fails here with a clear
 message instead of deep inside a kernel.
 """
+import numbers
+
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def is_integer(value):
+    """True for Python and NumPy integers; False for bools, which are ints to Python but never a count."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _describe(t):

@@ -7,6 +7,8 @@ paged attention ops take.
 """
 import torch
 
+from fastalign.ops.checks import is_integer
+
 
 class KVPool:
     """KV storage for `num_blocks` blocks of `block_size` tokens of every layer of one model."""
@@ -29,13 +31,13 @@ class KVPool:
         if (max_tokens is None) == (max_bytes is None):
             raise ValueError("pass exactly one of max_tokens or max_bytes to size the KV pool")
         if max_tokens is not None:
-            if not isinstance(max_tokens, int) or max_tokens <= 0:
+            if not is_integer(max_tokens) or max_tokens <= 0:
                 raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
-            return -(-max_tokens // block_size)
-        if not isinstance(max_bytes, int) or max_bytes < bytes_per_block:
+            return -(-int(max_tokens) // block_size)
+        if not is_integer(max_bytes) or max_bytes < bytes_per_block:
             raise ValueError(f"max_bytes: expected an int of at least one block ({bytes_per_block} bytes "
                              f"for this model and block_size), got {max_bytes!r}")
-        return max_bytes // bytes_per_block
+        return int(max_bytes) // bytes_per_block
 
     @property
     def num_blocks(self):

@@ -12,6 +12,7 @@ other causal LMs fall back to Hugging Face's own forward and cache, row by row, 
 import numpy as np
 import torch
 
+from fastalign.ops.checks import is_integer
 from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.forward_batch import ForwardBatch
 from fastalign.runtime.kv_pool import KVPool
@@ -35,8 +36,9 @@ class TreeRunner:
 
     def __init__(self, model, *, max_tokens=None, max_bytes=None, block_size=16, fallback=True,
                  attention_backend="auto", cascade_attention=True):
-        if not isinstance(block_size, int) or block_size <= 0:
+        if not is_integer(block_size) or block_size <= 0:
             raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
+        block_size = int(block_size)
         problem = llama_family_problem(model)
         if problem is None:
             self.model_runner = PagedLlama(model, attention_backend)

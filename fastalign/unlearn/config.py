@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from fastalign.ops.checks import is_integer
 from fastalign.unlearn.objective import LossWeights
 from fastalign.unlearn.reference import REFERENCE_MODES
 from fastalign.unlearn.templates import SPEC_TEMPLATE
@@ -72,16 +73,15 @@ class UnlearnConfig:
         self.forget = [self.forget] if isinstance(self.forget, str) else list(self.forget)
         self.lora_targets = [self.lora_targets] if isinstance(self.lora_targets, str) else list(self.lora_targets)
         self.loss_weights  # validates the three weights
-        positive = ("max_length", "batch_size", "max_steps", "grad_accum", "log_every", "lora_rank")
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("mismatch_per_prompt", "save_every", "keep_checkpoints", "seed"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        if self.normal_batch_size is not None and (not isinstance(self.normal_batch_size, int)
-                                                   or self.normal_batch_size < 1):
-            raise ValueError(f"normal_batch_size must be an integer >= 1, got {self.normal_batch_size!r}")
+        least = dict.fromkeys(("max_length", "batch_size", "max_steps", "grad_accum", "log_every", "lora_rank"), 1)
+        least |= dict.fromkeys(("mismatch_per_prompt", "save_every", "keep_checkpoints", "seed"), 0)
+        if self.normal_batch_size is not None:
+            least["normal_batch_size"] = 1
+        for name, smallest in least.items():
+            value = getattr(self, name)
+            if not is_integer(value) or value < smallest:
+                raise ValueError(f"{name} must be an integer >= {smallest}, got {value!r}")
+            setattr(self, name, int(value))  # a NumPy integer becomes a plain int, as the saved JSON needs
         for name in ("lr", "weight_decay", "lora_dropout", "lora_alpha"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

@@ -78,6 +78,10 @@ def test_write_results_records_device_commit_config_and_rows(monkeypatch, tmp_pa
          "results": rows}
 
 
+def test_other_accelerators_are_named_by_their_type_not_as_the_cpu():
+    assert harness.device_name("meta") == "meta" and harness.device_name("cpu").startswith("cpu (")
+
+
 def test_llama_shapes_have_the_named_models_parameter_counts():
     """Llama-3.2-1B and Llama-3-8B: 1,235,814,400 and 8,030,261,248 parameters (built on the meta device)."""
     for name, count in (("1b", 1_235_814_400), ("8b", 8_030_261_248)):

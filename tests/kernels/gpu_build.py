@@ -42,8 +42,9 @@ def build_for_gpu(kernel, types, constants, num_warps, num_stages, capability=90
     unspecialised = set(kernel.do_not_specialize)
     hinted = [i for i, name in enumerate(kernel.arg_names)
               if signature[name].startswith("*") or (signature[name] == "i32" and name not in unspecialised)]
+    options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}  # as every launch
     return triton.compile(ASTSource(kernel, signature, constants, {(i,): [["tt.divisibility", 16]] for i in hinted}),
-                          target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+                          target=GPUTarget("cuda", capability, 32), options=options)
 
 
 def stack_bytes(compiled):

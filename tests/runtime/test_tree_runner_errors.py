@@ -198,6 +198,17 @@ def test_pool_sizes_are_checked_at_their_bounds(model):
             TreeRunner(model, max_tokens=max_tokens, block_size=4)
     with pytest.raises(ValueError, match="max_bytes: expected an int of at least one block"):
         TreeRunner(model, max_bytes=float(1 << 16), block_size=4)
+    for bad in ({"max_tokens": True}, {"max_tokens": 64, "block_size": True}):  # bools are not counts
+        with pytest.raises(ValueError, match="expected a positive int"):
+            TreeRunner(model, **bad)
+
+
+def test_pool_sizes_take_numpy_integers(model):
+    """Sizes computed with NumPy (np.int64) are counts like any int."""
+    runner = TreeRunner(model, max_tokens=np.int64(65), block_size=np.int32(4))
+    assert runner.num_blocks == 17 and runner.block_size == 4 and type(runner.block_size) is int
+    by_bytes = TreeRunner(model, max_bytes=1 << 16, block_size=4).num_blocks
+    assert TreeRunner(model, max_bytes=np.uint64(1 << 16), block_size=4).num_blocks == by_bytes > 1
 
 
 def test_fallback_refuses_tokens_past_max_position_embeddings():

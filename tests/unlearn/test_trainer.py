@@ -4,6 +4,7 @@ import copy
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -152,11 +153,16 @@ def test_bad_models_and_settings(tmp_path):
         run(tmp_path, model=tiny_llama(len(byte_bpe_tokenizer())).model)
     for bad, message in [({"forget_weight": float("inf")}, "loss weight forget must be a finite number"),
                          ({"max_steps": 0}, "max_steps must be an integer >= 1"),
+                         ({"batch_size": True}, "batch_size must be an integer >= 1"),
+                         ({"normal_batch_size": 0}, "normal_batch_size must be an integer >= 1"),
+                         ({"seed": -1}, "seed must be an integer >= 0"),
                          ({"reference": "adapter"}, "reference='adapter' needs lora=True"),
                          ({"precision": "fp8"}, "precision must be one of")]:
         with pytest.raises(ValueError, match=message):
             UnlearnConfig(output_dir=str(tmp_path), **bad)
     assert not os.path.exists(tmp_path / "run")
+    counts = UnlearnConfig(output_dir=str(tmp_path), max_steps=np.int64(3), normal_batch_size=np.int32(2))
+    assert (counts.max_steps, counts.normal_batch_size) == (3, 2) and type(counts.max_steps) is int
 
 
 def test_lora_under_fsdp_is_refused(tmp_path):

@@ -1,0 +1,49 @@
+"""Every kernel launch asks for FMA contraction itself: Triton 3.9 warns when enable_fp_fusion is left unset, and
+Triton 3.10 turns it off by default, which would change the kernels' rounding and speed without a word."""
+import pytest
+import torch
+
+import fastalign
+from fastalign.kernels.paged_attention import paged_attention_triton
+from tests.conftest import HAS_CUDA, TRITON_DEVICE
+from tests.ops.test_paged_attention import make_paged_batch
+
+KERNELS = {"fastalign.kernels.linear_cross_entropy._forward_kernel",
+           "fastalign.kernels.linear_cross_entropy._gradient_kernel",
+           "fastalign.kernels.linear_kl_div._forward_kernel", "fastalign.kernels.linear_kl_div._gradient_kernel",
+           "fastalign.kernels.paged_attention._paged_attention_kernel",
+           "fastalign.kernels.paged_attention._merge_splits_kernel"}
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """(kernel, enable_fp_fusion) of every launch: at the JIT's run on a GPU, at the grid call in the interpreter."""
+    seen = []
+    if HAS_CUDA:
+        from triton.runtime.jit import JITFunction as Launcher
+        method = "run"
+    else:
+        from triton.runtime.interpreter import GridExecutor as Launcher
+        method = "__call__"
+    original = getattr(Launcher, method)
+
+    def record(self, *args, **kwargs):
+        seen.append((f"{self.fn.__module__}.{self.fn.__name__}", kwargs.get("enable_fp_fusion")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Launcher, method, record)
+    return seen
+
+
+def test_every_kernel_launch_enables_fp_fusion(launches):
+    hidden = torch.randn(6, 16, device=TRITON_DEVICE, requires_grad=True)
+    weight = torch.randn(37, 16, device=TRITON_DEVICE, requires_grad=True)
+    target = torch.randint(0, 37, (6,), device=TRITON_DEVICE)
+    loss = fastalign.linear_cross_entropy(hidden, weight, target, backend="triton")
+    loss = loss + fastalign.linear_kl_div(hidden, weight, torch.randn(6, 16, device=TRITON_DEVICE), weight.detach(),
+                                          backend="triton")
+    loss.backward()
+    batch = make_paged_batch([(40, 1), (9, 2)], 16, 4, 2, 16, device=TRITON_DEVICE)
+    paged_attention_triton(**batch, scale=0.25, num_splits=2)
+    assert {name for name, _ in launches} == KERNELS
+    assert all(fusion is True for _, fusion in launches), launches
