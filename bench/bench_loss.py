@@ -6,7 +6,8 @@ Cut Cross-Entropy when importable. linear_kl_div: fastalign (separate and shared
 Liger's fused linear JSD with beta=0 (forward KL) when importable.
 Forward and forward+backward; median time, peak extra memory (CUDA), achieved TFLOP/s counted as
 2*N*H*V (forward) and 6*N*H*V (forward+backward) per product, and the measured bf16 matmul peak of the
-same device for scale.
+same device for scale. Every method of a quantity gets the same inputs, and each row records its loss and its
+relative difference from the first method's, so that the table compares methods that compute the same thing.
 
     python bench/bench_loss.py               # Llama-3-8B head (H 4096, V 128256) in bf16, N 2048..16384, CUDA
     python bench/bench_loss.py --quick       # a small fp32 shape, runs anywhere (CPU smoke run)
@@ -99,7 +100,7 @@ def matmul_peak_tflops(device, dtype):
 
 
 def measure(name, loss_fn, make_inputs, grad_inputs, flops_fwd, device, grad_bytes, logits_bytes):
-    """One table row: forward-only and forward+backward time and memory of loss_fn on fresh inputs."""
+    """One table row: the loss, and forward-only and forward+backward time and memory of loss_fn."""
     args = make_inputs()
     # Forward only on detached inputs: Liger computes its gradients inside the forward whenever the inputs
     # require them, even under no_grad.
@@ -107,7 +108,7 @@ def measure(name, loss_fn, make_inputs, grad_inputs, flops_fwd, device, grad_byt
 
     def forward():
         with torch.no_grad():
-            loss_fn(*detached)
+            return loss_fn(*detached)
 
     def forward_backward():
         for t in grad_inputs(args):
@@ -115,6 +116,7 @@ def measure(name, loss_fn, make_inputs, grad_inputs, flops_fwd, device, grad_byt
         loss_fn(*args).backward()
 
     try:
+        loss = float(forward())
         fwd_ms = harness.median_ms(forward, device)
         fwd_mib = harness.peak_extra_mib(forward, device)
         fb_ms = harness.median_ms(forward_backward, device)
@@ -124,12 +126,13 @@ def measure(name, loss_fn, make_inputs, grad_inputs, flops_fwd, device, grad_byt
     except Exception as err:
         return harness.failure_row(name, err)
     extra = None if fb_mib is None else fb_mib - grad_bytes / 2 ** 20
-    return {"method": name, "fwd_ms": fwd_ms, "fwd_bwd_ms": fb_ms, "fwd_tflops": flops_fwd / fwd_ms / 1e9,
+    return {"method": name, "loss": loss, "fwd_ms": fwd_ms, "fwd_bwd_ms": fb_ms, "fwd_tflops": flops_fwd / fwd_ms / 1e9,
             "fwd_bwd_tflops": 3 * flops_fwd / fb_ms / 1e9, "fwd_peak_mib": fwd_mib, "fwd_bwd_peak_mib": fb_mib,
             "extra_mib": extra, "extra_vs_logits": None if extra is None else extra * 2 ** 20 / logits_bytes}
 
 
-COLUMNS = [("op", "op", "{}"), ("n", "N", "{}"), ("method", "method", "{}"), ("fwd_ms", "fwd ms", "{:.2f}"),
+COLUMNS = [("op", "op", "{}"), ("n", "N", "{}"), ("method", "method", "{}"), ("loss_rel_diff", "loss diff", "{:.1e}"),
+           ("fwd_ms", "fwd ms", "{:.2f}"),
            ("fwd_bwd_ms", "fwd+bwd ms", "{:.2f}"), ("fwd_bwd_tflops", "fwd+bwd TFLOP/s", "{:.3g}"),
            ("fwd_bwd_peak_mib", "peak MiB", "{:.0f}"), ("extra_mib", "extra MiB", "{:.1f}"),
            ("extra_vs_logits", "extra/logits", "{:.2%}"), ("error", "error", "{}")]
@@ -147,16 +150,21 @@ def report(rows, row, args, config):
 
 def run(args, config):
     """Every (op, method) at every N, in the order of what the issue's targets compare (fastalign against
-    Liger and CCE first, then the other baselines), so that a run cut short keeps the rows that matter."""
+    Liger and CCE first, then the other baselines), so that a run cut short keeps the rows that matter.
+    Methods of one quantity (an op on one kind of inputs) see the same inputs: loss_rel_diff is the relative
+    difference of a row's loss from the first row of its quantity at that N."""
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     rows = []
     ce, kl = "linear_cross_entropy", "linear_kl_div"
-    methods = [(ce, "fastalign", fastalign_ce), (ce, "liger", optional(liger_ce)),
-               (ce, "cut-cross-entropy", optional(cce_ce)), (kl, "fastalign", fastalign_kl),
-               (kl, "liger jsd beta=0", optional(liger_kl)), (ce, "fastalign signed-weights", fastalign_ce_signed),
-               (kl, "fastalign shared-head", fastalign_kl), (ce, "naive torch", naive_ce), (kl, "naive torch", naive_kl),
-               (ce, "torch.compile chunked", compiled_chunked_ce)]
+    mean_ce, signed_ce, kl_two_heads, kl_one_head = "mean CE", "signed CE", "KL two heads", "KL shared head"
+    methods = [(mean_ce, "fastalign", fastalign_ce), (mean_ce, "liger", optional(liger_ce)),
+               (mean_ce, "cut-cross-entropy", optional(cce_ce)), (kl_two_heads, "fastalign", fastalign_kl),
+               (kl_two_heads, "liger jsd beta=0", optional(liger_kl)),
+               (signed_ce, "fastalign signed-weights", fastalign_ce_signed),
+               (kl_one_head, "fastalign shared-head", fastalign_kl), (mean_ce, "naive torch", naive_ce),
+               (kl_two_heads, "naive torch", naive_kl), (mean_ce, "torch.compile chunked", compiled_chunked_ce)]
+    op_of = {mean_ce: ce, signed_ce: ce, kl_two_heads: kl, kl_one_head: kl}
     h, v = args.hidden, args.vocab
     for n in args.tokens:
         flops = 2 * n * h * v
@@ -164,22 +172,30 @@ def run(args, config):
         ref_weight = torch.randn(v, h, device=device, dtype=dtype) / h ** 0.5
 
         def ce_inputs():
+            torch.manual_seed(n)  # the same inputs for every method
             hidden = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
             target = torch.randint(0, v, (n,), device=device)
             return hidden, weight, target, torch.randn(n, device=device)
 
         def kl_inputs(shared):
+            torch.manual_seed(n)
             hidden = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
             ref_hidden = hidden.detach() + 0.1 * torch.randn_like(hidden)
             return hidden, weight, ref_hidden, weight if shared else ref_weight
 
-        for op, name, fn in methods:
+        inputs = {mean_ce: ce_inputs, signed_ce: ce_inputs, kl_two_heads: functools.partial(kl_inputs, False),
+                  kl_one_head: functools.partial(kl_inputs, True)}
+        first_loss = {}
+        for quantity, name, fn in methods:
             if fn is None:
                 continue
-            make = ce_inputs if op == ce else functools.partial(kl_inputs, "shared" in name)
-            row = measure(name, fn, make, lambda a: a[:2], flops if op == ce else 2 * flops, device,
+            op = op_of[quantity]
+            row = measure(name, fn, inputs[quantity], lambda a: a[:2], flops if op == ce else 2 * flops, device,
                           (n * h + v * h) * dtype.itemsize, n * v * dtype.itemsize)
-            report(rows, {"op": op, "n": n, **row}, args, config)
+            if "loss" in row:
+                first = first_loss.setdefault(quantity, row["loss"])
+                row["loss_rel_diff"] = abs(row["loss"] - first) / max(abs(first), 1e-30)
+            report(rows, {"op": op, "quantity": quantity, "n": n, **row}, args, config)
         del weight, ref_weight
     return rows
 

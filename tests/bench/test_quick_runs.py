@@ -22,6 +22,19 @@ RUNS = {
 RECORD_NAMES = {"bench_rain": "rain"}
 
 
+def methods_of_a_quantity_agree(results):
+    """bench_loss compares like with like: each row's loss is within fp32 rounding of the first of its quantity."""
+    by_quantity = {}
+    for row in results:
+        by_quantity.setdefault(row["quantity"], []).append(row["method"])
+        assert row["loss_rel_diff"] < 1e-5, row
+    assert by_quantity["mean CE"][:1] == ["fastalign"] and "naive torch" in by_quantity["mean CE"], by_quantity
+    assert by_quantity["KL two heads"] == ["fastalign", "naive torch"], by_quantity
+
+
+RECORD_CHECKS = {"bench_loss": methods_of_a_quantity_agree}
+
+
 @pytest.mark.parametrize("script", sorted(RUNS))
 def test_quick_run_writes_its_record(script, tmp_path):
     # without Triton's interpreter, which the kernel tests cover: the scripts' CPU paths alone, in seconds
@@ -34,3 +47,4 @@ def test_quick_run_writes_its_record(script, tmp_path):
     record = json.loads(path.read_text())
     assert record["commit"] == "test" and record["device"].startswith("cpu") and record["results"]
     assert not [row for row in record["results"] if row.get("error")], record["results"]
+    RECORD_CHECKS.get(script, lambda results: None)(record["results"])
