@@ -14,8 +14,9 @@ on the same batch (2 harmful prompts, K=5 mismatch answers each, 2 normal exampl
 reference, and full weights with the cached reference (gradient checkpointing on); peak memory reported.
 
 Weights are random (configs only, nothing downloaded): speed and memory do not depend on their values.
-Median step time after a warm-up step; peak memory = torch.cuda.max_memory_allocated over the steps
-(model, optimizer state, activations: everything), CUDA only.
+Median step time after a first step that warms up and records the loss (the same policy and reference in every
+way: the ways that compute SPEC §1 must agree, the reference recipe computes its own); peak memory =
+torch.cuda.max_memory_allocated over the steps (model, optimizer state, activations: everything), CUDA only.
 
     python bench/bench_unlearn.py                  # Llama-3.2-1B shape, bf16, CUDA
     python bench/bench_unlearn.py --preset 8b      # Llama-3-8B shape, bf16, CUDA
@@ -83,6 +84,16 @@ def make_model(args, device, dtype):
     return model.train()
 
 
+def drift(model):
+    """Moves the policy's decoder weights a little (seeded, the same in every way) away from the reference that each
+    way built from the initial model, as a few training steps would: the first step's KL term is then not zero, and
+    the ways' first-step losses compare all three terms."""
+    generator = torch.Generator(model.device).manual_seed(1)
+    with torch.no_grad():
+        for p in model.model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype), alpha=0.005)
+
+
 def optimizer_step(model):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
@@ -92,15 +103,17 @@ def optimizer_step(model):
     return step
 
 
-# ---- the four ways: each returns a no-argument function that performs one full step ----
+# ---- the four ways: each returns a no-argument function that performs one full step and returns its loss ----
 
 def fastalign_step(model, batch, normal, args, reference):
     objective = UnlearningObjective(model, WEIGHTS, reference)
     finish = optimizer_step(model)
 
     def step():
-        objective(batch).total.backward()
+        loss = objective(batch).total
+        loss.backward()
         finish()
+        return loss.detach()
     return step
 
 
@@ -138,8 +151,10 @@ def unfused_baseline(model, batch, normal, args):
         log_q = torch.log_softmax(logits[nf + nm:][mask].float(), -1)
         log_p = torch.log_softmax(ref_logits[mask].float(), -1)
         kl = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
-        ((ce * signed).sum() + WEIGHTS.normal * kl).backward()
+        loss = (ce * signed).sum() + WEIGHTS.normal * kl
+        loss.backward()
         finish()
+        return loss.detach()
     return step
 
 
@@ -177,14 +192,18 @@ def reference_recipe(model, batch, normal, args):
         with torch.no_grad():
             p = torch.softmax(reference(input_ids=ids, attention_mask=attention).logits, -1)
         kl = -(p * torch.log(q.float() + 1e-12)).sum(-1).mean()  # every position, padding included
-        (WEIGHTS.forget * forget + WEIGHTS.mismatch * mismatch + WEIGHTS.normal * kl).backward()
+        loss = WEIGHTS.forget * forget + WEIGHTS.mismatch * mismatch + WEIGHTS.normal * kl
+        loss.backward()
         finish()
+        return loss.detach()
     return step
 
 
 COMPARE = [("fastalign", fastalign_frozen_copy), ("unfused baseline", unfused_baseline),
            ("reference recipe", reference_recipe), ("fastalign cached", fastalign_cached)]
 ON_ONE_GPU_8B = [("fastalign LoRA", fastalign_lora), ("fastalign full + cached", fastalign_cached)]
+# Its own objective (the published code's defects: KL over every position, padding included): not compared.
+NOT_SPEC_OBJECTIVE = {"reference recipe"}
 
 
 def measure(name, build, batch, normal, args, device, dtype):
@@ -195,25 +214,34 @@ def measure(name, build, batch, normal, args, device, dtype):
     if device.type == "cuda":
         torch.cuda.empty_cache()
     try:
-        step = build(make_model(args, device, dtype), batch.to(device), normal, args)
+        model = make_model(args, device, dtype)
+        step = build(model, batch.to(device), normal, args)
+        if args.preset != "8b":  # the 8B ways (LoRA) have no like-for-like comparison to make
+            drift(model)
+        model = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        ms = harness.median_ms(step, device, warmup=1, reps=args.reps)
+        loss = float(step())  # the first step, from the same initial model in every way; it warms up too
+        ms = harness.median_ms(step, device, warmup=0, reps=args.reps)
     except Exception as err:
         return harness.failure_row(name, err)
     finally:
         step = None
         gc.collect()
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-    return {"method": name, "step_ms": ms, "peak_gib": peak}
+    return {"method": name, "first_step_loss": loss, "step_ms": ms, "peak_gib": peak}
 
 
 def add_ratios(rows):
-    """Each measured row against the reference recipe and the unfused baseline, where those were measured."""
+    """Each measured row against the reference recipe and the unfused baseline, where those were measured, and
+    its first step's loss against the first measured row's (the ways that compute SPEC §1 must agree)."""
     by_name = {r["method"]: r for r in rows if "step_ms" in r}
+    spec_losses = [r["first_step_loss"] for r in by_name.values() if r["method"] not in NOT_SPEC_OBJECTIVE]
     for r in rows:
         if "step_ms" not in r:
             continue
+        if r["method"] not in NOT_SPEC_OBJECTIVE:
+            r["loss_rel_diff"] = abs(r["first_step_loss"] - spec_losses[0]) / max(abs(spec_losses[0]), 1e-30)
         if "reference recipe" in by_name:
             r["speedup_vs_reference"] = by_name["reference recipe"]["step_ms"] / r["step_ms"]
         if "unfused baseline" in by_name:
@@ -222,7 +250,8 @@ def add_ratios(rows):
                 r["memory_vs_unfused"] = r["peak_gib"] / by_name["unfused baseline"]["peak_gib"]
 
 
-COLUMNS = [("method", "method", "{}"), ("step_ms", "step ms", "{:.1f}"), ("peak_gib", "peak GiB", "{:.2f}"),
+COLUMNS = [("method", "method", "{}"), ("first_step_loss", "step-1 loss", "{:.5g}"),
+           ("loss_rel_diff", "loss diff", "{:.1e}"), ("step_ms", "step ms", "{:.1f}"), ("peak_gib", "peak GiB", "{:.2f}"),
            ("speedup_vs_reference", "x vs reference", "{:.1f}"), ("speedup_vs_unfused", "x vs unfused", "{:.2f}"),
            ("memory_vs_unfused", "mem / unfused", "{:.2f}"), ("error", "error", "{}")]
 

@@ -32,7 +32,14 @@ def methods_of_a_quantity_agree(results):
     assert by_quantity["KL two heads"] == ["fastalign", "naive torch"], by_quantity
 
 
-RECORD_CHECKS = {"bench_loss": methods_of_a_quantity_agree}
+def ways_of_one_objective_agree(results):
+    """bench_unlearn times one objective: every way but the reference recipe has the first step's loss of the first."""
+    assert [row["method"] for row in results if "loss_rel_diff" in row] == ["fastalign", "unfused baseline",
+                                                                           "fastalign cached"], results
+    assert all(row["loss_rel_diff"] < 1e-5 for row in results if "loss_rel_diff" in row), results
+
+
+RECORD_CHECKS = {"bench_loss": methods_of_a_quantity_agree, "bench_unlearn": ways_of_one_objective_agree}
 
 
 @pytest.mark.parametrize("script", sorted(RUNS))
