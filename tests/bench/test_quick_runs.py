@@ -16,7 +16,7 @@ RUNS = {
     "bench_loss": ["--quick"],
     "bench_tree": ["--quick"],
     "bench_unlearn": ["--quick", "--reps", "1"],
-    "bench_rain": ["--quick", "--skip-slow", "--prompts", "1", "--concurrency", "2", "--judge-prompts", "2",
+    "bench_rain": ["--quick", "--prompts", "1", "--concurrency", "2", "--judge-prompts", "2",
                    "--max-new-tokens", "3", "--root-visits", "4"],
 }
 RECORD_NAMES = {"bench_rain": "rain"}
@@ -39,7 +39,23 @@ def ways_of_one_objective_agree(results):
     assert all(row["loss_rel_diff"] < 1e-5 for row in results if "loss_rel_diff" in row), results
 
 
-RECORD_CHECKS = {"bench_loss": methods_of_a_quantity_agree, "bench_unlearn": ways_of_one_objective_agree}
+def runner_matches_dense_attention_and_hf_generate(results):
+    """bench_tree's paged attention equals dense sdpa (fp32), and the runner decodes HF generate's greedy tokens."""
+    attention = [row for row in results if row["section"] == "attention"]
+    assert attention and all(row["max_diff"] < 1e-5 for row in attention), attention
+    (ours,) = [row for row in results if row["section"] == "decode" and row["method"] == "fastalign TreeRunner"]
+    assert ours["same_greedy_tokens"] == ours["new_tokens"], ours
+
+
+def slow_engine_commits_the_same_tokens(results):
+    """bench_rain's speed-up compares two engines that made the same decisions."""
+    (slow,) = [row for row in results if row["engine"] == "slow"]
+    assert slow["same_decisions"] is True, slow
+
+
+RECORD_CHECKS = {"bench_loss": methods_of_a_quantity_agree, "bench_unlearn": ways_of_one_objective_agree,
+                 "bench_tree": runner_matches_dense_attention_and_hf_generate,
+                 "bench_rain": slow_engine_commits_the_same_tokens}
 
 
 @pytest.mark.parametrize("script", sorted(RUNS))
