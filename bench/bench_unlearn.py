@@ -251,7 +251,8 @@ def add_ratios(rows):
 
 
 COLUMNS = [("method", "method", "{}"), ("first_step_loss", "step-1 loss", "{:.5g}"),
-           ("loss_rel_diff", "loss diff", "{:.1e}"), ("step_ms", "step ms", "{:.1f}"), ("peak_gib", "peak GiB", "{:.2f}"),
+           ("loss_rel_diff", "loss diff", "{:.1e}"), ("step_ms", "step ms", "{:.1f}"),
+           ("peak_gib", "peak GiB", "{:.2f}"),
            ("speedup_vs_reference", "x vs reference", "{:.1f}"), ("speedup_vs_unfused", "x vs unfused", "{:.2f}"),
            ("memory_vs_unfused", "mem / unfused", "{:.2f}"), ("error", "error", "{}")]
 

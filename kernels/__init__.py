@@ -8,6 +8,7 @@ unset and Triton 3.10 turns it off by default, which would change the kernels' r
 import os
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    from .triton36_interpreter import squeeze_loop_bounds
+    from .interpreter_fixes import squeeze_loop_bounds, upcast_bf16_dots
 
     squeeze_loop_bounds()
+    upcast_bf16_dots()

@@ -97,6 +97,14 @@ def test_fp16_with_small_grad_scale_matches_float64():
                             grad_scale_size=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_rows, hidden_size, vocab, with_bias", [(1, 40, 131, True), (33, 24, 333, False)])
+def test_half_precision_matches_float64(dtype, num_rows, hidden_size, vocab, with_bias):
+    """16-bit inputs, fp32 accumulation, gradients written in the input dtype (the interpreter computes bf16 dots
+    by value since kernels/interpreter_fixes.py)."""
+    check_against_reference(num_rows, hidden_size, vocab, dtype, with_bias, tol=2e-2)
+
+
 # on CUDA, (3000, 1024, 5003) spans 2 row segments and 5 vocabulary chunks of the backward (chunk_plan)
 GPU_SHAPES = [(300, 264, 5003), (3000, 1024, 5003)]
 
@@ -114,15 +122,16 @@ def test_fp32_on_gpu_matches_float64():
     check_against_reference(300, 264, 5003, torch.float32, with_bias=False, tol=1e-4)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("tile", tiles._TILE_SHAPES[1] + [tiles._SMALL_TILE], ids=str)
-def test_cross_entropy_in_each_gpu_tile_config_with_the_gpu_plans(monkeypatch, tile):
+def test_cross_entropy_in_each_gpu_tile_config_with_the_gpu_plans(monkeypatch, tile, dtype, tol):
     """Each autotune candidate (the autotuner may pick any of them on a GPU; the interpreter only runs 16/32/16),
     with the GPU's vocabulary splits (256 + 77 columns) and one backward chunk of the whole vocabulary, so that
     a column-tile grid or mask that depends on the block shape shows."""
     for tuner in (kernel._forward_kernel, kernel._gradient_kernel):
         force_tile_config(monkeypatch, tuner, *tile[:3])
     use_gpu_plans(monkeypatch)
-    check_against_reference(21, 72, 333, torch.float32, with_bias=True, tol=1e-4)
+    check_against_reference(21, 72, 333, dtype, with_bias=True, tol=tol)
 
 
 def test_only_the_split_holding_a_target_writes_its_logit():

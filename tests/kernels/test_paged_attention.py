@@ -11,10 +11,14 @@ from tests.kernels.gpu_build import assert_builds
 from tests.ops.test_paged_attention import CASES, SHARED_CASES, make_paged_batch, make_shared_case
 
 
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # P is rounded to the input dtype
+
+
 def assert_matches_reference(out, batch, scale):
-    """out equals the float64 reference of the op on `batch` (fp32 tolerances)."""
+    """out equals the float64 reference of the op on `batch`, within the tolerance of the queries' dtype."""
     ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, scale=scale)
-    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+    tol = TOLERANCE[batch["q"].dtype]
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("num_splits", [2, 5])
@@ -26,10 +30,11 @@ def test_split_keys_merge_to_the_reference(num_splits):
     assert_matches_reference(out, batch, 0.25)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_splits", [3])
 @pytest.mark.parametrize("case", SHARED_CASES)
-def test_cascade_passes_with_split_keys_merge_to_the_reference(case, num_splits):
-    batch, plan = make_shared_case(case, device=TRITON_DEVICE)
+def test_cascade_passes_with_split_keys_merge_to_the_reference(case, num_splits, dtype):
+    batch, plan = make_shared_case(case, dtype=dtype, device=TRITON_DEVICE)
     out = paged_attention_triton(**batch, scale=0.3, shared_prefix=plan, num_splits=num_splits)
     assert_matches_reference(out, batch, 0.3)
 
@@ -136,23 +141,23 @@ def test_a_query_tile_writes_only_its_own_queries():
     assert out[queries:].isnan().all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", ["decode_gqa", "extend_shared_gqa_d32", "prefill_several_query_tiles"])
-def test_fp16_tiles_match_the_reference(case):
-    """16-bit inputs take the GPU's tiles (BLOCK_M up to 128, BLOCK_N 64) and round P to fp16 before P @ V;
-    the interpreter computes fp16 dots (bf16, stored as uint16 there, it does not)."""
+def test_16_bit_tiles_match_the_reference(case, dtype):
+    """16-bit inputs take the GPU's tiles (BLOCK_M up to 128, BLOCK_N 64) and round P to the input dtype before
+    P @ V (the interpreter computes bf16 dots by value since kernels/interpreter_fixes.py)."""
     rows, block_size, num_heads, num_kv_heads, head_dim, shared = CASES[case]
     batch = make_paged_batch(rows, block_size, num_heads, num_kv_heads, head_dim, shared_blocks=shared,
-                             dtype=torch.float16, device=TRITON_DEVICE)
+                             dtype=dtype, device=TRITON_DEVICE)
     out = paged_attention(**batch, backend="triton")
     ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()})
-    torch.testing.assert_close(out.cpu().double(), ref, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_heads_wider_than_128_take_their_own_tiles(dtype):
     """head_dim 160 (BLOCK_D 256, masked) selects the narrow key tiles of wide heads."""
     batch = make_paged_batch([(40, 3), (25, 1)], 8, 4, 2, 160, dtype=dtype, device=TRITON_DEVICE)
     out = paged_attention(**batch, backend="triton")
     ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()})
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
-    torch.testing.assert_close(out.cpu().double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])

@@ -5,7 +5,7 @@ import torch
 
 from fastalign import TreeRunner
 from tests.compare import rel_error
-from tests.conftest import requires_cuda
+from tests.conftest import TRITON_DEVICE, requires_cuda
 from tests.runtime.tiny_models import CONFIGS, grow_random_tree, reference, tiny_model
 
 LLAMA_FAMILY = [name for name in CONFIGS if not name.endswith("fallback")]
@@ -30,7 +30,9 @@ def test_random_tree_matches_hugging_face_fp32(index, name):
     assert evicted > 0, "the pool never had to evict: the test does not cover eviction"
 
 
+# Triton kernels run in the interpreter without a GPU; its bf16 dots compute by value (kernels/interpreter_fixes.py).
 BF16_CASES = [("cpu", "torch", name) for name in ("llama-gqa-untied", "mistral-mqa-head-dim")] + [
+    (TRITON_DEVICE, "triton", "mistral-mqa-head-dim")] + [
     pytest.param("cuda", "auto", name, marks=requires_cuda)
     for name in ("llama-gqa-untied", "qwen2-tied", "mistral-mqa-head-dim", "gpt2-fallback")]
 

@@ -1,0 +1,60 @@
+"""Two defects of Triton's CPU interpreter (TRITON_INTERPRET=1) that would keep it from computing what a GPU
+computes with our kernels; kernels/__init__.py applies both fixes, only under the interpreter. Compiled kernels
+are not concerned.
+
+- Loop bounds from kernel scalars (Triton < 3.7 with numpy >= 2.4). The interpreter holds a kernel scalar (an
+  int argument, a program id and anything computed from them) as a one-element array and turns it into a
+  Python int with int(array). numpy 2.4 refuses that for arrays of one dimension, so `range(start, end, step)`
+  over kernel scalars, which every kernel here uses, fails with "only 0-dimensional arrays can be converted to
+  Python scalars". Triton 3.7 squeezes the array first; `squeeze_loop_bounds` does the same on older releases
+  (the GPU image ships Triton 3.6 with a newer numpy).
+- bf16 dots (every release up to 3.9 at least). numpy has no bfloat16, so the interpreter holds bf16 tensors as
+  their uint16 bit patterns, and its tl.dot multiplies those integers: the result is garbage. `upcast_bf16_dots`
+  converts bf16 operands to fp32 first, which is what the tensor cores compute (exact products of bf16 values,
+  accumulated in fp32), so that the kernels' bf16 paths are tested on the CPU too.
+"""
+import functools
+
+import numpy as np
+import triton
+import triton.language as tl
+from triton.runtime import interpreter
+
+
+def _needs_squeeze():
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    try:
+        int(np.ones(1))
+    except TypeError:
+        return (major, minor) < (3, 7)
+    return False
+
+
+def squeeze_loop_bounds():
+    """Makes the interpreter's tensors convert to an index through a squeezed array (idempotent)."""
+    original = interpreter._patch_lang_tensor
+    if not _needs_squeeze() or getattr(original, "squeezes_scalars", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor.squeezes_scalars = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+def upcast_bf16_dots():
+    """Makes the interpreter's tl.dot take bf16 operands as their fp32 values (idempotent)."""
+    builder = interpreter.InterpreterBuilder
+    original = builder.create_dot
+    if getattr(original, "upcasts_bf16", False):
+        return
+
+    @functools.wraps(original)
+    def create_dot(self, a, b, *rest):
+        a, b = (self.cast_impl(x, tl.float32) if x.dtype.scalar == tl.bfloat16 else x for x in (a, b))
+        return original(self, a, b, *rest)
+
+    create_dot.upcasts_bf16 = True
+    builder.create_dot = create_dot

@@ -1,0 +1,86 @@
+"""The interpreter fixes of kernels/interpreter_fixes.py: kernel loops bounded by kernel scalars run under Triton
+3.6's interpreter with numpy >= 2.4 (Triton 3.6's conversion of a scalar to an index is put back in place, so that
+the test means the same on the Triton release CI installs), and tl.dot computes bf16 operands by their values."""
+import inspect
+import os
+
+import numpy as np
+import pytest
+import torch
+import triton
+import triton.language as tl
+from triton.runtime import interpreter
+
+from fastalign.kernels import interpreter_fixes
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="concerns Triton's interpreter")
+
+
+@triton.jit
+def _count_tiles_kernel(out_ptr, n, BLOCK: tl.constexpr):
+    start = tl.program_id(0) * n
+    count = 0
+    for _ in range(start, start + n, BLOCK):
+        count += 1
+    tl.store(out_ptr + tl.program_id(0), count)
+
+
+def numpy_refuses_one_dimensional_int():
+    try:
+        int(np.ones(1))
+    except TypeError:
+        return True
+    return False
+
+
+def test_loop_over_kernel_scalars_runs_on_triton_36s_interpreter(monkeypatch):
+    installed_patch = interpreter._patch_lang_tensor
+
+    def triton36_patch_lang_tensor(tensor, scope):
+        installed_patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", triton36_patch_lang_tensor)
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    counts = torch.zeros(2, dtype=torch.int32)
+    if numpy_refuses_one_dimensional_int():
+        with pytest.raises(Exception, match="only 0-dimensional arrays"):
+            _count_tiles_kernel[(2,)](counts, 37, BLOCK=16)
+
+    interpreter_fixes.squeeze_loop_bounds()
+    interpreter_fixes.squeeze_loop_bounds()  # idempotent
+    _count_tiles_kernel[(2,)](counts, 37, BLOCK=16)
+    assert counts.tolist() == [3, 3]
+
+
+def test_newer_triton_is_left_alone(monkeypatch):
+    monkeypatch.setattr(triton, "__version__", "3.7.1")
+    installed_patch = interpreter._patch_lang_tensor
+    interpreter_fixes.squeeze_loop_bounds()
+    assert interpreter._patch_lang_tensor is installed_patch
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, out_ptr, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr):
+    rows, inner, cols = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
+    a = tl.load(a_ptr + rows[:, None] * K + inner[None, :])
+    b = tl.load(b_ptr + inner[:, None] * N + cols[None, :])
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], tl.dot(a, b))
+
+
+def test_bf16_dots_take_the_operands_values(monkeypatch):
+    """fp32 accumulation of exact bf16 products, as tensor cores do; the unfixed interpreter is far off."""
+    a, b = torch.randn(16, 32).bfloat16(), torch.randn(32, 16).bfloat16()
+    out = torch.empty(16, 16)
+    # the interpreter's own tl.dot, without the fix that importing the kernels applied
+    builder = interpreter.InterpreterBuilder
+    monkeypatch.setattr(builder, "create_dot", inspect.unwrap(builder.create_dot))
+    _dot_kernel[(1,)](a, b, out, 16, 32, 16)
+    assert not torch.allclose(out, a.float() @ b.float(), rtol=1e-2, atol=1e-2)
+
+    interpreter_fixes.upcast_bf16_dots()
+    interpreter_fixes.upcast_bf16_dots()  # idempotent
+    _dot_kernel[(1,)](a, b, out, 16, 32, 16)
+    torch.testing.assert_close(out, a.double().matmul(b.double()).float(), rtol=1e-6, atol=1e-5)
+    _dot_kernel[(1,)](a.float(), b.float(), out, 16, 32, 16)  # other dtypes as before
+    torch.testing.assert_close(out, a.float() @ b.float(), rtol=1e-6, atol=1e-5)
