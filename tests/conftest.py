@@ -22,6 +22,14 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=_NEEDS_CUDA)
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
+def triton_cases(cases, gpu_only=()):
+    """Parameters of a test of the Triton backend: on a GPU, `cases` and the larger `gpu_only`, all marked `gpu`
+    (bench/gpu_session.sh runs `-m gpu`); without one, `cases` alone, in the interpreter."""
+    if HAS_CUDA:
+        return [pytest.param(case, marks=requires_cuda) for case in [*cases, *gpu_only]]
+    return list(cases)
+
+
 def device_for(backend):
     """The device of a test's tensors for `backend` ("triton" follows TRITON_DEVICE, the torch path stays on CPU)."""
     return TRITON_DEVICE if backend == "triton" else "cpu"

@@ -6,7 +6,7 @@ import fastalign
 from fastalign.ops.torch_chunked import chunking
 from fastalign.reference.linear_losses import linear_cross_entropy_reference
 from tests.compare import REL_TOL, assert_rel_close, grads_of
-from tests.conftest import HAS_CUDA, device_for, requires_cuda
+from tests.conftest import HAS_CUDA, TRITON_DEVICE, device_for, triton_cases
 
 BACKENDS = ["torch", "triton"]
 SHAPES = [(1, 16, 37), (13, 24, 131), (40, 40, 1000)]  # (N, H, V): V a multiple of no block size
@@ -148,11 +148,10 @@ def test_torch_backend_accumulates_half_precision_in_fp32(dtype, reduction):
         assert_rel_close(name, got, want, 2 ** -7)
 
 
-@requires_cuda
-@pytest.mark.parametrize("shape", SHAPES + [(300, 64, 5000)])
+@pytest.mark.parametrize("shape", triton_cases(SHAPES, gpu_only=[(300, 64, 5000)]))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_matches_reference_half_precision_on_gpu(shape, dtype):
-    hidden, weight, target, extra = make_inputs(*shape, dtype=dtype, device="cuda", bias=True, weighted=True)
+def test_matches_reference_half_precision_on_the_triton_backend(shape, dtype):
+    hidden, weight, target, extra = make_inputs(*shape, dtype=dtype, device=TRITON_DEVICE, bias=True, weighted=True)
     check_against_reference(hidden, weight, target, extra, "mean", "triton", REL_TOL[dtype])
 
 

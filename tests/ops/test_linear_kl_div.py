@@ -6,7 +6,7 @@ import fastalign
 from fastalign.ops.torch_chunked import chunking
 from fastalign.reference.linear_losses import linear_kl_div_reference
 from tests.compare import REL_TOL, assert_rel_close, grads_of
-from tests.conftest import device_for, requires_cuda
+from tests.conftest import TRITON_DEVICE, device_for, triton_cases
 
 BACKENDS = ["torch", "triton"]
 SHAPES = [(1, 16, 37), (13, 24, 131), (40, 40, 1000)]  # (N, H, V): V a multiple of no block size
@@ -134,11 +134,10 @@ def test_triton_backend_refuses_float64():
         fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, backend="triton")
 
 
-@requires_cuda
-@pytest.mark.parametrize("shape", SHAPES + [(300, 64, 5000)])
+@pytest.mark.parametrize("shape", triton_cases(SHAPES, gpu_only=[(300, 64, 5000)]))
 @pytest.mark.parametrize("shared", [False, True])
-def test_matches_reference_bf16_on_gpu(shape, shared):
-    inputs = make_inputs(*shape, dtype=torch.bfloat16, device="cuda", shared=shared, weighted=True)
+def test_matches_reference_bf16_on_the_triton_backend(shape, shared):
+    inputs = make_inputs(*shape, dtype=torch.bfloat16, device=TRITON_DEVICE, shared=shared, weighted=True)
     check_against_reference(*inputs, "mean", "triton", REL_TOL[torch.bfloat16])
 
 
