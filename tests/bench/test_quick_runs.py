@@ -1,7 +1,8 @@
 """Every benchmark script runs end to end in its --quick form on the CPU and writes its JSON record.
 
 The numbers of a CPU smoke run mean nothing; what is tested is that the scripts a user runs on a GPU still
-work after a change (they import the package, call its public API and the baselines' plumbing).
+work after a change (they import the package, call its public API and the baselines' plumbing), that the methods
+each compares compute the same thing, and that its derived numbers follow their definitions in the issues.
 """
 import json
 import os
@@ -22,40 +23,78 @@ RUNS = {
 RECORD_NAMES = {"bench_rain": "rain"}
 
 
-def methods_of_a_quantity_agree(results):
-    """bench_loss compares like with like: each row's loss is within fp32 rounding of the first of its quantity."""
+def close(a, b):
+    return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
+
+
+def check_bench_loss(record):
+    """Like compared with like: each row's loss is within fp32 rounding of the first of its quantity. Achieved
+    TFLOP/s of the cross-entropy counted on 6 N H V (the issue's definition), and as a fraction of the matmul peak."""
     by_quantity = {}
-    for row in results:
+    h, v, peak = (record["config"][k] for k in ("hidden", "vocab", "matmul_peak_tflops"))
+    for row in record["results"]:
         by_quantity.setdefault(row["quantity"], []).append(row["method"])
         assert row["loss_rel_diff"] < 1e-5, row
+        if row["op"] == "linear_cross_entropy":
+            assert close(row["fwd_bwd_tflops"], 6 * row["n"] * h * v / (row["fwd_bwd_ms"] * 1e-3) / 1e12), row
+            assert close(row["fwd_tflops"], 2 * row["n"] * h * v / (row["fwd_ms"] * 1e-3) / 1e12), row
+        assert close(row["fraction_of_matmul_peak"], row["fwd_bwd_tflops"] / peak), row
     assert by_quantity["mean CE"][:1] == ["fastalign"] and "naive torch" in by_quantity["mean CE"], by_quantity
     assert by_quantity["KL two heads"] == ["fastalign", "naive torch"], by_quantity
 
 
-def ways_of_one_objective_agree(results):
-    """bench_unlearn times one objective: every way but the reference recipe has the first step's loss of the first."""
+def check_bench_unlearn(record):
+    """One objective timed several ways: every way but the reference recipe has the first step's loss of the first;
+    speed-ups are the other way's step time over this one's."""
+    results = record["results"]
     assert [row["method"] for row in results if "loss_rel_diff" in row] == ["fastalign", "unfused baseline",
                                                                            "fastalign cached"], results
     assert all(row["loss_rel_diff"] < 1e-5 for row in results if "loss_rel_diff" in row), results
+    ms = {row["method"]: row["step_ms"] for row in results}
+    for row in results:
+        assert close(row["speedup_vs_reference"], ms["reference recipe"] / row["step_ms"]), row
+        assert close(row["speedup_vs_unfused"], ms["unfused baseline"] / row["step_ms"]), row
 
 
-def runner_matches_dense_attention_and_hf_generate(results):
-    """bench_tree's paged attention equals dense sdpa (fp32), and the runner decodes HF generate's greedy tokens."""
+def check_bench_tree(record):
+    """Paged attention equals dense sdpa (fp32) and its bandwidth counts unique KV bytes over the best time; the
+    runner decodes HF generate's greedy tokens; ratios are against one child and against HF generate."""
+    results = record["results"]
     attention = [row for row in results if row["section"] == "attention"]
     assert attention and all(row["max_diff"] < 1e-5 for row in attention), attention
-    (ours,) = [row for row in results if row["section"] == "decode" and row["method"] == "fastalign TreeRunner"]
+    c = record["config"]
+    token_bytes = 2 * c["kv_heads"] * c["head_dim"] * 4  # K and V, fp32
+    for row in attention:
+        # the prefix once, each row's suffix and new token, and each row's copy of the prefix's partial last block
+        rows, prefix = row["rows"], row["prefix"]
+        unique_tokens = prefix + rows * (c["suffix"] + 1) + (rows - 1) * (prefix % c["page"])
+        assert close(row["unique_mib"], unique_tokens * token_bytes / 2 ** 20), row
+        seconds = (row["graph_us"] or row["eager_us"]) * 1e-6
+        assert close(row["unique_gbs"], row["unique_mib"] * 2 ** 20 / seconds / 1e9), row
+        assert close(row["of_copy_bw"], row["unique_gbs"] / c["copy_bandwidth_gbs"]), row
+    extend = [row for row in results if row["section"] == "extend"]
+    one_child = {row["cascade"]: row["ms"] for row in extend if row["children"] == 1}
+    assert extend and all(close(row["vs_one_child"], row["ms"] / one_child[row["cascade"]]) for row in extend)
+    decode = {row["method"]: row for row in results if row["section"] == "decode"}
+    ours, hf = decode["fastalign TreeRunner"], decode["HF generate (cache)"]
     assert ours["same_greedy_tokens"] == ours["new_tokens"], ours
+    assert close(ours["vs_hf"], ours["ms"] / hf["ms"]), decode
 
 
-def slow_engine_commits_the_same_tokens(results):
-    """bench_rain's speed-up compares two engines that made the same decisions."""
-    (slow,) = [row for row in results if row["engine"] == "slow"]
-    assert slow["same_decisions"] is True, slow
+def check_bench_rain(record):
+    """The speed-up compares two engines that made the same decisions, per committed token."""
+    rows = {row["engine"]: row for row in record["results"]}
+    tree, slow = rows["tree"], rows["slow"]
+    assert slow["same_decisions"] is True and slow["committed"] == tree["committed"] > 0, slow
+    for row in (tree, slow):
+        assert close(row["s_per_commit"], row["wall_s"] / row["committed"]), row
+        assert close(row["tokens_per_commit"], row["tokens"] / row["committed"]), row
+    assert close(tree["speedup_per_commit"], slow["s_per_commit"] / tree["s_per_commit"]), tree
+    assert tree["recomputed"] == 0 and tree["tokens"] == tree["minimum"], tree
 
 
-RECORD_CHECKS = {"bench_loss": methods_of_a_quantity_agree, "bench_unlearn": ways_of_one_objective_agree,
-                 "bench_tree": runner_matches_dense_attention_and_hf_generate,
-                 "bench_rain": slow_engine_commits_the_same_tokens}
+RECORD_CHECKS = {"bench_loss": check_bench_loss, "bench_unlearn": check_bench_unlearn, "bench_tree": check_bench_tree,
+                 "bench_rain": check_bench_rain}
 
 
 @pytest.mark.parametrize("script", sorted(RUNS))
@@ -70,4 +109,4 @@ def test_quick_run_writes_its_record(script, tmp_path):
     record = json.loads(path.read_text())
     assert record["commit"] == "test" and record["device"].startswith("cpu") and record["results"]
     assert not [row for row in record["results"] if row.get("error")], record["results"]
-    RECORD_CHECKS.get(script, lambda results: None)(record["results"])
+    RECORD_CHECKS[script](record)
