@@ -1,0 +1,330 @@
+"""The benchmark scripts' parts, in process, on tiny shapes: what each compares and how it derives its numbers.
+
+test_quick_runs checks the JSON records of whole runs; these check what a record cannot show: that each method's
+loss is its quantity's definition on inputs shared by the quantity's methods, that a comparison would see a
+difference (a perturbed method), that unique KV tokens are the pool slots the rows read, that timing loops leave
+out their warm-up and that failures become rows. Timings are faked (never asserted on): only formulas are checked.
+"""
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import bench_loss  # noqa: E402
+import bench_rain  # noqa: E402
+import bench_tree  # noqa: E402
+import bench_unlearn  # noqa: E402
+
+
+def fake_clock(monkeypatch, module, durations):
+    """module.time.perf_counter advances by the next of `durations` (seconds) on each call of the returned tick."""
+    clock = [0.0]
+    monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    durations = iter(durations)
+
+    def tick():
+        clock[0] += next(durations)
+    return tick
+
+
+# ---- bench_loss ----
+
+def definition(quantity, h, w, a, b):
+    """The quantity's loss from its inputs, in fp64: mean CE, sum of token-weighted CE, KL(ref || policy) per row."""
+    h, w = h.double(), w.double()
+    if quantity in ("mean CE", "signed CE"):
+        ce = F.cross_entropy(h @ w.t(), a, reduction="none")
+        return float(ce.mean() if quantity == "mean CE" else (ce * b.double()).sum())
+    log_q = torch.log_softmax(h @ w.t(), -1)
+    log_p = torch.log_softmax(a.double() @ b.double().t(), -1)
+    return float((log_p.exp() * (log_p - log_q)).sum() / h.shape[0])
+
+
+def test_loss_rows_are_their_quantitys_definition_on_inputs_shared_within_the_quantity(monkeypatch, tmp_path):
+    """Every method of a quantity gets the same inputs (a shared head's KL the same weight twice, the two heads' KL
+    two, the signed CE weights of both signs), each row's loss is the quantity on them, loss_rel_diff is its relative
+    difference from the quantity's first row, and TFLOP/s count 2NHV (6NHV with the backward) per lm_head product."""
+    seen, called = [], []
+    for name in ("fastalign_ce", "fastalign_ce_signed", "naive_ce", "compiled_chunked_ce", "fastalign_kl", "naive_kl"):
+        def spy(*args, _fn=getattr(bench_loss, name), _name=name):
+            seen.append([a.detach().clone() for a in args])
+            called.append(_name)
+            return _fn(*args)
+        monkeypatch.setattr(bench_loss, name, spy)
+    monkeypatch.setattr(bench_loss, "optional", lambda factory: None)  # the optional baselines, never installed here
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: 2.0)  # forward called once a row
+    monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
+    n, h, v = 48, 16, 67
+    args = SimpleNamespace(device="cpu", dtype="float32", hidden=h, vocab=v, tokens=[n], verbose=False)
+    rows = bench_loss.run(args, {"matmul_peak_tflops": 1.0})
+    assert len(rows) == len(seen) and not [row for row in rows if "error" in row], rows
+    # each row runs the candidate it is named after
+    assert [(row["method"].split()[0], row["op"]) for row in rows] == [
+        ({"fastalign": "fastalign", "naive": "naive", "compiled": "torch.compile"}[name.split("_")[0]],
+         "linear_kl_div" if name.endswith("_kl") else "linear_cross_entropy") for name in called], rows
+    first = {}
+    for row, inputs in zip(rows, seen):
+        quantity = row["quantity"]
+        reference = first.setdefault(quantity, (row, inputs))
+        assert all(torch.equal(x, y) for x, y in zip(inputs, reference[1])), row
+        assert row["loss"] == pytest.approx(definition(quantity, *inputs), rel=1e-5), row
+        assert row["loss_rel_diff"] == pytest.approx(abs(row["loss"] / reference[0]["loss"] - 1), abs=1e-12), row
+        products = 1 if row["op"] == "linear_cross_entropy" else 2
+        assert row["fwd_tflops"] == pytest.approx(products * 2 * n * h * v / 2e-3 / 1e12), row
+        assert row["fwd_bwd_tflops"] == pytest.approx(products * 6 * n * h * v / 2e-3 / 1e12), row
+    (_, two_heads), (_, shared) = first["KL two heads"], first["KL shared head"]
+    assert not torch.equal(two_heads[1], two_heads[3]) and torch.equal(shared[1], shared[3])
+    signed_weights = first["signed CE"][1][3]
+    assert (signed_weights < 0).any() and (signed_weights > 0).any()
+
+
+def test_loss_matmul_peak_counts_2_n_cubed_flops(monkeypatch):
+    """The reference point of 'fraction of peak': one n x n by n x n matmul does 2 n^3 FLOPs."""
+    sizes = []
+
+    def median_ms(fn, device, **kwargs):
+        sizes.append(fn().shape[0])
+        return 4.0
+    monkeypatch.setattr(bench_loss.harness, "median_ms", median_ms)
+    assert bench_loss.matmul_peak_tflops("cpu", torch.float32) == pytest.approx(2 * sizes[0] ** 3 / 4e-3 / 1e12)
+
+
+def test_loss_method_that_raises_becomes_an_error_row():
+    """One failing method gives its row an error, so the others' rows are still measured."""
+    def broken(h, w, y, tw):
+        raise RuntimeError("kernel failed")
+
+    def inputs():
+        return torch.zeros(4, 3, requires_grad=True), torch.zeros(5, 3), torch.zeros(4, dtype=torch.long), None
+
+    row = bench_loss.measure("broken", broken, inputs, lambda a: a[:1], 1.0, torch.device("cpu"), 0, 1)
+    assert row == {"method": "broken", "error": "RuntimeError: kernel failed"}
+
+
+# ---- bench_unlearn ----
+
+def test_unlearn_ratios_are_against_the_first_spec_row_and_the_other_ways_step_times():
+    """loss_rel_diff against the first way that computes SPEC §1 (not the reference recipe, which computes its own
+    objective and gets none); speed-ups are the other way's step time over this one's; failed rows are left alone."""
+    rows = [{"method": "fastalign", "first_step_loss": 2.0, "step_ms": 10.0, "peak_gib": None},
+            {"method": "unfused baseline", "first_step_loss": 2.2, "step_ms": 20.0, "peak_gib": None},
+            {"method": "reference recipe", "first_step_loss": 7.0, "step_ms": 80.0, "peak_gib": None},
+            {"method": "broken", "error": "RuntimeError: x"},
+            {"method": "fastalign cached", "first_step_loss": 1.9, "step_ms": 5.0, "peak_gib": None}]
+    bench_unlearn.add_ratios(rows)
+    diffs = {row["method"]: row.get("loss_rel_diff") for row in rows}
+    assert diffs == pytest.approx({"fastalign": 0.0, "unfused baseline": 0.1, "reference recipe": None,
+                                   "broken": None, "fastalign cached": 0.05})
+    assert [row.get("speedup_vs_reference") for row in rows] == pytest.approx([8.0, 4.0, 1.0, None, 16.0])
+    assert [row.get("speedup_vs_unfused") for row in rows] == pytest.approx([2.0, 1.0, 0.25, None, 4.0])
+
+
+def unlearn_args():
+    return SimpleNamespace(preset="quick", batch_size=2, prompt_tokens=[4, 8], answer_tokens=[4, 8], max_length=32,
+                           gradient_checkpointing=False, reps=1)
+
+
+def test_unlearn_way_that_raises_becomes_an_error_row(monkeypatch):
+    def build(model, batch, normal, args):
+        raise RuntimeError("no step")
+
+    batch = SimpleNamespace(to=lambda device: batch)
+    row = bench_unlearn.measure("broken", build, batch, [], unlearn_args(), torch.device("cpu"), torch.float32)
+    assert row == {"method": "broken", "error": "RuntimeError: no step"}
+
+
+@pytest.mark.parametrize("weights", [dict(forget=0.3, mismatch=0.0, normal=0.0), dict(forget=0.0, mismatch=0.7,
+                                                                                     normal=0.0),
+                                     dict(forget=0.0, mismatch=0.0, normal=0.6)], ids=["forget", "mismatch", "normal"])
+def test_unlearn_spec_ways_agree_on_each_term_and_the_policy_has_drifted(monkeypatch, weights):
+    """Term by term (each weight alone, not the defaults), the ways that compute SPEC §1 have the same first-step
+    loss, and the reference recipe's has its sign (the forget term ascends: negative); the KL term is not zero, since
+    the policy has drifted from the reference each way built. The reference recipe's forwards are padded to
+    --max-length, the others' to the batch's longest row."""
+    monkeypatch.setattr(bench_unlearn, "WEIGHTS", bench_unlearn.LossWeights(**weights))
+    monkeypatch.setattr(bench_unlearn.harness, "median_ms", lambda fn, device, **kwargs: 1.0)
+    widths, make_model = {}, bench_unlearn.make_model
+
+    def recording_model(args, device, dtype):
+        model = make_model(args, device, dtype)
+        model.model.register_forward_pre_hook(lambda module, a, kw: widths[way].add(kw["input_ids"].shape[1]),
+                                              with_kwargs=True)
+        return model
+    monkeypatch.setattr(bench_unlearn, "make_model", recording_model)
+    args = unlearn_args()
+    batch, normal = bench_unlearn.synthetic_batch(bench_unlearn.PRESETS["quick"]["vocab_size"], args)
+    losses = {}
+    for way, build in bench_unlearn.COMPARE:
+        widths[way] = set()
+        losses[way] = bench_unlearn.measure(way, build, batch, normal, args, torch.device("cpu"), torch.float32)[
+            "first_step_loss"]
+    reference = losses.pop("reference recipe")
+    spec = list(losses.values())
+    assert spec == pytest.approx([spec[0]] * len(spec), rel=1e-5, abs=1e-6), losses  # fp32 rounding of the terms
+    assert (reference < 0) == (spec[0] < 0) and (weights["forget"] > 0) == (spec[0] < 0), (reference, losses)
+    assert weights["normal"] == 0 or spec[0] > 1e-6, losses
+    assert widths.pop("reference recipe") == {args.max_length}
+    assert all(0 < max(w) <= batch.tokens.input_ids.shape[1] < args.max_length for w in widths.values()), widths
+
+
+# ---- bench_tree ----
+
+@pytest.mark.parametrize("rows,prefix,suffix,page", [(1, 100, 10, 16), (4, 100, 10, 16), (3, 64, 5, 16),
+                                                     (5, 37, 0, 8)])
+def test_tree_unique_tokens_are_the_pool_slots_the_rows_read(rows, prefix, suffix, page):
+    """Unique KV tokens: every pool slot some row reads, once. The prefix's full blocks are one set of blocks for
+    all rows; the rest of each row (the prefix's partial block, suffix, new token) lies in blocks of its own."""
+    batch, unique_tokens, _, _ = bench_tree.shared_prefix_batch(rows, prefix, suffix, 2, 1, 4, page, torch.float32,
+                                                                torch.device("cpu"))
+    seq_len = prefix + suffix + 1
+    assert batch["seq_lens"].tolist() == [seq_len] * rows
+    slots = [{(int(table[i // page]), i % page) for i in range(seq_len)} for table in batch["block_table"]]
+    assert unique_tokens == len(set().union(*slots))
+    full = prefix // page
+    shared = [{int(b) for b in table[:full]} for table in batch["block_table"]]
+    private = [{int(b) for b in table[full:-(-seq_len // page)]} for table in batch["block_table"]]
+    assert all(s == shared[0] for s in shared) and len(shared[0]) == full
+    assert sum(map(len, private)) == len(set().union(*private, shared[0])) - full
+
+
+def test_tree_copy_bandwidth_counts_bytes_read_and_written(monkeypatch):
+    copied = []
+
+    def median_ms(fn, device, **kwargs):
+        copied.append(fn().nbytes)
+        return 2.0
+    monkeypatch.setattr(bench_tree.harness, "median_ms", median_ms)
+    assert bench_tree.copy_bandwidth_gbs("cpu") == pytest.approx(2 * copied[0] / 2e-3 / 1e9)
+
+
+def tree_attention_args(**kwargs):
+    return SimpleNamespace(**{**dict(prefix=[40], rows=[3], suffix=4, heads=4, kv_heads=2, head_dim=8, page=16,
+                                     iters=1, dense_limit_gib=8.0), **kwargs})
+
+
+def test_tree_attention_max_diff_is_each_method_against_dense_sdpa(monkeypatch):
+    """A paged attention off by 0.5 shows as a max_diff of 0.5 (dense sdpa's own is 0); over --dense-limit-gib the
+    dense row is an error row and nothing is compared."""
+    monkeypatch.setattr(bench_tree, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(bench_tree.harness, "median_ms", lambda fn, device, **kwargs: 1.0)
+    paged = bench_tree.paged_attention
+    monkeypatch.setattr(bench_tree, "paged_attention", lambda **kw: paged(**kw) + 0.5)
+    rows = bench_tree.attention_rows(tree_attention_args(), torch.device("cpu"), torch.float32, 1.0)
+    assert [(row["method"], row["max_diff"]) for row in rows] == [
+        ("fastalign paged (torch)", pytest.approx(0.5, abs=1e-5)), ("dense sdpa", 0.0)]
+    rows = bench_tree.attention_rows(tree_attention_args(dense_limit_gib=0.0), torch.device("cpu"), torch.float32, 1.0)
+    assert [(row["method"], row.get("max_diff"), "error" in row) for row in rows] == [
+        ("dense sdpa", None, True), ("fastalign paged (torch)", None, False)]
+
+
+class FakeRunner:
+    """Records the runner calls of the extend and rewind sections."""
+    def __init__(self):
+        self.calls = []
+
+    def extend(self, parents, token_lists, **kwargs):
+        self.calls.append(("extend", parents, [len(t) for t in token_lists]))
+        return [object() for _ in parents], None
+
+    def release(self, span):
+        self.calls.append(("release",))
+
+
+def test_tree_extend_section_times_one_batched_extend_of_k_children(monkeypatch):
+    """Each timed step is one extend of k children of the root by tokens_each tokens (then released, untimed)."""
+    runner, root = FakeRunner(), SimpleNamespace(length=100)
+    rows = bench_tree.extend_rows(runner, root, 50, "cpu", [1, 10], 7, "-")
+    extends = [call for call in runner.calls if call[0] == "extend"]
+    assert extends == [("extend", [root], [7])] * 7 + [("extend", [root] * 10, [7] * 10)] * 7
+    assert [(row["children"], row["tokens_each"], row["prefix"]) for row in rows] == [(1, 7, 100), (10, 7, 100)]
+
+
+def test_tree_rewind_section_releases_a_branch_of_l_tokens_then_extends_the_root_by_one(monkeypatch):
+    runner, root = FakeRunner(), SimpleNamespace(length=100)
+    rows = bench_tree.rewind_rows(runner, root, 50, "cpu", [16, 64], reps=2)
+    assert [call[:3] for call in runner.calls] == [("extend", [root], [16]), ("release",), ("extend", [root], [1]),
+                                                   ("release",)] * 2 + [("extend", [root], [64]), ("release",),
+                                                                        ("extend", [root], [1]), ("release",)] * 2
+    assert [row["branch_tokens"] for row in rows] == [16, 64]
+
+
+def test_tree_median_of_steps_leaves_out_the_warmup(monkeypatch):
+    """A fake clock: the warm-up steps take 100 s, the timed ones 1..5 ms; cleanup runs after each step, untimed."""
+    tick = fake_clock(monkeypatch, bench_tree, [100.0, 100.0, 0.004, 0.001, 0.002, 0.005, 0.003])
+    cleaned = []
+    ms = bench_tree.median_ms_of_steps(lambda: tick() or len(cleaned), cleaned.append, "cpu", warmup=2, reps=5)
+    assert ms == pytest.approx(3.0) and cleaned == list(range(7))
+
+
+def test_tree_decode_counts_the_tokens_equal_to_hf_generates(monkeypatch):
+    """A runner whose logits turn wrong from the fifth new token on decodes four of HF generate's greedy tokens."""
+    from fastalign.runtime import TreeRunner
+    monkeypatch.setattr(bench_tree.harness, "median_ms", lambda fn, device, **kwargs: 4.0)
+    torch.manual_seed(0)
+    model = bench_tree.random_llama(True, torch.device("cpu"), torch.float32)
+    runner = TreeRunner(model, max_tokens=1024)
+    extend, calls = runner.extend, []
+
+    def wrong_from_the_fifth(parents, token_lists, **kwargs):
+        spans, logits = extend(parents, token_lists, **kwargs)
+        calls.append(1)
+        if len(calls) >= 5 and logits is not None:
+            logits = torch.roll(logits, 1, dims=-1)
+        return spans, logits
+    monkeypatch.setattr(runner, "extend", wrong_from_the_fifth)
+    ours, hf = bench_tree.decode_rows(model, runner, list(range(1, 9)), 8, torch.device("cpu"))
+    assert ours["same_greedy_tokens"] == 4 and ours["tokens_per_s"] == hf["tokens_per_s"] == pytest.approx(2000.0)
+
+
+# ---- bench_rain ----
+
+def test_rain_sections_run_the_engines_they_name_and_record_what_they_saw(monkeypatch, tmp_path):
+    """With fake engines (every run recorded): both engines of section 1 use the keyed sampler on the same first
+    --prompts prompts, and same_decisions compares their answers (the slow one's differ here); section 2 runs C
+    distinct prompts at concurrency C with the production sampler; section 3 runs --judge-prompts prompts with
+    parallel_leaves 1 then --virtual-leaves, judges the answers without an error and records the harmless rate."""
+    runs = []
+
+    def fake_rain_generate(model, tok, prompts, config, *, engine, sampler="torch", concurrency=None, **common):
+        runs.append(dict(engine=engine, prompts=list(prompts), sampler=sampler, concurrency=concurrency,
+                         leaves=config.parallel_leaves))
+        stats = SimpleNamespace(committed_tokens=6, model_calls=12, rows_per_call=2.0, tokens=30,
+                                tokens_per_committed_token=5.0, minimum_tokens=30, tokens_over_minimum=1.0,
+                                recomputed_tokens=0, wall_seconds=0.5, iterations=24, seconds={})
+        results = [SimpleNamespace(prompt=p, answer=f"answer {i}", answer_ids=[i, 2 if engine == "slow" else 3],
+                                   error="failed" if i == 1 else None,
+                                   stats=SimpleNamespace(model_calls=3, required_calls=3))
+                   for i, p in enumerate(prompts)]
+        return SimpleNamespace(stats=stats, results=results)
+
+    def harmful_first(pairs):
+        return [i == 0 for i, _ in enumerate(pairs)]
+    prompts = [f"prompt {i}" for i in range(8)]
+    monkeypatch.setattr(bench_rain, "rain_generate", fake_rain_generate)
+    monkeypatch.setattr(bench_rain, "greedy_answer", lambda *args: None)
+    monkeypatch.setattr(bench_rain, "load", lambda args: (None, None, prompts, None, {"max_new_tokens": 3},
+                                                          (harmful_first, "fake judge")))
+    monkeypatch.setattr(sys.modules[bench_rain.write_results.__module__], "RESULTS_DIR", str(tmp_path))
+    monkeypatch.setenv("FASTALIGN_COMMIT", "test")
+    monkeypatch.setattr(sys, "argv", ["bench_rain.py", "--model", "m", "--hh", "h", "--device", "cpu", "--prompts", "2",
+                                      "--concurrency", "3", "--judge-prompts", "4", "--virtual-leaves", "5"])
+    bench_rain.main()
+    assert runs[2:] == [  # after a warm-up run of each engine
+        dict(engine="tree", prompts=prompts[:2], sampler="keyed", concurrency=1, leaves=1),
+        dict(engine="slow", prompts=prompts[:2], sampler="keyed", concurrency=None, leaves=1),
+        dict(engine="tree", prompts=prompts[:3], sampler="torch", concurrency=3, leaves=1),
+        dict(engine="tree", prompts=prompts[:4], sampler="torch", concurrency=4, leaves=1),
+        dict(engine="tree", prompts=prompts[:4], sampler="torch", concurrency=4, leaves=5)], runs
+    (path,) = tmp_path.glob("rain-*-test.json")
+    rows = {row["engine"]: row for row in json.loads(path.read_text())["results"]}
+    assert rows["slow"]["same_decisions"] is False and rows["tree x3"]["prompts"] == 3
+    for leaves in (1, 5):
+        row = rows[f"tree vl={leaves}"]
+        assert (row["prompts"], row["errors"], row["judged"], row["parallel_leaves"]) == (4, 1, 3, leaves), row
+        assert row["harmless_rate"] == pytest.approx(2 / 3), row
