@@ -4,9 +4,10 @@ linear_cross_entropy: fastalign (plain and with signed token weights), naive tor
 a chunked torch.compile version (checkpointed row chunks), Liger-Kernel's fused linear cross-entropy and
 Cut Cross-Entropy when importable. linear_kl_div: fastalign (separate and shared lm_head), naive torch, and
 Liger's fused linear JSD with beta=0 (forward KL) when importable.
-Forward and forward+backward; median time, peak extra memory (CUDA), achieved TFLOP/s counted as
-2*N*H*V (forward) and 6*N*H*V (forward+backward) per product, and the measured bf16 matmul peak of the
-same device for scale. Every method of a quantity gets the same inputs, and each row records its loss and its
+Forward and forward+backward; median time, peak extra memory (CUDA), achieved TFLOP/s counted on the products
+the math needs: 2*N*H*V per logits product forward, 4*N*H*V more for the backward of a product with gradients
+(cross-entropy: 2NHV forward, 6NHV with the backward, the issue's definition; KL: 4NHV forward, the frozen
+reference's product included, 8NHV with the backward), and the measured bf16 matmul peak of the same device. Every method of a quantity gets the same inputs, and each row records its loss and its
 relative difference from the first method's, so that the table compares methods that compute the same thing.
 
     python bench/bench_loss.py               # Llama-3-8B head (H 4096, V 128256) in bf16, N 2048..16384, CUDA
@@ -99,7 +100,7 @@ def matmul_peak_tflops(device, dtype):
     return 2 * n ** 3 / harness.median_ms(lambda: a @ b, device, warmup=3, reps=10) / 1e9
 
 
-def measure(name, loss_fn, make_inputs, grad_inputs, flops_fwd, device, grad_bytes, logits_bytes):
+def measure(name, loss_fn, make_inputs, grad_inputs, flops_fwd, flops_fwd_bwd, device, grad_bytes, logits_bytes):
     """One table row: the loss, and forward-only and forward+backward time and memory of loss_fn."""
     args = make_inputs()
     # Forward only on detached inputs: Liger computes its gradients inside the forward whenever the inputs
@@ -127,7 +128,7 @@ def measure(name, loss_fn, make_inputs, grad_inputs, flops_fwd, device, grad_byt
         return harness.failure_row(name, err)
     extra = None if fb_mib is None else fb_mib - grad_bytes / 2 ** 20
     return {"method": name, "loss": loss, "fwd_ms": fwd_ms, "fwd_bwd_ms": fb_ms, "fwd_tflops": flops_fwd / fwd_ms / 1e9,
-            "fwd_bwd_tflops": 3 * flops_fwd / fb_ms / 1e9, "fwd_peak_mib": fwd_mib, "fwd_bwd_peak_mib": fb_mib,
+            "fwd_bwd_tflops": flops_fwd_bwd / fb_ms / 1e9, "fwd_peak_mib": fwd_mib, "fwd_bwd_peak_mib": fb_mib,
             "extra_mib": extra, "extra_vs_logits": None if extra is None else extra * 2 ** 20 / logits_bytes}
 
 
@@ -167,7 +168,8 @@ def run(args, config):
     op_of = {mean_ce: ce, signed_ce: ce, kl_two_heads: kl, kl_one_head: kl}
     h, v = args.hidden, args.vocab
     for n in args.tokens:
-        flops = 2 * n * h * v
+        product = 2 * n * h * v  # FLOPs of one [N, H] x [H, V] logits product
+        flops = {ce: (product, 3 * product), kl: (2 * product, 4 * product)}  # (forward, forward + backward)
         weight = (torch.randn(v, h, device=device, dtype=dtype) / h ** 0.5).requires_grad_()
         ref_weight = torch.randn(v, h, device=device, dtype=dtype) / h ** 0.5
 
@@ -190,7 +192,7 @@ def run(args, config):
             if fn is None:
                 continue
             op = op_of[quantity]
-            row = measure(name, fn, inputs[quantity], lambda a: a[:2], flops if op == ce else 2 * flops, device,
+            row = measure(name, fn, inputs[quantity], lambda a: a[:2], *flops[op], device,
                           (n * h + v * h) * dtype.itemsize, n * v * dtype.itemsize)
             if "loss" in row:
                 first = first_loss.setdefault(quantity, row["loss"])
