@@ -119,17 +119,30 @@ void SpanTree::attach(int64_t id, ForwardPlan& plan) {
         s.shared_block = partial;
         s.shared_from = s.shared_to = offset;
       } else {
+        // all copies happen at once before the forward: a partial block that this plan copies into itself
+        // (an earlier row's) holds nothing yet, so copy from where that block is copied from
+        int32_t source = partial;
+        for (size_t i = 0; i < plan.copy_dst.size(); ++i)
+          if (plan.copy_dst[i] == partial) source = plan.copy_src[i];
         int32_t copy = take_block();
         s.blocks.push_back(copy);
         fill_[copy] = offset;
-        plan.copy_src.push_back(partial);
+        plan.copy_src.push_back(source);
         plan.copy_dst.push_back(copy);
-        // slots of the partial block that this very forward fills are not there to copy yet: the forward
-        // writes those tokens into the copy as well
+        // slots of the partial block that this very forward fills (its tokens, or extras of an earlier copy)
+        // are not there to copy yet: the forward writes those tokens into the copy as well
         for (size_t t = 0; t < plan.slot_mapping.size(); ++t) {
           int64_t slot = plan.slot_mapping[t];
           if (slot / block_size_ == partial && slot % block_size_ < offset) {
             plan.extra_src.push_back(static_cast<int64_t>(t));
+            plan.extra_dst.push_back(static_cast<int64_t>(copy) * block_size_ + slot % block_size_);
+          }
+        }
+        for (size_t i = 0, n = plan.extra_dst.size(); i < n; ++i) {
+          int64_t slot = plan.extra_dst[i];
+          if (slot / block_size_ == partial && slot % block_size_ < offset) {
+            int64_t token = plan.extra_src[i];
+            plan.extra_src.push_back(token);
             plan.extra_dst.push_back(static_cast<int64_t>(copy) * block_size_ + slot % block_size_);
           }
         }

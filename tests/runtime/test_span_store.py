@@ -461,3 +461,19 @@ def test_evicted_siblings_under_an_evicted_parent_are_restored_in_two_rounds():
     c, d = grow(store, pool, [a, b], [[6], [7]])
     assert pool.forwards == forwards + 3
     assert reads(tree, pool, c) == [1, 2, 3, 4, 6] and reads(tree, pool, d) == [1, 2, 3, 5, 7]
+
+
+def test_rows_copying_a_block_that_an_earlier_row_copies_read_the_whole_prefix():
+    """All block copies of a plan happen at once before its forward, so a row on an earlier row of the same
+    call that copies that row's partial last block (itself a copy, which another row appended to in place)
+    must get the prefix slots from the original block, and slots the forward writes into the earlier copy
+    (its tokens or its own extras) as extras: else the copy reads stale KV (wrong logits in TreeRunner)."""
+    for block_size, parents in ((4, [0, -2, -2]), (8, [0, -2, -2, -4, -4])):
+        store, pool = fresh(16, block_size)
+        tree = store.tree
+        (root,) = grow(store, pool, [-1], [[1, 2]])
+        grow(store, pool, [root], [[3]])              # in place: the root's block has one slot past the root
+        parents = [root if p == 0 else p for p in parents]
+        rows = grow(store, pool, parents, [[5 + r] for r in range(len(parents))])
+        for span in rows:
+            assert reads(tree, pool, span) == tree.tokens(span).tolist()

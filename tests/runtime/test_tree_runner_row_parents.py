@@ -44,6 +44,23 @@ def test_rows_on_earlier_rows_match_hugging_face(name, with_cuts):
     assert runner.tree.span_ids() == [] and runner.num_free_blocks == runner.num_blocks
 
 
+@pytest.mark.parametrize("nesting", [1, 2])
+def test_copies_of_copies_in_one_forward_match_hugging_face(nesting):
+    """The root's partial block holds a kept child's token, so row 0 copies it; rows on row 0 append to that copy in
+    place and copy it again (and, nested, that copy too). All copies of a forward happen at once before it, so each
+    must read the original block and get this forward's tokens as extras, never an earlier copy's stale slots."""
+    model = tiny_model("llama-gqa-untied")
+    runner = TreeRunner(model, max_tokens=256, block_size=8 if nesting == 2 else 4, attention_backend="torch")
+    runner.pool.data.fill_(float("nan"))  # slots must be written before they are read
+    root = runner.prefill([1, 2])
+    kept, _ = runner.extend([root], [[3]], logits=None)  # a child (held: a dropped handle releases it), in place
+    parents = [root, 0, 0] + ([1, 1] if nesting == 2 else [])
+    children, logits, hidden = runner.extend(parents, [[5 + r] for r in range(len(parents))], hidden="last")
+    for span, lg, hd in zip(children, logits, hidden):
+        check_against_hugging_face(model, span, lg, hd)
+    assert kept[0].alive
+
+
 def test_bad_row_parents_are_refused_and_leave_the_pool_as_it_was():
     model = tiny_model("qwen2-untied")
     runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")

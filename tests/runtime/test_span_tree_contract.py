@@ -1,0 +1,160 @@
+"""Corners of the SpanTree contract (span_tree.h, bindings.cpp) that the random walk of test_span_store
+rarely or never reaches: misuse that must be refused with the state left as it was, the order in which
+blocks are handed out, and eviction sequences whose bookkeeping goes wrong only several steps later.
+Each test was seen failing on a mutated line of csrc/ that the other runtime tests let through."""
+import numpy as np
+import pytest
+
+from fastalign._C import SpanTree
+from tests.runtime.test_span_store import fresh, grow, reads
+
+
+def state(tree):
+    return (tree.span_ids(), tree.refcounts().tolist(), sorted(tree.free_blocks().tolist()),
+            [tree.block_table(i).tolist() for i in tree.span_ids()], [tree.locks(i) for i in tree.span_ids()])
+
+
+def test_first_allocations_take_blocks_in_order_and_freed_blocks_come_back_first():
+    """A fresh pool hands out blocks 0, 1, 2, ... (block_allocator.cpp) and reuses freed blocks before
+    never-used ones, which keeps a lightly used pool's KV in its first blocks."""
+    store, pool = fresh(8, 2)
+    tree = store.tree
+    (root,) = grow(store, pool, [-1], [[1, 2, 3, 4, 5]])
+    assert tree.block_table(root).tolist() == [0, 1, 2]
+    tree.release(root)
+    (again,) = grow(store, pool, [-1], [[6, 7, 8]])
+    assert set(tree.block_table(again).tolist()) <= {0, 1, 2}
+
+
+def test_a_newly_computed_span_is_more_recently_used_than_older_ones():
+    """Computing a span is a use: a new root goes after an older span in the eviction order, and the
+    older one is evicted first when the pool runs out."""
+    store, pool = fresh(3, 2)
+    tree = store.tree
+    (old,) = grow(store, pool, [-1], [[1, 2]])
+    (child,) = grow(store, pool, [old], [[3, 4]])
+    tree.release(child)
+    (new,) = grow(store, pool, [-1], [[5, 6]])
+    assert tree.lru_order() == [old, new]
+    grow(store, pool, [-1], [[7, 8, 9, 10]])             # needs 2 blocks, 1 is free
+    assert not tree.is_resident(old) and tree.is_resident(new)
+
+
+def test_abandoning_a_finished_plan_is_refused():
+    """abandon() is only for a plan whose forward failed: once the plan's locks are lifted it must refuse,
+    instead of dropping the KV (and deleting the spans) of a finished call."""
+    tree = SpanTree(8, 4)
+    plan = tree.plan_extend(np.array([-1]), np.array([1, 2, 3, 4, 5], dtype=np.int32), np.array([0, 5]))
+    tree.unlock(plan.spans)
+    before = state(tree)
+    with pytest.raises(ValueError, match="already finished"):
+        tree.abandon(plan)
+    assert state(tree) == before and tree.is_resident(plan.row_spans[0])
+
+
+def test_misuse_of_locks_pins_release_and_evict_is_refused_and_changes_nothing():
+    """Unlocking an unlocked span, pinning an evicted one, releasing or evicting a locked one: each is a
+    ValueError naming the problem, and the tree is left exactly as it was."""
+    store, pool = fresh(8, 2)
+    tree = store.tree
+    (root,) = grow(store, pool, [-1], [[1, 2, 3]])
+    (child,) = grow(store, pool, [root], [[4]])
+    tree.evict(child)
+    before = state(tree)
+    with pytest.raises(ValueError, match="is not locked"):
+        tree.unlock([root])
+    with pytest.raises(ValueError, match="not resident"):
+        tree.pin(child)
+    assert state(tree) == before and tree.pins(child) == 0
+    tree.lock([root])
+    locked = state(tree)
+    with pytest.raises(ValueError, match="in use by a running call"):
+        tree.evict(root)
+    with pytest.raises(ValueError, match="in use by a running call"):
+        tree.release(root)
+    assert state(tree) == locked and tree.is_live(root) and tree.is_resident(root)
+    tree.unlock([root])
+    assert state(tree) == before
+
+
+def test_releasing_a_pinned_span_with_an_evicted_child_makes_it_evictable():
+    """Release drops the pins of a span kept as the prefix of a (here evicted) child: with no resident
+    child either, it must join the eviction order at once, not only once some child's KV is dropped."""
+    store, pool = fresh(8, 2)
+    tree = store.tree
+    (root,) = grow(store, pool, [-1], [[1, 2]])
+    tree.pin(root)
+    (child,) = grow(store, pool, [root], [[3]])
+    tree.evict(child)
+    assert tree.lru_order() == []
+    tree.release(root)
+    assert tree.exists(root) and tree.lru_order() == [root]
+
+
+def test_restored_copy_does_not_give_back_the_in_place_slot_of_a_sibling():
+    """A child appends in place to its parent's partial block, is evicted, a sibling then appends in place
+    at the same slot, and the child is restored (now as a copy) and evicted again: dropping the copy must
+    leave the sibling's slot taken, so that a third child copies rather than overwrites the sibling's KV."""
+    store, pool = fresh(8, 4)
+    tree = store.tree
+    (root,) = grow(store, pool, [-1], [[1, 2, 3, 4, 5, 6]])   # block 1 holds 2 of 4 slots
+    (first,) = grow(store, pool, [root], [[7]])                 # in place, at slot 2
+    tree.evict(first)
+    (second,) = grow(store, pool, [root], [[8]])                # in place again, at slot 2
+    store.make_resident([first], pool.run)                      # slot 2 is taken: a copy
+    assert tree.block_table(first)[1] != tree.block_table(root)[1]
+    tree.evict(first)
+    (third,) = grow(store, pool, [root], [[9]])
+    assert tree.block_table(third)[1] != tree.block_table(second)[1]
+    assert reads(tree, pool, second) == [1, 2, 3, 4, 5, 6, 8]
+    assert reads(tree, pool, third) == [1, 2, 3, 4, 5, 6, 9]
+
+
+def test_restore_keeps_the_resident_bases_of_all_the_paths_it_recomputes():
+    """With the pool full, recomputing evicted children of two parents in one round evicts other spans,
+    never the resident parent that a later row of the round builds on, even when it is the least recently
+    used span."""
+    store, pool = fresh(4, 2)
+    tree = store.tree
+    (one,) = grow(store, pool, [-1], [[1, 2]])
+    (child_one,) = grow(store, pool, [one], [[3, 4]])
+    tree.evict(child_one)
+    (two,) = grow(store, pool, [-1], [[5, 6]])
+    (child_two,) = grow(store, pool, [two], [[7, 8]])
+    tree.evict(child_two)
+    others = [grow(store, pool, [-1], [[t, t]])[0] for t in (9, 10)]     # the pool is full
+    assert tree.lru_order() == [one, two] + others
+    forwards = pool.forwards
+    store.make_resident([child_one, child_two], pool.run)
+    assert pool.forwards == forwards + 1
+    assert all(tree.is_resident(s) for s in (one, two, child_one, child_two))
+    assert not any(tree.is_resident(s) for s in others)
+    assert reads(tree, pool, child_one) == [1, 2, 3, 4] and reads(tree, pool, child_two) == [5, 6, 7, 8]
+
+
+def test_row_parents_and_cut_offsets_are_checked_by_the_tree_itself():
+    """plan_extend refuses a row that builds on itself or on a later row, and cut counts that decrease
+    (the Python layer checks these too, but the tree must not read past its arrays when called directly)."""
+    tree = SpanTree(8, 4)
+    for parents in ([-2], [-1, -3]):
+        with pytest.raises(ValueError, match="a parent row must be an earlier row"):
+            tree.plan_extend(np.array(parents), np.ones(len(parents), dtype=np.int32),
+                             np.arange(len(parents) + 1))
+    # rows of 4 tokens; row 0 takes cuts [1, 2], row 1 would take none, row 2 [2, 3]
+    with pytest.raises(ValueError, match="cu_cuts must not decrease"):
+        tree.plan_extend(np.array([-1, -1, -1]), np.ones(12, dtype=np.int32), np.array([0, 4, 8, 12]),
+                         np.array([1, 2, 3]), np.array([0, 2, 1, 3]))
+    assert tree.span_ids() == [] and tree.num_free_blocks == 8
+
+
+def test_arrays_of_more_than_one_dimension_are_refused():
+    """parents, tokens and cuts must be 1-D: a 2-D array is an error, not silently flattened."""
+    tree = SpanTree(8, 4)
+    with pytest.raises(ValueError, match="parents must be one-dimensional"):
+        tree.plan_extend(np.array([[-1]]), np.ones(2, dtype=np.int32), np.array([0, 2]))
+    with pytest.raises(ValueError, match="tokens must be one-dimensional"):
+        tree.plan_extend(np.array([-1]), np.ones((1, 2), dtype=np.int32), np.array([0, 2]))
+    with pytest.raises(ValueError, match="cuts must be one-dimensional"):
+        tree.plan_extend(np.array([-1]), np.ones(3, dtype=np.int32), np.array([0, 3]), np.array([[1]]),
+                         np.array([0, 1]))
+    assert tree.span_ids() == [] and tree.num_free_blocks == 8
