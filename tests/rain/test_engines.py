@@ -46,6 +46,7 @@ def test_identical_decisions_on_tiny_llama_through_tree_runner():
 
     def make_runner():
         holder["runner"] = TreeRunner(model, max_tokens=2048, attention_backend="torch")
+        holder["runner"].pool.data.fill_(float("nan"))  # a slot read before it is written poisons the logits
         return holder["runner"]
 
     config = RainConfig(root_visits=5, min_new_visits=2, max_new_tokens=3)
