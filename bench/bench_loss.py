@@ -7,8 +7,9 @@ Liger's fused linear JSD with beta=0 (forward KL) when importable.
 Forward and forward+backward; median time, peak extra memory (CUDA), achieved TFLOP/s counted on the products
 the math needs: 2*N*H*V per logits product forward, 4*N*H*V more for the backward of a product with gradients
 (cross-entropy: 2NHV forward, 6NHV with the backward, the issue's definition; KL: 4NHV forward, the frozen
-reference's product included, 8NHV with the backward), and the measured bf16 matmul peak of the same device. Every method of a quantity gets the same inputs, and each row records its loss and its
-relative difference from the first method's, so that the table compares methods that compute the same thing.
+reference's product included, 8NHV with the backward), and the measured bf16 matmul peak of the same device.
+Every method of a quantity gets the same inputs, and each row records its loss and its relative difference
+from the first method's, so that the table compares methods that compute the same thing.
 
     python bench/bench_loss.py               # Llama-3-8B head (H 4096, V 128256) in bf16, N 2048..16384, CUDA
     python bench/bench_loss.py --quick       # a small fp32 shape, runs anywhere (CPU smoke run)
@@ -127,8 +128,9 @@ def measure(name, loss_fn, make_inputs, grad_inputs, flops_fwd, flops_fwd_bwd, d
     except Exception as err:
         return harness.failure_row(name, err)
     extra = None if fb_mib is None else fb_mib - grad_bytes / 2 ** 20
-    return {"method": name, "loss": loss, "fwd_ms": fwd_ms, "fwd_bwd_ms": fb_ms, "fwd_tflops": flops_fwd / fwd_ms / 1e9,
-            "fwd_bwd_tflops": flops_fwd_bwd / fb_ms / 1e9, "fwd_peak_mib": fwd_mib, "fwd_bwd_peak_mib": fb_mib,
+    return {"method": name, "loss": loss, "fwd_ms": fwd_ms, "fwd_bwd_ms": fb_ms,
+            "fwd_tflops": flops_fwd / fwd_ms / 1e9, "fwd_bwd_tflops": flops_fwd_bwd / fb_ms / 1e9,
+            "fwd_peak_mib": fwd_mib, "fwd_bwd_peak_mib": fb_mib,
             "extra_mib": extra, "extra_vs_logits": None if extra is None else extra * 2 ** 20 / logits_bytes}
 
 

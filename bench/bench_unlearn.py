@@ -221,7 +221,7 @@ def measure(name, build, batch, normal, args, device, dtype):
         model = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        loss = float(step())  # the first step, from the same initial model in every way; it warms up too
+        loss = float(step())  # the first step, on the same policy and reference in every way; it warms up too
         ms = harness.median_ms(step, device, warmup=0, reps=args.reps)
     except Exception as err:
         return harness.failure_row(name, err)
