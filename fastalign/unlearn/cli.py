@@ -148,6 +148,15 @@ def config_from_args(args: argparse.Namespace) -> UnlearnConfig:
     return UnlearnConfig.from_dict({**values, **given}, origin=getattr(args, "config", "command line"))
 
 
+def end_process_group():
+    """Under `accelerate launch` the command owns the process: it ends the process group the trainer's Accelerator
+    started, which left to the interpreter's exit can abort the process after a finished run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(args: argparse.Namespace) -> int:
     from fastalign.unlearn.records import DataError
     from fastalign.unlearn.run import load_model_and_tokenizer, load_streams, run_unlearning
@@ -166,6 +175,8 @@ def main(args: argparse.Namespace) -> int:
     except (DataError, ValueError, FileNotFoundError, FileExistsError, TypeError, FloatingPointError) as e:
         print(f"fastalign unlearn: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        end_process_group()
     print(json.dumps({"steps": summary.steps, "stop_reason": summary.stop_reason, "model_dir": summary.model_dir,
                       "compute": summary.compute}, indent=1))
     return 0

@@ -147,3 +147,6 @@ if __name__ == "__main__":
         os.makedirs(os.path.join(root, scenario), exist_ok=True)
         with open(os.path.join(root, scenario, f"outcome-rank{rank}.txt"), "w") as f:
             f.write(outcome)
+    # a process group left to the interpreter's exit can abort it ("terminate called without an active exception")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

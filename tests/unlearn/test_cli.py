@@ -101,3 +101,24 @@ def test_command_line_wins_over_config_file(workspace):
                                       "--no-progress", "--max-forget-nll", "none"])
     config = config_from_args(args)
     assert (config.lr, config.progress, config.max_forget_nll, config.max_steps) == (0.5, False, None, 50)
+
+
+@pytest.mark.parametrize("check", [False, True])
+def test_the_command_ends_the_process_group_it_ran_in(workspace, capsys, check):
+    """Under `accelerate launch` a process group is live when the command returns (a one-process gloo group
+    stands in here): the command ends it, after a run as after an error, so that the interpreter's exit does not
+    abort the finished process."""
+    import torch.distributed as dist
+
+    from tests.unlearn.test_distributed import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        extra = ["--check"] if check else ["--normal-weight", "nan"]
+        code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
+                     *extra])
+        assert code == (0 if check else 2), capsys.readouterr().err
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
