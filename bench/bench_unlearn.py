@@ -218,7 +218,6 @@ def measure(name, build, batch, normal, args, device, dtype):
         step = build(model, batch.to(device), normal, args)
         if args.preset != "8b":  # the 8B ways (LoRA) have no like-for-like comparison to make
             drift(model)
-        model = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         loss = float(step())  # the first step, on the same policy and reference in every way; it warms up too

@@ -131,21 +131,16 @@ void SpanTree::attach(int64_t id, ForwardPlan& plan) {
         plan.copy_dst.push_back(copy);
         // slots of the partial block that this very forward fills (its tokens, or extras of an earlier copy)
         // are not there to copy yet: the forward writes those tokens into the copy as well
-        for (size_t t = 0; t < plan.slot_mapping.size(); ++t) {
-          int64_t slot = plan.slot_mapping[t];
+        auto also_into_copy = [&](int64_t slot, int64_t token) {
           if (slot / block_size_ == partial && slot % block_size_ < offset) {
-            plan.extra_src.push_back(static_cast<int64_t>(t));
-            plan.extra_dst.push_back(static_cast<int64_t>(copy) * block_size_ + slot % block_size_);
-          }
-        }
-        for (size_t i = 0, n = plan.extra_dst.size(); i < n; ++i) {
-          int64_t slot = plan.extra_dst[i];
-          if (slot / block_size_ == partial && slot % block_size_ < offset) {
-            int64_t token = plan.extra_src[i];
             plan.extra_src.push_back(token);
             plan.extra_dst.push_back(static_cast<int64_t>(copy) * block_size_ + slot % block_size_);
           }
-        }
+        };
+        for (size_t t = 0; t < plan.slot_mapping.size(); ++t)
+          also_into_copy(plan.slot_mapping[t], static_cast<int64_t>(t));
+        for (size_t i = 0, n = plan.extra_dst.size(); i < n; ++i)   // the extras present before this copy's
+          also_into_copy(plan.extra_dst[i], plan.extra_src[i]);
       }
     }
   }
