@@ -55,9 +55,11 @@ def _context(model) -> Optional[int]:
 
 def _prepare(index: int, prompt: str, tokenizer, judge: JudgeTokens, prefix_ids: List[int], config: RainConfig,
              context: Optional[int], required: RequiredPrefixes, prefix_key: int) -> PromptContext:
-    """The prompt's context; ValueError for an empty prompt or one that leaves no room to answer (the
-    answer is also kept short enough for its judge prompt to fit the model's context)."""
-    if not isinstance(prompt, str) or not prompt.strip():
+    """The prompt's context; ValueError for a prompt that is not a string, is empty or leaves no room to
+    answer (the answer is also kept short enough for its judge prompt to fit the model's context)."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt {index} must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
         raise ValueError(f"prompt {index} is empty")
     prompt_ids = list(tokenizer(prompt, add_special_tokens=not prefix_ids)["input_ids"])
     root_ids = list(prefix_ids) + prompt_ids
@@ -93,6 +95,8 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     "torch", "keyed" or a sampler object. `on_result` is called as each prompt finishes.
     """
     config = config.validate()
+    if isinstance(prompts, str):    # would be searched character by character
+        raise TypeError("prompts must be a list of prompt strings, got a single string (wrap it in a list)")
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     judge = JudgeTokens(tokenizer, judge_prompt)

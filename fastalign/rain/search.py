@@ -31,10 +31,10 @@ from .tree import Node, SearchTree, mix_priors
 @dataclass
 class Expansion:
     """What a node's expansion drew, kept for widening: the candidate list (length > 1; widening
-    prepends new groups, as the reference does), the ranked next tokens (length 1) and the next sampler
-    stream."""
+    prepends new groups, as the reference does, so a later widening can add a candidate an earlier one
+    drew), the ranked next tokens (length 1) and the next sampler stream."""
     length: int
-    entries: List[tuple] = field(default_factory=list)      # (tokens, raw prior)
+    entries: List[tuple] = field(default_factory=list)      # (tokens, raw prior, hidden sum)
     greedy: Optional[Draft] = None
     ranked_ids: List[int] = field(default_factory=list)
     ranked_logits: List[float] = field(default_factory=list)
@@ -176,8 +176,8 @@ class PromptSearch:
             exp.greedy = result.greedy
             exp.next_stream = 1 + len(result.samples)
             self._require_drafts(node, [result.greedy] + result.samples)
-            entries = [(tokens, p, d.hidden_sum) for tokens, p, d in token_set_priors(result.greedy, result.samples)]
-            exp.entries = [(tokens, p) for tokens, p, _ in entries]
+            entries = exp.entries = [(tokens, p, d.hidden_sum)
+                                     for tokens, p, d in token_set_priors(result.greedy, result.samples)]
         total = sum(p for _, p, _ in entries)
         for tokens, p, hidden in entries:
             self._add_child(node, state, tokens, p / total, hidden)
@@ -199,11 +199,9 @@ class PromptSearch:
             exp.next_stream += c.widen_group - 1
             self.ctx.stats.required_calls += self._new_steps(node, result.samples)
             self._require_drafts(node, result.samples)
-            fresh = [(tokens, p) for tokens, p, _ in token_set_priors(exp.greedy, result.samples)]
-            drafts = {d.tokens: d for d in result.samples}
+            fresh = [(tokens, p, d.hidden_sum) for tokens, p, d in token_set_priors(exp.greedy, result.samples)]
             exp.entries = fresh + exp.entries
-            group = [(tokens, p, drafts[tokens].hidden_sum if tokens in drafts else None)
-                     for tokens, p in exp.entries[:count]]
+            group = exp.entries[:count]
         total = sum(p for _, p, _ in group)
         priors = [p / total for _, p, _ in group]
         if node is self.tree.root:
@@ -229,13 +227,14 @@ class PromptSearch:
             state.extend(node.tokens)
         return node, state
 
-    def _iterate(self):
-        """One inner iteration, or with parallel_leaves > 1 up to that many at once: leaves are picked one
-        after another under virtual loss (a leaf picked twice ends the batch), evaluated and expanded in one
-        engine run, then backed up in the order they were picked. Returns the number of iterations."""
+    def _iterate(self, limit: int):
+        """One inner iteration, or with parallel_leaves > 1 up to that many (and at most `limit`) at once:
+        leaves are picked one after another under virtual loss (a leaf picked twice ends the batch), evaluated
+        and expanded in one engine run, then backed up in the order they were picked. Returns the number of
+        iterations."""
         tree, ctx, c = self.tree, self.ctx, self.config
         picked = []
-        for _ in range(c.parallel_leaves):
+        for _ in range(min(c.parallel_leaves, limit)):
             leaf, state = yield from self._select()
             if any(leaf is other for other, _ in picked):
                 break
@@ -296,7 +295,8 @@ class PromptSearch:
         while not tree.root.terminal:
             new = 0
             while True:
-                new += yield from self._iterate()
+                # a batch of leaves never runs past the visits the stopping rule asks for
+                new += yield from self._iterate(max(c.root_visits - tree.root.fn, c.min_new_visits - new))
                 best = tree.best_child()
                 if best is not None and best.fn > c.early_stop_fresh_visits and best.q > c.early_stop_q:
                     break

@@ -27,7 +27,8 @@
   sequences the search generates: then one trie serves both sides, its judge-side rows reduce their
   outputs like generation rows ("gen"), and the judge's copy of a path or rollout costs nothing.
 - A commit keeps only the new root's subtries (the rewind); `finish` drops a prompt's tries and `close`
-  the shared prefixes, so a finished run holds no span.
+  the shared prefixes and the tries of prompts never finished (a run an exception stopped), so a run that
+  is over holds no span.
 """
 import math
 import time
@@ -115,6 +116,7 @@ class TreeEngine:
         self.plan: Optional[RootPlan] = None
         self.cut_entries: Dict[int, Entry] = {}      # entries where starting sequences part
         self.judge_prefix: Optional[Entry] = None
+        self.started: Dict[int, PromptContext] = {}  # prompts started and not finished yet, by index
 
     # --- the one way this engine touches the model ---------------------------------------------------
     def _call(self, rows: List[Row]) -> List[object]:
@@ -341,6 +343,7 @@ class TreeEngine:
                     self.judge_prefix.users += 1
             root.handle = NodeState(gen, judge)
             ctx.handle = NodeState(gen, judge)
+            self.started[ctx.index] = ctx
 
     def commit(self, ctx: PromptContext, old_root, new_root):
         """The rewind: keeps only what the new root's subtree can need."""
@@ -356,12 +359,15 @@ class TreeEngine:
         keep_only_below(new_root.handle.judge, self._drop, keep_origin=True)
 
     def finish(self, ctx: PromptContext):
+        self.started.pop(ctx.index, None)
         if ctx.handle is not None:
             drop_all(ctx.handle.gen, self._drop)
             drop_all(ctx.handle.judge, self._drop)
             ctx.handle = None
 
     def close(self):
+        for ctx in list(self.started.values()):
+            self.finish(ctx)
         for entry in self.cut_entries.values():
             self._drop(entry)
         self.cut_entries = {}

@@ -198,11 +198,13 @@ def run_tree(prompts, config, **kw):
 
 
 @pytest.mark.parametrize("config", [SMALL, RainConfig(root_visits=20, min_new_visits=3, max_new_tokens=12,
-                                                      early_stop_fresh_visits=2, early_stop_q=0.0)])
+                                                      early_stop_fresh_visits=2, early_stop_q=0.0),
+                                    dataclasses.replace(SMALL, root_visits=10, parallel_leaves=4)])
 def test_commits_follow_the_stopping_rules_and_the_length_limit(config):
     """Every commit is taken at the first iteration where a stopping rule holds (the most visited child's
-    fresh visits and q, or the root's visits and the new ones), and answers stop at max_new_tokens. The
-    engine comparisons cannot see these rules: both engines share them."""
+    fresh visits and q, or the root's visits and the new ones), and answers stop at max_new_tokens; leaves
+    picked together never run past the visits the rule asks for. The engine comparisons cannot see these
+    rules: both engines share them."""
     early_stops = 0
     for result in run_tree(PROMPTS, config, concurrency=2).results:
         assert result.error is None and len(result.answer_ids) <= config.max_new_tokens
@@ -273,7 +275,8 @@ def test_bad_prompts_and_failures_stay_with_their_prompt():
     model = HashLM(len(tok), max_positions=200)
     poison_prompt = "Human: zebra zebra?\nAssistant:"
     poison = tok(poison_prompt)["input_ids"][3]
-    prompts = [PROMPTS[0], "   ", "Human: " + "bread " * 300 + "\nAssistant:", poison_prompt, PROMPTS[2]]
+    prompts = [PROMPTS[0], "   ", "Human: " + "bread " * 300 + "\nAssistant:", poison_prompt, PROMPTS[2],
+               {"role": "user", "content": "hi"}]
     seen = []
     run = rain_generate(model, tok, prompts, RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3),
                         runner=FailingRunner(len(tok), poison), judge_prompt=SHORT_JUDGE, embedding="hidden",
@@ -282,9 +285,12 @@ def test_bad_prompts_and_failures_stay_with_their_prompt():
     assert "empty" in errors[1]
     assert "no room to answer" in errors[2] and "context of 200" in errors[2]
     assert errors[3] is not None and "device fault" in errors[3]
+    assert errors[5] == "prompt 5 must be a string, got dict"
     assert errors[0] is None and errors[4] is None
     assert run.results[0].answer_ids and run.results[4].answer_ids
-    assert sorted(r.index for r in seen) == [0, 1, 2, 3, 4]
+    assert sorted(r.index for r in seen) == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(TypeError, match="single string"):    # not searched character by character
+        rain_generate(model, tok, PROMPTS[0], judge_prompt=SHORT_JUDGE, embedding="hidden")
 
 
 def test_failure_in_a_merged_engine_run_stays_with_its_prompt():
@@ -316,6 +322,20 @@ def test_error_inside_one_search_stays_with_its_prompt(monkeypatch):
     errors = [r.error for r in run.results]
     assert errors[1] == "RuntimeError: commit fault"
     assert errors[0] is None and errors[2] is None and run.results[2].answer_ids
+
+
+def test_a_run_stopped_by_an_exception_leaves_no_span_behind():
+    """An exception that ends the whole run (here: the caller's on_result, as a prompt finishes) leaves the
+    runner, which the caller may reuse, without the spans of the prompts still being searched."""
+    def on_result(result):
+        if result.index == 1:
+            raise OSError("disk full")
+
+    runner = HashRunner(len(tokenizer()))
+    with pytest.raises(OSError, match="disk full"):
+        run_tree(PROMPTS, RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3), runner=runner,
+                 concurrency=3, on_result=on_result)
+    assert not runner.live
 
 
 def test_answer_never_runs_past_the_models_context():

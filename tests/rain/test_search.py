@@ -45,3 +45,29 @@ def test_widening_samples_on_streams_the_first_expansion_did_not_use():
     used = set(range(first.first_stream, first.first_stream + first.attempts))
     assert widening.attempts > 0
     assert used.isdisjoint(range(widening.first_stream, widening.first_stream + widening.attempts))
+
+
+def test_a_candidate_an_earlier_widening_drew_keeps_its_hidden_states():
+    """A widening group larger than the room (count = children + 1) leaves a drawn candidate for a later
+    widening; when that one adds it, the child still has the hidden states that generated it (the hidden
+    embedder pools them for every path through it)."""
+    ctx = PromptContext(index=0, prompt_text="", root_ids=[5], head_ids=[], root_key=0, max_length=100)
+    search = PromptSearch(ctx, RainConfig(token_set_lengths=(2,), candidates=3, widen_group=5), tokenizer(),
+                          embedder=None, judge=None, required=RequiredPrefixes(), on_commit=None)
+    root = search.tree.root
+
+    def draft(token, p):
+        return Draft((token, 40), math.log(p), torch.full((4,), float(token)))
+
+    def widen(samples):
+        steps = search._widen(root, [5])
+        next(steps)
+        with pytest.raises(StopIteration):
+            steps.send([ExpandResult(samples=samples)])
+
+    search._expand(root, [5], ExpandResult(greedy=draft(10, 0.3), samples=[draft(11, 0.1), draft(12, 0.05)]), 2)
+    widen([draft(20, 0.1), draft(21, 0.1), draft(22, 0.1), draft(23, 0.1)])     # room for 20, 21, 22 only
+    assert [c.tokens[0] for c in root.children] == [10, 11, 12, 20, 21, 22]
+    widen([draft(10, 0.3)] * 4)                                                  # nothing new drawn: 23 joins
+    assert [c.tokens[0] for c in root.children] == [10, 11, 12, 20, 21, 22, 23]
+    assert all(torch.equal(c.hidden_sum, torch.full((4,), float(c.tokens[0]))) for c in root.children)
