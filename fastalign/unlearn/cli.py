@@ -158,6 +158,7 @@ def end_process_group():
 
 
 def main(args: argparse.Namespace) -> int:
+    from fastalign.unlearn.models import causal_lm_parts, max_positions
     from fastalign.unlearn.records import DataError
     from fastalign.unlearn.run import load_model_and_tokenizer, load_streams, run_unlearning
 
@@ -167,12 +168,15 @@ def main(args: argparse.Namespace) -> int:
             config.check_paths()
             model, tokenizer = load_model_and_tokenizer(config)
             streams = load_streams(config, tokenizer)
+            causal_lm_parts(model)
+            streams.check_context(max_positions(model))
             print(json.dumps({"model": type(model).__name__, "forget": len(streams.forget),
                               "normal": len(streams.normal), "mismatch_pool": len(streams.pool),
                               "skipped": streams.skipped, "reference": config.reference_mode}, indent=1))
             return 0
         summary = run_unlearning(config)
-    except (DataError, ValueError, FileNotFoundError, FileExistsError, TypeError, FloatingPointError) as e:
+    except (DataError, ValueError, FileNotFoundError, FileExistsError, TypeError, FloatingPointError,
+            NotImplementedError) as e:   # the last: a model or setting the fused path does not serve
         print(f"fastalign unlearn: error: {e}", file=sys.stderr)
         return 2
     finally:

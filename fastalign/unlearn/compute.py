@@ -3,7 +3,7 @@
 FLOPs are the usual dense-transformer estimate, counted on the padded [rows x width] grid the model really
 computes (padding included, since it costs the same):
   forward of the decoder  = 2 * P_dec * slots + 4 * layers * hidden * sum_rows(width^2)   (full-square attention)
-  backward                = 2x forward when every decoder weight trains, 1x (input gradients only) otherwise
+  backward                = 2x forward when every weight of P_dec trains, 1x (input gradients only) otherwise
   gradient checkpointing  = one more forward
   lm_head (fused losses)  = per answer token: 2*V*H forward, 2*V*H again in the backward (the fused ops
                             recompute the logits instead of storing them), +2*V*H for the hidden gradient,
@@ -36,9 +36,7 @@ class ModelShape:
     @classmethod
     def of(cls, model) -> "ModelShape":
         decoder, lm_head = causal_lm_parts(model)
-        embedding = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else None
-        skip = {id(p) for p in embedding.parameters()} if embedding is not None else set()
-        params = sum(p.numel() for p in decoder.parameters() if id(p) not in skip and p.dim() >= 2)
+        params = sum(p.numel() for p in decoder_matmul_weights(model))
         config = getattr(decoder, "config", None)
         return cls(params, int(getattr(config, "num_hidden_layers", 0)), lm_head.weight.shape[1],
                    lm_head.weight.shape[0])
@@ -47,6 +45,16 @@ class ModelShape:
         """Forward FLOPs over a padded batch [rows, width] (width trimmed to the longest row)."""
         rows, width = attention_mask.shape[0], int(attention_mask.sum(1).max()) if attention_mask.numel() else 0
         return 2.0 * self.decoder_params * rows * width + 4.0 * self.num_layers * self.hidden_size * rows * width ** 2
+
+
+def decoder_matmul_weights(model) -> list[torch.nn.Parameter]:
+    """The decoder's matmul weights, the P_dec of the estimate (input embeddings, a lookup, and vectors such
+    as norms left out). Whether all of them train decides the backward's cost; the input embeddings do not,
+    so a tied lm_head frozen with them (reference='cached') still costs a full backward."""
+    decoder, _ = causal_lm_parts(model)
+    embedding = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else None
+    skip = {id(p) for p in embedding.parameters()} if embedding is not None else set()
+    return [p for p in decoder.parameters() if id(p) not in skip and p.dim() >= 2]
 
 
 @dataclass

@@ -19,7 +19,8 @@ from fastalign.unlearn.records import DataError, QAPair, make_pair, read_csv, re
 
 FORMATS = ("pku", "hh", "jsonl")
 
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
+# A turn starts after a blank line, or at the very start of a transcript stored without its leading "\n\n".
+_HH_TURN = re.compile(r"(?:\A|\n\n)(Human|Assistant):[ \t]?")
 
 
 def load_pku_saferlhf(path: str | os.PathLike) -> list[QAPair]:

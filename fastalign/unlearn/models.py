@@ -3,7 +3,8 @@
 The losses take the decoder's final hidden states (after its last norm) and the lm_head weight instead
 of logits, so the model is split into its decoder (`get_decoder()`) and its output embedding
 (`get_output_embeddings()`). PEFT wrappers are looked through: their LoRA layers live inside the
-decoder's modules, so calling the decoder runs them.
+decoder's modules, so calling the decoder runs them. An adapter on the lm_head itself is refused, since
+reading its weight would leave the adapter out.
 """
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     if lm_head is None or not isinstance(getattr(lm_head, "weight", None), torch.Tensor):
         raise TypeError(f"{type(base).__name__} has no lm_head (get_output_embeddings() gives "
                         f"{type(lm_head).__name__}); unlearning needs a causal LM such as LlamaForCausalLM")
+    if hasattr(lm_head, "base_layer"):  # a PEFT tuner layer (e.g. LoRA) wrapped around the lm_head
+        raise ValueError(f"the lm_head carries a PEFT adapter ({type(lm_head).__module__}.{type(lm_head).__name__}); "
+                         "the fused losses read lm_head.weight, so the adapter would neither act nor train: "
+                         "leave the lm_head out of lora_targets")
     config = getattr(base, "config", None)
     for name, neutral in _LOGIT_TRANSFORMS.items():
         value = getattr(config, name, neutral)
@@ -50,6 +55,12 @@ def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     if decoder is base:
         raise TypeError(f"{type(base).__name__}: cannot find the decoder that produces the final hidden states")
     return decoder, lm_head
+
+
+def max_positions(model) -> int | None:
+    """The longest sequence the model's config allows (max_position_embeddings), or None if it names none."""
+    value = getattr(getattr(base_causal_lm(model), "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) else None
 
 
 def final_hidden_states(decoder: torch.nn.Module, tokens: TokenBatch) -> torch.Tensor:

@@ -38,7 +38,12 @@ class FrozenCopyReference:
 
 
 class AdapterDisabledReference:
-    """The policy itself with its PEFT adapter disabled: the base model the adapter was trained on top of."""
+    """The policy itself with its PEFT adapter disabled: the base model the adapter was trained on top of.
+
+    It runs in eval mode, as the frozen copy and the cache do: the policy trains in train mode, and the
+    dropout of a model that has some (OPT's 0.1) would otherwise make P a random draw instead of the
+    original model's distribution. Each module's mode is restored afterwards.
+    """
 
     def __init__(self, model):
         if not (hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")):
@@ -48,9 +53,15 @@ class AdapterDisabledReference:
 
     @torch.no_grad()
     def __call__(self, tokens: TokenBatch, normal_index: torch.Tensor, weight: torch.Tensor):
-        with self.model.disable_adapter():
-            decoder, lm_head = causal_lm_parts(self.model)
-            return at_answer_targets(final_hidden_states(decoder, tokens), tokens.target_mask), lm_head.weight
+        modes = [(module, module.training) for module in self.model.modules()]
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                decoder, lm_head = causal_lm_parts(self.model)
+                return at_answer_targets(final_hidden_states(decoder, tokens), tokens.target_mask), lm_head.weight
+        finally:
+            for module, training in modes:
+                module.training = training
 
 
 class CachedReference:

@@ -16,6 +16,7 @@ import torch
 
 from fastalign.unlearn.batching import TokenBatch, collate
 from fastalign.unlearn.encoding import EncodedExample
+from fastalign.unlearn.records import DataError
 
 _FORGET_STREAM, _NORMAL_STREAM, _MISMATCH_STREAM = 1, 2, 3
 
@@ -61,7 +62,9 @@ class UnlearningStreams:
 
     Each batch holds batch_size forget rows, mismatch_per_prompt mismatch rows per forget row (the forget
     prompt's ids followed by a pool answer's ids, truncated to max_length) and normal_batch_size normal
-    rows. A stream is left out when it has no data (normal=None, pool=None or mismatch_per_prompt=0).
+    rows. A prompt's K mismatch answers are K different pool answers (as the reference's random.sample
+    draws them), repeats coming only from a pool smaller than K. A stream is left out when it has no data
+    (normal=None, pool=None or mismatch_per_prompt=0).
     skipped: how many examples of each stream were dropped while loading (recorded with the run).
     """
 
@@ -84,14 +87,31 @@ class UnlearningStreams:
         self._normal_stream = (_EpochStream(len(self.normal), self.normal_batch_size, seed, _NORMAL_STREAM)
                                if self.normal_batch_size else None)
 
+    def check_context(self, positions: int | None) -> None:
+        """Raises a DataError naming the longest row a batch can hold (a forget or normal example, or a forget
+        prompt around the longest pool answer, cut to max_length) if it has more than `positions` tokens: a
+        model with learned positions would fail deep inside its forward at the first such batch."""
+        if positions is None:
+            return
+        rows = [(len(e.input_ids), e.source) for e in self.forget + self.normal]
+        if self.mismatch_per_prompt:
+            longest = max(len(a) for a in self.pool)
+            rows += [(min(self.max_length, len(e.input_ids) - (e.answer_end - e.answer_start) + longest),
+                      f"{e.source} with the longest mismatch pool answer") for e in self.forget]
+        length, source = max(rows)
+        if length > positions:
+            raise DataError(f"{source}: {length} tokens, more than the model's context (max_position_embeddings="
+                            f"{positions}); set max_length to at most {positions}")
+
     def batch(self, index: int, *, rank: int = 0, world_size: int = 1) -> UnlearningBatch:
         """The batch of global draw `index` for process `rank` of `world_size`."""
         j = index * world_size + rank
         forget = [self.forget[i] for i in self._forget_stream.batch(j)]
         mismatch = []
         if self.mismatch_per_prompt:
-            picks = np.random.default_rng([self.seed, _MISMATCH_STREAM, j]).integers(
-                len(self.pool), size=(len(forget), self.mismatch_per_prompt))
+            rng = np.random.default_rng([self.seed, _MISMATCH_STREAM, j])
+            repeats = self.mismatch_per_prompt > len(self.pool)
+            picks = [rng.choice(len(self.pool), size=self.mismatch_per_prompt, replace=repeats) for _ in forget]
             for example, row in zip(forget, picks):
                 for p in row:
                     mixed = example.with_answer(self.pool[int(p)], f"{example.source} + pool answer {int(p)}")

@@ -26,9 +26,9 @@ import torch
 
 from fastalign.unlearn.checkpoint import (atomic_directory, latest_checkpoint, read_checkpoint,
                                           remove_stale_temporaries, write_checkpoint, write_text_atomic)
-from fastalign.unlearn.compute import ComputeTotals, ModelShape, batch_compute
+from fastalign.unlearn.compute import ComputeTotals, ModelShape, batch_compute, decoder_matmul_weights
 from fastalign.unlearn.config import UnlearnConfig
-from fastalign.unlearn.models import causal_lm_parts, enable_activation_checkpointing
+from fastalign.unlearn.models import causal_lm_parts, enable_activation_checkpointing, max_positions
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
 from fastalign.unlearn.sharding import (full_model_state, load_optimizer_state, load_trainable_state,
@@ -107,6 +107,7 @@ class UnlearningTrainer:
         if not config.output_dir:
             raise ValueError("config.output_dir must name the directory for checkpoints, logs and the model")
         causal_lm_parts(model)
+        streams.check_context(max_positions(model))
         for name, p in model.named_parameters():
             if not bool(torch.isfinite(p).all()):
                 raise ValueError(f"model parameter {name} holds NaN or infinite values")
@@ -156,7 +157,6 @@ class UnlearningTrainer:
         if acc.is_main_process:
             os.makedirs(out, exist_ok=True)
             remove_stale_temporaries(out)
-            write_text_atomic(os.path.join(out, "config.json"), json.dumps(config.to_dict(), indent=1))
 
         objective, optimizer = self._prepare_objective()
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -164,9 +164,11 @@ class UnlearningTrainer:
         step, totals = 0, ComputeTotals()
         if resume_from:
             step, totals = self._load(resume_from, objective, optimizer, scheduler)
+        if acc.is_main_process:  # only now: a refused resume must leave the interrupted run's config.json
+            write_text_atomic(os.path.join(out, "config.json"), json.dumps(config.to_dict(), indent=1))
 
         lm_head_trains = causal_lm_parts(self.model)[1].weight.requires_grad
-        decoder_trains = all(p.requires_grad for p in causal_lm_parts(self.model)[0].parameters())
+        decoder_trains = all(p.requires_grad for p in decoder_matmul_weights(self.model))
         progress = _progress_bar(config, acc.is_main_process, step)
         stop_reason, record = "max_steps", None
         while step < config.max_steps:
@@ -187,7 +189,7 @@ class UnlearningTrainer:
                 compute.add(batch_compute(self.shape, batch, decoder_trains=decoder_trains,
                                           lm_head_trains=lm_head_trains, checkpointing=config.gradient_checkpointing,
                                           reference_forward=config.reference_mode != "cached"))
-            lr = scheduler.get_last_lr()[0]
+            lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -202,8 +204,9 @@ class UnlearningTrainer:
             totals.add(step_totals)
             record = StepRecord(step, total, -forget, mismatch, normal, lr, step_totals.tokens, step_totals.flops,
                                 seconds)
-            self._report(record, progress)
-            if config.max_forget_nll is not None and record.forget_nll > config.max_forget_nll:
+            early_stop = config.max_forget_nll is not None and record.forget_nll > config.max_forget_nll
+            self._report(record, progress, last=early_stop)
+            if early_stop:
                 stop_reason = f"forget NLL {record.forget_nll:.4g} > max_forget_nll {config.max_forget_nll:g}"
                 break
             if config.save_every and step % config.save_every == 0 and step < config.max_steps:
@@ -262,6 +265,11 @@ class UnlearningTrainer:
 
     def _load(self, path, objective, optimizer, scheduler) -> tuple[int, ComputeTotals]:
         state, rank_state = read_checkpoint(path, self.accelerator.process_index)
+        written_by = state.get("num_processes", self.accelerator.num_processes)  # unrecorded before 2026-11-30
+        if written_by != self.accelerator.num_processes:  # fewer processes find their rank files too
+            raise ValueError(f"cannot resume {path}: it was written by {written_by} process(es), this run "
+                             f"has {self.accelerator.num_processes}; the rows each process draws and the global batch "
+                             "depend on it: resume with the number of processes it was written with")
         changed = sorted(k for k, v in self.config.to_dict().items()
                          if k not in _RESUMABLE_CHANGES and state["config"].get(k) != v)
         if changed:
@@ -272,6 +280,9 @@ class UnlearningTrainer:
         load_trainable_state(objective, state["trainable"])
         load_optimizer_state(objective, _torch_optimizer(optimizer), state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        # the checkpoint's lr follows its own max_steps; this run's (a resume may change it) rules from here on
+        for group, base_lr, lr_lambda in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * lr_lambda(scheduler.last_epoch)
         _set_rng_state(rank_state)
         if self.accelerator.is_main_process:
             _truncate_log(os.path.join(self.config.output_dir, "log.jsonl"), state["step"])
@@ -279,7 +290,8 @@ class UnlearningTrainer:
 
     def _save_checkpoint(self, step, totals, objective, optimizer, scheduler):
         acc = self.accelerator
-        state = {"step": step, "config": self.config.to_dict(), "compute": totals.to_dict(),
+        state = {"step": step, "num_processes": acc.num_processes, "config": self.config.to_dict(),
+                 "compute": totals.to_dict(),
                  "trainable": trainable_state(objective),
                  "optimizer": optimizer_state(objective, _torch_optimizer(optimizer)),
                  "scheduler": scheduler.state_dict()}
@@ -287,13 +299,14 @@ class UnlearningTrainer:
                          is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
                          keep=self.config.keep_checkpoints)
 
-    def _report(self, record: StepRecord, progress) -> None:
+    def _report(self, record: StepRecord, progress, last: bool) -> None:
+        """Progress bar, log line (every log_every steps and at the last step, early stop included), callback."""
         if not self.accelerator.is_main_process:
             return
         progress.update(1)
         progress.set_postfix(fgt_nll=f"{record.forget_nll:.3f}", rdn=f"{record.mismatch_nll:.3f}",
                              kl=f"{record.normal_kl:.4f}", refresh=False)
-        if record.step % self.config.log_every == 0 or record.step == self.config.max_steps:
+        if record.step % self.config.log_every == 0 or record.step == self.config.max_steps or last:
             with open(os.path.join(self.config.output_dir, "log.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps(asdict(record)) + "\n")
         if self.step_callback is not None:

@@ -81,6 +81,29 @@ def test_errors_name_the_problem_and_write_nothing(workspace, capsys):
     assert "unknown setting(s) ['max_step']" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("check", [["--check"], []])
+def test_rows_longer_than_the_model_context_are_an_error(workspace, capsys, check):
+    config_file = workspace / "model" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "max_position_embeddings": 16}))
+    code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
+                 "--no-progress"] + check)
+    assert code == 2
+    assert re.search(r"more than the model's context \(max_position_embeddings=16\); set max_length to at most 16",
+                     capsys.readouterr().err)
+    assert not os.path.exists(workspace / "out")
+
+
+@pytest.mark.parametrize("check", [["--check"], []])
+def test_a_model_the_fused_losses_cannot_serve_is_an_error_without_traceback(workspace, capsys, check):
+    config_file = workspace / "model" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "final_logit_softcapping": 30.0}))
+    code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
+                 "--no-progress"] + check)
+    assert code == 2
+    assert "transforms its logits (final_logit_softcapping=30.0)" in capsys.readouterr().err
+    assert not os.path.exists(workspace / "out")
+
+
 def test_skip_long_prompts_counts_what_it_skips(workspace, capsys):
     """At 18 tokens the first PKU prompt (19 tokens with BOS) leaves no room for its answer; the other does."""
     base = ["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),

@@ -66,6 +66,15 @@ def test_hh_turns_are_stripped_of_surrounding_whitespace():
     assert hh_final_exchange("\n\nHuman:  how?  \n\nAssistant: Like this. \n") == ("how?", "Like this.")
 
 
+def test_hh_transcript_stored_without_its_leading_blank_line():
+    """Copies of HH that strip each transcript lose the "\n\n" before the first Human turn."""
+    assert hh_final_exchange("Human: how?\n\nAssistant: Like this.") == ("how?", "Like this.")
+    assert hh_final_exchange("Human: a\n\nAssistant: b\n\nHuman: how?\n\nAssistant: Like this.") == \
+        ("how?", "Like this.")
+    with pytest.raises(ValueError, match="does not end with an Assistant turn"):
+        hh_final_exchange("Human: how?")
+
+
 def test_hh_is_detected_by_its_rejected_field_alone(tmp_path):
     path = write_jsonl(tmp_path / "hh.jsonl", [{"rejected": "\n\nHuman: q\n\nAssistant: a"}])
     assert detect_jsonl_format(path) == "hh"

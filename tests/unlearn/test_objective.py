@@ -73,6 +73,27 @@ def test_terms_and_gradients_match_per_sequence_spec(mode):
             torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)
 
 
+def test_adapter_reference_is_the_original_model_without_dropout():
+    """The policy trains in train mode; its adapter-off reference must still be the deterministic original model."""
+    peft = pytest.importorskip("peft")
+    tokenizer = byte_bpe_tokenizer()
+    model = tiny_llama(len(tokenizer))
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    original = FrozenCopyReference(model)
+    policy = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    policy.train()
+    batch = tiny_streams(tokenizer).batch(0)
+    first = batch.num_forget + batch.num_mismatch
+    normal = batch.tokens.rows(first, first + batch.num_normal)
+    expected, _ = original(normal, batch.normal_index, None)
+    reference = AdapterDisabledReference(policy)
+    for _ in range(2):
+        hidden, _ = reference(normal, batch.normal_index, None)
+        torch.testing.assert_close(hidden, expected)
+    assert all(module.training for module in policy.modules())
+
+
 def test_one_policy_forward_per_step():
     model, streams, reference, _ = setup("copy")
     calls = []

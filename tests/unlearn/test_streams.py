@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from fastalign.unlearn.encoding import EncodedExample
+from fastalign.unlearn.records import DataError
 from fastalign.unlearn.streams import UnlearningStreams
 
 
@@ -49,6 +50,35 @@ def test_mismatch_rows_respect_max_length():
         assert all(len(e.input_ids) <= 10 and e.answer_end <= 10 and e.num_answer_targets >= 1 for e in mismatch)
         long_drawn |= any(50 in e.input_ids for e in mismatch)
     assert long_drawn
+
+
+def test_check_context_bounds_every_row_a_batch_can_hold():
+    """The longest row may be a mismatch row (a forget prompt around a long pool answer), cut to max_length."""
+    streams = make(mismatch_pool=[(7,) * 6], max_length=64)
+    widest = max(streams.batch(i).tokens.input_ids.shape[1] for i in range(10))
+    assert widest == 12
+    streams.check_context(12)
+    streams.check_context(None)
+    with pytest.raises(DataError, match=r"forget \d with the longest mismatch pool answer: 12 tokens, more than "
+                                         r"the model's context \(max_position_embeddings=11\); set max_length to "
+                                         r"at most 11"):
+        streams.check_context(11)
+    make(mismatch_pool=[(7,) * 6], max_length=10).check_context(10)
+    with pytest.raises(DataError, match=r"forget 5: 9 tokens"):
+        make(mismatch_per_prompt=0, normal=None).check_context(8)
+
+
+def test_each_prompt_gets_k_different_pool_answers():
+    """K of 5 pool answers per prompt: drawn with replacement, all 5 would differ only 4% of the time."""
+    pool = [(50 + k,) for k in range(5)]
+    for k in (3, 5):
+        streams = make(mismatch_pool=pool, mismatch_per_prompt=k)
+        for index in range(10):
+            batch = streams.batch(index)
+            mismatch = batch.examples[batch.num_forget:batch.num_forget + batch.num_mismatch]
+            for prompt in range(batch.num_forget):
+                answers = {e.input_ids[e.answer_start] for e in mismatch[prompt * k:(prompt + 1) * k]}
+                assert len(answers) == k
 
 
 def test_layout_counts_and_mismatch_rows():

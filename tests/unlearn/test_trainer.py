@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from fastalign.unlearn import checkpoint
+from fastalign.unlearn.compute import batch_compute
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.reference.unlearning_loss import spec_unlearning_terms
 from fastalign.unlearn.trainer import UnlearningTrainer
@@ -55,6 +56,7 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, settings):
         run(tmp_path, "killed", save_every=2, **settings)
     with pytest.raises(ValueError, match=r"setting\(s\) \['lr'\] differ"):
         run(tmp_path, "killed", save_every=2, resume=True, **{**settings, "lr": 2e-3})
+    assert json.loads((tmp_path / "killed" / "config.json").read_text())["lr"] == settings.get("lr", 1e-3)
     resumed, resumed_summary = run(tmp_path, "killed", save_every=2, resume=True, **settings)
 
     assert summary.steps == resumed_summary.steps == 5
@@ -63,6 +65,38 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, settings):
     assert log_lines(tmp_path / "whole") == log_lines(tmp_path / "killed")
     assert [r["step"] for r in log_lines(tmp_path / "killed")] == [1, 2, 3, 4, 5]
     assert summary.compute["flops"] == resumed_summary.compute["flops"]
+
+
+def test_resume_with_more_max_steps_follows_the_new_schedule_from_the_first_resumed_step(tmp_path):
+    """max_steps may change on resume: the linear schedule of the new max_steps applies at once (the optimizer
+    held the old schedule's lr for the step it stopped at)."""
+    def kill_after_step_3(record):
+        if record.step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(tmp_path, max_steps=4, save_every=2, callback=kill_after_step_3)
+    run(tmp_path, max_steps=8, save_every=2, resume=True)
+    lrs = [r["lr"] for r in log_lines(tmp_path / "run")]
+    assert len(lrs) == 8
+    assert lrs[:2] == pytest.approx([1e-3, 1e-3 * (1 - 1 / 4)], rel=1e-12)
+    assert lrs[2:] == pytest.approx([1e-3 * (1 - s / 8) for s in range(2, 8)], rel=1e-12)
+
+
+def test_resume_with_another_number_of_processes_is_refused(tmp_path):
+    """Fewer processes than wrote a checkpoint still find their rank files: the count itself must be checked."""
+    def kill_after_step_2(record):
+        if record.step == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(tmp_path, save_every=1, callback=kill_after_step_2)
+    state_file = tmp_path / "run" / "checkpoints" / "step-000001" / "state.pt"
+    state = torch.load(state_file, weights_only=False)
+    assert state["num_processes"] == 1
+    torch.save({**state, "num_processes": 2}, state_file)  # as if two processes had written it
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\), this run has 1"):
+        run(tmp_path, save_every=1, resume=True)
 
 
 def test_max_steps_schedule_compute_and_outputs(tmp_path):
@@ -89,6 +123,13 @@ def test_early_stop_once_forget_nll_passes_threshold(tmp_path):
     assert 2 <= summary.steps == len(lines) < 50
     assert lines[-1]["forget_nll"] > 6.5 and all(r["forget_nll"] <= 6.5 for r in lines[:-1])
     assert summary.stop_reason.startswith("forget NLL")
+
+
+def test_early_stop_step_is_logged_whatever_log_every(tmp_path):
+    _, summary = run(tmp_path, max_steps=50, max_forget_nll=6.5, forget_weight=20.0, lr=1e-2, grad_accum=1,
+                     log_every=100)
+    assert summary.stop_reason.startswith("forget NLL")
+    assert [r["step"] for r in log_lines(tmp_path / "run")] == [summary.steps]
 
 
 def test_early_stop_needs_the_forget_nll_to_exceed_the_threshold(tmp_path):
@@ -119,6 +160,21 @@ def test_cached_reference_freezes_the_head(tmp_path):
     assert not torch.equal(up_proj, original.model.layers[0].mlp.up_proj.weight)
     assert summary.last.normal_kl > 0
     assert summary.compute["reference_tokens"] == 0
+
+
+def test_cached_reference_with_tied_embeddings_counts_the_full_backward(tmp_path):
+    """A tied lm_head freezes the input embeddings with it, yet every decoder matmul weight still trains."""
+    tokenizer = byte_bpe_tokenizer()
+    config = tiny_llama(len(tokenizer)).config
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    trainer, summary = run(tmp_path, model=model, max_steps=1, grad_accum=1, reference="cached")
+    assert not model.model.embed_tokens.weight.requires_grad
+    expected = batch_compute(trainer.shape, tiny_streams(tokenizer).batch(0), decoder_trains=True,
+                             lm_head_trains=False, checkpointing=False, reference_forward=False)
+    assert summary.compute["flops"] == expected.flops
 
 
 @pytest.mark.parametrize("settings", [{"precision": "bf16-mixed"}, {"precision": "bf16"},
@@ -163,6 +219,30 @@ def test_bad_models_and_settings(tmp_path):
     assert not os.path.exists(tmp_path / "run")
     counts = UnlearnConfig(output_dir=str(tmp_path), max_steps=np.int64(3), normal_batch_size=np.int32(2))
     assert (counts.max_steps, counts.normal_batch_size) == (3, 2) and type(counts.max_steps) is int
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["lm_head"]])
+def test_lora_on_the_lm_head_is_refused_before_any_output(tmp_path, targets):
+    """The fused losses read lm_head.weight: an adapter there would silently never act nor train."""
+    pytest.importorskip("peft")
+    with pytest.raises(ValueError, match="the lm_head carries a PEFT adapter.*leave the lm_head out of lora_targets"):
+        run(tmp_path, lora=True, lora_rank=4, lora_targets=targets)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_rows_longer_than_the_model_context_are_refused_up_front(tmp_path):
+    """OPT's learned positions would fail with an IndexError at the first long batch, naming nothing."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from fastalign.unlearn.records import DataError
+
+    model = OPTForCausalLM(OPTConfig(vocab_size=len(byte_bpe_tokenizer()), hidden_size=32, ffn_dim=64,
+                                     num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
+                                     max_position_embeddings=16))
+    with pytest.raises(DataError, match=r"forget:row \d.*more than the model's context \(max_position_embeddings=16\); "
+                                        r"set max_length to at most 16"):
+        run(tmp_path, model=model)
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_lora_under_fsdp_is_refused(tmp_path):
