@@ -70,7 +70,11 @@ def format_table(result: DemoResult) -> str:
 
 
 def run(args) -> int:
-    """Handler of `fastalign demo`."""
+    """Handler of `fastalign demo`: 0, or 2 when --model-dir holds no trained demo model."""
+    if not (Path(args.model_dir) / "config.json").is_file():
+        print(f"fastalign demo: error: --model-dir: no trained demo model in {str(args.model_dir)!r} "
+              "(`python -m fastalign.demo.train --out DIR` writes one)", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()  # loading/saving bars of a 4 MB model are noise next to the phases
     settings = DemoSettings(**{f.name: getattr(args, f.name) for f in fields(DemoSettings)})

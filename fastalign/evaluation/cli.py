@@ -1,11 +1,11 @@
 """`fastalign eval`: harmful rate of a model on a prompt file, optionally utility against a reference.
 
-Records {"index", "prompt", "answer", "harmful"} are written to the output jsonl (a new run replaces it)
-batch by batch and flushed, so whatever was judged before a failure (a judge that raises, an interrupt)
-stays on disk. Inputs are checked before any generation: a missing model, an unreadable prompt file or a
-prompt too long for the model's context stops the command with a message naming the argument. The summary
-(harmful rate, and with --reference the unchanged share and mean token KL on --normal-prompts) is printed
-as JSON and written to <output>.summary.json.
+Records {"index", "prompt", "answer", "harmful"} are written to the output jsonl (a new run replaces it;
+missing directories are created) batch by batch and flushed, so whatever was judged before a failure (a
+judge that raises, an interrupt) stays on disk. Inputs are checked before any generation: a missing model,
+an unreadable prompt file or a prompt too long for the model's context stops the command with a message
+naming the argument. The summary (harmful rate, and with --reference the unchanged share and mean token KL
+on --normal-prompts) is printed as JSON and written to <output>.summary.json.
 """
 import argparse
 import importlib
@@ -139,6 +139,7 @@ def evaluate(args) -> dict:
             raise UsageError(f"{argument}: {exc}") from None
 
     harmful = total = 0
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as out:
         for records in iter_judged(model, tokenizer, prompts, judge, config):
             for record in records:

@@ -2,12 +2,13 @@
 
 A batch is left-padded so that every row's last prompt token sits in the last column; position ids count
 only real tokens, so a row computes the same thing as it would alone. Each step feeds one new token per row
-on top of the cache. A row stops at the end-of-sequence token, at `max_new_tokens`, or as soon as its text
-contains one of `stop_strings` (the answer is cut before it). Greedy decoding picks the arg-max; sampling
-draws from softmax(logits / temperature), optionally restricted to the top k, with a seeded generator.
+on top of the cache. A row stops at an end-of-sequence token (the tokenizer's, or any the model's generation
+config lists, as `model.generate` does), at `max_new_tokens`, or as soon as its text contains one of
+`stop_strings` (the answer is cut before it). Greedy decoding picks the arg-max; sampling draws from
+softmax(logits / temperature), optionally restricted to the top k, with a seeded generator.
 """
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -54,11 +55,20 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_new_tokens: int, model
     return ids
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
+    """The id that fills padded positions (masked out): the pad token, else end-of-sequence, else 0."""
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if token_id is not None:
             return token_id
     return 0
+
+
+def eos_ids(model, tokenizer) -> Set[int]:
+    """The tokens that end an answer: the tokenizer's end of sequence and every one the model's generation
+    config lists (e.g. Gemma's end-of-turn token beside its `<eos>`)."""
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, *(listed if isinstance(listed, (list, tuple)) else [listed])}
+    return {i for i in ids if i is not None}
 
 
 def _next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator) -> torch.Tensor:
@@ -85,20 +95,20 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> Tuple[str, bool]:
 def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationConfig,
                     generator: torch.Generator) -> List[str]:
     device = next(model.parameters()).device
-    width, pad = max(len(r) for r in rows), _pad_id(tokenizer)
+    width, pad = max(len(r) for r in rows), pad_id(tokenizer)
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
     generated: List[List[int]] = [[] for _ in rows]
     done = [False] * len(rows)
-    eos = tokenizer.eos_token_id
+    eos = eos_ids(model, tokenizer)
     for step in range(config.max_new_tokens):
         next_ids = _next_tokens(out.logits[:, -1, :], config, generator)
         for i, token in enumerate(next_ids.tolist()):
             if done[i]:
                 continue
-            if token == eos:
+            if token in eos:
                 done[i] = True
                 continue
             generated[i].append(token)

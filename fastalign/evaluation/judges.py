@@ -5,7 +5,8 @@ so any function fits. Shipped here:
 - `KeywordJudge`: harmful iff the answer contains one of the given words or phrases (whole-word match,
   case-insensitive): a cheap rule for models whose harmful outputs have known markers;
 - `ModerationJudge`: wraps a moderation classifier the user supplies (any Hugging Face sequence-classification
-  model and its tokenizer): harmful iff the probability of its harmful label reaches a threshold;
+  model and its tokenizer, single- or multi-label): harmful iff the probability of its harmful label reaches a
+  threshold;
 - the demo world's exact judge is `World.judge` (fastalign.demo.world).
 `check_verdicts` validates what a judge returned, so that a faulty judge fails loudly, never silently.
 """
@@ -42,7 +43,10 @@ class KeywordJudge:
         if not keywords:
             raise ValueError("KeywordJudge needs at least one non-empty keyword")
         self.keywords = keywords
-        self._pattern = re.compile(r"\b(?:" + "|".join(re.escape(k) for k in keywords) + r")\b", re.IGNORECASE)
+        # not next to a word character: unlike \b, this also holds for a keyword that starts or ends in one
+        # that is none ("c++", "$100", "step 1:")
+        self._pattern = re.compile(r"(?<!\w)(?:" + "|".join(re.escape(k) for k in keywords) + r")(?!\w)",
+                                   re.IGNORECASE)
 
     def __call__(self, pairs: Sequence[Pair]) -> List[bool]:
         return [self._pattern.search(answer) is not None for _, answer in pairs]
@@ -52,14 +56,17 @@ class ModerationJudge:
     """A user-supplied sequence classifier as a judge.
 
     The classifier reads `template.format(prompt=..., answer=...)` (default: the answer alone); a pair is
-    harmful iff softmax probability of label `harmful_label` (an index or a name from the model's
-    `id2label`) is at least `threshold`.
+    harmful iff the probability of label `harmful_label` (an index or a name from the model's `id2label`)
+    is at least `threshold`. That probability is the softmax over the labels, or the label's own sigmoid
+    for a classifier trained so (config `problem_type` "multi_label_classification", or a single logit).
     """
 
     def __init__(self, model, tokenizer, harmful_label: Union[int, str] = 1, threshold: float = 0.5,
                  template: str = "{answer}", batch_size: int = 16, max_length: int = 512):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.label = self._label_index(model, harmful_label)
+        self.sigmoid = (getattr(model.config, "problem_type", None) == "multi_label_classification"
+                        or getattr(model.config, "num_labels", 2) == 1)
         self.threshold, self.template = threshold, template
         self.batch_size, self.max_length = batch_size, max_length
 
@@ -92,7 +99,9 @@ class ModerationJudge:
             texts = [self.template.format(prompt=p, answer=a) for p, a in pairs[start:start + self.batch_size]]
             enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                                  return_tensors="pt").to(device)
-            out += torch.softmax(self.model(**enc).logits.float(), -1)[:, self.label].tolist()
+            logits = self.model(**enc).logits.float()
+            probs = logits.sigmoid() if self.sigmoid else torch.softmax(logits, -1)
+            out += probs[:, self.label].tolist()
         return out
 
     def __call__(self, pairs: Sequence[Pair]) -> List[bool]:

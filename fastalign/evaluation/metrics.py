@@ -9,6 +9,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from .generation import pad_id
 from .judges import Judge, Pair, check_verdicts
 
 
@@ -32,13 +33,17 @@ def _answer_token_masks(tokenizer, pairs: Sequence[Pair]):
     """Right-padded ids, attention mask, and a mask of the tokens that start inside the answer text."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("mean_token_kl needs a fast tokenizer (offset mappings locate the answer tokens)")
-    texts = [prompt + answer for prompt, answer in pairs]
-    enc = tokenizer(texts, padding=True, return_offsets_mapping=True, return_tensors="pt",
-                    padding_side="right")
-    starts, ends = enc["offset_mapping"].unbind(-1)
+    enc = tokenizer([prompt + answer for prompt, answer in pairs], return_offsets_mapping=True)
+    width = max(len(row) for row in enc["input_ids"])
+
+    def pad(rows, value):  # by hand: a tokenizer without a pad token (Llama's, GPT-2's) cannot pad
+        return torch.tensor([list(row) + [value] * (width - len(row)) for row in rows])
+
+    ids, mask = pad(enc["input_ids"], pad_id(tokenizer)), pad([[1] * len(row) for row in enc["input_ids"]], 0)
+    starts, ends = pad(enc["offset_mapping"], (0, 0)).unbind(-1)
     prompt_lengths = torch.tensor([len(prompt) for prompt, _ in pairs])[:, None]
-    answer = (starts >= prompt_lengths) & (ends > starts) & enc["attention_mask"].bool()
-    return enc["input_ids"], enc["attention_mask"], answer
+    answer = (starts >= prompt_lengths) & (ends > starts) & mask.bool()
+    return ids, mask, answer
 
 
 @torch.no_grad()

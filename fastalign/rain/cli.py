@@ -24,7 +24,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("rain", help="RAIN: the model searches, judges and rewinds its own answers",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompts", help="a .jsonl file (field --field) or a .txt file (one prompt per line)")
+    source.add_argument("--prompts", help="a .jsonl(.gz) file (field --field) or a text file (one prompt per "
+                                          "line, \\n for a newline)")
     source.add_argument("--hh", help="path of HH-RLHF harmless-base jsonl(.gz): its first Human turns are the prompts")
     parser.add_argument("--field", default="prompt")
     parser.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all)")
@@ -64,11 +65,12 @@ def hh_prompts(path: str):
 
 
 def file_prompts(path: str, field: str):
-    if path.endswith(".jsonl"):
+    """The prompts of a .jsonl(.gz) file (field `field`) or a text file; ValueError naming the line if bad."""
+    if path.endswith((".jsonl", ".jsonl.gz")):
         out = []
         for line_no, record in read_jsonl(path):
-            if field not in record:
-                raise ValueError(f"{path}: line {line_no}: no field {field!r}")
+            if not isinstance(record.get(field), str):
+                raise ValueError(f"{path}: line {line_no}: expected field {field!r} holding a string")
             out.append(record[field])
         return out
     with open(path, encoding="utf-8") as f:
@@ -89,7 +91,7 @@ def run(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import JudgePrompt, RainConfig, RainStats, rain_generate
-    from .distributed import done_indices, gather, join_from_env, leave, merge_rank_files
+    from .distributed import done_indices, gather, join_from_env, leave, merge_rank_files, open_for_append
 
     if not os.path.isdir(args.model):
         print(f"--model: no model directory at {args.model!r}", file=sys.stderr)
@@ -98,7 +100,11 @@ def run(args) -> int:
     if not os.path.isfile(source):
         print(f"{'--hh' if args.hh else '--prompts'}: no file at {source!r}", file=sys.stderr)
         return 2
-    prompts = hh_prompts(args.hh) if args.hh else file_prompts(args.prompts, args.field)
+    try:
+        prompts = hh_prompts(args.hh) if args.hh else file_prompts(args.prompts, args.field)
+    except ValueError as exc:  # DataError included: malformed JSON, unreadable file
+        print(f"{'--hh' if args.hh else '--prompts'}: {exc}", file=sys.stderr)
+        return 2
     if args.limit:
         prompts = prompts[:args.limit]
     judge = JudgePrompt(labels=tuple(args.labels.split(",")), use_chat_template=args.chat_template)
@@ -120,7 +126,7 @@ def run(args) -> int:
         todo = placement.share(i for i in range(len(prompts)) if i not in done)
         progress = _progress(len(todo), placement.rank)
 
-        with open(placement.output(args.output), "a", encoding="utf-8") as out:
+        with open_for_append(placement.output(args.output)) as out:
             def write(result):
                 index = todo[result.index]
                 vanilla = None

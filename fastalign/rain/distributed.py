@@ -5,7 +5,8 @@ CPU), takes every WORLD_SIZE-th prompt (prompt i goes to rank i % WORLD_SIZE) an
 its own file <output>.rank<RANK> as each prompt finishes. At the end the ranks meet at a barrier and rank
 0 merges every rank file into <output> (in prompt order, skipping records already there) and removes
 them. A killed run resumes with any number of processes: prompts recorded in <output> or in any rank file
-are skipped, and the next merge collects the leftovers.
+are skipped, and the next merge collects the leftovers. A record a kill cut short (a file's last line, without
+its newline) counts as not written, and is cut off before the next record is appended.
 """
 import glob
 import json
@@ -56,10 +57,24 @@ def leave(placement: Placement):
 
 
 def _records(path: str):
+    """The records of `path`; a last line without its newline (a write a kill cut short) is not one."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    return [json.loads(line) for line in lines[:-1] if line.strip()]
+
+
+def open_for_append(path: str):
+    """Opens `path` to append records after cutting off a torn last line, so that the next record starts
+    on a line of its own; creates missing parent directories."""
+    if os.path.exists(path):
+        with open(path, "rb+") as f:
+            complete = f.read().rfind(b"\n") + 1
+            f.truncate(complete)
+    else:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return open(path, "a", encoding="utf-8")
 
 
 def _rank_files(path: str) -> List[str]:
@@ -94,7 +109,7 @@ def merge_rank_files(placement: Placement, path: str):
             for record in _records(p):
                 if record["index"] not in have:
                     fresh[record["index"]] = record
-        with open(path, "a", encoding="utf-8") as out:
+        with open_for_append(path) as out:
             for index in sorted(fresh):
                 out.write(json.dumps(fresh[index]) + "\n")
         for p in files:

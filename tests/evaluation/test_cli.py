@@ -131,3 +131,11 @@ def test_eval_rerun_replaces_the_output(world, model_dir, tmp_path):
     args = ("--model", model_dir, "--prompts", prompts, "--output", out, "--max-new-tokens", 3)
     assert run(*args) == 0 and run(*args) == 0
     assert [r["index"] for r in records(out)] == [0, 1, 2]
+
+
+def test_eval_creates_the_output_directory(world, model_dir, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", [qa.question for qa in world.harmful[:2]])
+    out = tmp_path / "results" / "run1" / "out.jsonl"
+    assert run("--model", model_dir, "--prompts", prompts, "--output", out, "--max-new-tokens", 3) == 0
+    assert [r["index"] for r in records(out)] == [0, 1]
+    assert json.load(open(str(out) + ".summary.json"))["num_prompts"] == 2

@@ -86,6 +86,25 @@ def test_generation_stops_at_eos_like_the_slow_reference(world, tokenizer, model
     assert any(len(b) < len(f) for b, f in zip(batched, free))  # EOS did end some answers early
 
 
+def test_generation_stops_at_every_eos_of_the_generation_config(world, tokenizer, model):
+    """A model whose generation config lists a second end-of-sequence token (Gemma's end of turn) ends its
+    answers there, as `model.generate` does."""
+    prompts = prompts_of(world)
+    config = GenerationConfig(max_new_tokens=12, batch_size=4)
+    ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in generate(model, tokenizer, prompts, config)]
+    token = collections.Counter(t for row in ids for t in row[1:]).most_common(1)[0][0]
+    turn_model = copy.deepcopy(model)
+    turn_model.generation_config.eos_token_id = [tokenizer.eos_token_id, token]
+    expected = []
+    for prompt in prompts:
+        prompt_ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        out = turn_model.generate(prompt_ids, max_new_tokens=12, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id)[0, prompt_ids.shape[1]:].tolist()
+        expected.append(tokenizer.decode([t for t in out if t not in (token, tokenizer.eos_token_id)]))
+    assert generate(turn_model, tokenizer, prompts, config) == expected
+    assert sum(map(len, expected)) < sum(len(tokenizer.decode(row)) for row in ids)  # the token ended answers
+
+
 def test_top_k_one_sampling_is_greedy(world, tokenizer, model):
     """Sampling from the top 1 token, at any temperature, is greedy decoding."""
     prompts = prompts_of(world)

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -81,6 +83,17 @@ def test_mean_token_kl_matches_slow_reference(world, tokenizer, model):
     assert fast == pytest.approx(slow_mean_token_kl(other, model, tokenizer, pairs), rel=1e-5)
     assert fast > 0
     assert mean_token_kl(model, model, tokenizer, pairs) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_mean_token_kl_with_a_tokenizer_without_pad_token(world, tokenizer, model):
+    """Llama's and GPT-2's tokenizers have no pad token: pairs of different lengths are still padded."""
+    other = tiny_llama(tokenizer, seed=2)
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    pairs = [(spec_prompt(qa.question), " " + qa.answer) for qa in world.normal[:4]]
+    assert len({len(tokenizer(p + a)["input_ids"]) for p, a in pairs}) > 1
+    assert mean_token_kl(other, model, no_pad, pairs) == pytest.approx(mean_token_kl(other, model, tokenizer, pairs),
+                                                                       rel=1e-6)
 
 
 def test_mean_token_kl_without_answer_tokens_is_an_error(tokenizer, model):

@@ -103,3 +103,31 @@ def test_rain_vanilla_answer_uses_the_generation_prefix(rain_setup, tmp_path):
     without = [greedy_answer(model, tok, r["prompt"], 3, "Human:") for r in rows]
     assert with_prefix != without                       # the prefix matters for this model
     assert [r["vanilla"] for r in rows] == with_prefix
+
+
+def test_rain_resumes_after_a_kill_tore_the_last_record(rain_setup, tmp_path):
+    """A kill mid-write leaves a last line without its newline: the next run reads the records before it,
+    searches the torn prompt again and writes its record on a line of its own; the output's directory is
+    created when missing."""
+    _, _, args = rain_setup
+    out = tmp_path / "new" / "dir" / "out.jsonl"
+    args = [str(out) if a.endswith("out.jsonl") else a for a in args]
+    assert main(args) == 0
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text(lines[0] + lines[1][:25])
+    assert main(args) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["index"] for r in records) == [0, 1] and records[0] == json.loads(lines[0])
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "Human: Hi\\nAssistant:"}\n{"prompt": \n', "row 2: not valid JSON"),
+    ('{"prompt": "Human: Hi\\nAssistant:"}\n{"prompt": 3}\n', "line 2: expected field 'prompt' holding a string"),
+    ('{"text": "Human: Hi\\nAssistant:"}\n', "line 1: expected field 'prompt'"),
+])
+def test_rain_bad_prompts_file_is_a_usage_error_naming_the_line(rain_setup, tmp_path, capsys, content, message):
+    model_dir, out, _ = rain_setup
+    prompts = tmp_path / "bad.jsonl"
+    prompts.write_text(content)
+    assert main(["rain", "--model", str(model_dir), "--prompts", str(prompts), "--output", str(out)]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
