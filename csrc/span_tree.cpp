@@ -175,6 +175,33 @@ void SpanTree::finish(ForwardPlan& plan, const std::vector<std::vector<int32_t>>
     std::copy(tables[r].begin(), tables[r].end(), plan.block_table.begin() + r * width);
 }
 
+// Attaches each row's spans in order (the last one ends the row). On PoolExhausted the attempt is undone
+// and made once more: attach() chose copies against the fills it saw, and evicting a child that had
+// appended in place gives its parent's slots back, which can make a copy (and its block) needless. The
+// pool is exhausted only once every evictable span is gone, so the second attempt decides on final fills.
+ForwardPlan SpanTree::plan_rows(const std::vector<std::vector<int64_t>>& rows) {
+  for (int attempt = 0;; ++attempt) {
+    ForwardPlan plan;
+    plan.cu_q_lens.push_back(0);
+    std::vector<std::vector<int32_t>> tables;
+    try {
+      for (const auto& row : rows) {
+        for (int64_t id : row) attach(id, plan);
+        end_row(row.back(), plan, tables);
+      }
+    } catch (const PoolExhausted&) {
+      abandon(plan);
+      if (attempt == 0) continue;
+      throw;
+    } catch (...) {
+      abandon(plan);
+      throw;
+    }
+    finish(plan, tables);
+    return plan;
+  }
+}
+
 void SpanTree::abandon(const ForwardPlan& plan) {
   for (auto it = plan.spans.rbegin(); it != plan.spans.rend(); ++it) {
     Span& s = node(*it);
@@ -257,7 +284,7 @@ ForwardPlan SpanTree::plan_extend(const std::vector<int64_t>& parents, const int
   for (int64_t p : parents)
     if (p >= 0) parent_ids.push_back(p);
   lock(parent_ids);
-  ForwardPlan plan;
+  std::vector<int64_t> cut_spans;
   std::vector<std::vector<int64_t>> chains;  // per row: its cut spans, then its child
   for (size_t r = 0; r < rows; ++r) {
     std::vector<int64_t> chain;
@@ -266,30 +293,25 @@ ForwardPlan SpanTree::plan_extend(const std::vector<int64_t>& parents, const int
     for (int64_t k = cu_cuts ? cu_cuts[r] : 0; k < (cu_cuts ? cu_cuts[r + 1] : 0); ++k) {
       parent = add_node(parent, tokens + cu_lens[r] + begin, cuts[k] - begin);
       chain.push_back(parent);
-      plan.cut_spans.push_back(parent);
+      cut_spans.push_back(parent);
       begin = cuts[k];
     }
     chain.push_back(add_node(parent, tokens + cu_lens[r] + begin, n - begin));
     chains.push_back(std::move(chain));
   }
-  plan.cu_q_lens.push_back(0);
-  std::vector<std::vector<int32_t>> tables;
+  ForwardPlan plan;
   try {
-    for (const auto& chain : chains) {
-      for (int64_t id : chain) attach(id, plan);
-      end_row(chain.back(), plan, tables);
-    }
+    plan = plan_rows(chains);
   } catch (...) {
-    abandon(plan);
     for (auto chain = chains.rbegin(); chain != chains.rend(); ++chain)
       for (auto it = chain->rbegin(); it != chain->rend(); ++it) erase_node(*it);
     unlock(parent_ids);
     throw;
   }
+  plan.cut_spans = std::move(cut_spans);
   plan.creates_spans = true;
   unlock(parent_ids);
   for (int64_t p : parent_ids) touch(p);
-  finish(plan, tables);
   return plan;
 }
 
@@ -313,22 +335,16 @@ ForwardPlan SpanTree::plan_restore(const std::vector<int64_t>& targets) {
   std::vector<int64_t> locked_bases;
   for (int64_t b : bases)
     if (b >= 0) locked_bases.push_back(b);
+  for (auto& path : paths) std::reverse(path.begin(), path.end());  // rows run from the top down
   lock(locked_bases);
   ForwardPlan plan;
-  plan.cu_q_lens.push_back(0);
-  std::vector<std::vector<int32_t>> tables;
   try {
-    for (const auto& path : paths) {
-      for (auto it = path.rbegin(); it != path.rend(); ++it) attach(*it, plan);
-      end_row(path.front(), plan, tables);
-    }
+    plan = plan_rows(paths);
   } catch (...) {
-    abandon(plan);
     unlock(locked_bases);
     throw;
   }
   unlock(locked_bases);
-  finish(plan, tables);
   return plan;
 }
 

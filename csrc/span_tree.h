@@ -145,6 +145,7 @@ class SpanTree {
   void attach(int64_t id, ForwardPlan& plan);
   void end_row(int64_t id, ForwardPlan& plan, std::vector<std::vector<int32_t>>& tables);
   void finish(ForwardPlan& plan, const std::vector<std::vector<int32_t>>& tables) const;
+  ForwardPlan plan_rows(const std::vector<std::vector<int64_t>>& rows);
   int32_t take_block();
   void drop_kv(int64_t id);
   void erase_node(int64_t id);

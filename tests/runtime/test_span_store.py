@@ -107,6 +107,10 @@ class SpanTreeMachine(RuleBasedStateMachine):
         except (PoolExhaustedError, InjectedFailure) as err:
             event(type(err).__name__)
             assert set(self.tree.span_ids()) <= before, "a failed extend left new spans behind"
+            if isinstance(err, PoolExhaustedError):  # it evicted all it could: the same call cannot fit now
+                with pytest.raises(PoolExhaustedError):
+                    self.store.extend(np.array(parents, dtype=np.int64), tokens, cu, self.pool.run, flat_cuts,
+                                      cu_cuts)
             return
         assert rows == len(parents) and len(cut_spans) == len(flat_cuts)
         if len(flat_cuts):
@@ -377,6 +381,21 @@ def test_in_place_append_comes_back_after_eviction_release_and_failed_forward():
     pool.fail = False
     (late,) = grow(store, pool, [root], [[10]])
     assert tree.block_table(late).tolist() == table and tree.num_free_blocks == free
+
+
+def test_evicting_the_child_that_appended_in_place_spares_a_sibling_its_copy():
+    """The pool full, a second child of a span whose in-place child is evictable needs no block: evicting
+    that child gives the slots back. Deciding on a copy first, then evicting for its block, raised
+    PoolExhausted (after evicting the child anyway) for a call that fits."""
+    store, pool = fresh(2, 4)
+    tree = store.tree
+    (root,) = grow(store, pool, [-1], [[1, 2, 3, 4, 5, 6]])     # blocks 0 and 1 (2 of 4 slots): the whole pool
+    table = tree.block_table(root).tolist()
+    (first,) = grow(store, pool, [root], [[7]])                 # in place
+    (second,) = grow(store, pool, [root], [[8, 9]])             # evicts `first`, then in place
+    assert not tree.is_resident(first)
+    assert tree.block_table(second).tolist() == table and tree.num_free_blocks == 0
+    assert tree.tokens(second).tolist() == [1, 2, 3, 4, 5, 6, 8, 9]
 
 
 def test_eviction_takes_the_least_recently_used_span():
