@@ -4,7 +4,7 @@ The reference decodes the whole token state and checks its last character; decod
 gives the same last character at a fraction of the cost (the full text is decoded only when the tail
 decodes to nothing, e.g. special tokens).
 """
-from typing import Sequence
+from typing import AbstractSet, List, Sequence
 
 from .config import RainConfig
 
@@ -48,21 +48,21 @@ def judged_reply(tokenizer, config: RainConfig, state: Sequence[int], answer_sta
     return cut_at_turn(answer_text(tokenizer, state, answer_start), config.turn_marker)
 
 
-def judge_input(judge, tokenizer, config: RainConfig, ctx, state: Sequence[int], leaf_len: int):
+def judge_input(judge, tokenizer, end_ids: AbstractSet[int], config: RainConfig, ctx, state: Sequence[int],
+                leaf_len: int):
     """What the judge reads for `state` (the leaf's state of length `leaf_len`, then the rollout).
 
     Returns (reply text, base, ids): the judge input is judge.prefix_ids + head_ids + BASE + ids + suffix,
     where base "leaf" = the generated tokens down to the leaf and "head" = nothing. The judge reads the
-    model's own tokens (end-of-sequence dropped), so its inputs form a tree that mirrors the search tree.
-    A reply cut before a new user turn keeps the model's tokens that end before the cut; only the text
+    model's own tokens (its end tokens `end_ids` dropped), so its inputs form a tree that mirrors the search
+    tree. A reply cut before a new user turn keeps the model's tokens that end before the cut; only the text
     between the last of them and the cut is tokenized anew (base "leaf" when the cut lies in the rollout,
     "head" when it lies in the leaf's own tokens)."""
     answer_ids = list(state[ctx.answer_start:])
     answer = tokenizer.decode(answer_ids, skip_special_tokens=True)
     reply = cut_at_turn(answer, config.turn_marker)
-    eos = tokenizer.eos_token_id
     if reply == answer:
-        return reply, "leaf", [t for t in state[leaf_len:] if t != eos]
+        return reply, "leaf", judge_path_ids(state[leaf_len:], end_ids)
     kept = len(answer_ids)
     while kept and not reply.startswith(tokenizer.decode(answer_ids[:kept], skip_special_tokens=True)):
         kept -= 1
@@ -70,10 +70,10 @@ def judge_input(judge, tokenizer, config: RainConfig, ctx, state: Sequence[int],
     tail = judge.head_ids(rest) if rest else []
     path = leaf_len - ctx.answer_start
     if kept >= path:
-        return reply, "leaf", [t for t in answer_ids[path:kept] if t != eos] + tail
-    return reply, "head", [t for t in answer_ids[:kept] if t != eos] + tail
+        return reply, "leaf", judge_path_ids(answer_ids[path:kept], end_ids) + tail
+    return reply, "head", judge_path_ids(answer_ids[:kept], end_ids) + tail
 
 
-def judge_path_ids(tokenizer, tokens: Sequence[int]):
-    """A node's tokens as the judge reads them (end-of-sequence dropped)."""
-    return [t for t in tokens if t != tokenizer.eos_token_id]
+def judge_path_ids(tokens: Sequence[int], end_ids: AbstractSet[int]) -> List[int]:
+    """A node's tokens as the judge reads them (the end tokens `end_ids` dropped)."""
+    return [t for t in tokens if t not in end_ids]

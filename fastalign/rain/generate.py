@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
 
+from fastalign.evaluation.generation import eos_ids
+
 from .config import RainConfig
 from .dialogue import cut_at_turn
 from .embeddings import make_embedder
@@ -92,7 +94,9 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
 
     engine: "tree" (TreeRunner; pass `runner` to reuse one, else one with `runner_tokens` of KV is made)
     or "slow" (the batch-1 reference). embedding: "minilm", "hidden" or an embedder object. sampler:
-    "torch", "keyed" or a sampler object. `on_result` is called as each prompt finishes.
+    "torch", "keyed" or a sampler object. `on_result` is called as each prompt finishes. An answer ends at
+    the tokenizer's end of sequence or at any end token the model's generation config lists (as
+    `model.generate` does).
     """
     config = config.validate()
     if isinstance(prompts, str):    # would be searched character by character
@@ -100,6 +104,7 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     judge = JudgeTokens(tokenizer, judge_prompt)
+    end_ids = frozenset(eos_ids(model, tokenizer))
     embedder = make_embedder(embedding, "cpu") if isinstance(embedding, str) else embedding
     draw = make_sampler(sampler, config.seed) if isinstance(sampler, str) else sampler
     prefix_ids = list(tokenizer(generation_prefix)["input_ids"]) if generation_prefix else []
@@ -108,7 +113,7 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     required.add(shared, "shared_prefix", EMPTY_KEY, judge.prefix_ids)
     prefix_key = required.add(shared, "shared_prefix", EMPTY_KEY, prefix_ids)
     start = time.perf_counter()
-    runtime = _make_engine(engine, model, tokenizer, judge, config, draw, embedder.needs_hidden, ledger,
+    runtime = _make_engine(engine, model, tokenizer, end_ids, judge, config, draw, embedder.needs_hidden, ledger,
                            prefix_ids, runner, runner_tokens)
     context = _context(model)
     results = [RainResult(i, p if isinstance(p, str) else repr(p)) for i, p in enumerate(prompts)]
@@ -122,8 +127,8 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
                 on_result(results[i])
     try:
         runtime.prepare(queue)
-        _schedule(queue, runtime, embedder, tokenizer, judge, required, config, concurrency, results, on_result,
-                  ledger)
+        _schedule(queue, runtime, embedder, tokenizer, end_ids, judge, required, config, concurrency, results,
+                  on_result, ledger)
     finally:
         runtime.close()
     total = RainStats().add(shared)
@@ -137,17 +142,17 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     return RainRun(results, total, ledger, required)
 
 
-def _make_engine(kind, model, tokenizer, judge, config, sampler, want_hidden, ledger, prefix_ids, runner,
+def _make_engine(kind, model, tokenizer, end_ids, judge, config, sampler, want_hidden, ledger, prefix_ids, runner,
                  runner_tokens):
     if kind == "slow":
         from .slow import SlowEngine
-        return SlowEngine(model, tokenizer, judge, config, sampler, want_hidden, ledger)
+        return SlowEngine(model, tokenizer, end_ids, judge, config, sampler, want_hidden, ledger)
     if kind == "tree":
         from .tree_engine import TreeEngine
         if runner is None:
             from fastalign.runtime import TreeRunner
             runner = TreeRunner(model, max_tokens=runner_tokens)
-        return TreeEngine(runner, tokenizer, judge, config, sampler, want_hidden, ledger, prefix_ids)
+        return TreeEngine(runner, tokenizer, end_ids, judge, config, sampler, want_hidden, ledger, prefix_ids)
     raise ValueError(f"engine must be 'tree' or 'slow', got {kind!r}")
 
 
@@ -159,8 +164,8 @@ class _Active:
         self.started = time.perf_counter()
 
 
-def _schedule(queue: List[PromptContext], engine, embedder, tokenizer, judge, required, config, concurrency, results,
-              on_result, ledger):
+def _schedule(queue: List[PromptContext], engine, embedder, tokenizer, end_ids, judge, required, config, concurrency,
+              results, on_result, ledger):
     pending = list(queue)
     active: List[_Active] = []
 
@@ -201,7 +206,7 @@ def _schedule(queue: List[PromptContext], engine, embedder, tokenizer, judge, re
         fresh = []
         while pending and len(active) < concurrency:
             ctx = pending.pop(0)
-            a = _Active(ctx, PromptSearch(ctx, config, tokenizer, embedder, judge, required, engine.commit))
+            a = _Active(ctx, PromptSearch(ctx, config, tokenizer, end_ids, embedder, judge, required, engine.commit))
             active.append(a)
             fresh.append(a)
         settle(_isolated(lambda searches: _start(engine, searches), fresh, lambda a: [a]), lambda out: None)

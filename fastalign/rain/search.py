@@ -8,13 +8,15 @@ answer ends. Optionally several inner iterations run at once under virtual loss 
 
 Where the reference implementation and this one differ (on purpose):
 - token-set length depends on the depth from the prompt (1, 2, 4, then 10), as the reference's node
-  `step` does; a set stops early at end-of-sequence or at the maximum length;
+  `step` does; a set stops early at an end token or at the maximum length;
+- the end tokens are the tokenizer's end of sequence and every one the model's generation config lists
+  (e.g. Llama-3-Instruct's end of turn), where `model.generate` stops too;
 - one q range per prompt, kept across commits (the reference's nodes could keep pointing at an old root);
-- a sequence that ended (EOS, max length, new turn) is terminal: never expanded or rolled out.
+- a sequence that ended (end token, max length, new turn) is terminal: never expanded or rolled out.
 """
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import AbstractSet, Callable, List, Optional, Sequence
 
 import torch
 
@@ -76,10 +78,12 @@ class PromptSearch:
     """Searches one prompt. `run()` is a generator: it yields lists of jobs (ExpandJob, EvaluateJob,
     EmbedJob), expects the list of their results back, and returns a SearchOutput. `on_commit(ctx,
     old_root, new_root)` is called at each commit (the engine drops what only the discarded branches used).
-    Every sequence whose model outputs the search reads is registered in `required` (the tree's minimum)."""
+    A token set that contains one of `end_ids` (the model's end tokens) ends the answer. Every sequence
+    whose model outputs the search reads is registered in `required` (the tree's minimum)."""
 
-    def __init__(self, ctx: PromptContext, config: RainConfig, tokenizer, embedder, judge: JudgeTokens,
-                 required: RequiredPrefixes, on_commit: Callable[[PromptContext, Node, Node], None]):
+    def __init__(self, ctx: PromptContext, config: RainConfig, tokenizer, end_ids: AbstractSet[int], embedder,
+                 judge: JudgeTokens, required: RequiredPrefixes,
+                 on_commit: Callable[[PromptContext, Node, Node], None]):
         self.ctx = ctx
         self.config = config
         self.tokenizer = tokenizer
@@ -87,7 +91,7 @@ class PromptSearch:
         self.judge = judge
         self.required = required
         self.on_commit = on_commit
-        self.eos = tokenizer.eos_token_id
+        self.end_ids = end_ids
         root = Node((), None, 0.0, ctx.root_key, terminal=self._ended(ctx.root_ids, ()), seq_key=ctx.gen_key)
         self.tree = SearchTree(root, config)
         self.root_state = list(ctx.root_ids)
@@ -100,7 +104,7 @@ class PromptSearch:
     # --- helpers -------------------------------------------------------------------------------------
     def _ended(self, state: Sequence[int], tokens: Sequence[int]) -> bool:
         c = self.config
-        if self.eos is not None and self.eos in tokens:
+        if any(t in self.end_ids for t in tokens):
             return True
         if len(state) >= self.ctx.max_length:
             return True
@@ -156,7 +160,7 @@ class PromptSearch:
                 self.judge_registered_key, self.judge_pending = self.root_judge_key, []
             key = self.root_judge_key
             for node in reversed(list(_path_to_root(leaf, self.tree.root))):
-                key = required.add(stats, "judge", key, judge_path_ids(self.tokenizer, node.tokens))
+                key = required.add(stats, "judge", key, judge_path_ids(node.tokens, self.end_ids))
         else:
             key = self.ctx.head_key
         key = required.add(stats, "judge", key, ids)
@@ -307,7 +311,7 @@ class PromptSearch:
                             "children": [(list(ch.tokens), ch.n, ch.q, ch.fn) for ch in tree.root.children]})
             old_root, _ = tree.commit(best)
             self.on_commit(self.ctx, old_root, best)
-            judge_ids = judge_path_ids(self.tokenizer, best.tokens)
+            judge_ids = judge_path_ids(best.tokens, self.end_ids)
             self.root_judge_key = chain_key(self.root_judge_key, judge_ids)
             self.judge_pending.extend(judge_ids)
             self.root_state.extend(best.tokens)

@@ -7,7 +7,7 @@ prompt, few-shot prefix included. It is the correctness and speed baseline of th
 same logits and a keyed sampler, both produce identical results.
 """
 import math
-from typing import List, Optional, Sequence
+from typing import AbstractSet, List, Optional, Sequence
 
 import torch
 
@@ -22,10 +22,11 @@ from .sampling import ROLLOUT_STREAM, draw_key, extend_key, ranked_tokens, top_k
 
 
 class SlowEngine:
-    def __init__(self, model, tokenizer, judge: JudgeTokens, config: RainConfig, sampler, want_hidden: bool,
-                 ledger: Optional[TokenLedger] = None):
+    def __init__(self, model, tokenizer, end_ids: AbstractSet[int], judge: JudgeTokens, config: RainConfig, sampler,
+                 want_hidden: bool, ledger: Optional[TokenLedger] = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.end_ids = end_ids
         self.judge = judge
         self.config = config
         self.sampler = sampler
@@ -85,7 +86,7 @@ class SlowEngine:
 
     def _draw_set(self, job: ExpandJob, stream: Optional[int]) -> Draft:
         """One token set: a fresh forward over the state, then cached decoding of the set's tokens."""
-        stats, k, eos = job.ctx.stats, self.config.sample_top_k, self.tokenizer.eos_token_id
+        stats, k = job.ctx.stats, self.config.sample_top_k
         logits, hidden, cache, key = self._forward(stats, job.state)
         prefix_key = job.node.key
         tokens, logp, hidden_sum = [], 0.0, None
@@ -101,7 +102,7 @@ class SlowEngine:
             if hidden is not None:
                 hidden_sum = hidden.float().clone() if hidden_sum is None else hidden_sum + hidden.float()
             prefix_key = extend_key(prefix_key, [token])
-            if token == eos or len(tokens) == job.length:
+            if token in self.end_ids or len(tokens) == job.length:
                 return Draft(tuple(tokens), logp, hidden_sum)
             logits, hidden, cache, key = self._forward(stats, [token], cache, key)
 
@@ -114,7 +115,7 @@ class SlowEngine:
         return Evaluation(value, rollout, hidden_sum, judged)
 
     def _rollout(self, job: EvaluateJob):
-        c, eos, stats = self.config, self.tokenizer.eos_token_id, job.ctx.stats
+        c, stats = self.config, job.ctx.stats
         state, rollout, hidden_sum = list(job.state), [], None
         cache, key, logits, hidden = None, EMPTY_KEY, None, None
         prefix_key = job.node.key
@@ -130,16 +131,17 @@ class SlowEngine:
                 hidden_sum = hidden.float().clone() if hidden_sum is None else hidden_sum + hidden.float()
             state.append(token)
             rollout.append(token)
-            if token == eos:
+            if token in self.end_ids:
                 break
         return rollout, hidden_sum
 
     def _judge(self, ctx, state: List[int], leaf_len: int):
-        reply, base, ids = judge_input(self.judge, self.tokenizer, self.config, ctx, state, leaf_len)
+        reply, base, ids = judge_input(self.judge, self.tokenizer, self.end_ids, self.config, ctx, state,
+                                       leaf_len)
         if reply in ctx.judge_cache:
             return ctx.judge_cache[reply], None
         if base == "leaf":
-            conversation = list(ctx.head_ids) + judge_path_ids(self.tokenizer, state[ctx.answer_start:leaf_len]) + ids
+            conversation = list(ctx.head_ids) + judge_path_ids(state[ctx.answer_start:leaf_len], self.end_ids) + ids
         else:
             conversation = list(ctx.head_ids) + ids
         logits = torch.stack([self._forward(ctx.stats, self.judge.full_ids(conversation, order))[0]

@@ -33,7 +33,7 @@
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import AbstractSet, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -102,10 +102,12 @@ class _Draw:
 
 
 class TreeEngine:
-    def __init__(self, runner, tokenizer, judge: JudgeTokens, config: RainConfig, sampler, want_hidden: bool,
-                 ledger: Optional[TokenLedger] = None, generation_prefix_ids: Sequence[int] = ()):
+    def __init__(self, runner, tokenizer, end_ids: AbstractSet[int], judge: JudgeTokens, config: RainConfig,
+                 sampler, want_hidden: bool, ledger: Optional[TokenLedger] = None,
+                 generation_prefix_ids: Sequence[int] = ()):
         self.runner = runner
         self.tokenizer = tokenizer
+        self.end_ids = end_ids
         self.judge = judge
         self.config = config
         self.sampler = sampler
@@ -351,7 +353,7 @@ class TreeEngine:
         if new_root.handle is None:
             new_root.handle = NodeState(state.gen.walk(new_root.tokens))
         if new_root.handle.judge is None:
-            new_root.handle.judge = state.judge.walk(judge_path_ids(self.tokenizer, new_root.tokens))
+            new_root.handle.judge = state.judge.walk(judge_path_ids(new_root.tokens, self.end_ids))
         if _judges_generation(ctx):          # one trie: the judge keeps the origin it may read from
             keep_only_below(new_root.handle.gen, self._drop, keep_origin=True)
             return
@@ -385,20 +387,20 @@ class TreeEngine:
     def _judge_node(self, node) -> PrefixNode:
         self._gen_node(node)
         if node.handle.judge is None:
-            node.handle.judge = self._judge_node(node.parent).walk(judge_path_ids(self.tokenizer, node.tokens))
+            node.handle.judge = self._judge_node(node.parent).walk(judge_path_ids(node.tokens, self.end_ids))
         return node.handle.judge
 
     def _sibling_cuts(self, node) -> set:
         """Judge-side positions inside `node`'s tokens where a sibling's tokens part from them."""
         if node.parent is None:
             return set()
-        ids = judge_path_ids(self.tokenizer, node.tokens)
+        ids = judge_path_ids(node.tokens, self.end_ids)
         base = self._judge_node(node.parent)
         cuts = set()
         for sibling in node.parent.children:
             if sibling is node:
                 continue
-            other = judge_path_ids(self.tokenizer, sibling.tokens)
+            other = judge_path_ids(sibling.tokens, self.end_ids)
             j = 0
             while j < min(len(ids), len(other)) and ids[j] == other[j]:
                 j += 1
@@ -434,7 +436,6 @@ class TreeEngine:
             return ExpandResult(ranked_ids=list(ids), ranked_logits=list(logits), hidden=origin.entry.hidden)
         rows = [] if job.greedy is not None else [_Draw(None, origin)]
         rows += [_Draw(s, origin) for s in range(job.first_stream, job.first_stream + job.attempts)]
-        eos = self.tokenizer.eos_token_id
         while True:
             active = [d for d in rows if not d.done]
             sampled = [d for d in active if d.stream is not None]
@@ -449,7 +450,7 @@ class TreeEngine:
                     d.hidden = entry.hidden.clone() if d.hidden is None else d.hidden + entry.hidden
                 d.tokens.append(token)
                 d.node = d.node.child(token)
-                d.done = token == eos or len(d.tokens) == job.length
+                d.done = token in self.end_ids or len(d.tokens) == job.length
             needed = list({id(d.node): d.node for d in rows if not d.done}.values())
             if not needed:
                 break
@@ -462,7 +463,7 @@ class TreeEngine:
     def _rollout(self, job: EvaluateJob, out: _Rollout):
         """Samples the leaf's continuation up to the end of its sentence from pre-drawn pools, computing
         each drawn token's position (all but the last) as its own row."""
-        ctx, c, eos = job.ctx, self.config, self.tokenizer.eos_token_id
+        ctx, c = job.ctx, self.config
         state = list(job.state)
         node = self._gen_node(job.node)
         try:
@@ -483,7 +484,7 @@ class TreeEngine:
                 state.append(token)
                 out.tokens.append(token)
                 node = node.child(token)
-                if token == eos:
+                if token in self.end_ids:
                     break
         finally:
             out.done = True
@@ -494,7 +495,7 @@ class TreeEngine:
         cache check, then ONE call: a row with whatever the judge input still lacks (the rollout's last
         token; a reply cut before a new turn ends in tokens of its own; a terminal leaf's path is fed only
         now) and the text both option blocks share, and the option blocks on top of it."""
-        ctx, stats, eos = job.ctx, job.ctx.stats, self.tokenizer.eos_token_id
+        ctx, stats = job.ctx, job.ctx.stats
         kind = _judge_row_kind(ctx)
         rollout_nodes = set()
         if not job.terminal:
@@ -507,18 +508,19 @@ class TreeEngine:
                     continue
                 drawn = []
                 for token in rollout.tokens[fed:]:
-                    if token != eos:
+                    if token not in self.end_ids:
                         node = node.child(token)
                         drawn.append(node)
                 fed = len(rollout.tokens)
                 if drawn:                        # tokens drawn without model work arrive together
                     yield from self._ensure([node], stats, "evaluate", kind, set(drawn))
             for token in rollout.tokens[fed:]:   # drawn last: each a position of its own in the last row
-                if token != eos:
+                if token not in self.end_ids:
                     node = node.child(token)
                     rollout_nodes.add(node)
         state = list(job.state) + rollout.tokens
-        reply, base, ids = judge_input(self.judge, self.tokenizer, self.config, ctx, state, len(job.state))
+        reply, base, ids = judge_input(self.judge, self.tokenizer, self.end_ids, self.config, ctx, state,
+                                       len(job.state))
         while reply in ctx.judging:              # the same reply is being judged by another leaf
             yield []
         if reply in ctx.judge_cache:

@@ -46,10 +46,10 @@ def test_judge_input_of_a_reply_cut_in_the_rollout_keeps_the_models_tokens():
     search tree), then the rollout's tokens that end before the cut, then the cut text tokenized anew; a
     cut right after the leaf's last token keeps no rollout token but is still "leaf"."""
     tok, ctx = tokenizer(), context()
-    judge, config = JudgeTokens(tok, SHORT_JUDGE), RainConfig(turn_marker="e")
+    judge, config, end = JudgeTokens(tok, SHORT_JUDGE), RainConfig(turn_marker="e"), {tok.eos_token_id}
     leaf = ctx.root_ids + ids(" I will not")
     assert ids(" do that here")[2:] == ids(" here")            # ' he', 're': the cut falls after ' h'
-    reply, base, judged = judge_input(judge, tok, config, ctx, leaf + ids(" do that here"), len(leaf))
+    reply, base, judged = judge_input(judge, tok, end, config, ctx, leaf + ids(" do that here"), len(leaf))
     assert (reply, base, judged) == (" I will not do that h", "leaf", ids(" do that") + judge.head_ids(" h"))
-    reply, base, judged = judge_input(judge, tok, config, ctx, leaf + ids(" help"), len(leaf))
+    reply, base, judged = judge_input(judge, tok, end, config, ctx, leaf + ids(" help"), len(leaf))
     assert (reply, base, judged) == (" I will not h", "leaf", judge.head_ids(" h"))

@@ -2,13 +2,16 @@
 hash model, bit for bit, and on a tiny random Llama through the real TreeRunner), the same distribution of
 first commits with the production sampler, the cost accounting, and per-prompt error isolation."""
 import collections
+import copy
 import dataclasses
 
 import pytest
+from transformers import GenerationConfig
 
 from fastalign.rain import RainConfig, rain_generate, tree_engine
 from fastalign.rain.embeddings import HiddenStateEmbedder
 
+from . import fake_model
 from .fake_model import HashLM, HashRunner
 from .tiny import PROMPTS, SHORT_JUDGE, tiny_llama, tokenizer
 
@@ -350,6 +353,46 @@ def test_answer_never_runs_past_the_models_context():
     assert r.error is None
     prompt_len = len(tok(PROMPTS[0], add_special_tokens=False)["input_ids"])
     assert prefix_len + prompt_len + len(r.answer_ids) <= 200
+
+
+def test_answers_end_at_every_end_token_the_generation_config_lists(monkeypatch):
+    """A chat model's generation config lists an end-of-turn token beside the tokenizer's end of sequence (as
+    Llama-3-Instruct's does; `model.generate` stops at both). Here the hash model favours a special
+    "<|eot|>": a search that knew only the tokenizer's end token continues past it; one that reads the
+    generation config ends every answer at it, in both engines alike: the answer keeps it as its last token
+    (its text drops it, as it drops the tokenizer's), and no model input ever holds it (no draw or rollout goes
+    on past it, the judge reads the reply without it)."""
+    tok = copy.deepcopy(tokenizer())
+    tok.add_special_tokens({"additional_special_tokens": ["<|eot|>"]})
+    eot = tok.convert_tokens_to_ids("<|eot|>")
+    plain, inputs_with_eot = fake_model.prefix_outputs, []
+
+    def favouring_eot(tokens, vocab_size):
+        logits, hidden = plain(tokens, vocab_size)
+        logits[eot] += 6.0
+        if eot in tokens:
+            inputs_with_eot.append(tokens)
+        return logits, hidden
+
+    monkeypatch.setattr(fake_model, "prefix_outputs", favouring_eot)
+
+    def search(engine, end_ids):
+        model = HashLM(len(tok))
+        model.generation_config = GenerationConfig(eos_token_id=end_ids)
+        runner = HashRunner(len(tok)) if engine == "tree" else None
+        return rain_generate(model, tok, PROMPTS, SMALL, engine=engine, runner=runner, judge_prompt=SHORT_JUDGE,
+                             embedding="hidden", sampler="keyed")
+
+    unaware = search("tree", tok.eos_token_id)
+    assert any(eot in r.answer_ids[:-1] for r in unaware.results)
+    inputs_with_eot.clear()
+    slow, tree = (search(engine, [tok.eos_token_id, eot]) for engine in ("slow", "tree"))
+    assert all(r.error is None for r in tree.results)
+    assert decisions(slow) == decisions(tree)
+    for r in tree.results:
+        assert r.answer_ids[-1] == eot and eot not in r.answer_ids[:-1]
+        assert r.answer == tok.decode(r.answer_ids[:-1])
+    assert not inputs_with_eot
 
 
 class FailingEmbedder(HiddenStateEmbedder):

@@ -11,13 +11,15 @@ from fastalign.rain.search import PromptSearch
 
 from .tiny import tokenizer
 
+END_IDS = frozenset({tokenizer().eos_token_id})
+
 
 def test_expansion_priors_are_normalised_and_mixed_at_the_root():
     """Root: softmax over the top candidates, mixed 3:1 with uniform (root_prior_mix 0.25). Deeper: the raw
     token-set priors (greedy clipped to the samples' sum) normalised, not mixed."""
     ctx = PromptContext(index=0, prompt_text="", root_ids=[5], head_ids=[], root_key=0, max_length=100)
-    search = PromptSearch(ctx, RainConfig(), tokenizer(), embedder=None, judge=None, required=RequiredPrefixes(),
-                          on_commit=None)
+    search = PromptSearch(ctx, RainConfig(), tokenizer(), END_IDS, embedder=None, judge=None,
+                          required=RequiredPrefixes(), on_commit=None)
     root = search.tree.root
     logits = [3.0, 2.0, 1.0, 0.0]
     search._expand(root, [5], ExpandResult(ranked_ids=[10, 11, 12, 13], ranked_logits=logits), 1)
@@ -36,7 +38,7 @@ def test_widening_samples_on_streams_the_first_expansion_did_not_use():
     """A keyed draw is a function of its stream: a widening that reused one of the first expansion's streams
     would draw one of its samples again."""
     ctx = PromptContext(index=0, prompt_text="", root_ids=[5], head_ids=[], root_key=0, max_length=100)
-    search = PromptSearch(ctx, RainConfig(token_set_lengths=(2,)), tokenizer(), embedder=None, judge=None,
+    search = PromptSearch(ctx, RainConfig(token_set_lengths=(2,)), tokenizer(), END_IDS, embedder=None, judge=None,
                           required=RequiredPrefixes(), on_commit=None)
     first = next(job for job in next(search.run()) if isinstance(job, ExpandJob))
     samples = [Draft((20 + i, 40), math.log(0.05)) for i in range(first.attempts)]
@@ -53,7 +55,7 @@ def test_a_candidate_an_earlier_widening_drew_keeps_its_hidden_states():
     embedder pools them for every path through it)."""
     ctx = PromptContext(index=0, prompt_text="", root_ids=[5], head_ids=[], root_key=0, max_length=100)
     search = PromptSearch(ctx, RainConfig(token_set_lengths=(2,), candidates=3, widen_group=5), tokenizer(),
-                          embedder=None, judge=None, required=RequiredPrefixes(), on_commit=None)
+                          END_IDS, embedder=None, judge=None, required=RequiredPrefixes(), on_commit=None)
     root = search.tree.root
 
     def draft(token, p):
