@@ -147,14 +147,17 @@ def logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, rows, cols, row_mask, col_mas
 
 @triton.jit
 def online_logsumexp(run_max, run_sumexp, z):
-    """One tile of the streaming logsumexp; z is -inf on padded columns, each row has a finite entry.
+    """One tile of the streaming logsumexp; z is -inf on padded columns (and wherever a bias of -inf masks a word).
 
     m' = max(m, max_v z_v);  alpha = exp(m - m');  e_v = exp(z_v - m');  s' = s * alpha + sum_v e_v.
     Returns (m', s', alpha, e): alpha rescales any other running sum kept relative to m.
+    While a row has seen only -inf (m' = -inf, e.g. a split that starts with masked words) the exponents are
+    taken against 0, so that alpha and e are 0 and s stays 0 instead of exp(-inf + inf) = NaN.
     """
     new_max = tl.maximum(run_max, tl.max(z, axis=1))
-    alpha = tl.exp(run_max - new_max)
-    e = tl.exp(z - new_max[:, None])
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    alpha = tl.exp(run_max - shift)
+    e = tl.exp(z - shift[:, None])
     return new_max, run_sumexp * alpha + tl.sum(e, axis=1), alpha, e
 
 

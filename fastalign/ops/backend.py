@@ -38,3 +38,17 @@ def require_triton_dtype(module, name, t):
     """Triton kernels take fp32, fp16 and bf16; float64 is served by the torch path only."""
     if module.__name__.startswith("fastalign.kernels.") and t.dtype == torch.float64:
         raise TypeError(f"{name} is float64, which the Triton backend does not support: use backend='torch'")
+
+
+def launcher_context(device):
+    """Runs a launcher with autocast off: the ops compute in their inputs' dtype with fp32 accumulation, which an
+    enclosing autocast would break on the torch path (bf16 logits and logsumexps; a dtype clash in backward)."""
+    return torch.autocast(device.type, enabled=False)
+
+
+def refuse_double_backward(op):
+    """A backward runs with grad mode on only under create_graph=True. The launchers' gradients carry no graph
+    of their own (a matmul with out= even refuses one), so a second derivative would crash deep in them or
+    come out silently wrong: refuse it by name instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op} is not twice differentiable: backpropagate through it without create_graph=True")

@@ -5,7 +5,7 @@ them and recompute them in the backward pass from the saved per-token logsumexp.
 """
 import torch
 
-from .backend import require_triton_dtype, select_backend
+from .backend import launcher_context, refuse_double_backward, require_triton_dtype, select_backend
 from .checks import check_per_token, check_reduction, check_tensor, check_linear, FLOAT_DTYPES
 from .token_rows import TokenRows
 
@@ -19,10 +19,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, target, token_weight, ignore_index, reduction, launcher):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         rows = TokenRows(target != ignore_index, token_weight, reduction, acc)
-        live_hidden, live_target = rows.gather(hidden).contiguous(), rows.gather(target).long().contiguous()
+        live_hidden, live_target = rows.gather(hidden).contiguous(), rows.gather(target).contiguous()
         weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
         if rows.num_live:
-            lse, target_logit = launcher.forward(live_hidden, weight, bias, live_target)
+            with launcher_context(hidden.device):
+                lse, target_logit = launcher.forward(live_hidden, weight, bias, live_target)
         else:
             lse = target_logit = hidden.new_zeros(0, dtype=acc)
         ctx.save_for_backward(live_hidden, weight, bias, live_target, lse)
@@ -31,6 +32,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        refuse_double_backward("linear_cross_entropy")
         live_hidden, weight, bias, live_target, lse = ctx.saved_tensors
         rows = ctx.rows
         need_weight, need_bias = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
@@ -38,8 +40,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             d_hidden = torch.zeros((rows.num_tokens, weight.shape[1]), dtype=weight.dtype, device=weight.device)
             return (d_hidden, torch.zeros_like(weight) if need_weight else None,
                     torch.zeros_like(bias) if need_bias else None) + (None,) * 5
-        d_live, d_weight, d_bias = ctx.launcher.backward(
-            live_hidden, weight, bias, live_target, lse, rows.grad_scale(grad_output, ctx.acc), need_weight, need_bias)
+        with launcher_context(weight.device):
+            d_live, d_weight, d_bias = ctx.launcher.backward(live_hidden, weight, bias, live_target, lse,
+                                                             rows.grad_scale(grad_output, ctx.acc), need_weight,
+                                                             need_bias)
         return (rows.scatter(d_live, live_hidden.dtype),
                 None if d_weight is None else d_weight.to(weight.dtype),
                 None if d_bias is None else d_bias.to(bias.dtype)) + (None,) * 5
@@ -50,10 +54,12 @@ def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None
     """Token-weighted cross-entropy of the logits `hidden @ weight.T + bias`, without materialising them.
 
     hidden [N, H], weight [V, H], target [N] (integer; ignore_index marks tokens that carry no loss),
-    token_weight [N] float of any sign (default 1), bias [V]. Per token CE_t = logsumexp(z_t) - z_t[y_t].
+    token_weight [N] float of any sign (default 1; a constant: it gets no gradient), bias [V].
+    Per token CE_t = logsumexp(z_t) - z_t[y_t].
     reduction: "sum" = sum_t w_t CE_t; "mean" = that sum / number of non-ignored tokens (0 if none);
     "none" = the [N] vector w_t CE_t (0 at ignored tokens). The result is float32 (float64 for float64
-    inputs) whatever the input dtype; ignored and zero-weight tokens never reach the matmul.
+    inputs) whatever the input dtype; ignored and zero-weight tokens never reach the matmul. An enclosing
+    autocast does not apply inside (cast the inputs to follow it); there is no second derivative.
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
     """
     check_linear("hidden", hidden, "weight", weight)
@@ -61,6 +67,8 @@ def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None
     check_tensor("target", target, ndim=1, dtypes=INTEGER_DTYPES, like=hidden)
     if target.shape[0] != n:
         raise ValueError(f"target must have shape [{n}] (one per row of hidden), got shape {tuple(target.shape)}")
+    # compared in int64: in uint8, ignore_index=-100 would wrap to 156 and silently ignore that class
+    target = target.long()
     check_per_token("token_weight", token_weight, n, hidden, dtypes=FLOAT_DTYPES)
     if bias is not None:
         check_tensor("bias", bias, ndim=1, like=hidden)

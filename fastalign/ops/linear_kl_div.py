@@ -6,7 +6,7 @@ lm_head shared by both models) each weight tile is read once for both products.
 """
 import torch
 
-from .backend import require_triton_dtype, select_backend
+from .backend import launcher_context, refuse_double_backward, require_triton_dtype, select_backend
 from .checks import check_per_token, check_reduction, check_linear, FLOAT_DTYPES
 from .token_rows import TokenRows
 
@@ -24,7 +24,8 @@ class LinearKLDivFunction(torch.autograd.Function):
         weight = weight.contiguous()
         ref_weight = weight.detach() if shared else ref_weight.detach().contiguous()
         if rows.num_live:
-            kl, lse, ref_lse = launcher.forward(live_hidden, weight, live_ref, weight if shared else ref_weight)
+            with launcher_context(hidden.device):
+                kl, lse, ref_lse = launcher.forward(live_hidden, weight, live_ref, weight if shared else ref_weight)
         else:
             kl = lse = ref_lse = hidden.new_zeros(0, dtype=acc)
         ctx.save_for_backward(live_hidden, weight, live_ref, None if shared else ref_weight, lse, ref_lse)
@@ -33,14 +34,16 @@ class LinearKLDivFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        refuse_double_backward("linear_kl_div")
         live_hidden, weight, live_ref, ref_weight, lse, ref_lse = ctx.saved_tensors
         rows, need_weight = ctx.rows, ctx.needs_input_grad[1]
         if rows.num_live == 0:
             d_hidden = torch.zeros((rows.num_tokens, weight.shape[1]), dtype=weight.dtype, device=weight.device)
             return (d_hidden, torch.zeros_like(weight) if need_weight else None) + (None,) * 6
-        d_live, d_weight = ctx.launcher.backward(
-            live_hidden, weight, live_ref, weight if ref_weight is None else ref_weight, lse, ref_lse,
-            rows.grad_scale(grad_output, ctx.acc), need_weight)
+        with launcher_context(weight.device):
+            d_live, d_weight = ctx.launcher.backward(
+                live_hidden, weight, live_ref, weight if ref_weight is None else ref_weight, lse, ref_lse,
+                rows.grad_scale(grad_output, ctx.acc), need_weight)
         return (rows.scatter(d_live, live_hidden.dtype),
                 None if d_weight is None else d_weight.to(weight.dtype)) + (None,) * 6
 
@@ -51,9 +54,11 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, token_weight=None, 
 
     hidden [N, H] and weight [V, H] give the policy Q = softmax(hidden @ weight.T); ref_hidden [N, H_ref] and
     ref_weight [V, H_ref] the frozen reference P (never differentiated; ref_weight may be `weight` itself).
-    token_weight [N] float (default 1); mask [N] bool, True where a token counts.
+    token_weight [N] float (default 1; a constant: it gets no gradient); mask [N] bool, True where a token
+    counts.
     reduction: "sum" = sum_t w_t KL_t over counted tokens; "mean" = that sum / number of counted tokens
     (0 if none); "none" = the [N] vector (0 at masked-out tokens). Result float32 (float64 for float64 inputs).
+    An enclosing autocast does not apply inside (cast the inputs to follow it); there is no second derivative.
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
     """
     check_linear("hidden", hidden, "weight", weight)

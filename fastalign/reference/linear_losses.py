@@ -18,8 +18,9 @@ def linear_cross_entropy_reference(hidden, weight, target, *, token_weight=None,
     logits = hidden.double() @ weight.double().t()
     if bias is not None:
         logits = logits + bias.double()
+    target = target.long()  # a uint8 target must not see ignore_index=-100 as 156
     counted = target != ignore_index
-    safe_target = torch.where(counted, target, torch.zeros_like(target)).long()
+    safe_target = torch.where(counted, target, torch.zeros_like(target))
     ce = torch.logsumexp(logits, dim=1) - logits.gather(1, safe_target[:, None]).squeeze(1)
     if token_weight is not None:
         ce = ce * token_weight.double()

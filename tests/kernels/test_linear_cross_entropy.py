@@ -81,6 +81,22 @@ def test_fp32_sharp_softmax_stays_finite_and_exact():
     check_against_reference(17, 24, 131, torch.float32, with_bias=True, tol=1e-4, logit_scale=300.0)
 
 
+def test_bias_of_minus_inf_over_a_whole_vocabulary_split():
+    """Words masked out by a bias of -inf over the first split (and its first tiles) leave the loss and the
+    gradients finite: a row that has seen only -inf logits so far once took exp(-inf + inf) = NaN."""
+    vocab = 3 * tiles._SPLIT_ALIGN + 5
+    hidden, weight, bias, target, grad_scale = make_inputs(9, 24, vocab, torch.float32, with_bias=True)
+    bias[:tiles._SPLIT_ALIGN + 3] = float("-inf")
+    target = torch.randint(tiles._SPLIT_ALIGN + 3, vocab, target.shape, device=DEVICE)
+    ref_lse, ref_target_logit, ref_dh, ref_dw, ref_db = float64_reference(hidden, weight, bias, target, grad_scale)
+    lse, target_logit = kernel.forward(hidden, weight, bias, target)
+    assert_matches(lse, ref_lse, 1e-4)
+    assert_matches(target_logit, ref_target_logit, 1e-4)
+    d_hidden, d_weight, d_bias = kernel.backward(hidden, weight, bias, target, lse, grad_scale, True, True)
+    for got, want in ((d_hidden, ref_dh), (d_weight, ref_dw), (d_bias, ref_db)):
+        assert_matches(got, want, 1e-4)
+
+
 def test_unrequested_grads_are_none_and_d_hidden_unchanged():
     hidden, weight, bias, target, grad_scale = make_inputs(9, 24, 131, torch.float32, with_bias=True)
     _, _, ref_dh, _, _ = float64_reference(hidden, weight, bias, target, grad_scale)

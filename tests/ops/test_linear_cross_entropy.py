@@ -105,6 +105,37 @@ def test_non_contiguous_inputs(backend):
     check_against_reference(hidden, weight, target, {}, "mean", backend, REL_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_narrow_integer_targets(dtype):
+    """Targets are compared with ignore_index in int64: in uint8, -100 would wrap to 156 and drop that class."""
+    hidden, weight, target, extra = make_inputs(13, 24, 200, bias=True, weighted=True, ignored=0.0)
+    target[::2] = 156
+    for reference_target in (target, target.to(dtype)):  # the reference widens its target too
+        out = fastalign.linear_cross_entropy(hidden, weight, target.to(dtype), reduction="none", backend="torch",
+                                             **extra)
+        ref = linear_cross_entropy_reference(hidden, weight, reference_target, reduction="none", **extra)
+        assert_rel_close("loss", out, ref, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_inputs_under_bf16_autocast_keep_fp32(backend):
+    """autocast does not reach inside the op: fp32 inputs are computed in fp32 on every backend, and the
+    backward runs inside the autocast region too (the torch path rounded logits to bf16 and then crashed)."""
+    hidden, weight, target, extra = make_inputs(13, 24, 131, bias=True, weighted=True, device=device_for(backend))
+    hidden = (hidden.detach() * 8).requires_grad_()  # logits ~10, where bf16 keeps only ~1e-1
+    with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
+        check_against_reference(hidden, weight, target, extra, "sum", backend, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_is_refused_by_name(backend):
+    hidden, weight, target, extra = make_inputs(6, 16, 37, bias=True, device=device_for(backend))
+    for inputs in ([hidden, weight, extra["bias"]], [hidden]):  # a frozen weight once gave silently no graph
+        out = fastalign.linear_cross_entropy(hidden, weight, target, backend=backend, **extra)
+        with pytest.raises(RuntimeError, match="linear_cross_entropy is not twice differentiable"):
+            torch.autograd.grad(out, inputs, create_graph=True)
+
+
 def test_torch_backend_across_chunk_boundaries(monkeypatch):
     monkeypatch.setattr(chunking, "CHUNK_BYTES", 3 * 4 * 131)  # 3 rows of V=131 fp32 logits per chunk
     hidden, weight, target, extra = make_inputs(14, 24, 131, bias=True, weighted=True)

@@ -103,6 +103,27 @@ def test_non_contiguous_inputs(backend):
     check_against_reference(hidden, weight, ref_hidden, ref_weight, {}, "mean", backend, REL_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shared", [False, True])
+def test_fp32_inputs_under_bf16_autocast_keep_fp32(backend, shared):
+    """autocast does not reach inside the op: fp32 inputs are computed in fp32 on every backend, and the
+    backward runs inside the autocast region too (the torch path rounded logits to bf16 and then crashed)."""
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(13, 24, 131, shared=shared, weighted=True,
+                                                                device=device_for(backend))
+    with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
+        check_against_reference(hidden, weight, ref_hidden, ref_weight, extra, "sum", backend,
+                                REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_is_refused_by_name(backend):
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(6, 16, 37, shared=True, device=device_for(backend))
+    for inputs in ([hidden, weight], [hidden]):
+        out = fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, backend=backend, **extra)
+        with pytest.raises(RuntimeError, match="linear_kl_div is not twice differentiable"):
+            torch.autograd.grad(out, inputs, create_graph=True)
+
+
 def test_torch_backend_across_chunk_boundaries(monkeypatch):
     monkeypatch.setattr(chunking, "CHUNK_BYTES", 3 * 4 * 2 * 131)  # 3 rows of both heads' logits per chunk
     inputs = make_inputs(14, 24, 131, weighted=True)
