@@ -213,6 +213,13 @@ def paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name}: the Triton backend needs a contiguous last (head_dim) dimension")
+    # The kernels step through the index tensors (a block table row along its columns) one element at a time:
+    # strided views of them, e.g. columns of a packed metadata tensor, are copied (they are tiny).
+    if block_table.stride(1) != 1:
+        block_table = block_table.contiguous()
+    seq_lens, cu_q_lens = seq_lens.contiguous(), cu_q_lens.contiguous()
+    if shared_prefix is not None:
+        shared_prefix = tuple(t.contiguous() for t in shared_prefix)
     out = torch.empty_like(q)
     if q.shape[0] == 0 or block_table.shape[0] == 0 or block_table.shape[1] == 0 or k_cache.shape[0] == 0:
         return out.zero_()

@@ -22,6 +22,9 @@ and the tensors are on the CPU. On CUDA that check needs one device sync, so by 
 there: callers that build their metadata on the host should validate it once, there, with
 `check_paged_metadata`, before copying it to the device.
 """
+import math
+import numbers
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -49,8 +52,8 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, sc
     _check_attention_args(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens)
     if scale is None:
         scale = q.shape[2] ** -0.5
-    elif not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale: expected a positive number, got {scale!r}")
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < math.inf:
+        raise ValueError(f"scale: expected a positive finite number, got {scale!r}")
     if shared_prefix is not None:
         _check_shared_prefix_args(shared_prefix, block_table.shape[0], q.device)
     if validate or (validate is None and q.device.type == "cpu"):

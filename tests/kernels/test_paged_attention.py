@@ -161,3 +161,20 @@ def test_heads_wider_than_128_take_their_own_tiles(dtype):
     out = paged_attention(**batch, backend="triton")
     ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()})
     torch.testing.assert_close(out.cpu().double(), ref, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+def test_strided_index_tensors_are_read_by_their_strides():
+    """Index tensors given as strided views (columns of packed metadata, a column-major block table, a
+    strided prefix_lens) give the reference result, as on the torch path, not elements of their neighbours."""
+    batch, plan = make_shared_case("two_groups_and_a_loner", device=TRITON_DEVICE)
+
+    def column(t):  # the same values, as column 0 of a [n, 2] tensor whose column 1 holds zeros
+        return torch.stack([t, torch.zeros_like(t)], 1)[:, 0]
+
+    strided = dict(batch, seq_lens=column(batch["seq_lens"]), cu_q_lens=column(batch["cu_q_lens"]),
+                   block_table=batch["block_table"].t().contiguous().t())
+    assert strided["block_table"].stride(1) != 1 and strided["seq_lens"].stride(0) != 1
+    out = paged_attention(**strided, backend="triton")
+    assert_matches_reference(out, batch, None)
+    out = paged_attention(**strided, backend="triton", shared_prefix=tuple(column(t) for t in plan))
+    assert_matches_reference(out, batch, None)

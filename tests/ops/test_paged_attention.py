@@ -184,6 +184,7 @@ def test_scale_argument_is_used():
     out = paged_attention(**batch, scale=0.3, backend="torch")
     torch.testing.assert_close(out.double(), paged_attention_reference(**batch, scale=0.3), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out, paged_attention(**batch, backend="torch"))
+    assert torch.equal(paged_attention(**batch, scale=np.float32(0.3), backend="torch"), out)  # a NumPy scalar too
 
 
 def test_bf16_torch_path_matches_reference():
@@ -282,7 +283,9 @@ BASE = dict(rows=[(9, 2), (6, 1)], block_size=4, num_heads=4, num_kv_heads=2, he
     (lambda b: dict(seq_lens=torch.tensor([9, 30], dtype=torch.int32)), "longer than its block table row"),
     (lambda b: dict(block_table=torch.where(b["block_table"] == b["block_table"][0, 0], 99, b["block_table"])),
      "outside \\[0, 7\\)"),
-    (lambda b: dict(scale=-1.0), "scale: expected a positive number"),
+    (lambda b: dict(scale=-1.0), "scale: expected a positive finite number"),
+    (lambda b: dict(scale=float("inf")), "scale: expected a positive finite number"),  # NaN output otherwise
+    (lambda b: dict(scale=True), "scale: expected a positive finite number"),
     (lambda b: dict(backend="cuda"), "backend: expected one of"),
 ])
 def test_bad_input_is_rejected_with_a_clear_error(change, match):
