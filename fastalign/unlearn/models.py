@@ -4,7 +4,7 @@ The losses take the decoder's final hidden states (after its last norm) and the 
 of logits, so the model is split into its decoder (`get_decoder()`) and its output embedding
 (`get_output_embeddings()`). PEFT wrappers are looked through: their LoRA layers live inside the
 decoder's modules, so calling the decoder runs them. An adapter on the lm_head itself is refused, since
-reading its weight would leave the adapter out.
+reading its weight would leave the adapter out, and so is one on input embeddings tied to the lm_head.
 """
 from __future__ import annotations
 
@@ -19,6 +19,20 @@ _LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logit
 def base_causal_lm(model):
     """The transformers model under a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def cast_weights(model, dtype: torch.dtype):
+    """Casts the parameters and persistent buffers of `model` to `dtype` in place, as from_pretrained(dtype=...)
+    loads them; buffers computed at construction (non-persistent, e.g. the rotary embedding's inv_freq) keep
+    their dtype. model.to(dtype) would round inv_freq to bf16 too, shifting the rotary angles (the more, the
+    later the position): the model trained, or used as reference, would not be the one saved and reloaded."""
+    persistent = model.state_dict().keys()
+    kept = [(name, buffer) for name, buffer in model.named_buffers(remove_duplicate=False) if name not in persistent]
+    model.to(dtype)
+    for name, buffer in kept:
+        owner, _, attribute = name.rpartition(".")
+        model.get_submodule(owner).register_buffer(attribute, buffer, persistent=False)
+    return model
 
 
 def enable_activation_checkpointing(model):
@@ -45,6 +59,12 @@ def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
         raise ValueError(f"the lm_head carries a PEFT adapter ({type(lm_head).__module__}.{type(lm_head).__name__}); "
                          "the fused losses read lm_head.weight, so the adapter would neither act nor train: "
                          "leave the lm_head out of lora_targets")
+    get_embeddings = getattr(base, "get_input_embeddings", None)
+    embeddings = get_embeddings() if get_embeddings is not None else None
+    if getattr(getattr(embeddings, "base_layer", None), "weight", None) is lm_head.weight:
+        raise ValueError("the input embeddings carry a PEFT adapter and are tied to the lm_head: merging it would "
+                         "change the lm_head too, so the saved model would not be the one trained (whose lm_head "
+                         "the adapter left alone); leave the input embeddings out of lora_targets")
     config = getattr(base, "config", None)
     for name, neutral in _LOGIT_TRANSFORMS.items():
         value = getattr(config, name, neutral)

@@ -18,7 +18,8 @@ import torch
 
 from fastalign.unlearn.batching import TokenBatch, collate
 from fastalign.unlearn.encoding import EncodedExample
-from fastalign.unlearn.models import at_answer_targets, base_causal_lm, causal_lm_parts, final_hidden_states
+from fastalign.unlearn.models import (at_answer_targets, base_causal_lm, causal_lm_parts, cast_weights,
+                                      final_hidden_states)
 
 REFERENCE_MODES = ("copy", "adapter", "cached")
 
@@ -29,7 +30,7 @@ class FrozenCopyReference:
     def __init__(self, model, dtype: torch.dtype | None = None):
         self.model = copy.deepcopy(base_causal_lm(model)).requires_grad_(False).eval()
         if dtype is not None:
-            self.model.to(dtype)
+            cast_weights(self.model, dtype)
         self.decoder, self.lm_head = causal_lm_parts(self.model)
 
     @torch.no_grad()

@@ -28,7 +28,8 @@ from fastalign.unlearn.checkpoint import (atomic_directory, latest_checkpoint, r
                                           remove_stale_temporaries, write_checkpoint, write_text_atomic)
 from fastalign.unlearn.compute import ComputeTotals, ModelShape, batch_compute, decoder_matmul_weights
 from fastalign.unlearn.config import UnlearnConfig
-from fastalign.unlearn.models import causal_lm_parts, enable_activation_checkpointing, max_positions
+from fastalign.unlearn.models import (cast_weights, causal_lm_parts, enable_activation_checkpointing,
+                                      max_positions)
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
 from fastalign.unlearn.sharding import (full_model_state, load_optimizer_state, load_trainable_state,
@@ -125,7 +126,7 @@ class UnlearningTrainer:
     def _prepare_model(self, model):
         config = self.config
         if config.precision == "bf16":
-            model = model.to(torch.bfloat16)
+            model = cast_weights(model, torch.bfloat16)
         if config.lora and not hasattr(model, "disable_adapter"):
             try:
                 import peft

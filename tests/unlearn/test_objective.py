@@ -94,6 +94,22 @@ def test_adapter_reference_is_the_original_model_without_dropout():
     assert all(module.training for module in policy.modules())
 
 
+def test_bf16_frozen_copy_is_the_model_loaded_in_bf16(tmp_path):
+    """The bf16 reference of precision='bf16-mixed' is the original model as from_pretrained(dtype=bfloat16) loads
+    it: bf16 weights, but RoPE's inv_freq (computed at construction) left in fp32, as the policy's is."""
+    from transformers import LlamaForCausalLM
+
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    model.save_pretrained(tmp_path)
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    reference = FrozenCopyReference(model, dtype=torch.bfloat16)
+    batch = tiny_streams(byte_bpe_tokenizer()).batch(0)
+    with torch.no_grad():
+        torch.testing.assert_close(reference.model(batch.tokens.input_ids).logits,
+                                   loaded(batch.tokens.input_ids).logits, rtol=0, atol=0)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # the policy is left as it was
+
+
 def test_one_policy_forward_per_step():
     model, streams, reference, _ = setup("copy")
     calls = []

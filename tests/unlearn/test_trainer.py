@@ -184,6 +184,18 @@ def test_precisions_and_checkpointing_run(tmp_path, settings):
     assert summary.steps == 1 and torch.isfinite(torch.tensor(summary.last.loss))
 
 
+def test_bf16_run_trains_the_model_it_saves(tmp_path):
+    """precision='bf16' casts the weights as from_pretrained(dtype=bfloat16) loads them: RoPE's inv_freq, a buffer
+    computed at construction, stays fp32 (rounded to bf16 it would shift the rotary angles of every position),
+    so the saved model reloads with exactly the trained model's logits."""
+    trainer, _ = run(tmp_path, max_steps=1, grad_accum=1, precision="bf16")
+    assert trainer.model.model.rotary_emb.inv_freq.dtype == torch.float32
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "run" / "model", dtype=torch.bfloat16)
+    ids = tiny_streams(byte_bpe_tokenizer()).batch(0).tokens.input_ids
+    with torch.no_grad():
+        assert torch.equal(trainer.model.eval()(ids).logits, reloaded(ids).logits)
+
+
 def test_failed_checkpoint_write_leaves_no_checkpoint(tmp_path, monkeypatch):
     real_save = checkpoint.save_file
 
@@ -228,6 +240,18 @@ def test_lora_on_the_lm_head_is_refused_before_any_output(tmp_path, targets):
     with pytest.raises(ValueError, match="the lm_head carries a PEFT adapter.*leave the lm_head out of lora_targets"):
         run(tmp_path, lora=True, lora_rank=4, lora_targets=targets)
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_lora_on_input_embeddings_tied_to_the_lm_head_is_refused_before_any_output(tmp_path):
+    """Merged, such an adapter would change the tied lm_head too, which it never did while training: the saved
+    model would not be the trained one. Untied, the input embeddings may carry one."""
+    pytest.importorskip("peft")
+    config = tiny_llama(len(byte_bpe_tokenizer())).config
+    config.tie_word_embeddings = True
+    with pytest.raises(ValueError, match="input embeddings carry a PEFT adapter and are tied to the lm_head"):
+        run(tmp_path, model=LlamaForCausalLM(config), lora=True, lora_rank=4, lora_targets=["q_proj", "embed_tokens"])
+    assert not os.path.exists(tmp_path / "run")
+    run(tmp_path, max_steps=1, grad_accum=1, lora=True, lora_rank=4, lora_targets=["q_proj", "embed_tokens"])
 
 
 def test_rows_longer_than_the_model_context_are_refused_up_front(tmp_path):
