@@ -38,9 +38,10 @@ class HFCacheModel:
         self.num_kv_heads, self.head_dim, self.dtype = keys.shape[1], keys.shape[3], keys.dtype
         self.max_context = getattr(model.config, "max_position_embeddings", None)
 
-    def forward(self, batch, pool, select, want_logits, want_hidden):
+    def forward(self, batch, pool, select, want_logits, want_hidden, logits_rows=None):
         """Writes the KV of every token of `batch` into `pool`; returns (logits, hidden) of the tokens
-        at indices `select` (None: nothing), logits in float32, hidden = the model's last hidden state."""
+        at indices `select` (None: nothing), logits in float32 (only at select[logits_rows] when given),
+        hidden = the model's last hidden state."""
         cu, seq_lens = batch.host_cu_q_lens.tolist(), batch.host_seq_lens.tolist()
         logits, hidden = [], []
         for row, seq_len in enumerate(seq_lens):
@@ -64,7 +65,8 @@ class HFCacheModel:
                 hidden.append(out.hidden_states[-1][0] if want_hidden else None)
         if select is None:
             return None, None
-        return (torch.cat(logits)[select].float() if want_logits else None,
+        logits_at = select if logits_rows is None else select[logits_rows]
+        return (torch.cat(logits)[logits_at].float() if want_logits else None,
                 torch.cat(hidden)[select] if want_hidden else None)
 
     def _gather_context(self, pool, block_row, context):

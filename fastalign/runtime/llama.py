@@ -83,9 +83,11 @@ class PagedLlama:
         weight = model.model.embed_tokens.weight
         self.dtype, self.device = weight.dtype, weight.device
 
-    def forward(self, batch, pool, select, want_logits, want_hidden):
+    def forward(self, batch, pool, select, want_logits, want_hidden, logits_rows=None):
         """Writes the KV of every token of `batch` into `pool`; returns (logits, hidden) of the tokens
-        at indices `select` (None: nothing), logits in float32, hidden after the final norm."""
+        at indices `select` (None: nothing), logits in float32 (only at select[logits_rows] when given:
+        [tokens, vocab] float32 logits of a long row would be the largest tensor of the call), hidden after
+        the final norm."""
         inner = self.model.model
         num_tokens = batch.num_tokens
         h = inner.embed_tokens(batch.input_ids)
@@ -111,5 +113,6 @@ class PagedLlama:
         if select is None:
             return None, None
         hidden = inner.norm(h[select])
-        logits = self.model.lm_head(hidden).float() if want_logits else None
+        at = hidden if logits_rows is None else hidden[logits_rows]
+        logits = self.model.lm_head(at).float() if want_logits else None
         return logits, hidden if want_hidden else None

@@ -8,7 +8,8 @@ class Span:
     Create spans with `TreeRunner.prefill` / `TreeRunner.extend`; end them with `TreeRunner.release`, or
     simply drop every reference to them (a span nobody can reach is released when collected). A span keeps
     its parent reachable, so holding a leaf keeps its whole path. Rewinding to an ancestor is just using the
-    ancestor's handle: nothing is computed or copied.
+    ancestor's handle: nothing is computed or copied. A released span still answers id, parent, length and
+    alive; its other attributes raise ValueError. An evicted span answers all (resident is False).
     """
 
     __slots__ = ("_runner", "_id", "_parent", "_length", "_finalizer", "__weakref__")

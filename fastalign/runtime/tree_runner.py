@@ -12,6 +12,7 @@ other causal LMs fall back to Hugging Face's own forward and cache, row by row, 
 import numpy as np
 import torch
 
+from fastalign.ops.backend import BACKENDS
 from fastalign.ops.checks import is_integer
 from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.forward_batch import ForwardBatch
@@ -39,6 +40,8 @@ class TreeRunner:
         if not is_integer(block_size) or block_size <= 0:
             raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
         block_size = int(block_size)
+        if attention_backend not in BACKENDS:  # here, not at the first forward, on either path
+            raise ValueError(f"attention_backend: expected one of {BACKENDS}, got {attention_backend!r}")
         problem = llama_family_problem(model)
         if problem is None:
             self.model_runner = PagedLlama(model, attention_backend)
@@ -57,8 +60,8 @@ class TreeRunner:
         self.pool = KVPool(num_blocks=num_blocks, device=mr.device, **geometry)
         self.store = SpanStore(num_blocks, block_size)
         self.vocab_size = model.get_input_embeddings().num_embeddings
-        self._cascade_block_size = block_size if (
-            cascade_attention and self.paged and resolve_backend(attention_backend, mr.device) == "triton") else None
+        backend = resolve_backend(attention_backend, mr.device) if self.paged else None
+        self._cascade_block_size = block_size if cascade_attention and backend == "triton" else None
         self.max_context = mr.max_context
 
     # ----- the tree
@@ -107,7 +110,7 @@ class TreeRunner:
         last token of each returned span, in order (S = R without cuts: the next-token logits of each
         child); "all" -> a list of R tensors [n_i, ...], one row per new token of row i (logits at token t
         predict token t + 1); None -> not computed. Logits are float32; hidden states are the final hidden
-        states (after the final norm) in the model's dtype.
+        states (after the final norm) in the model's dtype; both are ordinary tensors without grad.
         Returns (children, logits), or (children, logits, hidden) when hidden is not None.
         """
         for name, value in (("logits", logits), ("hidden", hidden)):
@@ -192,7 +195,8 @@ class TreeRunner:
     # ----- internals
 
     def _pack_tokens(self, token_lists, rows):
-        """Flat int32 tokens and int64 row offsets, after checking every list and token id."""
+        """Flat int32 tokens and int64 row offsets, after checking every list and token id (the ids of all
+        rows at once: numpy checks row by row cost ~15 us of host time a row)."""
         if isinstance(token_lists, (str, bytes)):
             raise ValueError("token_lists: expected one sequence of token ids per parent")
         token_lists = list(token_lists)
@@ -203,18 +207,19 @@ class TreeRunner:
             if isinstance(ids, torch.Tensor):
                 ids = ids.detach().cpu().numpy()
             array = np.asarray(ids)
-            if array.ndim != 1 or array.size == 0 or not (np.issubdtype(array.dtype, np.integer)
-                                                        and array.dtype != np.bool_):
+            if array.ndim != 1 or array.size == 0 or array.dtype.kind not in "iu":  # ints, not bools
                 raise ValueError(f"token_lists[{i}]: expected a non-empty 1-D sequence of int token ids, got "
                                  f"shape {list(array.shape)} of {array.dtype}")
-            bad = (array < 0) | (array >= self.vocab_size)
-            if bad.any():
-                raise ValueError(f"token_lists[{i}]: token id {array[bad][0]} is outside the vocabulary "
-                                 f"[0, {self.vocab_size})")
-            arrays.append(array.astype(np.int32))
+            arrays.append(array)
         cu_lens = np.zeros(rows + 1, dtype=np.int64)
-        cu_lens[1:] = np.cumsum([len(a) for a in arrays])
-        return np.concatenate(arrays), cu_lens
+        cu_lens[1:] = np.cumsum([a.size for a in arrays])
+        tokens = np.concatenate(arrays)
+        bad = (tokens < 0) | (tokens >= self.vocab_size)
+        if bad.any():
+            i = int(np.searchsorted(cu_lens, np.argmax(bad), side="right")) - 1  # the first bad id's row
+            token = arrays[i][bad[cu_lens[i]:cu_lens[i + 1]]][0]                # as given, not as concatenated
+            raise ValueError(f"token_lists[{i}]: token id {token} is outside the vocabulary [0, {self.vocab_size})")
+        return tokens.astype(np.int32), cu_lens
 
     @staticmethod
     def _check_cuts(cuts, cu_lens):
@@ -269,21 +274,27 @@ class TreeRunner:
 
     def _forward(self, plan, logits=None, hidden=None, ends=None):
         """Run one plan: block copies, then the model over its rows. Returns (logits, hidden) at the tokens
-        that the choices ("last", "all" or None) need: every token when either is "all", else the tokens
-        at `ends` (the returned spans' last tokens); (None, None) when both are None."""
+        that the choices ("last", "all" or None) need: every token when either is "all" (logits only at
+        `ends` when they are "last"), else the tokens at `ends` (the returned spans' last tokens); (None,
+        None) when both are None. Under no_grad, not inference_mode: the outputs are the caller's to modify
+        in place (`logits /= temperature`) or to feed a module that trains, which inference tensors refuse."""
         device = self.model_runner.device
-        with torch.inference_mode():
+        with torch.no_grad():
             if len(plan.copy_src):
                 self.pool.copy_blocks(torch.from_numpy(plan.copy_src.astype(np.int64)).to(device),
                                       torch.from_numpy(plan.copy_dst.astype(np.int64)).to(device))
             batch = ForwardBatch.from_plan(plan, device, cascade_block_size=self._cascade_block_size)
+            logits_rows = None
             if logits is None and hidden is None:
                 select = None
             elif "all" in (logits, hidden):
                 select = torch.arange(batch.num_tokens, device=device)
+                if logits == "last":  # hidden states at every token, but the LM head only where asked
+                    logits_rows = torch.from_numpy(ends).to(device)
             else:
                 select = torch.from_numpy(ends).to(device)
-            return self.model_runner.forward(batch, self.pool, select, logits is not None, hidden is not None)
+            return self.model_runner.forward(batch, self.pool, select, logits is not None, hidden is not None,
+                                             logits_rows)
 
     @staticmethod
     def _format(out, which, cu_lens, ends):

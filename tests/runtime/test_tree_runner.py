@@ -89,6 +89,16 @@ def test_output_choices_agree():
     torch.testing.assert_close(last_hidden, torch.stack([h[-1] for h in all_hidden2]), **close)
 
 
+def test_last_logits_with_every_hidden_state_run_the_lm_head_on_the_last_tokens_only():
+    model = tiny_model("llama-gqa-untied")
+    runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="torch")
+    head_rows = []
+    model.lm_head.register_forward_hook(lambda module, args, out: head_rows.append(args[0].shape[0]))
+    _, logits, hidden = runner.extend([None, None], [list(range(40)), [7, 8]], logits="last", hidden="all")
+    assert head_rows == [2] and logits.shape == (2, runner.vocab_size) and [h.shape[0] for h in hidden] == [40, 2]
+    torch.testing.assert_close(logits, model.lm_head(torch.stack([h[-1] for h in hidden])), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-fallback"])
 def test_logits_are_float32_and_hidden_states_in_the_model_dtype(name):
     runner = TreeRunner(tiny_model(name, dtype=torch.bfloat16), max_tokens=64, block_size=4, attention_backend="torch")
@@ -96,3 +106,15 @@ def test_logits_are_float32_and_hidden_states_in_the_model_dtype(name):
     _, all_logits, all_hidden = runner.extend([None], [[5, 6]], logits="all", hidden="all")
     assert last_logits.dtype == all_logits[0].dtype == torch.float32
     assert last_hidden.dtype == all_hidden[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-fallback"])
+def test_outputs_are_ordinary_tensors_the_caller_may_modify_and_train_on(name):
+    runner = TreeRunner(tiny_model(name), max_tokens=64, block_size=4, attention_backend="torch")
+    _, logits, hidden = runner.extend([None], [[1, 2, 3]], hidden="all")
+    assert not logits.requires_grad and not hidden[0].requires_grad
+    logits /= 0.7                       # in place, as samplers do: an inference tensor refuses this
+    logits[:, 0] = -float("inf")
+    head = torch.nn.Linear(hidden[0].shape[-1], 1)
+    head(hidden[0]).sum().backward()    # a value head trained on the hidden states
+    assert head.weight.grad is not None

@@ -150,6 +150,9 @@ def test_unsupported_models_and_pool_sizes_are_refused(model):
         TreeRunner(model, max_bytes=10)
     with pytest.raises(ValueError, match="block_size: expected a positive int"):
         TreeRunner(model, max_tokens=64, block_size=0)
+    for m in (model, gpt2):  # whether or not it runs attention kernels, and with cascade attention off
+        with pytest.raises(ValueError, match="attention_backend: expected one of \\('auto', 'triton', 'torch'\\)"):
+            TreeRunner(m, max_tokens=64, attention_backend="flash", cascade_attention=False)
     runner = TreeRunner(model, max_bytes=1 << 16, block_size=4)
     per_block = 2 * 2 * 4 * 2 * 12 * 4  # K and V, 2 layers, 4 tokens, 2 kv heads, head_dim 12, fp32
     assert runner.num_blocks == (1 << 16) // per_block and runner.pool.nbytes <= 1 << 16
