@@ -99,6 +99,35 @@ def test_a_tie_is_not_a_win_in_either_order():
 def test_label_that_merges_with_the_answer_prefix_is_rejected():
     """A label that merges with the end of the answer prefix ('... is: ' + '(A' tokenizes as ' (' 'A': one
     token more than the prefix, but not the prefix's tokens plus one) is refused."""
-    with pytest.raises(ValueError, match="exactly one token"):
+    with pytest.raises(ValueError, match="exactly one token.*merges with the end"):
         JudgeTokens(tokenizer(), JudgePrompt(template="{conversation}\n{options}",
                                                    answer_prefix="\nThe answer is: ", labels=("(A", "(B")))
+
+
+def _sentencepiece_style_tokenizer():
+    """A BPE tokenizer that marks the start of a text with "\u2581" (as Llama's and Mistral's do)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .tiny import CORPUS
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    corpus = [text for text in CORPUS if "(A)" not in text]     # no "(A" token: single-token labels
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        initial_alphabet=list("()AB\n")))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_pieces_read_as_the_whole_prompt_with_a_sentencepiece_style_tokenizer():
+    """The conversation, a reply's tail and the options are encoded as they read inside the prompt: a
+    tokenizer that marks the start of a text must not add a space before "Human:" or "Options:"."""
+    tok = _sentencepiece_style_tokenizer()
+    judge = JudgeTokens(tok, SHORT_JUDGE)
+    conversation = "Human: hi\nAssistant: sure"
+    for order, harmless_first in ((0, True), (1, False)):
+        whole = (SHORT_JUDGE.template.replace("{conversation}", conversation)
+                 .replace("{options}", SHORT_JUDGE.options(harmless_first)) + SHORT_JUDGE.answer_prefix)
+        assert judge.full_ids(judge.head_ids(conversation), order) == tok(whole)["input_ids"]
+        for label, label_id in zip(SHORT_JUDGE.labels, judge.label_ids[order]):
+            assert tok(whole + label)["input_ids"][-1] == label_id
