@@ -123,7 +123,8 @@ def run(args) -> int:
         config = RainConfig(max_new_tokens=args.max_new_tokens, root_visits=args.root_visits, seed=args.seed,
                             parallel_leaves=args.parallel_leaves, virtual_loss=args.virtual_loss)
         done = done_indices(args.output)
-        todo = placement.share(i for i in range(len(prompts)) if i not in done)
+        mine = placement.share(range(len(prompts)))   # skipped ones counted per share: other ranks write meanwhile
+        todo = [i for i in mine if i not in done]
         progress = _progress(len(todo), placement.rank)
 
         with open_for_append(placement.output(args.output)) as out:
@@ -143,16 +144,18 @@ def run(args) -> int:
                                  judge_prompt=judge, embedding=args.embedding, sampler=args.sampler,
                                  generation_prefix=prefix, concurrency=args.concurrency,
                                  runner_tokens=args.kv_tokens, on_result=write)
-        summaries = gather(placement, (len(todo), sum(r.error is not None for r in run_.results), run_.stats))
+        summaries = gather(placement, (len(todo), len(mine) - len(todo), sum(r.error is not None for r in run_.results),
+                                       run_.stats))
         merge_rank_files(placement, args.output)
         if summaries is not None:
             stats = RainStats()
-            for _, _, s in summaries:
+            for *_, s in summaries:
                 stats.add(s)
-            stats.model_calls = sum(s.model_calls for _, _, s in summaries)
-            stats.wall_seconds = max(s.wall_seconds for _, _, s in summaries)
-            print(json.dumps({"prompts": sum(n for n, _, _ in summaries), "skipped_done": len(done),
-                              "errors": sum(e for _, e, _ in summaries), "processes": placement.world_size,
+            stats.model_calls = sum(s.model_calls for *_, s in summaries)
+            stats.wall_seconds = max(s.wall_seconds for *_, s in summaries)
+            print(json.dumps({"prompts": sum(n for n, _, _, _ in summaries),
+                              "skipped_done": sum(k for _, k, _, _ in summaries),
+                              "errors": sum(e for _, _, e, _ in summaries), "processes": placement.world_size,
                               "stats": stats.as_dict()}, indent=1))
     finally:
         leave(placement)

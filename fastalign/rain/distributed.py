@@ -78,7 +78,8 @@ def open_for_append(path: str):
 
 
 def _rank_files(path: str) -> List[str]:
-    return sorted(glob.glob(glob.escape(path) + ".rank*"))
+    """The files <path>.rank<N>; other files starting so (out.jsonl.ranked) are the user's, never merged nor removed."""
+    return sorted(p for p in glob.glob(glob.escape(path) + ".rank*") if p[len(path) + len(".rank"):].isdigit())
 
 
 def done_indices(path: str) -> Set[int]:
@@ -97,10 +98,10 @@ def gather(placement: Placement, value) -> Optional[list]:
 
 def merge_rank_files(placement: Placement, path: str):
     """After all ranks are done: rank 0 appends the rank files' records to `path` in prompt order and removes
-    the rank files."""
-    if not placement.distributed:
-        return
-    dist.barrier()
+    the rank files. A single process merges too: rank files a killed multi-process run left behind hold
+    prompts this run skipped."""
+    if placement.distributed:
+        dist.barrier()
     if placement.rank == 0:
         have = {r["index"] for r in _records(path)}
         files = _rank_files(path)
@@ -114,4 +115,5 @@ def merge_rank_files(placement: Placement, path: str):
                 out.write(json.dumps(fresh[index]) + "\n")
         for p in files:
             os.remove(p)
-    dist.barrier()
+    if placement.distributed:
+        dist.barrier()

@@ -75,6 +75,30 @@ def test_rain_command_under_torchrun_with_two_gloo_processes(tmp_path):
 
 
 
+def test_rain_single_process_resume_merges_rank_files_of_a_killed_torchrun(rain_setup, tmp_path):
+    """A run resumed with one process after a killed torchrun run skips the prompts in the rank files and
+    merges them into the output, which then holds every prompt once; a file merely named alike is not a rank file."""
+    _, out, args = rain_setup
+    (tmp_path / "out.jsonl.rank1").write_text(json.dumps({"index": 1, "prompt": "killed", "error": None}) + "\n")
+    other = json.dumps({"index": 0, "prompt": "another file", "error": None}) + "\n"
+    (tmp_path / "out.jsonl.ranked").write_text(other)
+    assert main(args + ["--no-vanilla"]) == 0
+    records = {r["index"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert sorted(records) == [0, 1] and records[1]["prompt"] == "killed"
+    assert not list(tmp_path.glob("out.jsonl.rank[0-9]*"))
+    assert (tmp_path / "out.jsonl.ranked").read_text() == other      # not a rank file: left alone
+
+
+def test_rain_summary_counts_only_this_runs_prompts_as_skipped(rain_setup, capsys):
+    """Resuming with --limit 1 an output that holds prompts 0 and 1: one prompt skipped, not two."""
+    _, out, args = rain_setup
+    out.write_text("".join(json.dumps({"index": i, "prompt": "earlier", "error": None}) + "\n" for i in (0, 1)))
+    assert main(args + ["--limit", "1"]) == 0
+    stdout = capsys.readouterr().out
+    summary = json.loads(stdout[stdout.index("{"):])
+    assert summary["prompts"] == 0 and summary["skipped_done"] == 1
+
+
 def test_rain_record_is_on_disk_as_soon_as_its_prompt_finishes(rain_setup, monkeypatch):
     """Each prompt's record is on disk as soon as the prompt finishes: a killed run keeps it."""
     _, out, args = rain_setup
