@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from fastalign.evaluation.generation import pad_id
 from fastalign.unlearn.records import read_jsonl
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -82,7 +83,7 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, turn_marke
     """Plain KV-cached greedy decoding, cut before a new user turn."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                         pad_token_id=pad_id(tokenizer))
     text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     return text.split(turn_marker)[0] if turn_marker else text
 

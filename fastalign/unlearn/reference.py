@@ -18,7 +18,7 @@ import torch
 
 from fastalign.unlearn.batching import TokenBatch, collate
 from fastalign.unlearn.encoding import EncodedExample
-from fastalign.unlearn.models import (at_answer_targets, base_causal_lm, causal_lm_parts, cast_weights,
+from fastalign.unlearn.models import (at_answer_targets, base_causal_lm, causal_lm_parts, cast_weights, eval_mode,
                                       final_hidden_states)
 
 REFERENCE_MODES = ("copy", "adapter", "cached")
@@ -54,15 +54,9 @@ class AdapterDisabledReference:
 
     @torch.no_grad()
     def __call__(self, tokens: TokenBatch, normal_index: torch.Tensor, weight: torch.Tensor):
-        modes = [(module, module.training) for module in self.model.modules()]
-        self.model.eval()
-        try:
-            with self.model.disable_adapter():
-                decoder, lm_head = causal_lm_parts(self.model)
-                return at_answer_targets(final_hidden_states(decoder, tokens), tokens.target_mask), lm_head.weight
-        finally:
-            for module, training in modes:
-                module.training = training
+        with eval_mode(self.model), self.model.disable_adapter():
+            decoder, lm_head = causal_lm_parts(self.model)
+            return at_answer_targets(final_hidden_states(decoder, tokens), tokens.target_mask), lm_head.weight
 
 
 class CachedReference:
@@ -85,17 +79,14 @@ class CachedReference:
         self._fingerprints = {dtype: weight_fingerprint(weight, dtype)
                               for dtype in {weight.dtype, torch.float32, torch.bfloat16, torch.float16}}
         device = weight.device if device is None else torch.device(device)
-        training = decoder.training
-        decoder.eval()
         self.cache: list[torch.Tensor] = []
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(decoder):
             for start in range(0, len(normal), batch_size):
                 chunk = normal[start:start + batch_size]
                 tokens = collate(chunk, filler_id).to(weight.device)
                 hidden = final_hidden_states(decoder, tokens)
                 counts = tokens.target_mask.sum(1).tolist()
                 self.cache.extend(h.to(device) for h in at_answer_targets(hidden, tokens.target_mask).split(counts))
-        decoder.train(training)
 
     @property
     def num_bytes(self) -> int:
