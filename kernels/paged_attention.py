@@ -20,8 +20,9 @@ and its log-sum-exp; a second kernel merges the parts.
 Shared prefixes (cascade): when consecutive rows share the first blocks of their contexts (children of
 one span), a first pass treats each group as one row whose queries are all the group's new tokens and
 attends them, without causal mask, to the shared blocks only: those blocks are read once per group
-instead of once per row. A second pass attends each row to the rest of its context (KvStart: the
-row's first key), causally; the merge kernel combines both passes' parts.
+instead of once per row. A second pass attends each row, causally, to the rest of its context, from the
+first key after its group's prefix; the merge kernel combines both passes' parts. Both passes read the
+groups (cu_group_rows, prefix_lens) as they are, so the cascade costs no extra launch per layer.
 
 Index safety: table columns, page ids and token indices are clamped into their tensors, so metadata
 that was not validated can give a wrong answer but never an out-of-bounds access.
@@ -38,11 +39,19 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Arguments that change from call to call are not specialised, so that a runtime whose batch shape changes
 # every step reuses one compiled kernel per tile configuration.
-@triton.jit(do_not_specialize=["num_rows", "num_tokens", "num_blocks", "max_blocks", "stride_bt", "stride_os",
-                               "stride_ls"])
+@triton.jit
+def _first_row(CuGroupRows, i, num_table_rows, PREFIX_PASS: tl.constexpr):
+    """The first block table row of program row i: i itself, or in the prefix pass its group's first row."""
+    if PREFIX_PASS:
+        i = tl.minimum(tl.maximum(tl.load(CuGroupRows + i), 0), num_table_rows)
+    return i
+
+
+@triton.jit(do_not_specialize=["num_rows", "num_table_rows", "num_groups", "num_tokens", "num_blocks", "max_blocks",
+                               "stride_bt", "stride_os", "stride_ls"])
 def _paged_attention_kernel(
-    Q, K, V, BlockTable, SeqLens, CuQLens, KvStart, Out, Lse,
-    qk_scale, num_rows, num_tokens, num_blocks, max_blocks,
+    Q, K, V, BlockTable, SeqLens, CuQLens, CuGroupRows, PrefixLens, Out, Lse,
+    qk_scale, num_rows, num_table_rows, num_groups, num_tokens, num_blocks, max_blocks,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -51,25 +60,34 @@ def _paged_attention_kernel(
     stride_ls, stride_lt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, WRITE_LSE: tl.constexpr,
+    PREFIX_PASS: tl.constexpr, SUFFIX_PASS: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
+    """One query tile of one program row and KV head, over one split of its keys.
+
+    Program rows are the block table's rows, except in the prefix pass of a cascade, where they are the
+    groups of CuGroupRows: group g's queries are those of its table rows, its context the PrefixLens[g]
+    keys of its first row (SeqLens is PrefixLens), seen without causal mask. In the suffix pass a row's keys
+    start after its group's prefix. Both read the group metadata directly, so a forward computes nothing
+    per layer for them.
+    """
     QUERIES: tl.constexpr = BLOCK_M // GROUP  # new tokens per tile
     slot = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    # The row owning this tile slot: the last r with cu_q_lens[r] // QUERIES + r <= slot.
+    # The program row owning this tile slot: the last r with (its first query) // QUERIES + r <= slot.
     lo = 0
     hi = num_rows - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if tl.load(CuQLens + mid) // QUERIES + mid <= slot:
+        if tl.load(CuQLens + _first_row(CuGroupRows, mid, num_table_rows, PREFIX_PASS)) // QUERIES + mid <= slot:
             lo = mid
         else:
             hi = mid - 1
     row = lo
-    q_begin = tl.load(CuQLens + row)
-    q_len = tl.load(CuQLens + row + 1) - q_begin
+    table_row_index = _first_row(CuGroupRows, row, num_table_rows, PREFIX_PASS)
+    q_begin = tl.load(CuQLens + table_row_index)
+    q_len = tl.load(CuQLens + _first_row(CuGroupRows, row + 1, num_table_rows, PREFIX_PASS)) - q_begin
     first_query = (slot - (q_begin // QUERIES + row)) * QUERIES
     if first_query >= q_len:
         return
@@ -89,14 +107,22 @@ def _paged_attention_kernel(
 
     # Keys this tile may see (from the row's first key to the causal bound of its last query), and this
     # split's share of them.
-    if CAUSAL:
-        kv_end = tl.minimum(seq_len, context_start + tl.minimum(q_len, first_query + QUERIES))
-    else:
+    if PREFIX_PASS:
         kv_end = seq_len
-    if HAS_KV_START:
-        kv_begin = tl.minimum(tl.load(KvStart + row), kv_end)
     else:
-        kv_begin = 0
+        kv_end = tl.minimum(seq_len, context_start + tl.minimum(q_len, first_query + QUERIES))
+    kv_begin = 0
+    if SUFFIX_PASS:
+        # the row's group: the last g with cu_group_rows[g] <= row
+        g_lo = 0
+        g_hi = num_groups - 1
+        while g_lo < g_hi:
+            g_mid = (g_lo + g_hi + 1) // 2
+            if tl.load(CuGroupRows + g_mid) <= row:
+                g_lo = g_mid
+            else:
+                g_hi = g_mid - 1
+        kv_begin = tl.minimum(tl.load(PrefixLens + g_lo), kv_end)
     split_len = tl.cdiv(tl.cdiv(kv_end - kv_begin, NUM_SPLITS), BLOCK_N) * BLOCK_N
     kv_lo = kv_begin + split * split_len
     kv_hi = tl.minimum(kv_end, kv_lo + split_len)
@@ -104,7 +130,7 @@ def _paged_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    table_row = BlockTable + row * stride_bt
+    table_row = BlockTable + tl.minimum(table_row_index, num_table_rows - 1) * stride_bt
     for start in range(kv_lo, kv_hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         key_ok = pos < kv_hi
@@ -118,10 +144,10 @@ def _paged_attention_kernel(
         v = tl.load(V + page[:, None] * stride_vb + within[:, None] * stride_vs + kv_head * stride_vh
                     + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        if CAUSAL:
-            s = tl.where(key_ok[None, :] & (pos[None, :] <= query_pos[:, None]), s, float("-inf"))
-        else:
+        if PREFIX_PASS:
             s = tl.where(key_ok[None, :], s, float("-inf"))
+        else:
+            s = tl.where(key_ok[None, :] & (pos[None, :] <= query_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see no key yet
         p = tl.exp2(s - m_safe[:, None])
@@ -227,26 +253,20 @@ def paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens
     if shared_prefix is None:
         config = _pass_config(q, k_cache, block_table.shape[0], max_context, num_splits)
         if config["num_splits"] == 1:
-            _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, config, out, None,
-                            causal=True, kv_start=None)
+            _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, config, out, None)
             return out
         partial, lse = _partials(q, config["num_splits"])
-        _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, config, partial, lse,
-                        causal=True, kv_start=None)
+        _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, config, partial, lse)
     else:
-        cu_group_rows, prefix_lens = shared_prefix
-        first_rows = cu_group_rows[:-1].long()
-        shared = _pass_config(q, k_cache, prefix_lens.shape[0], max_context, num_splits)
-        own = _pass_config(q, k_cache, block_table.shape[0], max_context, num_splits or 1)
-        partial, lse = _partials(q, shared["num_splits"] + own["num_splits"])
-        cut = shared["num_splits"]
-        _attention_pass(q, k_cache, v_cache, block_table.index_select(0, first_rows), prefix_lens,
-                        cu_q_lens.index_select(0, cu_group_rows.long()), scale, shared, partial[:cut], lse[:cut],
-                        causal=False, kv_start=None)
-        row_starts = torch.repeat_interleave(prefix_lens, (cu_group_rows[1:] - cu_group_rows[:-1]).long(),
-                                             output_size=block_table.shape[0])
-        _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, own, partial[cut:],
-                        lse[cut:], causal=True, kv_start=row_starts)
+        prefix_lens = shared_prefix[1]
+        prefix = _pass_config(q, k_cache, prefix_lens.shape[0], max_context, num_splits)
+        suffix = _pass_config(q, k_cache, block_table.shape[0], max_context, num_splits or 1)
+        partial, lse = _partials(q, prefix["num_splits"] + suffix["num_splits"])
+        cut = prefix["num_splits"]
+        _attention_pass(q, k_cache, v_cache, block_table, prefix_lens, cu_q_lens, scale, prefix, partial[:cut],
+                        lse[:cut], cascade=("prefix", shared_prefix))
+        _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, suffix, partial[cut:],
+                        lse[cut:], cascade=("suffix", shared_prefix))
     head_dim = q.shape[2]
     _merge_splits_kernel[(q.shape[0], q.shape[1])](
         partial, lse, out,
@@ -279,16 +299,22 @@ def _partials(q, num_splits):
             torch.empty((num_splits, num_tokens, num_heads), device=q.device, dtype=torch.float32))
 
 
-def _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, config, dest, lse, *, causal,
-                    kv_start):
-    """One launch: dest is the output (lse None, one part) or fp32 parts [num_splits, T, H, D] with lse."""
+def _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, config, dest, lse, *,
+                    cascade=None):
+    """One launch: dest is the output (lse None, one part) or fp32 parts [num_splits, T, H, D] with lse.
+
+    cascade: None, or ("prefix" | "suffix", (cu_group_rows, prefix_lens)) for one pass of a cascade; in the
+    prefix pass seq_lens is prefix_lens (the program rows are the groups).
+    """
     head_dim = q.shape[2]
     num_blocks, page, num_kv_heads, _ = k_cache.shape
     parts = dest if lse is not None else dest.unsqueeze(0)
+    which, (cu_group_rows, prefix_lens) = cascade or (None, (seq_lens, seq_lens))
     _paged_attention_kernel[(config["slots"], num_kv_heads, config["num_splits"])](
-        q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, seq_lens if kv_start is None else kv_start,
+        q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, cu_group_rows, prefix_lens,
         parts, parts if lse is None else lse,
-        scale * LOG2E, block_table.shape[0], q.shape[0], num_blocks, block_table.shape[1],
+        scale * LOG2E, seq_lens.shape[0], block_table.shape[0], prefix_lens.shape[0], q.shape[0], num_blocks,
+        block_table.shape[1],
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -297,6 +323,6 @@ def _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale
         *((0, 0) if lse is None else (lse.stride(0), lse.stride(1))),
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GROUP=q.shape[1] // num_kv_heads,
         PAGE=page, BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], NUM_SPLITS=config["num_splits"],
-        CAUSAL=causal, HAS_KV_START=kv_start is not None, WRITE_LSE=lse is not None,
+        PREFIX_PASS=which == "prefix", SUFFIX_PASS=which == "suffix", WRITE_LSE=lse is not None,
         num_warps=config["num_warps"], num_stages=config["num_stages"], enable_fp_fusion=True,
     )

@@ -61,22 +61,23 @@ from fastalign.kernels.paged_attention import _merge_splits_kernel, _paged_atten
 from tests.kernels.gpu_build import build_for_gpu, check_build
 
 # decode with split keys; a long bf16 prefill, also of heads wider than 128; the two cascade passes (shared
-# blocks without causal mask, then each row from its own first key); an fp32 extension with a group of 7 and
+# blocks without causal mask, then each row from the first key after its group's prefix); an fp32 extension with a group of 7 and
 # head_dim 96 (for tests, not tuned). The tiles come from shapes alone, with no fallback: the 16-bit ones must
 # also fit an A100's and an L4's (sm_89) block.
-for dtype, itemsize, tokens, rows, group, head_dim, splits, causal, kv_start, partial in (
-        ("bf16", 2, 8, 8, 4, 64, 3, True, False, True),
-        ("bf16", 2, 4096, 1, 4, 128, 1, True, False, False),
-        ("bf16", 2, 4096, 1, 4, 256, 1, True, False, False),
-        ("bf16", 2, 64, 1, 4, 64, 4, False, False, True),
-        ("bf16", 2, 64, 64, 4, 64, 1, True, True, True),
-        ("fp32", 4, 40, 4, 7, 96, 1, True, False, False)):
+for dtype, itemsize, tokens, rows, group, head_dim, splits, prefix_pass, suffix_pass, partial in (
+        ("bf16", 2, 8, 8, 4, 64, 3, False, False, True),
+        ("bf16", 2, 4096, 1, 4, 128, 1, False, False, False),
+        ("bf16", 2, 4096, 1, 4, 256, 1, False, False, False),
+        ("bf16", 2, 64, 1, 4, 64, 4, True, False, True),
+        ("bf16", 2, 64, 64, 4, 64, 1, False, True, True),
+        ("fp32", 4, 40, 4, 7, 96, 1, False, False, False)):
     block_m, block_n, num_warps, num_stages = launch_config(tokens, rows, group, head_dim, itemsize)
     types = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, BlockTable="*i32", SeqLens="*i32", CuQLens="*i32",
-                 KvStart="*i32", Out="*fp32" if partial else "*" + dtype, Lse="*fp32", qk_scale="fp32")
+                 CuGroupRows="*i32", PrefixLens="*i32", Out="*fp32" if partial else "*" + dtype, Lse="*fp32",
+                 qk_scale="fp32")
     constants = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GROUP=group, PAGE=16,
-                     BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=splits, CAUSAL=causal, HAS_KV_START=kv_start,
-                     WRITE_LSE=partial)
+                     BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=splits, PREFIX_PASS=prefix_pass,
+                     SUFFIX_PASS=suffix_pass, WRITE_LSE=partial)
     what = (dtype, tokens, rows, group, head_dim)
     for capability in (90, 80, 89) if dtype == "bf16" else (90,):
         compiled = build_for_gpu(_paged_attention_kernel, types, constants, num_warps, num_stages, capability)
@@ -135,7 +136,7 @@ def test_a_query_tile_writes_only_its_own_queries():
     assert config["block_m"] % 3 and queries < 12
     out = torch.full_like(q, float("nan"))
     pak._attention_pass(q, k_cache, batch["v_cache"], batch["block_table"], batch["seq_lens"], batch["cu_q_lens"],
-                        0.25, dict(config, slots=1), out, None, causal=True, kv_start=None)
+                        0.25, dict(config, slots=1), out, None)
     ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, scale=0.25)
     torch.testing.assert_close(out[:queries].cpu().double(), ref[:queries], rtol=1e-5, atol=1e-5)
     assert out[queries:].isnan().all()
