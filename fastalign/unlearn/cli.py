@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 
@@ -157,6 +158,12 @@ def end_process_group():
         dist.destroy_process_group()
 
 
+def is_main_process() -> bool:
+    """True except in the ranks other than 0 of a launcher's processes (RANK set by accelerate or torchrun):
+    the report is printed once, so that the command's stdout stays one JSON object."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(args: argparse.Namespace) -> int:
     from fastalign.unlearn.models import causal_lm_parts, max_positions
     from fastalign.unlearn.records import DataError
@@ -170,9 +177,10 @@ def main(args: argparse.Namespace) -> int:
             streams = load_streams(config, tokenizer)
             causal_lm_parts(model)
             streams.check_context(max_positions(model))
-            print(json.dumps({"model": type(model).__name__, "forget": len(streams.forget),
-                              "normal": len(streams.normal), "mismatch_pool": len(streams.pool),
-                              "skipped": streams.skipped, "reference": config.reference_mode}, indent=1))
+            if is_main_process():
+                print(json.dumps({"model": type(model).__name__, "forget": len(streams.forget),
+                                  "normal": len(streams.normal), "mismatch_pool": len(streams.pool),
+                                  "skipped": streams.skipped, "reference": config.reference_mode}, indent=1))
             return 0
         summary = run_unlearning(config)
     except (DataError, ValueError, FileNotFoundError, FileExistsError, TypeError, FloatingPointError,
@@ -181,6 +189,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     finally:
         end_process_group()
-    print(json.dumps({"steps": summary.steps, "stop_reason": summary.stop_reason, "model_dir": summary.model_dir,
-                      "compute": summary.compute}, indent=1))
+    if is_main_process():
+        print(json.dumps({"steps": summary.steps, "stop_reason": summary.stop_reason,
+                          "model_dir": summary.model_dir, "compute": summary.compute}, indent=1))
     return 0

@@ -63,6 +63,16 @@ def test_check_loads_everything_and_writes_nothing(workspace, capsys):
     assert not os.path.exists(workspace / "out")
 
 
+@pytest.mark.parametrize("check", [False, True])
+def test_only_rank_0_prints_the_report(workspace, capsys, monkeypatch, check):
+    """Under a launcher every process runs the command: the report is printed once (stdout stays one JSON)."""
+    monkeypatch.setenv("RANK", "1")
+    extra = ["--check"] if check else ["--max-steps", "1", "--no-progress"]
+    code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"), *extra])
+    assert code == 0, capsys.readouterr().err
+    assert capsys.readouterr().out == ""
+
+
 def test_errors_name_the_problem_and_write_nothing(workspace, capsys):
     base = ["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
             "--no-progress"]
