@@ -11,6 +11,7 @@ import os
 import sys
 from dataclasses import fields
 
+from fastalign.ops.backend import BACKENDS
 from fastalign.unlearn.config import PRECISIONS, UnlearnConfig, read_config_file
 from fastalign.unlearn.formats import FORMATS
 from fastalign.unlearn.reference import REFERENCE_MODES
@@ -40,7 +41,7 @@ examples:
 several GPUs (the same command under accelerate; --batch-size is per process, the KL is averaged over the
 normal tokens of all processes, checkpoints and model/ hold full weights; LoRA runs under DDP only):
   accelerate launch --num_processes 8 -m fastalign.cli unlearn --config run.yaml                  # DDP
-  accelerate launch --num_processes 8 --use_fsdp --fsdp_version 2 \
+  accelerate launch --num_processes 8 --use_fsdp --fsdp_version 2 \\
       --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP -m fastalign.cli unlearn --config run.yaml   # FSDP
 """
 
@@ -50,7 +51,13 @@ def _default(name):
 
 
 def _optional_float(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
+    """A number, or None for 'none' (argparse shows the ArgumentTypeError's message, not this function's name)."""
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
 
 
 def register(subparsers) -> None:
@@ -123,7 +130,7 @@ def register(subparsers) -> None:
     g("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
       help="recompute activations in the backward pass (less memory, ~30%% more compute)")
     g("--seed", type=int, metavar="N", help="seed of data order, mismatch answers and LoRA initialisation (default: 0)")
-    g("--backend", choices=("auto", "triton", "torch"), help="fused-loss backend (default: auto)")
+    g("--backend", choices=BACKENDS, help="fused-loss backend (default: auto)")
 
     g = p.add_argument_group("LoRA").add_argument
     g("--lora", action=argparse.BooleanOptionalAction, help="train a LoRA adapter (merged into model/ at the end)")

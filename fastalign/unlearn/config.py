@@ -9,16 +9,32 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import yaml
 
+from fastalign.ops.backend import BACKENDS
 from fastalign.ops.checks import is_integer
 from fastalign.unlearn.objective import LossWeights
 from fastalign.unlearn.reference import REFERENCE_MODES
 from fastalign.unlearn.templates import SPEC_TEMPLATE
 
 PRECISIONS = ("fp32", "bf16-mixed", "bf16")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `2e-6` and `1.0e5` as floats (YAML 1.1 reads them as strings, so the
+    default learning rate written as a YAML user writes it would be refused as text)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)
 
 
 @dataclass
@@ -93,6 +109,8 @@ class UnlearnConfig:
                      "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.reference not in ("auto",) + REFERENCE_MODES:
@@ -137,7 +155,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if path.endswith((".yaml", ".yml")):
-        loads, errors = yaml.safe_load, yaml.YAMLError
+        loads, errors = _load_yaml, yaml.YAMLError
     elif path.endswith(".json"):
         loads, errors = json.loads, json.JSONDecodeError
     else:
@@ -148,4 +166,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: cannot be read: {e}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of setting names to values, got {type(values).__name__}")
+    names = [k for k in values if not isinstance(k, str)]
+    if names:  # YAML reads an unquoted `on`, `off`, `yes` or a number as a non-text key
+        raise ValueError(f"{path}: setting names must be text, got {names!r} (quote them)")
     return {k.replace("-", "_"): v for k, v in values.items()}

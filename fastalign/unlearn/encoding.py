@@ -85,9 +85,11 @@ def eos_token_id(tokenizer) -> int:
 def encode_rendered(tokenizer, rendered: Sequence[RenderedPair], sources: Sequence[str], *,
                     answer_eos: bool = False) -> list[EncodedExample]:
     """Tokenizes rendered pairs (one batched tokenizer call per special-token setting) with answer spans;
-    with answer_eos, each answer ends with the EOS id (see EncodedExample.ending_with)."""
+    with answer_eos, each answer ends with the EOS id (see EncodedExample.ending_with). A text template that
+    starts with the BOS token itself keeps one BOS, not the tokenizer's added one as well."""
     require_fast_tokenizer(tokenizer)
     end_id = eos_token_id(tokenizer) if answer_eos else None
+    bos = getattr(tokenizer, "bos_token_id", None)
     out: list[EncodedExample | None] = [None] * len(rendered)
     for add_special in (True, False):
         idx = [i for i, r in enumerate(rendered) if r.add_special_tokens == add_special]
@@ -97,6 +99,8 @@ def encode_rendered(tokenizer, rendered: Sequence[RenderedPair], sources: Sequen
                         return_offsets_mapping=True, return_attention_mask=False)
         for i, ids, offsets in zip(idx, enc["input_ids"], enc["offset_mapping"]):
             r = rendered[i]
+            if add_special and bos is not None and ids[:2] == [bos, bos]:  # the template wrote the BOS itself
+                ids, offsets = ids[1:], offsets[1:]
             inside = [k for k, (a, b) in enumerate(offsets) if b > a and b > r.answer_start and a < r.answer_end]
             if not inside:
                 raise DataError(f"{sources[i]}: the answer produced no token")

@@ -29,8 +29,8 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
     """The forget, normal and mismatch streams the config describes, tokenized.
 
     normal: a TruthfulQA .csv (its train split; its pool rows also feed the mismatch pool unless
-    mismatch_pool is given) or a {prompt, answer} jsonl. mismatch_pool: a TruthfulQA .csv or a jsonl
-    whose answers form the pool. A stream whose weight is 0 is not loaded. With answer_eos, every answer of
+    mismatch_pool is given) or a {prompt, answer} jsonl. mismatch_pool: a TruthfulQA .csv or a {prompt, answer}
+    jsonl whose answers form the pool. A stream whose weight is 0 is not loaded. With answer_eos, every answer of
     the three streams ends with the tokenizer's EOS id as an answer token.
     """
     template = ChatTemplate(tokenizer) if config.chat_template else TextTemplate(config.template)
@@ -44,8 +44,8 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
     if config.mismatch_weight > 0 and config.mismatch_per_prompt > 0:
         if config.mismatch_pool and _is_csv(config.mismatch_pool):
             pool = _truthfulqa(config, config.mismatch_pool).mismatch_pool
-        elif config.mismatch_pool:
-            pool = [p.answer for p in load_pairs(config.mismatch_pool)]
+        elif config.mismatch_pool:  # {prompt, answer} rows only: a forget-format file's answers are harmful ones
+            pool = [p.answer for p in load_pairs(config.mismatch_pool, "jsonl")]
         elif normal_split:
             pool = normal_split.mismatch_pool
         else:
@@ -79,9 +79,12 @@ def load_model_and_tokenizer(config: UnlearnConfig):
 
     if not os.path.exists(config.model) and os.path.sep in config.model:
         raise FileNotFoundError(f"model not found: {config.model}")
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype), tokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        return AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype), tokenizer
+    except OSError as e:  # a directory without weights, a name that is neither a directory nor a known model
+        raise FileNotFoundError(f"model {config.model} cannot be loaded: {e}") from None
 
 
 def run_unlearning(config: UnlearnConfig, **trainer_options):

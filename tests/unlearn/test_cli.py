@@ -151,3 +151,30 @@ def test_the_command_ends_the_process_group_it_ran_in(workspace, capsys, check):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_bad_model_directory_or_backend_is_an_error_not_a_traceback(workspace, capsys):
+    """A model directory without weights (transformers raises OSError) and a config-file backend typo (the fused
+    op would refuse it only at the first step, after the output directory was written): exit 2, nothing written."""
+    (workspace / "no_weights").mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (workspace / "no_weights" / name).write_bytes((workspace / "model" / name).read_bytes())
+    (workspace / "typo.yaml").write_text(yaml.safe_dump({**yaml.safe_load((workspace / "run.yaml").read_text()),
+                                                         "backend": "tritn"}))
+    base = ["unlearn", "--output-dir", str(workspace / "out"), "--no-progress", "--max-steps", "1"]
+    cases = [(["--config", str(workspace / "run.yaml"), "--model", str(workspace / "no_weights")],
+              r"model .*no_weights cannot be loaded: .*model.safetensors"),
+             (["--config", str(workspace / "typo.yaml")], r"backend must be one of .* got 'tritn'")]
+    for extra, message in cases:
+        assert main(base + extra) == 2
+        assert re.search(message, capsys.readouterr().err), message
+        assert not os.path.exists(workspace / "out")
+
+
+def test_help_shows_the_fsdp_command_on_continued_lines_and_bad_values_read_clearly(capsys):
+    with pytest.raises(SystemExit):
+        main(["unlearn", "--help"])
+    assert "--fsdp_version 2 \\\n      --fsdp_auto_wrap_policy" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["unlearn", "--max-forget-nll", "high"])
+    assert "argument --max-forget-nll: expected a number or 'none', got 'high'" in capsys.readouterr().err

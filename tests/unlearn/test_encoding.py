@@ -177,3 +177,13 @@ def test_mismatch_ids_match_direct_tokenization():
         assert (mixed.answer_start, mixed.answer_end) == (direct.answer_start, direct.answer_end)
     assert torch.equal(torch.tensor(mixed.input_ids[:mixed.answer_start]),
                        torch.tensor(forget.input_ids[:forget.answer_start]))
+
+
+def test_template_that_writes_the_bos_token_keeps_a_single_bos():
+    """A template in a model's own prompt format ('<s>[INST] ...') already holds the BOS the tokenizer adds."""
+    tokenizer = byte_bpe_tokenizer()
+    plain, = encode_pairs(tokenizer, TextTemplate("[INST] {prompt} [/INST] {answer}"), pairs(TRICKY[:1]), 64)
+    own, = encode_pairs(tokenizer, TextTemplate("<s>[INST] {prompt} [/INST] {answer}"), pairs(TRICKY[:1]), 64)
+    assert own == plain
+    assert own.input_ids.count(tokenizer.bos_token_id) == 1
+    assert tokenizer.decode(own.input_ids[own.answer_start:own.answer_end]).strip() == "Paris"

@@ -1,7 +1,10 @@
 """load_streams: which rows of the user's files feed which stream."""
+import pytest
+
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.encoding import encode_answers
 from fastalign.unlearn.formats import load_truthfulqa
+from fastalign.unlearn.records import DataError
 from fastalign.unlearn.run import load_streams
 from fastalign.unlearn.templates import TextTemplate
 from tests.unlearn.tiny import FORGET_ROWS, byte_bpe_tokenizer, write_jsonl
@@ -22,3 +25,15 @@ def test_truthfulqa_as_normal_feeds_the_mismatch_pool_from_its_pool_rows_only(tm
     assert streams.pool == encode_answers(tokenizer, TextTemplate(), split.mismatch_pool)
     normal_answers = {e.input_ids[e.answer_start:e.answer_end] for e in streams.normal}
     assert normal_answers and not normal_answers & set(streams.pool)
+
+
+def test_mismatch_pool_jsonl_must_hold_prompt_answer_rows(tmp_path):
+    """A PKU-SafeRLHF or HH file given as the pool would feed its harmful answers to the mismatch stream, whose
+    loss is gradient DESCENT: it is refused, naming the missing field, instead of being read as a forget file."""
+    forget = write_jsonl(tmp_path / "forget.jsonl", FORGET_ROWS)
+    pku = write_jsonl(tmp_path / "pku.jsonl", [{"prompt": "p", "response_0": "harmful", "is_response_0_safe": False,
+                                                "response_1": "fine", "is_response_1_safe": True}])
+    config = UnlearnConfig(model="m", output_dir="o", forget=[str(forget)], mismatch_pool=str(pku), normal_weight=0,
+                           max_length=64)
+    with pytest.raises(DataError, match=r"pku.jsonl: row 1: missing field 'answer'"):
+        load_streams(config, byte_bpe_tokenizer())
