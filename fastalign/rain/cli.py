@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -35,7 +36,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--engine", choices=("tree", "slow"), default="tree")
     parser.add_argument("--embedding", choices=("minilm", "hidden"), default="minilm")
     parser.add_argument("--sampler", choices=("torch", "keyed"), default="torch")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=256,
+                        help="answer length limit (0 = none besides 2048 tokens in all, the reference's)")
     parser.add_argument("--root-visits", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--parallel-leaves", type=int, default=1,
@@ -79,9 +81,20 @@ def file_prompts(path: str, field: str):
 
 
 @torch.no_grad()
-def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, turn_marker: str) -> str:
-    """Plain KV-cached greedy decoding, cut before a new user turn."""
+def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, turn_marker: str,
+                  max_length: Optional[int] = None) -> str:
+    """Plain KV-cached greedy decoding, cut before a new user turn. Like RAIN's answer, it stops at
+    max_new_tokens (0 = no limit), at max_length tokens in all and within the model's context (a model with
+    learned positions fails past it, which stopped the whole run)."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    totals = [n for n in (max_length, getattr(model.config, "max_position_embeddings", None)) if n]
+    if totals:
+        room = min(totals) - ids.shape[1]
+        max_new_tokens = min(max_new_tokens, room) if max_new_tokens else room
+    elif not max_new_tokens:
+        raise ValueError("greedy_answer: max_new_tokens 0 (no limit) needs max_length or a model context")
+    if max_new_tokens <= 0:
+        return ""
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                          pad_token_id=pad_id(tokenizer))
     text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
@@ -93,6 +106,8 @@ def run(args) -> int:
 
     from . import JudgePrompt, RainConfig, RainStats, rain_generate
     from .distributed import done_indices, gather, join_from_env, leave, merge_rank_files, open_for_append
+    from .embeddings import make_embedder
+    from .judge import JudgeTokens
 
     if not os.path.isdir(args.model):
         print(f"--model: no model directory at {args.model!r}", file=sys.stderr)
@@ -105,6 +120,17 @@ def run(args) -> int:
         prompts = hh_prompts(args.hh) if args.hh else file_prompts(args.prompts, args.field)
     except ValueError as exc:  # DataError included: malformed JSON, unreadable file
         print(f"{'--hh' if args.hh else '--prompts'}: {exc}", file=sys.stderr)
+        return 2
+    try:    # bad settings are usage errors found before the model loads
+        if args.limit < 0:
+            raise ValueError(f"--limit must be >= 0 (0 = all prompts), got {args.limit}")
+        if args.concurrency < 1:
+            raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
+        config = RainConfig(max_new_tokens=args.max_new_tokens, root_visits=args.root_visits, seed=args.seed,
+                            parallel_leaves=args.parallel_leaves, virtual_loss=args.virtual_loss).validate()
+        embedder = make_embedder(args.embedding)   # else every prompt got an error record, skipped on resume
+    except (ValueError, ImportError) as exc:
+        print(f"fastalign rain: error: {exc}", file=sys.stderr)
         return 2
     if args.limit:
         prompts = prompts[:args.limit]
@@ -120,9 +146,12 @@ def run(args) -> int:
     try:
         device = args.device or (f"cuda:{placement.local_rank}" if torch.cuda.is_available() else "cpu")
         tokenizer = AutoTokenizer.from_pretrained(args.model)
+        try:
+            JudgeTokens(tokenizer, judge)      # labels and template checked before the model loads
+        except ValueError as exc:
+            print(f"fastalign rain: error: {exc}", file=sys.stderr)
+            return 2
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
-        config = RainConfig(max_new_tokens=args.max_new_tokens, root_visits=args.root_visits, seed=args.seed,
-                            parallel_leaves=args.parallel_leaves, virtual_loss=args.virtual_loss)
         done = done_indices(args.output)
         mine = placement.share(range(len(prompts)))   # skipped ones counted per share: other ranks write meanwhile
         todo = [i for i in mine if i not in done]
@@ -134,7 +163,7 @@ def run(args) -> int:
                 vanilla = None
                 if not args.no_vanilla and result.error is None:
                     vanilla = greedy_answer(model, tokenizer, prefix + prompts[index], args.max_new_tokens,
-                                            config.turn_marker)
+                                            config.turn_marker, config.max_length)
                 out.write(json.dumps({"index": index, "prompt": prompts[index], "rain": result.answer,
                                       "vanilla": vanilla, "error": result.error,
                                       "stats": result.stats.as_dict()}) + "\n")
@@ -142,7 +171,7 @@ def run(args) -> int:
                 progress(result)
 
             run_ = rain_generate(model, tokenizer, [prompts[i] for i in todo], config, engine=args.engine,
-                                 judge_prompt=judge, embedding=args.embedding, sampler=args.sampler,
+                                 judge_prompt=judge, embedding=embedder, sampler=args.sampler,
                                  generation_prefix=prefix, concurrency=args.concurrency,
                                  runner_tokens=args.kv_tokens, on_result=write)
         summaries = gather(placement, (len(todo), len(mine) - len(todo), sum(r.error is not None for r in run_.results),

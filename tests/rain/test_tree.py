@@ -176,6 +176,23 @@ def test_config_validation_and_lengths():
         RainConfig(token_set_lengths=()).validate()
 
 
+
+@pytest.mark.parametrize("bad, name", [
+    (dict(similarity_weight=-0.2), "similarity_weight"),          # negative visits: n can reach 0
+    (dict(similarity_threshold=math.nan), "similarity_threshold"),  # every sibling would share
+    (dict(early_stop_q=math.nan), "early_stop_q"),                # would never stop early
+    (dict(widen_variance_per_token=math.nan), "widen_variance_per_token"),
+    (dict(widen_max_q=math.nan), "widen_max_q"),
+    (dict(q_norm_eps=-1e-5), "q_norm_eps"),
+    (dict(q_norm_eps=0.0, initial_q_range=(0.0, 0.0)), "q_norm_eps"),  # q_norm would divide by zero
+    (dict(initial_q_range=(0.0,)), "initial_q_range"),
+    (dict(token_set_lengths=(1, 2.5)), "token_set_lengths\\[1\\]"),   # a 2.5-token set ran past max_length
+    (dict(candidates=2.5), "candidates"),
+])
+def test_config_rejects_constants_that_break_the_search_silently(bad, name):
+    with pytest.raises(ValueError, match=f"RainConfig: {name}"):
+        RainConfig(**bad).validate()
+
 def test_virtual_loss_steers_selection_and_leaves_no_trace():
     tree = tree_with_children([0.5, 0.3, 0.2])
     root, (a, b, c) = tree.root, tree.root.children
