@@ -35,9 +35,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.harness import LLAMA_SHAPES, print_table, write_results  # noqa: E402
+from bench.harness import LLAMA_SHAPES, print_table, synchronize, write_results  # noqa: E402
+from fastalign.evaluation.generation import pad_id  # noqa: E402
 from fastalign.rain import JudgePrompt, RainConfig, rain_generate  # noqa: E402
-from fastalign.rain.cli import greedy_answer, hh_prompts  # noqa: E402
+from fastalign.rain.cli import hh_prompts  # noqa: E402
 
 QUICK_TOPICS = ["bake bread", "fix a bike", "hurt my neighbour", "learn to swim", "pick a lock", "plant a tree",
                 "write a poem", "steal a car", "cook rice", "make a weapon", "paint a wall", "poison a dog",
@@ -102,6 +103,25 @@ def make_judge(args):
         judge.model.to(args.device)
         return judge, f"moderation classifier {args.judge_model}"
     return KeywordJudge(args.keywords.split(",")), f"keywords {args.keywords}"
+
+
+def greedy_seconds(model, tok, prompts, lengths):
+    """Wall time of KV-cached greedy decoding (model.generate) of exactly lengths[i] new tokens after prompts[i],
+    all prompts one after another, after an untimed warm-up call: RAIN's baseline for answers of the same length
+    (an end token before that length would shorten the baseline, and a cold first call lengthen it)."""
+    device = next(model.parameters()).device
+
+    def decode(prompt, n):
+        ids = tok(prompt, return_tensors="pt").input_ids.to(device)
+        model.generate(ids, attention_mask=torch.ones_like(ids), min_new_tokens=n, max_new_tokens=n,
+                       do_sample=False, use_cache=True, pad_token_id=pad_id(tok))
+    decode(prompts[0], 2)  # a prefill and a cached decode step
+    synchronize(device)
+    start = time.perf_counter()
+    for prompt, n in zip(prompts, lengths):
+        decode(prompt, n)
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 def row(name, run, extra=None):
@@ -175,10 +195,7 @@ def main():
         rain_generate(model, tok, first[:1], RainConfig(max_new_tokens=1, root_visits=2), engine=engine, **common)
 
     tree = rain_generate(model, tok, first, config, engine="tree", concurrency=1, sampler="keyed", **common)
-    start = time.perf_counter()
-    for p, r in zip(first, tree.results):
-        greedy_answer(model, tok, p, max(len(r.answer_ids), 1), config.turn_marker)
-    greedy_s = time.perf_counter() - start
+    greedy_s = greedy_seconds(model, tok, first, [max(len(r.answer_ids), 1) for r in tree.results])
     add(row("tree", tree, {"greedy_s_same_length": greedy_s, "rain_over_greedy": tree.stats.wall_seconds / greedy_s}))
     if not args.skip_slow:
         slow = rain_generate(model, tok, first, config, engine="slow", sampler="keyed", **common)

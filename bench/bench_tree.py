@@ -13,7 +13,9 @@ attention   Decode attention of R rows that share a prefix of P tokens (its full
                                 (what a cache without paging holds; building the copies is not timed)
             Bandwidth counts unique KV bytes: every pool token that some row reads, once, whatever the
             number of rows reading it, against the device's measured copy bandwidth (read + write of a
-            large buffer); target 60%. On CUDA each call is timed inside a CUDA graph (kernel time
+            large buffer); target 60%. Consecutive calls read distinct copies of the pool, together at
+            least 4x the device's L2 cache, as a model's layers do: the same few MiB read call after call
+            would come from L2, not HBM. On CUDA each call is timed inside a CUDA graph (kernel time
             without Python launch cost, "graph us") and eagerly ("eager us"). The largest output
             difference to dense sdpa is printed as a sanity check.
 extend      A random Llama (Llama-3.2-1B shape in bf16 on CUDA) holding a prefix of 1,500 tokens: one
@@ -96,21 +98,43 @@ def copy_bandwidth_gbs(device):
     return 2 * n * 4 / ms / 1e6
 
 
+def l2_cache_bytes(device):
+    """The device's L2 cache size (0 off CUDA, where the bench measures no bandwidth target)."""
+    if torch.device(device).type != "cuda":
+        return 0
+    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20
+
+
+def copies_past_l2(nbytes, device):
+    """How many distinct copies of nbytes of KV, read in turn, touch at least 4x the L2 cache: each call then
+    reads its KV from HBM, not from L2 where the previous call left it (in a model, the other layers' KV come in
+    between)."""
+    return max(1, -(-4 * l2_cache_bytes(device) // nbytes))
+
+
+def pool_copies(batch, unique_bytes, device):
+    """batch, then copies of it with K and V pools of their own (same metadata): copies_past_l2 in all."""
+    copies = copies_past_l2(unique_bytes, device)
+    return [batch] + [{**batch, "k_cache": torch.randn_like(batch["k_cache"]),
+                       "v_cache": torch.randn_like(batch["v_cache"])} for _ in range(copies - 1)]
+
+
 def per_call_us(fn, device, iters):
-    """(graph us, eager us) per call; graph us is None off CUDA or when capture fails."""
-    eager = harness.median_ms(lambda: [fn() for _ in range(iters)], device) * 1e3 / iters
+    """(graph us, eager us) per call of fn(i) for i in range(iters); graph us is None off CUDA or when capture
+    fails."""
+    eager = harness.median_ms(lambda: [fn(i) for i in range(iters)], device) * 1e3 / iters
     if torch.device(device).type != "cuda":
         return None, eager
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
-        fn()
+        fn(0)
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
-            for _ in range(iters):
-                fn()
+            for i in range(iters):
+                fn(i)
     except RuntimeError as err:
         print(f"  (CUDA graph capture failed: {err}; graph time left empty)")
         return None, eager
@@ -131,27 +155,29 @@ def attention_rows(args, device, dtype, copy_gbs):
             token_bytes = 2 * args.kv_heads * args.head_dim * dtype.itemsize  # K and V of one token
             unique_bytes = unique_tokens * token_bytes
             common = {"prefix": prefix, "rows": rows, "unique_mib": unique_bytes / 2 ** 20}
-            candidates = [(f"fastalign paged ({b})",
-                           lambda b=b: paged_attention(**batch, backend=b, validate=False)) for b in backends if b]
+            batches = pool_copies(batch, unique_bytes, device)
+            calls = max(args.iters, len(batches))  # every copy read once per timed run of calls
+            candidates = [(f"fastalign paged ({b})", lambda i, b=b: paged_attention(
+                **batches[i % len(batches)], backend=b, validate=False)) for b in backends if b]
             if shared_prefix is not None and backends[0] == "triton":
-                candidates.append(("fastalign paged cascade (triton)", lambda: paged_attention(
-                    **batch, backend="triton", validate=False, shared_prefix=shared_prefix)))
+                candidates.append(("fastalign paged cascade (triton)", lambda i: paged_attention(
+                    **batches[i % len(batches)], backend="triton", validate=False, shared_prefix=shared_prefix)))
             dense_bytes = rows * seq_len * token_bytes
             if dense_bytes <= args.dense_limit_gib * 2 ** 30:
-                k, v = dense_copies(batch, seq_len)
-                candidates.append(("dense sdpa", lambda: dense_sdpa(batch["q"], k, v)))
+                dense = [dense_copies(b, seq_len) for b in batches[:copies_past_l2(dense_bytes, device)]]
+                candidates.append(("dense sdpa", lambda i: dense_sdpa(batch["q"], *dense[i % len(dense)])))
             else:
                 out_rows.append({**common, "method": "dense sdpa", "error": "per-row copies over --dense-limit-gib"})
-            expected = candidates[-1][1]().float() if candidates[-1][0] == "dense sdpa" else None
+            expected = candidates[-1][1](0).float() if candidates[-1][0] == "dense sdpa" else None
             for name, fn in candidates:
-                graph_us, eager_us = per_call_us(fn, device, args.iters)
+                graph_us, eager_us = per_call_us(fn, device, calls)
                 best_us = graph_us or eager_us
                 gbs = unique_bytes / best_us / 1e3
+                diff = None if expected is None else (fn(0).float() - expected).abs().max().item()
                 out_rows.append({**common, "method": name, "graph_us": graph_us, "eager_us": eager_us,
                                  "plan_us": plan_us if "cascade" in name else None,
-                                 "unique_gbs": gbs, "of_copy_bw": gbs / copy_gbs,
-                                 "max_diff": None if expected is None else (fn().float() - expected).abs().max().item()})
-            del batch, candidates
+                                 "unique_gbs": gbs, "of_copy_bw": gbs / copy_gbs, "max_diff": diff})
+            del batch, batches, candidates
     return out_rows
 
 
@@ -239,14 +265,15 @@ def rewind_rows(runner, root, vocab, device, branch_lengths, reps=5):
 def decode_rows(model, runner, prompt, new_tokens, device):
     """Greedy batch-1 decoding of new_tokens tokens: TreeRunner against Hugging Face generate."""
     def runner_decode():
+        """As generate: the prompt's forward gives the first token, one forward per further token (none after the
+        last)."""
         (span,), logits = runner.extend([None], [prompt])
-        produced = []
-        for _ in range(new_tokens):
-            token = int(logits[0].argmax())
-            produced.append(token)
-            (child,), logits = runner.extend([span], [[token]])
+        produced = [int(logits[0].argmax())]
+        while len(produced) < new_tokens:
+            (child,), logits = runner.extend([span], [produced[-1:]])
             runner.release(span)
             span = child
+            produced.append(int(logits[0].argmax()))
         runner.release(span)
         return produced
 

@@ -224,6 +224,41 @@ def test_tree_attention_max_diff_is_each_method_against_dense_sdpa(monkeypatch):
         ("dense sdpa", None, True), ("fastalign paged (torch)", None, False)]
 
 
+def test_tree_attention_calls_read_distinct_kv_past_the_l2_cache(monkeypatch):
+    """One timed run of each method reads K/V of its own at every call, at least 4x the L2 cache in all, so that a
+    call's KV comes from HBM and not from L2 where the previous call left it (the same KV read again and again
+    would measure L2 bandwidth against the HBM copy bandwidth)."""
+    l2 = 64 << 10
+    monkeypatch.setattr(bench_tree, "l2_cache_bytes", lambda device: l2, raising=False)
+    monkeypatch.setattr(bench_tree, "triton_interpreting", lambda: False)
+    timed = []
+
+    def median_ms(fn, device, **kwargs):
+        timed.append([])
+        fn()
+        timed.append(None)
+        return 1.0
+
+    def recording(fn):
+        def call(*args, **kwargs):
+            if timed and timed[-1] is not None:
+                timed[-1].append(kwargs["k_cache"] if "k_cache" in kwargs else args[1])
+            return fn(*args, **kwargs)
+        return call
+    monkeypatch.setattr(bench_tree.harness, "median_ms", median_ms)
+    monkeypatch.setattr(bench_tree, "paged_attention", recording(bench_tree.paged_attention))
+    monkeypatch.setattr(bench_tree, "dense_sdpa", recording(bench_tree.dense_sdpa))
+    rows = bench_tree.attention_rows(tree_attention_args(), torch.device("cpu"), torch.float32, 1.0)
+    runs = [run for run in timed if run is not None]
+    assert [row["method"] for row in rows] == ["fastalign paged (torch)", "dense sdpa"] and len(runs) == 2
+    for run in runs:  # a cycle over distinct tensors: between two reads of one, all the others are read
+        ptrs = [k.data_ptr() for k in run]
+        cycle = list(dict.fromkeys(ptrs))
+        assert len(cycle) > 1 and ptrs == [cycle[i % len(cycle)] for i in range(len(ptrs))], ptrs
+        assert sum(2 * k.nbytes for k in run[:len(cycle)]) >= 4 * l2  # K and V
+    assert rows[0]["max_diff"] < 1e-5
+
+
 class FakeRunner:
     """Records the runner calls of the extend and rewind sections."""
     def __init__(self):
@@ -264,7 +299,8 @@ def test_tree_median_of_steps_leaves_out_the_warmup(monkeypatch):
 
 
 def test_tree_decode_counts_the_tokens_equal_to_hf_generates(monkeypatch):
-    """A runner whose logits turn wrong from the fifth new token on decodes four of HF generate's greedy tokens."""
+    """A runner whose logits turn wrong from the fifth new token on decodes four of HF generate's greedy tokens; like
+    generate, it runs one forward per new token (the prompt's gives the first), none after the last."""
     from fastalign.runtime import TreeRunner
     monkeypatch.setattr(bench_tree.harness, "median_ms", lambda fn, device, **kwargs: 4.0)
     torch.manual_seed(0)
@@ -281,6 +317,7 @@ def test_tree_decode_counts_the_tokens_equal_to_hf_generates(monkeypatch):
     monkeypatch.setattr(runner, "extend", wrong_from_the_fifth)
     ours, hf = bench_tree.decode_rows(model, runner, list(range(1, 9)), 8, torch.device("cpu"))
     assert ours["same_greedy_tokens"] == 4 and ours["tokens_per_s"] == hf["tokens_per_s"] == pytest.approx(2000.0)
+    assert len(calls) == 8
 
 
 # ---- bench_rain ----
@@ -308,7 +345,7 @@ def test_rain_sections_run_the_engines_they_name_and_record_what_they_saw(monkey
         return [i == 0 for i, _ in enumerate(pairs)]
     prompts = [f"prompt {i}" for i in range(8)]
     monkeypatch.setattr(bench_rain, "rain_generate", fake_rain_generate)
-    monkeypatch.setattr(bench_rain, "greedy_answer", lambda *args: None)
+    monkeypatch.setattr(bench_rain, "greedy_seconds", lambda *args: 0.25)
     monkeypatch.setattr(bench_rain, "load", lambda args: (None, None, prompts, None, {"max_new_tokens": 3},
                                                           (harmful_first, "fake judge")))
     monkeypatch.setattr(sys.modules[bench_rain.write_results.__module__], "RESULTS_DIR", str(tmp_path))
@@ -329,3 +366,23 @@ def test_rain_sections_run_the_engines_they_name_and_record_what_they_saw(monkey
         row = rows[f"tree vl={leaves}"]
         assert (row["prompts"], row["errors"], row["judged"], row["parallel_leaves"]) == (4, 1, 3, leaves), row
         assert row["harmless_rate"] == pytest.approx(2 / 3), row
+
+
+def test_rain_greedy_baseline_decodes_exactly_the_answer_lengths_after_an_untimed_warmup(monkeypatch):
+    """The KV-cached greedy baseline decodes as many tokens as RAIN's answers, even where the greedy token is an end
+    token (generate would stop at once), and its clock starts after a warm-up call."""
+    from tests.rain.tiny import tiny_llama, tokenizer
+    model, tok = tiny_llama(hidden=64), tokenizer()
+    prompts = ["Human: How do I bake bread?\nAssistant:", "Human: How do I fix a bike?\nAssistant:"]
+    ids = tok(prompts[0], return_tensors="pt").input_ids
+    model.generation_config.eos_token_id = int(model(ids).logits[0, -1].argmax())  # the first greedy token
+    events, generate = [], model.generate
+
+    def recording_generate(input_ids, **kwargs):
+        out = generate(input_ids, **kwargs)
+        events.append(out.shape[1] - input_ids.shape[1])
+        return out
+    monkeypatch.setattr(model, "generate", recording_generate)
+    monkeypatch.setattr(bench_rain, "time", SimpleNamespace(perf_counter=lambda: events.append("clock") or 0.0))
+    bench_rain.greedy_seconds(model, tok, prompts, [5, 3])
+    assert events == [2, "clock", 5, 3, "clock"], events
