@@ -4,7 +4,8 @@ several concurrencies, and with several inner iterations at once under virtual l
 1. Both engines with the keyed sampler, so they make the same decisions and commit the same tokens: tokens
    through the model, model calls and wall time per committed token, the tree engine's tokens against the
    tree's minimum and the tokens it computed twice.
-2. The tree engine's throughput at several concurrencies (distinct prompts, production sampler).
+2. The tree engine's throughput at several concurrencies (distinct prompts, production sampler); these rows
+   run before the reference engine of 1., the slowest section, so that a run cut short keeps them.
 3. Virtual loss (`parallel_leaves`) off and on, same prompts: harmless rate of the answers by a judge
    (`--judge keyword` with --keywords, or `--judge moderation --judge-model DIR`, a local classifier),
    wall time and sequential model calls per committed token (and per prompt against the calls the search
@@ -197,19 +198,19 @@ def main():
     tree = rain_generate(model, tok, first, config, engine="tree", concurrency=1, sampler="keyed", **common)
     greedy_s = greedy_seconds(model, tok, first, [max(len(r.answer_ids), 1) for r in tree.results])
     add(row("tree", tree, {"greedy_s_same_length": greedy_s, "rain_over_greedy": tree.stats.wall_seconds / greedy_s}))
-    if not args.skip_slow:
-        slow = rain_generate(model, tok, first, config, engine="slow", sampler="keyed", **common)
-        same = [r.answer_ids for r in slow.results] == [r.answer_ids for r in tree.results]
-        slow_row = row("slow", slow, {"same_decisions": same})
-        rows[0]["speedup_per_commit"] = slow_row["s_per_commit"] / rows[0]["s_per_commit"]
-        rows[0]["token_ratio_vs_slow"] = slow_row["tokens_per_commit"] / rows[0]["tokens_per_commit"]
-        add(slow_row)
     for c in args.concurrency:
         if c > len(prompts):
             print(f"concurrency {c}: only {len(prompts)} distinct prompts, skipped")
             continue
         add(row(f"tree x{c}", rain_generate(model, tok, prompts[:c], config, engine="tree", concurrency=c,
                                            sampler="torch", **common)))
+    if not args.skip_slow:   # after the concurrency rows: the slowest section, the likeliest to be cut short
+        slow = rain_generate(model, tok, first, config, engine="slow", sampler="keyed", **common)
+        same = [r.answer_ids for r in slow.results] == [r.answer_ids for r in tree.results]
+        slow_row = row("slow", slow, {"same_decisions": same})
+        rows[0]["speedup_per_commit"] = slow_row["s_per_commit"] / rows[0]["s_per_commit"]
+        rows[0]["token_ratio_vs_slow"] = slow_row["tokens_per_commit"] / rows[0]["tokens_per_commit"]
+        add(slow_row)
 
     judge, record["judge"] = harm_judge or make_judge(args)
     judged = prompts[:args.judge_prompts or (16 if args.quick else 100)]

@@ -355,8 +355,8 @@ def test_rain_sections_run_the_engines_they_name_and_record_what_they_saw(monkey
     bench_rain.main()
     assert runs[2:] == [  # after a warm-up run of each engine
         dict(engine="tree", prompts=prompts[:2], sampler="keyed", concurrency=1, leaves=1),
-        dict(engine="slow", prompts=prompts[:2], sampler="keyed", concurrency=None, leaves=1),
         dict(engine="tree", prompts=prompts[:3], sampler="torch", concurrency=3, leaves=1),
+        dict(engine="slow", prompts=prompts[:2], sampler="keyed", concurrency=None, leaves=1),
         dict(engine="tree", prompts=prompts[:4], sampler="torch", concurrency=4, leaves=1),
         dict(engine="tree", prompts=prompts[:4], sampler="torch", concurrency=4, leaves=5)], runs
     (path,) = tmp_path.glob("rain-*-test.json")
