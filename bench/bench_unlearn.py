@@ -16,7 +16,10 @@ reference, and full weights with the cached reference (gradient checkpointing on
 Weights are random (configs only, nothing downloaded): speed and memory do not depend on their values.
 Median step time after a first step that warms up and records the loss (the same policy and reference in every
 way: the ways that compute SPEC §1 must agree, the reference recipe computes its own); peak memory =
-torch.cuda.max_memory_allocated over the steps (model, optimizer state, activations: everything), CUDA only.
+torch.cuda.max_memory_allocated over the steps (model, optimizer state, activations: everything), CUDA only;
+step extra = the peak of one more step beyond what is allocated between steps (model, reference, optimizer
+state): the working memory of the step itself (activations, logits, loss buffers), which is what fusing the
+losses changes; with weights and AdamW state in the total, a small batch's logits are a small part of it.
 
     python bench/bench_unlearn.py                  # Llama-3.2-1B shape, bf16, CUDA
     python bench/bench_unlearn.py --preset 8b      # Llama-3-8B shape, bf16, CUDA
@@ -222,13 +225,15 @@ def measure(name, build, batch, normal, args, device, dtype):
             torch.cuda.reset_peak_memory_stats(device)
         loss = float(step())  # the first step, on the same policy and reference in every way; it warms up too
         ms = harness.median_ms(step, device, warmup=0, reps=args.reps)
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+        extra = harness.peak_extra_mib(step, device)
     except Exception as err:
         return harness.failure_row(name, err)
     finally:
         step = None
         gc.collect()
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-    return {"method": name, "first_step_loss": loss, "step_ms": ms, "peak_gib": peak}
+    return {"method": name, "first_step_loss": loss, "step_ms": ms, "peak_gib": peak,
+            "step_extra_gib": None if extra is None else extra / 2 ** 10}
 
 
 def add_ratios(rows):
@@ -247,13 +252,15 @@ def add_ratios(rows):
             r["speedup_vs_unfused"] = by_name["unfused baseline"]["step_ms"] / r["step_ms"]
             if r["peak_gib"] is not None:
                 r["memory_vs_unfused"] = r["peak_gib"] / by_name["unfused baseline"]["peak_gib"]
+                r["extra_memory_vs_unfused"] = r["step_extra_gib"] / by_name["unfused baseline"]["step_extra_gib"]
 
 
 COLUMNS = [("method", "method", "{}"), ("first_step_loss", "step-1 loss", "{:.5g}"),
            ("loss_rel_diff", "loss diff", "{:.1e}"), ("step_ms", "step ms", "{:.1f}"),
            ("peak_gib", "peak GiB", "{:.2f}"),
            ("speedup_vs_reference", "x vs reference", "{:.1f}"), ("speedup_vs_unfused", "x vs unfused", "{:.2f}"),
-           ("memory_vs_unfused", "mem / unfused", "{:.2f}"), ("error", "error", "{}")]
+           ("memory_vs_unfused", "mem / unfused", "{:.2f}"), ("step_extra_gib", "step extra GiB", "{:.2f}"),
+           ("extra_memory_vs_unfused", "extra / unfused", "{:.2f}"), ("error", "error", "{}")]
 
 
 def main():
