@@ -116,8 +116,10 @@ def register(subparsers) -> None:
     g = p.add_argument_group("optimisation").add_argument
     g("--max-steps", type=int, metavar="N", help=f"optimizer steps (default: {_default('max_steps')})")
     g("--batch-size", type=int, metavar="N",
-      help=f"harmful prompts per step and process (default: {_default('batch_size')})")
-    g("--normal-batch-size", type=int, metavar="N", help="normal examples per step and process (default: --batch-size)")
+      help=f"harmful prompts per micro-batch and process; a step holds --grad-accum micro-batches "
+      f"(default: {_default('batch_size')})")
+    g("--normal-batch-size", type=int, metavar="N", help="normal examples per micro-batch and process "
+      "(default: --batch-size)")
     g("--grad-accum", type=int, metavar="N", help="micro-batches accumulated per optimizer step (default: 1)")
     g("--lr", type=float, metavar="X", help=f"AdamW learning rate, linear decay to 0 (default: {_default('lr')})")
     g("--weight-decay", type=float, metavar="X", help="AdamW weight decay (default: 0)")

@@ -10,7 +10,9 @@ computes (padding included, since it costs the same):
                             +2*V*H for the weight gradient when the lm_head trains; the KL term adds the
                             reference logits P per normal answer token, computed in the forward and again in
                             the backward (2 x 2*V*H)
-  reference               = one decoder forward over the normal rows (frozen copy / disabled adapter), 0 cached
+  reference               = one decoder forward over the normal rows (frozen copy / disabled adapter), 0 cached;
+                            the cached reference costs one decoder forward over the whole normal set before
+                            training instead (cache_compute), on every process
 P_dec counts the decoder's matmul weights (embeddings excluded). These are estimates for comparing runs
 and methods (e.g. against the compute of RLHF), not measurements.
 """
@@ -91,3 +93,12 @@ def batch_compute(shape: ModelShape, batch, *, decoder_trains: bool, lm_head_tra
                          answer_tokens=answers,
                          reference_tokens=normal_rows.num_tokens if reference_forward else 0,
                          flops=policy + head + reference)
+
+
+def cache_compute(shape: ModelShape, forward_masks, *, seconds: float, num_processes: int) -> ComputeTotals:
+    """Estimated compute of building a CachedReference (its decoder forwards over the normal set, given by their
+    attention masks), done in full by each of num_processes processes in `seconds` of wall time."""
+    tokens = sum(int(mask.sum()) for mask in forward_masks)
+    flops = sum(shape.decoder_forward(mask) for mask in forward_masks)
+    return ComputeTotals(reference_tokens=tokens * num_processes, flops=flops * num_processes,
+                         device_seconds=seconds * num_processes)

@@ -80,11 +80,13 @@ class CachedReference:
                               for dtype in {weight.dtype, torch.float32, torch.bfloat16, torch.float16}}
         device = weight.device if device is None else torch.device(device)
         self.cache: list[torch.Tensor] = []
+        self.forward_masks: list[torch.Tensor] = []  # of the decoder forwards that built the cache (compute.py)
         with torch.no_grad(), eval_mode(decoder):
             for start in range(0, len(normal), batch_size):
                 chunk = normal[start:start + batch_size]
                 tokens = collate(chunk, filler_id).to(weight.device)
                 hidden = final_hidden_states(decoder, tokens)
+                self.forward_masks.append(tokens.attention_mask.cpu())
                 counts = tokens.target_mask.sum(1).tolist()
                 self.cache.extend(h.to(device) for h in at_answer_targets(hidden, tokens.target_mask).split(counts))
 

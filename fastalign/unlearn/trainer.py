@@ -26,7 +26,8 @@ import torch
 
 from fastalign.unlearn.checkpoint import (atomic_directory, latest_checkpoint, read_checkpoint,
                                           remove_stale_temporaries, write_checkpoint, write_text_atomic)
-from fastalign.unlearn.compute import ComputeTotals, ModelShape, batch_compute, decoder_matmul_weights
+from fastalign.unlearn.compute import (ComputeTotals, ModelShape, batch_compute, cache_compute,
+                                       decoder_matmul_weights)
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.models import (cast_weights, causal_lm_parts, enable_activation_checkpointing,
                                       max_positions)
@@ -37,7 +38,8 @@ from fastalign.unlearn.sharding import (full_model_state, load_optimizer_state, 
 from fastalign.unlearn.streams import UnlearningBatch, UnlearningStreams
 
 # Settings that may change between a run and its resumption; any other change would alter the result.
-_RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_checkpoints", "progress", "log_every", "resume"}
+# output_dir is where the checkpoint was found, whatever it is called now (moved, or given another way).
+_RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_checkpoints", "progress", "log_every", "resume", "output_dir"}
 
 
 @dataclass
@@ -122,6 +124,7 @@ class UnlearningTrainer:
                                       "into sharded weights); LoRA's trainable weights are small: use DDP")
         self.model = self._prepare_model(model)
         self.shape = ModelShape.of(self.model)
+        self.setup_compute = ComputeTotals()  # what building the reference cost (the cached one: a forward)
 
     def _prepare_model(self, model):
         config = self.config
@@ -149,7 +152,11 @@ class UnlearningTrainer:
             return FrozenCopyReference(model, dtype=None if self.config.precision == "fp32" else torch.bfloat16)
         if mode == "adapter":
             return AdapterDisabledReference(model)
-        return CachedReference(model, self.streams.normal, filler_id=self.streams.filler_id)
+        started = time.perf_counter()
+        reference = CachedReference(model, self.streams.normal, filler_id=self.streams.filler_id)
+        self.setup_compute = cache_compute(self.shape, reference.forward_masks, seconds=time.perf_counter() - started,
+                                           num_processes=self.accelerator.num_processes)
+        return reference
 
     def train(self) -> RunSummary:
         config, acc = self.config, self.accelerator
@@ -162,8 +169,8 @@ class UnlearningTrainer:
         objective, optimizer = self._prepare_objective()
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: max(0.0, 1.0 - s / config.max_steps))  # linear to 0, no warm-up (SPEC §1)
-        step, totals = 0, ComputeTotals()
-        if resume_from:
+        step, totals = 0, ComputeTotals(**self.setup_compute.to_dict())  # building the reference counts too
+        if resume_from:  # the checkpoint's totals hold the interrupted run's
             step, totals = self._load(resume_from, objective, optimizer, scheduler)
         if acc.is_main_process:  # only now: a refused resume must leave the interrupted run's config.json
             write_text_atomic(os.path.join(out, "config.json"), json.dumps(config.to_dict(), indent=1))
@@ -275,6 +282,9 @@ class UnlearningTrainer:
                          if k not in _RESUMABLE_CHANGES and state["config"].get(k) != v)
         if changed:
             raise ValueError(f"cannot resume {path}: setting(s) {changed} differ from the interrupted run")
+        if state["step"] > self.config.max_steps:  # the saved model would have more steps than max_steps
+            raise ValueError(f"cannot resume {path}: it is at step {state['step']}, past max_steps="
+                             f"{self.config.max_steps}; set max_steps to at least {state['step']}")
         missing = sorted(trainable_names(objective) - set(state["trainable"]))
         if missing:
             raise ValueError(f"cannot resume {path}: it lacks trainable parameter(s) {missing[:5]}")

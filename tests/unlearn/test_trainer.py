@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from fastalign.unlearn import checkpoint
+from fastalign.unlearn.batching import collate
 from fastalign.unlearn.compute import batch_compute
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.reference.unlearning_loss import spec_unlearning_terms
@@ -37,10 +38,11 @@ def log_lines(path):
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
 
 
-@pytest.mark.parametrize("settings", [{}, {"lora": True, "lora_rank": 4, "lora_dropout": 0.5, "lr": 1e-2}],
-                         ids=["full", "lora-dropout"])
+@pytest.mark.parametrize("settings", [{}, {"lora": True, "lora_rank": 4, "lora_dropout": 0.5, "lr": 1e-2},
+                                      {"reference": "cached"}], ids=["full", "lora-dropout", "cached"])
 def test_killed_and_resumed_run_is_bit_identical(tmp_path, settings):
-    """With LoRA dropout the run draws random numbers: the resume must restore the generators' states."""
+    """With LoRA dropout the run draws random numbers: the resume must restore the generators' states. The
+    cached reference is built again on resume; the compute of the run counts it once."""
     if settings.get("lora"):
         pytest.importorskip("peft")
     whole, summary = run(tmp_path, "whole", save_every=2, **settings)
@@ -97,6 +99,38 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path):
     torch.save({**state, "num_processes": 2}, state_file)  # as if two processes had written it
     with pytest.raises(ValueError, match=r"written by 2 process\(es\), this run has 1"):
         run(tmp_path, save_every=1, resume=True)
+
+
+def test_a_moved_run_resumes(tmp_path):
+    """The output directory is where the checkpoint is found: a run moved (or named by another path) resumes."""
+    whole, _ = run(tmp_path, "whole", max_steps=4, save_every=2, grad_accum=1)
+
+    def kill_after_step_3(record):
+        if record.step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(tmp_path, "killed", max_steps=4, save_every=2, grad_accum=1, callback=kill_after_step_3)
+    os.rename(tmp_path / "killed", tmp_path / "moved")
+    resumed, summary = run(tmp_path, "moved", max_steps=4, save_every=2, grad_accum=1, resume=True)
+    assert summary.steps == 4
+    for (name, a), (_, b) in zip(whole.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_with_max_steps_below_the_checkpoint_step_is_refused(tmp_path):
+    """Resuming a step-4 checkpoint with max_steps=2 would save a 4-step model as a max_steps=2 run."""
+    def kill_after_step_5(record):
+        if record.step == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(tmp_path, max_steps=6, save_every=2, grad_accum=1, callback=kill_after_step_5)
+    with pytest.raises(ValueError, match=r"at step 4, past max_steps=2"):
+        run(tmp_path, max_steps=2, save_every=2, grad_accum=1, resume=True)
+    assert not (tmp_path / "run" / "model").exists()
+    _, summary = run(tmp_path, max_steps=4, save_every=2, grad_accum=1, resume=True)  # exactly there: done
+    assert summary.steps == 4
 
 
 def test_max_steps_schedule_compute_and_outputs(tmp_path):
@@ -159,7 +193,19 @@ def test_cached_reference_freezes_the_head(tmp_path):
     up_proj = trainer.model.model.layers[0].mlp.up_proj.weight
     assert not torch.equal(up_proj, original.model.layers[0].mlp.up_proj.weight)
     assert summary.last.normal_kl > 0
-    assert summary.compute["reference_tokens"] == 0
+
+
+def test_cached_reference_counts_the_forward_that_built_the_cache(tmp_path):
+    """No reference forward per step, but one over the whole normal set up front: compute spent by the run."""
+    tokenizer = byte_bpe_tokenizer()
+    trainer, summary = run(tmp_path, max_steps=2, grad_accum=1, reference="cached")
+    streams = tiny_streams(tokenizer)
+    steps = [batch_compute(trainer.shape, streams.batch(i), decoder_trains=True, lm_head_trains=False,
+                           checkpointing=False, reference_forward=False) for i in range(2)]
+    normal_set = collate(streams.normal, streams.filler_id)  # one cache chunk holds the tiny normal set
+    assert summary.compute["reference_tokens"] == normal_set.num_tokens > 0
+    assert summary.compute["flops"] == pytest.approx(sum(s.flops for s in steps) +
+                                                     trainer.shape.decoder_forward(normal_set.attention_mask))
 
 
 def test_cached_reference_with_tied_embeddings_counts_the_full_backward(tmp_path):
@@ -174,7 +220,7 @@ def test_cached_reference_with_tied_embeddings_counts_the_full_backward(tmp_path
     assert not model.model.embed_tokens.weight.requires_grad
     expected = batch_compute(trainer.shape, tiny_streams(tokenizer).batch(0), decoder_trains=True,
                              lm_head_trains=False, checkpointing=False, reference_forward=False)
-    assert summary.compute["flops"] == expected.flops
+    assert summary.compute["flops"] == expected.flops + trainer.setup_compute.flops
 
 
 @pytest.mark.parametrize("settings", [{"precision": "bf16-mixed"}, {"precision": "bf16"},
