@@ -50,8 +50,11 @@ def chunk_plan(num_rows, vocab, hidden_size):
     return rows, min(cols, vocab)
 
 
-def backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_grad, segment_writer):
-    """(d_hidden [M, H] in hidden's dtype, d_weight [V, H] in weight's dtype or None, d_bias [V] fp32 or None).
+def backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_grad, segment_writer,
+                       need_hidden_grad=True):
+    """(d_hidden [M, H] in hidden's dtype or None, d_weight [V, H] in weight's dtype or None, d_bias [V] fp32 or
+    None); a gradient nobody asked for is neither computed nor allocated (the G @ W products are a third of the
+    backward's work, wasted when only the weight is trained on hidden states from a frozen backbone).
 
     segment_writer(rows, row_scale) is called once per row segment (rows a slice, row_scale [len(rows)] fp32)
     and returns write(cols, out), which must fill out [len(rows), len(cols)] (a strided view) with
@@ -66,25 +69,30 @@ def backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_g
     row_scale = (grad_scale / scale_max.clamp(min=torch.finfo(torch.float32).tiny)).float()
     scale_max = scale_max.item()
 
-    d_hidden = torch.empty_like(hidden)
+    d_hidden = torch.empty_like(hidden) if need_hidden_grad else None
     d_weight = torch.zeros_like(weight) if need_weight_grad else None
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_bias_grad else None
     gradient = torch.empty(seg_rows, chunk_cols, dtype=hidden.dtype, device=hidden.device)
-    partial = torch.empty(seg_rows, hidden_size, dtype=hidden.dtype, device=hidden.device)
-    accumulator = torch.empty(seg_rows, hidden_size, dtype=torch.float32, device=hidden.device)
+    if need_hidden_grad:
+        partial = torch.empty(seg_rows, hidden_size, dtype=hidden.dtype, device=hidden.device)
+        accumulator = torch.empty(seg_rows, hidden_size, dtype=torch.float32, device=hidden.device)
     for r0 in range(0, num_rows, seg_rows):
         rows = slice(r0, min(r0 + seg_rows, num_rows))
         n = rows.stop - r0
-        acc, segment_partial, segment_hidden = accumulator[:n].zero_(), partial[:n], hidden[rows]
+        segment_hidden = hidden[rows]
+        if need_hidden_grad:
+            acc, segment_partial = accumulator[:n].zero_(), partial[:n]
         write_gradient = segment_writer(rows, row_scale[rows])
         for c0 in range(0, vocab, chunk_cols):
             cols = slice(c0, min(c0 + chunk_cols, vocab))
             g = gradient[:n, :cols.stop - c0]
             write_gradient(cols, g)
-            acc += torch.mm(g, weight[cols], out=segment_partial)
+            if need_hidden_grad:
+                acc += torch.mm(g, weight[cols], out=segment_partial)
             if d_weight is not None:
                 d_weight[cols].addmm_(g.t(), segment_hidden, alpha=scale_max)
             if d_bias is not None:
                 d_bias[cols] += g.sum(dim=0, dtype=torch.float32) * scale_max
-        d_hidden[rows] = acc.mul_(scale_max)
+        if need_hidden_grad:
+            d_hidden[rows] = acc.mul_(scale_max)
     return d_hidden, d_weight, d_bias

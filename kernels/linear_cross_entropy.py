@@ -92,12 +92,13 @@ def forward(hidden, weight, bias, target):
     return lse, target_logit
 
 
-def backward(hidden, weight, bias, target, lse, grad_scale, need_weight_grad, need_bias_grad):
-    """Gradients of sum_t grad_scale[t] * (lse_t - z[t, target_t]): (d_hidden, d_weight | None, d_bias | None).
+def backward(hidden, weight, bias, target, lse, grad_scale, need_weight_grad, need_bias_grad,
+             need_hidden_grad=True):
+    """Gradients of sum_t grad_scale[t] * (lse_t - z[t, target_t]): (d_hidden, d_weight, d_bias), each or None.
 
     G = (softmax(z) - onehot(target)) * grad_scale[:, None];  d_hidden = G @ weight, d_weight = G^T @ hidden,
-    d_bias = G.sum(0). d_hidden / d_weight come in the inputs' dtype, d_bias in fp32; d_weight / d_bias are
-    None (and not computed) unless asked for.
+    d_bias = G.sum(0). d_hidden / d_weight come in the inputs' dtype, d_bias in fp32; each is None (and not
+    computed) unless asked for.
     """
     def segment_writer(rows, row_scale):
         x, y, row_lse = hidden[rows], target[rows], lse[rows]
@@ -109,4 +110,5 @@ def backward(hidden, weight, bias, target, lse, grad_scale, need_weight_grad, ne
                                               enable_fp_fusion=True)
         return write
 
-    return backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_grad, segment_writer)
+    return backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_grad, segment_writer,
+                              need_hidden_grad)

@@ -151,11 +151,12 @@ def forward(hidden, weight, ref_hidden, ref_weight):
     return torch.where(use_log1p, kl_log1p, kl_direct), lse, ref_lse
 
 
-def backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale, need_weight_grad):
-    """Gradients of sum_t grad_scale[t] * KL_t wrt hidden and weight (P constant): (d_hidden, d_weight | None).
+def backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale, need_weight_grad,
+             need_hidden_grad=True):
+    """Gradients of sum_t grad_scale[t] * KL_t wrt hidden and weight (P constant): (d_hidden, d_weight), each or None.
 
     G = (q - p) * grad_scale[:, None];  d_hidden = G @ weight, d_weight = G^T @ hidden, in the inputs' dtype;
-    d_weight is None (and not computed) unless asked for.
+    each is None (and not computed) unless asked for.
     """
     shared = _same_tensor(weight, ref_weight)
 
@@ -169,5 +170,6 @@ def backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale, n
                                               enable_fp_fusion=True)
         return write
 
-    d_hidden, d_weight, _ = backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, False, segment_writer)
+    d_hidden, d_weight, _ = backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, False, segment_writer,
+                                               need_hidden_grad)
     return d_hidden, d_weight

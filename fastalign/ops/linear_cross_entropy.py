@@ -35,20 +35,24 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         refuse_double_backward("linear_cross_entropy")
         live_hidden, weight, bias, live_target, lse = ctx.saved_tensors
         rows = ctx.rows
-        need_weight, need_bias = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        # only the gradients asked for are computed: e.g. no G @ W products for hidden states of a frozen backbone
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        need_bias = bias is not None and ctx.needs_input_grad[2]
         if rows.num_live == 0:
-            d_hidden = torch.zeros((rows.num_tokens, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+            d_hidden = (torch.zeros((rows.num_tokens, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+                        if need_hidden else None)
             return (d_hidden, torch.zeros_like(weight) if need_weight else None,
                     torch.zeros_like(bias) if need_bias else None) + (None,) * 5
         with launcher_context(weight.device):
             d_live, d_weight, d_bias = ctx.launcher.backward(live_hidden, weight, bias, live_target, lse,
                                                              rows.grad_scale(grad_output, ctx.acc), need_weight,
-                                                             need_bias)
-        return (rows.scatter(d_live, live_hidden.dtype),
+                                                             need_bias, need_hidden)
+        return (None if d_live is None else rows.scatter(d_live, live_hidden.dtype),
                 None if d_weight is None else d_weight.to(weight.dtype),
                 None if d_bias is None else d_bias.to(bias.dtype)) + (None,) * 5
 
 
+@torch.compiler.disable
 def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None, ignore_index=-100,
                          reduction="mean", backend="auto"):
     """Token-weighted cross-entropy of the logits `hidden @ weight.T + bias`, without materialising them.
@@ -59,7 +63,9 @@ def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None
     reduction: "sum" = sum_t w_t CE_t; "mean" = that sum / number of non-ignored tokens (0 if none);
     "none" = the [N] vector w_t CE_t (0 at ignored tokens). The result is float32 (float64 for float64
     inputs) whatever the input dtype; ignored and zero-weight tokens never reach the matmul. An enclosing
-    autocast does not apply inside (cast the inputs to follow it); there is no second derivative.
+    autocast does not apply inside (cast the inputs to follow it); there is no second derivative. torch.compile
+    runs it as it is (one graph break): dynamo cannot trace its data-dependent row gather and kernel launches,
+    and tracing into them crashed under the Triton interpreter.
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
     """
     check_linear("hidden", hidden, "weight", weight)

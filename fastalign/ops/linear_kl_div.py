@@ -36,18 +36,22 @@ class LinearKLDivFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         refuse_double_backward("linear_kl_div")
         live_hidden, weight, live_ref, ref_weight, lse, ref_lse = ctx.saved_tensors
-        rows, need_weight = ctx.rows, ctx.needs_input_grad[1]
-        if rows.num_live == 0:
-            d_hidden = torch.zeros((rows.num_tokens, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+        rows = ctx.rows
+        # only the gradients asked for are computed; none when only the (never differentiated) reference asked
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        if rows.num_live == 0 or not (need_hidden or need_weight):
+            d_hidden = (torch.zeros((rows.num_tokens, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+                        if need_hidden else None)
             return (d_hidden, torch.zeros_like(weight) if need_weight else None) + (None,) * 6
         with launcher_context(weight.device):
             d_live, d_weight = ctx.launcher.backward(
                 live_hidden, weight, live_ref, weight if ref_weight is None else ref_weight, lse, ref_lse,
-                rows.grad_scale(grad_output, ctx.acc), need_weight)
-        return (rows.scatter(d_live, live_hidden.dtype),
+                rows.grad_scale(grad_output, ctx.acc), need_weight, need_hidden)
+        return (None if d_live is None else rows.scatter(d_live, live_hidden.dtype),
                 None if d_weight is None else d_weight.to(weight.dtype)) + (None,) * 6
 
 
+@torch.compiler.disable
 def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, token_weight=None, mask=None, reduction="mean",
                   backend="auto"):
     """Token-weighted forward KL(P_t || Q_t) per token, without materialising either distribution.
@@ -59,6 +63,8 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, token_weight=None, 
     reduction: "sum" = sum_t w_t KL_t over counted tokens; "mean" = that sum / number of counted tokens
     (0 if none); "none" = the [N] vector (0 at masked-out tokens). Result float32 (float64 for float64 inputs).
     An enclosing autocast does not apply inside (cast the inputs to follow it); there is no second derivative.
+    torch.compile runs it as it is (one graph break): dynamo cannot trace its data-dependent row gather and
+    kernel launches, and tracing into them crashed under the Triton interpreter.
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
     """
     check_linear("hidden", hidden, "weight", weight)

@@ -1,6 +1,9 @@
 """fastalign.linear_cross_entropy against its float64 reference, on every backend."""
+import functools
+
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import fastalign
 from fastalign.ops.torch_chunked import chunking
@@ -136,6 +139,25 @@ def test_double_backward_is_refused_by_name(backend):
             torch.autograd.grad(out, inputs, create_graph=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inside_a_compiled_caller(backend):
+    """torch.compile of a caller runs the op as it is (a graph break), with exact gradients; dynamo tracing into
+    the kernel launches crashed under the Triton interpreter."""
+    hidden, weight, target, extra = make_inputs(13, 24, 131, bias=True, weighted=True, device=device_for(backend))
+
+    def caller(loss, h, w):
+        return loss(torch.tanh(h), w, target, reduction="none", **extra)
+
+    out = torch.compile(caller, backend="eager")(
+        functools.partial(fastalign.linear_cross_entropy, backend=backend), hidden, weight)
+    ref = caller(linear_cross_entropy_reference, hidden, weight)
+    assert_rel_close("loss", out, ref, REL_TOL[torch.float32])
+    inputs, seed = [hidden, weight, extra["bias"]], torch.randn(out.shape, device=out.device)
+    for name, got, want in zip(["d_hidden", "d_weight", "d_bias"], grads_of(out, inputs, seed),
+                               grads_of(ref, inputs, seed)):
+        assert_rel_close(name, got, want, REL_TOL[torch.float32])
+
+
 def test_torch_backend_across_chunk_boundaries(monkeypatch):
     monkeypatch.setattr(chunking, "CHUNK_BYTES", 3 * 4 * 131)  # 3 rows of V=131 fp32 logits per chunk
     hidden, weight, target, extra = make_inputs(14, 24, 131, bias=True, weighted=True)
@@ -149,6 +171,26 @@ def test_weight_without_grad_skips_its_gradient():
     (d_hidden,) = torch.autograd.grad(out, [hidden])
     ref = linear_cross_entropy_reference(hidden, weight, target)
     assert_rel_close("d_hidden", d_hidden, torch.autograd.grad(ref, [hidden])[0], REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_hidden_gets_no_gradient_products(backend):
+    """Hidden states of a frozen backbone (only the head trains): the backward takes no G @ W product for them,
+    a third of its matmul work, and the head's gradients are still exact."""
+    hidden, weight, target, extra = make_inputs(13, 24, 131, bias=True, weighted=True, device=device_for(backend))
+    flops = {}
+    for frozen in (False, True):
+        hidden.requires_grad_(not frozen)
+        out = fastalign.linear_cross_entropy(hidden, weight, target, reduction="none", backend=backend, **extra)
+        seed = torch.randn(out.shape, device=out.device)
+        with FlopCounterMode(display=False) as counter:
+            grads = grads_of(out, [weight, extra["bias"]], seed)
+        flops[frozen] = counter.get_total_flops()
+    ref = linear_cross_entropy_reference(hidden, weight, target, reduction="none", **extra)
+    for name, got, want in zip(["d_weight", "d_bias"], grads, grads_of(ref, [weight, extra["bias"]], seed)):
+        assert_rel_close(name, got, want, REL_TOL[torch.float32])
+    num_live = int(((target != -100) & (extra["token_weight"] != 0)).sum())
+    assert flops[False] - flops[True] == 2 * num_live * 131 * 24
 
 
 def test_gradcheck_float64():

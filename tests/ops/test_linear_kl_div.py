@@ -1,6 +1,9 @@
 """fastalign.linear_kl_div against its float64 reference, on every backend."""
+import functools
+
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import fastalign
 from fastalign.ops.torch_chunked import chunking
@@ -124,10 +127,57 @@ def test_double_backward_is_refused_by_name(backend):
             torch.autograd.grad(out, inputs, create_graph=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inside_a_compiled_caller(backend):
+    """torch.compile of a caller runs the op as it is (a graph break), with exact gradients; dynamo tracing into
+    the kernel launches crashed under the Triton interpreter."""
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(13, 24, 131, shared=True, weighted=True,
+                                                                device=device_for(backend))
+
+    def caller(loss, h, w):
+        return loss(torch.tanh(h), w, ref_hidden, w, reduction="none", **extra)
+
+    out = torch.compile(caller, backend="eager")(functools.partial(fastalign.linear_kl_div, backend=backend),
+                                                 hidden, weight)
+    ref = caller(linear_kl_div_reference, hidden, weight)
+    assert_rel_close("kl", out, ref, REL_TOL[torch.float32])
+    seed = torch.randn(out.shape, device=out.device)
+    for name, got, want in zip(["d_hidden", "d_weight"], grads_of(out, [hidden, weight], seed),
+                               grads_of(ref, [hidden, weight], seed)):
+        assert_rel_close(name, got, want, REL_TOL[torch.float32])
+
+
 def test_torch_backend_across_chunk_boundaries(monkeypatch):
     monkeypatch.setattr(chunking, "CHUNK_BYTES", 3 * 4 * 2 * 131)  # 3 rows of both heads' logits per chunk
     inputs = make_inputs(14, 24, 131, weighted=True)
     check_against_reference(*inputs, "sum", "torch", REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_nobody_needs_are_not_computed(backend):
+    """Hidden states of a frozen backbone get no G @ W product in backward (a third of its matmul work) and the
+    weight's gradient stays exact; a reference that requires grad alone costs no backward work and gets none."""
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(13, 24, 131, weighted=True,
+                                                                device=device_for(backend))
+    flops = {}
+    for frozen in (False, True):
+        hidden.requires_grad_(not frozen)
+        out = fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, reduction="none", backend=backend,
+                                      **extra)
+        seed = torch.randn(out.shape, device=out.device)
+        with FlopCounterMode(display=False) as counter:
+            (d_weight,) = grads_of(out, [weight], seed)
+        flops[frozen] = counter.get_total_flops()
+    ref = linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, reduction="none", **extra)
+    assert_rel_close("d_weight", d_weight, grads_of(ref, [weight], seed)[0], REL_TOL[torch.float32])
+    num_live = int((extra["mask"] & (extra["token_weight"] != 0)).sum())
+    assert flops[False] - flops[True] == 2 * num_live * 131 * 24
+
+    ref_hidden.requires_grad_()
+    out = fastalign.linear_kl_div(hidden, weight.detach(), ref_hidden, ref_weight, backend=backend, **extra)
+    with FlopCounterMode(display=False) as counter:
+        assert grads_of(out, [ref_hidden], torch.ones_like(out)) == (None,)
+    assert counter.get_total_flops() == 0
 
 
 def test_gradcheck_float64():

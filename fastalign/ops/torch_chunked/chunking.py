@@ -36,9 +36,10 @@ def chunk_logits(hidden, weight_acc, bias_acc):
 def accumulate_grads(grad_logits, hidden, weight_acc, d_hidden, d_weight, d_bias):
     """Backpropagates grad_logits [c, V] of one chunk through `hidden @ weight.T + bias`.
 
-    Writes d_hidden [c, H]; adds into the whole-vocabulary d_weight [V, H] and d_bias [V] when not None.
+    Writes d_hidden [c, H]; adds into the whole-vocabulary d_weight [V, H] and d_bias [V]; each when not None.
     """
-    torch.mm(grad_logits, weight_acc, out=d_hidden)
+    if d_hidden is not None:
+        torch.mm(grad_logits, weight_acc, out=d_hidden)
     if d_weight is not None:
         d_weight.addmm_(grad_logits.t(), hidden.to(weight_acc.dtype))
     if d_bias is not None:

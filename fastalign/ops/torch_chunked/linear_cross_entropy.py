@@ -21,11 +21,12 @@ def forward(hidden, weight, bias, target):
     return lse, target_logit
 
 
-def backward(hidden, weight, bias, target, lse, grad_scale, need_weight_grad, need_bias_grad):
-    """(d_hidden [M, H], d_weight [V, H] or None, d_bias [V] or None), in the accumulation dtype."""
+def backward(hidden, weight, bias, target, lse, grad_scale, need_weight_grad, need_bias_grad,
+             need_hidden_grad=True):
+    """(d_hidden [M, H], d_weight [V, H], d_bias [V]), each None unless asked for, in the accumulation dtype."""
     acc = accumulation_dtype(hidden)
     weight_acc, bias_acc = upcast(weight, acc), upcast(bias, acc)
-    d_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device)
+    d_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if need_hidden_grad else None
     d_weight = torch.zeros_like(weight_acc) if need_weight_grad else None
     d_bias = torch.zeros_like(bias_acc) if need_bias_grad else None
     for start, stop in row_chunks(hidden.shape[0], weight.shape[0], acc):
@@ -33,5 +34,6 @@ def backward(hidden, weight, bias, target, lse, grad_scale, need_weight_grad, ne
         grad_logits = chunk_logits(hidden[rows], weight_acc, bias_acc).sub_(lse[rows, None]).exp_()
         grad_logits[torch.arange(stop - start, device=hidden.device), target[rows]] -= 1.0
         grad_logits *= grad_scale[rows, None]
-        accumulate_grads(grad_logits, hidden[rows], weight_acc, d_hidden[rows], d_weight, d_bias)
+        accumulate_grads(grad_logits, hidden[rows], weight_acc, None if d_hidden is None else d_hidden[rows], d_weight,
+                         d_bias)
     return d_hidden, d_weight, d_bias

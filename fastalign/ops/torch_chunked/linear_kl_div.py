@@ -32,16 +32,18 @@ def forward(hidden, weight, ref_hidden, ref_weight):
     return kl, lse, ref_lse
 
 
-def backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale, need_weight_grad):
-    """(d_hidden [M, H], d_weight [V, H] or None), in the accumulation dtype."""
+def backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale, need_weight_grad,
+             need_hidden_grad=True):
+    """(d_hidden [M, H], d_weight [V, H]), each None unless asked for, in the accumulation dtype."""
     acc = accumulation_dtype(hidden)
     weight_acc, ref_weight_acc = _weights(weight, ref_weight, acc)
-    d_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device)
+    d_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if need_hidden_grad else None
     d_weight = torch.zeros_like(weight_acc) if need_weight_grad else None
     for start, stop in row_chunks(hidden.shape[0], 2 * weight.shape[0], acc):
         rows = slice(start, stop)
         grad_logits = chunk_logits(hidden[rows], weight_acc, None).sub_(lse[rows, None]).exp_()
         grad_logits -= chunk_logits(ref_hidden[rows], ref_weight_acc, None).sub_(ref_lse[rows, None]).exp_()
         grad_logits *= grad_scale[rows, None]
-        accumulate_grads(grad_logits, hidden[rows], weight_acc, d_hidden[rows], d_weight, None)
+        accumulate_grads(grad_logits, hidden[rows], weight_acc, None if d_hidden is None else d_hidden[rows], d_weight,
+                         None)
     return d_hidden, d_weight
