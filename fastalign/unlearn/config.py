@@ -104,7 +104,8 @@ class UnlearnConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.max_forget_nll is not None and not (isinstance(self.max_forget_nll, (int, float))
                                                     and math.isfinite(self.max_forget_nll)):
-            raise ValueError(f"max_forget_nll must be a finite number or None, got {self.max_forget_nll!r}")
+            raise ValueError(f"max_forget_nll must be a finite number, or null in a config file (none on the "
+                             f"command line) for no early stop, got {self.max_forget_nll!r}")
         for name in ("chat_template", "answer_eos", "skip_long_prompts", "lora", "gradient_checkpointing", "resume",
                      "progress"):
             if not isinstance(getattr(self, name), bool):

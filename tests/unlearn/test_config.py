@@ -25,3 +25,9 @@ def test_a_setting_name_that_yaml_reads_as_a_boolean_is_a_clear_error(tmp_path):
     path.write_text("lr: 1.0e-3\non: 3\n")
     with pytest.raises(ValueError, match=r"run.yaml: setting names must be text, got \[True\]"):
         read_config_file(path)
+
+
+def test_a_word_for_no_early_stop_points_to_null():
+    """`max_forget_nll: none` in YAML is the text 'none': the error says how to write 'no early stop'."""
+    with pytest.raises(ValueError, match=r"max_forget_nll must be a finite number, or null in a config file"):
+        UnlearnConfig(max_forget_nll="none")
