@@ -4,7 +4,8 @@ The KV still lives in the paged pool, so that spans, sharing, eviction and every
 are the same as on the fast path. Each row runs on its own: its context is gathered from the pool into a
 `DynamicCache`, the model runs its new tokens with that cache, and the K/V the model appended to the cache
 are written back into the pool. This works for any model whose cache layers hold per-token K and V of
-shape [batch, kv_heads, tokens, head_dim] (GPT-2, OPT, ...); it costs one gather of the context per row.
+one shape [batch, kv_heads, tokens, head_dim] and that keeps no other state between forwards (GPT-2, OPT,
+...; not DeepSeek's latent attention or RecurrentGemma); it costs one gather of the context per row.
 """
 import numpy as np
 import torch
@@ -12,6 +13,7 @@ from transformers import DynamicCache
 
 from fastalign.ops.paged_attention import write_kv
 from fastalign.runtime.hf_cache_argument import cache_kwargs
+from fastalign.runtime.llama import longrope_limit
 
 
 class HFCacheModel:
@@ -23,6 +25,8 @@ class HFCacheModel:
         unfit = f"model: {type(model).__name__} cannot run on the Hugging Face cache fallback"
         if not (hasattr(model, "can_generate") and model.can_generate()):
             raise ValueError(f"{unfit}: it is not a causal language model (can_generate() is not True)")
+        if model.training:  # dropout would make the cached K/V random
+            raise ValueError(f"{unfit} in training mode: call model.eval() first")
         try:
             with torch.inference_mode():
                 cache = DynamicCache()
@@ -31,12 +35,19 @@ class HFCacheModel:
                 keys = cache.layers[0].keys
         except Exception as err:
             raise ValueError(f"{unfit} (a one-token forward with a DynamicCache failed: {err!r})") from err
-        if keys is None or keys.dim() != 4 or keys.shape[2] != 1 or getattr(out, "logits", None) is None:
-            raise ValueError(f"{unfit}: it returns no logits, or its cache does not hold per-token K/V of shape "
-                             "[batch, kv_heads, tokens, head_dim]")
+        values = cache.layers[0].values
+        if (keys is None or keys.dim() != 4 or keys.shape[2] != 1 or values is None or values.shape != keys.shape
+                or getattr(out, "logits", None) is None):
+            raise ValueError(f"{unfit}: it returns no logits, or its cache does not hold per-token K and V of one "
+                             "shape [batch, kv_heads, tokens, head_dim]")
+        if not self._state_is_in_cache(cache):
+            raise ValueError(f"{unfit}: it keeps state outside its cache (the logits of a token after a cached "
+                             "one changed when another sequence ran in between)")
         self.num_layers = len(cache.layers)
         self.num_kv_heads, self.head_dim, self.dtype = keys.shape[1], keys.shape[3], keys.dtype
-        self.max_context = getattr(model.config, "max_position_embeddings", None)
+        config = model.config  # MPT names its length max_seq_len (its ALiBi covers no more)
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "max_seq_len", None)
+        self.max_context = longrope_limit(config, positions)
 
     def forward(self, batch, pool, select, want_logits, want_hidden, logits_rows=None):
         """Writes the KV of every token of `batch` into `pool`; returns (logits, hidden) of the tokens
@@ -68,6 +79,23 @@ class HFCacheModel:
         logits_at = select if logits_rows is None else select[logits_rows]
         return (torch.cat(logits)[logits_at].float() if want_logits else None,
                 torch.cat(hidden)[select] if want_hidden else None)
+
+    def _state_is_in_cache(self, cache):
+        """Whether the model carries nothing from one forward to the next but the cache, as running rows one
+        by one on caches rebuilt from the pool needs: a token after the one `cache` holds gets the same
+        logits with or without another sequence run in between (RecurrentGemma keeps its recurrent and
+        convolution states in its modules, and its logits silently went wrong)."""
+        def after_cached():
+            rebuilt = DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in cache.layers])
+            return self.model(input_ids=torch.ones(1, 1, dtype=torch.long, device=self.device), use_cache=True,
+                              attention_mask=torch.ones(1, 2, dtype=torch.long, device=self.device),
+                              **cache_kwargs(self.model, rebuilt)).logits.float()
+
+        with torch.inference_mode():
+            before = after_cached()
+            self.model(input_ids=torch.tensor([[1, 0]], device=self.device), use_cache=True,
+                       **cache_kwargs(self.model, DynamicCache()))
+            return torch.allclose(before, after_cached(), rtol=2e-2, atol=2e-2)  # bf16 rounding, not state
 
     def _gather_context(self, pool, block_row, context):
         """A DynamicCache holding the first `context` tokens of the row's blocks, every layer."""

@@ -49,12 +49,26 @@ def _has_submodule(module, name):
 
 def context_limit(config):
     """Longest sequence the model attends to in full: max_position_embeddings, or the sliding window
-    where one applies (beyond it the model would attend to a window, which the pool's kernels do not)."""
+    where one applies (beyond it the model would attend to a window, which the pool's kernels do not),
+    capped by `longrope_limit`."""
     limit = config.max_position_embeddings
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     if window and (layer_types is None or "sliding_attention" in layer_types):
         limit = min(limit, window)
+    return longrope_limit(config, limit)
+
+
+def longrope_limit(config, limit):
+    """`limit` (None: none) capped at LongRoPE's original_max_position_embeddings. Past that length
+    Hugging Face rotates EVERY position of the sequence with the long factors (its generate drops the cache
+    there), so KV cached while a sequence was shorter, or next to a longer row of the same forward, would
+    no longer match the model run on the full sequence."""
+    params = getattr(config, "rope_parameters", None) or {}
+    for rope in [params] if "rope_type" in params else params.values():  # or one dict per layer type
+        if isinstance(rope, dict) and rope.get("rope_type") == "longrope":
+            original = rope["original_max_position_embeddings"]
+            limit = original if limit is None else min(limit, original)
     return limit
 
 

@@ -5,7 +5,9 @@ import gc
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertModel
+from transformers import (BertConfig, BertModel, DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig,
+                          LlamaForCausalLM, MptConfig, MptForCausalLM, Phi3Config, Phi3ForCausalLM,
+                          RecurrentGemmaConfig, RecurrentGemmaForCausalLM)
 
 from fastalign import PoolExhaustedError, Span, TreeRunner
 from tests.runtime.tiny_models import MAX_POSITIONS, VOCAB, tiny_model
@@ -186,6 +188,60 @@ def test_context_limit_is_inclusive_and_follows_the_sliding_window():
         mistral.prefill([1] * 97)
 
 
+def test_longrope_context_ends_at_its_original_length():
+    """Past original_max_position_embeddings LongRoPE rotates every position with its long factors, which
+    cached KV cannot follow (it silently gave logits off by ~3): both paths refuse such lengths instead."""
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32,
+            "short_factor": [1.0] * 4, "long_factor": [4.0] * 4}
+    shape = dict(vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, hidden_size=32, intermediate_size=64,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager",
+                 pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    phi3 = Phi3Config(**shape, original_max_position_embeddings=32, rope_parameters=rope)
+    for model in (LlamaForCausalLM(LlamaConfig(**shape, rope_parameters=rope)).eval(), Phi3ForCausalLM(phi3).eval()):
+        runner = TreeRunner(model, max_tokens=128, block_size=4, attention_backend="torch")
+        assert runner.max_context == 32
+        root = runner.prefill(list(range(20)))
+        with pytest.raises(ValueError, match="past the model's context of 32"):
+            runner.extend([root], [list(range(13))])
+        kids, logits = runner.extend([root, None], [list(range(12)), [5, 6]])  # 32 tokens next to 2: short factors
+        for kid, row in zip(kids, logits):
+            assert (row - model(torch.tensor([kid.tokens])).logits[0, -1]).abs().max() <= 1e-4
+
+
+def test_fallback_refuses_a_cache_whose_values_are_not_shaped_like_its_keys():
+    """DeepSeek's multi-head latent attention caches V with another head_dim than K: refused when the runner
+    is made, not by the pool's KV write at the first prefill."""
+    deepseek = DeepseekV3ForCausalLM(DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=12, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
+        n_group=1, topk_group=1, attn_implementation="eager")).eval()
+    with pytest.raises(ValueError, match="DeepseekV3ForCausalLM cannot run on the Hugging Face cache fallback: .*"
+                                         "K and V of one shape"):
+        TreeRunner(deepseek, max_tokens=64)
+
+
+def test_fallback_refuses_a_model_that_keeps_state_outside_its_cache():
+    """RecurrentGemma keeps its recurrent and convolution states in its modules, which rows run one by one on
+    the pool's caches would share: refused when the runner is made (its logits were silently wrong)."""
+    torch.manual_seed(0)
+    recurrent = RecurrentGemmaForCausalLM(RecurrentGemmaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, lru_width=32, attention_window_size=16, block_types=["attention", "recurrent"])).eval()
+    # (transformers 5.17 already fails its one-token forward with a DynamicCache, another refusal)
+    with pytest.raises(ValueError, match="RecurrentGemmaForCausalLM cannot run on the Hugging Face cache fallback"):
+        TreeRunner(recurrent, max_tokens=64)
+
+
+def test_fallback_refuses_a_model_in_training_mode():
+    """GPT-2's dropout would make the K/V it caches, and every logit, random."""
+    gpt2 = tiny_model("gpt2-fallback").train()
+    with pytest.raises(ValueError, match="GPT2LMHeadModel cannot run on the Hugging Face cache fallback in training "
+                                         "mode: call model.eval\\(\\) first"):
+        TreeRunner(gpt2, max_tokens=64)
+
+
 def test_max_tokens_rounds_up_to_whole_blocks():
     model = tiny_model("qwen2-untied")
     assert TreeRunner(model, max_tokens=65, block_size=4).num_blocks == 17
@@ -219,6 +275,15 @@ def test_fallback_refuses_tokens_past_max_position_embeddings():
     assert runner.max_context == MAX_POSITIONS
     with pytest.raises(ValueError, match="past the model's context of 128"):
         runner.prefill([1] * (MAX_POSITIONS + 1))
+
+
+def test_fallback_refuses_tokens_past_mpt_max_seq_len():
+    """MPT names its context max_seq_len: past it Hugging Face fails with a tensor size mismatch."""
+    mpt = MptForCausalLM(MptConfig(vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=2, max_seq_len=16)).eval()
+    runner = TreeRunner(mpt, max_tokens=64, block_size=4)
+    assert runner.max_context == 16
+    with pytest.raises(ValueError, match="past the model's context of 16"):
+        runner.prefill([1] * 17)
 
 
 def test_released_span_kept_as_a_prefix_refuses_every_query_but_alive(runner):
