@@ -1,9 +1,11 @@
 """The three streams of an unlearning step, drawn as a pure function of (seed, batch index).
 
 Batch j of a stream takes positions [j*B, (j+1)*B) of an endless sequence of seeded epoch permutations;
-the mismatch answers of batch j come from a generator seeded by (seed, j). Nothing depends on hidden
-state, so a resumed run only needs the step counter to draw exactly the batches it would have drawn.
-Under several processes, process r of R takes batch index j*R + r: every process sees different rows.
+the mismatch answers of the forget row at position p come from a generator seeded by (seed, p). Nothing
+depends on hidden state, so a resumed run only needs the step counter to draw exactly the batches it would
+have drawn. Under several processes, process r of R takes batch index j*R + r: every process sees different
+rows, and a step's rows, mismatch answers included, depend only on its global batch (R processes of batch B
+draw what one process of batch R*B draws, or one accumulating R micro-batches of B).
 """
 from __future__ import annotations
 
@@ -109,9 +111,10 @@ class UnlearningStreams:
         forget = [self.forget[i] for i in self._forget_stream.batch(j)]
         mismatch = []
         if self.mismatch_per_prompt:
-            rng = np.random.default_rng([self.seed, _MISMATCH_STREAM, j])
             repeats = self.mismatch_per_prompt > len(self.pool)
-            picks = [rng.choice(len(self.pool), size=self.mismatch_per_prompt, replace=repeats) for _ in forget]
+            first = j * self._forget_stream.batch_size
+            picks = [np.random.default_rng([self.seed, _MISMATCH_STREAM, first + i]).choice(
+                len(self.pool), size=self.mismatch_per_prompt, replace=repeats) for i in range(len(forget))]
             for example, row in zip(forget, picks):
                 for p in row:
                     mixed = example.with_answer(self.pool[int(p)], f"{example.source} + pool answer {int(p)}")

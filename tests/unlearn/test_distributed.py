@@ -137,6 +137,9 @@ def test_fsdp2_cached_reference(runs, single):
     assert outcomes(path) == ["ok", "ok"]
     assert units(path) == DECODER_UNITS
     assert_same_run(path, "model", single["cached"])
+    from tests.unlearn.distributed_worker import streams
+    compute = json.loads((path / "run.json").read_text())["compute"]
+    assert compute["reference_tokens"] == 2 * sum(len(e.input_ids) for e in streams().normal)  # a cache per process
     saved = LlamaForCausalLM.from_pretrained(path / "model")
     assert torch.equal(saved.lm_head.weight, tiny_llama(len(byte_bpe_tokenizer())).lm_head.weight)
 

@@ -113,6 +113,22 @@ def test_a_process_draws_the_whole_batch_of_its_global_index():
         assert streams.batch(3, rank=rank, world_size=2).examples == streams.batch(6 + rank).examples
 
 
+def test_a_step_draws_the_same_rows_however_its_global_batch_is_split():
+    """R processes of batch B draw what one process of batch R*B draws, mismatch answers included: a
+    distributed run equals a single-device run with the same global batch."""
+    pool = [(7,) * n for n in range(1, 9)]
+    whole, split = make(mismatch_pool=pool, mismatch_per_prompt=2, batch_size=4, normal_batch_size=2), \
+        make(mismatch_pool=pool, mismatch_per_prompt=2, batch_size=2, normal_batch_size=1)
+
+    def parts(batch):
+        rows = batch.examples
+        return (rows[:batch.num_forget], rows[batch.num_forget:batch.num_forget + batch.num_mismatch],
+                rows[batch.num_forget + batch.num_mismatch:])
+    for step in range(4):
+        ranks = [parts(split.batch(step, rank=r, world_size=2)) for r in range(2)]
+        assert parts(whole.batch(step)) == tuple(ranks[0][i] + ranks[1][i] for i in range(3))
+
+
 def test_forget_and_normal_orders_are_drawn_independently():
     """Equal-sized forget and normal sets are not walked in the same order (each stream has its own seed)."""
     streams = make(normal=[example(k, 2, 3, f"normal {k}") for k in range(10, 15)], batch_size=1,
