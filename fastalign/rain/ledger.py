@@ -2,7 +2,8 @@
 
 Every fed token is named by the identity of its whole prefix (a rolling hash of the token ids from the
 start of its sequence); a token whose name was seen before is a recomputed prefix token. Engines call
-`feed` for every row they run, with the prefix key of the row's parent.
+`feed` for every row they run, with the prefix key of the row's parent, and `recompute` for the tokens
+that a runtime with a small pool computes again, unseen by the rows, to bring back evicted KV.
 """
 import time
 from contextlib import contextmanager
@@ -39,6 +40,13 @@ class TokenLedger:
                 s.tokens += len(tokens)
                 s.recomputed_tokens += recomputed
         return key
+
+    def recompute(self, stats: Optional[RainStats], tokens: int):
+        """Records `tokens` that the runtime ran again inside a call because their KV had been evicted."""
+        for s in (stats, self.run):
+            if s is not None:
+                s.tokens += tokens
+                s.recomputed_tokens += tokens
 
     def call(self, stats_of_rows: Iterable[Optional[RainStats]]):
         """Records one model call and the prompts that took part in it."""

@@ -6,7 +6,8 @@ prefix that a draw reads); the rollouts (all but the last sampled token, which i
 (every scored judge input: conversation and both option blocks); and the shared few-shot / generation
 prefixes. A prefix needed twice (a rollout that later becomes a child, the text both option blocks share,
 a beginning two prompts share) counts once, under the part that needed it first.
-`recomputed_tokens` counts fed tokens whose exact prefix had been fed before.
+`recomputed_tokens` counts fed tokens whose exact prefix had been fed before, and the prefix tokens the
+runtime computed again because a small KV pool had evicted them (both are in `tokens` too).
 
 `required_calls` is the search's own bound on the model calls one prompt needs one after another, with
 unlimited batching and rows of any shape: in each engine run, a drawn token needs the distribution before

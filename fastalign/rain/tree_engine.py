@@ -124,7 +124,8 @@ class TreeEngine:
     def _call(self, rows: List[Row]) -> List[object]:
         """ONE runner.extend over all rows. Returns per row its Entry (set on its target position too) or,
         for "label" rows, its next-token logits; positions at a row's cuts get entries of their own from
-        the same row (runner cuts). Records tokens, calls and time (split by tokens over phases)."""
+        the same row (runner cuts). Records tokens (those the runner recomputes for evicted parents too),
+        calls and time (split by tokens over phases)."""
         start = time.perf_counter()
         offsets = [[end for end, _ in r.cuts] for r in rows]
         index = {id(r): i for i, r in enumerate(rows)}
@@ -134,8 +135,10 @@ class TreeEngine:
                                         [r.tokens for r in rows], cuts=offsets if any(offsets) else None,
                                         logits="last", hidden="last" if self.want_hidden else None)
         except BaseException:
+            self._record_recomputed(rows)
             _abandon(rows)
             raise
+        self._record_recomputed(rows)
         chains = result[0] if any(offsets) else [[span] for span in result[0]]
         logits = result[1]
         hidden = result[2] if self.want_hidden else None
@@ -175,6 +178,18 @@ class TreeEngine:
             if row.stats is not None:
                 row.stats.seconds[row.phase] += share
         return outs
+
+    def _record_recomputed(self, rows: List[Row]):
+        """Charges the tokens that the runner ran again in the last call to bring back evicted spans (also
+        when the call then failed) to the first row whose parent needed each span. Free without evictions."""
+        restored = dict(self.runner.last_restored)
+        for row in rows:
+            span, n = None if row.parent is None else row.parent.span, 0
+            while span is not None and restored:
+                n += restored.pop(span.id, 0)
+                span = span.parent
+            if n:
+                self.ledger.recompute(row.stats, n)
 
     def _read_distributions(self, entries: List[Entry], logits: torch.Tensor, hidden, skeys: List[int],
                             roots: List[bool]):

@@ -63,6 +63,8 @@ class TreeRunner:
         backend = resolve_backend(attention_backend, mr.device) if self.paged else None
         self._cascade_block_size = block_size if cascade_attention and backend == "triton" else None
         self.max_context = mr.max_context
+        self.recomputed_tokens = 0      # tokens run again to bring back evicted spans, over the runner's life
+        self.last_restored = {}         # span id -> tokens run again for it by the last extend / pin
 
     # ----- the tree
 
@@ -137,6 +139,7 @@ class TreeRunner:
             flat_cuts = np.array([c for offsets in row_cuts for c in offsets], dtype=np.int64)
             cu_cuts = np.zeros(len(parents) + 1, dtype=np.int64)
             cu_cuts[1:] = np.cumsum([len(offsets) for offsets in row_cuts])
+        self.last_restored = {}
         child_ids, cut_ids, (out_logits, out_hidden) = self.store.extend(parent_ids, tokens, cu_lens, run,
                                                                          flat_cuts, cu_cuts)
         lengths = self._lengths(parents, cu_lens)
@@ -174,6 +177,7 @@ class TreeRunner:
         """Keep `span` (and so its ancestors) resident until unpinned or released; pins nest. An evicted
         span is recomputed first."""
         self.check_span(span, "span")
+        self.last_restored = {}
         self.store.make_resident([span.id], self._forward)
         self.tree.pin(span.id)
 
@@ -279,6 +283,9 @@ class TreeRunner:
         None) when both are None. Under no_grad, not inference_mode: the outputs are the caller's to modify
         in place (`logits /= temperature`) or to feed a module that trains, which inference tensors refuse."""
         device = self.model_runner.device
+        if not plan.creates_spans:  # a round of bringing back evicted spans
+            self.recomputed_tokens += len(plan.token_ids)
+            self.last_restored.update(zip(plan.row_spans.tolist(), np.diff(plan.cu_q_lens).tolist()))
         with torch.no_grad():
             if len(plan.copy_src):
                 self.pool.copy_blocks(torch.from_numpy(plan.copy_src.astype(np.int64)).to(device),

@@ -48,6 +48,7 @@ class HashRunner:
         self.live = set()
         self.pins = {}
         self.calls = 0
+        self.last_restored = {}   # nothing is ever evicted
 
     def extend(self, parents, token_lists, *, cuts=None, logits="last", hidden=None):
         """With cuts, row i returns a chain of spans (one per cut, then its child) and the outputs are at

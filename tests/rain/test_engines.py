@@ -61,6 +61,32 @@ def test_identical_decisions_on_tiny_llama_through_tree_runner():
     assert runner.num_free_blocks == runner.num_blocks
 
 
+def test_a_small_pool_changes_no_result_and_its_recomputation_is_counted():
+    """Three prompts on one runner whose pool forces evictions (and merged calls that do not fit, run again
+    prompt by prompt): the decisions of a large pool, no block left behind, and every token the runner ran,
+    recomputed evicted prefixes included, counted in `tokens` and `recomputed_tokens` (they were missing)."""
+    TreeRunner = pytest.importorskip("fastalign.runtime").TreeRunner
+    model = tiny_llama()
+    config = RainConfig(root_visits=5, min_new_visits=2, max_new_tokens=4)
+
+    def run(max_tokens):
+        runner = TreeRunner(model, max_tokens=max_tokens, block_size=4, attention_backend="torch")
+        forward, ran = runner._forward, []
+        runner._forward = lambda plan, *a, **k: ran.append(len(plan.token_ids)) or forward(plan, *a, **k)
+        out = rain_generate(model, tokenizer(), PROMPTS, config, runner=runner, judge_prompt=SHORT_JUDGE,
+                            embedding="hidden", sampler="keyed", concurrency=3)
+        assert runner.num_free_blocks == runner.num_blocks
+        return out, sum(ran)
+
+    (large, large_ran), (small, small_ran) = run(4096), run(160)
+    assert all(r.error is None for r in small.results)
+    assert decisions(small) == decisions(large)
+    assert large.stats.recomputed_tokens == 0 and large.stats.tokens == large_ran
+    assert small.stats.tokens == small_ran > large_ran
+    assert small.stats.recomputed_tokens == small_ran - large_ran
+    assert sum(r.stats.recomputed_tokens for r in small.results) == small.stats.recomputed_tokens
+
+
 def test_first_commit_distribution_matches_with_torch_sampler():
     """40 searches of one prompt per engine (each prompt draws its own samples): the histograms of the
     first committed token agree within sampling noise."""

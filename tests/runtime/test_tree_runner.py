@@ -118,3 +118,22 @@ def test_outputs_are_ordinary_tensors_the_caller_may_modify_and_train_on(name):
     head = torch.nn.Linear(hidden[0].shape[-1], 1)
     head(hidden[0]).sum().backward()    # a value head trained on the hidden states
     assert head.weight.grad is not None
+
+
+def test_the_runner_counts_the_tokens_it_runs_again_for_evicted_spans():
+    """`last_restored` names the spans whose rows the last extend (or pin) ran again, with their tokens;
+    `recomputed_tokens` sums them over the runner's life."""
+    model = tiny_model("llama-gqa-untied")
+    runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="torch")
+    root = runner.prefill(list(range(6)))
+    (a,), _ = runner.extend([root], [[7, 8, 9]])
+    (b, c), _ = runner.extend([a, a], [[10], [11, 12]])
+    assert runner.last_restored == {} and runner.recomputed_tokens == 0
+    for span in (b, c, a):
+        runner.tree.evict(span.id)
+    runner.extend([b, c], [[13], [14]])
+    # a restore row may recompute a chain (a and b in one row, named by its last span)
+    assert set(runner.last_restored) <= {a.id, b.id, c.id} and c.id in runner.last_restored
+    assert sum(runner.last_restored.values()) == runner.recomputed_tokens == 6
+    runner.extend([b], [[15]])
+    assert runner.last_restored == {} and runner.recomputed_tokens == 6
