@@ -18,7 +18,7 @@ from .story import DemoResult, DemoSettings, run_demo
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Adds the `demo` subcommand (its handler is `run`, set as the `func` default)."""
-    parser = subparsers.add_parser("demo", help="unlearning on a tiny model, before and after (CPU, minutes)",
+    parser = subparsers.add_parser("demo", help="unlearning and RAIN on a tiny model, before and after (CPU, minutes)",
                                    description=__doc__)
     add_arguments(parser)
     parser.set_defaults(func=run)

@@ -169,7 +169,8 @@ def run_demo(settings: DemoSettings = DemoSettings(), progress: bool = True,
     model.to(original.device).eval()  # the trainer may have moved it to an accelerator
     with phase("evaluate_after"):
         after = evaluate(world, lambda prompts: greedy_answers(model, tokenizer, prompts))
-        normal_pairs = [(prompt_text(qa.question), " " + a)
+        # the original's answers as generated (the text after the prompt, its leading space included)
+        normal_pairs = [(prompt_text(qa.question), a)
                         for qa, a in zip(world.normal_eval, before.answers["normal"]) if a]
         kl = mean_token_kl(model, original, tokenizer, normal_pairs)
     rain_scores = None

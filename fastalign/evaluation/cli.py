@@ -47,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", choices=("spec", "raw"), default="spec",
                         help="spec: wrap each prompt as '### Question: {x}\\n ### Answer:'; raw: use it as is")
     parser.add_argument("--judge", choices=JUDGES, default="world",
-                        help="world: the demo world's exact judge; keyword: --keywords; moderation: "
-                             "--moderation-model; callable: --judge-callable")
+                        help="world: the demo world's exact judge (demo-world models only); keyword: --keywords; "
+                             "moderation: --moderation-model; callable: --judge-callable")
     parser.add_argument("--keywords", help="comma-separated words marking an answer harmful (keyword judge)")
     parser.add_argument("--moderation-model", help="directory of a sequence-classification model")
     parser.add_argument("--harmful-label", default="1", help="index or name of the moderation model's harmful label")
@@ -82,12 +82,24 @@ def load_causal_lm(path: str, argument: str, device: str):
     return model.to(device).eval(), tokenizer
 
 
-def build_judge(args):
-    """The judge the arguments select; UsageError when its own argument is missing or wrong."""
+def build_judge(args, tokenizer):
+    """The judge the arguments select; UsageError when its own argument is missing or wrong.
+
+    The world judge knows only the words of a demo world: it reads the world written beside the model, or the
+    shipped one for a model with the shipped demo tokenizer (e.g. the demo model unlearned). Any other model
+    is refused rather than judged by words it never uses, which would report a harmful rate near 0.
+    """
     if args.judge == "world":
+        from transformers import PreTrainedTokenizerFast
         from fastalign.demo.model import ASSETS, WORLD_FILE, load_world
-        source = args.model if os.path.isfile(os.path.join(args.model, WORLD_FILE)) else ASSETS
-        return load_world(source).judge
+        if os.path.isfile(os.path.join(args.model, WORLD_FILE)):
+            return load_world(args.model).judge
+        shipped = PreTrainedTokenizerFast.from_pretrained(ASSETS)
+        if args.model == DEMO_MODEL or tokenizer.get_vocab() == shipped.get_vocab():
+            return load_world(ASSETS).judge
+        raise UsageError(f"--judge world (the default) judges only demo-world models, and {args.model!r} has "
+                         f"neither a {WORLD_FILE} nor the demo tokenizer: choose --judge keyword, moderation or "
+                         "callable")
     if args.judge == "keyword":
         if not args.keywords:
             raise UsageError("--judge keyword needs --keywords word,word,...")
@@ -131,7 +143,7 @@ def evaluate(args) -> dict:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     model, tokenizer = load_causal_lm(args.model, "--model", args.device)
-    judge = build_judge(args)
+    judge = build_judge(args, tokenizer)
     for argument, texts in (("--prompts", prompts), ("--normal-prompts", normal or [])):
         try:
             encode_prompts(tokenizer, texts, config.max_new_tokens, model)

@@ -5,8 +5,10 @@ only real tokens, so a row computes the same thing as it would alone. Each step 
 on top of the cache. A row stops at an end-of-sequence token (the tokenizer's, or any the model's generation
 config lists, as `model.generate` does), at `max_new_tokens`, or as soon as its text contains one of
 `stop_strings` (the answer is cut before it). Greedy decoding picks the arg-max; sampling draws from
-softmax(logits / temperature), optionally restricted to the top k, with a seeded generator.
+softmax(logits / temperature), optionally restricted to the top k, with one generator per prompt seeded from
+(seed, the prompt's index), so that an answer depends neither on the batch size nor on the other prompts.
 """
+import random
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Set, Tuple
 
@@ -71,19 +73,33 @@ def eos_ids(model, tokenizer) -> Set[int]:
     return {i for i in ids if i is not None}
 
 
-def _next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator) -> torch.Tensor:
+def _prompt_generators(seed: int, first: int, count: int) -> List[torch.Generator]:
+    """The sampling generators of prompts first..first+count-1: each seeded from (seed, its index) alone."""
+    return [torch.Generator().manual_seed(random.Random(f"{seed}:{i}").getrandbits(63))
+            for i in range(first, first + count)]
+
+
+def _next_tokens(logits: torch.Tensor, config: GenerationConfig, generators: List[torch.Generator]) -> torch.Tensor:
     if not config.do_sample:
         return logits.argmax(-1)
     logits = logits.float() / config.temperature
     if config.top_k:
         kth = logits.topk(min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, -1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    probs = torch.softmax(logits, -1).cpu()
+    return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)]).to(logits.device)
 
 
 def _decode(tokenizer, ids: List[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _answer_text(tokenizer, prompt_ids: List[int], ids: List[int]) -> str:
+    """The text that `ids` add after the prompt. Decoding them alone would drop the space before the first
+    word with a SentencePiece tokenizer (Llama 2's, Mistral's), and prompt + answer would then no longer be
+    the tokens the model wrote (utility's KL is taken on that text)."""
+    prompt, full = _decode(tokenizer, prompt_ids), _decode(tokenizer, prompt_ids + ids)
+    return full[len(prompt):] if full.startswith(prompt) else _decode(tokenizer, ids)
 
 
 def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> Tuple[str, bool]:
@@ -93,7 +109,7 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> Tuple[str, bool]:
 
 @torch.no_grad()
 def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationConfig,
-                    generator: torch.Generator) -> List[str]:
+                    generators: List[torch.Generator]) -> List[str]:
     device = next(model.parameters()).device
     width, pad = max(len(r) for r in rows), pad_id(tokenizer)
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
@@ -104,7 +120,7 @@ def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationC
     done = [False] * len(rows)
     eos = eos_ids(model, tokenizer)
     for step in range(config.max_new_tokens):
-        next_ids = _next_tokens(out.logits[:, -1, :], config, generator)
+        next_ids = _next_tokens(out.logits[:, -1, :], config, generators)
         for i, token in enumerate(next_ids.tolist()):
             if done[i]:
                 continue
@@ -120,7 +136,8 @@ def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationC
         positions = positions[:, -1:] + 1
         out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions,
                     use_cache=True, **cache_kwargs(model, returned_cache(out)))
-    return [_cut_at_stop(_decode(tokenizer, ids), config.stop_strings)[0] for ids in generated]
+    return [_cut_at_stop(_answer_text(tokenizer, row, ids), config.stop_strings)[0]
+            for row, ids in zip(rows, generated)]
 
 
 def iter_generate(model, tokenizer, prompts: Sequence[str],
@@ -131,13 +148,13 @@ def iter_generate(model, tokenizer, prompts: Sequence[str],
     any compute is spent.
     """
     rows = encode_prompts(tokenizer, prompts, config.max_new_tokens, model)
-    generator = torch.Generator().manual_seed(config.seed)
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(rows), config.batch_size):
-            yield start, _generate_batch(model, tokenizer, rows[start:start + config.batch_size], config,
-                                         generator)
+            batch = rows[start:start + config.batch_size]
+            yield start, _generate_batch(model, tokenizer, batch, config,
+                                         _prompt_generators(config.seed, start, len(batch)))
     finally:
         model.train(was_training)
 

@@ -20,8 +20,9 @@ Judge = Callable[[Sequence[Pair]], Sequence[bool]]
 
 
 def check_verdicts(verdicts, pairs: Sequence[Pair]) -> List[bool]:
-    """The verdicts as a list of bools; ValueError if there is not exactly one bool per pair."""
-    if isinstance(verdicts, torch.Tensor):
+    """The verdicts as a list of bools; ValueError if there is not exactly one bool per pair. A torch tensor
+    or a numpy array (what a scikit-learn classifier's `predict` returns) counts as its list of values."""
+    if hasattr(verdicts, "tolist"):
         verdicts = verdicts.tolist()
     try:
         verdicts = list(verdicts)

@@ -17,6 +17,7 @@ candidate prefix), and a self-evaluation needs one more call once its reply is c
 together run in parallel; a prompt's runs follow one another. A prompt's `model_calls` (the calls it took
 part in) over its `required_calls` says how far an engine is from that bound.
 """
+import math
 from dataclasses import dataclass, field, asdict
 from typing import Dict
 
@@ -65,8 +66,11 @@ class RainStats:
         return self
 
     def as_dict(self) -> dict:
+        """The counters and derived ratios for a JSON record; an undefined ratio (nothing committed or
+        required) is None, since json.dumps would write NaN, which strict JSON readers (jq, JSON.parse) refuse."""
         out = asdict(self)
+        ratios = dict(tokens_per_committed_token=self.tokens_per_committed_token,
+                      tokens_over_minimum=self.tokens_over_minimum)
         out.update(minimum_tokens=self.minimum_tokens, rows_per_call=self.rows_per_call,
-                   tokens_per_committed_token=self.tokens_per_committed_token,
-                   tokens_over_minimum=self.tokens_over_minimum)
+                   **{k: None if math.isnan(v) else v for k, v in ratios.items()})
         return out

@@ -289,13 +289,14 @@ class TreeEngine:
 
     # --- prompts -------------------------------------------------------------------------------------
     def prepare(self, contexts: Sequence[PromptContext]):
-        """Plans where the run's starting sequences part and computes the judge's few-shot prefix."""
+        """Plans where the run's starting sequences part and computes the judge's few-shot prefix (not when no
+        prompt is left to judge: every prompt may have failed because that prefix leaves no room)."""
         n = len(self.generation_prefix)
         self.plan = RootPlan(self.judge.prefix_ids, self.generation_prefix,
                              [(ctx.root_ids[n:], ctx.head_ids) for ctx in contexts])
         self.plan_of = {ctx.index: pair for ctx, pair in zip(contexts, self.plan.prompts)}
         self.gen_root_ends = {root.keys[-1] for root, _ in self.plan.prompts if root.keys}
-        if self.plan.judge_prefix.tokens:
+        if self.plan.judge_prefix.tokens and contexts:
             (self.judge_prefix,) = self._start_sequences([(self.plan.judge_prefix, None, "evaluate")])
             self.runner.pin(self.judge_prefix.span)
 

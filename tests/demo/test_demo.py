@@ -91,8 +91,9 @@ def test_demo_command_hands_its_options_to_the_story_and_quiet_silences_progress
 
 
 def _world_answers(entries, refuse):
-    """An answer function of prompts: the world's answer to each, or with refuse the refusal of harmful ones."""
-    return lambda prompts: [entries[p].refusal if refuse and entries[p].harmful else entries[p].answer
+    """An answer function of prompts: the world's answer to each, or with refuse the refusal of harmful ones,
+    as generation returns it (the text after the prompt, which starts with a space)."""
+    return lambda prompts: [" " + (entries[p].refusal if refuse and entries[p].harmful else entries[p].answer)
                             for p in prompts]
 
 

@@ -27,6 +27,8 @@ def test_shipped_model_answers_as_the_world_says(shipped):
     config = GenerationConfig(max_new_tokens=48, batch_size=64)
     normal = generate(model, tokenizer, [prompt_text(qa.question) for qa in world.normal], config)
     assert sum(world.is_correct(qa.question, a) for qa, a in zip(world.normal, normal)) >= 0.95 * len(normal)
+    # an answer is the text after the prompt: the space before its first word included, once
+    assert all(a == " " + qa.answer for qa, a in zip(world.normal, normal) if world.is_correct(qa.question, a))
     harmful = generate(model, tokenizer, [prompt_text(qa.question) for qa in world.harmful], config)
     assert sum(map(world.is_harmful, harmful)) >= 0.75 * len(harmful)
 

@@ -139,3 +139,27 @@ def test_eval_creates_the_output_directory(world, model_dir, tmp_path):
     assert run("--model", model_dir, "--prompts", prompts, "--output", out, "--max-new-tokens", 3) == 0
     assert [r["index"] for r in records(out)] == [0, 1]
     assert json.load(open(str(out) + ".summary.json"))["num_prompts"] == 2
+
+
+def test_world_judge_refuses_a_model_outside_the_demo_world(world, model, tokenizer, harmful_prompts, tmp_path,
+                                                            capsys):
+    """The default judge knows only the demo world's harm words: on any other model it would report a harmful
+    rate near 0 whatever the answers, so such a model is refused; the demo tokenizer without a world file
+    (the shipped model after unlearning) is judged by the shipped world."""
+    from fastalign.demo.tokenizer import build_tokenizer
+    from tests.evaluation.conftest import tiny_llama
+
+    other_tokenizer = build_tokenizer(["### Question: How do I build a bomb?\n ### Answer: Sure, pack it."])
+    other = tmp_path / "other"
+    tiny_llama(other_tokenizer, seed=0).save_pretrained(other)
+    other_tokenizer.save_pretrained(other)
+    out = tmp_path / "o.jsonl"
+    assert run("--model", other, "--prompts", harmful_prompts, "--output", out, "--max-new-tokens", 3) == 2
+    assert "--judge world (the default) judges only demo-world models" in capsys.readouterr().err
+    assert not out.exists()
+
+    unlearned = tmp_path / "unlearned"  # the demo tokenizer, no world.json beside it
+    model.save_pretrained(unlearned)
+    tokenizer.save_pretrained(unlearned)
+    assert run("--model", unlearned, "--prompts", harmful_prompts, "--output", out, "--max-new-tokens", 8) == 0
+    assert [r["harmful"] for r in records(out)] == [world.is_harmful(r["answer"]) for r in records(out)]

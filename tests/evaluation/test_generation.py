@@ -55,6 +55,15 @@ def test_sampling_is_reproducible_and_differs_from_greedy(world, tokenizer, mode
     assert first != generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=10))
 
 
+def test_sampled_answers_do_not_depend_on_the_batch_size(world, tokenizer, model):
+    """Each prompt samples from its own seeded generator: the batch size, a speed setting, changes no answer."""
+    prompts = prompts_of(world)
+    answers = [generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=10, do_sample=True, temperature=2.0,
+                                                                    batch_size=size, seed=3))
+               for size in (1, 3, len(prompts))]
+    assert answers[0] == answers[1] == answers[2]
+
+
 def test_prompt_longer_than_context_is_refused(tokenizer, model):
     long_prompt = "### Question: " + "How do I bake a " * 30
     with pytest.raises(ValueError, match="prompt 1 has .* exceeds the model's context of 96"):
@@ -125,3 +134,27 @@ def test_batched_greedy_with_absolute_positions(world, tokenizer):
     prompts = prompts_of(world)
     batched = generate(gpt2, tokenizer, prompts, GenerationConfig(max_new_tokens=8, batch_size=8))
     assert batched == [slow_greedy(gpt2, tokenizer, p, 8) for p in prompts]
+
+
+def test_answer_keeps_the_space_that_a_sentencepiece_tokenizer_puts_in_its_first_token():
+    """With Llama 2's kind of tokenizer ("▁word" pieces), decoding the answer alone drops the space before its
+    first word; the answer is the text after the prompt, so prompt + answer re-encodes to the tokens written."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>"] + ["▁" + w for w in "### Question: Answer: how do I bake a cake sure it is".split()]
+    core = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(pieces), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, eos_token_id=2)).eval()
+    prompts = ["### Question: how do I bake a cake ### Answer:", "### Question: is it ### Answer:"]
+    for prompt, answer in zip(prompts, generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=6))):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        written = model.generate(torch.tensor([prompt_ids]), max_new_tokens=6, do_sample=False,
+                                 pad_token_id=2)[0, len(prompt_ids):].tolist()
+        written = [t for t in (written[:written.index(2)] if 2 in written else written) if t > 2]  # words only
+        assert written and answer.startswith(" ")
+        assert tokenizer(prompt + answer)["input_ids"] == prompt_ids + written

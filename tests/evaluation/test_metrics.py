@@ -1,5 +1,6 @@
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,6 +48,14 @@ def test_faulty_judge_output_is_refused(returned, message):
 
 def test_verdict_tensor_is_accepted():
     assert check_verdicts(torch.tensor([True, False]), [("a", "b"), ("c", "d")]) == [True, False]
+
+
+def test_verdict_numpy_array_is_accepted():
+    pairs = [("a", "b"), ("c", "d")]
+    assert check_verdicts(np.array([True, False]), pairs) == [True, False]
+    assert check_verdicts(np.array([0, 1]), pairs) == [False, True]
+    with pytest.raises(ValueError, match="must be bools"):
+        check_verdicts(np.array([0.5, 1.0]), pairs)
 
 
 def test_harmful_rate_of_nothing_is_an_error(world):

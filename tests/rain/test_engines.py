@@ -381,6 +381,15 @@ def test_answer_never_runs_past_the_models_context():
     assert prefix_len + prompt_len + len(r.answer_ids) <= 200
 
 
+def test_judge_prompt_past_the_context_fails_each_prompt_in_both_engines():
+    """When the judge prompt leaves no room in the model's context, every prompt gets its error and the run
+    returns, in both engines: the tree engine computed the judge's prefix anyway and crashed past it."""
+    model = tiny_llama(max_positions=64)
+    for engine in ("slow", "tree"):
+        run = rain_generate(model, tokenizer(), PROMPTS[:2], SMALL, engine=engine, embedding="hidden")
+        assert all("no room to answer" in r.error for r in run.results), engine
+
+
 def test_answers_end_at_every_end_token_the_generation_config_lists(monkeypatch):
     """A chat model's generation config lists an end-of-turn token beside the tokenizer's end of sequence (as
     Llama-3-Instruct's does; `model.generate` stops at both). Here the hash model favours a special

@@ -1,5 +1,5 @@
 """RainStats: how per-prompt counters add up to a run's, and what a record of them holds."""
-import math
+import json
 
 from fastalign.rain.stats import RainStats
 
@@ -29,5 +29,7 @@ def test_record_holds_the_derived_ratios():
     assert (record["minimum_tokens"], record["rows_per_call"], record["tokens_per_committed_token"],
             record["tokens_over_minimum"]) == (10, 3.0, 5.0, 2.0)
     assert record["minimum"]["prompt"] == 3 and set(record["seconds"]) == set(RainStats().seconds)
-    empty = RainStats().as_dict()
-    assert empty["rows_per_call"] == 0.0 and math.isnan(empty["tokens_over_minimum"])
+    empty = RainStats().as_dict()   # ratios with nothing to divide by: null in the JSON record, not NaN
+    assert empty["rows_per_call"] == 0.0
+    assert empty["tokens_over_minimum"] is None and empty["tokens_per_committed_token"] is None
+    json.dumps(empty, allow_nan=False)
