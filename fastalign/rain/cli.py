@@ -2,8 +2,11 @@
 decoding alongside for comparison.
 
 Each prompt's record {"index", "prompt", "rain", "vanilla", "error", "stats"} is appended to --output and
-flushed as soon as that prompt finishes, so a killed run resumes where it stopped (prompts whose index is
-already in the file are skipped). A prompt that fails gets its error in its record; the others go on.
+flushed as soon as that prompt finishes, so a killed run resumes where it stopped (prompts recorded without
+an error are skipped). A prompt that fails gets its error in its record; the others go on, and a resumed run
+searches it again and appends its new record: the file is append-only, and the last record of an index wins.
+Bad arguments (a missing file, a bad setting, a judge prompt the tokenizer cannot serve) are usage errors
+(exit code 2) found before the model loads.
 Several GPUs: launch with torchrun (e.g. `torchrun --nproc_per_node 8 -m fastalign.cli rain ...`): each
 rank joins the process group, searches every WORLD_SIZE-th prompt on cuda:LOCAL_RANK and writes
 <output>.rank<RANK>; at the end rank 0 merges them into <output> and prints the combined summary.
@@ -20,6 +23,10 @@ from fastalign.evaluation.generation import pad_id
 from fastalign.unlearn.records import read_jsonl
 
 HH_ASSISTANT = "\n\nAssistant:"
+
+
+class UsageError(ValueError):
+    """Bad command-line input; the message names the argument."""
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -67,6 +74,19 @@ def hh_prompts(path: str):
     return prompts
 
 
+def read_text(path: Optional[str], argument: str) -> str:
+    """The text of the file `argument` names ("" when not given); UsageError when it is missing or unreadable."""
+    if path is None:
+        return ""
+    if not os.path.isfile(path):
+        raise UsageError(f"{argument}: no file at {path!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{argument}: cannot read {path!r}: {exc}") from None
+
+
 def file_prompts(path: str, field: str):
     """The prompts of a .jsonl(.gz) file (field `field`) or a text file; ValueError naming the line if bad."""
     if path.endswith((".jsonl", ".jsonl.gz")):
@@ -102,6 +122,15 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, turn_marke
 
 
 def run(args) -> int:
+    """Handler of `fastalign rain`: 0 on success, 2 on a usage error."""
+    try:
+        return _run(args)
+    except UsageError as exc:
+        print(f"fastalign rain: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import JudgePrompt, RainConfig, RainStats, rain_generate
@@ -110,38 +139,31 @@ def run(args) -> int:
     from .judge import JudgeTokens
 
     if not os.path.isdir(args.model):
-        print(f"--model: no model directory at {args.model!r}", file=sys.stderr)
-        return 2
-    source = args.hh or args.prompts
+        raise UsageError(f"--model: no model directory at {args.model!r}")
+    source, source_arg = (args.hh, "--hh") if args.hh else (args.prompts, "--prompts")
     if not os.path.isfile(source):
-        print(f"{'--hh' if args.hh else '--prompts'}: no file at {source!r}", file=sys.stderr)
-        return 2
+        raise UsageError(f"{source_arg}: no file at {source!r}")
     try:
         prompts = hh_prompts(args.hh) if args.hh else file_prompts(args.prompts, args.field)
     except ValueError as exc:  # DataError included: malformed JSON, unreadable file
-        print(f"{'--hh' if args.hh else '--prompts'}: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(f"{source_arg}: {exc}") from None
+    if args.limit < 0:
+        raise UsageError(f"--limit must be >= 0 (0 = all prompts), got {args.limit}")
+    if args.concurrency < 1:
+        raise UsageError(f"--concurrency must be >= 1, got {args.concurrency}")
     try:    # bad settings are usage errors found before the model loads
-        if args.limit < 0:
-            raise ValueError(f"--limit must be >= 0 (0 = all prompts), got {args.limit}")
-        if args.concurrency < 1:
-            raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
         config = RainConfig(max_new_tokens=args.max_new_tokens, root_visits=args.root_visits, seed=args.seed,
                             parallel_leaves=args.parallel_leaves, virtual_loss=args.virtual_loss).validate()
-        embedder = make_embedder(args.embedding)   # else every prompt got an error record, skipped on resume
+        embedder = make_embedder(args.embedding)   # else every prompt failed after its first iteration
     except (ValueError, ImportError) as exc:
-        print(f"fastalign rain: error: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     if args.limit:
         prompts = prompts[:args.limit]
     judge = JudgePrompt(labels=tuple(args.labels.split(",")), use_chat_template=args.chat_template)
     if args.judge_template_file:
-        with open(args.judge_template_file, encoding="utf-8") as f:
-            judge = JudgePrompt(template=f.read(), labels=judge.labels, use_chat_template=args.chat_template)
-    prefix = ""
-    if args.generation_prefix_file:
-        with open(args.generation_prefix_file, encoding="utf-8") as f:
-            prefix = f.read()
+        judge = JudgePrompt(template=read_text(args.judge_template_file, "--judge-template-file"),
+                            labels=judge.labels, use_chat_template=args.chat_template)
+    prefix = read_text(args.generation_prefix_file, "--generation-prefix-file")
     placement = join_from_env()
     try:
         device = args.device or (f"cuda:{placement.local_rank}" if torch.cuda.is_available() else "cpu")
@@ -149,8 +171,7 @@ def run(args) -> int:
         try:
             JudgeTokens(tokenizer, judge)      # labels and template checked before the model loads
         except ValueError as exc:
-            print(f"fastalign rain: error: {exc}", file=sys.stderr)
-            return 2
+            raise UsageError(f"judge prompt (--judge-template-file, --labels, --chat-template): {exc}") from None
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
         done = done_indices(args.output)
         mine = placement.share(range(len(prompts)))   # skipped ones counted per share: other ranks write meanwhile

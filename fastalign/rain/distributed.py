@@ -3,16 +3,22 @@
 Under torchrun (WORLD_SIZE > 1) each process joins the default process group (NCCL on CUDA, gloo on
 CPU), takes every WORLD_SIZE-th prompt (prompt i goes to rank i % WORLD_SIZE) and appends its records to
 its own file <output>.rank<RANK> as each prompt finishes. At the end the ranks meet at a barrier and rank
-0 merges every rank file into <output> (in prompt order, skipping records already there) and removes
-them. A killed run resumes with any number of processes: prompts recorded in <output> or in any rank file
-are skipped, and the next merge collects the leftovers. A record a kill cut short (a file's last line, without
-its newline) counts as not written, and is cut off before the next record is appended.
+0 merges every rank file into <output> (in prompt order, skipping prompts already done there) and removes
+them. A killed run resumes with any number of processes: prompts recorded without an error in <output> or in
+any rank file are skipped, and the next merge collects the leftovers. A record a kill cut short (a file's last
+line, without its newline) counts as not written, and is cut off before the next record is appended.
+
+A prompt whose record holds an error (a CUDA out-of-memory, an interrupted judge) is not done: a resumed run
+searches it again and appends a new record. The files stay append-only, so an index may have several records,
+and the last record of an index wins. A successful record is never followed by another (its prompt is done),
+so reading several files together (`latest_records`) the successful record wins whatever the files' order;
+the merge writes a rank file's record only for an index <output> holds no successful record of.
 """
 import glob
 import json
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Set
+from typing import Dict, List, Optional, Sequence, Set
 
 import torch
 import torch.distributed as dist
@@ -82,9 +88,26 @@ def _rank_files(path: str) -> List[str]:
     return sorted(p for p in glob.glob(glob.escape(path) + ".rank*") if p[len(path) + len(".rank"):].isdigit())
 
 
+def latest_records(paths: Sequence[str]) -> Dict[int, dict]:
+    """The winning record of every index in `paths`: its successful record, else its last record in the
+    order of `paths` and of their lines."""
+    out: Dict[int, dict] = {}
+    for p in paths:
+        for record in _records(p):
+            held = out.get(record["index"])
+            if held is None or held.get("error") is not None:
+                out[record["index"]] = record
+    return out
+
+
+def _succeeded(paths: Sequence[str]) -> Set[int]:
+    return {i for i, r in latest_records(paths).items() if r.get("error") is None}
+
+
 def done_indices(path: str) -> Set[int]:
-    """Prompt indices already recorded in `path` or in any of its rank files."""
-    return {r["index"] for p in [path] + _rank_files(path) for r in _records(p)}
+    """Prompt indices recorded without an error in `path` or in any of its rank files; a prompt that failed
+    is searched again."""
+    return _succeeded([path] + _rank_files(path))
 
 
 def gather(placement: Placement, value) -> Optional[list]:
@@ -97,19 +120,16 @@ def gather(placement: Placement, value) -> Optional[list]:
 
 
 def merge_rank_files(placement: Placement, path: str):
-    """After all ranks are done: rank 0 appends the rank files' records to `path` in prompt order and removes
-    the rank files. A single process merges too: rank files a killed multi-process run left behind hold
-    prompts this run skipped."""
+    """After all ranks are done: rank 0 appends the rank files' records to `path` in prompt order (of an
+    index `path` holds a successful record of, none; a retried prompt's new record goes after its error
+    record) and removes the rank files. A single process merges too: rank files a killed multi-process run
+    left behind hold prompts this run skipped."""
     if placement.distributed:
         dist.barrier()
     if placement.rank == 0:
-        have = {r["index"] for r in _records(path)}
+        done = _succeeded([path])
         files = _rank_files(path)
-        fresh = {}
-        for p in files:
-            for record in _records(p):
-                if record["index"] not in have:
-                    fresh[record["index"]] = record
+        fresh = {i: r for i, r in latest_records(files).items() if i not in done}
         with open_for_append(path) as out:
             for index in sorted(fresh):
                 out.write(json.dumps(fresh[index]) + "\n")

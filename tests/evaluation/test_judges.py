@@ -1,8 +1,13 @@
+import re
+
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import LlamaConfig, LlamaForSequenceClassification, PretrainedConfig, PreTrainedTokenizerFast
 
-from fastalign.evaluation.judges import KeywordJudge, ModerationJudge
+from fastalign.evaluation.judges import KeywordJudge, ModerationJudge, harmful_label_index
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +64,86 @@ def test_moderation_label_is_checked(tokenizer, classifier):
     with pytest.raises(ValueError, match="out of range"):
         ModerationJudge(classifier, tokenizer, harmful_label=2)
     assert ModerationJudge(classifier, tokenizer, harmful_label="UNSAFE").label == 1
+
+
+TOXIC_BERT = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
+
+
+@pytest.mark.parametrize("labels, index", [
+    (["safe", "unsafe"], 1), (["toxic", "non-toxic"], 0), (["Non-Toxic", "Toxic"], 1), (["neutral", "toxic"], 1),
+    (["nothate", "hate"], 1), (["NOT_HARMFUL", "HARMFUL"], 1), (["non-offensive", "offensive"], 1),
+    (["HATE_SPEECH", "normal"], 0), (TOXIC_BERT, 0), (["toxicity", "severe_toxicity", "obscene"], 0),
+    (["LABEL_0", "LABEL_1"], 1),
+])
+def test_harmful_label_is_inferred_from_the_label_names(labels, index):
+    """The one label named harmful, wherever it stands (not its negation, nor a kind of it such as
+    severe_toxic); index 1 only for an unnamed 2-label model."""
+    assert harmful_label_index(PretrainedConfig(id2label=dict(enumerate(labels)))) == index
+
+
+@pytest.mark.parametrize("labels, message", [
+    (["NEGATIVE", "POSITIVE"], "cannot tell which of the model's labels {0: 'NEGATIVE', 1: 'POSITIVE'}"),
+    (["hate", "offensive", "neither"], "'hate', 'offensive' all mean harmful"),
+    (["LABEL_0", "LABEL_1", "LABEL_2"], "give harmful_label"),
+    (["LABEL_0"], "give harmful_label"),
+])
+def test_harmful_label_that_the_names_do_not_tell_must_be_given(labels, message):
+    config = PretrainedConfig(id2label=dict(enumerate(labels)))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        harmful_label_index(config)
+    assert harmful_label_index(config, 0) == 0 and harmful_label_index(config, labels[0].lower()) == 0
+
+
+def test_given_harmful_label_wins_over_the_names():
+    config = PretrainedConfig(id2label={0: "safe", 1: "unsafe"})
+    assert harmful_label_index(config, 0) == 0 and harmful_label_index(config, "Safe") == 0
+
+
+WORDS = ["[PAD]", "[UNK]", "Judge", ":", "how", "do", "I", "bake", "bread", "to", "make", "a", "bomb", "please"]
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+
+
+@pytest.fixture(scope="module")
+def bomb_detector():
+    """A classifier that reads its last token alone (the decoder layer adds nothing): "unsafe" iff it is bomb."""
+    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=4, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=1, num_labels=2, id2label={0: "safe", 1: "unsafe"},
+                         label2id={"safe": 0, "unsafe": 1}, pad_token_id=0)
+    model = LlamaForSequenceClassification(config).eval()
+    with torch.no_grad():
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.copy_(torch.tensor([0.0, 3, 0, 0]))
+        model.model.embed_tokens.weight[WORDS.index("bomb")] = torch.tensor([3.0, 0, 0, 0])
+        model.score.weight.copy_(torch.tensor([[0.0, 5, 0, 0], [5.0, 0, 0, 0]]))
+    return model
+
+
+def test_moderation_judge_shortens_a_long_prompt_not_the_answer(word_tokenizer, bomb_detector):
+    """Cutting the text's end (the tokenizer's truncation) judged a prompt word instead of the harmful answer
+    after a long prompt; the prompt loses its start instead, and no more of it than needed."""
+    judge = ModerationJudge(bomb_detector, word_tokenizer, template="Judge: {prompt}\n{answer}", max_length=12)
+    prompt, answer = "how do I bake bread " * 5 + "please", "how to make a bomb"
+    text = judge.text(prompt, answer)
+    assert text == "Judge:  do I bake bread please\nhow to make a bomb"     # 2 + 5 + 5 tokens
+    assert len(word_tokenizer(text).input_ids) == 12
+    assert judge([(prompt, answer), (prompt, "bake bread"), ("", answer)]) == [True, False, True]
+    assert judge.text("do I", answer) == "Judge: do I\nhow to make a bomb"        # short enough: left whole
+
+
+def test_moderation_judge_cuts_only_an_answer_too_long_alone(word_tokenizer, bomb_detector):
+    """With no room for any of the prompt, the answer is cut by the tokenizer's own truncation (its end)."""
+    judge = ModerationJudge(bomb_detector, word_tokenizer, template="{prompt} {answer}", max_length=4)
+    assert judge.text("how do I", "bomb a bread bake bread") == " bomb a bread bake bread"
+    assert judge([("how do I", "bomb a bread bake bread"), ("how do I", "bake a bread bread bomb")]) == [False, False]
+    assert judge([("how do I", "bake a bomb")]) == [True]
 
 
 def test_keyword_judge_matches_whole_words_case_insensitively():

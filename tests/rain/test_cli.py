@@ -11,6 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import fastalign.rain as rain_package
 from fastalign.cli import main
 from fastalign.rain.cli import greedy_answer
+from fastalign.rain.distributed import Placement, latest_records, merge_rank_files
+from fastalign.rain.slow import SlowEngine
 
 from .tiny import PROMPTS, tiny_llama, tokenizer
 
@@ -157,6 +159,69 @@ def test_rain_bad_prompts_file_is_a_usage_error_naming_the_line(rain_setup, tmp_
     assert message in capsys.readouterr().err and not out.exists()
 
 
+def test_rain_resume_searches_a_failed_prompt_again(rain_setup, monkeypatch, capsys):
+    """A prompt that failed (here: a CUDA out-of-memory in its search) is not done: the resumed run searches
+    it again and appends its new record, which wins over the error record before it; then nothing is left."""
+    _, out, args = rain_setup
+    real_commit = SlowEngine.commit
+
+    def commit(self, ctx, old_root, new_root):
+        if ctx.index == 1:
+            raise RuntimeError("CUDA out of memory")
+        return real_commit(self, ctx, old_root, new_root)
+
+    monkeypatch.setattr(SlowEngine, "commit", commit)
+    assert main(args) == 0
+    first = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["index"]: r["error"] for r in first} == {0: None, 1: "RuntimeError: CUDA out of memory"}
+    monkeypatch.setattr(SlowEngine, "commit", real_commit)
+    capsys.readouterr()
+    assert main(args) == 0
+    stdout = capsys.readouterr().out
+    summary = json.loads(stdout[stdout.index("{"):])
+    assert summary["prompts"] == 1 and summary["skipped_done"] == 1 and summary["errors"] == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records[:2] == first and len(records) == 3 and records[2]["index"] == 1
+    assert records[2]["error"] is None and records[2]["stats"]["committed_tokens"] > 0
+    assert latest_records([str(out)])[1] == records[2]
+    assert main(args) == 0 and len(out.read_text().splitlines()) == 3      # nothing left to do
+
+
+def test_merge_writes_a_retried_prompts_new_record_after_its_error(tmp_path):
+    """Under torchrun a retried prompt's new record is in a rank file while <output> holds its error record:
+    the merge appends it (it used to be dropped, the index being in <output> already), but nothing for an
+    index <output> holds a successful record of."""
+    out = tmp_path / "out.jsonl"
+
+    def row(i, error=None, note=""):
+        return json.dumps({"index": i, "error": error, "note": note}) + "\n"
+
+    out.write_text(row(0) + row(1, "RuntimeError: CUDA out of memory") + row(2, "killed"))
+    (tmp_path / "out.jsonl.rank0").write_text(row(0, note="stale") + row(2, "again") + row(4, note="done"))
+    (tmp_path / "out.jsonl.rank1").write_text(row(1, note="retried") + row(3, "failed") + row(3, note="retried")
+                                              + row(4, "failed"))   # a success is final, whatever the file order
+    merge_rank_files(Placement(), str(out))
+    assert out.read_text() == (row(0) + row(1, "RuntimeError: CUDA out of memory") + row(2, "killed")
+                               + row(1, note="retried") + row(2, "again") + row(3, note="retried")
+                               + row(4, note="done"))
+    assert not list(tmp_path.glob("out.jsonl.rank*"))
+    assert {i: r["error"] for i, r in latest_records([str(out)]).items()} == \
+        {0: None, 1: None, 2: "again", 3: None, 4: None}
+
+
+def no_model(*a, **kw):
+    raise AssertionError("the model was loaded before the arguments were checked")
+
+
+@pytest.mark.parametrize("argument", ["--judge-template-file", "--generation-prefix-file"])
+def test_rain_missing_text_file_is_a_usage_error_naming_it(rain_setup, tmp_path, monkeypatch, capsys, argument):
+    _, out, args = rain_setup
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_model)
+    args = [a for a in args if a != "--judge-template-file" and not a.endswith("judge.txt")]
+    assert main(args + [argument, str(tmp_path / "nowhere.txt")]) == 2
+    assert f"fastalign rain: error: {argument}: no file at" in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--root-visits", "0"], "root_visits"),
     (["--parallel-leaves", "0"], "parallel_leaves"),
@@ -166,10 +231,6 @@ def test_rain_bad_prompts_file_is_a_usage_error_naming_the_line(rain_setup, tmp_
 ])
 def test_rain_bad_settings_are_usage_errors_before_the_model_loads(rain_setup, monkeypatch, capsys, extra, message):
     _, out, args = rain_setup
-
-    def no_model(*a, **kw):
-        raise AssertionError("the model was loaded before the settings were checked")
-
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_model)
     assert main(args + extra) == 2
     assert message in capsys.readouterr().err and not out.exists()
