@@ -5,5 +5,6 @@ from fastalign.unlearn.token_weights import unlearning_token_weights
 from fastalign.unlearn import UnlearnConfig, UnlearningObjective, UnlearningTrainer, run_unlearning
 from fastalign.runtime import PoolExhaustedError, Span, TreeRunner
 from fastalign.rain import JudgePrompt, RainConfig, rain_generate
-from fastalign.evaluation import GenerationConfig, KeywordJudge, ModerationJudge, evaluate_harm, evaluate_utility
+from fastalign.evaluation import (GenerationConfig, KeywordJudge, ModerationJudge, evaluate_answers, evaluate_harm,
+                                  evaluate_utility)
 from fastalign.demo import load_model as load_demo_model, load_world as load_demo_world

@@ -1,7 +1,10 @@
-"""Evaluation of any Hugging Face causal LM: harmful rate under a pluggable judge, utility against the
-original model; `fastalign eval` on the command line."""
+"""Evaluation of any Hugging Face causal LM (harmful rate under a pluggable judge, utility against the
+original model) and of answers written beforehand (`fastalign rain`'s output); `fastalign eval` on the
+command line."""
+from fastalign.evaluation.answers import Answers, read_answers
 from fastalign.evaluation.generation import GenerationConfig, generate, iter_generate
-from fastalign.evaluation.harness import HarmReport, JudgeError, UtilityReport, evaluate_harm, evaluate_utility, iter_judged
+from fastalign.evaluation.harness import (AnswersReport, HarmReport, JudgeError, UtilityReport, evaluate_answers,
+                                          evaluate_harm, evaluate_utility, iter_judged, iter_judged_answers)
 from fastalign.evaluation.judges import KeywordJudge, ModerationJudge
 from fastalign.evaluation.metrics import harmful_rate, mean_token_kl, unchanged_share
 from fastalign.evaluation.prompts import read_prompts, spec_prompt

@@ -1,11 +1,19 @@
-"""`fastalign eval`: harmful rate of a model on a prompt file, optionally utility against a reference.
+"""`fastalign eval`: harmful rate of a model on a prompt file, optionally utility against a reference; or,
+with --answers, the harmful rates of answers already written by `fastalign rain`.
 
-Records {"index", "prompt", "answer", "harmful"} are written to the output jsonl (a new run replaces it;
-missing directories are created) batch by batch and flushed, so whatever was judged before a failure (a
-judge that raises, an interrupt) stays on disk. Inputs are checked before any generation: a missing model,
-an unreadable prompt file or a prompt too long for the model's context stops the command with a message
-naming the argument. The summary (harmful rate, and with --reference the unchanged share and mean token KL
-on --normal-prompts) is printed as JSON and written to <output>.summary.json.
+With --prompts (and --model), records {"index", "prompt", "answer", "harmful"} are written to the output
+jsonl (a new run replaces it; missing directories are created) batch by batch and flushed, so whatever was
+judged before a failure (a judge that raises, an interrupt) stays on disk. Inputs are checked before any
+generation: a missing model, an unreadable prompt file or a prompt too long for the model's context stops the
+command with a message naming the argument. The summary (harmful rate, and with --reference the unchanged
+share and mean token KL on --normal-prompts) is printed as JSON and written to <output>.summary.json.
+
+With --answers FILE (a `fastalign rain` output), no model is loaded: each record's RAIN answer and its vanilla
+answer are judged with the record's prompt as written, and the records {"index", "prompt", "rain", "vanilla",
+"harmful_rain", "harmful_vanilla"} are written the same way (harmful_vanilla null where rain ran with
+--no-vanilla). Records whose prompt failed ("error" set) are counted as skipped_errors, never judged; an
+index recorded twice keeps its last record. The summary gives harmful_rate {"rain": x, "vanilla": y} side by
+side. The world judge finds its world from --model (the model the answers came from).
 """
 import argparse
 import importlib
@@ -16,8 +24,9 @@ from typing import List, Optional
 
 import torch
 
+from .answers import read_answers
 from .generation import GenerationConfig, encode_prompts
-from .harness import JudgeError, evaluate_utility, iter_judged
+from .harness import JudgeError, answer_rates, evaluate_utility, iter_judged, iter_judged_answers
 from .judges import KeywordJudge, ModerationJudge
 from .prompts import read_prompts, spec_prompt
 
@@ -31,7 +40,8 @@ class UsageError(ValueError):
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Adds the `eval` subcommand (its handler is `run`, set as the `func` default)."""
-    parser = subparsers.add_parser("eval", help="harmful rate (and utility) of a model on a prompt file",
+    parser = subparsers.add_parser("eval", help="harmful rate (and utility) of a model on a prompt file, or of "
+                                                "the answers in a `fastalign rain` output",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.set_defaults(func=run)
@@ -39,8 +49,11 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help=f"Hugging Face model directory, or '{DEMO_MODEL}'")
-    parser.add_argument("--prompts", required=True, help="harmful prompts: .jsonl or .csv file")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", help="harmful prompts (.jsonl or .csv file) the model answers")
+    source.add_argument("--answers", help="a `fastalign rain` output jsonl: judge its RAIN and vanilla answers")
+    parser.add_argument("--model", help=f"Hugging Face model directory, or '{DEMO_MODEL}'; needed with --prompts, "
+                                        "with --answers only to locate the world judge's world")
     parser.add_argument("--field", default="prompt", help="the prompt's field (jsonl) or column (csv)")
     parser.add_argument("--output", required=True,
                         help="jsonl file the records are written to, batch by batch (a new run replaces it)")
@@ -51,13 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "moderation: --moderation-model; callable: --judge-callable")
     parser.add_argument("--keywords", help="comma-separated words marking an answer harmful (keyword judge)")
     parser.add_argument("--moderation-model", help="directory of a sequence-classification model")
-    parser.add_argument("--harmful-label", default="1", help="index or name of the moderation model's harmful label")
+    parser.add_argument("--harmful-label", help="index or name of the moderation model's harmful label "
+                                                "(default: the label its names call harmful, e.g. toxic or unsafe)")
     parser.add_argument("--threshold", type=float, default=0.5, help="moderation probability counted as harmful")
     parser.add_argument("--judge-callable", help="module:name of a function judge(pairs) -> list of bools")
     parser.add_argument("--reference", help="original model directory (or 'demo'), for utility")
     parser.add_argument("--normal-prompts", help="normal prompts (.jsonl/.csv) for utility against --reference")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts generated, or records judged, at once")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
@@ -82,24 +96,10 @@ def load_causal_lm(path: str, argument: str, device: str):
     return model.to(device).eval(), tokenizer
 
 
-def build_judge(args, tokenizer):
-    """The judge the arguments select; UsageError when its own argument is missing or wrong.
-
-    The world judge knows only the words of a demo world: it reads the world written beside the model, or the
-    shipped one for a model with the shipped demo tokenizer (e.g. the demo model unlearned). Any other model
-    is refused rather than judged by words it never uses, which would report a harmful rate near 0.
-    """
+def build_judge(args, tokenizer=None):
+    """The judge the arguments select; UsageError when its own argument is missing or wrong."""
     if args.judge == "world":
-        from transformers import PreTrainedTokenizerFast
-        from fastalign.demo.model import ASSETS, WORLD_FILE, load_world
-        if os.path.isfile(os.path.join(args.model, WORLD_FILE)):
-            return load_world(args.model).judge
-        shipped = PreTrainedTokenizerFast.from_pretrained(ASSETS)
-        if args.model == DEMO_MODEL or tokenizer.get_vocab() == shipped.get_vocab():
-            return load_world(ASSETS).judge
-        raise UsageError(f"--judge world (the default) judges only demo-world models, and {args.model!r} has "
-                         f"neither a {WORLD_FILE} nor the demo tokenizer: choose --judge keyword, moderation or "
-                         "callable")
+        return world_judge(args.model, tokenizer)
     if args.judge == "keyword":
         if not args.keywords:
             raise UsageError("--judge keyword needs --keywords word,word,...")
@@ -107,7 +107,9 @@ def build_judge(args, tokenizer):
     if args.judge == "moderation":
         if not args.moderation_model or not os.path.isdir(args.moderation_model):
             raise UsageError(f"--moderation-model: no model directory at {args.moderation_model!r}")
-        label = int(args.harmful_label) if args.harmful_label.isdigit() else args.harmful_label
+        label = args.harmful_label
+        if label is not None and label.isdigit():
+            label = int(label)
         try:
             return ModerationJudge.from_pretrained(args.moderation_model, harmful_label=label,
                                                    threshold=args.threshold)
@@ -122,6 +124,37 @@ def build_judge(args, tokenizer):
         raise UsageError(f"--judge-callable: cannot import {args.judge_callable!r}: {exc}") from None
 
 
+def world_judge(model: Optional[str], tokenizer=None):
+    """The exact judge of the demo world `model` lives in; UsageError naming --model otherwise.
+
+    The world judge knows only the words of a demo world: it reads the world written beside the model, or the
+    shipped one for a model with the shipped demo tokenizer (e.g. the demo model unlearned; `tokenizer` is
+    loaded from `model` when not given). Any other model is refused rather than judged by words it never uses,
+    which would report a harmful rate near 0.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from fastalign.demo.model import ASSETS, WORLD_FILE, load_world
+    others = "choose --judge keyword, moderation or callable"
+    if model is None:
+        raise UsageError(f"--judge world (the default) needs --model, the demo-world model the answers came from, "
+                         f"to find its world; or {others}")
+    if model == DEMO_MODEL:
+        return load_world(ASSETS).judge
+    if not os.path.isdir(model):
+        raise UsageError(f"--model: no model directory at {model!r}")
+    if os.path.isfile(os.path.join(model, WORLD_FILE)):
+        return load_world(model).judge
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--model: cannot load a tokenizer from {model!r}: {exc}") from None
+    if tokenizer.get_vocab() == PreTrainedTokenizerFast.from_pretrained(ASSETS).get_vocab():
+        return load_world(ASSETS).judge
+    raise UsageError(f"--judge world (the default) judges only demo-world models, and {model!r} has "
+                     f"neither a {WORLD_FILE} nor the demo tokenizer: {others}")
+
+
 def _read(path: str, argument: str, field: str, template: str) -> List[str]:
     try:
         prompts = read_prompts(path, field)
@@ -132,6 +165,12 @@ def _read(path: str, argument: str, field: str, template: str) -> List[str]:
 
 def evaluate(args) -> dict:
     """Runs the evaluation the arguments describe; returns the summary (see the module docstring)."""
+    return _evaluate_answers(args) if args.answers else _evaluate_model(args)
+
+
+def _evaluate_model(args) -> dict:
+    if args.model is None:
+        raise UsageError("--prompts needs --model, the model that answers them")
     prompts = _read(args.prompts, "--prompts", args.field, args.template)
     normal = _read(args.normal_prompts, "--normal-prompts", args.field, args.template) if args.normal_prompts else None
     if (normal is None) != (args.reference is None):
@@ -151,15 +190,10 @@ def evaluate(args) -> dict:
             raise UsageError(f"{argument}: {exc}") from None
 
     harmful = total = 0
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as out:
-        for records in iter_judged(model, tokenizer, prompts, judge, config):
-            for record in records:
-                out.write(json.dumps(record) + "\n")
-            out.flush()
-            harmful += sum(r["harmful"] for r in records)
-            total += len(records)
-            print(f"eval: {total}/{len(prompts)} prompts, {harmful} harmful", file=sys.stderr, flush=True)
+    for records in _written(args.output, iter_judged(model, tokenizer, prompts, judge, config)):
+        harmful += sum(r["harmful"] for r in records)
+        total += len(records)
+        print(f"eval: {total}/{len(prompts)} prompts, {harmful} harmful", file=sys.stderr, flush=True)
     summary = {"model": args.model, "prompts": args.prompts, "judge": args.judge, "num_prompts": total,
                "harmful_rate": harmful / total}
     if normal is not None:
@@ -168,7 +202,56 @@ def evaluate(args) -> dict:
                                    GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                                     stop_strings=tuple(args.stop)))
         summary.update(unchanged_share=utility.unchanged_share, mean_token_kl=utility.mean_token_kl)
-    with open(args.output + ".summary.json", "w", encoding="utf-8") as f:
+    return _summarised(args.output, summary)
+
+
+def _evaluate_answers(args) -> dict:
+    from fastalign.rain.distributed import rank_files
+    if args.reference or args.normal_prompts:
+        raise UsageError("--reference and --normal-prompts measure a model's utility: not with --answers")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        answers = read_answers(args.answers)
+    except ValueError as exc:    # DataError included: a missing or unreadable file
+        raise UsageError(f"--answers: {exc}") from None
+    if os.path.exists(args.output) and os.path.samefile(args.output, args.answers):
+        raise UsageError(f"--output {args.output!r} is the --answers file: writing the records would replace it")
+    judge = build_judge(args)
+    if answers.torn_line:
+        print(f"fastalign eval: warning: {args.answers}: line {answers.torn_line} left out: not JSON and without "
+              "its newline, a record a kill cut short", file=sys.stderr)
+    unmerged = rank_files(args.answers)
+    if unmerged:
+        print(f"fastalign eval: warning: {', '.join(unmerged)} hold records not merged into {args.answers} (a "
+              "torchrun run that did not finish; resume it to merge them): they are not judged", file=sys.stderr)
+
+    judged = []
+    for records in _written(args.output, iter_judged_answers(answers.records, judge, args.batch_size)):
+        judged += records
+        print(f"eval: {len(judged)}/{len(answers.records)} records", file=sys.stderr, flush=True)
+    with_vanilla = sum(r["vanilla"] is not None for r in judged)
+    if 0 < with_vanilla < len(judged):
+        print(f"fastalign eval: warning: only {with_vanilla} of {len(judged)} records have a vanilla answer: the "
+              "two rates are over different prompts", file=sys.stderr)
+    return _summarised(args.output, {"answers": args.answers, "judge": args.judge, "num_prompts": len(judged),
+                                     "num_vanilla": with_vanilla, "harmful_rate": answer_rates(judged),
+                                     "skipped_errors": answers.skipped_errors})
+
+
+def _written(path: str, batches):
+    """Passes each batch of records on once it is written to `path` (replaced; directories created) and flushed."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as out:
+        for records in batches:
+            for record in records:
+                out.write(json.dumps(record) + "\n")
+            out.flush()
+            yield records
+
+
+def _summarised(output: str, summary: dict) -> dict:
+    with open(output + ".summary.json", "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
     return summary
 

@@ -2,14 +2,20 @@
 
 `iter_judged` is the streaming core: it yields one list of records per generation batch, so a caller can
 write results as they come (the CLI does) and keep them if a later batch fails. `evaluate_harm` and
-`evaluate_utility` are the one-call forms that return the summary numbers.
+`evaluate_utility` are the one-call forms that return the summary numbers. Answers written beforehand (a
+`fastalign rain` output: RAIN's answer and the vanilla one per prompt) are judged the same way by
+`iter_judged_answers` and `evaluate_answers`, with no model at all.
 """
+import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
+from .answers import read_answers
 from .generation import GenerationConfig, generate, iter_generate
-from .judges import Judge, check_verdicts
+from .judges import Judge, Pair, check_verdicts
 from .metrics import mean_token_kl, unchanged_share
+
+ANSWER_SIDES = ("rain", "vanilla")   # the answers of a `fastalign rain` record, each judged
 
 
 class JudgeError(RuntimeError):
@@ -21,13 +27,59 @@ def iter_judged(model, tokenizer, prompts: Sequence[str], judge: Judge,
     """Yields, per generation batch, records {"index", "prompt", "answer", "harmful"} in prompt order."""
     for start, answers in iter_generate(model, tokenizer, prompts, config):
         pairs = list(zip(prompts[start:start + len(answers)], answers))
-        try:
-            verdicts = check_verdicts(judge(pairs), pairs)
-        except Exception as exc:
-            raise JudgeError(f"judge failed on prompts {start}..{start + len(pairs) - 1}: "
-                             f"{type(exc).__name__}: {exc}") from exc
+        verdicts = judge_batch(judge, pairs, f"prompts {start}..{start + len(pairs) - 1}")
         yield [{"index": start + i, "prompt": p, "answer": a, "harmful": h}
                for i, ((p, a), h) in enumerate(zip(pairs, verdicts))]
+
+
+def judge_batch(judge: Judge, pairs: List[Pair], where: str) -> List[bool]:
+    """The judge's checked verdicts on one batch of pairs; a JudgeError naming `where` if it fails."""
+    try:
+        return check_verdicts(judge(pairs), pairs)
+    except Exception as exc:
+        raise JudgeError(f"judge failed on {where}: {type(exc).__name__}: {exc}") from exc
+
+
+def iter_judged_answers(records: Sequence[Dict], judge: Judge, batch_size: int = 16) -> Iterator[List[Dict]]:
+    """Yields, per batch of `batch_size` records {"index", "prompt", "rain", "vanilla"} (as `read_answers`
+    returns them), the records with "harmful_rain" and "harmful_vanilla" added; each answer is judged with
+    its record's prompt as written, both sides of a batch in one judge call. A null vanilla answer is not
+    judged: its verdict is null."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        pairs = [(r["prompt"], r[side]) for side in ANSWER_SIDES for r in batch if r[side] is not None]
+        verdicts = iter(judge_batch(judge, pairs, f"prompts {batch[0]['index']}..{batch[-1]['index']}"))
+        judged = {side: [next(verdicts) if r[side] is not None else None for r in batch] for side in ANSWER_SIDES}
+        yield [dict(r, **{f"harmful_{side}": judged[side][i] for side in ANSWER_SIDES})
+               for i, r in enumerate(batch)]
+
+
+def answer_rates(records: Sequence[Dict]) -> Dict[str, Optional[float]]:
+    """Harmful rate per side ("rain", "vanilla") over the judged records that have that side's answer;
+    None for a side with no answer."""
+    rates = {}
+    for side in ANSWER_SIDES:
+        verdicts = [r[f"harmful_{side}"] for r in records if r[f"harmful_{side}"] is not None]
+        rates[side] = sum(verdicts) / len(verdicts) if verdicts else None
+    return rates
+
+
+@dataclass
+class AnswersReport:
+    """Harmful rates of RAIN's and the vanilla answers (None where no vanilla answer was written), the
+    judged records, and how many records were skipped because their prompt failed."""
+    harmful_rate: Dict[str, Optional[float]]
+    records: List[Dict]
+    skipped_errors: int
+
+
+def evaluate_answers(path: Union[str, os.PathLike], judge: Judge, batch_size: int = 16) -> AnswersReport:
+    """Judges the answers of a `fastalign rain` output file (see `answers.read_answers`), no model needed."""
+    answers = read_answers(os.fspath(path))
+    records = [r for batch in iter_judged_answers(answers.records, judge, batch_size) for r in batch]
+    return AnswersReport(answer_rates(records), records, answers.skipped_errors)
 
 
 @dataclass

@@ -83,7 +83,7 @@ def open_for_append(path: str):
     return open(path, "a", encoding="utf-8")
 
 
-def _rank_files(path: str) -> List[str]:
+def rank_files(path: str) -> List[str]:
     """The files <path>.rank<N>; other files starting so (out.jsonl.ranked) are the user's, never merged nor removed."""
     return sorted(p for p in glob.glob(glob.escape(path) + ".rank*") if p[len(path) + len(".rank"):].isdigit())
 
@@ -107,7 +107,7 @@ def _succeeded(paths: Sequence[str]) -> Set[int]:
 def done_indices(path: str) -> Set[int]:
     """Prompt indices recorded without an error in `path` or in any of its rank files; a prompt that failed
     is searched again."""
-    return _succeeded([path] + _rank_files(path))
+    return _succeeded([path] + rank_files(path))
 
 
 def gather(placement: Placement, value) -> Optional[list]:
@@ -128,7 +128,7 @@ def merge_rank_files(placement: Placement, path: str):
         dist.barrier()
     if placement.rank == 0:
         done = _succeeded([path])
-        files = _rank_files(path)
+        files = rank_files(path)
         fresh = {i: r for i, r in latest_records(files).items() if i not in done}
         with open_for_append(path) as out:
             for index in sorted(fresh):

@@ -1,7 +1,11 @@
+import json
+
 import pytest
 
+from fastalign.evaluation.answers import read_answers
 from fastalign.evaluation.generation import GenerationConfig, generate
-from fastalign.evaluation.harness import JudgeError, evaluate_harm, evaluate_utility
+from fastalign.evaluation.harness import (JudgeError, evaluate_answers, evaluate_harm, evaluate_utility,
+                                          iter_judged_answers)
 from fastalign.evaluation.metrics import mean_token_kl
 from fastalign.evaluation.prompts import spec_prompt
 from tests.evaluation.conftest import tiny_llama
@@ -58,3 +62,95 @@ def test_judge_sees_and_records_name_the_right_prompts(world, tokenizer, model):
     report = evaluate_harm(model, tokenizer, prompts, judge, GenerationConfig(max_new_tokens=3, batch_size=3))
     assert [p for p, _ in seen] == prompts
     assert [r["prompt"] for r in report.records] == prompts
+
+
+def write_rain_output(path, records, tail=""):
+    """A `fastalign rain` output written by hand: one record per line, then `tail` (e.g. a torn line)."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+    return path
+
+
+def rain_record(index, rain, vanilla=None, error=None, prompt=None):
+    return {"index": index, "prompt": prompt or f"\n\nHuman: question {index}?\n\nAssistant:", "rain": rain,
+            "vanilla": vanilla, "error": error, "stats": {"committed_tokens": 3}}
+
+
+def test_evaluate_answers_judges_both_sides_with_the_prompt_as_written(tmp_path):
+    """RAIN's and the vanilla answer are judged against the record's own prompt; an error record is counted,
+    not judged; an index written twice (a resumed run) keeps its last record; records come in index order."""
+    path = write_rain_output(tmp_path / "rain.jsonl", [
+        rain_record(2, "fine", "bad plan"),
+        rain_record(0, "bad idea", "bad plan"),
+        rain_record(1, None, None, error="CUDA out of memory"),
+        rain_record(3, "bad first try", "bad"),
+        rain_record(3, "fine now", "bad"),
+    ])
+    seen = []
+
+    def judge(pairs):
+        seen.extend(pairs)
+        return [answer.startswith("bad") for _, answer in pairs]
+
+    report = evaluate_answers(path, judge, batch_size=2)
+    assert report.skipped_errors == 1
+    assert [r["index"] for r in report.records] == [0, 2, 3]
+    assert [(r["harmful_rain"], r["harmful_vanilla"]) for r in report.records] == [(True, True), (False, True),
+                                                                                  (False, True)]
+    assert report.harmful_rate == {"rain": 1 / 3, "vanilla": 1.0}
+    prompt = "\n\nHuman: question {}?\n\nAssistant:".format
+    assert sorted(seen) == sorted([(prompt(0), "bad idea"), (prompt(0), "bad plan"), (prompt(2), "fine"),
+                                   (prompt(2), "bad plan"), (prompt(3), "fine now"), (prompt(3), "bad")])
+
+
+def test_evaluate_answers_without_vanilla_judges_rain_only(tmp_path):
+    path = write_rain_output(tmp_path / "rain.jsonl", [rain_record(0, "a"), rain_record(1, "bb")])
+    seen = []
+    report = evaluate_answers(path, lambda pairs: seen.extend(pairs) or [len(a) == 2 for _, a in pairs])
+    assert [a for _, a in seen] == ["a", "bb"]
+    assert report.harmful_rate == {"rain": 0.5, "vanilla": None}
+    assert [r["harmful_vanilla"] for r in report.records] == [None, None]
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        evaluate_answers(path, lambda pairs: [False] * len(pairs), batch_size=0)
+
+
+def test_answers_judge_failure_names_the_prompts(tmp_path):
+    """A judge that fails on the second batch: the error names that batch's prompt indices."""
+    path = write_rain_output(tmp_path / "rain.jsonl", [rain_record(i, "x", "y") for i in range(5)])
+    calls = []
+
+    def judge(pairs):
+        calls.append(pairs)
+        return [False] * len(pairs) if len(calls) == 1 else [True]
+
+    batches = iter_judged_answers(read_answers(str(path)).records, judge, batch_size=2)
+    assert len(next(batches)) == 2
+    with pytest.raises(JudgeError, match=r"prompts 2\.\.3: ValueError: judge returned 1 verdicts for 4"):
+        next(batches)
+
+
+@pytest.mark.parametrize("lines, message", [
+    ("", "no records"),
+    ('\n{"index": 0, "prompt": "p", "rain": "a", "vanilla": null, "error": null}\n{"index": 1,\n',
+     r"line 3: not valid JSON"),
+    ('{"index": 0, "prompt": "p", "rain": null, "vanilla": null, "error": null}\n', r"line 1: field 'rain'"),
+    ('{"index": -1, "prompt": "p", "rain": "a", "vanilla": null, "error": null}\n', r"line 1: field 'index'"),
+    ('[1, 2]\n', r"line 1: expected a JSON object"),
+    ('{"index": 0, "prompt": "p", "rain": "a", "vanilla": 3, "error": null}\n', r"line 1: field 'vanilla'"),
+    ('{"index": 0, "prompt": "p", "rain": null, "vanilla": null, "error": "boom"}\n', "all 1 records have an error"),
+])
+def test_read_answers_bad_file_is_a_clear_error(tmp_path, lines, message):
+    path = tmp_path / "rain.jsonl"
+    path.write_text(lines)
+    with pytest.raises(ValueError, match=message):
+        read_answers(str(path))
+
+
+def test_read_answers_leaves_out_a_last_line_a_kill_cut_short(tmp_path):
+    """A last line that is not JSON and has no newline is a record a kill cut short, as `fastalign rain`
+    treats it on resume; the same line followed by more is malformed."""
+    path = write_rain_output(tmp_path / "rain.jsonl", [rain_record(0, "a")], tail='{"index": 1, "prompt": "p')
+    answers = read_answers(str(path))
+    assert [r["index"] for r in answers.records] == [0] and answers.torn_line == 2
+    path.write_text(path.read_text() + "\n")
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        read_answers(str(path))

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fastalign.rain as rain_package
 from fastalign.cli import main
+from fastalign.evaluation.judges import KeywordJudge
 from fastalign.rain.cli import greedy_answer
 from fastalign.rain.distributed import Placement, latest_records, merge_rank_files
 from fastalign.rain.slow import SlowEngine
@@ -44,6 +45,28 @@ def test_rain_command_writes_records_and_resumes(rain_setup, tmp_path):
     assert len(out.read_text().splitlines()) == 2
     assert main(["rain", "--model", str(tmp_path / "nope"), "--prompts", str(tmp_path / "prompts.txt"),
                  "--output", str(out)]) == 2
+
+
+def test_rain_output_judged_by_eval_answers(rain_setup, tmp_path, capsys):
+    """`fastalign rain` then `fastalign eval --answers` on its output: RAIN's and the vanilla answers of every
+    prompt judged with the pluggable judge, the two harmful rates side by side."""
+    _, out, args = rain_setup
+    assert main(args) == 0
+    written = {r["index"]: r for r in map(json.loads, out.read_text().splitlines())}
+    capsys.readouterr()
+    judged = tmp_path / "judged.jsonl"
+    keywords = [w for r in written.values() for w in r["rain"].split()[:1]] or ["bread"]
+    assert main(["eval", "--answers", str(out), "--judge", "keyword", "--keywords", ",".join(keywords),
+                 "--output", str(judged)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    judge = KeywordJudge(keywords)
+    rows = [json.loads(line) for line in judged.read_text().splitlines()]
+    assert [(r["rain"], r["vanilla"]) for r in rows] == [(written[i]["rain"], written[i]["vanilla"]) for i in (0, 1)]
+    assert [r["harmful_rain"] for r in rows] == judge([(r["prompt"], r["rain"]) for r in rows])
+    assert [r["harmful_vanilla"] for r in rows] == judge([(r["prompt"], r["vanilla"]) for r in rows])
+    assert summary["num_prompts"] == 2 and summary["skipped_errors"] == 0
+    assert summary["harmful_rate"] == {side: sum(r[f"harmful_{side}"] for r in rows) / 2
+                                       for side in ("rain", "vanilla")}
 
 
 def test_rain_command_under_torchrun_with_two_gloo_processes(tmp_path):
