@@ -25,6 +25,21 @@ def register(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+# What each DemoSettings field controls, for --help (its default is appended there).
+SETTING_HELP = {
+    "steps": "unlearning optimizer steps",
+    "lr": "unlearning learning rate (the tiny model needs far more than SPEC's 2e-6)",
+    "batch_size": "harmful prompts per unlearning step",
+    "mismatch_per_prompt": "K, random normal answers per harmful prompt",
+    "normal_batch_size": "normal examples per unlearning step",
+    "forget_weight": "w_fgt, weight of gradient ascent on harmful answers",
+    "mismatch_weight": "w_rdn, weight of the random-answer term",
+    "normal_weight": "w_nor, weight of the KL to the original model on normal answers",
+    "reference": "unlearning's KL reference: a frozen copy, or cached hidden states (lm_head frozen)",
+    "seed": "seed of unlearning's data order and mismatch answers, and of RAIN's search",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DemoSettings()
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON instead of a table")
@@ -33,15 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", type=Path, default=ASSETS,
                         help="a model written by `python -m fastalign.demo.train` (default: the shipped one)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (a model this small runs fastest on one)")
+                        help="torch CPU threads (default: 1; a model this small runs fastest on one)")
     for f in fields(DemoSettings):
+        default = getattr(defaults, f.name)
+        help_text = f"{SETTING_HELP[f.name]} (default: {default})"
         if f.name == "reference":
-            parser.add_argument("--reference", choices=("copy", "cached"), default=defaults.reference,
-                                help="unlearning's KL reference: a frozen copy, or cached hidden states "
-                                     "(lm_head frozen)")
+            parser.add_argument("--reference", choices=("copy", "cached"), default=default, help=help_text)
         else:
-            parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
-                                default=getattr(defaults, f.name), help="unlearning setting")
+            parser.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default,
+                                help=help_text)
 
 
 def _percent(x: float) -> str:

@@ -149,12 +149,13 @@ def train(seed: int, steps: int, out: Path, lr: float = 3e-3, qa_batch: int = 48
 
 
 def main(argv: List[str] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0, help="seed of the world and of training")
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (results depend on it; a model this small is fastest on one)")
-    parser.add_argument("--out", type=Path, default=ASSETS, help="where to write the trained model")
+    parser = argparse.ArgumentParser(prog="python -m fastalign.demo.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0, help="seed of the world and of training (default: 0)")
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps (default: 400)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1; results depend on "
+                        "it; a model this small is fastest on one)")
+    parser.add_argument("--out", type=Path, default=ASSETS, help="where to write the trained model (default: the "
+                        "package's shipped model, which it replaces)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(json.dumps(train(args.seed, args.steps, args.out), indent=1))

@@ -30,8 +30,9 @@ data formats:
           answers) or plain {"prompt", "answer"} jsonl.
 
 outputs in --output-dir: model/ (the unlearned model, LoRA merged, with its tokenizer), log.jsonl (one
-line per step: loss, forget NLL, mismatch NLL, normal KL, lr, tokens, FLOPs), run.json (summary and
-compute spent), checkpoints/ (with --save-every; continue a killed run with --resume).
+line every --log-every steps and at the last: loss, forget NLL, mismatch NLL, normal KL, lr, tokens, FLOPs,
+seconds), run.json (summary and compute spent), checkpoints/ (with --save-every; continue a killed run
+with --resume).
 
 examples:
   fastalign unlearn --model ./opt-1.3b --forget pku_train.jsonl --normal TruthfulQA.csv --output-dir out
@@ -66,8 +67,10 @@ def register(subparsers) -> None:
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
                               argument_default=argparse.SUPPRESS)
     add = p.add_argument
-    add("--config", metavar="FILE", help="JSON or YAML file of settings (names as below, '_' or '-'); "
-        "command-line options override it")
+    add("--config", metavar="FILE", help="JSON or YAML file of settings (names as below, '_' or '-', and "
+        f"truthfulqa_test_fraction, default {_default('truthfulqa_test_fraction')}, and truthfulqa_pool_fraction, "
+        f"default {_default('truthfulqa_pool_fraction')}: the shares of TruthfulQA rows held out as test questions "
+        "and as the mismatch answer pool); command-line options override it")
     add("--check", action="store_true", help="load the model and all data, report, and exit without training")
 
     g = p.add_argument_group("model and data").add_argument
@@ -82,7 +85,7 @@ def register(subparsers) -> None:
     g("--output-dir", metavar="DIR", help="where model/, logs and checkpoints go")
     g("--template", help=f"text template with {{prompt}} and {{answer}} (default: {_default('template')!r})")
     g("--chat-template", action=argparse.BooleanOptionalAction,
-      help="render examples with the tokenizer's chat template instead of --template")
+      help="render examples with the tokenizer's chat template instead of --template (default: off)")
     g("--answer-eos", action=argparse.BooleanOptionalAction,
       help="end every answer (forget, mismatch and normal) with the tokenizer's end-of-sequence token, trained "
       "like the other answer tokens, so that unlearning keeps the model's chance of stopping after a normal "
@@ -95,7 +98,7 @@ def register(subparsers) -> None:
       f"leaves no room is an error (default: {_default('max_length')})")
     g("--skip-long-prompts", action=argparse.BooleanOptionalAction,
       help="leave out (and count in run.json) examples whose prompt leaves no answer token within --max-length, "
-      "instead of stopping with an error naming the row")
+      "instead of stopping with an error naming the row (default: off)")
 
     g = p.add_argument_group("loss").add_argument
     g("--forget-weight", type=float, metavar="X", help=f"w_fgt, weight of gradient ascent on harmful answers "
@@ -130,12 +133,13 @@ def register(subparsers) -> None:
       "weights and optimizer state: least memory, but updates far below a weight's size are rounded away, so "
       "prefer it with --lora, whose adapters stay fp32) (default: fp32)")
     g("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
-      help="recompute activations in the backward pass (less memory, ~30%% more compute)")
+      help="recompute activations in the backward pass (less memory, ~30%% more compute) (default: off)")
     g("--seed", type=int, metavar="N", help="seed of data order, mismatch answers and LoRA initialisation (default: 0)")
     g("--backend", choices=BACKENDS, help="fused-loss backend (default: auto)")
 
     g = p.add_argument_group("LoRA").add_argument
-    g("--lora", action=argparse.BooleanOptionalAction, help="train a LoRA adapter (merged into model/ at the end)")
+    g("--lora", action=argparse.BooleanOptionalAction,
+      help="train a LoRA adapter (merged into model/ at the end) (default: off)")
     g("--lora-rank", type=int, metavar="N", help=f"(default: {_default('lora_rank')})")
     g("--lora-alpha", type=int, metavar="N", help=f"(default: {_default('lora_alpha')})")
     g("--lora-dropout", type=float, metavar="X", help="(default: 0)")
@@ -145,7 +149,7 @@ def register(subparsers) -> None:
     g("--save-every", type=int, metavar="N", help="write a checkpoint every N steps (default: 0, none)")
     g("--keep-checkpoints", type=int, metavar="N", help="checkpoints kept (default: 2; 0 keeps all)")
     g("--resume", action=argparse.BooleanOptionalAction,
-      help="continue the run in --output-dir from its latest checkpoint")
+      help="continue the run in --output-dir from its latest checkpoint (default: off)")
     g("--log-every", type=int, metavar="N", help="write a log line every N steps (default: 1)")
     g("--progress", action=argparse.BooleanOptionalAction, help="show a progress bar (default: on)")
     p.set_defaults(func=main)

@@ -1,5 +1,6 @@
 """`fastalign demo --json` end to end, with both KL references: the issue's thresholds; and, with the slow
 phases replaced by fakes, what the story and the command do with their numbers."""
+import argparse
 import json
 from dataclasses import asdict, fields
 from types import SimpleNamespace
@@ -7,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from fastalign.cli import main
-from fastalign.demo import cli, story
+from fastalign.demo import cli, story, train
 from fastalign.demo.model import ASSETS, load_model, load_world
 from fastalign.demo.story import DemoResult, DemoSettings
 from fastalign.demo.world import prompt_text
@@ -201,3 +202,24 @@ def test_unlearn_hands_every_demo_setting_and_the_retain_split_to_the_trainer(mo
 def test_demo_without_a_trained_model_is_a_clear_error(tmp_path, capsys):
     assert main(["demo", "--model-dir", str(tmp_path / "none")]) == 2
     assert "--model-dir: no trained demo model in" in capsys.readouterr().err
+
+
+def test_demo_help_states_what_each_setting_does_and_its_default():
+    """Every option with a value says its default; the settings say what they set, not just 'a setting'."""
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    valued = [a for a in parser._actions if a.option_strings and a.nargs != 0]
+    for f in fields(DemoSettings):
+        action = next(a for a in valued if a.dest == f.name)
+        assert action.help.endswith(f"(default: {getattr(DemoSettings(), f.name)})"), action.help
+    assert "RAIN" in next(a.help for a in valued if a.dest == "seed")   # the seed also drives RAIN's search
+    assert all("(default: " in a.help for a in valued), [a.dest for a in valued if "(default: " not in a.help]
+    assert len({a.help for a in valued}) == len(valued)
+
+
+def test_train_help_shows_its_command_and_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m fastalign.demo.train")
+    assert "(default: 400)" in text and "shipped model, which it replaces" in text

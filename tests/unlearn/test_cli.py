@@ -1,12 +1,15 @@
 """`fastalign unlearn` end to end on a tiny model saved to disk: config file + overrides, --check, errors."""
+import argparse
 import json
 import os
 import re
+from dataclasses import fields
 
 import pytest
 import yaml
 
-from fastalign.cli import main
+from fastalign.cli import build_parser, main
+from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.cli import config_from_args
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, write_jsonl
 
@@ -178,3 +181,23 @@ def test_help_shows_the_fsdp_command_on_continued_lines_and_bad_values_read_clea
     with pytest.raises(SystemExit):
         main(["unlearn", "--max-forget-nll", "high"])
     assert "argument --max-forget-nll: expected a number or 'none', got 'high'" in capsys.readouterr().err
+
+
+def unlearn_actions():
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices["unlearn"]._actions
+
+
+def test_help_states_the_default_of_every_on_off_option():
+    """Each --x / --no-x flag says which of the two a run gets when neither is given."""
+    flags = [a for a in unlearn_actions() if isinstance(a, argparse.BooleanOptionalAction)]
+    missing = [a.option_strings[0] for a in flags if "(default: " not in a.help]
+    assert flags and not missing, missing
+
+
+def test_help_names_the_settings_only_a_config_file_sets():
+    actions = unlearn_actions()
+    config_help = next(a.help for a in actions if a.dest == "config")
+    file_only = [f.name for f in fields(UnlearnConfig) if f.name not in {a.dest for a in actions}]
+    assert file_only and all(f"{name}, default {getattr(UnlearnConfig, name)}" in config_help
+                             for name in file_only), (file_only, config_help)
