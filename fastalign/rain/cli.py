@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from fastalign.cli import HelpFormatter
 from fastalign.evaluation.generation import pad_id
 from fastalign.unlearn.records import read_jsonl
 
@@ -31,34 +32,38 @@ class UsageError(ValueError):
 
 def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("rain", help="RAIN: the model searches, judges and rewinds its own answers",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=__doc__, formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompts", help="a .jsonl(.gz) file (field --field) or a text file (one prompt per "
                                           "line, \\n for a newline)")
     source.add_argument("--hh", help="path of HH-RLHF harmless-base jsonl(.gz): its first Human turns are the prompts")
-    parser.add_argument("--field", default="prompt")
+    parser.add_argument("--field", default="prompt", help="the prompt's field in a .jsonl(.gz) --prompts file")
     parser.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all)")
     parser.add_argument("--model", required=True, help="Hugging Face causal LM directory")
     parser.add_argument("--output", required=True, help="jsonl file the records are appended to")
-    parser.add_argument("--engine", choices=("tree", "slow"), default="tree")
-    parser.add_argument("--embedding", choices=("minilm", "hidden"), default="minilm")
-    parser.add_argument("--sampler", choices=("torch", "keyed"), default="torch")
+    parser.add_argument("--engine", choices=("tree", "slow"), default="tree",
+                        help="tree: the fast engine on the tree KV runtime; slow: the batch-1 reference engine")
+    parser.add_argument("--embedding", choices=("minilm", "hidden"), default="minilm",
+                        help="sibling-similarity embeddings: all-MiniLM-L6-v2 (the [rain] extra) or the model's own hidden states")
+    parser.add_argument("--sampler", choices=("torch", "keyed"), default="torch",
+                        help="torch: seeded torch sampling; keyed: draws that depend only on (prefix, candidate), as the equivalence tests use")
     parser.add_argument("--max-new-tokens", type=int, default=256,
                         help="answer length limit (0 = none besides 2048 tokens in all, the reference's)")
-    parser.add_argument("--root-visits", type=int, default=50)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--root-visits", type=int, default=50, help="visits of the root, inherited ones included, before a commit")
+    parser.add_argument("--concurrency", type=int, default=8, help="prompts searched at once, their model calls batched together")
     parser.add_argument("--parallel-leaves", type=int, default=1,
                         help="inner iterations run at once under virtual loss (1 = off, the reference's search)")
     parser.add_argument("--virtual-loss", type=float, default=1.0, help="virtual visits (value -1) per pending leaf")
     parser.add_argument("--kv-tokens", type=int, default=1 << 17, help="KV pool size of the tree engine, in tokens")
     parser.add_argument("--generation-prefix-file", help="text put before every prompt (e.g. few-shot chat turns)")
     parser.add_argument("--judge-template-file", help="judge prompt with {conversation} and {options}")
-    parser.add_argument("--labels", default="A,B", help="the two answer option labels")
+    parser.add_argument("--labels", default="A,B", help="the two answer option labels, comma-separated")
     parser.add_argument("--chat-template", action="store_true", help="render the judge prompt with the chat template")
     parser.add_argument("--no-vanilla", action="store_true", help="skip the greedy decoding baseline")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK where CUDA is present, else cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="the dtype the model is loaded in")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the search's sampling")
     parser.set_defaults(func=run)
     return parser
 
