@@ -7,4 +7,4 @@ from fastalign.evaluation.harness import (AnswersReport, HarmReport, JudgeError,
                                           evaluate_harm, evaluate_utility, iter_judged, iter_judged_answers)
 from fastalign.evaluation.judges import KeywordJudge, ModerationJudge
 from fastalign.evaluation.metrics import harmful_rate, mean_token_kl, unchanged_share
-from fastalign.evaluation.prompts import read_prompts, spec_prompt
+from fastalign.evaluation.prompts import chat_prompt, read_prompts, spec_prompt

@@ -8,6 +8,12 @@ generation: a missing model, an unreadable prompt file or a prompt too long for 
 command with a message naming the argument. The summary (harmful rate, and with --reference the unchanged
 share and mean token KL on --normal-prompts) is printed as JSON and written to <output>.summary.json.
 
+--template says what the model reads (for --prompts and --normal-prompts alike, and as each record's prompt):
+spec, the SPEC's '### Question: {x}\\n ### Answer:'; raw, the prompt as is; chat, the prompt as one user turn in
+the model's chat template (after a --system turn, if given), as instruct/chat models are trained: the BOS that
+the template writes is the prompt's only one, answers stop at the template's end-of-turn token (<|eot_id|>,
+<|im_end|>, ...) even where the model's generation config does not list it, and hold the assistant's text alone.
+
 With --answers FILE (a `fastalign rain` output), no model is loaded: each record's RAIN answer and its vanilla
 answer are judged with the record's prompt as written, and the records {"index", "prompt", "rain", "vanilla",
 "harmful_rain", "harmful_vanilla"} are written the same way (harmful_vanilla null where rain ran with
@@ -28,7 +34,7 @@ from .answers import read_answers
 from .generation import GenerationConfig, encode_prompts
 from .harness import JudgeError, answer_rates, evaluate_utility, iter_judged, iter_judged_answers
 from .judges import KeywordJudge, ModerationJudge
-from .prompts import read_prompts, spec_prompt
+from .prompts import chat_prompt, read_prompts, spec_prompt
 
 DEMO_MODEL = "demo"
 JUDGES = ("world", "keyword", "moderation", "callable")
@@ -57,8 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--field", default="prompt", help="the prompt's field (jsonl) or column (csv)")
     parser.add_argument("--output", required=True,
                         help="jsonl file the records are written to, batch by batch (a new run replaces it)")
-    parser.add_argument("--template", choices=("spec", "raw"), default="spec",
-                        help="spec: wrap each prompt as '### Question: {x}\\n ### Answer:'; raw: use it as is")
+    parser.add_argument("--template", choices=("spec", "chat", "raw"), default="spec",
+                        help="spec: wrap each prompt as '### Question: {x}\\n ### Answer:'; chat: as a user turn in "
+                             "the model's chat template (instruct/chat models); raw: use it as is")
+    parser.add_argument("--system", help="with --template chat: a system turn before every user turn")
     parser.add_argument("--judge", choices=JUDGES, default="world",
                         help="world: the demo world's exact judge (demo-world models only); keyword: --keywords; "
                              "moderation: --moderation-model; callable: --judge-callable")
@@ -155,12 +163,24 @@ def world_judge(model: Optional[str], tokenizer=None):
                      f"neither a {WORLD_FILE} nor the demo tokenizer: {others}")
 
 
-def _read(path: str, argument: str, field: str, template: str) -> List[str]:
+def _read(path: str, argument: str, field: str) -> List[str]:
     try:
-        prompts = read_prompts(path, field)
+        return read_prompts(path, field)
     except (OSError, ValueError) as exc:
         raise UsageError(f"{argument}: {exc}") from None
-    return [spec_prompt(p) for p in prompts] if template == "spec" else prompts
+
+
+def _rendered(prompts: List[str], args, tokenizer) -> List[str]:
+    """The prompts in the --template format (chat: the model's chat template, after a --system turn)."""
+    if args.template == "spec":
+        return [spec_prompt(p) for p in prompts]
+    if args.template == "raw":
+        return prompts
+    try:
+        return [chat_prompt(tokenizer, p, args.system) for p in prompts]
+    except ValueError as exc:
+        raise UsageError(f"--template chat{' with --system' if args.system is not None else ''}: {exc}; "
+                         "use --template spec or raw") from None
 
 
 def evaluate(args) -> dict:
@@ -171,10 +191,12 @@ def evaluate(args) -> dict:
 def _evaluate_model(args) -> dict:
     if args.model is None:
         raise UsageError("--prompts needs --model, the model that answers them")
-    prompts = _read(args.prompts, "--prompts", args.field, args.template)
-    normal = _read(args.normal_prompts, "--normal-prompts", args.field, args.template) if args.normal_prompts else None
+    prompts = _read(args.prompts, "--prompts", args.field)
+    normal = _read(args.normal_prompts, "--normal-prompts", args.field) if args.normal_prompts else None
     if (normal is None) != (args.reference is None):
         raise UsageError("--reference and --normal-prompts go together (utility needs both)")
+    if args.system is not None and args.template != "chat":
+        raise UsageError(f"--system is a turn of the chat template: it needs --template chat, not {args.template}")
     try:
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                   do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
@@ -182,6 +204,8 @@ def _evaluate_model(args) -> dict:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     model, tokenizer = load_causal_lm(args.model, "--model", args.device)
+    prompts = _rendered(prompts, args, tokenizer)
+    normal = _rendered(normal, args, tokenizer) if normal is not None else None
     judge = build_judge(args, tokenizer)
     for argument, texts in (("--prompts", prompts), ("--normal-prompts", normal or [])):
         try:

@@ -15,6 +15,9 @@ from typing import Iterator, List, Optional, Sequence, Set, Tuple
 import torch
 
 from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache
+from fastalign.unlearn.encoding import tokenize_texts
+
+from .prompts import end_of_turn_id
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,9 @@ def context_length(model) -> Optional[int]:
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], max_new_tokens: int, model) -> List[List[int]]:
-    """Token ids of every prompt; ValueError naming the first prompt that leaves no room to answer."""
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    """Token ids of every prompt, with one BOS also where the prompt text writes it (a chat template's
+    rendering); ValueError naming the first prompt that leaves no room to answer."""
+    ids = tokenize_texts(tokenizer, prompts)["input_ids"] if prompts else []
     limit = context_length(model)
     for i, row in enumerate(ids):
         if not row:
@@ -66,10 +70,13 @@ def pad_id(tokenizer) -> int:
 
 
 def eos_ids(model, tokenizer) -> Set[int]:
-    """The tokens that end an answer: the tokenizer's end of sequence and every one the model's generation
-    config lists (e.g. Gemma's end-of-turn token beside its `<eos>`)."""
+    """The tokens that end an answer: the tokenizer's end of sequence, every one the model's generation
+    config lists (e.g. Gemma's end-of-turn token beside its `<eos>`), as `model.generate` stops, and the end of
+    an assistant turn in the tokenizer's chat template, which some chat models' configs leave out (the first
+    Llama-3-Instruct release listed only <|end_of_text|>, not <|eot_id|>)."""
     listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = {tokenizer.eos_token_id, *(listed if isinstance(listed, (list, tuple)) else [listed])}
+    ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer),
+           *(listed if isinstance(listed, (list, tuple)) else [listed])}
     return {i for i in ids if i is not None}
 
 

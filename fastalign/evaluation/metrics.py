@@ -9,6 +9,8 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from fastalign.unlearn.encoding import tokenize_texts
+
 from .generation import pad_id
 from .judges import Judge, Pair, check_verdicts
 
@@ -33,7 +35,7 @@ def _answer_token_masks(tokenizer, pairs: Sequence[Pair]):
     """Right-padded ids, attention mask, and a mask of the tokens that start inside the answer text."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("mean_token_kl needs a fast tokenizer (offset mappings locate the answer tokens)")
-    enc = tokenizer([prompt + answer for prompt, answer in pairs], return_offsets_mapping=True)
+    enc = tokenize_texts(tokenizer, [prompt + answer for prompt, answer in pairs], return_offsets_mapping=True)
     width = max(len(row) for row in enc["input_ids"])
 
     def pad(rows, value):  # by hand: a tokenizer without a pad token (Llama's, GPT-2's) cannot pad
@@ -50,8 +52,9 @@ def _answer_token_masks(tokenizer, pairs: Sequence[Pair]):
 def mean_token_kl(model, reference, tokenizer, pairs: Sequence[Pair], batch_size: int = 16) -> float:
     """Mean over the answer tokens of all pairs of KL(reference || model) of the next-token distributions.
 
-    Each pair is scored as the text prompt + answer; a token belongs to the answer if its first character
-    does. Both models must share the tokenizer.
+    Each pair is scored as the text prompt + answer, tokenized as generation tokenizes a prompt (one BOS
+    where a chat template writes it); a token belongs to the answer if its first character does. Both models
+    must share the tokenizer.
     """
     total, count = 0.0, 0
     device = next(model.parameters()).device

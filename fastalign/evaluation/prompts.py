@@ -1,14 +1,15 @@
-"""Prompt files for evaluation, and the SPEC's question format as a generation prompt.
+"""Prompt files for evaluation, and the formats a prompt is generated in: the SPEC's question format, or a
+user turn in the tokenizer's own chat template (for instruct/chat models).
 
 A prompt file is jsonl (one object per line, the prompt in field `field`) or csv (the prompt in column
 `field`); every error names the file and the line.
 """
 import csv
 import os
-from typing import List
+from typing import List, Optional
 
 from fastalign.unlearn.records import read_jsonl
-from fastalign.unlearn.templates import SPEC_TEMPLATE
+from fastalign.unlearn.templates import SPEC_TEMPLATE, ChatTemplate
 
 # What a model continues to answer a question in the SPEC's format: the template up to the answer, without
 # the trailing space (a tokenizer attaches that space to the answer's first word).
@@ -18,6 +19,38 @@ SPEC_PROMPT = SPEC_TEMPLATE.split("{answer}")[0].rstrip(" ")
 def spec_prompt(question: str) -> str:
     """`### Question: {question}\\n ### Answer:`, the prompt that the SPEC-format answer follows."""
     return SPEC_PROMPT.replace("{prompt}", question)
+
+
+def chat_prompt(tokenizer, text: str, system: Optional[str] = None) -> str:
+    """`text` as one user turn in the tokenizer's chat template (after a system turn `system`, when given),
+    ending where the assistant's answer starts. The result usually starts with the BOS token's text;
+    generation (`encode_prompts`) keeps that one BOS. ValueError when the tokenizer has no chat template or
+    the template refuses the conversation (e.g. one without a system role, given `system`)."""
+    from jinja2 import TemplateError   # transformers renders chat templates with jinja2
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} "
+                         "has no chat template (tokenizer.chat_template is not set)")
+    turns = [{"role": "system", "content": system}] if system is not None else []
+    try:
+        return tokenizer.apply_chat_template(turns + [{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    except TemplateError as exc:
+        raise ValueError(f"the tokenizer's chat template refused the conversation: {exc}") from None
+
+
+def end_of_turn_id(tokenizer) -> Optional[int]:
+    """The token the tokenizer's chat template writes right after an assistant's answer (<|eot_id|>,
+    <|im_end|>, <end_of_turn>, </s>), when it is one that answers never show (a special token); None without
+    a chat template or when the template writes none there."""
+    from jinja2 import TemplateError
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        rendered = ChatTemplate(tokenizer).render("Hi", "Hello")
+    except (ValueError, TemplateError):   # a template that rewrites the answer or refuses this conversation
+        return None
+    ids = tokenizer(rendered.text[rendered.answer_end:].lstrip(), add_special_tokens=False)["input_ids"]
+    return ids[0] if ids and not tokenizer.decode(ids[:1], skip_special_tokens=True) else None
 
 
 def read_prompts(path: str, field: str = "prompt") -> List[str]:

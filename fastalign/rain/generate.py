@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
 
 from fastalign.evaluation.generation import eos_ids
+from fastalign.unlearn.encoding import tokenize_texts
 
 from .config import RainConfig
 from .dialogue import cut_at_turn
@@ -63,7 +64,7 @@ def _prepare(index: int, prompt: str, tokenizer, judge: JudgeTokens, prefix_ids:
         raise ValueError(f"prompt {index} must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
         raise ValueError(f"prompt {index} is empty")
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=not prefix_ids)["input_ids"])
+    prompt_ids = list(tokenize_texts(tokenizer, [prompt], add_special_tokens=not prefix_ids)["input_ids"][0])
     root_ids = list(prefix_ids) + prompt_ids
     head_text = prompt.lstrip()
     head_ids = judge.head_ids(head_text)
@@ -95,8 +96,8 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     engine: "tree" (TreeRunner; pass `runner` to reuse one, else one with `runner_tokens` of KV is made)
     or "slow" (the batch-1 reference). embedding: "minilm", "hidden" or an embedder object. sampler:
     "torch", "keyed" or a sampler object. `on_result` is called as each prompt finishes. An answer ends at
-    the tokenizer's end of sequence or at any end token the model's generation config lists (as
-    `model.generate` does).
+    the tokenizer's end of sequence, at any end token the model's generation config lists (as
+    `model.generate` does) or at the end of turn of the tokenizer's chat template (see `eos_ids`).
     """
     config = config.validate()
     if isinstance(prompts, str):    # would be searched character by character
@@ -107,7 +108,7 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     end_ids = frozenset(eos_ids(model, tokenizer))
     embedder = make_embedder(embedding, "cpu") if isinstance(embedding, str) else embedding
     draw = make_sampler(sampler, config.seed) if isinstance(sampler, str) else sampler
-    prefix_ids = list(tokenizer(generation_prefix)["input_ids"]) if generation_prefix else []
+    prefix_ids = list(tokenize_texts(tokenizer, [generation_prefix])["input_ids"][0]) if generation_prefix else []
     ledger = TokenLedger()
     required, shared = RequiredPrefixes(), RainStats()
     required.add(shared, "shared_prefix", EMPTY_KEY, judge.prefix_ids)

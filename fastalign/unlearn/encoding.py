@@ -82,25 +82,34 @@ def eos_token_id(tokenizer) -> int:
     return int(eos)
 
 
+def tokenize_texts(tokenizer, texts: Sequence[str], *, add_special_tokens: bool = True, **kwargs) -> dict:
+    """`tokenizer(texts, add_special_tokens=..., **kwargs)` as a dict of per-text token lists, where a text
+    that starts with the BOS token itself (a chat template's rendering, a model's own prompt format) keeps that
+    one BOS, not the tokenizer's added one as well: a second BOS is a sequence the model never saw."""
+    enc = tokenizer(list(texts), add_special_tokens=add_special_tokens, **kwargs)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if not add_special_tokens or bos is None:
+        return dict(enc)
+    drop = [int(list(ids[:2]) == [bos, bos]) for ids in enc["input_ids"]]
+    return {key: [row[d:] for row, d in zip(rows, drop)] for key, rows in enc.items()}
+
+
 def encode_rendered(tokenizer, rendered: Sequence[RenderedPair], sources: Sequence[str], *,
                     answer_eos: bool = False) -> list[EncodedExample]:
     """Tokenizes rendered pairs (one batched tokenizer call per special-token setting) with answer spans;
     with answer_eos, each answer ends with the EOS id (see EncodedExample.ending_with). A text template that
-    starts with the BOS token itself keeps one BOS, not the tokenizer's added one as well."""
+    starts with the BOS token itself keeps one BOS (see tokenize_texts)."""
     require_fast_tokenizer(tokenizer)
     end_id = eos_token_id(tokenizer) if answer_eos else None
-    bos = getattr(tokenizer, "bos_token_id", None)
     out: list[EncodedExample | None] = [None] * len(rendered)
     for add_special in (True, False):
         idx = [i for i, r in enumerate(rendered) if r.add_special_tokens == add_special]
         if not idx:
             continue
-        enc = tokenizer([rendered[i].text for i in idx], add_special_tokens=add_special,
-                        return_offsets_mapping=True, return_attention_mask=False)
+        enc = tokenize_texts(tokenizer, [rendered[i].text for i in idx], add_special_tokens=add_special,
+                             return_offsets_mapping=True, return_attention_mask=False)
         for i, ids, offsets in zip(idx, enc["input_ids"], enc["offset_mapping"]):
             r = rendered[i]
-            if add_special and bos is not None and ids[:2] == [bos, bos]:  # the template wrote the BOS itself
-                ids, offsets = ids[1:], offsets[1:]
             inside = [k for k, (a, b) in enumerate(offsets) if b > a and b > r.answer_start and a < r.answer_end]
             if not inside:
                 raise DataError(f"{sources[i]}: the answer produced no token")

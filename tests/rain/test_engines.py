@@ -6,9 +6,10 @@ import copy
 import dataclasses
 
 import pytest
+import torch
 from transformers import GenerationConfig
 
-from fastalign.rain import RainConfig, rain_generate, tree_engine
+from fastalign.rain import JudgePrompt, RainConfig, rain_generate, tree_engine
 from fastalign.rain.embeddings import HiddenStateEmbedder
 
 from . import fake_model
@@ -460,3 +461,31 @@ def test_embedder_failure_stays_with_its_prompt():
     errors = [r.error for r in run.results]
     assert errors[1] is not None and "embedder fault" in errors[1]
     assert errors[0] is None and errors[2] is None and run.results[0].answer_ids and run.results[2].answer_ids
+
+
+@pytest.mark.parametrize("engine", ["slow", "tree"])
+def test_prompt_and_generation_prefix_that_write_their_bos_keep_one(engine):
+    """A chat-template rendering starts with the BOS token's text: the search starts from one BOS, as
+    generation (`encode_prompts`) and unlearning read such text, not the tokenizer's added one as well."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastalign.evaluation.prompts import chat_prompt
+    from fastalign.unlearn.encoding import tokenize_texts
+    from tests.evaluation.chat_model import chat_tokenizer
+
+    tok = chat_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2)).eval()
+    judge = JudgePrompt(template="{conversation}\n{options}", labels=("Bob", "Alice"), harmless="sea",
+                        harmful="city", option_line="{label} {statement}", answer_prefix="\n")
+    rendered = chat_prompt(tok, "Who is Bob?")
+    one_bos = len(tokenize_texts(tok, [rendered])["input_ids"][0])
+    assert len(tok(rendered)["input_ids"]) == one_bos + 1     # the tokenizer alone adds a second BOS
+    config = RainConfig(root_visits=2, max_new_tokens=2)
+    run = rain_generate(model, tok, [rendered], config, engine=engine, judge_prompt=judge, embedding="hidden")
+    assert run.results[0].error is None
+    assert run.stats.minimum["shared_prefix"] + run.stats.minimum["prompt"] == one_bos   # the judge shares the BOS
+    run = rain_generate(model, tok, ["Who is Bob?"], config, engine=engine, judge_prompt=judge, embedding="hidden",
+                        generation_prefix=rendered)
+    assert run.stats.minimum["shared_prefix"] == one_bos

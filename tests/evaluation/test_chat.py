@@ -1,0 +1,156 @@
+"""--template chat: prompts in the tokenizer's chat template, one BOS, answers that end at the end of turn."""
+import json
+
+import pytest
+import torch
+
+from fastalign.evaluation.cli import main
+from fastalign.evaluation.generation import GenerationConfig, encode_prompts, eos_ids, generate
+from fastalign.evaluation.metrics import _answer_token_masks
+from fastalign.evaluation.prompts import chat_prompt, end_of_turn_id
+from tests.evaluation.chat_model import BOS, CHAT_TEMPLATE, END, EOT, START, chat_tokenizer
+from tests.evaluation.conftest import tiny_llama
+
+QUESTION, SYSTEM = "Who is Bob?", "Be brief."
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    return chat_tokenizer()
+
+
+def greedy(model, ids, steps):
+    """The next `steps` greedy tokens after ids, with no stop rule at all."""
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[-steps:]
+
+
+@pytest.fixture(scope="module")
+def rigged(chat_tok):
+    """(model, its two answer tokens): a tiny Llama whose greedy answer to QUESTION (after SYSTEM) is two
+    ordinary words, then <|eot_id|>, then another word (the lm_head rows of <|eot_id|> and the third word of a
+    random model's answer swapped)."""
+    prompt_ids = encode_prompts(chat_tok, [chat_prompt(chat_tok, QUESTION, SYSTEM)], 8, tiny_llama(chat_tok, 0))[0]
+    specials = set(chat_tok.all_special_ids) | {chat_tok.unk_token_id}
+    eot = chat_tok.convert_tokens_to_ids(EOT)
+    for seed in range(50):
+        model = tiny_llama(chat_tok, seed)
+        first, second, third = greedy(model, prompt_ids, 3)
+        if {first, second, third} & specials or third in (first, second):
+            continue
+        with torch.no_grad():
+            rows = model.lm_head.weight
+            rows[[eot, third]] = rows[[third, eot]]
+        *_, now_third, fourth = greedy(model, prompt_ids, 4)
+        if now_third == eot and fourth not in specials:
+            model.generation_config.eos_token_id = chat_tok.eos_token_id
+            return model, [first, second]
+    raise AssertionError("no seed gives a usable greedy answer")
+
+
+def test_chat_prompt_is_one_user_turn_with_a_single_bos(chat_tok, rigged):
+    text = chat_prompt(chat_tok, QUESTION, system=SYSTEM)
+    ids, = encode_prompts(chat_tok, [text], 8, rigged[0])
+    assert chat_tok.convert_ids_to_tokens(ids) == [
+        BOS, START, "system", END, "Ċ", "Ċ", "Be", "Ġbrief", ".", EOT,
+        START, "user", END, "Ċ", "Ċ", "Who", "Ġis", "ĠBob", "?", EOT,
+        START, "assistant", END, "ĊĊ"]
+    assert chat_prompt(chat_tok, QUESTION) == text.replace(f"{START}system{END}\n\n{SYSTEM}{EOT}", "")
+
+
+def test_chat_prompt_needs_a_chat_template():
+    with pytest.raises(ValueError, match="has no chat template"):
+        chat_prompt(chat_tokenizer(chat_template=None), QUESTION)
+
+
+def test_utility_kl_scores_the_tokens_generation_read(chat_tok, rigged):
+    text = chat_prompt(chat_tok, QUESTION)
+    ids, mask, answer = _answer_token_masks(chat_tok, [(text, " yes no")])
+    prompt_ids = encode_prompts(chat_tok, [text], 8, rigged[0])[0]
+    assert ids[0].tolist() == prompt_ids + chat_tok.convert_tokens_to_ids(["Ġyes", "Ġno"])
+    assert answer[0].tolist() == [False] * len(prompt_ids) + [True, True]
+
+
+def test_end_of_turn_is_the_special_token_after_an_assistant_answer(chat_tok):
+    assert end_of_turn_id(chat_tok) == chat_tok.convert_tokens_to_ids(EOT)
+    assert end_of_turn_id(chat_tokenizer(chat_template=None)) is None
+    # a template whose turns end in plain text has no end-of-turn token: answers may hold that text
+    plain = "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}\n\n{% endfor %}"
+    assert end_of_turn_id(chat_tokenizer(chat_template=plain)) is None
+
+
+@pytest.mark.parametrize("listed", ["end_of_text_and_eot", "end_of_text_only"])
+def test_generation_stops_at_the_end_of_turn(chat_tok, rigged, listed):
+    """Stops at <|eot_id|> whether the generation config lists it (as Llama-3-Instruct's does now) or only
+    <|end_of_text|> (its first release): the chat template says where a turn ends."""
+    model, answer_ids = rigged
+    eos, eot = chat_tok.eos_token_id, chat_tok.convert_tokens_to_ids(EOT)
+    model.generation_config.eos_token_id = [eos, eot] if listed == "end_of_text_and_eot" else eos
+    try:
+        assert eos_ids(model, chat_tok) == {eos, eot}
+        prompts = [chat_prompt(chat_tok, QUESTION, SYSTEM), chat_prompt(chat_tok, "Where does Alice live?")]
+        answer, _ = generate(model, chat_tok, prompts, GenerationConfig(max_new_tokens=6, batch_size=2))
+        assert answer == chat_tok.decode(answer_ids) and "<|" not in answer
+    finally:
+        model.generation_config.eos_token_id = eos
+
+
+def test_without_the_end_of_turn_generation_runs_past_it(chat_tok, rigged):
+    """The rig's control: with no chat template to name <|eot_id|>, the answer goes on after it."""
+    model, answer_ids = rigged
+    plain = chat_tokenizer(chat_template=None)
+    answer, = generate(model, plain, [chat_prompt(chat_tok, QUESTION, SYSTEM)], GenerationConfig(max_new_tokens=6))
+    assert answer.startswith(chat_tok.decode(answer_ids)) and answer != chat_tok.decode(answer_ids)
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory, chat_tok, rigged):
+    path = tmp_path_factory.mktemp("tiny_chat_llama")
+    model = rigged[0]
+    model.generation_config.eos_token_id = [chat_tok.eos_token_id, chat_tok.convert_tokens_to_ids(EOT)]
+    model.save_pretrained(path)
+    model.generation_config.eos_token_id = chat_tok.eos_token_id
+    chat_tok.save_pretrained(path)
+    return path
+
+
+def write_prompts(path, prompts):
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return str(path)
+
+
+def test_cli_template_chat_end_to_end(chat_tok, rigged, chat_model_dir, tmp_path, capsys):
+    questions = [QUESTION, "Where does Alice live?"]
+    prompts = write_prompts(tmp_path / "p.jsonl", questions)
+    out = tmp_path / "out.jsonl"
+    assert main([str(a) for a in ("--model", chat_model_dir, "--prompts", prompts, "--template", "chat",
+                                  "--system", SYSTEM, "--judge", "keyword", "--keywords", "Bob,Alice",
+                                  "--output", out, "--max-new-tokens", 6, "--batch-size", 2,
+                                  "--reference", chat_model_dir, "--normal-prompts", prompts)]) == 0
+    rows = [json.loads(line) for line in open(out)]
+    assert [r["prompt"] for r in rows] == [chat_prompt(chat_tok, q, SYSTEM) for q in questions]
+    assert rows[0]["answer"] == chat_tok.decode(rigged[1])          # the assistant's text, up to <|eot_id|>
+    assert not any("<|" in r["answer"] or "assistant" in r["answer"] for r in rows)
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["unchanged_share"] == 1.0 and summary["mean_token_kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cli_template_chat_needs_a_chat_template(model_dir, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "p.jsonl", [QUESTION])
+    args = ["--model", str(model_dir), "--prompts", prompts, "--output", str(tmp_path / "o.jsonl")]
+    assert main(args + ["--template", "chat"]) == 2
+    assert "--template chat: the tokenizer" in capsys.readouterr().err
+    assert main(args + ["--system", SYSTEM]) == 2
+    assert "--system is a turn of the chat template: it needs --template chat" in capsys.readouterr().err
+
+
+def test_chat_prompt_names_a_template_that_refuses_a_system_turn():
+    no_system = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                 "{% endif %}" + CHAT_TEMPLATE)
+    tokenizer = chat_tokenizer(chat_template=no_system)
+    assert chat_prompt(tokenizer, QUESTION) == chat_prompt(chat_tokenizer(), QUESTION)
+    with pytest.raises(ValueError, match="refused the conversation: System role not supported"):
+        chat_prompt(tokenizer, QUESTION, system=SYSTEM)
