@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from fastalign.unlearn.records import open_text
+from fastalign.unlearn.records import read_text
 
 
 @dataclass
@@ -24,8 +24,7 @@ class Answers:
 def read_answers(path: str) -> Answers:
     """The records of a `fastalign rain` output; ValueError naming the file and line if one is malformed,
     or if no record is left to judge."""
-    with open_text(path) as f:     # gzip-aware; a missing file is an error naming it
-        lines = f.read().split("\n")
+    lines = read_text(path).split("\n")   # gzip-aware; a missing or unreadable file is an error naming it
     last = {}
     torn = None
     for number, line in enumerate(lines, start=1):

@@ -85,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device of the models and of the moderation classifier")
 
 
 def load_causal_lm(path: str, argument: str, device: str):
@@ -115,12 +116,19 @@ def build_judge(args, tokenizer=None):
     if args.judge == "moderation":
         if not args.moderation_model or not os.path.isdir(args.moderation_model):
             raise UsageError(f"--moderation-model: no model directory at {args.moderation_model!r}")
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
         label = args.harmful_label
         if label is not None and label.isdigit():
             label = int(label)
         try:
-            return ModerationJudge.from_pretrained(args.moderation_model, harmful_label=label,
-                                                   threshold=args.threshold)
+            classifier = AutoModelForSequenceClassification.from_pretrained(args.moderation_model)
+            classifier_tokenizer = AutoTokenizer.from_pretrained(args.moderation_model)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--moderation-model: cannot load a sequence classifier from "
+                             f"{args.moderation_model!r}: {exc}") from None
+        try:   # on --device: with --answers the classifier is all the compute there is
+            return ModerationJudge(classifier.to(args.device), classifier_tokenizer, harmful_label=label,
+                                   threshold=args.threshold)
         except ValueError as exc:
             raise UsageError(f"--harmful-label: {exc}") from None
     module_name, _, name = (args.judge_callable or "").partition(":")

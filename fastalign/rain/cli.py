@@ -40,7 +40,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--field", default="prompt", help="the prompt's field in a .jsonl(.gz) --prompts file")
     parser.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all)")
     parser.add_argument("--model", required=True, help="Hugging Face causal LM directory")
-    parser.add_argument("--output", required=True, help="jsonl file the records are appended to")
+    parser.add_argument("--output", required=True, help="jsonl file the records are appended to (plain text, not .gz)")
     parser.add_argument("--engine", choices=("tree", "slow"), default="tree",
                         help="tree: the fast engine on the tree KV runtime; slow: the batch-1 reference engine")
     parser.add_argument("--embedding", choices=("minilm", "hidden"), default="minilm",
@@ -156,6 +156,8 @@ def _run(args) -> int:
         raise UsageError(f"--limit must be >= 0 (0 = all prompts), got {args.limit}")
     if args.concurrency < 1:
         raise UsageError(f"--concurrency must be >= 1, got {args.concurrency}")
+    if args.output.endswith(".gz"):    # plain text under that name: `fastalign eval --answers` would gunzip it
+        raise UsageError(f"--output: records are appended as plain text, so not to a .gz file: {args.output!r}")
     try:    # bad settings are usage errors found before the model loads
         config = RainConfig(max_new_tokens=args.max_new_tokens, root_visits=args.root_visits, seed=args.seed,
                             parallel_leaves=args.parallel_leaves, virtual_loss=args.virtual_loss).validate()

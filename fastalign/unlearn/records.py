@@ -45,6 +45,16 @@ def _unreadable(path: str, error: Exception) -> DataError:
     return DataError(f"{path}: cannot be read as (gzipped) UTF-8 text: {error}")
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """The whole text of a (gzipped) UTF-8 file; a DataError naming it when it is missing or unreadable."""
+    path = os.fspath(path)
+    with open_text(path) as f:
+        try:
+            return f.read()
+        except _UNREADABLE as e:
+            raise _unreadable(path, e) from None
+
+
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Yields (row number, object) for each non-blank line; bad JSON or a non-object is a DataError."""
     path = os.fspath(path)

@@ -324,3 +324,35 @@ def test_moderation_judge_finds_the_harmful_label_by_name_without_harmful_label(
     rows = records(out)
     toxic = ModerationJudge(classifier, tokenizer, harmful_label=0).probabilities([("", r["rain"]) for r in rows])
     assert [r["harmful_rain"] for r in rows] == [p >= 0.5 for p in toxic]
+
+
+def test_moderation_classifier_runs_on_device_and_a_bad_directory_names_it(rain_output, tokenizer, tmp_path, capsys):
+    """The classifier goes to --device (with --answers it is all the compute, and it stayed on the CPU); a
+    directory without a classifier is an error naming --moderation-model (it named --harmful-label, or was a
+    traceback)."""
+    import argparse
+
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from fastalign.evaluation.cli import add_arguments, build_judge
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=1, num_labels=2, pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path / "classifier"
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--answers", str(rain_output), "--output", str(tmp_path / "o.jsonl"),
+                              "--judge", "moderation", "--moderation-model", str(path), "--device", "meta"])
+    assert next(build_judge(args).model.parameters()).device.type == "meta"
+
+    out = tmp_path / "judged.jsonl"
+    for bad in (tmp_path / "empty", tmp_path / "config_only"):
+        bad.mkdir()
+    config.save_pretrained(tmp_path / "config_only")
+    for bad in ("empty", "config_only"):
+        assert run("--answers", rain_output, "--judge", "moderation", "--moderation-model", tmp_path / bad,
+                   "--output", out) == 2
+        assert "--moderation-model: cannot load a sequence classifier" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,4 +1,6 @@
+import gzip
 import json
+import re
 
 import pytest
 
@@ -142,6 +144,19 @@ def test_read_answers_bad_file_is_a_clear_error(tmp_path, lines, message):
     path = tmp_path / "rain.jsonl"
     path.write_text(lines)
     with pytest.raises(ValueError, match=message):
+        read_answers(str(path))
+
+
+@pytest.mark.parametrize("name, content", [
+    ("rain.jsonl.gz", b'{"index": 0, "prompt": "p", "rain": "a", "vanilla": null, "error": null}\n'),
+    ("rain.jsonl.gz", gzip.compress(b'{"index": 0, "prompt": "p", "rain": "a"}\n' * 20)[:30]),
+    ("rain.jsonl", b'{"index": 0, "prompt": "\xff"}\n'),
+], ids=["plain text named .gz", "gzip stream cut short", "not UTF-8"])
+def test_read_answers_unreadable_file_is_a_clear_error(tmp_path, name, content):
+    """A file that is not (gzipped) UTF-8 text is a ValueError naming it (the CLI's usage error), not a traceback."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: cannot be read as (gzipped) UTF-8 text")):
         read_answers(str(path))
 
 

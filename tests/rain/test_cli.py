@@ -245,6 +245,17 @@ def test_rain_missing_text_file_is_a_usage_error_naming_it(rain_setup, tmp_path,
     assert f"fastalign rain: error: {argument}: no file at" in capsys.readouterr().err and not out.exists()
 
 
+def test_rain_gz_output_is_a_usage_error(rain_setup, monkeypatch, capsys):
+    """Records are appended as plain text: under a .gz name they made a file that `fastalign eval --answers`
+    (which gunzips .gz) cannot read, and a gzipped output crashed the resume."""
+    _, out, args = rain_setup
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_model)
+    gz = str(out) + ".gz"
+    assert main([gz if a == str(out) else a for a in args]) == 2
+    assert "--output: records are appended as plain text" in capsys.readouterr().err
+    assert not os.path.exists(gz)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--root-visits", "0"], "root_visits"),
     (["--parallel-leaves", "0"], "parallel_leaves"),
