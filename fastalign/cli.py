@@ -8,11 +8,12 @@ import sys
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's line breaks and ends each option's help with its default, unless the help
-    already names it or the default says nothing (None, an off switch)."""
+    already names it or the default says nothing (None, an off switch, no values)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        silent = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        silent = (action.default is None or action.default is False or action.default is argparse.SUPPRESS
+                  or action.default == [])
         if not action.option_strings or silent or "default" in text.lower():
             return text
         return f"{text} (default: %(default)s)"

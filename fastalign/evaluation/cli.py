@@ -30,6 +30,8 @@ from typing import List, Optional
 
 import torch
 
+from fastalign.cli import HelpFormatter
+
 from .answers import read_answers
 from .generation import GenerationConfig, encode_prompts
 from .harness import JudgeError, answer_rates, evaluate_utility, iter_judged, iter_judged_answers
@@ -48,7 +50,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     """Adds the `eval` subcommand (its handler is `run`, set as the `func` default)."""
     parser = subparsers.add_parser("eval", help="harmful rate (and utility) of a model on a prompt file, or of "
                                                 "the answers in a `fastalign rain` output",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=__doc__, formatter_class=HelpFormatter)
     add_arguments(parser)
     parser.set_defaults(func=run)
     return parser
@@ -78,12 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge-callable", help="module:name of a function judge(pairs) -> list of bools")
     parser.add_argument("--reference", help="original model directory (or 'demo'), for utility")
     parser.add_argument("--normal-prompts", help="normal prompts (.jsonl/.csv) for utility against --reference")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts generated, or records judged, at once")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens only (0 = all; with --sample)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (with --sample)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device of the models and of the moderation classifier")
@@ -305,7 +307,7 @@ def run(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     """`python -m fastalign.evaluation.cli ...`, the same as `fastalign eval ...`."""
     parser = argparse.ArgumentParser(prog="fastalign eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

