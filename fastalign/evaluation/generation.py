@@ -16,8 +16,7 @@ import torch
 
 from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache
 from fastalign.unlearn.encoding import tokenize_texts
-
-from .prompts import end_of_turn_id
+from fastalign.unlearn.templates import end_of_turn_id
 
 
 @dataclass(frozen=True)

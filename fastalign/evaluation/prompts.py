@@ -9,7 +9,7 @@ import os
 from typing import List, Optional
 
 from fastalign.unlearn.records import read_jsonl
-from fastalign.unlearn.templates import SPEC_TEMPLATE, ChatTemplate
+from fastalign.unlearn.templates import SPEC_TEMPLATE
 
 # What a model continues to answer a question in the SPEC's format: the template up to the answer, without
 # the trailing space (a tokenizer attaches that space to the answer's first word).
@@ -36,21 +36,6 @@ def chat_prompt(tokenizer, text: str, system: Optional[str] = None) -> str:
                                              add_generation_prompt=True)
     except TemplateError as exc:
         raise ValueError(f"the tokenizer's chat template refused the conversation: {exc}") from None
-
-
-def end_of_turn_id(tokenizer) -> Optional[int]:
-    """The token the tokenizer's chat template writes right after an assistant's answer (<|eot_id|>,
-    <|im_end|>, <end_of_turn>, </s>), when it is one that answers never show (a special token); None without
-    a chat template or when the template writes none there."""
-    from jinja2 import TemplateError
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    try:
-        rendered = ChatTemplate(tokenizer).render("Hi", "Hello")
-    except (ValueError, TemplateError):   # a template that rewrites the answer or refuses this conversation
-        return None
-    ids = tokenizer(rendered.text[rendered.answer_end:].lstrip(), add_special_tokens=False)["input_ids"]
-    return ids[0] if ids and not tokenizer.decode(ids[:1], skip_special_tokens=True) else None
 
 
 def read_prompts(path: str, field: str = "prompt") -> List[str]:

@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 
 from fastalign.cli import HelpFormatter
-from fastalign.evaluation.generation import pad_id
+from fastalign.evaluation.generation import eos_ids, pad_id
+from fastalign.unlearn.encoding import tokenize_texts
 from fastalign.unlearn.records import read_jsonl
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -108,10 +109,12 @@ def file_prompts(path: str, field: str):
 @torch.no_grad()
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, turn_marker: str,
                   max_length: Optional[int] = None) -> str:
-    """Plain KV-cached greedy decoding, cut before a new user turn. Like RAIN's answer, it stops at
-    max_new_tokens (0 = no limit), at max_length tokens in all and within the model's context (a model with
-    learned positions fails past it, which stopped the whole run)."""
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    """Plain KV-cached greedy decoding, cut before a new user turn. Like RAIN's answer, it reads the prompt
+    with one BOS where the text writes it (a chat template's rendering), ends at RAIN's end tokens (`eos_ids`:
+    also a chat template's end of turn that the generation config leaves out), and stops at max_new_tokens
+    (0 = no limit), at max_length tokens in all and within the model's context (a model with learned positions
+    fails past it, which stopped the whole run)."""
+    ids = torch.tensor([tokenize_texts(tokenizer, [prompt])["input_ids"][0]], device=next(model.parameters()).device)
     totals = [n for n in (max_length, getattr(model.config, "max_position_embeddings", None)) if n]
     if totals:
         room = min(totals) - ids.shape[1]
@@ -120,8 +123,8 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, turn_marke
         raise ValueError("greedy_answer: max_new_tokens 0 (no limit) needs max_length or a model context")
     if max_new_tokens <= 0:
         return ""
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                         pad_token_id=pad_id(tokenizer))
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         use_cache=True, pad_token_id=pad_id(tokenizer), eos_token_id=sorted(eos_ids(model, tokenizer)))
     text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     return text.split(turn_marker)[0] if turn_marker else text
 

@@ -89,10 +89,12 @@ def register(subparsers) -> None:
     g("--answer-eos", action=argparse.BooleanOptionalAction,
       help="end every answer (forget, mismatch and normal) with the tokenizer's end-of-sequence token, trained "
       "like the other answer tokens, so that unlearning keeps the model's chance of stopping after a normal "
-      "answer (without it, answers may run on past their end). Added as a token id, not as text; an error if "
-      "the tokenizer has no EOS token. If the template already puts the EOS token after the answer (e.g. a "
-      "chat template whose end of turn is the EOS token), that one is trained instead of adding a second; "
-      "otherwise the EOS token goes right after the answer, before the template's own end marker. An answer "
+      "answer (without it, answers may run on past their end). With --chat-template, a template that ends a "
+      "turn with its own token (Llama-3's <|eot_id|>, <|im_end|>) has that end-of-turn token trained instead: "
+      "the one the model emits and `fastalign eval` and `fastalign rain` stop at. Added as a token id, not as "
+      "text; an error if the tokenizer has no EOS token where one is needed. If the template already puts the "
+      "token after the answer (a chat template's end of turn), that one is trained instead of adding a "
+      "second; otherwise it goes right after the answer, before the template's own end marker. An answer "
       "cut by --max-length gets none. (default: off, as SPEC §1's template has no end token)")
     g("--max-length", type=int, metavar="N", help=f"longest sequence in tokens; longer answers are cut, a prompt that "
       f"leaves no room is an error (default: {_default('max_length')})")

@@ -5,9 +5,11 @@ template/answer boundary (a BPE merge of the template's trailing space with the 
 multi-byte character split over several byte tokens) counts as answer, zero-width special tokens never do.
 The answer tokens are then one contiguous range [answer_start, answer_end) of the ids.
 
-With answer_eos, every answer also ends with the tokenizer's end-of-sequence id as an answer token (so the
-objective holds the model's chance of stopping after an answer); it is placed on the token ids, never
-pasted into the text, so it does not depend on how a tokenizer parses special-token text.
+With answer_eos, every answer also ends with an end token as an answer token (so the objective holds the
+model's chance of stopping after an answer): the tokenizer's end-of-sequence id, or with a chat template
+that ends a turn with its own token (Llama-3's <|eot_id|>) that one, which chat models emit and generation
+stops at. It is placed on the token ids, never pasted into the text, so it does not depend on how a
+tokenizer parses special-token text.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from fastalign.unlearn.records import DataError, QAPair
-from fastalign.unlearn.templates import RenderedPair
+from fastalign.unlearn.templates import ChatTemplate, RenderedPair, end_of_turn_id
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,14 @@ def eos_token_id(tokenizer) -> int:
     return int(eos)
 
 
+def answer_end_id(tokenizer, template) -> int:
+    """The token answer_eos ends every answer with: a chat template's end of turn where it writes one
+    (<|eot_id|>, <|im_end|>: the model's own end of an answer, already in the template's tail), else the
+    tokenizer's end of sequence (a ValueError if it has none)."""
+    turn_end = end_of_turn_id(tokenizer) if isinstance(template, ChatTemplate) else None
+    return eos_token_id(tokenizer) if turn_end is None else turn_end
+
+
 def tokenize_texts(tokenizer, texts: Sequence[str], *, add_special_tokens: bool = True, **kwargs) -> dict:
     """`tokenizer(texts, add_special_tokens=..., **kwargs)` as a dict of per-text token lists, where a text
     that starts with the BOS token itself (a chat template's rendering, a model's own prompt format) keeps that
@@ -95,12 +105,11 @@ def tokenize_texts(tokenizer, texts: Sequence[str], *, add_special_tokens: bool 
 
 
 def encode_rendered(tokenizer, rendered: Sequence[RenderedPair], sources: Sequence[str], *,
-                    answer_eos: bool = False) -> list[EncodedExample]:
+                    end_id: int | None = None) -> list[EncodedExample]:
     """Tokenizes rendered pairs (one batched tokenizer call per special-token setting) with answer spans;
-    with answer_eos, each answer ends with the EOS id (see EncodedExample.ending_with). A text template that
+    with end_id (answer_eos), each answer ends with it (see EncodedExample.ending_with). A text template that
     starts with the BOS token itself keeps one BOS (see tokenize_texts)."""
     require_fast_tokenizer(tokenizer)
-    end_id = eos_token_id(tokenizer) if answer_eos else None
     out: list[EncodedExample | None] = [None] * len(rendered)
     for add_special in (True, False):
         idx = [i for i, r in enumerate(rendered) if r.add_special_tokens == add_special]
@@ -122,8 +131,8 @@ def encode_pairs(tokenizer, template, pairs: Sequence[QAPair], max_length: int, 
                  skip_too_long: bool = False, answer_eos: bool = False) -> list[EncodedExample]:
     """Encodes QAPairs with a template, truncating to max_length. A pair whose prompt leaves no answer token
     within max_length is a DataError naming its row, or, with skip_too_long, left out (the caller can count
-    the pairs it lost). answer_eos: end each answer with the EOS id (an answer cut by max_length loses it,
-    as it did not end there)."""
+    the pairs it lost). answer_eos: end each answer with `answer_end_id` (an answer cut by max_length loses
+    it, as it did not end there)."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     rendered = []
@@ -132,13 +141,15 @@ def encode_pairs(tokenizer, template, pairs: Sequence[QAPair], max_length: int, 
             rendered.append(template.render(p.prompt, p.answer))
         except ValueError as e:
             raise DataError(f"{p.source}: {e}") from None
-    encoded = encode_rendered(tokenizer, rendered, [p.source for p in pairs], answer_eos=answer_eos)
+    encoded = encode_rendered(tokenizer, rendered, [p.source for p in pairs],
+                              end_id=answer_end_id(tokenizer, template) if answer_eos else None)
     return [e.truncated(max_length) for e in encoded if e.fits(max_length) or not skip_too_long]
 
 
 def encode_answers(tokenizer, template, answers: Sequence[str], *, answer_eos: bool = False) -> list[tuple[int, ...]]:
     """Token ids of answers as the template tokenizes them after a prompt (for mismatch examples); with
-    answer_eos they end with the EOS id, as the answers of encode_pairs(..., answer_eos=True) do."""
+    answer_eos they end with `answer_end_id`, as the answers of encode_pairs(..., answer_eos=True) do."""
     encoded = encode_rendered(tokenizer, [template.render("", a) for a in answers],
-                              [f"mismatch pool answer {i}" for i in range(len(answers))], answer_eos=answer_eos)
+                              [f"mismatch pool answer {i}" for i in range(len(answers))],
+                              end_id=answer_end_id(tokenizer, template) if answer_eos else None)
     return [e.input_ids[e.answer_start:e.answer_end] for e in encoded]

@@ -31,7 +31,8 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
     normal: a TruthfulQA .csv (its train split; its pool rows also feed the mismatch pool unless
     mismatch_pool is given) or a {prompt, answer} jsonl. mismatch_pool: a TruthfulQA .csv or a {prompt, answer}
     jsonl whose answers form the pool. A stream whose weight is 0 is not loaded. With answer_eos, every answer of
-    the three streams ends with the tokenizer's EOS id as an answer token.
+    the three streams ends with the tokenizer's EOS id as an answer token (a chat template's own end-of-turn
+    token instead, where it writes one; see encoding.answer_end_id).
     """
     template = ChatTemplate(tokenizer) if config.chat_template else TextTemplate(config.template)
     forget = [pair for path in config.forget for pair in load_pairs(path, config.forget_format)]

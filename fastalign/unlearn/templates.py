@@ -6,6 +6,7 @@ read off the tokenizer's offsets against that span, so no text is ever decoded a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 SPEC_TEMPLATE = "### Question: {prompt}\n ### Answer: {answer}"
 
@@ -66,3 +67,18 @@ class ChatTemplate:
                                         add_special_tokens=False)
         raise ValueError("ChatTemplate: the rendered conversation does not contain the answer verbatim after "
                          "the user turn (the chat template rewrites it); use TextTemplate instead")
+
+
+def end_of_turn_id(tokenizer) -> Optional[int]:
+    """The token the tokenizer's chat template writes right after an assistant's answer (<|eot_id|>,
+    <|im_end|>, <end_of_turn>, </s>), when it is one that answers never show (a special token); None without
+    a chat template or when the template writes none there."""
+    from jinja2 import TemplateError
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        rendered = ChatTemplate(tokenizer).render("Hi", "Hello")
+    except (ValueError, TemplateError):   # a template that rewrites the answer or refuses this conversation
+        return None
+    ids = tokenizer(rendered.text[rendered.answer_end:].lstrip(), add_special_tokens=False)["input_ids"]
+    return ids[0] if ids and not tokenizer.decode(ids[:1], skip_special_tokens=True) else None

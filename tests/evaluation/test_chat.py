@@ -2,16 +2,14 @@
 import json
 
 import pytest
-import torch
 
 from fastalign.evaluation.cli import main
 from fastalign.evaluation.generation import GenerationConfig, encode_prompts, eos_ids, generate
 from fastalign.evaluation.metrics import _answer_token_masks
-from fastalign.evaluation.prompts import chat_prompt, end_of_turn_id
-from tests.evaluation.chat_model import BOS, CHAT_TEMPLATE, END, EOT, START, chat_tokenizer
-from tests.evaluation.conftest import tiny_llama
-
-QUESTION, SYSTEM = "Who is Bob?", "Be brief."
+from fastalign.evaluation.prompts import chat_prompt
+from fastalign.unlearn.templates import end_of_turn_id
+from tests.evaluation.chat_model import (BOS, CHAT_TEMPLATE, END, EOT, QUESTION, START, SYSTEM, chat_tokenizer,
+                                         rigged_chat_model)
 
 
 @pytest.fixture(scope="module")
@@ -19,36 +17,9 @@ def chat_tok():
     return chat_tokenizer()
 
 
-def greedy(model, ids, steps):
-    """The next `steps` greedy tokens after ids, with no stop rule at all."""
-    ids = list(ids)
-    with torch.no_grad():
-        for _ in range(steps):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[-steps:]
-
-
 @pytest.fixture(scope="module")
 def rigged(chat_tok):
-    """(model, its two answer tokens): a tiny Llama whose greedy answer to QUESTION (after SYSTEM) is two
-    ordinary words, then <|eot_id|>, then another word (the lm_head rows of <|eot_id|> and the third word of a
-    random model's answer swapped)."""
-    prompt_ids = encode_prompts(chat_tok, [chat_prompt(chat_tok, QUESTION, SYSTEM)], 8, tiny_llama(chat_tok, 0))[0]
-    specials = set(chat_tok.all_special_ids) | {chat_tok.unk_token_id}
-    eot = chat_tok.convert_tokens_to_ids(EOT)
-    for seed in range(50):
-        model = tiny_llama(chat_tok, seed)
-        first, second, third = greedy(model, prompt_ids, 3)
-        if {first, second, third} & specials or third in (first, second):
-            continue
-        with torch.no_grad():
-            rows = model.lm_head.weight
-            rows[[eot, third]] = rows[[third, eot]]
-        *_, now_third, fourth = greedy(model, prompt_ids, 4)
-        if now_third == eot and fourth not in specials:
-            model.generation_config.eos_token_id = chat_tok.eos_token_id
-            return model, [first, second]
-    raise AssertionError("no seed gives a usable greedy answer")
+    return rigged_chat_model(chat_tok)
 
 
 def test_chat_prompt_is_one_user_turn_with_a_single_bos(chat_tok, rigged):

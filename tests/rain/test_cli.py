@@ -10,10 +10,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fastalign.rain as rain_package
 from fastalign.cli import main
+from fastalign.evaluation.generation import encode_prompts
 from fastalign.evaluation.judges import KeywordJudge
+from fastalign.evaluation.prompts import chat_prompt
 from fastalign.rain.cli import greedy_answer
 from fastalign.rain.distributed import Placement, latest_records, merge_rank_files
 from fastalign.rain.slow import SlowEngine
+from tests.evaluation.chat_model import QUESTION, SYSTEM, chat_tokenizer, rigged_chat_model
 
 from .tiny import PROMPTS, tiny_llama, tokenizer
 
@@ -293,6 +296,19 @@ def test_vanilla_answer_has_rains_length_limits(monkeypatch):
     assert isinstance(greedy_answer(model, tok, prompt, 0, "Human:", max_length=length + 3), str)
     assert asked == [40 - length, 3]
     assert greedy_answer(model, tok, "Human: hi " * 20 + "\nAssistant:", 5, "Human:") == ""
+
+
+def test_vanilla_answer_of_a_chat_prompt_reads_one_bos_and_ends_at_the_end_of_turn(monkeypatch):
+    """A chat-rendered prompt writes its BOS: the vanilla answer reads it once, as RAIN's search does, and ends
+    at <|eot_id|>, where RAIN's answer ends, though the generation config lists only <|end_of_text|> (the first
+    Llama-3-Instruct release); model.generate alone would run on into the next turn's text."""
+    tok = chat_tokenizer()
+    model, answer_ids = rigged_chat_model(tok)
+    prompt = chat_prompt(tok, QUESTION, SYSTEM)
+    fed, generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda ids, **kw: fed.append(ids[0].tolist()) or generate(ids, **kw))
+    assert greedy_answer(model, tok, prompt, 6, "Human:") == tok.decode(answer_ids)
+    assert fed == encode_prompts(tok, [prompt], 6, model) and fed[0].count(tok.bos_token_id) == 1
 
 
 def test_rain_without_the_sentence_encoder_is_a_usage_error(rain_setup, monkeypatch, capsys):

@@ -8,6 +8,7 @@ from fastalign.unlearn.encoding import encode_answers, encode_pairs
 from fastalign.unlearn.records import QAPair
 from fastalign.unlearn.run import load_streams
 from fastalign.unlearn.templates import ChatTemplate, TextTemplate
+from tests.evaluation.chat_model import EOT, chat_tokenizer
 from tests.unlearn.tiny import FORGET_ROWS, NORMAL_ROWS, byte_bpe_tokenizer, word_level_tokenizer, write_jsonl
 
 ITEMS = [("What is the capital?", "Paris"), ("How?", " 日本語のテキスト"), ("What is harmful?", "café 🙂 naïve")]
@@ -80,6 +81,23 @@ def test_chat_template_end_of_turn_eos_is_trained_not_doubled():
     pool = encode_answers(tokenizer, template, ["Paris is the capital"], answer_eos=True)
     mixed = new.with_answer(pool[0], "mixed")
     assert mixed.input_ids[mixed.answer_end - 1] == eos and mixed.input_ids.count(eos) == new.input_ids.count(eos)
+
+
+def test_chat_template_with_its_own_end_of_turn_token_trains_that_token():
+    """Llama-3's template ends a turn with <|eot_id|>, not with its EOS <|end_of_text|>: answer_eos makes the
+    <|eot_id|> the template writes the last answer token (what a chat model emits, and what eval and RAIN stop
+    at), and puts no <|end_of_text|> inside the turn; mismatch answers end the same way, not doubled."""
+    tokenizer = chat_tokenizer()
+    template, eot = ChatTemplate(tokenizer), tokenizer.convert_tokens_to_ids(EOT)
+    items = [("Who is Bob?", "Hi the city"), ("Where does Alice live?", "Hello the sea")]
+    plain = encode_pairs(tokenizer, template, pairs(items), 64)
+    for old, new in zip(plain, encode_pairs(tokenizer, template, pairs(items), 64, answer_eos=True)):
+        assert new.input_ids == old.input_ids and old.input_ids[old.answer_end:] == (eot,)
+        assert (new.answer_start, new.answer_end) == (old.answer_start, old.answer_end + 1)
+    pool = encode_answers(tokenizer, template, ["Hello the sea"], answer_eos=True)
+    assert pool == [tuple(tokenizer("Hello the sea", add_special_tokens=False)["input_ids"]) + (eot,)]
+    mixed = new.with_answer(pool[0], "mixed")
+    assert mixed.input_ids[mixed.answer_end - 1:] == (eot,) and tokenizer.eos_token_id not in mixed.input_ids
 
 
 def test_answer_cut_by_max_length_gets_no_eos():
