@@ -114,7 +114,7 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> Tuple[str, bool]:
 
 
 @torch.no_grad()
-def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationConfig,
+def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationConfig, eos: Set[int],
                     generators: List[torch.Generator]) -> List[str]:
     device = next(model.parameters()).device
     width, pad = max(len(r) for r in rows), pad_id(tokenizer)
@@ -124,7 +124,6 @@ def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationC
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
     generated: List[List[int]] = [[] for _ in rows]
     done = [False] * len(rows)
-    eos = eos_ids(model, tokenizer)
     for step in range(config.max_new_tokens):
         next_ids = _next_tokens(out.logits[:, -1, :], config, generators)
         for i, token in enumerate(next_ids.tolist()):
@@ -154,12 +153,13 @@ def iter_generate(model, tokenizer, prompts: Sequence[str],
     any compute is spent.
     """
     rows = encode_prompts(tokenizer, prompts, config.max_new_tokens, model)
+    eos = eos_ids(model, tokenizer)   # once per call: finding a chat template's end of turn renders it
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(rows), config.batch_size):
             batch = rows[start:start + config.batch_size]
-            yield start, _generate_batch(model, tokenizer, batch, config,
+            yield start, _generate_batch(model, tokenizer, batch, config, eos,
                                          _prompt_generators(config.seed, start, len(batch)))
     finally:
         model.train(was_training)
