@@ -21,10 +21,13 @@ import torch
 
 from fastalign.cli import HelpFormatter
 from fastalign.evaluation.generation import eos_ids, pad_id
+from fastalign.evaluation.prompts import chat_prompt
 from fastalign.unlearn.encoding import tokenize_texts
 from fastalign.unlearn.records import read_jsonl
 
-HH_ASSISTANT = "\n\nAssistant:"
+from .judge import JudgePrompt
+
+HH_HUMAN, HH_ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
 
 
 class UsageError(ValueError):
@@ -59,7 +62,17 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--generation-prefix-file", help="text put before every prompt (e.g. few-shot chat turns)")
     parser.add_argument("--judge-template-file", help="judge prompt with {conversation} and {options}")
     parser.add_argument("--labels", default="A,B", help="the two answer option labels, comma-separated")
-    parser.add_argument("--chat-template", action="store_true", help="render the judge prompt with the chat template")
+    parser.add_argument("--template", choices=("raw", "chat"), default="raw",
+                        help="raw: the model and the judge read each prompt as it is (--hh: '\\n\\nHuman: ..."
+                             "\\n\\nAssistant:'); chat: each prompt (--hh: the first Human turn's text) is a user "
+                             "message that the model reads in its chat template, after a --system turn, and the "
+                             "judge reads as --judge-dialogue")
+    parser.add_argument("--system", help="with --template chat: a system turn before every user message")
+    parser.add_argument("--judge-dialogue", default=JudgePrompt.dialogue.replace("\n", "\\n"),
+                        help="with --template chat: how the judge's conversation shows a user message ({prompt}; "
+                             "\\n for a newline); the reply follows it")
+    parser.add_argument("--judge-chat-template", "--chat-template", dest="chat_template", action="store_true",
+                        help="render the judge prompt itself with the chat template")
     parser.add_argument("--no-vanilla", action="store_true", help="skip the greedy decoding baseline")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK where CUDA is present, else cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
@@ -69,15 +82,21 @@ def register(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def hh_prompts(path: str):
-    """First Human turn of each HH dialogue, as '\\n\\nHuman: ...\\n\\nAssistant:'."""
-    prompts = []
+def hh_messages(path: str):
+    """The text of the first Human turn of each HH dialogue (its 'chosen' transcript)."""
+    messages = []
     for line_no, record in read_jsonl(path):  # gzip-aware; bad JSON names the row
         text = record.get("chosen", "")
-        if HH_ASSISTANT not in text:
-            raise ValueError(f"{path}: line {line_no}: no '{HH_ASSISTANT.strip()}' turn in 'chosen'")
-        prompts.append(text[:text.index(HH_ASSISTANT) + len(HH_ASSISTANT)])
-    return prompts
+        if not text.startswith(HH_HUMAN) or HH_ASSISTANT not in text:
+            raise ValueError(f"{path}: line {line_no}: 'chosen' must start with a '{HH_HUMAN.strip()}' turn "
+                             f"followed by an '{HH_ASSISTANT.strip()}' turn")
+        messages.append(text[len(HH_HUMAN):text.index(HH_ASSISTANT)])
+    return messages
+
+
+def hh_prompts(path: str):
+    """First Human turn of each HH dialogue, as '\\n\\nHuman: ...\\n\\nAssistant:'."""
+    return [HH_HUMAN + message + HH_ASSISTANT for message in hh_messages(path)]
 
 
 def read_text(path: Optional[str], argument: str) -> str:
@@ -141,7 +160,7 @@ def run(args) -> int:
 def _run(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import JudgePrompt, RainConfig, RainStats, rain_generate
+    from . import RainConfig, RainStats, rain_generate
     from .distributed import done_indices, gather, join_from_env, leave, merge_rank_files, open_for_append
     from .embeddings import make_embedder
     from .judge import JudgeTokens
@@ -151,8 +170,17 @@ def _run(args) -> int:
     source, source_arg = (args.hh, "--hh") if args.hh else (args.prompts, "--prompts")
     if not os.path.isfile(source):
         raise UsageError(f"{source_arg}: no file at {source!r}")
+    chat = args.template == "chat"
+    if args.system is not None and not chat:
+        raise UsageError(f"--system is a turn of the chat template: it needs --template chat, not {args.template}")
+    if chat and args.generation_prefix_file:
+        raise UsageError("--generation-prefix-file goes before the prompt's text, but with --template chat the "
+                         "chat template starts the sequence: give instructions with --system instead")
     try:
-        prompts = hh_prompts(args.hh) if args.hh else file_prompts(args.prompts, args.field)
+        if args.hh:
+            prompts = hh_messages(args.hh) if chat else hh_prompts(args.hh)
+        else:
+            prompts = file_prompts(args.prompts, args.field)
     except ValueError as exc:  # DataError included: malformed JSON, unreadable file
         raise UsageError(f"{source_arg}: {exc}") from None
     if args.limit < 0:
@@ -169,10 +197,11 @@ def _run(args) -> int:
         raise UsageError(str(exc)) from None
     if args.limit:
         prompts = prompts[:args.limit]
-    judge = JudgePrompt(labels=tuple(args.labels.split(",")), use_chat_template=args.chat_template)
+    judge = JudgePrompt(labels=tuple(args.labels.split(",")), use_chat_template=args.chat_template,
+                        dialogue=args.judge_dialogue.replace("\\n", "\n"))
     if args.judge_template_file:
         judge = JudgePrompt(template=read_text(args.judge_template_file, "--judge-template-file"),
-                            labels=judge.labels, use_chat_template=args.chat_template)
+                            labels=judge.labels, use_chat_template=args.chat_template, dialogue=judge.dialogue)
     prefix = read_text(args.generation_prefix_file, "--generation-prefix-file")
     placement = join_from_env()
     try:
@@ -181,7 +210,14 @@ def _run(args) -> int:
         try:
             JudgeTokens(tokenizer, judge)      # labels and template checked before the model loads
         except ValueError as exc:
-            raise UsageError(f"judge prompt (--judge-template-file, --labels, --chat-template): {exc}") from None
+            raise UsageError(f"judge prompt (--judge-template-file, --labels, --judge-dialogue, "
+                             f"--judge-chat-template): {exc}") from None
+        if chat:
+            try:
+                chat_prompt(tokenizer, "Hi", args.system)
+            except ValueError as exc:
+                raise UsageError(f"--template chat{' with --system' if args.system is not None else ''}: {exc}") \
+                    from None
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
         done = done_indices(args.output)
         mine = placement.share(range(len(prompts)))   # skipped ones counted per share: other ranks write meanwhile
@@ -193,8 +229,9 @@ def _run(args) -> int:
                 index = todo[result.index]
                 vanilla = None
                 if not args.no_vanilla and result.error is None:
-                    vanilla = greedy_answer(model, tokenizer, prefix + prompts[index], args.max_new_tokens,
-                                            config.turn_marker, config.max_length)
+                    prompt = chat_prompt(tokenizer, prompts[index], args.system) if chat else prefix + prompts[index]
+                    vanilla = greedy_answer(model, tokenizer, prompt, args.max_new_tokens, config.turn_marker,
+                                            config.max_length)
                 out.write(json.dumps({"index": index, "prompt": prompts[index], "rain": result.answer,
                                       "vanilla": vanilla, "error": result.error,
                                       "stats": result.stats.as_dict()}) + "\n")
@@ -203,7 +240,8 @@ def _run(args) -> int:
 
             run_ = rain_generate(model, tokenizer, [prompts[i] for i in todo], config, engine=args.engine,
                                  judge_prompt=judge, embedding=embedder, sampler=args.sampler,
-                                 generation_prefix=prefix, concurrency=args.concurrency,
+                                 generation_prefix=prefix, chat_template=chat, system=args.system,
+                                 concurrency=args.concurrency,
                                  runner_tokens=args.kv_tokens, on_result=write)
         summaries = gather(placement, (len(todo), len(mine) - len(todo), sum(r.error is not None for r in run_.results),
                                        run_.stats))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
 
 from fastalign.evaluation.generation import eos_ids
+from fastalign.evaluation.prompts import chat_prompt
 from fastalign.unlearn.encoding import tokenize_texts
 
 from .config import RainConfig
@@ -57,16 +58,20 @@ def _context(model) -> Optional[int]:
 
 
 def _prepare(index: int, prompt: str, tokenizer, judge: JudgeTokens, prefix_ids: List[int], config: RainConfig,
-             context: Optional[int], required: RequiredPrefixes, prefix_key: int) -> PromptContext:
+             context: Optional[int], required: RequiredPrefixes, prefix_key: int, chat_template: bool,
+             system: Optional[str]) -> PromptContext:
     """The prompt's context; ValueError for a prompt that is not a string, is empty or leaves no room to
-    answer (the answer is also kept short enough for its judge prompt to fit the model's context)."""
+    answer (the answer is also kept short enough for its judge prompt to fit the model's context). With
+    `chat_template` the prompt is a user message: the model reads its chat-template rendering (after the
+    `system` turn), the judge reads it in JudgePrompt.dialogue."""
     if not isinstance(prompt, str):
         raise ValueError(f"prompt {index} must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
         raise ValueError(f"prompt {index} is empty")
-    prompt_ids = list(tokenize_texts(tokenizer, [prompt], add_special_tokens=not prefix_ids)["input_ids"][0])
+    text = chat_prompt(tokenizer, prompt, system) if chat_template else prompt
+    prompt_ids = list(tokenize_texts(tokenizer, [text], add_special_tokens=not prefix_ids)["input_ids"][0])
     root_ids = list(prefix_ids) + prompt_ids
-    head_text = prompt.lstrip()
+    head_text = judge.dialogue_text(prompt) if chat_template else prompt.lstrip()
     head_ids = judge.head_ids(head_text)
     max_length = config.max_length
     if config.max_new_tokens:
@@ -89,9 +94,13 @@ def _prepare(index: int, prompt: str, tokenizer, judge: JudgeTokens, prefix_ids:
 def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig = RainConfig(), *,
                   engine: str = "tree", judge_prompt: JudgePrompt = JudgePrompt(),
                   embedding: Union[str, object] = "minilm", sampler: Union[str, object] = "torch",
-                  generation_prefix: str = "", concurrency: int = 8, runner=None, runner_tokens: int = 1 << 16,
+                  generation_prefix: str = "", chat_template: bool = False, system: Optional[str] = None,
+                  concurrency: int = 8, runner=None, runner_tokens: int = 1 << 16,
                   on_result: Optional[Callable[[RainResult], None]] = None) -> RainRun:
-    """RAIN answers of `model` for `prompts` (dialogue texts ending where the assistant speaks).
+    """RAIN answers of `model` for `prompts`: dialogue texts ending where the assistant speaks, read as they
+    are by the model and by the judge; or, with `chat_template`, user messages, which the model reads in the
+    tokenizer's chat template (after a `system` turn when given) and the judge reads in the conversation
+    format of its few-shot examples (JudgePrompt.dialogue), not as the template's special tokens.
 
     engine: "tree" (TreeRunner; pass `runner` to reuse one, else one with `runner_tokens` of KV is made)
     or "slow" (the batch-1 reference). embedding: "minilm", "hidden" or an embedder object. sampler:
@@ -104,6 +113,13 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
         raise TypeError("prompts must be a list of prompt strings, got a single string (wrap it in a list)")
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if system is not None and not chat_template:
+        raise ValueError("system is a turn of the chat template: it needs chat_template=True")
+    if chat_template and generation_prefix:
+        raise ValueError("generation_prefix goes before the prompt's text, but with chat_template the chat "
+                         "template starts the sequence: give instructions as the system turn instead")
+    if chat_template:
+        chat_prompt(tokenizer, "Hi", system)   # no chat template, or one refusing a system role: ValueError here
     judge = JudgeTokens(tokenizer, judge_prompt)
     end_ids = frozenset(eos_ids(model, tokenizer))
     embedder = make_embedder(embedding, "cpu") if isinstance(embedding, str) else embedding
@@ -121,7 +137,8 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     queue = []
     for i, prompt in enumerate(prompts):
         try:
-            queue.append(_prepare(i, prompt, tokenizer, judge, prefix_ids, config, context, required, prefix_key))
+            queue.append(_prepare(i, prompt, tokenizer, judge, prefix_ids, config, context, required, prefix_key,
+                                  chat_template, system))
         except ValueError as err:
             results[i].error = str(err)
             if on_result:

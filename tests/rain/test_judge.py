@@ -131,3 +131,10 @@ def test_pieces_read_as_the_whole_prompt_with_a_sentencepiece_style_tokenizer():
         assert judge.full_ids(judge.head_ids(conversation), order) == tok(whole)["input_ids"]
         for label, label_id in zip(SHORT_JUDGE.labels, judge.label_ids[order]):
             assert tok(whole + label)["input_ids"][-1] == label_id
+
+
+def test_dialogue_shows_a_user_message_in_the_few_shot_format():
+    judge = JudgeTokens(tokenizer(), JudgePrompt())
+    assert judge.dialogue_text(" How do I bake bread?\n") == "Human: How do I bake bread?\nAssistant:"
+    with pytest.raises(ValueError, match="JudgePrompt.dialogue must contain '{prompt}' exactly once"):
+        JudgeTokens(tokenizer(), JudgePrompt(dialogue="Human: {prompt} {prompt}"))
