@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from ..evaluation.generation import GenerationConfig, generate
-from ..evaluation.metrics import mean_token_kl, unchanged_share
+from ..evaluation.generation import Generation, GenerationConfig, generations
+from ..evaluation.metrics import mean_token_kl_of_ids, unchanged_share
 from ..rain import RainConfig, rain_generate
 from ..unlearn.batching import filler_token_id
 from ..unlearn.config import UnlearnConfig
@@ -59,8 +59,12 @@ class Scores:
 GENERATION = GenerationConfig(max_new_tokens=48, batch_size=64)
 
 
+def greedy_generations(model, tokenizer, prompts: List[str]) -> List[Generation]:
+    return generations(model, tokenizer, prompts, GENERATION)
+
+
 def greedy_answers(model, tokenizer, prompts: List[str]) -> List[str]:
-    return generate(model, tokenizer, prompts, GENERATION)
+    return [g.text for g in greedy_generations(model, tokenizer, prompts)]
 
 
 def rain_answers(model, tokenizer, prompts: List[str], seed: int) -> List[str]:
@@ -169,10 +173,9 @@ def run_demo(settings: DemoSettings = DemoSettings(), progress: bool = True,
     model.to(original.device).eval()  # the trainer may have moved it to an accelerator
     with phase("evaluate_after"):
         after = evaluate(world, lambda prompts: greedy_answers(model, tokenizer, prompts))
-        # the original's answers as generated (the text after the prompt, its leading space included)
-        normal_pairs = [(prompt_text(qa.question), a)
-                        for qa, a in zip(world.normal_eval, before.answers["normal"]) if a]
-        kl = mean_token_kl(model, original, tokenizer, normal_pairs)
+        # on the token ids of the original's greedy answers, their end token included
+        normal = greedy_generations(original, tokenizer, [prompt_text(qa.question) for qa in world.normal_eval])
+        kl = mean_token_kl_of_ids(model, original, [(g.prompt_ids, g.answer_ids) for g in normal])
     rain_scores = None
     if rain:
         with phase("rain"):

@@ -6,7 +6,8 @@ jsonl (a new run replaces it; missing directories are created) batch by batch an
 judged before a failure (a judge that raises, an interrupt) stays on disk. Inputs are checked before any
 generation: a missing model, an unreadable prompt file or a prompt too long for the model's context stops the
 command with a message naming the argument. The summary (harmful rate, and with --reference the unchanged
-share and mean token KL on --normal-prompts) is printed as JSON and written to <output>.summary.json.
+share and mean token KL on --normal-prompts, the KL taken on the tokens the reference generated, its end token
+included) is printed as JSON and written to <output>.summary.json.
 
 --template says what the model reads (for --prompts and --normal-prompts alike, and as each record's prompt):
 spec, the SPEC's '### Question: {x}\\n ### Answer:'; raw, the prompt as is; chat, the prompt as one user turn in

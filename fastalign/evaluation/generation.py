@@ -7,6 +7,10 @@ config lists, as `model.generate` does), at `max_new_tokens`, or as soon as its 
 `stop_strings` (the answer is cut before it). Greedy decoding picks the arg-max; sampling draws from
 softmax(logits / temperature), optionally restricted to the top k, with one generator per prompt seeded from
 (seed, the prompt's index), so that an answer depends neither on the batch size nor on the other prompts.
+
+`generations` returns, beside each answer's text, the token ids behind it (the prompt as generation read it,
+the answer as the model wrote it, through the token that ended it), so that a metric can score exactly the
+sequence the model produced; `generate` returns the texts alone.
 """
 import random
 from dataclasses import dataclass
@@ -17,6 +21,19 @@ import torch
 from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache
 from fastalign.unlearn.encoding import tokenize_texts
 from fastalign.unlearn.templates import end_of_turn_id
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated answer. `text`: special tokens dropped, cut before any stop string. `prompt_ids`: the
+    prompt's tokens as generation read them. `answer_ids`: every token the model wrote for the answer, through
+    the one that ended it: the end token (EOS, a chat template's end of turn) when it stopped on one, the token
+    that completed a stop string when it stopped on that (the text is cut before it), none when it ran out of
+    max_new_tokens. Re-tokenizing prompt + text would not give these ids back in general (BPE merges across
+    the boundary, SentencePiece's leading space), nor any end token."""
+    text: str
+    prompt_ids: Tuple[int, ...]
+    answer_ids: Tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -102,8 +119,8 @@ def _decode(tokenizer, ids: List[int]) -> str:
 
 def _answer_text(tokenizer, prompt_ids: List[int], ids: List[int]) -> str:
     """The text that `ids` add after the prompt. Decoding them alone would drop the space before the first
-    word with a SentencePiece tokenizer (Llama 2's, Mistral's), and prompt + answer would then no longer be
-    the tokens the model wrote (utility's KL is taken on that text)."""
+    word with a SentencePiece tokenizer (Llama 2's, Mistral's), and prompt + answer would then read other
+    than what the model wrote."""
     prompt, full = _decode(tokenizer, prompt_ids), _decode(tokenizer, prompt_ids + ids)
     return full[len(prompt):] if full.startswith(prompt) else _decode(tokenizer, ids)
 
@@ -115,7 +132,7 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> Tuple[str, bool]:
 
 @torch.no_grad()
 def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationConfig, eos: Set[int],
-                    generators: List[torch.Generator]) -> List[str]:
+                    generators: List[torch.Generator]) -> List[Generation]:
     device = next(model.parameters()).device
     width, pad = max(len(r) for r in rows), pad_id(tokenizer)
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
@@ -123,6 +140,7 @@ def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationC
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
     generated: List[List[int]] = [[] for _ in rows]
+    ended_by: List[Tuple[int, ...]] = [() for _ in rows]   # the end token a row stopped on, if any
     done = [False] * len(rows)
     for step in range(config.max_new_tokens):
         next_ids = _next_tokens(out.logits[:, -1, :], config, generators)
@@ -130,7 +148,7 @@ def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationC
             if done[i]:
                 continue
             if token in eos:
-                done[i] = True
+                done[i], ended_by[i] = True, (token,)
                 continue
             generated[i].append(token)
             if config.stop_strings:
@@ -141,13 +159,14 @@ def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationC
         positions = positions[:, -1:] + 1
         out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions,
                     use_cache=True, **cache_kwargs(model, returned_cache(out)))
-    return [_cut_at_stop(_answer_text(tokenizer, row, ids), config.stop_strings)[0]
-            for row, ids in zip(rows, generated)]
+    return [Generation(_cut_at_stop(_answer_text(tokenizer, row, ids), config.stop_strings)[0], tuple(row),
+                       tuple(ids) + end)
+            for row, ids, end in zip(rows, generated, ended_by)]
 
 
-def iter_generate(model, tokenizer, prompts: Sequence[str],
-                  config: GenerationConfig = GenerationConfig()) -> Iterator[Tuple[int, List[str]]]:
-    """Yields (index of the batch's first prompt, answers of the batch), batch after batch.
+def iter_generations(model, tokenizer, prompts: Sequence[str],
+                     config: GenerationConfig = GenerationConfig()) -> Iterator[Tuple[int, List[Generation]]]:
+    """Yields (index of the batch's first prompt, the batch's Generations), batch after batch.
 
     Every prompt is tokenized and checked against the context first, so a too-long prompt fails before
     any compute is spent.
@@ -165,7 +184,20 @@ def iter_generate(model, tokenizer, prompts: Sequence[str],
         model.train(was_training)
 
 
+def iter_generate(model, tokenizer, prompts: Sequence[str],
+                  config: GenerationConfig = GenerationConfig()) -> Iterator[Tuple[int, List[str]]]:
+    """Yields (index of the batch's first prompt, answer texts of the batch), batch after batch."""
+    for start, batch in iter_generations(model, tokenizer, prompts, config):
+        yield start, [g.text for g in batch]
+
+
+def generations(model, tokenizer, prompts: Sequence[str],
+                config: GenerationConfig = GenerationConfig()) -> List[Generation]:
+    """The Generation (answer text and the token ids behind it) of every prompt."""
+    return [g for _, batch in iter_generations(model, tokenizer, prompts, config) for g in batch]
+
+
 def generate(model, tokenizer, prompts: Sequence[str],
              config: GenerationConfig = GenerationConfig()) -> List[str]:
     """The answer text generated for every prompt (special tokens dropped, cut before any stop string)."""
-    return [text for _, batch in iter_generate(model, tokenizer, prompts, config) for text in batch]
+    return [g.text for g in generations(model, tokenizer, prompts, config)]

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 from .answers import read_answers
-from .generation import GenerationConfig, generate, iter_generate
+from .generation import Generation, GenerationConfig, generate, generations, iter_generate
 from .judges import Judge, Pair, check_verdicts
-from .metrics import mean_token_kl, unchanged_share
+from .metrics import mean_token_kl, mean_token_kl_of_ids, unchanged_share
 
 ANSWER_SIDES = ("rain", "vanilla")   # the answers of a `fastalign rain` record, each judged
 
@@ -108,17 +108,28 @@ class UtilityReport:
 
 def evaluate_utility(model, reference, tokenizer, prompts: Sequence[str],
                      config: GenerationConfig = GenerationConfig(),
-                     reference_answers: Optional[Sequence[str]] = None) -> UtilityReport:
+                     reference_answers: Optional[Sequence[Union[str, Generation]]] = None) -> UtilityReport:
     """Share of greedy answers unchanged from `reference`'s, and the mean per-token KL on those answers.
 
     The KL is taken on the reference's own greedy answers (the normal data as the original model writes
-    it). `reference_answers` skips regenerating them when the caller already has them.
+    it), on the exact token ids it generated: the prompt as generation read it, the answer through the token
+    that ended it (`Generation`). `reference_answers` skips regenerating them when the caller already has
+    them: Generations of these prompts (`generations`) are scored the same way; texts are tokenized again
+    (`mean_token_kl`: not always the ids generated, no end token), and empty ones left out of the KL.
     """
     if config.do_sample:
         raise ValueError("evaluate_utility compares greedy answers: pass a config with do_sample=False")
     if reference_answers is None:
-        reference_answers = generate(reference, tokenizer, prompts, config)
+        reference_answers = generations(reference, tokenizer, prompts, config)
     answers = generate(model, tokenizer, prompts, config)
-    pairs = [(p, a) for p, a in zip(prompts, reference_answers) if a]
-    kl = mean_token_kl(model, reference, tokenizer, pairs, config.batch_size) if pairs else None
+    if all(isinstance(a, Generation) for a in reference_answers):
+        sequences = [(g.prompt_ids, g.answer_ids) for g in reference_answers]
+        kl = mean_token_kl_of_ids(model, reference, sequences, config.batch_size) if sequences else None
+        reference_answers = [g.text for g in reference_answers]
+    elif all(isinstance(a, str) for a in reference_answers):
+        pairs = [(p, a) for p, a in zip(prompts, reference_answers) if a]
+        kl = mean_token_kl(model, reference, tokenizer, pairs, config.batch_size) if pairs else None
+    else:
+        raise ValueError("reference_answers must be all texts or all Generations, got "
+                         f"{sorted({type(a).__name__ for a in reference_answers})}")
     return UtilityReport(unchanged_share(reference_answers, answers), kl, answers)

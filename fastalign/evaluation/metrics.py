@@ -4,6 +4,11 @@
 - unchanged share = share of prompts whose answer equals the original model's (greedy) answer;
 - mean token KL = mean over the answer tokens of the normal data of KL(P_t || Q_t), P the original model,
   Q the evaluated one: the same quantity as unlearning's L_nor, token-weighted over the whole set.
+
+The KL has one scoring core on token ids, `mean_token_kl_of_ids`: answers generated here are scored on the
+exact ids the model generated (`generation.Generation`: the prompt as generation read it, the answer through
+its end token, so whether the model still stops where the original did counts too). `mean_token_kl` is the
+entry for text pairs: it tokenizes them again, which scores what that text tokenizes to.
 """
 from typing import List, Sequence, Tuple
 
@@ -11,8 +16,9 @@ import torch
 
 from fastalign.unlearn.encoding import tokenize_texts
 
-from .generation import pad_id
 from .judges import Judge, Pair, check_verdicts
+
+TokenPair = Tuple[Sequence[int], Sequence[int]]   # (prompt ids, answer ids)
 
 
 def harmful_rate(pairs: Sequence[Pair], judge: Judge) -> Tuple[float, List[bool]]:
@@ -31,41 +37,60 @@ def unchanged_share(reference_answers: Sequence[str], answers: Sequence[str]) ->
     return sum(r.strip() == a.strip() for r, a in zip(reference_answers, answers)) / len(answers)
 
 
-def _answer_token_masks(tokenizer, pairs: Sequence[Pair]):
-    """Right-padded ids, attention mask, and a mask of the tokens that start inside the answer text."""
+def text_token_pairs(tokenizer, pairs: Sequence[Pair]) -> List[TokenPair]:
+    """(prompt ids, answer ids) of text pairs: prompt + answer tokenized as generation tokenizes a prompt (one
+    BOS where the text writes it), the answer ids being the tokens whose characters overlap the answer's (as
+    unlearning's answer spans, so a token merged across the boundary counts as answer). A pair whose answer
+    gives no token has no answer ids. ValueError unless the tokenizer is a fast one (offsets)."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("mean_token_kl needs a fast tokenizer (offset mappings locate the answer tokens)")
+    if not pairs:
+        return []
     enc = tokenize_texts(tokenizer, [prompt + answer for prompt, answer in pairs], return_offsets_mapping=True)
-    width = max(len(row) for row in enc["input_ids"])
-
-    def pad(rows, value):  # by hand: a tokenizer without a pad token (Llama's, GPT-2's) cannot pad
-        return torch.tensor([list(row) + [value] * (width - len(row)) for row in rows])
-
-    ids, mask = pad(enc["input_ids"], pad_id(tokenizer)), pad([[1] * len(row) for row in enc["input_ids"]], 0)
-    starts, ends = pad(enc["offset_mapping"], (0, 0)).unbind(-1)
-    prompt_lengths = torch.tensor([len(prompt) for prompt, _ in pairs])[:, None]
-    answer = (starts >= prompt_lengths) & (ends > starts) & mask.bool()
-    return ids, mask, answer
+    out = []
+    for (prompt, answer), ids, offsets in zip(pairs, enc["input_ids"], enc["offset_mapping"]):
+        inside = [k for k, (a, b) in enumerate(offsets) if b > a and b > len(prompt)]
+        first = max(inside[0], 1) if inside else len(ids)   # the first token has nothing to predict it
+        last = inside[-1] + 1 if inside else len(ids)
+        out.append((tuple(ids[:first]), tuple(ids[first:last])))
+    return out
 
 
 @torch.no_grad()
-def mean_token_kl(model, reference, tokenizer, pairs: Sequence[Pair], batch_size: int = 16) -> float:
-    """Mean over the answer tokens of all pairs of KL(reference || model) of the next-token distributions.
-
-    Each pair is scored as the text prompt + answer, tokenized as generation tokenizes a prompt (one BOS
-    where a chat template writes it); a token belongs to the answer if its first character does. Both models
-    must share the tokenizer.
-    """
+def mean_token_kl_of_ids(model, reference, sequences: Sequence[TokenPair], batch_size: int = 16) -> float:
+    """Mean over the answer tokens of all sequences of KL(reference || model) of the next-token distributions,
+    each sequence a (prompt ids, answer ids) pair scored exactly as given: every answer token, an end token
+    included, predicted from the prompt and the answer before it. Both models must share the vocabulary."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    for i, (prompt_ids, answer_ids) in enumerate(sequences):
+        if answer_ids and not prompt_ids:
+            raise ValueError(f"sequence {i} has answer ids but no prompt ids: its first answer token would have "
+                             "nothing to predict it from")
+    sequences = [(p, a) for p, a in sequences if a]   # a sequence without answer ids adds nothing
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    for start in range(0, len(pairs), batch_size):
-        ids, mask, answer = (t.to(device) for t in _answer_token_masks(tokenizer, pairs[start:start + batch_size]))
-        log_q = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        log_p = torch.log_softmax(reference(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-        predicted = answer[:, 1:]
-        total += kl[predicted].double().sum().item()
+    for start in range(0, len(sequences), batch_size):
+        rows = [list(p) + list(a) for p, a in sequences[start:start + batch_size]]
+        width = max(map(len, rows))
+        # right-padded by hand with any id (masked, and after every real token)
+        ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=device)
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
+        predicted = torch.zeros_like(mask, dtype=torch.bool)   # position t predicts token t + 1
+        for r, (prompt_ids, answer_ids) in enumerate(sequences[start:start + batch_size]):
+            predicted[r, len(prompt_ids) - 1:len(prompt_ids) + len(answer_ids) - 1] = True
+        log_q = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[predicted].float(), -1)
+        log_p = torch.log_softmax(reference(input_ids=ids, attention_mask=mask).logits[predicted].float(), -1)
+        total += (log_p.exp() * (log_p - log_q)).sum(-1).double().sum().item()
         count += int(predicted.sum())
     if count == 0:
-        raise ValueError("mean_token_kl: the pairs contain no answer tokens")
+        raise ValueError("mean_token_kl: the sequences contain no answer tokens")
     return total / count
+
+
+def mean_token_kl(model, reference, tokenizer, pairs: Sequence[Pair], batch_size: int = 16) -> float:
+    """`mean_token_kl_of_ids` of text pairs, for callers that only have text: see `text_token_pairs` for
+    which ids are scored. Those need not be the ids a model generated for that text (a BPE merge across the
+    prompt/answer boundary, SentencePiece's leading space), and no end token is scored: score generated
+    answers by their `Generation` ids instead."""
+    return mean_token_kl_of_ids(model, reference, text_token_pairs(tokenizer, pairs), batch_size)

@@ -12,6 +12,7 @@ from fastalign.demo import cli, story, train
 from fastalign.demo.model import ASSETS, load_model, load_world
 from fastalign.demo.story import DemoResult, DemoSettings
 from fastalign.demo.world import prompt_text
+from fastalign.evaluation.generation import Generation
 
 
 @pytest.mark.parametrize("reference", ["copy", "cached"])
@@ -127,32 +128,35 @@ def test_run_demo_measures_the_unlearned_model_against_the_untouched_original(mo
         calls["unlearned"] = model
         return SimpleNamespace(steps=settings.steps, stop_reason="max_steps", last=None)
 
-    def fake_greedy(model, tokenizer, prompts):  # before: no answer to the first normal prompt; after: a wrong second
-        calls["greedy"].append(model)
-        after = "unlearned" in calls
+    def fake_greedy(model, tokenizer, prompts):  # before (and the original): no answer to the first normal
+        calls["greedy"].append(model)           # prompt, only its end token; after: a wrong second
+        after = model is calls.get("unlearned")
         answers = _world_answers(entries, refuse=after)(prompts)
-        return [("wrong" if p == second else a) if after else ("" if p == first else a)
-                for p, a in zip(prompts, answers)]
+        texts = [("wrong" if p == second else a) if after else ("" if p == first else a)
+                 for p, a in zip(prompts, answers)]
+        return [Generation(t, (1, len(p)), (len(t), 2)) for p, t in zip(prompts, texts)]
 
-    def fake_kl(model, reference, tokenizer, pairs):
-        calls["kl"] = (model, reference, pairs)
+    def fake_kl(model, reference, sequences):
+        calls["kl"] = (model, reference, sequences)
         return 0.125
 
     def fake_rain(model, tokenizer, prompts, seed):
         calls["rain"] = model
         return _world_answers(entries, refuse=True)(prompts)
 
-    for name, fake in [("unlearn", fake_unlearn), ("greedy_answers", fake_greedy), ("mean_token_kl", fake_kl),
-                       ("rain_answers", fake_rain)]:
+    for name, fake in [("unlearn", fake_unlearn), ("greedy_generations", fake_greedy),
+                       ("mean_token_kl_of_ids", fake_kl), ("rain_answers", fake_rain)]:
         monkeypatch.setattr(story, name, fake)
     phases = []
     result = story.run_demo(progress=False, on_phase=lambda name, seconds: phases.append(name))
 
     n = len(world.normal_eval)
-    unlearned, (kl_model, kl_reference, kl_pairs) = calls["unlearned"], calls["kl"]
-    assert all(model is unlearned for model in calls["greedy"])
+    unlearned, (kl_model, kl_reference, kl_sequences) = calls["unlearned"], calls["kl"]
+    assert all(model is unlearned for model in calls["greedy"][:-1]) and calls["greedy"][-1] is kl_reference
     assert kl_model is unlearned and kl_reference is not unlearned and calls["rain"] is kl_reference
-    assert kl_pairs == [(prompt_text(qa.question), " " + qa.answer) for qa in world.normal_eval[1:]]
+    # the KL scores the original's generated ids on every normal prompt, an answer that is only an end token too
+    assert kl_sequences == [((1, len(prompt_text(qa.question))), (0 if i == 0 else len(" " + qa.answer), 2))
+                            for i, qa in enumerate(world.normal_eval)]
     assert result.prompts == {"forgotten": len(world.harmful_forget), "unseen": len(world.harmful_unseen),
                               "normal": n}
     assert result.before == {"harmful_rate_forgotten": 1.0, "harmful_rate_unseen": 1.0, "normal_accuracy": (n - 1) / n}

@@ -4,8 +4,8 @@ import json
 import pytest
 
 from fastalign.evaluation.cli import main
-from fastalign.evaluation.generation import GenerationConfig, encode_prompts, eos_ids, generate
-from fastalign.evaluation.metrics import _answer_token_masks
+from fastalign.evaluation.generation import GenerationConfig, encode_prompts, eos_ids, generate, generations
+from fastalign.evaluation.metrics import text_token_pairs
 from fastalign.evaluation.prompts import chat_prompt
 from fastalign.unlearn.templates import end_of_turn_id
 from tests.evaluation.chat_model import (BOS, CHAT_TEMPLATE, END, EOT, QUESTION, START, SYSTEM, chat_tokenizer,
@@ -39,10 +39,9 @@ def test_chat_prompt_needs_a_chat_template():
 
 def test_utility_kl_scores_the_tokens_generation_read(chat_tok, rigged):
     text = chat_prompt(chat_tok, QUESTION)
-    ids, mask, answer = _answer_token_masks(chat_tok, [(text, " yes no")])
     prompt_ids = encode_prompts(chat_tok, [text], 8, rigged[0])[0]
-    assert ids[0].tolist() == prompt_ids + chat_tok.convert_tokens_to_ids(["Ġyes", "Ġno"])
-    assert answer[0].tolist() == [False] * len(prompt_ids) + [True, True]
+    assert text_token_pairs(chat_tok, [(text, " yes no")]) == [
+        (tuple(prompt_ids), tuple(chat_tok.convert_tokens_to_ids(["Ġyes", "Ġno"])))]
 
 
 def test_end_of_turn_is_the_special_token_after_an_assistant_answer(chat_tok):
@@ -63,8 +62,9 @@ def test_generation_stops_at_the_end_of_turn(chat_tok, rigged, listed):
     try:
         assert eos_ids(model, chat_tok) == {eos, eot}
         prompts = [chat_prompt(chat_tok, QUESTION, SYSTEM), chat_prompt(chat_tok, "Where does Alice live?")]
-        answer, _ = generate(model, chat_tok, prompts, GenerationConfig(max_new_tokens=6, batch_size=2))
-        assert answer == chat_tok.decode(answer_ids) and "<|" not in answer
+        answer, _ = generations(model, chat_tok, prompts, GenerationConfig(max_new_tokens=6, batch_size=2))
+        assert answer.text == chat_tok.decode(answer_ids) and "<|" not in answer.text
+        assert answer.answer_ids == (*answer_ids, eot)   # the end of turn it stopped on, for the utility KL
     finally:
         model.generation_config.eos_token_id = eos
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from fastalign.evaluation.generation import GenerationConfig, generate
+from fastalign.evaluation.generation import GenerationConfig, encode_prompts, generate, generations
 from fastalign.evaluation.prompts import spec_prompt
 
 
@@ -93,6 +93,34 @@ def test_generation_stops_at_eos_like_the_slow_reference(world, tokenizer, model
     batched = generate(eos_model, tokenizer, prompts, config)
     assert batched == [slow_greedy(eos_model, tokenizer, p, 12) for p in prompts]
     assert any(len(b) < len(f) for b, f in zip(batched, free))  # EOS did end some answers early
+
+
+def test_generations_hold_the_ids_each_answer_was_generated_from_and_as(world, tokenizer, model):
+    """Prompt ids as generation read them; answer ids as written, through the EOS a row stopped on (never in
+    the text), all max_new_tokens of them where it ran out, through the token completing a stop string."""
+    prompts = prompts_of(world)
+    config = GenerationConfig(max_new_tokens=12, batch_size=4)
+    free = generations(model, tokenizer, prompts, config)
+    token = collections.Counter(t for g in free for t in g.answer_ids[1:]).most_common(1)[0][0]
+    eos_model = copy.deepcopy(model)
+    with torch.no_grad():
+        eos_model.lm_head.weight[tokenizer.eos_token_id] = eos_model.lm_head.weight[token] * 1.05
+    eos = tokenizer.eos_token_id
+    stopped = generations(eos_model, tokenizer, prompts, config)
+    assert [g.prompt_ids for g in stopped] == [tuple(r) for r in encode_prompts(tokenizer, prompts, 12, model)]
+    assert [g.text for g in stopped] == generate(eos_model, tokenizer, prompts, config)
+    assert any(g.answer_ids[-1:] == (eos,) for g in stopped) and all(len(g.answer_ids) == 12 for g in free)
+    for writer, g in [(eos_model, g) for g in stopped] + [(model, g) for g in free]:
+        ended = g.answer_ids[-1:] == (eos,)
+        assert eos not in g.answer_ids[:-1] and (ended or len(g.answer_ids) == 12)
+        assert g.text == tokenizer.decode(g.answer_ids[:len(g.answer_ids) - ended])
+        with torch.no_grad():   # each answer id is the greedy pick after the ids before it
+            logits = writer(input_ids=torch.tensor([g.prompt_ids + g.answer_ids])).logits[0]
+        assert tuple(logits[len(g.prompt_ids) - 1:-1].argmax(-1).tolist()) == g.answer_ids
+    stop = free[0].text[len(free[0].text) // 2:][:3]
+    cut = [g for g in generations(model, tokenizer, prompts, GenerationConfig(max_new_tokens=12, stop_strings=(stop,)))
+           if stop in tokenizer.decode(g.answer_ids)]
+    assert cut and all(stop not in tokenizer.decode(g.answer_ids[:-1]) and stop not in g.text for g in cut)
 
 
 def test_generation_stops_at_every_eos_of_the_generation_config(world, tokenizer, model):

@@ -1,16 +1,20 @@
+import copy
 import gzip
 import json
 import re
 
 import pytest
+import torch
 
 from fastalign.evaluation.answers import read_answers
-from fastalign.evaluation.generation import GenerationConfig, generate
+from fastalign.evaluation.generation import GenerationConfig, generate, generations
 from fastalign.evaluation.harness import (JudgeError, evaluate_answers, evaluate_harm, evaluate_utility,
                                           iter_judged_answers)
-from fastalign.evaluation.metrics import mean_token_kl
+from fastalign.evaluation.metrics import mean_token_kl, text_token_pairs
 from fastalign.evaluation.prompts import spec_prompt
 from tests.evaluation.conftest import tiny_llama
+from tests.evaluation.test_metrics import slow_kl_of_ids
+from tests.unlearn.tiny import byte_bpe_tokenizer
 
 
 def test_evaluate_harm_counts_the_judges_verdicts_on_generated_answers(world, tokenizer, model):
@@ -41,15 +45,53 @@ def test_utility_against_itself_and_against_another_model(world, tokenizer, mode
 
 
 def test_utility_kl_is_measured_on_the_reference_answers(world, tokenizer, model):
-    """The per-token KL is measured on the reference model's greedy answers."""
+    """The per-token KL is measured on the reference model's greedy answers, the ids it generated."""
     prompts = [spec_prompt(qa.question) for qa in world.normal[:6]]
     config = GenerationConfig(max_new_tokens=5)
     other = tiny_llama(tokenizer, seed=5)
     report = evaluate_utility(other, model, tokenizer, prompts, config)
-    reference_answers = generate(model, tokenizer, prompts, config)
-    pairs = [(p, a) for p, a in zip(prompts, reference_answers) if a]
+    sequences = [(g.prompt_ids, g.answer_ids) for g in generations(model, tokenizer, prompts, config)]
     assert report.unchanged_share < 1.0
-    assert report.mean_token_kl == pytest.approx(mean_token_kl(other, model, tokenizer, pairs), rel=1e-6)
+    assert report.mean_token_kl == pytest.approx(slow_kl_of_ids(other, model, sequences), rel=1e-5)
+
+
+def test_utility_kl_scores_the_generated_ids_not_the_text_tokenized_again():
+    """With a byte-level BPE, the reference's answers tokenized again after their prompts are not the ids it
+    generated (a random model writes pieces that BPE merges): the KL is taken on the generated ids."""
+    tok = byte_bpe_tokenizer()
+    reference, other = tiny_llama(tok, seed=3), tiny_llama(tok, seed=4)
+    prompts = [spec_prompt(q) for q in ("What is the capital of France?", "How do I help?", "Why?")]
+    config = GenerationConfig(max_new_tokens=8, batch_size=2)
+    generated = generations(reference, tok, prompts, config)
+    sequences = [(g.prompt_ids, g.answer_ids) for g in generated]
+    text_pairs = [(p, g.text) for p, g in zip(prompts, generated)]
+    assert text_token_pairs(tok, text_pairs) != sequences
+    report = evaluate_utility(other, reference, tok, prompts, config)
+    assert report.mean_token_kl == pytest.approx(slow_kl_of_ids(other, reference, sequences), rel=1e-5)
+    assert report.mean_token_kl != pytest.approx(mean_token_kl(other, reference, tok, text_pairs), rel=1e-3)
+    # the same, from Generations passed in; texts passed in are tokenized again
+    again = evaluate_utility(other, reference, tok, prompts, config, reference_answers=generated)
+    assert again.mean_token_kl == report.mean_token_kl and again.unchanged_share == report.unchanged_share
+    as_text = evaluate_utility(other, reference, tok, prompts, config, reference_answers=[g.text for g in generated])
+    assert as_text.mean_token_kl == pytest.approx(mean_token_kl(other, reference, tok, text_pairs), rel=1e-6)
+    with pytest.raises(ValueError, match="all texts or all Generations"):
+        evaluate_utility(other, reference, tok, prompts, config, reference_answers=[generated[0], "a", "b"])
+
+
+def test_utility_kl_scores_the_end_token(world, tokenizer, model):
+    """A reference that stops at once (its answer is only EOS) is still compared: the evaluated model's
+    chance of stopping there is its one scored token."""
+    prompt = spec_prompt(world.normal[0].question)
+    first = generations(model, tokenizer, [prompt], GenerationConfig(max_new_tokens=1))[0].answer_ids[0]
+    stops = copy.deepcopy(model)
+    with torch.no_grad():
+        stops.lm_head.weight[tokenizer.eos_token_id] = stops.lm_head.weight[first] * 1.05
+    generated, = generations(stops, tokenizer, [prompt], GenerationConfig(max_new_tokens=5))
+    assert generated.text == "" and generated.answer_ids == (tokenizer.eos_token_id,)
+    report = evaluate_utility(model, stops, tokenizer, [prompt], GenerationConfig(max_new_tokens=5))
+    assert report.mean_token_kl > 0
+    assert report.mean_token_kl == pytest.approx(slow_kl_of_ids(model, stops, [(generated.prompt_ids,
+                                                                                  generated.answer_ids)]), rel=1e-5)
 
 
 def test_judge_sees_and_records_name_the_right_prompts(world, tokenizer, model):

@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from fastalign.evaluation.judges import KeywordJudge, check_verdicts
-from fastalign.evaluation.metrics import harmful_rate, mean_token_kl, unchanged_share
+from fastalign.evaluation.metrics import (harmful_rate, mean_token_kl, mean_token_kl_of_ids, text_token_pairs,
+                                          unchanged_share)
 from fastalign.evaluation.prompts import spec_prompt
 from tests.evaluation.conftest import tiny_llama
+from tests.unlearn.tiny import byte_bpe_tokenizer
 
 
 def canned_pairs(world):
@@ -69,19 +71,28 @@ def test_unchanged_share():
         unchanged_share(["a"], ["a", "b"])
 
 
-def slow_mean_token_kl(model, reference, tokenizer, pairs):
-    """One pair at a time in float64: answer tokens located by tokenizing the prompt alone."""
+def slow_kl_of_ids(model, reference, sequences):
+    """One (prompt ids, answer ids) sequence at a time, unpadded, in float64: the mean over every answer token
+    of KL(P || Q) of the distributions that predict it."""
     total, count = 0.0, 0
     with torch.no_grad():
-        for prompt, answer in pairs:
-            n_prompt = len(tokenizer(prompt)["input_ids"])
-            ids = torch.tensor([tokenizer(prompt + answer)["input_ids"]])
+        for prompt_ids, answer_ids in sequences:
+            ids = torch.tensor([list(prompt_ids) + list(answer_ids)])
             p = torch.softmax(reference(input_ids=ids).logits[0].double(), -1)
             q = torch.softmax(model(input_ids=ids).logits[0].double(), -1)
-            for t in range(n_prompt, ids.shape[1]):
+            for t in range(len(prompt_ids), ids.shape[1]):
                 total += float((p[t - 1] * (p[t - 1].log() - q[t - 1].log())).sum())
                 count += 1
     return total / count
+
+
+def slow_mean_token_kl(model, reference, tokenizer, pairs):
+    """Text pairs: answer tokens located by tokenizing the prompt alone."""
+    sequences = []
+    for prompt, answer in pairs:
+        n_prompt, ids = len(tokenizer(prompt)["input_ids"]), tokenizer(prompt + answer)["input_ids"]
+        sequences.append((ids[:n_prompt], ids[n_prompt:]))
+    return slow_kl_of_ids(model, reference, sequences)
 
 
 def test_mean_token_kl_matches_slow_reference(world, tokenizer, model):
@@ -108,3 +119,37 @@ def test_mean_token_kl_with_a_tokenizer_without_pad_token(world, tokenizer, mode
 def test_mean_token_kl_without_answer_tokens_is_an_error(tokenizer, model):
     with pytest.raises(ValueError, match="no answer tokens"):
         mean_token_kl(model, model, tokenizer, [(spec_prompt("Who?"), "")])
+
+
+def test_mean_token_kl_of_ids_matches_the_slow_reference(tokenizer, model):
+    """Sequences of different prompt and answer lengths (one answer a single token), in odd batches, scored
+    as given, without the tokenizer."""
+    other = tiny_llama(tokenizer, seed=2)
+    generator = torch.Generator().manual_seed(0)
+    sequences = [(torch.randint(3, len(tokenizer), (n_prompt,), generator=generator).tolist(),
+                  torch.randint(3, len(tokenizer), (n_answer,), generator=generator).tolist())
+                 for n_prompt, n_answer in [(5, 7), (1, 3), (12, 1), (3, 20), (8, 8)]]
+    fast = mean_token_kl_of_ids(other, model, sequences, batch_size=2)
+    assert fast == pytest.approx(slow_kl_of_ids(other, model, sequences), rel=1e-5)
+    assert mean_token_kl_of_ids(model, model, sequences) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("sequences, batch_size, message", [
+    ([((), (5, 6))], 16, "sequence 0 has answer ids but no prompt ids"),
+    ([((5,), (6,))], 0, "batch_size must be >= 1, got 0"),
+    ([((5,), ()), ((), ())], 16, "no answer tokens"),
+])
+def test_mean_token_kl_of_ids_refuses_bad_input(model, sequences, batch_size, message):
+    with pytest.raises(ValueError, match=message):
+        mean_token_kl_of_ids(model, model, sequences, batch_size)
+
+
+def test_text_pairs_count_a_token_merged_across_the_boundary_as_answer():
+    """A byte-level BPE merges the prompt's last character with the answer's first: that token is scored
+    (as unlearning's answer spans count it), and the tokens are those of prompt + answer tokenized together."""
+    tok = byte_bpe_tokenizer()
+    prompt, answer = "### Question: What is the capital of Fran", "ce?\n ### Answer: Paris"
+    ids = tok(prompt + answer)["input_ids"]
+    merged = next(k for k, (a, b) in enumerate(tok(prompt + answer, return_offsets_mapping=True)["offset_mapping"])
+                  if a < len(prompt) < b)
+    assert text_token_pairs(tok, [(prompt, answer)]) == [(tuple(ids[:merged]), tuple(ids[merged:]))]
