@@ -69,7 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", choices=("spec", "chat", "raw"), default="spec",
                         help="spec: wrap each prompt as '### Question: {x}\\n ### Answer:'; chat: as a user turn in "
                              "the model's chat template (instruct/chat models); raw: use it as is")
-    parser.add_argument("--system", help="with --template chat: a system turn before every user turn")
+    parser.add_argument("--system", help="with --template chat: a system turn before every user turn (as "
+                        "`fastalign unlearn --chat-template --system` trains); an error if the chat template refuses "
+                        "or drops it")
     parser.add_argument("--judge", choices=JUDGES, default="world",
                         help="world: the demo world's exact judge (demo-world models only); keyword: --keywords; "
                              "moderation: --moderation-model; callable: --judge-callable")

@@ -9,7 +9,7 @@ import os
 from typing import List, Optional
 
 from fastalign.unlearn.records import read_jsonl
-from fastalign.unlearn.templates import SPEC_TEMPLATE
+from fastalign.unlearn.templates import SPEC_TEMPLATE, ChatTemplate
 
 # What a model continues to answer a question in the SPEC's format: the template up to the answer, without
 # the trailing space (a tokenizer attaches that space to the answer's first word).
@@ -23,19 +23,14 @@ def spec_prompt(question: str) -> str:
 
 def chat_prompt(tokenizer, text: str, system: Optional[str] = None) -> str:
     """`text` as one user turn in the tokenizer's chat template (after a system turn `system`, when given),
-    ending where the assistant's answer starts. The result usually starts with the BOS token's text;
-    generation (`encode_prompts`) keeps that one BOS. ValueError when the tokenizer has no chat template or
-    the template refuses the conversation (e.g. one without a system role, given `system`)."""
-    from jinja2 import TemplateError   # transformers renders chat templates with jinja2
+    ending where the assistant's answer starts: ChatTemplate.prompt, the text that precedes each answer when
+    `fastalign unlearn --chat-template [--system]` trains. The result usually starts with the BOS token's text;
+    generation (`encode_prompts`) keeps that one BOS. ValueError when the tokenizer has no chat template, the
+    template refuses the conversation (e.g. one without a system role, given `system`) or drops `system`."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} "
                          "has no chat template (tokenizer.chat_template is not set)")
-    turns = [{"role": "system", "content": system}] if system is not None else []
-    try:
-        return tokenizer.apply_chat_template(turns + [{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-    except TemplateError as exc:
-        raise ValueError(f"the tokenizer's chat template refused the conversation: {exc}") from None
+    return ChatTemplate(tokenizer, system).prompt(text)
 
 
 def read_prompts(path: str, field: str = "prompt") -> List[str]:

@@ -85,7 +85,13 @@ def register(subparsers) -> None:
     g("--output-dir", metavar="DIR", help="where model/, logs and checkpoints go")
     g("--template", help=f"text template with {{prompt}} and {{answer}} (default: {_default('template')!r})")
     g("--chat-template", action=argparse.BooleanOptionalAction,
-      help="render examples with the tokenizer's chat template instead of --template (default: off)")
+      help="render examples with the tokenizer's chat template instead of --template: the prompt as a user turn "
+      "(after a --system turn), the answer as the assistant turn, read with one BOS as `fastalign eval --template "
+      "chat` reads its prompts (default: off)")
+    g("--system", metavar="TEXT", help="with --chat-template: a system turn before every example's user turn "
+      "(forget, mismatch and normal alike), the one `fastalign eval --template chat --system TEXT` prompts with, "
+      "so that the model is trained on the prompts it is evaluated on; an error if the chat template has no "
+      "system role (default: none)")
     g("--answer-eos", action=argparse.BooleanOptionalAction,
       help="end every answer (forget, mismatch and normal) with the tokenizer's end-of-sequence token, trained "
       "like the other answer tokens, so that unlearning keeps the model's chance of stopping after a normal "

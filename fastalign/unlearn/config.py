@@ -50,6 +50,7 @@ class UnlearnConfig:
     output_dir: str = ""
     template: str = SPEC_TEMPLATE
     chat_template: bool = False
+    system: str | None = None
     answer_eos: bool = False
     max_length: int = 512
     skip_long_prompts: bool = False
@@ -110,6 +111,11 @@ class UnlearnConfig:
                      "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.system is not None and not isinstance(self.system, str):
+            raise ValueError(f"system must be a text (the system turn of the chat template), got {self.system!r}")
+        if self.system is not None and not self.chat_template:
+            raise ValueError("system (--system) is a turn of the chat template: it needs chat_template=true "
+                             "(--chat-template)")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.precision not in PRECISIONS:

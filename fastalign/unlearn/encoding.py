@@ -106,24 +106,20 @@ def tokenize_texts(tokenizer, texts: Sequence[str], *, add_special_tokens: bool 
 
 def encode_rendered(tokenizer, rendered: Sequence[RenderedPair], sources: Sequence[str], *,
                     end_id: int | None = None) -> list[EncodedExample]:
-    """Tokenizes rendered pairs (one batched tokenizer call per special-token setting) with answer spans;
-    with end_id (answer_eos), each answer ends with it (see EncodedExample.ending_with). A text template that
-    starts with the BOS token itself keeps one BOS (see tokenize_texts)."""
+    """Tokenizes rendered pairs in one batched call, with the tokenizer's special tokens, and reads their answer
+    spans; with end_id (answer_eos), each answer ends with it (see EncodedExample.ending_with). A rendering that
+    starts with the BOS token itself (a chat template's) keeps that one BOS (see tokenize_texts), as the prompts
+    of `fastalign eval` do."""
     require_fast_tokenizer(tokenizer)
-    out: list[EncodedExample | None] = [None] * len(rendered)
-    for add_special in (True, False):
-        idx = [i for i, r in enumerate(rendered) if r.add_special_tokens == add_special]
-        if not idx:
-            continue
-        enc = tokenize_texts(tokenizer, [rendered[i].text for i in idx], add_special_tokens=add_special,
-                             return_offsets_mapping=True, return_attention_mask=False)
-        for i, ids, offsets in zip(idx, enc["input_ids"], enc["offset_mapping"]):
-            r = rendered[i]
-            inside = [k for k, (a, b) in enumerate(offsets) if b > a and b > r.answer_start and a < r.answer_end]
-            if not inside:
-                raise DataError(f"{sources[i]}: the answer produced no token")
-            example = EncodedExample(tuple(ids), inside[0], inside[-1] + 1, sources[i])
-            out[i] = example if end_id is None else example.ending_with(end_id)
+    enc = tokenize_texts(tokenizer, [r.text for r in rendered], return_offsets_mapping=True,
+                         return_attention_mask=False)
+    out = []
+    for r, source, ids, offsets in zip(rendered, sources, enc["input_ids"], enc["offset_mapping"]):
+        inside = [k for k, (a, b) in enumerate(offsets) if b > a and b > r.answer_start and a < r.answer_end]
+        if not inside:
+            raise DataError(f"{source}: the answer produced no token")
+        example = EncodedExample(tuple(ids), inside[0], inside[-1] + 1, source)
+        out.append(example if end_id is None else example.ending_with(end_id))
     return out
 
 

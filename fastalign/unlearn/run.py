@@ -30,11 +30,13 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
 
     normal: a TruthfulQA .csv (its train split; its pool rows also feed the mismatch pool unless
     mismatch_pool is given) or a {prompt, answer} jsonl. mismatch_pool: a TruthfulQA .csv or a {prompt, answer}
-    jsonl whose answers form the pool. A stream whose weight is 0 is not loaded. With answer_eos, every answer of
-    the three streams ends with the tokenizer's EOS id as an answer token (a chat template's own end-of-turn
-    token instead, where it writes one; see encoding.answer_end_id).
+    jsonl whose answers form the pool. A stream whose weight is 0 is not loaded. With chat_template, every
+    example of the three streams is a user turn and an assistant turn in the tokenizer's chat template, after a
+    system turn `system` when set. With answer_eos, every answer of the three streams ends with the tokenizer's
+    EOS id as an answer token (a chat template's own end-of-turn token instead, where it writes one; see
+    encoding.answer_end_id).
     """
-    template = ChatTemplate(tokenizer) if config.chat_template else TextTemplate(config.template)
+    template = ChatTemplate(tokenizer, config.system) if config.chat_template else TextTemplate(config.template)
     forget = [pair for path in config.forget for pair in load_pairs(path, config.forget_format)]
     normal_split = _truthfulqa(config, config.normal) if config.normal and _is_csv(config.normal) else None
     normal = pool = None

@@ -13,12 +13,11 @@ SPEC_TEMPLATE = "### Question: {prompt}\n ### Answer: {answer}"
 
 @dataclass(frozen=True)
 class RenderedPair:
-    """A rendered example: its text, the answer's [start, end) character span, whether to add BOS/EOS."""
+    """A rendered example: its text and the answer's [start, end) character span."""
 
     text: str
     answer_start: int
     answer_end: int
-    add_special_tokens: bool
 
 
 class TextTemplate:
@@ -39,46 +38,81 @@ class TextTemplate:
     def render(self, prompt: str, answer: str) -> RenderedPair:
         head = self._head.replace("{prompt}", prompt)
         return RenderedPair(text=head + answer + self._tail, answer_start=len(head),
-                            answer_end=len(head) + len(answer), add_special_tokens=True)
+                            answer_end=len(head) + len(answer))
 
 
 class ChatTemplate:
-    """The tokenizer's own chat template: a user turn with the prompt, an assistant turn with the answer.
+    """The tokenizer's own chat template: a user turn with the prompt, an assistant turn with the answer, after
+    a system turn `system` when given (the one `fastalign eval --template chat --system` prompts with, so that
+    training and evaluation prompts match).
 
-    The answer span is located after the text the template renders for the user turn alone (with the
-    generation prompt), so the answer is found where the assistant turn starts, not inside the prompt.
+    The answer span is located after the text the template renders for the turns before the answer alone
+    (with the generation prompt), so the answer is found where the assistant turn starts, not inside the
+    prompt or the system text. The text is tokenized as `fastalign eval` tokenizes a chat prompt: with the
+    tokenizer's special tokens, one BOS where the template writes its own (encoding.tokenize_texts), so that a
+    template without a BOS trains on the BOS that evaluation prompts start with. A template that refuses a
+    system turn, or drops its text, is a ValueError here.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, system: Optional[str] = None):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("ChatTemplate: the tokenizer has no chat_template; use TextTemplate instead")
+        if system is not None and not isinstance(system, str):
+            raise ValueError(f"ChatTemplate: system must be a string or None, got {system!r}")
         self._tokenizer = tokenizer
+        self.system = system
+        if system is not None:
+            self._check_system()
+
+    def _check_system(self) -> None:
+        """Renders one prompt after the system turn: the template must accept it and show its text."""
+        try:
+            head = self.prompt("Hi")
+        except ValueError as e:
+            raise ValueError(f"system (--system) needs a chat template with a system role: {e}") from None
+        if self.system.strip() not in head:
+            raise ValueError("system (--system) is not in the conversation the chat template renders (the "
+                             "template drops the system turn); leave it out or use a template that shows it")
+
+    def _turns(self, prompt: str) -> list:
+        system = [{"role": "system", "content": self.system}] if self.system is not None else []
+        return system + [{"role": "user", "content": prompt}]
+
+    def prompt(self, text: str) -> str:
+        """`text` as the user turn (after the system turn), up to where the assistant's answer starts: what
+        a chat model is asked (`fastalign eval --template chat`), and what precedes each answer in training."""
+        return self._render(self._turns(text), add_generation_prompt=True)
+
+    def _render(self, messages: list, add_generation_prompt: bool = False) -> str:
+        """The conversation as text; a template that refuses it (jinja2's raise_exception) is a ValueError."""
+        from jinja2 import TemplateError   # transformers renders chat templates with jinja2
+        try:
+            return self._tokenizer.apply_chat_template(messages, tokenize=False,
+                                                       add_generation_prompt=add_generation_prompt)
+        except TemplateError as e:
+            raise ValueError(f"the tokenizer's chat template refused the conversation: {e}") from None
 
     def render(self, prompt: str, answer: str) -> RenderedPair:
-        user = [{"role": "user", "content": prompt}]
-        head = self._tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        text = self._tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}],
-                                                   tokenize=False)
+        head = self.prompt(prompt)
+        text = self._render(self._turns(prompt) + [{"role": "assistant", "content": answer}])
         if text.startswith(head):
             for shown in (answer, answer.strip()):  # many chat templates trim message contents
                 start = text.find(shown, len(head))
                 if start >= 0:
-                    return RenderedPair(text=text, answer_start=start, answer_end=start + len(shown),
-                                        add_special_tokens=False)
+                    return RenderedPair(text=text, answer_start=start, answer_end=start + len(shown))
         raise ValueError("ChatTemplate: the rendered conversation does not contain the answer verbatim after "
-                         "the user turn (the chat template rewrites it); use TextTemplate instead")
+                         "the turns before it (the chat template rewrites it); use TextTemplate instead")
 
 
 def end_of_turn_id(tokenizer) -> Optional[int]:
     """The token the tokenizer's chat template writes right after an assistant's answer (<|eot_id|>,
     <|im_end|>, <end_of_turn>, </s>), when it is one that answers never show (a special token); None without
     a chat template or when the template writes none there."""
-    from jinja2 import TemplateError
     if not getattr(tokenizer, "chat_template", None):
         return None
     try:
         rendered = ChatTemplate(tokenizer).render("Hi", "Hello")
-    except (ValueError, TemplateError):   # a template that rewrites the answer or refuses this conversation
+    except ValueError:   # a template that rewrites the answer or refuses this conversation
         return None
     ids = tokenizer(rendered.text[rendered.answer_end:].lstrip(), add_special_tokens=False)["input_ids"]
     return ids[0] if ids and not tokenizer.decode(ids[:1], skip_special_tokens=True) else None

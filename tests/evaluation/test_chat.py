@@ -125,3 +125,13 @@ def test_chat_prompt_names_a_template_that_refuses_a_system_turn():
     assert chat_prompt(tokenizer, QUESTION) == chat_prompt(chat_tokenizer(), QUESTION)
     with pytest.raises(ValueError, match="refused the conversation: System role not supported"):
         chat_prompt(tokenizer, QUESTION, system=SYSTEM)
+
+
+def test_chat_prompt_names_a_template_that_drops_the_system_turn():
+    """A template that renders no system turn would evaluate without the --system the user asked for (and that
+    `fastalign unlearn --system` refuses to train without): an error, not a prompt without it."""
+    drops = CHAT_TEMPLATE.replace("{% for m in messages %}", "{% for m in messages if m['role'] != 'system' %}")
+    tokenizer = chat_tokenizer(chat_template=drops)
+    assert chat_prompt(tokenizer, QUESTION) == chat_prompt(chat_tokenizer(), QUESTION)
+    with pytest.raises(ValueError, match=r"system \(--system\) is not in the conversation .* drops the system turn"):
+        chat_prompt(tokenizer, QUESTION, system=SYSTEM)

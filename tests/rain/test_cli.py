@@ -1,5 +1,6 @@
 """`fastalign rain` end to end on a saved tiny model: records written per prompt, resume, bad paths, and
 several processes under torchrun."""
+import copy
 import json
 import os
 import subprocess
@@ -334,7 +335,7 @@ def test_rain_chat_template_reads_hh_first_turns_as_user_messages(rain_setup, tm
     template after the --system turn for RAIN's search and for the vanilla answer alike; the record keeps the
     message."""
     model_dir, out, args = rain_setup
-    tok = tokenizer()
+    tok = copy.deepcopy(tokenizer())      # the shared one stays without a chat template
     tok.chat_template = CHAT
     tok.save_pretrained(model_dir)
     hh = tmp_path / "hh.jsonl"

@@ -201,3 +201,44 @@ def test_help_names_the_settings_only_a_config_file_sets():
     file_only = [f.name for f in fields(UnlearnConfig) if f.name not in {a.dest for a in actions}]
     assert file_only and all(f"{name}, default {getattr(UnlearnConfig, name)}" in config_help
                              for name in file_only), (file_only, config_help)
+
+
+def test_system_turn_from_the_command_line_or_a_config_file(workspace, capsys):
+    """--chat-template --system TEXT trains (with the cached reference on normal rows that hold the system turn
+    too) and records the setting; a config file sets it the same way."""
+    out = workspace / "out"
+    code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--chat-template", "--system", "Be brief.",
+                 "--output-dir", str(out), "--max-steps", "1", "--no-progress", "--reference", "cached"])
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["chat_template"], saved["system"]) == (True, "Be brief.")
+    settings = {**yaml.safe_load((workspace / "run.yaml").read_text()), "chat_template": True, "system": "Be brief."}
+    (workspace / "system.yaml").write_text(yaml.safe_dump(settings))
+    args = build_parser().parse_args(["unlearn", "--config", str(workspace / "system.yaml")])
+    assert config_from_args(args).system == "Be brief."
+
+
+def test_system_needs_a_chat_template_with_a_system_role(workspace, capsys):
+    """--system without --chat-template, or with a template that refuses a system turn: an error naming --system,
+    nothing written."""
+    base = ["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
+            "--no-progress", "--system", "Be brief."]
+    assert main(base) == 2
+    assert "system (--system) is a turn of the chat template: it needs chat_template=true (--chat-template)" in \
+        capsys.readouterr().err
+    template = workspace / "model" / "chat_template.jinja"
+    template.write_text("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                        "{% endif %}" + template.read_text())
+    for extra in (["--check"], ["--max-steps", "1"]):
+        assert main(base + ["--chat-template"] + extra) == 2
+        assert re.search(r"system \(--system\) needs a chat template with a system role: .*System role not supported",
+                         capsys.readouterr().err)
+        assert not os.path.exists(workspace / "out")
+
+
+def test_help_describes_the_system_turn(capsys):
+    with pytest.raises(SystemExit):
+        main(["unlearn", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--system TEXT with --chat-template: a system turn before every example's user turn" in text
+    assert "fastalign eval --template chat --system TEXT" in text

@@ -31,3 +31,12 @@ def test_a_word_for_no_early_stop_points_to_null():
     """`max_forget_nll: none` in YAML is the text 'none': the error says how to write 'no early stop'."""
     with pytest.raises(ValueError, match=r"max_forget_nll must be a finite number, or null in a config file"):
         UnlearnConfig(max_forget_nll="none")
+
+
+def test_system_is_a_text_and_needs_the_chat_template():
+    assert UnlearnConfig(chat_template=True, system="Be brief.").system == "Be brief."
+    with pytest.raises(ValueError, match=r"system \(--system\) is a turn of the chat template: it needs "
+                                         r"chat_template=true \(--chat-template\)"):
+        UnlearnConfig(system="Be brief.")
+    with pytest.raises(ValueError, match="system must be a text .* got 3"):
+        UnlearnConfig(chat_template=True, system=3)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastalign.unlearn.batching import collate, filler_token_id
-from fastalign.unlearn.encoding import EncodedExample, encode_answers, encode_pairs
+from fastalign.unlearn.encoding import EncodedExample, encode_answers, encode_pairs, tokenize_texts
 from fastalign.unlearn.records import DataError, QAPair
 from fastalign.unlearn.templates import SPEC_TEMPLATE, ChatTemplate, TextTemplate
 from tests.unlearn.tiny import byte_bpe_tokenizer, word_level_tokenizer
@@ -25,9 +25,9 @@ def pairs(items):
 def check_span(tokenizer, rendered, example):
     """Tokens before the span end at or before the answer, tokens after it start at or after its end, every
     token of the span overlaps the answer, and the span's tokens cover every non-space answer character."""
-    enc = tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens, return_offsets_mapping=True)
-    assert tuple(enc["input_ids"]) == example.input_ids
-    offsets = enc["offset_mapping"]
+    enc = tokenize_texts(tokenizer, [rendered.text], return_offsets_mapping=True)
+    assert tuple(enc["input_ids"][0]) == example.input_ids
+    offsets = enc["offset_mapping"][0]
     assert all(b <= rendered.answer_start or a == b for a, b in offsets[:example.answer_start])
     assert all(a >= rendered.answer_end or a == b for a, b in offsets[example.answer_end:])
     assert all(a < rendered.answer_end and b > rendered.answer_start or a == b
