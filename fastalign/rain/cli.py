@@ -23,8 +23,10 @@ from fastalign.cli import HelpFormatter
 from fastalign.evaluation.generation import eos_ids, pad_id
 from fastalign.evaluation.prompts import chat_prompt
 from fastalign.unlearn.encoding import tokenize_texts
+from fastalign.unlearn.config import dataclass_from_dict, read_config_file
 from fastalign.unlearn.records import read_jsonl
 
+from .config import RainConfig
 from .judge import JudgePrompt
 
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
@@ -51,35 +53,80 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="sibling-similarity embeddings: all-MiniLM-L6-v2 (the [rain] extra) or the model's own hidden states")
     parser.add_argument("--sampler", choices=("torch", "keyed"), default="torch",
                         help="torch: seeded torch sampling; keyed: draws that depend only on (prefix, candidate), as the equivalence tests use")
-    parser.add_argument("--max-new-tokens", type=int, default=256,
-                        help="answer length limit (0 = none besides 2048 tokens in all, the reference's)")
-    parser.add_argument("--root-visits", type=int, default=50, help="visits of the root, inherited ones included, before a commit")
+    parser.add_argument("--config", help="a .yaml/.json file of search constants (RainConfig's fields, e.g. "
+                                         "exploration, token_set_lengths, turn_marker) and, under 'judge', the judge "
+                                         "prompt's (JudgePrompt's: template, labels, harmless, harmful, option_line, "
+                                         "answer_prefix, dialogue, ...); options given here override it")
+    parser.add_argument("--max-new-tokens", type=int,
+                        help=f"answer length limit (0 = none besides max_length, {RainConfig.max_length} tokens in "
+                             f"all, the reference's) (default: {CLI_MAX_NEW_TOKENS})")
+    parser.add_argument("--root-visits", type=int, help="visits of the root, inherited ones included, before a "
+                                                        f"commit (default: {RainConfig.root_visits})")
     parser.add_argument("--concurrency", type=int, default=8, help="prompts searched at once, their model calls batched together")
-    parser.add_argument("--parallel-leaves", type=int, default=1,
-                        help="inner iterations run at once under virtual loss (1 = off, the reference's search)")
-    parser.add_argument("--virtual-loss", type=float, default=1.0, help="virtual visits (value -1) per pending leaf")
+    parser.add_argument("--parallel-leaves", type=int, help="inner iterations run at once under virtual loss (1 = "
+                                                            "off, the reference's search) (default: 1)")
+    parser.add_argument("--virtual-loss", type=float,
+                        help=f"virtual visits (value -1) per pending leaf (default: {RainConfig.virtual_loss})")
     parser.add_argument("--kv-tokens", type=int, default=1 << 17, help="KV pool size of the tree engine, in tokens")
     parser.add_argument("--generation-prefix-file", help="text put before every prompt (e.g. few-shot chat turns)")
     parser.add_argument("--judge-template-file", help="judge prompt with {conversation} and {options}")
-    parser.add_argument("--labels", default="A,B", help="the two answer option labels, comma-separated")
+    parser.add_argument("--labels", help="the two answer option labels, comma-separated (default: A,B)")
     parser.add_argument("--template", choices=("raw", "chat"), default="raw",
                         help="raw: the model and the judge read each prompt as it is (--hh: '\\n\\nHuman: ..."
                              "\\n\\nAssistant:'); chat: each prompt (--hh: the first Human turn's text) is a user "
                              "message that the model reads in its chat template, after a --system turn, and the "
                              "judge reads as --judge-dialogue")
     parser.add_argument("--system", help="with --template chat: a system turn before every user message")
-    parser.add_argument("--judge-dialogue", default=JudgePrompt.dialogue.replace("\n", "\\n"),
+    parser.add_argument("--judge-dialogue",
                         help="with --template chat: how the judge's conversation shows a user message ({prompt}; "
-                             "\\n for a newline); the reply follows it")
+                             "\\n for a newline); the reply follows it (default: "
+                             f"{JudgePrompt.dialogue.replace(chr(10), chr(92) + 'n')})")
     parser.add_argument("--judge-chat-template", "--chat-template", dest="chat_template", action="store_true",
-                        help="render the judge prompt itself with the chat template")
+                        default=None, help="render the judge prompt itself with the chat template")
     parser.add_argument("--no-vanilla", action="store_true", help="skip the greedy decoding baseline")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK where CUDA is present, else cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="the dtype the model is loaded in")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the search's sampling")
+    parser.add_argument("--seed", type=int, help="seed of the search's sampling (default: 0)")
     parser.set_defaults(func=run)
     return parser
+
+
+CLI_MAX_NEW_TOKENS = 256   # the command's cap on answers; RainConfig's own default is none (0)
+
+
+def settings(args):
+    """(RainConfig, JudgePrompt): their defaults (answers capped at CLI_MAX_NEW_TOKENS), then the --config
+    file, then the options given on the command line; UsageError for an unknown or bad setting."""
+    try:
+        values = read_config_file(args.config) if args.config else {}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--config: {exc}") from None
+    judge_values = values.pop("judge", {})
+    if not isinstance(judge_values, dict):
+        raise UsageError(f"--config: 'judge' must be a mapping of JudgePrompt settings, got {judge_values!r}")
+    flags = {"max_new_tokens": args.max_new_tokens, "root_visits": args.root_visits, "seed": args.seed,
+             "parallel_leaves": args.parallel_leaves, "virtual_loss": args.virtual_loss}
+    judge_flags = {"labels": args.labels.split(",") if args.labels is not None else None,
+                   "dialogue": args.judge_dialogue.replace("\\n", "\n") if args.judge_dialogue is not None else None,
+                   "use_chat_template": args.chat_template,
+                   "template": read_text(args.judge_template_file, "--judge-template-file")
+                   if args.judge_template_file else None}
+    search = {"max_new_tokens": CLI_MAX_NEW_TOKENS, **values, **{k: v for k, v in flags.items() if v is not None}}
+    judge = {**judge_values, **{k: v for k, v in judge_flags.items() if v is not None}}
+    origin = args.config or "command line"
+    try:
+        return (dataclass_from_dict(RainConfig, _tuples(search), origin).validate(),
+                dataclass_from_dict(JudgePrompt, _tuples(judge), f"{origin}: judge"))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    except TypeError as exc:   # e.g. a text where a number belongs
+        raise UsageError(f"{origin}: a setting has the wrong type: {exc}") from None
+
+
+def _tuples(values: dict) -> dict:
+    """A YAML/JSON list is a tuple setting (token_set_lengths, labels): the dataclasses are frozen and hashed."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
 def hh_messages(path: str):
@@ -160,7 +207,7 @@ def run(args) -> int:
 def _run(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import RainConfig, RainStats, rain_generate
+    from . import RainStats, rain_generate
     from .distributed import done_indices, gather, join_from_env, leave, merge_rank_files, open_for_append
     from .embeddings import make_embedder
     from .judge import JudgeTokens
@@ -189,19 +236,13 @@ def _run(args) -> int:
         raise UsageError(f"--concurrency must be >= 1, got {args.concurrency}")
     if args.output.endswith(".gz"):    # plain text under that name: `fastalign eval --answers` would gunzip it
         raise UsageError(f"--output: records are appended as plain text, so not to a .gz file: {args.output!r}")
-    try:    # bad settings are usage errors found before the model loads
-        config = RainConfig(max_new_tokens=args.max_new_tokens, root_visits=args.root_visits, seed=args.seed,
-                            parallel_leaves=args.parallel_leaves, virtual_loss=args.virtual_loss).validate()
+    config, judge = settings(args)    # bad settings are usage errors found before the model loads
+    try:
         embedder = make_embedder(args.embedding)   # else every prompt failed after its first iteration
     except (ValueError, ImportError) as exc:
         raise UsageError(str(exc)) from None
     if args.limit:
         prompts = prompts[:args.limit]
-    judge = JudgePrompt(labels=tuple(args.labels.split(",")), use_chat_template=args.chat_template,
-                        dialogue=args.judge_dialogue.replace("\\n", "\n"))
-    if args.judge_template_file:
-        judge = JudgePrompt(template=read_text(args.judge_template_file, "--judge-template-file"),
-                            labels=judge.labels, use_chat_template=args.chat_template, dialogue=judge.dialogue)
     prefix = read_text(args.generation_prefix_file, "--generation-prefix-file")
     placement = join_from_env()
     try:
@@ -230,7 +271,7 @@ def _run(args) -> int:
                 vanilla = None
                 if not args.no_vanilla and result.error is None:
                     prompt = chat_prompt(tokenizer, prompts[index], args.system) if chat else prefix + prompts[index]
-                    vanilla = greedy_answer(model, tokenizer, prompt, args.max_new_tokens, config.turn_marker,
+                    vanilla = greedy_answer(model, tokenizer, prompt, config.max_new_tokens, config.turn_marker,
                                             config.max_length)
                 out.write(json.dumps({"index": index, "prompt": prompts[index], "rain": result.answer,
                                       "vanilla": vanilla, "error": result.error,

@@ -147,11 +147,16 @@ class UnlearnConfig:
 
     @classmethod
     def from_dict(cls, values: dict, origin: str = "config") -> "UnlearnConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{origin}: unknown setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values, origin)
+
+
+def dataclass_from_dict(cls, values: dict, origin: str):
+    """cls(**values); ValueError naming `origin` and every unknown setting (with the known ones) first."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{origin}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    return cls(**values)
 
 
 def read_config_file(path: str | os.PathLike) -> dict:

@@ -10,11 +10,12 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fastalign.rain as rain_package
-from fastalign.cli import main
+from fastalign.cli import build_parser, main
 from fastalign.evaluation.generation import encode_prompts
 from fastalign.evaluation.judges import KeywordJudge
 from fastalign.evaluation.prompts import chat_prompt
-from fastalign.rain.cli import greedy_answer, hh_messages, hh_prompts
+from fastalign.rain import JudgePrompt, RainConfig
+from fastalign.rain.cli import greedy_answer, hh_messages, hh_prompts, settings
 from fastalign.rain.distributed import Placement, latest_records, merge_rank_files
 from fastalign.rain.slow import SlowEngine
 from tests.evaluation.chat_model import QUESTION, SYSTEM, chat_tokenizer, rigged_chat_model
@@ -364,3 +365,39 @@ def test_hh_prompts_are_first_human_turns(tmp_path):
     hh.write_text(json.dumps({"chosen": "Assistant: Hello\n\nHuman: Hi\n\nAssistant: x"}) + "\n")
     with pytest.raises(ValueError, match="line 1: 'chosen' must start with a 'Human:' turn"):
         hh_messages(str(hh))
+
+
+def test_rain_config_file_sets_every_constant_and_options_override_it(rain_setup, tmp_path, monkeypatch):
+    """--config: search constants and, under 'judge', the judge prompt's settings, which the options given on
+    the command line override; the command's own answer cap applies unless one of them sets it."""
+    _, out, args = rain_setup
+    (tmp_path / "rain.yaml").write_text(
+        "exploration: 1.5\ntoken_set_lengths: [1, 3]\nturn_marker: 'User:'\nmax_new_tokens: 5\nroot_visits: 4\n"
+        "judge:\n  labels: [B, A]\n  harmless: The reply is fine.\n  answer_prefix: \"\\nVerdict: (\"\n")
+    seen, search = [], rain_package.rain_generate
+    monkeypatch.setattr(rain_package, "rain_generate", lambda *a, **kw: seen.append((a[3], kw)) or search(*a, **kw))
+    assert main(args + ["--config", str(tmp_path / "rain.yaml"), "--max-new-tokens", "2", "--no-vanilla"]) == 0
+    config, kw = seen[0]
+    assert (config.exploration, config.token_set_lengths, config.turn_marker) == (1.5, (1, 3), "User:")
+    assert (config.max_new_tokens, config.root_visits) == (2, 3)      # the options given win over the file
+    judge = kw["judge_prompt"]
+    assert (judge.labels, judge.harmless, judge.answer_prefix) == (("B", "A"), "The reply is fine.", "\nVerdict: (")
+    assert judge.template.startswith("Judge the conversation.")       # --judge-template-file
+    config, judge = settings(build_parser().parse_args(["rain", "--model", "m", "--hh", "h", "--output", "o"]))
+    assert config == RainConfig(max_new_tokens=256) and judge == JudgePrompt()   # the command's defaults
+
+
+@pytest.mark.parametrize("content, message", [
+    ("explore: 1.5\n", "unknown setting(s) ['explore']"),
+    ("judge:\n  harmles: x\n", "judge: unknown setting(s) ['harmles']"),
+    ("judge: [A, B]\n", "'judge' must be a mapping"),
+    ("exploration: lots\n", "a setting has the wrong type"),
+    ("token_set_lengths: [1, 2.5]\n", "token_set_lengths[1] must be an integer"),
+])
+def test_rain_bad_config_file_is_a_usage_error_before_the_model_loads(rain_setup, tmp_path, monkeypatch, capsys,
+                                                                        content, message):
+    _, out, args = rain_setup
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_model)
+    (tmp_path / "rain.yaml").write_text(content)
+    assert main(args + ["--config", str(tmp_path / "rain.yaml")]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
