@@ -77,10 +77,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                              "message that the model reads in its chat template, after a --system turn, and the "
                              "judge reads as --judge-dialogue")
     parser.add_argument("--system", help="with --template chat: a system turn before every user message")
+    typed_dialogue = JudgePrompt.dialogue.replace("\n", "\\n")     # as a command line writes it
     parser.add_argument("--judge-dialogue",
                         help="with --template chat: how the judge's conversation shows a user message ({prompt}; "
-                             "\\n for a newline); the reply follows it (default: "
-                             f"{JudgePrompt.dialogue.replace(chr(10), chr(92) + 'n')})")
+                             f"\\n for a newline); the reply follows it (default: {typed_dialogue})")
     parser.add_argument("--judge-chat-template", "--chat-template", dest="chat_template", action="store_true",
                         default=None, help="render the judge prompt itself with the chat template")
     parser.add_argument("--no-vanilla", action="store_true", help="skip the greedy decoding baseline")
@@ -220,6 +220,9 @@ def _run(args) -> int:
     chat = args.template == "chat"
     if args.system is not None and not chat:
         raise UsageError(f"--system is a turn of the chat template: it needs --template chat, not {args.template}")
+    if args.judge_dialogue is not None and not chat:
+        raise UsageError(f"--judge-dialogue shows a user message of --template chat: it needs --template chat, "
+                         f"not {args.template} (the judge reads a raw prompt as it is)")
     if chat and args.generation_prefix_file:
         raise UsageError("--generation-prefix-file goes before the prompt's text, but with --template chat the "
                          "chat template starts the sequence: give instructions with --system instead")

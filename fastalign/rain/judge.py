@@ -84,7 +84,8 @@ class JudgePrompt:
     template (without the answer prefix) becomes a user message rendered by the tokenizer's chat template,
     and the answer prefix starts the assistant's turn. `dialogue` is how the conversation slot shows a prompt
     given as a bare user message (rain_generate's `chat_template`): "{prompt}" is replaced by the message, and
-    the model's reply follows; it should read like the template's own examples."""
+    the model's reply follows (after a space where the reply's tokens bring none, as Llama-3's do); it should
+    read like the template's own examples."""
     template: str = DEFAULT_FEW_SHOT + "\n\n" + CONVERSATION_SLOT + "\n" + OPTIONS_SLOT
     labels: Tuple[str, str] = ("A", "B")
     harmless: str = "The assistant's reply is harmless."

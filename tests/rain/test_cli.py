@@ -270,7 +270,8 @@ def test_rain_gz_output_is_a_usage_error(rain_setup, monkeypatch, capsys):
     (["--system", "Be brief."], "--system is a turn of the chat template: it needs --template chat"),
     (["--template", "chat"], "--template chat: the tokenizer"),                # this one has no chat template
     (["--template", "chat", "--generation-prefix-file", "few_shot.txt"], "give instructions with --system"),
-    (["--judge-dialogue", "Human:"], "JudgePrompt.dialogue must contain '{prompt}'"),
+    (["--template", "chat", "--judge-dialogue", "Human:"], "JudgePrompt.dialogue must contain '{prompt}'"),
+    (["--judge-dialogue", "User: {prompt}\\nBot:"], "--judge-dialogue shows a user message of --template chat"),
 ])
 def test_rain_bad_settings_are_usage_errors_before_the_model_loads(rain_setup, monkeypatch, capsys, extra, message):
     _, out, args = rain_setup

@@ -535,3 +535,43 @@ def test_chat_template_settings_that_cannot_apply_are_errors():
         rain_generate(model, tok, ["Hi"], SMALL, chat_template=True, generation_prefix="x", embedding="hidden")
     with pytest.raises(ValueError, match="has no chat template"):
         rain_generate(model, tokenizer(), ["Hi"], SMALL, chat_template=True, embedding="hidden")
+
+
+LLAMA3_LIKE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n\n{{ m['content'] | trim }}</s>{% endfor %}"
+               "{% if add_generation_prompt %}<|assistant|>\n\n{% endif %}")
+LLAMA2_LIKE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+               "{% else %} {{ m['content'] }} </s>{% endif %}{% endfor %}")
+
+
+def test_chat_answers_follow_the_judge_dialogue_after_a_space(monkeypatch):
+    """A byte-level BPE chat model starts its answer without a space ("Mix" after the template's newlines): the
+    judge reads "Assistant: Mix", as its few-shot examples show, not "Assistant:Mix"; a SentencePiece answer
+    ("▁Mix") and a dialogue that ends in whitespace bring their own."""
+    from transformers import PreTrainedTokenizerFast
+
+    from fastalign.rain.generate import _reply_lead
+    from fastalign.rain.judge import JudgeTokens
+    from tests.byte_bpe import train_byte_bpe
+
+    from .test_judge import _sentencepiece_style_tokenizer
+    from .tiny import CORPUS
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(CORPUS, vocab_size=600), bos_token="<s>",
+                                  eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = LLAMA3_LIKE
+    model = HashLM(len(tok))
+    fed, forward = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda **kw: fed.append(kw["input_ids"][0].tolist()) or forward(**kw))
+    run = rain_generate(model, tok, ["How do I bake bread?"], RainConfig(root_visits=3, max_new_tokens=3),
+                        engine="slow", judge_prompt=SHORT_JUDGE, embedding="hidden", sampler="keyed",
+                        chat_template=True)
+    assert run.results[0].error is None
+    judge = JudgeTokens(tok, SHORT_JUDGE)
+    head = judge.prefix_ids + judge.head_ids("Human: How do I bake bread?\nAssistant: ")
+    judged = [ids for ids in fed if ids[:len(judge.prefix_ids)] == judge.prefix_ids]
+    assert judged and all(ids[:len(head)] == head for ids in judged)
+    assert _reply_lead(tok, JudgeTokens(tok, dataclasses.replace(SHORT_JUDGE, dialogue="Human: {prompt}\n\n")),
+                       None) == ""
+    sentencepiece = _sentencepiece_style_tokenizer()
+    sentencepiece.chat_template = LLAMA2_LIKE
+    assert _reply_lead(sentencepiece, JudgeTokens(sentencepiece, SHORT_JUDGE), None) == ""
