@@ -19,14 +19,19 @@ cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "--prepare" ]]; then
     set -e
-    rm -rf .whl && mkdir -p .whl .carry/data   # one version of each wheel: two stop the install there
+    # one version of each wheel (two stop the install there): downloaded aside, replacing .whl only on success
+    rm -rf .whl.new && mkdir -p .whl.new .carry/data
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+        -d .whl.new liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+    rm -rf .whl && mv .whl.new .whl
     cp ../shared/data/hh-harmless-base-test.jsonl.gz ../shared/data/TruthfulQA.csv .carry/data/
     # the device's copy of the tree has no .git: the bench JSON takes the commit from here
     git rev-parse --short HEAD | tr -d '\n' > .carry/commit
     [[ -z "$(git status --porcelain --untracked-files=no)" ]] || echo -n "-dirty" >> .carry/commit
+    # and what the tracked files held then (bench/results aside: the session empties it), so that results of a
+    # tree changed since this --prepare are labelled <commit>-stale, not with a commit they did not measure
+    git ls-files -z -- . ':!bench/results' | xargs -0 sha256sum > .carry/tracked.sha256
     ls -la .whl .carry/data
     exit 0
 fi
@@ -34,6 +39,7 @@ fi
 OUT="${OUT:-/tmp/gpu_session}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 FASTALIGN_SHARED_DATA="$PWD/.carry/data" FASTALIGN_COMMIT="$(cat .carry/commit 2>/dev/null)"
+[[ -f .carry/tracked.sha256 ]] && export FASTALIGN_COMMIT_SUMS="$PWD/.carry/tracked.sha256"
 HH=.carry/data/hh-harmless-base-test.jsonl.gz
 
 step() {  # step SECONDS NAME COMMAND...: runs COMMAND under a time limit, then copies new bench JSON to $OUT
@@ -53,6 +59,7 @@ session() {
     python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
     python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
     rm -f bench/results/*.json   # only this run's results come back
+    python3 -c "import sys; sys.path.insert(0, 'bench'); import harness; print('results labelled', harness.git_commit())"
 
     if [[ "${1:-}" == "8b" ]]; then
         step 400 "bench_unlearn 8b (LoRA; full weights + cached reference)" \

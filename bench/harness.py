@@ -4,6 +4,7 @@ Every bench/ script measures its candidates in one run, prints a table and write
 bench/results/<name>-<device>-<commit>.json, so that each claim in the README or an issue note traces back
 to a committed measurement on a named device.
 """
+import hashlib
 import json
 import os
 import platform
@@ -39,11 +40,32 @@ def device_name(device):
     return device.type  # another accelerator (mps, xpu, ...): named by its type, never taken for the CPU
 
 
+def changed_files(sums_path, root):
+    """The files listed in sums_path (sha256sum's output, paths relative to root) that are missing or whose content
+    differs from the listed digest."""
+    changed = []
+    with open(sums_path) as f:
+        for line in f:
+            digest, path = line.rstrip("\n").split("  ", 1)
+            try:
+                with open(os.path.join(root, path), "rb") as g:
+                    same = hashlib.sha256(g.read()).hexdigest() == digest
+            except OSError:
+                same = False
+            if not same:
+                changed.append(path)
+    return changed
+
+
 def git_commit():
     """The checkout's short commit (-dirty with uncommitted changes); FASTALIGN_COMMIT where a copy of the
-    tree runs without its .git (bench/gpu_session.sh sets it), else "unknown"."""
+    tree runs without its .git (bench/gpu_session.sh sets it), else "unknown". FASTALIGN_COMMIT_SUMS, the
+    tracked files' digests recorded with FASTALIGN_COMMIT (gpu_session.sh --prepare), adds -stale when the tree
+    that runs differs from them: a results file never names a commit whose code it did not measure."""
     if os.environ.get("FASTALIGN_COMMIT"):
-        return os.environ["FASTALIGN_COMMIT"]
+        sums = os.environ.get("FASTALIGN_COMMIT_SUMS")
+        stale = sums and changed_files(sums, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return os.environ["FASTALIGN_COMMIT"] + ("-stale" if stale else "")
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=os.path.dirname(os.path.abspath(__file__)))

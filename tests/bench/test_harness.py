@@ -1,6 +1,8 @@
 """bench/harness.py, the plumbing every benchmark shares: timing, tables, failure rows, JSON records, shapes."""
+import hashlib
 import json
 import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -90,3 +92,25 @@ def test_llama_shapes_have_the_named_models_parameter_counts():
         with torch.device("meta"):
             model = LlamaForCausalLM(LlamaConfig(**shape))
         assert sum(p.numel() for p in model.parameters()) == count, name
+
+
+def test_a_carried_commit_is_marked_stale_when_the_tree_differs_from_the_digests_recorded_with_it(monkeypatch,
+                                                                                                   tmp_path):
+    """gpu_session.sh --prepare records the commit and sha256sum's digests of the tracked files; results of a tree
+    changed since (an edit, a later commit, a deleted file) carry <commit>-stale, not the commit."""
+    here = Path(harness.__file__).resolve()
+    sums = tmp_path / "tracked.sha256"
+
+    def record(digest):
+        sums.write_text(f"{digest}  bench/harness.py\n{hashlib.sha256(b'').hexdigest()}  tests/bench/__init__.py\n")
+
+    monkeypatch.setenv("FASTALIGN_COMMIT", "abc1234")
+    monkeypatch.setenv("FASTALIGN_COMMIT_SUMS", str(sums))
+    record(hashlib.sha256(here.read_bytes()).hexdigest())
+    assert harness.git_commit() == "abc1234"
+    record(hashlib.sha256(b"an older harness").hexdigest())
+    assert harness.git_commit() == "abc1234-stale"
+    assert harness.changed_files(str(sums), str(here.parents[1])) == ["bench/harness.py"]
+    assert harness.changed_files(str(sums), str(tmp_path)) == ["bench/harness.py", "tests/bench/__init__.py"]
+    monkeypatch.delenv("FASTALIGN_COMMIT_SUMS")  # a session prepared before the digests were recorded
+    assert harness.git_commit() == "abc1234"
