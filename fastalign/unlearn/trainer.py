@@ -170,15 +170,17 @@ class UnlearningTrainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: max(0.0, 1.0 - s / config.max_steps))  # linear to 0, no warm-up (SPEC §1)
         step, totals = 0, ComputeTotals(**self.setup_compute.to_dict())  # building the reference counts too
+        record = None  # the last step's; a resume that is already at max_steps keeps the checkpoint's
         if resume_from:  # the checkpoint's totals hold the interrupted run's
-            step, totals = self._load(resume_from, objective, optimizer, scheduler)
-        if acc.is_main_process:  # only now: a refused resume must leave the interrupted run's config.json
+            step, totals, record = self._load(resume_from, objective, optimizer, scheduler)
+        if acc.is_main_process:  # only now: a refused resume must leave the interrupted run's config.json and log
             write_text_atomic(os.path.join(out, "config.json"), json.dumps(config.to_dict(), indent=1))
+            _truncate_log(os.path.join(out, "log.jsonl"), step)  # step 0: a run killed before its first checkpoint
 
         lm_head_trains = causal_lm_parts(self.model)[1].weight.requires_grad
         decoder_trains = all(p.requires_grad for p in decoder_matmul_weights(self.model))
         progress = _progress_bar(config, acc.is_main_process, step)
-        stop_reason, record = "max_steps", None
+        stop_reason = "max_steps"
         while step < config.max_steps:
             started = time.perf_counter()
             term_sums = torch.zeros(4, dtype=torch.float64, device=acc.device)
@@ -218,7 +220,7 @@ class UnlearningTrainer:
                 stop_reason = f"forget NLL {record.forget_nll:.4g} > max_forget_nll {config.max_forget_nll:g}"
                 break
             if config.save_every and step % config.save_every == 0 and step < config.max_steps:
-                self._save_checkpoint(step, totals, objective, optimizer, scheduler)
+                self._save_checkpoint(step, totals, record, objective, optimizer, scheduler)
         progress.close()
         return self._finish(step, stop_reason, record, totals, objective)
 
@@ -271,7 +273,7 @@ class UnlearningTrainer:
             raise FileExistsError(f"{out} already holds a finished model; choose another output_dir")
         return existing
 
-    def _load(self, path, objective, optimizer, scheduler) -> tuple[int, ComputeTotals]:
+    def _load(self, path, objective, optimizer, scheduler) -> tuple[int, ComputeTotals, StepRecord | None]:
         state, rank_state = read_checkpoint(path, self.accelerator.process_index)
         written_by = state.get("num_processes", self.accelerator.num_processes)  # unrecorded before 2026-11-30
         if written_by != self.accelerator.num_processes:  # fewer processes find their rank files too
@@ -295,14 +297,13 @@ class UnlearningTrainer:
         for group, base_lr, lr_lambda in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base_lr * lr_lambda(scheduler.last_epoch)
         _set_rng_state(rank_state)
-        if self.accelerator.is_main_process:
-            _truncate_log(os.path.join(self.config.output_dir, "log.jsonl"), state["step"])
-        return state["step"], ComputeTotals(**state["compute"])
+        last = state.get("last")  # unrecorded before 2026-12-01
+        return state["step"], ComputeTotals(**state["compute"]), StepRecord(**last) if last else None
 
-    def _save_checkpoint(self, step, totals, objective, optimizer, scheduler):
+    def _save_checkpoint(self, step, totals, record, objective, optimizer, scheduler):
         acc = self.accelerator
         state = {"step": step, "num_processes": acc.num_processes, "config": self.config.to_dict(),
-                 "compute": totals.to_dict(),
+                 "compute": totals.to_dict(), "last": asdict(record),
                  "trainable": trainable_state(objective),
                  "optimizer": optimizer_state(objective, _torch_optimizer(optimizer)),
                  "scheduler": scheduler.state_dict()}
@@ -356,7 +357,8 @@ def _progress_bar(config: UnlearnConfig, is_main: bool, step: int):
 
 
 def _truncate_log(path: str, step: int) -> None:
-    """Drops log lines of steps after `step` (written by the interrupted run after its last checkpoint)."""
+    """Drops log lines of steps after `step`: those an interrupted run wrote after its last checkpoint (all of them
+    when it was killed before its first one and this run starts over)."""
     if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as f:

@@ -69,6 +69,22 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, settings):
     assert summary.compute["flops"] == resumed_summary.compute["flops"]
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_killed_before_its_first_checkpoint_starts_over_with_a_fresh_log(tmp_path, resume):
+    """With no checkpoint to resume from the run starts over: the killed attempt's log lines must not stay in
+    log.jsonl ahead of the new run's (two step-1 lines, their tokens and FLOPs counted twice by a reader)."""
+    def kill_after_step_1(record):
+        if record.step == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(tmp_path, save_every=2, callback=kill_after_step_1)
+    run(tmp_path, "whole", save_every=2)
+    run(tmp_path, save_every=2, resume=resume)
+    assert log_lines(tmp_path / "run") == log_lines(tmp_path / "whole")
+    assert [r["step"] for r in log_lines(tmp_path / "run")] == [1, 2, 3, 4, 5]
+
+
 def test_resume_with_more_max_steps_follows_the_new_schedule_from_the_first_resumed_step(tmp_path):
     """max_steps may change on resume: the linear schedule of the new max_steps applies at once (the optimizer
     held the old schedule's lr for the step it stopped at)."""
@@ -131,6 +147,9 @@ def test_resume_with_max_steps_below_the_checkpoint_step_is_refused(tmp_path):
     assert not (tmp_path / "run" / "model").exists()
     _, summary = run(tmp_path, max_steps=4, save_every=2, grad_accum=1, resume=True)  # exactly there: done
     assert summary.steps == 4
+    last = json.loads((tmp_path / "run" / "run.json").read_text())["last"]  # step 4's, though no step ran here
+    assert summary.last.step == 4
+    assert {k: v for k, v in last.items() if k != "seconds"} == log_lines(tmp_path / "run")[-1]
 
 
 def test_max_steps_schedule_compute_and_outputs(tmp_path):
