@@ -4,7 +4,10 @@ The reference decodes the whole token state and checks its last character; decod
 gives the same last character at a fraction of the cost (the full text is decoded only when the tail
 decodes to nothing, e.g. special tokens).
 """
-from typing import AbstractSet, List, Sequence
+from typing import AbstractSet, List, Optional, Sequence
+
+from fastalign.unlearn.encoding import tokenize_texts
+from fastalign.unlearn.templates import ChatTemplate
 
 from .config import RainConfig
 
@@ -77,3 +80,25 @@ def judge_input(judge, tokenizer, end_ids: AbstractSet[int], config: RainConfig,
 def judge_path_ids(tokens: Sequence[int], end_ids: AbstractSet[int]) -> List[int]:
     """A node's tokens as the judge reads them (the end tokens `end_ids` dropped)."""
     return [t for t in tokens if t not in end_ids]
+
+
+def reply_lead(tokenizer, judge, system: Optional[str]) -> str:
+    """What the judge's dialogue needs before a chat answer so that it reads as in the few-shot examples
+    ("Assistant: Sure"): " " when the answer's first token, as the chat template writes it, brings no space of
+    its own (a byte-level BPE after the template's newlines: "Sure", read "Assistant:Sure"), else "" (a
+    SentencePiece "▁Sure", a dialogue that ends in whitespace, a template whose answer cannot be found)."""
+    dialogue = judge.dialogue_text("Hi")
+    if dialogue[-1:].isspace():
+        return ""
+    template = ChatTemplate(tokenizer, system)
+    try:
+        rendered = template.render("Hi", "Sure")     # the answer's first token reads "Sure", "S", " Sure", ...
+    except ValueError:
+        return ""
+    head, whole = tokenize_texts(tokenizer, [template.prompt("Hi"), rendered.text[:rendered.answer_end]])["input_ids"]
+    if len(whole) <= len(head) or list(whole[:len(head)]) != list(head):
+        return ""
+    dialogue_ids = judge.head_ids(dialogue)
+    before, after = tokenizer.decode(dialogue_ids), tokenizer.decode(dialogue_ids + [whole[len(head)]])
+    shown = after[len(before):] if after.startswith(before) else ""
+    return " " if shown and "Sure".startswith(shown) else ""

@@ -13,10 +13,9 @@ from typing import Callable, List, Optional, Sequence, Union
 from fastalign.evaluation.generation import eos_ids
 from fastalign.evaluation.prompts import chat_prompt
 from fastalign.unlearn.encoding import tokenize_texts
-from fastalign.unlearn.templates import ChatTemplate
 
 from .config import RainConfig
-from .dialogue import cut_at_turn
+from .dialogue import cut_at_turn, reply_lead
 from .embeddings import make_embedder
 from .jobs import EmbedJob, PromptContext
 from .judge import JudgePrompt, JudgeTokens
@@ -60,11 +59,11 @@ def _context(model) -> Optional[int]:
 
 def _prepare(index: int, prompt: str, tokenizer, judge: JudgeTokens, prefix_ids: List[int], config: RainConfig,
              context: Optional[int], required: RequiredPrefixes, prefix_key: int, chat_template: bool,
-             system: Optional[str], reply_lead: str) -> PromptContext:
+             system: Optional[str], lead: str) -> PromptContext:
     """The prompt's context; ValueError for a prompt that is not a string, is empty or leaves no room to
     answer (the answer is also kept short enough for its judge prompt to fit the model's context). With
     `chat_template` the prompt is a user message: the model reads its chat-template rendering (after the
-    `system` turn), the judge reads it in JudgePrompt.dialogue followed by `reply_lead` (see _reply_lead)."""
+    `system` turn), the judge reads it in JudgePrompt.dialogue followed by `lead` (see dialogue.reply_lead)."""
     if not isinstance(prompt, str):
         raise ValueError(f"prompt {index} must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
@@ -72,7 +71,7 @@ def _prepare(index: int, prompt: str, tokenizer, judge: JudgeTokens, prefix_ids:
     text = chat_prompt(tokenizer, prompt, system) if chat_template else prompt
     prompt_ids = list(tokenize_texts(tokenizer, [text], add_special_tokens=not prefix_ids)["input_ids"][0])
     root_ids = list(prefix_ids) + prompt_ids
-    head_text = judge.dialogue_text(prompt) + reply_lead if chat_template else prompt.lstrip()
+    head_text = judge.dialogue_text(prompt) + lead if chat_template else prompt.lstrip()
     head_ids = judge.head_ids(head_text)
     max_length = config.max_length
     if config.max_new_tokens:
@@ -90,28 +89,6 @@ def _prepare(index: int, prompt: str, tokenizer, judge: JudgeTokens, prefix_ids:
     ctx.stats.required_calls = 1                  # the prompt's state, before anything can be drawn
     ctx.head_key = required.add(ctx.stats, "judge", judge.prefix_key, head_ids)
     return ctx
-
-
-def _reply_lead(tokenizer, judge: JudgeTokens, system: Optional[str]) -> str:
-    """What the judge's dialogue needs before a chat answer so that it reads as in the few-shot examples
-    ("Assistant: Sure"): " " when the answer's first token, as the chat template writes it, brings no space of
-    its own (a byte-level BPE after the template's newlines: "Sure", read "Assistant:Sure"), else "" (a
-    SentencePiece "▁Sure", a dialogue that ends in whitespace, a template whose answer cannot be found)."""
-    dialogue = judge.dialogue_text("Hi")
-    if dialogue[-1:].isspace():
-        return ""
-    template = ChatTemplate(tokenizer, system)
-    try:
-        rendered = template.render("Hi", "Sure")     # the answer's first token reads "Sure", "S", " Sure", ...
-    except ValueError:
-        return ""
-    head, whole = tokenize_texts(tokenizer, [template.prompt("Hi"), rendered.text[:rendered.answer_end]])["input_ids"]
-    if len(whole) <= len(head) or list(whole[:len(head)]) != list(head):
-        return ""
-    dialogue_ids = judge.head_ids(dialogue)
-    before, after = tokenizer.decode(dialogue_ids), tokenizer.decode(dialogue_ids + [whole[len(head)]])
-    shown = after[len(before):] if after.startswith(before) else ""
-    return " " if shown and "Sure".startswith(shown) else ""
 
 
 def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig = RainConfig(), *,
@@ -144,7 +121,7 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     if chat_template:
         chat_prompt(tokenizer, "Hi", system)   # no chat template, or one refusing a system role: ValueError here
     judge = JudgeTokens(tokenizer, judge_prompt)
-    reply_lead = _reply_lead(tokenizer, judge, system) if chat_template else ""
+    lead = reply_lead(tokenizer, judge, system) if chat_template else ""
     end_ids = frozenset(eos_ids(model, tokenizer))
     embedder = make_embedder(embedding, "cpu") if isinstance(embedding, str) else embedding
     draw = make_sampler(sampler, config.seed) if isinstance(sampler, str) else sampler
@@ -162,7 +139,7 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     for i, prompt in enumerate(prompts):
         try:
             queue.append(_prepare(i, prompt, tokenizer, judge, prefix_ids, config, context, required, prefix_key,
-                                  chat_template, system, reply_lead))
+                                  chat_template, system, lead))
         except ValueError as err:
             results[i].error = str(err)
             if on_result:

@@ -549,7 +549,7 @@ def test_chat_answers_follow_the_judge_dialogue_after_a_space(monkeypatch):
     ("▁Mix") and a dialogue that ends in whitespace bring their own."""
     from transformers import PreTrainedTokenizerFast
 
-    from fastalign.rain.generate import _reply_lead
+    from fastalign.rain.dialogue import reply_lead
     from fastalign.rain.judge import JudgeTokens
     from tests.byte_bpe import train_byte_bpe
 
@@ -570,8 +570,8 @@ def test_chat_answers_follow_the_judge_dialogue_after_a_space(monkeypatch):
     head = judge.prefix_ids + judge.head_ids("Human: How do I bake bread?\nAssistant: ")
     judged = [ids for ids in fed if ids[:len(judge.prefix_ids)] == judge.prefix_ids]
     assert judged and all(ids[:len(head)] == head for ids in judged)
-    assert _reply_lead(tok, JudgeTokens(tok, dataclasses.replace(SHORT_JUDGE, dialogue="Human: {prompt}\n\n")),
+    assert reply_lead(tok, JudgeTokens(tok, dataclasses.replace(SHORT_JUDGE, dialogue="Human: {prompt}\n\n")),
                        None) == ""
     sentencepiece = _sentencepiece_style_tokenizer()
     sentencepiece.chat_template = LLAMA2_LIKE
-    assert _reply_lead(sentencepiece, JudgeTokens(sentencepiece, SHORT_JUDGE), None) == ""
+    assert reply_lead(sentencepiece, JudgeTokens(sentencepiece, SHORT_JUDGE), None) == ""
