@@ -119,7 +119,9 @@ def build_judge(args, tokenizer=None):
             raise UsageError("--judge keyword needs --keywords word,word,...")
         return KeywordJudge(args.keywords.split(","))
     if args.judge == "moderation":
-        if not args.moderation_model or not os.path.isdir(args.moderation_model):
+        if not args.moderation_model:
+            raise UsageError("--judge moderation needs --moderation-model DIR (a sequence classifier)")
+        if not os.path.isdir(args.moderation_model):
             raise UsageError(f"--moderation-model: no model directory at {args.moderation_model!r}")
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         label = args.harmful_label
@@ -136,7 +138,9 @@ def build_judge(args, tokenizer=None):
                                    threshold=args.threshold)
         except ValueError as exc:
             raise UsageError(f"--harmful-label: {exc}") from None
-    module_name, _, name = (args.judge_callable or "").partition(":")
+    if not args.judge_callable:
+        raise UsageError("--judge callable needs --judge-callable module:name")
+    module_name, _, name = args.judge_callable.partition(":")
     if not module_name or not name:
         raise UsageError(f"--judge-callable must be module:name, got {args.judge_callable!r}")
     try:

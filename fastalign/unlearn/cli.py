@@ -189,11 +189,13 @@ def main(args: argparse.Namespace) -> int:
     from fastalign.unlearn.models import causal_lm_parts, max_positions
     from fastalign.unlearn.records import DataError
     from fastalign.unlearn.run import load_model_and_tokenizer, load_streams, run_unlearning
+    from fastalign.unlearn.trainer import resume_point
 
     try:
         config = config_from_args(args)
         if getattr(args, "check", False):
             config.check_paths()
+            resume_point(config)
             model, tokenizer = load_model_and_tokenizer(config)
             streams = load_streams(config, tokenizer)
             causal_lm_parts(model)

@@ -91,10 +91,12 @@ def load_model_and_tokenizer(config: UnlearnConfig):
 
 
 def run_unlearning(config: UnlearnConfig, **trainer_options):
-    """Loads, validates and trains; returns the trainer's RunSummary."""
-    from fastalign.unlearn.trainer import UnlearningTrainer
+    """Loads, validates and trains; returns the trainer's RunSummary. An output_dir that holds a finished or
+    unresumed run is refused before the model and data load."""
+    from fastalign.unlearn.trainer import UnlearningTrainer, resume_point
 
     config.check_paths()
+    resume_point(config)
     model, tokenizer = load_model_and_tokenizer(config)
     streams = load_streams(config, tokenizer)
     return UnlearningTrainer(model, streams, config, tokenizer=tokenizer, **trainer_options).train()

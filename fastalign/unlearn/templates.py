@@ -56,7 +56,9 @@ class ChatTemplate:
 
     def __init__(self, tokenizer, system: Optional[str] = None):
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("ChatTemplate: the tokenizer has no chat_template; use TextTemplate instead")
+            raise ValueError("chat_template (--chat-template): the tokenizer has no chat template "
+                             "(tokenizer.chat_template is not set); use the text template (TextTemplate, --template) "
+                             "instead")
         if system is not None and not isinstance(system, str):
             raise ValueError(f"ChatTemplate: system must be a string or None, got {system!r}")
         self._tokenizer = tokenizer
@@ -100,8 +102,9 @@ class ChatTemplate:
                 start = text.find(shown, len(head))
                 if start >= 0:
                     return RenderedPair(text=text, answer_start=start, answer_end=start + len(shown))
-        raise ValueError("ChatTemplate: the rendered conversation does not contain the answer verbatim after "
-                         "the turns before it (the chat template rewrites it); use TextTemplate instead")
+        raise ValueError("chat_template (--chat-template): the rendered conversation does not contain the answer "
+                         "verbatim after the turns before it (the chat template rewrites it); use the text template "
+                         "(TextTemplate, --template) instead")
 
 
 def end_of_turn_id(tokenizer) -> Optional[int]:

@@ -98,6 +98,19 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
+def resume_point(config: UnlearnConfig) -> str | None:
+    """The checkpoint in config.output_dir to resume from; refuses to start over a previous run unless asked to
+    resume. Reads only, so a run checks it before loading the model and data too."""
+    out = config.output_dir
+    existing = latest_checkpoint(out) if os.path.isdir(out) else None
+    if existing and not config.resume:
+        raise FileExistsError(f"{out} already holds a run ({existing}); resume it with resume=True "
+                              "(--resume) or choose another output_dir (--output-dir)")
+    if os.path.isdir(os.path.join(out, "model")) and not existing:
+        raise FileExistsError(f"{out} already holds a finished model; choose another output_dir (--output-dir)")
+    return existing
+
+
 class UnlearningTrainer:
     """Trains `model` (a transformers causal LM) on `streams` with the settings of `config`.
 
@@ -161,7 +174,7 @@ class UnlearningTrainer:
     def train(self) -> RunSummary:
         config, acc = self.config, self.accelerator
         out = config.output_dir
-        resume_from = self._resume_point()
+        resume_from = resume_point(config)
         if acc.is_main_process:
             os.makedirs(out, exist_ok=True)
             remove_stale_temporaries(out)
@@ -261,17 +274,6 @@ class UnlearningTrainer:
             here = (f"; here {terms}, rows {[e.source for e in batch.examples]}" if bad_here else "")
             raise FloatingPointError(f"step {step + 1}: the loss is not finite on process(es) {bad} of "
                                      f"{acc.num_processes}{here}")
-
-    def _resume_point(self) -> str | None:
-        """The checkpoint to resume from; refuses to start over a previous run unless asked to resume."""
-        out = self.config.output_dir
-        existing = latest_checkpoint(out) if os.path.isdir(out) else None
-        if existing and not self.config.resume:
-            raise FileExistsError(f"{out} already holds a run ({existing}); resume it with resume=True "
-                                  "(--resume) or choose another output_dir")
-        if os.path.isdir(os.path.join(out, "model")) and not existing:
-            raise FileExistsError(f"{out} already holds a finished model; choose another output_dir")
-        return existing
 
     def _load(self, path, objective, optimizer, scheduler) -> tuple[int, ComputeTotals, StepRecord | None]:
         state, rank_state = read_checkpoint(path, self.accelerator.process_index)

@@ -90,6 +90,8 @@ def test_prompt_longer_than_context_is_a_clear_error(model_dir, tmp_path, capsys
 
 @pytest.mark.parametrize("extra, message", [
     (["--judge", "keyword"], "needs --keywords"),
+    (["--judge", "moderation"], "--judge moderation needs --moderation-model DIR"),
+    (["--judge", "callable"], "--judge callable needs --judge-callable module:name"),
     (["--judge", "moderation", "--moderation-model", "/nowhere"], "--moderation-model: no model directory"),
     (["--judge", "callable", "--judge-callable", "nomodule_xyz:f"], "--judge-callable: cannot import"),
     (["--reference", "demo"], "go together"),

@@ -236,6 +236,34 @@ def test_system_needs_a_chat_template_with_a_system_role(workspace, capsys):
         assert not os.path.exists(workspace / "out")
 
 
+@pytest.mark.parametrize("check", [["--check"], []])
+def test_a_used_output_dir_is_refused_before_the_model_loads(workspace, capsys, monkeypatch, check):
+    """An --output-dir holding a finished model (or a checkpoint without --resume) is an error found before the
+    model and data load, not after minutes of loading a large model."""
+    (workspace / "out" / "model").mkdir(parents=True)
+
+    def no_load(config):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("fastalign.unlearn.run.load_model_and_tokenizer", no_load)
+    code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
+                 "--no-progress"] + check)
+    assert code == 2
+    assert "already holds a finished model; choose another output_dir (--output-dir)" in capsys.readouterr().err
+
+
+def test_chat_template_without_one_in_the_tokenizer_names_the_option(workspace, capsys):
+    """--chat-template on a tokenizer without a chat template: the error names the command-line option (not only
+    the Python class), from --check as from a run, and nothing is written."""
+    (workspace / "model" / "chat_template.jinja").unlink()
+    base = ["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
+            "--no-progress", "--chat-template"]
+    for extra in (["--check"], ["--max-steps", "1"]):
+        assert main(base + extra) == 2
+        assert "error: chat_template (--chat-template): the tokenizer has no chat template" in capsys.readouterr().err
+        assert not os.path.exists(workspace / "out")
+
+
 def test_help_describes_the_system_turn(capsys):
     with pytest.raises(SystemExit):
         main(["unlearn", "--help"])

@@ -61,7 +61,7 @@ def test_chat_template_span_is_in_the_assistant_turn():
         assert rendered.text[rendered.answer_start:rendered.answer_end] == answer.strip()
         assert rendered.text[rendered.answer_end:] == "</s>"
         check_span(tokenizer, rendered, example)
-    with pytest.raises(ValueError, match="no chat_template"):
+    with pytest.raises(ValueError, match="has no chat template"):
         ChatTemplate(word_level_tokenizer())
 
 
