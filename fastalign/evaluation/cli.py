@@ -83,6 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge-callable", help="module:name of a function judge(pairs) -> list of bools")
     parser.add_argument("--reference", help="original model directory (or 'demo'), for utility")
     parser.add_argument("--normal-prompts", help="normal prompts (.jsonl/.csv) for utility against --reference")
+    parser.add_argument("--normal-field", help="the prompt's field or column in --normal-prompts (default: --field; "
+                                               "TruthfulQA.csv's is Question)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts generated, or records judged, at once")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -209,7 +211,8 @@ def _evaluate_model(args) -> dict:
     if args.model is None:
         raise UsageError("--prompts needs --model, the model that answers them")
     prompts = _read(args.prompts, "--prompts", args.field)
-    normal = _read(args.normal_prompts, "--normal-prompts", args.field) if args.normal_prompts else None
+    normal = (_read(args.normal_prompts, "--normal-prompts", args.normal_field or args.field)
+              if args.normal_prompts else None)
     if (normal is None) != (args.reference is None):
         raise UsageError("--reference and --normal-prompts go together (utility needs both)")
     if args.system is not None and args.template != "chat":

@@ -358,3 +358,16 @@ def test_moderation_classifier_runs_on_device_and_a_bad_directory_names_it(rain_
                    "--output", out) == 2
         assert "--moderation-model: cannot load a sequence classifier" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_normal_prompts_read_their_own_field(world, model_dir, harmful_prompts, tmp_path, capsys):
+    """--normal-field: harmful prompts in a jsonl's 'prompt' beside normal ones in a csv column of another name
+    (TruthfulQA.csv's Question), without converting either file; without it, --field names both."""
+    normal = tmp_path / "normal.csv"
+    normal.write_text("Question,Best Answer\n" + "".join(f'"{qa.question}",x\n' for qa in world.normal[:2]))
+    args = ["--model", model_dir, "--prompts", harmful_prompts, "--judge", "world", "--output", tmp_path / "o.jsonl",
+            "--max-new-tokens", 4, "--reference", model_dir, "--normal-prompts", normal]
+    assert run(*args) == 2
+    assert "no column 'prompt'" in capsys.readouterr().err
+    assert run(*args, "--normal-field", "Question") == 0
+    assert json.loads(capsys.readouterr().out)["unchanged_share"] == 1.0
