@@ -205,12 +205,11 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from . import RainStats, rain_generate
     from .distributed import done_indices, gather, join_from_env, leave, merge_rank_files, open_for_append
     from .embeddings import make_embedder
-    from .judge import JudgeTokens
 
     if not os.path.isdir(args.model):
         raise UsageError(f"--model: no model directory at {args.model!r}")
@@ -240,6 +239,7 @@ def _run(args) -> int:
     if args.output.endswith(".gz"):    # plain text under that name: `fastalign eval --answers` would gunzip it
         raise UsageError(f"--output: records are appended as plain text, so not to a .gz file: {args.output!r}")
     config, judge = settings(args)    # bad settings are usage errors found before the model loads
+    tokenizer = _checked_tokenizer(args, judge, chat)
     try:
         embedder = make_embedder(args.embedding)   # else every prompt failed after its first iteration
     except (ValueError, ImportError) as exc:
@@ -250,18 +250,6 @@ def _run(args) -> int:
     placement = join_from_env()
     try:
         device = args.device or (f"cuda:{placement.local_rank}" if torch.cuda.is_available() else "cpu")
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        try:
-            JudgeTokens(tokenizer, judge)      # labels and template checked before the model loads
-        except ValueError as exc:
-            raise UsageError(f"judge prompt (--judge-template-file, --labels, --judge-dialogue, "
-                             f"--judge-chat-template): {exc}") from None
-        if chat:
-            try:
-                chat_prompt(tokenizer, "Hi", args.system)
-            except ValueError as exc:
-                raise UsageError(f"--template chat{' with --system' if args.system is not None else ''}: {exc}") \
-                    from None
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
         done = done_indices(args.output)
         mine = placement.share(range(len(prompts)))   # skipped ones counted per share: other ranks write meanwhile
@@ -303,6 +291,34 @@ def _run(args) -> int:
     finally:
         leave(placement)
     return 0
+
+
+def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):
+    """The model's tokenizer, once it serves the judge prompt and the chat template, and the judge prompt fits
+    the model's context with room to answer (else every prompt failed): UsageError before anything loads."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .generate import JUDGE_MARGIN
+    from .judge import JudgeTokens
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    try:
+        tokens = JudgeTokens(tokenizer, judge)
+    except ValueError as exc:
+        raise UsageError(f"judge prompt (--judge-template-file, --labels, --judge-dialogue, --judge-chat-template, "
+                         f"--config): {exc}") from None
+    if chat:
+        try:
+            chat_prompt(tokenizer, "Hi", args.system)
+        except ValueError as exc:
+            raise UsageError(f"--template chat{' with --system' if args.system is not None else ''}: {exc}") from None
+    context = getattr(AutoConfig.from_pretrained(args.model), "max_position_embeddings", None)
+    fixed = len(tokens.prefix_ids) + max(map(len, tokens.suffix_ids)) + JUDGE_MARGIN
+    if context and fixed + 2 > context:
+        raise UsageError(f"judge prompt: its {fixed - JUDGE_MARGIN} tokens (with {JUDGE_MARGIN} of slack) leave no "
+                         f"room for a conversation in the model's context of {context} tokens; give a shorter one "
+                         "(--judge-template-file)")
+    return tokenizer
 
 
 def _progress(total: int, rank: int):

@@ -402,3 +402,16 @@ def test_rain_bad_config_file_is_a_usage_error_before_the_model_loads(rain_setup
     (tmp_path / "rain.yaml").write_text(content)
     assert main(args + ["--config", str(tmp_path / "rain.yaml")]) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_rain_judge_prompt_too_long_for_the_context_is_a_usage_error_before_the_model_loads(rain_setup, monkeypatch,
+                                                                                            capsys):
+    """Every prompt failed after the model had loaded, each with its own error record, which a resumed run then
+    retried in vain: the judge prompt must leave room for a conversation in the model's context."""
+    model_dir, out, args = rain_setup
+    settings_file = model_dir / "config.json"
+    settings_file.write_text(json.dumps({**json.loads(settings_file.read_text()), "max_position_embeddings": 40}))
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_model)
+    assert main(args) == 2
+    assert "leave no room for a conversation in the model's context of 40 tokens" in capsys.readouterr().err
+    assert not out.exists()
