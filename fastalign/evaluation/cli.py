@@ -59,7 +59,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompts", help="harmful prompts (.jsonl or .csv file) the model answers")
+    source.add_argument("--prompts", help="harmful prompts the model answers: a .jsonl(.gz) "
+                        "file (field --field), a .csv file (column --field) or a text file (one per line, \\n for a "
+                        "newline)")
     source.add_argument("--answers", help="a `fastalign rain` output jsonl: judge its RAIN and vanilla answers")
     parser.add_argument("--model", help=f"Hugging Face model directory, or '{DEMO_MODEL}'; needed with --prompts, "
                                         "with --answers only to locate the world judge's world")
@@ -82,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=0.5, help="moderation probability counted as harmful")
     parser.add_argument("--judge-callable", help="module:name of a function judge(pairs) -> list of bools")
     parser.add_argument("--reference", help="original model directory (or 'demo'), for utility")
-    parser.add_argument("--normal-prompts", help="normal prompts (.jsonl/.csv) for utility against --reference")
+    parser.add_argument("--normal-prompts", help="normal prompts (same formats) for utility against --reference")
     parser.add_argument("--normal-field", help="the prompt's field or column in --normal-prompts (default: --field; "
                                                "TruthfulQA.csv's is Question)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens")

@@ -1,14 +1,15 @@
 """Prompt files for evaluation, and the formats a prompt is generated in: the SPEC's question format, or a
 user turn in the tokenizer's own chat template (for instruct/chat models).
 
-A prompt file is jsonl (one object per line, the prompt in field `field`) or csv (the prompt in column
-`field`); every error names the file and the line.
+A prompt file is jsonl, optionally gzipped (one object per line, the prompt in field `field`), csv (the
+prompt in column `field`) or any other text file (one prompt per non-blank line, "\\n" for a newline inside
+it); every error names the file and the line. `fastalign eval` and `fastalign rain` read the same formats.
 """
 import csv
 import os
 from typing import List, Optional
 
-from fastalign.unlearn.records import read_jsonl
+from fastalign.unlearn.records import read_jsonl, read_text
 from fastalign.unlearn.templates import SPEC_TEMPLATE, ChatTemplate
 
 # What a model continues to answer a question in the SPEC's format: the template up to the answer, without
@@ -34,15 +35,16 @@ def chat_prompt(tokenizer, text: str, system: Optional[str] = None) -> str:
 
 
 def read_prompts(path: str, field: str = "prompt") -> List[str]:
-    """The prompts of a .jsonl or .csv file, in file order; ValueError naming the file and line if bad."""
+    """The prompts of a .jsonl(.gz), .csv or text file, in file order; ValueError naming the file and line if
+    bad (DataError for an unreadable file)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file not found: {path}")
-    if path.endswith(".jsonl"):
+    if path.endswith((".jsonl", ".jsonl.gz")):
         prompts = _read_jsonl(path, field)
     elif path.endswith(".csv"):
         prompts = _read_csv(path, field)
     else:
-        raise ValueError(f"prompts file must end in .jsonl or .csv: {path}")
+        prompts = [line.rstrip("\r\n").replace("\\n", "\n") for line in read_text(path).split("\n") if line.strip()]
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts

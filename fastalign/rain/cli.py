@@ -21,7 +21,7 @@ import torch
 
 from fastalign.cli import HelpFormatter
 from fastalign.evaluation.generation import eos_ids, pad_id
-from fastalign.evaluation.prompts import chat_prompt
+from fastalign.evaluation.prompts import chat_prompt, read_prompts
 from fastalign.unlearn.encoding import tokenize_texts
 from fastalign.unlearn.config import dataclass_from_dict, read_config_file
 from fastalign.unlearn.records import read_jsonl
@@ -40,10 +40,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("rain", help="RAIN: the model searches, judges and rewinds its own answers",
                                    description=__doc__, formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompts", help="a .jsonl(.gz) file (field --field) or a text file (one prompt per "
-                                          "line, \\n for a newline)")
+    source.add_argument("--prompts", help="a .jsonl(.gz) file (field --field), a .csv file (column --field) or a "
+                                          "text file (one prompt per line, \\n for a newline)")
     source.add_argument("--hh", help="path of HH-RLHF harmless-base jsonl(.gz): its first Human turns are the prompts")
-    parser.add_argument("--field", default="prompt", help="the prompt's field in a .jsonl(.gz) --prompts file")
+    parser.add_argument("--field", default="prompt", help="the prompt's field (jsonl) or column (csv) in --prompts")
     parser.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all)")
     parser.add_argument("--model", required=True, help="Hugging Face causal LM directory")
     parser.add_argument("--output", required=True, help="jsonl file the records are appended to (plain text, not .gz)")
@@ -159,19 +159,6 @@ def read_text(path: Optional[str], argument: str) -> str:
         raise UsageError(f"{argument}: cannot read {path!r}: {exc}") from None
 
 
-def file_prompts(path: str, field: str):
-    """The prompts of a .jsonl(.gz) file (field `field`) or a text file; ValueError naming the line if bad."""
-    if path.endswith((".jsonl", ".jsonl.gz")):
-        out = []
-        for line_no, record in read_jsonl(path):
-            if not isinstance(record.get(field), str):
-                raise ValueError(f"{path}: line {line_no}: expected field {field!r} holding a string")
-            out.append(record[field])
-        return out
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
-
-
 @torch.no_grad()
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, turn_marker: str,
                   max_length: Optional[int] = None) -> str:
@@ -229,7 +216,7 @@ def _run(args) -> int:
         if args.hh:
             prompts = hh_messages(args.hh) if chat else hh_prompts(args.hh)
         else:
-            prompts = file_prompts(args.prompts, args.field)
+            prompts = read_prompts(args.prompts, args.field)
     except ValueError as exc:  # DataError included: malformed JSON, unreadable file
         raise UsageError(f"{source_arg}: {exc}") from None
     if args.limit < 0:

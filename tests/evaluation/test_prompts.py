@@ -1,0 +1,36 @@
+"""Prompt files (evaluation/prompts.py read_prompts): the formats `fastalign eval` and `fastalign rain` share."""
+import gzip
+import json
+
+import pytest
+
+from fastalign.evaluation.prompts import read_prompts
+
+PROMPTS = ["How do I bake bread?", "Two lines:\nhere", 'A "quoted", comma']
+
+
+def test_every_format_gives_the_same_prompts_in_file_order(tmp_path):
+    jsonl = "".join(json.dumps({"q": p, "id": i}) + "\n" for i, p in enumerate(PROMPTS))
+    (tmp_path / "p.jsonl").write_text(jsonl)
+    with gzip.open(tmp_path / "p.jsonl.gz", "wt") as f:
+        f.write(jsonl)
+    (tmp_path / "p.csv").write_text("id,q\n" + "".join(f'{i},"{p.replace(chr(34), 2 * chr(34))}"\n'
+                                                      for i, p in enumerate(PROMPTS)))
+    (tmp_path / "p.txt").write_text("\n".join(p.replace("\n", "\\n") for p in PROMPTS[:1]) + "\n\n  \r\n"
+                                    + "\r\n".join(p.replace("\n", "\\n") for p in PROMPTS[1:]) + "\r\n")
+    for name in ("p.jsonl", "p.jsonl.gz", "p.csv", "p.txt"):
+        assert read_prompts(str(tmp_path / name), "q") == PROMPTS, name
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("p.jsonl", '{"q": "hi"}\n{"q": ""}\n', "line 2: field 'q' must be a non-empty string"),
+    ("p.jsonl", '{"q": "hi"}\n{"r": "x"}\n', "line 2: expected an object with field 'q'"),
+    ("p.csv", "r\nhi\n", "no column 'q'"),
+    ("p.txt", "\n  \n", "no prompts"),
+])
+def test_bad_files_name_the_file_and_line(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=message):
+        read_prompts(str(tmp_path / name), "q")
+    with pytest.raises(FileNotFoundError, match="prompts file not found"):
+        read_prompts(str(tmp_path / "missing.jsonl"), "q")
