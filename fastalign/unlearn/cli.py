@@ -14,6 +14,7 @@ from dataclasses import fields
 from fastalign.ops.backend import BACKENDS
 from fastalign.unlearn.config import PRECISIONS, UnlearnConfig, read_config_file
 from fastalign.unlearn.formats import FORMATS
+from fastalign.unlearn.lora_merge import MERGE_ERROR_WARNING
 from fastalign.unlearn.reference import REFERENCE_MODES
 
 DESCRIPTION = """\
@@ -29,10 +30,13 @@ data formats:
   normal  TruthfulQA.csv (Question + Best Answer; a held-out share of its rows supplies the mismatch
           answers) or plain {"prompt", "answer"} jsonl.
 
-outputs in --output-dir: model/ (the unlearned model, LoRA merged, with its tokenizer), log.jsonl (one
-line every --log-every steps and at the last: loss, forget NLL, mismatch NLL, normal KL, lr, tokens, FLOPs,
-seconds), run.json (summary and compute spent), checkpoints/ (with --save-every; continue a killed run
-with --resume).
+outputs in --output-dir: model/ (the unlearned model, LoRA merged, with its tokenizer), adapter/ (with
+--lora: the unmerged PEFT adapter, the update exactly as trained; load it with PeftModel.from_pretrained(base,
+"out/adapter") on the base model in the dtype it trained in), log.jsonl (one line every --log-every steps and
+at the last: loss, forget NLL, mismatch NLL, normal KL, lr, tokens, FLOPs, seconds), run.json (summary and
+compute spent; with --lora, merge_rounding_error: the share of the update that merging it into model/'s
+weights rounded away, warned of when large: see --precision), checkpoints/ (with --save-every; continue a
+killed run with --resume).
 
 examples:
   fastalign unlearn --model ./opt-1.3b --forget pku_train.jsonl --normal TruthfulQA.csv --output-dir out
@@ -138,8 +142,11 @@ def register(subparsers) -> None:
       help=f"stop early once the mean NLL of the harmful answers "
       f"exceeds this; 'none' never stops (default: {_default('max_forget_nll')})")
     g("--precision", choices=PRECISIONS, help="fp32; bf16-mixed (fp32 weights, bf16 compute); bf16 (bf16 "
-      "weights and optimizer state: least memory, but updates far below a weight's size are rounded away, so "
-      "prefer it with --lora, whose adapters stay fp32) (default: fp32)")
+      "weights and optimizer state: least memory, but updates far below a weight's size are rounded away. With "
+      "--lora the adapters train in fp32 and adapter/ keeps their update, but merging it into model/'s bf16 "
+      "weights rounds small updates (such as the default --lr gives) largely away too: run.json's "
+      f"merge_rounding_error, warned of above {MERGE_ERROR_WARNING * 100:g}%%; serve adapter/ on the bf16 base "
+      "model, or use bf16-mixed for a merged model/ that keeps the update) (default: fp32)")
     g("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
       help="recompute activations in the backward pass (less memory, ~30%% more compute) (default: off)")
     g("--seed", type=int, metavar="N", help="seed of data order, mismatch answers and LoRA initialisation (default: 0)")
@@ -147,7 +154,7 @@ def register(subparsers) -> None:
 
     g = p.add_argument_group("LoRA").add_argument
     g("--lora", action=argparse.BooleanOptionalAction,
-      help="train a LoRA adapter (merged into model/ at the end) (default: off)")
+      help="train a LoRA adapter (saved unmerged in adapter/ and merged into model/ at the end) (default: off)")
     g("--lora-rank", type=int, metavar="N", help=f"(default: {_default('lora_rank')})")
     g("--lora-alpha", type=int, metavar="N", help=f"(default: {_default('lora_alpha')})")
     g("--lora-dropout", type=float, metavar="X", help="(default: 0)")
@@ -214,5 +221,7 @@ def main(args: argparse.Namespace) -> int:
         end_process_group()
     if is_main_process():
         print(json.dumps({"steps": summary.steps, "stop_reason": summary.stop_reason,
-                          "model_dir": summary.model_dir, "compute": summary.compute}, indent=1))
+                          "model_dir": summary.model_dir, "adapter_dir": summary.adapter_dir,
+                          "merge_rounding_error": summary.merge_rounding_error, "compute": summary.compute},
+                         indent=1))
     return 0

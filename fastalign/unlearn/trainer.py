@@ -18,6 +18,7 @@ import json
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -29,6 +30,7 @@ from fastalign.unlearn.checkpoint import (atomic_directory, latest_checkpoint, r
 from fastalign.unlearn.compute import (ComputeTotals, ModelShape, batch_compute, cache_compute,
                                        decoder_matmul_weights)
 from fastalign.unlearn.config import UnlearnConfig
+from fastalign.unlearn.lora_merge import MERGE_ERROR_WARNING, merge_rounding_error
 from fastalign.unlearn.models import (cast_weights, causal_lm_parts, enable_activation_checkpointing,
                                       max_positions)
 from fastalign.unlearn.objective import UnlearningObjective
@@ -69,6 +71,8 @@ class RunSummary:
     device: str
     model_dir: str | None
     skipped_examples: dict
+    adapter_dir: str | None = None  # LoRA: the unmerged adapter, the update exactly as trained
+    merge_rounding_error: float | None = None  # LoRA: the share of the update the merge into model/ lost
 
 
 def _require_accelerate():
@@ -114,7 +118,10 @@ def resume_point(config: UnlearnConfig) -> str | None:
 class UnlearningTrainer:
     """Trains `model` (a transformers causal LM) on `streams` with the settings of `config`.
 
-    config.output_dir receives checkpoints/, log.jsonl, run.json and, at the end, model/ (LoRA merged in).
+    config.output_dir receives checkpoints/, log.jsonl, run.json and, at the end, model/ (LoRA merged in) and,
+    with LoRA, adapter/ (PEFT's save_pretrained before the merge: PeftModel.from_pretrained(base, adapter/) is
+    the trained model, where model/ lost the part of the update its weights' precision rounds away; the share
+    lost is run.json's merge_rounding_error, and a warning names it above lora_merge.MERGE_ERROR_WARNING).
     step_callback(record) runs on the main process after every step.
     """
 
@@ -335,8 +342,15 @@ class UnlearningTrainer:
         # FSDP: gather full weights (collective); the keys of the objective's "model." submodule are the model's.
         state = ({k.removeprefix("model."): v for k, v in full_model_state(objective).items()}
                  if self.sharded else None)
+        lora = hasattr(self.model, "merge_and_unload")
+        if lora:  # every process: they hold the same replica (LoRA runs under DDP only), and return one summary
+            summary.adapter_dir = os.path.join(out, "adapter")
+            summary.merge_rounding_error = merge_rounding_error(self.model)
         if acc.is_main_process:
-            if hasattr(self.model, "merge_and_unload"):
+            if lora:
+                with atomic_directory(summary.adapter_dir) as tmp:
+                    self.model.save_pretrained(tmp)
+                _warn_of_a_lossy_merge(summary)
                 self.model = self.model.merge_and_unload()
             with atomic_directory(model_dir) as tmp:
                 self.model.save_pretrained(tmp, state_dict=state)
@@ -345,6 +359,19 @@ class UnlearningTrainer:
             write_text_atomic(os.path.join(out, "run.json"), json.dumps(asdict(summary), indent=1))
         acc.wait_for_everyone()
         return summary
+
+
+def _warn_of_a_lossy_merge(summary: RunSummary) -> None:
+    """Warns when model/ lost more of the LoRA update than MERGE_ERROR_WARNING: a silently weaker model."""
+    error = summary.merge_rounding_error
+    if error is not None and error > MERGE_ERROR_WARNING:
+        warnings.warn(f"merging the LoRA adapter into the weights of {summary.model_dir} lost {error:.1%} of its "
+                      f"update (merge_rounding_error {error:.4g} > {MERGE_ERROR_WARNING:g}: the weights' precision, "
+                      "e.g. bf16, rounds small changes away), so that model is not the model trained. The "
+                      f"unmerged adapter in {summary.adapter_dir} keeps the update exactly: serve it on the base "
+                      "model (PeftModel.from_pretrained(base, adapter_dir), base loaded in the dtype it trained "
+                      "in), or train with fp32 weights (precision fp32 or bf16-mixed), whose merge keeps it",
+                      stacklevel=4)
 
 
 def _torch_optimizer(optimizer) -> torch.optim.Optimizer:

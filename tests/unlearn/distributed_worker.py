@@ -124,6 +124,13 @@ def run(root, scenario):
         trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), streams(), config, accelerator=accelerator("fsdp2"))
         trainer.step_callback = scale_head_shard_after_step_1(trainer.model)
         trainer.train()
+    elif scenario == "ddp_lora_bf16":  # every process reports what the merge lost, the main one saves
+        config = UnlearnConfig(output_dir=os.path.join(root, scenario), lora=True, lora_rank=4, precision="bf16",
+                               **{**SETTINGS, "lr": 1e-5})
+        summary = UnlearningTrainer(tiny_llama(len(byte_bpe_tokenizer())), streams(), config,
+                                    accelerator=accelerator("ddp")).train()
+        with open(os.path.join(root, scenario, f"merge-rank{torch.distributed.get_rank()}.json"), "w") as f:
+            json.dump(summary.merge_rounding_error, f)
     elif scenario == "nonfinite":
         restore = poison_process_1_at_step_2()
         try:

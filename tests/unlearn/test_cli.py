@@ -57,6 +57,26 @@ def test_train_from_config_file_with_overrides(workspace, capsys):
     assert json.loads(capsys.readouterr().out)["steps"] == 2
 
 
+def test_bf16_lora_reports_and_warns_of_what_the_merge_lost(workspace, capsys):
+    out = workspace / "out"
+    with pytest.warns(UserWarning, match=r"lost .*% of its update.*out/adapter keeps the update exactly"):
+        code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--max-steps", "2", "--lr", "1e-5",
+                     "--lora", "--lora-rank", "4", "--precision", "bf16", "--output-dir", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert report["adapter_dir"] == str(out / "adapter") and (out / "adapter" / "adapter_config.json").is_file()
+    assert report["merge_rounding_error"] == json.loads((out / "run.json").read_text())["merge_rounding_error"] > 0.5
+
+
+def test_help_tells_what_a_merge_into_bf16_weights_loses(capsys):
+    with pytest.raises(SystemExit):
+        main(["unlearn", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in ["adapter/ (with --lora: the unmerged PEFT adapter", "merge_rounding_error",
+                   "rounds small updates (such as the default --lr gives) largely away", "warned of above 10%"]:
+        assert phrase in text, phrase
+
+
 def test_check_loads_everything_and_writes_nothing(workspace, capsys):
     code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
                  "--check"])

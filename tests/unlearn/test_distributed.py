@@ -1,5 +1,6 @@
 """The trainer under two gloo processes on the CPU, through accelerate: DDP, FSDP2 (lm_head in the root unit
-or in a unit of its own), FSDP1, the cached reference under FSDP2, and errors raised on every process.
+or in a unit of its own), FSDP1, the cached reference under FSDP2, LoRA under DDP, and errors raised on every
+process.
 
 Process r of 2 draws batch 2*step + r, as micro-batch r of one process that accumulates two micro-batches
 does, so each distributed run must end where that single-process run ends (fp32: to rounding). All
@@ -22,7 +23,7 @@ from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama
 pytest.importorskip("accelerate")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCENARIOS = ["ddp", "fsdp2", "fsdp2_head_unit", "fsdp1", "fsdp2_cached", "fsdp2_cached_bf16",
-             "fsdp2_cached_head_changed", "nonfinite"]
+             "fsdp2_cached_head_changed", "ddp_lora_bf16", "nonfinite"]
 TERMS = ("loss", "forget_nll", "mismatch_nll", "normal_kl")
 
 
@@ -157,6 +158,16 @@ def test_fsdp2_cached_reference(runs, single):
     assert outcomes(changed) == ["RuntimeError: reference='cached': the lm_head weight was modified after the "
                                  "reference was cached"] * 2
     assert [r["step"] for r in log(changed)] == [1] and not (changed / "model").exists()
+
+
+def test_bf16_lora_under_ddp_saves_its_adapter_and_every_process_reports_what_the_merge_lost(runs):
+    peft = pytest.importorskip("peft")
+    path = runs / "ddp_lora_bf16"
+    assert outcomes(path) == ["ok", "ok"]
+    error = json.loads((path / "run.json").read_text())["merge_rounding_error"]
+    assert error > 0.5 and [json.loads((path / f"merge-rank{r}.json").read_text()) for r in range(2)] == [error] * 2
+    adapted = peft.PeftModel.from_pretrained(tiny_llama(len(byte_bpe_tokenizer())), path / "adapter")
+    assert adapted.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.abs().max() > 0
 
 
 def test_non_finite_loss_on_one_process_stops_both(runs):

@@ -163,6 +163,8 @@ def test_max_steps_schedule_compute_and_outputs(tmp_path):
     assert summary.compute["flops"] > 0 and summary.compute["device_seconds"] > 0
     saved = json.loads((tmp_path / "run" / "run.json").read_text())
     assert saved["steps"] == 3 and saved["last"]["step"] == 3
+    assert saved["adapter_dir"] is None and saved["merge_rounding_error"] is None  # no LoRA, no merge
+    assert not (tmp_path / "run" / "adapter").exists()
     reloaded = type(trainer.model).from_pretrained(tmp_path / "run" / "model")
     for (name, a), (_, b) in zip(trainer.model.named_parameters(), reloaded.named_parameters()):
         assert torch.equal(a, b), name
