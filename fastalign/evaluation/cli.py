@@ -217,6 +217,8 @@ def _evaluate_model(args) -> dict:
               if args.normal_prompts else None)
     if (normal is None) != (args.reference is None):
         raise UsageError("--reference and --normal-prompts go together (utility needs both)")
+    if args.reference not in (None, DEMO_MODEL) and not os.path.isdir(args.reference):   # loaded after every answer
+        raise UsageError(f"--reference: no model directory at {args.reference!r}")
     if args.system is not None and args.template != "chat":
         raise UsageError(f"--system is a turn of the chat template: it needs --template chat, not {args.template}")
     try:

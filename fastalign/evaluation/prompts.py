@@ -34,15 +34,24 @@ def chat_prompt(tokenizer, text: str, system: Optional[str] = None) -> str:
     return ChatTemplate(tokenizer, system).prompt(text)
 
 
+# Data files that are none of the formats read: as text, their lines of syntax (or a csv header) became prompts.
+_UNREAD_DATA_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz", ".csv", ".csv.gz")
+
+
 def read_prompts(path: str, field: str = "prompt") -> List[str]:
     """The prompts of a .jsonl(.gz), .csv or text file, in file order; ValueError naming the file and line if
-    bad (DataError for an unreadable file)."""
+    bad (DataError for an unreadable file), and for a data file of another format (.json, .csv.gz, .JSONL)
+    rather than reading its lines as prompts."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file not found: {path}")
     if path.endswith((".jsonl", ".jsonl.gz")):
         prompts = _read_jsonl(path, field)
     elif path.endswith(".csv"):
         prompts = _read_csv(path, field)
+    elif path.lower().endswith(_UNREAD_DATA_SUFFIXES):
+        raise ValueError(f"{path}: a JSON document, a gzipped csv or an upper-case suffix is not read: give a "
+                         ".jsonl(.gz) file (one JSON object per line), a .csv file or a text file (one prompt per "
+                         "line)")
     else:
         prompts = [line.rstrip("\r\n").replace("\\n", "\n") for line in read_text(path).split("\n") if line.strip()]
     if not prompts:

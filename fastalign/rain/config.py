@@ -54,11 +54,14 @@ class RainConfig:
         q_range = tuple(self.initial_q_range)
         low, high = q_range if len(q_range) == 2 else (math.nan, math.nan)
         counts = {name: getattr(self, name) for name in ("candidates", "sample_top_k", "max_children", "widen_group",
-                                                         "max_length", "max_new_tokens", "parallel_leaves")}
+                                                         "max_length", "max_new_tokens", "parallel_leaves", "seed")}
         counts.update({f"token_set_lengths[{i}]": n for i, n in enumerate(self.token_set_lengths)})
         for name, value in counts.items():     # a float length never equals a count: sets ran past max_length
             if not isinstance(value, numbers.Integral) or isinstance(value, bool):
                 raise ValueError(f"RainConfig: {name} must be an integer, got {value!r}")
+        for name in ("rollout_stop_chars", "turn_marker"):   # else every prompt failed once the model ran
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"RainConfig: {name} must be a text, got {getattr(self, name)!r}")
         checks = [
             (self.exploration >= 0, "exploration must be >= 0"),
             (low <= high, f"initial_q_range must be (low, high) with low <= high, got {self.initial_q_range!r}"),

@@ -103,16 +103,29 @@ class JudgePrompt:
         return "\n".join([self.options_header] + lines) if self.options_header else "\n".join(lines)
 
 
+def _check_types(prompt: JudgePrompt) -> None:
+    """ValueError naming the first setting of the wrong type (a config file's number or "AB" where texts
+    belong, a quoted 'no' read as true), before it crashes or silently misreads."""
+    for name in ("template", "harmless", "harmful", "option_line", "options_header", "answer_prefix", "dialogue"):
+        if not isinstance(getattr(prompt, name), str):
+            raise ValueError(f"JudgePrompt.{name} must be a text, got {getattr(prompt, name)!r}")
+    if not isinstance(prompt.labels, (tuple, list)) or not all(isinstance(label, str) for label in prompt.labels):
+        raise ValueError(f"JudgePrompt.labels must be two different non-empty strings, got {prompt.labels!r}")
+    if not isinstance(prompt.use_chat_template, bool):
+        raise ValueError(f"JudgePrompt.use_chat_template must be true or false, got {prompt.use_chat_template!r}")
+
+
 class JudgeTokens:
     """The token pieces of a judge prompt for one tokenizer, and the scoring rule.
 
-    Raises ValueError when the template has no conversation slot, when the options come before the
-    conversation, when the two option orders read the same, or when an option label is not exactly one token
-    where the model must produce it."""
+    Raises ValueError when a setting has the wrong type, when the template has no conversation slot, when the
+    options come before the conversation, when the two option orders read the same, or when an option label is
+    not exactly one token where the model must produce it."""
 
     def __init__(self, tokenizer, prompt: JudgePrompt = JudgePrompt()):
         self.tokenizer = tokenizer
         self.prompt = prompt
+        _check_types(prompt)
         if CONVERSATION_SLOT not in prompt.template:
             raise ValueError(f"JudgePrompt.template has no place for the conversation: it must contain "
                              f"{CONVERSATION_SLOT!r}")

@@ -88,6 +88,16 @@ def test_prompt_longer_than_context_is_a_clear_error(model_dir, tmp_path, capsys
     assert records(out) == [{"kept": True}]  # checked before anything was overwritten
 
 
+def test_missing_reference_path_is_an_error_before_any_answer(harmful_prompts, model_dir, tmp_path, capsys):
+    """The reference loads only for utility, after every harmful prompt was answered and judged: its missing
+    directory stopped the command only then, without a summary."""
+    out = tmp_path / "o.jsonl"
+    assert run("--model", model_dir, "--prompts", harmful_prompts, "--output", out, "--judge", "keyword",
+               "--keywords", "x", "--reference", tmp_path / "nowhere", "--normal-prompts", harmful_prompts) == 2
+    assert "--reference: no model directory at" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--judge", "keyword"], "needs --keywords"),
     (["--judge", "moderation"], "--judge moderation needs --moderation-model DIR"),

@@ -22,11 +22,21 @@ def test_every_format_gives_the_same_prompts_in_file_order(tmp_path):
         assert read_prompts(str(tmp_path / name), "q") == PROMPTS, name
 
 
+def test_a_gzipped_csv_is_not_read_as_lines_of_text(tmp_path):
+    with gzip.open(tmp_path / "p.csv.gz", "wt") as f:
+        f.write("q\nhi\n")
+    with pytest.raises(ValueError, match="a gzipped csv"):
+        read_prompts(str(tmp_path / "p.csv.gz"), "q")
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("p.jsonl", '{"q": "hi"}\n{"q": ""}\n', "line 2: field 'q' must be a non-empty string"),
     ("p.jsonl", '{"q": "hi"}\n{"r": "x"}\n', "line 2: expected an object with field 'q'"),
     ("p.csv", "r\nhi\n", "no column 'q'"),
     ("p.txt", "\n  \n", "no prompts"),
+    # data files read as text gave their lines of syntax ('[', '{"q": ...},') or csv header as prompts
+    ("p.json", '[\n {"q": "hi"}\n]\n', "a JSON document, a gzipped csv or an upper-case suffix is not read"),
+    ("p.JSONL", '{"q": "hi"}\n', "a JSON document, a gzipped csv or an upper-case suffix is not read"),
 ])
 def test_bad_files_name_the_file_and_line(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)

@@ -394,6 +394,12 @@ def test_rain_config_file_sets_every_constant_and_options_override_it(rain_setup
     ("judge: [A, B]\n", "'judge' must be a mapping"),
     ("exploration: lots\n", "a setting has the wrong type"),
     ("token_set_lengths: [1, 2.5]\n", "token_set_lengths[1] must be an integer"),
+    # wrong types crashed with a traceback, failed every prompt after the model loaded, or were misread
+    ("turn_marker: 5\n", "turn_marker must be a text, got 5"),
+    ("seed: 1.5\n", "seed must be an integer, got 1.5"),
+    ("judge:\n  dialogue: 5\n", "JudgePrompt.dialogue must be a text, got 5"),
+    ("judge:\n  labels: AB\n", "JudgePrompt.labels must be two different non-empty strings, got 'AB'"),
+    ("judge:\n  use_chat_template: 'no'\n", "JudgePrompt.use_chat_template must be true or false, got 'no'"),
 ])
 def test_rain_bad_config_file_is_a_usage_error_before_the_model_loads(rain_setup, tmp_path, monkeypatch, capsys,
                                                                         content, message):
