@@ -31,7 +31,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
     [[ -z "$(git status --porcelain --untracked-files=no)" ]] || echo -n "-dirty" >> .carry/commit
     # and what the tracked files held then (bench/results aside: the session empties it), so that results of a
     # tree changed since this --prepare are labelled <commit>-stale, not with a commit they did not measure
-    git ls-files -z -- . ':!bench/results' | xargs -0 sha256sum > .carry/tracked.sha256
+    git ls-files -z -- . ':!bench/results' | xargs -0 sha256sum > .carry/tracked.sha256 2>/dev/null || true  # deleted: left out
     ls -la .whl .carry/data
     exit 0
 fi
