@@ -81,8 +81,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--judge-dialogue",
                         help="with --template chat: how the judge's conversation shows a user message ({prompt}; "
                              f"\\n for a newline); the reply follows it (default: {typed_dialogue})")
-    parser.add_argument("--judge-chat-template", "--chat-template", dest="chat_template", action="store_true",
-                        default=None, help="render the judge prompt itself with the chat template")
+    parser.add_argument("--judge-chat-template", "--chat-template", dest="chat_template",
+                        action=argparse.BooleanOptionalAction,
+                        help="render the judge prompt itself with the chat template (default: off, or --config's "
+                             "judge.use_chat_template)")
     parser.add_argument("--no-vanilla", action="store_true", help="skip the greedy decoding baseline")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK where CUDA is present, else cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",

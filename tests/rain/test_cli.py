@@ -421,3 +421,11 @@ def test_rain_judge_prompt_too_long_for_the_context_is_a_usage_error_before_the_
     assert main(args) == 2
     assert "leave no room for a conversation in the model's context of 40 tokens" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_rain_judge_chat_template_switches_either_way_over_the_config_file(tmp_path):
+    (tmp_path / "rain.yaml").write_text("judge:\n  use_chat_template: true\n")
+    base = ["rain", "--model", "m", "--hh", "h", "--output", "o", "--config", str(tmp_path / "rain.yaml")]
+    assert settings(build_parser().parse_args(base))[1].use_chat_template is True
+    assert settings(build_parser().parse_args(base + ["--no-judge-chat-template"]))[1].use_chat_template is False
+    assert settings(build_parser().parse_args(base[:-2] + ["--chat-template"]))[1].use_chat_template is True
