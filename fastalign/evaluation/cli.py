@@ -37,7 +37,7 @@ from .answers import read_answers
 from .generation import GenerationConfig, encode_prompts
 from .harness import JudgeError, answer_rates, evaluate_utility, iter_judged, iter_judged_answers
 from .judges import KeywordJudge, ModerationJudge
-from .prompts import chat_prompt, read_prompts, spec_prompt
+from .prompts import chat_prompter, read_prompts, spec_prompt
 
 DEMO_MODEL = "demo"
 JUDGES = ("world", "keyword", "moderation", "callable")
@@ -198,7 +198,8 @@ def _rendered(prompts: List[str], args, tokenizer) -> List[str]:
     if args.template == "raw":
         return prompts
     try:
-        return [chat_prompt(tokenizer, p, args.system) for p in prompts]
+        template = chat_prompter(tokenizer, args.system)
+        return [template.prompt(p) for p in prompts]
     except ValueError as exc:
         raise UsageError(f"--template chat{' with --system' if args.system is not None else ''}: {exc}; "
                          "use --template spec or raw") from None

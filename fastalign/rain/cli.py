@@ -21,7 +21,7 @@ import torch
 
 from fastalign.cli import HelpFormatter
 from fastalign.evaluation.generation import eos_ids, pad_id
-from fastalign.evaluation.prompts import chat_prompt, read_prompts
+from fastalign.evaluation.prompts import chat_prompter, read_prompts
 from fastalign.unlearn.encoding import tokenize_texts
 from fastalign.unlearn.config import dataclass_from_dict, read_config_file
 from fastalign.unlearn.records import read_jsonl
@@ -239,6 +239,7 @@ def _run(args) -> int:
     placement = join_from_env()
     try:
         device = args.device or (f"cuda:{placement.local_rank}" if torch.cuda.is_available() else "cpu")
+        render = chat_prompter(tokenizer, args.system).prompt if chat else (lambda prompt: prefix + prompt)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
         done = done_indices(args.output)
         mine = placement.share(range(len(prompts)))   # skipped ones counted per share: other ranks write meanwhile
@@ -250,9 +251,8 @@ def _run(args) -> int:
                 index = todo[result.index]
                 vanilla = None
                 if not args.no_vanilla and result.error is None:
-                    prompt = chat_prompt(tokenizer, prompts[index], args.system) if chat else prefix + prompts[index]
-                    vanilla = greedy_answer(model, tokenizer, prompt, config.max_new_tokens, config.turn_marker,
-                                            config.max_length)
+                    vanilla = greedy_answer(model, tokenizer, render(prompts[index]), config.max_new_tokens,
+                                            config.turn_marker, config.max_length)
                 out.write(json.dumps({"index": index, "prompt": prompts[index], "rain": result.answer,
                                       "vanilla": vanilla, "error": result.error,
                                       "stats": result.stats.as_dict()}) + "\n")
@@ -298,7 +298,7 @@ def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):
                          f"--config): {exc}") from None
     if chat:
         try:
-            chat_prompt(tokenizer, "Hi", args.system)
+            chat_prompter(tokenizer, args.system)
         except ValueError as exc:
             raise UsageError(f"--template chat{' with --system' if args.system is not None else ''}: {exc}") from None
     context = getattr(AutoConfig.from_pretrained(args.model), "max_position_embeddings", None)

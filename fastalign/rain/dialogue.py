@@ -4,7 +4,7 @@ The reference decodes the whole token state and checks its last character; decod
 gives the same last character at a fraction of the cost (the full text is decoded only when the tail
 decodes to nothing, e.g. special tokens).
 """
-from typing import AbstractSet, List, Optional, Sequence
+from typing import AbstractSet, List, Sequence
 
 from fastalign.unlearn.encoding import tokenize_texts
 from fastalign.unlearn.templates import ChatTemplate
@@ -82,7 +82,7 @@ def judge_path_ids(tokens: Sequence[int], end_ids: AbstractSet[int]) -> List[int
     return [t for t in tokens if t not in end_ids]
 
 
-def reply_lead(tokenizer, judge, system: Optional[str]) -> str:
+def reply_lead(tokenizer, judge, template: ChatTemplate) -> str:
     """What the judge's dialogue needs before a chat answer so that it reads as in the few-shot examples
     ("Assistant: Sure"): " " when the answer's first token, as the chat template writes it, brings no space of
     its own (a byte-level BPE after the template's newlines: "Sure", read "Assistant:Sure"), else "" (a
@@ -90,7 +90,6 @@ def reply_lead(tokenizer, judge, system: Optional[str]) -> str:
     dialogue = judge.dialogue_text("Hi")
     if dialogue[-1:].isspace():
         return ""
-    template = ChatTemplate(tokenizer, system)
     try:
         rendered = template.render("Hi", "Sure")     # the answer's first token reads "Sure", "S", " Sure", ...
     except ValueError:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
 
 from fastalign.evaluation.generation import eos_ids
-from fastalign.evaluation.prompts import chat_prompt
+from fastalign.evaluation.prompts import chat_prompter
+from fastalign.unlearn.templates import ChatTemplate
 from fastalign.unlearn.encoding import tokenize_texts
 
 from .config import RainConfig
@@ -58,20 +59,20 @@ def _context(model) -> Optional[int]:
 
 
 def _prepare(index: int, prompt: str, tokenizer, judge: JudgeTokens, prefix_ids: List[int], config: RainConfig,
-             context: Optional[int], required: RequiredPrefixes, prefix_key: int, chat_template: bool,
-             system: Optional[str], lead: str) -> PromptContext:
+             context: Optional[int], required: RequiredPrefixes, prefix_key: int,
+             template: Optional[ChatTemplate], lead: str) -> PromptContext:
     """The prompt's context; ValueError for a prompt that is not a string, is empty or leaves no room to
-    answer (the answer is also kept short enough for its judge prompt to fit the model's context). With
-    `chat_template` the prompt is a user message: the model reads its chat-template rendering (after the
-    `system` turn), the judge reads it in JudgePrompt.dialogue followed by `lead` (see dialogue.reply_lead)."""
+    answer (the answer is also kept short enough for its judge prompt to fit the model's context). With a chat
+    `template` the prompt is a user message: the model reads its rendering (after the template's system turn),
+    the judge reads it in JudgePrompt.dialogue followed by `lead` (see dialogue.reply_lead)."""
     if not isinstance(prompt, str):
         raise ValueError(f"prompt {index} must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
         raise ValueError(f"prompt {index} is empty")
-    text = chat_prompt(tokenizer, prompt, system) if chat_template else prompt
+    text = template.prompt(prompt) if template else prompt
     prompt_ids = list(tokenize_texts(tokenizer, [text], add_special_tokens=not prefix_ids)["input_ids"][0])
     root_ids = list(prefix_ids) + prompt_ids
-    head_text = judge.dialogue_text(prompt) + lead if chat_template else prompt.lstrip()
+    head_text = judge.dialogue_text(prompt) + lead if template else prompt.lstrip()
     head_ids = judge.head_ids(head_text)
     max_length = config.max_length
     if config.max_new_tokens:
@@ -118,10 +119,9 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     if chat_template and generation_prefix:
         raise ValueError("generation_prefix goes before the prompt's text, but with chat_template the chat "
                          "template starts the sequence: give instructions as the system turn instead")
-    if chat_template:
-        chat_prompt(tokenizer, "Hi", system)   # no chat template, or one refusing a system role: ValueError here
+    template = chat_prompter(tokenizer, system) if chat_template else None   # checked here, not per prompt
     judge = JudgeTokens(tokenizer, judge_prompt)
-    lead = reply_lead(tokenizer, judge, system) if chat_template else ""
+    lead = reply_lead(tokenizer, judge, template) if template else ""
     end_ids = frozenset(eos_ids(model, tokenizer))
     embedder = make_embedder(embedding, "cpu") if isinstance(embedding, str) else embedding
     draw = make_sampler(sampler, config.seed) if isinstance(sampler, str) else sampler
@@ -139,7 +139,7 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     for i, prompt in enumerate(prompts):
         try:
             queue.append(_prepare(i, prompt, tokenizer, judge, prefix_ids, config, context, required, prefix_key,
-                                  chat_template, system, lead))
+                                  template, lead))
         except ValueError as err:
             results[i].error = str(err)
             if on_result:

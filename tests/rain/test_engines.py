@@ -550,6 +550,7 @@ def test_chat_answers_follow_the_judge_dialogue_after_a_space(monkeypatch):
     from transformers import PreTrainedTokenizerFast
 
     from fastalign.rain.dialogue import reply_lead
+    from fastalign.unlearn.templates import ChatTemplate
     from fastalign.rain.judge import JudgeTokens
     from tests.byte_bpe import train_byte_bpe
 
@@ -571,7 +572,7 @@ def test_chat_answers_follow_the_judge_dialogue_after_a_space(monkeypatch):
     judged = [ids for ids in fed if ids[:len(judge.prefix_ids)] == judge.prefix_ids]
     assert judged and all(ids[:len(head)] == head for ids in judged)
     assert reply_lead(tok, JudgeTokens(tok, dataclasses.replace(SHORT_JUDGE, dialogue="Human: {prompt}\n\n")),
-                       None) == ""
+                      ChatTemplate(tok)) == ""
     sentencepiece = _sentencepiece_style_tokenizer()
     sentencepiece.chat_template = LLAMA2_LIKE
-    assert reply_lead(sentencepiece, JudgeTokens(sentencepiece, SHORT_JUDGE), None) == ""
+    assert reply_lead(sentencepiece, JudgeTokens(sentencepiece, SHORT_JUDGE), ChatTemplate(sentencepiece)) == ""
