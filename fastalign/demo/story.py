@@ -166,15 +166,21 @@ def run_demo(settings: DemoSettings = DemoSettings(), progress: bool = True,
         model, tokenizer = load_model(model_dir)
         original, _ = load_model(model_dir)
         world = load_world(model_dir)
+    original_generations: Dict[tuple, List[Generation]] = {}
+
+    def original_answers(prompts: List[str]) -> List[str]:   # kept: the KL is taken on their token ids
+        original_generations[tuple(prompts)] = greedy_generations(model, tokenizer, prompts)
+        return [g.text for g in original_generations[tuple(prompts)]]
+
     with phase("evaluate_before"):
-        before = evaluate(world, lambda prompts: greedy_answers(model, tokenizer, prompts))
+        before = evaluate(world, original_answers)
     with phase("unlearn"), tempfile.TemporaryDirectory(prefix="fastalign-demo-") as tmp:
         summary = unlearn(model, tokenizer, world, settings, progress, tmp)
     model.to(original.device).eval()  # the trainer may have moved it to an accelerator
     with phase("evaluate_after"):
         after = evaluate(world, lambda prompts: greedy_answers(model, tokenizer, prompts))
         # on the token ids of the original's greedy answers, their end token included
-        normal = greedy_generations(original, tokenizer, [prompt_text(qa.question) for qa in world.normal_eval])
+        normal = original_generations[tuple(prompt_text(qa.question) for qa in world.normal_eval)]
         kl = mean_token_kl_of_ids(model, original, [(g.prompt_ids, g.answer_ids) for g in normal])
     rain_scores = None
     if rain:

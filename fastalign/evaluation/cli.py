@@ -32,12 +32,13 @@ from typing import List, Optional
 import torch
 
 from fastalign.cli import HelpFormatter
+from fastalign.unlearn.templates import ChatTemplate
 
 from .answers import read_answers
 from .generation import GenerationConfig, encode_prompts
 from .harness import JudgeError, answer_rates, evaluate_utility, iter_judged, iter_judged_answers
 from .judges import KeywordJudge, ModerationJudge
-from .prompts import chat_prompter, read_prompts, spec_prompt
+from .prompts import read_prompts, spec_prompt
 
 DEMO_MODEL = "demo"
 JUDGES = ("world", "keyword", "moderation", "callable")
@@ -198,7 +199,7 @@ def _rendered(prompts: List[str], args, tokenizer) -> List[str]:
     if args.template == "raw":
         return prompts
     try:
-        template = chat_prompter(tokenizer, args.system)
+        template = ChatTemplate(tokenizer, args.system)
         return [template.prompt(p) for p in prompts]
     except ValueError as exc:
         raise UsageError(f"--template chat{' with --system' if args.system is not None else ''}: {exc}; "

@@ -28,16 +28,7 @@ def chat_prompt(tokenizer, text: str, system: Optional[str] = None) -> str:
     `fastalign unlearn --chat-template [--system]` trains. The result usually starts with the BOS token's text;
     generation (`encode_prompts`) keeps that one BOS. ValueError when the tokenizer has no chat template, the
     template refuses the conversation (e.g. one without a system role, given `system`) or drops `system`."""
-    return chat_prompter(tokenizer, system).prompt(text)
-
-
-def chat_prompter(tokenizer, system: Optional[str] = None) -> ChatTemplate:
-    """What `chat_prompt` renders with, checked once for many prompts (`.prompt(text)` each): ValueError when
-    the tokenizer has no chat template, or the template refuses or drops `system`."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"the tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} "
-                         "has no chat template (tokenizer.chat_template is not set)")
-    return ChatTemplate(tokenizer, system)
+    return ChatTemplate(tokenizer, system).prompt(text)
 
 
 # Data files that are none of the formats read: as text, their lines of syntax (or a csv header) became prompts.

@@ -21,10 +21,11 @@ import torch
 
 from fastalign.cli import HelpFormatter
 from fastalign.evaluation.generation import eos_ids, pad_id
-from fastalign.evaluation.prompts import chat_prompter, read_prompts
+from fastalign.evaluation.prompts import read_prompts
 from fastalign.unlearn.encoding import tokenize_texts
 from fastalign.unlearn.config import dataclass_from_dict, read_config_file
-from fastalign.unlearn.records import read_jsonl
+from fastalign.unlearn.records import DataError, read_jsonl, read_text
+from fastalign.unlearn.templates import ChatTemplate
 
 from .config import RainConfig
 from .judge import JudgePrompt
@@ -112,7 +113,7 @@ def settings(args):
     judge_flags = {"labels": args.labels.split(",") if args.labels is not None else None,
                    "dialogue": args.judge_dialogue.replace("\\n", "\n") if args.judge_dialogue is not None else None,
                    "use_chat_template": args.chat_template,
-                   "template": read_text(args.judge_template_file, "--judge-template-file")
+                   "template": option_text(args.judge_template_file, "--judge-template-file")
                    if args.judge_template_file else None}
     search = {"max_new_tokens": CLI_MAX_NEW_TOKENS, **values, **{k: v for k, v in flags.items() if v is not None}}
     judge = {**judge_values, **{k: v for k, v in judge_flags.items() if v is not None}}
@@ -148,17 +149,15 @@ def hh_prompts(path: str):
     return [HH_HUMAN + message + HH_ASSISTANT for message in hh_messages(path)]
 
 
-def read_text(path: Optional[str], argument: str) -> str:
-    """The text of the file `argument` names ("" when not given); UsageError when it is missing or unreadable."""
+def option_text(path: Optional[str], argument: str) -> str:
+    """The text of the file `argument` names ("" when not given; Windows line ends read as "\\n"); UsageError
+    when it is missing or unreadable."""
     if path is None:
         return ""
-    if not os.path.isfile(path):
-        raise UsageError(f"{argument}: no file at {path!r}")
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{argument}: cannot read {path!r}: {exc}") from None
+        return read_text(path).replace("\r\n", "\n")
+    except DataError as exc:
+        raise UsageError(f"{argument}: {exc}") from None
 
 
 @torch.no_grad()
@@ -228,18 +227,18 @@ def _run(args) -> int:
     if args.output.endswith(".gz"):    # plain text under that name: `fastalign eval --answers` would gunzip it
         raise UsageError(f"--output: records are appended as plain text, so not to a .gz file: {args.output!r}")
     config, judge = settings(args)    # bad settings are usage errors found before the model loads
-    tokenizer = _checked_tokenizer(args, judge, chat)
+    tokenizer, template = _checked_tokenizer(args, judge, chat)
     try:
         embedder = make_embedder(args.embedding)   # else every prompt failed after its first iteration
     except (ValueError, ImportError) as exc:
         raise UsageError(str(exc)) from None
     if args.limit:
         prompts = prompts[:args.limit]
-    prefix = read_text(args.generation_prefix_file, "--generation-prefix-file")
+    prefix = option_text(args.generation_prefix_file, "--generation-prefix-file")
     placement = join_from_env()
     try:
         device = args.device or (f"cuda:{placement.local_rank}" if torch.cuda.is_available() else "cpu")
-        render = chat_prompter(tokenizer, args.system).prompt if chat else (lambda prompt: prefix + prompt)
+        render = template.prompt if chat else (lambda prompt: prefix + prompt)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
         done = done_indices(args.output)
         mine = placement.share(range(len(prompts)))   # skipped ones counted per share: other ranks write meanwhile
@@ -283,8 +282,9 @@ def _run(args) -> int:
 
 
 def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):
-    """The model's tokenizer, once it serves the judge prompt and the chat template, and the judge prompt fits
-    the model's context with room to answer (else every prompt failed): UsageError before anything loads."""
+    """The model's tokenizer and its checked chat template (None without --template chat), once the tokenizer
+    serves the judge prompt and the chat template, and the judge prompt fits the model's context with room to
+    answer (else every prompt failed): UsageError before anything loads."""
     from transformers import AutoConfig, AutoTokenizer
 
     from .generate import JUDGE_MARGIN
@@ -296,9 +296,10 @@ def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):
     except ValueError as exc:
         raise UsageError(f"judge prompt (--judge-template-file, --labels, --judge-dialogue, --judge-chat-template, "
                          f"--config): {exc}") from None
+    template = None
     if chat:
         try:
-            chat_prompter(tokenizer, args.system)
+            template = ChatTemplate(tokenizer, args.system)
         except ValueError as exc:
             raise UsageError(f"--template chat{' with --system' if args.system is not None else ''}: {exc}") from None
     context = getattr(AutoConfig.from_pretrained(args.model), "max_position_embeddings", None)
@@ -307,7 +308,7 @@ def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):
         raise UsageError(f"judge prompt: its {fixed - JUDGE_MARGIN} tokens (with {JUDGE_MARGIN} of slack) leave no "
                          f"room for a conversation in the model's context of {context} tokens; give a shorter one "
                          "(--judge-template-file)")
-    return tokenizer
+    return tokenizer, template
 
 
 def _progress(total: int, rank: int):

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
 
 from fastalign.evaluation.generation import eos_ids
-from fastalign.evaluation.prompts import chat_prompter
 from fastalign.unlearn.templates import ChatTemplate
 from fastalign.unlearn.encoding import tokenize_texts
 
@@ -119,7 +118,7 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     if chat_template and generation_prefix:
         raise ValueError("generation_prefix goes before the prompt's text, but with chat_template the chat "
                          "template starts the sequence: give instructions as the system turn instead")
-    template = chat_prompter(tokenizer, system) if chat_template else None   # checked here, not per prompt
+    template = ChatTemplate(tokenizer, system) if chat_template else None   # checked here, not per prompt
     judge = JudgeTokens(tokenizer, judge_prompt)
     lead = reply_lead(tokenizer, judge, template) if template else ""
     end_ids = frozenset(eos_ids(model, tokenizer))

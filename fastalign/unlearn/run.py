@@ -25,6 +25,15 @@ def _is_csv(path: str) -> bool:
     return path.endswith((".csv", ".csv.gz"))
 
 
+def _chat_template(tokenizer, system) -> ChatTemplate:
+    """ChatTemplate(tokenizer, system), its errors naming the setting that asked for it."""
+    try:
+        return ChatTemplate(tokenizer, system)
+    except ValueError as exc:
+        raise ValueError(f"chat_template (--chat-template): {exc}; use the text template (--template) instead") \
+            from None
+
+
 def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
     """The forget, normal and mismatch streams the config describes, tokenized.
 
@@ -36,7 +45,7 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
     EOS id as an answer token (a chat template's own end-of-turn token instead, where it writes one; see
     encoding.answer_end_id).
     """
-    template = ChatTemplate(tokenizer, config.system) if config.chat_template else TextTemplate(config.template)
+    template = _chat_template(tokenizer, config.system) if config.chat_template else TextTemplate(config.template)
     forget = [pair for path in config.forget for pair in load_pairs(path, config.forget_format)]
     normal_split = _truthfulqa(config, config.normal) if config.normal and _is_csv(config.normal) else None
     normal = pool = None

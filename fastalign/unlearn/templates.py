@@ -56,9 +56,8 @@ class ChatTemplate:
 
     def __init__(self, tokenizer, system: Optional[str] = None):
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("chat_template (--chat-template): the tokenizer has no chat template "
-                             "(tokenizer.chat_template is not set); use the text template (TextTemplate, --template) "
-                             "instead")
+            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+            raise ValueError(f"the tokenizer {name!r} has no chat template (tokenizer.chat_template is not set)")
         if system is not None and not isinstance(system, str):
             raise ValueError(f"ChatTemplate: system must be a string or None, got {system!r}")
         self._tokenizer = tokenizer

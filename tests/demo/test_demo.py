@@ -152,9 +152,11 @@ def test_run_demo_measures_the_unlearned_model_against_the_untouched_original(mo
 
     n = len(world.normal_eval)
     unlearned, (kl_model, kl_reference, kl_sequences) = calls["unlearned"], calls["kl"]
-    assert all(model is unlearned for model in calls["greedy"][:-1]) and calls["greedy"][-1] is kl_reference
+    # before and after: the forgotten, unseen and normal prompts, each generated once by the trained model
+    assert len(calls["greedy"]) == 6 and all(model is unlearned for model in calls["greedy"])
     assert kl_model is unlearned and kl_reference is not unlearned and calls["rain"] is kl_reference
-    # the KL scores the original's generated ids on every normal prompt, an answer that is only an end token too
+    # the KL scores the original's generated ids (those generated before unlearning) on every normal prompt, an
+    # answer that is only an end token too
     assert kl_sequences == [((1, len(prompt_text(qa.question))), (0 if i == 0 else len(" " + qa.answer), 2))
                             for i, qa in enumerate(world.normal_eval)]
     assert result.prompts == {"forgotten": len(world.harmful_forget), "unseen": len(world.harmful_unseen),

@@ -15,7 +15,7 @@ from fastalign.evaluation.generation import encode_prompts
 from fastalign.evaluation.judges import KeywordJudge
 from fastalign.evaluation.prompts import chat_prompt
 from fastalign.rain import JudgePrompt, RainConfig
-from fastalign.rain.cli import greedy_answer, hh_messages, hh_prompts, settings
+from fastalign.rain.cli import UsageError, greedy_answer, hh_messages, hh_prompts, option_text, settings
 from fastalign.rain.distributed import Placement, latest_records, merge_rank_files
 from fastalign.rain.slow import SlowEngine
 from tests.evaluation.chat_model import QUESTION, SYSTEM, chat_tokenizer, rigged_chat_model
@@ -247,7 +247,17 @@ def test_rain_missing_text_file_is_a_usage_error_naming_it(rain_setup, tmp_path,
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_model)
     args = [a for a in args if a != "--judge-template-file" and not a.endswith("judge.txt")]
     assert main(args + [argument, str(tmp_path / "nowhere.txt")]) == 2
-    assert f"fastalign rain: error: {argument}: no file at" in capsys.readouterr().err and not out.exists()
+    assert f"fastalign rain: error: {argument}: data file not found" in capsys.readouterr().err and not out.exists()
+
+
+def test_option_files_read_windows_line_ends_as_newlines(tmp_path):
+    """A judge template or generation prefix saved on Windows: its "\\r\\n" would reach the prompt as "\\r"."""
+    path = tmp_path / "judge.txt"
+    path.write_bytes(b"Judge this.\r\nHuman: {prompt}\r\n")
+    assert option_text(str(path), "--judge-template-file") == "Judge this.\nHuman: {prompt}\n"
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(UsageError, match="--judge-template-file: .*cannot be read as"):
+        option_text(str(path), "--judge-template-file")
 
 
 def test_rain_gz_output_is_a_usage_error(rain_setup, monkeypatch, capsys):
