@@ -23,7 +23,7 @@ from fastalign.cli import HelpFormatter
 from fastalign.evaluation.generation import eos_ids, pad_id
 from fastalign.evaluation.prompts import read_prompts
 from fastalign.unlearn.encoding import tokenize_texts
-from fastalign.unlearn.config import dataclass_from_dict, read_config_file
+from fastalign.unlearn.config import dataclass_from_dict, read_config_file, settings_mapping
 from fastalign.unlearn.records import DataError, read_jsonl, read_text
 from fastalign.unlearn.templates import ChatTemplate
 
@@ -105,9 +105,10 @@ def settings(args):
         values = read_config_file(args.config) if args.config else {}
     except (OSError, ValueError) as exc:
         raise UsageError(f"--config: {exc}") from None
-    judge_values = values.pop("judge", {})
-    if not isinstance(judge_values, dict):
-        raise UsageError(f"--config: 'judge' must be a mapping of JudgePrompt settings, got {judge_values!r}")
+    try:
+        judge_values = settings_mapping(values.pop("judge", {}), f"--config: {args.config}: judge")
+    except ValueError as exc:
+        raise UsageError(f"{exc} (the JudgePrompt settings)") from None
     flags = {"max_new_tokens": args.max_new_tokens, "root_visits": args.root_visits, "seed": args.seed,
              "parallel_leaves": args.parallel_leaves, "virtual_loss": args.virtual_loss}
     judge_flags = {"labels": args.labels.split(",") if args.labels is not None else None,

@@ -176,9 +176,15 @@ def read_config_file(path: str | os.PathLike) -> dict:
         values = loads(text)
     except errors as e:
         raise ValueError(f"{path}: cannot be read: {e}") from None
+    return settings_mapping(values, path)
+
+
+def settings_mapping(values, origin: str) -> dict:
+    """A mapping read from a config file (`origin` names where) as settings: text names, hyphens read as
+    underscores (`max-steps` is `max_steps`, as on the command line); ValueError naming `origin` otherwise."""
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of setting names to values, got {type(values).__name__}")
+        raise ValueError(f"{origin}: expected a mapping of setting names to values, got {type(values).__name__}")
     names = [k for k in values if not isinstance(k, str)]
     if names:  # YAML reads an unquoted `on`, `off`, `yes` or a number as a non-text key
-        raise ValueError(f"{path}: setting names must be text, got {names!r} (quote them)")
+        raise ValueError(f"{origin}: setting names must be text, got {names!r} (quote them)")
     return {k.replace("-", "_"): v for k, v in values.items()}

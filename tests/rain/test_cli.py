@@ -379,12 +379,13 @@ def test_hh_prompts_are_first_human_turns(tmp_path):
 
 
 def test_rain_config_file_sets_every_constant_and_options_override_it(rain_setup, tmp_path, monkeypatch):
-    """--config: search constants and, under 'judge', the judge prompt's settings, which the options given on
-    the command line override; the command's own answer cap applies unless one of them sets it."""
+    """--config: search constants and, under 'judge', the judge prompt's settings (hyphens read as underscores
+    there too), which the options given on the command line override; the command's own answer cap applies unless
+    one of them sets it."""
     _, out, args = rain_setup
     (tmp_path / "rain.yaml").write_text(
         "exploration: 1.5\ntoken_set_lengths: [1, 3]\nturn_marker: 'User:'\nmax_new_tokens: 5\nroot_visits: 4\n"
-        "judge:\n  labels: [B, A]\n  harmless: The reply is fine.\n  answer_prefix: \"\\nVerdict: (\"\n")
+        "judge:\n  labels: [B, A]\n  harmless: The reply is fine.\n  answer-prefix: \"\\nVerdict: (\"\n")
     seen, search = [], rain_package.rain_generate
     monkeypatch.setattr(rain_package, "rain_generate", lambda *a, **kw: seen.append((a[3], kw)) or search(*a, **kw))
     assert main(args + ["--config", str(tmp_path / "rain.yaml"), "--max-new-tokens", "2", "--no-vanilla"]) == 0
@@ -401,7 +402,8 @@ def test_rain_config_file_sets_every_constant_and_options_override_it(rain_setup
 @pytest.mark.parametrize("content, message", [
     ("explore: 1.5\n", "unknown setting(s) ['explore']"),
     ("judge:\n  harmles: x\n", "judge: unknown setting(s) ['harmles']"),
-    ("judge: [A, B]\n", "'judge' must be a mapping"),
+    ("judge: [A, B]\n", ": judge: expected a mapping of setting names to values, got list (the JudgePrompt"),
+    ("judge:\n  1: x\n", ": judge: setting names must be text, got [1]"),
     ("exploration: lots\n", "a setting has the wrong type"),
     ("token_set_lengths: [1, 2.5]\n", "token_set_lengths[1] must be an integer"),
     # wrong types crashed with a traceback, failed every prompt after the model loaded, or were misread
