@@ -29,6 +29,9 @@ class RainConfig:
     widen_variance_per_token: float = 0.03
     widen_max_q: float = 0.0
     widen_group: int = 2                   # greedy + (widen_group - 1) sample attempts for multi-token sets
+    # a node with one child never widens in the reference (torch's unbiased variance of one embedding is NaN);
+    # True widens it too, as a literal reading of the SPEC does (the variance of one embedding is 0)
+    widen_lone_child: bool = False
     # outer loop
     root_visits: int = 50                  # root count (inherited visits included) before committing
     min_new_visits: int = 15
@@ -59,6 +62,8 @@ class RainConfig:
         for name, value in counts.items():     # a float length never equals a count: sets ran past max_length
             if not isinstance(value, numbers.Integral) or isinstance(value, bool):
                 raise ValueError(f"RainConfig: {name} must be an integer, got {value!r}")
+        if not isinstance(self.widen_lone_child, bool):     # a YAML 'no' in quotes is a true string
+            raise ValueError(f"RainConfig: widen_lone_child must be true or false, got {self.widen_lone_child!r}")
         for name in ("rollout_stop_chars", "turn_marker"):   # else every prompt failed once the model ran
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"RainConfig: {name} must be a text, got {getattr(self, name)!r}")

@@ -98,14 +98,15 @@ class SearchTree:
     # --- widening ------------------------------------------------------------------------------------
     def wants_widening(self, node: Node) -> bool:
         """A node widens when it has fewer than max_children children, all with embeddings, whose embedding
-        variance (unbiased, per dimension) has norm below 0.03 * token-set length, and its best child has q < 0."""
+        variance (unbiased, per dimension) has norm below 0.03 * token-set length, and its best child has q < 0.
+        A lone child widens only with widen_lone_child (its variance is then 0; the reference's is NaN)."""
         c = self.config
         children = node.children
-        if len(children) < 2 or len(children) >= c.max_children:
+        if len(children) < (1 if c.widen_lone_child else 2) or len(children) >= c.max_children:
             return False
         if any(ch.embedding is None for ch in children):
             return False
-        variance = torch.stack([ch.embedding for ch in children]).var(dim=0)
+        variance = torch.stack([ch.embedding for ch in children]).var(dim=0, correction=min(1, len(children) - 1))
         threshold = c.widen_variance_per_token * c.token_set_length(node.depth)
         return bool(variance.norm() < threshold) and max(ch.q for ch in children) < c.widen_max_q
 

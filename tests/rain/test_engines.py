@@ -259,6 +259,29 @@ def test_widening_adds_candidates_at_the_root():
     assert all(config.candidates < n <= config.max_children for n in sizes), sizes
 
 
+def test_lone_children_widen_alike_in_both_engines(monkeypatch):
+    """On a confident model (sharpened hash logits) samples repeat, leaving nodes with one child; with
+    widen_lone_child those widen too (widening wanted wherever allowed), and both engines still decide alike."""
+    plain = fake_model.prefix_outputs
+
+    def sharpened(tokens, vocab_size):
+        logits, hidden = plain(tokens, vocab_size)
+        return logits * 8, hidden
+
+    monkeypatch.setattr(fake_model, "prefix_outputs", sharpened)
+    children = {}
+    for lone in (False, True):
+        config = dataclasses.replace(SMALL, root_visits=30, widen_lone_child=lone, widen_variance_per_token=1e9,
+                                     widen_max_q=2.0)
+        out = run_both(HashLM(len(tokenizer())), PROMPTS, config, lambda: HashRunner(len(tokenizer())),
+                       judge_prompt=SHORT_JUDGE, embedding="hidden", sampler="keyed", concurrency=2)
+        slow, (tree, runner) = out["slow"][0], out["tree"]
+        assert decisions(slow) == decisions(tree) and not runner.live
+        children[lone] = [[len(c["children"]) for c in r.commits] for r in tree.results]
+    assert 1 in sum(children[False], [])                   # a lone child was left as it was ...
+    assert children[True] != children[False]               # ... and widened when asked
+
+
 def test_commit_releases_everything_above_the_new_root(monkeypatch):
     """After each commit no span above the new root stays alive, except the deepest computed ancestor
     while the new root itself has no span yet."""

@@ -124,6 +124,18 @@ def test_widening_threshold_scales_with_the_childrens_set_length():
     assert not tree.wants_widening(tree.root)
 
 
+def test_a_lone_child_widens_only_when_asked():
+    """The reference never widens a node with one child (torch's unbiased variance of one embedding is NaN), which
+    a confident model leaves at every depth below the root; widen_lone_child reads the variance as 0."""
+    for lone, widens in ((False, False), (True, True)):
+        tree = tree_with_children([1.0], RainConfig(widen_lone_child=lone))
+        (child,) = tree.root.children
+        child.embedding, child.q = torch.tensor([1.0, 0.0]), -0.5
+        assert tree.wants_widening(tree.root) is widens
+        child.q = 0.5
+        assert not tree.wants_widening(tree.root)         # its value is not below widen_max_q
+
+
 def test_no_widening_at_max_children():
     tree = tree_with_children([0.05] * 20)
     for child in tree.root.children:
@@ -188,6 +200,7 @@ def test_config_validation_and_lengths():
     (dict(initial_q_range=(0.0,)), "initial_q_range"),
     (dict(token_set_lengths=(1, 2.5)), "token_set_lengths\\[1\\]"),   # a 2.5-token set ran past max_length
     (dict(candidates=2.5), "candidates"),
+    (dict(widen_lone_child="no"), "widen_lone_child"),            # a quoted YAML 'no' is a true string
 ])
 def test_config_rejects_constants_that_break_the_search_silently(bad, name):
     with pytest.raises(ValueError, match=f"RainConfig: {name}"):
