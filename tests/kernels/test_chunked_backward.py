@@ -1,5 +1,6 @@
 """The backward's chunk plan as a GPU computes it (the interpreter uses tiny fixed chunks)."""
 import pytest
+import torch
 
 from fastalign.kernels import chunked_backward
 
@@ -11,3 +12,40 @@ def test_gpu_chunk_plan_is_positive_and_within_the_shape(monkeypatch, hidden_siz
     for num_rows, vocab in [(1, 1), (7, 50), (300, 5003), (8192, 128256)]:
         rows, cols = chunked_backward.chunk_plan(num_rows, vocab, hidden_size)
         assert 1 <= rows <= num_rows and 1 <= cols <= vocab, (num_rows, vocab, hidden_size, rows, cols)
+
+
+@pytest.mark.parametrize("hidden_size, vocab", [(2048, 128256), (4096, 128256), (8192, 128256), (8192, 152064)])
+def test_gpu_chunk_plan_takes_at_most_32_segments_in_under_1_percent_of_the_logits(monkeypatch, hidden_size, vocab):
+    """d_weight is rounded once per segment, so their number is bounded whatever N; the scratch that then grows
+    with N (fp32 accumulator, matmul output, G chunk) stays far under the bf16 logits it replaces."""
+    monkeypatch.setattr(chunked_backward, "INTERPRET", False)
+    for num_rows in [1000, 8192, 65536, 1 << 20]:
+        rows, cols = chunked_backward.chunk_plan(num_rows, vocab, hidden_size)
+        assert -(-num_rows // rows) <= 32, (num_rows, rows)
+        scratch = rows * hidden_size * (4 + 2) + rows * cols * 2
+        assert scratch < 0.01 * num_rows * vocab * 2 or scratch <= 24 * 2 ** 20, (num_rows, rows, cols)
+
+
+@pytest.mark.parametrize("num_rows", [4096, 32768])
+def test_bf16_weight_gradient_error_stays_near_one_rounding_at_any_n(monkeypatch, num_rows):
+    """The backward's d_weight, summed in bf16 segment by segment on the GPU plan (with segments made small, so
+    that 32768 rows would take 256 of them), against the exact G^T x: within 5x the error of rounding the
+    exact sum once (32 segments: ~3.5x; 256: ~12x)."""
+    monkeypatch.setattr(chunked_backward, "INTERPRET", False)
+    monkeypatch.setattr(chunked_backward, "_SEGMENT_ACCUMULATOR_BYTES", 4 * 32 * 128)   # 128-row segments
+    torch.manual_seed(0)
+    h, v = 32, 256
+    weight = (torch.randn(v, h) / h ** 0.5).bfloat16()
+    hidden = torch.randn(num_rows, h).bfloat16()
+    d = torch.softmax(hidden.double() @ weight.double().t(), 1)
+    d[torch.arange(num_rows), torch.randint(0, v, (num_rows,))] -= 1
+    grad_scale = torch.full((num_rows,), 1.0 / num_rows)
+
+    def segment_writer(rows, row_scale):
+        return lambda cols, out: out.copy_(d[rows, cols] * row_scale.double()[:, None])
+
+    _, d_weight, _ = chunked_backward.backward_in_chunks(hidden, weight, grad_scale, True, False, segment_writer,
+                                                         need_hidden_grad=False)
+    exact = (d / num_rows).t() @ hidden.double()
+    error = lambda got: ((got.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert error(d_weight) < 5 * error(exact.bfloat16())
