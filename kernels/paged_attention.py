@@ -14,8 +14,9 @@ Query tiles are laid out without knowing q_len on the host (no device sync): row
 search over cu_q_lens and returns at once if its slot lies past the row's queries.
 
 When rows x tiles x KV heads are too few to fill the GPU (decode over long contexts), each row's keys
-are cut into NUM_SPLITS equal parts handled by separate programs, which write an fp32 partial output
-and its log-sum-exp; a second kernel merges the parts.
+are cut into num_splits equal parts handled by separate programs, which write an fp32 partial output
+and its log-sum-exp; a second kernel merges the parts. num_splits is a runtime argument, so a decode whose
+split count changes as its context grows compiles nothing new.
 
 Shared prefixes (cascade): when consecutive rows share the first blocks of their contexts (children of
 one span), a first pass treats each group as one row whose queries are all the group's new tokens and
@@ -48,10 +49,10 @@ def _first_row(CuGroupRows, i, num_table_rows, PREFIX_PASS: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["num_rows", "num_table_rows", "num_groups", "num_tokens", "num_blocks", "max_blocks",
-                               "stride_bt", "stride_os", "stride_ls"])
+                               "num_splits", "stride_bt", "stride_os", "stride_ls"])
 def _paged_attention_kernel(
     Q, K, V, BlockTable, SeqLens, CuQLens, CuGroupRows, PrefixLens, Out, Lse,
-    qk_scale, num_rows, num_table_rows, num_groups, num_tokens, num_blocks, max_blocks,
+    qk_scale, num_rows, num_table_rows, num_groups, num_tokens, num_blocks, max_blocks, num_splits,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -59,7 +60,7 @@ def _paged_attention_kernel(
     stride_os, stride_ot, stride_oh,
     stride_ls, stride_lt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREFIX_PASS: tl.constexpr, SUFFIX_PASS: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     """One query tile of one program row and KV head, over one split of its keys.
@@ -123,7 +124,7 @@ def _paged_attention_kernel(
             else:
                 g_hi = g_mid - 1
         kv_begin = tl.minimum(tl.load(PrefixLens + g_lo), kv_end)
-    split_len = tl.cdiv(tl.cdiv(kv_end - kv_begin, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = tl.cdiv(tl.cdiv(kv_end - kv_begin, num_splits), BLOCK_N) * BLOCK_N
     kv_lo = kv_begin + split * split_len
     kv_hi = tl.minimum(kv_end, kv_lo + split_len)
 
@@ -165,20 +166,20 @@ def _paged_attention_kernel(
         tl.store(Lse + split * stride_ls + token * stride_lt + head, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["stride_ps", "stride_ls"])
+@triton.jit(do_not_specialize=["num_splits", "stride_ps", "stride_ls"])
 def _merge_splits_kernel(
-    Partial, Lse, Out,
+    Partial, Lse, Out, num_splits,
     stride_ps, stride_pt, stride_ph,
     stride_ls, stride_lt,
     stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """out[t, h] = sum_s 2^(lse_s - lse) partial_s[t, h], lse = log2 sum_s 2^lse_s (empty parts: -inf)."""
     token = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < NUM_SPLITS
+    s_ok = offs_s < num_splits
     lse = tl.load(Lse + offs_s * stride_ls + token * stride_lt + head, mask=s_ok, other=float("-inf"))
     lse_max = tl.max(lse, 0)
     weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
@@ -269,11 +270,11 @@ def paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens
                         lse[cut:], cascade=("suffix", shared_prefix))
     head_dim = q.shape[2]
     _merge_splits_kernel[(q.shape[0], q.shape[1])](
-        partial, lse, out,
+        partial, lse, out, partial.shape[0],
         partial.stride(0), partial.stride(1), partial.stride(2),
         lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), NUM_SPLITS=partial.shape[0],
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_S=triton.next_power_of_2(partial.shape[0]), num_warps=1 if head_dim <= 64 else 2, enable_fp_fusion=True,
     )
     return out
@@ -314,7 +315,7 @@ def _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale
         q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, cu_group_rows, prefix_lens,
         parts, parts if lse is None else lse,
         scale * LOG2E, seq_lens.shape[0], block_table.shape[0], prefix_lens.shape[0], q.shape[0], num_blocks,
-        block_table.shape[1],
+        block_table.shape[1], config["num_splits"],
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -322,7 +323,7 @@ def _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale
         parts.stride(0), parts.stride(1), parts.stride(2),
         *((0, 0) if lse is None else (lse.stride(0), lse.stride(1))),
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GROUP=q.shape[1] // num_kv_heads,
-        PAGE=page, BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], NUM_SPLITS=config["num_splits"],
+        PAGE=page, BLOCK_M=config["block_m"], BLOCK_N=config["block_n"],
         PREFIX_PASS=which == "prefix", SUFFIX_PASS=which == "suffix", WRITE_LSE=lse is not None,
         num_warps=config["num_warps"], num_stages=config["num_stages"], enable_fp_fusion=True,
     )

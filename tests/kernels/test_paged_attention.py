@@ -1,4 +1,6 @@
 """Kernel-level edge cases of the Triton paged attention: split keys, tile layout, index safety, GPU build."""
+import inspect
+
 import pytest
 import torch
 
@@ -64,26 +66,26 @@ from tests.kernels.gpu_build import build_for_gpu, check_build
 # blocks without causal mask, then each row from the first key after its group's prefix); an fp32 extension with a group of 7 and
 # head_dim 96 (for tests, not tuned). The tiles come from shapes alone, with no fallback: the 16-bit ones must
 # also fit an A100's and an L4's (sm_89) block.
-for dtype, itemsize, tokens, rows, group, head_dim, splits, prefix_pass, suffix_pass, partial in (
-        ("bf16", 2, 8, 8, 4, 64, 3, False, False, True),
-        ("bf16", 2, 4096, 1, 4, 128, 1, False, False, False),
-        ("bf16", 2, 4096, 1, 4, 256, 1, False, False, False),
-        ("bf16", 2, 64, 1, 4, 64, 4, True, False, True),
-        ("bf16", 2, 64, 64, 4, 64, 1, False, True, True),
-        ("fp32", 4, 40, 4, 7, 96, 1, False, False, False)):
+for dtype, itemsize, tokens, rows, group, head_dim, prefix_pass, suffix_pass, partial in (
+        ("bf16", 2, 8, 8, 4, 64, False, False, True),
+        ("bf16", 2, 4096, 1, 4, 128, False, False, False),
+        ("bf16", 2, 4096, 1, 4, 256, False, False, False),
+        ("bf16", 2, 64, 1, 4, 64, True, False, True),
+        ("bf16", 2, 64, 64, 4, 64, False, True, True),
+        ("fp32", 4, 40, 4, 7, 96, False, False, False)):
     block_m, block_n, num_warps, num_stages = launch_config(tokens, rows, group, head_dim, itemsize)
     types = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, BlockTable="*i32", SeqLens="*i32", CuQLens="*i32",
                  CuGroupRows="*i32", PrefixLens="*i32", Out="*fp32" if partial else "*" + dtype, Lse="*fp32",
                  qk_scale="fp32")
     constants = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GROUP=group, PAGE=16,
-                     BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=splits, PREFIX_PASS=prefix_pass,
+                     BLOCK_M=block_m, BLOCK_N=block_n, PREFIX_PASS=prefix_pass,
                      SUFFIX_PASS=suffix_pass, WRITE_LSE=partial)
     what = (dtype, tokens, rows, group, head_dim)
     for capability in (90, 80, 89) if dtype == "bf16" else (90,):
         compiled = build_for_gpu(_paged_attention_kernel, types, constants, num_warps, num_stages, capability)
         check_build(compiled, what, tuned=dtype == "bf16" and capability == 90, capability=capability)
 check_build(build_for_gpu(_merge_splits_kernel, dict(Partial="*fp32", Lse="*fp32", Out="*bf16"),
-                          dict(HEAD_DIM=64, BLOCK_D=64, NUM_SPLITS=3, BLOCK_S=4), 1, 1), "merge", tuned=False)
+                          dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_S=4), 1, 1), "merge", tuned=False)
 """
 
 
@@ -179,3 +181,12 @@ def test_strided_index_tensors_are_read_by_their_strides():
     assert_matches_reference(out, batch, None)
     out = paged_attention(**strided, backend="triton", shared_prefix=tuple(column(t) for t in plan))
     assert_matches_reference(out, batch, None)
+
+
+def test_the_split_count_is_a_runtime_argument():
+    """A decode's split count changes as its context grows (choose_num_splits): as a constexpr, or an int that
+    Triton specialises (== 1, multiple of 16), each new value compiled the kernels again, in the timed loop."""
+    for kernel in (pak._paged_attention_kernel, pak._merge_splits_kernel):   # jitted, or interpreted in CPU tests
+        unspecialised = getattr(kernel, "do_not_specialize", None) or kernel.kwargs["do_not_specialize"]
+        annotation = inspect.signature(kernel.fn).parameters["num_splits"].annotation
+        assert "num_splits" in unspecialised and annotation is inspect.Parameter.empty
