@@ -99,7 +99,8 @@ def _paged_attention_kernel(
     query = first_query + offs_m // GROUP
     head = kv_head * GROUP + offs_m % GROUP
     row_ok = (offs_m < QUERIES * GROUP) & (query < q_len)
-    token = tl.minimum(tl.maximum(q_begin + query, 0), num_tokens - 1)
+    # int64: token * stride_qt and the partial outputs' split * stride_os pass 2^31 in long prefills
+    token = tl.minimum(tl.maximum(q_begin + query, 0), num_tokens - 1).to(tl.int64)
     query_pos = context_start + query
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -159,11 +160,11 @@ def _paged_attention_kernel(
 
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    out_ptrs = Out + split * stride_os + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    out_ptrs = Out + split.to(tl.int64) * stride_os + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     if WRITE_LSE:
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-        tl.store(Lse + split * stride_ls + token * stride_lt + head, lse, mask=row_ok)
+        tl.store(Lse + split.to(tl.int64) * stride_ls + token * stride_lt + head, lse, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["num_splits", "stride_ps", "stride_ls"])
@@ -175,9 +176,9 @@ def _merge_splits_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """out[t, h] = sum_s 2^(lse_s - lse) partial_s[t, h], lse = log2 sum_s 2^lse_s (empty parts: -inf)."""
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)   # int64 offsets: parts of long prefills pass 2^31 elements
     head = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
+    offs_s = tl.arange(0, BLOCK_S).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < num_splits
     lse = tl.load(Lse + offs_s * stride_ls + token * stride_lt + head, mask=s_ok, other=float("-inf"))
