@@ -25,12 +25,27 @@ REFERENCE_MODES = ("copy", "adapter", "cached")
 
 
 class FrozenCopyReference:
-    """A frozen deep copy of the model taken at construction, optionally cast to another dtype."""
+    """A frozen deep copy of the model taken at construction, optionally cast to another dtype.
 
-    def __init__(self, model, dtype: torch.dtype | None = None):
+    matmul_dtype (the copy of a policy that keeps fp32 weights and computes under autocast, precision
+    'bf16-mixed'): only the weights of its linear layers are stored in that dtype, its embeddings and norms keep
+    theirs. Autocast rounds every linear layer's weight to its compute dtype anyway, so under the policy's autocast
+    this copy computes what the policy computed before training, in about half the memory. A copy cast whole to
+    bf16 would be another model: its residual stream, embeddings and norms would run in bf16 while the policy's
+    run in fp32 (KL(P || Q) > 0 at step 0, and a KL gradient pulling the policy toward the bf16 model). A linear
+    layer whose weight is tied to the input embeddings (a tied lm_head) keeps its dtype, as the embeddings do.
+    """
+
+    def __init__(self, model, dtype: torch.dtype | None = None, matmul_dtype: torch.dtype | None = None):
         self.model = copy.deepcopy(base_causal_lm(model)).requires_grad_(False).eval()
         if dtype is not None:
             cast_weights(self.model, dtype)
+        if matmul_dtype is not None:
+            embeddings = self.model.get_input_embeddings()
+            tied = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
+            for module in self.model.modules():
+                if isinstance(module, torch.nn.Linear) and id(module.weight) not in tied:
+                    module.to(matmul_dtype)
         self.decoder, self.lm_head = causal_lm_parts(self.model)
 
     @torch.no_grad()

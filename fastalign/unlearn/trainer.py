@@ -169,11 +169,22 @@ class UnlearningTrainer:
         if not self.streams.normal:
             return None
         if mode == "copy":
-            return FrozenCopyReference(model, dtype=None if self.config.precision == "fp32" else torch.bfloat16)
+            # The copy computes what the policy computes before training. bf16-mixed: the policy computes under
+            # bf16 autocast, with its fp32 weights (one process, DDP: bf16 matmul weights suffice, see
+            # FrozenCopyReference) or with all its weights gathered in bf16 (FSDP's mixed precision: a bf16 copy).
+            # bf16: the policy's own weights are bf16 already.
+            if self.config.precision != "bf16-mixed":
+                return FrozenCopyReference(model)
+            if self.sharded:
+                return FrozenCopyReference(model, dtype=torch.bfloat16)
+            return FrozenCopyReference(model, matmul_dtype=torch.bfloat16)
         if mode == "adapter":
             return AdapterDisabledReference(model)
         started = time.perf_counter()
-        reference = CachedReference(model, self.streams.normal, filler_id=self.streams.filler_id)
+        # computed as the policy's forward computes (bf16-mixed: under the bf16 autocast accelerate wraps it in)
+        with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16,
+                            enabled=self.config.precision == "bf16-mixed"):
+            reference = CachedReference(model, self.streams.normal, filler_id=self.streams.filler_id)
         self.setup_compute = cache_compute(self.shape, reference.forward_masks, seconds=time.perf_counter() - started,
                                            num_processes=self.accelerator.num_processes)
         return reference

@@ -95,8 +95,8 @@ def test_adapter_reference_is_the_original_model_without_dropout():
 
 
 def test_bf16_frozen_copy_is_the_model_loaded_in_bf16(tmp_path):
-    """The bf16 reference of precision='bf16-mixed' is the original model as from_pretrained(dtype=bfloat16) loads
-    it: bf16 weights, but RoPE's inv_freq (computed at construction) left in fp32, as the policy's is."""
+    """A copy cast to bf16 is the original model as from_pretrained(dtype=bfloat16) loads it: bf16 weights, but
+    RoPE's inv_freq (computed at construction) left in fp32, as the policy's is."""
     from transformers import LlamaForCausalLM
 
     model = tiny_llama(len(byte_bpe_tokenizer()))

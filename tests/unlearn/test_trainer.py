@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastalign.unlearn import checkpoint
 from fastalign.unlearn.batching import collate
@@ -249,6 +249,32 @@ def test_cached_reference_with_tied_embeddings_counts_the_full_backward(tmp_path
 def test_precisions_and_checkpointing_run(tmp_path, settings):
     _, summary = run(tmp_path, max_steps=1, grad_accum=1, **settings)
     assert summary.steps == 1 and torch.isfinite(torch.tensor(summary.last.loss))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_reference_modes_give_the_same_p_under_bf16_mixed(tmp_path, tied):
+    """precision='bf16-mixed' trains fp32 weights under bf16 autocast; every reference mode must give the P the
+    policy computes before training. With lr 0 the first step's KL is then the same in the three modes (not 0 only
+    by the bf16 rounding of two forwards over differently padded batches). A frozen copy cast whole to bf16 (bf16
+    residual stream and norms) gave 16x that KL, and a cache computed without autocast 10x: P was another model."""
+    pytest.importorskip("peft")
+    vocab = len(byte_bpe_tokenizer())
+    kl = {}
+    for mode, extra in (("adapter", {"lora": True, "lora_rank": 4}), ("copy", {}), ("cached", {})):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=256, tie_word_embeddings=tied))
+        with torch.no_grad():  # peaked next-token distributions, as a trained model has
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.mul_(8.0)
+        records = []
+        run(tmp_path, mode, model=model, callback=records.append, max_steps=1, grad_accum=1, lr=0.0,
+            precision="bf16-mixed", reference=mode, max_forget_nll=None, **extra)
+        kl[mode] = records[0].normal_kl
+    assert kl["copy"] == pytest.approx(kl["adapter"], rel=1e-3)
+    assert kl["cached"] == pytest.approx(kl["adapter"], rel=1e-3)
 
 
 def test_bf16_run_trains_the_model_it_saves(tmp_path):
