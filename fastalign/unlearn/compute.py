@@ -2,10 +2,11 @@
 
 FLOPs are the usual dense-transformer estimate, counted on the padded [rows x width] grid the model really
 computes (padding included, since it costs the same):
-  forward of the decoder  = 2 * P_dec * slots + 4 * layers * hidden * sum_rows(width^2)   (full-square attention)
+  forward of the decoder  = 2 * P_dec * slots + 4 * layers * d_attn * sum_rows(width^2)   (full-square attention;
+                            d_attn = query heads x head size)
   backward                = 2x forward when every weight of P_dec trains, 1x (input gradients only) otherwise
   gradient checkpointing  = one more forward
-  lm_head (fused losses)  = per answer token: 2*V*H forward, 2*V*H again in the backward (the fused ops
+  lm_head (fused losses)  = per answer token (H: the lm_head's input width): 2*V*H forward, 2*V*H again in the backward (the fused ops
                             recompute the logits instead of storing them), +2*V*H for the hidden gradient,
                             +2*V*H for the weight gradient when the lm_head trains; the KL term adds the
                             reference logits P per normal answer token, computed in the forward and again in
@@ -32,21 +33,26 @@ class ModelShape:
 
     decoder_params: int
     num_layers: int
-    hidden_size: int
+    hidden_size: int          # the lm_head's input width
     vocab_size: int
+    attention_width: int      # query heads x head size, the width of the attention scores' products
 
     @classmethod
     def of(cls, model) -> "ModelShape":
+        """Read off the model; the attention width from its config (an OPT-350m-style head projects the decoder's
+        width down first, so the lm_head's width is not the decoder's), else the lm_head's width."""
         decoder, lm_head = causal_lm_parts(model)
         params = sum(p.numel() for p in decoder_matmul_weights(model))
         config = getattr(decoder, "config", None)
+        heads, head_dim = getattr(config, "num_attention_heads", None), getattr(config, "head_dim", None)
+        width = heads * head_dim if heads and head_dim else getattr(config, "hidden_size", lm_head.weight.shape[1])
         return cls(params, int(getattr(config, "num_hidden_layers", 0)), lm_head.weight.shape[1],
-                   lm_head.weight.shape[0])
+                   lm_head.weight.shape[0], int(width))
 
     def decoder_forward(self, attention_mask: torch.Tensor) -> float:
         """Forward FLOPs over a padded batch [rows, width] (width trimmed to the longest row)."""
         rows, width = attention_mask.shape[0], int(attention_mask.sum(1).max()) if attention_mask.numel() else 0
-        return 2.0 * self.decoder_params * rows * width + 4.0 * self.num_layers * self.hidden_size * rows * width ** 2
+        return 2.0 * self.decoder_params * rows * width + 4.0 * self.num_layers * self.attention_width * rows * width ** 2
 
 
 def decoder_matmul_weights(model) -> list[torch.nn.Parameter]:

@@ -12,8 +12,8 @@ def test_flop_estimate_follows_the_documented_formula():
     tokenizer = byte_bpe_tokenizer()
     shape = ModelShape.of(tiny_llama(len(tokenizer)))
     per_layer = 2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64          # q, o; k, v; gate, up, down
-    assert (shape.decoder_params, shape.num_layers, shape.hidden_size, shape.vocab_size) == \
-        (2 * per_layer, 2, 32, len(tokenizer))
+    assert (shape.decoder_params, shape.num_layers, shape.hidden_size, shape.vocab_size, shape.attention_width) == \
+        (2 * per_layer, 2, 32, len(tokenizer), 32)
     batch = tiny_streams(tokenizer).batch(0)
     f, m = batch.num_forget, batch.num_mismatch
     lengths = batch.tokens.attention_mask.sum(1).tolist()
@@ -37,3 +37,14 @@ def test_flop_estimate_follows_the_documented_formula():
         assert got.flops == pytest.approx(policy + head + reference, rel=1e-12)
         assert got.reference_tokens == (sum(normal_lengths) if reference_forward else 0)
         assert got.answer_tokens == answers and got.tokens == sum(lengths)
+
+
+def test_attention_width_is_the_decoders_when_the_head_projects_it_down():
+    """OPT-350m's decoder is 1024 wide, its lm_head reads a 512-wide projection: the attention term counted the
+    head's width, half the decoder's."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    model = OPTForCausalLM(OPTConfig(vocab_size=100, hidden_size=64, word_embed_proj_dim=32, num_hidden_layers=1,
+                                     num_attention_heads=4, ffn_dim=128, max_position_embeddings=64))
+    shape = ModelShape.of(model)
+    assert (shape.hidden_size, shape.attention_width) == (32, 64)
