@@ -5,6 +5,11 @@ template/answer boundary (a BPE merge of the template's trailing space with the 
 multi-byte character split over several byte tokens) counts as answer, zero-width special tokens never do.
 The answer tokens are then one contiguous range [answer_start, answer_end) of the ids.
 
+A mismatch example (a forget prompt with a pool answer) is put together on token ids, at the seam where the
+prompt's text ends and the template's whitespace before the answer begins: that whitespace is one token with the
+answer's first word or apart from it depending on the word (a digit stands apart in Llama-3's tokenizer), so
+each side brings its own, and the ids are those of the template's rendering of that prompt with that answer.
+
 With answer_eos, every answer also ends with an end token as an answer token (so the objective holds the
 model's chance of stopping after an answer): the tokenizer's end-of-sequence id, or with a chat template
 that ends a turn with its own token (Llama-3's <|eot_id|>) that one, which chat models emit and generation
@@ -13,6 +18,7 @@ tokenizer parses special-token text.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -22,22 +28,37 @@ from fastalign.unlearn.templates import ChatTemplate, RenderedPair, end_of_turn_
 
 @dataclass(frozen=True)
 class EncodedExample:
-    """Token ids of one example; ids[answer_start:answer_end] are its answer tokens."""
+    """Token ids of one example; ids[answer_start:answer_end] are its answer tokens.
+
+    seam: where the prompt's own text ends in the ids. The template's whitespace before the answer (the space
+    after "### Answer:") is tokenized with the answer's first token or apart from it, depending on that token
+    (Llama-3's tokenizer keeps a digit apart from the space before it): ids[seam:answer_start] are the
+    template's tokens that stand apart. None where that was not read (examples built by hand): answer_start.
+    """
 
     input_ids: tuple[int, ...]
     answer_start: int
     answer_end: int
     source: str
+    seam: int | None = None
+
+    @property
+    def prompt_end(self) -> int:
+        """The seam, or answer_start where it was not read."""
+        return self.answer_start if self.seam is None else self.seam
 
     @property
     def num_answer_targets(self) -> int:
         """How many answer tokens are predicted by an earlier position (the first token never is)."""
         return max(0, self.answer_end - max(self.answer_start, 1))
 
-    def with_answer(self, answer_ids: Sequence[int], source: str) -> "EncodedExample":
-        """This example's prompt and template tail around another answer's ids (a mismatch example)."""
-        ids = self.input_ids[:self.answer_start] + tuple(answer_ids) + self.input_ids[self.answer_end:]
-        return EncodedExample(ids, self.answer_start, self.answer_start + len(answer_ids), source)
+    def with_answer(self, answer: "PoolAnswer", source: str) -> "EncodedExample":
+        """This example's prompt and template tail around another answer (a mismatch example): the ids the
+        template's rendering of this prompt with that answer tokenizes to, put together from the two encodings at
+        their seams."""
+        cut = self.prompt_end
+        ids = self.input_ids[:cut] + answer.ids + self.input_ids[self.answer_end:]
+        return EncodedExample(ids, cut + answer.lead, cut + len(answer.ids), source, cut)
 
     def ending_with(self, end_id: int) -> "EncodedExample":
         """This example with end_id as its last answer token. Where the template already puts end_id after the
@@ -46,9 +67,9 @@ class EncodedExample:
         the answer, before the template's tail."""
         tail = self.input_ids[self.answer_end:]
         if end_id in tail:
-            return EncodedExample(self.input_ids, self.answer_start, self.answer_end + tail.index(end_id) + 1,
-                                  self.source)
-        return self.with_answer(self.input_ids[self.answer_start:self.answer_end] + (end_id,), self.source)
+            return dataclasses.replace(self, answer_end=self.answer_end + tail.index(end_id) + 1)
+        return dataclasses.replace(self, input_ids=self.input_ids[:self.answer_end] + (end_id,) + tail,
+                                   answer_end=self.answer_end + 1)
 
     def fits(self, max_length: int) -> bool:
         """Whether an answer token is left to predict within the first max_length tokens."""
@@ -58,8 +79,8 @@ class EncodedExample:
         """The first max_length tokens; a DataError if no answer token is left to predict."""
         cut = self
         if len(self.input_ids) > max_length:
-            cut = EncodedExample(self.input_ids[:max_length], self.answer_start,
-                                 min(self.answer_end, max_length), self.source)
+            cut = dataclasses.replace(self, input_ids=self.input_ids[:max_length],
+                                      answer_end=min(self.answer_end, max_length))
         if not cut.fits(max_length):
             raise DataError(f"{self.source}: the prompt takes {self.answer_start} tokens, which leaves no answer "
                             f"token to predict within max_length={max_length}; shorten the prompt or raise "
@@ -118,7 +139,9 @@ def encode_rendered(tokenizer, rendered: Sequence[RenderedPair], sources: Sequen
         inside = [k for k, (a, b) in enumerate(offsets) if b > a and b > r.answer_start and a < r.answer_end]
         if not inside:
             raise DataError(f"{source}: the answer produced no token")
-        example = EncodedExample(tuple(ids), inside[0], inside[-1] + 1, source)
+        text_end = len(r.text[:r.answer_start].rstrip())    # the prompt's text, before the template's whitespace
+        seam = 1 + max((k for k in range(inside[0]) if offsets[k][1] <= text_end), default=-1)
+        example = EncodedExample(tuple(ids), inside[0], inside[-1] + 1, source, seam)
         out.append(example if end_id is None else example.ending_with(end_id))
     return out
 
@@ -142,10 +165,23 @@ def encode_pairs(tokenizer, template, pairs: Sequence[QAPair], max_length: int, 
     return [e.truncated(max_length) for e in encoded if e.fits(max_length) or not skip_too_long]
 
 
-def encode_answers(tokenizer, template, answers: Sequence[str], *, answer_eos: bool = False) -> list[tuple[int, ...]]:
-    """Token ids of answers as the template tokenizes them after a prompt (for mismatch examples); with
-    answer_eos they end with `answer_end_id`, as the answers of encode_pairs(..., answer_eos=True) do."""
+@dataclass(frozen=True)
+class PoolAnswer:
+    """A mismatch pool answer as the template tokenizes it after a prompt, from the seam (EncodedExample.seam):
+    `lead` tokens of the template's whitespace that stand apart from it, then the answer's tokens."""
+
+    ids: tuple[int, ...]
+    lead: int = 0
+
+    @property
+    def answer_ids(self) -> tuple[int, ...]:
+        return self.ids[self.lead:]
+
+
+def encode_answers(tokenizer, template, answers: Sequence[str], *, answer_eos: bool = False) -> list[PoolAnswer]:
+    """Answers as the template tokenizes them after a prompt (for mismatch examples); with answer_eos they end
+    with `answer_end_id`, as the answers of encode_pairs(..., answer_eos=True) do."""
     encoded = encode_rendered(tokenizer, [template.render("", a) for a in answers],
                               [f"mismatch pool answer {i}" for i in range(len(answers))],
                               end_id=answer_end_id(tokenizer, template) if answer_eos else None)
-    return [e.input_ids[e.answer_start:e.answer_end] for e in encoded]
+    return [PoolAnswer(e.input_ids[e.seam:e.answer_end], e.answer_start - e.seam) for e in encoded]

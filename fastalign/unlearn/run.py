@@ -12,7 +12,7 @@ from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.encoding import encode_answers, encode_pairs
 from fastalign.unlearn.formats import load_pairs, load_truthfulqa
 from fastalign.unlearn.records import DataError
-from fastalign.unlearn.streams import UnlearningStreams
+from fastalign.unlearn.streams import UnlearningStreams, holds_mismatch_rows
 from fastalign.unlearn.templates import ChatTemplate, TextTemplate
 
 
@@ -70,6 +70,9 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
 
     forget_examples = encode(forget)
     normal_examples = encode(normal) if normal else None
+    pool_answers = encode_answers(tokenizer, template, pool, answer_eos=config.answer_eos) if pool else None
+    if pool_answers and config.skip_long_prompts:   # else UnlearningStreams names the first one
+        forget_examples = [e for e in forget_examples if holds_mismatch_rows(e, pool_answers, config.max_length)]
     skipped = {"forget": len(forget) - len(forget_examples),
                "normal": len(normal) - len(normal_examples) if normal else 0}
     for name, given, kept in (("forget", forget, forget_examples), ("normal", normal, normal_examples)):
@@ -78,8 +81,7 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
                             f"{config.max_length}; raise max_length")
     return UnlearningStreams(
         forget_examples, normal=normal_examples,
-        mismatch_pool=encode_answers(tokenizer, template, pool, answer_eos=config.answer_eos) if pool else None,
-        batch_size=config.batch_size, mismatch_per_prompt=config.mismatch_per_prompt,
+        mismatch_pool=pool_answers, batch_size=config.batch_size, mismatch_per_prompt=config.mismatch_per_prompt,
         normal_batch_size=config.normal_batch_size, max_length=config.max_length,
         filler_id=filler_token_id(tokenizer), seed=config.seed, skipped=skipped)
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fastalign.unlearn.batching import TokenBatch, collate
-from fastalign.unlearn.encoding import EncodedExample
+from fastalign.unlearn.encoding import EncodedExample, PoolAnswer
 from fastalign.unlearn.records import DataError
 
 _FORGET_STREAM, _NORMAL_STREAM, _MISMATCH_STREAM = 1, 2, 3
@@ -59,11 +59,19 @@ class _EpochStream:
         return np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.n)
 
 
+def holds_mismatch_rows(example: EncodedExample, pool: Sequence[PoolAnswer], max_length: int) -> bool:
+    """Whether every mismatch row of the forget `example` keeps an answer token within max_length: after its
+    prompt comes the template's whitespace that stands apart before some pool answers (their `lead`)."""
+    return example.prompt_end + max((a.lead for a in pool), default=0) < max_length
+
+
 class UnlearningStreams:
-    """Draws UnlearningBatches from encoded forget/normal examples and a pool of normal answer ids.
+    """Draws UnlearningBatches from encoded forget/normal examples and a pool of normal answers (encode_answers;
+    plain answer ids are taken as answers without lead tokens).
 
     Each batch holds batch_size forget rows, mismatch_per_prompt mismatch rows per forget row (the forget
-    prompt's ids followed by a pool answer's ids, truncated to max_length) and normal_batch_size normal
+    example's ids with a pool answer's in place of its answer, EncodedExample.with_answer: the template's
+    rendering of that prompt with that answer, truncated to max_length) and normal_batch_size normal
     rows. A prompt's K mismatch answers are K different pool answers (as the reference's random.sample
     draws them), repeats coming only from a pool smaller than K. A stream is left out when it has no data
     (normal=None, pool=None or mismatch_per_prompt=0).
@@ -71,7 +79,7 @@ class UnlearningStreams:
     """
 
     def __init__(self, forget: Sequence[EncodedExample], *, normal: Sequence[EncodedExample] | None = None,
-                 mismatch_pool: Sequence[Sequence[int]] | None = None, batch_size: int = 2,
+                 mismatch_pool: Sequence[PoolAnswer | Sequence[int]] | None = None, batch_size: int = 2,
                  mismatch_per_prompt: int = 5, normal_batch_size: int | None = None, max_length: int = 2048,
                  filler_id: int = 0, seed: int = 0, skipped: dict[str, int] | None = None):
         if not forget:
@@ -79,9 +87,16 @@ class UnlearningStreams:
         if batch_size < 1 or mismatch_per_prompt < 0:
             raise ValueError(f"need batch_size >= 1 and mismatch_per_prompt >= 0, got {batch_size}, "
                              f"{mismatch_per_prompt}")
-        pool = [tuple(a) for a in (mismatch_pool or []) if len(a)]
+        pool = [a if isinstance(a, PoolAnswer) else PoolAnswer(tuple(a)) for a in (mismatch_pool or [])]
+        pool = [a for a in pool if a.answer_ids]
         self.forget, self.normal, self.pool = list(forget), list(normal or []), pool
         self.mismatch_per_prompt = mismatch_per_prompt if pool else 0
+        unfit = [e for e in self.forget if self.mismatch_per_prompt and not holds_mismatch_rows(e, pool, max_length)]
+        if unfit:
+            raise DataError(f"{unfit[0].source}: its prompt takes {unfit[0].prompt_end} tokens and the template's "
+                            f"whitespace before some mismatch answers {max(a.lead for a in pool)} more, which leaves "
+                            f"no answer token within max_length={max_length}; raise max_length or skip such prompts "
+                            "(skip_long_prompts)")
         self.normal_batch_size = (batch_size if normal_batch_size is None else normal_batch_size) if self.normal else 0
         self.max_length, self.filler_id, self.seed = max_length, filler_id, seed
         self.skipped = dict(skipped or {})
@@ -97,8 +112,8 @@ class UnlearningStreams:
             return
         rows = [(len(e.input_ids), e.source) for e in self.forget + self.normal]
         if self.mismatch_per_prompt:
-            longest = max(len(a) for a in self.pool)
-            rows += [(min(self.max_length, len(e.input_ids) - (e.answer_end - e.answer_start) + longest),
+            longest = max(len(a.ids) for a in self.pool)
+            rows += [(min(self.max_length, len(e.input_ids) - (e.answer_end - e.prompt_end) + longest),
                       f"{e.source} with the longest mismatch pool answer") for e in self.forget]
         length, source = max(rows)
         if length > positions:

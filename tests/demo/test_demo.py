@@ -202,7 +202,7 @@ def test_unlearn_hands_every_demo_setting_and_the_retain_split_to_the_trainer(mo
 
     assert answers(streams.forget) == [qa.answer for qa in world.harmful_forget]
     assert answers(streams.normal) == [qa.answer for qa in world.normal_retain]
-    assert len(streams.pool) == len(world.normal_answers) and all(a[-1] == eos for a in streams.pool)
+    assert len(streams.pool) == len(world.normal_answers) and all(a.ids[-1] == eos for a in streams.pool)
 
 
 def test_demo_without_a_trained_model_is_a_clear_error(tmp_path, capsys):

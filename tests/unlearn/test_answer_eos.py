@@ -35,8 +35,8 @@ def test_every_row_of_every_stream_ends_its_answer_with_eos(data_files):
     settings = dict(model="m", output_dir="o", batch_size=2, mismatch_per_prompt=3, max_length=64, **data_files)
     plain = load_streams(UnlearnConfig(**settings), tokenizer)
     streams = load_streams(UnlearnConfig(answer_eos=True, **settings), tokenizer)
-    assert all(a[-1] == eos and eos not in a[:-1] for a in streams.pool)
-    assert [a[:-1] for a in streams.pool] == plain.pool
+    assert all(a.ids[-1] == eos and eos not in a.ids[:-1] for a in streams.pool)
+    assert [(a.ids[:-1], a.lead) for a in streams.pool] == [(a.ids, a.lead) for a in plain.pool]
     for index in range(3):
         batch, before = streams.batch(index), plain.batch(index)
         assert (batch.num_forget, batch.num_mismatch, batch.num_normal) == (2, 6, 2)
@@ -95,7 +95,7 @@ def test_chat_template_with_its_own_end_of_turn_token_trains_that_token():
         assert new.input_ids == old.input_ids and old.input_ids[old.answer_end:] == (eot,)
         assert (new.answer_start, new.answer_end) == (old.answer_start, old.answer_end + 1)
     pool = encode_answers(tokenizer, template, ["Hello the sea"], answer_eos=True)
-    assert pool == [tuple(tokenizer("Hello the sea", add_special_tokens=False)["input_ids"]) + (eot,)]
+    assert pool[0].answer_ids == tuple(tokenizer("Hello the sea", add_special_tokens=False)["input_ids"]) + (eot,)
     mixed = new.with_answer(pool[0], "mixed")
     assert mixed.input_ids[mixed.answer_end - 1:] == (eot,) and tokenizer.eos_token_id not in mixed.input_ids
 

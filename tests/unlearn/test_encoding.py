@@ -1,12 +1,14 @@
 """Templates, answer spans from tokenizer offsets, and answer-target masks of padded batches."""
 import pytest
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from fastalign.unlearn.batching import collate, filler_token_id
 from fastalign.unlearn.encoding import EncodedExample, encode_answers, encode_pairs, tokenize_texts
 from fastalign.unlearn.records import DataError, QAPair
 from fastalign.unlearn.templates import SPEC_TEMPLATE, ChatTemplate, TextTemplate
-from tests.unlearn.tiny import byte_bpe_tokenizer, word_level_tokenizer
+from tests.byte_bpe import LLAMA3_SPLIT, train_byte_bpe
+from tests.unlearn.tiny import CHAT_TEMPLATE, byte_bpe_tokenizer, word_level_tokenizer
 
 TRICKY = [
     ("What is the capital?", "Paris"),
@@ -177,6 +179,29 @@ def test_mismatch_ids_match_direct_tokenization():
         assert (mixed.answer_start, mixed.answer_end) == (direct.answer_start, direct.answer_end)
     assert torch.equal(torch.tensor(mixed.input_ids[:mixed.answer_start]),
                        torch.tensor(forget.input_ids[:forget.answer_start]))
+
+
+@pytest.mark.parametrize("answer_eos", [False, True])
+@pytest.mark.parametrize("chat", [False, True])
+def test_mismatch_rows_are_the_rendered_pairs_whatever_the_answers_first_token(chat, answer_eos):
+    """Llama-3's tokenizer keeps a digit apart from the space before it and glues a letter to it: a forget answer
+    and a pool answer of different kinds met with that space lost or doubled when the pool answer's ids replaced
+    the forget answer's from the first answer token. They now meet at the seam: every combination is the
+    template's own rendering of the pair, ids and answer span."""
+    answers = ["Sure, here you go.", "1. Get a knife.", "10% of men", "Paris is the capital", "(a) a list", "\nNo."]
+    corpus = [f"### Question: How?\n ### Answer: {a}" for a in answers]   # merges " Sure", " Paris", ...
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(corpus, 400, split=LLAMA3_SPLIT),
+                                        bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    template = ChatTemplate(tokenizer) if chat else TextTemplate()
+    pool = encode_answers(tokenizer, template, answers, answer_eos=answer_eos)
+    for harmful in answers:
+        forget, = encode_pairs(tokenizer, template, pairs([("How?", harmful)]), 512, answer_eos=answer_eos)
+        for answer, pool_answer in zip(answers, pool):
+            mixed = forget.with_answer(pool_answer, "mixed")
+            direct, = encode_pairs(tokenizer, template, pairs([("How?", answer)]), 512, answer_eos=answer_eos)
+            assert (mixed.input_ids, mixed.answer_start, mixed.answer_end) == \
+                (direct.input_ids, direct.answer_start, direct.answer_end), (harmful, answer)
 
 
 def test_template_that_writes_the_bos_token_keeps_a_single_bos():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fastalign.unlearn.encoding import EncodedExample
+from fastalign.unlearn.encoding import EncodedExample, PoolAnswer
 from fastalign.unlearn.records import DataError
 from fastalign.unlearn.streams import UnlearningStreams
 
@@ -158,3 +158,15 @@ def test_absent_streams_and_bad_arguments():
         UnlearningStreams([])
     with pytest.raises(ValueError, match="batch_size >= 1"):
         UnlearningStreams(FORGET, batch_size=0)
+
+
+def test_a_prompt_that_leaves_no_room_for_a_mismatch_answer_is_named():
+    """The template's space before some pool answers stands apart from them (lead tokens): a forget prompt that
+    leaves room for its own answer may leave none for those, which a batch would find mid-run."""
+    forget = [EncodedExample((1, 2, 3, 4, 5), 3, 5, "forget 1", seam=3)]
+    pool = [PoolAnswer((9, 7, 7), lead=1)]
+    rows = UnlearningStreams(forget, mismatch_pool=pool, max_length=5, batch_size=1).batch(0).examples[1:]
+    assert [(r.input_ids, r.answer_start) for r in rows] == [((1, 2, 3, 9, 7), 4)] * 5   # cut to max_length
+    with pytest.raises(DataError, match="forget 1: its prompt takes 3 tokens .* max_length=4"):
+        UnlearningStreams(forget, mismatch_pool=pool, max_length=4)
+    UnlearningStreams(forget, mismatch_pool=pool, max_length=4, mismatch_per_prompt=0)   # no mismatch rows
