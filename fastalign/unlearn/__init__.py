@@ -1,6 +1,6 @@
 """Unlearning (SPEC §1): data formats and answer masks, the fused objective, its references, the trainer."""
 from fastalign.unlearn.config import UnlearnConfig
-from fastalign.unlearn.encoding import EncodedExample, encode_answers, encode_pairs
+from fastalign.unlearn.encoding import EncodedExample, PoolAnswer, encode_answers, encode_pairs
 from fastalign.unlearn.formats import (load_hh_rlhf, load_pairs, load_pku_saferlhf, load_prompt_answer_jsonl,
                                        load_truthfulqa)
 from fastalign.unlearn.objective import LossTerms, LossWeights, UnlearningObjective
