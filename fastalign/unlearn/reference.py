@@ -86,9 +86,14 @@ class CachedReference:
     """
 
     def __init__(self, model, normal: Sequence[EncodedExample], *, batch_size: int = 8, filler_id: int = 0,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, compute_dtype: torch.dtype | None = None):
+        """compute_dtype: run the decoder with every weight in that dtype, on a copy made for the cache (FSDP's
+        mixed precision computes the policy so, norms and embeddings included), so that P is what the policy
+        computed before training."""
         decoder, lm_head = causal_lm_parts(model)
         weight = lm_head.weight
+        if compute_dtype is not None:
+            decoder = cast_weights(copy.deepcopy(decoder), compute_dtype)
         self._check_frozen(weight)
         # The forward may see the weight cast to a compute dtype (FSDP mixed precision): one baseline per dtype.
         self._fingerprints = {dtype: weight_fingerprint(weight, dtype)

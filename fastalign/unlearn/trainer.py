@@ -181,10 +181,12 @@ class UnlearningTrainer:
         if mode == "adapter":
             return AdapterDisabledReference(model)
         started = time.perf_counter()
-        # computed as the policy's forward computes (bf16-mixed: under the bf16 autocast accelerate wraps it in)
-        with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16,
-                            enabled=self.config.precision == "bf16-mixed"):
-            reference = CachedReference(model, self.streams.normal, filler_id=self.streams.filler_id)
+        # computed as the policy's forward computes (bf16-mixed: under the bf16 autocast accelerate wraps it in,
+        # and under FSDP with every weight gathered in bf16)
+        mixed = self.config.precision == "bf16-mixed"
+        with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=mixed):
+            reference = CachedReference(model, self.streams.normal, filler_id=self.streams.filler_id,
+                                        compute_dtype=torch.bfloat16 if mixed and self.sharded else None)
         self.setup_compute = cache_compute(self.shape, reference.forward_masks, seconds=time.perf_counter() - started,
                                            num_processes=self.accelerator.num_processes)
         return reference

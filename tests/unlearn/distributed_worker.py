@@ -57,11 +57,11 @@ def accelerator(kind: str, mixed_precision: str = "no") -> Accelerator:
     return acc
 
 
-def train(root, name, kind, **settings):
+def train(root, name, kind, model=None, **settings):
     tokenizer = byte_bpe_tokenizer()
     config = UnlearnConfig(output_dir=os.path.join(root, name), **{**SETTINGS, **settings})
     acc = accelerator(kind, "bf16" if config.precision == "bf16-mixed" else "no")
-    trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), streams(), config, accelerator=acc)
+    trainer = UnlearningTrainer(model or tiny_llama(len(tokenizer)), streams(), config, accelerator=acc)
     try:
         trainer.train()
     finally:
@@ -118,6 +118,14 @@ def run(root, scenario):
         train(root, scenario, "fsdp2", reference="cached")
     elif scenario == "fsdp2_cached_bf16":
         train(root, scenario, "fsdp2", reference="cached", precision="bf16-mixed")
+    elif scenario == "fsdp2_bf16_reference_kl":   # step 1's KL, before any update, with each reference
+        for mode in ("copy", "cached"):
+            model = tiny_llama(len(byte_bpe_tokenizer()))
+            with torch.no_grad():   # peaked next-token distributions, as a trained model's, make P's errors show
+                for p in model.parameters():
+                    p.mul_(8.0 if p.dim() == 2 else 1.0)
+            train(root, os.path.join(scenario, mode), "fsdp2", model=model, reference=mode, precision="bf16-mixed",
+                  max_steps=1, lr=0.0)
     elif scenario == "fsdp2_cached_head_changed":
         tokenizer = byte_bpe_tokenizer()
         config = UnlearnConfig(output_dir=os.path.join(root, scenario), reference="cached", **SETTINGS)

@@ -23,7 +23,7 @@ from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama
 pytest.importorskip("accelerate")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCENARIOS = ["ddp", "fsdp2", "fsdp2_head_unit", "fsdp1", "fsdp2_cached", "fsdp2_cached_bf16",
-             "fsdp2_cached_head_changed", "ddp_lora_bf16", "nonfinite"]
+             "fsdp2_bf16_reference_kl", "fsdp2_cached_head_changed", "ddp_lora_bf16", "nonfinite"]
 TERMS = ("loss", "forget_nll", "mismatch_nll", "normal_kl")
 
 
@@ -158,6 +158,16 @@ def test_fsdp2_cached_reference(runs, single):
     assert outcomes(changed) == ["RuntimeError: reference='cached': the lm_head weight was modified after the "
                                  "reference was cached"] * 2
     assert [r["step"] for r in log(changed)] == [1] and not (changed / "model").exists()
+
+
+def test_fsdp2_bf16_reference_modes_give_the_same_p(runs):
+    """FSDP's mixed precision computes the policy with every weight gathered in bf16: the cache must be computed
+    so too (it was computed under autocast only, with fp32 norms and embeddings: 20x the copy's KL before any
+    update, a gradient toward another model)."""
+    path = runs / "fsdp2_bf16_reference_kl"
+    assert outcomes(path) == ["ok", "ok"]
+    copy, cached = (log(path / mode)[0]["normal_kl"] for mode in ("copy", "cached"))
+    assert cached == pytest.approx(copy, rel=1e-2)
 
 
 def test_bf16_lora_under_ddp_saves_its_adapter_and_every_process_reports_what_the_merge_lost(runs):
