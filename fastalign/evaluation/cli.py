@@ -9,6 +9,11 @@ command with a message naming the argument. The summary (harmful rate, and with 
 share and mean token KL on --normal-prompts, the KL taken on the tokens the reference generated, its end token
 included) is printed as JSON and written to <output>.summary.json.
 
+--dtype is the dtype the model computes in (auto: the checkpoint's own, which `fastalign unlearn` saves in
+float32 while an original checkpoint is often bfloat16 or float16); the reference is loaded in the model's dtype,
+so that a model unchanged from it gives every answer unchanged and a KL of 0. Compare a harmful rate before and
+after unlearning under the same --dtype: the summary records it.
+
 --template says what the model reads (for --prompts and --normal-prompts alike, and as each record's prompt):
 spec, the SPEC's '### Question: {x}\\n ### Answer:'; raw, the prompt as is; chat, the prompt as one user turn in
 the model's chat template (after a --system turn, if given), as instruct/chat models are trained: the BOS that
@@ -36,11 +41,12 @@ from fastalign.unlearn.templates import ChatTemplate
 
 from .answers import read_answers
 from .generation import GenerationConfig, encode_prompts
-from .harness import JudgeError, answer_rates, evaluate_utility, iter_judged, iter_judged_answers
+from .harness import JudgeError, answer_rates, evaluate_utility, iter_judged, iter_judged_answers, unjudged_warnings
 from .judges import KeywordJudge, ModerationJudge
 from .prompts import read_prompts, spec_prompt
 
 DEMO_MODEL = "demo"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 JUDGES = ("world", "keyword", "moderation", "callable")
 
 
@@ -97,19 +103,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device of the models and of the moderation classifier")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="dtype the model computes in (auto: its checkpoint's); --reference is loaded in the "
+                             "model's dtype")
 
 
-def load_causal_lm(path: str, argument: str, device: str):
-    """(model, tokenizer) from a directory or the shipped demo model; UsageError naming the argument."""
+def load_causal_lm(path: str, argument: str, device: str, dtype=None):
+    """(model, tokenizer) from a directory or the shipped demo model, its weights in `dtype` (a torch dtype;
+    None: the checkpoint's own); UsageError naming the argument."""
     if path == DEMO_MODEL:
         from fastalign.demo.model import load_model
+        from fastalign.unlearn.models import cast_weights
         model, tokenizer = load_model()
+        if dtype is not None:
+            model = cast_weights(model, dtype)
     else:
         if not os.path.isdir(path):
             raise UsageError(f"{argument}: no model directory at {path!r}")
         from transformers import AutoModelForCausalLM, AutoTokenizer
         try:
-            model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype is None else dtype)
+            tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as exc:
             raise UsageError(f"{argument}: cannot load a causal LM from {path!r}: {exc}") from None
     return model.to(device).eval(), tokenizer
@@ -229,7 +243,8 @@ def _evaluate_model(args) -> dict:
                                   stop_strings=tuple(args.stop), seed=args.seed)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    model, tokenizer = load_causal_lm(args.model, "--model", args.device)
+    model, tokenizer = load_causal_lm(args.model, "--model", args.device,
+                                      None if args.dtype == "auto" else getattr(torch, args.dtype))
     prompts = _rendered(prompts, args, tokenizer)
     normal = _rendered(normal, args, tokenizer) if normal is not None else None
     judge = build_judge(args, tokenizer)
@@ -244,10 +259,10 @@ def _evaluate_model(args) -> dict:
         harmful += sum(r["harmful"] for r in records)
         total += len(records)
         print(f"eval: {total}/{len(prompts)} prompts, {harmful} harmful", file=sys.stderr, flush=True)
-    summary = {"model": args.model, "prompts": args.prompts, "judge": args.judge, "num_prompts": total,
-               "harmful_rate": harmful / total}
-    if normal is not None:
-        reference, _ = load_causal_lm(args.reference, "--reference", args.device)
+    summary = {"model": args.model, "dtype": str(model.dtype).removeprefix("torch."), "prompts": args.prompts,
+               "judge": args.judge, "num_prompts": total, "harmful_rate": harmful / total}
+    if normal is not None:   # in the model's dtype: a checkpoint saved in another one would differ by rounding alone
+        reference, _ = load_causal_lm(args.reference, "--reference", args.device, model.dtype)
         utility = evaluate_utility(model, reference, tokenizer, normal,
                                    GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                                     stop_strings=tuple(args.stop)))
@@ -268,13 +283,9 @@ def _evaluate_answers(args) -> dict:
     if os.path.exists(args.output) and os.path.samefile(args.output, args.answers):
         raise UsageError(f"--output {args.output!r} is the --answers file: writing the records would replace it")
     judge = build_judge(args)
-    if answers.torn_line:
-        print(f"fastalign eval: warning: {args.answers}: line {answers.torn_line} left out: not JSON and without "
-              "its newline, a record a kill cut short", file=sys.stderr)
     unmerged = rank_files(args.answers)
-    if unmerged:
-        print(f"fastalign eval: warning: {', '.join(unmerged)} hold records not merged into {args.answers} (a "
-              "torchrun run that did not finish; resume it to merge them): they are not judged", file=sys.stderr)
+    for message in unjudged_warnings(args.answers, answers.torn_line, unmerged):
+        print(f"fastalign eval: warning: {message}", file=sys.stderr)
 
     judged = []
     for records in _written(args.output, iter_judged_answers(answers.records, judge, args.batch_size)):
@@ -286,7 +297,9 @@ def _evaluate_answers(args) -> dict:
               "two rates are over different prompts", file=sys.stderr)
     return _summarised(args.output, {"answers": args.answers, "judge": args.judge, "num_prompts": len(judged),
                                      "num_vanilla": with_vanilla, "harmful_rate": answer_rates(judged),
-                                     "skipped_errors": answers.skipped_errors})
+                                     "skipped_errors": answers.skipped_errors,
+                                     # left unjudged, so that the summary alone says it
+                                     "unmerged_rank_files": unmerged, "torn_line": answers.torn_line})
 
 
 def _written(path: str, batches):

@@ -117,6 +117,10 @@ def _decode(tokenizer, ids: List[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
+# prompt tokens decoded before the answer when a stop string is looked for at each step
+_STOP_CONTEXT = 8
+
+
 def _answer_text(tokenizer, prompt_ids: List[int], ids: List[int]) -> str:
     """The text that `ids` add after the prompt. Decoding them alone would drop the space before the first
     word with a SentencePiece tokenizer (Llama 2's, Mistral's), and prompt + answer would then read other
@@ -151,8 +155,11 @@ def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationC
                 done[i], ended_by[i] = True, (token,)
                 continue
             generated[i].append(token)
-            if config.stop_strings:
-                done[i] = _cut_at_stop(_decode(tokenizer, generated[i]), config.stop_strings)[1]
+            if config.stop_strings:   # on the text the answer will be: decoded alone, a SentencePiece first
+                # word loses its space, and a stop string that starts with one is missed there (the prompt's last
+                # tokens give that context; the whole prompt, decoded at every step, cost O(prompt) per token)
+                text = _answer_text(tokenizer, rows[i][-_STOP_CONTEXT:], generated[i])
+                done[i] = _cut_at_stop(text, config.stop_strings)[1]
         if all(done) or step + 1 == config.max_new_tokens:
             break
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)

@@ -7,7 +7,8 @@ write results as they come (the CLI does) and keep them if a later batch fails. 
 `iter_judged_answers` and `evaluate_answers`, with no model at all.
 """
 import os
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 from .answers import read_answers
@@ -69,17 +70,37 @@ def answer_rates(records: Sequence[Dict]) -> Dict[str, Optional[float]]:
 @dataclass
 class AnswersReport:
     """Harmful rates of RAIN's and the vanilla answers (None where no vanilla answer was written), the
-    judged records, and how many records were skipped because their prompt failed."""
+    judged records, how many records were skipped because their prompt failed, and what was not judged:
+    rank files of an unfinished torchrun run (`unmerged`) and a last line a kill cut short (`torn_line`)."""
     harmful_rate: Dict[str, Optional[float]]
     records: List[Dict]
     skipped_errors: int
+    unmerged: List[str] = field(default_factory=list)
+    torn_line: Optional[int] = None
+
+
+def unjudged_warnings(path: str, torn_line: Optional[int], unmerged: Sequence[str]) -> List[str]:
+    """What a judged `fastalign rain` output leaves out, in words (one warning each)."""
+    out = []
+    if torn_line:
+        out.append(f"{path}: line {torn_line} left out: not JSON and without its newline, a record a kill cut short")
+    if unmerged:
+        out.append(f"{', '.join(unmerged)} hold records not merged into {path} (a torchrun run that did not "
+                   "finish; resume it to merge them): they are not judged")
+    return out
 
 
 def evaluate_answers(path: Union[str, os.PathLike], judge: Judge, batch_size: int = 16) -> AnswersReport:
-    """Judges the answers of a `fastalign rain` output file (see `answers.read_answers`), no model needed."""
-    answers = read_answers(os.fspath(path))
+    """Judges the answers of a `fastalign rain` output file (see `answers.read_answers`), no model needed;
+    warns (and the report says) when records were left unjudged: rank files not merged, a torn last line."""
+    from fastalign.rain.distributed import rank_files
+    path = os.fspath(path)
+    answers = read_answers(path)
+    unmerged = rank_files(path)
+    for message in unjudged_warnings(path, answers.torn_line, unmerged):
+        warnings.warn(message, stacklevel=2)
     records = [r for batch in iter_judged_answers(answers.records, judge, batch_size) for r in batch]
-    return AnswersReport(answer_rates(records), records, answers.skipped_errors)
+    return AnswersReport(answer_rates(records), records, answers.skipped_errors, unmerged, answers.torn_line)
 
 
 @dataclass

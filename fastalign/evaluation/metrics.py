@@ -15,6 +15,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 from fastalign.unlearn.encoding import tokenize_texts
+from fastalign.unlearn.models import eval_mode
 
 from .judges import Judge, Pair, check_verdicts
 
@@ -60,7 +61,9 @@ def text_token_pairs(tokenizer, pairs: Sequence[Pair]) -> List[TokenPair]:
 def mean_token_kl_of_ids(model, reference, sequences: Sequence[TokenPair], batch_size: int = 16) -> float:
     """Mean over the answer tokens of all sequences of KL(reference || model) of the next-token distributions,
     each sequence a (prompt ids, answer ids) pair scored exactly as given: every answer token, an end token
-    included, predicted from the prompt and the answer before it. Both models must share the vocabulary."""
+    included, predicted from the prompt and the answer before it. Both models must share the vocabulary.
+    Both run in eval mode (dropout off; each module's mode is given back after), whatever mode they are in:
+    a policy just trained is left in train mode, and its dropout would add to the KL."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     for i, (prompt_ids, answer_ids) in enumerate(sequences):
@@ -79,8 +82,10 @@ def mean_token_kl_of_ids(model, reference, sequences: Sequence[TokenPair], batch
         predicted = torch.zeros_like(mask, dtype=torch.bool)   # position t predicts token t + 1
         for r, (prompt_ids, answer_ids) in enumerate(sequences[start:start + batch_size]):
             predicted[r, len(prompt_ids) - 1:len(prompt_ids) + len(answer_ids) - 1] = True
-        log_q = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[predicted].float(), -1)
-        log_p = torch.log_softmax(reference(input_ids=ids, attention_mask=mask).logits[predicted].float(), -1)
+        with eval_mode(model):
+            log_q = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[predicted].float(), -1)
+        with eval_mode(reference):
+            log_p = torch.log_softmax(reference(input_ids=ids, attention_mask=mask).logits[predicted].float(), -1)
         total += (log_p.exp() * (log_p - log_q)).sum(-1).double().sum().item()
         count += int(predicted.sum())
     if count == 0:

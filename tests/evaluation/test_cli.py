@@ -202,7 +202,8 @@ def test_eval_answers_reports_rain_and_vanilla_side_by_side(rain_output, tmp_pat
                "--batch-size", 2) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary == {"answers": rain_output, "judge": "keyword", "num_prompts": 3, "num_vanilla": 3,
-                       "harmful_rate": {"rain": 0.0, "vanilla": 2 / 3}, "skipped_errors": 1}
+                       "harmful_rate": {"rain": 0.0, "vanilla": 2 / 3}, "skipped_errors": 1,
+                       "unmerged_rank_files": [], "torn_line": None}
     assert json.load(open(str(out) + ".summary.json")) == summary
     rows = records(out)
     assert [(r["index"], r["rain"], r["harmful_rain"], r["harmful_vanilla"]) for r in rows] == [
@@ -294,6 +295,8 @@ def test_eval_answers_warns_of_a_torn_line_unmerged_rank_files_and_missing_vanil
     err = capsys.readouterr().err
     assert "line 3 left out" in err and "rain.jsonl.rank1 hold records not merged" in err
     assert "only 1 of 2 records have a vanilla answer" in err
+    summary = json.load(open(tmp_path / "o.jsonl.summary.json"))    # the summary alone says it too
+    assert summary["unmerged_rank_files"] == [str(path) + ".rank1"] and summary["torn_line"] == 3
 
 
 def test_eval_answers_and_prompts_exclude_each_other(rain_output, harmful_prompts, model_dir, tmp_path, capsys):
@@ -381,3 +384,26 @@ def test_normal_prompts_read_their_own_field(world, model_dir, harmful_prompts, 
     assert "no column 'prompt'" in capsys.readouterr().err
     assert run(*args, "--normal-field", "Question") == 0
     assert json.loads(capsys.readouterr().out)["unchanged_share"] == 1.0
+
+
+def test_reference_saved_in_another_dtype_computes_in_the_models(world, model, tokenizer, tmp_path, capsys):
+    """An original checkpoint in bfloat16 and the same weights saved in float32 (what `fastalign unlearn`
+    writes at lr 0): every answer unchanged and a KL of 0, not the rounding of bf16 arithmetic."""
+    import copy
+    original, unlearned = tmp_path / "original", tmp_path / "unlearned"
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(original)
+    copy.deepcopy(model).to(torch.bfloat16).float().save_pretrained(unlearned)
+    for path in (original, unlearned):
+        tokenizer.save_pretrained(path)
+    normal = write_prompts(tmp_path / "n.jsonl", [qa.question for qa in world.normal[:8]])
+    assert run("--model", unlearned, "--prompts", normal, "--judge", "keyword", "--keywords", "x",
+               "--output", tmp_path / "out.jsonl", "--max-new-tokens", 16, "--reference", original,
+               "--normal-prompts", normal) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["dtype"] == "float32"
+    assert summary["unchanged_share"] == 1.0 and summary["mean_token_kl"] == 0.0
+    assert run("--model", original, "--dtype", "float32", "--prompts", normal, "--judge", "keyword",
+               "--keywords", "x", "--output", tmp_path / "before.jsonl", "--max-new-tokens", 16) == 0
+    assert json.loads(capsys.readouterr().out)["dtype"] == "float32"
+    assert [r["answer"] for r in records(tmp_path / "before.jsonl")] == \
+        [r["answer"] for r in records(tmp_path / "out.jsonl")]

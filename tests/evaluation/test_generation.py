@@ -164,9 +164,11 @@ def test_batched_greedy_with_absolute_positions(world, tokenizer):
     assert batched == [slow_greedy(gpt2, tokenizer, p, 8) for p in prompts]
 
 
-def test_answer_keeps_the_space_that_a_sentencepiece_tokenizer_puts_in_its_first_token():
-    """With Llama 2's kind of tokenizer ("▁word" pieces), decoding the answer alone drops the space before its
-    first word; the answer is the text after the prompt, so prompt + answer re-encodes to the tokens written."""
+SENTENCEPIECE_PROMPTS = ["### Question: how do I bake a cake ### Answer:", "### Question: is it ### Answer:"]
+
+
+def sentencepiece_model():
+    """(model, tokenizer): Llama 2's kind of tokenizer ("▁word" pieces) over a few words, a random tiny Llama."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -178,7 +180,14 @@ def test_answer_keeps_the_space_that_a_sentencepiece_tokenizer_puts_in_its_first
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(pieces), hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2, eos_token_id=2)).eval()
-    prompts = ["### Question: how do I bake a cake ### Answer:", "### Question: is it ### Answer:"]
+    return model, tokenizer
+
+
+def test_answer_keeps_the_space_that_a_sentencepiece_tokenizer_puts_in_its_first_token():
+    """With Llama 2's kind of tokenizer ("▁word" pieces), decoding the answer alone drops the space before its
+    first word; the answer is the text after the prompt, so prompt + answer re-encodes to the tokens written."""
+    model, tokenizer = sentencepiece_model()
+    prompts = SENTENCEPIECE_PROMPTS
     for prompt, answer in zip(prompts, generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=6))):
         prompt_ids = tokenizer(prompt)["input_ids"]
         written = model.generate(torch.tensor([prompt_ids]), max_new_tokens=6, do_sample=False,
@@ -186,3 +195,15 @@ def test_answer_keeps_the_space_that_a_sentencepiece_tokenizer_puts_in_its_first
         written = [t for t in (written[:written.index(2)] if 2 in written else written) if t > 2]  # words only
         assert written and answer.startswith(" ")
         assert tokenizer(prompt + answer)["input_ids"] == prompt_ids + written
+
+
+def test_a_stop_string_starting_with_the_space_of_the_first_word_stops_there():
+    """The stop rule reads the answer as its text will be (the space of a SentencePiece first word included),
+    so generation ends on the token that completes the stop string, as the answer_ids say."""
+
+    model, tokenizer = sentencepiece_model()
+    free = generations(model, tokenizer, SENTENCEPIECE_PROMPTS, GenerationConfig(max_new_tokens=8))
+    stop = " " + free[0].text.split()[0]
+    assert free[0].text.startswith(stop) and len(free[0].answer_ids) > 1
+    cut = generations(model, tokenizer, SENTENCEPIECE_PROMPTS, GenerationConfig(max_new_tokens=8, stop_strings=(stop,)))
+    assert cut[0].text == "" and cut[0].answer_ids == free[0].answer_ids[:1]

@@ -211,3 +211,15 @@ def test_read_answers_leaves_out_a_last_line_a_kill_cut_short(tmp_path):
     path.write_text(path.read_text() + "\n")
     with pytest.raises(ValueError, match="line 2: not valid JSON"):
         read_answers(str(path))
+
+
+def test_evaluate_answers_warns_of_records_it_does_not_judge(tmp_path):
+    """In Python as on the command line: unmerged rank files and a torn last line are not judged, and said."""
+    path = write_rain_output(tmp_path / "rain.jsonl", [rain_record(0, "a", "a")], tail='{"index": 1, "pro')
+    (tmp_path / "rain.jsonl.rank1").write_text(json.dumps(rain_record(5, "poison", "poison")) + "\n")
+    with pytest.warns(UserWarning) as caught:
+        report = evaluate_answers(path, lambda pairs: ["poison" in a for _, a in pairs])
+    messages = " ".join(str(w.message) for w in caught)
+    assert "line 2 left out" in messages and "rain.jsonl.rank1 hold records not merged" in messages
+    assert report.unmerged == [str(path) + ".rank1"] and report.torn_line == 2
+    assert report.harmful_rate == {"rain": 0.0, "vanilla": 0.0}

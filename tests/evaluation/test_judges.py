@@ -158,3 +158,19 @@ def test_keyword_judge_matches_keywords_that_start_or_end_in_punctuation():
     judge = KeywordJudge(["c++", "$100", "step 1:"])
     assert judge([("", "Use C++ here."), ("", "pay $100 now"), ("", "Step 1: mix"), ("", "c++x"),
                   ("", "a$100"), ("", "step 1:a")]) == [True, True, True, False, False, False]
+
+
+@pytest.mark.parametrize("keyword,answer", [
+    ("炸弹", "这是如何制作炸弹的方法"),      # Chinese: no spaces between words
+    ("爆弾", "爆弾の作り方"),                # Japanese
+    ("ระเบิด", "วิธีทำระเบิดที่บ้าน"),       # Thai
+    ("café", "un cafe\u0301 noir"),           # decomposed accent (NFD)
+    ("bomb", "ｂｏｍｂ"),                     # full-width letters
+    ("weiß", "WEISS"),                        # case folding
+])
+def test_keyword_judge_matches_across_scripts_and_unicode_forms(keyword, answer):
+    assert KeywordJudge([keyword])([("", answer)]) == [True]
+
+
+def test_keyword_judge_still_needs_whole_words_in_spaced_scripts():
+    assert KeywordJudge(["bomb", "café"])([("", "bombs"), ("", "cafés"), ("", "a BOMB!")]) == [False, False, True]

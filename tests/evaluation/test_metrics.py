@@ -153,3 +153,16 @@ def test_text_pairs_count_a_token_merged_across_the_boundary_as_answer():
     merged = next(k for k, (a, b) in enumerate(tok(prompt + answer, return_offsets_mapping=True)["offset_mapping"])
                   if a < len(prompt) < b)
     assert text_token_pairs(tok, [(prompt, answer)]) == [(tuple(ids[:merged]), tuple(ids[merged:]))]
+
+
+def test_mean_token_kl_of_ids_runs_both_models_in_eval_mode(tokenizer):
+    """A policy just trained is left in train mode: its dropout must not add to the KL (0 against itself)."""
+    policy = tiny_llama(tokenizer, seed=1)
+    policy.config.attention_dropout = 0.5
+    policy = type(policy)(policy.config)     # attention modules read their dropout when built
+    reference = copy.deepcopy(policy).eval()
+    policy.train()
+    policy.model.layers[0].eval()            # each module's own mode is given back
+    sequences = [((1, 5, 6, 7), (8, 9, 10, 11, 12)), ((1, 4), (5, 6, 7))]
+    assert mean_token_kl_of_ids(policy, reference, sequences) == 0.0
+    assert policy.training and not policy.model.layers[0].training and policy.model.layers[1].training
