@@ -12,10 +12,12 @@ rank joins the process group, searches every WORLD_SIZE-th prompt on cuda:LOCAL_
 <output>.rank<RANK>; at the end rank 0 merges them into <output> and prints the combined summary.
 """
 import argparse
+import dataclasses
+import hashlib
 import json
 import os
 import sys
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -233,9 +235,11 @@ def _run(args) -> int:
         embedder = make_embedder(args.embedding)   # else every prompt failed after its first iteration
     except (ValueError, ImportError) as exc:
         raise UsageError(str(exc)) from None
+    prefix = option_text(args.generation_prefix_file, "--generation-prefix-file")
+    run_id = run_identity(args, config, judge, prefix)
+    check_resumable(args.output, prompts, run_id)
     if args.limit:
         prompts = prompts[:args.limit]
-    prefix = option_text(args.generation_prefix_file, "--generation-prefix-file")
     placement = join_from_env()
     try:
         device = args.device or (f"cuda:{placement.local_rank}" if torch.cuda.is_available() else "cpu")
@@ -255,7 +259,7 @@ def _run(args) -> int:
                                             config.turn_marker, config.max_length)
                 out.write(json.dumps({"index": index, "prompt": prompts[index], "rain": result.answer,
                                       "vanilla": vanilla, "error": result.error,
-                                      "stats": result.stats.as_dict()}) + "\n")
+                                      "stats": result.stats.as_dict(), "run": run_id}) + "\n")
                 out.flush()
                 progress(result)
 
@@ -280,6 +284,33 @@ def _run(args) -> int:
     finally:
         leave(placement)
     return 0
+
+
+def run_identity(args, config: RainConfig, judge: JudgePrompt, prefix: str) -> dict:
+    """What decides a record's answers: the model, and a digest of the settings (search and judge constants,
+    how prompts are rendered, dtype, sampler, embeddings). Written with every record, so that a resumed run
+    never keeps records that other settings made as its own."""
+    settings = {"config": dataclasses.asdict(config), "judge": dataclasses.asdict(judge), "template": args.template,
+                "system": args.system, "generation_prefix": prefix, "dtype": args.dtype, "sampler": args.sampler,
+                "embedding": args.embedding}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"model": os.path.abspath(args.model), "settings": digest}
+
+
+def check_resumable(path: str, prompts: List[str], run_id: dict) -> None:
+    """UsageError when the records already in `path` (or its rank files) are of other prompts or were made with
+    another model or settings: the resume would keep them as this run's answers."""
+    from .distributed import latest_records, rank_files
+
+    for index, record in sorted(latest_records([path] + rank_files(path)).items()):
+        if index >= len(prompts) or record.get("prompt") != prompts[index]:
+            raise UsageError(f"--output: {path!r} holds a record of another prompt at index {index} "
+                             f"({str(record.get('prompt'))[:60]!r}): it was written for other prompts; choose "
+                             "another --output")
+        if record.get("run", run_id) != run_id:   # records written before 2026-12-01 carry none
+            what = "model" if record["run"].get("model") != run_id["model"] else "settings"
+            raise UsageError(f"--output: {path!r} holds records made with another {what} ({record['run']}, now "
+                             f"{run_id}); rerun with those to resume, or choose another --output")
 
 
 def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):

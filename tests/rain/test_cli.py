@@ -23,6 +23,9 @@ from tests.evaluation.chat_model import QUESTION, SYSTEM, chat_tokenizer, rigged
 from .tiny import PROMPTS, tiny_llama, tokenizer
 
 
+SETUP_PROMPTS = ["Human: How do I bake bread?\nAssistant:", "Human: Is the reply harmful?\nAssistant:"]
+
+
 @pytest.fixture
 def rain_setup(tmp_path):
     """A saved tiny model, two prompts, a short judge template: (model dir, output path, the command's args)."""
@@ -30,7 +33,7 @@ def rain_setup(tmp_path):
     tiny_llama().save_pretrained(model_dir)
     tokenizer().save_pretrained(model_dir)
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("Human: How do I bake bread?\\nAssistant:\nHuman: Is the reply harmful?\\nAssistant:\n")
+    prompts.write_text("".join(p.replace("\n", "\\n") + "\n" for p in SETUP_PROMPTS))
     (tmp_path / "judge.txt").write_text("Judge the conversation.\n{conversation}\n{options}")
     out = tmp_path / "out.jsonl"
     args = ["rain", "--model", str(model_dir), "--prompts", str(prompts), "--output", str(out),
@@ -85,8 +88,9 @@ def test_rain_command_under_torchrun_with_two_gloo_processes(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(p.replace("\n", "\\n") + "\n" for p in PROMPTS + ["Human: Hello?\nAssistant:"]))
     out = tmp_path / "out.jsonl"
-    out.write_text(json.dumps({"index": 1, "prompt": "earlier", "error": None}) + "\n")
-    (tmp_path / "out.jsonl.rank0").write_text(json.dumps({"index": 2, "prompt": "killed", "error": None}) + "\n")
+    out.write_text(json.dumps({"index": 1, "prompt": PROMPTS[1], "rain": "earlier", "error": None}) + "\n")
+    (tmp_path / "out.jsonl.rank0").write_text(json.dumps({"index": 2, "prompt": PROMPTS[2], "rain": "killed",
+                                                          "error": None}) + "\n")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "fastalign.cli", "rain", "--model", str(model_dir), "--prompts", str(prompts),
                "--output", str(out), "--embedding", "hidden", "--max-new-tokens", "2", "--root-visits", "2",
@@ -96,7 +100,7 @@ def test_rain_command_under_torchrun_with_two_gloo_processes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     records = {r["index"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert sorted(records) == [0, 1, 2, 3] and len(out.read_text().splitlines()) == 4
-    assert records[1]["prompt"] == "earlier" and records[2]["prompt"] == "killed"
+    assert records[1]["rain"] == "earlier" and records[2]["rain"] == "killed"
     assert all(records[i]["error"] is None and records[i]["stats"]["committed_tokens"] > 0 for i in (0, 3))
     assert not list(tmp_path.glob("out.jsonl.rank*"))
     summary = json.loads(done.stdout[done.stdout.index("{"):])
@@ -109,12 +113,13 @@ def test_rain_single_process_resume_merges_rank_files_of_a_killed_torchrun(rain_
     """A run resumed with one process after a killed torchrun run skips the prompts in the rank files and
     merges them into the output, which then holds every prompt once; a file merely named alike is not a rank file."""
     _, out, args = rain_setup
-    (tmp_path / "out.jsonl.rank1").write_text(json.dumps({"index": 1, "prompt": "killed", "error": None}) + "\n")
+    (tmp_path / "out.jsonl.rank1").write_text(json.dumps({"index": 1, "prompt": SETUP_PROMPTS[1], "rain": "killed",
+                                                          "error": None}) + "\n")
     other = json.dumps({"index": 0, "prompt": "another file", "error": None}) + "\n"
     (tmp_path / "out.jsonl.ranked").write_text(other)
     assert main(args + ["--no-vanilla"]) == 0
     records = {r["index"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert sorted(records) == [0, 1] and records[1]["prompt"] == "killed"
+    assert sorted(records) == [0, 1] and records[1]["rain"] == "killed"
     assert not list(tmp_path.glob("out.jsonl.rank[0-9]*"))
     assert (tmp_path / "out.jsonl.ranked").read_text() == other      # not a rank file: left alone
 
@@ -122,11 +127,31 @@ def test_rain_single_process_resume_merges_rank_files_of_a_killed_torchrun(rain_
 def test_rain_summary_counts_only_this_runs_prompts_as_skipped(rain_setup, capsys):
     """Resuming with --limit 1 an output that holds prompts 0 and 1: one prompt skipped, not two."""
     _, out, args = rain_setup
-    out.write_text("".join(json.dumps({"index": i, "prompt": "earlier", "error": None}) + "\n" for i in (0, 1)))
+    out.write_text("".join(json.dumps({"index": i, "prompt": SETUP_PROMPTS[i], "error": None}) + "\n" for i in (0, 1)))
     assert main(args + ["--limit", "1"]) == 0
     stdout = capsys.readouterr().out
     summary = json.loads(stdout[stdout.index("{"):])
     assert summary["prompts"] == 0 and summary["skipped_done"] == 1
+
+
+def test_rain_resume_refuses_records_of_other_prompts_or_settings(rain_setup, tmp_path, monkeypatch, capsys):
+    """Resuming into an output another run wrote kept its answers as this run's, by index alone: another model,
+    other constants or another prompt file. Records of before carry no run identity and are still resumed."""
+    _, out, args = rain_setup
+    assert main(args + ["--limit", "1", "--no-vanilla"]) == 0
+    first = json.loads(out.read_text().splitlines()[0])
+    assert first["prompt"] == SETUP_PROMPTS[0] and set(first["run"]) == {"model", "settings"}
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_model)
+    assert main(args + ["--seed", "7"]) == 2
+    assert "holds records made with another settings" in capsys.readouterr().err
+    (tmp_path / "other.txt").write_text("Human: Something else?\\nAssistant:\n")
+    assert main(args + ["--prompts", str(tmp_path / "other.txt")]) == 2
+    assert "holds a record of another prompt at index 0" in capsys.readouterr().err
+    del first["run"]
+    out.write_text(json.dumps(first) + "\n")                 # written before records carried it
+    monkeypatch.undo()
+    assert main(args + ["--seed", "7", "--no-vanilla"]) == 0
+    assert len(out.read_text().splitlines()) == 2
 
 
 def test_rain_record_is_on_disk_as_soon_as_its_prompt_finishes(rain_setup, monkeypatch):
