@@ -168,12 +168,20 @@ def attention_rows(args, device, dtype, copy_gbs):
                 candidates.append(("dense sdpa", lambda i: dense_sdpa(batch["q"], *dense[i % len(dense)])))
             else:
                 out_rows.append({**common, "method": "dense sdpa", "error": "per-row copies over --dense-limit-gib"})
-            expected = candidates[-1][1](0).float() if candidates[-1][0] == "dense sdpa" else None
+            try:
+                expected = candidates[-1][1](0).float() if candidates[-1][0] == "dense sdpa" else None
+            except Exception as err:  # no reference output: the paged rows are still timed, not compared
+                out_rows.append({**common, **harness.failure_row("dense sdpa", err)})
+                candidates, expected = candidates[:-1], None
             for name, fn in candidates:
-                graph_us, eager_us = per_call_us(fn, device, calls)
+                try:  # one failing method (a kernel that does not build or launch here) leaves the others' rows
+                    graph_us, eager_us = per_call_us(fn, device, calls)
+                    diff = None if expected is None else (fn(0).float() - expected).abs().max().item()
+                except Exception as err:
+                    out_rows.append({**common, **harness.failure_row(name, err)})
+                    continue
                 best_us = graph_us or eager_us
                 gbs = unique_bytes / best_us / 1e3
-                diff = None if expected is None else (fn(0).float() - expected).abs().max().item()
                 out_rows.append({**common, "method": name, "graph_us": graph_us, "eager_us": eager_us,
                                  "plan_us": plan_us if "cascade" in name else None,
                                  "unique_gbs": gbs, "of_copy_bw": gbs / copy_gbs, "max_diff": diff})
@@ -189,12 +197,14 @@ ATTENTION_COLUMNS = [("prefix", "prefix", "{}"), ("rows", "rows", "{}"), ("uniqu
 
 
 EXTEND_COLUMNS = [("prefix", "prefix", "{}"), ("children", "children", "{}"), ("tokens_each", "tokens each", "{}"),
-                  ("cascade", "cascade", "{}"), ("ms", "ms", "{:.2f}"), ("vs_one_child", "vs one child", "{:.2f}x")]
+                  ("cascade", "cascade", "{}"), ("ms", "ms", "{:.2f}"), ("vs_one_child", "vs one child", "{:.2f}x"),
+                  ("error", "error", "{}")]
 REWIND_COLUMNS = [("prefix", "prefix", "{}"), ("branch_tokens", "branch tokens", "{}"),
-                  ("release_us", "release us", "{:.1f}"), ("extend_after_us", "extend 1 token after, us", "{:.0f}")]
+                  ("release_us", "release us", "{:.1f}"), ("extend_after_us", "extend 1 token after, us", "{:.0f}"),
+                  ("error", "error", "{}")]
 DECODE_COLUMNS = [("prompt", "prompt", "{}"), ("new_tokens", "new tokens", "{}"), ("method", "method", "{}"),
                   ("ms", "ms", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:.1f}"), ("vs_hf", "time vs HF", "{:.2f}x"),
-                  ("same_greedy_tokens", "same greedy tokens", "{}")]
+                  ("same_greedy_tokens", "same greedy tokens", "{}"), ("error", "error", "{}")]
 def random_llama(quick, device, dtype):
     """A random-weight Llama: Llama-3.2-1B's shape, or a tiny one with --quick."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -296,21 +306,34 @@ def decode_rows(model, runner, prompt, new_tokens, device):
              "vs_hf": 1.0}]
 
 
-def runner_rows(args, device, dtype):
-    """Rows of the extend, rewind and decode sections."""
+def runner_rows(args, device, dtype, report=lambda rows: None):
+    """Rows of the extend, rewind and decode sections; report(rows so far) after each section, so that a run cut
+    short keeps the sections it finished. A section that raises becomes an error row; the next ones still run."""
     from fastalign.runtime import TreeRunner
     model = random_llama(args.quick, device, dtype)
     vocab = model.config.vocab_size
     prefix = random_tokens(args.tree_prefix, vocab)
-    rows = []
-    for cascade in ("off", "on") if device.type == "cuda" else ("-",):  # the torch backend has no cascade
+    rows, runner, root = [], None, None
+
+    def section(name, measure):
+        try:
+            rows.extend(measure())
+        except Exception as err:
+            rows.append({"section": name, **harness.failure_row(name, err)})
+        report(rows)
+
+    def extend(cascade):
+        nonlocal runner, root
         runner = TreeRunner(model, max_tokens=args.pool_tokens, cascade_attention=cascade != "off")
         root = runner.prefill(prefix)
         runner.pin(root)
-        rows += extend_rows(runner, root, vocab, device, [1, args.children], args.child_tokens, cascade)
+        return extend_rows(runner, root, vocab, device, [1, args.children], args.child_tokens, cascade)
+    for cascade in ("off", "on") if device.type == "cuda" else ("-",):  # the torch backend has no cascade
+        section("extend", lambda: extend(cascade))
     # the last runner (with the cascade, where there is one) serves the rewind and decode sections
-    rows += rewind_rows(runner, root, vocab, device, args.branch_lengths)
-    rows += decode_rows(model, runner, random_tokens(args.decode_prompt, vocab), args.decode_tokens, device)
+    section("rewind", lambda: rewind_rows(runner, root, vocab, device, args.branch_lengths))
+    section("decode", lambda: decode_rows(model, runner, random_tokens(args.decode_prompt, vocab), args.decode_tokens,
+                                          device))
     return rows
 
 
@@ -363,7 +386,13 @@ def main():
                       copy_bandwidth_gbs=copy_gbs, bandwidth_target=BANDWIDTH_TARGET)
         harness.write_results("bench_tree", device, config, rows)  # now too: the runner sections may be cut short
     if "runner" in args.sections:
-        runner = runner_rows(args, device, dtype)
+        config.update({key: getattr(args, key) for key in ("tree_prefix", "children", "child_tokens",
+                                                             "branch_lengths", "decode_prompt", "decode_tokens",
+                                                             "pool_tokens")},
+                      batched_extend_target=BATCHED_EXTEND_TARGET, decode_target=DECODE_TARGET)
+        runner = runner_rows(args, device, dtype,
+                             report=lambda section_rows: harness.write_results("bench_tree", device, config,
+                                                                               rows + section_rows))
         for section, columns, note in (
                 ("extend", EXTEND_COLUMNS, f"target: {args.children} children <= {BATCHED_EXTEND_TARGET}x one child"),
                 ("rewind", REWIND_COLUMNS, "target: flat in the branch length"),
@@ -371,10 +400,6 @@ def main():
             print(f"\n[{section}] {'random Llama (tiny)' if args.quick else 'random Llama-3.2-1B shape'}; {note}")
             harness.print_table([row for row in runner if row["section"] == section], columns)
         rows += runner
-        config.update({key: getattr(args, key) for key in ("tree_prefix", "children", "child_tokens",
-                                                             "branch_lengths", "decode_prompt", "decode_tokens",
-                                                             "pool_tokens")},
-                      batched_extend_target=BATCHED_EXTEND_TARGET, decode_target=DECODE_TARGET)
     print("\nwrote", harness.write_results("bench_tree", device, config, rows))
 
 

@@ -13,7 +13,8 @@
 # whole fits: the tests that need CUDA and the Triton kernel tests on the GPU, then bench_loss (the 8B head
 # at N=8192), bench_tree, bench_unlearn (1B) and bench_rain (random 1B Llama on HH prompts). The log, the
 # two pytest logs and every bench JSON land in $OUT (at most 8 files come back): commit the JSON files. The
-# benches rewrite their JSON after each row, so a step cut at its limit still returns what it measured.
+# benches write their JSON straight into $OUT and rewrite it after each row (atomically), so a step cut at its
+# limit, or the whole call cut at the device tool's, still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,15 +40,16 @@ fi
 OUT="${OUT:-/tmp/gpu_session}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 FASTALIGN_SHARED_DATA="$PWD/.carry/data" FASTALIGN_COMMIT="$(cat .carry/commit 2>/dev/null)"
+export FASTALIGN_BENCH_RESULTS="$OUT"   # bench/harness.py writes each record here as its rows are measured
 [[ -f .carry/tracked.sha256 ]] && export FASTALIGN_COMMIT_SUMS="$PWD/.carry/tracked.sha256"
 HH=.carry/data/hh-harmless-base-test.jsonl.gz
 
-step() {  # step SECONDS NAME COMMAND...: runs COMMAND under a time limit, then copies new bench JSON to $OUT
+step() {  # step SECONDS NAME COMMAND...: runs COMMAND under a time limit
     local limit=$1 name=$2; shift 2
     echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
     timeout --kill-after=5 "$limit" "$@"
     echo "=== $name: exit $? $(date -u +%H:%M:%S)"
-    cp bench/results/*.json "$OUT"/ 2>/dev/null || true
+    rm -f "$OUT"/*.partial   # a record being rewritten when the limit struck: the previous one stands
 }
 
 session() {
@@ -56,9 +58,14 @@ session() {
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
             && export PYTHONPATH=/tmp/site
     fi
-    python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-    python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-    rm -f bench/results/*.json   # only this run's results come back
+    # fastalign itself; should the editable install fail (the image's setuptools, say), an in-place build and the
+    # layout of a checkout (kernels/ seen as fastalign.kernels) serve instead, rather than losing the whole call
+    if ! python3 -m pip install -q --no-deps --no-build-isolation -e .; then
+        echo "editable install failed: building fastalign._C in place"
+        python3 setup.py -q build_ext --inplace && ln -sfn ../kernels fastalign/kernels \
+            && export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" || exit 1
+    fi
+    python3 -c "import torch, triton, transformers, fastalign, fastalign.kernels, fastalign._C; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" || exit 1
     python3 -c "import sys; sys.path.insert(0, 'bench'); import harness; print('results labelled', harness.git_commit())"
 
     if [[ "${1:-}" == "8b" ]]; then
@@ -67,15 +74,16 @@ session() {
         return
     fi
     # pytest writes to files (a step killed at its limit takes its pipeline with it); 4 workers share the
-    # Triton compiles, which dominate these tests on a fresh machine; the sm_90 builds without a GPU are skipped
+    # Triton compiles, which dominate these tests on a fresh machine; the sm_90 builds without a GPU are skipped;
+    # -v logs each test's outcome as it ends, so that a run cut at the limit still names what passed and failed
     step 160 "tests needing CUDA, then the Triton kernels and the runner's cascade on the GPU" bash -c "
-        python3 -m pytest -q -n 4 -rfE -m gpu tests > $OUT/pytest-gpu.log 2>&1; tail -25 $OUT/pytest-gpu.log
-        python3 -m pytest -q -n 4 -rfE -m 'not gpu' -k 'not compile_for_sm90' tests/kernels \
+        python3 -m pytest -v -n 4 -rfE -m gpu tests > $OUT/pytest-gpu.log 2>&1; tail -25 $OUT/pytest-gpu.log
+        python3 -m pytest -v -n 4 -rfE -m 'not gpu' -k 'not compile_for_sm90' tests/kernels \
             tests/runtime/test_tree_runner_cascade.py > $OUT/pytest-triton.log 2>&1; tail -8 $OUT/pytest-triton.log"
     step 110 "bench_loss" python3 bench/bench_loss.py --tokens 8192 --verbose
     step 70 "bench_tree" python3 bench/bench_tree.py --prefix 1500 8000 --rows 1 10 64 --branch-lengths 16 2048 8192 \
         --decode-tokens 64
-    step 70 "bench_unlearn" python3 bench/bench_unlearn.py --reps 2
+    step 70 "bench_unlearn" python3 bench/bench_unlearn.py --reps 3
     step 90 "bench_rain" python3 bench/bench_rain.py --random-model --hh "$HH" --prompts 1 --max-new-tokens 8 \
         --concurrency 1 8 32 --judge-prompts 16
     ls -la "$OUT"

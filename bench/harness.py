@@ -135,6 +135,10 @@ def write_results(name, device, config, rows):
     os.makedirs(RESULTS_DIR, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", record["device"].split(" (")[0]).strip("-").lower()
     path = os.path.join(RESULTS_DIR, f"{name}-{slug}-{commit}.json")
-    with open(path, "w") as f:
+    # written aside, then renamed over the record: a run killed at its time limit while writing (the benches rewrite
+    # their record after each row) leaves the previous record whole, not a truncated file
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
         json.dump(record, f, indent=2)
+    os.replace(partial, path)
     return path

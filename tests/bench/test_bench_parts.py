@@ -85,6 +85,25 @@ def test_loss_rows_are_their_quantitys_definition_on_inputs_shared_within_the_qu
     assert (signed_weights < 0).any() and (signed_weights > 0).any()
 
 
+def test_loss_fastalign_rows_come_before_the_third_party_baselines(monkeypatch, tmp_path):
+    """A third-party kernel that hits an illegal memory access leaves every later CUDA call of the process failing:
+    every fastalign row is measured before the first Liger or CCE row, each quantity still led by fastalign's."""
+    def baseline(factory):
+        def loss(a, b, c, d):
+            return (bench_loss.naive_kl(a, b, c, d) if factory.__name__ == "liger_kl" else
+                    bench_loss.naive_ce(a, b, c, d))
+        return loss
+    monkeypatch.setattr(bench_loss, "optional", baseline)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: 2.0)
+    monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
+    args = SimpleNamespace(device="cpu", dtype="float32", hidden=16, vocab=67, tokens=[8], verbose=False)
+    methods = [row["method"] for row in bench_loss.run(args, {"matmul_peak_tflops": 1.0})]
+    third_party = [i for i, m in enumerate(methods) if m.startswith(("liger", "cut-cross-entropy"))]
+    assert len(third_party) == 4 and all(i < third_party[0] for i, m in enumerate(methods)
+                                         if m.startswith("fastalign")), methods
+
+
 def test_loss_matmul_peak_counts_2_n_cubed_flops(monkeypatch):
     """The reference point of 'fraction of peak': one n x n by n x n matmul does 2 n^3 FLOPs."""
     sizes = []
@@ -130,6 +149,19 @@ def test_unlearn_ratios_are_against_the_first_spec_row_and_the_other_ways_step_t
     # memory: the total peak, and the step's own working memory beyond the resident model and optimizer state
     assert [row.get("memory_vs_unfused") for row in rows] == pytest.approx([0.75, 1.0, 2.0, None, 0.5])
     assert [row.get("extra_memory_vs_unfused") for row in rows] == pytest.approx([0.125, 1.0, 2.0, None, 0.25])
+
+
+def test_unlearn_timed_steps_follow_a_second_untimed_step(monkeypatch):
+    """The first step records the loss and allocates AdamW's state; the second, whose activations the allocator may
+    have to place anew around that state, is not timed either."""
+    calls = []
+    monkeypatch.setattr(bench_unlearn.harness, "median_ms", lambda fn, device, **kwargs: calls.append(kwargs) or 1.0)
+
+    def build(model, batch, normal, args):
+        return lambda: torch.tensor(1.0)
+    batch = SimpleNamespace(to=lambda device: batch)
+    row = bench_unlearn.measure("way", build, batch, [], unlearn_args(), torch.device("cpu"), torch.float32)
+    assert row["step_ms"] == 1.0 and calls == [{"warmup": 1, "reps": 1}], (row, calls)
 
 
 def unlearn_args():
@@ -228,6 +260,45 @@ def test_tree_attention_max_diff_is_each_method_against_dense_sdpa(monkeypatch):
     rows = bench_tree.attention_rows(tree_attention_args(dense_limit_gib=0.0), torch.device("cpu"), torch.float32, 1.0)
     assert [(row["method"], row.get("max_diff"), "error" in row) for row in rows] == [
         ("dense sdpa", None, True), ("fastalign paged (torch)", None, False)]
+
+
+def test_tree_attention_method_that_raises_becomes_an_error_row(monkeypatch):
+    """A paged kernel that fails (does not build or launch) gives its row an error and dense sdpa is still timed; a
+    dense sdpa that fails leaves the paged rows timed, with no reference to compare them with."""
+    monkeypatch.setattr(bench_tree, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(bench_tree.harness, "median_ms", lambda fn, device, **kwargs: fn() and 1.0)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel failed")
+    monkeypatch.setattr(bench_tree, "paged_attention", broken)
+    rows = bench_tree.attention_rows(tree_attention_args(), torch.device("cpu"), torch.float32, 1.0)
+    assert [(row["method"], row.get("error"), row.get("max_diff")) for row in rows] == [
+        ("fastalign paged (torch)", "RuntimeError: kernel failed", None), ("dense sdpa", None, 0.0)], rows
+    monkeypatch.undo()
+    monkeypatch.setattr(bench_tree, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(bench_tree.harness, "median_ms", lambda fn, device, **kwargs: fn() and 1.0)
+    monkeypatch.setattr(bench_tree, "dense_sdpa", broken)
+    rows = bench_tree.attention_rows(tree_attention_args(), torch.device("cpu"), torch.float32, 1.0)
+    assert [(row["method"], row.get("error"), row.get("max_diff")) for row in rows] == [
+        ("dense sdpa", "RuntimeError: kernel failed", None), ("fastalign paged (torch)", None, None)], rows
+
+
+def test_tree_runner_sections_are_reported_as_they_finish_and_a_failing_one_becomes_an_error_row(monkeypatch):
+    """The runner sections take minutes on a GPU: the JSON is rewritten after each, so a step cut at its time limit
+    keeps the sections it finished, and one that raises leaves the others' rows."""
+    monkeypatch.setattr(bench_tree, "extend_rows", lambda *a: [{"section": "extend", "ms": 1.0}])
+    monkeypatch.setattr(bench_tree, "rewind_rows", lambda *a: [{"section": "rewind", "release_us": 1.0}])
+
+    def broken(*args):
+        raise RuntimeError("decode failed")
+    monkeypatch.setattr(bench_tree, "decode_rows", broken)
+    args = SimpleNamespace(quick=True, tree_prefix=20, pool_tokens=256, children=2, child_tokens=2,
+                           branch_lengths=[4], decode_prompt=4, decode_tokens=2)
+    reported = []
+    rows = bench_tree.runner_rows(args, torch.device("cpu"), torch.float32,
+                                  report=lambda rows: reported.append([row["section"] for row in rows]))
+    assert reported == [["extend"], ["extend", "rewind"], ["extend", "rewind", "decode"]], reported
+    assert rows[-1] == {"section": "decode", "method": "decode", "error": "RuntimeError: decode failed"}, rows
 
 
 def test_tree_attention_calls_read_distinct_kv_past_the_l2_cache(monkeypatch):
@@ -333,11 +404,12 @@ def test_rain_sections_run_the_engines_they_name_and_record_what_they_saw(monkey
     --prompts prompts, and same_decisions compares their answers (the slow one's differ here); section 2 runs C
     distinct prompts at concurrency C with the production sampler; section 3 runs --judge-prompts prompts with
     parallel_leaves 1 then --virtual-leaves, judges the answers without an error and records the harmless rate."""
-    runs = []
+    runs, configs = [], []
 
     def fake_rain_generate(model, tok, prompts, config, *, engine, sampler="torch", concurrency=None, **common):
         runs.append(dict(engine=engine, prompts=list(prompts), sampler=sampler, concurrency=concurrency,
                          leaves=config.parallel_leaves))
+        configs.append(config)
         stats = SimpleNamespace(committed_tokens=6, model_calls=12, rows_per_call=2.0, tokens=30,
                                 tokens_per_committed_token=5.0, minimum_tokens=30, tokens_over_minimum=1.0,
                                 recomputed_tokens=0, wall_seconds=0.5, iterations=24, seconds={})
@@ -359,7 +431,11 @@ def test_rain_sections_run_the_engines_they_name_and_record_what_they_saw(monkey
     monkeypatch.setattr(sys, "argv", ["bench_rain.py", "--model", "m", "--hh", "h", "--device", "cpu", "--prompts", "2",
                                       "--concurrency", "3", "--judge-prompts", "4", "--virtual-leaves", "5"])
     bench_rain.main()
-    assert runs[2:] == [  # after a warm-up run of each engine
+    # the tree engine's warm-up is the timed run itself (same prompts, config and keyed sampler: same decisions, so
+    # the same kernel shapes, compiled before the clock starts); the slow engine's is a short run
+    assert runs[0] == runs[2] and configs[0] == configs[2], (runs, configs)
+    assert runs[1]["engine"] == "slow" and runs[1]["prompts"] == prompts[:1], runs
+    assert runs[2:] == [
         dict(engine="tree", prompts=prompts[:2], sampler="keyed", concurrency=1, leaves=1),
         dict(engine="tree", prompts=prompts[:3], sampler="torch", concurrency=3, leaves=1),
         dict(engine="slow", prompts=prompts[:2], sampler="keyed", concurrency=None, leaves=1),

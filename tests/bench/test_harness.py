@@ -114,3 +114,22 @@ def test_a_carried_commit_is_marked_stale_when_the_tree_differs_from_the_digests
     assert harness.changed_files(str(sums), str(tmp_path)) == ["bench/harness.py", "tests/bench/__init__.py"]
     monkeypatch.delenv("FASTALIGN_COMMIT_SUMS")  # a session prepared before the digests were recorded
     assert harness.git_commit() == "abc1234"
+
+
+def test_write_results_leaves_the_previous_record_whole_when_a_write_is_cut(monkeypatch, tmp_path):
+    """The benches rewrite their record after each row; a process killed in the middle of a write (its step's time
+    limit) must not leave a truncated JSON in place of the rows measured so far."""
+    monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path))
+    monkeypatch.setenv("FASTALIGN_COMMIT", "abc1234")
+    path = harness.write_results("bench_x", "cpu", {}, [{"method": "a"}])
+    dump = json.dump
+
+    def killed_midway(record, f, **kwargs):
+        f.write(json.dumps(record)[:10])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(harness.json, "dump", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        harness.write_results("bench_x", "cpu", {}, [{"method": "a"}, {"method": "b"}])
+    monkeypatch.setattr(harness.json, "dump", dump)
+    with open(path) as f:
+        assert json.load(f)["results"] == [{"method": "a"}]
