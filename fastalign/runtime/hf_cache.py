@@ -43,6 +43,10 @@ class HFCacheModel:
         if not self._state_is_in_cache(cache):
             raise ValueError(f"{unfit}: it keeps state outside its cache (the logits of a token after a cached "
                              "one changed when another sequence ran in between)")
+        if not self._is_causal():
+            raise ValueError(f"{unfit}: it is not causal (the outputs at a sequence's first tokens changed when "
+                             "tokens were appended, as in an encoder such as BertLMHeadModel without "
+                             "config.is_decoder=True), so that no cache can give its full-sequence outputs")
         self.num_layers = len(cache.layers)
         self.num_kv_heads, self.head_dim, self.dtype = keys.shape[1], keys.shape[3], keys.dtype
         config = model.config  # MPT names its length max_seq_len (its ALiBi covers no more)
@@ -96,6 +100,27 @@ class HFCacheModel:
             self.model(input_ids=torch.tensor([[1, 0]], device=self.device), use_cache=True,
                        **cache_kwargs(self.model, DynamicCache()))
             return torch.allclose(before, after_cached(), rtol=2e-2, atol=2e-2)  # bf16 rounding, not state
+
+    def _is_causal(self):
+        """Whether a token's logits depend on the tokens before it alone: a sequence's first tokens get the same
+        logits when more tokens follow them, run in one forward or after a cache of them. A bidirectional model
+        (BertLMHeadModel or RobertaForCausalLM with is_decoder=False) otherwise gives logits that depend on
+        how the tree split its sequence into spans, silently. Compared relative to the logits' scale, within
+        rounding of the model's dtype (even a freshly initialised encoder's small logits move by ~3e-3 of it)."""
+        ids = torch.tensor([[1, 0, 2, 1, 3, 0]], device=self.device) % self.model.get_input_embeddings().num_embeddings
+        with torch.inference_mode():
+            def run(input_ids, cache, length):
+                return self.model(input_ids=input_ids, use_cache=True, **cache_kwargs(self.model, cache),
+                                  attention_mask=torch.ones(1, length, dtype=torch.long, device=self.device)).logits
+            prefix = run(ids[:, :3], DynamicCache(), 3)
+            whole = run(ids, DynamicCache(), 6)
+            cache = DynamicCache()
+            run(ids[:, :3], cache, 3)
+            after_cache = run(ids[:, 3:], cache, 6)
+        tolerance = 1e-4 if whole.dtype in (torch.float32, torch.float64) else 3e-2
+        scale = whole.abs().max().float().clamp(min=1e-6)
+        return all(float((a.float() - b.float()).abs().max() / scale) <= tolerance
+                   for a, b in ((prefix, whole[:, :3]), (after_cache, whole[:, 3:])))
 
     def _gather_context(self, pool, block_row, context):
         """A DynamicCache holding the first `context` tokens of the row's blocks, every layer."""

@@ -17,8 +17,11 @@ class KVPool:
         # Not initialised (a large pool costs no fill, and on the CPU only the pages written get touched):
         # attention reads a slot only once its token's K/V is written, which the runtime tests check by
         # filling a fresh pool with NaN.
-        self.data = torch.empty(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
-                                dtype=dtype, device=device)
+        # A normal tensor even when the runner is made under torch.inference_mode(): an inference tensor could
+        # not be written by any later call made outside inference mode.
+        with torch.inference_mode(False):
+            self.data = torch.empty(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
+                                    dtype=dtype, device=device)
 
     @staticmethod
     def bytes_per_block(*, num_layers, block_size, num_kv_heads, head_dim, dtype):

@@ -12,6 +12,7 @@ other causal LMs fall back to Hugging Face's own forward and cache, row by row, 
 import numpy as np
 import torch
 
+from fastalign._C import PoolExhaustedError
 from fastalign.ops.backend import BACKENDS
 from fastalign.ops.checks import is_integer
 from fastalign.ops.paged_attention import resolve_backend
@@ -126,6 +127,7 @@ class TreeRunner:
         tokens, cu_lens = self._pack_tokens(token_lists, len(parents))
         row_cuts = None if cuts is None else self._check_cuts(cuts, cu_lens)
         self._check_context(parents, cu_lens)
+        self._check_fits(parents, cu_lens)
         ends = cu_lens[1:] - 1                      # the token that ends each returned span
         if row_cuts is not None:
             ends = np.array([cu_lens[r] + c - 1 for r, offsets in enumerate(row_cuts) for c in offsets
@@ -275,6 +277,20 @@ class TreeRunner:
             if length > self.max_context:
                 raise ValueError(f"token_lists[{i}]: the child would hold {length} tokens, past the model's "
                                  f"context of {self.max_context}")
+
+    def _check_fits(self, parents, cu_lens):
+        """PoolExhaustedError before anything is evicted when the call cannot fit even in an empty pool (the span
+        tree would first evict every evictable span, then blame spans "that cannot be evicted"). A lower bound
+        on the blocks the call holds at once: its longest span parent's blocks, which stay resident, plus, for
+        each row, the blocks past its parent's last (possibly partly filled) one."""
+        bs, lengths, rows = self.block_size, self._lengths(parents, cu_lens), np.diff(cu_lens).tolist()
+        needed = max([-(-p.length // bs) for p in parents if isinstance(p, Span)], default=0)
+        for length, n in zip(lengths, rows):
+            needed += -(-length // bs) - -(-(length - n) // bs)
+        if needed > self.num_blocks:
+            raise PoolExhaustedError(f"KV pool exhausted: this call needs at least {needed} blocks of {bs} tokens "
+                                     f"(its parents' and its new tokens') and the pool has {self.num_blocks}; give "
+                                     "the runner a larger pool (max_tokens / max_bytes) or extend fewer tokens per call")
 
     def _forward(self, plan, logits=None, hidden=None, ends=None):
         """Run one plan: block copies, then the model over its rows. Returns (logits, hidden) at the tokens

@@ -5,7 +5,7 @@ import gc
 import numpy as np
 import pytest
 import torch
-from transformers import (BertConfig, BertModel, DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig,
+from transformers import (BertConfig, BertLMHeadModel, BertModel, DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig,
                           LlamaForCausalLM, MptConfig, MptForCausalLM, Phi3Config, Phi3ForCausalLM,
                           RecurrentGemmaConfig, RecurrentGemmaForCausalLM)
 
@@ -99,6 +99,8 @@ def test_pinned_spans_that_fill_the_pool_give_a_clear_error(runner, model):
     runner.pin(root)
     before = snapshot(runner)
     with pytest.raises(PoolExhaustedError, match="KV pool exhausted: all 16 blocks of 4 tokens.*15 by pinned"):
+        runner.prefill(list(range(8)))  # 2 blocks: would fit but for the pin
+    with pytest.raises(PoolExhaustedError, match="needs at least 17 blocks"):  # 65 tokens: would not fit at all
         runner.extend([root], [[1, 2, 3, 4, 5]])
     assert snapshot(runner) == before
     assert_still_correct(runner, model, root)
@@ -107,6 +109,20 @@ def test_pinned_spans_that_fill_the_pool_give_a_clear_error(runner, model):
     assert not root.resident and other.resident
     assert_still_correct(runner, model, root)  # recomputes the root (evicting `other`)
     assert root.resident and not other.resident
+
+
+def test_a_call_larger_than_the_pool_is_refused_before_it_evicts_anything(runner, model):
+    """100 new tokens need 25 blocks of a 16-block pool: the span tree evicted every other span first and then
+    blamed "spans that cannot be evicted (0 by pinned spans ...)" with all 16 blocks free."""
+    keep = runner.prefill(list(range(30)))
+    before = snapshot(runner)
+    with pytest.raises(PoolExhaustedError, match="needs at least 25 blocks of 4 tokens .* the pool has 16"):
+        runner.prefill(list(range(100)))
+    with pytest.raises(PoolExhaustedError, match="needs at least 19 blocks"):  # keep's 8, then 40 and 74 tokens
+        runner.extend([keep, 0], [list(range(10)), list(range(34))])
+    assert snapshot(runner) == before and keep.resident
+    (_, child), _ = runner.extend([keep, 0], [list(range(10)), list(range(20))])  # 8 + 2 + 5 blocks: fits
+    assert_still_correct(runner, model, child)
 
 
 def test_failed_forward_leaves_the_pool_as_it_was(runner, model, monkeypatch):
@@ -232,6 +248,36 @@ def test_fallback_refuses_a_model_that_keeps_state_outside_its_cache():
     # (transformers 5.17 already fails its one-token forward with a DynamicCache, another refusal)
     with pytest.raises(ValueError, match="RecurrentGemmaForCausalLM cannot run on the Hugging Face cache fallback"):
         TreeRunner(recurrent, max_tokens=64)
+
+
+@pytest.mark.parametrize("is_decoder", [False, True])
+def test_fallback_refuses_a_model_that_is_not_causal(is_decoder):
+    """BertLMHeadModel without is_decoder=True attends both ways (transformers only logs a warning): its logits
+    depended on where the tree split a sequence into spans (0.3 apart for one sequence prefilled whole or as
+    4 + 3 tokens) and matched neither. Refused; the same model as a decoder runs and matches."""
+    torch.manual_seed(0)
+    bert = BertLMHeadModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64, is_decoder=is_decoder)).eval()
+    if not is_decoder:
+        with pytest.raises(ValueError, match="BertLMHeadModel cannot run on the Hugging Face cache fallback: it is not "
+                                             "causal"):
+            TreeRunner(bert, max_tokens=64)
+        return
+    runner = TreeRunner(bert, max_tokens=64, block_size=4)
+    seq = [5, 9, 14, 3, 7, 11, 20]
+    (child,), logits = runner.extend([runner.prefill(seq[:4])], [seq[4:]])
+    assert (logits[0] - bert(torch.tensor([seq])).logits[0, -1]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["qwen2-untied", "gpt2-fallback"])
+def test_a_runner_made_under_inference_mode_works_outside_it(name):
+    """A pool allocated under torch.inference_mode() was an inference tensor, which every later call outside
+    inference mode failed to write ("Inplace update to inference tensor outside InferenceMode")."""
+    model = tiny_model(name)
+    with torch.inference_mode():
+        runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+        root = runner.prefill([1, 2, 3])
+    assert_still_correct(runner, model, root)
 
 
 def test_fallback_refuses_a_model_in_training_mode():
