@@ -12,7 +12,7 @@ from typing import List, Optional
 import torch
 from transformers.utils import logging as hf_logging
 
-from .model import ASSETS
+from .model import ASSETS, WORLD_FILE
 from .story import DemoResult, DemoSettings, run_demo
 
 
@@ -85,8 +85,9 @@ def format_table(result: DemoResult) -> str:
 
 
 def run(args) -> int:
-    """Handler of `fastalign demo`: 0, or 2 when --model-dir holds no trained demo model."""
-    if not (Path(args.model_dir) / "config.json").is_file():
+    """Handler of `fastalign demo`: 0, or 2 when --model-dir holds no trained demo model (its config.json and
+    the world.json of the world it was trained on)."""
+    if not all((Path(args.model_dir) / name).is_file() for name in ("config.json", WORLD_FILE)):
         print(f"fastalign demo: error: --model-dir: no trained demo model in {str(args.model_dir)!r} "
               "(`python -m fastalign.demo.train --out DIR` writes one)", file=sys.stderr)
         return 2

@@ -84,12 +84,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge", choices=JUDGES, default="world",
                         help="world: the demo world's exact judge (demo-world models only); keyword: --keywords; "
                              "moderation: --moderation-model; callable: --judge-callable")
-    parser.add_argument("--keywords", help="comma-separated words marking an answer harmful (keyword judge)")
+    parser.add_argument("--keywords", help="comma-separated words marking an answer harmful (keyword judge): "
+                                           "matched as whole words, case-insensitively, so list the forms you mean "
+                                           "(bomb,bombs)")
     parser.add_argument("--moderation-model", help="directory of a sequence-classification model")
     parser.add_argument("--harmful-label", help="index or name of the moderation model's harmful label "
                                                 "(default: the label its names call harmful, e.g. toxic or unsafe)")
     parser.add_argument("--threshold", type=float, default=0.5, help="moderation probability counted as harmful")
-    parser.add_argument("--judge-callable", help="module:name of a function judge(pairs) -> list of bools")
+    parser.add_argument("--judge-callable", help="module:name of a function judge(pairs) -> list of bools; the module "
+                                                 "is imported from PYTHONPATH (the current directory only under "
+                                                 "python -m fastalign.cli)")
     parser.add_argument("--reference", help="original model directory (or 'demo'), for utility")
     parser.add_argument("--normal-prompts", help="normal prompts (same formats) for utility against --reference")
     parser.add_argument("--normal-field", help="the prompt's field or column in --normal-prompts (default: --field; "
@@ -165,7 +169,10 @@ def build_judge(args, tokenizer=None):
     try:
         return getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as exc:
-        raise UsageError(f"--judge-callable: cannot import {args.judge_callable!r}: {exc}") from None
+        hint = ("; the module must be importable: the `fastalign` command does not look in the current "
+                "directory, so put its folder on PYTHONPATH (or run python -m fastalign.cli)"
+                if isinstance(exc, ImportError) else "")
+        raise UsageError(f"--judge-callable: cannot import {args.judge_callable!r}: {exc}{hint}") from None
 
 
 def world_judge(model: Optional[str], tokenizer=None):

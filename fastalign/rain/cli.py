@@ -1,7 +1,8 @@
 """`fastalign rain`: RAIN answers for a prompt file or the HH harmless-base split, with plain greedy
 decoding alongside for comparison.
 
-Each prompt's record {"index", "prompt", "rain", "vanilla", "error", "stats"} is appended to --output and
+Each prompt's record {"index", "prompt", "rain", "vanilla", "error", "stats", "run"} ("run": the model and a
+digest of the settings that decide the answers) is appended to --output and
 flushed as soon as that prompt finishes, so a killed run resumes where it stopped (prompts recorded without
 an error are skipped). A prompt that fails gets its error in its record; the others go on, and a resumed run
 searches it again and appends its new record: the file is append-only, and the last record of an index wins.
@@ -85,9 +86,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="with --template chat: how the judge's conversation shows a user message ({prompt}; "
                              f"\\n for a newline); the reply follows it (default: {typed_dialogue})")
     parser.add_argument("--judge-chat-template", "--chat-template", dest="chat_template",
-                        action=argparse.BooleanOptionalAction,
+                        action=_JudgeChatTemplateAction,
                         help="render the judge prompt itself with the chat template (default: off, or --config's "
-                             "judge.use_chat_template)")
+                             "judge.use_chat_template). --chat-template is an old name of this option: unlike "
+                             "`fastalign unlearn --chat-template`, it does not put the model's prompts in the chat "
+                             "template (that is --template chat)")
     parser.add_argument("--no-vanilla", action="store_true", help="skip the greedy decoding baseline")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK where CUDA is present, else cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
@@ -95,6 +98,19 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="seed of the search's sampling (default: 0)")
     parser.set_defaults(func=run)
     return parser
+
+
+class _JudgeChatTemplateAction(argparse.BooleanOptionalAction):
+    """--judge-chat-template; warns when given by its old name --chat-template, which reads like `fastalign unlearn
+    --chat-template` (the model's prompts in the chat template) but renders only the judge prompt."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in ("--chat-template", "--no-chat-template"):
+            new_name = option_string.replace("chat-template", "judge-chat-template")
+            print(f"fastalign rain: warning: {option_string} is the old name of {new_name}: it renders the judge "
+                  "prompt in the chat template, not the model's prompts; for those (as `fastalign unlearn "
+                  "--chat-template` trains) use --template chat", file=sys.stderr)
+        super().__call__(parser, namespace, values, option_string)
 
 
 CLI_MAX_NEW_TOKENS = 256   # the command's cap on answers; RainConfig's own default is none (0)
@@ -309,8 +325,12 @@ def check_resumable(path: str, prompts: List[str], run_id: dict) -> None:
                              "another --output")
         if record.get("run", run_id) != run_id:   # records written before 2026-12-01 carry none
             what = "model" if record["run"].get("model") != run_id["model"] else "settings"
+            which = ("the same --model" if what == "model" else
+                     "the same search and judge settings (--config, --max-new-tokens, --root-visits, --seed, "
+                     "--parallel-leaves, --virtual-loss, the judge options), --template, --system, "
+                     "--generation-prefix-file, --dtype, --sampler and --embedding")
             raise UsageError(f"--output: {path!r} holds records made with another {what} ({record['run']}, now "
-                             f"{run_id}); rerun with those to resume, or choose another --output")
+                             f"{run_id}); rerun with {which} to resume, or choose another --output")
 
 
 def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):

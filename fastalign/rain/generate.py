@@ -80,9 +80,14 @@ def _prepare(index: int, prompt: str, tokenizer, judge: JudgeTokens, prefix_ids:
         judge_fixed = len(judge.prefix_ids) + len(head_ids) + max(map(len, judge.suffix_ids)) + JUDGE_MARGIN
         max_length = min(max_length, context, len(root_ids) + context - judge_fixed)
     if len(root_ids) + 1 > max_length:
+        judge_note = ""
+        if context:
+            judge_note = (f"; the judge prompt around this conversation takes {judge_fixed} of those tokens: pass a "
+                          "shorter judge_prompt=JudgePrompt(...) (fastalign rain: --judge-template-file) if that is "
+                          "what fills the context")
         raise ValueError(f"prompt {index} has {len(root_ids)} tokens (generation prefix included), which leaves "
                          f"no room to answer within max_length={config.max_length} and the model's context of "
-                         f"{context} tokens (the judge prompt around this conversation must fit it too)")
+                         f"{context} tokens{judge_note}")
     ctx = PromptContext(index, head_text, root_ids, head_ids, extend_key(seed_key(config.seed), root_ids),
                         max_length)
     ctx.gen_key = required.add(ctx.stats, "prompt", prefix_key, prompt_ids)

@@ -123,7 +123,8 @@ class UnlearnConfig:
         if self.reference not in ("auto",) + REFERENCE_MODES:
             raise ValueError(f"reference must be 'auto' or one of {REFERENCE_MODES}, got {self.reference!r}")
         if self.reference == "adapter" and not self.lora:
-            raise ValueError("reference='adapter' needs lora=True (the reference is the model with its adapter off)")
+            raise ValueError("reference='adapter' needs lora=True (on the command line: --lora): the reference is "
+                             "the model with its adapter off")
 
     @property
     def loss_weights(self) -> LossWeights:

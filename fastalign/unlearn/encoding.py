@@ -83,8 +83,8 @@ class EncodedExample:
                                       answer_end=min(self.answer_end, max_length))
         if not cut.fits(max_length):
             raise DataError(f"{self.source}: the prompt takes {self.answer_start} tokens, which leaves no answer "
-                            f"token to predict within max_length={max_length}; shorten the prompt or raise "
-                            "max_length")
+                            f"token to predict within max_length={max_length}; shorten the prompt, raise max_length "
+                            "(--max-length), or leave such rows out with skip_long_prompts=True (--skip-long-prompts)")
         return cut
 
 

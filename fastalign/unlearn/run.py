@@ -51,7 +51,8 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
     normal = pool = None
     if config.normal_weight > 0:
         if not config.normal:
-            raise DataError("normal_weight > 0 needs a normal data file (normal=...), or set normal_weight=0")
+            raise DataError("normal_weight > 0 needs a normal data file (normal=..., --normal FILE), or set "
+                            "normal_weight=0 (--normal-weight 0)")
         normal = normal_split.normal_train if normal_split else load_pairs(config.normal, "jsonl")
     if config.mismatch_weight > 0 and config.mismatch_per_prompt > 0:
         if config.mismatch_pool and _is_csv(config.mismatch_pool):
@@ -61,8 +62,9 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
         elif normal_split:
             pool = normal_split.mismatch_pool
         else:
-            raise DataError("mismatch_weight > 0 needs a pool of normal answers: give mismatch_pool=... or a "
-                            "TruthfulQA .csv as normal, or set mismatch_weight=0")
+            raise DataError("mismatch_weight > 0 needs a pool of normal answers: give mismatch_pool=... "
+                            "(--mismatch-pool FILE) or a TruthfulQA .csv as normal (--normal), or set "
+                            "mismatch_weight=0 (--mismatch-weight 0)")
 
     def encode(pairs):
         return encode_pairs(tokenizer, template, pairs, config.max_length, skip_too_long=config.skip_long_prompts,

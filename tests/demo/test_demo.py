@@ -206,7 +206,12 @@ def test_unlearn_hands_every_demo_setting_and_the_retain_split_to_the_trainer(mo
 
 
 def test_demo_without_a_trained_model_is_a_clear_error(tmp_path, capsys):
+    """No model, or a causal LM that is no demo model (no world it was trained on): a usage error, not a traceback."""
     assert main(["demo", "--model-dir", str(tmp_path / "none")]) == 2
+    assert "--model-dir: no trained demo model in" in capsys.readouterr().err
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "config.json").write_text("{}")
+    assert main(["demo", "--model-dir", str(tmp_path / "lm")]) == 2
     assert "--model-dir: no trained demo model in" in capsys.readouterr().err
 
 

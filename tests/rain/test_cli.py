@@ -466,3 +466,15 @@ def test_rain_judge_chat_template_switches_either_way_over_the_config_file(tmp_p
     assert settings(build_parser().parse_args(base))[1].use_chat_template is True
     assert settings(build_parser().parse_args(base + ["--no-judge-chat-template"]))[1].use_chat_template is False
     assert settings(build_parser().parse_args(base[:-2] + ["--chat-template"]))[1].use_chat_template is True
+
+
+def test_the_old_chat_template_name_warns_that_it_renders_the_judge_prompt_only(capsys):
+    """`fastalign unlearn --chat-template` puts the model's prompts in the chat template; rain's old name of
+    --judge-chat-template reads the same but renders only the judge prompt, the model reading raw prompts."""
+    base = ["rain", "--model", "m", "--hh", "h", "--output", "o"]
+    build_parser().parse_args(base + ["--judge-chat-template"])
+    assert "warning" not in capsys.readouterr().err
+    for old, new in (("--chat-template", "--judge-chat-template"), ("--no-chat-template", "--no-judge-chat-template")):
+        build_parser().parse_args(base + [old])
+        err = capsys.readouterr().err
+        assert f"{old} is the old name of {new}" in err and "use --template chat" in err
