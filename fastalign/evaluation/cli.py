@@ -1,7 +1,7 @@
 """`fastalign eval`: harmful rate of a model on a prompt file, optionally utility against a reference; or,
 with --answers, the harmful rates of answers already written by `fastalign rain`.
 
-With --prompts (and --model), records {"index", "prompt", "answer", "harmful"} are written to the output
+With --prompts or --hh (and --model), records {"index", "prompt", "answer", "harmful"} are written to the output
 jsonl (a new run replaces it; missing directories are created) batch by batch and flushed, so whatever was
 judged before a failure (a judge that raises, an interrupt) stays on disk. Inputs are checked before any
 generation: a missing model, an unreadable prompt file or a prompt too long for the model's context stops the
@@ -13,6 +13,9 @@ included) is printed as JSON and written to <output>.summary.json.
 float32 while an original checkpoint is often bfloat16 or float16); the reference is loaded in the model's dtype,
 so that a model unchanged from it gives every answer unchanged and a KL of 0. Compare a harmful rate before and
 after unlearning under the same --dtype: the summary records it.
+
+--hh reads the harmful requests of an Anthropic HH file (the first Human turn of each dialogue, as `fastalign
+rain --hh` does), so that harmful rates before and after unlearning, and of RAIN, are taken on the same prompts.
 
 --template says what the model reads (for --prompts and --normal-prompts alike, and as each record's prompt):
 spec, the SPEC's '### Question: {x}\\n ### Answer:'; raw, the prompt as is; chat, the prompt as one user turn in
@@ -43,7 +46,7 @@ from .answers import read_answers
 from .generation import GenerationConfig, encode_prompts
 from .harness import JudgeError, answer_rates, evaluate_utility, iter_judged, iter_judged_answers, unjudged_warnings
 from .judges import KeywordJudge, ModerationJudge
-from .prompts import read_prompts, spec_prompt
+from .prompts import hh_messages, hh_prompts, read_prompts, spec_prompt
 
 DEMO_MODEL = "demo"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -69,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompts", help="harmful prompts the model answers: a .jsonl(.gz) "
                         "file (field --field), a .csv file (column --field) or a text file (one per line, \\n for a "
                         "newline)")
+    source.add_argument("--hh", help="an Anthropic HH jsonl(.gz) file (e.g. the harmless-base split): the first Human "
+                        "turn of each dialogue is a prompt (with --template raw, as the dialogue "
+                        "'\\n\\nHuman: ...\\n\\nAssistant:', as `fastalign rain --hh` reads it)")
     source.add_argument("--answers", help="a `fastalign rain` output jsonl: judge its RAIN and vanilla answers")
     parser.add_argument("--model", help=f"Hugging Face model directory, or '{DEMO_MODEL}'; needed with --prompts, "
                                         "with --answers only to locate the world judge's world")
@@ -213,6 +219,15 @@ def _read(path: str, argument: str, field: str) -> List[str]:
         raise UsageError(f"{argument}: {exc}") from None
 
 
+def _read_hh(path: str, template: str) -> List[str]:
+    """The first Human turns of an HH file: the messages (a question for spec, a user turn for chat), or with
+    raw the dialogue text that a base model continues."""
+    try:
+        return hh_prompts(path) if template == "raw" else hh_messages(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--hh: {exc}") from None
+
+
 def _rendered(prompts: List[str], args, tokenizer) -> List[str]:
     """The prompts in the --template format (chat: the model's chat template, after a --system turn)."""
     if args.template == "spec":
@@ -233,9 +248,10 @@ def evaluate(args) -> dict:
 
 
 def _evaluate_model(args) -> dict:
+    source = "--hh" if args.hh else "--prompts"
     if args.model is None:
-        raise UsageError("--prompts needs --model, the model that answers them")
-    prompts = _read(args.prompts, "--prompts", args.field)
+        raise UsageError(f"{source} needs --model, the model that answers them")
+    prompts = _read_hh(args.hh, args.template) if args.hh else _read(args.prompts, "--prompts", args.field)
     normal = (_read(args.normal_prompts, "--normal-prompts", args.normal_field or args.field)
               if args.normal_prompts else None)
     if (normal is None) != (args.reference is None):
@@ -266,7 +282,7 @@ def _evaluate_model(args) -> dict:
         harmful += sum(r["harmful"] for r in records)
         total += len(records)
         print(f"eval: {total}/{len(prompts)} prompts, {harmful} harmful", file=sys.stderr, flush=True)
-    summary = {"model": args.model, "dtype": str(model.dtype).removeprefix("torch."), "prompts": args.prompts,
+    summary = {"model": args.model, "dtype": str(model.dtype).removeprefix("torch."), "prompts": args.prompts or args.hh,
                "judge": args.judge, "num_prompts": total, "harmful_rate": harmful / total}
     if normal is not None:   # in the model's dtype: a checkpoint saved in another one would differ by rounding alone
         reference, _ = load_causal_lm(args.reference, "--reference", args.device, model.dtype)

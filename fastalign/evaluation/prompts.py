@@ -31,6 +31,27 @@ def chat_prompt(tokenizer, text: str, system: Optional[str] = None) -> str:
     return ChatTemplate(tokenizer, system).prompt(text)
 
 
+HH_HUMAN, HH_ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
+
+
+def hh_messages(path: str):
+    """The text of the first Human turn of each dialogue of an Anthropic HH jsonl(.gz) file (its 'chosen'
+    transcript): the harmful request of a harmless-base dialogue."""
+    messages = []
+    for line_no, record in read_jsonl(path):  # gzip-aware; bad JSON names the row
+        text = record.get("chosen", "")
+        if not text.startswith(HH_HUMAN) or HH_ASSISTANT not in text:
+            raise ValueError(f"{path}: line {line_no}: 'chosen' must start with a '{HH_HUMAN.strip()}' turn "
+                             f"followed by an '{HH_ASSISTANT.strip()}' turn")
+        messages.append(text[len(HH_HUMAN):text.index(HH_ASSISTANT)])
+    return messages
+
+
+def hh_prompts(path: str):
+    """First Human turn of each HH dialogue, as '\\n\\nHuman: ...\\n\\nAssistant:'."""
+    return [HH_HUMAN + message + HH_ASSISTANT for message in hh_messages(path)]
+
+
 # Data files that are none of the formats read: as text, their lines of syntax (or a csv header) became prompts.
 _UNREAD_DATA_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz", ".csv", ".csv.gz")
 

@@ -24,7 +24,7 @@ import torch
 
 from fastalign.cli import HelpFormatter
 from fastalign.evaluation.generation import eos_ids, pad_id
-from fastalign.evaluation.prompts import read_prompts
+from fastalign.evaluation.prompts import hh_messages, hh_prompts, read_prompts
 from fastalign.unlearn.encoding import tokenize_texts
 from fastalign.unlearn.config import dataclass_from_dict, read_config_file, settings_mapping
 from fastalign.unlearn.records import DataError, read_jsonl, read_text
@@ -33,7 +33,6 @@ from fastalign.unlearn.templates import ChatTemplate
 from .config import RainConfig
 from .judge import JudgePrompt
 
-HH_HUMAN, HH_ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
 
 
 class UsageError(ValueError):
@@ -149,23 +148,6 @@ def settings(args):
 def _tuples(values: dict) -> dict:
     """A YAML/JSON list is a tuple setting (token_set_lengths, labels): the dataclasses are frozen and hashed."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-
-
-def hh_messages(path: str):
-    """The text of the first Human turn of each HH dialogue (its 'chosen' transcript)."""
-    messages = []
-    for line_no, record in read_jsonl(path):  # gzip-aware; bad JSON names the row
-        text = record.get("chosen", "")
-        if not text.startswith(HH_HUMAN) or HH_ASSISTANT not in text:
-            raise ValueError(f"{path}: line {line_no}: 'chosen' must start with a '{HH_HUMAN.strip()}' turn "
-                             f"followed by an '{HH_ASSISTANT.strip()}' turn")
-        messages.append(text[len(HH_HUMAN):text.index(HH_ASSISTANT)])
-    return messages
-
-
-def hh_prompts(path: str):
-    """First Human turn of each HH dialogue, as '\\n\\nHuman: ...\\n\\nAssistant:'."""
-    return [HH_HUMAN + message + HH_ASSISTANT for message in hh_messages(path)]
 
 
 def option_text(path: Optional[str], argument: str) -> str:

@@ -407,3 +407,23 @@ def test_reference_saved_in_another_dtype_computes_in_the_models(world, model, t
     assert json.loads(capsys.readouterr().out)["dtype"] == "float32"
     assert [r["answer"] for r in records(tmp_path / "before.jsonl")] == \
         [r["answer"] for r in records(tmp_path / "out.jsonl")]
+
+
+@pytest.mark.parametrize("template", ["spec", "raw"])
+def test_eval_reads_the_harmful_requests_of_an_hh_file(model_dir, tmp_path, capsys, template):
+    """--hh takes each dialogue's first Human turn, as `fastalign rain --hh` does: a question for the spec template,
+    the dialogue up to the Assistant's turn for raw (before, --prompts could not read the HH split at all)."""
+    import gzip
+    dialogues = ["\n\nHuman: How do I pick a lock?\n\nAssistant: Sorry.\n\nHuman: Please?\n\nAssistant: No.",
+                 "\n\nHuman: Where is Paris?\n\nAssistant: In France."]
+    hh = tmp_path / "hh.jsonl.gz"
+    with gzip.open(hh, "wt") as f:
+        f.write("".join(json.dumps({"chosen": d, "rejected": d}) + "\n" for d in dialogues))
+    out = tmp_path / "out.jsonl"
+    assert run("--model", model_dir, "--hh", hh, "--template", template, "--judge", "keyword", "--keywords", "lock",
+               "--output", out, "--max-new-tokens", 2) == 0
+    expected = (["How do I pick a lock?", "Where is Paris?"] if template == "spec" else
+                ["\n\nHuman: How do I pick a lock?\n\nAssistant:", "\n\nHuman: Where is Paris?\n\nAssistant:"])
+    prompts = [r["prompt"] for r in records(out)]
+    assert prompts == ([f"### Question: {p}\n ### Answer:" for p in expected] if template == "spec" else expected)
+    assert json.loads(capsys.readouterr().out)["prompts"] == str(hh)
