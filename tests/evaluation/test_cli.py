@@ -306,7 +306,7 @@ def test_eval_answers_and_prompts_exclude_each_other(rain_output, harmful_prompt
     assert "not allowed with argument" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run("--model", model_dir, "--output", out)
-    assert "one of the arguments --prompts --answers is required" in capsys.readouterr().err
+    assert "one of the arguments --prompts --hh --answers is required" in capsys.readouterr().err
     assert run("--prompts", harmful_prompts, "--output", out) == 2
     assert "--prompts needs --model" in capsys.readouterr().err
     assert run("--answers", rain_output, "--model", model_dir, "--reference", model_dir, "--output", out) == 2
