@@ -7,7 +7,7 @@ flushed as soon as that prompt finishes, so a killed run resumes where it stoppe
 an error are skipped). A prompt that fails gets its error in its record; the others go on, and a resumed run
 searches it again and appends its new record: the file is append-only, and the last record of an index wins.
 Bad arguments (a missing file, a bad setting, a judge prompt the tokenizer cannot serve) are usage errors
-(exit code 2) found before the model loads.
+(exit code 2) found before the model loads; a run in which a prompt failed exits with code 1.
 Several GPUs: launch with torchrun (e.g. `torchrun --nproc_per_node 8 -m fastalign.cli rain ...`): each
 rank joins the process group, searches every WORLD_SIZE-th prompt on cuda:LOCAL_RANK and writes
 <output>.rank<RANK>; at the end rank 0 merges them into <output> and prints the combined summary.
@@ -266,8 +266,8 @@ def _run(args) -> int:
                                  generation_prefix=prefix, chat_template=chat, system=args.system,
                                  concurrency=args.concurrency,
                                  runner_tokens=args.kv_tokens, on_result=write)
-        summaries = gather(placement, (len(todo), len(mine) - len(todo), sum(r.error is not None for r in run_.results),
-                                       run_.stats))
+        failed = [r.error for r in run_.results if r.error is not None]
+        summaries = gather(placement, (len(todo), len(mine) - len(todo), len(failed), run_.stats))
         merge_rank_files(placement, args.output)
         if summaries is not None:
             stats = RainStats()
@@ -281,6 +281,11 @@ def _run(args) -> int:
                               "stats": stats.as_dict()}, indent=1))
     finally:
         leave(placement)
+    if failed:   # a script that runs `fastalign eval --answers` next must not take a failed run for a finished one
+        hint = " (a KV pool too small for them: raise --kv-tokens)" if any("KV pool" in e for e in failed) else ""
+        print(f"fastalign rain: {len(failed)} of {len(todo)} prompts failed{hint}; their records hold the error, and "
+              f"rerunning the command retries them. First error: {failed[0]}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -213,8 +213,9 @@ def test_rain_bad_prompts_file_is_a_usage_error_naming_the_line(rain_setup, tmp_
 
 
 def test_rain_resume_searches_a_failed_prompt_again(rain_setup, monkeypatch, capsys):
-    """A prompt that failed (here: a CUDA out-of-memory in its search) is not done: the resumed run searches
-    it again and appends its new record, which wins over the error record before it; then nothing is left."""
+    """A prompt that failed (here: a CUDA out-of-memory in its search) is not done: the run exits with code 1 (it
+    exited 0, so a script went on to judge an unfinished output), and the resumed run searches it again and
+    appends its new record, which wins over the error record before it; then nothing is left."""
     _, out, args = rain_setup
     real_commit = SlowEngine.commit
 
@@ -224,7 +225,8 @@ def test_rain_resume_searches_a_failed_prompt_again(rain_setup, monkeypatch, cap
         return real_commit(self, ctx, old_root, new_root)
 
     monkeypatch.setattr(SlowEngine, "commit", commit)
-    assert main(args) == 0
+    assert main(args) == 1                             # a run in which a prompt failed is no success
+    assert "1 of 2 prompts failed" in capsys.readouterr().err
     first = [json.loads(line) for line in out.read_text().splitlines()]
     assert {r["index"]: r["error"] for r in first} == {0: None, 1: "RuntimeError: CUDA out of memory"}
     monkeypatch.setattr(SlowEngine, "commit", real_commit)
