@@ -126,8 +126,9 @@ class TreeRunner:
         parents = [int(p) if isinstance(p, np.integer) else p for p in parents]
         tokens, cu_lens = self._pack_tokens(token_lists, len(parents))
         row_cuts = None if cuts is None else self._check_cuts(cuts, cu_lens)
-        self._check_context(parents, cu_lens)
-        self._check_fits(parents, cu_lens)
+        lengths = np.array(self._lengths(parents, cu_lens))   # of every row's span once extended
+        self._check_context(lengths)
+        self._check_fits(parents, lengths, np.diff(cu_lens))
         ends = cu_lens[1:] - 1                      # the token that ends each returned span
         if row_cuts is not None:
             ends = np.array([cu_lens[r] + c - 1 for r, offsets in enumerate(row_cuts) for c in offsets
@@ -144,14 +145,13 @@ class TreeRunner:
         self.last_restored = {}
         child_ids, cut_ids, (out_logits, out_hidden) = self.store.extend(parent_ids, tokens, cu_lens, run,
                                                                          flat_cuts, cu_cuts)
-        lengths = self._lengths(parents, cu_lens)
         if row_cuts is None:
             children = []
-            for i, p, n in zip(child_ids, parents, lengths):
+            for i, p, n in zip(child_ids, parents, lengths.tolist()):
                 children.append(Span(self, int(i), children[p] if isinstance(p, int) else p, int(n), self.tree))
         else:
             children, cut_ids = [], iter(cut_ids.tolist())
-            for parent, offsets, child_id, length, row_len in zip(parents, row_cuts, child_ids, lengths,
+            for parent, offsets, child_id, length, row_len in zip(parents, row_cuts, child_ids, lengths.tolist(),
                                                                   np.diff(cu_lens)):
                 parent = children[parent][-1] if isinstance(parent, int) else parent
                 base, chain = length - int(row_len), []
@@ -270,23 +270,22 @@ class TreeRunner:
             lengths.append(base + int(n))
         return lengths
 
-    def _check_context(self, parents, cu_lens):
+    def _check_context(self, lengths):
         if self.max_context is None:
             return
-        for i, length in enumerate(self._lengths(parents, cu_lens)):
+        for i, length in enumerate(lengths.tolist()):
             if length > self.max_context:
                 raise ValueError(f"token_lists[{i}]: the child would hold {length} tokens, past the model's "
                                  f"context of {self.max_context}")
 
-    def _check_fits(self, parents, cu_lens):
+    def _check_fits(self, parents, lengths, new_tokens):
         """PoolExhaustedError before anything is evicted when the call cannot fit even in an empty pool (the span
         tree would first evict every evictable span, then blame spans "that cannot be evicted"). A lower bound
         on the blocks the call holds at once: its longest span parent's blocks, which stay resident, plus, for
         each row, the blocks past its parent's last (possibly partly filled) one."""
-        bs, lengths, rows = self.block_size, self._lengths(parents, cu_lens), np.diff(cu_lens).tolist()
+        bs = self.block_size
         needed = max([-(-p.length // bs) for p in parents if isinstance(p, Span)], default=0)
-        for length, n in zip(lengths, rows):
-            needed += -(-length // bs) - -(-(length - n) // bs)
+        needed += int((-(-lengths // bs) + (lengths - new_tokens) // -bs).sum())   # ceil(a/b) - ceil((a-n)/b)
         if needed > self.num_blocks:
             raise PoolExhaustedError(f"KV pool exhausted: this call needs at least {needed} blocks of {bs} tokens "
                                      f"(its parents' and its new tokens') and the pool has {self.num_blocks}; give "
