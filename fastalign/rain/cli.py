@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Set
 
 import torch
 
@@ -197,7 +197,7 @@ def _run(args) -> int:
     from transformers import AutoModelForCausalLM
 
     from . import RainStats, rain_generate
-    from .distributed import done_indices, gather, join_from_env, leave, merge_rank_files, open_for_append
+    from .distributed import gather, join_from_env, leave, merge_rank_files, open_for_append
     from .embeddings import make_embedder
 
     if not os.path.isdir(args.model):
@@ -235,7 +235,7 @@ def _run(args) -> int:
         raise UsageError(str(exc)) from None
     prefix = option_text(args.generation_prefix_file, "--generation-prefix-file")
     run_id = run_identity(args, config, judge, prefix)
-    check_resumable(args.output, prompts, run_id)
+    done = done_indices(args.output, prompts, run_id)
     if args.limit:
         prompts = prompts[:args.limit]
     placement = join_from_env()
@@ -243,7 +243,6 @@ def _run(args) -> int:
         device = args.device or (f"cuda:{placement.local_rank}" if torch.cuda.is_available() else "cpu")
         render = template.prompt if chat else (lambda prompt: prefix + prompt)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
-        done = done_indices(args.output)
         mine = placement.share(range(len(prompts)))   # skipped ones counted per share: other ranks write meanwhile
         todo = [i for i in mine if i not in done]
         progress = _progress(len(todo), placement.rank)
@@ -300,12 +299,14 @@ def run_identity(args, config: RainConfig, judge: JudgePrompt, prefix: str) -> d
     return {"model": os.path.abspath(args.model), "settings": digest}
 
 
-def check_resumable(path: str, prompts: List[str], run_id: dict) -> None:
-    """UsageError when the records already in `path` (or its rank files) are of other prompts or were made with
-    another model or settings: the resume would keep them as this run's answers."""
+def done_indices(path: str, prompts: List[str], run_id: dict) -> Set[int]:
+    """The prompt indices recorded without an error in `path` or in any of its rank files, which the resume
+    skips (a prompt that failed is searched again); UsageError when those records are of other prompts or were
+    made with another model or settings: the resume would keep them as this run's answers."""
     from .distributed import latest_records, rank_files
 
-    for index, record in sorted(latest_records([path] + rank_files(path)).items()):
+    records = latest_records([path] + rank_files(path))
+    for index, record in sorted(records.items()):
         if index >= len(prompts) or record.get("prompt") != prompts[index]:
             raise UsageError(f"--output: {path!r} holds a record of another prompt at index {index} "
                              f"({str(record.get('prompt'))[:60]!r}): it was written for other prompts; choose "
@@ -318,6 +319,7 @@ def check_resumable(path: str, prompts: List[str], run_id: dict) -> None:
                      "--generation-prefix-file, --dtype, --sampler and --embedding")
             raise UsageError(f"--output: {path!r} holds records made with another {what} ({record['run']}, now "
                              f"{run_id}); rerun with {which} to resume, or choose another --output")
+    return {index for index, record in records.items() if record.get("error") is None}
 
 
 def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):

@@ -104,12 +104,6 @@ def _succeeded(paths: Sequence[str]) -> Set[int]:
     return {i for i, r in latest_records(paths).items() if r.get("error") is None}
 
 
-def done_indices(path: str) -> Set[int]:
-    """Prompt indices recorded without an error in `path` or in any of its rank files; a prompt that failed
-    is searched again."""
-    return _succeeded([path] + rank_files(path))
-
-
 def gather(placement: Placement, value) -> Optional[list]:
     """Every rank's `value` on rank 0 (None elsewhere); [value] for a single process."""
     if not placement.distributed:
