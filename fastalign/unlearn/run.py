@@ -12,7 +12,7 @@ from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.encoding import encode_answers, encode_pairs
 from fastalign.unlearn.formats import load_pairs, load_truthfulqa
 from fastalign.unlearn.records import DataError
-from fastalign.unlearn.streams import UnlearningStreams, holds_mismatch_rows
+from fastalign.unlearn.streams import UnlearningStreams, mismatch_fit
 from fastalign.unlearn.templates import ChatTemplate, TextTemplate
 
 
@@ -74,7 +74,8 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
     normal_examples = encode(normal) if normal else None
     pool_answers = encode_answers(tokenizer, template, pool, answer_eos=config.answer_eos) if pool else None
     if pool_answers and config.skip_long_prompts:   # else UnlearningStreams names the first one
-        forget_examples = [e for e in forget_examples if holds_mismatch_rows(e, pool_answers, config.max_length)]
+        fit = mismatch_fit(forget_examples, pool_answers, config.max_length)
+        forget_examples = [e for e, ok in zip(forget_examples, fit) if ok]
     skipped = {"forget": len(forget) - len(forget_examples),
                "normal": len(normal) - len(normal_examples) if normal else 0}
     for name, given, kept in (("forget", forget, forget_examples), ("normal", normal, normal_examples)):

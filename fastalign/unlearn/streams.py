@@ -59,10 +59,11 @@ class _EpochStream:
         return np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.n)
 
 
-def holds_mismatch_rows(example: EncodedExample, pool: Sequence[PoolAnswer], max_length: int) -> bool:
-    """Whether every mismatch row of the forget `example` keeps an answer token within max_length: after its
-    prompt comes the template's whitespace that stands apart before some pool answers (their `lead`)."""
-    return example.prompt_end + max((a.lead for a in pool), default=0) < max_length
+def mismatch_fit(forget: Sequence[EncodedExample], pool: Sequence[PoolAnswer], max_length: int) -> list[bool]:
+    """For each forget example, whether every one of its mismatch rows keeps an answer token within max_length:
+    after its prompt comes the template's whitespace that stands apart before some pool answers (their `lead`)."""
+    lead = max((a.lead for a in pool), default=0)
+    return [example.prompt_end + lead < max_length for example in forget]
 
 
 class UnlearningStreams:
@@ -91,7 +92,8 @@ class UnlearningStreams:
         pool = [a for a in pool if a.answer_ids]
         self.forget, self.normal, self.pool = list(forget), list(normal or []), pool
         self.mismatch_per_prompt = mismatch_per_prompt if pool else 0
-        unfit = [e for e in self.forget if self.mismatch_per_prompt and not holds_mismatch_rows(e, pool, max_length)]
+        fit = mismatch_fit(self.forget, pool, max_length) if self.mismatch_per_prompt else []
+        unfit = [e for e, ok in zip(self.forget, fit) if not ok]
         if unfit:
             raise DataError(f"{unfit[0].source}: its prompt takes {unfit[0].prompt_end} tokens and the template's "
                             f"whitespace before some mismatch answers {max(a.lead for a in pool)} more, which leaves "
