@@ -160,7 +160,8 @@ def _paged_attention_kernel(
 
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    out_ptrs = Out + split.to(tl.int64) * stride_os + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    out_ptrs = (Out + split.to(tl.int64) * stride_os + token[:, None] * stride_ot + head[:, None] * stride_oh
+                + offs_d[None, :])
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     if WRITE_LSE:
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))

@@ -289,7 +289,8 @@ class TreeRunner:
         if needed > self.num_blocks:
             raise PoolExhaustedError(f"KV pool exhausted: this call needs at least {needed} blocks of {bs} tokens "
                                      f"(its parents' and its new tokens') and the pool has {self.num_blocks}; give "
-                                     "the runner a larger pool (max_tokens / max_bytes) or extend fewer tokens per call")
+                                     "the runner a larger pool (max_tokens / max_bytes) or extend fewer tokens per "
+                                     "call")
 
     def _forward(self, plan, logits=None, hidden=None, ends=None):
         """Run one plan: block copies, then the model over its rows. Returns (logits, hidden) at the tokens

@@ -6,8 +6,9 @@ computes (padding included, since it costs the same):
                             d_attn = query heads x head size)
   backward                = 2x forward when every weight of P_dec trains, 1x (input gradients only) otherwise
   gradient checkpointing  = one more forward
-  lm_head (fused losses)  = per answer token (H: the lm_head's input width): 2*V*H forward, 2*V*H again in the backward (the fused ops
-                            recompute the logits instead of storing them), +2*V*H for the hidden gradient,
+  lm_head (fused losses)  = per answer token (H: the lm_head's input width): 2*V*H forward, 2*V*H again in
+                            the backward (the fused ops recompute the logits instead of storing them), +2*V*H
+                            for the hidden gradient,
                             +2*V*H for the weight gradient when the lm_head trains; the KL term adds the
                             reference logits P per normal answer token, computed in the forward and again in
                             the backward (2 x 2*V*H)
@@ -52,7 +53,8 @@ class ModelShape:
     def decoder_forward(self, attention_mask: torch.Tensor) -> float:
         """Forward FLOPs over a padded batch [rows, width] (width trimmed to the longest row)."""
         rows, width = attention_mask.shape[0], int(attention_mask.sum(1).max()) if attention_mask.numel() else 0
-        return 2.0 * self.decoder_params * rows * width + 4.0 * self.num_layers * self.attention_width * rows * width ** 2
+        attention = 4.0 * self.num_layers * self.attention_width * rows * width ** 2
+        return 2.0 * self.decoder_params * rows * width + attention
 
 
 def decoder_matmul_weights(model) -> list[torch.nn.Parameter]:
