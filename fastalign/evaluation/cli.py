@@ -283,7 +283,8 @@ def _evaluate_model(args) -> dict:
         total += len(records)
         print(f"eval: {total}/{len(prompts)} prompts, {harmful} harmful", file=sys.stderr, flush=True)
     summary = {"model": args.model, "dtype": str(model.dtype).removeprefix("torch."),
-               "prompts": args.prompts or args.hh, "judge": args.judge, "num_prompts": total, "harmful_rate": harmful / total}
+               "prompts": args.prompts or args.hh, "judge": args.judge, "num_prompts": total,
+               "harmful_rate": harmful / total}
     if normal is not None:   # in the model's dtype: a checkpoint saved in another one would differ by rounding alone
         reference, _ = load_causal_lm(args.reference, "--reference", args.device, model.dtype)
         utility = evaluate_utility(model, reference, tokenizer, normal,
