@@ -85,7 +85,7 @@ session() {
     step 110 "bench_loss" python3 bench/bench_loss.py --tokens 8192 --verbose
     step 70 "bench_tree" python3 bench/bench_tree.py --prefix 1500 8000 --rows 1 10 64 --branch-lengths 16 2048 8192 \
         --decode-tokens 64
-    step 70 "bench_unlearn" python3 bench/bench_unlearn.py --reps 3
+    step 80 "bench_unlearn" python3 bench/bench_unlearn.py --reps 3
     step 90 "bench_rain" python3 bench/bench_rain.py --random-model --hh "$HH" --prompts 1 --max-new-tokens 8 \
         --concurrency 1 8 32 --judge-prompts 16
     ls -la "$OUT"

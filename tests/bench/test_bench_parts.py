@@ -131,10 +131,13 @@ def test_loss_method_that_raises_becomes_an_error_row():
 
 def test_unlearn_ratios_are_against_the_first_spec_row_and_the_other_ways_step_times():
     """loss_rel_diff against the first way that computes SPEC §1 (not the reference recipe, which computes its own
-    objective and gets none); speed-ups are the other way's step time over this one's; failed rows are left alone."""
+    objective and gets none); speed-ups are the other way's step time over this one's, against either unfused
+    baseline; failed rows are left alone."""
     rows = [{"method": "fastalign", "first_step_loss": 2.0, "step_ms": 10.0, "peak_gib": 9.0, "step_extra_gib": 0.5},
             {"method": "unfused baseline", "first_step_loss": 2.2, "step_ms": 20.0, "peak_gib": 12.0,
              "step_extra_gib": 4.0},
+            {"method": "unfused, answer rows only", "first_step_loss": 2.0, "step_ms": 16.0, "peak_gib": 10.0,
+             "step_extra_gib": 2.0},
             {"method": "reference recipe", "first_step_loss": 7.0, "step_ms": 80.0, "peak_gib": 24.0,
              "step_extra_gib": 8.0},
             {"method": "broken", "error": "RuntimeError: x"},
@@ -142,13 +145,16 @@ def test_unlearn_ratios_are_against_the_first_spec_row_and_the_other_ways_step_t
              "step_extra_gib": 1.0}]
     bench_unlearn.add_ratios(rows)
     diffs = {row["method"]: row.get("loss_rel_diff") for row in rows}
-    assert diffs == pytest.approx({"fastalign": 0.0, "unfused baseline": 0.1, "reference recipe": None,
-                                   "broken": None, "fastalign cached": 0.05})
-    assert [row.get("speedup_vs_reference") for row in rows] == pytest.approx([8.0, 4.0, 1.0, None, 16.0])
-    assert [row.get("speedup_vs_unfused") for row in rows] == pytest.approx([2.0, 1.0, 0.25, None, 4.0])
+    assert diffs == pytest.approx({"fastalign": 0.0, "unfused baseline": 0.1, "unfused, answer rows only": 0.0,
+                                   "reference recipe": None, "broken": None, "fastalign cached": 0.05})
+    assert [row.get("speedup_vs_reference") for row in rows] == pytest.approx([8.0, 4.0, 5.0, 1.0, None, 16.0])
+    assert [row.get("speedup_vs_unfused") for row in rows] == pytest.approx([2.0, 1.0, 1.25, 0.25, None, 4.0])
+    assert [row.get("speedup_vs_sliced") for row in rows] == pytest.approx([1.6, 0.8, 1.0, 0.2, None, 3.2])
     # memory: the total peak, and the step's own working memory beyond the resident model and optimizer state
-    assert [row.get("memory_vs_unfused") for row in rows] == pytest.approx([0.75, 1.0, 2.0, None, 0.5])
-    assert [row.get("extra_memory_vs_unfused") for row in rows] == pytest.approx([0.125, 1.0, 2.0, None, 0.25])
+    assert [row.get("memory_vs_unfused") for row in rows] == pytest.approx([0.75, 1.0, 10 / 12, 2.0, None, 0.5])
+    assert [row.get("extra_memory_vs_unfused") for row in rows] == pytest.approx([0.125, 1.0, 0.5, 2.0, None, 0.25])
+    assert [row.get("memory_vs_sliced") for row in rows] == pytest.approx([0.9, 1.2, 1.0, 2.4, None, 0.6])
+    assert [row.get("extra_memory_vs_sliced") for row in rows] == pytest.approx([0.25, 2.0, 1.0, 4.0, None, 0.5])
 
 
 def test_unlearn_timed_steps_follow_a_second_untimed_step(monkeypatch):

@@ -54,7 +54,8 @@ def check_bench_unlearn(record):
     results, c = record["results"], record["config"]
     assert c["rows"][0] == c["batch_size"] * (2 + c["mismatch_per_prompt"]) and c["mismatch_per_prompt"] == 5, c
     compared = [row for row in results if "loss_rel_diff" in row]
-    assert [row["method"] for row in compared] == ["fastalign", "unfused baseline", "fastalign cached"], results
+    assert [row["method"] for row in compared] == ["fastalign", "unfused baseline", "fastalign cached",
+                                                   "unfused, answer rows only"], results
     first = compared[0]["first_step_loss"]
     assert all(close(row["loss_rel_diff"], abs(row["first_step_loss"] - first) / abs(first)) for row in compared)
     assert all(row["loss_rel_diff"] < 1e-5 for row in compared), results
@@ -62,6 +63,7 @@ def check_bench_unlearn(record):
     for row in results:
         assert close(row["speedup_vs_reference"], ms["reference recipe"] / row["step_ms"]), row
         assert close(row["speedup_vs_unfused"], ms["unfused baseline"] / row["step_ms"]), row
+        assert close(row["speedup_vs_sliced"], ms["unfused, answer rows only"] / row["step_ms"]), row
 
 
 def check_bench_tree(record):
