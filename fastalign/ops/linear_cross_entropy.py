@@ -6,7 +6,7 @@ them and recompute them in the backward pass from the saved per-token logsumexp.
 import torch
 
 from .backend import launcher_context, refuse_double_backward, require_triton_dtype, select_backend
-from .checks import check_per_token, check_reduction, check_tensor, check_linear, FLOAT_DTYPES
+from .checks import check_per_token, check_reduction, check_tensor, check_linear, is_integer, FLOAT_DTYPES
 from .token_rows import TokenRows
 
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -73,6 +73,8 @@ def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None
     check_tensor("target", target, ndim=1, dtypes=INTEGER_DTYPES, like=hidden)
     if target.shape[0] != n:
         raise ValueError(f"target must have shape [{n}] (one per row of hidden), got shape {tuple(target.shape)}")
+    if not is_integer(ignore_index):
+        raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
     # compared in int64: in uint8, ignore_index=-100 would wrap to 156 and silently ignore that class
     target = target.long()
     check_per_token("token_weight", token_weight, n, hidden, dtypes=FLOAT_DTYPES)

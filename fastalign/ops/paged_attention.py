@@ -43,7 +43,8 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, sc
     q's dtype and device; block_table [R, max_blocks] int32; seq_lens [R] int32 (context length
     including the new tokens); cu_q_lens [R + 1] int32. num_heads must be a multiple of num_kv_heads
     (GQA). scale defaults to head_dim ** -0.5. Returns [T, num_heads, head_dim] in q's dtype, with the
-    softmax accumulated in fp32.
+    softmax accumulated in fp32. Only the torch path is differentiable: the Triton one has no backward and
+    refuses inputs that require grad unless grad mode is off (torch.no_grad, as the runtime calls it).
 
     shared_prefix: None, or (cu_group_rows [G + 1] int32, prefix_lens [G] int32) on q's device: rows
     cu_group_rows[g]:cu_group_rows[g + 1] (consecutive, every row in one group) share their first
@@ -60,6 +61,7 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, sc
         check_paged_metadata(block_table, seq_lens, cu_q_lens, num_tokens=q.shape[0],
                              num_blocks=k_cache.shape[0], block_size=k_cache.shape[1], shared_prefix=shared_prefix)
     if resolve_backend(backend, q.device) == "triton":
+        _refuse_gradients(q=q, k_cache=k_cache, v_cache=v_cache)
         from fastalign.kernels.paged_attention import paged_attention_triton
         return paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, float(scale),
                                       shared_prefix=shared_prefix)
@@ -203,6 +205,15 @@ def _check_shared_prefix_contents(shared_prefix, block_table, context_before_new
         "shared_prefix: a group's prefix is longer than the block table rows",
         "shared_prefix: rows of a group disagree on the block ids of the shared prefix",
     ])
+
+
+def _refuse_gradients(**inputs):
+    """The Triton kernels have no backward: their output would silently carry no gradient to these inputs."""
+    if torch.is_grad_enabled():
+        for name, t in inputs.items():
+            if t.requires_grad:
+                raise RuntimeError(f"paged_attention: {name} requires grad, but the Triton backend has no backward; "
+                                   "call it under torch.no_grad() or use backend='torch'")
 
 
 def _raise_first(failures, messages):

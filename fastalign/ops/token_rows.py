@@ -19,7 +19,9 @@ class TokenRows:
         self.reduction = reduction
         live = counted if token_weight is None else counted & (token_weight != 0)
         self.rows = None if bool(live.all()) else live.nonzero().squeeze(1)
-        self.weight = None if token_weight is None else self.gather(token_weight).to(acc_dtype)
+        # a copy, never the caller's buffer: the backward must see the weights of the forward even if the caller
+        # refills that buffer (the next micro-batch) before backpropagating
+        self.weight = None if token_weight is None else self.gather(token_weight).to(acc_dtype, copy=True)
         self.num_counted = counted.sum()
 
     @property

@@ -254,6 +254,8 @@ def test_bad_input_is_named(make_bad, message):
     ({"bias": torch.ones(36)}, "bias must be \\[37\\]"),
     ({"bias": torch.ones(37, dtype=torch.float64)}, "bias must be \\[37\\] of dtype"),
     ({"reduction": "avg"}, "reduction must be one of"),
+    ({"ignore_index": None}, "ignore_index must be an integer, got None"),  # was: 'bool' object has no attribute
+    ({"ignore_index": -100.0}, "ignore_index must be an integer, got -100.0"),
     ({"backend": "cuda"}, "backend must be one of"),
 ])
 def test_bad_options_are_named(kwargs, message):

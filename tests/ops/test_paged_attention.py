@@ -214,6 +214,20 @@ def test_triton_path_rejects_float64():
         paged_attention(**batch, backend="triton")
 
 
+@pytest.mark.parametrize("name", ["q", "k_cache", "v_cache"])
+def test_triton_path_refuses_inputs_that_need_a_gradient(name):
+    """The Triton kernels have no backward: an input that requires grad got a detached output (no gradient, no
+    error). Under no_grad, as the runtime calls it, the same inputs run."""
+    batch = make_paged_batch([(9, 3), (6, 1)], 4, 4, 2, 16, device=TRITON_DEVICE)
+    batch[name].requires_grad_()
+    with pytest.raises(RuntimeError, match=f"paged_attention: {name} requires grad, but the Triton backend has no"):
+        paged_attention(**batch, backend="triton")
+    with torch.no_grad():
+        out = paged_attention(**batch, backend="triton")
+    ref = paged_attention_reference(**{key: t.detach().cpu() for key, t in batch.items()})
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_write_kv_writes_slots_and_nothing_else():
     k_cache, v_cache = torch.zeros(4, 3, 2, 8), torch.zeros(4, 3, 2, 8)
     k, v = torch.randn(5, 2, 8), torch.randn(5, 2, 8)
