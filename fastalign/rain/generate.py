@@ -53,8 +53,13 @@ class RainRun:
 JUDGE_MARGIN = 8    # tokens of slack for re-tokenizing the reply in the judge prompt
 
 
-def _context(model) -> Optional[int]:
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+def _context(model, runner) -> Optional[int]:
+    """The longest sequence the search may feed: the model's max_position_embeddings, or the tree engine's
+    runner's context where that is shorter (a sliding window or LongRoPE's original length, which it refuses
+    to run past)."""
+    limits = [getattr(getattr(model, "config", None), "max_position_embeddings", None),
+              getattr(runner, "max_context", None)]
+    return min([n for n in limits if n], default=None)
 
 
 def _prepare(index: int, prompt: str, tokenizer, judge: JudgeTokens, prefix_ids: List[int], config: RainConfig,
@@ -137,7 +142,7 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     start = time.perf_counter()
     runtime = _make_engine(engine, model, tokenizer, end_ids, judge, config, draw, embedder.needs_hidden, ledger,
                            prefix_ids, runner, runner_tokens)
-    context = _context(model)
+    context = _context(model, getattr(runtime, "runner", None))
     results = [RainResult(i, p if isinstance(p, str) else repr(p)) for i, p in enumerate(prompts)]
     queue = []
     for i, prompt in enumerate(prompts):

@@ -47,16 +47,15 @@ def _has_submodule(module, name):
     return True
 
 
-def context_limit(config):
-    """Longest sequence the model attends to in full: max_position_embeddings, or the sliding window
-    where one applies (beyond it the model would attend to a window, which the pool's kernels do not),
-    capped by `longrope_limit`."""
-    limit = config.max_position_embeddings
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if window and (layer_types is None or "sliding_attention" in layer_types):
-        limit = min(limit, window)
-    return longrope_limit(config, limit)
+def context_limit(model):
+    """Longest sequence the model attends to in full: max_position_embeddings, or the smallest sliding window
+    of its layers (beyond it the model would attend to a window, which the pool's kernels do not), capped by
+    `longrope_limit`. A layer's window is its attention module's `sliding_window` where it has one (Qwen2 sets
+    it per layer type), else config.sliding_window: Mistral slides every layer whatever config.layer_types says."""
+    config = model.config
+    default = getattr(config, "sliding_window", None)
+    windows = [getattr(layer.self_attn, "sliding_window", default) for layer in model.model.layers]
+    return longrope_limit(config, min([config.max_position_embeddings] + [w for w in windows if w]))
 
 
 def longrope_limit(config, limit):
@@ -92,7 +91,7 @@ class PagedLlama:
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = self.layers[0].self_attn.head_dim
-        self.max_context = context_limit(config)
+        self.max_context = context_limit(model)
         self.attention_backend = attention_backend
         weight = model.model.embed_tokens.weight
         self.dtype, self.device = weight.dtype, weight.device

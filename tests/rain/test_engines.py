@@ -405,6 +405,31 @@ def test_answer_never_runs_past_the_models_context():
     assert prefix_len + prompt_len + len(r.answer_ids) <= 200
 
 
+def test_answers_stay_within_the_runners_context():
+    """A Mistral whose sliding window (60 tokens) is shorter than its max_position_embeddings: the runner refuses
+    sequences past the window, which the search took for the model's context, so every prompt failed midway
+    ("the child would hold 66 tokens, past the model's context of 60"). The search now keeps its sequences,
+    judge prompts included, within the runner's context, and says so for a prompt with no room left."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    TreeRunner = pytest.importorskip("fastalign.runtime").TreeRunner
+    tok = tokenizer()
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, sliding_window=60, eos_token_id=tok.eos_token_id)).eval()
+    runner = TreeRunner(model, max_tokens=2048, block_size=4, attention_backend="torch")
+    assert runner.max_context == 60
+    prompts = PROMPTS[:2] + ["Human: " + "bread " * 40 + "\nAssistant:"]
+    run = rain_generate(model, tok, prompts, RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=40),
+                        runner=runner, judge_prompt=SHORT_JUDGE, embedding="hidden", sampler="keyed")
+    for prompt, result in zip(prompts[:2], run.results):
+        assert result.error is None and result.answer_ids
+        assert len(tok(prompt)["input_ids"]) + len(result.answer_ids) <= 60
+    assert "no room to answer" in run.results[2].error and "context of 60" in run.results[2].error
+    assert runner.num_free_blocks == runner.num_blocks
+
+
 def test_judge_prompt_past_the_context_fails_each_prompt_in_both_engines():
     """When the judge prompt leaves no room in the model's context, every prompt gets its error and the run
     returns, in both engines: the tree engine computed the judge's prefix anyway and crashed past it."""

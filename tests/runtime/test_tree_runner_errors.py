@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 from transformers import (BertConfig, BertLMHeadModel, BertModel, DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig,
-                          LlamaForCausalLM, MptConfig, MptForCausalLM, Phi3Config, Phi3ForCausalLM,
-                          RecurrentGemmaConfig, RecurrentGemmaForCausalLM)
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, MptConfig, MptForCausalLM, Phi3Config,
+                          Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, RecurrentGemmaConfig,
+                          RecurrentGemmaForCausalLM)
 
 from fastalign import PoolExhaustedError, Span, TreeRunner
 from tests.runtime.tiny_models import MAX_POSITIONS, VOCAB, tiny_model
@@ -202,6 +203,28 @@ def test_context_limit_is_inclusive_and_follows_the_sliding_window():
     assert mistral.max_context == 96                           # its sliding window
     with pytest.raises(ValueError, match="past the model's context of 96"):
         mistral.prefill([1] * 97)
+
+
+@pytest.mark.parametrize("cls, config_cls, extra, window", [
+    (MistralForCausalLM, MistralConfig, {}, 8),
+    (Qwen2ForCausalLM, Qwen2Config, {"use_sliding_window": True}, None)])
+def test_the_context_follows_the_window_each_layer_applies(cls, config_cls, extra, window):
+    """Hugging Face's Mistral slides config.sliding_window over every layer and ignores config.layer_types (it only
+    warns about them); Qwen2 slides only its "sliding_attention" layers. A Mistral config listing "full_attention"
+    layers got no cap on its context, and past the window its logits were silently wrong (off by ~0.1 at a scale
+    of ~0.2); a Qwen2 with full layers only may run past its unused window."""
+    shape = dict(vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, hidden_size=32, intermediate_size=64,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = cls(config_cls(**shape, **extra, sliding_window=8, layer_types=["full_attention"] * 2)).eval()
+    runner = TreeRunner(model, max_tokens=128, block_size=4, attention_backend="torch")
+    assert runner.max_context == (window or MAX_POSITIONS)
+    if window:
+        with pytest.raises(ValueError, match="past the model's context of 8"):
+            runner.prefill(list(range(9)))
+    seq = list(range(1, 1 + (window or 30)))
+    (child,), logits = runner.extend([runner.prefill(seq[:5])], [seq[5:]])
+    assert (logits[0] - model(torch.tensor([seq])).logits[0, -1]).abs().max() <= 1e-5
 
 
 def test_longrope_context_ends_at_its_original_length():
