@@ -16,6 +16,11 @@ def is_integer(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_real(value):
+    """True for Python and NumPy real numbers; False for bools, which are numbers to Python but never a rate."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _describe(t):
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 

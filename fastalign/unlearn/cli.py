@@ -48,6 +48,8 @@ normal tokens of all processes, checkpoints and model/ hold full weights; LoRA r
   accelerate launch --num_processes 8 -m fastalign.cli unlearn --config run.yaml                  # DDP
   accelerate launch --num_processes 8 --use_fsdp --fsdp_version 2 \\
       --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP -m fastalign.cli unlearn --config run.yaml   # FSDP
+  ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m fastalign.cli unlearn --config run.yaml   # CPUs (gloo)
+(accelerate's own --gradient_accumulation_steps must stay 1: the trainer accumulates --grad-accum micro-batches)
 """
 
 

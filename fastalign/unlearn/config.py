@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import yaml
 
 from fastalign.ops.backend import BACKENDS
-from fastalign.ops.checks import is_integer
+from fastalign.ops.checks import is_integer, is_real
+from fastalign.unlearn.formats import FORMATS
 from fastalign.unlearn.objective import LossWeights
 from fastalign.unlearn.reference import REFERENCE_MODES
 from fastalign.unlearn.templates import SPEC_TEMPLATE
@@ -87,8 +88,16 @@ class UnlearnConfig:
     backend: str = "auto"
 
     def __post_init__(self):
-        self.forget = [self.forget] if isinstance(self.forget, str) else list(self.forget)
-        self.lora_targets = [self.lora_targets] if isinstance(self.lora_targets, str) else list(self.lora_targets)
+        for name in ("model", "output_dir", "normal", "mismatch_pool"):
+            setattr(self, name, _path(name, getattr(self, name)))
+        self.forget = [_path("forget", f) for f in _items("forget", self.forget, "a file path or a list of file paths")]
+        self.lora_targets = _items("lora_targets", self.lora_targets, "a module name or a list of module names", str)
+        if not self.lora_targets:
+            raise ValueError(f"lora_targets must be a module name or a list of module names, got {self.lora_targets}")
+        if not isinstance(self.template, str):
+            raise ValueError(f"template must be a text, got {self.template!r}")
+        if self.forget_format not in ("auto",) + FORMATS:
+            raise ValueError(f"forget_format must be 'auto' or one of {FORMATS}, got {self.forget_format!r}")
         self.loss_weights  # validates the three weights
         least = dict.fromkeys(("max_length", "batch_size", "max_steps", "grad_accum", "log_every", "lora_rank"), 1)
         least |= dict.fromkeys(("mismatch_per_prompt", "save_every", "keep_checkpoints", "seed"), 0)
@@ -99,11 +108,15 @@ class UnlearnConfig:
             if not is_integer(value) or value < smallest:
                 raise ValueError(f"{name} must be an integer >= {smallest}, got {value!r}")
             setattr(self, name, int(value))  # a NumPy integer becomes a plain int, as the saved JSON needs
-        for name in ("lr", "weight_decay", "lora_dropout", "lora_alpha"):
+        for name in ("lr", "weight_decay", "lora_alpha"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not is_real(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.max_forget_nll is not None and not (isinstance(self.max_forget_nll, (int, float))
+        for name in ("lora_dropout", "truthfulqa_test_fraction", "truthfulqa_pool_fraction"):
+            value = getattr(self, name)
+            if not is_real(value) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+        if self.max_forget_nll is not None and not (is_real(self.max_forget_nll)
                                                     and math.isfinite(self.max_forget_nll)):
             raise ValueError(f"max_forget_nll must be a finite number, or null in a config file (none on the "
                              f"command line) for no early stop, got {self.max_forget_nll!r}")
@@ -151,6 +164,23 @@ class UnlearnConfig:
         return dataclass_from_dict(cls, values, origin)
 
 
+def _path(name: str, value) -> str | None:
+    """`value` (a text or an os.PathLike) as text, the form config.json stores, None as None; ValueError naming
+    `name` otherwise."""
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"{name} must be a path, got {value!r}")
+    return None if value is None else os.fspath(value)
+
+
+def _items(name: str, value, expected: str, kinds=(str, os.PathLike)) -> list:
+    """`value` as a list (a text or a path alone is one item, not a sequence of characters); ValueError naming
+    `name` and what was `expected` unless every item is of `kinds`."""
+    items = [value] if isinstance(value, (str, os.PathLike)) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, kinds) for item in items):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return list(items)
+
+
 def dataclass_from_dict(cls, values: dict, origin: str):
     """cls(**values); ValueError naming `origin` and every unknown setting (with the known ones) first."""
     known = {f.name for f in dataclasses.fields(cls)}
@@ -188,4 +218,11 @@ def settings_mapping(values, origin: str) -> dict:
     names = [k for k in values if not isinstance(k, str)]
     if names:  # YAML reads an unquoted `on`, `off`, `yes` or a number as a non-text key
         raise ValueError(f"{origin}: setting names must be text, got {names!r} (quote them)")
-    return {k.replace("-", "_"): v for k, v in values.items()}
+    settings = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name in settings:
+            twice = [k for k in values if k.replace("-", "_") == name]
+            raise ValueError(f"{origin}: setting {name} given twice (as {' and '.join(map(repr, twice))})")
+        settings[name] = value
+    return settings

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from fastalign.ops.checks import is_real
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
 from fastalign.ops.linear_kl_div import linear_kl_div
 from fastalign.unlearn.models import at_answer_targets, causal_lm_parts, final_hidden_states
@@ -37,7 +38,7 @@ class LossWeights:
     def __post_init__(self):
         for name in ("forget", "mismatch", "normal"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not is_real(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"loss weight {name} must be a finite number >= 0, got {value!r}")
 
 

@@ -98,6 +98,20 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _check_launch(accelerator) -> None:
+    """Raises unless accelerate runs every process the launcher started, and leaves accumulation to the trainer."""
+    launched = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
+    if launched != accelerator.num_processes:  # each process would train alone and race the others to output_dir
+        raise ValueError(f"launched as {launched} processes (WORLD_SIZE={launched}), but accelerate runs this one "
+                         f"alone ({accelerator.num_processes} process): without a GPU it joins them only when told "
+                         "to use the CPU: set ACCELERATE_USE_CPU=1 (ACCELERATE_USE_CPU=1 torchrun ...)")
+    steps = accelerator.gradient_accumulation_steps
+    if steps != 1:  # Accelerator.backward would divide each loss by it, on top of the trainer's own division
+        raise ValueError(f"accelerate's gradient_accumulation_steps is {steps} (accelerate launch "
+                         "--gradient_accumulation_steps, ACCELERATE_GRADIENT_ACCUMULATION_STEPS): leave it at 1 and "
+                         "set grad_accum (--grad-accum), the micro-batches the trainer accumulates per step")
+
+
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
@@ -138,6 +152,7 @@ class UnlearningTrainer:
         torch.manual_seed(config.seed)  # LoRA initialisation draws from it
         mixed = {"fp32": "no", "bf16-mixed": "bf16", "bf16": "no"}[config.precision]
         self.accelerator = accelerator or _require_accelerate().Accelerator(mixed_precision=mixed)
+        _check_launch(self.accelerator)
         self.sharded = self.accelerator.distributed_type == "FSDP"  # accelerate's DistributedType is a str enum
         if self.sharded and config.lora:
             raise NotImplementedError("lora=True under FSDP is not supported (the adapter could not be merged "

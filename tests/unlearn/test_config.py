@@ -40,3 +40,44 @@ def test_system_is_a_text_and_needs_the_chat_template():
         UnlearnConfig(system="Be brief.")
     with pytest.raises(ValueError, match="system must be a text .* got 3"):
         UnlearnConfig(chat_template=True, system=3)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"forget": 5}, r"forget must be a file path or a list of file paths, got 5"),
+    ({"forget": ["a.jsonl", 3]}, r"forget must be a file path or a list of file paths, got \['a.jsonl', 3\]"),
+    ({"lora_targets": 5}, r"lora_targets must be a module name or a list of module names, got 5"),
+    ({"lora_targets": []}, r"lora_targets must be a module name or a list of module names, got \[\]"),
+    ({"model": 5}, r"model must be a path, got 5"),
+    ({"output_dir": ["out"]}, r"output_dir must be a path, got \['out'\]"),
+    ({"normal": ["a.csv", "b.csv"]}, r"normal must be a path, got \['a.csv', 'b.csv'\]"),
+    ({"mismatch_pool": 3}, r"mismatch_pool must be a path, got 3"),
+    ({"template": 5}, r"template must be a text, got 5"),
+    ({"forget_format": "pkU"}, r"forget_format must be 'auto' or one of \('pku', 'hh', 'jsonl'\), got 'pkU'"),
+    ({"lr": True}, r"lr must be a finite number >= 0, got True"),
+    ({"max_forget_nll": True}, r"max_forget_nll must be a finite number, .* got True"),
+    ({"forget_weight": True}, r"loss weight forget must be a finite number >= 0, got True"),
+    ({"lora_dropout": 1.5}, r"lora_dropout must be a number in \[0, 1\), got 1.5"),
+    ({"truthfulqa_test_fraction": True}, r"truthfulqa_test_fraction must be a number in \[0, 1\), got True"),
+])
+def test_a_setting_of_the_wrong_type_is_refused_by_name(settings, message):
+    """A config file can give any value any type: the error must name the setting, not fail later inside the run
+    ('int' object is not iterable, an AttributeError traceback) or read `true` as the number 1."""
+    with pytest.raises(ValueError, match=message):
+        UnlearnConfig(**settings)
+
+
+def test_paths_may_be_path_objects_and_are_kept_as_text(tmp_path):
+    """config.json is written with json.dumps: a pathlib.Path must become text (it made the run fail after it had
+    created its output directory, and a single Path as `forget` was not iterable)."""
+    config = UnlearnConfig(model=tmp_path / "m", output_dir=tmp_path / "out", forget=tmp_path / "f.jsonl",
+                           normal=tmp_path / "n.csv")
+    assert (config.model, config.output_dir, config.forget, config.normal) == (
+        str(tmp_path / "m"), str(tmp_path / "out"), [str(tmp_path / "f.jsonl")], str(tmp_path / "n.csv"))
+
+
+def test_a_setting_given_twice_in_a_config_file_is_refused(tmp_path):
+    """`max-steps` and `max_steps` name one setting: silently keeping one of the two values hides a mistake."""
+    path = tmp_path / "run.yaml"
+    path.write_text("max-steps: 3\nlr: 1.0e-3\nmax_steps: 4\n")
+    with pytest.raises(ValueError, match=r"run.yaml: setting max_steps given twice \(as 'max-steps' and 'max_steps'\)"):
+        read_config_file(path)

@@ -168,7 +168,7 @@ def test_fsdp2_bf16_reference_modes_give_the_same_p(runs):
     path = runs / "fsdp2_bf16_reference_kl"
     assert outcomes(path) == ["ok", "ok"]
     kls = {mode: log(path / mode)[0]["normal_kl"] for mode in ("copy", "cached")}
-    assert all(0 <= kl < 2e-6 for kl in kls.values()), kls
+    assert all(abs(kl) < 2e-6 for kl in kls.values()), kls  # rounding may make a KL of P with itself negative
 
 
 def test_bf16_lora_under_ddp_saves_its_adapter_and_every_process_reports_what_the_merge_lost(runs):

@@ -134,7 +134,7 @@ def test_weights_scale_terms_and_absent_streams():
 
 def test_bad_inputs():
     model, streams, reference, _ = setup("copy")
-    for bad in [float("nan"), float("inf"), -1.0, "1"]:
+    for bad in [float("nan"), float("inf"), -1.0, "1", True]:  # True: a YAML `yes`, not the weight 1
         with pytest.raises(ValueError, match="loss weight normal must be a finite number"):
             LossWeights(normal=bad)
     with pytest.raises(TypeError, match="LlamaModel has no lm_head"):

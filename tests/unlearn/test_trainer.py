@@ -362,6 +362,33 @@ def test_rows_longer_than_the_model_context_are_refused_up_front(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_a_launch_whose_processes_accelerate_runs_alone_is_refused(tmp_path, monkeypatch):
+    """torchrun on a machine without a GPU: unless told to use the CPU (ACCELERATE_USE_CPU=1), accelerate joins the
+    launch's process group yet runs each process as a run of its own (num_processes 1, every process the main one).
+    Both then trained alone, on half the data, and raced to write one output_dir (one crashed renaming the other's
+    config.json; log lines came twice). The Accelerator is built here as accelerate builds it there, but before
+    WORLD_SIZE is set (with it set, it would wait for a process 1 to join)."""
+    from accelerate import Accelerator
+
+    acc = Accelerator()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = UnlearnConfig(output_dir=str(tmp_path / "run"), progress=False)
+    with pytest.raises(ValueError, match=r"launched as 2 processes \(WORLD_SIZE=2\), but accelerate runs this one "
+                                         r"alone.*ACCELERATE_USE_CPU=1"):
+        UnlearningTrainer(tiny_llama(len(byte_bpe_tokenizer())), tiny_streams(byte_bpe_tokenizer()), config,
+                          accelerator=acc)
+
+
+def test_accelerate_gradient_accumulation_is_refused(tmp_path, monkeypatch):
+    """`accelerate launch --gradient_accumulation_steps N` makes Accelerator.backward divide every loss by N on top of
+    the trainer's own division by grad_accum: each step's gradient was N times too small (AdamW hides most of a
+    constant factor on the gradient, not its eps)."""
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
+    with pytest.raises(ValueError, match=r"accelerate's gradient_accumulation_steps is 2.*grad_accum \(--grad-accum\)"):
+        run(tmp_path)
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_lora_under_fsdp_is_refused(tmp_path):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
