@@ -120,12 +120,12 @@ def resume_point(config: UnlearnConfig) -> str | None:
     """The checkpoint in config.output_dir to resume from; refuses to start over a previous run unless asked to
     resume. Reads only, so a run checks it before loading the model and data too."""
     out = config.output_dir
+    if os.path.isdir(os.path.join(out, "model")):  # written last: the run ended (resuming would only replay it)
+        raise FileExistsError(f"{out} already holds a finished model; choose another output_dir (--output-dir)")
     existing = latest_checkpoint(out) if os.path.isdir(out) else None
     if existing and not config.resume:
         raise FileExistsError(f"{out} already holds a run ({existing}); resume it with resume=True "
                               "(--resume) or choose another output_dir (--output-dir)")
-    if os.path.isdir(os.path.join(out, "model")) and not existing:
-        raise FileExistsError(f"{out} already holds a finished model; choose another output_dir (--output-dir)")
     return existing
 
 

@@ -67,6 +67,9 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, settings):
     assert log_lines(tmp_path / "whole") == log_lines(tmp_path / "killed")
     assert [r["step"] for r in log_lines(tmp_path / "killed")] == [1, 2, 3, 4, 5]
     assert summary.compute["flops"] == resumed_summary.compute["flops"]
+    for resume in (False, True):  # a finished run keeps its checkpoints: it was sent to --resume, which replayed it
+        with pytest.raises(FileExistsError, match="already holds a finished model; choose another output_dir"):
+            run(tmp_path, "killed", save_every=2, resume=resume, **settings)
 
 
 @pytest.mark.parametrize("resume", [False, True])
