@@ -5,10 +5,14 @@ template/answer boundary (a BPE merge of the template's trailing space with the 
 multi-byte character split over several byte tokens) counts as answer, zero-width special tokens never do.
 The answer tokens are then one contiguous range [answer_start, answer_end) of the ids.
 
-A mismatch example (a forget prompt with a pool answer) is put together on token ids, at the seam where the
-prompt's text ends and the template's whitespace before the answer begins: that whitespace is one token with the
-answer's first word or apart from it depending on the word (a digit stands apart in Llama-3's tokenizer), so
-each side brings its own, and the ids are those of the template's rendering of that prompt with that answer.
+A mismatch example (a forget prompt with a pool answer) is put together on token ids, at a seam in the template's
+whitespace before the answer where no token of either side crosses: that whitespace is one token with the
+answer's first word or apart from it depending on the word (a digit stands apart in Llama-3's tokenizer), or,
+where nothing but whitespace stands between prompt and answer, one token with the prompt's last character
+(Llama-3's '?\n'). The earliest seam both sides share is taken, each side bringing its own part of the
+whitespace, and the pool answer brings the template's tail as tokenized after it (a token may also join an
+answer's end to the tail: '.\n'), so the ids are those of the template's rendering of that prompt with that
+answer.
 
 With answer_eos, every answer also ends with an end token as an answer token (so the objective holds the
 model's chance of stopping after an answer): the tokenizer's end-of-sequence id, or with a chat template
@@ -30,35 +34,55 @@ from fastalign.unlearn.templates import ChatTemplate, RenderedPair, end_of_turn_
 class EncodedExample:
     """Token ids of one example; ids[answer_start:answer_end] are its answer tokens.
 
-    seam: where the prompt's own text ends in the ids. The template's whitespace before the answer (the space
-    after "### Answer:") is tokenized with the answer's first token or apart from it, depending on that token
-    (Llama-3's tokenizer keeps a digit apart from the space before it): ids[seam:answer_start] are the
-    template's tokens that stand apart. None where that was not read (examples built by hand): answer_start.
+    seams: where another answer may take over from this example's prompt, earliest first: (d, k) where no token
+    crosses the character d characters before the answer, inside the template's whitespace before it, and
+    ids[:k] are the tokens before that character. The template's whitespace (the space after "### Answer:") is
+    tokenized with the answer's first token or apart from it depending on that token (Llama-3's tokenizer keeps a
+    digit apart from the space before it), or with the prompt's last character, so the seams differ from
+    example to example. None where they were not read (examples built by hand): answer_start is the seam.
     """
 
     input_ids: tuple[int, ...]
     answer_start: int
     answer_end: int
     source: str
-    seam: int | None = None
+    seams: tuple[tuple[int, int], ...] | None = None
 
     @property
     def prompt_end(self) -> int:
-        """The seam, or answer_start where it was not read."""
-        return self.answer_start if self.seam is None else self.seam
+        """Where the earliest seam cuts the ids (answer_start where the seams were not read)."""
+        return self.seams[0][1] if self.seams else self.answer_start
 
     @property
     def num_answer_targets(self) -> int:
         """How many answer tokens are predicted by an earlier position (the first token never is)."""
         return max(0, self.answer_end - max(self.answer_start, 1))
 
+    def seam_with(self, seams: tuple[tuple[int, int], ...] | None) -> tuple[int, int]:
+        """(cut, start): this example's ids[:cut] followed by a pool answer's ids[start:] are the ids of this prompt
+        with that answer, whose seams are `seams`, at the earliest seam both read (this example's prompt_end and
+        the start of the answer's ids where either was built by hand). A DataError if they share none: no ids of
+        that pair can be put together."""
+        if self.seams is None or seams is None:
+            return self.prompt_end, 0
+        theirs = dict(seams)
+        for d, cut in self.seams:
+            if d in theirs:
+                return cut, theirs[d]
+        raise DataError(f"{self.source}: the tokenizer joins this prompt to the template's whitespace before the "
+                        "answer in a way some mismatch pool answers cannot follow on token ids; put text between "
+                        "{prompt} and {answer} in the template (--template), or set mismatch_weight=0 "
+                        "(--mismatch-weight 0)")
+
     def with_answer(self, answer: "PoolAnswer", source: str) -> "EncodedExample":
-        """This example's prompt and template tail around another answer (a mismatch example): the ids the
-        template's rendering of this prompt with that answer tokenizes to, put together from the two encodings at
-        their seams."""
-        cut = self.prompt_end
-        ids = self.input_ids[:cut] + answer.ids + self.input_ids[self.answer_end:]
-        return EncodedExample(ids, cut + answer.lead, cut + len(answer.ids), source, cut)
+        """This example's prompt around another answer (a mismatch example): the ids the template's rendering of
+        this prompt with that answer tokenizes to, put together from the two encodings at a seam (seam_with) and
+        ending with the answer's own tail (this example's tail where the answer was built by hand)."""
+        cut, start = self.seam_with(answer.seams)
+        end = len(answer.ids) if answer.end is None else answer.end
+        tail = self.input_ids[self.answer_end:] if answer.end is None else ()
+        return EncodedExample(self.input_ids[:cut] + answer.ids[start:] + tail, cut + answer.lead - start,
+                              cut + end - start, source)
 
     def ending_with(self, end_id: int) -> "EncodedExample":
         """This example with end_id as its last answer token. Where the template already puts end_id after the
@@ -139,11 +163,19 @@ def encode_rendered(tokenizer, rendered: Sequence[RenderedPair], sources: Sequen
         inside = [k for k, (a, b) in enumerate(offsets) if b > a and b > r.answer_start and a < r.answer_end]
         if not inside:
             raise DataError(f"{source}: the answer produced no token")
-        text_end = len(r.text[:r.answer_start].rstrip())    # the prompt's text, before the template's whitespace
-        seam = 1 + max((k for k in range(inside[0]) if offsets[k][1] <= text_end), default=-1)
-        example = EncodedExample(tuple(ids), inside[0], inside[-1] + 1, source, seam)
+        example = EncodedExample(tuple(ids), inside[0], inside[-1] + 1, source, _seams(r, offsets[:inside[0] + 1]))
         out.append(example if end_id is None else example.ending_with(end_id))
     return out
+
+
+def _seams(rendered: RenderedPair, offsets: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """EncodedExample.seams, from the offsets of the tokens up to the answer's first one: each character from the
+    start of the template's whitespace to the answer's that no token crosses."""
+    spans = [(a, b) for a, b in offsets if b > a]
+    return tuple((rendered.answer_start - c, 1 + max((k for k in range(len(offsets) - 1) if offsets[k][1] <= c),
+                                                     default=-1))
+                 for c in range(rendered.space_start, rendered.answer_start + 1)
+                 if all(b <= c or a >= c for a, b in spans))
 
 
 def encode_pairs(tokenizer, template, pairs: Sequence[QAPair], max_length: int, *,
@@ -167,15 +199,19 @@ def encode_pairs(tokenizer, template, pairs: Sequence[QAPair], max_length: int, 
 
 @dataclass(frozen=True)
 class PoolAnswer:
-    """A mismatch pool answer as the template tokenizes it after a prompt, from the seam (EncodedExample.seam):
-    `lead` tokens of the template's whitespace that stand apart from it, then the answer's tokens."""
+    """A mismatch pool answer as the template tokenizes it after a prompt, from its earliest seam
+    (EncodedExample.seams) on: `lead` tokens of the template's whitespace that stand apart from it, the answer's
+    tokens up to `end`, then the template's tail as tokenized after it. Built by hand (plain ids): no seams,
+    end None (ids end with the answer; the forget example's tail follows it)."""
 
     ids: tuple[int, ...]
     lead: int = 0
+    end: int | None = None
+    seams: tuple[tuple[int, int], ...] | None = None
 
     @property
     def answer_ids(self) -> tuple[int, ...]:
-        return self.ids[self.lead:]
+        return self.ids[self.lead:self.end]
 
 
 def encode_answers(tokenizer, template, answers: Sequence[str], *, answer_eos: bool = False) -> list[PoolAnswer]:
@@ -184,4 +220,5 @@ def encode_answers(tokenizer, template, answers: Sequence[str], *, answer_eos: b
     encoded = encode_rendered(tokenizer, [template.render("", a) for a in answers],
                               [f"mismatch pool answer {i}" for i in range(len(answers))],
                               end_id=answer_end_id(tokenizer, template) if answer_eos else None)
-    return [PoolAnswer(e.input_ids[e.seam:e.answer_end], e.answer_start - e.seam) for e in encoded]
+    return [PoolAnswer(e.input_ids[e.prompt_end:], e.answer_start - e.prompt_end, e.answer_end - e.prompt_end,
+                       tuple((d, k - e.prompt_end) for d, k in e.seams)) for e in encoded]

@@ -1,7 +1,8 @@
 """Prompt/answer records and the row-by-row readers the data formats share.
 
-Every record remembers where it came from (file and 1-based row), so that a problem found later, e.g. a
-prompt longer than the model's context, can still be reported against the line a user can open.
+Every record remembers where it came from (file and row: the 1-based line it starts on, in a jsonl or a CSV
+file alike), so that a problem found later, e.g. a prompt longer than the model's context, can still be
+reported against the line a user can open.
 """
 from __future__ import annotations
 
@@ -28,13 +29,14 @@ class QAPair:
 
 
 def open_text(path: str | os.PathLike) -> io.TextIOBase:
-    """Opens a UTF-8 text file, transparently gunzipping `*.gz`; a missing file is a DataError."""
+    """Opens a UTF-8 text file, transparently gunzipping `*.gz` and dropping a leading byte-order mark (which
+    Windows tools write); a missing file is a DataError."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 # What reading a text file that is not (gzipped) UTF-8 raises, once a line is read.
@@ -75,7 +77,8 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
 
 
 def read_csv(path: str | os.PathLike, required_columns: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
-    """Yields (row number, row dict) of a CSV file with a header; row 1 is the first line after it."""
+    """Yields (row number, row dict) of a CSV file with a header: the row number is the 1-based line the row
+    starts on (the header is line 1, as in a spreadsheet; a quoted field may span several lines)."""
     path = os.fspath(path)
     with open_text(path) as f:
         try:
@@ -83,7 +86,8 @@ def read_csv(path: str | os.PathLike, required_columns: tuple[str, ...]) -> Iter
             missing = [c for c in required_columns if c not in (reader.fieldnames or [])]
             if missing:
                 raise DataError(f"{path}: missing column(s) {missing}; header is {reader.fieldnames}")
-            for row, record in enumerate(reader, start=1):
+            for record in reader:   # line_num: the row's last line, after the newlines its quoted fields hold
+                row = reader.line_num - sum(v.count("\n") for v in record.values() if isinstance(v, str))
                 if None in record or any(record[c] is None for c in required_columns):
                     raise DataError(f"{path}: row {row}: wrong number of fields")
                 yield row, record

@@ -61,9 +61,24 @@ class _EpochStream:
 
 def mismatch_fit(forget: Sequence[EncodedExample], pool: Sequence[PoolAnswer], max_length: int) -> list[bool]:
     """For each forget example, whether every one of its mismatch rows keeps an answer token within max_length:
-    after its prompt comes the template's whitespace that stands apart before some pool answers (their `lead`)."""
-    lead = max((a.lead for a in pool), default=0)
-    return [example.prompt_end + lead < max_length for example in forget]
+    after its prompt comes the template's whitespace that stands apart before some pool answers (their `lead`).
+    A DataError names the first forget example that some pool answer cannot follow on token ids
+    (EncodedExample.seam_with)."""
+    kinds = {(a.seams, a.lead) for a in pool}
+    return [all(cut + lead - start < max_length for (cut, start), lead in ((e.seam_with(seams), lead)
+                                                                            for seams, lead in kinds))
+            for e in forget]
+
+
+def _longest_mismatch_row(example: EncodedExample, pool: Sequence[PoolAnswer]) -> int:
+    """Tokens of the longest mismatch row of `example` before max_length cuts it (EncodedExample.with_answer)."""
+    longest = {}
+    for a in pool:
+        kind = (a.seams, a.end is None)   # end None: the forget example's tail follows the answer
+        longest[kind] = max(longest.get(kind, 0), len(a.ids))
+    tail = len(example.input_ids) - example.answer_end
+    return max(cut - start + length + (tail if forget_tail else 0)
+               for (seams, forget_tail), length in longest.items() for cut, start in [example.seam_with(seams)])
 
 
 class UnlearningStreams:
@@ -114,8 +129,7 @@ class UnlearningStreams:
             return
         rows = [(len(e.input_ids), e.source) for e in self.forget + self.normal]
         if self.mismatch_per_prompt:
-            longest = max(len(a.ids) for a in self.pool)
-            rows += [(min(self.max_length, len(e.input_ids) - (e.answer_end - e.prompt_end) + longest),
+            rows += [(min(self.max_length, _longest_mismatch_row(e, self.pool)),
                       f"{e.source} with the longest mismatch pool answer") for e in self.forget]
         length, source = max(rows)
         if length > positions:

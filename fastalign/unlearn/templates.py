@@ -1,7 +1,8 @@
 """How a (prompt, answer) pair becomes one text, and where in that text the answer lies.
 
-A template returns the rendered text and the character span of the answer; the answer mask is later
-read off the tokenizer's offsets against that span, so no text is ever decoded and tokenized again.
+A template returns the rendered text, the character span of the answer and where the template's own whitespace
+before the answer starts; the answer mask is later read off the tokenizer's offsets against that span, so no
+text is ever decoded and tokenized again.
 """
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ SPEC_TEMPLATE = "### Question: {prompt}\n ### Answer: {answer}"
 
 @dataclass(frozen=True)
 class RenderedPair:
-    """A rendered example: its text and the answer's [start, end) character span."""
+    """A rendered example: its text and the answer's [start, end) character span. text[space_start:answer_start]
+    is the template's whitespace before the answer (never the prompt's own trailing whitespace), where a
+    mismatch example joins a prompt to another answer (encoding.EncodedExample.with_answer)."""
 
     text: str
     answer_start: int
     answer_end: int
+    space_start: int
 
 
 class TextTemplate:
@@ -33,12 +37,14 @@ class TextTemplate:
         if "{prompt}" not in head:
             raise ValueError(f"template must put '{{prompt}}' before '{{answer}}', got {template!r}")
         self._head = head
+        between = head.split("{prompt}")[1]
+        self._space = len(between) - len(between.rstrip())
         self.template = template
 
     def render(self, prompt: str, answer: str) -> RenderedPair:
         head = self._head.replace("{prompt}", prompt)
         return RenderedPair(text=head + answer + self._tail, answer_start=len(head),
-                            answer_end=len(head) + len(answer))
+                            answer_end=len(head) + len(answer), space_start=len(head) - self._space)
 
 
 class ChatTemplate:
@@ -99,8 +105,9 @@ class ChatTemplate:
         if text.startswith(head):
             for shown in (answer, answer.strip()):  # many chat templates trim message contents
                 start = text.find(shown, len(head))
-                if start >= 0:
-                    return RenderedPair(text=text, answer_start=start, answer_end=start + len(shown))
+                if start >= 0:   # the turns before the answer end with the template's markers, not the prompt
+                    return RenderedPair(text=text, answer_start=start, answer_end=start + len(shown),
+                                        space_start=len(text[:start].rstrip()))
         raise ValueError("chat_template (--chat-template): the rendered conversation does not contain the answer "
                          "verbatim after the turns before it (the chat template rewrites it); use the text template "
                          "(TextTemplate, --template) instead")

@@ -6,6 +6,7 @@ from transformers import PreTrainedTokenizerFast
 from fastalign.unlearn.batching import collate, filler_token_id
 from fastalign.unlearn.encoding import EncodedExample, encode_answers, encode_pairs, tokenize_texts
 from fastalign.unlearn.records import DataError, QAPair
+from fastalign.unlearn.streams import UnlearningStreams
 from fastalign.unlearn.templates import SPEC_TEMPLATE, ChatTemplate, TextTemplate
 from tests.byte_bpe import LLAMA3_SPLIT, train_byte_bpe
 from tests.unlearn.tiny import CHAT_TEMPLATE, byte_bpe_tokenizer, word_level_tokenizer
@@ -212,3 +213,40 @@ def test_template_that_writes_the_bos_token_keeps_a_single_bos():
     assert own == plain
     assert own.input_ids.count(tokenizer.bos_token_id) == 1
     assert tokenizer.decode(own.input_ids[own.answer_start:own.answer_end]).strip() == "Paris"
+
+
+@pytest.mark.parametrize("split", [None, LLAMA3_SPLIT])
+@pytest.mark.parametrize("text", ["{prompt}\n{answer}", "{prompt} {answer}", "Q: {prompt}\nA: {answer}\n\n"])
+def test_mismatch_rows_are_the_rendered_pairs_where_tokens_cross_the_prompt_or_the_tail(split, text):
+    """A token may join the prompt's end to the template's whitespace before the answer (Llama-3 writes '?\\n' as
+    one token; a prompt's own trailing spaces), or the answer's end to the template's tail ('.\\n'): a mismatch row
+    put together at fixed seams lost or doubled that text ('How?' trained as 'How'). Every combination is the
+    template's own rendering of the pair, ids and answer span."""
+    prompts = ["How do I hurt someone?", "tell me  ", "What is 2+2"]
+    answers = ["Sure, here you go.", "1. Get a knife.", "a"]
+    template = TextTemplate(text)
+    corpus = [template.render(p, a).text for p in prompts for a in answers]   # learns '?\n', '.\n', ...
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(corpus, 400, split=split),
+                                        bos_token="<s>", eos_token="</s>")
+    pool = encode_answers(tokenizer, template, answers)
+    for prompt, harmful in [(p, a) for p in prompts for a in answers]:
+        forget, = encode_pairs(tokenizer, template, pairs([(prompt, harmful)]), 512)
+        for answer, pool_answer in zip(answers, pool):
+            mixed = forget.with_answer(pool_answer, "mixed")
+            direct, = encode_pairs(tokenizer, template, pairs([(prompt, answer)]), 512)
+            assert (mixed.input_ids, mixed.answer_start, mixed.answer_end) == \
+                (direct.input_ids, direct.answer_start, direct.answer_end), (prompt, harmful, answer)
+
+
+def test_a_prompt_no_mismatch_answer_can_follow_on_token_ids_is_named():
+    """Nothing but whitespace between a prompt that ends with spaces and an answer that starts with one: GPT-2's
+    tokenizer makes one token of the whole run ('tell me' + '   ' + 'leading'), and a pool answer without a leading
+    space needs a seam inside it. Such a row is named when the streams are built, not mid-run."""
+    template = TextTemplate("{prompt} {answer}")
+    corpus = [template.render(p, a).text for p in ["tell me  ", "How?"] for a in [" leading space", "Sure."]]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(corpus, 300), bos_token="<s>")
+    forget = encode_pairs(tokenizer, template, pairs([("How?", "Sure."), ("tell me  ", " leading space")]), 64)
+    pool = encode_answers(tokenizer, template, ["Sure."])
+    with pytest.raises(DataError, match=r"test:row 2: the tokenizer joins this prompt to the template's whitespace"):
+        UnlearningStreams(forget, mismatch_pool=pool, max_length=64)
+    UnlearningStreams(forget[:1], mismatch_pool=pool, max_length=64)

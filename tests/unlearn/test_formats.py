@@ -7,7 +7,7 @@ import pytest
 
 from fastalign.unlearn.formats import (detect_jsonl_format, hh_final_exchange, load_hh_rlhf, load_pairs,
                                        load_pku_saferlhf, load_prompt_answer_jsonl, load_truthfulqa)
-from fastalign.unlearn.records import DataError
+from fastalign.unlearn.records import DataError, read_csv
 from tests.conftest import SHARED_DATA
 from tests.unlearn.tiny import write_jsonl
 
@@ -150,7 +150,7 @@ def test_truthfulqa_bad_files(tmp_path):
         load_truthfulqa(tmp_path / "cols.csv")
     rows = [("q1", "a", "b", "c"), ("q2", " ", "b", "c"), ("q3", "a", "b", "c")]
     path = write_truthfulqa(tmp_path / "blank.csv", rows)
-    with pytest.raises(DataError, match=r"blank.csv: row 2: row has no answer"):
+    with pytest.raises(DataError, match=r"blank.csv: row 3: row has no answer"):   # line 3: after the header
         load_truthfulqa(path, pool_fraction=0.1, test_fraction=0.0)
     with pytest.raises(ValueError, match="test_fraction"):
         load_truthfulqa(path, test_fraction=0.5, pool_fraction=0.5)
@@ -160,7 +160,7 @@ def test_truthfulqa_row_with_wrong_number_of_fields_names_the_row(tmp_path):
     good = "T,C,q,a,b,c,S\n"
     for name, bad in [("short.csv", "T,C,q,a\n"), ("long.csv", "T,C,q,a,b,c,S,extra\n")]:
         (tmp_path / name).write_text(TRUTHFULQA_HEADER + good + bad + good)
-        with pytest.raises(DataError, match=rf"{name}: row 2: wrong number of fields"):
+        with pytest.raises(DataError, match=rf"{name}: row 3: wrong number of fields"):
             load_truthfulqa(tmp_path / name)
 
 
@@ -202,3 +202,30 @@ def test_truthfulqa_shared_file():
     assert len(split.mismatch_pool) > 1000
     assert not {p.answer for p in split.normal_train + split.normal_test} & set(split.mismatch_pool)
     assert all(";" not in a and a == a.strip() for a in split.mismatch_pool)
+
+
+def test_utf8_files_with_a_byte_order_mark_load(tmp_path):
+    """Windows tools (Excel, Notepad) write UTF-8 with a BOM: json.loads refused row 1 and the CSV's first column
+    name carried it ('\\ufeffQuestion' is not 'Question')."""
+    (tmp_path / "bom.jsonl").write_text('{"prompt": "p", "answer": "a"}\n', encoding="utf-8-sig")
+    assert [(p.prompt, p.answer) for p in load_pairs(tmp_path / "bom.jsonl")] == [("p", "a")]
+    with gzip.open(tmp_path / "bom.jsonl.gz", "wt", encoding="utf-8-sig") as f:
+        f.write('{"rejected": "\\n\\nHuman: q\\n\\nAssistant: a"}\n')
+    assert [(p.prompt, p.answer) for p in load_pairs(tmp_path / "bom.jsonl.gz")] == [("q", "a")]
+    rows = "".join(f"q{k}?,best {k},right {k},wrong {k}\n" for k in range(4))
+    (tmp_path / "bom.csv").write_text("Question,Best Answer,Correct Answers,Incorrect Answers\n" + rows,
+                                      encoding="utf-8-sig")
+    split = load_truthfulqa(tmp_path / "bom.csv", test_fraction=0.0, pool_fraction=0.25)
+    assert len(split.normal_train) == 3 and {p.prompt for p in split.normal_train} < {"q0?", "q1?", "q2?", "q3?"}
+
+
+def test_csv_rows_are_numbered_by_the_line_they_start_on(tmp_path):
+    """Rows of a CSV are named by the file's 1-based line (the header is line 1, as in a spreadsheet), like the
+    rows of a jsonl file; a quoted field that holds a newline moves the rows after it down a line."""
+    path = tmp_path / "tqa.csv"
+    path.write_text(TRUTHFULQA_HEADER + 'T,C,q1,"two\nlines",b,c,S\n\nT,C,q2,a,b,c,S\r\nT,C,q3,a,b,c,S\n')
+    columns = ("Question", "Best Answer")
+    assert [(row, record["Question"]) for row, record in read_csv(path, columns)] == [(2, "q1"), (5, "q2"), (6, "q3")]
+    path.write_text(TRUTHFULQA_HEADER + 'T,C,q1,"two\nlines",b,c,S\nT,C,q2,a,b,c,S\nT,C,q3,a\n')
+    with pytest.raises(DataError, match=r"tqa.csv: row 5: wrong number of fields"):
+        load_truthfulqa(path)

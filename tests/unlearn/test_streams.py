@@ -163,7 +163,7 @@ def test_absent_streams_and_bad_arguments():
 def test_a_prompt_that_leaves_no_room_for_a_mismatch_answer_is_named():
     """The template's space before some pool answers stands apart from them (lead tokens): a forget prompt that
     leaves room for its own answer may leave none for those, which a batch would find mid-run."""
-    forget = [EncodedExample((1, 2, 3, 4, 5), 3, 5, "forget 1", seam=3)]
+    forget = [EncodedExample((1, 2, 3, 4, 5), 3, 5, "forget 1", seams=((1, 3),))]
     pool = [PoolAnswer((9, 7, 7), lead=1)]
     rows = UnlearningStreams(forget, mismatch_pool=pool, max_length=5, batch_size=1).batch(0).examples[1:]
     assert [(r.input_ids, r.answer_start) for r in rows] == [((1, 2, 3, 9, 7), 4)] * 5   # cut to max_length
