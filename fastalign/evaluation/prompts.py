@@ -9,7 +9,7 @@ import csv
 import os
 from typing import List, Optional
 
-from fastalign.unlearn.records import read_jsonl, read_text
+from fastalign.unlearn.records import read_csv, read_jsonl, read_text
 from fastalign.unlearn.templates import SPEC_TEMPLATE, ChatTemplate
 
 # What a model continues to answer a question in the SPEC's format: the template up to the answer, without
@@ -93,8 +93,4 @@ def _read_jsonl(path: str, field: str) -> List[str]:
 
 
 def _read_csv(path: str, field: str) -> List[str]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        if field not in (reader.fieldnames or []):
-            raise ValueError(f"{path}: no column {field!r} (columns: {reader.fieldnames})")
-        return [_checked(row[field], path, reader.line_num, field) for row in reader]
+    return [_checked(row[field], path, line, field) for line, row in read_csv(path, (field,))]

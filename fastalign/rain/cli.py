@@ -234,6 +234,7 @@ def _run(args) -> int:
     except (ValueError, ImportError) as exc:
         raise UsageError(str(exc)) from None
     prefix = option_text(args.generation_prefix_file, "--generation-prefix-file")
+    _check_output(args.output)
     run_id = run_identity(args, config, judge, prefix)
     done = done_indices(args.output, prompts, run_id)
     if args.limit:
@@ -242,20 +243,29 @@ def _run(args) -> int:
     try:
         device = args.device or (f"cuda:{placement.local_rank}" if torch.cuda.is_available() else "cpu")
         render = template.prompt if chat else (lambda prompt: prefix + prompt)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+        except (OSError, ValueError) as exc:   # e.g. no weights: a traceback, and exit code 1 (a failed prompt's)
+            raise UsageError(f"--model: cannot load a causal LM from {args.model!r}: {exc}") from None
+        model = model.to(device).eval()
         mine = placement.share(range(len(prompts)))   # skipped ones counted per share: other ranks write meanwhile
         todo = [i for i in mine if i not in done]
         progress = _progress(len(todo), placement.rank)
 
+        failed = []
         with open_for_append(placement.output(args.output)) as out:
             def write(result):
-                index = todo[result.index]
-                vanilla = None
-                if not args.no_vanilla and result.error is None:
-                    vanilla = greedy_answer(model, tokenizer, render(prompts[index]), config.max_new_tokens,
-                                            config.turn_marker, config.max_length)
+                index, vanilla, error = result.index, None, result.error
+                if not args.no_vanilla and error is None:
+                    try:   # a failure here (a CUDA out-of-memory) would stop the search of every prompt
+                        vanilla = greedy_answer(model, tokenizer, render(prompts[index]), config.max_new_tokens,
+                                                config.turn_marker, config.max_length)
+                    except Exception as exc:
+                        error = f"vanilla answer: {type(exc).__name__}: {exc}"
+                if error is not None:
+                    failed.append(error)
                 out.write(json.dumps({"index": index, "prompt": prompts[index], "rain": result.answer,
-                                      "vanilla": vanilla, "error": result.error,
+                                      "vanilla": vanilla, "error": error,
                                       "stats": result.stats.as_dict(), "run": run_id}) + "\n")
                 out.flush()
                 progress(result)
@@ -264,8 +274,7 @@ def _run(args) -> int:
                                  judge_prompt=judge, embedding=embedder, sampler=args.sampler,
                                  generation_prefix=prefix, chat_template=chat, system=args.system,
                                  concurrency=args.concurrency,
-                                 runner_tokens=args.kv_tokens, on_result=write)
-        failed = [r.error for r in run_.results if r.error is not None]
+                                 runner_tokens=args.kv_tokens, on_result=write, indices=todo)
         summaries = gather(placement, (len(todo), len(mine) - len(todo), len(failed), run_.stats))
         merge_rank_files(placement, args.output)
         if summaries is not None:
@@ -305,7 +314,10 @@ def done_indices(path: str, prompts: List[str], run_id: dict) -> Set[int]:
     made with another model or settings: the resume would keep them as this run's answers."""
     from .distributed import latest_records, rank_files
 
-    records = latest_records([path] + rank_files(path))
+    try:
+        records = latest_records([path] + rank_files(path))
+    except ValueError as exc:    # a file of other data, a corrupted line: JSONDecodeError or KeyError tracebacks
+        raise UsageError(f"--output: {exc}; choose another --output") from None
     for index, record in sorted(records.items()):
         if index >= len(prompts) or record.get("prompt") != prompts[index]:
             raise UsageError(f"--output: {path!r} holds a record of another prompt at index {index} "
@@ -322,6 +334,17 @@ def done_indices(path: str, prompts: List[str], run_id: dict) -> Set[int]:
     return {index for index, record in records.items() if record.get("error") is None}
 
 
+def _check_output(path: str):
+    """UsageError for an --output that is a directory or whose directory cannot be created (which made a traceback,
+    the latter once the model had loaded); creates the directory."""
+    if os.path.isdir(path):
+        raise UsageError(f"--output: {path!r} is a directory: give the path of the jsonl file to write")
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--output: {path!r}: cannot create its directory: {exc}") from None
+
+
 def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):
     """The model's tokenizer and its checked chat template (None without --template chat), once the tokenizer
     serves the judge prompt and the chat template, and the judge prompt fits the model's context with room to
@@ -331,7 +354,11 @@ def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):
     from .generate import JUDGE_MARGIN
     from .judge import JudgeTokens
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        context = getattr(AutoConfig.from_pretrained(args.model), "max_position_embeddings", None)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model: cannot load a causal LM from {args.model!r}: {exc}") from None
     try:
         tokens = JudgeTokens(tokenizer, judge)
     except ValueError as exc:
@@ -343,7 +370,6 @@ def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):
             template = ChatTemplate(tokenizer, args.system)
         except ValueError as exc:
             raise UsageError(f"--template chat{' with --system' if args.system is not None else ''}: {exc}") from None
-    context = getattr(AutoConfig.from_pretrained(args.model), "max_position_embeddings", None)
     fixed = len(tokens.prefix_ids) + max(map(len, tokens.suffix_ids)) + JUDGE_MARGIN
     if context and fixed + 2 > context:
         raise UsageError(f"judge prompt: its {fixed - JUDGE_MARGIN} tokens (with {JUDGE_MARGIN} of slack) leave no "

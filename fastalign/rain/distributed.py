@@ -63,12 +63,29 @@ def leave(placement: Placement):
 
 
 def _records(path: str):
-    """The records of `path`; a last line without its newline (a write a kill cut short) is not one."""
+    """The records of `path`; a last line without its newline (a write a kill cut short) is not one. ValueError
+    naming the file and line for a line that is no record (a file other than a `fastalign rain` output)."""
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    return [json.loads(line) for line in lines[:-1] if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    records = []
+    for number, line in enumerate(lines[:-1], start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+        index = record.get("index") if isinstance(record, dict) else None
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise ValueError(f"{path}: line {number}: expected a record of `fastalign rain` (an object with an "
+                             f"integer 'index'), got {line[:60]}")
+        records.append(record)
+    return records
 
 
 def open_for_append(path: str):

@@ -62,17 +62,18 @@ def _context(model, runner) -> Optional[int]:
     return min([n for n in limits if n], default=None)
 
 
-def _prepare(index: int, prompt: str, tokenizer, judge: JudgeTokens, prefix_ids: List[int], config: RainConfig,
-             context: Optional[int], required: RequiredPrefixes, prefix_key: int,
+def _prepare(index: int, name: int, prompt: str, tokenizer, judge: JudgeTokens, prefix_ids: List[int],
+             config: RainConfig, context: Optional[int], required: RequiredPrefixes, prefix_key: int,
              template: Optional[ChatTemplate], lead: str) -> PromptContext:
-    """The prompt's context; ValueError for a prompt that is not a string, is empty or leaves no room to
-    answer (the answer is also kept short enough for its judge prompt to fit the model's context). With a chat
-    `template` the prompt is a user message: the model reads its rendering (after the template's system turn),
-    the judge reads it in JudgePrompt.dialogue followed by `lead` (see dialogue.reply_lead)."""
+    """The context of the prompt at `index`; ValueError, naming the prompt by `name`, for a prompt that is not a
+    string, is empty or leaves no room to answer (the answer is also kept short enough for its judge prompt to fit
+    the model's context). With a chat `template` the prompt is a user message: the model reads its rendering
+    (after the template's system turn), the judge reads it in JudgePrompt.dialogue followed by `lead` (see
+    dialogue.reply_lead)."""
     if not isinstance(prompt, str):
-        raise ValueError(f"prompt {index} must be a string, got {type(prompt).__name__}")
+        raise ValueError(f"prompt {name} must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
-        raise ValueError(f"prompt {index} is empty")
+        raise ValueError(f"prompt {name} is empty")
     text = template.prompt(prompt) if template else prompt
     prompt_ids = list(tokenize_texts(tokenizer, [text], add_special_tokens=not prefix_ids)["input_ids"][0])
     root_ids = list(prefix_ids) + prompt_ids
@@ -90,7 +91,7 @@ def _prepare(index: int, prompt: str, tokenizer, judge: JudgeTokens, prefix_ids:
             judge_note = (f"; the judge prompt around this conversation takes {judge_fixed} of those tokens: pass a "
                           "shorter judge_prompt=JudgePrompt(...) (fastalign rain: --judge-template-file) if that is "
                           "what fills the context")
-        raise ValueError(f"prompt {index} has {len(root_ids)} tokens (generation prefix included), which leaves "
+        raise ValueError(f"prompt {name} has {len(root_ids)} tokens (generation prefix included), which leaves "
                          f"no room to answer within max_length={config.max_length} and the model's context of "
                          f"{context} tokens{judge_note}")
     ctx = PromptContext(index, head_text, root_ids, head_ids, extend_key(seed_key(config.seed), root_ids),
@@ -106,7 +107,8 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
                   embedding: Union[str, object] = "minilm", sampler: Union[str, object] = "torch",
                   generation_prefix: str = "", chat_template: bool = False, system: Optional[str] = None,
                   concurrency: int = 8, runner=None, runner_tokens: int = 1 << 16,
-                  on_result: Optional[Callable[[RainResult], None]] = None) -> RainRun:
+                  on_result: Optional[Callable[[RainResult], None]] = None,
+                  indices: Optional[Sequence[int]] = None) -> RainRun:
     """RAIN answers of `model` for `prompts`: dialogue texts ending where the assistant speaks, read as they
     are by the model and by the judge; or, with `chat_template`, user messages, which the model reads in the
     tokenizer's chat template (after a `system` turn when given) and the judge reads in the conversation
@@ -114,7 +116,9 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
 
     engine: "tree" (TreeRunner; pass `runner` to reuse one, else one with `runner_tokens` of KV is made)
     or "slow" (the batch-1 reference). embedding: "minilm", "hidden" or an embedder object. sampler:
-    "torch", "keyed" or a sampler object. `on_result` is called as each prompt finishes. An answer ends at
+    "torch", "keyed" or a sampler object. `on_result` is called as each prompt finishes. `indices` are what the
+    results (RainResult.index) and error messages call the prompts (default 0, 1, ...; a resumed `fastalign rain`
+    searches some rows of a file and names them by their rows). An answer ends at
     the tokenizer's end of sequence, at any end token the model's generation config lists (as
     `model.generate` does) or at the end of turn of the tokenizer's chat template (see `eos_ids`).
     """
@@ -123,6 +127,9 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
         raise TypeError("prompts must be a list of prompt strings, got a single string (wrap it in a list)")
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    names = list(range(len(prompts))) if indices is None else list(indices)
+    if len(names) != len(prompts):
+        raise ValueError(f"indices must name each of the {len(prompts)} prompts, got {len(names)} indices")
     if system is not None and not chat_template:
         raise ValueError("system is a turn of the chat template: it needs chat_template=True")
     if chat_template and generation_prefix:
@@ -143,12 +150,12 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     runtime = _make_engine(engine, model, tokenizer, end_ids, judge, config, draw, embedder.needs_hidden, ledger,
                            prefix_ids, runner, runner_tokens)
     context = _context(model, getattr(runtime, "runner", None))
-    results = [RainResult(i, p if isinstance(p, str) else repr(p)) for i, p in enumerate(prompts)]
+    results = [RainResult(name, p if isinstance(p, str) else repr(p)) for name, p in zip(names, prompts)]
     queue = []
     for i, prompt in enumerate(prompts):
         try:
-            queue.append(_prepare(i, prompt, tokenizer, judge, prefix_ids, config, context, required, prefix_key,
-                                  template, lead))
+            queue.append(_prepare(i, names[i], prompt, tokenizer, judge, prefix_ids, config, context, required,
+                                  prefix_key, template, lead))
         except ValueError as err:
             results[i].error = str(err)
             if on_result:

@@ -381,7 +381,7 @@ def test_normal_prompts_read_their_own_field(world, model_dir, harmful_prompts, 
     args = ["--model", model_dir, "--prompts", harmful_prompts, "--judge", "world", "--output", tmp_path / "o.jsonl",
             "--max-new-tokens", 4, "--reference", model_dir, "--normal-prompts", normal]
     assert run(*args) == 2
-    assert "no column 'prompt'" in capsys.readouterr().err
+    assert "missing column(s) ['prompt']" in capsys.readouterr().err
     assert run(*args, "--normal-field", "Question") == 0
     assert json.loads(capsys.readouterr().out)["unchanged_share"] == 1.0
 

@@ -18,8 +18,13 @@ def test_every_format_gives_the_same_prompts_in_file_order(tmp_path):
                                                       for i, p in enumerate(PROMPTS)))
     (tmp_path / "p.txt").write_text("\n".join(p.replace("\n", "\\n") for p in PROMPTS[:1]) + "\n\n  \r\n"
                                     + "\r\n".join(p.replace("\n", "\\n") for p in PROMPTS[1:]) + "\r\n")
-    for name in ("p.jsonl", "p.jsonl.gz", "p.csv", "p.txt"):
-        assert read_prompts(str(tmp_path / name), "q") == PROMPTS, name
+    for name in ("p.jsonl", "p.jsonl.gz", "p.csv", "p.txt"):  # also as Windows tools save them, after a BOM
+        zipped = name.endswith(".gz")
+        data = (tmp_path / name).read_bytes()
+        text = b"\xef\xbb\xbf" + (gzip.decompress(data) if zipped else data)
+        (tmp_path / f"bom-{name}").write_bytes(gzip.compress(text) if zipped else text)
+        for path in (tmp_path / name, tmp_path / f"bom-{name}"):
+            assert read_prompts(str(path), "q") == PROMPTS, path.name
 
 
 def test_a_gzipped_csv_is_not_read_as_lines_of_text(tmp_path):
@@ -32,7 +37,7 @@ def test_a_gzipped_csv_is_not_read_as_lines_of_text(tmp_path):
 @pytest.mark.parametrize("name, content, message", [
     ("p.jsonl", '{"q": "hi"}\n{"q": ""}\n', "line 2: field 'q' must be a non-empty string"),
     ("p.jsonl", '{"q": "hi"}\n{"r": "x"}\n', "line 2: expected an object with field 'q'"),
-    ("p.csv", "r\nhi\n", "no column 'q'"),
+    ("p.csv", "r\nhi\n", r"missing column\(s\) \['q'\]; header is \['r'\]"),
     ("p.txt", "\n  \n", "no prompts"),
     # data files read as text gave their lines of syntax ('[', '{"q": ...},') or csv header as prompts
     ("p.json", '[\n {"q": "hi"}\n]\n', "a JSON document, a gzipped csv or an upper-case suffix is not read"),

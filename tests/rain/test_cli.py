@@ -10,6 +10,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fastalign.rain as rain_package
+import fastalign.rain.cli as rain_cli
 from fastalign.cli import build_parser, main
 from fastalign.evaluation.generation import encode_prompts
 from fastalign.evaluation.judges import KeywordJudge
@@ -480,3 +481,93 @@ def test_the_old_chat_template_name_warns_that_it_renders_the_judge_prompt_only(
         build_parser().parse_args(base + [old])
         err = capsys.readouterr().err
         assert f"{old} is the old name of {new}" in err and "use --template chat" in err
+
+
+def test_rain_error_names_the_prompts_index_in_the_file_when_resumed(rain_setup, tmp_path, capsys):
+    """A resumed run (or a rank under torchrun) searches only some of the file's prompts: a failed prompt's error
+    named its place among those ("prompt 0" for the file's prompt 1), in its record and in the summary."""
+    _, out, args = rain_setup
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(prompts.read_text() + "Human: " + "bread " * 1500 + "\\nAssistant:\n")
+    assert main(args + ["--limit", "2", "--no-vanilla"]) == 0
+    capsys.readouterr()
+    assert main(args + ["--no-vanilla"]) == 1
+    assert "First error: prompt 2 has" in capsys.readouterr().err
+    record = json.loads(out.read_text().splitlines()[-1])
+    assert record["index"] == 2 and record["error"].startswith("prompt 2 has")
+
+
+def test_rain_failed_vanilla_answer_fails_its_prompt_only(rain_setup, monkeypatch, capsys):
+    """A greedy decoding that fails (a CUDA out-of-memory) raised out of the search loop: the run stopped with a
+    traceback and lost every prompt in flight. Now that prompt's record holds the error (a resumed run retries it)
+    and the others go on."""
+    _, out, args = rain_setup
+    real = rain_cli.greedy_answer
+
+    def greedy(model, tokenizer, prompt, *rest):
+        if prompt == SETUP_PROMPTS[0]:
+            raise RuntimeError("CUDA out of memory")
+        return real(model, tokenizer, prompt, *rest)
+
+    monkeypatch.setattr(rain_cli, "greedy_answer", greedy)
+    assert main(args + ["--concurrency", "1"]) == 1
+    assert "1 of 2 prompts failed" in capsys.readouterr().err
+    records = {r["index"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert records[0]["error"] == "vanilla answer: RuntimeError: CUDA out of memory"
+    assert records[1]["error"] is None and records[1]["vanilla"] is not None
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert latest_records([str(out)])[0]["error"] is None
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "Human: Hi\\nAssistant:"}\n', "line 1: expected a record of `fastalign rain` (an object with an "
+                                               "integer 'index'), got {\"prompt\""),
+    ('{"index": 0, "prompt": "x", "error": null}\n{"index": 1,\n', "line 2: not valid JSON"),
+    ('\udcff\n', "not UTF-8 text"),
+])
+def test_rain_output_of_something_else_is_a_usage_error_naming_the_line(rain_setup, monkeypatch, capsys, content,
+                                                                        message):
+    """--output naming a file other than a `fastalign rain` output (its prompts file, a corrupted line) crashed the
+    resume with a KeyError or JSONDecodeError traceback."""
+    _, out, args = rain_setup
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_model)
+    out.write_bytes(content.encode("utf-8", "surrogateescape"))
+    assert main(args) == 2
+    assert f"fastalign rain: error: --output: {out}: {message}" in capsys.readouterr().err
+    assert out.read_bytes() == content.encode("utf-8", "surrogateescape")
+
+
+@pytest.mark.parametrize("where, message", [
+    ("dir", " is a directory"),
+    ("prompts.txt/out.jsonl", ": cannot create its directory"),
+])
+def test_rain_unwritable_output_is_a_usage_error_before_the_model_loads(rain_setup, tmp_path, monkeypatch, capsys,
+                                                                        where, message):
+    """An --output that is a directory crashed with IsADirectoryError, one under a file with FileExistsError after
+    the model had loaded."""
+    _, out, args = rain_setup
+    (tmp_path / "dir").mkdir()
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_model)
+    assert main([str(tmp_path / where) if a == str(out) else a for a in args]) == 2
+    assert f"fastalign rain: error: --output: {str(tmp_path / where)!r}{message}" in capsys.readouterr().err
+
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json"]
+
+
+@pytest.mark.parametrize("keep", [[], ["config.json"], TOKENIZER_FILES, ["config.json"] + TOKENIZER_FILES])
+def test_rain_model_directory_without_a_model_is_a_usage_error(rain_setup, tmp_path, monkeypatch, capsys, keep):
+    """A --model directory without a tokenizer, config or weights crashed with a traceback and exit code 1 (a
+    failed prompt's code), as `fastalign eval --model` does not; a missing tokenizer or config is found before the
+    model loads."""
+    model_dir, out, args = rain_setup
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in keep:
+        (partial / name).write_bytes((model_dir / name).read_bytes())
+    if len(keep) < 3:
+        monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_model)
+    assert main([str(partial) if a == str(model_dir) else a for a in args]) == 2
+    assert f"fastalign rain: error: --model: cannot load a causal LM from {str(partial)!r}" \
+        in capsys.readouterr().err and not out.exists()

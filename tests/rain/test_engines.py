@@ -346,6 +346,23 @@ def test_bad_prompts_and_failures_stay_with_their_prompt():
         rain_generate(model, tok, PROMPTS[0], judge_prompt=SHORT_JUDGE, embedding="hidden")
 
 
+def test_results_and_errors_name_prompts_by_the_given_indices():
+    """A caller searching some rows of a file (a resumed `fastalign rain`, a torchrun rank) names them by their rows:
+    the errors said "prompt 1" of the file's prompt 9."""
+    tok = tokenizer()
+    model = HashLM(len(tok), max_positions=200)
+    prompts = [PROMPTS[0], "Human: " + "bread " * 300 + "\nAssistant:", "  "]
+    seen = []
+    run = rain_generate(model, tok, prompts, RainConfig(root_visits=2, min_new_visits=1, max_new_tokens=2),
+                        runner=HashRunner(len(tok)), judge_prompt=SHORT_JUDGE, embedding="hidden",
+                        on_result=seen.append, indices=[4, 9, 2])
+    assert [r.index for r in run.results] == [4, 9, 2] and sorted(r.index for r in seen) == [2, 4, 9]
+    assert run.results[0].error is None and run.results[0].answer_ids
+    assert run.results[1].error.startswith("prompt 9 has") and run.results[2].error == "prompt 2 is empty"
+    with pytest.raises(ValueError, match="indices must name each of the 3 prompts, got 2"):
+        rain_generate(model, tok, prompts, judge_prompt=SHORT_JUDGE, embedding="hidden", indices=[4, 9])
+
+
 def test_failure_in_a_merged_engine_run_stays_with_its_prompt():
     """A model call failing inside a merged batch, after the prompts started, fails only the prompt whose row
     broke it."""
