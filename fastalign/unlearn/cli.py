@@ -108,8 +108,9 @@ def register(subparsers) -> None:
       "token after the answer (a chat template's end of turn), that one is trained instead of adding a "
       "second; otherwise it goes right after the answer, before the template's own end marker. An answer "
       "cut by --max-length gets none. (default: off, as SPEC §1's template has no end token)")
-    g("--max-length", type=int, metavar="N", help=f"longest sequence in tokens; longer answers are cut, a prompt that "
-      f"leaves no room is an error (default: {_default('max_length')})")
+    g("--max-length", type=int, metavar="N", help=f"longest sequence in tokens; longer answers are cut (counted in "
+      f"run.json's answers_cut, and by --check), a prompt that leaves no room is an error "
+      f"(default: {_default('max_length')})")
     g("--skip-long-prompts", action=argparse.BooleanOptionalAction,
       help="leave out (and count in run.json) examples whose prompt leaves no answer token within --max-length, "
       "instead of stopping with an error naming the row (default: off)")
@@ -212,7 +213,8 @@ def main(args: argparse.Namespace) -> int:
             if is_main_process():
                 print(json.dumps({"model": type(model).__name__, "forget": len(streams.forget),
                                   "normal": len(streams.normal), "mismatch_pool": len(streams.pool),
-                                  "skipped": streams.skipped, "reference": config.reference_mode}, indent=1))
+                                  "skipped": streams.skipped, "answers_cut": streams.answers_cut,
+                                  "reference": config.reference_mode}, indent=1))
             return 0
         summary = run_unlearning(config)
     except (DataError, ValueError, FileNotFoundError, FileExistsError, TypeError, FloatingPointError,

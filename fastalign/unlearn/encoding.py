@@ -40,6 +40,7 @@ class EncodedExample:
     tokenized with the answer's first token or apart from it depending on that token (Llama-3's tokenizer keeps a
     digit apart from the space before it), or with the prompt's last character, so the seams differ from
     example to example. None where they were not read (examples built by hand): answer_start is the seam.
+    answer_cut: max_length cut the answer short (`truncated`), so the example trains on part of it.
     """
 
     input_ids: tuple[int, ...]
@@ -47,6 +48,7 @@ class EncodedExample:
     answer_end: int
     source: str
     seams: tuple[tuple[int, int], ...] | None = None
+    answer_cut: bool = False
 
     @property
     def prompt_end(self) -> int:
@@ -104,7 +106,8 @@ class EncodedExample:
         cut = self
         if len(self.input_ids) > max_length:
             cut = dataclasses.replace(self, input_ids=self.input_ids[:max_length],
-                                      answer_end=min(self.answer_end, max_length))
+                                      answer_end=min(self.answer_end, max_length),
+                                      answer_cut=self.answer_cut or self.answer_end > max_length)
         if not cut.fits(max_length):
             raise DataError(f"{self.source}: the prompt takes {self.answer_start} tokens, which leaves no answer "
                             f"token to predict within max_length={max_length}; shorten the prompt, raise max_length "

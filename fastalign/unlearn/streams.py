@@ -121,6 +121,11 @@ class UnlearningStreams:
         self._normal_stream = (_EpochStream(len(self.normal), self.normal_batch_size, seed, _NORMAL_STREAM)
                                if self.normal_batch_size else None)
 
+    @property
+    def answers_cut(self) -> dict[str, int]:
+        """How many forget and normal examples max_length cut inside their answer (recorded with the run)."""
+        return {"forget": sum(e.answer_cut for e in self.forget), "normal": sum(e.answer_cut for e in self.normal)}
+
     def check_context(self, positions: int | None) -> None:
         """Raises a DataError naming the longest row a batch can hold (a forget or normal example, or a forget
         prompt around the longest pool answer, cut to max_length) if it has more than `positions` tokens: a

@@ -71,6 +71,7 @@ class RunSummary:
     device: str
     model_dir: str | None
     skipped_examples: dict
+    answers_cut: dict  # forget and normal examples whose answer max_length cut short (UnlearningStreams.answers_cut)
     adapter_dir: str | None = None  # LoRA: the unmerged adapter, the update exactly as trained
     merge_rounding_error: float | None = None  # LoRA: the share of the update the merge into model/ lost
 
@@ -366,7 +367,8 @@ class UnlearningTrainer:
         acc.wait_for_everyone()
         model_dir = os.path.join(out, "model")
         summary = RunSummary(step, stop_reason, record, totals.to_dict(), acc.num_processes,
-                             _device_name(acc.device), model_dir, self.streams.skipped)
+                             _device_name(acc.device), model_dir, self.streams.skipped,
+                             self.streams.answers_cut)
         # FSDP: gather full weights (collective); the keys of the objective's "model." submodule are the model's.
         state = ({k.removeprefix("model."): v for k, v in full_model_state(objective).items()}
                  if self.sharded else None)

@@ -135,14 +135,18 @@ def test_a_model_the_run_cannot_serve_is_an_error_before_any_output(workspace, c
 
 def test_skip_long_prompts_counts_what_it_skips(workspace, capsys):
     """At 19 tokens the first PKU prompt (19 tokens with BOS) leaves no room for its answer; the other (17 tokens,
-    and the template's space, which some mismatch answers' first tokens leave apart) does; at 18 neither does."""
+    and the template's space, which some mismatch answers' first tokens leave apart) does; at 18 neither does.
+    The answers max_length cuts short are counted too (--check and run.json)."""
     base = ["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
             "--no-progress", "--skip-long-prompts"]
     assert main(base + ["--max-length", "19", "--check"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["forget"] == 2 and report["skipped"] == {"forget": 1, "normal": 0}
+    assert report["normal"] == 5 and report["answers_cut"] == {"forget": 2, "normal": 5}  # each kept answer is cut
     assert main(base + ["--max-length", "19", "--max-steps", "1"]) == 0
-    assert json.loads((workspace / "out" / "run.json").read_text())["skipped_examples"] == {"forget": 1, "normal": 0}
+    saved = json.loads((workspace / "out" / "run.json").read_text())
+    assert saved["skipped_examples"] == {"forget": 1, "normal": 0}
+    assert saved["answers_cut"] == {"forget": 2, "normal": 5}
     assert main(base + ["--max-length", "18", "--output-dir", str(workspace / "out2")]) == 2
     assert "every forget example's prompt leaves no answer token within max_length=18" in capsys.readouterr().err
     assert not os.path.exists(workspace / "out2")

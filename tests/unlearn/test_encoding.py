@@ -107,7 +107,10 @@ def test_prompt_longer_than_context_names_the_row():
 def test_prompt_that_fills_max_length_leaves_no_answer():
     example = EncodedExample(tuple(range(6)), 4, 6, "test:row 1")
     assert not example.fits(4) and example.fits(5)
-    assert example.truncated(5) == EncodedExample((0, 1, 2, 3, 4), 4, 5, "test:row 1")
+    assert example.truncated(5) == EncodedExample((0, 1, 2, 3, 4), 4, 5, "test:row 1", answer_cut=True)
+    tail = EncodedExample(tuple(range(8)), 4, 6, "test:row 2")  # max_length cuts the template's tail only
+    assert tail.truncated(7) == EncodedExample(tuple(range(7)), 4, 6, "test:row 2") and not tail.truncated(6).answer_cut
+    assert tail.truncated(5).answer_cut and tail.truncated(5).truncated(5).answer_cut
     with pytest.raises(DataError, match=r"test:row 1: the prompt takes 4 tokens.*max_length=4"):
         example.truncated(4)
 
