@@ -1,4 +1,5 @@
-"""Triton kernels of the fused linear cross-entropy: CE_t = logsumexp(z_t) - z_t[y_t], z = x W^T + b.
+"""Triton kernels of the fused linear cross-entropy: CE_t = logsumexp(z_t) - z_t[y_t], z = x W^T + b
+(soft-capped, z = c tanh((x W^T + b) / c), for a model with final_logit_softcapping = c).
 
 The [M, V] logits never exist in memory. The forward streams over the vocabulary keeping a running
 (max, sum-exp) per row; the backward recomputes the logits chunk by chunk from the saved logsumexp, and
@@ -13,14 +14,14 @@ import triton.language as tl
 
 from .chunked_backward import backward_in_chunks
 from .linear_softmax_tiles import (autotune_tiles, chunk_grid, forward_grid, logits_tile, merge_splits,
-                                   online_logsumexp, store_gradient_tile, vocab_splits)
+                                   online_logsumexp, soft_cap, store_gradient_tile, vocab_splits)
 
 
-@autotune_tiles(streams=1, key=["H", "V", "HAS_BIAS"])
+@autotune_tiles(streams=1, key=["H", "V", "HAS_BIAS", "HAS_SOFTCAP"])
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, b_ptr, target_ptr, split_stats_ptr, target_logit_ptr,
+def _forward_kernel(x_ptr, w_ptr, b_ptr, target_ptr, split_stats_ptr, target_logit_ptr, softcap,
                     M, H, V, V_PER_SPLIT, NUM_SPLITS,
-                    HAS_BIAS: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (split, row block): (max, sum-exp) of z over its vocabulary range, and z[t, y_t] if y_t is in it.
 
@@ -43,6 +44,8 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, target_ptr, split_stats_ptr, target_log
         z = logits_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, H, BLOCK_M, BLOCK_V, BLOCK_K)
         if HAS_BIAS:
             z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_SOFTCAP:
+            z = soft_cap(z, softcap)
         # z[t, y_t] where y_t falls in this tile (at most one column matches)
         target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
         z = tl.where(col_mask[None, :], z, float("-inf"))
@@ -55,14 +58,15 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, target_ptr, split_stats_ptr, target_log
     tl.store(target_logit_ptr + rows, target_logit, mask=row_mask & (target >= v_start) & (target < v_end))
 
 
-@autotune_tiles(streams=1, key=["H", "HAS_BIAS"])
+@autotune_tiles(streams=1, key=["H", "HAS_BIAS", "HAS_SOFTCAP"])
 @triton.jit
-def _gradient_kernel(x_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, scale_ptr, g_ptr,
+def _gradient_kernel(x_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, scale_ptr, g_ptr, softcap,
                      M, H, V, COL_START, G_STRIDE,
-                     HAS_BIAS: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (row block, column tile) of one [M, V] chunk whose first column is COL_START in the whole
-    vocabulary: G = (softmax(z) - onehot(y)) * scale[:, None], recomputed from the saved lse."""
+    vocabulary: G = (softmax(z) - onehot(y)) * scale[:, None], recomputed from the saved lse (times the soft
+    cap's derivative wrt the raw logits with HAS_SOFTCAP)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < M
@@ -71,29 +75,35 @@ def _gradient_kernel(x_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, scale_ptr, g_ptr,
     z = logits_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, H, BLOCK_M, BLOCK_V, BLOCK_K)
     if HAS_BIAS:
         z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        z = soft_cap(z, softcap)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
     target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
     g = tl.exp(z - lse[:, None]) - tl.where(cols[None, :] + COL_START == target[:, None], 1.0, 0.0)
+    if HAS_SOFTCAP:
+        g *= 1.0 - (z / softcap) * (z / softcap)
     store_gradient_tile(g_ptr, g * scale[:, None], rows, cols, row_mask, col_mask, G_STRIDE)
 
 
-def forward(hidden, weight, bias, target):
-    """(lse, target_logit), fp32 [M] each: logsumexp_v z[t, v] and z[t, target_t] for z = hidden @ weight^T + bias."""
+def forward(hidden, weight, bias, target, softcap=None):
+    """(lse, target_logit), fp32 [M] each: logsumexp_v z[t, v] and z[t, target_t] for z = hidden @ weight^T + bias,
+    soft-capped (softcap * tanh(z / softcap)) unless softcap is None."""
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     num_splits, per_split = vocab_splits(num_rows, vocab, hidden.device)
     split_stats = torch.empty(2, num_rows, num_splits, dtype=torch.float32, device=hidden.device)
     target_logit = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
     _forward_kernel[forward_grid(num_rows, num_splits)](
-        hidden, weight, weight if bias is None else bias, target, split_stats, target_logit,
-        num_rows, hidden_size, vocab, per_split, num_splits, HAS_BIAS=bias is not None, enable_fp_fusion=True)
+        hidden, weight, weight if bias is None else bias, target, split_stats, target_logit, softcap or 0.0,
+        num_rows, hidden_size, vocab, per_split, num_splits, HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=softcap is not None, enable_fp_fusion=True)
     lse, _ = merge_splits(split_stats[0], split_stats[1])
     return lse, target_logit
 
 
 def backward(hidden, weight, bias, target, lse, grad_scale, need_weight_grad, need_bias_grad,
-             need_hidden_grad=True):
+             need_hidden_grad=True, softcap=None):
     """Gradients of sum_t grad_scale[t] * (lse_t - z[t, target_t]): (d_hidden, d_weight, d_bias), each or None.
 
     G = (softmax(z) - onehot(target)) * grad_scale[:, None];  d_hidden = G @ weight, d_weight = G^T @ hidden,
@@ -105,9 +115,9 @@ def backward(hidden, weight, bias, target, lse, grad_scale, need_weight_grad, ne
 
         def write(cols, out):
             _gradient_kernel[chunk_grid(out)](x, weight[cols], weight if bias is None else bias[cols], y, row_lse,
-                                              row_scale, out, out.shape[0], x.shape[1], out.shape[1], cols.start,
-                                              out.stride(0), HAS_BIAS=bias is not None,
-                                              enable_fp_fusion=True)
+                                              row_scale, out, softcap or 0.0, out.shape[0], x.shape[1],
+                                              out.shape[1], cols.start, out.stride(0), HAS_BIAS=bias is not None,
+                                              HAS_SOFTCAP=softcap is not None, enable_fp_fusion=True)
         return write
 
     return backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_grad, segment_writer,

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .chunked_backward import backward_in_chunks
 from .linear_softmax_tiles import (autotune_tiles, chunk_grid, forward_grid, logits_tile_pair, merge_splits,
-                                   online_logsumexp, store_gradient_tile, vocab_splits)
+                                   online_logsumexp, soft_cap, store_gradient_tile, vocab_splits)
 
 # split_stats rows of the forward kernel
 _Q_MAX, _Q_SUMEXP, _P_MAX, _P_SUMEXP, _P_DIFF, _P_EXPM1 = range(6)
@@ -47,11 +47,11 @@ def _expm1_series(x):
     return x * r
 
 
-@autotune_tiles(streams=2, key=["H", "H_REF", "V", "SHARED_WEIGHT"])
+@autotune_tiles(streams=2, key=["H", "H_REF", "V", "SHARED_WEIGHT", "HAS_SOFTCAP"])
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, split_stats_ptr,
+def _forward_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, split_stats_ptr, softcap,
                     M, H, H_REF, V, V_PER_SPLIT, NUM_SPLITS,
-                    SHARED_WEIGHT: tl.constexpr, EXPM1_SERIES_LIMIT: tl.constexpr,
+                    SHARED_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EXPM1_SERIES_LIMIT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (split, row block): streaming statistics of zq = x W^T and zp = x_ref W_ref^T on its range.
 
@@ -75,6 +75,9 @@ def _forward_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, split_stats_ptr,
         col_mask = cols < v_end
         zq, zp = logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, rows, cols, row_mask, col_mask, H, H_REF,
                                   SHARED_WEIGHT, BLOCK_M, BLOCK_V, BLOCK_K)
+        if HAS_SOFTCAP:
+            zq = soft_cap(zq, softcap)
+            zp = soft_cap(zp, softcap)
         d = tl.where(col_mask[None, :], zp - zq, 0.0)
         zq = tl.where(col_mask[None, :], zq, float("-inf"))
         zp = tl.where(col_mask[None, :], zp, float("-inf"))
@@ -97,14 +100,15 @@ def _forward_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, split_stats_ptr,
     tl.store(split_stats_ptr + 5 * stat_stride + stat, p_expm1, mask=row_mask)
 
 
-@autotune_tiles(streams=2, key=["H", "H_REF", "SHARED_WEIGHT"])
+@autotune_tiles(streams=2, key=["H", "H_REF", "SHARED_WEIGHT", "HAS_SOFTCAP"])
 @triton.jit
-def _gradient_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, lse_ptr, ref_lse_ptr, scale_ptr, g_ptr,
+def _gradient_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, lse_ptr, ref_lse_ptr, scale_ptr, g_ptr, softcap,
                      M, H, H_REF, V, G_STRIDE,
-                     SHARED_WEIGHT: tl.constexpr,
+                     SHARED_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (row block, column tile) of one [M, V] chunk: recompute zq and zp from the saved
-    logsumexps, G = dKL/dzq * scale[:, None] = (q - p) * scale[:, None]."""
+    logsumexps, G = dKL/dzq * scale[:, None] = (q - p) * scale[:, None] (times the soft cap's derivative wrt the
+    raw logits of the policy with HAS_SOFTCAP)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < M
@@ -112,10 +116,15 @@ def _gradient_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, lse_ptr, ref_lse_ptr, scale_p
 
     zq, zp = logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, rows, cols, row_mask, col_mask, H, H_REF,
                               SHARED_WEIGHT, BLOCK_M, BLOCK_V, BLOCK_K)
+    if HAS_SOFTCAP:
+        zq = soft_cap(zq, softcap)
+        zp = soft_cap(zp, softcap)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     ref_lse = tl.load(ref_lse_ptr + rows, mask=row_mask, other=0.0)
     scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
     g = tl.exp(zq - lse[:, None]) - tl.exp(zp - ref_lse[:, None])
+    if HAS_SOFTCAP:
+        g *= 1.0 - (zq / softcap) * (zq / softcap)
     store_gradient_tile(g_ptr, g * scale[:, None], rows, cols, row_mask, col_mask, G_STRIDE)
 
 
@@ -125,19 +134,20 @@ def _same_tensor(a, b):
                         and a.dtype == b.dtype)
 
 
-def forward(hidden, weight, ref_hidden, ref_weight):
+def forward(hidden, weight, ref_hidden, ref_weight, softcap=None):
     """hidden [M, H], weight [V, H], ref_hidden [M, H_ref], ref_weight [V, H_ref] (H_ref == H when shared).
 
     (kl, lse, ref_lse), fp32 [M] each: KL(P_t || Q_t) and the logsumexps of hidden @ weight^T and of
-    ref_hidden @ ref_weight^T."""
+    ref_hidden @ ref_weight^T, both soft-capped (softcap * tanh(z / softcap)) unless softcap is None."""
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     num_splits, per_split = vocab_splits(num_rows, vocab, hidden.device)
     stats = torch.empty(6, num_rows, num_splits, dtype=torch.float32, device=hidden.device)
     _forward_kernel[forward_grid(num_rows, num_splits)](
-        hidden, weight, ref_hidden, ref_weight, stats,
+        hidden, weight, ref_hidden, ref_weight, stats, softcap or 0.0,
         num_rows, hidden_size, ref_hidden.shape[1], vocab, per_split, num_splits,
-        SHARED_WEIGHT=_same_tensor(weight, ref_weight), EXPM1_SERIES_LIMIT=_EXPM1_SERIES_LIMIT,
+        SHARED_WEIGHT=_same_tensor(weight, ref_weight), HAS_SOFTCAP=softcap is not None,
+        EXPM1_SERIES_LIMIT=_EXPM1_SERIES_LIMIT,
         enable_fp_fusion=True)
     lse, _ = merge_splits(stats[_Q_MAX], stats[_Q_SUMEXP])
     ref_lse, p_rescale = merge_splits(stats[_P_MAX], stats[_P_SUMEXP])
@@ -152,7 +162,7 @@ def forward(hidden, weight, ref_hidden, ref_weight):
 
 
 def backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale, need_weight_grad,
-             need_hidden_grad=True):
+             need_hidden_grad=True, softcap=None):
     """Gradients of sum_t grad_scale[t] * KL_t wrt hidden and weight (P constant): (d_hidden, d_weight), each or None.
 
     G = (q - p) * grad_scale[:, None];  d_hidden = G @ weight, d_weight = G^T @ hidden, in the inputs' dtype;
@@ -165,9 +175,9 @@ def backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale, n
 
         def write(cols, out):
             _gradient_kernel[chunk_grid(out)](x, weight[cols], x_ref, ref_weight[cols], row_lse, row_ref_lse,
-                                              row_scale, out, out.shape[0], x.shape[1], x_ref.shape[1],
-                                              out.shape[1], out.stride(0), SHARED_WEIGHT=shared,
-                                              enable_fp_fusion=True)
+                                              row_scale, out, softcap or 0.0, out.shape[0], x.shape[1],
+                                              x_ref.shape[1], out.shape[1], out.stride(0), SHARED_WEIGHT=shared,
+                                              HAS_SOFTCAP=softcap is not None, enable_fp_fusion=True)
         return write
 
     d_hidden, d_weight, _ = backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, False, segment_writer,

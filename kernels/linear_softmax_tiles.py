@@ -5,7 +5,8 @@ therefore work on one [BLOCK_M, BLOCK_V] logits tile at a time: this module hold
 so that each loss file only states its own math.
 
 - @triton.jit helpers: a logits tile by a K loop over H (optionally two tiles that share weight loads),
-  the online logsumexp update, and the store of a gradient tile into a chunk buffer.
+  the logit soft cap (Gemma's final_logit_softcapping), the online logsumexp update, and the store of a
+  gradient tile into a chunk buffer.
 - host helpers: the autotuning of the launch configurations (fixed small blocks under the Triton
   interpreter), how the vocabulary is split among forward programs, and how the per-split
   (max, sum-exp) partials are merged.
@@ -153,6 +154,17 @@ def logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, rows, cols, row_mask, col_mas
         z = logits_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, H, BLOCK_M, BLOCK_V, BLOCK_K)
         zr = logits_tile(xr_ptr, wr_ptr, rows, cols, row_mask, col_mask, H_REF, BLOCK_M, BLOCK_V, BLOCK_K)
     return z, zr
+
+
+@triton.jit
+def soft_cap(z, cap):
+    """cap * tanh(z / cap): the logits of a model with final_logit_softcapping = cap (Gemma 2 and 3).
+
+    tanh(x) = 1 - 2 / (exp(2x) + 1): one exp per logit, so that the largest tiles keep every value in registers
+    (a series for small |x| spilled them); its absolute error, ~1e-7 cap, is that of the fp32 logits themselves
+    at |z| ~ cap. -cap at z = -inf and cap at +inf, as torch.tanh gives. The derivative, 1 - (capped / cap)^2,
+    comes from the capped logits."""
+    return cap - 2.0 * cap / (tl.exp(2.0 * z / cap) + 1.0)
 
 
 @triton.jit

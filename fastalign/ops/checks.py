@@ -3,6 +3,7 @@
 Every check names the argument and what was expected, so that bad input fails here with a clear
 message instead of deep inside a kernel.
 """
+import math
 import numbers
 
 import torch
@@ -64,3 +65,10 @@ def check_per_token(name, t, n, like, *, dtypes):
 def check_reduction(reduction):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_softcap(softcap):
+    """None (no cap) or a positive finite number: the logit soft cap c of c * tanh(z / c)."""
+    if softcap is not None and not (is_real(softcap) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be None or a positive finite number (a model's final_logit_softcapping), "
+                         f"got {softcap!r}")

@@ -6,7 +6,8 @@ them and recompute them in the backward pass from the saved per-token logsumexp.
 import torch
 
 from .backend import launcher_context, refuse_double_backward, require_triton_dtype, select_backend
-from .checks import check_per_token, check_reduction, check_tensor, check_linear, is_integer, FLOAT_DTYPES
+from .checks import (check_linear, check_per_token, check_reduction, check_softcap, check_tensor, is_integer,
+                     FLOAT_DTYPES)
 from .token_rows import TokenRows
 
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -16,18 +17,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd over the live rows; gradients flow to hidden, weight and bias (not target or token_weight)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, token_weight, ignore_index, reduction, launcher):
+    def forward(ctx, hidden, weight, bias, target, token_weight, ignore_index, reduction, softcap, launcher):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         rows = TokenRows(target != ignore_index, token_weight, reduction, acc)
         live_hidden, live_target = rows.gather(hidden).contiguous(), rows.gather(target).contiguous()
         weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
         if rows.num_live:
             with launcher_context(hidden.device):
-                lse, target_logit = launcher.forward(live_hidden, weight, bias, live_target)
+                lse, target_logit = launcher.forward(live_hidden, weight, bias, live_target, softcap)
         else:
             lse = target_logit = hidden.new_zeros(0, dtype=acc)
         ctx.save_for_backward(live_hidden, weight, bias, live_target, lse)
-        ctx.rows, ctx.launcher, ctx.acc = rows, launcher, acc
+        ctx.rows, ctx.launcher, ctx.acc, ctx.softcap = rows, launcher, acc, softcap
         return rows.reduce(lse - target_logit)
 
     @staticmethod
@@ -42,24 +43,25 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             d_hidden = (torch.zeros((rows.num_tokens, weight.shape[1]), dtype=weight.dtype, device=weight.device)
                         if need_hidden else None)
             return (d_hidden, torch.zeros_like(weight) if need_weight else None,
-                    torch.zeros_like(bias) if need_bias else None) + (None,) * 5
+                    torch.zeros_like(bias) if need_bias else None) + (None,) * 6
         with launcher_context(weight.device):
             d_live, d_weight, d_bias = ctx.launcher.backward(live_hidden, weight, bias, live_target, lse,
                                                              rows.grad_scale(grad_output, ctx.acc), need_weight,
-                                                             need_bias, need_hidden)
+                                                             need_bias, need_hidden, ctx.softcap)
         return (None if d_live is None else rows.scatter(d_live, live_hidden.dtype),
                 None if d_weight is None else d_weight.to(weight.dtype),
-                None if d_bias is None else d_bias.to(bias.dtype)) + (None,) * 5
+                None if d_bias is None else d_bias.to(bias.dtype)) + (None,) * 6
 
 
 @torch.compiler.disable
 def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None, ignore_index=-100,
-                         reduction="mean", backend="auto"):
+                         reduction="mean", softcap=None, backend="auto"):
     """Token-weighted cross-entropy of the logits `hidden @ weight.T + bias`, without materialising them.
 
     hidden [N, H], weight [V, H], target [N] (integer; ignore_index marks tokens that carry no loss),
     token_weight [N] float of any sign (default 1; a constant: it gets no gradient), bias [V].
-    Per token CE_t = logsumexp(z_t) - z_t[y_t].
+    Per token CE_t = logsumexp(z_t) - z_t[y_t]; with softcap c, z = c * tanh((hidden @ weight.T + bias) / c), the
+    logits of a model with final_logit_softcapping = c (Gemma 2 and 3).
     reduction: "sum" = sum_t w_t CE_t; "mean" = that sum / number of non-ignored tokens (0 if none);
     "none" = the [N] vector w_t CE_t (0 at ignored tokens). The result is float32 (float64 for float64
     inputs) whatever the input dtype; ignored and zero-weight tokens never reach the matmul. An enclosing
@@ -84,6 +86,7 @@ def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None
             raise ValueError(f"bias must be [{vocab}] of dtype {hidden.dtype}, got shape {tuple(bias.shape)}, "
                              f"dtype {bias.dtype}")
     check_reduction(reduction)
+    check_softcap(softcap)
     out_of_range = (target != ignore_index) & ((target < 0) | (target >= vocab))
     if bool(out_of_range.any()):
         bad = int(target[out_of_range][0])
@@ -91,4 +94,4 @@ def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None
     launcher = select_backend("linear_cross_entropy", backend, hidden.device)
     require_triton_dtype(launcher, "hidden", hidden)
     return LinearCrossEntropyFunction.apply(hidden, weight, bias, target, token_weight, ignore_index, reduction,
-                                            launcher)
+                                            None if softcap is None else float(softcap), launcher)

@@ -7,7 +7,7 @@ lm_head shared by both models) each weight tile is read once for both products.
 import torch
 
 from .backend import launcher_context, refuse_double_backward, require_triton_dtype, select_backend
-from .checks import check_per_token, check_reduction, check_linear, FLOAT_DTYPES
+from .checks import check_linear, check_per_token, check_reduction, check_softcap, FLOAT_DTYPES
 from .token_rows import TokenRows
 
 
@@ -15,7 +15,7 @@ class LinearKLDivFunction(torch.autograd.Function):
     """Autograd over the live rows; gradients flow to hidden and weight only."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, ref_hidden, ref_weight, token_weight, mask, reduction, launcher):
+    def forward(ctx, hidden, weight, ref_hidden, ref_weight, token_weight, mask, reduction, softcap, launcher):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         counted = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device) if mask is None else mask
         rows = TokenRows(counted, token_weight, reduction, acc)
@@ -25,11 +25,12 @@ class LinearKLDivFunction(torch.autograd.Function):
         ref_weight = weight.detach() if shared else ref_weight.detach().contiguous()
         if rows.num_live:
             with launcher_context(hidden.device):
-                kl, lse, ref_lse = launcher.forward(live_hidden, weight, live_ref, weight if shared else ref_weight)
+                kl, lse, ref_lse = launcher.forward(live_hidden, weight, live_ref, weight if shared else ref_weight,
+                                                    softcap)
         else:
             kl = lse = ref_lse = hidden.new_zeros(0, dtype=acc)
         ctx.save_for_backward(live_hidden, weight, live_ref, None if shared else ref_weight, lse, ref_lse)
-        ctx.rows, ctx.launcher, ctx.acc = rows, launcher, acc
+        ctx.rows, ctx.launcher, ctx.acc, ctx.softcap = rows, launcher, acc, softcap
         return rows.reduce(kl)
 
     @staticmethod
@@ -42,24 +43,25 @@ class LinearKLDivFunction(torch.autograd.Function):
         if rows.num_live == 0 or not (need_hidden or need_weight):
             d_hidden = (torch.zeros((rows.num_tokens, weight.shape[1]), dtype=weight.dtype, device=weight.device)
                         if need_hidden else None)
-            return (d_hidden, torch.zeros_like(weight) if need_weight else None) + (None,) * 6
+            return (d_hidden, torch.zeros_like(weight) if need_weight else None) + (None,) * 7
         with launcher_context(weight.device):
             d_live, d_weight = ctx.launcher.backward(
                 live_hidden, weight, live_ref, weight if ref_weight is None else ref_weight, lse, ref_lse,
-                rows.grad_scale(grad_output, ctx.acc), need_weight, need_hidden)
+                rows.grad_scale(grad_output, ctx.acc), need_weight, need_hidden, ctx.softcap)
         return (None if d_live is None else rows.scatter(d_live, live_hidden.dtype),
-                None if d_weight is None else d_weight.to(weight.dtype)) + (None,) * 6
+                None if d_weight is None else d_weight.to(weight.dtype)) + (None,) * 7
 
 
 @torch.compiler.disable
 def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, token_weight=None, mask=None, reduction="mean",
-                  backend="auto"):
+                  softcap=None, backend="auto"):
     """Token-weighted forward KL(P_t || Q_t) per token, without materialising either distribution.
 
     hidden [N, H] and weight [V, H] give the policy Q = softmax(hidden @ weight.T); ref_hidden [N, H_ref] and
     ref_weight [V, H_ref] the frozen reference P (never differentiated; ref_weight may be `weight` itself).
     token_weight [N] float (default 1; a constant: it gets no gradient); mask [N] bool, True where a token
-    counts.
+    counts. softcap c: both logits are soft-capped, c * tanh(z / c), as a model with final_logit_softcapping = c
+    (Gemma 2 and 3) computes them.
     reduction: "sum" = sum_t w_t KL_t over counted tokens; "mean" = that sum / number of counted tokens
     (0 if none); "none" = the [N] vector (0 at masked-out tokens). Result float32 (float64 for float64 inputs).
     An enclosing autocast does not apply inside (cast the inputs to follow it); there is no second derivative.
@@ -79,7 +81,9 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, token_weight=None, 
     check_per_token("token_weight", token_weight, n, hidden, dtypes=FLOAT_DTYPES)
     check_per_token("mask", mask, n, hidden, dtypes=(torch.bool,))
     check_reduction(reduction)
+    check_softcap(softcap)
     launcher = select_backend("linear_kl_div", backend, hidden.device)
     require_triton_dtype(launcher, "hidden", hidden)
     require_triton_dtype(launcher, "ref_hidden", ref_hidden)
-    return LinearKLDivFunction.apply(hidden, weight, ref_hidden, ref_weight, token_weight, mask, reduction, launcher)
+    return LinearKLDivFunction.apply(hidden, weight, ref_hidden, ref_weight, token_weight, mask, reduction,
+                                     None if softcap is None else float(softcap), launcher)

@@ -12,12 +12,18 @@ def _reduce(per_token, counted, reduction):
     return total if reduction == "sum" else total / max(int(counted.sum()), 1)
 
 
+def _soft_capped(logits, softcap):
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
 def linear_cross_entropy_reference(hidden, weight, target, *, token_weight=None, bias=None, ignore_index=-100,
-                                   reduction="mean"):
-    """float64 sum/mean/none of w_t * (logsumexp(z_t) - z_t[y_t]) over non-ignored tokens."""
+                                   reduction="mean", softcap=None):
+    """float64 sum/mean/none of w_t * (logsumexp(z_t) - z_t[y_t]) over non-ignored tokens (z soft-capped,
+    softcap * tanh(z / softcap), with a softcap)."""
     logits = hidden.double() @ weight.double().t()
     if bias is not None:
         logits = logits + bias.double()
+    logits = _soft_capped(logits, softcap)
     target = target.long()  # a uint8 target must not see ignore_index=-100 as 156
     counted = target != ignore_index
     safe_target = torch.where(counted, target, torch.zeros_like(target))
@@ -28,10 +34,12 @@ def linear_cross_entropy_reference(hidden, weight, target, *, token_weight=None,
 
 
 def linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, *, token_weight=None, mask=None,
-                            reduction="mean"):
-    """float64 sum/mean/none of w_t * KL(P_t || Q_t) over masked-in tokens; P is not differentiated."""
-    log_q = torch.log_softmax(hidden.double() @ weight.double().t(), dim=1)
-    log_p = torch.log_softmax(ref_hidden.detach().double() @ ref_weight.detach().double().t(), dim=1)
+                            reduction="mean", softcap=None):
+    """float64 sum/mean/none of w_t * KL(P_t || Q_t) over masked-in tokens; P is not differentiated (both
+    logits soft-capped with a softcap)."""
+    log_q = torch.log_softmax(_soft_capped(hidden.double() @ weight.double().t(), softcap), dim=1)
+    log_p = torch.log_softmax(_soft_capped(ref_hidden.detach().double() @ ref_weight.detach().double().t(),
+                                           softcap), dim=1)
     kl = (log_p.exp() * (log_p - log_q)).sum(1)
     if token_weight is not None:
         kl = kl * token_weight.double()

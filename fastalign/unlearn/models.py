@@ -9,13 +9,25 @@ reading its weight would leave the adapter out, and so is one on input embedding
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 
 from fastalign.unlearn.batching import TokenBatch
 
-# Config attributes of models that transform the logits after the lm_head (which the fused losses do not).
-_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+# Config attributes of models that transform the logits after the lm_head in ways the fused losses do not, with
+# their neutral values; a soft cap (final_logit_softcapping: Gemma 2 and 3) they apply themselves (logit_softcap).
+_LOGIT_TRANSFORMS = {"logit_scale": 1.0, "logits_scaling": 1.0}
+_SOFTCAP = "final_logit_softcapping"
+
+
+def _forward_reads(model, name: str) -> bool:
+    """Whether the forward of `model`'s class reads the config attribute `name` (a config may carry settings its
+    architecture ignores, e.g. a Llama given final_logit_softcapping); True where its source cannot be read."""
+    try:
+        return name in inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return True
 
 
 def base_causal_lm(model):
@@ -83,13 +95,21 @@ def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     config = getattr(base, "config", None)
     for name, neutral in _LOGIT_TRANSFORMS.items():
         value = getattr(config, name, neutral)
-        if value != neutral:
+        if value != neutral and _forward_reads(base, name):
             raise NotImplementedError(f"{type(base).__name__} transforms its logits ({name}={value}), which the "
                                       "fused losses do not reproduce")
     decoder = base.get_decoder()
     if decoder is base:
         raise TypeError(f"{type(base).__name__}: cannot find the decoder that produces the final hidden states")
     return decoder, lm_head
+
+
+def logit_softcap(model) -> float | None:
+    """The model's final_logit_softcapping c where its forward applies it (its logits are c * tanh(z / c)), or None
+    for plain logits."""
+    base = base_causal_lm(model)
+    value = getattr(getattr(base, "config", None), _SOFTCAP, None)
+    return None if value is None or not _forward_reads(base, _SOFTCAP) else float(value)
 
 
 def max_positions(model) -> int | None:

@@ -21,7 +21,7 @@ import torch
 from fastalign.ops.checks import is_real
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
 from fastalign.ops.linear_kl_div import linear_kl_div
-from fastalign.unlearn.models import at_answer_targets, causal_lm_parts, final_hidden_states
+from fastalign.unlearn.models import at_answer_targets, causal_lm_parts, final_hidden_states, logit_softcap
 from fastalign.unlearn.sharding import head_weight
 from fastalign.unlearn.streams import UnlearningBatch
 from fastalign.unlearn.token_weights import unlearning_token_weights
@@ -94,6 +94,7 @@ class UnlearningObjective(torch.nn.Module):
         weight = lm_weight.to(dtype)
         bias = None if lm_head.bias is None else lm_head.bias.to(dtype)
         hidden = hidden.to(dtype)
+        softcap = logit_softcap(self.model)  # the same cap on the reference's logits: the same architecture
         zero = hidden.new_zeros((), dtype=torch.float32)
 
         forget = mismatch = normal = zero
@@ -107,7 +108,7 @@ class UnlearningObjective(torch.nn.Module):
             targets = tokens.input_ids[:n_fgt + n_rdn, 1:hidden.shape[1]][answers]
             per_token = linear_cross_entropy(at_answer_targets(hidden[:n_fgt + n_rdn], answers), weight, targets,
                                              token_weight=signed.to(weight.device)[answers.flatten()], bias=bias,
-                                             reduction="none", backend=self.backend)
+                                             reduction="none", softcap=softcap, backend=self.backend)
             n_forget_tokens = int(answers[:n_fgt].sum())
             forget, mismatch = per_token[:n_forget_tokens].sum(), per_token[n_forget_tokens:].sum()
 
@@ -120,7 +121,8 @@ class UnlearningObjective(torch.nn.Module):
             ref_hidden, ref_weight = self.reference(normal_tokens, batch.normal_index, lm_weight)
             ref_weight = weight if ref_weight is lm_weight else ref_weight.to(dtype)  # shared: read once
             kl_sum = linear_kl_div(at_answer_targets(hidden[n_fgt + n_rdn:], normal_tokens.target_mask), weight,
-                                   ref_hidden.to(dtype), ref_weight, reduction="sum", backend=self.backend)
+                                   ref_hidden.to(dtype), ref_weight, reduction="sum", softcap=softcap,
+                                   backend=self.backend)
             if normal_denominator is None:
                 normal_denominator = int(normal_tokens.target_mask.sum())
             normal = kl_sum / normal_denominator if normal_denominator else kl_sum  # no token: the sum is 0

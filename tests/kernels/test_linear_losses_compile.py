@@ -15,13 +15,16 @@ from tests.kernels.gpu_build import build_for_gpu, check_build
 for dtype in ("bf16", "fp32"):
     x = "*" + dtype
     stats = dict(lse_ptr="*fp32", ref_lse_ptr="*fp32", scale_ptr="*fp32", split_stats_ptr="*fp32",
-                 target_logit_ptr="*fp32", target_ptr="*i64")
+                 target_logit_ptr="*fp32", target_ptr="*i64", softcap="fp32")
+    # with the logit soft cap (Gemma's): the larger kernels, whose builds the plain ones' are a part of
+    cap = dict(HAS_SOFTCAP=True)
     cases = [
-        (ce._forward_kernel, dict(x_ptr=x, w_ptr=x, b_ptr=x, **stats), dict(HAS_BIAS=True)),
-        (ce._gradient_kernel, dict(x_ptr=x, w_ptr=x, b_ptr=x, g_ptr=x, **stats), dict(HAS_BIAS=True)),
+        (ce._forward_kernel, dict(x_ptr=x, w_ptr=x, b_ptr=x, **stats), dict(HAS_BIAS=True, **cap)),
+        (ce._gradient_kernel, dict(x_ptr=x, w_ptr=x, b_ptr=x, g_ptr=x, **stats), dict(HAS_BIAS=True, **cap)),
         (kl._forward_kernel, dict(x_ptr=x, w_ptr=x, xr_ptr=x, wr_ptr=x, **stats),
-         dict(SHARED_WEIGHT=False, EXPM1_SERIES_LIMIT=0.5)),
-        (kl._gradient_kernel, dict(x_ptr=x, w_ptr=x, xr_ptr=x, wr_ptr=x, g_ptr=x, **stats), dict(SHARED_WEIGHT=True)),
+         dict(SHARED_WEIGHT=False, EXPM1_SERIES_LIMIT=0.5, **cap)),
+        (kl._gradient_kernel, dict(x_ptr=x, w_ptr=x, xr_ptr=x, wr_ptr=x, g_ptr=x, **stats),
+         dict(SHARED_WEIGHT=True, **cap)),
     ]
     for tuner, types, constants in cases:
         for config in tuner.configs if dtype == "bf16" else tuner.configs[-1:]:

@@ -51,6 +51,28 @@ def test_matches_reference_fp32(backend, shape, bias, weighted, reduction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_soft_capped_logits_match_reference(backend, shape, reduction):
+    """softcap c: z = c tanh((h W^T + b) / c), Gemma's final_logit_softcapping; logits up to ~4c here, so the cap
+    bends most of them and its derivative (1 - tanh^2) ranges over (0, 1]."""
+    hidden, weight, target, extra = make_inputs(*shape, bias=True, weighted=True, device=device_for(backend))
+    with torch.no_grad():
+        weight.mul_(8.0)
+    check_against_reference(hidden, weight, target, {**extra, "softcap": 2.5}, reduction, backend,
+                            REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("shape", triton_cases(SHAPES[1:], gpu_only=[(300, 64, 5000)]))
+def test_soft_capped_bf16_on_the_triton_backend(shape):
+    hidden, weight, target, extra = make_inputs(*shape, dtype=torch.bfloat16, weighted=True, device=TRITON_DEVICE)
+    with torch.no_grad():
+        weight.mul_(8.0)
+    check_against_reference(hidden, weight, target, {**extra, "softcap": 2.5}, "mean", "triton",
+                            REL_TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_tokens_ignored_gives_zero_loss_and_gradients(backend, reduction):
     hidden, weight, target, extra = make_inputs(5, 16, 37, bias=True, weighted=True, ignored=1.0,
@@ -256,6 +278,9 @@ def test_bad_input_is_named(make_bad, message):
     ({"reduction": "avg"}, "reduction must be one of"),
     ({"ignore_index": None}, "ignore_index must be an integer, got None"),  # was: 'bool' object has no attribute
     ({"ignore_index": -100.0}, "ignore_index must be an integer, got -100.0"),
+    ({"softcap": 0.0}, "softcap must be None or a positive finite number .* got 0.0"),
+    ({"softcap": float("inf")}, "softcap must be None or a positive finite number .* got inf"),
+    ({"softcap": True}, "softcap must be None or a positive finite number .* got True"),
     ({"backend": "cuda"}, "backend must be one of"),
 ])
 def test_bad_options_are_named(kwargs, message):

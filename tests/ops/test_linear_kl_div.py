@@ -55,6 +55,33 @@ def test_matches_reference_fp32(backend, shape, shared, weighted, reduction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shared", [False, True])
+def test_soft_capped_logits_match_reference(backend, shape, shared):
+    """softcap c caps both heads' logits, c tanh(z / c) (Gemma's final_logit_softcapping); logits up to ~4c here,
+    so the cap bends most of them, and the gradient goes through its derivative on the policy's side."""
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(*shape, shared=shared, weighted=True,
+                                                                device=device_for(backend))
+    with torch.no_grad():
+        weight.mul_(8.0)
+        if not shared:
+            ref_weight.mul_(8.0)
+    check_against_reference(hidden, weight, ref_hidden, ref_weight, {**extra, "softcap": 2.5}, "none", backend,
+                            REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("shape", triton_cases(SHAPES[1:], gpu_only=[(300, 64, 5000)]))
+def test_soft_capped_bf16_on_the_triton_backend(shape):
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(*shape, dtype=torch.bfloat16, weighted=True,
+                                                                device=TRITON_DEVICE)
+    with torch.no_grad():
+        weight.mul_(8.0)
+        ref_weight.mul_(8.0)
+    check_against_reference(hidden, weight, ref_hidden, ref_weight, {**extra, "softcap": 2.5}, "mean", "triton",
+                            REL_TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_reference_of_another_width(backend):
     inputs = make_inputs(7, 16, 131, ref_h=40, weighted=True, device=device_for(backend))
     check_against_reference(*inputs, "sum", backend, REL_TOL[torch.float32])
@@ -221,6 +248,7 @@ def test_matches_reference_bf16_on_the_triton_backend(shape, shared):
     (lambda a: {**a, "mask": torch.ones(5, dtype=torch.bool)}, "mask must have shape \\[6\\]"),
     (lambda a: {**a, "token_weight": torch.ones(7)}, "token_weight must have shape \\[6\\]"),
     (lambda a: {**a, "reduction": "batchmean"}, "reduction must be one of"),
+    (lambda a: {**a, "softcap": -30.0}, "softcap must be None or a positive finite number .* got -30.0"),
     (lambda a: {**a, "weight": a["weight"][:0], "ref_weight": a["ref_weight"][:0]}, "weight must have at least one row"),
 ])
 def test_bad_input_is_named(change, message):

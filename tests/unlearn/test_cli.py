@@ -118,8 +118,10 @@ def test_errors_name_the_problem_and_write_nothing(workspace, capsys):
 @pytest.mark.parametrize("config_change, message", [
     ({"max_position_embeddings": 16},
      r"more than the model's context \(max_position_embeddings=16\); set max_length to at most 16"),
-    ({"final_logit_softcapping": 30.0}, r"transforms its logits \(final_logit_softcapping=30.0\)"),
-], ids=["rows-past-the-context", "logit-softcapping"])
+    # Granite: a Llama whose logits are divided by logits_scaling (the same weights load)
+    ({"architectures": ["GraniteForCausalLM"], "model_type": "granite", "logits_scaling": 4.0},
+     r"GraniteForCausalLM transforms its logits \(logits_scaling=4.0\)"),
+], ids=["rows-past-the-context", "logits-scaling"])
 def test_a_model_the_run_cannot_serve_is_an_error_before_any_output(workspace, capsys, check, config_change,
                                                                     message):
     """Rows longer than the model's context, a model whose logits the fused losses do not reproduce: a clear

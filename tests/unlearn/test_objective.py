@@ -73,6 +73,44 @@ def test_terms_and_gradients_match_per_sequence_spec(mode):
             torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)
 
 
+def tiny_gemma2(vocab_size, softcap):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                          final_logit_softcapping=softcap)
+    return Gemma2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("make_model", ["gemma2", "llama"])
+def test_soft_capped_logits_are_the_models_own(make_model):
+    """Gemma 2 caps its logits, c tanh(z / c) (final_logit_softcapping): the fused terms cap them as its forward
+    does (they refused such models). A Llama whose config carries the setting ignores it, and so do the terms."""
+    tokenizer = byte_bpe_tokenizer()
+    if make_model == "gemma2":
+        model = tiny_gemma2(len(tokenizer), softcap=0.5)
+    else:
+        model = tiny_llama(len(tokenizer))
+        model.config.final_logit_softcapping = 0.5
+    streams = tiny_streams(tokenizer)
+    reference = FrozenCopyReference(model)
+    perturb(model)
+    objective = UnlearningObjective(model, WEIGHTS, reference)
+    batch = streams.batch(0)
+    terms = objective(batch)
+    f, m, rows = batch.num_forget, batch.num_mismatch, batch.examples
+    spec = spec_unlearning_terms(lambda ids: model(ids).logits, lambda ids: reference.model(ids).logits, rows[:f],
+                                 rows[f:f + m], rows[f + m:])
+    if make_model == "gemma2":
+        assert model(batch.tokens.input_ids[:1]).logits.abs().max() < 0.5  # capped: what the terms must follow
+    for name in ("forget", "mismatch", "normal"):
+        torch.testing.assert_close(getattr(terms, name).double(), spec[name], rtol=1e-5, atol=1e-6)
+    params = [p for p in model.parameters() if p.requires_grad]
+    spec_total = WEIGHTS.forget * spec["forget"] + WEIGHTS.mismatch * spec["mismatch"] + WEIGHTS.normal * spec["normal"]
+    for fast, slow in zip(torch.autograd.grad(terms.total, params), torch.autograd.grad(spec_total, params)):
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)
+
+
 def test_adapter_reference_is_the_original_model_without_dropout():
     """The policy trains in train mode; its adapter-off reference must still be the deterministic original model."""
     peft = pytest.importorskip("peft")

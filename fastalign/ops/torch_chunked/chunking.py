@@ -25,12 +25,22 @@ def upcast(t, dtype):
     return None if t is None else t.to(dtype)
 
 
-def chunk_logits(hidden, weight_acc, bias_acc):
-    """hidden [c, H] @ weight_acc.T (+ bias_acc), computed and returned in the accumulation dtype [c, V]."""
+def chunk_logits(hidden, weight_acc, bias_acc, softcap=None):
+    """hidden [c, H] @ weight_acc.T (+ bias_acc), computed and returned in the accumulation dtype [c, V];
+    soft-capped, softcap * tanh(z / softcap), unless softcap is None."""
     logits = hidden.to(weight_acc.dtype) @ weight_acc.t()
     if bias_acc is not None:
         logits += bias_acc
+    if softcap is not None:
+        logits = logits.div_(softcap).tanh_().mul_(softcap)
     return logits
+
+
+def through_softcap(grad_logits, capped_logits, softcap):
+    """The gradient wrt the raw logits from the one wrt the soft-capped ones (in place): times 1 - tanh^2."""
+    if softcap is not None:
+        grad_logits *= 1.0 - (capped_logits / softcap).square_()
+    return grad_logits
 
 
 def accumulate_grads(grad_logits, hidden, weight_acc, d_hidden, d_weight, d_bias):
