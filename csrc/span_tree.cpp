@@ -249,10 +249,14 @@ ForwardPlan SpanTree::plan_extend(const std::vector<int64_t>& parents, const int
   if (cu_lens[0] != 0 || cu_lens[rows] != num_tokens)
     throw std::invalid_argument("cu_lens must start at 0 and end at the number of tokens");
   if (cu_cuts != nullptr && cu_cuts[0] != 0) throw std::invalid_argument("cu_cuts must start at 0");
-  std::vector<int64_t> row_lengths(rows);
+  // Both offset arrays are checked whole first, so that no row reads past cuts or sums a length past int64.
   for (size_t r = 0; r < rows; ++r) {
     if (cu_lens[r + 1] <= cu_lens[r])
       throw std::invalid_argument("token list " + std::to_string(r) + " is empty: a span appends at least one token");
+    if (cu_cuts != nullptr && cu_cuts[r + 1] < cu_cuts[r]) throw std::invalid_argument("cu_cuts must not decrease");
+  }
+  std::vector<int64_t> row_lengths(rows);
+  for (size_t r = 0; r < rows; ++r) {
     int64_t start = 0;
     if (parents[r] >= 0) {
       Span& p = live_node(parents[r], "extend");
@@ -269,7 +273,6 @@ ForwardPlan SpanTree::plan_extend(const std::vector<int64_t>& parents, const int
     if (start + cu_lens[r + 1] - cu_lens[r] > std::numeric_limits<int32_t>::max())
       throw std::invalid_argument("token list " + std::to_string(r) + ": a span may not exceed 2^31 - 1 tokens");
     if (cu_cuts == nullptr) continue;
-    if (cu_cuts[r + 1] < cu_cuts[r]) throw std::invalid_argument("cu_cuts must not decrease");
     int64_t previous = 0;
     for (int64_t k = cu_cuts[r]; k < cu_cuts[r + 1]; ++k) {
       if (cuts[k] <= previous || cuts[k] >= cu_lens[r + 1] - cu_lens[r])
@@ -359,10 +362,13 @@ void SpanTree::lock(const std::vector<int64_t>& ids) {
 void SpanTree::unlock(const std::vector<int64_t>& ids) {
   for (int64_t id : ids)
     if (node(id).locks <= 0) throw std::invalid_argument("unlock: " + span_name(id) + " is not locked");
-  for (int64_t id : ids) {
-    --node(id).locks;
-    refresh_lru(id);
+  // All or nothing also for a span listed more often than it is locked: undo what was done, then refuse.
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (--node(ids[i]).locks >= 0) continue;
+    for (size_t j = 0; j <= i; ++j) ++node(ids[j]).locks;
+    throw std::invalid_argument("unlock: " + span_name(ids[i]) + " is locked fewer times than it is listed");
   }
+  for (int64_t id : ids) refresh_lru(id);
 }
 
 void SpanTree::pin(int64_t id) {

@@ -85,7 +85,9 @@ class SpanTree {
   // are deleted.
   void abandon(const ForwardPlan& plan);
 
-  // Locked spans are never evicted: the runner locks what a call uses until its forward is done.
+  // Locked spans are never evicted: the runner locks what a call uses until its forward is done. Locks count
+  // every listing (a span listed twice is locked twice); unlock refuses, changing nothing, any span it lists
+  // more often than the span is locked.
   void lock(const std::vector<int64_t>& ids);
   void unlock(const std::vector<int64_t>& ids);
   // Pins nest: a span stays resident while pinned at least once. Pinning needs a resident span.

@@ -2,8 +2,12 @@
 rarely or never reaches: misuse that must be refused with the state left as it was, the order in which
 blocks are handed out, and eviction sequences whose bookkeeping goes wrong only several steps later.
 Each test was seen failing on a mutated line of csrc/ that the other runtime tests let through."""
+from collections import Counter
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastalign._C import SpanTree
 from tests.runtime.test_span_store import fresh, grow, reads
@@ -158,3 +162,96 @@ def test_arrays_of_more_than_one_dimension_are_refused():
         tree.plan_extend(np.array([-1]), np.ones(3, dtype=np.int32), np.array([0, 3]), np.array([[1]]),
                          np.array([0, 1]))
     assert tree.span_ids() == [] and tree.num_free_blocks == 8
+
+
+def test_offset_arrays_are_checked_whole_before_any_offset_is_used():
+    """cu_lens and cu_cuts are checked over every row before a row's cuts are read or its length summed:
+    checked row by row, a cu_cuts rising past the number of cuts in an early row read cuts[] past its
+    end (a heap overflow under AddressSanitizer) before the later row that falls back was refused, and a
+    huge cu_lens entry overflowed the row's length (int64, UndefinedBehaviorSanitizer)."""
+    tree = SpanTree(8, 4)
+    with pytest.raises(ValueError, match="cu_cuts must not decrease"):
+        tree.plan_extend(np.array([-1, -1]), np.ones(8, dtype=np.int32), np.array([0, 4, 8]),
+                         np.array([1]), np.array([0, 1000, 1]))
+    plan = tree.plan_extend(np.array([-1]), np.ones(5, dtype=np.int32), np.array([0, 5]))
+    tree.unlock(plan.spans)
+    before = state(tree)
+    with pytest.raises(ValueError, match="token list 1 is empty"):
+        tree.plan_extend(np.array([plan.row_spans[0], -1]), np.ones(3, dtype=np.int32),
+                         np.array([0, 2**63 - 1, 3]))
+    assert state(tree) == before
+
+
+def test_unlocking_a_span_listed_more_often_than_it_is_locked_is_refused():
+    """unlock() is all or nothing also when a span is listed twice: unlocking a span locked once with
+    [a, a] drove its count to -1 (and the next lock to 0: evictable while in use)."""
+    tree = SpanTree(8, 4)
+    plan = tree.plan_extend(np.array([-1, -2]), np.ones(6, dtype=np.int32), np.array([0, 3, 6]))
+    tree.unlock(plan.spans)
+    a, b = plan.row_spans.tolist()
+    tree.lock([a, a, b])
+    with pytest.raises(ValueError, match=f"span {b} is locked fewer times"):
+        tree.unlock([a, b, a, b])
+    assert tree.locks(a) == 2 and tree.locks(b) == 1
+    with pytest.raises(ValueError, match=f"span {a} is locked fewer times"):
+        tree.unlock([a, a, a])
+    assert tree.locks(a) == 2
+    tree.unlock([a, b, a])
+    assert tree.locks(a) == tree.locks(b) == 0 and tree.lru_order() == [b]
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_random_offset_arrays_plan_exactly_when_they_describe_rows_and_cuts(data):
+    """plan_extend on arbitrary cu_lens, cuts and cu_cuts (huge and negative entries included) plans when
+    they describe non-empty rows and cuts strictly inside them, else raises ValueError leaving the tree as
+    it was; under AddressSanitizer and UndefinedBehaviorSanitizer no case may read past an array or overflow."""
+    tree = SpanTree(16, 4)
+    plan = tree.plan_extend(np.array([-1]), np.ones(5, dtype=np.int32), np.array([0, 5]))
+    tree.unlock(plan.spans)
+    rows = data.draw(st.integers(1, 3), label="rows")
+    entry = st.one_of(st.integers(-2, 12), st.sampled_from([2**62, 2**63 - 1, -2**63]))
+    num_tokens, num_cuts = data.draw(st.integers(0, 10)), data.draw(st.integers(0, 3))
+    cu_lens = [0] + [data.draw(entry) for _ in range(rows - 1)] + [num_tokens]
+    cuts = [data.draw(entry) for _ in range(num_cuts)]
+    cu_cuts = [0] + [data.draw(entry) for _ in range(rows - 1)] + [num_cuts]
+    parents = [data.draw(st.sampled_from([-1, int(plan.row_spans[0])] + [-2 - j for j in range(r)]))
+               for r in range(rows)]
+    valid = all(b > a for a, b in zip(cu_lens, cu_lens[1:])) and all(b >= a for a, b in zip(cu_cuts, cu_cuts[1:]))
+    for r in range(rows if valid else 0):
+        offsets = [0] + cuts[cu_cuts[r]:cu_cuts[r + 1]] + [cu_lens[r + 1] - cu_lens[r]]
+        valid = valid and all(b > a for a, b in zip(offsets, offsets[1:]))
+    arrays = (np.array(parents), np.ones(num_tokens, dtype=np.int32), np.array(cu_lens), np.array(cuts, dtype=np.int64),
+              np.array(cu_cuts))
+    before = state(tree)
+    if valid:
+        made = tree.plan_extend(*arrays)
+        assert made.num_rows == rows and len(made.cut_spans) == num_cuts and made.num_tokens == num_tokens
+    else:
+        with pytest.raises(ValueError):
+            tree.plan_extend(*arrays)
+        assert state(tree) == before
+
+
+@settings(max_examples=300, deadline=None)
+@given(calls=st.lists(st.tuples(st.booleans(), st.lists(st.integers(0, 2), max_size=4)), max_size=12))
+def test_random_lock_and_unlock_lists_count_every_listing_all_or_nothing(calls):
+    """Random lock / unlock lists with repeats against a count per span: an unlock listing a span more
+    often than it is locked is refused and changes nothing; the eviction order holds the unlocked leaves."""
+    tree = SpanTree(8, 2)
+    plan = tree.plan_extend(np.array([-1, -2, -1]), np.ones(3, dtype=np.int32), np.array([0, 1, 2, 3]))
+    tree.unlock(plan.spans)
+    spans, held = plan.row_spans.tolist(), Counter()
+    for locking, indices in calls:
+        ids = [spans[i] for i in indices]
+        if locking:
+            tree.lock(ids)
+            held.update(ids)
+        elif any(held[i] < n for i, n in Counter(ids).items()):
+            with pytest.raises(ValueError, match="not locked|locked fewer times"):
+                tree.unlock(ids)
+        else:
+            tree.unlock(ids)
+            held.subtract(ids)
+        assert [tree.locks(i) for i in spans] == [held[i] for i in spans]
+        assert set(tree.lru_order()) == {i for i in spans[1:] if held[i] == 0}
