@@ -214,9 +214,9 @@ class PromptSearch:
             s = sum(priors)
             priors = [p / s for p in priors]
         existing = {ch.tokens for ch in node.children}
-        for (tokens, _, hidden), prior in zip(group, priors):
-            if tuple(tokens) not in existing:
-                self._add_child(node, state, tokens, prior, hidden)
+        for (tokens, _, hidden), prior in zip(group, priors):    # a group may hold a set twice (see Expansion)
+            if tuple(tokens) not in existing and len(node.children) < c.max_children:
+                existing.add(self._add_child(node, state, tokens, prior, hidden).tokens)
 
     # --- inner iterations ----------------------------------------------------------------------------
     def _select(self):

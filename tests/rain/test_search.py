@@ -73,3 +73,44 @@ def test_a_candidate_an_earlier_widening_drew_keeps_its_hidden_states():
     widen([draft(10, 0.3)] * 4)                                                  # nothing new drawn: 23 joins
     assert [c.tokens[0] for c in root.children] == [10, 11, 12, 20, 21, 22, 23]
     assert all(torch.equal(c.hidden_sum, torch.full((4,), float(c.tokens[0]))) for c in root.children)
+
+
+def test_widening_adds_each_token_set_once_and_stays_within_max_children():
+    """A candidate an earlier widening left over (beyond its room) and a later widening draws again appears twice
+    in the later group: it becomes one child, not two; and a group never takes a node past max_children."""
+    ctx = PromptContext(index=0, prompt_text="", root_ids=[5], head_ids=[], root_key=0, max_length=100)
+    search = PromptSearch(ctx, RainConfig(token_set_lengths=(2,), candidates=3, widen_group=5, max_children=8),
+                          tokenizer(), END_IDS, embedder=None, judge=None, required=RequiredPrefixes(), on_commit=None)
+    root = search.tree.root
+
+    def widen(*tokens):
+        steps = search._widen(root, [5])
+        next(steps)
+        with pytest.raises(StopIteration):
+            steps.send([ExpandResult(samples=[Draft((t, 40), math.log(0.1)) for t in tokens])])
+        return [c.tokens[0] for c in root.children]
+
+    first = [Draft((11, 40), math.log(0.1)), Draft((12, 40), math.log(0.05))]
+    search._expand(root, [5], ExpandResult(greedy=Draft((10, 40), math.log(0.3)), samples=first), 2)
+    assert widen(20, 21, 22, 23) == [10, 11, 12, 20, 21, 22]           # 23 drawn, no room for it yet
+    assert widen(23, 10, 10, 10) == [10, 11, 12, 20, 21, 22, 23]       # 23 twice in the group: one child
+    assert widen(30, 31, 32, 33) == [10, 11, 12, 20, 21, 22, 23, 30]   # room for four, max_children for one
+
+
+def test_widening_one_token_sets_adds_the_next_most_likely_token():
+    """1-token sets: a widening adds the next most likely token, its prior from the softmax over the top
+    (children + 1) tokens, mixed with uniform at the root; the existing children keep theirs."""
+    ctx = PromptContext(index=0, prompt_text="", root_ids=[5], head_ids=[], root_key=0, max_length=100)
+    search = PromptSearch(ctx, RainConfig(candidates=3), tokenizer(), END_IDS, embedder=None, judge=None,
+                          required=RequiredPrefixes(), on_commit=None)
+    root = search.tree.root
+    ids, logits = [10, 11, 12, 13, 14], [1.0, 4.0, 0.5, 3.0, 2.0]
+    search._expand(root, [5], ExpandResult(ranked_ids=ids, ranked_logits=logits), 1)
+    before = [c.p for c in root.children]
+    assert [c.tokens for c in root.children] == [(11,), (13,), (14,)]
+    with pytest.raises(StopIteration):
+        next(search._widen(root, [5]))
+    assert [c.tokens for c in root.children] == [(11,), (13,), (14,), (10,)]
+    assert [c.p for c in root.children[:3]] == before
+    top4 = torch.softmax(torch.tensor([1.0, 4.0, 3.0, 2.0]), dim=0)[0].item()     # token 10 among 10, 11, 13, 14
+    assert root.children[3].p == pytest.approx(0.75 * top4 + 0.25 / 4)

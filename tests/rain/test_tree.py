@@ -224,3 +224,12 @@ def test_virtual_loss_steers_selection_and_leaves_no_trace():
     assert {ch: tree.score(ch, root.n) for ch in (a, b, c)} == before       # exactly the plain rule again
     assert tree.select_child(root) is first
     assert (root.n, a.n, a.q, b.n, b.q) == (3, 2, 0.5, 1, 0.4)               # real statistics untouched
+
+
+def test_select_breaks_ties_by_child_order():
+    """Equal scores (unvisited children with equal priors): the first child, as the reference's max() takes."""
+    tree = tree_with_children([0.25, 0.25, 0.25, 0.25])
+    tree.root.n = 1
+    assert tree.select_child(tree.root) is tree.root.children[0]
+    tree.root.children[2].p = 0.2500001
+    assert tree.select_child(tree.root) is tree.root.children[2]
