@@ -141,52 +141,65 @@ def per_call_us(fn, device, iters):
     return harness.median_ms(graph.replay, device) * 1e3 / iters, eager
 
 
-def attention_rows(args, device, dtype, copy_gbs):
-    """Table rows of the decode attention section."""
+def attention_rows(args, device, dtype, copy_gbs, report=lambda rows: None):
+    """Table rows of the decode attention section; report(rows so far) after each row, so that a run cut short
+    keeps the rows it measured. A (prefix, rows) pair whose inputs cannot be built (out of memory) gives an error
+    row and the next pairs still run, as do the runner sections after them."""
     backends = ["triton" if device.type == "cuda" or triton_interpreting() else None, "torch"]
     if device.type == "cuda":
         backends.remove("torch")  # the torch path is the CPU path: a per-row loop with a host sync on CUDA
     out_rows = []
+
+    def add(row):
+        out_rows.append(row)
+        report(out_rows)
     for prefix in args.prefix:
         for rows in args.rows:
-            batch, unique_tokens, shared_prefix, plan_us = shared_prefix_batch(
-                rows, prefix, args.suffix, args.heads, args.kv_heads, args.head_dim, args.page, dtype, device)
-            seq_len = prefix + args.suffix + 1
-            token_bytes = 2 * args.kv_heads * args.head_dim * dtype.itemsize  # K and V of one token
-            unique_bytes = unique_tokens * token_bytes
-            common = {"prefix": prefix, "rows": rows, "unique_mib": unique_bytes / 2 ** 20}
-            batches = pool_copies(batch, unique_bytes, device)
-            calls = max(args.iters, len(batches))  # every copy read once per timed run of calls
-            candidates = [(f"fastalign paged ({b})", lambda i, b=b: paged_attention(
-                **batches[i % len(batches)], backend=b, validate=False)) for b in backends if b]
-            if shared_prefix is not None and backends[0] == "triton":
-                candidates.append(("fastalign paged cascade (triton)", lambda i: paged_attention(
-                    **batches[i % len(batches)], backend="triton", validate=False, shared_prefix=shared_prefix)))
-            dense_bytes = rows * seq_len * token_bytes
-            if dense_bytes <= args.dense_limit_gib * 2 ** 30:
-                dense = [dense_copies(b, seq_len) for b in batches[:copies_past_l2(dense_bytes, device)]]
-                candidates.append(("dense sdpa", lambda i: dense_sdpa(batch["q"], *dense[i % len(dense)])))
-            else:
-                out_rows.append({**common, "method": "dense sdpa", "error": "per-row copies over --dense-limit-gib"})
             try:
-                expected = candidates[-1][1](0).float() if candidates[-1][0] == "dense sdpa" else None
-            except Exception as err:  # no reference output: the paged rows are still timed, not compared
-                out_rows.append({**common, **harness.failure_row("dense sdpa", err)})
-                candidates, expected = candidates[:-1], None
-            for name, fn in candidates:
-                try:  # one failing method (a kernel that does not build or launch here) leaves the others' rows
-                    graph_us, eager_us = per_call_us(fn, device, calls)
-                    diff = None if expected is None else (fn(0).float() - expected).abs().max().item()
-                except Exception as err:
-                    out_rows.append({**common, **harness.failure_row(name, err)})
-                    continue
-                best_us = graph_us or eager_us
-                gbs = unique_bytes / best_us / 1e3
-                out_rows.append({**common, "method": name, "graph_us": graph_us, "eager_us": eager_us,
-                                 "plan_us": plan_us if "cascade" in name else None,
-                                 "unique_gbs": gbs, "of_copy_bw": gbs / copy_gbs, "max_diff": diff})
-            del batch, batches, candidates
+                pair_rows(args, prefix, rows, backends, device, dtype, copy_gbs, add)
+            except Exception as err:
+                add({"section": "attention", "prefix": prefix, "rows": rows, **harness.failure_row("inputs", err)})
     return out_rows
+
+
+def pair_rows(args, prefix, rows, backends, device, dtype, copy_gbs, add):
+    """add(row) for each method on R = rows rows sharing a prefix of `prefix` tokens."""
+    batch, unique_tokens, shared_prefix, plan_us = shared_prefix_batch(
+        rows, prefix, args.suffix, args.heads, args.kv_heads, args.head_dim, args.page, dtype, device)
+    seq_len = prefix + args.suffix + 1
+    token_bytes = 2 * args.kv_heads * args.head_dim * dtype.itemsize  # K and V of one token
+    unique_bytes = unique_tokens * token_bytes
+    common = {"section": "attention", "prefix": prefix, "rows": rows, "unique_mib": unique_bytes / 2 ** 20}
+    batches = pool_copies(batch, unique_bytes, device)
+    calls = max(args.iters, len(batches))  # every copy read once per timed run of calls
+    candidates = [(f"fastalign paged ({b})", lambda i, b=b: paged_attention(
+        **batches[i % len(batches)], backend=b, validate=False)) for b in backends if b]
+    if shared_prefix is not None and backends[0] == "triton":
+        candidates.append(("fastalign paged cascade (triton)", lambda i: paged_attention(
+            **batches[i % len(batches)], backend="triton", validate=False, shared_prefix=shared_prefix)))
+    dense_bytes = rows * seq_len * token_bytes
+    expected = None
+    if dense_bytes > args.dense_limit_gib * 2 ** 30:
+        add({**common, "method": "dense sdpa", "error": "per-row copies over --dense-limit-gib"})
+    else:
+        try:  # the per-row copies (the largest inputs here) and the reference output
+            dense = [dense_copies(b, seq_len) for b in batches[:copies_past_l2(dense_bytes, device)]]
+            expected = dense_sdpa(batch["q"], *dense[0]).float()
+            candidates.append(("dense sdpa", lambda i: dense_sdpa(batch["q"], *dense[i % len(dense)])))
+        except Exception as err:  # no reference output: the paged rows are still timed, not compared
+            add({**common, **harness.failure_row("dense sdpa", err)})
+    for name, fn in candidates:
+        try:  # one failing method (a kernel that does not build or launch here) leaves the others' rows
+            graph_us, eager_us = per_call_us(fn, device, calls)
+            diff = None if expected is None else (fn(0).float() - expected).abs().max().item()
+        except Exception as err:
+            add({**common, **harness.failure_row(name, err)})
+            continue
+        best_us = graph_us or eager_us
+        gbs = unique_bytes / best_us / 1e3
+        add({**common, "method": name, "graph_us": graph_us, "eager_us": eager_us,
+             "plan_us": plan_us if "cascade" in name else None,
+             "unique_gbs": gbs, "of_copy_bw": gbs / copy_gbs, "max_diff": diff})
 
 
 ATTENTION_COLUMNS = [("prefix", "prefix", "{}"), ("rows", "rows", "{}"), ("unique_mib", "unique KV MiB", "{:.2f}"),
@@ -376,15 +389,16 @@ def main():
     rows, config = [], {"dtype": str(dtype), "quick": args.quick}
     if "attention" in args.sections:
         copy_gbs = copy_bandwidth_gbs(device)
-        attention = [{"section": "attention", **row} for row in attention_rows(args, device, dtype, copy_gbs)]
+        config.update({key: getattr(args, key) for key in ("heads", "kv_heads", "head_dim", "page", "prefix",
+                                                             "rows", "suffix", "iters")},
+                      copy_bandwidth_gbs=copy_gbs, bandwidth_target=BANDWIDTH_TARGET)
+        attention = attention_rows(args, device, dtype, copy_gbs,
+                                   report=lambda section_rows: harness.write_results("bench_tree", device, config,
+                                                                                     section_rows))
         print(f"\n[attention] heads {args.heads}/{args.kv_heads} kv, head_dim {args.head_dim}, page {args.page}, "
               f"suffix {args.suffix}; measured copy bandwidth {copy_gbs:.0f} GB/s; target {BANDWIDTH_TARGET:.0%} of it")
         harness.print_table(attention, ATTENTION_COLUMNS)
         rows += attention
-        config.update({key: getattr(args, key) for key in ("heads", "kv_heads", "head_dim", "page", "prefix",
-                                                             "rows", "suffix", "iters")},
-                      copy_bandwidth_gbs=copy_gbs, bandwidth_target=BANDWIDTH_TARGET)
-        harness.write_results("bench_tree", device, config, rows)  # now too: the runner sections may be cut short
     if "runner" in args.sections:
         config.update({key: getattr(args, key) for key in ("tree_prefix", "children", "child_tokens",
                                                              "branch_lengths", "decode_prompt", "decode_tokens",

@@ -289,6 +289,56 @@ def test_tree_attention_method_that_raises_becomes_an_error_row(monkeypatch):
         ("dense sdpa", "RuntimeError: kernel failed", None), ("fastalign paged (torch)", None, None)], rows
 
 
+def test_tree_attention_rows_are_written_as_they_are_measured(monkeypatch, tmp_path):
+    """gpu_session.sh cuts bench_tree at its step's time limit: the attention rows measured by then are in the JSON
+    (each row rewrites it, as in the other benches), not lost with the rest of the section."""
+    monkeypatch.setattr(bench_tree, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(bench_tree.harness, "RESULTS_DIR", str(tmp_path))
+    monkeypatch.setenv("FASTALIGN_COMMIT", "test")
+    timings = []
+
+    def per_call_us(fn, device, iters):
+        timings.append(1)
+        if len(timings) == 3:
+            raise KeyboardInterrupt  # the step's limit strikes while the third method is timed
+        return None, 1.0
+    monkeypatch.setattr(bench_tree, "per_call_us", per_call_us)
+    monkeypatch.setattr(sys, "argv", ["bench_tree.py", "--quick", "--device", "cpu", "--sections", "attention"])
+    with pytest.raises(KeyboardInterrupt):
+        bench_tree.main()
+    (path,) = tmp_path.glob("bench_tree-cpu-test.json")
+    record = json.loads(path.read_text())
+    assert [(row["section"], row["prefix"], row["rows"], row["method"]) for row in record["results"]] == [
+        ("attention", 100, 1, "fastalign paged (torch)"), ("attention", 100, 1, "dense sdpa")], record
+    assert record["config"]["copy_bandwidth_gbs"] > 0 and record["config"]["rows"] == [1, 4], record["config"]
+
+
+def test_tree_attention_inputs_that_cannot_be_built_give_an_error_row(monkeypatch):
+    """A (prefix, rows) pair whose pool, copies or dense copies do not fit (out of memory) gives an error row, and the
+    other pairs are still measured; the runner sections that follow are not lost with them. Dense copies that do not
+    fit leave the paged rows of their pair timed, with nothing to compare them with."""
+    monkeypatch.setattr(bench_tree, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(bench_tree.harness, "median_ms", lambda fn, device, **kwargs: fn() and 1.0)
+    built = bench_tree.shared_prefix_batch
+
+    def shared_prefix_batch(rows, *args):
+        if rows == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return built(rows, *args)
+    monkeypatch.setattr(bench_tree, "shared_prefix_batch", shared_prefix_batch)
+    rows = bench_tree.attention_rows(tree_attention_args(rows=[3, 2]), torch.device("cpu"), torch.float32, 1.0)
+    assert [(row["rows"], row["method"], row.get("error")) for row in rows] == [
+        (3, "inputs", "out of memory"), (2, "fastalign paged (torch)", None), (2, "dense sdpa", None)], rows
+    monkeypatch.setattr(bench_tree, "shared_prefix_batch", built)
+
+    def dense_copies(batch, seq_len):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8 GiB")
+    monkeypatch.setattr(bench_tree, "dense_copies", dense_copies)
+    rows = bench_tree.attention_rows(tree_attention_args(), torch.device("cpu"), torch.float32, 1.0)
+    assert [(row["method"], row.get("error"), row.get("max_diff")) for row in rows] == [
+        ("dense sdpa", "out of memory", None), ("fastalign paged (torch)", None, None)], rows
+
+
 def test_tree_runner_sections_are_reported_as_they_finish_and_a_failing_one_becomes_an_error_row(monkeypatch):
     """The runner sections take minutes on a GPU: the JSON is rewritten after each, so a step cut at its time limit
     keeps the sections it finished, and one that raises leaves the others' rows."""
