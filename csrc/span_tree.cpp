@@ -94,11 +94,12 @@ int32_t SpanTree::take_block() {
 
 void SpanTree::attach(int64_t id, ForwardPlan& plan) {
   Span& s = node(id);
+  // The allocations that may throw come first: a bad_alloc there leaves nothing changed.
+  s.blocks.reserve(static_cast<size_t>((s.length + block_size_ - 1) / block_size_));
+  plan.spans.push_back(id);
   // Resident and locked from the start, so that abandon() undoes a partial attach like a complete one.
   s.resident = true;
   ++s.locks;
-  plan.spans.push_back(id);
-  s.blocks.reserve(static_cast<size_t>((s.length + block_size_ - 1) / block_size_));
   int64_t start = 0;
   if (s.parent >= 0) {
     Span& p = node(s.parent);
