@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.harness import LLAMA_SHAPES, print_table, synchronize, write_results  # noqa: E402
+from bench.harness import LLAMA_SHAPES, failure_row, print_table, synchronize, write_results  # noqa: E402
 from fastalign.evaluation.generation import pad_id  # noqa: E402
 from fastalign.rain import JudgePrompt, RainConfig, rain_generate  # noqa: E402
 from fastalign.rain.cli import hh_prompts  # noqa: E402
@@ -192,6 +192,14 @@ def main():
         """Adds a row and rewrites the JSON with every row so far (a run cut short keeps what it measured)."""
         rows.append(new_row)
         return write_results("rain", args.device, record, rows)
+
+    def section(name, measure):
+        """Runs one section; if it raises (out of memory at concurrency 32, say), an error row names it and the
+        sections after it still run."""
+        try:
+            measure()
+        except Exception as err:
+            add({"engine": name, "error": failure_row(name, err)["error"]})
     # Warm-up, untimed. The tree engine's is the timed run itself (the keyed sampler repeats its decisions): its
     # attention kernels are compiled per tile shape (tokens per row), split count and cascade pass, and a run that
     # meets a new one compiles it on the clock (~1 s each on a GPU, against a run of a few seconds there). The slow
@@ -206,29 +214,35 @@ def main():
         if c > len(prompts):
             print(f"concurrency {c}: only {len(prompts)} distinct prompts, skipped")
             continue
-        add(row(f"tree x{c}", rain_generate(model, tok, prompts[:c], config, engine="tree", concurrency=c,
-                                           sampler="torch", **common)))
-    if not args.skip_slow:   # after the concurrency rows: the slowest section, the likeliest to be cut short
+        section(f"tree x{c}", lambda c=c: add(row(f"tree x{c}", rain_generate(
+            model, tok, prompts[:c], config, engine="tree", concurrency=c, sampler="torch", **common))))
+
+    def slow_section():
         slow = rain_generate(model, tok, first, config, engine="slow", sampler="keyed", **common)
         same = [r.answer_ids for r in slow.results] == [r.answer_ids for r in tree.results]
         slow_row = row("slow", slow, {"same_decisions": same})
         rows[0]["speedup_per_commit"] = slow_row["s_per_commit"] / rows[0]["s_per_commit"]
         rows[0]["token_ratio_vs_slow"] = slow_row["tokens_per_commit"] / rows[0]["tokens_per_commit"]
         add(slow_row)
+    if not args.skip_slow:   # after the concurrency rows: the slowest section, the likeliest to be cut short
+        section("slow", slow_section)
 
     judge, record["judge"] = harm_judge or make_judge(args)
     judged = prompts[:args.judge_prompts or (16 if args.quick else 100)]
+
+    def judged_section(leaves, seed):
+        variant = dataclasses.replace(config, parallel_leaves=leaves, seed=config.seed + seed)
+        run = rain_generate(model, tok, judged, variant, engine="tree", concurrency=min(len(judged), 32),
+                            sampler="torch", **common)
+        ok = [r for r in run.results if r.error is None]
+        verdicts = judge([(r.prompt, r.answer) for r in ok])
+        add(row(f"tree vl={leaves}", run, {
+            "parallel_leaves": leaves, "seed": variant.seed, "judged": len(ok),
+            "harmless_rate": 1.0 - sum(verdicts) / max(len(ok), 1),
+            "calls_per_iteration": run.stats.model_calls / max(run.stats.iterations, 1)}))
     for leaves in (1, args.virtual_leaves):
         for seed in range(args.judge_seeds):
-            variant = dataclasses.replace(config, parallel_leaves=leaves, seed=config.seed + seed)
-            run = rain_generate(model, tok, judged, variant, engine="tree", concurrency=min(len(judged), 32),
-                                sampler="torch", **common)
-            ok = [r for r in run.results if r.error is None]
-            verdicts = judge([(r.prompt, r.answer) for r in ok])
-            add(row(f"tree vl={leaves}", run, {
-                "parallel_leaves": leaves, "seed": variant.seed, "judged": len(ok),
-                "harmless_rate": 1.0 - sum(verdicts) / max(len(ok), 1),
-                "calls_per_iteration": run.stats.model_calls / max(run.stats.iterations, 1)}))
+            section(f"tree vl={leaves}", lambda leaves=leaves, seed=seed: judged_section(leaves, seed))
 
     print_table(rows, [("engine", "engine", "{}"), ("prompts", "prompts", "{}"), ("committed", "commit", "{}"),
                        ("calls", "calls", "{}"), ("rows_per_call", "rows/call", "{:.1f}"),
@@ -236,7 +250,7 @@ def main():
                        ("recomputed", "recomp", "{}"), ("calls_per_commit", "calls/commit", "{:.2f}"),
                        ("calls_over_required", "calls/req", "{:.2f}"),
                        ("s_per_commit", "s/commit", "{:.4f}"), ("commits_per_s", "commit/s", "{:.2f}"),
-                       ("harmless_rate", "harmless", "{:.3f}")])
+                       ("harmless_rate", "harmless", "{:.3f}"), ("error", "error", "{}")])
     extra = {k: v for k, v in rows[0].items() if k in ("speedup_per_commit", "token_ratio_vs_slow",
                                                        "rain_over_greedy", "greedy_s_same_length")}
     print(extra)

@@ -455,17 +455,17 @@ def test_tree_decode_counts_the_tokens_equal_to_hf_generates(monkeypatch):
 
 # ---- bench_rain ----
 
-def test_rain_sections_run_the_engines_they_name_and_record_what_they_saw(monkeypatch, tmp_path):
-    """With fake engines (every run recorded): both engines of section 1 use the keyed sampler on the same first
-    --prompts prompts, and same_decisions compares their answers (the slow one's differ here); section 2 runs C
-    distinct prompts at concurrency C with the production sampler; section 3 runs --judge-prompts prompts with
-    parallel_leaves 1 then --virtual-leaves, judges the answers without an error and records the harmless rate."""
+def run_bench_rain(monkeypatch, tmp_path, prompts, failing_concurrency=None):
+    """bench_rain.main() on fake engines (every run recorded; the one at `failing_concurrency` raises):
+    (runs, configs, rows of the written record by engine)."""
     runs, configs = [], []
 
     def fake_rain_generate(model, tok, prompts, config, *, engine, sampler="torch", concurrency=None, **common):
         runs.append(dict(engine=engine, prompts=list(prompts), sampler=sampler, concurrency=concurrency,
                          leaves=config.parallel_leaves))
         configs.append(config)
+        if concurrency is not None and concurrency == failing_concurrency:
+            raise RuntimeError("CUDA out of memory")
         stats = SimpleNamespace(committed_tokens=6, model_calls=12, rows_per_call=2.0, tokens=30,
                                 tokens_per_committed_token=5.0, minimum_tokens=30, tokens_over_minimum=1.0,
                                 recomputed_tokens=0, wall_seconds=0.5, iterations=24, seconds={})
@@ -477,7 +477,6 @@ def test_rain_sections_run_the_engines_they_name_and_record_what_they_saw(monkey
 
     def harmful_first(pairs):
         return [i == 0 for i, _ in enumerate(pairs)]
-    prompts = [f"prompt {i}" for i in range(8)]
     monkeypatch.setattr(bench_rain, "rain_generate", fake_rain_generate)
     monkeypatch.setattr(bench_rain, "greedy_seconds", lambda *args: 0.25)
     monkeypatch.setattr(bench_rain, "load", lambda args: (None, None, prompts, None, {"max_new_tokens": 3},
@@ -487,6 +486,17 @@ def test_rain_sections_run_the_engines_they_name_and_record_what_they_saw(monkey
     monkeypatch.setattr(sys, "argv", ["bench_rain.py", "--model", "m", "--hh", "h", "--device", "cpu", "--prompts", "2",
                                       "--concurrency", "3", "--judge-prompts", "4", "--virtual-leaves", "5"])
     bench_rain.main()
+    (path,) = tmp_path.glob("rain-*-test.json")
+    return runs, configs, {row["engine"]: row for row in json.loads(path.read_text())["results"]}
+
+
+def test_rain_sections_run_the_engines_they_name_and_record_what_they_saw(monkeypatch, tmp_path):
+    """With fake engines (every run recorded): both engines of section 1 use the keyed sampler on the same first
+    --prompts prompts, and same_decisions compares their answers (the slow one's differ here); section 2 runs C
+    distinct prompts at concurrency C with the production sampler; section 3 runs --judge-prompts prompts with
+    parallel_leaves 1 then --virtual-leaves, judges the answers without an error and records the harmless rate."""
+    prompts = [f"prompt {i}" for i in range(8)]
+    runs, configs, rows = run_bench_rain(monkeypatch, tmp_path, prompts)
     # the tree engine's warm-up is the timed run itself (same prompts, config and keyed sampler: same decisions, so
     # the same kernel shapes, compiled before the clock starts); the slow engine's is a short run
     assert runs[0] == runs[2] and configs[0] == configs[2], (runs, configs)
@@ -497,13 +507,20 @@ def test_rain_sections_run_the_engines_they_name_and_record_what_they_saw(monkey
         dict(engine="slow", prompts=prompts[:2], sampler="keyed", concurrency=None, leaves=1),
         dict(engine="tree", prompts=prompts[:4], sampler="torch", concurrency=4, leaves=1),
         dict(engine="tree", prompts=prompts[:4], sampler="torch", concurrency=4, leaves=5)], runs
-    (path,) = tmp_path.glob("rain-*-test.json")
-    rows = {row["engine"]: row for row in json.loads(path.read_text())["results"]}
     assert rows["slow"]["same_decisions"] is False and rows["tree x3"]["prompts"] == 3
     for leaves in (1, 5):
         row = rows[f"tree vl={leaves}"]
         assert (row["prompts"], row["errors"], row["judged"], row["parallel_leaves"]) == (4, 1, 3, leaves), row
         assert row["harmless_rate"] == pytest.approx(2 / 3), row
+
+
+def test_rain_section_that_raises_is_an_error_row_and_the_next_sections_run(monkeypatch, tmp_path):
+    """A section whose run raises (out of memory at concurrency 3 here) took the sections after it with it: the
+    slow engine's row, which carries the speed-up per committed token, among them."""
+    _, _, rows = run_bench_rain(monkeypatch, tmp_path, [f"prompt {i}" for i in range(8)], failing_concurrency=3)
+    assert rows["tree x3"] == {"engine": "tree x3", "error": "RuntimeError: CUDA out of memory"}
+    assert rows["tree"]["speedup_per_commit"] == 1.0 and "same_decisions" in rows["slow"], rows
+    assert {"tree vl=1", "tree vl=5"} <= set(rows), rows
 
 
 def test_rain_greedy_baseline_decodes_exactly_the_answer_lengths_after_an_untimed_warmup(monkeypatch):
