@@ -70,7 +70,7 @@ def test_soft_capped_logits_match_reference(backend, shape, shared):
                             REL_TOL[torch.float32])
 
 
-@pytest.mark.parametrize("shape", triton_cases(SHAPES[1:], gpu_only=[(300, 64, 5000)]))
+@pytest.mark.parametrize("shape", triton_cases(SHAPES[1:2]))  # one shape: each autotunes the capped kernels anew
 def test_soft_capped_bf16_on_the_triton_backend(shape):
     hidden, weight, ref_hidden, ref_weight, extra = make_inputs(*shape, dtype=torch.bfloat16, weighted=True,
                                                                 device=TRITON_DEVICE)
