@@ -41,7 +41,8 @@ def rollout_stops(tokenizer, config: RainConfig, ctx, state: Sequence[int]) -> b
     maximum length, or the answer has opened a new user turn."""
     if len(state) >= ctx.max_length:
         return True
-    if last_char(tokenizer, state) in config.rollout_stop_chars:
+    char = last_char(tokenizer, state)
+    if char and char in config.rollout_stop_chars:    # "" (no text yet) is in every string: it is no stop
         return True
     return has_new_turn(answer_text(tokenizer, state, ctx.answer_start), config.turn_marker)
 

@@ -26,6 +26,16 @@ def test_rollout_stops_at_a_new_turn_in_the_answer_only():
     assert rollout_stops(tok, config, ctx, ctx.root_ids + ids("Human:"))
 
 
+def test_a_state_without_text_does_not_stop_a_rollout():
+    """A state of special tokens only decodes to no text, whose last character "" is `in` any string of stop
+    characters: the rollout stopped before drawing anything."""
+    tok = tokenizer()
+    special = [tok.bos_token_id, tok.eos_token_id]
+    ctx = PromptContext(index=0, prompt_text="", root_ids=special, head_ids=[], root_key=0, max_length=100)
+    assert last_char(tok, special) == ""
+    assert not rollout_stops(tok, RainConfig(), ctx, special)
+
+
 def test_rollout_stops_when_the_sequence_reaches_max_length():
     tok, config = tokenizer(), RainConfig(rollout_stop_chars=".")
     state = context().root_ids + ids(" I will not")
