@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import yaml
@@ -138,6 +139,22 @@ class UnlearnConfig:
         if self.reference == "adapter" and not self.lora:
             raise ValueError("reference='adapter' needs lora=True (on the command line: --lora): the reference is "
                              "the model with its adapter off")
+        for message in self._settings_without_effect():
+            warnings.warn(message, stacklevel=3)
+
+    def _settings_without_effect(self) -> list[str]:
+        """What is said of settings given a value that this configuration never reads (a likely mistake)."""
+        defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                    for f in dataclasses.fields(self)}
+        said = []
+        idle = [n for n in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+                if getattr(self, n) != defaults[n]]
+        if idle and not self.lora:
+            said.append(f"{', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect without lora=true (--lora)")
+        if self.mismatch_per_prompt == 0 and self.mismatch_weight > 0:
+            said.append(f"mismatch_per_prompt=0 draws no mismatch answers: the mismatch term is off whatever "
+                        f"mismatch_weight ({self.mismatch_weight}) says")
+        return said
 
     @property
     def loss_weights(self) -> LossWeights:

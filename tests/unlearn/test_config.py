@@ -81,3 +81,22 @@ def test_a_setting_given_twice_in_a_config_file_is_refused(tmp_path):
     path.write_text("max-steps: 3\nlr: 1.0e-3\nmax_steps: 4\n")
     with pytest.raises(ValueError, match=r"run.yaml: setting max_steps given twice \(as 'max-steps' and 'max_steps'\)"):
         read_config_file(path)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"lora_rank": 8, "lora_dropout": 0.1}, r"lora_rank, lora_dropout have no effect without lora=true \(--lora\)"),
+    ({"mismatch_per_prompt": 0}, r"mismatch_per_prompt=0 draws no mismatch answers: the mismatch term is off "
+                                 r"whatever mismatch_weight \(1.0\) says"),
+])
+def test_settings_that_have_no_effect_are_warned_of(settings, message):
+    """A setting that the rest of the configuration never reads was silently ignored."""
+    with pytest.warns(UserWarning, match=message):
+        UnlearnConfig(**settings)
+
+
+def test_settings_that_take_effect_are_not_warned_of():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        UnlearnConfig(lora=True, lora_rank=8)
+        UnlearnConfig(mismatch_per_prompt=0, mismatch_weight=0.0)
