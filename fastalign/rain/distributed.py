@@ -23,6 +23,8 @@ from typing import Dict, List, Optional, Sequence, Set
 import torch
 import torch.distributed as dist
 
+from fastalign.unlearn.records import read_jsonl
+
 
 @dataclass
 class Placement:
@@ -64,26 +66,15 @@ def leave(placement: Placement):
 
 def _records(path: str):
     """The records of `path`; a last line without its newline (a write a kill cut short) is not one. ValueError
-    naming the file and line for a line that is no record (a file other than a `fastalign rain` output)."""
+    naming the file and row for a line that is no record (a file other than a `fastalign rain` output)."""
     if not os.path.exists(path):
         return []
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     records = []
-    for number, line in enumerate(lines[:-1], start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
-        index = record.get("index") if isinstance(record, dict) else None
+    for number, record in read_jsonl(path, skip_torn_last_line=True):
+        index = record.get("index")
         if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-            raise ValueError(f"{path}: line {number}: expected a record of `fastalign rain` (an object with an "
-                             f"integer 'index'), got {line[:60]}")
+            raise ValueError(f"{path}: row {number}: expected a record of `fastalign rain` (an object with an "
+                             f"integer 'index'), got {json.dumps(record)[:60]}")
         records.append(record)
     return records
 

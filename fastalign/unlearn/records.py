@@ -57,13 +57,14 @@ def read_text(path: str | os.PathLike) -> str:
             raise _unreadable(path, e) from None
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """Yields (row number, object) for each non-blank line; bad JSON or a non-object is a DataError."""
+def read_jsonl(path: str | os.PathLike, *, skip_torn_last_line: bool = False) -> Iterator[tuple[int, dict]]:
+    """Yields (row number, object) for each non-blank line; bad JSON or a non-object is a DataError.
+    skip_torn_last_line: a last line without its newline (a write that a kill cut short) is no row."""
     path = os.fspath(path)
     with open_text(path) as f:
         try:
             for row, line in enumerate(f, start=1):
-                if not line.strip():
+                if not line.strip() or (skip_torn_last_line and not line.endswith("\n")):
                     continue
                 try:
                     obj = json.loads(line)

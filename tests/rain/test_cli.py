@@ -521,10 +521,10 @@ def test_rain_failed_vanilla_answer_fails_its_prompt_only(rain_setup, monkeypatc
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"prompt": "Human: Hi\\nAssistant:"}\n', "line 1: expected a record of `fastalign rain` (an object with an "
+    ('{"prompt": "Human: Hi\\nAssistant:"}\n', "row 1: expected a record of `fastalign rain` (an object with an "
                                                "integer 'index'), got {\"prompt\""),
-    ('{"index": 0, "prompt": "x", "error": null}\n{"index": 1,\n', "line 2: not valid JSON"),
-    ('\udcff\n', "not UTF-8 text"),
+    ('{"index": 0, "prompt": "x", "error": null}\n{"index": 1,\n', "row 2: not valid JSON"),
+    ('\udcff\n', "cannot be read as (gzipped) UTF-8 text"),
 ])
 def test_rain_output_of_something_else_is_a_usage_error_naming_the_line(rain_setup, monkeypatch, capsys, content,
                                                                         message):
