@@ -196,7 +196,7 @@ def is_main_process() -> bool:
 
 
 def main(args: argparse.Namespace) -> int:
-    from fastalign.unlearn.models import causal_lm_parts, max_positions
+    from fastalign.unlearn.models import check_fused_logits, input_vocabulary, max_positions
     from fastalign.unlearn.records import DataError
     from fastalign.unlearn.run import load_model_and_tokenizer, load_streams, run_unlearning
     from fastalign.unlearn.trainer import resume_point
@@ -208,8 +208,9 @@ def main(args: argparse.Namespace) -> int:
             resume_point(config)
             model, tokenizer = load_model_and_tokenizer(config)
             streams = load_streams(config, tokenizer)
-            causal_lm_parts(model)
+            check_fused_logits(model)
             streams.check_context(max_positions(model))
+            streams.check_vocabulary(input_vocabulary(model))
             if is_main_process():
                 print(json.dumps({"model": type(model).__name__, "forget": len(streams.forget),
                                   "normal": len(streams.normal), "mismatch_pool": len(streams.pool),

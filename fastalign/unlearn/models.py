@@ -112,6 +112,49 @@ def logit_softcap(model) -> float | None:
     return None if value is None or not _forward_reads(base, _SOFTCAP) else float(value)
 
 
+def check_fused_logits(model, probe_tokens: int = 4) -> None:
+    """Raises NotImplementedError unless `model`'s logits are what the fused losses compute from its parts:
+    F.linear(final hidden states of its decoder, lm_head.weight, lm_head.bias), capped as logit_softcap says.
+
+    The config names checked by causal_lm_parts catch the known logit transforms with a precise message; this probe
+    catches the others: a multiplier under a name of its own (Falcon-H1's lm_head_multiplier), hidden states
+    rescaled or normed between the decoder and the lm_head, an lm_head whose forward is more than its weight.
+    It compares one short forward of the model (eval mode, its own dtype) with the same computation done the fused
+    losses' way, up to a few roundings of that dtype; the two are the same operations when nothing is missed."""
+    decoder, lm_head = causal_lm_parts(model)
+    base, weight, softcap = base_causal_lm(model), lm_head.weight, logit_softcap(model)
+    if any(p.is_meta for p in base.parameters()):  # weights not loaded in this process (FSDP's low-memory
+        return                                      # loading gives them to one process): nothing to run yet
+    ids = torch.linspace(0, weight.shape[0] - 1, probe_tokens, device=weight.device).long()[None]
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), eval_mode(base):
+        logits = base(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        if hidden.shape[-1] != weight.shape[-1] or not weight.is_floating_point():  # e.g. a quantized lm_head
+            fused = None
+        else:
+            fused = torch.nn.functional.linear(hidden.to(weight.dtype), weight, lm_head.bias)
+            fused = (fused if softcap is None else torch.tanh(fused / softcap) * softcap).float()
+    if fused is None or fused.shape != logits.shape:
+        found = (f"hidden states {tuple(hidden.shape)}, lm_head weight {tuple(weight.shape)} {weight.dtype}, logits "
+                 f"{tuple(logits.shape)}")
+    else:
+        scale, error = float(logits.abs().max()), float((fused - logits).abs().max())
+        if error <= 4 * torch.finfo(weight.dtype).eps * max(scale, 1.0):
+            return
+        found = f"they differ by up to {error:.3g} on logits up to {scale:.3g}"
+    raise NotImplementedError(f"{type(base).__name__}: its logits are not its lm_head's weight applied to the final "
+                              f"hidden states of its decoder ({found}): it transforms them, or the hidden states, in "
+                              "a way the fused losses do not reproduce, so they would train another objective")
+
+
+def input_vocabulary(model) -> int | None:
+    """How many token ids the model embeds (its input embeddings' rows), or None if it does not say."""
+    get_embeddings = getattr(base_causal_lm(model), "get_input_embeddings", None)
+    embeddings = get_embeddings() if get_embeddings is not None else None
+    return getattr(embeddings, "num_embeddings", None)
+
+
 def max_positions(model) -> int | None:
     """The longest sequence the model's config allows (max_position_embeddings), or None if it names none."""
     value = getattr(getattr(base_causal_lm(model), "config", None), "max_position_embeddings", None)

@@ -21,7 +21,8 @@ import torch
 from fastalign.ops.checks import is_real
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
 from fastalign.ops.linear_kl_div import linear_kl_div
-from fastalign.unlearn.models import at_answer_targets, causal_lm_parts, final_hidden_states, logit_softcap
+from fastalign.unlearn.models import (at_answer_targets, base_causal_lm, causal_lm_parts, check_fused_logits,
+                                      final_hidden_states, logit_softcap)
 from fastalign.unlearn.sharding import head_weight
 from fastalign.unlearn.streams import UnlearningBatch
 from fastalign.unlearn.token_weights import unlearning_token_weights
@@ -56,6 +57,10 @@ class LossTerms(NamedTuple):
         return -self.forget
 
 
+_NO_KL_BIAS = ("{}: its lm_head has a bias, which the KL term on normal data (fastalign.linear_kl_div) does not "
+               "take; train without it: normal_weight=0 (--normal-weight 0)")
+
+
 class UnlearningObjective(torch.nn.Module):
     """forward(batch) -> LossTerms for a causal LM `model`, a reference (see reference.py) and weights.
 
@@ -72,7 +77,9 @@ class UnlearningObjective(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, weights: LossWeights = LossWeights(), reference=None,
                  backend: str = "auto"):
         super().__init__()
-        causal_lm_parts(model)  # fail now, not at the first step, on a model without an lm_head
+        check_fused_logits(model)  # fail now, not at the first step, on a model the fused losses cannot serve
+        if reference is not None and causal_lm_parts(model)[1].bias is not None:
+            raise NotImplementedError(_NO_KL_BIAS.format(type(base_causal_lm(model)).__name__))
         self.model, self.weights, self.reference, self.backend = model, weights, reference, backend
 
     @property
@@ -116,7 +123,7 @@ class UnlearningObjective(torch.nn.Module):
             if self.reference is None:
                 raise ValueError("the batch has normal rows but the objective has no reference for the KL term")
             if bias is not None:
-                raise NotImplementedError("the KL term does not support an lm_head bias")
+                raise NotImplementedError(_NO_KL_BIAS.format(type(base_causal_lm(self.model)).__name__))
             normal_tokens = tokens.rows(n_fgt + n_rdn, n_fgt + n_rdn + batch.num_normal)
             ref_hidden, ref_weight = self.reference(normal_tokens, batch.normal_index, lm_weight)
             ref_weight = weight if ref_weight is lm_weight else ref_weight.to(dtype)  # shared: read once

@@ -141,6 +141,22 @@ class UnlearningStreams:
             raise DataError(f"{source}: {length} tokens, more than the model's context (max_position_embeddings="
                             f"{positions}); set max_length to at most {positions}")
 
+    def check_vocabulary(self, vocab_size: int | None) -> None:
+        """Raises a DataError naming the first example (or the padding id) holding a token id the model has no
+        input embedding for: a tokenizer that does not match the model (a token added to it without resizing
+        the model's embeddings) failed deep inside the forward with an IndexError."""
+        if vocab_size is None:
+            return
+        if not 0 <= self.filler_id < vocab_size:
+            raise DataError(f"the padding token id {self.filler_id} is past the model's {vocab_size} input embeddings: "
+                            "the tokenizer does not match the model (a token added without resizing the embeddings?)")
+        pool = [(a.ids, f"mismatch pool answer {i}") for i, a in enumerate(self.pool)]
+        for ids, source in [(e.input_ids, e.source) for e in self.forget + self.normal] + pool:
+            if ids and not 0 <= max(ids) < vocab_size:
+                raise DataError(f"{source}: token id {max(ids)} is past the model's {vocab_size} input embeddings: "
+                                "the tokenizer does not match the model (a token added without resizing the "
+                                "embeddings?)")
+
     def batch(self, index: int, *, rank: int = 0, world_size: int = 1) -> UnlearningBatch:
         """The batch of global draw `index` for process `rank` of `world_size`."""
         j = index * world_size + rank

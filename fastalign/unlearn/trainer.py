@@ -31,8 +31,8 @@ from fastalign.unlearn.compute import (ComputeTotals, ModelShape, batch_compute,
                                        decoder_matmul_weights)
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.lora_merge import MERGE_ERROR_WARNING, merge_rounding_error
-from fastalign.unlearn.models import (cast_weights, causal_lm_parts, enable_activation_checkpointing,
-                                      max_positions)
+from fastalign.unlearn.models import (cast_weights, causal_lm_parts, check_fused_logits,
+                                      enable_activation_checkpointing, input_vocabulary, max_positions)
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
 from fastalign.unlearn.sharding import (full_model_state, load_optimizer_state, load_trainable_state,
@@ -146,6 +146,7 @@ class UnlearningTrainer:
             raise ValueError("config.output_dir must name the directory for checkpoints, logs and the model")
         causal_lm_parts(model)
         streams.check_context(max_positions(model))
+        streams.check_vocabulary(input_vocabulary(model))
         for name, p in model.named_parameters():
             if not bool(torch.isfinite(p).all()):
                 raise ValueError(f"model parameter {name} holds NaN or infinite values")
@@ -159,6 +160,7 @@ class UnlearningTrainer:
             raise NotImplementedError("lora=True under FSDP is not supported (the adapter could not be merged "
                                       "into sharded weights); LoRA's trainable weights are small: use DDP")
         self.model = self._prepare_model(model)
+        check_fused_logits(self.model)  # before train() writes anything
         self.shape = ModelShape.of(self.model)
         self.setup_compute = ComputeTotals()  # what building the reference cost (the cached one: a forward)
 
@@ -171,9 +173,14 @@ class UnlearningTrainer:
                 import peft
             except ImportError as e:
                 raise ImportError("lora=True needs peft: pip install 'fastalign[lora]'") from e
-            model = peft.get_peft_model(model, peft.LoraConfig(
-                r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                target_modules=list(config.lora_targets)))
+            # PEFT takes its shorthand ("all-linear") as a string only
+            targets = config.lora_targets[0] if config.lora_targets == ["all-linear"] else list(config.lora_targets)
+            try:
+                model = peft.get_peft_model(model, peft.LoraConfig(
+                    r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                    target_modules=targets))
+            except ValueError as e:   # e.g. GPT-2 has no q_proj: name the setting that chose them
+                raise ValueError(f"lora_targets (--lora-targets) {config.lora_targets}: {e}") from None
         if config.reference_mode == "cached":
             causal_lm_parts(model)[1].weight.requires_grad_(False)  # the cache is valid only for this head
         if config.gradient_checkpointing:

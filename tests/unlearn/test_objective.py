@@ -9,6 +9,7 @@ from fastalign.unlearn.objective import LossWeights, UnlearningObjective
 from fastalign.unlearn.reference import (AdapterDisabledReference, CachedReference, FrozenCopyReference,
                                          weight_fingerprint)
 from fastalign.reference.unlearning_loss import spec_unlearning_terms
+from fastalign.unlearn.streams import UnlearningStreams
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
 
 WEIGHTS = LossWeights(forget=0.5, mismatch=1.0, normal=1.0)
@@ -150,9 +151,10 @@ def test_bf16_frozen_copy_is_the_model_loaded_in_bf16(tmp_path):
 
 def test_one_policy_forward_per_step():
     model, streams, reference, _ = setup("copy")
+    objective = UnlearningObjective(model, WEIGHTS, reference)  # its construction probes the model once
     calls = []
     model.model.register_forward_hook(lambda *_: calls.append(1))
-    UnlearningObjective(model, WEIGHTS, reference)(streams.batch(0))
+    objective(streams.batch(0))
     assert len(calls) == 1
 
 
@@ -263,3 +265,64 @@ def test_fused_ops_take_the_autocast_dtype(monkeypatch):
         UnlearningObjective(model, WEIGHTS, reference)(streams.batch(0))
     assert seen == [("linear_cross_entropy", torch.bfloat16, torch.bfloat16),
                     ("linear_kl_div", torch.bfloat16, torch.bfloat16)]
+
+
+def tiny_falcon_h1(vocab_size, lm_head_multiplier):
+    """Falcon-H1 multiplies its logits by lm_head_multiplier after the lm_head (real checkpoints: 1/16 to 1/32)."""
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+    torch.manual_seed(0)
+    config = FalconH1Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                            mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1,
+                            mamba_chunk_size=16, lm_head_multiplier=lm_head_multiplier)
+    return FalconH1ForCausalLM(config).eval()
+
+
+class ScaledInputHead(torch.nn.Linear):
+    """An lm_head whose forward is not the plain linear map of its weight (it reads twice its input)."""
+
+    def forward(self, hidden):
+        return super().forward(2 * hidden)
+
+
+@pytest.mark.parametrize("case", ["falcon_h1", "head_forward"])
+def test_logits_the_fused_losses_do_not_reproduce_are_refused(case):
+    """A model whose logits are not F.linear(final hidden states, lm_head.weight) (a multiplier no known config
+    name reveals, an lm_head whose forward is more than its weight) is refused by name, not trained on another
+    objective."""
+    vocab_size = len(byte_bpe_tokenizer())
+    if case == "falcon_h1":
+        model = tiny_falcon_h1(vocab_size, lm_head_multiplier=0.25)
+        UnlearningObjective(tiny_falcon_h1(vocab_size, lm_head_multiplier=1.0))  # plain logits: served
+    else:
+        model = tiny_llama(vocab_size)
+        head = ScaledInputHead(32, vocab_size, bias=False)
+        head.weight = model.lm_head.weight
+        model.lm_head = head
+    name = type(model).__name__
+    with pytest.raises(NotImplementedError, match=f"{name}: its logits are not its lm_head's weight applied to "
+                                                  "the final hidden states"):
+        UnlearningObjective(model)
+
+
+def test_a_model_without_loaded_weights_is_not_probed():
+    """Weights on the meta device (FSDP's low-memory loading leaves them so on all but one process): the probe of the
+    logits has nothing to run on and must not fail the run."""
+    with torch.device("meta"):
+        model = tiny_llama(len(byte_bpe_tokenizer()))
+    UnlearningObjective(model)
+
+
+def test_an_lm_head_bias_is_refused_by_the_kl_term_when_built():
+    """The KL term takes no lm_head bias (Phi-2, GPT-J): refused by name when the objective is built with a
+    reference, not at the first batch with normal rows (after the trainer had made its output directory); without a
+    reference the signed cross-entropy takes the bias."""
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    biased = torch.nn.Linear(32, model.config.vocab_size, bias=True)
+    biased.weight, model.lm_head = model.lm_head.weight, biased
+    with pytest.raises(NotImplementedError, match=r"LlamaForCausalLM: its lm_head has a bias, .*--normal-weight 0"):
+        UnlearningObjective(model, WEIGHTS, FrozenCopyReference(model))
+    streams = tiny_streams(byte_bpe_tokenizer())
+    batch = UnlearningStreams(streams.forget, mismatch_pool=streams.pool, mismatch_per_prompt=2,
+                              filler_id=streams.filler_id).batch(0)
+    assert batch.num_normal == 0 and torch.isfinite(UnlearningObjective(model, WEIGHTS)(batch).total)

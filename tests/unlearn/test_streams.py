@@ -170,3 +170,19 @@ def test_a_prompt_that_leaves_no_room_for_a_mismatch_answer_is_named():
     with pytest.raises(DataError, match="forget 1: its prompt takes 3 tokens .* max_length=4"):
         UnlearningStreams(forget, mismatch_pool=pool, max_length=4)
     UnlearningStreams(forget, mismatch_pool=pool, max_length=4, mismatch_per_prompt=0)   # no mismatch rows
+
+
+def test_token_ids_past_the_models_vocabulary_are_named():
+    """A tokenizer that does not match the model (a pad token added without resizing the embeddings) failed inside
+    the embedding with an IndexError; the example, pool answer or padding id holding such an id is named."""
+    largest = max(max(e.input_ids) for e in FORGET + NORMAL)   # 1202: forget and normal ids run up to it
+    make().check_vocabulary(largest + 1)
+    make().check_vocabulary(None)
+    with pytest.raises(DataError, match=rf"normal 12: token id {largest} is past the model's {largest} input "
+                                        "embeddings: the tokenizer does not match the model"):
+        make().check_vocabulary(largest)
+    small = UnlearningStreams([EncodedExample((1, 2, 3, 4), 2, 4, "forget 0")], mismatch_pool=POOL)
+    with pytest.raises(DataError, match="mismatch pool answer 2: token id 9 is past the model's 9 input"):
+        small.check_vocabulary(9)
+    with pytest.raises(DataError, match=r"the padding token id 5000 is past the model's 1300 input embeddings"):
+        make(filler_id=5000).check_vocabulary(1300)

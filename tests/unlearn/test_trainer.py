@@ -468,3 +468,28 @@ def test_accumulated_gradient_is_that_of_the_whole_step(tmp_path, monkeypatch):
     for key, grad in seen[0].items():
         name = names[key]
         torch.testing.assert_close(grad, expected[name].grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_model_whose_logits_the_fused_losses_do_not_reproduce_is_refused_before_any_output(tmp_path):
+    """The trainer refuses it when built, so that no output directory is left behind (see test_objective)."""
+    from tests.unlearn.test_objective import ScaledInputHead
+
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    head = ScaledInputHead(32, model.config.vocab_size, bias=False)
+    head.weight = model.lm_head.weight
+    model.lm_head = head
+    with pytest.raises(NotImplementedError, match="LlamaForCausalLM: its logits are not"):
+        run(tmp_path, model=model)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_lora_targets_the_model_lacks_are_named_and_all_linear_is_taken(tmp_path):
+    """GPT-2, NeoX, Falcon and Phi-3 have no q_proj: PEFT's error did not say which setting chose the modules; and
+    PEFT takes its "all-linear" shorthand only as a string, not in the list the config holds."""
+    pytest.importorskip("peft")
+    with pytest.raises(ValueError, match=r"lora_targets \(--lora-targets\) \['c_attn'\]: .*c_attn"):
+        run(tmp_path, "missing", lora=True, lora_targets=["c_attn"], max_steps=1)
+    trainer, summary = run(tmp_path, "all", lora=True, lora_targets="all-linear", lora_rank=4, max_steps=1)
+    adapter = json.loads((tmp_path / "all" / "adapter" / "adapter_config.json").read_text())
+    adapted = {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]}
+    assert summary.steps == 1 and {"q_proj", "up_proj", "down_proj"} <= adapted, adapter["target_modules"]
