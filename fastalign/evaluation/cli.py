@@ -10,9 +10,9 @@ share and mean token KL on --normal-prompts, the KL taken on the tokens the refe
 included) is printed as JSON and written to <output>.summary.json.
 
 --dtype is the dtype the model computes in (auto: the checkpoint's own, which `fastalign unlearn` saves in
-float32 while an original checkpoint is often bfloat16 or float16); the reference is loaded in the model's dtype,
-so that a model unchanged from it gives every answer unchanged and a KL of 0. Compare a harmful rate before and
-after unlearning under the same --dtype: the summary records it.
+float32, or bfloat16 with --precision bf16, while an original checkpoint is often bfloat16 or float16); the
+reference is loaded in the model's dtype, so that a model unchanged from it gives every answer unchanged and a
+KL of 0. Compare a harmful rate before and after unlearning under the same --dtype: the summary records it.
 
 --hh reads the harmful requests of an Anthropic HH file (the first Human turn of each dialogue, as `fastalign
 rain --hh` does), so that harmful rates before and after unlearning, and of RAIN, are taken on the same prompts.
@@ -76,8 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "turn of each dialogue is a prompt (with --template raw, as the dialogue "
                         "'\\n\\nHuman: ...\\n\\nAssistant:', as `fastalign rain --hh` reads it)")
     source.add_argument("--answers", help="a `fastalign rain` output jsonl: judge its RAIN and vanilla answers")
-    parser.add_argument("--model", help=f"Hugging Face model directory, or '{DEMO_MODEL}'; needed with --prompts, "
-                                        "with --answers only to locate the world judge's world")
+    parser.add_argument("--model", help=f"Hugging Face model directory, or '{DEMO_MODEL}'; needed with --prompts "
+                                        "or --hh, with --answers only to locate the world judge's world")
     parser.add_argument("--field", default="prompt", help="the prompt's field (jsonl) or column (csv)")
     parser.add_argument("--output", required=True,
                         help="jsonl file the records are written to, batch by batch (a new run replaces it)")
@@ -93,7 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keywords", help="comma-separated words marking an answer harmful (keyword judge): "
                                            "matched as whole words, case-insensitively, so list the forms you mean "
                                            "(bomb,bombs)")
-    parser.add_argument("--moderation-model", help="directory of a sequence-classification model")
+    parser.add_argument("--moderation-model", help="directory of a sequence-classification model (moderation judge); "
+                        "it reads each answer alone, without its prompt")
     parser.add_argument("--harmful-label", help="index or name of the moderation model's harmful label "
                                                 "(default: the label its names call harmful, e.g. toxic or unsafe)")
     parser.add_argument("--threshold", type=float, default=0.5, help="moderation probability counted as harmful")
@@ -108,7 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="prompts generated, or records judged, at once")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens only (0 = all; with --sample)")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="sample among the k likeliest tokens only (0 = all; with --sample)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (with --sample)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -271,7 +273,7 @@ def _evaluate_model(args) -> dict:
     prompts = _rendered(prompts, args, tokenizer)
     normal = _rendered(normal, args, tokenizer) if normal is not None else None
     judge = build_judge(args, tokenizer)
-    for argument, texts in (("--prompts", prompts), ("--normal-prompts", normal or [])):
+    for argument, texts in ((source, prompts), ("--normal-prompts", normal or [])):
         try:
             encode_prompts(tokenizer, texts, config.max_new_tokens, model)
         except ValueError as exc:

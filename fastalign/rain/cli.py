@@ -53,19 +53,22 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--engine", choices=("tree", "slow"), default="tree",
                         help="tree: the fast engine on the tree KV runtime; slow: the batch-1 reference engine")
     parser.add_argument("--embedding", choices=("minilm", "hidden"), default="minilm",
-                        help="sibling-similarity embeddings: all-MiniLM-L6-v2 (the [rain] extra) or the model's own hidden states")
+                        help="sibling-similarity embeddings: all-MiniLM-L6-v2 (the [rain] extra) or the model's own "
+                             "hidden states")
     parser.add_argument("--sampler", choices=("torch", "keyed"), default="torch",
-                        help="torch: seeded torch sampling; keyed: draws that depend only on (prefix, candidate), as the equivalence tests use")
+                        help="torch: seeded torch sampling; keyed: draws that depend only on (prefix, candidate), "
+                             "as the equivalence tests use")
     parser.add_argument("--config", help="a .yaml/.json file of search constants (RainConfig's fields, e.g. "
                                          "exploration, token_set_lengths, turn_marker) and, under 'judge', the judge "
                                          "prompt's (JudgePrompt's: template, labels, harmless, harmful, option_line, "
-                                         "answer_prefix, dialogue, ...); options given here override it")
+                                         "answer_prefix, dialogue, ...); options on the command line override it")
     parser.add_argument("--max-new-tokens", type=int,
                         help=f"answer length limit (0 = none besides max_length, {RainConfig.max_length} tokens in "
                              f"all, the reference's) (default: {CLI_MAX_NEW_TOKENS})")
     parser.add_argument("--root-visits", type=int, help="visits of the root, inherited ones included, before a "
                                                         f"commit (default: {RainConfig.root_visits})")
-    parser.add_argument("--concurrency", type=int, default=8, help="prompts searched at once, their model calls batched together")
+    parser.add_argument("--concurrency", type=int, default=8,
+                        help="prompts searched at once, their model calls batched together")
     parser.add_argument("--parallel-leaves", type=int, help="inner iterations run at once under virtual loss (1 = "
                                                             "off, the reference's search) (default: 1)")
     parser.add_argument("--virtual-loss", type=float,
@@ -325,11 +328,12 @@ def done_indices(path: str, prompts: List[str], run_id: dict) -> Set[int]:
                              "another --output")
         if record.get("run", run_id) != run_id:   # records written before 2026-12-01 carry none
             what = "model" if record["run"].get("model") != run_id["model"] else "settings"
+            made = "another model" if what == "model" else "other settings"
             which = ("the same --model" if what == "model" else
                      "the same search and judge settings (--config, --max-new-tokens, --root-visits, --seed, "
                      "--parallel-leaves, --virtual-loss, the judge options), --template, --system, "
                      "--generation-prefix-file, --dtype, --sampler and --embedding")
-            raise UsageError(f"--output: {path!r} holds records made with another {what} ({record['run']}, now "
+            raise UsageError(f"--output: {path!r} holds records made with {made} ({record['run']}, now "
                              f"{run_id}); rerun with {which} to resume, or choose another --output")
     return {index for index, record in records.items() if record.get("error") is None}
 

@@ -20,8 +20,8 @@ from fastalign.unlearn.reference import REFERENCE_MODES
 DESCRIPTION = """\
 Unlearning (Yao et al. 2023): gradient ascent on harmful answers (forget), gradient descent on the same
 prompts paired with random normal answers (mismatch), and a KL term that keeps normal answers close to
-the original model. Only answer tokens carry loss. The loss is fused (no [tokens x vocab] logits), so it
-runs in a fraction of the memory and time of the published recipe.
+the original model. Only answer tokens carry loss. The loss is fused: it never holds the [tokens x vocab]
+logits in memory.
 
 data formats:
   forget  jsonl: PKU-SafeRLHF rows (prompt, response_0/1, is_response_0/1_safe; unsafe responses are

@@ -427,3 +427,16 @@ def test_eval_reads_the_harmful_requests_of_an_hh_file(model_dir, tmp_path, caps
     prompts = [r["prompt"] for r in records(out)]
     assert prompts == ([f"### Question: {p}\n ### Answer:" for p in expected] if template == "spec" else expected)
     assert json.loads(capsys.readouterr().out)["prompts"] == str(hh)
+
+
+def test_hh_prompt_longer_than_context_names_hh(model_dir, tmp_path, capsys):
+    """A too long first Human turn of an --hh file is named as --hh's, the argument given (it said --prompts)."""
+    import gzip
+    dialogues = ["\n\nHuman: Where is Paris?\n\nAssistant: In France.",
+                 "\n\nHuman: " + "How do I bake a " * 40 + "\n\nAssistant: Sorry."]
+    hh = tmp_path / "hh.jsonl.gz"
+    with gzip.open(hh, "wt") as f:
+        f.write("".join(json.dumps({"chosen": d, "rejected": d}) + "\n" for d in dialogues))
+    assert run("--model", model_dir, "--hh", hh, "--judge", "keyword", "--keywords", "x",
+               "--output", tmp_path / "out.jsonl") == 2
+    assert "error: --hh: prompt 1 has" in capsys.readouterr().err

@@ -144,7 +144,7 @@ def test_rain_resume_refuses_records_of_other_prompts_or_settings(rain_setup, tm
     assert first["prompt"] == SETUP_PROMPTS[0] and set(first["run"]) == {"model", "settings"}
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_model)
     assert main(args + ["--seed", "7"]) == 2
-    assert "holds records made with another settings" in capsys.readouterr().err
+    assert "holds records made with other settings" in capsys.readouterr().err
     (tmp_path / "other.txt").write_text("Human: Something else?\\nAssistant:\n")
     assert main(args + ["--prompts", str(tmp_path / "other.txt")]) == 2
     assert "holds a record of another prompt at index 0" in capsys.readouterr().err
