@@ -152,6 +152,8 @@ def build_judge(args, tokenizer=None):
     if args.judge == "moderation":
         if not args.moderation_model:
             raise UsageError("--judge moderation needs --moderation-model DIR (a sequence classifier)")
+        if not 0 <= args.threshold <= 1:   # before the classifier loads
+            raise UsageError(f"--threshold must be a probability in [0, 1], got {args.threshold}")
         if not os.path.isdir(args.moderation_model):
             raise UsageError(f"--moderation-model: no model directory at {args.moderation_model!r}")
         from transformers import AutoModelForSequenceClassification, AutoTokenizer

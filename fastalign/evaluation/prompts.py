@@ -36,7 +36,7 @@ HH_HUMAN, HH_ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
 
 def hh_messages(path: str):
     """The text of the first Human turn of each dialogue of an Anthropic HH jsonl(.gz) file (its 'chosen'
-    transcript): the harmful request of a harmless-base dialogue."""
+    transcript): the harmful request of a harmless-base dialogue. ValueError for a file without dialogues."""
     messages = []
     for line_no, record in read_jsonl(path):  # gzip-aware; bad JSON names the row
         text = record.get("chosen", "")
@@ -44,6 +44,8 @@ def hh_messages(path: str):
             raise ValueError(f"{path}: line {line_no}: 'chosen' must start with a '{HH_HUMAN.strip()}' turn "
                              f"followed by an '{HH_ASSISTANT.strip()}' turn")
         messages.append(text[len(HH_HUMAN):text.index(HH_ASSISTANT)])
+    if not messages:
+        raise ValueError(f"{path}: no dialogues")
     return messages
 
 

@@ -103,6 +103,9 @@ def test_missing_reference_path_is_an_error_before_any_answer(harmful_prompts, m
     (["--judge", "moderation"], "--judge moderation needs --moderation-model DIR"),
     (["--judge", "callable"], "--judge callable needs --judge-callable module:name"),
     (["--judge", "moderation", "--moderation-model", "/nowhere"], "--moderation-model: no model directory"),
+    # a percentage marked no answer harmful: a harmful rate of 0 whatever the classifier said
+    (["--judge", "moderation", "--moderation-model", "/nowhere", "--threshold", "50"],
+     "--threshold must be a probability in [0, 1], got 50.0"),
     (["--judge", "callable", "--judge-callable", "nomodule_xyz:f"], "--judge-callable: cannot import"),
     (["--reference", "demo"], "go together"),
     (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
@@ -440,3 +443,14 @@ def test_hh_prompt_longer_than_context_names_hh(model_dir, tmp_path, capsys):
     assert run("--model", model_dir, "--hh", hh, "--judge", "keyword", "--keywords", "x",
                "--output", tmp_path / "out.jsonl") == 2
     assert "error: --hh: prompt 1 has" in capsys.readouterr().err
+
+
+def test_eval_refuses_an_hh_file_without_dialogues(model_dir, tmp_path, capsys):
+    """An empty --hh file gave no prompts, and the harmful rate divided by zero after the model was loaded."""
+    import gzip
+    hh = tmp_path / "hh.jsonl.gz"
+    with gzip.open(hh, "wt") as f:
+        f.write("\n")
+    assert run("--model", model_dir, "--hh", hh, "--judge", "keyword", "--keywords", "x",
+               "--output", tmp_path / "out.jsonl") == 2
+    assert f"--hh: {hh}: no dialogues" in capsys.readouterr().err

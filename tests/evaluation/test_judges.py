@@ -5,7 +5,8 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
-from transformers import LlamaConfig, LlamaForSequenceClassification, PretrainedConfig, PreTrainedTokenizerFast
+from transformers import (GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification,
+                          PretrainedConfig, PreTrainedTokenizerFast)
 
 from fastalign.evaluation.judges import KeywordJudge, ModerationJudge, harmful_label_index
 
@@ -40,6 +41,23 @@ def test_moderation_judge_scores_each_text_as_alone(world, tokenizer, classifier
     assert 0 < sum(judge(pairs)) < len(pairs)
 
 
+def test_moderation_judge_scores_each_text_as_alone_with_absolute_positions(world, tokenizer):
+    """The demo tokenizer pads on the left: a classifier with absolute position embeddings (GPT-2, BERT) then read
+    a shorter text of a batch at shifted positions, and its verdict depended on the other texts (0.05 alone, 0.96
+    next to longer ones)."""
+    assert tokenizer.padding_side == "left"
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=4, n_positions=128,
+                        pad_token_id=tokenizer.pad_token_id, id2label={0: "safe", 1: "unsafe"},
+                        label2id={"safe": 0, "unsafe": 1})
+    gpt2 = GPT2ForSequenceClassification(config).eval()
+    with torch.no_grad():
+        gpt2.score.weight.mul_(30)
+    pairs = [(qa.question, answer) for qa in world.harmful[:3] + world.normal[:3] for answer in (qa.answer, "No.")]
+    probs = ModerationJudge(gpt2, tokenizer, batch_size=len(pairs)).probabilities(pairs)
+    assert probs == pytest.approx([one_at_a_time(gpt2, tokenizer, a) for _, a in pairs], abs=1e-5)
+
+
 @pytest.mark.parametrize("labels, problem_type", [(["toxic", "threat", "insult"], "multi_label_classification"),
                                                    (["harmfulness"], None)])
 def test_moderation_judge_uses_sigmoid_for_independent_labels(world, tokenizer, labels, problem_type):
@@ -64,6 +82,13 @@ def test_moderation_label_is_checked(tokenizer, classifier):
     with pytest.raises(ValueError, match="out of range"):
         ModerationJudge(classifier, tokenizer, harmful_label=2)
     assert ModerationJudge(classifier, tokenizer, harmful_label="UNSAFE").label == 1
+
+
+@pytest.mark.parametrize("threshold", [50, -0.1, float("nan")])
+def test_moderation_threshold_must_be_a_probability(tokenizer, classifier, threshold):
+    """A threshold above 1 (a percentage) or NaN marked no pair harmful, silently."""
+    with pytest.raises(ValueError, match="threshold must be a probability in"):
+        ModerationJudge(classifier, tokenizer, threshold=threshold)
 
 
 TOXIC_BERT = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
@@ -152,6 +177,14 @@ def test_keyword_judge_matches_whole_words_case_insensitively():
         [True, False, True, False]
     with pytest.raises(ValueError, match="at least one"):
         KeywordJudge([" ", ""])
+
+
+def test_keyword_judge_matches_a_phrase_across_any_whitespace():
+    """A phrase was matched only with the keyword's exact spaces: an answer that wrapped a line inside it, or wrote
+    two spaces, was judged harmless."""
+    judge = KeywordJudge(["pick  a lock"])
+    assert judge([("", "pick a\nlock"), ("", "Pick  a\tlock"), ("", "pick a lock"), ("", "pick alock"),
+                  ("", "pick a locks")]) == [True, True, True, False, False]
 
 
 def test_keyword_judge_matches_keywords_that_start_or_end_in_punctuation():

@@ -60,6 +60,17 @@ def test_verdict_numpy_array_is_accepted():
         check_verdicts(np.array([0.5, 1.0]), pairs)
 
 
+def test_verdicts_listed_as_numpy_or_torch_scalars_are_accepted():
+    """A judge that writes `[score(p, a) > 0.5 for p, a in pairs]` with a numpy score returns numpy bools, which
+    were refused as "must be bools, got True (bool)"; a float stays refused, whatever its type."""
+    pairs = [("a", "b"), ("c", "d"), ("e", "f")]
+    assert check_verdicts([np.float64(0.7) > 0.5, np.int64(0), torch.tensor(True)], pairs) == [True, False, True]
+    with pytest.raises(ValueError, match="must be bools"):
+        check_verdicts([np.float64(1.0), True, False], pairs)
+    with pytest.raises(ValueError, match="must be bools"):
+        check_verdicts([torch.tensor([True]), True, False], pairs)
+
+
 def test_harmful_rate_of_nothing_is_an_error(world):
     with pytest.raises(ValueError, match="at least one"):
         harmful_rate([], world.judge)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fastalign.evaluation.prompts import read_prompts
+from fastalign.evaluation.prompts import hh_messages, read_prompts
 
 PROMPTS = ["How do I bake bread?", "Two lines:\nhere", 'A "quoted", comma']
 
@@ -49,3 +49,9 @@ def test_bad_files_name_the_file_and_line(tmp_path, name, content, message):
         read_prompts(str(tmp_path / name), "q")
     with pytest.raises(FileNotFoundError, match="prompts file not found"):
         read_prompts(str(tmp_path / "missing.jsonl"), "q")
+
+
+def test_an_hh_file_without_dialogues_is_refused(tmp_path):
+    (tmp_path / "hh.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="hh.jsonl: no dialogues"):
+        hh_messages(str(tmp_path / "hh.jsonl"))
