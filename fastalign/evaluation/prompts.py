@@ -5,7 +5,6 @@ A prompt file is jsonl, optionally gzipped (one object per line, the prompt in f
 prompt in column `field`) or any other text file (one prompt per non-blank line, "\\n" for a newline inside
 it); every error names the file and the line. `fastalign eval` and `fastalign rain` read the same formats.
 """
-import csv
 import os
 from typing import List, Optional
 

@@ -5,7 +5,6 @@ or its mask is True (KL); "mean" divides by the number of counted tokens (0 coun
 of 0, never NaN). A counted token with weight 0 contributes exactly 0, so it is dropped before the
 matmul too: only *live* tokens (counted, non-zero weight) are computed.
 """
-import torch
 
 
 class TokenRows:

@@ -27,7 +27,7 @@ from fastalign.evaluation.generation import eos_ids, pad_id
 from fastalign.evaluation.prompts import hh_messages, hh_prompts, read_prompts
 from fastalign.unlearn.encoding import tokenize_texts
 from fastalign.unlearn.config import dataclass_from_dict, read_config_file, settings_mapping
-from fastalign.unlearn.records import DataError, read_jsonl, read_text
+from fastalign.unlearn.records import DataError, read_text
 from fastalign.unlearn.templates import ChatTemplate
 
 from .config import RainConfig
