@@ -36,6 +36,11 @@ def chunk_logits(hidden, weight_acc, bias_acc, softcap=None):
     return logits
 
 
+def softmax_of(logits, lse, softcap):
+    """exp(logits - lse) [c, V]: in place of the logits, unless the soft cap's derivative still needs them."""
+    return (logits.clone() if softcap is not None else logits).sub_(lse[:, None]).exp_()
+
+
 def through_softcap(grad_logits, capped_logits, softcap):
     """The gradient wrt the raw logits from the one wrt the soft-capped ones (in place): times 1 - tanh^2."""
     if softcap is not None:

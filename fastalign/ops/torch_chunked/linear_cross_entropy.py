@@ -5,7 +5,8 @@ sum_t g_t CE_t wrt z_t is g_t (softmax(z_t) - onehot(y_t)).
 """
 import torch
 
-from .chunking import accumulate_grads, accumulation_dtype, chunk_logits, row_chunks, through_softcap, upcast
+from .chunking import (accumulate_grads, accumulation_dtype, chunk_logits, row_chunks, softmax_of, through_softcap,
+                       upcast)
 
 
 def forward(hidden, weight, bias, target, softcap=None):
@@ -32,7 +33,7 @@ def backward(hidden, weight, bias, target, lse, grad_scale, need_weight_grad, ne
     for start, stop in row_chunks(hidden.shape[0], weight.shape[0], acc):
         rows = slice(start, stop)
         logits = chunk_logits(hidden[rows], weight_acc, bias_acc, softcap)
-        grad_logits = (logits - lse[rows, None]).exp_()
+        grad_logits = softmax_of(logits, lse[rows], softcap)
         grad_logits[torch.arange(stop - start, device=hidden.device), target[rows]] -= 1.0
         grad_logits = through_softcap(grad_logits, logits, softcap).mul_(grad_scale[rows, None])
         accumulate_grads(grad_logits, hidden[rows], weight_acc, None if d_hidden is None else d_hidden[rows], d_weight,

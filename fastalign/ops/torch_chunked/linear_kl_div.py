@@ -7,7 +7,8 @@ When `ref_weight is weight` both products read the same fp32 copy of the weight.
 """
 import torch
 
-from .chunking import accumulate_grads, accumulation_dtype, chunk_logits, row_chunks, through_softcap, upcast
+from .chunking import (accumulate_grads, accumulation_dtype, chunk_logits, row_chunks, softmax_of, through_softcap,
+                       upcast)
 
 
 def _weights(weight, ref_weight, acc):
@@ -43,8 +44,8 @@ def backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale, n
     for start, stop in row_chunks(hidden.shape[0], 2 * weight.shape[0], acc):
         rows = slice(start, stop)
         logits = chunk_logits(hidden[rows], weight_acc, None, softcap)
-        grad_logits = (logits - lse[rows, None]).exp_()
-        grad_logits -= chunk_logits(ref_hidden[rows], ref_weight_acc, None, softcap).sub_(ref_lse[rows, None]).exp_()
+        grad_logits = softmax_of(logits, lse[rows], softcap)
+        grad_logits -= softmax_of(chunk_logits(ref_hidden[rows], ref_weight_acc, None, softcap), ref_lse[rows], None)
         grad_logits = through_softcap(grad_logits, logits, softcap).mul_(grad_scale[rows, None])
         accumulate_grads(grad_logits, hidden[rows], weight_acc, None if d_hidden is None else d_hidden[rows], d_weight,
                          None)
