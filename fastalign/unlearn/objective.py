@@ -81,6 +81,7 @@ class UnlearningObjective(torch.nn.Module):
         if reference is not None and causal_lm_parts(model)[1].bias is not None:
             raise NotImplementedError(_NO_KL_BIAS.format(type(base_causal_lm(model)).__name__))
         self.model, self.weights, self.reference, self.backend = model, weights, reference, backend
+        self.softcap = logit_softcap(model)  # read once: it inspects the model's source; the reference shares it
 
     @property
     def _no_split_modules(self):
@@ -101,7 +102,6 @@ class UnlearningObjective(torch.nn.Module):
         weight = lm_weight.to(dtype)
         bias = None if lm_head.bias is None else lm_head.bias.to(dtype)
         hidden = hidden.to(dtype)
-        softcap = logit_softcap(self.model)  # the same cap on the reference's logits: the same architecture
         zero = hidden.new_zeros((), dtype=torch.float32)
 
         forget = mismatch = normal = zero
@@ -115,7 +115,7 @@ class UnlearningObjective(torch.nn.Module):
             targets = tokens.input_ids[:n_fgt + n_rdn, 1:hidden.shape[1]][answers]
             per_token = linear_cross_entropy(at_answer_targets(hidden[:n_fgt + n_rdn], answers), weight, targets,
                                              token_weight=signed.to(weight.device)[answers.flatten()], bias=bias,
-                                             reduction="none", softcap=softcap, backend=self.backend)
+                                             reduction="none", softcap=self.softcap, backend=self.backend)
             n_forget_tokens = int(answers[:n_fgt].sum())
             forget, mismatch = per_token[:n_forget_tokens].sum(), per_token[n_forget_tokens:].sum()
 
@@ -128,7 +128,7 @@ class UnlearningObjective(torch.nn.Module):
             ref_hidden, ref_weight = self.reference(normal_tokens, batch.normal_index, lm_weight)
             ref_weight = weight if ref_weight is lm_weight else ref_weight.to(dtype)  # shared: read once
             kl_sum = linear_kl_div(at_answer_targets(hidden[n_fgt + n_rdn:], normal_tokens.target_mask), weight,
-                                   ref_hidden.to(dtype), ref_weight, reduction="sum", softcap=softcap,
+                                   ref_hidden.to(dtype), ref_weight, reduction="sum", softcap=self.softcap,
                                    backend=self.backend)
             if normal_denominator is None:
                 normal_denominator = int(normal_tokens.target_mask.sum())
