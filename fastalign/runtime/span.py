@@ -40,6 +40,13 @@ class Span:
     def __len__(self):
         return self._length
 
+    def __copy__(self):
+        """The span itself: a handle is immutable, and a second handle would be released with the first."""
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
     @property
     def alive(self):
         """False once released."""

@@ -25,6 +25,16 @@ from fastalign.runtime.span_store import SpanStore
 _OUTPUTS = ("last", "all", None)
 
 
+def _adapters_in_layers(model):
+    """The transformers model under a PEFT wrapper whose adapters live in its layers (LoRA and its kin: the paged
+    path runs them as it runs the layers), so that such a model gets the paged path; else `model` itself (a
+    prompt-learning adapter adds virtual tokens that only the wrapper's forward knows)."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or getattr(config, "is_prompt_learning", True):
+        return model
+    return model.get_base_model()
+
+
 class TreeRunner:
     """Runs `model` (a loaded Hugging Face causal LM, in eval mode) over a tree of cached spans.
 
@@ -43,9 +53,14 @@ class TreeRunner:
         block_size = int(block_size)
         if attention_backend not in BACKENDS:  # here, not at the first forward, on either path
             raise ValueError(f"attention_backend: expected one of {BACKENDS}, got {attention_backend!r}")
-        problem = llama_family_problem(model)
+        params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+        if params and all(p.is_meta for p in params):  # else the first forward fails on a meta tensor's data
+            raise ValueError("model: its weights are not loaded (every parameter is on the meta device); load them "
+                             "onto a device before making a TreeRunner")
+        layered = _adapters_in_layers(model)
+        problem = llama_family_problem(layered)
         if problem is None:
-            self.model_runner = PagedLlama(model, attention_backend)
+            self.model_runner = PagedLlama(layered, attention_backend)
         elif fallback:
             from fastalign.runtime.hf_cache import HFCacheModel
             self.model_runner = HFCacheModel(model)
@@ -94,7 +109,7 @@ class TreeRunner:
     def prefill(self, token_ids):
         """A new root span holding `token_ids` (one forward, no outputs). To also get the next-token
         logits, use `extend([None], [token_ids])`."""
-        (root,), _ = self.extend([None], [token_ids], logits=None)
+        (root,), _ = self._extend([None], [token_ids], cuts=None, logits=None, hidden=None, row_name="token_ids")
         return root
 
     def extend(self, parents, token_lists, *, cuts=None, logits="last", hidden=None):
@@ -116,6 +131,11 @@ class TreeRunner:
         states (after the final norm) in the model's dtype; both are ordinary tensors without grad.
         Returns (children, logits), or (children, logits, hidden) when hidden is not None.
         """
+        return self._extend(parents, token_lists, cuts=cuts, logits=logits, hidden=hidden,
+                            row_name="token_lists[{}]")
+
+    def _extend(self, parents, token_lists, *, cuts, logits, hidden, row_name):
+        """`extend`, naming row i's token ids `row_name.format(i)` in its errors (prefill's are `token_ids`)."""
         for name, value in (("logits", logits), ("hidden", hidden)):
             if value not in _OUTPUTS:
                 raise ValueError(f"{name}: expected one of {_OUTPUTS}, got {value!r}")
@@ -124,10 +144,10 @@ class TreeRunner:
             raise ValueError("parents: expected at least one parent (None starts a new root)")
         parent_ids = np.array([self._parent_code(p, i) for i, p in enumerate(parents)], dtype=np.int64)
         parents = [int(p) if isinstance(p, np.integer) else p for p in parents]
-        tokens, cu_lens = self._pack_tokens(token_lists, len(parents))
+        tokens, cu_lens = self._pack_tokens(token_lists, len(parents), row_name)
         row_cuts = None if cuts is None else self._check_cuts(cuts, cu_lens)
         lengths = np.array(self._lengths(parents, cu_lens))   # of every row's span once extended
-        self._check_context(lengths)
+        self._check_context(lengths, row_name)
         self._check_fits(parents, lengths, np.diff(cu_lens))
         ends = cu_lens[1:] - 1                      # the token that ends each returned span
         if row_cuts is not None:
@@ -200,7 +220,7 @@ class TreeRunner:
 
     # ----- internals
 
-    def _pack_tokens(self, token_lists, rows):
+    def _pack_tokens(self, token_lists, rows, row_name):
         """Flat int32 tokens and int64 row offsets, after checking every list and token id (the ids of all
         rows at once: numpy checks row by row cost ~15 us of host time a row)."""
         if isinstance(token_lists, (str, bytes)):
@@ -214,7 +234,7 @@ class TreeRunner:
                 ids = ids.detach().cpu().numpy()
             array = np.asarray(ids)
             if array.ndim != 1 or array.size == 0 or array.dtype.kind not in "iu":  # ints, not bools
-                raise ValueError(f"token_lists[{i}]: expected a non-empty 1-D sequence of int token ids, got "
+                raise ValueError(f"{row_name.format(i)}: expected a non-empty 1-D sequence of int token ids, got "
                                  f"shape {list(array.shape)} of {array.dtype}")
             arrays.append(array)
         cu_lens = np.zeros(rows + 1, dtype=np.int64)
@@ -224,7 +244,8 @@ class TreeRunner:
         if bad.any():
             i = int(np.searchsorted(cu_lens, np.argmax(bad), side="right")) - 1  # the first bad id's row
             token = arrays[i][bad[cu_lens[i]:cu_lens[i + 1]]][0]                # as given, not as concatenated
-            raise ValueError(f"token_lists[{i}]: token id {token} is outside the vocabulary [0, {self.vocab_size})")
+            raise ValueError(f"{row_name.format(i)}: token id {token} is outside the vocabulary "
+                             f"[0, {self.vocab_size})")
         return tokens.astype(np.int32), cu_lens
 
     @staticmethod
@@ -270,12 +291,12 @@ class TreeRunner:
             lengths.append(base + int(n))
         return lengths
 
-    def _check_context(self, lengths):
+    def _check_context(self, lengths, row_name):
         if self.max_context is None:
             return
         for i, length in enumerate(lengths.tolist()):
             if length > self.max_context:
-                raise ValueError(f"token_lists[{i}]: the child would hold {length} tokens, past the model's "
+                raise ValueError(f"{row_name.format(i)}: the child would hold {length} tokens, past the model's "
                                  f"context of {self.max_context}")
 
     def _check_fits(self, parents, lengths, new_tokens):

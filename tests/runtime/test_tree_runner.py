@@ -137,3 +137,26 @@ def test_the_runner_counts_the_tokens_it_runs_again_for_evicted_spans():
     assert sum(runner.last_restored.values()) == runner.recomputed_tokens == 6
     runner.extend([b], [[15]])
     assert runner.last_restored == {} and runner.recomputed_tokens == 6
+
+
+def test_a_peft_lora_model_runs_on_the_paged_path_with_its_adapter():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(tiny_model("llama-gqa-untied"), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)).eval()
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    assert runner.paged
+    (span,), logits = runner.extend([None], [[5, 17, 3, 99, 42, 8]])
+    expected = model(torch.tensor([span.tokens])).logits[0, -1]
+    with model.disable_adapter():
+        without_adapter = model(torch.tensor([span.tokens])).logits[0, -1]
+    assert (expected - without_adapter).abs().max() > 1e-2, "the adapter changes nothing: the test cannot fail"
+    assert (logits[0] - expected).abs().max() <= 1e-4
+
+
+def test_a_peft_prompt_learning_model_keeps_its_wrapper():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model("llama-gqa-untied"), peft.PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    from fastalign.runtime.tree_runner import _adapters_in_layers
+    assert _adapters_in_layers(model) is model

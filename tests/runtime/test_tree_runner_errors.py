@@ -11,7 +11,7 @@ from transformers import (BertConfig, BertLMHeadModel, BertModel, DeepseekV3Conf
                           RecurrentGemmaForCausalLM)
 
 from fastalign import PoolExhaustedError, Span, TreeRunner
-from tests.runtime.tiny_models import MAX_POSITIONS, VOCAB, tiny_model
+from tests.runtime.tiny_models import CONFIGS, MAX_POSITIONS, VOCAB, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -386,3 +386,28 @@ def test_spans_of_another_runner_are_refused_by_pin_unpin_and_release(runner, mo
         with pytest.raises(ValueError, match="belongs to another TreeRunner"):
             op(other)
     assert snapshot(runner) == before and root.alive and root.pins == 1
+
+
+@pytest.mark.parametrize("name", ["qwen2-untied", "gpt2-fallback"])
+def test_a_model_whose_weights_are_not_loaded_is_refused(name):
+    """A model built on the meta device (no weights) was taken by the paged path, which failed at the first prefill
+    with "Cannot copy out of meta tensor; no data!"; the fallback failed in its probe forward with "Tensor.item()
+    cannot be called on meta tensors"."""
+    cls, make_config = CONFIGS[name]
+    with torch.device("meta"):
+        model = cls(make_config()).eval()
+    with pytest.raises(ValueError, match="model: its weights are not loaded \\(.* on the meta device\\)"):
+        TreeRunner(model, max_tokens=64, block_size=4)
+
+
+@pytest.mark.parametrize("name", ["qwen2-untied", "gpt2-fallback"])
+def test_prefill_names_its_own_argument(name):
+    """prefill's bad token ids were blamed on "token_lists[0]", an argument of extend that prefill's caller never
+    passed."""
+    runner = TreeRunner(tiny_model(name), max_tokens=256, block_size=4)
+    cases = [([], "expected a non-empty 1-D sequence of int token ids"), ([VOCAB], "token id 101 is outside"),
+             ([1] * (MAX_POSITIONS + 1), "the child would hold 129 tokens, past the model's context of 128")]
+    for token_ids, message in cases:
+        with pytest.raises(ValueError, match=f"^token_ids: {message}"):
+            runner.prefill(token_ids)
+    assert runner.tree.span_ids() == [] and runner.num_free_blocks == runner.num_blocks

@@ -1,0 +1,25 @@
+"""Span handles: copies of a handle are the handle itself, so that no copy outlives the span it names."""
+import copy
+import gc
+
+import torch
+
+from fastalign import TreeRunner
+from tests.runtime.tiny_models import tiny_model
+
+
+def test_copies_of_a_span_are_the_span():
+    """copy.copy gave a second handle that shared the first one's finalizer: once the original was dropped, the
+    copy, still held, named a released span ("parents[0]: span 0 was released"); copy.deepcopy (of a search state
+    holding spans, say) failed with "cannot pickle 'fastalign._C.SpanTree' object"."""
+    model = tiny_model("qwen2-untied")
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    root = runner.prefill([1, 2, 3])
+    state = {"node": root, "depth": 1}
+    assert copy.copy(root) is root and copy.deepcopy(state)["node"] is root
+    kept = copy.copy(root)
+    del root, state
+    gc.collect()
+    assert kept.alive
+    (child,), logits = runner.extend([kept], [[4, 5]])
+    assert (logits[0] - model(torch.tensor([child.tokens])).logits[0, -1]).abs().max() <= 1e-4
