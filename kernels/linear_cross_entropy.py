@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from .chunked_backward import backward_in_chunks
-from .linear_softmax_tiles import (autotune_tiles, chunk_grid, forward_grid, logits_tile, merge_splits,
-                                   online_logsumexp, soft_cap, store_gradient_tile, vocab_splits)
+from .linear_softmax_tiles import (autotune_tiles, chunk_grid, forward_grid, head_logits, logits_tile, merge_splits,
+                                   online_logsumexp, store_gradient_tile, vocab_splits)
 
 
 @autotune_tiles(streams=1, key=["H", "V", "HAS_BIAS", "HAS_SOFTCAP"])
@@ -42,10 +42,7 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, target_ptr, split_stats_ptr, target_log
         col_mask = cols < v_end
         # z = x W^T + b on this tile
         z = logits_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, H, BLOCK_M, BLOCK_V, BLOCK_K)
-        if HAS_BIAS:
-            z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        if HAS_SOFTCAP:
-            z = soft_cap(z, softcap)
+        z = head_logits(z, b_ptr, cols, col_mask, softcap, HAS_BIAS, HAS_SOFTCAP)
         # z[t, y_t] where y_t falls in this tile (at most one column matches)
         target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
         z = tl.where(col_mask[None, :], z, float("-inf"))
@@ -73,10 +70,7 @@ def _gradient_kernel(x_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, scale_ptr, g_ptr,
     col_mask = cols < V
 
     z = logits_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, H, BLOCK_M, BLOCK_V, BLOCK_K)
-    if HAS_BIAS:
-        z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:
-        z = soft_cap(z, softcap)
+    z = head_logits(z, b_ptr, cols, col_mask, softcap, HAS_BIAS, HAS_SOFTCAP)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
     target = tl.load(target_ptr + rows, mask=row_mask, other=-1)

@@ -1,4 +1,5 @@
-"""Triton kernels of the fused linear forward KL: KL_t(P || Q), Q = softmax(x W^T), P = softmax(x_ref W_ref^T).
+"""Triton kernels of the fused linear forward KL: KL_t(P || Q), Q = softmax(x W^T + b), P = softmax(x_ref W_ref^T
++ b_ref) (each bias optional; both logits soft-capped, c tanh(z / c), for a model with final_logit_softcapping = c).
 
 P is the frozen reference (no gradient). Neither [M, V] logits matrix exists in memory: the forward
 streams over the vocabulary once, the backward recomputes both logits chunk by chunk from the saved
@@ -12,8 +13,11 @@ of ~1e-6 whatever the KL: useless when P ~ Q (KL ~ Var_p(d) / 2). The second for
 E_p[expm1(-d)] term by term (expm1 is exact to rounding for small d) and finishes with log1p, so its
 error scales with |d|. It is used whenever |lse_p - lse_q| <= 1 and its sum stayed finite (an exp
 can overflow only when Q dwarfs P on some columns); the first form otherwise, where log1p would lose
-digits if E_p[exp(-d)] is near 0. Left unhandled: logits that differ by a near-constant shift c, to
-which the KL is blind, cost either form ~1e-7 |c| (or ~1e-7 |lse|) absolute.
+digits if E_p[exp(-d)] is near 0. Words P gives no mass (a bias of -inf) add 0 to E_p[d]; Q's mass on them
+enters E_p[exp(-d)] as exp(zq - m_p), or, while the running max m_p is still -inf, makes that sum non-finite and
+so selects the first form, which counts it through lse_q; words that both heads mask add nothing.
+Left unhandled: logits that differ by a near-constant shift c, to which the KL is blind, cost either form
+~1e-7 |c| (or ~1e-7 |lse|) absolute.
 
 Launcher contract (the autograd Function in fastalign.ops calls these): inputs are validated, contiguous,
 on one device, masked rows already removed (M >= 1).
@@ -23,8 +27,8 @@ import triton
 import triton.language as tl
 
 from .chunked_backward import backward_in_chunks
-from .linear_softmax_tiles import (autotune_tiles, chunk_grid, forward_grid, logits_tile_pair, merge_splits,
-                                   online_logsumexp, soft_cap, store_gradient_tile, vocab_splits)
+from .linear_softmax_tiles import (autotune_tiles, chunk_grid, forward_grid, head_logits, logits_tile_pair,
+                                   merge_splits, online_logsumexp, store_gradient_tile, vocab_splits)
 
 # split_stats rows of the forward kernel
 _Q_MAX, _Q_SUMEXP, _P_MAX, _P_SUMEXP, _P_DIFF, _P_EXPM1 = range(6)
@@ -47,13 +51,14 @@ def _expm1_series(x):
     return x * r
 
 
-@autotune_tiles(streams=2, key=["H", "H_REF", "V", "SHARED_WEIGHT", "HAS_SOFTCAP"])
+@autotune_tiles(streams=2, key=["H", "H_REF", "V", "SHARED_WEIGHT", "HAS_BIAS", "HAS_REF_BIAS", "HAS_SOFTCAP"])
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, split_stats_ptr, softcap,
+def _forward_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, split_stats_ptr, softcap,
                     M, H, H_REF, V, V_PER_SPLIT, NUM_SPLITS,
-                    SHARED_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EXPM1_SERIES_LIMIT: tl.constexpr,
+                    SHARED_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, EXPM1_SERIES_LIMIT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (split, row block): streaming statistics of zq = x W^T and zp = x_ref W_ref^T on its range.
+    """Program (split, row block): streaming statistics of zq = x W^T + b and zp = x_ref W_ref^T + b_ref on its range.
 
     split_stats is [6, M, NUM_SPLITS]: max and sum exp(zq - max) of Q; max m_p and sum exp(zp - m_p) of P;
     sum exp(zp - m_p) * d and sum exp(zp - m_p) * expm1(-d), with d = zp - zq.
@@ -75,19 +80,20 @@ def _forward_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, split_stats_ptr, softcap,
         col_mask = cols < v_end
         zq, zp = logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, rows, cols, row_mask, col_mask, H, H_REF,
                                   SHARED_WEIGHT, BLOCK_M, BLOCK_V, BLOCK_K)
-        if HAS_SOFTCAP:
-            zq = soft_cap(zq, softcap)
-            zp = soft_cap(zp, softcap)
+        zq = head_logits(zq, b_ptr, cols, col_mask, softcap, HAS_BIAS, HAS_SOFTCAP)
+        zp = head_logits(zp, br_ptr, cols, col_mask, softcap, HAS_REF_BIAS, HAS_SOFTCAP)
         d = tl.where(col_mask[None, :], zp - zq, 0.0)
         zq = tl.where(col_mask[None, :], zq, float("-inf"))
         zp = tl.where(col_mask[None, :], zp, float("-inf"))
         q_max, q_sumexp, _, _ = online_logsumexp(q_max, q_sumexp, zq)
         # e_v = exp(zp_v - m_p); alpha moves the sums kept relative to the old m_p onto the new one
         p_max, p_sumexp, alpha, e = online_logsumexp(p_max, p_sumexp, zp)
-        # e_v * expm1(-d_v) = exp(zq_v - m_p) - e_v: series for small |d|, plain difference otherwise
+        # e_v * expm1(-d_v) = exp(zq_v - m_p) - e_v: series for small |d|, plain difference otherwise; -e_v where
+        # Q gives no mass (exp(-inf - m_p) would be NaN while m_p is -inf, e.g. a word both biases mask)
         e_expm1 = tl.where(tl.abs(d) < EXPM1_SERIES_LIMIT, e * _expm1_series(-d),
-                           tl.exp(zq - p_max[:, None]) - e)
-        p_diff = p_diff * alpha + tl.sum(e * d, axis=1)
+                           tl.where(zq > float("-inf"), tl.exp(zq - p_max[:, None]) - e, -e))
+        # a word P gives no mass (e = 0, e.g. a bias of -inf, where d may be infinite) adds 0 log 0 = 0, not NaN
+        p_diff = p_diff * alpha + tl.sum(tl.where(e > 0.0, e * d, 0.0), axis=1)
         p_expm1 = p_expm1 * alpha + tl.sum(e_expm1, axis=1)
 
     stat = rows * NUM_SPLITS + split
@@ -100,11 +106,12 @@ def _forward_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, split_stats_ptr, softcap,
     tl.store(split_stats_ptr + 5 * stat_stride + stat, p_expm1, mask=row_mask)
 
 
-@autotune_tiles(streams=2, key=["H", "H_REF", "SHARED_WEIGHT", "HAS_SOFTCAP"])
+@autotune_tiles(streams=2, key=["H", "H_REF", "SHARED_WEIGHT", "HAS_BIAS", "HAS_REF_BIAS", "HAS_SOFTCAP"])
 @triton.jit
-def _gradient_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, lse_ptr, ref_lse_ptr, scale_ptr, g_ptr, softcap,
+def _gradient_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, lse_ptr, ref_lse_ptr, scale_ptr, g_ptr, softcap,
                      M, H, H_REF, V, G_STRIDE,
-                     SHARED_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                     SHARED_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
+                     HAS_SOFTCAP: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (row block, column tile) of one [M, V] chunk: recompute zq and zp from the saved
     logsumexps, G = dKL/dzq * scale[:, None] = (q - p) * scale[:, None] (times the soft cap's derivative wrt the
@@ -116,9 +123,8 @@ def _gradient_kernel(x_ptr, w_ptr, xr_ptr, wr_ptr, lse_ptr, ref_lse_ptr, scale_p
 
     zq, zp = logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, rows, cols, row_mask, col_mask, H, H_REF,
                               SHARED_WEIGHT, BLOCK_M, BLOCK_V, BLOCK_K)
-    if HAS_SOFTCAP:
-        zq = soft_cap(zq, softcap)
-        zp = soft_cap(zp, softcap)
+    zq = head_logits(zq, b_ptr, cols, col_mask, softcap, HAS_BIAS, HAS_SOFTCAP)
+    zp = head_logits(zp, br_ptr, cols, col_mask, softcap, HAS_REF_BIAS, HAS_SOFTCAP)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     ref_lse = tl.load(ref_lse_ptr + rows, mask=row_mask, other=0.0)
     scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
@@ -134,19 +140,22 @@ def _same_tensor(a, b):
                         and a.dtype == b.dtype)
 
 
-def forward(hidden, weight, ref_hidden, ref_weight, softcap=None):
-    """hidden [M, H], weight [V, H], ref_hidden [M, H_ref], ref_weight [V, H_ref] (H_ref == H when shared).
+def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, softcap=None):
+    """hidden [M, H], weight [V, H], ref_hidden [M, H_ref], ref_weight [V, H_ref] (H_ref == H when shared), bias and
+    ref_bias [V] or None.
 
-    (kl, lse, ref_lse), fp32 [M] each: KL(P_t || Q_t) and the logsumexps of hidden @ weight^T and of
-    ref_hidden @ ref_weight^T, both soft-capped (softcap * tanh(z / softcap)) unless softcap is None."""
+    (kl, lse, ref_lse), fp32 [M] each: KL(P_t || Q_t) and the logsumexps of hidden @ weight^T + bias and of
+    ref_hidden @ ref_weight^T + ref_bias, both soft-capped (softcap * tanh(z / softcap)) unless softcap is None."""
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     num_splits, per_split = vocab_splits(num_rows, vocab, hidden.device)
     stats = torch.empty(6, num_rows, num_splits, dtype=torch.float32, device=hidden.device)
     _forward_kernel[forward_grid(num_rows, num_splits)](
-        hidden, weight, ref_hidden, ref_weight, stats, softcap or 0.0,
+        hidden, weight, weight if bias is None else bias, ref_hidden, ref_weight,
+        ref_weight if ref_bias is None else ref_bias, stats, softcap or 0.0,
         num_rows, hidden_size, ref_hidden.shape[1], vocab, per_split, num_splits,
-        SHARED_WEIGHT=_same_tensor(weight, ref_weight), HAS_SOFTCAP=softcap is not None,
+        SHARED_WEIGHT=_same_tensor(weight, ref_weight), HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
+        HAS_SOFTCAP=softcap is not None,
         EXPM1_SERIES_LIMIT=_EXPM1_SERIES_LIMIT,
         enable_fp_fusion=True)
     lse, _ = merge_splits(stats[_Q_MAX], stats[_Q_SUMEXP])
@@ -161,12 +170,13 @@ def forward(hidden, weight, ref_hidden, ref_weight, softcap=None):
     return torch.where(use_log1p, kl_log1p, kl_direct), lse, ref_lse
 
 
-def backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale, need_weight_grad,
-             need_hidden_grad=True, softcap=None):
-    """Gradients of sum_t grad_scale[t] * KL_t wrt hidden and weight (P constant): (d_hidden, d_weight), each or None.
+def backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, grad_scale, need_weight_grad,
+             need_bias_grad, need_hidden_grad=True, softcap=None):
+    """Gradients of sum_t grad_scale[t] * KL_t wrt hidden, weight and bias (P constant): (d_hidden, d_weight, d_bias),
+    each or None.
 
     G = (q - p) * grad_scale[:, None];  d_hidden = G @ weight, d_weight = G^T @ hidden, in the inputs' dtype;
-    each is None (and not computed) unless asked for.
+    d_bias = G.sum(0) in fp32; each is None (and not computed) unless asked for.
     """
     shared = _same_tensor(weight, ref_weight)
 
@@ -174,12 +184,14 @@ def backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale, n
         x, x_ref, row_lse, row_ref_lse = hidden[rows], ref_hidden[rows], lse[rows], ref_lse[rows]
 
         def write(cols, out):
-            _gradient_kernel[chunk_grid(out)](x, weight[cols], x_ref, ref_weight[cols], row_lse, row_ref_lse,
-                                              row_scale, out, softcap or 0.0, out.shape[0], x.shape[1],
-                                              x_ref.shape[1], out.shape[1], out.stride(0), SHARED_WEIGHT=shared,
-                                              HAS_SOFTCAP=softcap is not None, enable_fp_fusion=True)
+            _gradient_kernel[chunk_grid(out)](x, weight[cols], weight if bias is None else bias[cols], x_ref,
+                                              ref_weight[cols], ref_weight if ref_bias is None else ref_bias[cols],
+                                              row_lse, row_ref_lse, row_scale, out, softcap or 0.0, out.shape[0],
+                                              x.shape[1], x_ref.shape[1], out.shape[1], out.stride(0),
+                                              SHARED_WEIGHT=shared, HAS_BIAS=bias is not None,
+                                              HAS_REF_BIAS=ref_bias is not None, HAS_SOFTCAP=softcap is not None,
+                                              enable_fp_fusion=True)
         return write
 
-    d_hidden, d_weight, _ = backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, False, segment_writer,
-                                               need_hidden_grad)
-    return d_hidden, d_weight
+    return backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_grad, segment_writer,
+                              need_hidden_grad)

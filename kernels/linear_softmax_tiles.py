@@ -5,8 +5,8 @@ therefore work on one [BLOCK_M, BLOCK_V] logits tile at a time: this module hold
 so that each loss file only states its own math.
 
 - @triton.jit helpers: a logits tile by a K loop over H (optionally two tiles that share weight loads),
-  the logit soft cap (Gemma's final_logit_softcapping), the online logsumexp update, and the store of a
-  gradient tile into a chunk buffer.
+  the head's bias and logit soft cap (Gemma's final_logit_softcapping) on a tile, the online logsumexp update,
+  and the store of a gradient tile into a chunk buffer.
 - host helpers: the autotuning of the launch configurations (fixed small blocks under the Triton
   interpreter), how the vocabulary is split among forward programs, and how the per-split
   (max, sum-exp) partials are merged.
@@ -165,6 +165,17 @@ def soft_cap(z, cap):
     at |z| ~ cap. -cap at z = -inf and cap at +inf, as torch.tanh gives. The derivative, 1 - (capped / cap)^2,
     comes from the capped logits."""
     return cap - 2.0 * cap / (tl.exp(2.0 * z / cap) + 1.0)
+
+
+@triton.jit
+def head_logits(z, b_ptr, cols, col_mask, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """The logits of a linear head from its product tile z = x W^T: plus the bias b[cols] with HAS_BIAS, then
+    soft-capped with HAS_SOFTCAP (the cap applies to the biased logits, as a model caps lm_head(x))."""
+    if HAS_BIAS:
+        z = z + tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        z = soft_cap(z, softcap)
+    return z
 
 
 @triton.jit

@@ -53,6 +53,16 @@ def check_linear(hidden_name, hidden, weight_name, weight):
         raise ValueError(f"{weight_name} must have at least one row (vocabulary size V >= 1), got {_describe(weight)}")
 
 
+def check_bias(name, bias, weight_name, weight):
+    """An optional bias [V] of the linear head whose weight [V, H] is `weight`: its dtype, on its device."""
+    if bias is None:
+        return
+    check_tensor(name, bias, ndim=1, like=weight)
+    if bias.shape[0] != weight.shape[0] or bias.dtype != weight.dtype:
+        raise ValueError(f"{name} must be [{weight.shape[0]}] of dtype {weight.dtype} (one entry per row of "
+                         f"{weight_name}), got {_describe(bias)}")
+
+
 def check_per_token(name, t, n, like, *, dtypes):
     """An optional per-token vector of length n on the device of `like`."""
     if t is None:

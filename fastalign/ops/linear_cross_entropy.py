@@ -6,8 +6,8 @@ them and recompute them in the backward pass from the saved per-token logsumexp.
 import torch
 
 from .backend import launcher_context, refuse_double_backward, require_triton_dtype, select_backend
-from .checks import (check_linear, check_per_token, check_reduction, check_softcap, check_tensor, is_integer,
-                     FLOAT_DTYPES)
+from .checks import (check_bias, check_linear, check_per_token, check_reduction, check_softcap, check_tensor,
+                     is_integer, FLOAT_DTYPES)
 from .token_rows import TokenRows
 
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -80,11 +80,7 @@ def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None
     # compared in int64: in uint8, ignore_index=-100 would wrap to 156 and silently ignore that class
     target = target.long()
     check_per_token("token_weight", token_weight, n, hidden, dtypes=FLOAT_DTYPES)
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1, like=hidden)
-        if bias.shape[0] != vocab or bias.dtype != hidden.dtype:
-            raise ValueError(f"bias must be [{vocab}] of dtype {hidden.dtype}, got shape {tuple(bias.shape)}, "
-                             f"dtype {bias.dtype}")
+    check_bias("bias", bias, "weight", weight)
     check_reduction(reduction)
     check_softcap(softcap)
     out_of_range = (target != ignore_index) & ((target < 0) | (target >= vocab))

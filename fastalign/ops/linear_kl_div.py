@@ -1,72 +1,84 @@
 """fastalign.linear_kl_div: token-weighted forward KL(P || Q) between two linear heads, fused.
 
-P = softmax(ref_hidden @ ref_weight.T) is the frozen reference (no gradient), Q = softmax(hidden @ weight.T)
-the policy. Neither [tokens x vocab] distribution is held in memory; when ref_weight is weight (one frozen
-lm_head shared by both models) each weight tile is read once for both products.
+P = softmax(ref_hidden @ ref_weight.T + ref_bias) is the frozen reference (no gradient), Q = softmax(hidden @
+weight.T + bias) the policy. Neither [tokens x vocab] distribution is held in memory; when ref_weight is weight
+(one frozen lm_head shared by both models) each weight tile is read once for both products.
 """
 import torch
 
 from .backend import launcher_context, refuse_double_backward, require_triton_dtype, select_backend
-from .checks import check_linear, check_per_token, check_reduction, check_softcap, FLOAT_DTYPES
+from .checks import check_bias, check_linear, check_per_token, check_reduction, check_softcap, FLOAT_DTYPES
 from .token_rows import TokenRows
 
 
 class LinearKLDivFunction(torch.autograd.Function):
-    """Autograd over the live rows; gradients flow to hidden and weight only."""
+    """Autograd over the live rows; gradients flow to hidden, weight and bias only."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, ref_hidden, ref_weight, token_weight, mask, reduction, softcap, launcher):
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_weight, mask, reduction, softcap,
+                launcher):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         counted = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device) if mask is None else mask
         rows = TokenRows(counted, token_weight, reduction, acc)
-        shared = ref_weight is weight
+        shared_weight, shared_bias = ref_weight is weight, bias is not None and ref_bias is bias
         live_hidden, live_ref = rows.gather(hidden).contiguous(), rows.gather(ref_hidden.detach()).contiguous()
-        weight = weight.contiguous()
-        ref_weight = weight.detach() if shared else ref_weight.detach().contiguous()
+        weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
+        # a head shared with the policy is passed as the policy's very tensor: the launchers read it once for both
+        ref_weight = weight if shared_weight else ref_weight.detach().contiguous()
+        if ref_bias is not None:
+            ref_bias = bias if shared_bias else ref_bias.detach().contiguous()
         if rows.num_live:
             with launcher_context(hidden.device):
-                kl, lse, ref_lse = launcher.forward(live_hidden, weight, live_ref, weight if shared else ref_weight,
-                                                    softcap)
+                kl, lse, ref_lse = launcher.forward(live_hidden, weight, bias, live_ref, ref_weight, ref_bias, softcap)
         else:
             kl = lse = ref_lse = hidden.new_zeros(0, dtype=acc)
-        ctx.save_for_backward(live_hidden, weight, live_ref, None if shared else ref_weight, lse, ref_lse)
+        ctx.save_for_backward(live_hidden, weight, bias, live_ref, None if shared_weight else ref_weight,
+                              None if shared_bias else ref_bias, lse, ref_lse)
         ctx.rows, ctx.launcher, ctx.acc, ctx.softcap = rows, launcher, acc, softcap
+        ctx.shared_bias = shared_bias
         return rows.reduce(kl)
 
     @staticmethod
     def backward(ctx, grad_output):
         refuse_double_backward("linear_kl_div")
-        live_hidden, weight, live_ref, ref_weight, lse, ref_lse = ctx.saved_tensors
+        live_hidden, weight, bias, live_ref, ref_weight, ref_bias, lse, ref_lse = ctx.saved_tensors
         rows = ctx.rows
         # only the gradients asked for are computed; none when only the (never differentiated) reference asked
         need_hidden, need_weight = ctx.needs_input_grad[:2]
-        if rows.num_live == 0 or not (need_hidden or need_weight):
+        need_bias = bias is not None and ctx.needs_input_grad[2]
+        if rows.num_live == 0 or not (need_hidden or need_weight or need_bias):
             d_hidden = (torch.zeros((rows.num_tokens, weight.shape[1]), dtype=weight.dtype, device=weight.device)
                         if need_hidden else None)
-            return (d_hidden, torch.zeros_like(weight) if need_weight else None) + (None,) * 7
+            return (d_hidden, torch.zeros_like(weight) if need_weight else None,
+                    torch.zeros_like(bias) if need_bias else None) + (None,) * 8
         with launcher_context(weight.device):
-            d_live, d_weight = ctx.launcher.backward(
-                live_hidden, weight, live_ref, weight if ref_weight is None else ref_weight, lse, ref_lse,
-                rows.grad_scale(grad_output, ctx.acc), need_weight, need_hidden, ctx.softcap)
+            d_live, d_weight, d_bias = ctx.launcher.backward(
+                live_hidden, weight, bias, live_ref, weight if ref_weight is None else ref_weight,
+                bias if ctx.shared_bias else ref_bias, lse, ref_lse, rows.grad_scale(grad_output, ctx.acc),
+                need_weight, need_bias, need_hidden, ctx.softcap)
         return (None if d_live is None else rows.scatter(d_live, live_hidden.dtype),
-                None if d_weight is None else d_weight.to(weight.dtype)) + (None,) * 7
+                None if d_weight is None else d_weight.to(weight.dtype),
+                None if d_bias is None else d_bias.to(bias.dtype)) + (None,) * 8
 
 
 @torch.compiler.disable
-def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, token_weight=None, mask=None, reduction="mean",
-                  softcap=None, backend="auto"):
+def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, token_weight=None, mask=None,
+                  reduction="mean", softcap=None, backend="auto"):
     """Token-weighted forward KL(P_t || Q_t) per token, without materialising either distribution.
 
-    hidden [N, H] and weight [V, H] give the policy Q = softmax(hidden @ weight.T); ref_hidden [N, H_ref] and
-    ref_weight [V, H_ref] the frozen reference P (never differentiated; ref_weight may be `weight` itself).
+    hidden [N, H], weight [V, H] and bias [V] give the policy Q = softmax(hidden @ weight.T + bias); ref_hidden
+    [N, H_ref], ref_weight [V, H_ref] and ref_bias [V] the frozen reference P = softmax(ref_hidden @ ref_weight.T +
+    ref_bias) (never differentiated; ref_weight may be `weight` itself and ref_bias `bias` itself, one frozen
+    lm_head shared by both models). Each bias is optional (None: no bias) and has its head's dtype.
     token_weight [N] float (default 1; a constant: it gets no gradient); mask [N] bool, True where a token
-    counts. softcap c: both logits are soft-capped, c * tanh(z / c), as a model with final_logit_softcapping = c
-    (Gemma 2 and 3) computes them.
+    counts. softcap c: both heads' biased logits are soft-capped, c * tanh(z / c), as a model with
+    final_logit_softcapping = c (Gemma 2 and 3) computes them.
     reduction: "sum" = sum_t w_t KL_t over counted tokens; "mean" = that sum / number of counted tokens
     (0 if none); "none" = the [N] vector (0 at masked-out tokens). Result float32 (float64 for float64 inputs).
-    An enclosing autocast does not apply inside (cast the inputs to follow it); there is no second derivative.
-    torch.compile runs it as it is (one graph break): dynamo cannot trace its data-dependent row gather and
-    kernel launches, and tracing into them crashed under the Triton interpreter.
+    Gradients flow to hidden, weight and bias. An enclosing autocast does not apply inside (cast the inputs to
+    follow it); there is no second derivative. torch.compile runs it as it is (one graph break): dynamo cannot
+    trace its data-dependent row gather and kernel launches, and tracing into them crashed under the Triton
+    interpreter.
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
     """
     check_linear("hidden", hidden, "weight", weight)
@@ -78,6 +90,8 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, token_weight=None, 
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"ref_weight must have the vocabulary size of weight ({weight.shape[0]} rows), got shape "
                          f"{tuple(ref_weight.shape)}")
+    check_bias("bias", bias, "weight", weight)
+    check_bias("ref_bias", ref_bias, "ref_weight", ref_weight)
     check_per_token("token_weight", token_weight, n, hidden, dtypes=FLOAT_DTYPES)
     check_per_token("mask", mask, n, hidden, dtypes=(torch.bool,))
     check_reduction(reduction)
@@ -85,5 +99,5 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, token_weight=None, 
     launcher = select_backend("linear_kl_div", backend, hidden.device)
     require_triton_dtype(launcher, "hidden", hidden)
     require_triton_dtype(launcher, "ref_hidden", ref_hidden)
-    return LinearKLDivFunction.apply(hidden, weight, ref_hidden, ref_weight, token_weight, mask, reduction,
-                                     None if softcap is None else float(softcap), launcher)
+    return LinearKLDivFunction.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_weight, mask,
+                                     reduction, None if softcap is None else float(softcap), launcher)

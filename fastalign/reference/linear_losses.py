@@ -16,14 +16,19 @@ def _soft_capped(logits, softcap):
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
+def _head_logits(hidden, weight, bias, softcap):
+    """float64 logits hidden @ weight.T + bias of a linear head, then soft-capped (as HF models cap lm_head(h))."""
+    logits = hidden.double() @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    return _soft_capped(logits, softcap)
+
+
 def linear_cross_entropy_reference(hidden, weight, target, *, token_weight=None, bias=None, ignore_index=-100,
                                    reduction="mean", softcap=None):
     """float64 sum/mean/none of w_t * (logsumexp(z_t) - z_t[y_t]) over non-ignored tokens (z soft-capped,
     softcap * tanh(z / softcap), with a softcap)."""
-    logits = hidden.double() @ weight.double().t()
-    if bias is not None:
-        logits = logits + bias.double()
-    logits = _soft_capped(logits, softcap)
+    logits = _head_logits(hidden, weight, bias, softcap)
     target = target.long()  # a uint8 target must not see ignore_index=-100 as 156
     counted = target != ignore_index
     safe_target = torch.where(counted, target, torch.zeros_like(target))
@@ -33,14 +38,15 @@ def linear_cross_entropy_reference(hidden, weight, target, *, token_weight=None,
     return _reduce(torch.where(counted, ce, torch.zeros_like(ce)), counted, reduction)
 
 
-def linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, *, token_weight=None, mask=None,
-                            reduction="mean", softcap=None):
-    """float64 sum/mean/none of w_t * KL(P_t || Q_t) over masked-in tokens; P is not differentiated (both
-    logits soft-capped with a softcap)."""
-    log_q = torch.log_softmax(_soft_capped(hidden.double() @ weight.double().t(), softcap), dim=1)
-    log_p = torch.log_softmax(_soft_capped(ref_hidden.detach().double() @ ref_weight.detach().double().t(),
-                                           softcap), dim=1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(1)
+def linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, token_weight=None,
+                            mask=None, reduction="mean", softcap=None):
+    """float64 sum/mean/none of w_t * KL(P_t || Q_t) over masked-in tokens, Q = softmax(hidden @ weight.T + bias),
+    P = softmax(ref_hidden @ ref_weight.T + ref_bias); P is not differentiated (both logits soft-capped with a
+    softcap)."""
+    log_q = torch.log_softmax(_head_logits(hidden, weight, bias, softcap), dim=1)
+    log_p = torch.log_softmax(_head_logits(ref_hidden.detach(), ref_weight.detach(),
+                                           None if ref_bias is None else ref_bias.detach(), softcap), dim=1)
+    kl = torch.where(log_p > float("-inf"), log_p.exp() * (log_p - log_q), 0.0).sum(1)  # 0 log 0 = 0 (a -inf bias)
     if token_weight is not None:
         kl = kl * token_weight.double()
     counted = torch.ones_like(kl, dtype=torch.bool) if mask is None else mask

@@ -1,7 +1,7 @@
 """Access to the two halves of a Hugging Face causal LM that the fused losses need.
 
-The losses take the decoder's final hidden states (after its last norm) and the lm_head weight instead
-of logits, so the model is split into its decoder (`get_decoder()`) and its output embedding
+The losses take the decoder's final hidden states (after its last norm) and the lm_head weight (and bias)
+instead of logits, so the model is split into its decoder (`get_decoder()`) and its output embedding
 (`get_output_embeddings()`). PEFT wrappers are looked through: their LoRA layers live inside the
 decoder's modules, so calling the decoder runs them. An adapter on the lm_head itself is refused, since
 reading its weight would leave the adapter out, and so is one on input embeddings tied to the lm_head.

@@ -5,7 +5,8 @@
 One decoder forward runs over the forget, mismatch and normal rows of a batch together. Only the hidden
 states whose target is an answer token are gathered; L_fgt and L_rdn come from one signed, per-sequence
 normalised linear_cross_entropy over the forget and mismatch answer tokens, L_nor from linear_kl_div over
-the normal answer tokens against the reference. No [tokens x vocab] logits are ever formed.
+the normal answer tokens against the reference. Both take the lm_head's bias where it has one (Phi-2, GPT-J).
+No [tokens x vocab] logits are ever formed.
 
 The objective is an nn.Module whose forward does all of this, so that DDP/FSDP wrappers see the lm_head
 weight used inside their forward (sharding.head_weight gathers it if FSDP gave the lm_head a unit of its own).
@@ -21,7 +22,7 @@ import torch
 from fastalign.ops.checks import is_real
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
 from fastalign.ops.linear_kl_div import linear_kl_div
-from fastalign.unlearn.models import (at_answer_targets, base_causal_lm, causal_lm_parts, check_fused_logits,
+from fastalign.unlearn.models import (at_answer_targets, causal_lm_parts, check_fused_logits,
                                       final_hidden_states, logit_softcap)
 from fastalign.unlearn.sharding import head_weight
 from fastalign.unlearn.streams import UnlearningBatch
@@ -57,10 +58,6 @@ class LossTerms(NamedTuple):
         return -self.forget
 
 
-_NO_KL_BIAS = ("{}: its lm_head has a bias, which the KL term on normal data (fastalign.linear_kl_div) does not "
-               "take; train without it: normal_weight=0 (--normal-weight 0)")
-
-
 class UnlearningObjective(torch.nn.Module):
     """forward(batch) -> LossTerms for a causal LM `model`, a reference (see reference.py) and weights.
 
@@ -78,8 +75,6 @@ class UnlearningObjective(torch.nn.Module):
                  backend: str = "auto"):
         super().__init__()
         check_fused_logits(model)  # fail now, not at the first step, on a model the fused losses cannot serve
-        if reference is not None and causal_lm_parts(model)[1].bias is not None:
-            raise NotImplementedError(_NO_KL_BIAS.format(type(base_causal_lm(model)).__name__))
         self.model, self.weights, self.reference, self.backend = model, weights, reference, backend
         self.softcap = logit_softcap(model)  # read once: it inspects the model's source; the reference shares it
 
@@ -122,14 +117,15 @@ class UnlearningObjective(torch.nn.Module):
         if batch.num_normal:
             if self.reference is None:
                 raise ValueError("the batch has normal rows but the objective has no reference for the KL term")
-            if bias is not None:
-                raise NotImplementedError(_NO_KL_BIAS.format(type(base_causal_lm(self.model)).__name__))
             normal_tokens = tokens.rows(n_fgt + n_rdn, n_fgt + n_rdn + batch.num_normal)
-            ref_hidden, ref_weight = self.reference(normal_tokens, batch.normal_index, lm_weight)
-            ref_weight = weight if ref_weight is lm_weight else ref_weight.to(dtype)  # shared: read once
+            ref_hidden, ref_weight, ref_bias = self.reference(normal_tokens, batch.normal_index, lm_weight,
+                                                              lm_head.bias)
+            # a head shared with the policy (adapter off, cached) is passed as the policy's tensor: read once
+            ref_weight = weight if ref_weight is lm_weight else ref_weight.to(dtype)
+            ref_bias = bias if ref_bias is lm_head.bias else None if ref_bias is None else ref_bias.to(dtype)
             kl_sum = linear_kl_div(at_answer_targets(hidden[n_fgt + n_rdn:], normal_tokens.target_mask), weight,
-                                   ref_hidden.to(dtype), ref_weight, reduction="sum", softcap=self.softcap,
-                                   backend=self.backend)
+                                   ref_hidden.to(dtype), ref_weight, bias=bias, ref_bias=ref_bias, reduction="sum",
+                                   softcap=self.softcap, backend=self.backend)
             if normal_denominator is None:
                 normal_denominator = int(normal_tokens.target_mask.sum())
             normal = kl_sum / normal_denominator if normal_denominator else kl_sum  # no token: the sum is 0

@@ -1,13 +1,15 @@
 """Where the KL term's reference distribution P comes from: three interchangeable sources.
 
 Each is called with the normal rows of a batch, their indices into the normal set and the policy's
-lm_head weight, and returns (reference hidden states at the answer targets [N, H], reference lm_head
-weight); the KL op then forms P = softmax(hidden_ref @ weight_ref.T) without materialising it.
+lm_head weight and bias (None for an lm_head without one), and returns (reference hidden states at the answer
+targets [N, H], reference lm_head weight, reference lm_head bias or None); the KL op then forms
+P = softmax(hidden_ref @ weight_ref.T + bias_ref) without materialising it.
 
 - FrozenCopyReference: a frozen copy of the model as it was (memory: a second model).
 - AdapterDisabledReference: the same PEFT model with its adapter switched off (no second copy).
 - CachedReference: the reference hidden states of the whole normal set, computed once up front; no
-  reference model is kept, which is valid only while the lm_head the cache is paired with never changes.
+  reference model is kept, which is valid only while the lm_head (weight and bias) the cache is paired with
+  never changes.
 """
 from __future__ import annotations
 
@@ -49,8 +51,10 @@ class FrozenCopyReference:
         self.decoder, self.lm_head = causal_lm_parts(self.model)
 
     @torch.no_grad()
-    def __call__(self, tokens: TokenBatch, normal_index: torch.Tensor, weight: torch.Tensor):
-        return at_answer_targets(final_hidden_states(self.decoder, tokens), tokens.target_mask), self.lm_head.weight
+    def __call__(self, tokens: TokenBatch, normal_index: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None):
+        hidden = at_answer_targets(final_hidden_states(self.decoder, tokens), tokens.target_mask)
+        return hidden, self.lm_head.weight, self.lm_head.bias
 
 
 class AdapterDisabledReference:
@@ -68,20 +72,22 @@ class AdapterDisabledReference:
         self.model = model
 
     @torch.no_grad()
-    def __call__(self, tokens: TokenBatch, normal_index: torch.Tensor, weight: torch.Tensor):
+    def __call__(self, tokens: TokenBatch, normal_index: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None):
         with eval_mode(self.model), self.model.disable_adapter():
             decoder, lm_head = causal_lm_parts(self.model)
-            return at_answer_targets(final_hidden_states(decoder, tokens), tokens.target_mask), lm_head.weight
+            hidden = at_answer_targets(final_hidden_states(decoder, tokens), tokens.target_mask)
+            return hidden, lm_head.weight, lm_head.bias
 
 
 class CachedReference:
     """Reference hidden states of every normal example, computed once, paired with a frozen lm_head.
 
-    At every call the lm_head weight the objective passes in is checked: it must not require a gradient and
-    must hold the values the cache was computed with (an optimizer step or any in-place change would alter
-    them); otherwise the KL term would silently compare against a different distribution, so the call raises.
-    The check compares exact fingerprints of the weight's values (weight_fingerprint), not the identity or
-    version counter of one tensor object: under FSDP the weight seen in the forward is a freshly gathered
+    At every call the lm_head weight and bias the objective passes in are checked: neither may require a
+    gradient, and each must hold the values the cache was computed with (an optimizer step or any in-place
+    change would alter them); otherwise the KL term would silently compare against a different distribution, so
+    the call raises. The check compares exact fingerprints of the values (weight_fingerprint), not the identity
+    or version counter of one tensor object: under FSDP the weight seen in the forward is a freshly gathered
     tensor each step, possibly in FSDP's compute dtype, and it is still valid when its values are unchanged.
     """
 
@@ -94,10 +100,7 @@ class CachedReference:
         weight = lm_head.weight
         if compute_dtype is not None:
             decoder = cast_weights(copy.deepcopy(decoder), compute_dtype)
-        self._check_frozen(weight)
-        # The forward may see the weight cast to a compute dtype (FSDP mixed precision): one baseline per dtype.
-        self._fingerprints = {dtype: weight_fingerprint(weight, dtype)
-                              for dtype in {weight.dtype, torch.float32, torch.bfloat16, torch.float16}}
+        self._fingerprints = {name: _baselines(name, t) for name, t in (("weight", weight), ("bias", lm_head.bias))}
         device = weight.device if device is None else torch.device(device)
         self.cache: list[torch.Tensor] = []
         self.forward_masks: list[torch.Tensor] = []  # of the decoder forwards that built the cache (compute.py)
@@ -114,24 +117,45 @@ class CachedReference:
     def num_bytes(self) -> int:
         return sum(h.numel() * h.element_size() for h in self.cache)
 
-    @staticmethod
-    def _check_frozen(weight: torch.Tensor):
-        if weight.requires_grad:
-            raise ValueError("reference='cached' needs a frozen lm_head (its weight requires grad): the cached "
-                             "reference hidden states are only valid with the lm_head they were computed with; "
-                             "freeze it (and tied input embeddings) or choose reference='copy'")
-
-    def __call__(self, tokens: TokenBatch, normal_index: torch.Tensor, weight: torch.Tensor):
-        self._check_frozen(weight)
-        expected = self._fingerprints.get(weight.dtype)
-        if expected is None:
-            raise TypeError(f"reference='cached': the lm_head weight arrived as {weight.dtype}; the cache knows "
-                            f"{sorted(str(d) for d in self._fingerprints)}")
-        if weight_fingerprint(weight) != expected:
-            raise RuntimeError("reference='cached': the lm_head weight was modified after the reference was cached")
+    def __call__(self, tokens: TokenBatch, normal_index: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None):
+        for name, t in (("weight", weight), ("bias", bias)):
+            _check_unchanged(name, t, self._fingerprints[name])
         if not normal_index.numel():
-            return weight.new_zeros((0, weight.shape[1])), weight
-        return torch.cat([self.cache[i] for i in normal_index.tolist()]).to(weight.device), weight
+            return weight.new_zeros((0, weight.shape[1])), weight, bias
+        return torch.cat([self.cache[i] for i in normal_index.tolist()]).to(weight.device), weight, bias
+
+
+def _check_frozen(name: str, t: torch.Tensor):
+    if t.requires_grad:
+        raise ValueError(f"reference='cached' needs a frozen lm_head (its {name} requires grad): the cached "
+                         "reference hidden states are only valid with the lm_head they were computed with; "
+                         "freeze it (and tied input embeddings) or choose reference='copy'")
+
+
+def _baselines(name: str, t: torch.Tensor | None) -> dict[torch.dtype, int] | None:
+    """The fingerprints of the lm_head's frozen `name` tensor (None: the lm_head has none) in every dtype it may
+    arrive in: the forward may see it cast to a compute dtype (FSDP mixed precision)."""
+    if t is None:
+        return None
+    _check_frozen(name, t)
+    return {dtype: weight_fingerprint(t, dtype) for dtype in {t.dtype, torch.float32, torch.bfloat16, torch.float16}}
+
+
+def _check_unchanged(name: str, t: torch.Tensor | None, baselines: dict[torch.dtype, int] | None):
+    """`t` (the lm_head's weight or bias as the objective sees it) is frozen and holds its values at caching time."""
+    if (t is None) != (baselines is None):
+        raise RuntimeError(f"reference='cached': the lm_head {'lost' if t is None else 'gained'} its {name} after "
+                           "the reference was cached")
+    if t is None:
+        return
+    _check_frozen(name, t)
+    expected = baselines.get(t.dtype)
+    if expected is None:
+        raise TypeError(f"reference='cached': the lm_head {name} arrived as {t.dtype}; the cache knows "
+                        f"{sorted(str(d) for d in baselines)}")
+    if weight_fingerprint(t) != expected:
+        raise RuntimeError(f"reference='cached': the lm_head {name} was modified after the reference was cached")
 
 
 _INTEGER_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}

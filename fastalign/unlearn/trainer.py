@@ -182,7 +182,7 @@ class UnlearningTrainer:
             except ValueError as e:   # e.g. GPT-2 has no q_proj: name the setting that chose them
                 raise ValueError(f"lora_targets (--lora-targets) {config.lora_targets}: {e}") from None
         if config.reference_mode == "cached":
-            causal_lm_parts(model)[1].weight.requires_grad_(False)  # the cache is valid only for this head
+            causal_lm_parts(model)[1].requires_grad_(False)  # the cache is valid only for this head (weight, bias)
         if config.gradient_checkpointing:
             enable_activation_checkpointing(model)
         return model.to(self.accelerator.device).train()

@@ -2,7 +2,8 @@
 
 Without CUDA the kernels run under the Triton interpreter (tests/conftest.py), at small odd shapes.
 Besides unrelated P and Q, the cases that matter in unlearning: P close to Q (KL ~ 1e-5, where a
-difference of two logsumexps would lose every digit), P equal to Q (the first step), one shared lm_head.
+difference of two logsumexps would lose every digit), P equal to Q (the first step), one shared lm_head, an
+lm_head with a bias (Phi-2, GPT-J), shared or not.
 """
 import pytest
 import torch
@@ -16,38 +17,48 @@ from tests.kernels.test_linear_cross_entropy import GPU_SHAPES
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
-def make_inputs(num_rows, hidden_size, vocab, dtype, ref_distance, shared_weight, logit_scale=3.0):
-    """Current (hidden, weight) and reference (ref_hidden, ref_weight) whose logits differ by ~ref_distance
-    (ref_distance None: unrelated reference); ref_weight is weight itself when shared_weight."""
+def make_inputs(num_rows, hidden_size, vocab, dtype, ref_distance, shared_weight, logit_scale=3.0, bias=None):
+    """(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, grad_scale): current and reference heads whose
+    logits differ by ~ref_distance (ref_distance None: unrelated reference); ref_weight is weight itself when
+    shared_weight. bias: None (no biases), "own" (one per head) or "shared" (ref_bias is bias itself)."""
     def rand(*shape, scale=1.0):
         return torch.randn(*shape, device=DEVICE) * scale
 
     hidden = rand(num_rows, hidden_size)
     weight = rand(vocab, hidden_size, scale=logit_scale / hidden_size ** 0.5)
+    head_bias = rand(vocab)
     if ref_distance is None:
         ref_hidden = rand(num_rows, hidden_size)
         ref_weight = rand(vocab, hidden_size, scale=logit_scale / hidden_size ** 0.5)
+        ref_bias = rand(vocab)
     else:
         ref_hidden = hidden + rand(num_rows, hidden_size, scale=ref_distance / logit_scale)
         ref_weight = weight + rand(vocab, hidden_size, scale=ref_distance / hidden_size ** 0.5)
-    hidden, weight, ref_hidden, ref_weight = (t.to(dtype) for t in (hidden, weight, ref_hidden, ref_weight))
+        ref_bias = head_bias + rand(vocab, scale=ref_distance)
+    hidden, weight, head_bias, ref_hidden, ref_weight, ref_bias = (
+        t.to(dtype) for t in (hidden, weight, head_bias, ref_hidden, ref_weight, ref_bias))
     if shared_weight:
         ref_weight = weight
+    if bias is None:
+        head_bias = ref_bias = None
+    elif bias == "shared":
+        ref_bias = head_bias
     grad_scale = rand(num_rows)  # mixed signs
-    return hidden, weight, ref_hidden, ref_weight, grad_scale
+    return hidden, weight, head_bias, ref_hidden, ref_weight, ref_bias, grad_scale
 
 
-def float64_reference(hidden, weight, ref_hidden, ref_weight, grad_scale):
-    """KL(P || Q), both logsumexps and the gradients of sum_t grad_scale_t KL_t (P constant), in float64."""
-    hidden64, weight64 = (t.detach().double().requires_grad_() for t in (hidden, weight))
-    logits = hidden64 @ weight64.T
-    ref_logits = ref_hidden.double() @ ref_weight.detach().double().T
+def float64_reference(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, grad_scale):
+    """KL(P || Q), both logsumexps and the gradients of sum_t grad_scale_t KL_t (P constant) wrt hidden, weight and
+    bias (None without a bias), in float64."""
+    leaves = [None if t is None else t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    logits = leaves[0] @ leaves[1].T + (0.0 if bias is None else leaves[2])
+    ref_logits = ref_hidden.double() @ ref_weight.detach().double().T + (0.0 if ref_bias is None else ref_bias.double())
     log_q = torch.log_softmax(logits, dim=1)
     log_p = torch.log_softmax(ref_logits, dim=1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    kl = torch.where(log_p > float("-inf"), log_p.exp() * (log_p - log_q), 0.0).sum(dim=1)  # 0 log 0 = 0
     (grad_scale.double() * kl).sum().backward()
     return (kl.detach(), torch.logsumexp(logits, dim=1).detach(), torch.logsumexp(ref_logits, dim=1),
-            hidden64.grad, weight64.grad)
+            *(None if leaf is None else leaf.grad for leaf in leaves))
 
 
 def assert_matches(actual, expected, tol):
@@ -56,70 +67,118 @@ def assert_matches(actual, expected, tol):
 
 
 def check_against_reference(num_rows, hidden_size, vocab, dtype, tol, ref_distance=None, shared_weight=False,
-                            logit_scale=3.0):
-    hidden, weight, ref_hidden, ref_weight, grad_scale = make_inputs(
-        num_rows, hidden_size, vocab, dtype, ref_distance, shared_weight, logit_scale)
-    ref_kl, ref_lse, ref_ref_lse, ref_dh, ref_dw = float64_reference(hidden, weight, ref_hidden, ref_weight,
-                                                                     grad_scale)
+                            logit_scale=3.0, bias=None):
+    *heads, grad_scale = make_inputs(num_rows, hidden_size, vocab, dtype, ref_distance, shared_weight, logit_scale,
+                                     bias)
+    ref_kl, ref_lse, ref_ref_lse, ref_dh, ref_dw, ref_db = float64_reference(*heads, grad_scale)
 
-    kl, lse, ref_lse_out = kernel.forward(hidden, weight, ref_hidden, ref_weight)
+    kl, lse, ref_lse_out = kernel.forward(*heads)
     assert kl.shape == lse.shape == ref_lse_out.shape == (num_rows,)
     assert_matches(lse, ref_lse, tol)
     assert_matches(ref_lse_out, ref_ref_lse, tol)
     # each token's KL to its own relative accuracy: KL spans orders of magnitude across tokens
     torch.testing.assert_close(kl.double(), ref_kl, rtol=tol, atol=1e-9)
 
-    d_hidden, d_weight = kernel.backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse_out, grad_scale,
-                                         need_weight_grad=True)
+    d_hidden, d_weight, d_bias = kernel.backward(*heads, lse, ref_lse_out, grad_scale, need_weight_grad=True,
+                                                 need_bias_grad=bias is not None)
     assert d_hidden.dtype == d_weight.dtype == dtype
     assert_matches(d_hidden, ref_dh, tol)
     assert_matches(d_weight, ref_dw, tol)
+    if bias is None:
+        assert d_bias is None
+    else:
+        assert d_bias.dtype == torch.float32
+        assert_matches(d_bias, ref_db, tol)
 
 
-@pytest.mark.parametrize("num_rows, hidden_size, vocab, shared_weight", [
-    (1, 24, 37, False),    # a single row, one split
-    (1, 40, 131, True),    # a single row, several vocabulary splits, one lm_head for both models
-    (21, 40, 131, False),  # rows and vocabulary off the block sizes
-    (33, 24, 333, True),   # several row blocks and splits
+@pytest.mark.parametrize("num_rows, hidden_size, vocab, shared_weight, bias", [
+    (1, 24, 37, False, None),      # a single row, one split
+    (1, 40, 131, True, "shared"),  # a single row, several vocabulary splits, one lm_head for both models
+    (21, 40, 131, False, "own"),   # rows and vocabulary off the block sizes, a bias per head
+    (33, 24, 333, True, None),     # several row blocks and splits
+    (33, 24, 333, False, "shared"),
 ])
-def test_fp32_unrelated_reference_matches_float64(num_rows, hidden_size, vocab, shared_weight):
-    check_against_reference(num_rows, hidden_size, vocab, torch.float32, tol=1e-4, shared_weight=shared_weight)
+def test_fp32_unrelated_reference_matches_float64(num_rows, hidden_size, vocab, shared_weight, bias):
+    check_against_reference(num_rows, hidden_size, vocab, torch.float32, tol=1e-4, shared_weight=shared_weight,
+                            bias=bias)
 
 
-@pytest.mark.parametrize("shared_weight", [False, True])
-def test_fp32_reference_close_to_current_keeps_kl_digits(shared_weight):
+@pytest.mark.parametrize("bias", ["own", "shared"])
+def test_fp32_biases_of_one_head_only(bias):
+    """A bias on one head only: the policy's (HAS_BIAS alone) or the reference's (HAS_REF_BIAS alone)."""
+    hidden, weight, head_bias, ref_hidden, ref_weight, ref_bias, grad_scale = make_inputs(21, 24, 131, torch.float32,
+                                                                                         None, False, bias="own")
+    heads = ((hidden, weight, head_bias, ref_hidden, ref_weight, None) if bias == "own"
+             else (hidden, weight, None, ref_hidden, ref_weight, ref_bias))
+    ref_kl, _, _, ref_dh, ref_dw, ref_db = float64_reference(*heads, grad_scale)
+    kl, lse, ref_lse = kernel.forward(*heads)
+    torch.testing.assert_close(kl.double(), ref_kl, rtol=1e-4, atol=1e-9)
+    d_hidden, d_weight, d_bias = kernel.backward(*heads, lse, ref_lse, grad_scale, True, heads[2] is not None)
+    assert_matches(d_hidden, ref_dh, 1e-4)
+    assert_matches(d_weight, ref_dw, 1e-4)
+    if heads[2] is None:
+        assert d_bias is None
+    else:
+        assert_matches(d_bias, ref_db, 1e-4)
+
+
+@pytest.mark.parametrize("bias", ["own", "shared"])
+def test_bias_of_minus_inf_over_a_whole_vocabulary_split(bias):
+    """Words masked out by a bias of -inf over the first split (and its first tiles), in the reference's bias alone
+    ("own": P gives them no mass, Q some) or in the one bias of both heads ("shared"): they add 0 log 0 = 0 to the
+    KL, where p (log p - log q) alone would be 0 * inf = NaN, and the gradients stay finite."""
+    vocab = 3 * tiles._SPLIT_ALIGN + 5
+    *heads, grad_scale = make_inputs(9, 24, vocab, torch.float32, 1e-1, False, bias=bias)
+    heads[5][:tiles._SPLIT_ALIGN + 3] = float("-inf")  # ref_bias, the policy's bias too when shared
+    ref_kl, ref_lse, ref_ref_lse, ref_dh, ref_dw, ref_db = float64_reference(*heads, grad_scale)
+    assert torch.isfinite(ref_kl).all() and (ref_kl > 1e-4).all()
+    kl, lse, ref_lse_out = kernel.forward(*heads)
+    torch.testing.assert_close(kl.double(), ref_kl, rtol=1e-4, atol=1e-9)
+    assert_matches(lse, ref_lse, 1e-4)
+    assert_matches(ref_lse_out, ref_ref_lse, 1e-4)
+    grads = kernel.backward(*heads, lse, ref_lse_out, grad_scale, need_weight_grad=True, need_bias_grad=True)
+    for got, want in zip(grads, (ref_dh, ref_dw, ref_db)):
+        assert_matches(got, want, 1e-4)
+
+
+@pytest.mark.parametrize("shared_weight, bias", [(False, None), (True, None), (False, "own"), (True, "shared")])
+def test_fp32_reference_close_to_current_keeps_kl_digits(shared_weight, bias):
     """Logits ~1e-2 apart, KL ~1e-5 per token. Here the problem itself is ill-conditioned: fp32 logits carry
     ~1e-6 rounding, i.e. ~1e-4 relative error in q - p and in the KL, so the bound is 1e-3. KL computed as
     E_p[zp - zq] minus the difference of two fp32 logsumexps would be off by ~1e-2."""
-    check_against_reference(21, 40, 131, torch.float32, tol=1e-3, ref_distance=1e-2, shared_weight=shared_weight)
+    check_against_reference(21, 40, 131, torch.float32, tol=1e-3, ref_distance=1e-2, shared_weight=shared_weight,
+                            bias=bias)
 
 
 def test_identical_models_give_zero_kl_and_zero_grads():
-    """The first unlearning step: the current model is the reference."""
-    hidden, weight, _, _, grad_scale = make_inputs(13, 24, 131, torch.float32, None, shared_weight=False)
-    kl, lse, ref_lse = kernel.forward(hidden, weight, hidden.clone(), weight)
+    """The first unlearning step: the current model is the reference (its lm_head with a bias here)."""
+    hidden, weight, bias, _, _, _, grad_scale = make_inputs(13, 24, 131, torch.float32, None, shared_weight=False,
+                                                            bias="shared")
+    heads = (hidden, weight, bias, hidden.clone(), weight, bias)
+    kl, lse, ref_lse = kernel.forward(*heads)
     assert kl.abs().max().item() <= 1e-7
-    d_hidden, d_weight = kernel.backward(hidden, weight, hidden.clone(), weight, lse, ref_lse, grad_scale,
-                                         need_weight_grad=True)
-    assert d_hidden.abs().max().item() <= 1e-7 and d_weight.abs().max().item() <= 1e-7
+    d_hidden, d_weight, d_bias = kernel.backward(*heads, lse, ref_lse, grad_scale, need_weight_grad=True,
+                                                 need_bias_grad=True)
+    assert max(d.abs().max().item() for d in (d_hidden, d_weight, d_bias)) <= 1e-7
 
 
 def test_detached_weight_is_recognised_as_shared():
     """weight.detach() is the same memory as weight: the shared-weight path must give the same answer."""
-    hidden, weight, ref_hidden, _, grad_scale = make_inputs(9, 24, 37, torch.float32, 1e-2, shared_weight=True)
+    hidden, weight, _, ref_hidden, _, _, grad_scale = make_inputs(9, 24, 37, torch.float32, 1e-2, shared_weight=True)
     assert kernel._same_tensor(weight, weight.detach()) and not kernel._same_tensor(weight, weight.clone())
-    ref_kl, *_ = float64_reference(hidden, weight, ref_hidden, weight, grad_scale)
-    kl, _, _ = kernel.forward(hidden, weight, ref_hidden, weight.detach())
+    ref_kl, *_ = float64_reference(hidden, weight, None, ref_hidden, weight, None, grad_scale)
+    kl, _, _ = kernel.forward(hidden, weight, None, ref_hidden, weight.detach(), None)
     torch.testing.assert_close(kl.double(), ref_kl, rtol=1e-4, atol=1e-9)
 
 
 def check_forward_and_backward(hidden, weight, ref_hidden, ref_weight, grad_scale, tol):
-    ref_kl, _, _, ref_dh, ref_dw = float64_reference(hidden, weight, ref_hidden, ref_weight, grad_scale)
-    kl, lse, ref_lse = kernel.forward(hidden, weight, ref_hidden, ref_weight)
+    heads = (hidden, weight, None, ref_hidden, ref_weight, None)
+    ref_kl, _, _, ref_dh, ref_dw, _ = float64_reference(*heads, grad_scale)
+    kl, lse, ref_lse = kernel.forward(*heads)
     assert torch.isfinite(kl).all()
     torch.testing.assert_close(kl.double(), ref_kl, rtol=tol, atol=1e-9)
-    d_hidden, d_weight = kernel.backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale,
-                                         need_weight_grad=True)
+    d_hidden, d_weight, _ = kernel.backward(*heads, lse, ref_lse, grad_scale, need_weight_grad=True,
+                                            need_bias_grad=False)
     assert_matches(d_hidden, ref_dh, tol)
     assert_matches(d_weight, ref_dw, tol)
 
@@ -135,7 +194,7 @@ def test_one_model_dwarfing_the_other_uses_the_direct_form(dominant, logit):
     """One column's logit far above the rest in one model only, so |lse_q - lse_p| >> 1. Q dwarfing P
     overflows the log1p form's sum; P dwarfing Q leaves E_p[exp(zq - zp)] ~ e^-13, whose log1p(-1 + tiny)
     has lost most digits to rounding."""
-    hidden, weight, ref_hidden, ref_weight, grad_scale = make_inputs(7, 24, 131, torch.float32, 1e-2, False)
+    hidden, weight, _, ref_hidden, ref_weight, _, grad_scale = make_inputs(7, 24, 131, torch.float32, 1e-2, False)
     weight, ref_weight = weight.clone(), ref_weight.clone()
     if dominant == "current":
         weight[3] = logits_column(hidden, logit)
@@ -148,22 +207,22 @@ def test_one_model_dwarfing_the_other_uses_the_direct_form(dominant, logit):
 def test_overflow_of_a_running_sum_falls_back_to_the_direct_form():
     """The first 256 columns (a whole tile and split for every block size): zq = -100, zp = -300. There
     exp(zq - running max of zp) overflows, though these columns carry no mass and lse_q ~ lse_p in the end."""
-    hidden, weight, ref_hidden, ref_weight, grad_scale = make_inputs(7, 24, 300, torch.float32, 0.3, False)
+    hidden, weight, _, ref_hidden, ref_weight, _, grad_scale = make_inputs(7, 24, 300, torch.float32, 0.3, False)
     weight, ref_weight = weight.clone(), ref_weight.clone()
     weight[:256] = logits_column(hidden, -100.0)
     ref_weight[:256] = logits_column(ref_hidden, -300.0)
-    kl, lse, ref_lse = kernel.forward(hidden, weight, ref_hidden, ref_weight)
+    kl, lse, ref_lse = kernel.forward(hidden, weight, None, ref_hidden, ref_weight, None)
     assert (lse - ref_lse).abs().max() < 1.0  # the log1p form's range, so the overflow guard is what acts
     check_forward_and_backward(hidden, weight, ref_hidden, ref_weight, grad_scale, tol=1e-4)
 
 
-def test_unrequested_weight_grad_is_none_and_d_hidden_unchanged():
-    hidden, weight, ref_hidden, ref_weight, grad_scale = make_inputs(9, 24, 131, torch.float32, 1e-1, False)
-    _, _, _, ref_dh, _ = float64_reference(hidden, weight, ref_hidden, ref_weight, grad_scale)
-    kl, lse, ref_lse = kernel.forward(hidden, weight, ref_hidden, ref_weight)
-    d_hidden, d_weight = kernel.backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale,
-                                         need_weight_grad=False)
-    assert d_weight is None
+def test_unrequested_weight_and_bias_grads_are_none_and_d_hidden_unchanged():
+    *heads, grad_scale = make_inputs(9, 24, 131, torch.float32, 1e-1, False, bias="own")
+    _, _, _, ref_dh, _, _ = float64_reference(*heads, grad_scale)
+    kl, lse, ref_lse = kernel.forward(*heads)
+    d_hidden, d_weight, d_bias = kernel.backward(*heads, lse, ref_lse, grad_scale, need_weight_grad=False,
+                                                 need_bias_grad=False)
+    assert d_weight is None and d_bias is None
     assert_matches(d_hidden, ref_dh, 1e-4)
 
 
@@ -171,7 +230,8 @@ def test_unrequested_weight_grad_is_none_and_d_hidden_unchanged():
 @pytest.mark.parametrize("shared_weight", [False, True])
 def test_half_precision_matches_float64(dtype, shared_weight):
     """16-bit inputs (the interpreter computes bf16 dots by value since kernels/interpreter_fixes.py)."""
-    check_against_reference(21, 40, 131, dtype, tol=2e-2, ref_distance=1e-1, shared_weight=shared_weight)
+    check_against_reference(21, 40, 131, dtype, tol=2e-2, ref_distance=1e-1, shared_weight=shared_weight,
+                            bias="shared" if shared_weight else "own")
 
 
 def test_fp16_gradient_chunks_are_scaled_out_of_the_subnormal_range():
@@ -179,12 +239,12 @@ def test_fp16_gradient_chunks_are_scaled_out_of_the_subnormal_range():
     bits left; written as G / max|grad_scale| they keep full fp16 precision (norm error ~4e-4 here, ~2e-3
     if written unscaled)."""
     torch.manual_seed(0)
-    hidden, weight, ref_hidden, ref_weight, grad_scale = make_inputs(21, 40, 1000, torch.float16, 1.0, True)
+    *heads, grad_scale = make_inputs(21, 40, 1000, torch.float16, 1.0, True)
     grad_scale = grad_scale * 1e-3
-    *_, ref_dh, ref_dw = float64_reference(hidden, weight, ref_hidden, ref_weight, grad_scale)
-    _, lse, ref_lse = kernel.forward(hidden, weight, ref_hidden, ref_weight)
-    d_hidden, d_weight = kernel.backward(hidden, weight, ref_hidden, ref_weight, lse, ref_lse, grad_scale,
-                                         need_weight_grad=True)
+    *_, ref_dh, ref_dw, _ = float64_reference(*heads, grad_scale)
+    _, lse, ref_lse = kernel.forward(*heads)
+    d_hidden, d_weight, _ = kernel.backward(*heads, lse, ref_lse, grad_scale, need_weight_grad=True,
+                                            need_bias_grad=False)
     for actual, expected in ((d_hidden, ref_dh), (d_weight, ref_dw)):
         assert (actual.double() - expected).norm() <= 1.2e-3 * expected.norm()
 
@@ -195,12 +255,13 @@ def test_fp16_gradient_chunks_are_scaled_out_of_the_subnormal_range():
 @pytest.mark.parametrize("num_rows, hidden_size, vocab", GPU_SHAPES)
 def test_half_precision_on_gpu_matches_float64(dtype, shared_weight, num_rows, hidden_size, vocab):
     check_against_reference(num_rows, hidden_size, vocab, dtype, tol=2e-2, ref_distance=1e-1,
-                            shared_weight=shared_weight)
+                            shared_weight=shared_weight, bias="shared" if shared_weight else "own")
 
 
 @requires_cuda
 def test_fp32_on_gpu_matches_float64():
-    check_against_reference(300, 264, 5003, torch.float32, tol=1e-4, ref_distance=1e-2, shared_weight=True)
+    check_against_reference(300, 264, 5003, torch.float32, tol=1e-4, ref_distance=1e-2, shared_weight=True,
+                            bias="shared")
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
@@ -209,4 +270,5 @@ def test_kl_in_each_gpu_tile_config_with_the_gpu_plans(monkeypatch, tile, dtype,
     for tuner in (kernel._forward_kernel, kernel._gradient_kernel):
         force_tile_config(monkeypatch, tuner, *tile[:3])
     use_gpu_plans(monkeypatch)
-    check_against_reference(21, 72, 333, dtype, tol=tol, shared_weight=tile[0] == 64)
+    check_against_reference(21, 72, 333, dtype, tol=tol, shared_weight=tile[0] == 64,
+                            bias="shared" if tile[0] == 64 else "own")

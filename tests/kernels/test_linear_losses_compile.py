@@ -21,10 +21,10 @@ for dtype in ("bf16", "fp32"):
     cases = [
         (ce._forward_kernel, dict(x_ptr=x, w_ptr=x, b_ptr=x, **stats), dict(HAS_BIAS=True, **cap)),
         (ce._gradient_kernel, dict(x_ptr=x, w_ptr=x, b_ptr=x, g_ptr=x, **stats), dict(HAS_BIAS=True, **cap)),
-        (kl._forward_kernel, dict(x_ptr=x, w_ptr=x, xr_ptr=x, wr_ptr=x, **stats),
-         dict(SHARED_WEIGHT=False, EXPM1_SERIES_LIMIT=0.5, **cap)),
-        (kl._gradient_kernel, dict(x_ptr=x, w_ptr=x, xr_ptr=x, wr_ptr=x, g_ptr=x, **stats),
-         dict(SHARED_WEIGHT=True, **cap)),
+        (kl._forward_kernel, dict(x_ptr=x, w_ptr=x, b_ptr=x, xr_ptr=x, wr_ptr=x, br_ptr=x, **stats),
+         dict(SHARED_WEIGHT=False, HAS_BIAS=True, HAS_REF_BIAS=True, EXPM1_SERIES_LIMIT=0.5, **cap)),
+        (kl._gradient_kernel, dict(x_ptr=x, w_ptr=x, b_ptr=x, xr_ptr=x, wr_ptr=x, br_ptr=x, g_ptr=x, **stats),
+         dict(SHARED_WEIGHT=True, HAS_BIAS=True, HAS_REF_BIAS=True, **cap)),
     ]
     for tuner, types, constants in cases:
         for config in tuner.configs if dtype == "bf16" else tuner.configs[-1:]:

@@ -16,9 +16,10 @@ SHAPES = [(1, 16, 37), (13, 24, 131), (40, 40, 1000)]  # (N, H, V): V a multiple
 
 
 def make_inputs(n, h, v, *, dtype=torch.float32, device="cpu", shared=False, weighted=False, masked=0.2,
-                ref_h=None, closeness=None):
-    """Policy and reference heads; `shared` makes ref_weight the policy's weight tensor itself;
-    `closeness` makes the reference a small perturbation of the policy (KL near 0)."""
+                ref_h=None, closeness=None, bias=False):
+    """Policy and reference heads; `shared` makes ref_weight the policy's weight tensor itself (and ref_bias its
+    bias, with `bias`); `closeness` makes the reference a small perturbation of the policy (KL near 0);
+    `bias` gives both heads a bias [V] (in `extra`: the policy's requires grad)."""
     hidden = torch.randn(n, h, dtype=dtype, device=device, requires_grad=True)
     weight = (torch.randn(v, h, dtype=dtype, device=device) / h ** 0.5).requires_grad_()
     if closeness is not None:
@@ -31,7 +32,19 @@ def make_inputs(n, h, v, *, dtype=torch.float32, device="cpu", shared=False, wei
     extra = {"mask": torch.rand(n, device=device) >= masked}
     if weighted:
         extra["token_weight"] = torch.randn(n, device=device)
+    if bias:
+        extra["bias"] = torch.randn(v, dtype=dtype, device=device, requires_grad=True)
+        if closeness is not None:
+            extra["ref_bias"] = extra["bias"] if shared else extra["bias"].detach() + closeness * torch.randn_like(
+                extra["bias"])
+        else:
+            extra["ref_bias"] = extra["bias"] if shared else torch.randn(v, dtype=dtype, device=device)
     return hidden, weight, ref_hidden, ref_weight, extra
+
+
+def differentiable(hidden, weight, extra):
+    """The inputs a KL's gradient flows to: hidden, weight and the policy's bias where there is one."""
+    return [hidden, weight] + ([extra["bias"]] if extra.get("bias") is not None else [])
 
 
 def check_against_reference(hidden, weight, ref_hidden, ref_weight, extra, reduction, backend, rel):
@@ -40,27 +53,30 @@ def check_against_reference(hidden, weight, ref_hidden, ref_weight, extra, reduc
     ref = linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, reduction=reduction, **extra)
     assert_rel_close("kl", out, ref, rel)
     seed = torch.randn(out.shape, device=out.device)
-    for name, got, want in zip(["d_hidden", "d_weight"], grads_of(out, [hidden, weight], seed),
-                               grads_of(ref, [hidden, weight], seed)):
+    inputs = differentiable(hidden, weight, extra)
+    for name, got, want in zip(["d_hidden", "d_weight", "d_bias"], grads_of(out, inputs, seed),
+                               grads_of(ref, inputs, seed)):
         assert_rel_close(name, got, want, rel)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("shared,weighted", [(False, False), (True, True)])
+@pytest.mark.parametrize("shared,weighted,bias", [(False, False, False), (True, True, True), (False, True, True)])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_matches_reference_fp32(backend, shape, shared, weighted, reduction):
-    inputs = make_inputs(*shape, shared=shared, weighted=weighted, device=device_for(backend))
+def test_matches_reference_fp32(backend, shape, shared, weighted, bias, reduction):
+    inputs = make_inputs(*shape, shared=shared, weighted=weighted, bias=bias, device=device_for(backend))
     check_against_reference(*inputs, reduction, backend, REL_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("shared", [False, True])
-def test_soft_capped_logits_match_reference(backend, shape, shared):
-    """softcap c caps both heads' logits, c tanh(z / c) (Gemma's final_logit_softcapping); logits up to ~4c here,
-    so the cap bends most of them, and the gradient goes through its derivative on the policy's side."""
-    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(*shape, shared=shared, weighted=True,
+@pytest.mark.parametrize("bias", [False, True])
+def test_soft_capped_logits_match_reference(backend, shape, shared, bias):
+    """softcap c caps both heads' logits, c tanh(z / c) (Gemma's final_logit_softcapping), after their bias as
+    a model caps lm_head(h); logits up to ~4c here, so the cap bends most of them, and the gradient goes through
+    its derivative on the policy's side."""
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(*shape, shared=shared, weighted=True, bias=bias,
                                                                 device=device_for(backend))
     with torch.no_grad():
         weight.mul_(8.0)
@@ -68,6 +84,40 @@ def test_soft_capped_logits_match_reference(backend, shape, shared):
             ref_weight.mul_(8.0)
     check_against_reference(hidden, weight, ref_hidden, ref_weight, {**extra, "softcap": 2.5}, "none", backend,
                             REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["bias", "ref_bias"])
+def test_a_bias_on_one_head_only(backend, which):
+    """A bias on the policy's head alone, or on the reference's alone: the other head's logits take none."""
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(13, 24, 131, weighted=True, bias=True,
+                                                                device=device_for(backend))
+    extra[{"bias": "ref_bias", "ref_bias": "bias"}[which]] = None
+    check_against_reference(hidden, weight, ref_hidden, ref_weight, extra, "sum", backend, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shared", [False, True])
+def test_words_masked_by_a_bias_of_minus_inf(backend, shared):
+    """A bias of -inf masks words out (in the reference's head alone, or in the one head of both): P gives them no
+    mass, so they add 0 log 0 = 0 to the KL (not 0 * inf = NaN), as the float64 reference counts them too."""
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(13, 24, 131, shared=shared, weighted=True, bias=True,
+                                                                device=device_for(backend))
+    with torch.no_grad():
+        extra["ref_bias"][:40] = float("-inf")
+    check_against_reference(hidden, weight, ref_hidden, ref_weight, extra, "none", backend, REL_TOL[torch.float32])
+    out = fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, reduction="none", backend=backend, **extra)
+    assert torch.isfinite(out).all() and out[extra["mask"]].abs().min() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shared_bias_with_own_weights(backend):
+    """ref_bias the policy's bias tensor itself (which requires grad) while the weights differ: the bias gets the
+    gradient of Q's logits only, P's use of the same tensor is a constant."""
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(13, 24, 131, weighted=True, bias=True,
+                                                                device=device_for(backend))
+    extra["ref_bias"] = extra["bias"]
+    check_against_reference(hidden, weight, ref_hidden, ref_weight, extra, "none", backend, REL_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("shape", triton_cases(SHAPES[1:2]))  # one shape: each autotunes the capped kernels anew
@@ -83,44 +133,46 @@ def test_soft_capped_bf16_on_the_triton_backend(shape):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reference_of_another_width(backend):
-    inputs = make_inputs(7, 16, 131, ref_h=40, weighted=True, device=device_for(backend))
+    inputs = make_inputs(7, 16, 131, ref_h=40, weighted=True, bias=True, device=device_for(backend))
     check_against_reference(*inputs, "sum", backend, REL_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shared", [False, True])
-def test_policy_close_to_reference(backend, shared):
+@pytest.mark.parametrize("shared,bias", [(False, False), (True, False), (False, True), (True, True)])
+def test_policy_close_to_reference(backend, shared, bias):
     """KL near 0 (~1e-4 here) is where cancellation shows: fp32 log-probabilities of size ~5 carry ~1e-6 of
     absolute error, so the KL is held to that absolute bound. Its gradient q - p is ~1e-2 of q and p, each
     carrying ~1e-6 relative error from its fp32 logsumexp: ~1e-4 relative error in q - p, held to 1e-3."""
-    hidden, weight, ref_hidden, ref_weight, _ = make_inputs(13, 24, 131, shared=shared, closeness=1e-2,
-                                                            device=device_for(backend))
-    out = fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, reduction="none", backend=backend)
-    ref = linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, reduction="none")
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(13, 24, 131, shared=shared, closeness=1e-2,
+                                                                bias=bias, masked=0.0, device=device_for(backend))
+    out = fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, reduction="none", backend=backend, **extra)
+    ref = linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, reduction="none", **extra)
     assert ref.max() > 1e-5 and (out - ref).abs().max() <= 2e-6
     seed = torch.randn(out.shape, device=out.device)
-    for name, got, want in zip(["d_hidden", "d_weight"], grads_of(out, [hidden, weight], seed),
-                               grads_of(ref, [hidden, weight], seed)):
+    inputs = differentiable(hidden, weight, extra)
+    for name, got, want in zip(["d_hidden", "d_weight", "d_bias"], grads_of(out, inputs, seed),
+                               grads_of(ref, inputs, seed)):
         assert_rel_close(name, got, want, 1e-3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_identical_distributions_give_zero(backend):
-    hidden, weight, _, _, _ = make_inputs(6, 16, 37, device=device_for(backend))
-    out = fastalign.linear_kl_div(hidden, weight, hidden.detach(), weight, reduction="none", backend=backend)
+    hidden, weight, _, _, extra = make_inputs(6, 16, 37, bias=True, device=device_for(backend))
+    out = fastalign.linear_kl_div(hidden, weight, hidden.detach(), weight, bias=extra["bias"],
+                                  ref_bias=extra["bias"], reduction="none", backend=backend)
     assert out.abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_tokens_masked_gives_zero_loss_and_gradients(backend, reduction):
-    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(5, 16, 37, weighted=True, masked=1.0,
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(5, 16, 37, weighted=True, masked=1.0, bias=True,
                                                                 device=device_for(backend))
     out = fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, reduction=reduction, backend=backend,
                                   **extra)
     assert torch.all(out == 0)
-    for grad in grads_of(out, [hidden, weight], torch.ones_like(out)):
-        assert torch.all(grad == 0)
+    grads = grads_of(out, differentiable(hidden, weight, extra), torch.ones_like(out))
+    assert len(grads) == 3 and all(torch.all(grad == 0) for grad in grads)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -176,15 +228,16 @@ def test_inside_a_compiled_caller(backend):
 
 def test_torch_backend_across_chunk_boundaries(monkeypatch):
     monkeypatch.setattr(chunking, "CHUNK_BYTES", 3 * 4 * 2 * 131)  # 3 rows of both heads' logits per chunk
-    inputs = make_inputs(14, 24, 131, weighted=True)
+    inputs = make_inputs(14, 24, 131, weighted=True, bias=True)
     check_against_reference(*inputs, "sum", "torch", REL_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_nobody_needs_are_not_computed(backend):
     """Hidden states of a frozen backbone get no G @ W product in backward (a third of its matmul work) and the
-    weight's gradient stays exact; a reference that requires grad alone costs no backward work and gets none."""
-    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(13, 24, 131, weighted=True,
+    weight's gradient stays exact; a reference that requires grad alone (hidden states, bias) costs no backward
+    work and gets none."""
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(13, 24, 131, weighted=True, bias=True,
                                                                 device=device_for(backend))
     flops = {}
     for frozen in (False, True):
@@ -201,25 +254,45 @@ def test_gradients_nobody_needs_are_not_computed(backend):
     assert flops[False] - flops[True] == 2 * num_live * 131 * 24
 
     ref_hidden.requires_grad_()
+    extra = {**extra, "bias": extra["bias"].detach(), "ref_bias": extra["ref_bias"].requires_grad_()}
     out = fastalign.linear_kl_div(hidden, weight.detach(), ref_hidden, ref_weight, backend=backend, **extra)
     with FlopCounterMode(display=False) as counter:
-        assert grads_of(out, [ref_hidden], torch.ones_like(out)) == (None,)
+        assert grads_of(out, [ref_hidden, extra["ref_bias"]], torch.ones_like(out)) == (None, None)
     assert counter.get_total_flops() == 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_alone_trains(backend):
+    """Only the lm_head bias requires grad (hidden states and weight frozen): its gradient is exact and no other
+    is returned; the reference's bias, requiring grad too, gets none."""
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(13, 24, 131, weighted=True, bias=True,
+                                                                device=device_for(backend))
+    hidden, weight = hidden.detach(), weight.detach()
+    extra["ref_bias"].requires_grad_()
+    out = fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, reduction="none", backend=backend, **extra)
+    ref = linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, reduction="none", **extra)
+    seed = torch.randn(out.shape, device=out.device)
+    d_bias, d_ref_bias = grads_of(out, [extra["bias"], extra["ref_bias"]], seed)
+    assert d_ref_bias is None
+    assert_rel_close("d_bias", d_bias, grads_of(ref, [extra["bias"]], seed)[0], REL_TOL[torch.float32])
+
+
 def test_gradcheck_float64():
-    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(4, 5, 7, dtype=torch.float64, weighted=True)
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(4, 5, 7, dtype=torch.float64, weighted=True,
+                                                                bias=True)
+    ref_bias, mask, token_weight = extra["ref_bias"], extra["mask"], extra["token_weight"]
 
-    def loss(h, w):
-        return fastalign.linear_kl_div(h, w, ref_hidden, ref_weight, reduction="none", backend="torch", **extra)
+    def loss(h, w, b):
+        return fastalign.linear_kl_div(h, w, ref_hidden, ref_weight, bias=b, ref_bias=ref_bias, mask=mask,
+                                       token_weight=token_weight, reduction="none", backend="torch")
 
-    assert torch.autograd.gradcheck(loss, (hidden, weight))
+    assert torch.autograd.gradcheck(loss, (hidden, weight, extra["bias"]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_torch_backend_accumulates_half_precision_in_fp32(dtype):
     """Exactly representable half-precision inputs: the fp32 KL is within fp32 rounding of the float64 reference."""
-    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(13, 24, 131, dtype=dtype, weighted=True)
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(13, 24, 131, dtype=dtype, weighted=True, bias=True)
     out = fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, reduction="none", backend="torch", **extra)
     ref = linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, reduction="none", **extra)
     assert out.dtype == torch.float32
@@ -235,7 +308,8 @@ def test_triton_backend_refuses_float64():
 @pytest.mark.parametrize("shape", triton_cases(SHAPES, gpu_only=[(300, 64, 5000)]))
 @pytest.mark.parametrize("shared", [False, True])
 def test_matches_reference_bf16_on_the_triton_backend(shape, shared):
-    inputs = make_inputs(*shape, dtype=torch.bfloat16, device=TRITON_DEVICE, shared=shared, weighted=True)
+    inputs = make_inputs(*shape, dtype=torch.bfloat16, device=TRITON_DEVICE, shared=shared, weighted=True,
+                         bias=True)
     check_against_reference(*inputs, "mean", "triton", REL_TOL[torch.bfloat16])
 
 
@@ -249,7 +323,16 @@ def test_matches_reference_bf16_on_the_triton_backend(shape, shared):
     (lambda a: {**a, "token_weight": torch.ones(7)}, "token_weight must have shape \\[6\\]"),
     (lambda a: {**a, "reduction": "batchmean"}, "reduction must be one of"),
     (lambda a: {**a, "softcap": -30.0}, "softcap must be None or a positive finite number .* got -30.0"),
-    (lambda a: {**a, "weight": a["weight"][:0], "ref_weight": a["ref_weight"][:0]}, "weight must have at least one row"),
+    (lambda a: {**a, "weight": a["weight"][:0], "ref_weight": a["ref_weight"][:0]},
+     "weight must have at least one row"),
+    (lambda a: {**a, "bias": torch.ones(36)}, "bias must be \\[37\\] of dtype torch.float32 .* got shape \\(36,\\)"),
+    (lambda a: {**a, "bias": torch.ones(37, 1)}, "bias must have 1 dimension"),
+    (lambda a: {**a, "bias": torch.ones(37).double()}, "bias must be \\[37\\] .* dtype torch.float64"),
+    (lambda a: {**a, "bias": torch.ones(37, device="meta")}, "bias must be on cpu .* device meta"),
+    (lambda a: {**a, "bias": [0.0] * 37}, "bias must be a torch.Tensor"),
+    (lambda a: {**a, "ref_bias": torch.ones(38)}, "ref_bias must be \\[37\\] .*one entry per row of ref_weight"),
+    (lambda a: {**a, "ref_bias": torch.ones(37).half()}, "ref_bias must be \\[37\\] of dtype torch.float32"),
+    (lambda a: {**a, "ref_bias": torch.ones(37, device="meta")}, "ref_bias must be on cpu"),
 ])
 def test_bad_input_is_named(change, message):
     hidden, weight, ref_hidden, ref_weight, _ = make_inputs(6, 16, 37)

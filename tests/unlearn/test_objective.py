@@ -10,7 +10,7 @@ from fastalign.unlearn.reference import (AdapterDisabledReference, CachedReferen
                                          weight_fingerprint)
 from fastalign.reference.unlearning_loss import spec_unlearning_terms
 from fastalign.unlearn.streams import UnlearningStreams
-from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
+from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_phi, tiny_streams
 
 WEIGHTS = LossWeights(forget=0.5, mismatch=1.0, normal=1.0)
 
@@ -23,10 +23,11 @@ def perturb(model, skip_lm_head=False):
                 p.add_(0.05 * torch.randn_like(p))
 
 
-def setup(mode):
-    """(policy, reference, logits function of the reference) for a reference mode."""
+def setup(mode, make_model=tiny_llama):
+    """(policy, reference, logits function of the reference) for a reference mode, with a model of
+    make_model(vocab_size)."""
     tokenizer = byte_bpe_tokenizer()
-    model = tiny_llama(len(tokenizer))
+    model = make_model(len(tokenizer))
     streams = tiny_streams(tokenizer)
     if mode == "copy":
         reference = FrozenCopyReference(model)
@@ -41,16 +42,19 @@ def setup(mode):
             with model.disable_adapter():
                 return model(ids).logits
         return model, streams, AdapterDisabledReference(model), reference_logits
-    model.lm_head.weight.requires_grad_(False)
+    model.lm_head.requires_grad_(False)  # weight and bias, as the trainer freezes them
     original = copy.deepcopy(model)
     reference = CachedReference(model, streams.normal, batch_size=2)
     perturb(model, skip_lm_head=True)
     return model, streams, reference, lambda ids: original(ids).logits
 
 
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_phi], ids=["llama", "phi"])  # Phi: an lm_head bias
 @pytest.mark.parametrize("mode", ["copy", "adapter", "cached"])
-def test_terms_and_gradients_match_per_sequence_spec(mode):
-    model, streams, reference, reference_logits = setup(mode)
+def test_terms_and_gradients_match_per_sequence_spec(mode, make_model):
+    """With Phi's biased lm_head the bias trains in the copy mode (its gradient is checked with the others) and is
+    the reference's too, frozen, in the adapter and cached modes."""
+    model, streams, reference, reference_logits = setup(mode, make_model)
     objective = UnlearningObjective(model, WEIGHTS, reference)
     params = [p for p in model.parameters() if p.requires_grad]
     for index in (0, 1):
@@ -125,10 +129,10 @@ def test_adapter_reference_is_the_original_model_without_dropout():
     batch = tiny_streams(tokenizer).batch(0)
     first = batch.num_forget + batch.num_mismatch
     normal = batch.tokens.rows(first, first + batch.num_normal)
-    expected, _ = original(normal, batch.normal_index, None)
+    expected, _, _ = original(normal, batch.normal_index, None)
     reference = AdapterDisabledReference(policy)
     for _ in range(2):
-        hidden, _ = reference(normal, batch.normal_index, None)
+        hidden, _, _ = reference(normal, batch.normal_index, None)
         torch.testing.assert_close(hidden, expected)
     assert all(module.training for module in policy.modules())
 
@@ -313,16 +317,56 @@ def test_a_model_without_loaded_weights_is_not_probed():
     UnlearningObjective(model)
 
 
-def test_an_lm_head_bias_is_refused_by_the_kl_term_when_built():
-    """The KL term takes no lm_head bias (Phi-2, GPT-J): refused by name when the objective is built with a
-    reference, not at the first batch with normal rows (after the trainer had made its output directory); without a
-    reference the signed cross-entropy takes the bias."""
+def test_an_lm_head_bias_enters_both_heads_of_the_kl_term():
+    """The KL term takes the lm_head bias (it refused a biased lm_head): a Llama given a biased head matches the
+    per-sequence spec, the bias's gradient included, and so does a batch without normal rows and no reference."""
     model = tiny_llama(len(byte_bpe_tokenizer()))
     biased = torch.nn.Linear(32, model.config.vocab_size, bias=True)
     biased.weight, model.lm_head = model.lm_head.weight, biased
-    with pytest.raises(NotImplementedError, match=r"LlamaForCausalLM: its lm_head has a bias, .*--normal-weight 0"):
-        UnlearningObjective(model, WEIGHTS, FrozenCopyReference(model))
+    reference = FrozenCopyReference(model)
+    perturb(model)
+    batch = tiny_streams(byte_bpe_tokenizer()).batch(0)
+    terms = UnlearningObjective(model, WEIGHTS, reference)(batch)
+    f, m, rows = batch.num_forget, batch.num_mismatch, batch.examples
+    spec = spec_unlearning_terms(lambda ids: model(ids).logits, lambda ids: reference.model(ids).logits, rows[:f],
+                                 rows[f:f + m], rows[f + m:])
+    for name in ("forget", "mismatch", "normal"):
+        torch.testing.assert_close(getattr(terms, name).double(), spec[name], rtol=1e-5, atol=1e-6)
+    spec_total = WEIGHTS.forget * spec["forget"] + WEIGHTS.mismatch * spec["mismatch"] + WEIGHTS.normal * spec["normal"]
+    (fast,), (slow,) = (torch.autograd.grad(total, [model.lm_head.bias]) for total in (terms.total, spec_total))
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)
     streams = tiny_streams(byte_bpe_tokenizer())
     batch = UnlearningStreams(streams.forget, mismatch_pool=streams.pool, mismatch_per_prompt=2,
                               filler_id=streams.filler_id).batch(0)
     assert batch.num_normal == 0 and torch.isfinite(UnlearningObjective(model, WEIGHTS)(batch).total)
+
+
+def test_cached_reference_refuses_a_trainable_or_changed_lm_head_bias():
+    """The cache is paired with the lm_head's bias as with its weight: a bias that trains or changes is refused."""
+    model, streams, _, _ = setup("copy", tiny_phi)
+    model.lm_head.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"reference='cached' needs a frozen lm_head \(its bias requires grad\)"):
+        CachedReference(model, streams.normal)
+    model.lm_head.bias.requires_grad_(False)
+    reference = CachedReference(model, streams.normal)
+    perturb(model)  # the decoder, not the frozen lm_head
+    objective = UnlearningObjective(model, WEIGHTS, reference)
+    assert objective(streams.batch(0)).normal > 1e-4
+    batch = streams.batch(0)
+    normal_rows = batch.tokens.rows(batch.num_forget + batch.num_mismatch, batch.tokens.input_ids.shape[0])
+    weight, bias = model.lm_head.weight, model.lm_head.bias
+    # FSDP with a bf16 compute dtype hands over gathered bf16 copies: accepted while their values are unchanged
+    _, _, got = reference(normal_rows, batch.normal_index, weight.to(torch.bfloat16), bias.detach().to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match="the lm_head lost its bias after the reference was cached"):
+        reference(normal_rows, batch.normal_index, weight, None)
+    model.lm_head.bias.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"needs a frozen lm_head \(its bias requires grad\)"):
+        objective(streams.batch(0))
+    model.lm_head.bias.requires_grad_(False)
+    with torch.no_grad():
+        model.lm_head.bias[3] += 1.0
+    with pytest.raises(RuntimeError, match="the lm_head bias was modified after the reference was cached"):
+        objective(streams.batch(0))
+    with pytest.raises(TypeError, match="the lm_head bias arrived as torch.float64"):
+        reference(normal_rows, batch.normal_index, weight, bias.double())

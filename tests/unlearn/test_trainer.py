@@ -15,7 +15,7 @@ from fastalign.unlearn.compute import batch_compute
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.reference.unlearning_loss import spec_unlearning_terms
 from fastalign.unlearn.trainer import UnlearningTrainer
-from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
+from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_phi, tiny_streams
 
 pytest.importorskip("accelerate")
 
@@ -216,6 +216,16 @@ def test_cached_reference_freezes_the_head(tmp_path):
     assert torch.equal(trainer.model.lm_head.weight, original.lm_head.weight)
     up_proj = trainer.model.model.layers[0].mlp.up_proj.weight
     assert not torch.equal(up_proj, original.model.layers[0].mlp.up_proj.weight)
+    assert summary.last.normal_kl > 0
+
+
+def test_cached_reference_freezes_the_heads_bias_too(tmp_path):
+    """Phi's lm_head has a bias, which the cache is paired with as with the weight: it is frozen, not trained."""
+    original = tiny_phi(len(byte_bpe_tokenizer()))
+    trainer, summary = run(tmp_path, model=tiny_phi(len(byte_bpe_tokenizer())), max_steps=2, reference="cached")
+    assert not trainer.model.lm_head.bias.requires_grad
+    assert torch.equal(trainer.model.lm_head.bias, original.lm_head.bias)
+    assert torch.equal(trainer.model.lm_head.weight, original.lm_head.weight)
     assert summary.last.normal_kl > 0
 
 

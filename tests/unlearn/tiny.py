@@ -1,5 +1,5 @@
-"""Tiny offline stand-ins for the unlearning tests: fast tokenizers trained on a few strings, a random
-Llama-architecture model sized to them, and small data files in every supported format."""
+"""Tiny offline stand-ins for the unlearning tests: fast tokenizers trained on a few strings, random
+Llama- and Phi-architecture models sized to them, and small data files in every supported format."""
 import functools
 import gzip
 import json
@@ -48,6 +48,19 @@ def tiny_llama(vocab_size: int, hidden_size: int = 32, seed: int = 0) -> LlamaFo
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, tie_word_embeddings=False)
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_phi(vocab_size: int, hidden_size: int = 32, seed: int = 0):
+    """A 2-layer random fp32 Phi (PhiForCausalLM, the architecture of Phi-2): its lm_head has a bias."""
+    from transformers import PhiConfig, PhiForCausalLM
+    torch.manual_seed(seed)
+    config = PhiConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
+                       tie_word_embeddings=False)
+    model = PhiForCausalLM(config).eval()
+    with torch.no_grad():  # HF initialises biases to 0: a bias of the size of the logits, so that it matters
+        model.lm_head.bias.normal_()
+    return model
 
 
 FORGET_ROWS = [
