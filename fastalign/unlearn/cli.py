@@ -140,7 +140,8 @@ def register(subparsers) -> None:
       "(default: --batch-size)")
     g("--grad-accum", type=int, metavar="N", help="micro-batches accumulated per optimizer step (default: 1)")
     g("--lr", type=float, metavar="X", help=f"AdamW learning rate, linear decay to 0 (default: {_default('lr')})")
-    g("--weight-decay", type=float, metavar="X", help="AdamW weight decay (default: 0)")
+    g("--weight-decay", type=float, metavar="X",
+      help="AdamW weight decay (default: 0.01, torch's default, as in the reference)")
     g("--max-forget-nll", type=_optional_float, metavar="X|none",
       help=f"stop early once the mean NLL of the harmful answers "
       f"exceeds this; 'none' never stops (default: {_default('max_forget_nll')})")

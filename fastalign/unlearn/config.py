@@ -68,7 +68,7 @@ class UnlearnConfig:
     reference: str = "auto"
     # optimisation
     lr: float = 2e-6
-    weight_decay: float = 0.0
+    weight_decay: float = 0.01  # torch's AdamW default, which the reference's recipe runs with
     max_steps: int = 1000
     grad_accum: int = 1
     max_forget_nll: float | None = 100.0

@@ -424,10 +424,11 @@ def _progress_bar(config: UnlearnConfig, is_main: bool, step: int):
 
 def _truncate_log(path: str, step: int) -> None:
     """Drops log lines of steps after `step`: those an interrupted run wrote after its last checkpoint (all of them
-    when it was killed before its first one and this run starts over)."""
+    when it was killed before its first one and this run starts over), the last one included where the kill cut it
+    short (no newline: not JSON)."""
     if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for line in f if line.endswith("\n") and line.strip() and json.loads(line)["step"] <= step]
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(kept)

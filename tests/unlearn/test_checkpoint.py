@@ -1,6 +1,7 @@
 """Checkpoint files: invisible until complete, the `latest` pointer replaced in one step, exactly the newest
 `keep` checkpoints kept."""
 import os
+import pathlib
 
 import pytest
 
@@ -48,3 +49,56 @@ def test_keep_checkpoints_keeps_exactly_the_newest(tmp_path, keep, kept):
     for step in range(1, 5):
         write(tmp_path, step, keep)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest"] + [f"step-{s:06d}" for s in kept]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_write_killed_before_its_rename_leaves_the_previous_checkpoint_latest(tmp_path, monkeypatch):
+    """The checkpoint is renamed into place before `latest` names it: a run killed between the two resumes from
+    the previous checkpoint (`latest` written first would name a directory not yet in place: no resume)."""
+    write(tmp_path, 1)
+    real_replace = os.replace
+
+    def killed_at_the_rename(src, dst):
+        if os.path.basename(src) == ".tmp-step-000002":
+            raise Killed
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_rename)
+    with pytest.raises(Killed):
+        write(tmp_path, 2)
+    assert checkpoint.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoints" / "step-000001")
+
+
+def test_every_file_of_a_checkpoint_is_on_disk_before_latest_names_it(tmp_path, monkeypatch):
+    """A crash of the machine (not only of the process) must not leave `latest` naming files whose data were
+    still in the page cache: each file, `latest` included, is fsynced before it is renamed into place."""
+    real_fsync, synced = os.fsync, []
+
+    def recording_fsync(fd):
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    final = write(tmp_path, 3)
+    written = [os.path.join(final, "rank-0.pt"), os.path.join(final, "state.pt"), tmp_path / "checkpoints" / "latest"]
+    assert sorted(synced) == sorted(os.stat(path).st_ino for path in written)
+
+
+def test_a_failed_atomic_directory_leaves_the_old_one_and_no_temporary(tmp_path):
+    """model/ and adapter/ are written through atomic_directory: a failure while writing keeps what was there
+    and leaves nothing behind."""
+    target = tmp_path / "model"
+    with checkpoint.atomic_directory(str(target)) as tmp:
+        pathlib.Path(tmp, "weights").write_text("old")
+    with pytest.raises(Killed):
+        with checkpoint.atomic_directory(str(target)) as tmp:
+            pathlib.Path(tmp, "weights").write_text("half")
+            raise Killed
+    assert os.listdir(tmp_path) == ["model"] and (target / "weights").read_text() == "old"
+    with checkpoint.atomic_directory(str(target)) as tmp:
+        pathlib.Path(tmp, "weights").write_text("new")
+    assert os.listdir(tmp_path) == ["model"] and os.listdir(target) == ["weights"]
+    assert (target / "weights").read_text() == "new"

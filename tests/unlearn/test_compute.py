@@ -3,8 +3,10 @@ for the tiny Llama (hidden 32, 2 layers, 4 heads of 8, 2 KV heads, MLP 64)."""
 import itertools
 
 import pytest
+import torch
 
-from fastalign.unlearn.compute import ModelShape, batch_compute
+from fastalign.unlearn.batching import collate
+from fastalign.unlearn.compute import ModelShape, batch_compute, cache_compute
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
 
 
@@ -48,3 +50,17 @@ def test_attention_width_is_the_decoders_when_the_head_projects_it_down():
                                      num_attention_heads=4, ffn_dim=128, max_position_embeddings=64))
     shape = ModelShape.of(model)
     assert (shape.hidden_size, shape.attention_width) == (32, 64)
+
+
+def test_the_cached_reference_is_counted_once_per_process_that_builds_it():
+    """Every process builds the cache over the whole normal set: its tokens, FLOPs and device-seconds count once per
+    process (test_distributed checks the tokens only)."""
+    tokenizer = byte_bpe_tokenizer()
+    shape = ModelShape.of(tiny_llama(len(tokenizer)))
+    masks = [collate(tiny_streams(tokenizer).normal, 0).attention_mask, torch.ones(1, 3, dtype=torch.long)]
+    one = cache_compute(shape, masks, seconds=2.0, num_processes=1)
+    assert one.flops == pytest.approx(sum(shape.decoder_forward(mask) for mask in masks), rel=1e-12) and one.flops > 0
+    assert one.reference_tokens == sum(int(mask.sum()) for mask in masks)
+    three = cache_compute(shape, masks, seconds=2.0, num_processes=3)
+    assert (three.flops, three.reference_tokens, three.device_seconds) == \
+        (pytest.approx(3 * one.flops, rel=1e-12), 3 * one.reference_tokens, 6.0)

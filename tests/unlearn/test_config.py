@@ -100,3 +100,16 @@ def test_settings_that_take_effect_are_not_warned_of():
         warnings.simplefilter("error")
         UnlearnConfig(lora=True, lora_rank=8)
         UnlearnConfig(mismatch_per_prompt=0, mismatch_weight=0.0)
+
+
+def test_defaults_are_the_spec_recipe():
+    """SPEC §1's reference recipe: AdamW with lr 2e-6 and torch's default weight decay (the reference passes only
+    the lr), batch 2, at most 1000 steps, K = 5 mismatch answers per prompt, weights 0.5 / 1.0 / 1.0, early stop
+    once the forget NLL exceeds 100, LoRA r=32 alpha 16 on q_proj and v_proj, and SPEC's text template."""
+    config = UnlearnConfig()
+    assert config.weight_decay == 0.01
+    assert (config.lr, config.batch_size, config.max_steps, config.mismatch_per_prompt, config.max_forget_nll) == \
+        (2e-6, 2, 1000, 5, 100.0)
+    assert (config.forget_weight, config.mismatch_weight, config.normal_weight) == (0.5, 1.0, 1.0)
+    assert (config.lora_rank, config.lora_alpha, config.lora_targets) == (32, 16, ["q_proj", "v_proj"])
+    assert config.template == "### Question: {prompt}\n ### Answer: {answer}"

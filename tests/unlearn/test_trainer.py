@@ -88,6 +88,22 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_with_a_fresh_log(t
     assert [r["step"] for r in log_lines(tmp_path / "run")] == [1, 2, 3, 4, 5]
 
 
+def test_a_log_line_a_kill_cut_short_does_not_stop_the_resume(tmp_path):
+    """A kill while a step's log line is written leaves a last line without its newline, not JSON: the resume
+    drops it with the other lines past its checkpoint (it failed on it with a JSONDecodeError)."""
+    def kill_after_step_3(record):
+        if record.step == 3:
+            with open(tmp_path / "run" / "log.jsonl", "a", encoding="utf-8") as f:
+                f.write('{"step": 4, "lo')
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(tmp_path, save_every=2, callback=kill_after_step_3)
+    run(tmp_path, "whole", save_every=2)
+    run(tmp_path, save_every=2, resume=True)
+    assert log_lines(tmp_path / "run") == log_lines(tmp_path / "whole")
+
+
 def test_resume_with_more_max_steps_follows_the_new_schedule_from_the_first_resumed_step(tmp_path):
     """max_steps may change on resume: the linear schedule of the new max_steps applies at once (the optimizer
     held the old schedule's lr for the step it stopped at)."""
@@ -123,6 +139,8 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path):
 def test_a_moved_run_resumes(tmp_path):
     """The output directory is where the checkpoint is found: a run moved (or named by another path) resumes."""
     whole, _ = run(tmp_path, "whole", max_steps=4, save_every=2, grad_accum=1)
+    # the last step writes model/, not a checkpoint as well
+    assert sorted(os.listdir(tmp_path / "whole" / "checkpoints")) == ["latest", "step-000002"]
 
     def kill_after_step_3(record):
         if record.step == 3:
@@ -135,6 +153,17 @@ def test_a_moved_run_resumes(tmp_path):
     assert summary.steps == 4
     for (name, a), (_, b) in zip(whole.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_a_run_removes_the_temporaries_an_interrupted_write_left(tmp_path):
+    """A process killed inside a write leaves a hidden temporary next to its target, which no later write of that
+    target replaces when the run never gets there again (a checkpoint step past the one it resumes from, an
+    adapter/ of a LoRA run resumed without it): the next run deletes them, as they may hold a whole model."""
+    out = tmp_path / "run"
+    (out / "checkpoints" / ".tmp-step-000004").mkdir(parents=True)
+    (out / ".tmp-adapter").mkdir()
+    run(tmp_path, max_steps=1, grad_accum=1)
+    assert sorted(os.listdir(out / "checkpoints")) == [] and ".tmp-adapter" not in os.listdir(out)
 
 
 def test_resume_with_max_steps_below_the_checkpoint_step_is_refused(tmp_path):
@@ -262,6 +291,14 @@ def test_cached_reference_with_tied_embeddings_counts_the_full_backward(tmp_path
 def test_precisions_and_checkpointing_run(tmp_path, settings):
     _, summary = run(tmp_path, max_steps=1, grad_accum=1, **settings)
     assert summary.steps == 1 and torch.isfinite(torch.tensor(summary.last.loss))
+
+
+def test_gradient_checkpointing_counts_the_forward_it_repeats(tmp_path):
+    """Checkpointed layers run their forward again in the backward: the run's FLOPs count it."""
+    trainer, summary = run(tmp_path, max_steps=1, grad_accum=1, gradient_checkpointing=True)
+    expected = batch_compute(trainer.shape, tiny_streams(byte_bpe_tokenizer()).batch(0), decoder_trains=True,
+                             lm_head_trains=True, checkpointing=True, reference_forward=True)
+    assert summary.compute["flops"] == expected.flops
 
 
 @pytest.mark.parametrize("tied", [False, True])
