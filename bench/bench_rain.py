@@ -200,16 +200,21 @@ def main():
             measure()
         except Exception as err:
             add({"engine": name, "error": failure_row(name, err)["error"]})
-    # Warm-up, untimed. The tree engine's is the timed run itself (the keyed sampler repeats its decisions): its
-    # attention kernels are compiled per tile shape (tokens per row), split count and cascade pass, and a run that
-    # meets a new one compiles it on the clock (~1 s each on a GPU, against a run of a few seconds there). The slow
-    # engine (Hugging Face's forward, nothing compiled) only needs its first calls made.
-    rain_generate(model, tok, first, config, engine="tree", concurrency=1, sampler="keyed", **common)
-    rain_generate(model, tok, first[:1], RainConfig(max_new_tokens=1, root_visits=2), engine="slow", **common)
+    tree = None   # the tree engine's timed run, once its section has succeeded
 
-    tree = rain_generate(model, tok, first, config, engine="tree", concurrency=1, sampler="keyed", **common)
-    greedy_s = greedy_seconds(model, tok, first, [max(len(r.answer_ids), 1) for r in tree.results])
-    add(row("tree", tree, {"greedy_s_same_length": greedy_s, "rain_over_greedy": tree.stats.wall_seconds / greedy_s}))
+    def tree_section():
+        """Warm-up, untimed. The tree engine's is the timed run itself (the keyed sampler repeats its decisions):
+        its attention kernels are compiled per tile shape (tokens per row), split count and cascade pass, and a run
+        that meets a new one compiles it on the clock (~1 s each on a GPU, against a run of a few seconds there).
+        The slow engine (Hugging Face's forward, nothing compiled) only needs its first calls made."""
+        nonlocal tree
+        rain_generate(model, tok, first, config, engine="tree", concurrency=1, sampler="keyed", **common)
+        rain_generate(model, tok, first[:1], RainConfig(max_new_tokens=1, root_visits=2), engine="slow", **common)
+        run = rain_generate(model, tok, first, config, engine="tree", concurrency=1, sampler="keyed", **common)
+        greedy_s = greedy_seconds(model, tok, first, [max(len(r.answer_ids), 1) for r in run.results])
+        add(row("tree", run, {"greedy_s_same_length": greedy_s, "rain_over_greedy": run.stats.wall_seconds / greedy_s}))
+        tree = run
+    section("tree", tree_section)
     for c in args.concurrency:
         if c > len(prompts):
             print(f"concurrency {c}: only {len(prompts)} distinct prompts, skipped")
@@ -219,10 +224,11 @@ def main():
 
     def slow_section():
         slow = rain_generate(model, tok, first, config, engine="slow", sampler="keyed", **common)
-        same = [r.answer_ids for r in slow.results] == [r.answer_ids for r in tree.results]
+        same = None if tree is None else [r.answer_ids for r in slow.results] == [r.answer_ids for r in tree.results]
         slow_row = row("slow", slow, {"same_decisions": same})
-        rows[0]["speedup_per_commit"] = slow_row["s_per_commit"] / rows[0]["s_per_commit"]
-        rows[0]["token_ratio_vs_slow"] = slow_row["tokens_per_commit"] / rows[0]["tokens_per_commit"]
+        if tree is not None:   # rows[0] is the tree engine's row
+            rows[0]["speedup_per_commit"] = slow_row["s_per_commit"] / rows[0]["s_per_commit"]
+            rows[0]["token_ratio_vs_slow"] = slow_row["tokens_per_commit"] / rows[0]["tokens_per_commit"]
         add(slow_row)
     if not args.skip_slow:   # after the concurrency rows: the slowest section, the likeliest to be cut short
         section("slow", slow_section)

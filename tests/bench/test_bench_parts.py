@@ -523,6 +523,16 @@ def test_rain_section_that_raises_is_an_error_row_and_the_next_sections_run(monk
     assert {"tree vl=1", "tree vl=5"} <= set(rows), rows
 
 
+def test_rain_tree_engine_that_raises_is_an_error_row_and_the_other_sections_run(monkeypatch, tmp_path):
+    """The tree engine's section (its warm-up, its timed run and the greedy baseline) raising, as a kernel that
+    fails on a GPU would, took the whole run with it, no JSON written: it is an error row, the slow engine's row is
+    still measured (with nothing to compare its decisions with) and so are the other sections."""
+    _, _, rows = run_bench_rain(monkeypatch, tmp_path, [f"prompt {i}" for i in range(8)], failing_concurrency=1)
+    assert rows["tree"] == {"engine": "tree", "error": "RuntimeError: CUDA out of memory"}, rows
+    assert rows["slow"]["same_decisions"] is None and rows["slow"]["committed"] == 6, rows
+    assert {"tree x3", "tree vl=1", "tree vl=5"} <= set(rows), rows
+
+
 def test_rain_greedy_baseline_decodes_exactly_the_answer_lengths_after_an_untimed_warmup(monkeypatch):
     """The KV-cached greedy baseline decodes as many tokens as RAIN's answers, even where the greedy token is an end
     token (generate would stop at once), and its clock starts after a warm-up call."""

@@ -150,11 +150,15 @@ def test_cross_entropy_in_each_gpu_tile_config_with_the_gpu_plans(monkeypatch, t
     check_against_reference(21, 72, 333, dtype, with_bias=True, tol=tol)
 
 
-def test_only_the_split_holding_a_target_writes_its_logit():
+@pytest.mark.parametrize("gpu_plan", [False, True], ids=["own_plan", "gpu_plan"])
+def test_only_the_split_holding_a_target_writes_its_logit(monkeypatch, gpu_plan):
     """On a GPU the programs of all splits run at once; the interpreter runs them in grid order, so a split that
     also wrote (a wrong) z[t, y_t] for a target just past its range is overwritten by the next split here but
-    races there. Split 0 of row block 0 run alone must leave every other split's targets untouched."""
-    num_rows, hidden_size, vocab = 8, 24, 131
+    races there. Split 0 of row block 0 run alone must leave every other split's targets untouched. The vocabulary
+    spans several split ranges of either plan (131 words made one split of a GPU's 256-aligned ranges)."""
+    if gpu_plan:
+        use_gpu_plans(monkeypatch)
+    num_rows, hidden_size, vocab = 8, 24, 4 * tiles._SPLIT_ALIGN + 3
     hidden, weight, _, _, _ = make_inputs(num_rows, hidden_size, vocab, torch.float32, with_bias=False)
     num_splits, per_split = tiles.vocab_splits(num_rows, vocab, hidden.device)
     assert num_splits >= 2

@@ -57,6 +57,26 @@ def test_unvalidated_bad_block_ids_stay_in_bounds():
     assert out.shape == batch["q"].shape
 
 
+def test_unvalidated_metadata_reads_nothing_next_to_the_pool_or_the_table():
+    """Block ids just outside the pool and a context longer than its table row (validation skipped) must read
+    the pool's first or last block and the row's last column again (the kernel clamps them), not the memory next
+    to them: here that memory is the hidden part of wider tensors, and what it holds must not change the result."""
+    torch.manual_seed(0)
+    keys, values = (torch.randn(8, 4, 1, 16, device=TRITON_DEVICE) for _ in range(2))
+    wide = torch.zeros(1, 8, dtype=torch.int32, device=TRITON_DEVICE)
+    wide[0, :2] = torch.tensor([-1, 6])   # both outside the pool of blocks 0..5 (keys[1:7])
+    index = dict(dtype=torch.int32, device=TRITON_DEVICE)
+    batch = dict(q=torch.randn(1, 2, 16, device=TRITON_DEVICE), k_cache=keys[1:7], v_cache=values[1:7],
+                 block_table=wide[:, :2], seq_lens=torch.tensor([16], **index), cu_q_lens=torch.tensor([0, 1], **index))
+    outs = []
+    for hidden in (2, 5):  # table columns 2 and 3, and the blocks before and after the pool, change
+        wide[0, 2:] = hidden
+        for t in (keys, values):
+            t[[0, 7]] = torch.randn(2, 4, 1, 16, device=TRITON_DEVICE)
+        outs.append(paged_attention(**batch, backend="triton", validate=False))
+    assert torch.equal(outs[0], outs[1])
+
+
 COMPILE_FOR_GPUS = r"""
 import triton
 from fastalign.kernels.paged_attention import _merge_splits_kernel, _paged_attention_kernel, launch_config

@@ -295,6 +295,8 @@ BASE = dict(rows=[(9, 2), (6, 1)], block_size=4, num_heads=4, num_kv_heads=2, he
      "non-decreasing"),
     (lambda b: dict(seq_lens=torch.tensor([1, 6], dtype=torch.int32)), "q_len <= seq_len"),
     (lambda b: dict(seq_lens=torch.tensor([9, 30], dtype=torch.int32)), "longer than its block table row"),
+    # one token past the 4 columns of 4 tokens (the check bounds the blocks a row uses, not their ids)
+    (lambda b: dict(seq_lens=torch.tensor([9, 17], dtype=torch.int32)), "longer than its block table row"),
     (lambda b: dict(block_table=torch.where(b["block_table"] == b["block_table"][0, 0], 99, b["block_table"])),
      "outside \\[0, 7\\)"),
     (lambda b: dict(scale=-1.0), "scale: expected a positive finite number"),
@@ -377,4 +379,12 @@ def test_shared_prefix_may_end_where_the_new_tokens_start():
 def test_shared_prefix_whose_later_block_differs_is_rejected():
     batch = make_paged_batch([(17, 1), (21, 2)], 4, 4, 2, 16, shared_blocks=1)  # only block 0 shared
     with pytest.raises(ValueError, match="disagree on the block ids"):
+        paged_attention(**batch, shared_prefix=(_groups(0, 2), _groups(8)))
+
+
+def test_shared_prefix_one_token_into_the_new_tokens_is_rejected():
+    """The shared pass has no causal mask: a prefix holding a row's first new token would show it to that
+    row's earlier queries. Row 0 has 7 tokens before its 2 new ones, so its 2 shared blocks (8 tokens) are refused."""
+    batch = make_paged_batch([(9, 2), (10, 1)], 4, 4, 2, 16, shared_blocks=2)
+    with pytest.raises(ValueError, match="reaches into a row's new tokens"):
         paged_attention(**batch, shared_prefix=(_groups(0, 2), _groups(8)))

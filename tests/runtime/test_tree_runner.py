@@ -79,6 +79,7 @@ def test_output_choices_agree():
     _, all_logits, all_hidden = runner.extend([root] * 3, lists, logits="all", hidden="all")
     _, last_logits, all_hidden2 = runner.extend([root] * 3, lists, logits="last", hidden="all")
     _, none_logits, last_hidden = runner.extend([root] * 3, lists, logits=None, hidden="last")
+    _, all_logits2, last_hidden2 = runner.extend([root] * 3, lists, logits="all", hidden="last")
     children, only_logits = runner.extend([root] * 3, lists)
     assert none_logits is None and last_logits.shape == (3, runner.vocab_size)
     assert [h.shape[0] for h in all_hidden] == [3, 1, 2]
@@ -87,6 +88,9 @@ def test_output_choices_agree():
     torch.testing.assert_close(last_logits, torch.stack([lg[-1] for lg in all_logits]), **close)
     torch.testing.assert_close(only_logits, last_logits, **close)
     torch.testing.assert_close(last_hidden, torch.stack([h[-1] for h in all_hidden2]), **close)
+    # every token's hidden state is computed for "all" logits; "last" still returns the last ones only
+    assert last_hidden2.shape == last_hidden.shape and [lg.shape[0] for lg in all_logits2] == [3, 1, 2]
+    torch.testing.assert_close(last_hidden2, last_hidden, **close)
 
 
 def test_last_logits_with_every_hidden_state_run_the_lm_head_on_the_last_tokens_only():
