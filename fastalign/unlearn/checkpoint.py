@@ -85,7 +85,8 @@ def write_checkpoint(output_dir: str, step: int, state: dict, rank_state: dict, 
                      barrier: Callable[[], None], keep: int) -> str:
     """Writes state (from the main process) and each process's rank_state as checkpoint `step`.
 
-    Collective: every process calls it. keep > 0 deletes all but the newest `keep` checkpoints.
+    Collective: every process calls it. keep > 0 deletes all but the newest `keep` checkpoints; checkpoints of
+    later steps (a killed run's, past the one it was resumed from) are deleted in any case.
     """
     root = os.path.join(output_dir, CHECKPOINTS)
     name = f"step-{step:06d}"
@@ -109,10 +110,12 @@ def write_checkpoint(output_dir: str, step: int, state: dict, rank_state: dict, 
             shutil.rmtree(final)
         os.replace(tmp, final)
         write_text_atomic(os.path.join(root, "latest"), name)
-        if keep:
-            steps = sorted(n for n in os.listdir(root) if n.startswith("step-"))
-            for old in steps[:-keep]:
-                shutil.rmtree(os.path.join(root, old))
+        steps = sorted(n for n in os.listdir(root) if n.startswith("step-"))
+        # past this one: left by a run killed before `latest` named it, which this run (resumed before it) redoes
+        stale = [n for n in steps if n > name]
+        kept = [n for n in steps if n <= name]
+        for old in stale + (kept[:-keep] if keep else []):
+            shutil.rmtree(os.path.join(root, old))
     barrier()
     return final
 

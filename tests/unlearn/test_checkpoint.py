@@ -102,3 +102,23 @@ def test_a_failed_atomic_directory_leaves_the_old_one_and_no_temporary(tmp_path)
         pathlib.Path(tmp, "weights").write_text("new")
     assert os.listdir(tmp_path) == ["model"] and os.listdir(target) == ["weights"]
     assert (target / "weights").read_text() == "new"
+
+
+def test_a_checkpoint_left_past_latest_by_a_killed_run_is_dropped_not_kept(tmp_path, monkeypatch):
+    """A run killed after renaming step 3 into place but before `latest` named it resumes from step 2; its next
+    checkpoint (step 3 again, or step 4 after --save-every changed) must be the one `latest` names and keeps,
+    not the killed run's step 3 (newest by name, so keep=1 kept it and deleted the checkpoint just written)."""
+    write(tmp_path, 2, keep=1)
+    real_write_text = checkpoint.write_text_atomic
+
+    def killed_before_latest(path, text):
+        raise Killed
+
+    monkeypatch.setattr(checkpoint, "write_text_atomic", killed_before_latest)
+    with pytest.raises(Killed):
+        write(tmp_path, 5, keep=1)
+    monkeypatch.setattr(checkpoint, "write_text_atomic", real_write_text)
+    assert checkpoint.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoints" / "step-000002")
+    final = write(tmp_path, 4, keep=1)   # the resumed run, saving at another step
+    assert checkpoint.latest_checkpoint(str(tmp_path)) == final
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-000004"]
