@@ -81,6 +81,9 @@ class RainConfig:
             (self.similarity_weight >= 0, "similarity_weight must be >= 0 (a share of a visit)"),
             # NaN would pass silently: every sibling sharing, widening or early stopping never happening
             (not math.isnan(self.similarity_threshold), "similarity_threshold must be a number, got NaN"),
+            # a negative threshold lets siblings of negative cosine share -0.2 * |sim| visits: n falls to 0 and below
+            (self.similarity_threshold >= 0, "similarity_threshold must be >= 0 (a cosine similarity below 0 would "
+                                             "share negative visits)"),
             (not math.isnan(self.widen_variance_per_token), "widen_variance_per_token must be a number, got NaN"),
             (not math.isnan(self.widen_max_q), "widen_max_q must be a number, got NaN"),
             (not math.isnan(self.early_stop_q), "early_stop_q must be a number, got NaN"),

@@ -41,6 +41,8 @@ def test_identical_decisions_on_hash_model_and_nothing_left_behind():
     assert sum(len(r.commits) for r in tree.results) >= 9
     assert not runner.live                                  # every span released, shared prefixes included
     assert slow.stats.minimum == tree.stats.minimum
+    # the same evaluations read from the judge's cache (SPEC: scores are cached by text) in both engines
+    assert [r.stats.required_calls for r in slow.results] == [r.stats.required_calls for r in tree.results]
 
 
 def test_identical_decisions_on_tiny_llama_through_tree_runner():
@@ -114,7 +116,7 @@ def test_cost_against_reference_and_tree_minimum():
                    sampler="keyed")
     (slow, _), (tree, _) = out["slow"], out["tree"]
     s, t = slow.stats, tree.stats
-    assert s.committed_tokens == t.committed_tokens > 0
+    assert s.committed_tokens == t.committed_tokens == sum(len(r.answer_ids) for r in tree.results) > 0
     assert t.recomputed_tokens == 0
     assert tree.required.keys <= tree.ledger.fed_keys          # everything the search read was computed
     assert t.tokens == t.minimum_tokens
@@ -123,9 +125,19 @@ def test_cost_against_reference_and_tree_minimum():
     assert s.recomputed_tokens > 0.5 * s.tokens
     for r in tree.results:
         assert r.stats.model_calls > 0 and r.stats.iterations > 0 and r.stats.wall_seconds > 0
+        assert r.stats.committed_tokens == len(r.answer_ids)
         calls, required = r.stats.model_calls, r.stats.required_calls
         assert required <= calls <= 1.05 * required, (calls, required)   # 1.6x before cuts and rows on rows
         assert set(r.stats.seconds) == {"expand", "simulate", "evaluate", "embed", "host"}
+
+
+def test_required_calls_of_a_one_step_answer():
+    """A one-token answer decided after one iteration needs two calls, one after the other: the prompt's state
+    (its next-token distribution gives the root's candidates), then the judge's (the root's rollout is empty: the
+    prompt ends in the stop character ':'). The tree engine takes exactly those."""
+    result = run_tree(PROMPTS[:1], RainConfig(root_visits=1, min_new_visits=1, max_new_tokens=1)).results[0]
+    assert result.error is None and (result.stats.iterations, len(result.answer_ids)) == (1, 1)
+    assert result.stats.required_calls == 2 == result.stats.model_calls
 
 
 @pytest.mark.parametrize("sampler,parallel_leaves", [("torch", 1), ("keyed", 3)])
@@ -177,6 +189,11 @@ def test_replies_cut_at_a_new_turn():
     (slow, _), (tree, runner) = out["slow"], out["tree"]
     assert decisions(slow) == decisions(tree) and all(r.error is None for r in tree.results)
     assert all("e" not in r.answer for r in tree.results) and any(r.answer for r in tree.results)
+    tok = tokenizer()
+    assert any("e" in tok.decode(r.answer_ids) for r in tree.results)
+    for r in tree.results:                   # the commit that opens a new turn is the answer's last
+        before_last = r.answer_ids[:len(r.answer_ids) - len(r.commits[-1]["tokens"])]
+        assert "e" not in tok.decode(before_last, skip_special_tokens=True)
     assert tree.stats.recomputed_tokens <= 0.01 * tree.stats.tokens
     assert tree.required.keys <= tree.ledger.fed_keys
     assert not runner.live
@@ -219,6 +236,27 @@ def test_parallel_leaves_under_virtual_loss():
     assert per_iteration[0] < 0.75 * per_iteration[1], per_iteration
 
 
+def test_virtual_visits_end_with_their_iteration(monkeypatch):
+    """Leaves picked together take their virtual visits back once backed up: at every commit (no leaf pending)
+    no node holds any, and no node has the same token set twice among its children. A leftover would count as a
+    lost visit in every later selection on that path; the engine comparisons cannot see either (both engines run
+    the same search)."""
+    from fastalign.rain.tree import SearchTree
+
+    commit, checked = SearchTree.commit, []
+
+    def checked_commit(self, child):
+        checked.append(max(abs(node.vl) for node in self.root.subtree()))
+        for node in self.root.subtree():     # a leaf picked twice in one batch would be expanded twice
+            assert len({ch.tokens for ch in node.children}) == len(node.children)
+        return commit(self, child)
+
+    monkeypatch.setattr(SearchTree, "commit", checked_commit)
+    run = run_tree(PROMPTS, dataclasses.replace(SMALL, parallel_leaves=3), concurrency=2)
+    assert all(r.error is None for r in run.results)
+    assert len(checked) >= 3 and max(checked) == 0.0
+
+
 def run_tree(prompts, config, **kw):
     """The tree engine on the hash model, keyed sampler, hidden-state embeddings (each overridable)."""
     tok = tokenizer()
@@ -229,12 +267,15 @@ def run_tree(prompts, config, **kw):
 
 @pytest.mark.parametrize("config", [SMALL, RainConfig(root_visits=20, min_new_visits=3, max_new_tokens=12,
                                                       early_stop_fresh_visits=2, early_stop_q=0.0),
-                                    dataclasses.replace(SMALL, root_visits=10, parallel_leaves=4)])
+                                    dataclasses.replace(SMALL, root_visits=10, parallel_leaves=4),
+                                    dataclasses.replace(SMALL, root_visits=20, max_new_tokens=8,
+                                                        similarity_threshold=0.0)])
 def test_commits_follow_the_stopping_rules_and_the_length_limit(config):
     """Every commit is taken at the first iteration where a stopping rule holds (the most visited child's
     fresh visits and q, or the root's visits and the new ones), and answers stop at max_new_tokens; leaves
-    picked together never run past the visits the rule asks for. The engine comparisons cannot see these
-    rules: both engines share them."""
+    picked together never run past the visits the rule asks for. The root's count is its real visits fn: with
+    every sibling sharing (similarity_threshold 0) a new root's n, shares included, runs ahead of it. The engine
+    comparisons cannot see these rules: both engines share them."""
     early_stops = 0
     for result in run_tree(PROMPTS, config, concurrency=2).results:
         assert result.error is None and len(result.answer_ids) <= config.max_new_tokens
@@ -252,10 +293,13 @@ def test_commits_follow_the_stopping_rules_and_the_length_limit(config):
 
 def test_widening_adds_candidates_at_the_root():
     """Widening wanted at every selection (uniform root priors, so that every child gets visited and
-    embedded): the root gains candidates beyond the first 10, up to max_children."""
+    embedded): the root gains candidates beyond the first 10, up to max_children, alike in both engines."""
     config = RainConfig(root_visits=40, min_new_visits=3, max_new_tokens=2, widen_variance_per_token=1e9,
                         widen_max_q=2.0, early_stop_q=2.0, root_prior_mix=1.0)
-    sizes = [len(r.commits[0]["children"]) for r in run_tree(PROMPTS, config, concurrency=2).results]
+    out = run_both(HashLM(len(tokenizer())), PROMPTS, config, lambda: HashRunner(len(tokenizer())),
+                   judge_prompt=SHORT_JUDGE, embedding="hidden", sampler="keyed", concurrency=2)
+    assert decisions(out["slow"][0]) == decisions(out["tree"][0])     # both engines rank past the candidates
+    sizes = [len(r.commits[0]["children"]) for r in out["tree"][0].results]
     assert all(config.candidates < n <= config.max_children for n in sizes), sizes
 
 
@@ -554,6 +598,8 @@ def test_prompt_and_generation_prefix_that_write_their_bos_keep_one(engine):
     run = rain_generate(model, tok, ["Who is Bob?"], config, engine=engine, judge_prompt=judge, embedding="hidden",
                         generation_prefix=rendered)
     assert run.stats.minimum["shared_prefix"] == one_bos
+    bare = tokenize_texts(tok, ["Who is Bob?"], add_special_tokens=False)["input_ids"][0]
+    assert run.stats.minimum["prompt"] == len(bare)            # no second BOS after the generation prefix
 
 
 def test_chat_template_prompts_read_as_a_user_turn_by_the_model_and_as_the_dialogue_by_the_judge(monkeypatch):

@@ -114,3 +114,27 @@ def test_widening_one_token_sets_adds_the_next_most_likely_token():
     assert [c.p for c in root.children[:3]] == before
     top4 = torch.softmax(torch.tensor([1.0, 4.0, 3.0, 2.0]), dim=0)[0].item()     # token 10 among 10, 11, 13, 14
     assert root.children[3].p == pytest.approx(0.75 * top4 + 0.25 / 4)
+
+
+def test_path_infos_pool_each_nodes_tokens_below_it_and_the_rollout():
+    """The embedding of a node on the backed-up path reads the text of its own tokens, the path below it and the
+    rollout, and (hidden pooling) the mean of the hidden states that generated exactly those tokens."""
+    from fastalign.rain.embeddings import HiddenStateEmbedder
+    from fastalign.rain.jobs import Evaluation
+
+    tok = tokenizer()
+    ctx = PromptContext(index=0, prompt_text="", root_ids=[5], head_ids=[], root_key=0, max_length=100)
+    search = PromptSearch(ctx, RainConfig(), tok, END_IDS, embedder=HiddenStateEmbedder(), judge=None,
+                          required=RequiredPrefixes(), on_commit=None)
+    child = search._add_child(search.tree.root, [5], (10,), 1.0, torch.tensor([1.0, 0.0]))
+    leaf = search._add_child(child, [5, 10], (11, 12), 1.0, torch.tensor([0.0, 2.0]))
+    rollout = Evaluation(0.0, [13, 14], torch.tensor([4.0, 4.0]))
+    leaf_info, child_info = search._path_infos(leaf, rollout)
+    assert leaf_info.text == tok.decode([11, 12, 13, 14], skip_special_tokens=True)
+    assert child_info.text == tok.decode([10, 11, 12, 13, 14], skip_special_tokens=True)
+    assert (leaf_info.hidden_count, child_info.hidden_count) == (4, 5)
+    assert torch.equal(leaf_info.hidden_sum, torch.tensor([4.0, 6.0]))
+    assert torch.equal(child_info.hidden_sum, torch.tensor([5.0, 6.0]))
+    terminal = search._path_infos(leaf, Evaluation(0.0, []))           # an ended leaf has no rollout
+    assert [p.hidden_count for p in terminal] == [2, 3]
+    assert torch.equal(terminal[1].hidden_sum, torch.tensor([1.0, 2.0]))

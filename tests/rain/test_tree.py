@@ -192,6 +192,7 @@ def test_config_validation_and_lengths():
 @pytest.mark.parametrize("bad, name", [
     (dict(similarity_weight=-0.2), "similarity_weight"),          # negative visits: n can reach 0
     (dict(similarity_threshold=math.nan), "similarity_threshold"),  # every sibling would share
+    (dict(similarity_threshold=-0.5), "similarity_threshold"),    # opposite siblings would lose visits
     (dict(early_stop_q=math.nan), "early_stop_q"),                # would never stop early
     (dict(widen_variance_per_token=math.nan), "widen_variance_per_token"),
     (dict(widen_max_q=math.nan), "widen_max_q"),
@@ -233,3 +234,44 @@ def test_select_breaks_ties_by_child_order():
     assert tree.select_child(tree.root) is tree.root.children[0]
     tree.root.children[2].p = 0.2500001
     assert tree.select_child(tree.root) is tree.root.children[2]
+
+
+def test_defaults_are_the_reference_hh_constants():
+    """SPEC §2's constants (the reference's HH setting). Every search test runs a small config, so nothing else
+    would notice a changed default."""
+    c = RainConfig()
+    assert (c.exploration, c.q_norm_eps, c.initial_q_range) == (2.0, 1e-5, (-1.0, 1.0))
+    assert (c.candidates, c.sample_top_k, c.token_set_lengths, c.root_prior_mix) == (10, 15, (1, 2, 4, 10), 0.25)
+    assert (c.similarity_threshold, c.similarity_weight) == (0.95, 0.2)
+    assert (c.max_children, c.widen_variance_per_token, c.widen_max_q, c.widen_group) == (20, 0.03, 0.0, 2)
+    assert (c.root_visits, c.min_new_visits, c.early_stop_fresh_visits, c.early_stop_q) == (50, 15, 6, 0.8)
+    assert sorted(c.rollout_stop_chars) == sorted(",.?:;\n") and c.turn_marker == "Human:"
+    assert (c.parallel_leaves, c.widen_lone_child) == (1, False)     # the reference's one iteration at a time
+
+
+def test_q_range_takes_every_node_on_the_backed_up_path():
+    """q_min / q_max follow the q of every node the back-up updates, not the leaf's alone (with the default range
+    (-1, 1) no q ever leaves it, so only a narrow initial range shows this)."""
+    tree = tree_with_children([1.0], RainConfig(initial_q_range=(0.0, 0.0)))
+    (a,) = tree.root.children
+    a.n, a.fn, a.q, a.embedding = 1.0, 1, -1.0, torch.tensor([1.0, 0.0])     # one earlier visit, value -1
+    leaf = Node((5,), a, 1.0, key=9)
+    a.children.append(leaf)
+    tree.backup(leaf, 0.0, [torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0])])
+    assert (leaf.q, a.q) == (0.0, -0.5)
+    assert (tree.q_min, tree.q_max) == (-0.5, 0.0)
+
+
+def test_virtual_visits_count_in_the_parents_visits():
+    """Under virtual loss the exploration bonus reads sqrt(n_parent + pending virtual visits): here the pending
+    leaf c makes the root's count 4, which lifts unvisited b (bonus 2 * 0.4 * 2 = 1.6) above a (1 + 0.2); on the
+    root's real count alone a (1 + 0.1) would beat b (0.8)."""
+    tree = tree_with_children([0.1, 0.4, 0.5])
+    root, (a, b, c) = tree.root, tree.root.children
+    root.n, a.n, a.q = 1.0, 1.0, 1.0
+    tree.add_virtual_loss(c, 3.0)
+    assert root.vl == 3.0
+    assert tree.select_child(root) is b
+    assert tree.score(b, root.n + root.vl) == pytest.approx(1.6)
+    tree.add_virtual_loss(c, -3.0)
+    assert tree.select_child(root) is a                  # the plain rule again: a 1.1, b 0.8, c 1.0
