@@ -4,7 +4,24 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+
+class UsageError(ValueError):
+    """Bad command-line input; the message names the argument."""
+
+
+def check_output_file(path: str) -> None:
+    """Creates the directory of the --output file `path`; UsageError naming --output when `path` is a directory
+    or its directory cannot be created (found before any model loads, rather than as a traceback once it has)."""
+    if os.path.isdir(path):
+        raise UsageError(f"--output: {path!r} is a directory: give the path of the jsonl file to write")
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--output: {path!r}: cannot create its directory: {exc}") from None
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's line breaks and ends each option's help with its default, unless the help

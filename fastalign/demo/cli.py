@@ -13,7 +13,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from .model import ASSETS, WORLD_FILE
-from .story import DemoResult, DemoSettings, run_demo
+from .story import DemoResult, DemoSettings, run_demo, unlearn_config
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", type=Path, default=ASSETS,
                         help="a model written by `python -m fastalign.demo.train` (default: the shipped one)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default: 1; a model this small runs fastest on one)")
+                        help="torch CPU threads (default: %(default)s; a model this small runs fastest on one)")
     for f in fields(DemoSettings):
         default = getattr(defaults, f.name)
         help_text = f"{SETTING_HELP[f.name]} (default: {default})"
@@ -86,14 +86,22 @@ def format_table(result: DemoResult) -> str:
 
 def run(args) -> int:
     """Handler of `fastalign demo`: 0, or 2 when --model-dir holds no trained demo model (its config.json and
-    the world.json of the world it was trained on)."""
+    the world.json of the world it was trained on) or a setting is out of range."""
     if not all((Path(args.model_dir) / name).is_file() for name in ("config.json", WORLD_FILE)):
         print(f"fastalign demo: error: --model-dir: no trained demo model in {str(args.model_dir)!r} "
               "(`python -m fastalign.demo.train --out DIR` writes one)", file=sys.stderr)
         return 2
+    if args.threads < 1:
+        print(f"fastalign demo: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()  # loading/saving bars of a 4 MB model are noise next to the phases
     settings = DemoSettings(**{f.name: getattr(args, f.name) for f in fields(DemoSettings)})
+    try:   # before the phases that precede unlearning (a traceback once the model had answered every prompt)
+        unlearn_config(settings, progress=False, output_dir=".")
+    except ValueError as exc:
+        print(f"fastalign demo: error: unlearning setting: {exc}", file=sys.stderr)
+        return 2
 
     def on_phase(name: str, seconds: float) -> None:
         if not args.quiet:

@@ -111,14 +111,19 @@ def unlearning_streams(tokenizer, world: World, settings: DemoSettings, max_leng
         filler_id=filler_token_id(tokenizer), seed=settings.seed)
 
 
+def unlearn_config(settings: DemoSettings, progress: bool, output_dir: str) -> UnlearnConfig:
+    """The unlearning run of `settings`; ValueError naming the setting when one is out of range (e.g. steps 0)."""
+    return UnlearnConfig(model="demo", output_dir=output_dir, lr=settings.lr, max_steps=settings.steps,
+                         batch_size=settings.batch_size, mismatch_per_prompt=settings.mismatch_per_prompt,
+                         normal_batch_size=settings.normal_batch_size, forget_weight=settings.forget_weight,
+                         mismatch_weight=settings.mismatch_weight, normal_weight=settings.normal_weight,
+                         reference=settings.reference, seed=settings.seed, progress=progress,
+                         log_every=settings.steps, max_forget_nll=None)
+
+
 def unlearn(model, tokenizer, world: World, settings: DemoSettings, progress: bool, output_dir: str):
     """Runs fastalign's unlearning trainer on the world's data; returns its RunSummary (model trained in place)."""
-    config = UnlearnConfig(model="demo", output_dir=output_dir, lr=settings.lr, max_steps=settings.steps,
-                           batch_size=settings.batch_size, mismatch_per_prompt=settings.mismatch_per_prompt,
-                           normal_batch_size=settings.normal_batch_size, forget_weight=settings.forget_weight,
-                           mismatch_weight=settings.mismatch_weight, normal_weight=settings.normal_weight,
-                           reference=settings.reference, seed=settings.seed, progress=progress,
-                           log_every=settings.steps, max_forget_nll=None)
+    config = unlearn_config(settings, progress, output_dir)
     streams = unlearning_streams(tokenizer, world, settings, model.config.max_position_embeddings)
     return UnlearningTrainer(model, streams, config, tokenizer=tokenizer).train()
 

@@ -4,10 +4,10 @@ with --answers, the harmful rates of answers already written by `fastalign rain`
 With --prompts or --hh (and --model), records {"index", "prompt", "answer", "harmful"} are written to the output
 jsonl (a new run replaces it; missing directories are created) batch by batch and flushed, so whatever was
 judged before a failure (a judge that raises, an interrupt) stays on disk. Inputs are checked before any
-generation: a missing model, an unreadable prompt file or a prompt too long for the model's context stops the
-command with a message naming the argument. The summary (harmful rate, and with --reference the unchanged
-share and mean token KL on --normal-prompts, the KL taken on the tokens the reference generated, its end token
-included) is printed as JSON and written to <output>.summary.json.
+generation: a missing model, an unreadable prompt file, an --output that cannot be written or a prompt too long for
+the model's context stops the command with a message naming the argument. The summary (harmful rate, and with
+--reference the unchanged share and mean token KL on --normal-prompts, the KL taken on the tokens the reference
+generated, its end token included) is printed as JSON and written to <output>.summary.json.
 
 --dtype is the dtype the model computes in (auto: the checkpoint's own, which `fastalign unlearn` saves in
 float32, or bfloat16 with --precision bf16, while an original checkpoint is often bfloat16 or float16); the
@@ -39,7 +39,7 @@ from typing import List, Optional
 
 import torch
 
-from fastalign.cli import HelpFormatter
+from fastalign.cli import HelpFormatter, UsageError, check_output_file
 from fastalign.unlearn.templates import ChatTemplate
 
 from .answers import read_answers
@@ -51,10 +51,6 @@ from .prompts import hh_messages, hh_prompts, read_prompts, spec_prompt
 DEMO_MODEL = "demo"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 JUDGES = ("world", "keyword", "moderation", "callable")
-
-
-class UsageError(ValueError):
-    """Bad command-line input; the message names the argument."""
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -148,7 +144,10 @@ def build_judge(args, tokenizer=None):
     if args.judge == "keyword":
         if not args.keywords:
             raise UsageError("--judge keyword needs --keywords word,word,...")
-        return KeywordJudge(args.keywords.split(","))
+        try:
+            return KeywordJudge(args.keywords.split(","))
+        except ValueError as exc:   # only commas and spaces
+            raise UsageError(f"--keywords: {exc}") from None
     if args.judge == "moderation":
         if not args.moderation_model:
             raise UsageError("--judge moderation needs --moderation-model DIR (a sequence classifier)")
@@ -270,6 +269,7 @@ def _evaluate_model(args) -> dict:
                                   stop_strings=tuple(args.stop), seed=args.seed)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    check_output_file(args.output)
     model, tokenizer = load_causal_lm(args.model, "--model", args.device,
                                       None if args.dtype == "auto" else getattr(torch, args.dtype))
     prompts = _rendered(prompts, args, tokenizer)
@@ -310,6 +310,7 @@ def _evaluate_answers(args) -> dict:
         raise UsageError(f"--answers: {exc}") from None
     if os.path.exists(args.output) and os.path.samefile(args.output, args.answers):
         raise UsageError(f"--output {args.output!r} is the --answers file: writing the records would replace it")
+    check_output_file(args.output)
     judge = build_judge(args)
     unmerged = rank_files(args.answers)
     for message in unjudged_warnings(args.answers, answers.torn_line, unmerged):
@@ -331,8 +332,7 @@ def _evaluate_answers(args) -> dict:
 
 
 def _written(path: str, batches):
-    """Passes each batch of records on once it is written to `path` (replaced; directories created) and flushed."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """Passes each batch of records on once it is written to `path` (replaced) and flushed."""
     with open(path, "w", encoding="utf-8") as out:
         for records in batches:
             for record in records:

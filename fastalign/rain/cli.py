@@ -22,7 +22,7 @@ from typing import List, Optional, Set
 
 import torch
 
-from fastalign.cli import HelpFormatter
+from fastalign.cli import HelpFormatter, UsageError, check_output_file
 from fastalign.evaluation.generation import eos_ids, pad_id
 from fastalign.evaluation.prompts import hh_messages, hh_prompts, read_prompts
 from fastalign.unlearn.encoding import tokenize_texts
@@ -32,11 +32,6 @@ from fastalign.unlearn.templates import ChatTemplate
 
 from .config import RainConfig
 from .judge import JudgePrompt
-
-
-
-class UsageError(ValueError):
-    """Bad command-line input; the message names the argument."""
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -237,7 +232,7 @@ def _run(args) -> int:
     except (ValueError, ImportError) as exc:
         raise UsageError(str(exc)) from None
     prefix = option_text(args.generation_prefix_file, "--generation-prefix-file")
-    _check_output(args.output)
+    check_output_file(args.output)
     run_id = run_identity(args, config, judge, prefix)
     done = done_indices(args.output, prompts, run_id)
     if args.limit:
@@ -336,17 +331,6 @@ def done_indices(path: str, prompts: List[str], run_id: dict) -> Set[int]:
             raise UsageError(f"--output: {path!r} holds records made with {made} ({record['run']}, now "
                              f"{run_id}); rerun with {which} to resume, or choose another --output")
     return {index for index, record in records.items() if record.get("error") is None}
-
-
-def _check_output(path: str):
-    """UsageError for an --output that is a directory or whose directory cannot be created (which made a traceback,
-    the latter once the model had loaded); creates the directory."""
-    if os.path.isdir(path):
-        raise UsageError(f"--output: {path!r} is a directory: give the path of the jsonl file to write")
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--output: {path!r}: cannot create its directory: {exc}") from None
 
 
 def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):

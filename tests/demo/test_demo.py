@@ -215,6 +215,18 @@ def test_demo_without_a_trained_model_is_a_clear_error(tmp_path, capsys):
     assert "--model-dir: no trained demo model in" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, message", [(["--steps", "0"], "unlearning setting: max_steps must be an integer >= 1"),
+                                            (["--lr", "-1"], "unlearning setting: lr must be a finite number >= 0"),
+                                            (["--batch-size", "0"], "unlearning setting: batch_size must be"),
+                                            (["--threads", "0"], "--threads must be >= 1, got 0")])
+def test_demo_bad_setting_is_a_clear_error_before_any_phase(monkeypatch, capsys, extra, message):
+    """An out-of-range setting was a traceback: --threads at once, an unlearning setting once the model had
+    answered every prompt of the evaluation before unlearning."""
+    monkeypatch.setattr(cli, "run_demo", None)   # never reached
+    assert main(["demo", "--quiet", *extra]) == 2
+    assert f"fastalign demo: error: {message}" in capsys.readouterr().err
+
+
 def test_demo_help_states_what_each_setting_does_and_its_default():
     """Every option with a value says its default; the settings say what they set, not just 'a setting'."""
     parser = argparse.ArgumentParser()
@@ -226,6 +238,9 @@ def test_demo_help_states_what_each_setting_does_and_its_default():
     assert "RAIN" in next(a.help for a in valued if a.dest == "seed")   # the seed also drives RAIN's search
     assert all("(default: " in a.help for a in valued), [a.dest for a in valued if "(default: " not in a.help]
     assert len({a.help for a in valued}) == len(valued)
+    # the default the help states is the one applied: one thread, fastest for a model this small
+    assert parser.parse_args([]).threads == 1
+    assert "torch CPU threads (default: 1;" in " ".join(parser.format_help().split())
 
 
 def test_train_help_shows_its_command_and_defaults(capsys):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fastalign.evaluation.cli import main
+from fastalign.evaluation.generation import GenerationConfig
 from tests.evaluation.test_harness import rain_record, write_rain_output
 
 _calls = []
@@ -109,6 +110,8 @@ def test_missing_reference_path_is_an_error_before_any_answer(harmful_prompts, m
     (["--judge", "callable", "--judge-callable", "nomodule_xyz:f"], "--judge-callable: cannot import"),
     (["--reference", "demo"], "go together"),
     (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    (["--judge", "keyword", "--keywords", ", ,"], "--keywords: KeywordJudge needs at least one non-empty keyword"),
+    (["--system", "Be brief."], "--system is a turn of the chat template: it needs --template chat, not spec"),
 ])
 def test_bad_judge_and_settings_are_clear_errors(model_dir, harmful_prompts, tmp_path, capsys, extra, message):
     assert run("--model", model_dir, "--prompts", harmful_prompts, "--output", tmp_path / "o.jsonl", *extra) == 2
@@ -203,7 +206,9 @@ def test_eval_answers_reports_rain_and_vanilla_side_by_side(rain_output, tmp_pat
     out = tmp_path / "judged.jsonl"
     assert run("--answers", rain_output, "--judge", "keyword", "--keywords", "poison", "--output", out,
                "--batch-size", 2) == 0
-    summary = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err   # every record has its vanilla answer: the rates are over the same prompts
+    summary = json.loads(captured.out)
     assert summary == {"answers": rain_output, "judge": "keyword", "num_prompts": 3, "num_vanilla": 3,
                        "harmful_rate": {"rain": 0.0, "vanilla": 2 / 3}, "skipped_errors": 1,
                        "unmerged_rank_files": [], "torn_line": None}
@@ -342,6 +347,12 @@ def test_moderation_judge_finds_the_harmful_label_by_name_without_harmful_label(
     rows = records(out)
     toxic = ModerationJudge(classifier, tokenizer, harmful_label=0).probabilities([("", r["rain"]) for r in rows])
     assert [r["harmful_rain"] for r in rows] == [p >= 0.5 for p in toxic]
+    # --harmful-label as an index (a number, not a label name) or a name, with its --threshold
+    not_toxic = ModerationJudge(classifier, tokenizer, harmful_label=1).probabilities([("", r["rain"]) for r in rows])
+    for label in ("1", "non-toxic"):
+        assert run("--answers", rain_output, "--judge", "moderation", "--moderation-model", path, "--output", out,
+                   "--harmful-label", label, "--threshold", 0.4) == 0
+        assert [r["harmful_rain"] for r in records(out)] == [p >= 0.4 for p in not_toxic]
 
 
 def test_moderation_classifier_runs_on_device_and_a_bad_directory_names_it(rain_output, tokenizer, tmp_path, capsys):
@@ -454,3 +465,34 @@ def test_eval_refuses_an_hh_file_without_dialogues(model_dir, tmp_path, capsys):
     assert run("--model", model_dir, "--hh", hh, "--judge", "keyword", "--keywords", "x",
                "--output", tmp_path / "out.jsonl") == 2
     assert f"--hh: {hh}: no dialogues" in capsys.readouterr().err
+
+
+def test_utility_answers_are_greedy_with_the_length_batch_and_stop_strings_given(world, model_dir, harmful_prompts,
+                                                                                 tmp_path, monkeypatch, capsys):
+    """The utility answers are generated greedily even with --sample (the harmful ones are sampled), under the
+    --max-new-tokens, --batch-size and --stop given for the harmful ones."""
+    import fastalign.evaluation.cli as eval_cli
+    configs, utility = [], eval_cli.evaluate_utility
+    monkeypatch.setattr(eval_cli, "evaluate_utility",
+                        lambda model, reference, tokenizer, prompts, config: configs.append(config)
+                        or utility(model, reference, tokenizer, prompts, config))
+    normal = write_prompts(tmp_path / "n.jsonl", [qa.question for qa in world.normal[:3]])
+    assert run("--model", model_dir, "--prompts", harmful_prompts, "--judge", "world", "--output",
+               tmp_path / "o.jsonl", "--max-new-tokens", 5, "--batch-size", 2, "--stop", "###", "--stop", "\n",
+               "--sample", "--seed", 3, "--reference", model_dir, "--normal-prompts", normal) == 0
+    assert configs == [GenerationConfig(max_new_tokens=5, batch_size=2, stop_strings=("###", "\n"))]
+    assert json.loads(capsys.readouterr().out)["unchanged_share"] == 1.0
+
+
+@pytest.mark.parametrize("where, message", [("dir", " is a directory"),
+                                            ("file/out.jsonl", ": cannot create its directory")])
+def test_unwritable_output_is_a_usage_error_before_the_model_loads(rain_output, harmful_prompts, tmp_path, monkeypatch,
+                                                                   capsys, where, message):
+    """An --output that is a directory, or one under a file, was a traceback with the exit code of a judge that
+    fails (1), with --prompts once the model had loaded."""
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr("fastalign.evaluation.cli.load_causal_lm", None)   # never reached
+    for source in (["--answers", rain_output], ["--prompts", harmful_prompts, "--model", "demo"]):
+        assert run(*source, "--judge", "keyword", "--keywords", "x", "--output", tmp_path / where) == 2
+        assert f"fastalign eval: error: --output: {str(tmp_path / where)!r}{message}" in capsys.readouterr().err

@@ -68,6 +68,13 @@ def test_prompt_longer_than_context_is_refused(tokenizer, model):
     long_prompt = "### Question: " + "How do I bake a " * 30
     with pytest.raises(ValueError, match="prompt 1 has .* exceeds the model's context of 96"):
         generate(model, tokenizer, ["### Question: Hi", long_prompt], GenerationConfig(max_new_tokens=8))
+    # a prompt that fits the context alone but leaves less than max_new_tokens positions to answer in
+    fitting = "### Question: " + "How do I bake a " * 10
+    room = 96 - len(tokenizer(fitting)["input_ids"])
+    assert 0 < room < 90
+    assert encode_prompts(tokenizer, [fitting], room, model) == [tokenizer(fitting)["input_ids"]]
+    with pytest.raises(ValueError, match=f"prompt 0 has .* with max_new_tokens={room + 1} it exceeds"):
+        encode_prompts(tokenizer, [fitting], room + 1, model)
 
 
 @pytest.mark.parametrize("kwargs, message", [({"max_new_tokens": 0}, "max_new_tokens"),
@@ -207,3 +214,28 @@ def test_a_stop_string_starting_with_the_space_of_the_first_word_stops_there():
     assert free[0].text.startswith(stop) and len(free[0].answer_ids) > 1
     cut = generations(model, tokenizer, SENTENCEPIECE_PROMPTS, GenerationConfig(max_new_tokens=8, stop_strings=(stop,)))
     assert cut[0].text == "" and cut[0].answer_ids == free[0].answer_ids[:1]
+
+
+def test_the_answer_is_cut_at_the_earliest_of_the_stop_strings_it_holds(world, tokenizer, model):
+    """Stop strings that one token completes together (one a suffix of the other): the answer is cut before the
+    one that starts first, whichever order they are listed in."""
+    prompts = prompts_of(world)
+    full = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=12))
+    # a 6-character piece whose last 3 characters first occur there (and not as a stop before it)
+    found = [(i, text[k:k + 6], text[k + 3:k + 6]) for i, text in enumerate(full) for k in range(len(text) - 5)
+             if text.find(text[k + 3:k + 6]) == k + 3 and text.find(text[k:k + 6]) == k]
+    assert found
+    i, longer, suffix = found[0]
+    for stops in ((longer, suffix), (suffix, longer)):
+        cut = generate(model, tokenizer, [prompts[i]], GenerationConfig(max_new_tokens=12, stop_strings=stops))
+        assert cut == [full[i][:full[i].index(longer)]]
+
+
+def test_generation_gives_the_model_back_in_the_mode_it_was_in(world, tokenizer, model):
+    """Generation runs in eval mode (no dropout) and gives a model being trained back in train mode."""
+    training = copy.deepcopy(model).train()
+    assert generate(training, tokenizer, prompts_of(world)[:2], GenerationConfig(max_new_tokens=3)) == \
+        generate(model, tokenizer, prompts_of(world)[:2], GenerationConfig(max_new_tokens=3))
+    assert training.training and all(m.training for m in training.modules())
+    generate(model, tokenizer, prompts_of(world)[:1], GenerationConfig(max_new_tokens=2))
+    assert not model.training

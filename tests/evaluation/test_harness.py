@@ -20,11 +20,13 @@ from tests.unlearn.tiny import byte_bpe_tokenizer
 def test_evaluate_harm_counts_the_judges_verdicts_on_generated_answers(world, tokenizer, model):
     prompts = [spec_prompt(qa.question) for qa in world.harmful[:7]]
     config = GenerationConfig(max_new_tokens=6, batch_size=3)
-    by_length = lambda pairs: [len(a) % 3 == 0 for _, a in pairs]  # noqa: E731
-    report = evaluate_harm(model, tokenizer, prompts, by_length, config)
+    flagged = set(prompts[::3])     # 3 of the 7: a rate of 0 would not tell the denominator
+    judge = lambda pairs: [p in flagged for p, _ in pairs]  # noqa: E731
+    report = evaluate_harm(model, tokenizer, prompts, judge, config)
     answers = generate(model, tokenizer, prompts, config)
     assert [r["answer"] for r in report.records] == answers
-    assert report.harmful_rate == sum(by_length(list(zip(prompts, answers)))) / 7
+    assert [r["harmful"] for r in report.records] == [i % 3 == 0 for i in range(7)]
+    assert report.harmful_rate == 3 / 7
 
 
 def test_judge_failure_names_the_prompts(world, tokenizer, model):

@@ -571,3 +571,41 @@ def test_rain_model_directory_without_a_model_is_a_usage_error(rain_setup, tmp_p
     assert main([str(partial) if a == str(model_dir) else a for a in args]) == 2
     assert f"fastalign rain: error: --model: cannot load a causal LM from {str(partial)!r}" \
         in capsys.readouterr().err and not out.exists()
+
+
+def test_rain_config_file_answer_cap_wins_over_the_commands_default(tmp_path):
+    """max_new_tokens set in --config applies (the command's own cap of 256 is only a default); 0 there lifts
+    the cap."""
+    base = ["rain", "--model", "m", "--hh", "h", "--output", "o", "--config", str(tmp_path / "rain.yaml")]
+    for value in (5, 0):
+        (tmp_path / "rain.yaml").write_text(f"max_new_tokens: {value}\n")
+        assert settings(build_parser().parse_args(base))[0].max_new_tokens == value
+
+
+def test_vanilla_answer_is_cut_before_a_new_turn():
+    """The vanilla answer ends before the turn marker (the model writing the next user turn), as RAIN's does."""
+    model, tok = tiny_llama(), tokenizer()
+    whole = greedy_answer(model, tok, PROMPTS[0], 12, "")
+    marker = whole[len(whole) // 2:][:2]
+    assert marker.strip() and whole.index(marker) > 0
+    assert greedy_answer(model, tok, PROMPTS[0], 12, marker) == whole[:whole.index(marker)]
+
+
+@pytest.mark.parametrize("extra", [["--template", "chat"], ["--template", "chat", "--system", "Be brief."],
+                                   ["--dtype", "bfloat16"], ["--sampler", "keyed"], ["--embedding", "hidden"],
+                                   ["--seed", "1"], ["--labels", "B,A"], ["--root-visits", "7"]])
+def test_run_identity_tells_apart_every_setting_that_decides_the_answers(extra):
+    """A resumed run keeps only records made with its own settings: each of these changes the identity."""
+    def identity(options, prefix=""):
+        args = build_parser().parse_args(["rain", "--model", "m", "--hh", "h", "--output", "o"] + options)
+        return rain_cli.run_identity(args, *settings(args), prefix)
+
+    assert identity([]) == identity([])
+    assert identity(extra) != identity([]) and identity([], "Few-shot turns.\n") != identity([])
+
+
+def test_rain_labels_option_sets_the_judges_two_labels_over_the_config_file(tmp_path):
+    (tmp_path / "rain.yaml").write_text("judge:\n  labels: [X, Y]\n")
+    base = ["rain", "--model", "m", "--hh", "h", "--output", "o", "--config", str(tmp_path / "rain.yaml")]
+    assert settings(build_parser().parse_args(base))[1].labels == ("X", "Y")
+    assert settings(build_parser().parse_args(base + ["--labels", "B,A"]))[1].labels == ("B", "A")

@@ -160,6 +160,9 @@ def test_command_line_wins_over_config_file(workspace):
                                       "--no-progress", "--max-forget-nll", "none"])
     config = config_from_args(args)
     assert (config.lr, config.progress, config.max_forget_nll, config.max_steps) == (0.5, False, None, 50)
+    for text, value in (("None", None), ("NONE", None), ("2.5", 2.5)):   # any case, as YAML and Python write it
+        args = build_parser().parse_args(["unlearn", "--config", str(workspace / "run.yaml"), "--max-forget-nll", text])
+        assert config_from_args(args).max_forget_nll == value
 
 
 @pytest.mark.parametrize("check", [False, True])
