@@ -7,7 +7,8 @@ weight.T + bias) the policy. Neither [tokens x vocab] distribution is held in me
 import torch
 
 from .backend import launcher_context, refuse_double_backward, require_triton_dtype, select_backend
-from .checks import check_bias, check_linear, check_per_token, check_reduction, check_softcap, FLOAT_DTYPES
+from .checks import (check_bias, check_linear, check_per_token, check_reduction, check_softcap, check_tensor,
+                     FLOAT_DTYPES)
 from .token_rows import TokenRows
 
 
@@ -82,11 +83,12 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
     """
     check_linear("hidden", hidden, "weight", weight)
+    # ref_hidden against hidden first: check_linear checks ref_weight against ref_hidden, and would name ref_weight
+    check_tensor("ref_hidden", ref_hidden, ndim=2, dtypes=FLOAT_DTYPES, like=hidden)
     check_linear("ref_hidden", ref_hidden, "ref_weight", ref_weight)
     n = hidden.shape[0]
-    if ref_hidden.shape[0] != n or ref_hidden.device != hidden.device:
-        raise ValueError(f"ref_hidden must have {n} rows on {hidden.device} like hidden, got shape "
-                         f"{tuple(ref_hidden.shape)} on {ref_hidden.device}")
+    if ref_hidden.shape[0] != n:
+        raise ValueError(f"ref_hidden must have {n} rows like hidden, got shape {tuple(ref_hidden.shape)}")
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"ref_weight must have the vocabulary size of weight ({weight.shape[0]} rows), got shape "
                          f"{tuple(ref_weight.shape)}")

@@ -315,6 +315,10 @@ def test_matches_reference_bf16_on_the_triton_backend(shape, shared):
 
 @pytest.mark.parametrize("change,message", [
     (lambda a: {**a, "ref_hidden": a["ref_hidden"][:-1]}, "ref_hidden must have 6 rows"),
+    # was: "ref_weight must be on meta like the hidden states", naming the wrong argument and the wrong device
+    (lambda a: {**a, "ref_hidden": a["ref_hidden"].to("meta")}, "ref_hidden must be on cpu like the hidden states"),
+    (lambda a: {**a, "ref_hidden": a["ref_hidden"].to("meta"), "ref_weight": a["ref_weight"].to("meta")},
+     "ref_hidden must be on cpu like the hidden states, got .* device meta"),
     (lambda a: {**a, "ref_weight": a["ref_weight"][:-1]}, "ref_weight must have the vocabulary size"),
     (lambda a: {**a, "ref_weight": a["ref_weight"][:, :-1]}, "ref_weight must be \\[V, H\\]"),
     (lambda a: {**a, "weight": a["weight"].double()}, "weight must have the dtype of hidden"),
