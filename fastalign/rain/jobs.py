@@ -45,7 +45,7 @@ class Draft:
 
 @dataclass
 class ExpandJob:
-    """Draw candidate token sets below `node`. Length 1: report the top `rank` next tokens. Longer: the
+    """Draw candidate token sets below `node`. Length 1: report the top config.max_children next tokens. Longer: the
     greedy set (or reuse `greedy`) and `attempts` samples on streams first_stream, first_stream + 1, ..."""
     ctx: PromptContext
     node: object
@@ -53,7 +53,6 @@ class ExpandJob:
     length: int
     attempts: int = 0
     first_stream: int = 1
-    rank: int = 0
     greedy: Optional[Draft] = None
 
 

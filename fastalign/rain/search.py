@@ -251,8 +251,7 @@ class PromptSearch:
             lengths.append(length)
             jobs.append(EvaluateJob(ctx, leaf, state, leaf.terminal))
             if not leaf.terminal:
-                jobs.append(ExpandJob(ctx, leaf, state, length, attempts=c.candidates - 1,
-                                      rank=c.max_children if length == 1 else 0))
+                jobs.append(ExpandJob(ctx, leaf, state, length, attempts=c.candidates - 1))
         results = iter((yield jobs))
         outcomes = [(next(results), None if leaf.terminal else next(results)) for leaf, _ in picked]
         ctx.stats.required_calls += max(self._required_chain(leaf, evaluation, expansion)

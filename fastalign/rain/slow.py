@@ -78,7 +78,7 @@ class SlowEngine:
         stats = job.ctx.stats
         if job.length == 1:
             logits, hidden, _, _ = self._forward(stats, job.state)
-            ids, values = ranked_tokens(logits.unsqueeze(0), job.rank)
+            ids, values = ranked_tokens(logits.unsqueeze(0), self.config.max_children)
             return ExpandResult(ranked_ids=ids[0], ranked_logits=values[0], hidden=hidden)
         greedy = self._draw_set(job, stream=None)
         samples = [self._draw_set(job, stream=s) for s in range(job.first_stream, job.first_stream + job.attempts)]
