@@ -18,9 +18,9 @@ same with or without it; the torch path ignores it.
 Checks. Shapes, dtypes and devices are always checked (free: host metadata only). The contents of the
 index tensors (cu_q_lens monotone and ending at T, q_len <= seq_len, context within the block table,
 block ids within the pool, slots within the pool, shared prefixes really shared) are checked when `validate`
-is True, or when it is None and the tensors are on the CPU. On CUDA that check needs one device sync, so by default it is skipped
-there: callers that build their metadata on the host should validate it once, there, with
-`check_paged_metadata`, before copying it to the device.
+is True, or when it is None and the tensors are on the CPU. On CUDA that check needs one device sync, so by
+default it is skipped there: callers that build their metadata on the host should validate it once, there,
+with `check_paged_metadata`, before copying it to the device.
 """
 import math
 import numbers

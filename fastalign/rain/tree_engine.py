@@ -487,8 +487,8 @@ class TreeEngine:
                 yield from self._ensure([node], ctx.stats, "simulate", "gen")
                 entry = node.entry
                 if not entry.draws and entry.probs is not None:      # a prompt's root: draw more
-                    entry.draws = self.sampler.draw_many(entry.probs.unsqueeze(0), [draw_key(node.skey, ROLLOUT_STREAM)],
-                                                         ROLLOUT_POOL)[0]
+                    entry.draws = self.sampler.draw_many(entry.probs.unsqueeze(0),
+                                                         [draw_key(node.skey, ROLLOUT_STREAM)], ROLLOUT_POOL)[0]
                 if not entry.draws:              # pool used up: compute the position again for fresh draws
                     node.entry = None
                     yield from self._ensure([node], ctx.stats, "simulate", "gen")
