@@ -113,7 +113,6 @@ class TreeEngine:
         self.sampler = sampler
         self.want_hidden = want_hidden
         self.ledger = ledger or TokenLedger()
-        self.rank = config.max_children
         self.generation_prefix = list(generation_prefix_ids)
         self.plan: Optional[RootPlan] = None
         self.cut_entries: Dict[int, Entry] = {}      # entries where starting sequences part
@@ -197,7 +196,7 @@ class TreeEngine:
         top_ids, top_probs = top_k_distribution(logits, self.config.sample_top_k)
         greedy = top_probs.argmax(dim=-1).tolist()
         top_ids, top_probs = top_ids.cpu().tolist(), top_probs.cpu()
-        ranked_ids, ranked_logits = ranked_tokens(logits, self.rank)
+        ranked_ids, ranked_logits = ranked_tokens(logits, self.config.max_children)
         probs = torch.softmax(logits.float(), dim=-1)
         draws = self.sampler.draw_many(probs, [draw_key(k, ROLLOUT_STREAM) for k in skeys], ROLLOUT_POOL)
         for i, entry in enumerate(entries):

@@ -34,6 +34,7 @@ from fastalign.unlearn.lora_merge import MERGE_ERROR_WARNING, merge_rounding_err
 from fastalign.unlearn.models import (cast_weights, causal_lm_parts, check_fused_logits,
                                       enable_activation_checkpointing, input_vocabulary, max_positions)
 from fastalign.unlearn.objective import UnlearningObjective
+from fastalign.unlearn.records import read_jsonl
 from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
 from fastalign.unlearn.sharding import (full_model_state, load_optimizer_state, load_trainable_state,
                                         optimizer_state, trainable_names, trainable_state)
@@ -425,10 +426,9 @@ def _progress_bar(config: UnlearnConfig, is_main: bool, step: int):
 def _truncate_log(path: str, step: int) -> None:
     """Drops log lines of steps after `step`: those an interrupted run wrote after its last checkpoint (all of them
     when it was killed before its first one and this run starts over), the last one included where the kill cut it
-    short (no newline: not JSON)."""
+    short (no newline: not JSON; read_jsonl's torn last line)."""
     if not os.path.isfile(path):
         return
-    with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if line.endswith("\n") and line.strip() and json.loads(line)["step"] <= step]
+    kept = [record for _, record in read_jsonl(path, skip_torn_last_line=True) if record["step"] <= step]
     with open(path, "w", encoding="utf-8") as f:
-        f.writelines(kept)
+        f.writelines(json.dumps(record) + "\n" for record in kept)  # as the run wrote them
