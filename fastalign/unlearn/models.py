@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 
 import torch
 
+from fastalign.ops.checks import is_real
 from fastalign.unlearn.batching import TokenBatch
 
-# Config attributes of models that transform the logits after the lm_head in ways the fused losses do not, with
-# their neutral values; a soft cap (final_logit_softcapping: Gemma 2 and 3) they apply themselves (logit_softcap).
-_LOGIT_TRANSFORMS = {"logit_scale": 1.0, "logits_scaling": 1.0}
+# Config attributes of models that multiply their logits by a constant after the lm_head, each with the factor it
+# names: Cohere's logit_scale, Granite's logits_scaling (a divisor), Falcon-H1's lm_head_multiplier. The objective
+# scales the hidden states and the bias by it instead (s (h W^T + b) = (s h) W^T + s b), so that the fused losses
+# serve these models; a soft cap (final_logit_softcapping: Gemma 2 and 3) the losses apply themselves.
+_LOGIT_MULTIPLIERS = {"logit_scale": lambda value: value, "logits_scaling": lambda value: 1 / value,
+                      "lm_head_multiplier": lambda value: value}
 _SOFTCAP = "final_logit_softcapping"
 
 
@@ -92,12 +97,6 @@ def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
         raise ValueError("the input embeddings carry a PEFT adapter and are tied to the lm_head: merging it would "
                          "change the lm_head too, so the saved model would not be the one trained (whose lm_head "
                          "the adapter left alone); leave the input embeddings out of lora_targets")
-    config = getattr(base, "config", None)
-    for name, neutral in _LOGIT_TRANSFORMS.items():
-        value = getattr(config, name, neutral)
-        if value != neutral and _forward_reads(base, name):
-            raise NotImplementedError(f"{type(base).__name__} transforms its logits ({name}={value}), which the "
-                                      "fused losses do not reproduce")
     decoder = base.get_decoder()
     if decoder is base:
         raise TypeError(f"{type(base).__name__}: cannot find the decoder that produces the final hidden states")
@@ -112,17 +111,42 @@ def logit_softcap(model) -> float | None:
     return None if value is None or not _forward_reads(base, _SOFTCAP) else float(value)
 
 
+def logit_multiplier(model) -> float | None:
+    """The constant s by which the model's forward multiplies its logits after the lm_head (see _LOGIT_MULTIPLIERS),
+    or None where it multiplies by none."""
+    base = base_causal_lm(model)
+    config, multiplier = getattr(base, "config", None), 1.0
+    for name, factor in _LOGIT_MULTIPLIERS.items():
+        value = getattr(config, name, None)
+        if value is None or not _forward_reads(base, name):
+            continue
+        if not is_real(value) or not math.isfinite(value) or value == 0:
+            raise ValueError(f"{type(base).__name__}: its config's {name} must be a finite nonzero number, got "
+                             f"{value!r}")
+        multiplier *= factor(float(value))
+    return None if multiplier == 1.0 else multiplier
+
+
+def scaled_head_input(tensor: torch.Tensor | None, multiplier: float | None, dtype: torch.dtype):
+    """Hidden states or an lm_head bias, times the logit multiplier where there is one, in `dtype` (one rounding);
+    None stays None."""
+    if tensor is None:
+        return None
+    return (tensor if multiplier is None else tensor * multiplier).to(dtype)
+
+
 def check_fused_logits(model, probe_tokens: int = 4) -> None:
     """Raises NotImplementedError unless `model`'s logits are what the fused losses compute from its parts:
-    F.linear(final hidden states of its decoder, lm_head.weight, lm_head.bias), capped as logit_softcap says.
+    F.linear(s * final hidden states of its decoder, lm_head.weight, s * lm_head.bias), s the logit_multiplier,
+    capped as logit_softcap says.
 
-    The config names checked by causal_lm_parts catch the known logit transforms with a precise message; this probe
-    catches the others: a multiplier under a name of its own (Falcon-H1's lm_head_multiplier), hidden states
-    rescaled or normed between the decoder and the lm_head, an lm_head whose forward is more than its weight.
+    This probe catches the transforms no known config name reveals: a multiplier under a name of its own, hidden
+    states rescaled or normed between the decoder and the lm_head, an lm_head whose forward is more than its weight.
     It compares one short forward of the model (eval mode, its own dtype) with the same computation done the fused
     losses' way, up to a few roundings of that dtype; the two are the same operations when nothing is missed."""
     decoder, lm_head = causal_lm_parts(model)
     base, weight, softcap = base_causal_lm(model), lm_head.weight, logit_softcap(model)
+    multiplier = logit_multiplier(model)
     if any(p.is_meta for p in base.parameters()):  # weights not loaded in this process (FSDP's low-memory
         return                                      # loading gives them to one process): nothing to run yet
     ids = torch.linspace(0, weight.shape[0] - 1, probe_tokens, device=weight.device).long()[None]
@@ -133,7 +157,8 @@ def check_fused_logits(model, probe_tokens: int = 4) -> None:
         if hidden.shape[-1] != weight.shape[-1] or not weight.is_floating_point():  # e.g. a quantized lm_head
             fused = None
         else:
-            fused = torch.nn.functional.linear(hidden.to(weight.dtype), weight, lm_head.bias)
+            fused = torch.nn.functional.linear(scaled_head_input(hidden, multiplier, weight.dtype), weight,
+                                               scaled_head_input(lm_head.bias, multiplier, weight.dtype))
             fused = (fused if softcap is None else torch.tanh(fused / softcap) * softcap).float()
     if fused is None or fused.shape != logits.shape:
         found = (f"hidden states {tuple(hidden.shape)}, lm_head weight {tuple(weight.shape)} {weight.dtype}, logits "

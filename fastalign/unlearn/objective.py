@@ -23,7 +23,7 @@ from fastalign.ops.checks import is_real
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
 from fastalign.ops.linear_kl_div import linear_kl_div
 from fastalign.unlearn.models import (at_answer_targets, causal_lm_parts, check_fused_logits,
-                                      final_hidden_states, logit_softcap)
+                                      final_hidden_states, logit_multiplier, logit_softcap, scaled_head_input)
 from fastalign.unlearn.sharding import head_weight
 from fastalign.unlearn.streams import UnlearningBatch
 from fastalign.unlearn.token_weights import unlearning_token_weights
@@ -76,7 +76,8 @@ class UnlearningObjective(torch.nn.Module):
         super().__init__()
         check_fused_logits(model)  # fail now, not at the first step, on a model the fused losses cannot serve
         self.model, self.weights, self.reference, self.backend = model, weights, reference, backend
-        self.softcap = logit_softcap(model)  # read once: it inspects the model's source; the reference shares it
+        # read once (they inspect the model's source); the reference shares them
+        self.softcap, self.multiplier = logit_softcap(model), logit_multiplier(model)
 
     @property
     def _no_split_modules(self):
@@ -95,8 +96,9 @@ class UnlearningObjective(torch.nn.Module):
         dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                  else lm_weight.dtype)
         weight = lm_weight.to(dtype)
-        bias = None if lm_head.bias is None else lm_head.bias.to(dtype)
-        hidden = hidden.to(dtype)
+        # a model that multiplies its logits (Cohere, Granite, Falcon-H1) gets the factor on the head's inputs
+        bias = scaled_head_input(lm_head.bias, self.multiplier, dtype)
+        hidden = scaled_head_input(hidden, self.multiplier, dtype)
         zero = hidden.new_zeros((), dtype=torch.float32)
 
         forget = mismatch = normal = zero
@@ -122,10 +124,10 @@ class UnlearningObjective(torch.nn.Module):
                                                               lm_head.bias)
             # a head shared with the policy (adapter off, cached) is passed as the policy's tensor: read once
             ref_weight = weight if ref_weight is lm_weight else ref_weight.to(dtype)
-            ref_bias = bias if ref_bias is lm_head.bias else None if ref_bias is None else ref_bias.to(dtype)
+            ref_bias = bias if ref_bias is lm_head.bias else scaled_head_input(ref_bias, self.multiplier, dtype)
             kl_sum = linear_kl_div(at_answer_targets(hidden[n_fgt + n_rdn:], normal_tokens.target_mask), weight,
-                                   ref_hidden.to(dtype), ref_weight, bias=bias, ref_bias=ref_bias, reduction="sum",
-                                   softcap=self.softcap, backend=self.backend)
+                                   scaled_head_input(ref_hidden, self.multiplier, dtype), ref_weight, bias=bias,
+                                   ref_bias=ref_bias, reduction="sum", softcap=self.softcap, backend=self.backend)
             if normal_denominator is None:
                 normal_denominator = int(normal_tokens.target_mask.sum())
             normal = kl_sum / normal_denominator if normal_denominator else kl_sum  # no token: the sum is 0

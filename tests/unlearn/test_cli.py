@@ -10,6 +10,7 @@ import yaml
 
 from fastalign.cli import build_parser, main
 from fastalign.unlearn.config import UnlearnConfig
+from fastalign.unlearn import models
 from fastalign.unlearn.cli import config_from_args
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, write_jsonl
 
@@ -118,14 +119,15 @@ def test_errors_name_the_problem_and_write_nothing(workspace, capsys):
 @pytest.mark.parametrize("config_change, message", [
     ({"max_position_embeddings": 16},
      r"more than the model's context \(max_position_embeddings=16\); set max_length to at most 16"),
-    # Granite: a Llama whose logits are divided by logits_scaling (the same weights load)
+    # Granite: a Llama whose logits are divided by logits_scaling (the same weights load), a divisor made unknown
     ({"architectures": ["GraniteForCausalLM"], "model_type": "granite", "logits_scaling": 4.0},
-     r"GraniteForCausalLM transforms its logits \(logits_scaling=4.0\)"),
-], ids=["rows-past-the-context", "logits-scaling"])
-def test_a_model_the_run_cannot_serve_is_an_error_before_any_output(workspace, capsys, check, config_change,
-                                                                    message):
+     r"GraniteForCausalLM: its logits are not its lm_head's weight applied to the final hidden states"),
+], ids=["rows-past-the-context", "unknown-logit-transform"])
+def test_a_model_the_run_cannot_serve_is_an_error_before_any_output(workspace, capsys, monkeypatch, check,
+                                                                    config_change, message):
     """Rows longer than the model's context, a model whose logits the fused losses do not reproduce: a clear
     error (no traceback), from --check as from a run, and nothing written."""
+    monkeypatch.delitem(models._LOGIT_MULTIPLIERS, "logits_scaling")
     config_file = workspace / "model" / "config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **config_change}))
     code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
@@ -133,6 +135,17 @@ def test_a_model_the_run_cannot_serve_is_an_error_before_any_output(workspace, c
     assert code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not os.path.exists(workspace / "out")
+
+
+def test_a_model_that_scales_its_logits_unlearns(workspace, capsys):
+    """Granite divides its logits by logits_scaling (a Llama's weights load as one): the run serves it."""
+    config_file = workspace / "model" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "architectures": ["GraniteForCausalLM"],
+                                       "model_type": "granite", "logits_scaling": 4.0}))
+    code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
+                 "--max-steps", "1", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert os.path.exists(workspace / "out" / "model" / "config.json")
 
 
 def test_skip_long_prompts_counts_what_it_skips(workspace, capsys):

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from fastalign.unlearn import objective
+from fastalign.unlearn import models, objective
 from fastalign.unlearn.objective import LossWeights, UnlearningObjective
 from fastalign.unlearn.reference import (AdapterDisabledReference, CachedReference, FrozenCopyReference,
                                          weight_fingerprint)
@@ -87,16 +87,75 @@ def tiny_gemma2(vocab_size, softcap):
     return Gemma2ForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("make_model", ["gemma2", "llama"])
-def test_soft_capped_logits_are_the_models_own(make_model):
-    """Gemma 2 caps its logits, c tanh(z / c) (final_logit_softcapping): the fused terms cap them as its forward
-    does (they refused such models). A Llama whose config carries the setting ignores it, and so do the terms."""
+def tiny_cohere(vocab_size, logit_scale):
+    """Cohere (Command-R) multiplies its logits by logit_scale after its tied lm_head."""
+    from transformers import CohereConfig, CohereForCausalLM
+    torch.manual_seed(0)
+    config = CohereConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          logit_scale=logit_scale)
+    return CohereForCausalLM(config).eval()
+
+
+def tiny_granite(vocab_size, logits_scaling):
+    """Granite divides its logits by logits_scaling after the lm_head."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+    torch.manual_seed(0)
+    config = GraniteConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           logits_scaling=logits_scaling, tie_word_embeddings=False)
+    return GraniteForCausalLM(config).eval()
+
+
+def tiny_falcon_h1(vocab_size, lm_head_multiplier):
+    """Falcon-H1 multiplies its logits by lm_head_multiplier after the lm_head (real checkpoints: 1/16 to 1/32)."""
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+    torch.manual_seed(0)
+    config = FalconH1Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                            mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1,
+                            mamba_chunk_size=16, lm_head_multiplier=lm_head_multiplier)
+    return FalconH1ForCausalLM(config).eval()
+
+
+def llama_with_unread_settings(vocab_size):
+    """A Llama whose config carries logit transforms of other architectures, which its forward ignores."""
+    model = tiny_llama(vocab_size)
+    model.config.update({"final_logit_softcapping": 0.5, "logit_scale": 0.3, "logits_scaling": 3.0,
+                         "lm_head_multiplier": 0.25})
+    return model
+
+
+def cohere_with_biased_head(vocab_size):
+    """Cohere's logit_scale multiplies the bias too: an lm_head with a bias (untied) checks that it does."""
+    model = tiny_cohere(vocab_size, logit_scale=0.3)
+    head = torch.nn.Linear(32, vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.normal_()
+    model.lm_head = head
+    return model
+
+
+TRANSFORMED_LOGITS = {  # how each model's logits come from F.linear(hidden, W, b) = z, with a bound on |logits|
+    "gemma2-softcap": (lambda vocab: tiny_gemma2(vocab, softcap=0.5), 0.5),  # 0.5 tanh(z / 0.5)
+    "cohere-logit-scale": (lambda vocab: tiny_cohere(vocab, logit_scale=0.3), None),  # 0.3 z
+    "cohere-biased-head": (cohere_with_biased_head, None),  # 0.3 (h W^T + b)
+    "granite-logits-scaling": (lambda vocab: tiny_granite(vocab, logits_scaling=3.0), None),  # z / 3
+    "falcon-h1-lm-head-multiplier": (lambda vocab: tiny_falcon_h1(vocab, lm_head_multiplier=0.25), None),  # z / 4
+    "llama-unread-settings": (llama_with_unread_settings, None),  # z
+}
+
+
+@pytest.mark.parametrize("case", TRANSFORMED_LOGITS)
+def test_transformed_logits_are_the_models_own(case):
+    """Models whose forward soft-caps its logits (Gemma 2 and 3) or multiplies them by a constant of its config
+    (Cohere, Granite, Falcon-H1) are trained on their own logits: the terms and gradients follow the SPEC computed
+    from the model's logits (such models were refused). A Llama whose config carries these settings ignores them,
+    and so do the terms."""
+    make_model, bound = TRANSFORMED_LOGITS[case]
     tokenizer = byte_bpe_tokenizer()
-    if make_model == "gemma2":
-        model = tiny_gemma2(len(tokenizer), softcap=0.5)
-    else:
-        model = tiny_llama(len(tokenizer))
-        model.config.final_logit_softcapping = 0.5
+    model = make_model(len(tokenizer))
     streams = tiny_streams(tokenizer)
     reference = FrozenCopyReference(model)
     perturb(model)
@@ -106,14 +165,23 @@ def test_soft_capped_logits_are_the_models_own(make_model):
     f, m, rows = batch.num_forget, batch.num_mismatch, batch.examples
     spec = spec_unlearning_terms(lambda ids: model(ids).logits, lambda ids: reference.model(ids).logits, rows[:f],
                                  rows[f:f + m], rows[f + m:])
-    if make_model == "gemma2":
-        assert model(batch.tokens.input_ids[:1]).logits.abs().max() < 0.5  # capped: what the terms must follow
+    if bound is not None:
+        assert model(batch.tokens.input_ids[:1]).logits.abs().max() < bound  # capped: what the terms must follow
     for name in ("forget", "mismatch", "normal"):
         torch.testing.assert_close(getattr(terms, name).double(), spec[name], rtol=1e-5, atol=1e-6)
     params = [p for p in model.parameters() if p.requires_grad]
     spec_total = WEIGHTS.forget * spec["forget"] + WEIGHTS.mismatch * spec["mismatch"] + WEIGHTS.normal * spec["normal"]
     for fast, slow in zip(torch.autograd.grad(terms.total, params), torch.autograd.grad(spec_total, params)):
         torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [0.0, float("inf"), float("nan")])
+def test_a_logit_multiplier_that_is_not_a_finite_nonzero_number_is_refused(value):
+    model = tiny_granite(len(byte_bpe_tokenizer()), logits_scaling=1.0)
+    model.config.logits_scaling = value
+    with pytest.raises(ValueError, match="GraniteForCausalLM: its config's logits_scaling must be a finite nonzero "
+                                         "number, got"):
+        UnlearningObjective(model)
 
 
 def test_adapter_reference_is_the_original_model_without_dropout():
@@ -271,17 +339,6 @@ def test_fused_ops_take_the_autocast_dtype(monkeypatch):
                     ("linear_kl_div", torch.bfloat16, torch.bfloat16)]
 
 
-def tiny_falcon_h1(vocab_size, lm_head_multiplier):
-    """Falcon-H1 multiplies its logits by lm_head_multiplier after the lm_head (real checkpoints: 1/16 to 1/32)."""
-    from transformers import FalconH1Config, FalconH1ForCausalLM
-    torch.manual_seed(0)
-    config = FalconH1Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                            mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1,
-                            mamba_chunk_size=16, lm_head_multiplier=lm_head_multiplier)
-    return FalconH1ForCausalLM(config).eval()
-
-
 class ScaledInputHead(torch.nn.Linear):
     """An lm_head whose forward is not the plain linear map of its weight (it reads twice its input)."""
 
@@ -289,13 +346,14 @@ class ScaledInputHead(torch.nn.Linear):
         return super().forward(2 * hidden)
 
 
-@pytest.mark.parametrize("case", ["falcon_h1", "head_forward"])
-def test_logits_the_fused_losses_do_not_reproduce_are_refused(case):
+@pytest.mark.parametrize("case", ["unknown_multiplier", "head_forward"])
+def test_logits_the_fused_losses_do_not_reproduce_are_refused(case, monkeypatch):
     """A model whose logits are not F.linear(final hidden states, lm_head.weight) (a multiplier no known config
     name reveals, an lm_head whose forward is more than its weight) is refused by name, not trained on another
     objective."""
     vocab_size = len(byte_bpe_tokenizer())
-    if case == "falcon_h1":
+    if case == "unknown_multiplier":  # Falcon-H1's, were its config name not known
+        monkeypatch.delitem(models._LOGIT_MULTIPLIERS, "lm_head_multiplier")
         model = tiny_falcon_h1(vocab_size, lm_head_multiplier=0.25)
         UnlearningObjective(tiny_falcon_h1(vocab_size, lm_head_multiplier=1.0))  # plain logits: served
     else:
