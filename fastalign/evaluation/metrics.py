@@ -15,7 +15,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 from fastalign.unlearn.encoding import tokenize_texts
-from fastalign.unlearn.models import eval_mode
+from fastalign.eval_mode import eval_mode
 
 from .judges import Judge, Pair, check_verdicts
 

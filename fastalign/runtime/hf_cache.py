@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from fastalign.eval_mode import eval_mode
 from fastalign.ops.paged_attention import write_kv
 from fastalign.runtime.hf_cache_argument import cache_kwargs
 from fastalign.runtime.llama import longrope_limit
@@ -25,10 +26,8 @@ class HFCacheModel:
         unfit = f"model: {type(model).__name__} cannot run on the Hugging Face cache fallback"
         if not (hasattr(model, "can_generate") and model.can_generate()):
             raise ValueError(f"{unfit}: it is not a causal language model (can_generate() is not True)")
-        if model.training:  # dropout would make the cached K/V random
-            raise ValueError(f"{unfit} in training mode: call model.eval() first")
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), eval_mode(model):
                 cache = DynamicCache()
                 out = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=True,
                             **cache_kwargs(model, cache))
@@ -56,7 +55,12 @@ class HFCacheModel:
     def forward(self, batch, pool, select, want_logits, want_hidden, logits_rows=None):
         """Writes the KV of every token of `batch` into `pool`; returns (logits, hidden) of the tokens
         at indices `select` (None: nothing), logits in float32 (only at select[logits_rows] when given),
-        hidden = the model's last hidden state."""
+        hidden = the model's last hidden state. Dropout is off whatever the model's mode (the paged path has none):
+        it would make the K/V cached for the tree, and every logit, random."""
+        with eval_mode(self.model):
+            return self._forward_rows(batch, pool, select, want_logits, want_hidden, logits_rows)
+
+    def _forward_rows(self, batch, pool, select, want_logits, want_hidden, logits_rows):
         cu, seq_lens = batch.host_cu_q_lens.tolist(), batch.host_seq_lens.tolist()
         logits, hidden = [], []
         for row, seq_len in enumerate(seq_lens):
@@ -95,7 +99,7 @@ class HFCacheModel:
                               attention_mask=torch.ones(1, 2, dtype=torch.long, device=self.device),
                               **cache_kwargs(self.model, rebuilt)).logits.float()
 
-        with torch.inference_mode():
+        with torch.inference_mode(), eval_mode(self.model):
             before = after_cached()
             self.model(input_ids=torch.tensor([[1, 0]], device=self.device), use_cache=True,
                        **cache_kwargs(self.model, DynamicCache()))
@@ -108,7 +112,7 @@ class HFCacheModel:
         how the tree split its sequence into spans, silently. Compared relative to the logits' scale, within
         rounding of the model's dtype (even a freshly initialised encoder's small logits move by ~3e-3 of it)."""
         ids = torch.tensor([[1, 0, 2, 1, 3, 0]], device=self.device) % self.model.get_input_embeddings().num_embeddings
-        with torch.inference_mode():
+        with torch.inference_mode(), eval_mode(self.model):
             def run(input_ids, cache, length):
                 return self.model(input_ids=input_ids, use_cache=True, **cache_kwargs(self.model, cache),
                                   attention_mask=torch.ones(1, length, dtype=torch.long, device=self.device)).logits

@@ -8,12 +8,12 @@ reading its weight would leave the adapter out, and so is one on input embedding
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 
 import torch
 
+from fastalign.eval_mode import eval_mode
 from fastalign.ops.checks import is_real
 from fastalign.unlearn.batching import TokenBatch
 
@@ -52,19 +52,6 @@ def cast_weights(model, dtype: torch.dtype):
         owner, _, attribute = name.rpartition(".")
         model.get_submodule(owner).register_buffer(attribute, buffer, persistent=False)
     return model
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    """Runs the block with every module of `model` in eval mode (dropout off), then gives each module back
-    the mode it had (a reference forward on a policy that trains must be deterministic)."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def enable_activation_checkpointing(model):

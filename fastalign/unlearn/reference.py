@@ -18,9 +18,10 @@ from typing import Sequence
 
 import torch
 
+from fastalign.eval_mode import eval_mode
 from fastalign.unlearn.batching import TokenBatch, collate
 from fastalign.unlearn.encoding import EncodedExample
-from fastalign.unlearn.models import (at_answer_targets, base_causal_lm, causal_lm_parts, cast_weights, eval_mode,
+from fastalign.unlearn.models import (at_answer_targets, base_causal_lm, causal_lm_parts, cast_weights,
                                       final_hidden_states)
 
 REFERENCE_MODES = ("copy", "adapter", "cached")

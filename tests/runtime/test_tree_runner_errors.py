@@ -303,12 +303,27 @@ def test_a_runner_made_under_inference_mode_works_outside_it(name):
     assert_still_correct(runner, model, root)
 
 
-def test_fallback_refuses_a_model_in_training_mode():
-    """GPT-2's dropout would make the K/V it caches, and every logit, random."""
-    gpt2 = tiny_model("gpt2-fallback").train()
-    with pytest.raises(ValueError, match="GPT2LMHeadModel cannot run on the Hugging Face cache fallback in training "
-                                         "mode: call model.eval\\(\\) first"):
-        TreeRunner(gpt2, max_tokens=64)
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-fallback"])
+@pytest.mark.parametrize("train_from", ["construction", "after"])
+def test_a_model_in_training_mode_runs_without_dropout(name, train_from):
+    """Dropout (GPT-2's and OPT's 0.1, a Llama's attention_dropout) would make the cached K/V and every logit
+    random: both paths run the model as in eval mode, whenever it was put in training mode (the fallback refused a
+    training model when made, but ran one trained after with dropout), and leave every module's mode as it was."""
+    model = tiny_model(name)
+    model.config.attention_dropout = 0.5
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    if train_from == "construction":
+        model.train()
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    model.train()
+    root = runner.prefill([1, 2, 3])
+    (child,), logits = runner.extend([root], [[5, 6]])
+    assert all(module.training for module in model.modules())
+    with torch.no_grad():
+        expected = model.eval()(torch.tensor([child.tokens])).logits[0, -1]
+    torch.testing.assert_close(logits[0], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_max_tokens_rounds_up_to_whole_blocks():

@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from fastalign.eval_mode import eval_mode
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.lora_merge import MERGE_ERROR_WARNING, merge_rounding_error
-from fastalign.unlearn.models import cast_weights, eval_mode
+from fastalign.unlearn.models import cast_weights
 from fastalign.unlearn.trainer import UnlearningTrainer
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
 
