@@ -321,14 +321,15 @@ def done_indices(path: str, prompts: List[str], run_id: dict) -> Set[int]:
             raise UsageError(f"--output: {path!r} holds a record of another prompt at index {index} "
                              f"({str(record.get('prompt'))[:60]!r}): it was written for other prompts; choose "
                              "another --output")
-        if record.get("run", run_id) != run_id:   # records written before 2026-12-01 carry none
-            what = "model" if record["run"].get("model") != run_id["model"] else "settings"
+        run = record.get("run", run_id)   # records written before 2026-12-01 carry none
+        if run != run_id:
+            what = "model" if not isinstance(run, dict) or run.get("model") != run_id["model"] else "settings"
             made = "another model" if what == "model" else "other settings"
             which = ("the same --model" if what == "model" else
                      "the same search and judge settings (--config, --max-new-tokens, --root-visits, --seed, "
                      "--parallel-leaves, --virtual-loss, the judge options), --template, --system, "
                      "--generation-prefix-file, --dtype, --sampler and --embedding")
-            raise UsageError(f"--output: {path!r} holds records made with {made} ({record['run']}, now "
+            raise UsageError(f"--output: {path!r} holds records made with {made} ({run}, now "
                              f"{run_id}); rerun with {which} to resume, or choose another --output")
     return {index for index, record in records.items() if record.get("error") is None}
 

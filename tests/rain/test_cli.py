@@ -148,6 +148,10 @@ def test_rain_resume_refuses_records_of_other_prompts_or_settings(rain_setup, tm
     (tmp_path / "other.txt").write_text("Human: Something else?\\nAssistant:\n")
     assert main(args + ["--prompts", str(tmp_path / "other.txt")]) == 2
     assert "holds a record of another prompt at index 0" in capsys.readouterr().err
+    for run in (None, "a string"):  # a hand-edited record: refused by name (an AttributeError traceback before)
+        out.write_text(json.dumps({**first, "run": run}) + "\n")
+        assert main(args) == 2
+        assert f"holds records made with another model ({run}, now" in capsys.readouterr().err
     del first["run"]
     out.write_text(json.dumps(first) + "\n")                 # written before records carried it
     monkeypatch.undo()
