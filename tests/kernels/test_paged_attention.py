@@ -51,10 +51,15 @@ def test_tiles_hold_whole_groups_and_fit_tensor_cores(num_tokens, num_rows, grou
 def test_unvalidated_bad_block_ids_stay_in_bounds():
     """Block ids outside the pool (validation skipped) must not read outside the pool: the kernel clamps."""
     batch = make_paged_batch([(40, 2), (17, 1)], 8, 4, 2, 16, device=TRITON_DEVICE)
+    for pool in (batch["k_cache"], batch["v_cache"]):
+        pool.copy_(torch.randn_like(pool))  # no NaN slots: every block read is some finite context
     batch["block_table"].fill_(1 << 30)
     batch["seq_lens"][0] = 300  # also past the table's capacity
     out = paged_attention(**batch, backend="triton", validate=False)
-    assert out.shape == batch["q"].shape
+    assert out.shape == batch["q"].shape and bool(torch.isfinite(out).all())
+    # the clamps read the pool's last block, at every column past the table's: a table of it, wide enough
+    last_block = torch.full((2, -(-300 // 8)), batch["k_cache"].shape[0] - 1, dtype=torch.int32, device=TRITON_DEVICE)
+    torch.testing.assert_close(out, paged_attention(**{**batch, "block_table": last_block}, backend="torch"))
 
 
 def test_unvalidated_metadata_reads_nothing_next_to_the_pool_or_the_table():
