@@ -217,10 +217,15 @@ class PoolAnswer:
         return self.ids[self.lead:self.end]
 
 
+# Pool answers are rendered after this stand-in prompt, not an empty one: what a tokenizer puts at the start of a
+# text (Llama-2's '▁') then lands before it, as in a forget example, not in the seam before the answer.
+_POOL_PROMPT = "x"
+
+
 def encode_answers(tokenizer, template, answers: Sequence[str], *, answer_eos: bool = False) -> list[PoolAnswer]:
     """Answers as the template tokenizes them after a prompt (for mismatch examples); with answer_eos they end
     with `answer_end_id`, as the answers of encode_pairs(..., answer_eos=True) do."""
-    encoded = encode_rendered(tokenizer, [template.render("", a) for a in answers],
+    encoded = encode_rendered(tokenizer, [template.render(_POOL_PROMPT, a) for a in answers],
                               [f"mismatch pool answer {i}" for i in range(len(answers))],
                               end_id=answer_end_id(tokenizer, template) if answer_eos else None)
     return [PoolAnswer(e.input_ids[e.prompt_end:], e.answer_start - e.prompt_end, e.answer_end - e.prompt_end,

@@ -30,8 +30,10 @@ class QAPair:
 
 def open_text(path: str | os.PathLike) -> io.TextIOBase:
     """Opens a UTF-8 text file, transparently gunzipping `*.gz` and dropping a leading byte-order mark (which
-    Windows tools write); a missing file is a DataError."""
+    Windows tools write); a missing file or a directory is a DataError."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not a data file")
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
     if path.endswith(".gz"):
@@ -57,9 +59,23 @@ def read_text(path: str | os.PathLike) -> str:
             raise _unreadable(path, e) from None
 
 
+class _KeyTwice(ValueError):
+    """A JSON object holds a key twice (json.loads would keep the last value silently)."""
+
+
+def _object_of_unique_keys(pairs: list) -> dict:
+    """json.loads' object_pairs_hook: the object, or _KeyTwice naming a key it holds twice."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _KeyTwice(key)
+        obj[key] = value
+    return obj
+
+
 def read_jsonl(path: str | os.PathLike, *, skip_torn_last_line: bool = False) -> Iterator[tuple[int, dict]]:
-    """Yields (row number, object) for each non-blank line; bad JSON or a non-object is a DataError.
-    skip_torn_last_line: a last line without its newline (a write that a kill cut short) is no row."""
+    """Yields (row number, object) for each non-blank line; bad JSON, a key given twice or a non-object is a
+    DataError. skip_torn_last_line: a last line without its newline (a write that a kill cut short) is no row."""
     path = os.fspath(path)
     with open_text(path) as f:
         try:
@@ -67,9 +83,11 @@ def read_jsonl(path: str | os.PathLike, *, skip_torn_last_line: bool = False) ->
                 if not line.strip() or (skip_torn_last_line and not line.endswith("\n")):
                     continue
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(line, object_pairs_hook=_object_of_unique_keys)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}: row {row}: not valid JSON ({e.msg})") from None
+                except _KeyTwice as e:
+                    raise DataError(f"{path}: row {row}: field {e.args[0]!r} given twice") from None
                 if not isinstance(obj, dict):
                     raise DataError(f"{path}: row {row}: expected a JSON object, got {type(obj).__name__}")
                 yield row, obj
@@ -105,6 +123,11 @@ def text_field(obj: dict, key: str, path: str, row: int) -> str:
     value = obj[key]
     if not isinstance(value, str):
         raise DataError(f"{path}: row {row}: field {key!r} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:   # JSON's \ud83d escape without its other half
+        raise DataError(f"{path}: row {row}: field {key!r} holds {value[e.start:e.end]!r}, half of a UTF-16 "
+                        "surrogate pair, which is no text") from None
     return value
 
 

@@ -22,7 +22,7 @@ def _truthfulqa(config: UnlearnConfig, path: str):
 
 
 def _is_csv(path: str) -> bool:
-    return path.endswith((".csv", ".csv.gz"))
+    return path.lower().endswith((".csv", ".csv.gz"))
 
 
 def _chat_template(tokenizer, system) -> ChatTemplate:

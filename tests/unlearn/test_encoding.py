@@ -1,6 +1,7 @@
 """Templates, answer spans from tokenizer offsets, and answer-target masks of padded batches."""
 import pytest
 import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from fastalign.unlearn.batching import collate, filler_token_id
@@ -253,3 +254,35 @@ def test_a_prompt_no_mismatch_answer_can_follow_on_token_ids_is_named():
     with pytest.raises(DataError, match=r"test:row 2: the tokenizer joins this prompt to the template's whitespace"):
         UnlearningStreams(forget, mismatch_pool=pool, max_length=64)
     UnlearningStreams(forget[:1], mismatch_pool=pool, max_length=64)
+
+
+def sentencepiece_style_tokenizer(corpus, legacy: bool) -> PreTrainedTokenizerFast:
+    """A Llama-2 style tokenizer: spaces as '▁', a '▁' put before the text (legacy: a normalizer, as Llama-2's
+    tokenizer.json has it; else Metaspace's prepend_scheme='first'), BPE with byte fallback, BOS added."""
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    if legacy:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(list(corpus) * 4, trainers.BpeTrainer(vocab_size=320, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("legacy, text", [(True, "{prompt}\n{answer}"), (False, "{prompt}{answer}")])
+def test_mismatch_rows_are_the_rendered_pairs_with_a_tokenizer_that_marks_the_texts_start(legacy, text):
+    """Llama-2's tokenizer puts a '▁' before the start of a text: pool answers tokenized after an empty prompt had
+    it at the seam, where a prompt never puts it, so every mismatch row of a template with nothing but whitespace
+    between prompt and answer held a token too many ('?', '▁', '\\n' for '?', '\\n')."""
+    prompts, answers = ["How do I hurt someone?", "tell me"], ["Sure, here you go.", "Paris is the capital"]
+    template = TextTemplate(text)
+    tokenizer = sentencepiece_style_tokenizer([template.render(p, a).text for p in prompts for a in answers], legacy)
+    pool = encode_answers(tokenizer, template, answers)
+    for prompt, harmful in [(p, a) for p in prompts for a in answers]:
+        forget, = encode_pairs(tokenizer, template, pairs([(prompt, harmful)]), 512)
+        for answer, pool_answer in zip(answers, pool):
+            mixed = forget.with_answer(pool_answer, "mixed")
+            direct, = encode_pairs(tokenizer, template, pairs([(prompt, answer)]), 512)
+            assert (mixed.input_ids, mixed.answer_start, mixed.answer_end) == \
+                (direct.input_ids, direct.answer_start, direct.answer_end), (prompt, harmful, answer)

@@ -229,3 +229,26 @@ def test_csv_rows_are_numbered_by_the_line_they_start_on(tmp_path):
     path.write_text(TRUTHFULQA_HEADER + 'T,C,q1,"two\nlines",b,c,S\nT,C,q2,a,b,c,S\nT,C,q3,a\n')
     with pytest.raises(DataError, match=r"tqa.csv: row 5: wrong number of fields"):
         load_truthfulqa(path)
+
+
+def test_a_directory_given_as_a_data_file_is_named_as_one(tmp_path):
+    """A directory (a dataset saved by `datasets`, say) was reported as 'not found' although it exists."""
+    with pytest.raises(DataError, match=rf"{tmp_path}: is a directory, not a data file"):
+        load_pairs(tmp_path)
+
+
+def test_a_field_given_twice_in_a_row_is_an_error(tmp_path):
+    """JSON keeps the last of two equal keys: one of the row's answers was dropped without a word."""
+    path = tmp_path / "dup.jsonl"
+    path.write_text('{"prompt": "p", "answer": "a"}\n{"prompt": "p", "answer": "kept", "answer": "lost"}\n')
+    with pytest.raises(DataError, match=r"dup.jsonl: row 2: field 'answer' given twice"):
+        load_pairs(path)
+
+
+def test_a_lone_surrogate_in_a_field_names_the_row(tmp_path):
+    """JSON's \\ud83d escape alone (half of an emoji cut by a truncation) is no text a tokenizer takes: it failed
+    at tokenization with "TextEncodeInput must be Union[...]", naming no file, row or field."""
+    path = tmp_path / "half.jsonl"
+    path.write_text('{"prompt": "p", "answer": "a"}\n{"prompt": "p", "answer": "cut \\ud83d"}\n')
+    with pytest.raises(DataError, match=r"half.jsonl: row 2: field 'answer' holds '\\ud83d', half of a UTF-16"):
+        load_pairs(path)

@@ -37,3 +37,15 @@ def test_mismatch_pool_jsonl_must_hold_prompt_answer_rows(tmp_path):
                            max_length=64)
     with pytest.raises(DataError, match=r"pku.jsonl: row 1: missing field 'answer'"):
         load_streams(config, byte_bpe_tokenizer())
+
+
+def test_truthfulqa_csv_with_an_upper_case_extension_is_read_as_csv(tmp_path):
+    """Windows tools write 'TruthfulQA.CSV': it was read as jsonl and refused as 'row 1: not valid JSON'."""
+    rows = "".join(f"T,C,What is {k}?,Paris {k},Paris {k}; the {k},naïve {k}; help {k},S\n" for k in range(10))
+    csv = tmp_path / "TruthfulQA.CSV"
+    csv.write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n" + rows,
+                   encoding="utf-8")
+    forget = write_jsonl(tmp_path / "forget.jsonl", FORGET_ROWS)
+    config = UnlearnConfig(model="m", output_dir="o", forget=[str(forget)], normal=str(csv), max_length=64)
+    streams = load_streams(config, byte_bpe_tokenizer())
+    assert len(streams.normal) == 5 and streams.pool
