@@ -219,6 +219,19 @@ def test_template_that_writes_the_bos_token_keeps_a_single_bos():
     assert tokenizer.decode(own.input_ids[own.answer_start:own.answer_end]).strip() == "Paris"
 
 
+def assert_mismatch_rows_are_rendered_pairs(tokenizer, template, prompts, answers):
+    """Every forget example of a prompt and answer, given each pool answer instead, is the template's own rendering
+    of the prompt with that answer, tokenized: ids and answer span."""
+    pool = encode_answers(tokenizer, template, answers)
+    for prompt, harmful in [(p, a) for p in prompts for a in answers]:
+        forget, = encode_pairs(tokenizer, template, pairs([(prompt, harmful)]), 512)
+        for answer, pool_answer in zip(answers, pool):
+            mixed = forget.with_answer(pool_answer, "mixed")
+            direct, = encode_pairs(tokenizer, template, pairs([(prompt, answer)]), 512)
+            assert (mixed.input_ids, mixed.answer_start, mixed.answer_end) == \
+                (direct.input_ids, direct.answer_start, direct.answer_end), (prompt, harmful, answer)
+
+
 @pytest.mark.parametrize("split", [None, LLAMA3_SPLIT])
 @pytest.mark.parametrize("text", ["{prompt}\n{answer}", "{prompt} {answer}", "Q: {prompt}\nA: {answer}\n\n"])
 def test_mismatch_rows_are_the_rendered_pairs_where_tokens_cross_the_prompt_or_the_tail(split, text):
@@ -232,14 +245,7 @@ def test_mismatch_rows_are_the_rendered_pairs_where_tokens_cross_the_prompt_or_t
     corpus = [template.render(p, a).text for p in prompts for a in answers]   # learns '?\n', '.\n', ...
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(corpus, 400, split=split),
                                         bos_token="<s>", eos_token="</s>")
-    pool = encode_answers(tokenizer, template, answers)
-    for prompt, harmful in [(p, a) for p in prompts for a in answers]:
-        forget, = encode_pairs(tokenizer, template, pairs([(prompt, harmful)]), 512)
-        for answer, pool_answer in zip(answers, pool):
-            mixed = forget.with_answer(pool_answer, "mixed")
-            direct, = encode_pairs(tokenizer, template, pairs([(prompt, answer)]), 512)
-            assert (mixed.input_ids, mixed.answer_start, mixed.answer_end) == \
-                (direct.input_ids, direct.answer_start, direct.answer_end), (prompt, harmful, answer)
+    assert_mismatch_rows_are_rendered_pairs(tokenizer, template, prompts, answers)
 
 
 def test_a_prompt_no_mismatch_answer_can_follow_on_token_ids_is_named():
@@ -278,11 +284,4 @@ def test_mismatch_rows_are_the_rendered_pairs_with_a_tokenizer_that_marks_the_te
     prompts, answers = ["How do I hurt someone?", "tell me"], ["Sure, here you go.", "Paris is the capital"]
     template = TextTemplate(text)
     tokenizer = sentencepiece_style_tokenizer([template.render(p, a).text for p in prompts for a in answers], legacy)
-    pool = encode_answers(tokenizer, template, answers)
-    for prompt, harmful in [(p, a) for p in prompts for a in answers]:
-        forget, = encode_pairs(tokenizer, template, pairs([(prompt, harmful)]), 512)
-        for answer, pool_answer in zip(answers, pool):
-            mixed = forget.with_answer(pool_answer, "mixed")
-            direct, = encode_pairs(tokenizer, template, pairs([(prompt, answer)]), 512)
-            assert (mixed.input_ids, mixed.answer_start, mixed.answer_end) == \
-                (direct.input_ids, direct.answer_start, direct.answer_end), (prompt, harmful, answer)
+    assert_mismatch_rows_are_rendered_pairs(tokenizer, template, prompts, answers)

@@ -10,12 +10,17 @@ from fastalign.unlearn.templates import TextTemplate
 from tests.unlearn.tiny import FORGET_ROWS, byte_bpe_tokenizer, write_jsonl
 
 
+def write_truthfulqa(path):
+    """A TruthfulQA csv of 10 questions at `path`."""
+    rows = "".join(f"T,C,What is {k}?,Paris {k},Paris {k}; the {k},naïve {k}; help {k},S\n" for k in range(10))
+    path.write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n" + rows,
+                    encoding="utf-8")
+    return path
+
+
 def test_truthfulqa_as_normal_feeds_the_mismatch_pool_from_its_pool_rows_only(tmp_path):
     """The mismatch answers come from TruthfulQA's pool rows, never from the normal pairs trained on."""
-    rows = "".join(f"T,C,What is {k}?,Paris {k},Paris {k}; the {k},naïve {k}; help {k},S\n" for k in range(10))
-    csv = tmp_path / "tqa.csv"
-    csv.write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n" + rows,
-                   encoding="utf-8")
+    csv = write_truthfulqa(tmp_path / "tqa.csv")
     forget = write_jsonl(tmp_path / "forget.jsonl", FORGET_ROWS)
     tokenizer = byte_bpe_tokenizer()
     config = UnlearnConfig(model="m", output_dir="o", forget=[str(forget)], normal=str(csv), max_length=64, seed=3)
@@ -41,10 +46,7 @@ def test_mismatch_pool_jsonl_must_hold_prompt_answer_rows(tmp_path):
 
 def test_truthfulqa_csv_with_an_upper_case_extension_is_read_as_csv(tmp_path):
     """Windows tools write 'TruthfulQA.CSV': it was read as jsonl and refused as 'row 1: not valid JSON'."""
-    rows = "".join(f"T,C,What is {k}?,Paris {k},Paris {k}; the {k},naïve {k}; help {k},S\n" for k in range(10))
-    csv = tmp_path / "TruthfulQA.CSV"
-    csv.write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n" + rows,
-                   encoding="utf-8")
+    csv = write_truthfulqa(tmp_path / "TruthfulQA.CSV")
     forget = write_jsonl(tmp_path / "forget.jsonl", FORGET_ROWS)
     config = UnlearnConfig(model="m", output_dir="o", forget=[str(forget)], normal=str(csv), max_length=64)
     streams = load_streams(config, byte_bpe_tokenizer())
