@@ -9,7 +9,8 @@ from fastalign.unlearn.records import QAPair
 from fastalign.unlearn.run import load_streams
 from fastalign.unlearn.templates import ChatTemplate, TextTemplate
 from tests.evaluation.chat_model import EOT, chat_tokenizer
-from tests.unlearn.tiny import FORGET_ROWS, NORMAL_ROWS, byte_bpe_tokenizer, word_level_tokenizer, write_jsonl
+from tests.unlearn.tiny import (FORGET_ROWS, NORMAL_ROWS, byte_bpe_tokenizer, word_level_tokenizer, write_jsonl,
+                                write_truthfulqa)
 
 ITEMS = [("What is the capital?", "Paris"), ("How?", " 日本語のテキスト"), ("What is harmful?", "café 🙂 naïve")]
 
@@ -20,11 +21,10 @@ def pairs(items):
 
 @pytest.fixture
 def data_files(tmp_path):
-    rows = "".join(f"T,C,What is {k}?,Paris {k},Paris {k}; the {k},naïve {k}; help {k},S\n" for k in range(10))
-    (tmp_path / "tqa.csv").write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,"
-                                      "Source\n" + rows, encoding="utf-8")
+    write_truthfulqa(tmp_path / "tqa.csv")
     return {"forget": [str(write_jsonl(tmp_path / "forget.jsonl", FORGET_ROWS))],
-            "normal": str(write_jsonl(tmp_path / "normal.jsonl", NORMAL_ROWS)), "mismatch_pool": str(tmp_path / "tqa.csv")}
+            "normal": str(write_jsonl(tmp_path / "normal.jsonl", NORMAL_ROWS)),
+            "mismatch_pool": str(tmp_path / "tqa.csv")}
 
 
 def test_every_row_of_every_stream_ends_its_answer_with_eos(data_files):
@@ -65,7 +65,8 @@ def test_eos_goes_before_a_text_templates_tail():
     tokenizer, template = byte_bpe_tokenizer(), TextTemplate("Q: {prompt} A:{answer}<end>")
     plain = encode_pairs(tokenizer, template, pairs(ITEMS), 64)
     for old, new in zip(plain, encode_pairs(tokenizer, template, pairs(ITEMS), 64, answer_eos=True)):
-        assert new.input_ids == old.input_ids[:old.answer_end] + (tokenizer.eos_token_id,) + old.input_ids[old.answer_end:]
+        end = old.answer_end
+        assert new.input_ids == old.input_ids[:end] + (tokenizer.eos_token_id,) + old.input_ids[end:]
         assert (new.answer_start, new.answer_end) == (old.answer_start, old.answer_end + 1)
 
 

@@ -12,7 +12,7 @@ from fastalign.cli import build_parser, main
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn import models
 from fastalign.unlearn.cli import config_from_args
-from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, write_jsonl
+from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, write_jsonl, write_truthfulqa
 
 pytest.importorskip("accelerate")
 
@@ -27,9 +27,7 @@ def workspace(tmp_path):
          "response_1": "I will not help.", "is_response_1_safe": True},
         {"prompt": "What is harmful?", "response_0": "harmful help", "is_response_0_safe": False,
          "response_1": "the a of", "is_response_1_safe": False}])
-    rows = "".join(f"T,C,What is {k}?,Paris {k},Paris {k}; the {k},naïve {k}; help {k},S\n" for k in range(10))
-    (tmp_path / "tqa.csv").write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,"
-                                      "Source\n" + rows, encoding="utf-8")
+    write_truthfulqa(tmp_path / "tqa.csv")
     config = {"model": str(tmp_path / "model"), "forget": [str(tmp_path / "pku.jsonl")],
               "normal": str(tmp_path / "tqa.csv"), "lr": 1e-3, "max_steps": 50, "mismatch_per_prompt": 2,
               "max_length": 64}

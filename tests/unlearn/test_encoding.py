@@ -176,8 +176,8 @@ def test_mismatch_ids_match_direct_tokenization():
     whose merges never cross the template's trailing space."""
     tokenizer, template = byte_bpe_tokenizer(), TextTemplate()
     forget = encode_pairs(tokenizer, template, pairs([("How do I hurt someone?", "Like this.")]), 512)[0]
-    for answer, ids in zip(["Paris is the capital", "naïve 日本"], encode_answers(tokenizer, template,
-                                                                               ["Paris is the capital", "naïve 日本"])):
+    answers = ["Paris is the capital", "naïve 日本"]
+    for answer, ids in zip(answers, encode_answers(tokenizer, template, answers)):
         mixed = forget.with_answer(ids, "mixed")
         direct = encode_pairs(tokenizer, template, pairs([("How do I hurt someone?", answer)]), 512)[0]
         assert mixed.input_ids == direct.input_ids

@@ -7,15 +7,7 @@ from fastalign.unlearn.formats import load_truthfulqa
 from fastalign.unlearn.records import DataError
 from fastalign.unlearn.run import load_streams
 from fastalign.unlearn.templates import TextTemplate
-from tests.unlearn.tiny import FORGET_ROWS, byte_bpe_tokenizer, write_jsonl
-
-
-def write_truthfulqa(path):
-    """A TruthfulQA csv of 10 questions at `path`."""
-    rows = "".join(f"T,C,What is {k}?,Paris {k},Paris {k}; the {k},naïve {k}; help {k},S\n" for k in range(10))
-    path.write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n" + rows,
-                    encoding="utf-8")
-    return path
+from tests.unlearn.tiny import FORGET_ROWS, byte_bpe_tokenizer, write_jsonl, write_truthfulqa
 
 
 def test_truthfulqa_as_normal_feeds_the_mismatch_pool_from_its_pool_rows_only(tmp_path):

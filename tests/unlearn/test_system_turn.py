@@ -12,7 +12,7 @@ from fastalign.unlearn.templates import ChatTemplate
 from tests.evaluation.chat_model import CHAT_TEMPLATE as LLAMA3_TEMPLATE
 from tests.evaluation.chat_model import EOT, SYSTEM, chat_tokenizer
 from tests.unlearn.test_encoding import check_span
-from tests.unlearn.tiny import FORGET_ROWS, NORMAL_ROWS, byte_bpe_tokenizer, write_jsonl
+from tests.unlearn.tiny import FORGET_ROWS, NORMAL_ROWS, byte_bpe_tokenizer, write_jsonl, write_truthfulqa
 
 ITEMS = [("Who is Bob?", "Hi the city"), ("Where does Alice live?", "Hello the sea")]
 TOKENIZERS = {"llama3": chat_tokenizer, "byte_bpe": byte_bpe_tokenizer}   # BOS written by the template / added
@@ -72,9 +72,7 @@ def test_every_stream_reads_the_system_turn(tmp_path):
     """load_streams with system: the forget, mismatch and normal rows of a batch all start with the system turn,
     the normal rows the KL (and the cached reference) reads included."""
     tokenizer = byte_bpe_tokenizer()
-    rows = "".join(f"T,C,What is {k}?,Paris {k},Paris {k}; the {k},naïve {k}; help {k},S\n" for k in range(10))
-    (tmp_path / "tqa.csv").write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,"
-                                      "Source\n" + rows, encoding="utf-8")
+    write_truthfulqa(tmp_path / "tqa.csv")
     config = UnlearnConfig(model="m", output_dir="o", chat_template=True, system=SYSTEM, batch_size=2,
                            mismatch_per_prompt=2, max_length=128, mismatch_pool=str(tmp_path / "tqa.csv"),
                            forget=[str(write_jsonl(tmp_path / "forget.jsonl", FORGET_ROWS))],

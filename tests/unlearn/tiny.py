@@ -83,6 +83,14 @@ def write_jsonl(path, rows, compress=False):
     return path
 
 
+def write_truthfulqa(path):
+    """A TruthfulQA csv of 10 questions at `path` (Best, Correct and Incorrect answers; multi-byte characters)."""
+    rows = "".join(f"T,C,What is {k}?,Paris {k},Paris {k}; the {k},naïve {k}; help {k},S\n" for k in range(10))
+    path.write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n" + rows,
+                    encoding="utf-8")
+    return path
+
+
 def tiny_streams(tokenizer, *, batch_size=2, mismatch_per_prompt=2, normal_batch_size=None, seed=0,
                  max_length=64):
     """Streams over FORGET_ROWS, NORMAL_ROWS and POOL_ANSWERS encoded with the SPEC template."""
