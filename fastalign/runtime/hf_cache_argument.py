@@ -13,8 +13,10 @@ def _argument_name(model_class) -> str:
 
 
 def cache_kwargs(model, cache) -> dict:
-    """The keyword argument that passes `cache` to model's forward."""
-    return {_argument_name(type(model)): cache}
+    """The keyword argument that passes `cache` to model's forward. A PEFT wrapper's forward names neither and hands
+    its keyword arguments on to the transformers model it wraps, whose forward is the one that takes it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {_argument_name(type(base)): cache}
 
 
 def returned_cache(output):

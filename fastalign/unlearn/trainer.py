@@ -391,12 +391,31 @@ class UnlearningTrainer:
                 _warn_of_a_lossy_merge(summary)
                 self.model = self.model.merge_and_unload()
             with atomic_directory(model_dir) as tmp:
-                self.model.save_pretrained(tmp, state_dict=state)
+                _save_model(self.model, tmp, state)
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(tmp)
             write_text_atomic(os.path.join(out, "run.json"), json.dumps(asdict(summary), indent=1))
         acc.wait_for_everyone()
         return summary
+
+
+def _save_model(model, directory: str, state_dict) -> None:
+    """model.save_pretrained, its generation config written as it is. transformers 5.17 refuses to save one that fails
+    its strict checks, as published configs often do (sampling flags such as temperature set without do_sample=True:
+    Vicuna's), so the run would fail at its end with no model saved; later releases save a config as loaded."""
+    from transformers import GenerationConfig
+    generation = getattr(model, "generation_config", None)
+    if generation is None:  # a model that does not generate saves none
+        model.save_pretrained(directory, state_dict=state_dict)
+        return
+    model.generation_config = GenerationConfig()
+    try:
+        model.save_pretrained(directory, state_dict=state_dict)
+    finally:
+        model.generation_config = generation
+    path = os.path.join(directory, "generation_config.json")
+    if os.path.isfile(path):
+        generation.to_json_file(path, keys_to_pop=["compile_config"])
 
 
 def _warn_of_a_lossy_merge(summary: RunSummary) -> None:

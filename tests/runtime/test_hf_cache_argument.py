@@ -1,8 +1,12 @@
 """hf_cache_argument: the cache goes to the forward argument the model names and is read back from either
 output field, under transformers' old convention (`past_key_values`) and its new one (`cache`)."""
+import inspect
 from types import SimpleNamespace
 
+import pytest
+
 from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache
+from tests.runtime.tiny_models import tiny_model
 
 
 class NewStyle:
@@ -19,6 +23,30 @@ def test_the_cache_goes_to_the_argument_the_forward_names():
     cache = object()
     assert cache_kwargs(NewStyle(), cache) == {"cache": cache}
     assert cache_kwargs(OldStyle(), cache) == {"past_key_values": cache}
+
+
+class Wrapper:  # as PEFT's wrappers: a forward naming neither argument, its keywords handed on to the model wrapped
+    def __init__(self, base):
+        self.base = base
+
+    def forward(self, input_ids=None, **kwargs):
+        pass
+
+    def get_base_model(self):
+        return self.base
+
+
+def test_a_wrapper_passes_the_cache_under_the_name_its_base_model_takes():
+    cache = object()
+    assert cache_kwargs(Wrapper(NewStyle()), cache) == {"cache": cache}
+    assert cache_kwargs(Wrapper(OldStyle()), cache) == {"past_key_values": cache}
+
+
+def test_a_peft_lora_model_gets_the_argument_its_transformers_model_names():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model("llama-gqa-untied"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    (name,) = cache_kwargs(model, None)
+    assert name in inspect.signature(type(model.get_base_model()).forward).parameters
 
 
 def test_the_returned_cache_is_read_from_either_output_field():

@@ -204,6 +204,17 @@ def test_max_steps_schedule_compute_and_outputs(tmp_path):
         run(tmp_path, max_steps=3)
 
 
+def test_a_generation_config_that_sets_sampling_flags_without_do_sample_is_saved_as_loaded(tmp_path):
+    """Published generation configs often set temperature or top_p without do_sample=True (Vicuna's); transformers
+    5.17 refused to save one, so the run failed at its end with no model saved."""
+    tiny_llama(len(byte_bpe_tokenizer())).save_pretrained(tmp_path / "published")
+    flags = {"temperature": 0.6, "top_p": 0.9}
+    (tmp_path / "published" / "generation_config.json").write_text(json.dumps(flags))
+    run(tmp_path, model=LlamaForCausalLM.from_pretrained(tmp_path / "published"), max_steps=1, grad_accum=1)
+    saved = json.loads((tmp_path / "run" / "model" / "generation_config.json").read_text())
+    assert {name: saved.get(name) for name in flags} == flags
+
+
 def test_early_stop_once_forget_nll_passes_threshold(tmp_path):
     _, summary = run(tmp_path, max_steps=50, max_forget_nll=6.5, forget_weight=20.0, lr=1e-2, grad_accum=1)
     lines = log_lines(tmp_path / "run")
