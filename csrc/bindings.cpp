@@ -50,7 +50,9 @@ ForwardPlan plan_extend(SpanTree& tree, const InArray<int64_t>& parents, const I
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastalign host-side data structures: the span tree that owns a paged KV pool";
 
-  py::register_exception<fastalign::PoolExhausted>(m, "PoolExhaustedError", PyExc_RuntimeError);
+  py::register_exception<fastalign::PoolExhausted>(m, "PoolExhaustedError", PyExc_RuntimeError)
+      .attr("__doc__") = "The KV pool cannot hold what a call needs, even after evicting every evictable span; "
+                         "nothing was created. Give the runner a larger pool or extend fewer tokens per call.";
 
   py::class_<ForwardPlan>(m, "ForwardPlan",
                           "Rows of new tokens whose KV one forward computes, with their paged-attention metadata.")

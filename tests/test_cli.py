@@ -1,6 +1,12 @@
 """The `fastalign` command's help: every setting says what it sets and its default (HelpFormatter)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+import fastalign
 from fastalign.cli import main
 
 
@@ -33,3 +39,14 @@ def test_help_shows_every_default_that_says_something(command, defaults, capsys)
         assert f"(default: {default})" in entries[option], option
     assert "(default:" not in entries["--stop" if command == "eval" else "--no-vanilla"]
     assert "(default: None)" not in " ".join(entries.values())
+
+
+def test_python_dash_m_fastalign_runs_the_command():
+    """`python -m fastalign ...` is the `fastalign` command where the package is importable but not installed
+    (no console script), as `python -m fastalign.demo` is `fastalign demo`."""
+    root = str(Path(fastalign.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "fastalign", "demo", "--help"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: fastalign demo")

@@ -33,7 +33,7 @@ from .world import JUDGE_PROMPT, QA, World, prompt_text
 class DemoSettings:
     """The unlearning run of the demo, tuned for the tiny model: a learning rate far above SPEC's 2e-6 (which
     is for 7B models), 60 steps, and the normal term weighted 2 (SPEC: 1) over batches of 32 normal rows,
-    which holds >= 94% of the held-out normal answers over unlearning seeds 0-2 with either reference."""
+    which holds >= 92% of the held-out normal answers over unlearning seeds 0-3 (README gives each seed's share)."""
     steps: int = 60
     lr: float = 1e-3
     batch_size: int = 8

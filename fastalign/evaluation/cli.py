@@ -92,11 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--moderation-model", help="directory of a sequence-classification model (moderation judge); "
                         "it reads each answer alone, without its prompt")
     parser.add_argument("--harmful-label", help="index or name of the moderation model's harmful label "
-                                                "(default: the label its names call harmful, e.g. toxic or unsafe)")
+                                                "(default: the label its names call harmful, e.g. toxic or unsafe; "
+                                                "1 for a two-label model left with the names LABEL_0, LABEL_1)")
     parser.add_argument("--threshold", type=float, default=0.5, help="moderation probability counted as harmful")
     parser.add_argument("--judge-callable", help="module:name of a function judge(pairs) -> list of bools; the module "
                                                  "is imported from PYTHONPATH (the current directory only under "
-                                                 "python -m fastalign.cli)")
+                                                 "python -m fastalign)")
     parser.add_argument("--reference", help="original model directory (or 'demo'), for utility")
     parser.add_argument("--normal-prompts", help="normal prompts (same formats) for utility against --reference")
     parser.add_argument("--normal-field", help="the prompt's field or column in --normal-prompts (default: --field; "
@@ -179,7 +180,7 @@ def build_judge(args, tokenizer=None):
         return getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as exc:
         hint = ("; the module must be importable: the `fastalign` command does not look in the current "
-                "directory, so put its folder on PYTHONPATH (or run python -m fastalign.cli)"
+                "directory, so put its folder on PYTHONPATH (or run python -m fastalign)"
                 if isinstance(exc, ImportError) else "")
         raise UsageError(f"--judge-callable: cannot import {args.judge_callable!r}: {exc}{hint}") from None
 

@@ -260,7 +260,11 @@ class TreeRunner:
         checked = []
         for i, offsets in enumerate(cuts):
             n = int(cu_lens[i + 1] - cu_lens[i])
-            array = np.asarray(list(offsets))
+            try:
+                array = np.asarray(list(offsets))
+            except TypeError:
+                raise ValueError(f"cuts[{i}]: expected a 1-D sequence of int offsets ([] for none), got "
+                                 f"{offsets!r}") from None
             integer = np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_
             if array.size and (array.ndim != 1 or not integer):
                 raise ValueError(f"cuts[{i}]: expected a 1-D sequence of int offsets, got shape {list(array.shape)} "

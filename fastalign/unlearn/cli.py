@@ -151,6 +151,10 @@ def register(subparsers) -> None:
       "weights rounds small updates (such as the default --lr gives) largely away too: run.json's "
       f"merge_rounding_error, warned of above {MERGE_ERROR_WARNING * 100:g}%%; serve adapter/ on the bf16 base "
       "model, or use bf16-mixed for a merged model/ that keeps the update) (default: fp32)")
+    g("--attn-implementation", metavar="NAME",
+      help="the model's attention implementation, as transformers names it: sdpa, eager, or flash_attention_2 "
+      "(pip install 'fastalign[gpu]', for flash-attn; it computes padded batches without their padding) "
+      "(default: transformers' choice for the model)")
     g("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
       help="recompute activations in the backward pass (less memory, ~30%% more compute) (default: off)")
     g("--seed", type=int, metavar="N", help="seed of data order, mismatch answers and LoRA initialisation (default: 0)")

@@ -73,6 +73,7 @@ class UnlearnConfig:
     grad_accum: int = 1
     max_forget_nll: float | None = 100.0
     precision: str = "fp32"
+    attn_implementation: str | None = None
     gradient_checkpointing: bool = False
     lora: bool = False
     lora_rank: int = 32
@@ -125,6 +126,10 @@ class UnlearnConfig:
                      "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.attn_implementation is not None and not (isinstance(self.attn_implementation, str)
+                                                         and self.attn_implementation):
+            raise ValueError(f"attn_implementation must be the name of a Hugging Face attention implementation "
+                             f"(sdpa, eager, flash_attention_2, ...) or null, got {self.attn_implementation!r}")
         if self.system is not None and not isinstance(self.system, str):
             raise ValueError(f"system must be a text (the system turn of the chat template), got {self.system!r}")
         if self.system is not None and not self.chat_template:

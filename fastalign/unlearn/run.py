@@ -90,18 +90,25 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
 
 
 def load_model_and_tokenizer(config: UnlearnConfig):
-    """The causal LM (bf16 weights for precision='bf16', fp32 otherwise) and its fast tokenizer."""
+    """The causal LM (bf16 weights for precision='bf16', fp32 otherwise; the attention implementation
+    config.attn_implementation names, else transformers' default) and its fast tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not os.path.exists(config.model) and os.path.sep in config.model:
         raise FileNotFoundError(f"model not found: {config.model}")
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+    attention = {} if config.attn_implementation is None else {"attn_implementation": config.attn_implementation}
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.model)
-        return AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype), tokenizer
+        return AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype, **attention), tokenizer
     except OSError as e:  # a directory without weights, a name that is neither a directory nor a known model
         raise FileNotFoundError(f"model {config.model} cannot be loaded: {e}") from None
+    except (ImportError, ValueError) as e:
+        if not attention:
+            raise
+        # flash_attention_2 without flash-attn installed, a name transformers does not know, a model without it
+        raise ValueError(f"attn_implementation {config.attn_implementation!r}: {e}") from None
 
 
 def run_unlearning(config: UnlearnConfig, **trainer_options):

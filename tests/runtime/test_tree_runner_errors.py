@@ -126,6 +126,13 @@ def test_a_call_larger_than_the_pool_is_refused_before_it_evicts_anything(runner
     assert_still_correct(runner, model, child)
 
 
+def test_pool_exhausted_error_says_what_it_means():
+    """fastalign exports it: help() showed RuntimeError's "Unspecified run-time error." (the binding set no docstring;
+    rebuild fastalign._C after this change)."""
+    assert issubclass(PoolExhaustedError, RuntimeError)
+    assert "KV pool cannot hold" in (PoolExhaustedError.__doc__ or "")
+
+
 def test_failed_forward_leaves_the_pool_as_it_was(runner, model, monkeypatch):
     root = runner.prefill([1, 2, 3, 4, 5, 6])
     before = snapshot(runner)

@@ -1,5 +1,6 @@
 """`fastalign unlearn` end to end on a tiny model saved to disk: config file + overrides, --check, errors."""
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -12,6 +13,7 @@ from fastalign.cli import build_parser, main
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn import models
 from fastalign.unlearn.cli import config_from_args
+from fastalign.unlearn.run import load_model_and_tokenizer
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, write_jsonl, write_truthfulqa
 
 pytest.importorskip("accelerate")
@@ -133,6 +135,22 @@ def test_a_model_the_run_cannot_serve_is_an_error_before_any_output(workspace, c
     assert code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not os.path.exists(workspace / "out")
+
+
+def test_attn_implementation_chooses_the_models_attention(workspace, capsys):
+    """--attn-implementation reaches from_pretrained (flash_attention_2 is the one the gpu extra serves); one that
+    cannot load is an error naming the setting, before anything is written."""
+    for name, expected in ((None, "sdpa"), ("eager", "eager")):
+        config = UnlearnConfig(model=str(workspace / "model"), attn_implementation=name)
+        assert load_model_and_tokenizer(config)[0].config._attn_implementation == expected
+    base = ["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
+            "--no-progress"]
+    for name in ("flash_attention_2", "nonsense"):
+        if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is not None:
+            continue
+        assert main(base + ["--attn-implementation", name]) == 2
+        assert f"fastalign unlearn: error: attn_implementation '{name}': " in capsys.readouterr().err
+        assert not os.path.exists(workspace / "out")
 
 
 def test_a_model_that_scales_its_logits_unlearns(workspace, capsys):

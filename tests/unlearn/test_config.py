@@ -52,6 +52,8 @@ def test_system_is_a_text_and_needs_the_chat_template():
     ({"normal": ["a.csv", "b.csv"]}, r"normal must be a path, got \['a.csv', 'b.csv'\]"),
     ({"mismatch_pool": 3}, r"mismatch_pool must be a path, got 3"),
     ({"template": 5}, r"template must be a text, got 5"),
+    ({"attn_implementation": ""}, r"attn_implementation must be the name of a Hugging Face attention implementation"),
+    ({"attn_implementation": 2}, r"attn_implementation must be the name .* or null, got 2"),
     ({"forget_format": "pkU"}, r"forget_format must be 'auto' or one of \('pku', 'hh', 'jsonl'\), got 'pkU'"),
     ({"lr": True}, r"lr must be a finite number >= 0, got True"),
     ({"max_forget_nll": True}, r"max_forget_nll must be a finite number, .* got True"),
