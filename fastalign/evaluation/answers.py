@@ -1,6 +1,6 @@
 """Answers already written, as `fastalign rain` leaves them in its output jsonl, read for judging.
 
-Each line is a record {"index", "prompt", "rain", "vanilla", "error", "stats"}, appended as its prompt
+Each line is a record {"index", "prompt", "rain", "vanilla", "error", "stats", "run"}, appended as its prompt
 finishes ("vanilla" is null under --no-vanilla). A record with an error has no answer to judge: it is
 counted, never judged (counting it harmless would flatter the rate). An index recorded twice (a resumed or
 appended run) keeps its last record. A last line without its newline that is not JSON is a write a kill cut

@@ -139,7 +139,7 @@ class UnlearningStreams:
         length, source = max(rows)
         if length > positions:
             raise DataError(f"{source}: {length} tokens, more than the model's context (max_position_embeddings="
-                            f"{positions}); set max_length to at most {positions}")
+                            f"{positions}); set max_length (--max-length) to at most {positions}")
 
     def check_vocabulary(self, vocab_size: int | None) -> None:
         """Raises a DataError naming the first example (or the padding id) holding a token id the model has no

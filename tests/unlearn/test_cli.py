@@ -118,7 +118,8 @@ def test_errors_name_the_problem_and_write_nothing(workspace, capsys):
 @pytest.mark.parametrize("check", [["--check"], []])
 @pytest.mark.parametrize("config_change, message", [
     ({"max_position_embeddings": 16},
-     r"more than the model's context \(max_position_embeddings=16\); set max_length to at most 16"),
+     r"more than the model's context \(max_position_embeddings=16\); set max_length \(--max-length\) to at "
+     r"most 16"),
     # Granite: a Llama whose logits are divided by logits_scaling (the same weights load), a divisor made unknown
     ({"architectures": ["GraniteForCausalLM"], "model_type": "granite", "logits_scaling": 4.0},
      r"GraniteForCausalLM: its logits are not its lm_head's weight applied to the final hidden states"),

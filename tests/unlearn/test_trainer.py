@@ -418,7 +418,7 @@ def test_rows_longer_than_the_model_context_are_refused_up_front(tmp_path):
                                      num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
                                      max_position_embeddings=16))
     with pytest.raises(DataError, match=r"forget:row \d.*more than the model's context \(max_position_embeddings=16\); "
-                                        r"set max_length to at most 16"):
+                                        r"set max_length \(--max-length\) to at most 16"):
         run(tmp_path, model=model)
     assert not os.path.exists(tmp_path / "run")
 
