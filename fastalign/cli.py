@@ -23,6 +23,17 @@ def check_output_file(path: str) -> None:
         raise UsageError(f"--output: {path!r}: cannot create its directory: {exc}") from None
 
 
+def check_device(text: str) -> None:
+    """UsageError naming --device unless `text` is a device this machine can put a tensor on (found before any
+    model loads, rather than as a traceback once it has: a misspelt device, CUDA where there is none)."""
+    import torch
+
+    try:
+        torch.empty(0, device=text)
+    except (RuntimeError, AssertionError) as exc:   # AssertionError: "Torch not compiled with CUDA enabled"
+        raise UsageError(f"--device: cannot use {text!r} on this machine: {exc}") from None
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's line breaks and ends each option's help with its default, unless the help
     already names it or the default says nothing (None, an off switch, no values)."""

@@ -39,7 +39,7 @@ from typing import List, Optional
 
 import torch
 
-from fastalign.cli import HelpFormatter, UsageError, check_output_file
+from fastalign.cli import HelpFormatter, UsageError, check_device, check_output_file
 from fastalign.unlearn.templates import ChatTemplate
 
 from .answers import read_answers
@@ -248,6 +248,7 @@ def _rendered(prompts: List[str], args, tokenizer) -> List[str]:
 
 def evaluate(args) -> dict:
     """Runs the evaluation the arguments describe; returns the summary (see the module docstring)."""
+    check_device(args.device)
     return _evaluate_answers(args) if args.answers else _evaluate_model(args)
 
 

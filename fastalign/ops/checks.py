@@ -30,6 +30,8 @@ def check_tensor(name, t, *, ndim, dtypes=None, like=None):
     """`t` is a tensor of rank `ndim`, with a dtype in `dtypes` and on the device of `like`."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimension(s), got {_describe(t)}")
     if dtypes is not None and t.dtype not in dtypes:
@@ -64,12 +66,16 @@ def check_bias(name, bias, weight_name, weight):
 
 
 def check_per_token(name, t, n, like, *, dtypes):
-    """An optional per-token vector of length n on the device of `like`."""
+    """An optional per-token vector of length n on the device of `like`; a constant of the loss, so one that
+    requires grad is refused (it would silently get no gradient)."""
     if t is None:
         return
     check_tensor(name, t, ndim=1, dtypes=dtypes, like=like)
     if t.shape[0] != n:
         raise ValueError(f"{name} must have shape [{n}] (one entry per token), got {_describe(t)}")
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad, but it is a constant of the loss and gets no gradient: pass "
+                         f"{name}.detach()")
 
 
 def check_reduction(reduction):

@@ -59,7 +59,7 @@ def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None
     """Token-weighted cross-entropy of the logits `hidden @ weight.T + bias`, without materialising them.
 
     hidden [N, H], weight [V, H], target [N] (integer; ignore_index marks tokens that carry no loss),
-    token_weight [N] float of any sign (default 1; a constant: it gets no gradient), bias [V].
+    token_weight [N] float of any sign (default 1; a constant: one that requires grad is refused), bias [V].
     Per token CE_t = logsumexp(z_t) - z_t[y_t]; with softcap c, z = c * tanh((hidden @ weight.T + bias) / c), the
     logits of a model with final_logit_softcapping = c (Gemma 2 and 3).
     reduction: "sum" = sum_t w_t CE_t; "mean" = that sum / number of non-ignored tokens (0 if none);
@@ -77,6 +77,8 @@ def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None
         raise ValueError(f"target must have shape [{n}] (one per row of hidden), got shape {tuple(target.shape)}")
     if not is_integer(ignore_index):
         raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
+    if not -2 ** 63 <= ignore_index < 2 ** 63:
+        raise ValueError(f"ignore_index must fit in int64 (the targets' dtype it is compared in), got {ignore_index}")
     # compared in int64: in uint8, ignore_index=-100 would wrap to 156 and silently ignore that class
     target = target.long()
     check_per_token("token_weight", token_weight, n, hidden, dtypes=FLOAT_DTYPES)

@@ -245,10 +245,12 @@ def _check_attention_args(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens)
     num_kv_heads = k_cache.shape[2]
     if head_dim != k_cache.shape[3]:
         raise ValueError(f"q: head_dim {head_dim} differs from k_cache's head_dim {k_cache.shape[3]}")
-    if num_kv_heads == 0 or num_heads % num_kv_heads:
-        raise ValueError(f"q: num_heads {num_heads} must be a multiple of k_cache's num_kv_heads {num_kv_heads}")
-    if block_table.dim() != 2:
-        raise ValueError(f"block_table: expected [R, max_blocks] int32, got shape {list(block_table.shape)}")
+    if num_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(f"q: num_heads {num_heads} must be a positive multiple of k_cache's num_kv_heads "
+                         f"{num_kv_heads}")
+    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
+        got = list(block_table.shape) if isinstance(block_table, torch.Tensor) else type(block_table).__name__
+        raise ValueError(f"block_table: expected [R, max_blocks] int32, got {got}")
     rows = block_table.shape[0]
     _check_index(block_table, "block_table", [rows, block_table.shape[1]], _INDEX_DTYPE, q.device)
     _check_index(seq_lens, "seq_lens", [rows], _INDEX_DTYPE, q.device)
@@ -258,6 +260,9 @@ def _check_attention_args(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens)
 def _check_cache_pair(k_cache, v_cache):
     if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
         raise ValueError("k_cache: expected a tensor [num_blocks, block_size, num_kv_heads, head_dim]")
+    if 0 in k_cache.shape[1:]:  # else divisions by zero deep in the checks, the default scale and the kernels
+        raise ValueError(f"k_cache: expected block_size, num_kv_heads and head_dim >= 1, got shape "
+                         f"{list(k_cache.shape)}")
     if not k_cache.is_floating_point():
         raise ValueError(f"k_cache: expected a floating-point dtype, got {k_cache.dtype}")
     if not isinstance(v_cache, torch.Tensor) or v_cache.shape != k_cache.shape:

@@ -22,7 +22,7 @@ from typing import List, Optional, Set
 
 import torch
 
-from fastalign.cli import HelpFormatter, UsageError, check_output_file
+from fastalign.cli import HelpFormatter, UsageError, check_device, check_output_file
 from fastalign.evaluation.generation import eos_ids, pad_id
 from fastalign.evaluation.prompts import hh_messages, hh_prompts, read_prompts
 from fastalign.unlearn.encoding import tokenize_texts
@@ -223,6 +223,10 @@ def _run(args) -> int:
         raise UsageError(f"--limit must be >= 0 (0 = all prompts), got {args.limit}")
     if args.concurrency < 1:
         raise UsageError(f"--concurrency must be >= 1, got {args.concurrency}")
+    if args.kv_tokens < 1:
+        raise UsageError(f"--kv-tokens must be >= 1, got {args.kv_tokens}")
+    if args.device is not None:
+        check_device(args.device)
     if args.output.endswith(".gz"):    # plain text under that name: `fastalign eval --answers` would gunzip it
         raise UsageError(f"--output: records are appended as plain text, so not to a .gz file: {args.output!r}")
     config, judge = settings(args)    # bad settings are usage errors found before the model loads

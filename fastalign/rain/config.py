@@ -4,9 +4,10 @@ See ../shared/SPEC.md §2 (numbers from Li et al. 2023 and their HH code). Names
 controls; `validate()` rejects values that would make the search meaningless instead of letting it hang.
 """
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Tuple
+
+from fastalign.ops.checks import is_integer, is_real
 
 
 @dataclass(frozen=True)
@@ -54,14 +55,26 @@ class RainConfig:
         return self.token_set_lengths[min(depth, len(self.token_set_lengths) - 1)]
 
     def validate(self) -> "RainConfig":
+        for name in ("initial_q_range", "token_set_lengths"):
+            if not isinstance(getattr(self, name), (tuple, list)):
+                raise ValueError(f"RainConfig: {name} must be a tuple, got {getattr(self, name)!r}")
         q_range = tuple(self.initial_q_range)
-        low, high = q_range if len(q_range) == 2 else (math.nan, math.nan)
         counts = {name: getattr(self, name) for name in ("candidates", "sample_top_k", "max_children", "widen_group",
+                                                         "root_visits", "min_new_visits", "early_stop_fresh_visits",
                                                          "max_length", "max_new_tokens", "parallel_leaves", "seed")}
         counts.update({f"token_set_lengths[{i}]": n for i, n in enumerate(self.token_set_lengths)})
         for name, value in counts.items():     # a float length never equals a count: sets ran past max_length
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            if not is_integer(value):          # (and root_visits=inf never did: the search never committed)
                 raise ValueError(f"RainConfig: {name} must be an integer, got {value!r}")
+        reals = {name: getattr(self, name) for name in ("exploration", "q_norm_eps", "root_prior_mix",
+                                                        "similarity_threshold", "similarity_weight",
+                                                        "widen_variance_per_token", "widen_max_q", "early_stop_q",
+                                                        "virtual_loss")}
+        reals.update({f"initial_q_range[{i}]": x for i, x in enumerate(q_range)})
+        for name, value in reals.items():      # else the checks below raised a TypeError naming no setting
+            if not is_real(value):
+                raise ValueError(f"RainConfig: {name} must be a number, got {value!r}")
+        low, high = q_range if len(q_range) == 2 else (math.nan, math.nan)
         if not isinstance(self.widen_lone_child, bool):     # a YAML 'no' in quotes is a true string
             raise ValueError(f"RainConfig: widen_lone_child must be true or false, got {self.widen_lone_child!r}")
         for name in ("rollout_stop_chars", "turn_marker"):   # else every prompt failed once the model ran

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
 
 from fastalign.evaluation.generation import eos_ids
+from fastalign.ops.checks import is_integer
 from fastalign.unlearn.templates import ChatTemplate
 from fastalign.unlearn.encoding import tokenize_texts
 
@@ -125,8 +126,8 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     config = config.validate()
     if isinstance(prompts, str):    # would be searched character by character
         raise TypeError("prompts must be a list of prompt strings, got a single string (wrap it in a list)")
-    if concurrency < 1:
-        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if not is_integer(concurrency) or concurrency < 1:
+        raise ValueError(f"concurrency must be an integer >= 1, got {concurrency!r}")
     names = list(range(len(prompts))) if indices is None else list(indices)
     if len(names) != len(prompts):
         raise ValueError(f"indices must name each of the {len(prompts)} prompts, got {len(names)} indices")

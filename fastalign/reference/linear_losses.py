@@ -46,7 +46,7 @@ def linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, *, bias=None
     log_q = torch.log_softmax(_head_logits(hidden, weight, bias, softcap), dim=1)
     log_p = torch.log_softmax(_head_logits(ref_hidden.detach(), ref_weight.detach(),
                                            None if ref_bias is None else ref_bias.detach(), softcap), dim=1)
-    kl = torch.where(log_p > float("-inf"), log_p.exp() * (log_p - log_q), 0.0).sum(1)  # 0 log 0 = 0 (a -inf bias)
+    kl = torch.where(log_p == float("-inf"), 0.0, log_p.exp() * (log_p - log_q)).sum(1)  # 0 log 0 = 0 (a -inf bias)
     if token_weight is not None:
         kl = kl * token_weight.double()
     counted = torch.ones_like(kl, dtype=torch.bool) if mask is None else mask

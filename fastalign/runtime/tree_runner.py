@@ -35,8 +35,16 @@ def _adapters_in_layers(model):
     return model.get_base_model()
 
 
+def _as_list(value, name, expected):
+    """`value` as a list; a ValueError naming `name` and what was `expected` when it is not iterable."""
+    try:
+        return list(value)
+    except TypeError:
+        raise ValueError(f"{name}: expected {expected}, got {type(value).__name__}") from None
+
+
 class TreeRunner:
-    """Runs `model` (a loaded Hugging Face causal LM, in eval mode) over a tree of cached spans.
+    """Runs `model` (a loaded Hugging Face causal LM, without dropout whatever its mode) over a tree of cached spans.
 
     Size the KV pool with exactly one of `max_tokens` (rounded up to whole blocks) or `max_bytes`.
     `fallback=False` refuses models outside the Llama family instead of running them on Hugging Face's
@@ -53,7 +61,13 @@ class TreeRunner:
         block_size = int(block_size)
         if attention_backend not in BACKENDS:  # here, not at the first forward, on either path
             raise ValueError(f"attention_backend: expected one of {BACKENDS}, got {attention_backend!r}")
-        params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+        for name, value in (("fallback", fallback), ("cascade_attention", cascade_attention)):
+            if not isinstance(value, bool):  # a string such as "no" would count as True
+                raise ValueError(f"{name}: expected True or False, got {value!r}")
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"model: expected a loaded Hugging Face causal LM (a torch.nn.Module), got "
+                             f"{type(model).__name__}")
+        params = list(model.parameters())
         if params and all(p.is_meta for p in params):  # else the first forward fails on a meta tensor's data
             raise ValueError("model: its weights are not loaded (every parameter is on the meta device); load them "
                              "onto a device before making a TreeRunner")
@@ -139,7 +153,8 @@ class TreeRunner:
         for name, value in (("logits", logits), ("hidden", hidden)):
             if value not in _OUTPUTS:
                 raise ValueError(f"{name}: expected one of {_OUTPUTS}, got {value!r}")
-        parents = list(parents)
+        parents = _as_list(parents, "parents", "a sequence of parents, one per row (a Span, None or an earlier row's "
+                           "index)")
         if not parents:
             raise ValueError("parents: expected at least one parent (None starts a new root)")
         parent_ids = np.array([self._parent_code(p, i) for i, p in enumerate(parents)], dtype=np.int64)
@@ -187,7 +202,7 @@ class TreeRunner:
     def release(self, spans):
         """End one span or an iterable of spans. A released span's KV is freed once no live descendant
         needs it as a prefix; its descendants stay valid. Releasing also drops its pins."""
-        spans = [spans] if isinstance(spans, Span) else list(spans)
+        spans = [spans] if isinstance(spans, Span) else _as_list(spans, "spans", "a Span or an iterable of Spans")
         ids = [self.check_span(s, f"spans[{i}]").id for i, s in enumerate(spans)]
         if len(set(ids)) != len(ids):
             raise ValueError("spans: the same span is listed twice")
@@ -225,14 +240,17 @@ class TreeRunner:
         rows at once: numpy checks row by row cost ~15 us of host time a row)."""
         if isinstance(token_lists, (str, bytes)):
             raise ValueError("token_lists: expected one sequence of token ids per parent")
-        token_lists = list(token_lists)
+        token_lists = _as_list(token_lists, "token_lists", "one sequence of token ids per parent")
         if len(token_lists) != rows:
             raise ValueError(f"token_lists: expected {rows} lists (one per parent), got {len(token_lists)}")
         arrays = []
         for i, ids in enumerate(token_lists):
             if isinstance(ids, torch.Tensor):
                 ids = ids.detach().cpu().numpy()
-            array = np.asarray(ids)
+            try:
+                array = np.asarray(ids)
+            except ValueError:  # a ragged nested sequence: refused below as a 1-D array of objects
+                array = np.asarray(ids, dtype=object)
             if array.ndim != 1 or array.size == 0 or array.dtype.kind not in "iu":  # ints, not bools
                 raise ValueError(f"{row_name.format(i)}: expected a non-empty 1-D sequence of int token ids, got "
                                  f"shape {list(array.shape)} of {array.dtype}")
@@ -253,18 +271,14 @@ class TreeRunner:
         """Each row's cut offsets as a list of ints, after checking them against the row's length."""
         if isinstance(cuts, (str, bytes)):
             raise ValueError("cuts: expected one sequence of offsets per parent")
-        cuts = list(cuts)
+        cuts = _as_list(cuts, "cuts", "one sequence of offsets per parent")
         rows = len(cu_lens) - 1
         if len(cuts) != rows:
             raise ValueError(f"cuts: expected {rows} sequences (one per parent), got {len(cuts)}")
         checked = []
         for i, offsets in enumerate(cuts):
             n = int(cu_lens[i + 1] - cu_lens[i])
-            try:
-                array = np.asarray(list(offsets))
-            except TypeError:
-                raise ValueError(f"cuts[{i}]: expected a 1-D sequence of int offsets ([] for none), got "
-                                 f"{offsets!r}") from None
+            array = np.asarray(_as_list(offsets, f"cuts[{i}]", "a 1-D sequence of int offsets ([] for none)"))
             integer = np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_
             if array.size and (array.ndim != 1 or not integer):
                 raise ValueError(f"cuts[{i}]: expected a 1-D sequence of int offsets, got shape {list(array.shape)} "

@@ -5,7 +5,11 @@ L_rdn = mean_j (1/|A_j|) sum_{t in A_j} CE_t (descent on mismatched answers). Wi
 linear_cross_entropy(h, W, y, token_weight=w, reduction="sum") over the concatenated streams equals
 w_fgt * L_fgt + w_rdn * L_rdn exactly.
 """
+import math
+
 import torch
+
+from fastalign.ops.checks import is_real
 
 
 def _stream_weights(name, answer_mask, sign_weight):
@@ -25,8 +29,12 @@ def unlearning_token_weights(forget_mask, mismatch_mask, *, forget_weight=0.5, m
     forget_mask [B_f, T_f] and mismatch_mask [B_r, T_r] are bool, True at rows whose *target* is an answer
     token (aligned with the shifted targets: row t predicts token t + 1). Either may be None (stream absent).
     Forget answer tokens get -forget_weight / (|A_i| * B_f), mismatch answer tokens +mismatch_weight /
-    (|A_j| * B_r), every other token 0; a sequence without answer tokens contributes 0 (never NaN).
+    (|A_j| * B_r), every other token 0; a sequence without answer tokens contributes 0 (never NaN). Both
+    weights are finite numbers >= 0 (SPEC §1's w_fgt and w_rdn): the streams give the signs.
     """
+    for name, value in (("forget_weight", forget_weight), ("mismatch_weight", mismatch_weight)):
+        if not is_real(value) or not math.isfinite(value) or value < 0:   # the stream gives the sign
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     parts = []
     if forget_mask is not None:
         parts.append(_stream_weights("forget_mask", forget_mask, -float(forget_weight)))

@@ -496,3 +496,14 @@ def test_unwritable_output_is_a_usage_error_before_the_model_loads(rain_output, 
     for source in (["--answers", rain_output], ["--prompts", harmful_prompts, "--model", "demo"]):
         assert run(*source, "--judge", "keyword", "--keywords", "x", "--output", tmp_path / where) == 2
         assert f"fastalign eval: error: --output: {str(tmp_path / where)!r}{message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:99"])
+def test_unusable_device_is_a_usage_error_before_the_model_loads(harmful_prompts, tmp_path, monkeypatch, capsys,
+                                                                  device):
+    """Was a traceback once the model had loaded (exit code 1): "Expected one of cpu, cuda, ... device type at
+    start of device string", or "Torch not compiled with CUDA enabled"."""
+    monkeypatch.setattr("fastalign.evaluation.cli.load_causal_lm", None)   # never reached
+    assert run("--prompts", harmful_prompts, "--model", "demo", "--device", device, "--output",
+               tmp_path / "o.jsonl") == 2
+    assert f"fastalign eval: error: --device: cannot use {device!r}" in capsys.readouterr().err

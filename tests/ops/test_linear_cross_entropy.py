@@ -260,6 +260,9 @@ BAD_INPUTS = [
     (lambda h, w, t: (h, w, torch.full_like(t, -5)), "found -5"),
     (lambda h, w, t: (h.int(), w, t), "hidden must have dtype"),
     (lambda h, w, t: (h, w[:0], torch.full_like(t, -100)), "weight must have at least one row"),
+    # were errors deep in torch naming no argument ('unsupported memory format option Contiguous')
+    (lambda h, w, t: (h.to_sparse(), w, t), "hidden must be a dense \\(strided\\) tensor, got layout torch.sparse_coo"),
+    (lambda h, w, t: (h, w, t.to_sparse()), "target must be a dense \\(strided\\) tensor"),
 ]
 
 
@@ -278,6 +281,9 @@ def test_bad_input_is_named(make_bad, message):
     ({"reduction": "avg"}, "reduction must be one of"),
     ({"ignore_index": None}, "ignore_index must be an integer, got None"),  # was: 'bool' object has no attribute
     ({"ignore_index": -100.0}, "ignore_index must be an integer, got -100.0"),
+    ({"ignore_index": 2 ** 70}, "ignore_index must fit in int64"),  # was: OverflowError: int too big to convert
+    # was silent: the loss treats token_weight as a constant, so the caller's tensor never got its gradient
+    ({"token_weight": torch.ones(6, requires_grad=True)}, "token_weight requires grad, but it is a constant"),
     ({"softcap": 0.0}, "softcap must be None or a positive finite number .* got 0.0"),
     ({"softcap": float("inf")}, "softcap must be None or a positive finite number .* got inf"),
     ({"softcap": True}, "softcap must be None or a positive finite number .* got True"),

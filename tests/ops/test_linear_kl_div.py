@@ -111,6 +111,20 @@ def test_words_masked_by_a_bias_of_minus_inf(backend, shared):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_reference_gives_a_nan_loss(backend):
+    """NaN in the reference's logits (a diverged or overflowed reference model) makes P NaN: its tokens' KL is NaN
+    on every backend and in the float64 reference, as the Triton kernels gave; the torch path and the reference
+    counted NaN p as a word without mass (0), a silent KL of 0 for those tokens."""
+    hidden, weight, ref_hidden, ref_weight, _ = make_inputs(5, 16, 37, device=device_for(backend))
+    ref_hidden = ref_hidden.clone()
+    ref_hidden[2, 0] = float("nan")
+    out = fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, reduction="none", backend=backend)
+    ref = linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, reduction="none")
+    for kl in (out, ref):
+        assert kl[2].isnan() and torch.isfinite(kl[[0, 1, 3, 4]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_shared_bias_with_own_weights(backend):
     """ref_bias the policy's bias tensor itself (which requires grad) while the weights differ: the bias gets the
     gradient of Q's logits only, P's use of the same tensor is a constant."""
@@ -325,6 +339,8 @@ def test_matches_reference_bf16_on_the_triton_backend(shape, shared):
     (lambda a: {**a, "mask": torch.ones(6)}, "mask must have dtype"),
     (lambda a: {**a, "mask": torch.ones(5, dtype=torch.bool)}, "mask must have shape \\[6\\]"),
     (lambda a: {**a, "token_weight": torch.ones(7)}, "token_weight must have shape \\[6\\]"),
+    (lambda a: {**a, "token_weight": torch.ones(6, requires_grad=True)}, "token_weight requires grad"),  # was silent
+    (lambda a: {**a, "mask": torch.ones(6, dtype=torch.bool).to_sparse()}, "mask must be a dense \\(strided\\)"),
     (lambda a: {**a, "reduction": "batchmean"}, "reduction must be one of"),
     (lambda a: {**a, "softcap": -30.0}, "softcap must be None or a positive finite number .* got -30.0"),
     (lambda a: {**a, "weight": a["weight"][:0], "ref_weight": a["ref_weight"][:0]},

@@ -308,6 +308,11 @@ def test_rain_gz_output_is_a_usage_error(rain_setup, monkeypatch, capsys):
     (["--parallel-leaves", "0"], "parallel_leaves"),
     (["--limit", "-1"], "--limit"),                       # would silently drop the last prompt
     (["--concurrency", "0"], "--concurrency"),
+    # were tracebacks once the model had loaded: "max_tokens: expected a positive int", "Expected one of cpu, cuda,
+    # ... device type at start of device string", "Torch not compiled with CUDA enabled"
+    (["--kv-tokens", "0"], "--kv-tokens must be >= 1, got 0"),
+    (["--device", "bogus"], "--device: cannot use 'bogus'"),
+    (["--device", "cuda:99"], "--device: cannot use 'cuda:99'"),
     (["--labels", "A"], "labels"),
     (["--system", "Be brief."], "--system is a turn of the chat template: it needs --template chat"),
     (["--template", "chat"], "--template chat: the tokenizer"),                # this one has no chat template
@@ -436,7 +441,9 @@ def test_rain_config_file_sets_every_constant_and_options_override_it(rain_setup
     ("judge:\n  harmles: x\n", "judge: unknown setting(s) ['harmles']"),
     ("judge: [A, B]\n", ": judge: expected a mapping of setting names to values, got list (the JudgePrompt"),
     ("judge:\n  1: x\n", ": judge: setting names must be text, got [1]"),
-    ("exploration: lots\n", "a setting has the wrong type"),
+    # was "a setting has the wrong type: '>=' not supported between instances of 'str' and 'int'", naming none
+    ("exploration: lots\n", "RainConfig: exploration must be a number, got 'lots'"),
+    ("early_stop_fresh_visits: .nan\n", "early_stop_fresh_visits must be an integer, got nan"),  # never stopped early
     ("token_set_lengths: [1, 2.5]\n", "token_set_lengths[1] must be an integer"),
     # wrong types crashed with a traceback, failed every prompt after the model loaded, or were misread
     ("turn_marker: 5\n", "turn_marker must be a text, got 5"),

@@ -388,6 +388,9 @@ def test_bad_prompts_and_failures_stay_with_their_prompt():
     assert sorted(r.index for r in seen) == [0, 1, 2, 3, 4, 5]
     with pytest.raises(TypeError, match="single string"):    # not searched character by character
         rain_generate(model, tok, PROMPTS[0], judge_prompt=SHORT_JUDGE, embedding="hidden")
+    for concurrency in (0, "8", 2.5, True):   # "8" raised a bare TypeError; 2.5 and True were taken
+        with pytest.raises(ValueError, match=f"concurrency must be an integer >= 1, got {concurrency!r}"):
+            rain_generate(model, tok, PROMPTS, judge_prompt=SHORT_JUDGE, embedding="hidden", concurrency=concurrency)
 
 
 def test_results_and_errors_name_prompts_by_the_given_indices():

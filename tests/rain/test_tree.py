@@ -202,6 +202,18 @@ def test_config_validation_and_lengths():
     (dict(token_set_lengths=(1, 2.5)), "token_set_lengths\\[1\\]"),   # a 2.5-token set ran past max_length
     (dict(candidates=2.5), "candidates"),
     (dict(widen_lone_child="no"), "widen_lone_child"),            # a quoted YAML 'no' is a true string
+    (dict(root_visits=math.inf), "root_visits"),                   # never reached: the search never committed
+    (dict(min_new_visits=2.5), "min_new_visits"),
+    (dict(early_stop_fresh_visits=math.nan), "early_stop_fresh_visits"),  # would never stop early
+    (dict(early_stop_fresh_visits="6"), "early_stop_fresh_visits"),       # every prompt failed in the search
+    # these raised TypeErrors naming no setting ('>=' not supported between instances of 'str' and 'int')
+    (dict(exploration="2"), "exploration"),
+    (dict(virtual_loss=None), "virtual_loss"),
+    (dict(similarity_threshold=[0.9]), "similarity_threshold"),
+    (dict(root_prior_mix=True), "root_prior_mix"),
+    (dict(initial_q_range=("-1", "1")), "initial_q_range\\[0\\]"),
+    (dict(initial_q_range=1.0), "initial_q_range"),
+    (dict(token_set_lengths=4), "token_set_lengths"),
 ])
 def test_config_rejects_constants_that_break_the_search_silently(bad, name):
     with pytest.raises(ValueError, match=f"RainConfig: {name}"):

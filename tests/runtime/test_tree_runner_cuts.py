@@ -106,8 +106,8 @@ def assert_extends_correctly(runner, model, parent):
     ([[1, 1], []], r"cuts\[0\]: expected increasing offsets"),
     ([[], [1]], r"cuts\[1\]: expected increasing offsets in \[1, 0\]"),
     ([[1.5], []], r"cuts\[0\]: expected a 1-D sequence of int offsets"),
-    ([[1], None], r"cuts\[1\]: expected a 1-D sequence of int offsets \(\[\] for none\), got None"),
-    ([[1], 2], r"cuts\[1\]: expected a 1-D sequence of int offsets \(\[\] for none\), got 2"),
+    ([[1], None], r"cuts\[1\]: expected a 1-D sequence of int offsets \(\[\] for none\), got NoneType"),
+    ([[1], 2], r"cuts\[1\]: expected a 1-D sequence of int offsets \(\[\] for none\), got int"),
     ("12", "cuts: expected one sequence of offsets per parent"),
 ])
 def test_bad_cuts_are_refused_and_leave_the_pool_as_it_was(cuts, message):

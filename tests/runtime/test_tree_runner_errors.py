@@ -433,3 +433,33 @@ def test_prefill_names_its_own_argument(name):
         with pytest.raises(ValueError, match=f"^token_ids: {message}"):
             runner.prefill(token_ids)
     assert runner.tree.span_ids() == [] and runner.num_free_blocks == runner.num_blocks
+
+
+def test_arguments_of_the_wrong_kind_are_named(runner, model):
+    """Were Python's and numpy's own errors, naming no argument: "'Span' object is not iterable" (one span where
+    extend takes a list), "'NoneType' object is not iterable", "setting an array element with a sequence" (a
+    ragged nested list) and, for a model that is not one, "'NoneType' object has no attribute 'parameters'"."""
+    root = runner.prefill([1, 2, 3])
+    before = snapshot(runner)
+    cases = [
+        (lambda: runner.extend(root, [[1]]), "parents: expected a sequence of parents, .* got Span"),
+        (lambda: runner.extend([root], None), "token_lists: expected one sequence of token ids per parent, got "
+                                              "NoneType"),
+        (lambda: runner.extend([root], [[[1], [2, 3]]]), "token_lists\\[0\\]: expected a non-empty 1-D sequence of "
+                                                         "int token ids, got shape \\[2\\] of object"),
+        (lambda: runner.prefill([[1], [2, 3]]), "token_ids: expected a non-empty 1-D sequence of int token ids"),
+        (lambda: runner.extend([root], [[1, 2]], cuts=[1]), "cuts\\[0\\]: expected a 1-D sequence of int offsets .*, "
+                                                            "got int"),
+        (lambda: runner.extend([root], [[1, 2]], cuts=5), "cuts: expected one sequence of offsets per parent"),
+        (lambda: runner.release(None), "spans: expected a Span or an iterable of Spans, got NoneType"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert snapshot(runner) == before
+    assert_still_correct(runner, model, root)
+    with pytest.raises(ValueError, match="model: expected a loaded Hugging Face causal LM .* got NoneType"):
+        TreeRunner(None, max_tokens=64)
+    for flag in ("fallback", "cascade_attention"):  # a string such as "no" counted as True
+        with pytest.raises(ValueError, match=f"{flag}: expected True or False, got 'no'"):
+            TreeRunner(model, max_tokens=64, **{flag: "no"})

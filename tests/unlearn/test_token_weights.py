@@ -57,6 +57,23 @@ def test_bad_masks_are_named(forget, mismatch, message):
         fastalign.unlearning_token_weights(forget, mismatch)
 
 
+@pytest.mark.parametrize("weights,message", [
+    # were silent: NaN or inf weights on every answer token, a text read as its number, True as 1
+    (dict(forget_weight=float("nan")), "forget_weight must be a finite number >= 0, got nan"),
+    (dict(mismatch_weight=float("inf")), "mismatch_weight must be a finite number >= 0, got inf"),
+    (dict(forget_weight="0.5"), "forget_weight must be a finite number >= 0, got '0.5'"),
+    (dict(mismatch_weight=True), "mismatch_weight must be a finite number >= 0, got True"),
+    (dict(forget_weight=-0.5), "forget_weight must be a finite number >= 0"),   # ascent would become descent
+    # were float()'s errors, naming no argument
+    (dict(forget_weight=None), "forget_weight must be a finite number >= 0, got None"),
+    (dict(mismatch_weight=1j), "mismatch_weight must be a finite number >= 0, got 1j"),
+])
+def test_bad_weights_are_named(weights, message):
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match=message):
+        fastalign.unlearning_token_weights(mask, mask, **weights)
+
+
 def test_default_weights_are_the_spec_ones():
     """Defaults w_fgt = 0.5, w_rdn = 1.0 (SPEC §1)."""
     mask = torch.tensor([[True, True]])

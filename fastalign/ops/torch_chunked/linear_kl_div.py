@@ -30,8 +30,8 @@ def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, softcap=None
         ref_lse[rows] = torch.logsumexp(log_p, dim=1)
         log_q -= lse[rows, None]
         log_p -= ref_lse[rows, None]
-        # words P gives no mass (a bias of -inf) add 0 log 0 = 0, not 0 * inf = NaN
-        kl[rows] = torch.where(log_p > float("-inf"), log_p.exp() * (log_p - log_q), 0.0).sum(1)
+        # words P gives no mass (a bias of -inf) add 0 log 0 = 0, not 0 * inf = NaN; a NaN p stays NaN
+        kl[rows] = torch.where(log_p == float("-inf"), 0.0, log_p.exp() * (log_p - log_q)).sum(1)
     return kl, lse, ref_lse
 
 
