@@ -51,7 +51,8 @@ def test_git_commit_is_the_short_commit_marked_dirty_only_with_changes(monkeypat
 
 
 def test_failure_row_names_the_error_type_or_out_of_memory():
-    assert harness.failure_row("fused", ValueError("bad shape")) == {"method": "fused", "error": "ValueError: bad shape"}
+    assert harness.failure_row("fused", ValueError("bad shape")) == {"method": "fused",
+                                                                     "error": "ValueError: bad shape"}
     assert harness.failure_row("eager", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")) == \
         {"method": "eager", "error": "out of memory"}
     assert len(harness.failure_row("x", RuntimeError("y" * 1000))["error"]) == 300

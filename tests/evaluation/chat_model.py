@@ -8,7 +8,8 @@ from fastalign.evaluation.generation import encode_prompts
 from fastalign.evaluation.prompts import chat_prompt
 from tests.evaluation.conftest import tiny_llama
 
-BOS, EOS, START, END, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+START, END, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
 # Llama-3-Instruct's template, without its date lines
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}" + START + "{{ m['role'] }}" + END + "\n\n"
                  "{{ m['content'] | trim }}" + EOT + "{% endfor %}"

@@ -179,7 +179,8 @@ def sentencepiece_model():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    pieces = ["<unk>", "<s>", "</s>"] + ["▁" + w for w in "### Question: Answer: how do I bake a cake sure it is".split()]
+    words = "### Question: Answer: how do I bake a cake sure it is".split()
+    pieces = ["<unk>", "<s>", "</s>"] + ["▁" + w for w in words]
     core = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")

@@ -88,9 +88,9 @@ from fastalign.kernels.paged_attention import _merge_splits_kernel, _paged_atten
 from tests.kernels.gpu_build import build_for_gpu, check_build
 
 # decode with split keys; a long bf16 prefill, also of heads wider than 128; the two cascade passes (shared
-# blocks without causal mask, then each row from the first key after its group's prefix); an fp32 extension with a group of 7 and
-# head_dim 96 (for tests, not tuned). The tiles come from shapes alone, with no fallback: the 16-bit ones must
-# also fit an A100's and an L4's (sm_89) block.
+# blocks without causal mask, then each row from the first key after its group's prefix); an fp32 extension with a
+# group of 7 and head_dim 96 (for tests, not tuned). The tiles come from shapes alone, with no fallback: the 16-bit
+# ones must also fit an A100's and an L4's (sm_89) block.
 for dtype, itemsize, tokens, rows, group, head_dim, prefix_pass, suffix_pass, partial in (
         ("bf16", 2, 8, 8, 4, 64, False, False, True),
         ("bf16", 2, 4096, 1, 4, 128, False, False, False),

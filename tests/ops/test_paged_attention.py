@@ -257,7 +257,8 @@ def test_write_kv_into_non_contiguous_cache_view():
 def test_write_kv_then_attention_equals_dense_causal_attention():
     """End to end: prefill a sequence through write_kv at scattered slots, then attend."""
     seq_len, block_size, heads, kv_heads, dim = 11, 4, 4, 2, 16
-    k_cache, v_cache = torch.full((6, block_size, kv_heads, dim), float("nan")), torch.zeros(6, block_size, kv_heads, dim)
+    k_cache = torch.full((6, block_size, kv_heads, dim), float("nan"))
+    v_cache = torch.zeros(6, block_size, kv_heads, dim)
     table = torch.tensor([[5, 1, 3]], dtype=torch.int32)
     k, v, q = torch.randn(seq_len, kv_heads, dim), torch.randn(seq_len, kv_heads, dim), torch.randn(seq_len, heads, dim)
     slots = torch.tensor([int(table[0, p // block_size]) * block_size + p % block_size for p in range(seq_len)])

@@ -206,7 +206,8 @@ def test_rain_resumes_after_a_kill_tore_the_last_record(rain_setup, tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ('{"prompt": "Human: Hi\\nAssistant:"}\n{"prompt": \n', "row 2: not valid JSON"),
-    ('{"prompt": "Human: Hi\\nAssistant:"}\n{"prompt": 3}\n', "line 2: field 'prompt' must be a non-empty string, got 3"),
+    ('{"prompt": "Human: Hi\\nAssistant:"}\n{"prompt": 3}\n',
+     "line 2: field 'prompt' must be a non-empty string, got 3"),
     ('{"text": "Human: Hi\\nAssistant:"}\n', "line 1: expected an object with field 'prompt'"),
 ])
 def test_rain_bad_prompts_file_is_a_usage_error_naming_the_line(rain_setup, tmp_path, capsys, content, message):

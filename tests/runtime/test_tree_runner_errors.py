@@ -72,7 +72,8 @@ def test_bad_tokens_are_refused(runner, model):
         (2, [[1], [VOCAB]], f"token_lists\\[1\\]: token id {VOCAB} is outside the vocabulary \\[0, {VOCAB}\\)"),
         (1, [[-1]], "token_lists\\[0\\]: token id -1 is outside the vocabulary"),
         (1, [[]], "token_lists\\[0\\]: expected a non-empty 1-D sequence of int token ids"),
-        (1, [[1.5]], "token_lists\\[0\\]: expected a non-empty 1-D sequence of int token ids, got shape \\[1\\] of float64"),
+        (1, [[1.5]], "token_lists\\[0\\]: expected a non-empty 1-D sequence of int token ids, got shape \\[1\\] of "
+                     "float64"),
         (1, [[[1, 2]]], "token_lists\\[0\\]: expected a non-empty 1-D sequence"),
         (1, [[1], [2]], "token_lists: expected 1 lists \\(one per parent\\), got 2"),
         (2, "ab", "token_lists: expected one sequence of token ids per parent"),
