@@ -52,3 +52,10 @@ def refuse_double_backward(op):
     come out silently wrong: refuse it by name instead."""
     if torch.is_grad_enabled():
         raise RuntimeError(f"{op} is not twice differentiable: backpropagate through it without create_graph=True")
+
+
+def graph_break(op):
+    """torch.compiler.disable for a fused op, with the reason a fullgraph=True caller's error gives (else 'None')."""
+    return torch.compiler.disable(reason=f"{op} runs outside the compiled graph (one graph break): dynamo cannot "
+                                         "trace its data-dependent row gather and kernel launches; compile the "
+                                         "caller without fullgraph=True")

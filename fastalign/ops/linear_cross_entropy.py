@@ -5,7 +5,7 @@ them and recompute them in the backward pass from the saved per-token logsumexp.
 """
 import torch
 
-from .backend import launcher_context, refuse_double_backward, require_triton_dtype, select_backend
+from .backend import graph_break, launcher_context, refuse_double_backward, require_triton_dtype, select_backend
 from .checks import (check_bias, check_linear, check_per_token, check_reduction, check_softcap, check_tensor,
                      is_integer, FLOAT_DTYPES)
 from .token_rows import TokenRows
@@ -53,7 +53,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 None if d_bias is None else d_bias.to(bias.dtype)) + (None,) * 6
 
 
-@torch.compiler.disable
+@graph_break("linear_cross_entropy")
 def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None, ignore_index=-100,
                          reduction="mean", softcap=None, backend="auto"):
     """Token-weighted cross-entropy of the logits `hidden @ weight.T + bias`, without materialising them.

@@ -6,7 +6,7 @@ weight.T + bias) the policy. Neither [tokens x vocab] distribution is held in me
 """
 import torch
 
-from .backend import launcher_context, refuse_double_backward, require_triton_dtype, select_backend
+from .backend import graph_break, launcher_context, refuse_double_backward, require_triton_dtype, select_backend
 from .checks import (check_bias, check_linear, check_per_token, check_reduction, check_softcap, check_tensor,
                      FLOAT_DTYPES)
 from .token_rows import TokenRows
@@ -62,7 +62,7 @@ class LinearKLDivFunction(torch.autograd.Function):
                 None if d_bias is None else d_bias.to(bias.dtype)) + (None,) * 8
 
 
-@torch.compiler.disable
+@graph_break("linear_kl_div")
 def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, token_weight=None, mask=None,
                   reduction="mean", softcap=None, backend="auto"):
     """Token-weighted forward KL(P_t || Q_t) per token, without materialising either distribution.

@@ -180,6 +180,16 @@ def test_inside_a_compiled_caller(backend):
         assert_rel_close(name, got, want, REL_TOL[torch.float32])
 
 
+def test_fullgraph_compile_is_refused_with_the_reason():
+    """fullgraph=True cannot hold the op's graph break: dynamo's error says why (it said 'reason: None' and
+    hinted at removing fastalign's decorator)."""
+    hidden, weight, target, _ = make_inputs(6, 16, 37)
+    caller = torch.compile(lambda h, w: fastalign.linear_cross_entropy(h, w, target, backend="torch"),
+                           backend="eager", fullgraph=True)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="linear_cross_entropy runs outside the compiled graph"):
+        caller(hidden, weight)
+
+
 def test_torch_backend_across_chunk_boundaries(monkeypatch):
     monkeypatch.setattr(chunking, "CHUNK_BYTES", 3 * 4 * 131)  # 3 rows of V=131 fp32 logits per chunk
     hidden, weight, target, extra = make_inputs(14, 24, 131, bias=True, weighted=True)

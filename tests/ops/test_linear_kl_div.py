@@ -240,6 +240,15 @@ def test_inside_a_compiled_caller(backend):
         assert_rel_close(name, got, want, REL_TOL[torch.float32])
 
 
+def test_fullgraph_compile_is_refused_with_the_reason():
+    """fullgraph=True cannot hold the op's graph break: dynamo's error says why (it said 'reason: None')."""
+    hidden, weight, ref_hidden, ref_weight, _ = make_inputs(6, 16, 37)
+    caller = torch.compile(lambda h, w: fastalign.linear_kl_div(h, w, ref_hidden, ref_weight, backend="torch"),
+                           backend="eager", fullgraph=True)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="linear_kl_div runs outside the compiled graph"):
+        caller(hidden, weight)
+
+
 def test_torch_backend_across_chunk_boundaries(monkeypatch):
     monkeypatch.setattr(chunking, "CHUNK_BYTES", 3 * 4 * 2 * 131)  # 3 rows of both heads' logits per chunk
     inputs = make_inputs(14, 24, 131, weighted=True, bias=True)
