@@ -14,6 +14,7 @@ weight used inside their forward (sharding.head_weight gathers it if FSDP gave t
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -74,6 +75,10 @@ class UnlearningObjective(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, weights: LossWeights = LossWeights(), reference=None,
                  backend: str = "auto"):
         super().__init__()
+        if hasattr(model, "_orig_mod"):  # torch.compile(model): its forward, which the objective never calls
+            warnings.warn("the objective runs the model's decoder and lm_head, not the compiled model's forward, so "
+                          "torch.compile(model) compiles nothing it runs: compile the decoder instead "
+                          "(model.model = torch.compile(model.model))", stacklevel=2)
         check_fused_logits(model)  # fail now, not at the first step, on a model the fused losses cannot serve
         self.model, self.weights, self.reference, self.backend = model, weights, reference, backend
         # read once (they inspect the model's source); the reference shares them

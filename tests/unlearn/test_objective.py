@@ -1,5 +1,6 @@
 """UnlearningObjective against SPEC §1 computed per sequence from full logits, for each reference mode."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -364,6 +365,18 @@ def test_logits_the_fused_losses_do_not_reproduce_are_refused(case, monkeypatch)
     name = type(model).__name__
     with pytest.raises(NotImplementedError, match=f"{name}: its logits are not its lm_head's weight applied to "
                                                   "the final hidden states"):
+        UnlearningObjective(model)
+
+
+def test_a_compiled_model_is_warned_of():
+    """torch.compile(model) compiles the model's forward, which the objective never calls (it runs the decoder and
+    the lm_head): training ran uncompiled, silently. The decoder compiled in place is what serves."""
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    with pytest.warns(UserWarning, match=r"compiles nothing it runs: compile the decoder instead"):
+        UnlearningObjective(torch.compile(model, backend="eager"))
+    model.model = torch.compile(model.model, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         UnlearningObjective(model)
 
 
