@@ -26,12 +26,16 @@ def _describe(t):
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def check_tensor(name, t, *, ndim, dtypes=None, like=None):
-    """`t` is a tensor of rank `ndim`, with a dtype in `dtypes` and on the device of `like`."""
+def _check_dense(name, t):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+
+
+def check_tensor(name, t, *, ndim, dtypes=None, like=None):
+    """`t` is a dense tensor of rank `ndim`, with a dtype in `dtypes` and on the device of `like`."""
+    _check_dense(name, t)
     if t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimension(s), got {_describe(t)}")
     if dtypes is not None and t.dtype not in dtypes:
@@ -39,6 +43,28 @@ def check_tensor(name, t, *, ndim, dtypes=None, like=None):
         raise TypeError(f"{name} must have dtype in ({names}), got {_describe(t)}")
     if like is not None and t.device != like.device:
         raise ValueError(f"{name} must be on {like.device} like the hidden states, got {_describe(t)}")
+
+
+def token_dims(name, hidden):
+    """The tokens' shape of hidden [..., H]: its leading dimensions (a model's [B, T, H] hidden states have [B, T])."""
+    _check_dense(name, hidden)
+    if hidden.dim() < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions ([..., H]: the tokens, then H), got "
+                         f"{_describe(hidden)}")
+    return hidden.shape[:-1]
+
+
+def as_rows(name, t, tokens, *, width=None):
+    """An optional tensor with one entry per token of hidden (shape `tokens`, its leading dimensions), or with
+    `width` named, one row per token ([*tokens, width]), flattened over the tokens: the ops compute on rows."""
+    if t is None:
+        return None
+    _check_dense(name, t)
+    if t.dim() != len(tokens) + (width is not None) or t.shape[:len(tokens)] != tokens:
+        expected = list(tokens) + ([] if width is None else [width])
+        raise ValueError(f"{name} must have shape [{', '.join(map(str, expected))}] (one entry per token of hidden), "
+                         f"got {_describe(t)}")
+    return t.reshape(math.prod(tokens), *t.shape[len(tokens):])
 
 
 def check_linear(hidden_name, hidden, weight_name, weight):

@@ -6,8 +6,8 @@ them and recompute them in the backward pass from the saved per-token logsumexp.
 import torch
 
 from .backend import graph_break, launcher_context, refuse_double_backward, require_triton_dtype, select_backend
-from .checks import (check_bias, check_linear, check_per_token, check_reduction, check_softcap, check_tensor,
-                     is_integer, FLOAT_DTYPES)
+from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
+                     check_tensor, is_integer, token_dims, FLOAT_DTYPES)
 from .token_rows import TokenRows
 
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -58,23 +58,25 @@ def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None
                          reduction="mean", softcap=None, backend="auto"):
     """Token-weighted cross-entropy of the logits `hidden @ weight.T + bias`, without materialising them.
 
-    hidden [N, H], weight [V, H], target [N] (integer; ignore_index marks tokens that carry no loss),
-    token_weight [N] float of any sign (default 1; a constant: one that requires grad is refused), bias [V].
+    hidden [..., H] (e.g. a model's [B, T, H], or rows [N, H]), weight [V, H], target [...] (integer, hidden's
+    leading shape; ignore_index marks tokens that carry no loss), token_weight [...] float of any sign (default 1;
+    a constant: one that requires grad is refused), bias [V].
     Per token CE_t = logsumexp(z_t) - z_t[y_t]; with softcap c, z = c * tanh((hidden @ weight.T + bias) / c), the
     logits of a model with final_logit_softcapping = c (Gemma 2 and 3).
     reduction: "sum" = sum_t w_t CE_t; "mean" = that sum / number of non-ignored tokens (0 if none);
-    "none" = the [N] vector w_t CE_t (0 at ignored tokens). The result is float32 (float64 for float64
+    "none" = w_t CE_t of shape [...] (0 at ignored tokens). The result is float32 (float64 for float64
     inputs) whatever the input dtype; ignored and zero-weight tokens never reach the matmul. An enclosing
     autocast does not apply inside (cast the inputs to follow it); there is no second derivative. torch.compile
     runs it as it is (one graph break): dynamo cannot trace its data-dependent row gather and kernel launches,
     and tracing into them crashed under the Triton interpreter.
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
     """
+    tokens = token_dims("hidden", hidden)
+    hidden, target = as_rows("hidden", hidden, tokens, width="H"), as_rows("target", target, tokens)
+    token_weight = as_rows("token_weight", token_weight, tokens)
     check_linear("hidden", hidden, "weight", weight)
     n, vocab = hidden.shape[0], weight.shape[0]
     check_tensor("target", target, ndim=1, dtypes=INTEGER_DTYPES, like=hidden)
-    if target.shape[0] != n:
-        raise ValueError(f"target must have shape [{n}] (one per row of hidden), got shape {tuple(target.shape)}")
     if not is_integer(ignore_index):
         raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
     if not -2 ** 63 <= ignore_index < 2 ** 63:
@@ -91,5 +93,6 @@ def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None
         raise ValueError(f"target values must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {bad}")
     launcher = select_backend("linear_cross_entropy", backend, hidden.device)
     require_triton_dtype(launcher, "hidden", hidden)
-    return LinearCrossEntropyFunction.apply(hidden, weight, bias, target, token_weight, ignore_index, reduction,
+    loss = LinearCrossEntropyFunction.apply(hidden, weight, bias, target, token_weight, ignore_index, reduction,
                                             None if softcap is None else float(softcap), launcher)
+    return loss.reshape(tokens) if reduction == "none" else loss

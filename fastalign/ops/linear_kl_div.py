@@ -7,8 +7,8 @@ weight.T + bias) the policy. Neither [tokens x vocab] distribution is held in me
 import torch
 
 from .backend import graph_break, launcher_context, refuse_double_backward, require_triton_dtype, select_backend
-from .checks import (check_bias, check_linear, check_per_token, check_reduction, check_softcap, check_tensor,
-                     FLOAT_DTYPES)
+from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
+                     check_tensor, token_dims, FLOAT_DTYPES)
 from .token_rows import TokenRows
 
 
@@ -67,28 +67,31 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
                   reduction="mean", softcap=None, backend="auto"):
     """Token-weighted forward KL(P_t || Q_t) per token, without materialising either distribution.
 
-    hidden [N, H], weight [V, H] and bias [V] give the policy Q = softmax(hidden @ weight.T + bias); ref_hidden
-    [N, H_ref], ref_weight [V, H_ref] and ref_bias [V] the frozen reference P = softmax(ref_hidden @ ref_weight.T +
-    ref_bias) (never differentiated; ref_weight may be `weight` itself and ref_bias `bias` itself, one frozen
-    lm_head shared by both models). Each bias is optional (None: no bias) and has its head's dtype.
-    token_weight [N] float (default 1; a constant: one that requires grad is refused); mask [N] bool, True where a token
-    counts. softcap c: both heads' biased logits are soft-capped, c * tanh(z / c), as a model with
-    final_logit_softcapping = c (Gemma 2 and 3) computes them.
-    reduction: "sum" = sum_t w_t KL_t over counted tokens; "mean" = that sum / number of counted tokens
-    (0 if none); "none" = the [N] vector (0 at masked-out tokens). Result float32 (float64 for float64 inputs).
+    hidden [..., H] (e.g. a model's [B, T, H], or rows [N, H]), weight [V, H] and bias [V] give the policy
+    Q = softmax(hidden @ weight.T + bias); ref_hidden [..., H_ref] (hidden's leading shape), ref_weight [V, H_ref]
+    and ref_bias [V] the frozen reference P = softmax(ref_hidden @ ref_weight.T + ref_bias) (never differentiated;
+    ref_weight may be `weight` itself and ref_bias `bias` itself, one frozen lm_head shared by both models). Each
+    bias is optional (None: no bias) and has its head's dtype. token_weight [...] float (default 1; a constant: one
+    that requires grad is refused); mask [...] bool, True where a token counts. softcap c: both heads' biased
+    logits are soft-capped, c * tanh(z / c), as a model with final_logit_softcapping = c (Gemma 2 and 3) computes
+    them. reduction: "sum" = sum_t w_t KL_t over counted tokens; "mean" = that sum / number of counted tokens
+    (0 if none); "none" = w_t KL_t of shape [...] (0 at masked-out tokens). Result float32 (float64 for float64
+    inputs).
     Gradients flow to hidden, weight and bias. An enclosing autocast does not apply inside (cast the inputs to
     follow it); there is no second derivative. torch.compile runs it as it is (one graph break): dynamo cannot
     trace its data-dependent row gather and kernel launches, and tracing into them crashed under the Triton
     interpreter.
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
     """
+    tokens = token_dims("hidden", hidden)
+    hidden, ref_hidden = as_rows("hidden", hidden, tokens, width="H"), as_rows("ref_hidden", ref_hidden, tokens,
+                                                                               width="H_ref")
+    token_weight, mask = as_rows("token_weight", token_weight, tokens), as_rows("mask", mask, tokens)
     check_linear("hidden", hidden, "weight", weight)
     # ref_hidden against hidden first: check_linear checks ref_weight against ref_hidden, and would name ref_weight
     check_tensor("ref_hidden", ref_hidden, ndim=2, dtypes=FLOAT_DTYPES, like=hidden)
     check_linear("ref_hidden", ref_hidden, "ref_weight", ref_weight)
     n = hidden.shape[0]
-    if ref_hidden.shape[0] != n:
-        raise ValueError(f"ref_hidden must have {n} rows like hidden, got shape {tuple(ref_hidden.shape)}")
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"ref_weight must have the vocabulary size of weight ({weight.shape[0]} rows), got shape "
                          f"{tuple(ref_weight.shape)}")
@@ -101,5 +104,6 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     launcher = select_backend("linear_kl_div", backend, hidden.device)
     require_triton_dtype(launcher, "hidden", hidden)
     require_triton_dtype(launcher, "ref_hidden", ref_hidden)
-    return LinearKLDivFunction.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_weight, mask,
-                                     reduction, None if softcap is None else float(softcap), launcher)
+    kl = LinearKLDivFunction.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_weight, mask,
+                                   reduction, None if softcap is None else float(softcap), launcher)
+    return kl.reshape(tokens) if reduction == "none" else kl

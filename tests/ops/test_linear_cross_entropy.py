@@ -260,11 +260,36 @@ def test_matches_reference_half_precision_on_the_triton_backend(shape, dtype):
     check_against_reference(hidden, weight, target, extra, "mean", "triton", REL_TOL[dtype])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_models_batch_of_sequences_is_taken_as_it_is(backend, reduction):
+    """hidden [B, T, H] and target [B, T] (a model's outputs, shifted by slicing: not contiguous), token_weight
+    [B, T]: the loss of their rows ([B, T] for "none"), and gradients in the inputs' own shapes."""
+    device = device_for(backend)
+    states = torch.randn(3, 6, 16, device=device, requires_grad=True)
+    weight = (torch.randn(37, 16, device=device) / 4).requires_grad_()
+    labels = torch.randint(0, 37, (3, 6), device=device)
+    labels[0, 2] = -100
+    hidden, target, token_weight = states[:, :-1], labels[:, 1:], torch.randn(3, 5, device=device)
+    out = fastalign.linear_cross_entropy(hidden, weight, target, token_weight=token_weight, reduction=reduction,
+                                         backend=backend)
+    ref = linear_cross_entropy_reference(hidden.reshape(15, 16), weight, target.reshape(15),
+                                         token_weight=token_weight.reshape(15), reduction=reduction)
+    assert out.shape == ((3, 5) if reduction == "none" else ())
+    assert_rel_close("loss", out, ref.reshape(out.shape), REL_TOL[torch.float32])
+    seed = torch.randn(out.shape, device=device)
+    for name, got, want in zip(["d_states", "d_weight"], grads_of(out, [states, weight], seed),
+                               grads_of(ref, [states, weight], seed.reshape(ref.shape))):
+        assert_rel_close(name, got, want, REL_TOL[torch.float32])
+
+
 BAD_INPUTS = [
-    (lambda h, w, t: (h[0], w, t), "hidden must have 2 dimension"),
+    (lambda h, w, t: (h[0], w, t), "hidden must have at least 2 dimensions \\(\\[..., H\\]"),
     (lambda h, w, t: (h, w[:, :-1], t), "weight must be \\[V, H\\] with H"),
     (lambda h, w, t: (h, w.double(), t), "weight must have the dtype of hidden"),
     (lambda h, w, t: (h, w, t[:-1]), "target must have shape \\[6\\]"),
+    (lambda h, w, t: (h.view(2, 3, 16), w, t), "target must have shape \\[2, 3\\] \\(one entry per token of hidden\\)"),
+    (lambda h, w, t: (h, w, t.view(6, 1)), "target must have shape \\[6\\]"),
     (lambda h, w, t: (h, w, t.float()), "target must have dtype"),
     (lambda h, w, t: (h, w, torch.full_like(t, 37)), "target values must lie in \\[0, 37\\)"),
     (lambda h, w, t: (h, w, torch.full_like(t, -5)), "found -5"),

@@ -336,8 +336,33 @@ def test_matches_reference_bf16_on_the_triton_backend(shape, shared):
     check_against_reference(*inputs, "mean", "triton", REL_TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_models_batch_of_sequences_is_taken_as_it_is(backend, reduction):
+    """hidden and ref_hidden [B, T, H] (sliced: not contiguous), token_weight and mask [B, T]: the KL of their rows
+    ([B, T] for "none"), and gradients in the inputs' own shapes."""
+    device = device_for(backend)
+    states = torch.randn(3, 6, 16, device=device, requires_grad=True)
+    weight = (torch.randn(37, 16, device=device) / 4).requires_grad_()
+    ref_states, ref_weight = torch.randn(3, 6, 24, device=device), torch.randn(37, 24, device=device) / 5
+    hidden, ref_hidden = states[:, :-1], ref_states[:, :-1]
+    extra = {"token_weight": torch.randn(3, 5, device=device), "mask": torch.rand(3, 5, device=device) > 0.3}
+    out = fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, reduction=reduction, backend=backend,
+                                  **extra)
+    ref = linear_kl_div_reference(hidden.reshape(15, 16), weight, ref_hidden.reshape(15, 24), ref_weight,
+                                  reduction=reduction, **{k: v.reshape(15) for k, v in extra.items()})
+    assert out.shape == ((3, 5) if reduction == "none" else ())
+    assert_rel_close("kl", out, ref.reshape(out.shape), REL_TOL[torch.float32])
+    seed = torch.randn(out.shape, device=device)
+    for name, got, want in zip(["d_states", "d_weight"], grads_of(out, [states, weight], seed),
+                               grads_of(ref, [states, weight], seed.reshape(ref.shape))):
+        assert_rel_close(name, got, want, REL_TOL[torch.float32])
+
+
 @pytest.mark.parametrize("change,message", [
-    (lambda a: {**a, "ref_hidden": a["ref_hidden"][:-1]}, "ref_hidden must have 6 rows"),
+    (lambda a: {**a, "ref_hidden": a["ref_hidden"][:-1]}, "ref_hidden must have shape \\[6, H_ref\\]"),
+    (lambda a: {**a, "hidden": a["hidden"].view(2, 3, 16)}, "ref_hidden must have shape \\[2, 3, H_ref\\]"),
+    (lambda a: {**a, "hidden": a["hidden"][0]}, "hidden must have at least 2 dimensions"),
     # was: "ref_weight must be on meta like the hidden states", naming the wrong argument and the wrong device
     (lambda a: {**a, "ref_hidden": a["ref_hidden"].to("meta")}, "ref_hidden must be on cpu like the hidden states"),
     (lambda a: {**a, "ref_hidden": a["ref_hidden"].to("meta"), "ref_weight": a["ref_weight"].to("meta")},
