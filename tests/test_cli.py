@@ -43,10 +43,13 @@ def test_help_shows_every_default_that_says_something(command, defaults, capsys)
 
 def test_python_dash_m_fastalign_runs_the_command():
     """`python -m fastalign ...` is the `fastalign` command where the package is importable but not installed
-    (no console script), as `python -m fastalign.demo` is `fastalign demo`."""
+    (no console script), as `python -m fastalign.demo` is `fastalign demo`, exiting with the command's status."""
     root = str(Path(fastalign.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-m", "fastalign", "demo", "--help"], capture_output=True, text=True,
                           env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: fastalign demo")
+    failed = subprocess.run([sys.executable, "-m", "fastalign", "rain", "--model", "no-such-model", "--prompts", "p",
+                             "--output", os.devnull], capture_output=True, text=True, env=env, timeout=120)
+    assert failed.returncode == 2 and "fastalign rain: error: --model: no model directory" in failed.stderr

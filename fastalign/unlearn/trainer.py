@@ -400,9 +400,10 @@ class UnlearningTrainer:
 
 
 def _save_model(model, directory: str, state_dict) -> None:
-    """model.save_pretrained, its generation config written as it is. transformers 5.17 refuses to save one that fails
-    its strict checks, as published configs often do (sampling flags such as temperature set without do_sample=True:
-    Vicuna's), so the run would fail at its end with no model saved; later releases save a config as loaded."""
+    """model.save_pretrained, its generation config written as it is. transformers refuses to save one that fails
+    its strict checks (sampling flags such as temperature set without do_sample=True): 5.17 one as loaded, as
+    published configs often are (Vicuna's), later releases one changed in memory; the run would fail at its end
+    with no model saved."""
     from transformers import GenerationConfig
     generation = getattr(model, "generation_config", None)
     if generation is None:  # a model that does not generate saves none

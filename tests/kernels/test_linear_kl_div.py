@@ -280,7 +280,10 @@ def test_half_precision_on_gpu_matches_float64(dtype, shared_weight, num_rows, h
 
 @requires_cuda
 def test_fp32_on_gpu_matches_float64():
-    check_against_reference(300, 264, 5003, torch.float32, tol=1e-4, ref_distance=1e-2, shared_weight=True,
+    """A close reference (KL ~1e-5), ill-conditioned as in test_fp32_reference_close_to_current_keeps_kl_digits: the
+    KL of fp32 logits, even rounded exactly, is up to 2e-4 off the float64 one here (the gradients as much), hence
+    1e-3; TF32 dots would put the KL ~0.2 off."""
+    check_against_reference(300, 264, 5003, torch.float32, tol=1e-3, ref_distance=1e-2, shared_weight=True,
                             bias="shared")
 
 

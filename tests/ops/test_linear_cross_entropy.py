@@ -111,7 +111,7 @@ def test_dropped_rows_never_reach_the_matmul(backend):
             assert torch.equal(g, w)
 
 
-@pytest.mark.parametrize("ignore_index", [0, -1])
+@pytest.mark.parametrize("ignore_index", [0, -1, -2 ** 63, 2 ** 63 - 1])  # int64's ends are accepted
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_custom_ignore_index(ignore_index, reduction):
     hidden, weight, target, extra = make_inputs(13, 24, 131, bias=True, weighted=True, ignored=0.0)
@@ -298,6 +298,8 @@ BAD_INPUTS = [
     # were errors deep in torch naming no argument ('unsupported memory format option Contiguous')
     (lambda h, w, t: (h.to_sparse(), w, t), "hidden must be a dense \\(strided\\) tensor, got layout torch.sparse_coo"),
     (lambda h, w, t: (h, w, t.to_sparse()), "target must be a dense \\(strided\\) tensor"),
+    (lambda h, w, t: (h, w.to_sparse_csr(), t), "weight must be a dense \\(strided\\) tensor, got layout "
+                                                "torch.sparse_csr"),
 ]
 
 
@@ -317,6 +319,7 @@ def test_bad_input_is_named(make_bad, message):
     ({"ignore_index": None}, "ignore_index must be an integer, got None"),  # was: 'bool' object has no attribute
     ({"ignore_index": -100.0}, "ignore_index must be an integer, got -100.0"),
     ({"ignore_index": 2 ** 70}, "ignore_index must fit in int64"),  # was: OverflowError: int too big to convert
+    ({"ignore_index": 2 ** 63}, "ignore_index must fit in int64 .* got 9223372036854775808"),
     # was silent: the loss treats token_weight as a constant, so the caller's tensor never got its gradient
     ({"token_weight": torch.ones(6, requires_grad=True)}, "token_weight requires grad, but it is a constant"),
     ({"softcap": 0.0}, "softcap must be None or a positive finite number .* got 0.0"),
@@ -328,6 +331,18 @@ def test_bad_options_are_named(kwargs, message):
     hidden, weight, target, _ = make_inputs(6, 16, 37)
     with pytest.raises((ValueError, TypeError), match=message):
         fastalign.linear_cross_entropy(hidden, weight, target, **kwargs)
+
+
+def test_a_token_weight_that_requires_grad_is_taken_under_no_grad():
+    """Refused only where autograd records the loss (its gradient would be lost silently); under torch.no_grad(),
+    as in an evaluation, nothing is differentiated and the weight is used as it is."""
+    hidden, weight, target, _ = make_inputs(6, 16, 37)
+    token_weight = torch.randn(6, requires_grad=True)
+    with torch.no_grad():
+        got = fastalign.linear_cross_entropy(hidden, weight, target, token_weight=token_weight, reduction="none")
+        want = fastalign.linear_cross_entropy(hidden, weight, target, token_weight=token_weight.detach(),
+                                              reduction="none")
+    assert torch.equal(got, want)
 
 
 def test_triton_backend_refuses_float64():

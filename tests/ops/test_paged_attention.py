@@ -287,13 +287,15 @@ BASE = dict(rows=[(9, 2), (6, 1)], block_size=4, num_heads=4, num_kv_heads=2, he
     (lambda b: dict(q=b["q"].double()), "q: expected dtype torch.float32"),
     (lambda b: dict(v_cache=b["v_cache"].half()), "v_cache: expected dtype"),
     (lambda b: dict(block_table=b["block_table"].long()), "block_table: expected shape .* of torch.int32"),
-    (lambda b: dict(block_table=b["block_table"][0]), "block_table: expected \\[R, max_blocks\\]"),
+    (lambda b: dict(block_table=b["block_table"][0]), "block_table: expected \\[R, max_blocks\\] int32, got \\[4\\]"),
     # were an AttributeError ('list' object has no attribute 'dim') and ZeroDivisionErrors deep in the checks, the
     # default scale and the kernels
     (lambda b: dict(block_table=b["block_table"].tolist()),
      "block_table: expected \\[R, max_blocks\\] int32, got list"),
     (lambda b: dict(k_cache=b["k_cache"][:, :0], v_cache=b["v_cache"][:, :0]),
      "k_cache: expected block_size, num_kv_heads and head_dim >= 1, got shape \\[7, 0, 2, 16\\]"),
+    (lambda b: dict(k_cache=b["k_cache"][:, :, :0], v_cache=b["v_cache"][:, :, :0]),
+     "k_cache: expected block_size, num_kv_heads and head_dim >= 1, got shape \\[7, 4, 0, 16\\]"),
     (lambda b: dict(q=b["q"][..., :0], k_cache=b["k_cache"][..., :0], v_cache=b["v_cache"][..., :0]),
      "k_cache: expected block_size, num_kv_heads and head_dim >= 1"),
     (lambda b: dict(q=b["q"][:, :0]), "q: num_heads 0 must be a positive multiple of k_cache's num_kv_heads 2"),

@@ -148,7 +148,8 @@ def test_rain_resume_refuses_records_of_other_prompts_or_settings(rain_setup, tm
     (tmp_path / "other.txt").write_text("Human: Something else?\\nAssistant:\n")
     assert main(args + ["--prompts", str(tmp_path / "other.txt")]) == 2
     assert "holds a record of another prompt at index 0" in capsys.readouterr().err
-    for run in (None, "a string"):  # a hand-edited record: refused by name (an AttributeError traceback before)
+    other_model = {**first["run"], "model": "/another/model"}
+    for run in (other_model, None, "a string"):  # the last two hand-edited: refused by name (AttributeError before)
         out.write_text(json.dumps({**first, "run": run}) + "\n")
         assert main(args) == 2
         assert f"holds records made with another model ({run}, now" in capsys.readouterr().err
@@ -621,3 +622,11 @@ def test_rain_labels_option_sets_the_judges_two_labels_over_the_config_file(tmp_
     base = ["rain", "--model", "m", "--hh", "h", "--output", "o", "--config", str(tmp_path / "rain.yaml")]
     assert settings(build_parser().parse_args(base))[1].labels == ("X", "Y")
     assert settings(build_parser().parse_args(base + ["--labels", "B,A"]))[1].labels == ("B", "A")
+
+
+def test_rain_smallest_kv_pool_runs_and_names_the_pool_when_it_is_too_small(rain_setup, capsys):
+    """--kv-tokens 1 is a pool the run takes (one block); too small for these prompts, each fails with a hint."""
+    _, out, args = rain_setup
+    assert main([a if a != "slow" else "tree" for a in args] + ["--kv-tokens", "1", "--no-vanilla"]) == 1
+    assert "a KV pool too small for them: raise --kv-tokens" in capsys.readouterr().err
+    assert len(out.read_text().splitlines()) == 2

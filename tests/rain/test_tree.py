@@ -186,6 +186,7 @@ def test_config_validation_and_lengths():
         RainConfig(candidates=0).validate()
     with pytest.raises(ValueError, match="token_set_lengths"):
         RainConfig(token_set_lengths=()).validate()
+    RainConfig(initial_q_range=[-1.0, 1.0], token_set_lengths=[1, 2]).validate()  # lists, as a YAML file gives
 
 
 
@@ -211,6 +212,11 @@ def test_config_validation_and_lengths():
     (dict(virtual_loss=None), "virtual_loss"),
     (dict(similarity_threshold=[0.9]), "similarity_threshold"),
     (dict(root_prior_mix=True), "root_prior_mix"),
+    (dict(q_norm_eps="0.5"), "q_norm_eps must be a number"),
+    (dict(similarity_weight="0.5"), "similarity_weight must be a number"),
+    (dict(widen_variance_per_token="0.5"), "widen_variance_per_token must be a number"),
+    (dict(widen_max_q="0.5"), "widen_max_q must be a number"),
+    (dict(early_stop_q="0.5"), "early_stop_q must be a number"),
     (dict(initial_q_range=("-1", "1")), "initial_q_range\\[0\\]"),
     (dict(initial_q_range=1.0), "initial_q_range"),
     (dict(token_set_lengths=4), "token_set_lengths"),

@@ -334,6 +334,20 @@ def test_a_model_in_training_mode_runs_without_dropout(name, train_from):
     torch.testing.assert_close(logits[0], expected, rtol=1e-4, atol=1e-4)
 
 
+def test_a_model_training_with_activation_checkpointing_runs_on_the_fallback():
+    """A model in training mode with activation checkpointing on (as the unlearning trainer leaves a policy) runs
+    its forward without a cache: the fallback's one-token probe must run it as in eval mode too, or it refuses the
+    model ("a one-token forward with a DynamicCache failed")."""
+    model = tiny_model("gpt2-fallback")
+    model.activation_checkpointing_enable()
+    model.train()
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    (child,), logits = runner.extend([runner.prefill([1, 2, 3])], [[5, 6]])
+    with torch.no_grad():
+        expected = model.eval()(torch.tensor([child.tokens])).logits[0, -1]
+    torch.testing.assert_close(logits[0], expected, rtol=1e-4, atol=1e-4)
+
+
 def test_max_tokens_rounds_up_to_whole_blocks():
     model = tiny_model("qwen2-untied")
     assert TreeRunner(model, max_tokens=65, block_size=4).num_blocks == 17

@@ -141,8 +141,9 @@ def test_a_model_the_run_cannot_serve_is_an_error_before_any_output(workspace, c
 def test_attn_implementation_chooses_the_models_attention(workspace, capsys):
     """--attn-implementation reaches from_pretrained (flash_attention_2 is the one the gpu extra serves); one that
     cannot load is an error naming the setting, before anything is written."""
-    for name, expected in ((None, "sdpa"), ("eager", "eager")):
-        config = UnlearnConfig(model=str(workspace / "model"), attn_implementation=name)
+    for name, expected in ((None, "sdpa"), ("eager", "eager")):  # None: left out, transformers' choice
+        attention = {} if name is None else {"attn_implementation": name}
+        config = UnlearnConfig(model=str(workspace / "model"), **attention)
         assert load_model_and_tokenizer(config)[0].config._attn_implementation == expected
     base = ["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
             "--no-progress"]

@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from fastalign.unlearn import models, objective
 from fastalign.unlearn.objective import LossWeights, UnlearningObjective
@@ -138,6 +139,24 @@ def cohere_with_biased_head(vocab_size):
     return model
 
 
+class LlamaScaledTwice(LlamaForCausalLM):
+    """A forward that applies two of the known multipliers (as a fork of Cohere and Granite might)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * self.config.logit_scale / self.config.logits_scaling
+        return out
+
+
+def llama_scaled_twice(vocab_size):
+    """Their product scales the logits: 0.3 z / 3."""
+    model = tiny_llama(vocab_size)
+    model.config.update({"logit_scale": 0.3, "logits_scaling": 3.0})
+    twice = LlamaScaledTwice(model.config).eval()
+    twice.load_state_dict(model.state_dict())
+    return twice
+
+
 TRANSFORMED_LOGITS = {  # how each model's logits come from F.linear(hidden, W, b) = z, with a bound on |logits|
     "gemma2-softcap": (lambda vocab: tiny_gemma2(vocab, softcap=0.5), 0.5),  # 0.5 tanh(z / 0.5)
     "cohere-logit-scale": (lambda vocab: tiny_cohere(vocab, logit_scale=0.3), None),  # 0.3 z
@@ -145,6 +164,7 @@ TRANSFORMED_LOGITS = {  # how each model's logits come from F.linear(hidden, W, 
     "granite-logits-scaling": (lambda vocab: tiny_granite(vocab, logits_scaling=3.0), None),  # z / 3
     "falcon-h1-lm-head-multiplier": (lambda vocab: tiny_falcon_h1(vocab, lm_head_multiplier=0.25), None),  # z / 4
     "llama-unread-settings": (llama_with_unread_settings, None),  # z
+    "two-multipliers": (llama_scaled_twice, None),  # 0.3 z / 3
 }
 
 
@@ -176,10 +196,10 @@ def test_transformed_logits_are_the_models_own(case):
         torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("value", [0.0, float("inf"), float("nan")])
+@pytest.mark.parametrize("value", [0.0, float("inf"), float("nan"), True, "4"])
 def test_a_logit_multiplier_that_is_not_a_finite_nonzero_number_is_refused(value):
     model = tiny_granite(len(byte_bpe_tokenizer()), logits_scaling=1.0)
-    model.config.logits_scaling = value
+    model.config.__dict__["logits_scaling"] = value  # past the config's own type check, as a remote-code config
     with pytest.raises(ValueError, match="GraniteForCausalLM: its config's logits_scaling must be a finite nonzero "
                                          "number, got"):
         UnlearningObjective(model)

@@ -1,11 +1,14 @@
-"""load_streams: which rows of the user's files feed which stream."""
+"""load_streams: which rows of the user's files feed which stream; load_model_and_tokenizer's errors."""
+import gzip
+import json
+
 import pytest
 
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.encoding import encode_answers
 from fastalign.unlearn.formats import load_truthfulqa
 from fastalign.unlearn.records import DataError
-from fastalign.unlearn.run import load_streams
+from fastalign.unlearn.run import load_model_and_tokenizer, load_streams
 from fastalign.unlearn.templates import TextTemplate
 from tests.unlearn.tiny import FORGET_ROWS, byte_bpe_tokenizer, write_jsonl, write_truthfulqa
 
@@ -36,10 +39,26 @@ def test_mismatch_pool_jsonl_must_hold_prompt_answer_rows(tmp_path):
         load_streams(config, byte_bpe_tokenizer())
 
 
-def test_truthfulqa_csv_with_an_upper_case_extension_is_read_as_csv(tmp_path):
-    """Windows tools write 'TruthfulQA.CSV': it was read as jsonl and refused as 'row 1: not valid JSON'."""
-    csv = write_truthfulqa(tmp_path / "TruthfulQA.CSV")
+@pytest.mark.parametrize("name", ["TruthfulQA.CSV", "TruthfulQA.csv.gz"])
+def test_truthfulqa_csv_with_an_upper_case_or_gz_extension_is_read_as_csv(tmp_path, name):
+    """Windows tools write 'TruthfulQA.CSV': it was read as jsonl and refused as 'row 1: not valid JSON'. A gzipped
+    csv is a csv too."""
+    csv = write_truthfulqa(tmp_path / "TruthfulQA.csv")
+    if name.endswith(".gz"):
+        (tmp_path / name).write_bytes(gzip.compress(csv.read_bytes()))
+    else:
+        csv.rename(tmp_path / name)
+    csv = tmp_path / name
     forget = write_jsonl(tmp_path / "forget.jsonl", FORGET_ROWS)
     config = UnlearnConfig(model="m", output_dir="o", forget=[str(forget)], normal=str(csv), max_length=64)
     streams = load_streams(config, byte_bpe_tokenizer())
     assert len(streams.normal) == 5 and streams.pool
+
+
+def test_a_model_transformers_cannot_build_is_not_blamed_on_the_attention_implementation(tmp_path):
+    """Without attn_implementation, from_pretrained's ValueError (here an architecture it does not know) is its own:
+    only a load that asked for an implementation names the setting."""
+    byte_bpe_tokenizer().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "nonsense"}))
+    with pytest.raises(ValueError, match="^(?!attn_implementation).*model type `nonsense`"):
+        load_model_and_tokenizer(UnlearnConfig(model=str(tmp_path), output_dir=str(tmp_path / "o")))

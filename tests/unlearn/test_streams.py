@@ -60,8 +60,8 @@ def test_check_context_bounds_every_row_a_batch_can_hold():
     streams.check_context(12)
     streams.check_context(None)
     with pytest.raises(DataError, match=r"forget \d with the longest mismatch pool answer: 12 tokens, more than "
-                                         r"the model's context \(max_position_embeddings=11\); set max_length to "
-                                         r"at most 11"):
+                                         r"the model's context \(max_position_embeddings=11\); set max_length "
+                                         r"\(--max-length\) to at most 11"):
         streams.check_context(11)
     make(mismatch_pool=[(7,) * 6], max_length=10).check_context(10)
     with pytest.raises(DataError, match=r"forget 5: 9 tokens"):

@@ -84,3 +84,10 @@ def test_masks_on_different_devices_are_refused():
     mask = torch.ones(1, 2, dtype=torch.bool)
     with pytest.raises(ValueError, match="forget_mask is on cpu but mismatch_mask on meta"):
         fastalign.unlearning_token_weights(mask, mask.to("meta"))
+
+
+def test_a_weight_of_zero_switches_its_stream_off():
+    """0 is a weight (>= 0, as SPEC's w_fgt and w_rdn): its stream's tokens get 0, the other stream keeps its own."""
+    mask = torch.tensor([[True, True]])
+    assert fastalign.unlearning_token_weights(mask, mask, forget_weight=0).tolist() == [0, 0, 0.5, 0.5]
+    assert fastalign.unlearning_token_weights(mask, mask, mismatch_weight=0.0).tolist() == [-0.25, -0.25, 0, 0]

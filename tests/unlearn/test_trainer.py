@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
 
 from fastalign.unlearn import checkpoint
 from fastalign.unlearn.batching import collate
@@ -210,9 +210,22 @@ def test_a_generation_config_that_sets_sampling_flags_without_do_sample_is_saved
     tiny_llama(len(byte_bpe_tokenizer())).save_pretrained(tmp_path / "published")
     flags = {"temperature": 0.6, "top_p": 0.9}
     (tmp_path / "published" / "generation_config.json").write_text(json.dumps(flags))
-    run(tmp_path, model=LlamaForCausalLM.from_pretrained(tmp_path / "published"), max_steps=1, grad_accum=1)
+    trainer, _ = run(tmp_path, model=LlamaForCausalLM.from_pretrained(tmp_path / "published"), max_steps=1,
+                     grad_accum=1)
     saved = json.loads((tmp_path / "run" / "model" / "generation_config.json").read_text())
     assert {name: saved.get(name) for name in flags} == flags
+    assert trainer.model.generation_config.temperature == 0.6  # the model in memory keeps its own too
+
+
+def test_a_generation_config_set_in_memory_is_saved_as_it_is(tmp_path):
+    """transformers (5.24 too) refuses to save a generation config changed since it was loaded that fails its strict
+    checks, here a temperature without do_sample=True set on the model passed in: the run failed at its end."""
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    model.generation_config.temperature = 0.6
+    model.generation_config.compile_config = CompileConfig(fullgraph=False)  # which transformers never saves
+    run(tmp_path, model=model, max_steps=1, grad_accum=1)
+    saved = json.loads((tmp_path / "run" / "model" / "generation_config.json").read_text())
+    assert saved["temperature"] == 0.6 and "compile_config" not in saved
 
 
 def test_early_stop_once_forget_nll_passes_threshold(tmp_path):
