@@ -91,14 +91,12 @@ def check_bias(name, bias, weight_name, weight):
                          f"{weight_name}), got {_describe(bias)}")
 
 
-def check_per_token(name, t, n, like, *, dtypes):
-    """An optional per-token vector of length n on the device of `like`; a constant of the loss, so one that
-    requires grad is refused (it would silently get no gradient)."""
+def check_per_token(name, t, like, *, dtypes):
+    """An optional per-token vector (its shape checked by as_rows) with a dtype in `dtypes` on the device of
+    `like`; a constant of the loss, so one that requires grad is refused (it would silently get no gradient)."""
     if t is None:
         return
     check_tensor(name, t, ndim=1, dtypes=dtypes, like=like)
-    if t.shape[0] != n:
-        raise ValueError(f"{name} must have shape [{n}] (one entry per token), got {_describe(t)}")
     if t.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{name} requires grad, but it is a constant of the loss and gets no gradient: pass "
                          f"{name}.detach()")

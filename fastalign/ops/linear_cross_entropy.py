@@ -75,7 +75,7 @@ def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None
     hidden, target = as_rows("hidden", hidden, tokens, width="H"), as_rows("target", target, tokens)
     token_weight = as_rows("token_weight", token_weight, tokens)
     check_linear("hidden", hidden, "weight", weight)
-    n, vocab = hidden.shape[0], weight.shape[0]
+    vocab = weight.shape[0]
     check_tensor("target", target, ndim=1, dtypes=INTEGER_DTYPES, like=hidden)
     if not is_integer(ignore_index):
         raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
@@ -83,7 +83,7 @@ def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None
         raise ValueError(f"ignore_index must fit in int64 (the targets' dtype it is compared in), got {ignore_index}")
     # compared in int64: in uint8, ignore_index=-100 would wrap to 156 and silently ignore that class
     target = target.long()
-    check_per_token("token_weight", token_weight, n, hidden, dtypes=FLOAT_DTYPES)
+    check_per_token("token_weight", token_weight, hidden, dtypes=FLOAT_DTYPES)
     check_bias("bias", bias, "weight", weight)
     check_reduction(reduction)
     check_softcap(softcap)

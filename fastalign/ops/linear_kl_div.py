@@ -91,14 +91,13 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     # ref_hidden against hidden first: check_linear checks ref_weight against ref_hidden, and would name ref_weight
     check_tensor("ref_hidden", ref_hidden, ndim=2, dtypes=FLOAT_DTYPES, like=hidden)
     check_linear("ref_hidden", ref_hidden, "ref_weight", ref_weight)
-    n = hidden.shape[0]
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"ref_weight must have the vocabulary size of weight ({weight.shape[0]} rows), got shape "
                          f"{tuple(ref_weight.shape)}")
     check_bias("bias", bias, "weight", weight)
     check_bias("ref_bias", ref_bias, "ref_weight", ref_weight)
-    check_per_token("token_weight", token_weight, n, hidden, dtypes=FLOAT_DTYPES)
-    check_per_token("mask", mask, n, hidden, dtypes=(torch.bool,))
+    check_per_token("token_weight", token_weight, hidden, dtypes=FLOAT_DTYPES)
+    check_per_token("mask", mask, hidden, dtypes=(torch.bool,))
     check_reduction(reduction)
     check_softcap(softcap)
     launcher = select_backend("linear_kl_div", backend, hidden.device)
