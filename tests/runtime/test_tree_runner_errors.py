@@ -11,6 +11,7 @@ from transformers import (BertConfig, BertLMHeadModel, BertModel, DeepseekV3Conf
                           RecurrentGemmaForCausalLM)
 
 from fastalign import PoolExhaustedError, Span, TreeRunner
+from fastalign.unlearn.models import enable_activation_checkpointing
 from tests.runtime.tiny_models import CONFIGS, MAX_POSITIONS, VOCAB, tiny_model
 
 
@@ -339,7 +340,7 @@ def test_a_model_training_with_activation_checkpointing_runs_on_the_fallback():
     its forward without a cache: the fallback's one-token probe must run it as in eval mode too, or it refuses the
     model ("a one-token forward with a DynamicCache failed")."""
     model = tiny_model("gpt2-fallback")
-    model.activation_checkpointing_enable()
+    enable_activation_checkpointing(model)  # by the name of each transformers version
     model.train()
     runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
     (child,), logits = runner.extend([runner.prefill([1, 2, 3])], [[5, 6]])
