@@ -20,3 +20,12 @@ def assert_rel_close(name, actual, expected, rel):
 def grads_of(output, inputs, seed):
     """Gradients of sum(output * seed) wrt `inputs` (None for inputs that get no gradient)."""
     return torch.autograd.grad((output * seed.to(output.dtype)).sum(), inputs, allow_unused=True)
+
+
+def assert_grads_close(names, actual, expected, inputs, rel):
+    """The gradients of `actual` and of `expected` wrt `inputs` agree within `rel` under one random upstream
+    gradient (drawn in actual's shape, given to expected in its own)."""
+    seed = torch.randn(actual.shape, device=actual.device)
+    for name, got, want in zip(names, grads_of(actual, inputs, seed),
+                               grads_of(expected, inputs, seed.reshape(expected.shape))):
+        assert_rel_close(name, got, want, rel)

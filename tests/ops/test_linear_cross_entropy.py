@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fastalign
 from fastalign.ops.torch_chunked import chunking
 from fastalign.reference.linear_losses import linear_cross_entropy_reference
-from tests.compare import REL_TOL, assert_rel_close, grads_of
+from tests.compare import REL_TOL, assert_grads_close, assert_rel_close, grads_of
 from tests.conftest import HAS_CUDA, TRITON_DEVICE, device_for, triton_cases
 
 BACKENDS = ["torch", "triton"]
@@ -174,10 +174,8 @@ def test_inside_a_compiled_caller(backend):
         functools.partial(fastalign.linear_cross_entropy, backend=backend), hidden, weight)
     ref = caller(linear_cross_entropy_reference, hidden, weight)
     assert_rel_close("loss", out, ref, REL_TOL[torch.float32])
-    inputs, seed = [hidden, weight, extra["bias"]], torch.randn(out.shape, device=out.device)
-    for name, got, want in zip(["d_hidden", "d_weight", "d_bias"], grads_of(out, inputs, seed),
-                               grads_of(ref, inputs, seed)):
-        assert_rel_close(name, got, want, REL_TOL[torch.float32])
+    assert_grads_close(["d_hidden", "d_weight", "d_bias"], out, ref, [hidden, weight, extra["bias"]],
+                       REL_TOL[torch.float32])
 
 
 def test_fullgraph_compile_is_refused_with_the_reason():
@@ -277,10 +275,7 @@ def test_a_models_batch_of_sequences_is_taken_as_it_is(backend, reduction):
                                          token_weight=token_weight.reshape(15), reduction=reduction)
     assert out.shape == ((3, 5) if reduction == "none" else ())
     assert_rel_close("loss", out, ref.reshape(out.shape), REL_TOL[torch.float32])
-    seed = torch.randn(out.shape, device=device)
-    for name, got, want in zip(["d_states", "d_weight"], grads_of(out, [states, weight], seed),
-                               grads_of(ref, [states, weight], seed.reshape(ref.shape))):
-        assert_rel_close(name, got, want, REL_TOL[torch.float32])
+    assert_grads_close(["d_states", "d_weight"], out, ref, [states, weight], REL_TOL[torch.float32])
 
 
 BAD_INPUTS = [

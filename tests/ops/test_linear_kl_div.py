@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fastalign
 from fastalign.ops.torch_chunked import chunking
 from fastalign.reference.linear_losses import linear_kl_div_reference
-from tests.compare import REL_TOL, assert_rel_close, grads_of
+from tests.compare import REL_TOL, assert_grads_close, assert_rel_close, grads_of
 from tests.conftest import TRITON_DEVICE, device_for, triton_cases
 
 BACKENDS = ["torch", "triton"]
@@ -52,11 +52,7 @@ def check_against_reference(hidden, weight, ref_hidden, ref_weight, extra, reduc
                                   **extra)
     ref = linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, reduction=reduction, **extra)
     assert_rel_close("kl", out, ref, rel)
-    seed = torch.randn(out.shape, device=out.device)
-    inputs = differentiable(hidden, weight, extra)
-    for name, got, want in zip(["d_hidden", "d_weight", "d_bias"], grads_of(out, inputs, seed),
-                               grads_of(ref, inputs, seed)):
-        assert_rel_close(name, got, want, rel)
+    assert_grads_close(["d_hidden", "d_weight", "d_bias"], out, ref, differentiable(hidden, weight, extra), rel)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -162,11 +158,7 @@ def test_policy_close_to_reference(backend, shared, bias):
     out = fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, reduction="none", backend=backend, **extra)
     ref = linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, reduction="none", **extra)
     assert ref.max() > 1e-5 and (out - ref).abs().max() <= 2e-6
-    seed = torch.randn(out.shape, device=out.device)
-    inputs = differentiable(hidden, weight, extra)
-    for name, got, want in zip(["d_hidden", "d_weight", "d_bias"], grads_of(out, inputs, seed),
-                               grads_of(ref, inputs, seed)):
-        assert_rel_close(name, got, want, 1e-3)
+    assert_grads_close(["d_hidden", "d_weight", "d_bias"], out, ref, differentiable(hidden, weight, extra), 1e-3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -234,10 +226,7 @@ def test_inside_a_compiled_caller(backend):
                                                  hidden, weight)
     ref = caller(linear_kl_div_reference, hidden, weight)
     assert_rel_close("kl", out, ref, REL_TOL[torch.float32])
-    seed = torch.randn(out.shape, device=out.device)
-    for name, got, want in zip(["d_hidden", "d_weight"], grads_of(out, [hidden, weight], seed),
-                               grads_of(ref, [hidden, weight], seed)):
-        assert_rel_close(name, got, want, REL_TOL[torch.float32])
+    assert_grads_close(["d_hidden", "d_weight"], out, ref, [hidden, weight], REL_TOL[torch.float32])
 
 
 def test_fullgraph_compile_is_refused_with_the_reason():
@@ -353,10 +342,7 @@ def test_a_models_batch_of_sequences_is_taken_as_it_is(backend, reduction):
                                   reduction=reduction, **{k: v.reshape(15) for k, v in extra.items()})
     assert out.shape == ((3, 5) if reduction == "none" else ())
     assert_rel_close("kl", out, ref.reshape(out.shape), REL_TOL[torch.float32])
-    seed = torch.randn(out.shape, device=device)
-    for name, got, want in zip(["d_states", "d_weight"], grads_of(out, [states, weight], seed),
-                               grads_of(ref, [states, weight], seed.reshape(ref.shape))):
-        assert_rel_close(name, got, want, REL_TOL[torch.float32])
+    assert_grads_close(["d_states", "d_weight"], out, ref, [states, weight], REL_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("change,message", [
