@@ -80,44 +80,36 @@ def test_terms_and_gradients_match_per_sequence_spec(mode, make_model):
             torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)
 
 
-def tiny_gemma2(vocab_size, softcap):
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+def tiny_model(architecture, vocab_size, **settings):
+    """A random fp32 model of a transformers architecture ("Gemma2": Gemma2Config, Gemma2ForCausalLM): 2 layers of
+    width 32, 4 heads over 2 KV heads, unless `settings` say otherwise."""
+    import transformers
     torch.manual_seed(0)
-    config = Gemma2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                          final_logit_softcapping=softcap)
-    return Gemma2ForCausalLM(config).eval()
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256)
+    config = getattr(transformers, f"{architecture}Config")(vocab_size=vocab_size, **{**sizes, **settings})
+    return getattr(transformers, f"{architecture}ForCausalLM")(config).eval()
+
+
+def tiny_gemma2(vocab_size, softcap):
+    """Gemma 2 caps its logits, softcap * tanh(z / softcap)."""
+    return tiny_model("Gemma2", vocab_size, head_dim=8, final_logit_softcapping=softcap)
 
 
 def tiny_cohere(vocab_size, logit_scale):
     """Cohere (Command-R) multiplies its logits by logit_scale after its tied lm_head."""
-    from transformers import CohereConfig, CohereForCausalLM
-    torch.manual_seed(0)
-    config = CohereConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                          logit_scale=logit_scale)
-    return CohereForCausalLM(config).eval()
+    return tiny_model("Cohere", vocab_size, logit_scale=logit_scale)
 
 
 def tiny_granite(vocab_size, logits_scaling):
     """Granite divides its logits by logits_scaling after the lm_head."""
-    from transformers import GraniteConfig, GraniteForCausalLM
-    torch.manual_seed(0)
-    config = GraniteConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                           logits_scaling=logits_scaling, tie_word_embeddings=False)
-    return GraniteForCausalLM(config).eval()
+    return tiny_model("Granite", vocab_size, logits_scaling=logits_scaling, tie_word_embeddings=False)
 
 
 def tiny_falcon_h1(vocab_size, lm_head_multiplier):
     """Falcon-H1 multiplies its logits by lm_head_multiplier after the lm_head (real checkpoints: 1/16 to 1/32)."""
-    from transformers import FalconH1Config, FalconH1ForCausalLM
-    torch.manual_seed(0)
-    config = FalconH1Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                            mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1,
-                            mamba_chunk_size=16, lm_head_multiplier=lm_head_multiplier)
-    return FalconH1ForCausalLM(config).eval()
+    return tiny_model("FalconH1", vocab_size, num_hidden_layers=1, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
+                      mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16, lm_head_multiplier=lm_head_multiplier)
 
 
 def llama_with_unread_settings(vocab_size):
