@@ -220,6 +220,13 @@ def test_config_validation_and_lengths():
     (dict(initial_q_range=("-1", "1")), "initial_q_range\\[0\\]"),
     (dict(initial_q_range=1.0), "initial_q_range"),
     (dict(token_set_lengths=4), "token_set_lengths"),
+    # infinite: selection ignored the values (every score infinite, or every q_norm 0), a sibling's share of
+    # visits made n infinite, and a pending leaf's infinite loss crashed the search
+    (dict(exploration=math.inf), "exploration must be finite"),
+    (dict(q_norm_eps=math.inf), "q_norm_eps must be finite"),
+    (dict(initial_q_range=(-math.inf, 1.0)), "initial_q_range\\[0\\] must be finite"),
+    (dict(similarity_weight=math.inf), "similarity_weight must be finite"),
+    (dict(virtual_loss=math.inf, parallel_leaves=2), "virtual_loss must be finite"),
 ])
 def test_config_rejects_constants_that_break_the_search_silently(bad, name):
     with pytest.raises(ValueError, match=f"RainConfig: {name}"):
