@@ -167,7 +167,7 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
                   on_result, ledger)
     finally:
         runtime.close()
-    total = RainStats().add(shared)
+    total = RainStats().add(shared) if queue else RainStats()   # no prompt searched: no prefix needed either
     for r in results:
         total.add(r.stats)
     total.model_calls = ledger.run.model_calls

@@ -386,6 +386,11 @@ def test_bad_prompts_and_failures_stay_with_their_prompt():
     assert errors[0] is None and errors[4] is None
     assert run.results[0].answer_ids and run.results[4].answer_ids
     assert sorted(r.index for r in seen) == [0, 1, 2, 3, 4, 5]
+    assert run.stats.minimum["shared_prefix"] > 0
+    for engine in ("tree", "slow"):   # no prompt searched: the judge's prefix was charged to the run's minimum
+        run = rain_generate(model, tok, prompts[1:3], RainConfig(), engine=engine, judge_prompt=SHORT_JUDGE,
+                            runner=FailingRunner(len(tok), poison) if engine == "tree" else None, embedding="hidden")
+        assert all(r.error for r in run.results) and (run.stats.tokens, run.stats.minimum_tokens) == (0, 0)
     with pytest.raises(TypeError, match="single string"):    # not searched character by character
         rain_generate(model, tok, PROMPTS[0], judge_prompt=SHORT_JUDGE, embedding="hidden")
     for concurrency in (0, "8", 2.5, True):   # "8" raised a bare TypeError; 2.5 and True were taken
