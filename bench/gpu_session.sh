@@ -32,7 +32,8 @@ if [[ "${1:-}" == "--prepare" ]]; then
     [[ -z "$(git status --porcelain --untracked-files=no)" ]] || echo -n "-dirty" >> .carry/commit
     # and what the tracked files held then (bench/results aside: the session empties it), so that results of a
     # tree changed since this --prepare are labelled <commit>-stale, not with a commit they did not measure
-    git ls-files -z -- . ':!bench/results' | xargs -0 sha256sum > .carry/tracked.sha256 2>/dev/null || true  # deleted: left out
+    # (a file deleted since the last commit is left out)
+    git ls-files -z -- . ':!bench/results' | xargs -0 sha256sum > .carry/tracked.sha256 2>/dev/null || true
     ls -la .whl .carry/data
     exit 0
 fi
@@ -55,8 +56,8 @@ step() {  # step SECONDS NAME COMMAND...: runs COMMAND under a time limit
 session() {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     if ls .whl/*.whl >/dev/null 2>&1; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-            && export PYTHONPATH=/tmp/site
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl && export PYTHONPATH=/tmp/site
     fi
     # fastalign itself; should the editable install fail (the image's setuptools, say), an in-place build and the
     # layout of a checkout (kernels/ seen as fastalign.kernels) serve instead, rather than losing the whole call
@@ -65,8 +66,10 @@ session() {
         python3 setup.py -q build_ext --inplace && ln -sfn ../kernels fastalign/kernels \
             && export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" || exit 1
     fi
-    python3 -c "import torch, triton, transformers, fastalign, fastalign.kernels, fastalign._C; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" || exit 1
-    python3 -c "import sys; sys.path.insert(0, 'bench'); import harness; print('results labelled', harness.git_commit())"
+    python3 -c "import torch, triton, transformers, fastalign, fastalign.kernels, fastalign._C
+print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" || exit 1
+    python3 -c "import sys; sys.path.insert(0, 'bench'); import harness
+print('results labelled', harness.git_commit())"
 
     if [[ "${1:-}" == "8b" ]]; then
         step 400 "bench_unlearn 8b (LoRA; full weights + cached reference)" \

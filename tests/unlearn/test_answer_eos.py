@@ -12,7 +12,8 @@ from tests.evaluation.chat_model import EOT, chat_tokenizer
 from tests.unlearn.tiny import (FORGET_ROWS, NORMAL_ROWS, byte_bpe_tokenizer, word_level_tokenizer, write_jsonl,
                                 write_truthfulqa)
 
-ITEMS = [("What is the capital?", "Paris"), ("How?", " 日本語のテキスト"), ("What is harmful?", "café 🙂 naïve")]
+ITEMS = [("What is the capital?", "Paris"), ("How?", " 日本語のテキスト"),
+         ("What is harmful?", "café 🙂 naïve")]
 
 
 def pairs(items):
