@@ -285,3 +285,30 @@ def test_mismatch_rows_are_the_rendered_pairs_with_a_tokenizer_that_marks_the_te
     template = TextTemplate(text)
     tokenizer = sentencepiece_style_tokenizer([template.render(p, a).text for p in prompts for a in answers], legacy)
     assert_mismatch_rows_are_rendered_pairs(tokenizer, template, prompts, answers)
+
+
+KNOWN_WRONG_JOINS = ("mismatch rows joined on token ids at a seam read from each side's own rendering; known wrong "
+                     "where the tokenizer merges across the template's whitespace depending on both sides")
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_WRONG_JOINS)
+def test_mismatch_rows_where_the_answers_first_character_retokenizes_the_prompts_trailing_spaces():
+    """GPT-2's split keeps the last space of a whitespace run for the word after it ('\\s+(?!\\S)'): 'tell me  \\n'
+    before a letter is '  ', '\\n', before a space '  \\n', ' leading'. The seam read from the forget example (answer
+    'Sure.') is not a token boundary of the prompt with the pool answer ' leading'."""
+    prompts, answers = ["tell me  "], ["Sure.", " leading"]
+    template = TextTemplate("{prompt}\n{answer}")
+    corpus = [template.render(p, a).text for p in prompts for a in answers]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(corpus, 300), bos_token="<s>")
+    assert_mismatch_rows_are_rendered_pairs(tokenizer, template, prompts, answers)
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_WRONG_JOINS)
+def test_mismatch_rows_where_a_token_joins_prompt_whitespace_and_answer():
+    """Metaspace splits at spaces only, so '?\\nAs' is one pre-token and BPE may make '?\\nA' of it: a token across
+    the prompt's end, the template's newline and the answer's first letter, which neither side's own rendering
+    holds (before 'Sure' the forget example has '?\\n', 'S'). Stripped texts, no leading or trailing whitespace."""
+    prompts, answers = ["How do I hurt someone?", "Why?"], ["Sure, here you go.", "As you like.", "All of them."]
+    template = TextTemplate("{prompt}\n{answer}")
+    tokenizer = sentencepiece_style_tokenizer([template.render(p, a).text for p in prompts for a in answers], False)
+    assert_mismatch_rows_are_rendered_pairs(tokenizer, template, prompts, answers)
