@@ -121,10 +121,12 @@ def write_checkpoint(output_dir: str, step: int, state: dict, rank_state: dict, 
 
 
 def read_checkpoint(path: str, rank: int) -> tuple[dict, dict]:
-    """(state, this process's rank_state) of a checkpoint."""
+    """(state, this process's rank_state) of a checkpoint; ValueError for a process it has no state for (a run
+    resumed with more processes than wrote it)."""
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
     rank_file = os.path.join(path, f"rank-{rank}.pt")
     if not os.path.isfile(rank_file):
-        raise RuntimeError(f"{path} has no state for process {rank}: resume with the number of processes it "
-                           "was written with")
-    return (torch.load(os.path.join(path, "state.pt"), weights_only=False),
-            torch.load(rank_file, weights_only=False))
+        raise ValueError(f"cannot resume {path}: it has no state for process {rank}: it was written by "
+                         f"{state.get('num_processes', 'fewer')} process(es); resume with the number of processes "
+                         "it was written with")
+    return state, torch.load(rank_file, weights_only=False)

@@ -8,12 +8,18 @@ auto-wrap policy gave the lm_head a unit of its own (e.g. a size-based policy on
 `head_weight` gathers it explicitly; FSDP2's end-of-backward callback then reduce-scatters its gradient and
 reshards it like any other unit whose forward did not run.
 
+FSDP1 without use_orig_params flattens each unit's weights into one parameter, all trainable or all frozen:
+`check_flat_root_unit` names the settings where the cached reference's frozen lm_head would share the root unit
+with trainable embeddings.
+
 State dicts go through torch.distributed.checkpoint's helpers, which treat a plain module, DDP, FSDP1 and
 FSDP2 alike: full tensors of the trainable parameters and their optimizer state, on CPU.
 """
 from __future__ import annotations
 
 import torch
+
+from fastalign.unlearn.models import base_causal_lm
 
 # torch.distributed's FSDP, DTensor and checkpoint modules take about a second to import: they are imported
 # where used, so that importing fastalign stays quick.
@@ -35,6 +41,23 @@ def head_weight(lm_head: torch.nn.Module) -> torch.Tensor:
         raise RuntimeError("the lm_head weight is still sharded (a DTensor) inside the objective's forward: the "
                            "objective must be the module that FSDP wraps (it is, when the trainer prepares it)")
     return weight
+
+
+def check_flat_root_unit(model: torch.nn.Module, plugin) -> None:
+    """Raises where FSDP version 1 without use_orig_params cannot flatten the root unit: it makes one parameter of
+    a unit's weights, all trainable or all frozen, and the root unit holds the lm_head beside the input embeddings,
+    which the cached reference leaves trainable while it freezes the lm_head. FSDP's own error named no setting."""
+    if plugin is None or plugin.fsdp_version != 1 or plugin.use_orig_params:
+        return
+    base = base_causal_lm(model)
+    lm_head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
+    if lm_head.weight.requires_grad or not any(p.requires_grad for p in embeddings.parameters()):
+        return
+    raise ValueError("FSDP version 1 without use_orig_params flattens the weights of each unit into one parameter, "
+                     "all trainable or all frozen, but its root unit holds the frozen lm_head.weight "
+                     "(reference='cached' freezes it) beside the trainable input embeddings: set use_orig_params "
+                     "(accelerate launch --fsdp_use_orig_params true, fsdp_use_orig_params: true in accelerate's "
+                     "config), use FSDP version 2, or choose reference='copy' (--reference copy)")
 
 
 def _options(**options):

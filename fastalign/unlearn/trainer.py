@@ -14,6 +14,7 @@ was never interrupted.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import random
@@ -36,8 +37,8 @@ from fastalign.unlearn.models import (cast_weights, causal_lm_parts, check_fused
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.records import read_jsonl
 from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
-from fastalign.unlearn.sharding import (full_model_state, load_optimizer_state, load_trainable_state,
-                                        optimizer_state, trainable_names, trainable_state)
+from fastalign.unlearn.sharding import (check_flat_root_unit, full_model_state, load_optimizer_state,
+                                        load_trainable_state, optimizer_state, trainable_names, trainable_state)
 from fastalign.unlearn.streams import UnlearningBatch, UnlearningStreams
 
 # Settings that may change between a run and its resumption; any other change would alter the result.
@@ -161,6 +162,8 @@ class UnlearningTrainer:
             raise NotImplementedError("lora=True under FSDP is not supported (the adapter could not be merged "
                                       "into sharded weights); LoRA's trainable weights are small: use DDP")
         self.model = self._prepare_model(model)
+        if self.sharded:
+            check_flat_root_unit(self.model, self.accelerator.state.fsdp_plugin)
         check_fused_logits(self.model)  # before train() writes anything
         self.shape = ModelShape.of(self.model)
         self.setup_compute = ComputeTotals()  # what building the reference cost (the cached one: a forward)
@@ -406,6 +409,7 @@ def _save_model(model, directory: str, state_dict) -> None:
     with no model saved."""
     from transformers import GenerationConfig
     generation = getattr(model, "generation_config", None)
+    model = _savable(model, state_dict)
     if generation is None:  # a model that does not generate saves none
         model.save_pretrained(directory, state_dict=state_dict)
         return
@@ -417,6 +421,18 @@ def _save_model(model, directory: str, state_dict) -> None:
     path = os.path.join(directory, "generation_config.json")
     if os.path.isfile(path):
         generation.to_json_file(path, keys_to_pop=["compile_config"])
+
+
+def _savable(model, state_dict):
+    """`model`, or where it has no parameter left, an empty (meta) model of its class and configuration in the dtype
+    of `state_dict` (its full weights). FSDP version 1 without use_orig_params flattens a unit's weights into a
+    parameter of its own: a model it wrapped whole (no auto wrap) keeps none, and save_pretrained, which reads the
+    dtype it records from the model's parameters, failed (StopIteration) at the end of the run."""
+    if state_dict is None or next(model.parameters(), None) is not None:
+        return model
+    dtype = next(t.dtype for t in state_dict.values() if t.is_floating_point())
+    with torch.device("meta"):
+        return type(model)(copy.deepcopy(model.config)).to(dtype)
 
 
 def _warn_of_a_lossy_merge(summary: RunSummary) -> None:

@@ -36,11 +36,16 @@ def streams():
 
 # fsdp2, fsdp1: decoder layers get a unit each (the objective passes on the model's _no_split_modules), the
 # rest, lm_head included, is the root unit. fsdp2_head_unit: every Linear, lm_head included, a unit of its own.
+# fsdp1_flat: FSDP1 as its plugin and `accelerate launch --fsdp_use_orig_params false` configure it, each unit's
+# weights flattened into one parameter; fsdp1_flat_root: so, without auto wrap (one unit: the model keeps no
+# parameter of its own).
 FSDP_PLUGINS = {
     "fsdp2": dict(fsdp_version=2, auto_wrap_policy="transformer_based_wrap"),
     "fsdp2_head_unit": dict(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                             transformer_cls_names_to_wrap=["LlamaDecoderLayer", "Linear"]),
     "fsdp1": dict(fsdp_version=1, auto_wrap_policy="transformer_based_wrap", use_orig_params=True),
+    "fsdp1_flat": dict(fsdp_version=1, auto_wrap_policy="transformer_based_wrap", use_orig_params=False),
+    "fsdp1_flat_root": dict(fsdp_version=1, use_orig_params=False),
 }
 
 
@@ -110,12 +115,14 @@ def poison_process_1_at_step_2():
 
 
 def run(root, scenario):
-    if scenario in ("ddp", "fsdp2", "fsdp1"):
+    if scenario in ("ddp", "fsdp2", "fsdp1", "fsdp1_flat_root"):
         train(root, scenario, scenario)
     elif scenario == "fsdp2_head_unit":
         resumed(root, scenario, scenario)
     elif scenario == "fsdp2_cached":
         train(root, scenario, "fsdp2", reference="cached")
+    elif scenario == "fsdp1_flat_cached":
+        train(root, scenario, "fsdp1_flat", reference="cached")
     elif scenario == "fsdp2_cached_bf16":
         train(root, scenario, "fsdp2", reference="cached", precision="bf16-mixed")
     elif scenario == "fsdp2_bf16_reference_kl":   # step 1's KL, before any update, with each reference

@@ -122,3 +122,14 @@ def test_a_checkpoint_left_past_latest_by_a_killed_run_is_dropped_not_kept(tmp_p
     final = write(tmp_path, 4, keep=1)   # the resumed run, saving at another step
     assert checkpoint.latest_checkpoint(str(tmp_path)) == final
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-000004"]
+
+
+def test_a_process_the_checkpoint_has_no_state_for_gets_the_resume_error_naming_the_number_of_processes(tmp_path):
+    """Resuming a 2-process run with 3 processes: the third process finds no rank-2.pt. It raised a RuntimeError,
+    which `fastalign unlearn` does not report as an error of the run (a traceback on that process while the others
+    print the error), and named no number of processes to resume with."""
+    written = checkpoint.write_checkpoint(str(tmp_path), 3, {"step": 3, "num_processes": 2}, {"rank": 0}, rank=0,
+                                          is_main=True, barrier=lambda: None, keep=0)
+    with pytest.raises(ValueError, match=r"cannot resume .*step-000003: it has no state for process 2: it was "
+                                         r"written by 2 process\(es\)"):
+        checkpoint.read_checkpoint(written, 2)

@@ -1,6 +1,6 @@
 """The trainer under two gloo processes on the CPU, through accelerate: DDP, FSDP2 (lm_head in the root unit
-or in a unit of its own), FSDP1, the cached reference under FSDP2, LoRA under DDP, and errors raised on every
-process.
+or in a unit of its own), FSDP1 (also with its weights flattened, use_orig_params off), the cached reference under
+FSDP2, LoRA under DDP, and errors raised on every process.
 
 Process r of 2 draws batch 2*step + r, as micro-batch r of one process that accumulates two micro-batches
 does, so each distributed run must end where that single-process run ends (fp32: to rounding). All
@@ -23,7 +23,8 @@ from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama
 pytest.importorskip("accelerate")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCENARIOS = ["ddp", "fsdp2", "fsdp2_head_unit", "fsdp1", "fsdp2_cached", "fsdp2_cached_bf16",
-             "fsdp2_bf16_reference_kl", "fsdp2_cached_head_changed", "ddp_lora_bf16", "nonfinite"]
+             "fsdp2_bf16_reference_kl", "fsdp2_cached_head_changed", "ddp_lora_bf16", "nonfinite", "fsdp1_flat_root",
+             "fsdp1_flat_cached"]
 TERMS = ("loss", "forget_nll", "mismatch_nll", "normal_kl")
 
 
@@ -113,6 +114,25 @@ def assert_full_checkpoint(path):
     for name, tensor in state["trainable"].items():
         assert tensor.shape == original[name.removeprefix("model.")].shape, name
         assert state["optimizer"]["state"][name]["exp_avg"].shape == tensor.shape, name
+
+
+def test_fsdp1_flattening_the_whole_model_into_its_root_unit_trains_and_saves_it(runs, single):
+    """FSDP1 without use_orig_params and without auto wrap leaves the model no parameter of its own (its root unit
+    holds them all, flattened); the run trained, then crashed saving model/ (StopIteration: save_pretrained reads
+    the model's dtype from its parameters)."""
+    path = runs / "fsdp1_flat_root"
+    assert outcomes(path) == ["ok", "ok"]
+    assert_same_run(path, "model", single["copy"])
+    assert_full_checkpoint(path)
+
+
+def test_cached_reference_under_fsdp1_without_orig_params_is_an_error_naming_the_setting(runs):
+    """The cached reference freezes the lm_head, which FSDP1 cannot flatten into one parameter with the trainable
+    embeddings of its unit: FSDP's own error ("Must flatten tensors with uniform `requires_grad`") named no setting."""
+    first, second = outcomes(runs / "fsdp1_flat_cached")
+    assert first == second and first.startswith("ValueError: FSDP version 1 without use_orig_params")
+    for phrase in ["lm_head.weight", "reference='cached'", "--fsdp_use_orig_params true", "FSDP version 2"]:
+        assert phrase in first, phrase
 
 
 def test_fsdp2_lm_head_in_its_own_unit_trains_checkpoints_and_resumes(runs, single):
