@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from fastalign.eval_mode import eval_mode
+from fastalign.model_vocabulary import input_vocabulary
 from fastalign.ops.paged_attention import write_kv
 from fastalign.runtime.hf_cache_argument import cache_kwargs
 from fastalign.runtime.llama import longrope_limit
@@ -39,6 +40,11 @@ class HFCacheModel:
                 or getattr(out, "logits", None) is None):
             raise ValueError(f"{unfit}: it returns no logits, or its cache does not hold per-token K and V of one "
                              "shape [batch, kv_heads, tokens, head_dim]")
+        for index, layer in enumerate(cache.layers):
+            if _shape(layer.keys) != _shape(keys) or _shape(layer.values) != _shape(keys):
+                raise ValueError(f"{unfit}: its cache layers differ in shape (layer {index} holds K "
+                                 f"{_shape(layer.keys)} and V {_shape(layer.values)}, layer 0 K and V {_shape(keys)}), "
+                                 "and the KV pool holds one shape for every layer")
         if not self._state_is_in_cache(cache):
             raise ValueError(f"{unfit}: it keeps state outside its cache (the logits of a token after a cached "
                              "one changed when another sequence ran in between)")
@@ -111,7 +117,7 @@ class HFCacheModel:
         (BertLMHeadModel or RobertaForCausalLM with is_decoder=False) otherwise gives logits that depend on
         how the tree split its sequence into spans, silently. Compared relative to the logits' scale, within
         rounding of the model's dtype (even a freshly initialised encoder's small logits move by ~3e-3 of it)."""
-        ids = torch.tensor([[1, 0, 2, 1, 3, 0]], device=self.device) % self.model.get_input_embeddings().num_embeddings
+        ids = torch.tensor([[1, 0, 2, 1, 3, 0]], device=self.device) % input_vocabulary(self.model)
         with torch.inference_mode(), eval_mode(self.model):
             def run(input_ids, cache, length):
                 return self.model(input_ids=input_ids, use_cache=True, **cache_kwargs(self.model, cache),
@@ -135,3 +141,8 @@ class HFCacheModel:
             return t[blocks].flatten(0, 1)[:context].transpose(0, 1)[None]
 
         return DynamicCache(ddp_cache_data=[(tokens(pool.k(i)), tokens(pool.v(i))) for i in range(self.num_layers)])
+
+
+def _shape(tensor):
+    """A cache entry's shape as a list (None for an entry the layer does not hold)."""
+    return None if tensor is None else list(tensor.shape)

@@ -14,6 +14,7 @@ Per decoder layer, as in Hugging Face's LlamaDecoderLayer:
 """
 import torch
 
+from fastalign.eval_mode import eval_mode
 from fastalign.ops.paged_attention import paged_attention, write_kv
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
@@ -100,7 +101,15 @@ class PagedLlama:
         """Writes the KV of every token of `batch` into `pool`; returns (logits, hidden) of the tokens
         at indices `select` (None: nothing), logits in float32 (only at select[logits_rows] when given:
         [tokens, vocab] float32 logits of a long row would be the largest tensor of the call), hidden after
-        the final norm."""
+        the final norm. Dropout is off whatever the model's mode: a LoRA adapter's sits in the layers run here,
+        and would make the K/V cached for the tree, and every logit, random (a model in eval mode, as in a
+        search, skips switching every module's mode and back)."""
+        if not any(module.training for module in self.model.modules()):
+            return self._forward(batch, pool, select, want_logits, want_hidden, logits_rows)
+        with eval_mode(self.model):
+            return self._forward(batch, pool, select, want_logits, want_hidden, logits_rows)
+
+    def _forward(self, batch, pool, select, want_logits, want_hidden, logits_rows):
         inner = self.model.model
         num_tokens = batch.num_tokens
         h = inner.embed_tokens(batch.input_ids)

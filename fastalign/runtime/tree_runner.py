@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fastalign._C import PoolExhaustedError
+from fastalign.model_vocabulary import input_vocabulary
 from fastalign.ops.backend import BACKENDS
 from fastalign.ops.checks import is_integer
 from fastalign.ops.paged_attention import resolve_backend
@@ -27,11 +28,16 @@ _OUTPUTS = ("last", "all", None)
 
 def _adapters_in_layers(model):
     """The transformers model under a PEFT wrapper whose adapters live in its layers (LoRA and its kin: the paged
-    path runs them as it runs the layers), so that such a model gets the paged path; else `model` itself (a
-    prompt-learning adapter adds virtual tokens that only the wrapper's forward knows)."""
+    path runs them as it runs the layers), so that such a model gets the paged path; else `model` itself. A
+    prompt-learning adapter is refused: its virtual tokens (or their K/V) come before every sequence in the wrapper's
+    forward alone, which neither path runs with the cache of a span."""
     config = getattr(model, "active_peft_config", None)
-    if config is None or getattr(config, "is_prompt_learning", True):
+    if config is None:
         return model
+    if getattr(config, "is_prompt_learning", True):
+        raise ValueError(f"model: its PEFT adapter ({type(config).__name__}) is a "
+                         "prompt-learning adapter, whose virtual tokens a TreeRunner cannot cache; use an adapter in "
+                         "the layers (LoRA and its kin)")
     return model.get_base_model()
 
 
@@ -89,7 +95,7 @@ class TreeRunner:
                                            bytes_per_block=KVPool.bytes_per_block(**geometry))
         self.pool = KVPool(num_blocks=num_blocks, device=mr.device, **geometry)
         self.store = SpanStore(num_blocks, block_size)
-        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.vocab_size = input_vocabulary(model)
         backend = resolve_backend(attention_backend, mr.device) if self.paged else None
         self._cascade_block_size = block_size if cascade_attention and backend == "triton" else None
         self.max_context = mr.max_context

@@ -201,7 +201,8 @@ def is_main_process() -> bool:
 
 
 def main(args: argparse.Namespace) -> int:
-    from fastalign.unlearn.models import check_fused_logits, input_vocabulary, max_positions
+    from fastalign.model_vocabulary import input_vocabulary
+    from fastalign.unlearn.models import check_fused_logits, max_positions
     from fastalign.unlearn.records import DataError
     from fastalign.unlearn.run import load_model_and_tokenizer, load_streams, run_unlearning
     from fastalign.unlearn.trainer import resume_point

@@ -160,13 +160,6 @@ def check_fused_logits(model, probe_tokens: int = 4) -> None:
                               "a way the fused losses do not reproduce, so they would train another objective")
 
 
-def input_vocabulary(model) -> int | None:
-    """How many token ids the model embeds (its input embeddings' rows), or None if it does not say."""
-    get_embeddings = getattr(base_causal_lm(model), "get_input_embeddings", None)
-    embeddings = get_embeddings() if get_embeddings is not None else None
-    return getattr(embeddings, "num_embeddings", None)
-
-
 def max_positions(model) -> int | None:
     """The longest sequence the model's config allows (max_position_embeddings), or None if it names none."""
     value = getattr(getattr(base_causal_lm(model), "config", None), "max_position_embeddings", None)

@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from fastalign.model_vocabulary import input_vocabulary
 from fastalign.unlearn.checkpoint import (atomic_directory, latest_checkpoint, read_checkpoint,
                                           remove_stale_temporaries, write_checkpoint, write_text_atomic)
 from fastalign.unlearn.compute import (ComputeTotals, ModelShape, batch_compute, cache_compute,
@@ -33,7 +34,7 @@ from fastalign.unlearn.compute import (ComputeTotals, ModelShape, batch_compute,
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.lora_merge import MERGE_ERROR_WARNING, merge_rounding_error
 from fastalign.unlearn.models import (cast_weights, causal_lm_parts, check_fused_logits,
-                                      enable_activation_checkpointing, input_vocabulary, max_positions)
+                                      enable_activation_checkpointing, max_positions)
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.records import read_jsonl
 from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference

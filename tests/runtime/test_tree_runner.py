@@ -6,7 +6,7 @@ import torch
 from fastalign import TreeRunner
 from tests.compare import rel_error
 from tests.conftest import TRITON_DEVICE, requires_cuda
-from tests.runtime.tiny_models import CONFIGS, grow_random_tree, reference, tiny_model
+from tests.runtime.tiny_models import CONFIGS, VOCAB, grow_random_tree, reference, tiny_model
 
 LLAMA_FAMILY = [name for name in CONFIGS if not name.endswith("fallback")]
 FALLBACK = [name for name in CONFIGS if name.endswith("fallback")]
@@ -158,9 +158,52 @@ def test_a_peft_lora_model_runs_on_the_paged_path_with_its_adapter():
     assert (logits[0] - expected).abs().max() <= 1e-4
 
 
-def test_a_peft_prompt_learning_model_keeps_its_wrapper():
+def test_a_peft_lora_model_in_training_mode_runs_without_its_dropout():
+    """LoRA's dropout sits in the layers the paged path runs: a model training with lora_dropout cached random K/V
+    and gave logits off by ~4. Both are those of the model in eval mode, and every module keeps its mode."""
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(tiny_model("llama-gqa-untied"), peft.PromptTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
-    from fastalign.runtime.tree_runner import _adapters_in_layers
-    assert _adapters_in_layers(model) is model
+    torch.manual_seed(0)
+    model = peft.get_peft_model(tiny_model("llama-gqa-untied"), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.5, init_lora_weights=False))
+    model.train()
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    assert runner.paged
+    (span,), logits = runner.extend([runner.prefill([5, 17, 3, 99])], [[42, 8]])
+    assert all(module.training for module in model.modules())
+    with torch.no_grad():
+        expected = model.eval()(torch.tensor([span.tokens])).logits[0, -1]
+    assert (logits[0] - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name, targets", [("llama-gqa-untied", ["embed_tokens", "lm_head", "q_proj"]),
+                                           ("gpt2-fallback", ["wte", "c_attn"])])
+def test_a_peft_lora_on_the_input_embeddings_runs_with_its_adapter(name, targets):
+    """PEFT's LoRA embedding layer has no num_embeddings: making a runner for such a model failed with an
+    AttributeError. The vocabulary is that of the embedding layer it wraps."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(tiny_model(name), peft.LoraConfig(r=4, target_modules=targets,
+                                                                    init_lora_weights=False)).eval()
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    assert runner.paged == (name == "llama-gqa-untied") and runner.vocab_size == VOCAB
+    (span,), logits = runner.extend([runner.prefill([5, 17, 3, 99])], [[42, 8]])
+    with torch.no_grad():
+        expected = model(torch.tensor([span.tokens])).logits[0, -1]
+        with model.disable_adapter():
+            without_adapter = model(torch.tensor([span.tokens])).logits[0, -1]
+    assert (expected - without_adapter).abs().max() > 1e-2, "the adapter changes nothing: the test cannot fail"
+    assert (logits[0] - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-fallback"])
+@pytest.mark.parametrize("adapter", ["PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig"])
+def test_a_peft_prompt_learning_model_is_refused(name, adapter):
+    """A prompt-learning adapter puts virtual tokens (or their K/V) before every sequence in its wrapper's forward:
+    the paged path ran the model under it without them (logits off by ~4), and prefix tuning on the fallback gave
+    wrong logits too. Neither path can hold them in a span, so such a model is refused."""
+    peft = pytest.importorskip("peft")
+    extra = {"encoder_hidden_size": 16} if adapter == "PromptEncoderConfig" else {}
+    model = peft.get_peft_model(tiny_model(name), getattr(peft, adapter)(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, **extra)).eval()
+    with pytest.raises(ValueError, match="model: its PEFT adapter .* is a prompt-learning adapter"):
+        TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")

@@ -5,10 +5,10 @@ import gc
 import numpy as np
 import pytest
 import torch
-from transformers import (BertConfig, BertLMHeadModel, BertModel, DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig,
-                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, MptConfig, MptForCausalLM, Phi3Config,
-                          Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, RecurrentGemmaConfig,
-                          RecurrentGemmaForCausalLM)
+from transformers import (BertConfig, BertLMHeadModel, BertModel, DeepseekV3Config, DeepseekV3ForCausalLM,
+                          Gemma4ForCausalLM, Gemma4TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, MptConfig, MptForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, RecurrentGemmaConfig, RecurrentGemmaForCausalLM)
 
 from fastalign import PoolExhaustedError, Span, TreeRunner
 from fastalign.unlearn.models import enable_activation_checkpointing
@@ -268,6 +268,21 @@ def test_fallback_refuses_a_cache_whose_values_are_not_shaped_like_its_keys():
     with pytest.raises(ValueError, match="DeepseekV3ForCausalLM cannot run on the Hugging Face cache fallback: .*"
                                          "K and V of one shape"):
         TreeRunner(deepseek, max_tokens=64)
+
+
+def test_fallback_refuses_a_model_whose_cache_layers_differ_in_shape():
+    """Gemma 4 gives its full-attention layers a larger head_dim (global_head_dim) than its sliding ones: the pool,
+    shaped after the first layer, failed at the first prefill deep inside write_kv. It is refused when made."""
+    config = Gemma4TextConfig(vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8,
+                              hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8, global_head_dim=16, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention"],
+                              max_position_embeddings=MAX_POSITIONS, attn_implementation="eager")
+    model = Gemma4ForCausalLM(config).eval()
+    with pytest.raises(ValueError, match=r"Gemma4ForCausalLM cannot run .*: its cache layers differ in shape \(layer 1 "
+                                         r"holds K \[1, 2, 1, 16\] and V \[1, 2, 1, 16\], layer 0 K and V "
+                                         r"\[1, 2, 1, 8\]\)"):
+        TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
 
 
 def test_fallback_refuses_a_model_that_keeps_state_outside_its_cache():

@@ -1,0 +1,21 @@
+"""input_vocabulary reads the rows of a model's input embeddings, under a PEFT wrapper too."""
+import pytest
+import torch
+
+from fastalign.model_vocabulary import input_vocabulary
+from tests.unlearn.tiny import tiny_llama
+
+
+@pytest.mark.parametrize("targets", [["q_proj"], ["embed_tokens", "q_proj"]])
+def test_the_vocabulary_of_a_model_and_of_its_lora_wrapper(targets):
+    """A LoRA on the embeddings replaces them by PEFT's layer, which has no num_embeddings: the unlearning trainer's
+    check of the data's token ids against the model then read None and was skipped without a word."""
+    peft = pytest.importorskip("peft")
+    model = tiny_llama(101)
+    assert input_vocabulary(model) == 101
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=targets))
+    assert input_vocabulary(wrapped) == 101
+
+
+def test_a_model_without_input_embeddings_has_no_vocabulary():
+    assert input_vocabulary(torch.nn.Linear(2, 2)) is None
