@@ -46,14 +46,6 @@ def launcher_context(device):
     return torch.autocast(device.type, enabled=False)
 
 
-def refuse_double_backward(op):
-    """A backward runs with grad mode on only under create_graph=True. The launchers' gradients carry no graph
-    of their own (a matmul with out= even refuses one), so a second derivative would crash deep in them or
-    come out silently wrong: refuse it by name instead."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"{op} is not twice differentiable: backpropagate through it without create_graph=True")
-
-
 def graph_break(op):
     """torch.compiler.disable for a fused op, with the reason a fullgraph=True caller's error gives (else 'None')."""
     return torch.compiler.disable(reason=f"{op} runs outside the compiled graph (one graph break): dynamo cannot "

@@ -102,6 +102,15 @@ def check_per_token(name, t, like, *, dtypes):
                          f"{name}.detach()")
 
 
+def check_target_values(target, ignore_index, vocab):
+    """Every target [N] (int64) is a class of the vocabulary or ignore_index. Data-dependent, so it runs in the
+    loss's Function on plain tensors: under torch.func.vmap the caller's tensors are batched, and cannot be."""
+    out_of_range = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if bool(out_of_range.any()):
+        bad = int(target[out_of_range][0])
+        raise ValueError(f"target values must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {bad}")
+
+
 def check_reduction(reduction):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

@@ -6,60 +6,87 @@ weight.T + bias) the policy. Neither [tokens x vocab] distribution is held in me
 """
 import torch
 
-from .backend import graph_break, launcher_context, refuse_double_backward, require_triton_dtype, select_backend
+from .backend import graph_break, launcher_context, require_triton_dtype, select_backend
 from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
                      check_tensor, token_dims, FLOAT_DTYPES)
+from .func_transforms import LauncherGradients, refuse_forward_mode, vmap_by_loop
 from .token_rows import TokenRows
 
 
 class LinearKLDivFunction(torch.autograd.Function):
-    """Autograd over the live rows; gradients flow to hidden, weight and bias only."""
+    """Autograd over the live rows; gradients flow to hidden, weight and bias only.
+
+    forward returns the KL, then both heads' per-token logsumexps and TokenRows' state that the backward takes (in
+    torch.func's form: see func_transforms)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_weight, mask, reduction, softcap,
+    def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_weight, mask, reduction, softcap,
                 launcher):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         counted = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device) if mask is None else mask
-        rows = TokenRows(counted, token_weight, reduction, acc)
-        shared_weight, shared_bias = ref_weight is weight, bias is not None and ref_bias is bias
-        live_hidden, live_ref = rows.gather(hidden).contiguous(), rows.gather(ref_hidden.detach()).contiguous()
-        weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
-        # a head shared with the policy is passed as the policy's very tensor: the launchers read it once for both
-        ref_weight = weight if shared_weight else ref_weight.detach().contiguous()
-        if ref_bias is not None:
-            ref_bias = bias if shared_bias else ref_bias.detach().contiguous()
+        rows = TokenRows.counting(counted, token_weight, reduction, acc)
         if rows.num_live:
             with launcher_context(hidden.device):
-                kl, lse, ref_lse = launcher.forward(live_hidden, weight, bias, live_ref, ref_weight, ref_bias, softcap)
+                kl, lse, ref_lse = launcher.forward(*_live_operands(rows, hidden, weight, bias, ref_hidden, ref_weight,
+                                                                    ref_bias), softcap)
         else:
             kl = lse = ref_lse = hidden.new_zeros(0, dtype=acc)
-        ctx.save_for_backward(live_hidden, weight, bias, live_ref, None if shared_weight else ref_weight,
-                              None if shared_bias else ref_bias, lse, ref_lse)
-        ctx.rows, ctx.launcher, ctx.acc, ctx.softcap = rows, launcher, acc, softcap
-        ctx.shared_bias = shared_bias
-        return rows.reduce(kl)
+        return (rows.reduce(kl), rows.scatter(lse, acc), rows.scatter(ref_lse, acc)) + rows.state()
 
     @staticmethod
-    def backward(ctx, grad_output):
-        refuse_double_backward("linear_kl_div")
-        live_hidden, weight, bias, live_ref, ref_weight, ref_bias, lse, ref_lse = ctx.saved_tensors
-        rows = ctx.rows
-        # only the gradients asked for are computed; none when only the (never differentiated) reference asked
-        need_hidden, need_weight = ctx.needs_input_grad[:2]
-        need_bias = bias is not None and ctx.needs_input_grad[2]
-        if rows.num_live == 0 or not (need_hidden or need_weight or need_bias):
-            d_hidden = (torch.zeros((rows.num_tokens, weight.shape[1]), dtype=weight.dtype, device=weight.device)
-                        if need_hidden else None)
-            return (d_hidden, torch.zeros_like(weight) if need_weight else None,
-                    torch.zeros_like(bias) if need_bias else None) + (None,) * 8
-        with launcher_context(weight.device):
-            d_live, d_weight, d_bias = ctx.launcher.backward(
-                live_hidden, weight, bias, live_ref, weight if ref_weight is None else ref_weight,
-                bias if ctx.shared_bias else ref_bias, lse, ref_lse, rows.grad_scale(grad_output, ctx.acc),
-                need_weight, need_bias, need_hidden, ctx.softcap)
-        return (None if d_live is None else rows.scatter(d_live, live_hidden.dtype),
-                None if d_weight is None else d_weight.to(weight.dtype),
-                None if d_bias is None else d_bias.to(bias.dtype)) + (None,) * 8
+    def setup_context(ctx, inputs, output):
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, _, _, reduction, softcap, launcher = inputs
+        statistics = output[1:]
+        ctx.mark_non_differentiable(*statistics)
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, *statistics)
+        ctx.reduction, ctx.softcap, ctx.launcher = reduction, softcap, launcher
+
+    @staticmethod
+    def backward(ctx, grad_output, *_):
+        grads = LauncherGradients.apply("linear_kl_div", _gradients, *ctx.saved_tensors, grad_output, ctx.reduction,
+                                        ctx.softcap, ctx.launcher, *ctx.needs_input_grad[:3])
+        return grads + (None,) * 8
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        refuse_forward_mode("linear_kl_div")
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return vmap_by_loop("linear_kl_div", LinearKLDivFunction, info, in_dims, args)
+
+
+def _live_operands(rows, hidden, weight, bias, ref_hidden, ref_weight, ref_bias):
+    """The launchers' (hidden, weight, bias, ref_hidden, ref_weight, ref_bias): the live rows, contiguous, the
+    reference detached; a reference head that is the policy's tensor (one frozen lm_head for both) is passed as
+    the policy's very tensor, so that the launchers read it once for both products."""
+    shared_weight, shared_bias = ref_weight is weight, bias is not None and ref_bias is bias
+    weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
+    ref_weight = weight if shared_weight else ref_weight.detach().contiguous()
+    if ref_bias is not None:
+        ref_bias = bias if shared_bias else ref_bias.detach().contiguous()
+    return (rows.gather(hidden).contiguous(), weight, bias, rows.gather(ref_hidden.detach()).contiguous(), ref_weight,
+            ref_bias)
+
+
+def _gradients(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, row_weight, num_counted,
+               grad_output, reduction, softcap, launcher, need_hidden, need_weight, need_bias):
+    """(d_hidden, d_weight, d_bias) of LinearKLDivFunction, each None unless asked for: only those are computed
+    (none when only the never differentiated reference asked)."""
+    need_bias = bias is not None and need_bias
+    if not (need_hidden or need_weight or need_bias):
+        return None, None, None
+    rows = TokenRows(row_weight, num_counted, reduction)
+    if rows.num_live == 0:
+        return (torch.zeros_like(hidden) if need_hidden else None, torch.zeros_like(weight) if need_weight else None,
+                torch.zeros_like(bias) if need_bias else None)
+    with launcher_context(weight.device):
+        d_live, d_weight, d_bias = launcher.backward(
+            *_live_operands(rows, hidden, weight, bias, ref_hidden, ref_weight, ref_bias),
+            rows.gather(lse).contiguous(), rows.gather(ref_lse).contiguous(), rows.grad_scale(grad_output),
+            need_weight, need_bias, need_hidden, softcap)
+    return (None if d_live is None else rows.scatter(d_live, hidden.dtype),
+            None if d_weight is None else d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(bias.dtype))
 
 
 @graph_break("linear_kl_div")
@@ -78,9 +105,9 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     (0 if none); "none" = w_t KL_t of shape [...] (0 at masked-out tokens). Result float32 (float64 for float64
     inputs).
     Gradients flow to hidden, weight and bias. An enclosing autocast does not apply inside (cast the inputs to
-    follow it); there is no second derivative. torch.compile runs it as it is (one graph break): dynamo cannot
-    trace its data-dependent row gather and kernel launches, and tracing into them crashed under the Triton
-    interpreter.
+    follow it). torch.func's grad, vjp, jacrev and vmap (once per sample) work; a second derivative or forward
+    mode raises. torch.compile runs it as it is (one graph break): dynamo cannot trace its data-dependent row
+    gather and kernel launches, and tracing into them crashed under the Triton interpreter.
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
     """
     tokens = token_dims("hidden", hidden)
@@ -104,5 +131,5 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     require_triton_dtype(launcher, "hidden", hidden)
     require_triton_dtype(launcher, "ref_hidden", ref_hidden)
     kl = LinearKLDivFunction.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_weight, mask,
-                                   reduction, None if softcap is None else float(softcap), launcher)
+                                   reduction, None if softcap is None else float(softcap), launcher)[0]
     return kl.reshape(tokens) if reduction == "none" else kl

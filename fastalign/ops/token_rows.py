@@ -5,23 +5,36 @@ or its mask is True (KL); "mean" divides by the number of counted tokens (0 coun
 of 0, never NaN). A counted token with weight 0 contributes exactly 0, so it is dropped before the
 matmul too: only *live* tokens (counted, non-zero weight) are computed.
 """
+import torch
 
 
 class TokenRows:
     """The live rows of an [N, ...] token stream, their weights and the reduction that follows.
 
-    rows is None when every token is live, so that no copy of the hidden states is made.
+    Built from a state of fixed shapes, which the forward returns for the backward to build it again (see
+    func_transforms): row_weight [N] in the accumulation dtype (each counted token's weight, 0 at the others)
+    and num_counted (0-d). rows is None when every token is live, so that no copy of the hidden states is made.
     """
 
-    def __init__(self, counted, token_weight, reduction, acc_dtype):
-        self.num_tokens = counted.shape[0]
-        self.reduction = reduction
-        live = counted if token_weight is None else counted & (token_weight != 0)
-        self.rows = None if bool(live.all()) else live.nonzero().squeeze(1)
-        # a copy, never the caller's buffer: the backward must see the weights of the forward even if the caller
-        # refills that buffer (the next micro-batch) before backpropagating
-        self.weight = None if token_weight is None else self.gather(token_weight).to(acc_dtype, copy=True)
-        self.num_counted = counted.sum()
+    def __init__(self, row_weight, num_counted, reduction):
+        self.num_tokens = row_weight.shape[0]
+        self.reduction, self.row_weight, self.num_counted = reduction, row_weight, num_counted
+        live = row_weight.nonzero().squeeze(1)  # a NaN weight is live: its NaN loss must show
+        self.rows = None if live.numel() == self.num_tokens else live
+        self.weight = self.gather(row_weight)
+
+    @classmethod
+    def counting(cls, counted, token_weight, reduction, acc_dtype):
+        """The TokenRows of the tokens where `counted` [N] is True, weighted by token_weight [N] (None: 1). Its
+        row_weight is a copy, never the caller's buffer: the backward must see the weights of the forward even if
+        the caller refills that buffer (the next micro-batch) before backpropagating."""
+        row_weight = (counted.to(acc_dtype) if token_weight is None
+                      else torch.where(counted, token_weight.to(acc_dtype), 0.0))
+        return cls(row_weight, counted.sum(), reduction)
+
+    def state(self):
+        """(row_weight, num_counted): what builds this TokenRows again."""
+        return self.row_weight, self.num_counted
 
     @property
     def num_live(self):
@@ -40,8 +53,7 @@ class TokenRows:
 
     def reduce(self, per_token):
         """Weights the live per-token losses and applies the reduction."""
-        if self.weight is not None:
-            per_token = per_token * self.weight
+        per_token = per_token * self.weight
         if self.reduction == "none":
             return self.scatter(per_token, per_token.dtype)
         total = per_token.sum()
@@ -49,14 +61,14 @@ class TokenRows:
             return total
         return total / self.num_counted.clamp(min=1).to(total.dtype)
 
-    def grad_scale(self, grad_output, acc_dtype):
-        """d(output)/d(per-token loss) of each live row: the upstream gradient times the token weight."""
+    def grad_scale(self, grad_output):
+        """d(output)/d(per-token loss) of each live row, in the accumulation dtype: the upstream gradient times the
+        token weight."""
+        acc_dtype = self.row_weight.dtype
         if self.reduction == "none":
             scale = self.gather(grad_output).to(acc_dtype)
         else:
             scale = grad_output.to(acc_dtype).expand(self.num_live)
             if self.reduction == "mean":
                 scale = scale / self.num_counted.clamp(min=1).to(acc_dtype)
-        if self.weight is not None:
-            scale = scale * self.weight
-        return scale.contiguous()
+        return (scale * self.weight).contiguous()

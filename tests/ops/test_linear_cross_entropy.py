@@ -153,12 +153,34 @@ def test_fp32_inputs_under_bf16_autocast_keep_fp32(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_double_backward_is_refused_by_name(backend):
+def test_second_derivatives_are_refused_by_name(backend):
+    """create_graph=True gives the exact first-order gradients (torch.func runs every backward so), and
+    differentiating them raises by name, as do transforms of torch.func's grad, jacrev and vjp; forward mode (jvp,
+    jacfwd, hessian) is refused by name too."""
     hidden, weight, target, extra = make_inputs(6, 16, 37, bias=True, device=device_for(backend))
     for inputs in ([hidden, weight, extra["bias"]], [hidden]):  # a frozen weight once gave silently no graph
         out = fastalign.linear_cross_entropy(hidden, weight, target, backend=backend, **extra)
+        grads = torch.autograd.grad(out, inputs, create_graph=True)
+        ref = linear_cross_entropy_reference(hidden, weight, target, **extra)
+        for got, want in zip(grads, torch.autograd.grad(ref, inputs)):
+            assert_rel_close("gradient", got, want, REL_TOL[torch.float32])
         with pytest.raises(RuntimeError, match="linear_cross_entropy is not twice differentiable"):
-            torch.autograd.grad(out, inputs, create_graph=True)
+            torch.autograd.grad(sum(g.sum() for g in grads), inputs)
+    hidden, weight = hidden.detach(), weight.detach()
+
+    def loss(h):
+        return fastalign.linear_cross_entropy(h, weight, target, backend=backend)
+
+    vjp_fn = torch.func.vjp(loss, hidden)[1]
+    for twice in (lambda h: torch.func.grad(lambda x: torch.func.grad(loss)(x).sum())(h),
+                  lambda h: torch.func.jacrev(torch.func.jacrev(loss))(h),
+                  lambda h: torch.func.jvp(vjp_fn, (h.new_ones(()),), (h.new_ones(()),))):  # forward over reverse
+        with pytest.raises(RuntimeError, match="linear_cross_entropy is not twice differentiable"):
+            twice(hidden)
+    for forward_mode in (lambda h: torch.func.jvp(loss, (h,), (torch.ones_like(h),)), torch.func.jacfwd(loss),
+                         torch.func.hessian(loss)):
+        with pytest.raises(RuntimeError, match="linear_cross_entropy has no forward-mode derivative"):
+            forward_mode(hidden)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -352,3 +374,113 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
     hidden, weight, target, _ = make_inputs(3, 16, 37)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         fastalign.linear_cross_entropy(hidden, weight, target, backend="triton")
+
+
+FUNC_CASES = [((1, 16, 37), 0.0), ((13, 24, 131), 0.2), ((5, 16, 37), 1.0)]  # one token, V odd, all tokens ignored
+
+
+def func_inputs(shape, ignored, backend):
+    """Plain tensors (torch.func differentiates functions of them): hidden, weight, bias, target, token_weight."""
+    hidden, weight, target, extra = make_inputs(*shape, bias=True, weighted=True, ignored=ignored,
+                                                device=device_for(backend))
+    return hidden.detach(), weight.detach(), extra["bias"].detach(), target, extra["token_weight"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,ignored", FUNC_CASES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_torch_func_grad_matches_autograd_and_reference(backend, shape, ignored, reduction):
+    """torch.func.grad_and_value of the loss (under a random upstream gradient) wrt hidden, weight and bias: the
+    values and gradients of the autograd path exactly, those of the float64 reference within fp32 rounding."""
+    hidden, weight, bias, target, token_weight = func_inputs(shape, ignored, backend)
+    seed = torch.randn(shape[0] if reduction == "none" else (), device=hidden.device)
+
+    def scalar(loss_fn, h, w, b):
+        return (loss_fn(h, w, target, bias=b, token_weight=token_weight, reduction=reduction) * seed).sum()
+
+    op = functools.partial(fastalign.linear_cross_entropy, backend=backend)
+    grads, value = torch.func.grad_and_value(functools.partial(scalar, op), argnums=(0, 1, 2))(hidden, weight, bias)
+    inputs = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    autograd_value = scalar(op, *inputs)
+    ref_value = scalar(linear_cross_entropy_reference, *inputs)
+    assert torch.equal(value, autograd_value)
+    assert_rel_close("loss", value, ref_value, REL_TOL[torch.float32])
+    for name, got, same, want in zip(["d_hidden", "d_weight", "d_bias"], grads,
+                                     torch.autograd.grad(autograd_value, inputs),
+                                     torch.autograd.grad(ref_value, inputs)):
+        assert torch.equal(got, same), name
+        assert_rel_close(name, got, want, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_vjp_and_jacrev_match_reference(backend):
+    """torch.func.vjp of the per-token losses under a random cotangent, and jacrev's whole Jacobians (a vmap of
+    the backward over the cotangents), against the reference's: zero rows where a token is ignored."""
+    hidden, weight, bias, target, token_weight = func_inputs((4, 16, 37), 0.3, backend)
+    target[1] = -100
+
+    def per_token(loss_fn, h, w, b):
+        return loss_fn(h, w, target, bias=b, token_weight=token_weight, reduction="none")
+
+    op = functools.partial(per_token, functools.partial(fastalign.linear_cross_entropy, backend=backend))
+    ref = functools.partial(per_token, linear_cross_entropy_reference)
+    cotangent = torch.randn(4, device=hidden.device)
+    (out, vjp_fn), (ref_out, ref_vjp_fn) = (torch.func.vjp(f, hidden, weight, bias) for f in (op, ref))
+    assert_rel_close("loss", out, ref_out, REL_TOL[torch.float32])
+    for name, got, want in zip(["d_hidden", "d_weight", "d_bias"], vjp_fn(cotangent),
+                               ref_vjp_fn(cotangent.double())):
+        assert_rel_close(name, got, want, REL_TOL[torch.float32])
+    jacobians = torch.func.jacrev(op, argnums=(0, 1, 2))(hidden, weight, bias)
+    for name, got, want in zip(["jac_hidden", "jac_weight", "jac_bias"], jacobians,
+                               torch.func.jacrev(ref, argnums=(0, 1, 2))(hidden, weight, bias)):
+        assert_rel_close(name, got, want, REL_TOL[torch.float32])
+    assert torch.all(jacobians[1][1] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_per_sample_gradients_under_vmap(backend, reduction):
+    """vmap(grad_and_value) over a batch of sequences (hidden, target, token_weight batched; weight and bias
+    shared): each sequence's loss and gradients, as a loop over the sequences computes them with the reference;
+    one sequence has every token ignored, and the token rows are not contiguous."""
+    device = device_for(backend)
+    states = torch.randn(3, 6, 16, device=device)[:, 1:]
+    weight, bias = torch.randn(37, 16, device=device) / 4, torch.randn(37, device=device)
+    target, token_weight = torch.randint(0, 37, (3, 5), device=device), torch.randn(3, 5, device=device)
+    target[0, 2], target[1] = -100, -100
+    seed = torch.randn(5 if reduction == "none" else (), device=device)
+
+    def sample_loss(loss_fn, w, b, h, y, tw):
+        return (loss_fn(h, w, y, bias=b, token_weight=tw, reduction=reduction) * seed).sum()
+
+    op = functools.partial(sample_loss, functools.partial(fastalign.linear_cross_entropy, backend=backend))
+    per_sample = torch.func.vmap(torch.func.grad_and_value(op, argnums=(0, 1, 2)), in_dims=(None, None, 0, 0, 0))
+    grads, values = per_sample(weight, bias, states, target, token_weight)
+    for i in range(3):
+        inputs = [t.clone().requires_grad_() for t in (weight, bias, states[i])]
+        ref_value = sample_loss(linear_cross_entropy_reference, *inputs, target[i], token_weight[i])
+        assert_rel_close(f"loss {i}", values[i], ref_value, REL_TOL[torch.float32])
+        for name, got, want in zip(["d_weight", "d_bias", "d_hidden"], grads, torch.autograd.grad(ref_value, inputs)):
+            assert_rel_close(f"{name} {i}", got[i], want, REL_TOL[torch.float32])
+    assert torch.all(grads[2][1] == 0) and values[1] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_over_stacked_heads(backend):
+    """vmap over the weights of several heads (an ensemble) on shared hidden states: each head's losses, and
+    the gradients of their sum, as the reference gives them one head at a time."""
+    hidden, weight, bias, target, token_weight = func_inputs((13, 24, 131), 0.2, backend)
+    heads = torch.stack([weight, 2 * weight, -weight])
+
+    def losses(w):
+        return fastalign.linear_cross_entropy(hidden, w, target, bias=bias, token_weight=token_weight,
+                                              reduction="none", backend=backend)
+
+    out = torch.func.vmap(losses)(heads)
+    d_heads = torch.func.grad(lambda ws: torch.func.vmap(losses)(ws).sum())(heads)
+    for i in range(3):
+        w = heads[i].clone().requires_grad_()
+        ref = linear_cross_entropy_reference(hidden, w, target, bias=bias, token_weight=token_weight,
+                                             reduction="none")
+        assert_rel_close(f"loss {i}", out[i], ref, REL_TOL[torch.float32])
+        assert_rel_close(f"d_weight {i}", d_heads[i], torch.autograd.grad(ref.sum(), [w])[0], REL_TOL[torch.float32])

@@ -204,12 +204,34 @@ def test_fp32_inputs_under_bf16_autocast_keep_fp32(backend, shared):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_double_backward_is_refused_by_name(backend):
+def test_second_derivatives_are_refused_by_name(backend):
+    """create_graph=True gives the exact first-order gradients (torch.func runs every backward so), and
+    differentiating them raises by name, as do transforms of torch.func's grad, jacrev and vjp; forward mode (jvp,
+    jacfwd, hessian) is refused by name too."""
     hidden, weight, ref_hidden, ref_weight, extra = make_inputs(6, 16, 37, shared=True, device=device_for(backend))
     for inputs in ([hidden, weight], [hidden]):
         out = fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, backend=backend, **extra)
+        grads = torch.autograd.grad(out, inputs, create_graph=True)
+        ref = linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, **extra)
+        for got, want in zip(grads, torch.autograd.grad(ref, inputs)):
+            assert_rel_close("gradient", got, want, REL_TOL[torch.float32])
         with pytest.raises(RuntimeError, match="linear_kl_div is not twice differentiable"):
-            torch.autograd.grad(out, inputs, create_graph=True)
+            torch.autograd.grad(sum(g.sum() for g in grads), inputs)
+    hidden, weight = hidden.detach(), weight.detach()
+
+    def kl(h):
+        return fastalign.linear_kl_div(h, weight, ref_hidden, weight, backend=backend, **extra)
+
+    vjp_fn = torch.func.vjp(kl, hidden)[1]
+    for twice in (lambda h: torch.func.grad(lambda x: torch.func.grad(kl)(x).sum())(h),
+                  lambda h: torch.func.jacrev(torch.func.jacrev(kl))(h),
+                  lambda h: torch.func.jvp(vjp_fn, (h.new_ones(()),), (h.new_ones(()),))):  # forward over reverse
+        with pytest.raises(RuntimeError, match="linear_kl_div is not twice differentiable"):
+            twice(hidden)
+    for forward_mode in (lambda h: torch.func.jvp(kl, (h,), (torch.ones_like(h),)), torch.func.jacfwd(kl),
+                         torch.func.hessian(kl)):
+        with pytest.raises(RuntimeError, match="linear_kl_div has no forward-mode derivative"):
+            forward_mode(hidden)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -379,3 +401,127 @@ def test_bad_input_is_named(change, message):
     args = change({"hidden": hidden, "weight": weight, "ref_hidden": ref_hidden, "ref_weight": ref_weight})
     with pytest.raises((ValueError, TypeError), match=message):
         fastalign.linear_kl_div(**args)
+
+
+FUNC_CASES = [((1, 16, 37), 0.0), ((13, 24, 131), 0.2), ((5, 16, 37), 1.0)]  # one token, V odd, every token masked
+
+
+def func_inputs(shape, masked, shared, backend):
+    """Plain tensors (torch.func differentiates functions of them): hidden, weight, bias, ref_hidden, and the
+    constants (ref_weight, ref_bias, mask, token_weight) as keywords; with `shared`, ref_weight and ref_bias are
+    left out: the differentiated function passes its own weight and bias as the reference's."""
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(*shape, shared=shared, weighted=True, bias=True,
+                                                                masked=masked, device=device_for(backend))
+    constants = {"mask": extra["mask"], "token_weight": extra["token_weight"]}
+    if not shared:
+        constants.update(ref_weight=ref_weight, ref_bias=extra["ref_bias"])
+    return hidden.detach(), weight.detach(), extra["bias"].detach(), ref_hidden, constants
+
+
+def kl_of(loss_fn, h, w, b, r, ref_weight=None, ref_bias=None, **kwargs):
+    """The KL of policy (h, w, b) against reference r, whose head is (w, b) itself unless given."""
+    return loss_fn(h, w, r, w if ref_weight is None else ref_weight, bias=b,
+                   ref_bias=b if ref_weight is None else ref_bias, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,masked", FUNC_CASES)
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_torch_func_grad_matches_autograd_and_reference(backend, shape, masked, shared, reduction):
+    """torch.func.grad_and_value of the KL (under a random upstream gradient) wrt hidden, weight, bias and
+    ref_hidden: the values and gradients of the autograd path exactly, those of the float64 reference within fp32
+    rounding; the reference's hidden states get a zero gradient."""
+    hidden, weight, bias, ref_hidden, constants = func_inputs(shape, masked, shared, backend)
+    seed = torch.randn(shape[0] if reduction == "none" else (), device=hidden.device)
+
+    def scalar(loss_fn, h, w, b, r):
+        return (kl_of(loss_fn, h, w, b, r, reduction=reduction, **constants) * seed).sum()
+
+    op = functools.partial(fastalign.linear_kl_div, backend=backend)
+    grads, value = torch.func.grad_and_value(functools.partial(scalar, op), argnums=(0, 1, 2, 3))(
+        hidden, weight, bias, ref_hidden)
+    inputs = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    autograd_value = scalar(op, *inputs, ref_hidden)
+    ref_value = scalar(linear_kl_div_reference, *inputs, ref_hidden)
+    assert torch.equal(value, autograd_value)
+    assert_rel_close("kl", value, ref_value, REL_TOL[torch.float32])
+    for name, got, same, want in zip(["d_hidden", "d_weight", "d_bias"], grads,
+                                     torch.autograd.grad(autograd_value, inputs),
+                                     torch.autograd.grad(ref_value, inputs)):
+        assert torch.equal(got, same), name
+        assert_rel_close(name, got, want, REL_TOL[torch.float32])
+    assert torch.equal(grads[3], torch.zeros_like(ref_hidden))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_vjp_and_jacrev_match_reference(backend):
+    """torch.func.vjp of the per-token KLs under a random cotangent, and jacrev's whole Jacobians (a vmap of the
+    backward over the cotangents), against the reference's: zero rows where a token is masked out."""
+    hidden, weight, bias, ref_hidden, constants = func_inputs((4, 16, 37), 0.3, True, backend)
+    constants["mask"][1] = False
+
+    def per_token(loss_fn, h, w, b):
+        return kl_of(loss_fn, h, w, b, ref_hidden, reduction="none", **constants)
+
+    op = functools.partial(per_token, functools.partial(fastalign.linear_kl_div, backend=backend))
+    ref = functools.partial(per_token, linear_kl_div_reference)
+    cotangent = torch.randn(4, device=hidden.device)
+    (out, vjp_fn), (ref_out, ref_vjp_fn) = (torch.func.vjp(f, hidden, weight, bias) for f in (op, ref))
+    assert_rel_close("kl", out, ref_out, REL_TOL[torch.float32])
+    for name, got, want in zip(["d_hidden", "d_weight", "d_bias"], vjp_fn(cotangent),
+                               ref_vjp_fn(cotangent.double())):
+        assert_rel_close(name, got, want, REL_TOL[torch.float32])
+    jacobians = torch.func.jacrev(op, argnums=(0, 1, 2))(hidden, weight, bias)
+    for name, got, want in zip(["jac_hidden", "jac_weight", "jac_bias"], jacobians,
+                               torch.func.jacrev(ref, argnums=(0, 1, 2))(hidden, weight, bias)):
+        assert_rel_close(name, got, want, REL_TOL[torch.float32])
+    assert torch.all(jacobians[1][1] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_per_sample_gradients_under_vmap(backend, reduction):
+    """vmap(grad_and_value) over a batch of sequences (hidden, ref_hidden, mask, token_weight batched; one head
+    shared by policy and reference): each sequence's KL and gradients, as a loop over the sequences computes them
+    with the reference; one sequence has every token masked out, and the token rows are not contiguous."""
+    device = device_for(backend)
+    states, ref_states = torch.randn(3, 6, 16, device=device)[:, 1:], torch.randn(3, 6, 16, device=device)[:, 1:]
+    weight, bias = torch.randn(37, 16, device=device) / 4, torch.randn(37, device=device)
+    mask, token_weight = torch.rand(3, 5, device=device) > 0.2, torch.randn(3, 5, device=device)
+    mask[1] = False
+    seed = torch.randn(5 if reduction == "none" else (), device=device)
+
+    def sample_kl(loss_fn, w, b, h, r, m, tw):
+        return (kl_of(loss_fn, h, w, b, r, mask=m, token_weight=tw, reduction=reduction) * seed).sum()
+
+    op = functools.partial(sample_kl, functools.partial(fastalign.linear_kl_div, backend=backend))
+    per_sample = torch.func.vmap(torch.func.grad_and_value(op, argnums=(0, 1, 2)), in_dims=(None, None, 0, 0, 0, 0))
+    grads, values = per_sample(weight, bias, states, ref_states, mask, token_weight)
+    for i in range(3):
+        inputs = [t.clone().requires_grad_() for t in (weight, bias, states[i])]
+        ref_value = sample_kl(linear_kl_div_reference, *inputs, ref_states[i], mask[i], token_weight[i])
+        assert_rel_close(f"kl {i}", values[i], ref_value, REL_TOL[torch.float32])
+        for name, got, want in zip(["d_weight", "d_bias", "d_hidden"], grads, torch.autograd.grad(ref_value, inputs)):
+            assert_rel_close(f"{name} {i}", got[i], want, REL_TOL[torch.float32])
+    assert torch.all(grads[2][1] == 0) and values[1] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_over_stacked_heads(backend):
+    """vmap over the weights of several heads (an ensemble), each its own reference head, on shared hidden states:
+    each head's KLs, and the gradients of their sum, as the reference gives them one head at a time."""
+    hidden, weight, bias, ref_hidden, constants = func_inputs((13, 24, 131), 0.2, True, backend)
+    heads = torch.stack([weight, 2 * weight, -weight])
+
+    def kls(w):
+        return kl_of(functools.partial(fastalign.linear_kl_div, backend=backend), hidden, w, bias, ref_hidden,
+                     reduction="none", **constants)
+
+    out = torch.func.vmap(kls)(heads)
+    d_heads = torch.func.grad(lambda ws: torch.func.vmap(kls)(ws).sum())(heads)
+    for i in range(3):
+        w = heads[i].clone().requires_grad_()
+        ref = kl_of(linear_kl_div_reference, hidden, w, bias, ref_hidden, reduction="none", **constants)
+        assert_rel_close(f"kl {i}", out[i], ref, REL_TOL[torch.float32])
+        assert_rel_close(f"d_weight {i}", d_heads[i], torch.autograd.grad(ref.sum(), [w])[0], REL_TOL[torch.float32])

@@ -1,0 +1,61 @@
+"""The fused losses' autograd Functions under torch.func (grad, vjp, jacrev, vmap) and second derivatives.
+
+The Functions take the form torch.func requires: a forward without ctx that returns, beside the loss, the
+per-token statistics its backward needs (shapes fixed per token, never [N, V]), and a setup_context that saves
+them with the inputs. Their backward runs as a Function of its own, LauncherGradients: under a transform its
+launcher then sees plain tensors, and differentiating the gradients (create_graph=True, which torch.func uses
+for every backward, then a second backward; or nested transforms) reaches its backward, which refuses by name
+instead of returning a wrong answer. vmap runs the op once per sample.
+"""
+import torch
+
+
+def vmap_by_loop(op, function, info, in_dims, args):
+    """The (outputs, out_dims) of a vmap staticmethod of `function`: applied to each sample of the batched
+    arguments (sliced at their in_dims), tensor outputs stacked along dim 0. A loop is exact whatever is batched
+    (hidden states, targets, weights, upstream gradients); folding the samples into one call's token rows is not,
+    since the launchers sum the weight's gradient over the rows."""
+    if info.batch_size == 0:
+        raise ValueError(f"{op} under torch.func.vmap needs at least one sample, got a batch of 0")
+    samples = [function.apply(*(arg if dim is None else arg.select(dim, i) for arg, dim in zip(args, in_dims)))
+               for i in range(info.batch_size)]
+    outputs = tuple(None if parts[0] is None else torch.stack(parts) for parts in zip(*samples))
+    return outputs, tuple(None if out is None else 0 for out in outputs)
+
+
+def refuse_forward_mode(op):
+    """The jvp staticmethod of a fused loss: there is no forward-mode derivative (it would need the [N, V]
+    softmax's product with a tangent, which no launcher computes)."""
+    raise RuntimeError(f"{op} has no forward-mode derivative (torch.func.jvp, jacfwd, hessian, forward_ad): "
+                       "differentiate it in reverse mode (backward, torch.func.grad, vjp or jacrev)")
+
+
+def refuse_second_derivative(op):
+    """The launchers' gradients carry no graph: a derivative of them would come out silently wrong."""
+    raise RuntimeError(f"{op} is not twice differentiable: its gradients have no gradient (no backward through "
+                       "gradients taken with create_graph=True, no transform of torch.func's grad, vjp or jacrev)")
+
+
+class LauncherGradients(torch.autograd.Function):
+    """A fused loss's backward, `gradients(*args)` of its saved tensors and upstream gradient (a tuple of gradients
+    or None), as a Function with no derivative of its own: the launchers' gradients carry no graph."""
+
+    @staticmethod
+    def forward(op, gradients, *args):
+        return gradients(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.op = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        refuse_second_derivative(ctx.op)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        refuse_second_derivative(ctx.op)
+
+    @staticmethod
+    def vmap(info, in_dims, op, gradients, *args):
+        return vmap_by_loop(op, LauncherGradients, info, in_dims, (op, gradients, *args))
