@@ -5,7 +5,8 @@ per-token statistics its backward needs (shapes fixed per token, never [N, V]), 
 them with the inputs. Their backward runs as a Function of its own, LauncherGradients: under a transform its
 launcher then sees plain tensors, and differentiating the gradients (create_graph=True, which torch.func uses
 for every backward, then a second backward; or nested transforms) reaches its backward, which refuses by name
-instead of returning a wrong answer. vmap runs the op once per sample.
+instead of returning a wrong answer. vmap runs the op once per sample; torch.autograd's legacy vmap (a batched
+backward), which calls no vmap rule, is refused by name.
 """
 import torch
 
@@ -36,12 +37,23 @@ def refuse_second_derivative(op):
                        "gradients taken with create_graph=True, no transform of torch.func's grad, vjp or jacrev)")
 
 
+@torch.compiler.disable  # dynamo cannot trace the check (compiled autograd traces the backward)
+def refuse_legacy_vmap(op, args):
+    """torch.autograd.grad(is_grads_batched=True) and torch.autograd.functional's vectorize=True batch a backward by
+    torch's legacy vmap, which calls no vmap staticmethod: the launchers would get batched tensors, and crash."""
+    if any(isinstance(arg, torch.Tensor) and torch._C._functorch.is_legacy_batchedtensor(arg) for arg in args):
+        raise RuntimeError(f"{op}'s backward cannot run batched by torch.autograd's legacy vmap "
+                           "(torch.autograd.grad(is_grads_batched=True), torch.autograd.functional's vectorize=True): "
+                           "use torch.func.jacrev, or torch.func.vmap over torch.func.vjp's function")
+
+
 class LauncherGradients(torch.autograd.Function):
     """A fused loss's backward, `gradients(*args)` of its saved tensors and upstream gradient (a tuple of gradients
     or None), as a Function with no derivative of its own: the launchers' gradients carry no graph."""
 
     @staticmethod
     def forward(op, gradients, *args):
+        refuse_legacy_vmap(op, args)
         return gradients(*args)
 
     @staticmethod

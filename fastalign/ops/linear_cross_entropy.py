@@ -57,6 +57,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return vmap_by_loop("linear_cross_entropy", LinearCrossEntropyFunction, info, in_dims, args)
 
 
+@graph_break("linear_cross_entropy")  # a compiled caller that differentiates runs it in its frame
 def _gradients(hidden, weight, bias, target, lse, row_weight, num_counted, grad_output, reduction, softcap, launcher,
                need_hidden, need_weight, need_bias):
     """(d_hidden, d_weight, d_bias) of LinearCrossEntropyFunction, each None unless asked for: only those are
@@ -90,9 +91,9 @@ def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None
     "none" = w_t CE_t of shape [...] (0 at ignored tokens). The result is float32 (float64 for float64
     inputs) whatever the input dtype; ignored and zero-weight tokens never reach the matmul. An enclosing
     autocast does not apply inside (cast the inputs to follow it). torch.func's grad, vjp, jacrev and vmap (once
-    per sample) work; a second derivative or forward mode raises. torch.compile runs it as it is (one graph
-    break): dynamo cannot trace its data-dependent row gather and kernel launches, and tracing into them crashed
-    under the Triton interpreter.
+    per sample) work; a second derivative, forward mode or torch.autograd's legacy vmap (is_grads_batched=True)
+    raises. torch.compile runs it and its backward as they are (graph breaks): dynamo cannot trace their
+    data-dependent row gather and kernel launches, and tracing into them crashed under the Triton interpreter.
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
     """
     tokens = token_dims("hidden", hidden)

@@ -69,6 +69,7 @@ def _live_operands(rows, hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
             ref_bias)
 
 
+@graph_break("linear_kl_div")  # a compiled caller that differentiates runs it in its frame
 def _gradients(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, row_weight, num_counted,
                grad_output, reduction, softcap, launcher, need_hidden, need_weight, need_bias):
     """(d_hidden, d_weight, d_bias) of LinearKLDivFunction, each None unless asked for: only those are computed
@@ -105,9 +106,10 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     (0 if none); "none" = w_t KL_t of shape [...] (0 at masked-out tokens). Result float32 (float64 for float64
     inputs).
     Gradients flow to hidden, weight and bias. An enclosing autocast does not apply inside (cast the inputs to
-    follow it). torch.func's grad, vjp, jacrev and vmap (once per sample) work; a second derivative or forward
-    mode raises. torch.compile runs it as it is (one graph break): dynamo cannot trace its data-dependent row
-    gather and kernel launches, and tracing into them crashed under the Triton interpreter.
+    follow it). torch.func's grad, vjp, jacrev and vmap (once per sample) work; a second derivative, forward
+    mode or torch.autograd's legacy vmap (is_grads_batched=True) raises. torch.compile runs it and its backward as
+    they are (graph breaks): dynamo cannot trace their data-dependent row gather and kernel launches, and tracing
+    into them crashed under the Triton interpreter.
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
     """
     tokens = token_dims("hidden", hidden)

@@ -200,6 +200,30 @@ def test_inside_a_compiled_caller(backend):
                        REL_TOL[torch.float32])
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("differentiate", [
+    lambda loss, h, w: torch.func.grad(loss, argnums=(0, 1))(h, w),
+    lambda loss, h, w: torch.autograd.grad(loss(h, w), (h, w))], ids=["func_grad", "autograd_grad"])
+def test_gradients_taken_inside_a_compiled_caller(backend, differentiate):
+    """torch.compile of a caller that differentiates the loss itself: the backward runs inside the compiled frame,
+    where dynamo traced into the kernel launches (the Triton interpreter crashed) unless they are a graph break."""
+    hidden, weight, target, extra = make_inputs(13, 24, 131, bias=True, weighted=True, device=device_for(backend))
+    hidden, weight = hidden.detach(), weight.detach()
+
+    def caller(loss_fn, h, w):
+        def loss(h, w):
+            return loss_fn(torch.tanh(h), w, target, **extra)
+        if loss_fn is linear_cross_entropy_reference:
+            return torch.autograd.grad(loss(h, w), (h, w))
+        return differentiate(loss, h, w)
+
+    got = torch.compile(caller, backend="eager")(functools.partial(fastalign.linear_cross_entropy, backend=backend),
+                                                 *(t.clone().requires_grad_() for t in (hidden, weight)))
+    want = caller(linear_cross_entropy_reference, *(t.clone().requires_grad_() for t in (hidden, weight)))
+    for name, g, w in zip(["d_hidden", "d_weight"], got, want):
+        assert_rel_close(name, g, w, REL_TOL[torch.float32])
+
 def test_fullgraph_compile_is_refused_with_the_reason():
     """fullgraph=True cannot hold the op's graph break: dynamo's error says why (it said 'reason: None' and
     hinted at removing fastalign's decorator)."""
