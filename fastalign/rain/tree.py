@@ -45,18 +45,6 @@ class Node:
     def is_leaf(self) -> bool:
         return not self.children
 
-    def state(self, root_state: Sequence[int], root: "Node") -> List[int]:
-        """Full token state: the root's state plus the token sets from below `root` down to this node."""
-        path = []
-        node = self
-        while node is not root:
-            path.append(node.tokens)
-            node = node.parent
-        out = list(root_state)
-        for tokens in reversed(path):
-            out.extend(tokens)
-        return out
-
     def subtree(self):
         """This node and every descendant (iterative, depth first)."""
         stack = [self]

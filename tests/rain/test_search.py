@@ -1,12 +1,14 @@
 """PromptSearch's expansion: the priors of a node's children from what the engine drew."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from fastalign.rain import RainConfig
-from fastalign.rain.jobs import Draft, ExpandJob, ExpandResult, PromptContext
-from fastalign.rain.minimum import RequiredPrefixes
+from fastalign.rain.dialogue import judge_path_ids
+from fastalign.rain.jobs import Draft, EvaluateJob, Evaluation, ExpandJob, ExpandResult, PromptContext
+from fastalign.rain.minimum import RequiredPrefixes, chain_key
 from fastalign.rain.search import PromptSearch
 
 from .tiny import tokenizer
@@ -47,6 +49,25 @@ def test_widening_samples_on_streams_the_first_expansion_did_not_use():
     used = set(range(first.first_stream, first.first_stream + first.attempts))
     assert widening.attempts > 0
     assert used.isdisjoint(range(widening.first_stream, widening.first_stream + widening.attempts))
+
+
+def test_each_widening_draws_widen_group_minus_one_samples_on_the_next_streams():
+    """A widening asks for widen_group - 1 samples (the greedy set completes the group) on the streams that follow
+    those drawn before: the first expansion drew streams 1 and 2, the widenings 3-5 and 6-8."""
+    ctx = PromptContext(index=0, prompt_text="", root_ids=[5], head_ids=[], root_key=0, max_length=100)
+    search = PromptSearch(ctx, RainConfig(token_set_lengths=(2,), candidates=3, widen_group=4), tokenizer(), END_IDS,
+                          embedder=None, judge=None, required=RequiredPrefixes(), on_commit=None)
+    root = search.tree.root
+    search._expand(root, [5], ExpandResult(greedy=Draft((10, 11), math.log(0.3)),
+                                           samples=[Draft((12, 13), math.log(0.1)), Draft((14, 15), math.log(0.1))]), 2)
+    jobs = []
+    for token in (20, 30):
+        steps = search._widen(root, [5])
+        (job,) = next(steps)
+        jobs.append(job)
+        with pytest.raises(StopIteration):
+            steps.send([ExpandResult(samples=[Draft((token + i, 40), math.log(0.1)) for i in range(job.attempts)])])
+    assert [(job.first_stream, job.attempts) for job in jobs] == [(3, 3), (6, 3)]
 
 
 def test_a_candidate_an_earlier_widening_drew_keeps_its_hidden_states():
@@ -138,3 +159,61 @@ def test_path_infos_pool_each_nodes_tokens_below_it_and_the_rollout():
     terminal = search._path_infos(leaf, Evaluation(0.0, []))           # an ended leaf has no rollout
     assert [p.hidden_count for p in terminal] == [2, 3]
     assert torch.equal(terminal[1].hidden_sum, torch.tensor([1.0, 2.0]))
+
+
+def test_widening_counts_the_lockstep_steps_that_reach_new_candidate_prefixes():
+    """required_calls grows by the draw steps of a widening that read a distribution not computed before: a draw
+    reads the one after each of its set's prefixes, all but the whole set. Here (10, 13, 14) reads (10, 13) at step 1
+    and (20, 21, 22) reads (20,) and (20, 21) at steps 0 and 1 ((10,) the first expansion read): 2 steps, not 3."""
+    ctx = PromptContext(index=0, prompt_text="", root_ids=[5], head_ids=[], root_key=0, max_length=100)
+    search = PromptSearch(ctx, RainConfig(token_set_lengths=(3,), candidates=2, widen_group=3), tokenizer(), END_IDS,
+                          embedder=None, judge=None, required=RequiredPrefixes(), on_commit=None)
+    root = search.tree.root
+    search._expand(root, [5], ExpandResult(greedy=Draft((10, 11, 12), math.log(0.3)),
+                                           samples=[Draft((10, 11, 13), math.log(0.1))]), 3)
+    steps = search._widen(root, [5])
+    next(steps)
+    before = ctx.stats.required_calls
+    with pytest.raises(StopIteration):
+        steps.send([ExpandResult(samples=[Draft((10, 13, 14), math.log(0.1)), Draft((20, 21, 22), math.log(0.1))])])
+    assert ctx.stats.required_calls - before == 2
+
+
+def test_required_calls_of_an_iteration_are_its_longer_chain():
+    """A leaf's evaluation (its own state, each new rollout position, the judge) and its expansion (its own state, each
+    lockstep step to a new candidate prefix) run side by side: the iteration needs the longer of the two chains."""
+    ctx = PromptContext(index=0, prompt_text="", root_ids=[5], head_ids=[], root_key=0, max_length=100)
+    search = PromptSearch(ctx, RainConfig(token_set_lengths=(3,)), tokenizer(), END_IDS, embedder=None, judge=None,
+                          required=RequiredPrefixes(), on_commit=None)
+    expansion = ExpandResult(greedy=Draft((10, 11, 12), 0.0), samples=[Draft((20, 21, 22), 0.0)])
+    leaf = search.tree.root
+    assert search._required_chain(leaf, Evaluation(0.0, []), expansion) == 3                    # 1 + 2 steps
+    assert search._required_chain(leaf, Evaluation(0.0, [7, 8, 9], judged=("leaf", [1])), expansion) == 4  # 1+2+1
+
+
+def test_the_judge_chain_of_a_commit_is_registered_when_no_evaluation_below_it_was_scored():
+    """Evaluations the judge's cache answered register nothing; the first one scored after a commit registers the
+    judge's view of the committed tokens (from the judge's head), which the leaf's path then extends."""
+    ctx = PromptContext(index=0, prompt_text="", root_ids=[5], head_ids=[], root_key=0, max_length=3, head_key=7)
+    required = RequiredPrefixes()
+    search = PromptSearch(ctx, RainConfig(root_visits=2, min_new_visits=1), tokenizer(), END_IDS,
+                          embedder=SimpleNamespace(needs_hidden=False), judge=SimpleNamespace(suffix_ids=[]),
+                          required=required, on_commit=lambda *args: None)
+    prompt_root, steps, results, embedded = search.tree.root, search.run(), None, 0
+    while True:
+        try:
+            jobs = steps.send(results)
+        except StopIteration as stop:
+            answer = stop.value.answer_ids
+            break
+        results = []
+        for job in jobs:
+            if isinstance(job, EvaluateJob):                  # cached before the first commit, scored after it
+                results.append(Evaluation(0.0, [], judged=None if search.tree.root is prompt_root else ("leaf", [9])))
+            elif isinstance(job, ExpandJob):
+                results.append(ExpandResult(ranked_ids=[10, 11, 12], ranked_logits=[0.0, 0.0, 0.0]))
+            else:
+                results.append([torch.eye(16)[embedded + i] for i in range(len(job.paths))])
+                embedded += len(job.paths)
+    assert len(answer) == 2
+    assert chain_key(7, judge_path_ids(answer[:1], END_IDS)) in required.keys

@@ -158,6 +158,25 @@ def test_commit_picks_most_visited_ties_by_q_and_remixes_priors():
     assert [ch.p for ch in b.children] == pytest.approx([0.75 * 0.8 + 0.125, 0.75 * 0.2 + 0.125])
 
 
+def test_best_child_ties_in_visits_and_q_go_to_the_first():
+    """Equal visits and equal q: the first child, as in selection."""
+    tree = tree_with_children([0.2, 0.3, 0.5])
+    a, b, c = tree.root.children
+    a.n, a.q, b.n, b.q, c.n, c.q = 3, 0.4, 3, 0.4, 2, 0.9
+    assert tree.best_child() is a
+
+
+def test_commit_normalises_priors_that_a_widening_left_summing_past_one():
+    """A node widened below the root keeps its children's priors and adds the new child's, so they sum past 1; the
+    commit that makes it the root mixes them with uniform and normalises them."""
+    tree = tree_with_children([1.0])
+    (a,) = tree.root.children
+    a.children = [Node((7,), a, 0.6, 1), Node((8,), a, 0.4, 2), Node((9,), a, 0.5, 3)]
+    tree.commit(a)
+    mixed = [0.75 * p + 0.25 / 3 for p in (0.6, 0.4, 0.5)]
+    assert [ch.p for ch in a.children] == pytest.approx([m / sum(mixed) for m in mixed])
+
+
 def test_token_set_priors_clip_greedy_and_drop_duplicates():
     greedy = Draft((1, 2), math.log(0.5))
     samples = [Draft((1, 2), math.log(0.5)), Draft((3, 4), math.log(0.1)), Draft((5, 6), math.log(0.05)),
@@ -177,6 +196,14 @@ def test_ranked_top_renormalises_over_the_kept_tokens():
     top, probs = ranked_top(ids, logits, 2)
     assert top == [5, 11]
     assert probs == pytest.approx(torch.softmax(torch.tensor([3.0, 2.0]), 0).tolist())
+
+
+def test_ranked_top_keeps_ascending_id_order_whatever_the_logits_order():
+    """The kept tokens come in ascending id, as the ranked ids do, not most likely first: the children's order
+    breaks ties in selection and commit (the first child wins). A higher id with the higher logit tells them apart."""
+    top, probs = ranked_top([2, 5, 9, 11], [0.0, 2.0, 3.0, 1.0], 2)
+    assert top == [5, 9]
+    assert probs == pytest.approx(torch.softmax(torch.tensor([2.0, 3.0]), 0).tolist())
 
 
 def test_config_validation_and_lengths():

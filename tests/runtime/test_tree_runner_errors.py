@@ -97,6 +97,18 @@ def test_bad_tokens_are_refused(runner, model):
     assert_still_correct(runner, model, grandchild)
 
 
+def test_an_empty_row_of_int_dtype_is_refused(runner, model):
+    """An empty list is refused by its float dtype alone; an empty tensor or array of ints must be refused as empty."""
+    root = runner.prefill([1, 2, 3])
+    before = snapshot(runner)
+    for empty in (torch.tensor([], dtype=torch.long), np.array([], dtype=np.int64)):
+        with pytest.raises(ValueError, match="token_lists\\[1\\]: expected a non-empty 1-D sequence of int token ids, "
+                                             "got shape \\[0\\] of int64"):
+            runner.extend([root, root], [[4], empty])
+    assert snapshot(runner) == before
+    assert_still_correct(runner, model, root)
+
+
 def test_pinned_spans_that_fill_the_pool_give_a_clear_error(runner, model):
     root = runner.prefill(list(range(60)))  # 15 of the 16 blocks
     runner.pin(root)
@@ -451,6 +463,20 @@ def test_a_model_whose_weights_are_not_loaded_is_refused(name):
         model = cls(make_config()).eval()
     with pytest.raises(ValueError, match="model: its weights are not loaded \\(.* on the meta device\\)"):
         TreeRunner(model, max_tokens=64, block_size=4)
+
+
+@pytest.mark.parametrize("name, layer", [("qwen2-untied", "model.layers.0"), ("gpt2-fallback", "transformer.h.0")])
+def test_a_model_offloaded_in_part_is_taken(name, layer):
+    """Only a model whose every parameter is on the meta device is refused: accelerate's offloading leaves the
+    offloaded weights there and its hooks bring them in at each forward, so such a model runs, on either path."""
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_model(name)
+    expected = model(torch.tensor([[1, 2, 3, 4]])).logits[0, -1]
+    accelerate.cpu_offload(model.get_submodule(layer), execution_device=torch.device("cpu"))
+    assert any(p.is_meta for p in model.parameters())
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    _, logits = runner.extend([None], [[1, 2, 3, 4]])
+    assert (logits[0] - expected).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("name", ["qwen2-untied", "gpt2-fallback"])

@@ -13,6 +13,7 @@ from fastalign.unlearn import checkpoint
 from fastalign.unlearn.batching import collate
 from fastalign.unlearn.compute import batch_compute
 from fastalign.unlearn.config import UnlearnConfig
+from fastalign.unlearn.streams import UnlearningStreams
 from fastalign.reference.unlearning_loss import spec_unlearning_terms
 from fastalign.unlearn.trainer import UnlearningTrainer
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_phi, tiny_streams
@@ -120,6 +121,19 @@ def test_resume_with_more_max_steps_follows_the_new_schedule_from_the_first_resu
     assert lrs[2:] == pytest.approx([1e-3 * (1 - s / 8) for s in range(2, 8)], rel=1e-12)
 
 
+def test_a_resume_may_change_how_the_run_logs_and_checkpoints(tmp_path):
+    """log_every, save_every, keep_checkpoints and progress change no result: a resume may change each of them."""
+    def kill_after_step_3(record):
+        if record.step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(tmp_path, save_every=2, callback=kill_after_step_3)
+    _, summary = run(tmp_path, save_every=1, keep_checkpoints=1, log_every=2, progress=True, resume=True)
+    assert summary.steps == 5
+    assert [r["step"] for r in log_lines(tmp_path / "run")] == [1, 2, 4, 5]
+
+
 def test_resume_with_another_number_of_processes_is_refused(tmp_path):
     """Fewer processes than wrote a checkpoint still find their rank files: the count itself must be checked."""
     def kill_after_step_2(record):
@@ -204,6 +218,23 @@ def test_max_steps_schedule_compute_and_outputs(tmp_path):
         run(tmp_path, max_steps=3)
 
 
+def test_a_run_without_normal_rows_trains_on_the_forget_and_mismatch_terms(tmp_path, monkeypatch):
+    """normal_weight=0 gives streams without normal rows: no reference is built (a frozen copy of the model for a term
+    that is off), each step's normal token count is 0, which must not reach the objective as the KL term's
+    denominator (it refuses one <= 0), and the KL term is 0."""
+    def no_reference(*args, **kwargs):
+        raise AssertionError("a reference was built for a run without normal rows")
+
+    monkeypatch.setattr("fastalign.unlearn.trainer.FrozenCopyReference", no_reference)
+    tokenizer = byte_bpe_tokenizer()
+    full = tiny_streams(tokenizer)
+    streams = UnlearningStreams(full.forget, mismatch_pool=full.pool, batch_size=2, mismatch_per_prompt=2,
+                                max_length=64, filler_id=full.filler_id)
+    config = UnlearnConfig(output_dir=str(tmp_path / "run"), max_steps=2, lr=1e-3, grad_accum=2, progress=False)
+    summary = UnlearningTrainer(tiny_llama(len(tokenizer)), streams, config).train()
+    assert summary.steps == 2 and summary.last.normal_kl == 0.0
+
+
 def test_a_generation_config_that_sets_sampling_flags_without_do_sample_is_saved_as_loaded(tmp_path):
     """Published generation configs often set temperature or top_p without do_sample=True (Vicuna's); transformers
     5.17 refused to save one, so the run failed at its end with no model saved."""
@@ -263,6 +294,23 @@ def test_lora_is_merged_on_save(tmp_path):
     assert q_changed and k_same
 
 
+def test_lora_initialisation_draws_from_the_seed(tmp_path):
+    """The adapter's random initialisation follows config.seed, whatever state the global RNG was left in."""
+    pytest.importorskip("peft")
+    tokenizer = byte_bpe_tokenizer()
+
+    def lora_a(seed, draws):
+        model = tiny_llama(len(tokenizer))
+        torch.rand(draws)  # the global RNG in another state
+        config = UnlearnConfig(output_dir=str(tmp_path / f"{seed}-{draws}"), lora=True, lora_rank=4, seed=seed,
+                               progress=False)
+        trainer = UnlearningTrainer(model, tiny_streams(tokenizer), config)
+        return trainer.model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.detach()
+
+    assert torch.equal(lora_a(0, 1), lora_a(0, 2))
+    assert not torch.equal(lora_a(0, 1), lora_a(1, 1))
+
+
 def test_cached_reference_freezes_the_head(tmp_path):
     original = tiny_llama(len(byte_bpe_tokenizer()))
     trainer, summary = run(tmp_path, max_steps=2, reference="cached")
@@ -293,6 +341,18 @@ def test_cached_reference_counts_the_forward_that_built_the_cache(tmp_path):
     assert summary.compute["reference_tokens"] == normal_set.num_tokens > 0
     assert summary.compute["flops"] == pytest.approx(sum(s.flops for s in steps) +
                                                      trainer.shape.decoder_forward(normal_set.attention_mask))
+
+
+def test_adapter_reference_counts_its_forward_at_every_step(tmp_path):
+    """reference='adapter' runs the base model (adapter off) over each step's normal rows, as the frozen copy does: a
+    forward per step that the run's compute counts (only the cached reference has none)."""
+    pytest.importorskip("peft")
+    tokenizer = byte_bpe_tokenizer()
+    _, summary = run(tmp_path, max_steps=2, grad_accum=1, lora=True, lora_rank=4, reference="adapter")
+    streams = tiny_streams(tokenizer)
+    batches = [streams.batch(i) for i in range(2)]
+    expected = sum(b.tokens.rows(b.num_forget + b.num_mismatch, len(b.tokens.input_ids)).num_tokens for b in batches)
+    assert summary.compute["reference_tokens"] == expected > 0
 
 
 def test_cached_reference_with_tied_embeddings_counts_the_full_backward(tmp_path):
@@ -349,6 +409,24 @@ def test_reference_modes_give_the_same_p_under_bf16_mixed(tmp_path, tied):
         kl[mode] = records[0].normal_kl
     assert kl["copy"] == pytest.approx(kl["adapter"], rel=1e-3)
     assert kl["cached"] == pytest.approx(kl["adapter"], rel=1e-3)
+
+
+def test_the_bf16_mixed_frozen_copy_holds_its_linear_weights_in_bf16(tmp_path):
+    """Under the policy's autocast the copy computes the same with its linear layers' weights in bf16, in about half
+    the memory; fp32 weights would give the same KL, so only their dtype shows that the trainer asked for it."""
+    tokenizer = byte_bpe_tokenizer()
+    config = UnlearnConfig(output_dir=str(tmp_path / "run"), precision="bf16-mixed", progress=False)
+    reference = UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config)._reference()
+    assert reference.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert reference.model.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_adamw_takes_the_configured_weight_decay(tmp_path):
+    """The default 0.01 is torch's AdamW default too: only another value shows that the setting reaches AdamW."""
+    tokenizer = byte_bpe_tokenizer()
+    config = UnlearnConfig(output_dir=str(tmp_path / "run"), weight_decay=0.3, progress=False)
+    _, optimizer = UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config)._prepare_objective()
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.3]
 
 
 def test_bf16_run_trains_the_model_it_saves(tmp_path):
