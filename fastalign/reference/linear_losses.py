@@ -1,13 +1,19 @@
 """Slow, obviously correct float64 versions of the fused linear losses, for tests.
 
-They materialise the full [N, V] logits in float64 and follow the definitions line by line.
+They materialise the full [N, V] logits in float64 and follow the definitions line by line. Like the ops, they
+take hidden states [..., H] of any leading shape, with per-token arguments of that shape ("none" returns it).
 """
 import torch
 
 
-def _reduce(per_token, counted, reduction):
+def _flat(t):
+    """A per-token tensor of the tokens' shape as a vector (None stays None)."""
+    return None if t is None else t.reshape(-1)
+
+
+def _reduce(per_token, counted, reduction, tokens):
     if reduction == "none":
-        return per_token
+        return per_token.reshape(tokens)
     total = per_token.sum()
     return total if reduction == "sum" else total / max(int(counted.sum()), 1)
 
@@ -28,14 +34,15 @@ def linear_cross_entropy_reference(hidden, weight, target, *, token_weight=None,
                                    reduction="mean", softcap=None):
     """float64 sum/mean/none of w_t * (logsumexp(z_t) - z_t[y_t]) over non-ignored tokens (z soft-capped,
     softcap * tanh(z / softcap), with a softcap)."""
-    logits = _head_logits(hidden, weight, bias, softcap)
-    target = target.long()  # a uint8 target must not see ignore_index=-100 as 156
+    tokens = hidden.shape[:-1]
+    logits = _head_logits(hidden.reshape(-1, hidden.shape[-1]), weight, bias, softcap)
+    target, token_weight = _flat(target).long(), _flat(token_weight)  # a uint8 target must not see -100 as 156
     counted = target != ignore_index
     safe_target = torch.where(counted, target, torch.zeros_like(target))
     ce = torch.logsumexp(logits, dim=1) - logits.gather(1, safe_target[:, None]).squeeze(1)
     if token_weight is not None:
         ce = ce * token_weight.double()
-    return _reduce(torch.where(counted, ce, torch.zeros_like(ce)), counted, reduction)
+    return _reduce(torch.where(counted, ce, torch.zeros_like(ce)), counted, reduction, tokens)
 
 
 def linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, token_weight=None,
@@ -43,6 +50,9 @@ def linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, *, bias=None
     """float64 sum/mean/none of w_t * KL(P_t || Q_t) over masked-in tokens, Q = softmax(hidden @ weight.T + bias),
     P = softmax(ref_hidden @ ref_weight.T + ref_bias); P is not differentiated (both logits soft-capped with a
     softcap)."""
+    tokens = hidden.shape[:-1]
+    hidden, ref_hidden = hidden.reshape(-1, hidden.shape[-1]), ref_hidden.reshape(-1, ref_hidden.shape[-1])
+    token_weight, mask = _flat(token_weight), _flat(mask)
     log_q = torch.log_softmax(_head_logits(hidden, weight, bias, softcap), dim=1)
     log_p = torch.log_softmax(_head_logits(ref_hidden.detach(), ref_weight.detach(),
                                            None if ref_bias is None else ref_bias.detach(), softcap), dim=1)
@@ -50,4 +60,4 @@ def linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, *, bias=None
     if token_weight is not None:
         kl = kl * token_weight.double()
     counted = torch.ones_like(kl, dtype=torch.bool) if mask is None else mask
-    return _reduce(torch.where(counted, kl, torch.zeros_like(kl)), counted, reduction)
+    return _reduce(torch.where(counted, kl, torch.zeros_like(kl)), counted, reduction, tokens)

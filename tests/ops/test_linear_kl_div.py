@@ -385,10 +385,12 @@ def test_a_models_batch_of_sequences_is_taken_as_it_is(backend, reduction):
     extra = {"token_weight": torch.randn(3, 5, device=device), "mask": torch.rand(3, 5, device=device) > 0.3}
     out = fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, reduction=reduction, backend=backend,
                                   **extra)
-    ref = linear_kl_div_reference(hidden.reshape(15, 16), weight, ref_hidden.reshape(15, 24), ref_weight,
-                                  reduction=reduction, **{k: v.reshape(15) for k, v in extra.items()})
-    assert out.shape == ((3, 5) if reduction == "none" else ())
-    assert_rel_close("kl", out, ref.reshape(out.shape), REL_TOL[torch.float32])
+    ref = linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, reduction=reduction, **extra)
+    rows = linear_kl_div_reference(hidden.reshape(15, 16), weight, ref_hidden.reshape(15, 24), ref_weight,
+                                   reduction=reduction, **{k: v.reshape(15) for k, v in extra.items()})
+    assert out.shape == ref.shape == ((3, 5) if reduction == "none" else ())
+    assert torch.equal(ref.reshape(rows.shape), rows)   # the reference takes the same shapes, as its rows
+    assert_rel_close("kl", out, ref, REL_TOL[torch.float32])
     assert_grads_close(["d_states", "d_weight"], out, ref, [states, weight], REL_TOL[torch.float32])
 
 
