@@ -25,6 +25,14 @@ class Killed(Exception):
     pass
 
 
+def kill_after(step):
+    """A step callback that kills the run (raises Killed) once step `step` has ended."""
+    def callback(record):
+        if record.step == step:
+            raise Killed
+    return callback
+
+
 def run(tmp_path, name="run", model=None, callback=None, **settings):
     tokenizer = byte_bpe_tokenizer()
     settings = {"max_steps": 5, "lr": 1e-3, "grad_accum": 2, "progress": False, **settings}
@@ -48,12 +56,8 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, settings):
         pytest.importorskip("peft")
     whole, summary = run(tmp_path, "whole", save_every=2, **settings)
 
-    def kill_after_step_3(record):
-        if record.step == 3:
-            raise Killed
-
     with pytest.raises(Killed):
-        run(tmp_path, "killed", save_every=2, callback=kill_after_step_3, **settings)
+        run(tmp_path, "killed", save_every=2, callback=kill_after(3), **settings)
     assert sorted(os.listdir(tmp_path / "killed" / "checkpoints")) == ["latest", "step-000002"]
     with pytest.raises(FileExistsError, match="resume it with resume=True"):
         run(tmp_path, "killed", save_every=2, **settings)
@@ -77,12 +81,8 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, settings):
 def test_a_run_killed_before_its_first_checkpoint_starts_over_with_a_fresh_log(tmp_path, resume):
     """With no checkpoint to resume from the run starts over: the killed attempt's log lines must not stay in
     log.jsonl ahead of the new run's (two step-1 lines, their tokens and FLOPs counted twice by a reader)."""
-    def kill_after_step_1(record):
-        if record.step == 1:
-            raise Killed
-
     with pytest.raises(Killed):
-        run(tmp_path, save_every=2, callback=kill_after_step_1)
+        run(tmp_path, save_every=2, callback=kill_after(1))
     run(tmp_path, "whole", save_every=2)
     run(tmp_path, save_every=2, resume=resume)
     assert log_lines(tmp_path / "run") == log_lines(tmp_path / "whole")
@@ -92,14 +92,14 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_with_a_fresh_log(t
 def test_a_log_line_a_kill_cut_short_does_not_stop_the_resume(tmp_path):
     """A kill while a step's log line is written leaves a last line without its newline, not JSON: the resume
     drops it with the other lines past its checkpoint (it failed on it with a JSONDecodeError)."""
-    def kill_after_step_3(record):
+    def killed_writing_step_4s_line(record):
         if record.step == 3:
             with open(tmp_path / "run" / "log.jsonl", "a", encoding="utf-8") as f:
                 f.write('{"step": 4, "lo')
             raise Killed
 
     with pytest.raises(Killed):
-        run(tmp_path, save_every=2, callback=kill_after_step_3)
+        run(tmp_path, save_every=2, callback=killed_writing_step_4s_line)
     run(tmp_path, "whole", save_every=2)
     run(tmp_path, save_every=2, resume=True)
     assert log_lines(tmp_path / "run") == log_lines(tmp_path / "whole")
@@ -108,12 +108,8 @@ def test_a_log_line_a_kill_cut_short_does_not_stop_the_resume(tmp_path):
 def test_resume_with_more_max_steps_follows_the_new_schedule_from_the_first_resumed_step(tmp_path):
     """max_steps may change on resume: the linear schedule of the new max_steps applies at once (the optimizer
     held the old schedule's lr for the step it stopped at)."""
-    def kill_after_step_3(record):
-        if record.step == 3:
-            raise Killed
-
     with pytest.raises(Killed):
-        run(tmp_path, max_steps=4, save_every=2, callback=kill_after_step_3)
+        run(tmp_path, max_steps=4, save_every=2, callback=kill_after(3))
     run(tmp_path, max_steps=8, save_every=2, resume=True)
     lrs = [r["lr"] for r in log_lines(tmp_path / "run")]
     assert len(lrs) == 8
@@ -123,12 +119,8 @@ def test_resume_with_more_max_steps_follows_the_new_schedule_from_the_first_resu
 
 def test_a_resume_may_change_how_the_run_logs_and_checkpoints(tmp_path):
     """log_every, save_every, keep_checkpoints and progress change no result: a resume may change each of them."""
-    def kill_after_step_3(record):
-        if record.step == 3:
-            raise Killed
-
     with pytest.raises(Killed):
-        run(tmp_path, save_every=2, callback=kill_after_step_3)
+        run(tmp_path, save_every=2, callback=kill_after(3))
     _, summary = run(tmp_path, save_every=1, keep_checkpoints=1, log_every=2, progress=True, resume=True)
     assert summary.steps == 5
     assert [r["step"] for r in log_lines(tmp_path / "run")] == [1, 2, 4, 5]
@@ -136,12 +128,8 @@ def test_a_resume_may_change_how_the_run_logs_and_checkpoints(tmp_path):
 
 def test_resume_with_another_number_of_processes_is_refused(tmp_path):
     """Fewer processes than wrote a checkpoint still find their rank files: the count itself must be checked."""
-    def kill_after_step_2(record):
-        if record.step == 2:
-            raise Killed
-
     with pytest.raises(Killed):
-        run(tmp_path, save_every=1, callback=kill_after_step_2)
+        run(tmp_path, save_every=1, callback=kill_after(2))
     state_file = tmp_path / "run" / "checkpoints" / "step-000001" / "state.pt"
     state = torch.load(state_file, weights_only=False)
     assert state["num_processes"] == 1
@@ -156,12 +144,8 @@ def test_a_moved_run_resumes(tmp_path):
     # the last step writes model/, not a checkpoint as well
     assert sorted(os.listdir(tmp_path / "whole" / "checkpoints")) == ["latest", "step-000002"]
 
-    def kill_after_step_3(record):
-        if record.step == 3:
-            raise Killed
-
     with pytest.raises(Killed):
-        run(tmp_path, "killed", max_steps=4, save_every=2, grad_accum=1, callback=kill_after_step_3)
+        run(tmp_path, "killed", max_steps=4, save_every=2, grad_accum=1, callback=kill_after(3))
     os.rename(tmp_path / "killed", tmp_path / "moved")
     resumed, summary = run(tmp_path, "moved", max_steps=4, save_every=2, grad_accum=1, resume=True)
     assert summary.steps == 4
@@ -182,12 +166,8 @@ def test_a_run_removes_the_temporaries_an_interrupted_write_left(tmp_path):
 
 def test_resume_with_max_steps_below_the_checkpoint_step_is_refused(tmp_path):
     """Resuming a step-4 checkpoint with max_steps=2 would save a 4-step model as a max_steps=2 run."""
-    def kill_after_step_5(record):
-        if record.step == 5:
-            raise Killed
-
     with pytest.raises(Killed):
-        run(tmp_path, max_steps=6, save_every=2, grad_accum=1, callback=kill_after_step_5)
+        run(tmp_path, max_steps=6, save_every=2, grad_accum=1, callback=kill_after(5))
     with pytest.raises(ValueError, match=r"at step 4, past max_steps=2"):
         run(tmp_path, max_steps=2, save_every=2, grad_accum=1, resume=True)
     assert not (tmp_path / "run" / "model").exists()
