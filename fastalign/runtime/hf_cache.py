@@ -24,9 +24,8 @@ class HFCacheModel:
     def __init__(self, model):
         self.model = model
         self.device = next(model.parameters()).device
-        unfit = f"model: {type(model).__name__} cannot run on the Hugging Face cache fallback"
         if not (hasattr(model, "can_generate") and model.can_generate()):
-            raise ValueError(f"{unfit}: it is not a causal language model (can_generate() is not True)")
+            raise _unfit(model, "it is not a causal language model (can_generate() is not True)")
         try:
             with torch.inference_mode(), eval_mode(model):
                 cache = DynamicCache()
@@ -34,24 +33,24 @@ class HFCacheModel:
                             **cache_kwargs(model, cache))
                 keys = cache.layers[0].keys
         except Exception as err:
-            raise ValueError(f"{unfit} (a one-token forward with a DynamicCache failed: {err!r})") from err
+            raise _unfit(model, _state_problem(model) or f"its one-token forward with a DynamicCache failed "
+                                                          f"({err!r})") from err
         values = cache.layers[0].values
-        if (keys is None or keys.dim() != 4 or keys.shape[2] != 1 or values is None or values.shape != keys.shape
-                or getattr(out, "logits", None) is None):
-            raise ValueError(f"{unfit}: it returns no logits, or its cache does not hold per-token K and V of one "
-                             "shape [batch, kv_heads, tokens, head_dim]")
+        problem = _kv_problem(out, keys, values)
+        if problem:
+            raise _unfit(model, _state_problem(model) or problem)
         for index, layer in enumerate(cache.layers):
             if _shape(layer.keys) != _shape(keys) or _shape(layer.values) != _shape(keys):
-                raise ValueError(f"{unfit}: its cache layers differ in shape (layer {index} holds K "
-                                 f"{_shape(layer.keys)} and V {_shape(layer.values)}, layer 0 K and V {_shape(keys)}), "
-                                 "and the KV pool holds one shape for every layer")
+                raise _unfit(model, f"its cache layers differ in shape (layer {index} holds K {_shape(layer.keys)} "
+                                    f"and V {_shape(layer.values)}, layer 0 K and V {_shape(keys)})")
         if not self._state_is_in_cache(cache):
-            raise ValueError(f"{unfit}: it keeps state outside its cache (the logits of a token after a cached "
-                             "one changed when another sequence ran in between)")
+            raise _unfit(model, _state_problem(model) or "it keeps state outside its cache (the logits of a token "
+                                                          "after a cached one changed when another sequence ran in "
+                                                          "between)")
         if not self._is_causal():
-            raise ValueError(f"{unfit}: it is not causal (the outputs at a sequence's first tokens changed when "
-                             "tokens were appended, as in an encoder such as BertLMHeadModel without "
-                             "config.is_decoder=True), so that no cache can give its full-sequence outputs")
+            raise _unfit(model, "it is not causal (the outputs at a sequence's first tokens changed when tokens were "
+                                "appended, as in an encoder such as BertLMHeadModel without config.is_decoder=True), "
+                                "so that no cache can give its full-sequence outputs")
         self.num_layers = len(cache.layers)
         self.num_kv_heads, self.head_dim, self.dtype = keys.shape[1], keys.shape[3], keys.dtype
         config = model.config  # MPT names its length max_seq_len (its ALiBi covers no more)
@@ -141,6 +140,59 @@ class HFCacheModel:
             return t[blocks].flatten(0, 1)[:context].transpose(0, 1)[None]
 
         return DynamicCache(ddp_cache_data=[(tokens(pool.k(i)), tokens(pool.v(i))) for i in range(self.num_layers)])
+
+
+def _unfit(model, reason):
+    """The error refusing `model` for `reason`, with what the fallback runs."""
+    return ValueError(f"model: {type(model).__name__} cannot run on the Hugging Face cache fallback: {reason}; the "
+                      "fallback runs causal LMs whose cache holds per-token K and V of one shape [batch, kv_heads, "
+                      "tokens, head_dim] in every layer and no other state (GPT-2, OPT, ...)")
+
+
+def _state_problem(model):
+    """What the model's config and class say it caches besides per-token K and V, or None: read without a forward,
+    to name the cause when a probe refuses the model (only then: the probes alone decide what runs). Recurrent
+    layers (Mamba, linear attention, LFM2's convolutions) are those of a kind transformers gives a linear-attention
+    cache layer."""
+    recurrent = _recurrent_layers(model.config.get_text_config(decoder=True))
+    if recurrent:
+        layers = "layers" if len(recurrent) > 1 else "layer"
+        return (f"its cache holds recurrent state (Mamba/linear-attention layers: "
+                f"{', '.join(sorted({kind for _, kind in recurrent}))} at {layers} "
+                f"{', '.join(str(index) for index, _ in recurrent)}), not per-token K and V")
+    if getattr(model, "_is_stateful", False):  # RWKV and xLSTM, which name no layer types; DeepSeek-V4's compressor
+        return (f"its cache holds recurrent or compressed state (transformers marks {type(model).__name__} "
+                "stateful), not per-token K and V")
+    return None
+
+
+def _recurrent_layers(config):
+    """(index, kind) of each layer of `config` that transformers gives a linear-attention cache layer."""
+    try:  # transformers' own names (5.17 to 5.24): without them, the probe's own finding names the cause
+        from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, LinearAttentionCacheLayerMixin
+    except ImportError:
+        return []
+    types = list(getattr(config, "layer_types", None) or [])
+    return [(index, kind) for index, kind in enumerate(types)
+            if issubclass(DYNAMIC_LAYER_TYPE_MAPPING.get(kind, object), LinearAttentionCacheLayerMixin)]
+
+
+def _kv_problem(out, keys, values):
+    """Why the output and layer-0 cache of a one-token forward are not logits and per-token K and V of one shape
+    [batch, kv_heads, tokens, head_dim], or None."""
+    if getattr(out, "logits", None) is None:
+        return "it returns no logits"
+    if keys is None or values is None:
+        return "its cache's layer 0 holds no K and V after a forward"
+    if keys.dim() != 4 or keys.shape[2] != 1:
+        return (f"its cache does not hold per-token K and V [batch, kv_heads, tokens, head_dim] (layer 0 holds K "
+                f"{_shape(keys)} after one token)")
+    if values.shape[:-1] == keys.shape[:-1] and values.shape != keys.shape:
+        return (f"its K and V differ in head_dim (K {keys.shape[-1]}, V {values.shape[-1]}: multi-head latent "
+                "attention)")
+    if values.shape != keys.shape:
+        return f"its K and V differ in shape (layer 0 holds K {_shape(keys)} and V {_shape(values)})"
+    return None
 
 
 def _shape(tensor):

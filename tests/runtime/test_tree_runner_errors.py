@@ -1,16 +1,20 @@
 """Bad input to a TreeRunner: a clear error naming the problem, and a pool left as it was (checked by
 comparing the tree's state before and after, then by a correct extension afterwards)."""
 import gc
+import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from transformers import (BertConfig, BertLMHeadModel, BertModel, DeepseekV3Config, DeepseekV3ForCausalLM,
-                          Gemma4ForCausalLM, Gemma4TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, MptConfig, MptForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, RecurrentGemmaConfig, RecurrentGemmaForCausalLM)
+import transformers
+from transformers import (BertConfig, BertLMHeadModel, BertModel, Gemma4ForCausalLM, Gemma4TextConfig, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, MptConfig, MptForCausalLM, Phi3Config,
+                          Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, RecurrentGemmaConfig,
+                          RecurrentGemmaForCausalLM)
 
 from fastalign import PoolExhaustedError, Span, TreeRunner
+from fastalign.runtime.hf_cache import _kv_problem
 from fastalign.unlearn.models import enable_activation_checkpointing
 from tests.runtime.tiny_models import CONFIGS, MAX_POSITIONS, VOCAB, tiny_model
 
@@ -269,17 +273,119 @@ def test_longrope_context_ends_at_its_original_length():
             assert (row - model(torch.tensor([kid.tokens])).logits[0, -1]).abs().max() <= 1e-4
 
 
-def test_fallback_refuses_a_cache_whose_values_are_not_shaped_like_its_keys():
-    """DeepSeek's multi-head latent attention caches V with another head_dim than K: refused when the runner
-    is made, not by the pool's KV write at the first prefill."""
-    deepseek = DeepseekV3ForCausalLM(DeepseekV3Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
-        qk_nope_head_dim=8, v_head_dim=12, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
-        n_group=1, topk_group=1, attn_implementation="eager")).eval()
-    with pytest.raises(ValueError, match="DeepseekV3ForCausalLM cannot run on the Hugging Face cache fallback: .*"
-                                         "K and V of one shape"):
-        TreeRunner(deepseek, max_tokens=64)
+_SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, attn_implementation="eager")
+_HYBRID = dict(_SHAPE, layer_types=["linear_attention", "full_attention"])
+_MLA = dict(_SHAPE, num_hidden_layers=1, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+            qk_nope_head_dim=8, v_head_dim=12, moe_intermediate_size=16, first_k_dense_replace=1, n_routed_experts=4,
+            num_experts_per_tok=2, n_group=1, topk_group=1)
+_RECURRENT = ("its cache holds recurrent state \\(Mamba/linear-attention layers: {kinds} at layers? {layers}\\), not "
+              "per-token K and V")
+_STATEFUL = ("its cache holds recurrent or compressed state \\(transformers marks {name}ForCausalLM stateful\\), "
+             "not per-token K and V")
+_MAMBA = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4)
+# name: (config keyword arguments, why the fallback cannot hold its cache), for tiny configs of every kind of model
+# whose cache is not per-token K and V of one shape (the classes: name + Config, name less "Text" + ForCausalLM)
+UNFIT = {
+    "DeepseekV2": (_MLA, "its K and V differ in head_dim \\(K \\d+, V \\d+: multi-head latent attention\\)"),
+    "DeepseekV3": (_MLA, "its K and V differ in head_dim \\(K \\d+, V \\d+: multi-head latent attention\\)"),
+    "Qwen3Next": (dict(_HYBRID, head_dim=8, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
+                       linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                       shared_expert_intermediate_size=16), _RECURRENT.format(kinds="linear_attention", layers="0")),
+    "Qwen3_5Text": (dict(_HYBRID, head_dim=8, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
+                         linear_value_head_dim=8), _RECURRENT.format(kinds="linear_attention", layers="0")),
+    "Jamba": (dict(_SHAPE, num_experts=2, num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1,
+                   expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4, mamba_dt_rank=4),
+              _RECURRENT.format(kinds="linear_attention", layers="0")),
+    "Bamba": (dict(_SHAPE, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=4, mamba_n_groups=1, attn_layer_indices=[1]),
+              _RECURRENT.format(kinds="linear_attention", layers="0")),
+    "NemotronH": (dict(_SHAPE, hybrid_override_pattern="M*", mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=4,
+                       n_groups=1), _RECURRENT.format(kinds="linear_attention", layers="0")),
+    "GraniteMoeHybrid": (dict(_SHAPE, num_local_experts=2, num_experts_per_tok=1, mamba_n_heads=4, mamba_d_head=16,
+                              mamba_d_state=4, mamba_n_groups=1, layer_types=["mamba", "attention"]),
+                         _RECURRENT.format(kinds="linear_attention", layers="0")),
+    "FalconH1": (dict(_SHAPE, mamba_n_heads=4, mamba_d_head=16, mamba_d_ssm=64, mamba_d_state=4, mamba_n_groups=1),
+                 _RECURRENT.format(kinds="hybrid", layers="0, 1")),
+    "Zamba2": (dict(_SHAPE, mamba_d_state=4, mamba_headdim=16, mamba_ngroups=1, num_mem_blocks=1, use_mem_rope=False,
+                    layers_block_type=["mamba", "hybrid"]), _RECURRENT.format(kinds="hybrid, linear_attention",
+                                                                             layers="0, 1")),
+    "Lfm2": (dict(_SHAPE, layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False),
+             _RECURRENT.format(kinds="conv", layers="0")),
+    "MiniMax": (dict(_HYBRID, head_dim=8, num_local_experts=2, num_experts_per_tok=1),
+                _RECURRENT.format(kinds="linear_attention", layers="0")),
+    "KimiLinear": (dict(_SHAPE, pad_token_id=0, bos_token_id=0, eos_token_id=0, head_dim=8, num_experts=2,
+                        num_experts_per_token=1, moe_intermediate_size=16, kv_lora_rank=16, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=8, linear_attn_config={
+                            "kda_layers": [1], "full_attn_layers": [2], "num_heads": 4, "head_dim": 8,
+                            "short_conv_kernel_size": 4}), _RECURRENT.format(kinds="linear_attention", layers="0")),
+    "OlmoHybrid": (dict(_HYBRID, pad_token_id=0, bos_token_id=0, eos_token_id=0),
+                   _RECURRENT.format(kinds="linear_attention", layers="0")),
+    "Mamba": (_MAMBA, _RECURRENT.format(kinds="linear_attention", layers="0, 1")),
+    "Mamba2": (dict(_MAMBA, num_heads=4, head_dim=16, n_groups=1),
+               _RECURRENT.format(kinds="linear_attention", layers="0, 1")),
+    "FalconMamba": (_MAMBA, _RECURRENT.format(kinds="linear_attention", layers="0, 1")),
+    "Rwkv": (dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                  intermediate_size=64), _STATEFUL.format(name="Rwkv")),
+    "xLSTM": (dict(vocab_size=VOCAB, hidden_size=32, embedding_dim=32, num_hidden_layers=2, num_blocks=2, num_heads=4),
+              _STATEFUL.format(name="xLSTM")),
+    "RecurrentGemma": (dict(_SHAPE, lru_width=32, attention_window_size=16, block_types=["attention", "recurrent"]),
+                       "its cache holds recurrent (state \\(Mamba/linear-attention layers: linear_attention at layer 1|"
+                       "or compressed state \\(transformers marks RecurrentGemmaForCausalLM stateful)\\), not "
+                       "per-token K and V"),
+    "DeepseekV4": (dict(_SHAPE, num_key_value_heads=1, head_dim=16, q_lora_rank=16, moe_intermediate_size=16,
+                        n_routed_experts=2, num_experts_per_tok=1, hc_mult=2, o_groups=2, o_lora_rank=16,
+                        index_n_heads=2, index_head_dim=8, index_topk=4, sliding_window=8),
+                   _STATEFUL.format(name="DeepseekV4")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNFIT))
+def test_fallback_says_what_about_a_model_keeps_it_off(name):
+    """Refusals said how the fallback's probe failed, not why: "a one-token forward with a DynamicCache failed:
+    IndexError('list index out of range')" for Mamba and every hybrid of it, "it returns no logits, or its cache does
+    not hold per-token K and V of one shape" for DeepSeek's multi-head latent attention (K and V of different
+    head_dims). Each now names the model's trait and what the fallback runs."""
+    config_kwargs, reason = UNFIT[name]
+    config_cls = getattr(transformers, f"{name}Config", None)
+    model_cls = getattr(transformers, f"{name.removesuffix('Text')}ForCausalLM", None)
+    if config_cls is None or model_cls is None:
+        pytest.skip(f"this transformers has no {name}")
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**config_kwargs)).eval()
+    with pytest.raises(ValueError, match=f"^model: {model_cls.__name__} cannot run on the Hugging Face cache fallback: "
+                                         f"{reason}; the fallback runs causal LMs whose cache holds per-token K and V "
+                                         "of one shape"):
+        TreeRunner(model, max_tokens=64)
+
+
+def test_fallback_without_transformers_cache_layer_names_still_says_why(monkeypatch):
+    """The recurrent layers are read from transformers' own cache-layer names; under a transformers without them a
+    refusal still names what it can (Mamba: a class transformers marks stateful), not an ImportError."""
+    import transformers.cache_utils
+    monkeypatch.delattr(transformers.cache_utils, "LinearAttentionCacheLayerMixin")
+    config_kwargs, _ = UNFIT["Mamba"]
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(transformers.MambaConfig(**config_kwargs)).eval()
+    with pytest.raises(ValueError, match="^model: MambaForCausalLM cannot run on the Hugging Face cache fallback: its "
+                                         "cache holds recurrent or compressed state \\(transformers marks "
+                                         "MambaForCausalLM stateful\\)"):
+        TreeRunner(model, max_tokens=64)
+
+
+@pytest.mark.parametrize("logits, keys, values, reason", [
+    (None, [1, 2, 1, 8], [1, 2, 1, 8], "it returns no logits"),
+    ([1, 1, VOCAB], None, None, "its cache's layer 0 holds no K and V"),
+    ([1, 1, VOCAB], [1, 2, 8], [1, 2, 8], "does not hold per-token K and V .* \\(layer 0 holds K \\[1, 2, 8\\] after"),
+    ([1, 1, VOCAB], [1, 2, 4, 8], [1, 2, 4, 8], "layer 0 holds K \\[1, 2, 4, 8\\] after one token"),
+    ([1, 1, VOCAB], [1, 2, 1, 8], [1, 4, 1, 8], "its K and V differ in shape \\(layer 0 holds K \\[1, 2, 1, 8\\] and V "
+                                                "\\[1, 4, 1, 8\\]\\)"),
+    ([1, 1, VOCAB], [1, 2, 1, 8], [1, 2, 1, 8], None)])
+def test_fallback_names_what_its_one_token_probe_found_amiss(logits, keys, values, reason):
+    """Each way a one-token forward's output and cache can fall short gets its own reason (they shared one: "it
+    returns no logits, or its cache does not hold per-token K and V of one shape")."""
+    out = SimpleNamespace(logits=None if logits is None else torch.zeros(logits))
+    problem = _kv_problem(out, *(None if shape is None else torch.zeros(shape) for shape in (keys, values)))
+    assert problem is None if reason is None else re.search(reason, problem)
 
 
 def test_fallback_refuses_a_model_whose_cache_layers_differ_in_shape():
