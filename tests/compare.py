@@ -1,4 +1,5 @@
 """Comparison helpers shared by the tests: norm-wise relative error against a float64 ground truth."""
+import pytest
 import torch
 
 # Tolerances by precision of the inputs (relative, norm-wise: max|a - b| / max|b|).
@@ -29,3 +30,49 @@ def assert_grads_close(names, actual, expected, inputs, rel):
     for name, got, want in zip(names, grads_of(actual, inputs, seed),
                                grads_of(expected, inputs, seed.reshape(expected.shape))):
         assert_rel_close(name, got, want, rel)
+
+
+def assert_vjp_and_jacrev_close(names, op, ref, inputs, rel):
+    """torch.func.vjp of `op` under a random cotangent, and torch.func.jacrev's whole Jacobians, wrt every one of
+    `inputs` agree with `ref`'s (float64) within `rel`; returns op's Jacobians."""
+    (out, vjp_fn), (ref_out, ref_vjp_fn) = (torch.func.vjp(f, *inputs) for f in (op, ref))
+    assert_rel_close("output", out, ref_out, rel)
+    cotangent = torch.randn(out.shape, device=out.device)
+    for name, got, want in zip(names, vjp_fn(cotangent), ref_vjp_fn(cotangent.double())):
+        assert_rel_close(name, got, want, rel)
+    argnums = tuple(range(len(inputs)))
+    jacobians = torch.func.jacrev(op, argnums=argnums)(*inputs)
+    for name, got, want in zip(names, jacobians, torch.func.jacrev(ref, argnums=argnums)(*inputs)):
+        assert_rel_close(f"jacobian {name}", got, want, rel)
+    return jacobians
+
+
+def assert_only_first_order(op, loss, hidden):
+    """Under torch.func, differentiating `loss`'s gradient wrt `hidden` (nested grad or jacrev, forward over
+    reverse) and forward mode (jvp, jacfwd, hessian) raise errors naming `op`."""
+    vjp_fn = torch.func.vjp(loss, hidden)[1]
+    for twice in (lambda h: torch.func.grad(lambda x: torch.func.grad(loss)(x).sum())(h),
+                  lambda h: torch.func.jacrev(torch.func.jacrev(loss))(h),
+                  lambda h: torch.func.jvp(vjp_fn, (h.new_ones(()),), (h.new_ones(()),))):  # forward over reverse
+        with pytest.raises(RuntimeError, match=f"{op} is not twice differentiable"):
+            twice(hidden)
+    for forward_mode in (lambda h: torch.func.jvp(loss, (h,), (torch.ones_like(h),)), torch.func.jacfwd(loss),
+                         torch.func.hessian(loss)):
+        with pytest.raises(RuntimeError, match=f"{op} has no forward-mode derivative"):
+            forward_mode(hidden)
+
+
+def assert_per_sample_grads_close(op, ref, weight, bias, batched, rel):
+    """torch.func.vmap(grad_and_value(op)) over the samples of `batched` (tensors with the samples on dim 0, the
+    first one the hidden states), differentiated wrt weight, bias and the hidden states, against a loop of `ref`
+    (op's float64 twin, `op(weight, bias, *sample)`) with autograd; returns (grads, values)."""
+    in_dims = (None, None) + (0,) * len(batched)
+    grads, values = torch.func.vmap(torch.func.grad_and_value(op, argnums=(0, 1, 2)), in_dims=in_dims)(
+        weight, bias, *batched)
+    for i in range(batched[0].shape[0]):
+        inputs = [t.clone().requires_grad_() for t in (weight, bias, batched[0][i])]
+        ref_value = ref(*inputs, *(t[i] for t in batched[1:]))
+        assert_rel_close(f"value {i}", values[i], ref_value, rel)
+        for name, got, want in zip(["d_weight", "d_bias", "d_hidden"], grads, torch.autograd.grad(ref_value, inputs)):
+            assert_rel_close(f"{name} {i}", got[i], want, rel)
+    return grads, values
