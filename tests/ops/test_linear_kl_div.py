@@ -312,6 +312,20 @@ def test_gradients_nobody_needs_are_not_computed(backend):
     assert counter.get_total_flops() == 0
 
 
+def test_a_shared_head_is_upcast_once(monkeypatch):
+    """One bf16 head (weight and bias) that serves policy and reference reaches the torch launchers as the policy's
+    very tensor, which each pass upcasts to fp32 once, not once per head: a detached copy for the reference made a
+    second [V, H] fp32 copy."""
+    from fastalign.ops.torch_chunked import linear_kl_div as launchers
+    upcast, shapes = launchers.upcast, []
+    monkeypatch.setattr(launchers, "upcast", lambda t, acc: shapes.append(t is not None and tuple(t.shape))
+                        or upcast(t, acc))
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(13, 24, 131, dtype=torch.bfloat16, shared=True,
+                                                                bias=True)
+    fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, backend="torch", **extra).backward()
+    assert shapes.count((131, 24)) == shapes.count((131,)) == 2  # the forward's and the backward's
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bias_alone_trains(backend):
     """Only the lm_head bias requires grad (hidden states and weight frozen): its gradient is exact and no other
@@ -348,6 +362,17 @@ def test_torch_backend_accumulates_half_precision_in_fp32(dtype):
     ref = linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, reduction="none", **extra)
     assert out.dtype == torch.float32
     assert_rel_close("kl", out, ref, 1e-5)
+
+
+def test_bf16_backward_takes_the_fp32_logsumexps():
+    """Logits ~40, where bf16's spacing is 0.25: the backward's softmaxes take the forward's logsumexps of both heads
+    in fp32; kept in bf16, they put the probabilities off by up to ~13%, and the gradients by several %."""
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(13, 24, 131, dtype=torch.bfloat16, weighted=True,
+                                                                bias=True)
+    hidden, ref_hidden = (hidden.detach() * 16).requires_grad_(), ref_hidden * 16
+    out = fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, reduction="none", backend="torch", **extra)
+    ref = linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, reduction="none", **extra)
+    assert_grads_close(["d_hidden", "d_weight", "d_bias"], out, ref, differentiable(hidden, weight, extra), 2 ** -7)
 
 
 def test_triton_backend_refuses_float64():

@@ -252,6 +252,7 @@ def test_config_validation_and_lengths():
     (dict(exploration=math.inf), "exploration must be finite"),
     (dict(q_norm_eps=math.inf), "q_norm_eps must be finite"),
     (dict(initial_q_range=(-math.inf, 1.0)), "initial_q_range\\[0\\] must be finite"),
+    (dict(initial_q_range=(-1.0, math.inf)), "initial_q_range\\[1\\] must be finite"),
     (dict(similarity_weight=math.inf), "similarity_weight must be finite"),
     (dict(virtual_loss=math.inf, parallel_leaves=2), "virtual_loss must be finite"),
 ])

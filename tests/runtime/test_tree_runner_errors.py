@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from transformers import (BertConfig, BertLMHeadModel, BertModel, Gemma4ForCausalLM, Gemma4TextConfig, LlamaConfig,
-                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, MptConfig, MptForCausalLM, Phi3Config,
-                          Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, RecurrentGemmaConfig,
+from transformers import (BertConfig, BertLMHeadModel, BertModel, DynamicCache, Gemma4ForCausalLM, Gemma4TextConfig,
+                          LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MptConfig, MptForCausalLM,
+                          Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, RecurrentGemmaConfig,
                           RecurrentGemmaForCausalLM)
 
 from fastalign import PoolExhaustedError, Span, TreeRunner
+from fastalign.runtime import hf_cache
 from fastalign.runtime.hf_cache import _kv_problem
 from fastalign.unlearn.models import enable_activation_checkpointing
 from tests.runtime.tiny_models import CONFIGS, MAX_POSITIONS, VOCAB, tiny_model
@@ -401,6 +402,26 @@ def test_fallback_refuses_a_model_whose_cache_layers_differ_in_shape():
                                          r"holds K \[1, 2, 1, 16\] and V \[1, 2, 1, 16\], layer 0 K and V "
                                          r"\[1, 2, 1, 8\]\)"):
         TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+
+
+@pytest.mark.parametrize("wider", ["keys", "values"])
+def test_fallback_refuses_a_later_cache_layer_whose_keys_or_values_differ_in_shape(monkeypatch, wider):
+    """Layer 1 caches K (or V) of twice the head_dim and the other shaped as layer 0's (a model with per-layer head
+    dims; the model itself reads back what it wrote): refused when made, by the shapes it names."""
+    class WiderLayer1(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            states = {"keys": key_states, "values": value_states}
+            if layer_idx == 1:
+                states[wider] = torch.cat([states[wider], states[wider]], dim=-1)
+            keys, values = super().update(states["keys"], states["values"], layer_idx, *args, **kwargs)
+            return keys[..., :key_states.shape[-1]], values[..., :value_states.shape[-1]]
+
+    monkeypatch.setattr(hf_cache, "DynamicCache", WiderLayer1)
+    k, v = (16, 8) if wider == "keys" else (8, 16)
+    with pytest.raises(ValueError, match=rf"GPT2LMHeadModel cannot run .*: its cache layers differ in shape \(layer 1 "
+                                         rf"holds K \[1, 4, 1, {k}\] and V \[1, 4, 1, {v}\], layer 0 K and V "
+                                         r"\[1, 4, 1, 8\]\)"):
+        TreeRunner(tiny_model("gpt2-fallback"), max_tokens=64, block_size=4)
 
 
 def test_fallback_refuses_a_model_that_keeps_state_outside_its_cache():
