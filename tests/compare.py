@@ -76,3 +76,19 @@ def assert_per_sample_grads_close(op, ref, weight, bias, batched, rel):
         for name, got, want in zip(["d_weight", "d_bias", "d_hidden"], grads, torch.autograd.grad(ref_value, inputs)):
             assert_rel_close(f"{name} {i}", got[i], want, rel)
     return grads, values
+
+
+def assert_grads_of_a_compiled_caller_close(differentiate, op, ref, hidden, weight, args, kwargs, rel):
+    """torch.compile of a caller that differentiates `op(tanh(h), w, *args, **kwargs)` wrt (h, w) itself, by
+    `differentiate(loss, h, w)`, gives the gradients torch.autograd takes of `ref` (op's float64 twin) uncompiled."""
+    def caller(loss_fn, h, w):
+        def loss(h, w):
+            return loss_fn(torch.tanh(h), w, *args, **kwargs)
+        if loss_fn is ref:
+            return torch.autograd.grad(loss(h, w), (h, w))
+        return differentiate(loss, h, w)
+
+    got = torch.compile(caller, backend="eager")(op, *(t.clone().requires_grad_() for t in (hidden, weight)))
+    want = caller(ref, *(t.clone().requires_grad_() for t in (hidden, weight)))
+    for name, g, w in zip(["d_hidden", "d_weight"], got, want):
+        assert_rel_close(name, g, w, rel)

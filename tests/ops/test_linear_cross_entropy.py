@@ -8,8 +8,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import fastalign
 from fastalign.ops.torch_chunked import chunking
 from fastalign.reference.linear_losses import linear_cross_entropy_reference
-from tests.compare import (REL_TOL, assert_grads_close, assert_only_first_order, assert_per_sample_grads_close,
-                           assert_rel_close, assert_vjp_and_jacrev_close, grads_of)
+from tests.compare import (REL_TOL, assert_grads_close, assert_grads_of_a_compiled_caller_close,
+                           assert_only_first_order, assert_per_sample_grads_close, assert_rel_close,
+                           assert_vjp_and_jacrev_close, grads_of)
 from tests.conftest import HAS_CUDA, TRITON_DEVICE, device_for, triton_cases
 
 BACKENDS = ["torch", "triton"]
@@ -201,20 +202,10 @@ def test_gradients_taken_inside_a_compiled_caller(backend, differentiate):
     """torch.compile of a caller that differentiates the loss itself: the backward runs inside the compiled frame,
     where dynamo traced into the kernel launches (the Triton interpreter crashed) unless they are a graph break."""
     hidden, weight, target, extra = make_inputs(13, 24, 131, bias=True, weighted=True, device=device_for(backend))
-    hidden, weight = hidden.detach(), weight.detach()
+    assert_grads_of_a_compiled_caller_close(
+        differentiate, functools.partial(fastalign.linear_cross_entropy, backend=backend),
+        linear_cross_entropy_reference, hidden.detach(), weight.detach(), (target,), extra, REL_TOL[torch.float32])
 
-    def caller(loss_fn, h, w):
-        def loss(h, w):
-            return loss_fn(torch.tanh(h), w, target, **extra)
-        if loss_fn is linear_cross_entropy_reference:
-            return torch.autograd.grad(loss(h, w), (h, w))
-        return differentiate(loss, h, w)
-
-    got = torch.compile(caller, backend="eager")(functools.partial(fastalign.linear_cross_entropy, backend=backend),
-                                                 *(t.clone().requires_grad_() for t in (hidden, weight)))
-    want = caller(linear_cross_entropy_reference, *(t.clone().requires_grad_() for t in (hidden, weight)))
-    for name, g, w in zip(["d_hidden", "d_weight"], got, want):
-        assert_rel_close(name, g, w, REL_TOL[torch.float32])
 
 def test_fullgraph_compile_is_refused_with_the_reason():
     """fullgraph=True cannot hold the op's graph break: dynamo's error says why (it said 'reason: None' and
