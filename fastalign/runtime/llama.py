@@ -102,10 +102,7 @@ class PagedLlama:
         at indices `select` (None: nothing), logits in float32 (only at select[logits_rows] when given:
         [tokens, vocab] float32 logits of a long row would be the largest tensor of the call), hidden after
         the final norm. Dropout is off whatever the model's mode: a LoRA adapter's sits in the layers run here,
-        and would make the K/V cached for the tree, and every logit, random (a model in eval mode, as in a
-        search, skips switching every module's mode and back)."""
-        if not any(module.training for module in self.model.modules()):
-            return self._forward(batch, pool, select, want_logits, want_hidden, logits_rows)
+        and would make the K/V cached for the tree, and every logit, random."""
         with eval_mode(self.model):
             return self._forward(batch, pool, select, want_logits, want_hidden, logits_rows)
 
