@@ -44,8 +44,9 @@ def cuda_extensions():
 
 cuda_exts, cuda_build_ext = cuda_extensions()
 setup(
-    # kernels/ is mapped onto fastalign.kernels by package-dir in pyproject.toml.
-    packages=find_packages(include=["fastalign", "fastalign.*"]) + ["fastalign.kernels"],
+    # kernels/ is mapped onto fastalign.kernels by package-dir in pyproject.toml; the demo's assets folder holds
+    # data only and is listed as a package of its own, which is how setuptools wants package data folders.
+    packages=find_packages(include=["fastalign", "fastalign.*"]) + ["fastalign.kernels", "fastalign.demo.assets"],
     ext_modules=cpp_extensions() + cuda_exts,
     cmdclass={"build_ext": cuda_build_ext or build_ext},
 )
