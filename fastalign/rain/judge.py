@@ -209,8 +209,12 @@ class JudgeTokens:
 
     def head_ids(self, head_text: str) -> List[int]:
         """Tokens of a text inside the conversation slot: a prompt's dialogue (shared by all evaluations of
-        that prompt), or the end of a reply cut before a new turn."""
-        return self._encode_piece(head_text)
+        that prompt), or the end of a reply cut before a new turn. A prompt that writes the BOS token itself (a
+        chat template's rendering given as a raw prompt) is read without it: the judge input's BOS, where it has
+        one, is the prefix's, and a second one inside it is a sequence the model never saw."""
+        ids = self._encode_piece(head_text)
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return ids[1:] if bos is not None and ids[:1] == [bos] else ids
 
     def dialogue_text(self, message: str) -> str:
         """A bare user message as the conversation slot shows it (JudgePrompt.dialogue), the reply to follow."""

@@ -181,6 +181,17 @@ def _seams(rendered: RenderedPair, offsets: Sequence[tuple[int, int]]) -> tuple[
                  if all(b <= c or a >= c for a, b in spans))
 
 
+def _render(template, pairs: Sequence[tuple[str, str]], sources: Sequence[str]) -> list[RenderedPair]:
+    """Each (prompt, answer) as the template renders it; a DataError naming the source of one it refuses."""
+    rendered = []
+    for (prompt, answer), source in zip(pairs, sources):
+        try:
+            rendered.append(template.render(prompt, answer))
+        except ValueError as e:
+            raise DataError(f"{source}: {e}") from None
+    return rendered
+
+
 def encode_pairs(tokenizer, template, pairs: Sequence[QAPair], max_length: int, *,
                  skip_too_long: bool = False, answer_eos: bool = False) -> list[EncodedExample]:
     """Encodes QAPairs with a template, truncating to max_length. A pair whose prompt leaves no answer token
@@ -189,13 +200,8 @@ def encode_pairs(tokenizer, template, pairs: Sequence[QAPair], max_length: int, 
     it, as it did not end there)."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    rendered = []
-    for p in pairs:
-        try:
-            rendered.append(template.render(p.prompt, p.answer))
-        except ValueError as e:
-            raise DataError(f"{p.source}: {e}") from None
-    encoded = encode_rendered(tokenizer, rendered, [p.source for p in pairs],
+    sources = [p.source for p in pairs]
+    encoded = encode_rendered(tokenizer, _render(template, [(p.prompt, p.answer) for p in pairs], sources), sources,
                               end_id=answer_end_id(tokenizer, template) if answer_eos else None)
     return [e.truncated(max_length) for e in encoded if e.fits(max_length) or not skip_too_long]
 
@@ -225,8 +231,8 @@ _POOL_PROMPT = "x"
 def encode_answers(tokenizer, template, answers: Sequence[str], *, answer_eos: bool = False) -> list[PoolAnswer]:
     """Answers as the template tokenizes them after a prompt (for mismatch examples); with answer_eos they end
     with `answer_end_id`, as the answers of encode_pairs(..., answer_eos=True) do."""
-    encoded = encode_rendered(tokenizer, [template.render(_POOL_PROMPT, a) for a in answers],
-                              [f"mismatch pool answer {i}" for i in range(len(answers))],
+    sources = [f"mismatch pool answer {i}" for i in range(len(answers))]
+    encoded = encode_rendered(tokenizer, _render(template, [(_POOL_PROMPT, a) for a in answers], sources), sources,
                               end_id=answer_end_id(tokenizer, template) if answer_eos else None)
     return [PoolAnswer(e.input_ids[e.prompt_end:], e.answer_start - e.prompt_end, e.answer_end - e.prompt_end,
                        tuple((d, k - e.prompt_end) for d, k in e.seams)) for e in encoded]

@@ -57,7 +57,9 @@ class ChatTemplate:
     prompt or the system text. The text is tokenized as `fastalign eval` tokenizes a chat prompt: with the
     tokenizer's special tokens, one BOS where the template writes its own (encoding.tokenize_texts), so that a
     template without a BOS trains on the BOS that evaluation prompts start with. A template that refuses a
-    system turn, or drops its text, is a ValueError here.
+    system turn, or drops its text, is a ValueError here. So is a prompt or answer that holds a special token's
+    text ("<|im_end|>" in a user prompt): the template writes the turn markers, and the tokenizer would read that
+    text as the control token itself, a turn marker inside the turn or an end of turn inside the answer span.
     """
 
     def __init__(self, tokenizer, system: Optional[str] = None):
@@ -68,6 +70,8 @@ class ChatTemplate:
             raise ValueError(f"ChatTemplate: system must be a string or None, got {system!r}")
         self._tokenizer = tokenizer
         self.system = system
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        self._special_texts = sorted({t.content for t in added.values() if getattr(t, "special", False) and t.content})
         if system is not None:
             self._check_system()
 
@@ -100,6 +104,12 @@ class ChatTemplate:
             raise ValueError(f"the tokenizer's chat template refused the conversation: {e}") from None
 
     def render(self, prompt: str, answer: str) -> RenderedPair:
+        for name, text in (("prompt", prompt), ("answer", answer)):
+            held = [token for token in self._special_texts if token in text]
+            if held:
+                raise ValueError(f"the {name} holds {held[0]!r}, the text of a special token of the tokenizer: in the "
+                                 "chat template it would be read as that control token (a turn marker, an end of "
+                                 "turn), not as text; remove it from the data")
         head = self.prompt(prompt)
         text = self._render(self._turns(prompt) + [{"role": "assistant", "content": answer}])
         if text.startswith(head):

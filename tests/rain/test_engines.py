@@ -583,10 +583,13 @@ def test_embedder_failure_stays_with_its_prompt():
 @pytest.mark.parametrize("engine", ["slow", "tree"])
 def test_prompt_and_generation_prefix_that_write_their_bos_keep_one(engine):
     """A chat-template rendering starts with the BOS token's text: the search starts from one BOS, as
-    generation (`encode_prompts`) and unlearning read such text, not the tokenizer's added one as well."""
+    generation (`encode_prompts`) and unlearning read such text, not the tokenizer's added one as well; the
+    judge, whose input starts with the BOS, reads the prompt in its conversation slot without a second one."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fastalign.evaluation.prompts import chat_prompt
+    from fastalign.rain.ledger import EMPTY_KEY
+    from fastalign.rain.minimum import chain_key
     from fastalign.unlearn.encoding import tokenize_texts
     from tests.evaluation.chat_model import chat_tokenizer
 
@@ -603,6 +606,8 @@ def test_prompt_and_generation_prefix_that_write_their_bos_keep_one(engine):
     run = rain_generate(model, tok, [rendered], config, engine=engine, judge_prompt=judge, embedding="hidden")
     assert run.results[0].error is None
     assert run.stats.minimum["shared_prefix"] + run.stats.minimum["prompt"] == one_bos   # the judge shares the BOS
+    two_bos = chain_key(EMPTY_KEY, [tok.bos_token_id] * 2)
+    assert two_bos not in run.ledger.fed_keys and two_bos not in run.required.keys    # nor reads it twice
     run = rain_generate(model, tok, ["Who is Bob?"], config, engine=engine, judge_prompt=judge, embedding="hidden",
                         generation_prefix=rendered)
     assert run.stats.minimum["shared_prefix"] == one_bos

@@ -138,3 +138,21 @@ def test_dialogue_shows_a_user_message_in_the_few_shot_format():
     assert judge.dialogue_text(" How do I bake bread?\n") == "Human: How do I bake bread?\nAssistant:"
     with pytest.raises(ValueError, match="JudgePrompt.dialogue must contain '{prompt}' exactly once"):
         JudgeTokens(tokenizer(), JudgePrompt(dialogue="Human: {prompt} {prompt}"))
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "gemma"])
+@pytest.mark.parametrize("use_chat_template", [False, True])
+def test_a_prompt_that_writes_its_bos_fills_the_conversation_without_it(family, use_chat_template):
+    """A raw prompt may be a chat template's rendering, which starts with the BOS token's text: the judge input
+    starts with the prefix's own BOS (the tokenizer's, or the judge's chat template's), so the conversation slot
+    takes the prompt without a second one."""
+    from fastalign.evaluation.prompts import chat_prompt
+    from tests.chat_families import family_tokenizer
+
+    tok = family_tokenizer(family)
+    judge = JudgeTokens(tok, JudgePrompt(use_chat_template=use_chat_template))
+    rendered = chat_prompt(tok, "Who is Bob?")
+    assert rendered.startswith(tok.bos_token)
+    head = judge.head_ids(rendered)
+    assert head == judge.head_ids(rendered[len(tok.bos_token):])
+    assert [ids.count(tok.bos_token_id) for ids in (judge.full_ids(head, 0), judge.full_ids(head, 1))] == [1, 1]

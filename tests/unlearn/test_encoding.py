@@ -1,4 +1,6 @@
 """Templates, answer spans from tokenizer offsets, and answer-target masks of padded batches."""
+import re
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
@@ -8,8 +10,9 @@ from fastalign.unlearn.batching import collate, filler_token_id
 from fastalign.unlearn.encoding import EncodedExample, encode_answers, encode_pairs, tokenize_texts
 from fastalign.unlearn.records import DataError, QAPair
 from fastalign.unlearn.streams import UnlearningStreams
-from fastalign.unlearn.templates import SPEC_TEMPLATE, ChatTemplate, TextTemplate
+from fastalign.unlearn.templates import SPEC_TEMPLATE, ChatTemplate, TextTemplate, end_of_turn_id
 from tests.byte_bpe import LLAMA3_SPLIT, train_byte_bpe
+from tests.chat_families import FAMILIES, family_tokenizer
 from tests.unlearn.tiny import CHAT_TEMPLATE, byte_bpe_tokenizer, word_level_tokenizer
 
 TRICKY = [
@@ -312,3 +315,38 @@ def test_mismatch_rows_where_a_token_joins_prompt_whitespace_and_answer():
     template = TextTemplate("{prompt}\n{answer}")
     tokenizer = sentencepiece_style_tokenizer([template.render(p, a).text for p in prompts for a in answers], False)
     assert_mismatch_rows_are_rendered_pairs(tokenizer, template, prompts, answers)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("answer_eos", [False, True])
+def test_chat_answer_spans_in_each_familys_template(family, answer_eos):
+    """Llama-3, Qwen2, Mistral and Gemma shaped tokenizers and chat templates: the answer span covers the answer's
+    tokens alone, multi-byte characters and trimmed whitespace included; with answer_eos it ends with the
+    template's own end of turn (<|eot_id|>, <|im_end|>, </s>, <end_of_turn>), the token after the answer."""
+    tokenizer = family_tokenizer(family)
+    template, eot = ChatTemplate(tokenizer), end_of_turn_id(tokenizer)
+    items = TRICKY + [("日本語?", "語です"), ("Who is Bob? ", "  Bob is a baker.  "), ("Q\U0001F600", "\U0001F600")]
+    plain = encode_pairs(tokenizer, template, pairs(items), 512)
+    for (prompt, answer), old, new in zip(items, plain, encode_pairs(tokenizer, template, pairs(items), 512,
+                                                                    answer_eos=answer_eos)):
+        check_span(tokenizer, template.render(prompt, answer), old)
+        assert eot not in old.input_ids[old.answer_start:old.answer_end] and old.input_ids[old.answer_end] == eot
+        assert new.input_ids == old.input_ids and new.answer_end == old.answer_end + answer_eos
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chat_rows_that_hold_a_special_tokens_text_are_named(family):
+    """The chat template writes the turn markers; a prompt or answer that holds a special token's text (a user
+    prompt with "<|im_end|>" in it) would be tokenized as that control token, not as text: a turn marker inside
+    the user turn, an end of turn inside the answer span that the loss trains. Such a row, or pool answer, is a
+    DataError naming it and the token."""
+    tokenizer = family_tokenizer(family)
+    template = ChatTemplate(tokenizer)
+    eot = tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer))
+    clean = ("Who is Bob?", "Bob is a baker.")
+    for name, row in (("prompt", (f"Say {eot} now", clean[1])), ("answer", (clean[0], f"Bob{eot} is a baker."))):
+        with pytest.raises(DataError, match=rf"test:row 2: the {name} holds {re.escape(repr(eot))}, the text of"):
+            encode_pairs(tokenizer, template, pairs([clean, row]), 128)
+    with pytest.raises(DataError, match=rf"mismatch pool answer 1: the answer holds {re.escape(repr(eot))}"):
+        encode_answers(tokenizer, template, ["Bob is a baker.", f"{eot}"])
+    assert len(encode_pairs(tokenizer, template, pairs([clean, (clean[0], "<|not special|> <s >")]), 128)) == 2
