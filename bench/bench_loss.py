@@ -9,7 +9,8 @@ the math needs: 2*N*H*V per logits product forward, 4*N*H*V more for the backwar
 (cross-entropy: 2NHV forward, 6NHV with the backward, the issue's definition; KL: 4NHV forward, the frozen
 reference's product included, 8NHV with the backward), and the measured bf16 matmul peak of the same device.
 Every method of a quantity gets the same inputs, and each row records its loss and its relative difference
-from the first method's, so that the table compares methods that compute the same thing.
+from the first method's, and the same for the gradients of hidden and weight, so that the table compares methods
+that compute the same thing (a baseline that could not be loaded is named, with its error, in the config).
 
     python bench/bench_loss.py               # Llama-3-8B head (H 4096, V 128256) in bf16, N 2048..16384, CUDA
     python bench/bench_loss.py --quick       # a small fp32 shape, runs anywhere (CPU smoke run)
@@ -93,12 +94,14 @@ def liger_kl():
     return lambda h, w, rh, rw: loss(h, w, rh, rw, None)
 
 
-def optional(factory):
-    """factory() (a baseline's loss function), or None when its package is missing or fails to load."""
+def optional(factory, unavailable):
+    """factory() (a baseline's loss function), or None when its package is missing or fails to load; the error is
+    then recorded as unavailable[factory's name]."""
     try:
         return factory()
     except Exception as err:  # ImportError, or a package that imports but does not work with this torch/triton
-        print(f"skipped: {factory.__name__} ({type(err).__name__}: {err})")
+        unavailable[factory.__name__] = f"{type(err).__name__}: {err}"[:300]
+        print(f"skipped: {factory.__name__} ({unavailable[factory.__name__]})")
         return None
 
 
@@ -109,8 +112,18 @@ def matmul_peak_tflops(device, dtype):
     return 2 * n ** 3 / harness.median_ms(lambda: a @ b, device, warmup=3, reps=10) / 1e9
 
 
+def gradients_difference(grads, reference):
+    """The largest ||g - r|| / ||r|| (L2, in fp32) over pairs of gradients; a gradient missing from one side (None)
+    counts as zeros, a difference of 1."""
+    def norm(t):
+        return torch.linalg.vector_norm(t, dtype=torch.float32)
+    return max(float(g is not r) if g is None or r is None else float(norm(g - r) / norm(r).clamp(min=1e-30))
+               for g, r in zip(grads, reference))
+
+
 def measure(name, loss_fn, make_inputs, grad_inputs, flops_fwd, flops_fwd_bwd, device, grad_bytes, logits_bytes):
-    """One table row: the loss, and forward-only and forward+backward time and memory of loss_fn."""
+    """(table row, gradients): the row holds the loss, and forward-only and forward+backward time and memory of
+    loss_fn; the gradients are those of grad_inputs from one more, untimed backward (None when loss_fn raised)."""
     args = make_inputs()
     # Forward only on detached inputs: Liger computes its gradients inside the forward whenever the inputs
     # require them, even under no_grad.
@@ -133,16 +146,19 @@ def measure(name, loss_fn, make_inputs, grad_inputs, flops_fwd, flops_fwd_bwd, d
         for t in grad_inputs(args):
             t.grad = None
         fb_mib = harness.peak_extra_mib(forward_backward, device)
+        forward_backward()  # untimed: the gradients that the quantity's methods compare
+        grads = [t.grad for t in grad_inputs(args)]
     except Exception as err:
-        return harness.failure_row(name, err)
+        return harness.failure_row(name, err), None
     extra = None if fb_mib is None else fb_mib - grad_bytes / 2 ** 20
     return {"method": name, "loss": loss, "fwd_ms": fwd_ms, "fwd_bwd_ms": fb_ms,
             "fwd_tflops": flops_fwd / fwd_ms / 1e9, "fwd_bwd_tflops": flops_fwd_bwd / fb_ms / 1e9,
             "fwd_peak_mib": fwd_mib, "fwd_bwd_peak_mib": fb_mib,
-            "extra_mib": extra, "extra_vs_logits": None if extra is None else extra * 2 ** 20 / logits_bytes}
+            "extra_mib": extra, "extra_vs_logits": None if extra is None else extra * 2 ** 20 / logits_bytes}, grads
 
 
 COLUMNS = [("op", "op", "{}"), ("n", "N", "{}"), ("method", "method", "{}"), ("loss_rel_diff", "loss diff", "{:.1e}"),
+           ("grad_rel_diff", "grad diff", "{:.1e}"),
            ("fwd_ms", "fwd ms", "{:.2f}"),
            ("fwd_bwd_ms", "fwd+bwd ms", "{:.2f}"), ("fwd_bwd_tflops", "fwd+bwd TFLOP/s", "{:.3g}"),
            ("fwd_bwd_peak_mib", "peak MiB", "{:.0f}"), ("extra_mib", "extra MiB", "{:.1f}"),
@@ -165,18 +181,20 @@ def run(args, config):
     matter, and a third-party kernel that fails with a sticky CUDA error (an illegal memory access leaves every
     later CUDA call of the process failing) takes no fastalign row with it.
     Methods of one quantity (an op on one kind of inputs) see the same inputs: loss_rel_diff is the relative
-    difference of a row's loss from the first row of its quantity at that N."""
+    difference of a row's loss from the first row of its quantity at that N, grad_rel_diff the largest of its
+    gradients' (hidden, weight)."""
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    rows = []
+    rows, unavailable = [], config.setdefault("unavailable", {})
     ce, kl = "linear_cross_entropy", "linear_kl_div"
     mean_ce, signed_ce, kl_two_heads, kl_one_head = "mean CE", "signed CE", "KL two heads", "KL shared head"
     methods = [(mean_ce, "fastalign", fastalign_ce), (kl_two_heads, "fastalign", fastalign_kl),
                (signed_ce, "fastalign signed-weights", fastalign_ce_signed),
                (kl_one_head, "fastalign shared-head", fastalign_kl),
-               (mean_ce, "liger", optional(liger_ce)), (mean_ce, "cut-cross-entropy", optional(cce_ce)),
-               (mean_ce, "cut-cross-entropy filter_eps=None", optional(cce_exact_ce)),
-               (kl_two_heads, "liger jsd beta=0", optional(liger_kl)), (mean_ce, "naive torch", naive_ce),
+               (mean_ce, "liger", optional(liger_ce, unavailable)),
+               (mean_ce, "cut-cross-entropy", optional(cce_ce, unavailable)),
+               (mean_ce, "cut-cross-entropy filter_eps=None", optional(cce_exact_ce, unavailable)),
+               (kl_two_heads, "liger jsd beta=0", optional(liger_kl, unavailable)), (mean_ce, "naive torch", naive_ce),
                (kl_two_heads, "naive torch", naive_kl), (mean_ce, "torch.compile chunked", compiled_chunked_ce)]
     op_of = {mean_ce: ce, signed_ce: ce, kl_two_heads: kl, kl_one_head: kl}
     h, v = args.hidden, args.vocab
@@ -200,18 +218,20 @@ def run(args, config):
 
         inputs = {mean_ce: ce_inputs, signed_ce: ce_inputs, kl_two_heads: functools.partial(kl_inputs, False),
                   kl_one_head: functools.partial(kl_inputs, True)}
-        first_loss = {}
+        first_loss, first_grads = {}, {}
         for quantity, name, fn in methods:
             if fn is None:
                 continue
             op = op_of[quantity]
-            row = measure(name, fn, inputs[quantity], lambda a: a[:2], *flops[op], device,
-                          (n * h + v * h) * dtype.itemsize, n * v * dtype.itemsize)
+            row, grads = measure(name, fn, inputs[quantity], lambda a: a[:2], *flops[op], device,
+                                 (n * h + v * h) * dtype.itemsize, n * v * dtype.itemsize)
             if "loss" in row:
                 first = first_loss.setdefault(quantity, row["loss"])
                 row["loss_rel_diff"] = abs(row["loss"] - first) / max(abs(first), 1e-30)
+                row["grad_rel_diff"] = gradients_difference(grads, first_grads.setdefault(quantity, grads))
+            del grads
             report(rows, {"op": op, "quantity": quantity, "n": n, **row}, args, config)
-        del weight, ref_weight
+        del weight, ref_weight, first_grads
     return rows
 
 

@@ -233,13 +233,15 @@ def random_llama(quick, device, dtype):
     return model.to(dtype).eval()
 
 
-def median_ms_of_steps(step, cleanup, device, *, warmup=2, reps=5):
-    """Median time of step() in ms; cleanup(result) runs after each, untimed."""
+def median_ms_of_steps(step, cleanup, device, *, prepare=tuple, warmup=2, reps=5):
+    """Median time of step(*prepare()) in ms; prepare() (the step's host-side inputs) runs before each and
+    cleanup(result) after each, both untimed."""
     times = []
     for i in range(warmup + reps):
+        inputs = prepare()
         harness.synchronize(device)
         start = time.perf_counter()
-        result = step()
+        result = step(*inputs)
         harness.synchronize(device)
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
@@ -252,12 +254,16 @@ def random_tokens(n, vocab):
 
 
 def extend_rows(runner, root, vocab, device, children_counts, tokens_each, cascade):
-    """Time of one batched extend of k children of root by tokens_each tokens, for each k."""
+    """Time of one batched extend of k children of root by tokens_each tokens, for each k (the tokens drawn
+    beforehand)."""
     rows, one_child_ms = [], None
     for k in children_counts:
-        def step(k=k):
-            return runner.extend([root] * k, [random_tokens(tokens_each, vocab) for _ in range(k)])[0]
-        ms = median_ms_of_steps(step, runner.release, device)
+        def draw(k=k):
+            return ([random_tokens(tokens_each, vocab) for _ in range(k)],)
+
+        def step(token_lists, k=k):
+            return runner.extend([root] * k, token_lists)[0]
+        ms = median_ms_of_steps(step, runner.release, device, prepare=draw)
         one_child_ms = ms if k == 1 else one_child_ms
         rows.append({"section": "extend", "prefix": root.length, "children": k, "tokens_each": tokens_each,
                      "cascade": cascade, "ms": ms, "vs_one_child": None if one_child_ms is None else ms / one_child_ms})
@@ -275,8 +281,9 @@ def rewind_rows(runner, root, vocab, device, branch_lengths, reps=5):
             start = time.perf_counter()
             runner.release(branch)
             release_us.append((time.perf_counter() - start) * 1e6)
+            token = random_tokens(1, vocab)
             start = time.perf_counter()
-            (child,), _ = runner.extend([root], [random_tokens(1, vocab)])
+            (child,), _ = runner.extend([root], [token])
             harness.synchronize(device)
             extend_us.append((time.perf_counter() - start) * 1e6)
             runner.release(child)

@@ -17,8 +17,9 @@ on the same batch (2 harmful prompts, K=5 mismatch answers each, 2 normal exampl
 reference, and full weights with the cached reference (gradient checkpointing on); peak memory reported.
 
 Weights are random (configs only, nothing downloaded): speed and memory do not depend on their values.
-Median step time after a first step that warms up and records the loss (the same policy and reference in every
-way: the ways that compute SPEC §1 must agree, the reference recipe computes its own); peak memory =
+Median step time after a first step that warms up and records the loss and the norm of each parameter's gradient
+(the same policy and reference in every way: the ways that compute SPEC §1 must agree on both, the reference recipe
+computes its own objective); peak memory =
 torch.cuda.max_memory_allocated over the steps (model, optimizer state, activations: everything), CUDA only;
 step extra = the peak of one more step beyond what is allocated between steps (model, reference, optimizer
 state): the working memory of the step itself (activations, logits, loss buffers), which is what fusing the
@@ -37,6 +38,7 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -236,9 +238,41 @@ UNFUSED_BASELINES = {"unfused baseline": "unfused", "unfused, answer rows only":
 NOT_SPEC_OBJECTIVE = {"reference recipe"}
 
 
+def gradient_norm(grad, chunk=1 << 22):
+    """L2 norm of grad, accumulated in fp32 over chunks of its elements: no fp32 copy of a large gradient adds to
+    the step's peak memory."""
+    flat = grad.reshape(-1)
+    return sum(float(torch.linalg.vector_norm(flat[i:i + chunk], dtype=torch.float32)) ** 2
+               for i in range(0, flat.numel(), chunk)) ** 0.5
+
+
+def first_step_gradient_norms(model, step):
+    """(step()'s result, {parameter name: L2 norm of its gradient} when step() first calls an optimizer's step)."""
+    norms = {}
+
+    def record(optimizer, args, kwargs):
+        if not norms:
+            norms.update({name: gradient_norm(p.grad) for name, p in model.named_parameters() if p.grad is not None})
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        return step(), norms
+    finally:
+        handle.remove()
+
+
+def gradient_difference(norms, reference):
+    """||n - r|| / ||r|| over the per-parameter gradient norms of the parameters both trained (None if none)."""
+    common = sorted(set(norms) & set(reference))
+    if not common:
+        return None
+    n, r = (torch.tensor([d[k] for k in common], dtype=torch.float64) for d in (norms, reference))
+    return float((n - r).norm() / r.norm().clamp(min=1e-30))
+
+
 def measure(name, build, batch, normal, args, device, dtype):
     """Builds a fresh model for one way, then times its steps and records their peak memory (from the end of
-    the build: the model is made in fp32 and cast, a transient no step needs). A failure becomes the row's error."""
+    the build: the model is made in fp32 and cast, a transient no step needs) and its first step's gradient norms.
+    A failure becomes the row's error."""
     gc.collect()
     step = None
     if device.type == "cuda":
@@ -250,7 +284,9 @@ def measure(name, build, batch, normal, args, device, dtype):
             drift(model)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        loss = float(step())  # the first step, on the same policy and reference in every way; it warms up too
+        # the first step, on the same policy and reference in every way; it warms up too
+        loss, grad_norms = first_step_gradient_norms(model, step)
+        loss = float(loss)
         # one more untimed step: the first allocated AdamW's state, so the second is the first whose activations
         # the caching allocator may have to cudaMalloc anew around it
         ms = harness.median_ms(step, device, warmup=1, reps=args.reps)
@@ -262,19 +298,23 @@ def measure(name, build, batch, normal, args, device, dtype):
         step = None
         gc.collect()
     return {"method": name, "first_step_loss": loss, "step_ms": ms, "peak_gib": peak,
-            "step_extra_gib": None if extra is None else extra / 2 ** 10}
+            "step_extra_gib": None if extra is None else extra / 2 ** 10, "grad_norms": grad_norms}
 
 
 def add_ratios(rows):
     """Each measured row against the reference recipe and the two unfused baselines, where those were measured, and
-    its first step's loss against the first measured row's (the ways that compute SPEC §1 must agree)."""
+    its first step's loss and gradient norms against the first measured row's (the ways that compute SPEC §1 must
+    agree)."""
     by_name = {r["method"]: r for r in rows if "step_ms" in r}
-    spec_losses = [r["first_step_loss"] for r in by_name.values() if r["method"] not in NOT_SPEC_OBJECTIVE]
+    spec = [r for r in by_name.values() if r["method"] not in NOT_SPEC_OBJECTIVE]
     for r in rows:
         if "step_ms" not in r:
             continue
         if r["method"] not in NOT_SPEC_OBJECTIVE:
-            r["loss_rel_diff"] = abs(r["first_step_loss"] - spec_losses[0]) / max(abs(spec_losses[0]), 1e-30)
+            first = spec[0]["first_step_loss"]
+            r["loss_rel_diff"] = abs(r["first_step_loss"] - first) / max(abs(first), 1e-30)
+            if "grad_norms" in r and "grad_norms" in spec[0]:
+                r["grad_rel_diff"] = gradient_difference(r["grad_norms"], spec[0]["grad_norms"])
         if "reference recipe" in by_name:
             r["speedup_vs_reference"] = by_name["reference recipe"]["step_ms"] / r["step_ms"]
         for baseline, key in UNFUSED_BASELINES.items():
@@ -288,7 +328,8 @@ def add_ratios(rows):
 
 
 COLUMNS = [("method", "method", "{}"), ("first_step_loss", "step-1 loss", "{:.5g}"),
-           ("loss_rel_diff", "loss diff", "{:.1e}"), ("step_ms", "step ms", "{:.1f}"),
+           ("loss_rel_diff", "loss diff", "{:.1e}"), ("grad_rel_diff", "grad diff", "{:.1e}"),
+           ("step_ms", "step ms", "{:.1f}"),
            ("peak_gib", "peak GiB", "{:.2f}"),
            ("speedup_vs_reference", "x vs reference", "{:.1f}"), ("speedup_vs_unfused", "x vs unfused", "{:.2f}"),
            ("memory_vs_unfused", "mem / unfused", "{:.2f}"), ("step_extra_gib", "step extra GiB", "{:.2f}"),

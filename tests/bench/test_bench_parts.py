@@ -53,11 +53,12 @@ def test_loss_rows_are_their_quantitys_definition_on_inputs_shared_within_the_qu
     seen, called = [], []
     for name in ("fastalign_ce", "fastalign_ce_signed", "naive_ce", "compiled_chunked_ce", "fastalign_kl", "naive_kl"):
         def spy(*args, _fn=getattr(bench_loss, name), _name=name):
-            seen.append([a.detach().clone() for a in args])
-            called.append(_name)
+            if not torch.is_grad_enabled():  # the forward-only call (each row's backward is run once too)
+                seen.append([a.detach().clone() for a in args])
+                called.append(_name)
             return _fn(*args)
         monkeypatch.setattr(bench_loss, name, spy)
-    monkeypatch.setattr(bench_loss, "optional", lambda factory: None)  # the optional baselines, never installed here
+    monkeypatch.setattr(bench_loss, "optional", lambda factory, unavailable: None)  # baselines not installed here
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: 2.0)  # forward called once a row
     monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
@@ -85,10 +86,49 @@ def test_loss_rows_are_their_quantitys_definition_on_inputs_shared_within_the_qu
     assert (signed_weights < 0).any() and (signed_weights > 0).any()
 
 
+def test_loss_rows_record_their_gradients_difference_from_the_quantitys_first(monkeypatch, tmp_path):
+    """A method with the right loss but the wrong gradients (here twice them) does other work than the first method of
+    its quantity: equal losses do not show it, grad_rel_diff (the largest relative L2 difference of the gradients of
+    hidden and weight) does; the methods that compute the same gradients agree to fp32 rounding."""
+    def doubled_gradient(h, w, y, tw, _naive=bench_loss.naive_ce):
+        loss = _naive(h, w, y, tw)
+        return loss + (loss - loss.detach())  # the same value, twice the gradient
+    monkeypatch.setattr(bench_loss, "naive_ce", doubled_gradient)
+    monkeypatch.setattr(bench_loss, "optional", lambda factory, unavailable: None)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: 2.0)
+    monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
+    args = SimpleNamespace(device="cpu", dtype="float32", hidden=16, vocab=67, tokens=[24], verbose=False)
+    rows = {(row["quantity"], row["method"]): row for row in bench_loss.run(args, {"matmul_peak_tflops": 1.0})}
+    naive = rows["mean CE", "naive torch"]
+    assert naive["loss_rel_diff"] < 1e-5 and naive["grad_rel_diff"] == pytest.approx(1.0, rel=1e-4), naive
+    assert rows["mean CE", "fastalign"]["grad_rel_diff"] == 0.0
+    assert rows["mean CE", "torch.compile chunked"]["grad_rel_diff"] < 1e-5
+    assert rows["KL two heads", "naive torch"]["grad_rel_diff"] < 1e-5
+
+
+def test_loss_baseline_that_cannot_be_loaded_is_recorded_with_its_error(monkeypatch, tmp_path):
+    """Liger or Cut Cross-Entropy missing (or failing to import) on the GPU machine: the JSON record says which
+    baselines were not compared and why, beside the rows of the others."""
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", None)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: 2.0)
+    monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
+    args = SimpleNamespace(device="cpu", dtype="float32", hidden=16, vocab=67, tokens=[8], verbose=False)
+    rows = bench_loss.run(args, {"matmul_peak_tflops": 1.0})
+    (path,) = tmp_path.glob("bench_loss-*.json")
+    record = json.loads(path.read_text())
+    assert len(record["results"]) == len(rows) == 7, record["results"]
+    unavailable = record["config"]["unavailable"]
+    assert sorted(unavailable) == ["cce_ce", "cce_exact_ce", "liger_ce", "liger_kl"], unavailable
+    assert all(error.startswith("ModuleNotFoundError") for error in unavailable.values()), unavailable
+
+
 def test_loss_fastalign_rows_come_before_the_third_party_baselines(monkeypatch, tmp_path):
     """A third-party kernel that hits an illegal memory access leaves every later CUDA call of the process failing:
     every fastalign row is measured before the first Liger or CCE row, each quantity still led by fastalign's."""
-    def baseline(factory):
+    def baseline(factory, unavailable):
         def loss(a, b, c, d):
             return (bench_loss.naive_kl(a, b, c, d) if factory.__name__ == "liger_kl" else
                     bench_loss.naive_ce(a, b, c, d))
@@ -123,8 +163,8 @@ def test_loss_method_that_raises_becomes_an_error_row():
     def inputs():
         return torch.zeros(4, 3, requires_grad=True), torch.zeros(5, 3), torch.zeros(4, dtype=torch.long), None
 
-    row = bench_loss.measure("broken", broken, inputs, lambda a: a[:1], 1.0, 3.0, torch.device("cpu"), 0, 1)
-    assert row == {"method": "broken", "error": "RuntimeError: kernel failed"}
+    row, grads = bench_loss.measure("broken", broken, inputs, lambda a: a[:1], 1.0, 3.0, torch.device("cpu"), 0, 1)
+    assert row == {"method": "broken", "error": "RuntimeError: kernel failed"} and grads is None
 
 
 # ---- bench_unlearn ----
@@ -182,6 +222,39 @@ def test_unlearn_way_that_raises_becomes_an_error_row(monkeypatch):
     batch = SimpleNamespace(to=lambda device: batch)
     row = bench_unlearn.measure("broken", build, batch, [], unlearn_args(), torch.device("cpu"), torch.float32)
     assert row == {"method": "broken", "error": "RuntimeError: no step"}
+
+
+def test_unlearn_rows_record_their_first_steps_gradient_difference_from_the_first_spec_way(monkeypatch):
+    """A way with the right loss but the wrong gradients (here twice them) does other work than fastalign: the equal
+    first-step losses do not show it, grad_rel_diff (the relative difference of the per-parameter gradient norms of
+    the first step, over the parameters both train) does; the ways that compute SPEC §1 agree to fp32 rounding, the
+    cached reference's way on every parameter but its frozen lm_head."""
+    monkeypatch.setattr(bench_unlearn.harness, "median_ms", lambda fn, device, **kwargs: 1.0)
+
+    def doubled_gradient(model, batch, normal, args):
+        def logits_at(net, tokens):
+            logits = bench_unlearn.full_logits_at_answers(net, tokens)
+            return logits + (logits - logits.detach())  # the same value, twice the gradient
+        return bench_unlearn.unfused_step(model, batch, logits_at)
+    args = unlearn_args()
+    batch, normal = bench_unlearn.synthetic_batch(bench_unlearn.PRESETS["quick"]["vocab_size"], args)
+    ways = [("fastalign", bench_unlearn.fastalign_frozen_copy), ("unfused baseline", bench_unlearn.unfused_baseline),
+            ("fastalign cached", bench_unlearn.fastalign_cached), ("doubled", doubled_gradient)]
+    rows = [bench_unlearn.measure(name, build, batch, normal, args, torch.device("cpu"), torch.float32)
+            for name, build in ways]
+    bench_unlearn.add_ratios(rows)
+    by_name = {row["method"]: row for row in rows}
+    assert by_name["doubled"]["loss_rel_diff"] < 1e-5, rows
+    assert by_name["doubled"]["grad_rel_diff"] == pytest.approx(1.0, rel=1e-4), rows
+    assert by_name["fastalign"]["grad_rel_diff"] == 0.0
+    assert by_name["unfused baseline"]["grad_rel_diff"] < 1e-4 and by_name["fastalign cached"]["grad_rel_diff"] < 1e-4
+    assert "lm_head.weight" in by_name["fastalign"]["grad_norms"]
+    assert "lm_head.weight" not in by_name["fastalign cached"]["grad_norms"]
+
+
+def test_unlearn_gradient_norm_over_chunks_is_the_norm():
+    grad = torch.randn(13, 11)
+    assert bench_unlearn.gradient_norm(grad, chunk=7) == pytest.approx(float(grad.double().norm()), rel=1e-6)
 
 
 @pytest.mark.parametrize("weights", [dict(forget=0.3, mismatch=0.0, normal=0.0), dict(forget=0.0, mismatch=0.7,
@@ -412,6 +485,21 @@ def test_tree_extend_section_times_one_batched_extend_of_k_children(monkeypatch)
     extends = [call for call in runner.calls if call[0] == "extend"]
     assert extends == [("extend", [root], [7])] * 7 + [("extend", [root] * 10, [7] * 10)] * 7
     assert [(row["children"], row["tokens_each"], row["prefix"]) for row in rows] == [(1, 7, 100), (10, 7, 100)]
+
+
+def test_tree_extend_and_rewind_times_leave_out_drawing_the_tokens(monkeypatch):
+    """Drawing the random tokens is host work outside what is measured (k draws for k children would weigh on the 10
+    children's side of the 1.5x ratio): with draws that take 1 ms each and a runner whose extends take 1 ms whatever
+    their size, every timed extend, and the extend after a release, measures 1 ms."""
+    tick = fake_clock(monkeypatch, bench_tree, iter(lambda: 0.001, None))
+    monkeypatch.setattr(bench_tree, "random_tokens", lambda n, vocab: tick() or [0] * n)
+    runner, root = FakeRunner(), SimpleNamespace(length=100)
+    extend = runner.extend
+    monkeypatch.setattr(runner, "extend", lambda *args, **kwargs: tick() or extend(*args, **kwargs))
+    rows = bench_tree.extend_rows(runner, root, 50, "cpu", [1, 10], 7, "-")
+    assert [row[key] for row in rows for key in ("ms", "vs_one_child")] == pytest.approx([1.0] * 4), rows
+    (rewind,) = bench_tree.rewind_rows(runner, root, 50, "cpu", [16], reps=2)
+    assert rewind["extend_after_us"] == pytest.approx(1000.0) and rewind["release_us"] == 0.0, rewind
 
 
 def test_tree_rewind_section_releases_a_branch_of_l_tokens_then_extends_the_root_by_one(monkeypatch):

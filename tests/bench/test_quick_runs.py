@@ -28,17 +28,17 @@ def close(a, b):
 
 
 def check_bench_loss(record):
-    """Like compared with like: each row's loss is within fp32 rounding of the first of its quantity, and its
-    loss_rel_diff is that relative difference. Achieved TFLOP/s: the cross-entropy on 6 N H V (2 N H V forward), the
-    issue's definition; the KL on 8 N H V (4 N H V forward: the policy's and the frozen reference's products, only
-    the policy's with a backward); and as a fraction of the matmul peak."""
+    """Like compared with like: each row's loss and gradients are within fp32 rounding of the first of its
+    quantity's, and its loss_rel_diff is that relative difference. Achieved TFLOP/s: the cross-entropy on 6 N H V
+    (2 N H V forward), the issue's definition; the KL on 8 N H V (4 N H V forward: the policy's and the frozen
+    reference's products, only the policy's with a backward); and as a fraction of the matmul peak."""
     by_quantity, first = {}, {}
     h, v, peak = (record["config"][k] for k in ("hidden", "vocab", "matmul_peak_tflops"))
     for row in record["results"]:
         by_quantity.setdefault(row["quantity"], []).append(row["method"])
         first_loss = first.setdefault((row["quantity"], row["n"]), row["loss"])
         assert close(row["loss_rel_diff"], abs(row["loss"] - first_loss) / abs(first_loss)), row
-        assert row["loss_rel_diff"] < 1e-5, row
+        assert row["loss_rel_diff"] < 1e-5 and row["grad_rel_diff"] < 1e-5, row
         fwd, fwd_bwd = (2, 6) if row["op"] == "linear_cross_entropy" else (4, 8)  # KL: the reference has no backward
         assert close(row["fwd_bwd_tflops"], fwd_bwd * row["n"] * h * v / (row["fwd_bwd_ms"] * 1e-3) / 1e12), row
         assert close(row["fwd_tflops"], fwd * row["n"] * h * v / (row["fwd_ms"] * 1e-3) / 1e12), row
@@ -48,9 +48,9 @@ def check_bench_loss(record):
 
 
 def check_bench_unlearn(record):
-    """One objective timed several ways: every way but the reference recipe has the first step's loss of the first,
-    and loss_rel_diff is that relative difference; speed-ups are the other way's step time over this one's. The batch
-    the config records: 2 harmful prompts, K mismatch answers to each, 2 normal examples."""
+    """One objective timed several ways: every way but the reference recipe has the first step's loss and gradient
+    norms of the first, and loss_rel_diff is that relative difference; speed-ups are the other way's step time over
+    this one's. The batch the config records: 2 harmful prompts, K mismatch answers to each, 2 normal examples."""
     results, c = record["results"], record["config"]
     assert c["rows"][0] == c["batch_size"] * (2 + c["mismatch_per_prompt"]) and c["mismatch_per_prompt"] == 5, c
     compared = [row for row in results if "loss_rel_diff" in row]
@@ -59,6 +59,7 @@ def check_bench_unlearn(record):
     first = compared[0]["first_step_loss"]
     assert all(close(row["loss_rel_diff"], abs(row["first_step_loss"] - first) / abs(first)) for row in compared)
     assert all(row["loss_rel_diff"] < 1e-5 for row in compared), results
+    assert all(row["grad_rel_diff"] < 1e-4 for row in compared), results
     ms = {row["method"]: row["step_ms"] for row in results}
     for row in results:
         assert close(row["speedup_vs_reference"], ms["reference recipe"] / row["step_ms"]), row
