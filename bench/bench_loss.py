@@ -106,10 +106,12 @@ def optional(factory, unavailable):
 
 
 def matmul_peak_tflops(device, dtype):
-    """Achieved TFLOP/s of one large square matmul: the reference point for 'fraction of peak'."""
+    """Achieved TFLOP/s of one large square matmul: the reference point for 'fraction of peak'. Fifty products
+    (about 70 ms on an H100) warm it up first: a GPU still raising its clocks would give a low peak, and every
+    fraction of it would look too good."""
     n = 8192 if torch.device(device).type == "cuda" else 512
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    return 2 * n ** 3 / harness.median_ms(lambda: a @ b, device, warmup=3, reps=10) / 1e9
+    return 2 * n ** 3 / harness.median_ms(lambda: a @ b, device, warmup=50, reps=20) / 1e9
 
 
 def gradients_difference(grads, reference):
