@@ -1,0 +1,76 @@
+"""eval_mode: dropout off inside the block, every module's own mode back afterwards, nothing switched for a model
+already in eval mode throughout (the runtime enters it before every forward)."""
+import random
+
+import pytest
+import torch
+
+from fastalign.eval_mode import _any_training, eval_mode
+
+
+class _CountsTrain(torch.nn.Module):
+    """A module that counts the calls of train() (eval() is train(False)) on it."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.train_calls = 0
+
+    def train(self, mode=True):
+        self.train_calls += 1
+        return super().train(mode)
+
+
+def _nested():
+    """Modules four levels deep, with a submodule registered as None and a module reachable twice."""
+    shared = torch.nn.Linear(3, 3)
+    deep = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.5))
+    branch = torch.nn.Sequential(deep, shared)
+    branch.register_module("absent", None)     # skipped by Sequential's forward and by modules()
+    model = _CountsTrain(torch.nn.Sequential(shared, branch)).eval()
+    model.train_calls = 0
+    return model
+
+
+def _modes(model):
+    return [m.training for m in model.modules()]
+
+
+def test_a_model_in_eval_mode_throughout_is_left_as_it_is():
+    model = _nested()
+    with eval_mode(model) as inside:
+        assert inside is model and model.train_calls == 0
+    assert model.train_calls == 0 and not any(_modes(model))
+
+
+@pytest.mark.parametrize("which", range(7))
+def test_one_module_in_train_mode_anywhere_turns_all_off_and_each_mode_comes_back(which):
+    """Whichever module trains (the deepest dropout, the shared one, the root), everything is in eval mode inside
+    the block, dropout is off, and every module has its own mode back afterwards."""
+    model = _nested()
+    modules = list(model.modules())
+    modules[which].train(True) if which == 0 else setattr(modules[which], "training", True)
+    before = _modes(model)
+    x = torch.ones(4, 3)
+    with eval_mode(model):
+        assert not any(_modes(model)) and model.train_calls > 0
+        dropout = next(m for m in modules if isinstance(m, torch.nn.Dropout))
+        assert torch.equal(dropout(x), x)                  # the dropout is off
+    assert _modes(model) == before
+
+
+def test_any_training_agrees_with_every_module_of_a_llama():
+    """The walk answers as `any(m.training for m in model.modules())` does, whichever few modules train."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    modules = list(model.modules())
+    rng = random.Random(0)
+    for trial in range(200):
+        for m in modules:
+            m.training = rng.random() < (0.02 if trial % 2 else 0.0)
+        assert _any_training(model) == any(m.training for m in modules)
+    for m in modules:                    # each module alone
+        model.eval()
+        m.training = True
+        assert _any_training(model)
