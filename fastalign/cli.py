@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 
 
 class UsageError(ValueError):
@@ -64,9 +66,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What an interrupted command kept, and how to go on from it.
+INTERRUPTED_HINTS = {
+    "unlearn": "the checkpoints written so far (--save-every) are kept: rerun the command with --resume to continue "
+               "from the latest",
+    "rain": "the records written so far are kept: rerun the same command to continue",
+    "eval": "the records judged so far are in --output (a rerun starts over)",
+}
+
+
+def _interrupt_on_sigterm(signum, frame):
+    """SIGTERM (a cluster's preemption, `kill`) stops the command as Ctrl-C does: through its clean-up, so that
+    no checkpoint, model or record is left half written. A second SIGTERM kills the process at once."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command; an interrupt (Ctrl-C, SIGTERM) ends it with a message on stderr and the exit status
+    128 + the signal's number, as a process the signal killed has."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    in_main_thread = threading.current_thread() is threading.main_thread()   # signal.signal works only there
+    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm) if in_main_thread else None
+    try:
+        return args.func(args)
+    except KeyboardInterrupt as exc:
+        by, signum = ("SIGTERM", signal.SIGTERM) if exc.args == ("SIGTERM",) else ("Ctrl-C", signal.SIGINT)
+        hint = INTERRUPTED_HINTS.get(args.command)
+        print(f"fastalign {args.command}: interrupted by {by}{'; ' + hint if hint else ''}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if previous is not None:   # None also for a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

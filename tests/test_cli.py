@@ -1,5 +1,8 @@
-"""The `fastalign` command's help: every setting says what it sets and its default (HelpFormatter)."""
+"""The `fastalign` command's help: every setting says what it sets and its default (HelpFormatter); an interrupted
+command's message and exit status."""
+import importlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +56,33 @@ def test_python_dash_m_fastalign_runs_the_command():
     failed = subprocess.run([sys.executable, "-m", "fastalign", "rain", "--model", "no-such-model", "--prompts", "p",
                              "--output", os.devnull], capture_output=True, text=True, env=env, timeout=120)
     assert failed.returncode == 2 and "fastalign rain: error: --model: no model directory" in failed.stderr
+
+
+@pytest.mark.parametrize("signum, by", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
+@pytest.mark.parametrize("command, hint", [("rain", "rerun the same command to continue"),
+                                           ("unlearn", "rerun the command with --resume")])
+def test_an_interrupted_command_says_so_and_what_was_kept_and_exits_non_zero(monkeypatch, capsys, signum, by,
+                                                                           command, hint):
+    """A cluster's preemption (SIGTERM) or Ctrl-C stops the run through its clean-up (no checkpoint, model or
+    record left half written) with a message on stderr instead of a traceback or nothing, and the exit status
+    128 + the signal's number, as a process the signal killed has."""
+    module = importlib.import_module(f"fastalign.{command}.cli")
+    handler_name = "run" if command == "rain" else "main"
+    cleaned = []
+
+    def interrupted(args):
+        try:
+            signal.raise_signal(signum)
+            return 0   # not reached: the signal stops the run
+        finally:
+            cleaned.append(True)
+
+    monkeypatch.setattr(module, handler_name, interrupted)
+    previous = signal.getsignal(signal.SIGTERM)
+    argv = (["rain", "--model", "m", "--hh", "h", "--output", "o"] if command == "rain" else ["unlearn"])
+    assert main(argv) == 128 + signum
+    captured = capsys.readouterr()
+    assert cleaned == [True] and captured.out == ""
+    assert f"fastalign {command}: interrupted by {by}" in captured.err and hint in captured.err
+    assert "Traceback" not in captured.err
+    assert signal.getsignal(signal.SIGTERM) is previous   # put back: only a running command turns SIGTERM so

@@ -3,11 +3,12 @@ with --answers, the harmful rates of answers already written by `fastalign rain`
 
 With --prompts or --hh (and --model), records {"index", "prompt", "answer", "harmful"} are written to the output
 jsonl (a new run replaces it; missing directories are created) batch by batch and flushed, so whatever was
-judged before a failure (a judge that raises, an interrupt) stays on disk. Inputs are checked before any
-generation: a missing model, an unreadable prompt file, an --output that cannot be written or a prompt too long for
-the model's context stops the command with a message naming the argument. The summary (harmful rate, and with
---reference the unchanged share and mean token KL on --normal-prompts, the KL taken on the tokens the reference
-generated, its end token included) is printed as JSON and written to <output>.summary.json.
+judged before a failure (a judge that raises, an interrupt) stays on disk (a previous run's summary is removed as
+the run starts writing). Inputs are checked before any generation: a missing model, an unreadable prompt file, an
+--output that cannot be written or a prompt too long for the model's context stops the command with a message
+naming the argument. The summary (harmful rate, and with --reference the unchanged share and mean token KL on
+--normal-prompts, the KL taken on the tokens the reference generated, its end token included) is printed as JSON
+and written to <output>.summary.json.
 
 --dtype is the dtype the model computes in (auto: the checkpoint's own, which `fastalign unlearn` saves in
 float32, or bfloat16 with --precision bf16, while an original checkpoint is often bfloat16 or float16); the
@@ -271,6 +272,7 @@ def _evaluate_model(args) -> dict:
                                   stop_strings=tuple(args.stop), seed=args.seed)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    _check_output_is_no_input(args.output, {source: args.prompts or args.hh, "--normal-prompts": args.normal_prompts})
     check_output_file(args.output)
     model, tokenizer = load_causal_lm(args.model, "--model", args.device,
                                       None if args.dtype == "auto" else getattr(torch, args.dtype))
@@ -310,8 +312,7 @@ def _evaluate_answers(args) -> dict:
         answers = read_answers(args.answers)
     except ValueError as exc:    # DataError included: a missing or unreadable file
         raise UsageError(f"--answers: {exc}") from None
-    if os.path.exists(args.output) and os.path.samefile(args.output, args.answers):
-        raise UsageError(f"--output {args.output!r} is the --answers file: writing the records would replace it")
+    _check_output_is_no_input(args.output, {"--answers": args.answers})
     check_output_file(args.output)
     judge = build_judge(args)
     unmerged = rank_files(args.answers)
@@ -333,8 +334,19 @@ def _evaluate_answers(args) -> dict:
                                      "unmerged_rank_files": unmerged, "torn_line": answers.torn_line})
 
 
+def _check_output_is_no_input(output: str, inputs: dict) -> None:
+    """UsageError when --output is one of the files `inputs` names (argument -> path or None): the records
+    written to it would replace it."""
+    for argument, path in inputs.items():
+        if path and os.path.exists(output) and os.path.exists(path) and os.path.samefile(output, path):
+            raise UsageError(f"--output {output!r} is the {argument} file: writing the records would replace it")
+
+
 def _written(path: str, batches):
-    """Passes each batch of records on once it is written to `path` (replaced) and flushed."""
+    """Passes each batch of records on once it is written to `path` (replaced) and flushed. A previous run's
+    summary goes first: left beside the records of a run that then fails or is killed, it would describe them."""
+    if os.path.isfile(path + ".summary.json"):
+        os.remove(path + ".summary.json")
     with open(path, "w", encoding="utf-8") as out:
         for records in batches:
             for record in records:

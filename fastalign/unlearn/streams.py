@@ -10,6 +10,7 @@ draw what one process of batch R*B draws, or one accumulating R micro-batches of
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -125,6 +126,20 @@ class UnlearningStreams:
     def answers_cut(self) -> dict[str, int]:
         """How many forget and normal examples max_length cut inside their answer (recorded with the run)."""
         return {"forget": sum(e.answer_cut for e in self.forget), "normal": sum(e.answer_cut for e in self.normal)}
+
+    def digest(self) -> str:
+        """A digest of the token ids the streams draw from (forget, normal, pool, padding), not of where they were
+        read: a resumed run compares it with its checkpoint's, so that data edited in place under the same path,
+        or a relative path read from another directory, is refused instead of trained on for the rest of the run."""
+        h = hashlib.sha256(repr(self.filler_id).encode())
+        for name, rows in (("forget", self.forget), ("normal", self.normal)):
+            h.update(name.encode())
+            for e in rows:
+                h.update(repr((e.input_ids, e.answer_start, e.answer_end, e.seams)).encode())
+        h.update(b"pool")
+        for a in self.pool:
+            h.update(repr((a.ids, a.lead, a.end, a.seams)).encode())
+        return h.hexdigest()
 
     def check_context(self, positions: int | None) -> None:
         """Raises a DataError naming the longest row a batch can hold (a forget or normal example, or a forget

@@ -9,7 +9,8 @@ token count is all-reduced before the forward). A non-finite loss on any process
 the same error, so none is left waiting at the next collective. Checkpoints and the saved model hold full
 (unsharded) tensors whatever the wrapping. A resumed run restores the trainable weights, optimizer,
 scheduler, step counter and RNG states, and draws the same batches, so it ends bit-identical to a run that
-was never interrupted.
+was never interrupted; a resume with other settings, or with other data (checkpoints record a digest of the
+examples' token ids), is refused.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from fastalign.unlearn.lora_merge import MERGE_ERROR_WARNING, merge_rounding_err
 from fastalign.unlearn.models import (cast_weights, causal_lm_parts, check_fused_logits,
                                       enable_activation_checkpointing, max_positions)
 from fastalign.unlearn.objective import UnlearningObjective
-from fastalign.unlearn.records import read_jsonl
+from fastalign.unlearn.records import DataError, read_jsonl
 from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
 from fastalign.unlearn.sharding import (check_flat_root_unit, full_model_state, load_optimizer_state,
                                         load_trainable_state, optimizer_state, trainable_names, trainable_state)
@@ -124,6 +125,11 @@ def resume_point(config: UnlearnConfig) -> str | None:
     """The checkpoint in config.output_dir to resume from; refuses to start over a previous run unless asked to
     resume. Reads only, so a run checks it before loading the model and data too."""
     out = config.output_dir
+    foreign = _foreign_file(out) if os.path.isdir(out) else None
+    if foreign:
+        raise FileExistsError(f"{out} holds a {foreign} that is not a fastalign unlearn run's (is it a model's "
+                              "directory, or another tool's output?), which the run would replace; choose another "
+                              "output_dir (--output-dir)")
     if os.path.isdir(os.path.join(out, "model")):  # written last: the run ended (resuming would only replay it)
         raise FileExistsError(f"{out} already holds a finished model; choose another output_dir (--output-dir)")
     existing = latest_checkpoint(out) if os.path.isdir(out) else None
@@ -131,6 +137,28 @@ def resume_point(config: UnlearnConfig) -> str | None:
         raise FileExistsError(f"{out} already holds a run ({existing}); resume it with resume=True "
                               "(--resume) or choose another output_dir (--output-dir)")
     return existing
+
+
+def _foreign_file(out: str) -> str | None:
+    """The name of a config.json or log.jsonl in `out` that no unlearning run wrote, which a run would replace (a
+    model's own config.json where output_dir is the model's directory, another tool's log); None otherwise."""
+    path = os.path.join(out, "config.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+        except ValueError:   # not JSON, not UTF-8
+            saved = None
+        if not (isinstance(saved, dict) and {"model", "forget", "output_dir"} <= saved.keys()):
+            return "config.json"
+    path = os.path.join(out, "log.jsonl")
+    if os.path.isfile(path):
+        try:
+            if not all(isinstance(r.get("step"), int) for _, r in read_jsonl(path, skip_torn_last_line=True)):
+                return "log.jsonl"
+        except DataError:   # not JSON lines
+            return "log.jsonl"
+    return None
 
 
 class UnlearningTrainer:
@@ -168,6 +196,7 @@ class UnlearningTrainer:
         check_fused_logits(self.model)  # before train() writes anything
         self.shape = ModelShape.of(self.model)
         self.setup_compute = ComputeTotals()  # what building the reference cost (the cached one: a forward)
+        self._digest = None   # of the streams' data, recorded in checkpoints (_data_digest)
 
     def _prepare_model(self, model):
         config = self.config
@@ -334,6 +363,10 @@ class UnlearningTrainer:
                          if k not in _RESUMABLE_CHANGES and state["config"].get(k) != v)
         if changed:
             raise ValueError(f"cannot resume {path}: setting(s) {changed} differ from the interrupted run")
+        if state.get("data", self._data_digest()) != self._data_digest():   # unrecorded before 2026-12-01
+            raise ValueError(f"cannot resume {path}: the data differ from the interrupted run's (same settings, other "
+                             "forget, normal or mismatch pool examples: a data file changed since, or a relative path "
+                             "now read from another directory); resume it on the data it was started with")
         if state["step"] > self.config.max_steps:  # the saved model would have more steps than max_steps
             raise ValueError(f"cannot resume {path}: it is at step {state['step']}, past max_steps="
                              f"{self.config.max_steps}; set max_steps to at least {state['step']}")
@@ -350,9 +383,16 @@ class UnlearningTrainer:
         last = state.get("last")  # unrecorded before 2026-12-01
         return state["step"], ComputeTotals(**state["compute"]), StepRecord(**last) if last else None
 
+    def _data_digest(self) -> str:
+        """streams.digest(), computed once (it reads every token)."""
+        if self._digest is None:
+            self._digest = self.streams.digest()
+        return self._digest
+
     def _save_checkpoint(self, step, totals, record, objective, optimizer, scheduler):
         acc = self.accelerator
         state = {"step": step, "num_processes": acc.num_processes, "config": self.config.to_dict(),
+                 "data": self._data_digest(),
                  "compute": totals.to_dict(), "last": asdict(record),
                  "trainable": trainable_state(objective),
                  "optimizer": optimizer_state(objective, _torch_optimizer(optimizer)),
@@ -467,5 +507,5 @@ def _truncate_log(path: str, step: int) -> None:
     if not os.path.isfile(path):
         return
     kept = [record for _, record in read_jsonl(path, skip_torn_last_line=True) if record["step"] <= step]
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(record) + "\n" for record in kept)  # as the run wrote them
+    # as the run wrote them, in one step: a kill while rewriting the log must not lose the lines kept
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))

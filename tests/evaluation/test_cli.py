@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -66,6 +67,21 @@ def test_missing_model_path_is_a_clear_error(harmful_prompts, tmp_path, capsys):
     assert run("--model", tmp_path / "nowhere", "--prompts", harmful_prompts, "--output", tmp_path / "o.jsonl") == 2
     assert "--model: no model directory at" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("source", ["--prompts", "--normal-prompts"])
+def test_an_output_that_is_a_prompt_file_is_a_usage_error_that_leaves_it(model_dir, harmful_prompts, tmp_path,
+                                                                         capsys, source):
+    """Records written to --output replace it: given the prompt file itself, the prompts would be lost."""
+    text = open(harmful_prompts).read()
+    utility = ["--reference", model_dir, "--normal-prompts", harmful_prompts]
+    extra = utility if source == "--normal-prompts" else []
+    prompts = tmp_path / "other.jsonl" if source == "--normal-prompts" else harmful_prompts
+    if source == "--normal-prompts":
+        prompts.write_text(text)
+    assert run("--model", model_dir, "--prompts", prompts, "--output", harmful_prompts, *extra) == 2
+    assert f"--output {harmful_prompts!r} is the {source} file" in capsys.readouterr().err
+    assert open(harmful_prompts).read() == text
 
 
 def test_judge_that_raises_keeps_the_records_written_before(model_dir, harmful_prompts, tmp_path, capsys):
@@ -254,6 +270,8 @@ def test_eval_answers_records_reach_disk_batch_by_batch_and_stay_after_a_judge_f
                "--judge-callable", f"{__name__}:raising_on_second_batch") == 1
     assert "judge failed on prompts 3..3: RuntimeError: moderation service down" in capsys.readouterr().err
     assert [r["index"] for r in records(out)] == [0, 1]
+    # the first run's summary (3 prompts) must not stay beside the records of the failed one
+    assert not os.path.exists(str(out) + ".summary.json")
 
 
 def test_eval_answers_world_judge_is_found_from_the_model(world, tokenizer, model_dir, tmp_path, capsys):

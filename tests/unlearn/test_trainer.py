@@ -1,6 +1,7 @@
 """The training loop: exact max steps, early stop, compute accounting, LoRA merged on save, cached reference,
 bit-identical resume after a kill, atomic checkpoints, and refusals of bad runs."""
 import copy
+import dataclasses
 import json
 import os
 
@@ -33,11 +34,11 @@ def kill_after(step):
     return callback
 
 
-def run(tmp_path, name="run", model=None, callback=None, **settings):
+def run(tmp_path, name="run", model=None, callback=None, streams=None, **settings):
     tokenizer = byte_bpe_tokenizer()
     settings = {"max_steps": 5, "lr": 1e-3, "grad_accum": 2, "progress": False, **settings}
     config = UnlearnConfig(output_dir=str(tmp_path / name), **settings)
-    trainer = UnlearningTrainer(model or tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config,
+    trainer = UnlearningTrainer(model or tiny_llama(len(tokenizer)), streams or tiny_streams(tokenizer), config,
                                 tokenizer=tokenizer, step_callback=callback)
     return trainer, trainer.train()
 
@@ -105,6 +106,28 @@ def test_a_log_line_a_kill_cut_short_does_not_stop_the_resume(tmp_path):
     assert log_lines(tmp_path / "run") == log_lines(tmp_path / "whole")
 
 
+def test_a_kill_while_a_resume_rewrites_the_log_loses_none_of_its_lines(tmp_path, monkeypatch):
+    """A resume rewrites log.jsonl without the killed run's lines past its checkpoint: killed during that rewrite,
+    the log must keep its earlier lines (as the next resume and the finished run's log then need)."""
+    with pytest.raises(Killed):
+        run(tmp_path, save_every=2, callback=kill_after(3))
+
+    dumps = json.dumps
+
+    def killed_writing_a_log_line(obj, **options):
+        if isinstance(obj, dict) and "step" in obj:   # a log line, not config.json
+            raise Killed
+        return dumps(obj, **options)
+
+    monkeypatch.setattr(json, "dumps", killed_writing_a_log_line)
+    with pytest.raises(Killed):
+        run(tmp_path, save_every=2, resume=True)
+    monkeypatch.undo()
+    assert [r["step"] for r in log_lines(tmp_path / "run")] == [1, 2, 3]
+    run(tmp_path, save_every=2, resume=True)
+    assert [r["step"] for r in log_lines(tmp_path / "run")] == [1, 2, 3, 4, 5]
+
+
 def test_resume_with_more_max_steps_follows_the_new_schedule_from_the_first_resumed_step(tmp_path):
     """max_steps may change on resume: the linear schedule of the new max_steps applies at once (the optimizer
     held the old schedule's lr for the step it stopped at)."""
@@ -138,6 +161,24 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path):
         run(tmp_path, save_every=1, resume=True)
 
 
+@pytest.mark.parametrize("stream", ["forget", "normal", "pool"])
+def test_resume_over_other_data_under_the_same_settings_is_refused(tmp_path, stream):
+    """A data file edited in place, or a relative path read from another directory, gives other examples under the
+    same settings: the resume must refuse them rather than train the rest of the run on them."""
+    with pytest.raises(Killed):
+        run(tmp_path, save_every=2, callback=kill_after(3))
+    streams = tiny_streams(byte_bpe_tokenizer())
+    if stream == "pool":
+        streams.pool = streams.pool[::-1]
+    else:
+        examples = getattr(streams, stream)
+        examples[0] = dataclasses.replace(examples[0], input_ids=examples[0].input_ids[:-1] + (5,))
+    with pytest.raises(ValueError, match="data differ from the interrupted run's"):
+        run(tmp_path, save_every=2, resume=True, streams=streams)
+    _, summary = run(tmp_path, save_every=2, resume=True)   # the same data still resumes
+    assert summary.steps == 5
+
+
 def test_a_moved_run_resumes(tmp_path):
     """The output directory is where the checkpoint is found: a run moved (or named by another path) resumes."""
     whole, _ = run(tmp_path, "whole", max_steps=4, save_every=2, grad_accum=1)
@@ -151,6 +192,19 @@ def test_a_moved_run_resumes(tmp_path):
     assert summary.steps == 4
     for (name, a), (_, b) in zip(whole.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name, text", [("config.json", '{"architectures": ["LlamaForCausalLM"]}'),
+                                        ("log.jsonl", '{"epoch": 1, "loss": 2.0}\n')])
+def test_an_output_dir_holding_files_of_something_else_is_refused_and_left_as_it_is(tmp_path, name, text):
+    """The run writes config.json and rewrites log.jsonl in output_dir: over a model's own directory (output_dir
+    given as the model's) or another tool's log they must be refused, not replaced (nor a KeyError traceback)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).write_text(text)
+    with pytest.raises(FileExistsError, match=f"{name} that is not a fastalign unlearn run's"):
+        run(tmp_path, max_steps=1, grad_accum=1)
+    assert (out / name).read_text() == text and sorted(os.listdir(out)) == [name]
 
 
 def test_a_run_removes_the_temporaries_an_interrupted_write_left(tmp_path):
