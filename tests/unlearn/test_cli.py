@@ -196,6 +196,19 @@ def test_command_line_wins_over_config_file(workspace):
         assert config_from_args(args).max_forget_nll == value
 
 
+def test_relative_paths_of_a_config_file_are_read_from_the_working_directory(workspace, monkeypatch):
+    """As --help says: a config file's relative paths name files of the directory the command runs in, not of the
+    file's own directory (a config kept in configs/ names data as the command line would)."""
+    (workspace / "configs").mkdir()
+    (workspace / "configs" / "run.yaml").write_text(yaml.safe_dump({"forget": ["pku.jsonl"], "normal": "tqa.csv"}))
+    monkeypatch.chdir(workspace)
+    args = build_parser().parse_args(["unlearn", "--config", "configs/run.yaml", "--model", "model",
+                                      "--output-dir", "out"])
+    config = config_from_args(args)
+    config.check_paths()
+    assert (list(config.forget), config.normal) == (["pku.jsonl"], "tqa.csv")
+
+
 @pytest.mark.parametrize("check", [False, True])
 def test_the_command_ends_the_process_group_it_ran_in(workspace, capsys, check):
     """Under `accelerate launch` a process group is live when the command returns (a one-process gloo group
