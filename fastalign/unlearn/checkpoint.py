@@ -77,7 +77,8 @@ def latest_checkpoint(output_dir: str) -> str | None:
     with open(pointer, encoding="utf-8") as f:
         path = os.path.join(output_dir, CHECKPOINTS, f.read().strip())
     if not os.path.isfile(os.path.join(path, "state.pt")):
-        raise RuntimeError(f"{pointer} names {path}, which is not a complete checkpoint")
+        raise ValueError(f"{pointer} names {path}, which is not a complete checkpoint (removed by hand?): remove "
+                         f"{pointer} to start over, or write the name of a complete checkpoint beside it into it")
     return path
 
 
@@ -123,10 +124,20 @@ def write_checkpoint(output_dir: str, step: int, state: dict, rank_state: dict, 
 def read_checkpoint(path: str, rank: int) -> tuple[dict, dict]:
     """(state, this process's rank_state) of a checkpoint; ValueError for a process it has no state for (a run
     resumed with more processes than wrote it)."""
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    state = _load(os.path.join(path, "state.pt"))
     rank_file = os.path.join(path, f"rank-{rank}.pt")
     if not os.path.isfile(rank_file):
         raise ValueError(f"cannot resume {path}: it has no state for process {rank}: it was written by "
                          f"{state.get('num_processes', 'fewer')} process(es); resume with the number of processes "
                          "it was written with")
-    return state, torch.load(rank_file, weights_only=False)
+    return state, _load(rank_file)
+
+
+def _load(file: str):
+    """torch.load of a checkpoint file; a ValueError naming it when it cannot be read (the checkpoints are written
+    atomically, so only something outside the run, a disk fault or an edit, damages one)."""
+    try:
+        return torch.load(file, weights_only=False)
+    except Exception as e:   # a truncated or foreign file: zip, pickle or EOF errors, whichever torch meets first
+        raise ValueError(f"cannot resume from {file}: it cannot be read ({type(e).__name__}: {e}); resume from an "
+                         "earlier checkpoint by writing its name into checkpoints/latest, or start over") from e
