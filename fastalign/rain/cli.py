@@ -194,6 +194,8 @@ def run(args) -> int:
 def _run(args) -> int:
     from transformers import AutoModelForCausalLM
 
+    from fastalign._C import PoolExhaustedError
+
     from . import RainStats, rain_generate
     from .distributed import gather, join_from_env, leave, merge_rank_files, open_for_append
     from .embeddings import make_embedder
@@ -272,11 +274,15 @@ def _run(args) -> int:
                 out.flush()
                 progress(result)
 
-            run_ = rain_generate(model, tokenizer, [prompts[i] for i in todo], config, engine=args.engine,
-                                 judge_prompt=judge, embedding=embedder, sampler=args.sampler,
-                                 generation_prefix=prefix, chat_template=chat, system=args.system,
-                                 concurrency=args.concurrency,
-                                 runner_tokens=args.kv_tokens, on_result=write, indices=todo)
+            try:
+                run_ = rain_generate(model, tokenizer, [prompts[i] for i in todo], config, engine=args.engine,
+                                     judge_prompt=judge, embedding=embedder, sampler=args.sampler,
+                                     generation_prefix=prefix, chat_template=chat, system=args.system,
+                                     concurrency=args.concurrency,
+                                     runner_tokens=args.kv_tokens, on_result=write, indices=todo)
+            except PoolExhaustedError as exc:   # a prompt's own shortage stays in its record: this is the shared one
+                raise UsageError(f"--kv-tokens {args.kv_tokens} is too small for the judge's few-shot prefix, which "
+                                 f"every prompt shares: {exc}") from None
         summaries = gather(placement, (len(todo), len(mine) - len(todo), len(failed), run_.stats))
         merge_rank_files(placement, args.output)
         if summaries is not None:

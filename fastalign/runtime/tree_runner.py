@@ -9,6 +9,8 @@ eviction is a cache policy that never changes a result (see csrc/span_tree.h).
 Llama-family models (Llama, Mistral, Qwen2) run on the paged pool with the paged attention kernels;
 other causal LMs fall back to Hugging Face's own forward and cache, row by row, with the same API.
 """
+import collections
+
 import numpy as np
 import torch
 
@@ -156,6 +158,7 @@ class TreeRunner:
 
     def _extend(self, parents, token_lists, *, cuts, logits, hidden, row_name):
         """`extend`, naming row i's token ids `row_name.format(i)` in its errors (prefill's are `token_ids`)."""
+        self.last_restored = {}     # first: a call refused below restores nothing
         for name, value in (("logits", logits), ("hidden", hidden)):
             if value not in _OUTPUTS:
                 raise ValueError(f"{name}: expected one of {_OUTPUTS}, got {value!r}")
@@ -183,7 +186,6 @@ class TreeRunner:
             flat_cuts = np.array([c for offsets in row_cuts for c in offsets], dtype=np.int64)
             cu_cuts = np.zeros(len(parents) + 1, dtype=np.int64)
             cu_cuts[1:] = np.cumsum([len(offsets) for offsets in row_cuts])
-        self.last_restored = {}
         child_ids, cut_ids, (out_logits, out_hidden) = self.store.extend(parent_ids, tokens, cu_lens, run,
                                                                          flat_cuts, cu_cuts)
         if row_cuts is None:
@@ -219,8 +221,8 @@ class TreeRunner:
     def pin(self, span):
         """Keep `span` (and so its ancestors) resident until unpinned or released; pins nest. An evicted
         span is recomputed first."""
-        self.check_span(span, "span")
         self.last_restored = {}
+        self.check_span(span, "span")
         self.store.make_resident([span.id], self._forward)
         self.tree.pin(span.id)
 
@@ -326,11 +328,22 @@ class TreeRunner:
     def _check_fits(self, parents, lengths, new_tokens):
         """PoolExhaustedError before anything is evicted when the call cannot fit even in an empty pool (the span
         tree would first evict every evictable span, then blame spans "that cannot be evicted"). A lower bound
-        on the blocks the call holds at once: its longest span parent's blocks, which stay resident, plus, for
-        each row, the blocks past its parent's last (possibly partly filled) one."""
+        on the blocks the call holds at once: its span parents' blocks, which stay resident (each block once: the
+        blocks of resident parents' paths, or as many as the longest evicted parent needs if that is more), plus,
+        for each row, the blocks past its parent's last (possibly partly filled) one, plus a copy of a partly
+        filled last block for every row on that parent but one (only one child can go on writing into it)."""
         bs = self.block_size
-        needed = max([-(-p.length // bs) for p in parents if isinstance(p, Span)], default=0)
-        needed += int((-(-lengths // bs) + (lengths - new_tokens) // -bs).sum())   # ceil(a/b) - ceil((a-n)/b)
+        starts = lengths - new_tokens
+        needed = int((-(-lengths // bs) + starts // -bs).sum())   # ceil(a/b) - ceil((a-n)/b)
+        on_partial = collections.Counter(p.id if isinstance(p, Span) else -1 - p
+                                         for p, start in zip(parents, starts.tolist()) if p is not None and start % bs)
+        needed += sum(rows - 1 for rows in on_partial.values())
+        spans = {p.id: p for p in parents if isinstance(p, Span)}.values()
+        if needed + sum(-(-p.length // bs) for p in spans) <= self.num_blocks:
+            return                  # fits even with no block shared between parents: no need to look at blocks
+        resident = [self.tree.block_table(p.id) for p in spans if self.tree.is_resident(p.id)]
+        held = len(np.unique(np.concatenate(resident))) if resident else 0
+        needed += max([held] + [-(-p.length // bs) for p in spans if not self.tree.is_resident(p.id)])
         if needed > self.num_blocks:
             raise PoolExhaustedError(f"KV pool exhausted: this call needs at least {needed} blocks of {bs} tokens "
                                      f"(its parents' and its new tokens') and the pool has {self.num_blocks}; give "

@@ -630,3 +630,15 @@ def test_rain_smallest_kv_pool_runs_and_names_the_pool_when_it_is_too_small(rain
     assert main([a if a != "slow" else "tree" for a in args] + ["--kv-tokens", "1", "--no-vanilla"]) == 1
     assert "a KV pool too small for them: raise --kv-tokens" in capsys.readouterr().err
     assert len(out.read_text().splitlines()) == 2
+
+
+def test_rain_kv_pool_too_small_for_the_judge_prefix_is_a_usage_error_naming_the_option(rain_setup, capsys):
+    """The judge's few-shot prefix, pinned for every prompt, larger than --kv-tokens: a traceback of
+    PoolExhaustedError naming max_tokens / max_bytes (arguments the command does not have) and no record."""
+    model_dir, out, args = rain_setup
+    judge = out.parent / "judge.txt"
+    judge.write_text("Judge the conversation with great care and at great length, please, now.\n{conversation}\n"
+                     "{options}")
+    assert main([a if a != "slow" else "tree" for a in args] + ["--kv-tokens", "16", "--no-vanilla"]) == 2
+    err = capsys.readouterr().err
+    assert "--kv-tokens 16 is too small for the judge's few-shot prefix" in err and "needs at least 2 blocks" in err

@@ -3,7 +3,7 @@ the logits and final hidden states of the model run on the span's full sequence 
 import pytest
 import torch
 
-from fastalign import TreeRunner
+from fastalign import PoolExhaustedError, TreeRunner
 from tests.compare import rel_error
 from tests.conftest import TRITON_DEVICE, requires_cuda
 from tests.runtime.tiny_models import CONFIGS, VOCAB, grow_random_tree, reference, tiny_model
@@ -141,6 +141,19 @@ def test_the_runner_counts_the_tokens_it_runs_again_for_evicted_spans():
     assert sum(runner.last_restored.values()) == runner.recomputed_tokens == 6
     runner.extend([b], [[15]])
     assert runner.last_restored == {} and runner.recomputed_tokens == 6
+    # a call refused before it runs restored nothing: its caller read the restores of the call before it (the RAIN
+    # engine charged them twice when a merged call did not fit and its prompts ran again one by one)
+    refused = [(ValueError, lambda: runner.extend([c], [[runner.vocab_size]])),
+               (PoolExhaustedError, lambda: runner.extend([c] * 5, [list(range(60))] * 5)),
+               (ValueError, lambda: runner.pin(root))]
+    runner.release(root)
+    for recomputed, (error, call) in zip((8, 10, 12), refused):     # c: 2 tokens again each time
+        runner.tree.evict(c.id)
+        runner.extend([c], [[16]])
+        assert runner.last_restored and runner.recomputed_tokens == recomputed
+        with pytest.raises(error):
+            call()
+        assert runner.last_restored == {}
 
 
 def test_a_peft_lora_model_runs_on_the_paged_path_with_its_adapter():

@@ -145,6 +145,30 @@ def test_a_call_larger_than_the_pool_is_refused_before_it_evicts_anything(runner
     assert_still_correct(runner, model, child)
 
 
+def test_a_call_that_cannot_fit_counts_every_parent_and_every_copied_block(runner, model):
+    """The bound counted only the longest parent and no copy of a partly filled last block: twelve 1-token children
+    of one span (RAIN's expansions) or two parents extended together passed it, the span tree then evicted every
+    other span and blamed "spans that cannot be evicted" without saying how large a pool the call needs, and a
+    pool of the size an earlier error named could still be too small."""
+    keep = runner.prefill(list(range(40, 48)))
+    a = runner.prefill(list(range(22)))              # 6 blocks, the last holding 2 of its 4 slots
+    before = snapshot(runner)
+    with pytest.raises(PoolExhaustedError, match="needs at least 17 blocks of 4 tokens .* the pool has 16"):
+        runner.extend([a] * 12, [[i] for i in range(12)])   # one child writes into a's last block, 11 copy it
+    assert snapshot(runner) == before and keep.resident
+    runner.release([keep, a])
+    a, b = runner.prefill(list(range(30))), runner.prefill(list(range(50, 80)))   # 8 blocks each
+    before = snapshot(runner)
+    with pytest.raises(PoolExhaustedError, match="needs at least 18 blocks"):   # both parents, then 1 block each
+        runner.extend([a, b], [[1] * 4, [2] * 4])
+    assert snapshot(runner) == before
+    exact = TreeRunner(model, max_tokens=17 * 4, block_size=4, attention_backend="torch")
+    a = exact.prefill(list(range(22)))
+    kids, _ = exact.extend([a] * 12, [[i] for i in range(12)])   # the bound is the need: 17 blocks fit
+    assert exact.num_free_blocks == 0
+    assert_still_correct(exact, model, kids[-1])
+
+
 def test_pool_exhausted_error_says_what_it_means():
     """fastalign exports it: help() showed RuntimeError's "Unspecified run-time error." (the binding set no docstring;
     rebuild fastalign._C after this change)."""
