@@ -152,22 +152,30 @@ def tokenize_texts(tokenizer, texts: Sequence[str], *, add_special_tokens: bool 
     return {key: [row[d:] for row, d in zip(rows, drop)] for key, rows in enc.items()}
 
 
+# Texts per batched tokenizer call in encode_rendered: the tokenizer's encodings and the per-token lists it returns
+# (ids, offset pairs) take several times the memory of the ids kept; a call over a whole data set held them all.
+ENCODE_CHUNK = 4096
+
+
 def encode_rendered(tokenizer, rendered: Sequence[RenderedPair], sources: Sequence[str], *,
                     end_id: int | None = None) -> list[EncodedExample]:
-    """Tokenizes rendered pairs in one batched call, with the tokenizer's special tokens, and reads their answer
-    spans; with end_id (answer_eos), each answer ends with it (see EncodedExample.ending_with). A rendering that
-    starts with the BOS token itself (a chat template's) keeps that one BOS (see tokenize_texts), as the prompts
-    of `fastalign eval` do."""
+    """Tokenizes rendered pairs in batched calls of ENCODE_CHUNK texts, with the tokenizer's special tokens, and
+    reads their answer spans; with end_id (answer_eos), each answer ends with it (see EncodedExample.ending_with).
+    A rendering that starts with the BOS token itself (a chat template's) keeps that one BOS (see tokenize_texts),
+    as the prompts of `fastalign eval` do."""
     require_fast_tokenizer(tokenizer)
-    enc = tokenize_texts(tokenizer, [r.text for r in rendered], return_offsets_mapping=True,
-                         return_attention_mask=False)
     out = []
-    for r, source, ids, offsets in zip(rendered, sources, enc["input_ids"], enc["offset_mapping"]):
-        inside = [k for k, (a, b) in enumerate(offsets) if b > a and b > r.answer_start and a < r.answer_end]
-        if not inside:
-            raise DataError(f"{source}: the answer produced no token")
-        example = EncodedExample(tuple(ids), inside[0], inside[-1] + 1, source, _seams(r, offsets[:inside[0] + 1]))
-        out.append(example if end_id is None else example.ending_with(end_id))
+    for start in range(0, len(rendered), ENCODE_CHUNK):
+        chunk = rendered[start:start + ENCODE_CHUNK]
+        enc = tokenize_texts(tokenizer, [r.text for r in chunk], return_offsets_mapping=True,
+                             return_attention_mask=False)
+        for r, source, ids, offsets in zip(chunk, sources[start:], enc["input_ids"], enc["offset_mapping"]):
+            inside = [k for k, (a, b) in enumerate(offsets) if b > a and b > r.answer_start and a < r.answer_end]
+            if not inside:
+                raise DataError(f"{source}: the answer produced no token")
+            example = EncodedExample(tuple(ids), inside[0], inside[-1] + 1, source,
+                                     _seams(r, offsets[:inside[0] + 1]))
+            out.append(example if end_id is None else example.ending_with(end_id))
     return out
 
 

@@ -44,10 +44,15 @@ class UnlearningBatch:
 
 
 class _EpochStream:
-    """Indices 0..n-1 in a fresh seeded permutation each epoch, read batch by batch."""
+    """Indices 0..n-1 in a fresh seeded permutation each epoch, read batch by batch.
+
+    The permutation of the epoch last read is kept: drawing one costs O(n), and consecutive batches read the same
+    epoch (drawing it for every row made each step's host work grow with the data set).
+    """
 
     def __init__(self, n: int, batch_size: int, seed: int, stream: int):
         self.n, self.batch_size, self.seed, self.stream = n, batch_size, seed, stream
+        self._epoch, self._order = None, None
 
     def batch(self, j: int) -> list[int]:
         out = []
@@ -57,7 +62,9 @@ class _EpochStream:
         return out
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.n)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.n)
+        return self._order
 
 
 def mismatch_fit(forget: Sequence[EncodedExample], pool: Sequence[PoolAnswer], max_length: int) -> list[bool]:
@@ -71,12 +78,18 @@ def mismatch_fit(forget: Sequence[EncodedExample], pool: Sequence[PoolAnswer], m
             for e in forget]
 
 
-def _longest_mismatch_row(example: EncodedExample, pool: Sequence[PoolAnswer]) -> int:
-    """Tokens of the longest mismatch row of `example` before max_length cuts it (EncodedExample.with_answer)."""
+def _longest_pool_answers(pool: Sequence[PoolAnswer]) -> dict[tuple, int]:
+    """The most ids of a pool answer of each kind (seams, whether the forget example's tail follows it: end None)."""
     longest = {}
     for a in pool:
-        kind = (a.seams, a.end is None)   # end None: the forget example's tail follows the answer
+        kind = (a.seams, a.end is None)
         longest[kind] = max(longest.get(kind, 0), len(a.ids))
+    return longest
+
+
+def _longest_mismatch_row(example: EncodedExample, longest: dict[tuple, int]) -> int:
+    """Tokens of the longest mismatch row of `example` before max_length cuts it (EncodedExample.with_answer), from
+    the pool's _longest_pool_answers (read once for every forget example: the pool is as large as a data set)."""
     tail = len(example.input_ids) - example.answer_end
     return max(cut - start + length + (tail if forget_tail else 0)
                for (seams, forget_tail), length in longest.items() for cut, start in [example.seam_with(seams)])
@@ -149,7 +162,8 @@ class UnlearningStreams:
             return
         rows = [(len(e.input_ids), e.source) for e in self.forget + self.normal]
         if self.mismatch_per_prompt:
-            rows += [(min(self.max_length, _longest_mismatch_row(e, self.pool)),
+            longest = _longest_pool_answers(self.pool)
+            rows += [(min(self.max_length, _longest_mismatch_row(e, longest)),
                       f"{e.source} with the longest mismatch pool answer") for e in self.forget]
         length, source = max(rows)
         if length > positions:

@@ -6,6 +6,7 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from fastalign.unlearn import encoding
 from fastalign.unlearn.batching import collate, filler_token_id
 from fastalign.unlearn.encoding import EncodedExample, encode_answers, encode_pairs, tokenize_texts
 from fastalign.unlearn.records import DataError, QAPair
@@ -89,6 +90,21 @@ def test_chat_template_whose_conversation_does_not_start_with_the_user_turn_is_r
             return text + "Assistant:" if add_generation_prompt else "System: be nice\n" + text
     with pytest.raises(ValueError, match="does not contain the answer verbatim"):
         ChatTemplate(SystemFirst()).render("q", "a")
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_encoding_in_chunks_matches_one_batched_call(monkeypatch, chat):
+    """Tokenizing a data set in chunks of ENCODE_CHUNK texts (bounded memory) gives each row exactly the ids,
+    spans, seams and source of one call over them all, rows left out by skip_too_long included."""
+    tokenizer = byte_bpe_tokenizer()
+    template = ChatTemplate(tokenizer) if chat else TextTemplate()
+    items = pairs(TRICKY + [("a very long prompt " * 20, "x")] + TRICKY[::-1])
+    whole = encode_pairs(tokenizer, template, items, 40, skip_too_long=True, answer_eos=True)
+    answers = encode_answers(tokenizer, template, [a for _, a in TRICKY] * 2)
+    monkeypatch.setattr(encoding, "ENCODE_CHUNK", 3)
+    chunked = encode_pairs(tokenizer, template, items, 40, skip_too_long=True, answer_eos=True)
+    assert chunked == whole and len(whole) > 3 and "test:row 6" not in [e.source for e in whole]
+    assert encode_answers(tokenizer, template, [a for _, a in TRICKY] * 2) == answers
 
 
 def test_template_validation():

@@ -1,10 +1,14 @@
 """Step-indexed batches: deterministic, disjoint across processes, mismatch rows built from the pool."""
+import numpy as np
 import pytest
 import torch
 
-from fastalign.unlearn.encoding import EncodedExample, PoolAnswer
-from fastalign.unlearn.records import DataError
-from fastalign.unlearn.streams import UnlearningStreams
+from fastalign.unlearn.encoding import EncodedExample, PoolAnswer, encode_answers, encode_pairs
+from fastalign.unlearn.records import DataError, QAPair
+from fastalign.unlearn.streams import (_FORGET_STREAM, _NORMAL_STREAM, UnlearningStreams, _longest_mismatch_row,
+                                       _longest_pool_answers)
+from fastalign.unlearn.templates import TextTemplate
+from tests.unlearn.tiny import FORGET_ROWS, POOL_ANSWERS, byte_bpe_tokenizer
 
 
 def example(k, prompt_len, answer_len, source):
@@ -37,6 +41,35 @@ def test_epochs_visit_every_example_once_in_a_fresh_order():
               for epoch in range(4)]
     assert all(sorted(order) == [1, 2, 3, 4, 5] for order in orders)
     assert len(set(orders)) > 1
+
+
+def test_rows_follow_the_seeded_epoch_permutations_in_any_reading_order():
+    """Batch j holds positions [j*B, (j+1)*B) of the concatenated permutations default_rng([seed, stream, epoch]):
+    read out of order, a batch spanning two epochs and a batch read twice (the kept permutation) included."""
+    streams = make(batch_size=3, normal_batch_size=2)
+
+    def expected(n, size, stream, j):
+        return [int(np.random.default_rng([1, stream, p // n]).permutation(n)[p % n])
+                for p in range(j * size, (j + 1) * size)]
+
+    for j in (7, 0, 1, 1, 12, 3, 2, 40, 0):
+        batch = streams.batch(j)
+        assert [e.source for e in batch.examples[:3]] == [FORGET[i].source for i in expected(5, 3, _FORGET_STREAM, j)]
+        assert batch.normal_index.tolist() == expected(3, 2, _NORMAL_STREAM, j)
+
+
+def test_longest_mismatch_row_is_the_longest_row_the_pool_makes():
+    """check_context reads the pool once for all prompts: each prompt's longest mismatch row is still the longest
+    of the rows it makes with each pool answer (encoded answers of several seams, hand-built ones with its tail)."""
+    tokenizer, template = byte_bpe_tokenizer(), TextTemplate("### Question: {prompt}\n ### Answer: {answer}\n")
+    forget = encode_pairs(tokenizer, template, [QAPair(r["prompt"], r["answer"], f"forget {i}")
+                                                for i, r in enumerate(FORGET_ROWS)], 64)
+    answers = POOL_ANSWERS + ["7 digits stand apart", "a much longer answer than the others, with words"]
+    pool = encode_answers(tokenizer, template, answers) + [PoolAnswer((5,) * 80), PoolAnswer((6, 6))]
+    assert len({a.seams for a in pool}) > 2
+    longest = _longest_pool_answers(pool)
+    for e in forget + FORGET:
+        assert _longest_mismatch_row(e, longest) == max(len(e.with_answer(a, "mixed").input_ids) for a in pool)
 
 
 def test_mismatch_rows_respect_max_length():
