@@ -78,6 +78,9 @@ class RunSummary:
     answers_cut: dict  # forget and normal examples whose answer max_length cut short (UnlearningStreams.answers_cut)
     adapter_dir: str | None = None  # LoRA: the unmerged adapter, the update exactly as trained
     merge_rounding_error: float | None = None  # LoRA: the share of the update the merge into model/ lost
+    # reference='cached': the bytes its hidden states held on the device through the run (they grow with the normal
+    # set's answer tokens x hidden size, and no step's memory shows them apart)
+    reference_cache_bytes: int | None = None
 
 
 def _require_accelerate():
@@ -196,6 +199,7 @@ class UnlearningTrainer:
         check_fused_logits(self.model)  # before train() writes anything
         self.shape = ModelShape.of(self.model)
         self.setup_compute = ComputeTotals()  # what building the reference cost (the cached one: a forward)
+        self.reference_cache_bytes = None  # what the cached reference holds (RunSummary.reference_cache_bytes)
         self._digest = None   # of the streams' data, recorded in checkpoints (_data_digest)
 
     def _prepare_model(self, model):
@@ -246,6 +250,7 @@ class UnlearningTrainer:
                                         compute_dtype=torch.bfloat16 if mixed and self.sharded else None)
         self.setup_compute = cache_compute(self.shape, reference.forward_masks, seconds=time.perf_counter() - started,
                                            num_processes=self.accelerator.num_processes)
+        self.reference_cache_bytes = reference.num_bytes
         return reference
 
     def train(self) -> RunSummary:
@@ -420,7 +425,7 @@ class UnlearningTrainer:
         model_dir = os.path.join(out, "model")
         summary = RunSummary(step, stop_reason, record, totals.to_dict(), acc.num_processes,
                              _device_name(acc.device), model_dir, self.streams.skipped,
-                             self.streams.answers_cut)
+                             self.streams.answers_cut, reference_cache_bytes=self.reference_cache_bytes)
         # FSDP: gather full weights (collective); the keys of the objective's "model." submodule are the model's.
         state = ({k.removeprefix("model."): v for k, v in full_model_state(objective).items()}
                  if self.sharded else None)

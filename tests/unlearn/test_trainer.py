@@ -352,6 +352,11 @@ def test_cached_reference_freezes_the_head(tmp_path):
     up_proj = trainer.model.model.layers[0].mlp.up_proj.weight
     assert not torch.equal(up_proj, original.model.layers[0].mlp.up_proj.weight)
     assert summary.last.normal_kl > 0
+    # the device memory the cache holds, in run.json: the normal set's answer targets x hidden size, fp32 here
+    normal = tiny_streams(byte_bpe_tokenizer()).normal
+    cache_bytes = sum(e.answer_end - e.answer_start for e in normal) * original.config.hidden_size * 4
+    assert summary.reference_cache_bytes == cache_bytes
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["reference_cache_bytes"] == cache_bytes
 
 
 def test_cached_reference_freezes_the_heads_bias_too(tmp_path):
