@@ -59,12 +59,22 @@ session() {
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
             .whl/*.whl && export PYTHONPATH=/tmp/site
     fi
-    # fastalign itself; should the editable install fail (the image's setuptools, say), an in-place build and the
-    # layout of a checkout (kernels/ seen as fastalign.kernels) serve instead, rather than losing the whole call
+    # fastalign itself; should the editable install fail, rather than losing the whole call: a setuptools older
+    # than 77 (the image's, which --no-build-isolation uses) reads the licence only in the table form, so the
+    # install is retried with it (this copy's pyproject.toml is put back after), then an in-place build and the
+    # layout of a checkout (kernels/ seen as fastalign.kernels) serve instead
     if ! python3 -m pip install -q --no-deps --no-build-isolation -e .; then
-        echo "editable install failed: building fastalign._C in place"
-        python3 setup.py -q build_ext --inplace && ln -sfn ../kernels fastalign/kernels \
-            && export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" || exit 1
+        echo "editable install failed (setuptools $(python3 -c 'import setuptools; print(setuptools.__version__)'))"
+        cp pyproject.toml /tmp/pyproject.toml.orig
+        sed -i 's/^license = "\(.*\)"$/license = { text = "\1" }/' pyproject.toml
+        python3 -m pip install -q --no-deps --no-build-isolation -e . || {
+            echo "editable install failed again: building fastalign._C in place"
+            python3 setup.py -q build_ext --inplace && ln -sfn ../kernels fastalign/kernels \
+                && export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+        }
+        installed=$?
+        cp /tmp/pyproject.toml.orig pyproject.toml
+        [[ $installed == 0 ]] || exit 1
     fi
     python3 -c "import torch, triton, transformers, fastalign, fastalign.kernels, fastalign._C
 print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" || exit 1
