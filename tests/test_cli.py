@@ -80,7 +80,12 @@ def test_an_interrupted_command_says_so_and_what_was_kept_and_exits_non_zero(mon
     monkeypatch.setattr(module, handler_name, interrupted)
     previous = signal.getsignal(signal.SIGTERM)
     argv = (["rain", "--model", "m", "--hh", "h", "--output", "o"] if command == "rain" else ["unlearn"])
-    assert main(argv) == 128 + signum
+    # Ctrl-C as a terminal delivers it: a job a shell started in the background inherits SIGINT ignored
+    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main(argv) == 128 + signum
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
     captured = capsys.readouterr()
     assert cleaned == [True] and captured.out == ""
     assert f"fastalign {command}: interrupted by {by}" in captured.err and hint in captured.err
