@@ -5,12 +5,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 import fastalign
-from fastalign.cli import main
+from fastalign.cli import _interrupt_on_sigterm, main
 
 
 def option_entries(command, capsys):
@@ -60,14 +61,15 @@ def test_python_dash_m_fastalign_runs_the_command():
 
 @pytest.mark.parametrize("signum, by", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
 @pytest.mark.parametrize("command, hint", [("rain", "rerun the same command to continue"),
-                                           ("unlearn", "rerun the command with --resume")])
+                                           ("unlearn", "rerun the command with --resume"),
+                                           ("eval", "the records judged so far are in --output")])
 def test_an_interrupted_command_says_so_and_what_was_kept_and_exits_non_zero(monkeypatch, capsys, signum, by,
                                                                            command, hint):
     """A cluster's preemption (SIGTERM) or Ctrl-C stops the run through its clean-up (no checkpoint, model or
     record left half written) with a message on stderr instead of a traceback or nothing, and the exit status
     128 + the signal's number, as a process the signal killed has."""
-    module = importlib.import_module(f"fastalign.{command}.cli")
-    handler_name = "run" if command == "rain" else "main"
+    module = importlib.import_module(f"fastalign.{'evaluation' if command == 'eval' else command}.cli")
+    handler_name = "main" if command == "unlearn" else "run"
     cleaned = []
 
     def interrupted(args):
@@ -79,7 +81,7 @@ def test_an_interrupted_command_says_so_and_what_was_kept_and_exits_non_zero(mon
 
     monkeypatch.setattr(module, handler_name, interrupted)
     previous = signal.getsignal(signal.SIGTERM)
-    argv = (["rain", "--model", "m", "--hh", "h", "--output", "o"] if command == "rain" else ["unlearn"])
+    argv = ["unlearn"] if command == "unlearn" else [command, "--model", "m", "--hh", "h", "--output", "o"]
     # Ctrl-C as a terminal delivers it: a job a shell started in the background inherits SIGINT ignored
     previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -91,3 +93,36 @@ def test_an_interrupted_command_says_so_and_what_was_kept_and_exits_non_zero(mon
     assert f"fastalign {command}: interrupted by {by}" in captured.err and hint in captured.err
     assert "Traceback" not in captured.err
     assert signal.getsignal(signal.SIGTERM) is previous   # put back: only a running command turns SIGTERM so
+
+
+def test_a_second_sigterm_kills_the_process_at_once():
+    """The first SIGTERM stops the command through its clean-up; a clean-up that hangs must not keep the process
+    alive against a second one: the handler gives SIGTERM its default action back as it raises."""
+    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)   # as main() sets it for a command
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_command_run_outside_the_main_thread_runs_without_the_sigterm_handler(monkeypatch):
+    """signal.signal works only in the main thread: main() called from another one (a notebook's worker, a test
+    runner's) runs the command and leaves SIGTERM as it is instead of failing with a ValueError."""
+    monkeypatch.setattr(importlib.import_module("fastalign.rain.cli"), "run", lambda args: 7)
+    previous, returned = signal.getsignal(signal.SIGTERM), []
+    thread = threading.Thread(target=lambda: returned.append(main(["rain", "--model", "m", "--hh", "h", "--output",
+                                                                   "o"])))
+    thread.start()
+    thread.join()
+    assert returned == [7] and signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_keyboard_interrupt_raised_with_a_message_is_reported_as_ctrl_c(monkeypatch, capsys):
+    """Only the SIGTERM handler's own KeyboardInterrupt is SIGTERM: one raised with another message is Ctrl-C's."""
+    def interrupted(args):
+        raise KeyboardInterrupt("input ended")
+    monkeypatch.setattr(importlib.import_module("fastalign.rain.cli"), "run", interrupted)
+    assert main(["rain", "--model", "m", "--hh", "h", "--output", "o"]) == 128 + signal.SIGINT
+    assert "fastalign rain: interrupted by Ctrl-C" in capsys.readouterr().err

@@ -150,9 +150,28 @@ def test_loss_matmul_peak_counts_2_n_cubed_flops(monkeypatch):
 
     def median_ms(fn, device, **kwargs):
         sizes.append(fn().shape[0])
+        assert kwargs["warmup"] >= 50   # a GPU still raising its clocks would give a low peak
         return 4.0
     monkeypatch.setattr(bench_loss.harness, "median_ms", median_ms)
     assert bench_loss.matmul_peak_tflops("cpu", torch.float32) == pytest.approx(2 * sizes[0] ** 3 / 4e-3 / 1e12)
+
+
+def test_loss_gradients_difference_counts_a_missing_gradient_as_one_and_agrees_on_zero_gradients():
+    """A method that left a gradient unset (None) differs from one that set it by 1 (all of it), two zero gradients
+    (a loss that does not depend on the weight) agree, and the largest difference of the pairs is the result."""
+    g, zero = torch.ones(3), torch.zeros(3)
+    assert bench_loss.gradients_difference([None, g], [g, g]) == 1.0
+    assert bench_loss.gradients_difference([None, zero], [None, zero]) == 0.0
+    assert bench_loss.gradients_difference([zero], [zero]) == 0.0
+    assert bench_loss.gradients_difference([2 * g, 1.5 * g], [g, g]) == pytest.approx(1.0)
+
+
+def test_loss_baseline_error_recorded_is_cut_to_300_characters():
+    def liger_ce():
+        raise RuntimeError("x" * 1000)
+    unavailable = {}
+    assert bench_loss.optional(liger_ce, unavailable) is None
+    assert unavailable == {"liger_ce": ("RuntimeError: " + "x" * 1000)[:300]}
 
 
 def test_loss_method_that_raises_becomes_an_error_row():
@@ -252,9 +271,16 @@ def test_unlearn_rows_record_their_first_steps_gradient_difference_from_the_firs
     assert "lm_head.weight" not in by_name["fastalign cached"]["grad_norms"]
 
 
+def test_unlearn_gradient_difference_over_no_common_parameter_is_none():
+    """Ways that train no parameter in common (LoRA adapters against full weights) have no gradient to compare."""
+    assert bench_unlearn.gradient_difference({"a": 1.0}, {"b": 1.0}) is None
+    assert bench_unlearn.gradient_difference({"a": 2.0, "b": 1.0}, {"a": 1.0, "c": 5.0}) == pytest.approx(1.0)
+
+
 def test_unlearn_gradient_norm_over_chunks_is_the_norm():
     grad = torch.randn(13, 11)
-    assert bench_unlearn.gradient_norm(grad, chunk=7) == pytest.approx(float(grad.double().norm()), rel=1e-6)
+    for chunk in (7, 71):   # 143 elements: a last chunk of 3, of 1
+        assert bench_unlearn.gradient_norm(grad, chunk=chunk) == pytest.approx(float(grad.double().norm()), rel=1e-6)
 
 
 @pytest.mark.parametrize("weights", [dict(forget=0.3, mismatch=0.0, normal=0.0), dict(forget=0.0, mismatch=0.7,
@@ -468,10 +494,11 @@ def test_tree_attention_calls_read_distinct_kv_past_the_l2_cache(monkeypatch):
 class FakeRunner:
     """Records the runner calls of the extend and rewind sections."""
     def __init__(self):
-        self.calls = []
+        self.calls, self.token_lists = [], []
 
     def extend(self, parents, token_lists, **kwargs):
         self.calls.append(("extend", parents, [len(t) for t in token_lists]))
+        self.token_lists.append(token_lists)
         return [object() for _ in parents], None
 
     def release(self, span):
@@ -479,11 +506,14 @@ class FakeRunner:
 
 
 def test_tree_extend_section_times_one_batched_extend_of_k_children(monkeypatch):
-    """Each timed step is one extend of k children of the root by tokens_each tokens (then released, untimed)."""
+    """Each timed step is one extend of k children of the root by tokens_each tokens (then released, untimed), each
+    child with tokens of its own, as RAIN's children are distinct samples."""
+    torch.manual_seed(0)
     runner, root = FakeRunner(), SimpleNamespace(length=100)
     rows = bench_tree.extend_rows(runner, root, 50, "cpu", [1, 10], 7, "-")
     extends = [call for call in runner.calls if call[0] == "extend"]
     assert extends == [("extend", [root], [7])] * 7 + [("extend", [root] * 10, [7] * 10)] * 7
+    assert all(len({tuple(tokens) for tokens in lists}) == len(lists) for lists in runner.token_lists)
     assert [(row["children"], row["tokens_each"], row["prefix"]) for row in rows] == [(1, 7, 100), (10, 7, 100)]
 
 

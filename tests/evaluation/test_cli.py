@@ -84,6 +84,16 @@ def test_an_output_that_is_a_prompt_file_is_a_usage_error_that_leaves_it(model_d
     assert open(harmful_prompts).read() == text
 
 
+
+def test_an_output_that_is_the_hh_file_is_a_usage_error_that_leaves_it(model_dir, tmp_path, capsys):
+    """--hh is an input as --prompts is: records written over it would replace the dialogues."""
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text(json.dumps({"chosen": "\n\nHuman: Where is Paris?\n\nAssistant: In France.", "rejected": ""}) + "\n")
+    text = hh.read_text()
+    assert run("--model", model_dir, "--hh", hh, "--output", hh) == 2
+    assert f"--output {str(hh)!r} is the --hh file" in capsys.readouterr().err
+    assert hh.read_text() == text
+
 def test_judge_that_raises_keeps_the_records_written_before(model_dir, harmful_prompts, tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     _calls.clear()

@@ -135,7 +135,7 @@ def test_a_process_the_checkpoint_has_no_state_for_gets_the_resume_error_naming_
         checkpoint.read_checkpoint(written, 2)
 
 
-@pytest.mark.parametrize("damage", ["removed", "truncated state", "truncated rank state"])
+@pytest.mark.parametrize("damage", ["removed", "truncated state", "truncated rank state", "emptied state"])
 def test_a_damaged_checkpoint_is_an_error_naming_it_and_the_way_on(tmp_path, damage):
     """Checkpoints are written atomically, but a user may remove one by hand or a disk may cut one: resuming from
     it is a ValueError (what the command reports as an error, not a traceback) naming the file and the way on."""
@@ -147,7 +147,7 @@ def test_a_damaged_checkpoint_is_an_error_naming_it_and_the_way_on(tmp_path, dam
         with pytest.raises(ValueError, match=r"names .*step-000002, which is not a complete checkpoint .*start over"):
             checkpoint.latest_checkpoint(str(tmp_path))
         return
-    file = final / ("state.pt" if damage == "truncated state" else "rank-0.pt")
-    file.write_bytes(file.read_bytes()[:40])
+    file = final / ("rank-0.pt" if damage == "truncated rank state" else "state.pt")
+    file.write_bytes(file.read_bytes()[:0 if damage == "emptied state" else 40])   # emptied: torch raises EOFError
     with pytest.raises(ValueError, match=rf"cannot resume from {file}: it cannot be read .*checkpoints/latest"):
         checkpoint.read_checkpoint(checkpoint.latest_checkpoint(str(tmp_path)), 0)

@@ -199,6 +199,8 @@ def test_command_line_wins_over_config_file(workspace):
 def test_relative_paths_of_a_config_file_are_read_from_the_working_directory(workspace, monkeypatch):
     """As --help says: a config file's relative paths name files of the directory the command runs in, not of the
     file's own directory (a config kept in configs/ names data as the command line would)."""
+    config_help = " ".join(next(a.help for a in unlearn_actions() if a.dest == "config").split())
+    assert "Relative paths in it are read from the directory the command runs in, not the file's" in config_help
     (workspace / "configs").mkdir()
     (workspace / "configs" / "run.yaml").write_text(yaml.safe_dump({"forget": ["pku.jsonl"], "normal": "tqa.csv"}))
     monkeypatch.chdir(workspace)

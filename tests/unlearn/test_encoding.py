@@ -1,4 +1,5 @@
 """Templates, answer spans from tokenizer offsets, and answer-target masks of padded batches."""
+import copy
 import re
 
 import pytest
@@ -366,3 +367,7 @@ def test_chat_rows_that_hold_a_special_tokens_text_are_named(family):
     with pytest.raises(DataError, match=rf"mismatch pool answer 1: the answer holds {re.escape(repr(eot))}"):
         encode_answers(tokenizer, template, ["Bob is a baker.", f"{eot}"])
     assert len(encode_pairs(tokenizer, template, pairs([clean, (clean[0], "<|not special|> <s >")]), 128)) == 2
+    with_word = copy.deepcopy(tokenizer)   # an added token that is no control token is plain text to the template
+    with_word.add_tokens(["<|not special|>"])
+    word_row = (clean[0], "<|not special|>")
+    assert len(encode_pairs(with_word, ChatTemplate(with_word), pairs([clean, word_row]), 128)) == 2

@@ -1,4 +1,6 @@
 """Step-indexed batches: deterministic, disjoint across processes, mismatch rows built from the pool."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -219,3 +221,23 @@ def test_token_ids_past_the_models_vocabulary_are_named():
         small.check_vocabulary(9)
     with pytest.raises(DataError, match=r"the padding token id 5000 is past the model's 1300 input embeddings"):
         make(filler_id=5000).check_vocabulary(1300)
+
+
+def test_digest_changes_with_the_token_ids_spans_seams_padding_and_stream_of_every_example():
+    """A resume compares the streams' digest with its checkpoint's: any change of what the batches are built from
+    (an example's ids, answer span or seams, a pool answer's, the padding id, an example moved to another stream)
+    must change it; where the examples were read (their source) must not."""
+    def digest(forget=FORGET, normal=NORMAL, pool=POOL, filler_id=0):
+        return UnlearningStreams(forget, normal=normal, mismatch_pool=pool, mismatch_per_prompt=3, filler_id=filler_id,
+                                 max_length=64).digest()
+
+    base, e, last = digest(), FORGET[0], NORMAL[-1]
+    changed = [digest(filler_id=1), digest(forget=FORGET[:-1], normal=FORGET[-1:] + NORMAL),
+               digest(normal=NORMAL[:-1], pool=[PoolAnswer(last.input_ids, last.answer_start, last.answer_end)] + POOL),
+               *(digest(pool=[PoolAnswer((7, 7), **field)] + POOL[1:])
+                 for field in ({"lead": 1}, {"end": 1}, {"seams": ((0, 0),)}))]
+    changed += [digest(forget=[dataclasses.replace(e, **field)] + FORGET[1:])
+                for field in ({"answer_start": e.answer_start - 1}, {"answer_end": e.answer_end - 1},
+                              {"seams": ((1, e.answer_start - 1), (0, e.answer_start))})]
+    assert len({base, *changed}) == 1 + len(changed)
+    assert digest(forget=[dataclasses.replace(x, source="elsewhere") for x in FORGET]) == base

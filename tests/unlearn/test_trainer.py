@@ -179,6 +179,17 @@ def test_resume_over_other_data_under_the_same_settings_is_refused(tmp_path, str
     assert summary.steps == 5
 
 
+def test_a_checkpoint_written_before_data_digests_were_recorded_resumes(tmp_path):
+    """Checkpoints from before 2026-12-01 record no digest of the data: they resume, as they did, not refused."""
+    with pytest.raises(Killed):
+        run(tmp_path, save_every=2, callback=kill_after(3))
+    state_file = tmp_path / "run" / "checkpoints" / "step-000002" / "state.pt"
+    state = torch.load(state_file, weights_only=False)
+    del state["data"]
+    torch.save(state, state_file)
+    _, summary = run(tmp_path, save_every=2, resume=True)
+    assert summary.steps == 5
+
 def test_a_moved_run_resumes(tmp_path):
     """The output directory is where the checkpoint is found: a run moved (or named by another path) resumes."""
     whole, _ = run(tmp_path, "whole", max_steps=4, save_every=2, grad_accum=1)
@@ -195,7 +206,9 @@ def test_a_moved_run_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("name, text", [("config.json", '{"architectures": ["LlamaForCausalLM"]}'),
-                                        ("log.jsonl", '{"epoch": 1, "loss": 2.0}\n')])
+                                        ("config.json", "architectures: [Llama]\n"),
+                                        ("log.jsonl", '{"epoch": 1, "loss": 2.0}\n'), ("log.jsonl", "epoch 1\n"),
+                                        ("log.jsonl", '{"step": 1}\n{"step": "1/10", "loss": 2.0}\n')])
 def test_an_output_dir_holding_files_of_something_else_is_refused_and_left_as_it_is(tmp_path, name, text):
     """The run writes config.json and rewrites log.jsonl in output_dir: over a model's own directory (output_dir
     given as the model's) or another tool's log they must be refused, not replaced (nor a KeyError traceback)."""
