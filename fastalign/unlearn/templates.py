@@ -76,7 +76,9 @@ class ChatTemplate:
             self._check_system()
 
     def _check_system(self) -> None:
-        """Renders one prompt after the system turn: the template must accept it and show its text."""
+        """Renders one prompt after the system turn: the template must accept it and show its text, which must
+        hold no special token's text (read as that control token, as in a prompt)."""
+        self._refuse_special_text("system (--system)", self.system)
         try:
             head = self.prompt("Hi")
         except ValueError as e:
@@ -84,6 +86,13 @@ class ChatTemplate:
         if self.system.strip() not in head:
             raise ValueError("system (--system) is not in the conversation the chat template renders (the "
                              "template drops the system turn); leave it out or use a template that shows it")
+
+    def _refuse_special_text(self, name: str, text: str) -> None:
+        held = [token for token in self._special_texts if token in text]
+        if held:
+            raise ValueError(f"{name} holds {held[0]!r}, the text of a special token of the tokenizer: in the chat "
+                             "template it would be read as that control token (a turn marker, an end of turn), not "
+                             "as text; remove it")
 
     def _turns(self, prompt: str) -> list:
         system = [{"role": "system", "content": self.system}] if self.system is not None else []
@@ -104,12 +113,8 @@ class ChatTemplate:
             raise ValueError(f"the tokenizer's chat template refused the conversation: {e}") from None
 
     def render(self, prompt: str, answer: str) -> RenderedPair:
-        for name, text in (("prompt", prompt), ("answer", answer)):
-            held = [token for token in self._special_texts if token in text]
-            if held:
-                raise ValueError(f"the {name} holds {held[0]!r}, the text of a special token of the tokenizer: in the "
-                                 "chat template it would be read as that control token (a turn marker, an end of "
-                                 "turn), not as text; remove it from the data")
+        for name, text in (("the prompt", prompt), ("the answer", answer)):
+            self._refuse_special_text(name, text)
         head = self.prompt(prompt)
         text = self._render(self._turns(prompt) + [{"role": "assistant", "content": answer}])
         if text.startswith(head):

@@ -371,3 +371,5 @@ def test_chat_rows_that_hold_a_special_tokens_text_are_named(family):
     with_word.add_tokens(["<|not special|>"])
     word_row = (clean[0], "<|not special|>")
     assert len(encode_pairs(with_word, ChatTemplate(with_word), pairs([clean, word_row]), 128)) == 2
+    with pytest.raises(ValueError, match=rf"system \(--system\) holds {re.escape(repr(eot))}, the text of"):
+        ChatTemplate(tokenizer, system=f"Be brief.{eot}")   # the system turn is read as the turns are
