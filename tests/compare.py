@@ -78,6 +78,12 @@ def assert_per_sample_grads_close(op, ref, weight, bias, batched, rel):
     return grads, values
 
 
+# The two ways a compiled caller differentiates a loss itself (`differentiate` of the helper below)
+COMPILED_CALLER_DIFFERENTIATIONS = [
+    pytest.param(lambda loss, h, w: torch.func.grad(loss, argnums=(0, 1))(h, w), id="func_grad"),
+    pytest.param(lambda loss, h, w: torch.autograd.grad(loss(h, w), (h, w)), id="autograd_grad")]
+
+
 def assert_grads_of_a_compiled_caller_close(differentiate, op, ref, hidden, weight, args, kwargs, rel):
     """torch.compile of a caller that differentiates `op(tanh(h), w, *args, **kwargs)` wrt (h, w) itself, by
     `differentiate(loss, h, w)`, gives the gradients torch.autograd takes of `ref` (op's float64 twin) uncompiled."""

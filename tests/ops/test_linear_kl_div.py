@@ -8,9 +8,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import fastalign
 from fastalign.ops.torch_chunked import chunking
 from fastalign.reference.linear_losses import linear_kl_div_reference
-from tests.compare import (REL_TOL, assert_grads_close, assert_grads_of_a_compiled_caller_close,
-                           assert_only_first_order, assert_per_sample_grads_close, assert_rel_close,
-                           assert_vjp_and_jacrev_close, grads_of)
+from tests.compare import (COMPILED_CALLER_DIFFERENTIATIONS, REL_TOL, assert_grads_close,
+                           assert_grads_of_a_compiled_caller_close, assert_only_first_order,
+                           assert_per_sample_grads_close, assert_rel_close, assert_vjp_and_jacrev_close, grads_of)
 from tests.conftest import TRITON_DEVICE, device_for, triton_cases
 
 BACKENDS = ["torch", "triton"]
@@ -246,9 +246,7 @@ def test_inside_a_compiled_caller(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("differentiate", [
-    lambda loss, h, w: torch.func.grad(loss, argnums=(0, 1))(h, w),
-    lambda loss, h, w: torch.autograd.grad(loss(h, w), (h, w))], ids=["func_grad", "autograd_grad"])
+@pytest.mark.parametrize("differentiate", COMPILED_CALLER_DIFFERENTIATIONS)
 def test_gradients_taken_inside_a_compiled_caller(backend, differentiate):
     """torch.compile of a caller that differentiates the KL itself: the backward runs inside the compiled frame,
     where dynamo traced into the kernel launches (the Triton interpreter crashed) unless they are a graph break."""
