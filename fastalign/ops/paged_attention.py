@@ -50,6 +50,16 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, sc
     cu_group_rows[g]:cu_group_rows[g + 1] (consecutive, every row in one group) share their first
     prefix_lens[g] context tokens, a whole number of blocks that all lie before each row's new tokens.
     """
+    scale, backend = check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale=scale,
+                                           backend=backend, validate=validate, shared_prefix=shared_prefix)
+    return paged_attention_unchecked(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale=scale,
+                                     backend=backend, shared_prefix=shared_prefix)
+
+
+def check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, scale=None, backend="auto",
+                          validate=None, shared_prefix=None):
+    """Every check of `paged_attention` on these arguments; returns the (float) scale and the backend ("triton"
+    or "torch") that `paged_attention_unchecked` then takes."""
     _check_attention_args(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens)
     if scale is None:
         scale = q.shape[2] ** -0.5
@@ -60,12 +70,22 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, sc
     if validate or (validate is None and q.device.type == "cpu"):
         check_paged_metadata(block_table, seq_lens, cu_q_lens, num_tokens=q.shape[0],
                              num_blocks=k_cache.shape[0], block_size=k_cache.shape[1], shared_prefix=shared_prefix)
-    if resolve_backend(backend, q.device) == "triton":
+    backend = resolve_backend(backend, q.device)
+    if backend == "triton":
         _refuse_gradients(q=q, k_cache=k_cache, v_cache=v_cache)
+    return float(scale), backend
+
+
+def paged_attention_unchecked(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, scale, backend,
+                              shared_prefix=None):
+    """`paged_attention` after `check_paged_attention` passed on arguments of these shapes, dtypes and devices
+    (the layers of one forward: one check, then a call per layer; the checks cost ~10 us of host time per call).
+    scale and backend: as that check returns them."""
+    if backend == "triton":
         from fastalign.kernels.paged_attention import paged_attention_triton
-        return paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, float(scale),
+        return paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale,
                                       shared_prefix=shared_prefix)
-    return _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, float(scale))
+    return _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale)
 
 
 def plan_shared_prefix(block_table, seq_lens, cu_q_lens, block_size):
@@ -118,6 +138,12 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, *, validate=None):
     (stride(0) == block_size * stride(1), as in a KVPool layer). Slots must be distinct (a repeated slot
     keeps an arbitrary one).
     """
+    check_write_kv(k, v, k_cache, v_cache, slot_mapping, validate=validate)
+    write_kv_unchecked(k, v, k_cache, v_cache, slot_mapping)
+
+
+def check_write_kv(k, v, k_cache, v_cache, slot_mapping, *, validate=None):
+    """Every check of `write_kv` on these arguments."""
     _check_cache_pair(k_cache, v_cache)
     if k.dim() != 3 or k.shape[1:] != k_cache.shape[2:]:
         raise ValueError(f"k: expected shape [T, {k_cache.shape[2]}, {k_cache.shape[3]}] "
@@ -136,8 +162,12 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, *, validate=None):
         if slot_mapping.numel() and not bool(((slot_mapping >= 0) & (slot_mapping < num_slots)).all()):
             raise ValueError(f"slot_mapping: every slot must lie in [0, {num_slots}) "
                              "(num_blocks * block_size)")
+
+
+def write_kv_unchecked(k, v, k_cache, v_cache, slot_mapping):
+    """`write_kv` after `check_write_kv` passed on arguments of these shapes, dtypes and devices."""
     # one scatter per tensor over the pool seen as [num_slots, num_kv_heads, head_dim]
-    slot_shape = (num_slots,) + tuple(k_cache.shape[2:])
+    slot_shape = (k_cache.shape[0] * k_cache.shape[1],) + tuple(k_cache.shape[2:])
     k_cache.view(slot_shape).index_copy_(0, slot_mapping, k)
     v_cache.view(slot_shape).index_copy_(0, slot_mapping, v)
 

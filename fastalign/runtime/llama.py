@@ -5,8 +5,9 @@ Qwen2's biases), the SwiGLU MLP, the final norm, the (tied or untied) LM head, a
 module, which gives cos/sin for any positions including Hugging Face's RoPE scaling variants. Attention
 is `paged_attention` over the pool, after `write_kv` has stored the new tokens' rotated K and V, so that
 rows of a batch read their shared prefix blocks in place. The index metadata comes from the span tree's
-forward plan, so the ops' per-call checks of its contents (a device sync on CUDA, ~0.2 ms per layer on
-the CPU) are skipped: the runtime tests hold the plans to the Hugging Face model's outputs instead.
+forward plan, so the ops' checks of its contents (a device sync on CUDA, ~0.2 ms per layer on the CPU) are
+skipped: the runtime tests hold the plans to the Hugging Face model's outputs instead. Their shape, dtype
+and device checks run on the first layer's arguments only.
 
 Per decoder layer, as in Hugging Face's LlamaDecoderLayer:
     h = h + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))   with n = input_layernorm(h)
@@ -15,7 +16,8 @@ Per decoder layer, as in Hugging Face's LlamaDecoderLayer:
 import torch
 
 from fastalign.eval_mode import eval_mode
-from fastalign.ops.paged_attention import paged_attention, write_kv
+from fastalign.ops.paged_attention import (check_paged_attention, check_write_kv, paged_attention_unchecked,
+                                          resolve_backend, write_kv_unchecked)
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 _LAYER_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -93,9 +95,9 @@ class PagedLlama:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = self.layers[0].self_attn.head_dim
         self.max_context = context_limit(model)
-        self.attention_backend = attention_backend
         weight = model.model.embed_tokens.weight
         self.dtype, self.device = weight.dtype, weight.device
+        self.backend = resolve_backend(attention_backend, self.device)  # "triton" or "torch"
 
     def forward(self, batch, pool, select, want_logits, want_hidden, logits_rows=None):
         """Writes the KV of every token of `batch` into `pool`; returns (logits, hidden) of the tokens
@@ -120,13 +122,7 @@ class PagedLlama:
             v = attn.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-            k_cache, v_cache = pool.k(index), pool.v(index)
-            write_kv(k, v, k_cache, v_cache, batch.slot_mapping, validate=False)
-            if len(batch.host_extra_src):
-                write_kv(k[batch.extra_src], v[batch.extra_src], k_cache, v_cache, batch.extra_dst, validate=False)
-            o = paged_attention(q, k_cache, v_cache, batch.block_table, batch.seq_lens, batch.cu_q_lens,
-                                scale=attn.scaling, backend=self.attention_backend, validate=False,
-                                shared_prefix=batch.shared_prefix)
+            o = self._attention(index, q, k, v, pool, batch, attn.scaling)
             h = h + attn.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         if select is None:
@@ -135,3 +131,18 @@ class PagedLlama:
         at = hidden if logits_rows is None else hidden[logits_rows]
         logits = self.model.lm_head(at).float() if want_logits else None
         return logits, hidden if want_hidden else None
+
+    def _attention(self, index, q, k, v, pool, batch, scale):
+        """Layer `index`'s K/V written into the pool, then its attention. Only the first layer's arguments go
+        through the ops' shape, dtype and device checks (~20 us of host time per layer): every later layer's
+        are shaped as the first's (one config, views of one pool)."""
+        k_cache, v_cache = pool.k(index), pool.v(index)
+        if index == 0:
+            check_write_kv(k, v, k_cache, v_cache, batch.slot_mapping, validate=False)
+            check_paged_attention(q, k_cache, v_cache, batch.block_table, batch.seq_lens, batch.cu_q_lens, scale=scale,
+                                  backend=self.backend, validate=False, shared_prefix=batch.shared_prefix)
+        write_kv_unchecked(k, v, k_cache, v_cache, batch.slot_mapping)
+        if len(batch.host_extra_src):
+            write_kv_unchecked(k[batch.extra_src], v[batch.extra_src], k_cache, v_cache, batch.extra_dst)
+        return paged_attention_unchecked(q, k_cache, v_cache, batch.block_table, batch.seq_lens, batch.cu_q_lens,
+                                         scale=float(scale), backend=self.backend, shared_prefix=batch.shared_prefix)

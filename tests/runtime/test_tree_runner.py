@@ -220,3 +220,20 @@ def test_a_peft_prompt_learning_model_is_refused(name, adapter):
         task_type="CAUSAL_LM", num_virtual_tokens=3, **extra)).eval()
     with pytest.raises(ValueError, match="model: its PEFT adapter .* is a prompt-learning adapter"):
         TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+
+
+def test_the_attention_ops_check_their_arguments_once_per_forward_not_once_per_layer(monkeypatch):
+    """The checks cost ~20 us of host time per call: a 32-layer decode step would pay them 32 times."""
+    import fastalign.runtime.llama as llama
+    calls = {"check_paged_attention": 0, "check_write_kv": 0}
+    for name in calls:
+        def counted(*args, _check=getattr(llama, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _check(*args, **kwargs)
+        monkeypatch.setattr(llama, name, counted)
+    model = tiny_model("llama-gqa-untied")
+    assert model.config.num_hidden_layers > 1
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    root = runner.prefill([1, 2, 3, 4, 5])
+    runner.extend([root, root], [[6], [7, 8]])
+    assert calls == {"check_paged_attention": 2, "check_write_kv": 2}

@@ -17,14 +17,14 @@ LISTS = [[30], [31, 32], [33, 34, 35], [40], [41, 42], [5, 6, 7]]
 
 @pytest.fixture
 def attention_calls(monkeypatch):
-    """The shared_prefix argument of every paged_attention call of the Llama runner."""
-    calls, real = [], llama.paged_attention
+    """The shared_prefix argument of every layer's attention call of the Llama runner."""
+    calls, real = [], llama.paged_attention_unchecked
 
     def spy(*args, shared_prefix=None, **kwargs):
         calls.append(shared_prefix)
         return real(*args, shared_prefix=shared_prefix, **kwargs)
 
-    monkeypatch.setattr(llama, "paged_attention", spy)
+    monkeypatch.setattr(llama, "paged_attention_unchecked", spy)
     return calls
 
 
