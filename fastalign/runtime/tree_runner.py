@@ -361,19 +361,19 @@ class TreeRunner:
             self.recomputed_tokens += len(plan.token_ids)
             self.last_restored.update(zip(plan.row_spans.tolist(), np.diff(plan.cu_q_lens).tolist()))
         with torch.no_grad():
-            if len(plan.copy_src):
-                self.pool.copy_blocks(torch.from_numpy(plan.copy_src.astype(np.int64)).to(device),
-                                      torch.from_numpy(plan.copy_dst.astype(np.int64)).to(device))
-            batch = ForwardBatch.from_plan(plan, device, cascade_block_size=self._cascade_block_size)
+            batch = ForwardBatch.from_plan(plan, device, outputs=() if ends is None else ends,
+                                           cascade_block_size=self._cascade_block_size)
+            if len(batch.copy_src):
+                self.pool.copy_blocks(batch.copy_src, batch.copy_dst)
             logits_rows = None
             if logits is None and hidden is None:
                 select = None
             elif "all" in (logits, hidden):
                 select = torch.arange(batch.num_tokens, device=device)
                 if logits == "last":  # hidden states at every token, but the LM head only where asked
-                    logits_rows = torch.from_numpy(ends).to(device)
+                    logits_rows = batch.outputs
             else:
-                select = torch.from_numpy(ends).to(device)
+                select = batch.outputs
             return self.model_runner.forward(batch, self.pool, select, logits is not None, hidden is not None,
                                              logits_rows)
 
