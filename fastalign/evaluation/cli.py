@@ -4,7 +4,8 @@ with --answers, the harmful rates of answers already written by `fastalign rain`
 With --prompts or --hh (and --model), records {"index", "prompt", "answer", "harmful"} are written to the output
 jsonl (a new run replaces it; missing directories are created) batch by batch and flushed, so whatever was
 judged before a failure (a judge that raises, an interrupt) stays on disk (a previous run's summary is removed as
-the run starts writing). Inputs are checked before any generation: a missing model, an unreadable prompt file, an
+the run starts writing); another fastalign process started on the same --output meanwhile stops with an error.
+Inputs are checked before any generation: a missing model, an unreadable prompt file, an
 --output that cannot be written or a prompt too long for the model's context stops the command with a message
 naming the argument. The summary (harmful rate, and with --reference the unchanged share and mean token KL on
 --normal-prompts, the KL taken on the tokens the reference generated, its end token included) is printed as JSON
@@ -41,6 +42,7 @@ from typing import List, Optional
 import torch
 
 from fastalign.cli import HelpFormatter, UsageError, check_device, check_output_file
+from fastalign.output_lock import output_lock
 from fastalign.unlearn.templates import ChatTemplate
 
 from .answers import read_answers
@@ -248,9 +250,11 @@ def _rendered(prompts: List[str], args, tokenizer) -> List[str]:
 
 
 def evaluate(args) -> dict:
-    """Runs the evaluation the arguments describe; returns the summary (see the module docstring)."""
+    """Runs the evaluation the arguments describe; returns the summary (see the module docstring). UsageError
+    while another fastalign process writes --output."""
     check_device(args.device)
-    return _evaluate_answers(args) if args.answers else _evaluate_model(args)
+    with output_lock(args.output, "--output"):
+        return _evaluate_answers(args) if args.answers else _evaluate_model(args)
 
 
 def _evaluate_model(args) -> dict:

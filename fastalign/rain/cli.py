@@ -6,6 +6,7 @@ digest of the settings that decide the answers) is appended to --output and
 flushed as soon as that prompt finishes, so a killed run resumes where it stopped (prompts recorded without
 an error are skipped). A prompt that fails gets its error in its record; the others go on, and a resumed run
 searches it again and appends its new record: the file is append-only, and the last record of an index wins.
+Another fastalign process started on the same --output while this one runs stops with a usage error.
 Bad arguments (a missing file, a bad setting, a judge prompt the tokenizer cannot serve) are usage errors
 (exit code 2) found before the model loads; a run in which a prompt failed exits with code 1.
 Several GPUs: launch with torchrun (e.g. `torchrun --nproc_per_node 8 -m fastalign.cli rain ...`): each
@@ -25,6 +26,7 @@ import torch
 from fastalign.cli import HelpFormatter, UsageError, check_device, check_output_file
 from fastalign.evaluation.generation import eos_ids, pad_id
 from fastalign.evaluation.prompts import hh_messages, hh_prompts, read_prompts
+from fastalign.output_lock import output_lock
 from fastalign.unlearn.encoding import tokenize_texts
 from fastalign.unlearn.config import dataclass_from_dict, read_config_file, settings_mapping
 from fastalign.unlearn.records import DataError, read_text
@@ -183,9 +185,10 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, turn_marke
 
 
 def run(args) -> int:
-    """Handler of `fastalign rain`: 0 on success, 2 on a usage error."""
+    """Handler of `fastalign rain`: 0 on success, 2 on a usage error (another process writing --output too)."""
     try:
-        return _run(args)
+        with output_lock(args.output, "--output", ranks_share=True):   # before the resume reads --output
+            return _run(args)
     except UsageError as exc:
         print(f"fastalign rain: error: {exc}", file=sys.stderr)
         return 2

@@ -45,7 +45,9 @@ class Placement:
 
 
 def join_from_env() -> Placement:
-    """Joins the process group torchrun describes in the environment (once); a single process otherwise."""
+    """Joins the process group torchrun describes in the environment (once); a single process otherwise.
+    Returns once every rank has joined: rank 0 joins only holding the output's lock (fastalign.output_lock), so
+    that no rank writes beside another run on the same output."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world <= 1:
         return Placement()
@@ -56,6 +58,7 @@ def join_from_env() -> Placement:
             dist.init_process_group("nccl")
         else:
             dist.init_process_group("gloo")
+    dist.barrier()   # NCCL connects lazily: without it, the other ranks would go on without rank 0
     return Placement(dist.get_rank(), dist.get_world_size(), local)
 
 

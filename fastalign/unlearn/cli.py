@@ -36,7 +36,8 @@ outputs in --output-dir: model/ (the unlearned model, LoRA merged, with its toke
 at the last: loss, forget NLL, mismatch NLL, normal KL, lr, tokens, FLOPs, seconds), run.json (summary and
 compute spent; with --lora, merge_rounding_error: the share of the update that merging it into model/'s
 weights rounded away, warned of when large: see --precision), checkpoints/ (with --save-every; continue a
-killed run with --resume).
+killed run with --resume). One process (or launched run) at a time writes an --output-dir: another one started
+on it stops with an error.
 
 examples:
   fastalign unlearn --model ./opt-1.3b --forget pku_train.jsonl --normal TruthfulQA.csv --output-dir out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+from fastalign.output_lock import output_lock
 from fastalign.unlearn.batching import filler_token_id
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.encoding import encode_answers, encode_pairs
@@ -113,11 +114,12 @@ def load_model_and_tokenizer(config: UnlearnConfig):
 
 def run_unlearning(config: UnlearnConfig, **trainer_options):
     """Loads, validates and trains; returns the trainer's RunSummary. An output_dir that holds a finished or
-    unresumed run is refused before the model and data load."""
+    unresumed run, or that another fastalign process is writing, is refused before the model and data load."""
     from fastalign.unlearn.trainer import UnlearningTrainer, resume_point
 
     config.check_paths()
-    resume_point(config)
-    model, tokenizer = load_model_and_tokenizer(config)
-    streams = load_streams(config, tokenizer)
-    return UnlearningTrainer(model, streams, config, tokenizer=tokenizer, **trainer_options).train()
+    with output_lock(config.output_dir, "output_dir (--output-dir)", directory=True, ranks_share=True):
+        resume_point(config)
+        model, tokenizer = load_model_and_tokenizer(config)
+        streams = load_streams(config, tokenizer)
+        return UnlearningTrainer(model, streams, config, tokenizer=tokenizer, **trainer_options).train()

@@ -1,5 +1,7 @@
 import json
+import multiprocessing
 import os
+import sys
 
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch
 from fastalign.evaluation.cli import main
 from fastalign.evaluation.generation import GenerationConfig
 from tests.evaluation.test_harness import rain_record, write_rain_output
+from tests.output_holder import needs_fcntl
 
 _calls = []
 
@@ -282,6 +285,51 @@ def test_eval_answers_records_reach_disk_batch_by_batch_and_stay_after_a_judge_f
     assert [r["index"] for r in records(out)] == [0, 1]
     # the first run's summary (3 prompts) must not stay beside the records of the failed one
     assert not os.path.exists(str(out) + ".summary.json")
+
+
+_gate = {}
+
+
+def judge_waiting_for_the_test(pairs):
+    """A --judge-callable that, on its first batch, says it is judging and waits until the test lets it go on."""
+    if not _gate["judging"].is_set():
+        _gate["judging"].set()
+        assert _gate["go"].wait(60), "the test did not let the judge go on"
+    return ["poison" in answer for _, answer in pairs]
+
+
+def _eval_in_a_process(argv):
+    sys.exit(main(argv))
+
+
+@needs_fcntl
+def test_eval_refuses_an_output_another_eval_is_writing_and_leaves_that_run_whole(rain_output, tmp_path, capsys):
+    """Two evals on one --output overwrote each other's records, each reporting success: while a first `fastalign
+    eval` process is judging, a second stops with an error naming the output and that process, and writes
+    nothing; the first ends with all its records and summary; a later run proceeds."""
+    out = tmp_path / "judged.jsonl"
+    context = multiprocessing.get_context("fork")   # the first run judges with this module's gated judge
+    _gate.update(judging=context.Event(), go=context.Event())
+    first = context.Process(target=_eval_in_a_process, args=([
+        "--answers", rain_output, "--judge", "callable", "--judge-callable", f"{__name__}:judge_waiting_for_the_test",
+        "--batch-size", "2", "--output", str(out)],))
+    first.start()
+    try:
+        assert _gate["judging"].wait(60), "the first eval did not start judging"
+        assert run("--answers", rain_output, "--judge", "keyword", "--keywords", "help", "--output", out) == 2
+        assert (f"fastalign eval: error: --output: {str(out)!r} is being written by another fastalign process (PID "
+                f"{first.pid})") in capsys.readouterr().err
+        assert out.read_text() == "" and not os.path.exists(str(out) + ".summary.json")
+        _gate["go"].set()
+        first.join(60)
+        assert first.exitcode == 0
+    finally:
+        if first.is_alive():
+            first.kill()
+    assert [(r["index"], r["harmful_vanilla"]) for r in records(out)] == [(0, True), (1, True), (3, False)]
+    assert json.load(open(str(out) + ".summary.json"))["judge"] == "callable"
+    assert run("--answers", rain_output, "--judge", "keyword", "--keywords", "help", "--output", out) == 0
+    assert [r["harmful_rain"] for r in records(out)] == [True, False, False]
 
 
 def test_eval_answers_world_judge_is_found_from_the_model(world, tokenizer, model_dir, tmp_path, capsys):

@@ -20,6 +20,7 @@ from fastalign.rain.cli import UsageError, greedy_answer, hh_messages, hh_prompt
 from fastalign.rain.distributed import Placement, latest_records, merge_rank_files
 from fastalign.rain.slow import SlowEngine
 from tests.evaluation.chat_model import QUESTION, SYSTEM, chat_tokenizer, rigged_chat_model
+from tests.output_holder import holding, needs_fcntl
 
 from .tiny import PROMPTS, tiny_llama, tokenizer
 
@@ -123,6 +124,45 @@ def test_rain_single_process_resume_merges_rank_files_of_a_killed_torchrun(rain_
     assert sorted(records) == [0, 1] and records[1]["rain"] == "killed"
     assert not list(tmp_path.glob("out.jsonl.rank[0-9]*"))
     assert (tmp_path / "out.jsonl.ranked").read_text() == other      # not a rank file: left alone
+
+
+@needs_fcntl
+def test_rain_refuses_an_output_another_process_writes_and_resumes_once_it_is_killed(rain_setup, capsys):
+    """Two runs on one --output appended every record twice: while another process holds the output's lock (as
+    a running `fastalign rain` does) the command stops before it reads or writes anything; after that process is
+    killed with SIGKILL, its lock file left behind, a run resumes the output."""
+    _, out, args = rain_setup
+    earlier = json.dumps({"index": 0, "prompt": SETUP_PROMPTS[0], "rain": "earlier", "error": None}) + "\n"
+    out.write_text(earlier)
+    with holding(out) as holder:
+        assert main(args) == 2
+        assert (f"fastalign rain: error: --output: {str(out)!r} is being written by another fastalign process (PID "
+                f"{holder.pid})") in capsys.readouterr().err
+        assert out.read_text() == earlier and not list(out.parent.glob("out.jsonl.rank*"))
+        holder.kill()
+    assert main(args) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in records] == [0, 1] and records[0]["rain"] == "earlier"
+    assert not (out.parent / ".out.jsonl.lock").exists()
+
+
+@needs_fcntl
+def test_rain_under_torchrun_on_an_output_another_process_writes_is_refused_by_every_rank(rain_setup, tmp_path):
+    """Rank 0 alone takes the lock (the ranks of one run share the output); the other ranks wait for rank 0 as they
+    join, so none writes beside another run. Gloo connecting lazily, as NCCL does, rank 1 went on without rank 0
+    and wrote its rank file."""
+    _, out, args = rain_setup
+    earlier = json.dumps({"index": 0, "prompt": SETUP_PROMPTS[0], "rain": "earlier", "error": None}) + "\n"
+    out.write_text(earlier)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "fastalign.cli", *args, "--no-vanilla"]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", TORCH_GLOO_LAZY_INIT="1")
+    with holding(out) as holder:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode != 0
+    assert (f"fastalign rain: error: --output: {str(out)!r} is being written by another fastalign process (PID "
+            f"{holder.pid})") in done.stderr
+    assert out.read_text() == earlier and not list(tmp_path.glob("out.jsonl.rank*"))
 
 
 def test_rain_summary_counts_only_this_runs_prompts_as_skipped(rain_setup, capsys):

@@ -1,9 +1,11 @@
 """`fastalign unlearn` end to end on a tiny model saved to disk: config file + overrides, --check, errors."""
 import argparse
+import functools
 import importlib.util
 import json
 import os
 import re
+import signal
 from dataclasses import fields
 
 import pytest
@@ -13,7 +15,8 @@ from fastalign.cli import build_parser, main
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn import models
 from fastalign.unlearn.cli import config_from_args
-from fastalign.unlearn.run import load_model_and_tokenizer
+from fastalign.unlearn.run import load_model_and_tokenizer, run_unlearning
+from tests.output_holder import holding, needs_fcntl
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, write_jsonl, write_truthfulqa
 
 pytest.importorskip("accelerate")
@@ -326,6 +329,37 @@ def test_a_used_output_dir_is_refused_before_the_model_loads(workspace, capsys, 
                  "--no-progress"] + check)
     assert code == 2
     assert "already holds a finished model; choose another output_dir (--output-dir)" in capsys.readouterr().err
+
+
+@needs_fcntl
+def test_an_output_dir_another_process_writes_is_refused_and_resumed_once_it_is_killed(workspace, capsys,
+                                                                                        monkeypatch):
+    """Two runs on one --output-dir interleaved their log.jsonl lines and checkpoints: while another process holds
+    the directory's lock (as a running `fastalign unlearn` does) the command stops before it reads or writes it;
+    after that process is killed with SIGKILL, its lock file left inside, --resume continues the killed run."""
+    out = workspace / "out"
+    command = ["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(out), "--no-progress",
+               "--max-steps", "2", "--save-every", "1"]
+
+    def interrupt_at_step_2(record):
+        if record.step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("fastalign.unlearn.run.run_unlearning",
+                        functools.partial(run_unlearning, step_callback=interrupt_at_step_2))
+    assert main(command) == 128 + signal.SIGINT
+    monkeypatch.undo()
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    with holding(out, directory=True) as holder:
+        assert main(command + ["--resume"]) == 2
+        assert (f"fastalign unlearn: error: output_dir (--output-dir): {str(out)!r} is being written by another "
+                f"fastalign process (PID {holder.pid})") in capsys.readouterr().err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".fastalign.lock"} == before
+        holder.kill()
+    assert (out / ".fastalign.lock").is_file()
+    assert main(command + ["--resume"]) == 0, capsys.readouterr().err
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert (out / "model" / "model.safetensors").is_file() and not (out / ".fastalign.lock").exists()
 
 
 def test_chat_template_without_one_in_the_tokenizer_names_the_option(workspace, capsys):

@@ -1,0 +1,107 @@
+"""The lock that lets one fastalign process at a time write an output: refused while another process holds it,
+free once that process ends in any way, shared by the ranks of one launched run."""
+import errno
+import os
+
+import pytest
+
+import fastalign.output_lock as output_lock_module
+from fastalign.cli import UsageError
+from fastalign.output_lock import lock_file, output_lock
+from tests.output_holder import holding, needs_fcntl
+
+pytestmark = needs_fcntl
+
+
+def test_a_second_process_is_refused_while_the_first_holds_the_lock_and_proceeds_after_it(tmp_path):
+    """Any spelling of the path names the same lock; the holder's normal end removes the lock file and the folder it
+    made for it."""
+    out = tmp_path / "sub" / "out.jsonl"
+    spelled = str(tmp_path / "sub" / ".." / "sub" / "out.jsonl")
+    with holding(out) as holder:
+        assert (out.parent / ".out.jsonl.lock").read_text() == f"{holder.pid}\n"
+        with pytest.raises(UsageError) as refused:
+            with output_lock(spelled, "--output"):
+                raise AssertionError("entered a block another process holds")
+        assert str(refused.value) == (f"--output: {spelled!r} is being written by another fastalign process (PID "
+                                      f"{holder.pid}): wait for it to end, or choose another --output")
+        holder.end()
+    assert not (tmp_path / "sub").exists()
+    with output_lock(spelled, "--output"):
+        out.write_text("record\n")
+    assert os.listdir(tmp_path / "sub") == ["out.jsonl"]
+
+
+def test_the_lock_file_of_a_killed_process_blocks_nothing(tmp_path):
+    run = tmp_path / "run"
+    with holding(run, directory=True) as holder:
+        holder.kill()
+    assert (run / ".fastalign.lock").read_text() == f"{holder.pid}\n"     # left behind by kill -9
+    with output_lock(str(run), "--output-dir", directory=True):
+        assert (run / ".fastalign.lock").read_text() == f"{os.getpid()}\n"
+    assert os.listdir(run) == []
+
+
+def test_the_folder_made_for_the_lock_is_removed_when_nothing_was_written(tmp_path):
+    """A run refused on its inputs leaves no output directory, nor its parents that it made."""
+    with pytest.raises(ValueError, match="bad input"):
+        with output_lock(str(tmp_path / "a" / "b" / "run"), "--output-dir", directory=True):
+            raise ValueError("bad input")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("rank, ranks_share, refused", [("1", True, False), ("0", True, True), ("1", False, True)])
+def test_the_ranks_of_a_launched_run_share_rank_0s_lock(tmp_path, monkeypatch, rank, ranks_share, refused):
+    """Under torchrun or accelerate only rank 0 takes the lock; a command whose ranks do not share an output takes
+    it in every process."""
+    monkeypatch.setenv("RANK", rank)
+    out = tmp_path / "out.jsonl"
+    with holding(out) as holder:
+        if refused:
+            with pytest.raises(UsageError, match=f"another fastalign process \\(PID {holder.pid}\\)"):
+                with output_lock(str(out), "--output", ranks_share=ranks_share):
+                    pass
+        else:
+            with output_lock(str(out), "--output", ranks_share=ranks_share):
+                pass
+
+
+def test_without_fcntl_nothing_is_locked(tmp_path, monkeypatch):
+    """Windows has no fcntl: the command runs as it did before there were locks."""
+    out = tmp_path / "out.jsonl"
+    with holding(out):
+        monkeypatch.setattr(output_lock_module, "fcntl", None)
+        with output_lock(str(out), "--output"):
+            pass
+
+
+def test_a_file_system_without_locks_warns_and_runs_unlocked(tmp_path, monkeypatch, capsys):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(output_lock_module.fcntl, "flock", no_locks)
+    out = tmp_path / "out.jsonl"
+    with output_lock(str(out), "--output"):
+        out.write_text("record\n")
+    assert f"fastalign: warning: --output: cannot lock {str(out)!r} ([Errno {errno.ENOLCK}] No locks available)" \
+        in capsys.readouterr().err
+    assert out.read_text() == "record\n"
+
+
+def test_a_lock_file_replaced_while_locking_is_locked_again(tmp_path, monkeypatch):
+    """A process that opened the lock file as its holder left and removed it, while a third took a new one, has
+    locked a file no one else sees: it must take the lock of the file now at the path (else two processes write)."""
+    out = tmp_path / "out.jsonl"
+    path = lock_file(str(out), directory=False)
+    flock, replaced = output_lock_module.fcntl.flock, []
+
+    def flock_after_a_replacement(fd, operation):
+        if not replaced:
+            os.unlink(path)
+            open(path, "w").close()
+            replaced.append(os.stat(path).st_ino)
+        flock(fd, operation)
+
+    monkeypatch.setattr(output_lock_module.fcntl, "flock", flock_after_a_replacement)
+    with output_lock(str(out), "--output"):
+        assert os.stat(path).st_ino == replaced[0] and open(path).read() == f"{os.getpid()}\n"
