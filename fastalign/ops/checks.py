@@ -34,9 +34,10 @@ def _check_dense(name, t):
 
 
 def check_tensor(name, t, *, ndim, dtypes=None, like=None):
-    """`t` is a dense tensor of rank `ndim`, with a dtype in `dtypes` and on the device of `like`."""
+    """`t` is a dense tensor of rank `ndim` (None: any, checked before by check_token_shape), with a dtype in
+    `dtypes` and on the device of `like`."""
     _check_dense(name, t)
-    if t.dim() != ndim:
+    if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimension(s), got {_describe(t)}")
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d) for d in dtypes)
@@ -54,28 +55,33 @@ def token_dims(name, hidden):
     return hidden.shape[:-1]
 
 
-def as_rows(name, t, tokens, *, width=None):
+def check_token_shape(name, t, tokens, *, width=None):
     """An optional tensor with one entry per token of hidden (shape `tokens`, its leading dimensions), or with
-    `width` named, one row per token ([*tokens, width]), flattened over the tokens: the ops compute on rows."""
+    `width` named, one row per token ([*tokens, width]). Checked before the other checks, which then describe
+    the tensors as given; `as_rows` flattens them once all are checked."""
     if t is None:
-        return None
+        return
     _check_dense(name, t)
     if t.dim() != len(tokens) + (width is not None) or t.shape[:len(tokens)] != tokens:
         expected = list(tokens) + ([] if width is None else [width])
         raise ValueError(f"{name} must have shape [{', '.join(map(str, expected))}] (one entry per token of hidden), "
                          f"got {_describe(t)}")
-    return t.reshape(math.prod(tokens), *t.shape[len(tokens):])
+
+
+def as_rows(t, tokens):
+    """`t` (checked by check_token_shape; None stays None) flattened over the tokens: the ops compute on rows."""
+    return None if t is None else t.reshape(math.prod(tokens), *t.shape[len(tokens):])
 
 
 def check_linear(hidden_name, hidden, weight_name, weight):
-    """hidden [N, H] and weight [V, H]: floating, same dtype and device, matching H, V >= 1."""
-    check_tensor(hidden_name, hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    """hidden [..., H] and weight [V, H]: floating, same dtype and device, matching H, V >= 1."""
+    check_tensor(hidden_name, hidden, ndim=None, dtypes=FLOAT_DTYPES)
     check_tensor(weight_name, weight, ndim=2, like=hidden)
     if weight.dtype != hidden.dtype:
         raise TypeError(f"{weight_name} must have the dtype of {hidden_name} ({hidden.dtype}), got {weight.dtype}")
-    if weight.shape[1] != hidden.shape[1]:
+    if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
-            f"{weight_name} must be [V, H] with H = {hidden_name}.shape[1] = {hidden.shape[1]}, "
+            f"{weight_name} must be [V, H] with H = {hidden_name}.shape[-1] = {hidden.shape[-1]}, "
             f"got {_describe(weight)}")
     if weight.shape[0] == 0:
         raise ValueError(f"{weight_name} must have at least one row (vocabulary size V >= 1), got {_describe(weight)}")
@@ -92,11 +98,11 @@ def check_bias(name, bias, weight_name, weight):
 
 
 def check_per_token(name, t, like, *, dtypes):
-    """An optional per-token vector (its shape checked by as_rows) with a dtype in `dtypes` on the device of
-    `like`; a constant of the loss, so one that requires grad is refused (it would silently get no gradient)."""
+    """An optional per-token tensor (its shape checked by check_token_shape) with a dtype in `dtypes` on the device
+    of `like`; a constant of the loss, so one that requires grad is refused (it would silently get no gradient)."""
     if t is None:
         return
-    check_tensor(name, t, ndim=1, dtypes=dtypes, like=like)
+    check_tensor(name, t, ndim=None, dtypes=dtypes, like=like)
     if t.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{name} requires grad, but it is a constant of the loss and gets no gradient: pass "
                          f"{name}.detach()")

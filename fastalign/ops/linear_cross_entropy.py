@@ -7,7 +7,7 @@ import torch
 
 from .backend import graph_break, launcher_context, require_triton_dtype, select_backend
 from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
-                     check_target_values, check_tensor, is_integer, token_dims, FLOAT_DTYPES)
+                     check_target_values, check_tensor, check_token_shape, is_integer, token_dims, FLOAT_DTYPES)
 from .func_transforms import LauncherGradients, refuse_forward_mode, vmap_by_loop
 from .token_rows import TokenRows
 
@@ -97,10 +97,10 @@ def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
     """
     tokens = token_dims("hidden", hidden)
-    hidden, target = as_rows("hidden", hidden, tokens, width="H"), as_rows("target", target, tokens)
-    token_weight = as_rows("token_weight", token_weight, tokens)
+    check_token_shape("target", target, tokens)
+    check_token_shape("token_weight", token_weight, tokens)
     check_linear("hidden", hidden, "weight", weight)
-    check_tensor("target", target, ndim=1, dtypes=INTEGER_DTYPES, like=hidden)
+    check_tensor("target", target, ndim=None, dtypes=INTEGER_DTYPES, like=hidden)
     if not is_integer(ignore_index):
         raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
     if not -2 ** 63 <= ignore_index < 2 ** 63:
@@ -111,6 +111,7 @@ def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None
     check_bias("bias", bias, "weight", weight)
     check_reduction(reduction)
     check_softcap(softcap)
+    hidden, target, token_weight = as_rows(hidden, tokens), as_rows(target, tokens), as_rows(token_weight, tokens)
     launcher = select_backend("linear_cross_entropy", backend, hidden.device)
     require_triton_dtype(launcher, "hidden", hidden)
     loss = LinearCrossEntropyFunction.apply(hidden, weight, bias, target, token_weight, ignore_index, reduction,

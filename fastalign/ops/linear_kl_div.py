@@ -8,7 +8,7 @@ import torch
 
 from .backend import graph_break, launcher_context, require_triton_dtype, select_backend
 from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
-                     check_tensor, token_dims, FLOAT_DTYPES)
+                     check_tensor, check_token_shape, token_dims, FLOAT_DTYPES)
 from .func_transforms import LauncherGradients, refuse_forward_mode, vmap_by_loop
 from .token_rows import TokenRows
 
@@ -113,12 +113,12 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
     """
     tokens = token_dims("hidden", hidden)
-    hidden, ref_hidden = as_rows("hidden", hidden, tokens, width="H"), as_rows("ref_hidden", ref_hidden, tokens,
-                                                                               width="H_ref")
-    token_weight, mask = as_rows("token_weight", token_weight, tokens), as_rows("mask", mask, tokens)
+    check_token_shape("ref_hidden", ref_hidden, tokens, width="H_ref")
+    check_token_shape("token_weight", token_weight, tokens)
+    check_token_shape("mask", mask, tokens)
     check_linear("hidden", hidden, "weight", weight)
     # ref_hidden against hidden first: check_linear checks ref_weight against ref_hidden, and would name ref_weight
-    check_tensor("ref_hidden", ref_hidden, ndim=2, dtypes=FLOAT_DTYPES, like=hidden)
+    check_tensor("ref_hidden", ref_hidden, ndim=None, dtypes=FLOAT_DTYPES, like=hidden)
     check_linear("ref_hidden", ref_hidden, "ref_weight", ref_weight)
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"ref_weight must have the vocabulary size of weight ({weight.shape[0]} rows), got shape "
@@ -129,6 +129,8 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     check_per_token("mask", mask, hidden, dtypes=(torch.bool,))
     check_reduction(reduction)
     check_softcap(softcap)
+    hidden, ref_hidden = as_rows(hidden, tokens), as_rows(ref_hidden, tokens)
+    token_weight, mask = as_rows(token_weight, tokens), as_rows(mask, tokens)
     launcher = select_backend("linear_kl_div", backend, hidden.device)
     require_triton_dtype(launcher, "hidden", hidden)
     require_triton_dtype(launcher, "ref_hidden", ref_hidden)

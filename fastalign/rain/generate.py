@@ -17,12 +17,12 @@ from fastalign.unlearn.encoding import tokenize_texts
 
 from .config import RainConfig
 from .dialogue import cut_at_turn, reply_lead
-from .embeddings import make_embedder
+from .embeddings import CheckedEmbedder, make_embedder
 from .jobs import EmbedJob, PromptContext
 from .judge import JudgePrompt, JudgeTokens
 from .ledger import EMPTY_KEY, TokenLedger
 from .minimum import RequiredPrefixes
-from .sampling import extend_key, make_sampler, seed_key
+from .sampling import check_sampler, extend_key, make_sampler, seed_key
 from .search import PromptSearch
 from .stats import RainStats
 
@@ -116,10 +116,11 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     format of its few-shot examples (JudgePrompt.dialogue), not as the template's special tokens.
 
     engine: "tree" (TreeRunner; pass `runner` to reuse one, else one with `runner_tokens` of KV is made)
-    or "slow" (the batch-1 reference). embedding: "minilm", "hidden" or an embedder object. sampler:
-    "torch", "keyed" or a sampler object. `on_result` is called as each prompt finishes. `indices` are what the
-    results (RainResult.index) and error messages call the prompts (default 0, 1, ...; a resumed `fastalign rain`
-    searches some rows of a file and names them by their rows). An answer ends at
+    or "slow" (the batch-1 reference). embedding: "minilm", "hidden" or an embedder object (`needs_hidden`
+    and `embed(paths)`, see fastalign.rain.embeddings). sampler: "torch", "keyed" or a sampler object
+    (`draw`, `draw_many` and `repeatable`, see fastalign.rain.sampling). `on_result` is called as each prompt
+    finishes. `indices` are what the results (RainResult.index) and error messages call the prompts (default 0,
+    1, ...; a resumed `fastalign rain` searches some rows of a file and names them by their rows). An answer ends at
     the tokenizer's end of sequence, at any end token the model's generation config lists (as
     `model.generate` does) or at the end of turn of the tokenizer's chat template (see `eos_ids`).
     """
@@ -140,8 +141,8 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     judge = JudgeTokens(tokenizer, judge_prompt)
     lead = reply_lead(tokenizer, judge, template) if template else ""
     end_ids = frozenset(eos_ids(model, tokenizer))
-    embedder = make_embedder(embedding, "cpu") if isinstance(embedding, str) else embedding
-    draw = make_sampler(sampler, config.seed) if isinstance(sampler, str) else sampler
+    embedder = CheckedEmbedder(make_embedder(embedding, "cpu") if isinstance(embedding, str) else embedding)
+    draw = make_sampler(sampler, config.seed) if isinstance(sampler, str) else check_sampler(sampler)
     prefix_ids = list(tokenize_texts(tokenizer, [generation_prefix])["input_ids"][0]) if generation_prefix else []
     ledger = TokenLedger()
     required, shared = RequiredPrefixes(), RainStats()

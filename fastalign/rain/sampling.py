@@ -107,6 +107,20 @@ class KeyedSampler:
         return [[t] for t in self.draw(probs, keys)]
 
 
+def check_sampler(sampler):
+    """`sampler` itself when it has a sampler's members (draw, draw_many, repeatable: see this module's
+    docstring); else a ValueError naming what it lacks, before any prompt is searched."""
+    name = type(sampler).__name__
+    for method in ("draw", "draw_many"):
+        if not callable(getattr(sampler, method, None)):
+            raise ValueError(f"sampler: {name} has no method {method}; expected 'torch', 'keyed' or an object with "
+                             "draw(probs, keys), draw_many(probs, keys, count) and repeatable (True or False)")
+    if not isinstance(getattr(sampler, "repeatable", None), bool):
+        raise ValueError(f"sampler: {name}.repeatable must be True or False (whether a draw at the same key always "
+                         f"gives the same token), got {getattr(sampler, 'repeatable', None)!r}")
+    return sampler
+
+
 def make_sampler(kind: str, seed: int):
     """'torch' (default, production) or 'keyed' (batch-invariant, for equivalence checks)."""
     if kind == "torch":

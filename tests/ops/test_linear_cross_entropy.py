@@ -367,6 +367,23 @@ def test_bad_options_are_named(kwargs, message):
         fastalign.linear_cross_entropy(hidden, weight, target, **kwargs)
 
 
+@pytest.mark.parametrize("change,message", [
+    (lambda a: {**a, "hidden": a["hidden"].int()}, "hidden must have dtype .* got shape \\(2, 3, 16\\)"),
+    (lambda a: {**a, "target": a["target"].float()}, "target must have dtype .* got shape \\(2, 3\\)"),
+    (lambda a: {**a, "target": a["target"].to("meta")}, "target must be on cpu .* got shape \\(2, 3\\)"),
+    (lambda a: {**a, "token_weight": torch.ones(2, 3, dtype=torch.long)},
+     "token_weight must have dtype .* got shape \\(2, 3\\)"),
+    (lambda a: {**a, "weight": a["weight"][:, :-1]}, "weight must be \\[V, H\\] with H = hidden.shape\\[-1\\] = 16"),
+])
+def test_errors_show_the_shapes_given(change, message):
+    """A model's [B, T] tokens: errors after the shape checks showed the flattened rows ('token_weight must have
+    dtype ..., got shape (6,)' for a [2, 3] token_weight)."""
+    hidden, weight, target, _ = make_inputs(6, 16, 37)
+    args = change({"hidden": hidden.detach().view(2, 3, 16), "weight": weight.detach(), "target": target.view(2, 3)})
+    with pytest.raises((ValueError, TypeError), match=message):
+        fastalign.linear_cross_entropy(**args)
+
+
 def test_a_token_weight_that_requires_grad_is_taken_under_no_grad():
     """Refused only where autograd records the loss (its gradient would be lost silently); under torch.no_grad(),
     as in an evaluation, nothing is differentiated and the weight is used as it is."""

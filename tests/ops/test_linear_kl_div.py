@@ -436,6 +436,21 @@ def test_bad_input_is_named(change, message):
         fastalign.linear_kl_div(**args)
 
 
+@pytest.mark.parametrize("change,message", [
+    (lambda a: {**a, "ref_hidden": a["ref_hidden"].int()}, "ref_hidden must have dtype .* got shape \\(2, 3, 24\\)"),
+    (lambda a: {**a, "mask": torch.ones(2, 3)}, "mask must have dtype .* got shape \\(2, 3\\)"),
+    (lambda a: {**a, "token_weight": torch.ones(2, 3, device="meta")}, "token_weight must be on cpu .* \\(2, 3\\)"),
+])
+def test_errors_show_the_shapes_given(change, message):
+    """A model's [B, T] tokens: errors after the shape checks showed the flattened rows ('mask must have dtype ...,
+    got shape (6,)' for a [2, 3] mask)."""
+    hidden, weight, ref_hidden, ref_weight, _ = make_inputs(6, 16, 37, ref_h=24)
+    args = change({"hidden": hidden.detach().view(2, 3, 16), "weight": weight.detach(),
+                   "ref_hidden": ref_hidden.view(2, 3, 24), "ref_weight": ref_weight})
+    with pytest.raises((ValueError, TypeError), match=message):
+        fastalign.linear_kl_div(**args)
+
+
 FUNC_CASES = [((1, 16, 37), 0.0), ((13, 24, 131), 0.2), ((5, 16, 37), 1.0)]  # one token, V odd, every token masked
 
 

@@ -4,6 +4,7 @@ first commits with the production sampler, the cost accounting, and per-prompt e
 import collections
 import copy
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -700,3 +701,86 @@ def test_chat_answers_follow_the_judge_dialogue_after_a_space(monkeypatch):
     sentencepiece = _sentencepiece_style_tokenizer()
     sentencepiece.chat_template = LLAMA2_LIKE
     assert reply_lead(sentencepiece, JudgeTokens(sentencepiece, SHORT_JUDGE), ChatTemplate(sentencepiece)) == ""
+
+
+class _Vectors:
+    """A plug-in embedder whose embed returns `make(paths)`."""
+    needs_hidden = False
+
+    def __init__(self, make):
+        self.make = make
+
+    def embed(self, paths):
+        return self.make(paths)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda paths: [[1.0, 2.0] for _ in paths], "each vector a torch.Tensor, got list"),
+    (lambda paths: [torch.ones(4) for _ in paths[1:]], "one vector per path: 1 asked, 0 given"),
+    (lambda paths: [torch.ones(3 + i % 2) for i in range(len(paths))], "same length d: vector 1 has 4, vector 0 3"),
+    (lambda paths: [torch.tensor(1.0) for _ in paths], r"1-D vectors \[d\] with d >= 1, got shape \[\]"),
+    (lambda paths: torch.ones(len(paths), 4, dtype=torch.long), "floating-point vectors, got torch.int64"),
+    (lambda paths: torch.ones(len(paths)), r"a tensor \[N, d\] or a list of N vectors \[d\], got a tensor of shape"),
+    (lambda paths: None, "expected a list of vectors, got NoneType"),
+])
+def test_a_plug_in_embedder_that_returns_the_wrong_vectors_gets_an_error_naming_it(make, message):
+    """Vectors of the wrong type, count or shape failed deep in the back-up ('list' object has no attribute
+    'float', a size mismatch, an IndexError, 'backup: 1 path embeddings needed')."""
+    config = RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3)
+    run = run_tree(PROMPTS[:1], config, embedding=_Vectors(make))
+    error = run.results[0].error
+    assert error is not None and "_Vectors.embed" in error
+    assert re.search(message, error), error
+
+
+def test_a_plug_in_embedder_whose_vectors_change_length_between_calls_gets_an_error_naming_it():
+    sizes = iter(range(2, 1000))
+    run = run_tree(PROMPTS[:1], RainConfig(root_visits=4, min_new_visits=2, max_new_tokens=3),
+                   embedding=_Vectors(lambda paths: torch.ones(len(paths), next(sizes))))
+    assert "_Vectors.embed" in run.results[0].error and "earlier" in run.results[0].error
+
+
+def test_plug_in_embedders_that_return_a_matrix_or_tensors_run():
+    config = RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3)
+    runs = [run_tree(PROMPTS[:2], config, embedding=_Vectors(make)) for make in (
+        lambda paths: torch.stack([torch.tensor([float(len(p.text)), 1.0]) for p in paths]),
+        lambda paths: [torch.tensor([float(len(p.text)), 1.0], dtype=torch.float64) for p in paths])]
+    assert all(r.error is None and r.answer_ids for run in runs for r in run.results)
+    assert decisions(runs[0]) == decisions(runs[1])
+
+
+class _NoEmbed:
+    needs_hidden = False
+
+    def encode(self, texts):
+        return torch.ones(len(texts), 4)
+
+
+class _NoFlag:
+    def embed(self, paths):
+        return torch.ones(len(paths), 4)
+
+
+class _TextFlag(_NoFlag):
+    needs_hidden = "no"
+
+
+class _NoDrawMany:
+    repeatable = True
+
+    def draw(self, probs, keys):
+        return [0] * probs.shape[0]
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(embedding=_NoEmbed()), "embedding: _NoEmbed has no method embed"),
+    (dict(embedding=_NoFlag()), "embedding: _NoFlag has no attribute needs_hidden"),
+    (dict(embedding=_TextFlag()), "embedding: _TextFlag.needs_hidden must be True or False, got 'no'"),
+    (dict(sampler=_NoDrawMany()), "sampler: _NoDrawMany has no method draw_many"),
+    (dict(sampler=object()), "sampler: object has no method draw"),
+])
+def test_a_plug_in_without_the_interface_is_refused_up_front(setting, message):
+    """Each failed later, deep in every prompt's search ('object' object has no attribute 'draw_many') or as a
+    bare AttributeError, and a needs_hidden of 'no' was taken as True."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_tree(PROMPTS[:1], SMALL, **setting)
