@@ -12,41 +12,55 @@ from fastalign.ops.checks import is_integer, is_real
 
 @dataclass(frozen=True)
 class RainConfig:
-    """Search constants. Defaults reproduce the reference HH setting."""
-    # selection: q_norm + c * p * sqrt(n_parent) / (1 + n)
+    """Search constants. Defaults reproduce the reference HH setting (SPEC §2).
+
+    Selection: a child's score is q_norm + exploration * p * sqrt(n_parent) / (1 + n), with q_norm =
+        (q - q_min) / (q_max - q_min + q_norm_eps) over the range of values the tree has seen, which starts as
+        initial_q_range.
+    Expansion: candidates token sets per expansion (the greedy one and candidates - 1 sample attempts; the top
+        candidates tokens for 1-token sets), multi-token sets drawn from the sample_top_k likeliest tokens;
+        token_set_lengths[d] tokens per set at depth d from the prompt (the last length repeats); at the root the
+        priors are (1 - root_prior_mix) * p + root_prior_mix * uniform.
+    Back-up: a sibling whose embedding's cosine similarity sim to the backed-up node's is at least
+        similarity_threshold also takes the value, as similarity_weight * sim of a visit.
+    Widening: a node with fewer than max_children children widens (the greedy set and widen_group - 1 sample
+        attempts) while the norm of its children's embedding variance is below widen_variance_per_token times the
+        token-set length and their best q below widen_max_q; widen_lone_child also widens a node with one
+        child, as a literal reading of the SPEC does (the reference never does: torch's unbiased variance of one
+        embedding is NaN).
+    Outer loop: commit the best child once the root has root_visits visits (inherited ones included) and
+        min_new_visits new ones, or early, once the best child has more than early_stop_fresh_visits fresh visits
+        and q above early_stop_q. The answer stops at max_length tokens (prompt and answer) or after
+        max_new_tokens (0: no limit besides max_length).
+    Simulation: a rollout before self-evaluation ends at any of rollout_stop_chars; a turn_marker (a new user
+        turn) in the answer ends the answer.
+    seed: of the samplers. parallel_leaves: inner iterations run at once (1: off, as the reference), each leaf
+        adding virtual_loss visits of value -1 to its path until its own result is backed up; their model calls
+        are merged.
+    """
     exploration: float = 2.0
     q_norm_eps: float = 1e-5
     initial_q_range: Tuple[float, float] = (-1.0, 1.0)
-    # expansion
-    candidates: int = 10                   # greedy + (candidates - 1) sample attempts; top-k for 1-token sets
-    sample_top_k: int = 15                 # samples of multi-token sets are drawn from the top-k tokens
-    token_set_lengths: Tuple[int, ...] = (1, 2, 4, 10)   # by depth from the prompt; the last one repeats
-    root_prior_mix: float = 0.25           # priors at the root: (1 - mix) * p + mix * uniform
-    # back-up with sibling similarity
+    candidates: int = 10
+    sample_top_k: int = 15
+    token_set_lengths: Tuple[int, ...] = (1, 2, 4, 10)
+    root_prior_mix: float = 0.25
     similarity_threshold: float = 0.95
     similarity_weight: float = 0.2
-    # widening
     max_children: int = 20
     widen_variance_per_token: float = 0.03
     widen_max_q: float = 0.0
-    widen_group: int = 2                   # greedy + (widen_group - 1) sample attempts for multi-token sets
-    # a node with one child never widens in the reference (torch's unbiased variance of one embedding is NaN);
-    # True widens it too, as a literal reading of the SPEC does (the variance of one embedding is 0)
+    widen_group: int = 2
     widen_lone_child: bool = False
-    # outer loop
-    root_visits: int = 50                  # root count (inherited visits included) before committing
+    root_visits: int = 50
     min_new_visits: int = 15
-    early_stop_fresh_visits: int = 6       # stop when the best child has fn > this ...
-    early_stop_q: float = 0.8              # ... and q > this
-    max_length: int = 2048                 # total tokens (prompt + answer) at which the answer stops
-    max_new_tokens: int = 0                # 0 = no limit besides max_length
-    # simulation (short rollout before self-evaluation)
+    early_stop_fresh_visits: int = 6
+    early_stop_q: float = 0.8
+    max_length: int = 2048
+    max_new_tokens: int = 0
     rollout_stop_chars: str = ",.?:;\n"
-    turn_marker: str = "Human:"            # a new user turn in the answer ends it
+    turn_marker: str = "Human:"
     seed: int = 0
-    # several inner iterations at once (off by default): leaves picked one after another, each adding
-    # `virtual_loss` visits of value -1 to its path until its own result is backed up; all their model
-    # calls merged
     parallel_leaves: int = 1
     virtual_loss: float = 1.0
 

@@ -307,6 +307,9 @@ class TreeRunner:
                 raise ValueError(f"parents[{row}]: a row index must name an earlier row of this call (0 <= j < "
                                  f"{row}), got {parent}")
             return -2 - int(parent)
+        if not isinstance(parent, Span):
+            raise ValueError(f"parents[{row}]: expected a Span of this runner, None (a new root) or the int index of "
+                             f"an earlier row of this call, got {type(parent).__name__}")
         return self.check_span(parent, f"parents[{row}]").id
 
     @staticmethod
@@ -323,7 +326,9 @@ class TreeRunner:
         for i, length in enumerate(lengths.tolist()):
             if length > self.max_context:
                 raise ValueError(f"{row_name.format(i)}: the child would hold {length} tokens, past the model's "
-                                 f"context of {self.max_context}")
+                                 f"context of {self.max_context} (max_position_embeddings, or where smaller its "
+                                 "sliding window or LongRoPE's original length: the runner attends to whole "
+                                 "sequences only)")
 
     def _check_fits(self, parents, lengths, new_tokens):
         """PoolExhaustedError before anything is evicted when the call cannot fit even in an empty pool (the span

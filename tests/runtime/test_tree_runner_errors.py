@@ -53,7 +53,9 @@ def test_bad_spans_are_refused(runner, model):
         ([gone], "parents\\[0\\]: span .* was released"),
         ([root, other], "parents\\[1\\]: .* belongs to another TreeRunner"),
         ([root, 3], "parents\\[1\\]: a row index must name an earlier row of this call"),
-        ([root, "3"], "parents\\[1\\]: expected a Span of this runner, got str"),
+        ([root, "3"], "parents\\[1\\]: expected a Span of this runner, None .* or the int index of an earlier "
+                      "row of this call, got str"),
+        ([root, torch.tensor(0)], "parents\\[1\\]: expected a Span .* got Tensor"),
     ]
     for parents, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -270,7 +272,7 @@ def test_the_context_follows_the_window_each_layer_applies(cls, config_cls, extr
     runner = TreeRunner(model, max_tokens=128, block_size=4, attention_backend="torch")
     assert runner.max_context == (window or MAX_POSITIONS)
     if window:
-        with pytest.raises(ValueError, match="past the model's context of 8"):
+        with pytest.raises(ValueError, match="past the model's context of 8 .*sliding window"):
             runner.prefill(list(range(9)))
     seq = list(range(1, 1 + (window or 30)))
     (child,), logits = runner.extend([runner.prefill(seq[:5])], [seq[5:]])
