@@ -40,9 +40,12 @@ def require_triton_dtype(module, name, t):
         raise TypeError(f"{name} is float64, which the Triton backend does not support: use backend='torch'")
 
 
-def launcher_context(device):
-    """Runs a launcher with autocast off: the ops compute in their inputs' dtype with fp32 accumulation, which an
-    enclosing autocast would break on the torch path (bf16 logits and logsumexps; a dtype clash in backward)."""
+def autocast_off(device):
+    """A context with autocast off on `device`'s type. The ops' launchers run in it: they compute in their inputs'
+    dtype with fp32 accumulation, which an enclosing autocast would break on the torch path (bf16 logits and
+    logsumexps; a dtype clash in backward; a bf16 scaled_dot_product_attention in paged attention). So do the
+    TreeRunner's forwards: a span's KV must not depend on the context of the call that computed it (an evicted span
+    is recomputed in a later call's), and under autocast an fp32 model's K/V came out in bf16."""
     return torch.autocast(device.type, enabled=False)
 
 

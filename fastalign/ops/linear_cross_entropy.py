@@ -5,7 +5,7 @@ them and recompute them in the backward pass from the saved per-token logsumexp.
 """
 import torch
 
-from .backend import graph_break, launcher_context, require_triton_dtype, select_backend
+from .backend import graph_break, autocast_off, require_triton_dtype, select_backend
 from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
                      check_target_values, check_tensor, check_token_shape, is_integer, token_dims, FLOAT_DTYPES)
 from .func_transforms import LauncherGradients, refuse_forward_mode, vmap_by_loop
@@ -26,7 +26,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         rows = TokenRows.counting(target != ignore_index, token_weight, reduction, acc)
         if rows.num_live:
-            with launcher_context(hidden.device):
+            with autocast_off(hidden.device):
                 lse, target_logit = launcher.forward(rows.gather(hidden).contiguous(), weight.contiguous(),
                                                      None if bias is None else bias.contiguous(),
                                                      rows.gather(target).contiguous(), softcap)
@@ -67,7 +67,7 @@ def _gradients(hidden, weight, bias, target, lse, row_weight, num_counted, grad_
     if rows.num_live == 0:
         return (torch.zeros_like(hidden) if need_hidden else None, torch.zeros_like(weight) if need_weight else None,
                 torch.zeros_like(bias) if need_bias else None)
-    with launcher_context(weight.device):
+    with autocast_off(weight.device):
         d_live, d_weight, d_bias = launcher.backward(rows.gather(hidden).contiguous(), weight.contiguous(),
                                                      None if bias is None else bias.contiguous(),
                                                      rows.gather(target).contiguous(), rows.gather(lse).contiguous(),

@@ -6,7 +6,7 @@ weight.T + bias) the policy. Neither [tokens x vocab] distribution is held in me
 """
 import torch
 
-from .backend import graph_break, launcher_context, require_triton_dtype, select_backend
+from .backend import graph_break, autocast_off, require_triton_dtype, select_backend
 from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
                      check_tensor, check_token_shape, token_dims, FLOAT_DTYPES)
 from .func_transforms import LauncherGradients, refuse_forward_mode, vmap_by_loop
@@ -26,7 +26,7 @@ class LinearKLDivFunction(torch.autograd.Function):
         counted = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device) if mask is None else mask
         rows = TokenRows.counting(counted, token_weight, reduction, acc)
         if rows.num_live:
-            with launcher_context(hidden.device):
+            with autocast_off(hidden.device):
                 kl, lse, ref_lse = launcher.forward(*_live_operands(rows, hidden, weight, bias, ref_hidden, ref_weight,
                                                                     ref_bias), softcap)
         else:
@@ -81,7 +81,7 @@ def _gradients(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_
     if rows.num_live == 0:
         return (torch.zeros_like(hidden) if need_hidden else None, torch.zeros_like(weight) if need_weight else None,
                 torch.zeros_like(bias) if need_bias else None)
-    with launcher_context(weight.device):
+    with autocast_off(weight.device):
         d_live, d_weight, d_bias = launcher.backward(
             *_live_operands(rows, hidden, weight, bias, ref_hidden, ref_weight, ref_bias),
             rows.gather(lse).contiguous(), rows.gather(ref_lse).contiguous(), rows.grad_scale(grad_output),

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastalign.ops.backend import BACKENDS, triton_interpreting
+from fastalign.ops.backend import BACKENDS, autocast_off, triton_interpreting
 
 _INDEX_DTYPE = torch.int32
 _SCORE_BUDGET = 1 << 24  # fp32 score elements held at once by the torch path (64 MiB)
@@ -43,8 +43,9 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, sc
     q's dtype and device; block_table [R, max_blocks] int32; seq_lens [R] int32 (context length
     including the new tokens); cu_q_lens [R + 1] int32. num_heads must be a multiple of num_kv_heads
     (GQA). scale defaults to head_dim ** -0.5. Returns [T, num_heads, head_dim] in q's dtype, with the
-    softmax accumulated in fp32. Only the torch path is differentiable: the Triton one has no backward and
-    refuses inputs that require grad unless grad mode is off (torch.no_grad, as the runtime calls it).
+    softmax accumulated in fp32 (an enclosing autocast does not apply inside). Only the torch path is
+    differentiable: the Triton one has no backward and refuses inputs that require grad unless grad mode is off
+    (torch.no_grad, as the runtime calls it).
 
     shared_prefix: None, or (cu_group_rows [G + 1] int32, prefix_lens [G] int32) on q's device: rows
     cu_group_rows[g]:cu_group_rows[g + 1] (consecutive, every row in one group) share their first
@@ -85,7 +86,8 @@ def paged_attention_unchecked(q, k_cache, v_cache, block_table, seq_lens, cu_q_l
         from fastalign.kernels.paged_attention import paged_attention_triton
         return paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale,
                                       shared_prefix=shared_prefix)
-    return _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale)
+    with autocast_off(q.device):
+        return _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale)
 
 
 def plan_shared_prefix(block_table, seq_lens, cu_q_lens, block_size):

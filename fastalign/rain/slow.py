@@ -11,6 +11,7 @@ from typing import AbstractSet, List, Optional, Sequence
 
 import torch
 
+from fastalign.ops.backend import autocast_off
 from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache
 
 from .config import RainConfig
@@ -38,9 +39,11 @@ class SlowEngine:
     @torch.no_grad()
     def _forward(self, stats, ids: Sequence[int], cache=None, cache_key: int = EMPTY_KEY):
         """One batch-1 forward of `ids` (on top of `cache`, whose sequence is named `cache_key`).
-        Returns (last logits [V], last hidden [d] or None, cache, key)."""
-        out = self.model(input_ids=torch.tensor([list(ids)], device=self.device), use_cache=True,
-                         output_hidden_states=self.want_hidden, **cache_kwargs(self.model, cache))
+        Returns (last logits [V], last hidden [d] or None, cache, key). In the model's own dtypes, as the tree
+        engine's runner computes: an enclosing autocast does not apply."""
+        with autocast_off(self.device):
+            out = self.model(input_ids=torch.tensor([list(ids)], device=self.device), use_cache=True,
+                             output_hidden_states=self.want_hidden, **cache_kwargs(self.model, cache))
         self.ledger.call([stats])
         key = self.ledger.feed(stats, cache_key, ids)
         hidden = out.hidden_states[-1][0, -1] if self.want_hidden else None

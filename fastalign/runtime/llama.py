@@ -129,7 +129,11 @@ class PagedLlama:
             return None, None
         hidden = inner.norm(h[select])
         at = hidden if logits_rows is None else hidden[logits_rows]
-        logits = self.model.lm_head(at).float() if want_logits else None
+        head = self.model.lm_head
+        weight = getattr(head, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():  # an lm_head kept in another dtype
+            at = at.to(weight.dtype)                                          # (fp32 on a bf16 model) takes its own
+        logits = head(at).float() if want_logits else None
         return logits, hidden if want_hidden else None
 
     def _attention(self, index, q, k, v, pool, batch, scale):

@@ -16,7 +16,7 @@ import torch
 
 from fastalign._C import PoolExhaustedError
 from fastalign.model_vocabulary import input_vocabulary
-from fastalign.ops.backend import BACKENDS
+from fastalign.ops.backend import BACKENDS, autocast_off
 from fastalign.ops.checks import is_integer
 from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.forward_batch import ForwardBatch
@@ -60,6 +60,7 @@ class TreeRunner:
     `cascade_attention`: on the Triton backend, rows of a forward that share whole prefix blocks (the
     children of one span, consecutive in the call) read those blocks once per group instead of once per
     row (planned on the host for each forward, `plan_shared_prefix`); results are the same either way.
+    An enclosing autocast does not apply inside (load the model in the dtype to run it in; see autocast_off).
     """
 
     def __init__(self, model, *, max_tokens=None, max_bytes=None, block_size=16, fallback=True,
@@ -85,7 +86,8 @@ class TreeRunner:
             self.model_runner = PagedLlama(layered, attention_backend)
         elif fallback:
             from fastalign.runtime.hf_cache import HFCacheModel
-            self.model_runner = HFCacheModel(model)
+            with autocast_off(params[0].device if params else torch.device("cpu")):  # its probes size the pool
+                self.model_runner = HFCacheModel(model)
         else:
             raise ValueError(f"model: unsupported architecture for the paged runner ({problem}) and "
                              "fallback=False; pass fallback=True to run it on Hugging Face's cache")
@@ -365,7 +367,7 @@ class TreeRunner:
         if not plan.creates_spans:  # a round of bringing back evicted spans
             self.recomputed_tokens += len(plan.token_ids)
             self.last_restored.update(zip(plan.row_spans.tolist(), np.diff(plan.cu_q_lens).tolist()))
-        with torch.no_grad():
+        with torch.no_grad(), autocast_off(device):
             batch = ForwardBatch.from_plan(plan, device, outputs=() if ends is None else ends,
                                            cascade_block_size=self._cascade_block_size)
             if len(batch.copy_src):

@@ -46,6 +46,9 @@ from fastalign.unlearn.streams import UnlearningBatch, UnlearningStreams
 # Settings that may change between a run and its resumption; any other change would alter the result.
 # output_dir is where the checkpoint was found, whatever it is called now (moved, or given another way).
 _RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_checkpoints", "progress", "log_every", "resume", "output_dir"}
+# accelerate's mixed_precision of each precision: the policy's forward runs under its autocast, the reference as the
+# precision says (_reference), so an accelerator given with another one would make P another model's
+_MIXED_PRECISION = {"fp32": "no", "bf16-mixed": "bf16", "bf16": "no"}
 
 
 @dataclass
@@ -106,8 +109,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _check_launch(accelerator) -> None:
-    """Raises unless accelerate runs every process the launcher started, and leaves accumulation to the trainer."""
+def _check_launch(accelerator, precision: str) -> None:
+    """Raises unless accelerate runs every process the launcher started, leaves accumulation to the trainer and
+    computes in `precision`."""
     launched = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
     if launched != accelerator.num_processes:  # each process would train alone and race the others to output_dir
         raise ValueError(f"launched as {launched} processes (WORLD_SIZE={launched}), but accelerate runs this one "
@@ -118,6 +122,23 @@ def _check_launch(accelerator) -> None:
         raise ValueError(f"accelerate's gradient_accumulation_steps is {steps} (accelerate launch "
                          "--gradient_accumulation_steps, ACCELERATE_GRADIENT_ACCUMULATION_STEPS): leave it at 1 and "
                          "set grad_accum (--grad-accum), the micro-batches the trainer accumulates per step")
+    mixed = _MIXED_PRECISION[precision]
+    if accelerator.mixed_precision != mixed:
+        raise ValueError(f"the accelerator's mixed_precision is {accelerator.mixed_precision!r}, but "
+                         f"precision={precision!r} trains with mixed_precision={mixed!r} (the reference is built "
+                         f"for it): pass an Accelerator(mixed_precision={mixed!r}), or set precision "
+                         "(--precision) to the one the accelerator computes in")
+
+
+def _check_trainable_dtypes(model) -> None:
+    """Raises on a float16 weight to train: AdamW's eps (1e-8) rounds to 0 in float16 and its second moments
+    underflow, so the first step turns such weights into inf or NaN."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dtype == torch.float16:
+            raise ValueError(f"model parameter {name} is torch.float16 and trains: AdamW's eps rounds to 0 in float16 "
+                             "and its second moments underflow, so the first step would make weights inf or NaN; "
+                             "load the model in float32 (precision 'fp32' or 'bf16-mixed') or bfloat16 (precision "
+                             "'bf16'), or train a LoRA adapter on the float16 model (lora=True: float32 weights)")
 
 
 def _device_name(device: torch.device) -> str:
@@ -186,14 +207,15 @@ class UnlearningTrainer:
                 raise ValueError(f"model parameter {name} holds NaN or infinite values")
         self.config, self.streams, self.tokenizer, self.step_callback = config, streams, tokenizer, step_callback
         torch.manual_seed(config.seed)  # LoRA initialisation draws from it
-        mixed = {"fp32": "no", "bf16-mixed": "bf16", "bf16": "no"}[config.precision]
-        self.accelerator = accelerator or _require_accelerate().Accelerator(mixed_precision=mixed)
-        _check_launch(self.accelerator)
+        self.accelerator = accelerator or _require_accelerate().Accelerator(
+            mixed_precision=_MIXED_PRECISION[config.precision])
+        _check_launch(self.accelerator, config.precision)
         self.sharded = self.accelerator.distributed_type == "FSDP"  # accelerate's DistributedType is a str enum
         if self.sharded and config.lora:
             raise NotImplementedError("lora=True under FSDP is not supported (the adapter could not be merged "
                                       "into sharded weights); LoRA's trainable weights are small: use DDP")
         self.model = self._prepare_model(model)
+        _check_trainable_dtypes(self.model)
         if self.sharded:
             check_flat_root_unit(self.model, self.accelerator.state.fsdp_plugin)
         check_fused_logits(self.model)  # before train() writes anything

@@ -192,6 +192,16 @@ def test_bf16_torch_path_matches_reference():
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp32_inputs_under_bf16_autocast_keep_fp32(backend):
+    """autocast does not reach inside the op: the torch path's scaled_dot_product_attention, on autocast's list of
+    ops it runs in bf16, computed fp32 inputs in bf16 (an error of ~5e-3 instead of ~3e-7)."""
+    device = device_for(backend)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        out, ref = run_case("extend_shared_gqa_d32", backend)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 @requires_cuda
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("case", CASES)

@@ -12,6 +12,7 @@ from transformers import GenerationConfig
 
 from fastalign.rain import JudgePrompt, RainConfig, rain_generate, tree_engine
 from fastalign.rain.embeddings import HiddenStateEmbedder
+from fastalign.rain.slow import SlowEngine
 
 from . import fake_model
 from .fake_model import HashLM, HashRunner
@@ -63,6 +64,19 @@ def test_identical_decisions_on_tiny_llama_through_tree_runner():
     assert decisions(out["slow"][0]) == decisions(out["tree"][0])
     runner = holder["runner"]
     assert runner.num_free_blocks == runner.num_blocks
+
+
+def test_an_enclosing_autocast_does_not_apply_inside_the_slow_engine():
+    """Both engines run the model in its own dtypes (the tree engine's runner ignores a caller's autocast): a
+    caller's bf16 autocast around rain_generate changed the slow engine's logits, and so its decisions."""
+    model = tiny_llama()
+    engine = SlowEngine(model, tokenizer(), frozenset(), None, RainConfig(), None, want_hidden=True)
+    ids = tokenizer()(PROMPTS[0])["input_ids"]
+    logits, hidden, _, _ = engine._forward(None, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits_under, hidden_under, _, _ = engine._forward(None, ids)
+    assert hidden_under.dtype == torch.float32
+    assert torch.equal(logits_under, logits) and torch.equal(hidden_under, hidden)
 
 
 def test_a_small_pool_changes_no_result_and_its_recomputation_is_counted():

@@ -113,6 +113,44 @@ def test_logits_are_float32_and_hidden_states_in_the_model_dtype(name):
 
 
 @pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-fallback"])
+def test_an_enclosing_autocast_does_not_apply_inside(name):
+    """The runner computes in the model's dtypes whatever autocast encloses its calls, so that a span's KV does not
+    depend on the context of the call that computed it (an evicted span is recomputed in a later call's). Under bf16
+    autocast the fp32 model's K/V came out in bf16, which the fp32 pool refused deep in write_kv; a fallback runner
+    built under autocast got a bf16 pool that the model's fp32 K/V then did not fit."""
+    model = tiny_model(name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    span = None
+    for autocast, tokens in ((True, [5, 9, 2, 7, 1, 3, 8]), (False, [4, 6, 2]), (True, [9, 9, 1, 0])):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            (span,), (logits,), (hidden,) = runner.extend([span], [tokens], logits="all", hidden="all")
+        ref_logits, ref_hidden = reference(model, span)
+        assert logits.dtype == torch.float32 and hidden.dtype == torch.float32
+        assert (logits - ref_logits).abs().max() <= 1e-4, f"{span}: logits differ from Hugging Face's"
+        assert (hidden - ref_hidden).abs().max() <= 1e-4, f"{span}: hidden states differ from Hugging Face's"
+
+
+@pytest.mark.parametrize("body, head", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_an_lm_head_in_another_dtype_than_the_layers_takes_the_hidden_states_in_its_own(body, head):
+    """An untied lm_head kept in another dtype (fp32 on a bf16 model) gets the final hidden states in its dtype,
+    in or out of autocast. Hugging Face's forward runs such a model only under autocast; the runner's forward
+    runs without one, and its lm_head refused the hidden states of the layers' dtype."""
+    model = tiny_model("llama-gqa-untied", dtype=body)
+    model.lm_head.to(head)
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    span = None
+    for autocast, tokens in ((False, [5, 9, 2, 7, 1]), (True, [4, 6, 2])):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            (span,), (logits,), (hidden,) = runner.extend([span], [tokens], logits="all", hidden="all")
+        with torch.no_grad():  # Hugging Face's decoder (its whole forward fails without autocast), then the head
+            ref_hidden = model.model(torch.tensor([span.tokens])).last_hidden_state[0, -len(tokens):]
+            ref_logits = model.lm_head(ref_hidden.to(head)).float()
+        assert hidden.dtype == body and rel_error(hidden, ref_hidden) <= 2e-2
+        assert rel_error(logits, ref_logits) <= 2e-2
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-fallback"])
 def test_outputs_are_ordinary_tensors_the_caller_may_modify_and_train_on(name):
     runner = TreeRunner(tiny_model(name), max_tokens=64, block_size=4, attention_backend="torch")
     _, logits, hidden = runner.extend([None], [[1, 2, 3]], hidden="all")

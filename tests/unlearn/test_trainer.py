@@ -14,6 +14,7 @@ from fastalign.unlearn import checkpoint
 from fastalign.unlearn.batching import collate
 from fastalign.unlearn.compute import batch_compute
 from fastalign.unlearn.config import UnlearnConfig
+from fastalign.unlearn.models import cast_weights
 from fastalign.unlearn.streams import UnlearningStreams
 from fastalign.reference.unlearning_loss import spec_unlearning_terms
 from fastalign.unlearn.trainer import UnlearningTrainer
@@ -591,6 +592,36 @@ def test_accelerate_gradient_accumulation_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"accelerate's gradient_accumulation_steps is 2.*grad_accum \(--grad-accum\)"):
         run(tmp_path)
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("precision, mixed_precision", [("fp32", "bf16"), ("bf16-mixed", "no"), ("bf16", "bf16")])
+def test_an_accelerator_of_another_precision_is_refused(tmp_path, precision, mixed_precision):
+    """The reference follows `precision`, the policy's forward the accelerator's autocast: an accelerator given with
+    mixed_precision='bf16' to a precision='fp32' run gave a cached reference computed without autocast, 140x the
+    step-0 KL of a matching run (P another model), and with 'no' to a 'bf16-mixed' run the frozen copy's bf16 linear
+    weights met fp32 inputs (a dtype error deep in torch's linear)."""
+    from accelerate import Accelerator
+
+    config = UnlearnConfig(output_dir=str(tmp_path / "run"), precision=precision, progress=False)
+    with pytest.raises(ValueError, match=rf"the accelerator's mixed_precision is '{mixed_precision}', but "
+                                         rf"precision='{precision}' trains with mixed_precision="):
+        UnlearningTrainer(tiny_llama(len(byte_bpe_tokenizer())), tiny_streams(byte_bpe_tokenizer()), config,
+                          accelerator=Accelerator(mixed_precision=mixed_precision))
+
+
+def test_float16_weights_to_train_are_refused_by_name(tmp_path):
+    """AdamW on float16 weights rounds its eps (1e-8) to 0 and underflows its second moments: the first step made
+    21 of the tiny model's weights inf or NaN, and the run died at step 2 with 'the loss is not finite', naming
+    data rows. A LoRA adapter on a float16 base trains (PEFT keeps its weights in float32)."""
+    pytest.importorskip("peft")
+    tokenizer = byte_bpe_tokenizer()
+    with pytest.raises(ValueError, match=r"model parameter model\.embed_tokens\.weight is torch\.float16 and trains"):
+        run(tmp_path, model=cast_weights(tiny_llama(len(tokenizer)), torch.float16), max_steps=2, grad_accum=1)
+    assert not os.path.exists(tmp_path / "run")
+    records = []
+    run(tmp_path, "lora", model=cast_weights(tiny_llama(len(tokenizer)), torch.float16), callback=records.append,
+        max_steps=2, grad_accum=1, lora=True, lora_rank=4, max_forget_nll=None)
+    assert len(records) == 2 and all(np.isfinite(r.loss) for r in records)
 
 
 def test_lora_under_fsdp_is_refused(tmp_path):
