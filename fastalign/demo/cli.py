@@ -94,8 +94,6 @@ def run(args) -> int:
     if args.threads < 1:
         print(f"fastalign demo: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
-    torch.set_num_threads(args.threads)
-    hf_logging.disable_progress_bar()  # loading/saving bars of a 4 MB model are noise next to the phases
     settings = DemoSettings(**{f.name: getattr(args, f.name) for f in fields(DemoSettings)})
     try:   # before the phases that precede unlearning (a traceback once the model had answered every prompt)
         unlearn_config(settings, progress=False, output_dir=".")
@@ -107,8 +105,17 @@ def run(args) -> int:
         if not args.quiet:
             print(f"demo: {name} done in {seconds:.1f} s", file=sys.stderr, flush=True)
 
-    result = run_demo(settings, progress=not args.quiet, on_phase=on_phase, model_dir=args.model_dir,
-                      rain=not args.no_rain)
+    # the caller's settings are given back after: `fastalign.cli.main(["demo", ...])` may run in a longer process
+    threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
+    torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()  # loading/saving bars of a 4 MB model are noise next to the phases
+    try:
+        result = run_demo(settings, progress=not args.quiet, on_phase=on_phase, model_dir=args.model_dir,
+                          rain=not args.no_rain)
+    finally:
+        torch.set_num_threads(threads)
+        if bars:
+            hf_logging.enable_progress_bar()
     print(json.dumps(result.to_dict(), indent=1) if args.json else format_table(result))
     return 0
 

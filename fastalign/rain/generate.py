@@ -20,7 +20,7 @@ from .dialogue import cut_at_turn, reply_lead
 from .embeddings import CheckedEmbedder, make_embedder
 from .jobs import EmbedJob, PromptContext
 from .judge import JudgePrompt, JudgeTokens
-from .ledger import EMPTY_KEY, TokenLedger
+from .ledger import EMPTY_KEY, TokenLedger, kept_apart
 from .minimum import RequiredPrefixes
 from .sampling import check_sampler, extend_key, make_sampler, seed_key
 from .search import PromptSearch
@@ -44,7 +44,9 @@ class RainResult:
 class RainRun:
     """Per-prompt results (in prompt order) and the run's totals: `stats` adds the prompts' counters and
     the shared prefixes; its model_calls and wall time are the run's own. `ledger` (what was fed) and
-    `required` (the tree's minimum) are kept for inspection."""
+    `required` (the tree's minimum) are kept for inspection: their keys are those of the prompts' starting
+    sequences and of prompts that could share sequences with another (see ledger.py), the others' are dropped as
+    each is done."""
     results: List[RainResult]
     stats: RainStats
     ledger: Optional[TokenLedger] = None
@@ -162,6 +164,9 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
             results[i].error = str(err)
             if on_result:
                 on_result(results[i])
+    apart, base_keys = kept_apart(queue, judge.prefix_ids)
+    for keys in (ledger.fed_keys, required.keys):    # a prompt's own keys are dropped once it is done
+        keys.keep_apart(apart, base_keys)
     try:
         runtime.prepare(queue)
         _schedule(queue, runtime, embedder, tokenizer, end_ids, judge, required, config, concurrency, results,
@@ -219,6 +224,8 @@ def _schedule(queue: List[PromptContext], engine, embedder, tokenizer, end_ids, 
                                         config.turn_marker)
             result.commits = output.commits
         engine.finish(a.ctx)
+        for keys in (ledger.fed_keys, required.keys):
+            keys.forget(a.ctx.stats)
         active.remove(a)
         if on_result:
             on_result(result)

@@ -4,10 +4,20 @@ Every fed token is named by the identity of its whole prefix (a rolling hash of 
 start of its sequence); a token whose name was seen before is a recomputed prefix token. Engines call
 `feed` for every row they run, with the prefix key of the row's parent, and `recompute` for the tokens
 that a runtime with a small pool computes again, unseen by the rows, to bring back evicted KV.
+
+The keys a run has met (RunKeys: fed here, required in minimum.py) are kept only while some prompt can meet them
+again; kept for every prompt, they held every prefix a run ever fed (~120 bytes a key, some 300 keys per answer
+token at the default search constants): gigabytes over thousands of prompts. A prompt's bases are the sequences
+all of its own start from, its root (generation prefix + prompt) and the judge's few-shot prefix + its head; every
+sequence it feeds or reads is a prefix of one of its bases or extends one. So a sequence past its bases can be met
+by another prompt only when a base of one is a prefix of a base of the other (a prompt given twice, or extending
+another): a prompt with no such partner is kept apart, and once it is done the keys only it met are dropped, which
+changes no count.
 """
 import time
+from collections import Counter
 from contextlib import contextmanager
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from .stats import RainStats
 
@@ -20,9 +30,59 @@ def prefix_keys(key: int, tokens: Iterable[int]):
         yield key
 
 
+class RunKeys(set):
+    """A set of prefix keys. `meet` notes the keys that a prompt kept apart meets first past every base's
+    prefixes, and `forget` drops them once that prompt is done."""
+
+    def __init__(self):
+        super().__init__()
+        self._bases = frozenset()   # keys of every prefix of every prompt's bases
+        self._apart = {}            # id(stats) of a prompt kept apart -> the keys only it met
+
+    def keep_apart(self, stats_list: Sequence[object], base_keys: frozenset):
+        """From now on, notes the keys outside `base_keys` that the prompts counted in `stats_list` meet first."""
+        self._bases = base_keys
+        self._apart = {id(stats): [] for stats in stats_list}
+
+    def meet(self, stats, key: int) -> bool:
+        """Adds `key`, met by the prompt counted in `stats` (None: the run's shared prefixes); True when new."""
+        if key in self:
+            return False
+        self.add(key)
+        own = self._apart.get(id(stats))
+        if own is not None and key not in self._bases:
+            own.append(key)
+        return True
+
+    def forget(self, stats):
+        """Drops the keys that only the prompt counted in `stats` met (it is done)."""
+        self.difference_update(self._apart.pop(id(stats), ()))
+
+
+def kept_apart(contexts: Sequence[object], judge_prefix_ids: Sequence[int]) -> Tuple[List[object], frozenset]:
+    """(the stats of the contexts (PromptContext) whose bases no other context's base is a prefix of or extends,
+    the keys of every prefix of every base)."""
+    judge_keys = list(prefix_keys(EMPTY_KEY, judge_prefix_ids))
+    judge_key = judge_keys[-1] if judge_keys else EMPTY_KEY
+
+    def passes(ctx):   # the keys of every prefix of the context's bases
+        return set(prefix_keys(EMPTY_KEY, ctx.root_ids)).union(judge_keys, prefix_keys(judge_key, ctx.head_ids))
+
+    through, ends = Counter(), Counter()   # key -> contexts one of whose bases passes through / ends there
+    for ctx in contexts:
+        through.update(passes(ctx))
+        ends.update({ctx.gen_key, ctx.head_key})
+    apart = []
+    for ctx in contexts:
+        own = {ctx.gen_key, ctx.head_key}
+        if all(through[end] == 1 for end in own) and not any(ends[k] > (k in own) for k in passes(ctx)):
+            apart.append(ctx.stats)
+    return apart, frozenset(through)
+
+
 class TokenLedger:
     def __init__(self):
-        self.fed_keys = set()
+        self.fed_keys = RunKeys()
         self.run = RainStats()          # run-wide counters (shared prefixes, all calls)
 
     def feed(self, stats: Optional[RainStats], parent_key: int, tokens: Sequence[int]) -> int:
@@ -30,10 +90,8 @@ class TokenLedger:
         key = parent_key
         recomputed = 0
         for key in prefix_keys(parent_key, tokens):
-            if key in self.fed_keys:
+            if not self.fed_keys.meet(stats, key):
                 recomputed += 1
-            else:
-                self.fed_keys.add(key)
         for s in (stats, self.run):
             if s is not None:
                 s.rows += 1

@@ -11,7 +11,7 @@ prefix keys, so `keys` can be compared with what an engine fed.
 """
 from typing import Iterable, Optional
 
-from .ledger import prefix_keys
+from .ledger import RunKeys, prefix_keys
 from .stats import RainStats
 
 
@@ -27,15 +27,13 @@ class RequiredPrefixes:
     RainStats.minimum (the first prompt to need a shared prefix is charged for it)."""
 
     def __init__(self):
-        self.keys = set()
+        self.keys = RunKeys()
 
     def add(self, stats: Optional[RainStats], part: str, key: int, tokens: Iterable[int]) -> int:
         """Registers every prefix of (sequence `key`) + `tokens` beyond `key` itself; returns the new key."""
         new = 0
         for key in prefix_keys(key, tokens):
-            if key not in self.keys:
-                self.keys.add(key)
-                new += 1
+            new += self.keys.meet(stats, key)
         if stats is not None:
             stats.minimum[part] += new
         return key
@@ -46,7 +44,5 @@ class RequiredPrefixes:
 
     def add_key(self, stats: Optional[RainStats], part: str, key: int):
         """Registers one sequence whose shorter prefixes are registered already."""
-        if key not in self.keys:
-            self.keys.add(key)
-            if stats is not None:
-                stats.minimum[part] += 1
+        if self.keys.meet(stats, key) and stats is not None:
+            stats.minimum[part] += 1

@@ -1,6 +1,7 @@
 """`fastalign demo --json` end to end, with both KL references: the issue's thresholds; and, with the slow
 phases replaced by fakes, what the story and the command do with their numbers."""
 import argparse
+import contextlib
 import json
 from dataclasses import asdict, fields
 from types import SimpleNamespace
@@ -90,6 +91,33 @@ def test_demo_command_hands_its_options_to_the_story_and_quiet_silences_progress
     out, err = capsys.readouterr()
     assert seen == {"settings": DemoSettings(), "progress": True, "model_dir": ASSETS, "rain": True}
     assert err == "demo: load done in 0.5 s\n" and out.startswith("fastalign demo: tiny Llama")
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_demo_command_gives_the_callers_threads_and_progress_bars_back(monkeypatch, fails):
+    """The demo runs on --threads and without Hugging Face's progress bars; a Python caller of `fastalign.cli.main`
+    kept both (a single torch thread, no bars) for the rest of its process, also after a failed demo."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    seen = {"set": []}
+
+    def fake_run_demo(settings, progress, on_phase, model_dir, rain):
+        seen["bars"] = hf_logging.is_progress_bar_enabled()
+        if fails:
+            raise RuntimeError("phase failed")
+        return _table_result(rain)
+
+    monkeypatch.setattr(cli, "run_demo", fake_run_demo)
+    monkeypatch.setattr(torch, "set_num_threads", seen["set"].append)   # the test process keeps its threads
+    hf_logging.enable_progress_bar()
+    try:
+        with pytest.raises(RuntimeError, match="phase failed") if fails else contextlib.nullcontext():
+            assert main(["demo", "--json", "--quiet", "--threads", "3"]) == 0
+        assert seen == {"set": [3, torch.get_num_threads()], "bars": False}
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def _world_answers(entries, refuse):

@@ -1,0 +1,106 @@
+"""The run's key sets: a prompt done whose sequences no other prompt can meet leaves none of its keys behind, and
+dropping them changes no count."""
+import dataclasses
+
+import pytest
+
+from fastalign.rain import RainConfig, rain_generate
+from fastalign.rain.jobs import PromptContext
+from fastalign.rain.judge import JudgeTokens
+from fastalign.rain.ledger import EMPTY_KEY, RunKeys, kept_apart, prefix_keys
+from fastalign.rain.minimum import chain_key
+
+from .fake_model import HashLM, HashRunner
+from .tiny import SHORT_JUDGE, tokenizer
+
+CONFIG = RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=4)
+DISTINCT = [f"Human: How do I bake bread number {i}?\nAssistant:" for i in range(3)]
+
+
+def run(prompts, engine="tree", concurrency=2):
+    tok = tokenizer()
+    return rain_generate(HashLM(len(tok)), tok, prompts, CONFIG, engine=engine,
+                         runner=HashRunner(len(tok)) if engine == "tree" else None, judge_prompt=SHORT_JUDGE,
+                         embedding="hidden", sampler="keyed", concurrency=concurrency)
+
+
+def base_keys(prompts):
+    """The keys of every prefix of each prompt's root and judge head (no generation prefix)."""
+    tok, judge = tokenizer(), JudgeTokens(tokenizer(), SHORT_JUDGE)
+    keys = set()
+    for prompt in prompts:
+        keys.update(prefix_keys(EMPTY_KEY, tok(prompt)["input_ids"]))
+        keys.update(prefix_keys(EMPTY_KEY, judge.prefix_ids + judge.head_ids(prompt.lstrip())))
+    return keys
+
+
+@pytest.mark.parametrize("engine", ["tree", "slow"])
+def test_a_run_over_prompts_that_share_no_sequence_keeps_only_their_starting_keys(engine):
+    """Every key a run fed or required stayed to its end: some 240 bytes a fed token, gigabytes over a run of
+    thousands of prompts (the HH split), though no later prompt could meet a done prompt's keys."""
+    result = run(DISTINCT, engine)
+    assert all(r.error is None for r in result.results)
+    assert result.stats.tokens > 4 * len(base_keys(DISTINCT))    # the search fed far more than its bases
+    assert result.ledger.fed_keys <= base_keys(DISTINCT)
+    assert result.required.keys <= base_keys(DISTINCT)
+
+
+def test_prompts_that_may_share_sequences_keep_their_keys():
+    """A prompt given twice, or one whose root extends another's, may meet the other's sequences: kept."""
+    prompts = [DISTINCT[0], DISTINCT[0], DISTINCT[1], DISTINCT[1] + " Mix"]
+    result = run(prompts)
+    kept = result.ledger.fed_keys - base_keys(prompts)
+    assert kept and result.required.keys - base_keys(prompts) <= kept
+
+
+@pytest.mark.parametrize("engine", ["tree", "slow"])
+def test_dropping_the_keys_of_prompts_done_changes_no_count(engine, monkeypatch):
+    prompts = DISTINCT + [DISTINCT[0], DISTINCT[2] + " Mix"]
+
+    def outcome():
+        result = run(prompts, engine, concurrency=1)   # prompts done before the next starts: most dropped
+        return [(r.answer_ids, r.commits, r.error, _counts(r.stats)) for r in result.results], _counts(result.stats)
+
+    dropping = outcome()
+    monkeypatch.setattr(RunKeys, "forget", lambda self, stats: None)
+    assert dropping == outcome()
+
+
+def _counts(stats):
+    return {k: v for k, v in dataclasses.asdict(stats).items() if k not in ("seconds", "wall_seconds")}
+
+
+def _context(root, head, judge_prefix):
+    ctx = PromptContext(0, "", root, head, 0, 100)
+    ctx.gen_key = chain_key(EMPTY_KEY, root)
+    ctx.head_key = chain_key(chain_key(EMPTY_KEY, judge_prefix), head)
+    return ctx
+
+
+def test_kept_apart_are_the_prompts_no_other_base_is_a_prefix_of_or_extends():
+    judge = [1, 2]
+    alone, twice, again, short, longer, judged_short = (
+        _context([5, 6], [5, 6], judge), _context([7, 8], [7], judge), _context([7, 8], [7], judge),
+        _context([9], [4], judge), _context([9, 3], [3], judge), _context([6, 6], [], judge))
+    # twice/again: the same root; short's root is a prefix of longer's; judged_short's judge head is the judge prefix,
+    # a prefix of every other judge head
+    apart, bases = kept_apart([alone, twice, again, short, longer, judged_short], judge)
+    assert apart == []
+    apart, bases = kept_apart([alone, twice, short], judge)
+    assert [id(s) for s in apart] == [id(alone.stats), id(twice.stats), id(short.stats)]
+    assert bases == set(prefix_keys(EMPTY_KEY, [5, 6])) | set(prefix_keys(EMPTY_KEY, [7, 8])) | {
+        chain_key(EMPTY_KEY, [9])} | set(prefix_keys(EMPTY_KEY, judge)) | {
+        chain_key(EMPTY_KEY, judge + [h]) for h in (5, 7, 4)} | {chain_key(EMPTY_KEY, judge + [5, 6])}
+    apart, _ = kept_apart([alone, short, longer], judge)
+    assert [id(s) for s in apart] == [id(alone.stats)]
+
+
+def test_run_keys_forget_only_what_a_prompt_kept_apart_met_past_the_bases():
+    keys, mine, other = RunKeys(), object(), object()
+    keys.keep_apart([mine], frozenset({1}))
+    assert keys.meet(mine, 1) and keys.meet(mine, 2) and keys.meet(other, 3) and keys.meet(None, 4)
+    assert not keys.meet(mine, 3) and not keys.meet(other, 2)
+    keys.forget(mine)
+    assert keys == {1, 3, 4}
+    keys.forget(mine)
+    assert keys == {1, 3, 4}
