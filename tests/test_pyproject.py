@@ -1,7 +1,12 @@
 """pyproject.toml's extras: each one is named in README's install paragraph and each package it installs is
 imported by the package, a bench or the tests, or used through transformers under the name the code gives it (an
-extra that installs nothing used only costs a user a build)."""
+extra that installs nothing used only costs a user a build). The sdist holds what a build and the tests need."""
+import os
 import re
+import shutil
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -27,3 +32,43 @@ def test_every_extra_is_documented_and_used(extra):
         imported = re.search(rf"^\s*(import|from) {module}\b", code, re.M)
         named = module in USED_THROUGH_TRANSFORMERS and USED_THROUGH_TRANSFORMERS[module] in code
         assert imported or named, f"{extra}: nothing imports {module}"
+
+
+# What the sdist is made of: the build's inputs, the docs and the license, the tests and the benches they test.
+SDIST_SOURCES = ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "ARCHITECTURE.md", "LICENSE", "csrc",
+                 "kernels", "fastalign", "tests", "bench")
+BUILD_SDIST = """
+import sys
+from setuptools import build_meta
+print(build_meta.build_sdist(sys.argv[1]))
+"""
+
+
+def files_under(root):
+    """The regular files under `root`, relative to it, symbolic links not followed (fastalign/kernels in a checkout
+    set up by hand) and compiled extensions left out (a checkout's own build of fastalign._C)."""
+    return {os.path.relpath(os.path.join(folder, name), root) for folder, _, names in os.walk(root) for name in names
+            if not os.path.islink(os.path.join(folder, name)) and not name.endswith(".so")}
+
+
+def test_the_sdist_holds_all_of_csrc_the_license_and_the_tests_whole(tmp_path):
+    """`pip install fastalign` builds from the sdist where no wheel fits, and `python -m build` builds the wheel from
+    it: setuptools took the extension's .cpp files but not the headers they include (the sdist could not build),
+    and of the tests only tests/test*.py, without conftest.py or any helper. No build output goes in."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in SDIST_SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, tree / name, symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.py[cod]"))
+        else:
+            shutil.copy2(ROOT / name, tree / name)
+    sources = files_under(tree)   # before the build writes its egg-info there
+    done = subprocess.run([sys.executable, "-c", BUILD_SDIST, str(tmp_path / "dist")], cwd=tree, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    with tarfile.open(tmp_path / "dist" / done.stdout.split()[-1]) as sdist:
+        held = {member.name.split("/", 1)[1] for member in sdist.getmembers() if member.isfile()}
+    made_by_setuptools = {"PKG-INFO", "setup.cfg"} | {name for name in held if name.startswith("fastalign.egg-info/")}
+    assert not sources - held, f"not in the sdist: {sorted(sources - held)}"
+    assert not held - made_by_setuptools - sources, f"in the sdist: {sorted(held - made_by_setuptools - sources)}"

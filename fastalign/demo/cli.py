@@ -12,6 +12,7 @@ from typing import List, Optional
 import torch
 from transformers.utils import logging as hf_logging
 
+from ..unlearn.trainer import MissingExtraError, require_extras
 from .model import ASSETS, WORLD_FILE
 from .story import DemoResult, DemoSettings, run_demo, unlearn_config
 
@@ -96,9 +97,12 @@ def run(args) -> int:
         return 2
     settings = DemoSettings(**{f.name: getattr(args, f.name) for f in fields(DemoSettings)})
     try:   # before the phases that precede unlearning (a traceback once the model had answered every prompt)
-        unlearn_config(settings, progress=False, output_dir=".")
+        require_extras(unlearn_config(settings, progress=False, output_dir="."))
     except ValueError as exc:
         print(f"fastalign demo: error: unlearning setting: {exc}", file=sys.stderr)
+        return 2
+    except MissingExtraError as exc:
+        print(f"fastalign demo: error: {exc}", file=sys.stderr)
         return 2
 
     def on_phase(name: str, seconds: float) -> None:

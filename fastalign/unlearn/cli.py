@@ -207,11 +207,12 @@ def main(args: argparse.Namespace) -> int:
     from fastalign.unlearn.models import check_fused_logits, max_positions
     from fastalign.unlearn.records import DataError
     from fastalign.unlearn.run import load_model_and_tokenizer, load_streams, run_unlearning
-    from fastalign.unlearn.trainer import resume_point
+    from fastalign.unlearn.trainer import MissingExtraError, require_extras, resume_point
 
     try:
         config = config_from_args(args)
         if getattr(args, "check", False):
+            require_extras(config)
             config.check_paths()
             resume_point(config)
             model, tokenizer = load_model_and_tokenizer(config)
@@ -226,7 +227,7 @@ def main(args: argparse.Namespace) -> int:
                                   "reference": config.reference_mode}, indent=1))
             return 0
         summary = run_unlearning(config)
-    except (DataError, ValueError, FileNotFoundError, FileExistsError, TypeError, FloatingPointError,
+    except (DataError, ValueError, FileNotFoundError, FileExistsError, TypeError, FloatingPointError, MissingExtraError,
             NotImplementedError) as e:   # the last: a model or setting the fused path does not serve
         print(f"fastalign unlearn: error: {e}", file=sys.stderr)
         return 2

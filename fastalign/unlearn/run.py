@@ -113,10 +113,12 @@ def load_model_and_tokenizer(config: UnlearnConfig):
 
 
 def run_unlearning(config: UnlearnConfig, **trainer_options):
-    """Loads, validates and trains; returns the trainer's RunSummary. An output_dir that holds a finished or
-    unresumed run, or that another fastalign process is writing, is refused before the model and data load."""
-    from fastalign.unlearn.trainer import UnlearningTrainer, resume_point
+    """Loads, validates and trains; returns the trainer's RunSummary. A missing extra (MissingExtraError), and an
+    output_dir that holds a finished or unresumed run or that another fastalign process is writing, are refused
+    before the model and data load."""
+    from fastalign.unlearn.trainer import UnlearningTrainer, require_extras, resume_point
 
+    require_extras(config)
     config.check_paths()
     with output_lock(config.output_dir, "output_dir (--output-dir)", directory=True, ranks_share=True):
         resume_point(config)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import json
 import os
 import random
@@ -86,12 +87,28 @@ class RunSummary:
     reference_cache_bytes: int | None = None
 
 
-def _require_accelerate():
+class MissingExtraError(ImportError):
+    """A package the run needs is not installed; the message names the extra that installs it."""
+
+
+# The packages the trainer imports only when it runs: the extra that installs each, and what needs it.
+_EXTRAS = {"accelerate": ("unlearn", "the unlearning trainer"), "peft": ("lora", "lora=True")}
+
+
+def _require(module: str):
+    """`module` (a key of _EXTRAS) imported, or MissingExtraError naming its extra."""
+    extra, user = _EXTRAS[module]
     try:
-        import accelerate
+        return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError("the unlearning trainer needs accelerate: pip install 'fastalign[unlearn]'") from e
-    return accelerate
+        raise MissingExtraError(f"{user} needs {module}: pip install 'fastalign[{extra}]'") from e
+
+
+def require_extras(config: UnlearnConfig) -> None:
+    """MissingExtraError unless what a run of `config` trains with is installed (accelerate; peft for lora=True):
+    checked before a model loads, rather than found by the trainer once the model and data have loaded."""
+    for module in ("accelerate", "peft") if config.lora else ("accelerate",):
+        _require(module)
 
 
 def _rng_state() -> dict:
@@ -207,7 +224,7 @@ class UnlearningTrainer:
                 raise ValueError(f"model parameter {name} holds NaN or infinite values")
         self.config, self.streams, self.tokenizer, self.step_callback = config, streams, tokenizer, step_callback
         torch.manual_seed(config.seed)  # LoRA initialisation draws from it
-        self.accelerator = accelerator or _require_accelerate().Accelerator(
+        self.accelerator = accelerator or _require("accelerate").Accelerator(
             mixed_precision=_MIXED_PRECISION[config.precision])
         _check_launch(self.accelerator, config.precision)
         self.sharded = self.accelerator.distributed_type == "FSDP"  # accelerate's DistributedType is a str enum
@@ -229,10 +246,7 @@ class UnlearningTrainer:
         if config.precision == "bf16":
             model = cast_weights(model, torch.bfloat16)
         if config.lora and not hasattr(model, "disable_adapter"):
-            try:
-                import peft
-            except ImportError as e:
-                raise ImportError("lora=True needs peft: pip install 'fastalign[lora]'") from e
+            peft = _require("peft")
             # PEFT takes its shorthand ("all-linear") as a string only
             targets = config.lora_targets[0] if config.lora_targets == ["all-linear"] else list(config.lora_targets)
             try:

@@ -3,6 +3,7 @@ phases replaced by fakes, what the story and the command do with their numbers."
 import argparse
 import contextlib
 import json
+import sys
 from dataclasses import asdict, fields
 from types import SimpleNamespace
 
@@ -253,6 +254,16 @@ def test_demo_bad_setting_is_a_clear_error_before_any_phase(monkeypatch, capsys,
     monkeypatch.setattr(cli, "run_demo", None)   # never reached
     assert main(["demo", "--quiet", *extra]) == 2
     assert f"fastalign demo: error: {message}" in capsys.readouterr().err
+
+
+def test_demo_without_accelerate_names_the_extra_before_any_phase(monkeypatch, capsys):
+    """`pip install fastalign` alone has no accelerate, which the demo's unlearning needs: the extra to install, not a
+    traceback once the model had answered every prompt of the evaluation before unlearning."""
+    monkeypatch.setitem(sys.modules, "accelerate", None)   # `import accelerate` then fails as where it is not installed
+    monkeypatch.setattr(cli, "run_demo", None)   # never reached
+    assert main(["demo", "--quiet"]) == 2
+    assert ("fastalign demo: error: the unlearning trainer needs accelerate: pip install 'fastalign[unlearn]'"
+            in capsys.readouterr().err)
 
 
 def test_demo_help_states_what_each_setting_does_and_its_default():

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import sys
 from dataclasses import fields
 
 import pytest
@@ -138,6 +139,26 @@ def test_a_model_the_run_cannot_serve_is_an_error_before_any_output(workspace, c
                  "--no-progress"] + check)
     assert code == 2
     assert re.search(message, capsys.readouterr().err)
+    assert not os.path.exists(workspace / "out")
+
+
+@pytest.mark.parametrize("check", [["--check"], []])
+@pytest.mark.parametrize("module, options, message", [
+    ("accelerate", [], "the unlearning trainer needs accelerate: pip install 'fastalign[unlearn]'"),
+    ("peft", ["--lora"], "lora=True needs peft: pip install 'fastalign[lora]'")])
+def test_a_missing_extra_is_an_error_naming_it_before_the_model_loads(workspace, capsys, monkeypatch, check, module,
+                                                                      options, message):
+    """`pip install fastalign` alone installs neither accelerate nor peft: a run, and --check, name the extra to
+    install before the model loads (a run was a traceback once the model and data had loaded; --check passed)."""
+    def never(config):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setitem(sys.modules, module, None)   # `import module` then fails as where it is not installed
+    monkeypatch.setattr("fastalign.unlearn.run.load_model_and_tokenizer", never)
+    code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
+                 "--no-progress", *options, *check])
+    assert code == 2
+    assert f"fastalign unlearn: error: {message}" in capsys.readouterr().err
     assert not os.path.exists(workspace / "out")
 
 
