@@ -53,8 +53,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="sibling-similarity embeddings: all-MiniLM-L6-v2 (the [rain] extra) or the model's own "
                              "hidden states")
     parser.add_argument("--sampler", choices=("torch", "keyed"), default="torch",
-                        help="torch: seeded torch sampling; keyed: draws that depend only on (prefix, candidate), "
-                             "as the equivalence tests use")
+                        help="torch: seeded torch sampling, a generator per prompt (see --seed); keyed: draws that "
+                             "depend only on (prefix, candidate), as the equivalence tests use")
     parser.add_argument("--config", help="a .yaml/.json file of search constants (RainConfig's fields, e.g. "
                                          "exploration, token_set_lengths, turn_marker) and, under 'judge', the judge "
                                          "prompt's (JudgePrompt's: template, labels, harmless, harmful, option_line, "
@@ -94,7 +94,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK where CUDA is present, else cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="the dtype the model is loaded in")
-    parser.add_argument("--seed", type=int, help="seed of the search's sampling (default: 0)")
+    parser.add_argument("--seed", type=int, help="seed of the search's sampling: each prompt draws from a generator "
+                        "seeded from it and the prompt's row in the file, so its answer does not depend on the other "
+                        "prompts, --concurrency, a resume or the number of processes (default: 0)")
     parser.set_defaults(func=run)
     return parser
 

@@ -22,7 +22,7 @@ from .jobs import EmbedJob, PromptContext
 from .judge import JudgePrompt, JudgeTokens
 from .ledger import EMPTY_KEY, TokenLedger, kept_apart
 from .minimum import RequiredPrefixes
-from .sampling import check_sampler, extend_key, make_sampler, seed_key
+from .sampling import check_sampler, extend_key, make_sampler, prompt_sampler, seed_key
 from .search import PromptSearch
 from .stats import RainStats
 
@@ -120,9 +120,12 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     engine: "tree" (TreeRunner; pass `runner` to reuse one, else one with `runner_tokens` of KV is made)
     or "slow" (the batch-1 reference). embedding: "minilm", "hidden" or an embedder object (`needs_hidden`
     and `embed(paths)`, see fastalign.rain.embeddings). sampler: "torch", "keyed" or a sampler object
-    (`draw`, `draw_many` and `repeatable`, see fastalign.rain.sampling). `on_result` is called as each prompt
-    finishes. `indices` are what the results (RainResult.index) and error messages call the prompts (default 0,
-    1, ...; a resumed `fastalign rain` searches some rows of a file and names them by their rows). An answer ends at
+    (`draw`, `draw_many` and `repeatable`, see fastalign.rain.sampling); each prompt draws from
+    `sampler.for_prompt(index)` where it has that method (the torch sampler's: a generator seeded from config.seed
+    and the prompt's index alone, so that a prompt's search does not depend on the others searched before or beside
+    it). `on_result` is called as each prompt finishes. `indices` are what the results (RainResult.index), error
+    messages and per-prompt samplers call the prompts (default 0, 1, ...; a resumed `fastalign rain` searches some
+    rows of a file and names them by their rows). An answer ends at
     the tokenizer's end of sequence, at any end token the model's generation config lists (as
     `model.generate` does) or at the end of turn of the tokenizer's chat template (see `eos_ids`).
     """
@@ -151,8 +154,8 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     required.add(shared, "shared_prefix", EMPTY_KEY, judge.prefix_ids)
     prefix_key = required.add(shared, "shared_prefix", EMPTY_KEY, prefix_ids)
     start = time.perf_counter()
-    runtime = _make_engine(engine, model, tokenizer, end_ids, judge, config, draw, embedder.needs_hidden, ledger,
-                           prefix_ids, runner, runner_tokens)
+    runtime = _make_engine(engine, model, tokenizer, end_ids, judge, config, embedder.needs_hidden, ledger, prefix_ids,
+                           runner, runner_tokens)
     context = _context(model, getattr(runtime, "runner", None))
     results = [RainResult(name, p if isinstance(p, str) else repr(p)) for name, p in zip(names, prompts)]
     queue = []
@@ -160,6 +163,7 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
         try:
             queue.append(_prepare(i, names[i], prompt, tokenizer, judge, prefix_ids, config, context, required,
                                   prefix_key, template, lead))
+            queue[-1].sampler = prompt_sampler(draw, names[i])   # by its name: a resumed run names it alike
         except ValueError as err:
             results[i].error = str(err)
             if on_result:
@@ -184,17 +188,17 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     return RainRun(results, total, ledger, required)
 
 
-def _make_engine(kind, model, tokenizer, end_ids, judge, config, sampler, want_hidden, ledger, prefix_ids, runner,
+def _make_engine(kind, model, tokenizer, end_ids, judge, config, want_hidden, ledger, prefix_ids, runner,
                  runner_tokens):
     if kind == "slow":
         from .slow import SlowEngine
-        return SlowEngine(model, tokenizer, end_ids, judge, config, sampler, want_hidden, ledger)
+        return SlowEngine(model, tokenizer, end_ids, judge, config, want_hidden, ledger)
     if kind == "tree":
         from .tree_engine import TreeEngine
         if runner is None:
             from fastalign.runtime import TreeRunner
             runner = TreeRunner(model, max_tokens=runner_tokens)
-        return TreeEngine(runner, tokenizer, end_ids, judge, config, sampler, want_hidden, ledger, prefix_ids)
+        return TreeEngine(runner, tokenizer, end_ids, judge, config, want_hidden, ledger, prefix_ids)
     raise ValueError(f"engine must be 'tree' or 'slow', got {kind!r}")
 
 

@@ -28,6 +28,7 @@ class PromptContext:
     judge_cache: Dict[str, float] = field(default_factory=dict)
     judging: Set[str] = field(default_factory=set)      # replies being judged right now (an engine's)
     handle: object = None            # engine state (the prompt's cached prefixes)
+    sampler: object = None           # what the prompt's draws come from: its own (sampling.prompt_sampler)
 
     @property
     def answer_start(self) -> int:

@@ -5,7 +5,10 @@ token sets.
   probabilities renormalised over those k (the reference's top-k warper followed by a softmax).
 - Samplers draw one column per row of a probability matrix, all rows in one call (`draw`), or several
   draws per row (`draw_many`, for pools of rollout tokens drawn ahead). `TorchSampler` uses a seeded
-  generator (production): its draws are independent, each used once. `KeyedSampler` derives each draw from
+  generator (production): its draws are independent, each used once. A search draws from its prompt's own
+  sampler (`for_prompt(index)`: a TorchSampler seeded from the run's seed and the prompt's index), so that a
+  prompt's draws do not depend on the prompts searched before or beside it (a plug-in sampler without
+  `for_prompt` serves every prompt itself). `KeyedSampler` derives each draw from
   a 64-bit key that depends only on the token prefix and the candidate's stream index, by inverse-CDF
   sampling, so that batching, ordering or reuse between engines cannot change a draw (`repeatable`: a
   draw at the same key always gives the same token): the basis of the deterministic equivalence tests.
@@ -83,6 +86,10 @@ class TorchSampler:
         return torch.multinomial(probs.float(), count, replacement=True,
                                  generator=self._generator(probs.device)).tolist()
 
+    def for_prompt(self, index: int) -> "TorchSampler":
+        """The sampler of the prompt at `index`: a generator of its own, seeded from (seed, index) alone."""
+        return TorchSampler(draw_key(seed_key(self.seed), index))
+
 
 class KeyedSampler:
     """Inverse-CDF draws whose uniform number is a function of the draw's key alone (float64, on the
@@ -105,6 +112,17 @@ class KeyedSampler:
     def draw_many(self, probs: torch.Tensor, keys: Sequence[int], count: int) -> List[List[int]]:
         """One draw per row: drawing again at the same key would give the same token (`repeatable`)."""
         return [[t] for t in self.draw(probs, keys)]
+
+    def for_prompt(self, index: int) -> "KeyedSampler":
+        """Itself: its draws depend on their keys alone, which name the prompt's tokens."""
+        return self
+
+
+def prompt_sampler(sampler, index: int):
+    """The sampler a prompt's search draws from: `sampler.for_prompt(index)`, or `sampler` itself where it has no
+    such method (a caller's own sampler object, shared by every prompt as before)."""
+    for_prompt = getattr(sampler, "for_prompt", None)
+    return sampler if for_prompt is None else for_prompt(index)
 
 
 def check_sampler(sampler):

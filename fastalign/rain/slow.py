@@ -23,14 +23,13 @@ from .sampling import ROLLOUT_STREAM, draw_key, extend_key, ranked_tokens, top_k
 
 
 class SlowEngine:
-    def __init__(self, model, tokenizer, end_ids: AbstractSet[int], judge: JudgeTokens, config: RainConfig, sampler,
+    def __init__(self, model, tokenizer, end_ids: AbstractSet[int], judge: JudgeTokens, config: RainConfig,
                  want_hidden: bool, ledger: Optional[TokenLedger] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.end_ids = end_ids
         self.judge = judge
         self.config = config
-        self.sampler = sampler
         self.want_hidden = want_hidden
         self.ledger = ledger or TokenLedger()
         self.device = next(model.parameters()).device
@@ -98,7 +97,7 @@ class SlowEngine:
             if stream is None:
                 col = int(probs[0].argmax())
             else:
-                col = self.sampler.draw(probs, [draw_key(prefix_key, stream)])[0]
+                col = job.ctx.sampler.draw(probs, [draw_key(prefix_key, stream)])[0]
             token = int(ids[0, col])
             tokens.append(token)
             logp += math.log(float(probs[0, col]))
@@ -128,7 +127,7 @@ class SlowEngine:
             else:
                 logits, hidden, cache, key = self._forward(stats, [state[-1]], cache, key)
             probs = torch.softmax(logits, dim=-1).unsqueeze(0)
-            token = self.sampler.draw(probs, [draw_key(prefix_key, ROLLOUT_STREAM)])[0]
+            token = job.ctx.sampler.draw(probs, [draw_key(prefix_key, ROLLOUT_STREAM)])[0]
             prefix_key = extend_key(prefix_key, [token])
             if hidden is not None:
                 hidden_sum = hidden.float().clone() if hidden_sum is None else hidden_sum + hidden.float()

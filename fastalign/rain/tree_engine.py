@@ -16,8 +16,10 @@
   as two rows on top of that row (a row may extend a row of the same call).
 - Draws: every generation row's outputs are reduced right after its call, for all rows at once: top-k
   distribution (expansion), ranked tokens (1-token sets), last hidden state, and a pool of rollout
-  tokens pre-drawn from the full softmax (one batched sampler call per model call), so no full logits
-  are kept and a rollout passing a computed position needs no model work.
+  tokens pre-drawn from the full softmax (one batched call per model call of each prompt's own sampler), so no
+  full logits are kept and a rollout passing a computed position needs no model work. A prompt's root, which
+  prompts that start alike share, keeps its full next-token probabilities instead, and each prompt's rollout
+  draws from them with its own sampler.
 - Every job of every prompt in a `run` is a small program; each round of all programs' rows is ONE call
   of `runner.extend`, so concurrent prompts (and leaves picked together) share model calls. Rows that
   would compute the same position run once (the position is marked pending; others wait a round).
@@ -53,8 +55,9 @@ ROLLOUT_POOL = 16      # rollout tokens pre-drawn per computed position (a posit
 class Entry:
     """A computed prefix: its span and ledger key; on the generation side also what draws read from its
     last position (top-k ids and probabilities, greedy column, ranked ids/logits, last hidden state,
-    pre-drawn rollout tokens; a prompt's root, which no row can compute again, also keeps its full next-token
-    probabilities to draw more). `users` counts the tries (and shared tables) holding it."""
+    pre-drawn rollout tokens; a prompt's root, which no row can compute again and prompts that start alike share,
+    keeps its full next-token probabilities instead, drawn from by each prompt's own sampler). `users` counts the
+    tries (and shared tables) holding it."""
     __slots__ = ("span", "key", "top_ids", "top_probs", "greedy_col", "ranked", "hidden", "draws", "probs",
                  "users")
 
@@ -74,6 +77,7 @@ class Row:
     kind: str                                   # "gen": reduce its outputs; "plain": KV only; "label": logits
     target: Optional[PrefixNode] = None         # the trie position this row computes (None: transient)
     skey: int = 0                               # sampling key of a "gen" row's sequence
+    sampler: object = None                      # the sampler of a "gen" row's prompt (its rollout pools)
     cuts: List[Tuple[int, PrefixNode]] = field(default_factory=list)  # (offset, position) inside the row
                                                                       # that gets an entry too
     after: Optional["Row"] = None               # a row of the same call that this row extends (parent None)
@@ -103,14 +107,13 @@ class _Draw:
 
 class TreeEngine:
     def __init__(self, runner, tokenizer, end_ids: AbstractSet[int], judge: JudgeTokens, config: RainConfig,
-                 sampler, want_hidden: bool, ledger: Optional[TokenLedger] = None,
+                 want_hidden: bool, ledger: Optional[TokenLedger] = None,
                  generation_prefix_ids: Sequence[int] = ()):
         self.runner = runner
         self.tokenizer = tokenizer
         self.end_ids = end_ids
         self.judge = judge
         self.config = config
-        self.sampler = sampler
         self.want_hidden = want_hidden
         self.ledger = ledger or TokenLedger()
         self.generation_prefix = list(generation_prefix_ids)
@@ -141,24 +144,24 @@ class TreeEngine:
         chains = result[0] if any(offsets) else [[span] for span in result[0]]
         logits = result[1]
         hidden = result[2] if self.want_hidden else None
-        outs, gen, at = [], [], 0                # gen: (entry, output index, skey, is a root) to read
+        outs, gen, at = [], [], 0                # gen: (entry, output index, skey, is a root, sampler) to read
         for r, chain in zip(rows, chains):
             parent = outs[index[id(r.after)]] if r.after is not None else r.parent
             parent_key = EMPTY_KEY if parent is None else parent.key
             for (end, node), span in zip(r.cuts, chain):
                 node.entry, node.pending = Entry(span, chain_key(parent_key, r.tokens[:end])), False
                 if r.kind == "gen":
-                    gen.append((node.entry, at, node.skey, False))
+                    gen.append((node.entry, at, node.skey, False, r.sampler))
                 at += 1
             outs.append(Entry(chain[-1], self.ledger.feed(r.stats, parent_key, r.tokens)))
             if r.kind == "gen":
-                gen.append((outs[-1], at, r.skey, r.target is None))
+                gen.append((outs[-1], at, r.skey, r.target is None, r.sampler))
             at += 1
         if gen:
             index = torch.tensor([g[1] for g in gen], device=logits.device)
             self._read_distributions([g[0] for g in gen], logits[index],
                                      None if hidden is None else hidden[index.to(hidden.device)],
-                                     [g[2] for g in gen], [g[3] for g in gen])
+                                     [g[2] for g in gen], [g[3] for g in gen], [g[4] for g in gen])
         at = 0
         for i, row in enumerate(rows):
             at += len(row.cuts)
@@ -191,14 +194,23 @@ class TreeEngine:
                 self.ledger.recompute(row.stats, n)
 
     def _read_distributions(self, entries: List[Entry], logits: torch.Tensor, hidden, skeys: List[int],
-                            roots: List[bool]):
-        """What the search reads from generation rows, for all of them at once."""
+                            roots: List[bool], samplers: List[object]):
+        """What the search reads from generation rows, for all of them at once (the rollout pools: in one call of
+        each prompt's sampler; a root, shared by prompts that start alike, keeps its probabilities instead)."""
         top_ids, top_probs = top_k_distribution(logits, self.config.sample_top_k)
         greedy = top_probs.argmax(dim=-1).tolist()
         top_ids, top_probs = top_ids.cpu().tolist(), top_probs.cpu()
         ranked_ids, ranked_logits = ranked_tokens(logits, self.config.max_children)
         probs = torch.softmax(logits.float(), dim=-1)
-        draws = self.sampler.draw_many(probs, [draw_key(k, ROLLOUT_STREAM) for k in skeys], ROLLOUT_POOL)
+        draws, by_sampler = [None] * len(entries), {}
+        for i, (sampler, root) in enumerate(zip(samplers, roots)):
+            if not root:
+                by_sampler.setdefault(id(sampler), (sampler, []))[1].append(i)
+        for sampler, rows in by_sampler.values():
+            picked = probs if len(rows) == len(entries) else probs[torch.tensor(rows, device=probs.device)]
+            pools = sampler.draw_many(picked, [draw_key(skeys[i], ROLLOUT_STREAM) for i in rows], ROLLOUT_POOL)
+            for i, pool in zip(rows, pools):
+                draws[i] = pool
         for i, entry in enumerate(entries):
             entry.top_ids, entry.top_probs, entry.greedy_col = top_ids[i], top_probs[i], greedy[i]
             entry.ranked = (ranked_ids[i], ranked_logits[i])
@@ -248,7 +260,7 @@ class TreeEngine:
             raise
         return results
 
-    def _ensure(self, targets: Sequence[PrefixNode], stats, phase: str, kind: str, cuts=frozenset()):
+    def _ensure(self, targets: Sequence[PrefixNode], ctx: PromptContext, phase: str, kind: str, cuts=frozenset()):
         """Program step: until every target position has an entry, yields the rows that compute what they
         lack from their deepest computed ancestor (one row per target, giving `cuts` on the way, positions
         that must get their own entry, entries from the same row), waiting while a position on the way is
@@ -257,7 +269,7 @@ class TreeEngine:
             rows = []
             busy = False
             for target in targets:
-                row = self._row_to(target, stats, phase, kind, cuts)
+                row = self._row_to(target, ctx, phase, kind, cuts)
                 if row is None:
                     busy = busy or target.entry is None
                 else:
@@ -267,7 +279,8 @@ class TreeEngine:
             yield rows
 
     @staticmethod
-    def _row_to(target: PrefixNode, stats, phase: str, kind: str, cuts=frozenset(), suffix: Sequence[int] = ()):
+    def _row_to(target: PrefixNode, ctx: PromptContext, phase: str, kind: str, cuts=frozenset(),
+                suffix: Sequence[int] = ()):
         """The row that computes `target` (and the `cuts` on the way) from its deepest computed ancestor,
         followed by `suffix` (then the row's own end is transient and `target` is one of its cuts); its
         positions are marked pending. None when `target` has an entry, or a position on the way is pending."""
@@ -283,8 +296,9 @@ class TreeEngine:
             node.pending = True
         target.pending = True
         end = None if suffix else target
-        return Row(path[0].parent.entry, [n.token for n in path] + list(suffix), stats, phase, kind, end,
-                   target.skey if kind == "gen" and end is not None else 0, inner)
+        return Row(path[0].parent.entry, [n.token for n in path] + list(suffix), ctx.stats, phase, kind, end,
+                   target.skey if kind == "gen" and end is not None else 0, ctx.sampler if kind == "gen" else None,
+                   inner)
 
     # --- prompts -------------------------------------------------------------------------------------
     def prepare(self, contexts: Sequence[PromptContext]):
@@ -443,9 +457,9 @@ class TreeEngine:
         return results
 
     def _expand(self, job: ExpandJob):
-        stats = job.ctx.stats
+        ctx = job.ctx
         origin = self._gen_node(job.node)
-        yield from self._ensure([origin], stats, "expand", "gen")
+        yield from self._ensure([origin], ctx, "expand", "gen")
         if job.length == 1:
             ids, logits = origin.entry.ranked
             return ExpandResult(ranked_ids=list(ids), ranked_logits=list(logits), hidden=origin.entry.hidden)
@@ -454,8 +468,8 @@ class TreeEngine:
         while True:
             active = [d for d in rows if not d.done]
             sampled = [d for d in active if d.stream is not None]
-            picks = iter(self.sampler.draw(torch.stack([d.node.entry.top_probs for d in sampled]),
-                                           [draw_key(d.node.skey, d.stream) for d in sampled]) if sampled else [])
+            picks = iter(ctx.sampler.draw(torch.stack([d.node.entry.top_probs for d in sampled]),
+                                          [draw_key(d.node.skey, d.stream) for d in sampled]) if sampled else [])
             for d in active:
                 entry = d.node.entry
                 col = entry.greedy_col if d.stream is None else next(picks)
@@ -469,7 +483,7 @@ class TreeEngine:
             needed = list({id(d.node): d.node for d in rows if not d.done}.values())
             if not needed:
                 break
-            yield from self._ensure(needed, stats, "expand", "gen")
+            yield from self._ensure(needed, ctx, "expand", "gen")
         drafts = [Draft(tuple(d.tokens), d.logp, d.hidden) for d in rows]
         if job.greedy is None:
             return ExpandResult(greedy=drafts[0], samples=drafts[1:])
@@ -483,17 +497,18 @@ class TreeEngine:
         node = self._gen_node(job.node)
         try:
             while not rollout_stops(self.tokenizer, c, ctx, state):
-                yield from self._ensure([node], ctx.stats, "simulate", "gen")
+                yield from self._ensure([node], ctx, "simulate", "gen")
                 entry = node.entry
-                if not entry.draws and entry.probs is not None:      # a prompt's root: draw more
-                    entry.draws = self.sampler.draw_many(entry.probs.unsqueeze(0),
-                                                         [draw_key(node.skey, ROLLOUT_STREAM)], ROLLOUT_POOL)[0]
-                if not entry.draws:              # pool used up: compute the position again for fresh draws
+                if entry.probs is not None:      # a prompt's root (shared by prompts that start alike): its own draw
+                    token = ctx.sampler.draw_many(entry.probs.unsqueeze(0), [draw_key(node.skey, ROLLOUT_STREAM)],
+                                                  1)[0][0]
+                elif not entry.draws:            # pool used up: compute the position again for fresh draws
                     node.entry = None
-                    yield from self._ensure([node], ctx.stats, "simulate", "gen")
+                    yield from self._ensure([node], ctx, "simulate", "gen")
                     self._drop(entry)
                     continue
-                token = entry.draws[0] if self.sampler.repeatable else entry.draws.pop()
+                else:
+                    token = entry.draws[0] if ctx.sampler.repeatable else entry.draws.pop()
                 if entry.hidden is not None:
                     out.hidden_sum = entry.hidden.clone() if out.hidden_sum is None else out.hidden_sum + entry.hidden
                 state.append(token)
@@ -510,12 +525,12 @@ class TreeEngine:
         cache check, then ONE call: a row with whatever the judge input still lacks (the rollout's last
         token; a reply cut before a new turn ends in tokens of its own; a terminal leaf's path is fed only
         now) and the text both option blocks share, and the option blocks on top of it."""
-        ctx, stats = job.ctx, job.ctx.stats
+        ctx = job.ctx
         kind = _judge_row_kind(ctx)
         rollout_nodes = set()
         if not job.terminal:
             node = self._judge_node(job.node)
-            yield from self._ensure([node], stats, "evaluate", kind, self._sibling_cuts(job.node))
+            yield from self._ensure([node], ctx, "evaluate", kind, self._sibling_cuts(job.node))
             fed = 0
             while not rollout.done:
                 if fed == len(rollout.tokens):
@@ -528,7 +543,7 @@ class TreeEngine:
                         drawn.append(node)
                 fed = len(rollout.tokens)
                 if drawn:                        # tokens drawn without model work arrive together
-                    yield from self._ensure([node], stats, "evaluate", kind, set(drawn))
+                    yield from self._ensure([node], ctx, "evaluate", kind, set(drawn))
             for token in rollout.tokens[fed:]:   # drawn last: each a position of its own in the last row
                 if token not in self.end_ids:
                     node = node.child(token)
@@ -545,30 +560,30 @@ class TreeEngine:
             origin = self._judge_node(job.node) if base == "leaf" else ctx.handle.judge
             node = origin.walk(ids)
             cuts = self._sibling_cuts(job.node) if job.terminal else rollout_nodes
-            value = yield from self._score(node, stats, cuts, kind)
+            value = yield from self._score(node, ctx, cuts, kind)
         finally:
             ctx.judging.discard(reply)
         ctx.judge_cache[reply] = value
         return Evaluation(value, rollout.tokens, rollout.hidden_sum, (base, list(ids)))
 
-    def _score(self, conversation: PrefixNode, stats, cuts, kind: str):
+    def _score(self, conversation: PrefixNode, ctx: PromptContext, cuts, kind: str):
         """Program: the conversation's missing tokens (entries at `cuts` on the way and at its end) and the
         text both option blocks share in one row (of `kind`), and both option blocks as two rows on that
         row, in ONE call."""
         shared_ids = list(self.judge.shared_suffix_ids)
         while True:
             if conversation.entry is not None:
-                row = Row(conversation.entry, shared_ids, stats, "evaluate", "plain") if shared_ids else None
+                row = Row(conversation.entry, shared_ids, ctx.stats, "evaluate", "plain") if shared_ids else None
             else:
-                row = self._row_to(conversation, stats, "evaluate", kind, cuts, shared_ids)
+                row = self._row_to(conversation, ctx, "evaluate", kind, cuts, shared_ids)
             if row is not None or conversation.entry is not None:
                 break
             yield []                             # a position on the way is being computed by another row
         if row is None:
-            logits = yield [Row(conversation.entry, list(ids), stats, "evaluate", "label")
+            logits = yield [Row(conversation.entry, list(ids), ctx.stats, "evaluate", "label")
                             for ids in self.judge.option_ids]
         else:
-            shared, *logits = yield [row] + [Row(None, list(ids), stats, "evaluate", "label", after=row)
+            shared, *logits = yield [row] + [Row(None, list(ids), ctx.stats, "evaluate", "label", after=row)
                                              for ids in self.judge.option_ids]
             if shared_ids:                       # the row's end is the transient shared text
                 self._drop(shared)

@@ -159,7 +159,8 @@ def register(subparsers) -> None:
       "(default: transformers' choice for the model)")
     g("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
       help="recompute activations in the backward pass (less memory, ~30%% more compute) (default: off)")
-    g("--seed", type=int, metavar="N", help="seed of data order, mismatch answers and LoRA initialisation (default: 0)")
+    g("--seed", type=int, metavar="N",
+      help="seed of data order, mismatch answers, LoRA initialisation and dropout (default: 0)")
     g("--backend", choices=BACKENDS, help="fused-loss backend (default: auto)")
 
     g = p.add_argument_group("LoRA").add_argument

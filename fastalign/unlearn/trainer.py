@@ -111,17 +111,24 @@ def require_extras(config: UnlearnConfig) -> None:
         _require(module)
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+def _torch_rng_state() -> dict:
+    """The states of torch's generators (CPU, every CUDA device's): what LoRA's initialisation and dropout draw from."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _rng_state() -> dict:
+    return {**_torch_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
 def _set_rng_state(state: dict) -> None:
+    """Sets the generators whose states `state` holds (_rng_state's, or _torch_rng_state's alone)."""
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    if "python" in state:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -210,6 +217,9 @@ class UnlearningTrainer:
     the trained model, where model/ lost the part of the update its weights' precision rounds away; the share
     lost is run.json's merge_rounding_error, and a warning names it above lora_merge.MERGE_ERROR_WARNING).
     step_callback(record) runs on the main process after every step.
+    Torch's global generator is seeded with config.seed when the trainer is constructed (LoRA's initialisation draws
+    from it), and train() starts dropout where that left it, whatever was drawn in between; a step_callback that draws
+    from it changes the dropout of the steps after it (a resume restores the generator as its checkpoint found it).
     """
 
     def __init__(self, model, streams: UnlearningStreams, config: UnlearnConfig, *, tokenizer=None,
@@ -233,6 +243,9 @@ class UnlearningTrainer:
                                       "into sharded weights); LoRA's trainable weights are small: use DDP")
         self.model = self._prepare_model(model)
         _check_trainable_dtypes(self.model)
+        # where a fresh run's dropout starts drawing (train() goes back to it: a caller's own draws in between must
+        # not change the run)
+        self._fresh_rng = _torch_rng_state()
         if self.sharded:
             check_flat_root_unit(self.model, self.accelerator.state.fsdp_plugin)
         check_fused_logits(self.model)  # before train() writes anything
@@ -297,6 +310,7 @@ class UnlearningTrainer:
             os.makedirs(out, exist_ok=True)
             remove_stale_temporaries(out)
 
+        _set_rng_state(self._fresh_rng)  # a resume then restores its checkpoint's
         objective, optimizer = self._prepare_objective()
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: max(0.0, 1.0 - s / config.max_steps))  # linear to 0, no warm-up (SPEC §1)

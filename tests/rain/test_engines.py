@@ -70,7 +70,7 @@ def test_an_enclosing_autocast_does_not_apply_inside_the_slow_engine():
     """Both engines run the model in its own dtypes (the tree engine's runner ignores a caller's autocast): a
     caller's bf16 autocast around rain_generate changed the slow engine's logits, and so its decisions."""
     model = tiny_llama()
-    engine = SlowEngine(model, tokenizer(), frozenset(), None, RainConfig(), None, want_hidden=True)
+    engine = SlowEngine(model, tokenizer(), frozenset(), None, RainConfig(), want_hidden=True)
     ids = tokenizer()(PROMPTS[0])["input_ids"]
     logits, hidden, _, _ = engine._forward(None, ids)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -119,6 +119,31 @@ def test_first_commit_distribution_matches_with_torch_sampler():
     keys = set(hist["slow"]) | set(hist["tree"])
     tv = 0.5 * sum(abs(hist["slow"][k] - hist["tree"][k]) for k in keys) / 40
     assert tv < 0.35, (hist, tv)
+
+
+@pytest.mark.parametrize("engine", ["slow", "tree"])
+def test_production_sampler_gives_a_prompt_its_result_whatever_is_searched_beside_it(engine):
+    """The production sampler draws each prompt's samples from a generator of its own, seeded from (seed, the
+    prompt's index): a prompt's answer and whole search depend neither on the other prompts of the run, nor on their
+    order, nor on the concurrency, so that a resumed `fastalign rain` (it searches the prompts left, named by their
+    rows) or a torchrun rank writes the record an uninterrupted run writes. One generator for the whole run made each
+    prompt's draws depend on those of every prompt searched before or beside it. The same prompt at another index
+    draws samples of its own."""
+    tok = tokenizer()
+    config = RainConfig(root_visits=12, min_new_visits=4, max_new_tokens=10)
+
+    def searched(prompts, indices, concurrency):
+        run = rain_generate(HashLM(len(tok)), tok, prompts, config, engine=engine,
+                            runner=HashRunner(len(tok)) if engine == "tree" else None, judge_prompt=SHORT_JUDGE,
+                            embedding="hidden", sampler="torch", concurrency=concurrency, indices=indices)
+        assert all(r.error is None for r in run.results)
+        return {r.index: (r.answer_ids, r.commits) for r in run.results}
+
+    together = searched(PROMPTS, [0, 1, 2], 3)
+    assert searched([PROMPTS[2]], [2], 1) == {2: together[2]}
+    assert searched(PROMPTS[::-1], [2, 1, 0], 1) == together
+    again = searched([PROMPTS[1], PROMPTS[1]], [1, 3], 2)
+    assert again[1] == together[1] and again[3][1] != again[1][1]
 
 
 def test_cost_against_reference_and_tree_minimum():
@@ -216,8 +241,8 @@ def test_replies_cut_at_a_new_turn():
 
 def test_used_up_rollout_pools_are_drawn_again(monkeypatch):
     """With one pre-drawn rollout token per position, a position rolled past twice is computed again for
-    fresh draws (the ledger counts it), and a prompt's root (shared by identical prompts) draws more from
-    its kept probabilities; the search runs to the end and leaves nothing behind."""
+    fresh draws (the ledger counts it), and a prompt's root (shared by identical prompts) is drawn from its kept
+    probabilities, by each prompt's own sampler; the search runs to the end and leaves nothing behind."""
     monkeypatch.setattr(tree_engine, "ROLLOUT_POOL", 1)
     model = HashLM(len(tokenizer()))
     config = RainConfig(root_visits=8, min_new_visits=3, max_new_tokens=10, rollout_stop_chars="\n")

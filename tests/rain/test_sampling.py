@@ -4,7 +4,7 @@ row's distribution."""
 import torch
 
 from fastalign.rain import KeyedSampler, TorchSampler
-from fastalign.rain.sampling import draw_key, extend_key, ranked_tokens, seed_key, top_k_distribution
+from fastalign.rain.sampling import draw_key, extend_key, prompt_sampler, ranked_tokens, seed_key, top_k_distribution
 
 
 def test_keyed_draws_are_batch_invariant():
@@ -59,3 +59,20 @@ def test_the_seed_changes_the_draws_of_both_samplers():
     for make in (KeyedSampler, TorchSampler):
         assert make(seed=2).draw(probs, keys) == make(seed=2).draw(probs, keys)
         assert make(seed=2).draw(probs, keys) != make(seed=3).draw(probs, keys)
+
+
+def test_a_prompts_torch_sampler_depends_on_the_seed_and_its_index_alone():
+    """What a prompt's search draws from: the run's draws for other prompts do not move its draws; another index or
+    seed gives others. The keyed sampler is every prompt's (its keys name the prompt's tokens), and a caller's own
+    sampler object without for_prompt stays shared."""
+    probs = torch.full((16, 50), 1.0 / 50)
+    keys = [draw_key(extend_key(seed_key(1), [i]), 1) for i in range(16)]
+    run = TorchSampler(seed=2)
+    first = run.for_prompt(7).draw_many(probs, keys, 3)
+    run.draw(probs, keys)
+    run.for_prompt(8).draw(probs, keys)
+    assert prompt_sampler(run, 7).draw_many(probs, keys, 3) == first
+    assert run.for_prompt(8).draw_many(probs, keys, 3) != first
+    assert TorchSampler(seed=3).for_prompt(7).draw_many(probs, keys, 3) != first
+    keyed, own = KeyedSampler(seed=2), object()
+    assert prompt_sampler(keyed, 7) is keyed and prompt_sampler(own, 7) is own

@@ -359,6 +359,26 @@ def test_lora_initialisation_draws_from_the_seed(tmp_path):
     assert not torch.equal(lora_a(0, 1), lora_a(1, 1))
 
 
+def test_dropout_follows_the_seed_whatever_the_caller_draws_before_training(tmp_path):
+    """Dropout draws from config.seed's generator where LoRA's initialisation left it: a caller's own draws between
+    constructing the trainer and train() changed a run with dropout (the generator was seeded only when the trainer
+    was constructed). Dropout does change the run: without it, it ends elsewhere."""
+    pytest.importorskip("peft")
+    tokenizer = byte_bpe_tokenizer()
+
+    def trained(name, draws, dropout=0.5):
+        config = UnlearnConfig(output_dir=str(tmp_path / name), lora=True, lora_rank=4, lora_dropout=dropout,
+                               lr=1e-2, max_steps=2, progress=False)
+        trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config)
+        torch.rand(draws)
+        trainer.train()
+        return [p.detach().clone() for p in trainer.model.parameters()]
+
+    undisturbed = trained("undisturbed", 0)
+    assert all(torch.equal(a, b) for a, b in zip(undisturbed, trained("disturbed", 3)))
+    assert not all(torch.equal(a, b) for a, b in zip(undisturbed, trained("no-dropout", 0, dropout=0.0)))
+
+
 def test_cached_reference_freezes_the_head(tmp_path):
     original = tiny_llama(len(byte_bpe_tokenizer()))
     trainer, summary = run(tmp_path, max_steps=2, reference="cached")
