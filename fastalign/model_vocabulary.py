@@ -10,3 +10,12 @@ def input_vocabulary(model) -> int | None:
     get_embeddings = getattr(base, "get_input_embeddings", None)
     weight = getattr(get_embeddings() if get_embeddings is not None else None, "weight", None)
     return weight.shape[0] if isinstance(weight, torch.Tensor) else None
+
+
+def check_embedded(ids, vocab_size: int | None, source: str, error: type = ValueError) -> None:
+    """Raises `error` naming `source` when a token id of `ids` is past the model's `vocab_size` input embeddings
+    (None: not known, nothing checked): a tokenizer that does not match the model (a token added to it without
+    resizing the model's embeddings) fails deep inside the forward with an IndexError, on CUDA a device assert."""
+    if vocab_size is not None and len(ids) and max(ids) >= vocab_size:
+        raise error(f"{source}: token id {max(ids)} is past the model's {vocab_size} input embeddings: the tokenizer "
+                    "does not match the model (a token added without resizing the embeddings?)")

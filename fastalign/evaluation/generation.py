@@ -18,8 +18,9 @@ from typing import Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 
+from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache
-from fastalign.unlearn.encoding import tokenize_texts
+from fastalign.unlearn.encoding import tokenize_prompts
 from fastalign.unlearn.templates import end_of_turn_id
 
 
@@ -65,22 +66,26 @@ def context_length(model) -> Optional[int]:
 
 def encode_prompts(tokenizer, prompts: Sequence[str], max_new_tokens: int, model) -> List[List[int]]:
     """Token ids of every prompt, with one BOS also where the prompt text writes it (a chat template's
-    rendering); ValueError naming the first prompt that leaves no room to answer."""
-    ids = tokenize_texts(tokenizer, prompts)["input_ids"] if prompts else []
-    limit = context_length(model)
+    rendering) and no EOS appended (see tokenize_prompts); ValueError naming the first prompt that leaves no room
+    to answer, or holds a token id the model has no input embedding for."""
+    ids = tokenize_prompts(tokenizer, prompts) if prompts else []
+    limit, vocab = context_length(model), input_vocabulary(model)
     for i, row in enumerate(ids):
         if not row:
             raise ValueError(f"prompt {i} is empty after tokenization")
+        check_embedded(row, vocab, f"prompt {i}")
         if limit is not None and len(row) + max_new_tokens > limit:
             raise ValueError(f"prompt {i} has {len(row)} tokens; with max_new_tokens={max_new_tokens} it "
                              f"exceeds the model's context of {limit} positions ({prompts[i][:60]!r}...)")
     return ids
 
 
-def pad_id(tokenizer) -> int:
-    """The id that fills padded positions (masked out): the pad token, else end-of-sequence, else 0."""
+def pad_id(tokenizer, vocab_size: Optional[int] = None) -> int:
+    """The id that fills padded positions (masked out): the pad token, else end-of-sequence, else 0, passing over
+    one past the model's `vocab_size` input embeddings (a pad token added to the tokenizer without resizing them:
+    the embedding looks up masked positions too)."""
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
+        if token_id is not None and (vocab_size is None or token_id < vocab_size):
             return token_id
     return 0
 
@@ -138,7 +143,7 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> Tuple[str, bool]:
 def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationConfig, eos: Set[int],
                     generators: List[torch.Generator]) -> List[Generation]:
     device = next(model.parameters()).device
-    width, pad = max(len(r) for r in rows), pad_id(tokenizer)
+    width, pad = max(len(r) for r in rows), pad_id(tokenizer, input_vocabulary(model))
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)

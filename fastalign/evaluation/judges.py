@@ -166,14 +166,20 @@ class ModerationJudge:
     def probabilities(self, pairs: Sequence[Pair]) -> List[float]:
         """The classifier's probability of the harmful label for every pair."""
         device = next(self.model.parameters()).device
+        # Padded on the right whatever the tokenizer's side (on the left, a classifier with absolute position
+        # embeddings, BERT or GPT-2, reads a text at other positions than alone), with the model's own pad id, not
+        # the tokenizer's: a decoder classifier finds a text's last token by that id, not by the attention mask.
+        # A model without one (GPT-2 as published) reads each text alone.
+        pad = getattr(self.model.config, "pad_token_id", None)
+        size = self.batch_size if pad is not None else 1
         out: List[float] = []
-        for start in range(0, len(pairs), self.batch_size):
-            texts = [self.text(p, a) for p, a in pairs[start:start + self.batch_size]]
-            # padded on the right whatever the tokenizer's side: on the left, a classifier with absolute position
-            # embeddings (BERT, GPT-2) reads a text at other positions than alone; decoders find the last real token
-            enc = self.tokenizer(texts, padding=True, padding_side="right", truncation=True,
-                                 max_length=self.max_length, return_tensors="pt").to(device)
-            logits = self.model(**enc).logits.float()
+        for start in range(0, len(pairs), size):
+            texts = [self.text(p, a) for p, a in pairs[start:start + size]]
+            enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+            width = max(map(len, enc["input_ids"]))
+            batch = {key: torch.tensor([list(row) + [pad if key == "input_ids" else 0] * (width - len(row))
+                                        for row in rows], device=device) for key, rows in enc.items()}
+            logits = self.model(**batch).logits.float()
             probs = logits.sigmoid() if self.sigmoid else torch.softmax(logits, -1)
             out += probs[:, self.label].tolist()
         return out

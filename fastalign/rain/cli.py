@@ -27,7 +27,7 @@ from fastalign.cli import HelpFormatter, UsageError, check_device, check_output_
 from fastalign.evaluation.generation import eos_ids, pad_id
 from fastalign.evaluation.prompts import hh_messages, hh_prompts, read_prompts
 from fastalign.output_lock import output_lock
-from fastalign.unlearn.encoding import tokenize_texts
+from fastalign.unlearn.encoding import tokenize_prompts
 from fastalign.unlearn.config import dataclass_from_dict, read_config_file, settings_mapping
 from fastalign.unlearn.records import DataError, read_text
 from fastalign.unlearn.templates import ChatTemplate
@@ -167,11 +167,12 @@ def option_text(path: Optional[str], argument: str) -> str:
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, turn_marker: str,
                   max_length: Optional[int] = None) -> str:
     """Plain KV-cached greedy decoding, cut before a new user turn. Like RAIN's answer, it reads the prompt
-    with one BOS where the text writes it (a chat template's rendering), ends at RAIN's end tokens (`eos_ids`:
-    also a chat template's end of turn that the generation config leaves out), and stops at max_new_tokens
+    with one BOS where the text writes it (a chat template's rendering) and without an appended EOS
+    (`tokenize_prompts`), ends at RAIN's end tokens (`eos_ids`: also a chat template's end of turn that the
+    generation config leaves out), and stops at max_new_tokens
     (0 = no limit), at max_length tokens in all and within the model's context (a model with learned positions
     fails past it, which stopped the whole run)."""
-    ids = torch.tensor([tokenize_texts(tokenizer, [prompt])["input_ids"][0]], device=next(model.parameters()).device)
+    ids = torch.tensor(tokenize_prompts(tokenizer, [prompt]), device=next(model.parameters()).device)
     totals = [n for n in (max_length, getattr(model.config, "max_position_embeddings", None)) if n]
     if totals:
         room = min(totals) - ids.shape[1]

@@ -6,7 +6,7 @@ decodes to nothing, e.g. special tokens).
 """
 from typing import AbstractSet, List, Sequence
 
-from fastalign.unlearn.encoding import tokenize_texts
+from fastalign.unlearn.encoding import tokenize_prompts
 from fastalign.unlearn.templates import ChatTemplate
 
 from .config import RainConfig
@@ -95,7 +95,7 @@ def reply_lead(tokenizer, judge, template: ChatTemplate) -> str:
         rendered = template.render("Hi", "Sure")     # the answer's first token reads "Sure", "S", " Sure", ...
     except ValueError:
         return ""
-    head, whole = tokenize_texts(tokenizer, [template.prompt("Hi"), rendered.text[:rendered.answer_end]])["input_ids"]
+    head, whole = tokenize_prompts(tokenizer, [template.prompt("Hi"), rendered.text[:rendered.answer_end]])
     if len(whole) <= len(head) or list(whole[:len(head)]) != list(head):
         return ""
     dialogue_ids = judge.head_ids(dialogue)

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
 
 from fastalign.evaluation.generation import eos_ids
+from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.ops.checks import is_integer
 from fastalign.unlearn.templates import ChatTemplate
-from fastalign.unlearn.encoding import tokenize_texts
+from fastalign.unlearn.encoding import tokenize_prompts
 
 from .config import RainConfig
 from .dialogue import cut_at_turn, reply_lead
@@ -67,21 +68,22 @@ def _context(model, runner) -> Optional[int]:
 
 def _prepare(index: int, name: int, prompt: str, tokenizer, judge: JudgeTokens, prefix_ids: List[int],
              config: RainConfig, context: Optional[int], required: RequiredPrefixes, prefix_key: int,
-             template: Optional[ChatTemplate], lead: str) -> PromptContext:
+             template: Optional[ChatTemplate], lead: str, vocab: Optional[int]) -> PromptContext:
     """The context of the prompt at `index`; ValueError, naming the prompt by `name`, for a prompt that is not a
-    string, is empty or leaves no room to answer (the answer is also kept short enough for its judge prompt to fit
-    the model's context). With a chat `template` the prompt is a user message: the model reads its rendering
-    (after the template's system turn), the judge reads it in JudgePrompt.dialogue followed by `lead` (see
-    dialogue.reply_lead)."""
+    string, is empty, holds a token id past the model's `vocab` input embeddings or leaves no room to answer (the
+    answer is also kept short enough for its judge prompt to fit the model's context). With a chat `template` the
+    prompt is a user message: the model reads its rendering (after the template's system turn), the judge reads it
+    in JudgePrompt.dialogue followed by `lead` (see dialogue.reply_lead)."""
     if not isinstance(prompt, str):
         raise ValueError(f"prompt {name} must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
         raise ValueError(f"prompt {name} is empty")
     text = template.prompt(prompt) if template else prompt
-    prompt_ids = list(tokenize_texts(tokenizer, [text], add_special_tokens=not prefix_ids)["input_ids"][0])
+    prompt_ids = tokenize_prompts(tokenizer, [text], add_special_tokens=not prefix_ids)[0]
     root_ids = list(prefix_ids) + prompt_ids
     head_text = judge.dialogue_text(prompt) + lead if template else prompt.lstrip()
     head_ids = judge.head_ids(head_text)
+    check_embedded(prompt_ids + head_ids, vocab, f"prompt {name}")
     max_length = config.max_length
     if config.max_new_tokens:
         max_length = min(max_length, len(root_ids) + config.max_new_tokens)
@@ -146,9 +148,13 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     judge = JudgeTokens(tokenizer, judge_prompt)
     lead = reply_lead(tokenizer, judge, template) if template else ""
     end_ids = frozenset(eos_ids(model, tokenizer))
+    prefix_ids = tokenize_prompts(tokenizer, [generation_prefix])[0] if generation_prefix else []
+    vocab = input_vocabulary(model)
+    check_embedded(prefix_ids, vocab, "generation_prefix")
+    check_embedded(judge.prefix_ids + [t for ids in judge.suffix_ids + judge.label_ids for t in ids], vocab,
+                   "the judge prompt")
     embedder = CheckedEmbedder(make_embedder(embedding, "cpu") if isinstance(embedding, str) else embedding)
     draw = make_sampler(sampler, config.seed) if isinstance(sampler, str) else check_sampler(sampler)
-    prefix_ids = list(tokenize_texts(tokenizer, [generation_prefix])["input_ids"][0]) if generation_prefix else []
     ledger = TokenLedger()
     required, shared = RequiredPrefixes(), RainStats()
     required.add(shared, "shared_prefix", EMPTY_KEY, judge.prefix_ids)
@@ -162,7 +168,7 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     for i, prompt in enumerate(prompts):
         try:
             queue.append(_prepare(i, names[i], prompt, tokenizer, judge, prefix_ids, config, context, required,
-                                  prefix_key, template, lead))
+                                  prefix_key, template, lead, vocab))
             queue[-1].sampler = prompt_sampler(draw, names[i])   # by its name: a resumed run names it alike
         except ValueError as err:
             results[i].error = str(err)

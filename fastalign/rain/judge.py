@@ -20,7 +20,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from fastalign.unlearn.encoding import tokenize_texts
+from fastalign.unlearn.encoding import tokenize_prompts
 
 from .ledger import EMPTY_KEY
 from .minimum import chain_key
@@ -184,7 +184,7 @@ class JudgeTokens:
         return before, after
 
     def _encode(self, text: str, special: bool) -> List[int]:
-        return list(tokenize_texts(self.tokenizer, [text], add_special_tokens=special)["input_ids"][0])
+        return tokenize_prompts(self.tokenizer, [text], add_special_tokens=special)[0]
 
     def _encode_piece(self, text: str) -> List[int]:
         """Tokens of `text` as it reads in the middle of the judge input. A tokenizer that marks the start of

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from fastalign.model_vocabulary import check_embedded
 from fastalign.unlearn.batching import TokenBatch, collate
 from fastalign.unlearn.encoding import EncodedExample, PoolAnswer
 from fastalign.unlearn.records import DataError
@@ -181,10 +182,7 @@ class UnlearningStreams:
                             "the tokenizer does not match the model (a token added without resizing the embeddings?)")
         pool = [(a.ids, f"mismatch pool answer {i}") for i, a in enumerate(self.pool)]
         for ids, source in [(e.input_ids, e.source) for e in self.forget + self.normal] + pool:
-            if ids and not 0 <= max(ids) < vocab_size:
-                raise DataError(f"{source}: token id {max(ids)} is past the model's {vocab_size} input embeddings: "
-                                "the tokenizer does not match the model (a token added without resizing the "
-                                "embeddings?)")
+            check_embedded(ids, vocab_size, source, DataError)
 
     def batch(self, index: int, *, rank: int = 0, world_size: int = 1) -> UnlearningBatch:
         """The batch of global draw `index` for process `rank` of `world_size`."""

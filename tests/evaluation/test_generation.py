@@ -240,3 +240,45 @@ def test_generation_gives_the_model_back_in_the_mode_it_was_in(world, tokenizer,
     assert training.training and all(m.training for m in training.modules())
     generate(model, tokenizer, prompts_of(world)[:1], GenerationConfig(max_new_tokens=2))
     assert not model.training
+
+
+def test_a_tokenizer_that_appends_eos_to_every_text_gives_prompts_without_it(world, tokenizer, model):
+    """A tokenizer configured with add_eos_token=True ends every encoding with EOS: a prompt read that way asked the
+    model to go on after the end of the sequence. Prompts are read without it, so answers are those of the same
+    tokenizer without add_eos_token; an EOS the prompt's text writes itself stays."""
+    from tests.tokenizer_variants import appending_eos
+
+    eos_tokenizer, prompts = appending_eos(tokenizer), prompts_of(world)
+    assert eos_tokenizer(prompts[0])["input_ids"] == tokenizer(prompts[0])["input_ids"] + [tokenizer.eos_token_id]
+    assert encode_prompts(eos_tokenizer, prompts, 8, model) == encode_prompts(tokenizer, prompts, 8, model)
+    written = prompts[0] + tokenizer.eos_token
+    assert encode_prompts(eos_tokenizer, [written], 8, model) == [tokenizer(written)["input_ids"]]
+    config = GenerationConfig(max_new_tokens=6, batch_size=4)
+    assert generations(model, eos_tokenizer, prompts, config) == generations(model, tokenizer, prompts, config)
+
+
+def test_a_slow_tokenizer_generates_as_the_fast_one_with_the_same_ids(world, tokenizer, model):
+    """Generation needs no character offsets: a pure-Python tokenizer (models with custom tokenizer code) works."""
+    from tests.tokenizer_variants import SlowTokenizer
+
+    slow = SlowTokenizer(tokenizer.backend_tokenizer, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
+                         pad_token=tokenizer.pad_token, unk_token=tokenizer.unk_token)
+    prompts, config = prompts_of(world), GenerationConfig(max_new_tokens=6, batch_size=4)
+    assert not slow.is_fast and encode_prompts(slow, prompts, 6, model) == encode_prompts(tokenizer, prompts, 6, model)
+    assert generations(model, slow, prompts, config) == generations(model, tokenizer, prompts, config)
+
+
+def test_token_ids_past_the_models_embeddings(world, tokenizer, model):
+    """A tokenizer with tokens added past the model's input embeddings (a pad token or chat markers added without
+    resizing them): a pad token there only fills masked positions, which the embedding still looks up (an
+    IndexError deep in the forward of any batch of prompts of different lengths), so batches are padded with an
+    id the model embeds; a prompt that holds such a token is an error naming it."""
+    extended = copy.deepcopy(tokenizer)
+    extended.add_special_tokens({"pad_token": "[PAD]", "additional_special_tokens": ["<|im_start|>"]})
+    vocab = model.get_input_embeddings().weight.shape[0]
+    assert extended.pad_token_id >= vocab
+    prompts, config = prompts_of(world), GenerationConfig(max_new_tokens=4, batch_size=4)
+    assert generations(model, extended, prompts, config) == generations(model, tokenizer, prompts, config)
+    with pytest.raises(ValueError, match=rf"prompt 1: token id {vocab + 1} is past the model's {vocab} input "
+                                         "embeddings: the tokenizer does not match the model"):
+        generate(model, extended, [prompts[0], "<|im_start|>" + prompts[1]], config)

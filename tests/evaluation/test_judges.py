@@ -58,6 +58,31 @@ def test_moderation_judge_scores_each_text_as_alone_with_absolute_positions(worl
     assert probs == pytest.approx([one_at_a_time(gpt2, tokenizer, a) for _, a in pairs], abs=1e-5)
 
 
+
+@pytest.mark.parametrize("model_pad, tokenizer_pad", [("eos", "pad"), (None, None)])
+def test_moderation_judge_scores_a_decoder_classifier_as_alone_whatever_its_pad_token(world, tokenizer, model_pad,
+                                                                                      tokenizer_pad):
+    """A decoder classifier (GPT-2, Llama) reads the score at a text's last token, found by the id its config
+    calls padding, not by the attention mask: a batch padded with the tokenizer's other pad token was scored at
+    a pad position (0.90 for 0.16 alone); and without a pad token (GPT-2 as published) every batch was an
+    error. Each text is scored as alone."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    ids = {"eos": tok.eos_token_id, "pad": tok.pad_token_id, None: None}
+    if tokenizer_pad is None:
+        tok.pad_token = None
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=4, n_positions=128,
+                        pad_token_id=ids[model_pad], id2label={0: "safe", 1: "unsafe"},
+                        label2id={"safe": 0, "unsafe": 1})
+    gpt2 = GPT2ForSequenceClassification(config).eval()
+    with torch.no_grad():
+        gpt2.score.weight.mul_(30)
+    pairs = [(qa.question, answer) for qa in world.harmful[:3] + world.normal[:3] for answer in (qa.answer, "No.")]
+    probs = ModerationJudge(gpt2, tok, batch_size=len(pairs)).probabilities(pairs)
+    assert probs == pytest.approx([one_at_a_time(gpt2, tok, a) for _, a in pairs], abs=1e-5)
+
 @pytest.mark.parametrize("labels, problem_type", [(["toxic", "threat", "insult"], "multi_label_classification"),
                                                    (["harmfulness"], None)])
 def test_moderation_judge_uses_sigmoid_for_independent_labels(world, tokenizer, labels, problem_type):

@@ -682,3 +682,15 @@ def test_rain_kv_pool_too_small_for_the_judge_prefix_is_a_usage_error_naming_the
     assert main([a if a != "slow" else "tree" for a in args] + ["--kv-tokens", "16", "--no-vanilla"]) == 2
     err = capsys.readouterr().err
     assert "--kv-tokens 16 is too small for the judge's few-shot prefix" in err and "needs at least 2 blocks" in err
+
+
+def test_vanilla_answer_with_a_tokenizer_that_appends_eos_reads_the_prompt_without_it(monkeypatch):
+    """A tokenizer configured with add_eos_token=True ends every encoding with EOS: the vanilla answer read the
+    prompt with it, and went on after the end of the sequence."""
+    from tests.tokenizer_variants import appending_eos
+
+    model = tiny_llama()
+    fed, generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda ids, **kw: fed.append(ids[0].tolist()) or generate(ids, **kw))
+    answers = [greedy_answer(model, tok, PROMPTS[0], 4, "Human:") for tok in (tokenizer(), appending_eos(tokenizer()))]
+    assert fed[1] == fed[0] == tokenizer()(PROMPTS[0])["input_ids"] and answers[1] == answers[0]

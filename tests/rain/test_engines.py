@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from fastalign.rain import JudgePrompt, RainConfig, rain_generate, tree_engine
+from fastalign.rain import JudgePrompt, JudgeTokens, RainConfig, rain_generate, tree_engine
 from fastalign.rain.embeddings import HiddenStateEmbedder
 from fastalign.rain.slow import SlowEngine
 
@@ -715,7 +715,6 @@ def test_chat_answers_follow_the_judge_dialogue_after_a_space(monkeypatch):
 
     from fastalign.rain.dialogue import reply_lead
     from fastalign.unlearn.templates import ChatTemplate
-    from fastalign.rain.judge import JudgeTokens
     from tests.byte_bpe import train_byte_bpe
 
     from .test_judge import _sentencepiece_style_tokenizer
@@ -823,3 +822,62 @@ def test_a_plug_in_without_the_interface_is_refused_up_front(setting, message):
     bare AttributeError, and a needs_hidden of 'no' was taken as True."""
     with pytest.raises(ValueError, match=re.escape(message)):
         run_tree(PROMPTS[:1], SMALL, **setting)
+
+
+def test_a_tokenizer_that_appends_eos_to_every_text_searches_as_without_it(monkeypatch):
+    """A tokenizer configured with add_eos_token=True ends every encoding with EOS: the prompt, the generation
+    prefix and the judge's few-shot prefix read that way each ended with an EOS that the model then went on
+    after. The model is fed what the same tokenizer without it gives, a chat template's prompt too."""
+    from tests.tokenizer_variants import appending_eos
+
+    tok = copy.deepcopy(tokenizer())
+    tok.chat_template = LLAMA3_LIKE
+    eos_tok = appending_eos(tok)
+    model = HashLM(len(tok))
+    fed, forward = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda **kw: fed.append(kw["input_ids"][0].tolist()) or forward(**kw))
+    config = RainConfig(root_visits=3, max_new_tokens=3)
+    kw = dict(engine="slow", judge_prompt=SHORT_JUDGE, embedding="hidden", sampler="keyed")
+    runs = {}
+    for name, t in (("plain", tok), ("eos", eos_tok)):
+        fed.clear()
+        raw = rain_generate(model, t, PROMPTS[:2], config, generation_prefix="Judge the conversation.\n", **kw)
+        chat = rain_generate(model, t, ["How do I bake bread?"], config, chat_template=True, **kw)
+        runs[name] = (decisions(raw), decisions(chat), list(fed))
+    assert all(error is None for _, _, error in runs["plain"][0] + runs["plain"][1])
+    assert runs["eos"] == runs["plain"]
+
+
+@pytest.mark.parametrize("engine", ["slow", "tree"])
+def test_token_ids_past_the_models_embeddings_are_errors_naming_the_prompt_or_the_judge(engine):
+    """A tokenizer with a token added past the model's input embeddings (chat markers added without resizing
+    them): a prompt that holds it failed with an IndexError deep in the slow engine's forward; it is an error
+    naming the prompt in both engines, and a judge prompt that holds it is refused before any search."""
+    tok = copy.deepcopy(tokenizer())
+    tok.add_tokens(["<|im_start|>"], special_tokens=True)
+    model, vocab = tiny_llama(), len(tokenizer())
+    kw = dict(engine=engine, judge_prompt=SHORT_JUDGE, embedding="hidden")
+    run = rain_generate(model, tok, ["<|im_start|>" + PROMPTS[0], PROMPTS[1]], SMALL, **kw)
+    assert run.results[0].error == (f"prompt 0: token id {vocab} is past the model's {vocab} input embeddings: the "
+                                    "tokenizer does not match the model (a token added without resizing the "
+                                    "embeddings?)")
+    assert run.results[1].error is None and run.results[1].answer_ids
+    with pytest.raises(ValueError, match=f"generation_prefix: token id {vocab} is past the model's {vocab} input"):
+        rain_generate(model, tok, PROMPTS[1:], SMALL, generation_prefix="<|im_start|>", **kw)
+    kw["judge_prompt"] = dataclasses.replace(SHORT_JUDGE, template="<|im_start|>" + SHORT_JUDGE.template)
+    with pytest.raises(ValueError, match=f"the judge prompt: token id {vocab} is past the model's {vocab} input"):
+        rain_generate(model, tok, PROMPTS[1:], SMALL, **kw)
+
+
+def test_a_slow_tokenizer_searches_as_the_fast_one_with_the_same_ids():
+    """RAIN needs no character offsets: a pure-Python tokenizer (models with custom tokenizer code) makes the
+    decisions the fast tokenizer with the same ids makes, the judge's option ids included."""
+    from tests.tokenizer_variants import SlowTokenizer
+
+    fast = tokenizer()
+    slow = SlowTokenizer(fast.backend_tokenizer, bos_token=fast.bos_token, eos_token=fast.eos_token,
+                         pad_token=fast.pad_token)
+    assert not slow.is_fast and JudgeTokens(slow, SHORT_JUDGE).label_ids == JudgeTokens(fast, SHORT_JUDGE).label_ids
+    runs = [rain_generate(HashLM(len(fast)), t, PROMPTS, SMALL, engine="slow", judge_prompt=SHORT_JUDGE,
+                          embedding="hidden", sampler="keyed") for t in (fast, slow)]
+    assert decisions(runs[1]) == decisions(runs[0]) and all(r.answer_ids for r in runs[0].results)

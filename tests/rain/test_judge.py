@@ -156,3 +156,17 @@ def test_a_prompt_that_writes_its_bos_fills_the_conversation_without_it(family, 
     head = judge.head_ids(rendered)
     assert head == judge.head_ids(rendered[len(tok.bos_token):])
     assert [ids.count(tok.bos_token_id) for ids in (judge.full_ids(head, 0), judge.full_ids(head, 1))] == [1, 1]
+
+
+@pytest.mark.parametrize("prompt", [SHORT_JUDGE, JudgePrompt()])
+def test_a_tokenizer_that_appends_eos_to_every_text_reads_the_judge_prompt_without_it(prompt):
+    """A tokenizer configured with add_eos_token=True ends every encoding with EOS: the few-shot prefix read that
+    way put an EOS between it and the conversation. The judge's ids are those of the same tokenizer without it."""
+    from tests.tokenizer_variants import appending_eos
+
+    tok = tokenizer()
+    eos_tok = appending_eos(tok)
+    assert eos_tok("Judge")["input_ids"][-1] == tok.eos_token_id
+    judge, plain = JudgeTokens(eos_tok, prompt), JudgeTokens(tok, prompt)
+    assert judge.prefix_ids == plain.prefix_ids and tok.eos_token_id not in judge.prefix_ids
+    assert (judge.suffix_ids, judge.label_ids) == (plain.suffix_ids, plain.label_ids)

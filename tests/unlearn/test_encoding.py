@@ -149,10 +149,17 @@ def test_answer_at_position_zero_is_never_a_target():
 
 
 def test_slow_tokenizer_is_refused():
-    class Slow:
-        is_fast = False
-    with pytest.raises(TypeError, match="need a fast tokenizer"):
-        encode_pairs(Slow(), TextTemplate(), pairs(TRICKY[:1]), max_length=64)
+    """A pure-Python tokenizer (models with custom tokenizer code) has no character offsets to find answers by."""
+    from tests.tokenizer_variants import SlowTokenizer
+
+    fast = byte_bpe_tokenizer()
+    slow = SlowTokenizer(fast.backend_tokenizer, bos_token=fast.bos_token, eos_token=fast.eos_token)
+    slow.chat_template = CHAT_TEMPLATE
+    for template in (TextTemplate(), ChatTemplate(slow)):
+        with pytest.raises(TypeError, match="need a fast tokenizer .* got SlowTokenizer"):
+            encode_pairs(slow, template, pairs(TRICKY[:1]), max_length=64)
+        with pytest.raises(TypeError, match="need a fast tokenizer .* got SlowTokenizer"):
+            encode_answers(slow, template, ["Paris"])
 
 
 @pytest.mark.parametrize("with_pad,answer_eos", [(False, False), (True, False), (False, True)])
