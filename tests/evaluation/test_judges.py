@@ -46,17 +46,25 @@ def test_moderation_judge_scores_each_text_as_alone_with_absolute_positions(worl
     a shorter text of a batch at shifted positions, and its verdict depended on the other texts (0.05 alone, 0.96
     next to longer ones)."""
     assert tokenizer.padding_side == "left"
+    assert_scored_as_alone(gpt2_classifier(len(tokenizer), tokenizer.pad_token_id), tokenizer, world)
+
+
+def gpt2_classifier(vocab_size, pad_token_id):
+    """A random two-label GPT-2 classifier whose scores are far from 0.5 (a shifted reading shows)."""
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=4, n_positions=128,
-                        pad_token_id=tokenizer.pad_token_id, id2label={0: "safe", 1: "unsafe"},
-                        label2id={"safe": 0, "unsafe": 1})
+    config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=1, n_head=4, n_positions=128,
+                        pad_token_id=pad_token_id, id2label={0: "safe", 1: "unsafe"}, label2id={"safe": 0, "unsafe": 1})
     gpt2 = GPT2ForSequenceClassification(config).eval()
     with torch.no_grad():
         gpt2.score.weight.mul_(30)
-    pairs = [(qa.question, answer) for qa in world.harmful[:3] + world.normal[:3] for answer in (qa.answer, "No.")]
-    probs = ModerationJudge(gpt2, tokenizer, batch_size=len(pairs)).probabilities(pairs)
-    assert probs == pytest.approx([one_at_a_time(gpt2, tokenizer, a) for _, a in pairs], abs=1e-5)
+    return gpt2
 
+
+def assert_scored_as_alone(model, tokenizer, world):
+    """Answers of several lengths scored in one batch get the scores each gets alone."""
+    pairs = [(qa.question, answer) for qa in world.harmful[:3] + world.normal[:3] for answer in (qa.answer, "No.")]
+    probs = ModerationJudge(model, tokenizer, batch_size=len(pairs)).probabilities(pairs)
+    assert probs == pytest.approx([one_at_a_time(model, tokenizer, a) for _, a in pairs], abs=1e-5)
 
 
 @pytest.mark.parametrize("model_pad, tokenizer_pad", [("eos", "pad"), (None, None)])
@@ -72,16 +80,8 @@ def test_moderation_judge_scores_a_decoder_classifier_as_alone_whatever_its_pad_
     ids = {"eos": tok.eos_token_id, "pad": tok.pad_token_id, None: None}
     if tokenizer_pad is None:
         tok.pad_token = None
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=4, n_positions=128,
-                        pad_token_id=ids[model_pad], id2label={0: "safe", 1: "unsafe"},
-                        label2id={"safe": 0, "unsafe": 1})
-    gpt2 = GPT2ForSequenceClassification(config).eval()
-    with torch.no_grad():
-        gpt2.score.weight.mul_(30)
-    pairs = [(qa.question, answer) for qa in world.harmful[:3] + world.normal[:3] for answer in (qa.answer, "No.")]
-    probs = ModerationJudge(gpt2, tok, batch_size=len(pairs)).probabilities(pairs)
-    assert probs == pytest.approx([one_at_a_time(gpt2, tok, a) for _, a in pairs], abs=1e-5)
+    assert_scored_as_alone(gpt2_classifier(len(tok), ids[model_pad]), tok, world)
+
 
 @pytest.mark.parametrize("labels, problem_type", [(["toxic", "threat", "insult"], "multi_label_classification"),
                                                    (["harmfulness"], None)])
