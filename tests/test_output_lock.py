@@ -105,3 +105,63 @@ def test_a_lock_file_replaced_while_locking_is_locked_again(tmp_path, monkeypatc
     monkeypatch.setattr(output_lock_module.fcntl, "flock", flock_after_a_replacement)
     with output_lock(str(out), "--output"):
         assert os.stat(path).st_ino == replaced[0] and open(path).read() == f"{os.getpid()}\n"
+
+
+def test_a_symbolic_link_to_the_output_names_its_lock(tmp_path):
+    """The lock file lies beside the file a link names: a run given the link and one given the file are refused
+    alike."""
+    (tmp_path / "out.jsonl").write_text("record\n")
+    os.symlink(tmp_path / "out.jsonl", tmp_path / "alias.jsonl")
+    with holding(tmp_path / "out.jsonl") as holder:
+        with pytest.raises(UsageError, match=f"another fastalign process \\(PID {holder.pid}\\)"):
+            with output_lock(str(tmp_path / "alias.jsonl"), "--output"):
+                pass
+
+
+def test_a_longer_pid_left_in_the_lock_file_is_overwritten_whole(tmp_path):
+    """The PID a refused process reports is the lock file's whole content: a killed holder's longer PID must not
+    show through the new holder's shorter one."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".fastalign.lock").write_text("99999999999999\n")
+    with output_lock(str(run), "--output-dir", directory=True):
+        assert (run / ".fastalign.lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_leaving_removes_only_the_lock_file_it_holds(tmp_path):
+    """A lock file found at the path on leaving that is not the one held (the held one removed by hand meanwhile,
+    a new one taken by another process) is another process's lock: it stays."""
+    out = tmp_path / "out.jsonl"
+    path = lock_file(str(out), directory=False)
+    with output_lock(str(out), "--output"):
+        os.unlink(path)
+        with open(path, "w") as other:
+            other.write("another holder\n")
+    assert open(path).read() == "another holder\n"
+
+
+def test_a_lock_file_that_cannot_be_made_warns_and_runs_unlocked(tmp_path, monkeypatch, capsys):
+    """A folder the process may not write to: the command runs unlocked (its own checks name an output it cannot
+    write either)."""
+    real_open = os.open
+
+    def refuse_lock_files(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(output_lock_module.os, "open", refuse_lock_files)
+    out = tmp_path / "out.jsonl"
+    with output_lock(str(out), "--output"):
+        pass
+    assert f"fastalign: warning: --output: cannot lock {str(out)!r} ([Errno {errno.EACCES}] Permission denied)" \
+        in capsys.readouterr().err
+
+
+def test_an_output_whose_folder_cannot_be_made_is_left_to_the_commands_own_check(tmp_path, capsys):
+    """A parent that is a file: no lock can be made there, nor the output; the command's check of its output names
+    that, so the lock runs the block without a lock or a warning."""
+    (tmp_path / "file").write_text("")
+    with output_lock(str(tmp_path / "file" / "out.jsonl"), "--output"):
+        pass
+    assert capsys.readouterr().err == "" and os.listdir(tmp_path) == ["file"]

@@ -94,10 +94,12 @@ def test_demo_command_hands_its_options_to_the_story_and_quiet_silences_progress
     assert err == "demo: load done in 0.5 s\n" and out.startswith("fastalign demo: tiny Llama")
 
 
+@pytest.mark.parametrize("bars", [True, False])
 @pytest.mark.parametrize("fails", [False, True])
-def test_demo_command_gives_the_callers_threads_and_progress_bars_back(monkeypatch, fails):
+def test_demo_command_gives_the_callers_threads_and_progress_bars_back(monkeypatch, fails, bars):
     """The demo runs on --threads and without Hugging Face's progress bars; a Python caller of `fastalign.cli.main`
-    kept both (a single torch thread, no bars) for the rest of its process, also after a failed demo."""
+    kept both (a single torch thread, no bars) for the rest of its process, also after a failed demo. A caller
+    without bars gets none back."""
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -111,12 +113,15 @@ def test_demo_command_gives_the_callers_threads_and_progress_bars_back(monkeypat
 
     monkeypatch.setattr(cli, "run_demo", fake_run_demo)
     monkeypatch.setattr(torch, "set_num_threads", seen["set"].append)   # the test process keeps its threads
-    hf_logging.enable_progress_bar()
+    if bars:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
     try:
         with pytest.raises(RuntimeError, match="phase failed") if fails else contextlib.nullcontext():
             assert main(["demo", "--json", "--quiet", "--threads", "3"]) == 0
         assert seen == {"set": [3, torch.get_num_threads()], "bars": False}
-        assert hf_logging.is_progress_bar_enabled()
+        assert hf_logging.is_progress_bar_enabled() == bars
     finally:
         hf_logging.enable_progress_bar()
 

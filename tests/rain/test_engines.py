@@ -760,6 +760,8 @@ class _Vectors:
     (lambda paths: torch.ones(len(paths), 4, dtype=torch.long), "floating-point vectors, got torch.int64"),
     (lambda paths: torch.ones(len(paths)), r"a tensor \[N, d\] or a list of N vectors \[d\], got a tensor of shape"),
     (lambda paths: None, "expected a list of vectors, got NoneType"),
+    (lambda paths: torch.ones(len(paths), 0), r"1-D vectors \[d\] with d >= 1, got shape \[0\]"),
+    (lambda paths: [torch.ones(4) for _ in range(len(paths) + 1)], "one vector per path: 1 asked, 2 given"),
 ])
 def test_a_plug_in_embedder_that_returns_the_wrong_vectors_gets_an_error_naming_it(make, message):
     """Vectors of the wrong type, count or shape failed deep in the back-up ('list' object has no attribute
@@ -787,6 +789,23 @@ def test_plug_in_embedders_that_return_a_matrix_or_tensors_run():
     assert decisions(runs[0]) == decisions(runs[1])
 
 
+@pytest.mark.parametrize("needs_hidden", [False, True])
+def test_a_plug_in_embedder_gets_the_hidden_states_as_its_needs_hidden_says(needs_hidden):
+    """needs_hidden decides whether the engines fill PathInfo.hidden_sum (the model's hidden states, which cost the
+    runner their transfer): given to an embedder that asks for them, not to one that does not."""
+    filled = []
+
+    class Recording:
+        def embed(self, paths):
+            filled.extend(p.hidden_sum is not None for p in paths)
+            return torch.ones(len(paths), 2)
+
+    Recording.needs_hidden = needs_hidden
+    run = run_tree(PROMPTS[:1], RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3), embedding=Recording())
+    assert run.results[0].error is None
+    assert filled and set(filled) == {needs_hidden}
+
+
 class _NoEmbed:
     needs_hidden = False
 
@@ -810,12 +829,22 @@ class _NoDrawMany:
         return [0] * probs.shape[0]
 
 
+class _NoRepeatable:
+    def draw(self, probs, keys):
+        return [0] * probs.shape[0]
+
+    def draw_many(self, probs, keys, count):
+        return [[0]] * probs.shape[0]
+
+
 @pytest.mark.parametrize("setting, message", [
     (dict(embedding=_NoEmbed()), "embedding: _NoEmbed has no method embed"),
     (dict(embedding=_NoFlag()), "embedding: _NoFlag has no attribute needs_hidden"),
     (dict(embedding=_TextFlag()), "embedding: _TextFlag.needs_hidden must be True or False, got 'no'"),
     (dict(sampler=_NoDrawMany()), "sampler: _NoDrawMany has no method draw_many"),
     (dict(sampler=object()), "sampler: object has no method draw"),
+    (dict(sampler=_NoRepeatable()), "sampler: _NoRepeatable.repeatable must be True or False (whether a draw at the "
+                                    "same key always gives the same token), got None"),
 ])
 def test_a_plug_in_without_the_interface_is_refused_up_front(setting, message):
     """Each failed later, deep in every prompt's search ('object' object has no attribute 'draw_many') or as a

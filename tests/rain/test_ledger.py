@@ -102,5 +102,6 @@ def test_run_keys_forget_only_what_a_prompt_kept_apart_met_past_the_bases():
     assert not keys.meet(mine, 3) and not keys.meet(other, 2)
     keys.forget(mine)
     assert keys == {1, 3, 4}
+    assert keys.meet(other, 2)   # met again, by a prompt not kept apart: forgetting `mine` again leaves it
     keys.forget(mine)
-    assert keys == {1, 3, 4}
+    assert keys == {1, 2, 3, 4}

@@ -20,7 +20,8 @@ def odd_plan():
 
 def test_every_array_of_the_plan_arrives_with_its_values_and_dtype():
     plan = odd_plan()
-    batch = ForwardBatch.from_plan(plan, torch.device("cpu"), outputs=np.array([0, 3, 4]))
+    outputs = np.array([0, 1, 3, 2, 4], dtype=np.int64)[::2]   # a strided view, as a caller's selection may be
+    batch = ForwardBatch.from_plan(plan, torch.device("cpu"), outputs=outputs)
     expected = {"input_ids": (plan.token_ids, torch.int64), "positions": (plan.positions, torch.int64),
                 "slot_mapping": (plan.slot_mapping, torch.int64), "extra_src": (plan.extra_src, torch.int64),
                 "extra_dst": (plan.extra_dst, torch.int64), "copy_src": (plan.copy_src, torch.int64),

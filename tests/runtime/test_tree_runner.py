@@ -261,12 +261,13 @@ def test_a_peft_prompt_learning_model_is_refused(name, adapter):
 
 
 def test_the_attention_ops_check_their_arguments_once_per_forward_not_once_per_layer(monkeypatch):
-    """The checks cost ~20 us of host time per call: a 32-layer decode step would pay them 32 times."""
+    """The checks cost ~20 us of host time per call: a 32-layer decode step would pay them 32 times. They check the
+    first layer's arguments, before any K/V is written (and on a one-layer model too)."""
     import fastalign.runtime.llama as llama
-    calls = {"check_paged_attention": 0, "check_write_kv": 0}
-    for name in calls:
-        def counted(*args, _check=getattr(llama, name), _name=name, **kwargs):
-            calls[_name] += 1
+    caches = {"check_paged_attention": [], "check_write_kv": []}   # the k_cache each check was given
+    for name, at in (("check_paged_attention", 1), ("check_write_kv", 2)):
+        def counted(*args, _check=getattr(llama, name), _name=name, _at=at, **kwargs):
+            caches[_name].append(args[_at].data_ptr())
             return _check(*args, **kwargs)
         monkeypatch.setattr(llama, name, counted)
     model = tiny_model("llama-gqa-untied")
@@ -274,4 +275,21 @@ def test_the_attention_ops_check_their_arguments_once_per_forward_not_once_per_l
     runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
     root = runner.prefill([1, 2, 3, 4, 5])
     runner.extend([root, root], [[6], [7, 8]])
-    assert calls == {"check_paged_attention": 2, "check_write_kv": 2}
+    first_layer = runner.pool.k(0).data_ptr()
+    assert caches == {"check_paged_attention": [first_layer] * 2, "check_write_kv": [first_layer] * 2}
+
+
+def test_auto_attention_is_resolved_to_the_backend_of_the_models_device(monkeypatch):
+    """The Llama runner resolves attention_backend="auto" once (Triton on CUDA, torch elsewhere), and every layer's
+    attention gets that backend: one that took "auto" unresolved ran the torch path on CUDA too."""
+    import fastalign.runtime.llama as llama
+    backends, real = [], llama.paged_attention_unchecked
+
+    def spy(*args, backend, **kwargs):
+        backends.append(backend)
+        return real(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(llama, "paged_attention_unchecked", spy)
+    model = tiny_model("llama-gqa-untied")
+    TreeRunner(model, max_tokens=64, block_size=4, attention_backend="auto").prefill([1, 2, 3])
+    assert backends == ["torch"] * model.config.num_hidden_layers

@@ -101,6 +101,18 @@ def test_only_rank_0_prints_the_report(workspace, capsys, monkeypatch, check):
     assert capsys.readouterr().out == ""
 
 
+@needs_fcntl
+def test_a_rank_other_than_0_runs_beside_the_lock_rank_0_holds(workspace, capsys, monkeypatch):
+    """Under a launcher the ranks of one run share its --output-dir: rank 0 alone takes the lock, and the others,
+    finding it held (here by a process standing for rank 0), run on."""
+    monkeypatch.setenv("RANK", "1")
+    out = workspace / "out"
+    with holding(out, directory=True):
+        code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(out), "--max-steps", "1",
+                     "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+
+
 def test_errors_name_the_problem_and_write_nothing(workspace, capsys):
     base = ["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
             "--no-progress"]
@@ -372,9 +384,10 @@ def test_an_output_dir_another_process_writes_is_refused_and_resumed_once_it_is_
     monkeypatch.undo()
     before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
     with holding(out, directory=True) as holder:
-        assert main(command + ["--resume"]) == 2
-        assert (f"fastalign unlearn: error: output_dir (--output-dir): {str(out)!r} is being written by another "
-                f"fastalign process (PID {holder.pid})") in capsys.readouterr().err
+        for resume in (["--resume"], []):   # without: the lock's error, before the run's checkpoints are read
+            assert main(command + resume) == 2
+            assert (f"fastalign unlearn: error: output_dir (--output-dir): {str(out)!r} is being written by another "
+                    f"fastalign process (PID {holder.pid})") in capsys.readouterr().err
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".fastalign.lock"} == before
         holder.kill()
     assert (out / ".fastalign.lock").is_file()
