@@ -207,7 +207,9 @@ class TreeEngine:
             if not root:
                 by_sampler.setdefault(id(sampler), (sampler, []))[1].append(i)
         for sampler, rows in by_sampler.values():
-            picked = probs if len(rows) == len(entries) else probs[torch.tensor(rows, device=probs.device)]
+            first, last = rows[0], rows[-1]   # increasing: a slice where consecutive (no host-to-device index copy)
+            picked = (probs[first:last + 1] if last - first + 1 == len(rows)
+                      else probs[torch.tensor(rows, device=probs.device)])
             pools = sampler.draw_many(picked, [draw_key(skeys[i], ROLLOUT_STREAM) for i in rows], ROLLOUT_POOL)
             for i, pool in zip(rows, pools):
                 draws[i] = pool
