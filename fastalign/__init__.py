@@ -1,4 +1,6 @@
 """fastalign: fast kernels and engines for aligning language models without RLHF."""
+__version__ = "0.1.0"
+
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
 from fastalign.ops.linear_kl_div import linear_kl_div
 from fastalign.unlearn.token_weights import unlearning_token_weights

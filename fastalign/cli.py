@@ -57,9 +57,27 @@ COMMAND_MODULES = (
 )
 
 
+def version_line() -> str:
+    """fastalign's version and those of the libraries whose versions change its results or speed (for bug reports
+    and benchmark notes); read from the installed distributions, without importing them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from fastalign import __version__
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"fastalign {__version__} ({', '.join(f'{n} {installed(n)}' for n in ('torch', 'triton', 'transformers'))})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastalign", description="Fast alignment of language models without "
                                      "RLHF: unlearning and RAIN.")
+    parser.add_argument("--version", action="version", version=version_line(),
+                        help="print fastalign's version and those of the libraries it runs on, then exit")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)

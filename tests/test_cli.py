@@ -1,6 +1,7 @@
 """The `fastalign` command's help: every setting says what it sets and its default (HelpFormatter); an interrupted
 command's message and exit status."""
 import importlib
+import importlib.metadata
 import os
 import signal
 import subprocess
@@ -43,6 +44,21 @@ def test_help_shows_every_default_that_says_something(command, defaults, capsys)
         assert f"(default: {default})" in entries[option], option
     assert "(default:" not in entries["--stop" if command == "eval" else "--no-vanilla"]
     assert "(default: None)" not in " ".join(entries.values())
+
+
+def test_version_names_fastalign_and_the_libraries_it_runs_on(capsys):
+    """`fastalign --version`: the package's own version (the one its distribution was built with) and torch's,
+    triton's and transformers', the versions a bug report or a benchmark note needs."""
+    import torch
+    import transformers
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    line = capsys.readouterr().out.strip()
+    assert exited.value.code == 0
+    assert line.startswith(f"fastalign {fastalign.__version__} (torch {torch.__version__}, triton ")
+    assert line.endswith(f", transformers {transformers.__version__})")
+    assert fastalign.__version__ == importlib.metadata.version("fastalign")
 
 
 def test_python_dash_m_fastalign_runs_the_command():

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import fastalign
+
 tomllib = pytest.importorskip("tomllib")
 ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
@@ -72,6 +74,8 @@ def test_the_sdist_holds_all_of_csrc_the_license_and_the_tests_whole(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     with tarfile.open(tmp_path / "dist" / done.stdout.split()[-1]) as sdist:
         held = {member.name.split("/", 1)[1] for member in sdist.getmembers() if member.isfile()}
+        pkg_info = sdist.extractfile(next(m for m in sdist.getmembers() if m.name.endswith("/PKG-INFO"))).read()
+    assert f"\nVersion: {fastalign.__version__}\n" in pkg_info.decode(), "the sdist's version is not fastalign's"
     made_by_setuptools = {"PKG-INFO", "setup.cfg"} | {name for name in held if name.startswith("fastalign.egg-info/")}
     assert not sources - held, f"not in the sdist: {sorted(sources - held)}"
     assert not held - made_by_setuptools - sources, f"in the sdist: {sorted(held - made_by_setuptools - sources)}"
