@@ -15,7 +15,7 @@ from fastalign.ops.backend import BACKENDS
 from fastalign.unlearn.config import PRECISIONS, UnlearnConfig, read_config_file
 from fastalign.unlearn.formats import FORMATS
 from fastalign.unlearn.lora_merge import MERGE_ERROR_WARNING
-from fastalign.unlearn.reference import REFERENCE_MODES
+from fastalign.unlearn.reference import CACHE_STORAGES, REFERENCE_MODES
 
 DESCRIPTION = """\
 Unlearning (Yao et al. 2023): gradient ascent on harmful answers (forget), gradient descent on the same
@@ -132,6 +132,10 @@ def register(subparsers) -> None:
       "the LoRA model with its adapter off (needs --lora, no copy); cached = its hidden states on the "
       "normal set computed once up front (no copy; freezes the lm_head); auto = adapter with --lora, else "
       "copy (default)")
+    g("--reference-cache", choices=CACHE_STORAGES,
+      help="with --reference cached, where the cache lives: device = beside the model (default); host = in host "
+      "memory, each batch's rows copied to the device as it trains (for a normal set whose cache, 4 bytes x "
+      "hidden size per answer token in fp32, does not fit beside the model)")
 
     g = p.add_argument_group("optimisation").add_argument
     g("--max-steps", type=int, metavar="N", help=f"optimizer steps (default: {_default('max_steps')})")

@@ -19,7 +19,7 @@ from fastalign.ops.backend import BACKENDS
 from fastalign.ops.checks import is_integer, is_real
 from fastalign.unlearn.formats import FORMATS
 from fastalign.unlearn.objective import LossWeights
-from fastalign.unlearn.reference import REFERENCE_MODES
+from fastalign.unlearn.reference import CACHE_STORAGES, REFERENCE_MODES
 from fastalign.unlearn.templates import SPEC_TEMPLATE
 
 PRECISIONS = ("fp32", "bf16-mixed", "bf16")
@@ -66,6 +66,7 @@ class UnlearnConfig:
     mismatch_weight: float = 1.0
     normal_weight: float = 1.0
     reference: str = "auto"
+    reference_cache: str = "device"
     # optimisation
     lr: float = 2e-6
     weight_decay: float = 0.01  # torch's AdamW default, which the reference's recipe runs with
@@ -141,6 +142,8 @@ class UnlearnConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.reference not in ("auto",) + REFERENCE_MODES:
             raise ValueError(f"reference must be 'auto' or one of {REFERENCE_MODES}, got {self.reference!r}")
+        if self.reference_cache not in CACHE_STORAGES:
+            raise ValueError(f"reference_cache must be one of {CACHE_STORAGES}, got {self.reference_cache!r}")
         if self.reference == "adapter" and not self.lora:
             raise ValueError("reference='adapter' needs lora=True (on the command line: --lora): the reference is "
                              "the model with its adapter off")
@@ -156,6 +159,9 @@ class UnlearnConfig:
                 if getattr(self, n) != defaults[n]]
         if idle and not self.lora:
             said.append(f"{', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect without lora=true (--lora)")
+        if self.reference_cache != defaults["reference_cache"] and self.reference_mode != "cached":
+            said.append(f"reference_cache={self.reference_cache!r} has no effect without reference='cached' "
+                        f"(--reference cached)")
         if self.mismatch_per_prompt == 0 and self.mismatch_weight > 0:
             said.append(f"mismatch_per_prompt=0 draws no mismatch answers: the mismatch term is off whatever "
                         f"mismatch_weight ({self.mismatch_weight}) says")

@@ -14,6 +14,7 @@ P = softmax(hidden_ref @ weight_ref.T + bias_ref) without materialising it.
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Sequence
 
 import torch
@@ -25,6 +26,7 @@ from fastalign.unlearn.models import (at_answer_targets, base_causal_lm, causal_
                                       final_hidden_states)
 
 REFERENCE_MODES = ("copy", "adapter", "cached")
+CACHE_STORAGES = ("device", "host")
 
 
 class FrozenCopyReference:
@@ -84,6 +86,10 @@ class AdapterDisabledReference:
 class CachedReference:
     """Reference hidden states of every normal example, computed once, paired with a frozen lm_head.
 
+    storage: where the cache lives through the run. 'device' (the lm_head's device) costs nothing per step; 'host'
+    keeps it in host memory (page-locked beside a CUDA device) and copies each batch's rows to the device
+    asynchronously, for a normal set whose cache (answer tokens x hidden size) does not fit beside the model.
+
     At every call the lm_head weight and bias the objective passes in are checked: neither may require a
     gradient, and each must hold the values the cache was computed with (an optimizer step or any in-place
     change would alter them); otherwise the KL term would silently compare against a different distribution, so
@@ -93,30 +99,36 @@ class CachedReference:
     """
 
     def __init__(self, model, normal: Sequence[EncodedExample], *, batch_size: int = 8, filler_id: int = 0,
-                 device: torch.device | str | None = None, compute_dtype: torch.dtype | None = None):
+                 storage: str = "device", compute_dtype: torch.dtype | None = None):
         """compute_dtype: run the decoder with every weight in that dtype, on a copy made for the cache (FSDP's
         mixed precision computes the policy so, norms and embeddings included), so that P is what the policy
         computed before training."""
+        if storage not in CACHE_STORAGES:
+            raise ValueError(f"storage must be one of {CACHE_STORAGES}, got {storage!r}")
         decoder, lm_head = causal_lm_parts(model)
         weight = lm_head.weight
         if compute_dtype is not None:
             decoder = cast_weights(copy.deepcopy(decoder), compute_dtype)
         self._fingerprints = {name: _baselines(name, t) for name, t in (("weight", weight), ("bias", lm_head.bias))}
-        device = weight.device if device is None else torch.device(device)
-        self.cache: list[torch.Tensor] = []
-        self.forward_masks: list[torch.Tensor] = []  # of the decoder forwards that built the cache (compute.py)
+        batches = [collate(normal[start:start + batch_size], filler_id) for start in range(0, len(normal), batch_size)]
+        # example i's rows are hidden[offsets[i]:offsets[i + 1]], counted on the host before anything runs
+        self.offsets = [0, *itertools.accumulate(n for b in batches for n in b.target_mask.sum(1).tolist())]
+        self.forward_masks = [b.attention_mask for b in batches]  # of the decoder forwards that built it (compute.py)
+        self.hidden = None if batches else weight.new_empty((0, weight.shape[1]))
         with torch.no_grad(), eval_mode(decoder):
-            for start in range(0, len(normal), batch_size):
-                chunk = normal[start:start + batch_size]
-                tokens = collate(chunk, filler_id).to(weight.device)
-                hidden = final_hidden_states(decoder, tokens)
-                self.forward_masks.append(tokens.attention_mask.cpu())
-                counts = tokens.target_mask.sum(1).tolist()
-                self.cache.extend(h.to(device) for h in at_answer_targets(hidden, tokens.target_mask).split(counts))
+            for batch, start in zip(batches, self.offsets[::batch_size]):
+                tokens = batch.to(weight.device)
+                rows = at_answer_targets(final_hidden_states(decoder, tokens), tokens.target_mask)
+                if self.hidden is None:   # its dtype is the decoder's output's
+                    on_host = storage == "host" and weight.device.type != "cpu"
+                    self.hidden = torch.empty((self.offsets[-1], rows.shape[1]), dtype=rows.dtype,
+                                              device="cpu" if on_host else weight.device,
+                                              pin_memory=on_host and weight.device.type == "cuda")
+                self.hidden[start:start + len(rows)].copy_(rows)
 
     @property
     def num_bytes(self) -> int:
-        return sum(h.numel() * h.element_size() for h in self.cache)
+        return self.hidden.numel() * self.hidden.element_size()
 
     def __call__(self, tokens: TokenBatch, normal_index: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None = None):
@@ -124,7 +136,13 @@ class CachedReference:
             _check_unchanged(name, t, self._fingerprints[name])
         if not normal_index.numel():
             return weight.new_zeros((0, weight.shape[1])), weight, bias
-        return torch.cat([self.cache[i] for i in normal_index.tolist()]).to(weight.device), weight, bias
+        parts = [self.hidden[self.offsets[i]:self.offsets[i + 1]] for i in normal_index.tolist()]
+        if self.hidden.device == weight.device:
+            return torch.cat(parts), weight, bias
+        # gathered into page-locked memory, whose copy to the device does not hold up the host
+        staged = torch.empty((sum(map(len, parts)), self.hidden.shape[1]), dtype=self.hidden.dtype,
+                             pin_memory=self.hidden.is_pinned())
+        return torch.cat(parts, out=staged).to(weight.device, non_blocking=True), weight, bias
 
 
 def _check_frozen(name: str, t: torch.Tensor):

@@ -82,8 +82,8 @@ class RunSummary:
     answers_cut: dict  # forget and normal examples whose answer max_length cut short (UnlearningStreams.answers_cut)
     adapter_dir: str | None = None  # LoRA: the unmerged adapter, the update exactly as trained
     merge_rounding_error: float | None = None  # LoRA: the share of the update the merge into model/ lost
-    # reference='cached': the bytes its hidden states held on the device through the run (they grow with the normal
-    # set's answer tokens x hidden size, and no step's memory shows them apart)
+    # reference='cached': the bytes its hidden states held through the run, on the device or (reference_cache='host')
+    # in host memory (they grow with the normal set's answer tokens x hidden size, and no step's memory shows them)
     reference_cache_bytes: int | None = None
 
 
@@ -296,6 +296,7 @@ class UnlearningTrainer:
         mixed = self.config.precision == "bf16-mixed"
         with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=mixed):
             reference = CachedReference(model, self.streams.normal, filler_id=self.streams.filler_id,
+                                        storage=self.config.reference_cache,
                                         compute_dtype=torch.bfloat16 if mixed and self.sharded else None)
         self.setup_compute = cache_compute(self.shape, reference.forward_masks, seconds=time.perf_counter() - started,
                                            num_processes=self.accelerator.num_processes)

@@ -53,10 +53,11 @@ def test_help_explains_formats_and_outputs(capsys):
 def test_train_from_config_file_with_overrides(workspace, capsys):
     out = workspace / "out"
     code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--max-steps", "2", "--output-dir",
-                 str(out), "--no-progress", "--reference", "cached"])
+                 str(out), "--no-progress", "--reference", "cached", "--reference-cache", "host"])
     assert code == 0, capsys.readouterr().err
     saved = json.loads((out / "config.json").read_text())
     assert (saved["max_steps"], saved["lr"], saved["reference"], saved["mismatch_per_prompt"]) == (2, 1e-3, "cached", 2)
+    assert saved["reference_cache"] == "host"
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
     assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "tokenizer.json").is_file()
     assert json.loads(capsys.readouterr().out)["steps"] == 2

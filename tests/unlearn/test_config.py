@@ -89,6 +89,9 @@ def test_a_setting_given_twice_in_a_config_file_is_refused(tmp_path):
     ({"lora_rank": 8, "lora_dropout": 0.1}, r"lora_rank, lora_dropout have no effect without lora=true \(--lora\)"),
     ({"mismatch_per_prompt": 0}, r"mismatch_per_prompt=0 draws no mismatch answers: the mismatch term is off "
                                  r"whatever mismatch_weight \(1.0\) says"),
+    ({"reference_cache": "host"}, r"reference_cache='host' has no effect without reference='cached' "
+                                  r"\(--reference cached\)"),
+    ({"reference_cache": "host", "reference": "adapter", "lora": True}, r"reference_cache='host' has no effect"),
 ])
 def test_settings_that_have_no_effect_are_warned_of(settings, message):
     """A setting that the rest of the configuration never reads was silently ignored."""
@@ -102,6 +105,12 @@ def test_settings_that_take_effect_are_not_warned_of():
         warnings.simplefilter("error")
         UnlearnConfig(lora=True, lora_rank=8)
         UnlearnConfig(mismatch_per_prompt=0, mismatch_weight=0.0)
+        UnlearnConfig(reference="cached", reference_cache="host")
+
+
+def test_reference_cache_names_its_choices():
+    with pytest.raises(ValueError, match=r"reference_cache must be one of \('device', 'host'\), got 'cpu'"):
+        UnlearnConfig(reference="cached", reference_cache="cpu")
 
 
 def test_defaults_are_the_spec_recipe():

@@ -12,6 +12,10 @@ from fastalign.unlearn.reference import (AdapterDisabledReference, CachedReferen
                                          weight_fingerprint)
 from fastalign.reference.unlearning_loss import spec_unlearning_terms
 from fastalign.unlearn.streams import UnlearningStreams
+from fastalign.unlearn.batching import collate
+from fastalign.unlearn.encoding import EncodedExample
+from fastalign.unlearn.models import at_answer_targets, final_hidden_states
+from tests.conftest import requires_cuda
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_phi, tiny_streams
 
 WEIGHTS = LossWeights(forget=0.5, mismatch=1.0, normal=1.0)
@@ -49,6 +53,46 @@ def setup(mode, make_model=tiny_llama):
     reference = CachedReference(model, streams.normal, batch_size=2)
     perturb(model, skip_lm_head=True)
     return model, streams, reference, lambda ids: original(ids).logits
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_cached_reference_holds_each_examples_own_hidden_states(batch_size):
+    """Example i's rows are the reference hidden states at its answer targets, as a forward of it alone gives them,
+    whatever batches built the cache (the last one short); a call returns the rows of its indices in their order."""
+    model = tiny_llama(64).requires_grad_(False)
+    ids = torch.Generator().manual_seed(batch_size)
+    normal = [EncodedExample(tuple(torch.randint(64, (length,), generator=ids).tolist()), start, length, f"row {i}")
+              for i, (start, length) in enumerate([(3, 9), (1, 4), (5, 6), (2, 12), (0, 3), (6, 7), (4, 11)])]
+    reference = CachedReference(model, normal, batch_size=batch_size, storage="host")
+    alone = [at_answer_targets(final_hidden_states(model.model, collate([e], 0)), collate([e], 0).target_mask)
+             for e in normal]
+    assert reference.hidden.shape == (sum(map(len, alone)), model.config.hidden_size)
+    assert reference.num_bytes == reference.hidden.numel() * 4
+    index = torch.tensor([4, 0, 6, 4])
+    hidden, weight, bias = reference(None, index, model.lm_head.weight, model.lm_head.bias)
+    assert weight is model.lm_head.weight and bias is None
+    torch.testing.assert_close(hidden, torch.cat([alone[i] for i in index.tolist()]), rtol=1e-5, atol=1e-6)
+
+
+def test_cached_reference_storage_is_named():
+    tokenizer = byte_bpe_tokenizer()
+    with pytest.raises(ValueError, match=r"storage must be one of \('device', 'host'\), got 'disk'"):
+        CachedReference(tiny_llama(len(tokenizer)), tiny_streams(tokenizer).normal, storage="disk")
+
+
+@requires_cuda
+def test_cached_reference_in_host_memory_gives_the_device_caches_rows():
+    """storage='host' beside a CUDA model: the cache stays in page-locked host memory, and each call's rows reach
+    the device bit for bit as the device cache gives them."""
+    tokenizer = byte_bpe_tokenizer()
+    model = tiny_llama(len(tokenizer)).requires_grad_(False).cuda()
+    normal = tiny_streams(tokenizer).normal
+    on_device, on_host = (CachedReference(model, normal, batch_size=3, storage=s) for s in ("device", "host"))
+    assert on_device.hidden.is_cuda and not on_host.hidden.is_cuda and on_host.hidden.is_pinned()
+    index = torch.tensor([2, 0, len(normal) - 1])
+    expected = on_device(None, index, model.lm_head.weight)[0]
+    got = on_host(None, index, model.lm_head.weight)[0]
+    assert got.is_cuda and torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("make_model", [tiny_llama, tiny_phi], ids=["llama", "phi"])  # Phi: an lm_head bias

@@ -17,6 +17,8 @@ from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.models import cast_weights
 from fastalign.unlearn.streams import UnlearningStreams
 from fastalign.reference.unlearning_loss import spec_unlearning_terms
+from fastalign.unlearn import trainer as trainer_module
+from fastalign.unlearn.reference import CachedReference
 from fastalign.unlearn.trainer import UnlearningTrainer
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_phi, tiny_streams
 
@@ -391,6 +393,20 @@ def test_cached_reference_freezes_the_head(tmp_path):
     cache_bytes = sum(e.answer_end - e.answer_start for e in normal) * original.config.hidden_size * 4
     assert summary.reference_cache_bytes == cache_bytes
     assert json.loads((tmp_path / "run" / "run.json").read_text())["reference_cache_bytes"] == cache_bytes
+
+
+@pytest.mark.parametrize("storage", ["device", "host"])
+def test_the_cached_reference_is_stored_where_the_config_says(tmp_path, monkeypatch, storage):
+    made = []
+
+    class Recorded(CachedReference):
+        def __init__(self, *args, storage, **kwargs):
+            made.append(storage)
+            super().__init__(*args, storage=storage, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "CachedReference", Recorded)
+    run(tmp_path, max_steps=1, reference="cached", reference_cache=storage)
+    assert made == [storage]
 
 
 def test_cached_reference_freezes_the_heads_bias_too(tmp_path):
