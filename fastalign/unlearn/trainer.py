@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import importlib
 import json
 import os
@@ -368,7 +369,12 @@ class UnlearningTrainer:
             if config.save_every and step % config.save_every == 0 and step < config.max_steps:
                 self._save_checkpoint(step, totals, record, objective, optimizer, scheduler)
         progress.close()
-        return self._finish(step, stop_reason, record, totals, objective)
+        summary = self._finish(step, stop_reason, record, totals, objective)
+        # torch.distributed.checkpoint's state-dict helpers (torch 2.13) leave a reference cycle holding every module
+        # of the model; a full collection frees it now, not whenever Python next runs one (device memory filling up
+        # never does), so that a caller dropping the model after the run gets its memory back
+        gc.collect()
+        return summary
 
     def _prepare_objective(self):
         """The accelerate-prepared objective and AdamW over its trainable parameters.
