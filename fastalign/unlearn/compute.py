@@ -15,8 +15,9 @@ computes (padding included, since it costs the same):
   reference               = one decoder forward over the normal rows (frozen copy / disabled adapter), 0 cached;
                             the cached reference costs one decoder forward over the whole normal set before
                             training instead (cache_compute), on every process
-P_dec counts the decoder's matmul weights (embeddings excluded). These are estimates for comparing runs
-and methods (e.g. against the compute of RLHF), not measurements.
+P_dec counts the decoder's matmul weights (embeddings excluded) that a token runs through: of a mixture-of-experts
+layer, its router and shared experts whole and num_experts_per_tok of its routed experts. These are estimates for
+comparing runs and methods (e.g. against the compute of RLHF), not measurements.
 """
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ class ModelShape:
         """Read off the model; the attention width from its config (an OPT-350m-style head projects the decoder's
         width down first, so the lm_head's width is not the decoder's), else the lm_head's width."""
         decoder, lm_head = causal_lm_parts(model)
-        params = sum(p.numel() for p in decoder_matmul_weights(model))
         config = getattr(decoder, "config", None)
+        params = active_matmul_params(model, config)
         heads, head_dim = getattr(config, "num_attention_heads", None), getattr(config, "head_dim", None)
         width = heads * head_dim if heads and head_dim else getattr(config, "hidden_size", lm_head.weight.shape[1])
         return cls(params, int(getattr(config, "num_hidden_layers", 0)), lm_head.weight.shape[1],
@@ -55,6 +56,26 @@ class ModelShape:
         rows, width = attention_mask.shape[0], int(attention_mask.sum(1).max()) if attention_mask.numel() else 0
         attention = 4.0 * self.num_layers * self.attention_width * rows * width ** 2
         return 2.0 * self.decoder_params * rows * width + attention
+
+
+def active_matmul_params(model, config) -> int:
+    """How many of the decoder's matmul weights each token runs through. A module named `experts` (the routed experts
+    of Mixtral, Qwen-MoE, OLMoE, DeepSeek, GPT-OSS: a list of expert MLPs, or tensors stacked over the experts) runs
+    config.num_experts_per_tok of its experts on each token: its weights count at that share, not whole (which
+    made a Mixtral-shaped run's FLOPs 3.3x what it computed)."""
+    top_k = getattr(config, "num_experts_per_tok", None)
+    decoder, _ = causal_lm_parts(model)
+    share = {}   # id of a routed expert's weight -> the share of the tokens that run through it
+    for name, module in decoder.named_modules():
+        if not top_k or name.rsplit(".", 1)[-1] != "experts":
+            continue
+        if isinstance(module, torch.nn.ModuleList):
+            num_experts = len(module)
+        else:
+            num_experts = next((p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3), 0)
+        if num_experts:
+            share |= dict.fromkeys((id(p) for p in module.parameters()), min(top_k, num_experts) / num_experts)
+    return round(sum(p.numel() * share.get(id(p), 1.0) for p in decoder_matmul_weights(model)))
 
 
 def decoder_matmul_weights(model) -> list[torch.nn.Parameter]:

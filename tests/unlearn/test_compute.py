@@ -52,6 +52,41 @@ def test_attention_width_is_the_decoders_when_the_head_projects_it_down():
     assert (shape.hidden_size, shape.attention_width) == (32, 64)
 
 
+MOE_SHAPE = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=64)
+ATTENTION = 2 * 32 * 32 + 2 * 16 * 32   # q, o; k, v
+
+
+@pytest.mark.parametrize("layout", ["stacked", "list"])
+def test_a_mixture_of_experts_counts_the_experts_each_token_runs(layout):
+    """Mixtral: a token runs num_experts_per_tok = 2 of 8 experts, so the estimate counts 2 experts' weights per
+    layer, not 8 (3.3x its FLOPs); the router counts whole. Experts held as tensors stacked over the experts
+    (transformers 5) or as a list of expert MLPs (earlier layouts, and models written so) count the same."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    model = MixtralForCausalLM(MixtralConfig(**MOE_SHAPE, intermediate_size=64, num_local_experts=8,
+                                             num_experts_per_tok=2))
+    expert = 3 * 32 * 64   # gate, up, down
+    if layout == "list":
+        for layer in model.model.layers:
+            layer.mlp.experts = torch.nn.ModuleList(
+                torch.nn.Sequential(torch.nn.Linear(32, 128, bias=False), torch.nn.Linear(64, 32, bias=False))
+                for _ in range(8))
+    assert ModelShape.of(model).decoder_params == 2 * (ATTENTION + 8 * 32 + 2 * expert)
+
+
+def test_shared_experts_count_whole_beside_the_routed_ones():
+    """Qwen2-MoE: 2 of 6 routed experts (MLP width 48) per token, and a shared expert (width 40) with its gate,
+    which every token runs."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**MOE_SHAPE, intermediate_size=64, moe_intermediate_size=48,
+                                               shared_expert_intermediate_size=40, num_experts=6,
+                                               num_experts_per_tok=2, decoder_sparse_step=1))
+    per_layer = ATTENTION + 6 * 32 + 2 * (3 * 32 * 48) + 3 * 32 * 40 + 32
+    assert ModelShape.of(model).decoder_params == 2 * per_layer
+
+
 def test_the_cached_reference_is_counted_once_per_process_that_builds_it():
     """Every process builds the cache over the whole normal set: its tokens, FLOPs and device-seconds count once per
     process (test_distributed checks the tokens only)."""
