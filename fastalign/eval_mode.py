@@ -1,24 +1,40 @@
 """Running a module with dropout off and giving every submodule its own mode back afterwards."""
 import contextlib
+import threading
 
 import torch
+
+_lock = threading.Lock()
+_held = {}   # module -> [blocks inside on it, its own mode before the first]: modules some block keeps in eval mode
 
 
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
     """Runs the block with every module of `model` in eval mode (dropout off), then gives each module back
     the mode it had (a reference forward on a policy that trains must be deterministic). A model already in eval
-    mode throughout, as in a search, is left as it is: one walk over its modules, no switching back and forth."""
-    if not _any_training(model):
-        yield model
-        return
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
+    mode throughout, as in a search, is left as it is: one walk over its modules, no switching back and forth.
+    Blocks may overlap, in one thread or several (runners of their own sharing one model): a module gets its mode
+    back when the last block holding it ends, not while another block still runs in it."""
+    with _lock:
+        if not _held and not _any_training(model):
+            modules = None
+        else:
+            modules = list(model.modules())
+            for module in modules:
+                _held.setdefault(module, [0, module.training])[0] += 1
     try:
+        if modules is not None:
+            model.eval()   # outside the lock (a module's own train() runs): no module held here gets its mode back
         yield model
     finally:
-        for module, training in modes:
-            module.training = training
+        if modules is not None:
+            with _lock:
+                for module in modules:
+                    entry = _held[module]
+                    entry[0] -= 1
+                    if entry[0] == 0:
+                        del _held[module]
+                        module.training = entry[1]
 
 
 def _any_training(model):

@@ -8,7 +8,8 @@ unset and Triton 3.10 turns it off by default, which would change the kernels' r
 import os
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    from .interpreter_fixes import squeeze_loop_bounds, upcast_bf16_dots
+    from .interpreter_fixes import one_launch_at_a_time, squeeze_loop_bounds, upcast_bf16_dots
 
     squeeze_loop_bounds()
     upcast_bf16_dots()
+    one_launch_at_a_time()

@@ -12,8 +12,14 @@ are not concerned.
   their uint16 bit patterns, and its tl.dot multiplies those integers: the result is garbage. `upcast_bf16_dots`
   converts bf16 operands to fp32 first, which is what the tensor cores compute (exact products of bf16 values,
   accumulated in fp32), so that the kernels' bf16 paths are tested on the CPU too.
+- Launches from several threads (Triton 3.9 at least). A launch patches triton.language for its run
+  and puts it back after, and sets the program id on one builder shared by every launch: a launch overlapping
+  another ran with the language unpatched ("Did you forget to add @triton.jit ?") or with the other's program ids
+  and grid (an error, or silently wrong outputs), and could leave the language patched. `one_launch_at_a_time`
+  serialises launches.
 """
 import functools
+import threading
 
 import numpy as np
 import triton
@@ -58,3 +64,20 @@ def upcast_bf16_dots():
 
     create_dot.upcasts_bf16 = True
     builder.create_dot = create_dot
+
+
+def one_launch_at_a_time():
+    """Makes the interpreter run one kernel launch at a time, whichever thread launches it (idempotent)."""
+    executor = interpreter.GridExecutor
+    original = executor.__call__
+    if getattr(original, "one_at_a_time", False):
+        return
+    lock = threading.RLock()
+
+    @functools.wraps(original)
+    def launch(self, *args, **kwargs):
+        with lock:
+            return original(self, *args, **kwargs)
+
+    launch.one_at_a_time = True
+    executor.__call__ = launch

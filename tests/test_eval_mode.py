@@ -1,6 +1,7 @@
 """eval_mode: dropout off inside the block, every module's own mode back afterwards, nothing switched for a model
-already in eval mode throughout (the runtime enters it before every forward)."""
+already in eval mode throughout (the runtime enters it before every forward), also when threads overlap."""
 import random
+import threading
 
 import pytest
 import torch
@@ -74,3 +75,35 @@ def test_any_training_agrees_with_every_module_of_a_llama():
         model.eval()
         m.training = True
         assert _any_training(model)
+
+
+
+@pytest.mark.parametrize("second_on", ["model", "submodule"])
+@pytest.mark.parametrize("first_out", ["A", "B"])
+def test_blocks_overlapping_in_two_threads_keep_eval_mode_until_the_last_one_ends(second_on, first_out):
+    """Thread A enters on a training model, thread B enters on it (or on a submodule) while A is inside, then they
+    leave in either order: whoever is still inside runs with its modules in eval mode (dropout off), and every mode
+    comes back once both are out. B found the model in eval mode and switched nothing, so that A, leaving first,
+    put the model back in training mode under B's forward."""
+    model = _nested()
+    model.train()
+    dropout = next(m for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    targets = {"A": model, "B": {"model": model, "submodule": list(model.modules())[3]}[second_on]}
+    entered, go, seen = {n: threading.Event() for n in "AB"}, {n: threading.Event() for n in "AB"}, {}
+
+    def inside(name):
+        with eval_mode(targets[name]):
+            entered[name].set()
+            assert go[name].wait(timeout=60)    # a guard against a hung test, not a synchronisation
+            x = torch.ones(8, 3)
+            seen[name] = (not any(_modes(targets[name])), torch.equal(dropout(x), x))
+
+    threads = {n: threading.Thread(target=inside, args=(n,), daemon=True) for n in "AB"}
+    for name in "AB":
+        threads[name].start()
+        assert entered[name].wait(timeout=60)
+    for name in (first_out, "B" if first_out == "A" else "A"):
+        go[name].set()
+        threads[name].join(timeout=60)
+    assert seen == {"A": (True, True), "B": (True, True)}
+    assert all(_modes(model))

@@ -119,9 +119,10 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     tokenizer's chat template (after a `system` turn when given) and the judge reads in the conversation
     format of its few-shot examples (JudgePrompt.dialogue), not as the template's special tokens.
 
-    engine: "tree" (TreeRunner; pass `runner` to reuse one, else one with `runner_tokens` of KV is made)
-    or "slow" (the batch-1 reference). embedding: "minilm", "hidden" or an embedder object (`needs_hidden`
-    and `embed(paths)`, see fastalign.rain.embeddings). sampler: "torch", "keyed" or a sampler object
+    engine: "tree" (TreeRunner; pass `runner` to reuse one, else one with `runner_tokens` of KV is made; a runner
+    serves one call at a time, so calls in several threads need one each) or "slow" (the batch-1 reference).
+    embedding: "minilm", "hidden" or an embedder object (`needs_hidden` and `embed(paths)`, see
+    fastalign.rain.embeddings). sampler: "torch", "keyed" or a sampler object
     (`draw`, `draw_many` and `repeatable`, see fastalign.rain.sampling); each prompt draws from
     `sampler.for_prompt(index)` where it has that method (the torch sampler's: a generator seeded from config.seed
     and the prompt's index alone, so that a prompt's search does not depend on the others searched before or beside

@@ -10,6 +10,8 @@ Llama-family models (Llama, Mistral, Qwen2) run on the paged pool with the paged
 other causal LMs fall back to Hugging Face's own forward and cache, row by row, with the same API.
 """
 import collections
+import functools
+import threading
 
 import numpy as np
 import torch
@@ -43,6 +45,23 @@ def _adapters_in_layers(model):
     return model.get_base_model()
 
 
+def _one_call_at_a_time(method):
+    """`method` run under the runner's lock, taken without waiting: a call while another runs (from another thread,
+    or from inside the runner's own forward) would compute from KV that the running call has not written yet, or
+    release what it uses; it is refused with a RuntimeError before it changes anything."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(f"TreeRunner.{method.__name__}: another call is running on this TreeRunner (from "
+                               "another thread, or from inside its forward); a TreeRunner runs one call at a time: "
+                               "use one TreeRunner per thread (they may share one model) or serialise the calls")
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._busy.release()
+    return guarded
+
+
 def _as_list(value, name, expected):
     """`value` as a list; a ValueError naming `name` and what was `expected` when it is not iterable."""
     try:
@@ -61,6 +80,8 @@ class TreeRunner:
     children of one span, consecutive in the call) read those blocks once per group instead of once per
     row (planned on the host for each forward, `plan_shared_prefix`); results are the same either way.
     An enclosing autocast does not apply inside (load the model in the dtype to run it in; see autocast_off).
+    Threads: a runner runs one call (prefill, extend, pin, unpin, release) at a time, and refuses another made
+    meanwhile with a RuntimeError; give each thread its own runner (runners may share one model) or serialise calls.
     """
 
     def __init__(self, model, *, max_tokens=None, max_bytes=None, block_size=16, fallback=True,
@@ -103,6 +124,7 @@ class TreeRunner:
         backend = resolve_backend(attention_backend, mr.device) if self.paged else None
         self._cascade_block_size = block_size if cascade_attention and backend == "triton" else None
         self.max_context = mr.max_context
+        self._busy = threading.Lock()   # held by the running call (see _one_call_at_a_time)
         self.recomputed_tokens = 0      # tokens run again to bring back evicted spans, over the runner's life
         self.last_restored = {}         # span id -> tokens run again for it by the last extend / pin
 
@@ -130,12 +152,14 @@ class TreeRunner:
     def num_free_blocks(self):
         return self.tree.num_free_blocks
 
+    @_one_call_at_a_time
     def prefill(self, token_ids):
         """A new root span holding `token_ids` (one forward, no outputs). To also get the next-token
         logits, use `extend([None], [token_ids])`."""
         (root,), _ = self._extend([None], [token_ids], cuts=None, logits=None, hidden=None, row_name="token_ids")
         return root
 
+    @_one_call_at_a_time
     def extend(self, parents, token_lists, *, cuts=None, logits="last", hidden=None):
         """Append token_lists[i] (one or more token ids) to parents[i] (a Span, None to start a new root,
         or the int j < i: the child of row j of this call), every row in ONE forward. Parents may repeat
@@ -209,6 +233,7 @@ class TreeRunner:
             results += (self._format(out_hidden, hidden, cu_lens, ends),)
         return results
 
+    @_one_call_at_a_time
     def release(self, spans):
         """End one span or an iterable of spans. A released span's KV is freed once no live descendant
         needs it as a prefix; its descendants stay valid. Releasing also drops its pins."""
@@ -220,6 +245,7 @@ class TreeRunner:
             span._finalizer.detach()
             self.tree.release(span.id)
 
+    @_one_call_at_a_time
     def pin(self, span):
         """Keep `span` (and so its ancestors) resident until unpinned or released; pins nest. An evicted
         span is recomputed first."""
@@ -228,6 +254,7 @@ class TreeRunner:
         self.store.make_resident([span.id], self._forward)
         self.tree.pin(span.id)
 
+    @_one_call_at_a_time
     def unpin(self, span):
         """Undo one `pin` of `span`."""
         self.check_span(span, "span")

@@ -48,12 +48,13 @@ class _EpochStream:
     """Indices 0..n-1 in a fresh seeded permutation each epoch, read batch by batch.
 
     The permutation of the epoch last read is kept: drawing one costs O(n), and consecutive batches read the same
-    epoch (drawing it for every row made each step's host work grow with the data set).
+    epoch (drawing it for every row made each step's host work grow with the data set). It is kept with its epoch
+    in one attribute, stored at once, so that threads reading batches together never see one without the other.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, stream: int):
         self.n, self.batch_size, self.seed, self.stream = n, batch_size, seed, stream
-        self._epoch, self._order = None, None
+        self._kept = (None, None)   # (epoch, its permutation)
 
     def batch(self, j: int) -> list[int]:
         out = []
@@ -63,9 +64,11 @@ class _EpochStream:
         return out
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._epoch, self._order = epoch, np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.n)
-        return self._order
+        kept = self._kept
+        if epoch != kept[0]:
+            kept = epoch, np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.n)
+            self._kept = kept
+        return kept[1]
 
 
 def mismatch_fit(forget: Sequence[EncodedExample], pool: Sequence[PoolAnswer], max_length: int) -> list[bool]:

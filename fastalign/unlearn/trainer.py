@@ -221,6 +221,7 @@ class UnlearningTrainer:
     Torch's global generator is seeded with config.seed when the trainer is constructed (LoRA's initialisation draws
     from it), and train() starts dropout where that left it, whatever was drawn in between; a step_callback that draws
     from it changes the dropout of the steps after it (a resume restores the generator as its checkpoint found it).
+    The generators are the process's: run one trainer at a time per process, not one per thread.
     """
 
     def __init__(self, model, streams: UnlearningStreams, config: UnlearnConfig, *, tokenizer=None,

@@ -1,8 +1,11 @@
 """The interpreter fixes of kernels/interpreter_fixes.py: kernel loops bounded by kernel scalars run under Triton
 3.6's interpreter with numpy >= 2.4 (Triton 3.6's conversion of a scalar to an index is put back in place, so that
-the test means the same on the Triton release CI installs), and tl.dot computes bf16 operands by their values."""
+the test means the same on the Triton release CI installs), tl.dot computes bf16 operands by their values, and
+launches from two threads run one at a time."""
 import inspect
 import os
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -84,3 +87,59 @@ def test_bf16_dots_take_the_operands_values(monkeypatch):
     torch.testing.assert_close(out, a.double().matmul(b.double()).float(), rtol=1e-6, atol=1e-5)
     _dot_kernel[(1,)](a.float(), b.float(), out, 16, 32, 16)  # other dtypes as before
     torch.testing.assert_close(out, a.float() @ b.float(), rtol=1e-6, atol=1e-5)
+
+
+@triton.jit
+def _program_ids_kernel(out_ptr):
+    tl.store(out_ptr + tl.program_id(0), tl.program_id(0) + 1)
+
+
+def _waiting_to_launch(thread):
+    """Whether `thread` waits for the launch lock of one_launch_at_a_time (its innermost frame is the wrapper's)."""
+    launch = interpreter.GridExecutor.__call__
+    frame = sys._current_frames().get(thread.ident)
+    return getattr(launch, "one_at_a_time", False) and frame is not None and frame.f_code is launch.__code__
+
+
+def test_launches_from_two_threads_run_one_at_a_time(monkeypatch):
+    """Thread A's launch is held inside (program 1's id set); thread B launches meanwhile and would be held at its
+    program 0; A goes on, then B. Overlapping, A's programs ran with B's program id and grid (an error here, a
+    silently wrong output where the ids fit), and B with the language that A's end unpatched. Serialised, B waits
+    for A and both are right."""
+    interpreter_fixes.one_launch_at_a_time()
+    interpreter_fixes.one_launch_at_a_time()  # idempotent
+    builder = interpreter.interpreter_builder
+    set_grid_idx = builder.set_grid_idx
+    outs = {"A": torch.zeros(3, dtype=torch.int32), "B": torch.zeros(2, dtype=torch.int32)}
+    hold_at, errors = {"A": 1, "B": 0}, {}
+    held, go = {n: threading.Event() for n in outs}, {n: threading.Event() for n in outs}
+    threads = {}
+
+    def holding_set_grid_idx(x, y, z):
+        set_grid_idx(x, y, z)
+        name = next((n for n, t in threads.items() if t is threading.current_thread()), None)
+        if name is not None and x == hold_at[name] and not held[name].is_set():
+            held[name].set()
+            assert go[name].wait(timeout=60)    # a guard against a hung test, not a synchronisation
+
+    def launch(name):
+        try:
+            _program_ids_kernel[(len(outs[name]),)](outs[name])
+        except Exception as err:    # handed to the test
+            errors[name] = err
+
+    monkeypatch.setattr(builder, "set_grid_idx", holding_set_grid_idx)
+    for name in outs:
+        threads[name] = threading.Thread(target=launch, args=(name,), daemon=True)
+    try:
+        threads["A"].start()
+        assert held["A"].wait(timeout=60)
+        threads["B"].start()
+        while not (held["B"].wait(timeout=0.01) or _waiting_to_launch(threads["B"])):
+            pass                                # until B is held inside its launch, or waits to start it
+    finally:
+        for name in outs:
+            go[name].set()
+            threads[name].join(timeout=60)
+    assert errors == {}
+    assert outs["A"].tolist() == [1, 2, 3] and outs["B"].tolist() == [1, 2]

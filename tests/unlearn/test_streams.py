@@ -1,5 +1,7 @@
-"""Step-indexed batches: deterministic, disjoint across processes, mismatch rows built from the pool."""
+"""Step-indexed batches: deterministic, disjoint across processes, mismatch rows built from the pool, read from
+several threads alike."""
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -7,8 +9,8 @@ import torch
 
 from fastalign.unlearn.encoding import EncodedExample, PoolAnswer, encode_answers, encode_pairs
 from fastalign.unlearn.records import DataError, QAPair
-from fastalign.unlearn.streams import (_FORGET_STREAM, _NORMAL_STREAM, UnlearningStreams, _longest_mismatch_row,
-                                       _longest_pool_answers)
+from fastalign.unlearn.streams import (_FORGET_STREAM, _NORMAL_STREAM, UnlearningStreams, _EpochStream,
+                                       _longest_mismatch_row, _longest_pool_answers)
 from fastalign.unlearn.templates import TextTemplate
 from tests.unlearn.tiny import FORGET_ROWS, POOL_ANSWERS, byte_bpe_tokenizer
 
@@ -58,6 +60,34 @@ def test_rows_follow_the_seeded_epoch_permutations_in_any_reading_order():
         batch = streams.batch(j)
         assert [e.source for e in batch.examples[:3]] == [FORGET[i].source for i in expected(5, 3, _FORGET_STREAM, j)]
         assert batch.normal_index.tolist() == expected(3, 2, _NORMAL_STREAM, j)
+
+
+def test_a_thread_reading_a_batch_while_another_draws_its_epoch_gets_that_epochs_rows(monkeypatch):
+    """Data-loading threads may read batches of one UnlearningStreams at once. Thread A reads the first batch of
+    epoch 1 and is paused right after its first store into the kept permutation; thread B reads the same batch
+    meanwhile. The epoch was kept before its permutation, so that B got epoch 0's rows."""
+    streams = make(batch_size=5, normal=None, mismatch_per_prompt=0)
+    expected = [[e.source for e in make(batch_size=5).batch(j).examples[:5]] for j in (0, 1)]
+    assert expected[0] != expected[1]
+    assert [e.source for e in streams.batch(0).examples] == expected[0]     # epoch 0 kept
+    paused, go, out = threading.Event(), threading.Event(), {}
+
+    def pausing_setattr(self, name, value):
+        object.__setattr__(self, name, value)
+        if threading.current_thread() is first and not paused.is_set():
+            paused.set()
+            assert go.wait(timeout=60)    # a guard against a hung test, not a synchronisation
+
+    monkeypatch.setattr(_EpochStream, "__setattr__", pausing_setattr)
+    first = threading.Thread(target=lambda: out.update(a=[e.source for e in streams.batch(1).examples]), daemon=True)
+    first.start()
+    try:
+        assert paused.wait(timeout=60)
+        second = [e.source for e in streams.batch(1).examples]
+    finally:
+        go.set()
+        first.join(timeout=60)
+    assert out["a"] == second == expected[1]
 
 
 def test_longest_mismatch_row_is_the_longest_row_the_pool_makes():

@@ -1,0 +1,153 @@
+"""A TreeRunner from several threads. One runner runs one call at a time: a call made while another runs (from
+another thread, or from inside the runner's own forward) is a RuntimeError that changes nothing, where it computed
+from KV not yet written or leaked a span. Runners of their own in each thread may share one model. The interleavings
+are forced with events: a forward of a chosen thread is held at the model's input embeddings, before any K/V of it
+is written, until the test lets it go."""
+import threading
+
+import pytest
+import torch
+
+from fastalign import TreeRunner
+from fastalign.eval_mode import eval_mode
+from tests.runtime.tiny_models import reference, tiny_model
+
+BUSY = "another call is running on this TreeRunner"
+
+
+class Held:
+    """Holds the first forward that `thread` runs on `model` (at its input embeddings) until `go` is set."""
+
+    def __init__(self, model):
+        self.thread, self.entered, self.go = None, threading.Event(), threading.Event()
+        self._handle = model.get_input_embeddings().register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        if threading.current_thread() is self.thread and not self.entered.is_set():
+            self.entered.set()
+            if not self.go.wait(timeout=60):   # a guard against a hung test, not a synchronisation
+                raise TimeoutError("the test never let the held forward go")
+
+    def remove(self):
+        self.go.set()
+        self._handle.remove()
+
+
+def start(model, call):
+    """Runs call() on a new thread whose first forward is held; returns (held, thread, outcome) once held."""
+    held, outcome = Held(model), {}
+
+    def body():
+        try:
+            outcome["value"] = call()
+        except BaseException as err:    # handed to the test
+            outcome["error"] = err
+
+    held.thread = thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    assert held.entered.wait(timeout=60)
+    return held, thread, outcome
+
+
+def finish(held, thread, outcome):
+    held.go.set()
+    thread.join(timeout=60)
+    held.remove()
+    assert not thread.is_alive()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def state(runner):
+    tree = runner.tree
+    return (tree.span_ids(), tree.refcounts().tolist(), sorted(tree.free_blocks().tolist()),
+            [(tree.block_table(i).tolist(), tree.pins(i), tree.locks(i), tree.is_live(i)) for i in tree.span_ids()])
+
+
+def assert_next_logits(model, span, logits):
+    torch.testing.assert_close(logits, reference(model, span)[0][-1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama-gqa-untied")
+
+
+@pytest.mark.parametrize("call", ["extend", "prefill", "pin", "unpin", "release", "release_other"])
+def test_a_call_while_another_runs_is_refused_and_changes_nothing(model, call):
+    """Thread A extends an evicted span P, so that its forward first recomputes P's KV; while A's forward is held
+    before writing any of it, the main thread calls the runner. Extending P there computed from P's unwritten KV
+    (NaN logits, from the NaN-filled pool); releasing P failed after dropping its handle's finalizer, so that P was
+    never freed. Every call is now refused with a RuntimeError and leaves the tree as it was; A's result is right,
+    and the same call succeeds once A is done."""
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    p, other = runner.prefill([1, 2, 3, 4, 5, 6]), runner.prefill([9, 8, 7])
+    runner.pin(other)
+    runner.tree.evict(p.id)
+    runner.pool.data.fill_(float("nan"))    # a slot read before it is written poisons the logits
+    calls = {"extend": lambda: runner.extend([p], [[8]]), "prefill": lambda: runner.prefill([4, 5]),
+             "pin": lambda: runner.pin(p), "unpin": lambda: runner.unpin(other),
+             "release": lambda: runner.release(p), "release_other": lambda: runner.release(other)}
+    held, thread, outcome = start(model, lambda: runner.extend([p], [[7]]))
+    try:
+        during = state(runner)
+        with pytest.raises(RuntimeError, match=f"TreeRunner.{call.split('_')[0]}: {BUSY} .*one TreeRunner per "
+                                               "thread"):
+            calls[call]()
+        assert state(runner) == during
+    finally:
+        (child,), logits = finish(held, thread, outcome)
+    assert_next_logits(model, child, logits[0])
+    result = calls[call]()          # the runner serves the call now
+    if call == "extend":
+        assert_next_logits(model, result[0][0], result[1][0])
+    runner.release(child)
+    if call != "release":
+        runner.release(p)
+    if call != "release_other":
+        runner.release(other)
+    p = other = result = None   # the handles dropped: their spans are released
+    assert runner.num_free_blocks == runner.num_blocks      # nothing leaked
+
+
+def test_a_call_from_inside_the_runners_own_forward_is_refused(model):
+    """A forward hook that calls the runner mid-forward (its KV half written) is refused alike; the outer call fails
+    with that error and is undone."""
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    root = runner.prefill([1, 2, 3])
+    before = state(runner)
+    inner_call = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(
+        lambda module, args: runner.extend([root], [[4]]))
+    try:
+        with pytest.raises(RuntimeError, match=f"TreeRunner.extend: {BUSY}"):
+            runner.extend([root], [[5]])
+    finally:
+        inner_call.remove()
+    assert state(runner) == before
+    (child,), logits = runner.extend([root], [[5]])
+    assert_next_logits(model, child, logits[0])
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-fallback"])
+def test_runners_of_their_own_may_share_one_model_across_threads(name):
+    """One runner per thread on one model, in training mode (the runners run it without dropout whatever its
+    mode): thread A's forward is held inside, thread B's starts and is held too, A finishes, then B. Each computes
+    what it computes alone, and the model keeps its mode. A gave the model its training mode back while B's forward
+    ran, so that the fallback's dropout changed B's logits."""
+    model = tiny_model(name)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    model.train()
+    runners = [TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch") for _ in range(2)]
+    a = start(model, lambda: runners[0].extend([None], [[1, 2, 3, 4, 5]]))
+    try:
+        b = start(model, lambda: runners[1].extend([None], [[6, 7, 8]]))
+    finally:
+        results = [finish(*a)]
+    results.append(finish(*b))
+    assert all(module.training for module in model.modules())
+    for (child,), logits in results:
+        with eval_mode(model):
+            assert_next_logits(model, child, logits[0])
