@@ -36,6 +36,10 @@ def check_device(text: str) -> None:
         raise UsageError(f"--device: cannot use {text!r} on this machine: {exc}") from None
 
 
+# --dtype of the commands that load a model: auto is the checkpoint's own dtype (Hugging Face's dtype="auto")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's line breaks and ends each option's help with its default, unless the help
     already names it or the default says nothing (None, an off switch, no values)."""

@@ -33,7 +33,7 @@ def option_entries(command, capsys):
 @pytest.mark.parametrize("command, defaults", [
     ("rain", {"--root-visits": 50, "--concurrency": 8, "--max-new-tokens": 256, "--seed": 0, "--limit": 0,
               "--engine": "tree", "--embedding": "minilm", "--sampler": "torch", "--labels": "A,B",
-              "--field": "prompt", "--dtype": "float32", "--kv-tokens": 1 << 17}),
+              "--field": "prompt", "--dtype": "auto", "--kv-tokens": 1 << 17}),
     ("eval", {"--field": "prompt", "--template": "spec", "--judge": "world", "--threshold": 0.5,
               "--max-new-tokens": 64, "--batch-size": 16, "--temperature": 1.0, "--top-k": 0, "--seed": 0}),
 ])

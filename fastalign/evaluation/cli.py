@@ -41,7 +41,7 @@ from typing import List, Optional
 
 import torch
 
-from fastalign.cli import HelpFormatter, UsageError, check_device, check_output_file
+from fastalign.cli import MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_output_file
 from fastalign.output_lock import output_lock
 from fastalign.unlearn.templates import ChatTemplate
 
@@ -52,7 +52,6 @@ from .judges import KeywordJudge, ModerationJudge
 from .prompts import hh_messages, hh_prompts, read_prompts, spec_prompt
 
 DEMO_MODEL = "demo"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 JUDGES = ("world", "keyword", "moderation", "callable")
 
 
@@ -115,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device of the models and of the moderation classifier")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+    parser.add_argument("--dtype", choices=MODEL_DTYPES, default="auto",
                         help="dtype the model computes in (auto: its checkpoint's); --reference is loaded in the "
                              "model's dtype")
 

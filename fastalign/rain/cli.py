@@ -23,7 +23,7 @@ from typing import List, Optional, Set
 
 import torch
 
-from fastalign.cli import HelpFormatter, UsageError, check_device, check_output_file
+from fastalign.cli import MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_output_file
 from fastalign.evaluation.generation import eos_ids, pad_id
 from fastalign.evaluation.prompts import hh_messages, hh_prompts, read_prompts
 from fastalign.output_lock import output_lock
@@ -92,8 +92,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                              "template (that is --template chat)")
     parser.add_argument("--no-vanilla", action="store_true", help="skip the greedy decoding baseline")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK where CUDA is present, else cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="the dtype the model is loaded in")
+    parser.add_argument("--dtype", choices=MODEL_DTYPES, default="auto",
+                        help="the dtype the model computes in (auto: its checkpoint's, as `fastalign eval` takes it)")
     parser.add_argument("--seed", type=int, help="seed of the search's sampling: each prompt draws from a generator "
                         "seeded from it and the prompt's row in the file, so its answer does not depend on the other "
                         "prompts, --concurrency, a resume or the number of processes (default: 0)")
@@ -254,7 +254,8 @@ def _run(args) -> int:
         device = args.device or (f"cuda:{placement.local_rank}" if torch.cuda.is_available() else "cpu")
         render = template.prompt if chat else (lambda prompt: prefix + prompt)
         try:
-            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+            model = AutoModelForCausalLM.from_pretrained(
+                args.model, dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype))
         except (OSError, ValueError) as exc:   # e.g. no weights: a traceback, and exit code 1 (a failed prompt's)
             raise UsageError(f"--model: cannot load a causal LM from {args.model!r}: {exc}") from None
         model = model.to(device).eval()

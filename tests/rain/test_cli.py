@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fastalign.rain as rain_package
@@ -571,6 +572,20 @@ def test_rain_failed_vanilla_answer_fails_its_prompt_only(rain_setup, monkeypatc
     monkeypatch.undo()
     assert main(args) == 0
     assert latest_records([str(out)])[0]["error"] is None
+
+
+@pytest.mark.parametrize("option, expected", [([], torch.bfloat16), (["--dtype", "float32"], torch.float32)])
+def test_the_model_computes_in_its_checkpoints_dtype_unless_told(rain_setup, monkeypatch, option, expected):
+    """--dtype auto (the default, as `fastalign eval`'s): a bf16 checkpoint computes in bf16, not in a float32 copy
+    twice its size (the former default)."""
+    model_dir, _, args = rain_setup
+    tiny_llama(dtype=torch.bfloat16).save_pretrained(model_dir)
+    computed = []
+    real = rain_package.rain_generate
+    monkeypatch.setattr(rain_package, "rain_generate", lambda model, *a, **kw: computed.append(model.dtype) or
+                        real(model, *a, **kw))
+    assert main(args + option + ["--no-vanilla"]) == 0
+    assert computed == [expected]
 
 
 @pytest.mark.parametrize("content, message", [
