@@ -26,6 +26,7 @@ import torch
 from fastalign.cli import MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_output_file
 from fastalign.evaluation.generation import eos_ids, pad_id
 from fastalign.evaluation.prompts import hh_messages, hh_prompts, read_prompts
+from fastalign.model_files import model_files_digest
 from fastalign.output_lock import output_lock
 from fastalign.unlearn.encoding import tokenize_prompts
 from fastalign.unlearn.config import dataclass_from_dict, read_config_file, settings_mapping
@@ -313,14 +314,14 @@ def _run(args) -> int:
 
 
 def run_identity(args, config: RainConfig, judge: JudgePrompt, prefix: str) -> dict:
-    """What decides a record's answers: the model, and a digest of the settings (search and judge constants,
-    how prompts are rendered, dtype, sampler, embeddings). Written with every record, so that a resumed run
+    """What decides a record's answers: the model (its path and a digest of its files), and a digest of the settings
+    (search and judge constants, how prompts are rendered, dtype, sampler, embeddings). Written with every record, so that a resumed run
     never keeps records that other settings made as its own."""
     settings = {"config": dataclasses.asdict(config), "judge": dataclasses.asdict(judge), "template": args.template,
                 "system": args.system, "generation_prefix": prefix, "dtype": args.dtype, "sampler": args.sampler,
                 "embedding": args.embedding}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {"model": os.path.abspath(args.model), "settings": digest}
+    return {"model": os.path.abspath(args.model), "model_files": model_files_digest(args.model), "settings": digest}
 
 
 def done_indices(path: str, prompts: List[str], run_id: dict) -> Set[int]:
@@ -340,9 +341,10 @@ def done_indices(path: str, prompts: List[str], run_id: dict) -> Set[int]:
                              "another --output")
         run = record.get("run", run_id)   # records written before 2026-12-01 carry none
         if run != run_id:
-            what = "model" if not isinstance(run, dict) or run.get("model") != run_id["model"] else "settings"
+            model = {k: run_id[k] for k in ("model", "model_files")}
+            what = "model" if not isinstance(run, dict) or {k: run.get(k) for k in model} != model else "settings"
             made = "another model" if what == "model" else "other settings"
-            which = ("the same --model" if what == "model" else
+            which = ("the same --model (the same path, holding the same files)" if what == "model" else
                      "the same search and judge settings (--config, --max-new-tokens, --root-visits, --seed, "
                      "--parallel-leaves, --virtual-loss, the judge options), --template, --system, "
                      "--generation-prefix-file, --dtype, --sampler and --embedding")

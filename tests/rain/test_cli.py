@@ -182,7 +182,7 @@ def test_rain_resume_refuses_records_of_other_prompts_or_settings(rain_setup, tm
     _, out, args = rain_setup
     assert main(args + ["--limit", "1", "--no-vanilla"]) == 0
     first = json.loads(out.read_text().splitlines()[0])
-    assert first["prompt"] == SETUP_PROMPTS[0] and set(first["run"]) == {"model", "settings"}
+    assert first["prompt"] == SETUP_PROMPTS[0] and set(first["run"]) == {"model", "model_files", "settings"}
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_model)
     assert main(args + ["--seed", "7"]) == 2
     assert "holds records made with other settings" in capsys.readouterr().err
@@ -657,6 +657,20 @@ def test_vanilla_answer_is_cut_before_a_new_turn():
     marker = whole[len(whole) // 2:][:2]
     assert marker.strip() and whole.index(marker) > 0
     assert greedy_answer(model, tok, PROMPTS[0], 12, marker) == whole[:whole.index(marker)]
+
+
+def test_rain_resume_refuses_records_of_another_model_put_at_the_same_path(rain_setup, capsys):
+    """A fine-tune copied over its base (same architecture, same path, same file sizes) resumed the base's records as
+    its own; the same files copied in again resume."""
+    model_dir, out, args = rain_setup
+    assert main(args + ["--limit", "1", "--no-vanilla"]) == 0
+    tiny_llama(seed=1).save_pretrained(model_dir)
+    assert main(args + ["--no-vanilla"]) == 2
+    err = capsys.readouterr().err
+    assert "holds records made with another model" in err and "the same --model (the same path, holding" in err
+    tiny_llama().save_pretrained(model_dir)
+    assert main(args + ["--no-vanilla"]) == 0
+    assert len(out.read_text().splitlines()) == 2
 
 
 @pytest.mark.parametrize("extra", [["--template", "chat"], ["--template", "chat", "--system", "Be brief."],

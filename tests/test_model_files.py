@@ -1,0 +1,56 @@
+"""model_files_digest: the same files give the same digest wherever they lie; another model's files, a changed
+tokenizer or generation config, or weights that differ where the digest samples them, give another."""
+import shutil
+
+import pytest
+
+from fastalign import model_files
+from fastalign.model_files import model_files_digest
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "tokenizer.json").write_text('{"version": "1.0"}')
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 64)   # 16 KiB
+    return folder
+
+
+def test_the_same_files_anywhere_give_the_same_digest(model_dir, tmp_path):
+    digest = model_files_digest(str(model_dir))
+    shutil.copytree(model_dir, tmp_path / "copy")
+    assert model_files_digest(str(tmp_path / "copy")) == digest
+    (model_dir / "README.md").write_text("a model card")     # notes beside the model change nothing
+    (model_dir / ".model.lock").write_text("")
+    (model_dir / "subfolder").mkdir()
+    assert model_files_digest(str(model_dir)) == digest
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "generation_config.json"])
+def test_a_changed_or_added_file_changes_the_digest(model_dir, name):
+    digest = model_files_digest(str(model_dir))
+    (model_dir / name).write_text('{"eos_token_id": 2}')
+    assert model_files_digest(str(model_dir)) != digest
+
+
+@pytest.mark.parametrize("offset", [0, 8192 - 100, 16383])
+def test_large_files_are_read_at_their_start_middle_and_end(model_dir, monkeypatch, offset):
+    """Over WHOLE_LIMIT, a file is read at three places: a byte changed in any of them changes the digest; one
+    changed elsewhere does not (the price of not reading every byte of a large model)."""
+    monkeypatch.setattr(model_files, "WHOLE_LIMIT", 1024)
+    monkeypatch.setattr(model_files, "SAMPLE", 256)
+    digest = model_files_digest(str(model_dir))
+    weights = bytearray((model_dir / "model.safetensors").read_bytes())
+    weights[offset] ^= 1
+    (model_dir / "model.safetensors").write_bytes(bytes(weights))
+    assert model_files_digest(str(model_dir)) != digest
+    weights[offset] ^= 1
+    weights[4000] ^= 1                                       # outside the samples
+    (model_dir / "model.safetensors").write_bytes(bytes(weights))
+    assert model_files_digest(str(model_dir)) == digest
+
+
+def test_a_path_that_is_not_a_directory_has_no_digest(tmp_path):
+    assert model_files_digest(str(tmp_path / "meta-llama/Llama-3.2-1B")) is None
