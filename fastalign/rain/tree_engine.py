@@ -144,24 +144,14 @@ class TreeEngine:
         chains = result[0] if any(offsets) else [[span] for span in result[0]]
         logits = result[1]
         hidden = result[2] if self.want_hidden else None
-        outs, gen, at = [], [], 0                # gen: (entry, output index, skey, is a root, sampler) to read
-        for r, chain in zip(rows, chains):
-            parent = outs[index[id(r.after)]] if r.after is not None else r.parent
-            parent_key = EMPTY_KEY if parent is None else parent.key
-            for (end, node), span in zip(r.cuts, chain):
-                node.entry, node.pending = Entry(span, chain_key(parent_key, r.tokens[:end])), False
-                if r.kind == "gen":
-                    gen.append((node.entry, at, node.skey, False, r.sampler))
-                at += 1
-            outs.append(Entry(chain[-1], self.ledger.feed(r.stats, parent_key, r.tokens)))
-            if r.kind == "gen":
-                gen.append((outs[-1], at, r.skey, r.target is None, r.sampler))
-            at += 1
-        if gen:
-            index = torch.tensor([g[1] for g in gen], device=logits.device)
-            self._read_distributions([g[0] for g in gen], logits[index],
-                                     None if hidden is None else hidden[index.to(hidden.device)],
-                                     [g[2] for g in gen], [g[3] for g in gen], [g[4] for g in gen])
+        try:    # the positions get their entries only once every read succeeded (a sampler, the device may fail)
+            outs, cut_entries = self._entries(rows, chains, index, logits, hidden)
+        except BaseException:               # the call's spans are nobody's: give them back, and the positions
+            self.runner.release([span for chain in chains for span in chain])
+            _abandon(rows)
+            raise
+        for node, entry in cut_entries:
+            node.entry, node.pending = entry, False
         at = 0
         for i, row in enumerate(rows):
             at += len(row.cuts)
@@ -180,6 +170,29 @@ class TreeEngine:
             if row.stats is not None:
                 row.stats.seconds[row.phase] += share
         return outs
+
+    def _entries(self, rows: List[Row], chains, index, logits: torch.Tensor, hidden):
+        """Entries of a call's spans, what the search reads from its generation rows read into them: (one entry
+        per row, [(cut position, its entry)])."""
+        outs, cut_entries, gen, at = [], [], [], 0   # gen: (entry, output index, skey, is a root, sampler) to read
+        for r, chain in zip(rows, chains):
+            parent = outs[index[id(r.after)]] if r.after is not None else r.parent
+            parent_key = EMPTY_KEY if parent is None else parent.key
+            for (end, node), span in zip(r.cuts, chain):
+                cut_entries.append((node, Entry(span, chain_key(parent_key, r.tokens[:end]))))
+                if r.kind == "gen":
+                    gen.append((cut_entries[-1][1], at, node.skey, False, r.sampler))
+                at += 1
+            outs.append(Entry(chain[-1], self.ledger.feed(r.stats, parent_key, r.tokens)))
+            if r.kind == "gen":
+                gen.append((outs[-1], at, r.skey, r.target is None, r.sampler))
+            at += 1
+        if gen:
+            picked = torch.tensor([g[1] for g in gen], device=logits.device)
+            self._read_distributions([g[0] for g in gen], logits[picked],
+                                     None if hidden is None else hidden[picked.to(hidden.device)],
+                                     [g[2] for g in gen], [g[3] for g in gen], [g[4] for g in gen])
+        return outs, cut_entries
 
     def _record_recomputed(self, rows: List[Row]):
         """Charges the tokens that the runner ran again in the last call to bring back evicted spans (also

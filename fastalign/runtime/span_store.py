@@ -54,8 +54,8 @@ class SpanStore:
         """run(plan), then lift the plan's locks; if run raises, the plan is undone."""
         try:
             result = run(plan)
+            self.tree.unlock(plan.spans)    # inside: an interrupt before it still undoes the plan
         except BaseException:
             self.tree.abandon(plan)
             raise
-        self.tree.unlock(plan.spans)
         return result

@@ -214,24 +214,35 @@ class TreeRunner:
             cu_cuts[1:] = np.cumsum([len(offsets) for offsets in row_cuts])
         child_ids, cut_ids, (out_logits, out_hidden) = self.store.extend(parent_ids, tokens, cu_lens, run,
                                                                          flat_cuts, cu_cuts)
+        try:    # the new spans are the caller's only once returned: an interrupt or an error before gives them back
+            children = self._handles(parents, row_cuts, child_ids, cut_ids, lengths, cu_lens)
+            results = (children, self._format(out_logits, logits, cu_lens, ends))
+            if hidden is not None:
+                results += (self._format(out_hidden, hidden, cu_lens, ends),)
+        except BaseException:
+            for span_id in np.concatenate([cut_ids, child_ids]).tolist():
+                if self.tree.is_live(span_id):  # a handle made already finds it released
+                    self.tree.release(span_id)
+            raise
+        return results
+
+    def _handles(self, parents, row_cuts, child_ids, cut_ids, lengths, cu_lens):
+        """The Spans of the new span ids of `_extend`: one per row, or with cuts a chain per row."""
         if row_cuts is None:
             children = []
             for i, p, n in zip(child_ids, parents, lengths.tolist()):
                 children.append(Span(self, int(i), children[p] if isinstance(p, int) else p, int(n), self.tree))
-        else:
-            children, cut_ids = [], iter(cut_ids.tolist())
-            for parent, offsets, child_id, length, row_len in zip(parents, row_cuts, child_ids, lengths.tolist(),
-                                                                  np.diff(cu_lens)):
-                parent = children[parent][-1] if isinstance(parent, int) else parent
-                base, chain = length - int(row_len), []
-                for c in offsets:
-                    chain.append(Span(self, next(cut_ids), chain[-1] if chain else parent, base + c, self.tree))
-                chain.append(Span(self, int(child_id), chain[-1] if chain else parent, length, self.tree))
-                children.append(chain)
-        results = (children, self._format(out_logits, logits, cu_lens, ends))
-        if hidden is not None:
-            results += (self._format(out_hidden, hidden, cu_lens, ends),)
-        return results
+            return children
+        children, cut_ids = [], iter(cut_ids.tolist())
+        for parent, offsets, child_id, length, row_len in zip(parents, row_cuts, child_ids, lengths.tolist(),
+                                                              np.diff(cu_lens)):
+            parent = children[parent][-1] if isinstance(parent, int) else parent
+            base, chain = length - int(row_len), []
+            for c in offsets:
+                chain.append(Span(self, next(cut_ids), chain[-1] if chain else parent, base + c, self.tree))
+            chain.append(Span(self, int(child_id), chain[-1] if chain else parent, length, self.tree))
+            children.append(chain)
+        return children
 
     @_one_call_at_a_time
     def release(self, spans):
@@ -242,8 +253,8 @@ class TreeRunner:
         if len(set(ids)) != len(ids):
             raise ValueError("spans: the same span is listed twice")
         for span in spans:
+            self.tree.release(span.id)      # first: a release refused (a span in use) leaves the handle its owner
             span._finalizer.detach()
-            self.tree.release(span.id)
 
     @_one_call_at_a_time
     def pin(self, span):

@@ -255,6 +255,9 @@ class UnlearningTrainer:
         self.setup_compute = ComputeTotals()  # what building the reference cost (the cached one: a forward)
         self.reference_cache_bytes = None  # what the cached reference holds (RunSummary.reference_cache_bytes)
         self._digest = None   # of the streams' data, recorded in checkpoints (_data_digest)
+        # (the reference,) once built: a train() run again after an exception (a resume in this process) compares
+        # with the policy the first one started from, not with the weights that one left behind
+        self._built_reference = None
 
     def _prepare_model(self, model):
         config = self.config
@@ -315,6 +318,7 @@ class UnlearningTrainer:
 
         _set_rng_state(self._fresh_rng)  # a resume then restores its checkpoint's
         objective, optimizer = self._prepare_objective()
+        optimizer.zero_grad(set_to_none=True)   # a step an exception stopped left its micro-batches' gradients
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: max(0.0, 1.0 - s / config.max_steps))  # linear to 0, no warm-up (SPEC §1)
         step, totals = 0, ComputeTotals(**self.setup_compute.to_dict())  # building the reference counts too
@@ -370,6 +374,7 @@ class UnlearningTrainer:
             if config.save_every and step % config.save_every == 0 and step < config.max_steps:
                 self._save_checkpoint(step, totals, record, objective, optimizer, scheduler)
         progress.close()
+        self._built_reference = None    # the run is over: its reference is not needed again
         summary = self._finish(step, stop_reason, record, totals, objective)
         # torch.distributed.checkpoint's state-dict helpers (torch 2.13) leave a reference cycle holding every module
         # of the model; a full collection frees it now, not whenever Python next runs one (device memory filling up
@@ -384,7 +389,10 @@ class UnlearningTrainer:
         ones); DDP and FSDP1 need the optimizer built on the wrapped model's parameters.
         """
         acc, config = self.accelerator, self.config
-        objective = UnlearningObjective(self.model, config.loss_weights, self._reference(), backend=config.backend)
+        if self._built_reference is None:
+            self._built_reference = (self._reference(),)
+        objective = UnlearningObjective(self.model, config.loss_weights, self._built_reference[0],
+                                        backend=config.backend)
 
         def adamw(module):
             params = [p for p in module.parameters() if p.requires_grad]

@@ -12,6 +12,7 @@ from transformers import GenerationConfig
 
 from fastalign.rain import JudgePrompt, JudgeTokens, RainConfig, rain_generate, tree_engine
 from fastalign.rain.embeddings import HiddenStateEmbedder
+from fastalign.rain.sampling import KeyedSampler
 from fastalign.rain.slow import SlowEngine
 
 from . import fake_model
@@ -498,6 +499,35 @@ def test_a_run_stopped_by_an_exception_leaves_no_span_behind():
         run_tree(PROMPTS, RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3), runner=runner,
                  concurrency=3, on_result=on_result)
     assert not runner.live
+
+
+class OnceFailingSampler(KeyedSampler):
+    """The keyed sampler, but its `fail_at`-th call of draw_many raises once (a device out of memory)."""
+
+    def __init__(self, fail_at):
+        super().__init__()
+        self.fail_at, self.calls = fail_at, 0
+
+    def draw_many(self, probs, keys, count):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("CUDA out of memory")
+        return super().draw_many(probs, keys, count)
+
+
+def test_a_sampler_failing_once_in_a_merged_call_is_recovered_by_each_prompt_alone():
+    """When reading a shared call's outputs failed (the sampler of its rollout pools, the device), the positions its
+    rows computed kept their pending marks and its cut positions entries without draws: each prompt, run again
+    alone, then waited on them forever and every prompt of the call failed with "every program waits on another
+    (internal error)". Now the call's spans are given back and each prompt, run alone, ends as if nothing failed."""
+    config = RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3)
+    counting = OnceFailingSampler(None)
+    expected = decisions(run_tree(PROMPTS, config, concurrency=3, sampler=counting))
+    assert counting.calls >= 2 and all(error is None for *_, error in expected)
+    for fail_at in range(1, counting.calls + 1):     # the prompts' starts, then merged rounds of their searches
+        runner = HashRunner(len(tokenizer()))
+        run = run_tree(PROMPTS, config, concurrency=3, runner=runner, sampler=OnceFailingSampler(fail_at))
+        assert decisions(run) == expected and not runner.live
 
 
 def test_answer_never_runs_past_the_models_context():

@@ -193,6 +193,89 @@ def test_failed_forward_leaves_the_pool_as_it_was(runner, model, monkeypatch):
     assert_still_correct(runner, model, root)
 
 
+@pytest.mark.parametrize("cuts", [None, [[1], [], [2]]])
+def test_a_failure_while_the_new_spans_get_their_handles_gives_them_back(runner, model, monkeypatch, cuts):
+    """The forward has run and the new spans hold blocks, but the call is not over: an interrupt (Ctrl-C) or an error
+    (a device out of memory taking the logits of the spans' last tokens) while the handles were made left the spans
+    that had no handle yet live in the tree, holding their blocks for the runner's life. Every point is tried, and a
+    retry gives what an undisturbed call gives."""
+    root = runner.prefill([1, 2, 3, 4, 5, 6])
+    parents, lists = [root, root, 0], [[7, 8], [9], [10, 11, 12]]
+    children, _, expected = runner.extend(parents, lists, cuts=cuts, logits="all", hidden="last")
+    runner.release([span for row in children for span in (row if cuts else [row])])
+    del children
+    before = snapshot(runner)
+    real_init, real_format = Span.__init__, TreeRunner._format
+    handles = 3 + (2 if cuts else 0)
+    for fail_at in range(1, handles + 3):   # each handle, then the logits and the hidden states
+        made = [0]
+
+        def failing(real, *args):
+            made[0] += 1
+            if made[0] == fail_at:
+                raise KeyboardInterrupt if fail_at % 2 else torch.OutOfMemoryError("CUDA out of memory")
+            return real(*args)
+
+        monkeypatch.setattr(Span, "__init__", lambda *args: failing(real_init, *args))
+        monkeypatch.setattr(TreeRunner, "_format", staticmethod(lambda *args: failing(real_format, *args)))
+        with pytest.raises((KeyboardInterrupt, torch.OutOfMemoryError)):
+            runner.extend(parents, lists, cuts=cuts, logits="all", hidden="last")
+        monkeypatch.undo()
+        gc.collect()
+        assert snapshot(runner) == before and all(runner.tree.locks(i) == 0 for i in runner.tree.span_ids())
+    children, logits, hidden = runner.extend(parents, lists, cuts=cuts, logits="all", hidden="last")
+    assert torch.equal(hidden, expected)
+
+
+def test_an_interrupt_between_the_forward_and_its_unlock_undoes_the_plan(runner, model):
+    """The forward of a plan returned, and an interrupt came before the plan's spans were unlocked: they stayed
+    locked and live with no handle (a leak no release could reach, as their ids were never returned)."""
+    root = runner.prefill([1, 2, 3, 4, 5, 6])
+    before = snapshot(runner)
+    tree = runner.store.tree
+
+    class Interrupted:
+        """The span tree, but its first unlock is interrupted (Ctrl-C) before it runs."""
+        interrupted = False
+
+        def __getattr__(self, name):
+            return getattr(tree, name)
+
+        def unlock(self, ids):
+            if not self.interrupted:
+                self.interrupted = True
+                raise KeyboardInterrupt
+            tree.unlock(ids)
+
+    runner.store.tree = Interrupted()
+    with pytest.raises(KeyboardInterrupt):
+        runner.extend([root, root], [[7], [8, 9]])
+    runner.store.tree = tree
+    gc.collect()
+    assert snapshot(runner) == before and all(tree.locks(i) == 0 for i in tree.span_ids())
+    assert_still_correct(runner, model, root)
+
+
+def test_a_release_refused_leaves_the_span_to_its_handle(runner, model, monkeypatch):
+    """A release refused (here: made from inside a running call's forward) had already detached the handle's
+    finalizer: once the handle was dropped, the span stayed in the tree for good."""
+    root = runner.prefill([1, 2, 3, 4, 5])
+    real_forward = runner.model_runner.forward
+
+    def releasing(*args):
+        runner.release(root)
+        return real_forward(*args)
+
+    monkeypatch.setattr(runner.model_runner, "forward", releasing)
+    with pytest.raises(RuntimeError, match="another call is running on this TreeRunner"):
+        runner.extend([root], [[6]])
+    monkeypatch.undo()
+    assert root.alive
+    root = None
+    gc.collect()
+    assert runner.tree.span_ids() == [] and runner.num_free_blocks == runner.num_blocks
+
+
 def test_dropping_every_reference_releases_a_span(runner):
     root = runner.prefill([1, 2, 3])
     (child,), _ = runner.extend([root], [[4]])

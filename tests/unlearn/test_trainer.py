@@ -17,6 +17,7 @@ from fastalign.unlearn.batching import collate
 from fastalign.unlearn.compute import batch_compute
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.models import cast_weights
+from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.streams import UnlearningStreams
 from fastalign.reference.unlearning_loss import spec_unlearning_terms
 from fastalign.unlearn import trainer as trainer_module
@@ -81,6 +82,40 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, settings):
     for resume in (False, True):  # a finished run keeps its checkpoints: it was sent to --resume, which replayed it
         with pytest.raises(FileExistsError, match="already holds a finished model; choose another output_dir"):
             run(tmp_path, "killed", save_every=2, resume=resume, **settings)
+
+
+@pytest.mark.parametrize("reference", ["copy", "cached"])
+@pytest.mark.parametrize("fail_at", [3, 4], ids=["first-micro-batch", "second-micro-batch"])
+def test_a_run_an_exception_stopped_resumes_on_the_same_trainer_as_if_never_stopped(tmp_path, monkeypatch, reference,
+                                                                                    fail_at):
+    """An out-of-memory error in step 2's forward (2 micro-batches a step, a checkpoint after step 1), then train()
+    again on the same trainer with resume=True, as a caller that frees memory and retries does. The second
+    micro-batch's failure left the first one's gradients on the weights: the resume failed in loading the optimizer's
+    state ("Expected device to be set": torch takes existing gradients for a state already made), and a run starting
+    over would have added them to its first step. Either failure rebuilt the reference from the weights step 1 had
+    trained, not from the policy the run started from: the resumed run ended elsewhere."""
+    whole, _ = run(tmp_path, "whole", max_steps=3, save_every=1, reference=reference)
+    tokenizer = byte_bpe_tokenizer()
+    config = UnlearnConfig(output_dir=str(tmp_path / "stopped"), max_steps=3, save_every=1, reference=reference,
+                           lr=1e-3, grad_accum=2, progress=False)
+    trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config)
+    real_forward, calls = UnlearningObjective.forward, [0]
+
+    def failing(self, *args):
+        calls[0] += 1
+        if calls[0] == fail_at:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_forward(self, *args)
+
+    monkeypatch.setattr(UnlearningObjective, "forward", failing)
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.train()
+    monkeypatch.undo()
+    trainer.config = dataclasses.replace(config, resume=True)
+    assert trainer.train().steps == 3
+    for (name, a), (_, b) in zip(whole.model.named_parameters(), trainer.model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert log_lines(tmp_path / "whole") == log_lines(tmp_path / "stopped")
 
 
 @pytest.mark.parametrize("resume", [False, True])
