@@ -11,6 +11,7 @@ import torch
 from transformers import GenerationConfig
 
 from fastalign.rain import JudgePrompt, JudgeTokens, RainConfig, rain_generate, tree_engine
+from fastalign.rain import search as search_module
 from fastalign.rain.embeddings import HiddenStateEmbedder
 from fastalign.rain.sampling import KeyedSampler
 from fastalign.rain.slow import SlowEngine
@@ -330,6 +331,73 @@ def test_commits_follow_the_stopping_rules_and_the_length_limit(config):
             early_stops += early and not by_visits
     if config.early_stop_q == 0.0:
         assert early_stops > 0                                 # the scenario exercises the early stop
+
+
+@pytest.mark.parametrize("engine", ["slow", "tree"])
+def test_token_sets_come_from_the_top_k_and_rollouts_from_the_full_distribution(engine, monkeypatch):
+    """SPEC §2 from the model's own outputs (the hash model's logits of each prefix), which the engine comparisons
+    cannot check (both engines share these rules): a multi-token set's greedy row takes the likeliest token at each
+    step, its samples come from the top sample_top_k tokens, and each set's raw prior is the product of its tokens'
+    probabilities renormalised over that top-k; 1-token sets rank the likeliest next tokens; a rollout samples
+    from the full distribution (some of its tokens lie outside the top-k)."""
+    tok, drawn, rolled = tokenizer(), [], []
+    expand, path_infos = search_module.PromptSearch._expand, search_module.PromptSearch._path_infos
+
+    def recording_expand(self, node, state, result, length):
+        drawn.append((list(state), result))
+        return expand(self, node, state, result, length)
+
+    def recording_path_infos(self, leaf, evaluation):
+        path, node = [], leaf
+        while node is not self.tree.root:
+            path[:0], node = node.tokens, node.parent
+        rolled.append((self.root_state + list(path), list(evaluation.rollout)))
+        return path_infos(self, leaf, evaluation)
+
+    monkeypatch.setattr(search_module.PromptSearch, "_expand", recording_expand)
+    monkeypatch.setattr(search_module.PromptSearch, "_path_infos", recording_path_infos)
+    config = RainConfig(root_visits=8, min_new_visits=3, max_new_tokens=12)
+    run = rain_generate(HashLM(len(tok)), tok, PROMPTS, config, engine=engine, judge_prompt=SHORT_JUDGE,
+                        runner=HashRunner(len(tok)) if engine == "tree" else None, embedding="hidden", sampler="keyed")
+    assert all(r.error is None for r in run.results)
+
+    def top_k(prefix, k):
+        logits = fake_model.prefix_outputs(prefix, len(tok))[0]
+        values, ids = logits.topk(k)
+        return ids.tolist(), dict(zip(ids.tolist(), (values - values.logsumexp(0)).tolist()))
+
+    sets = 0
+    for state, result in drawn:
+        if result.greedy is None:                                  # 1-token sets: the ranked next tokens
+            assert result.ranked_ids == sorted(top_k(state, config.max_children)[0])
+            continue
+        for draft in [result.greedy] + result.samples:
+            prefix, logp = list(state), 0.0
+            for token in draft.tokens:
+                ranked, logps = top_k(prefix, config.sample_top_k)
+                assert token in logps and (draft is not result.greedy or token == ranked[0])
+                logp += logps[token]
+                prefix.append(token)
+            assert draft.logp == pytest.approx(logp, abs=1e-4)
+            sets += 1
+    assert sets > 20
+    outside = sum(token not in top_k(state + rollout[:i], config.sample_top_k)[1]
+                  for state, rollout in rolled for i, token in enumerate(rollout))
+    assert outside > 0 and sum(map(len, (r for _, r in rolled))) > outside
+
+
+def test_commits_grow_with_the_depth_from_the_prompt():
+    """The token-set length counts depth from the prompt, as the reference's nodes keep their step across commits
+    (the README's reading of SPEC §2): the answer is committed in sets of 1, 2, 4, then 10 tokens (the last one
+    shorter where the answer ends), not one token per commit as a depth counted from each new root would give. One
+    iteration per commit: each new root is a leaf, expanded after the commit, so its set length shows the rule."""
+    config = RainConfig(root_visits=1, min_new_visits=1, max_new_tokens=30)
+    results = run_tree(PROMPTS, config).results
+    for result in results:
+        lengths = [len(commit["tokens"]) for commit in result.commits]
+        expected = [1, 2, 4] + [10] * len(lengths)
+        assert lengths[:-1] == expected[:len(lengths) - 1] and lengths[-1] <= expected[len(lengths) - 1]
+    assert max(len(r.commits) for r in results) >= 4
 
 
 def test_widening_adds_candidates_at_the_root():
