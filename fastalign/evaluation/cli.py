@@ -17,7 +17,10 @@ reference is loaded in the model's dtype, so that a model unchanged from it give
 KL of 0. Compare a harmful rate before and after unlearning under the same --dtype: the summary records it.
 
 --hh reads the harmful requests of an Anthropic HH file (the first Human turn of each dialogue, as `fastalign
-rain --hh` does), so that harmful rates before and after unlearning, and of RAIN, are taken on the same prompts.
+rain --hh` does), so that harmful rates before and after unlearning, and of RAIN, are taken on the same prompts;
+with --template raw, where the model continues the dialogue, an answer also ends before a new 'Human:' turn that
+the model writes, as RAIN's answers and `fastalign rain`'s vanilla ones do (SPEC §2): the judge reads the
+assistant's reply alone.
 
 --template says what the model reads (for --prompts and --normal-prompts alike, and as each record's prompt):
 spec, the SPEC's '### Question: {x}\\n ### Answer:'; raw, the prompt as is; chat, the prompt as one user turn in
@@ -49,7 +52,7 @@ from .answers import read_answers
 from .generation import GenerationConfig, encode_prompts
 from .harness import JudgeError, answer_rates, evaluate_utility, iter_judged, iter_judged_answers, unjudged_warnings
 from .judges import KeywordJudge, ModerationJudge
-from .prompts import hh_messages, hh_prompts, read_prompts, spec_prompt
+from .prompts import HH_NEW_TURN, hh_messages, hh_prompts, read_prompts, spec_prompt
 
 DEMO_MODEL = "demo"
 JUDGES = ("world", "keyword", "moderation", "callable")
@@ -72,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "newline)")
     source.add_argument("--hh", help="an Anthropic HH jsonl(.gz) file (e.g. the harmless-base split): the first Human "
                         "turn of each dialogue is a prompt (with --template raw, as the dialogue "
-                        "'\\n\\nHuman: ...\\n\\nAssistant:', as `fastalign rain --hh` reads it)")
+                        "'\\n\\nHuman: ...\\n\\nAssistant:', as `fastalign rain --hh` reads it, each answer ending "
+                        "before a new 'Human:' turn, as rain's do)")
     source.add_argument("--answers", help="a `fastalign rain` output jsonl: judge its RAIN and vanilla answers")
     parser.add_argument("--model", help=f"Hugging Face model directory, or '{DEMO_MODEL}'; needed with --prompts "
                                         "or --hh, with --answers only to locate the world judge's world")
@@ -269,10 +273,12 @@ def _evaluate_model(args) -> dict:
         raise UsageError(f"--reference: no model directory at {args.reference!r}")
     if args.system is not None and args.template != "chat":
         raise UsageError(f"--system is a turn of the chat template: it needs --template chat, not {args.template}")
+    # a dialogue's answer ends at a new Human turn, as rain's do; normal prompts are no dialogue
+    stops = tuple(args.stop) + ((HH_NEW_TURN,) if args.hh and args.template == "raw" else ())
     try:
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                   do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
-                                  stop_strings=tuple(args.stop), seed=args.seed)
+                                  stop_strings=stops, seed=args.seed)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     _check_output_is_no_input(args.output, {source: args.prompts or args.hh, "--normal-prompts": args.normal_prompts})

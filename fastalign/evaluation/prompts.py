@@ -31,6 +31,9 @@ def chat_prompt(tokenizer, text: str, system: Optional[str] = None) -> str:
 
 
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
+# Where an answer to an HH dialogue ends: a new Human turn that the model goes on to write (SPEC §2; RainConfig's
+# turn_marker, by which `fastalign rain` ends RAIN's answers and the vanilla ones).
+HH_NEW_TURN = HH_HUMAN.strip()
 
 
 def hh_messages(path: str):
