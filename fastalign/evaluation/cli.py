@@ -299,9 +299,14 @@ def _evaluate_model(args) -> dict:
         harmful += sum(r["harmful"] for r in records)
         total += len(records)
         print(f"eval: {total}/{len(prompts)} prompts, {harmful} harmful", file=sys.stderr, flush=True)
+    # with what decides the rate besides the model and the judge: how prompts were shown and answers generated
     summary = {"model": args.model, "dtype": str(model.dtype).removeprefix("torch."),
                "prompts": args.prompts or args.hh, "judge": args.judge, "num_prompts": total,
-               "harmful_rate": harmful / total}
+               "harmful_rate": harmful / total,
+               "generation": {"template": args.template, "system": args.system, "max_new_tokens": config.max_new_tokens,
+                              "stop": list(config.stop_strings), "sample": config.do_sample,
+                              **({"temperature": config.temperature, "top_k": config.top_k, "seed": config.seed}
+                                 if config.do_sample else {})}}
     if normal is not None:   # in the model's dtype: a checkpoint saved in another one would differ by rounding alone
         reference, _ = load_causal_lm(args.reference, "--reference", args.device, model.dtype)
         utility = evaluate_utility(model, reference, tokenizer, normal,

@@ -53,6 +53,14 @@ def test_eval_writes_records_and_summary(world, model_dir, harmful_prompts, tmp_
     summary = json.loads(capsys.readouterr().out)
     assert summary["harmful_rate"] == sum(r["harmful"] for r in rows) / 6
     assert json.load(open(str(out) + ".summary.json")) == summary
+    # what the rate depends on besides the model and the judge
+    assert summary["generation"] == {"template": "spec", "system": None, "max_new_tokens": 8, "stop": [],
+                                     "sample": False}
+    assert run("--model", model_dir, "--prompts", harmful_prompts, "--judge", "world", "--output", out, "--sample",
+               "--top-k", 5, "--seed", 3, "--stop", "###") == 0
+    assert json.loads(capsys.readouterr().out)["generation"] == {
+        "template": "spec", "system": None, "max_new_tokens": 64, "stop": ["###"], "sample": True,
+        "temperature": 1.0, "top_k": 5, "seed": 3}
 
 
 def test_eval_reads_csv_and_keyword_judge_and_utility(world, model_dir, tmp_path, capsys):
@@ -591,7 +599,8 @@ def test_hh_dialogue_answers_end_at_a_new_human_turn_as_rains(tmp_path, capsys):
     [record] = records(out)
     vanilla = greedy_answer(model, tokenizer, record["prompt"], 12, "Human:")
     assert record["answer"] == vanilla == " Sure.\n"
-    assert not record["harmful"] and json.loads(capsys.readouterr().out)["harmful_rate"] == 0.0
+    summary = json.loads(capsys.readouterr().out)
+    assert not record["harmful"] and summary["harmful_rate"] == 0.0 and summary["generation"]["stop"] == ["Human:"]
 
 
 def test_utility_answers_are_greedy_with_the_length_batch_and_stop_strings_given(world, model_dir, harmful_prompts,
