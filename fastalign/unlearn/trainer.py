@@ -9,8 +9,8 @@ token count is all-reduced before the forward). A non-finite loss on any process
 the same error, so none is left waiting at the next collective. Checkpoints and the saved model hold full
 (unsharded) tensors whatever the wrapping. A resumed run restores the trainable weights, optimizer,
 scheduler, step counter and RNG states, and draws the same batches, so it ends bit-identical to a run that
-was never interrupted; a resume with other settings, or with other data (checkpoints record a digest of the
-examples' token ids), is refused.
+was never interrupted; a resume with other settings, with other data (checkpoints record a digest of the
+examples' token ids), or with another model put at the config's model path (a digest of its files), is refused.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from fastalign.model_files import model_files_digest
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.unlearn.checkpoint import (atomic_directory, latest_checkpoint, read_checkpoint,
                                           remove_stale_temporaries, write_checkpoint, write_text_atomic)
@@ -255,6 +256,8 @@ class UnlearningTrainer:
         self.setup_compute = ComputeTotals()  # what building the reference cost (the cached one: a forward)
         self.reference_cache_bytes = None  # what the cached reference holds (RunSummary.reference_cache_bytes)
         self._digest = None   # of the streams' data, recorded in checkpoints (_data_digest)
+        # of the files at config.model (None for a model not loaded from a directory), recorded in checkpoints
+        self._model_files = model_files_digest(config.model) if config.model else None
         # (the reference,) once built: a train() run again after an exception (a resume in this process) compares
         # with the policy the first one started from, not with the weights that one left behind
         self._built_reference = None
@@ -438,6 +441,11 @@ class UnlearningTrainer:
             raise ValueError(f"cannot resume {path}: the data differ from the interrupted run's (same settings, other "
                              "forget, normal or mismatch pool examples: a data file changed since, or a relative path "
                              "now read from another directory); resume it on the data it was started with")
+        recorded = state.get("model_files")   # unrecorded before 2026-12-02, and for a model not from a directory
+        if recorded and self._model_files and recorded != self._model_files:
+            raise ValueError(f"cannot resume {path}: the model at {self.config.model} is not the one the interrupted "
+                             "run started from (its files differ: another model or revision was put there since); "
+                             "resume it on the model it was started with")
         if state["step"] > self.config.max_steps:  # the saved model would have more steps than max_steps
             raise ValueError(f"cannot resume {path}: it is at step {state['step']}, past max_steps="
                              f"{self.config.max_steps}; set max_steps to at least {state['step']}")
@@ -463,7 +471,7 @@ class UnlearningTrainer:
     def _save_checkpoint(self, step, totals, record, objective, optimizer, scheduler):
         acc = self.accelerator
         state = {"step": step, "num_processes": acc.num_processes, "config": self.config.to_dict(),
-                 "data": self._data_digest(),
+                 "data": self._data_digest(), "model_files": self._model_files,
                  "compute": totals.to_dict(), "last": asdict(record),
                  "trainable": trainable_state(objective),
                  "optimizer": optimizer_state(objective, _torch_optimizer(optimizer)),

@@ -219,6 +219,27 @@ def test_resume_over_other_data_under_the_same_settings_is_refused(tmp_path, str
     assert summary.steps == 5
 
 
+def test_resume_on_another_model_put_at_the_model_path_is_refused(tmp_path):
+    """A LoRA run resumed after a fine-tune was copied over its base model (same architecture, same sizes) trained its
+    adapter on the wrong base; the same files copied in again resume."""
+    pytest.importorskip("peft")
+    tokenizer, model_dir = byte_bpe_tokenizer(), tmp_path / "base"
+
+    def lora_run(seed, callback=None, **settings):
+        """A LoRA run of the model of `seed`, saved at model_dir first (as a user puts a model there)."""
+        tiny_llama(len(tokenizer), seed=seed).save_pretrained(model_dir)
+        config = UnlearnConfig(model=str(model_dir), output_dir=str(tmp_path / "run"), lora=True, lora_rank=4,
+                               max_steps=5, save_every=2, lr=1e-3, progress=False, **settings)
+        return UnlearningTrainer(tiny_llama(len(tokenizer), seed=seed), tiny_streams(tokenizer), config,
+                                 tokenizer=tokenizer, step_callback=callback).train()
+
+    with pytest.raises(Killed):
+        lora_run(0, callback=kill_after(3))
+    with pytest.raises(ValueError, match=f"the model at {model_dir} is not the one the interrupted run started from"):
+        lora_run(1, resume=True)
+    assert lora_run(0, resume=True).steps == 5
+
+
 def test_a_checkpoint_written_before_data_digests_were_recorded_resumes(tmp_path):
     """Checkpoints from before 2026-12-01 record no digest of the data: they resume, as they did, not refused."""
     with pytest.raises(Killed):
