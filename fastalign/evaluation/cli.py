@@ -51,7 +51,7 @@ from fastalign.unlearn.templates import ChatTemplate
 from .answers import read_answers
 from .generation import GenerationConfig, encode_prompts
 from .harness import JudgeError, answer_rates, evaluate_utility, iter_judged, iter_judged_answers, unjudged_warnings
-from .judges import KeywordJudge, ModerationJudge
+from .judges import KeywordJudge, ModerationJudge, check_pair_template
 from .prompts import HH_NEW_TURN, hh_messages, hh_prompts, read_prompts, spec_prompt
 
 DEMO_MODEL = "demo"
@@ -96,7 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                            "matched as whole words, case-insensitively, so list the forms you mean "
                                            "(bomb,bombs)")
     parser.add_argument("--moderation-model", help="directory of a sequence-classification model (moderation judge); "
-                        "it reads each answer alone, without its prompt")
+                        "it reads each answer alone, without its prompt, unless --moderation-template says otherwise")
+    parser.add_argument("--moderation-template", default="{answer}",
+                        help="what the moderation model reads of each pair: a text with {answer} and, for a model "
+                             "trained on question-answer pairs (as the paper's is), {prompt}, e.g. "
+                             "'Question: {prompt}\nAnswer: {answer}'; a long prompt loses its start first, the answer "
+                             "is never cut for it")
     parser.add_argument("--harmful-label", help="index or name of the moderation model's harmful label "
                                                 "(default: the label its names call harmful, e.g. toxic or unsafe; "
                                                 "1 for a two-label model left with the names LABEL_0, LABEL_1)")
@@ -160,6 +165,10 @@ def build_judge(args, tokenizer=None):
             raise UsageError("--judge moderation needs --moderation-model DIR (a sequence classifier)")
         if not 0 <= args.threshold <= 1:   # before the classifier loads
             raise UsageError(f"--threshold must be a probability in [0, 1], got {args.threshold}")
+        try:
+            check_pair_template(args.moderation_template)
+        except ValueError as exc:
+            raise UsageError(f"--moderation-{exc}") from None
         if not os.path.isdir(args.moderation_model):
             raise UsageError(f"--moderation-model: no model directory at {args.moderation_model!r}")
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -174,7 +183,7 @@ def build_judge(args, tokenizer=None):
                              f"{args.moderation_model!r}: {exc}") from None
         try:   # on --device: with --answers the classifier is all the compute there is
             return ModerationJudge(classifier.to(args.device), classifier_tokenizer, harmful_label=label,
-                                   threshold=args.threshold)
+                                   threshold=args.threshold, template=args.moderation_template)
         except ValueError as exc:
             raise UsageError(f"--harmful-label: {exc}") from None
     if not args.judge_callable:

@@ -12,6 +12,7 @@ so any function fits. Shipped here:
 `check_verdicts` validates what a judge returned, so that a faulty judge fails loudly, never silently.
 """
 import re
+import string
 import unicodedata
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -111,6 +112,22 @@ def harmful_label_index(config, harmful_label: Optional[Union[int, str]] = None)
                      f"one{several}: give harmful_label (an index or a name)")
 
 
+def check_pair_template(template: str) -> None:
+    """ValueError naming `template` unless it is a text with {answer} and at most {prompt} besides, as plain fields
+    (a KeyError or an IndexError at the first pair judged, or a judge that never reads the answer, otherwise)."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except (TypeError, ValueError) as exc:   # not a text; a lone brace
+        raise ValueError(f"template: {template!r} is not a format text ({exc}); write braces meant as text as "
+                         "{{ and }}") from None
+    names = {name for name, _, _ in fields}
+    if "answer" not in names or not names <= {"prompt", "answer"} or any(spec or conversion for _, spec, conversion
+                                                                         in fields):
+        raise ValueError(f"template must hold {{answer}} and may hold {{prompt}}, with no other fields, got "
+                         f"{template!r}")
+
+
 class ModerationJudge:
     """A user-supplied sequence classifier as a judge.
 
@@ -128,6 +145,7 @@ class ModerationJudge:
                  template: str = "{answer}", batch_size: int = 16, max_length: int = 512):
         if not 0 <= threshold <= 1:   # a percentage (50) would mark no pair harmful
             raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
+        check_pair_template(template)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.label = harmful_label_index(model.config, harmful_label)
         self.sigmoid = (getattr(model.config, "problem_type", None) == "multi_label_classification"

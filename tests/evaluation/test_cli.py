@@ -144,6 +144,8 @@ def test_missing_reference_path_is_an_error_before_any_answer(harmful_prompts, m
     # a percentage marked no answer harmful: a harmful rate of 0 whatever the classifier said
     (["--judge", "moderation", "--moderation-model", "/nowhere", "--threshold", "50"],
      "--threshold must be a probability in [0, 1], got 50.0"),
+    (["--judge", "moderation", "--moderation-model", "/nowhere", "--moderation-template", "Q: {question} A: {answer}"],
+     "--moderation-template must hold {answer} and may hold {prompt}, with no other fields, got 'Q: {question}"),
     (["--judge", "callable", "--judge-callable", "nomodule_xyz:f"], "--judge-callable: cannot import"),
     (["--reference", "demo"], "go together"),
     (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
@@ -437,6 +439,14 @@ def test_moderation_judge_finds_the_harmful_label_by_name_without_harmful_label(
         assert run("--answers", rain_output, "--judge", "moderation", "--moderation-model", path, "--output", out,
                    "--harmful-label", label, "--threshold", 0.4) == 0
         assert [r["harmful_rain"] for r in records(out)] == [p >= 0.4 for p in not_toxic]
+    # --moderation-template: the classifier reads each pair so filled in (a model trained on question-answer pairs)
+    template = "Question: {prompt}\nAnswer: {answer}"
+    paired = ModerationJudge(classifier, tokenizer, harmful_label=0, template=template).probabilities(
+        [(r["prompt"], r["rain"]) for r in rows])
+    assert paired != toxic
+    assert run("--answers", rain_output, "--judge", "moderation", "--moderation-model", path, "--output", out,
+               "--moderation-template", template) == 0
+    assert [r["harmful_rain"] for r in records(out)] == [p >= 0.5 for p in paired]
 
 
 def test_moderation_classifier_runs_on_device_and_a_bad_directory_names_it(rain_output, tokenizer, tmp_path, capsys):

@@ -116,6 +116,16 @@ def test_moderation_threshold_must_be_a_probability(tokenizer, classifier, thres
         ModerationJudge(classifier, tokenizer, threshold=threshold)
 
 
+@pytest.mark.parametrize("template", ["{prompt}", "Q: {question}\nA: {answer}", "{answer} {0}", "{answer!r}",
+                                      "{answer:>9}", "{answer", "{answer} }", None])
+def test_moderation_template_needs_the_answer_and_no_other_field(tokenizer, classifier, template):
+    """A template without {answer} judged the prompt alone; another field, a conversion or an unpaired brace failed
+    at the first pair judged (KeyError, IndexError) or read the answer changed."""
+    with pytest.raises(ValueError, match="template"):
+        ModerationJudge(classifier, tokenizer, template=template)
+    ModerationJudge(classifier, tokenizer, template="{{json}} Q: {prompt} A: {answer}")
+
+
 TOXIC_BERT = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
 
 
