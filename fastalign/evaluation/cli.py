@@ -100,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--moderation-template", default="{answer}",
                         help="what the moderation model reads of each pair: a text with {answer} and, for a model "
                              "trained on question-answer pairs (as the paper's is), {prompt}, e.g. "
-                             "'Question: {prompt}\nAnswer: {answer}'; a long prompt loses its start first, the answer "
+                             "'Question: {prompt} Answer: {answer}'; a long prompt loses its start first, the answer "
                              "is never cut for it")
     parser.add_argument("--harmful-label", help="index or name of the moderation model's harmful label "
                                                 "(default: the label its names call harmful, e.g. toxic or unsafe; "
