@@ -325,8 +325,13 @@ class TreeEngine:
         self.plan_of = {ctx.index: pair for ctx, pair in zip(contexts, self.plan.prompts)}
         self.gen_root_ends = {root.keys[-1] for root, _ in self.plan.prompts if root.keys}
         if self.plan.judge_prefix.tokens and contexts:
-            (self.judge_prefix,) = self._start_sequences([(self.plan.judge_prefix, None, "evaluate")])
-            self.runner.pin(self.judge_prefix.span)
+            (prefix,) = self._start_sequences([(self.plan.judge_prefix, None, "evaluate")])
+            try:
+                self.runner.pin(prefix.span)
+            except BaseException:   # close() unpins only a pinned prefix: this one is given back here
+                self._drop(prefix)
+                raise
+            self.judge_prefix = prefix
 
     def _start_sequences(self, items) -> List[Entry]:
         """Computes starting sequences (RootSequence, stats, phase) in rounds of one call, each row ending

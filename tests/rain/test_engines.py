@@ -569,6 +569,20 @@ def test_a_run_stopped_by_an_exception_leaves_no_span_behind():
     assert not runner.live
 
 
+def test_a_run_stopped_while_pinning_the_judge_prefix_leaves_no_span_behind(monkeypatch):
+    """Ctrl-C while the judge's few-shot prefix was being pinned: close() then unpinned a prefix never pinned, whose
+    error ('not pinned') replaced the interrupt and left the prefix's span in the runner."""
+    runner = HashRunner(len(tokenizer()))
+
+    def interrupted(span):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "pin", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_tree(PROMPTS, RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3), runner=runner)
+    assert not runner.live
+
+
 class OnceFailingSampler(KeyedSampler):
     """The keyed sampler, but its `fail_at`-th call of draw_many raises once (a device out of memory)."""
 
