@@ -74,7 +74,9 @@ def backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_g
     # G / scale_max: entries of size <= 1 whatever grad_scale, so that fp16 neither underflows nor overflows
     scale_max = grad_scale.abs().max()
     row_scale = (grad_scale / scale_max.clamp(min=torch.finfo(torch.float32).tiny)).float()
-    scale_max = scale_max.item()
+    # the alpha of d_weight's matmuls is a host number, which waits for the device: read only where d_weight is
+    # asked for (not for a frozen lm_head); d_bias and d_hidden take the scale as a tensor, the same product in fp32
+    weight_alpha = scale_max.item() if need_weight_grad else None
 
     d_hidden = torch.empty_like(hidden) if need_hidden_grad else None
     d_weight = torch.zeros_like(weight) if need_weight_grad else None
@@ -97,7 +99,7 @@ def backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_g
             if need_hidden_grad:
                 acc += torch.mm(g, weight[cols], out=segment_partial)
             if d_weight is not None:
-                d_weight[cols].addmm_(g.t(), segment_hidden, alpha=scale_max)
+                d_weight[cols].addmm_(g.t(), segment_hidden, alpha=weight_alpha)
             if d_bias is not None:
                 d_bias[cols] += g.sum(dim=0, dtype=torch.float32) * scale_max
         if need_hidden_grad:

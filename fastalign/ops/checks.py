@@ -108,13 +108,17 @@ def check_per_token(name, t, like, *, dtypes):
                          f"{name}.detach()")
 
 
-def check_target_values(target, ignore_index, vocab):
-    """Every target [N] (int64) is a class of the vocabulary or ignore_index. Data-dependent, so it runs in the
-    loss's Function on plain tensors: under torch.func.vmap the caller's tensors are batched, and cannot be."""
-    out_of_range = (target != ignore_index) & ((target < 0) | (target >= vocab))
-    if bool(out_of_range.any()):
-        bad = int(target[out_of_range][0])
-        raise ValueError(f"target values must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {bad}")
+def out_of_range_targets(target, ignore_index, vocab):
+    """[N] bool: the targets (int64) that are neither a class of the vocabulary nor ignore_index. Data-dependent, so
+    it runs in the loss's Function on plain tensors (under torch.func.vmap the caller's tensors are batched, and
+    cannot be), and is read with the live rows (TokenRows.counting): one wait for the device serves both."""
+    return (target != ignore_index) & ((target < 0) | (target >= vocab))
+
+
+def refuse_targets(target, out_of_range, ignore_index, vocab):
+    """The ValueError for targets that out_of_range_targets found."""
+    bad = int(target[out_of_range][0])
+    raise ValueError(f"target values must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {bad}")
 
 
 def check_reduction(reduction):

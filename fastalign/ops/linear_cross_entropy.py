@@ -7,7 +7,8 @@ import torch
 
 from .backend import graph_break, autocast_off, require_triton_dtype, select_backend
 from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
-                     check_target_values, check_tensor, check_token_shape, is_integer, token_dims, FLOAT_DTYPES)
+                     check_tensor, check_token_shape, is_integer, out_of_range_targets, refuse_targets, token_dims,
+                     FLOAT_DTYPES)
 from .func_transforms import LauncherGradients, refuse_forward_mode, vmap_by_loop
 from .token_rows import TokenRows
 
@@ -22,9 +23,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(hidden, weight, bias, target, token_weight, ignore_index, reduction, softcap, launcher):
-        check_target_values(target, ignore_index, weight.shape[0])
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        rows = TokenRows.counting(target != ignore_index, token_weight, reduction, acc)
+        out_of_range = out_of_range_targets(target, ignore_index, weight.shape[0])
+        rows = TokenRows.counting(target != ignore_index, token_weight, reduction, acc, refused=out_of_range)
+        if rows is None:
+            refuse_targets(target, out_of_range, ignore_index, weight.shape[0])
         if rows.num_live:
             with autocast_off(hidden.device):
                 lse, target_logit = launcher.forward(rows.gather(hidden).contiguous(), weight.contiguous(),
@@ -58,11 +61,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 
 @graph_break("linear_cross_entropy")  # a compiled caller that differentiates runs it in its frame
-def _gradients(hidden, weight, bias, target, lse, row_weight, num_counted, grad_output, reduction, softcap, launcher,
-               need_hidden, need_weight, need_bias):
+def _gradients(hidden, weight, bias, target, lse, row_weight, num_counted, live_rows, num_live, grad_output, reduction,
+               softcap, launcher, need_hidden, need_weight, need_bias):
     """(d_hidden, d_weight, d_bias) of LinearCrossEntropyFunction, each None unless asked for: only those are
     computed, e.g. no G @ W products for hidden states of a frozen backbone."""
-    rows = TokenRows(row_weight, num_counted, reduction)
+    rows = TokenRows(row_weight, num_counted, live_rows, num_live, reduction)
     need_bias = bias is not None and need_bias
     if rows.num_live == 0:
         return (torch.zeros_like(hidden) if need_hidden else None, torch.zeros_like(weight) if need_weight else None,

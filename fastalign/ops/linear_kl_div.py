@@ -70,14 +70,14 @@ def _live_operands(rows, hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
 
 
 @graph_break("linear_kl_div")  # a compiled caller that differentiates runs it in its frame
-def _gradients(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, row_weight, num_counted,
-               grad_output, reduction, softcap, launcher, need_hidden, need_weight, need_bias):
+def _gradients(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, row_weight, num_counted, live_rows,
+               num_live, grad_output, reduction, softcap, launcher, need_hidden, need_weight, need_bias):
     """(d_hidden, d_weight, d_bias) of LinearKLDivFunction, each None unless asked for: only those are computed
     (none when only the never differentiated reference asked)."""
     need_bias = bias is not None and need_bias
     if not (need_hidden or need_weight or need_bias):
         return None, None, None
-    rows = TokenRows(row_weight, num_counted, reduction)
+    rows = TokenRows(row_weight, num_counted, live_rows, num_live, reduction)
     if rows.num_live == 0:
         return (torch.zeros_like(hidden) if need_hidden else None, torch.zeros_like(weight) if need_weight else None,
                 torch.zeros_like(bias) if need_bias else None)

@@ -12,29 +12,43 @@ class TokenRows:
     """The live rows of an [N, ...] token stream, their weights and the reduction that follows.
 
     Built from a state of fixed shapes, which the forward returns for the backward to build it again (see
-    func_transforms): row_weight [N] in the accumulation dtype (each counted token's weight, 0 at the others)
-    and num_counted (0-d). rows is None when every token is live, so that no copy of the hidden states is made.
+    func_transforms): row_weight [N] in the accumulation dtype (each counted token's weight, 0 at the others),
+    num_counted (0-d), live_rows [N] int64 (the live rows' indices, then N as filler) and num_live, a 0-d int64
+    tensor on the CPU: the backward knows how many rows live without waiting for the device. rows is None when
+    every token is live, so that no copy of the hidden states is made.
     """
 
-    def __init__(self, row_weight, num_counted, reduction):
+    def __init__(self, row_weight, num_counted, live_rows, num_live, reduction):
         self.num_tokens = row_weight.shape[0]
         self.reduction, self.row_weight, self.num_counted = reduction, row_weight, num_counted
-        live = row_weight.nonzero().squeeze(1)  # a NaN weight is live: its NaN loss must show
-        self.rows = None if live.numel() == self.num_tokens else live
+        self.live_rows, self.live_count = live_rows, num_live
+        live = int(num_live)
+        self.rows = None if live == self.num_tokens else live_rows[:live]
         self.weight = self.gather(row_weight)
 
     @classmethod
-    def counting(cls, counted, token_weight, reduction, acc_dtype):
+    def counting(cls, counted, token_weight, reduction, acc_dtype, refused=None):
         """The TokenRows of the tokens where `counted` [N] is True, weighted by token_weight [N] (None: 1). Its
         row_weight is a copy, never the caller's buffer: the backward must see the weights of the forward even if
-        the caller refills that buffer (the next micro-batch) before backpropagating."""
+        the caller refills that buffer (the next micro-batch) before backpropagating.
+
+        refused [N] bool (optional): tokens the caller refuses (e.g. targets outside the vocabulary), found in the
+        same wait for the device as the live rows; None is returned when there is one, for the caller to raise."""
         row_weight = (counted.to(acc_dtype) if token_weight is None
                       else torch.where(counted, token_weight.to(acc_dtype), 0.0))
-        return cls(row_weight, counted.sum(), reduction)
+        n = row_weight.shape[0]
+        live = row_weight != 0  # a NaN weight is live: its NaN loss must show
+        if refused is not None:  # N + 1 more hits when any token is refused: more than N rows could give
+            live = torch.cat([live, refused.any().expand(n + 1)])
+        live = live.nonzero().squeeze(1)
+        if live.numel() > n:
+            return None
+        live_rows = torch.cat([live, live.new_full((n - live.numel(),), n)])
+        return cls(row_weight, counted.sum(), live_rows, torch.tensor(live.numel()), reduction)
 
     def state(self):
-        """(row_weight, num_counted): what builds this TokenRows again."""
-        return self.row_weight, self.num_counted
+        """(row_weight, num_counted, live_rows, num_live): what builds this TokenRows again."""
+        return self.row_weight, self.num_counted, self.live_rows, self.live_count
 
     @property
     def num_live(self):

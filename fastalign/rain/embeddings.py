@@ -17,6 +17,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from fastalign.transfers import to_host
+
 
 @dataclass
 class PathInfo:
@@ -30,13 +32,13 @@ class HiddenStateEmbedder:
     needs_hidden = True
 
     def embed(self, paths: Sequence[PathInfo]) -> List[torch.Tensor]:
-        out = []
         for path in paths:
             if path.hidden_sum is None or path.hidden_count == 0:
                 raise ValueError("HiddenStateEmbedder: a path has no hidden states (the engine was not asked "
                                  "for them, or the path is empty)")
-            out.append(path.hidden_sum.float().cpu() / path.hidden_count)
-        return out
+        # every path's sum in one copy from the device (each copy waits for the device), divided on the host
+        sums = to_host([path.hidden_sum.float() for path in paths])
+        return [total / path.hidden_count for total, path in zip(sums, paths)]
 
 
 class MiniLMEmbedder:

@@ -4,7 +4,8 @@ token sets.
 - `top_k_distribution`: the k most likely tokens (ascending token id, a canonical order) with their
   probabilities renormalised over those k (the reference's top-k warper followed by a softmax).
 - Samplers draw one column per row of a probability matrix, all rows in one call (`draw`), or several
-  draws per row (`draw_many`, for pools of rollout tokens drawn ahead). `TorchSampler` uses a seeded
+  draws per row (`draw_many`, for pools of rollout tokens drawn ahead; the built-in samplers' `draw_many_on_device`
+  leaves them on the device, for the tree engine to read with a call's other outputs). `TorchSampler` uses a seeded
   generator (production): its draws are independent, each used once. A search draws from its prompt's own
   sampler (`for_prompt(index)`: a TorchSampler seeded from the run's seed and the prompt's index), so that a
   prompt's draws do not depend on the prompts searched before or beside it (a plug-in sampler without
@@ -55,9 +56,15 @@ def top_k_distribution(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torc
 
 def ranked_tokens(logits: torch.Tensor, rank: int) -> Tuple[List[List[int]], List[List[float]]]:
     """logits [R, V] -> per row the `rank` most likely token ids (ascending id) and their logits."""
+    ids, values = ranked_token_tensors(logits, rank)
+    return ids.tolist(), values.tolist()
+
+
+def ranked_token_tensors(logits: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ranked_tokens as tensors [R, rank'] on the logits' device (ids int64, logits float32), rank' = min(rank, V)."""
     values, ids = logits.float().topk(min(rank, logits.shape[-1]), dim=-1)
     ids, order = ids.sort(dim=-1)
-    return ids.tolist(), values.gather(-1, order).tolist()
+    return ids, values.gather(-1, order)
 
 
 class TorchSampler:
@@ -83,8 +90,12 @@ class TorchSampler:
         """`count` independent draws per row (with replacement), in one call."""
         if probs.shape[0] == 0:
             return []
-        return torch.multinomial(probs.float(), count, replacement=True,
-                                 generator=self._generator(probs.device)).tolist()
+        return self.draw_many_on_device(probs, keys, count).tolist()
+
+    def draw_many_on_device(self, probs: torch.Tensor, keys: Sequence[int], count: int) -> torch.Tensor:
+        """draw_many's draws as a tensor [R, count] on the probabilities' device (R >= 1), not yet read by the host:
+        the tree engine reads them with the rest of a call's outputs, in one copy."""
+        return torch.multinomial(probs.float(), count, replacement=True, generator=self._generator(probs.device))
 
     def for_prompt(self, index: int) -> "TorchSampler":
         """The sampler of the prompt at `index`: a generator of its own, seeded from (seed, index) alone."""
@@ -102,20 +113,32 @@ class KeyedSampler:
     def draw(self, probs: torch.Tensor, keys: Sequence[int]) -> List[int]:
         if probs.shape[0] == 0:
             return []
-        salt = seed_key(self.seed)
-        u = torch.tensor([(_mix64(k ^ salt) >> 11) / float(1 << 53) for k in keys], dtype=torch.float64,
-                         device=probs.device)
-        cdf = probs.detach().double().cumsum(dim=-1)
-        u = u.unsqueeze(1) * cdf[:, -1:]
-        return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1).tolist()
+        return self.draw_many_on_device(probs, keys, 1).squeeze(1).tolist()
 
     def draw_many(self, probs: torch.Tensor, keys: Sequence[int], count: int) -> List[List[int]]:
         """One draw per row: drawing again at the same key would give the same token (`repeatable`)."""
         return [[t] for t in self.draw(probs, keys)]
 
+    def draw_many_on_device(self, probs: torch.Tensor, keys: Sequence[int], count: int) -> torch.Tensor:
+        """draw_many's draws as a tensor [R, 1] on the probabilities' device (R >= 1), not yet read by the host."""
+        salt = seed_key(self.seed)
+        u = torch.tensor([(_mix64(k ^ salt) >> 11) / float(1 << 53) for k in keys], dtype=torch.float64,
+                         device=probs.device)
+        cdf = probs.detach().double().cumsum(dim=-1)
+        u = u.unsqueeze(1) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
+
     def for_prompt(self, index: int) -> "KeyedSampler":
         """Itself: its draws depend on their keys alone, which name the prompt's tokens."""
         return self
+
+
+def on_device_draws(sampler):
+    """`sampler.draw_many_on_device` where the sampler's draw_many is a built-in sampler's (a subclass that
+    overrides draw_many keeps its own draws); None otherwise: the caller then takes draw_many's lists."""
+    if getattr(type(sampler), "draw_many", None) in (TorchSampler.draw_many, KeyedSampler.draw_many):
+        return sampler.draw_many_on_device
+    return None
 
 
 def prompt_sampler(sampler, index: int):

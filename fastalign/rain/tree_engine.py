@@ -39,6 +39,8 @@ from typing import AbstractSet, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from fastalign.transfers import index_on, to_host
+
 from .config import RainConfig
 from .dialogue import judge_input, judge_path_ids, rollout_stops
 from .jobs import Draft, Evaluation, EvaluateJob, ExpandJob, ExpandResult, PromptContext
@@ -47,7 +49,8 @@ from .ledger import EMPTY_KEY, TokenLedger
 from .minimum import chain_key
 from .prefix_trie import PrefixNode, drop_all, keep_only_below
 from .roots import RootPlan
-from .sampling import ROLLOUT_STREAM, draw_key, extend_key, ranked_tokens, seed_key, top_k_distribution
+from .sampling import (ROLLOUT_STREAM, draw_key, extend_key, on_device_draws, ranked_token_tensors, seed_key,
+                       top_k_distribution)
 
 ROLLOUT_POOL = 16      # rollout tokens pre-drawn per computed position (a position is rarely rolled past more)
 
@@ -145,22 +148,20 @@ class TreeEngine:
         logits = result[1]
         hidden = result[2] if self.want_hidden else None
         try:    # the positions get their entries only once every read succeeded (a sampler, the device may fail)
-            outs, cut_entries = self._entries(rows, chains, index, logits, hidden)
+            outs, cut_entries, label_logits = self._entries(rows, chains, index, logits, hidden)
         except BaseException:               # the call's spans are nobody's: give them back, and the positions
             self.runner.release([span for chain in chains for span in chain])
             _abandon(rows)
             raise
         for node, entry in cut_entries:
             node.entry, node.pending = entry, False
-        at = 0
+        label_logits = iter(label_logits)
         for i, row in enumerate(rows):
-            at += len(row.cuts)
             if row.kind == "label":
                 self.runner.release(outs[i].span)
-                outs[i] = logits[at]
+                outs[i] = next(label_logits)
             elif row.target is not None:
                 row.target.entry, row.target.pending = outs[i], False
-            at += 1
         elapsed = time.perf_counter() - start
         self.ledger.call([r.stats for r in rows])
         total = sum(len(r.tokens) for r in rows)
@@ -173,8 +174,9 @@ class TreeEngine:
 
     def _entries(self, rows: List[Row], chains, index, logits: torch.Tensor, hidden):
         """Entries of a call's spans, what the search reads from its generation rows read into them: (one entry
-        per row, [(cut position, its entry)])."""
-        outs, cut_entries, gen, at = [], [], [], 0   # gen: (entry, output index, skey, is a root, sampler) to read
+        per row, [(cut position, its entry)], the label rows' logits on the host)."""
+        # gen: (entry, output index, skey, is a root, sampler) to read; labels: the label rows' output indices
+        outs, cut_entries, gen, labels, at = [], [], [], [], 0
         for r, chain in zip(rows, chains):
             parent = outs[index[id(r.after)]] if r.after is not None else r.parent
             parent_key = EMPTY_KEY if parent is None else parent.key
@@ -186,13 +188,10 @@ class TreeEngine:
             outs.append(Entry(chain[-1], self.ledger.feed(r.stats, parent_key, r.tokens)))
             if r.kind == "gen":
                 gen.append((outs[-1], at, r.skey, r.target is None, r.sampler))
+            elif r.kind == "label":
+                labels.append(at)
             at += 1
-        if gen:
-            picked = torch.tensor([g[1] for g in gen], device=logits.device)
-            self._read_distributions([g[0] for g in gen], logits[picked],
-                                     None if hidden is None else hidden[picked.to(hidden.device)],
-                                     [g[2] for g in gen], [g[3] for g in gen], [g[4] for g in gen])
-        return outs, cut_entries
+        return outs, cut_entries, self._read_outputs(gen, logits, hidden, labels)
 
     def _record_recomputed(self, rows: List[Row]):
         """Charges the tokens that the runner ran again in the last call to bring back evicted spans (also
@@ -206,32 +205,65 @@ class TreeEngine:
             if n:
                 self.ledger.recompute(row.stats, n)
 
+    def _read_outputs(self, gen, logits: torch.Tensor, hidden, labels: List[int]) -> List[torch.Tensor]:
+        """Reads what the search needs of a call's outputs: for each generation row (gen: (entry, output index,
+        skey, is a root, sampler)) its draws (_read_distributions), and the logits of the label rows at `labels`,
+        returned on the host. The host reads all of them in ONE copy from the device: a copy waits for the
+        device's queued work, and the search needs them (token ids, probabilities, judge scores) to go on."""
+        to_read = [logits[index_on(labels, logits.device)]] if labels else []
+        give = None
+        if gen:
+            index = index_on([g[1] for g in gen], logits.device)
+            give = self._read_distributions([g[0] for g in gen], logits[index],
+                                            None if hidden is None else hidden[index.to(hidden.device)],
+                                            [g[2] for g in gen], [g[3] for g in gen], [g[4] for g in gen], to_read)
+        host = to_host(to_read)
+        if give is not None:
+            give(host)
+        return list(host[0]) if labels else []
+
     def _read_distributions(self, entries: List[Entry], logits: torch.Tensor, hidden, skeys: List[int],
-                            roots: List[bool], samplers: List[object]):
+                            roots: List[bool], samplers: List[object], to_read: List[torch.Tensor]):
         """What the search reads from generation rows, for all of them at once (the rollout pools: in one call of
-        each prompt's sampler; a root, shared by prompts that start alike, keeps its probabilities instead)."""
+        each prompt's sampler; a root, shared by prompts that start alike, keeps its probabilities instead).
+        Appends the device tensors the host must read to `to_read`; returns the function that gives the entries
+        their values from `to_read`'s host copies (in its order)."""
+        first = len(to_read)
         top_ids, top_probs = top_k_distribution(logits, self.config.sample_top_k)
-        greedy = top_probs.argmax(dim=-1).tolist()
-        top_ids, top_probs = top_ids.cpu().tolist(), top_probs.cpu()
-        ranked_ids, ranked_logits = ranked_tokens(logits, self.config.max_children)
+        ranked = ranked_token_tensors(logits, self.config.max_children)
+        to_read += [top_ids, top_probs, top_probs.argmax(dim=-1), *ranked]
         probs = torch.softmax(logits.float(), dim=-1)
-        draws, by_sampler = [None] * len(entries), {}
+        draws, by_sampler, pools = [None] * len(entries), {}, []
         for i, (sampler, root) in enumerate(zip(samplers, roots)):
             if not root:
                 by_sampler.setdefault(id(sampler), (sampler, []))[1].append(i)
         for sampler, rows in by_sampler.values():
-            first, last = rows[0], rows[-1]   # increasing: a slice where consecutive (no host-to-device index copy)
-            picked = (probs[first:last + 1] if last - first + 1 == len(rows)
-                      else probs[torch.tensor(rows, device=probs.device)])
-            pools = sampler.draw_many(picked, [draw_key(skeys[i], ROLLOUT_STREAM) for i in rows], ROLLOUT_POOL)
-            for i, pool in zip(rows, pools):
-                draws[i] = pool
-        for i, entry in enumerate(entries):
-            entry.top_ids, entry.top_probs, entry.greedy_col = top_ids[i], top_probs[i], greedy[i]
-            entry.ranked = (ranked_ids[i], ranked_logits[i])
-            entry.hidden = None if hidden is None else hidden[i].float()
-            entry.draws = draws[i]
-            entry.probs = probs[i] if roots[i] else None
+            first_row, last_row = rows[0], rows[-1]   # increasing: a slice where consecutive (no index copy)
+            picked = (probs[first_row:last_row + 1] if last_row - first_row + 1 == len(rows)
+                      else probs[index_on(rows, probs.device)])
+            keys = [draw_key(skeys[i], ROLLOUT_STREAM) for i in rows]
+            draw_on_device = on_device_draws(sampler)
+            if draw_on_device is None:            # a plug-in sampler: its own draws, as lists
+                for i, pool in zip(rows, sampler.draw_many(picked, keys, ROLLOUT_POOL)):
+                    draws[i] = pool
+            else:
+                pools.append(rows)
+                to_read.append(draw_on_device(picked, keys, ROLLOUT_POOL))
+
+        def give(host):
+            top_ids, top_probs, greedy, ranked_ids, ranked_logits = host[first:first + 5]
+            top_ids, greedy = top_ids.tolist(), greedy.tolist()
+            ranked_ids, ranked_logits = ranked_ids.tolist(), ranked_logits.tolist()
+            for rows, drawn in zip(pools, host[first + 5:first + 5 + len(pools)]):
+                for i, pool in zip(rows, drawn.tolist()):
+                    draws[i] = pool
+            for i, entry in enumerate(entries):
+                entry.top_ids, entry.top_probs, entry.greedy_col = top_ids[i], top_probs[i], greedy[i]
+                entry.ranked = (ranked_ids[i], ranked_logits[i])
+                entry.hidden = None if hidden is None else hidden[i].float()
+                entry.draws = draws[i]
+                entry.probs = probs[i] if roots[i] else None
+        return give
 
     def _drop(self, entry: Optional[Entry]):
         if entry is None:

@@ -4,11 +4,14 @@
 with the shifted targets (`input_ids[:, 1:]`) and with the hidden state that predicts them. Padding is
 right-side and carries attention 0 and target mask False, so the filler id never matters and need not
 be the tokenizer's pad token (a tokenizer without one works the same).
+
+A batch moved to the device keeps the host batch it came from (`host`): the host knows its lengths and answer
+positions, which read off the device tensors would make it wait for the device's queued work each time.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 
@@ -17,23 +20,46 @@ from fastalign.unlearn.encoding import EncodedExample
 
 @dataclass
 class TokenBatch:
-    """input_ids, attention_mask [B, T] int64 and target_mask [B, T-1] bool (True: target is an answer token)."""
+    """input_ids, attention_mask [B, T] int64 and target_mask [B, T-1] bool (True: target is an answer token);
+    host: the same batch on the CPU where `to` moved this one from it (None: none kept)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     target_mask: torch.Tensor
+    host: Optional["TokenBatch"] = field(default=None, repr=False, compare=False)
 
     def to(self, device) -> "TokenBatch":
-        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device))
+        """The batch on `device`, keeping its host copy. A copy from the CPU is non-blocking: it need not wait for
+        the device's queued work, and is safe from pageable memory (staged before the call returns)."""
+        non_blocking = self.input_ids.device.type == "cpu"
+        return TokenBatch(*(t.to(device, non_blocking=non_blocking)
+                            for t in (self.input_ids, self.attention_mask, self.target_mask)),
+                          host=self.host or (self if non_blocking else None))
 
     def rows(self, start: int, stop: int) -> "TokenBatch":
         """The sub-batch of rows [start, stop)."""
-        return TokenBatch(self.input_ids[start:stop], self.attention_mask[start:stop], self.target_mask[start:stop])
+        return TokenBatch(self.input_ids[start:stop], self.attention_mask[start:stop], self.target_mask[start:stop],
+                          host=None if self.host is None else self.host.rows(start, stop))
+
+    @property
+    def on_host(self) -> "TokenBatch":
+        """The batch that lengths and answer positions are read from: its host copy, else itself (read on the
+        device, where the host then waits for it)."""
+        return self.host or self
 
     @property
     def num_tokens(self) -> int:
         """Tokens that are not padding."""
-        return int(self.attention_mask.sum())
+        return int(self.on_host.attention_mask.sum())
+
+    @property
+    def width(self) -> int:
+        """The longest row's length (the columns past it hold padding only)."""
+        return int(self.on_host.attention_mask.sum(1).max())
+
+    def answer_positions(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, columns) of the answer targets among the first width - 1 columns, row-major, on the host."""
+        return self.on_host.target_mask[:, :width - 1].nonzero(as_tuple=True)
 
 
 def filler_token_id(tokenizer) -> int:

@@ -109,8 +109,8 @@ class ComputeTotals:
 
 def batch_compute(shape: ModelShape, batch, *, decoder_trains: bool, lm_head_trains: bool, checkpointing: bool,
                   reference_forward: bool) -> ComputeTotals:
-    """Estimated compute of one objective forward + backward over an UnlearningBatch."""
-    tokens = batch.tokens
+    """Estimated compute of one objective forward + backward over an UnlearningBatch (counted on its host copy)."""
+    tokens = batch.tokens.on_host
     forward = shape.decoder_forward(tokens.attention_mask)
     policy = forward * (1 + (2 if decoder_trains else 1) + (1 if checkpointing else 0))
     answers = int(tokens.target_mask.sum())

@@ -15,6 +15,7 @@ import torch
 
 from fastalign.eval_mode import eval_mode
 from fastalign.ops.checks import is_real
+from fastalign.transfers import index_on
 from fastalign.unlearn.batching import TokenBatch
 
 # Config attributes of models that multiply their logits by a constant after the lm_head, each with the factor it
@@ -168,12 +169,14 @@ def max_positions(model) -> int | None:
 
 def final_hidden_states(decoder: torch.nn.Module, tokens: TokenBatch) -> torch.Tensor:
     """The decoder's last hidden states [B, W, H], W = the longest row (columns of padding only are cut)."""
-    width = int(tokens.attention_mask.sum(1).max())
+    width = tokens.width
     return decoder(input_ids=tokens.input_ids[:, :width], attention_mask=tokens.attention_mask[:, :width],
                    use_cache=False).last_hidden_state
 
 
-def at_answer_targets(hidden: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-    """Rows [N, H] of hidden [B, W, H] at the positions whose target is an answer token, row-major order."""
-    width = hidden.shape[1]
-    return hidden[:, :width - 1][target_mask[:, :width - 1]]
+def at_answer_targets(hidden: torch.Tensor, tokens: TokenBatch) -> torch.Tensor:
+    """Rows [N, H] of hidden [B, W, H] at the positions whose target is an answer token (tokens.target_mask),
+    row-major order. Gathered at positions the host finds (TokenBatch.answer_positions): a boolean mask on the
+    device would make the host wait for the device, in the forward and again in the backward."""
+    rows, columns = tokens.answer_positions(hidden.shape[1])
+    return hidden.flatten(0, 1).index_select(0, index_on(rows * hidden.shape[1] + columns, hidden.device))

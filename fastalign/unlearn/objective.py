@@ -23,6 +23,7 @@ import torch
 from fastalign.ops.checks import is_real
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
 from fastalign.ops.linear_kl_div import linear_kl_div
+from fastalign.transfers import index_on
 from fastalign.unlearn.models import (at_answer_targets, causal_lm_parts, check_fused_logits,
                                       final_hidden_states, logit_multiplier, logit_softcap, scaled_head_input)
 from fastalign.unlearn.sharding import head_weight
@@ -114,11 +115,17 @@ class UnlearningObjective(torch.nn.Module):
             signed = unlearning_token_weights(answers[:n_fgt] if n_fgt else None,
                                               answers[n_fgt:] if n_rdn else None,
                                               forget_weight=1.0, mismatch_weight=1.0)
-            targets = tokens.input_ids[:n_fgt + n_rdn, 1:hidden.shape[1]][answers]
-            per_token = linear_cross_entropy(at_answer_targets(hidden[:n_fgt + n_rdn], answers), weight, targets,
-                                             token_weight=signed.to(weight.device)[answers.flatten()], bias=bias,
-                                             reduction="none", softcap=self.softcap, backend=self.backend)
-            n_forget_tokens = int(answers[:n_fgt].sum())
+            # the answer positions, found on the host: boolean masks on the device would make it wait
+            ce_rows = tokens.rows(0, n_fgt + n_rdn)
+            rows, columns = ce_rows.answer_positions(hidden.shape[1])
+            targets = tokens.input_ids[:n_fgt + n_rdn].flatten().index_select(
+                0, index_on(rows * tokens.input_ids.shape[1] + columns + 1, tokens.input_ids.device))
+            token_weight = signed.to(weight.device).index_select(
+                0, index_on(rows * answers.shape[1] + columns, weight.device))
+            per_token = linear_cross_entropy(at_answer_targets(hidden[:n_fgt + n_rdn], ce_rows), weight, targets,
+                                             token_weight=token_weight, bias=bias, reduction="none",
+                                             softcap=self.softcap, backend=self.backend)
+            n_forget_tokens = int((rows < n_fgt).sum())
             forget, mismatch = per_token[:n_forget_tokens].sum(), per_token[n_forget_tokens:].sum()
 
         if batch.num_normal:
@@ -130,11 +137,11 @@ class UnlearningObjective(torch.nn.Module):
             # a head shared with the policy (adapter off, cached) is passed as the policy's tensor: read once
             ref_weight = weight if ref_weight is lm_weight else ref_weight.to(dtype)
             ref_bias = bias if ref_bias is lm_head.bias else scaled_head_input(ref_bias, self.multiplier, dtype)
-            kl_sum = linear_kl_div(at_answer_targets(hidden[n_fgt + n_rdn:], normal_tokens.target_mask), weight,
+            kl_sum = linear_kl_div(at_answer_targets(hidden[n_fgt + n_rdn:], normal_tokens), weight,
                                    scaled_head_input(ref_hidden, self.multiplier, dtype), ref_weight, bias=bias,
                                    ref_bias=ref_bias, reduction="sum", softcap=self.softcap, backend=self.backend)
             if normal_denominator is None:
-                normal_denominator = int(normal_tokens.target_mask.sum())
+                normal_denominator = int(normal_tokens.on_host.target_mask.sum())
             normal = kl_sum / normal_denominator if normal_denominator else kl_sum  # no token: the sum is 0
 
         w = self.weights

@@ -56,7 +56,7 @@ class FrozenCopyReference:
     @torch.no_grad()
     def __call__(self, tokens: TokenBatch, normal_index: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None = None):
-        hidden = at_answer_targets(final_hidden_states(self.decoder, tokens), tokens.target_mask)
+        hidden = at_answer_targets(final_hidden_states(self.decoder, tokens), tokens)
         return hidden, self.lm_head.weight, self.lm_head.bias
 
 
@@ -79,7 +79,7 @@ class AdapterDisabledReference:
                  bias: torch.Tensor | None = None):
         with eval_mode(self.model), self.model.disable_adapter():
             decoder, lm_head = causal_lm_parts(self.model)
-            hidden = at_answer_targets(final_hidden_states(decoder, tokens), tokens.target_mask)
+            hidden = at_answer_targets(final_hidden_states(decoder, tokens), tokens)
             return hidden, lm_head.weight, lm_head.bias
 
 
@@ -118,7 +118,7 @@ class CachedReference:
         with torch.no_grad(), eval_mode(decoder):
             for batch, start in zip(batches, self.offsets[::batch_size]):
                 tokens = batch.to(weight.device)
-                rows = at_answer_targets(final_hidden_states(decoder, tokens), tokens.target_mask)
+                rows = at_answer_targets(final_hidden_states(decoder, tokens), tokens)
                 if self.hidden is None:   # its dtype is the decoder's output's
                     on_host = storage == "host" and weight.device.type != "cpu"
                     self.hidden = torch.empty((self.offsets[-1], rows.shape[1]), dtype=rows.dtype,

@@ -6,7 +6,8 @@ The same code runs in one process or under `accelerate launch` (DDP, FSDP 1 or 2
 streams.py). A step is one global batch: its forget and mismatch terms are means over all its sequences and
 its KL term the mean over all its normal answer tokens, across micro-batches and processes alike (the
 token count is all-reduced before the forward). A non-finite loss on any process stops every process with
-the same error, so none is left waiting at the next collective. Checkpoints and the saved model hold full
+the same error before the optimizer step, so none is left waiting at the next collective. The loop itself reads
+the device once a step, for its values (_step_values). Checkpoints and the saved model hold full
 (unsharded) tensors whatever the wrapping. A resumed run restores the trainable weights, optimizer,
 scheduler, step counter and RNG states, and draws the same batches, so it ends bit-identical to a run that
 was never interrupted; a resume with other settings, with other data (checkpoints record a digest of the
@@ -344,26 +345,25 @@ class UnlearningTrainer:
                                           world_size=acc.num_processes).to(acc.device)
                        for micro in range(config.grad_accum)]
             normal_denominator = self._normal_denominator(batches)
+            micro_terms = []
             for micro, batch in enumerate(batches):
                 last_micro = micro == config.grad_accum - 1
                 with contextlib.nullcontext() if last_micro else acc.no_sync(objective):
                     terms = objective(batch, normal_denominator)
-                    self._check_finite(step, terms, batch)
+                    micro_terms.append(terms)
                     acc.backward(terms.total / config.grad_accum)
                 term_sums += torch.stack([t.detach().double() for t in terms]) / config.grad_accum
                 compute.add(batch_compute(self.shape, batch, decoder_trains=decoder_trains,
                                           lm_head_trains=lm_head_trains, checkpointing=config.gradient_checkpointing,
                                           reference_forward=config.reference_mode != "cached"))
+            (total, forget, mismatch, normal), counts = self._step_values(step, term_sums, compute, micro_terms,
+                                                                         batches)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            total, forget, mismatch, normal = acc.reduce(term_sums, reduction="mean").tolist()
-            counts = acc.reduce(torch.tensor([compute.tokens, compute.padded_slots, compute.answer_tokens,
-                                              compute.reference_tokens, compute.flops], dtype=torch.float64,
-                                             device=acc.device), reduction="sum").tolist()
             seconds = time.perf_counter() - started
             step_totals = ComputeTotals(*(int(c) for c in counts[:4]), counts[4], seconds * acc.num_processes)
             totals.add(step_totals)
@@ -409,22 +409,38 @@ class UnlearningTrainer:
         return objective, acc.prepare(adamw(objective))
 
     def _normal_denominator(self, batches: list[UnlearningBatch]) -> float:
-        """The step's normal answer tokens (all micro-batches, all processes) per micro-batch and process."""
+        """The step's normal answer tokens (all micro-batches, all processes) per micro-batch and process. Counted on
+        the host; under a launcher the count is all-reduced on the device, and the forward waits for it."""
         acc = self.accelerator
-        local = sum(int(b.tokens.target_mask[b.num_forget + b.num_mismatch:].sum()) for b in batches)
-        total = acc.reduce(torch.tensor(float(local), dtype=torch.float64, device=acc.device), reduction="sum")
-        return max(float(total), 1.0) / (len(batches) * acc.num_processes)
+        local = sum(int(b.tokens.on_host.target_mask[b.num_forget + b.num_mismatch:].sum()) for b in batches)
+        total = float(local) if acc.num_processes == 1 else float(
+            acc.reduce(torch.tensor(float(local), dtype=torch.float64, device=acc.device), reduction="sum"))
+        return max(total, 1.0) / (len(batches) * acc.num_processes)
 
-    def _check_finite(self, step: int, terms, batch: UnlearningBatch) -> None:
-        """Raises FloatingPointError on every process when the loss is not finite on any of them."""
+    def _step_values(self, step: int, term_sums: torch.Tensor, compute: ComputeTotals, micro_terms: list,
+                     batches: list[UnlearningBatch]) -> tuple[list[float], list[float]]:
+        """The step's loss terms (means over processes) and compute counts (sums over processes), read from the
+        device in ONE copy with whether each process's loss was finite: the step's one wait for the device (under a
+        launcher, beside the normal token count), which the early stop and the log need every step. Raises
+        FloatingPointError on every process, before the optimizer step, when the loss of a micro-batch of any of
+        them was not finite."""
         acc = self.accelerator
-        bad_here = not bool(torch.isfinite(terms.total))
-        flags = acc.gather(torch.tensor([int(bad_here)], device=acc.device)).tolist()
+        nonfinite = torch.stack([~torch.isfinite(terms.total.detach()) for terms in micro_terms])
+        flags = acc.gather(nonfinite.any().long()[None])
+        terms = acc.reduce(term_sums, reduction="mean")
+        counts = acc.reduce(torch.tensor([compute.tokens, compute.padded_slots, compute.answer_tokens,
+                                          compute.reference_tokens, compute.flops], dtype=torch.float64,
+                                         device=acc.device), reduction="sum")
+        values = torch.cat([terms, counts, flags.double(), nonfinite.double()]).tolist()
+        flags, here = values[9:9 + acc.num_processes], values[9 + acc.num_processes:]
         bad = [rank for rank, flag in enumerate(flags) if flag]
         if bad:
-            here = (f"; here {terms}, rows {[e.source for e in batch.examples]}" if bad_here else "")
+            micro = next((i for i, flag in enumerate(here) if flag), None)
+            here = ("" if micro is None else
+                    f"; here {micro_terms[micro]}, rows {[e.source for e in batches[micro].examples]}")
             raise FloatingPointError(f"step {step + 1}: the loss is not finite on process(es) {bad} of "
                                      f"{acc.num_processes}{here}")
+        return values[:4], values[4:9]
 
     def _load(self, path, objective, optimizer, scheduler) -> tuple[int, ComputeTotals, StepRecord | None]:
         state, rank_state = read_checkpoint(path, self.accelerator.process_index)

@@ -327,6 +327,8 @@ BAD_INPUTS = [
     (lambda h, w, t: (h, w, t.float()), "target must have dtype"),
     (lambda h, w, t: (h, w, torch.full_like(t, 37)), "target values must lie in \\[0, 37\\)"),
     (lambda h, w, t: (h, w, torch.full_like(t, -5)), "found -5"),
+    # one bad target among good ones: the check rides in the live rows' nonzero, which must still see it
+    (lambda h, w, t: (h, w, t.index_fill(0, torch.tensor([4]), 40)), "must lie in \\[0, 37\\) .*; found 40"),
     (lambda h, w, t: (h.int(), w, t), "hidden must have dtype"),
     (lambda h, w, t: (h, w[:0], torch.full_like(t, -100)), "weight must have at least one row"),
     # were errors deep in torch naming no argument ('unsupported memory format option Contiguous')
@@ -504,3 +506,26 @@ def test_vmap_over_stacked_heads(backend):
                                              reduction="none")
         assert_rel_close(f"loss {i}", out[i], ref, REL_TOL[torch.float32])
         assert_rel_close(f"d_weight {i}", d_heads[i], torch.autograd.grad(ref.sum(), [w])[0], REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_trains", [True, False], ids=["head-trains", "head-frozen"])
+def test_forward_and_backward_wait_for_the_device_only_where_the_host_needs_a_value(backend, weight_trains):
+    """On a GPU the op waits for the device once in its forward: the live rows' indices (nonzero), whose number
+    sizes the matmuls, with the target check folded in. The backward knows their number from the forward (a host
+    tensor). The Triton backward of a trained weight reads its matmuls' alpha (max |grad scale|) on the host:
+    cuBLAS takes a host number, and scaling on the device would round 16-bit gradients differently."""
+    from tests.sync_counter import SyncCounter
+    device = device_for(backend)
+    hidden = torch.randn(9, 16, device=device, requires_grad=True)
+    weight = (torch.randn(37, 16, device=device) / 4).requires_grad_(weight_trains)
+    target = torch.randint(0, 37, (9,), device=device)
+    target[2] = -100
+    with SyncCounter() as counter:
+        counter.mark(hidden, weight, target)
+        fastalign.linear_cross_entropy(hidden, weight, target, token_weight=counter.mark(torch.rand(9, device=device)),
+                                       backend=backend).backward()
+    expected = {"nonzero.default @ fastalign/ops/token_rows.py": 1}
+    if backend == "triton" and weight_trains:
+        expected["_local_scalar_dense.default @ kernels/chunked_backward.py"] = 1
+    assert counter.by_file() == expected

@@ -52,3 +52,15 @@ def test_minilm_cache_keeps_only_the_texts_computed_last():
     assert len(enc._cache) == 2
     with pytest.raises(ValueError, match="cache_size"):
         MiniLMEmbedder(cache_size=-1)
+
+
+def test_hidden_pooling_reads_every_path_in_one_copy_from_the_device():
+    """Each copy to the host waits for the device: the paths of one embed call are read together (they were read
+    one .cpu() each), to the same vectors."""
+    from tests.sync_counter import SyncCounter
+    sums = [torch.randn(6, dtype=torch.bfloat16) for _ in range(4)]
+    with SyncCounter() as counter:
+        counter.mark(*sums)
+        got = HiddenStateEmbedder().embed([PathInfo("p", s, n) for n, s in enumerate(sums, start=1)])
+    assert counter.by_file() == {"cpu @ fastalign/transfers.py": 1}
+    assert all(torch.equal(g, s.float() / n) and g.dtype == torch.float32 for n, (g, s) in enumerate(zip(got, sums), 1))

@@ -1022,3 +1022,47 @@ def test_a_slow_tokenizer_searches_as_the_fast_one_with_the_same_ids():
     runs = [rain_generate(HashLM(len(fast)), t, PROMPTS, SMALL, engine="slow", judge_prompt=SHORT_JUDGE,
                           embedding="hidden", sampler="keyed") for t in (fast, slow)]
     assert decisions(runs[1]) == decisions(runs[0]) and all(r.answer_ids for r in runs[0].results)
+
+
+@pytest.mark.parametrize("sampler", ["torch", "keyed"])
+def test_a_model_call_waits_for_the_device_once(monkeypatch, sampler):
+    """What a GPU run of the tree engine waits for (counted by tests/sync_counter.py), and why each remains:
+    - per model call that has generation or judge rows, ONE copy of everything the search reads (top-k ids and
+    probabilities, greedy columns, ranked tokens, every prompt's pre-drawn rollout pool, the judge rows' logits):
+    the search needs those tokens and scores to decide its next call (they were 5 copies, one more per prompt
+    with rollout pools and two per judge score);
+    - per embed call, one copy of the paths' pooled hidden states (one per path before);
+    - a rollout drawing at a prompt's root, whose full probabilities are kept for each prompt's own sampler: the
+    drawn token decides the rollout's next step.
+    The runner's torch attention path (used here: it is fast on CPU) reads its lengths per layer on the host; the
+    Triton path a GPU uses reads none (tests/runtime/test_tree_runner.py)."""
+    from fastalign.runtime import TreeRunner
+    from tests.sync_counter import SyncCounter
+    model = tiny_llama()
+    runner = TreeRunner(model, max_tokens=2048, attention_backend="torch")
+    counter, per_call = SyncCounter(model), []
+    call = tree_engine.TreeEngine._call
+
+    def counted(engine, rows):
+        before = collections.Counter(counter.by_file())
+        out = call(engine, rows)
+        made = collections.Counter(counter.by_file())
+        made.subtract(before)
+        per_call.append((any(r.kind in ("gen", "label") for r in rows), +made))
+        return out
+
+    monkeypatch.setattr(tree_engine.TreeEngine, "_call", counted)
+    config = RainConfig(root_visits=5, min_new_visits=2, max_new_tokens=4)
+    with counter:
+        out = rain_generate(model, tokenizer(), PROMPTS, config, runner=runner, judge_prompt=SHORT_JUDGE,
+                            embedding="hidden", sampler=sampler, concurrency=3)
+    assert all(r.error is None for r in out.results)
+    attention = "tolist @ fastalign/ops/paged_attention.py"
+    one_read = collections.Counter({"cpu @ fastalign/transfers.py": 1})
+    assert [made - collections.Counter({attention: made[attention]}) for _, made in per_call] == [
+        one_read if reads else collections.Counter() for reads, _ in per_call]
+    assert sum(reads for reads, _ in per_call) >= 8
+    outside = collections.Counter(counter.by_file())
+    for _, made in per_call:
+        outside.subtract(made)
+    assert set(+outside) <= {"cpu @ fastalign/transfers.py", "tolist @ fastalign/rain/sampling.py"}, outside

@@ -76,3 +76,20 @@ def test_a_prompts_torch_sampler_depends_on_the_seed_and_its_index_alone():
     assert TorchSampler(seed=3).for_prompt(7).draw_many(probs, keys, 3) != first
     keyed, own = KeyedSampler(seed=2), object()
     assert prompt_sampler(keyed, 7) is keyed and prompt_sampler(own, 7) is own
+
+
+def test_draws_left_on_the_device_are_the_draws_of_draw_many():
+    """The tree engine reads the built-in samplers' pools with a call's other outputs (draw_many_on_device): the
+    same tokens draw_many gives, from a generator in the same state. A subclass that draws otherwise keeps its own
+    draw_many."""
+    from fastalign.rain.sampling import on_device_draws
+    probs = torch.softmax(torch.randn(3, 50), dim=-1)
+    keys = [draw_key(seed_key(0), s) for s in range(3)]
+    for make in (lambda: TorchSampler(7).for_prompt(2), lambda: KeyedSampler(7)):
+        drawn = on_device_draws(make())(probs, keys, 16)
+        assert drawn.dtype == torch.int64 and drawn.tolist() == make().draw_many(probs, keys, 16)
+
+    class Greedy(TorchSampler):
+        def draw_many(self, probs, keys, count):
+            return probs.argmax(-1, keepdim=True).expand(-1, count).tolist()
+    assert on_device_draws(Greedy()) is None and on_device_draws(object()) is None

@@ -293,3 +293,19 @@ def test_auto_attention_is_resolved_to_the_backend_of_the_models_device(monkeypa
     model = tiny_model("llama-gqa-untied")
     TreeRunner(model, max_tokens=64, block_size=4, attention_backend="auto").prefill([1, 2, 3])
     assert backends == ["torch"] * model.config.num_hidden_layers
+
+
+def test_extend_on_the_triton_path_never_waits_to_read_the_device():
+    """A forward is planned on the host and its plan copied to the device: no extend reads a device value back
+    (counted by tests/sync_counter.py), whatever outputs it returns; its caller reads them when it needs them."""
+    from tests.sync_counter import SyncCounter
+    model = tiny_model("llama-gqa-untied")
+    runner = TreeRunner(model, max_tokens=96, block_size=4, attention_backend="triton")
+    with SyncCounter(model) as counter:
+        counter.mark(runner.pool.data)
+        (root,), _ = runner.extend([None], [[1, 2, 3, 4, 5, 6]])
+        children, _, _ = runner.extend([root, root, 0], [[7, 8], [9], [10, 11, 12]], logits="all", hidden="last")
+        chains, _ = runner.extend([children[0], None], [[13, 14, 15], [16, 17, 18, 19, 20]], cuts=[[1], [2, 4]],
+                                  logits="last")
+    assert counter.total == 0, counter.syncs
+    runner.release([root, *children, *(span for chain in chains for span in chain)])

@@ -64,8 +64,7 @@ def test_cached_reference_holds_each_examples_own_hidden_states(batch_size):
     normal = [EncodedExample(tuple(torch.randint(64, (length,), generator=ids).tolist()), start, length, f"row {i}")
               for i, (start, length) in enumerate([(3, 9), (1, 4), (5, 6), (2, 12), (0, 3), (6, 7), (4, 11)])]
     reference = CachedReference(model, normal, batch_size=batch_size, storage="host")
-    alone = [at_answer_targets(final_hidden_states(model.model, collate([e], 0)), collate([e], 0).target_mask)
-             for e in normal]
+    alone = [at_answer_targets(final_hidden_states(model.model, collate([e], 0)), collate([e], 0)) for e in normal]
     assert reference.hidden.shape == (sum(map(len, alone)), model.config.hidden_size)
     assert reference.num_bytes == reference.hidden.numel() * 4
     index = torch.tensor([4, 0, 6, 4])
@@ -497,3 +496,20 @@ def test_cached_reference_refuses_a_trainable_or_changed_lm_head_bias():
         objective(streams.batch(0))
     with pytest.raises(TypeError, match="the lm_head bias arrived as torch.float64"):
         reference(normal_rows, batch.normal_index, weight, bias.double())
+
+
+@pytest.mark.parametrize("width", [6, 4, 1])
+def test_answer_rows_are_gathered_at_positions_the_host_finds(width):
+    """at_answer_targets gives the rows (and the gradient) that a boolean mask on the device selects, row-major,
+    without reading the device: the positions come from the batch's host copy."""
+    from tests.sync_counter import SyncCounter
+    from tests.unlearn.test_batching import a_batch
+    host = a_batch()
+    hidden = torch.randn(3, width, 8, requires_grad=True)
+    want = hidden[:, :width - 1][host.target_mask[:, :width - 1]]
+    with SyncCounter() as counter:
+        got = at_answer_targets(counter.mark(hidden), host.to(torch.device("cpu")))
+    assert counter.total == 0, counter.syncs
+    grad = torch.randn_like(want)
+    assert torch.equal(got, want)
+    assert torch.equal(torch.autograd.grad(got, hidden, grad)[0], torch.autograd.grad(want, hidden, grad)[0])

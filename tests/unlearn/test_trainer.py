@@ -837,3 +837,40 @@ def test_lora_targets_the_model_lacks_are_named_and_all_linear_is_taken(tmp_path
     adapter = json.loads((tmp_path / "all" / "adapter" / "adapter_config.json").read_text())
     adapted = {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]}
     assert summary.steps == 1 and {"q_proj", "up_proj", "down_proj"} <= adapted, adapter["target_modules"]
+
+
+# What a step waits for on a GPU (grad_accum=2, counted by tests/sync_counter.py), and why each remains:
+# - the step's ONE read of its values (the early stop and the log need the loss terms on the host every step; the
+#   finite check and the compute counts ride in the same copy);
+# - per op call, the fused losses' forward finds its live rows (nonzero: their number sizes the matmuls; the cross
+#   entropy's target check rides in it); the backward knows their number from the forward, without a wait;
+# - per decoder forward on rows with padding, transformers' causal mask looks at the attention mask twice
+#   (masking_utils), in the model's code;
+# - reference='cached': per micro-batch, the check that the frozen lm_head still holds the cache's values.
+# Counted on the host instead: lengths, answer positions (no boolean masks on the device) and token counts.
+_STEP_SYNCS = {
+    "copy": {"nonzero.default @ fastalign/ops/token_rows.py": 4,
+             "_local_scalar_dense.default @ fastalign/unlearn/models.py": 8,
+             "tolist @ fastalign/unlearn/trainer.py": 1},
+    "cached": {"nonzero.default @ fastalign/ops/token_rows.py": 4,
+               "_local_scalar_dense.default @ fastalign/unlearn/models.py": 4,
+               "_local_scalar_dense.default @ fastalign/unlearn/reference.py": 2,
+               "tolist @ fastalign/unlearn/trainer.py": 1},
+}
+_STEP_SYNCS["adapter"] = _STEP_SYNCS["copy"]
+
+
+@pytest.mark.parametrize("settings", [{}, {"reference": "cached"}, {"lora": True, "lora_rank": 4}],
+                         ids=["copy", "cached", "adapter"])
+def test_a_step_waits_for_the_device_only_where_the_host_needs_a_value(tmp_path, settings):
+    from tests.sync_counter import SyncCounter
+    tokenizer, steps = byte_bpe_tokenizer(), []
+    config = UnlearnConfig(output_dir=str(tmp_path / "run"), max_steps=3, lr=1e-3, grad_accum=2, progress=False,
+                           **settings)
+    trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config)
+    counter = SyncCounter(trainer.model)
+    trainer.step_callback = lambda record: (steps.append(counter.by_file()), counter.reset())
+    with counter:
+        trainer.train()
+    # the first step also checks that the fused losses reproduce the model's logits (once per run)
+    assert steps[1:] == [_STEP_SYNCS[config.reference_mode]] * 2
