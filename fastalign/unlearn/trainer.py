@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import importlib
 import json
 import os
@@ -379,10 +378,12 @@ class UnlearningTrainer:
         progress.close()
         self._built_reference = None    # the run is over: its reference is not needed again
         summary = self._finish(step, stop_reason, record, totals, objective)
+        # the accelerator holds the prepared objective, and so the reference (a frozen copy of the decoder, or the
+        # cache), for as long as the caller keeps the trainer: free_memory lets them go, then runs a full collection.
         # torch.distributed.checkpoint's state-dict helpers (torch 2.13) leave a reference cycle holding every module
-        # of the model; a full collection frees it now, not whenever Python next runs one (device memory filling up
+        # of the model, which the collection frees now, not whenever Python next runs one (device memory filling up
         # never does), so that a caller dropping the model after the run gets its memory back
-        gc.collect()
+        self.accelerator.free_memory()
         return summary
 
     def _prepare_objective(self):

@@ -367,6 +367,28 @@ def test_a_generation_config_set_in_memory_is_saved_as_it_is(tmp_path):
     assert saved["temperature"] == 0.6 and "compile_config" not in saved
 
 
+@pytest.mark.parametrize("micro", [0, 1])
+def test_a_non_finite_loss_in_any_micro_batch_stops_the_step_before_it_trains(tmp_path, monkeypatch, micro):
+    """Step 2's loss is NaN in one of its 2 micro-batches: the run stops with an error naming that micro-batch's
+    terms and rows, before the optimizer step, so the weights are those step 1 left (checkpointed)."""
+    real_forward, steps, rows = UnlearningObjective.forward, [], []   # rows: of step 2's micro-batches
+
+    def forward(self, batch, *args):
+        terms = real_forward(self, batch, *args)
+        if steps != [1]:
+            return terms
+        rows.append([e.source for e in batch.examples])
+        return terms._replace(total=terms.total * float("nan")) if len(rows) == micro + 1 else terms
+
+    monkeypatch.setattr(UnlearningObjective, "forward", forward)
+    with pytest.raises(FloatingPointError) as error:
+        run(tmp_path, max_steps=3, callback=lambda record: steps.append(record.step))
+    message = str(error.value)
+    assert message.startswith("step 2: the loss is not finite on process(es) [0] of 1; here LossTerms(total=tensor(nan")
+    assert len(rows) == 2 and rows[0] != rows[1] and message.endswith(f", rows {rows[micro]}")
+    assert steps == [1] and not (tmp_path / "run" / "model").exists()
+
+
 def test_early_stop_once_forget_nll_passes_threshold(tmp_path):
     _, summary = run(tmp_path, max_steps=50, max_forget_nll=6.5, forget_weight=20.0, lr=1e-2, grad_accum=1)
     lines = log_lines(tmp_path / "run")
@@ -469,6 +491,23 @@ def test_a_finished_run_lets_its_model_go(tmp_path):
         assert alive() is None, "the model outlived its run"
     finally:
         gc.enable()
+
+
+def test_a_finished_run_lets_its_cached_reference_go(tmp_path, monkeypatch):
+    """The cache (answer tokens x hidden size, on the device) is freed when the run ends, while the caller still
+    holds the trainer (to read its model); a resume after an exception keeps it, as it must compare with the policy
+    the run started from."""
+    made = []
+
+    class Recorded(CachedReference):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(weakref.ref(self))
+
+    monkeypatch.setattr(trainer_module, "CachedReference", Recorded)
+    trainer, _ = run(tmp_path, max_steps=1, reference="cached")
+    gc.collect()
+    assert len(made) == 1 and made[0]() is None, "the finished run kept its cached reference"
 
 
 @pytest.mark.parametrize("storage", ["device", "host"])
