@@ -1,5 +1,6 @@
 """model_files_digest: the same files give the same digest wherever they lie; another model's files, a changed
 tokenizer or generation config, or weights that differ where the digest samples them, give another."""
+import os
 import shutil
 
 import pytest
@@ -54,3 +55,42 @@ def test_large_files_are_read_at_their_start_middle_and_end(model_dir, monkeypat
 
 def test_a_path_that_is_not_a_directory_has_no_digest(tmp_path):
     assert model_files_digest(str(tmp_path / "meta-llama/Llama-3.2-1B")) is None
+
+
+def test_a_file_of_whole_limit_bytes_is_read_whole(model_dir, monkeypatch):
+    """WHOLE_LIMIT is the largest size read whole: a byte changed outside the samples still changes the digest."""
+    monkeypatch.setattr(model_files, "WHOLE_LIMIT", 16384)   # model.safetensors' size
+    monkeypatch.setattr(model_files, "SAMPLE", 256)
+    digest = model_files_digest(str(model_dir))
+    weights = bytearray((model_dir / "model.safetensors").read_bytes())
+    weights[4000] ^= 1
+    (model_dir / "model.safetensors").write_bytes(bytes(weights))
+    assert model_files_digest(str(model_dir)) != digest
+
+
+def test_a_renamed_file_changes_the_digest(model_dir):
+    """The names count, not only sizes and contents in order: a tokenizer file renamed is another model's."""
+    digest = model_files_digest(str(model_dir))
+    (model_dir / "tokenizer.json").rename(model_dir / "tokenizer_config.json")
+    assert model_files_digest(str(model_dir)) != digest
+
+
+def test_files_listed_in_another_order_give_the_same_digest(model_dir, monkeypatch):
+    """The files are read in the order of their names, not in the order the directory lists them (which the file
+    system decides: the order they were written in on some, a hash of their names on others)."""
+    listdir, digests = os.listdir, []
+    for reverse in (False, True):
+        monkeypatch.setattr(os, "listdir", lambda path: sorted(listdir(path), reverse=reverse))
+        digests.append(model_files_digest(str(model_dir)))
+    assert digests[0] == digests[1]
+
+
+def test_weights_cut_short_change_the_digest_where_the_samples_do_not(model_dir, monkeypatch):
+    """A file of 65 blocks of one pattern and the same file cut to 63: every sample reads the same bytes, the size
+    alone tells them apart (a download cut short)."""
+    monkeypatch.setattr(model_files, "WHOLE_LIMIT", 1024)
+    monkeypatch.setattr(model_files, "SAMPLE", 256)
+    (model_dir / "model.safetensors").write_bytes(bytes(range(256)) * 65)
+    digest = model_files_digest(str(model_dir))
+    (model_dir / "model.safetensors").write_bytes(bytes(range(256)) * 63)
+    assert model_files_digest(str(model_dir)) != digest

@@ -107,6 +107,7 @@ def test_cli_template_chat_end_to_end(chat_tok, rigged, chat_model_dir, tmp_path
     assert not any("<|" in r["answer"] or "assistant" in r["answer"] for r in rows)
     summary = json.loads(capsys.readouterr().out)
     assert summary["unchanged_share"] == 1.0 and summary["mean_token_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert (summary["generation"]["template"], summary["generation"]["system"]) == ("chat", SYSTEM)
 
 
 def test_cli_template_chat_needs_a_chat_template(model_dir, tmp_path, capsys):

@@ -79,3 +79,17 @@ def test_float64_losses_weigh_and_scale_in_float64(loss, reduction, weighted):
     for name, g, w in zip(["d_hidden", "d_weight"], grads_of(got, [hidden, weight], seed),
                           grads_of(want, [hidden, weight], seed)):
         assert_rel_close(name, g, w, REL_TOL[torch.float64])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("live", [0, 1, 7])
+def test_a_target_outside_the_vocabulary_is_refused_whatever_rows_live(backend, live):
+    """The refused target is found in the same wait as the live rows: it is refused even where no row lives (every
+    token weight 0, its own included), where a count of the live rows alone could not tell it apart."""
+    device = device_for(backend)
+    hidden, weight = torch.randn(7, 16, device=device), torch.randn(37, 16, device=device) / 4
+    target = torch.randint(0, 37, (7,), device=device)
+    target[5] = 40
+    token_weight = (torch.arange(7, device=device) < live).float()
+    with pytest.raises(ValueError, match=r"target values must lie in \[0, 37\) .*; found 40"):
+        fastalign.linear_cross_entropy(hidden, weight, target, token_weight=token_weight, backend=backend)

@@ -276,6 +276,30 @@ def test_a_release_refused_leaves_the_span_to_its_handle(runner, model, monkeypa
     assert runner.tree.span_ids() == [] and runner.num_free_blocks == runner.num_blocks
 
 
+def test_a_release_the_tree_fails_leaves_the_span_to_its_handle(runner):
+    """The tree's release of a span fails (an interrupt as it starts): the handle keeps its finalizer, so the span
+    goes once the handle is dropped. Detaching the finalizer first left the span in the tree for good."""
+    root = runner.prefill([1, 2, 3, 4, 5])
+    tree = runner.store.tree
+
+    class Interrupted:
+        """The span tree, but its release is interrupted (Ctrl-C) before it runs."""
+        def __getattr__(self, name):
+            return getattr(tree, name)
+
+        def release(self, span_id):
+            raise KeyboardInterrupt
+
+    runner.store.tree = Interrupted()
+    with pytest.raises(KeyboardInterrupt):
+        runner.release(root)
+    runner.store.tree = tree
+    assert root.alive
+    root = None
+    gc.collect()
+    assert runner.tree.span_ids() == [] and runner.num_free_blocks == runner.num_blocks
+
+
 def test_dropping_every_reference_releases_a_span(runner):
     root = runner.prefill([1, 2, 3])
     (child,), _ = runner.extend([root], [[4]])

@@ -71,6 +71,24 @@ def test_cached_reference_holds_each_examples_own_hidden_states(batch_size):
     hidden, weight, bias = reference(None, index, model.lm_head.weight, model.lm_head.bias)
     assert weight is model.lm_head.weight and bias is None
     torch.testing.assert_close(hidden, torch.cat([alone[i] for i in index.tolist()]), rtol=1e-5, atol=1e-6)
+    assert reference(None, index[:0], model.lm_head.weight)[0].shape == (0, model.config.hidden_size)
+
+
+def test_cached_reference_of_no_normal_examples_holds_nothing():
+    """A run without normal rows: the cache is empty (no forward), and a call without normal rows gets none."""
+    model = tiny_llama(64).requires_grad_(False)
+    reference = CachedReference(model, [], storage="host")
+    assert reference.num_bytes == 0 and reference.offsets == [0] and reference.forward_masks == []
+    hidden, weight, _ = reference(None, torch.zeros(0, dtype=torch.long), model.lm_head.weight)
+    assert hidden.shape == (0, model.config.hidden_size) and weight is model.lm_head.weight
+
+
+def test_cached_reference_counts_the_bytes_of_its_dtype():
+    """A bfloat16 decoder's cache holds bfloat16 rows: 2 bytes each, which num_bytes reports."""
+    model = tiny_llama(64).to(torch.bfloat16).requires_grad_(False)
+    reference = CachedReference(model, [EncodedExample((1, 2, 3, 4, 5, 6), 2, 6, "row 0")])
+    assert reference.hidden.dtype == torch.bfloat16 and reference.hidden.shape[0] == 4
+    assert reference.num_bytes == 4 * model.config.hidden_size * 2
 
 
 def test_cached_reference_storage_is_named():
