@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import itertools
 import json
 import os
 import random
@@ -433,7 +434,8 @@ class UnlearningTrainer:
                                           compute.reference_tokens, compute.flops], dtype=torch.float64,
                                          device=acc.device), reduction="sum")
         values = torch.cat([terms, counts, flags.double(), nonfinite.double()]).tolist()
-        flags, here = values[9:9 + acc.num_processes], values[9 + acc.num_processes:]
+        ends = list(itertools.accumulate((len(terms), len(counts), len(flags))))   # where each part ends in values
+        flags, here = values[ends[1]:ends[2]], values[ends[2]:]
         bad = [rank for rank, flag in enumerate(flags) if flag]
         if bad:
             micro = next((i for i, flag in enumerate(here) if flag), None)
@@ -441,7 +443,7 @@ class UnlearningTrainer:
                     f"; here {micro_terms[micro]}, rows {[e.source for e in batches[micro].examples]}")
             raise FloatingPointError(f"step {step + 1}: the loss is not finite on process(es) {bad} of "
                                      f"{acc.num_processes}{here}")
-        return values[:4], values[4:9]
+        return values[:ends[0]], values[ends[0]:ends[1]]
 
     def _load(self, path, objective, optimizer, scheduler) -> tuple[int, ComputeTotals, StepRecord | None]:
         state, rank_state = read_checkpoint(path, self.accelerator.process_index)
