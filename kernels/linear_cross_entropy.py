@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .chunked_backward import backward_in_chunks
+from .device_guard import on_device_of_first_input
 from .linear_softmax_tiles import (autotune_tiles, chunk_grid, forward_grid, head_logits, logits_tile, merge_splits,
                                    online_logsumexp, store_gradient_tile, vocab_splits)
 
@@ -80,6 +81,7 @@ def _gradient_kernel(x_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, scale_ptr, g_ptr,
     store_gradient_tile(g_ptr, g * scale[:, None], rows, cols, row_mask, col_mask, G_STRIDE)
 
 
+@on_device_of_first_input
 def forward(hidden, weight, bias, target, softcap=None):
     """(lse, target_logit), fp32 [M] each: logsumexp_v z[t, v] and z[t, target_t] for z = hidden @ weight^T + bias,
     soft-capped (softcap * tanh(z / softcap)) unless softcap is None."""
@@ -96,6 +98,7 @@ def forward(hidden, weight, bias, target, softcap=None):
     return lse, target_logit
 
 
+@on_device_of_first_input
 def backward(hidden, weight, bias, target, lse, grad_scale, need_weight_grad, need_bias_grad,
              need_hidden_grad=True, softcap=None):
     """Gradients of sum_t grad_scale[t] * (lse_t - z[t, target_t]): (d_hidden, d_weight, d_bias), each or None.

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .chunked_backward import backward_in_chunks
+from .device_guard import on_device_of_first_input
 from .linear_softmax_tiles import (autotune_tiles, chunk_grid, forward_grid, head_logits, logits_tile_pair,
                                    merge_splits, online_logsumexp, store_gradient_tile, vocab_splits)
 
@@ -140,6 +141,7 @@ def _same_tensor(a, b):
                         and a.dtype == b.dtype)
 
 
+@on_device_of_first_input
 def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, softcap=None):
     """hidden [M, H], weight [V, H], ref_hidden [M, H_ref], ref_weight [V, H_ref] (H_ref == H when shared), bias and
     ref_bias [V] or None.
@@ -170,6 +172,7 @@ def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, softcap=None
     return torch.where(use_log1p, kl_log1p, kl_direct), lse, ref_lse
 
 
+@on_device_of_first_input
 def backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, grad_scale, need_weight_grad,
              need_bias_grad, need_hidden_grad=True, softcap=None):
     """Gradients of sum_t grad_scale[t] * KL_t wrt hidden, weight and bias (P constant): (d_hidden, d_weight, d_bias),

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device_guard import on_device_of_first_input
+
 LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -229,6 +231,7 @@ def choose_num_splits(programs, max_context, block_n, device):
     return max(1, min(-(-target // programs), max_context // (4 * block_n), 16))
 
 
+@on_device_of_first_input
 def paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, *, shared_prefix=None,
                            num_splits=None):
     """Launch the paged attention kernels (arguments already checked by `fastalign.ops.paged_attention`).

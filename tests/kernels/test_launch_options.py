@@ -1,6 +1,5 @@
 """Every kernel launch asks for FMA contraction itself: Triton 3.9 warns when enable_fp_fusion is left unset, and
 Triton 3.10 turns it off by default, which would change the kernels' rounding and speed without a word."""
-import pytest
 import torch
 
 import fastalign
@@ -15,9 +14,9 @@ KERNELS = {"fastalign.kernels.linear_cross_entropy._forward_kernel",
            "fastalign.kernels.paged_attention._merge_splits_kernel"}
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    """(kernel, enable_fp_fusion) of every launch: at the JIT's run on a GPU, at the grid call in the interpreter."""
+def record_launches(monkeypatch, describe):
+    """A list that gets describe(kernel name, launch keyword arguments) at every kernel launch: at the JIT's run on
+    a GPU, at the grid call in the interpreter."""
     seen = []
     if HAS_CUDA:
         from triton.runtime.jit import JITFunction as Launcher
@@ -28,14 +27,15 @@ def launches(monkeypatch):
     original = getattr(Launcher, method)
 
     def record(self, *args, **kwargs):
-        seen.append((f"{self.fn.__module__}.{self.fn.__name__}", kwargs.get("enable_fp_fusion")))
+        seen.append(describe(f"{self.fn.__module__}.{self.fn.__name__}", kwargs))
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Launcher, method, record)
     return seen
 
 
-def test_every_kernel_launch_enables_fp_fusion(launches):
+def launch_every_kernel():
+    """Run each Triton kernel at least once: both losses forward and backward, a paged attention with split keys."""
     hidden = torch.randn(6, 16, device=TRITON_DEVICE, requires_grad=True)
     weight = torch.randn(37, 16, device=TRITON_DEVICE, requires_grad=True)
     target = torch.randint(0, 37, (6,), device=TRITON_DEVICE)
@@ -45,5 +45,10 @@ def test_every_kernel_launch_enables_fp_fusion(launches):
     loss.backward()
     batch = make_paged_batch([(40, 1), (9, 2)], 16, 4, 2, 16, device=TRITON_DEVICE)
     paged_attention_triton(**batch, scale=0.25, num_splits=2)
+
+
+def test_every_kernel_launch_enables_fp_fusion(monkeypatch):
+    launches = record_launches(monkeypatch, lambda name, kwargs: (name, kwargs.get("enable_fp_fusion")))
+    launch_every_kernel()
     assert {name for name, _ in launches} == KERNELS
     assert all(fusion is True for _, fusion in launches), launches
