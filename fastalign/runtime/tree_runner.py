@@ -10,7 +10,6 @@ Llama-family models (Llama, Mistral, Qwen2) run on the paged pool with the paged
 other causal LMs fall back to Hugging Face's own forward and cache, row by row, with the same API.
 """
 import collections
-import functools
 import threading
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 
 from fastalign._C import PoolExhaustedError
 from fastalign.model_vocabulary import input_vocabulary
+from fastalign.one_call import one_call_at_a_time
 from fastalign.ops.backend import BACKENDS, autocast_off
 from fastalign.ops.checks import is_integer
 from fastalign.ops.paged_attention import resolve_backend
@@ -45,21 +45,9 @@ def _adapters_in_layers(model):
     return model.get_base_model()
 
 
-def _one_call_at_a_time(method):
-    """`method` run under the runner's lock, taken without waiting: a call while another runs (from another thread,
-    or from inside the runner's own forward) would compute from KV that the running call has not written yet, or
-    release what it uses; it is refused with a RuntimeError before it changes anything."""
-    @functools.wraps(method)
-    def guarded(self, *args, **kwargs):
-        if not self._busy.acquire(blocking=False):
-            raise RuntimeError(f"TreeRunner.{method.__name__}: another call is running on this TreeRunner (from "
-                               "another thread, or from inside its forward); a TreeRunner runs one call at a time: "
-                               "use one TreeRunner per thread (they may share one model) or serialise the calls")
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            self._busy.release()
-    return guarded
+# a call while another runs would compute from KV that the running call has not written yet, or release what it uses
+_one_call_at_a_time = one_call_at_a_time(
+    "its forward", "use one TreeRunner per thread (they may share one model) or serialise the calls")
 
 
 def _as_list(value, name, expected):

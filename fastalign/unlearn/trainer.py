@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 import random
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ import torch
 
 from fastalign.model_files import model_files_digest
 from fastalign.model_vocabulary import input_vocabulary
+from fastalign.one_call import one_call_at_a_time
 from fastalign.unlearn.checkpoint import (atomic_directory, latest_checkpoint, read_checkpoint,
                                           remove_stale_temporaries, write_checkpoint, write_text_atomic)
 from fastalign.unlearn.compute import (ComputeTotals, ModelShape, batch_compute, cache_compute,
@@ -220,6 +222,9 @@ class UnlearningTrainer:
     the trained model, where model/ lost the part of the update its weights' precision rounds away; the share
     lost is run.json's merge_rounding_error, and a warning names it above lora_merge.MERGE_ERROR_WARNING).
     step_callback(record) runs on the main process after every step.
+    One train() runs at a time on a trainer: one called while another runs, from another thread or from the
+    step_callback, is refused with a RuntimeError (the two would train one model with one optimizer into one
+    output_dir); one called after the last returned runs (after an exception, a resume: see resume_point).
     Torch's global generator is seeded with config.seed when the trainer is constructed (LoRA's initialisation draws
     from it), and train() starts dropout where that left it, whatever was drawn in between; a step_callback that draws
     from it changes the dropout of the steps after it (a resume restores the generator as its checkpoint found it).
@@ -262,6 +267,7 @@ class UnlearningTrainer:
         # (the reference,) once built: a train() run again after an exception (a resume in this process) compares
         # with the policy the first one started from, not with the weights that one left behind
         self._built_reference = None
+        self._busy = threading.Lock()   # held by the running train() (see one_call_at_a_time)
 
     def _prepare_model(self, model):
         config = self.config
@@ -312,6 +318,7 @@ class UnlearningTrainer:
         self.reference_cache_bytes = reference.num_bytes
         return reference
 
+    @one_call_at_a_time("its step_callback", "wait for the running train() to return")
     def train(self) -> RunSummary:
         config, acc = self.config, self.accelerator
         out = config.output_dir

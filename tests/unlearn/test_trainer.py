@@ -5,6 +5,7 @@ import gc
 import dataclasses
 import json
 import os
+import threading
 import weakref
 
 import numpy as np
@@ -116,6 +117,74 @@ def test_a_run_an_exception_stopped_resumes_on_the_same_trainer_as_if_never_stop
     for (name, a), (_, b) in zip(whole.model.named_parameters(), trainer.model.named_parameters()):
         assert torch.equal(a, b), name
     assert log_lines(tmp_path / "whole") == log_lines(tmp_path / "stopped")
+
+
+
+BUSY = "UnlearningTrainer.train: another call is running on this UnlearningTrainer"
+# LoRA dropout draws from the global generator, which train() sets when it starts: a refused call that got that far
+# would change the running one
+DRAWING = {"lora": True, "lora_rank": 4, "lora_dropout": 0.5, "lr": 1e-2, "max_steps": 3}
+
+
+def test_a_train_called_while_another_runs_on_the_trainer_is_refused_and_changes_nothing(tmp_path):
+    """A second thread calls train() on the trainer while the first thread's run stands in its step callback after
+    step 1: it ran a run of its own on the same model, optimizer state and output_dir, both silently corrupted. It
+    must be refused by name, and the first run end as it ends alone."""
+    pytest.importorskip("peft")
+    alone, _ = run(tmp_path, "alone", **DRAWING)
+    inside, go, outcome = threading.Event(), threading.Event(), {}
+
+    def hold(record):
+        if threading.current_thread() is first and record.step == 1:
+            inside.set()
+            if not go.wait(timeout=60):   # a guard against a hung test, not a synchronisation
+                raise TimeoutError("the test never let the first run go")
+
+    tokenizer = byte_bpe_tokenizer()
+    config = UnlearnConfig(output_dir=str(tmp_path / "shared"), grad_accum=2, progress=False, **DRAWING)
+    trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config, step_callback=hold)
+
+    def body():
+        try:
+            outcome["summary"] = trainer.train()
+        except Exception as err:   # the test reports it
+            outcome["error"] = err
+
+    first = threading.Thread(target=body, daemon=True)
+    try:
+        first.start()
+        assert inside.wait(timeout=60)
+        with pytest.raises(RuntimeError, match=BUSY):
+            trainer.train()
+    finally:
+        go.set()
+        first.join(timeout=120)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["summary"].steps == 3
+    for (name, a), (_, b) in zip(alone.model.named_parameters(), trainer.model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert log_lines(tmp_path / "alone") == log_lines(tmp_path / "shared")
+
+
+def test_a_train_called_from_its_own_step_callback_is_refused_and_changes_nothing(tmp_path):
+    """train() again from inside the running one (its step callback) ran a whole run within a step of the other.
+    It must be refused by name; the running run, which the callback lets go on, ends as it ends alone."""
+    pytest.importorskip("peft")
+    alone, _ = run(tmp_path, "alone", **DRAWING)
+    refusals = []
+
+    def again(record):
+        with pytest.raises(RuntimeError, match=BUSY) as refused:
+            trainer.train()
+        refusals.append(str(refused.value))
+
+    tokenizer = byte_bpe_tokenizer()
+    config = UnlearnConfig(output_dir=str(tmp_path / "nested"), grad_accum=2, progress=False, **DRAWING)
+    trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config, step_callback=again)
+    assert trainer.train().steps == 3 and len(refusals) == 3
+    for (name, a), (_, b) in zip(alone.model.named_parameters(), trainer.model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert log_lines(tmp_path / "alone") == log_lines(tmp_path / "nested")
 
 
 @pytest.mark.parametrize("resume", [False, True])
