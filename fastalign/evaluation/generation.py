@@ -18,6 +18,7 @@ from typing import Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 
+from fastalign.model_devices import input_device
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache
 from fastalign.unlearn.encoding import tokenize_prompts
@@ -142,7 +143,7 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> Tuple[str, bool]:
 @torch.no_grad()
 def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationConfig, eos: Set[int],
                     generators: List[torch.Generator]) -> List[Generation]:
-    device = next(model.parameters()).device
+    device = input_device(model)
     width, pad = max(len(r) for r in rows), pad_id(tokenizer, input_vocabulary(model))
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)

@@ -18,6 +18,8 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from fastalign.model_devices import input_device
+
 Pair = Tuple[str, str]
 Judge = Callable[[Sequence[Pair]], Sequence[bool]]
 
@@ -183,7 +185,7 @@ class ModerationJudge:
     @torch.no_grad()
     def probabilities(self, pairs: Sequence[Pair]) -> List[float]:
         """The classifier's probability of the harmful label for every pair."""
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
         # Padded on the right whatever the tokenizer's side (on the left, a classifier with absolute position
         # embeddings, BERT or GPT-2, reads a text at other positions than alone), with the model's own pad id, not
         # the tokenizer's: a decoder classifier finds a text's last token by that id, not by the attention mask.

@@ -16,6 +16,7 @@ import torch
 
 from fastalign.unlearn.encoding import tokenize_texts
 from fastalign.eval_mode import eval_mode
+from fastalign.model_devices import input_device
 
 from .judges import Judge, Pair, check_verdicts
 
@@ -63,7 +64,8 @@ def mean_token_kl_of_ids(model, reference, sequences: Sequence[TokenPair], batch
     each sequence a (prompt ids, answer ids) pair scored exactly as given: every answer token, an end token
     included, predicted from the prompt and the answer before it. Both models must share the vocabulary.
     Both run in eval mode (dropout off; each module's mode is given back after), whatever mode they are in:
-    a policy just trained is left in train mode, and its dropout would add to the KL."""
+    a policy just trained is left in train mode, and its dropout would add to the KL. The two may live on different
+    devices (the reference on a GPU of its own): each reads the ids on its own, the KL is summed on the model's."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     for i, (prompt_ids, answer_ids) in enumerate(sequences):
@@ -72,7 +74,7 @@ def mean_token_kl_of_ids(model, reference, sequences: Sequence[TokenPair], batch
                              "nothing to predict it from")
     sequences = [(p, a) for p, a in sequences if a]   # a sequence without answer ids adds nothing
     total, count = 0.0, 0
-    device = next(model.parameters()).device
+    device, ref_device = input_device(model), input_device(reference)
     for start in range(0, len(sequences), batch_size):
         rows = [list(p) + list(a) for p, a in sequences[start:start + batch_size]]
         width = max(map(len, rows))
@@ -85,7 +87,8 @@ def mean_token_kl_of_ids(model, reference, sequences: Sequence[TokenPair], batch
         with eval_mode(model):
             log_q = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[predicted].float(), -1)
         with eval_mode(reference):
-            log_p = torch.log_softmax(reference(input_ids=ids, attention_mask=mask).logits[predicted].float(), -1)
+            logits = reference(input_ids=ids.to(ref_device), attention_mask=mask.to(ref_device)).logits
+            log_p = torch.log_softmax(logits[predicted.to(logits.device)].float(), -1).to(log_q.device)
         total += (log_p.exp() * (log_p - log_q)).sum(-1).double().sum().item()
         count += int(predicted.sum())
     if count == 0:

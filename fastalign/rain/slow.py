@@ -11,6 +11,7 @@ from typing import AbstractSet, List, Optional, Sequence
 
 import torch
 
+from fastalign.model_devices import input_device
 from fastalign.ops.backend import autocast_off
 from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache
 
@@ -32,7 +33,7 @@ class SlowEngine:
         self.config = config
         self.want_hidden = want_hidden
         self.ledger = ledger or TokenLedger()
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
 
     # --- the one way this engine touches the model --------------------------------------------------
     @torch.no_grad()

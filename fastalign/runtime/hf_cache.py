@@ -21,9 +21,8 @@ from fastalign.runtime.llama import longrope_limit
 class HFCacheModel:
     """The forward of any Hugging Face causal LM with a DynamicCache over a ForwardBatch, row by row."""
 
-    def __init__(self, model):
-        self.model = model
-        self.device = next(model.parameters()).device
+    def __init__(self, model, device):
+        self.model, self.device = model, device   # where it computes (model_device): its inputs and the pool's
         if not (hasattr(model, "can_generate") and model.can_generate()):
             raise _unfit(model, "it is not a causal language model (can_generate() is not True)")
         try:

@@ -83,7 +83,7 @@ def rotate_half(x):
 class PagedLlama:
     """The forward of a Llama-family causal LM over a ForwardBatch, with its KV in a KVPool."""
 
-    def __init__(self, model, attention_backend="auto"):
+    def __init__(self, model, attention_backend, device):
         problem = llama_family_problem(model)
         if problem is not None:
             raise ValueError(f"model: cannot run on the paged Llama path: {problem}")
@@ -95,8 +95,8 @@ class PagedLlama:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = self.layers[0].self_attn.head_dim
         self.max_context = context_limit(model)
-        weight = model.model.embed_tokens.weight
-        self.dtype, self.device = weight.dtype, weight.device
+        # device: where the whole model computes (model_device), embeddings offloaded by accelerate included
+        self.dtype, self.device = model.model.embed_tokens.weight.dtype, device
         self.backend = resolve_backend(attention_backend, self.device)  # "triton" or "torch"
 
     def forward(self, batch, pool, select, want_logits, want_hidden, logits_rows=None):

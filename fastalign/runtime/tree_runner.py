@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fastalign._C import PoolExhaustedError
+from fastalign.model_devices import model_device
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.one_call import one_call_at_a_time
 from fastalign.ops.backend import BACKENDS, autocast_off
@@ -60,6 +61,8 @@ def _as_list(value, name, expected):
 
 class TreeRunner:
     """Runs `model` (a loaded Hugging Face causal LM, without dropout whatever its mode) over a tree of cached spans.
+    The model computes on one device, where the KV pool goes (weights that accelerate offloads are fine, a device_map
+    over several devices is refused).
 
     Size the KV pool with exactly one of `max_tokens` (rounded up to whole blocks) or `max_bytes`.
     `fallback=False` refuses models outside the Llama family instead of running them on Hugging Face's
@@ -85,18 +88,18 @@ class TreeRunner:
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"model: expected a loaded Hugging Face causal LM (a torch.nn.Module), got "
                              f"{type(model).__name__}")
-        params = list(model.parameters())
-        if params and all(p.is_meta for p in params):  # else the first forward fails on a meta tensor's data
-            raise ValueError("model: its weights are not loaded (every parameter is on the meta device); load them "
-                             "onto a device before making a TreeRunner")
+        # where the pool lives and every forward runs (an offloaded weight's hook brings it there); a model on
+        # several devices is refused: the paged path calls the layers' submodules, not the hooks of a device_map's
+        # blocks, and the fallback's cache would mix devices
+        device = model_device(model, "a TreeRunner") or torch.device("cpu")
         layered = _adapters_in_layers(model)
         problem = llama_family_problem(layered)
         if problem is None:
-            self.model_runner = PagedLlama(layered, attention_backend)
+            self.model_runner = PagedLlama(layered, attention_backend, device)
         elif fallback:
             from fastalign.runtime.hf_cache import HFCacheModel
-            with autocast_off(params[0].device if params else torch.device("cpu")):  # its probes size the pool
-                self.model_runner = HFCacheModel(model)
+            with autocast_off(device):  # its probes size the pool
+                self.model_runner = HFCacheModel(model, device)
         else:
             raise ValueError(f"model: unsupported architecture for the paged runner ({problem}) and "
                              "fallback=False; pass fallback=True to run it on Hugging Face's cache")

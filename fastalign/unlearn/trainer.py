@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from fastalign.model_devices import as_device, hook_devices
 from fastalign.model_files import model_files_digest
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.one_call import one_call_at_a_time
@@ -159,6 +160,23 @@ def _check_launch(accelerator, precision: str) -> None:
                          "(--precision) to the one the accelerator computes in")
 
 
+def _check_not_dispatched(model, device) -> None:
+    """Raises where accelerate's hooks (a device_map over several devices) would move a module's inputs off the
+    accelerator's `device`: the trainer moves every weight there (model.to), and the hooks would go on moving the
+    activations to the devices the device_map named, failing the first forward deep inside torch ("Expected all
+    tensors to be on the same device")."""
+    device, elsewhere = as_device(device), {}
+    for name, module in model.named_modules():
+        for hooked, _ in hook_devices(module):
+            if hooked != device:
+                elsewhere.setdefault(hooked, name or type(model).__name__)
+    if elsewhere:
+        where = " and ".join(f"{d} ({name})" for d, name in elsewhere.items())
+        raise ValueError(f"model: accelerate dispatched it to run on {where} (a device_map over several devices?): the "
+                         f"trainer trains the whole model on the accelerator's device, {device}; load the model "
+                         "without a device_map, or with every module on that device")
+
+
 def _check_trainable_dtypes(model) -> None:
     """Raises on a float16 weight to train: AdamW's eps (1e-8) rounds to 0 in float16 and its second moments
     underflow, so the first step turns such weights into inf or NaN."""
@@ -239,6 +257,10 @@ class UnlearningTrainer:
         streams.check_context(max_positions(model))
         streams.check_vocabulary(input_vocabulary(model))
         for name, p in model.named_parameters():
+            if p.is_meta:   # else "Tensor.item() cannot be called on meta tensors" below, or model.to()'s error
+                raise ValueError(f"model parameter {name} is on the meta device (offloaded by accelerate, a device_map "
+                                 "with 'cpu' or 'disk' or cpu_offload, or not loaded): the trainer trains every weight "
+                                 "on the accelerator's device; load the whole model without offloading")
             if not bool(torch.isfinite(p).all()):
                 raise ValueError(f"model parameter {name} holds NaN or infinite values")
         self.config, self.streams, self.tokenizer, self.step_callback = config, streams, tokenizer, step_callback
@@ -246,6 +268,7 @@ class UnlearningTrainer:
         self.accelerator = accelerator or _require("accelerate").Accelerator(
             mixed_precision=_MIXED_PRECISION[config.precision])
         _check_launch(self.accelerator, config.precision)
+        _check_not_dispatched(model, self.accelerator.device)
         self.sharded = self.accelerator.distributed_type == "FSDP"  # accelerate's DistributedType is a str enum
         if self.sharded and config.lora:
             raise NotImplementedError("lora=True under FSDP is not supported (the adapter could not be merged "

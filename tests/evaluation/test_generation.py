@@ -282,3 +282,15 @@ def test_token_ids_past_the_models_embeddings(world, tokenizer, model):
     with pytest.raises(ValueError, match=rf"prompt 1: token id {vocab + 1} is past the model's {vocab} input "
                                          "embeddings: the tokenizer does not match the model"):
         generate(model, extended, [prompts[0], "<|im_start|>" + prompts[1]], config)
+
+
+def test_a_model_whose_embeddings_accelerate_offloads_generates_as_the_model(world, tokenizer, model):
+    """Offloaded weights wait on the meta device, which put the prompts there ("Cannot copy out of meta tensor" when
+    the embeddings' hook moved them): the prompts go where the embeddings' hook runs them."""
+    accelerate = pytest.importorskip("accelerate")
+    offloaded = copy.deepcopy(model)
+    accelerate.cpu_offload(offloaded.model.embed_tokens, execution_device=torch.device("cpu"))
+    assert next(offloaded.parameters()).is_meta
+    prompts = prompts_of(world)
+    config = GenerationConfig(max_new_tokens=6, batch_size=3)
+    assert generations(offloaded, tokenizer, prompts, config) == generations(model, tokenizer, prompts, config)

@@ -1,3 +1,4 @@
+import copy
 import re
 
 import pytest
@@ -74,7 +75,6 @@ def test_moderation_judge_scores_a_decoder_classifier_as_alone_whatever_its_pad_
     calls padding, not by the attention mask: a batch padded with the tokenizer's other pad token was scored at
     a pad position (0.90 for 0.16 alone); and without a pad token (GPT-2 as published) every batch was an
     error. Each text is scored as alone."""
-    import copy
 
     tok = copy.deepcopy(tokenizer)
     ids = {"eos": tok.eos_token_id, "pad": tok.pad_token_id, None: None}
@@ -242,3 +242,14 @@ def test_keyword_judge_matches_across_scripts_and_unicode_forms(keyword, answer)
 
 def test_keyword_judge_still_needs_whole_words_in_spaced_scripts():
     assert KeywordJudge(["bomb", "café"])([("", "bombs"), ("", "cafés"), ("", "a BOMB!")]) == [False, False, True]
+
+
+def test_moderation_judge_with_a_classifier_whose_embeddings_accelerate_offloads(world, tokenizer, classifier):
+    """Offloaded weights wait on the meta device, where the texts then went ("Cannot copy out of meta tensor")."""
+    accelerate = pytest.importorskip("accelerate")
+    offloaded = copy.deepcopy(classifier)
+    accelerate.cpu_offload(offloaded.model.embed_tokens, execution_device=torch.device("cpu"))
+    pairs = [(qa.question, qa.answer) for qa in world.harmful[:3]]
+    judge = ModerationJudge(offloaded, tokenizer, harmful_label="unsafe", template="{prompt} {answer}")
+    expected = ModerationJudge(classifier, tokenizer, harmful_label="unsafe", template="{prompt} {answer}")
+    assert judge.probabilities(pairs) == pytest.approx(expected.probabilities(pairs), abs=1e-6)

@@ -177,3 +177,19 @@ def test_mean_token_kl_of_ids_runs_both_models_in_eval_mode(tokenizer):
     sequences = [((1, 5, 6, 7), (8, 9, 10, 11, 12)), ((1, 4), (5, 6, 7))]
     assert mean_token_kl_of_ids(policy, reference, sequences) == 0.0
     assert policy.training and not policy.model.layers[0].training and policy.model.layers[1].training
+
+
+@pytest.mark.parametrize("which", ["model", "reference"])
+def test_mean_token_kl_of_a_model_whose_embeddings_accelerate_offloads(tokenizer, model, which):
+    """Offloaded weights wait on the meta device, where the ids then went ("Cannot copy out of meta tensor"): each
+    model reads them where its embeddings' hook runs them (and on its own device: a reference on a GPU of its own
+    failed in its embeddings with "Expected all tensors to be on the same device")."""
+    accelerate = pytest.importorskip("accelerate")
+    other = tiny_llama(tokenizer, seed=2)
+    sequences = [([5, 9, 13], [7, 8, 30]), ([4], [11, 12])]
+    expected = mean_token_kl_of_ids(other, model, sequences)
+    offloaded = copy.deepcopy(other if which == "model" else model)
+    accelerate.cpu_offload(offloaded.model.embed_tokens, execution_device=torch.device("cpu"))
+    pair = (offloaded, model) if which == "model" else (other, offloaded)
+    assert mean_token_kl_of_ids(*pair, sequences) == pytest.approx(expected, rel=1e-6)
+    assert expected > 0

@@ -68,6 +68,22 @@ def test_identical_decisions_on_tiny_llama_through_tree_runner():
     assert runner.num_free_blocks == runner.num_blocks
 
 
+def test_both_engines_run_a_model_whose_embeddings_accelerate_offloads():
+    """Offloaded weights wait on the meta device: the slow engine put its inputs there and the runner its KV pool
+    (every prompt failed, "RuntimeError: unsupported scalarType"); both run where the embeddings' hook runs them."""
+    accelerate = pytest.importorskip("accelerate")
+    TreeRunner = pytest.importorskip("fastalign.runtime").TreeRunner
+    model = tiny_llama()
+    config = RainConfig(root_visits=4, min_new_visits=2, max_new_tokens=2)
+    settings = dict(judge_prompt=SHORT_JUDGE, embedding="hidden", sampler="keyed")
+    expected = decisions(rain_generate(model, tokenizer(), PROMPTS[:1], config, engine="slow", **settings))
+    accelerate.cpu_offload(model.model.embed_tokens, execution_device=torch.device("cpu"))
+    out = run_both(model, PROMPTS[:1], config, lambda: TreeRunner(model, max_tokens=2048, attention_backend="torch"),
+                   **settings)
+    assert expected[0][2] is None
+    assert decisions(out["slow"][0]) == decisions(out["tree"][0]) == expected
+
+
 def test_an_enclosing_autocast_does_not_apply_inside_the_slow_engine():
     """Both engines run the model in its own dtypes (the tree engine's runner ignores a caller's autocast): a
     caller's bf16 autocast around rain_generate changed the slow engine's logits, and so its decisions."""

@@ -725,18 +725,51 @@ def test_a_model_whose_weights_are_not_loaded_is_refused(name):
         TreeRunner(model, max_tokens=64, block_size=4)
 
 
-@pytest.mark.parametrize("name, layer", [("qwen2-untied", "model.layers.0"), ("gpt2-fallback", "transformer.h.0")])
-def test_a_model_offloaded_in_part_is_taken(name, layer):
-    """Only a model whose every parameter is on the meta device is refused: accelerate's offloading leaves the
-    offloaded weights there and its hooks bring them in at each forward, so such a model runs, on either path."""
+@pytest.mark.parametrize("name, part", [("qwen2-untied", "model.layers.0"), ("gpt2-fallback", "transformer.h.0"),
+                                        ("qwen2-untied", "model.embed_tokens"), ("gpt2-fallback", "transformer.wte"),
+                                        ("qwen2-untied", ""), ("gpt2-fallback", "")])
+def test_a_model_offloaded_by_accelerate_is_taken(name, part):
+    """accelerate's offloading leaves the offloaded weights on the meta device and its hooks bring them in at each
+    forward, so such a model runs, on either path, on its hooks' execution device. Offloaded input embeddings put the
+    KV pool (and the fallback's inputs) on the meta device: "unsupported scalarType" at the first extend; a model
+    offloaded whole was refused as not loaded."""
     accelerate = pytest.importorskip("accelerate")
     model = tiny_model(name)
     expected = model(torch.tensor([[1, 2, 3, 4]])).logits[0, -1]
-    accelerate.cpu_offload(model.get_submodule(layer), execution_device=torch.device("cpu"))
+    accelerate.cpu_offload(model.get_submodule(part), execution_device=torch.device("cpu"))
     assert any(p.is_meta for p in model.parameters())
     runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    assert runner.pool.data.device == torch.device("cpu")
     _, logits = runner.extend([None], [[1, 2, 3, 4]])
     assert (logits[0] - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name, part", [("qwen2-untied", "model.layers.0.mlp"), ("qwen2-untied", "lm_head"),
+                                        ("gpt2-fallback", "transformer.h.0.mlp")])
+def test_a_model_with_a_part_not_loaded_is_refused(name, part):
+    """A part on the meta device with no accelerate hook to load it: on the paged path F.linear of a CPU input and a
+    meta weight returns uninitialised memory, so the logits were garbage, silently; the fallback refused the model
+    for a failed probe forward ("Tensor on device meta is not on the expected device cpu!")."""
+    model = tiny_model(name)
+    model.get_submodule(part).to("meta")
+    with pytest.raises(ValueError, match=f"^model: its weights are not loaded \\({part}[.a-z_]* has no accelerate "
+                                         "hook to load its parameters, which are on the meta device\\)"):
+        TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+
+
+@pytest.mark.parametrize("name, block", [("qwen2-untied", "model.layers.1"), ("gpt2-fallback", "transformer.h.1")])
+def test_a_model_dispatched_over_two_devices_is_refused(name, block):
+    """A device_map over two GPUs gives each block a hook moving its inputs to its device. The paged path calls the
+    layers' submodules, past those hooks, with its activations and KV pool on the embeddings' device ("Expected all
+    tensors to be on the same device"), and the fallback's caches, gathered from the one pool, would meet layers on
+    another device; the CPU has one device, so the block here has only its hook (tests/test_model_devices.py)."""
+    pytest.importorskip("accelerate")
+    from tests.test_model_devices import dispatched_to
+    model = tiny_model(name)
+    dispatched_to(model.get_submodule(block), "cuda:1")
+    with pytest.raises(ValueError, match=f"^model: a TreeRunner runs the whole model on one device, but it computes on "
+                                         f"cpu \\([a-z_.]+\\) and cuda:1 \\({block}\\)"):
+        TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
 
 
 @pytest.mark.parametrize("name", ["qwen2-untied", "gpt2-fallback"])

@@ -751,6 +751,39 @@ def test_bad_models_and_settings(tmp_path):
     assert (counts.max_steps, counts.normal_batch_size) == (3, 2) and type(counts.max_steps) is int
 
 
+@pytest.mark.parametrize("how", ["offloaded", "not loaded"])
+def test_a_model_with_weights_on_the_meta_device_is_refused_before_any_output(tmp_path, how):
+    """Weights that accelerate offloads (its hook brings them in at each forward) or that were never loaded: the
+    trainer, which trains every weight on the accelerator's device, failed in its check of the weights with
+    "Tensor.item() cannot be called on meta tensors"."""
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    if how == "offloaded":
+        accelerate.cpu_offload(model.model.layers[1], execution_device=torch.device("cpu"))
+    else:
+        model.model.layers[1].to("meta")
+    with pytest.raises(ValueError, match=r"^model parameter model.layers.1.self_attn.q_proj.weight is on the meta "
+                                         r"device \(offloaded by accelerate.* or not loaded\)"):
+        run(tmp_path, model=model)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_model_dispatched_over_two_devices_is_refused_before_any_output(tmp_path):
+    """A device_map over two GPUs gives each block a hook moving its inputs to its device; the trainer moved the
+    weights to the accelerator's device, and the first forward failed deep inside torch ("Expected all tensors to be
+    on the same device"; here, on a CPU, "Torch not compiled with CUDA enabled")."""
+    pytest.importorskip("accelerate")
+    from tests.test_model_devices import dispatched_to
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    dispatched_to(model.model.layers[1], "cuda:1")
+    with pytest.raises(ValueError, match=r"^model: accelerate dispatched it to run on cuda:1 \(model.layers.1\) .*: "
+                                         r"the trainer trains the whole model on the accelerator's device, cpu"):
+        run(tmp_path, model=model)
+    assert not os.path.exists(tmp_path / "run")
+    on_its_device = dispatched_to(tiny_llama(len(byte_bpe_tokenizer())), "cpu")   # hooks on the trainer's device
+    assert run(tmp_path, model=on_its_device, max_steps=1)[1].steps == 1
+
+
 @pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["lm_head"]])
 def test_lora_on_the_lm_head_is_refused_before_any_output(tmp_path, targets):
     """The fused losses read lm_head.weight: an adapter there would silently never act nor train."""

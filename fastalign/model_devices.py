@@ -1,0 +1,82 @@
+"""Where a Hugging Face model computes: the devices of its weights, as accelerate's hooks place them.
+
+A parameter computes on its own device, except one that accelerate offloads (a device_map with "cpu" or "disk"
+next to a GPU, cpu_offload): it waits on the meta device, and the hook of its module brings it to the hook's
+execution device at each forward. A module that a device_map dispatches also moves its inputs to its hook's
+execution device. A parameter on the meta device whose module has no hook loading it is not loaded at all: a forward
+fails on it, or (F.linear on a CPU input) silently returns uninitialised memory.
+"""
+import torch
+
+META = torch.device("meta")
+
+
+def as_device(device) -> torch.device:
+    """`device` (an int, a string or a torch.device, as accelerate's hooks and Accelerator.device hold them) as a
+    torch.device with its index: an int is an index of the current accelerator (CUDA where there is none), and an
+    accelerator's device without an index ("cuda") names its current device, as a tensor sent there finds."""
+    accelerator = torch.accelerator.current_accelerator()
+    if isinstance(device, int):
+        device = torch.device(accelerator.type if accelerator is not None else "cuda", device)
+    device = torch.device(device)
+    if device.index is None and accelerator is not None and device.type == accelerator.type:
+        device = torch.device(device.type, torch.accelerator.current_device_index())
+    return device
+
+
+def hook_devices(module: torch.nn.Module) -> list[tuple[torch.device, bool]]:
+    """(execution device, whether it loads offloaded weights) of each accelerate hook on `module` itself."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = [] if hook is None else getattr(hook, "hooks", [hook])   # a SequentialHook chains several
+    return [(as_device(h.execution_device), bool(getattr(h, "offload", False))) for h in hooks
+            if getattr(h, "execution_device", None) is not None]
+
+
+def module_devices(module: torch.nn.Module) -> list[torch.device]:
+    """The devices `module`'s own hooks and parameters (not its submodules') compute on; meta for a parameter not
+    loaded."""
+    hooks = hook_devices(module)
+    loads = next((device for device, offload in hooks if offload), None)
+    return [device for device, _ in hooks] + [loads if p.is_meta and loads is not None else p.device
+                                              for p in module.parameters(recurse=False)]
+
+
+def compute_devices(model: torch.nn.Module) -> dict[torch.device, str]:
+    """{device: the first module computing on it} over every module of `model`, meta for weights not loaded."""
+    found = {}
+    for name, module in model.named_modules():
+        for device in module_devices(module):
+            found.setdefault(device, name or type(model).__name__)
+    return found
+
+
+def model_device(model: torch.nn.Module, user: str) -> torch.device | None:
+    """The one device `model` computes on (None: it has no parameters), for `user` (e.g. "a TreeRunner"), which runs
+    the whole model there: ValueError naming the model when its weights are not loaded or it computes on several
+    devices (a device_map over several GPUs, a part moved by hand)."""
+    found = compute_devices(model)
+    if META in found:
+        raise ValueError(f"model: its weights are not loaded ({found[META]} has no accelerate hook to load its "
+                         f"parameters, which are on the meta device); load them onto a device before {user} uses it")
+    if len(found) > 1:
+        where = " and ".join(f"{device} ({name})" for device, name in found.items())
+        raise ValueError(f"model: {user} runs the whole model on one device, but it computes on {where} (a "
+                         "device_map over several devices?); load the model onto one device")
+    return next(iter(found), None)
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's input ids go to: where its input embeddings compute (for embeddings that accelerate
+    offloads, their hook's execution device, not the meta device their weight waits on), else its first parameter's
+    device. ValueError when the embeddings are not loaded."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_embeddings = getattr(base, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    modules = embeddings.modules() if isinstance(embeddings, torch.nn.Module) else iter(())
+    device = next((d for m in modules for d in module_devices(m)), None)
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device == META:
+        raise ValueError("model: its input embeddings are not loaded (their weight is on the meta device, and no "
+                         "accelerate hook loads it); load the model's weights onto a device")
+    return device

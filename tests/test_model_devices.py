@@ -1,0 +1,75 @@
+"""Where a model computes: parameters on their devices, weights accelerate offloads on their hook's execution
+device, weights on the meta device without a hook not loaded; and where its input ids go."""
+import pytest
+import torch
+
+from fastalign.model_devices import META, as_device, compute_devices, input_device, model_device
+from tests.unlearn.tiny import tiny_llama
+
+accelerate = pytest.importorskip("accelerate")
+CPU = torch.device("cpu")
+
+
+def dispatched_to(module, device):
+    """`module` given the hook a device_map gives a block it places on `device` (AlignDevicesHook: its inputs moved
+    there at each forward). Not placing the block's weights (place_submodules=False, and a block holds none of its
+    own): the CPU has no second device to put them on; the hook alone says where the block runs."""
+    accelerate.hooks.add_hook_to_module(module, accelerate.hooks.AlignDevicesHook(execution_device=device))
+    return module
+
+
+def test_accelerates_device_names_as_devices():
+    assert as_device("cpu") == CPU and as_device(torch.device("meta")) == META
+    assert as_device(1) == torch.device(getattr(torch.accelerator.current_accelerator(), "type", "cuda"), 1)
+    assert as_device("cuda:1") == torch.device("cuda", 1)
+
+
+def test_an_accelerators_device_without_an_index_is_its_current_device(monkeypatch):
+    """accelerate's one-process Accelerator.device is torch.device("cuda"): the trainer compares it with the hooks'
+    cuda:0, cuda:1."""
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 1)
+    assert as_device(torch.device("cuda")) == as_device("cuda:1") == torch.device("cuda", 1)
+    assert as_device(0) == torch.device("cuda", 0) and as_device("cpu") == CPU
+
+
+def test_a_model_offloaded_by_accelerate_computes_on_its_hooks_device():
+    model = tiny_llama(50)
+    assert compute_devices(model) == {CPU: "model.embed_tokens"}
+    accelerate.cpu_offload(model.model.embed_tokens, execution_device=CPU)
+    assert model.model.embed_tokens.weight.is_meta
+    assert model_device(model, "a test") == CPU and input_device(model) == CPU
+
+
+def test_weights_on_the_meta_device_without_a_hook_are_not_loaded():
+    model = tiny_llama(50)
+    model.model.layers[1].mlp.to("meta")
+    assert compute_devices(model) == {CPU: "model.embed_tokens", META: "model.layers.1.mlp.gate_proj"}
+    with pytest.raises(ValueError, match=r"^model: its weights are not loaded \(model.layers.1.mlp.gate_proj has no "
+                                         r"accelerate hook .* meta device\); load them onto a device before a test "):
+        model_device(model, "a test")
+    assert input_device(model) == CPU   # the embeddings are loaded
+    model.model.embed_tokens.to("meta")
+    with pytest.raises(ValueError, match="^model: its input embeddings are not loaded"):
+        input_device(model)
+
+
+def test_a_model_dispatched_over_two_devices_is_named_on_both():
+    model = tiny_llama(50)
+    dispatched_to(model.model.layers[1], "cuda:1")
+    assert compute_devices(model) == {CPU: "model.embed_tokens", torch.device("cuda", 1): "model.layers.1"}
+    with pytest.raises(ValueError, match=r"^model: a test runs the whole model on one device, but it computes on cpu "
+                                         r"\(model.embed_tokens\) and cuda:1 \(model.layers.1\)"):
+        model_device(model, "a test")
+    assert input_device(model) == CPU   # its embeddings run on the CPU
+
+
+def test_the_input_device_of_a_lora_model_and_of_a_model_without_embeddings():
+    peft = pytest.importorskip("peft")
+    model = tiny_llama(50)
+    accelerate.cpu_offload(model.model.embed_tokens, execution_device=CPU)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    assert input_device(wrapped) == CPU
+    assert input_device(torch.nn.Linear(2, 2)) == CPU   # no input embeddings: its first parameter's device
+    with pytest.raises(ValueError, match="not loaded"):
+        input_device(torch.nn.Linear(2, 2).to("meta"))
