@@ -31,8 +31,8 @@ class ForwardBatch:
 
     @classmethod
     def from_plan(cls, plan, device, *, outputs=(), cascade_block_size=None):
-        """The plan's arrays on `device` after ONE host-to-device copy: a blocking copy waits for the work queued
-        on the device, so a forward pays that wait once.
+        """The plan's arrays on `device` after ONE host-to-device copy, non-blocking: it need not wait for the work
+        queued on the device (the previous forward), and is safe from pageable memory (staged before it returns).
 
         outputs: token indices whose outputs the caller will select. cascade_block_size: the pool's block size
         to also plan which rows share whole prefix blocks (`plan_shared_prefix`, for
@@ -86,7 +86,7 @@ def _to_device(arrays, device):
     packed = np.zeros(size, dtype=np.uint8)
     for a, start in zip(arrays, starts):
         packed[start:start + a.nbytes] = a.reshape(-1).view(np.uint8)
-    flat = torch.from_numpy(packed).to(device)
+    flat = torch.from_numpy(packed).to(device, non_blocking=True)
     return [flat[start:start + a.nbytes].view(_TORCH_DTYPES[a.dtype]) for a, start in zip(arrays, starts)]
 
 

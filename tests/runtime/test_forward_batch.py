@@ -47,3 +47,17 @@ def test_the_arrays_are_views_of_one_copy_each_starting_16_byte_aligned():
     base = batch.input_ids.untyped_storage().data_ptr()
     assert all((t.data_ptr() - base) % 16 == 0 for t in tensors)
     assert batch.outputs.numel() == 0
+
+
+def test_the_one_copy_does_not_wait_for_the_device(monkeypatch):
+    """A blocking host-to-device copy waits for every kernel queued before it (the previous forward's); the plan's
+    copy is asked non-blocking, which is safe from the pageable numpy buffer (CUDA stages it before returning)."""
+    copies, to = [], torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        copies.append((args, kwargs.get("non_blocking", False)))
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    ForwardBatch.from_plan(odd_plan(), torch.device("cpu"), cascade_block_size=4)
+    assert copies == [((torch.device("cpu"),), True)]
