@@ -20,7 +20,7 @@ tokens) and moves 4 bytes of atomic traffic per multiply-add pair of every tile.
   In a 16-bit dtype the error of those roundings grows with their number (bf16 d_weight, measured on CPU:
   3.6e-3 relative with 8 segments, 1.5e-2 with 128), so a backward takes at most 32 segments: past 32
   segments of the default size, segments grow with N (their scratch stays under ~0.6% of the bytes of the
-  bf16 logits for H up to 8192 and V from 128256).
+  bf16 logits for H up to 4096 and V from 128256, ~1.1% at H 8192).
 
 Extra memory is the accumulator, one matmul output and one G chunk, whatever V, and whatever N up to 32
 default segments: about 16 MiB at H = 4096 in bf16 (under 1% of the 2 GiB of bf16 logits of 8192 tokens

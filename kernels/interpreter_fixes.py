@@ -1,5 +1,5 @@
-"""Two defects of Triton's CPU interpreter (TRITON_INTERPRET=1) that would keep it from computing what a GPU
-computes with our kernels; kernels/__init__.py applies both fixes, only under the interpreter. Compiled kernels
+"""Three defects of Triton's CPU interpreter (TRITON_INTERPRET=1) that would keep it from computing what a GPU
+computes with our kernels; kernels/__init__.py applies all three fixes, only under the interpreter. Compiled kernels
 are not concerned.
 
 - Loop bounds from kernel scalars (Triton < 3.7 with numpy >= 2.4). The interpreter holds a kernel scalar (an

@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", type=Path, default=ASSETS,
                         help="a model written by `python -m fastalign.demo.train` (default: the shipped one)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default: %(default)s; a model this small runs fastest on one)")
+                        help="torch CPU threads (default: %(default)s)")
     for f in fields(DemoSettings):
         default = getattr(defaults, f.name)
         help_text = f"{SETTING_HELP[f.name]} (default: {default})"

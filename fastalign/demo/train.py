@@ -153,7 +153,7 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the world and of training (default: 0)")
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps (default: 400)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1; results depend on "
-                        "it; a model this small is fastest on one)")
+                        "it)")
     parser.add_argument("--out", type=Path, default=ASSETS, help="where to write the trained model (default: the "
                         "package's shipped model, which it replaces)")
     args = parser.parse_args(argv)

@@ -282,9 +282,9 @@ def test_demo_help_states_what_each_setting_does_and_its_default():
     assert "RAIN" in next(a.help for a in valued if a.dest == "seed")   # the seed also drives RAIN's search
     assert all("(default: " in a.help for a in valued), [a.dest for a in valued if "(default: " not in a.help]
     assert len({a.help for a in valued}) == len(valued)
-    # the default the help states is the one applied: one thread, fastest for a model this small
+    # the default the help states is the one applied: one thread
     assert parser.parse_args([]).threads == 1
-    assert "torch CPU threads (default: 1;" in " ".join(parser.format_help().split())
+    assert "torch CPU threads (default: 1)" in " ".join(parser.format_help().split())
 
 
 def test_train_help_shows_its_command_and_defaults(capsys):
