@@ -12,6 +12,7 @@ import pytest
 
 import fastalign
 from fastalign.cli import _interrupt_on_sigterm, main
+from tests.test_package import loaded_after
 
 
 def option_entries(command, capsys):
@@ -71,6 +72,12 @@ def test_python_dash_m_fastalign_runs_the_command():
     failed = subprocess.run([sys.executable, "-m", "fastalign", "rain", "--model", "no-such-model", "--prompts", "p",
                              "--output", os.devnull], capture_output=True, text=True, env=env, timeout=120)
     assert failed.returncode == 2 and "fastalign rain: error: --model: no model directory" in failed.stderr
+
+
+def test_the_parser_loads_no_engine_library():
+    """`fastalign --help`, `--version` and `COMMAND --help` build the whole parser: the demo's imported transformers
+    (its progress-bar switch, the tiny Llama's classes), which --help and --version then paid (1.5 s or more)."""
+    assert loaded_after("from fastalign.cli import build_parser\nbuild_parser()") == []
 
 
 @pytest.mark.parametrize("signum, by", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])

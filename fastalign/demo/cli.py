@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-from transformers.utils import logging as hf_logging
 
 from ..unlearn.trainer import MissingExtraError, require_extras
 from .model import ASSETS, WORLD_FILE
@@ -108,6 +107,8 @@ def run(args) -> int:
     def on_phase(name: str, seconds: float) -> None:
         if not args.quiet:
             print(f"demo: {name} done in {seconds:.1f} s", file=sys.stderr, flush=True)
+
+    from transformers.utils import logging as hf_logging   # here, not at import: `fastalign --help` builds this parser
 
     # the caller's settings are given back after: `fastalign.cli.main(["demo", ...])` may run in a longer process
     threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()

@@ -1,15 +1,19 @@
 """The demo's tiny Llama model: its architecture, and loading the trained weights shipped with the package.
 
 `python -m fastalign.demo.train` writes the weights, tokenizer and world seed into `assets/`;
-`load_model()` and `load_world()` read them back offline.
+`load_model()` and `load_world()` read them back offline. transformers is imported by the functions that make a model
+(1.5 s): `fastalign --help` reads ASSETS.
 """
+from __future__ import annotations
+
 import json
 from pathlib import Path
-from typing import Tuple, Union
-
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from typing import TYPE_CHECKING, Tuple, Union
 
 from .world import World
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 WORLD_FILE = "world.json"
@@ -18,6 +22,8 @@ WORLD_FILE = "world.json"
 def model_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     """0.92M parameters: 4 layers of width 128, a context of 256 positions (the longest world text
     is the ~180-token self-evaluation prompt)."""
+    from transformers import LlamaConfig
+
     return LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -26,6 +32,8 @@ def model_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
 
 def load_model(path: Union[str, Path] = ASSETS) -> Tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """The trained demo model (eval mode, float32, CPU) and its tokenizer, from `path` (default: shipped)."""
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no trained demo model in {path}; run `python -m fastalign.demo.train`")

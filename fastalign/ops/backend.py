@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from .compiler_disable import compiler_disable
+
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -51,6 +53,6 @@ def autocast_off(device):
 
 def graph_break(op):
     """torch.compiler.disable for a fused op, with the reason a fullgraph=True caller's error gives (else 'None')."""
-    return torch.compiler.disable(reason=f"{op} runs outside the compiled graph (one graph break): dynamo cannot "
-                                         "trace its data-dependent row gather and kernel launches; compile the "
-                                         "caller without fullgraph=True")
+    return compiler_disable(reason=f"{op} runs outside the compiled graph (one graph break): dynamo cannot "
+                                   "trace its data-dependent row gather and kernel launches; compile the "
+                                   "caller without fullgraph=True")

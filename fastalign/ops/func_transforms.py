@@ -10,6 +10,8 @@ backward), which calls no vmap rule, is refused by name.
 """
 import torch
 
+from .compiler_disable import compiler_disable
+
 
 def vmap_by_loop(op, function, info, in_dims, args):
     """The (outputs, out_dims) of a vmap staticmethod of `function`: applied to each sample of the batched
@@ -37,7 +39,7 @@ def refuse_second_derivative(op):
                        "gradients taken with create_graph=True, no transform of torch.func's grad, vjp or jacrev)")
 
 
-@torch.compiler.disable  # dynamo cannot trace the check (compiled autograd traces the backward)
+@compiler_disable()  # dynamo cannot trace the check (compiled autograd traces the backward)
 def refuse_legacy_vmap(op, args):
     """torch.autograd.grad(is_grads_batched=True) and torch.autograd.functional's vectorize=True batch a backward by
     torch's legacy vmap, which calls no vmap staticmethod: the launchers would get batched tensors, and crash."""

@@ -2,14 +2,16 @@
 
 `rain_generate(model, tokenizer, prompts, RainConfig(), engine="tree" | "slow")` is the entry point; the
 search (search.py, tree.py) is independent of how the model runs; engines run its jobs batch-1 on Hugging
-Face (slow.py, the reference) or batched on a TreeRunner (tree_engine.py).
+Face (slow.py, the reference) or batched on a TreeRunner (tree_engine.py). Each public name is imported from its
+module on first use (lazy_exports).
 """
-from .config import RainConfig
-from .embeddings import HiddenStateEmbedder, MiniLMEmbedder, PathInfo
-from .generate import RainResult, RainRun, rain_generate
-from .judge import JudgePrompt, JudgeTokens
-from .sampling import KeyedSampler, TorchSampler
-from .stats import RainStats
+from fastalign.lazy_exports import lazy_exports
 
-__all__ = ["RainConfig", "HiddenStateEmbedder", "MiniLMEmbedder", "PathInfo", "RainResult", "RainRun",
-           "rain_generate", "JudgePrompt", "JudgeTokens", "KeyedSampler", "TorchSampler", "RainStats"]
+__all__, __getattr__, __dir__ = lazy_exports(globals(), {
+    "fastalign.rain.config": ["RainConfig"],
+    "fastalign.rain.embeddings": ["HiddenStateEmbedder", "MiniLMEmbedder", "PathInfo"],
+    "fastalign.rain.generate": ["RainResult", "RainRun", "rain_generate"],
+    "fastalign.rain.judge": ["JudgePrompt", "JudgeTokens"],
+    "fastalign.rain.sampling": ["KeyedSampler", "TorchSampler"],
+    "fastalign.rain.stats": ["RainStats"],
+})

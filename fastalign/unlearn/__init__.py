@@ -1,13 +1,20 @@
-"""Unlearning (SPEC §1): data formats and answer masks, the fused objective, its references, the trainer."""
-from fastalign.unlearn.config import UnlearnConfig
-from fastalign.unlearn.encoding import EncodedExample, PoolAnswer, encode_answers, encode_pairs
-from fastalign.unlearn.formats import (load_hh_rlhf, load_pairs, load_pku_saferlhf, load_prompt_answer_jsonl,
-                                       load_truthfulqa)
-from fastalign.unlearn.objective import LossTerms, LossWeights, UnlearningObjective
-from fastalign.unlearn.records import DataError, QAPair
-from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
-from fastalign.unlearn.run import load_streams, run_unlearning
-from fastalign.unlearn.streams import UnlearningBatch, UnlearningStreams
-from fastalign.unlearn.templates import ChatTemplate, TextTemplate
-from fastalign.unlearn.token_weights import unlearning_token_weights
-from fastalign.unlearn.trainer import RunSummary, StepRecord, UnlearningTrainer
+"""Unlearning (SPEC §1): data formats and answer masks, the fused objective, its references, the trainer.
+
+Each public name is imported from its module on first use (lazy_exports), so that `fastalign unlearn --help` loads
+no trainer."""
+from fastalign.lazy_exports import lazy_exports
+
+__all__, __getattr__, __dir__ = lazy_exports(globals(), {
+    "fastalign.unlearn.config": ["UnlearnConfig"],
+    "fastalign.unlearn.encoding": ["EncodedExample", "PoolAnswer", "encode_answers", "encode_pairs"],
+    "fastalign.unlearn.formats": ["load_hh_rlhf", "load_pairs", "load_pku_saferlhf", "load_prompt_answer_jsonl",
+                                  "load_truthfulqa"],
+    "fastalign.unlearn.objective": ["LossTerms", "LossWeights", "UnlearningObjective"],
+    "fastalign.unlearn.records": ["DataError", "QAPair"],
+    "fastalign.unlearn.reference": ["AdapterDisabledReference", "CachedReference", "FrozenCopyReference"],
+    "fastalign.unlearn.run": ["load_streams", "run_unlearning"],
+    "fastalign.unlearn.streams": ["UnlearningBatch", "UnlearningStreams"],
+    "fastalign.unlearn.templates": ["ChatTemplate", "TextTemplate"],
+    "fastalign.unlearn.token_weights": ["unlearning_token_weights"],
+    "fastalign.unlearn.trainer": ["RunSummary", "StepRecord", "UnlearningTrainer"],
+})

@@ -1,0 +1,70 @@
+"""The packages' public names, imported on first use (fastalign/lazy_exports.py): each one resolves, dir() lists
+them, an unknown name is an AttributeError naming it, and importing fastalign or taking the fused ops from it
+loads none of the libraries the engines need."""
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fastalign
+
+ROOT = Path(fastalign.__file__).resolve().parents[1]
+LAZY_PACKAGES = ["fastalign", "fastalign.unlearn", "fastalign.rain", "fastalign.evaluation", "fastalign.demo"]
+# What the engines import (the trainer, Hugging Face models, the Triton kernels, torch.compile): seconds each
+HEAVY = ("transformers", "accelerate", "peft", "triton", "torch._dynamo")
+
+
+def loaded_after(code, modules=HEAVY):
+    """Those of `modules` that `code` leaves imported, run in a fresh interpreter on the checkout, with neither
+    TRITON_INTERPRET (which tests/conftest.py sets) nor anything else of this process's imports."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    report = f"import sys\nprint(' '.join(m for m in {tuple(modules)!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", f"{code}\n{report}"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_importing_fastalign_and_its_fused_ops_loads_no_engine_library():
+    """`import fastalign` imported every engine (6 s on a CPU against torch's 2 s), and applying
+    torch.compiler.disable at import imported torch._dynamo: a script that only takes the fused losses paid it all.
+    `import fastalign` and its version load not even torch, and dir() lists the names before any is imported; a
+    subpackage is imported on first access."""
+    dir_lists_all = "".join(f"import {name}\nassert set({name}.__all__) <= set(dir({name})), {name!r}\n"
+                            for name in LAZY_PACKAGES)
+    assert loaded_after(dir_lists_all + "assert fastalign.__version__", ("torch",) + HEAVY) == []
+    assert loaded_after("from fastalign import linear_cross_entropy, linear_kl_div") == []
+    assert loaded_after("import fastalign\nfastalign.unlearn.config.UnlearnConfig") == []
+
+
+@pytest.mark.parametrize("name", LAZY_PACKAGES)
+def test_every_public_name_resolves_also_by_a_star_import(name):
+    package = importlib.import_module(name)
+    assert package.__all__ and len(set(package.__all__)) == len(package.__all__)
+    for public in package.__all__:
+        assert getattr(package, public) is not None, public
+    star = {}
+    exec(f"from {name} import *", star)
+    assert set(package.__all__) <= set(star)
+
+
+def test_a_renamed_name_is_the_object_of_its_module():
+    from fastalign.demo.model import load_model, load_world
+    from fastalign.ops.linear_cross_entropy import linear_cross_entropy
+
+    assert fastalign.load_demo_model is load_model and fastalign.load_demo_world is load_world
+    assert fastalign.linear_cross_entropy is linear_cross_entropy
+
+
+@pytest.mark.parametrize("name", LAZY_PACKAGES)
+def test_an_unknown_name_is_an_attribute_error_naming_it(name):
+    package = importlib.import_module(name)
+    with pytest.raises(AttributeError, match=rf"module '{name}' has no attribute 'no_such_name'"):
+        package.no_such_name
+    assert not hasattr(package, "no_such_name")
+    with pytest.raises(ImportError, match="no_such_name"):
+        exec(f"from {name} import no_such_name", {})
