@@ -70,3 +70,12 @@ def check_build(compiled, what, *, tuned, capability=90):
     if tuned:
         assert stack_bytes(compiled) == 0, (what, "spills registers")
         assert "async_copy_global_to_local" in compiled.asm["ttgir"], (what, "global loads are not pipelined")
+
+
+def uses_tensor_cores(compiled):
+    """Whether every dot of the build runs on the tensor cores: its result has an MMA layout (mma.sync, or an H100's
+    warp-group wgmma), not a blocked one. A 16-bit dot that Triton cannot put there runs on the FMA units, many times
+    slower, with the same results."""
+    dots = [line for line in compiled.asm["ttgir"].splitlines()
+            if re.search(r"= (tt\.dot|ttng\.warp_group_dot) ", line)]
+    return bool(dots) and all(re.search(r"-> tensor<[^<>]*, #mma\d*>", line) for line in dots)

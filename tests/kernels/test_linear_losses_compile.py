@@ -9,7 +9,7 @@ from tests.kernels.gpu_build import assert_builds
 COMPILE_FOR_SM90 = """
 from fastalign.kernels import linear_cross_entropy as ce, linear_kl_div as kl
 from fastalign.kernels.linear_softmax_tiles import _SMALL_TILE
-from tests.kernels.gpu_build import build_for_gpu, check_build
+from tests.kernels.gpu_build import build_for_gpu, check_build, uses_tensor_cores
 
 # bf16 in every configuration; fp32 in the smallest one, which the autotuner keeps as the one that always fits
 for dtype in ("bf16", "fp32"):
@@ -33,6 +33,7 @@ for dtype in ("bf16", "fp32"):
             what = (tuner.fn.__module__, tuner.fn.__name__, dtype, config.kwargs, config.num_warps, config.num_stages)
             # the tile shapes are tuned for 16-bit inputs, the small tile for fp32 (whose dots run on FMA units)
             small = (*config.kwargs.values(), config.num_warps, config.num_stages) == _SMALL_TILE
+            assert dtype == "fp32" or uses_tensor_cores(compiled), (what, "bf16 dots off the tensor cores")
             check_build(compiled, what, tuned=small == (dtype == "fp32"))
             # input_precision="ieee" is invisible in the interpreter: only the build shows fp32 dots kept off TF32
             assert dtype == "bf16" or "tf32" not in compiled.asm["ptx"], (what, "fp32 dots use TF32")

@@ -85,7 +85,7 @@ def test_unvalidated_metadata_reads_nothing_next_to_the_pool_or_the_table():
 COMPILE_FOR_GPUS = r"""
 import triton
 from fastalign.kernels.paged_attention import _merge_splits_kernel, _paged_attention_kernel, launch_config
-from tests.kernels.gpu_build import build_for_gpu, check_build
+from tests.kernels.gpu_build import build_for_gpu, check_build, uses_tensor_cores
 
 # decode with split keys; a long bf16 prefill, also of heads wider than 128; the two cascade passes (shared
 # blocks without causal mask, then each row from the first key after its group's prefix); an fp32 extension with a
@@ -108,6 +108,7 @@ for dtype, itemsize, tokens, rows, group, head_dim, prefix_pass, suffix_pass, pa
     what = (dtype, tokens, rows, group, head_dim)
     for capability in (90, 80, 89) if dtype == "bf16" else (90,):
         compiled = build_for_gpu(_paged_attention_kernel, types, constants, num_warps, num_stages, capability)
+        assert dtype == "fp32" or uses_tensor_cores(compiled), (what, capability, "bf16 dots off the tensor cores")
         check_build(compiled, what, tuned=dtype == "bf16" and capability == 90, capability=capability)
 check_build(build_for_gpu(_merge_splits_kernel, dict(Partial="*fp32", Lse="*fp32", Out="*bf16"),
                           dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_S=4), 1, 1), "merge", tuned=False)
