@@ -70,8 +70,10 @@ def input_device(model: torch.nn.Module) -> torch.device:
     offloads, their hook's execution device, not the meta device their weight waits on), else its first parameter's
     device. ValueError when the embeddings are not loaded."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    get_embeddings = getattr(base, "get_input_embeddings", None)
-    embeddings = get_embeddings() if callable(get_embeddings) else None
+    try:   # transformers' get_input_embeddings raises NotImplementedError on a model that does not say which
+        embeddings = base.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embeddings = None
     modules = embeddings.modules() if isinstance(embeddings, torch.nn.Module) else iter(())
     device = next((d for m in modules for d in module_devices(m)), None)
     if device is None:

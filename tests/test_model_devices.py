@@ -33,6 +33,20 @@ def test_an_accelerators_device_without_an_index_is_its_current_device(monkeypat
     assert as_device(0) == torch.device("cuda", 0) and as_device("cpu") == CPU
 
 
+def test_an_index_is_a_device_of_the_current_accelerator(monkeypatch):
+    """A device_map's ints, as accelerate's hooks hold them, on a machine whose accelerator is not CUDA."""
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("xpu"))
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
+    assert as_device(1) == torch.device("xpu", 1) and as_device("xpu") == torch.device("xpu", 0)
+
+
+def test_the_models_own_weights_and_hooks_count_named_by_its_class():
+    """The model is a module too: its own parameters and hooks compute somewhere, and it has no name of its own."""
+    assert compute_devices(torch.nn.Linear(2, 2)) == {CPU: "Linear"}
+    model = dispatched_to(tiny_llama(50), "cuda:1")
+    assert compute_devices(model) == {torch.device("cuda", 1): "LlamaForCausalLM", CPU: "model.embed_tokens"}
+
+
 def test_a_model_offloaded_by_accelerate_computes_on_its_hooks_device():
     model = tiny_llama(50)
     assert compute_devices(model) == {CPU: "model.embed_tokens"}
@@ -73,3 +87,13 @@ def test_the_input_device_of_a_lora_model_and_of_a_model_without_embeddings():
     assert input_device(torch.nn.Linear(2, 2)) == CPU   # no input embeddings: its first parameter's device
     with pytest.raises(ValueError, match="not loaded"):
         input_device(torch.nn.Linear(2, 2).to("meta"))
+
+
+def test_the_input_device_of_a_model_that_does_not_name_its_input_embeddings():
+    """transformers' get_input_embeddings raises NotImplementedError on a model that does not say which they are: its
+    ids go where its first parameter is."""
+    class Unnamed(torch.nn.Linear):
+        def get_input_embeddings(self):
+            raise NotImplementedError
+
+    assert input_device(Unnamed(2, 2)) == CPU

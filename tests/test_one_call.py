@@ -35,3 +35,56 @@ def test_a_call_from_inside_the_running_one_is_refused_by_name_and_later_calls_r
 def test_another_objects_call_is_not_refused():
     first, second = Counter(), Counter()
     assert first.run(inner=second.run) == 1 and second.runs == 1
+
+
+class SignallingLock:
+    """A lock that sets `decided` when a call would wait for it (a blocking acquire of the held lock)."""
+
+    def __init__(self, decided):
+        self.inner, self.decided = threading.Lock(), decided
+
+    def acquire(self, blocking=True, timeout=-1):
+        if self.inner.acquire(blocking=False):
+            return True
+        if blocking:
+            self.decided.set()
+            return self.inner.acquire(timeout=timeout)
+        return False
+
+    def release(self):
+        self.inner.release()
+
+
+def test_a_call_from_another_thread_is_refused_at_once_not_run_after_the_running_one():
+    """A call that waited for the lock would run once the running call ends, on state that call left, unasked;
+    it is refused without waiting, though the running call ends while it would have waited."""
+    decided, running, go, outcome = threading.Event(), threading.Event(), threading.Event(), {}
+    counter = Counter()
+    counter._busy = SignallingLock(decided)
+
+    def hold():
+        running.set()
+        if not go.wait(timeout=60):   # a guard against a hung test, not a synchronisation
+            raise TimeoutError("the test never let the running call go")
+
+    def second_call():
+        try:
+            outcome["runs"] = counter.run()
+        except RuntimeError as err:
+            outcome["error"] = err
+        finally:
+            decided.set()
+
+    first = threading.Thread(target=counter.run, kwargs={"inner": hold}, daemon=True)
+    second = threading.Thread(target=second_call, daemon=True)
+    try:
+        first.start()
+        assert running.wait(timeout=60)
+        second.start()
+        assert decided.wait(timeout=60)   # refused, or waiting for the lock
+    finally:
+        go.set()
+        first.join(timeout=60)
+        second.join(timeout=60)
+    assert "runs" not in outcome and "another call is running" in str(outcome.get("error"))
+    assert counter.runs == 1

@@ -8,6 +8,7 @@ from fastalign.evaluation.judges import KeywordJudge, check_verdicts
 from fastalign.evaluation.metrics import (harmful_rate, mean_token_kl, mean_token_kl_of_ids, text_token_pairs,
                                           unchanged_share)
 from fastalign.evaluation.prompts import spec_prompt
+from tests.conftest import requires_cuda
 from tests.evaluation.conftest import tiny_llama
 from tests.unlearn.tiny import byte_bpe_tokenizer
 
@@ -193,3 +194,15 @@ def test_mean_token_kl_of_a_model_whose_embeddings_accelerate_offloads(tokenizer
     pair = (offloaded, model) if which == "model" else (other, offloaded)
     assert mean_token_kl_of_ids(*pair, sequences) == pytest.approx(expected, rel=1e-6)
     assert expected > 0
+
+
+@requires_cuda
+@pytest.mark.parametrize("on_gpu", ["model", "reference"])
+def test_mean_token_kl_of_a_model_and_a_reference_on_different_devices(tokenizer, model, on_gpu):
+    """Each model reads the ids on its own device, and the KL is summed on the model's: the same KL as on one."""
+    other = tiny_llama(tokenizer, seed=2)
+    sequences = [([5, 9, 13], [7, 8, 30]), ([4], [11, 12])]
+    expected = mean_token_kl_of_ids(other, model, sequences)
+    moved = copy.deepcopy(other if on_gpu == "model" else model).to("cuda")
+    pair = (moved, model) if on_gpu == "model" else (other, moved)
+    assert mean_token_kl_of_ids(*pair, sequences) == pytest.approx(expected, rel=1e-3)

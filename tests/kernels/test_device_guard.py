@@ -24,6 +24,32 @@ def test_a_cuda_tensor_makes_its_own_device_current():
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
 
 
+def test_the_guard_is_the_first_parameters_device_by_position_or_by_name(monkeypatch):
+    """The launchers are called with their first tensor by position (the ops) or by name (paged attention's
+    arguments as keywords): the guard makes that tensor's device current, not another argument's."""
+    entered = []
+
+    def recording_device(device):
+        entered.append(device)
+        return contextlib.nullcontext()
+
+    @device_guard.on_device_of_first_input
+    def launcher(first, second, third=None):
+        return entered[:]
+
+    class OnGpu:   # stand-ins: no CUDA device is entered
+        def __init__(self, index):
+            self.device = torch.device("cuda", index)
+
+    monkeypatch.setattr(torch.cuda, "device", recording_device)
+    first, second, third = OnGpu(1), OnGpu(2), OnGpu(3)
+    calls = [lambda: launcher(first, second, third), lambda: launcher(first, second=second, third=third),
+             lambda: launcher(third=third, second=second, first=first)]
+    for call in calls:
+        entered.clear()
+        assert call() == [torch.device("cuda", 1)]
+
+
 def test_every_launch_runs_under_the_guard_of_its_inputs(monkeypatch):
     active = []
 

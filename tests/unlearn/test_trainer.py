@@ -784,6 +784,30 @@ def test_a_model_dispatched_over_two_devices_is_refused_before_any_output(tmp_pa
     assert run(tmp_path, model=on_its_device, max_steps=1)[1].steps == 1
 
 
+def test_hooks_on_the_accelerators_current_device_are_on_its_device(monkeypatch):
+    """accelerate's one-process Accelerator.device is torch.device("cuda"), without an index: a model dispatched to
+    the current device (cuda:1 here) is on it; another device is refused, naming the first module dispatched there."""
+    pytest.importorskip("accelerate")
+    from tests.test_model_devices import dispatched_to
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 1)
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    for block in model.model.layers:
+        dispatched_to(block, 1)
+    trainer_module._check_not_dispatched(model, torch.device("cuda"))
+    with pytest.raises(ValueError, match=r"^model: accelerate dispatched it to run on cuda:1 \(model.layers.0\) .*: "
+                                         r"the trainer trains the whole model on the accelerator's device, cuda:0"):
+        trainer_module._check_not_dispatched(model, torch.device("cuda", 0))
+
+
+def test_a_train_of_another_trainer_from_a_step_callback_runs(tmp_path):
+    """One call at a time is per trainer: a trainer of its own trains from inside another's run."""
+    inner = []
+    _, summary = run(tmp_path, "outer", max_steps=2,
+                     callback=lambda record: inner.append(run(tmp_path, f"inner-{record.step}", max_steps=1)[1]))
+    assert summary.steps == 2 and [s.steps for s in inner] == [1, 1]
+
+
 @pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["lm_head"]])
 def test_lora_on_the_lm_head_is_refused_before_any_output(tmp_path, targets):
     """The fused losses read lm_head.weight: an adapter there would silently never act nor train."""
