@@ -138,6 +138,20 @@ def unstarted(call, stopped):
     return threading.Thread(target=body, daemon=True), outcome
 
 
+def overlap(first, first_held, second, second_stopped, release):
+    """Starts thread `first`; once it is held (`first_held` set) starts `second` and waits until it stopped
+    (`second_stopped` set: paused, waiting for a lock, or done); then sets `release` and joins both."""
+    try:
+        first.start()
+        assert first_held.wait(timeout=60)
+        second.start()
+        assert second_stopped.wait(timeout=60)
+    finally:
+        release.set()
+        first.join(timeout=60)
+        second.join(timeout=60)
+
+
 @pytest.mark.parametrize("method,cached,first_texts", [
     ("__contains__", ["cached text."], ["cached text."]),     # found present, evicted by the other, then read
     ("__delitem__", [], ["one.", "two.", "three."]),          # both threads evict the same oldest text
@@ -157,15 +171,7 @@ def test_minilm_shared_by_two_threads_gives_each_the_vectors_it_gets_alone(metho
     enc._cache = PausingCache(method, first, first_stopped)
     enc.encode(cached)   # on this thread: no pause
     enc._lock = SignallingLock(second_stopped)   # the embedder's lock, if it takes one: tells when the second waits
-    try:
-        first.start()
-        assert first_stopped.wait(timeout=60)
-        second.start()
-        assert second_stopped.wait(timeout=60)
-    finally:
-        enc._cache.go.set()
-        first.join(timeout=60)
-        second.join(timeout=60)
+    overlap(first, first_stopped, second, second_stopped, enc._cache.go)
     assert "error" not in first_out and "error" not in second_out, (first_out.get("error"), second_out.get("error"))
     assert torch.equal(first_out["result"], expected[0]) and torch.equal(second_out["result"], expected[1])
 
@@ -218,15 +224,7 @@ def test_minilm_loads_once_for_threads_that_ask_together(monkeypatch):
     second_waits = threading.Event()
     second, second_out = unstarted(lambda: enc.encode(["two."]), threading.Event())
     enc._load_lock = SignallingLock(second_waits)
-    try:
-        first.start()
-        assert loading.wait(timeout=60)
-        second.start()
-        assert second_waits.wait(timeout=60)
-    finally:
-        go.set()
-        first.join(timeout=60)
-        second.join(timeout=60)
+    overlap(first, loading, second, second_waits, go)
     assert len(loads) == 1 and "error" not in first_out and "error" not in second_out
 
 
