@@ -3,6 +3,7 @@ them, an unknown name is an AttributeError naming it, and importing fastalign or
 loads none of the libraries the engines need."""
 import importlib
 import os
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,12 @@ def test_an_unknown_name_is_an_attribute_error_naming_it(name):
     assert not hasattr(package, "no_such_name")
     with pytest.raises(ImportError, match="no_such_name"):
         exec(f"from {name} import no_such_name", {})
+
+
+@pytest.mark.parametrize("name", LAZY_PACKAGES)
+def test_no_public_name_is_also_a_submodule(name):
+    """Importing a submodule sets it as the package's attribute of its name: a public name of the same name would
+    then be that module, not what the package exports (an eager package's import came after, and hid the module)."""
+    package = importlib.import_module(name)
+    submodules = {info.name for info in pkgutil.iter_modules(package.__path__)}
+    assert submodules and not submodules & set(package.__all__)
