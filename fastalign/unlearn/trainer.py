@@ -177,6 +177,19 @@ def _check_not_dispatched(model, device) -> None:
                          "without a device_map, or with every module on that device")
 
 
+def _warn_if_moved(devices, device) -> None:
+    """Warns when weights on one accelerator (`devices`, where they are) will train on another of its kind, the
+    accelerator's `device`, where the trainer moves them: a model put on cuda:1 in a process whose current device is
+    cuda:0 (accelerate's device without an index is the current one) trains on cuda:0, beside whatever runs there."""
+    device = as_device(device)
+    moved = sorted({str(d) for d in devices if d.type == device.type and d != device})
+    if moved:
+        warnings.warn(f"model: its weights are on {', '.join(moved)}; the trainer trains on the accelerator's device, "
+                      f"{device}, and moves them there. To train on {moved[0]}, make it the current device "
+                      f"(torch.cuda.set_device({moved[0]!r})) or launch with CUDA_VISIBLE_DEVICES, before making the "
+                      "trainer", stacklevel=3)
+
+
 def _check_trainable_dtypes(model) -> None:
     """Raises on a float16 weight to train: AdamW's eps (1e-8) rounds to 0 in float16 and its second moments
     underflow, so the first step turns such weights into inf or NaN."""
@@ -269,6 +282,7 @@ class UnlearningTrainer:
             mixed_precision=_MIXED_PRECISION[config.precision])
         _check_launch(self.accelerator, config.precision)
         _check_not_dispatched(model, self.accelerator.device)
+        _warn_if_moved({p.device for p in model.parameters()}, self.accelerator.device)
         self.sharded = self.accelerator.distributed_type == "FSDP"  # accelerate's DistributedType is a str enum
         if self.sharded and config.lora:
             raise NotImplementedError("lora=True under FSDP is not supported (the adapter could not be merged "

@@ -800,6 +800,19 @@ def test_hooks_on_the_accelerators_current_device_are_on_its_device(monkeypatch)
         trainer_module._check_not_dispatched(model, torch.device("cuda", 0))
 
 
+def test_weights_on_another_device_of_the_accelerators_kind_are_moved_with_a_warning(monkeypatch, recwarn):
+    """The one-process Accelerator.device is the current CUDA device: a model the user put on cuda:1 while cuda:0 is
+    current trains on cuda:0, which the trainer says (device objects stand in for a model's: no GPU here)."""
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
+    with pytest.warns(UserWarning, match=r"^model: its weights are on cuda:1; the trainer trains on the accelerator's "
+                                         r"device, cuda:0, and moves them there. To train on cuda:1, .*set_device"):
+        trainer_module._warn_if_moved({torch.device("cuda", 1)}, torch.device("cuda"))
+    for same_or_other_kind in ({torch.device("cuda", 0)}, {torch.device("cpu")}):   # nothing moves between GPUs
+        trainer_module._warn_if_moved(same_or_other_kind, torch.device("cuda"))
+    assert not recwarn.list
+
+
 def test_a_train_of_another_trainer_from_a_step_callback_runs(tmp_path):
     """One call at a time is per trainer: a trainer of its own trains from inside another's run."""
     inner = []
