@@ -19,8 +19,9 @@ RUNS = {
     "bench_unlearn": ["--quick", "--reps", "1"],
     "bench_rain": ["--quick", "--prompts", "1", "--concurrency", "2", "--judge-prompts", "2",
                    "--max-new-tokens", "3", "--root-visits", "4"],
+    "bench_startup": ["--quick"],
 }
-RECORD_NAMES = {"bench_rain": "rain"}
+RECORD_NAMES = {"bench_rain": "rain", "bench_startup": "startup"}
 
 
 def close(a, b):
@@ -130,8 +131,22 @@ def check_bench_rain(record):
     assert virtual[1]["calls_per_iteration"] < virtual[0]["calls_per_iteration"], virtual
 
 
+def check_bench_startup(record):
+    """Every row against `import torch`, the first; the heavy libraries each row left imported: a transformers model
+    class brings them, importing fastalign or taking its fused ops none, the first fused-loss call torch._dynamo (the
+    op keeps out of compiled graphs; dynamo imports triton) and none of the engines' libraries."""
+    rows = {row["what"]: row for row in record["results"]}
+    torch_s = rows["import torch"]["median_s"]
+    assert all(close(row["over_torch_s"], row["median_s"] - torch_s) for row in rows.values()), rows
+    assert {"transformers", "torch._dynamo"} <= set(rows["import a transformers model class"]["heavy_modules"])
+    assert rows["import fastalign"]["heavy_modules"] == [], rows["import fastalign"]
+    assert rows["from fastalign import linear_cross_entropy"]["heavy_modules"] == []
+    assert "torch._dynamo" in rows["first fused loss"]["heavy_modules"], rows["first fused loss"]
+    assert not {"transformers", "accelerate", "peft"} & set(rows["first fused loss"]["heavy_modules"])
+
+
 RECORD_CHECKS = {"bench_loss": check_bench_loss, "bench_unlearn": check_bench_unlearn, "bench_tree": check_bench_tree,
-                 "bench_rain": check_bench_rain}
+                 "bench_rain": check_bench_rain, "bench_startup": check_bench_startup}
 
 
 @pytest.mark.parametrize("script", sorted(RUNS))
