@@ -174,9 +174,14 @@ def final_hidden_states(decoder: torch.nn.Module, tokens: TokenBatch) -> torch.T
                    use_cache=False).last_hidden_state
 
 
+def at_positions(t: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """t[rows, columns] of a [B, W, ...] tensor, at positions the host found (int64, on the CPU), by one index_select:
+    a boolean mask on the device would make the host wait for the device, in the forward and again in the
+    backward."""
+    return t.flatten(0, 1).index_select(0, index_on(rows * t.shape[1] + columns, t.device))
+
+
 def at_answer_targets(hidden: torch.Tensor, tokens: TokenBatch) -> torch.Tensor:
     """Rows [N, H] of hidden [B, W, H] at the positions whose target is an answer token (tokens.target_mask),
-    row-major order. Gathered at positions the host finds (TokenBatch.answer_positions): a boolean mask on the
-    device would make the host wait for the device, in the forward and again in the backward."""
-    rows, columns = tokens.answer_positions(hidden.shape[1])
-    return hidden.flatten(0, 1).index_select(0, index_on(rows * hidden.shape[1] + columns, hidden.device))
+    row-major order (TokenBatch.answer_positions)."""
+    return at_positions(hidden, *tokens.answer_positions(hidden.shape[1]))

@@ -23,8 +23,7 @@ import torch
 from fastalign.ops.checks import is_real
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
 from fastalign.ops.linear_kl_div import linear_kl_div
-from fastalign.transfers import index_on
-from fastalign.unlearn.models import (at_answer_targets, causal_lm_parts, check_fused_logits,
+from fastalign.unlearn.models import (at_answer_targets, at_positions, causal_lm_parts, check_fused_logits,
                                       final_hidden_states, logit_multiplier, logit_softcap, scaled_head_input)
 from fastalign.unlearn.sharding import head_weight
 from fastalign.unlearn.streams import UnlearningBatch
@@ -116,13 +115,10 @@ class UnlearningObjective(torch.nn.Module):
                                               answers[n_fgt:] if n_rdn else None,
                                               forget_weight=1.0, mismatch_weight=1.0)
             # the answer positions, found on the host: boolean masks on the device would make it wait
-            ce_rows = tokens.rows(0, n_fgt + n_rdn)
-            rows, columns = ce_rows.answer_positions(hidden.shape[1])
-            targets = tokens.input_ids[:n_fgt + n_rdn].flatten().index_select(
-                0, index_on(rows * tokens.input_ids.shape[1] + columns + 1, tokens.input_ids.device))
-            token_weight = signed.to(weight.device).index_select(
-                0, index_on(rows * answers.shape[1] + columns, weight.device))
-            per_token = linear_cross_entropy(at_answer_targets(hidden[:n_fgt + n_rdn], ce_rows), weight, targets,
+            rows, columns = tokens.rows(0, n_fgt + n_rdn).answer_positions(hidden.shape[1])
+            targets = at_positions(tokens.input_ids[:n_fgt + n_rdn, 1:], rows, columns)
+            token_weight = at_positions(signed.to(weight.device).view(answers.shape), rows, columns)
+            per_token = linear_cross_entropy(at_positions(hidden[:n_fgt + n_rdn], rows, columns), weight, targets,
                                              token_weight=token_weight, bias=bias, reduction="none",
                                              softcap=self.softcap, backend=self.backend)
             n_forget_tokens = int((rows < n_fgt).sum())
