@@ -1,8 +1,10 @@
-"""Runs a loaded Hugging Face Llama-family model (Llama, Mistral, Qwen2) on the paged KV pool.
+"""Runs a loaded Hugging Face Llama-family model (Llama, Mistral, Qwen2, Qwen3, and the mixture-of-experts
+Mixtral and Qwen3-MoE) on the paged KV pool.
 
 The model's own modules do everything but attention: embeddings, RMSNorms, q/k/v/o projections (with
-Qwen2's biases), the SwiGLU MLP, the final norm, the (tied or untied) LM head, and the rotary embedding
-module, which gives cos/sin for any positions including Hugging Face's RoPE scaling variants. Attention
+Qwen2's biases), Qwen3's per-head RMSNorms of q and k, the MLP (SwiGLU, or a sparse mixture of experts), the
+final norm, the (tied or untied) LM head, and the rotary embedding module, which gives cos/sin for any
+positions including Hugging Face's RoPE scaling variants. Attention
 is `paged_attention` over the pool, after `write_kv` has stored the new tokens' rotated K and V, so that
 rows of a batch read their shared prefix blocks in place. The index metadata comes from the span tree's
 forward plan, so the ops' checks of its contents (a device sync on CUDA, ~0.2 ms per layer on the CPU) are
@@ -10,7 +12,8 @@ skipped: the runtime tests hold the plans to the Hugging Face model's outputs in
 and device checks run on the first layer's arguments only.
 
 Per decoder layer, as in Hugging Face's LlamaDecoderLayer:
-    h = h + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))   with n = input_layernorm(h)
+    h = h + o_proj(attention(rope(q_norm(q_proj(n))), rope(k_norm(k_proj(n))), v_proj(n)))
+                                                          with n = input_layernorm(h), q/k_norm Qwen3's only
     h = h + mlp(post_attention_layernorm(h))
 """
 import torch
@@ -19,9 +22,13 @@ from fastalign.eval_mode import eval_mode
 from fastalign.ops.paged_attention import (check_paged_attention, check_write_kv, paged_attention_unchecked,
                                           resolve_backend, write_kv_unchecked)
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-_LAYER_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+# the model types whose attention normalises each head of q and k (an RMSNorm over head_dim) before RoPE
+QK_NORM_FAMILY = ("qwen3", "qwen3_moe")
+# a layer's MLP is called as one module: SwiGLU, or a sparse mixture of experts with its router
+_LAYER_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp",
+                  "input_layernorm", "post_attention_layernorm")
+_QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
 
 
 def llama_family_problem(model):
@@ -35,7 +42,8 @@ def llama_family_problem(model):
     if not hasattr(model, "lm_head"):
         missing.append("lm_head")
     if not missing:
-        missing = [f"layers[{i}].{name}" for i, layer in enumerate(inner.layers) for name in _LAYER_MODULES
+        names = _LAYER_MODULES + (_QK_NORMS if model_type in QK_NORM_FAMILY else ())
+        missing = [f"layers[{i}].{name}" for i, layer in enumerate(inner.layers) for name in names
                    if not _has_submodule(layer, name)]
     if missing:
         return f"its modules do not follow the Llama layout (missing {', '.join(missing)})"
@@ -94,6 +102,7 @@ class PagedLlama:
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = self.layers[0].self_attn.head_dim
+        self.qk_norm = config.model_type in QK_NORM_FAMILY
         self.max_context = context_limit(model)
         # device: where the whole model computes (model_device), embeddings offloaded by accelerate included
         self.dtype, self.device = model.model.embed_tokens.weight.dtype, device
@@ -120,11 +129,14 @@ class PagedLlama:
             q = attn.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
             k = attn.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
             v = attn.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+            if self.qk_norm:
+                q, k = attn.q_norm(q), attn.k_norm(k)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
             o = self._attention(index, q, k, v, pool, batch, attn.scaling)
             h = h + attn.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            # [1, T, H]: the sparse MoE blocks read [batch, sequence, hidden]
+            h = h + layer.mlp(layer.post_attention_layernorm(h)[None])[0]
         if select is None:
             return None, None
         hidden = inner.norm(h[select])

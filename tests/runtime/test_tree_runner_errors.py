@@ -312,6 +312,21 @@ def test_dropping_every_reference_releases_a_span(runner):
     assert child_id not in runner.tree.span_ids()
 
 
+@pytest.mark.parametrize("name, part", [("qwen3-head-dim-untied", "layers.1.self_attn.k_norm"),
+                                        ("mixtral-moe", "layers.0.mlp"), ("qwen2-untied", "layers.1.input_layernorm")])
+def test_a_family_model_missing_a_module_of_the_layout_is_not_run_on_the_paged_path(name, part):
+    """A model of a paged family whose layers lack a module the paged forward calls (Qwen3's k_norm, an MLP, a
+    norm: an edited or partly built model) would fail deep in a forward, or skip the module: the paged path
+    refuses it, naming the module."""
+    model = tiny_model(name)
+    parent, child = part.rsplit(".", 1)
+    delattr(model.model.get_submodule(parent), child)
+    index, path = part.split(".", 2)[1:]
+    with pytest.raises(ValueError, match=rf"its modules do not follow the Llama layout \(missing "
+                                         rf"layers\[{index}\]\.{re.escape(path)}\)\) and fallback=False"):
+        TreeRunner(model, max_tokens=64, fallback=False)
+
+
 def test_unsupported_models_and_pool_sizes_are_refused(model):
     gpt2 = tiny_model("gpt2-fallback")
     with pytest.raises(ValueError, match="unsupported architecture .*'gpt2'.* and fallback=False"):

@@ -4,7 +4,9 @@ import random
 
 import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                          MistralForCausalLM, MixtralConfig, MixtralForCausalLM, OPTConfig, OPTForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
+                          Qwen3MoeForCausalLM)
 
 VOCAB = 101
 MAX_POSITIONS = 128
@@ -12,7 +14,8 @@ _COMMON = dict(vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, attn_imp
 _LLAMA_SHAPE = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
 
 # name -> (model class, config): Llama-family shapes that exercise GQA, tied and untied heads, RoPE scaling,
-# a head_dim that is not hidden_size / num_heads, Qwen2's q/k/v biases; then models for the fallback.
+# a head_dim that is not hidden_size / num_heads, Qwen2's q/k/v biases, Qwen3's per-head q/k norms, sparse
+# mixtures of experts (Mixtral's in every layer, Qwen3-MoE's after a dense first layer); then models for the fallback.
 CONFIGS = {
     "llama-gqa-untied": (LlamaForCausalLM, lambda: LlamaConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=False)),
@@ -26,6 +29,14 @@ CONFIGS = {
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen2-untied": (Qwen2ForCausalLM, lambda: Qwen2Config(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=False)),
+    "qwen3-head-dim-untied": (Qwen3ForCausalLM, lambda: Qwen3Config(
+        **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)),
+    "mixtral-moe": (MixtralForCausalLM, lambda: MixtralConfig(
+        **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        tie_word_embeddings=False)),
+    "qwen3-moe-tied": (Qwen3MoeForCausalLM, lambda: Qwen3MoeConfig(
+        **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, mlp_only_layers=[0], tie_word_embeddings=True)),
     "gpt2-fallback": (GPT2LMHeadModel, lambda: GPT2Config(
         vocab_size=VOCAB, n_positions=MAX_POSITIONS, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
         attn_implementation="eager")),
