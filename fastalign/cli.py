@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import signal
 import sys
@@ -34,6 +35,20 @@ def check_device(text: str) -> None:
         torch.empty(0, device=text)
     except (RuntimeError, AssertionError) as exc:   # AssertionError: "Torch not compiled with CUDA enabled"
         raise UsageError(f"--device: cannot use {text!r} on this machine: {exc}") from None
+
+
+def template_kwargs_argument(text: str) -> dict:
+    """The value of --chat-template-kwargs: a JSON object of chat template variables (argparse's error for anything
+    else names the option)."""
+    example = '{"enable_thinking": false}'
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{example}', got {text!r}, which is not "
+                                         f"JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{example}', got {text!r}")
+    return value
 
 
 # --dtype of the commands that load a model: auto is the checkpoint's own dtype (Hugging Face's dtype="auto")

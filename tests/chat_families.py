@@ -1,5 +1,5 @@
 """Offline tokenizers shaped like four chat-model families (nothing downloaded), each with a short chat template
-in its family's format:
+in its family's format, and a fifth, "qwen3", whose template renders a training pair unlike its generation prompt:
 
 - "llama3": byte-level BPE (Llama-3's split), <|begin_of_text|> prepended, <|start_header_id|> headers, turns
   ended by <|eot_id|>; EOS <|end_of_text|>; no pad token.
@@ -9,6 +9,11 @@ in its family's format:
   "[INST] ... [/INST]" as plain text, an answer ended by </s>; pad = EOS.
 - "gemma": SentencePiece-style without the leading "\u2581", <bos> prepended, <start_of_turn> / <end_of_turn>
   turns; EOS <eos>, pad <pad>.
+- "qwen3": qwen2's tokenizer with <think> and </think> added as ordinary (not special) tokens, and a ChatML template
+  without a default system turn that writes an empty reasoning block "<think>\n\n</think>\n\n" before the answer
+  of the last assistant turn, while its generation prompt holds that block only when the template variable
+  enable_thinking is false (Qwen3's behaviour). Not in FAMILIES: with its default variables it is refused for
+  training (ChatTemplate.render).
 """
 import functools
 import json
@@ -40,6 +45,12 @@ MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
 GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>"
                   "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] | trim }}<end_of_turn>\n"
                   "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+QWEN3_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                  "{% if m['role'] == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}"
+                  "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                  "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+                  "{% endif %}")
 
 FAMILIES = ("llama3", "qwen2", "mistral", "gemma")
 
@@ -83,7 +94,7 @@ def _sentencepiece(specials, vocab_size, prepend: bool):
 
 @functools.lru_cache(maxsize=None)
 def family_tokenizer(name: str) -> PreTrainedTokenizerFast:
-    """The tokenizer of family `name` (one of FAMILIES), its chat template set."""
+    """The tokenizer of family `name` (one of FAMILIES, or "qwen3"), its chat template set."""
     if name == "llama3":
         specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
         tok = _byte_level(specials, 700)
@@ -92,11 +103,14 @@ def family_tokenizer(name: str) -> PreTrainedTokenizerFast:
         out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0], eos_token=specials[1],
                                       additional_special_tokens=specials[2:])
         out.chat_template = LLAMA3_TEMPLATE
-    elif name == "qwen2":
+    elif name in ("qwen2", "qwen3"):
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         out = PreTrainedTokenizerFast(tokenizer_object=_byte_level(specials, 700), eos_token="<|im_end|>",
                                       pad_token="<|endoftext|>", additional_special_tokens=specials[1:])
         out.chat_template = QWEN2_TEMPLATE
+        if name == "qwen3":
+            out.add_tokens(["<think>", "</think>"])
+            out.chat_template = QWEN3_TEMPLATE
     elif name == "mistral":
         tok = _sentencepiece(["<unk>", "<s>", "</s>"], 700, prepend=True)
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
@@ -111,5 +125,5 @@ def family_tokenizer(name: str) -> PreTrainedTokenizerFast:
                                       pad_token="<pad>", additional_special_tokens=specials[4:])
         out.chat_template = GEMMA_TEMPLATE
     else:
-        raise ValueError(f"unknown family {name!r}, expected one of {FAMILIES}")
+        raise ValueError(f"unknown family {name!r}, expected one of {FAMILIES} or 'qwen3'")
     return out

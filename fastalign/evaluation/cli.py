@@ -24,9 +24,10 @@ assistant's reply alone.
 
 --template says what the model reads (for --prompts and --normal-prompts alike, and as each record's prompt):
 spec, the SPEC's '### Question: {x}\\n ### Answer:'; raw, the prompt as is; chat, the prompt as one user turn in
-the model's chat template (after a --system turn, if given), as instruct/chat models are trained: the BOS that
-the template writes is the prompt's only one, answers stop at the template's end-of-turn token (<|eot_id|>,
-<|im_end|>, ...) even where the model's generation config does not list it, and hold the assistant's text alone.
+the model's chat template (after a --system turn, if given, with the template variables of --chat-template-kwargs),
+as instruct/chat models are trained: the BOS that the template writes is the prompt's only one, answers stop at
+the template's end-of-turn token (<|eot_id|>, <|im_end|>, ...) even where the model's generation config does not
+list it, and hold the assistant's text alone.
 
 With --answers FILE (a `fastalign rain` output), no model is loaded: each record's RAIN answer and its vanilla
 answer are judged with the record's prompt as written, and the records {"index", "prompt", "rain", "vanilla",
@@ -44,7 +45,8 @@ from typing import List, Optional
 
 import torch
 
-from fastalign.cli import MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_output_file
+from fastalign.cli import (MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_output_file,
+                           template_kwargs_argument)
 from fastalign.output_lock import output_lock
 from fastalign.unlearn.templates import ChatTemplate
 
@@ -89,6 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", help="with --template chat: a system turn before every user turn (as "
                         "`fastalign unlearn --chat-template --system` trains); an error if the chat template refuses "
                         "or drops it")
+    parser.add_argument("--chat-template-kwargs", type=template_kwargs_argument, metavar="JSON",
+                        help="with --template chat: variables of the chat template as a JSON object (as `fastalign "
+                        "unlearn --chat-template --chat-template-kwargs` trains), e.g. '{\"enable_thinking\": "
+                        "false}' for a Qwen3 model trained so")
     parser.add_argument("--judge", choices=JUDGES, default="world",
                         help="world: the demo world's exact judge (demo-world models only); keyword: --keywords; "
                              "moderation: --moderation-model; callable: --judge-callable")
@@ -254,7 +260,7 @@ def _rendered(prompts: List[str], args, tokenizer) -> List[str]:
     if args.template == "raw":
         return prompts
     try:
-        template = ChatTemplate(tokenizer, args.system)
+        template = ChatTemplate(tokenizer, args.system, args.chat_template_kwargs)
         return [template.prompt(p) for p in prompts]
     except ValueError as exc:
         raise UsageError(f"--template chat{' with --system' if args.system is not None else ''}: {exc}; "
@@ -282,6 +288,9 @@ def _evaluate_model(args) -> dict:
         raise UsageError(f"--reference: no model directory at {args.reference!r}")
     if args.system is not None and args.template != "chat":
         raise UsageError(f"--system is a turn of the chat template: it needs --template chat, not {args.template}")
+    if args.chat_template_kwargs is not None and args.template != "chat":
+        raise UsageError(f"--chat-template-kwargs are variables of the chat template: they need --template chat, "
+                         f"not {args.template}")
     # a dialogue's answer ends at a new Human turn, as rain's do; normal prompts are no dialogue
     stops = tuple(args.stop) + ((HH_NEW_TURN,) if args.hh and args.template == "raw" else ())
     try:
@@ -312,8 +321,10 @@ def _evaluate_model(args) -> dict:
     summary = {"model": args.model, "dtype": str(model.dtype).removeprefix("torch."),
                "prompts": args.prompts or args.hh, "judge": args.judge, "num_prompts": total,
                "harmful_rate": harmful / total,
-               "generation": {"template": args.template, "system": args.system, "max_new_tokens": config.max_new_tokens,
-                              "stop": list(config.stop_strings), "sample": config.do_sample,
+               "generation": {"template": args.template, "system": args.system,
+                              "chat_template_kwargs": args.chat_template_kwargs,
+                              "max_new_tokens": config.max_new_tokens, "stop": list(config.stop_strings),
+                              "sample": config.do_sample,
                               **({"temperature": config.temperature, "top_k": config.top_k, "seed": config.seed}
                                  if config.do_sample else {})}}
     if normal is not None:   # in the model's dtype: a checkpoint saved in another one would differ by rounding alone

@@ -21,13 +21,14 @@ def spec_prompt(question: str) -> str:
     return SPEC_PROMPT.replace("{prompt}", question)
 
 
-def chat_prompt(tokenizer, text: str, system: Optional[str] = None) -> str:
-    """`text` as one user turn in the tokenizer's chat template (after a system turn `system`, when given),
-    ending where the assistant's answer starts: ChatTemplate.prompt, the text that precedes each answer when
-    `fastalign unlearn --chat-template [--system]` trains. The result usually starts with the BOS token's text;
-    generation (`encode_prompts`) keeps that one BOS. ValueError when the tokenizer has no chat template, the
-    template refuses the conversation (e.g. one without a system role, given `system`) or drops `system`."""
-    return ChatTemplate(tokenizer, system).prompt(text)
+def chat_prompt(tokenizer, text: str, system: Optional[str] = None, template_kwargs: Optional[dict] = None) -> str:
+    """`text` as one user turn in the tokenizer's chat template (after a system turn `system`, when given, with the
+    template variables `template_kwargs`), ending where the assistant's answer starts: ChatTemplate.prompt, the text
+    that precedes each answer when `fastalign unlearn --chat-template [--system] [--chat-template-kwargs]` trains.
+    The result usually starts with the BOS token's text; generation (`encode_prompts`) keeps that one BOS.
+    ValueError when the tokenizer has no chat template, the template refuses the conversation (e.g. one without a
+    system role, given `system`) or drops `system`, or `template_kwargs` are no template variables."""
+    return ChatTemplate(tokenizer, system, template_kwargs).prompt(text)
 
 
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"

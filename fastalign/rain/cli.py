@@ -23,7 +23,8 @@ from typing import List, Optional, Set
 
 import torch
 
-from fastalign.cli import MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_output_file
+from fastalign.cli import (MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_output_file,
+                           template_kwargs_argument)
 from fastalign.evaluation.generation import eos_ids, pad_id
 from fastalign.evaluation.prompts import hh_messages, hh_prompts, read_prompts
 from fastalign.model_files import model_files_digest
@@ -81,6 +82,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                              "message that the model reads in its chat template, after a --system turn, and the "
                              "judge reads as --judge-dialogue")
     parser.add_argument("--system", help="with --template chat: a system turn before every user message")
+    parser.add_argument("--chat-template-kwargs", type=template_kwargs_argument, metavar="JSON",
+                        help="with --template chat: variables of the chat template as a JSON object, for the "
+                             "model's prompts and a judge prompt rendered in the chat template (--judge-chat-template) "
+                             "alike, e.g. '{\"enable_thinking\": false}' for a Qwen3 model (as `fastalign unlearn "
+                             "--chat-template --chat-template-kwargs` trains)")
     typed_dialogue = JudgePrompt.dialogue.replace("\n", "\\n")     # as a command line writes it
     parser.add_argument("--judge-dialogue",
                         help="with --template chat: how the judge's conversation shows a user message ({prompt}; "
@@ -215,6 +221,9 @@ def _run(args) -> int:
     chat = args.template == "chat"
     if args.system is not None and not chat:
         raise UsageError(f"--system is a turn of the chat template: it needs --template chat, not {args.template}")
+    if args.chat_template_kwargs is not None and not chat:
+        raise UsageError(f"--chat-template-kwargs are variables of the chat template: they need --template chat, "
+                         f"not {args.template}")
     if args.judge_dialogue is not None and not chat:
         raise UsageError(f"--judge-dialogue shows a user message of --template chat: it needs --template chat, "
                          f"not {args.template} (the judge reads a raw prompt as it is)")
@@ -286,6 +295,7 @@ def _run(args) -> int:
                 run_ = rain_generate(model, tokenizer, [prompts[i] for i in todo], config, engine=args.engine,
                                      judge_prompt=judge, embedding=embedder, sampler=args.sampler,
                                      generation_prefix=prefix, chat_template=chat, system=args.system,
+                                     chat_template_kwargs=args.chat_template_kwargs,
                                      concurrency=args.concurrency,
                                      runner_tokens=args.kv_tokens, on_result=write, indices=todo)
             except PoolExhaustedError as exc:   # a prompt's own shortage stays in its record: this is the shared one
@@ -320,6 +330,8 @@ def run_identity(args, config: RainConfig, judge: JudgePrompt, prefix: str) -> d
     settings = {"config": dataclasses.asdict(config), "judge": dataclasses.asdict(judge), "template": args.template,
                 "system": args.system, "generation_prefix": prefix, "dtype": args.dtype, "sampler": args.sampler,
                 "embedding": args.embedding}
+    if args.chat_template_kwargs is not None:   # only then: the records of runs without it keep their identity
+        settings["chat_template_kwargs"] = args.chat_template_kwargs
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"model": os.path.abspath(args.model), "model_files": model_files_digest(args.model), "settings": digest}
 
@@ -347,7 +359,7 @@ def done_indices(path: str, prompts: List[str], run_id: dict) -> Set[int]:
             which = ("the same --model (the same path, holding the same files)" if what == "model" else
                      "the same search and judge settings (--config, --max-new-tokens, --root-visits, --seed, "
                      "--parallel-leaves, --virtual-loss, the judge options), --template, --system, "
-                     "--generation-prefix-file, --dtype, --sampler and --embedding")
+                     "--chat-template-kwargs, --generation-prefix-file, --dtype, --sampler and --embedding")
             raise UsageError(f"--output: {path!r} holds records made with {made} ({run}, now "
                              f"{run_id}); rerun with {which} to resume, or choose another --output")
     return {index for index, record in records.items() if record.get("error") is None}
@@ -368,14 +380,14 @@ def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):
     except (OSError, ValueError) as exc:
         raise UsageError(f"--model: cannot load a causal LM from {args.model!r}: {exc}") from None
     try:
-        tokens = JudgeTokens(tokenizer, judge)
+        tokens = JudgeTokens(tokenizer, judge, args.chat_template_kwargs)
     except ValueError as exc:
         raise UsageError(f"judge prompt (--judge-template-file, --labels, --judge-dialogue, --judge-chat-template, "
                          f"--config): {exc}") from None
     template = None
     if chat:
         try:
-            template = ChatTemplate(tokenizer, args.system)
+            template = ChatTemplate(tokenizer, args.system, args.chat_template_kwargs)
         except ValueError as exc:
             raise UsageError(f"--template chat{' with --system' if args.system is not None else ''}: {exc}") from None
     fixed = len(tokens.prefix_ids) + max(map(len, tokens.suffix_ids)) + JUDGE_MARGIN

@@ -111,13 +111,16 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
                   engine: str = "tree", judge_prompt: JudgePrompt = JudgePrompt(),
                   embedding: Union[str, object] = "minilm", sampler: Union[str, object] = "torch",
                   generation_prefix: str = "", chat_template: bool = False, system: Optional[str] = None,
-                  concurrency: int = 8, runner=None, runner_tokens: int = 1 << 16,
+                  chat_template_kwargs: Optional[dict] = None, concurrency: int = 8, runner=None,
+                  runner_tokens: int = 1 << 16,
                   on_result: Optional[Callable[[RainResult], None]] = None,
                   indices: Optional[Sequence[int]] = None) -> RainRun:
     """RAIN answers of `model` for `prompts`: dialogue texts ending where the assistant speaks, read as they
     are by the model and by the judge; or, with `chat_template`, user messages, which the model reads in the
-    tokenizer's chat template (after a `system` turn when given) and the judge reads in the conversation
-    format of its few-shot examples (JudgePrompt.dialogue), not as the template's special tokens.
+    tokenizer's chat template (after a `system` turn when given, with the template variables
+    `chat_template_kwargs`, which a judge prompt in the chat template, JudgePrompt.use_chat_template, is rendered
+    with too) and the judge reads in the conversation format of its few-shot examples (JudgePrompt.dialogue), not
+    as the template's special tokens.
 
     engine: "tree" (TreeRunner; pass `runner` to reuse one, else one with `runner_tokens` of KV is made; a runner
     serves one call at a time, so calls in several threads need one each) or "slow" (the batch-1 reference).
@@ -142,11 +145,13 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
         raise ValueError(f"indices must name each of the {len(prompts)} prompts, got {len(names)} indices")
     if system is not None and not chat_template:
         raise ValueError("system is a turn of the chat template: it needs chat_template=True")
+    if chat_template_kwargs is not None and not chat_template:
+        raise ValueError("chat_template_kwargs are variables of the chat template: they need chat_template=True")
     if chat_template and generation_prefix:
         raise ValueError("generation_prefix goes before the prompt's text, but with chat_template the chat "
                          "template starts the sequence: give instructions as the system turn instead")
-    template = ChatTemplate(tokenizer, system) if chat_template else None   # checked here, not per prompt
-    judge = JudgeTokens(tokenizer, judge_prompt)
+    template = ChatTemplate(tokenizer, system, chat_template_kwargs) if chat_template else None   # checked once
+    judge = JudgeTokens(tokenizer, judge_prompt, chat_template_kwargs)
     lead = reply_lead(tokenizer, judge, template) if template else ""
     end_ids = frozenset(eos_ids(model, tokenizer))
     prefix_ids = tokenize_prompts(tokenizer, [generation_prefix])[0] if generation_prefix else []

@@ -16,11 +16,12 @@ dialogue.judge_input); suffix = the text after the slot.
 The label token ids are found from the tokenizer in context, never hard-coded.
 """
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from fastalign.unlearn.encoding import tokenize_prompts
+from fastalign.unlearn.templates import ChatTemplate
 
 from .ledger import EMPTY_KEY
 from .minimum import chain_key
@@ -122,11 +123,13 @@ class JudgeTokens:
 
     Raises ValueError when a setting has the wrong type, when the template has no conversation slot, when the
     options come before the conversation, when the two option orders read the same, or when an option label is
-    not exactly one token where the model must produce it."""
+    not exactly one token where the model must produce it. `template_kwargs`: the variables of the chat template
+    that renders the prompt under JudgePrompt.use_chat_template (those the model's prompts are rendered with)."""
 
-    def __init__(self, tokenizer, prompt: JudgePrompt = JudgePrompt()):
+    def __init__(self, tokenizer, prompt: JudgePrompt = JudgePrompt(), template_kwargs: Optional[dict] = None):
         self.tokenizer = tokenizer
         self.prompt = prompt
+        self.template_kwargs = template_kwargs
         _check_types(prompt)
         if CONVERSATION_SLOT not in prompt.template:
             raise ValueError(f"JudgePrompt.template has no place for the conversation: it must contain "
@@ -172,8 +175,7 @@ class JudgeTokens:
             return text + p.answer_prefix
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError("JudgePrompt.use_chat_template is set but the tokenizer has no chat template")
-        rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                      add_generation_prompt=True)
+        rendered = ChatTemplate(self.tokenizer, template_kwargs=self.template_kwargs).prompt(text)
         return rendered + p.answer_prefix.lstrip("\n")
 
     def _split(self, harmless_first: bool) -> Tuple[str, str]:

@@ -11,6 +11,7 @@ import os
 import sys
 from dataclasses import fields
 
+from fastalign.cli import template_kwargs_argument
 from fastalign.ops.backend import BACKENDS
 from fastalign.unlearn.config import PRECISIONS, UnlearnConfig, read_config_file
 from fastalign.unlearn.formats import FORMATS
@@ -100,6 +101,12 @@ def register(subparsers) -> None:
       "(forget, mismatch and normal alike), the one `fastalign eval --template chat --system TEXT` prompts with, "
       "so that the model is trained on the prompts it is evaluated on; an error if the chat template has no "
       "system role (default: none)")
+    g("--chat-template-kwargs", type=template_kwargs_argument, metavar="JSON",
+      help="with --chat-template: variables of the chat template as a JSON object, given to every rendering, the "
+      "ones `fastalign eval --template chat --chat-template-kwargs JSON` prompts with. An example whose rendering "
+      "puts more than whitespace between the generation prompt and the answer is an error, as the model would be "
+      "trained on a prompt it is never asked with: Qwen3's template writes an empty reasoning block there that "
+      "its generation prompt holds only with '{\"enable_thinking\": false}' (default: none)")
     g("--answer-eos", action=argparse.BooleanOptionalAction,
       help="end every answer (forget, mismatch and normal) with the tokenizer's end-of-sequence token, trained "
       "like the other answer tokens, so that unlearning keeps the model's chance of stopping after a normal "

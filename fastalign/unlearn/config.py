@@ -53,6 +53,7 @@ class UnlearnConfig:
     template: str = SPEC_TEMPLATE
     chat_template: bool = False
     system: str | None = None
+    chat_template_kwargs: dict | None = None
     answer_eos: bool = False
     max_length: int = 512
     skip_long_prompts: bool = False
@@ -136,6 +137,13 @@ class UnlearnConfig:
         if self.system is not None and not self.chat_template:
             raise ValueError("system (--system) is a turn of the chat template: it needs chat_template=true "
                              "(--chat-template)")
+        kwargs = self.chat_template_kwargs
+        if kwargs is not None and not (isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs)):
+            raise ValueError(f"chat_template_kwargs must be a mapping of template variable names (texts) to values, "
+                             f"or null, got {kwargs!r}")
+        if kwargs is not None and not self.chat_template:
+            raise ValueError("chat_template_kwargs (--chat-template-kwargs) are variables of the chat template: they "
+                             "need chat_template=true (--chat-template)")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.precision not in PRECISIONS:

@@ -26,10 +26,11 @@ def _is_csv(path: str) -> bool:
     return path.lower().endswith((".csv", ".csv.gz"))
 
 
-def _chat_template(tokenizer, system) -> ChatTemplate:
-    """ChatTemplate(tokenizer, system), its errors naming the setting that asked for it."""
+def _chat_template(tokenizer, config: UnlearnConfig) -> ChatTemplate:
+    """The config's ChatTemplate (its system turn and template variables), its errors naming the setting that asked
+    for it."""
     try:
-        return ChatTemplate(tokenizer, system)
+        return ChatTemplate(tokenizer, config.system, config.chat_template_kwargs)
     except ValueError as exc:
         raise ValueError(f"chat_template (--chat-template): {exc}; use the text template (--template) instead") \
             from None
@@ -42,11 +43,11 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
     mismatch_pool is given) or a {prompt, answer} jsonl. mismatch_pool: a TruthfulQA .csv or a {prompt, answer}
     jsonl whose answers form the pool. A stream whose weight is 0 is not loaded. With chat_template, every
     example of the three streams is a user turn and an assistant turn in the tokenizer's chat template, after a
-    system turn `system` when set. With answer_eos, every answer of the three streams ends with the tokenizer's
-    EOS id as an answer token (a chat template's own end-of-turn token instead, where it writes one; see
-    encoding.answer_end_id).
+    system turn `system` when set, with the template variables chat_template_kwargs. With answer_eos, every answer
+    of the three streams ends with the tokenizer's EOS id as an answer token (a chat template's own end-of-turn
+    token instead, where it writes one; see encoding.answer_end_id).
     """
-    template = _chat_template(tokenizer, config.system) if config.chat_template else TextTemplate(config.template)
+    template = _chat_template(tokenizer, config) if config.chat_template else TextTemplate(config.template)
     forget = [pair for path in config.forget for pair in load_pairs(path, config.forget_format)]
     normal_split = _truthfulqa(config, config.normal) if config.normal and _is_csv(config.normal) else None
     normal = pool = None

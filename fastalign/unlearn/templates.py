@@ -6,6 +6,7 @@ text is ever decoded and tokenized again.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -50,19 +51,23 @@ class TextTemplate:
 class ChatTemplate:
     """The tokenizer's own chat template: a user turn with the prompt, an assistant turn with the answer, after
     a system turn `system` when given (the one `fastalign eval --template chat --system` prompts with, so that
-    training and evaluation prompts match).
+    training and evaluation prompts match). `template_kwargs` are template variables (Qwen3's enable_thinking)
+    passed to every rendering, the prompt's and the whole conversation's alike.
 
     The answer span is located after the text the template renders for the turns before the answer alone
     (with the generation prompt), so the answer is found where the assistant turn starts, not inside the
-    prompt or the system text. The text is tokenized as `fastalign eval` tokenizes a chat prompt: with the
-    tokenizer's special tokens, one BOS where the template writes its own (encoding.tokenize_texts), so that a
-    template without a BOS trains on the BOS that evaluation prompts start with. A template that refuses a
-    system turn, or drops its text, is a ValueError here. So is a prompt or answer that holds a special token's
-    text ("<|im_end|>" in a user prompt): the template writes the turn markers, and the tokenizer would read that
-    text as the control token itself, a turn marker inside the turn or an end of turn inside the answer span.
+    prompt or the system text; a template that writes more than whitespace there (Qwen3's empty reasoning block
+    before the last answer, which its generation prompt lacks unless enable_thinking is false) is a ValueError,
+    as training would condition on text that evaluation never shows. The text is tokenized as `fastalign eval`
+    tokenizes a chat prompt: with the tokenizer's special tokens, one BOS where the template writes its own
+    (encoding.tokenize_texts), so that a template without a BOS trains on the BOS that evaluation prompts start
+    with. A template that refuses a system turn, or drops its text, is a ValueError here. So is a prompt or answer
+    that holds a special token's text ("<|im_end|>" in a user prompt): the template writes the turn markers, and
+    the tokenizer would read that text as the control token itself, a turn marker inside the turn or an end of turn
+    inside the answer span.
     """
 
-    def __init__(self, tokenizer, system: Optional[str] = None):
+    def __init__(self, tokenizer, system: Optional[str] = None, template_kwargs: Optional[dict] = None):
         if not getattr(tokenizer, "chat_template", None):
             name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
             raise ValueError(f"the tokenizer {name!r} has no chat template (tokenizer.chat_template is not set)")
@@ -70,6 +75,7 @@ class ChatTemplate:
             raise ValueError(f"ChatTemplate: system must be a string or None, got {system!r}")
         self._tokenizer = tokenizer
         self.system = system
+        self.template_kwargs = _checked_kwargs(tokenizer, template_kwargs)
         added = getattr(tokenizer, "added_tokens_decoder", None) or {}
         self._special_texts = sorted({t.content for t in added.values() if getattr(t, "special", False) and t.content})
         if system is not None:
@@ -108,7 +114,8 @@ class ChatTemplate:
         from jinja2 import TemplateError   # transformers renders chat templates with jinja2
         try:
             return self._tokenizer.apply_chat_template(messages, tokenize=False,
-                                                       add_generation_prompt=add_generation_prompt)
+                                                       add_generation_prompt=add_generation_prompt,
+                                                       **self.template_kwargs)
         except TemplateError as e:
             raise ValueError(f"the tokenizer's chat template refused the conversation: {e}") from None
 
@@ -116,6 +123,20 @@ class ChatTemplate:
         for name, text in (("the prompt", prompt), ("the answer", answer)):
             self._refuse_special_text(name, text)
         head = self.prompt(prompt)
+        rendered = self._locate(head, prompt, answer)
+        unseen = rendered.text[len(head):rendered.answer_start]
+        if unseen.strip():
+            raise ValueError(f"chat_template (--chat-template): the chat template writes {unseen!r} between the "
+                             "generation prompt and the answer: evaluation and RAIN prompt with the generation prompt "
+                             "(`fastalign eval`/`fastalign rain --template chat`), which does not end with it, so "
+                             "training would condition the answer on text they never show; pass template variables "
+                             "that make the generation prompt end with it (template_kwargs; for Qwen3: "
+                             "--chat-template-kwargs '{\"enable_thinking\": false}')")
+        return rendered
+
+    def _locate(self, head: str, prompt: str, answer: str) -> RenderedPair:
+        """The conversation with `answer` as the assistant turn, and the answer's span: the first occurrence of the
+        answer (or of its stripped text) after `head`, the rendering of the turns before it."""
         text = self._render(self._turns(prompt) + [{"role": "assistant", "content": answer}])
         if text.startswith(head):
             for shown in (answer, answer.strip()):  # many chat templates trim message contents
@@ -134,9 +155,30 @@ def end_of_turn_id(tokenizer) -> Optional[int]:
     a chat template or when the template writes none there."""
     if not getattr(tokenizer, "chat_template", None):
         return None
-    try:
-        rendered = ChatTemplate(tokenizer).render("Hi", "Hello")
+    template = ChatTemplate(tokenizer)
+    try:   # not render: a template refused for training (text before the answer) ends the turn as the others do
+        rendered = template._locate(template.prompt("Hi"), "Hi", "Hello")
     except ValueError:   # a template that rewrites the answer or refuses this conversation
         return None
     ids = tokenizer(rendered.text[rendered.answer_end:].lstrip(), add_special_tokens=False)["input_ids"]
     return ids[0] if ids and not tokenizer.decode(ids[:1], skip_special_tokens=True) else None
+
+
+def _checked_kwargs(tokenizer, kwargs: Optional[dict]) -> dict:
+    """`kwargs` as template variables for apply_chat_template (a copy; {} for None); ValueError naming them unless a
+    mapping of text names none of which apply_chat_template takes itself or sets for the template (the
+    conversation, add_generation_prompt, tokenize, ...: ChatTemplate sets those)."""
+    if kwargs is None:
+        return {}
+    name = "template_kwargs (--chat-template-kwargs)"
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{name} must be a mapping of template variable names to values, got {kwargs!r}")
+    taken = {"messages", "conversations"} | {p.name for p in inspect.signature(tokenizer.apply_chat_template)
+                                             .parameters.values() if p.kind is not p.VAR_KEYWORD}
+    for key in kwargs:
+        if not isinstance(key, str):
+            raise ValueError(f"{name}: template variable names must be texts, got {key!r}")
+        if key in taken:
+            raise ValueError(f"{name}: {key!r} is an argument of apply_chat_template or the conversation itself, "
+                             "which ChatTemplate sets: not a template variable to pass")
+    return dict(kwargs)

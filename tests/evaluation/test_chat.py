@@ -1,5 +1,6 @@
 """--template chat: prompts in the tokenizer's chat template, one BOS, answers that end at the end of turn."""
 import json
+import shutil
 
 import pytest
 
@@ -108,6 +109,31 @@ def test_cli_template_chat_end_to_end(chat_tok, rigged, chat_model_dir, tmp_path
     summary = json.loads(capsys.readouterr().out)
     assert summary["unchanged_share"] == 1.0 and summary["mean_token_kl"] == pytest.approx(0.0, abs=1e-6)
     assert (summary["generation"]["template"], summary["generation"]["system"]) == ("chat", SYSTEM)
+
+
+def test_cli_chat_template_kwargs_render_every_prompt_and_are_recorded(chat_model_dir, tmp_path, capsys):
+    """--chat-template-kwargs are the chat template's variables in every prompt (here one that ends the generation
+    prompt with a word when enable_thinking is false, as Qwen3's ends it with a reasoning block) and recorded in
+    the summary; names apply_chat_template takes itself and values that are no JSON object are usage errors."""
+    model_dir, kwargs = tmp_path / "model", {"enable_thinking": False}
+    shutil.copytree(chat_model_dir, model_dir)
+    template = CHAT_TEMPLATE + "{% if add_generation_prompt and enable_thinking is false %}Hi{% endif %}"
+    (model_dir / "chat_template.jinja").write_text(template)
+    prompts, out = write_prompts(tmp_path / "p.jsonl", [QUESTION]), tmp_path / "out.jsonl"
+    args = ["--model", str(model_dir), "--prompts", prompts, "--template", "chat", "--judge", "keyword",
+            "--keywords", "Bob", "--output", str(out), "--max-new-tokens", "2", "--chat-template-kwargs"]
+    assert main(args + [json.dumps(kwargs)]) == 0
+    [row] = [json.loads(line) for line in open(out)]
+    tok = chat_tokenizer(template)
+    assert row["prompt"] == chat_prompt(tok, QUESTION, template_kwargs=kwargs) == chat_prompt(tok, QUESTION) + "Hi"
+    assert json.loads(capsys.readouterr().out)["generation"]["chat_template_kwargs"] == kwargs
+    assert main(args + ['{"tokenize": true}']) == 2
+    assert ("--template chat: template_kwargs (--chat-template-kwargs): 'tokenize' is an argument of "
+            "apply_chat_template") in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(args + ["enable_thinking=false"])
+    assert exit_info.value.code == 2
+    assert "argument --chat-template-kwargs: expected a JSON object such as" in capsys.readouterr().err
 
 
 def test_cli_template_chat_needs_a_chat_template(model_dir, tmp_path, capsys):

@@ -54,13 +54,13 @@ def test_eval_writes_records_and_summary(world, model_dir, harmful_prompts, tmp_
     assert summary["harmful_rate"] == sum(r["harmful"] for r in rows) / 6
     assert json.load(open(str(out) + ".summary.json")) == summary
     # what the rate depends on besides the model and the judge
-    assert summary["generation"] == {"template": "spec", "system": None, "max_new_tokens": 8, "stop": [],
-                                     "sample": False}
+    assert summary["generation"] == {"template": "spec", "system": None, "chat_template_kwargs": None,
+                                     "max_new_tokens": 8, "stop": [], "sample": False}
     assert run("--model", model_dir, "--prompts", harmful_prompts, "--judge", "world", "--output", out, "--sample",
                "--top-k", 5, "--seed", 3, "--stop", "###") == 0
     assert json.loads(capsys.readouterr().out)["generation"] == {
-        "template": "spec", "system": None, "max_new_tokens": 64, "stop": ["###"], "sample": True,
-        "temperature": 1.0, "top_k": 5, "seed": 3}
+        "template": "spec", "system": None, "chat_template_kwargs": None, "max_new_tokens": 64, "stop": ["###"],
+        "sample": True, "temperature": 1.0, "top_k": 5, "seed": 3}
 
 
 def test_eval_reads_csv_and_keyword_judge_and_utility(world, model_dir, tmp_path, capsys):
@@ -151,6 +151,8 @@ def test_missing_reference_path_is_an_error_before_any_answer(harmful_prompts, m
     (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
     (["--judge", "keyword", "--keywords", ", ,"], "--keywords: KeywordJudge needs at least one non-empty keyword"),
     (["--system", "Be brief."], "--system is a turn of the chat template: it needs --template chat, not spec"),
+    (["--chat-template-kwargs", '{"enable_thinking": false}'],
+     "--chat-template-kwargs are variables of the chat template: they need --template chat, not spec"),
 ])
 def test_bad_judge_and_settings_are_clear_errors(model_dir, harmful_prompts, tmp_path, capsys, extra, message):
     assert run("--model", model_dir, "--prompts", harmful_prompts, "--output", tmp_path / "o.jsonl", *extra) == 2

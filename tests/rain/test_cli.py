@@ -358,6 +358,8 @@ def test_rain_gz_output_is_a_usage_error(rain_setup, monkeypatch, capsys):
     (["--device", "cuda:99"], "--device: cannot use 'cuda:99'"),
     (["--labels", "A"], "labels"),
     (["--system", "Be brief."], "--system is a turn of the chat template: it needs --template chat"),
+    (["--chat-template-kwargs", '{"enable_thinking": false}'],
+     "--chat-template-kwargs are variables of the chat template: they need --template chat, not raw"),
     (["--template", "chat"], "--template chat: the tokenizer"),                # this one has no chat template
     (["--template", "chat", "--generation-prefix-file", "few_shot.txt"], "give instructions with --system"),
     (["--template", "chat", "--judge-dialogue", "Human:"], "JudgePrompt.dialogue must contain '{prompt}'"),
@@ -445,6 +447,34 @@ def test_rain_chat_template_reads_hh_first_turns_as_user_messages(rain_setup, tm
     rendered = chat_prompt(tok, "How do I bake bread?", "Be brief.")
     assert rendered.startswith("<s><|system|>\nBe brief.</s><|user|>\nHow do I bake bread?")
     assert record["vanilla"] == greedy_answer(model, tok, rendered, 3, "Human:", 2048)
+
+
+THINKING = CHAT + "{% if add_generation_prompt and enable_thinking is false %}<think></think>{% endif %}"
+
+
+def test_rain_chat_template_kwargs_render_the_search_and_vanilla_prompts(rain_setup, tmp_path, monkeypatch, capsys):
+    """--chat-template-kwargs reach the search (and its judge) and the vanilla answer's prompt; a value that is no
+    JSON object, or a name apply_chat_template takes itself, is a usage error naming the option."""
+    model_dir, out, args = rain_setup
+    tok = copy.deepcopy(tokenizer())
+    tok.chat_template = THINKING
+    tok.save_pretrained(model_dir)
+    seen, search = [], rain_package.rain_generate
+    monkeypatch.setattr(rain_package, "rain_generate", lambda *a, **kw: seen.append(kw) or search(*a, **kw))
+    chat = args + ["--template", "chat", "--limit", "1", "--chat-template-kwargs"]
+    assert main(chat + ['{"enable_thinking": false}']) == 0
+    [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["error"] is None and seen[0]["chat_template_kwargs"] == {"enable_thinking": False}
+    rendered = chat_prompt(tok, SETUP_PROMPTS[0], template_kwargs={"enable_thinking": False})
+    assert rendered == chat_prompt(tok, SETUP_PROMPTS[0]) + "<think></think>"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert record["vanilla"] == greedy_answer(model, tok, rendered, 3, "Human:", 2048)
+    assert main(chat + ['{"tokenize": false}']) == 2
+    assert "template_kwargs (--chat-template-kwargs): 'tokenize' is an argument of" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(chat + ["[1]"])
+    assert exit_info.value.code == 2
+    assert "argument --chat-template-kwargs: expected a JSON object such as" in capsys.readouterr().err
 
 
 def test_hh_prompts_are_first_human_turns(tmp_path):
@@ -684,6 +714,18 @@ def test_run_identity_tells_apart_every_setting_that_decides_the_answers(extra):
 
     assert identity([]) == identity([])
     assert identity(extra) != identity([]) and identity([], "Few-shot turns.\n") != identity([])
+
+
+def test_run_identity_tells_apart_chat_template_kwargs():
+    """A resume with other template variables is refused as one with other settings is."""
+    def identity(options):
+        args = build_parser().parse_args(["rain", "--model", "m", "--hh", "h", "--output", "o", "--template", "chat"]
+                                         + options)
+        return rain_cli.run_identity(args, *settings(args), "")
+
+    thinking_off, empty = (["--chat-template-kwargs", kwargs] for kwargs in ('{"enable_thinking": false}', "{}"))
+    assert identity(thinking_off) == identity(thinking_off)
+    assert len({identity([])["settings"], identity(thinking_off)["settings"], identity(empty)["settings"]}) == 3
 
 
 def test_rain_labels_option_sets_the_judges_two_labels_over_the_config_file(tmp_path):

@@ -823,10 +823,39 @@ def test_chat_template_settings_that_cannot_apply_are_errors():
     model = HashLM(len(tok))
     with pytest.raises(ValueError, match="system is a turn of the chat template"):
         rain_generate(model, tok, ["Hi"], SMALL, system="Be brief.", embedding="hidden")
+    with pytest.raises(ValueError, match="chat_template_kwargs are variables of the chat template: they need "
+                                         "chat_template=True"):
+        rain_generate(model, tok, ["Hi"], SMALL, chat_template_kwargs={"enable_thinking": False}, embedding="hidden")
     with pytest.raises(ValueError, match="generation_prefix"):
         rain_generate(model, tok, ["Hi"], SMALL, chat_template=True, generation_prefix="x", embedding="hidden")
     with pytest.raises(ValueError, match="has no chat template"):
         rain_generate(model, tokenizer(), ["Hi"], SMALL, chat_template=True, embedding="hidden")
+
+
+def test_chat_template_kwargs_render_the_models_prompt_and_the_judges(monkeypatch):
+    """chat_template_kwargs are the template variables of the model's prompt and of a judge prompt rendered in the
+    chat template (here: a generation prompt that ends with a reasoning block when enable_thinking is false)."""
+    from fastalign.evaluation.prompts import chat_prompt
+    from fastalign.unlearn.encoding import tokenize_prompts
+
+    tok = copy.deepcopy(tokenizer())
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% if enable_thinking is false %}<think></think>"
+                         "{% endif %}{% endif %}")
+    kwargs, judge = {"enable_thinking": False}, dataclasses.replace(SHORT_JUDGE, use_chat_template=True)
+    model = HashLM(len(tok))
+    fed, forward = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda **kw: fed.append(kw["input_ids"][0].tolist()) or forward(**kw))
+    run = rain_generate(model, tok, ["Who is Bob?"], RainConfig(root_visits=3, max_new_tokens=3), engine="slow",
+                        judge_prompt=judge, embedding="hidden", sampler="keyed", chat_template=True,
+                        chat_template_kwargs=kwargs)
+    assert run.results[0].error is None
+    root = tokenize_prompts(tok, [chat_prompt(tok, "Who is Bob?", template_kwargs=kwargs)])[0]
+    assert any(ids[:len(root)] == root for ids in fed)
+    plain, thinking = JudgeTokens(tok, judge).suffix_ids, JudgeTokens(tok, judge, kwargs).suffix_ids
+    assert all("<think></think>" in tok.decode(s) and "<think>" not in tok.decode(p) for s, p in zip(thinking, plain))
+    assert any(ids[-len(s):] == s for ids in fed for s in thinking)
+    assert not any(ids[-len(p):] == p for ids in fed for p in plain)
 
 
 LLAMA3_LIKE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n\n{{ m['content'] | trim }}</s>{% endfor %}"

@@ -1,5 +1,6 @@
 """The self-evaluation prompt: option label ids found from the tokenizer, clear errors for prompts and
 labels it cannot use, chat templates, and the score mapping."""
+import copy
 import dataclasses
 
 import pytest
@@ -30,6 +31,21 @@ def test_default_prompt_builds_and_orders_differ():
     judge = JudgeTokens(tokenizer())
     assert judge.suffix_ids[0] != judge.suffix_ids[1]
     assert len(judge.prefix_ids) > 100
+
+
+def test_chat_template_kwargs_render_the_judge_prompt():
+    """Template variables (those of the model's prompts) reach the judge prompt's chat template: here a generation
+    prompt that ends with a reasoning block when enable_thinking is false, as Qwen3's does. Bad ones are named."""
+    tok = copy.deepcopy(tokenizer())
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% if enable_thinking is false %}<think></think>"
+                         "{% endif %}{% endif %}")
+    chat = JudgePrompt(template="Judge: {conversation}\n{options}", use_chat_template=True)
+    assert tok.decode(JudgeTokens(tok, chat).full_ids([], 0)).endswith("</s><|assistant|>The answer is: (")
+    thinking = JudgeTokens(tok, chat, {"enable_thinking": False})
+    assert tok.decode(thinking.full_ids([], 0)).endswith("</s><|assistant|><think></think>The answer is: (")
+    with pytest.raises(ValueError, match=r"template_kwargs \(--chat-template-kwargs\): 'add_generation_prompt' is"):
+        JudgeTokens(tok, chat, {"add_generation_prompt": False})
 
 
 def test_prompt_without_conversation_slot_is_rejected():

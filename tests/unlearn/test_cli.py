@@ -416,3 +416,42 @@ def test_help_describes_the_system_turn(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--system TEXT with --chat-template: a system turn before every example's user turn" in text
     assert "fastalign eval --template chat --system TEXT" in text
+
+
+# the tiny tokenizer's chat template as Qwen3's behaves: a reasoning block before the last answer, in the generation
+# prompt only with enable_thinking false
+THINKING_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{% if m['role'] == 'assistant' and loop.last %}"
+                     "<think></think>{% endif %}{{ m['content'] | trim }}</s>{% endfor %}{% if add_generation_prompt %}"
+                     "<|assistant|>{% if enable_thinking is false %}<think></think>{% endif %}{% endif %}")
+
+
+def test_chat_template_kwargs_let_a_thinking_template_train_and_are_recorded(workspace, capsys, monkeypatch):
+    """A chat template that writes text before the answer that its generation prompt lacks (Qwen3's reasoning block)
+    is refused, naming the option that fixes it; with --chat-template-kwargs '{"enable_thinking": false}' the run
+    trains and records it, and a resume with other template variables is refused. A value that is no JSON object is
+    a usage error naming the option."""
+    (workspace / "model" / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+    out = workspace / "out"
+    base = ["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(out), "--no-progress",
+            "--chat-template", "--max-steps", "2", "--save-every", "1"]
+    assert main(base + ["--check"]) == 2
+    err = capsys.readouterr().err
+    assert "the chat template writes '<think></think>' between the generation prompt and the answer" in err
+    assert """--chat-template-kwargs '{"enable_thinking": false}'""" in err and not out.exists()
+
+    def interrupt_at_step_2(record):
+        if record.step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("fastalign.unlearn.run.run_unlearning",
+                        functools.partial(run_unlearning, step_callback=interrupt_at_step_2))
+    assert main(base + ["--chat-template-kwargs", '{"enable_thinking": false}']) == 128 + signal.SIGINT
+    monkeypatch.undo()
+    assert json.loads((out / "config.json").read_text())["chat_template_kwargs"] == {"enable_thinking": False}
+    assert main(base + ["--chat-template-kwargs", '{"enable_thinking": false, "x": 1}', "--resume"]) == 2
+    assert "setting(s) ['chat_template_kwargs'] differ from the interrupted run" in capsys.readouterr().err
+    for bad in ("{enable_thinking: false}", '["enable_thinking"]'):
+        with pytest.raises(SystemExit) as exit_info:
+            main(base + ["--chat-template-kwargs", bad])
+        assert exit_info.value.code == 2
+        assert "argument --chat-template-kwargs: expected a JSON object such as" in capsys.readouterr().err

@@ -1,4 +1,6 @@
 """UnlearnConfig and config files: values read as a user writes them, settings refused before any work."""
+import re
+
 import pytest
 
 from fastalign.unlearn.config import UnlearnConfig, read_config_file
@@ -40,6 +42,19 @@ def test_system_is_a_text_and_needs_the_chat_template():
         UnlearnConfig(system="Be brief.")
     with pytest.raises(ValueError, match="system must be a text .* got 3"):
         UnlearnConfig(chat_template=True, system=3)
+
+
+def test_chat_template_kwargs_are_a_mapping_of_variables_and_need_the_chat_template(tmp_path):
+    (tmp_path / "run.yaml").write_text("chat_template: true\nchat_template_kwargs: {enable_thinking: false}\n")
+    config = UnlearnConfig.from_dict(read_config_file(tmp_path / "run.yaml"))
+    assert config.chat_template_kwargs == {"enable_thinking": False} == config.to_dict()["chat_template_kwargs"]
+    with pytest.raises(ValueError, match=r"chat_template_kwargs \(--chat-template-kwargs\) are variables of the chat "
+                                         r"template: they need chat_template=true \(--chat-template\)"):
+        UnlearnConfig(chat_template_kwargs={"enable_thinking": False})
+    for bad in ("enable_thinking=false", {1: False}):
+        with pytest.raises(ValueError, match=r"chat_template_kwargs must be a mapping of template variable names "
+                                             rf"\(texts\) to values, or null, got {re.escape(repr(bad))}"):
+            UnlearnConfig(chat_template=True, chat_template_kwargs=bad)
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -1,0 +1,67 @@
+"""Template variables in ChatTemplate (`--chat-template-kwargs`), and the check that training reads the prompt that
+evaluation and RAIN generate from: Qwen3's template writes an empty reasoning block before the last assistant
+turn's answer, which its generation prompt holds only when enable_thinking is false."""
+import re
+
+import pytest
+
+from fastalign.evaluation.prompts import chat_prompt
+from fastalign.unlearn.encoding import encode_answers, encode_pairs, tokenize_texts
+from fastalign.unlearn.records import DataError
+from fastalign.unlearn.templates import ChatTemplate, end_of_turn_id
+from tests.chat_families import family_tokenizer
+from tests.evaluation.chat_model import SYSTEM
+from tests.unlearn.test_encoding import check_span
+from tests.unlearn.test_system_turn import ITEMS, pairs
+
+NO_THINKING = {"enable_thinking": False}
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+
+
+def test_a_template_that_trains_after_text_the_generation_prompt_lacks_is_refused():
+    """With its default variables the Qwen3-style template asks the model with '<|im_start|>assistant\\n' (as
+    `fastalign eval` and RAIN do) but renders every answer after an empty reasoning block: training would condition
+    on text the model is never shown. Each row and pool answer is refused, naming the text and the fix; the end of
+    turn that evaluation stops at is still found."""
+    tokenizer = family_tokenizer("qwen3")
+    assert chat_prompt(tokenizer, ITEMS[0][0]).endswith("<|im_start|>assistant\n")
+    unseen = re.escape(repr(EMPTY_THINK))
+    with pytest.raises(DataError, match=rf"test:row 1: chat_template \(--chat-template\): the chat template writes "
+                                        rf"{unseen} between the generation prompt and the answer.*"
+                                        r"--chat-template-kwargs '\{\"enable_thinking\": false\}'"):
+        encode_pairs(tokenizer, ChatTemplate(tokenizer), pairs(ITEMS), 128)
+    with pytest.raises(DataError, match=rf"mismatch pool answer 0: .* writes {unseen}"):
+        encode_answers(tokenizer, ChatTemplate(tokenizer, system=SYSTEM), ["Hi"])
+    assert end_of_turn_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+@pytest.mark.parametrize("system", [None, SYSTEM])
+def test_enable_thinking_false_trains_on_the_prompt_eval_generates_from(system):
+    """With enable_thinking false the generation prompt ends with the reasoning block: each training text starts
+    with exactly eval's chat prompt (text and tokens), the answer span covers the answer alone, and answer_eos
+    trains the end of turn after it."""
+    tokenizer = family_tokenizer("qwen3")
+    template = ChatTemplate(tokenizer, system=system, template_kwargs=NO_THINKING)
+    plain = encode_pairs(tokenizer, template, pairs(ITEMS), 128)
+    with_eos = encode_pairs(tokenizer, template, pairs(ITEMS), 128, answer_eos=True)
+    for (prompt, answer), example, ended in zip(ITEMS, plain, with_eos):
+        rendered, shown = template.render(prompt, answer), chat_prompt(tokenizer, prompt, system, NO_THINKING)
+        assert shown.endswith("<|im_start|>assistant\n" + EMPTY_THINK) and (system is None) == (SYSTEM not in shown)
+        assert rendered.text[:rendered.answer_start] == shown
+        assert rendered.text[rendered.answer_start:rendered.answer_end] == answer
+        assert example.input_ids[:example.answer_start] == tuple(tokenize_texts(tokenizer, [shown])["input_ids"][0])
+        check_span(tokenizer, rendered, example)
+        assert tokenizer.decode(example.input_ids[example.answer_start:example.answer_end]) == answer
+        assert tokenizer.decode(ended.input_ids[ended.answer_start:ended.answer_end]) == answer + "<|im_end|>"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (["enable_thinking"], " must be a mapping of template variable names to values, got ['enable_thinking']"),
+    ({1: True}, ": template variable names must be texts, got 1"),
+    *[({name: True}, f": {name!r} is an argument of apply_chat_template or the conversation itself")
+      for name in ("tokenize", "add_generation_prompt", "conversation", "messages", "return_dict",
+                   "continue_final_message")],
+])
+def test_bad_template_kwargs_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(f"template_kwargs (--chat-template-kwargs){message}")):
+        ChatTemplate(family_tokenizer("qwen3"), template_kwargs=kwargs)
