@@ -30,5 +30,6 @@ def test_fp32_operands_benchmark_only_the_small_tile():
     assert tiles.prune_for_dtype(configs, {"x_ptr": t[torch.float32], "w_ptr": t[torch.float32]}) == configs[-1:]
     (bm, bv, bk, w, st), = [tiles._SMALL_TILE]
     assert configs[-1].kwargs == {"BLOCK_M": bm, "BLOCK_V": bv, "BLOCK_K": bk}
+    assert (configs[-1].num_warps, configs[-1].num_stages) == (w, st)
     for tuner in (ce._forward_kernel, ce._gradient_kernel, kl._forward_kernel, kl._gradient_kernel):
         assert tuner.early_config_prune is tiles.prune_for_dtype
