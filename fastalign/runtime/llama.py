@@ -1,5 +1,5 @@
 """Runs a loaded Hugging Face Llama-family model (Llama, Mistral, Qwen2, Qwen3, and the mixture-of-experts
-Mixtral and Qwen3-MoE) on the paged KV pool.
+Mixtral, Qwen2-MoE and Qwen3-MoE) on the paged KV pool.
 
 The model's own modules do everything but attention: embeddings, RMSNorms, q/k/v/o projections (with
 Qwen2's biases), Qwen3's per-head RMSNorms of q and k, the MLP (SwiGLU, or a sparse mixture of experts), the
@@ -22,10 +22,11 @@ from fastalign.eval_mode import eval_mode
 from fastalign.ops.paged_attention import (check_paged_attention, check_write_kv, paged_attention_unchecked,
                                           resolve_backend, write_kv_unchecked)
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 # the model types whose attention normalises each head of q and k (an RMSNorm over head_dim) before RoPE
 QK_NORM_FAMILY = ("qwen3", "qwen3_moe")
-# a layer's MLP is called as one module: SwiGLU, or a sparse mixture of experts with its router
+# a layer's MLP is called as one module: SwiGLU, or a sparse mixture of experts with its router (and Qwen2-MoE's
+# gated shared expert)
 _LAYER_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp",
                   "input_layernorm", "post_attention_layernorm")
 _QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")

@@ -5,8 +5,8 @@ import random
 import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, MixtralConfig, MixtralForCausalLM, OPTConfig, OPTForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
-                          Qwen3MoeForCausalLM)
+                          Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 VOCAB = 101
 MAX_POSITIONS = 128
@@ -15,7 +15,8 @@ _LLAMA_SHAPE = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, n
 
 # name -> (model class, config): Llama-family shapes that exercise GQA, tied and untied heads, RoPE scaling,
 # a head_dim that is not hidden_size / num_heads, Qwen2's q/k/v biases, Qwen3's per-head q/k norms, sparse
-# mixtures of experts (Mixtral's in every layer, Qwen3-MoE's after a dense first layer); then models for the fallback.
+# mixtures of experts (Mixtral's in every layer, Qwen2-MoE's with a gated shared expert, Qwen3-MoE's after a dense
+# first layer); then models for the fallback.
 CONFIGS = {
     "llama-gqa-untied": (LlamaForCausalLM, lambda: LlamaConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=False)),
@@ -34,6 +35,9 @@ CONFIGS = {
     "mixtral-moe": (MixtralForCausalLM, lambda: MixtralConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
         tie_word_embeddings=False)),
+    "qwen2-moe-shared-expert": (Qwen2MoeForCausalLM, lambda: Qwen2MoeConfig(
+        **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=64, tie_word_embeddings=False)),
     "qwen3-moe-tied": (Qwen3MoeForCausalLM, lambda: Qwen3MoeConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
         moe_intermediate_size=32, mlp_only_layers=[0], tie_word_embeddings=True)),
