@@ -8,6 +8,12 @@ the block table BLOCK_N keys at a time (any pool block size: each key finds its 
 softmax in fp32, causal per query: query i of a row with q_len new tokens and seq_len context tokens
 sits at position seq_len - q_len + i.
 
+Sliding window (SLIDING, a compile-time flag, so that the windowless build is the same as without it; the
+window W itself is a runtime argument): the query at position p sees the keys p - W < k <= p only. A tile's
+key loop starts at the first key its first query sees (the tile's later queries see no earlier key), so key
+tiles wholly before the window are never loaded, and keys inside the loop that a later query of the tile no
+longer sees are masked. The split of keys below divides that visible range only.
+
 Query tiles are laid out without knowing q_len on the host (no device sync): row r owns tile slots
 [cu_q_lens[r] // Q + r, cu_q_lens[r + 1] // Q + r + 1), which is at least ceil(q_len_r / Q) slots
 (Q = BLOCK_M // GROUP), so T // Q + R programs cover any batch; a program finds its row by binary
@@ -51,10 +57,10 @@ def _first_row(CuGroupRows, i, num_table_rows, PREFIX_PASS: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["num_rows", "num_table_rows", "num_groups", "num_tokens", "num_blocks", "max_blocks",
-                               "num_splits", "stride_bt", "stride_os", "stride_ls"])
+                               "num_splits", "window", "stride_bt", "stride_os", "stride_ls"])
 def _paged_attention_kernel(
     Q, K, V, BlockTable, SeqLens, CuQLens, CuGroupRows, PrefixLens, Out, Lse,
-    qk_scale, num_rows, num_table_rows, num_groups, num_tokens, num_blocks, max_blocks, num_splits,
+    qk_scale, num_rows, num_table_rows, num_groups, num_tokens, num_blocks, max_blocks, num_splits, window,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -63,7 +69,7 @@ def _paged_attention_kernel(
     stride_ls, stride_lt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREFIX_PASS: tl.constexpr, SUFFIX_PASS: tl.constexpr, WRITE_LSE: tl.constexpr,
+    PREFIX_PASS: tl.constexpr, SUFFIX_PASS: tl.constexpr, WRITE_LSE: tl.constexpr, SLIDING: tl.constexpr,
 ):
     """One query tile of one program row and KV head, over one split of its keys.
 
@@ -71,7 +77,7 @@ def _paged_attention_kernel(
     groups of CuGroupRows: group g's queries are those of its table rows, its context the PrefixLens[g]
     keys of its first row (SeqLens is PrefixLens), seen without causal mask. In the suffix pass a row's keys
     start after its group's prefix. Both read the group metadata directly, so a forward computes nothing
-    per layer for them.
+    per layer for them. SLIDING (never with a cascade pass): each query sees its last `window` positions only.
     """
     QUERIES: tl.constexpr = BLOCK_M // GROUP  # new tokens per tile
     slot = tl.program_id(0)
@@ -109,8 +115,8 @@ def _paged_attention_kernel(
     q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-    # Keys this tile may see (from the row's first key to the causal bound of its last query), and this
-    # split's share of them.
+    # Keys this tile may see (from the row's first key, or its first query's first key in the window, to the
+    # causal bound of its last query), and this split's share of them.
     if PREFIX_PASS:
         kv_end = seq_len
     else:
@@ -127,6 +133,8 @@ def _paged_attention_kernel(
             else:
                 g_hi = g_mid - 1
         kv_begin = tl.minimum(tl.load(PrefixLens + g_lo), kv_end)
+    if SLIDING:
+        kv_begin = tl.maximum(kv_begin, context_start + first_query - window + 1)  # <= kv_end: sees itself
     split_len = tl.cdiv(tl.cdiv(kv_end - kv_begin, num_splits), BLOCK_N) * BLOCK_N
     kv_lo = kv_begin + split * split_len
     kv_hi = tl.minimum(kv_end, kv_lo + split_len)
@@ -151,7 +159,10 @@ def _paged_attention_kernel(
         if PREFIX_PASS:
             s = tl.where(key_ok[None, :], s, float("-inf"))
         else:
-            s = tl.where(key_ok[None, :] & (pos[None, :] <= query_pos[:, None]), s, float("-inf"))
+            visible = key_ok[None, :] & (pos[None, :] <= query_pos[:, None])
+            if SLIDING:
+                visible = visible & (pos[None, :] > query_pos[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see no key yet
         p = tl.exp2(s - m_safe[:, None])
@@ -233,13 +244,16 @@ def choose_num_splits(programs, max_context, block_n, device):
 
 @on_device_of_first_input
 def paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, *, shared_prefix=None,
-                           num_splits=None):
+                           num_splits=None, window=None):
     """Launch the paged attention kernels (arguments already checked by `fastalign.ops.paged_attention`).
 
     shared_prefix: None, or (cu_group_rows [G + 1] int32, prefix_lens [G] int32) for the cascade passes.
     num_splits: parts per row's keys (in both passes); None picks from the grid size (the second pass of
     a cascade, which reads only each row's own suffix, then takes one part).
+    window: None, or a positive int W: each query sees its last W positions only (no shared_prefix then).
     """
+    if window is not None and shared_prefix is not None:
+        raise ValueError("window and shared_prefix: a sliding window takes no shared prefix")
     if q.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"q: the Triton backend takes {_SUPPORTED_DTYPES}, got {q.dtype}; use backend='torch'")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -256,13 +270,17 @@ def paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens
     if q.shape[0] == 0 or block_table.shape[0] == 0 or block_table.shape[1] == 0 or k_cache.shape[0] == 0:
         return out.zero_()
     max_context = block_table.shape[1] * k_cache.shape[1]
+    if window is not None:
+        window = min(int(window), max_context)  # wider is no window for a context the table holds; an int32
     if shared_prefix is None:
-        config = _pass_config(q, k_cache, block_table.shape[0], max_context, num_splits)
+        config = _pass_config(q, k_cache, block_table.shape[0], max_context, num_splits, window)
         if config["num_splits"] == 1:
-            _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, config, out, None)
+            _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, config, out, None,
+                            window=window)
             return out
         partial, lse = _partials(q, config["num_splits"])
-        _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, config, partial, lse)
+        _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, config, partial, lse,
+                        window=window)
     else:
         prefix_lens = shared_prefix[1]
         prefix = _pass_config(q, k_cache, prefix_lens.shape[0], max_context, num_splits)
@@ -285,15 +303,17 @@ def paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens
     return out
 
 
-def _pass_config(q, k_cache, num_rows, max_context, num_splits):
-    """Tiles, grid and number of key parts of one pass over num_rows rows."""
+def _pass_config(q, k_cache, num_rows, max_context, num_splits, window=None):
+    """Tiles, grid and number of key parts of one pass over num_rows rows (with a window, a tile sees at most
+    window + its queries - 1 keys: the parts are chosen for those)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     block_m, block_n, num_warps, num_stages = launch_config(num_tokens, num_rows, group, head_dim, q.element_size())
     slots = num_tokens // (block_m // group) + num_rows
     if num_splits is None:
-        num_splits = choose_num_splits(slots * num_kv_heads, max_context, block_n, q.device)
+        visible = max_context if window is None else min(max_context, window + block_m // group - 1)
+        num_splits = choose_num_splits(slots * num_kv_heads, visible, block_n, q.device)
     return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages, slots=slots,
                 num_splits=num_splits)
 
@@ -306,11 +326,11 @@ def _partials(q, num_splits):
 
 
 def _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, config, dest, lse, *,
-                    cascade=None):
+                    cascade=None, window=None):
     """One launch: dest is the output (lse None, one part) or fp32 parts [num_splits, T, H, D] with lse.
 
     cascade: None, or ("prefix" | "suffix", (cu_group_rows, prefix_lens)) for one pass of a cascade; in the
-    prefix pass seq_lens is prefix_lens (the program rows are the groups).
+    prefix pass seq_lens is prefix_lens (the program rows are the groups). window: None or a positive int.
     """
     head_dim = q.shape[2]
     num_blocks, page, num_kv_heads, _ = k_cache.shape
@@ -320,7 +340,7 @@ def _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale
         q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, cu_group_rows, prefix_lens,
         parts, parts if lse is None else lse,
         scale * LOG2E, seq_lens.shape[0], block_table.shape[0], prefix_lens.shape[0], q.shape[0], num_blocks,
-        block_table.shape[1], config["num_splits"],
+        block_table.shape[1], config["num_splits"], window or 0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -330,5 +350,6 @@ def _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GROUP=q.shape[1] // num_kv_heads,
         PAGE=page, BLOCK_M=config["block_m"], BLOCK_N=config["block_n"],
         PREFIX_PASS=which == "prefix", SUFFIX_PASS=which == "suffix", WRITE_LSE=lse is not None,
+        SLIDING=window is not None,
         num_warps=config["num_warps"], num_stages=config["num_stages"], enable_fp_fusion=True,
     )

@@ -7,6 +7,11 @@ their queries are q[cu_q_lens[r]:cu_q_lens[r + 1]] and their K/V are already wri
 Query i of row r sits at position seq_lens[r] - q_len_r + i and attends causally to positions <= it, so
 one call covers decode (q_len 1), extension by a few tokens, and prefill of a long new span.
 
+Sliding window. With window=W (Hugging Face's sliding_window), the query at position p sees only the keys
+at positions p - W < k <= p: the last W positions, its own included. Both backends skip the keys before a
+query tile's (or chunk's) first window instead of masking them, so a windowed layer over a long context
+reads about W keys per query, not the whole context.
+
 Backends: "triton" (the kernels in `fastalign.kernels.paged_attention`; on CPU only under
 TRITON_INTERPRET=1), "torch" (any device, row by row), "auto" (triton on CUDA, torch otherwise).
 
@@ -36,7 +41,7 @@ _SCORE_BUDGET = 1 << 24  # fp32 score elements held at once by the torch path (6
 
 
 def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, scale=None, backend="auto",
-                    validate=None, shared_prefix=None):
+                    validate=None, shared_prefix=None, window=None):
     """Causal attention of the new tokens of R rows over their paged contexts.
 
     q [T, num_heads, head_dim]; k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] of
@@ -50,15 +55,19 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, sc
     shared_prefix: None, or (cu_group_rows [G + 1] int32, prefix_lens [G] int32) on q's device: rows
     cu_group_rows[g]:cu_group_rows[g + 1] (consecutive, every row in one group) share their first
     prefix_lens[g] context tokens, a whole number of blocks that all lie before each row's new tokens.
+
+    window: None (no window), or a positive int W: the query at position p sees the keys at p - W < k <= p
+    only. A windowed call takes no shared_prefix (the cascade's shared pass has no window).
     """
     scale, backend = check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale=scale,
-                                           backend=backend, validate=validate, shared_prefix=shared_prefix)
+                                           backend=backend, validate=validate, shared_prefix=shared_prefix,
+                                           window=window)
     return paged_attention_unchecked(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale=scale,
-                                     backend=backend, shared_prefix=shared_prefix)
+                                     backend=backend, shared_prefix=shared_prefix, window=window)
 
 
 def check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, scale=None, backend="auto",
-                          validate=None, shared_prefix=None):
+                          validate=None, shared_prefix=None, window=None):
     """Every check of `paged_attention` on these arguments; returns the (float) scale and the backend ("triton"
     or "torch") that `paged_attention_unchecked` then takes."""
     _check_attention_args(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens)
@@ -66,6 +75,13 @@ def check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens,
         scale = q.shape[2] ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < math.inf:
         raise ValueError(f"scale: expected a positive finite number, got {scale!r}")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+            raise ValueError(f"window: expected None or a positive int (the positions a query sees, its own "
+                             f"included), got {window!r}")
+        if shared_prefix is not None:
+            raise ValueError("window and shared_prefix: a sliding window takes no shared prefix (the cascade's "
+                             "shared pass has no window); pass shared_prefix=None")
     if shared_prefix is not None:
         _check_shared_prefix_args(shared_prefix, block_table.shape[0], q.device)
     if validate or (validate is None and q.device.type == "cpu"):
@@ -78,16 +94,16 @@ def check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens,
 
 
 def paged_attention_unchecked(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, scale, backend,
-                              shared_prefix=None):
+                              shared_prefix=None, window=None):
     """`paged_attention` after `check_paged_attention` passed on arguments of these shapes, dtypes and devices
     (the layers of one forward: one check, then a call per layer; the checks cost ~10 us of host time per call).
     scale and backend: as that check returns them."""
     if backend == "triton":
         from fastalign.kernels.paged_attention import paged_attention_triton
         return paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale,
-                                      shared_prefix=shared_prefix)
+                                      shared_prefix=shared_prefix, window=window)
     with autocast_off(q.device):
-        return _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale)
+        return _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, window=window)
 
 
 def plan_shared_prefix(block_table, seq_lens, cu_q_lens, block_size):
@@ -330,11 +346,13 @@ def resolve_backend(backend, device):
     return backend
 
 
-def _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale):
+def _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, window=None):
     """Row by row: gather the row's context once, then torch's scaled_dot_product_attention in fp32 over
     query chunks whose score matrices stay within _SCORE_BUDGET elements. The mask places query i of a row
     at position seq_len - q_len + i; a chunk that is only the row's last query sees every key and needs
-    none (decode). Reads the index tensors on the host (a device sync on CUDA)."""
+    none (decode). With a window, a chunk attends only from its first query's first key on, and the mask
+    also hides keys at or before position - window. Reads the index tensors on the host (a device sync on
+    CUDA)."""
     num_heads = q.shape[1]
     block_size = k_cache.shape[1]
     out = torch.empty_like(q)
@@ -351,11 +369,15 @@ def _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens
         chunk = max(1, _SCORE_BUDGET // (num_heads * seq_len))
         for c0 in range(0, q_len, chunk):
             c1 = min(q_len, c0 + chunk)
+            lo = 0 if window is None else max(0, seq_len - q_len + c0 - window + 1)  # the chunk's first key
             mask = None
             if c0 < q_len - 1:
                 query_pos = torch.arange(seq_len - q_len + c0, seq_len - q_len + c1, device=q.device)
-                mask = key_pos[None, :] <= query_pos[:, None]
+                mask = key_pos[None, lo:] <= query_pos[:, None]
+                if window is not None:
+                    mask &= key_pos[None, lo:] > query_pos[:, None] - window
             qc = q[start + c0: start + c1].float().transpose(0, 1)[None]  # [1, num_heads, c, head_dim]
-            o = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(qc, k[:, :, lo:], v[:, :, lo:], attn_mask=mask, scale=scale,
+                                               enable_gqa=True)
             out[start + c0: start + c1] = o[0].transpose(0, 1)
     return out

@@ -59,8 +59,7 @@ JUDGE_MARGIN = 8    # tokens of slack for re-tokenizing the reply in the judge p
 
 def _context(model, runner) -> Optional[int]:
     """The longest sequence the search may feed: the model's max_position_embeddings, or the tree engine's
-    runner's context where that is shorter (a sliding window or LongRoPE's original length, which it refuses
-    to run past)."""
+    runner's context where that is shorter (LongRoPE's original length, which it refuses to run past)."""
     limits = [getattr(getattr(model, "config", None), "max_position_embeddings", None),
               getattr(runner, "max_context", None)]
     return min([n for n in limits if n], default=None)

@@ -2,14 +2,16 @@
 
 For each row it gathers the context token by token through the row's block table, then runs plain
 causal softmax attention in float64, one query and one head at a time. Only for tests and small shapes.
+With a sliding window W, a query sees only the last W positions up to its own.
 """
 import torch
 
 
-def paged_attention_reference(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale=None):
+def paged_attention_reference(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale=None, window=None):
     """Float64 attention of packed queries over a paged KV pool (same arguments as `fastalign.ops`).
 
-    Query i of row r sits at position seq_lens[r] - q_len_r + i and attends to positions <= it.
+    Query i of row r sits at position seq_lens[r] - q_len_r + i and attends to positions <= it; with a window
+    W (None: no window), only to those > position - W (Hugging Face's sliding window).
     Query head h reads KV head h // (num_heads // num_kv_heads). Returns [T, num_heads, head_dim] float64.
     """
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -25,8 +27,9 @@ def paged_attention_reference(q, k_cache, v_cache, block_table, seq_lens, cu_q_l
         v = torch.stack([v_cache[b, o] for b, o in slots]).double() if slots else None
         for i in range(end - start):
             position = seq_len - (end - start) + i
+            first = 0 if window is None else max(0, position - window + 1)
             for h in range(num_heads):
-                keys, values = k[: position + 1, h // group], v[: position + 1, h // group]
+                keys, values = k[first: position + 1, h // group], v[first: position + 1, h // group]
                 weights = torch.softmax(keys @ q[start + i, h].double() * scale, dim=0)
                 out[start + i, h] = weights @ values
     return out

@@ -6,8 +6,9 @@ its blocks back; rewinding to an ancestor is using the ancestor's handle. The po
 is full, least-recently-used unpinned spans are evicted and transparently recomputed if used again, so
 eviction is a cache policy that never changes a result (see csrc/span_tree.h).
 
-Llama-family models (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE) run on the paged pool with the paged
-attention kernels; other causal LMs fall back to Hugging Face's own forward and cache, row by row, with the same API.
+Llama-family models (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 3, Mixtral, Qwen2-MoE, Qwen3-MoE) run on the paged
+pool with the paged attention kernels; other causal LMs fall back to Hugging Face's own forward and cache, row by
+row, with the same API.
 """
 import collections
 import threading
@@ -357,9 +358,8 @@ class TreeRunner:
         for i, length in enumerate(lengths.tolist()):
             if length > self.max_context:
                 raise ValueError(f"{row_name.format(i)}: the child would hold {length} tokens, past the model's "
-                                 f"context of {self.max_context} (max_position_embeddings, or where smaller its "
-                                 "sliding window or LongRoPE's original length: the runner attends to whole "
-                                 "sequences only)")
+                                 f"context of {self.max_context} (max_position_embeddings, or where smaller "
+                                 "LongRoPE's original length, past which Hugging Face rotates every position anew)")
 
     def _check_fits(self, parents, lengths, new_tokens):
         """PoolExhaustedError before anything is evicted when the call cannot fit even in an empty pool (the span

@@ -16,9 +16,9 @@ from tests.ops.test_paged_attention import CASES, SHARED_CASES, make_paged_batch
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # P is rounded to the input dtype
 
 
-def assert_matches_reference(out, batch, scale):
+def assert_matches_reference(out, batch, scale, window=None):
     """out equals the float64 reference of the op on `batch`, within the tolerance of the queries' dtype."""
-    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, scale=scale)
+    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, scale=scale, window=window)
     tol = TOLERANCE[batch["q"].dtype]
     torch.testing.assert_close(out.cpu().double(), ref, rtol=tol, atol=tol)
 
@@ -30,6 +30,38 @@ def test_split_keys_merge_to_the_reference(num_splits):
                              device=TRITON_DEVICE)
     out = paged_attention_triton(**batch, scale=0.25, num_splits=num_splits)
     assert_matches_reference(out, batch, 0.25)
+
+
+@pytest.mark.parametrize("num_splits", [2, 5])
+def test_split_keys_of_a_window_merge_to_the_reference(num_splits):
+    """Only the keys a tile sees are split: the decode of row 0 sees its last 37 keys, which 5 parts of 16 keys
+    cover with 2 empty parts (their lse -inf weighs nothing in the merge). Slots before the windows hold NaN."""
+    batch = make_paged_batch([(200, 1), (150, 3), (64, 2), (3, 1)], 16, 4, 2, 16, window=37, device=TRITON_DEVICE)
+    out = paged_attention_triton(**batch, scale=0.25, num_splits=num_splits, window=37)
+    assert_matches_reference(out, batch, 0.25, window=37)
+
+
+def test_window_queries_that_see_no_key_in_a_part_merge_to_the_reference():
+    """A bf16 tile of 128 queries (GROUP 1) with a window of 3 sees 130 keys, cut into 3 parts of 64: its first
+    queries see no key of the last part, its last queries none of the first (both merge with weight 0)."""
+    batch = make_paged_batch([(300, 200), (20, 1)], 16, 2, 2, 16, dtype=torch.bfloat16, window=3,
+                             device=TRITON_DEVICE)
+    config = pak._pass_config(batch["q"], batch["k_cache"], 2, batch["block_table"].shape[1] * 16, 3)
+    assert (config["block_m"], config["block_n"]) == (128, 64)
+    out = paged_attention_triton(**batch, scale=0.25, num_splits=3, window=3)
+    assert_matches_reference(out, batch, 0.25, window=3)
+
+
+def test_a_window_bounds_the_automatic_split_choice(monkeypatch):
+    """With a GPU's SM count, long contexts split their keys (test_long_contexts_split_their_keys_through_the_op);
+    a window of 40 leaves each tile under 4 key tiles to see, so the same batch takes one part."""
+    monkeypatch.setattr(pak, "_num_sms", lambda device: 132)
+    chosen, real = [], pak.choose_num_splits
+    monkeypatch.setattr(pak, "choose_num_splits", lambda *args: chosen.append(real(*args)) or chosen[-1])
+    batch = make_paged_batch([(300, 1), (260, 9), (140, 1)], 16, 4, 2, 16, window=40, device=TRITON_DEVICE)
+    out = paged_attention(**batch, backend="triton", scale=0.25, window=40)
+    assert chosen == [1]
+    assert_matches_reference(out, batch, 0.25, window=40)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -89,23 +121,28 @@ from tests.kernels.gpu_build import build_for_gpu, check_build, uses_tensor_core
 
 # decode with split keys; a long bf16 prefill, also of heads wider than 128; the two cascade passes (shared
 # blocks without causal mask, then each row from the first key after its group's prefix); an fp32 extension with a
-# group of 7 and head_dim 96 (for tests, not tuned). The tiles come from shapes alone, with no fallback: the 16-bit
-# ones must also fit an A100's and an L4's (sm_89) block.
-for dtype, itemsize, tokens, rows, group, head_dim, prefix_pass, suffix_pass, partial in (
-        ("bf16", 2, 8, 8, 4, 64, False, False, True),
-        ("bf16", 2, 4096, 1, 4, 128, False, False, False),
-        ("bf16", 2, 4096, 1, 4, 256, False, False, False),
-        ("bf16", 2, 64, 1, 4, 64, True, False, True),
-        ("bf16", 2, 64, 64, 4, 64, False, True, True),
-        ("fp32", 4, 40, 4, 7, 96, False, False, False)):
+# group of 7 and head_dim 96 (for tests, not tuned); the sliding window's decode with split keys, prefills and fp32
+# extension. The tiles come from shapes alone, with no fallback: the 16-bit ones must also fit an A100's and an
+# L4's (sm_89) block.
+for dtype, itemsize, tokens, rows, group, head_dim, prefix_pass, suffix_pass, partial, sliding in (
+        ("bf16", 2, 8, 8, 4, 64, False, False, True, False),
+        ("bf16", 2, 4096, 1, 4, 128, False, False, False, False),
+        ("bf16", 2, 4096, 1, 4, 256, False, False, False, False),
+        ("bf16", 2, 64, 1, 4, 64, True, False, True, False),
+        ("bf16", 2, 64, 64, 4, 64, False, True, True, False),
+        ("fp32", 4, 40, 4, 7, 96, False, False, False, False),
+        ("bf16", 2, 8, 8, 4, 64, False, False, True, True),
+        ("bf16", 2, 4096, 1, 4, 128, False, False, False, True),
+        ("bf16", 2, 4096, 1, 4, 256, False, False, False, True),
+        ("fp32", 4, 40, 4, 7, 96, False, False, False, True)):
     block_m, block_n, num_warps, num_stages = launch_config(tokens, rows, group, head_dim, itemsize)
     types = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, BlockTable="*i32", SeqLens="*i32", CuQLens="*i32",
                  CuGroupRows="*i32", PrefixLens="*i32", Out="*fp32" if partial else "*" + dtype, Lse="*fp32",
                  qk_scale="fp32")
     constants = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GROUP=group, PAGE=16,
                      BLOCK_M=block_m, BLOCK_N=block_n, PREFIX_PASS=prefix_pass,
-                     SUFFIX_PASS=suffix_pass, WRITE_LSE=partial)
-    what = (dtype, tokens, rows, group, head_dim)
+                     SUFFIX_PASS=suffix_pass, WRITE_LSE=partial, SLIDING=sliding)
+    what = (dtype, tokens, rows, group, head_dim, "sliding" if sliding else "")
     for capability in (90, 80, 89) if dtype == "bf16" else (90,):
         compiled = build_for_gpu(_paged_attention_kernel, types, constants, num_warps, num_stages, capability)
         assert dtype == "fp32" or uses_tensor_cores(compiled), (what, capability, "bf16 dots off the tensor cores")
@@ -216,3 +253,13 @@ def test_the_split_count_is_a_runtime_argument():
         unspecialised = getattr(kernel, "do_not_specialize", None) or kernel.kwargs["do_not_specialize"]
         annotation = inspect.signature(kernel.fn).parameters["num_splits"].annotation
         assert "num_splits" in unspecialised and annotation is inspect.Parameter.empty
+
+
+def test_the_window_is_a_runtime_argument_behind_a_compile_time_flag():
+    """Models with windows of different sizes share one build; a windowless call builds the kernel without the
+    window's code (SLIDING False)."""
+    kernel = pak._paged_attention_kernel
+    unspecialised = getattr(kernel, "do_not_specialize", None) or kernel.kwargs["do_not_specialize"]
+    parameters = inspect.signature(kernel.fn).parameters
+    assert "window" in unspecialised and parameters["window"].annotation is inspect.Parameter.empty
+    assert "constexpr" in str(parameters["SLIDING"].annotation)

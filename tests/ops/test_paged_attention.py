@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fastalign.ops.paged_attention as pa_module
+from fastalign.kernels.paged_attention import paged_attention_triton
 from fastalign.ops.paged_attention import check_paged_metadata, paged_attention, plan_shared_prefix, write_kv
 from fastalign.reference.paged_attention import paged_attention_reference
 from tests.conftest import TRITON_DEVICE, device_for, requires_cuda
@@ -12,13 +13,14 @@ UNUSED_BLOCK_ID = 1 << 30  # block table entries past a row's last block: must n
 
 
 def make_paged_batch(rows, block_size, num_heads, num_kv_heads, head_dim, *, shared_blocks=0, groups=None,
-                     dtype=torch.float32, device="cpu"):
+                     dtype=torch.float32, device="cpu", window=None):
     """Random queries and a random paged pool for rows given as (seq_len, q_len).
 
     Block ids are a random permutation (non-contiguous tables); rows with the same label in `groups`
     (default: all rows) have the same first `shared_blocks` blocks. Pool slots that no row reads hold
     NaN, and table entries past a row's last block hold an id outside the pool, so that reading anything
-    outside a context shows up.
+    outside a context shows up. With a sliding `window`, a row reads no position before its first query's
+    window: those slots hold NaN too, so that attending to them (even masked: 0 * NaN) shows up.
     """
     groups = [0] * len(rows) if groups is None else groups
     labels = sorted(set(groups))
@@ -32,10 +34,10 @@ def make_paged_batch(rows, block_size, num_heads, num_kv_heads, head_dim, *, sha
     k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim)
     v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim)
     read = torch.zeros(num_blocks, block_size, dtype=torch.bool)
-    for r, ((seq_len, _), n) in enumerate(zip(rows, blocks_per_row)):
+    for r, ((seq_len, q_len), n) in enumerate(zip(rows, blocks_per_row)):
         row_ids = (shared_ids[groups[r]] + [next(private_ids) for _ in range(n - shared_blocks)])[:n]
         table[r, :n] = torch.tensor(row_ids, dtype=torch.int32)
-        for p in range(seq_len):
+        for p in range(0 if window is None else max(0, seq_len - q_len - window + 1), seq_len):
             read[row_ids[p // block_size], p % block_size] = True
     k_cache[~read] = float("nan")
     v_cache[~read] = float("nan")
@@ -80,6 +82,94 @@ def run_case(case, backend, dtype=torch.float32, device=None):
 def test_fp32_matches_reference(case, backend):
     out, ref = run_case(case, backend)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# Sliding windows: (rows as (seq_len, q_len), block_size, num_heads, num_kv_heads, head_dim, window). The fp32
+# Triton tiles here hold BLOCK_N 32 keys and 32 // group queries.
+WINDOW_CASES = {
+    "window_1": ([(17, 1), (9, 4), (6, 6)], 4, 4, 2, 16, 1),
+    "window_under_a_page": ([(30, 1), (21, 5), (3, 2)], 8, 4, 2, 16, 5),
+    "window_19_of_pages_of_7": ([(70, 70), (75, 38), (40, 1)], 7, 8, 2, 16, 19),
+    "window_past_every_context": ([(20, 4), (11, 3), (7, 7)], 3, 3, 3, 16, 100),
+    "mixed_rows_some_shorter_than_window": ([(9, 2), (5, 0), (33, 1), (12, 12), (50, 3), (47, 9)], 4, 6, 2, 16, 13),
+    "decode_group_of_7": ([(33, 1), (20, 2), (70, 1)], 16, 14, 2, 16, 10),
+}
+
+
+def run_window_case(case, backend, dtype=torch.float32, device=None):
+    """(op output, float64 reference) on a window case; slots before every query's window hold NaN."""
+    rows, block_size, num_heads, num_kv_heads, head_dim, window = WINDOW_CASES[case]
+    batch = make_paged_batch(rows, block_size, num_heads, num_kv_heads, head_dim, dtype=dtype,
+                             device=device or device_for(backend), window=window)
+    out = paged_attention(**batch, backend=backend, window=window)
+    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, window=window)
+    assert out.dtype == dtype and out.shape == batch["q"].shape
+    return out.cpu().double(), ref
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", WINDOW_CASES)
+def test_sliding_window_fp32_matches_reference(case, backend):
+    out, ref = run_window_case(case, backend)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_window_is_hugging_face_sliding_window():
+    """Query at position p sees keys p - W < k <= p: with values one-hot by position, the output of a query whose
+    keys are all equal is the mean of the one-hot rows it sees."""
+    seq_len, window = 9, 3
+    k_cache = torch.zeros(3, 4, 1, seq_len)  # 3 blocks of 4 slots, one head, head_dim = positions
+    v_cache = torch.eye(seq_len).reshape(seq_len, 1, seq_len)
+    v_cache = torch.cat([v_cache, torch.zeros(3, 1, seq_len)]).reshape(3, 4, 1, seq_len)
+    index = dict(dtype=torch.int32)
+    batch = dict(q=torch.randn(seq_len, 1, seq_len), k_cache=k_cache, v_cache=v_cache,
+                 block_table=torch.tensor([[0, 1, 2]], **index), seq_lens=torch.tensor([seq_len], **index),
+                 cu_q_lens=torch.tensor([0, seq_len], **index))
+    out = paged_attention_reference(**batch, window=window)
+    for p in range(seq_len):
+        seen = [k for k in range(seq_len) if k > p - window and k <= p]  # transformers: kv_idx > q_idx - window
+        expected = torch.zeros(seq_len, dtype=torch.float64)
+        expected[seen] = 1 / len(seen)
+        torch.testing.assert_close(out[p, 0], expected)
+    torch.testing.assert_close(paged_attention(**batch, window=window, backend="torch").double(), out)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_window_past_every_context_is_no_window(backend):
+    rows, block_size, num_heads, num_kv_heads, head_dim, window = WINDOW_CASES["window_past_every_context"]
+    batch = make_paged_batch(rows, block_size, num_heads, num_kv_heads, head_dim, device=device_for(backend))
+    torch.testing.assert_close(paged_attention(**batch, backend=backend, window=window),
+                               paged_attention(**batch, backend=backend), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(paged_attention(**batch, backend=backend, window=np.int64(max(r[0] for r in rows))),
+                               paged_attention(**batch, backend=backend), rtol=1e-6, atol=1e-6)  # a NumPy int too
+
+
+def test_torch_path_query_chunks_with_a_window_match_reference(monkeypatch):
+    """A score budget of a few elements forces the query-chunk loop: each chunk starts at its own first key."""
+    monkeypatch.setattr(pa_module, "_SCORE_BUDGET", 200)
+    out, ref = run_window_case("mixed_rows_some_shorter_than_window", "torch")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_torch_path_with_a_window_matches_reference():
+    out, ref = run_window_case("window_19_of_pages_of_7", "torch", dtype=torch.bfloat16)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", WINDOW_CASES)
+def test_sliding_window_fp32_on_cuda_matches_reference(case, backend):
+    out, ref = run_window_case(case, backend, device="cuda")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", WINDOW_CASES)
+def test_sliding_window_half_precision_triton_on_cuda_matches_reference(case, dtype):
+    out, ref = run_window_case(case, "triton", dtype=dtype, device="cuda")
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
 
 
 # Batches whose rows share prefixes: (rows, block_size, num_heads, num_kv_heads, head_dim, shared_blocks, groups)
@@ -324,6 +414,11 @@ BASE = dict(rows=[(9, 2), (6, 1)], block_size=4, num_heads=4, num_kv_heads=2, he
     (lambda b: dict(scale=-1.0), "scale: expected a positive finite number"),
     (lambda b: dict(scale=float("inf")), "scale: expected a positive finite number"),  # NaN output otherwise
     (lambda b: dict(scale=True), "scale: expected a positive finite number"),
+    (lambda b: dict(window=0), "window: expected None or a positive int"),
+    (lambda b: dict(window=-1), "window: expected None or a positive int"),
+    (lambda b: dict(window=2.5), "window: expected None or a positive int"),
+    (lambda b: dict(window=True), "window: expected None or a positive int"),
+    (lambda b: dict(window=torch.tensor(4)), "window: expected None or a positive int"),
     (lambda b: dict(backend="cuda"), "backend: expected one of"),
 ])
 def test_bad_input_is_rejected_with_a_clear_error(change, match):
@@ -396,6 +491,16 @@ def test_shared_prefix_may_end_where_the_new_tokens_start():
     assert [t.tolist() for t in plan] == [[0, 2], [8]]
     out = paged_attention(**batch, shared_prefix=plan)
     torch.testing.assert_close(out.double(), paged_attention_reference(**batch), rtol=1e-5, atol=1e-5)
+
+
+def test_window_with_a_shared_prefix_is_rejected():
+    """The cascade's shared pass has no window: a windowed layer must not take it (on either backend)."""
+    batch, plan = make_shared_case("one_group_decode_and_extend")
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="window and shared_prefix"):
+            paged_attention(**batch, backend=backend, shared_prefix=plan, window=8)
+    with pytest.raises(ValueError, match="window and shared_prefix"):  # the launcher too, called directly
+        paged_attention_triton(**batch, scale=0.25, shared_prefix=plan, window=8)
 
 
 def test_shared_prefix_whose_later_block_differs_is_rejected():

@@ -643,18 +643,21 @@ def test_answer_never_runs_past_the_models_context():
 
 
 def test_answers_stay_within_the_runners_context():
-    """A Mistral whose sliding window (60 tokens) is shorter than its max_position_embeddings: the runner refuses
-    sequences past the window, which the search took for the model's context, so every prompt failed midway
+    """A Llama whose LongRoPE original length (60 tokens) is shorter than its max_position_embeddings: the runner
+    refuses sequences past it, which the search took for the model's context, so every prompt failed midway
     ("the child would hold 66 tokens, past the model's context of 60"). The search now keeps its sequences,
     judge prompts included, within the runner's context, and says so for a prompt with no room left."""
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     TreeRunner = pytest.importorskip("fastalign.runtime").TreeRunner
     tok = tokenizer()
     torch.manual_seed(0)
-    model = MistralForCausalLM(MistralConfig(
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 60,
+            "short_factor": [1.0] * 4, "long_factor": [4.0] * 4}
+    model = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, sliding_window=60, eos_token_id=tok.eos_token_id)).eval()
+        num_key_value_heads=2, max_position_embeddings=1024, rope_parameters=rope,
+        eos_token_id=tok.eos_token_id)).eval()
     runner = TreeRunner(model, max_tokens=2048, block_size=4, attention_backend="torch")
     assert runner.max_context == 60
     prompts = PROMPTS[:2] + ["Human: " + "bread " * 40 + "\nAssistant:"]

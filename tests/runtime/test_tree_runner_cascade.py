@@ -29,8 +29,9 @@ def attention_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("cascade", [True, False])
-@pytest.mark.parametrize("name", ["llama-gqa-untied", "mistral-mqa-head-dim"])
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "mistral-mqa-head-dim", "gemma3-sliding-softcap"])
 def test_children_of_one_span_are_planned_as_one_group_and_match_hugging_face(name, cascade, attention_calls):
+    """Layers with a sliding window (all of Mistral's, Gemma 3's first) attend without the cascade."""
     model = tiny_model(name, device=TRITON_DEVICE)
     runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="triton", cascade_attention=cascade)
     runner.pool.data.fill_(float("nan"))  # slots must be written before they are read
@@ -40,13 +41,15 @@ def test_children_of_one_span_are_planned_as_one_group_and_match_hugging_face(na
     parents = [{"root": root, "mid": mid}.get(p) for p in PARENTS]
     children, logits, hidden = runner.extend(parents, LISTS, logits="all", hidden="all")
 
-    assert len(attention_calls) == model.config.num_hidden_layers
-    if cascade:
-        # the root's and MID's children share the root's 3 whole blocks; the new root shares nothing
-        cu_group_rows, prefix_lens = attention_calls[0]
-        assert cu_group_rows.tolist() == [0, 5, 6] and prefix_lens.tolist() == [12, 0]
-    else:
-        assert attention_calls == [None] * model.config.num_hidden_layers
+    windows = runner.model_runner.windows
+    assert len(attention_calls) == len(windows) == model.config.num_hidden_layers
+    for plan, window in zip(attention_calls, windows):
+        if cascade and window is None:
+            # the root's and MID's children share the root's 3 whole blocks; the new root shares nothing
+            cu_group_rows, prefix_lens = plan
+            assert cu_group_rows.tolist() == [0, 5, 6] and prefix_lens.tolist() == [12, 0]
+        else:
+            assert plan is None
     for span, span_logits, span_hidden in zip(children, logits, hidden):
         ref_logits, ref_hidden = reference(model, span)
         assert (span_logits - ref_logits).abs().max() <= 1e-4, f"{span}: logits differ from Hugging Face's"

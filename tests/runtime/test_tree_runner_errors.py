@@ -367,38 +367,42 @@ def test_span_handles_know_their_tree(runner):
     assert runner.tree.span_ids() == [] and runner.num_free_blocks == runner.num_blocks
 
 
-def test_context_limit_is_inclusive_and_follows_the_sliding_window():
+def test_context_limit_is_inclusive_and_no_sliding_window_shortens_it():
     runner = TreeRunner(tiny_model("qwen2-untied"), max_tokens=256, block_size=4, attention_backend="torch")
     root = runner.prefill([1] * (MAX_POSITIONS - 1))
     runner.extend([root], [[2]], logits=None)                 # exactly the context: fine
     with pytest.raises(ValueError, match="past the model's context of 128"):
         runner.extend([root], [[2, 3]])
     mistral = TreeRunner(tiny_model("mistral-mqa-head-dim"), max_tokens=256, block_size=4, attention_backend="torch")
-    assert mistral.max_context == 96                           # its sliding window
-    with pytest.raises(ValueError, match="past the model's context of 96"):
-        mistral.prefill([1] * 97)
+    assert mistral.max_context == MAX_POSITIONS                # past its sliding window of 22: each layer slides
 
 
-@pytest.mark.parametrize("cls, config_cls, extra, window", [
-    (MistralForCausalLM, MistralConfig, {}, 8),
-    (Qwen2ForCausalLM, Qwen2Config, {"use_sliding_window": True}, None)])
-def test_the_context_follows_the_window_each_layer_applies(cls, config_cls, extra, window):
+@pytest.mark.parametrize("cls, config_cls, extra", [
+    (MistralForCausalLM, MistralConfig, {}),
+    (Qwen2ForCausalLM, Qwen2Config, {"use_sliding_window": True})])
+def test_each_layer_attends_to_the_window_hugging_face_applies(cls, config_cls, extra):
     """Hugging Face's Mistral slides config.sliding_window over every layer and ignores config.layer_types (it only
-    warns about them); Qwen2 slides only its "sliding_attention" layers. A Mistral config listing "full_attention"
-    layers got no cap on its context, and past the window its logits were silently wrong (off by ~0.1 at a scale
-    of ~0.2); a Qwen2 with full layers only may run past its unused window."""
+    warns about them); Qwen2 slides only its "sliding_attention" layers, so with full layers only it attends to the
+    whole sequence past its unused window. Rows past the window of 8 match the model run on the full sequence."""
     shape = dict(vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, hidden_size=32, intermediate_size=64,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
     torch.manual_seed(0)
     model = cls(config_cls(**shape, **extra, sliding_window=8, layer_types=["full_attention"] * 2)).eval()
     runner = TreeRunner(model, max_tokens=128, block_size=4, attention_backend="torch")
-    assert runner.max_context == (window or MAX_POSITIONS)
-    if window:
-        with pytest.raises(ValueError, match="past the model's context of 8 .*sliding window"):
-            runner.prefill(list(range(9)))
-    seq = list(range(1, 1 + (window or 30)))
-    (child,), logits = runner.extend([runner.prefill(seq[:5])], [seq[5:]])
-    assert (logits[0] - model(torch.tensor([seq])).logits[0, -1]).abs().max() <= 1e-5
+    assert runner.max_context == MAX_POSITIONS
+    seq = list(range(1, 31))
+    (child,), logits = runner.extend([runner.prefill(seq[:5])], [seq[5:]], logits="all")
+    assert (logits[0] - model(torch.tensor([seq])).logits[0, 5:]).abs().max() <= 1e-5
+
+
+def test_a_sliding_window_that_is_no_positive_int_is_refused():
+    """transformers accepts a negative sliding_window in a Mistral config; the kernels would take it for a window."""
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, hidden_size=32,
+                                             intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, sliding_window=-5)).eval()
+    with pytest.raises(ValueError, match="model: layer 0's sliding window must be a positive int, got -5"):
+        TreeRunner(model, max_tokens=64, attention_backend="torch")
 
 
 def test_longrope_context_ends_at_its_original_length():

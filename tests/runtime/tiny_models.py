@@ -3,7 +3,8 @@ on a TreeRunner while checking every new span against the Hugging Face model run
 import random
 
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig, GemmaForCausalLM, GPT2Config,
+                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, MixtralConfig, MixtralForCausalLM, OPTConfig, OPTForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
@@ -14,7 +15,9 @@ _COMMON = dict(vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, attn_imp
 _LLAMA_SHAPE = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
 
 # name -> (model class, config): Llama-family shapes that exercise GQA, tied and untied heads, RoPE scaling,
-# a head_dim that is not hidden_size / num_heads, Qwen2's q/k/v biases, Qwen3's per-head q/k norms, sparse
+# a head_dim that is not hidden_size / num_heads, sliding windows shorter than the tree's sequences (Mistral's on
+# every layer, Gemma 3's on its local layers, with their own RoPE base), Qwen2's q/k/v biases, the per-head q/k norms
+# of Qwen3 and Gemma 3, Gemma 3's sandwich norms and soft-capped logits, Gemma's scaled embeddings, sparse
 # mixtures of experts (Mixtral's in every layer, Qwen2-MoE's with a gated shared expert, Qwen3-MoE's after a dense
 # first layer); then models for the fallback.
 CONFIGS = {
@@ -24,7 +27,7 @@ CONFIGS = {
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=4, tie_word_embeddings=True,
         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})),
     "mistral-mqa-head-dim": (MistralForCausalLM, lambda: MistralConfig(
-        **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=1, head_dim=16, sliding_window=96,
+        **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=1, head_dim=16, sliding_window=22,
         tie_word_embeddings=False)),
     "qwen2-tied": (Qwen2ForCausalLM, lambda: Qwen2Config(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=True)),
@@ -32,6 +35,11 @@ CONFIGS = {
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=False)),
     "qwen3-head-dim-untied": (Qwen3ForCausalLM, lambda: Qwen3Config(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)),
+    "gemma-geglu": (GemmaForCausalLM, lambda: GemmaConfig(
+        **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, head_dim=16)),
+    "gemma3-sliding-softcap": (Gemma3ForCausalLM, lambda: Gemma3TextConfig(
+        **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=10,
+        layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=3.0)),
     "mixtral-moe": (MixtralForCausalLM, lambda: MixtralConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
         tie_word_embeddings=False)),
