@@ -90,7 +90,7 @@ print('results labelled', harness.git_commit())"
     # Triton compiles, which dominate these tests on a fresh machine; the sm_90 builds without a GPU are skipped;
     # -v logs each test's outcome as it ends, so that a run cut at the limit still names what passed and failed
     # (each run under its own limit, so that a slow first one leaves the second its time)
-    step 100 "tests needing CUDA" bash -c "
+    step 115 "tests needing CUDA" bash -c "
         python3 -m pytest -v -n 4 -rfE -m gpu tests > $OUT/pytest-gpu.log 2>&1; tail -25 $OUT/pytest-gpu.log"
     step 60 "the Triton kernels and the runner's cascade on the GPU" bash -c "
         python3 -m pytest -v -n 4 -rfE -m 'not gpu' -k 'not compile_for_sm90' tests/kernels \
