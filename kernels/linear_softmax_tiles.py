@@ -158,7 +158,8 @@ def logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, rows, cols, row_mask, col_mas
 
 @triton.jit
 def soft_cap(z, cap):
-    """cap * tanh(z / cap): the logits of a model with final_logit_softcapping = cap (Gemma 2 and 3).
+    """cap * tanh(z / cap): the logits of a model with final_logit_softcapping = cap (Gemma 2 and 3), and the
+    attention scores of one with attn_logit_softcapping (Gemma 2; kernels/paged_attention.py).
 
     tanh(x) = 1 - 2 / (exp(2x) + 1): one exp per logit, so that the largest tiles keep every value in registers
     (a series for small |x| spilled them); its absolute error, ~1e-7 cap, is that of the fp32 logits themselves

@@ -14,6 +14,12 @@ key loop starts at the first key its first query sees (the tile's later queries 
 tiles wholly before the window are never loaded, and keys inside the loop that a later query of the tile no
 longer sees are masked. The split of keys below divides that visible range only.
 
+Soft-capped logits (SOFTCAP, a compile-time flag likewise; the cap c a runtime float): each score
+s = scale * q . k becomes c * tanh(s / c) before any mask (Gemma 2's attn_logit_softcapping). The scores live in
+the log2 domain (s * LOG2E, so that exp2 gives the softmax), where the cap reads c' * tanh(s' / c') with
+c' = c * LOG2E: the launcher passes c' and the kernel caps its scores as they are, with no conversion. The cap is
+per score, so both passes of the cascade below apply it and their merge stays exact.
+
 Query tiles are laid out without knowing q_len on the host (no device sync): row r owns tile slots
 [cu_q_lens[r] // Q + r, cu_q_lens[r + 1] // Q + r + 1), which is at least ceil(q_len_r / Q) slots
 (Q = BLOCK_M // GROUP), so T // Q + R programs cover any batch; a program finds its row by binary
@@ -41,6 +47,7 @@ import triton
 import triton.language as tl
 
 from .device_guard import on_device_of_first_input
+from .linear_softmax_tiles import soft_cap
 
 LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -60,7 +67,7 @@ def _first_row(CuGroupRows, i, num_table_rows, PREFIX_PASS: tl.constexpr):
                                "num_splits", "window", "stride_bt", "stride_os", "stride_ls"])
 def _paged_attention_kernel(
     Q, K, V, BlockTable, SeqLens, CuQLens, CuGroupRows, PrefixLens, Out, Lse,
-    qk_scale, num_rows, num_table_rows, num_groups, num_tokens, num_blocks, max_blocks, num_splits, window,
+    qk_scale, softcap, num_rows, num_table_rows, num_groups, num_tokens, num_blocks, max_blocks, num_splits, window,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -70,6 +77,7 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREFIX_PASS: tl.constexpr, SUFFIX_PASS: tl.constexpr, WRITE_LSE: tl.constexpr, SLIDING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """One query tile of one program row and KV head, over one split of its keys.
 
@@ -78,6 +86,7 @@ def _paged_attention_kernel(
     keys of its first row (SeqLens is PrefixLens), seen without causal mask. In the suffix pass a row's keys
     start after its group's prefix. Both read the group metadata directly, so a forward computes nothing
     per layer for them. SLIDING (never with a cascade pass): each query sees its last `window` positions only.
+    SOFTCAP: the log2-domain scores are capped to softcap * tanh(s / softcap) (softcap: the cap times LOG2E).
     """
     QUERIES: tl.constexpr = BLOCK_M // GROUP  # new tokens per tile
     slot = tl.program_id(0)
@@ -156,6 +165,8 @@ def _paged_attention_kernel(
         v = tl.load(V + page[:, None] * stride_vb + within[:, None] * stride_vs + kv_head * stride_vh
                     + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        if SOFTCAP:
+            s = soft_cap(s, softcap)
         if PREFIX_PASS:
             s = tl.where(key_ok[None, :], s, float("-inf"))
         else:
@@ -244,13 +255,14 @@ def choose_num_splits(programs, max_context, block_n, device):
 
 @on_device_of_first_input
 def paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, *, shared_prefix=None,
-                           num_splits=None, window=None):
+                           num_splits=None, window=None, softcap=None):
     """Launch the paged attention kernels (arguments already checked by `fastalign.ops.paged_attention`).
 
     shared_prefix: None, or (cu_group_rows [G + 1] int32, prefix_lens [G] int32) for the cascade passes.
     num_splits: parts per row's keys (in both passes); None picks from the grid size (the second pass of
     a cascade, which reads only each row's own suffix, then takes one part).
     window: None, or a positive int W: each query sees its last W positions only (no shared_prefix then).
+    softcap: None, or a positive number c: the scores s = scale * q . k are c * tanh(s / c) (in every pass).
     """
     if window is not None and shared_prefix is not None:
         raise ValueError("window and shared_prefix: a sliding window takes no shared prefix")
@@ -276,11 +288,11 @@ def paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens
         config = _pass_config(q, k_cache, block_table.shape[0], max_context, num_splits, window)
         if config["num_splits"] == 1:
             _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, config, out, None,
-                            window=window)
+                            window=window, softcap=softcap)
             return out
         partial, lse = _partials(q, config["num_splits"])
         _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, config, partial, lse,
-                        window=window)
+                        window=window, softcap=softcap)
     else:
         prefix_lens = shared_prefix[1]
         prefix = _pass_config(q, k_cache, prefix_lens.shape[0], max_context, num_splits)
@@ -288,9 +300,9 @@ def paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens
         partial, lse = _partials(q, prefix["num_splits"] + suffix["num_splits"])
         cut = prefix["num_splits"]
         _attention_pass(q, k_cache, v_cache, block_table, prefix_lens, cu_q_lens, scale, prefix, partial[:cut],
-                        lse[:cut], cascade=("prefix", shared_prefix))
+                        lse[:cut], cascade=("prefix", shared_prefix), softcap=softcap)
         _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, suffix, partial[cut:],
-                        lse[cut:], cascade=("suffix", shared_prefix))
+                        lse[cut:], cascade=("suffix", shared_prefix), softcap=softcap)
     head_dim = q.shape[2]
     _merge_splits_kernel[(q.shape[0], q.shape[1])](
         partial, lse, out, partial.shape[0],
@@ -326,11 +338,12 @@ def _partials(q, num_splits):
 
 
 def _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, config, dest, lse, *,
-                    cascade=None, window=None):
+                    cascade=None, window=None, softcap=None):
     """One launch: dest is the output (lse None, one part) or fp32 parts [num_splits, T, H, D] with lse.
 
     cascade: None, or ("prefix" | "suffix", (cu_group_rows, prefix_lens)) for one pass of a cascade; in the
     prefix pass seq_lens is prefix_lens (the program rows are the groups). window: None or a positive int.
+    softcap: None or the positive cap c of the natural-log scores.
     """
     head_dim = q.shape[2]
     num_blocks, page, num_kv_heads, _ = k_cache.shape
@@ -339,8 +352,8 @@ def _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale
     _paged_attention_kernel[(config["slots"], num_kv_heads, config["num_splits"])](
         q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, cu_group_rows, prefix_lens,
         parts, parts if lse is None else lse,
-        scale * LOG2E, seq_lens.shape[0], block_table.shape[0], prefix_lens.shape[0], q.shape[0], num_blocks,
-        block_table.shape[1], config["num_splits"], window or 0,
+        scale * LOG2E, 0.0 if softcap is None else float(softcap) * LOG2E, seq_lens.shape[0], block_table.shape[0],
+        prefix_lens.shape[0], q.shape[0], num_blocks, block_table.shape[1], config["num_splits"], window or 0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -350,6 +363,6 @@ def _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GROUP=q.shape[1] // num_kv_heads,
         PAGE=page, BLOCK_M=config["block_m"], BLOCK_N=config["block_n"],
         PREFIX_PASS=which == "prefix", SUFFIX_PASS=which == "suffix", WRITE_LSE=lse is not None,
-        SLIDING=window is not None,
+        SLIDING=window is not None, SOFTCAP=softcap is not None,
         num_warps=config["num_warps"], num_stages=config["num_stages"], enable_fp_fusion=True,
     )

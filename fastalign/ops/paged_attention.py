@@ -12,6 +12,11 @@ at positions p - W < k <= p: the last W positions, its own included. Both backen
 query tile's (or chunk's) first window instead of masking them, so a windowed layer over a long context
 reads about W keys per query, not the whole context.
 
+Soft-capped logits. With softcap=c (Gemma 2's attn_logit_softcapping), the scores s = scale * q . k become
+c * tanh(s / c) before the causal or window mask and the softmax, as in Hugging Face's eager attention. The cap
+acts on each score alone, so it composes with the window and with the shared-prefix cascade (both of its passes
+cap their scores, and their merge stays exact).
+
 Backends: "triton" (the kernels in `fastalign.kernels.paged_attention`; on CPU only under
 TRITON_INTERPRET=1), "torch" (any device, row by row), "auto" (triton on CUDA, torch otherwise).
 
@@ -41,7 +46,7 @@ _SCORE_BUDGET = 1 << 24  # fp32 score elements held at once by the torch path (6
 
 
 def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, scale=None, backend="auto",
-                    validate=None, shared_prefix=None, window=None):
+                    validate=None, shared_prefix=None, window=None, softcap=None):
     """Causal attention of the new tokens of R rows over their paged contexts.
 
     q [T, num_heads, head_dim]; k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] of
@@ -58,16 +63,18 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, sc
 
     window: None (no window), or a positive int W: the query at position p sees the keys at p - W < k <= p
     only. A windowed call takes no shared_prefix (the cascade's shared pass has no window).
+
+    softcap: None (no cap), or a positive finite number c: the scores s = scale * q . k are c * tanh(s / c).
     """
     scale, backend = check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale=scale,
                                            backend=backend, validate=validate, shared_prefix=shared_prefix,
-                                           window=window)
+                                           window=window, softcap=softcap)
     return paged_attention_unchecked(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale=scale,
-                                     backend=backend, shared_prefix=shared_prefix, window=window)
+                                     backend=backend, shared_prefix=shared_prefix, window=window, softcap=softcap)
 
 
 def check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, scale=None, backend="auto",
-                          validate=None, shared_prefix=None, window=None):
+                          validate=None, shared_prefix=None, window=None, softcap=None):
     """Every check of `paged_attention` on these arguments; returns the (float) scale and the backend ("triton"
     or "torch") that `paged_attention_unchecked` then takes."""
     _check_attention_args(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens)
@@ -75,6 +82,10 @@ def check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens,
         scale = q.shape[2] ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < math.inf:
         raise ValueError(f"scale: expected a positive finite number, got {scale!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)
+                                or not 0 < softcap < math.inf):
+        raise ValueError(f"softcap: expected None or a positive finite number (the c of c * tanh(s / c), Gemma 2's "
+                         f"attn_logit_softcapping), got {softcap!r}")
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
             raise ValueError(f"window: expected None or a positive int (the positions a query sees, its own "
@@ -94,16 +105,17 @@ def check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens,
 
 
 def paged_attention_unchecked(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, scale, backend,
-                              shared_prefix=None, window=None):
+                              shared_prefix=None, window=None, softcap=None):
     """`paged_attention` after `check_paged_attention` passed on arguments of these shapes, dtypes and devices
     (the layers of one forward: one check, then a call per layer; the checks cost ~10 us of host time per call).
     scale and backend: as that check returns them."""
     if backend == "triton":
         from fastalign.kernels.paged_attention import paged_attention_triton
         return paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale,
-                                      shared_prefix=shared_prefix, window=window)
+                                      shared_prefix=shared_prefix, window=window, softcap=softcap)
     with autocast_off(q.device):
-        return _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, window=window)
+        return _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, window=window,
+                                      softcap=softcap)
 
 
 def plan_shared_prefix(block_table, seq_lens, cu_q_lens, block_size):
@@ -346,13 +358,13 @@ def resolve_backend(backend, device):
     return backend
 
 
-def _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, window=None):
+def _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, window=None, softcap=None):
     """Row by row: gather the row's context once, then torch's scaled_dot_product_attention in fp32 over
     query chunks whose score matrices stay within _SCORE_BUDGET elements. The mask places query i of a row
     at position seq_len - q_len + i; a chunk that is only the row's last query sees every key and needs
     none (decode). With a window, a chunk attends only from its first query's first key on, and the mask
-    also hides keys at or before position - window. Reads the index tensors on the host (a device sync on
-    CUDA)."""
+    also hides keys at or before position - window. A soft cap takes `_soft_capped_attention` instead of sdpa.
+    Reads the index tensors on the host (a device sync on CUDA)."""
     num_heads = q.shape[1]
     block_size = k_cache.shape[1]
     out = torch.empty_like(q)
@@ -377,7 +389,21 @@ def _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens
                 if window is not None:
                     mask &= key_pos[None, lo:] > query_pos[:, None] - window
             qc = q[start + c0: start + c1].float().transpose(0, 1)[None]  # [1, num_heads, c, head_dim]
-            o = F.scaled_dot_product_attention(qc, k[:, :, lo:], v[:, :, lo:], attn_mask=mask, scale=scale,
-                                               enable_gqa=True)
+            if softcap is None:
+                o = F.scaled_dot_product_attention(qc, k[:, :, lo:], v[:, :, lo:], attn_mask=mask, scale=scale,
+                                                   enable_gqa=True)
+            else:
+                o = _soft_capped_attention(qc, k[:, :, lo:], v[:, :, lo:], mask, scale, softcap)
             out[start + c0: start + c1] = o[0].transpose(0, 1)
     return out
+
+
+def _soft_capped_attention(q, k, v, mask, scale, softcap):
+    """What sdpa computes on q [1, H, c, D], k and v [1, Hkv, S, D] (head h reads KV head h // (H // Hkv)) and the
+    boolean mask [c, S] (None: all visible), with the scores s capped to softcap * tanh(s / softcap) first."""
+    group = q.shape[1] // k.shape[1]
+    scores = q @ k.repeat_interleave(group, dim=1).transpose(-1, -2) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v.repeat_interleave(group, dim=1)

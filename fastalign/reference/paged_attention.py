@@ -2,16 +2,19 @@
 
 For each row it gathers the context token by token through the row's block table, then runs plain
 causal softmax attention in float64, one query and one head at a time. Only for tests and small shapes.
-With a sliding window W, a query sees only the last W positions up to its own.
+With a sliding window W, a query sees only the last W positions up to its own. With a soft cap c (Gemma 2's
+attn_logit_softcapping), the scaled scores s become c * tanh(s / c) before the mask and the softmax.
 """
 import torch
 
 
-def paged_attention_reference(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale=None, window=None):
+def paged_attention_reference(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale=None, window=None,
+                              softcap=None):
     """Float64 attention of packed queries over a paged KV pool (same arguments as `fastalign.ops`).
 
     Query i of row r sits at position seq_lens[r] - q_len_r + i and attends to positions <= it; with a window
-    W (None: no window), only to those > position - W (Hugging Face's sliding window).
+    W (None: no window), only to those > position - W (Hugging Face's sliding window). softcap c (None: none)
+    replaces the scores s = scale * q . k by c * tanh(s / c) (Hugging Face's eager Gemma 2 attention).
     Query head h reads KV head h // (num_heads // num_kv_heads). Returns [T, num_heads, head_dim] float64.
     """
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -30,6 +33,9 @@ def paged_attention_reference(q, k_cache, v_cache, block_table, seq_lens, cu_q_l
             first = 0 if window is None else max(0, position - window + 1)
             for h in range(num_heads):
                 keys, values = k[first: position + 1, h // group], v[first: position + 1, h // group]
-                weights = torch.softmax(keys @ q[start + i, h].double() * scale, dim=0)
+                scores = keys @ q[start + i, h].double() * scale
+                if softcap is not None:
+                    scores = softcap * torch.tanh(scores / softcap)
+                weights = torch.softmax(scores, dim=0)
                 out[start + i, h] = weights @ values
     return out

@@ -1,5 +1,5 @@
-"""Runs a loaded Hugging Face Llama-family model on the paged KV pool: Llama, Mistral, Qwen2, Qwen3, Gemma and
-Gemma 3 (text), and the mixtures of experts Mixtral, Qwen2-MoE and Qwen3-MoE.
+"""Runs a loaded Hugging Face Llama-family model on the paged KV pool: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2
+and Gemma 3 (text), and the mixtures of experts Mixtral, Qwen2-MoE and Qwen3-MoE.
 
 The model's own modules do everything but attention: embeddings (Gemma's scaled ones), RMSNorms, q/k/v/o
 projections (with Qwen2's biases), the per-head RMSNorms of q and k of Qwen3 and Gemma 3, the MLP (SwiGLU, GeGLU,
@@ -7,7 +7,8 @@ or a sparse mixture of experts), the final norm, the (tied or untied) LM head, a
 which gives cos/sin for any positions including Hugging Face's RoPE scaling variants (Gemma 3's per layer type).
 Attention is `paged_attention` over the pool, after `write_kv` has stored the new tokens' rotated K and V, so that
 rows of a batch read their shared prefix blocks in place; a layer with a sliding window (Mistral's, Qwen2's and
-Gemma 3's sliding layers) attends to its window of the pool, without the cascade. The index metadata comes from
+the Gemmas' sliding layers) attends to its window of the pool, without the cascade, and Gemma 2's attention scores
+are soft-capped (attn_logit_softcapping) as its eager attention caps them. The index metadata comes from
 the span tree's forward plan, so the ops' checks of its contents (a device sync on CUDA, ~0.2 ms per layer on the
 CPU) are skipped: the runtime tests hold the plans to the Hugging Face model's outputs instead. Their shape, dtype
 and device checks run on the first layer's arguments only.
@@ -16,10 +17,10 @@ Per decoder layer, as in Hugging Face's LlamaDecoderLayer:
     h = h + o_proj(attention(rope(q_norm(q_proj(n))), rope(k_norm(k_proj(n))), v_proj(n)))
                                                           with n = input_layernorm(h), q/k_norm where the model has them
     h = h + mlp(post_attention_layernorm(h))
-and in Gemma 3's, whose norms sandwich each block:
+and in Gemma 2's and 3's, whose norms sandwich each block:
     h = h + post_attention_layernorm(o_proj(attention(...)))
     h = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))
-with Gemma 3's logits soft-capped as its forward caps them (final_logit_softcapping).
+with their logits soft-capped as their forwards cap them (final_logit_softcapping).
 """
 import torch
 
@@ -27,12 +28,17 @@ from fastalign.eval_mode import eval_mode
 from fastalign.ops.paged_attention import (check_paged_attention, check_write_kv, paged_attention_unchecked,
                                           resolve_backend, write_kv_unchecked)
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mixtral", "qwen2_moe",
+                "qwen3_moe")
 # the model types whose attention normalises each head of q and k (an RMSNorm over head_dim) before RoPE
 QK_NORM_FAMILY = ("qwen3", "qwen3_moe", "gemma3_text")
-# the model types whose layers sandwich attention and MLP in norms (_SANDWICH_NORMS too), and whose rotary embedding
-# differs by layer type (Gemma 3's local and global bases)
-GEMMA3_FAMILY = ("gemma3_text",)
+# the model types whose layers sandwich attention and MLP in norms (_SANDWICH_NORMS too) and whose forward soft-caps
+# the logits (final_logit_softcapping)
+SANDWICH_NORM_FAMILY = ("gemma2", "gemma3_text")
+# the model types whose rotary embedding differs by layer type (Gemma 3's local and global bases)
+ROPE_BY_LAYER_TYPE_FAMILY = ("gemma3_text",)
+# the model types whose attention soft-caps its scores (Gemma 3's config holds attn_logit_softcapping, unused)
+SCORE_SOFTCAP_FAMILY = ("gemma2",)
 # a layer's MLP is called as one module: SwiGLU, or a sparse mixture of experts with its router (and Qwen2-MoE's
 # gated shared expert)
 _LAYER_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp",
@@ -53,7 +59,7 @@ def llama_family_problem(model):
         missing.append("lm_head")
     if not missing:
         names = (_LAYER_MODULES + (_QK_NORMS if model_type in QK_NORM_FAMILY else ())
-                 + (_SANDWICH_NORMS if model_type in GEMMA3_FAMILY else ()))
+                 + (_SANDWICH_NORMS if model_type in SANDWICH_NORM_FAMILY else ()))
         missing = [f"layers[{i}].{name}" for i, layer in enumerate(inner.layers) for name in names
                    if not _has_submodule(layer, name)]
     if missing:
@@ -117,10 +123,12 @@ class PagedLlama:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = self.layers[0].self_attn.head_dim
         self.qk_norm = config.model_type in QK_NORM_FAMILY
-        self.gemma3 = config.model_type in GEMMA3_FAMILY
-        self.layer_types = getattr(config, "layer_types", None) if self.gemma3 else None
+        self.sandwich_norms = config.model_type in SANDWICH_NORM_FAMILY
+        self.layer_types = config.layer_types if config.model_type in ROPE_BY_LAYER_TYPE_FAMILY else None
         self.windows = layer_windows(model)
-        self.logit_softcap = getattr(config, "final_logit_softcapping", None) if self.gemma3 else None
+        self.score_softcaps = [getattr(layer.self_attn, "attn_logit_softcapping", None)
+                               if config.model_type in SCORE_SOFTCAP_FAMILY else None for layer in self.layers]
+        self.logit_softcap = getattr(config, "final_logit_softcapping", None) if self.sandwich_norms else None
         self.max_context = longrope_limit(config, config.max_position_embeddings)
         # device: where the whole model computes (model_device), embeddings offloaded by accelerate included
         self.dtype, self.device = model.model.embed_tokens.weight.dtype, device
@@ -154,7 +162,7 @@ class PagedLlama:
             o = self._attention(index, q, k, v, pool, batch, attn.scaling)
             o = attn.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
             # [1, T, H]: the sparse MoE blocks read [batch, sequence, hidden]
-            if self.gemma3:
+            if self.sandwich_norms:
                 h = h + layer.post_attention_layernorm(o)
                 h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)[None])[0])
             else:
@@ -180,8 +188,8 @@ class PagedLlama:
         return {t: (cos[0, :, None, :], sin[0, :, None, :]) for t, (cos, sin) in pairs.items()}
 
     def _soft_capped(self, logits):
-        """c tanh(logits / c) with Gemma 3's final_logit_softcapping c, in the head's dtype as its forward caps them;
-        the logits themselves for every other model."""
+        """c tanh(logits / c) with Gemma 2's or 3's final_logit_softcapping c, in the head's dtype as their forwards
+        cap them; the logits themselves for every other model."""
         c = self.logit_softcap
         return logits if c is None else torch.tanh(logits / c) * c
 
@@ -190,15 +198,16 @@ class PagedLlama:
         through the ops' shape, dtype and device checks (~20 us of host time per layer): every later layer's
         are shaped as the first's (one config, views of one pool)."""
         k_cache, v_cache = pool.k(index), pool.v(index)
-        window = self.windows[index]
+        window, softcap = self.windows[index], self.score_softcaps[index]
         shared_prefix = batch.shared_prefix if window is None else None  # the cascade reads whole prefixes
         if index == 0:
             check_write_kv(k, v, k_cache, v_cache, batch.slot_mapping, validate=False)
             check_paged_attention(q, k_cache, v_cache, batch.block_table, batch.seq_lens, batch.cu_q_lens, scale=scale,
-                                  backend=self.backend, validate=False, shared_prefix=shared_prefix, window=window)
+                                  backend=self.backend, validate=False, shared_prefix=shared_prefix, window=window,
+                                  softcap=softcap)
         write_kv_unchecked(k, v, k_cache, v_cache, batch.slot_mapping)
         if len(batch.host_extra_src):
             write_kv_unchecked(k[batch.extra_src], v[batch.extra_src], k_cache, v_cache, batch.extra_dst)
         return paged_attention_unchecked(q, k_cache, v_cache, batch.block_table, batch.seq_lens, batch.cu_q_lens,
                                          scale=float(scale), backend=self.backend, shared_prefix=shared_prefix,
-                                         window=window)
+                                         window=window, softcap=softcap)

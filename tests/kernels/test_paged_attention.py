@@ -16,9 +16,10 @@ from tests.ops.test_paged_attention import CASES, SHARED_CASES, make_paged_batch
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # P is rounded to the input dtype
 
 
-def assert_matches_reference(out, batch, scale, window=None):
+def assert_matches_reference(out, batch, scale, window=None, softcap=None):
     """out equals the float64 reference of the op on `batch`, within the tolerance of the queries' dtype."""
-    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, scale=scale, window=window)
+    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, scale=scale, window=window,
+                                    softcap=softcap)
     tol = TOLERANCE[batch["q"].dtype]
     torch.testing.assert_close(out.cpu().double(), ref, rtol=tol, atol=tol)
 
@@ -39,6 +40,16 @@ def test_split_keys_of_a_window_merge_to_the_reference(num_splits):
     batch = make_paged_batch([(200, 1), (150, 3), (64, 2), (3, 1)], 16, 4, 2, 16, window=37, device=TRITON_DEVICE)
     out = paged_attention_triton(**batch, scale=0.25, num_splits=num_splits, window=37)
     assert_matches_reference(out, batch, 0.25, window=37)
+
+
+@pytest.mark.parametrize("window", [None, 37])
+@pytest.mark.parametrize("num_splits", [2, 5])
+def test_split_keys_with_a_softcap_merge_to_the_reference(num_splits, window):
+    """Each part caps its own scores before its softmax; the merge of the parts is the capped softmax's."""
+    batch = make_paged_batch([(200, 1), (150, 3), (64, 2), (3, 1)], 16, 4, 2, 16, window=window,
+                             device=TRITON_DEVICE)
+    out = paged_attention_triton(**batch, scale=0.25, num_splits=num_splits, window=window, softcap=0.8)
+    assert_matches_reference(out, batch, 0.25, window=window, softcap=0.8)
 
 
 def test_window_queries_that_see_no_key_in_a_part_merge_to_the_reference():
@@ -71,6 +82,15 @@ def test_cascade_passes_with_split_keys_merge_to_the_reference(case, num_splits,
     batch, plan = make_shared_case(case, dtype=dtype, device=TRITON_DEVICE)
     out = paged_attention_triton(**batch, scale=0.3, shared_prefix=plan, num_splits=num_splits)
     assert_matches_reference(out, batch, 0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", SHARED_CASES)
+def test_cascade_passes_with_split_keys_and_a_softcap_merge_to_the_reference(case, dtype):
+    """Both cascade passes cap their scores (the shared blocks' without causal mask, then each row's own)."""
+    batch, plan = make_shared_case(case, dtype=dtype, device=TRITON_DEVICE)
+    out = paged_attention_triton(**batch, scale=0.3, shared_prefix=plan, num_splits=3, softcap=0.9)
+    assert_matches_reference(out, batch, 0.3, softcap=0.9)
 
 
 @pytest.mark.parametrize("num_tokens, num_rows, group", [(1, 1, 1), (8, 8, 7), (1000, 1, 4), (30, 3, 128), (5, 5, 3)])
@@ -122,27 +142,31 @@ from tests.kernels.gpu_build import build_for_gpu, check_build, uses_tensor_core
 # decode with split keys; a long bf16 prefill, also of heads wider than 128; the two cascade passes (shared
 # blocks without causal mask, then each row from the first key after its group's prefix); an fp32 extension with a
 # group of 7 and head_dim 96 (for tests, not tuned); the sliding window's decode with split keys, prefills and fp32
-# extension. The tiles come from shapes alone, with no fallback: the 16-bit ones must also fit an A100's and an
-# L4's (sm_89) block.
-for dtype, itemsize, tokens, rows, group, head_dim, prefix_pass, suffix_pass, partial, sliding in (
-        ("bf16", 2, 8, 8, 4, 64, False, False, True, False),
-        ("bf16", 2, 4096, 1, 4, 128, False, False, False, False),
-        ("bf16", 2, 4096, 1, 4, 256, False, False, False, False),
-        ("bf16", 2, 64, 1, 4, 64, True, False, True, False),
-        ("bf16", 2, 64, 64, 4, 64, False, True, True, False),
-        ("fp32", 4, 40, 4, 7, 96, False, False, False, False),
-        ("bf16", 2, 8, 8, 4, 64, False, False, True, True),
-        ("bf16", 2, 4096, 1, 4, 128, False, False, False, True),
-        ("bf16", 2, 4096, 1, 4, 256, False, False, False, True),
-        ("fp32", 4, 40, 4, 7, 96, False, False, False, True)):
+# extension; the soft cap's decode with split keys and prefill, alone and with the window. The tiles come from shapes
+# alone, with no fallback: the 16-bit ones must also fit an A100's and an L4's (sm_89) block.
+for dtype, itemsize, tokens, rows, group, head_dim, prefix_pass, suffix_pass, partial, sliding, softcap in (
+        ("bf16", 2, 8, 8, 4, 64, False, False, True, False, False),
+        ("bf16", 2, 4096, 1, 4, 128, False, False, False, False, False),
+        ("bf16", 2, 4096, 1, 4, 256, False, False, False, False, False),
+        ("bf16", 2, 64, 1, 4, 64, True, False, True, False, False),
+        ("bf16", 2, 64, 64, 4, 64, False, True, True, False, False),
+        ("fp32", 4, 40, 4, 7, 96, False, False, False, False, False),
+        ("bf16", 2, 8, 8, 4, 64, False, False, True, True, False),
+        ("bf16", 2, 4096, 1, 4, 128, False, False, False, True, False),
+        ("bf16", 2, 4096, 1, 4, 256, False, False, False, True, False),
+        ("fp32", 4, 40, 4, 7, 96, False, False, False, True, False),
+        ("bf16", 2, 8, 8, 4, 64, False, False, True, False, True),
+        ("bf16", 2, 4096, 1, 4, 128, False, False, False, False, True),
+        ("bf16", 2, 4096, 1, 4, 256, False, False, False, False, True),
+        ("bf16", 2, 4096, 1, 4, 256, False, False, False, True, True)):
     block_m, block_n, num_warps, num_stages = launch_config(tokens, rows, group, head_dim, itemsize)
     types = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, BlockTable="*i32", SeqLens="*i32", CuQLens="*i32",
                  CuGroupRows="*i32", PrefixLens="*i32", Out="*fp32" if partial else "*" + dtype, Lse="*fp32",
-                 qk_scale="fp32")
+                 qk_scale="fp32", softcap="fp32")
     constants = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GROUP=group, PAGE=16,
                      BLOCK_M=block_m, BLOCK_N=block_n, PREFIX_PASS=prefix_pass,
-                     SUFFIX_PASS=suffix_pass, WRITE_LSE=partial, SLIDING=sliding)
-    what = (dtype, tokens, rows, group, head_dim, "sliding" if sliding else "")
+                     SUFFIX_PASS=suffix_pass, WRITE_LSE=partial, SLIDING=sliding, SOFTCAP=softcap)
+    what = (dtype, tokens, rows, group, head_dim, "sliding" if sliding else "", "softcap" if softcap else "")
     for capability in (90, 80, 89) if dtype == "bf16" else (90,):
         compiled = build_for_gpu(_paged_attention_kernel, types, constants, num_warps, num_stages, capability)
         assert dtype == "fp32" or uses_tensor_cores(compiled), (what, capability, "bf16 dots off the tensor cores")
@@ -220,6 +244,17 @@ def test_16_bit_tiles_match_the_reference(case, dtype):
     torch.testing.assert_close(out.cpu().double(), ref, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("case", ["decode_gqa", "prefill_several_query_tiles"])
+def test_bf16_tiles_with_a_softcap_match_the_reference(case, window):
+    """The cap on the GPU's 16-bit tiles (fp32 scores from bf16 dots), alone and with a window."""
+    rows, block_size, num_heads, num_kv_heads, head_dim, _ = CASES[case]
+    batch = make_paged_batch(rows, block_size, num_heads, num_kv_heads, head_dim, dtype=torch.bfloat16,
+                             window=window, device=TRITON_DEVICE)
+    out = paged_attention(**batch, backend="triton", window=window, softcap=1.0)
+    assert_matches_reference(out, batch, None, window=window, softcap=1.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_heads_wider_than_128_take_their_own_tiles(dtype):
     """head_dim 160 (BLOCK_D 256, masked) selects the narrow key tiles of wide heads."""
@@ -263,3 +298,11 @@ def test_the_window_is_a_runtime_argument_behind_a_compile_time_flag():
     parameters = inspect.signature(kernel.fn).parameters
     assert "window" in unspecialised and parameters["window"].annotation is inspect.Parameter.empty
     assert "constexpr" in str(parameters["SLIDING"].annotation)
+
+
+def test_the_softcap_is_a_runtime_argument_behind_a_compile_time_flag():
+    """Models with different caps share one build; an uncapped call builds the kernel without the cap's code
+    (SOFTCAP False)."""
+    parameters = inspect.signature(pak._paged_attention_kernel.fn).parameters
+    assert parameters["softcap"].annotation is inspect.Parameter.empty
+    assert "constexpr" in str(parameters["SOFTCAP"].annotation)

@@ -1,4 +1,6 @@
 """paged_attention and write_kv against the float64 reference, on both backends, and their input checks."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -66,13 +68,13 @@ CASES = {
 }
 
 
-def run_case(case, backend, dtype=torch.float32, device=None):
+def run_case(case, backend, dtype=torch.float32, device=None, softcap=None):
     device = device or device_for(backend)
     rows, block_size, num_heads, num_kv_heads, head_dim, shared = CASES[case]
     batch = make_paged_batch(rows, block_size, num_heads, num_kv_heads, head_dim, shared_blocks=shared,
                              dtype=dtype, device=device)
-    out = paged_attention(**batch, backend=backend)
-    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()})
+    out = paged_attention(**batch, backend=backend, softcap=softcap)
+    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, softcap=softcap)
     assert out.dtype == dtype and out.shape == batch["q"].shape
     return out.cpu().double(), ref
 
@@ -96,13 +98,13 @@ WINDOW_CASES = {
 }
 
 
-def run_window_case(case, backend, dtype=torch.float32, device=None):
+def run_window_case(case, backend, dtype=torch.float32, device=None, softcap=None):
     """(op output, float64 reference) on a window case; slots before every query's window hold NaN."""
     rows, block_size, num_heads, num_kv_heads, head_dim, window = WINDOW_CASES[case]
     batch = make_paged_batch(rows, block_size, num_heads, num_kv_heads, head_dim, dtype=dtype,
                              device=device or device_for(backend), window=window)
-    out = paged_attention(**batch, backend=backend, window=window)
-    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, window=window)
+    out = paged_attention(**batch, backend=backend, window=window, softcap=softcap)
+    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, window=window, softcap=softcap)
     assert out.dtype == dtype and out.shape == batch["q"].shape
     return out.cpu().double(), ref
 
@@ -205,6 +207,147 @@ def test_shared_prefix_cascade_bf16_on_cuda_matches_reference(case):
     batch, plan = make_shared_case(case, dtype=torch.bfloat16, device="cuda")
     out = paged_attention(**batch, shared_prefix=plan, validate=True)
     ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()})
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=2e-2, atol=2e-2)
+
+
+# Soft-capped scores (Gemma 2's attn_logit_softcapping): a case of CASES and its cap. At the default scale the scores
+# have a standard deviation near 1, so these caps bend most of them (the outputs move by ~0.1 to 1 without the cap).
+SOFTCAP_CASES = {
+    "decode_gqa": 0.8,
+    "extend_shared_prefix_mha": 2.0,
+    "head_dim_not_pow2": 1.0,
+    "empty_row": 0.5,
+    "decode_group_of_7": 1.5,
+    "prefill_several_query_tiles": 1.2,
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", SOFTCAP_CASES)
+def test_softcap_fp32_matches_reference(case, backend):
+    out, ref = run_case(case, backend, softcap=SOFTCAP_CASES[case])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's exp(2 s / c) overflows at s = 500
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_softcap_is_c_tanh_of_the_scaled_scores_before_the_mask(backend):
+    """Hugging Face's eager Gemma 2 attention: s = scale * q . k, then c * tanh(s / c), then the causal mask and the
+    softmax. Keys 2 t_j e_j, queries of ones and scale 0.5 give the scores t_j; values one-hot by position make the
+    output the attention weights, written out here in float64. Scores of +-500 saturate to +-c (no NaN, no inf);
+    a cap taken after the mask would give the hidden keys the score -c, and so weight, in the first queries."""
+    scores, cap = [500.0, 7.0, 0.5, -3.0, -500.0], 4
+    n = len(scores)
+    slots = torch.full((6, 1, n), float("nan"))  # 3 blocks of 2 slots; the last slot lies past the context
+    k_cache, v_cache = slots.clone(), slots.clone()
+    k_cache[:n, 0] = torch.diag(2 * torch.tensor(scores))
+    v_cache[:n, 0] = torch.eye(n)
+    order = [2, 0, 1]  # the table's blocks, out of order
+    k_cache, v_cache = (t.reshape(3, 2, 1, n)[torch.argsort(torch.tensor(order))] for t in (k_cache, v_cache))
+    index = dict(dtype=torch.int32, device=device_for(backend))
+    batch = dict(q=torch.ones(n, 1, n), k_cache=k_cache, v_cache=v_cache, block_table=torch.tensor([order], **index),
+                 seq_lens=torch.tensor([n], **index), cu_q_lens=torch.tensor([0, n], **index))
+    batch = {name: t.to(device_for(backend)) for name, t in batch.items()}
+    if backend == "reference":
+        out, tol = paged_attention_reference(**batch, scale=0.5, softcap=cap), 1e-12
+    else:
+        out, tol = paged_attention(**batch, scale=0.5, softcap=cap, backend=backend).cpu().double(), 1e-6
+    for p in range(n):
+        exps = [math.exp(cap * math.tanh(t / cap)) for t in scores[: p + 1]]
+        expected = torch.zeros(n, dtype=torch.float64)
+        expected[: p + 1] = torch.tensor(exps, dtype=torch.float64) / sum(exps)
+        torch.testing.assert_close(out[p, 0], expected, rtol=tol, atol=tol)
+
+
+# A window of 1 leaves each query its own key alone, whose weight is 1 with or without a cap.
+CAPPED_WINDOW_CASES = [case for case in WINDOW_CASES if case != "window_1"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", CAPPED_WINDOW_CASES)
+def test_sliding_window_with_a_softcap_fp32_matches_reference(case, backend):
+    out, ref = run_window_case(case, backend, softcap=1.0)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", SHARED_CASES)
+def test_shared_prefix_cascade_with_a_softcap_matches_reference(case, backend):
+    """The cap acts on each score alone: both cascade passes cap theirs and the merge stays exact."""
+    batch, plan = make_shared_case(case, device=device_for(backend))
+    out = paged_attention(**batch, backend=backend, shared_prefix=plan, softcap=0.9)
+    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, softcap=0.9)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gemma_2s_cap_of_50_over_scores_that_reach_it_matches_reference(backend):
+    """Gemma 2's attn_logit_softcapping (50.0, given as a NumPy scalar here) at scale 10, where the scores reach
+    +-50: the Triton cap's error grows with c (its tanh is 1 - 2 / (exp(2x) + 1), ~1e-7 c), and stays in fp32's."""
+    rows, block_size, num_heads, num_kv_heads, head_dim, _ = CASES["extend_shared_gqa_d32"]
+    batch = make_paged_batch(rows, block_size, num_heads, num_kv_heads, head_dim, device=device_for(backend))
+    out = paged_attention(**batch, backend=backend, scale=10.0, softcap=np.float32(50.0))
+    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, scale=10.0, softcap=50.0)
+    assert not torch.allclose(ref, paged_attention_reference(**{name: t.cpu() for name, t in batch.items()},
+                                                             scale=10.0), atol=1e-2)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_path_query_chunks_with_a_softcap_and_a_window_match_reference(monkeypatch):
+    """A score budget of a few elements forces the query-chunk loop, each chunk masked after its cap."""
+    monkeypatch.setattr(pa_module, "_SCORE_BUDGET", 200)
+    out, ref = run_window_case("mixed_rows_some_shorter_than_window", "torch", softcap=0.7)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_torch_path_with_a_softcap_matches_reference():
+    out, ref = run_case("extend_shared_gqa_d32", "torch", dtype=torch.bfloat16, softcap=1.0)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_torch_path_with_a_softcap_is_differentiable():
+    """The torch path is the differentiable one: its capped scores carry the gradient of the reference's."""
+    batch = make_paged_batch([(9, 3), (6, 1)], 4, 4, 2, 16, dtype=torch.float64)
+    for name in ("q", "k_cache", "v_cache"):
+        batch[name] = torch.nan_to_num(batch[name]).requires_grad_()
+    paged_attention(**batch, backend="torch", softcap=0.6).square().sum().backward()
+    grads = [batch[name].grad for name in ("q", "k_cache", "v_cache")]
+    ref_inputs = {name: t.detach().clone().requires_grad_(t.requires_grad) for name, t in batch.items()}
+    paged_attention_reference(**ref_inputs, softcap=0.6).square().sum().backward()
+    for name, grad in zip(("q", "k_cache", "v_cache"), grads):
+        torch.testing.assert_close(grad, ref_inputs[name].grad, rtol=1e-5, atol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", SOFTCAP_CASES)
+def test_softcap_fp32_on_cuda_matches_reference(case, backend):
+    out, ref = run_case(case, backend, device="cuda", softcap=SOFTCAP_CASES[case])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", SOFTCAP_CASES)
+def test_softcap_half_precision_triton_on_cuda_matches_reference(case, dtype):
+    out, ref = run_case(case, "triton", dtype=dtype, device="cuda", softcap=SOFTCAP_CASES[case])
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CAPPED_WINDOW_CASES)
+def test_sliding_window_with_a_softcap_half_precision_triton_on_cuda_matches_reference(case, dtype):
+    out, ref = run_window_case(case, "triton", dtype=dtype, device="cuda", softcap=1.0)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", SHARED_CASES)
+def test_shared_prefix_cascade_with_a_softcap_bf16_on_cuda_matches_reference(case):
+    batch, plan = make_shared_case(case, dtype=torch.bfloat16, device="cuda")
+    out = paged_attention(**batch, shared_prefix=plan, validate=True, softcap=0.9)
+    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, softcap=0.9)
     torch.testing.assert_close(out.cpu().double(), ref, rtol=2e-2, atol=2e-2)
 
 
@@ -419,6 +562,12 @@ BASE = dict(rows=[(9, 2), (6, 1)], block_size=4, num_heads=4, num_kv_heads=2, he
     (lambda b: dict(window=2.5), "window: expected None or a positive int"),
     (lambda b: dict(window=True), "window: expected None or a positive int"),
     (lambda b: dict(window=torch.tensor(4)), "window: expected None or a positive int"),
+    (lambda b: dict(softcap=0), "softcap: expected None or a positive finite number"),
+    (lambda b: dict(softcap=-1.0), "softcap: expected None or a positive finite number"),
+    (lambda b: dict(softcap=float("nan")), "softcap: expected None or a positive finite number"),
+    (lambda b: dict(softcap=float("inf")), "softcap: expected None or a positive finite number"),
+    (lambda b: dict(softcap=True), "softcap: expected None or a positive finite number"),
+    (lambda b: dict(softcap=torch.tensor(30.0)), "softcap: expected None or a positive finite number"),
     (lambda b: dict(backend="cuda"), "backend: expected one of"),
 ])
 def test_bad_input_is_rejected_with_a_clear_error(change, match):

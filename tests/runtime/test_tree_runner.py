@@ -34,11 +34,11 @@ def test_random_tree_matches_hugging_face_fp32(index, name):
 # (The mixtures of experts are left out: a bf16 rounding can flip a token's experts, in the runner or in Hugging
 # Face's forward, which moves its logits by far more than rounding.)
 BF16_CASES = [("cpu", "torch", name) for name in ("llama-gqa-untied", "mistral-mqa-head-dim", "qwen3-head-dim-untied",
-                                                  "gemma3-sliding-softcap")] + [
+                                                  "gemma2-sliding-softcaps", "gemma3-sliding-softcap")] + [
     (TRITON_DEVICE, "triton", "mistral-mqa-head-dim")] + [
     pytest.param("cuda", "auto", name, marks=requires_cuda)
     for name in ("llama-gqa-untied", "qwen2-tied", "mistral-mqa-head-dim", "qwen3-head-dim-untied",
-                 "gemma3-sliding-softcap", "gpt2-fallback")]
+                 "gemma2-sliding-softcaps", "gemma3-sliding-softcap", "gpt2-fallback")]
 
 
 @pytest.mark.parametrize("device, backend, name", BF16_CASES)

@@ -3,8 +3,8 @@ on a TreeRunner while checking every new span against the Hugging Face model run
 import random
 
 import torch
-from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig, GemmaForCausalLM, GPT2Config,
-                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
+                          GemmaForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, MixtralConfig, MixtralForCausalLM, OPTConfig, OPTForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
@@ -14,12 +14,12 @@ MAX_POSITIONS = 128
 _COMMON = dict(vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, attn_implementation="eager")
 _LLAMA_SHAPE = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
 
-# name -> (model class, config): Llama-family shapes that exercise GQA, tied and untied heads, RoPE scaling,
-# a head_dim that is not hidden_size / num_heads, sliding windows shorter than the tree's sequences (Mistral's on
-# every layer, Gemma 3's on its local layers, with their own RoPE base), Qwen2's q/k/v biases, the per-head q/k norms
-# of Qwen3 and Gemma 3, Gemma 3's sandwich norms and soft-capped logits, Gemma's scaled embeddings, sparse
-# mixtures of experts (Mixtral's in every layer, Qwen2-MoE's with a gated shared expert, Qwen3-MoE's after a dense
-# first layer); then models for the fallback.
+# name -> (model class, config): Llama-family shapes that exercise GQA, tied and untied heads, RoPE scaling, a head_dim
+# that is not hidden_size / num_heads, sliding windows shorter than the tree's sequences (Mistral's on every layer, the
+# Gemmas' on their local layers, Gemma 3's with their own RoPE base), Qwen2's q/k/v biases, the per-head q/k norms of
+# Qwen3 and Gemma 3, the sandwich norms and soft-capped logits of Gemma 2 and 3, Gemma 2's soft-capped attention
+# scores, Gemma's scaled embeddings, sparse mixtures of experts (Mixtral's in every layer, Qwen2-MoE's with a gated
+# shared expert, Qwen3-MoE's after a dense first layer); then models for the fallback.
 CONFIGS = {
     "llama-gqa-untied": (LlamaForCausalLM, lambda: LlamaConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=False)),
@@ -37,6 +37,9 @@ CONFIGS = {
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)),
     "gemma-geglu": (GemmaForCausalLM, lambda: GemmaConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, head_dim=16)),
+    "gemma2-sliding-softcaps": (Gemma2ForCausalLM, lambda: Gemma2Config(
+        **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=10,
+        layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=1.5, final_logit_softcapping=3.0)),
     "gemma3-sliding-softcap": (Gemma3ForCausalLM, lambda: Gemma3TextConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=10,
         layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=3.0)),
