@@ -86,14 +86,14 @@ print('results labelled', harness.git_commit())"
             python3 bench/bench_unlearn.py --preset 8b --reps 2
         return
     fi
-    # pytest writes to files (a step killed at its limit takes its pipeline with it); 4 workers share the
+    # pytest writes to files (a step killed at its limit takes its pipeline with it); 8 workers (of 16 cores) share the
     # Triton compiles, which dominate these tests on a fresh machine; the sm_90 builds without a GPU are skipped;
     # -v logs each test's outcome as it ends, so that a run cut at the limit still names what passed and failed
     # (each run under its own limit, so that a slow first one leaves the second its time)
-    step 115 "tests needing CUDA" bash -c "
-        python3 -m pytest -v -n 4 -rfE -m gpu tests > $OUT/pytest-gpu.log 2>&1; tail -25 $OUT/pytest-gpu.log"
+    step 130 "tests needing CUDA" bash -c "
+        python3 -m pytest -v -n 8 -rfE -m gpu tests > $OUT/pytest-gpu.log 2>&1; tail -25 $OUT/pytest-gpu.log"
     step 60 "the Triton kernels and the runner's cascade on the GPU" bash -c "
-        python3 -m pytest -v -n 4 -rfE -m 'not gpu' -k 'not compile_for_sm90' tests/kernels \
+        python3 -m pytest -v -n 8 -rfE -m 'not gpu' -k 'not compile_for_sm90' tests/kernels \
             tests/runtime/test_tree_runner_cascade.py > $OUT/pytest-triton.log 2>&1; tail -8 $OUT/pytest-triton.log"
     step 110 "bench_loss" python3 bench/bench_loss.py --tokens 8192 --verbose
     step 70 "bench_tree" python3 bench/bench_tree.py --prefix 1500 8000 --rows 1 10 64 --branch-lengths 16 2048 8192 \
