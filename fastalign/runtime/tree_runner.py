@@ -6,9 +6,9 @@ its blocks back; rewinding to an ancestor is using the ancestor's handle. The po
 is full, least-recently-used unpinned spans are evicted and transparently recomputed if used again, so
 eviction is a cache policy that never changes a result (see csrc/span_tree.h).
 
-Llama-family models (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Mixtral, Qwen2-MoE, Qwen3-MoE) run on the
-paged pool with the paged attention kernels; other causal LMs fall back to Hugging Face's own forward and cache, row by
-row, with the same API.
+Llama-family models (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, OLMo 2, OLMo 3, Mixtral, Qwen2-MoE,
+Qwen3-MoE) run on the paged pool with the paged attention kernels; other causal LMs fall back to Hugging Face's own
+forward and cache, row by row, with the same API.
 """
 import collections
 import threading

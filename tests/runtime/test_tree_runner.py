@@ -38,7 +38,7 @@ BF16_CASES = [("cpu", "torch", name) for name in ("llama-gqa-untied", "mistral-m
     (TRITON_DEVICE, "triton", "mistral-mqa-head-dim")] + [
     pytest.param("cuda", "auto", name, marks=requires_cuda)
     for name in ("llama-gqa-untied", "qwen2-tied", "mistral-mqa-head-dim", "qwen3-head-dim-untied",
-                 "gemma2-sliding-softcaps", "gemma3-sliding-softcap", "gpt2-fallback")]
+                 "gemma2-sliding-softcaps", "gemma3-sliding-softcap", "olmo3-sliding-tied", "gpt2-fallback")]
 
 
 @pytest.mark.parametrize("device, backend, name", BF16_CASES)

@@ -313,7 +313,9 @@ def test_dropping_every_reference_releases_a_span(runner):
 
 
 @pytest.mark.parametrize("name, part", [("qwen3-head-dim-untied", "layers.1.self_attn.k_norm"),
-                                        ("mixtral-moe", "layers.0.mlp"), ("qwen2-untied", "layers.1.input_layernorm")])
+                                        ("mixtral-moe", "layers.0.mlp"), ("qwen2-untied", "layers.1.input_layernorm"),
+                                        ("olmo2-post-norms", "layers.0.post_feedforward_layernorm"),
+                                        ("gemma3-sliding-softcap", "layers.1.pre_feedforward_layernorm")])
 def test_a_family_model_missing_a_module_of_the_layout_is_not_run_on_the_paged_path(name, part):
     """A model of a paged family whose layers lack a module the paged forward calls (Qwen3's k_norm, an MLP, a
     norm: an edited or partly built model) would fail deep in a forward, or skip the module: the paged path

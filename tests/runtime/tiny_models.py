@@ -4,7 +4,8 @@ import random
 
 import torch
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
-                          GemmaForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          GemmaForCausalLM, GPT2Config, GPT2LMHeadModel, Olmo2Config, Olmo2ForCausalLM, Olmo3Config,
+                          Olmo3ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, MixtralConfig, MixtralForCausalLM, OPTConfig, OPTForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
@@ -13,13 +14,15 @@ VOCAB = 101
 MAX_POSITIONS = 128
 _COMMON = dict(vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, attn_implementation="eager")
 _LLAMA_SHAPE = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+_IDS_IN_VOCAB = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)  # OLMo's defaults lie past this vocabulary
 
 # name -> (model class, config): Llama-family shapes that exercise GQA, tied and untied heads, RoPE scaling, a head_dim
 # that is not hidden_size / num_heads, sliding windows shorter than the tree's sequences (Mistral's on every layer, the
-# Gemmas' on their local layers, Gemma 3's with their own RoPE base), Qwen2's q/k/v biases, the per-head q/k norms of
-# Qwen3 and Gemma 3, the sandwich norms and soft-capped logits of Gemma 2 and 3, Gemma 2's soft-capped attention
-# scores, Gemma's scaled embeddings, sparse mixtures of experts (Mixtral's in every layer, Qwen2-MoE's with a gated
-# shared expert, Qwen3-MoE's after a dense first layer); then models for the fallback.
+# Gemmas' and OLMo 3's on their local layers, Gemma 3's and OLMo 3's with their own RoPE base), Qwen2's q/k/v biases,
+# the per-head q/k norms of Qwen3 and Gemma 3, OLMo's over whole projections, the sandwich norms and soft-capped logits
+# of Gemma 2 and 3, OLMo's post-norms, Gemma 2's soft-capped attention scores, Gemma's scaled embeddings, sparse
+# mixtures of experts (Mixtral's in every layer, Qwen2-MoE's with a gated shared expert, Qwen3-MoE's after a dense
+# first layer); then models for the fallback.
 CONFIGS = {
     "llama-gqa-untied": (LlamaForCausalLM, lambda: LlamaConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=False)),
@@ -43,6 +46,13 @@ CONFIGS = {
     "gemma3-sliding-softcap": (Gemma3ForCausalLM, lambda: Gemma3TextConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=10,
         layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=3.0)),
+    "olmo2-post-norms": (Olmo2ForCausalLM, lambda: Olmo2Config(
+        **_COMMON, **_LLAMA_SHAPE, **_IDS_IN_VOCAB, num_key_value_heads=2, tie_word_embeddings=False)),
+    "olmo3-sliding-tied": (Olmo3ForCausalLM, lambda: Olmo3Config(
+        **_COMMON, **_LLAMA_SHAPE, **_IDS_IN_VOCAB, num_key_value_heads=2, sliding_window=12,
+        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 500000.0}})),
     "mixtral-moe": (MixtralForCausalLM, lambda: MixtralConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
         tie_word_embeddings=False)),

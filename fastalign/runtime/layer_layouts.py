@@ -1,0 +1,53 @@
+"""How each model family that runs on the paged pool arranges a decoder layer: which norms sit where around
+attention and the MLP, how q and k are normalised, whether RoPE differs by layer type, and which soft caps its
+forward applies. `PagedLlama` reads these instead of branching on model types.
+
+A layer computes, with norm(None, x) = x:
+    n = norm(input_norm, h)
+    q, k = q_proj(n), k_proj(n)        q, k = q_norm(q), k_norm(k) here when qk_norm == "projection" (OLMo 2 and 3)
+    q, k, v per head                   q, k = q_norm(q), k_norm(k) here when qk_norm == "head" (Qwen3, Gemma 3)
+    h = h + norm(attention_out_norm, o_proj(attention(rope(q), rope(k), v)))
+    h = h + norm(mlp_out_norm, mlp(norm(mlp_in_norm, h)))
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """The decoder layer of one family (names of the layer's norm modules; None: no norm there)."""
+
+    input_norm: Optional[str] = "input_layernorm"
+    mlp_in_norm: Optional[str] = "post_attention_layernorm"
+    attention_out_norm: Optional[str] = None
+    mlp_out_norm: Optional[str] = None
+    qk_norm: Optional[str] = None            # None, "head" (RMSNorm over head_dim) or "projection" (over all heads)
+    rope_by_layer_type: bool = False         # the rotary embedding takes the layer's type (its own base)
+    score_softcap: bool = False              # attention scores capped at self_attn.attn_logit_softcapping
+    logit_softcap: bool = False              # logits capped at config.final_logit_softcapping
+
+    def modules(self):
+        """The submodules of a layer that the paged forward calls."""
+        norms = (self.input_norm, self.mlp_in_norm, self.attention_out_norm, self.mlp_out_norm)
+        attention = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+        qk_norms = ("self_attn.q_norm", "self_attn.k_norm") if self.qk_norm else ()
+        # the MLP is called as one module: SwiGLU, GeGLU, or a sparse mixture of experts with its router
+        return attention + qk_norms + ("mlp",) + tuple(name for name in norms if name)
+
+
+_LLAMA = LayerLayout()
+_GEMMA_SANDWICH = dict(mlp_in_norm="pre_feedforward_layernorm", attention_out_norm="post_attention_layernorm",
+                       mlp_out_norm="post_feedforward_layernorm", logit_softcap=True)
+_OLMO_POST_NORMS = dict(input_norm=None, mlp_in_norm=None, attention_out_norm="post_attention_layernorm",
+                        mlp_out_norm="post_feedforward_layernorm", qk_norm="projection")
+
+# model_type -> layout (Gemma's and Qwen2-MoE's layers are Llama's; their scaled embeddings and shared expert live in
+# modules called as they are)
+LAYOUTS = {
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gemma": _LLAMA, "mixtral": _LLAMA, "qwen2_moe": _LLAMA,
+    "qwen3": LayerLayout(qk_norm="head"), "qwen3_moe": LayerLayout(qk_norm="head"),
+    "gemma2": LayerLayout(**_GEMMA_SANDWICH, score_softcap=True),  # Gemma 3 keeps attn_logit_softcapping unused
+    "gemma3_text": LayerLayout(**_GEMMA_SANDWICH, qk_norm="head", rope_by_layer_type=True),
+    "olmo2": LayerLayout(**_OLMO_POST_NORMS),
+    "olmo3": LayerLayout(**_OLMO_POST_NORMS, rope_by_layer_type=True),
+}
