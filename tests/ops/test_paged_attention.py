@@ -68,15 +68,20 @@ CASES = {
 }
 
 
-def run_case(case, backend, dtype=torch.float32, device=None, softcap=None):
-    device = device or device_for(backend)
-    rows, block_size, num_heads, num_kv_heads, head_dim, shared = CASES[case]
-    batch = make_paged_batch(rows, block_size, num_heads, num_kv_heads, head_dim, shared_blocks=shared,
-                             dtype=dtype, device=device)
-    out = paged_attention(**batch, backend=backend, softcap=softcap)
-    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, softcap=softcap)
+def run_batch(shape, backend, dtype, device, *, shared_blocks=0, window=None, softcap=None):
+    """(op output, float64 reference) on a random batch of `shape` (rows, block_size, num_heads, num_kv_heads,
+    head_dim), with make_paged_batch's NaN in every slot the rows must not read."""
+    batch = make_paged_batch(*shape, shared_blocks=shared_blocks, dtype=dtype, device=device or device_for(backend),
+                             window=window)
+    out = paged_attention(**batch, backend=backend, window=window, softcap=softcap)
+    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, window=window, softcap=softcap)
     assert out.dtype == dtype and out.shape == batch["q"].shape
     return out.cpu().double(), ref
+
+
+def run_case(case, backend, dtype=torch.float32, device=None, softcap=None):
+    *shape, shared = CASES[case]
+    return run_batch(shape, backend, dtype, device, shared_blocks=shared, softcap=softcap)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -99,14 +104,9 @@ WINDOW_CASES = {
 
 
 def run_window_case(case, backend, dtype=torch.float32, device=None, softcap=None):
-    """(op output, float64 reference) on a window case; slots before every query's window hold NaN."""
-    rows, block_size, num_heads, num_kv_heads, head_dim, window = WINDOW_CASES[case]
-    batch = make_paged_batch(rows, block_size, num_heads, num_kv_heads, head_dim, dtype=dtype,
-                             device=device or device_for(backend), window=window)
-    out = paged_attention(**batch, backend=backend, window=window, softcap=softcap)
-    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, window=window, softcap=softcap)
-    assert out.dtype == dtype and out.shape == batch["q"].shape
-    return out.cpu().double(), ref
+    """run_batch on a window case; slots before every query's window hold NaN."""
+    *shape, window = WINDOW_CASES[case]
+    return run_batch(shape, backend, dtype, device, window=window, softcap=softcap)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
