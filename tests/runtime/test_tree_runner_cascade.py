@@ -4,7 +4,7 @@ still gives the logits and final hidden states of the Hugging Face model run on 
 import pytest
 
 from fastalign import TreeRunner
-from fastalign.runtime import llama
+from fastalign.runtime import forward_batch, llama
 from tests.conftest import TRITON_DEVICE
 from tests.runtime.tiny_models import reference, tiny_model
 
@@ -13,6 +13,19 @@ MID = [20, 21, 22, 23, 24]    # a child of ROOT: 18 tokens, 4 whole blocks
 # three children of the root, two of MID (which share the root's 3 blocks), then a new root
 PARENTS = ["root", "root", "root", "mid", "mid", None]
 LISTS = [[30], [31, 32], [33, 34, 35], [40], [41, 42], [5, 6, 7]]
+
+
+@pytest.fixture
+def plans(monkeypatch):
+    """How many forwards planned a cascade on the host (plan_shared_prefix calls)."""
+    calls, real = [], forward_batch.plan_shared_prefix
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(forward_batch, "plan_shared_prefix", spy)
+    return calls
 
 
 @pytest.fixture
@@ -62,3 +75,14 @@ def test_the_torch_backend_plans_no_cascade(attention_calls):
     root = runner.prefill(ROOT)
     runner.extend([root, root], [[1], [2]])
     assert attention_calls and all(plan is None for plan in attention_calls)
+
+
+@pytest.mark.parametrize("name, planned", [("mistral-mqa-head-dim", False), ("gemma2-sliding-softcaps", True)])
+def test_a_cascade_is_planned_only_for_a_model_with_a_layer_that_reads_it(name, planned, plans):
+    """Every layer of Mistral slides its window and takes no cascade: its forwards plan none on the host (they
+    planned one per forward, then passed it to no layer); Gemma 2's full layers read theirs."""
+    runner = TreeRunner(tiny_model(name, device=TRITON_DEVICE), max_tokens=256, block_size=4,
+                        attention_backend="triton")
+    root = runner.prefill(ROOT)
+    runner.extend([root, root], [[1], [2]], logits=None)
+    assert bool(plans) == planned
