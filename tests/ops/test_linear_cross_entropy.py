@@ -147,11 +147,13 @@ def test_narrow_integer_targets(dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp32_inputs_under_bf16_autocast_keep_fp32(backend):
     """autocast does not reach inside the op: fp32 inputs are computed in fp32 on every backend, and the
-    backward runs inside the autocast region too (the torch path rounded logits to bf16 and then crashed)."""
+    backward runs inside the autocast region too (the torch path rounded logits to bf16 and then crashed).
+    Per token ("none"): the signed weights' sum cancels to a tenth of its terms, where fp32 rounding alone
+    came to 1.1e-5 of it on one CPU."""
     hidden, weight, target, extra = make_inputs(13, 24, 131, bias=True, weighted=True, device=device_for(backend))
     hidden = (hidden.detach() * 8).requires_grad_()  # logits ~10, where bf16 keeps only ~1e-1
     with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
-        check_against_reference(hidden, weight, target, extra, "sum", backend, REL_TOL[torch.float32])
+        check_against_reference(hidden, weight, target, extra, "none", backend, REL_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
