@@ -184,11 +184,12 @@ def test_fsdp2_bf16_reference_modes_give_the_same_p(runs):
     """FSDP's mixed precision computes the policy with every weight gathered in bf16: the cache must be computed
     so too (it was computed under autocast only, with fp32 norms and embeddings: a KL of ~6e-5 before any update,
     a gradient toward another model). Before any update the policy is the reference, so each mode's KL is bf16
-    rounding noise (0 to ~2e-7, by machine: the cache may give exactly the policy's P, the copy its rounding)."""
+    rounding noise: 0 to ~2e-7 on the CPUs of earlier sessions, 3.6e-6 on one with AMX bf16 matmuls (accelerate
+    1.15 and 1.16 alike); the cache may give exactly the policy's P, the copy its rounding."""
     path = runs / "fsdp2_bf16_reference_kl"
     assert outcomes(path) == ["ok", "ok"]
     kls = {mode: log(path / mode)[0]["normal_kl"] for mode in ("copy", "cached")}
-    assert all(abs(kl) < 2e-6 for kl in kls.values()), kls  # rounding may make a KL of P with itself negative
+    assert all(abs(kl) < 1e-5 for kl in kls.values()), kls  # rounding may make a KL of P with itself negative
 
 
 def test_bf16_lora_under_ddp_saves_its_adapter_and_every_process_reports_what_the_merge_lost(runs):
