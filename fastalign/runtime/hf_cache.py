@@ -1,11 +1,13 @@
-"""The slow path for causal LMs outside the Llama family: Hugging Face's own forward and cache.
+"""The slow path for causal LMs that neither paged runner takes (PagedLlama's families, PagedHF's probe): Hugging
+Face's own forward and cache.
 
 The KV still lives in the paged pool, so that spans, sharing, eviction and every guarantee of the tree
 are the same as on the fast path. Each row runs on its own: its context is gathered from the pool into a
 `DynamicCache`, the model runs its new tokens with that cache, and the K/V the model appended to the cache
 are written back into the pool. This works for any model whose cache layers hold per-token K and V of
-one shape [batch, kv_heads, tokens, head_dim] and that keeps no other state between forwards (GPT-2, OPT,
-...; not DeepSeek's latent attention or RecurrentGemma); it costs one gather of the context per row.
+one shape [batch, kv_heads, tokens, head_dim] and that keeps no other state between forwards (Bloom's and MPT's
+ALiBi, gpt-oss's attention sinks, ...; not DeepSeek's latent attention or RecurrentGemma); it costs one gather of the
+context per row.
 """
 import numpy as np
 import torch
@@ -15,11 +17,13 @@ from fastalign.eval_mode import eval_mode
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.ops.paged_attention import write_kv
 from fastalign.runtime.hf_cache_argument import cache_kwargs
-from fastalign.runtime.llama import longrope_limit
+from fastalign.runtime.llama import context_limit
 
 
 class HFCacheModel:
     """The forward of any Hugging Face causal LM with a DynamicCache over a ForwardBatch, row by row."""
+
+    paged = False   # attention by the model's own code, row by row (PagedLlama and PagedHF: on the pool, batched)
 
     def __init__(self, model, device):
         self.model, self.device = model, device   # where it computes (model_device): its inputs and the pool's
@@ -32,18 +36,18 @@ class HFCacheModel:
                             **cache_kwargs(model, cache))
                 keys = cache.layers[0].keys
         except Exception as err:
-            raise _unfit(model, _state_problem(model) or f"its one-token forward with a DynamicCache failed "
+            raise _unfit(model, state_problem(model) or f"its one-token forward with a DynamicCache failed "
                                                           f"({err!r})") from err
         values = cache.layers[0].values
         problem = _kv_problem(out, keys, values)
         if problem:
-            raise _unfit(model, _state_problem(model) or problem)
+            raise _unfit(model, state_problem(model) or problem)
         for index, layer in enumerate(cache.layers):
             if _shape(layer.keys) != _shape(keys) or _shape(layer.values) != _shape(keys):
                 raise _unfit(model, f"its cache layers differ in shape (layer {index} holds K {_shape(layer.keys)} "
                                     f"and V {_shape(layer.values)}, layer 0 K and V {_shape(keys)})")
         if not self._state_is_in_cache(cache):
-            raise _unfit(model, _state_problem(model) or "it keeps state outside its cache (the logits of a token "
+            raise _unfit(model, state_problem(model) or "it keeps state outside its cache (the logits of a token "
                                                           "after a cached one changed when another sequence ran in "
                                                           "between)")
         if not self._is_causal():
@@ -52,9 +56,7 @@ class HFCacheModel:
                                 "so that no cache can give its full-sequence outputs")
         self.num_layers = len(cache.layers)
         self.num_kv_heads, self.head_dim, self.dtype = keys.shape[1], keys.shape[3], keys.dtype
-        config = model.config  # MPT names its length max_seq_len (its ALiBi covers no more)
-        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "max_seq_len", None)
-        self.max_context = longrope_limit(config, positions)
+        self.max_context = context_limit(model.config)
 
     def forward(self, batch, pool, select, want_logits, want_hidden, logits_rows=None):
         """Writes the KV of every token of `batch` into `pool`; returns (logits, hidden) of the tokens
@@ -148,7 +150,7 @@ def _unfit(model, reason):
                       "tokens, head_dim] in every layer and no other state (GPT-2, OPT, ...)")
 
 
-def _state_problem(model):
+def state_problem(model):
     """What the model's config and class say it caches besides per-token K and V, or None: read without a forward,
     to name the cause when a probe refuses the model (only then: the probes alone decide what runs). Recurrent
     layers (Mamba, linear attention, LFM2's convolutions) are those of a kind transformers gives a linear-attention

@@ -10,15 +10,14 @@ tokens' rotated K and V, so that rows of a batch read their shared prefix blocks
 window (Mistral's, Qwen2's, the Gemmas' and OLMo 3's sliding layers) attends to its window of the pool, without the
 cascade, and Gemma 2's attention scores are soft-capped as its eager attention caps them, as are the Gemmas' logits
 (final_logit_softcapping). The index metadata comes from the span tree's forward plan, so the ops' checks of its
-contents (a device sync on CUDA, ~0.2 ms per layer on the CPU) are skipped: the runtime tests hold the plans to the
-Hugging Face model's outputs instead. Their shape, dtype and device checks run on the first layer's arguments only.
+contents (a device sync on CUDA, ~0.2 ms per layer on the CPU) are skipped (pool_attention).
 """
 import torch
 
 from fastalign.eval_mode import eval_mode
-from fastalign.ops.paged_attention import (check_paged_attention, check_write_kv, paged_attention_unchecked,
-                                          resolve_backend, write_kv_unchecked)
+from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.layer_layouts import LAYOUTS
+from fastalign.runtime.pool_attention import pool_attention
 
 LLAMA_FAMILY = tuple(LAYOUTS)
 
@@ -77,6 +76,13 @@ def longrope_limit(config, limit):
     return limit
 
 
+def context_limit(config):
+    """The longest sequence `config`'s model runs (None: no limit): its max_position_embeddings (MPT's max_seq_len,
+    which its ALiBi covers no further), capped where LongRoPE would rotate cached positions anew."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "max_seq_len", None)
+    return longrope_limit(config, positions)
+
+
 def rotate_half(x):
     """[x1, x2] -> [-x2, x1] over the last dimension (the pairing of Hugging Face's RoPE layout)."""
     half = x.shape[-1] // 2
@@ -85,6 +91,8 @@ def rotate_half(x):
 
 class PagedLlama:
     """The forward of a Llama-family causal LM over a ForwardBatch, with its KV in a KVPool."""
+
+    paged = True   # attention on the pool, every row of a forward in one batch
 
     def __init__(self, model, attention_backend, device):
         problem = llama_family_problem(model)
@@ -103,7 +111,7 @@ class PagedLlama:
         self.score_softcaps = [getattr(layer.self_attn, "attn_logit_softcapping", None) if layout.score_softcap
                                else None for layer in self.layers]
         self.logit_softcap = getattr(config, "final_logit_softcapping", None) if layout.logit_softcap else None
-        self.max_context = longrope_limit(config, config.max_position_embeddings)
+        self.max_context = context_limit(config)
         # device: where the whole model computes (model_device), embeddings offloaded by accelerate included
         self.dtype, self.device = model.model.embed_tokens.weight.dtype, device
         self.backend = resolve_backend(attention_backend, self.device)  # "triton" or "torch"
@@ -168,23 +176,9 @@ class PagedLlama:
         return logits if c is None else torch.tanh(logits / c) * c
 
     def _attention(self, index, q, k, v, pool, batch, scale):
-        """Layer `index`'s K/V written into the pool, then its attention. Only the first layer's arguments go
-        through the ops' shape, dtype and device checks (~20 us of host time per layer): every later layer's
-        are shaped as the first's (one config, views of one pool)."""
-        k_cache, v_cache = pool.k(index), pool.v(index)
-        window, softcap = self.windows[index], self.score_softcaps[index]
-        shared_prefix = batch.shared_prefix if window is None else None  # the cascade reads whole prefixes
-        if index == 0:
-            check_write_kv(k, v, k_cache, v_cache, batch.slot_mapping, validate=False)
-            check_paged_attention(q, k_cache, v_cache, batch.block_table, batch.seq_lens, batch.cu_q_lens, scale=scale,
-                                  backend=self.backend, validate=False, shared_prefix=shared_prefix, window=window,
-                                  softcap=softcap)
-        write_kv_unchecked(k, v, k_cache, v_cache, batch.slot_mapping)
-        if len(batch.host_extra_src):
-            write_kv_unchecked(k[batch.extra_src], v[batch.extra_src], k_cache, v_cache, batch.extra_dst)
-        return paged_attention_unchecked(q, k_cache, v_cache, batch.block_table, batch.seq_lens, batch.cu_q_lens,
-                                         scale=float(scale), backend=self.backend, shared_prefix=shared_prefix,
-                                         window=window, softcap=softcap)
+        """Layer `index`'s K/V written into the pool, then its attention (with the layer's window and soft cap)."""
+        return pool_attention(index, q, k, v, pool, batch, scale=scale, window=self.windows[index],
+                              softcap=self.score_softcaps[index], backend=self.backend)
 
 
 def _norm(layer, name, x):

@@ -7,8 +7,9 @@ is full, least-recently-used unpinned spans are evicted and transparently recomp
 eviction is a cache policy that never changes a result (see csrc/span_tree.h).
 
 Llama-family models (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, OLMo 2, OLMo 3, Mixtral, Qwen2-MoE,
-Qwen3-MoE) run on the paged pool with the paged attention kernels; other causal LMs fall back to Hugging Face's own
-forward and cache, row by row, with the same API.
+Qwen3-MoE) run on the paged pool with the paged attention kernels (llama.py), as do other causal LMs whose layers
+attend through transformers' attention interface (hf_paged.py: Phi-3, Granite, GPT-2, ...); the rest fall back to
+Hugging Face's own forward and cache, row by row, with the same API.
 """
 import collections
 import threading
@@ -66,8 +67,10 @@ class TreeRunner:
     over several devices is refused).
 
     Size the KV pool with exactly one of `max_tokens` (rounded up to whole blocks) or `max_bytes`.
-    `fallback=False` refuses models outside the Llama family instead of running them on Hugging Face's
-    cache. `attention_backend` is passed to `fastalign.ops.paged_attention` ("auto", "triton", "torch").
+    Families that layer_layouts names run on PagedLlama; any other causal LM whose layers attend through
+    transformers' attention interface, on PagedHF once its probe passes; the rest on Hugging Face's own cache, row
+    by row, unless `fallback=False`, which refuses them. `attention_backend` is passed to
+    `fastalign.ops.paged_attention` ("auto", "triton", "torch").
     `cascade_attention`: on the Triton backend, rows of a forward that share whole prefix blocks (the
     children of one span, consecutive in the call) read those blocks once per group instead of once per
     row (planned on the host for each forward, `plan_shared_prefix`); results are the same either way.
@@ -94,16 +97,7 @@ class TreeRunner:
         # blocks, and the fallback's cache would mix devices
         device = model_device(model, "a TreeRunner") or torch.device("cpu")
         layered = _adapters_in_layers(model)
-        problem = llama_family_problem(layered)
-        if problem is None:
-            self.model_runner = PagedLlama(layered, attention_backend, device)
-        elif fallback:
-            from fastalign.runtime.hf_cache import HFCacheModel
-            with autocast_off(device):  # its probes size the pool
-                self.model_runner = HFCacheModel(model, device)
-        else:
-            raise ValueError(f"model: unsupported architecture for the paged runner ({problem}) and "
-                             "fallback=False; pass fallback=True to run it on Hugging Face's cache")
+        self.model_runner = self._model_runner(model, layered, attention_backend, device, fallback)
         self.model = model
         mr = self.model_runner
         geometry = dict(num_layers=mr.num_layers, block_size=block_size, num_kv_heads=mr.num_kv_heads,
@@ -122,6 +116,25 @@ class TreeRunner:
         self.recomputed_tokens = 0      # tokens run again to bring back evicted spans, over the runner's life
         self.last_restored = {}         # span id -> tokens run again for it by the last extend / pin
 
+    @staticmethod
+    def _model_runner(model, layered, attention_backend, device, fallback):
+        """PagedLlama for a family that layer_layouts names; else PagedHF where its probe passes; else, with
+        `fallback`, HFCacheModel (whose probes, like PagedHF's, size the pool: run without autocast)."""
+        problem = llama_family_problem(layered)
+        if problem is None:
+            return PagedLlama(layered, attention_backend, device)
+        from fastalign.runtime.hf_paged import PagedHF   # transformers' attention interface: imported for such a model
+        with autocast_off(device):
+            try:
+                return PagedHF(layered, attention_backend, device)
+            except ValueError as unfit:
+                if not fallback:
+                    raise ValueError(f"model: unsupported architecture for the paged runners ({problem}; "
+                                     f"{str(unfit).removeprefix('model: ')}) and fallback=False; pass fallback=True to "
+                                     "run it on Hugging Face's cache") from None
+            from fastalign.runtime.hf_cache import HFCacheModel
+            return HFCacheModel(model, device)
+
     # ----- the tree
 
     @property
@@ -131,8 +144,9 @@ class TreeRunner:
 
     @property
     def paged(self):
-        """True on the paged Llama path, False on the Hugging Face cache fallback."""
-        return isinstance(self.model_runner, PagedLlama)
+        """True where the model computes attention on the paged pool, batched (PagedLlama, PagedHF); False on the
+        Hugging Face cache fallback."""
+        return self.model_runner.paged
 
     @property
     def block_size(self):

@@ -6,18 +6,16 @@ import torch
 from fastalign import PoolExhaustedError, TreeRunner
 from tests.compare import rel_error
 from tests.conftest import TRITON_DEVICE, requires_cuda
-from tests.runtime.tiny_models import CONFIGS, VOCAB, grow_random_tree, reference, tiny_model
-
-LLAMA_FAMILY = [name for name in CONFIGS if not name.endswith("fallback")]
-FALLBACK = [name for name in CONFIGS if name.endswith("fallback")]
+from tests.runtime.tiny_models import CONFIGS, VOCAB, grow_random_tree, reference, runner_kind, tiny_model
 
 
-@pytest.mark.parametrize("index, name", list(enumerate(LLAMA_FAMILY + FALLBACK)))
+@pytest.mark.parametrize("index, name", list(enumerate(CONFIGS)))
 def test_random_tree_matches_hugging_face_fp32(index, name):
     model = tiny_model(name)
     # 28 blocks of 4 tokens: a batch always fits, the whole tree does not, so spans get evicted.
     runner = TreeRunner(model, max_tokens=112, block_size=4, attention_backend="torch")
-    assert runner.paged == (name in LLAMA_FAMILY)
+    assert type(runner.model_runner).__name__ == runner_kind(name)
+    assert runner.paged == (runner_kind(name) != "HFCacheModel")
     runner.pool.data.fill_(float("nan"))  # a slot read before its K/V is written poisons the logits
 
     def check(span, logits, hidden):
@@ -34,11 +32,13 @@ def test_random_tree_matches_hugging_face_fp32(index, name):
 # (The mixtures of experts are left out: a bf16 rounding can flip a token's experts, in the runner or in Hugging
 # Face's forward, which moves its logits by far more than rounding.)
 BF16_CASES = [("cpu", "torch", name) for name in ("llama-gqa-untied", "mistral-mqa-head-dim", "qwen3-head-dim-untied",
-                                                  "gemma2-sliding-softcaps", "gemma3-sliding-softcap")] + [
+                                                  "gemma2-sliding-softcaps", "gemma3-sliding-softcap",
+                                                  "phi3-partial-rotary-sliding", "granite-multipliers")] + [
     (TRITON_DEVICE, "triton", "mistral-mqa-head-dim")] + [
     pytest.param("cuda", "auto", name, marks=requires_cuda)
     for name in ("llama-gqa-untied", "qwen2-tied", "mistral-mqa-head-dim", "qwen3-head-dim-untied",
-                 "gemma2-sliding-softcaps", "gemma3-sliding-softcap", "olmo3-sliding-tied", "gpt2-fallback")]
+                 "gemma2-sliding-softcaps", "gemma3-sliding-softcap", "olmo3-sliding-tied",
+                 "phi3-partial-rotary-sliding", "gpt2-learned-positions", "bloom-alibi-fallback")]
 
 
 @pytest.mark.parametrize("device, backend, name", BF16_CASES)
@@ -107,7 +107,7 @@ def test_last_logits_with_every_hidden_state_run_the_lm_head_on_the_last_tokens_
     torch.testing.assert_close(logits, model.lm_head(torch.stack([h[-1] for h in hidden])), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-fallback"])
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-learned-positions", "bloom-alibi-fallback"])
 def test_logits_are_float32_and_hidden_states_in_the_model_dtype(name):
     runner = TreeRunner(tiny_model(name, dtype=torch.bfloat16), max_tokens=64, block_size=4, attention_backend="torch")
     _, last_logits, last_hidden = runner.extend([None, None], [[1, 2, 3], [4]], hidden="last")
@@ -116,7 +116,7 @@ def test_logits_are_float32_and_hidden_states_in_the_model_dtype(name):
     assert last_hidden.dtype == all_hidden[0].dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-fallback"])
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-learned-positions", "bloom-alibi-fallback"])
 def test_an_enclosing_autocast_does_not_apply_inside(name):
     """The runner computes in the model's dtypes whatever autocast encloses its calls, so that a span's KV does not
     depend on the context of the call that computed it (an evicted span is recomputed in a later call's). Under bf16
@@ -154,7 +154,7 @@ def test_an_lm_head_in_another_dtype_than_the_layers_takes_the_hidden_states_in_
         assert rel_error(logits, ref_logits) <= 2e-2
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-fallback"])
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-learned-positions", "bloom-alibi-fallback"])
 def test_outputs_are_ordinary_tensors_the_caller_may_modify_and_train_on(name):
     runner = TreeRunner(tiny_model(name), max_tokens=64, block_size=4, attention_backend="torch")
     _, logits, hidden = runner.extend([None], [[1, 2, 3]], hidden="all")
@@ -231,7 +231,8 @@ def test_a_peft_lora_model_in_training_mode_runs_without_its_dropout():
 
 
 @pytest.mark.parametrize("name, targets", [("llama-gqa-untied", ["embed_tokens", "lm_head", "q_proj"]),
-                                           ("gpt2-fallback", ["wte", "c_attn"])])
+                                           ("gpt2-learned-positions", ["wte", "c_attn"]),
+                                           ("bloom-alibi-fallback", ["word_embeddings", "query_key_value"])])
 def test_a_peft_lora_on_the_input_embeddings_runs_with_its_adapter(name, targets):
     """PEFT's LoRA embedding layer has no num_embeddings: making a runner for such a model failed with an
     AttributeError. The vocabulary is that of the embedding layer it wraps."""
@@ -240,7 +241,7 @@ def test_a_peft_lora_on_the_input_embeddings_runs_with_its_adapter(name, targets
     model = peft.get_peft_model(tiny_model(name), peft.LoraConfig(r=4, target_modules=targets,
                                                                     init_lora_weights=False)).eval()
     runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
-    assert runner.paged == (name == "llama-gqa-untied") and runner.vocab_size == VOCAB
+    assert runner.paged == (runner_kind(name) != "HFCacheModel") and runner.vocab_size == VOCAB
     (span,), logits = runner.extend([runner.prefill([5, 17, 3, 99])], [[42, 8]])
     with torch.no_grad():
         expected = model(torch.tensor([span.tokens])).logits[0, -1]
@@ -250,7 +251,7 @@ def test_a_peft_lora_on_the_input_embeddings_runs_with_its_adapter(name, targets
     assert (logits[0] - expected).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-fallback"])
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-learned-positions", "bloom-alibi-fallback"])
 @pytest.mark.parametrize("adapter", ["PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig"])
 def test_a_peft_prompt_learning_model_is_refused(name, adapter):
     """A prompt-learning adapter puts virtual tokens (or their K/V) before every sequence in its wrapper's forward:
@@ -264,38 +265,41 @@ def test_a_peft_prompt_learning_model_is_refused(name, adapter):
         TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
 
 
-def test_the_attention_ops_check_their_arguments_once_per_forward_not_once_per_layer(monkeypatch):
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-learned-positions"])
+def test_the_attention_ops_check_their_arguments_once_per_forward_not_once_per_layer(monkeypatch, name):
     """The checks cost ~20 us of host time per call: a 32-layer decode step would pay them 32 times. They check the
     first layer's arguments, before any K/V is written (and on a one-layer model too)."""
-    import fastalign.runtime.llama as llama
-    caches = {"check_paged_attention": [], "check_write_kv": []}   # the k_cache each check was given
-    for name, at in (("check_paged_attention", 1), ("check_write_kv", 2)):
-        def counted(*args, _check=getattr(llama, name), _name=name, _at=at, **kwargs):
-            caches[_name].append(args[_at].data_ptr())
-            return _check(*args, **kwargs)
-        monkeypatch.setattr(llama, name, counted)
-    model = tiny_model("llama-gqa-untied")
+    import fastalign.runtime.pool_attention as pool_attention
+    model = tiny_model(name)
     assert model.config.num_hidden_layers > 1
     runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    caches = {"check_paged_attention": [], "check_write_kv": []}   # the k_cache each check was given
+    for check, at in (("check_paged_attention", 1), ("check_write_kv", 2)):
+        def counted(*args, _check=getattr(pool_attention, check), _name=check, _at=at, **kwargs):
+            caches[_name].append(args[_at].data_ptr())
+            return _check(*args, **kwargs)
+        monkeypatch.setattr(pool_attention, check, counted)
     root = runner.prefill([1, 2, 3, 4, 5])
     runner.extend([root, root], [[6], [7, 8]])
     first_layer = runner.pool.k(0).data_ptr()
     assert caches == {"check_paged_attention": [first_layer] * 2, "check_write_kv": [first_layer] * 2}
 
 
-def test_auto_attention_is_resolved_to_the_backend_of_the_models_device(monkeypatch):
-    """The Llama runner resolves attention_backend="auto" once (Triton on CUDA, torch elsewhere), and every layer's
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-learned-positions"])
+def test_auto_attention_is_resolved_to_the_backend_of_the_models_device(monkeypatch, name):
+    """The paged runners resolve attention_backend="auto" once (Triton on CUDA, torch elsewhere), and every layer's
     attention gets that backend: one that took "auto" unresolved ran the torch path on CUDA too."""
-    import fastalign.runtime.llama as llama
-    backends, real = [], llama.paged_attention_unchecked
+    import fastalign.runtime.pool_attention as pool_attention
+    backends, real = [], pool_attention.paged_attention_unchecked
 
     def spy(*args, backend, **kwargs):
         backends.append(backend)
         return real(*args, backend=backend, **kwargs)
 
-    monkeypatch.setattr(llama, "paged_attention_unchecked", spy)
-    model = tiny_model("llama-gqa-untied")
-    TreeRunner(model, max_tokens=64, block_size=4, attention_backend="auto").prefill([1, 2, 3])
+    model = tiny_model(name)
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="auto")
+    monkeypatch.setattr(pool_attention, "paged_attention_unchecked", spy)
+    runner.prefill([1, 2, 3])
     assert backends == ["torch"] * model.config.num_hidden_layers
 
 

@@ -4,7 +4,7 @@ still gives the logits and final hidden states of the Hugging Face model run on 
 import pytest
 
 from fastalign import TreeRunner
-from fastalign.runtime import forward_batch, llama
+from fastalign.runtime import forward_batch, pool_attention
 from tests.conftest import TRITON_DEVICE
 from tests.runtime.tiny_models import reference, tiny_model
 
@@ -30,14 +30,14 @@ def plans(monkeypatch):
 
 @pytest.fixture
 def attention_calls(monkeypatch):
-    """The shared_prefix argument of every layer's attention call of the Llama runner."""
-    calls, real = [], llama.paged_attention_unchecked
+    """The shared_prefix argument of every layer's attention call on the pool."""
+    calls, real = [], pool_attention.paged_attention_unchecked
 
     def spy(*args, shared_prefix=None, **kwargs):
         calls.append(shared_prefix)
         return real(*args, shared_prefix=shared_prefix, **kwargs)
 
-    monkeypatch.setattr(llama, "paged_attention_unchecked", spy)
+    monkeypatch.setattr(pool_attention, "paged_attention_unchecked", spy)
     return calls
 
 

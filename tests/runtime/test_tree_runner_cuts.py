@@ -22,7 +22,7 @@ def check_against_hugging_face(model, span, logits, hidden):
     assert (hidden - ref_hidden[-1]).abs().max() <= 1e-4, f"{span}: hidden states differ from Hugging Face's"
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-fallback"])
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-learned-positions", "bloom-alibi-fallback"])
 def test_cut_spans_match_hugging_face_and_extend_like_any_span(name):
     model = tiny_model(name)
     runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="torch")

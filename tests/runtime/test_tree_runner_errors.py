@@ -318,21 +318,22 @@ def test_dropping_every_reference_releases_a_span(runner):
                                         ("gemma3-sliding-softcap", "layers.1.pre_feedforward_layernorm")])
 def test_a_family_model_missing_a_module_of_the_layout_is_not_run_on_the_paged_path(name, part):
     """A model of a paged family whose layers lack a module the paged forward calls (Qwen3's k_norm, an MLP, a
-    norm: an edited or partly built model) would fail deep in a forward, or skip the module: the paged path
-    refuses it, naming the module."""
+    norm: an edited or partly built model) would fail deep in a forward, or skip the module: the paged runners
+    refuse it, naming the module."""
     model = tiny_model(name)
     parent, child = part.rsplit(".", 1)
     delattr(model.model.get_submodule(parent), child)
     index, path = part.split(".", 2)[1:]
     with pytest.raises(ValueError, match=rf"its modules do not follow the Llama layout \(missing "
-                                         rf"layers\[{index}\]\.{re.escape(path)}\)\) and fallback=False"):
+                                         rf"layers\[{index}\]\.{re.escape(path)}\); .*\) and fallback=False"):
         TreeRunner(model, max_tokens=64, fallback=False)
 
 
 def test_unsupported_models_and_pool_sizes_are_refused(model):
-    gpt2 = tiny_model("gpt2-fallback")
-    with pytest.raises(ValueError, match="unsupported architecture .*'gpt2'.* and fallback=False"):
-        TreeRunner(gpt2, max_tokens=64, fallback=False)
+    bloom = tiny_model("bloom-alibi-fallback")
+    with pytest.raises(ValueError, match="unsupported architecture for the paged runners \\(model_type 'bloom' is not "
+                                         ".*; BloomForCausalLM cannot run on the paged pool: .*\\) and fallback=False"):
+        TreeRunner(bloom, max_tokens=64, fallback=False)
     bert = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                 intermediate_size=64)).eval()
     with pytest.raises(ValueError, match="BertModel cannot run on the Hugging Face cache fallback: it is not a causal"):
@@ -345,7 +346,8 @@ def test_unsupported_models_and_pool_sizes_are_refused(model):
         TreeRunner(model, max_bytes=10)
     with pytest.raises(ValueError, match="block_size: expected a positive int"):
         TreeRunner(model, max_tokens=64, block_size=0)
-    for m in (model, gpt2):  # whether or not it runs attention kernels, and with cascade attention off
+    # on every runner (whether or not it runs attention kernels), and with cascade attention off
+    for m in (model, tiny_model("gpt2-learned-positions"), bloom):
         with pytest.raises(ValueError, match="attention_backend: expected one of \\('auto', 'triton', 'torch'\\)"):
             TreeRunner(m, max_tokens=64, attention_backend="flash", cascade_attention=False)
     runner = TreeRunner(model, max_bytes=1 << 16, block_size=4)
@@ -572,10 +574,10 @@ def test_fallback_refuses_a_later_cache_layer_whose_keys_or_values_differ_in_sha
 
     monkeypatch.setattr(hf_cache, "DynamicCache", WiderLayer1)
     k, v = (16, 8) if wider == "keys" else (8, 16)
-    with pytest.raises(ValueError, match=rf"GPT2LMHeadModel cannot run .*: its cache layers differ in shape \(layer 1 "
+    with pytest.raises(ValueError, match=rf"BloomForCausalLM cannot run .*: its cache layers differ in shape \(layer 1 "
                                          rf"holds K \[1, 4, 1, {k}\] and V \[1, 4, 1, {v}\], layer 0 K and V "
                                          r"\[1, 4, 1, 8\]\)"):
-        TreeRunner(tiny_model("gpt2-fallback"), max_tokens=64, block_size=4)
+        TreeRunner(tiny_model("bloom-alibi-fallback"), max_tokens=64, block_size=4)
 
 
 def test_fallback_refuses_a_model_that_keeps_state_outside_its_cache():
@@ -609,7 +611,7 @@ def test_fallback_refuses_a_model_that_is_not_causal(is_decoder):
     assert (logits[0] - bert(torch.tensor([seq])).logits[0, -1]).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["qwen2-untied", "gpt2-fallback"])
+@pytest.mark.parametrize("name", ["qwen2-untied", "gpt2-learned-positions", "bloom-alibi-fallback"])
 def test_a_runner_made_under_inference_mode_works_outside_it(name):
     """A pool allocated under torch.inference_mode() was an inference tensor, which every later call outside
     inference mode failed to write ("Inplace update to inference tensor outside InferenceMode")."""
@@ -620,7 +622,7 @@ def test_a_runner_made_under_inference_mode_works_outside_it(name):
     assert_still_correct(runner, model, root)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-fallback"])
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-learned-positions", "bloom-alibi-fallback"])
 @pytest.mark.parametrize("train_from", ["construction", "after"])
 def test_a_model_in_training_mode_runs_without_dropout(name, train_from):
     """Dropout (GPT-2's and OPT's 0.1, a Llama's attention_dropout) would make the cached K/V and every logit
@@ -643,11 +645,12 @@ def test_a_model_in_training_mode_runs_without_dropout(name, train_from):
     torch.testing.assert_close(logits[0], expected, rtol=1e-4, atol=1e-4)
 
 
-def test_a_model_training_with_activation_checkpointing_runs_on_the_fallback():
+@pytest.mark.parametrize("name", ["gpt2-learned-positions", "bloom-alibi-fallback"])
+def test_a_model_training_with_activation_checkpointing_runs_outside_the_llama_family(name):
     """A model in training mode with activation checkpointing on (as the unlearning trainer leaves a policy) runs
-    its forward without a cache: the fallback's one-token probe must run it as in eval mode too, or it refuses the
-    model ("a one-token forward with a DynamicCache failed")."""
-    model = tiny_model("gpt2-fallback")
+    its forward without a cache: the probes of PagedHF and of the fallback must run it as in eval mode too, or they
+    refuse the model (the fallback's "a one-token forward with a DynamicCache failed")."""
+    model = tiny_model(name)
     enable_activation_checkpointing(model)  # by the name of each transformers version
     model.train()
     runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
@@ -685,8 +688,8 @@ def test_pool_sizes_take_numpy_integers(model):
     assert TreeRunner(model, max_bytes=np.uint64(1 << 16), block_size=4).num_blocks == by_bytes > 1
 
 
-def test_fallback_refuses_tokens_past_max_position_embeddings():
-    runner = TreeRunner(tiny_model("gpt2-fallback"), max_tokens=256, block_size=4)
+def test_a_model_outside_the_llama_family_refuses_tokens_past_max_position_embeddings():
+    runner = TreeRunner(tiny_model("gpt2-learned-positions"), max_tokens=256, block_size=4)
     assert runner.max_context == MAX_POSITIONS
     with pytest.raises(ValueError, match="past the model's context of 128"):
         runner.prefill([1] * (MAX_POSITIONS + 1))
@@ -734,7 +737,7 @@ def test_spans_of_another_runner_are_refused_by_pin_unpin_and_release(runner, mo
     assert snapshot(runner) == before and root.alive and root.pins == 1
 
 
-@pytest.mark.parametrize("name", ["qwen2-untied", "gpt2-fallback"])
+@pytest.mark.parametrize("name", ["qwen2-untied", "gpt2-learned-positions", "bloom-alibi-fallback"])
 def test_a_model_whose_weights_are_not_loaded_is_refused(name):
     """A model built on the meta device (no weights) was taken by the paged path, which failed at the first prefill
     with "Cannot copy out of meta tensor; no data!"; the fallback failed in its probe forward with "Tensor.item()
@@ -746,9 +749,11 @@ def test_a_model_whose_weights_are_not_loaded_is_refused(name):
         TreeRunner(model, max_tokens=64, block_size=4)
 
 
-@pytest.mark.parametrize("name, part", [("qwen2-untied", "model.layers.0"), ("gpt2-fallback", "transformer.h.0"),
-                                        ("qwen2-untied", "model.embed_tokens"), ("gpt2-fallback", "transformer.wte"),
-                                        ("qwen2-untied", ""), ("gpt2-fallback", "")])
+@pytest.mark.parametrize("name, part", [
+    ("qwen2-untied", "model.layers.0"), ("gpt2-learned-positions", "transformer.h.0"),
+    ("bloom-alibi-fallback", "transformer.h.0"), ("qwen2-untied", "model.embed_tokens"),
+    ("gpt2-learned-positions", "transformer.wte"), ("bloom-alibi-fallback", "transformer.word_embeddings"),
+    ("qwen2-untied", ""), ("gpt2-learned-positions", ""), ("bloom-alibi-fallback", "")])
 def test_a_model_offloaded_by_accelerate_is_taken(name, part):
     """accelerate's offloading leaves the offloaded weights on the meta device and its hooks bring them in at each
     forward, so such a model runs, on either path, on its hooks' execution device. Offloaded input embeddings put the
@@ -766,19 +771,22 @@ def test_a_model_offloaded_by_accelerate_is_taken(name, part):
 
 
 @pytest.mark.parametrize("name, part", [("qwen2-untied", "model.layers.0.mlp"), ("qwen2-untied", "lm_head"),
-                                        ("gpt2-fallback", "transformer.h.0.mlp")])
+                                        ("gpt2-learned-positions", "transformer.h.0.mlp"),
+                                        ("bloom-alibi-fallback", "transformer.h.0.mlp")])
 def test_a_model_with_a_part_not_loaded_is_refused(name, part):
     """A part on the meta device with no accelerate hook to load it: on the paged path F.linear of a CPU input and a
     meta weight returns uninitialised memory, so the logits were garbage, silently; the fallback refused the model
     for a failed probe forward ("Tensor on device meta is not on the expected device cpu!")."""
     model = tiny_model(name)
     model.get_submodule(part).to("meta")
-    with pytest.raises(ValueError, match=f"^model: its weights are not loaded \\({part}[.a-z_]* has no accelerate "
+    with pytest.raises(ValueError, match=f"^model: its weights are not loaded \\({part}[.a-z_0-9]* has no accelerate "
                                          "hook to load its parameters, which are on the meta device\\)"):
         TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
 
 
-@pytest.mark.parametrize("name, block", [("qwen2-untied", "model.layers.1"), ("gpt2-fallback", "transformer.h.1")])
+@pytest.mark.parametrize("name, block", [("qwen2-untied", "model.layers.1"),
+                                         ("gpt2-learned-positions", "transformer.h.1"),
+                                         ("bloom-alibi-fallback", "transformer.h.1")])
 def test_a_model_dispatched_over_two_devices_is_refused(name, block):
     """A device_map over two GPUs gives each block a hook moving its inputs to its device. The paged path calls the
     layers' submodules, past those hooks, with its activations and KV pool on the embeddings' device ("Expected all
@@ -793,7 +801,7 @@ def test_a_model_dispatched_over_two_devices_is_refused(name, block):
         TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
 
 
-@pytest.mark.parametrize("name", ["qwen2-untied", "gpt2-fallback"])
+@pytest.mark.parametrize("name", ["qwen2-untied", "gpt2-learned-positions", "mpt-alibi-fallback"])
 def test_prefill_names_its_own_argument(name):
     """prefill's bad token ids were blamed on "token_lists[0]", an argument of extend that prefill's caller never
     passed."""

@@ -16,7 +16,7 @@ PARENTS = ["root", 0, 0, 1, None, 4, 2]
 LISTS = [[9, 2], [6, 5, 3], [7], [8, 8], [2, 7, 1, 8, 2], [4], [1, 1, 1, 1, 1]]
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-fallback"])
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-learned-positions", "bloom-alibi-fallback"])
 @pytest.mark.parametrize("with_cuts", [False, True])
 def test_rows_on_earlier_rows_match_hugging_face(name, with_cuts):
     model = tiny_model(name)
@@ -96,10 +96,11 @@ def test_failed_forward_with_row_parents_leaves_the_pool_as_it_was(monkeypatch):
     assert (logits[1] - ref).abs().max() <= 1e-4
 
 
-def test_fallback_row_on_a_row_whose_first_token_is_copied():
-    """Hugging Face fallback: rows on earlier rows where a later row copies the partial block that the
-    earlier rows fill in the same forward (the first token of a row is then written twice)."""
-    model = tiny_model("gpt2-fallback")
+@pytest.mark.parametrize("name", ["gpt2-learned-positions", "bloom-alibi-fallback"])
+def test_a_row_on_a_row_whose_first_token_is_copied_outside_the_llama_family(name):
+    """PagedHF and the Hugging Face fallback: rows on earlier rows where a later row copies the partial block that
+    the earlier rows fill in the same forward (the first token of a row is then written twice)."""
+    model = tiny_model(name)
     runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="torch")
     runner.pool.data.fill_(float("nan"))
     root = runner.prefill([3, 1, 4, 1, 5])

@@ -132,7 +132,7 @@ def test_a_call_from_inside_the_runners_own_forward_is_refused(model):
     assert_next_logits(model, child, logits[0])
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-fallback"])
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-learned-positions", "bloom-alibi-fallback"])
 def test_runners_of_their_own_may_share_one_model_across_threads(name):
     """One runner per thread on one model, in training mode (the runners run it without dropout whatever its
     mode): thread A's forward is held inside, thread B's starts and is held too, A finishes, then B. Each computes

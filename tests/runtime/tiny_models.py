@@ -3,12 +3,16 @@ on a TreeRunner while checking every new span against the Hugging Face model run
 import random
 
 import torch
-from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
-                          GemmaForCausalLM, GPT2Config, GPT2LMHeadModel, Olmo2Config, Olmo2ForCausalLM, Olmo3Config,
-                          Olmo3ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, MixtralConfig, MixtralForCausalLM, OPTConfig, OPTForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+from transformers import (BloomConfig, BloomForCausalLM, CohereConfig, CohereForCausalLM, Gemma2Config,
+                          Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration,
+                          Gemma3TextConfig, GemmaConfig, GemmaForCausalLM,
+                          GPT2Config, GPT2LMHeadModel, GraniteConfig, GraniteForCausalLM, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
+                          MptConfig, MptForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM,
+                          OPTConfig, OPTForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
+                          Qwen3MoeForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
+from fastalign.runtime.layer_layouts import LAYOUTS
 
 VOCAB = 101
 MAX_POSITIONS = 128
@@ -22,7 +26,11 @@ _IDS_IN_VOCAB = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)  # OLMo's d
 # the per-head q/k norms of Qwen3 and Gemma 3, OLMo's over whole projections, the sandwich norms and soft-capped logits
 # of Gemma 2 and 3, OLMo's post-norms, Gemma 2's soft-capped attention scores, Gemma's scaled embeddings, sparse
 # mixtures of experts (Mixtral's in every layer, Qwen2-MoE's with a gated shared expert, Qwen3-MoE's after a dense
-# first layer); then models for the fallback.
+# first layer). Then families that run on PagedHF (their own layers, attention routed to the pool): Phi-3's fused
+# projections, partial rotary and sliding window, Granite's multipliers and scaled logits, SmolLM3's layers without
+# RoPE, Cohere's parallel blocks with LayerNorms, interleaved rotary and scaled logits, Gemma 3's image-text model (its
+# language model on text alone), GPT-2's and OPT's learned positions. Then models for the fallback, whose ALiBi
+# biases are their own (their attention bypasses transformers' interface, or passes it a bias).
 CONFIGS = {
     "llama-gqa-untied": (LlamaForCausalLM, lambda: LlamaConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=False)),
@@ -62,13 +70,44 @@ CONFIGS = {
     "qwen3-moe-tied": (Qwen3MoeForCausalLM, lambda: Qwen3MoeConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
         moe_intermediate_size=32, mlp_only_layers=[0], tie_word_embeddings=True)),
-    "gpt2-fallback": (GPT2LMHeadModel, lambda: GPT2Config(
+    "phi3-partial-rotary-sliding": (Phi3ForCausalLM, lambda: Phi3Config(
+        **_COMMON, **_LLAMA_SHAPE, **_IDS_IN_VOCAB, num_key_value_heads=2, partial_rotary_factor=0.5, sliding_window=10,
+        tie_word_embeddings=False)),
+    "granite-multipliers": (GraniteForCausalLM, lambda: GraniteConfig(
+        **_COMMON, **_LLAMA_SHAPE, **_IDS_IN_VOCAB, num_key_value_heads=2, embedding_multiplier=3.0,
+        residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0, tie_word_embeddings=True)),
+    "smollm3-nope-layers": (SmolLM3ForCausalLM, lambda: SmolLM3Config(
+        **_COMMON, **_LLAMA_SHAPE, **_IDS_IN_VOCAB, num_key_value_heads=2, no_rope_layers=[1, 0])),
+    "cohere-parallel-blocks": (CohereForCausalLM, lambda: CohereConfig(
+        **_COMMON, **_LLAMA_SHAPE, **_IDS_IN_VOCAB, num_key_value_heads=2, logit_scale=0.5, use_qk_norm=True)),
+    "gemma3-image-text": (Gemma3ForConditionalGeneration, lambda: Gemma3Config(
+        text_config=dict(vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, **_LLAMA_SHAPE, num_key_value_heads=2,
+                         head_dim=16, query_pre_attn_scalar=16, sliding_window=10,
+                         layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=3.0),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2,
+        attn_implementation="eager")),
+    "gpt2-learned-positions": (GPT2LMHeadModel, lambda: GPT2Config(
         vocab_size=VOCAB, n_positions=MAX_POSITIONS, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
         attn_implementation="eager")),
-    "opt-fallback": (OPTForCausalLM, lambda: OPTConfig(
+    "opt-learned-positions": (OPTForCausalLM, lambda: OPTConfig(
         **_COMMON, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
         word_embed_proj_dim=32)),
+    "bloom-alibi-fallback": (BloomForCausalLM, lambda: BloomConfig(
+        vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        attn_implementation="eager")),
+    "mpt-alibi-fallback": (MptForCausalLM, lambda: MptConfig(
+        vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=MAX_POSITIONS, attn_implementation="eager")),
 }
+
+
+def runner_kind(name):
+    """The model runner a TreeRunner picks for CONFIGS[name]: "PagedLlama" for a family layer_layouts names,
+    "HFCacheModel" for the fallback models, "PagedHF" for the rest."""
+    if name.endswith("fallback"):
+        return "HFCacheModel"
+    return "PagedLlama" if CONFIGS[name][1]().model_type in LAYOUTS else "PagedHF"
 
 
 def tiny_model(name, dtype=torch.float32, device="cpu", seed=0):

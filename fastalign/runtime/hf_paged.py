@@ -1,0 +1,236 @@
+"""Runs any Hugging Face causal LM whose layers attend through transformers' attention interface on the paged KV
+pool, batched: Phi-3 and Phi-4, Granite, SmolLM3, Cohere, GPT-2, GPT-NeoX, StableLM, Starcoder 2, ... (the
+families that `layer_layouts` does not name).
+
+The model's own forward runs every token of a ForwardBatch as one sequence, its positions given; each layer's
+attention call (q, k, v as the layer computed and rotated them) is routed (attention_routing) to `pool_attention`,
+which writes the new K/V into the pool and attends over each row's blocks. Everything else, the family's own
+embeddings, norms, MLPs, multipliers and logit caps included, is the model's code. A probe at construction decides:
+a one-token forward must route exactly one call per layer, of one K/V shape, with no mask or score bias of the
+model's own and no argument the pool does not compute (gpt-oss's attention sinks), and a six-token sequence run on
+a scratch pool in two forwards must give the logits of the model's own forward. A layer's window and soft cap are
+the ones it passes to the attention function (as FlashAttention receives them).
+"""
+import inspect
+
+import numpy as np
+import torch
+
+from fastalign.eval_mode import eval_mode
+from fastalign.model_vocabulary import input_vocabulary
+from fastalign.ops.paged_attention import resolve_backend
+from fastalign.runtime.attention_routing import routed
+from fastalign.runtime.forward_batch import ForwardBatch
+from fastalign.runtime.hf_cache import state_problem
+from fastalign.runtime.kv_pool import KVPool
+from fastalign.runtime.llama import context_limit
+from fastalign.runtime.pool_attention import pool_attention
+
+# arguments of an attention call that change nothing here: dropout is checked to be off, positions are already in
+# the rotated q and k, the rest are flags of the forward
+_INERT_ARGUMENTS = {"dropout", "position_ids", "cache_position", "use_cache", "output_attentions",
+                    "output_router_logits", "is_causal"}
+_PROBE_IDS = (1, 0, 2, 1, 3, 0)
+_PROBE_SPLIT = 3   # the probe's second forward attends to the first one's K/V in the pool
+
+
+class _Unfit(Exception):
+    """Why the probe refuses the model."""
+
+
+class PagedHF:
+    """The forward of a Hugging Face causal LM over a ForwardBatch, its attention computed on a KVPool."""
+
+    paged = True   # attention on the pool, every row of a forward in one batch
+
+    def __init__(self, model, attention_backend, device):
+        self.model, self.device = model, device
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.max_context = context_limit(model.config)
+        problem = _structure_problem(model)
+        try:
+            if problem:
+                raise _Unfit(problem)
+            self.decoder = model.get_decoder()
+            self.configs = list({id(m.config): m.config for m in model.modules()
+                                 if hasattr(getattr(m, "config", None), "_attn_implementation_internal")}.values())
+            self._record_layers()
+            self.backend = resolve_backend(attention_backend, device)
+            self._check_against_own_forward()
+        except _Unfit as unfit:
+            raise ValueError(f"model: {type(model).__name__} cannot run on the paged pool: {unfit}") from None
+
+    def forward(self, batch, pool, select, want_logits, want_hidden, logits_rows=None):
+        """Writes the KV of every token of `batch` into `pool`; returns (logits, hidden) of the tokens at indices
+        `select` (None: nothing), logits in float32 (only at select[logits_rows] when given), hidden = the decoder's
+        last hidden state (after its final norm). Dropout is off whatever the model's mode."""
+        layers = _PoolLayers(self, batch, pool)
+        with eval_mode(self.model), routed(self.configs, layers):
+            ids, positions = batch.input_ids[None], batch.positions[None]
+            if select is None or not want_logits:
+                hidden, logits = self.decoder(input_ids=ids, position_ids=positions, use_cache=False)[0][0], None
+            else:
+                logits, hidden = self._logits(ids, positions, select if logits_rows is None else select[logits_rows],
+                                              want_hidden)
+        if layers.calls != self.num_layers:  # a layer skipped its attention: its K/V are missing from the pool
+            raise RuntimeError(f"model: {layers.calls} of its {self.num_layers} layers attended in this forward")
+        if select is None:
+            return None, None
+        return logits, hidden[select] if want_hidden else None
+
+    def _logits(self, ids, positions, at, want_hidden):
+        """The model's own logits (its logit scaling or caps applied) at token indices `at`, float32, and the
+        decoder's last hidden state at every token when `want_hidden` (else None)."""
+        captured = []
+        hook = self.decoder.register_forward_hook(lambda module, args, out: captured.append(out[0])) \
+            if want_hidden else None
+        try:
+            kept = dict(logits_to_keep=at) if self.keeps_logits else {}
+            logits = self.model(input_ids=ids, position_ids=positions, use_cache=False, **kept).logits[0]
+        finally:
+            if hook is not None:
+                hook.remove()
+        return (logits if self.keeps_logits else logits[at]).float(), captured[0][0] if want_hidden else None
+
+    def _record_layers(self):
+        """Each layer's attention as a one-token forward calls it: the pool's geometry, and the layer's scale,
+        window and soft cap (num_layers, num_kv_heads, head_dim, dtype, scales, windows, softcaps)."""
+        recorder = _Recorder()
+        ids = torch.tensor([_PROBE_IDS[:1]], device=self.device) % input_vocabulary(self.model)
+        _run_probe(lambda: self._own_logits(ids, recorder))
+        calls = recorder.calls
+        if not calls:
+            raise _Unfit("its layers do not attend through transformers' attention interface (no call reached it)")
+        indices = sorted(calls)
+        expected = getattr(self.model.config.get_text_config(decoder=True), "num_hidden_layers", len(indices))
+        if indices != list(range(expected)):
+            raise _Unfit(f"the attention calls of a forward came from layers {indices}, not once from each of its "
+                         f"{expected} layers")
+        geometry = {call["geometry"] for call in calls.values()}
+        if len(geometry) > 1:
+            raise _Unfit(f"its layers' K/V differ in shape or dtype ({sorted(map(str, geometry))}): one pool holds "
+                         "one geometry")
+        self.num_layers = len(indices)
+        self.num_heads, self.num_kv_heads, self.head_dim, self.dtype = geometry.pop()
+        self.scales = [calls[i]["scale"] for i in indices]
+        self.windows = [calls[i]["window"] for i in indices]
+        self.softcaps = [calls[i]["softcap"] for i in indices]
+
+    def _own_logits(self, ids, handler=None):
+        """The model's logits of `ids` [1, n], by its own attention (handler None) or routed to `handler`."""
+        with torch.inference_mode(), eval_mode(self.model):
+            if handler is None:
+                return self.model(input_ids=ids, use_cache=False).logits[0].float()
+            with routed(self.configs, handler):
+                return self.model(input_ids=ids, use_cache=False).logits[0].float()
+
+    def _check_against_own_forward(self):
+        """The probe's sequence, run on a scratch pool in two forwards (the second attends to the first's K/V
+        there), gives the logits of the model's own forward of the whole sequence, within rounding of its dtype."""
+        ids = torch.tensor(_PROBE_IDS, device=self.device) % input_vocabulary(self.model)
+        whole = _run_probe(lambda: self._own_logits(ids[None]))
+        pool = KVPool(num_layers=self.num_layers, num_blocks=1, block_size=len(_PROBE_IDS), device=self.device,
+                      num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, dtype=self.dtype)
+        paged = []
+        with torch.inference_mode():
+            for start, end in ((0, _PROBE_SPLIT), (_PROBE_SPLIT, len(_PROBE_IDS))):
+                batch = _one_row_batch(ids, start, end, self.device)
+                paged.append(_run_probe(lambda: self.forward(batch, pool, batch.outputs, True, False)[0]))
+        paged = torch.cat(paged)
+        tolerance = 1e-4 if self.dtype in (torch.float32, torch.float64) else 3e-2
+        error = float((paged - whole).abs().max() / whole.abs().max().clamp(min=1e-6))
+        if not error <= tolerance:
+            raise _Unfit(f"its logits on the pool differ from its own forward's by {error:.3g} of their scale (more "
+                         f"than {tolerance}): it computes something of its own around attention (a mask, a bias, "
+                         "positions from its cache)")
+
+
+class _Recorder:
+    """A probe forward's attention handler: checks each call and records what the pool needs of its layer;
+    answers as attention over one token does (each query head gets its K/V head's value)."""
+
+    def __init__(self):
+        self.calls = {}
+
+    def __call__(self, module, query, key, value, attention_mask, kwargs):
+        index = getattr(module, "layer_idx", None)
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise _Unfit(f"its attention module {type(module).__name__} has no integer layer_idx")
+        if index in self.calls:
+            raise _Unfit(f"layer {index} attended twice in one forward")
+        if attention_mask is not None:
+            raise _Unfit(f"layer {index} passes a mask or bias of its own to attention (ALiBi, ...)")
+        if not getattr(module, "is_causal", True) or kwargs.get("is_causal", True) is False:
+            raise _Unfit(f"layer {index} attends bidirectionally (is_causal=False)")
+        if kwargs.get("dropout") not in (None, 0, 0.0):
+            raise _Unfit(f"layer {index} applies attention dropout in eval mode ({kwargs['dropout']})")
+        extra = sorted(name for name, v in kwargs.items() if name not in _INERT_ARGUMENTS
+                       and name not in ("scaling", "sliding_window", "softcap") and v is not None and v is not False)
+        if extra:
+            raise _Unfit(f"layer {index} passes {', '.join(extra)} to attention, which the paged attention does not "
+                         "compute (attention sinks, ...)")
+        if query.dim() != 4 or key.shape != value.shape or query.shape[0] != 1 or query.shape[-1] != key.shape[-1]:
+            raise _Unfit(f"layer {index}'s q, k, v are not [1, heads, tokens, head_dim] with one head_dim (q "
+                         f"{list(query.shape)}, k {list(key.shape)}, v {list(value.shape)})")
+        heads, kv_heads, head_dim = query.shape[1], key.shape[1], key.shape[-1]
+        if heads % kv_heads:
+            raise _Unfit(f"layer {index} has {heads} query heads, not a multiple of its {kv_heads} K/V heads")
+        window = kwargs.get("sliding_window")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise _Unfit(f"layer {index} passes sliding_window={window!r}, not a positive int or None")
+        scale = kwargs.get("scaling")
+        self.calls[index] = dict(geometry=(heads, kv_heads, head_dim, key.dtype), window=window,
+                                 scale=float(head_dim ** -0.5 if scale is None else scale),
+                                 softcap=kwargs.get("softcap"))
+        return value.repeat_interleave(heads // kv_heads, dim=1).transpose(1, 2), None
+
+
+class _PoolLayers:
+    """A forward's attention handler: each layer's call answered by `pool_attention` over the batch's rows."""
+
+    def __init__(self, runner, batch, pool):
+        self.runner, self.batch, self.pool, self.calls = runner, batch, pool, 0
+
+    def __call__(self, module, query, key, value, attention_mask, kwargs):
+        runner, index = self.runner, module.layer_idx
+        if attention_mask is not None:  # none at the probe; one now would say more than the pool's causal rows do
+            raise RuntimeError(f"model: layer {index} passed a mask or bias of its own to attention")
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))   # [tokens, heads, head_dim]
+        out = pool_attention(index, q.contiguous(), k, v, self.pool, self.batch, scale=runner.scales[index],
+                             window=runner.windows[index], softcap=runner.softcaps[index], backend=runner.backend)
+        self.calls += 1
+        return out[None], None
+
+
+def _structure_problem(model):
+    """Why `model` cannot be probed at all, read without a forward, or None."""
+    if not (hasattr(model, "can_generate") and model.can_generate()):
+        return "it is not a causal language model (can_generate() is not True)"
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return "its forward takes no position_ids"
+    return state_problem(model)
+
+
+def _run_probe(run):
+    """run() with any failure but the probe's own refusal reported as the reason the model is unfit."""
+    try:
+        return run()
+    except _Unfit:
+        raise
+    except Exception as err:  # whatever the model's code raises with its attention routed to the pool
+        raise _Unfit(f"its forward with attention on the pool failed ({err!r})") from err
+
+
+def _one_row_batch(ids, start, end, device):
+    """The ForwardBatch of tokens ids[start:end] of one sequence held in block 0 of a one-block pool."""
+    count = end - start
+    seq_lens, cu_q_lens = np.array([end], dtype=np.int32), np.array([0, count], dtype=np.int32)
+    none = torch.zeros(0, dtype=torch.long, device=device)
+    return ForwardBatch(
+        input_ids=ids[start:end], positions=torch.arange(start, end, device=device),
+        slot_mapping=torch.arange(start, end, device=device),
+        block_table=torch.zeros(1, 1, dtype=torch.int32, device=device),
+        seq_lens=torch.from_numpy(seq_lens).to(device), cu_q_lens=torch.from_numpy(cu_q_lens).to(device),
+        host_seq_lens=seq_lens, host_cu_q_lens=cu_q_lens, extra_src=none, extra_dst=none,
+        host_extra_src=np.zeros(0, dtype=np.int64), copy_src=none, copy_dst=none,
+        outputs=torch.arange(count, device=device))
