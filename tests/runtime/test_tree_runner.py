@@ -34,7 +34,7 @@ def test_random_tree_matches_hugging_face_fp32(index, name):
 BF16_CASES = [("cpu", "torch", name) for name in ("llama-gqa-untied", "mistral-mqa-head-dim", "qwen3-head-dim-untied",
                                                   "gemma2-sliding-softcaps", "gemma3-sliding-softcap",
                                                   "phi3-partial-rotary-sliding", "granite-multipliers")] + [
-    (TRITON_DEVICE, "triton", "mistral-mqa-head-dim")] + [
+    (TRITON_DEVICE, "triton", "mistral-mqa-head-dim"), (TRITON_DEVICE, "triton", "phi3-partial-rotary-sliding")] + [
     pytest.param("cuda", "auto", name, marks=requires_cuda)
     for name in ("llama-gqa-untied", "qwen2-tied", "mistral-mqa-head-dim", "qwen3-head-dim-untied",
                  "gemma2-sliding-softcaps", "gemma3-sliding-softcap", "olmo3-sliding-tied",
