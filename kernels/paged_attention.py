@@ -37,6 +37,10 @@ instead of once per row. A second pass attends each row, causally, to the rest o
 first key after its group's prefix; the merge kernel combines both passes' parts. Both passes read the
 groups (cu_group_rows, prefix_lens) as they are, so the cascade costs no extra launch per layer.
 
+Attention sinks (gpt-oss): one more score per query head, with a zero value, in every query's softmax. It joins
+where the parts of a query are merged: the merge kernel adds 2^(sink * LOG2E) to the sum of the parts' 2^lse, so a
+call with sinks always writes parts (one, when its keys are not split) and merges them.
+
 Index safety: table columns, page ids and token indices are clamped into their tensors, so metadata
 that was not validated can give a wrong answer but never an out-of-bounds access.
 """
@@ -194,13 +198,14 @@ def _paged_attention_kernel(
 
 @triton.jit(do_not_specialize=["num_splits", "stride_ps", "stride_ls"])
 def _merge_splits_kernel(
-    Partial, Lse, Out, num_splits,
+    Partial, Lse, Out, Sinks, num_splits,
     stride_ps, stride_pt, stride_ph,
     stride_ls, stride_lt,
     stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SINKS: tl.constexpr,
 ):
-    """out[t, h] = sum_s 2^(lse_s - lse) partial_s[t, h], lse = log2 sum_s 2^lse_s (empty parts: -inf)."""
+    """out[t, h] = sum_s 2^(lse_s - lse) partial_s[t, h], lse = log2 sum_s 2^lse_s (empty parts: -inf), plus
+    2^(Sinks[h] * LOG2E) in that sum with SINKS."""
     token = tl.program_id(0).to(tl.int64)   # int64 offsets: parts of long prefills pass 2^31 elements
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S).to(tl.int64)
@@ -208,8 +213,14 @@ def _merge_splits_kernel(
     s_ok = offs_s < num_splits
     lse = tl.load(Lse + offs_s * stride_ls + token * stride_lt + head, mask=s_ok, other=float("-inf"))
     lse_max = tl.max(lse, 0)
+    if SINKS:
+        sink = tl.load(Sinks + head).to(tl.float32) * 1.4426950408889634   # LOG2E: the parts' log2 domain
+        lse_max = tl.maximum(lse_max, sink)
     weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
-    weight = weight / tl.maximum(tl.sum(weight, 0), 1e-30)
+    total = tl.sum(weight, 0)
+    if SINKS:
+        total += tl.exp2(sink - lse_max)
+    weight = weight / tl.maximum(total, 1e-30)
     mask = s_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     part = tl.load(Partial + offs_s[:, None] * stride_ps + token * stride_pt + head * stride_ph + offs_d[None, :],
                    mask=mask, other=0.0)
@@ -255,7 +266,7 @@ def choose_num_splits(programs, max_context, block_n, device):
 
 @on_device_of_first_input
 def paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, *, shared_prefix=None,
-                           num_splits=None, window=None, softcap=None):
+                           num_splits=None, window=None, softcap=None, sinks=None):
     """Launch the paged attention kernels (arguments already checked by `fastalign.ops.paged_attention`).
 
     shared_prefix: None, or (cu_group_rows [G + 1] int32, prefix_lens [G] int32) for the cascade passes.
@@ -263,6 +274,7 @@ def paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens
     a cascade, which reads only each row's own suffix, then takes one part).
     window: None, or a positive int W: each query sees its last W positions only (no shared_prefix then).
     softcap: None, or a positive number c: the scores s = scale * q . k are c * tanh(s / c) (in every pass).
+    sinks: None, or [num_heads] floats: one more score per head, with a zero value, joined at the merge.
     """
     if window is not None and shared_prefix is not None:
         raise ValueError("window and shared_prefix: a sliding window takes no shared prefix")
@@ -286,7 +298,7 @@ def paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens
         window = min(int(window), max_context)  # wider is no window for a context the table holds; an int32
     if shared_prefix is None:
         config = _pass_config(q, k_cache, block_table.shape[0], max_context, num_splits, window)
-        if config["num_splits"] == 1:
+        if config["num_splits"] == 1 and sinks is None:
             _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, config, out, None,
                             window=window, softcap=softcap)
             return out
@@ -305,12 +317,13 @@ def paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens
                         lse[cut:], cascade=("suffix", shared_prefix), softcap=softcap)
     head_dim = q.shape[2]
     _merge_splits_kernel[(q.shape[0], q.shape[1])](
-        partial, lse, out, partial.shape[0],
+        partial, lse, out, lse if sinks is None else sinks.contiguous(), partial.shape[0],
         partial.stride(0), partial.stride(1), partial.stride(2),
         lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_S=triton.next_power_of_2(partial.shape[0]), num_warps=1 if head_dim <= 64 else 2, enable_fp_fusion=True,
+        BLOCK_S=max(2, triton.next_power_of_2(partial.shape[0])), SINKS=sinks is not None,
+        num_warps=1 if head_dim <= 64 else 2, enable_fp_fusion=True,
     )
     return out
 

@@ -17,6 +17,11 @@ c * tanh(s / c) before the causal or window mask and the softmax, as in Hugging 
 acts on each score alone, so it composes with the window and with the shared-prefix cascade (both of its passes
 cap their scores, and their merge stays exact).
 
+Attention sinks. With sinks (a [num_heads] tensor, gpt-oss's per-head sinks), head h's softmax has one more score,
+sinks[h], in the units of the scaled scores, whose value is zero: it takes a share of each query's attention away
+from the keys. The Triton path adds it when it merges a query's parts (their log-sum-exp with the sink's), so it
+composes with the window and the cascade.
+
 Backends: "triton" (the kernels in `fastalign.kernels.paged_attention`; on CPU only under
 TRITON_INTERPRET=1), "torch" (any device, row by row), "auto" (triton on CUDA, torch otherwise).
 
@@ -46,7 +51,7 @@ _SCORE_BUDGET = 1 << 24  # fp32 score elements held at once by the torch path (6
 
 
 def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, scale=None, backend="auto",
-                    validate=None, shared_prefix=None, window=None, softcap=None):
+                    validate=None, shared_prefix=None, window=None, softcap=None, sinks=None):
     """Causal attention of the new tokens of R rows over their paged contexts.
 
     q [T, num_heads, head_dim]; k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] of
@@ -65,16 +70,20 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, sc
     only. A windowed call takes no shared_prefix (the cascade's shared pass has no window).
 
     softcap: None (no cap), or a positive finite number c: the scores s = scale * q . k are c * tanh(s / c).
+
+    sinks: None, or a floating tensor [num_heads] on q's device: one more score per head in each softmax, with a
+    zero value (gpt-oss's attention sinks).
     """
     scale, backend = check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale=scale,
                                            backend=backend, validate=validate, shared_prefix=shared_prefix,
-                                           window=window, softcap=softcap)
+                                           window=window, softcap=softcap, sinks=sinks)
     return paged_attention_unchecked(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale=scale,
-                                     backend=backend, shared_prefix=shared_prefix, window=window, softcap=softcap)
+                                     backend=backend, shared_prefix=shared_prefix, window=window, softcap=softcap,
+                                     sinks=sinks)
 
 
 def check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, scale=None, backend="auto",
-                          validate=None, shared_prefix=None, window=None, softcap=None):
+                          validate=None, shared_prefix=None, window=None, softcap=None, sinks=None):
     """Every check of `paged_attention` on these arguments; returns the (float) scale and the backend ("triton"
     or "torch") that `paged_attention_unchecked` then takes."""
     _check_attention_args(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens)
@@ -86,6 +95,12 @@ def check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens,
                                 or not 0 < softcap < math.inf):
         raise ValueError(f"softcap: expected None or a positive finite number (the c of c * tanh(s / c), Gemma 2's "
                          f"attn_logit_softcapping), got {softcap!r}")
+    if sinks is not None and not (isinstance(sinks, torch.Tensor) and sinks.is_floating_point()
+                                  and sinks.shape == (q.shape[1],) and sinks.device == q.device):
+        got = (f"{sinks.dtype} {list(sinks.shape)} on {sinks.device}" if isinstance(sinks, torch.Tensor)
+               else type(sinks).__name__)
+        raise ValueError(f"sinks: expected None or a floating tensor [num_heads={q.shape[1]}] on {q.device} (one "
+                         f"score per query head), got {got}")
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
             raise ValueError(f"window: expected None or a positive int (the positions a query sees, its own "
@@ -100,22 +115,22 @@ def check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens,
                              num_blocks=k_cache.shape[0], block_size=k_cache.shape[1], shared_prefix=shared_prefix)
     backend = resolve_backend(backend, q.device)
     if backend == "triton":
-        _refuse_gradients(q=q, k_cache=k_cache, v_cache=v_cache)
+        _refuse_gradients(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks)
     return float(scale), backend
 
 
 def paged_attention_unchecked(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, scale, backend,
-                              shared_prefix=None, window=None, softcap=None):
+                              shared_prefix=None, window=None, softcap=None, sinks=None):
     """`paged_attention` after `check_paged_attention` passed on arguments of these shapes, dtypes and devices
     (the layers of one forward: one check, then a call per layer; the checks cost ~10 us of host time per call).
     scale and backend: as that check returns them."""
     if backend == "triton":
         from fastalign.kernels.paged_attention import paged_attention_triton
         return paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale,
-                                      shared_prefix=shared_prefix, window=window, softcap=softcap)
+                                      shared_prefix=shared_prefix, window=window, softcap=softcap, sinks=sinks)
     with autocast_off(q.device):
         return _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, window=window,
-                                      softcap=softcap)
+                                      softcap=softcap, sinks=sinks)
 
 
 def plan_shared_prefix(block_table, seq_lens, cu_q_lens, block_size):
@@ -271,7 +286,7 @@ def _refuse_gradients(**inputs):
     """The Triton kernels have no backward: their output would silently carry no gradient to these inputs."""
     if torch.is_grad_enabled():
         for name, t in inputs.items():
-            if t.requires_grad:
+            if t is not None and t.requires_grad:
                 raise RuntimeError(f"paged_attention: {name} requires grad, but the Triton backend has no backward; "
                                    "call it under torch.no_grad() or use backend='torch'")
 
@@ -358,12 +373,13 @@ def resolve_backend(backend, device):
     return backend
 
 
-def _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, window=None, softcap=None):
+def _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, window=None, softcap=None,
+                           sinks=None):
     """Row by row: gather the row's context once, then torch's scaled_dot_product_attention in fp32 over
     query chunks whose score matrices stay within _SCORE_BUDGET elements. The mask places query i of a row
     at position seq_len - q_len + i; a chunk that is only the row's last query sees every key and needs
     none (decode). With a window, a chunk attends only from its first query's first key on, and the mask
-    also hides keys at or before position - window. A soft cap takes `_soft_capped_attention` instead of sdpa.
+    also hides keys at or before position - window. A soft cap or sinks take `_attention_by_scores` instead of sdpa.
     Reads the index tensors on the host (a device sync on CUDA)."""
     num_heads = q.shape[1]
     block_size = k_cache.shape[1]
@@ -389,21 +405,27 @@ def _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens
                 if window is not None:
                     mask &= key_pos[None, lo:] > query_pos[:, None] - window
             qc = q[start + c0: start + c1].float().transpose(0, 1)[None]  # [1, num_heads, c, head_dim]
-            if softcap is None:
+            if softcap is None and sinks is None:
                 o = F.scaled_dot_product_attention(qc, k[:, :, lo:], v[:, :, lo:], attn_mask=mask, scale=scale,
                                                    enable_gqa=True)
             else:
-                o = _soft_capped_attention(qc, k[:, :, lo:], v[:, :, lo:], mask, scale, softcap)
+                o = _attention_by_scores(qc, k[:, :, lo:], v[:, :, lo:], mask, scale, softcap, sinks)
             out[start + c0: start + c1] = o[0].transpose(0, 1)
     return out
 
 
-def _soft_capped_attention(q, k, v, mask, scale, softcap):
+def _attention_by_scores(q, k, v, mask, scale, softcap, sinks):
     """What sdpa computes on q [1, H, c, D], k and v [1, Hkv, S, D] (head h reads KV head h // (H // Hkv)) and the
-    boolean mask [c, S] (None: all visible), with the scores s capped to softcap * tanh(s / softcap) first."""
+    boolean mask [c, S] (None: all visible), with the scores s capped to softcap * tanh(s / softcap) first (softcap
+    None: not capped) and sinks[h] (None: none) one more score of head h, with a zero value."""
     group = q.shape[1] // k.shape[1]
     scores = q @ k.repeat_interleave(group, dim=1).transpose(-1, -2) * scale
-    scores = softcap * torch.tanh(scores / softcap)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v.repeat_interleave(group, dim=1)
+    if sinks is not None:
+        sink = sinks.float()[None, :, None, None].expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, sink], dim=-1)
+    weights = torch.softmax(scores, dim=-1)[..., : k.shape[2]]
+    return weights @ v.repeat_interleave(group, dim=1)

@@ -1,5 +1,5 @@
 """Runs any Hugging Face causal LM whose layers attend through transformers' attention interface on the paged KV
-pool, batched: Phi-3 and Phi-4, Granite, SmolLM3, Cohere, GPT-2, GPT-NeoX, StableLM, Starcoder 2, ... (the
+pool, batched: Phi-3 and Phi-4, Granite, SmolLM3, Cohere, gpt-oss, GPT-2, GPT-NeoX, StableLM, Starcoder 2, ... (the
 families that `layer_layouts` does not name).
 
 The model's own forward runs every token of a ForwardBatch as one sequence, its positions given; each layer's
@@ -7,9 +7,9 @@ attention call (q, k, v as the layer computed and rotated them) is routed (atten
 which writes the new K/V into the pool and attends over each row's blocks. Everything else, the family's own
 embeddings, norms, MLPs, multipliers and logit caps included, is the model's code. A probe at construction decides:
 a one-token forward must route exactly one call per layer, of one K/V shape, with no mask or score bias of the
-model's own and no argument the pool does not compute (gpt-oss's attention sinks), and a six-token sequence run on
-a scratch pool in two forwards must give the logits of the model's own forward. A layer's window and soft cap are
-the ones it passes to the attention function (as FlashAttention receives them).
+model's own and no argument the pool does not compute, and a six-token sequence run on a scratch pool in two
+forwards must give the logits of the model's own forward. A layer's window, soft cap and attention sinks (gpt-oss's
+s_aux) are the ones it passes to the attention function (as FlashAttention receives them).
 """
 import inspect
 
@@ -30,6 +30,7 @@ from fastalign.runtime.pool_attention import pool_attention
 # the rotated q and k, the rest are flags of the forward
 _INERT_ARGUMENTS = {"dropout", "position_ids", "cache_position", "use_cache", "output_attentions",
                     "output_router_logits", "is_causal"}
+_COMPUTED_ARGUMENTS = {"scaling", "sliding_window", "softcap", "s_aux"}   # what pool_attention takes of a call
 _PROBE_IDS = (1, 0, 2, 1, 3, 0)
 _PROBE_SPLIT = 3   # the probe's second forward attends to the first one's K/V in the pool
 
@@ -164,15 +165,20 @@ class _Recorder:
             raise _Unfit(f"layer {index} attends bidirectionally (is_causal=False)")
         if kwargs.get("dropout") not in (None, 0, 0.0):
             raise _Unfit(f"layer {index} applies attention dropout in eval mode ({kwargs['dropout']})")
-        extra = sorted(name for name, v in kwargs.items() if name not in _INERT_ARGUMENTS
-                       and name not in ("scaling", "sliding_window", "softcap") and v is not None and v is not False)
+        extra = sorted(name for name, v in kwargs.items() if name not in _INERT_ARGUMENTS | _COMPUTED_ARGUMENTS
+                       and v is not None and v is not False)
         if extra:
             raise _Unfit(f"layer {index} passes {', '.join(extra)} to attention, which the paged attention does not "
-                         "compute (attention sinks, ...)")
+                         "compute")
         if query.dim() != 4 or key.shape != value.shape or query.shape[0] != 1 or query.shape[-1] != key.shape[-1]:
             raise _Unfit(f"layer {index}'s q, k, v are not [1, heads, tokens, head_dim] with one head_dim (q "
                          f"{list(query.shape)}, k {list(key.shape)}, v {list(value.shape)})")
         heads, kv_heads, head_dim = query.shape[1], key.shape[1], key.shape[-1]
+        sinks = kwargs.get("s_aux")
+        if sinks is not None and not (isinstance(sinks, torch.Tensor) and sinks.is_floating_point()
+                                      and sinks.shape == (heads,)):
+            raise _Unfit(f"layer {index} passes attention sinks (s_aux) that are not one float per query head "
+                         f"({heads})")
         if heads % kv_heads:
             raise _Unfit(f"layer {index} has {heads} query heads, not a multiple of its {kv_heads} K/V heads")
         window = kwargs.get("sliding_window")
@@ -197,7 +203,8 @@ class _PoolLayers:
             raise RuntimeError(f"model: layer {index} passed a mask or bias of its own to attention")
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))   # [tokens, heads, head_dim]
         out = pool_attention(index, q.contiguous(), k, v, self.pool, self.batch, scale=runner.scales[index],
-                             window=runner.windows[index], softcap=runner.softcaps[index], backend=runner.backend)
+                             window=runner.windows[index], softcap=runner.softcaps[index], backend=runner.backend,
+                             sinks=kwargs.get("s_aux"))
         self.calls += 1
         return out[None], None
 

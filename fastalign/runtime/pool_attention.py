@@ -4,9 +4,10 @@ from fastalign.ops.paged_attention import (check_paged_attention, check_write_kv
                                           write_kv_unchecked)
 
 
-def pool_attention(index, q, k, v, pool, batch, *, scale, window, softcap, backend):
+def pool_attention(index, q, k, v, pool, batch, *, scale, window, softcap, backend, sinks=None):
     """Layer `index`'s attention output [T, q_heads, head_dim] for q [T, q_heads, head_dim] and the new tokens'
-    k, v [T, kv_heads, head_dim] (rotated as the layer rotates them). Only layer 0's arguments go through the ops'
+    k, v [T, kv_heads, head_dim] (rotated as the layer rotates them), with the layer's attention sinks [q_heads] where
+    it has them (gpt-oss). Only layer 0's arguments go through the ops'
     shape, dtype and device checks (~20 us of host time per layer): every later layer's are shaped as the first's
     (one config, views of one pool); the index metadata comes from the span tree's plan, whose contents the runtime
     tests hold to the Hugging Face model's outputs. A windowed layer reads no cascade (it reads whole prefixes)."""
@@ -16,10 +17,10 @@ def pool_attention(index, q, k, v, pool, batch, *, scale, window, softcap, backe
         check_write_kv(k, v, k_cache, v_cache, batch.slot_mapping, validate=False)
         check_paged_attention(q, k_cache, v_cache, batch.block_table, batch.seq_lens, batch.cu_q_lens, scale=scale,
                               backend=backend, validate=False, shared_prefix=shared_prefix, window=window,
-                              softcap=softcap)
+                              softcap=softcap, sinks=sinks)
     write_kv_unchecked(k, v, k_cache, v_cache, batch.slot_mapping)
     if len(batch.host_extra_src):
         write_kv_unchecked(k[batch.extra_src], v[batch.extra_src], k_cache, v_cache, batch.extra_dst)
     return paged_attention_unchecked(q, k_cache, v_cache, batch.block_table, batch.seq_lens, batch.cu_q_lens,
                                      scale=float(scale), backend=backend, shared_prefix=shared_prefix, window=window,
-                                     softcap=softcap)
+                                     softcap=softcap, sinks=sinks)

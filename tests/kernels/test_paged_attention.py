@@ -171,8 +171,10 @@ for dtype, itemsize, tokens, rows, group, head_dim, prefix_pass, suffix_pass, pa
         compiled = build_for_gpu(_paged_attention_kernel, types, constants, num_warps, num_stages, capability)
         assert dtype == "fp32" or uses_tensor_cores(compiled), (what, capability, "bf16 dots off the tensor cores")
         check_build(compiled, what, tuned=dtype == "bf16" and capability == 90, capability=capability)
-check_build(build_for_gpu(_merge_splits_kernel, dict(Partial="*fp32", Lse="*fp32", Out="*bf16"),
-                          dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_S=4), 1, 1), "merge", tuned=False)
+for sinks in (False, True):  # gpt-oss's attention sinks join at the merge
+    check_build(build_for_gpu(_merge_splits_kernel, dict(Partial="*fp32", Lse="*fp32", Out="*bf16",
+                                                         Sinks="*bf16" if sinks else "*fp32"),
+                              dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_S=4, SINKS=sinks), 1, 1), "merge", tuned=False)
 """
 
 

@@ -68,20 +68,23 @@ CASES = {
 }
 
 
-def run_batch(shape, backend, dtype, device, *, shared_blocks=0, window=None, softcap=None):
+def run_batch(shape, backend, dtype, device, *, shared_blocks=0, window=None, softcap=None, sinks=False):
     """(op output, float64 reference) on a random batch of `shape` (rows, block_size, num_heads, num_kv_heads,
-    head_dim), with make_paged_batch's NaN in every slot the rows must not read."""
+    head_dim), with make_paged_batch's NaN in every slot the rows must not read; `sinks`: random attention sinks,
+    one per head, of q's dtype (a share of a query's attention from ~1% to most of it)."""
     batch = make_paged_batch(*shape, shared_blocks=shared_blocks, dtype=dtype, device=device or device_for(backend),
                              window=window)
+    if sinks:
+        batch["sinks"] = (2 * torch.randn(shape[2]) + 1).to(dtype=dtype, device=batch["q"].device)
     out = paged_attention(**batch, backend=backend, window=window, softcap=softcap)
     ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, window=window, softcap=softcap)
     assert out.dtype == dtype and out.shape == batch["q"].shape
     return out.cpu().double(), ref
 
 
-def run_case(case, backend, dtype=torch.float32, device=None, softcap=None):
+def run_case(case, backend, dtype=torch.float32, device=None, softcap=None, sinks=False):
     *shape, shared = CASES[case]
-    return run_batch(shape, backend, dtype, device, shared_blocks=shared, softcap=softcap)
+    return run_batch(shape, backend, dtype, device, shared_blocks=shared, softcap=softcap, sinks=sinks)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -103,10 +106,10 @@ WINDOW_CASES = {
 }
 
 
-def run_window_case(case, backend, dtype=torch.float32, device=None, softcap=None):
+def run_window_case(case, backend, dtype=torch.float32, device=None, softcap=None, sinks=False):
     """run_batch on a window case; slots before every query's window hold NaN."""
     *shape, window = WINDOW_CASES[case]
-    return run_batch(shape, backend, dtype, device, window=window, softcap=softcap)
+    return run_batch(shape, backend, dtype, device, window=window, softcap=softcap, sinks=sinks)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -316,6 +319,91 @@ def test_torch_path_with_a_softcap_is_differentiable():
     paged_attention_reference(**ref_inputs, softcap=0.6).square().sum().backward()
     for name, grad in zip(("q", "k_cache", "v_cache"), grads):
         torch.testing.assert_close(grad, ref_inputs[name].grad, rtol=1e-5, atol=1e-5)
+
+
+# Attention sinks (gpt-oss): one more score per head in every softmax, with a zero value.
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", CASES)
+def test_sinks_fp32_match_reference(case, backend):
+    out, ref = run_case(case, backend, sinks=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", WINDOW_CASES)
+def test_sinks_with_a_sliding_window_fp32_match_reference(case, backend):
+    """gpt-oss's sliding layers: the sink joins the softmax over the window's keys."""
+    out, ref = run_window_case(case, backend, sinks=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", SHARED_CASES)
+def test_sinks_with_the_shared_prefix_cascade_match_reference(case, backend):
+    """The sink joins once, where the cascade's two passes merge, with a soft cap on the scores too."""
+    batch, plan = make_shared_case(case, device=device_for(backend))
+    sinks = 2 * torch.randn(batch["q"].shape[1], device=batch["q"].device)
+    out = paged_attention(**batch, backend=backend, shared_prefix=plan, sinks=sinks, softcap=1.5)
+    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, sinks=sinks.cpu(), softcap=1.5)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_a_sink_takes_its_share_of_each_querys_attention(backend):
+    """Hugging Face's eager gpt-oss attention: softmax over [scores, sink], the sink's column dropped. Keys of zeros
+    give every visible key the score 0, so query p (p + 1 keys) weights each key 1 / (p + 1 + e^sink); values
+    one-hot by position make the output those weights. A sink of -inf would be no sink; -30 nearly none, 30 takes
+    almost all."""
+    n, sinks = 5, torch.tensor([0.0, 2.0, -30.0, 30.0])
+    k_cache = torch.zeros(3, 2, 1, n)
+    v_cache = torch.cat([torch.eye(n), torch.zeros(1, n)]).reshape(3, 2, 1, n)
+    device = device_for("torch" if backend == "reference" else backend)
+    index = dict(dtype=torch.int32, device=device)
+    batch = dict(q=torch.randn(n, 4, n, device=device), k_cache=k_cache.to(device), v_cache=v_cache.to(device),
+                 block_table=torch.tensor([[0, 1, 2]], **index), seq_lens=torch.tensor([n], **index),
+                 cu_q_lens=torch.tensor([0, n], **index), sinks=sinks.to(device))
+    out = (paged_attention_reference(**batch) if backend == "reference"
+           else paged_attention(**batch, backend=backend).cpu().double())
+    for p in range(n):
+        for h, sink in enumerate(sinks.tolist()):
+            expected = torch.zeros(n, dtype=torch.float64)
+            expected[: p + 1] = 1 / (p + 1 + math.exp(sink))
+            torch.testing.assert_close(out[p, h], expected, rtol=1e-6, atol=1e-12)
+
+
+def test_torch_path_with_sinks_is_differentiable_in_the_sinks_too():
+    batch = make_paged_batch([(9, 3), (6, 1)], 4, 4, 2, 16, dtype=torch.float64)
+    for name in ("q", "k_cache", "v_cache"):
+        batch[name] = torch.nan_to_num(batch[name]).requires_grad_()
+    batch["sinks"] = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    names = ("q", "k_cache", "v_cache", "sinks")
+    paged_attention(**batch, backend="torch").square().sum().backward()
+    grads = [batch[name].grad for name in names]
+    ref_inputs = {name: t.detach().clone().requires_grad_(t.requires_grad) for name, t in batch.items()}
+    paged_attention_reference(**ref_inputs).square().sum().backward()
+    for name, grad in zip(names, grads):
+        torch.testing.assert_close(grad, ref_inputs[name].grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sinks, message", [
+    (torch.zeros(3), r"sinks: expected None or a floating tensor \[num_heads=4\] on cpu .*got torch.float32 \[3\]"),
+    (torch.zeros(4, dtype=torch.long), r"got torch.int64 \[4\] on cpu"),
+    (torch.zeros(1, 4), r"got torch.float32 \[1, 4\] on cpu"),
+    ([0.0] * 4, r"got list")])
+def test_bad_sinks_are_refused_by_name(sinks, message):
+    batch = make_paged_batch([(9, 3), (6, 1)], 4, 4, 2, 16)
+    with pytest.raises(ValueError, match=message):
+        paged_attention(**batch, sinks=sinks)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", ["decode_gqa", "extend_shared_gqa_d32", "prefill_several_query_tiles"])
+def test_sinks_triton_on_cuda_match_reference(case, dtype):
+    out, ref = run_case(case, "triton", dtype=dtype, device="cuda", sinks=True)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
 
 
 @requires_cuda

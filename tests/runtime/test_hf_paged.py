@@ -1,16 +1,18 @@
 """PagedHF: what its probe refuses, and how its routing of a model's attention stays inside the runner's forwards.
 (Its trees match Hugging Face's logits in test_tree_runner.py, on the families of tiny_models.py.)"""
 import copy
+import functools
 import threading
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel, GptOssConfig, GptOssForCausalLM
+from transformers import GPT2LMHeadModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from fastalign import TreeRunner
 from fastalign.runtime import attention_routing
-from tests.runtime.tiny_models import VOCAB, tiny_model
+from tests.conftest import TRITON_DEVICE
+from tests.runtime.tiny_models import tiny_model
 
 
 def refusal(model):
@@ -20,15 +22,13 @@ def refusal(model):
     return str(error.value)
 
 
-def test_attention_sinks_are_refused_by_name():
-    """gpt-oss passes its per-head sinks (s_aux) to the attention function: attending without them would be
-    silently wrong, so the probe refuses the model and names the argument."""
-    torch.manual_seed(0)
-    model = GptOssForCausalLM(GptOssConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1, sliding_window=8,
-        pad_token_id=0, eos_token_id=0, bos_token_id=0)).eval()
-    assert "GptOssForCausalLM cannot run on the paged pool: layer 0 passes s_aux to attention" in refusal(model)
+def test_an_argument_to_attention_that_the_pool_does_not_compute_is_refused_by_name():
+    """A layer that passes the attention function something of its own (here a bias tensor, as an attention variant
+    might) would be attended without it, silently: the probe refuses the model and names the argument."""
+    model = tiny_model("gpt2-learned-positions")
+    attention = model.transformer.h[0].attn
+    attention.forward = functools.partial(attention.forward, score_bias=torch.zeros(1))
+    assert "GPT2LMHeadModel cannot run on the paged pool: layer 0 passes score_bias to attention" in refusal(model)
     assert not TreeRunner(model, max_tokens=64, block_size=4).paged   # the fallback takes it
 
 
@@ -112,3 +112,17 @@ def test_another_thread_using_the_model_during_a_routed_forward_is_refused():
         thread.join()
     assert errors and "its attention is routed to a fastalign TreeRunner's KV pool" in errors[0]
     assert model.config._attn_implementation != attention_routing.IMPLEMENTATION
+
+
+def test_gpt_oss_sinks_reach_the_triton_kernels_with_the_cascade():
+    """gpt-oss's attention sinks on the Triton path (the interpreter without a GPU): children of one span, so that its
+    full layers read the shared prefix through the cascade, which merges in the sinks; its sliding layers take none."""
+    model = tiny_model("gpt-oss-sinks-sliding", device=TRITON_DEVICE)
+    runner = TreeRunner(model, max_tokens=128, block_size=4, attention_backend="triton")
+    assert runner.paged and runner.model_runner.windows == [10, None] and runner._cascade_block_size == 4
+    root = runner.prefill(list(range(3, 20)))
+    children, logits = runner.extend([root] * 3, [[5, 9], [7], [8, 1, 2]])
+    with torch.no_grad():
+        for child, row in zip(children, logits):
+            expected = model(torch.tensor([child.tokens], device=TRITON_DEVICE)).logits[0, -1]
+            torch.testing.assert_close(row, expected, rtol=1e-4, atol=1e-4)

@@ -5,13 +5,13 @@ import random
 import torch
 from transformers import (BloomConfig, BloomForCausalLM, CohereConfig, CohereForCausalLM, Gemma2Config,
                           Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration,
-                          Gemma3TextConfig, GemmaConfig, GemmaForCausalLM,
-                          GPT2Config, GPT2LMHeadModel, GraniteConfig, GraniteForCausalLM, LlamaConfig,
-                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
-                          MptConfig, MptForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM,
-                          OPTConfig, OPTForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
-                          Qwen3MoeForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
+                          Gemma3TextConfig, GemmaConfig, GemmaForCausalLM, GPT2Config, GPT2LMHeadModel, GptOssConfig,
+                          GptOssForCausalLM, GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM,
+                          MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM, MptConfig,
+                          MptForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, OPTConfig,
+                          OPTForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig,
+                          Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
+                          SmolLM3Config, SmolLM3ForCausalLM)
 from fastalign.runtime.layer_layouts import LAYOUTS
 
 VOCAB = 101
@@ -29,7 +29,8 @@ _IDS_IN_VOCAB = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)  # OLMo's d
 # first layer). Then families that run on PagedHF (their own layers, attention routed to the pool): Phi-3's fused
 # projections, partial rotary and sliding window, Granite's multipliers and scaled logits, SmolLM3's layers without
 # RoPE, Cohere's parallel blocks with LayerNorms, interleaved rotary and scaled logits, Gemma 3's image-text model (its
-# language model on text alone), GPT-2's and OPT's learned positions. Then models for the fallback, whose ALiBi
+# language model on text alone), gpt-oss's attention sinks on sliding and full layers, GPT-2's and OPT's learned
+# positions. Then models for the fallback, whose ALiBi
 # biases are their own (their attention bypasses transformers' interface, or passes it a bias).
 CONFIGS = {
     "llama-gqa-untied": (LlamaForCausalLM, lambda: LlamaConfig(
@@ -88,6 +89,11 @@ CONFIGS = {
                            image_size=28, patch_size=14),
         mm_tokens_per_image=4, image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2,
         attn_implementation="eager")),
+    "gpt-oss-sinks-sliding": (GptOssForCausalLM, lambda: GptOssConfig(
+        **_COMMON, **_LLAMA_SHAPE, **_IDS_IN_VOCAB, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=10, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": MAX_POSITIONS // 32,
+                         "rope_theta": 150000.0, "beta_fast": 32.0, "beta_slow": 1.0})),
     "gpt2-learned-positions": (GPT2LMHeadModel, lambda: GPT2Config(
         vocab_size=VOCAB, n_positions=MAX_POSITIONS, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
         attn_implementation="eager")),
