@@ -10,9 +10,9 @@ from transformers import GPT2LMHeadModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from fastalign import TreeRunner
-from fastalign.runtime import attention_routing
+from fastalign.runtime import attention_routing, tree_runner
 from tests.conftest import TRITON_DEVICE
-from tests.runtime.tiny_models import tiny_model
+from tests.runtime.tiny_models import grow_random_tree, reference, tiny_model
 
 
 def refusal(model):
@@ -126,3 +126,21 @@ def test_gpt_oss_sinks_reach_the_triton_kernels_with_the_cascade():
         for child, row in zip(children, logits):
             expected = model(torch.tensor([child.tokens], device=TRITON_DEVICE)).logits[0, -1]
             torch.testing.assert_close(row, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["qwen3-head-dim-untied", "gemma2-sliding-softcaps", "olmo3-sliding-tied",
+                                  "qwen2-moe-shared-expert"])
+def test_families_of_the_llama_runner_give_the_same_trees_on_pagedhf(monkeypatch, name):
+    """The generic path on families that PagedLlama runs by their layouts (q/k norms, Gemma 2's score and logit
+    caps and sliding layers, OLMo 3's RoPE per layer type, a shared expert): its random trees match Hugging Face's
+    logits and hidden states as PagedLlama's do, so either path is a check on the other."""
+    monkeypatch.setattr(tree_runner, "llama_family_problem", lambda model: "forced onto PagedHF")
+    model = tiny_model(name)
+    runner = TreeRunner(model, max_tokens=112, block_size=4, attention_backend="torch")
+    assert type(runner.model_runner).__name__ == "PagedHF"
+
+    def check(span, logits, hidden):
+        ref_logits, ref_hidden = reference(model, span)
+        assert (logits - ref_logits).abs().max() <= 1e-4 and (hidden - ref_hidden).abs().max() <= 1e-4, span
+
+    assert grow_random_tree(runner, seed=2, check=check) > 0
