@@ -26,9 +26,12 @@ rewind      Releasing a branch of L tokens below the prefix (what a search does 
             extending the prefix by one token afterwards, for growing L: both should stay flat.
 decode      Plain batch-1 greedy decoding: TreeRunner (one extend per token) against Hugging Face
             generate with its cache, same model and prompt; target: runner time <= 1.3x generate's.
+            --family phi3 runs these three sections on a random Phi-3 of the same shape instead: a family
+            that the runner takes through transformers' attention interface (PagedHF), not by its layout.
 
     python bench/bench_tree.py            # CUDA, bf16, the shapes above
     python bench/bench_tree.py --quick    # small fp32 shapes, runs anywhere (CPU smoke run)
+    python bench/bench_tree.py --sections runner --family phi3
 """
 import argparse
 import os
@@ -218,16 +221,21 @@ REWIND_COLUMNS = [("prefix", "prefix", "{}"), ("branch_tokens", "branch tokens",
 DECODE_COLUMNS = [("prompt", "prompt", "{}"), ("new_tokens", "new tokens", "{}"), ("method", "method", "{}"),
                   ("ms", "ms", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:.1f}"), ("vs_hf", "time vs HF", "{:.2f}x"),
                   ("same_greedy_tokens", "same greedy tokens", "{}"), ("error", "error", "{}")]
-def random_llama(quick, device, dtype):
-    """A random-weight Llama: Llama-3.2-1B's shape, or a tiny one with --quick."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def random_model(quick, device, dtype, family="llama"):
+    """A random-weight causal LM of `family` ("llama", or "phi3": Phi-3's fused projections on the same shape):
+    Llama-3.2-1B's shape, or a tiny one with --quick."""
+    import transformers
+    config_class, model_class = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+                                 "phi3": ("Phi3Config", "Phi3ForCausalLM")}[family]
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # Phi-3's defaults lie past the tiny vocabulary
     if quick:
-        config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+        shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
     else:
-        config = LlamaConfig(**harness.LLAMA_SHAPES["1b"], max_position_embeddings=131072)
+        shape = dict(harness.LLAMA_SHAPES["1b"], max_position_embeddings=131072)
+    config = getattr(transformers, config_class)(**shape, **ids)
     with torch.device(device):
-        model = LlamaForCausalLM(config)
+        model = getattr(transformers, model_class)(config)
     model.generation_config.eos_token_id = None  # random weights: decode exactly the asked number of tokens
     model.generation_config.pad_token_id = 0
     return model.to(dtype).eval()
@@ -330,7 +338,7 @@ def runner_rows(args, device, dtype, report=lambda rows: None):
     """Rows of the extend, rewind and decode sections; report(rows so far) after each section, so that a run cut
     short keeps the sections it finished. A section that raises becomes an error row; the next ones still run."""
     from fastalign.runtime import TreeRunner
-    model = random_llama(args.quick, device, dtype)
+    model = random_model(args.quick, device, dtype, args.family)
     vocab = model.config.vocab_size
     prefix = random_tokens(args.tree_prefix, vocab)
     rows, runner, root = [], None, None
@@ -347,7 +355,8 @@ def runner_rows(args, device, dtype, report=lambda rows: None):
         runner = TreeRunner(model, max_tokens=args.pool_tokens, cascade_attention=cascade != "off")
         root = runner.prefill(prefix)
         runner.pin(root)
-        return extend_rows(runner, root, vocab, device, [1, args.children], args.child_tokens, cascade)
+        return [dict(row, model_runner=type(runner.model_runner).__name__)   # PagedLlama, or PagedHF for Phi-3
+                for row in extend_rows(runner, root, vocab, device, [1, args.children], args.child_tokens, cascade)]
     for cascade in ("off", "on") if device.type == "cuda" else ("-",):  # the torch backend has no cascade
         section("extend", lambda: extend(cascade))
     # the last runner (with the cascade, where there is one) serves the rewind and decode sections
@@ -383,6 +392,8 @@ def main():
     group.add_argument("--decode-prompt", type=int, default=128)
     group.add_argument("--decode-tokens", type=int, default=128)
     group.add_argument("--pool-tokens", type=int, default=1 << 16)
+    group.add_argument("--family", choices=["llama", "phi3"], default="llama",
+                       help="the random model's family (phi3: run through transformers' attention interface)")
     args = parser.parse_args()
     if args.quick:
         args.heads, args.kv_heads, args.head_dim, args.prefix, args.rows, args.iters = 4, 2, 32, [100], [1, 4], 2
@@ -409,7 +420,7 @@ def main():
     if "runner" in args.sections:
         config.update({key: getattr(args, key) for key in ("tree_prefix", "children", "child_tokens",
                                                              "branch_lengths", "decode_prompt", "decode_tokens",
-                                                             "pool_tokens")},
+                                                             "pool_tokens", "family")},
                       batched_extend_target=BATCHED_EXTEND_TARGET, decode_target=DECODE_TARGET)
         runner = runner_rows(args, device, dtype,
                              report=lambda section_rows: harness.write_results("bench_tree", device, config,
@@ -418,7 +429,8 @@ def main():
                 ("extend", EXTEND_COLUMNS, f"target: {args.children} children <= {BATCHED_EXTEND_TARGET}x one child"),
                 ("rewind", REWIND_COLUMNS, "target: flat in the branch length"),
                 ("decode", DECODE_COLUMNS, f"target: runner time <= {DECODE_TARGET}x HF generate")):
-            print(f"\n[{section}] {'random Llama (tiny)' if args.quick else 'random Llama-3.2-1B shape'}; {note}")
+            shape = "tiny" if args.quick else "Llama-3.2-1B shape"
+            print(f"\n[{section}] random {args.family} ({shape}); {note}")
             harness.print_table([row for row in runner if row["section"] == section], columns)
         rows += runner
     print("\nwrote", harness.write_results("bench_tree", device, config, rows))

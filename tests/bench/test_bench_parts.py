@@ -555,7 +555,7 @@ def test_tree_decode_counts_the_tokens_equal_to_hf_generates(monkeypatch):
     from fastalign.runtime import TreeRunner
     monkeypatch.setattr(bench_tree.harness, "median_ms", lambda fn, device, **kwargs: 4.0)
     torch.manual_seed(0)
-    model = bench_tree.random_llama(True, torch.device("cpu"), torch.float32)
+    model = bench_tree.random_model(True, torch.device("cpu"), torch.float32)
     runner = TreeRunner(model, max_tokens=1024)
     extend, calls = runner.extend, []
 
@@ -570,6 +570,19 @@ def test_tree_decode_counts_the_tokens_equal_to_hf_generates(monkeypatch):
     assert ours["same_greedy_tokens"] == 4 and ours["tokens_per_s"] == hf["tokens_per_s"] == pytest.approx(2000.0)
     assert len(calls) == 8
 
+
+
+def test_the_runner_sections_take_a_phi3_through_pagedhf():
+    """--family phi3: the same sections on a family the runner takes through transformers' attention interface;
+    the rows say which model runner ran, and its greedy decode is HF generate's."""
+    args = SimpleNamespace(quick=True, family="phi3", tree_prefix=20, children=3, child_tokens=2,
+                              branch_lengths=[4], decode_prompt=8, decode_tokens=4, pool_tokens=1024)
+    torch.manual_seed(0)
+    rows = bench_tree.runner_rows(args, torch.device("cpu"), torch.float32)
+    assert not [row for row in rows if row.get("error")], rows
+    assert {row["model_runner"] for row in rows if row["section"] == "extend"} == {"PagedHF"}
+    ours = next(row for row in rows if row.get("method") == "fastalign TreeRunner")
+    assert ours["same_greedy_tokens"] == 4
 
 # ---- bench_rain ----
 
