@@ -11,7 +11,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from fastalign import TreeRunner
 from fastalign.runtime import attention_routing, tree_runner
-from tests.conftest import TRITON_DEVICE
+from tests.conftest import TRITON_DEVICE, triton_cases
 from tests.runtime.tiny_models import grow_random_tree, reference, tiny_model
 
 
@@ -114,10 +114,11 @@ def test_another_thread_using_the_model_during_a_routed_forward_is_refused():
     assert model.config._attn_implementation != attention_routing.IMPLEMENTATION
 
 
-def test_gpt_oss_sinks_reach_the_triton_kernels_with_the_cascade():
+@pytest.mark.parametrize("name", triton_cases(["gpt-oss-sinks-sliding"]))   # on a GPU: under -m gpu
+def test_gpt_oss_sinks_reach_the_triton_kernels_with_the_cascade(name):
     """gpt-oss's attention sinks on the Triton path (the interpreter without a GPU): children of one span, so that its
     full layers read the shared prefix through the cascade, which merges in the sinks; its sliding layers take none."""
-    model = tiny_model("gpt-oss-sinks-sliding", device=TRITON_DEVICE)
+    model = tiny_model(name, device=TRITON_DEVICE)
     runner = TreeRunner(model, max_tokens=128, block_size=4, attention_backend="triton")
     assert runner.paged and runner.model_runner.windows == [10, None] and runner._cascade_block_size == 4
     root = runner.prefill(list(range(3, 20)))
