@@ -447,7 +447,7 @@ def test_tree_runner_sections_are_reported_as_they_finish_and_a_failing_one_beco
     def broken(*args):
         raise RuntimeError("decode failed")
     monkeypatch.setattr(bench_tree, "decode_rows", broken)
-    args = SimpleNamespace(quick=True, tree_prefix=20, pool_tokens=256, children=2, child_tokens=2,
+    args = SimpleNamespace(quick=True, family="llama", tree_prefix=20, pool_tokens=256, children=2, child_tokens=2,
                            branch_lengths=[4], decode_prompt=4, decode_tokens=2)
     reported = []
     rows = bench_tree.runner_rows(args, torch.device("cpu"), torch.float32,
