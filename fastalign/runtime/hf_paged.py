@@ -103,7 +103,8 @@ class PagedHF:
         if not calls:
             raise _Unfit("its layers do not attend through transformers' attention interface (no call reached it)")
         indices = sorted(calls)
-        expected = getattr(self.model.config.get_text_config(decoder=True), "num_hidden_layers", len(indices))
+        text_config = self.model.config.get_text_config(decoder=True)
+        expected = getattr(text_config, "num_hidden_layers", len(indices))
         if indices != list(range(expected)):
             raise _Unfit(f"the attention calls of a forward came from layers {indices}, not once from each of its "
                          f"{expected} layers")
@@ -116,6 +117,7 @@ class PagedHF:
         self.scales = [calls[i]["scale"] for i in indices]
         self.windows = [calls[i]["window"] for i in indices]
         self.softcaps = [calls[i]["softcap"] for i in indices]
+        _check_layer_types(getattr(text_config, "layer_types", None) or [], self.windows)
 
     def _own_logits(self, ids, handler=None):
         """The model's logits of `ids` [1, n], by its own attention (handler None) or routed to `handler`."""
@@ -207,6 +209,18 @@ class _PoolLayers:
                              sinks=kwargs.get("s_aux"))
         self.calls += 1
         return out[None], None
+
+
+def _check_layer_types(layer_types, windows):
+    """The masks that the config's layer types give (transformers builds one per type) are those the pool computes:
+    causal, or causal within the window the layer passed to attention. Llama 4's chunked layers, say, mask by their
+    type alone: attending to their whole context would be silently wrong past a chunk."""
+    for index, (kind, window) in enumerate(zip(layer_types, windows)):
+        if kind not in ("full_attention", "sliding_attention"):
+            raise _Unfit(f"its layer {index} is of type {kind!r}, whose attention mask the paged attention does not "
+                         "compute (it computes full_attention and sliding_attention)")
+        if kind == "sliding_attention" and window is None:
+            raise _Unfit(f"its layer {index} is a sliding_attention layer that passes no sliding_window to attention")
 
 
 def _structure_problem(model):

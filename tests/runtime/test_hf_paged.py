@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import GPT2LMHeadModel, Llama4ForCausalLM, Llama4TextConfig
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from fastalign import TreeRunner
@@ -145,3 +145,26 @@ def test_families_of_the_llama_runner_give_the_same_trees_on_pagedhf(monkeypatch
         assert (logits - ref_logits).abs().max() <= 1e-4 and (hidden - ref_hidden).abs().max() <= 1e-4, span
 
     assert grow_random_tree(runner, seed=2, check=check) > 0
+
+
+def test_a_layer_type_whose_mask_the_pool_does_not_compute_is_refused():
+    """Llama 4's chunked layers mask their keys by chunk, a mask transformers builds from the layer's type alone and
+    passes nothing of to the attention function: on the pool they would attend to their whole context, right up to
+    the first chunk's end (the probe's six tokens) and silently wrong after it."""
+    torch.manual_seed(0)
+    model = Llama4ForCausalLM(Llama4TextConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2, attention_chunk_size=8,
+        no_rope_layers=[1, 0], bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
+    assert model.config.layer_types == ["chunked_attention", "full_attention"]
+    assert ("its layer 0 is of type 'chunked_attention', whose attention mask the paged attention does not compute"
+            in refusal(model))
+
+
+def test_a_sliding_layer_that_passes_no_window_is_refused():
+    """A sliding_attention layer whose attention call carries no window (its window would then live in the mask
+    alone) is refused, not run over its whole context."""
+    model = tiny_model("phi3-partial-rotary-sliding")
+    model.config.layer_types = ["full_attention", "sliding_attention"]
+    model.config.sliding_window = None   # Phi-3 passes config.sliding_window to attention
+    assert "its layer 1 is a sliding_attention layer that passes no sliding_window to attention" in refusal(model)
