@@ -204,7 +204,7 @@ class _PoolLayers:
         if attention_mask is not None:  # none at the probe; one now would say more than the pool's causal rows do
             raise RuntimeError(f"model: layer {index} passed a mask or bias of its own to attention")
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))   # [tokens, heads, head_dim]
-        out = pool_attention(index, q.contiguous(), k, v, self.pool, self.batch, scale=runner.scales[index],
+        out = pool_attention(index, q, k, v, self.pool, self.batch, scale=runner.scales[index],
                              window=runner.windows[index], softcap=runner.softcaps[index], backend=runner.backend,
                              sinks=kwargs.get("s_aux"))
         self.calls += 1

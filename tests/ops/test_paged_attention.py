@@ -570,6 +570,20 @@ def test_write_kv_writes_slots_and_nothing_else():
     assert torch.equal(k_cache.view(12, 2, 8), expected_k) and torch.equal(v_cache.view(12, 2, 8), expected_v)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_head_major_queries_are_read_by_their_strides(backend):
+    """q as transformers' attention modules lay it out ([heads, tokens, head_dim] in memory, seen as [tokens,
+    heads, head_dim]: PagedHF passes it so, without a copy per layer), with sinks on the merge path too."""
+    batch = make_paged_batch([(20, 4), (11, 3), (7, 7)], 3, 4, 2, 16, device=device_for(backend))
+    batch["q"] = batch["q"].transpose(0, 1).contiguous().transpose(0, 1)
+    assert not batch["q"].is_contiguous()
+    for sinks in (None, torch.randn(4, device=batch["q"].device)):
+        out = paged_attention(**batch, backend=backend, sinks=sinks)
+        ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()},
+                                        sinks=None if sinks is None else sinks.cpu())
+        torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_write_kv_into_non_contiguous_cache_view():
     """Caches that are strided views of a bigger pool (K and V interleaved per slot) are written in place;
     a layout whose blocks and slots do not form one dimension is refused, not written into a copy."""
