@@ -168,3 +168,18 @@ def test_a_sliding_layer_that_passes_no_window_is_refused():
     model.config.layer_types = ["full_attention", "sliding_attention"]
     model.config.sliding_window = None   # Phi-3 passes config.sliding_window to attention
     assert "its layer 1 is a sliding_attention layer that passes no sliding_window to attention" in refusal(model)
+
+
+@pytest.mark.parametrize("name", ["cohere-parallel-blocks", "gemma3-image-text"])
+def test_hidden_states_without_logits_come_from_the_decoder_alone(name):
+    """hidden= without logits runs the decoder alone (no LM head): its last hidden states, after the final norm,
+    are Hugging Face's, at every new token or at the last one."""
+    model = tiny_model(name)
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    root = runner.prefill([5, 17, 3, 9, 2])
+    (child, other), logits, hidden = runner.extend([root, root], [[42, 8, 7], [11]], logits=None, hidden="all")
+    (last,), _, last_hidden = runner.extend([child], [[4]], logits=None, hidden="last")
+    assert logits is None
+    for span, states in ((child, hidden[0]), (other, hidden[1]), (last, last_hidden)):
+        _, expected = reference(model, span)
+        torch.testing.assert_close(states, expected[-len(states):], rtol=1e-4, atol=1e-4)
