@@ -13,6 +13,7 @@ Hugging Face's own forward and cache, row by row, with the same API.
 """
 import collections
 import threading
+import warnings
 
 import numpy as np
 import torch
@@ -128,12 +129,16 @@ class TreeRunner:
             try:
                 return PagedHF(layered, attention_backend, device)
             except ValueError as unfit:
+                reason = str(unfit).removeprefix("model: ")
                 if not fallback:
-                    raise ValueError(f"model: unsupported architecture for the paged runners ({problem}; "
-                                     f"{str(unfit).removeprefix('model: ')}) and fallback=False; pass fallback=True to "
-                                     "run it on Hugging Face's cache") from None
+                    raise ValueError(f"model: unsupported architecture for the paged runners ({problem}; {reason}) "
+                                     "and fallback=False; pass fallback=True to run it on Hugging Face's cache") from None
             from fastalign.runtime.hf_cache import HFCacheModel
-            return HFCacheModel(model, device)
+            runner = HFCacheModel(model, device)
+            # after the fallback's own probes passed: a model it refuses too gets that error alone
+            warnings.warn(f"TreeRunner: {reason}; it runs on Hugging Face's own cache instead, one row at a time "
+                          "(slower; fallback=False refuses such a model)", stacklevel=3)
+            return runner
 
     # ----- the tree
 

@@ -3,6 +3,7 @@
 import copy
 import functools
 import threading
+import warnings
 
 import pytest
 import torch
@@ -183,3 +184,17 @@ def test_hidden_states_without_logits_come_from_the_decoder_alone(name):
     for span, states in ((child, hidden[0]), (other, hidden[1]), (last, last_hidden)):
         _, expected = reference(model, span)
         torch.testing.assert_close(states, expected[-len(states):], rtol=1e-4, atol=1e-4)
+
+
+def test_the_fallback_says_why_it_was_taken_and_the_paged_runners_say_nothing():
+    """A model that neither paged runner takes still runs, on Hugging Face's cache row by row, but not silently:
+    the warning names the probe's reason, so a user whose search runs slowly learns why."""
+    with pytest.warns(UserWarning, match="TreeRunner: BloomForCausalLM cannot run on the paged pool: its forward takes "
+                                         "no position_ids; it runs on Hugging Face's own cache instead, one row at a "
+                                         "time"):
+        assert not TreeRunner(tiny_model("bloom-alibi-fallback"), max_tokens=64).paged
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name in ("llama-gqa-untied", "gpt2-learned-positions"):
+            assert TreeRunner(tiny_model(name), max_tokens=64).paged
+    assert not [w for w in caught if "TreeRunner" in str(w.message)]
