@@ -7,7 +7,9 @@ attention call (q, k, v as the layer computed and rotated them) is routed (atten
 which writes the new K/V into the pool and attends over each row's blocks. Everything else, the family's own
 embeddings, norms, MLPs, multipliers and logit caps included, is the model's code. A probe at construction decides:
 a one-token forward must route exactly one call per layer, of one K/V shape, with no mask or score bias of the
-model's own and no argument the pool does not compute, and a six-token sequence run on a scratch pool in two
+model's own and no argument the pool does not compute (V may be narrower than K, as in DeepSeek's latent attention,
+whose layers pass 192-wide K and 128-wide V per head: the pool stores V zero-padded, and holds the per-head K/V, not
+the compressed latent), and a six-token sequence run on a scratch pool in two
 forwards must give the logits of the model's own forward. A layer's window, soft cap and attention sinks (gpt-oss's
 s_aux) are the ones it passes to the attention function (as FlashAttention receives them).
 """
@@ -15,6 +17,7 @@ import inspect
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fastalign.eval_mode import eval_mode
 from fastalign.model_vocabulary import input_vocabulary
@@ -113,7 +116,8 @@ class PagedHF:
             raise _Unfit(f"its layers' K/V differ in shape or dtype ({sorted(map(str, geometry))}): one pool holds "
                          "one geometry")
         self.num_layers = len(indices)
-        self.num_heads, self.num_kv_heads, self.head_dim, self.dtype = geometry.pop()
+        # the pool holds K and V at K's head_dim: a narrower V (DeepSeek's latent attention) is stored zero-padded
+        self.num_heads, self.num_kv_heads, self.head_dim, self.v_dim, self.dtype = geometry.pop()
         self.scales = [calls[i]["scale"] for i in indices]
         self.windows = [calls[i]["window"] for i in indices]
         self.softcaps = [calls[i]["softcap"] for i in indices]
@@ -172,9 +176,10 @@ class _Recorder:
         if extra:
             raise _Unfit(f"layer {index} passes {', '.join(extra)} to attention, which the paged attention does not "
                          "compute")
-        if query.dim() != 4 or key.shape != value.shape or query.shape[0] != 1 or query.shape[-1] != key.shape[-1]:
-            raise _Unfit(f"layer {index}'s q, k, v are not [1, heads, tokens, head_dim] with one head_dim (q "
-                         f"{list(query.shape)}, k {list(key.shape)}, v {list(value.shape)})")
+        if (query.dim() != 4 or key.shape[:-1] != value.shape[:-1] or query.shape[0] != 1
+                or query.shape[-1] != key.shape[-1] or value.shape[-1] > key.shape[-1]):
+            raise _Unfit(f"layer {index}'s q, k, v are not [1, heads, tokens, head_dim], q and k of one head_dim and "
+                         f"v of no more (q {list(query.shape)}, k {list(key.shape)}, v {list(value.shape)})")
         heads, kv_heads, head_dim = query.shape[1], key.shape[1], key.shape[-1]
         sinks = kwargs.get("s_aux")
         if sinks is not None and not (isinstance(sinks, torch.Tensor) and sinks.is_floating_point()
@@ -187,7 +192,7 @@ class _Recorder:
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise _Unfit(f"layer {index} passes sliding_window={window!r}, not a positive int or None")
         scale = kwargs.get("scaling")
-        self.calls[index] = dict(geometry=(heads, kv_heads, head_dim, key.dtype), window=window,
+        self.calls[index] = dict(geometry=(heads, kv_heads, head_dim, value.shape[-1], key.dtype), window=window,
                                  scale=float(head_dim ** -0.5 if scale is None else scale),
                                  softcap=kwargs.get("softcap"))
         return value.repeat_interleave(heads // kv_heads, dim=1).transpose(1, 2), None
@@ -204,11 +209,13 @@ class _PoolLayers:
         if attention_mask is not None:  # none at the probe; one now would say more than the pool's causal rows do
             raise RuntimeError(f"model: layer {index} passed a mask or bias of its own to attention")
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))   # [tokens, heads, head_dim]
+        if runner.v_dim < runner.head_dim:    # zero value dims give zero output dims, dropped below
+            v = F.pad(v, (0, runner.head_dim - runner.v_dim))
         out = pool_attention(index, q, k, v, self.pool, self.batch, scale=runner.scales[index],
                              window=runner.windows[index], softcap=runner.softcaps[index], backend=runner.backend,
                              sinks=kwargs.get("s_aux"))
         self.calls += 1
-        return out[None], None
+        return out[None, ..., :runner.v_dim], None
 
 
 def _check_layer_types(layer_types, windows):

@@ -132,7 +132,8 @@ class TreeRunner:
                 reason = str(unfit).removeprefix("model: ")
                 if not fallback:
                     raise ValueError(f"model: unsupported architecture for the paged runners ({problem}; {reason}) "
-                                     "and fallback=False; pass fallback=True to run it on Hugging Face's cache") from None
+                                     "and fallback=False; pass fallback=True to run it on Hugging Face's "
+                                     "cache") from None
             from fastalign.runtime.hf_cache import HFCacheModel
             runner = HFCacheModel(model, device)
             # after the fallback's own probes passed: a model it refuses too gets that error alone

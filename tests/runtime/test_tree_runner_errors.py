@@ -444,8 +444,6 @@ _MAMBA = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=
 # name: (config keyword arguments, why the fallback cannot hold its cache), for tiny configs of every kind of model
 # whose cache is not per-token K and V of one shape (the classes: name + Config, name less "Text" + ForCausalLM)
 UNFIT = {
-    "DeepseekV2": (_MLA, "its K and V differ in head_dim \\(K \\d+, V \\d+: multi-head latent attention\\)"),
-    "DeepseekV3": (_MLA, "its K and V differ in head_dim \\(K \\d+, V \\d+: multi-head latent attention\\)"),
     "Qwen3Next": (dict(_HYBRID, head_dim=8, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
                        linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                        shared_expert_intermediate_size=16), _RECURRENT.format(kinds="linear_attention", layers="0")),
@@ -496,12 +494,28 @@ UNFIT = {
 }
 
 
+@pytest.mark.parametrize("name", ["DeepseekV2", "DeepseekV3"])
+def test_multi_head_latent_attention_runs_on_the_paged_pool(name):
+    """DeepSeek's latent attention (K 16 wide, V 12 here; 192 and 128 in DeepSeek-V3) was refused by the fallback,
+    whose cache layers hold one shape; PagedHF stores V zero-padded to K's width and drops the padding from the
+    output (V2 without a q LoRA, V3 with one)."""
+    config_kwargs = dict(_MLA, q_lora_rank=None if name == "DeepseekV2" else 24)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**config_kwargs)).eval()
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch", fallback=False)
+    assert (runner.model_runner.head_dim, runner.model_runner.v_dim) == (16, 12)
+    root = runner.prefill([5, 17, 3, 9, 2])
+    (child,), logits = runner.extend([root], [[42, 8, 7]], logits="all")
+    with torch.no_grad():
+        expected = model(torch.tensor([child.tokens])).logits[0, -3:]
+    torch.testing.assert_close(logits[0], expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", sorted(UNFIT))
 def test_fallback_says_what_about_a_model_keeps_it_off(name):
     """Refusals said how the fallback's probe failed, not why: "a one-token forward with a DynamicCache failed:
-    IndexError('list index out of range')" for Mamba and every hybrid of it, "it returns no logits, or its cache does
-    not hold per-token K and V of one shape" for DeepSeek's multi-head latent attention (K and V of different
-    head_dims). Each now names the model's trait and what the fallback runs."""
+    IndexError('list index out of range')" for Mamba and every hybrid of it. Each now names the model's trait and
+    what the fallback runs."""
     config_kwargs, reason = UNFIT[name]
     config_cls = getattr(transformers, f"{name}Config", None)
     model_cls = getattr(transformers, f"{name.removesuffix('Text')}ForCausalLM", None)
@@ -536,6 +550,8 @@ def test_fallback_without_transformers_cache_layer_names_still_says_why(monkeypa
     ([1, 1, VOCAB], [1, 2, 4, 8], [1, 2, 4, 8], "layer 0 holds K \\[1, 2, 4, 8\\] after one token"),
     ([1, 1, VOCAB], [1, 2, 1, 8], [1, 4, 1, 8], "its K and V differ in shape \\(layer 0 holds K \\[1, 2, 1, 8\\] and V "
                                                 "\\[1, 4, 1, 8\\]\\)"),
+    ([1, 1, VOCAB], [1, 2, 1, 12], [1, 2, 1, 8], "its K and V differ in head_dim \\(K 12, V 8: multi-head latent "
+                                                 "attention\\)"),
     ([1, 1, VOCAB], [1, 2, 1, 8], [1, 2, 1, 8], None)])
 def test_fallback_names_what_its_one_token_probe_found_amiss(logits, keys, values, reason):
     """Each way a one-token forward's output and cache can fall short gets its own reason (they shared one: "it

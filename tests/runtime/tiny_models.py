@@ -3,7 +3,8 @@ on a TreeRunner while checking every new span against the Hugging Face model run
 import random
 
 import torch
-from transformers import (BloomConfig, BloomForCausalLM, CohereConfig, CohereForCausalLM, Gemma2Config,
+from transformers import (BloomConfig, BloomForCausalLM, CohereConfig, CohereForCausalLM, DeepseekV3Config,
+                          DeepseekV3ForCausalLM, Gemma2Config,
                           Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration,
                           Gemma3TextConfig, GemmaConfig, GemmaForCausalLM, GPT2Config, GPT2LMHeadModel, GptOssConfig,
                           GptOssForCausalLM, GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM,
@@ -29,9 +30,10 @@ _IDS_IN_VOCAB = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)  # OLMo's d
 # first layer). Then families that run on PagedHF (their own layers, attention routed to the pool): Phi-3's fused
 # projections, partial rotary and sliding window, Granite's multipliers and scaled logits, SmolLM3's layers without
 # RoPE, Cohere's parallel blocks with LayerNorms, interleaved rotary and scaled logits, Gemma 3's image-text model (its
-# language model on text alone), gpt-oss's attention sinks on sliding and full layers, GPT-2's and OPT's learned
-# positions. Then models for the fallback, whose ALiBi
-# biases are their own (their attention bypasses transformers' interface, or passes it a bias).
+# language model on text alone), gpt-oss's attention sinks on sliding and full layers, DeepSeek-V3's latent
+# attention (V narrower than K) with its routed and shared experts, GPT-2's and OPT's learned positions. Then models
+# for the fallback, whose ALiBi biases are their own (their attention bypasses transformers' interface, or passes it a
+# bias).
 CONFIGS = {
     "llama-gqa-untied": (LlamaForCausalLM, lambda: LlamaConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=False)),
@@ -94,6 +96,10 @@ CONFIGS = {
         num_experts_per_tok=2, sliding_window=10, layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": MAX_POSITIONS // 32,
                          "rope_theta": 150000.0, "beta_fast": 32.0, "beta_slow": 1.0})),
+    "deepseek-v3-latent-attention": (DeepseekV3ForCausalLM, lambda: DeepseekV3Config(
+        **_COMMON, **_LLAMA_SHAPE, **_IDS_IN_VOCAB, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, n_routed_experts=4, n_shared_experts=1,
+        num_experts_per_tok=2, moe_intermediate_size=32, n_group=1, topk_group=1, first_k_dense_replace=1)),
     "gpt2-learned-positions": (GPT2LMHeadModel, lambda: GPT2Config(
         vocab_size=VOCAB, n_positions=MAX_POSITIONS, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
         attn_implementation="eager")),
