@@ -6,14 +6,16 @@ The model's own forward runs every token of a ForwardBatch as one sequence, its 
 attention call (q, k, v as the layer computed and rotated them) is routed (attention_routing) to `pool_attention`,
 which writes the new K/V into the pool and attends over each row's blocks. Everything else, the family's own
 embeddings, norms, MLPs, multipliers and logit caps included, is the model's code. A probe at construction decides:
-a one-token forward must route exactly one call per layer, of one K/V shape, with no mask or score bias of the
-model's own and no argument the pool does not compute (V may be narrower than K, as in DeepSeek's latent attention,
-whose layers pass 192-wide K and 128-wide V per head: the pool stores V zero-padded, and holds the per-head K/V, not
-the compressed latent), and a six-token sequence run on a scratch pool in two
-forwards must give the logits of the model's own forward. A layer's window, soft cap and attention sinks (gpt-oss's
-s_aux) are the ones it passes to the attention function (as FlashAttention receives them).
+a one-token forward must route exactly one call per layer, with no mask or score bias of the model's own and no
+argument the pool does not compute, and a six-token sequence on a scratch pool must give the model's own logits, in
+one forward and split over two. A layer's window, soft cap and attention sinks (gpt-oss's s_aux) are the ones it
+passes to the attention function (as FlashAttention receives them). Layers may differ in K/V heads and head_dim
+(Gemma 4's full layers against its sliding ones), and V may be narrower than K (DeepSeek's latent attention, whose
+layers pass per-head K and V, 192 and 128 wide): the pool is as wide as the widest, and a narrower layer's K/V are
+stored zero-padded, its fewer K/V heads repeated, which costs memory, not exactness.
 """
 import inspect
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -97,8 +99,11 @@ class PagedHF:
         return (logits if self.keeps_logits else logits[at]).float(), captured[0][0] if want_hidden else None
 
     def _record_layers(self):
-        """Each layer's attention as a one-token forward calls it: the pool's geometry, and the layer's scale,
-        window and soft cap (num_layers, num_kv_heads, head_dim, dtype, scales, windows, softcaps)."""
+        """Each layer's attention as a one-token forward calls it (layers: a _Layer each), and the pool's geometry
+        (num_layers, num_heads, num_kv_heads, head_dim, dtype) that holds them all: the most K/V heads and the widest
+        head_dim of any layer. A layer with fewer K/V heads has each repeated (its query heads still read their own),
+        a narrower one is zero-padded (zeros add nothing to q . k, and give output dims that are dropped): Gemma 4's
+        full layers are wider than its sliding ones, DeepSeek's V narrower than its K."""
         recorder = _Recorder()
         ids = torch.tensor([_PROBE_IDS[:1]], device=self.device) % input_vocabulary(self.model)
         _run_probe(lambda: self._own_logits(ids, recorder))
@@ -111,16 +116,19 @@ class PagedHF:
         if indices != list(range(expected)):
             raise _Unfit(f"the attention calls of a forward came from layers {indices}, not once from each of its "
                          f"{expected} layers")
-        geometry = {call["geometry"] for call in calls.values()}
-        if len(geometry) > 1:
-            raise _Unfit(f"its layers' K/V differ in shape or dtype ({sorted(map(str, geometry))}): one pool holds "
-                         "one geometry")
-        self.num_layers = len(indices)
-        # the pool holds K and V at K's head_dim: a narrower V (DeepSeek's latent attention) is stored zero-padded
-        self.num_heads, self.num_kv_heads, self.head_dim, self.v_dim, self.dtype = geometry.pop()
-        self.scales = [calls[i]["scale"] for i in indices]
-        self.windows = [calls[i]["window"] for i in indices]
-        self.softcaps = [calls[i]["softcap"] for i in indices]
+        self.layers = [calls[i] for i in indices]
+        heads_and_dtypes = sorted({(layer.heads, str(layer.dtype)) for layer in self.layers})
+        if len(heads_and_dtypes) > 1:
+            raise _Unfit(f"its layers differ in query heads or dtype ({heads_and_dtypes}): one pool holds one dtype, "
+                         "and its layers' K/V heads are shared by the same query heads")
+        self.num_layers, self.num_heads, self.dtype = len(indices), self.layers[0].heads, self.layers[0].dtype
+        self.num_kv_heads = max(layer.kv_heads for layer in self.layers)
+        if any(self.num_kv_heads % layer.kv_heads for layer in self.layers) or self.num_heads % self.num_kv_heads:
+            raise _Unfit(f"its layers' K/V heads ({sorted({layer.kv_heads for layer in self.layers})}) do not all "
+                         f"divide the most of them, {self.num_kv_heads}, which must divide its {self.num_heads} query "
+                         "heads")
+        self.head_dim = max(layer.qk_dim for layer in self.layers)
+        self.windows = [layer.window for layer in self.layers]
         _check_layer_types(getattr(text_config, "layer_types", None) or [], self.windows)
 
     def _own_logits(self, ids, handler=None):
@@ -132,24 +140,32 @@ class PagedHF:
                 return self.model(input_ids=ids, use_cache=False).logits[0].float()
 
     def _check_against_own_forward(self):
-        """The probe's sequence, run on a scratch pool in two forwards (the second attends to the first's K/V
-        there), gives the logits of the model's own forward of the whole sequence, within rounding of its dtype."""
+        """The probe's sequence on a scratch pool: run in one forward, it gives the logits of the model's own forward
+        within rounding of its dtype (16 ulp of the logits' scale; a tiny bf16 Gemma 4 differs by 7); split over two
+        forwards (the second attending to the first's K/V in the pool), the same logits as in one (4 ulp: both are
+        computed here). A mask or bias of the model's own fails the first; positions or state that the model draws
+        from anything but the positions it is given fail the second, by far more than rounding."""
         ids = torch.tensor(_PROBE_IDS, device=self.device) % input_vocabulary(self.model)
-        whole = _run_probe(lambda: self._own_logits(ids[None]))
+        own = _run_probe(lambda: self._own_logits(ids[None]))
         pool = KVPool(num_layers=self.num_layers, num_blocks=1, block_size=len(_PROBE_IDS), device=self.device,
                       num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, dtype=self.dtype)
-        paged = []
-        with torch.inference_mode():
-            for start, end in ((0, _PROBE_SPLIT), (_PROBE_SPLIT, len(_PROBE_IDS))):
-                batch = _one_row_batch(ids, start, end, self.device)
-                paged.append(_run_probe(lambda: self.forward(batch, pool, batch.outputs, True, False)[0]))
-        paged = torch.cat(paged)
-        tolerance = 1e-4 if self.dtype in (torch.float32, torch.float64) else 3e-2
-        error = float((paged - whole).abs().max() / whole.abs().max().clamp(min=1e-6))
-        if not error <= tolerance:
-            raise _Unfit(f"its logits on the pool differ from its own forward's by {error:.3g} of their scale (more "
-                         f"than {tolerance}): it computes something of its own around attention (a mask, a bias, "
-                         "positions from its cache)")
+
+        def on_pool(spans):
+            batches = [_one_row_batch(ids, start, end, self.device) for start, end in spans]
+            with torch.inference_mode():
+                return torch.cat([_run_probe(lambda: self.forward(batch, pool, batch.outputs, True, False)[0])
+                                  for batch in batches])
+        whole, split = on_pool([(0, len(_PROBE_IDS))]), on_pool([(0, _PROBE_SPLIT), (_PROBE_SPLIT, len(_PROBE_IDS))])
+        ulp = torch.finfo(self.dtype).eps if self.dtype.is_floating_point else 0.0
+        for got, expected, tolerance, what in (
+                (whole, own, max(1e-4, 16 * ulp), "differ from its own forward's by {:.3g} of their scale (more than "
+                 "{:.3g}): it computes something of its own around attention (a mask, a bias)"),
+                (split, whole, max(1e-4, 4 * ulp), "change by {:.3g} of their scale (more than {:.3g}) when its "
+                 "sequence is split over two forwards: it draws positions or state from something other than the "
+                 "positions it is given (its cache, the length of its input)")):
+            error = float((got - expected).abs().max() / expected.abs().max().clamp(min=1e-6))
+            if not error <= tolerance:
+                raise _Unfit("its logits on the pool " + what.format(error, tolerance))
 
 
 class _Recorder:
@@ -192,10 +208,22 @@ class _Recorder:
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise _Unfit(f"layer {index} passes sliding_window={window!r}, not a positive int or None")
         scale = kwargs.get("scaling")
-        self.calls[index] = dict(geometry=(heads, kv_heads, head_dim, value.shape[-1], key.dtype), window=window,
-                                 scale=float(head_dim ** -0.5 if scale is None else scale),
-                                 softcap=kwargs.get("softcap"))
+        self.calls[index] = _Layer(heads, kv_heads, head_dim, value.shape[-1], key.dtype, window,
+                                   float(head_dim ** -0.5 if scale is None else scale), kwargs.get("softcap"))
         return value.repeat_interleave(heads // kv_heads, dim=1).transpose(1, 2), None
+
+
+class _Layer(NamedTuple):
+    """What the pool needs of one layer's attention, as its probe call showed it."""
+
+    heads: int
+    kv_heads: int
+    qk_dim: int
+    v_dim: int
+    dtype: torch.dtype
+    window: Optional[int]
+    scale: float
+    softcap: Optional[float]
 
 
 class _PoolLayers:
@@ -208,14 +236,18 @@ class _PoolLayers:
         runner, index = self.runner, module.layer_idx
         if attention_mask is not None:  # none at the probe; one now would say more than the pool's causal rows do
             raise RuntimeError(f"model: layer {index} passed a mask or bias of its own to attention")
+        layer, width = runner.layers[index], runner.head_dim
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))   # [tokens, heads, head_dim]
-        if runner.v_dim < runner.head_dim:    # zero value dims give zero output dims, dropped below
-            v = F.pad(v, (0, runner.head_dim - runner.v_dim))
-        out = pool_attention(index, q, k, v, self.pool, self.batch, scale=runner.scales[index],
-                             window=runner.windows[index], softcap=runner.softcaps[index], backend=runner.backend,
-                             sinks=kwargs.get("s_aux"))
+        if layer.kv_heads < runner.num_kv_heads:   # K/V head j serves the query heads of its own j // repeats
+            k, v = (t.repeat_interleave(runner.num_kv_heads // layer.kv_heads, dim=1) for t in (k, v))
+        if layer.qk_dim < width:
+            q, k = (F.pad(t, (0, width - layer.qk_dim)) for t in (q, k))
+        if layer.v_dim < width:
+            v = F.pad(v, (0, width - layer.v_dim))
+        out = pool_attention(index, q, k, v, self.pool, self.batch, scale=layer.scale, window=layer.window,
+                             softcap=layer.softcap, backend=runner.backend, sinks=kwargs.get("s_aux"))
         self.calls += 1
-        return out[None, ..., :runner.v_dim], None
+        return out[None, ..., :layer.v_dim], None
 
 
 def _check_layer_types(layer_types, windows):

@@ -33,12 +33,14 @@ def test_random_tree_matches_hugging_face_fp32(index, name):
 # Face's forward, which moves its logits by far more than rounding.)
 BF16_CASES = [("cpu", "torch", name) for name in ("llama-gqa-untied", "mistral-mqa-head-dim", "qwen3-head-dim-untied",
                                                   "gemma2-sliding-softcaps", "gemma3-sliding-softcap",
-                                                  "phi3-partial-rotary-sliding", "granite-multipliers")] + [
+                                                  "phi3-partial-rotary-sliding", "granite-multipliers",
+                                                  "gemma4-wide-full-layers-shared-kv")] + [
     (TRITON_DEVICE, "triton", "mistral-mqa-head-dim"), (TRITON_DEVICE, "triton", "phi3-partial-rotary-sliding")] + [
     pytest.param("cuda", "auto", name, marks=requires_cuda)
     for name in ("llama-gqa-untied", "qwen2-tied", "mistral-mqa-head-dim", "qwen3-head-dim-untied",
                  "gemma2-sliding-softcaps", "gemma3-sliding-softcap", "olmo3-sliding-tied",
-                 "phi3-partial-rotary-sliding", "gpt2-learned-positions", "bloom-alibi-fallback")]
+                 "phi3-partial-rotary-sliding", "gemma4-wide-full-layers-shared-kv", "gpt2-learned-positions",
+                 "bloom-alibi-fallback")]
 
 
 @pytest.mark.parametrize("device, backend, name", BF16_CASES)

@@ -15,7 +15,7 @@ from transformers import (BertConfig, BertLMHeadModel, BertModel, DynamicCache, 
 
 from fastalign import PoolExhaustedError, Span, TreeRunner
 from fastalign.runtime import hf_cache
-from fastalign.runtime.hf_cache import _kv_problem
+from fastalign.runtime.hf_cache import HFCacheModel, _kv_problem
 from fastalign.unlearn.models import enable_activation_checkpointing
 from tests.runtime.tiny_models import CONFIGS, MAX_POSITIONS, VOCAB, tiny_model
 
@@ -503,7 +503,7 @@ def test_multi_head_latent_attention_runs_on_the_paged_pool(name):
     torch.manual_seed(0)
     model = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**config_kwargs)).eval()
     runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch", fallback=False)
-    assert (runner.model_runner.head_dim, runner.model_runner.v_dim) == (16, 12)
+    assert runner.model_runner.head_dim == 16 and {layer.v_dim for layer in runner.model_runner.layers} == {12}
     root = runner.prefill([5, 17, 3, 9, 2])
     (child,), logits = runner.extend([root], [[42, 8, 7]], logits="all")
     with torch.no_grad():
@@ -563,7 +563,8 @@ def test_fallback_names_what_its_one_token_probe_found_amiss(logits, keys, value
 
 def test_fallback_refuses_a_model_whose_cache_layers_differ_in_shape():
     """Gemma 4 gives its full-attention layers a larger head_dim (global_head_dim) than its sliding ones: the pool,
-    shaped after the first layer, failed at the first prefill deep inside write_kv. It is refused when made."""
+    shaped after the first layer, failed at the first prefill deep inside write_kv. The fallback refuses it when made;
+    a TreeRunner runs it on PagedHF (its pool as wide as the widest layer)."""
     config = Gemma4TextConfig(vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8,
                               hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, head_dim=8, global_head_dim=16, sliding_window=8,
@@ -573,7 +574,8 @@ def test_fallback_refuses_a_model_whose_cache_layers_differ_in_shape():
     with pytest.raises(ValueError, match=r"Gemma4ForCausalLM cannot run .*: its cache layers differ in shape \(layer 1 "
                                          r"holds K \[1, 2, 1, 16\] and V \[1, 2, 1, 16\], layer 0 K and V "
                                          r"\[1, 2, 1, 8\]\)"):
-        TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+        HFCacheModel(model, torch.device("cpu"))
+    assert TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch").paged
 
 
 @pytest.mark.parametrize("wider", ["keys", "values"])

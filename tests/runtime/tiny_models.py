@@ -4,13 +4,13 @@ import random
 
 import torch
 from transformers import (BloomConfig, BloomForCausalLM, CohereConfig, CohereForCausalLM, DeepseekV3Config,
-                          DeepseekV3ForCausalLM, Gemma2Config,
-                          Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration,
-                          Gemma3TextConfig, GemmaConfig, GemmaForCausalLM, GPT2Config, GPT2LMHeadModel, GptOssConfig,
+                          DeepseekV3ForCausalLM, GPT2Config, GPT2LMHeadModel, Gemma2Config, Gemma2ForCausalLM,
+                          Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig,
+                          Gemma4ForCausalLM, Gemma4TextConfig, GemmaConfig, GemmaForCausalLM, GptOssConfig,
                           GptOssForCausalLM, GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM,
                           MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM, MptConfig,
-                          MptForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, OPTConfig,
-                          OPTForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig,
+                          MptForCausalLM, OPTConfig, OPTForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config,
+                          Olmo3ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig,
                           Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
                           SmolLM3Config, SmolLM3ForCausalLM)
 from fastalign.runtime.layer_layouts import LAYOUTS
@@ -30,7 +30,8 @@ _IDS_IN_VOCAB = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)  # OLMo's d
 # first layer). Then families that run on PagedHF (their own layers, attention routed to the pool): Phi-3's fused
 # projections, partial rotary and sliding window, Granite's multipliers and scaled logits, SmolLM3's layers without
 # RoPE, Cohere's parallel blocks with LayerNorms, interleaved rotary and scaled logits, Gemma 3's image-text model (its
-# language model on text alone), gpt-oss's attention sinks on sliding and full layers, DeepSeek-V3's latent
+# language model on text alone), Gemma 4's full layers wider and with fewer K/V heads than its sliding ones and its
+# last layers reusing earlier layers' K/V, gpt-oss's attention sinks on sliding and full layers, DeepSeek-V3's latent
 # attention (V narrower than K) with its routed and shared experts, GPT-2's and OPT's learned positions. Then models
 # for the fallback, whose ALiBi biases are their own (their attention bypasses transformers' interface, or passes it a
 # bias).
@@ -91,6 +92,11 @@ CONFIGS = {
                            image_size=28, patch_size=14),
         mm_tokens_per_image=4, image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2,
         attn_implementation="eager")),
+    "gemma4-wide-full-layers-shared-kv": (Gemma4ForCausalLM, lambda: Gemma4TextConfig(
+        **_COMMON, **dict(_LLAMA_SHAPE, num_hidden_layers=4), **_IDS_IN_VOCAB, num_key_value_heads=2, head_dim=16,
+        global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True, num_kv_shared_layers=2,
+        sliding_window=10, layer_types=["sliding_attention", "full_attention"] * 2, vocab_size_per_layer_input=VOCAB,
+        hidden_size_per_layer_input=8, final_logit_softcapping=3.0)),
     "gpt-oss-sinks-sliding": (GptOssForCausalLM, lambda: GptOssConfig(
         **_COMMON, **_LLAMA_SHAPE, **_IDS_IN_VOCAB, num_key_value_heads=2, head_dim=16, num_local_experts=4,
         num_experts_per_tok=2, sliding_window=10, layer_types=["sliding_attention", "full_attention"],
