@@ -7,10 +7,10 @@ from fastalign.ops.paged_attention import (check_paged_attention, check_write_kv
 def pool_attention(index, q, k, v, pool, batch, *, scale, window, softcap, backend, sinks=None):
     """Layer `index`'s attention output [T, q_heads, head_dim] for q [T, q_heads, head_dim] and the new tokens'
     k, v [T, kv_heads, head_dim] (rotated as the layer rotates them), with the layer's attention sinks [q_heads] where
-    it has them (gpt-oss). Only layer 0's arguments go through the ops'
-    shape, dtype and device checks (~20 us of host time per layer): every later layer's are shaped as the first's
-    (one config, views of one pool); the index metadata comes from the span tree's plan, whose contents the runtime
-    tests hold to the Hugging Face model's outputs. A windowed layer reads no cascade (it reads whole prefixes)."""
+    it has them (gpt-oss). Only layer 0's arguments go through the ops' shape, dtype and device checks (~20 us of host
+    time per layer): every later layer's are shaped as the first's (views of one pool, each layer's K/V brought to its
+    geometry); the index metadata comes from the span tree's plan, whose contents the runtime tests hold to the
+    Hugging Face model's outputs. A windowed layer reads no cascade (it reads whole prefixes)."""
     k_cache, v_cache = pool.k(index), pool.v(index)
     shared_prefix = batch.shared_prefix if window is None else None
     if index == 0:
