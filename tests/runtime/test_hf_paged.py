@@ -118,13 +118,16 @@ def test_another_thread_using_the_model_during_a_routed_forward_is_refused():
     assert model.config._attn_implementation != attention_routing.IMPLEMENTATION
 
 
-@pytest.mark.parametrize("name", triton_cases(["gpt-oss-sinks-sliding"]))   # on a GPU: under -m gpu
-def test_gpt_oss_sinks_reach_the_triton_kernels_with_the_cascade(name):
-    """gpt-oss's attention sinks on the Triton path (the interpreter without a GPU): children of one span, so that its
-    full layers read the shared prefix through the cascade, which merges in the sinks; its sliding layers take none."""
+# on a GPU: under -m gpu
+@pytest.mark.parametrize("name", triton_cases(["gpt-oss-sinks-sliding", "gemma4-wide-full-layers-shared-kv",
+                                               "deepseek-v3-latent-attention"]))
+def test_pagedhf_reaches_the_triton_kernels_with_the_cascade(name):
+    """On the Triton path (the interpreter without a GPU), children of one span, so that the full layers read the
+    shared prefix through the cascade: gpt-oss's sinks merged in there, Gemma 4's layers of two geometries brought to
+    the pool's, DeepSeek's narrower V padded; the sliding layers take no cascade."""
     model = tiny_model(name, device=TRITON_DEVICE)
     runner = TreeRunner(model, max_tokens=128, block_size=4, attention_backend="triton")
-    assert runner.paged and runner.model_runner.windows == [10, None] and runner._cascade_block_size == 4
+    assert runner.paged and None in runner.model_runner.windows and runner._cascade_block_size == 4
     root = runner.prefill(list(range(3, 20)))
     children, logits = runner.extend([root] * 3, [[5, 9], [7], [8, 1, 2]])
     with torch.no_grad():
