@@ -5,9 +5,8 @@ The KV still lives in the paged pool, so that spans, sharing, eviction and every
 are the same as on the fast path. Each row runs on its own: its context is gathered from the pool into a
 `DynamicCache`, the model runs its new tokens with that cache, and the K/V the model appended to the cache
 are written back into the pool. This works for any model whose cache layers hold per-token K and V of
-one shape [batch, kv_heads, tokens, head_dim] and that keeps no other state between forwards (Bloom's and MPT's
-ALiBi, gpt-oss's attention sinks, ...; not DeepSeek's latent attention or RecurrentGemma); it costs one gather of the
-context per row.
+one shape [batch, kv_heads, tokens, head_dim] and that keeps no other state between forwards (Bloom and MPT, whose
+ALiBi biases PagedHF does not compute, ...; not RecurrentGemma); it costs one gather of the context per row.
 """
 import numpy as np
 import torch
@@ -147,7 +146,7 @@ def _unfit(model, reason):
     """The error refusing `model` for `reason`, with what the fallback runs."""
     return ValueError(f"model: {type(model).__name__} cannot run on the Hugging Face cache fallback: {reason}; the "
                       "fallback runs causal LMs whose cache holds per-token K and V of one shape [batch, kv_heads, "
-                      "tokens, head_dim] in every layer and no other state (GPT-2, OPT, ...)")
+                      "tokens, head_dim] in every layer and no other state (Bloom, MPT, ...)")
 
 
 def state_problem(model):
