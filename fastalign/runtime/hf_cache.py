@@ -54,7 +54,8 @@ class HFCacheModel:
                                 "appended, as in an encoder such as BertLMHeadModel without config.is_decoder=True), "
                                 "so that no cache can give its full-sequence outputs")
         self.num_layers = len(cache.layers)
-        self.num_kv_heads, self.head_dim, self.dtype = keys.shape[1], keys.shape[3], keys.dtype
+        self.pool_shapes = [(keys.shape[1], keys.shape[3])] * self.num_layers   # KVPool's layers: its cache's
+        self.dtype = keys.dtype
         self.max_context = context_limit(model.config)
 
     def forward(self, batch, pool, select, want_logits, want_hidden, logits_rows=None):

@@ -9,10 +9,11 @@ embeddings, norms, MLPs, multipliers and logit caps included, is the model's cod
 a one-token forward must route exactly one call per layer, with no mask or score bias of the model's own and no
 argument the pool does not compute, and a six-token sequence on a scratch pool must give the model's own logits, in
 one forward and split over two. A layer's window, soft cap and attention sinks (gpt-oss's s_aux) are the ones it
-passes to the attention function (as FlashAttention receives them). Layers may differ in K/V heads and head_dim
-(Gemma 4's full layers against its sliding ones), and V may be narrower than K (DeepSeek's latent attention, whose
-layers pass per-head K and V, 192 and 128 wide): the pool is as wide as the widest, and a narrower layer's K/V are
-stored zero-padded, its fewer K/V heads repeated, which costs memory, not exactness.
+passes to the attention function (as FlashAttention receives them). Each layer has a pool layer of its own K/V
+heads and head_dim (Gemma 4's full layers hold fewer, wider heads than its sliding ones), except a layer that attends
+to the very K/V tensors an earlier layer of the forward attended to (Gemma 4's shared K/V layers): it reads that
+layer's pool layer and stores nothing. V may be narrower than K (DeepSeek's latent attention, whose layers pass
+per-head K and V, 192 and 128 wide): it is stored zero-padded to K's width.
 """
 import inspect
 from typing import NamedTuple, Optional
@@ -78,8 +79,8 @@ class PagedHF:
             else:
                 logits, hidden = self._logits(ids, positions, select if logits_rows is None else select[logits_rows],
                                               want_hidden)
-        if layers.calls != self.num_layers:  # a layer skipped its attention: its K/V are missing from the pool
-            raise RuntimeError(f"model: {layers.calls} of its {self.num_layers} layers attended in this forward")
+        if layers.calls != len(self.layers):  # a layer skipped its attention: its K/V are missing from the pool
+            raise RuntimeError(f"model: {layers.calls} of its {len(self.layers)} layers attended in this forward")
         if select is None:
             return None, None
         return logits, hidden[select] if want_hidden else None
@@ -99,11 +100,10 @@ class PagedHF:
         return (logits if self.keeps_logits else logits[at]).float(), captured[0][0] if want_hidden else None
 
     def _record_layers(self):
-        """Each layer's attention as a one-token forward calls it (layers: a _Layer each), and the pool's geometry
-        (num_layers, num_heads, num_kv_heads, head_dim, dtype) that holds them all: the most K/V heads and the widest
-        head_dim of any layer. A layer with fewer K/V heads has each repeated (its query heads still read their own),
-        a narrower one is zero-padded (zeros add nothing to q . k, and give output dims that are dropped): Gemma 4's
-        full layers are wider than its sliding ones, DeepSeek's V narrower than its K."""
+        """Each layer's attention as a one-token forward calls it (layers: a _Layer each), the layer whose K/V each
+        one reads (reads_from: None for its own; an earlier layer whose very K and V tensors it was given), and the
+        pool's layers: pool_index[layer] of each, and pool_shapes, (K/V heads, K's head_dim) of each layer that stores
+        its own K/V."""
         recorder = _Recorder()
         ids = torch.tensor([_PROBE_IDS[:1]], device=self.device) % input_vocabulary(self.model)
         _run_probe(lambda: self._own_logits(ids, recorder))
@@ -120,14 +120,14 @@ class PagedHF:
         heads_and_dtypes = sorted({(layer.heads, str(layer.dtype)) for layer in self.layers})
         if len(heads_and_dtypes) > 1:
             raise _Unfit(f"its layers differ in query heads or dtype ({heads_and_dtypes}): one pool holds one dtype, "
-                         "and its layers' K/V heads are shared by the same query heads")
-        self.num_layers, self.num_heads, self.dtype = len(indices), self.layers[0].heads, self.layers[0].dtype
-        self.num_kv_heads = max(layer.kv_heads for layer in self.layers)
-        if any(self.num_kv_heads % layer.kv_heads for layer in self.layers) or self.num_heads % self.num_kv_heads:
-            raise _Unfit(f"its layers' K/V heads ({sorted({layer.kv_heads for layer in self.layers})}) do not all "
-                         f"divide the most of them, {self.num_kv_heads}, which must divide its {self.num_heads} query "
-                         "heads")
-        self.head_dim = max(layer.qk_dim for layer in self.layers)
+                         "and the attention ops check one query shape per shape of K/V")
+        self.dtype = self.layers[0].dtype
+        self.reads_from = [recorder.source(i) for i in indices]
+        self.sources = {i for i in self.reads_from if i is not None}
+        own = [i for i in indices if self.reads_from[i] is None]
+        self.pool_shapes = [(self.layers[i].kv_heads, self.layers[i].qk_dim) for i in own]
+        at = {layer: place for place, layer in enumerate(own)}
+        self.pool_index = [at[i if self.reads_from[i] is None else self.reads_from[i]] for i in indices]
         self.windows = [layer.window for layer in self.layers]
         _check_layer_types(getattr(text_config, "layer_types", None) or [], self.windows)
 
@@ -147,8 +147,8 @@ class PagedHF:
         from anything but the positions it is given fail the second, by far more than rounding."""
         ids = torch.tensor(_PROBE_IDS, device=self.device) % input_vocabulary(self.model)
         own = _run_probe(lambda: self._own_logits(ids[None]))
-        pool = KVPool(num_layers=self.num_layers, num_blocks=1, block_size=len(_PROBE_IDS), device=self.device,
-                      num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, dtype=self.dtype)
+        pool = KVPool(self.pool_shapes, num_blocks=1, block_size=len(_PROBE_IDS), device=self.device,
+                      dtype=self.dtype)
 
         def on_pool(spans):
             batches = [_one_row_batch(ids, start, end, self.device) for start, end in spans]
@@ -169,11 +169,19 @@ class PagedHF:
 
 
 class _Recorder:
-    """A probe forward's attention handler: checks each call and records what the pool needs of its layer;
-    answers as attention over one token does (each query head gets its K/V head's value)."""
+    """A probe forward's attention handler: checks each call and records what the pool needs of its layer, and the
+    K and V tensors it was given; answers as attention over one token does (each query head gets its K/V head's
+    value)."""
 
     def __init__(self):
-        self.calls = {}
+        self.calls, self.kv = {}, {}
+
+    def source(self, index):
+        """The first layer that was given the very K and V tensors that layer `index` was, if not `index` itself
+        (the tensors are held here, so no other tensor can have taken their identity)."""
+        key, value = self.kv[index]
+        return next((i for i in sorted(self.kv) if i < index and self.kv[i][0] is key and self.kv[i][1] is value),
+                    None)
 
     def __call__(self, module, query, key, value, attention_mask, kwargs):
         index = getattr(module, "layer_idx", None)
@@ -210,6 +218,7 @@ class _Recorder:
         scale = kwargs.get("scaling")
         self.calls[index] = _Layer(heads, kv_heads, head_dim, value.shape[-1], key.dtype, window,
                                    float(head_dim ** -0.5 if scale is None else scale), kwargs.get("softcap"))
+        self.kv[index] = key, value
         return value.repeat_interleave(heads // kv_heads, dim=1).transpose(1, 2), None
 
 
@@ -231,21 +240,29 @@ class _PoolLayers:
 
     def __init__(self, runner, batch, pool):
         self.runner, self.batch, self.pool, self.calls = runner, batch, pool, 0
+        self.given = {}   # layer -> the K and V tensors it was given, for the layers that later layers read
 
     def __call__(self, module, query, key, value, attention_mask, kwargs):
         runner, index = self.runner, module.layer_idx
         if attention_mask is not None:  # none at the probe; one now would say more than the pool's causal rows do
             raise RuntimeError(f"model: layer {index} passed a mask or bias of its own to attention")
-        layer, width = runner.layers[index], runner.head_dim
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))   # [tokens, heads, head_dim]
-        if layer.kv_heads < runner.num_kv_heads:   # K/V head j serves the query heads of its own j // repeats
-            k, v = (t.repeat_interleave(runner.num_kv_heads // layer.kv_heads, dim=1) for t in (k, v))
-        if layer.qk_dim < width:
-            q, k = (F.pad(t, (0, width - layer.qk_dim)) for t in (q, k))
-        if layer.v_dim < width:
-            v = F.pad(v, (0, width - layer.v_dim))
-        out = pool_attention(index, q, k, v, self.pool, self.batch, scale=layer.scale, window=layer.window,
-                             softcap=layer.softcap, backend=runner.backend, sinks=kwargs.get("s_aux"))
+        layer, source = runner.layers[index], runner.reads_from[index]
+        q = query[0].transpose(0, 1)   # [tokens, heads, head_dim]
+        if source is None:
+            k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)
+            if layer.v_dim < layer.qk_dim:
+                v = F.pad(v, (0, layer.qk_dim - layer.v_dim))
+            if index in runner.sources:
+                self.given[index] = key, value
+        else:   # its pool layer holds only the source's K/V: anything else would be attended to silently wrong
+            given = self.given.get(source)
+            if given is None or given[0] is not key or given[1] is not value:
+                raise RuntimeError(f"model: layer {index} attended to K/V other than the very tensors layer {source} "
+                                   "attended to, as it did when the runner was made (it stores none of its own)")
+            k = v = None
+        out = pool_attention(runner.pool_index[index], q, k, v, self.pool, self.batch, scale=layer.scale,
+                             window=layer.window, softcap=layer.softcap, backend=runner.backend,
+                             sinks=kwargs.get("s_aux"))
         self.calls += 1
         return out[None, ..., :layer.v_dim], None
 

@@ -1,9 +1,10 @@
-"""The paged KV pool on the model's device: one K and one V tensor per layer, in fixed-size blocks.
+"""The paged KV pool on the model's device: one K and one V tensor per pool layer, in fixed-size blocks.
 
-All layers live in one tensor [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], so that
-copying blocks (copy-on-write of a partly filled block) is one indexing op over every layer. `k(layer)`
-and `v(layer)` are contiguous views [num_blocks, block_size, num_kv_heads, head_dim], the layout the
-paged attention ops take.
+Each pool layer has its own shape (num_kv_heads, head_dim), as the model's layers have theirs (Gemma 4's full
+layers hold fewer, wider heads than its sliding ones): nothing is padded to the widest layer. Layers of one shape
+share one tensor [layers, 2, num_blocks, block_size, num_kv_heads, head_dim], so that copying blocks (copy-on-write
+of a partly filled block) is one indexing op per shape over all its layers. `k(layer)` and `v(layer)` are
+contiguous views [num_blocks, block_size, num_kv_heads, head_dim], the layout the paged attention ops take.
 """
 import torch
 
@@ -11,21 +12,33 @@ from fastalign.ops.checks import is_integer
 
 
 class KVPool:
-    """KV storage for `num_blocks` blocks of `block_size` tokens of every layer of one model."""
+    """KV storage for `num_blocks` blocks of `block_size` tokens of each pool layer, whose (num_kv_heads, head_dim)
+    `layer_shapes` lists in order."""
 
-    def __init__(self, *, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
+    def __init__(self, layer_shapes, *, num_blocks, block_size, dtype, device):
+        layer_shapes = _checked_shapes(layer_shapes)
+        by_shape = {}   # shape -> its layers, in order of first appearance
+        for layer, shape in enumerate(layer_shapes):
+            by_shape.setdefault(shape, []).append(layer)
         # Not initialised (a large pool costs no fill, and on the CPU only the pages written get touched):
         # attention reads a slot only once its token's K/V is written, which the runtime tests check by
         # filling a fresh pool with NaN.
-        # A normal tensor even when the runner is made under torch.inference_mode(): an inference tensor could
+        # Normal tensors even when the runner is made under torch.inference_mode(): an inference tensor could
         # not be written by any later call made outside inference mode.
         with torch.inference_mode(False):
-            self.data = torch.empty(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
-                                    dtype=dtype, device=device)
+            self.tensors = [torch.empty(len(layers), 2, num_blocks, block_size, *shape, dtype=dtype, device=device)
+                            for shape, layers in by_shape.items()]
+        self._where = [None] * len(layer_shapes)   # layer -> (its shape's tensor, its place in it)
+        for tensor, layers in zip(self.tensors, by_shape.values()):
+            for place, layer in enumerate(layers):
+                self._where[layer] = (tensor, place)
+        self.first_of_shape = frozenset(layers[0] for layers in by_shape.values())
+        self.num_blocks, self.block_size, self.num_layers = num_blocks, block_size, len(layer_shapes)
 
     @staticmethod
-    def bytes_per_block(*, num_layers, block_size, num_kv_heads, head_dim, dtype):
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_block(layer_shapes, *, block_size, dtype):
+        item = torch.empty((), dtype=dtype).element_size()
+        return sum(2 * block_size * heads * head_dim * item for heads, head_dim in _checked_shapes(layer_shapes))
 
     @staticmethod
     def num_blocks_for(*, max_tokens, max_bytes, block_size, bytes_per_block):
@@ -43,23 +56,30 @@ class KVPool:
         return int(max_bytes) // bytes_per_block
 
     @property
-    def num_blocks(self):
-        return self.data.shape[2]
-
-    @property
-    def block_size(self):
-        return self.data.shape[3]
-
-    @property
     def nbytes(self):
-        return self.data.numel() * self.data.element_size()
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
     def k(self, layer):
-        return self.data[layer, 0]
+        tensor, place = self._where[layer]
+        return tensor[place, 0]
 
     def v(self, layer):
-        return self.data[layer, 1]
+        tensor, place = self._where[layer]
+        return tensor[place, 1]
 
     def copy_blocks(self, src, dst):
         """Copy blocks src[i] -> dst[i] (LongTensors on the pool's device) in every layer."""
-        self.data[:, :, dst] = self.data[:, :, src]
+        for tensor in self.tensors:
+            tensor[:, :, dst] = tensor[:, :, src]
+
+
+def _checked_shapes(layer_shapes):
+    """layer_shapes as a list of (num_kv_heads, head_dim) int pairs, at least one, each >= 1."""
+    try:
+        shapes = [tuple(shape) for shape in layer_shapes]
+    except TypeError:
+        shapes = []
+    if not shapes or any(len(shape) != 2 or not all(is_integer(n) and n >= 1 for n in shape) for shape in shapes):
+        raise ValueError(f"layer_shapes: expected one (num_kv_heads, head_dim) pair of positive ints per pool layer, "
+                         f"got {layer_shapes!r}")
+    return [(int(heads), int(head_dim)) for heads, head_dim in shapes]

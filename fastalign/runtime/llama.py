@@ -105,6 +105,7 @@ class PagedLlama:
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = self.layers[0].self_attn.head_dim
+        self.pool_shapes = [(self.num_kv_heads, self.head_dim)] * self.num_layers   # KVPool's layers: the model's
         self.layout = layout = LAYOUTS[config.model_type]
         self.layer_types = config.layer_types if layout.rope_by_layer_type else None
         self.windows = layer_windows(model)

@@ -5,22 +5,24 @@ from fastalign.ops.paged_attention import (check_paged_attention, check_write_kv
 
 
 def pool_attention(index, q, k, v, pool, batch, *, scale, window, softcap, backend, sinks=None):
-    """Layer `index`'s attention output [T, q_heads, head_dim] for q [T, q_heads, head_dim] and the new tokens'
-    k, v [T, kv_heads, head_dim] (rotated as the layer rotates them), with the layer's attention sinks [q_heads] where
-    it has them (gpt-oss). Only layer 0's arguments go through the ops' shape, dtype and device checks (~20 us of host
-    time per layer): every later layer's are shaped as the first's (views of one pool, each layer's K/V brought to its
-    geometry); the index metadata comes from the span tree's plan, whose contents the runtime tests hold to the
-    Hugging Face model's outputs. A windowed layer reads no cascade (it reads whole prefixes)."""
+    """The attention output [T, q_heads, head_dim] of q [T, q_heads, head_dim] over pool layer `index`, once the new
+    tokens' k, v [T, kv_heads, head_dim] (rotated as the layer rotates them) are written there; k and v None: the
+    layer reads the K/V that an earlier layer of this forward wrote to `index` (Gemma 4's shared K/V). With the layer's
+    attention sinks [q_heads] where it has them (gpt-oss). Only the first pool layer of each shape has its arguments
+    go through the ops' shape, dtype and device checks (~20 us of host time per layer): every later layer's are
+    shaped as that one's; the index metadata comes from the span tree's plan, whose contents the runtime tests hold
+    to the Hugging Face model's outputs. A windowed layer reads no cascade (it reads whole prefixes)."""
     k_cache, v_cache = pool.k(index), pool.v(index)
     shared_prefix = batch.shared_prefix if window is None else None
-    if index == 0:
-        check_write_kv(k, v, k_cache, v_cache, batch.slot_mapping, validate=False)
-        check_paged_attention(q, k_cache, v_cache, batch.block_table, batch.seq_lens, batch.cu_q_lens, scale=scale,
-                              backend=backend, validate=False, shared_prefix=shared_prefix, window=window,
-                              softcap=softcap, sinks=sinks)
-    write_kv_unchecked(k, v, k_cache, v_cache, batch.slot_mapping)
-    if len(batch.host_extra_src):
-        write_kv_unchecked(k[batch.extra_src], v[batch.extra_src], k_cache, v_cache, batch.extra_dst)
+    if k is not None:
+        if index in pool.first_of_shape:
+            check_write_kv(k, v, k_cache, v_cache, batch.slot_mapping, validate=False)
+            check_paged_attention(q, k_cache, v_cache, batch.block_table, batch.seq_lens, batch.cu_q_lens,
+                                  scale=scale, backend=backend, validate=False, shared_prefix=shared_prefix,
+                                  window=window, softcap=softcap, sinks=sinks)
+        write_kv_unchecked(k, v, k_cache, v_cache, batch.slot_mapping)
+        if len(batch.host_extra_src):
+            write_kv_unchecked(k[batch.extra_src], v[batch.extra_src], k_cache, v_cache, batch.extra_dst)
     return paged_attention_unchecked(q, k_cache, v_cache, batch.block_table, batch.seq_lens, batch.cu_q_lens,
                                      scale=float(scale), backend=backend, shared_prefix=shared_prefix, window=window,
                                      softcap=softcap, sinks=sinks)

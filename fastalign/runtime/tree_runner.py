@@ -101,11 +101,10 @@ class TreeRunner:
         self.model_runner = self._model_runner(model, layered, attention_backend, device, fallback)
         self.model = model
         mr = self.model_runner
-        geometry = dict(num_layers=mr.num_layers, block_size=block_size, num_kv_heads=mr.num_kv_heads,
-                        head_dim=mr.head_dim, dtype=mr.dtype)
+        geometry = dict(block_size=block_size, dtype=mr.dtype)
         num_blocks = KVPool.num_blocks_for(max_tokens=max_tokens, max_bytes=max_bytes, block_size=block_size,
-                                           bytes_per_block=KVPool.bytes_per_block(**geometry))
-        self.pool = KVPool(num_blocks=num_blocks, device=mr.device, **geometry)
+                                           bytes_per_block=KVPool.bytes_per_block(mr.pool_shapes, **geometry))
+        self.pool = KVPool(mr.pool_shapes, num_blocks=num_blocks, device=mr.device, **geometry)
         self.store = SpanStore(num_blocks, block_size)
         self.vocab_size = input_vocabulary(model)
         backend = resolve_backend(attention_backend, mr.device) if self.paged else None

@@ -15,6 +15,7 @@ from fastalign.rain import search as search_module
 from fastalign.rain.embeddings import HiddenStateEmbedder
 from fastalign.rain.sampling import KeyedSampler
 from fastalign.rain.slow import SlowEngine
+from tests.runtime.tiny_models import fill_with_nan
 
 from . import fake_model
 from .fake_model import HashLM, HashRunner
@@ -56,7 +57,7 @@ def test_identical_decisions_on_tiny_llama_through_tree_runner():
 
     def make_runner():
         holder["runner"] = TreeRunner(model, max_tokens=2048, attention_backend="torch")
-        holder["runner"].pool.data.fill_(float("nan"))  # a slot read before it is written poisons the logits
+        fill_with_nan(holder["runner"].pool)
         return holder["runner"]
 
     config = RainConfig(root_visits=5, min_new_visits=2, max_new_tokens=3)

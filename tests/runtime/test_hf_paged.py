@@ -123,8 +123,9 @@ def test_another_thread_using_the_model_during_a_routed_forward_is_refused():
                                                "deepseek-v3-latent-attention"]))
 def test_pagedhf_reaches_the_triton_kernels_with_the_cascade(name):
     """On the Triton path (the interpreter without a GPU), children of one span, so that the full layers read the
-    shared prefix through the cascade: gpt-oss's sinks merged in there, Gemma 4's layers of two geometries brought to
-    the pool's, DeepSeek's narrower V padded; the sliding layers take no cascade."""
+    shared prefix through the cascade: gpt-oss's sinks merged in there, Gemma 4's layers of two shapes in pool layers
+    of their own (its shared-K/V layers reading earlier ones'), DeepSeek's narrower V padded; the sliding layers take
+    no cascade."""
     model = tiny_model(name, device=TRITON_DEVICE)
     runner = TreeRunner(model, max_tokens=128, block_size=4, attention_backend="triton")
     assert runner.paged and None in runner.model_runner.windows and runner._cascade_block_size == 4
@@ -204,3 +205,36 @@ def test_the_fallback_says_why_it_was_taken_and_the_paged_runners_say_nothing():
         for name in ("llama-gqa-untied", "gpt2-learned-positions"):
             assert TreeRunner(tiny_model(name), max_tokens=64).paged
     assert not [w for w in caught if "TreeRunner" in str(w.message)]
+
+
+def test_each_layer_has_a_pool_layer_of_its_own_shape_and_shared_kv_layers_store_none():
+    """Gemma 4 here: sliding layers with 2 K/V heads of 16, full layers with 1 of 32, and layers 2 and 3 attending to
+    layers 0's and 1's K/V. The pool was one shape as wide as the widest (4 layers x 2 heads x 32, repeated and
+    zero-padded); now it holds layers 0 and 1 in their own shapes, 4x less per token, and its trees still match Hugging
+    Face's logits (test_tree_runner.py)."""
+    model = tiny_model("gemma4-wide-full-layers-shared-kv")
+    runner = TreeRunner(model, max_tokens=64, block_size=4, fallback=False)
+    hf = runner.model_runner
+    assert hf.reads_from == [None, None, 0, 1] and hf.pool_index == [0, 1, 0, 1]
+    assert hf.pool_shapes == [(2, 16), (1, 32)] and runner.pool.first_of_shape == {0, 1}
+    assert [tuple(runner.pool.k(i).shape[2:]) for i in (0, 1)] == [(2, 16), (1, 32)]
+    assert runner.pool.nbytes == runner.num_blocks * 4 * 2 * (2 * 16 + 32) * 4   # tokens x K, V x floats x bytes
+
+
+def test_a_shared_kv_layer_given_other_kv_than_at_the_probe_raises(monkeypatch):
+    """A layer that reads another's K/V stores none: were it later given K/V of its own (here copies, as a model
+    that stopped sharing would pass), attending to the other layer's pool layer would be silently wrong."""
+    model = tiny_model("gemma4-wide-full-layers-shared-kv")
+    runner = TreeRunner(model, max_tokens=64, block_size=4, fallback=False)
+    root = runner.prefill([1, 2, 3])
+    attention = model.model.layers[2].self_attn
+    own_forward = attention.forward
+
+    def given_copies(*args, shared_kv_states, **kwargs):
+        copies = {kind: tuple(t.clone() for t in shared_kv_states[kind]) for kind in ("sliding_attention",)}
+        return own_forward(*args, shared_kv_states=copies, **kwargs)
+    monkeypatch.setattr(attention, "forward", given_copies)
+    with pytest.raises(RuntimeError, match="model: layer 2 attended to K/V other than the very tensors layer 0 "
+                                           "attended to"):
+        runner.extend([root], [[4]])
+

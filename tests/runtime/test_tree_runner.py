@@ -6,7 +6,8 @@ import torch
 from fastalign import PoolExhaustedError, TreeRunner
 from tests.compare import rel_error
 from tests.conftest import TRITON_DEVICE, requires_cuda
-from tests.runtime.tiny_models import CONFIGS, VOCAB, grow_random_tree, reference, runner_kind, tiny_model
+from tests.runtime.tiny_models import (CONFIGS, VOCAB, fill_with_nan, grow_random_tree, reference, runner_kind,
+                                      tiny_model)
 
 
 @pytest.mark.parametrize("index, name", list(enumerate(CONFIGS)))
@@ -16,7 +17,7 @@ def test_random_tree_matches_hugging_face_fp32(index, name):
     runner = TreeRunner(model, max_tokens=112, block_size=4, attention_backend="torch")
     assert type(runner.model_runner).__name__ == runner_kind(name)
     assert runner.paged == (runner_kind(name) != "HFCacheModel")
-    runner.pool.data.fill_(float("nan"))  # a slot read before its K/V is written poisons the logits
+    fill_with_nan(runner.pool)
 
     def check(span, logits, hidden):
         ref_logits, ref_hidden = reference(model, span)
@@ -50,7 +51,7 @@ def test_random_tree_in_bf16_is_as_close_to_fp32_as_hugging_face(device, backend
     model = tiny_model(name, dtype=torch.bfloat16, device=device)
     model32 = tiny_model(name, device=device)
     runner = TreeRunner(model, max_tokens=112, block_size=4, attention_backend=backend)
-    runner.pool.data.fill_(float("nan"))  # slots must be written before they are read
+    fill_with_nan(runner.pool)
     errors = []
 
     def check(span, logits, hidden):
@@ -267,10 +268,11 @@ def test_a_peft_prompt_learning_model_is_refused(name, adapter):
         TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-learned-positions"])
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-learned-positions", "gemma4-wide-full-layers-shared-kv"])
 def test_the_attention_ops_check_their_arguments_once_per_forward_not_once_per_layer(monkeypatch, name):
     """The checks cost ~20 us of host time per call: a 32-layer decode step would pay them 32 times. They check the
-    first layer's arguments, before any K/V is written (and on a one-layer model too)."""
+    arguments of the first layer of each pool shape (one shape but in Gemma 4, whose full layers are wider), before
+    its K/V is written."""
     import fastalign.runtime.pool_attention as pool_attention
     model = tiny_model(name)
     assert model.config.num_hidden_layers > 1
@@ -283,8 +285,9 @@ def test_the_attention_ops_check_their_arguments_once_per_forward_not_once_per_l
         monkeypatch.setattr(pool_attention, check, counted)
     root = runner.prefill([1, 2, 3, 4, 5])
     runner.extend([root, root], [[6], [7, 8]])
-    first_layer = runner.pool.k(0).data_ptr()
-    assert caches == {"check_paged_attention": [first_layer] * 2, "check_write_kv": [first_layer] * 2}
+    assert runner.pool.first_of_shape == ({0, 1} if name.startswith("gemma4") else {0})
+    checked = [runner.pool.k(i).data_ptr() for i in sorted(runner.pool.first_of_shape)]
+    assert caches == {"check_paged_attention": checked * 2, "check_write_kv": checked * 2}
 
 
 @pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-learned-positions"])
@@ -312,7 +315,7 @@ def test_extend_on_the_triton_path_never_waits_to_read_the_device():
     model = tiny_model("llama-gqa-untied")
     runner = TreeRunner(model, max_tokens=96, block_size=4, attention_backend="triton")
     with SyncCounter(model) as counter:
-        counter.mark(runner.pool.data)
+        counter.mark(*runner.pool.tensors)
         (root,), _ = runner.extend([None], [[1, 2, 3, 4, 5, 6]])
         children, _, _ = runner.extend([root, root, 0], [[7, 8], [9], [10, 11, 12]], logits="all", hidden="last")
         chains, _ = runner.extend([children[0], None], [[13, 14, 15], [16, 17, 18, 19, 20]], cuts=[[1], [2, 4]],

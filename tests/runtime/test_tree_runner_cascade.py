@@ -6,7 +6,7 @@ import pytest
 from fastalign import TreeRunner
 from fastalign.runtime import forward_batch, pool_attention
 from tests.conftest import TRITON_DEVICE
-from tests.runtime.tiny_models import reference, tiny_model
+from tests.runtime.tiny_models import fill_with_nan, reference, tiny_model
 
 ROOT = list(range(1, 14))     # 13 tokens: 3 whole blocks of 4, and one token in a partly filled block
 MID = [20, 21, 22, 23, 24]    # a child of ROOT: 18 tokens, 4 whole blocks
@@ -48,7 +48,7 @@ def test_children_of_one_span_are_planned_as_one_group_and_match_hugging_face(na
     layer runs it with soft-capped scores."""
     model = tiny_model(name, device=TRITON_DEVICE)
     runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="triton", cascade_attention=cascade)
-    runner.pool.data.fill_(float("nan"))  # slots must be written before they are read
+    fill_with_nan(runner.pool)
     root = runner.prefill(ROOT)
     (mid,), _ = runner.extend([root], [MID])
     attention_calls.clear()

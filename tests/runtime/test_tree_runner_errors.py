@@ -503,7 +503,7 @@ def test_multi_head_latent_attention_runs_on_the_paged_pool(name):
     torch.manual_seed(0)
     model = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**config_kwargs)).eval()
     runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch", fallback=False)
-    assert runner.model_runner.head_dim == 16 and {layer.v_dim for layer in runner.model_runner.layers} == {12}
+    assert runner.model_runner.pool_shapes == [(4, 16)] and runner.model_runner.layers[0].v_dim == 12
     root = runner.prefill([5, 17, 3, 9, 2])
     (child,), logits = runner.extend([root], [[42, 8, 7]], logits="all")
     with torch.no_grad():
@@ -783,7 +783,7 @@ def test_a_model_offloaded_by_accelerate_is_taken(name, part):
     accelerate.cpu_offload(model.get_submodule(part), execution_device=torch.device("cpu"))
     assert any(p.is_meta for p in model.parameters())
     runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
-    assert runner.pool.data.device == torch.device("cpu")
+    assert {t.device for t in runner.pool.tensors} == {torch.device("cpu")}
     _, logits = runner.extend([None], [[1, 2, 3, 4]])
     assert (logits[0] - expected).abs().max() <= 1e-4
 

@@ -9,7 +9,7 @@ import torch
 from fastalign import TreeRunner
 from tests.runtime.test_tree_runner_cuts import assert_extends_correctly, check_against_hugging_face
 from tests.runtime.test_tree_runner_errors import snapshot
-from tests.runtime.tiny_models import tiny_model
+from tests.runtime.tiny_models import fill_with_nan, tiny_model
 
 ROOT = [3, 1, 4, 1, 5]            # 5 tokens; row 0 ends at 7, mid-block (block_size 4)
 PARENTS = ["root", 0, 0, 1, None, 4, 2]
@@ -21,7 +21,7 @@ LISTS = [[9, 2], [6, 5, 3], [7], [8, 8], [2, 7, 1, 8, 2], [4], [1, 1, 1, 1, 1]]
 def test_rows_on_earlier_rows_match_hugging_face(name, with_cuts):
     model = tiny_model(name)
     runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="torch")
-    runner.pool.data.fill_(float("nan"))  # slots must be written before they are read
+    fill_with_nan(runner.pool)
     root = runner.prefill(ROOT)
     parents = [root if p == "root" else p for p in PARENTS]
     cuts = [[1], [1, 2], [], [], [3], [], [2]] if with_cuts else None
@@ -51,7 +51,7 @@ def test_copies_of_copies_in_one_forward_match_hugging_face(nesting):
     must read the original block and get this forward's tokens as extras, never an earlier copy's stale slots."""
     model = tiny_model("llama-gqa-untied")
     runner = TreeRunner(model, max_tokens=256, block_size=8 if nesting == 2 else 4, attention_backend="torch")
-    runner.pool.data.fill_(float("nan"))  # slots must be written before they are read
+    fill_with_nan(runner.pool)
     root = runner.prefill([1, 2])
     kept, _ = runner.extend([root], [[3]], logits=None)  # a child (held: a dropped handle releases it), in place
     parents = [root, 0, 0] + ([1, 1] if nesting == 2 else [])
@@ -102,7 +102,7 @@ def test_a_row_on_a_row_whose_first_token_is_copied_outside_the_llama_family(nam
     the earlier rows fill in the same forward (the first token of a row is then written twice)."""
     model = tiny_model(name)
     runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="torch")
-    runner.pool.data.fill_(float("nan"))
+    fill_with_nan(runner.pool)
     root = runner.prefill([3, 1, 4, 1, 5])
     # rows 1 and 2 append in place to the root's partial block; row 3 copies it while this forward fills
     # it, so the first token of row 1 (a row boundary) is written twice

@@ -10,7 +10,7 @@ import torch
 
 from fastalign import TreeRunner
 from fastalign.eval_mode import eval_mode
-from tests.runtime.tiny_models import reference, tiny_model
+from tests.runtime.tiny_models import fill_with_nan, reference, tiny_model
 
 BUSY = "another call is running on this TreeRunner"
 
@@ -85,7 +85,7 @@ def test_a_call_while_another_runs_is_refused_and_changes_nothing(model, call):
     p, other = runner.prefill([1, 2, 3, 4, 5, 6]), runner.prefill([9, 8, 7])
     runner.pin(other)
     runner.tree.evict(p.id)
-    runner.pool.data.fill_(float("nan"))    # a slot read before it is written poisons the logits
+    fill_with_nan(runner.pool)
     calls = {"extend": lambda: runner.extend([p], [[8]]), "prefill": lambda: runner.prefill([4, 5]),
              "pin": lambda: runner.pin(p), "unpin": lambda: runner.unpin(other),
              "release": lambda: runner.release(p), "release_other": lambda: runner.release(other)}

@@ -128,6 +128,12 @@ def runner_kind(name):
     return "PagedLlama" if CONFIGS[name][1]().model_type in LAYOUTS else "PagedHF"
 
 
+def fill_with_nan(pool):
+    """Every slot of `pool` NaN: a slot read before its K/V is written poisons the logits."""
+    for tensor in pool.tensors:
+        tensor.fill_(float("nan"))
+
+
 def tiny_model(name, dtype=torch.float32, device="cpu", seed=0):
     """A model of CONFIGS[name] with weights drawn so that logits are O(1) (the default initialisation
     gives logits near 0, where any error looks small)."""
