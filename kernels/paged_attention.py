@@ -12,7 +12,9 @@ Sliding window (SLIDING, a compile-time flag, so that the windowless build is th
 window W itself is a runtime argument): the query at position p sees the keys p - W < k <= p only. A tile's
 key loop starts at the first key its first query sees (the tile's later queries see no earlier key), so key
 tiles wholly before the window are never loaded, and keys inside the loop that a later query of the tile no
-longer sees are masked. The split of keys below divides that visible range only.
+longer sees are masked. The split of keys below divides that visible range only. In the shared pass of a cascade
+(below) a tile holds queries of several rows: each finds its row among its group's (a binary search over
+cu_q_lens), hence its position, and the tile's keys start at the first that any of its queries sees.
 
 Soft-capped logits (SOFTCAP, a compile-time flag likewise; the cap c a runtime float): each score
 s = scale * q . k becomes c * tanh(s / c) before any mask (Gemma 2's attn_logit_softcapping). The scores live in
@@ -67,10 +69,25 @@ def _first_row(CuGroupRows, i, num_table_rows, PREFIX_PASS: tl.constexpr):
     return i
 
 
+@triton.jit
+def _positions_in_group(CuQLens, RowSeqLens, token, first_row, last_row, STEPS: tl.constexpr):
+    """The positions of the query tokens `token` (indices into q) of a cascade group whose table rows are
+    first_row..last_row (at most 2^STEPS of them): each token's row is the last one whose first query is at or
+    before it. Unrolled: a loop of runtime length here kept Triton from pipelining the key loop after it."""
+    lo = tl.zeros_like(token) + first_row
+    hi = tl.zeros_like(token) + last_row
+    for _ in tl.static_range(STEPS):
+        mid = (lo + hi + 1) // 2
+        later = tl.load(CuQLens + mid) <= token
+        lo = tl.where(later, mid, lo)
+        hi = tl.where(later, hi, mid - 1)
+    return tl.load(RowSeqLens + lo) - (tl.load(CuQLens + lo + 1) - token)
+
+
 @triton.jit(do_not_specialize=["num_rows", "num_table_rows", "num_groups", "num_tokens", "num_blocks", "max_blocks",
                                "num_splits", "window", "stride_bt", "stride_os", "stride_ls"])
 def _paged_attention_kernel(
-    Q, K, V, BlockTable, SeqLens, CuQLens, CuGroupRows, PrefixLens, Out, Lse,
+    Q, K, V, BlockTable, SeqLens, RowSeqLens, CuQLens, CuGroupRows, PrefixLens, Out, Lse,
     qk_scale, softcap, num_rows, num_table_rows, num_groups, num_tokens, num_blocks, max_blocks, num_splits, window,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -81,15 +98,17 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREFIX_PASS: tl.constexpr, SUFFIX_PASS: tl.constexpr, WRITE_LSE: tl.constexpr, SLIDING: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
     """One query tile of one program row and KV head, over one split of its keys.
 
     Program rows are the block table's rows, except in the prefix pass of a cascade, where they are the
     groups of CuGroupRows: group g's queries are those of its table rows, its context the PrefixLens[g]
-    keys of its first row (SeqLens is PrefixLens), seen without causal mask. In the suffix pass a row's keys
-    start after its group's prefix. Both read the group metadata directly, so a forward computes nothing
-    per layer for them. SLIDING (never with a cascade pass): each query sees its last `window` positions only.
+    keys of its first row (SeqLens is PrefixLens; RowSeqLens, the table rows' own, give the queries' positions
+    under a window), seen without causal mask. In the suffix pass a row's keys start after its group's prefix.
+    Both read the group metadata directly, so a forward computes nothing per layer for them. SLIDING: each query
+    sees its last `window` positions only (SEARCH_STEPS, in the prefix pass: binary search steps that find any
+    row of a group).
     SOFTCAP: the log2-domain scores are capped to softcap * tanh(s / softcap) (softcap: the cap times LOG2E).
     """
     QUERIES: tl.constexpr = BLOCK_M // GROUP  # new tokens per tile
@@ -147,7 +166,15 @@ def _paged_attention_kernel(
                 g_hi = g_mid - 1
         kv_begin = tl.minimum(tl.load(PrefixLens + g_lo), kv_end)
     if SLIDING:
-        kv_begin = tl.maximum(kv_begin, context_start + first_query - window + 1)  # <= kv_end: sees itself
+        if PREFIX_PASS:   # the tile's queries come from several rows
+            query_pos = _positions_in_group(CuQLens, RowSeqLens, q_begin + query, table_row_index,
+                                            _first_row(CuGroupRows, row + 1, num_table_rows, PREFIX_PASS) - 1,
+                                            SEARCH_STEPS)
+            # (a query at seq_len + window - 1 or later sees nothing of the prefix: the filler of the other slots)
+            first_seen = tl.min(tl.where(row_ok, query_pos, seq_len + window - 1), 0) - window + 1
+            kv_begin = tl.minimum(tl.maximum(kv_begin, first_seen), kv_end)
+        else:
+            kv_begin = tl.maximum(kv_begin, context_start + first_query - window + 1)  # <= kv_end: sees itself
     split_len = tl.cdiv(tl.cdiv(kv_end - kv_begin, num_splits), BLOCK_N) * BLOCK_N
     kv_lo = kv_begin + split * split_len
     kv_hi = tl.minimum(kv_end, kv_lo + split_len)
@@ -172,7 +199,10 @@ def _paged_attention_kernel(
         if SOFTCAP:
             s = soft_cap(s, softcap)
         if PREFIX_PASS:
-            s = tl.where(key_ok[None, :], s, float("-inf"))
+            visible = key_ok[None, :]
+            if SLIDING:
+                visible = visible & (pos[None, :] > query_pos[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
         else:
             visible = key_ok[None, :] & (pos[None, :] <= query_pos[:, None])
             if SLIDING:
@@ -272,12 +302,10 @@ def paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens
     shared_prefix: None, or (cu_group_rows [G + 1] int32, prefix_lens [G] int32) for the cascade passes.
     num_splits: parts per row's keys (in both passes); None picks from the grid size (the second pass of
     a cascade, which reads only each row's own suffix, then takes one part).
-    window: None, or a positive int W: each query sees its last W positions only (no shared_prefix then).
+    window: None, or a positive int W: each query sees its last W positions only (in both passes of a cascade).
     softcap: None, or a positive number c: the scores s = scale * q . k are c * tanh(s / c) (in every pass).
     sinks: None, or [num_heads] floats: one more score per head, with a zero value, joined at the merge.
     """
-    if window is not None and shared_prefix is not None:
-        raise ValueError("window and shared_prefix: a sliding window takes no shared prefix")
     if q.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"q: the Triton backend takes {_SUPPORTED_DTYPES}, got {q.dtype}; use backend='torch'")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -307,14 +335,14 @@ def paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens
                         window=window, softcap=softcap)
     else:
         prefix_lens = shared_prefix[1]
-        prefix = _pass_config(q, k_cache, prefix_lens.shape[0], max_context, num_splits)
+        prefix = _pass_config(q, k_cache, prefix_lens.shape[0], max_context, num_splits, window)
         suffix = _pass_config(q, k_cache, block_table.shape[0], max_context, num_splits or 1)
         partial, lse = _partials(q, prefix["num_splits"] + suffix["num_splits"])
         cut = prefix["num_splits"]
-        _attention_pass(q, k_cache, v_cache, block_table, prefix_lens, cu_q_lens, scale, prefix, partial[:cut],
-                        lse[:cut], cascade=("prefix", shared_prefix), softcap=softcap)
+        _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, prefix, partial[:cut],
+                        lse[:cut], cascade=("prefix", shared_prefix), window=window, softcap=softcap)
         _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, suffix, partial[cut:],
-                        lse[cut:], cascade=("suffix", shared_prefix), softcap=softcap)
+                        lse[cut:], cascade=("suffix", shared_prefix), window=window, softcap=softcap)
     head_dim = q.shape[2]
     _merge_splits_kernel[(q.shape[0], q.shape[1])](
         partial, lse, out, lse if sinks is None else sinks.contiguous(), partial.shape[0],
@@ -354,19 +382,21 @@ def _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale
                     cascade=None, window=None, softcap=None):
     """One launch: dest is the output (lse None, one part) or fp32 parts [num_splits, T, H, D] with lse.
 
-    cascade: None, or ("prefix" | "suffix", (cu_group_rows, prefix_lens)) for one pass of a cascade; in the
-    prefix pass seq_lens is prefix_lens (the program rows are the groups). window: None or a positive int.
+    cascade: None, or ("prefix" | "suffix", (cu_group_rows, prefix_lens)) for one pass of a cascade (the program
+    rows of the prefix pass are the groups, their contexts prefix_lens). window: None or a positive int.
     softcap: None or the positive cap c of the natural-log scores.
     """
     head_dim = q.shape[2]
     num_blocks, page, num_kv_heads, _ = k_cache.shape
     parts = dest if lse is not None else dest.unsqueeze(0)
     which, (cu_group_rows, prefix_lens) = cascade or (None, (seq_lens, seq_lens))
+    program_seq_lens = prefix_lens if which == "prefix" else seq_lens
     _paged_attention_kernel[(config["slots"], num_kv_heads, config["num_splits"])](
-        q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, cu_group_rows, prefix_lens,
+        q, k_cache, v_cache, block_table, program_seq_lens, seq_lens, cu_q_lens, cu_group_rows, prefix_lens,
         parts, parts if lse is None else lse,
-        scale * LOG2E, 0.0 if softcap is None else float(softcap) * LOG2E, seq_lens.shape[0], block_table.shape[0],
-        prefix_lens.shape[0], q.shape[0], num_blocks, block_table.shape[1], config["num_splits"], window or 0,
+        scale * LOG2E, 0.0 if softcap is None else float(softcap) * LOG2E, program_seq_lens.shape[0],
+        block_table.shape[0], prefix_lens.shape[0], q.shape[0], num_blocks, block_table.shape[1],
+        config["num_splits"], window or 0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -377,5 +407,7 @@ def _attention_pass(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale
         PAGE=page, BLOCK_M=config["block_m"], BLOCK_N=config["block_n"],
         PREFIX_PASS=which == "prefix", SUFFIX_PASS=which == "suffix", WRITE_LSE=lse is not None,
         SLIDING=window is not None, SOFTCAP=softcap is not None,
+        # steps for any group of the table's rows, in multiples of 4 (few builds: 4 below 16 rows, 8 below 256)
+        SEARCH_STEPS=-(-block_table.shape[0].bit_length() // 4) * 4 if which == "prefix" and window else 0,
         num_warps=config["num_warps"], num_stages=config["num_stages"], enable_fp_fusion=True,
     )

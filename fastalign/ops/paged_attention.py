@@ -10,7 +10,8 @@ one call covers decode (q_len 1), extension by a few tokens, and prefill of a lo
 Sliding window. With window=W (Hugging Face's sliding_window), the query at position p sees only the keys
 at positions p - W < k <= p: the last W positions, its own included. Both backends skip the keys before a
 query tile's (or chunk's) first window instead of masking them, so a windowed layer over a long context
-reads about W keys per query, not the whole context.
+reads about W keys per query, not the whole context. A window composes with the shared-prefix cascade: its shared
+pass masks each query's keys by the query's own position.
 
 Soft-capped logits. With softcap=c (Gemma 2's attn_logit_softcapping), the scores s = scale * q . k become
 c * tanh(s / c) before the causal or window mask and the softmax, as in Hugging Face's eager attention. The cap
@@ -67,7 +68,7 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, sc
     prefix_lens[g] context tokens, a whole number of blocks that all lie before each row's new tokens.
 
     window: None (no window), or a positive int W: the query at position p sees the keys at p - W < k <= p
-    only. A windowed call takes no shared_prefix (the cascade's shared pass has no window).
+    only.
 
     softcap: None (no cap), or a positive finite number c: the scores s = scale * q . k are c * tanh(s / c).
 
@@ -105,9 +106,6 @@ def check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens,
         if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
             raise ValueError(f"window: expected None or a positive int (the positions a query sees, its own "
                              f"included), got {window!r}")
-        if shared_prefix is not None:
-            raise ValueError("window and shared_prefix: a sliding window takes no shared prefix (the cascade's "
-                             "shared pass has no window); pass shared_prefix=None")
     if shared_prefix is not None:
         _check_shared_prefix_args(shared_prefix, block_table.shape[0], q.device)
     if validate or (validate is None and q.device.type == "cpu"):

@@ -11,9 +11,9 @@ def pool_attention(index, q, k, v, pool, batch, *, scale, window, softcap, backe
     attention sinks [q_heads] where it has them (gpt-oss). Only the first pool layer of each shape has its arguments
     go through the ops' shape, dtype and device checks (~20 us of host time per layer): every later layer's are
     shaped as that one's; the index metadata comes from the span tree's plan, whose contents the runtime tests hold
-    to the Hugging Face model's outputs. A windowed layer reads no cascade (it reads whole prefixes)."""
+    to the Hugging Face model's outputs."""
     k_cache, v_cache = pool.k(index), pool.v(index)
-    shared_prefix = batch.shared_prefix if window is None else None
+    shared_prefix = batch.shared_prefix
     if k is not None:
         if index in pool.first_of_shape:
             check_write_kv(k, v, k_cache, v_cache, batch.slot_mapping, validate=False)

@@ -108,9 +108,7 @@ class TreeRunner:
         self.store = SpanStore(num_blocks, block_size)
         self.vocab_size = input_vocabulary(model)
         backend = resolve_backend(attention_backend, mr.device) if self.paged else None
-        # planned only where a layer reads it: windowed layers (all of Mistral's) take no cascade
-        cascade = cascade_attention and backend == "triton" and any(w is None for w in mr.windows)
-        self._cascade_block_size = block_size if cascade else None
+        self._cascade_block_size = block_size if cascade_attention and backend == "triton" else None
         self.max_context = mr.max_context
         self._busy = threading.Lock()   # held by the running call (see _one_call_at_a_time)
         self.recomputed_tokens = 0      # tokens run again to bring back evicted spans, over the runner's life

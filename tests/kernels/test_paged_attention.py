@@ -142,8 +142,10 @@ from tests.kernels.gpu_build import build_for_gpu, check_build, uses_tensor_core
 # decode with split keys; a long bf16 prefill, also of heads wider than 128; the two cascade passes (shared
 # blocks without causal mask, then each row from the first key after its group's prefix); an fp32 extension with a
 # group of 7 and head_dim 96 (for tests, not tuned); the sliding window's decode with split keys, prefills and fp32
-# extension; the soft cap's decode with split keys and prefill, alone and with the window. The tiles come from shapes
-# alone, with no fallback: the 16-bit ones must also fit an A100's and an L4's (sm_89) block.
+# extension; the soft cap's decode with split keys and prefill, alone and with the window; both cascade passes under a
+# window (the shared pass finding each query's row), also with head_dim 256 and the cap (Gemma 2 and 3's local
+# layers). The tiles come from shapes alone, with no fallback: the 16-bit ones must also fit an A100's and an L4's
+# (sm_89) block.
 for dtype, itemsize, tokens, rows, group, head_dim, prefix_pass, suffix_pass, partial, sliding, softcap in (
         ("bf16", 2, 8, 8, 4, 64, False, False, True, False, False),
         ("bf16", 2, 4096, 1, 4, 128, False, False, False, False, False),
@@ -158,14 +160,19 @@ for dtype, itemsize, tokens, rows, group, head_dim, prefix_pass, suffix_pass, pa
         ("bf16", 2, 8, 8, 4, 64, False, False, True, False, True),
         ("bf16", 2, 4096, 1, 4, 128, False, False, False, False, True),
         ("bf16", 2, 4096, 1, 4, 256, False, False, False, False, True),
-        ("bf16", 2, 4096, 1, 4, 256, False, False, False, True, True)):
+        ("bf16", 2, 4096, 1, 4, 256, False, False, False, True, True),
+        ("bf16", 2, 64, 1, 4, 64, True, False, True, True, False),
+        ("bf16", 2, 64, 64, 4, 64, False, True, True, True, False),
+        ("bf16", 2, 64, 1, 2, 256, True, False, True, True, True)):
     block_m, block_n, num_warps, num_stages = launch_config(tokens, rows, group, head_dim, itemsize)
-    types = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, BlockTable="*i32", SeqLens="*i32", CuQLens="*i32",
+    types = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, BlockTable="*i32", SeqLens="*i32", RowSeqLens="*i32",
+                 CuQLens="*i32",
                  CuGroupRows="*i32", PrefixLens="*i32", Out="*fp32" if partial else "*" + dtype, Lse="*fp32",
                  qk_scale="fp32", softcap="fp32")
     constants = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GROUP=group, PAGE=16,
                      BLOCK_M=block_m, BLOCK_N=block_n, PREFIX_PASS=prefix_pass,
-                     SUFFIX_PASS=suffix_pass, WRITE_LSE=partial, SLIDING=sliding, SOFTCAP=softcap)
+                     SUFFIX_PASS=suffix_pass, WRITE_LSE=partial, SLIDING=sliding, SOFTCAP=softcap,
+                     SEARCH_STEPS=8 if prefix_pass and sliding else 0)
     what = (dtype, tokens, rows, group, head_dim, "sliding" if sliding else "", "softcap" if softcap else "")
     for capability in (90, 80, 89) if dtype == "bf16" else (90,):
         compiled = build_for_gpu(_paged_attention_kernel, types, constants, num_warps, num_stages, capability)

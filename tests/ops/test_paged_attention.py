@@ -186,10 +186,10 @@ SHARED_CASES = {
 }
 
 
-def make_shared_case(case, dtype=torch.float32, device="cpu"):
+def make_shared_case(case, dtype=torch.float32, device="cpu", window=None):
     rows, block_size, num_heads, num_kv_heads, head_dim, shared, groups = SHARED_CASES[case]
     batch = make_paged_batch(rows, block_size, num_heads, num_kv_heads, head_dim, shared_blocks=shared,
-                             groups=groups, dtype=dtype)
+                             groups=groups, dtype=dtype, window=window)
     plan = plan_shared_prefix(batch["block_table"], batch["seq_lens"], batch["cu_q_lens"], block_size)
     assert plan is not None, "the case must share a prefix"
     return {name: t.to(device) for name, t in batch.items()}, tuple(t.to(device) for t in plan)
@@ -202,6 +202,69 @@ def test_shared_prefix_cascade_matches_reference(case, backend):
     out = paged_attention(**batch, backend=backend, shared_prefix=plan)
     ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()})
     torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# Sliding windows over rows that share prefixes: (a case of SHARED_CASES, window). The shared pass masks each query by
+# its own position: a window of 1 sees no prefix key; 9 reaches into the last prefix blocks of the first group's
+# rows; 8 over the two groups leaves the first group's rows nothing of their prefix and the second's a part; 64 spans
+# every row; 5 cuts into a parent's block.
+SHARED_WINDOW_CASES = {
+    "window_1_over_a_group": ("one_group_decode_and_extend", 1),
+    "window_into_the_prefix": ("one_group_decode_and_extend", 9),
+    "window_past_one_groups_prefix": ("two_groups_and_a_loner", 8),
+    "window_spanning_every_row": ("two_groups_and_a_loner", 64),
+    "window_inside_a_parent_block": ("child_inside_parent_block", 5),
+}
+
+
+def run_shared_window_case(case, backend, dtype=torch.float32, device=None, **options):
+    """(op output with the cascade, float64 reference) on a SHARED_WINDOW_CASES case; slots before every row's
+    window hold NaN."""
+    shared_case, window = SHARED_WINDOW_CASES[case]
+    batch, plan = make_shared_case(shared_case, dtype=dtype, device=device or device_for(backend), window=window)
+    sinks = options.pop("sinks", None)
+    extra = {} if sinks is None else {"sinks": sinks.to(batch["q"].device)}
+    if backend == "triton_launcher":   # the kernels called directly, to force the parts that each pass writes
+        out = paged_attention_triton(**batch, scale=batch["q"].shape[2] ** -0.5, shared_prefix=plan, window=window,
+                                     **extra, **options)
+    else:
+        out = paged_attention(**batch, backend=backend, shared_prefix=plan, window=window, **extra, **options)
+    options.pop("num_splits", None)
+    ref = paged_attention_reference(**{name: t.cpu() for name, t in batch.items()}, window=window, **options,
+                                    **({} if sinks is None else {"sinks": sinks.cpu()}))
+    return out.cpu().double(), ref
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", SHARED_WINDOW_CASES)
+def test_shared_prefix_cascade_with_a_window_matches_reference(case, backend):
+    out, ref = run_shared_window_case(case, backend)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_splits", [2, 5])
+@pytest.mark.parametrize("case", ["window_into_the_prefix", "window_past_one_groups_prefix"])
+def test_windowed_cascade_in_forced_parts_matches_reference(case, num_splits):
+    """Each pass's keys cut into parts, some of which see no key of a query's window."""
+    out, ref = run_shared_window_case(case, "triton_launcher", device=TRITON_DEVICE, num_splits=num_splits)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_windowed_cascade_with_a_softcap_and_sinks_matches_reference(backend):
+    """Gemma-style capped scores and gpt-oss-style sinks in a windowed layer that reads the cascade."""
+    sinks = 2 * torch.randn(6)
+    out, ref = run_shared_window_case("window_past_one_groups_prefix", backend, softcap=1.2, sinks=sinks)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", SHARED_WINDOW_CASES)
+def test_windowed_cascade_triton_on_cuda_matches_reference(case, dtype):
+    out, ref = run_shared_window_case(case, "triton", dtype=dtype, device="cuda")
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out, ref, rtol=tolerance, atol=tolerance)
 
 
 @requires_cuda
@@ -742,16 +805,6 @@ def test_shared_prefix_may_end_where_the_new_tokens_start():
     assert [t.tolist() for t in plan] == [[0, 2], [8]]
     out = paged_attention(**batch, shared_prefix=plan)
     torch.testing.assert_close(out.double(), paged_attention_reference(**batch), rtol=1e-5, atol=1e-5)
-
-
-def test_window_with_a_shared_prefix_is_rejected():
-    """The cascade's shared pass has no window: a windowed layer must not take it (on either backend)."""
-    batch, plan = make_shared_case("one_group_decode_and_extend")
-    for backend in ("torch", "triton"):
-        with pytest.raises(ValueError, match="window and shared_prefix"):
-            paged_attention(**batch, backend=backend, shared_prefix=plan, window=8)
-    with pytest.raises(ValueError, match="window and shared_prefix"):  # the launcher too, called directly
-        paged_attention_triton(**batch, scale=0.25, shared_prefix=plan, window=8)
 
 
 def test_shared_prefix_whose_later_block_differs_is_rejected():

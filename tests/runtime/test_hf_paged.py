@@ -122,10 +122,10 @@ def test_another_thread_using_the_model_during_a_routed_forward_is_refused():
 @pytest.mark.parametrize("name", triton_cases(["gpt-oss-sinks-sliding", "gemma4-wide-full-layers-shared-kv",
                                                "deepseek-v3-latent-attention"]))
 def test_pagedhf_reaches_the_triton_kernels_with_the_cascade(name):
-    """On the Triton path (the interpreter without a GPU), children of one span, so that the full layers read the
-    shared prefix through the cascade: gpt-oss's sinks merged in there, Gemma 4's layers of two shapes in pool layers
-    of their own (its shared-K/V layers reading earlier ones'), DeepSeek's narrower V padded; the sliding layers take
-    no cascade."""
+    """On the Triton path (the interpreter without a GPU), children of one span, so that the layers read the shared
+    prefix through the cascade: gpt-oss's sinks merged in there, Gemma 4's layers of two shapes in pool layers
+    of their own (its shared-K/V layers reading earlier ones'), DeepSeek's narrower V padded; the sliding layers read
+    it within their windows."""
     model = tiny_model(name, device=TRITON_DEVICE)
     runner = TreeRunner(model, max_tokens=128, block_size=4, attention_backend="triton")
     assert runner.paged and None in runner.model_runner.windows and runner._cascade_block_size == 4

@@ -4,7 +4,7 @@ still gives the logits and final hidden states of the Hugging Face model run on 
 import pytest
 
 from fastalign import TreeRunner
-from fastalign.runtime import forward_batch, pool_attention
+from fastalign.runtime import pool_attention
 from tests.conftest import TRITON_DEVICE
 from tests.runtime.tiny_models import fill_with_nan, reference, tiny_model
 
@@ -13,19 +13,6 @@ MID = [20, 21, 22, 23, 24]    # a child of ROOT: 18 tokens, 4 whole blocks
 # three children of the root, two of MID (which share the root's 3 blocks), then a new root
 PARENTS = ["root", "root", "root", "mid", "mid", None]
 LISTS = [[30], [31, 32], [33, 34, 35], [40], [41, 42], [5, 6, 7]]
-
-
-@pytest.fixture
-def plans(monkeypatch):
-    """How many forwards planned a cascade on the host (plan_shared_prefix calls)."""
-    calls, real = [], forward_batch.plan_shared_prefix
-
-    def spy(*args, **kwargs):
-        calls.append(args)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(forward_batch, "plan_shared_prefix", spy)
-    return calls
 
 
 @pytest.fixture
@@ -44,8 +31,8 @@ def attention_calls(monkeypatch):
 @pytest.mark.parametrize("cascade", [True, False])
 @pytest.mark.parametrize("name", ["llama-gqa-untied", "mistral-mqa-head-dim", "gemma2-sliding-softcaps"])
 def test_children_of_one_span_are_planned_as_one_group_and_match_hugging_face(name, cascade, attention_calls):
-    """Layers with a sliding window (all of Mistral's, Gemma 2's first) attend without the cascade; Gemma 2's second
-    layer runs it with soft-capped scores."""
+    """Every layer reads the cascade: Gemma 2's first with a window of 10 that cuts into the shared prefix, its second
+    with soft-capped scores; Mistral's windows of 22 span every row here (20 tokens at most)."""
     model = tiny_model(name, device=TRITON_DEVICE)
     runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="triton", cascade_attention=cascade)
     fill_with_nan(runner.pool)
@@ -55,10 +42,9 @@ def test_children_of_one_span_are_planned_as_one_group_and_match_hugging_face(na
     parents = [{"root": root, "mid": mid}.get(p) for p in PARENTS]
     children, logits, hidden = runner.extend(parents, LISTS, logits="all", hidden="all")
 
-    windows = runner.model_runner.windows
-    assert len(attention_calls) == len(windows) == model.config.num_hidden_layers
-    for plan, window in zip(attention_calls, windows):
-        if cascade and window is None:
+    assert len(attention_calls) == model.config.num_hidden_layers
+    for plan in attention_calls:
+        if cascade:
             # the root's and MID's children share the root's 3 whole blocks; the new root shares nothing
             cu_group_rows, prefix_lens = plan
             assert cu_group_rows.tolist() == [0, 5, 6] and prefix_lens.tolist() == [12, 0]
@@ -77,12 +63,18 @@ def test_the_torch_backend_plans_no_cascade(attention_calls):
     assert attention_calls and all(plan is None for plan in attention_calls)
 
 
-@pytest.mark.parametrize("name, planned", [("mistral-mqa-head-dim", False), ("gemma2-sliding-softcaps", True)])
-def test_a_cascade_is_planned_only_for_a_model_with_a_layer_that_reads_it(name, planned, plans):
-    """Every layer of Mistral slides its window and takes no cascade: its forwards plan none on the host (they
-    planned one per forward, then passed it to no layer); Gemma 2's full layers read theirs."""
-    runner = TreeRunner(tiny_model(name, device=TRITON_DEVICE), max_tokens=256, block_size=4,
-                        attention_backend="triton")
-    root = runner.prefill(ROOT)
-    runner.extend([root, root], [[1], [2]], logits=None)
-    assert bool(plans) == planned
+@pytest.mark.parametrize("name", ["mistral-mqa-head-dim", "gemma2-sliding-softcaps"])
+def test_windows_that_cut_into_the_shared_prefix_read_the_cascade(name, attention_calls):
+    """Children of a root longer than every window (22 for Mistral's layers, 10 for Gemma 2's first): the shared pass
+    reads, for each query, only the prefix keys of its own window (those before every window hold NaN)."""
+    model = tiny_model(name, device=TRITON_DEVICE)
+    runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="triton")
+    fill_with_nan(runner.pool)
+    root = runner.prefill(ROOT * 2)
+    attention_calls.clear()
+    children, logits = runner.extend([root] * 3, [[1], [2, 3], [4, 5, 6, 7]], logits="all")
+    assert len(attention_calls) == model.config.num_hidden_layers
+    assert all(plan is not None and plan[0].tolist() == [0, 3] for plan in attention_calls)
+    for span, span_logits in zip(children, logits):
+        ref_logits, _ = reference(model, span)
+        assert (span_logits - ref_logits).abs().max() <= 1e-4, f"{span}: logits differ from Hugging Face's"
