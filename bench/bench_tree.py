@@ -28,10 +28,13 @@ decode      Plain batch-1 greedy decoding: TreeRunner (one extend per token) aga
             generate with its cache, same model and prompt; target: runner time <= 1.3x generate's.
             --family phi3 runs these three sections on a random Phi-3 of the same shape instead: a family
             that the runner takes through transformers' attention interface (PagedHF), not by its layout.
+            --family gemma3: Gemma 3's layers on the same shape, five of each six sliding a window of 512
+            (Gemma-3-1B's), shorter than the prefix: the cascade's shared pass reads each query's window only.
 
     python bench/bench_tree.py            # CUDA, bf16, the shapes above
     python bench/bench_tree.py --quick    # small fp32 shapes, runs anywhere (CPU smoke run)
     python bench/bench_tree.py --sections runner --family phi3
+    python bench/bench_tree.py --sections runner --family gemma3
 """
 import argparse
 import os
@@ -222,17 +225,23 @@ DECODE_COLUMNS = [("prompt", "prompt", "{}"), ("new_tokens", "new tokens", "{}")
                   ("ms", "ms", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:.1f}"), ("vs_hf", "time vs HF", "{:.2f}x"),
                   ("same_greedy_tokens", "same greedy tokens", "{}"), ("error", "error", "{}")]
 def random_model(quick, device, dtype, family="llama"):
-    """A random-weight causal LM of `family` ("llama", or "phi3": Phi-3's fused projections on the same shape):
-    Llama-3.2-1B's shape, or a tiny one with --quick."""
+    """A random-weight causal LM of `family` ("llama"; "phi3": Phi-3's fused projections on the same shape;
+    "gemma3": Gemma 3's layers, five of six sliding a window of 512, 8 with --quick): Llama-3.2-1B's shape, or a
+    tiny one with --quick."""
     import transformers
     config_class, model_class = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
-                                 "phi3": ("Phi3Config", "Phi3ForCausalLM")}[family]
+                                 "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+                                 "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM")}[family]
     ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # Phi-3's defaults lie past the tiny vocabulary
     if quick:
         shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
     else:
         shape = dict(harness.LLAMA_SHAPES["1b"], max_position_embeddings=131072)
+    if family == "gemma3":   # Gemma 3's pattern of layers (with --quick, one of each)
+        kinds = ["sliding_attention", "full_attention"] if quick else [
+            "full_attention" if i % 6 == 5 else "sliding_attention" for i in range(shape["num_hidden_layers"])]
+        shape.update(sliding_window=8 if quick else 512, query_pre_attn_scalar=shape["head_dim"], layer_types=kinds)
     config = getattr(transformers, config_class)(**shape, **ids)
     with torch.device(device):
         model = getattr(transformers, model_class)(config)
@@ -392,8 +401,9 @@ def main():
     group.add_argument("--decode-prompt", type=int, default=128)
     group.add_argument("--decode-tokens", type=int, default=128)
     group.add_argument("--pool-tokens", type=int, default=1 << 16)
-    group.add_argument("--family", choices=["llama", "phi3"], default="llama",
-                       help="the random model's family (phi3: run through transformers' attention interface)")
+    group.add_argument("--family", choices=["llama", "phi3", "gemma3"], default="llama",
+                       help="the random model's family (phi3: run through transformers' attention interface; gemma3: "
+                            "layers sliding a window shorter than the prefix)")
     args = parser.parse_args()
     if args.quick:
         args.heads, args.kv_heads, args.head_dim, args.prefix, args.rows, args.iters = 4, 2, 32, [100], [1, 4], 2

@@ -584,6 +584,21 @@ def test_the_runner_sections_take_a_phi3_through_pagedhf():
     ours = next(row for row in rows if row.get("method") == "fastalign TreeRunner")
     assert ours["same_greedy_tokens"] == 4
 
+
+def test_the_runner_sections_take_a_gemma3_whose_window_is_shorter_than_the_prefix():
+    """--family gemma3: Gemma 3's layers on the Llama runner, its sliding layer's window (8 with --quick) shorter
+    than the prefix (20), and its greedy decode is HF generate's."""
+    args = SimpleNamespace(quick=True, family="gemma3", tree_prefix=20, children=3, child_tokens=2,
+                           branch_lengths=[4], decode_prompt=8, decode_tokens=4, pool_tokens=1024)
+    torch.manual_seed(0)
+    model = bench_tree.random_model(True, torch.device("cpu"), torch.float32, "gemma3")
+    assert model.config.sliding_window == 8 and model.config.layer_types == ["sliding_attention", "full_attention"]
+    rows = bench_tree.runner_rows(args, torch.device("cpu"), torch.float32)
+    assert not [row for row in rows if row.get("error")], rows
+    assert {row["model_runner"] for row in rows if row["section"] == "extend"} == {"PagedLlama"}
+    ours = next(row for row in rows if row.get("method") == "fastalign TreeRunner")
+    assert ours["same_greedy_tokens"] == 4
+
 # ---- bench_rain ----
 
 def run_bench_rain(monkeypatch, tmp_path, prompts, failing_concurrency=None):
