@@ -70,18 +70,20 @@ def _first_row(CuGroupRows, i, num_table_rows, PREFIX_PASS: tl.constexpr):
 
 
 @triton.jit
-def _positions_in_group(CuQLens, RowSeqLens, token, first_row, last_row, STEPS: tl.constexpr):
+def _positions_in_group(CuQLens, RowSeqLens, token, first_row, last_row, num_table_rows, STEPS: tl.constexpr):
     """The positions of the query tokens `token` (indices into q) of a cascade group whose table rows are
     first_row..last_row (at most 2^STEPS of them): each token's row is the last one whose first query is at or
-    before it. Unrolled: a loop of runtime length here kept Triton from pipelining the key loop after it."""
+    before it. Unrolled: a loop of runtime length here kept Triton from pipelining the key loop after it. Rows are
+    clamped into the table (unvalidated metadata gives wrong positions, never an access outside it)."""
     lo = tl.zeros_like(token) + first_row
     hi = tl.zeros_like(token) + last_row
     for _ in tl.static_range(STEPS):
-        mid = (lo + hi + 1) // 2
+        mid = tl.minimum(tl.maximum((lo + hi + 1) // 2, 0), num_table_rows - 1)
         later = tl.load(CuQLens + mid) <= token
         lo = tl.where(later, mid, lo)
         hi = tl.where(later, hi, mid - 1)
-    return tl.load(RowSeqLens + lo) - (tl.load(CuQLens + lo + 1) - token)
+    row = tl.minimum(tl.maximum(lo, 0), num_table_rows - 1)
+    return tl.load(RowSeqLens + row) - (tl.load(CuQLens + row + 1) - token)
 
 
 @triton.jit(do_not_specialize=["num_rows", "num_table_rows", "num_groups", "num_tokens", "num_blocks", "max_blocks",
@@ -169,7 +171,7 @@ def _paged_attention_kernel(
         if PREFIX_PASS:   # the tile's queries come from several rows
             query_pos = _positions_in_group(CuQLens, RowSeqLens, q_begin + query, table_row_index,
                                             _first_row(CuGroupRows, row + 1, num_table_rows, PREFIX_PASS) - 1,
-                                            SEARCH_STEPS)
+                                            num_table_rows, SEARCH_STEPS)
             # (a query at seq_len + window - 1 or later sees nothing of the prefix: the filler of the other slots)
             first_seen = tl.min(tl.where(row_ok, query_pos, seq_len + window - 1), 0) - window + 1
             kv_begin = tl.minimum(tl.maximum(kv_begin, first_seen), kv_end)
