@@ -56,6 +56,7 @@ from .device_guard import on_device_of_first_input
 from .linear_softmax_tiles import soft_cap
 
 LOG2E = 1.4426950408889634
+_LOG2E_IN_KERNELS = tl.constexpr(LOG2E)   # a kernel reads a global only as a constexpr
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -246,7 +247,7 @@ def _merge_splits_kernel(
     lse = tl.load(Lse + offs_s * stride_ls + token * stride_lt + head, mask=s_ok, other=float("-inf"))
     lse_max = tl.max(lse, 0)
     if SINKS:
-        sink = tl.load(Sinks + head).to(tl.float32) * 1.4426950408889634   # LOG2E: the parts' log2 domain
+        sink = tl.load(Sinks + head).to(tl.float32) * _LOG2E_IN_KERNELS   # into the parts' log2 domain
         lse_max = tl.maximum(lse_max, sink)
     weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
     total = tl.sum(weight, 0)
