@@ -325,8 +325,8 @@ def _run(args) -> int:
 
 def run_identity(args, config: RainConfig, judge: JudgePrompt, prefix: str) -> dict:
     """What decides a record's answers: the model (its path and a digest of its files), and a digest of the settings
-    (search and judge constants, how prompts are rendered, dtype, sampler, embeddings). Written with every record, so that a resumed run
-    never keeps records that other settings made as its own."""
+    (search and judge constants, how prompts are rendered, dtype, sampler, embeddings). Written with every record, so
+    that a resumed run never keeps records that other settings made as its own."""
     settings = {"config": dataclasses.asdict(config), "judge": dataclasses.asdict(judge), "template": args.template,
                 "system": args.system, "generation_prefix": prefix, "dtype": args.dtype, "sampler": args.sampler,
                 "embedding": args.embedding}

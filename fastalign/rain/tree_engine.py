@@ -195,7 +195,11 @@ class TreeEngine:
 
     def _record_recomputed(self, rows: List[Row]):
         """Charges the tokens that the runner ran again in the last call to bring back evicted spans (also
-        when the call then failed) to the first row whose parent needed each span. Free without evictions."""
+        when the call then failed) to the first row whose parent needed each span. Free without evictions. On a
+        runner that computes each row's whole sequence (HFRecomputeModel), each row's context too."""
+        for row, context in zip(rows, self.runner.last_context_rerun.tolist()):
+            if context:
+                self.ledger.recompute(row.stats, context)
         restored = dict(self.runner.last_restored)
         for row in rows:
             span, n = None if row.parent is None else row.parent.span, 0

@@ -23,6 +23,7 @@ class HFCacheModel:
     """The forward of any Hugging Face causal LM with a DynamicCache over a ForwardBatch, row by row."""
 
     paged = False   # attention by the model's own code, row by row (PagedLlama and PagedHF: on the pool, batched)
+    recomputes_context = False   # a row's context runs once, when its span is made (HFRecomputeModel: every call)
 
     def __init__(self, model, device):
         self.model, self.device = model, device   # where it computes (model_device): its inputs and the pool's
@@ -90,9 +91,7 @@ class HFCacheModel:
                 hidden.append(out.hidden_states[-1][0] if want_hidden else None)
         if select is None:
             return None, None
-        logits_at = select if logits_rows is None else select[logits_rows]
-        return (torch.cat(logits)[logits_at].float() if want_logits else None,
-                torch.cat(hidden)[select] if want_hidden else None)
+        return selected_outputs(logits, hidden, select, logits_rows, want_logits, want_hidden)
 
     def _state_is_in_cache(self, cache):
         """Whether the model carries nothing from one forward to the next but the cache, as running rows one
@@ -141,6 +140,14 @@ class HFCacheModel:
             return t[blocks].flatten(0, 1)[:context].transpose(0, 1)[None]
 
         return DynamicCache(ddp_cache_data=[(tokens(pool.k(i)), tokens(pool.v(i))) for i in range(self.num_layers)])
+
+
+def selected_outputs(logits, hidden, select, logits_rows, want_logits, want_hidden):
+    """(logits, hidden) of a row-by-row forward at the batch's token indices `select` from each row's outputs over
+    its new tokens (logits in float32, at select[logits_rows] when given; None where not wanted)."""
+    logits_at = select if logits_rows is None else select[logits_rows]
+    return (torch.cat(logits)[logits_at].float() if want_logits else None,
+            torch.cat(hidden)[select] if want_hidden else None)
 
 
 def _unfit(model, reason):

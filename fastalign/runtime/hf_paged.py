@@ -49,6 +49,7 @@ class PagedHF:
     """The forward of a Hugging Face causal LM over a ForwardBatch, its attention computed on a KVPool."""
 
     paged = True   # attention on the pool, every row of a forward in one batch
+    recomputes_context = False   # a row's context runs once, when its span is made (HFRecomputeModel: every call)
 
     def __init__(self, model, attention_backend, device):
         self.model, self.device = model, device

@@ -93,6 +93,7 @@ class PagedLlama:
     """The forward of a Llama-family causal LM over a ForwardBatch, with its KV in a KVPool."""
 
     paged = True   # attention on the pool, every row of a forward in one batch
+    recomputes_context = False   # a row's context runs once, when its span is made (HFRecomputeModel: every call)
 
     def __init__(self, model, attention_backend, device):
         problem = llama_family_problem(model)

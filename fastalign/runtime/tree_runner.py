@@ -70,7 +70,9 @@ class TreeRunner:
     Size the KV pool with exactly one of `max_tokens` (rounded up to whole blocks) or `max_bytes`.
     Families that layer_layouts names run on PagedLlama; any other causal LM whose layers attend through
     transformers' attention interface, on PagedHF once its probe passes; the rest on Hugging Face's own cache, row
-    by row, unless `fallback=False`, which refuses them. `attention_backend` is passed to
+    by row, or where its cache holds more than per-token K/V (Mamba, linear-attention hybrids such as Qwen3.5) by
+    computing each row's whole sequence at every call (HFRecomputeModel, much slower), unless `fallback=False`,
+    which refuses them. `attention_backend` is passed to
     `fastalign.ops.paged_attention` ("auto", "triton", "torch").
     `cascade_attention`: on the Triton backend, rows of a forward that share whole prefix blocks (the
     children of one span, consecutive in the call) read those blocks once per group instead of once per
@@ -111,13 +113,17 @@ class TreeRunner:
         self._cascade_block_size = block_size if cascade_attention and backend == "triton" else None
         self.max_context = mr.max_context
         self._busy = threading.Lock()   # held by the running call (see _one_call_at_a_time)
-        self.recomputed_tokens = 0      # tokens run again to bring back evicted spans, over the runner's life
+        self.recomputed_tokens = 0      # tokens run again over the runner's life: evicted spans brought back, and
+        # on HFRecomputeModel the contexts of rows
         self.last_restored = {}         # span id -> tokens run again for it by the last extend / pin
+        self.last_context_rerun = np.zeros(0, dtype=np.int64)  # on HFRecomputeModel, per row of the last extend:
+        # the context tokens run again for its outputs (empty on the other runners, which read it from the pool)
 
     @staticmethod
     def _model_runner(model, layered, attention_backend, device, fallback):
         """PagedLlama for a family that layer_layouts names; else PagedHF where its probe passes; else, with
-        `fallback`, HFCacheModel (whose probes, like PagedHF's, size the pool: run without autocast)."""
+        `fallback`, HFCacheModel where its probes pass, else HFRecomputeModel (the probes, like PagedHF's, size the
+        pool: run without autocast)."""
         problem = llama_family_problem(layered)
         if problem is None:
             return PagedLlama(layered, attention_backend, device)
@@ -132,7 +138,19 @@ class TreeRunner:
                                      "and fallback=False; pass fallback=True to run it on Hugging Face's "
                                      "cache") from None
             from fastalign.runtime.hf_cache import HFCacheModel
-            runner = HFCacheModel(model, device)
+            try:
+                runner = HFCacheModel(model, device)
+            except ValueError as no_cache:
+                from fastalign.runtime.hf_recompute import HFRecomputeModel
+                try:
+                    runner = HFRecomputeModel(model, device)
+                except ValueError as no_recompute:
+                    raise ValueError(f"{no_cache}; {str(no_recompute).removeprefix('model: ')}") from None
+                # after its own probe passed: a model it refuses too gets that error alone
+                warnings.warn(f"TreeRunner: {reason}; {str(no_cache).removeprefix('model: ')}; it runs by computing "
+                              "each row's whole sequence again at every call, one row at a time, with no cache (much "
+                              "slower; fallback=False refuses such a model)", stacklevel=3)
+                return runner
             # after the fallback's own probes passed: a model it refuses too gets that error alone
             warnings.warn(f"TreeRunner: {reason}; it runs on Hugging Face's own cache instead, one row at a time "
                           "(slower; fallback=False refuses such a model)", stacklevel=3)
@@ -196,6 +214,7 @@ class TreeRunner:
     def _extend(self, parents, token_lists, *, cuts, logits, hidden, row_name):
         """`extend`, naming row i's token ids `row_name.format(i)` in its errors (prefill's are `token_ids`)."""
         self.last_restored = {}     # first: a call refused below restores nothing
+        self.last_context_rerun = np.zeros(0, dtype=np.int64)
         for name, value in (("logits", logits), ("hidden", hidden)):
             if value not in _OUTPUTS:
                 raise ValueError(f"{name}: expected one of {_OUTPUTS}, got {value!r}")
@@ -225,6 +244,9 @@ class TreeRunner:
             cu_cuts[1:] = np.cumsum([len(offsets) for offsets in row_cuts])
         child_ids, cut_ids, (out_logits, out_hidden) = self.store.extend(parent_ids, tokens, cu_lens, run,
                                                                          flat_cuts, cu_cuts)
+        if self.model_runner.recomputes_context and (logits, hidden) != (None, None):
+            self.last_context_rerun = lengths - np.diff(cu_lens)
+            self.recomputed_tokens += int(self.last_context_rerun.sum())
         try:    # the new spans are the caller's only once returned: an interrupt or an error before gives them back
             children = self._handles(parents, row_cuts, child_ids, cut_ids, lengths, cu_lens)
             results = (children, self._format(out_logits, logits, cu_lens, ends))
@@ -412,8 +434,8 @@ class TreeRunner:
         None) when both are None. Under no_grad, not inference_mode: the outputs are the caller's to modify
         in place (`logits /= temperature`) or to feed a module that trains, which inference tensors refuse."""
         device = self.model_runner.device
-        if not plan.creates_spans:  # a round of bringing back evicted spans
-            self.recomputed_tokens += len(plan.token_ids)
+        if not plan.creates_spans and not self.model_runner.recomputes_context:  # bringing back evicted spans
+            self.recomputed_tokens += len(plan.token_ids)     # (HFRecomputeModel only writes their ids again)
             self.last_restored.update(zip(plan.row_spans.tolist(), np.diff(plan.cu_q_lens).tolist()))
         with torch.no_grad(), autocast_off(device):
             batch = ForwardBatch.from_plan(plan, device, outputs=() if ends is None else ends,

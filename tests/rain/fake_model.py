@@ -4,6 +4,7 @@ served both as a Hugging Face-style causal LM (for the slow engine) and as a Tre
 the span store also counts live spans, to check that a search leaves nothing behind."""
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 HIDDEN = 8
@@ -49,6 +50,7 @@ class HashRunner:
         self.pins = {}
         self.calls = 0
         self.last_restored = {}   # nothing is ever evicted
+        self.last_context_rerun = np.zeros(0, dtype=np.int64)   # contexts are read, not run again
 
     def extend(self, parents, token_lists, *, cuts=None, logits="last", hidden=None):
         """With cuts, row i returns a chain of spans (one per cut, then its child) and the outputs are at

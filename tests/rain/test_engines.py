@@ -1115,3 +1115,32 @@ def test_a_model_call_waits_for_the_device_once(monkeypatch, sampler):
     for _, made in per_call:
         outside.subtract(made)
     assert set(+outside) <= {"cpu @ fastalign/transfers.py", "tolist @ fastalign/rain/sampling.py"}, outside
+
+
+def test_a_linear_attention_hybrid_runs_on_the_recompute_fallback_and_counts_what_it_recomputes():
+    """Qwen3-Next's linear-attention layers keep recurrent state that no span can hold: the tree engine runs it on
+    HFRecomputeModel (each row's whole sequence at every call), makes the slow engine's decisions, and its stats count
+    every context it ran again as recomputed tokens."""
+    TreeRunner = pytest.importorskip("fastalign.runtime").TreeRunner
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+    torch.manual_seed(0)
+    model = Qwen3NextForCausalLM(Qwen3NextConfig(
+        vocab_size=len(tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
+        linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, shared_expert_intermediate_size=16, max_position_embeddings=1024,
+        eos_token_id=tokenizer().eos_token_id)).eval()
+    holder = {}
+
+    def make_runner():
+        with pytest.warns(UserWarning, match="it runs by computing each row's whole sequence again at every call"):
+            holder["runner"] = TreeRunner(model, max_tokens=2048, attention_backend="torch")
+        return holder["runner"]
+
+    config = RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=2)
+    out = run_both(model, PROMPTS[:1], config, make_runner, judge_prompt=SHORT_JUDGE, embedding="hidden",
+                   sampler="keyed")
+    tree, runner = out["tree"][0], holder["runner"]
+    assert tree.results[0].error is None and decisions(out["slow"][0]) == decisions(tree)
+    assert type(runner.model_runner).__name__ == "HFRecomputeModel"
+    assert tree.stats.recomputed_tokens == runner.recomputed_tokens > 0

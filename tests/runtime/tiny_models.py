@@ -8,11 +8,12 @@ from transformers import (BloomConfig, BloomForCausalLM, CohereConfig, CohereFor
                           Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig,
                           Gemma4ForCausalLM, Gemma4TextConfig, GemmaConfig, GemmaForCausalLM, GptOssConfig,
                           GptOssForCausalLM, GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM,
-                          MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM, MptConfig,
-                          MptForCausalLM, OPTConfig, OPTForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config,
-                          Olmo3ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig,
-                          Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
-                          SmolLM3Config, SmolLM3ForCausalLM)
+                          MambaConfig, MambaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
+                          MixtralForCausalLM, MptConfig, MptForCausalLM, OPTConfig, OPTForCausalLM, Olmo2Config,
+                          Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                          Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM, SmolLM3Config,
+                          SmolLM3ForCausalLM)
 from fastalign.runtime.layer_layouts import LAYOUTS
 
 VOCAB = 101
@@ -34,7 +35,8 @@ _IDS_IN_VOCAB = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)  # OLMo's d
 # last layers reusing earlier layers' K/V, gpt-oss's attention sinks on sliding and full layers, DeepSeek-V3's latent
 # attention (V narrower than K) with its routed and shared experts, GPT-2's and OPT's learned positions. Then models
 # for the fallback, whose ALiBi biases are their own (their attention bypasses transformers' interface, or passes it a
-# bias).
+# bias). Last, models whose cache holds recurrent state, which run by recomputing whole sequences: Qwen3-Next's
+# linear-attention hybrid, Mamba.
 CONFIGS = {
     "llama-gqa-untied": (LlamaForCausalLM, lambda: LlamaConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=False)),
@@ -117,21 +119,33 @@ CONFIGS = {
         attn_implementation="eager")),
     "mpt-alibi-fallback": (MptForCausalLM, lambda: MptConfig(
         vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=MAX_POSITIONS, attn_implementation="eager")),
+    "qwen3-next-linear-attention-recompute": (Qwen3NextForCausalLM, lambda: Qwen3NextConfig(
+        **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, head_dim=12,
+        layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2, linear_num_key_heads=2,
+        linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16)),
+    "mamba-recompute": (MambaForCausalLM, lambda: MambaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4, bos_token_id=0, eos_token_id=0,
+        pad_token_id=0)),
 }
 
 
 def runner_kind(name):
     """The model runner a TreeRunner picks for CONFIGS[name]: "PagedLlama" for a family layer_layouts names,
-    "HFCacheModel" for the fallback models, "PagedHF" for the rest."""
+    "HFCacheModel" for the fallback models, "HFRecomputeModel" for those whose cache holds recurrent state, "PagedHF"
+    for the rest."""
     if name.endswith("fallback"):
         return "HFCacheModel"
+    if name.endswith("recompute"):
+        return "HFRecomputeModel"
     return "PagedLlama" if CONFIGS[name][1]().model_type in LAYOUTS else "PagedHF"
 
 
 def fill_with_nan(pool):
-    """Every slot of `pool` NaN: a slot read before its K/V is written poisons the logits."""
+    """Every slot of `pool` NaN (-1 in a pool of token ids, which no embedding takes): a slot read before it is
+    written poisons the logits, or fails."""
     for tensor in pool.tensors:
-        tensor.fill_(float("nan"))
+        tensor.fill_(float("nan") if tensor.is_floating_point() else -1)
 
 
 def tiny_model(name, dtype=torch.float32, device="cpu", seed=0):

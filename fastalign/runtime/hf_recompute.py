@@ -1,0 +1,75 @@
+"""The last fallback, for causal LMs whose state between forwards is not per-token K and V (Mamba, the linear-attention
+layers of Qwen3-Next and Qwen3.5, Falcon-H1, Jamba, RWKV, RecurrentGemma, ...): every row runs the model's own
+forward over its whole sequence, with no cache.
+
+The pool holds each span's token ids in place of its K/V (one int32 per token), so that spans, sharing, eviction and
+every guarantee of the tree stay as on the other paths; a row's sequence is gathered from its blocks. The outputs
+are the full-sequence forward's by construction, and cost what it costs: a row's context is run again at every call
+(TreeRunner.last_context_rerun, per row of the last extend, which RAIN counts as recomputed tokens). Bringing back an
+evicted span writes its ids again and runs nothing; so does a call that asks for no outputs (a prefill).
+"""
+import torch
+
+from fastalign.eval_mode import eval_mode
+from fastalign.model_vocabulary import input_vocabulary
+from fastalign.runtime.hf_cache import selected_outputs
+from fastalign.runtime.llama import context_limit
+
+
+class HFRecomputeModel:
+    """The forward of any Hugging Face causal LM over a ForwardBatch, each row's whole sequence at a time."""
+
+    paged = False
+    recomputes_context = True   # a row's context runs again in every forward that asks for its outputs
+    pool_shapes = [(1, 1)]      # one pool "layer": the token id of each slot (in its K half)
+    dtype = torch.int32
+
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+        if not (hasattr(model, "can_generate") and model.can_generate()):
+            raise _unfit(model, "it is not a causal language model (can_generate() is not True)")
+        self.max_context = context_limit(model.config)
+        try:
+            causal = self._is_causal()
+        except Exception as err:   # whatever the model's own code raises
+            raise _unfit(model, f"its forward without a cache failed ({err!r})") from err
+        if not causal:
+            raise _unfit(model, "it is not causal (the outputs at a sequence's first tokens changed when tokens were "
+                                "appended), so that a span's outputs would depend on what follows it")
+
+    def forward(self, batch, pool, select, want_logits, want_hidden, logits_rows=None):
+        """Writes the ids of `batch`'s tokens into `pool`; returns (logits, hidden) of the tokens at indices `select`
+        (None: nothing, and no forward), logits in float32 (only at select[logits_rows] when given), hidden = the
+        model's last hidden state. Dropout is off whatever the model's mode."""
+        ids = pool.k(0).view(-1)    # slot -> token id
+        ids[batch.slot_mapping] = batch.input_ids.to(ids.dtype)
+        if len(batch.host_extra_src):
+            ids[batch.extra_dst] = batch.input_ids[batch.extra_src].to(ids.dtype)
+        if select is None:
+            return None, None
+        cu, seq_lens = batch.host_cu_q_lens.tolist(), batch.host_seq_lens.tolist()
+        logits, hidden = [], []
+        with torch.no_grad(), eval_mode(self.model):
+            for row, seq_len in enumerate(seq_lens):
+                new = cu[row + 1] - cu[row]
+                blocks = batch.block_table[row, : -(-seq_len // pool.block_size)].long()
+                slots = (blocks[:, None] * pool.block_size + torch.arange(pool.block_size, device=blocks.device))
+                out = self.model(input_ids=ids[slots.flatten()[:seq_len]].long()[None], use_cache=False,
+                                 output_hidden_states=want_hidden)
+                logits.append(out.logits[0, seq_len - new:])
+                hidden.append(out.hidden_states[-1][0, seq_len - new:] if want_hidden else None)
+        return selected_outputs(logits, hidden, select, logits_rows, want_logits, want_hidden)
+
+    def _is_causal(self):
+        """Whether a sequence's first tokens get the same logits when more tokens follow them (relative to the
+        logits' scale, within rounding of the model's dtype)."""
+        ids = torch.tensor([[1, 0, 2, 1, 3, 0]], device=self.device) % input_vocabulary(self.model)
+        with torch.inference_mode(), eval_mode(self.model):
+            prefix, whole = (self.model(input_ids=x, use_cache=False).logits for x in (ids[:, :3], ids))
+        tolerance = 1e-4 if whole.dtype in (torch.float32, torch.float64) else 3e-2
+        prefix, whole = prefix.float(), whole.float()
+        return float((prefix - whole[:, :3]).abs().max() / whole.abs().max().clamp(min=1e-6)) <= tolerance
+
+
+def _unfit(model, reason):
+    return ValueError(f"model: {type(model).__name__} cannot run by recomputing whole sequences either: {reason}")
