@@ -3,11 +3,14 @@ layers of Qwen3-Next and Qwen3.5, Falcon-H1, Jamba, RWKV, RecurrentGemma, ...): 
 forward over its whole sequence, with no cache.
 
 The pool holds each span's token ids in place of its K/V (one int32 per token), so that spans, sharing, eviction and
-every guarantee of the tree stay as on the other paths; a row's sequence is gathered from its blocks. The outputs
-are the full-sequence forward's by construction, and cost what it costs: a row's context is run again at every call
+every guarantee of the tree stay as on the other paths; a row's sequence is gathered from its blocks, and rows of one
+length run as one batch (no padding; a span's children extended alike are). The outputs are the full-sequence
+forward's by construction, and cost what it costs: a row's context is run again at every call
 (TreeRunner.last_context_rerun, per row of the last extend, which RAIN counts as recomputed tokens). Bringing back an
 evicted span writes its ids again and runs nothing; so does a call that asks for no outputs (a prefill).
 """
+import inspect
+
 import torch
 
 from fastalign.eval_mode import eval_mode
@@ -17,7 +20,7 @@ from fastalign.runtime.llama import context_limit
 
 
 class HFRecomputeModel:
-    """The forward of any Hugging Face causal LM over a ForwardBatch, each row's whole sequence at a time."""
+    """The forward of any Hugging Face causal LM over a ForwardBatch, on each row's whole sequence."""
 
     paged = False
     recomputes_context = True   # a row's context runs again in every forward that asks for its outputs
@@ -26,6 +29,7 @@ class HFRecomputeModel:
 
     def __init__(self, model, device):
         self.model, self.device = model, device
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         if not (hasattr(model, "can_generate") and model.can_generate()):
             raise _unfit(model, "it is not a causal language model (can_generate() is not True)")
         self.max_context = context_limit(model.config)
@@ -47,18 +51,29 @@ class HFRecomputeModel:
             ids[batch.extra_dst] = batch.input_ids[batch.extra_src].to(ids.dtype)
         if select is None:
             return None, None
-        cu, seq_lens = batch.host_cu_q_lens.tolist(), batch.host_seq_lens.tolist()
-        logits, hidden = [], []
+        cu = batch.host_cu_q_lens.tolist()
+        by_length = {}   # rows of one length run as one batch (no padding): children extended alike, say
+        for row, seq_len in enumerate(batch.host_seq_lens.tolist()):
+            by_length.setdefault(seq_len, []).append(row)
+        outputs = [None] * len(cu[:-1])   # per row: (logits, hidden) at its new tokens
         with torch.no_grad(), eval_mode(self.model):
-            for row, seq_len in enumerate(seq_lens):
-                new = cu[row + 1] - cu[row]
-                blocks = batch.block_table[row, : -(-seq_len // pool.block_size)].long()
-                slots = (blocks[:, None] * pool.block_size + torch.arange(pool.block_size, device=blocks.device))
-                out = self.model(input_ids=ids[slots.flatten()[:seq_len]].long()[None], use_cache=False,
-                                 output_hidden_states=want_hidden)
-                logits.append(out.logits[0, seq_len - new:])
-                hidden.append(out.hidden_states[-1][0, seq_len - new:] if want_hidden else None)
+            for seq_len, rows in by_length.items():
+                news = [cu[row + 1] - cu[row] for row in rows]
+                kept = dict(logits_to_keep=max(news)) if self.keeps_logits else {}   # not [rows, seq_len, vocab]
+                out = self.model(input_ids=self._sequences(ids, batch.block_table[rows], seq_len, pool.block_size),
+                                 use_cache=False, output_hidden_states=want_hidden, **kept)
+                for i, (row, new) in enumerate(zip(rows, news)):
+                    outputs[row] = (out.logits[i, out.logits.shape[1] - new:],
+                                    out.hidden_states[-1][i, seq_len - new:] if want_hidden else None)
+        logits, hidden = zip(*outputs)
         return selected_outputs(logits, hidden, select, logits_rows, want_logits, want_hidden)
+
+    @staticmethod
+    def _sequences(ids, block_rows, seq_len, block_size):
+        """The token ids [rows, seq_len] (int64) held by the first seq_len slots of each row of `block_rows`."""
+        blocks = block_rows[:, : -(-seq_len // block_size)].long()
+        slots = blocks[:, :, None] * block_size + torch.arange(block_size, device=blocks.device)
+        return ids[slots.flatten(1)[:, :seq_len]].long()
 
     def _is_causal(self):
         """Whether a sequence's first tokens get the same logits when more tokens follow them (relative to the

@@ -1,0 +1,59 @@
+"""HFRecomputeModel: what it runs and what it does not. (Its random trees match Hugging Face's logits in
+test_tree_runner.py, on the "-recompute" models of tiny_models.py.)"""
+import warnings
+
+import torch
+
+from fastalign import TreeRunner
+from tests.runtime.tiny_models import reference, tiny_model
+
+
+def recompute_runner(name="qwen3-next-linear-attention-recompute", **kwargs):
+    """(model, TreeRunner on HFRecomputeModel, the model's forward calls: (batch rows, tokens per row, logits
+    positions kept))."""
+    model = tiny_model(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the warning that it runs by recomputing (test_tree_runner_errors.py)
+        runner = TreeRunner(model, block_size=4, attention_backend="torch", **({"max_tokens": 64} | kwargs))
+    assert type(runner.model_runner).__name__ == "HFRecomputeModel"
+    calls = []
+    runner.model_runner.model = CountedForward(model, calls)
+    return model, runner, calls
+
+
+class CountedForward(torch.nn.Module):
+    """`model` whose calls are recorded in `calls` as (batch rows, tokens per row, logits positions kept)."""
+
+    def __init__(self, model, calls):
+        super().__init__()
+        self.model, self.calls = model, calls
+
+    def forward(self, input_ids, **kwargs):
+        out = self.model(input_ids=input_ids, **kwargs)
+        self.calls.append((*input_ids.shape, out.logits.shape[1]))
+        return out
+
+
+def test_rows_of_one_length_run_as_one_batch_keeping_only_the_logits_asked_for():
+    """Three children of one span extended by one token each are one forward of 3 rows; a row of another length is
+    its own. Only the positions of the new tokens get logits (not [rows, length, vocab])."""
+    model, runner, calls = recompute_runner()
+    root = runner.prefill([5, 17, 3, 9, 2])
+    children, logits = runner.extend([root, root, root, root], [[1], [2], [3], [4, 6]], logits="all")
+    assert sorted(calls) == [(1, 7, 2), (3, 6, 1)]
+    assert runner.last_context_rerun.tolist() == [5, 5, 5, 5] and runner.recomputed_tokens == 20
+    for child, row_logits in zip(children, logits):
+        torch.testing.assert_close(row_logits, reference(model, child)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_call_without_outputs_and_bringing_back_evicted_spans_run_no_forward():
+    """A prefill writes ids only; an evicted span comes back by writing its ids again: neither runs the model, nor
+    counts as recomputed."""
+    model, runner, calls = recompute_runner(max_tokens=16)
+    first = runner.prefill(list(range(10, 22)))       # 12 tokens: 3 of the 4 blocks
+    second = runner.prefill(list(range(30, 42)))      # evicts the first
+    assert calls == [] and not first.resident and runner.recomputed_tokens == 0
+    runner.release(second)
+    (child,), logits = runner.extend([first], [[7]])  # brings the first back, then one row of 13 tokens
+    assert calls == [(1, 13, 1)] and runner.recomputed_tokens == 12
+    torch.testing.assert_close(logits[0], reference(model, child)[0][-1], rtol=1e-4, atol=1e-4)
