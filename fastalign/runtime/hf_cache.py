@@ -1,12 +1,13 @@
 """The slow path for causal LMs that neither paged runner takes (PagedLlama's families, PagedHF's probe): Hugging
 Face's own forward and cache.
 
-The KV still lives in the paged pool, so that spans, sharing, eviction and every guarantee of the tree
-are the same as on the fast path. Each row runs on its own: its context is gathered from the pool into a
-`DynamicCache`, the model runs its new tokens with that cache, and the K/V the model appended to the cache
-are written back into the pool. This works for any model whose cache layers hold per-token K and V of
-one shape [batch, kv_heads, tokens, head_dim] and that keeps no other state between forwards (Bloom and MPT, whose
-ALiBi biases PagedHF does not compute, ...; not RecurrentGemma); it costs one gather of the context per row.
+The KV still lives in the paged pool, so that spans, sharing, eviction and every guarantee of the tree are the same
+as on the fast path. Each row runs on its own (or batched with rows alike, below): its context is gathered from the
+pool into a `DynamicCache`, the model runs its new tokens with that cache, and the K/V the model appended to the
+cache are written back into the pool. This works for any model whose cache layers hold per-token K and V of one
+shape [batch, kv_heads, tokens, head_dim] and that keeps no other state between forwards (Bloom and MPT, whose ALiBi
+biases PagedHF does not compute, ...; not RecurrentGemma); it costs one gather of the context per row. Consecutive
+rows of one context length and one number of new tokens (a span's children extended alike) run as one batch.
 """
 import numpy as np
 import torch
@@ -68,29 +69,42 @@ class HFCacheModel:
             return self._forward_rows(batch, pool, select, want_logits, want_hidden, logits_rows)
 
     def _forward_rows(self, batch, pool, select, want_logits, want_hidden, logits_rows):
+        """Consecutive rows of one context length and one number of new tokens run as one batch (a span's children
+        extended alike), each other row alone, in order: a row that extends an earlier row of the batch reads that
+        row's K/V from the pool, written by an earlier group (never its own: its context is longer)."""
         cu, seq_lens = batch.host_cu_q_lens.tolist(), batch.host_seq_lens.tolist()
-        logits, hidden = [], []
+        groups = []   # ((context, new tokens), rows)
         for row, seq_len in enumerate(seq_lens):
-            start, end = cu[row], cu[row + 1]
-            context = seq_len - (end - start)
-            cache = self._gather_context(pool, batch.block_table[row], context)
-            out = self.model(input_ids=batch.input_ids[None, start:end], use_cache=True,
+            new = cu[row + 1] - cu[row]
+            if groups and groups[-1][0] == (seq_len - new, new):
+                groups[-1][1].append(row)
+            else:
+                groups.append(((seq_len - new, new), [row]))
+        outputs = [None] * len(seq_lens)   # per row: (logits, hidden) at its new tokens
+        for (context, new), rows in groups:
+            tokens = np.concatenate([np.arange(cu[row], cu[row + 1]) for row in rows])   # the group's, row by row
+            token_index = torch.from_numpy(tokens).to(self.device)
+            cache = self._gather_context(pool, batch.block_table[rows], context)
+            out = self.model(input_ids=batch.input_ids[token_index].view(len(rows), new), use_cache=True,
                              **cache_kwargs(self.model, cache),
-                             attention_mask=torch.ones(1, seq_len, dtype=torch.long, device=self.device),
+                             attention_mask=torch.ones(len(rows), context + new, dtype=torch.long, device=self.device),
                              output_hidden_states=want_hidden and select is not None)
-            extra = np.flatnonzero((batch.host_extra_src >= start) & (batch.host_extra_src < end))
-            extra_src = torch.from_numpy(batch.host_extra_src[extra] - start).to(self.device)
+            place = np.full(batch.num_tokens, -1)   # batch token -> its place among the group's new K/V
+            place[tokens] = np.arange(len(tokens))
+            extra = np.flatnonzero(place[batch.host_extra_src] >= 0)
+            extra_src = torch.from_numpy(place[batch.host_extra_src[extra]]).to(self.device)
             for index, layer in enumerate(cache.layers):
-                keys, values = layer.keys[0, :, context:].transpose(0, 1), layer.values[0, :, context:].transpose(0, 1)
-                write_kv(keys, values, pool.k(index), pool.v(index), batch.slot_mapping[start:end])
+                keys, values = (t[:, :, context:].transpose(1, 2).flatten(0, 1) for t in (layer.keys, layer.values))
+                write_kv(keys, values, pool.k(index), pool.v(index), batch.slot_mapping[token_index])
                 if len(extra):
                     write_kv(keys[extra_src], values[extra_src], pool.k(index), pool.v(index),
                              batch.extra_dst[torch.from_numpy(extra).to(self.device)])
             if select is not None:
-                logits.append(out.logits[0])
-                hidden.append(out.hidden_states[-1][0] if want_hidden else None)
+                for i, row in enumerate(rows):
+                    outputs[row] = (out.logits[i], out.hidden_states[-1][i] if want_hidden else None)
         if select is None:
             return None, None
+        logits, hidden = zip(*outputs)
         return selected_outputs(logits, hidden, select, logits_rows, want_logits, want_hidden)
 
     def _state_is_in_cache(self, cache):
@@ -130,14 +144,15 @@ class HFCacheModel:
         return all(float((a.float() - b.float()).abs().max() / scale) <= tolerance
                    for a, b in ((prefix, whole[:, :3]), (after_cache, whole[:, 3:])))
 
-    def _gather_context(self, pool, block_row, context):
-        """A DynamicCache holding the first `context` tokens of the row's blocks, every layer."""
+    def _gather_context(self, pool, block_rows, context):
+        """A DynamicCache holding the first `context` tokens of each row of `block_rows` [rows, max_blocks], every
+        layer."""
         if context == 0:
             return DynamicCache()
-        blocks = block_row[: -(-context // pool.block_size)].long()
+        blocks = block_rows[:, : -(-context // pool.block_size)].long()
 
-        def tokens(t):  # [blocks, block_size, heads, dim] -> [1, heads, context, dim]
-            return t[blocks].flatten(0, 1)[:context].transpose(0, 1)[None]
+        def tokens(t):  # [blocks, block_size, heads, dim] -> [rows, heads, context, dim]
+            return t[blocks].flatten(1, 2)[:, :context].transpose(1, 2)
 
         return DynamicCache(ddp_cache_data=[(tokens(pool.k(i)), tokens(pool.v(i))) for i in range(self.num_layers)])
 

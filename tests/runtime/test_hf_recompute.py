@@ -5,7 +5,7 @@ import warnings
 import torch
 
 from fastalign import TreeRunner
-from tests.runtime.tiny_models import reference, tiny_model
+from tests.runtime.tiny_models import CountedForward, reference, tiny_model
 
 
 def recompute_runner(name="qwen3-next-linear-attention-recompute", **kwargs):
@@ -19,19 +19,6 @@ def recompute_runner(name="qwen3-next-linear-attention-recompute", **kwargs):
     calls = []
     runner.model_runner.model = CountedForward(model, calls)
     return model, runner, calls
-
-
-class CountedForward(torch.nn.Module):
-    """`model` whose calls are recorded in `calls` as (batch rows, tokens per row, logits positions kept)."""
-
-    def __init__(self, model, calls):
-        super().__init__()
-        self.model, self.calls = model, calls
-
-    def forward(self, input_ids, **kwargs):
-        out = self.model(input_ids=input_ids, **kwargs)
-        self.calls.append((*input_ids.shape, out.logits.shape[1]))
-        return out
 
 
 def test_rows_of_one_length_run_as_one_batch_keeping_only_the_logits_asked_for():

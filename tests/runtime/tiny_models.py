@@ -141,6 +141,19 @@ def runner_kind(name):
     return "PagedLlama" if CONFIGS[name][1]().model_type in LAYOUTS else "PagedHF"
 
 
+class CountedForward(torch.nn.Module):
+    """`model` whose calls are recorded in `calls` as (batch rows, tokens per row, logits positions kept)."""
+
+    def __init__(self, model, calls):
+        super().__init__()
+        self.model, self.calls = model, calls
+
+    def forward(self, input_ids, **kwargs):
+        out = self.model(input_ids=input_ids, **kwargs)
+        self.calls.append((*input_ids.shape, out.logits.shape[1]))
+        return out
+
+
 def fill_with_nan(pool):
     """Every slot of `pool` NaN (-1 in a pool of token ids, which no embedding takes): a slot read before it is
     written poisons the logits, or fails."""
