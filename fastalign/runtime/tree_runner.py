@@ -144,16 +144,15 @@ class TreeRunner:
                 from fastalign.runtime.hf_recompute import HFRecomputeModel
                 try:
                     runner = HFRecomputeModel(model, device)
-                except ValueError as no_recompute:
+                except ValueError as no_recompute:   # both fallbacks' reasons
                     raise ValueError(f"{no_cache}; {str(no_recompute).removeprefix('model: ')}") from None
-                # after its own probe passed: a model it refuses too gets that error alone
                 warnings.warn(f"TreeRunner: {reason}; {str(no_cache).removeprefix('model: ')}; it runs by computing "
-                              "each row's whole sequence again at every call, one row at a time, with no cache (much "
-                              "slower; fallback=False refuses such a model)", stacklevel=3)
+                              "each row's whole sequence again at every call, with no cache (much slower; "
+                              "fallback=False refuses such a model)", stacklevel=3)
                 return runner
             # after the fallback's own probes passed: a model it refuses too gets that error alone
-            warnings.warn(f"TreeRunner: {reason}; it runs on Hugging Face's own cache instead, one row at a time "
-                          "(slower; fallback=False refuses such a model)", stacklevel=3)
+            warnings.warn(f"TreeRunner: {reason}; it runs on Hugging Face's own cache instead, row by row (slower; "
+                          "fallback=False refuses such a model)", stacklevel=3)
             return runner
 
     # ----- the tree
