@@ -166,10 +166,12 @@ def selected_outputs(logits, hidden, select, logits_rows, want_logits, want_hidd
 
 
 def _unfit(model, reason):
-    """The error refusing `model` for `reason`, with what the fallback runs."""
-    return ValueError(f"model: {type(model).__name__} cannot run on the Hugging Face cache fallback: {reason}; the "
-                      "fallback runs causal LMs whose cache holds per-token K and V of one shape [batch, kv_heads, "
-                      "tokens, head_dim] in every layer and no other state (Bloom, MPT, ...)")
+    """The error refusing `model` for `reason`, with what the fallback runs (`reason` also kept as its attribute)."""
+    error = ValueError(f"model: {type(model).__name__} cannot run on the Hugging Face cache fallback: {reason}; the "
+                       "fallback runs causal LMs whose cache holds per-token K and V of one shape [batch, kv_heads, "
+                       "tokens, head_dim] in every layer and no other state (Bloom, MPT, ...)")
+    error.reason = reason
+    return error
 
 
 def state_problem(model):

@@ -136,7 +136,8 @@ class TreeRunner:
                 if not fallback:
                     raise ValueError(f"model: unsupported architecture for the paged runners ({problem}; {reason}) "
                                      "and fallback=False; pass fallback=True to run it on Hugging Face's "
-                                     "cache") from None
+                                     "cache, or by recomputing whole sequences where that cannot hold its state") \
+                        from None
             from fastalign.runtime.hf_cache import HFCacheModel
             try:
                 runner = HFCacheModel(model, device)
@@ -146,9 +147,11 @@ class TreeRunner:
                     runner = HFRecomputeModel(model, device)
                 except ValueError as no_recompute:   # both fallbacks' reasons
                     raise ValueError(f"{no_cache}; {str(no_recompute).removeprefix('model: ')}") from None
-                warnings.warn(f"TreeRunner: {reason}; {str(no_cache).removeprefix('model: ')}; it runs by computing "
-                              "each row's whole sequence again at every call, with no cache (much slower; "
-                              "fallback=False refuses such a model)", stacklevel=3)
+                cache_reason = getattr(no_cache, "reason", str(no_cache))   # said once where the paged one says it
+                cache_reason = "" if cache_reason in reason else f"; nor on Hugging Face's cache: {cache_reason}"
+                warnings.warn(f"TreeRunner: {reason}{cache_reason}; it runs by computing each row's whole sequence "
+                              "again at every call, with no cache (much slower; fallback=False refuses such a model)",
+                              stacklevel=3)
                 return runner
             # after the fallback's own probes passed: a model it refuses too gets that error alone
             warnings.warn(f"TreeRunner: {reason}; it runs on Hugging Face's own cache instead, row by row (slower; "

@@ -534,9 +534,9 @@ def test_a_model_the_cache_fallback_refuses_runs_by_recomputing_and_the_warning_
                                              "whole sequences either: its forward without a cache failed"):
             TreeRunner(model, max_tokens=64)
         return
-    with pytest.warns(UserWarning, match=f"{model_cls.__name__} cannot run on the Hugging Face cache fallback: "
-                                         f"{reason}; .*; it runs by computing each row's whole sequence again at every "
-                                         "call"):
+    with pytest.warns(UserWarning, match=f"TreeRunner: {model_cls.__name__} cannot run on the paged pool: "
+                                         f"(.*; nor on Hugging Face's cache: )?{reason}; it runs by computing each "
+                                         "row's whole sequence again at every call"):
         runner = TreeRunner(model, max_tokens=64, block_size=4)
     assert type(runner.model_runner).__name__ == "HFRecomputeModel" and not runner.paged
     (span,), logits = runner.extend([runner.prefill([5, 17, 3])], [[42, 8]], logits="all")
@@ -554,9 +554,8 @@ def test_fallback_without_transformers_cache_layer_names_still_says_why(monkeypa
     config_kwargs, _ = UNFIT["Mamba"]
     torch.manual_seed(0)
     model = transformers.MambaForCausalLM(transformers.MambaConfig(**config_kwargs)).eval()
-    with pytest.warns(UserWarning, match="MambaForCausalLM cannot run on the Hugging Face cache fallback: its cache "
-                                         "holds recurrent or compressed state \\(transformers marks MambaForCausalLM "
-                                         "stateful\\)"):
+    with pytest.warns(UserWarning, match="MambaForCausalLM cannot run on the paged pool: .*its cache holds recurrent "
+                                         "or compressed state \\(transformers marks MambaForCausalLM stateful\\)"):
         TreeRunner(model, max_tokens=64)
 
 
@@ -626,7 +625,8 @@ def test_fallback_refuses_a_model_that_keeps_state_outside_its_cache():
     # (transformers 5.17 already fails its one-token forward with a DynamicCache, another refusal)
     with pytest.raises(ValueError, match="RecurrentGemmaForCausalLM cannot run on the Hugging Face cache fallback"):
         HFCacheModel(recurrent, torch.device("cpu"))
-    with pytest.warns(UserWarning, match="RecurrentGemmaForCausalLM cannot run on the Hugging Face cache fallback"):
+    with pytest.warns(UserWarning, match="RecurrentGemmaForCausalLM cannot run on the paged pool: .*; it runs by "
+                                         "computing each row's whole sequence"):
         runner = TreeRunner(recurrent, max_tokens=64, block_size=4)
     root = runner.prefill([3, 1, 4, 1, 5])
     children, logits = runner.extend([root, root], [[9], [2, 6]])
