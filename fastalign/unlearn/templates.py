@@ -7,6 +7,7 @@ text is ever decoded and tokenized again.
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -76,6 +77,11 @@ class ChatTemplate:
         self._tokenizer = tokenizer
         self.system = system
         self.template_kwargs = _checked_kwargs(tokenizer, template_kwargs)
+        if "enable_thinking" not in self.template_kwargs and _reads(tokenizer.chat_template, "enable_thinking"):
+            warnings.warn("ChatTemplate: the chat template reads enable_thinking, which is not set: the model is asked "
+                          "in its default mode (Qwen3's: thinking, each answer opening with its reasoning, which a "
+                          "judge then reads too); set it with --chat-template-kwargs '{\"enable_thinking\": false}' "
+                          "(template_kwargs=) to ask without", stacklevel=2)
         added = getattr(tokenizer, "added_tokens_decoder", None) or {}
         self._special_texts = sorted({t.content for t in added.values() if getattr(t, "special", False) and t.content})
         if system is not None:
@@ -162,6 +168,12 @@ def end_of_turn_id(tokenizer) -> Optional[int]:
         return None
     ids = tokenizer(rendered.text[rendered.answer_end:].lstrip(), add_special_tokens=False)["input_ids"]
     return ids[0] if ids and not tokenizer.decode(ids[:1], skip_special_tokens=True) else None
+
+
+def _reads(chat_template, variable: str) -> bool:
+    """Whether the chat template's text (or any of its named templates) mentions `variable`."""
+    texts = chat_template.values() if isinstance(chat_template, dict) else [chat_template]
+    return any(isinstance(text, str) and variable in text for text in texts)
 
 
 def _checked_kwargs(tokenizer, kwargs: Optional[dict]) -> dict:

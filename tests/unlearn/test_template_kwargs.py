@@ -55,6 +55,21 @@ def test_enable_thinking_false_trains_on_the_prompt_eval_generates_from(system):
         assert tokenizer.decode(ended.input_ids[ended.answer_start:ended.answer_end]) == answer + "<|im_end|>"
 
 
+def test_a_template_that_reads_enable_thinking_warns_unless_it_is_set(recwarn):
+    """Qwen3's template asks in thinking mode unless told otherwise: `fastalign eval` and RAIN generated (and judged)
+    its reasoning with no word of it. A warning names the variable and the flag; setting it either way, or a template
+    without it, says nothing."""
+    tokenizer = family_tokenizer("qwen3")
+    with pytest.warns(UserWarning, match="ChatTemplate: the chat template reads enable_thinking, which is not set: .*"
+                                         "--chat-template-kwargs '\\{\"enable_thinking\": false\\}'"):
+        ChatTemplate(tokenizer)
+    recwarn.clear()
+    for thinking in (False, True):
+        ChatTemplate(tokenizer, template_kwargs={"enable_thinking": thinking})
+    ChatTemplate(family_tokenizer("llama3"))
+    assert not [w for w in recwarn if "enable_thinking" in str(w.message)]
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (["enable_thinking"], " must be a mapping of template variable names to values, got ['enable_thinking']"),
     ({1: True}, ": template variable names must be texts, got 1"),
