@@ -56,7 +56,7 @@ class HFRecomputeModel:
         for row, seq_len in enumerate(batch.host_seq_lens.tolist()):
             by_length.setdefault(seq_len, []).append(row)
         outputs = [None] * len(cu[:-1])   # per row: (logits, hidden) at its new tokens
-        with torch.no_grad(), eval_mode(self.model):
+        with eval_mode(self.model):   # (TreeRunner runs it under no_grad)
             for seq_len, rows in by_length.items():
                 news = [cu[row + 1] - cu[row] for row in rows]
                 kept = dict(logits_to_keep=max(news)) if self.keeps_logits else {}   # not [rows, seq_len, vocab]
