@@ -33,7 +33,7 @@ class KVPool:
             for place, layer in enumerate(layers):
                 self._where[layer] = (tensor, place)
         self.first_of_shape = frozenset(layers[0] for layers in by_shape.values())
-        self.num_blocks, self.block_size, self.num_layers = num_blocks, block_size, len(layer_shapes)
+        self.num_blocks, self.block_size = num_blocks, block_size
 
     @staticmethod
     def bytes_per_block(layer_shapes, *, block_size, dtype):
