@@ -7,10 +7,11 @@ the MLP (SwiGLU, GeGLU, or a sparse mixture of experts), the final norm, the (ti
 embedding module, which gives cos/sin for any positions including Hugging Face's RoPE scaling variants (per layer
 type for Gemma 3 and OLMo 3). Attention is `paged_attention` over the pool, after `write_kv` has stored the new
 tokens' rotated K and V, so that rows of a batch read their shared prefix blocks in place; a layer with a sliding
-window (Mistral's, Qwen2's, the Gemmas' and OLMo 3's sliding layers) attends to its window of the pool, without the
-cascade, and Gemma 2's attention scores are soft-capped as its eager attention caps them, as are the Gemmas' logits
-(final_logit_softcapping). The index metadata comes from the span tree's forward plan, so the ops' checks of its
-contents (a device sync on CUDA, ~0.2 ms per layer on the CPU) are skipped (pool_attention).
+window (Mistral's, Qwen2's, the Gemmas' and OLMo 3's sliding layers) attends to its window of the pool (through the
+cascade too, each query reading the shared keys in its window), and Gemma 2's attention scores are soft-capped as its
+eager attention caps them, as are the Gemmas' logits (final_logit_softcapping). The index metadata comes from the span
+tree's forward plan, so the ops' checks of its contents (a device sync on CUDA, ~0.2 ms per layer on the CPU) are
+skipped (pool_attention).
 """
 import torch
 

@@ -580,7 +580,7 @@ def test_fallback_names_what_its_one_token_probe_found_amiss(logits, keys, value
 def test_fallback_refuses_a_model_whose_cache_layers_differ_in_shape():
     """Gemma 4 gives its full-attention layers a larger head_dim (global_head_dim) than its sliding ones: the pool,
     shaped after the first layer, failed at the first prefill deep inside write_kv. The fallback refuses it when made;
-    a TreeRunner runs it on PagedHF (its pool as wide as the widest layer)."""
+    a TreeRunner runs it on PagedHF (a pool layer of each layer's own shape)."""
     config = Gemma4TextConfig(vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8,
                               hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, head_dim=8, global_head_dim=16, sliding_window=8,
