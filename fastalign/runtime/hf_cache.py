@@ -139,10 +139,7 @@ class HFCacheModel:
             prefix = run(ids[:, :3], cache, 3)
             after_cache = run(ids[:, 3:], cache, 6)
             whole = run(ids, DynamicCache(), 6)
-        tolerance = 1e-4 if whole.dtype in (torch.float32, torch.float64) else 3e-2
-        scale = whole.abs().max().float().clamp(min=1e-6)
-        return all(float((a.float() - b.float()).abs().max() / scale) <= tolerance
-                   for a, b in ((prefix, whole[:, :3]), (after_cache, whole[:, 3:])))
+        return agree_within_rounding(whole, (prefix, whole[:, :3]), (after_cache, whole[:, 3:]))
 
     def _gather_context(self, pool, block_rows, context):
         """A DynamicCache holding the first `context` tokens of each row of `block_rows` [rows, max_blocks], every
@@ -155,6 +152,14 @@ class HFCacheModel:
             return t[blocks].flatten(1, 2)[:, :context].transpose(1, 2)
 
         return DynamicCache(ddp_cache_data=[(tokens(pool.k(i)), tokens(pool.v(i))) for i in range(self.num_layers)])
+
+
+def agree_within_rounding(whole, *pairs):
+    """Whether the logits of each pair agree relative to the scale of the logits `whole`, within rounding of its
+    dtype (1e-4 in fp32 and fp64, 3e-2 in 16 bits)."""
+    tolerance = 1e-4 if whole.dtype in (torch.float32, torch.float64) else 3e-2
+    scale = whole.abs().max().float().clamp(min=1e-6)
+    return all(float((a.float() - b.float()).abs().max() / scale) <= tolerance for a, b in pairs)
 
 
 def selected_outputs(logits, hidden, select, logits_rows, want_logits, want_hidden):

@@ -15,7 +15,7 @@ import torch
 
 from fastalign.eval_mode import eval_mode
 from fastalign.model_vocabulary import input_vocabulary
-from fastalign.runtime.hf_cache import selected_outputs
+from fastalign.runtime.hf_cache import agree_within_rounding, selected_outputs
 from fastalign.runtime.llama import context_limit
 
 
@@ -81,9 +81,7 @@ class HFRecomputeModel:
         ids = torch.tensor([[1, 0, 2, 1, 3, 0]], device=self.device) % input_vocabulary(self.model)
         with torch.inference_mode(), eval_mode(self.model):
             prefix, whole = (self.model(input_ids=x, use_cache=False).logits for x in (ids[:, :3], ids))
-        tolerance = 1e-4 if whole.dtype in (torch.float32, torch.float64) else 3e-2
-        prefix, whole = prefix.float(), whole.float()
-        return float((prefix - whole[:, :3]).abs().max() / whole.abs().max().clamp(min=1e-6)) <= tolerance
+        return agree_within_rounding(whole, (prefix, whole[:, :3]))
 
 
 def _unfit(model, reason):
