@@ -9,8 +9,8 @@ auto-wrap policy gave the lm_head a unit of its own (e.g. a size-based policy on
 reshards it like any other unit whose forward did not run.
 
 FSDP1 without use_orig_params flattens each unit's weights into one parameter, all trainable or all frozen:
-`check_flat_root_unit` names the settings where the cached reference's frozen lm_head would share the root unit
-with trainable embeddings.
+`check_flat_units` names the settings where a unit would mix them (the cached reference's frozen lm_head beside the
+trainable embeddings or final norm, LoRA's frozen base weights beside its adapters).
 
 State dicts go through torch.distributed.checkpoint's helpers, which treat a plain module, DDP, FSDP1 and
 FSDP2 alike: full tensors of the trainable parameters and their optimizer state, on CPU.
@@ -43,21 +43,62 @@ def head_weight(lm_head: torch.nn.Module) -> torch.Tensor:
     return weight
 
 
-def check_flat_root_unit(model: torch.nn.Module, plugin) -> None:
-    """Raises where FSDP version 1 without use_orig_params cannot flatten the root unit: it makes one parameter of
-    a unit's weights, all trainable or all frozen, and the root unit holds the lm_head beside the input embeddings,
-    which the cached reference leaves trainable while it freezes the lm_head. FSDP's own error named no setting."""
+def check_flat_units(model: torch.nn.Module, plugin) -> None:
+    """Raises where FSDP version 1 without use_orig_params cannot flatten a unit: it makes one parameter of a unit's
+    weights, all trainable or all frozen. The units are those the plugin's auto-wrap policy makes of `model`; the
+    root unit holds what no other unit took. The cached reference freezes the lm_head, which the root unit holds
+    beside the input embeddings and the final norm (a tied lm_head is the embeddings: the norm still trains); LoRA
+    freezes the base weights beside its adapters. FSDP's own error named no setting."""
     if plugin is None or plugin.fsdp_version != 1 or plugin.use_orig_params:
         return
     base = base_causal_lm(model)
-    lm_head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
-    if lm_head.weight.requires_grad or not any(p.requires_grad for p in embeddings.parameters()):
-        return
-    raise ValueError("FSDP version 1 without use_orig_params flattens the weights of each unit into one parameter, "
-                     "all trainable or all frozen, but its root unit holds the frozen lm_head.weight "
-                     "(reference='cached' freezes it) beside the trainable input embeddings: set use_orig_params "
-                     "(accelerate launch --fsdp_use_orig_params true, fsdp_use_orig_params: true in accelerate's "
-                     "config), use FSDP version 2, or choose reference='copy' (--reference copy)")
+    names = {}
+    for name, parameter in base.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    for unit, parameters in _flat_units(base, plugin):
+        frozen = [p for p in parameters if not p.requires_grad]
+        trainable = [p for p in parameters if p.requires_grad]
+        if frozen and trainable:
+            lm_head = base.get_output_embeddings().weight
+            first_frozen = lm_head if any(p is lm_head for p in frozen) else frozen[0]
+            raise ValueError(
+                f"FSDP version 1 without use_orig_params flattens the weights of each unit into one parameter, all "
+                f"trainable or all frozen, but {unit} holds the frozen {' = '.join(names[id(first_frozen)])} beside the "
+                f"trainable {' = '.join(names[id(trainable[0])])} (reference='cached' freezes the lm_head, LoRA the base "
+                "weights): set use_orig_params (accelerate launch --fsdp_use_orig_params true, "
+                "fsdp_use_orig_params: true in accelerate's config), use FSDP version 2, or, for a frozen lm_head, "
+                "choose reference='copy' (--reference copy)")
+
+
+def _flat_units(model: torch.nn.Module, plugin) -> list[tuple[str, list[torch.nn.Parameter]]]:
+    """[(unit, its parameters)] of the FSDP1 units that the plugin's auto-wrap policy makes of `model`, innermost
+    first and the root unit last, chosen as torch's recursive auto wrap chooses them: a module becomes a unit when
+    the policy recurses into it and then wraps what its children's units left of it. A parameter shared by two
+    units belongs to the first."""
+    import copy
+    resolved = copy.copy(plugin)
+    resolved.set_auto_wrap_policy(model)   # accelerate's policy for this model (its layer classes, its sizes)
+    policy, wrapped = resolved.auto_wrap_policy, []
+
+    def visit(module, name, root):
+        numel = sum(p.numel() for p in module.parameters())
+        if not policy(module=module, recurse=True, nonwrapped_numel=numel):
+            return 0
+        taken = sum(visit(child, f"{name}.{child_name}".lstrip("."), False)
+                    for child_name, child in module.named_children())
+        if not root and policy(module=module, recurse=False, nonwrapped_numel=numel - taken):
+            wrapped.append((f"unit {name}", module))
+            return numel
+        return taken
+
+    if policy is not None:
+        visit(model, "", True)
+    seen, units = set(), []
+    for unit, module in wrapped + [("the root unit", model)]:
+        parameters = [p for p in module.parameters() if id(p) not in seen]
+        seen.update(map(id, parameters))
+        units.append((unit, parameters))
+    return units
 
 
 def _options(**options):

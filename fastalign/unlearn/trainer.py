@@ -46,7 +46,7 @@ from fastalign.unlearn.models import (cast_weights, causal_lm_parts, check_fused
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.records import DataError, read_jsonl
 from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
-from fastalign.unlearn.sharding import (check_flat_root_unit, full_model_state, load_optimizer_state,
+from fastalign.unlearn.sharding import (check_flat_units, full_model_state, load_optimizer_state,
                                         load_trainable_state, optimizer_state, trainable_names, trainable_state)
 from fastalign.unlearn.streams import UnlearningBatch, UnlearningStreams
 
@@ -293,7 +293,7 @@ class UnlearningTrainer:
         # not change the run)
         self._fresh_rng = _torch_rng_state()
         if self.sharded:
-            check_flat_root_unit(self.model, self.accelerator.state.fsdp_plugin)
+            check_flat_units(self.model, self.accelerator.state.fsdp_plugin)
         check_fused_logits(self.model)  # before train() writes anything
         self.shape = ModelShape.of(self.model)
         self.setup_compute = ComputeTotals()  # what building the reference cost (the cached one: a forward)
