@@ -12,10 +12,15 @@ import torch
 
 def compiler_disable(reason=None):
     """A decorator that keeps its function out of torch.compile's graphs, as torch.compiler.disable(reason=reason);
-    torch._dynamo is imported by the function's first call. A caller traced by dynamo breaks its graph at the call,
-    with `reason` in the message (the attributes dynamo reads on a function that torch.compiler.disable made)."""
+    torch._dynamo is imported by the function's first call (on a torch without the private torch._disable_dynamo,
+    which a release may drop, torch.compiler.disable itself decorates, importing it then). A caller traced by dynamo
+    breaks its graph at the call, with `reason` in the message (the attributes dynamo reads on a function that
+    torch.compiler.disable made)."""
     def decorate(fn):
-        outside = torch._disable_dynamo(fn)
+        deferred = getattr(torch, "_disable_dynamo", None)
+        if deferred is None:
+            return torch.compiler.disable(fn, reason=reason)
+        outside = deferred(fn)
         outside._torchdynamo_disable = True
         outside._torchdynamo_disable_msg = reason
         return outside
