@@ -328,3 +328,69 @@ def test_virtual_visits_count_in_the_parents_visits():
     assert tree.score(b, root.n + root.vl) == pytest.approx(1.6)
     tree.add_virtual_loss(c, -3.0)
     assert tree.select_child(root) is a                  # the plain rule again: a 1.1, b 0.8, c 1.0
+
+
+def test_a_new_node_is_unvisited_and_scored_on_its_prior_alone():
+    """A child just made by an expansion has n = fn = q = 0: its score is c * p * sqrt(n_parent), with q_norm 0
+    (hand-set statistics elsewhere would not notice a node born with a visit)."""
+    tree = tree_with_children([0.3])
+    (child,) = tree.root.children
+    assert (child.n, child.fn, child.q, child.vl) == (0.0, 0, 0.0, 0.0)
+    assert child.embedding is None and child.children == []
+    assert tree.score(child, 9.0) == pytest.approx(2.0 * 0.3 * 3.0, rel=1e-12)
+
+
+def test_a_pending_leaf_is_scored_as_visits_of_value_minus_one():
+    """Under vl virtual visits a child with n visits of mean q is scored as n + vl visits of mean
+    (q n - vl) / (n + vl), with the parent's pending visits in its count."""
+    tree = tree_with_children([0.5, 0.5])
+    root, (a, _) = tree.root, tree.root.children
+    root.n, a.n, a.q = 4.0, 3.0, 0.6
+    tree.add_virtual_loss(a, 2.0)
+    q = (0.6 * 3.0 - 2.0) / 5.0
+    expected = (q + 1.0) / (2.0 + 1e-5) + 2.0 * 0.5 * math.sqrt(6.0) / (1.0 + 5.0)
+    assert tree.score(a, root.n + root.vl) == pytest.approx(expected, rel=1e-12)
+
+
+def test_widening_reads_the_unbiased_variance_of_any_number_of_children():
+    """Three children: the variance divides by 2 (n - 1), not 1. Embeddings 0, 0, 0.3 in one dimension: unbiased
+    variance 0.03, under the threshold 0.06 at depth 1 (a variance dividing by 1 would be 0.06, not under it)."""
+    tree = tree_with_children([0.4, 0.3, 0.3])
+    tree.root.depth = 1
+    for child, x in zip(tree.root.children, (0.0, 0.0, 0.3)):
+        child.embedding, child.q = torch.tensor([x]), -0.5
+    assert tree.wants_widening(tree.root)
+
+
+@pytest.mark.parametrize("at_the_bound", ["variance", "best_q"])
+def test_widening_bounds_are_strict(at_the_bound):
+    """SPEC §2: the variance's norm below the threshold and the best child's q below widen_max_q, strictly. With
+    widen_variance_per_token 0.5, embeddings 0 and 1 have unbiased variance exactly 0.5, the threshold at depth 0."""
+    tree = tree_with_children([0.5, 0.5], RainConfig(widen_variance_per_token=0.5))
+    a, b = tree.root.children
+    a.embedding, b.embedding = torch.tensor([0.0]), torch.tensor([0.5])
+    a.q = b.q = -0.5
+    assert tree.wants_widening(tree.root)
+    if at_the_bound == "variance":
+        b.embedding = torch.tensor([1.0])
+    else:
+        b.q = 0.0
+    assert not tree.wants_widening(tree.root)
+
+
+def test_backup_updates_every_node_of_a_deep_path():
+    """Each node from the leaf to the root gets n += 1, fn += 1, q += (v - q) / n, whatever its depth."""
+    tree = tree_with_children([1.0])
+    node, path = tree.root.children[0], []
+    for depth in range(3):
+        path.append(node)
+        node.n, node.fn, node.q, node.embedding = 1.0 + depth, 1 + depth, -0.5, torch.tensor([1.0, 0.0])
+        child = Node((depth,), node, 1.0, key=10 + depth)
+        node.children.append(child)
+        node = child
+    path.append(node)
+    tree.backup(node, 1.0, [torch.tensor([1.0, 0.0])] * len(path))
+    for depth, visited in enumerate(path):
+        n = 2.0 + depth if depth < 3 else 1.0
+        assert (visited.n, visited.fn) == (n, int(n)), depth
+        assert visited.q == pytest.approx(-0.5 + 1.5 / n if depth < 3 else 1.0), depth
