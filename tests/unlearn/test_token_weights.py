@@ -43,8 +43,9 @@ def test_one_stream_alone_and_empty_answers():
     mask = torch.zeros(2, 4, dtype=torch.bool)
     assert torch.all(fastalign.unlearning_token_weights(mask, None) == 0)
     mask[0, 1:3] = True
+    mask[1, 3] = True   # a single answer token carries its sequence's whole share
     weights = fastalign.unlearning_token_weights(None, mask, mismatch_weight=2.0)
-    assert torch.allclose(weights, torch.tensor([0, 0.5, 0.5, 0, 0, 0, 0, 0]))
+    assert torch.allclose(weights, torch.tensor([0, 0.5, 0.5, 0, 0, 0, 0, 1.0]))
 
 
 @pytest.mark.parametrize("forget,mismatch,message", [
