@@ -29,12 +29,12 @@ def perturb(model, skip_lm_head=False):
                 p.add_(0.05 * torch.randn_like(p))
 
 
-def setup(mode, make_model=tiny_llama):
-    """(policy, reference, logits function of the reference) for a reference mode, with a model of
-    make_model(vocab_size)."""
+def setup(mode, make_model=tiny_llama, streams=None):
+    """(policy, streams, reference, logits function of the reference) for a reference mode, with a model of
+    make_model(vocab_size), over `streams` (default: tiny_streams's)."""
     tokenizer = byte_bpe_tokenizer()
     model = make_model(len(tokenizer))
-    streams = tiny_streams(tokenizer)
+    streams = streams or tiny_streams(tokenizer)
     if mode == "copy":
         reference = FrozenCopyReference(model)
         perturb(model)
@@ -117,7 +117,21 @@ def test_cached_reference_in_host_memory_gives_the_device_caches_rows():
 def test_terms_and_gradients_match_per_sequence_spec(mode, make_model):
     """With Phi's biased lm_head the bias trains in the copy mode (its gradient is checked with the others) and is
     the reference's too, frozen, in the adapter and cached modes."""
-    model, streams, reference, reference_logits = setup(mode, make_model)
+    assert_terms_match_spec(*setup(mode, make_model))
+
+
+@pytest.mark.parametrize("mismatch_per_prompt, normal_batch_size", [(1, 3), (3, 1)])
+def test_terms_match_the_spec_whatever_the_batchs_composition(mismatch_per_prompt, normal_batch_size):
+    """Forget, mismatch and normal rows in other proportions: as many mismatch rows as forget rows, or three times
+    as many beside one normal row (the default streams, 2 + 4 + 2 rows, would not see the forget and mismatch rows'
+    count subtracted where it is added: 2 - 4 rows from the end are the normal rows there)."""
+    streams = tiny_streams(byte_bpe_tokenizer(), mismatch_per_prompt=mismatch_per_prompt,
+                           normal_batch_size=normal_batch_size)
+    assert_terms_match_spec(*setup("copy", streams=streams))
+
+
+def assert_terms_match_spec(model, streams, reference, reference_logits):
+    """The objective's three terms, its total and its gradients on two batches equal SPEC §1 per sequence."""
     objective = UnlearningObjective(model, WEIGHTS, reference)
     params = [p for p in model.parameters() if p.requires_grad]
     for index in (0, 1):
@@ -133,6 +147,7 @@ def test_terms_and_gradients_match_per_sequence_spec(mode, make_model):
         assert spec["normal"] > 1e-4  # the KL term is not trivially zero
         for name in ("forget", "mismatch", "normal"):
             torch.testing.assert_close(getattr(terms, name).double(), spec[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(terms.forget_nll.double(), -spec["forget"], rtol=1e-5, atol=1e-6)
         spec_total = WEIGHTS.forget * spec["forget"] + WEIGHTS.mismatch * spec["mismatch"] + \
             WEIGHTS.normal * spec["normal"]
         torch.testing.assert_close(terms.total.double(), spec_total, rtol=1e-5, atol=1e-6)
@@ -341,6 +356,8 @@ def test_normal_denominator_divides_the_kl_sum():
     torch.testing.assert_close(scaled.normal, mean.normal * count / 2.5)
     for a, b in zip(torch.autograd.grad(mean.total, params), torch.autograd.grad(scaled.total, params)):
         torch.testing.assert_close(b, a * count / 2.5)
+    # a step's average of normal tokens per micro-batch may be under 1 (one token over two micro-batches)
+    torch.testing.assert_close(objective(batch, normal_denominator=0.5).normal, mean.normal * count / 0.5)
     with pytest.raises(ValueError, match="normal_denominator must be > 0, got 0"):
         objective(batch, normal_denominator=0)
 
@@ -531,3 +548,11 @@ def test_answer_rows_are_gathered_at_positions_the_host_finds(width):
     grad = torch.randn_like(want)
     assert torch.equal(got, want)
     assert torch.equal(torch.autograd.grad(got, hidden, grad)[0], torch.autograd.grad(want, hidden, grad)[0])
+
+
+def test_default_weights_are_the_spec_recipe():
+    """SPEC §1's defaults w_fgt, w_rdn, w_nor = 0.5, 1.0, 1.0, also for an objective made without weights (the
+    command's defaults are UnlearnConfig's, tests/unlearn/test_config.py)."""
+    assert LossWeights() == LossWeights(forget=0.5, mismatch=1.0, normal=1.0)
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    assert UnlearningObjective(model).weights == LossWeights(0.5, 1.0, 1.0)
