@@ -295,7 +295,8 @@ def test_parallel_leaves_under_virtual_loss():
     assert per_iteration[0] < 0.75 * per_iteration[1], per_iteration
 
 
-def test_virtual_visits_end_with_their_iteration(monkeypatch):
+@pytest.mark.parametrize("parallel_leaves", [2, 3])
+def test_virtual_visits_end_with_their_iteration(monkeypatch, parallel_leaves):
     """Leaves picked together take their virtual visits back once backed up: at every commit (no leaf pending)
     no node holds any, and no node has the same token set twice among its children. A leftover would count as a
     lost visit in every later selection on that path; the engine comparisons cannot see either (both engines run
@@ -311,7 +312,7 @@ def test_virtual_visits_end_with_their_iteration(monkeypatch):
         return commit(self, child)
 
     monkeypatch.setattr(SearchTree, "commit", checked_commit)
-    run = run_tree(PROMPTS, dataclasses.replace(SMALL, parallel_leaves=3), concurrency=2)
+    run = run_tree(PROMPTS, dataclasses.replace(SMALL, parallel_leaves=parallel_leaves), concurrency=2)
     assert all(r.error is None for r in run.results)
     assert len(checked) >= 3 and max(checked) == 0.0
 
@@ -338,7 +339,10 @@ def test_commits_follow_the_stopping_rules_and_the_length_limit(config):
     early_stops = 0
     for result in run_tree(PROMPTS, config, concurrency=2).results:
         assert result.error is None and len(result.answer_ids) <= config.max_new_tokens
+        inherited = 0    # the real visits a new root brings: its fresh count as a child of the committed root
         for commit in result.commits:
+            assert commit["new_visits"] == commit["root_visits"] - inherited     # new ones counted from 0
+            inherited = next(fn for tokens, _, _, fn in commit["children"] if tokens == commit["tokens"])
             _, _, q, fn = max(commit["children"], key=lambda child: (child[1], child[2]))
             early = fn > config.early_stop_fresh_visits and q > config.early_stop_q
             by_visits = commit["root_visits"] >= config.root_visits and commit["new_visits"] >= config.min_new_visits

@@ -43,6 +43,7 @@ def test_widening_samples_on_streams_the_first_expansion_did_not_use():
     search = PromptSearch(ctx, RainConfig(token_set_lengths=(2,)), tokenizer(), END_IDS, embedder=None, judge=None,
                           required=RequiredPrefixes(), on_commit=None)
     first = next(job for job in next(search.run()) if isinstance(job, ExpandJob))
+    assert (first.first_stream, first.attempts) == (1, 9)   # the greedy set and 9 samples: 10 candidates
     samples = [Draft((20 + i, 40), math.log(0.05)) for i in range(first.attempts)]
     search._expand(first.node, [5], ExpandResult(greedy=Draft((10, 11), math.log(0.3)), samples=samples), 2)
     (widening,) = next(search._widen(first.node, [5]))
@@ -91,6 +92,8 @@ def test_a_candidate_an_earlier_widening_drew_keeps_its_hidden_states():
     search._expand(root, [5], ExpandResult(greedy=draft(10, 0.3), samples=[draft(11, 0.1), draft(12, 0.05)]), 2)
     widen([draft(20, 0.1), draft(21, 0.1), draft(22, 0.1), draft(23, 0.1)])     # room for 20, 21, 22 only
     assert [c.tokens[0] for c in root.children] == [10, 11, 12, 20, 21, 22]
+    # the group of children + 1 = 4, greedy 0.3 and 20-22 at 0.1, normalised (1/6 each), then mixed at the root
+    assert [c.p for c in root.children[3:]] == pytest.approx([0.75 / 6 + 0.25 / 4] * 3)
     widen([draft(10, 0.3)] * 4)                                                  # nothing new drawn: 23 joins
     assert [c.tokens[0] for c in root.children] == [10, 11, 12, 20, 21, 22, 23]
     assert all(torch.equal(c.hidden_sum, torch.full((4,), float(c.tokens[0]))) for c in root.children)
