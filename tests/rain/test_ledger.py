@@ -105,3 +105,21 @@ def test_run_keys_forget_only_what_a_prompt_kept_apart_met_past_the_bases():
     assert keys.meet(other, 2)   # met again, by a prompt not kept apart: forgetting `mine` again leaves it
     keys.forget(mine)
     assert keys == {1, 2, 3, 4}
+
+
+def test_a_fed_token_counts_as_recomputed_when_its_whole_prefix_was_fed_before():
+    """feed() names each token by its whole prefix: a row repeating a fed sequence recomputes all of it, a row
+    branching off recomputes only the shared part, and the run's counters add up every prompt's."""
+    from fastalign.rain.ledger import TokenLedger
+    from fastalign.rain.stats import RainStats
+
+    ledger, stats = TokenLedger(), RainStats()
+    key = ledger.feed(stats, EMPTY_KEY, [1, 2, 3])
+    assert (stats.rows, stats.tokens, stats.recomputed_tokens) == (1, 3, 0)
+    assert ledger.feed(stats, EMPTY_KEY, [1, 2, 3]) == key
+    assert (stats.rows, stats.tokens, stats.recomputed_tokens) == (2, 6, 3)
+    two = list(prefix_keys(EMPTY_KEY, [1, 2]))[-1]
+    ledger.feed(stats, two, [3, 4])              # [1, 2, 3] seen, [1, 2, 3, 4] new
+    ledger.feed(None, EMPTY_KEY, [2, 1])        # the run's shared prefixes: no prompt's stats
+    assert (stats.rows, stats.tokens, stats.recomputed_tokens) == (3, 8, 4)
+    assert (ledger.run.rows, ledger.run.tokens, ledger.run.recomputed_tokens) == (4, 10, 4)

@@ -10,7 +10,7 @@ import torch
 from fastalign.unlearn.encoding import EncodedExample, PoolAnswer, encode_answers, encode_pairs
 from fastalign.unlearn.records import DataError, QAPair
 from fastalign.unlearn.streams import (_FORGET_STREAM, _NORMAL_STREAM, UnlearningStreams, _EpochStream,
-                                       _longest_mismatch_row, _longest_pool_answers)
+                                       _longest_mismatch_row, _longest_pool_answers, mismatch_fit)
 from fastalign.unlearn.templates import TextTemplate
 from tests.unlearn.tiny import FORGET_ROWS, POOL_ANSWERS, byte_bpe_tokenizer
 
@@ -102,6 +102,21 @@ def test_longest_mismatch_row_is_the_longest_row_the_pool_makes():
     longest = _longest_pool_answers(pool)
     for e in forget + FORGET:
         assert _longest_mismatch_row(e, longest) == max(len(e.with_answer(a, "mixed").input_ids) for a in pool)
+
+
+@pytest.mark.parametrize("template", ["{prompt}\n\n{answer}", "### Question: {prompt}\n ### Answer: {answer}\n"])
+def test_mismatch_fit_is_whether_every_mismatch_row_starts_its_answer_within_max_length(template):
+    """mismatch_fit, read from the pool's kinds of seams and lead tokens, against the rows themselves: each forget
+    example fits at max_length L exactly when every pool answer's row has its first answer token before L (a
+    template whose answers follow two newlines, which stand apart from them: two lead tokens)."""
+    tokenizer, template = byte_bpe_tokenizer(), TextTemplate(template)
+    forget = encode_pairs(tokenizer, template, [QAPair(r["prompt"], r["answer"], f"forget {i}")
+                                                for i, r in enumerate(FORGET_ROWS)], 64)
+    pool = encode_answers(tokenizer, template, POOL_ANSWERS)
+    for e in forget:
+        first_answer_token = max(e.with_answer(a, "mixed").answer_start for a in pool)
+        for length in range(first_answer_token - 1, first_answer_token + 3):
+            assert mismatch_fit([e], pool, length) == [first_answer_token < length], (e.source, length)
 
 
 def test_mismatch_rows_respect_max_length():
