@@ -188,6 +188,7 @@ def test_cost_against_reference_and_tree_minimum():
         calls, required = r.stats.model_calls, r.stats.required_calls
         assert required <= calls <= 1.05 * required, (calls, required)   # 1.6x before cuts and rows on rows
         assert set(r.stats.seconds) == {"expand", "simulate", "evaluate", "embed", "host"}
+        assert all(seconds >= 0 for seconds in r.stats.seconds.values()) and r.stats.seconds["expand"] > 0
 
 
 def test_required_calls_of_a_one_step_answer():
