@@ -188,7 +188,8 @@ def test_token_set_priors_clip_greedy_and_drop_duplicates():
     assert single[0][1] == pytest.approx(0.2)            # capped by 0.1, raised to max + min = 0.2
     alone = token_set_priors(greedy, [Draft((1, 2), math.log(0.5))])
     assert alone == [((1, 2), pytest.approx(0.5), greedy)]
-    three = token_set_priors(Draft((1, 2), math.log(0.2)), [Draft((t,), math.log(p)) for t, p in ((3, 0.3), (4, 0.1), (5, 0.05))])
+    samples = [Draft((t,), math.log(p)) for t, p in ((3, 0.3), (4, 0.1), (5, 0.05))]
+    three = token_set_priors(Draft((1, 2), math.log(0.2)), samples)
     assert three[0][1] == pytest.approx(0.35)            # under the sum 0.45, raised to max + min = 0.35
 
 

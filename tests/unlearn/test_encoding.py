@@ -11,10 +11,11 @@ from fastalign.unlearn import encoding
 from fastalign.unlearn.batching import collate, filler_token_id
 from fastalign.unlearn.encoding import EncodedExample, encode_answers, encode_pairs, tokenize_texts
 from fastalign.unlearn.records import DataError, QAPair
-from fastalign.unlearn.streams import UnlearningStreams, _longest_mismatch_row, _longest_pool_answers, mismatch_fit
+from fastalign.unlearn.streams import UnlearningStreams
 from fastalign.unlearn.templates import SPEC_TEMPLATE, ChatTemplate, TextTemplate, end_of_turn_id
 from tests.byte_bpe import LLAMA3_SPLIT, train_byte_bpe
 from tests.chat_families import FAMILIES, family_tokenizer
+from tests.unlearn.test_streams import assert_pool_reading_matches_the_rows
 from tests.unlearn.tiny import CHAT_TEMPLATE, byte_bpe_tokenizer, word_level_tokenizer
 
 TRICKY = [
@@ -252,20 +253,14 @@ def assert_mismatch_rows_are_rendered_pairs(tokenizer, template, prompts, answer
     building the rows agrees with them: the longest row (check_context) and whether every row starts its answer
     within max_length (mismatch_fit), also where a seam starts inside a pool answer's ids."""
     pool = encode_answers(tokenizer, template, answers)
-    longest = _longest_pool_answers(pool)
     for prompt, harmful in [(p, a) for p in prompts for a in answers]:
         forget, = encode_pairs(tokenizer, template, pairs([(prompt, harmful)]), 512)
-        rows = []
         for answer, pool_answer in zip(answers, pool):
             mixed = forget.with_answer(pool_answer, "mixed")
             direct, = encode_pairs(tokenizer, template, pairs([(prompt, answer)]), 512)
             assert (mixed.input_ids, mixed.answer_start, mixed.answer_end) == \
                 (direct.input_ids, direct.answer_start, direct.answer_end), (prompt, harmful, answer)
-            rows.append(mixed)
-        assert _longest_mismatch_row(forget, longest) == max(len(row.input_ids) for row in rows), (prompt, harmful)
-        first_answer_token = max(row.answer_start for row in rows)
-        for length in (first_answer_token, first_answer_token + 1):
-            assert mismatch_fit([forget], pool, length) == [first_answer_token < length], (prompt, harmful, length)
+        assert_pool_reading_matches_the_rows(forget, pool)
 
 
 @pytest.mark.parametrize("split", [None, LLAMA3_SPLIT])

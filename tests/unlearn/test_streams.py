@@ -99,9 +99,8 @@ def test_longest_mismatch_row_is_the_longest_row_the_pool_makes():
     answers = POOL_ANSWERS + ["7 digits stand apart", "a much longer answer than the others, with words"]
     pool = encode_answers(tokenizer, template, answers) + [PoolAnswer((5,) * 80), PoolAnswer((6, 6))]
     assert len({a.seams for a in pool}) > 2
-    longest = _longest_pool_answers(pool)
     for e in forget + FORGET:
-        assert _longest_mismatch_row(e, longest) == max(len(e.with_answer(a, "mixed").input_ids) for a in pool)
+        assert_pool_reading_matches_the_rows(e, pool)
 
 
 @pytest.mark.parametrize("template", ["{prompt}\n\n{answer}", "### Question: {prompt}\n ### Answer: {answer}\n"])
@@ -114,9 +113,18 @@ def test_mismatch_fit_is_whether_every_mismatch_row_starts_its_answer_within_max
                                                 for i, r in enumerate(FORGET_ROWS)], 64)
     pool = encode_answers(tokenizer, template, POOL_ANSWERS)
     for e in forget:
-        first_answer_token = max(e.with_answer(a, "mixed").answer_start for a in pool)
-        for length in range(first_answer_token - 1, first_answer_token + 3):
-            assert mismatch_fit([e], pool, length) == [first_answer_token < length], (e.source, length)
+        assert_pool_reading_matches_the_rows(e, pool)
+
+
+def assert_pool_reading_matches_the_rows(forget, pool):
+    """What the streams read of the pool without building a forget example's mismatch rows agrees with the rows:
+    the longest row (check_context), and whether every row starts its answer within max_length (mismatch_fit, on
+    both sides of the bound)."""
+    rows = [forget.with_answer(a, "mixed") for a in pool]
+    assert _longest_mismatch_row(forget, _longest_pool_answers(pool)) == max(len(row.input_ids) for row in rows)
+    first_answer_token = max(row.answer_start for row in rows)
+    for length in (first_answer_token, first_answer_token + 1):
+        assert mismatch_fit([forget], pool, length) == [first_answer_token < length], (forget.source, length)
 
 
 def test_mismatch_rows_respect_max_length():
