@@ -720,6 +720,7 @@ BASE = dict(rows=[(9, 2), (6, 1)], block_size=4, num_heads=4, num_kv_heads=2, he
     (lambda b: dict(block_table=torch.where(b["block_table"] == b["block_table"][0, 0], 99, b["block_table"])),
      "outside \\[0, 7\\)"),
     (lambda b: dict(scale=-1.0), "scale: expected a positive finite number"),
+    (lambda b: dict(scale=0), "scale: expected a positive finite number"),   # uniform attention otherwise
     (lambda b: dict(scale=float("inf")), "scale: expected a positive finite number"),  # NaN output otherwise
     (lambda b: dict(scale=True), "scale: expected a positive finite number"),
     (lambda b: dict(window=0), "window: expected None or a positive int"),
@@ -767,6 +768,9 @@ def _groups(*values):
     ((_groups(0, 4), _groups(6)), "multiple of block_size 4"),
     ((_groups(0, 4), _groups(32)), "reaches into a row's new tokens"),
     ((_groups(0, 4), _groups(8)), "disagree on the block ids"),
+    ((_groups(0, 4), [8]), "expected prefix_lens to be a tensor \\[G\\] of torch.int32"),
+    ((_groups(0, 1, 2, 3, 4, 4), _groups(0, 0, 0, 0, 0)), "between 1 and R == 4 groups, got 5"),
+    ((_groups(0), _groups()), "between 1 and R == 4 groups, got 0"),
 ])
 def test_bad_shared_prefix_is_rejected(shared_prefix, match):
     """Rows 0-1 and rows 2-3 share two blocks each: (cu_group_rows [0, 2, 4], prefix_lens [8, 8]) is valid."""
@@ -797,6 +801,39 @@ def test_block_id_equal_to_num_blocks_is_rejected():
     table[0, 0] = batch["k_cache"].shape[0]
     with pytest.raises(ValueError, match="outside \\[0, 7\\)"):
         paged_attention(**{**batch, "block_table": table})
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shared_prefix", [(_groups(0, 1, 2, 3, 4), _groups(0, 0, 0, 0)),   # a group per row
+                                           (_groups(0, 2, 3, 4), _groups(8, 0, 4)),          # empty prefixes
+                                           (_groups(0, 4), _groups(0))])
+def test_groups_of_one_row_and_empty_prefixes_are_valid_and_change_nothing(shared_prefix, backend):
+    batch = make_paged_batch([(17, 1), (21, 2), (13, 1), (25, 1)], 4, 4, 2, 16, shared_blocks=2, groups=[0, 0, 1, 1])
+    out = paged_attention(**batch, shared_prefix=shared_prefix, backend=backend)
+    torch.testing.assert_close(out.double(), paged_attention_reference(**batch), rtol=1e-5, atol=1e-5)
+
+
+def test_validate_true_checks_the_metadata_and_false_skips_it():
+    """validate=True checks the index tensors' contents as the CPU default does; validate=False trusts them (the
+    torch path ignores a shared prefix, so one whose rows disagree still runs there)."""
+    batch = make_paged_batch([(17, 1), (21, 2)], 4, 4, 2, 16, shared_blocks=1)
+    wrong = (_groups(0, 2), _groups(8))   # the rows share block 0 only
+    for validate in (True, None):
+        with pytest.raises(ValueError, match="disagree on the block ids"):
+            paged_attention(**batch, shared_prefix=wrong, backend="torch", validate=validate)
+    out = paged_attention(**batch, shared_prefix=wrong, backend="torch", validate=False)
+    torch.testing.assert_close(out.double(), paged_attention_reference(**batch), rtol=1e-5, atol=1e-5)
+    cache = torch.zeros(4, 3, 2, 8)
+    for validate in (True, None):
+        with pytest.raises(ValueError, match="slot_mapping: every slot must lie in \\[0, 12\\)"):
+            write_kv(torch.randn(1, 2, 8), torch.randn(1, 2, 8), cache, cache.clone(), torch.tensor([12]),
+                     validate=validate)
+
+
+def test_auto_backend_is_torch_on_cpu_even_where_the_interpreter_runs_triton():
+    assert pa_module.triton_interpreting()   # as the tests run (conftest)
+    assert pa_module.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert pa_module.resolve_backend("auto", torch.device("cuda")) == "triton"
 
 
 def test_shared_prefix_may_end_where_the_new_tokens_start():

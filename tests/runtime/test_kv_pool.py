@@ -15,6 +15,7 @@ def test_layers_of_one_shape_share_a_tensor_and_copies_reach_every_layer():
             assert view.shape == (5, 3, *shape) and view.is_contiguous()
     for tensor in pool.tensors:
         tensor.normal_()
+    assert not any(torch.equal(pool.k(layer), pool.v(layer)) for layer in range(len(shapes)))   # K and V apart
     pool.copy_blocks(torch.tensor([1, 4]), torch.tensor([0, 2]))
     for layer in range(len(shapes)):
         for view in (pool.k(layer), pool.v(layer)):
@@ -28,3 +29,19 @@ def test_bad_layer_shapes_are_refused_by_name(shapes):
     with pytest.raises(ValueError, match="layer_shapes: expected one \\(num_kv_heads, head_dim\\) pair of positive "
                                          "ints per pool layer"):
         KVPool(shapes, num_blocks=1, block_size=1, dtype=torch.float32, device="cpu")
+
+
+def test_pool_size_in_tokens_rounds_up_to_whole_blocks_and_in_bytes_rounds_down():
+    def blocks(max_tokens=None, max_bytes=None):
+        return KVPool.num_blocks_for(max_tokens=max_tokens, max_bytes=max_bytes, block_size=4, bytes_per_block=100)
+
+    assert [blocks(max_tokens=n) for n in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
+    assert [blocks(max_bytes=n) for n in (100, 199, 200, 301)] == [1, 1, 2, 3]
+    for sizes, message in (({}, "exactly one of max_tokens or max_bytes"),
+                           (dict(max_tokens=4, max_bytes=100), "exactly one of max_tokens or max_bytes"),
+                           (dict(max_tokens=0), "max_tokens: expected a positive int, got 0"),
+                           (dict(max_tokens=2.0), "max_tokens: expected a positive int, got 2.0"),
+                           (dict(max_bytes=99), "max_bytes: expected an int of at least one block \\(100 bytes"),
+                           (dict(max_bytes=100.0), "max_bytes: expected an int of at least one block")):
+        with pytest.raises(ValueError, match=message):
+            blocks(**sizes)
