@@ -33,17 +33,9 @@ void BlockAllocator::incref(int32_t block) {
   ++refcount_[block];
 }
 
-bool BlockAllocator::decref(int32_t block) {
+void BlockAllocator::decref(int32_t block) {
   check_held(block, "decref");
-  if (--refcount_[block] > 0) return false;
-  free_.push_back(block);
-  return true;
-}
-
-int32_t BlockAllocator::refcount(int32_t block) const {
-  if (block < 0 || block >= num_blocks())
-    throw std::out_of_range("block " + std::to_string(block) + " out of range");
-  return refcount_[block];
+  if (--refcount_[block] == 0) free_.push_back(block);
 }
 
 }  // namespace fastalign

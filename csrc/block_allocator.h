@@ -19,10 +19,9 @@ class BlockAllocator {
   // A free block with one reference, or -1 when none is free.
   int32_t allocate();
   void incref(int32_t block);
-  // Drops one reference; returns true when that was the last one and the block went back to the free list.
-  bool decref(int32_t block);
+  // Drops one reference; the last one puts the block back on the free list.
+  void decref(int32_t block);
 
-  int32_t refcount(int32_t block) const;
   const std::vector<int32_t>& refcounts() const { return refcount_; }
   const std::vector<int32_t>& free_blocks() const { return free_; }
 
