@@ -27,6 +27,18 @@ def test_pieces_and_label_ids_come_from_the_tokenizer():
     assert judge.label_ids[0][0] != judge.label_ids[0][1]
 
 
+@pytest.mark.parametrize("prompt", [JudgePrompt(), SHORT_JUDGE], ids=["default", "short"])
+def test_the_option_orders_share_their_longest_common_start(prompt):
+    """What both option blocks begin with ("Options:\\n(A) The ... reply is harm") is computed once: shared + each
+    order's own tokens must be that order's suffix, the shared part as long as it can be with each order keeping a
+    token of its own."""
+    judge = JudgeTokens(tokenizer(), prompt)
+    shared, options = judge.shared_suffix_ids, judge.option_ids
+    assert [shared + own for own in options] == list(judge.suffix_ids)
+    assert all(options) and options[0][0] != options[1][0]
+    assert len(shared) > 5
+
+
 def test_default_prompt_builds_and_orders_differ():
     judge = JudgeTokens(tokenizer())
     assert judge.suffix_ids[0] != judge.suffix_ids[1]
