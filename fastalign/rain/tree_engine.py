@@ -21,7 +21,8 @@
   prompts that start alike share, keeps its full next-token probabilities instead, and each prompt's rollout
   draws from them with its own sampler.
 - Every job of every prompt in a `run` is a small program; each round of all programs' rows is ONE call
-  of `runner.extend`, so concurrent prompts (and leaves picked together) share model calls. Rows that
+  of `runner.extend`, so concurrent prompts (and leaves picked together) share model calls; a round whose rows the
+  KV pool cannot hold at once runs in parts, as small as one row with the rows built on it. Rows that
   would compute the same position run once (the position is marked pending; others wait a round).
 - Prompt starts (roots.py) cut the run's starting sequences where they part, so prompts share the rows
   of their common beginning and the judge's few-shot prefix (pinned) is computed once.
@@ -39,6 +40,7 @@ from typing import AbstractSet, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from fastalign._C import PoolExhaustedError
 from fastalign.transfers import index_on, to_host
 
 from .config import RainConfig
@@ -127,6 +129,25 @@ class TreeEngine:
 
     # --- the one way this engine touches the model ---------------------------------------------------
     def _call(self, rows: List[Row]) -> List[object]:
+        """`_call_once`, or where the KV pool cannot hold all the rows at once (PoolExhaustedError), `_call` on each
+        half of them in turn (`_halves`: a row stays with the rows of the call built on it): a step that needs more
+        blocks than the pool has (one prompt's leaves, or prompts searched together) goes on in smaller calls, with
+        the results of one call. It fails only where one row and those on it cannot fit."""
+        try:
+            return self._call_once(rows)
+        except PoolExhaustedError:
+            halves = _halves(rows)
+            if halves is None:
+                raise
+        first, second = halves
+        outs = self._call(first)
+        try:
+            return outs + self._call(second)
+        except BaseException:   # the first half's spans that no trie holds are nobody's
+            self.runner.release([out.span for r, out in zip(first, outs) if r.kind != "label" and r.target is None])
+            raise
+
+    def _call_once(self, rows: List[Row]) -> List[object]:
         """ONE runner.extend over all rows. Returns per row its Entry (set on its target position too) or,
         for "label" rows, its next-token logits; positions at a row's cuts get entries of their own from
         the same row (runner cuts). Records tokens (those the runner recomputes for evicted parents too),
@@ -655,6 +676,21 @@ def _judges_generation(ctx: PromptContext) -> bool:
 def _judge_row_kind(ctx: PromptContext) -> str:
     """Judge-side rows on a shared trie compute positions the search may read: they reduce their outputs."""
     return "gen" if _judges_generation(ctx) else "plain"
+
+
+def _halves(rows: Sequence[Row]) -> Optional[Tuple[List[Row], List[Row]]]:
+    """The rows of a call in two, as near the middle as a split where no row builds on (`after`) a row before it
+    allows; None where they cannot part."""
+    index = {id(row): i for i, row in enumerate(rows)}
+    splits, lowest = [], len(rows)
+    for i in range(len(rows) - 1, 0, -1):
+        lowest = min(lowest, i if rows[i].after is None else index[id(rows[i].after)])
+        if lowest >= i:
+            splits.append(i)
+    if not splits:
+        return None
+    at = min(splits, key=lambda i: abs(2 * i - len(rows)))
+    return list(rows[:at]), list(rows[at:])
 
 
 def _abandon(rows: Sequence[Row]):

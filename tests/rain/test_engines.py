@@ -124,6 +124,96 @@ def test_a_small_pool_changes_no_result_and_its_recomputation_is_counted():
     assert sum(r.stats.recomputed_tokens for r in small.results) == small.stats.recomputed_tokens
 
 
+class NarrowPoolRunner(HashRunner):
+    """A HashRunner whose pool holds one row per call, with the rows on it (int parents): a call with more raises
+    PoolExhaustedError before anything runs. `fail_at`: the call of that number (from 1, refused ones counted)
+    raises a RuntimeError instead."""
+
+    def __init__(self, vocab, fail_at=None):
+        super().__init__(vocab)
+        self.attempts, self.refused, self.fail_at = 0, 0, fail_at
+
+    def extend(self, parents, token_lists, **kw):
+        from fastalign import PoolExhaustedError
+        self.attempts += 1
+        if self.attempts == self.fail_at:
+            raise RuntimeError("injected fault")
+        if sum(not isinstance(p, int) for p in parents) > 1:
+            self.refused += 1
+            raise PoolExhaustedError("KV pool exhausted: test pool of one row")
+        return super().extend(parents, token_lists, **kw)
+
+
+@pytest.mark.parametrize("config", [SMALL, dataclasses.replace(SMALL, root_visits=10, parallel_leaves=4)])
+def test_calls_the_pool_cannot_hold_run_row_by_row_with_the_same_decisions(config):
+    """A call whose rows the pool cannot hold at once (merged prompts' starts and steps, leaves picked together, an
+    expansion's candidates) runs in parts, each row with the rows on it: the decisions of one call, nothing left
+    behind. It was the prompt's error (or, merged, each prompt's again alone)."""
+    whole = run_tree(PROMPTS, config, concurrency=3)
+    runner = NarrowPoolRunner(len(tokenizer()))
+    parts = run_tree(PROMPTS, config, concurrency=3, runner=runner)
+    assert all(r.error is None for r in parts.results)
+    assert decisions(parts) == decisions(whole)
+    assert runner.refused > 0 and not runner.live
+    assert parts.stats.model_calls > whole.stats.model_calls
+
+
+def test_a_failure_at_any_call_of_split_calls_leaves_no_span_behind():
+    """Two prompts searched together on a pool of one row, failing at each call in turn: the spans a split call's
+    first part made (a shared judge text, prompt starts: spans that no trie holds) were left in the runner for good
+    when a later part failed. The first two calls compute the judge's few-shot prefix, which every prompt needs:
+    their failure is the run's."""
+    config = RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3)
+    calls = NarrowPoolRunner(len(tokenizer()))
+    assert all(r.error is None for r in run_tree(PROMPTS[:2], config, runner=calls, concurrency=2).results)
+    for fail_at in range(1, calls.attempts + 1):
+        runner = NarrowPoolRunner(len(tokenizer()), fail_at)
+        try:
+            run = run_tree(PROMPTS[:2], config, runner=runner, concurrency=2)
+        except RuntimeError:    # while computing the judge's few-shot prefix
+            assert fail_at <= 2 and calls.refused
+        else:
+            assert {r.error for r in run.results} <= {None, "RuntimeError: injected fault"}
+        assert not runner.live, fail_at
+
+
+def test_a_split_call_keeps_each_row_with_the_rows_on_it_and_its_order():
+    def row(token, after=None):
+        return tree_engine.Row(None, [token], None, "evaluate", "label" if after else "plain", after=after)
+
+    a, b, c, d = row(1), row(2), row(3), row(4)
+    a1, a2, c1 = row(5, a), row(6, a), row(7, c)
+    assert tree_engine._halves([a, a1, a2, b, c, c1]) == ([a, a1, a2], [b, c, c1])
+    assert tree_engine._halves([a, a1, a2, b]) == ([a, a1, a2], [b])
+    assert tree_engine._halves([a, b, c, d]) == ([a, b], [c, d])
+    assert tree_engine._halves([a, a1]) is None and tree_engine._halves([a]) is None
+    assert tree_engine._halves([a, b, a1]) is None   # b sits between a and the row on it
+
+
+def test_a_step_that_fits_only_in_parts_keeps_its_prompt_s_answer_on_the_real_runner():
+    """One prompt, four leaves at a time, on a pool that cannot hold a step's rows at once: its answer on a large
+    pool, every block given back; a pool that cannot hold one of its rows fails the prompt, naming the pool."""
+    TreeRunner = pytest.importorskip("fastalign.runtime").TreeRunner
+    model = tiny_llama()
+    config = RainConfig(root_visits=5, min_new_visits=2, max_new_tokens=4, parallel_leaves=4)
+
+    def run(max_tokens):
+        runner = TreeRunner(model, max_tokens=max_tokens, block_size=4, attention_backend="torch")
+        out = rain_generate(model, tokenizer(), PROMPTS[:1], config, runner=runner, judge_prompt=SHORT_JUDGE,
+                            embedding="hidden", sampler="keyed")
+        assert runner.num_free_blocks == runner.num_blocks
+        return out
+
+    def rounded(run):   # hidden-state sums of another batching may move their last bits (README), not a decision
+        return [(ids, [{**c, "children": [(t, round(n, 6), round(q, 6), v) for t, n, q, v in c["children"]]}
+                       for c in commits], error) for ids, commits, error in decisions(run)]
+
+    large, small, tiny = run(4096), run(160), run(60)
+    assert large.results[0].error is None and rounded(small) == rounded(large)
+    assert small.stats.model_calls > large.stats.model_calls
+    assert tiny.results[0].error.startswith("PoolExhaustedError: KV pool exhausted")
+
+
 def test_first_commit_distribution_matches_with_torch_sampler():
     """40 searches of one prompt per engine (each prompt draws its own samples): the histograms of the
     first committed token agree within sampling noise."""
