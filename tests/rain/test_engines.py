@@ -279,6 +279,11 @@ def test_cost_against_reference_and_tree_minimum():
         assert required <= calls <= 1.05 * required, (calls, required)   # 1.6x before cuts and rows on rows
         assert set(r.stats.seconds) == {"expand", "simulate", "evaluate", "embed", "host"}
         assert all(seconds >= 0 for seconds in r.stats.seconds.values()) and r.stats.seconds["expand"] > 0
+    charged = [sum(seconds for phase, seconds in stats.seconds.items() if phase != "host")
+               for stats in [t] + [r.stats for r in tree.results]]   # each call's time split over its rows
+    assert all(0 < c <= stats.wall_seconds for c, stats in zip(charged, [t] + [r.stats for r in tree.results]))
+    assert charged[0] > sum(charged[1:])    # and the calls of the judge's few-shot prefix, which is no prompt's
+    assert t.seconds["host"] == pytest.approx(t.wall_seconds - charged[0])
 
 
 def test_required_calls_of_a_one_step_answer():
