@@ -332,6 +332,38 @@ def test_judge_prompt_that_begins_with_the_conversation_shares_the_generation_tr
     assert not runner.live
 
 
+def test_each_position_the_judge_computes_in_a_shared_trie_carries_its_own_draws(monkeypatch):
+    """Where the judge reads the generated sequences (one trie), a judge row computes generation positions too (a
+    rollout's last token, a cut inside the row that goes on with the judge's text): each such position must carry its
+    own draws, as one the generation side computed, for a later expansion or rollout that reaches it. A mutation run
+    gave the first such position of a call the distributions of its last, or another row's, or made it a prompt's
+    root (no draws), unseen."""
+    judge_prompt = dataclasses.replace(SHORT_JUDGE, template="{conversation}\nJudge the conversation.\n{options}")
+    seen = []
+
+    def check(ctx):
+        for node in ctx.handle.gen.subtree():
+            entry = node.entry
+            if entry is not None and node.parent is not None:    # the prompt's root keeps its probabilities
+                seen.append(entry.key)
+                assert entry.probs is None and entry.draws is not None and entry.span.tokens[-1] == node.token
+                greedy = int(fake_model.prefix_outputs(entry.span.tokens, len(tokenizer()))[0].argmax())
+                assert entry.top_ids[entry.greedy_col] == greedy    # read from its own row of the call
+
+    def checked(real):   # a commit drops what is above the new root, a finish the rest: check before either
+        def method(self, ctx, *args):
+            if ctx.handle is not None:
+                check(ctx)
+            return real(self, ctx, *args)
+        return method
+
+    for name in ("commit", "finish"):
+        monkeypatch.setattr(tree_engine.TreeEngine, name, checked(getattr(tree_engine.TreeEngine, name)))
+    run = run_tree(PROMPTS, dataclasses.replace(SMALL, root_visits=10, parallel_leaves=4), concurrency=3,
+                   judge_prompt=judge_prompt)
+    assert [r.error for r in run.results] == [None] * 3 and len(seen) > 100
+
+
 def test_replies_cut_at_a_new_turn():
     """A turn marker that most replies contain ("e"), so that the judge reads replies cut before it: both
     engines still decide alike, and the judge's copy keeps the model's tokens up to the cut, so nearly
