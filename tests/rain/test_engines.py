@@ -5,6 +5,7 @@ import collections
 import copy
 import dataclasses
 import re
+import types
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from transformers import GenerationConfig
 from fastalign.rain import JudgePrompt, JudgeTokens, RainConfig, rain_generate, tree_engine
 from fastalign.rain import search as search_module
 from fastalign.rain.embeddings import HiddenStateEmbedder
-from fastalign.rain.sampling import KeyedSampler
+from fastalign.rain.sampling import ROLLOUT_STREAM, KeyedSampler, draw_key
 from fastalign.rain.slow import SlowEngine
 from tests.runtime.tiny_models import fill_with_nan
 
@@ -337,9 +338,9 @@ def test_each_position_the_judge_computes_in_a_shared_trie_carries_its_own_draws
     rollout's last token, a cut inside the row that goes on with the judge's text): each such position must carry its
     own draws, as one the generation side computed, for a later expansion or rollout that reaches it. A mutation run
     gave the first such position of a call the distributions of its last, or another row's, or made it a prompt's
-    root (no draws), unseen."""
+    root (no draws), or drew a prompt's rollout pools from rows that were not its own, unseen."""
     judge_prompt = dataclasses.replace(SHORT_JUDGE, template="{conversation}\nJudge the conversation.\n{options}")
-    seen = []
+    config, seen = dataclasses.replace(SMALL, root_visits=10, parallel_leaves=4), []
 
     def check(ctx):
         for node in ctx.handle.gen.subtree():
@@ -347,8 +348,11 @@ def test_each_position_the_judge_computes_in_a_shared_trie_carries_its_own_draws
             if entry is not None and node.parent is not None:    # the prompt's root keeps its probabilities
                 seen.append(entry.key)
                 assert entry.probs is None and entry.draws is not None and entry.span.tokens[-1] == node.token
-                greedy = int(fake_model.prefix_outputs(entry.span.tokens, len(tokenizer()))[0].argmax())
-                assert entry.top_ids[entry.greedy_col] == greedy    # read from its own row of the call
+                logits = fake_model.prefix_outputs(entry.span.tokens, len(tokenizer()))[0]
+                assert entry.top_ids[entry.greedy_col] == int(logits.argmax())   # read from its own row of the call
+                pool = KeyedSampler(config.seed).draw_many(torch.softmax(logits, -1)[None],
+                                                           [draw_key(node.skey, ROLLOUT_STREAM)], 1)
+                assert entry.draws == pool[0]                                    # its own rollout draws
 
     def checked(real):   # a commit drops what is above the new root, a finish the rest: check before either
         def method(self, ctx, *args):
@@ -359,9 +363,26 @@ def test_each_position_the_judge_computes_in_a_shared_trie_carries_its_own_draws
 
     for name in ("commit", "finish"):
         monkeypatch.setattr(tree_engine.TreeEngine, name, checked(getattr(tree_engine.TreeEngine, name)))
-    run = run_tree(PROMPTS, dataclasses.replace(SMALL, root_visits=10, parallel_leaves=4), concurrency=3,
-                   judge_prompt=judge_prompt)
+    run = run_tree(PROMPTS, config, concurrency=3, judge_prompt=judge_prompt)
     assert [r.error for r in run.results] == [None] * 3 and len(seen) > 100
+
+
+def test_rollout_pools_are_drawn_from_each_entry_s_own_row_with_rows_of_roots_between():
+    """A call's rollout pools are drawn in one sampler call per sampler: from a slice of the rows where they are
+    consecutive, else from the rows picked one by one. Rows 0 and 2 around a root (which keeps its probabilities)
+    were taken for consecutive by a mutant, unseen."""
+    torch.manual_seed(0)
+    logits, keys, sampler = torch.randn(3, 40), [11, 12, 13], KeyedSampler(0)
+    entries = [tree_engine.Entry(None, key) for key in keys]
+    to_read = []
+    give = tree_engine.TreeEngine._read_distributions(types.SimpleNamespace(config=SMALL), entries, logits, None, keys,
+                                                      [False, True, False], [sampler] * 3, to_read)
+    give(to_read)                              # on the CPU the tensors to read are their own host copies
+    probs = torch.softmax(logits, dim=-1)
+    for i in (0, 2):
+        assert entries[i].draws == sampler.draw_many(probs[i:i + 1], [draw_key(keys[i], ROLLOUT_STREAM)], 1)[0]
+        assert entries[i].probs is None
+    assert entries[1].draws is None and torch.equal(entries[1].probs, probs[1])
 
 
 def test_replies_cut_at_a_new_turn():
