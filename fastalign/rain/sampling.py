@@ -12,10 +12,12 @@ token sets.
   `for_prompt` serves every prompt itself). `KeyedSampler` derives each draw from
   a 64-bit key that depends only on the token prefix and the candidate's stream index, by inverse-CDF
   sampling, so that batching, ordering or reuse between engines cannot change a draw (`repeatable`: a
-  draw at the same key always gives the same token): the basis of the deterministic equivalence tests.
+  draw at the same key always gives the same token): the basis of the deterministic equivalence tests. A
+  plug-in sampler (any object with draw, draw_many and repeatable) has its draws checked (`CheckedSampler`).
 - Keys: `extend_key(key, tokens)` hashes a token sequence incrementally (splitmix64 mixing);
   `draw_key(prefix_key, stream)` names one draw.
 """
+import operator
 from typing import Iterable, List, Sequence, Tuple
 
 import torch
@@ -149,7 +151,8 @@ def prompt_sampler(sampler, index: int):
 
 
 def check_sampler(sampler):
-    """`sampler` itself when it has a sampler's members (draw, draw_many, repeatable: see this module's
+    """`sampler` when it is a built-in one (its draw and draw_many are TorchSampler's or KeyedSampler's), else
+    CheckedSampler(sampler) when it has a sampler's members (draw, draw_many, repeatable: see this module's
     docstring); else a ValueError naming what it lacks, before any prompt is searched."""
     name = type(sampler).__name__
     for method in ("draw", "draw_many"):
@@ -159,7 +162,63 @@ def check_sampler(sampler):
     if not isinstance(getattr(sampler, "repeatable", None), bool):
         raise ValueError(f"sampler: {name}.repeatable must be True or False (whether a draw at the same key always "
                          f"gives the same token), got {getattr(sampler, 'repeatable', None)!r}")
-    return sampler
+    draws = (getattr(type(sampler), "draw", None), getattr(type(sampler), "draw_many", None))
+    if draws in ((TorchSampler.draw, TorchSampler.draw_many), (KeyedSampler.draw, KeyedSampler.draw_many)):
+        return sampler
+    return CheckedSampler(sampler)
+
+
+class CheckedSampler:
+    """A plug-in sampler whose draws are checked before a search uses them: from `draw`, one column per row of the
+    probabilities; from `draw_many`, per row a pool of 1 to `count` token ids; each an integer index into the row.
+    Each error names the sampler and what was expected. Unchecked, an empty pool made the tree engine compute its
+    position again for fresh draws, forever, and a column past the row failed deep in the search."""
+
+    def __init__(self, sampler):
+        self.sampler, self.name, self.repeatable = sampler, type(sampler).__name__, sampler.repeatable
+
+    def for_prompt(self, index: int):
+        """The sampler's own for_prompt(index), checked; itself where the sampler serves every prompt."""
+        for_prompt = getattr(self.sampler, "for_prompt", None)
+        return self if for_prompt is None else check_sampler(for_prompt(index))
+
+    def draw(self, probs: torch.Tensor, keys: Sequence[int]) -> List[int]:
+        columns = self._indices(self.sampler.draw(probs, keys), probs.shape[-1], f"{self.name}.draw's columns")
+        if len(columns) != probs.shape[0]:
+            raise ValueError(f"sampler: {self.name}.draw returned {len(columns)} columns for {probs.shape[0]} rows: "
+                             "expected one per row")
+        return columns
+
+    def draw_many(self, probs: torch.Tensor, keys: Sequence[int], count: int) -> List[List[int]]:
+        pools = self.sampler.draw_many(probs, keys, count)
+        try:
+            pools = list(pools)
+        except TypeError:
+            raise ValueError(f"sampler: {self.name}.draw_many returned {type(pools).__name__}: expected one list of "
+                             "token ids per row") from None
+        if len(pools) != probs.shape[0]:
+            raise ValueError(f"sampler: {self.name}.draw_many returned {len(pools)} pools for {probs.shape[0]} rows: "
+                             "expected one per row")
+        checked = []
+        for row, pool in enumerate(pools):
+            pool = self._indices(pool, probs.shape[-1], f"{self.name}.draw_many's pool of row {row}")
+            if not 1 <= len(pool) <= count:
+                raise ValueError(f"sampler: {self.name}.draw_many returned {len(pool)} draws for row {row}: expected "
+                                 f"1 to {count}")
+            checked.append(pool)
+        return checked
+
+    @staticmethod
+    def _indices(values, size: int, what: str) -> List[int]:
+        """`values` as a list of ints in [0, size); else a ValueError naming `what`."""
+        try:
+            indices = [operator.index(v) for v in values]
+        except TypeError:
+            raise ValueError(f"sampler: {what}: expected integers, got {values!r}") from None
+        for index in indices:
+            if not 0 <= index < size:
+                raise ValueError(f"sampler: {what}: {index} is not in [0, {size})")
+        return indices
 
 
 def make_sampler(kind: str, seed: int):

@@ -782,6 +782,28 @@ def test_a_sampler_failing_once_in_a_merged_call_is_recovered_by_each_prompt_alo
         assert decisions(run) == expected and not runner.live
 
 
+class _EmptyPools(KeyedSampler):
+    """The keyed sampler, but its rollout pools come back empty (and, asked 200 times, it fails the test: a search
+    that asks for fresh draws forever must not hang it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def draw_many(self, probs, keys, count):
+        self.calls += 1
+        assert self.calls < 200, "asked for fresh draws forever"
+        return [[] for _ in keys]
+
+
+def test_a_plug_in_sampler_whose_pools_come_back_empty_fails_each_prompt_naming_it():
+    """The tree engine computed a position with an empty pool again for fresh draws, forever."""
+    run = run_tree(PROMPTS, SMALL, concurrency=3, sampler=_EmptyPools())
+    for r in run.results:
+        expected = r"ValueError: sampler: _EmptyPools.draw_many returned 0 draws for row \d+: expected 1 to 16"
+        assert re.fullmatch(expected, r.error), r.error
+
+
 def test_answer_never_runs_past_the_models_context():
     """Generation prefix, prompt and answer together stay within the model's context."""
     tok = tokenizer()

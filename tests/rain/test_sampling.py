@@ -1,10 +1,15 @@
 """Samplers draw for all rows in one call: the keyed sampler's draws do not depend on the batch they are
 drawn in (what the equivalence tests rely on); the torch sampler's pools are independent draws from each
 row's distribution."""
+import re
+
+import numpy as np
+import pytest
 import torch
 
 from fastalign.rain import KeyedSampler, TorchSampler
-from fastalign.rain.sampling import draw_key, extend_key, prompt_sampler, ranked_tokens, seed_key, top_k_distribution
+from fastalign.rain.sampling import (CheckedSampler, check_sampler, draw_key, extend_key, prompt_sampler, ranked_tokens,
+                                     seed_key, top_k_distribution)
 
 
 def test_keyed_draws_are_batch_invariant():
@@ -93,3 +98,67 @@ def test_draws_left_on_the_device_are_the_draws_of_draw_many():
         def draw_many(self, probs, keys, count):
             return probs.argmax(-1, keepdim=True).expand(-1, count).tolist()
     assert on_device_draws(Greedy()) is None and on_device_draws(object()) is None
+
+
+class _PlugIn:
+    """A plug-in sampler that returns the draws it is given; for_prompt, when given, returns that."""
+    repeatable = False
+
+    def __init__(self, columns=None, pools=None):
+        self.columns, self.pools = columns, pools
+
+    def draw(self, probs, keys):
+        return self.columns
+
+    def draw_many(self, probs, keys, count):
+        return self.pools
+
+
+class _PerPrompt(_PlugIn):
+    def for_prompt(self, index):
+        return TorchSampler(index) if index == 0 else _PlugIn(columns=[index])
+
+
+class _OwnPools(KeyedSampler):
+    def draw_many(self, probs, keys, count):
+        return [[0]] * len(keys)
+
+
+def test_plug_in_samplers_are_checked_and_built_in_draws_trusted():
+    """A plug-in sampler's draws (integers of any kind, lists or tensors) reach the search as lists of ints; a
+    built-in sampler, or a subclass that keeps both its draws (its pools stay on the device), is used as it is."""
+    probs = torch.full((2, 5), 0.2)
+    plug_in = check_sampler(_PlugIn(columns=[np.int64(4), torch.tensor(0)], pools=[[1, 2], torch.tensor([3])]))
+    assert isinstance(plug_in, CheckedSampler) and plug_in.repeatable is False
+    assert plug_in.draw(probs, [1, 2]) == [4, 0] and plug_in.draw_many(probs, [1, 2], 2) == [[1, 2], [3]]
+    assert plug_in.for_prompt(3) is plug_in                    # one sampler for every prompt, as before
+    per_prompt = check_sampler(_PerPrompt())
+    assert isinstance(prompt_sampler(per_prompt, 0), TorchSampler)
+    assert prompt_sampler(per_prompt, 2).draw(probs[:1], [0]) == [2]
+    with pytest.raises(ValueError, match=re.escape("sampler: _PlugIn.draw's columns: 7 is not in [0, 5)")):
+        prompt_sampler(per_prompt, 7).draw(probs[:1], [0])
+    for sampler in (TorchSampler(0), KeyedSampler(1), type("Seeded", (TorchSampler,), {})(2)):
+        assert check_sampler(sampler) is sampler
+    assert isinstance(check_sampler(_OwnPools()), CheckedSampler)
+
+
+@pytest.mark.parametrize("columns, pools, message", [
+    ([0], None, "_PlugIn.draw returned 1 columns for 2 rows: expected one per row"),
+    ([0, 5], None, "_PlugIn.draw's columns: 5 is not in [0, 5)"),
+    ([-1, 0], None, "_PlugIn.draw's columns: -1 is not in [0, 5)"),
+    ([0, 1.0], None, "_PlugIn.draw's columns: expected integers, got [0, 1.0]"),
+    (None, [[1]], "_PlugIn.draw_many returned 1 pools for 2 rows: expected one per row"),
+    (None, [[1], []], "_PlugIn.draw_many returned 0 draws for row 1: expected 1 to 3"),
+    (None, [[1], [1, 2, 3, 4]], "_PlugIn.draw_many returned 4 draws for row 1: expected 1 to 3"),
+    (None, [[1], [7]], "_PlugIn.draw_many's pool of row 1: 7 is not in [0, 5)"),
+    (None, [[1], 2], "_PlugIn.draw_many's pool of row 1: expected integers, got 2"),
+    (None, 3, "_PlugIn.draw_many returned int: expected one list of token ids per row"),
+])
+def test_a_plug_in_sampler_s_bad_draws_are_errors_naming_it(columns, pools, message):
+    """Unchecked, an empty pool made the tree engine draw again forever, and a bad column failed deep in a search."""
+    sampler, probs = check_sampler(_PlugIn(columns, pools)), torch.full((2, 5), 0.2)
+    with pytest.raises(ValueError, match=re.escape(f"sampler: {message}")):
+        if columns is not None:
+            sampler.draw(probs, [1, 2])
+        else:
+            sampler.draw_many(probs, [1, 2], 3)
