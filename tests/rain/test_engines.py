@@ -191,6 +191,34 @@ def test_a_split_call_keeps_each_row_with_the_rows_on_it_and_its_order():
     assert tree_engine._halves([a, b, a1]) is None   # b sits between a and the row on it
 
 
+def test_programs_that_all_wait_end_in_an_internal_error_not_a_hang():
+    """A round in which every program waits (yields no row) is let pass once; a second one in a row could only repeat
+    forever: an error, and every program is closed (its clean-up runs). A mutation run found neither tested."""
+    def waits(rounds):
+        for _ in range(rounds):
+            yield []
+        return rounds
+
+    closed = []
+
+    def forever():
+        try:
+            for _ in range(100):
+                yield []
+            raise AssertionError("the rounds went on")   # stops this test, should the check not
+        finally:
+            closed.append(True)
+
+    engine, error = types.SimpleNamespace(), re.escape("every program waits on another (internal error)")
+    assert tree_engine.TreeEngine._execute(engine, [waits(1), waits(0)]) == [1, 0]   # no row: no model call
+    with pytest.raises(RuntimeError, match=error):
+        tree_engine.TreeEngine._execute(engine, [waits(2)])
+    program = forever()                       # held here: only _execute's close can run its clean-up
+    with pytest.raises(RuntimeError, match=error):
+        tree_engine.TreeEngine._execute(engine, [program, waits(1)])
+    assert closed == [True]
+
+
 def test_a_step_that_fits_only_in_parts_keeps_its_prompt_s_answer_on_the_real_runner():
     """One prompt, four leaves at a time, on a pool that cannot hold a step's rows at once: its answer on a large
     pool, every block given back; a pool that cannot hold one of its rows fails the prompt, naming the pool."""
