@@ -832,6 +832,17 @@ def test_a_plug_in_sampler_whose_pools_come_back_empty_fails_each_prompt_naming_
         assert re.fullmatch(expected, r.error), r.error
 
 
+def test_a_prompt_with_room_for_one_token_gets_one_and_a_prompt_without_is_refused():
+    """max_length counts the prompt's tokens: equal to them, no token fits (a mutation run let such a prompt through,
+    unseen); one more, the answer is that one token."""
+    n = len(tokenizer()(PROMPTS[0])["input_ids"])
+    full, one = (run_tree(PROMPTS[:1], RainConfig(root_visits=2, max_length=m, max_new_tokens=0)).results[0]
+                 for m in (n, n + 1))
+    assert full.error.startswith(f"prompt 0 has {n} tokens (generation prefix included), which leaves no room to "
+                                 f"answer within max_length={n}")
+    assert one.error is None and len(one.answer_ids) == 1
+
+
 def test_answer_never_runs_past_the_models_context():
     """Generation prefix, prompt and answer together stay within the model's context."""
     tok = tokenizer()
