@@ -5,6 +5,7 @@ import collections
 import copy
 import dataclasses
 import re
+import time
 import types
 
 import pytest
@@ -830,6 +831,31 @@ def test_a_plug_in_sampler_whose_pools_come_back_empty_fails_each_prompt_naming_
     for r in run.results:
         expected = r"ValueError: sampler: _EmptyPools.draw_many returned 0 draws for row \d+: expected 1 to 16"
         assert re.fullmatch(expected, r.error), r.error
+
+
+def test_prompts_whose_starts_part_at_different_depths_start_in_one_merged_start(monkeypatch):
+    """Starting sequences are cut where they part (the first two prompts share "Human: How", the third only
+    "Human: "), so some are done a round before others. A mutant that advanced a finished one failed the merged start,
+    which each prompt then ran again alone (more calls; the fallback hid it)."""
+    started, start = [], tree_engine.TreeEngine.start
+
+    def recorded(self, contexts, roots):
+        start(self, contexts, roots)
+        started.append(len(contexts))
+
+    monkeypatch.setattr(tree_engine.TreeEngine, "start", recorded)
+    run = run_tree(PROMPTS, SMALL, concurrency=3)
+    assert started == [3] and all(r.error is None for r in run.results)
+
+
+def test_wall_seconds_lie_within_the_call_and_each_prompt_s_within_the_run_s():
+    """Not a timing: the run's wall time is measured from its start to its end, a prompt's within the run (a mutation
+    run of generate.py added the clock to the start instead of subtracting it, unseen)."""
+    start = time.perf_counter()
+    run = run_tree(PROMPTS, SMALL, concurrency=2)
+    elapsed = time.perf_counter() - start
+    assert 0 < run.stats.wall_seconds <= elapsed
+    assert all(0 < r.stats.wall_seconds <= run.stats.wall_seconds for r in run.results)
 
 
 def test_a_prompt_with_room_for_one_token_gets_one_and_a_prompt_without_is_refused():
