@@ -858,6 +858,16 @@ def test_wall_seconds_lie_within_the_call_and_each_prompt_s_within_the_run_s():
     assert all(0 < r.stats.wall_seconds <= run.stats.wall_seconds for r in run.results)
 
 
+def test_prompts_whose_judge_head_is_empty_share_the_judge_prefix_and_leave_nothing_behind():
+    """A prompt that is only the BOS token has no judge head (the judge reads it without that token): its judge side
+    starts at the few-shot prefix itself, which each such prompt holds once more. A mutation run changed that count
+    unseen (a span left in the runner, or the prefix given back while prompts used it)."""
+    runner = HashRunner(len(tokenizer()))
+    run = run_tree(["<s>", PROMPTS[0], "<s>"], SMALL, runner=runner, concurrency=3)
+    assert [r.error for r in run.results] == [None] * 3 and all(r.answer_ids for r in run.results)
+    assert not runner.live and not any(runner.pins.values())
+
+
 def test_a_prompt_with_room_for_one_token_gets_one_and_a_prompt_without_is_refused():
     """max_length counts the prompt's tokens: equal to them, no token fits (a mutation run let such a prompt through,
     unseen); one more, the answer is that one token."""
