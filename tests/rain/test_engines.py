@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
+from fastalign import PoolExhaustedError
 from fastalign.rain import JudgePrompt, JudgeTokens, RainConfig, rain_generate, tree_engine
 from fastalign.rain import search as search_module
 from fastalign.rain.embeddings import HiddenStateEmbedder
@@ -136,7 +137,6 @@ class NarrowPoolRunner(HashRunner):
         self.attempts, self.refused, self.fail_at = 0, 0, fail_at
 
     def extend(self, parents, token_lists, **kw):
-        from fastalign import PoolExhaustedError
         self.attempts += 1
         if self.attempts == self.fail_at:
             raise RuntimeError("injected fault")
@@ -309,9 +309,10 @@ def test_cost_against_reference_and_tree_minimum():
         assert required <= calls <= 1.05 * required, (calls, required)   # 1.6x before cuts and rows on rows
         assert set(r.stats.seconds) == {"expand", "simulate", "evaluate", "embed", "host"}
         assert all(seconds >= 0 for seconds in r.stats.seconds.values()) and r.stats.seconds["expand"] > 0
+    run_and_prompts = [t] + [r.stats for r in tree.results]
     charged = [sum(seconds for phase, seconds in stats.seconds.items() if phase != "host")
-               for stats in [t] + [r.stats for r in tree.results]]   # each call's time split over its rows
-    assert all(0 < c <= stats.wall_seconds for c, stats in zip(charged, [t] + [r.stats for r in tree.results]))
+               for stats in run_and_prompts]   # each call's time split over its rows
+    assert all(0 < c <= stats.wall_seconds for c, stats in zip(charged, run_and_prompts))
     assert charged[0] > sum(charged[1:])    # and the calls of the judge's few-shot prefix, which is no prompt's
     assert t.seconds["host"] == pytest.approx(t.wall_seconds - charged[0])
 
