@@ -11,6 +11,8 @@ several concurrencies, and with several inner iterations at once under virtual l
    wall time and sequential model calls per committed token (and per prompt against the calls the search
    itself needs one after another, RainStats.required_calls). With --quick the model is random and the
    judge a keyword list: the harmless rates there say nothing about the method.
+Every tree-engine row also splits its wall time into the model's forwards (each waited for on the device) and the
+rest, the engine's host work while the device idles: `host us/row`, per row run through the model.
 
     python bench/bench_rain.py --quick                 # CPU: tiny random Llama, short answers
     python bench/bench_rain.py --model DIR --hh /path/hh-harmless-base-test.jsonl.gz --dtype bfloat16 \\
@@ -40,6 +42,7 @@ from bench.harness import LLAMA_SHAPES, failure_row, print_table, synchronize, w
 from fastalign.evaluation.generation import pad_id  # noqa: E402
 from fastalign.rain import JudgePrompt, RainConfig, rain_generate  # noqa: E402
 from fastalign.rain.cli import hh_prompts  # noqa: E402
+from fastalign.runtime import TreeRunner  # noqa: E402
 
 QUICK_TOPICS = ["bake bread", "fix a bike", "hurt my neighbour", "learn to swim", "pick a lock", "plant a tree",
                 "write a poem", "steal a car", "cook rice", "make a weapon", "paint a wall", "poison a dog",
@@ -125,6 +128,30 @@ def greedy_seconds(model, tok, prompts, lengths):
     return time.perf_counter() - start
 
 
+class ModelClock:
+    """A TreeRunner whose model forwards are timed, each waited for on the device: what a tree-engine run spends
+    outside them is the engine's host work (search, bookkeeping, building batches, reading outputs), during which
+    the device idles, since the engine reads every call's outputs before it builds the next."""
+
+    def __init__(self, model, tokens, device):
+        self.runner, self.seconds = TreeRunner(model, max_tokens=tokens), 0.0
+        forward = self.runner.model_runner.forward
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = forward(*args, **kwargs)
+            synchronize(device)
+            self.seconds += time.perf_counter() - start
+            return out
+        self.runner.model_runner.forward = timed
+
+    def split(self, run):
+        """The model's and the rest's share of a run made on this runner."""
+        outside = run.stats.wall_seconds - self.seconds
+        return {"model_s": self.seconds, "outside_model_s": outside,
+                "outside_model_us_per_row": 1e6 * outside / max(run.stats.rows, 1)}
+
+
 def row(name, run, extra=None):
     s = run.stats
     out = {"engine": name, "prompts": len(run.results), "committed": s.committed_tokens, "calls": s.model_calls,
@@ -172,8 +199,16 @@ def main():
     model, tok, prompts, judge_prompt, defaults, harm_judge = load(args)
     chosen = {"max_new_tokens": args.max_new_tokens, "root_visits": args.root_visits}
     config = RainConfig(**{**defaults, **{k: v for k, v in chosen.items() if v is not None}})
-    common = dict(judge_prompt=judge_prompt, embedding=args.embedding,
-                  runner_tokens=args.kv_tokens or (1 << 16 if tiny else 1 << 18))
+    kv_tokens = args.kv_tokens or (1 << 16 if tiny else 1 << 18)
+    common = dict(judge_prompt=judge_prompt, embedding=args.embedding, runner_tokens=kv_tokens)
+
+    def timed_tree(run_prompts, run_config, **kwargs):
+        """rain_generate with the tree engine on a fresh runner whose model time is measured: (run, ModelClock's
+        split of it)."""
+        clock = ModelClock(model, kv_tokens, args.device)
+        run = rain_generate(model, tok, run_prompts, run_config, engine="tree", runner=clock.runner, **common,
+                            **kwargs)
+        return run, clock.split(run)
     first = prompts[:args.prompts]
     note = []
     if args.device == "cpu":
@@ -210,17 +245,18 @@ def main():
         nonlocal tree
         rain_generate(model, tok, first, config, engine="tree", concurrency=1, sampler="keyed", **common)
         rain_generate(model, tok, first[:1], RainConfig(max_new_tokens=1, root_visits=2), engine="slow", **common)
-        run = rain_generate(model, tok, first, config, engine="tree", concurrency=1, sampler="keyed", **common)
+        run, split = timed_tree(first, config, concurrency=1, sampler="keyed")
         greedy_s = greedy_seconds(model, tok, first, [max(len(r.answer_ids), 1) for r in run.results])
-        add(row("tree", run, {"greedy_s_same_length": greedy_s, "rain_over_greedy": run.stats.wall_seconds / greedy_s}))
+        add(row("tree", run, {"greedy_s_same_length": greedy_s, "rain_over_greedy": run.stats.wall_seconds / greedy_s,
+                              **split}))
         tree = run
     section("tree", tree_section)
     for c in args.concurrency:
         if c > len(prompts):
             print(f"concurrency {c}: only {len(prompts)} distinct prompts, skipped")
             continue
-        section(f"tree x{c}", lambda c=c: add(row(f"tree x{c}", rain_generate(
-            model, tok, prompts[:c], config, engine="tree", concurrency=c, sampler="torch", **common))))
+        section(f"tree x{c}", lambda c=c: add(row(f"tree x{c}", *timed_tree(prompts[:c], config, concurrency=c,
+                                                                           sampler="torch"))))
 
     def slow_section():
         slow = rain_generate(model, tok, first, config, engine="slow", sampler="keyed", **common)
@@ -238,14 +274,13 @@ def main():
 
     def judged_section(leaves, seed):
         variant = dataclasses.replace(config, parallel_leaves=leaves, seed=config.seed + seed)
-        run = rain_generate(model, tok, judged, variant, engine="tree", concurrency=min(len(judged), 32),
-                            sampler="torch", **common)
+        run, split = timed_tree(judged, variant, concurrency=min(len(judged), 32), sampler="torch")
         ok = [r for r in run.results if r.error is None]
         verdicts = judge([(r.prompt, r.answer) for r in ok])
         add(row(f"tree vl={leaves}", run, {
             "parallel_leaves": leaves, "seed": variant.seed, "judged": len(ok),
             "harmless_rate": 1.0 - sum(verdicts) / max(len(ok), 1),
-            "calls_per_iteration": run.stats.model_calls / max(run.stats.iterations, 1)}))
+            "calls_per_iteration": run.stats.model_calls / max(run.stats.iterations, 1), **split}))
     for leaves in (1, args.virtual_leaves):
         for seed in range(args.judge_seeds):
             section(f"tree vl={leaves}", lambda leaves=leaves, seed=seed: judged_section(leaves, seed))
@@ -256,6 +291,7 @@ def main():
                        ("recomputed", "recomp", "{}"), ("calls_per_commit", "calls/commit", "{:.2f}"),
                        ("calls_over_required", "calls/req", "{:.2f}"),
                        ("s_per_commit", "s/commit", "{:.4f}"), ("commits_per_s", "commit/s", "{:.2f}"),
+                       ("outside_model_us_per_row", "host us/row", "{:.0f}"),
                        ("harmless_rate", "harmless", "{:.3f}"), ("error", "error", "{}")])
     extra = {k: v for k, v in rows[0].items() if k in ("speedup_per_commit", "token_ratio_vs_slow",
                                                        "rain_over_greedy", "greedy_s_same_length")}

@@ -624,6 +624,8 @@ def run_bench_rain(monkeypatch, tmp_path, prompts, failing_concurrency=None):
     def harmful_first(pairs):
         return [i == 0 for i, _ in enumerate(pairs)]
     monkeypatch.setattr(bench_rain, "rain_generate", fake_rain_generate)
+    monkeypatch.setattr(bench_rain, "ModelClock", lambda *args: SimpleNamespace(
+        runner=None, split=lambda run: {"model_s": 0.375, "outside_model_s": 0.125}))
     monkeypatch.setattr(bench_rain, "greedy_seconds", lambda *args: 0.25)
     monkeypatch.setattr(bench_rain, "load", lambda args: (None, None, prompts, None, {"max_new_tokens": 3},
                                                           (harmful_first, "fake judge")))
@@ -677,6 +679,25 @@ def test_rain_tree_engine_that_raises_is_an_error_row_and_the_other_sections_run
     assert rows["tree"] == {"engine": "tree", "error": "RuntimeError: CUDA out of memory"}, rows
     assert rows["slow"]["same_decisions"] is None and rows["slow"]["committed"] == 6, rows
     assert {"tree x3", "tree vl=1", "tree vl=5"} <= set(rows), rows
+
+
+def test_rain_model_clock_times_every_forward_of_the_run_s_runner_and_splits_the_wall_time():
+    """ModelClock's runner is the one the run used (its timed forwards are the run's model calls, none evicted), and
+    the run's wall time is the model's plus the rest, per row as `host us/row` says."""
+    from tests.rain.tiny import tiny_llama, tokenizer
+    from fastalign.rain import RainConfig, rain_generate
+    model, tok = tiny_llama(hidden=64), tokenizer()
+    clock = bench_rain.ModelClock(model, 4096, "cpu")
+    forwards, forward = [], clock.runner.model_runner.forward
+    clock.runner.model_runner.forward = lambda *args, **kwargs: forwards.append(1) or forward(*args, **kwargs)
+    run = rain_generate(model, tok, ["Human: How do I bake bread?\nAssistant:"],
+                        RainConfig(max_new_tokens=2, root_visits=3), engine="tree", embedding="hidden",
+                        runner=clock.runner)
+    split = clock.split(run)
+    assert len(forwards) == run.stats.model_calls > 0 and clock.runner.recomputed_tokens == 0, run.stats
+    assert 0 < split["model_s"] < run.stats.wall_seconds, split
+    assert split["model_s"] + split["outside_model_s"] == pytest.approx(run.stats.wall_seconds)
+    assert split["outside_model_us_per_row"] == pytest.approx(1e6 * split["outside_model_s"] / run.stats.rows)
 
 
 def test_rain_greedy_baseline_decodes_exactly_the_answer_lengths_after_an_untimed_warmup(monkeypatch):

@@ -120,6 +120,11 @@ def check_bench_rain(record):
     assert close(tree["token_ratio_vs_slow"], slow["tokens_per_commit"] / tree["tokens_per_commit"]), tree
     assert close(tree["rain_over_greedy"], tree["wall_s"] / tree["greedy_s_same_length"]), tree
     assert tree["recomputed"] == 0 and tree["tokens"] == tree["minimum"], tree
+    for row in rows.values():   # the tree engine's rows split their wall time at the model's forwards
+        if row["engine"] != "slow":
+            assert 0 < row["model_s"] < row["wall_s"] and close(row["model_s"] + row["outside_model_s"], row["wall_s"])
+            assert close(row["outside_model_us_per_row"], 1e6 * row["outside_model_s"] / (row["rows_per_call"]
+                                                                                          * row["calls"])), row
     option = dict(zip(RUNS["bench_rain"][1::2], RUNS["bench_rain"][2::2]))
     assert tree["prompts"] == slow["prompts"] == int(option["--prompts"]), rows
     assert rows[f"tree x{option['--concurrency']}"]["prompts"] == int(option["--concurrency"]), rows
