@@ -1,5 +1,4 @@
 """Span: the user's handle on a node of a TreeRunner's tree (its parent's tokens plus its own, with KV)."""
-import weakref
 
 
 class Span:
@@ -12,15 +11,21 @@ class Span:
     alive; its other attributes raise ValueError. An evicted span answers all (resident is False).
     """
 
-    __slots__ = ("_runner", "_id", "_parent", "_length", "_finalizer", "__weakref__")
+    __slots__ = ("_runner", "_id", "_parent", "_length", "_tree", "_owned", "__weakref__")
 
     def __init__(self, runner, span_id, parent, length, tree):
         self._runner = runner
         self._id = span_id
         self._parent = parent
         self._length = length
-        self._finalizer = weakref.finalize(self, _release_if_live, tree, span_id)
-        self._finalizer.atexit = False
+        self._tree = tree
+        self._owned = True      # False once the runner released the span: nothing left for the handle to do
+
+    def __del__(self):
+        """Releases the span when its handle is collected unreleased (no weakref.finalize: a span is made per row of
+        every call, and registering a finalizer cost more host time than the rest of the handle)."""
+        if getattr(self, "_owned", False) and self._tree.is_live(self._id):
+            self._tree.release(self._id)
 
     @property
     def id(self):
@@ -78,8 +83,3 @@ class Span:
     def __repr__(self):
         state = "released" if not self.alive else f"length={self._length}"
         return f"Span(id={self._id}, {state})"
-
-
-def _release_if_live(tree, span_id):
-    if tree.is_live(span_id):
-        tree.release(span_id)

@@ -290,7 +290,7 @@ class TreeRunner:
             raise ValueError("spans: the same span is listed twice")
         for span in spans:
             self.tree.release(span.id)      # first: a release refused (a span in use) leaves the handle its owner
-            span._finalizer.detach()
+            span._owned = False
 
     @_one_call_at_a_time
     def pin(self, span):
