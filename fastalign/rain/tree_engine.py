@@ -282,10 +282,11 @@ class TreeEngine:
             for rows, drawn in zip(pools, host[first + 5:first + 5 + len(pools)]):
                 for i, pool in zip(rows, drawn.tolist()):
                     draws[i] = pool
-            for i, entry in enumerate(entries):
-                entry.top_ids, entry.top_probs, entry.greedy_col = top_ids[i], top_probs[i], greedy[i]
+            hidden_rows = [None] * len(entries) if hidden is None else hidden.float().unbind()  # one cast for all rows
+            for i, (entry, row_probs, row_hidden) in enumerate(zip(entries, top_probs.unbind(), hidden_rows)):
+                entry.top_ids, entry.top_probs, entry.greedy_col = top_ids[i], row_probs, greedy[i]
                 entry.ranked = (ranked_ids[i], ranked_logits[i])
-                entry.hidden = None if hidden is None else hidden[i].float()
+                entry.hidden = row_hidden
                 entry.draws = draws[i]
                 entry.probs = probs[i] if roots[i] else None
         return give
