@@ -46,13 +46,20 @@ class RunKeys(set):
 
     def meet(self, stats, key: int) -> bool:
         """Adds `key`, met by the prompt counted in `stats` (None: the run's shared prefixes); True when new."""
-        if key in self:
-            return False
-        self.add(key)
+        return self.meet_all(stats, (key,)) == 1
+
+    def meet_all(self, stats, keys: Iterable[int]) -> int:
+        """`meet` of each of `keys` in turn, in one loop (it runs for every token fed); returns how many were new."""
         own = self._apart.get(id(stats))
-        if own is not None and key not in self._bases:
-            own.append(key)
-        return True
+        new = 0
+        for key in keys:
+            if key in self:
+                continue
+            self.add(key)
+            new += 1
+            if own is not None and key not in self._bases:
+                own.append(key)
+        return new
 
     def forget(self, stats):
         """Drops the keys that only the prompt counted in `stats` met (it is done)."""
@@ -87,17 +94,14 @@ class TokenLedger:
 
     def feed(self, stats: Optional[RainStats], parent_key: int, tokens: Sequence[int]) -> int:
         """Records one row: `tokens` appended to the sequence named `parent_key`. Returns the new key."""
-        key = parent_key
-        recomputed = 0
-        for key in prefix_keys(parent_key, tokens):
-            if not self.fed_keys.meet(stats, key):
-                recomputed += 1
+        keys = list(prefix_keys(parent_key, tokens))
+        recomputed = len(keys) - self.fed_keys.meet_all(stats, keys)
         for s in (stats, self.run):
             if s is not None:
                 s.rows += 1
                 s.tokens += len(tokens)
                 s.recomputed_tokens += recomputed
-        return key
+        return keys[-1] if keys else parent_key
 
     def recompute(self, stats: Optional[RainStats], tokens: int):
         """Records `tokens` that the runtime ran again inside a call because their KV had been evicted."""

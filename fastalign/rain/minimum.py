@@ -31,12 +31,11 @@ class RequiredPrefixes:
 
     def add(self, stats: Optional[RainStats], part: str, key: int, tokens: Iterable[int]) -> int:
         """Registers every prefix of (sequence `key`) + `tokens` beyond `key` itself; returns the new key."""
-        new = 0
-        for key in prefix_keys(key, tokens):
-            new += self.keys.meet(stats, key)
+        keys = list(prefix_keys(key, tokens))
+        new = self.keys.meet_all(stats, keys)
         if stats is not None:
             stats.minimum[part] += new
-        return key
+        return keys[-1] if keys else key
 
     def new_positions(self, key: int, tokens: Iterable[int]):
         """For each token, whether the prefix ending there is not registered yet (nothing is registered)."""

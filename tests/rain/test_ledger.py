@@ -107,6 +107,19 @@ def test_run_keys_forget_only_what_a_prompt_kept_apart_met_past_the_bases():
     assert keys == {1, 2, 3, 4}
 
 
+def test_run_keys_meet_all_is_meet_of_each_key_in_turn():
+    """meet_all (one loop over a row's keys) counts and notes what meet would, key by key: a key repeated in the
+    list is new once, a base key is not noted as the prompt's own, a prompt not kept apart notes nothing."""
+    one, each = RunKeys(), RunKeys()
+    mine, other = object(), object()
+    for keys in (one, each):
+        keys.keep_apart([mine], frozenset({1}))
+    calls = [(mine, [1, 2, 2, 3]), (other, [3, 4, 5]), (mine, [5, 6]), (None, [6, 7])]
+    assert [one.meet_all(stats, ks) for stats, ks in calls] == [sum(each.meet(stats, k) for k in ks)
+                                                                for stats, ks in calls] == [3, 2, 1, 1]
+    assert one == each and one._apart == each._apart == {id(mine): [2, 3, 6]}
+
+
 def test_a_fed_token_counts_as_recomputed_when_its_whole_prefix_was_fed_before():
     """feed() names each token by its whole prefix: a row repeating a fed sequence recomputes all of it, a row
     branching off recomputes only the shared part, and the run's counters add up every prompt's."""
