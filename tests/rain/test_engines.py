@@ -101,24 +101,26 @@ def test_an_enclosing_autocast_does_not_apply_inside_the_slow_engine():
     assert torch.equal(logits_under, logits) and torch.equal(hidden_under, hidden)
 
 
+def run_on_real_pool(prompts, config, max_tokens, **kwargs):
+    """rain_generate of the tiny Llama on a TreeRunner of `max_tokens` tokens (blocks of 4), which must have every
+    block back afterwards: (the run, the tokens its forwards ran, recomputed evicted prefixes included)."""
+    TreeRunner = pytest.importorskip("fastalign.runtime").TreeRunner
+    model = tiny_llama()
+    runner = TreeRunner(model, max_tokens=max_tokens, block_size=4, attention_backend="torch")
+    forward, ran = runner._forward, []
+    runner._forward = lambda plan, *a, **k: ran.append(len(plan.token_ids)) or forward(plan, *a, **k)
+    out = rain_generate(model, tokenizer(), prompts, config, runner=runner, judge_prompt=SHORT_JUDGE,
+                        embedding="hidden", sampler="keyed", **kwargs)
+    assert runner.num_free_blocks == runner.num_blocks
+    return out, sum(ran)
+
+
 def test_a_small_pool_changes_no_result_and_its_recomputation_is_counted():
     """Three prompts on one runner whose pool forces evictions (and merged calls that do not fit, run again
     prompt by prompt): the decisions of a large pool, no block left behind, and every token the runner ran,
     recomputed evicted prefixes included, counted in `tokens` and `recomputed_tokens` (they were missing)."""
-    TreeRunner = pytest.importorskip("fastalign.runtime").TreeRunner
-    model = tiny_llama()
     config = RainConfig(root_visits=5, min_new_visits=2, max_new_tokens=4)
-
-    def run(max_tokens):
-        runner = TreeRunner(model, max_tokens=max_tokens, block_size=4, attention_backend="torch")
-        forward, ran = runner._forward, []
-        runner._forward = lambda plan, *a, **k: ran.append(len(plan.token_ids)) or forward(plan, *a, **k)
-        out = rain_generate(model, tokenizer(), PROMPTS, config, runner=runner, judge_prompt=SHORT_JUDGE,
-                            embedding="hidden", sampler="keyed", concurrency=3)
-        assert runner.num_free_blocks == runner.num_blocks
-        return out, sum(ran)
-
-    (large, large_ran), (small, small_ran) = run(4096), run(160)
+    (large, large_ran), (small, small_ran) = (run_on_real_pool(PROMPTS, config, n, concurrency=3) for n in (4096, 160))
     assert all(r.error is None for r in small.results)
     assert decisions(small) == decisions(large)
     assert large.stats.recomputed_tokens == 0 and large.stats.tokens == large_ran
@@ -223,22 +225,13 @@ def test_programs_that_all_wait_end_in_an_internal_error_not_a_hang():
 def test_a_step_that_fits_only_in_parts_keeps_its_prompt_s_answer_on_the_real_runner():
     """One prompt, four leaves at a time, on a pool that cannot hold a step's rows at once: its answer on a large
     pool, every block given back; a pool that cannot hold one of its rows fails the prompt, naming the pool."""
-    TreeRunner = pytest.importorskip("fastalign.runtime").TreeRunner
-    model = tiny_llama()
     config = RainConfig(root_visits=5, min_new_visits=2, max_new_tokens=4, parallel_leaves=4)
-
-    def run(max_tokens):
-        runner = TreeRunner(model, max_tokens=max_tokens, block_size=4, attention_backend="torch")
-        out = rain_generate(model, tokenizer(), PROMPTS[:1], config, runner=runner, judge_prompt=SHORT_JUDGE,
-                            embedding="hidden", sampler="keyed")
-        assert runner.num_free_blocks == runner.num_blocks
-        return out
 
     def rounded(run):   # hidden-state sums of another batching may move their last bits (README), not a decision
         return [(ids, [{**c, "children": [(t, round(n, 6), round(q, 6), v) for t, n, q, v in c["children"]]}
                        for c in commits], error) for ids, commits, error in decisions(run)]
 
-    large, small, tiny = run(4096), run(160), run(60)
+    large, small, tiny = (run_on_real_pool(PROMPTS[:1], config, n)[0] for n in (4096, 160, 60))
     assert large.results[0].error is None and rounded(small) == rounded(large)
     assert small.stats.model_calls > large.stats.model_calls
     assert tiny.results[0].error.startswith("PoolExhaustedError: KV pool exhausted")
