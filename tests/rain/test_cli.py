@@ -58,6 +58,22 @@ def test_rain_command_writes_records_and_resumes(rain_setup, tmp_path):
                  "--output", str(out)]) == 2
 
 
+@pytest.mark.parametrize("change, message", [
+    ("drop --model", "the following arguments are required: --model"),
+    ("drop --output", "the following arguments are required: --output"),
+    ("drop --prompts", "one of the arguments --prompts --hh is required"),
+    ("add --hh", "argument --hh: not allowed with argument --prompts")])
+def test_rain_command_without_a_required_option_is_a_usage_error_naming_it(rain_setup, capsys, change, message):
+    """The model, the output and the prompts (a file or the HH split, not both) are required by the parser: a run
+    without one stops there, naming it, before anything loads."""
+    _, _, args = rain_setup
+    verb, option = change.split()
+    at = args.index(option) if verb == "drop" else len(args)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args[:at] + args[at + 2:] if verb == "drop" else args + [option, "hh.jsonl.gz"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_rain_output_judged_by_eval_answers(rain_setup, tmp_path, capsys):
     """`fastalign rain` then `fastalign eval --answers` on its output: RAIN's and the vanilla answers of every
     prompt judged with the pluggable judge, the two harmful rates side by side."""
