@@ -391,7 +391,8 @@ def test_rain_bad_settings_are_usage_errors_before_the_model_loads(rain_setup, m
 def test_vanilla_answer_has_rains_length_limits(monkeypatch):
     """The vanilla answer stops where RAIN's does: within the model's context (a model with learned positions
     fails past it, which stopped the whole run, and a resumed run at the same prompt), and with
-    --max-new-tokens 0 (no limit) at max_length tokens in all (generate refused 0 new tokens)."""
+    --max-new-tokens 0 (no limit) at max_length tokens in all (generate refused 0 new tokens); a prompt that fills
+    max_length answers "" without asking generate for 0 tokens."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = tokenizer()
@@ -411,6 +412,8 @@ def test_vanilla_answer_has_rains_length_limits(monkeypatch):
     assert isinstance(greedy_answer(model, tok, prompt, 0, "Human:", max_length=length + 3), str)
     assert asked == [40 - length, 3]
     assert greedy_answer(model, tok, "Human: hi " * 20 + "\nAssistant:", 5, "Human:") == ""
+    assert greedy_answer(model, tok, prompt, 5, "Human:", max_length=length) == ""   # no room: no generate call
+    assert asked == [40 - length, 3]
 
 
 def test_vanilla_answer_of_a_chat_prompt_reads_one_bos_and_ends_at_the_end_of_turn(monkeypatch):
