@@ -401,19 +401,21 @@ def test_vanilla_answer_has_rains_length_limits(monkeypatch):
     prompt = "Human: How do I bake bread? " * 3 + "\nAssistant:"
     length = len(tok(prompt).input_ids)
     assert 30 < length < 40
-    asked, generate = [], model.generate
+    asked, cached, generate = [], [], model.generate
 
     def spy(ids, **kw):
         asked.append(kw["max_new_tokens"])
+        cached.append(kw["use_cache"])
         return generate(ids, **kw)
 
     monkeypatch.setattr(model, "generate", spy)
     assert isinstance(greedy_answer(model, tok, prompt, 30, "Human:"), str)
     assert isinstance(greedy_answer(model, tok, prompt, 0, "Human:", max_length=length + 3), str)
-    assert asked == [40 - length, 3]
+    assert isinstance(greedy_answer(model, tok, prompt, 5, "Human:", max_length=length + 1), str)   # room for one
+    assert asked == [40 - length, 3, 1] and all(cached)
     assert greedy_answer(model, tok, "Human: hi " * 20 + "\nAssistant:", 5, "Human:") == ""
     assert greedy_answer(model, tok, prompt, 5, "Human:", max_length=length) == ""   # no room: no generate call
-    assert asked == [40 - length, 3]
+    assert asked == [40 - length, 3, 1]
 
 
 def test_vanilla_answer_of_a_chat_prompt_reads_one_bos_and_ends_at_the_end_of_turn(monkeypatch):
