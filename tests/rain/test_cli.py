@@ -293,6 +293,8 @@ def test_rain_resume_searches_a_failed_prompt_again(rain_setup, monkeypatch, cap
     assert "1 of 2 prompts failed" in capsys.readouterr().err
     first = [json.loads(line) for line in out.read_text().splitlines()]
     assert {r["index"]: r["error"] for r in first} == {0: None, 1: "RuntimeError: CUDA out of memory"}
+    vanilla = {r["index"]: r["vanilla"] for r in first}
+    assert vanilla[0] is not None and vanilla[1] is None   # no greedy decoding of a failed prompt
     monkeypatch.setattr(SlowEngine, "commit", real_commit)
     capsys.readouterr()
     assert main(args) == 0
@@ -623,6 +625,16 @@ def test_rain_failed_vanilla_answer_fails_its_prompt_only(rain_setup, monkeypatc
     monkeypatch.undo()
     assert main(args) == 0
     assert latest_records([str(out)])[0]["error"] is None
+
+
+def test_rain_no_vanilla_decodes_no_vanilla_answer(rain_setup, monkeypatch):
+    """--no-vanilla: no greedy decoding at all, every record's vanilla answer None."""
+    _, out, args = rain_setup
+    decoded = []
+    monkeypatch.setattr(rain_cli, "greedy_answer", lambda model, tokenizer, prompt, *rest: decoded.append(prompt))
+    assert main(args + ["--no-vanilla"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert decoded == [] and len(records) == 2 and all(r["vanilla"] is None and r["error"] is None for r in records)
 
 
 @pytest.mark.parametrize("option, expected", [([], torch.bfloat16), (["--dtype", "float32"], torch.float32)])
