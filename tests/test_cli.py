@@ -1,5 +1,5 @@
-"""The `fastalign` command's help: every setting says what it sets and its default (HelpFormatter); an interrupted
-command's message and exit status."""
+"""The `fastalign` command's help: every setting says what it sets and its default (HelpFormatter); a missing command
+and a bad --output as usage errors; an interrupted command's message and exit status."""
 import importlib
 import os
 import signal
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import fastalign
-from fastalign.cli import _interrupt_on_sigterm, main
+from fastalign.cli import UsageError, _interrupt_on_sigterm, check_output_file, main
 from tests.test_package import loaded_after
 
 
@@ -58,6 +58,24 @@ def test_version_names_fastalign_and_the_libraries_it_runs_on(capsys):
     assert exited.value.code == 0
     assert line.startswith(f"fastalign {fastalign.__version__} (torch {torch.__version__}, triton ")
     assert line.endswith(f", transformers {transformers.__version__})")
+
+
+def test_fastalign_without_a_command_is_a_usage_error_naming_it(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    assert exited.value.code == 2 and "the following arguments are required: COMMAND" in capsys.readouterr().err
+
+
+def test_output_file_check_makes_its_folder_and_refuses_a_folder(tmp_path, monkeypatch):
+    """--output's check before any model loads: a bare file name (folder "") is the working directory's, an existing
+    folder on the way is fine, a missing one is made, and a folder given as the file is a usage error naming it."""
+    monkeypatch.chdir(tmp_path)
+    check_output_file("out.jsonl")
+    check_output_file(str(tmp_path / "out.jsonl"))
+    check_output_file(str(tmp_path / "new" / "deeper" / "out.jsonl"))
+    assert (tmp_path / "new" / "deeper").is_dir() and sorted(os.listdir(tmp_path)) == ["new"]
+    with pytest.raises(UsageError, match="--output: .* is a directory"):
+        check_output_file(str(tmp_path / "new"))
 
 
 def test_python_dash_m_fastalign_runs_the_command():
