@@ -3,6 +3,7 @@ several processes under torchrun."""
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -205,6 +206,10 @@ def test_rain_resume_refuses_records_of_other_prompts_or_settings(rain_setup, tm
     (tmp_path / "other.txt").write_text("Human: Something else?\\nAssistant:\n")
     assert main(args + ["--prompts", str(tmp_path / "other.txt")]) == 2
     assert "holds a record of another prompt at index 0" in capsys.readouterr().err
+    out.write_text(json.dumps({**first, "index": len(SETUP_PROMPTS)}) + "\n")   # one past the file's prompts
+    assert main(args) == 2
+    assert f"holds a record of another prompt at index {len(SETUP_PROMPTS)}" in capsys.readouterr().err
+    out.write_text(json.dumps(first) + "\n")
     other_model = {**first["run"], "model": "/another/model"}
     for run in (other_model, None, "a string"):  # the last two hand-edited: refused by name (AttributeError before)
         out.write_text(json.dumps({**first, "run": run}) + "\n")
@@ -566,8 +571,18 @@ def test_rain_judge_prompt_too_long_for_the_context_is_a_usage_error_before_the_
     settings_file.write_text(json.dumps({**json.loads(settings_file.read_text()), "max_position_embeddings": 40}))
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_model)
     assert main(args) == 2
-    assert "leave no room for a conversation in the model's context of 40 tokens" in capsys.readouterr().err
-    assert not out.exists()
+    err = capsys.readouterr().err
+    assert "leave no room for a conversation in the model's context of 40 tokens" in err and not out.exists()
+    tokens, slack = map(int, re.search(r"its (\d+) tokens \(with (\d+) of slack\)", err).groups())
+
+    def stop(*a, **kw):
+        raise OSError("stopped once the arguments passed")
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", stop)
+    for context, passes in ((tokens + slack + 1, False), (tokens + slack + 2, True)):   # room for 2 tokens at least
+        settings_file.write_text(json.dumps({**json.loads(settings_file.read_text()),
+                                             "max_position_embeddings": context}))
+        assert main(args) == 2
+        assert ("stopped once the arguments passed" in capsys.readouterr().err) == passes, context
 
 
 def test_rain_judge_chat_template_switches_either_way_over_the_config_file(tmp_path):
