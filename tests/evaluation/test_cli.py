@@ -147,6 +147,15 @@ def test_missing_reference_path_is_an_error_before_any_answer(harmful_prompts, m
     (["--judge", "moderation", "--moderation-model", "/nowhere", "--moderation-template", "Q: {question} A: {answer}"],
      "--moderation-template must hold {answer} and may hold {prompt}, with no other fields, got 'Q: {question}"),
     (["--judge", "callable", "--judge-callable", "nomodule_xyz:f"], "--judge-callable: cannot import"),
+    (["--judge", "callable", "--judge-callable", "nomodule_xyz"], "--judge-callable must be module:name"),
+    (["--judge", "callable", "--judge-callable", ":f"], "--judge-callable must be module:name"),
+    # the threshold's bounds are probabilities too: checked, the next check speaks
+    (["--judge", "moderation", "--moderation-model", "/nowhere", "--threshold", "0"], "no model directory"),
+    (["--judge", "moderation", "--moderation-model", "/nowhere", "--threshold", "1"], "no model directory"),
+    (["--judge", "moderation", "--moderation-model", "/nowhere", "--threshold", "-0.1"],
+     "--threshold must be a probability in [0, 1], got -0.1"),
+    (["--judge", "moderation", "--moderation-model", "/nowhere", "--threshold", "1.5"],
+     "--threshold must be a probability in [0, 1], got 1.5"),
     (["--reference", "demo"], "go together"),
     (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
     (["--judge", "keyword", "--keywords", ", ,"], "--keywords: KeywordJudge needs at least one non-empty keyword"),
@@ -157,6 +166,12 @@ def test_missing_reference_path_is_an_error_before_any_answer(harmful_prompts, m
 def test_bad_judge_and_settings_are_clear_errors(model_dir, harmful_prompts, tmp_path, capsys, extra, message):
     assert run("--model", model_dir, "--prompts", harmful_prompts, "--output", tmp_path / "o.jsonl", *extra) == 2
     assert message in capsys.readouterr().err
+
+
+def test_eval_without_an_output_is_a_usage_error_naming_it(model_dir, harmful_prompts, capsys):
+    with pytest.raises(SystemExit) as exited:
+        run("--model", model_dir, "--prompts", harmful_prompts)
+    assert exited.value.code == 2 and "the following arguments are required: --output" in capsys.readouterr().err
 
 
 def test_bad_prompt_file_names_the_line(model_dir, tmp_path, capsys):
