@@ -124,6 +124,11 @@ def test_prompt_longer_than_context_is_a_clear_error(model_dir, tmp_path, capsys
     assert run("--model", model_dir, "--prompts", prompts, "--output", out) == 2
     assert "--prompts: prompt 1 has" in capsys.readouterr().err
     assert records(out) == [{"kept": True}]  # checked before anything was overwritten
+    normal = write_prompts(tmp_path / "n.jsonl", ["How do I bake a " * 40])     # the normal prompts' too
+    assert run("--model", model_dir, "--prompts", write_prompts(tmp_path / "ok.jsonl", ["How do I bake a cake?"]),
+               "--reference", model_dir, "--normal-prompts", normal, "--output", out) == 2
+    assert "--normal-prompts: prompt 0 has" in capsys.readouterr().err
+    assert records(out) == [{"kept": True}]
 
 
 def test_missing_reference_path_is_an_error_before_any_answer(harmful_prompts, model_dir, tmp_path, capsys):
