@@ -298,7 +298,9 @@ def test_eval_answers_callable_judge_without_vanilla(tmp_path, capsys):
     assert run("--answers", path, "--judge", "callable", "--judge-callable", f"{__name__}:judge_recording_pairs",
                "--output", tmp_path / "o.jsonl") == 0
     assert _answer_pairs == [(HH("A?"), "Sure."), (HH("B?"), "No.")]
-    summary = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err   # no vanilla answer at all: no rate over other prompts to warn of
+    summary = json.loads(captured.out)
     assert summary["harmful_rate"] == {"rain": 0.5, "vanilla": None} and summary["num_vanilla"] == 0
     assert [r["harmful_vanilla"] for r in records(tmp_path / "o.jsonl")] == [None, None]
 
