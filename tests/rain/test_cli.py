@@ -59,19 +59,21 @@ def test_rain_command_writes_records_and_resumes(rain_setup, tmp_path):
                  "--output", str(out)]) == 2
 
 
-@pytest.mark.parametrize("change, message", [
-    ("drop --model", "the following arguments are required: --model"),
-    ("drop --output", "the following arguments are required: --output"),
-    ("drop --prompts", "one of the arguments --prompts --hh is required"),
-    ("add --hh", "argument --hh: not allowed with argument --prompts")])
-def test_rain_command_without_a_required_option_is_a_usage_error_naming_it(rain_setup, capsys, change, message):
+@pytest.mark.parametrize("dropped, added, message", [
+    ("--model", [], "the following arguments are required: --model"),
+    ("--output", [], "the following arguments are required: --output"),
+    ("--prompts", [], "one of the arguments --prompts --hh is required"),
+    (None, ["--hh", "hh.jsonl.gz"], "argument --hh: not allowed with argument --prompts")])
+def test_rain_command_without_a_required_option_is_a_usage_error_naming_it(rain_setup, capsys, dropped, added,
+                                                                          message):
     """The model, the output and the prompts (a file or the HH split, not both) are required by the parser: a run
     without one stops there, naming it, before anything loads."""
     _, _, args = rain_setup
-    verb, option = change.split()
-    at = args.index(option) if verb == "drop" else len(args)
+    if dropped is not None:
+        at = args.index(dropped)
+        args = args[:at] + args[at + 2:]      # the option and its value
     with pytest.raises(SystemExit) as exit_info:
-        main(args[:at] + args[at + 2:] if verb == "drop" else args + [option, "hh.jsonl.gz"])
+        main(args + added)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -568,7 +570,11 @@ def test_rain_judge_prompt_too_long_for_the_context_is_a_usage_error_before_the_
     retried in vain: the judge prompt must leave room for a conversation in the model's context."""
     model_dir, out, args = rain_setup
     settings_file = model_dir / "config.json"
-    settings_file.write_text(json.dumps({**json.loads(settings_file.read_text()), "max_position_embeddings": 40}))
+
+    def set_context(tokens):
+        settings_file.write_text(json.dumps({**json.loads(settings_file.read_text()),
+                                             "max_position_embeddings": tokens}))
+    set_context(40)
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_model)
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -579,8 +585,7 @@ def test_rain_judge_prompt_too_long_for_the_context_is_a_usage_error_before_the_
         raise OSError("stopped once the arguments passed")
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", stop)
     for context, passes in ((tokens + slack + 1, False), (tokens + slack + 2, True)):   # room for 2 tokens at least
-        settings_file.write_text(json.dumps({**json.loads(settings_file.read_text()),
-                                             "max_position_embeddings": context}))
+        set_context(context)
         assert main(args) == 2
         assert ("stopped once the arguments passed" in capsys.readouterr().err) == passes, context
 
