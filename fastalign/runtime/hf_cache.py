@@ -16,7 +16,7 @@ from transformers import DynamicCache
 from fastalign.eval_mode import eval_mode
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.ops.paged_attention import write_kv
-from fastalign.runtime.hf_cache_argument import cache_kwargs
+from fastalign.runtime.hf_cache_argument import cache_kwargs, takes_a_cache
 from fastalign.runtime.llama import context_limit
 
 
@@ -37,20 +37,19 @@ class HFCacheModel:
                             **cache_kwargs(model, cache))
                 keys = cache.layers[0].keys
         except Exception as err:
-            raise _unfit(model, state_problem(model) or f"its one-token forward with a DynamicCache failed "
-                                                          f"({err!r})") from err
+            raise _unfit(model, _unfit_cause(model, f"its one-token forward with a DynamicCache failed ({err!r})")) \
+                from err
         values = cache.layers[0].values
         problem = _kv_problem(out, keys, values)
         if problem:
-            raise _unfit(model, state_problem(model) or problem)
+            raise _unfit(model, _unfit_cause(model, problem))
         for index, layer in enumerate(cache.layers):
             if _shape(layer.keys) != _shape(keys) or _shape(layer.values) != _shape(keys):
                 raise _unfit(model, f"its cache layers differ in shape (layer {index} holds K {_shape(layer.keys)} "
                                     f"and V {_shape(layer.values)}, layer 0 K and V {_shape(keys)})")
         if not self._state_is_in_cache(cache):
-            raise _unfit(model, state_problem(model) or "it keeps state outside its cache (the logits of a token "
-                                                          "after a cached one changed when another sequence ran in "
-                                                          "between)")
+            raise _unfit(model, _unfit_cause(model, "it keeps state outside its cache (the logits of a token after a "
+                                                    "cached one changed when another sequence ran in between)"))
         if not self._is_causal():
             raise _unfit(model, "it is not causal (the outputs at a sequence's first tokens changed when tokens were "
                                 "appended, as in an encoder such as BertLMHeadModel without config.is_decoder=True), "
@@ -183,28 +182,58 @@ def state_problem(model):
     """What the model's config and class say it caches besides per-token K and V, or None: read without a forward,
     to name the cause when a probe refuses the model (only then: the probes alone decide what runs). Recurrent
     layers (Mamba, linear attention, LFM2's convolutions) are those of a kind transformers gives a linear-attention
-    cache layer."""
-    recurrent = _recurrent_layers(model.config.get_text_config(decoder=True))
+    cache layer. transformers 5.25 no longer marks the models that name no such layers stateful (RWKV, xLSTM,
+    DeepSeek-V4): there, a kind whose cache layer the model's own code defines (DeepSeek-V4's compressed attention)
+    is named instead."""
+    layers = _cache_layer_classes(model.config.get_text_config(decoder=True))
+    recurrent = [(index, kind) for index, kind, cls in layers if _is_linear_attention_layer(cls)]
     if recurrent:
-        layers = "layers" if len(recurrent) > 1 else "layer"
         return (f"its cache holds recurrent state (Mamba/linear-attention layers: "
-                f"{', '.join(sorted({kind for _, kind in recurrent}))} at {layers} "
+                f"{', '.join(sorted({kind for _, kind in recurrent}))} at {_plural(recurrent, 'layer')} "
                 f"{', '.join(str(index) for index, _ in recurrent)}), not per-token K and V")
-    if getattr(model, "_is_stateful", False):  # RWKV and xLSTM, which name no layer types; DeepSeek-V4's compressor
+    if getattr(model, "_is_stateful", False):  # transformers 5.17 to 5.24: RWKV, xLSTM, DeepSeek-V4's compressor
         return (f"its cache holds recurrent or compressed state (transformers marks {type(model).__name__} "
                 "stateful), not per-token K and V")
+    own = {kind: cls.__name__ for _, kind, cls in layers if cls.__module__ != _CACHE_MODULE}
+    if own:
+        return (f"its cache {_plural(own, 'layer')} of {_plural(own, 'kind')} {', '.join(sorted(own))} "
+                f"{'are' if len(own) > 1 else 'is'} the model's own ({', '.join(sorted(set(own.values())))}), not "
+                "transformers' per-token K and V")
     return None
 
 
-def _recurrent_layers(config):
-    """(index, kind) of each layer of `config` that transformers gives a linear-attention cache layer."""
-    try:  # transformers' own names (5.17 to 5.24): without them, the probe's own finding names the cause
-        from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, LinearAttentionCacheLayerMixin
+def _unfit_cause(model, finding):
+    """Why the fallback refuses `model`: its trait that explains a failed probe (`state_problem`, or a forward that
+    takes no cache: RWKV's takes its own `state`), else what the probe found."""
+    no_cache = None if takes_a_cache(model) else "its forward takes no cache (no cache or past_key_values argument)"
+    return state_problem(model) or no_cache or finding
+
+
+_CACHE_MODULE = "transformers.cache_utils"   # where transformers' own cache layers are defined
+
+
+def _plural(items, word):
+    return word + "s" if len(items) > 1 else word
+
+
+def _cache_layer_classes(config):
+    """(index, kind, cache layer class) of each layer of `config` whose kind transformers maps to a cache layer (a
+    model's own code registers the classes of its own kinds there when imported)."""
+    try:  # transformers' own name (5.17 to 5.25): without it, the probe's own finding names the cause
+        from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING
     except ImportError:
         return []
     types = list(getattr(config, "layer_types", None) or [])
-    return [(index, kind) for index, kind in enumerate(types)
-            if issubclass(DYNAMIC_LAYER_TYPE_MAPPING.get(kind, object), LinearAttentionCacheLayerMixin)]
+    return [(index, kind, DYNAMIC_LAYER_TYPE_MAPPING[kind]) for index, kind in enumerate(types)
+            if kind in DYNAMIC_LAYER_TYPE_MAPPING]
+
+
+def _is_linear_attention_layer(cls):
+    try:
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin
+    except ImportError:
+        return False
+    return issubclass(cls, LinearAttentionCacheLayerMixin)
 
 
 def _kv_problem(out, keys, values):

@@ -8,15 +8,24 @@ import inspect
 
 
 @functools.lru_cache(maxsize=None)
-def _argument_name(model_class) -> str:
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+def _cache_parameters(model_class) -> frozenset:
+    return frozenset({"cache", "past_key_values"} & set(inspect.signature(model_class.forward).parameters))
+
+
+def _base_class(model):
+    """The class whose forward takes the cache: a PEFT wrapper's forward names neither argument and hands its keyword
+    arguments on to the transformers model it wraps."""
+    return type(model.get_base_model() if hasattr(model, "get_base_model") else model)
 
 
 def cache_kwargs(model, cache) -> dict:
-    """The keyword argument that passes `cache` to model's forward. A PEFT wrapper's forward names neither and hands
-    its keyword arguments on to the transformers model it wraps, whose forward is the one that takes it."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {_argument_name(type(base)): cache}
+    """The keyword argument that passes `cache` to model's forward."""
+    return {"cache" if "cache" in _cache_parameters(_base_class(model)) else "past_key_values": cache}
+
+
+def takes_a_cache(model) -> bool:
+    """Whether model's forward has a cache argument of either name (RWKV's takes its own `state` instead)."""
+    return bool(_cache_parameters(_base_class(model)))
 
 
 def returned_cache(output):

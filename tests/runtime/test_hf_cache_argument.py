@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache
+from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache, takes_a_cache
 from tests.runtime.tiny_models import tiny_model
 
 
@@ -40,6 +40,16 @@ def test_a_wrapper_passes_the_cache_under_the_name_its_base_model_takes():
     cache = object()
     assert cache_kwargs(Wrapper(NewStyle()), cache) == {"cache": cache}
     assert cache_kwargs(Wrapper(OldStyle()), cache) == {"past_key_values": cache}
+
+
+class NoCache:  # as RWKV's: its own state, under an argument of its own
+    def forward(self, input_ids, state=None, **kwargs):
+        pass
+
+
+def test_a_forward_takes_a_cache_under_either_name_or_none():
+    assert takes_a_cache(NewStyle()) and takes_a_cache(OldStyle()) and takes_a_cache(Wrapper(OldStyle()))
+    assert not takes_a_cache(NoCache()) and not takes_a_cache(Wrapper(NoCache()))
 
 
 def test_a_peft_lora_model_gets_the_argument_its_transformers_model_names():

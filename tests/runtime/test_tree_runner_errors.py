@@ -440,6 +440,14 @@ _RECURRENT = ("its cache holds recurrent state \\(Mamba/linear-attention layers:
               "per-token K and V")
 _STATEFUL = ("its cache holds recurrent or compressed state \\(transformers marks {name}ForCausalLM stateful\\), "
              "not per-token K and V")
+_MARKS_STATEFUL = hasattr(transformers.PreTrainedModel, "_is_stateful")   # transformers 5.17 to 5.24
+
+
+def _stateful(name, otherwise):
+    """The reason given for a model that transformers up to 5.24 marks stateful; `otherwise` under a later one."""
+    return _STATEFUL.format(name=name) if _MARKS_STATEFUL else otherwise
+
+
 _MAMBA = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4)
 # name: (config keyword arguments, why the fallback cannot hold its cache), for tiny configs of every kind of model
 # whose cache is not per-token K and V of one shape (the classes: name + Config, name less "Text" + ForCausalLM)
@@ -480,9 +488,10 @@ UNFIT = {
                _RECURRENT.format(kinds="linear_attention", layers="0, 1")),
     "FalconMamba": (_MAMBA, _RECURRENT.format(kinds="linear_attention", layers="0, 1")),
     "Rwkv": (dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
-                  intermediate_size=64), _STATEFUL.format(name="Rwkv")),
+                  intermediate_size=64),
+             _stateful("Rwkv", "its forward takes no cache \\(no cache or past_key_values argument\\)")),
     "xLSTM": (dict(vocab_size=VOCAB, hidden_size=32, embedding_dim=32, num_hidden_layers=2, num_blocks=2, num_heads=4),
-              _STATEFUL.format(name="xLSTM")),
+              _stateful("xLSTM", "its one-token forward with a DynamicCache failed \\(AttributeError.*rnn_state.*\\)")),
     "RecurrentGemma": (dict(_SHAPE, lru_width=32, attention_window_size=16, block_types=["attention", "recurrent"]),
                        "its cache holds recurrent (state \\(Mamba/linear-attention layers: linear_attention at layer 1|"
                        "or compressed state \\(transformers marks RecurrentGemmaForCausalLM stateful)\\), not "
@@ -490,7 +499,8 @@ UNFIT = {
     "DeepseekV4": (dict(_SHAPE, num_key_value_heads=1, head_dim=16, q_lora_rank=16, moe_intermediate_size=16,
                         n_routed_experts=2, num_experts_per_tok=1, hc_mult=2, o_groups=2, o_lora_rank=16,
                         index_n_heads=2, index_head_dim=8, index_topk=4, sliding_window=8),
-                   _STATEFUL.format(name="DeepseekV4")),
+                   _stateful("DeepseekV4", "its cache layer of kind heavily_compressed_attention is the model's own "
+                                           "\\(DeepseekV4HCACache\\), not transformers' per-token K and V")),
 }
 
 
@@ -554,8 +564,24 @@ def test_fallback_without_transformers_cache_layer_names_still_says_why(monkeypa
     config_kwargs, _ = UNFIT["Mamba"]
     torch.manual_seed(0)
     model = transformers.MambaForCausalLM(transformers.MambaConfig(**config_kwargs)).eval()
-    with pytest.warns(UserWarning, match="MambaForCausalLM cannot run on the paged pool: .*its cache holds recurrent "
-                                         "or compressed state \\(transformers marks MambaForCausalLM stateful\\)"):
+    reason = _stateful("Mamba", "its one-token forward with a DynamicCache failed")
+    with pytest.warns(UserWarning, match=f"MambaForCausalLM cannot run on the paged pool: .*{reason}"):
+        TreeRunner(model, max_tokens=64)
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("Rwkv", "its forward takes no cache \\(no cache or past_key_values argument\\)"),
+    ("DeepseekV4", "its cache layer of kind heavily_compressed_attention is the model's own \\(DeepseekV4HCACache\\), "
+                   "not transformers' per-token K and V")])
+def test_models_transformers_no_longer_marks_stateful_are_still_named(monkeypatch, name, reason):
+    """transformers 5.25 dropped the `_is_stateful` mark that named why RWKV and DeepSeek-V4 cannot run on the cache
+    fallback (its tests then failed on the probe's bare finding, an IndexError for RWKV): without the mark, RWKV's
+    forward taking no cache and DeepSeek-V4's own compressed cache layers are named."""
+    config_kwargs, _ = UNFIT[name]
+    model = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**config_kwargs)).eval()
+    monkeypatch.setattr(type(model), "_is_stateful", False, raising=False)
+    with pytest.warns(UserWarning, match=f"{name}ForCausalLM cannot run on the paged pool: (.*; nor on Hugging Face's "
+                                         f"cache: )?{reason}; it runs by computing"):
         TreeRunner(model, max_tokens=64)
 
 
