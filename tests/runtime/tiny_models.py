@@ -153,6 +153,11 @@ class CountedForward(torch.nn.Module):
         self.calls.append((*input_ids.shape, out.logits.shape[1]))
         return out
 
+    def get_base_model(self):
+        """The model counted: as PEFT's wrappers, whose forward names no cache argument either, it says under which
+        name the cache goes (transformers 5.25 warns that `past_key_values` goes away in 5.40)."""
+        return self.model
+
 
 def fill_with_nan(pool):
     """Every slot of `pool` NaN (-1 in a pool of token ids, which no embedding takes): a slot read before it is
