@@ -2,7 +2,7 @@
 
 Without a CUDA device the Triton kernels run under Triton's CPU interpreter, so that the kernels
 themselves (not only the torch fallback) are tested everywhere. The variable must be set before any
-kernel module is imported, which is why it lives here.
+kernel module is imported, which is why it lives here; so must transformers' switch for Hub kernels.
 """
 import os
 from pathlib import Path
@@ -12,6 +12,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# transformers 5.25 on: unless this is off, from_pretrained swaps layers of a model it loads onto a GPU for kernels it
+# downloads from the Hugging Face Hub (and needs the `kernels` package to load any model). Tests download nothing, and
+# compare fastalign's outputs with the model's own code.
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
 HAS_CUDA = torch.cuda.is_available()
 # The team's shared data sets (TruthfulQA, HH harmless-base) lie in shared/data beside the checkout; never in the repo.
