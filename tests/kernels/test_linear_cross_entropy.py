@@ -9,7 +9,7 @@ import torch
 from fastalign.kernels import linear_cross_entropy as kernel
 from fastalign.kernels import linear_softmax_tiles as tiles
 from tests.conftest import HAS_CUDA, requires_cuda
-from tests.kernels.gpu_plans import force_tile_config, use_gpu_plans
+from tests.kernels.gpu_plans import GPU_PLAN_SHAPES, force_tile_config, use_gpu_plans
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -140,14 +140,17 @@ def test_fp32_on_gpu_matches_float64():
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("tile", tiles._TILE_SHAPES[1] + [tiles._SMALL_TILE], ids=str)
-def test_cross_entropy_in_each_gpu_tile_config_with_the_gpu_plans(monkeypatch, tile, dtype, tol):
+@pytest.mark.parametrize("shape", GPU_PLAN_SHAPES, ids=str)
+def test_cross_entropy_in_each_gpu_tile_config_with_the_gpu_plans(monkeypatch, shape, tile, dtype, tol):
     """Each autotune candidate (the autotuner may pick any of them on a GPU; the interpreter only runs 16/32/16),
     with the GPU's vocabulary splits (256 + 77 columns) and one backward chunk of the whole vocabulary, so that
-    a column-tile grid or mask that depends on the block shape shows."""
+    a column-tile grid or mask that depends on the block shape shows; with more rows than words, a gradient grid
+    that counted its row blocks by the chunk's columns (a mutation run: tests at the interpreter's plan, one row
+    block per chunk, let it pass)."""
     for tuner in (kernel._forward_kernel, kernel._gradient_kernel):
         force_tile_config(monkeypatch, tuner, *tile[:3])
     use_gpu_plans(monkeypatch)
-    check_against_reference(21, 72, 333, dtype, with_bias=True, tol=tol)
+    check_against_reference(*shape, dtype, with_bias=True, tol=tol)
 
 
 @pytest.mark.parametrize("gpu_plan", [False, True], ids=["own_plan", "gpu_plan"])

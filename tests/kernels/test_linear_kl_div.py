@@ -14,7 +14,7 @@ from fastalign.kernels import linear_kl_div as kernel
 from fastalign.kernels import linear_softmax_tiles as tiles
 from fastalign.kernels.linear_kl_div import _expm1_series
 from tests.conftest import HAS_CUDA, requires_cuda
-from tests.kernels.gpu_plans import force_tile_config, use_gpu_plans
+from tests.kernels.gpu_plans import GPU_PLAN_SHAPES, force_tile_config, use_gpu_plans
 from tests.kernels.test_linear_cross_entropy import GPU_SHAPES
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -289,9 +289,10 @@ def test_fp32_on_gpu_matches_float64():
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("tile", tiles._TILE_SHAPES[2] + [tiles._SMALL_TILE], ids=str)
-def test_kl_in_each_gpu_tile_config_with_the_gpu_plans(monkeypatch, tile, dtype, tol):
+@pytest.mark.parametrize("shape", GPU_PLAN_SHAPES, ids=str)
+def test_kl_in_each_gpu_tile_config_with_the_gpu_plans(monkeypatch, shape, tile, dtype, tol):
     for tuner in (kernel._forward_kernel, kernel._gradient_kernel):
         force_tile_config(monkeypatch, tuner, *tile[:3])
     use_gpu_plans(monkeypatch)
-    check_against_reference(21, 72, 333, dtype, tol=tol, shared_weight=tile[0] == 64,
+    check_against_reference(*shape, dtype, tol=tol, shared_weight=tile[0] == 64,
                             bias="shared" if tile[0] == 64 else "own")
