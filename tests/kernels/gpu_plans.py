@@ -13,8 +13,8 @@ from fastalign.kernels import chunked_backward
 from fastalign.kernels import linear_softmax_tiles as tiles
 
 
-# (rows, hidden, vocab) of the tests run with the GPU's plans and tiles: a vocabulary over several split ranges; and more
-# rows than words, so that a gradient chunk [rows, words] has more row blocks than its columns make
+# (rows, hidden, vocab) of the tests run with the GPU's plans and tiles: a vocabulary over several split ranges;
+# and more rows than words, so that a gradient chunk [rows, words] has more row blocks than its columns make
 GPU_PLAN_SHAPES = [(21, 72, 333), (150, 40, 37)]
 
 
