@@ -443,6 +443,12 @@ _STATEFUL = ("its cache holds recurrent or compressed state \\(transformers mark
 _MARKS_STATEFUL = hasattr(transformers.PreTrainedModel, "_is_stateful")   # transformers 5.17 to 5.24
 
 
+# the reasons given without the mark: RWKV's forward takes its own state; DeepSeek-V4 registers its own cache layers
+_NO_CACHE = "its forward takes no cache \\(no cache or past_key_values argument\\)"
+_OWN_CACHE_LAYER = ("its cache layer of kind heavily_compressed_attention is the model's own \\(DeepseekV4HCACache\\), "
+                    "not transformers' per-token K and V")
+
+
 def _stateful(name, otherwise):
     """The reason given for a model that transformers up to 5.24 marks stateful; `otherwise` under a later one."""
     return _STATEFUL.format(name=name) if _MARKS_STATEFUL else otherwise
@@ -488,8 +494,7 @@ UNFIT = {
                _RECURRENT.format(kinds="linear_attention", layers="0, 1")),
     "FalconMamba": (_MAMBA, _RECURRENT.format(kinds="linear_attention", layers="0, 1")),
     "Rwkv": (dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
-                  intermediate_size=64),
-             _stateful("Rwkv", "its forward takes no cache \\(no cache or past_key_values argument\\)")),
+                  intermediate_size=64), _stateful("Rwkv", _NO_CACHE)),
     "xLSTM": (dict(vocab_size=VOCAB, hidden_size=32, embedding_dim=32, num_hidden_layers=2, num_blocks=2, num_heads=4),
               _stateful("xLSTM", "its one-token forward with a DynamicCache failed \\(AttributeError.*rnn_state.*\\)")),
     "RecurrentGemma": (dict(_SHAPE, lru_width=32, attention_window_size=16, block_types=["attention", "recurrent"]),
@@ -499,8 +504,7 @@ UNFIT = {
     "DeepseekV4": (dict(_SHAPE, num_key_value_heads=1, head_dim=16, q_lora_rank=16, moe_intermediate_size=16,
                         n_routed_experts=2, num_experts_per_tok=1, hc_mult=2, o_groups=2, o_lora_rank=16,
                         index_n_heads=2, index_head_dim=8, index_topk=4, sliding_window=8),
-                   _stateful("DeepseekV4", "its cache layer of kind heavily_compressed_attention is the model's own "
-                                           "\\(DeepseekV4HCACache\\), not transformers' per-token K and V")),
+                   _stateful("DeepseekV4", _OWN_CACHE_LAYER)),
 }
 
 
@@ -569,10 +573,7 @@ def test_fallback_without_transformers_cache_layer_names_still_says_why(monkeypa
         TreeRunner(model, max_tokens=64)
 
 
-@pytest.mark.parametrize("name, reason", [
-    ("Rwkv", "its forward takes no cache \\(no cache or past_key_values argument\\)"),
-    ("DeepseekV4", "its cache layer of kind heavily_compressed_attention is the model's own \\(DeepseekV4HCACache\\), "
-                   "not transformers' per-token K and V")])
+@pytest.mark.parametrize("name, reason", [("Rwkv", _NO_CACHE), ("DeepseekV4", _OWN_CACHE_LAYER)])
 def test_models_transformers_no_longer_marks_stateful_are_still_named(monkeypatch, name, reason):
     """transformers 5.25 dropped the `_is_stateful` mark that named why RWKV and DeepSeek-V4 cannot run on the cache
     fallback (its tests then failed on the probe's bare finding, an IndexError for RWKV): without the mark, RWKV's
