@@ -233,7 +233,7 @@ def run(args, config):
                 row["grad_rel_diff"] = gradients_difference(grads, first_grads.setdefault(quantity, grads))
             del grads
             report(rows, {"op": op, "quantity": quantity, "n": n, **row}, args, config)
-        del weight, ref_weight, first_grads
+        weight = ref_weight = first_grads = None   # freed before the next size allocates its own
     return rows
 
 

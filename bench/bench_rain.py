@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.harness import LLAMA_SHAPES, failure_row, print_table, synchronize, write_results  # noqa: E402
 from fastalign.evaluation.generation import pad_id  # noqa: E402
+from fastalign.pretrained import load_pretrained  # noqa: E402
 from fastalign.rain import JudgePrompt, RainConfig, rain_generate  # noqa: E402
 from fastalign.rain.cli import hh_prompts  # noqa: E402
 from fastalign.runtime import TreeRunner  # noqa: E402
@@ -74,7 +75,7 @@ def load(args):
         return (*random_llama_1b(args, hh_prompts(args.hh)), JudgePrompt(), defaults, None)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    model = load_pretrained(AutoModelForCausalLM, args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     return model, tok, hh_prompts(args.hh), JudgePrompt(), defaults, None
 
 

@@ -13,7 +13,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # transformers 5.25 on: unless this is off, from_pretrained swaps layers of a model it loads onto a GPU for kernels it
-# downloads from the Hugging Face Hub (and needs the `kernels` package to load any model). Tests download nothing, and
+# downloads from the Hugging Face Hub (and needs the `kernels` package to load any model). Our commands turn them off
+# themselves (fastalign/pretrained.py); this covers the tests' own from_pretrained calls, which download nothing and
 # compare fastalign's outputs with the model's own code.
 os.environ.setdefault("USE_HUB_KERNELS", "NO")
 

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Tuple, Union
 
+from fastalign.pretrained import load_pretrained
+
 from .world import World
 
 if TYPE_CHECKING:
@@ -37,7 +39,7 @@ def load_model(path: Union[str, Path] = ASSETS) -> Tuple[LlamaForCausalLM, PreTr
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no trained demo model in {path}; run `python -m fastalign.demo.train`")
-    model = LlamaForCausalLM.from_pretrained(path).eval()
+    model = load_pretrained(LlamaForCausalLM, path).eval()
     return model, PreTrainedTokenizerFast.from_pretrained(path)
 
 

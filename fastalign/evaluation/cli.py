@@ -48,6 +48,7 @@ import torch
 from fastalign.cli import (MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_output_file,
                            template_kwargs_argument)
 from fastalign.output_lock import output_lock
+from fastalign.pretrained import load_pretrained
 from fastalign.unlearn.templates import ChatTemplate
 
 from .answers import read_answers
@@ -148,7 +149,7 @@ def load_causal_lm(path: str, argument: str, device: str, dtype=None):
             raise UsageError(f"{argument}: no model directory at {path!r}")
         from transformers import AutoModelForCausalLM, AutoTokenizer
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype is None else dtype)
+            model = load_pretrained(AutoModelForCausalLM, path, dtype="auto" if dtype is None else dtype)
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as exc:
             raise UsageError(f"{argument}: cannot load a causal LM from {path!r}: {exc}") from None
@@ -182,7 +183,7 @@ def build_judge(args, tokenizer=None):
         if label is not None and label.isdigit():
             label = int(label)
         try:
-            classifier = AutoModelForSequenceClassification.from_pretrained(args.moderation_model)
+            classifier = load_pretrained(AutoModelForSequenceClassification, args.moderation_model)
             classifier_tokenizer = AutoTokenizer.from_pretrained(args.moderation_model)
         except (OSError, ValueError) as exc:
             raise UsageError(f"--moderation-model: cannot load a sequence classifier from "

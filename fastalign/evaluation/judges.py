@@ -19,6 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from fastalign.model_devices import input_device
+from fastalign.pretrained import load_pretrained
 
 Pair = Tuple[str, str]
 Judge = Callable[[Sequence[Pair]], Sequence[bool]]
@@ -159,7 +160,7 @@ class ModerationJudge:
     def from_pretrained(cls, path: str, **kwargs) -> "ModerationJudge":
         """Loads a local sequence-classification model and its tokenizer from `path`."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        return cls(AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+        return cls(load_pretrained(AutoModelForSequenceClassification, path), AutoTokenizer.from_pretrained(path),
                    **kwargs)
 
     def _fits(self, text: str) -> bool:

@@ -29,6 +29,7 @@ from fastalign.evaluation.generation import eos_ids, pad_id
 from fastalign.evaluation.prompts import hh_messages, hh_prompts, read_prompts
 from fastalign.model_files import model_files_digest
 from fastalign.output_lock import output_lock
+from fastalign.pretrained import load_pretrained
 from fastalign.unlearn.encoding import tokenize_prompts
 from fastalign.unlearn.config import dataclass_from_dict, read_config_file, settings_mapping
 from fastalign.unlearn.records import DataError, read_text
@@ -264,8 +265,8 @@ def _run(args) -> int:
         device = args.device or (f"cuda:{placement.local_rank}" if torch.cuda.is_available() else "cpu")
         render = template.prompt if chat else (lambda prompt: prefix + prompt)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                args.model, dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype))
+            dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+            model = load_pretrained(AutoModelForCausalLM, args.model, dtype=dtype)
         except (OSError, ValueError) as exc:   # e.g. no weights: a traceback, and exit code 1 (a failed prompt's)
             raise UsageError(f"--model: cannot load a causal LM from {args.model!r}: {exc}") from None
         model = model.to(device).eval()

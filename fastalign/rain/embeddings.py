@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from fastalign.pretrained import load_pretrained
 from fastalign.transfers import to_host
 
 
@@ -87,7 +88,7 @@ class MiniLMEmbedder:
         # borrowed")
         self._tokenize(tokenizer, [""])
         self._tokenizer = tokenizer
-        self._model = AutoModel.from_pretrained(model_dir).to(self.device).eval()
+        self._model = load_pretrained(AutoModel, model_dir).to(self.device).eval()
 
     @staticmethod
     def _tokenize(tokenizer, texts):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 from fastalign.output_lock import output_lock
+from fastalign.pretrained import load_pretrained
 from fastalign.unlearn.batching import filler_token_id
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.encoding import encode_answers, encode_pairs
@@ -103,7 +104,7 @@ def load_model_and_tokenizer(config: UnlearnConfig):
     attention = {} if config.attn_implementation is None else {"attn_implementation": config.attn_implementation}
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.model)
-        return AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype, **attention), tokenizer
+        return load_pretrained(AutoModelForCausalLM, config.model, dtype=dtype, **attention), tokenizer
     except OSError as e:  # a directory without weights, a name that is neither a directory nor a known model
         raise FileNotFoundError(f"model {config.model} cannot be loaded: {e}") from None
     except (ImportError, ValueError) as e:
