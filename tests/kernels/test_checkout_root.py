@@ -32,7 +32,7 @@ def test_an_installed_package_named_kernels_is_not_shadowed_by_the_checkout(tmp_
                               "print(kernels.WHERE, kernels.layers.__file__, guard.__file__)", [tmp_path / "site"])
     assert printed[0] == "installed"
     assert Path(printed[1]) == installed / "layers.py"
-    assert Path(printed[2]) == ROOT / "kernels" / "device_guard.py"
+    assert Path(printed[2]).resolve() == ROOT / "kernels" / "device_guard.py"   # through a fastalign/kernels link
 
 
 def test_without_another_package_named_kernels_the_folder_imports_as_before():
