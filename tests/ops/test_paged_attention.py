@@ -183,6 +183,11 @@ SHARED_CASES = {
     "two_groups_and_a_loner": ([(45, 1), (50, 2), (47, 1), (30, 1), (33, 2), (12, 1)], 5, 6, 2, 16, 6,
                                [0, 0, 0, 1, 1, 2]),
     "child_inside_parent_block": ([(14, 2), (10, 1)], 8, 4, 2, 16, 2, None),
+    # groups starting deep in a batch of 14 rows: a cascade's search for a query's row within its group covers
+    # the group's rows only, in as few steps as the batch's row count needs (not as many as its row index)
+    "four_groups_of_14_rows": ([(34, 2), (37, 1), (40, 3), (31, 1), (36, 2), (33, 1), (38, 2), (35, 1), (41, 3),
+                                (32, 1), (39, 2), (36, 1), (33, 2), (44, 3)], 5, 4, 2, 16, 6,
+                               [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3]),
 }
 
 
@@ -207,13 +212,14 @@ def test_shared_prefix_cascade_matches_reference(case, backend):
 # Sliding windows over rows that share prefixes: (a case of SHARED_CASES, window). The shared pass masks each query by
 # its own position: a window of 1 sees no prefix key; 9 reaches into the last prefix blocks of the first group's
 # rows; 8 over the two groups leaves the first group's rows nothing of their prefix and the second's a part; 64 spans
-# every row; 5 cuts into a parent's block.
+# every row; 5 cuts into a parent's block; 8 over four groups of 14 rows cuts into each group's prefix.
 SHARED_WINDOW_CASES = {
     "window_1_over_a_group": ("one_group_decode_and_extend", 1),
     "window_into_the_prefix": ("one_group_decode_and_extend", 9),
     "window_past_one_groups_prefix": ("two_groups_and_a_loner", 8),
     "window_spanning_every_row": ("two_groups_and_a_loner", 64),
     "window_inside_a_parent_block": ("child_inside_parent_block", 5),
+    "window_into_four_groups_prefixes": ("four_groups_of_14_rows", 8),
 }
 
 
