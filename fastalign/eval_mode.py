@@ -14,7 +14,10 @@ def eval_mode(model: torch.nn.Module):
     the mode it had (a reference forward on a policy that trains must be deterministic). A model already in eval
     mode throughout, as in a search, is left as it is: one walk over its modules, no switching back and forth.
     Blocks may overlap, in one thread or several (runners of their own sharing one model): a module gets its mode
-    back when the last block holding it ends, not while another block still runs in it."""
+    back when the last block holding it ends, not while another block still runs in it.
+    Modes are switched by their flags, both ways, not by train()/eval(): transformers >= 5.25 kernelizes a model that
+    uses Hub kernels again at each change of its mode, and would leave a policy that trains on after the block with
+    the kernels of inference (some without a backward), after two kernelize passes every step."""
     with _lock:
         if not _held and not _any_training(model):
             modules = None
@@ -22,9 +25,8 @@ def eval_mode(model: torch.nn.Module):
             modules = list(model.modules())
             for module in modules:
                 _held.setdefault(module, [0, module.training])[0] += 1
+                module.training = False
     try:
-        if modules is not None:
-            model.eval()   # outside the lock (a module's own train() runs): no module held here gets its mode back
         yield model
     finally:
         if modules is not None:

@@ -53,8 +53,9 @@ def test_one_module_in_train_mode_anywhere_turns_all_off_and_each_mode_comes_bac
     modules[which].train(True) if which == 0 else setattr(modules[which], "training", True)
     before = _modes(model)
     x = torch.ones(4, 3)
+    train_calls = model.train_calls
     with eval_mode(model):
-        assert not any(_modes(model)) and model.train_calls > 0
+        assert not any(_modes(model)) and model.train_calls == train_calls   # flags switched, no train() run
         dropout = next(m for m in modules if isinstance(m, torch.nn.Dropout))
         assert torch.equal(dropout(x), x)                  # the dropout is off
     assert _modes(model) == before
@@ -76,6 +77,23 @@ def test_any_training_agrees_with_every_module_of_a_llama():
         m.training = True
         assert _any_training(model)
 
+
+def test_a_policy_with_hub_kernels_trains_on_with_the_kernels_of_training(tmp_path, monkeypatch):
+    """transformers >= 5.25 loads with Hub kernels on by default and kernelizes again at each train()/eval() mode
+    change: a block that called eval() left a training policy in the kernels' inference mode."""
+    from transformers import LlamaForCausalLM
+    from transformers.utils import is_kernels_available
+    if not is_kernels_available():
+        pytest.skip("transformers' Hub kernels need the kernels package")
+    from kernels import Mode
+    from tests.rain.tiny import tiny_llama
+    tiny_llama().save_pretrained(tmp_path)
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    model = LlamaForCausalLM.from_pretrained(tmp_path).train()   # kernelized (on the CPU: nothing to swap)
+    assert model.use_kernels and model.kernels_mode == Mode.TRAINING
+    with eval_mode(model):
+        model(torch.tensor([[1, 2, 3]]))
+    assert model.training and model.kernels_mode == Mode.TRAINING
 
 
 @pytest.mark.parametrize("second_on", ["model", "submodule"])

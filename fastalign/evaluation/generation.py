@@ -18,6 +18,7 @@ from typing import Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 
+from fastalign.eval_mode import eval_mode
 from fastalign.model_devices import input_device
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache
@@ -186,15 +187,11 @@ def iter_generations(model, tokenizer, prompts: Sequence[str],
     """
     rows = encode_prompts(tokenizer, prompts, config.max_new_tokens, model)
     eos = eos_ids(model, tokenizer)   # once per call: finding a chat template's end of turn renders it
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):            # every module's own mode back afterwards
         for start in range(0, len(rows), config.batch_size):
             batch = rows[start:start + config.batch_size]
             yield start, _generate_batch(model, tokenizer, batch, config, eos,
                                          _prompt_generators(config.seed, start, len(batch)))
-    finally:
-        model.train(was_training)
 
 
 def iter_generate(model, tokenizer, prompts: Sequence[str],
