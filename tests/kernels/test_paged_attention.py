@@ -34,6 +34,28 @@ def test_split_keys_merge_to_the_reference(num_splits):
 
 
 @pytest.mark.parametrize("num_splits", [2, 5])
+def test_split_keys_of_heads_narrower_than_their_tile_merge_to_the_reference(num_splits):
+    """The merge of heads whose width is not a power of two (24, in tiles of 32; the other split tests are 16 wide).
+    Under the interpreter a store of a 25th column would go unseen (the next program writes that element again
+    after it, in grid order); on a GPU the two race."""
+    batch = make_paged_batch([(200, 1), (150, 3), (64, 2), (3, 1)], 16, 4, 2, 24, shared_blocks=4,
+                             device=TRITON_DEVICE)
+    out = paged_attention_triton(**batch, scale=24 ** -0.5, num_splits=num_splits)
+    assert_matches_reference(out, batch, 24 ** -0.5)
+
+
+def test_split_keys_merge_scores_whose_exponential_overflows_float32():
+    """Scores up to ~150 (lse past 128 in the kernels' log2 domain, so 2^lse overflows fp32; outlier queries of a
+    model without QK norm reach such scores): the merge shifts every part by the largest lse before exponentiating,
+    also when some of its part slots are empty (3 parts in 4 slots)."""
+    batch = make_paged_batch([(200, 1), (150, 3), (64, 2)], 16, 4, 2, 16, device=TRITON_DEVICE)
+    batch["q"] = batch["q"] * 60
+    out = paged_attention_triton(**batch, scale=0.25, num_splits=3)
+    assert torch.isfinite(out).all()
+    assert_matches_reference(out, batch, 0.25)
+
+
+@pytest.mark.parametrize("num_splits", [2, 5])
 def test_split_keys_of_a_window_merge_to_the_reference(num_splits):
     """Only the keys a tile sees are split: the decode of row 0 sees its last 37 keys, which 5 parts of 16 keys
     cover with 2 empty parts (their lse -inf weighs nothing in the merge). Slots before the windows hold NaN."""
