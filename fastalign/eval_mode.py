@@ -17,7 +17,7 @@ def eval_mode(model: torch.nn.Module):
     back when the last block holding it ends, not while another block still runs in it.
     Modes are switched by their flags, both ways, not by train()/eval(): transformers >= 5.25 kernelizes a model that
     uses Hub kernels again at each change of its mode, and would leave a policy that trains on after the block with
-    the kernels of inference (some without a backward), after two kernelize passes every step."""
+    the kernels it maps for inference (some for inference only), after two kernelize passes every step."""
     with _lock:
         if not _held and not _any_training(model):
             modules = None
