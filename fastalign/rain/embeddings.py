@@ -13,8 +13,7 @@ length d (a list of them, or a tensor [N, d]). `CheckedEmbedder` holds a run to 
 """
 import itertools
 import threading
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -22,11 +21,24 @@ from fastalign.pretrained import load_pretrained
 from fastalign.transfers import to_host
 
 
-@dataclass
 class PathInfo:
-    text: str
-    hidden_sum: Optional[torch.Tensor] = None
-    hidden_count: int = 0
+    """The text below a node, and the sum and count of the hidden states that generated its tokens. The engines give
+    the text as `decode`, run on its first read: an embedder that never reads it (HiddenStateEmbedder) costs no
+    tokenizer decode per path."""
+    __slots__ = ("_text", "_decode", "hidden_sum", "hidden_count")
+
+    def __init__(self, text: Optional[str] = None, hidden_sum: Optional[torch.Tensor] = None, hidden_count: int = 0,
+                 *, decode: Optional[Callable[[], str]] = None):
+        if (text is None) == (decode is None):
+            raise ValueError("PathInfo: give the path's text or a function `decode` that returns it (one of them)")
+        self._text, self._decode = text, decode
+        self.hidden_sum, self.hidden_count = hidden_sum, hidden_count
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            self._text = self._decode()
+        return self._text
 
 
 class HiddenStateEmbedder:

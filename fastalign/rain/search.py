@@ -14,6 +14,7 @@ Where the reference implementation and this one differ (on purpose):
 - one q range per prompt, kept across commits (the reference's nodes could keep pointing at an old root);
 - a sequence that ended (end token, max length, new turn) is terminal: never expanded or rolled out.
 """
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import AbstractSet, Callable, List, Optional, Sequence
@@ -286,8 +287,8 @@ class PromptSearch:
             if self.embedder.needs_hidden:
                 hidden = node.hidden_sum if hidden is None else hidden + node.hidden_sum
                 count += len(node.tokens)
-            paths.append(PathInfo(self.tokenizer.decode(tokens, skip_special_tokens=True),
-                                  None if hidden is None else hidden.clone(), count))
+            paths.append(PathInfo(hidden_sum=None if hidden is None else hidden.clone(), hidden_count=count,
+                                  decode=functools.partial(self.tokenizer.decode, tokens, skip_special_tokens=True)))
         return paths
 
     # --- outer loop ----------------------------------------------------------------------------------

