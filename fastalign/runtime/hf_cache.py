@@ -47,10 +47,14 @@ class HFCacheModel:
             if _shape(layer.keys) != _shape(keys) or _shape(layer.values) != _shape(keys):
                 raise _unfit(model, f"its cache layers differ in shape (layer {index} holds K {_shape(layer.keys)} "
                                     f"and V {_shape(layer.values)}, layer 0 K and V {_shape(keys)})")
-        if not self._state_is_in_cache(cache):
+        try:
+            in_cache, causal = self._state_is_in_cache(cache), self._is_causal()
+        except Exception as err:   # whatever the model's own code raises (XLM asserts on the mask's length)
+            raise _unfit(model, f"its forward after a cache rebuilt from its K/V failed ({err!r})") from err
+        if not in_cache:
             raise _unfit(model, _unfit_cause(model, "it keeps state outside its cache (the logits of a token after a "
                                                     "cached one changed when another sequence ran in between)"))
-        if not self._is_causal():
+        if not causal:
             raise _unfit(model, "it is not causal (the outputs at a sequence's first tokens changed when tokens were "
                                 "appended, as in an encoder such as BertLMHeadModel without config.is_decoder=True), "
                                 "so that no cache can give its full-sequence outputs")

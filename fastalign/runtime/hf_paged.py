@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fastalign.eval_mode import eval_mode
+from fastalign.model_decoder import decoder_of
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.attention_routing import routed
@@ -59,7 +60,7 @@ class PagedHF:
         try:
             if problem:
                 raise _Unfit(problem)
-            self.decoder = model.get_decoder()
+            self.decoder = _decoder(model)
             self.configs = list({id(m.config): m.config for m in model.modules()
                                  if hasattr(getattr(m, "config", None), "_attn_implementation_internal")}.values())
             self._record_layers()
@@ -107,7 +108,7 @@ class PagedHF:
         its own K/V."""
         recorder = _Recorder()
         ids = torch.tensor([_PROBE_IDS[:1]], device=self.device) % input_vocabulary(self.model)
-        _run_probe(lambda: self._own_logits(ids, recorder))
+        _run_probe(lambda: self._routed_forward(ids, recorder))
         calls = recorder.calls
         if not calls:
             raise _Unfit("its layers do not attend through transformers' attention interface (no call reached it)")
@@ -132,41 +133,51 @@ class PagedHF:
         self.windows = [layer.window for layer in self.layers]
         _check_layer_types(getattr(text_config, "layer_types", None) or [], self.windows)
 
-    def _own_logits(self, ids, handler=None):
-        """The model's logits of `ids` [1, n], by its own attention (handler None) or routed to `handler`."""
-        with torch.inference_mode(), eval_mode(self.model):
-            if handler is None:
-                return self.model(input_ids=ids, use_cache=False).logits[0].float()
-            with routed(self.configs, handler):
-                return self.model(input_ids=ids, use_cache=False).logits[0].float()
+    def _routed_forward(self, ids, handler):
+        """The model's forward of `ids` [1, n], its attention calls routed to `handler`."""
+        with torch.inference_mode(), eval_mode(self.model), routed(self.configs, handler):
+            self.model(input_ids=ids, use_cache=False)
 
     def _check_against_own_forward(self):
         """The probe's sequence on a scratch pool: run in one forward, it gives the logits of the model's own forward
-        within rounding of its dtype (16 ulp of the logits' scale; a tiny bf16 Gemma 4 differs by 7); split over two
-        forwards (the second attending to the first's K/V in the pool), the same logits as in one (4 ulp: both are
-        computed here). A mask or bias of the model's own fails the first; positions or state that the model draws
-        from anything but the positions it is given fail the second, by far more than rounding."""
+        within rounding of its dtype (16 ulp of the logits' scale; a tiny bf16 Gemma 4 differs by 7), and its last
+        hidden states where the model reports them as one [1, tokens, hidden] tensor; split over two forwards (the
+        first asking for no outputs, as a span brought back after eviction does; the second attending to its K/V in
+        the pool), the same logits as in one (4 ulp: both are computed here). A mask or bias of the model's own fails
+        the first; positions or state that the model draws from anything but the positions it is given fail the
+        second, by far more than rounding."""
         ids = torch.tensor(_PROBE_IDS, device=self.device) % input_vocabulary(self.model)
-        own = _run_probe(lambda: self._own_logits(ids[None]))
+        with torch.inference_mode(), eval_mode(self.model):
+            own = _run_probe(lambda: self.model(input_ids=ids[None], use_cache=False, output_hidden_states=True))
         pool = KVPool(self.pool_shapes, num_blocks=1, block_size=len(_PROBE_IDS), device=self.device,
                       dtype=self.dtype)
 
         def on_pool(spans):
-            batches = [_one_row_batch(ids, start, end, self.device) for start, end in spans]
+            """(logits, last hidden states) of the last span's tokens, each span run in a forward of its own."""
             with torch.inference_mode():
-                return torch.cat([_run_probe(lambda: self.forward(batch, pool, batch.outputs, True, False)[0])
-                                  for batch in batches])
-        whole, split = on_pool([(0, len(_PROBE_IDS))]), on_pool([(0, _PROBE_SPLIT), (_PROBE_SPLIT, len(_PROBE_IDS))])
+                for n, (start, end) in enumerate(spans):
+                    batch, last = _one_row_batch(ids, start, end, self.device), n == len(spans) - 1
+                    out = _run_probe(lambda: self.forward(batch, pool, batch.outputs if last else None, True, last))
+            return out
+        (whole, whole_hidden), (split, _) = on_pool([(0, len(_PROBE_IDS))]), on_pool([(0, _PROBE_SPLIT),
+                                                                                   (_PROBE_SPLIT, len(_PROBE_IDS))])
         ulp = torch.finfo(self.dtype).eps if self.dtype.is_floating_point else 0.0
-        for got, expected, tolerance, what in (
-                (whole, own, max(1e-4, 16 * ulp), "differ from its own forward's by {:.3g} of their scale (more than "
-                 "{:.3g}): it computes something of its own around attention (a mask, a bias)"),
-                (split, whole, max(1e-4, 4 * ulp), "change by {:.3g} of their scale (more than {:.3g}) when its "
-                 "sequence is split over two forwards: it draws positions or state from something other than the "
-                 "positions it is given (its cache, the length of its input)")):
+        checks = [(whole, own.logits[0].float(), max(1e-4, 16 * ulp), "its logits on the pool differ from its own "
+                   "forward's by {:.3g} of their scale (more than {:.3g}): it computes something of its own around "
+                   "attention (a mask, a bias)"),
+                  (split, whole[_PROBE_SPLIT:], max(1e-4, 4 * ulp), "its logits on the pool change by {:.3g} of their "
+                   "scale (more than {:.3g}) when its sequence is split over two forwards: it draws positions or state "
+                   "from something other than the positions it is given (its cache, the length of its input)")]
+        own_hidden = own.hidden_states[-1] if own.hidden_states else None
+        if isinstance(own_hidden, torch.Tensor) and own_hidden.shape[0] == 1 and own_hidden.shape[1:] == \
+                whole_hidden.shape:
+            checks.append((whole_hidden.float(), own_hidden[0].float(), max(1e-4, 16 * ulp), "the output of its "
+                           f"decoder ({type(self.decoder).__name__}) differs from the last hidden states its own "
+                           "forward reports by {:.3g} of their scale (more than {:.3g})"))
+        for got, expected, tolerance, what in checks:
             error = float((got - expected).abs().max() / expected.abs().max().clamp(min=1e-6))
             if not error <= tolerance:
-                raise _Unfit("its logits on the pool " + what.format(error, tolerance))
+                raise _Unfit(what.format(error, tolerance))
 
 
 class _Recorder:
@@ -287,6 +298,14 @@ def _structure_problem(model):
     if "position_ids" not in inspect.signature(model.forward).parameters:
         return "its forward takes no position_ids"
     return state_problem(model)
+
+
+def _decoder(model):
+    """decoder_of(model), or why there is none."""
+    try:
+        return decoder_of(model)
+    except TypeError as err:
+        raise _Unfit(str(err)) from None
 
 
 def _run_probe(run):

@@ -64,7 +64,7 @@ class HFRecomputeModel:
                                  use_cache=False, output_hidden_states=want_hidden, **kept)
                 for i, (row, new) in enumerate(zip(rows, news)):
                     outputs[row] = (out.logits[i, out.logits.shape[1] - new:],
-                                    out.hidden_states[-1][i, seq_len - new:] if want_hidden else None)
+                                    out.hidden_states[-1][i, seq_len - new:seq_len] if want_hidden else None)
         logits, hidden = zip(*outputs)
         return selected_outputs(logits, hidden, select, logits_rows, want_logits, want_hidden)
 

@@ -1,7 +1,7 @@
 """Access to the two halves of a Hugging Face causal LM that the fused losses need.
 
 The losses take the decoder's final hidden states (after its last norm) and the lm_head weight (and bias)
-instead of logits, so the model is split into its decoder (`get_decoder()`) and its output embedding
+instead of logits, so the model is split into its decoder (model_decoder.decoder_of) and its output embedding
 (`get_output_embeddings()`). PEFT wrappers are looked through: their LoRA layers live inside the
 decoder's modules, so calling the decoder runs them. An adapter on the lm_head itself is refused, since
 reading its weight would leave the adapter out, and so is one on input embeddings tied to the lm_head.
@@ -14,6 +14,7 @@ import math
 import torch
 
 from fastalign.eval_mode import eval_mode
+from fastalign.model_decoder import decoder_of
 from fastalign.ops.checks import is_real
 from fastalign.transfers import index_on
 from fastalign.unlearn.batching import TokenBatch
@@ -85,10 +86,7 @@ def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
         raise ValueError("the input embeddings carry a PEFT adapter and are tied to the lm_head: merging it would "
                          "change the lm_head too, so the saved model would not be the one trained (whose lm_head "
                          "the adapter left alone); leave the input embeddings out of lora_targets")
-    decoder = base.get_decoder()
-    if decoder is base:
-        raise TypeError(f"{type(base).__name__}: cannot find the decoder that produces the final hidden states")
-    return decoder, lm_head
+    return decoder_of(base), lm_head
 
 
 def logit_softcap(model) -> float | None:

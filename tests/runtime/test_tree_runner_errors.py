@@ -663,6 +663,33 @@ def test_fallback_refuses_a_model_that_keeps_state_outside_its_cache():
             torch.testing.assert_close(row, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_a_model_that_fails_the_cache_fallbacks_probes_is_refused_by_it_and_recomputed():
+    """XLM asserts that its attention mask covers its new tokens alone, ProphetNet that a cache takes one new token:
+    their bare AssertionError escaped the cache fallback's probes (forwards after a cache rebuilt from K/V) and the
+    TreeRunner, which goes on to the next fallback only on a refusal (ValueError). Now a refusal that names it; the
+    runner recomputes such a model, with its own forward's logits."""
+    class MaskOfNewTokensOnly(transformers.BloomForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            if attention_mask is not None and attention_mask.shape[1] != input_ids.shape[1]:
+                raise AssertionError("mask of new tokens only")
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    bloom = tiny_model("bloom-alibi-fallback")
+    model = MaskOfNewTokensOnly(bloom.config).eval()
+    model.load_state_dict(bloom.state_dict())
+    with pytest.raises(ValueError, match=r"MaskOfNewTokensOnly cannot run on the Hugging Face cache fallback: its "
+                                         r"forward after a cache rebuilt from its K/V failed \(AssertionError\('mask "
+                                         r"of new tokens only'\)\)"):
+        HFCacheModel(model, torch.device("cpu"))
+    with pytest.warns(UserWarning, match="MaskOfNewTokensOnly cannot run on the paged pool: .*; nor on Hugging Face's "
+                                         "cache: its forward after a cache rebuilt .*; it runs by computing each row's "
+                                         "whole sequence"):
+        runner = TreeRunner(model, max_tokens=64, block_size=4)
+    (child,), logits = runner.extend([runner.prefill([3, 1, 4])], [[1, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(logits[0], bloom(torch.tensor([child.tokens])).logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("is_decoder", [False, True])
 def test_fallback_refuses_a_model_that_is_not_causal(is_decoder):
     """BertLMHeadModel without is_decoder=True attends both ways (transformers only logs a warning): its logits

@@ -9,11 +9,12 @@ from transformers import (BloomConfig, BloomForCausalLM, CohereConfig, CohereFor
                           Gemma4ForCausalLM, Gemma4TextConfig, GemmaConfig, GemmaForCausalLM, GptOssConfig,
                           GptOssForCausalLM, GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM,
                           MambaConfig, MambaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
-                          MixtralForCausalLM, MptConfig, MptForCausalLM, OPTConfig, OPTForCausalLM, Olmo2Config,
-                          Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM,
-                          Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM, SmolLM3Config,
-                          SmolLM3ForCausalLM)
+                          MixtralForCausalLM, MllamaForCausalLM, MllamaTextConfig, ModernBertDecoderConfig,
+                          ModernBertDecoderForCausalLM, MptConfig, MptForCausalLM, OPTConfig, OPTForCausalLM,
+                          Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, Phi3Config, Phi3ForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM,
+                          ReformerConfig, ReformerModelWithLMHead, SmolLM3Config, SmolLM3ForCausalLM)
 from fastalign.runtime.layer_layouts import LAYOUTS
 
 VOCAB = 101
@@ -33,10 +34,13 @@ _IDS_IN_VOCAB = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)  # OLMo's d
 # RoPE, Cohere's parallel blocks with LayerNorms, interleaved rotary and scaled logits, Gemma 3's image-text model (its
 # language model on text alone), Gemma 4's full layers wider and with fewer K/V heads than its sliding ones and its
 # last layers reusing earlier layers' K/V, gpt-oss's attention sinks on sliding and full layers, DeepSeek-V3's latent
-# attention (V narrower than K) with its routed and shared experts, GPT-2's and OPT's learned positions. Then models
+# attention (V narrower than K) with its routed and shared experts, ModernBERT's decoder (a prediction head and a
+# vocabulary projection named `decoder` after its layers) and Mllama's text model (get_decoder() of each names no
+# decoder), GPT-2's and OPT's learned positions. Then models
 # for the fallback, whose ALiBi biases are their own (their attention bypasses transformers' interface, or passes it a
 # bias). Last, models whose cache holds recurrent state, which run by recomputing whole sequences: Qwen3-Next's
-# linear-attention hybrid, Mamba.
+# linear-attention hybrid, Mamba, Reformer (it pads its
+# input to a multiple of its chunk length, and trims the logits back, not the hidden states).
 CONFIGS = {
     "llama-gqa-untied": (LlamaForCausalLM, lambda: LlamaConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=False)),
@@ -108,6 +112,11 @@ CONFIGS = {
         **_COMMON, **_LLAMA_SHAPE, **_IDS_IN_VOCAB, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24,
         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, n_routed_experts=4, n_shared_experts=1,
         num_experts_per_tok=2, moe_intermediate_size=32, n_group=1, topk_group=1, first_k_dense_replace=1)),
+    "modernbert-decoder-prediction-head": (ModernBertDecoderForCausalLM, lambda: ModernBertDecoderConfig(
+        **_COMMON, **_LLAMA_SHAPE, **_IDS_IN_VOCAB, cls_token_id=0, sep_token_id=0, local_attention=16,
+        global_attn_every_n_layers=2)),
+    "mllama-text": (MllamaForCausalLM, lambda: MllamaTextConfig(
+        **_COMMON, **_LLAMA_SHAPE, **_IDS_IN_VOCAB, num_key_value_heads=2, cross_attention_layers=[])),
     "gpt2-learned-positions": (GPT2LMHeadModel, lambda: GPT2Config(
         vocab_size=VOCAB, n_positions=MAX_POSITIONS, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
         attn_implementation="eager")),
@@ -127,6 +136,11 @@ CONFIGS = {
     "mamba-recompute": (MambaForCausalLM, lambda: MambaConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4, bos_token_id=0, eos_token_id=0,
         pad_token_id=0)),
+    "reformer-padded-recompute": (ReformerModelWithLMHead, lambda: ReformerConfig(
+        vocab_size=VOCAB, hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=64,
+        attn_layers=["local", "local"], local_attn_chunk_length=8, local_num_chunks_after=0, is_decoder=True,
+        axial_pos_shape=[8, 16], axial_pos_embds_dim=[16, 16], max_position_embeddings=MAX_POSITIONS, eos_token_id=0,
+        pad_token_id=0, attn_implementation="eager")),
 }
 
 
@@ -188,8 +202,9 @@ def reference(model, span):
     """Hugging Face's logits (float32) and final hidden states at the new tokens of `span`, from the model
     run on the span's whole sequence without a cache."""
     out = model(torch.tensor([span.tokens], device=model.device), output_hidden_states=True)
-    new = len(span.new_tokens)
-    return out.logits[0, -new:].float(), out.hidden_states[-1][0, -new:]
+    end = len(span.tokens)   # Reformer's hidden states go on past it, over the padding it adds
+    start = end - len(span.new_tokens)
+    return out.logits[0, start:end].float(), out.hidden_states[-1][0, start:end]
 
 
 def grow_random_tree(runner, seed, check, steps=20, max_len=60):

@@ -1,0 +1,24 @@
+"""The module of a Hugging Face causal LM that turns input ids into its last hidden states (the decoder: embeddings,
+layers, final norm), read the same way by the runtime and the unlearning losses."""
+import inspect
+
+import torch
+
+
+def decoder_of(model) -> torch.nn.Module:
+    """The first of model.get_decoder(), model.model and model.base_model that is a module of its own whose forward
+    takes input_ids. get_decoder() guesses by attribute name and may return what is no decoder: ModernBERT's decoder
+    model gets its vocabulary projection (an nn.Linear named `decoder`), Mllama's text model gets itself."""
+    candidates = (model.get_decoder(), getattr(model, "model", None), getattr(model, "base_model", None))
+    for candidate in candidates:
+        if isinstance(candidate, torch.nn.Module) and candidate is not model and _takes_input_ids(candidate):
+            return candidate
+    raise TypeError(f"{type(model).__name__}: cannot find the decoder that produces its final hidden states (none of "
+                    "get_decoder(), .model and .base_model is a module of its own whose forward takes input_ids)")
+
+
+def _takes_input_ids(module) -> bool:
+    try:
+        return "input_ids" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
