@@ -23,6 +23,8 @@ class LayerLayout:
     mlp_out_norm: Optional[str] = None
     qk_norm: Optional[str] = None            # None, "head" (RMSNorm over head_dim) or "projection" (over all heads)
     rope_by_layer_type: bool = False         # the rotary embedding takes the layer's type (its own base)
+    windows: Optional[str] = None            # where config.sliding_window applies: None (nowhere), "every layer",
+    #                                          "by layer type" (its config.layer_types entry is sliding_attention)
     score_softcap: bool = False              # attention scores capped at self_attn.attn_logit_softcapping
     logit_softcap: bool = False              # logits capped at config.final_logit_softcapping
 
@@ -36,18 +38,23 @@ class LayerLayout:
 
 
 _LLAMA = LayerLayout()
+_SLIDING = LayerLayout(windows="every layer")
+_TYPED_WINDOWS = LayerLayout(windows="by layer type")
 _GEMMA_SANDWICH = dict(mlp_in_norm="pre_feedforward_layernorm", attention_out_norm="post_attention_layernorm",
                        mlp_out_norm="post_feedforward_layernorm", logit_softcap=True)
 _OLMO_POST_NORMS = dict(input_norm=None, mlp_in_norm=None, attention_out_norm="post_attention_layernorm",
                         mlp_out_norm="post_feedforward_layernorm", qk_norm="projection")
 
-# model_type -> layout (Gemma's and Qwen2-MoE's layers are Llama's; their scaled embeddings and shared expert live in
-# modules called as they are)
+# model_type -> layout (Gemma's, Mistral's, Qwen2's and the MoEs' layers are Llama's; their scaled embeddings and
+# shared expert live in modules called as they are)
 LAYOUTS = {
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gemma": _LLAMA, "mixtral": _LLAMA, "qwen2_moe": _LLAMA,
-    "qwen3": LayerLayout(qk_norm="head"), "qwen3_moe": LayerLayout(qk_norm="head"),
-    "gemma2": LayerLayout(**_GEMMA_SANDWICH, score_softcap=True),  # Gemma 3 keeps attn_logit_softcapping unused
-    "gemma3_text": LayerLayout(**_GEMMA_SANDWICH, qk_norm="head", rope_by_layer_type=True),
+    "llama": _LLAMA, "mistral": _SLIDING, "qwen2": _TYPED_WINDOWS, "gemma": _LLAMA, "mixtral": _SLIDING,
+    "qwen2_moe": _TYPED_WINDOWS,
+    "qwen3": LayerLayout(qk_norm="head", windows="by layer type"),
+    "qwen3_moe": LayerLayout(qk_norm="head", windows="every layer"),
+    # Gemma 3 keeps attn_logit_softcapping unused
+    "gemma2": LayerLayout(**_GEMMA_SANDWICH, score_softcap=True, windows="by layer type"),
+    "gemma3_text": LayerLayout(**_GEMMA_SANDWICH, qk_norm="head", rope_by_layer_type=True, windows="by layer type"),
     "olmo2": LayerLayout(**_OLMO_POST_NORMS),
-    "olmo3": LayerLayout(**_OLMO_POST_NORMS, rope_by_layer_type=True),
+    "olmo3": LayerLayout(**_OLMO_POST_NORMS, rope_by_layer_type=True, windows="by layer type"),
 }

@@ -52,12 +52,19 @@ def _has_submodule(module, name):
     return True
 
 
-def layer_windows(model):
-    """Each layer's sliding window (None: it attends to the whole sequence), as Hugging Face's forward masks it:
-    the attention module's `sliding_window` where it has one (Qwen2, Gemma 3 set it per layer type), else
-    config.sliding_window (Mistral slides every layer whatever config.layer_types says); 0 means none."""
-    default = getattr(model.config, "sliding_window", None)
-    windows = [getattr(layer.self_attn, "sliding_window", default) or None for layer in model.model.layers]
+def layer_windows(model, layout):
+    """Each layer's sliding window (None: it attends to the whole sequence), as Hugging Face's forward masks it
+    (`layout.windows`): config.sliding_window on every layer (Mistral's, whatever config.layer_types says), or on the
+    layers whose config.layer_types entry is "sliding_attention" (Qwen2-MoE's full layers have no `sliding_window`
+    attribute to say so, and were given the config's), or on none (Llama's, even where its config names one); 0
+    means none."""
+    config, count = model.config, len(model.model.layers)
+    window = getattr(config, "sliding_window", None) if layout.windows else None
+    if layout.windows == "by layer type":
+        windows = [window if kind == "sliding_attention" else None for kind in config.layer_types]
+    else:
+        windows = [window] * count
+    windows = [w or None for w in windows]
     for index, window in enumerate(windows):
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ValueError(f"model: layer {index}'s sliding window must be a positive int, got {window!r}")
@@ -110,7 +117,7 @@ class PagedLlama:
         self.pool_shapes = [(self.num_kv_heads, self.head_dim)] * self.num_layers   # KVPool's layers: the model's
         self.layout = layout = LAYOUTS[config.model_type]
         self.layer_types = config.layer_types if layout.rope_by_layer_type else None
-        self.windows = layer_windows(model)
+        self.windows = layer_windows(model, layout)
         self.score_softcaps = [getattr(layer.self_attn, "attn_logit_softcapping", None) if layout.score_softcap
                                else None for layer in self.layers]
         self.logit_softcap = getattr(config, "final_logit_softcapping", None) if layout.logit_softcap else None

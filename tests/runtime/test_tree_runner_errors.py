@@ -10,8 +10,8 @@ import torch
 import transformers
 from transformers import (BertConfig, BertLMHeadModel, BertModel, DynamicCache, Gemma4ForCausalLM, Gemma4TextConfig,
                           LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MptConfig, MptForCausalLM,
-                          Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, RecurrentGemmaConfig,
-                          RecurrentGemmaForCausalLM)
+                          Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig,
+                          Qwen2MoeForCausalLM, RecurrentGemmaConfig, RecurrentGemmaForCausalLM)
 
 from fastalign import PoolExhaustedError, Span, TreeRunner
 from fastalign.runtime import hf_cache
@@ -382,16 +382,22 @@ def test_context_limit_is_inclusive_and_no_sliding_window_shortens_it():
 
 
 @pytest.mark.parametrize("cls, config_cls, extra", [
-    (MistralForCausalLM, MistralConfig, {}),
-    (Qwen2ForCausalLM, Qwen2Config, {"use_sliding_window": True})])
+    (MistralForCausalLM, MistralConfig, {"layer_types": ["full_attention"] * 2}),
+    (Qwen2ForCausalLM, Qwen2Config, {"use_sliding_window": True, "layer_types": ["full_attention"] * 2}),
+    (Qwen2MoeForCausalLM, Qwen2MoeConfig, {"use_sliding_window": True, "num_experts": 4, "num_experts_per_tok": 2,
+                                           "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16,
+                                           "layer_types": ["sliding_attention", "full_attention"]}),
+    (LlamaForCausalLM, LlamaConfig, {})])
 def test_each_layer_attends_to_the_window_hugging_face_applies(cls, config_cls, extra):
     """Hugging Face's Mistral slides config.sliding_window over every layer and ignores config.layer_types (it only
-    warns about them); Qwen2 slides only its "sliding_attention" layers, so with full layers only it attends to the
-    whole sequence past its unused window. Rows past the window of 8 match the model run on the full sequence."""
+    warns about them); Qwen2 and Qwen2-MoE slide only their "sliding_attention" layers, so with full layers only they
+    attend to the whole sequence past the unused window (Qwen2-MoE's full layer, which has no sliding_window
+    attribute, slid by the config's); Llama slides no layer, whatever its config names. Rows past the window of 8
+    match the model run on the full sequence."""
     shape = dict(vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, hidden_size=32, intermediate_size=64,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
     torch.manual_seed(0)
-    model = cls(config_cls(**shape, **extra, sliding_window=8, layer_types=["full_attention"] * 2)).eval()
+    model = cls(config_cls(**shape, **extra, sliding_window=8)).eval()
     runner = TreeRunner(model, max_tokens=128, block_size=4, attention_backend="torch")
     assert runner.max_context == MAX_POSITIONS
     seq = list(range(1, 31))
