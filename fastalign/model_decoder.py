@@ -18,7 +18,9 @@ def decoder_of(model) -> torch.nn.Module:
 
 
 def _takes_input_ids(module) -> bool:
+    """Whether module.forward takes an `input_ids` argument (by name, or among its **kwargs)."""
     try:
-        return "input_ids" in inspect.signature(module.forward).parameters
+        parameters = inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return False
+    return "input_ids" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())

@@ -33,6 +33,14 @@ def test_a_model_with_no_decoder_of_its_own_is_named():
     with pytest.raises(TypeError, match=r"HeadOnly: cannot find the decoder that produces its final hidden states"):
         decoder_of(HeadOnly())
 
+    class TakesKeywords(torch.nn.Module):   # a decoder whose forward takes its inputs as **kwargs
+        def forward(self, **kwargs):
+            return kwargs
+
+    model = HeadOnly()
+    model.model = TakesKeywords()
+    assert decoder_of(model) is model.model
+
 
 def test_unlearning_takes_mllamas_text_model_and_refuses_modernberts_prediction_head():
     """The fused losses read the decoder's output and the lm_head weight: Mllama's text model (refused before: its
