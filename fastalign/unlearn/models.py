@@ -15,6 +15,7 @@ import torch
 
 from fastalign.eval_mode import eval_mode
 from fastalign.model_decoder import decoder_of
+from fastalign.model_vocabulary import input_vocabulary
 from fastalign.ops.checks import is_real
 from fastalign.transfers import index_on
 from fastalign.unlearn.batching import TokenBatch
@@ -135,7 +136,9 @@ def check_fused_logits(model, probe_tokens: int = 4) -> None:
     multiplier = logit_multiplier(model)
     if any(p.is_meta for p in base.parameters()):  # weights not loaded in this process (FSDP's low-memory
         return                                      # loading gives them to one process): nothing to run yet
-    ids = torch.linspace(0, weight.shape[0] - 1, probe_tokens, device=weight.device).long()[None]
+    # ids the input embeddings hold (an lm_head may have more rows: a checkpoint's unembedding padded past them)
+    vocab = min(weight.shape[0], input_vocabulary(base) or weight.shape[0])
+    ids = torch.linspace(0, vocab - 1, probe_tokens, device=weight.device).long()[None]
     mask = torch.ones_like(ids)
     with torch.no_grad(), eval_mode(base):
         logits = base(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()

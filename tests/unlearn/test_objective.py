@@ -458,6 +458,15 @@ def test_logits_the_fused_losses_do_not_reproduce_are_refused(case, monkeypatch)
         UnlearningObjective(model)
 
 
+def test_an_lm_head_with_more_rows_than_the_input_embeddings_is_probed_on_ids_they_embed():
+    """The probe of the logits drew its input ids over the lm_head's rows: a model whose lm_head has more rows than its
+    input embeddings (a checkpoint's unembedding padded past the words it embeds) failed with an IndexError inside
+    the embedding."""
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    model.lm_head = torch.nn.Linear(32, model.config.vocab_size + 7, bias=False)
+    UnlearningObjective(model)
+
+
 def test_a_compiled_model_is_warned_of():
     """torch.compile(model) compiles the model's forward, which the objective never calls (it runs the decoder and
     the lm_head): training ran uncompiled, silently. The decoder compiled in place is what serves."""
