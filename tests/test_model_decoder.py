@@ -37,9 +37,12 @@ def test_a_model_with_no_decoder_of_its_own_is_named():
         def forward(self, **kwargs):
             return kwargs
 
+    class OpaqueForward(torch.nn.Module):   # a forward whose signature cannot be read (a builtin): not a decoder
+        forward = torch.relu
+
     model = HeadOnly()
-    model.model = TakesKeywords()
-    assert decoder_of(model) is model.model
+    model.model, model.base_model = OpaqueForward(), TakesKeywords()
+    assert decoder_of(model) is model.base_model
 
 
 def test_unlearning_takes_mllamas_text_model_and_refuses_modernberts_prediction_head():
