@@ -405,14 +405,29 @@ def test_each_layer_attends_to_the_window_hugging_face_applies(cls, config_cls, 
     assert (logits[0] - model(torch.tensor([seq])).logits[0, 5:]).abs().max() <= 1e-5
 
 
-def test_a_sliding_window_that_is_no_positive_int_is_refused():
-    """transformers accepts a negative sliding_window in a Mistral config; the kernels would take it for a window."""
+@pytest.mark.parametrize("window", [-5, True, 2.5])
+def test_a_sliding_window_that_is_no_positive_int_is_refused(window):
+    """transformers accepts a negative sliding_window in a Mistral config (or a bool, a float); the kernels would take
+    it for a window."""
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, hidden_size=32,
+                           intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    object.__setattr__(config, "sliding_window", window)   # past transformers >= 5.2x's type check of config fields
+    model = MistralForCausalLM(config).eval()
+    with pytest.raises(ValueError, match=f"model: layer 0's sliding window must be a positive int, got {window}"):
+        TreeRunner(model, max_tokens=64, attention_backend="torch")
+
+
+def test_a_sliding_window_of_one_token_attends_to_itself():
     torch.manual_seed(0)
     model = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, hidden_size=32,
                                              intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                             num_key_value_heads=2, sliding_window=-5)).eval()
-    with pytest.raises(ValueError, match="model: layer 0's sliding window must be a positive int, got -5"):
-        TreeRunner(model, max_tokens=64, attention_backend="torch")
+                                             num_key_value_heads=2, sliding_window=1)).eval()
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    seq = [5, 9, 14, 3, 7, 11]
+    (child,), logits = runner.extend([runner.prefill(seq[:4])], [seq[4:]], logits="all")
+    with torch.no_grad():
+        assert (logits[0] - model(torch.tensor([seq])).logits[0, 4:]).abs().max() <= 1e-5
 
 
 def test_longrope_context_ends_at_its_original_length():
