@@ -7,14 +7,15 @@ from transformers import (BloomConfig, BloomForCausalLM, CohereConfig, CohereFor
                           DeepseekV3ForCausalLM, GPT2Config, GPT2LMHeadModel, Gemma2Config, Gemma2ForCausalLM,
                           Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig,
                           Gemma4ForCausalLM, Gemma4TextConfig, GemmaConfig, GemmaForCausalLM, GptOssConfig,
-                          GptOssForCausalLM, GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM,
-                          MambaConfig, MambaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
-                          MixtralForCausalLM, MllamaForCausalLM, MllamaTextConfig, ModernBertDecoderConfig,
-                          ModernBertDecoderForCausalLM, MptConfig, MptForCausalLM, OPTConfig, OPTForCausalLM,
-                          Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, Phi3Config, Phi3ForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM,
-                          ReformerConfig, ReformerModelWithLMHead, SmolLM3Config, SmolLM3ForCausalLM)
+                          GptOssForCausalLM, GraniteConfig, GraniteForCausalLM, Llama4ForCausalLM, Llama4TextConfig,
+                          LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM, MistralConfig,
+                          MistralForCausalLM, MixtralConfig, MixtralForCausalLM, MllamaForCausalLM, MllamaTextConfig,
+                          ModernBertDecoderConfig, ModernBertDecoderForCausalLM, MptConfig, MptForCausalLM, OPTConfig,
+                          OPTForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, Phi3Config,
+                          Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3NextConfig,
+                          Qwen3NextForCausalLM, Qwen3_5ForCausalLM, Qwen3_5TextConfig, ReformerConfig,
+                          ReformerModelWithLMHead, SmolLM3Config, SmolLM3ForCausalLM)
 from fastalign.runtime.layer_layouts import LAYOUTS
 
 VOCAB = 101
@@ -38,9 +39,9 @@ _IDS_IN_VOCAB = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)  # OLMo's d
 # vocabulary projection named `decoder` after its layers) and Mllama's text model (get_decoder() of each names no
 # decoder), GPT-2's and OPT's learned positions. Then models
 # for the fallback, whose ALiBi biases are their own (their attention bypasses transformers' interface, or passes it a
-# bias). Last, models whose cache holds recurrent state, which run by recomputing whole sequences: Qwen3-Next's
-# linear-attention hybrid, Mamba, Reformer (it pads its
-# input to a multiple of its chunk length, and trims the logits back, not the hidden states).
+# bias), and Llama 4's chunked layers (masked by their layer type alone). Last, models whose cache holds recurrent
+# state, which run by recomputing whole sequences: the linear-attention hybrids Qwen3-Next and Qwen3.5, Mamba, Reformer
+# (it pads its input to a multiple of its chunk length, and trims the logits back, not the hidden states).
 CONFIGS = {
     "llama-gqa-untied": (LlamaForCausalLM, lambda: LlamaConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=False)),
@@ -126,6 +127,10 @@ CONFIGS = {
     "bloom-alibi-fallback": (BloomForCausalLM, lambda: BloomConfig(
         vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0, pad_token_id=0,
         attn_implementation="eager")),
+    "llama4-chunked-fallback": (Llama4ForCausalLM, lambda: Llama4TextConfig(
+        **_COMMON, **_LLAMA_SHAPE, **_IDS_IN_VOCAB, num_key_value_heads=2, intermediate_size_mlp=96,
+        num_local_experts=4, num_experts_per_tok=2, moe_layers=[1], attention_chunk_size=8,
+        layer_types=["chunked_attention", "full_attention"], no_rope_layers=[1, 0])),
     "mpt-alibi-fallback": (MptForCausalLM, lambda: MptConfig(
         vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=MAX_POSITIONS, attn_implementation="eager")),
     "qwen3-next-linear-attention-recompute": (Qwen3NextForCausalLM, lambda: Qwen3NextConfig(
@@ -133,6 +138,10 @@ CONFIGS = {
         layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2, linear_num_key_heads=2,
         linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
         shared_expert_intermediate_size=16)),
+    "qwen3.5-linear-attention-recompute": (Qwen3_5ForCausalLM, lambda: Qwen3_5TextConfig(
+        **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, head_dim=16,
+        layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_num_value_heads=2,
+        linear_key_head_dim=8, linear_value_head_dim=8)),
     "mamba-recompute": (MambaForCausalLM, lambda: MambaConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4, bos_token_id=0, eos_token_id=0,
         pad_token_id=0)),
