@@ -47,14 +47,10 @@ class HFCacheModel:
             if _shape(layer.keys) != _shape(keys) or _shape(layer.values) != _shape(keys):
                 raise _unfit(model, f"its cache layers differ in shape (layer {index} holds K {_shape(layer.keys)} "
                                     f"and V {_shape(layer.values)}, layer 0 K and V {_shape(keys)})")
-        try:
-            in_cache, causal = self._state_is_in_cache(cache), self._is_causal()
-        except Exception as err:   # whatever the model's own code raises (XLM asserts on the mask's length)
-            raise _unfit(model, f"its forward after a cache rebuilt from its K/V failed ({err!r})") from err
-        if not in_cache:
+        if not _rebuilt_cache_probe(model, lambda: self._state_is_in_cache(cache)):
             raise _unfit(model, _unfit_cause(model, "it keeps state outside its cache (the logits of a token after a "
                                                     "cached one changed when another sequence ran in between)"))
-        if not causal:
+        if not _rebuilt_cache_probe(model, self._is_causal):
             raise _unfit(model, "it is not causal (the outputs at a sequence's first tokens changed when tokens were "
                                 "appended, as in an encoder such as BertLMHeadModel without config.is_decoder=True), "
                                 "so that no cache can give its full-sequence outputs")
@@ -171,6 +167,15 @@ def selected_outputs(logits, hidden, select, logits_rows, want_logits, want_hidd
     logits_at = select if logits_rows is None else select[logits_rows]
     return (torch.cat(logits)[logits_at].float() if want_logits else None,
             torch.cat(hidden)[select] if want_hidden else None)
+
+
+def _rebuilt_cache_probe(model, probe):
+    """probe() (a check run by forwards after a cache rebuilt from K/V), whatever the model's own code raises there
+    (XLM asserts on the mask's length) turned into a refusal, so that the runner goes on to its next fallback."""
+    try:
+        return probe()
+    except Exception as err:
+        raise _unfit(model, f"its forward after a cache rebuilt from its K/V failed ({err!r})") from err
 
 
 def _unfit(model, reason):
