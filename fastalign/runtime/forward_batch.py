@@ -28,6 +28,8 @@ class ForwardBatch:
     outputs: torch.Tensor       # [S] int64: the tokens whose outputs the caller reads (`from_plan`'s `outputs`)
     # (cu_group_rows, prefix_lens) int32: rows that share prefix blocks, for the cascade attention; or None
     shared_prefix: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    # [R] int64: the span each row makes (or brings back) in the span tree (None: a batch of no tree, a probe's)
+    host_row_spans: Optional[np.ndarray] = None
 
     @classmethod
     def from_plan(cls, plan, device, *, outputs=(), cascade_block_size=None):
@@ -63,6 +65,7 @@ class ForwardBatch:
             copy_src=copy_src,
             copy_dst=copy_dst,
             outputs=outputs,
+            host_row_spans=plan.row_spans,
             shared_prefix=tuple(shared_prefix) or None,
         )
 

@@ -88,16 +88,8 @@ class HFCacheModel:
                              **cache_kwargs(self.model, cache),
                              attention_mask=torch.ones(len(rows), context + new, dtype=torch.long, device=self.device),
                              output_hidden_states=want_hidden and select is not None)
-            place = np.full(batch.num_tokens, -1)   # batch token -> its place among the group's new K/V
-            place[tokens] = np.arange(len(tokens))
-            extra = np.flatnonzero(place[batch.host_extra_src] >= 0)
-            extra_src = torch.from_numpy(place[batch.host_extra_src[extra]]).to(self.device)
-            for index, layer in enumerate(cache.layers):
-                keys, values = (t[:, :, context:].transpose(1, 2).flatten(0, 1) for t in (layer.keys, layer.values))
-                write_kv(keys, values, pool.k(index), pool.v(index), batch.slot_mapping[token_index])
-                if len(extra):
-                    write_kv(keys[extra_src], values[extra_src], pool.k(index), pool.v(index),
-                             batch.extra_dst[torch.from_numpy(extra).to(self.device)])
+            write_rows_kv(pool, batch, tokens, [(layer.keys[:, :, context:], layer.values[:, :, context:])
+                                                for layer in cache.layers])
             if select is not None:
                 for i, row in enumerate(rows):
                     outputs[row] = (out.logits[i], out.hidden_states[-1][i] if want_hidden else None)
@@ -145,12 +137,36 @@ class HFCacheModel:
         layer."""
         if context == 0:
             return DynamicCache()
-        blocks = block_rows[:, : -(-context // pool.block_size)].long()
+        return DynamicCache(ddp_cache_data=gathered_context(pool, block_rows, context, range(self.num_layers)))
 
-        def tokens(t):  # [blocks, block_size, heads, dim] -> [rows, heads, context, dim]
-            return t[blocks].flatten(1, 2)[:, :context].transpose(1, 2)
 
-        return DynamicCache(ddp_cache_data=[(tokens(pool.k(i)), tokens(pool.v(i))) for i in range(self.num_layers)])
+def gathered_context(pool, block_rows, context, layers):
+    """(keys, values) [rows, heads, context, dim] of the first `context` tokens of each row of `block_rows`
+    [rows, max_blocks], for each pool layer of `layers`."""
+    blocks = block_rows[:, : -(-context // pool.block_size)].long()
+
+    def tokens(t):  # [blocks, block_size, heads, dim] -> [rows, heads, context, dim]
+        return t[blocks].flatten(1, 2)[:, :context].transpose(1, 2)
+
+    return [(tokens(pool.k(i)), tokens(pool.v(i))) for i in layers]
+
+
+def write_rows_kv(pool, batch, tokens, layers_kv):
+    """Write the K/V of a group of rows' new tokens, the batch tokens `tokens` (row by row), into the pool (and
+    where the batch copies a token to a block of a later row, there too): layers_kv[i] = (keys, values)
+    [rows, heads, new, dim] of pool layer i."""
+    place = np.full(batch.num_tokens, -1)   # batch token -> its place among the group's new K/V
+    place[tokens] = np.arange(len(tokens))
+    extra = np.flatnonzero(place[batch.host_extra_src] >= 0)
+    device = batch.slot_mapping.device
+    slots = batch.slot_mapping[torch.from_numpy(tokens).to(device)]
+    extra_src = torch.from_numpy(place[batch.host_extra_src[extra]]).to(device)
+    extra_dst = batch.extra_dst[torch.from_numpy(extra).to(device)]
+    for index, kv in enumerate(layers_kv):
+        keys, values = (t.transpose(1, 2).flatten(0, 1) for t in kv)
+        write_kv(keys, values, pool.k(index), pool.v(index), slots)
+        if len(extra):
+            write_kv(keys[extra_src], values[extra_src], pool.k(index), pool.v(index), extra_dst)
 
 
 def agree_within_rounding(whole, *pairs):

@@ -9,8 +9,9 @@ eviction is a cache policy that never changes a result (see csrc/span_tree.h).
 Llama-family models (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, OLMo 2, OLMo 3, Mixtral, Qwen2-MoE,
 Qwen3-MoE) run on the paged pool with the paged attention kernels (llama.py), as do other causal LMs whose layers
 attend through transformers' attention interface (hf_paged.py: Phi-3, Granite, GPT-2, ...); the rest fall back to
-Hugging Face's own forward and cache, row by row (hf_cache.py), or, where its cache holds recurrent state, to its
-forward over whole sequences (hf_recompute.py), with the same API.
+Hugging Face's own forward and cache, row by row (hf_cache.py; hf_state_cache.py where it holds linear-attention
+states too, each span's kept), or, where it cannot continue from a rebuilt cache, to its forward over whole sequences
+(hf_recompute.py), with the same API.
 """
 import collections
 import threading
@@ -71,9 +72,10 @@ class TreeRunner:
     Size the KV pool with exactly one of `max_tokens` (rounded up to whole blocks) or `max_bytes`.
     Families that layer_layouts names run on PagedLlama; any other causal LM whose layers attend through
     transformers' attention interface, on PagedHF once its probe passes; the rest on Hugging Face's own cache, row
-    by row, or where its cache holds more than per-token K/V (Mamba, linear-attention hybrids such as Qwen3.5) by
-    computing each row's whole sequence at every call (HFRecomputeModel, much slower), unless `fallback=False`,
-    which refuses them. `attention_backend` is passed to
+    by row (HFCacheModel; HFStateCacheModel where it holds linear-attention states too: Qwen3.5, Mamba 2, ...,
+    each span's state kept, at most one per pool block, counted in max_bytes), or where it cannot continue from a
+    rebuilt cache (Mamba, RWKV) by computing each row's whole sequence at every call (HFRecomputeModel, much slower),
+    unless `fallback=False`, which refuses them. `attention_backend` is passed to
     `fastalign.ops.paged_attention` ("auto", "triton", "torch").
     `cascade_attention`: on the Triton backend, rows of a forward that share whole prefix blocks (the
     children of one span, consecutive in the call) read those blocks once per group instead of once per
@@ -105,25 +107,31 @@ class TreeRunner:
         self.model = model
         mr = self.model_runner
         geometry = dict(block_size=block_size, dtype=mr.dtype)
+        # HFStateCacheModel keeps up to one recurrent state per block beside the pool: max_bytes counts them
+        bytes_per_block = KVPool.bytes_per_block(mr.pool_shapes, **geometry) + getattr(mr, "state_bytes", 0)
         num_blocks = KVPool.num_blocks_for(max_tokens=max_tokens, max_bytes=max_bytes, block_size=block_size,
-                                           bytes_per_block=KVPool.bytes_per_block(mr.pool_shapes, **geometry))
+                                           bytes_per_block=bytes_per_block)
         self.pool = KVPool(mr.pool_shapes, num_blocks=num_blocks, device=mr.device, **geometry)
         self.store = SpanStore(num_blocks, block_size)
+        if hasattr(mr, "span_tree"):   # HFStateCacheModel: rows' ancestors, and the tokens to run again
+            mr.span_tree = self.store.tree
         self.vocab_size = input_vocabulary(model)
         backend = resolve_backend(attention_backend, mr.device) if self.paged else None
         self._cascade_block_size = block_size if cascade_attention and backend == "triton" else None
         self.max_context = mr.max_context
         self._busy = threading.Lock()   # held by the running call (see _one_call_at_a_time)
         self.recomputed_tokens = 0      # tokens run again over the runner's life: evicted spans brought back, and
-        # on HFRecomputeModel the contexts of rows
+        # on HFRecomputeModel the contexts of rows, on HFStateCacheModel those after the nearest state kept
         self.last_restored = {}         # span id -> tokens run again for it by the last extend / pin
         self.last_context_rerun = np.zeros(0, dtype=np.int64)  # on HFRecomputeModel, per row of the last extend:
-        # the context tokens run again for its outputs (empty on the other runners, which read it from the pool)
+        # the context tokens run again for its outputs; on HFStateCacheModel, those after the nearest state kept;
+        # (empty on the other runners, which read the context from the pool)
 
     @staticmethod
     def _model_runner(model, layered, attention_backend, device, fallback):
         """PagedLlama for a family that layer_layouts names; else PagedHF where its probe passes; else, with
-        `fallback`, HFCacheModel where its probes pass, else HFRecomputeModel (the probes, like PagedHF's, size the
+        `fallback`, HFCacheModel where its probes pass, else HFStateCacheModel where its probe passes, else
+        HFRecomputeModel (the probes, like PagedHF's, size the
         pool: run without autocast)."""
         problem = llama_family_problem(layered)
         if problem is None:
@@ -143,16 +151,30 @@ class TreeRunner:
             try:
                 runner = HFCacheModel(model, device)
             except ValueError as no_cache:
+                cache_reason = getattr(no_cache, "reason", str(no_cache))   # said once where the paged one says it
+                cache_reason = "" if cache_reason in reason else f"; nor on Hugging Face's cache: {cache_reason}"
+                from fastalign.runtime.hf_state_cache import HFStateCacheModel
+                try:
+                    runner = HFStateCacheModel(model, device)
+                except ValueError as unfit_states:   # its reason, unless not its case or said already
+                    no_states = str(unfit_states).removeprefix("model: ")
+                    said = (not unfit_states.holds_states or unfit_states.reason in reason
+                            or unfit_states.reason in cache_reason)
+                    states_reason = "" if said else f"; nor with its recurrent states kept: {unfit_states.reason}"
+                else:
+                    warnings.warn(f"TreeRunner: {reason}{cache_reason}; it runs on Hugging Face's own cache with "
+                                  "each span's recurrent state kept, row by row (slower; fallback=False refuses such "
+                                  "a model)", stacklevel=3)
+                    return runner
                 from fastalign.runtime.hf_recompute import HFRecomputeModel
                 try:
                     runner = HFRecomputeModel(model, device)
-                except ValueError as no_recompute:   # both fallbacks' reasons
-                    raise ValueError(f"{no_cache}; {str(no_recompute).removeprefix('model: ')}") from None
-                cache_reason = getattr(no_cache, "reason", str(no_cache))   # said once where the paged one says it
-                cache_reason = "" if cache_reason in reason else f"; nor on Hugging Face's cache: {cache_reason}"
-                warnings.warn(f"TreeRunner: {reason}{cache_reason}; it runs by computing each row's whole sequence "
-                              "again at every call, with no cache (much slower; fallback=False refuses such a model)",
-                              stacklevel=3)
+                except ValueError as no_recompute:   # every fallback's reasons
+                    raise ValueError(f"{no_cache}; {no_states}; {str(no_recompute).removeprefix('model: ')}") \
+                        from None
+                warnings.warn(f"TreeRunner: {reason}{cache_reason}{states_reason}; it runs by computing each row's "
+                              "whole sequence again at every call, with no cache (much slower; fallback=False refuses "
+                              "such a model)", stacklevel=3)
                 return runner
             # after the fallback's own probes passed: a model it refuses too gets that error alone
             warnings.warn(f"TreeRunner: {reason}; it runs on Hugging Face's own cache instead, row by row (slower; "
@@ -250,6 +272,8 @@ class TreeRunner:
         if self.model_runner.recomputes_context and (logits, hidden) != (None, None):
             self.last_context_rerun = lengths - np.diff(cu_lens)
             self.recomputed_tokens += int(self.last_context_rerun.sum())
+        elif hasattr(self.model_runner, "last_rerun"):   # HFStateCacheModel: from the nearest state kept
+            self.last_context_rerun = self.model_runner.last_rerun
         try:    # the new spans are the caller's only once returned: an interrupt or an error before gives them back
             children = self._handles(parents, row_cuts, child_ids, cut_ids, lengths, cu_lens)
             results = (children, self._format(out_logits, logits, cu_lens, ends))
@@ -454,8 +478,11 @@ class TreeRunner:
                     logits_rows = batch.outputs
             else:
                 select = batch.outputs
-            return self.model_runner.forward(batch, self.pool, select, logits is not None, hidden is not None,
-                                             logits_rows)
+            outputs = self.model_runner.forward(batch, self.pool, select, logits is not None, hidden is not None,
+                                                logits_rows)
+        if hasattr(self.model_runner, "last_rerun"):   # HFStateCacheModel: context tokens run from the nearest state
+            self.recomputed_tokens += int(self.model_runner.last_rerun.sum())
+        return outputs
 
     @staticmethod
     def _format(out, which, cu_lens, ends):

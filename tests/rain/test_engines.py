@@ -1361,23 +1361,38 @@ def test_a_model_call_waits_for_the_device_once(monkeypatch, sampler):
     assert set(+outside) <= {"cpu @ fastalign/transfers.py", "tolist @ fastalign/rain/sampling.py"}, outside
 
 
-def test_a_linear_attention_hybrid_runs_on_the_recompute_fallback_and_counts_what_it_recomputes():
-    """Qwen3-Next's linear-attention layers keep recurrent state that no span can hold: the tree engine runs it on
-    HFRecomputeModel (each row's whole sequence at every call), makes the slow engine's decisions, and its stats count
-    every context it ran again as recomputed tokens."""
-    TreeRunner = pytest.importorskip("fastalign.runtime").TreeRunner
+def _qwen3_next():
     from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
-    torch.manual_seed(0)
-    model = Qwen3NextForCausalLM(Qwen3NextConfig(
+    return Qwen3NextForCausalLM(Qwen3NextConfig(
         vocab_size=len(tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
         linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2,
         moe_intermediate_size=16, shared_expert_intermediate_size=16, max_position_embeddings=1024,
-        eos_token_id=tokenizer().eos_token_id)).eval()
+        eos_token_id=tokenizer().eos_token_id))
+
+
+def _mamba():
+    from transformers import MambaConfig, MambaForCausalLM
+    return MambaForCausalLM(MambaConfig(vocab_size=len(tokenizer()), hidden_size=32, num_hidden_layers=2, state_size=4,
+                                        eos_token_id=tokenizer().eos_token_id))
+
+
+@pytest.mark.parametrize("make_model, kind, warning", [
+    (_qwen3_next, "HFStateCacheModel", "with each span's recurrent state kept"),
+    (_mamba, "HFRecomputeModel", "it runs by computing each row's whole sequence again at every call")])
+def test_a_recurrent_model_runs_on_its_fallback_and_counts_what_it_recomputes(make_model, kind, warning):
+    """Qwen3-Next's linear-attention layers and Mamba's keep recurrent state that no span of the pool holds: the tree
+    engine runs Qwen3-Next with each span's state kept (HFStateCacheModel), Mamba, whose cache cannot continue over
+    several tokens, by computing each row's whole sequence at every call (HFRecomputeModel); both make the slow
+    engine's decisions, and their stats count every token the runner ran again as recomputed tokens (each row's
+    context on HFRecomputeModel, so many)."""
+    TreeRunner = pytest.importorskip("fastalign.runtime").TreeRunner
+    torch.manual_seed(0)
+    model = make_model().eval()
     holder = {}
 
     def make_runner():
-        with pytest.warns(UserWarning, match="it runs by computing each row's whole sequence again at every call"):
+        with pytest.warns(UserWarning, match=warning):
             holder["runner"] = TreeRunner(model, max_tokens=2048, attention_backend="torch")
         return holder["runner"]
 
@@ -1386,5 +1401,6 @@ def test_a_linear_attention_hybrid_runs_on_the_recompute_fallback_and_counts_wha
                    sampler="keyed")
     tree, runner = out["tree"][0], holder["runner"]
     assert tree.results[0].error is None and decisions(out["slow"][0]) == decisions(tree)
-    assert type(runner.model_runner).__name__ == "HFRecomputeModel"
-    assert tree.stats.recomputed_tokens == runner.recomputed_tokens > 0
+    assert type(runner.model_runner).__name__ == kind
+    assert tree.stats.recomputed_tokens == runner.recomputed_tokens
+    assert (runner.recomputed_tokens > tree.stats.minimum_tokens) == (kind == "HFRecomputeModel")

@@ -15,7 +15,8 @@ def odd_plan():
     return SimpleNamespace(token_ids=ints(5, np.int32), positions=ints(5, np.int32), slot_mapping=ints(5, np.int64),
                            extra_src=ints(1, np.int64), extra_dst=ints(1, np.int64), copy_src=ints(3, np.int32),
                            copy_dst=ints(3, np.int32), block_table=ints(3 * 3, np.int32).reshape(3, 3),
-                           seq_lens=ints(3, np.int32), cu_q_lens=np.array([0, 1, 4, 5], dtype=np.int32))
+                           seq_lens=ints(3, np.int32), cu_q_lens=np.array([0, 1, 4, 5], dtype=np.int32),
+                           row_spans=ints(3, np.int64))
 
 
 def test_every_array_of_the_plan_arrives_with_its_values_and_dtype():
@@ -33,6 +34,7 @@ def test_every_array_of_the_plan_arrives_with_its_values_and_dtype():
         assert tensor.dtype == dtype, name
         assert tensor.tolist() == np.asarray(values).tolist(), name
     assert batch.shared_prefix is None
+    assert batch.host_row_spans is plan.row_spans   # on the host, for HFStateCacheModel
 
 
 def test_the_arrays_are_views_of_one_copy_each_starting_16_byte_aligned():

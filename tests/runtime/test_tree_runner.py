@@ -16,7 +16,7 @@ def test_random_tree_matches_hugging_face_fp32(index, name):
     # 28 blocks of 4 tokens: a batch always fits, the whole tree does not, so spans get evicted.
     runner = TreeRunner(model, max_tokens=112, block_size=4, attention_backend="torch")
     assert type(runner.model_runner).__name__ == runner_kind(name)
-    assert runner.paged == (runner_kind(name) not in ("HFCacheModel", "HFRecomputeModel"))
+    assert runner.paged == (runner_kind(name) not in ("HFCacheModel", "HFStateCacheModel", "HFRecomputeModel"))
     fill_with_nan(runner.pool)
 
     def check(span, logits, hidden):
@@ -35,13 +35,14 @@ def test_random_tree_matches_hugging_face_fp32(index, name):
 BF16_CASES = [("cpu", "torch", name) for name in ("llama-gqa-untied", "mistral-mqa-head-dim", "qwen3-head-dim-untied",
                                                   "gemma2-sliding-softcaps", "gemma3-sliding-softcap",
                                                   "phi3-partial-rotary-sliding", "granite-multipliers",
-                                                  "gemma4-wide-full-layers-shared-kv")] + [
+                                                  "gemma4-wide-full-layers-shared-kv",
+                                                  "qwen3.5-linear-attention-states")] + [
     (TRITON_DEVICE, "triton", "mistral-mqa-head-dim"), (TRITON_DEVICE, "triton", "phi3-partial-rotary-sliding")] + [
     pytest.param("cuda", "auto", name, marks=requires_cuda)
     for name in ("llama-gqa-untied", "qwen2-tied", "mistral-mqa-head-dim", "qwen3-head-dim-untied",
                  "gemma2-sliding-softcaps", "gemma3-sliding-softcap", "olmo3-sliding-tied",
                  "phi3-partial-rotary-sliding", "gemma4-wide-full-layers-shared-kv", "gpt2-learned-positions",
-                 "bloom-alibi-fallback")]
+                 "bloom-alibi-fallback", "qwen3.5-linear-attention-states")]
 
 
 @pytest.mark.parametrize("device, backend, name", BF16_CASES)
@@ -244,7 +245,7 @@ def test_a_peft_lora_on_the_input_embeddings_runs_with_its_adapter(name, targets
     model = peft.get_peft_model(tiny_model(name), peft.LoraConfig(r=4, target_modules=targets,
                                                                     init_lora_weights=False)).eval()
     runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
-    assert runner.paged == (runner_kind(name) not in ("HFCacheModel", "HFRecomputeModel"))
+    assert runner.paged == (runner_kind(name) not in ("HFCacheModel", "HFStateCacheModel", "HFRecomputeModel"))
     assert runner.vocab_size == VOCAB
     (span,), logits = runner.extend([runner.prefill([5, 17, 3, 99])], [[42, 8]])
     with torch.no_grad():

@@ -548,14 +548,20 @@ def test_multi_head_latent_attention_runs_on_the_paged_pool(name):
 
 # tiny configs of these fail in their own forward (transformers 5.24), with or without a cache
 _OWN_FORWARD_FAILS = {"KimiLinear", "Zamba2"}
+# these continue from a cache rebuilt from their K/V and recurrent states (Mamba's mixers do not over several tokens,
+# MiniMax's cache is its own class, the rest keep state outside transformers' linear-attention cache layers)
+_STATES_KEPT = {"Qwen3Next", "Qwen3_5Text", "NemotronH", "GraniteMoeHybrid", "FalconH1", "Lfm2", "OlmoHybrid",
+                "Mamba2"}
 
 
 @pytest.mark.parametrize("name", sorted(UNFIT))
-def test_a_model_the_cache_fallback_refuses_runs_by_recomputing_and_the_warning_says_why(name):
+def test_a_model_the_cache_fallback_refuses_runs_with_its_states_kept_or_recomputed_and_the_warning_says_why(name):
     """Refusals said how the cache fallback's probe failed, not why: "a one-token forward with a DynamicCache failed:
     IndexError('list index out of range')" for Mamba and every hybrid of it. Each reason now names the model's trait;
-    and such a model (refused outright before) runs on HFRecomputeModel, each row's whole sequence at every call,
-    with the outputs of the model's own forward and its contexts counted as recomputed."""
+    and such a model (refused outright before) runs with each span's recurrent state kept (HFStateCacheModel: its
+    new tokens alone), or where its cache cannot continue over several tokens (Mamba's mixers) or is no transformers
+    one, on HFRecomputeModel, each row's whole sequence at every call, its contexts counted as recomputed; with the
+    outputs of the model's own forward either way."""
     config_kwargs, reason = UNFIT[name]
     config_cls = getattr(transformers, f"{name}Config", None)
     model_cls = getattr(transformers, f"{name.removesuffix('Text')}ForCausalLM", None)
@@ -569,13 +575,18 @@ def test_a_model_the_cache_fallback_refuses_runs_by_recomputing_and_the_warning_
                                              "whole sequences either: its forward without a cache failed"):
             TreeRunner(model, max_tokens=64)
         return
+    kept = name in _STATES_KEPT
+    ending = ("it runs on Hugging Face's own cache with each span's recurrent state kept" if kept else
+              "(; nor with its recurrent states kept: .*)?; it runs by computing each row's whole sequence again at "
+              "every call")
     with pytest.warns(UserWarning, match=f"TreeRunner: {model_cls.__name__} cannot run on the paged pool: "
-                                         f"(.*; nor on Hugging Face's cache: )?{reason}; it runs by computing each "
-                                         "row's whole sequence again at every call"):
+                                         f"(.*; nor on Hugging Face's cache: )?{reason}{'; ' if kept else ''}{ending}"):
         runner = TreeRunner(model, max_tokens=64, block_size=4)
-    assert type(runner.model_runner).__name__ == "HFRecomputeModel" and not runner.paged
+    assert type(runner.model_runner).__name__ == ("HFStateCacheModel" if kept else "HFRecomputeModel")
+    assert not runner.paged
     (span,), logits = runner.extend([runner.prefill([5, 17, 3])], [[42, 8]], logits="all")
-    assert runner.last_context_rerun.tolist() == [3] and runner.recomputed_tokens == 3
+    rerun = 0 if kept else 3
+    assert runner.last_context_rerun.tolist() == [rerun] and runner.recomputed_tokens == rerun
     with torch.no_grad():
         expected = model(torch.tensor([span.tokens]), use_cache=False).logits[0, -2:].float()
     torch.testing.assert_close(logits[0], expected, rtol=1e-4, atol=1e-4)

@@ -8,7 +8,8 @@ from transformers import (BloomConfig, BloomForCausalLM, CohereConfig, CohereFor
                           Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig,
                           Gemma4ForCausalLM, Gemma4TextConfig, GemmaConfig, GemmaForCausalLM, GptOssConfig,
                           GptOssForCausalLM, GraniteConfig, GraniteForCausalLM, Llama4ForCausalLM, Llama4TextConfig,
-                          LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM, MistralConfig,
+                          LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig,
+                          MambaForCausalLM, MistralConfig,
                           MistralForCausalLM, MixtralConfig, MixtralForCausalLM, MllamaForCausalLM, MllamaTextConfig,
                           ModernBertDecoderConfig, ModernBertDecoderForCausalLM, MptConfig, MptForCausalLM, OPTConfig,
                           OPTForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, Phi3Config,
@@ -39,9 +40,10 @@ _IDS_IN_VOCAB = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)  # OLMo's d
 # vocabulary projection named `decoder` after its layers) and Mllama's text model (get_decoder() of each names no
 # decoder), GPT-2's and OPT's learned positions. Then models
 # for the fallback, whose ALiBi biases are their own (their attention bypasses transformers' interface, or passes it a
-# bias), and Llama 4's chunked layers (masked by their layer type alone). Last, models whose cache holds recurrent
-# state, which run by recomputing whole sequences: the linear-attention hybrids Qwen3-Next and Qwen3.5, Mamba, Reformer
-# (it pads its input to a multiple of its chunk length, and trims the logits back, not the hidden states).
+# bias), and Llama 4's chunked layers (masked by their layer type alone). Then models whose cache holds recurrent
+# state, each span's kept: the linear-attention hybrids Qwen3-Next and Qwen3.5, and Mamba 2 (no attention layer). Last,
+# those that run by recomputing whole sequences: Mamba (its mixers drop a cache's state over several new tokens),
+# Reformer (it pads its input to a multiple of its chunk length, and trims the logits back, not the hidden states).
 CONFIGS = {
     "llama-gqa-untied": (LlamaForCausalLM, lambda: LlamaConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=False)),
@@ -133,15 +135,18 @@ CONFIGS = {
         layer_types=["chunked_attention", "full_attention"], no_rope_layers=[1, 0])),
     "mpt-alibi-fallback": (MptForCausalLM, lambda: MptConfig(
         vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=MAX_POSITIONS, attn_implementation="eager")),
-    "qwen3-next-linear-attention-recompute": (Qwen3NextForCausalLM, lambda: Qwen3NextConfig(
+    "qwen3-next-linear-attention-states": (Qwen3NextForCausalLM, lambda: Qwen3NextConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, head_dim=12,
         layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2, linear_num_key_heads=2,
         linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
         shared_expert_intermediate_size=16)),
-    "qwen3.5-linear-attention-recompute": (Qwen3_5ForCausalLM, lambda: Qwen3_5TextConfig(
+    "qwen3.5-linear-attention-states": (Qwen3_5ForCausalLM, lambda: Qwen3_5TextConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, head_dim=16,
         layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_num_value_heads=2,
         linear_key_head_dim=8, linear_value_head_dim=8)),
+    "mamba2-states": (Mamba2ForCausalLM, lambda: Mamba2Config(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4, num_heads=4, head_dim=16, n_groups=1,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0)),
     "mamba-recompute": (MambaForCausalLM, lambda: MambaConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4, bos_token_id=0, eos_token_id=0,
         pad_token_id=0)),
@@ -155,12 +160,14 @@ CONFIGS = {
 
 def runner_kind(name):
     """The model runner a TreeRunner picks for CONFIGS[name]: "PagedLlama" for a family layer_layouts names,
-    "HFCacheModel" for the fallback models, "HFRecomputeModel" for those whose cache holds recurrent state, "PagedHF"
-    for the rest."""
+    "HFCacheModel" for the fallback models, "HFStateCacheModel" for those whose cache holds recurrent state too,
+    "HFRecomputeModel" for those that cannot continue from a cache rebuilt from it, "PagedHF" for the rest."""
     if name.endswith("fallback"):
         return "HFCacheModel"
     if name.endswith("recompute"):
         return "HFRecomputeModel"
+    if name.endswith("states"):
+        return "HFStateCacheModel"
     return "PagedLlama" if CONFIGS[name][1]().model_type in LAYOUTS else "PagedHF"
 
 

@@ -1,0 +1,265 @@
+"""The fallback for hybrid and state-space causal LMs (Qwen3.5, Qwen3-Next, Mamba 2, Falcon-H1, Jamba, LFM2, ...):
+Hugging Face's own forward on its own cache, whose linear-attention layers hold, besides per-token K/V, a fixed-size
+state per sequence (a convolution window and a recurrent state), with each span's state at its end kept beside the
+pool, so that extending a span runs its new tokens only.
+
+The attention layers' K/V live in the paged pool, as on HFCacheModel. When a forward makes a span, the state it
+leaves in each linear-attention layer is stored under the span's id. A row extending span P starts from P's state,
+or, where P has none (a span made at a cut, or one whose state was dropped), from its nearest ancestor that has one,
+running the tokens in between again (from no state at all: the whole context, as HFRecomputeModel would); those
+tokens are counted in TreeRunner.last_context_rerun. States are a cache of bounded size, at most one per pool block
+(the pool's byte budget counts them: `state_bytes`), least recently used dropped first, pinned spans' last: a
+dropped state costs tokens run again, never a different result. Rows that start from states of one length and run
+as many tokens run as one batch (a span's children extended alike).
+"""
+import collections
+import inspect
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from fastalign.eval_mode import eval_mode
+from fastalign.model_vocabulary import input_vocabulary
+from fastalign.runtime.hf_cache import agree_within_rounding, gathered_context, selected_outputs, write_rows_kv
+from fastalign.runtime.hf_cache_argument import cache_kwargs, takes_a_cache
+from fastalign.runtime.llama import context_limit
+
+
+class HFStateCacheModel:
+    """The forward of a Hugging Face causal LM whose cache mixes attention and linear-attention layers, over a
+    ForwardBatch, with each span's recurrent state kept under its id (TreeRunner sets `span_tree`)."""
+
+    paged = False
+    recomputes_context = False   # a row's context runs once, when its span is made (but see last_rerun)
+
+    def __init__(self, model, device):
+        self.model, self.device, self.config = model, device, model.config
+        if not (hasattr(model, "can_generate") and model.can_generate()):
+            raise _unfit(model, "it is not a causal language model (can_generate() is not True)")
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        if not takes_a_cache(model):
+            raise _unfit(model, "its forward takes no cache (no cache or past_key_values argument)")
+        try:
+            with torch.inference_mode(), eval_mode(model):
+                cache = self._new_cache()
+                model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=True,
+                      **cache_kwargs(model, cache))
+        except Exception as err:
+            raise _unfit(model, f"its forward with a DynamicCache failed ({err!r})") from err
+        self.attention_layers, self.linear_layers, problem = _layer_kinds(cache)
+        if problem:
+            raise _unfit(model, problem, holds_states=bool(self.linear_layers))
+        # (layer, state index, "conv_states" | "recurrent_states") of every state the linear layers hold
+        self.state_slots = [(index, s, kind) for index in self.linear_layers
+                            for s in range(cache.layers[index].number_of_states)
+                            for kind in ("conv_states", "recurrent_states")
+                            if getattr(cache.layers[index], kind)[s] is not None]
+        self.state_bytes = sum(t[0].numel() * t.element_size() for t in self._batched_states(cache))
+        for index in self.attention_layers:
+            layer = cache.layers[index]
+            if layer.keys.shape != layer.values.shape:   # the pool holds K and V of one shape
+                raise _unfit(model, f"its K and V differ in shape (layer {index} holds K {list(layer.keys.shape)} and "
+                                    f"V {list(layer.values.shape)})")
+        if self.attention_layers:
+            keys = cache.layers[self.attention_layers[0]].keys
+            self.pool_shapes = [(cache.layers[i].keys.shape[1], cache.layers[i].keys.shape[3])
+                                for i in self.attention_layers]
+            self.dtype = keys.dtype
+        else:   # a pure state-space model: the pool holds nothing of use, one slot per token all the same
+            self.pool_shapes, self.dtype = [(1, 1)], self._batched_states(cache)[0].dtype
+        self.max_context = context_limit(model.config)
+        self.states = collections.OrderedDict()   # span id -> its end state (one tensor per state slot), LRU first
+        self.span_tree = None                     # set by the TreeRunner: rows' ancestors and tokens
+        self.last_rerun = np.zeros(0, dtype=np.int64)   # per row of the last forward: tokens run again
+        try:
+            exact = self._continues_exactly()
+        except Exception as err:
+            raise _unfit(model, f"its forward after a cache rebuilt from its K/V and states failed ({err!r})") \
+                from err
+        if not exact:
+            raise _unfit(model, "its logits after a cache rebuilt from its K/V and states differ from its forward "
+                                "over the whole sequence")
+
+    # ----- the forward
+
+    def forward(self, batch, pool, select, want_logits, want_hidden, logits_rows=None):
+        """Writes the KV of every token of `batch` into `pool` and each row's end state into `states`; returns
+        (logits, hidden) of the tokens at indices `select` (None: nothing), logits in float32 (only at
+        select[logits_rows] when given), hidden = the model's last hidden state. Dropout is off."""
+        with eval_mode(self.model):
+            return self._forward_rows(batch, pool, select, want_logits, want_hidden, logits_rows)
+
+    def _forward_rows(self, batch, pool, select, want_logits, want_hidden, logits_rows):
+        """Consecutive rows that start from states of one length and run as many tokens run as one batch, each
+        other row alone, in order: a row extending an earlier row of the batch starts from the state that row's
+        group stored."""
+        cu, seq_lens = batch.host_cu_q_lens.tolist(), batch.host_seq_lens.tolist()
+        spans = batch.host_row_spans.tolist()
+        outputs = [None] * len(spans)   # per row: (logits, hidden) at its new tokens
+        self.last_rerun = np.zeros(len(spans), dtype=np.int64)
+        group, key = [], None   # rows of the pending group: (row, span, its state's source span); (base, run, new)
+        for row, (span, seq_len) in enumerate(zip(spans, seq_lens)):
+            new = cu[row + 1] - cu[row]
+            start = self._ancestor_at(span, seq_len - new)
+            if any(start == made for _, made, _ in group):   # on a row of the pending group: its state first
+                self._run_group(batch, pool, group, key, outputs, select is not None, want_hidden)
+                group = []
+            source = self._state_source(start)
+            base = self.span_tree.length(source) if source >= 0 else 0
+            if group and key != (base, seq_len - base, new):
+                self._run_group(batch, pool, group, key, outputs, select is not None, want_hidden)
+                group = []
+            group.append((row, span, source))
+            key = (base, seq_len - base, new)
+            self.last_rerun[row] = seq_len - new - base
+        self._run_group(batch, pool, group, key, outputs, select is not None, want_hidden)
+        self._trim(pool.num_blocks)
+        if select is None:
+            return None, None
+        logits, hidden = zip(*outputs)
+        return selected_outputs(logits, hidden, select, logits_rows, want_logits, want_hidden)
+
+    def _run_group(self, batch, pool, group, key, outputs, want_outputs, want_hidden):
+        """Run the rows of `group` from their sources' states over their `run` tokens (the last `new` of them the
+        batch's), write the new tokens' K/V into the pool, store each row's end state under its span."""
+        (base, run, new), rows = key, [row for row, _, _ in group]
+        cu = batch.host_cu_q_lens
+        tokens = np.concatenate([np.arange(cu[row], cu[row + 1]) for row in rows])   # the group's, row by row
+        token_index = torch.from_numpy(tokens).to(self.device)
+        input_ids = batch.input_ids[token_index].view(len(rows), new)
+        if run > new:   # tokens between each source and its row's start: from the span tree
+            again = [self.span_tree.tokens(span)[base:base + run - new] for _, span, _ in group]
+            input_ids = torch.cat([torch.from_numpy(np.stack(again)).to(self.device, torch.long), input_ids], 1)
+        cache = self._new_cache()
+        if base:
+            kv = gathered_context(pool, batch.block_table[rows], base, range(len(self.attention_layers)))
+            self._load(cache, kv, [self.states[source] for _, _, source in group], base)
+        # logits of the new tokens alone (of the last one where no output is wanted: a prefill)
+        kept = dict(logits_to_keep=new if want_outputs else 1) if self.keeps_logits else {}
+        out = self.model(input_ids=input_ids, use_cache=True, **cache_kwargs(self.model, cache),
+                         output_hidden_states=want_hidden and want_outputs, **kept)
+        if self.attention_layers:
+            write_rows_kv(pool, batch, tokens, [(cache.layers[i].keys[:, :, -new:], cache.layers[i].values[:, :, -new:])
+                                                for i in self.attention_layers])
+        states = self._batched_states(cache)
+        for i, (_, span, _) in enumerate(group):
+            self.states[span] = tuple(t[i].clone() for t in states)
+            self.states.move_to_end(span)
+        if want_outputs:
+            for i, row in enumerate(rows):
+                outputs[row] = (out.logits[i, -new:], out.hidden_states[-1][i, -new:] if want_hidden else None)
+
+    # ----- the states
+
+    def _ancestor_at(self, span, length):
+        """The ancestor of `span` (a row's new span) that holds its first `length` tokens: where the row starts."""
+        tree, ancestor = self.span_tree, self.span_tree.parent(span)
+        while ancestor >= 0 and tree.length(ancestor) > length:
+            ancestor = tree.parent(ancestor)
+        return ancestor
+
+    def _state_source(self, span):
+        """`span` or its nearest ancestor whose end state is stored (moved to the end of the LRU order), or -1."""
+        while span >= 0 and span not in self.states:
+            span = self.span_tree.parent(span)
+        if span >= 0:
+            self.states.move_to_end(span)
+        return span
+
+    def _trim(self, capacity):
+        """Drop states past `capacity`: first those of spans gone from the tree, then the least recently used ones
+        of unpinned spans."""
+        if len(self.states) <= capacity:
+            return
+        tree = self.span_tree
+        for span in [s for s in self.states if not tree.exists(s)]:
+            del self.states[span]
+        for span in [s for s in self.states if not tree.pins(s)][:max(len(self.states) - capacity, 0)]:
+            del self.states[span]
+
+    # ----- Hugging Face's cache
+
+    def _new_cache(self):
+        return DynamicCache(config=self.config)
+
+    def _batched_states(self, cache):
+        """The tensors [rows, ...] of every state slot of `cache` after a forward."""
+        return [getattr(cache.layers[index], kind)[s] for index, s, kind in self.state_slots]
+
+    def _load(self, cache, kv, row_states, length):
+        """Fill a fresh `cache` with the attention layers' K/V `kv` [(keys, values) [rows, heads, length, dim]] and
+        the linear layers' states, row i's from row_states[i], as the cache would hold them after `length` tokens."""
+        for index, (keys, values) in zip(self.attention_layers, kv):
+            cache.layers[index].update(keys, values)
+        stacked = [torch.stack(slot) for slot in zip(*row_states)]
+        for (index, s, kind), tensor in zip(self.state_slots, stacked):
+            layer = cache.layers[index]
+            if kind == "conv_states":
+                layer.update_conv_state(tensor, state_idx=s)
+            else:
+                layer.update_recurrent_state(tensor, state_idx=s)
+            layer.has_previous_state[s] = True
+        for index in self.linear_layers:   # transformers >= 5.25 counts the tokens a linear layer has seen
+            counted = getattr(cache.layers[index], "cumulative_length_linear", None)
+            if isinstance(counted, torch.Tensor):
+                counted.fill_(length)
+
+    def _continues_exactly(self):
+        """Whether two sequences run as a prefix of 3 tokens, then 3 tokens and 1 token, each on a cache rebuilt
+        from the states and K/V the previous forward left (another batch run in between), get the logits of the
+        model's forward over the whole sequences, and end in the states it leaves, within rounding of its dtype
+        (the states too: a tiny random model's logits hardly move when a mixer drops the state it was given, as
+        Mamba's do over several tokens)."""
+        ids = torch.tensor([[1, 0, 2, 1, 3, 0, 2], [2, 3, 1, 1, 0, 2, 3]], device=self.device)
+        ids = ids % input_vocabulary(self.model)
+        with torch.inference_mode(), eval_mode(self.model):
+            whole_cache = self._new_cache()
+            whole = self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, whole_cache)).logits
+            kv, states, parts, done = [], None, [], 0
+            for end in (3, 6, 7):
+                cache = self._new_cache()
+                if done:
+                    self._load(cache, kv, states, done)
+                self.model(input_ids=torch.zeros(2, 2, dtype=torch.long, device=self.device), use_cache=True,
+                           **cache_kwargs(self.model, self._new_cache()))   # another batch in between
+                parts.append(self.model(input_ids=ids[:, done:end], use_cache=True,
+                                        **cache_kwargs(self.model, cache)).logits)
+                kv = [(cache.layers[i].keys, cache.layers[i].values) for i in self.attention_layers]
+                states = list(zip(*self._batched_states(cache)))
+                done = end
+        return agree_within_rounding(whole, (torch.cat(parts, 1), whole)) and all(
+            agree_within_rounding(expected, (torch.stack(got), expected))
+            for got, expected in zip(zip(*states), self._batched_states(whole_cache)))
+
+
+def _layer_kinds(cache):
+    """(attention layer indices, linear-attention layer indices, None) of a cache after a forward, or a problem that
+    this runner cannot hold (a layer of another kind: a sliding window, a static or the model's own cache layer;
+    no linear-attention layer: HFCacheModel's case)."""
+    from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
+    layers = list(getattr(cache, "layers", ()))
+    linear = [index for index, layer in enumerate(layers) if isinstance(layer, LinearAttentionCacheLayerMixin)]
+    if not linear:
+        return [], [], "its cache holds no linear-attention state"
+    attention = []
+    for index, layer in enumerate(layers):
+        kind = type(layer)
+        if isinstance(layer, DynamicLayer):   # full attention alone: no window, no index, no compression
+            if any(issubclass(cls, DynamicLayer) and cls is not DynamicLayer
+                   and not issubclass(cls, LinearAttentionCacheLayerMixin) for cls in kind.__mro__):
+                return [], linear, f"its cache layer {index} is a {kind.__name__}, not full attention"
+            attention.append(index)
+        elif not isinstance(layer, LinearAttentionCacheLayerMixin) and \
+                (kind.__name__, kind.__module__) != ("DummyLayer", DynamicLayer.__module__):   # Nemotron-H's MLPs
+            return [], linear, f"its cache layer {index} is a {kind.__name__}"
+    return attention, linear, None
+
+
+def _unfit(model, reason, holds_states=True):
+    """The error refusing `model` for `reason` (also kept as its attribute, with `holds_states`: False where its
+    cache holds no linear-attention state, so that this runner was never its case)."""
+    error = ValueError(f"model: {type(model).__name__} cannot run on Hugging Face's cache with its recurrent states "
+                       f"kept per span: {reason}")
+    error.reason, error.holds_states = reason, holds_states
+    return error
