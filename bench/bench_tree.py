@@ -30,11 +30,16 @@ decode      Plain batch-1 greedy decoding: TreeRunner (one extend per token) aga
             that the runner takes through transformers' attention interface (PagedHF), not by its layout.
             --family gemma3: Gemma 3's layers on the same shape, five of each six sliding a window of 512
             (Gemma-3-1B's), shorter than the prefix: the cascade's shared pass reads each query's window only.
+            --family qwen3_5: Qwen3.5's hybrid on the same shape, three Gated DeltaNet layers to one of full
+            attention (HFStateCacheModel: Hugging Face's forward, each span's recurrent state kept).
+            The extend section also times the model's own forward over the children's whole sequences, with
+            no cache: what a search without one (the reference RAIN code) runs for them.
 
     python bench/bench_tree.py            # CUDA, bf16, the shapes above
     python bench/bench_tree.py --quick    # small fp32 shapes, runs anywhere (CPU smoke run)
     python bench/bench_tree.py --sections runner --family phi3
     python bench/bench_tree.py --sections runner --family gemma3
+    python bench/bench_tree.py --sections runner --family qwen3_5
 """
 import argparse
 import os
@@ -216,8 +221,8 @@ ATTENTION_COLUMNS = [("prefix", "prefix", "{}"), ("rows", "rows", "{}"), ("uniqu
 
 
 EXTEND_COLUMNS = [("prefix", "prefix", "{}"), ("children", "children", "{}"), ("tokens_each", "tokens each", "{}"),
-                  ("cascade", "cascade", "{}"), ("ms", "ms", "{:.2f}"), ("vs_one_child", "vs one child", "{:.2f}x"),
-                  ("error", "error", "{}")]
+                  ("method", "method", "{}"), ("cascade", "cascade", "{}"), ("ms", "ms", "{:.2f}"),
+                  ("vs_one_child", "vs runner's one child", "{:.2f}x"), ("error", "error", "{}")]
 REWIND_COLUMNS = [("prefix", "prefix", "{}"), ("branch_tokens", "branch tokens", "{}"),
                   ("release_us", "release us", "{:.1f}"), ("extend_after_us", "extend 1 token after, us", "{:.0f}"),
                   ("error", "error", "{}")]
@@ -231,7 +236,8 @@ def random_model(quick, device, dtype, family="llama"):
     import transformers
     config_class, model_class = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
                                  "phi3": ("Phi3Config", "Phi3ForCausalLM"),
-                                 "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM")}[family]
+                                 "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+                                 "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM")}[family]
     ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # Phi-3's defaults lie past the tiny vocabulary
     if quick:
         shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -242,6 +248,12 @@ def random_model(quick, device, dtype, family="llama"):
         kinds = ["sliding_attention", "full_attention"] if quick else [
             "full_attention" if i % 6 == 5 else "sliding_attention" for i in range(shape["num_hidden_layers"])]
         shape.update(sliding_window=8 if quick else 512, query_pre_attn_scalar=shape["head_dim"], layer_types=kinds)
+    if family == "qwen3_5":   # Qwen3.5's hybrid: three Gated DeltaNet layers for each full attention layer
+        kinds = ["linear_attention", "full_attention"] if quick else [
+            "full_attention" if i % 4 == 3 else "linear_attention" for i in range(shape["num_hidden_layers"])]
+        heads = dict(linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16,
+                     linear_value_head_dim=16) if quick else {}   # else Qwen3.5's own: 16 key heads, 32 value
+        shape.update(layer_types=kinds, **heads)
     config = getattr(transformers, config_class)(**shape, **ids)
     with torch.device(device):
         model = getattr(transformers, model_class)(config)
@@ -270,9 +282,9 @@ def random_tokens(n, vocab):
     return torch.randint(0, vocab, (n,)).tolist()
 
 
-def extend_rows(runner, root, vocab, device, children_counts, tokens_each, cascade):
+def extend_rows(runner, root, vocab, device, children_counts, tokens_each, cascade, baseline):
     """Time of one batched extend of k children of root by tokens_each tokens, for each k (the tokens drawn
-    beforehand)."""
+    beforehand); with `baseline`, also of the model's forward over the same children's whole sequences."""
     rows, one_child_ms = [], None
     for k in children_counts:
         def draw(k=k):
@@ -282,9 +294,27 @@ def extend_rows(runner, root, vocab, device, children_counts, tokens_each, casca
             return runner.extend([root] * k, token_lists)[0]
         ms = median_ms_of_steps(step, runner.release, device, prepare=draw)
         one_child_ms = ms if k == 1 else one_child_ms
-        rows.append({"section": "extend", "prefix": root.length, "children": k, "tokens_each": tokens_each,
-                     "cascade": cascade, "ms": ms, "vs_one_child": None if one_child_ms is None else ms / one_child_ms})
+        common = {"section": "extend", "prefix": root.length, "children": k, "tokens_each": tokens_each}
+        rows.append({**common, "method": f"TreeRunner ({type(runner.model_runner).__name__})", "cascade": cascade,
+                     "ms": ms, "vs_one_child": None if one_child_ms is None else ms / one_child_ms})
+        if baseline:
+            ms = whole_sequences_ms(runner.model, root.tokens, vocab, device, k, tokens_each)
+            rows.append({**common, "method": "HF forward, whole sequences", "cascade": "-", "ms": ms,
+                         "vs_one_child": ms / one_child_ms})   # against the runner's one child
     return rows
+
+
+def whole_sequences_ms(model, prefix, vocab, device, k, tokens_each):
+    """Time of the model's own forward over k whole sequences of the prefix and tokens_each tokens each, with no
+    cache and the last token's logits only: what a search without a cache runs for the same children (the reference
+    RAIN code, and TreeRunner's last fallback, HFRecomputeModel)."""
+    def draw():
+        return (torch.tensor([list(prefix) + random_tokens(tokens_each, vocab) for _ in range(k)], device=device),)
+
+    def step(ids):
+        with torch.inference_mode():
+            return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+    return median_ms_of_steps(step, lambda out: None, device, prepare=draw)
 
 
 def rewind_rows(runner, root, vocab, device, branch_lengths, reps=5):
@@ -364,8 +394,8 @@ def runner_rows(args, device, dtype, report=lambda rows: None):
         runner = TreeRunner(model, max_tokens=args.pool_tokens, cascade_attention=cascade != "off")
         root = runner.prefill(prefix)
         runner.pin(root)
-        return [dict(row, model_runner=type(runner.model_runner).__name__)   # PagedLlama, or PagedHF for Phi-3
-                for row in extend_rows(runner, root, vocab, device, [1, args.children], args.child_tokens, cascade)]
+        return extend_rows(runner, root, vocab, device, [1, args.children], args.child_tokens, cascade,
+                           baseline=cascade in ("off", "-"))   # once
     for cascade in ("off", "on") if device.type == "cuda" else ("-",):  # the torch backend has no cascade
         section("extend", lambda: extend(cascade))
     # the last runner (with the cascade, where there is one) serves the rewind and decode sections
@@ -401,28 +431,33 @@ def main():
     group.add_argument("--decode-prompt", type=int, default=128)
     group.add_argument("--decode-tokens", type=int, default=128)
     group.add_argument("--pool-tokens", type=int, default=1 << 16)
-    group.add_argument("--family", choices=["llama", "phi3", "gemma3"], default="llama",
+    group.add_argument("--family", choices=["llama", "phi3", "gemma3", "qwen3_5"], default="llama",
                        help="the random model's family (phi3: run through transformers' attention interface; gemma3: "
-                            "layers sliding a window shorter than the prefix)")
+                            "layers sliding a window shorter than the prefix; qwen3_5: Qwen3.5's linear-attention "
+                            "hybrid, on Hugging Face's cache with each span's recurrent state kept)")
     args = parser.parse_args()
-    if args.quick:
-        args.heads, args.kv_heads, args.head_dim, args.prefix, args.rows, args.iters = 4, 2, 32, [100], [1, 4], 2
-        args.tree_prefix, args.branch_lengths, args.decode_prompt, args.decode_tokens = 100, [16, 64, 256], 16, 16
-        args.pool_tokens = 4096
-        args.dtype = args.dtype or "float32"
+    if args.quick:   # small shapes, each where the command line left the default
+        quick = dict(heads=4, kv_heads=2, head_dim=32, prefix=[100], rows=[1, 4], iters=2, tree_prefix=100,
+                     branch_lengths=[16, 64, 256], decode_prompt=16, decode_tokens=16, pool_tokens=4096,
+                     dtype="float32")
+        for key, value in quick.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.manual_seed(0)
     print(f"device: {harness.device_name(device)}   dtype: {dtype}")
     rows, config = [], {"dtype": str(dtype), "quick": args.quick}
+
+    def write(record_rows):   # a family other than Llama is a variant, beside the default run of the commit
+        return harness.write_results("bench_tree", device, config, record_rows,
+                                     tag=None if args.family == "llama" else args.family)
     if "attention" in args.sections:
         copy_gbs = copy_bandwidth_gbs(device)
         config.update({key: getattr(args, key) for key in ("heads", "kv_heads", "head_dim", "page", "prefix",
                                                              "rows", "suffix", "iters")},
                       copy_bandwidth_gbs=copy_gbs, bandwidth_target=BANDWIDTH_TARGET)
-        attention = attention_rows(args, device, dtype, copy_gbs,
-                                   report=lambda section_rows: harness.write_results("bench_tree", device, config,
-                                                                                     section_rows))
+        attention = attention_rows(args, device, dtype, copy_gbs, report=write)
         print(f"\n[attention] heads {args.heads}/{args.kv_heads} kv, head_dim {args.head_dim}, page {args.page}, "
               f"suffix {args.suffix}; measured copy bandwidth {copy_gbs:.0f} GB/s; target {BANDWIDTH_TARGET:.0%} of it")
         harness.print_table(attention, ATTENTION_COLUMNS)
@@ -432,9 +467,7 @@ def main():
                                                              "branch_lengths", "decode_prompt", "decode_tokens",
                                                              "pool_tokens", "family")},
                       batched_extend_target=BATCHED_EXTEND_TARGET, decode_target=DECODE_TARGET)
-        runner = runner_rows(args, device, dtype,
-                             report=lambda section_rows: harness.write_results("bench_tree", device, config,
-                                                                               rows + section_rows))
+        runner = runner_rows(args, device, dtype, report=lambda section_rows: write(rows + section_rows))
         for section, columns, note in (
                 ("extend", EXTEND_COLUMNS, f"target: {args.children} children <= {BATCHED_EXTEND_TARGET}x one child"),
                 ("rewind", REWIND_COLUMNS, "target: flat in the branch length"),
@@ -443,7 +476,7 @@ def main():
             print(f"\n[{section}] random {args.family} ({shape}); {note}")
             harness.print_table([row for row in runner if row["section"] == section], columns)
         rows += runner
-    print("\nwrote", harness.write_results("bench_tree", device, config, rows))
+    print("\nwrote", write(rows))
 
 
 if __name__ == "__main__":

@@ -127,14 +127,15 @@ def print_table(rows, columns):
             print("  ".join("-" * w for w in widths))
 
 
-def write_results(name, device, config, rows):
-    """Writes the JSON record of one run and returns its path."""
+def write_results(name, device, config, rows, tag=None):
+    """Writes the JSON record of one run and returns its path (its name ends in `tag` where given: a variant of the
+    benchmark, kept beside its default run of the same commit)."""
     commit = git_commit()
     record = {"benchmark": name, "device": device_name(device), "commit": commit, "torch": torch.__version__,
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": config, "results": rows}
     os.makedirs(RESULTS_DIR, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", record["device"].split(" (")[0]).strip("-").lower()
-    path = os.path.join(RESULTS_DIR, f"{name}-{slug}-{commit}.json")
+    path = os.path.join(RESULTS_DIR, f"{name}-{slug}-{commit}{'' if tag is None else '-' + tag}.json")
     # written aside, then renamed over the record: a run killed at its time limit while writing (the benches rewrite
     # their record after each row) leaves the previous record whole, not a truncated file
     partial = f"{path}.partial"

@@ -1,15 +1,18 @@
 """How a Hugging Face model is handed its KV cache and returns it, across transformers versions.
 
-transformers 5.17 names both the forward argument and the output field `past_key_values`; newer releases
-name them `cache` (keeping the old argument, deprecated, until 5.40). fastalign supports both.
+transformers 5.17 names both the forward argument and the output field `past_key_values` (`cache_params` for the
+Mamba models); newer releases name them `cache` (keeping the old arguments, deprecated, until 5.40). fastalign
+supports all three.
 """
 import functools
 import inspect
 
+_NAMES = ("cache", "past_key_values", "cache_params")   # the first a forward takes is the one used
+
 
 @functools.lru_cache(maxsize=None)
 def _cache_parameters(model_class) -> frozenset:
-    return frozenset({"cache", "past_key_values"} & set(inspect.signature(model_class.forward).parameters))
+    return frozenset(set(_NAMES) & set(inspect.signature(model_class.forward).parameters))
 
 
 def _base_class(model):
@@ -19,16 +22,20 @@ def _base_class(model):
 
 
 def cache_kwargs(model, cache) -> dict:
-    """The keyword argument that passes `cache` to model's forward."""
-    return {"cache" if "cache" in _cache_parameters(_base_class(model)) else "past_key_values": cache}
+    """The keyword argument that passes `cache` to model's forward (`past_key_values` where it names none)."""
+    names = _cache_parameters(_base_class(model))
+    return {next((name for name in _NAMES if name in names), "past_key_values"): cache}
 
 
 def takes_a_cache(model) -> bool:
-    """Whether model's forward has a cache argument of either name (RWKV's takes its own `state` instead)."""
+    """Whether model's forward has a cache argument of any of these names (RWKV's takes its own `state` instead)."""
     return bool(_cache_parameters(_base_class(model)))
 
 
 def returned_cache(output):
     """The cache a forward returned (None if it returned none)."""
-    cache = getattr(output, "cache", None)
-    return getattr(output, "past_key_values", None) if cache is None else cache
+    for name in _NAMES:
+        cache = getattr(output, name, None)
+        if cache is not None:
+            return cache
+    return None

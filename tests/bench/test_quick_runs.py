@@ -85,8 +85,12 @@ def check_bench_tree(record):
         assert close(row["unique_gbs"], row["unique_mib"] * 2 ** 20 / seconds / 1e9), row
         assert close(row["of_copy_bw"], row["unique_gbs"] / c["copy_bandwidth_gbs"]), row
     extend = [row for row in results if row["section"] == "extend"]
-    one_child = {row["cascade"]: row["ms"] for row in extend if row["children"] == 1}
-    assert extend and all(close(row["vs_one_child"], row["ms"] / one_child[row["cascade"]]) for row in extend)
+    runner = [row for row in extend if row["method"].startswith("TreeRunner (")]
+    whole = [row for row in extend if row["method"] == "HF forward, whole sequences"]
+    one_child = {row["cascade"]: row["ms"] for row in runner if row["children"] == 1}
+    assert runner and all(close(row["vs_one_child"], row["ms"] / one_child[row["cascade"]]) for row in runner)
+    first = runner[0]["ms"]   # the baseline, measured once, against the first runner's one child
+    assert len(whole) == 2 and all(close(row["vs_one_child"], row["ms"] / first) for row in whole), whole
     decode = {row["method"]: row for row in results if row["section"] == "decode"}
     ours, hf = decode["fastalign TreeRunner"], decode["HF generate (cache)"]
     assert ours["same_greedy_tokens"] == ours["new_tokens"], ours
@@ -94,8 +98,9 @@ def check_bench_tree(record):
     assert all(close(row["tokens_per_s"], row["new_tokens"] / (row["ms"] * 1e-3)) for row in decode.values()), decode
     # what each section's rows say they measured is what the config asked for
     assert {(row["prefix"], row["rows"]) for row in attention} == {(p, r) for p in c["prefix"] for r in c["rows"]}
-    assert [(row["children"], row["tokens_each"], row["prefix"]) for row in extend] == [
+    assert [(row["children"], row["tokens_each"], row["prefix"]) for row in runner] == [
         (k, c["child_tokens"], c["tree_prefix"]) for k in (1, c["children"])] * len(one_child), extend
+    assert [row["children"] for row in whole] == [1, c["children"]], whole
     rewind = [row["branch_tokens"] for row in results if row["section"] == "rewind"]
     assert rewind == c["branch_lengths"], rewind
     assert ours["prompt"] == c["decode_prompt"] and ours["new_tokens"] == c["decode_tokens"], ours
@@ -167,3 +172,23 @@ def test_quick_run_writes_its_record(script, tmp_path):
     assert record["commit"] == "test" and record["device"].startswith("cpu") and record["results"]
     assert not [row for row in record["results"] if row.get("error")], record["results"]
     RECORD_CHECKS[script](record)
+
+
+def test_quick_run_of_the_hybrid_family_writes_its_own_record(tmp_path):
+    """bench_tree --family qwen3_5: Qwen3.5's hybrid runs with each span's recurrent state kept, beside the default
+    run's record (its name ends in the family), the runner decoding HF generate's greedy tokens."""
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+           "FASTALIGN_BENCH_RESULTS": str(tmp_path), "FASTALIGN_COMMIT": "test"}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_tree.py"), "--quick", "--sections", "runner",
+                           "--family", "qwen3_5", "--branch-lengths", "16"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = tmp_path.glob("bench_tree-cpu-test-qwen3_5.json")
+    record = json.loads(path.read_text())
+    assert record["config"]["family"] == "qwen3_5" and record["config"]["branch_lengths"] == [16]
+    results = record["results"]
+    assert not [row for row in results if row.get("error")], results
+    assert {row["method"] for row in results if row["section"] == "extend"} == {
+        "TreeRunner (HFStateCacheModel)", "HF forward, whole sequences"}
+    decode = {row["method"]: row for row in results if row["section"] == "decode"}
+    assert decode["fastalign TreeRunner"]["same_greedy_tokens"] == record["config"]["decode_tokens"], decode
