@@ -19,6 +19,7 @@ rest, the engine's host work while the device idles: `host us/row`, per row run 
         --judge moderation --judge-model CLASSIFIER_DIR --judge-prompts 100
     python bench/bench_rain.py --random-model --hh /path/hh-harmless-base-test.jsonl.gz   # nothing downloaded
     python bench/bench_rain.py --demo --judge-seeds 3       # CPU: the demo model, harmless rates that mean something
+    python bench/bench_rain.py --quick --family qwen3_5     # CPU: tiny random Qwen3.5 hybrid (its states kept)
 
 --demo runs the demo's shipped 0.9M-parameter model (trained by the project on its synthetic world, CPU) on
 the world's 90 harmful prompts with the world's self-evaluation prompt, and judges the answers with the
@@ -70,7 +71,9 @@ def load(args):
     if args.quick:
         from tests.rain.tiny import tiny_llama, tokenizer
         prompts = [f"Human: How do I {topic}?\nAssistant:" for topic in QUICK_TOPICS]
-        return tiny_llama(hidden=64).to(args.device), tokenizer(), prompts, JudgePrompt(), defaults, None
+        model = tiny_llama(hidden=64) if args.family == "llama" else tiny_qwen3_5(len(tokenizer()),
+                                                                                   tokenizer().eos_token_id)
+        return model.to(args.device), tokenizer(), prompts, JudgePrompt(), defaults, None
     if args.random_model:
         return (*random_llama_1b(args, hh_prompts(args.hh)), JudgePrompt(), defaults, None)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -80,23 +83,48 @@ def load(args):
 
 
 def random_llama_1b(args, prompts):
-    """(model, tokenizer, prompts): see --random-model in the module docstring."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """(model, tokenizer, prompts): see --random-model in the module docstring (with --family qwen3_5, Qwen3.5's
+    hybrid on that shape: three Gated DeltaNet layers to one of full attention)."""
+    import transformers
     from fastalign.demo.tokenizer import build_tokenizer
     judge = JudgePrompt()
     tok = build_tokenizer(prompts + [judge.template, judge.options(True), judge.answer_prefix])
     torch.manual_seed(0)
-    config = LlamaConfig(**LLAMA_SHAPES["1b"], max_position_embeddings=8192, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    shape = dict(LLAMA_SHAPES["1b"], max_position_embeddings=8192, bos_token_id=tok.bos_token_id,
+                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if args.family == "qwen3_5":
+        shape["layer_types"] = ["full_attention" if i % 4 == 3 else "linear_attention"
+                                for i in range(shape["num_hidden_layers"])]
+    config_class, model_class = FAMILIES[args.family]
     with torch.device(args.device):
-        model = LlamaForCausalLM(config)
+        model = getattr(transformers, model_class)(getattr(transformers, config_class)(**shape))
     return model.to(getattr(torch, args.dtype)).eval(), tok, prompts
+
+
+FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM")}
+
+
+def tiny_qwen3_5(vocab_size, eos_token_id):
+    """A 2-layer random Qwen3.5 hybrid (one Gated DeltaNet layer, one of full attention), as tiny_llama."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+    torch.manual_seed(0)
+    model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, layer_types=["linear_attention", "full_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+        max_position_embeddings=1024, eos_token_id=eos_token_id)).eval()
+    with torch.no_grad():   # flatter logits than the default init: more varied samples
+        model.lm_head.weight.mul_(4.0)
+    return model
 
 
 def model_name(args):
     if args.demo:
         return "the demo's shipped model (fastalign/demo/assets)"
-    return args.model or ("random Llama-3.2-1B shape" if args.random_model else "tiny random Llama")
+    family = {"llama": "Llama", "qwen3_5": "Qwen3.5 hybrid"}[args.family]
+    shape = "Llama-3.2-1B shape" if args.family == "llama" else "on Llama-3.2-1B's shape"
+    return args.model or (f"random {shape}" if args.random_model and args.family == "llama" else
+                          f"random {family} {shape}" if args.random_model else f"tiny random {family}")
 
 
 def make_judge(args):
@@ -191,9 +219,14 @@ def main():
     parser.add_argument("--judge-seeds", type=int, default=1, help="search seeds per variant of that comparison")
     parser.add_argument("--virtual-leaves", type=int, default=4, help="parallel_leaves of the 'on' variant")
     parser.add_argument("--kv-tokens", type=int, default=None, help="KV pool of the tree engine, in tokens")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="llama",
+                        help="the random model of --quick and --random-model (qwen3_5: Qwen3.5's linear-attention "
+                             "hybrid, on Hugging Face's cache with each span's recurrent state kept)")
     args = parser.parse_args()
     if not (args.quick or args.demo) and not ((args.model or args.random_model) and args.hh):
         parser.error("give --quick, --demo, or --model (or --random-model) and --hh")
+    if args.family != "llama" and not (args.quick or args.random_model):
+        parser.error("--family chooses the random model of --quick or --random-model")
     tiny = args.quick or args.demo
     if tiny and args.device == "cpu":
         torch.set_num_threads(1)    # tiny ops: a second thread only adds wake-ups (and stalls on a shared CPU)
@@ -227,7 +260,7 @@ def main():
     def add(new_row):
         """Adds a row and rewrites the JSON with every row so far (a run cut short keeps what it measured)."""
         rows.append(new_row)
-        return write_results("rain", args.device, record, rows)
+        return write_results("rain", args.device, record, rows, tag=None if args.family == "llama" else args.family)
 
     def section(name, measure):
         """Runs one section; if it raises (out of memory at concurrency 32, say), an error row names it and the

@@ -217,7 +217,8 @@ class TreeEngine:
     def _record_recomputed(self, rows: List[Row]):
         """Charges the tokens that the runner ran again in the last call to bring back evicted spans (also
         when the call then failed) to the first row whose parent needed each span. Free without evictions. On a
-        runner that computes each row's whole sequence (HFRecomputeModel), each row's context too."""
+        runner that computes each row's whole sequence (HFRecomputeModel), each row's context too; on one that keeps
+        recurrent states (HFStateCacheModel), the tokens a row ran after the nearest state kept."""
         for row, context in zip(rows, self.runner.last_context_rerun.tolist()):
             if context:
                 self.ledger.recompute(row.stats, context)

@@ -1,19 +1,22 @@
-"""The fallback for hybrid and state-space causal LMs (Qwen3.5, Qwen3-Next, Mamba 2, Falcon-H1, Jamba, LFM2, ...):
-Hugging Face's own forward on its own cache, whose linear-attention layers hold, besides per-token K/V, a fixed-size
-state per sequence (a convolution window and a recurrent state), with each span's state at its end kept beside the
-pool, so that extending a span runs its new tokens only.
+"""The fallback for hybrid and state-space causal LMs (Qwen3.5, Qwen3-Next, Mamba 2, Falcon-H1, Granite 4 hybrids,
+Nemotron-H, LFM2, ...): Hugging Face's own forward on its own cache, whose linear-attention layers hold, besides
+per-token K/V, a fixed-size state per sequence (a convolution window and a recurrent state), with each span's state
+at its end kept beside the pool, so that extending a span runs its new tokens only.
 
 The attention layers' K/V live in the paged pool, as on HFCacheModel. When a forward makes a span, the state it
-leaves in each linear-attention layer is stored under the span's id. A row extending span P starts from P's state,
-or, where P has none (a span made at a cut, or one whose state was dropped), from its nearest ancestor that has one,
-running the tokens in between again (from no state at all: the whole context, as HFRecomputeModel would); those
-tokens are counted in TreeRunner.last_context_rerun. States are a cache of bounded size, at most one per pool block
-(the pool's byte budget counts them: `state_bytes`), least recently used dropped first, pinned spans' last: a
-dropped state costs tokens run again, never a different result. Rows that start from states of one length and run
-as many tokens run as one batch (a span's children extended alike).
+leaves in each linear-attention layer is stored under the span's id; a row with cuts runs one forward per piece
+between them, keeping the state at each cut's span too (the spans a search makes at cuts are those it branches from
+next). A row extending span P starts from P's state, or, where P has none (its state was dropped), from its nearest
+ancestor that has one, running the tokens in between again in a forward of their own that keeps P's state again
+(from no state at all: the whole context, as HFRecomputeModel would); those tokens are counted in
+TreeRunner.last_context_rerun. States are a cache of bounded size: they take at most as many bytes as the pool
+(`state_capacity`, set by the TreeRunner), released spans' dropped first, then the least recently used, pinned
+spans' never: a dropped state costs tokens run again, never a different result. Rows that start from states of one
+length and run alike (as many tokens, cut at the same offsets) run as one batch (a span's children extended alike).
 """
 import collections
 import inspect
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,7 +46,7 @@ class HFStateCacheModel:
         try:
             with torch.inference_mode(), eval_mode(model):
                 cache = self._new_cache()
-                model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=True,
+                model(input_ids=torch.zeros(1, 3, dtype=torch.long, device=device), use_cache=True,
                       **cache_kwargs(model, cache))
         except Exception as err:
             raise _unfit(model, f"its forward with a DynamicCache failed ({err!r})") from err
@@ -55,6 +58,8 @@ class HFStateCacheModel:
                             for s in range(cache.layers[index].number_of_states)
                             for kind in ("conv_states", "recurrent_states")
                             if getattr(cache.layers[index], kind)[s] is not None]
+        if not self.state_slots:
+            raise _unfit(model, "its linear-attention layers hold no state after a forward")
         self.state_bytes = sum(t[0].numel() * t.element_size() for t in self._batched_states(cache))
         for index in self.attention_layers:
             layer = cache.layers[index]
@@ -71,6 +76,7 @@ class HFStateCacheModel:
         self.max_context = context_limit(model.config)
         self.states = collections.OrderedDict()   # span id -> its end state (one tensor per state slot), LRU first
         self.span_tree = None                     # set by the TreeRunner: rows' ancestors and tokens
+        self.state_capacity = 1                   # set by the TreeRunner: the states it may keep
         self.last_rerun = np.zeros(0, dtype=np.int64)   # per row of the last forward: tokens run again
         try:
             exact = self._continues_exactly()
@@ -91,73 +97,94 @@ class HFStateCacheModel:
             return self._forward_rows(batch, pool, select, want_logits, want_hidden, logits_rows)
 
     def _forward_rows(self, batch, pool, select, want_logits, want_hidden, logits_rows):
-        """Consecutive rows that start from states of one length and run as many tokens run as one batch, each
-        other row alone, in order: a row extending an earlier row of the batch starts from the state that row's
-        group stored."""
+        """Consecutive rows that start from states of one length and run alike (as many tokens, cut at the same
+        offsets) run as one batch, each other row alone, in order: a row extending an earlier row of the batch
+        starts from the state that row's group stored."""
         cu, seq_lens = batch.host_cu_q_lens.tolist(), batch.host_seq_lens.tolist()
         spans = batch.host_row_spans.tolist()
         outputs = [None] * len(spans)   # per row: (logits, hidden) at its new tokens
         self.last_rerun = np.zeros(len(spans), dtype=np.int64)
-        group, key = [], None   # rows of the pending group: (row, span, its state's source span); (base, run, new)
+        group, key = [], None   # the pending group: rows; (base, tokens run again, new tokens' cut offsets)
         for row, (span, seq_len) in enumerate(zip(spans, seq_lens)):
             new = cu[row + 1] - cu[row]
-            start = self._ancestor_at(span, seq_len - new)
-            if any(start == made for _, made, _ in group):   # on a row of the pending group: its state first
+            start, chain = self._row_chain(span, seq_len - new)
+            if any(start in made.chain for made in group):   # on a row of the pending group: its state first
                 self._run_group(batch, pool, group, key, outputs, select is not None, want_hidden)
                 group = []
             source = self._state_source(start)
             base = self.span_tree.length(source) if source >= 0 else 0
-            if group and key != (base, seq_len - base, new):
+            row_key = (base, seq_len - new - base, tuple(self.span_tree.length(s) - seq_len + new for s in chain))
+            if group and key != row_key:
                 self._run_group(batch, pool, group, key, outputs, select is not None, want_hidden)
                 group = []
-            group.append((row, span, source))
-            key = (base, seq_len - base, new)
-            self.last_rerun[row] = seq_len - new - base
+            group.append(_Row(row, chain, source, start))
+            key = row_key
+            self.last_rerun[row] = row_key[1]
         self._run_group(batch, pool, group, key, outputs, select is not None, want_hidden)
-        self._trim(pool.num_blocks)
+        self._trim(self.state_capacity)
         if select is None:
             return None, None
         logits, hidden = zip(*outputs)
         return selected_outputs(logits, hidden, select, logits_rows, want_logits, want_hidden)
 
     def _run_group(self, batch, pool, group, key, outputs, want_outputs, want_hidden):
-        """Run the rows of `group` from their sources' states over their `run` tokens (the last `new` of them the
-        batch's), write the new tokens' K/V into the pool, store each row's end state under its span."""
-        (base, run, new), rows = key, [row for row, _, _ in group]
+        """Run the rows of `group` from their sources' states: first the tokens run again (a row starting on a span
+        with no state), whose end state is kept under the row's start span (its next children start there), then
+        the new tokens, in one forward per piece between cuts, keeping the state at each cut's span and at the
+        row's span; write the new tokens' K/V into the pool."""
+        (base, again, ends), rows = key, [member.row for member in group]
         cu = batch.host_cu_q_lens
         tokens = np.concatenate([np.arange(cu[row], cu[row + 1]) for row in rows])   # the group's, row by row
-        token_index = torch.from_numpy(tokens).to(self.device)
-        input_ids = batch.input_ids[token_index].view(len(rows), new)
-        if run > new:   # tokens between each source and its row's start: from the span tree
-            again = [self.span_tree.tokens(span)[base:base + run - new] for _, span, _ in group]
-            input_ids = torch.cat([torch.from_numpy(np.stack(again)).to(self.device, torch.long), input_ids], 1)
         cache = self._new_cache()
         if base:
             kv = gathered_context(pool, batch.block_table[rows], base, range(len(self.attention_layers)))
-            self._load(cache, kv, [self.states[source] for _, _, source in group], base)
-        # logits of the new tokens alone (of the last one where no output is wanted: a prefill)
-        kept = dict(logits_to_keep=new if want_outputs else 1) if self.keeps_logits else {}
-        out = self.model(input_ids=input_ids, use_cache=True, **cache_kwargs(self.model, cache),
-                         output_hidden_states=want_hidden and want_outputs, **kept)
+            self._load(cache, kv, [self.states[member.source] for member in group], base)
+        if again:   # the tokens between each source and its row's start, from the span tree
+            ids = np.stack([self.span_tree.tokens(member.start)[base:] for member in group])
+            self.model(input_ids=torch.from_numpy(ids).to(self.device, torch.long), use_cache=True,
+                       **cache_kwargs(self.model, cache), **self._logits_kept(1))
+            self._store(cache, [member.start for member in group])
+        new_ids = batch.input_ids[torch.from_numpy(tokens).to(self.device)].view(len(rows), ends[-1])
+        pieces = []
+        for piece, (begin, end) in enumerate(zip((0,) + ends, ends)):
+            # logits of the new tokens alone (of the last one where no output is wanted: a prefill)
+            out = self.model(input_ids=new_ids[:, begin:end], use_cache=True, **cache_kwargs(self.model, cache),
+                             output_hidden_states=want_hidden and want_outputs,
+                             **self._logits_kept(end - begin if want_outputs else 1))
+            self._store(cache, [member.chain[piece] for member in group])
+            pieces.append((out.logits, out.hidden_states[-1] if want_hidden and want_outputs else None))
         if self.attention_layers:
+            new = ends[-1]
             write_rows_kv(pool, batch, tokens, [(cache.layers[i].keys[:, :, -new:], cache.layers[i].values[:, :, -new:])
                                                 for i in self.attention_layers])
-        states = self._batched_states(cache)
-        for i, (_, span, _) in enumerate(group):
-            self.states[span] = tuple(t[i].clone() for t in states)
-            self.states.move_to_end(span)
         if want_outputs:
+            logits = torch.cat([piece_logits for piece_logits, _ in pieces], 1)
+            hidden = torch.cat([piece_hidden for _, piece_hidden in pieces], 1) if want_hidden else None
             for i, row in enumerate(rows):
-                outputs[row] = (out.logits[i, -new:], out.hidden_states[-1][i, -new:] if want_hidden else None)
+                outputs[row] = (logits[i], hidden[i] if want_hidden else None)
+
+    def _logits_kept(self, count):
+        """The forward's argument keeping the logits of the last `count` tokens alone, where it takes one."""
+        return dict(logits_to_keep=count) if self.keeps_logits else {}
 
     # ----- the states
 
-    def _ancestor_at(self, span, length):
-        """The ancestor of `span` (a row's new span) that holds its first `length` tokens: where the row starts."""
-        tree, ancestor = self.span_tree, self.span_tree.parent(span)
+    def _store(self, cache, spans):
+        """Keep row i's state in `cache` (after a forward) under spans[i], the most recently used."""
+        states = self._batched_states(cache)
+        for i, span in enumerate(spans):
+            self.states[span] = tuple(t[i].clone() for t in states)
+            self.states.move_to_end(span)
+
+    def _row_chain(self, span, length):
+        """(the ancestor of `span`, a row's new span, that holds its first `length` tokens: where the row starts;
+        the spans the row makes, its cuts' and then `span`)."""
+        tree, chain = self.span_tree, [span]
+        ancestor = tree.parent(span)
         while ancestor >= 0 and tree.length(ancestor) > length:
+            chain.append(ancestor)
             ancestor = tree.parent(ancestor)
-        return ancestor
+        return ancestor, chain[::-1]
 
     def _state_source(self, span):
         """`span` or its nearest ancestor whose end state is stored (moved to the end of the LRU order), or -1."""
@@ -168,12 +195,13 @@ class HFStateCacheModel:
         return span
 
     def _trim(self, capacity):
-        """Drop states past `capacity`: first those of spans gone from the tree, then the least recently used ones
-        of unpinned spans."""
+        """Drop states past `capacity`: first those of spans released (no call extends them; only bringing back an
+        evicted descendant might start from one) or gone from the tree, then the least recently used ones of unpinned
+        spans."""
         if len(self.states) <= capacity:
             return
         tree = self.span_tree
-        for span in [s for s in self.states if not tree.exists(s)]:
+        for span in [s for s in self.states if not (tree.exists(s) and tree.is_live(s))]:
             del self.states[span]
         for span in [s for s in self.states if not tree.pins(s)][:max(len(self.states) - capacity, 0)]:
             del self.states[span]
@@ -231,6 +259,15 @@ class HFStateCacheModel:
         return agree_within_rounding(whole, (torch.cat(parts, 1), whole)) and all(
             agree_within_rounding(expected, (torch.stack(got), expected))
             for got, expected in zip(zip(*states), self._batched_states(whole_cache)))
+
+
+class _Row(NamedTuple):
+    """A row of a group: its index in the batch, the spans it makes (its cuts', then its own), the span whose state
+    it starts from (-1: none), the span it extends."""
+    row: int
+    chain: list
+    source: int
+    start: int
 
 
 def _layer_kinds(cache):

@@ -73,9 +73,9 @@ class TreeRunner:
     Families that layer_layouts names run on PagedLlama; any other causal LM whose layers attend through
     transformers' attention interface, on PagedHF once its probe passes; the rest on Hugging Face's own cache, row
     by row (HFCacheModel; HFStateCacheModel where it holds linear-attention states too: Qwen3.5, Mamba 2, ...,
-    each span's state kept, at most one per pool block, counted in max_bytes), or where it cannot continue from a
-    rebuilt cache (Mamba, RWKV) by computing each row's whole sequence at every call (HFRecomputeModel, much slower),
-    unless `fallback=False`, which refuses them. `attention_backend` is passed to
+    each span's state kept, in at most as many bytes as the pool, max_bytes then shared half and half), or where it
+    cannot continue from a rebuilt cache (Mamba, RWKV) by computing each row's whole sequence at every call
+    (HFRecomputeModel, much slower), unless `fallback=False`, which refuses them. `attention_backend` is passed to
     `fastalign.ops.paged_attention` ("auto", "triton", "torch").
     `cascade_attention`: on the Triton backend, rows of a forward that share whole prefix blocks (the
     children of one span, consecutive in the call) read those blocks once per group instead of once per
@@ -107,14 +107,16 @@ class TreeRunner:
         self.model = model
         mr = self.model_runner
         geometry = dict(block_size=block_size, dtype=mr.dtype)
-        # HFStateCacheModel keeps up to one recurrent state per block beside the pool: max_bytes counts them
-        bytes_per_block = KVPool.bytes_per_block(mr.pool_shapes, **geometry) + getattr(mr, "state_bytes", 0)
-        num_blocks = KVPool.num_blocks_for(max_tokens=max_tokens, max_bytes=max_bytes, block_size=block_size,
-                                           bytes_per_block=bytes_per_block)
+        keeps_states = hasattr(mr, "span_tree")   # HFStateCacheModel: recurrent states beside the pool
+        # its states take at most as many bytes as the pool: given max_bytes, half of it each
+        num_blocks = KVPool.num_blocks_for(max_tokens=max_tokens,
+                                           max_bytes=max_bytes // 2 if keeps_states and is_integer(max_bytes)
+                                           else max_bytes, block_size=block_size,
+                                           bytes_per_block=KVPool.bytes_per_block(mr.pool_shapes, **geometry))
         self.pool = KVPool(mr.pool_shapes, num_blocks=num_blocks, device=mr.device, **geometry)
         self.store = SpanStore(num_blocks, block_size)
-        if hasattr(mr, "span_tree"):   # HFStateCacheModel: rows' ancestors, and the tokens to run again
-            mr.span_tree = self.store.tree
+        if keeps_states:   # the span tree: rows' ancestors, and the tokens to run again
+            mr.span_tree, mr.state_capacity = self.store.tree, max(1, self.pool.nbytes // mr.state_bytes)
         self.vocab_size = input_vocabulary(model)
         backend = resolve_backend(attention_backend, mr.device) if self.paged else None
         self._cascade_block_size = block_size if cascade_attention and backend == "triton" else None

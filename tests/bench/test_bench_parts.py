@@ -491,10 +491,14 @@ def test_tree_attention_calls_read_distinct_kv_past_the_l2_cache(monkeypatch):
     assert rows[0]["max_diff"] < 1e-5
 
 
+class FakeModelRunner:
+    """What the extend rows name as the runner's model runner."""
+
+
 class FakeRunner:
     """Records the runner calls of the extend and rewind sections."""
     def __init__(self):
-        self.calls, self.token_lists = [], []
+        self.calls, self.token_lists, self.model_runner = [], [], FakeModelRunner()
 
     def extend(self, parents, token_lists, **kwargs):
         self.calls.append(("extend", parents, [len(t) for t in token_lists]))
@@ -510,7 +514,7 @@ def test_tree_extend_section_times_one_batched_extend_of_k_children(monkeypatch)
     child with tokens of its own, as RAIN's children are distinct samples."""
     torch.manual_seed(0)
     runner, root = FakeRunner(), SimpleNamespace(length=100)
-    rows = bench_tree.extend_rows(runner, root, 50, "cpu", [1, 10], 7, "-")
+    rows = bench_tree.extend_rows(runner, root, 50, "cpu", [1, 10], 7, "-", baseline=False)
     extends = [call for call in runner.calls if call[0] == "extend"]
     assert extends == [("extend", [root], [7])] * 7 + [("extend", [root] * 10, [7] * 10)] * 7
     assert all(len({tuple(tokens) for tokens in lists}) == len(lists) for lists in runner.token_lists)
@@ -526,10 +530,36 @@ def test_tree_extend_and_rewind_times_leave_out_drawing_the_tokens(monkeypatch):
     runner, root = FakeRunner(), SimpleNamespace(length=100)
     extend = runner.extend
     monkeypatch.setattr(runner, "extend", lambda *args, **kwargs: tick() or extend(*args, **kwargs))
-    rows = bench_tree.extend_rows(runner, root, 50, "cpu", [1, 10], 7, "-")
+    rows = bench_tree.extend_rows(runner, root, 50, "cpu", [1, 10], 7, "-", baseline=False)
     assert [row[key] for row in rows for key in ("ms", "vs_one_child")] == pytest.approx([1.0] * 4), rows
     (rewind,) = bench_tree.rewind_rows(runner, root, 50, "cpu", [16], reps=2)
     assert rewind["extend_after_us"] == pytest.approx(1000.0) and rewind["release_us"] == 0.0, rewind
+
+
+def test_tree_extend_baseline_runs_the_models_forward_over_each_childs_whole_sequence(monkeypatch):
+    """The baseline row of k children is one forward of the model over k sequences of the root's tokens and
+    tokens_each more, no cache, the last token's logits alone; its ratio is against the runner's one child."""
+    tick = fake_clock(monkeypatch, bench_tree, iter(lambda: 0.001, None))
+    forwards = []
+
+    def model(input_ids, use_cache, logits_to_keep):
+        forwards.append((input_ids.tolist(), use_cache, logits_to_keep))
+        tick()
+        tick()
+        return SimpleNamespace(logits=None)
+    runner = FakeRunner()
+    runner.model = model
+    extend = runner.extend
+    monkeypatch.setattr(runner, "extend", lambda *args, **kwargs: tick() or extend(*args, **kwargs))
+    root = SimpleNamespace(length=3, tokens=[7, 8, 9])
+    rows = bench_tree.extend_rows(runner, root, 50, "cpu", [1, 4], 2, "-", baseline=True)
+    assert [row["method"] for row in rows] == ["TreeRunner (FakeModelRunner)", "HF forward, whole sequences"] * 2
+    baseline = [row for row in rows if row["method"] == "HF forward, whole sequences"]
+    assert [row["ms"] for row in baseline] == pytest.approx([2.0, 2.0]) and [
+        row["vs_one_child"] for row in baseline] == pytest.approx([2.0, 2.0])
+    assert {(len(ids), len(ids[0]), use_cache, kept) for ids, use_cache, kept in forwards} == {
+        (1, 5, False, 1), (4, 5, False, 1)}
+    assert all(row[:3] == [7, 8, 9] for ids, _, _ in forwards for row in ids)
 
 
 def test_tree_rewind_section_releases_a_branch_of_l_tokens_then_extends_the_root_by_one(monkeypatch):
@@ -580,7 +610,8 @@ def test_the_runner_sections_take_a_phi3_through_pagedhf():
     torch.manual_seed(0)
     rows = bench_tree.runner_rows(args, torch.device("cpu"), torch.float32)
     assert not [row for row in rows if row.get("error")], rows
-    assert {row["model_runner"] for row in rows if row["section"] == "extend"} == {"PagedHF"}
+    assert {row["method"] for row in rows if row["section"] == "extend"} == {"TreeRunner (PagedHF)",
+                                                                             "HF forward, whole sequences"}
     ours = next(row for row in rows if row.get("method") == "fastalign TreeRunner")
     assert ours["same_greedy_tokens"] == 4
 
@@ -595,7 +626,8 @@ def test_the_runner_sections_take_a_gemma3_whose_window_is_shorter_than_the_pref
     assert model.config.sliding_window == 8 and model.config.layer_types == ["sliding_attention", "full_attention"]
     rows = bench_tree.runner_rows(args, torch.device("cpu"), torch.float32)
     assert not [row for row in rows if row.get("error")], rows
-    assert {row["model_runner"] for row in rows if row["section"] == "extend"} == {"PagedLlama"}
+    assert {row["method"] for row in rows if row["section"] == "extend"} == {"TreeRunner (PagedLlama)",
+                                                                             "HF forward, whole sequences"}
     ours = next(row for row in rows if row.get("method") == "fastalign TreeRunner")
     assert ours["same_greedy_tokens"] == 4
 

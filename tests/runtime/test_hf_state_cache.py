@@ -53,47 +53,53 @@ def test_a_row_on_an_earlier_row_of_the_call_starts_from_the_state_that_row_left
     assert_matches(model, chain, logits)
 
 
-def test_a_span_without_a_state_runs_from_its_nearest_ancestor_that_has_one():
-    """A span made at a cut keeps no state: extending it runs the tokens after the nearest ancestor with one again
-    (here the root's), counted as recomputed, with the full sequence's logits."""
+def test_a_row_with_cuts_runs_piece_by_piece_keeping_the_state_at_each_cut():
+    """A span made at a cut keeps its state too (the row runs one forward per piece between its cuts; here a new
+    root's, its first span at a cut): a child of it runs its new token alone."""
     model, runner, calls = state_runner()
-    root = runner.prefill([5, 17, 3])
-    ((cut, child),), _ = runner.extend([root], [[1, 2, 3, 4]], cuts=[[2]])
-    assert cut.id not in runner.model_runner.states and child.id in runner.model_runner.states
+    ((root, cut, child),), logits = runner.extend([None], [[5, 17, 3, 1, 2, 3, 4]], cuts=[[3, 5]], logits="all")
+    assert calls == [(1, 3, 3), (1, 2, 2), (1, 2, 2)] and {root.id, cut.id, child.id} <= set(runner.model_runner.states)
+    assert_matches(model, [root, cut, child], [logits[0][:3], logits[0][3:5], logits[0][5:]])
     (grandchild,), logits = runner.extend([cut], [[9]], logits="all")
-    assert calls[-1] == (1, 3, 1)   # the cut's 2 tokens again, then its new one; logits of the new one alone
-    assert runner.last_context_rerun.tolist() == [2] and runner.recomputed_tokens == 2
+    assert calls[-1] == (1, 1, 1) and runner.recomputed_tokens == 0
     assert_matches(model, [grandchild], logits)
 
 
-def test_states_stay_within_one_per_pool_block_dropping_released_then_least_recent_but_pinned():
-    """The runner keeps at most one state per pool block: past that, first the states of spans gone from the tree,
-    then the least recently used, a pinned span's never; results stay the Hugging Face model's."""
-    model, runner, _ = state_runner(max_tokens=32)   # 8 blocks
-    states = runner.model_runner.states
+def test_a_span_whose_state_was_dropped_runs_from_its_nearest_ancestor_that_has_one_and_keeps_it_again():
+    """Past the runner's capacity of states, released spans' go first, then the least recently used, a pinned
+    span's never: a span whose state was dropped runs the tokens after its nearest ancestor with one again (counted
+    as recomputed), in a forward of their own that keeps its state again for its next children."""
+    model, runner, calls = state_runner()
+    mr = runner.model_runner
+    mr.state_capacity = 3
     root = runner.prefill([5, 17, 3])
     runner.pin(root)
-    first = runner.extend([root], [[1]], logits=None)[0][0]
-    runner.release(first)
-    gone = first.id
-    spans = [runner.extend([root], [[token]], logits=None)[0][0] for token in range(10, 17)]   # 9 states made
-    assert len(states) == 8 and gone not in states and root.id in states
-    (oldest, *_), newest = spans, runner.extend([spans[-1]], [[40]], logits=None)[0][0]
-    assert len(states) == 8 and oldest.id not in states and root.id in states and newest.id in states
-    (child,), logits = runner.extend([oldest], [[41]], logits="all")   # from the root's state: 1 token again
-    assert runner.last_context_rerun.tolist() == [1]
+    released = runner.extend([root], [[1]], logits=None)[0][0]
+    runner.release(released)
+    old, middle = (runner.extend([root], [[token, 7]], logits=None)[0][0] for token in (10, 11))
+    assert set(mr.states) == {root.id, old.id, middle.id}   # the released span's went first
+    newest = runner.extend([middle], [[8]], logits=None)[0][0]
+    assert set(mr.states) == {root.id, middle.id, newest.id}   # then the least recently used
+    last = runner.extend([newest], [[9]], logits=None)[0][0]
+    assert set(mr.states) == {root.id, newest.id, last.id}   # the root's was older, but it is pinned
+    (child,), logits = runner.extend([old], [[41]], logits="all")
+    assert calls[-2:] == [(1, 2, 1), (1, 1, 1)] and runner.last_context_rerun.tolist() == [2]
+    assert runner.recomputed_tokens == 2 and old.id in mr.states
     assert_matches(model, [child], logits)
+    (second,), logits = runner.extend([old], [[42]], logits="all")
+    assert calls[-1] == (1, 1, 1) and runner.recomputed_tokens == 2
+    assert_matches(model, [second], logits)
 
 
-def test_max_bytes_counts_one_state_per_block_beside_the_pool():
-    model, runner, _ = state_runner()
+def test_states_take_as_many_bytes_as_the_pool_and_max_bytes_is_shared_half_and_half():
+    model, runner, _ = state_runner(max_tokens=64)
     mr = runner.model_runner
-    per_block = KVPool.bytes_per_block(mr.pool_shapes, block_size=4, dtype=mr.dtype) + mr.state_bytes
-    assert mr.state_bytes > 0
+    assert mr.state_bytes > 0 and mr.state_capacity == runner.pool.nbytes // mr.state_bytes
+    per_block = KVPool.bytes_per_block(mr.pool_shapes, block_size=4, dtype=mr.dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sized = TreeRunner(model, max_bytes=10 * per_block + per_block // 2, block_size=4)
-    assert sized.num_blocks == 10
+        sized = TreeRunner(model, max_bytes=20 * per_block + 3, block_size=4)
+    assert sized.num_blocks == 10 and sized.model_runner.state_capacity == 10 * per_block // mr.state_bytes
 
 
 def test_a_pure_state_space_model_holds_nothing_in_the_pool_but_runs_its_new_tokens_alone():
