@@ -260,6 +260,9 @@ def main():
     def add(new_row):
         """Adds a row and rewrites the JSON with every row so far (a run cut short keeps what it measured)."""
         rows.append(new_row)
+        return write()
+
+    def write():   # a family other than Llama is a variant, beside the default run of the commit
         return write_results("rain", args.device, record, rows, tag=None if args.family == "llama" else args.family)
 
     def section(name, measure):
@@ -330,7 +333,7 @@ def main():
     extra = {k: v for k, v in rows[0].items() if k in ("speedup_per_commit", "token_ratio_vs_slow",
                                                        "rain_over_greedy", "greedy_s_same_length")}
     print(extra)
-    print("wrote", write_results("rain", args.device, record, rows))
+    print("wrote", write())
 
 
 if __name__ == "__main__":
