@@ -483,7 +483,11 @@ class TreeRunner:
             outputs = self.model_runner.forward(batch, self.pool, select, logits is not None, hidden is not None,
                                                 logits_rows)
         if hasattr(self.model_runner, "last_rerun"):   # HFStateCacheModel: context tokens run from the nearest state
-            self.recomputed_tokens += int(self.model_runner.last_rerun.sum())
+            rerun = self.model_runner.last_rerun
+            self.recomputed_tokens += int(rerun.sum())
+            if not plan.creates_spans:   # charged to the span brought back, as its own tokens are
+                for span, tokens in zip(plan.row_spans.tolist(), rerun.tolist()):
+                    self.last_restored[span] += tokens
         return outputs
 
     @staticmethod

@@ -126,3 +126,17 @@ def test_a_cache_layer_that_is_not_full_attention_is_refused():
     with pytest.raises(ValueError, match="cannot run on Hugging Face's cache with its recurrent states kept per span: "
                                          "its cache holds no linear-attention state"):
         HFStateCacheModel(tiny_model("bloom-alibi-fallback"), torch.device("cpu"))
+
+
+def test_bringing_back_an_evicted_span_whose_parent_has_no_state_charges_the_tokens_run_again_to_it():
+    """An evicted span comes back from its parent's state; where that was dropped, the tokens before it run again,
+    counted with its own in last_restored and recomputed_tokens (RAIN charges them to the row that needed it)."""
+    model, runner, _ = state_runner()
+    root = runner.prefill([5, 17, 3, 9, 2, 8, 4, 6])
+    (child,), _ = runner.extend([root], [[1, 2, 3, 4]], logits=None)
+    del runner.model_runner.states[root.id]
+    runner.tree.evict(child.id)
+    (grandchild,), logits = runner.extend([child], [[7]], logits="all")
+    assert runner.last_restored == {child.id: 4 + 8} and runner.recomputed_tokens == 12
+    assert runner.last_context_rerun.tolist() == [0]
+    assert_matches(model, [grandchild], logits)
