@@ -57,34 +57,64 @@ def test_a_row_with_cuts_runs_piece_by_piece_keeping_the_state_at_each_cut():
     """A span made at a cut keeps its state too (the row runs one forward per piece between its cuts; here a new
     root's, its first span at a cut): a child of it runs its new token alone."""
     model, runner, calls = state_runner()
-    ((root, cut, child),), logits = runner.extend([None], [[5, 17, 3, 1, 2, 3, 4]], cuts=[[3, 5]], logits="all")
+    ((root, cut, child),), logits, hidden = runner.extend([None], [[5, 17, 3, 1, 2, 3, 4]], cuts=[[3, 5]],
+                                                          logits="all", hidden="all")
     assert calls == [(1, 3, 3), (1, 2, 2), (1, 2, 2)] and {root.id, cut.id, child.id} <= set(runner.model_runner.states)
     assert_matches(model, [root, cut, child], [logits[0][:3], logits[0][3:5], logits[0][5:]])
+    for span, part in ((root, hidden[0][:3]), (cut, hidden[0][3:5]), (child, hidden[0][5:])):
+        torch.testing.assert_close(part, reference(model, span)[1], rtol=1e-4, atol=1e-4)
     (grandchild,), logits = runner.extend([cut], [[9]], logits="all")
     assert calls[-1] == (1, 1, 1) and runner.recomputed_tokens == 0
     assert_matches(model, [grandchild], logits)
 
 
-def test_a_span_whose_state_was_dropped_runs_from_its_nearest_ancestor_that_has_one_and_keeps_it_again():
-    """Past the runner's capacity of states, released spans' go first, then the least recently used, a pinned
-    span's never: a span whose state was dropped runs the tokens after its nearest ancestor with one again (counted
-    as recomputed), in a forward of their own that keeps its state again for its next children."""
-    model, runner, calls = state_runner()
+def test_past_its_capacity_the_runner_drops_released_spans_states_then_the_least_recently_used_but_pinned():
+    """Released spans' states go first (one kept in the tree by a live child too: no call extends it), then the least
+    recently used (a state counts as used when a row starts from it), a pinned span's never."""
+    model, runner, _ = state_runner()
+    mr = runner.model_runner
+    mr.state_capacity = 4
+    root = runner.prefill([5, 17, 3])
+    runner.pin(root)
+
+    def child(parent, tokens):
+        return runner.extend([parent], [tokens], logits=None)[0][0]
+    released = child(root, [1])
+    kept = child(released, [2])
+    runner.release(released)
+    old = child(root, [10, 7])
+    middle = child(root, [11, 7])
+    assert set(mr.states) == {root.id, kept.id, old.id, middle.id}   # the released span's went first
+    newest = child(middle, [8])
+    assert set(mr.states) == {root.id, old.id, middle.id, newest.id}   # then the least recently used
+    last = child(newest, [9])
+    assert set(mr.states) == {root.id, middle.id, newest.id, last.id}
+    latest = child(last, [6])
+    assert set(mr.states) == {root.id, newest.id, last.id, latest.id}   # the root's the least recently used, pinned
+
+
+def test_a_state_a_row_starts_from_counts_as_used():
+    """The root's state, made first, stays while rows keep starting from it; a span's made later but not used since
+    goes before it."""
+    model, runner, _ = state_runner()
     mr = runner.model_runner
     mr.state_capacity = 3
     root = runner.prefill([5, 17, 3])
-    runner.pin(root)
-    released = runner.extend([root], [[1]], logits=None)[0][0]
-    runner.release(released)
-    old, middle = (runner.extend([root], [[token, 7]], logits=None)[0][0] for token in (10, 11))
-    assert set(mr.states) == {root.id, old.id, middle.id}   # the released span's went first
-    newest = runner.extend([middle], [[8]], logits=None)[0][0]
-    assert set(mr.states) == {root.id, middle.id, newest.id}   # then the least recently used
-    last = runner.extend([newest], [[9]], logits=None)[0][0]
-    assert set(mr.states) == {root.id, newest.id, last.id}   # the root's was older, but it is pinned
+    first, second = (runner.extend([root], [[token]], logits=None)[0][0] for token in (1, 2))
+    (third,), _ = runner.extend([second], [[4]], logits=None)
+    assert set(mr.states) == {root.id, second.id, third.id} and first.id not in mr.states
+
+
+def test_a_span_whose_state_was_dropped_runs_from_its_nearest_ancestor_that_has_one_and_keeps_it_again():
+    """A span whose state was dropped runs the tokens after its nearest ancestor with one again (counted as
+    recomputed), in a forward of their own that keeps its state again for its next children."""
+    model, runner, calls = state_runner()
+    root = runner.prefill([5, 17, 3])
+    (old,), _ = runner.extend([root], [[10, 7]], logits=None)
+    del runner.model_runner.states[old.id]
     (child,), logits = runner.extend([old], [[41]], logits="all")
     assert calls[-2:] == [(1, 2, 1), (1, 1, 1)] and runner.last_context_rerun.tolist() == [2]
-    assert runner.recomputed_tokens == 2 and old.id in mr.states
+    assert runner.recomputed_tokens == 2 and old.id in runner.model_runner.states
     assert_matches(model, [child], logits)
     (second,), logits = runner.extend([old], [[42]], logits="all")
     assert calls[-1] == (1, 1, 1) and runner.recomputed_tokens == 2
