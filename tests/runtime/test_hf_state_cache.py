@@ -170,3 +170,23 @@ def test_bringing_back_an_evicted_span_whose_parent_has_no_state_charges_the_tok
     assert runner.last_restored == {child.id: 4 + 8} and runner.recomputed_tokens == 12
     assert runner.last_context_rerun.tolist() == [0]
     assert_matches(model, [grandchild], logits)
+
+
+def test_the_cache_layers_it_holds_are_full_attention_and_linear_attention_alone():
+    """Full attention layers' K/V go to the pool and linear-attention layers' states beside it (a layer may be both);
+    transformers' placeholder for a layer with no cache (Nemotron-H's MLP layers) is passed over; a sliding window
+    (its cache keeps the window alone) or a layer of the model's own is refused, naming the layer."""
+    from types import SimpleNamespace
+
+    from transformers import cache_utils
+    from fastalign.runtime.hf_state_cache import _layer_kinds
+    layers = [cache_utils.LinearAttentionLayer(), cache_utils.DynamicLayer(),
+              cache_utils.LinearAttentionAndFullAttentionLayer()]
+    if hasattr(cache_utils, "DummyLayer"):   # transformers >= 5.25
+        layers.append(cache_utils.DummyLayer())
+    assert _layer_kinds(SimpleNamespace(layers=layers)) == ([1, 2], [0, 2], None)
+    sliding = SimpleNamespace(layers=layers[:1] + [cache_utils.DynamicSlidingWindowLayer(sliding_window=4)])
+    assert _layer_kinds(sliding)[2] == "its cache layer 1 is a DynamicSlidingWindowLayer, not full attention"
+    own = SimpleNamespace(layers=layers[:1] + [object()])
+    assert _layer_kinds(own)[2] == "its cache layer 1 is a object"
+    assert _layer_kinds(SimpleNamespace(layers=layers[1:2]))[2] == "its cache holds no linear-attention state"
