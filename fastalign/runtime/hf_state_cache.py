@@ -42,7 +42,7 @@ class HFStateCacheModel:
             raise _unfit(model, "it is not a causal language model (can_generate() is not True)")
         self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         if not takes_a_cache(model):
-            raise _unfit(model, "its forward takes no cache (no cache or past_key_values argument)")
+            raise _unfit(model, "its forward takes no cache (no cache, past_key_values or cache_params argument)")
         try:
             with torch.inference_mode(), eval_mode(model):
                 cache = self._new_cache()
@@ -67,10 +67,9 @@ class HFStateCacheModel:
                 raise _unfit(model, f"its K and V differ in shape (layer {index} holds K {list(layer.keys.shape)} and "
                                     f"V {list(layer.values.shape)})")
         if self.attention_layers:
-            keys = cache.layers[self.attention_layers[0]].keys
             self.pool_shapes = [(cache.layers[i].keys.shape[1], cache.layers[i].keys.shape[3])
                                 for i in self.attention_layers]
-            self.dtype = keys.dtype
+            self.dtype = cache.layers[self.attention_layers[0]].keys.dtype
         else:   # a pure state-space model: the pool holds nothing of use, one slot per token all the same
             self.pool_shapes, self.dtype = [(1, 1)], self._batched_states(cache)[0].dtype
         self.max_context = context_limit(model.config)
@@ -84,8 +83,8 @@ class HFStateCacheModel:
             raise _unfit(model, f"its forward after a cache rebuilt from its K/V and states failed ({err!r})") \
                 from err
         if not exact:
-            raise _unfit(model, "its logits after a cache rebuilt from its K/V and states differ from its forward "
-                                "over the whole sequence")
+            raise _unfit(model, "its logits or states after a cache rebuilt from its K/V and states differ from "
+                                "its forward's over the whole sequence")
 
     # ----- the forward
 

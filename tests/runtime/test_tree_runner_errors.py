@@ -465,7 +465,7 @@ _MARKS_STATEFUL = hasattr(transformers.PreTrainedModel, "_is_stateful")   # tran
 
 
 # the reasons given without the mark: RWKV's forward takes its own state; DeepSeek-V4 registers its own cache layers
-_NO_CACHE = "its forward takes no cache \\(no cache or past_key_values argument\\)"
+_NO_CACHE = "its forward takes no cache \\(no cache, past_key_values or cache_params argument\\)"
 _OWN_CACHE_LAYER = ("its cache layer of kind heavily_compressed_attention is the model's own \\(DeepseekV4HCACache\\), "
                     "not transformers' per-token K and V")
 
