@@ -230,7 +230,8 @@ def state_problem(model):
 def _unfit_cause(model, finding):
     """Why the fallback refuses `model`: its trait that explains a failed probe (`state_problem`, or a forward that
     takes no cache: RWKV's takes its own `state`), else what the probe found."""
-    no_cache = None if takes_a_cache(model) else "its forward takes no cache (no cache, past_key_values or cache_params argument)"
+    no_cache = None if takes_a_cache(model) else ("its forward takes no cache (no cache, past_key_values or "
+                                                  "cache_params argument)")
     return state_problem(model) or no_cache or finding
 
 

@@ -68,9 +68,10 @@ def test_a_row_with_cuts_runs_piece_by_piece_keeping_the_state_at_each_cut():
     assert_matches(model, [grandchild], logits)
 
 
-def test_past_its_capacity_the_runner_drops_released_spans_states_then_the_least_recently_used_but_pinned():
-    """Released spans' states go first (one kept in the tree by a live child too: no call extends it), then the least
-    recently used (a state counts as used when a row starts from it), a pinned span's never."""
+def test_past_its_capacity_the_runner_drops_released_spans_states_then_inner_ones_then_leaves_but_pinned():
+    """Released spans' states go first (one kept in the tree by a live child too: no call extends it), then those a
+    row has started from (inner nodes of a search, extended less often than its leaves), then the rest, each least
+    recently used first; a pinned span's never."""
     model, runner, _ = state_runner()
     mr = runner.model_runner
     mr.state_capacity = 4
@@ -86,23 +87,35 @@ def test_past_its_capacity_the_runner_drops_released_spans_states_then_the_least
     middle = child(root, [11, 7])
     assert set(mr.states) == {root.id, kept.id, old.id, middle.id}   # the released span's went first
     newest = child(middle, [8])
-    assert set(mr.states) == {root.id, old.id, middle.id, newest.id}   # then the least recently used
-    last = child(newest, [9])
-    assert set(mr.states) == {root.id, middle.id, newest.id, last.id}
-    latest = child(last, [6])
-    assert set(mr.states) == {root.id, newest.id, last.id, latest.id}   # the root's the least recently used, pinned
+    assert set(mr.states) == {root.id, kept.id, old.id, newest.id}   # then the one a row started from
+    other = child(root, [12])
+    assert set(mr.states) == {root.id, old.id, newest.id, other.id}   # then the least recently used leaf; the root,
+    # started from and the least recently used, is pinned
 
 
-def test_a_state_a_row_starts_from_counts_as_used():
-    """The root's state, made first, stays while rows keep starting from it; a span's made later but not used since
-    goes before it."""
+def test_among_spans_rows_started_from_the_least_recently_used_goes_first():
+    """A state counts as used when a row starts from it: the root's, made first but started from last, stays; the
+    child's, started from before, goes (not the grandchild's, a leaf, nor the root's second child's)."""
+    model, runner, _ = state_runner()
+    mr = runner.model_runner
+    mr.state_capacity = 3
+    root = runner.prefill([5, 17, 3])
+    (child,), _ = runner.extend([root], [[1]], logits=None)
+    (grandchild,), _ = runner.extend([child], [[2]], logits=None)
+    (second,), _ = runner.extend([root], [[4]], logits=None)
+    assert set(mr.states) == {root.id, grandchild.id, second.id}
+
+
+def test_an_inner_node_loses_its_state_before_the_leaves():
+    """The root, the first span of the runner, has two children: its state goes before the leaves' (its first
+    child's, started from more recently, stays)."""
     model, runner, _ = state_runner()
     mr = runner.model_runner
     mr.state_capacity = 3
     root = runner.prefill([5, 17, 3])
     first, second = (runner.extend([root], [[token]], logits=None)[0][0] for token in (1, 2))
-    (third,), _ = runner.extend([second], [[4]], logits=None)
-    assert set(mr.states) == {root.id, second.id, third.id} and first.id not in mr.states
+    (grandchild,), _ = runner.extend([first], [[4]], logits=None)
+    assert root.id == 0 and set(mr.states) == {first.id, second.id, grandchild.id}
 
 
 def test_a_span_whose_state_was_dropped_runs_from_its_nearest_ancestor_that_has_one_and_keeps_it_again():
