@@ -9,11 +9,11 @@ between them, keeping the state at each cut's span too (the spans a search makes
 next). A row extending span P starts from P's state, or, where P has none (its state was dropped), from its nearest
 ancestor that has one, running the tokens in between again in a forward of their own that keeps P's state again
 (from no state at all: the whole context, as HFRecomputeModel would); those tokens are counted in
-TreeRunner.last_context_rerun. States are a cache of bounded size: they take at most as many bytes as the pool
-(`state_capacity`, set by the TreeRunner), released spans' dropped first, then those a row has started from (a
-search's inner nodes), then the rest, least recently used first, pinned spans' never: a dropped state costs tokens
-run again, never a different result. Rows that start from states of one length and run alike (as many tokens, cut
-at the same offsets) run as one batch (a span's children extended alike).
+TreeRunner.last_context_rerun. States are a cache of bounded size (`state_capacity`, set by the TreeRunner from its
+max_state_bytes, by default as many bytes as the pool), released spans' dropped first, then those a row has started
+from (a search's inner nodes), then the rest, least recently used first, pinned spans' never: a dropped state costs
+tokens run again, never a different result. Rows that start from states of one length and run alike (as many
+tokens, cut at the same offsets) run as one batch (a span's children extended alike).
 """
 import collections
 import inspect

@@ -73,8 +73,9 @@ class TreeRunner:
     Families that layer_layouts names run on PagedLlama; any other causal LM whose layers attend through
     transformers' attention interface, on PagedHF once its probe passes; the rest on Hugging Face's own cache, row
     by row (HFCacheModel; HFStateCacheModel where it holds linear-attention states too: Qwen3.5, Mamba 2, ...,
-    each span's state kept, in at most as many bytes as the pool, max_bytes then shared half and half), or where it
-    cannot continue from a rebuilt cache (Mamba, RWKV) by computing each row's whole sequence at every call
+    each span's state kept, in at most `max_state_bytes`, by default as many bytes as the pool, max_bytes then shared
+    half and half; more room for states means fewer tokens run again, see hf_state_cache.py), or where it cannot
+    continue from a rebuilt cache (Mamba, RWKV) by computing each row's whole sequence at every call
     (HFRecomputeModel, much slower), unless `fallback=False`, which refuses them. `attention_backend` is passed to
     `fastalign.ops.paged_attention` ("auto", "triton", "torch").
     `cascade_attention`: on the Triton backend, rows of a forward that share whole prefix blocks (the
@@ -86,7 +87,9 @@ class TreeRunner:
     """
 
     def __init__(self, model, *, max_tokens=None, max_bytes=None, block_size=16, fallback=True,
-                 attention_backend="auto", cascade_attention=True):
+                 attention_backend="auto", cascade_attention=True, max_state_bytes=None):
+        if max_state_bytes is not None and (not is_integer(max_state_bytes) or max_state_bytes <= 0):
+            raise ValueError(f"max_state_bytes: expected a positive int or None, got {max_state_bytes!r}")
         if not is_integer(block_size) or block_size <= 0:
             raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
         block_size = int(block_size)
@@ -108,15 +111,19 @@ class TreeRunner:
         mr = self.model_runner
         geometry = dict(block_size=block_size, dtype=mr.dtype)
         keeps_states = hasattr(mr, "span_tree")   # HFStateCacheModel: recurrent states beside the pool
-        # its states take at most as many bytes as the pool: given max_bytes, half of it each
-        num_blocks = KVPool.num_blocks_for(max_tokens=max_tokens,
-                                           max_bytes=max_bytes // 2 if keeps_states and is_integer(max_bytes)
-                                           else max_bytes, block_size=block_size,
+        if max_state_bytes is not None and not keeps_states:
+            raise ValueError(f"max_state_bytes: {type(model).__name__} keeps no recurrent state (it runs on "
+                             f"{type(mr).__name__}); leave it None")
+        # its states take max_state_bytes, else as many bytes as the pool: given max_bytes alone, half of it each
+        halved = keeps_states and max_state_bytes is None and is_integer(max_bytes)
+        num_blocks = KVPool.num_blocks_for(max_tokens=max_tokens, max_bytes=max_bytes // 2 if halved else max_bytes,
+                                           block_size=block_size,
                                            bytes_per_block=KVPool.bytes_per_block(mr.pool_shapes, **geometry))
         self.pool = KVPool(mr.pool_shapes, num_blocks=num_blocks, device=mr.device, **geometry)
         self.store = SpanStore(num_blocks, block_size)
         if keeps_states:   # the span tree: rows' ancestors, and the tokens to run again
-            mr.span_tree, mr.state_capacity = self.store.tree, max(1, self.pool.nbytes // mr.state_bytes)
+            budget = self.pool.nbytes if max_state_bytes is None else int(max_state_bytes)
+            mr.span_tree, mr.state_capacity = self.store.tree, max(1, budget // mr.state_bytes)
         self.vocab_size = input_vocabulary(model)
         backend = resolve_backend(attention_backend, mr.device) if self.paged else None
         self._cascade_block_size = block_size if cascade_attention and backend == "triton" else None

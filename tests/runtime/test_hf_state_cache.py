@@ -145,6 +145,28 @@ def test_states_take_as_many_bytes_as_the_pool_and_max_bytes_is_shared_half_and_
     assert sized.num_blocks == 10 and sized.model_runner.state_capacity == 10 * per_block // mr.state_bytes
 
 
+@pytest.mark.parametrize("sizing", [dict(max_tokens=64), dict(max_bytes=1 << 20)])
+def test_max_state_bytes_sizes_the_states_apart_from_the_pool(sizing):
+    """Given max_state_bytes, the states take that many bytes whatever the pool, and max_bytes is the pool's alone."""
+    model = tiny_model("qwen3.5-linear-attention-states")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runner = TreeRunner(model, block_size=4, max_state_bytes=50_000, **sizing)
+    mr = runner.model_runner
+    assert mr.state_capacity == 50_000 // mr.state_bytes
+    per_block = KVPool.bytes_per_block(mr.pool_shapes, block_size=4, dtype=mr.dtype)
+    assert runner.num_blocks == (16 if "max_tokens" in sizing else (1 << 20) // per_block)
+
+
+@pytest.mark.parametrize("value, match", [(0, "expected a positive int or None, got 0"),
+                                          (1.5, "expected a positive int or None, got 1.5"),
+                                          (1 << 20, "LlamaForCausalLM keeps no recurrent state \\(it runs on "
+                                                    "PagedLlama\\); leave it None")])
+def test_max_state_bytes_is_refused_where_it_means_nothing(value, match):
+    with pytest.raises(ValueError, match=f"^max_state_bytes: {match}"):
+        TreeRunner(tiny_model("llama-gqa-untied"), max_tokens=64, max_state_bytes=value)
+
+
 def test_a_pure_state_space_model_holds_nothing_in_the_pool_but_runs_its_new_tokens_alone():
     """Mamba 2 has no attention layer: the pool holds one placeholder per token, each span's state does the rest."""
     model, runner, calls = state_runner("mamba2-states")
