@@ -39,7 +39,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.harness import LLAMA_SHAPES, failure_row, print_table, synchronize, write_results  # noqa: E402
+from bench.harness import (LLAMA_SHAPES, failure_row, print_table, qwen3_5_layer_types,  # noqa: E402
+                           synchronize, write_results)
 from fastalign.evaluation.generation import pad_id  # noqa: E402
 from fastalign.pretrained import load_pretrained  # noqa: E402
 from fastalign.rain import JudgePrompt, RainConfig, rain_generate  # noqa: E402
@@ -93,8 +94,7 @@ def random_llama_1b(args, prompts):
     shape = dict(LLAMA_SHAPES["1b"], max_position_embeddings=8192, bos_token_id=tok.bos_token_id,
                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if args.family == "qwen3_5":
-        shape["layer_types"] = ["full_attention" if i % 4 == 3 else "linear_attention"
-                                for i in range(shape["num_hidden_layers"])]
+        shape["layer_types"] = qwen3_5_layer_types(shape["num_hidden_layers"])
     config_class, model_class = FAMILIES[args.family]
     with torch.device(args.device):
         model = getattr(transformers, model_class)(getattr(transformers, config_class)(**shape))
@@ -110,7 +110,7 @@ def tiny_qwen3_5(vocab_size, eos_token_id):
     torch.manual_seed(0)
     model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, layer_types=["linear_attention", "full_attention"],
+        num_key_value_heads=2, head_dim=16, layer_types=qwen3_5_layer_types(2),
         linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
         max_position_embeddings=1024, eos_token_id=eos_token_id)).eval()
     with torch.no_grad():   # flatter logits than the default init: more varied samples

@@ -249,11 +249,10 @@ def random_model(quick, device, dtype, family="llama"):
             "full_attention" if i % 6 == 5 else "sliding_attention" for i in range(shape["num_hidden_layers"])]
         shape.update(sliding_window=8 if quick else 512, query_pre_attn_scalar=shape["head_dim"], layer_types=kinds)
     if family == "qwen3_5":   # Qwen3.5's hybrid: three Gated DeltaNet layers for each full attention layer
-        kinds = ["linear_attention", "full_attention"] if quick else [
-            "full_attention" if i % 4 == 3 else "linear_attention" for i in range(shape["num_hidden_layers"])]
+        shape["layer_types"] = harness.qwen3_5_layer_types(shape["num_hidden_layers"])
         heads = dict(linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16,
                      linear_value_head_dim=16) if quick else {}   # else Qwen3.5's own: 16 key heads, 32 value
-        shape.update(layer_types=kinds, **heads)
+        shape.update(heads)
     config = getattr(transformers, config_class)(**shape, **ids)
     with torch.device(device):
         model = getattr(transformers, model_class)(config)

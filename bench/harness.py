@@ -31,6 +31,12 @@ LLAMA_SHAPES = {
 }
 
 
+def qwen3_5_layer_types(num_layers):
+    """Qwen3.5's hybrid pattern over `num_layers` layers: three Gated DeltaNet (linear attention) layers to one of full
+    attention, the last of each four, counted from the top (a tiny model of 2 layers has one of each)."""
+    return ["full_attention" if (num_layers - 1 - i) % 4 == 0 else "linear_attention" for i in range(num_layers)]
+
+
 def device_name(device):
     device = torch.device(device)
     if device.type == "cuda":
