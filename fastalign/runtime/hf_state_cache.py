@@ -199,9 +199,8 @@ class HFStateCacheModel:
     def _trim(self, capacity):
         """Drop states past `capacity`: first those of spans released (no call extends them; only bringing back an
         evicted descendant might start from one) or gone from the tree, then of unpinned spans, those a row has
-        started from already before the others (a search extends its leaves more often than its inner nodes: in
-        `bench_rain.py --quick --family qwen3_5` at 32 prompts with room for 256 states, 24k tokens ran again, 36k
-        by recency alone, 90k the other way round), each least recently used first."""
+        started from already before the others (a search extends its leaves more often than its inner nodes), each
+        least recently used first."""
         if len(self.states) <= capacity:
             return
         tree = self.span_tree
