@@ -15,7 +15,6 @@ states too, each span's kept), or, where it cannot continue from a rebuilt cache
 """
 import collections
 import threading
-import warnings
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ from fastalign.ops.checks import is_integer
 from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.forward_batch import ForwardBatch
 from fastalign.runtime.kv_pool import KVPool
-from fastalign.runtime.llama import PagedLlama, llama_family_problem
+from fastalign.runtime.model_runners import choose_model_runner
 from fastalign.runtime.span import Span
 from fastalign.runtime.span_store import SpanStore
 
@@ -106,7 +105,7 @@ class TreeRunner:
         # blocks, and the fallback's cache would mix devices
         device = model_device(model, "a TreeRunner") or torch.device("cpu")
         layered = _adapters_in_layers(model)
-        self.model_runner = self._model_runner(model, layered, attention_backend, device, fallback)
+        self.model_runner = choose_model_runner(model, layered, attention_backend, device, fallback)
         self.model = model
         mr = self.model_runner
         geometry = dict(block_size=block_size, dtype=mr.dtype)
@@ -135,60 +134,6 @@ class TreeRunner:
         self.last_context_rerun = np.zeros(0, dtype=np.int64)  # on HFRecomputeModel, per row of the last extend:
         # the context tokens run again for its outputs; on HFStateCacheModel, those after the nearest state kept;
         # (empty on the other runners, which read the context from the pool)
-
-    @staticmethod
-    def _model_runner(model, layered, attention_backend, device, fallback):
-        """PagedLlama for a family that layer_layouts names; else PagedHF where its probe passes; else, with
-        `fallback`, HFCacheModel where its probes pass, else HFStateCacheModel where its probe passes, else
-        HFRecomputeModel (the probes, like PagedHF's, size the
-        pool: run without autocast)."""
-        problem = llama_family_problem(layered)
-        if problem is None:
-            return PagedLlama(layered, attention_backend, device)
-        from fastalign.runtime.hf_paged import PagedHF   # transformers' attention interface: imported for such a model
-        with autocast_off(device):
-            try:
-                return PagedHF(layered, attention_backend, device)
-            except ValueError as unfit:
-                reason = str(unfit).removeprefix("model: ")
-                if not fallback:
-                    raise ValueError(f"model: unsupported architecture for the paged runners ({problem}; {reason}) "
-                                     "and fallback=False; pass fallback=True to run it on Hugging Face's "
-                                     "cache, or by recomputing whole sequences where that cannot hold its state") \
-                        from None
-            from fastalign.runtime.hf_cache import HFCacheModel
-            try:
-                runner = HFCacheModel(model, device)
-            except ValueError as no_cache:
-                cache_reason = getattr(no_cache, "reason", str(no_cache))   # said once where the paged one says it
-                cache_reason = "" if cache_reason in reason else f"; nor on Hugging Face's cache: {cache_reason}"
-                from fastalign.runtime.hf_state_cache import HFStateCacheModel
-                try:
-                    runner = HFStateCacheModel(model, device)
-                except ValueError as unfit_states:   # its reason, unless not its case or said already
-                    no_states = str(unfit_states).removeprefix("model: ")
-                    said = (not unfit_states.holds_states or unfit_states.reason in reason
-                            or unfit_states.reason in cache_reason)
-                    states_reason = "" if said else f"; nor with its recurrent states kept: {unfit_states.reason}"
-                else:
-                    warnings.warn(f"TreeRunner: {reason}{cache_reason}; it runs on Hugging Face's own cache with "
-                                  "each span's recurrent state kept, row by row (slower; fallback=False refuses such "
-                                  "a model)", stacklevel=3)
-                    return runner
-                from fastalign.runtime.hf_recompute import HFRecomputeModel
-                try:
-                    runner = HFRecomputeModel(model, device)
-                except ValueError as no_recompute:   # every fallback's reasons
-                    raise ValueError(f"{no_cache}; {no_states}; {str(no_recompute).removeprefix('model: ')}") \
-                        from None
-                warnings.warn(f"TreeRunner: {reason}{cache_reason}{states_reason}; it runs by computing each row's "
-                              "whole sequence again at every call, with no cache (much slower; fallback=False refuses "
-                              "such a model)", stacklevel=3)
-                return runner
-            # after the fallback's own probes passed: a model it refuses too gets that error alone
-            warnings.warn(f"TreeRunner: {reason}; it runs on Hugging Face's own cache instead, row by row (slower; "
-                          "fallback=False refuses such a model)", stacklevel=3)
-            return runner
 
     # ----- the tree
 

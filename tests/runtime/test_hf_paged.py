@@ -12,7 +12,7 @@ from transformers import GPT2LMHeadModel, Llama4ForCausalLM, Llama4TextConfig
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from fastalign import TreeRunner
-from fastalign.runtime import attention_routing, tree_runner
+from fastalign.runtime import attention_routing, model_runners
 from tests.conftest import TRITON_DEVICE, triton_cases
 from tests.runtime.tiny_models import grow_random_tree, reference, tiny_model
 
@@ -143,7 +143,7 @@ def test_families_of_the_llama_runner_give_the_same_trees_on_pagedhf(monkeypatch
     """The generic path on families that PagedLlama runs by their layouts (q/k norms, Gemma 2's score and logit
     caps and sliding layers, OLMo 3's RoPE per layer type, a shared expert): its random trees match Hugging Face's
     logits and hidden states as PagedLlama's do, so either path is a check on the other."""
-    monkeypatch.setattr(tree_runner, "llama_family_problem", lambda model: "forced onto PagedHF")
+    monkeypatch.setattr(model_runners, "llama_family_problem", lambda model: "forced onto PagedHF")
     model = tiny_model(name)
     runner = TreeRunner(model, max_tokens=112, block_size=4, attention_backend="torch")
     assert type(runner.model_runner).__name__ == "PagedHF"
