@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -49,6 +50,20 @@ def template_kwargs_argument(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object such as '{example}', got {text!r}")
     return value
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def memory_size_argument(text: str) -> int:
+    """The value of an option that sizes memory: a positive number of bytes, or of KiB, MiB, GiB or TiB with the
+    suffix K, M, G or T (optionally followed by "iB" or "B", e.g. 512M, 1.5GiB)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([KMGT]?)(?:i?B)?\s*", text, flags=re.IGNORECASE)
+    size = int(float(match[1]) * _SIZE_UNITS[match[2].upper()]) if match else 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of bytes, or of KiB, MiB, GiB or TiB with the "
+                                         f"suffix K, M, G or T (e.g. 512M, 16G), got {text!r}")
+    return size
 
 
 # --dtype of the commands that load a model: auto is the checkpoint's own dtype (Hugging Face's dtype="auto")

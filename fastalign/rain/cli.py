@@ -24,7 +24,7 @@ from typing import List, Optional, Set
 import torch
 
 from fastalign.cli import (MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_output_file,
-                           template_kwargs_argument)
+                           memory_size_argument, template_kwargs_argument)
 from fastalign.evaluation.generation import eos_ids, pad_id
 from fastalign.evaluation.prompts import hh_messages, hh_prompts, read_prompts
 from fastalign.model_files import model_files_digest
@@ -74,6 +74,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--virtual-loss", type=float,
                         help=f"virtual visits (value -1) per pending leaf (default: {RainConfig.virtual_loss})")
     parser.add_argument("--kv-tokens", type=int, default=1 << 17, help="KV pool size of the tree engine, in tokens")
+    parser.add_argument("--state-memory", type=memory_size_argument, metavar="SIZE",
+                        help="room of the tree engine for the recurrent states that a hybrid or state-space model "
+                             "(Qwen3.5, Qwen3-Next, Mamba 2, ...) keeps per span, e.g. 16G; where they fill it, "
+                             "tokens run again, with the same answers (default: as many bytes as the KV pool)")
     parser.add_argument("--generation-prefix-file", help="text put before every prompt (e.g. few-shot chat turns)")
     parser.add_argument("--judge-template-file", help="judge prompt with {conversation} and {options}")
     parser.add_argument("--labels", help="the two answer option labels, comma-separated (default: A,B)")
@@ -244,6 +248,9 @@ def _run(args) -> int:
         raise UsageError(f"--concurrency must be >= 1, got {args.concurrency}")
     if args.kv_tokens < 1:
         raise UsageError(f"--kv-tokens must be >= 1, got {args.kv_tokens}")
+    if args.state_memory is not None and args.engine != "tree":
+        raise UsageError(f"--state-memory is the tree engine's room for recurrent states: it needs --engine tree, not "
+                         f"{args.engine}")
     if args.device is not None:
         check_device(args.device)
     if args.output.endswith(".gz"):    # plain text under that name: `fastalign eval --answers` would gunzip it
@@ -270,6 +277,7 @@ def _run(args) -> int:
         except (OSError, ValueError) as exc:   # e.g. no weights: a traceback, and exit code 1 (a failed prompt's)
             raise UsageError(f"--model: cannot load a causal LM from {args.model!r}: {exc}") from None
         model = model.to(device).eval()
+        runner = _tree_runner(model, args) if args.engine == "tree" else None
         mine = placement.share(range(len(prompts)))   # skipped ones counted per share: other ranks write meanwhile
         todo = [i for i in mine if i not in done]
         progress = _progress(len(todo), placement.rank)
@@ -297,8 +305,8 @@ def _run(args) -> int:
                                      judge_prompt=judge, embedding=embedder, sampler=args.sampler,
                                      generation_prefix=prefix, chat_template=chat, system=args.system,
                                      chat_template_kwargs=args.chat_template_kwargs,
-                                     concurrency=args.concurrency,
-                                     runner_tokens=args.kv_tokens, on_result=write, indices=todo)
+                                     concurrency=args.concurrency, runner=runner, on_result=write,
+                                     indices=todo)
             except PoolExhaustedError as exc:   # a prompt's own shortage stays in its record: this is the shared one
                 raise UsageError(f"--kv-tokens {args.kv_tokens} is too small for the judge's few-shot prefix, which "
                                  f"every prompt shares: {exc}") from None
@@ -322,6 +330,18 @@ def _run(args) -> int:
               f"rerunning the command retries them. First error: {failed[0]}", file=sys.stderr)
         return 1
     return 0
+
+
+def _tree_runner(model, args):
+    """The tree engine's TreeRunner, its KV pool of --kv-tokens and its states' room of --state-memory (a UsageError
+    for --state-memory where the model keeps no state)."""
+    from fastalign.runtime import TreeRunner
+    try:
+        return TreeRunner(model, max_tokens=args.kv_tokens, max_state_bytes=args.state_memory)
+    except ValueError as exc:
+        if str(exc).startswith("max_state_bytes: "):
+            raise UsageError(f"--state-memory: {str(exc).removeprefix('max_state_bytes: ')}") from None
+        raise
 
 
 def run_identity(args, config: RainConfig, judge: JudgePrompt, prefix: str) -> dict:

@@ -112,7 +112,7 @@ class TreeRunner:
         keeps_states = hasattr(mr, "span_tree")   # HFStateCacheModel: recurrent states beside the pool
         if max_state_bytes is not None and not keeps_states:
             raise ValueError(f"max_state_bytes: {type(model).__name__} keeps no recurrent state (it runs on "
-                             f"{type(mr).__name__}); leave it None")
+                             f"{type(mr).__name__}), so there is nothing to give room to")
         # its states take max_state_bytes, else as many bytes as the pool: given max_bytes alone, half of it each
         halved = keeps_states and max_state_bytes is None and is_integer(max_bytes)
         num_blocks = KVPool.num_blocks_for(max_tokens=max_tokens, max_bytes=max_bytes // 2 if halved else max_bytes,

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fastalign.rain as rain_package
 import fastalign.rain.cli as rain_cli
-from fastalign.cli import build_parser, main
+from fastalign.cli import build_parser, main, memory_size_argument
 from fastalign.evaluation.generation import encode_prompts
 from fastalign.evaluation.judges import KeywordJudge
 from fastalign.evaluation.prompts import chat_prompt
@@ -24,7 +24,7 @@ from fastalign.rain.slow import SlowEngine
 from tests.evaluation.chat_model import QUESTION, SYSTEM, chat_tokenizer, rigged_chat_model
 from tests.output_holder import holding, needs_fcntl
 
-from .tiny import PROMPTS, tiny_llama, tokenizer
+from .tiny import PROMPTS, tiny_llama, tiny_qwen3_next, tokenizer
 
 
 SETUP_PROMPTS = ["Human: How do I bake bread?\nAssistant:", "Human: Is the reply harmful?\nAssistant:"]
@@ -379,6 +379,8 @@ def test_rain_gz_output_is_a_usage_error(rain_setup, monkeypatch, capsys):
     # were tracebacks once the model had loaded: "max_tokens: expected a positive int", "Expected one of cpu, cuda,
     # ... device type at start of device string", "Torch not compiled with CUDA enabled"
     (["--kv-tokens", "0"], "--kv-tokens must be >= 1, got 0"),
+    (["--state-memory", "1G"], "--state-memory is the tree engine's room for recurrent states: it needs --engine "
+                               "tree, not slow"),
     (["--device", "bogus"], "--device: cannot use 'bogus'"),
     (["--device", "cuda:99"], "--device: cannot use 'cuda:99'"),
     (["--labels", "A"], "labels"),
@@ -806,6 +808,53 @@ def test_rain_kv_pool_too_small_for_the_judge_prefix_is_a_usage_error_naming_the
     assert main([a if a != "slow" else "tree" for a in args] + ["--kv-tokens", "16", "--no-vanilla"]) == 2
     err = capsys.readouterr().err
     assert "--kv-tokens 16 is too small for the judge's few-shot prefix" in err and "needs at least 2 blocks" in err
+
+
+@pytest.mark.parametrize("text, size", [("123", 123), ("512M", 512 << 20), ("16G", 16 << 30), ("1.5GiB", 3 << 29),
+                                        ("2kb", 2048), ("1T", 1 << 40)])
+def test_memory_sizes_read_as_bytes(text, size):
+    assert memory_size_argument(text) == size
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "0.1", "G", "16Q", "1e9", ""])
+def test_state_memory_that_is_no_positive_size_is_refused_by_the_parser_naming_the_option(rain_setup, capsys, text):
+    _, _, args = rain_setup
+    with pytest.raises(SystemExit) as exit_info:
+        main(args + ["--state-memory", text])
+    assert exit_info.value.code == 2
+    assert "argument --state-memory: expected a positive number of bytes" in capsys.readouterr().err
+
+
+def test_state_memory_for_a_model_that_keeps_no_state_is_a_usage_error(rain_setup, capsys):
+    """The tiny Llama runs on the paged pool and keeps no recurrent state: --state-memory would mean nothing."""
+    _, out, args = rain_setup
+    assert main([a if a != "slow" else "tree" for a in args] + ["--state-memory", "1G", "--no-vanilla"]) == 2
+    assert ("--state-memory: LlamaForCausalLM keeps no recurrent state (it runs on PagedLlama), so there is nothing "
+            "to give room to") in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_state_memory_bounds_a_hybrid_models_states_and_leaves_its_answers(rain_setup, tmp_path):
+    """A hybrid model (Qwen3-Next: a linear-attention layer beside a full-attention one) keeps each span's recurrent
+    state: with room for one state (--state-memory 1) the search runs tokens again from the nearest state kept
+    (recorded as recomputed), and its answers are those of a run with the default room, which runs none again."""
+    _, _, args = rain_setup
+    torch.manual_seed(0)
+    model_dir = tmp_path / "qwen3_next"
+    tiny_qwen3_next().save_pretrained(model_dir)
+    tokenizer().save_pretrained(model_dir)
+    args = [a if a != "slow" else "tree" for a in args] + ["--no-vanilla", "--sampler", "keyed"]
+    args[args.index("--model") + 1] = str(model_dir)
+    runs = {}
+    for name, extra in (("default", []), ("one state", ["--state-memory", "1"])):
+        out = tmp_path / f"{name}.jsonl"
+        args[args.index("--output") + 1] = str(out)
+        with pytest.warns(UserWarning, match="with each span's recurrent state kept"):
+            assert main(args + extra) == 0
+        runs[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["rain"] for r in runs["one state"]] == [r["rain"] for r in runs["default"]]
+    assert [r["stats"]["recomputed_tokens"] for r in runs["default"]] == [0, 0]
+    assert all(r["stats"]["recomputed_tokens"] > 0 for r in runs["one state"])
 
 
 def test_vanilla_answer_with_a_tokenizer_that_appends_eos_reads_the_prompt_without_it(monkeypatch):

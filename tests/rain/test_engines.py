@@ -22,7 +22,7 @@ from tests.runtime.tiny_models import fill_with_nan
 
 from . import fake_model
 from .fake_model import HashLM, HashRunner
-from .tiny import PROMPTS, SHORT_JUDGE, tiny_llama, tokenizer
+from .tiny import PROMPTS, SHORT_JUDGE, tiny_llama, tiny_qwen3_next, tokenizer
 
 SMALL = RainConfig(root_visits=8, min_new_visits=3, max_new_tokens=16)
 
@@ -1361,16 +1361,6 @@ def test_a_model_call_waits_for_the_device_once(monkeypatch, sampler):
     assert set(+outside) <= {"cpu @ fastalign/transfers.py", "tolist @ fastalign/rain/sampling.py"}, outside
 
 
-def _qwen3_next():
-    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
-    return Qwen3NextForCausalLM(Qwen3NextConfig(
-        vocab_size=len(tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
-        linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2,
-        moe_intermediate_size=16, shared_expert_intermediate_size=16, max_position_embeddings=1024,
-        eos_token_id=tokenizer().eos_token_id))
-
-
 def _mamba():
     from transformers import MambaConfig, MambaForCausalLM
     return MambaForCausalLM(MambaConfig(vocab_size=len(tokenizer()), hidden_size=32, num_hidden_layers=2, state_size=4,
@@ -1378,7 +1368,7 @@ def _mamba():
 
 
 @pytest.mark.parametrize("make_model, kind, warning", [
-    (_qwen3_next, "HFStateCacheModel", "with each span's recurrent state kept"),
+    (tiny_qwen3_next, "HFStateCacheModel", "with each span's recurrent state kept"),
     (_mamba, "HFRecomputeModel", "it runs by computing each row's whole sequence again at every call")])
 def test_a_recurrent_model_runs_on_its_fallback_and_counts_what_it_recomputes(make_model, kind, warning):
     """Qwen3-Next's linear-attention layers and Mamba's keep recurrent state that no span of the pool holds: the tree

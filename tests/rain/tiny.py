@@ -41,3 +41,15 @@ def tiny_llama(seed: int = 0, hidden: int = 32, dtype=torch.float32, max_positio
     with torch.no_grad():   # flatter logits than the default init: more varied samples
         model.lm_head.weight.mul_(4.0)
     return model
+
+
+def tiny_qwen3_next() -> torch.nn.Module:
+    """A 2-layer random Qwen3-Next (one linear-attention layer, one full-attention layer) over the test tokenizer's
+    vocabulary: a hybrid whose tree runner keeps each span's recurrent state (HFStateCacheModel)."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+    return Qwen3NextForCausalLM(Qwen3NextConfig(
+        vocab_size=len(tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
+        linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, shared_expert_intermediate_size=16, max_position_embeddings=1024,
+        eos_token_id=tokenizer().eos_token_id))

@@ -161,7 +161,7 @@ def test_max_state_bytes_sizes_the_states_apart_from_the_pool(sizing):
 @pytest.mark.parametrize("value, match", [(0, "expected a positive int or None, got 0"),
                                           (1.5, "expected a positive int or None, got 1.5"),
                                           (1 << 20, "LlamaForCausalLM keeps no recurrent state \\(it runs on "
-                                                    "PagedLlama\\); leave it None")])
+                                                    "PagedLlama\\), so there is nothing to give room to")])
 def test_max_state_bytes_is_refused_where_it_means_nothing(value, match):
     with pytest.raises(ValueError, match=f"^max_state_bytes: {match}"):
         TreeRunner(tiny_model("llama-gqa-untied"), max_tokens=64, max_state_bytes=value)
