@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.harness import (LLAMA_SHAPES, failure_row, print_table, qwen3_5_layer_types,  # noqa: E402
                            synchronize, write_results)
+from fastalign.cli import memory_size_argument  # noqa: E402
 from fastalign.evaluation.generation import pad_id  # noqa: E402
 from fastalign.pretrained import load_pretrained  # noqa: E402
 from fastalign.rain import JudgePrompt, RainConfig, rain_generate  # noqa: E402
@@ -162,8 +163,8 @@ class ModelClock:
     outside them is the engine's host work (search, bookkeeping, building batches, reading outputs), during which
     the device idles, since the engine reads every call's outputs before it builds the next."""
 
-    def __init__(self, model, tokens, device):
-        self.runner, self.seconds = TreeRunner(model, max_tokens=tokens), 0.0
+    def __init__(self, model, tokens, state_bytes, device):
+        self.runner, self.seconds = TreeRunner(model, max_tokens=tokens, max_state_bytes=state_bytes), 0.0
         forward = self.runner.model_runner.forward
 
         def timed(*args, **kwargs):
@@ -219,6 +220,9 @@ def main():
     parser.add_argument("--judge-seeds", type=int, default=1, help="search seeds per variant of that comparison")
     parser.add_argument("--virtual-leaves", type=int, default=4, help="parallel_leaves of the 'on' variant")
     parser.add_argument("--kv-tokens", type=int, default=None, help="KV pool of the tree engine, in tokens")
+    parser.add_argument("--state-memory", type=memory_size_argument, metavar="SIZE",
+                        help="room of the tree engine for a hybrid model's recurrent states (--family qwen3_5), e.g. "
+                             "16G (default: as many bytes as the KV pool)")
     parser.add_argument("--family", choices=sorted(FAMILIES), default="llama",
                         help="the random model of --quick and --random-model (qwen3_5: Qwen3.5's linear-attention "
                              "hybrid, on Hugging Face's cache with each span's recurrent state kept)")
@@ -227,6 +231,8 @@ def main():
         parser.error("give --quick, --demo, or --model (or --random-model) and --hh")
     if args.family != "llama" and not (args.quick or args.random_model):
         parser.error("--family chooses the random model of --quick or --random-model")
+    if args.state_memory is not None and args.family == "llama":
+        parser.error("--state-memory sizes a hybrid model's recurrent states: it needs --family qwen3_5")
     tiny = args.quick or args.demo
     if tiny and args.device == "cpu":
         torch.set_num_threads(1)    # tiny ops: a second thread only adds wake-ups (and stalls on a shared CPU)
@@ -239,7 +245,7 @@ def main():
     def timed_tree(run_prompts, run_config, **kwargs):
         """rain_generate with the tree engine on a fresh runner whose model time is measured: (run, ModelClock's
         split of it)."""
-        clock = ModelClock(model, kv_tokens, args.device)
+        clock = ModelClock(model, kv_tokens, args.state_memory, args.device)
         run = rain_generate(model, tok, run_prompts, run_config, engine="tree", runner=clock.runner, **common,
                             **kwargs)
         return run, clock.split(run)
@@ -254,7 +260,8 @@ def main():
                     "for that model and world, not for language models at large")
     record = {"quick": args.quick, "model": model_name(args),
               "dtype": "float32" if args.quick or args.demo else args.dtype, "config": vars(config),
-              "embedding": args.embedding, "judge": None, "note": "; ".join(note)}
+              "embedding": args.embedding, "kv_tokens": kv_tokens, "state_memory": args.state_memory, "judge": None,
+              "note": "; ".join(note)}
     rows = []
 
     def add(new_row):

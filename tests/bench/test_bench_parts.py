@@ -633,9 +633,10 @@ def test_the_runner_sections_take_a_gemma3_whose_window_is_shorter_than_the_pref
 
 # ---- bench_rain ----
 
-def run_bench_rain(monkeypatch, tmp_path, prompts, failing_concurrency=None):
-    """bench_rain.main() on fake engines (every run recorded; the one at `failing_concurrency` raises):
-    (runs, configs, rows of the written record by engine)."""
+def run_bench_rain(monkeypatch, tmp_path, prompts, failing_concurrency=None, argv=("--model", "m"), clocks=None):
+    """bench_rain.main() with `argv` (and --hh, ...) on fake engines (every run recorded; the one at
+    `failing_concurrency` raises; each ModelClock's arguments appended to `clocks`): (runs, configs, rows of the
+    written record by engine)."""
     runs, configs = [], []
 
     def fake_rain_generate(model, tok, prompts, config, *, engine, sampler="torch", concurrency=None, **common):
@@ -656,17 +657,18 @@ def run_bench_rain(monkeypatch, tmp_path, prompts, failing_concurrency=None):
     def harmful_first(pairs):
         return [i == 0 for i, _ in enumerate(pairs)]
     monkeypatch.setattr(bench_rain, "rain_generate", fake_rain_generate)
-    monkeypatch.setattr(bench_rain, "ModelClock", lambda *args: SimpleNamespace(
+    clocks = [] if clocks is None else clocks
+    monkeypatch.setattr(bench_rain, "ModelClock", lambda *args: clocks.append(args) or SimpleNamespace(
         runner=None, split=lambda run: {"model_s": 0.375, "outside_model_s": 0.125}))
     monkeypatch.setattr(bench_rain, "greedy_seconds", lambda *args: 0.25)
     monkeypatch.setattr(bench_rain, "load", lambda args: (None, None, prompts, None, {"max_new_tokens": 3},
                                                           (harmful_first, "fake judge")))
     monkeypatch.setattr(sys.modules[bench_rain.write_results.__module__], "RESULTS_DIR", str(tmp_path))
     monkeypatch.setenv("FASTALIGN_COMMIT", "test")
-    monkeypatch.setattr(sys, "argv", ["bench_rain.py", "--model", "m", "--hh", "h", "--device", "cpu", "--prompts", "2",
+    monkeypatch.setattr(sys, "argv", ["bench_rain.py", *argv, "--hh", "h", "--device", "cpu", "--prompts", "2",
                                       "--concurrency", "3", "--judge-prompts", "4", "--virtual-leaves", "5"])
     bench_rain.main()
-    (path,) = tmp_path.glob("rain-*-test.json")
+    (path,) = tmp_path.glob("rain-*-test*.json")
     return runs, configs, {row["engine"]: row for row in json.loads(path.read_text())["results"]}
 
 
@@ -694,6 +696,22 @@ def test_rain_sections_run_the_engines_they_name_and_record_what_they_saw(monkey
         assert row["harmless_rate"] == pytest.approx(2 / 3), row
 
 
+def test_rain_state_memory_sizes_every_timed_runner_of_a_hybrid_and_is_refused_for_llama(monkeypatch, tmp_path,
+                                                                                          capsys):
+    """--state-memory reaches the TreeRunner of every timed tree-engine run (and the record); without a hybrid
+    (--family qwen3_5) it would mean nothing: refused by the parser."""
+    clocks = []
+    run_bench_rain(monkeypatch, tmp_path, [f"prompt {i}" for i in range(8)], clocks=clocks,
+                   argv=("--random-model", "--family", "qwen3_5", "--state-memory", "3M"))
+    assert len(clocks) == 4 and {args[2] for args in clocks} == {3 << 20}, clocks
+    (path,) = tmp_path.glob("rain-*-test-qwen3_5.json")
+    assert json.loads(path.read_text())["config"]["state_memory"] == 3 << 20
+    with pytest.raises(SystemExit):
+        run_bench_rain(monkeypatch, tmp_path, [], argv=("--model", "m", "--state-memory", "3M"))
+    assert "--state-memory sizes a hybrid model's recurrent states: it needs --family qwen3_5" in \
+        capsys.readouterr().err
+
+
 def test_rain_section_that_raises_is_an_error_row_and_the_next_sections_run(monkeypatch, tmp_path):
     """A section whose run raises (out of memory at concurrency 3 here) took the sections after it with it: the
     slow engine's row, which carries the speed-up per committed token, among them."""
@@ -719,7 +737,7 @@ def test_rain_model_clock_times_every_forward_of_the_run_s_runner_and_splits_the
     from tests.rain.tiny import tiny_llama, tokenizer
     from fastalign.rain import RainConfig, rain_generate
     model, tok = tiny_llama(hidden=64), tokenizer()
-    clock = bench_rain.ModelClock(model, 4096, "cpu")
+    clock = bench_rain.ModelClock(model, 4096, None, "cpu")
     forwards, forward = [], clock.runner.model_runner.forward
     clock.runner.model_runner.forward = lambda *args, **kwargs: forwards.append(1) or forward(*args, **kwargs)
     run = rain_generate(model, tok, ["Human: How do I bake bread?\nAssistant:"],
