@@ -15,6 +15,7 @@ states too, each span's kept), or, where it cannot continue from a rebuilt cache
 """
 import collections
 import threading
+import warnings
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from fastalign.runtime.span import Span
 from fastalign.runtime.span_store import SpanStore
 
 _OUTPUTS = ("last", "all", None)
+_FEW_STATES = 32   # fewer states than this in the default room: the runner warns (a search keeps more spans)
 
 
 def _adapters_in_layers(model):
@@ -121,8 +123,7 @@ class TreeRunner:
         self.pool = KVPool(mr.pool_shapes, num_blocks=num_blocks, device=mr.device, **geometry)
         self.store = SpanStore(num_blocks, block_size)
         if keeps_states:   # the span tree: rows' ancestors, and the tokens to run again
-            budget = self.pool.nbytes if max_state_bytes is None else int(max_state_bytes)
-            mr.span_tree, mr.state_capacity = self.store.tree, max(1, budget // mr.state_bytes)
+            mr.span_tree, mr.state_capacity = self.store.tree, self._state_capacity(model, max_state_bytes)
         self.vocab_size = input_vocabulary(model)
         backend = resolve_backend(attention_backend, mr.device) if self.paged else None
         self._cascade_block_size = block_size if cascade_attention and backend == "triton" else None
@@ -134,6 +135,24 @@ class TreeRunner:
         self.last_context_rerun = np.zeros(0, dtype=np.int64)  # on HFRecomputeModel, per row of the last extend:
         # the context tokens run again for its outputs; on HFStateCacheModel, those after the nearest state kept;
         # (empty on the other runners, which read the context from the pool)
+
+    def _state_capacity(self, model, max_state_bytes):
+        """How many spans' recurrent states fit in `max_state_bytes`, by default in as many bytes as the pool: a
+        ValueError where the given bytes hold none, a warning where the default room holds fewer than a search
+        keeps spans (a pure state-space model's pool is a placeholder of a few bytes a token)."""
+        state_bytes, name = self.model_runner.state_bytes, type(model).__name__
+        if max_state_bytes is not None:
+            if max_state_bytes < state_bytes:
+                raise ValueError(f"max_state_bytes: {max_state_bytes} bytes hold no state of {name}, which takes "
+                                 f"{state_bytes} bytes a span; give at least that")
+            return int(max_state_bytes) // state_bytes
+        capacity = self.pool.nbytes // state_bytes
+        if capacity < _FEW_STATES:
+            warnings.warn(f"TreeRunner: the recurrent states' default room, as many bytes as the KV pool "
+                          f"({self.pool.nbytes}), holds {capacity} states of {name} ({state_bytes} bytes each); "
+                          "spans past them run their tokens again (same results, more compute): give the states room "
+                          "with max_state_bytes (fastalign rain: --state-memory)", stacklevel=3)
+        return max(capacity, 1)
 
     # ----- the tree
 

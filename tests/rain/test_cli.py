@@ -834,19 +834,27 @@ def test_state_memory_for_a_model_that_keeps_no_state_is_a_usage_error(rain_setu
     assert not out.exists()
 
 
-def test_state_memory_bounds_a_hybrid_models_states_and_leaves_its_answers(rain_setup, tmp_path):
+def test_state_memory_bounds_a_hybrid_models_states_and_leaves_its_answers(rain_setup, tmp_path, capsys):
     """A hybrid model (Qwen3-Next: a linear-attention layer beside a full-attention one) keeps each span's recurrent
     state: with room for one state (--state-memory 1) the search runs tokens again from the nearest state kept
-    (recorded as recomputed), and its answers are those of a run with the default room, which runs none again."""
+    (recorded as recomputed), and its answers are those of a run with the default room, which runs none again; a
+    room smaller than one state is a usage error."""
+    from fastalign.runtime import TreeRunner
     _, _, args = rain_setup
     torch.manual_seed(0)
-    model_dir = tmp_path / "qwen3_next"
-    tiny_qwen3_next().save_pretrained(model_dir)
+    model_dir, model = tmp_path / "qwen3_next", tiny_qwen3_next()
+    model.save_pretrained(model_dir)
     tokenizer().save_pretrained(model_dir)
+    with pytest.warns(UserWarning):
+        state_bytes = TreeRunner(model, max_tokens=64).model_runner.state_bytes
     args = [a if a != "slow" else "tree" for a in args] + ["--no-vanilla", "--sampler", "keyed"]
     args[args.index("--model") + 1] = str(model_dir)
+    with pytest.warns(UserWarning):
+        assert main(args + ["--state-memory", str(state_bytes - 1)]) == 2
+    assert (f"--state-memory: {state_bytes - 1} bytes hold no state of Qwen3NextForCausalLM, which takes "
+            f"{state_bytes} bytes a span") in capsys.readouterr().err
     runs = {}
-    for name, extra in (("default", []), ("one state", ["--state-memory", "1"])):
+    for name, extra in (("default", []), ("one state", ["--state-memory", str(state_bytes)])):
         out = tmp_path / f"{name}.jsonl"
         args[args.index("--output") + 1] = str(out)
         with pytest.warns(UserWarning, match="with each span's recurrent state kept"):

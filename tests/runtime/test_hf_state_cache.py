@@ -167,6 +167,38 @@ def test_max_state_bytes_is_refused_where_it_means_nothing(value, match):
         TreeRunner(tiny_model("llama-gqa-untied"), max_tokens=64, max_state_bytes=value)
 
 
+def test_max_state_bytes_that_holds_no_state_is_refused_naming_what_one_takes():
+    """A room smaller than one span's state was taken as room for one (more bytes than given): refused."""
+    model, runner, _ = state_runner()
+    state_bytes = runner.model_runner.state_bytes
+    with pytest.raises(ValueError, match=f"^max_state_bytes: {state_bytes - 1} bytes hold no state of "
+                                         f"Qwen3_5ForCausalLM, which takes {state_bytes} bytes a span; give at least "
+                                         "that"):
+        TreeRunner(model, max_tokens=64, max_state_bytes=state_bytes - 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert TreeRunner(model, max_tokens=64, max_state_bytes=state_bytes).model_runner.state_capacity == 1
+
+
+@pytest.mark.parametrize("name", ["mamba2-states", "qwen3.5-linear-attention-states"])
+def test_a_default_room_of_few_states_is_said_and_a_roomy_one_is_not(name):
+    """A pure state-space model's pool is a placeholder of a few bytes a token, so the states' default room (as many
+    bytes as the pool) held one state of Mamba 2, and a search ran nearly every row's tokens again, silently: a
+    warning now says how many states fit and how to give them room; a pool with room for many states says
+    nothing."""
+    model = tiny_model(name)
+    with pytest.warns(UserWarning, match="TreeRunner: the recurrent states' default room, as many bytes as the KV "
+                                         r"pool \(\d+\), holds \d+ states of .* give the states room with "
+                                         r"max_state_bytes \(fastalign rain: --state-memory\)"):
+        TreeRunner(model, max_tokens=16, block_size=4)
+    state_bytes = state_runner(name)[1].model_runner.state_bytes
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        roomy = TreeRunner(model, max_bytes=2 * 40 * state_bytes, block_size=4)
+    assert roomy.model_runner.state_capacity >= 32
+    assert not [w for w in caught if "default room" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_a_pure_state_space_model_holds_nothing_in_the_pool_but_runs_its_new_tokens_alone():
     """Mamba 2 has no attention layer: the pool holds one placeholder per token, each span's state does the rest."""
     model, runner, calls = state_runner("mamba2-states")
