@@ -18,5 +18,22 @@ def hub_kernels_requested() -> bool:
 
 
 def load_pretrained(model_class, path, **kwargs):
-    """`model_class.from_pretrained(path, **kwargs)` with transformers' Hub kernels on only when requested."""
-    return model_class.from_pretrained(path, use_kernels=hub_kernels_requested(), **kwargs)
+    """`model_class.from_pretrained(path, **kwargs)` with transformers' Hub kernels on only when requested. Weights
+    that cannot be read (a truncated or corrupt safetensors file) are an OSError, and a checkpoint that lacks weights
+    the model needs a ValueError, both naming `path`: transformers would raise the first from deep inside, and
+    initialise the missing weights at random with a log line (a partial download; a causal LM's directory loaded as a
+    classifier, its head random), a model that computes nonsense without failing."""
+    from safetensors import SafetensorError
+
+    try:
+        model, info = model_class.from_pretrained(path, use_kernels=hub_kernels_requested(), output_loading_info=True,
+                                                  **kwargs)
+    except SafetensorError as exc:
+        raise OSError(f"the weights in {str(path)!r} cannot be read, a truncated or corrupt file? ({exc})") from None
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise ValueError(f"{str(path)!r} lacks {len(missing)} weight{'s' if len(missing) > 1 else ''} of "
+                         f"{type(model).__name__} ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), "
+                         "which transformers would initialise at random: an incomplete checkpoint, or one of another "
+                         "kind of model")
+    return model

@@ -2,10 +2,12 @@
 for them (transformers >= 5.25 turns them on by default and swaps a model's layers for kernels downloaded from the
 Hub, again at a mode change on another device, such as the trainer's model.train() on a GPU)."""
 import ast
+import shutil
 from pathlib import Path
 
 import pytest
-from transformers import LlamaForCausalLM
+from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 from transformers.utils import is_kernels_available
 
 from fastalign.pretrained import hub_kernels_requested, load_pretrained
@@ -58,3 +60,31 @@ def test_every_model_our_code_loads_goes_through_load_pretrained():
     direct = {str(path.relative_to(ROOT)): lines for folder in ("fastalign", "bench")
               for path in sorted((ROOT / folder).rglob("*.py")) if (lines := model_loads(path))}
     assert direct == {}, "load these with fastalign.pretrained.load_pretrained"
+
+
+def test_a_truncated_weights_file_is_an_oserror_naming_the_directory(saved_model, tmp_path):
+    """An interrupted copy or download: safetensors' own error came as a traceback from deep inside transformers;
+    the commands turn an OSError into a usage error naming --model."""
+    broken = tmp_path / "truncated"
+    shutil.copytree(saved_model, broken)
+    with open(broken / "model.safetensors", "r+b") as weights:
+        weights.truncate(1000)
+    with pytest.raises(OSError, match=f"^the weights in '{broken}' cannot be read, a truncated or corrupt file\\? "):
+        load_pretrained(LlamaForCausalLM, broken)
+
+
+def test_a_checkpoint_without_weights_the_model_needs_is_refused_not_initialised_at_random(saved_model, tmp_path):
+    """transformers initialised the weights a checkpoint lacks at random and logged it: a partial checkpoint (a
+    layer's weights missing here) or a causal LM's directory loaded as a sequence classifier (its head missing) made
+    a model that computed nonsense, and a run that finished."""
+    partial = tmp_path / "partial"
+    shutil.copytree(saved_model, partial)
+    weights = load_file(partial / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".layers.1." not in k}, partial / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"^'{partial}' lacks 9 weights of LlamaForCausalLM \\(model.layers.1.input_"
+                                         "layernorm.weight, .*, \\.\\.\\.\\), which transformers would initialise at "
+                                         "random"):
+        load_pretrained(LlamaForCausalLM, partial)
+    with pytest.raises(ValueError, match="lacks 1 weight of LlamaForSequenceClassification \\(score.weight\\)"):
+        load_pretrained(LlamaForSequenceClassification, saved_model)

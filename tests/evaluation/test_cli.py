@@ -436,6 +436,17 @@ def test_eval_answers_and_prompts_exclude_each_other(rain_output, harmful_prompt
     assert len(records(rain_output)) == 5
 
 
+def test_a_causal_lm_given_as_the_moderation_model_is_a_usage_error(rain_output, model_dir, tmp_path, capsys):
+    """A causal LM's directory loads as a sequence classifier with its head initialised at random: the run judged
+    with it and reported a harmful rate that meant nothing."""
+    out = tmp_path / "judged.jsonl"
+    assert run("--answers", rain_output, "--judge", "moderation", "--moderation-model", model_dir, "--output",
+               out) == 2
+    err = capsys.readouterr().err
+    assert f"--moderation-model: cannot load a sequence classifier from '{model_dir}'" in err
+    assert "lacks 1 weight of LlamaForSequenceClassification (score.weight)" in err and not out.exists()
+
+
 def test_moderation_judge_finds_the_harmful_label_by_name_without_harmful_label(rain_output, tokenizer, tmp_path,
                                                                                 capsys):
     """A classifier whose label 0 is "toxic" (and 1 "non-toxic"): with no --harmful-label the CLI judges by

@@ -825,6 +825,17 @@ def test_state_memory_that_is_no_positive_size_is_refused_by_the_parser_naming_t
     assert "argument --state-memory: expected a positive number of bytes" in capsys.readouterr().err
 
 
+def test_rain_with_a_truncated_weights_file_is_a_usage_error_naming_the_model(rain_setup, tmp_path, capsys):
+    """An interrupted download: safetensors' error was a traceback (exit 1) once the command had started."""
+    model_dir, out, args = rain_setup
+    with open(model_dir / "model.safetensors", "r+b") as weights:
+        weights.truncate(1000)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--model: cannot load a causal LM from '{model_dir}': the weights in '{model_dir}' cannot be read" in err
+    assert not out.exists()
+
+
 def test_state_memory_for_a_model_that_keeps_no_state_is_a_usage_error(rain_setup, capsys):
     """The tiny Llama runs on the paged pool and keeps no recurrent state: --state-memory would mean nothing."""
     _, out, args = rain_setup
