@@ -17,14 +17,20 @@ class UsageError(ValueError):
 
 
 def check_output_file(path: str) -> None:
-    """Creates the directory of the --output file `path`; UsageError naming --output when `path` is a directory
-    or its directory cannot be created (found before any model loads, rather than as a traceback once it has)."""
+    """Creates the directory of the --output file `path`; UsageError naming --output when `path` is a directory,
+    its directory cannot be created, or the file (where it exists, else its directory) is not writable: a read-only
+    file system (found before any model loads, rather than as a traceback once it has)."""
     if os.path.isdir(path):
         raise UsageError(f"--output: {path!r} is a directory: give the path of the jsonl file to write")
+    directory = os.path.dirname(path) or "."
     try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        os.makedirs(directory, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--output: {path!r}: cannot create its directory: {exc}") from None
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"--output: {path!r} is not writable")
+    if not os.path.exists(path) and not os.access(directory, os.W_OK):
+        raise UsageError(f"--output: cannot create {path!r}: its directory {directory!r} is not writable")
 
 
 def check_device(text: str) -> None:

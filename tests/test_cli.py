@@ -78,6 +78,22 @@ def test_output_file_check_makes_its_folder_and_refuses_a_folder(tmp_path, monke
         check_output_file(str(tmp_path / "new"))
 
 
+def test_output_file_check_refuses_a_file_or_directory_it_cannot_write(tmp_path, monkeypatch):
+    """An --output in a read-only directory (or a read-only file to append to) was a traceback once the model had
+    loaded. (The file system is stood in for: root writes where permissions say no.)"""
+    read_only = {str(tmp_path / "ro"), str(tmp_path / "kept.jsonl")}
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: str(p) not in read_only and real_access(p, mode))
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "kept.jsonl").write_text("")
+    with pytest.raises(UsageError, match=f"^--output: cannot create '{tmp_path}/ro/out.jsonl': its directory "
+                                         f"'{tmp_path}/ro' is not writable$"):
+        check_output_file(str(tmp_path / "ro" / "out.jsonl"))
+    with pytest.raises(UsageError, match=f"^--output: '{tmp_path}/kept.jsonl' is not writable$"):
+        check_output_file(str(tmp_path / "kept.jsonl"))
+    check_output_file(str(tmp_path / "new.jsonl"))
+
+
 def test_python_dash_m_fastalign_runs_the_command():
     """`python -m fastalign ...` is the `fastalign` command where the package is importable but not installed
     (no console script), as `python -m fastalign.demo` is `fastalign demo`, exiting with the command's status."""

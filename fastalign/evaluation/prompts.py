@@ -8,7 +8,7 @@ it); every error names the file and the line. `fastalign eval` and `fastalign ra
 import os
 from typing import List, Optional
 
-from fastalign.unlearn.records import read_csv, read_jsonl, read_text
+from fastalign.unlearn.records import not_text, read_csv, read_jsonl, read_text
 from fastalign.unlearn.templates import SPEC_TEMPLATE, ChatTemplate
 
 # What a model continues to answer a question in the SPEC's format: the template up to the answer, without
@@ -42,7 +42,7 @@ def hh_messages(path: str):
     transcript): the harmful request of a harmless-base dialogue. ValueError for a file without dialogues."""
     messages = []
     for line_no, record in read_jsonl(path):  # gzip-aware; bad JSON names the row
-        text = record.get("chosen", "")
+        text = _checked(record.get("chosen"), path, line_no, "chosen")
         if not text.startswith(HH_HUMAN) or HH_ASSISTANT not in text:
             raise ValueError(f"{path}: line {line_no}: 'chosen' must start with a '{HH_HUMAN.strip()}' turn "
                              f"followed by an '{HH_ASSISTANT.strip()}' turn")
@@ -83,8 +83,12 @@ def read_prompts(path: str, field: str = "prompt") -> List[str]:
 
 
 def _checked(value, path: str, line: int, field: str) -> str:
+    """`value`, the field `field` of the record at `line`: a ValueError naming them unless it is text, not blank."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{path}: line {line}: field {field!r} must be a non-empty string, got {value!r}")
+    problem = not_text(value)
+    if problem:
+        raise ValueError(f"{path}: line {line}: field {field!r} {problem}")
     return value
 
 

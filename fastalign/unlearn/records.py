@@ -12,7 +12,7 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 
 class DataError(ValueError):
@@ -123,12 +123,20 @@ def text_field(obj: dict, key: str, path: str, row: int) -> str:
     value = obj[key]
     if not isinstance(value, str):
         raise DataError(f"{path}: row {row}: field {key!r} must be a string, got {type(value).__name__}")
+    problem = not_text(value)
+    if problem:
+        raise DataError(f"{path}: row {row}: field {key!r} {problem}")
+    return value
+
+
+def not_text(value: str) -> Optional[str]:
+    """What makes the string `value` no text, or None: half of a UTF-16 surrogate pair (JSON's \\ud83d escape
+    without its other half), which no tokenizer takes."""
     try:
         value.encode("utf-8")
-    except UnicodeEncodeError as e:   # JSON's \ud83d escape without its other half
-        raise DataError(f"{path}: row {row}: field {key!r} holds {value[e.start:e.end]!r}, half of a UTF-16 "
-                        "surrogate pair, which is no text") from None
-    return value
+    except UnicodeEncodeError as e:
+        return f"holds {value[e.start:e.end]!r}, half of a UTF-16 surrogate pair, which is no text"
+    return None
 
 
 def make_pair(prompt: str, answer: str, path: str, row: int) -> QAPair:

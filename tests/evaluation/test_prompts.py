@@ -37,6 +37,8 @@ def test_a_gzipped_csv_is_not_read_as_lines_of_text(tmp_path):
 @pytest.mark.parametrize("name, content, message", [
     ("p.jsonl", '{"q": "hi"}\n{"q": ""}\n', "line 2: field 'q' must be a non-empty string"),
     ("p.jsonl", '{"q": "hi"}\n{"r": "x"}\n', "line 2: expected an object with field 'q'"),
+    # a lone surrogate (JSON's escape of half a pair) was a TypeError from the tokenizer once the model had loaded
+    ("p.jsonl", '{"q": "hi \\ud83d there"}\n', "line 1: field 'q' holds '\\\\ud83d', half of a UTF-16 surrogate pair"),
     ("p.csv", "r\nhi\n", r"missing column\(s\) \['q'\]; header is \['r'\]"),
     ("p.txt", "\n  \n", "no prompts"),
     # data files read as text gave their lines of syntax ('[', '{"q": ...},') or csv header as prompts
@@ -49,6 +51,16 @@ def test_bad_files_name_the_file_and_line(tmp_path, name, content, message):
         read_prompts(str(tmp_path / name), "q")
     with pytest.raises(FileNotFoundError, match="prompts file not found"):
         read_prompts(str(tmp_path / "missing.jsonl"), "q")
+
+
+@pytest.mark.parametrize("chosen", [None, 3, [{"role": "user", "content": "hi"}], "\ud83d"])
+def test_an_hh_dialogue_that_is_no_text_is_refused_naming_the_line(tmp_path, chosen):
+    """A 'chosen' of null, a number or a list of messages (as some exports of HH write it) was an AttributeError
+    traceback; one with half a surrogate pair, a TypeError in the tokenizer."""
+    (tmp_path / "hh.jsonl").write_text(json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: x"}) + "\n"
+                                       + json.dumps({"chosen": chosen}) + "\n")
+    with pytest.raises(ValueError, match="hh.jsonl: line 2: field 'chosen' (must be a non-empty string|holds)"):
+        hh_messages(str(tmp_path / "hh.jsonl"))
 
 
 def test_an_hh_file_without_dialogues_is_refused(tmp_path):
