@@ -42,6 +42,8 @@ def check_device(text: str) -> None:
         torch.empty(0, device=text)
     except (RuntimeError, AssertionError) as exc:   # AssertionError: "Torch not compiled with CUDA enabled"
         raise UsageError(f"--device: cannot use {text!r} on this machine: {exc}") from None
+    if torch.device(text).type == "meta":   # tensors without data: the model's weights would be lost
+        raise UsageError(f"--device: {text!r} holds no data (shapes only): give cpu or cuda[:N]")
 
 
 def template_kwargs_argument(text: str) -> dict:

@@ -334,7 +334,8 @@ def _run(args) -> int:
 
 def _tree_runner(model, args):
     """The tree engine's TreeRunner, its KV pool of --kv-tokens and its states' room of --state-memory (a UsageError
-    for --state-memory where the model keeps no state)."""
+    for --state-memory where the model keeps no state or for less than one state, for --kv-tokens where the pool
+    cannot be allocated)."""
     from fastalign.runtime import TreeRunner
     try:
         return TreeRunner(model, max_tokens=args.kv_tokens, max_state_bytes=args.state_memory)
@@ -342,6 +343,11 @@ def _tree_runner(model, args):
         if str(exc).startswith("max_state_bytes: "):
             raise UsageError(f"--state-memory: {str(exc).removeprefix('max_state_bytes: ')}") from None
         raise
+    except RuntimeError as exc:   # torch.OutOfMemoryError, or the CPU allocator's "can't allocate memory"
+        if not isinstance(exc, torch.OutOfMemoryError) and "allocate" not in str(exc):
+            raise
+        raise UsageError(f"--kv-tokens {args.kv_tokens}: the KV pool does not fit on {args.device or 'the device'}: "
+                         f"{str(exc).splitlines()[0]}") from None
 
 
 def run_identity(args, config: RainConfig, judge: JudgePrompt, prefix: str) -> dict:

@@ -15,6 +15,7 @@ evaluation of one prompt); reply = the answer so far plus the rollout (the model
 dialogue.judge_input); suffix = the text after the slot.
 The label token ids are found from the tokenizer in context, never hard-coded.
 """
+import string
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -118,6 +119,19 @@ def _check_types(prompt: JudgePrompt) -> None:
         raise ValueError(f"JudgePrompt.use_chat_template must be true or false, got {prompt.use_chat_template!r}")
 
 
+def _check_option_line(prompt: JudgePrompt) -> None:
+    """ValueError unless option_line is a format whose fields are {label} and {statement}, each once or more: a
+    misspelt field ({lable}) was a KeyError traceback, a positional one an IndexError, and a line without {label}
+    asked the model for labels it never showed it."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(prompt.option_line) if name is not None}
+    except ValueError as exc:   # a lone brace
+        raise ValueError(f"JudgePrompt.option_line: {exc} in {prompt.option_line!r}") from None
+    if fields != {"label", "statement"}:
+        raise ValueError(f"JudgePrompt.option_line must show each option with the fields {{label}} and {{statement}} "
+                         f"alone, got {prompt.option_line!r}")
+
+
 class JudgeTokens:
     """The token pieces of a judge prompt for one tokenizer, and the scoring rule.
 
@@ -131,6 +145,7 @@ class JudgeTokens:
         self.prompt = prompt
         self.template_kwargs = template_kwargs
         _check_types(prompt)
+        _check_option_line(prompt)
         if CONVERSATION_SLOT not in prompt.template:
             raise ValueError(f"JudgePrompt.template has no place for the conversation: it must contain "
                              f"{CONVERSATION_SLOT!r}")

@@ -383,6 +383,7 @@ def test_rain_gz_output_is_a_usage_error(rain_setup, monkeypatch, capsys):
                                "tree, not slow"),
     (["--device", "bogus"], "--device: cannot use 'bogus'"),
     (["--device", "cuda:99"], "--device: cannot use 'cuda:99'"),
+    (["--device", "meta"], "--device: 'meta' holds no data"),   # a traceback once the model had loaded on it
     (["--labels", "A"], "labels"),
     (["--system", "Be brief."], "--system is a turn of the chat template: it needs --template chat"),
     (["--chat-template-kwargs", '{"enable_thinking": false}'],
@@ -823,6 +824,14 @@ def test_state_memory_that_is_no_positive_size_is_refused_by_the_parser_naming_t
         main(args + ["--state-memory", text])
     assert exit_info.value.code == 2
     assert "argument --state-memory: expected a positive number of bytes" in capsys.readouterr().err
+
+
+def test_rain_kv_pool_too_large_for_the_device_is_a_usage_error_naming_the_option(rain_setup, capsys):
+    """--kv-tokens 2^40: the allocator's error was a traceback (exit 1), not a word about the option."""
+    _, out, args = rain_setup
+    assert main([a if a != "slow" else "tree" for a in args] + ["--kv-tokens", str(1 << 40), "--no-vanilla"]) == 2
+    assert f"--kv-tokens {1 << 40}: the KV pool does not fit on the device: " in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_rain_with_a_truncated_weights_file_is_a_usage_error_naming_the_model(rain_setup, tmp_path, capsys):

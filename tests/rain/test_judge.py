@@ -2,6 +2,7 @@
 labels it cannot use, chat templates, and the score mapping."""
 import copy
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -130,10 +131,18 @@ def test_score_maps_both_orders_to_minus_one_zero_one():
     assert score(True, True) == 0.0
 
 
-def test_option_line_without_the_statement_is_rejected():
-    """"({label})" alone makes both option orders the same text: the score would never judge."""
-    with pytest.raises(ValueError, match=r"the two option orders read the same .*'\(\{label\}\)'"):
-        JudgeTokens(tokenizer(), dataclasses.replace(SHORT_JUDGE, option_line="({label})"))
+@pytest.mark.parametrize("line, message", [
+    ("({label})", "must show each option with the fields {label} and {statement} alone"),   # both orders alike
+    ("{statement}", "must show each option with the fields {label} and {statement} alone"),  # labels never shown
+    ("({lable}) {statement}", "must show each option"),     # a KeyError traceback from str.format
+    ("({0}) {statement}", "must show each option"),         # an IndexError
+    ("({label}) {statement", "expected '}' before end of string"),
+])
+def test_an_option_line_without_both_fields_alone_is_refused(line, message):
+    """An option line must show each option's label and statement, and nothing the format cannot fill."""
+    judge = dataclasses.replace(SHORT_JUDGE, option_line=line)
+    with pytest.raises(ValueError, match=f"^JudgePrompt.option_line.*{re.escape(message)}"):
+        JudgeTokens(tokenizer(), judge)
 
 
 def test_a_tie_is_not_a_win_in_either_order():
