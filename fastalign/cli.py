@@ -33,6 +33,14 @@ def check_output_file(path: str) -> None:
         raise UsageError(f"--output: cannot create {path!r}: its directory {directory!r} is not writable")
 
 
+def check_model_dir(path, argument: str) -> None:
+    """UsageError naming `argument` unless `path` is a directory: the commands load local checkpoints, and
+    transformers would take another name for one on the Hub and retry the network for a minute on a machine
+    without it."""
+    if not os.path.isdir(path):
+        raise UsageError(f"{argument}: no model directory at {str(path)!r}")
+
+
 def check_device(text: str) -> None:
     """UsageError naming --device unless `text` is a device this machine can put a tensor on (found before any
     model loads, rather than as a traceback once it has: a misspelt device, CUDA where there is none)."""

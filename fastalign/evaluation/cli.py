@@ -45,8 +45,8 @@ from typing import List, Optional
 
 import torch
 
-from fastalign.cli import (MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_output_file,
-                           template_kwargs_argument)
+from fastalign.cli import (MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_model_dir,
+                           check_output_file, template_kwargs_argument)
 from fastalign.output_lock import output_lock
 from fastalign.pretrained import load_pretrained
 from fastalign.unlearn.templates import ChatTemplate
@@ -145,8 +145,7 @@ def load_causal_lm(path: str, argument: str, device: str, dtype=None):
         if dtype is not None:
             model = cast_weights(model, dtype)
     else:
-        if not os.path.isdir(path):
-            raise UsageError(f"{argument}: no model directory at {path!r}")
+        check_model_dir(path, argument)
         from transformers import AutoModelForCausalLM, AutoTokenizer
         try:
             model = load_pretrained(AutoModelForCausalLM, path, dtype="auto" if dtype is None else dtype)
@@ -176,8 +175,7 @@ def build_judge(args, tokenizer=None):
             check_pair_template(args.moderation_template)
         except ValueError as exc:
             raise UsageError(f"--moderation-{exc}") from None
-        if not os.path.isdir(args.moderation_model):
-            raise UsageError(f"--moderation-model: no model directory at {args.moderation_model!r}")
+        check_model_dir(args.moderation_model, "--moderation-model")
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         label = args.harmful_label
         if label is not None and label.isdigit():
@@ -223,8 +221,7 @@ def world_judge(model: Optional[str], tokenizer=None):
                          f"to find its world; or {others}")
     if model == DEMO_MODEL:
         return load_world(ASSETS).judge
-    if not os.path.isdir(model):
-        raise UsageError(f"--model: no model directory at {model!r}")
+    check_model_dir(model, "--model")
     if os.path.isfile(os.path.join(model, WORLD_FILE)):
         return load_world(model).judge
     if tokenizer is None:
@@ -285,8 +282,8 @@ def _evaluate_model(args) -> dict:
               if args.normal_prompts else None)
     if (normal is None) != (args.reference is None):
         raise UsageError("--reference and --normal-prompts go together (utility needs both)")
-    if args.reference not in (None, DEMO_MODEL) and not os.path.isdir(args.reference):   # loaded after every answer
-        raise UsageError(f"--reference: no model directory at {args.reference!r}")
+    if args.reference not in (None, DEMO_MODEL):   # loaded after every answer
+        check_model_dir(args.reference, "--reference")
     if args.system is not None and args.template != "chat":
         raise UsageError(f"--system is a turn of the chat template: it needs --template chat, not {args.template}")
     if args.chat_template_kwargs is not None and args.template != "chat":
@@ -304,6 +301,8 @@ def _evaluate_model(args) -> dict:
     check_output_file(args.output)
     model, tokenizer = load_causal_lm(args.model, "--model", args.device,
                                       None if args.dtype == "auto" else getattr(torch, args.dtype))
+    if args.reference is not None:
+        _check_reference_vocabulary(args.reference, model)
     prompts = _rendered(prompts, args, tokenizer)
     normal = _rendered(normal, args, tokenizer) if normal is not None else None
     judge = build_judge(args, tokenizer)
@@ -335,6 +334,25 @@ def _evaluate_model(args) -> dict:
                                                     stop_strings=tuple(args.stop)))
         summary.update(unchanged_share=utility.unchanged_share, mean_token_kl=utility.mean_token_kl)
     return _summarised(args.output, summary)
+
+
+def _check_reference_vocabulary(path: str, model) -> None:
+    """UsageError unless the --reference checkpoint's vocabulary is as large as --model's: utility compares their
+    next-token distributions token by token (read from its config before any answer is generated; the reference
+    itself loads after them, and failed there with an IndexError or a token id past its embeddings)."""
+    from transformers import AutoConfig
+
+    if path == DEMO_MODEL:
+        from fastalign.demo.model import ASSETS
+        path = str(ASSETS)
+    try:
+        theirs = AutoConfig.from_pretrained(path).get_text_config().vocab_size
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--reference: cannot read a model config from {path!r}: {exc}") from None
+    ours = model.config.get_text_config().vocab_size
+    if theirs != ours:
+        raise UsageError(f"--reference: its vocabulary has {theirs} tokens and --model's {ours}: utility compares the "
+                         "two models token by token, so the reference must be the model's original (same tokenizer)")
 
 
 def _evaluate_answers(args) -> dict:

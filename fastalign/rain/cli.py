@@ -23,8 +23,8 @@ from typing import List, Optional, Set
 
 import torch
 
-from fastalign.cli import (MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_output_file,
-                           memory_size_argument, template_kwargs_argument)
+from fastalign.cli import (MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_model_dir,
+                           check_output_file, memory_size_argument, template_kwargs_argument)
 from fastalign.evaluation.generation import eos_ids, pad_id
 from fastalign.evaluation.prompts import hh_messages, hh_prompts, read_prompts
 from fastalign.model_files import model_files_digest
@@ -218,8 +218,7 @@ def _run(args) -> int:
     from .distributed import gather, join_from_env, leave, merge_rank_files, open_for_append
     from .embeddings import make_embedder
 
-    if not os.path.isdir(args.model):
-        raise UsageError(f"--model: no model directory at {args.model!r}")
+    check_model_dir(args.model, "--model")
     source, source_arg = (args.hh, "--hh") if args.hh else (args.prompts, "--prompts")
     if not os.path.isfile(source):
         raise UsageError(f"{source_arg}: no file at {source!r}")

@@ -11,7 +11,7 @@ import os
 import sys
 from dataclasses import fields
 
-from fastalign.cli import template_kwargs_argument
+from fastalign.cli import check_model_dir, template_kwargs_argument
 from fastalign.ops.backend import BACKENDS
 from fastalign.unlearn.config import PRECISIONS, UnlearnConfig, read_config_file
 from fastalign.unlearn.formats import FORMATS
@@ -223,6 +223,8 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         config = config_from_args(args)
+        if config.model:   # a local checkpoint: another name would have transformers retry the Hub
+            check_model_dir(config.model, "--model")
         if getattr(args, "check", False):
             require_extras(config)
             config.check_paths()

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from fastalign.unlearn.reference import CACHE_STORAGES, REFERENCE_MODES
 from fastalign.unlearn.templates import SPEC_TEMPLATE
 
 PRECISIONS = ("fp32", "bf16-mixed", "bf16")
+SEED_MAX = 2**64 - 1   # the largest seed torch.manual_seed takes (a larger one: "Overflow when unpacking long long")
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -112,10 +114,16 @@ class UnlearnConfig:
             if not is_integer(value) or value < smallest:
                 raise ValueError(f"{name} must be an integer >= {smallest}, got {value!r}")
             setattr(self, name, int(value))  # a NumPy integer becomes a plain int, as the saved JSON needs
-        for name in ("lr", "weight_decay", "lora_alpha"):
+        if self.seed > SEED_MAX:
+            raise ValueError(f"seed (--seed) must be an integer in [0, {SEED_MAX}], the seeds torch.manual_seed "
+                             f"takes, got {self.seed!r}")
+        for name in ("lr", "weight_decay"):
             value = getattr(self, name)
             if not is_real(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not is_real(self.lora_alpha) or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha (--lora-alpha) must be a finite number > 0 (it scales the adapter's update: "
+                             f"0 trains nothing), got {self.lora_alpha!r}")
         for name in ("lora_dropout", "truthfulqa_test_fraction", "truthfulqa_pool_fraction"):
             value = getattr(self, name)
             if not is_real(value) or not 0 <= value < 1:
@@ -187,10 +195,12 @@ class UnlearnConfig:
         return "adapter" if self.lora else "copy"
 
     def check_paths(self) -> None:
-        """Raises unless the model, data files and output directory are given."""
+        """Raises unless the model, data files and output directory are given, and the output directory can be
+        written (check_output_dir)."""
         missing = [name for name in ("model", "forget", "output_dir") if not getattr(self, name)]
         if missing:
             raise ValueError(f"missing setting(s): {', '.join(missing)}")
+        check_output_dir(self.output_dir)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -206,6 +216,27 @@ def _path(name: str, value) -> str | None:
     if value is not None and not isinstance(value, (str, os.PathLike)):
         raise ValueError(f"{name} must be a path, got {value!r}")
     return None if value is None else os.fspath(value)
+
+
+def check_output_dir(path: str) -> None:
+    """ValueError naming output_dir (--output-dir) unless `path` is a directory this process can create files in,
+    or can be made in one: a file at `path` or among its parents, or a read-only directory, failed only once the
+    model had loaded, with a bare "File exists" or a traceback. Creates and removes a file in `path` or in its
+    nearest existing parent, and makes no directory, so that a refused run leaves nothing behind."""
+    name = "output_dir (--output-dir)"
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    made_in = "" if folder == os.path.abspath(path) else f" (to be made in {folder!r})"
+    if not os.path.isdir(folder):
+        raise ValueError(f"{name}: {path!r} is a file, not a directory" if not made_in else
+                         f"{name}: {path!r} cannot be made: {folder!r} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".fastalign-write-check-")
+    except OSError as exc:
+        raise ValueError(f"{name}: cannot write in {path!r}{made_in}: {exc.strerror or exc}") from None
+    os.close(fd)
+    os.remove(probe)
 
 
 def _items(name: str, value, expected: str, kinds=(str, os.PathLike)) -> list:

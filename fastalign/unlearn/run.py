@@ -68,6 +68,11 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
             raise DataError("mismatch_weight > 0 needs a pool of normal answers: give mismatch_pool=... "
                             "(--mismatch-pool FILE) or a TruthfulQA .csv as normal (--normal), or set "
                             "mismatch_weight=0 (--mismatch-weight 0)")
+        if not pool:   # only a TruthfulQA .csv gives none: a jsonl without rows or answers is refused as it loads
+            raise DataError(f"{config.mismatch_pool or config.normal}: no mismatch pool answer: every answer of its "
+                            f"pool rows (truthfulqa_pool_fraction={config.truthfulqa_pool_fraction}) is the Best "
+                            "Answer of one of its normal rows; give other answers as mismatch_pool (--mismatch-pool "
+                            "FILE), or set mismatch_weight=0 (--mismatch-weight 0) to train without the mismatch term")
 
     def encode(pairs):
         return encode_pairs(tokenizer, template, pairs, config.max_length, skip_too_long=config.skip_long_prompts,

@@ -141,6 +141,20 @@ def test_missing_reference_path_is_an_error_before_any_answer(harmful_prompts, m
     assert not out.exists()
 
 
+def test_a_reference_of_another_vocabulary_is_an_error_before_any_answer(harmful_prompts, model_dir, tmp_path,
+                                                                        capsys):
+    """A model of another vocabulary (600 tokens) as the reference: the command answered and judged every prompt,
+    then failed on a token id past the reference's embeddings (or an IndexError), with a traceback."""
+    from tests.rain.tiny import tiny_llama
+    other = tmp_path / "other"
+    tiny_llama().save_pretrained(other)
+    out = tmp_path / "o.jsonl"
+    assert run("--model", model_dir, "--prompts", harmful_prompts, "--output", out, "--judge", "keyword",
+               "--keywords", "x", "--reference", other, "--normal-prompts", harmful_prompts) == 2
+    assert "--reference: its vocabulary has 600 tokens and --model's 277:" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--judge", "keyword"], "needs --keywords"),
     (["--judge", "moderation"], "--judge moderation needs --moderation-model DIR"),

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 from dataclasses import fields
 
 import pytest
@@ -122,7 +123,9 @@ def test_errors_name_the_problem_and_write_nothing(workspace, capsys):
              (["--forget", str(workspace / "bad.jsonl")], r"bad.jsonl: row 2: missing field 'answer'"),
              (["--max-length", "8"], r"pku.jsonl:row 1: the prompt takes \d+ tokens"),
              (["--normal-weight", "nan"], "loss weight normal must be a finite number"),
-             (["--model", str(workspace / "nowhere")], "model not found")]
+             (["--model", str(workspace / "nowhere")], "--model: no model directory at"),
+             # a bare name, no directory: transformers retried the Hub for ~48 s on a machine without a network
+             (["--model", "nope"], "--model: no model directory at 'nope'")]
     for extra, message in cases:
         assert main(base + extra) == 2
         assert re.search(message, capsys.readouterr().err), message
@@ -363,6 +366,39 @@ def test_a_used_output_dir_is_refused_before_the_model_loads(workspace, capsys, 
                  "--no-progress"] + check)
     assert code == 2
     assert "already holds a finished model; choose another output_dir (--output-dir)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("check", [["--check"], []])
+@pytest.mark.parametrize("output, message", [
+    ("afile", r"output_dir \(--output-dir\): '.*afile' is a file, not a directory"),
+    ("afile/sub", r"output_dir \(--output-dir\): '.*afile/sub' cannot be made: '.*afile' is a file, not a directory"),
+    ("readonly/out", r"output_dir \(--output-dir\): cannot write in '.*readonly/out' \(to be made in '.*readonly'\): "
+                     "Permission denied"),
+], ids=["a-file", "under-a-file", "read-only"])
+def test_an_output_dir_that_cannot_be_written_is_a_usage_error_before_the_model_loads(workspace, capsys, monkeypatch,
+                                                                                       check, output, message):
+    """A file as --output-dir or among its parents, and a read-only parent, failed once the model had loaded: with
+    a bare "[Errno 17] File exists", or a traceback from os.makedirs. Now exit 2, naming the option, writing nothing.
+    (The read-only directory refuses the probe file by monkeypatch: root writes in any directory.)"""
+    (workspace / "afile").write_text("")
+    (workspace / "readonly").mkdir()
+    make_file = tempfile.mkstemp
+
+    def read_only_mkstemp(*args, dir=None, **kwargs):
+        if dir == str(workspace / "readonly"):
+            raise PermissionError(13, "Permission denied", dir)
+        return make_file(*args, dir=dir, **kwargs)
+
+    def no_load(config):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only_mkstemp)
+    monkeypatch.setattr("fastalign.unlearn.run.load_model_and_tokenizer", no_load)
+    code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / output),
+                 "--no-progress"] + check)
+    err = capsys.readouterr().err
+    assert code == 2 and re.fullmatch(f"fastalign unlearn: error: {message}\n", err), err
+    assert os.listdir(workspace / "readonly") == [] and (workspace / "afile").read_text() == ""
 
 
 @needs_fcntl

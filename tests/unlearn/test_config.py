@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from fastalign.unlearn.config import UnlearnConfig, read_config_file
+from fastalign.unlearn.config import SEED_MAX, UnlearnConfig, read_config_file
 
 
 def test_yaml_exponent_numbers_are_floats(tmp_path):
@@ -81,6 +81,24 @@ def test_a_setting_of_the_wrong_type_is_refused_by_name(settings, message):
     ('int' object is not iterable, an AttributeError traceback) or read `true` as the number 1."""
     with pytest.raises(ValueError, match=message):
         UnlearnConfig(**settings)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"seed": SEED_MAX + 1}, rf"seed \(--seed\) must be an integer in \[0, {SEED_MAX}\], the seeds torch.manual_seed "
+                             rf"takes, got {SEED_MAX + 1}"),
+    ({"lora": True, "lora_alpha": 0}, r"lora_alpha \(--lora-alpha\) must be a finite number > 0 \(it scales the "
+                                      r"adapter's update: 0 trains nothing\), got 0"),
+])
+def test_a_value_out_of_range_is_refused_by_name(settings, message):
+    """A seed torch.manual_seed cannot take failed after the model had loaded with only "Overflow when unpacking
+    long long"; lora_alpha 0 scales the adapter's update to 0, a run that trained nothing and saved the input model."""
+    with pytest.raises(ValueError, match=message):
+        UnlearnConfig(**settings)
+
+
+def test_the_largest_seed_is_one_torch_takes():
+    import torch
+    torch.Generator().manual_seed(UnlearnConfig(seed=SEED_MAX).seed)   # torch.manual_seed seeds such a generator
 
 
 def test_paths_may_be_path_objects_and_are_kept_as_text(tmp_path):

@@ -39,6 +39,24 @@ def test_mismatch_pool_jsonl_must_hold_prompt_answer_rows(tmp_path):
         load_streams(config, byte_bpe_tokenizer())
 
 
+@pytest.mark.parametrize("as_pool", [False, True], ids=["normal", "mismatch_pool"])
+def test_a_truthfulqa_csv_that_leaves_no_mismatch_answer_is_an_error_unless_the_term_is_off(tmp_path, as_pool):
+    """A csv whose pool rows' answers are all answers of its normal rows leaves an empty pool: the mismatch term was
+    silently off although mismatch_weight asked for it. An error names the file and the way to turn the term off."""
+    csv = tmp_path / "tqa.csv"
+    rows = "".join(f"q{k},a,a,a\n" for k in range(5))
+    csv.write_text("Question,Best Answer,Correct Answers,Incorrect Answers\n" + rows)
+    forget = write_jsonl(tmp_path / "forget.jsonl", FORGET_ROWS)
+    data = {"mismatch_pool": str(csv), "normal_weight": 0} if as_pool else {"normal": str(csv)}
+    config = UnlearnConfig(model="m", output_dir="o", forget=[str(forget)], max_length=64, **data)
+    with pytest.raises(DataError, match=r"tqa.csv: no mismatch pool answer: every answer of its pool rows "
+                                        r"\(truthfulqa_pool_fraction=0.3\) is the Best Answer of one of its normal "
+                                        r"rows; .* or set mismatch_weight=0 \(--mismatch-weight 0\) to train without"):
+        load_streams(config, byte_bpe_tokenizer())
+    config = UnlearnConfig(model="m", output_dir="o", forget=[str(forget)], max_length=64, mismatch_weight=0, **data)
+    assert load_streams(config, byte_bpe_tokenizer()).pool == []
+
+
 @pytest.mark.parametrize("name", ["TruthfulQA.CSV", "TruthfulQA.csv.gz"])
 def test_truthfulqa_csv_with_an_upper_case_or_gz_extension_is_read_as_csv(tmp_path, name):
     """Windows tools write 'TruthfulQA.CSV': it was read as jsonl and refused as 'row 1: not valid JSON'. A gzipped
