@@ -10,6 +10,9 @@ turns them on for our commands too.
 import os
 
 TRUE_VALUES = {"1", "ON", "YES", "TRUE"}   # what transformers reads as true in USE_HUB_KERNELS
+# files one of which a saved tokenizer holds (fast, SentencePiece, BPE/WordPiece vocabularies, tiktoken)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt", "tiktoken.model")
 
 
 def hub_kernels_requested() -> bool:
@@ -37,3 +40,15 @@ def load_pretrained(model_class, path, **kwargs):
                          "which transformers would initialise at random: an incomplete checkpoint, or one of another "
                          "kind of model")
     return model
+
+
+def load_tokenizer(path, **kwargs):
+    """`AutoTokenizer.from_pretrained(path, **kwargs)`; an OSError naming `path` where that directory holds no
+    tokenizer file at all (a model saved without its tokenizer), for which transformers advises installing
+    sentencepiece or tiktoken."""
+    from transformers import AutoTokenizer
+
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise OSError(f"{str(path)!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the "
+                      "tokenizer beside the model (tokenizer.save_pretrained)")
+    return AutoTokenizer.from_pretrained(path, **kwargs)

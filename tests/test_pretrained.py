@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 from transformers.utils import is_kernels_available
 
-from fastalign.pretrained import hub_kernels_requested, load_pretrained
-from tests.rain.tiny import tiny_llama
+from fastalign.pretrained import hub_kernels_requested, load_pretrained, load_tokenizer
+from tests.rain.tiny import tiny_llama, tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,3 +88,12 @@ def test_a_checkpoint_without_weights_the_model_needs_is_refused_not_initialised
         load_pretrained(LlamaForCausalLM, partial)
     with pytest.raises(ValueError, match="lacks 1 weight of LlamaForSequenceClassification \\(score.weight\\)"):
         load_pretrained(LlamaForSequenceClassification, saved_model)
+
+
+def test_a_model_saved_without_its_tokenizer_is_named_not_advised_to_install_packages(saved_model, tmp_path):
+    """transformers' error for a directory without tokenizer files advised installing sentencepiece or tiktoken."""
+    with pytest.raises(OSError, match=f"^'{saved_model}' holds no tokenizer \\(none of tokenizer.json, "
+                                      "tokenizer_config.json, .*\\): save the tokenizer beside the model"):
+        load_tokenizer(saved_model)
+    tokenizer().save_pretrained(tmp_path)
+    assert load_tokenizer(tmp_path).get_vocab() == tokenizer().get_vocab()

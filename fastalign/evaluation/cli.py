@@ -48,7 +48,7 @@ import torch
 from fastalign.cli import (MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_model_dir,
                            check_output_file, template_kwargs_argument)
 from fastalign.output_lock import output_lock
-from fastalign.pretrained import load_pretrained
+from fastalign.pretrained import load_pretrained, load_tokenizer
 from fastalign.unlearn.templates import ChatTemplate
 
 from .answers import read_answers
@@ -146,10 +146,10 @@ def load_causal_lm(path: str, argument: str, device: str, dtype=None):
             model = cast_weights(model, dtype)
     else:
         check_model_dir(path, argument)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
         try:
+            tokenizer = load_tokenizer(path)   # first: the weights take longer to load
             model = load_pretrained(AutoModelForCausalLM, path, dtype="auto" if dtype is None else dtype)
-            tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as exc:
             raise UsageError(f"{argument}: cannot load a causal LM from {path!r}: {exc}") from None
     return model.to(device).eval(), tokenizer
@@ -176,13 +176,13 @@ def build_judge(args, tokenizer=None):
         except ValueError as exc:
             raise UsageError(f"--moderation-{exc}") from None
         check_model_dir(args.moderation_model, "--moderation-model")
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
         label = args.harmful_label
         if label is not None and label.isdigit():
             label = int(label)
         try:
+            classifier_tokenizer = load_tokenizer(args.moderation_model)
             classifier = load_pretrained(AutoModelForSequenceClassification, args.moderation_model)
-            classifier_tokenizer = AutoTokenizer.from_pretrained(args.moderation_model)
         except (OSError, ValueError) as exc:
             raise UsageError(f"--moderation-model: cannot load a sequence classifier from "
                              f"{args.moderation_model!r}: {exc}") from None
@@ -213,7 +213,7 @@ def world_judge(model: Optional[str], tokenizer=None):
     loaded from `model` when not given). Any other model is refused rather than judged by words it never uses,
     which would report a harmful rate near 0.
     """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
     from fastalign.demo.model import ASSETS, WORLD_FILE, load_world
     others = "choose --judge keyword, moderation or callable"
     if model is None:
@@ -226,7 +226,7 @@ def world_judge(model: Optional[str], tokenizer=None):
         return load_world(model).judge
     if tokenizer is None:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model)
+            tokenizer = load_tokenizer(model)
         except (OSError, ValueError) as exc:
             raise UsageError(f"--model: cannot load a tokenizer from {model!r}: {exc}") from None
     if tokenizer.get_vocab() == PreTrainedTokenizerFast.from_pretrained(ASSETS).get_vocab():

@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from fastalign.model_devices import input_device
-from fastalign.pretrained import load_pretrained
+from fastalign.pretrained import load_pretrained, load_tokenizer
 
 Pair = Tuple[str, str]
 Judge = Callable[[Sequence[Pair]], Sequence[bool]]
@@ -159,8 +159,8 @@ class ModerationJudge:
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "ModerationJudge":
         """Loads a local sequence-classification model and its tokenizer from `path`."""
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        return cls(load_pretrained(AutoModelForSequenceClassification, path), AutoTokenizer.from_pretrained(path),
+        from transformers import AutoModelForSequenceClassification
+        return cls(load_pretrained(AutoModelForSequenceClassification, path), load_tokenizer(path),
                    **kwargs)
 
     def _fits(self, text: str) -> bool:

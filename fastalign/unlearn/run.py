@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from fastalign.output_lock import output_lock
-from fastalign.pretrained import load_pretrained
+from fastalign.pretrained import load_pretrained, load_tokenizer
 from fastalign.unlearn.batching import filler_token_id
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.encoding import encode_answers, encode_pairs
@@ -101,14 +101,14 @@ def load_model_and_tokenizer(config: UnlearnConfig):
     """The causal LM (bf16 weights for precision='bf16', fp32 otherwise; the attention implementation
     config.attn_implementation names, else transformers' default) and its fast tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if not os.path.exists(config.model) and os.path.sep in config.model:
         raise FileNotFoundError(f"model not found: {config.model}")
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
     attention = {} if config.attn_implementation is None else {"attn_implementation": config.attn_implementation}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        tokenizer = load_tokenizer(config.model)
         return load_pretrained(AutoModelForCausalLM, config.model, dtype=dtype, **attention), tokenizer
     except OSError as e:  # a directory without weights, a name that is neither a directory nor a known model
         raise FileNotFoundError(f"model {config.model} cannot be loaded: {e}") from None
