@@ -137,18 +137,33 @@ class HFCacheModel:
         layer."""
         if context == 0:
             return DynamicCache()
-        return DynamicCache(ddp_cache_data=gathered_context(pool, block_rows, context, range(self.num_layers)))
+        return DynamicCache(ddp_cache_data=gathered_context(pool, block_rows, [context] * len(block_rows),
+                                                            range(self.num_layers)))
 
 
-def gathered_context(pool, block_rows, context, layers):
-    """(keys, values) [rows, heads, context, dim] of the first `context` tokens of each row of `block_rows`
-    [rows, max_blocks], for each pool layer of `layers`."""
-    blocks = block_rows[:, : -(-context // pool.block_size)].long()
+def gathered_context(pool, block_rows, lengths, layers):
+    """(keys, values) [rows, heads, max(lengths), dim] of the first lengths[i] tokens of row i of `block_rows`
+    [rows, max_blocks], for each pool layer of `layers`; a row shorter than the longest sits at the right end,
+    after zeros (its padding, which the forward masks)."""
+    longest = max(lengths)
+    blocks = block_rows[:, : -(-longest // pool.block_size)].long()
 
-    def tokens(t):  # [blocks, block_size, heads, dim] -> [rows, heads, context, dim]
-        return t[blocks].flatten(1, 2)[:, :context].transpose(1, 2)
+    def tokens(t):  # [blocks, block_size, heads, dim] -> [rows, heads, longest, dim]
+        return t[blocks].flatten(1, 2)[:, :longest].transpose(1, 2)
 
-    return [(tokens(pool.k(i)), tokens(pool.v(i))) for i in layers]
+    kv = [(tokens(pool.k(i)), tokens(pool.v(i))) for i in layers]
+    if min(lengths) == longest:
+        return kv
+    device = block_rows.device
+    source = (torch.arange(longest, device=device)
+              - torch.tensor([longest - n for n in lengths], device=device)[:, None])   # < 0: padding
+    padding = (source < 0)[:, None, :, None]
+
+    def shifted(t):   # past a row's blocks the table may point anywhere: zeros, not whatever is there
+        index = source.clamp(min=0)[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
+        return t.gather(2, index).masked_fill(padding, 0)
+
+    return [(shifted(keys), shifted(values)) for keys, values in kv]
 
 
 def write_rows_kv(pool, batch, tokens, layers_kv):

@@ -12,8 +12,10 @@ ancestor that has one, running the tokens in between again in a forward of their
 TreeRunner.last_context_rerun. States are a cache of bounded size (`state_capacity`, set by the TreeRunner from its
 max_state_bytes, by default as many bytes as the pool), released spans' dropped first, then those a row has started
 from (a search's inner nodes), then the rest, least recently used first, pinned spans' never: a dropped state costs
-tokens run again, never a different result. Rows that start from states of one length and run alike (as many
-tokens, cut at the same offsets) run as one batch (a span's children extended alike).
+tokens run again, never a different result. Rows that run alike (as many tokens again and new, cut at the same
+offsets) run as one batch wherever they are in a call, their attention contexts of any length left-padded in one
+cache and masked, each row at its own positions (where a probe finds the model's logits and states unchanged by
+that; else rows from contexts of one length): the leaves of many prompts' searches extended alike are one forward.
 """
 import collections
 import inspect
@@ -87,6 +89,7 @@ class HFStateCacheModel:
         if not exact:
             raise _unfit(model, "its logits or states after a cache rebuilt from its K/V and states differ from "
                                 "its forward's over the whole sequence")
+        self.pads_context = self._pads_exactly()   # else rows from states of different lengths run apart
 
     # ----- the forward
 
@@ -98,30 +101,33 @@ class HFStateCacheModel:
             return self._forward_rows(batch, pool, select, want_logits, want_hidden, logits_rows)
 
     def _forward_rows(self, batch, pool, select, want_logits, want_hidden, logits_rows):
-        """Consecutive rows that start from states of one length and run alike (as many tokens, cut at the same
-        offsets) run as one batch, each other row alone, in order: a row extending an earlier row of the batch
-        starts from the state that row's group stored."""
+        """Rows that run alike (as many tokens again and new, cut at the same offsets) and start from states of one
+        length, or where the model pads contexts (`pads_context`) from states of any length, run as one batch
+        wherever they are in the call, level by level: a row that extends a span another row of the call makes is
+        one level above that row, and starts from the state it stores."""
         cu, seq_lens = batch.host_cu_q_lens.tolist(), batch.host_seq_lens.tolist()
         spans = batch.host_row_spans.tolist()
         outputs = [None] * len(spans)   # per row: (logits, hidden) at its new tokens
         self.last_rerun = np.zeros(len(spans), dtype=np.int64)
-        group, key = [], None   # the pending group: rows; (base, tokens run again, new tokens' cut offsets)
+        groups, level_of = {}, {}   # (level, how its rows run) -> rows; span made by a row -> that row's level
         for row, (span, seq_len) in enumerate(zip(spans, seq_lens)):
             new = cu[row + 1] - cu[row]
             start, chain = self._row_chain(span, seq_len - new)
-            if any(start in made.chain for made in group):   # on a row of the pending group: its state first
-                self._run_group(batch, pool, group, key, outputs, select is not None, want_hidden)
-                group = []
-            source = self._state_source(start)
+            level = level_of.get(start, -1) + 1
+            if level:   # its state is to come: stored by the row that makes it
+                source = start
+                self.started_from.add(start)
+            else:
+                source = self._state_source(start)
             base = self.span_tree.length(source) if source >= 0 else 0
-            row_key = (base, seq_len - new - base, tuple(self.span_tree.length(s) - seq_len + new for s in chain))
-            if group and key != row_key:
-                self._run_group(batch, pool, group, key, outputs, select is not None, want_hidden)
-                group = []
-            group.append(_Row(row, chain, source, start))
-            key = row_key
-            self.last_rerun[row] = row_key[1]
-        self._run_group(batch, pool, group, key, outputs, select is not None, want_hidden)
+            again = seq_len - new - base
+            ends = tuple(self.span_tree.length(s) - seq_len + new for s in chain)
+            key = (base > 0 if self.pads_context else base, again, ends)
+            groups.setdefault((level, key), []).append(_Row(row, chain, source, start, base))
+            level_of.update(dict.fromkeys(chain, level))
+            self.last_rerun[row] = again
+        for (_, key), group in sorted(groups.items(), key=lambda item: item[0][0]):   # first met first, per level
+            self._run_group(batch, pool, group, key, outputs, select is not None, want_hidden)
         self._trim(self.state_capacity)
         if select is None:
             return None, None
@@ -129,21 +135,23 @@ class HFStateCacheModel:
         return selected_outputs(logits, hidden, select, logits_rows, want_logits, want_hidden)
 
     def _run_group(self, batch, pool, group, key, outputs, want_outputs, want_hidden):
-        """Run the rows of `group` from their sources' states: first the tokens run again (a row starting on a span
-        with no state), whose end state is kept under the row's start span (its next children start there), then
-        the new tokens, in one forward per piece between cuts, keeping the state at each cut's span and at the
-        row's span; write the new tokens' K/V into the pool."""
-        (base, again, ends), rows = key, [member.row for member in group]
+        """Run the rows of `group` from their sources' states (contexts of several lengths left-padded in one
+        cache, see _LeftPadded): first the tokens run again (a row starting on a span with no state), whose end
+        state is kept under the row's start span (its next children start there), then the new tokens, in one
+        forward per piece between cuts, keeping the state at each cut's span and at the row's span; write the new
+        tokens' K/V into the pool."""
+        (_, again, ends), rows = key, [member.row for member in group]
+        bases = [member.base for member in group]
         cu = batch.host_cu_q_lens
         tokens = np.concatenate([np.arange(cu[row], cu[row + 1]) for row in rows])   # the group's, row by row
-        cache = self._new_cache()
-        if base:
-            kv = gathered_context(pool, batch.block_table[rows], base, range(len(self.attention_layers)))
-            self._load(cache, kv, [self.states[member.source] for member in group], base)
+        cache, padded = self._new_cache(), _LeftPadded.of(bases, self)
+        if bases[0]:   # (the rows of a group all start from a state, or none does)
+            kv = gathered_context(pool, batch.block_table[rows], bases, range(len(self.attention_layers)))
+            self._load(cache, kv, [self.states[member.source] for member in group], max(bases))
         if again:   # the tokens between each source and its row's start, from the span tree
-            ids = np.stack([self.span_tree.tokens(member.start)[base:] for member in group])
+            ids = np.stack([self.span_tree.tokens(member.start)[member.base:] for member in group])
             self.model(input_ids=torch.from_numpy(ids).to(self.device, torch.long), use_cache=True,
-                       **cache_kwargs(self.model, cache), **self._logits_kept(1))
+                       **cache_kwargs(self.model, cache), **self._logits_kept(1), **padded.arguments(again))
             self._store(cache, [member.start for member in group])
         new_ids = batch.input_ids[torch.from_numpy(tokens).to(self.device)].view(len(rows), ends[-1])
         pieces = []
@@ -151,7 +159,7 @@ class HFStateCacheModel:
             # logits of the new tokens alone (of the last one where no output is wanted: a prefill)
             out = self.model(input_ids=new_ids[:, begin:end], use_cache=True, **cache_kwargs(self.model, cache),
                              output_hidden_states=want_hidden and want_outputs,
-                             **self._logits_kept(end - begin if want_outputs else 1))
+                             **self._logits_kept(end - begin if want_outputs else 1), **padded.arguments(end - begin))
             self._store(cache, [member.chain[piece] for member in group])
             pieces.append((out.logits, out.hidden_states[-1] if want_hidden and want_outputs else None))
         if self.attention_layers:
@@ -239,6 +247,46 @@ class HFStateCacheModel:
             if isinstance(counted, torch.Tensor):
                 counted.fill_(length)
 
+    def _pads_exactly(self):
+        """Whether two rows whose contexts (2 and 4 tokens, each run alone) sit left-padded in one cache, as
+        _LeftPadded puts them, continue by 2 + 1 tokens to the logits of the model's forward over each whole
+        sequence and end in its states, within rounding of its dtype (without an attention layer, nothing is padded:
+        the states alone). False also where the forward takes no position_ids or fails with a 2D mask over a cache
+        (a mixer that masks its input with it, say)."""
+        if self.attention_layers and "position_ids" not in inspect.signature(self.model.forward).parameters:
+            return False
+        ids = torch.tensor([[1, 0, 2, 1, 3, 0, 0], [2, 3, 1, 1, 0, 2, 3]], device=self.device)
+        ids = ids % input_vocabulary(self.model)
+        lengths, new = (2, 4), 3
+        try:
+            with torch.inference_mode(), eval_mode(self.model):
+                kv, states, wholes = [], [], []
+                for row, length in enumerate(lengths):
+                    cache = self._new_cache()
+                    self.model(input_ids=ids[row:row + 1, :length], use_cache=True, **cache_kwargs(self.model, cache))
+                    kv.append([(cache.layers[i].keys, cache.layers[i].values) for i in self.attention_layers])
+                    states.append(tuple(t[0] for t in self._batched_states(cache)))
+                    whole_cache = self._new_cache()
+                    whole = self.model(input_ids=ids[row:row + 1, :length + new], use_cache=True,
+                                       **cache_kwargs(self.model, whole_cache)).logits[0, -new:]
+                    wholes.append((whole, [t[0] for t in self._batched_states(whole_cache)]))
+                longest = max(lengths)
+                padded_kv = [tuple(torch.cat([torch.nn.functional.pad(row_kv[layer][part],
+                                                                      (0, 0, longest - length, 0))
+                                              for row_kv, length in zip(kv, lengths)])
+                                   for part in (0, 1)) for layer in range(len(self.attention_layers))]
+                cache, padded = self._new_cache(), _LeftPadded.of(lengths, self)
+                self._load(cache, padded_kv, states, longest)
+                new_ids = torch.stack([ids[row, length:length + new] for row, length in enumerate(lengths)])
+                parts = [self.model(input_ids=new_ids[:, begin:end], use_cache=True, **cache_kwargs(self.model, cache),
+                                    **padded.arguments(end - begin)).logits for begin, end in ((0, 2), (2, 3))]
+        except Exception:
+            return False
+        logits, ends = torch.cat(parts, 1), self._batched_states(cache)
+        return all(agree_within_rounding(whole, (logits[row], whole)) and
+                   all(agree_within_rounding(expected, (got[row], expected)) for got, expected in zip(ends, end_states))
+                   for row, (whole, end_states) in enumerate(wholes))
+
     def _continues_exactly(self):
         """Whether two sequences run as a prefix of 3 tokens, then 3 tokens and 1 token, each on a cache rebuilt
         from the states and K/V the previous forward left (another batch run in between), get the logits of the
@@ -269,11 +317,50 @@ class HFStateCacheModel:
 
 class _Row(NamedTuple):
     """A row of a group: its index in the batch, the spans it makes (its cuts', then its own), the span whose state
-    it starts from (-1: none), the span it extends."""
+    it starts from (-1: none), the span it extends, the tokens before the state it starts from (its context in the
+    pool)."""
     row: int
     chain: list
     source: int
     start: int
+    base: int
+
+
+class _LeftPadded:
+    """The forward arguments of rows whose contexts, of several lengths, sit in one cache right-aligned after
+    padding (gathered_context): a 2D attention mask that hides each row's padding from its attention layers, and
+    each row's own positions; the cache counts the longest context. `of` gives the arguments of nothing where no
+    padding is needed (contexts of one length, or no attention layer to hide it from)."""
+
+    def __init__(self, lengths, device):
+        longest = max(lengths)
+        self.padding = torch.tensor([longest - n for n in lengths], device=device)
+        self.seen = longest   # the cache's tokens, padding included
+
+    @classmethod
+    def of(cls, lengths, runner):
+        if runner.attention_layers and min(lengths) != max(lengths):
+            return cls(lengths, runner.device)
+        return _NO_PADDING
+
+    def arguments(self, count):
+        """Those of a forward of `count` more tokens per row (the mask grows with the cache)."""
+        total = self.seen + count
+        columns = torch.arange(total, device=self.padding.device)
+        mask = (columns[None, :] >= self.padding[:, None]).long()
+        positions = columns[None, self.seen:] - self.padding[:, None]
+        self.seen = total
+        return {"attention_mask": mask, "position_ids": positions}
+
+
+class _NoPadding:
+    """Contexts of one length: no argument to add, the model's own positions and mask."""
+
+    def arguments(self, count):
+        return {}
+
+
+_NO_PADDING = _NoPadding()
 
 
 def _layer_kinds(cache):

@@ -30,7 +30,8 @@ _FALLBACKS = (
     _Fallback("hf_cache", "HFCacheModel", "nor on Hugging Face's cache",
               "on Hugging Face's own cache instead, row by row", "slower"),
     _Fallback("hf_state_cache", "HFStateCacheModel", "nor with its recurrent states kept",
-              "on Hugging Face's own cache with each span's recurrent state kept, row by row", "slower"),
+              "on Hugging Face's own cache with each span's recurrent state kept, rows that run alike batched",
+              "slower"),
     _Fallback("hf_recompute", "HFRecomputeModel", None,
               "by computing each row's whole sequence again at every call, with no cache", "much slower"),
 )

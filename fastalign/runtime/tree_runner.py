@@ -9,8 +9,8 @@ eviction is a cache policy that never changes a result (see csrc/span_tree.h).
 Llama-family models (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, OLMo 2, OLMo 3, Mixtral, Qwen2-MoE,
 Qwen3-MoE) run on the paged pool with the paged attention kernels (llama.py), as do other causal LMs whose layers
 attend through transformers' attention interface (hf_paged.py: Phi-3, Granite, GPT-2, ...); the rest fall back to
-Hugging Face's own forward and cache, row by row (hf_cache.py; hf_state_cache.py where it holds linear-attention
-states too, each span's kept), or, where it cannot continue from a rebuilt cache, to its forward over whole sequences
+Hugging Face's own forward and cache (hf_cache.py, row by row; hf_state_cache.py where it holds linear-attention
+states too, each span's kept, rows alike batched), or, where it cannot continue from a rebuilt cache, to its forward over whole sequences
 (hf_recompute.py), with the same API.
 """
 import collections

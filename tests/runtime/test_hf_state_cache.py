@@ -8,7 +8,7 @@ import torch
 from fastalign import TreeRunner
 from fastalign.runtime.hf_state_cache import HFStateCacheModel
 from fastalign.runtime.kv_pool import KVPool
-from tests.runtime.tiny_models import CountedForward, reference, tiny_model
+from tests.runtime.tiny_models import CountedForward, fill_with_nan, reference, tiny_model
 
 
 def state_runner(name="qwen3.5-linear-attention-states", **kwargs):
@@ -51,6 +51,70 @@ def test_a_row_on_an_earlier_row_of_the_call_starts_from_the_state_that_row_left
     chain, logits = runner.extend([root, 0, 1], [[1, 2], [3, 4], [6, 7]], logits="all")
     assert calls[1:] == [(1, 2, 2)] * 3 and runner.recomputed_tokens == 0
     assert_matches(model, chain, logits)
+
+
+@pytest.mark.parametrize("name", ["qwen3.5-linear-attention-states", "mamba2-states"])
+def test_rows_from_states_of_different_lengths_run_as_one_batch_their_contexts_left_padded(name):
+    """Rows alike in what they run but starting from spans of 3, 7 and 5 tokens (two prompts' trees, say) ran as
+    three forwards, one per context length: now one, the attention layers' contexts left-padded in one cache and
+    the padding masked (no attention layer, as Mamba 2: nothing to pad), with each row's own positions; the states
+    it leaves are each row's own (their children, again of three context lengths, match too). The pool's unwritten
+    slots are NaN: padding read from them would poison the logits."""
+    model, runner, calls = state_runner(name, max_state_bytes=1 << 20)
+    assert runner.model_runner.pads_context
+    fill_with_nan(runner.pool)
+    root = runner.prefill([5, 17, 3])
+    (longer,), _ = runner.extend([root], [[9, 2, 8, 1]], logits=None)
+    other = runner.prefill([4, 4, 12, 30, 6])
+    del calls[:]
+    children, logits, hidden = runner.extend([root, longer, other], [[1, 2], [3, 4], [5, 6]], logits="all",
+                                             hidden="all")
+    assert calls == [(3, 2, 2)] and runner.recomputed_tokens == 0
+    assert_matches(model, children, logits)
+    for span, row_hidden in zip(children, hidden):
+        torch.testing.assert_close(row_hidden, reference(model, span)[1], rtol=1e-4, atol=1e-4)
+    grandchildren, logits = runner.extend(children, [[7], [8], [9]], logits="all")
+    assert calls[-1] == (3, 1, 1) and runner.recomputed_tokens == 0
+    assert_matches(model, grandchildren, logits)
+
+
+def test_rows_alike_run_together_wherever_they_are_in_the_call():
+    """The rows of one, two and one new tokens ran as three forwards, the two alike being apart in the call: now the
+    alike ones run as one, and each row still gets its own outputs."""
+    model, runner, calls = state_runner()
+    root = runner.prefill([5, 17, 3, 9])
+    del calls[:]
+    children, logits = runner.extend([root, root, root], [[1], [2, 3], [4]], logits="all")
+    assert calls == [(2, 1, 1), (1, 2, 2)]
+    assert_matches(model, children, logits)
+
+
+def test_rows_on_rows_of_the_call_run_level_by_level():
+    """Two children of the root, each with a child of its own in the same call, interleaved: the rows on rows of the
+    call wait for them, as one batch (the level above), not one batch each; no token runs twice."""
+    model, runner, calls = state_runner()
+    root = runner.prefill([5, 17, 3, 9])
+    del calls[:]
+    spans, logits = runner.extend([root, 0, root, 2], [[1], [2], [3], [4]], logits="all")
+    assert calls == [(2, 1, 1), (2, 1, 1)] and runner.recomputed_tokens == 0
+    assert_matches(model, spans, logits)
+
+
+def test_a_model_whose_padding_shows_runs_rows_from_contexts_of_different_lengths_apart(monkeypatch):
+    """Where a left-padded cache does not give the model's own logits (here its mask is withheld, so the padding is
+    attended to), the probe says so and rows from contexts of different lengths run apart, with the right
+    logits."""
+    from fastalign.runtime import hf_state_cache
+    arguments = hf_state_cache._LeftPadded.arguments
+    monkeypatch.setattr(hf_state_cache._LeftPadded, "arguments",
+                        lambda self, count: {"position_ids": arguments(self, count)["position_ids"]})
+    model, runner, calls = state_runner()
+    assert not runner.model_runner.pads_context
+    short, long = runner.prefill([5, 17, 3]), runner.prefill([4, 4, 12, 30, 6])
+    del calls[:]
+    children, logits = runner.extend([short, long, short], [[1], [2], [3]], logits="all")
+    assert calls == [(2, 1, 1), (1, 1, 1)]
+    assert_matches(model, children, logits)
 
 
 def test_a_row_with_cuts_runs_piece_by_piece_keeping_the_state_at_each_cut():
