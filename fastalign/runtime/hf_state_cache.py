@@ -75,6 +75,7 @@ class HFStateCacheModel:
             self.dtype = cache.layers[self.attention_layers[0]].keys.dtype
         else:   # a pure state-space model: the pool holds nothing of use, one slot per token all the same
             self.pool_shapes, self.dtype = [(1, 1)], self._batched_states(cache)[0].dtype
+        self.pool_is_placeholder = not self.attention_layers   # then an evicted span needs no forward back
         self.max_context = context_limit(model.config)
         self.states = collections.OrderedDict()   # span id -> its end state (one tensor per state slot), LRU first
         self.started_from = set()                 # the spans of `states` that a row has started from
@@ -103,8 +104,9 @@ class HFStateCacheModel:
     def _forward_rows(self, batch, pool, select, want_logits, want_hidden, logits_rows):
         """Rows that run alike (as many tokens again and new, cut at the same offsets) and start from states of one
         length, or where the model pads contexts (`pads_context`) from states of any length, run as one batch
-        wherever they are in the call, level by level: a row that extends a span another row of the call makes is
-        one level above that row, and starts from the state it stores."""
+        wherever they are in the call, level by level: a row that extends a span another row of the call makes (or
+        whose state another row's tokens run again keep) is one level above that row, and starts from the state it
+        stores."""
         cu, seq_lens = batch.host_cu_q_lens.tolist(), batch.host_seq_lens.tolist()
         spans = batch.host_row_spans.tolist()
         outputs = [None] * len(spans)   # per row: (logits, hidden) at its new tokens
@@ -125,6 +127,8 @@ class HFStateCacheModel:
             key = (base > 0 if self.pads_context else base, again, ends)
             groups.setdefault((level, key), []).append(_Row(row, chain, source, start, base))
             level_of.update(dict.fromkeys(chain, level))
+            if again:   # its group keeps the start's state again: a later row on that start runs from it
+                level_of.setdefault(start, level)
             self.last_rerun[row] = again
         for (_, key), group in sorted(groups.items(), key=lambda item: item[0][0]):   # first met first, per level
             self._run_group(batch, pool, group, key, outputs, select is not None, want_hidden)

@@ -434,6 +434,8 @@ class TreeRunner:
         None) when both are None. Under no_grad, not inference_mode: the outputs are the caller's to modify
         in place (`logits /= temperature`) or to feed a module that trains, which inference tensors refuse."""
         device = self.model_runner.device
+        if not plan.creates_spans and getattr(self.model_runner, "pool_is_placeholder", False):
+            return None, None   # a pure state-space model's evicted spans: nothing to bring back (states aside)
         if not plan.creates_spans and not self.model_runner.recomputes_context:  # bringing back evicted spans
             self.recomputed_tokens += len(plan.token_ids)     # (HFRecomputeModel only writes their ids again)
             self.last_restored.update(zip(plan.row_spans.tolist(), np.diff(plan.cu_q_lens).tolist()))

@@ -100,6 +100,21 @@ def test_rows_on_rows_of_the_call_run_level_by_level():
     assert_matches(model, spans, logits)
 
 
+def test_children_of_a_span_whose_state_was_dropped_run_its_tokens_again_once_in_a_call():
+    """Two children (of one and two new tokens) of a span whose state was dropped, in one call: each ran the span's
+    tokens again (twice the cost, twice counted); now the first one's run keeps the state, and the second starts
+    from it, a level above."""
+    model, runner, calls = state_runner()
+    root = runner.prefill([5, 17, 3])
+    (parent,), _ = runner.extend([root], [[10, 7]], logits=None)
+    runner.model_runner.states.clear()
+    del calls[:]
+    children, logits = runner.extend([parent, parent], [[1], [2, 3]], logits="all")
+    assert calls == [(1, 5, 1), (1, 1, 1), (1, 2, 2)]
+    assert runner.last_context_rerun.tolist() == [5, 0] and runner.recomputed_tokens == 5
+    assert_matches(model, children, logits)
+
+
 def test_a_model_whose_padding_shows_runs_rows_from_contexts_of_different_lengths_apart(monkeypatch):
     """Where a left-padded cache does not give the model's own logits (here its mask is withheld, so the padding is
     attended to), the probe says so and rows from contexts of different lengths run apart, with the right
@@ -271,6 +286,27 @@ def test_a_pure_state_space_model_holds_nothing_in_the_pool_but_runs_its_new_tok
     (child,), logits = runner.extend([root], [[1, 2]], logits="all")
     assert calls[-1] == (1, 2, 2) and runner.recomputed_tokens == 0
     assert_matches(model, [child], logits)
+
+
+def test_a_pure_state_space_models_evicted_span_comes_back_without_a_forward():
+    """Mamba 2's pool holds placeholders: a span evicted from it, its state kept, ran its 20 tokens again to come
+    back before a child ran from its state. Now it comes back for free, and a child of one whose state was dropped
+    too runs from its nearest ancestor's state (the tokens between counted, as on any state-space model)."""
+    model, runner, calls = state_runner("mamba2-states", max_tokens=32, max_state_bytes=1 << 20)
+    root = runner.prefill(list(range(1, 9)))
+    (evicted,), _ = runner.extend([root], [list(range(10, 22))], logits=None)
+    (other,), _ = runner.extend([root], [list(range(30, 50))], logits=None)
+    assert not evicted.resident and evicted.id in runner.model_runner.states
+    del calls[:]
+    (child,), logits = runner.extend([evicted], [[7]], logits="all")
+    assert calls == [(1, 1, 1)] and runner.recomputed_tokens == 0 and runner.last_restored == {}
+    assert_matches(model, [child], logits)
+    (again,), _ = runner.extend([root], [list(range(50, 70))], logits=None)   # evicts the child and `evicted`
+    del runner.model_runner.states[evicted.id]
+    del calls[:]
+    (grandchild,), logits = runner.extend([evicted], [[9]], logits="all")
+    assert calls == [(1, 12, 1), (1, 1, 1)] and runner.recomputed_tokens == 12
+    assert_matches(model, [grandchild], logits)
 
 
 def test_a_cache_that_does_not_continue_from_its_states_is_refused():
