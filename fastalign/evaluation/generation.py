@@ -12,6 +12,7 @@ softmax(logits / temperature), optionally restricted to the top k, with one gene
 the answer as the model wrote it, through the token that ended it), so that a metric can score exactly the
 sequence the model produced; `generate` returns the texts alone.
 """
+import math
 import random
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Set, Tuple
@@ -55,8 +56,8 @@ class GenerationConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.do_sample and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if self.do_sample and not 0 < self.temperature < math.inf:   # inf: every logit 0, a uniform draw; NaN
+            raise ValueError(f"temperature must be a finite number > 0 when sampling, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
 

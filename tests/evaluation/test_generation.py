@@ -80,6 +80,8 @@ def test_prompt_longer_than_context_is_refused(tokenizer, model):
 @pytest.mark.parametrize("kwargs, message", [({"max_new_tokens": 0}, "max_new_tokens"),
                                              ({"batch_size": 0}, "batch_size"),
                                              ({"do_sample": True, "temperature": 0.0}, "temperature"),
+                                             ({"do_sample": True, "temperature": float("inf")}, "temperature"),
+                                             ({"do_sample": True, "temperature": float("nan")}, "temperature"),
                                              ({"top_k": -1}, "top_k")])
 def test_bad_generation_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
