@@ -104,9 +104,8 @@ class HFStateCacheModel:
     def _forward_rows(self, batch, pool, select, want_logits, want_hidden, logits_rows):
         """Rows that run alike (as many tokens again and new, cut at the same offsets) and start from states of one
         length, or where the model pads contexts (`pads_context`) from states of any length, run as one batch
-        wherever they are in the call, level by level: a row that extends a span another row of the call makes (or
-        whose state another row's tokens run again keep) is one level above that row, and starts from the state it
-        stores."""
+        wherever they are in the call, level by level: a row whose nearest state to start from is one that another row
+        of the call stores (of a span it makes, or whose tokens it runs again) is one level above that row."""
         cu, seq_lens = batch.host_cu_q_lens.tolist(), batch.host_seq_lens.tolist()
         spans = batch.host_row_spans.tolist()
         outputs = [None] * len(spans)   # per row: (logits, hidden) at its new tokens
@@ -115,12 +114,8 @@ class HFStateCacheModel:
         for row, (span, seq_len) in enumerate(zip(spans, seq_lens)):
             new = cu[row + 1] - cu[row]
             start, chain = self._row_chain(span, seq_len - new)
-            level = level_of.get(start, -1) + 1
-            if level:   # its state is to come: stored by the row that makes it
-                source = start
-                self.started_from.add(start)
-            else:
-                source = self._state_source(start)
+            source = self._state_source(start, level_of)
+            level = level_of.get(source, -1) + 1
             base = self.span_tree.length(source) if source >= 0 else 0
             again = seq_len - new - base
             ends = tuple(self.span_tree.length(s) - seq_len + new for s in chain)
@@ -199,12 +194,14 @@ class HFStateCacheModel:
             ancestor = tree.parent(ancestor)
         return ancestor, chain[::-1]
 
-    def _state_source(self, span):
-        """`span` or its nearest ancestor whose end state is stored (moved to the end of the LRU order), or -1."""
-        while span >= 0 and span not in self.states:
+    def _state_source(self, span, coming):
+        """`span` or its nearest ancestor whose end state is stored or `coming` (stored by a row of this call:
+        span id -> that row's level), or -1; a stored one moves to the end of the LRU order."""
+        while span >= 0 and span not in self.states and span not in coming:
             span = self.span_tree.parent(span)
-        if span >= 0:
+        if span in self.states:
             self.states.move_to_end(span)
+        if span >= 0:
             self.started_from.add(span)
         return span
 

@@ -115,6 +115,22 @@ def test_children_of_a_span_whose_state_was_dropped_run_its_tokens_again_once_in
     assert_matches(model, children, logits)
 
 
+def test_a_row_whose_nearest_state_another_row_of_the_call_keeps_again_starts_from_it():
+    """A span and its child, both without a state, extended in one call: the row on the child ran the span's tokens
+    again too, from the root's state; now it waits for the state the row on the span keeps (a level above), and
+    runs the child's tokens alone again."""
+    model, runner, calls = state_runner()
+    root = runner.prefill([5, 17, 3])
+    (span,), _ = runner.extend([root], [[10, 7]], logits=None)
+    (child,), _ = runner.extend([span], [[8, 6, 4]], logits=None)
+    del runner.model_runner.states[span.id], runner.model_runner.states[child.id]
+    del calls[:]
+    spans, logits = runner.extend([span, child], [[1], [2]], logits="all")
+    assert calls == [(1, 2, 1), (1, 1, 1), (1, 3, 1), (1, 1, 1)]
+    assert runner.last_context_rerun.tolist() == [2, 3] and runner.recomputed_tokens == 5
+    assert_matches(model, spans, logits)
+
+
 def test_a_model_whose_padding_shows_runs_rows_from_contexts_of_different_lengths_apart(monkeypatch):
     """Where a left-padded cache does not give the model's own logits (here its mask is withheld, so the padding is
     attended to), the probe says so and rows from contexts of different lengths run apart, with the right
