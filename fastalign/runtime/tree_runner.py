@@ -10,8 +10,8 @@ Llama-family models (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, OLMo
 Qwen3-MoE) run on the paged pool with the paged attention kernels (llama.py), as do other causal LMs whose layers
 attend through transformers' attention interface (hf_paged.py: Phi-3, Granite, GPT-2, ...); the rest fall back to
 Hugging Face's own forward and cache (hf_cache.py, row by row; hf_state_cache.py where it holds linear-attention
-states too, each span's kept, rows alike batched), or, where it cannot continue from a rebuilt cache, to its forward over whole sequences
-(hf_recompute.py), with the same API.
+states too, each span's kept, rows alike batched), or, where it cannot continue from a rebuilt cache, to its forward
+over whole sequences (hf_recompute.py), with the same API.
 """
 import collections
 import threading
@@ -72,12 +72,12 @@ class TreeRunner:
 
     Size the KV pool with exactly one of `max_tokens` (rounded up to whole blocks) or `max_bytes`.
     Families that layer_layouts names run on PagedLlama; any other causal LM whose layers attend through
-    transformers' attention interface, on PagedHF once its probe passes; the rest on Hugging Face's own cache, row
-    by row (HFCacheModel; HFStateCacheModel where it holds linear-attention states too: Qwen3.5, Mamba 2, ...,
-    each span's state kept, in at most `max_state_bytes`, by default as many bytes as the pool, max_bytes then shared
-    half and half; more room for states means fewer tokens run again, see hf_state_cache.py), or where it cannot
-    continue from a rebuilt cache (Mamba, RWKV) by computing each row's whole sequence at every call
-    (HFRecomputeModel, much slower), unless `fallback=False`, which refuses them. `attention_backend` is passed to
+    transformers' attention interface, on PagedHF once its probe passes; the rest on Hugging Face's own cache
+    (HFCacheModel, row by row; HFStateCacheModel where it holds linear-attention states too: Qwen3.5, Mamba 2, ...,
+    rows alike batched, each span's state kept, in at most `max_state_bytes`, by default as many bytes as the pool,
+    max_bytes then shared half and half; more room for states means fewer tokens run again, see hf_state_cache.py),
+    or where it cannot continue from a rebuilt cache (Mamba, RWKV) by computing each row's whole sequence at every
+    call (HFRecomputeModel, much slower), unless `fallback=False`, which refuses them. `attention_backend` is passed to
     `fastalign.ops.paged_attention` ("auto", "triton", "torch").
     `cascade_attention`: on the Triton backend, rows of a forward that share whole prefix blocks (the
     children of one span, consecutive in the call) read those blocks once per group instead of once per
