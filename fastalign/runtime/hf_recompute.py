@@ -81,7 +81,7 @@ class HFRecomputeModel:
         ids = torch.tensor([[1, 0, 2, 1, 3, 0]], device=self.device) % input_vocabulary(self.model)
         with torch.inference_mode(), eval_mode(self.model):
             prefix, whole = (self.model(input_ids=x, use_cache=False).logits for x in (ids[:, :3], ids))
-        return agree_within_rounding(whole, (prefix, whole[:, :3]))
+        return agree_within_rounding(self.model.dtype, whole, (prefix, whole[:, :3]))
 
 
 def _unfit(model, reason):

@@ -284,23 +284,26 @@ class HFStateCacheModel:
         except Exception:
             return False
         logits, ends = torch.cat(parts, 1), self._batched_states(cache)
-        return all(agree_within_rounding(whole, (logits[row], whole)) and
-                   all(agree_within_rounding(expected, (got[row], expected)) for got, expected in zip(ends, end_states))
+        dtype = self.model.dtype
+        return all(agree_within_rounding(dtype, whole, (logits[row], whole)) and
+                   all(agree_within_rounding(dtype, expected, (got[row], expected))
+                       for got, expected in zip(ends, end_states))
                    for row, (whole, end_states) in enumerate(wholes))
 
     def _continues_exactly(self):
-        """Whether two sequences run as a prefix of 3 tokens, then 3 tokens and 1 token, each on a cache rebuilt
-        from the states and K/V the previous forward left (another batch run in between), get the logits of the
-        model's forward over the whole sequences, and end in the states it leaves, within rounding of its dtype
-        (the states too: a tiny random model's logits hardly move when a mixer drops the state it was given, as
-        Mamba's do over several tokens)."""
+        """Whether two sequences run in pieces of 2, 2, 2 and 1 tokens, each on a cache rebuilt from the states
+        and K/V the previous forward left (another batch run in between), get the logits of the model's forward
+        over the whole sequences, and end in the states it leaves, within rounding of the model's dtype. The states
+        too, and three pieces of several tokens: a mixer that drops the state it was given over several tokens
+        (Mamba's, Jamba's) hardly moves a tiny random model's logits, and after one such piece (3 + 3 + 1 tokens)
+        a tiny bf16 Jamba's states were within bf16's rounding of the whole forward's."""
         ids = torch.tensor([[1, 0, 2, 1, 3, 0, 2], [2, 3, 1, 1, 0, 2, 3]], device=self.device)
         ids = ids % input_vocabulary(self.model)
         with torch.inference_mode(), eval_mode(self.model):
             whole_cache = self._new_cache()
             whole = self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, whole_cache)).logits
             kv, states, parts, done = [], None, [], 0
-            for end in (3, 6, 7):
+            for end in (2, 4, 6, 7):
                 cache = self._new_cache()
                 if done:
                     self._load(cache, kv, states, done)
@@ -311,8 +314,8 @@ class HFStateCacheModel:
                 kv = [(cache.layers[i].keys, cache.layers[i].values) for i in self.attention_layers]
                 states = list(zip(*self._batched_states(cache)))
                 done = end
-        return agree_within_rounding(whole, (torch.cat(parts, 1), whole)) and all(
-            agree_within_rounding(expected, (torch.stack(got), expected))
+        return agree_within_rounding(self.model.dtype, whole, (torch.cat(parts, 1), whole)) and all(
+            agree_within_rounding(self.model.dtype, expected, (torch.stack(got), expected))
             for got, expected in zip(zip(*states), self._batched_states(whole_cache)))
 
 

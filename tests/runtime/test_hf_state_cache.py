@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 
 from fastalign import TreeRunner
 from fastalign.runtime.hf_state_cache import HFStateCacheModel
@@ -323,6 +324,39 @@ def test_a_pure_state_space_models_evicted_span_comes_back_without_a_forward():
     (grandchild,), logits = runner.extend([evicted], [[9]], logits="all")
     assert calls == [(1, 12, 1), (1, 1, 1)] and runner.recomputed_tokens == 12
     assert_matches(model, [grandchild], logits)
+
+
+def test_a_bf16_model_with_float32_logits_and_states_keeps_its_states():
+    """Mamba 2 in bf16 returns float32 logits and keeps float32 states: the probes held them to float32's rounding
+    (1e-4 of their scale, against 1e-2 found) and refused the model, which then ran by recomputing every row's whole
+    sequence. They now hold them to the model's dtype."""
+    model = tiny_model("mamba2-states", dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runner = TreeRunner(model, max_tokens=64, block_size=4, max_state_bytes=1 << 20)
+    assert type(runner.model_runner).__name__ == "HFStateCacheModel" and runner.model_runner.pads_context
+    root = runner.prefill([5, 17, 3, 9])
+    (child,), logits = runner.extend([root], [[1, 2]], logits="all")
+    torch.testing.assert_close(logits[0], reference(model, child)[0], rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("dtype, seed", [(torch.float32, 0), (torch.bfloat16, 0), (torch.bfloat16, 1),
+                                         (torch.bfloat16, 3)])
+def test_a_mixer_that_drops_its_state_is_refused_in_bf16_too(dtype, seed):
+    """Jamba's Mamba mixers run several new tokens as a prefill, dropping the state they were given. Held to its
+    dtype's rounding (3e-2, not float32's 1e-4 for its float32 states), a tiny bf16 Jamba passed a probe of 3 + 3 + 1
+    tokens (seeds 0, 1 and 3): after its one piece of several tokens, its states were within rounding of the whole
+    forward's. Three such pieces (2 + 2 + 2 + 1) show the drop."""
+    torch.manual_seed(seed)
+    config = transformers.JambaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2,
+                                      attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                                      use_mamba_kernels=False, mamba_dt_rank=8, mamba_d_state=8, num_experts=4,
+                                      num_experts_per_tok=2)
+    model = transformers.JambaForCausalLM(config).eval().to(dtype)
+    with pytest.raises(ValueError, match="^model: JambaForCausalLM cannot run on Hugging Face's cache with its "
+                                         "recurrent states kept per span: its logits or states after a cache rebuilt"):
+        HFStateCacheModel(model, torch.device("cpu"))
 
 
 def test_a_cache_that_does_not_continue_from_its_states_is_refused():
