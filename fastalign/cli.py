@@ -1,5 +1,5 @@
 """The `fastalign` command. Each subcommand lives in its own module exposing `register(subparsers)`,
-which adds its parser and sets `func` (called with the parsed arguments, returns the exit code)."""
+which adds its parser, sets `func` (called with the parsed arguments, returns the exit code) and returns the parser."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,8 @@ import signal
 import sys
 import threading
 
+from fastalign.writable import cannot_append_to, cannot_create_in
+
 
 class UsageError(ValueError):
     """Bad command-line input; the message names the argument."""
@@ -19,7 +21,7 @@ class UsageError(ValueError):
 def check_output_file(path: str) -> None:
     """Creates the directory of the --output file `path`; UsageError naming --output when `path` is a directory,
     its directory cannot be created, or the file (where it exists, else its directory) is not writable: a read-only
-    file system (found before any model loads, rather than as a traceback once it has)."""
+    file system or directory (found before any model loads, rather than as a traceback once it has)."""
     if os.path.isdir(path):
         raise UsageError(f"--output: {path!r} is a directory: give the path of the jsonl file to write")
     directory = os.path.dirname(path) or "."
@@ -27,10 +29,14 @@ def check_output_file(path: str) -> None:
         os.makedirs(directory, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--output: {path!r}: cannot create its directory: {exc}") from None
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise UsageError(f"--output: {path!r} is not writable")
-    if not os.path.exists(path) and not os.access(directory, os.W_OK):
-        raise UsageError(f"--output: cannot create {path!r}: its directory {directory!r} is not writable")
+    if os.path.exists(path):
+        problem = cannot_append_to(path)
+        if problem:
+            raise UsageError(f"--output: {path!r} is not writable: {problem}")
+    else:
+        problem = cannot_create_in(directory)
+        if problem:
+            raise UsageError(f"--output: cannot create {path!r} in its directory {directory!r}: {problem}")
 
 
 def check_model_dir(path, argument: str) -> None:
@@ -39,6 +45,20 @@ def check_model_dir(path, argument: str) -> None:
     without it."""
     if not os.path.isdir(path):
         raise UsageError(f"{argument}: no model directory at {str(path)!r}")
+
+
+def check_field_used(field, argument: str, path, path_argument: str) -> None:
+    """UsageError naming `argument` when it is given (`field` not None) but the prompts of `path` (the file of
+    `path_argument`; None for an HH file) sit in no field: a text file, read line by line, or an HH file.
+    The option would do nothing, and the prompts be read otherwise than its user meant."""
+    from fastalign.evaluation.prompts import FIELD_SUFFIXES, has_fields
+
+    if field is not None and not (path is not None and has_fields(path)):
+        what = (f"{path_argument} {path!r} is read line by line" if path is not None else
+                f"the prompts of {path_argument} are the first Human turns of its dialogues")
+        suffixes = f"{', '.join(FIELD_SUFFIXES[:-1])} or {FIELD_SUFFIXES[-1]}"
+        raise UsageError(f"{argument} {field!r} names the prompts' field in a {suffixes} file, "
+                         f"and {what}: drop {argument}")
 
 
 def check_device(text: str) -> None:
@@ -129,8 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=version_line(),
                         help="print fastalign's version and those of the libraries it runs on, then exit")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = {}   # name -> the command's own parser
     for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+        command = importlib.import_module(name).register(subparsers)
+        parser.commands[command.prog.split()[-1]] = command
     return parser
 
 
@@ -153,7 +175,10 @@ def _interrupt_on_sigterm(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     """Runs the command; an interrupt (Ctrl-C, SIGTERM) ends it with a message on stderr and the exit status
     128 + the signal's number, as a process the signal killed has."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:   # argparse's own error shows the usage of `fastalign`, not of the command that has the options
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     in_main_thread = threading.current_thread() is threading.main_thread()   # signal.signal works only there
     previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm) if in_main_thread else None
     try:

@@ -29,8 +29,9 @@ as instruct/chat models are trained: the BOS that the template writes is the pro
 the template's end-of-turn token (<|eot_id|>, <|im_end|>, ...) even where the model's generation config does not
 list it, and hold the assistant's text alone.
 
-With --answers FILE (a `fastalign rain` output), no model is loaded: each record's RAIN answer and its vanilla
-answer are judged with the record's prompt as written, and the records {"index", "prompt", "rain", "vanilla",
+With --answers FILE (a `fastalign rain` output), no model is loaded (the options of generating answers, such as
+--template, --max-new-tokens or --sample, are refused): each record's RAIN answer and its vanilla answer are judged
+with the record's prompt as written, and the records {"index", "prompt", "rain", "vanilla",
 "harmful_rain", "harmful_vanilla"} are written the same way (harmful_vanilla null where rain ran with
 --no-vanilla). Records whose prompt failed ("error" set) are counted as skipped_errors, never judged; an
 index recorded twice keeps its last record. The summary gives harmful_rate {"rain": x, "vanilla": y} side by
@@ -45,7 +46,7 @@ from typing import List, Optional
 
 import torch
 
-from fastalign.cli import (MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_model_dir,
+from fastalign.cli import (MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_field_used, check_model_dir,
                            check_output_file, template_kwargs_argument)
 from fastalign.output_lock import output_lock
 from fastalign.pretrained import load_pretrained, load_tokenizer
@@ -55,7 +56,7 @@ from .answers import read_answers
 from .generation import GenerationConfig, encode_prompts
 from .harness import JudgeError, answer_rates, evaluate_utility, iter_judged, iter_judged_answers, unjudged_warnings
 from .judges import KeywordJudge, ModerationJudge, check_pair_template
-from .prompts import HH_NEW_TURN, hh_messages, hh_prompts, read_prompts, spec_prompt
+from .prompts import HH_NEW_TURN, has_fields, hh_messages, hh_prompts, read_prompts, spec_prompt
 
 DEMO_MODEL = "demo"
 JUDGES = ("world", "keyword", "moderation", "callable")
@@ -83,12 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--answers", help="a `fastalign rain` output jsonl: judge its RAIN and vanilla answers")
     parser.add_argument("--model", help=f"Hugging Face model directory, or '{DEMO_MODEL}'; needed with --prompts "
                                         "or --hh, with --answers only to locate the world judge's world")
-    parser.add_argument("--field", default="prompt", help="the prompt's field (jsonl) or column (csv)")
+    parser.add_argument("--field", help="the prompt's field (jsonl) or column (csv) (default: prompt)")
     parser.add_argument("--output", required=True,
                         help="jsonl file the records are written to, batch by batch (a new run replaces it)")
-    parser.add_argument("--template", choices=("spec", "chat", "raw"), default="spec",
+    parser.add_argument("--template", choices=("spec", "chat", "raw"),
                         help="spec: wrap each prompt as '### Question: {x}\\n ### Answer:'; chat: as a user turn in "
-                             "the model's chat template (instruct/chat models); raw: use it as is")
+                             "the model's chat template (instruct/chat models); raw: use it as is (default: spec)")
     parser.add_argument("--system", help="with --template chat: a system turn before every user turn (as "
                         "`fastalign unlearn --chat-template --system` trains); an error if the chat template refuses "
                         "or drops it")
@@ -120,19 +121,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--normal-prompts", help="normal prompts (same formats) for utility against --reference")
     parser.add_argument("--normal-field", help="the prompt's field or column in --normal-prompts (default: --field; "
                                                "TruthfulQA.csv's is Question)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens")
+    parser.add_argument("--max-new-tokens", type=int, help="answer length limit in tokens (default: 64)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts generated, or records judged, at once")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
-    parser.add_argument("--top-k", type=int, default=0,
-                        help="sample among the k likeliest tokens only (0 = all; with --sample)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (with --sample)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (with --sample) (default: 1.0)")
+    parser.add_argument("--top-k", type=int,
+                        help="sample among the k likeliest tokens only (0 = all; with --sample) (default: 0)")
+    parser.add_argument("--seed", type=int, help="sampling seed (with --sample) (default: 0)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device of the models and of the moderation classifier")
-    parser.add_argument("--dtype", choices=MODEL_DTYPES, default="auto",
+    parser.add_argument("--dtype", choices=MODEL_DTYPES,
                         help="dtype the model computes in (auto: its checkpoint's); --reference is loaded in the "
-                             "model's dtype")
+                             "model's dtype (default: auto)")
 
 
 def load_causal_lm(path: str, argument: str, device: str, dtype=None):
@@ -265,9 +266,48 @@ def _rendered(prompts: List[str], args, tokenizer) -> List[str]:
                          "use --template spec or raw") from None
 
 
+# The options of answering with a model, when not given. On the command line they are None unless given, so that
+# the options that a run has no use for are refused rather than ignored: with --answers (answers already written,
+# nothing generated) all of them, and the sampling ones without --sample.
+MODEL_OPTION_DEFAULTS = {"template": "spec", "field": "prompt", "max_new_tokens": 64, "temperature": 1.0, "top_k": 0,
+                         "seed": 0, "dtype": "auto"}
+SAMPLING_OPTIONS = ("temperature", "top_k", "seed")
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _with_defaults(args):
+    """`args` with MODEL_OPTION_DEFAULTS in place of the options not given; UsageError naming each option given
+    that the run would ignore."""
+    given = [name for name in MODEL_OPTION_DEFAULTS if getattr(args, name) is not None]
+    if args.answers:
+        given += [name for name in ("system", "chat_template_kwargs", "normal_field") if getattr(args, name) is not None]
+        given += [name for name in ("sample", "stop") if getattr(args, name)]
+        if given:
+            raise UsageError(f"{', '.join(map(_option, given))}: --answers judges answers already written, and "
+                             f"{'this option says' if len(given) == 1 else 'these options say'} how a model writes "
+                             "them: drop them")
+    unsampled = [name for name in SAMPLING_OPTIONS if name in given and not args.sample]
+    if unsampled:
+        raise UsageError(f"{', '.join(map(_option, unsampled))}: "
+                         f"{'a sampling option' if len(unsampled) == 1 else 'sampling options'}, and answers are "
+                         "greedy without --sample: add --sample or drop them")
+    if not args.answers:
+        normal_by_field = args.normal_prompts is not None and args.normal_field is None   # --field names its field
+        if not (normal_by_field and has_fields(args.normal_prompts)):
+            check_field_used(args.field, "--field", args.prompts, "--prompts" if args.prompts else "--hh")
+        if args.normal_prompts is not None:
+            check_field_used(args.normal_field, "--normal-field", args.normal_prompts, "--normal-prompts")
+    return argparse.Namespace(**{**vars(args), **{name: default for name, default in MODEL_OPTION_DEFAULTS.items()
+                                                  if getattr(args, name) is None}})
+
+
 def evaluate(args) -> dict:
     """Runs the evaluation the arguments describe; returns the summary (see the module docstring). UsageError
     while another fastalign process writes --output."""
+    args = _with_defaults(args)
     check_device(args.device)
     with output_lock(args.output, "--output"):
         return _evaluate_answers(args) if args.answers else _evaluate_model(args)

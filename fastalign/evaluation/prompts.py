@@ -57,6 +57,15 @@ def hh_prompts(path: str):
     return [HH_HUMAN + message + HH_ASSISTANT for message in hh_messages(path)]
 
 
+# Files whose prompts sit in a named field (jsonl) or column (csv); read_prompts reads any other by its lines.
+FIELD_SUFFIXES = (".jsonl", ".jsonl.gz", ".csv")
+
+
+def has_fields(path: str) -> bool:
+    """Whether read_prompts takes `path`'s prompts from a field or column (so a field name applies to it)."""
+    return path.endswith(FIELD_SUFFIXES)
+
+
 # Data files that are none of the formats read: as text, their lines of syntax (or a csv header) became prompts.
 _UNREAD_DATA_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz", ".csv", ".csv.gz")
 
@@ -69,7 +78,7 @@ def read_prompts(path: str, field: str = "prompt") -> List[str]:
         raise FileNotFoundError(f"prompts file not found: {path}")
     if path.endswith((".jsonl", ".jsonl.gz")):
         prompts = _read_jsonl(path, field)
-    elif path.endswith(".csv"):
+    elif has_fields(path):
         prompts = _read_csv(path, field)
     elif path.lower().endswith(_UNREAD_DATA_SUFFIXES):
         raise ValueError(f"{path}: a JSON document, a gzipped csv or an upper-case suffix is not read: give a "

@@ -23,7 +23,7 @@ from typing import List, Optional, Set
 
 import torch
 
-from fastalign.cli import (MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_model_dir,
+from fastalign.cli import (MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_field_used, check_model_dir,
                            check_output_file, memory_size_argument, template_kwargs_argument)
 from fastalign.evaluation.generation import eos_ids, pad_id
 from fastalign.evaluation.prompts import hh_messages, hh_prompts, read_prompts
@@ -46,7 +46,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     source.add_argument("--prompts", help="a .jsonl(.gz) file (field --field), a .csv file (column --field) or a "
                                           "text file (one prompt per line, \\n for a newline)")
     source.add_argument("--hh", help="path of HH-RLHF harmless-base jsonl(.gz): its first Human turns are the prompts")
-    parser.add_argument("--field", default="prompt", help="the prompt's field (jsonl) or column (csv) in --prompts")
+    parser.add_argument("--field", help="the prompt's field (jsonl) or column (csv) in --prompts (default: prompt)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all)")
     parser.add_argument("--model", required=True, help="Hugging Face causal LM directory")
     parser.add_argument("--output", required=True, help="jsonl file the records are appended to (plain text, not .gz)")
@@ -222,6 +222,7 @@ def _run(args) -> int:
     source, source_arg = (args.hh, "--hh") if args.hh else (args.prompts, "--prompts")
     if not os.path.isfile(source):
         raise UsageError(f"{source_arg}: no file at {source!r}")
+    check_field_used(args.field, "--field", args.prompts, source_arg)
     chat = args.template == "chat"
     if args.system is not None and not chat:
         raise UsageError(f"--system is a turn of the chat template: it needs --template chat, not {args.template}")
@@ -238,7 +239,7 @@ def _run(args) -> int:
         if args.hh:
             prompts = hh_messages(args.hh) if chat else hh_prompts(args.hh)
         else:
-            prompts = read_prompts(args.prompts, args.field)
+            prompts = read_prompts(args.prompts, args.field or "prompt")
     except ValueError as exc:  # DataError included: malformed JSON, unreadable file
         raise UsageError(f"{source_arg}: {exc}") from None
     if args.limit < 0:

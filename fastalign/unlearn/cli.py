@@ -69,7 +69,7 @@ def _optional_float(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
 
 
-def register(subparsers) -> None:
+def register(subparsers) -> argparse.ArgumentParser:
     """Adds the `unlearn` command to the `fastalign` parser."""
     p = subparsers.add_parser("unlearn", help="unlearn harmful answers from a causal LM (fine-tuning)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -190,6 +190,7 @@ def register(subparsers) -> None:
     g("--log-every", type=int, metavar="N", help="write a log line every N steps (default: 1)")
     g("--progress", action=argparse.BooleanOptionalAction, help="show a progress bar (default: on)")
     p.set_defaults(func=main)
+    return p
 
 
 def config_from_args(args: argparse.Namespace) -> UnlearnConfig:

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -18,6 +17,7 @@ import yaml
 
 from fastalign.ops.backend import BACKENDS
 from fastalign.ops.checks import is_integer, is_real
+from fastalign.writable import cannot_create_in
 from fastalign.unlearn.formats import FORMATS
 from fastalign.unlearn.objective import LossWeights
 from fastalign.unlearn.reference import CACHE_STORAGES, REFERENCE_MODES
@@ -231,12 +231,9 @@ def check_output_dir(path: str) -> None:
     if not os.path.isdir(folder):
         raise ValueError(f"{name}: {path!r} is a file, not a directory" if not made_in else
                          f"{name}: {path!r} cannot be made: {folder!r} is a file, not a directory")
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".fastalign-write-check-")
-    except OSError as exc:
-        raise ValueError(f"{name}: cannot write in {path!r}{made_in}: {exc.strerror or exc}") from None
-    os.close(fd)
-    os.remove(probe)
+    problem = cannot_create_in(folder)
+    if problem:
+        raise ValueError(f"{name}: cannot write in {path!r}{made_in}: {problem}")
 
 
 def _items(name: str, value, expected: str, kinds=(str, os.PathLike)) -> list:

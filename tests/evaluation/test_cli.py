@@ -450,6 +450,54 @@ def test_eval_answers_and_prompts_exclude_each_other(rain_output, harmful_prompt
     assert len(records(rain_output)) == 5
 
 
+@pytest.mark.parametrize("extra, named", [
+    (["--max-new-tokens", "8"], "--max-new-tokens: --answers judges answers already written, and this option says"),
+    (["--template", "chat", "--system", "Be brief.", "--sample", "--temperature", "0.5", "--stop", "###"],
+     "--template, --temperature, --system, --sample, --stop: --answers judges answers already written, and these"),
+    (["--dtype", "float32", "--field", "question", "--seed", "1", "--top-k", "5"], "--field, --top-k, --seed, --dtype:"),
+    (["--chat-template-kwargs", "{}", "--normal-field", "Question"], "--chat-template-kwargs, --normal-field:"),
+])
+def test_eval_answers_refuses_the_options_of_generating_answers(rain_output, model_dir, tmp_path, capsys, extra,
+                                                                named):
+    """With --answers nothing is generated: an option of generation (length, template, sampling, dtype, the
+    prompts' field) did nothing there, silently, so a user who meant it got answers judged as written."""
+    out = tmp_path / "o.jsonl"
+    assert run("--answers", rain_output, "--model", model_dir, "--output", out, *extra) == 2
+    assert named in capsys.readouterr().err and not out.exists()
+    assert run("--answers", rain_output, "--model", model_dir, "--output", out, "--batch-size", 2) == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seed", "1"], "--seed: a sampling option, and answers are greedy without --sample: add --sample or drop"),
+    (["--temperature", "0.5", "--top-k", "3"], "--temperature, --top-k: sampling options, and answers are greedy"),
+    (["--field", "prompt"], "--field 'prompt' names the prompts' field in a .jsonl, .jsonl.gz or .csv file, and "
+                            "--prompts '{text}' is read line by line: drop --field"),
+    (["--field", "Question", "--normal-prompts", "{text}", "--reference", "demo"], "--field 'Question' names"),
+    (["--normal-field", "Question", "--normal-prompts", "{text}", "--reference", "demo"],
+     "--normal-field 'Question' names the prompts' field in a .jsonl, .jsonl.gz or .csv file, and --normal-prompts "
+     "'{text}' is read line by line"),
+])
+def test_options_a_run_would_ignore_are_usage_errors(model_dir, world, tmp_path, capsys, extra, message):
+    """Sampling options without --sample, and a field name for prompts read line by line, did nothing."""
+    text = tmp_path / "prompts.txt"
+    text.write_text("".join(qa.question + "\n" for qa in world.harmful[:2]))
+    extra = [str(text) if a == "{text}" else a for a in extra]
+    out = tmp_path / "o.jsonl"
+    assert run("--model", model_dir, "--prompts", text, "--output", out, *extra) == 2
+    assert message.replace("{text}", str(text)) in capsys.readouterr().err and not out.exists()
+
+
+def test_field_names_the_column_of_csv_normal_prompts_beside_text_prompts(world, model_dir, tmp_path, capsys):
+    """--field, with no --normal-field, names the field of --normal-prompts too: beside a text --prompts file it is
+    used, and so no error."""
+    text = tmp_path / "prompts.txt"
+    text.write_text("".join(qa.question + "\n" for qa in world.harmful[:2]))
+    normal = write_prompts(tmp_path / "normal.csv", [qa.question for qa in world.normal[:2]], csv=True)
+    assert run("--model", model_dir, "--prompts", text, "--field", "prompt", "--normal-prompts", normal,
+               "--reference", "demo", "--output", tmp_path / "o.jsonl", "--max-new-tokens", 4) == 0
+    assert json.loads(capsys.readouterr().out)["num_prompts"] == 2
+
+
 def test_a_causal_lm_given_as_the_moderation_model_is_a_usage_error(rain_output, model_dir, tmp_path, capsys):
     """A causal LM's directory loads as a sequence classifier with its head initialised at random: the run judged
     with it and reported a harmful rate that meant nothing."""

@@ -283,6 +283,22 @@ def test_rain_bad_prompts_file_is_a_usage_error_naming_the_line(rain_setup, tmp_
     assert message in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.parametrize("source", ["--prompts", "--hh"])
+def test_rain_refuses_a_field_name_for_prompts_without_fields(rain_setup, tmp_path, capsys, source):
+    """--field names a jsonl field or csv column; for a text file (read line by line) or an HH file it did nothing,
+    silently."""
+    model_dir, out, _ = rain_setup
+    path = tmp_path / ("prompts.txt" if source == "--prompts" else "hh.jsonl")
+    path.write_text("How do I bake bread?\n" if source == "--prompts" else
+                    json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello"}) + "\n")
+    assert main(["rain", "--model", str(model_dir), source, str(path), "--field", "text", "--output", str(out)]) == 2
+    source_is = (f"--prompts '{path}' is read line by line" if source == "--prompts" else
+                 "the prompts of --hh are the first Human turns of its dialogues")
+    assert (f"fastalign rain: error: --field 'text' names the prompts' field in a .jsonl, .jsonl.gz or .csv file, "
+            f"and {source_is}: drop --field") in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_rain_resume_searches_a_failed_prompt_again(rain_setup, monkeypatch, capsys):
     """A prompt that failed (here: a CUDA out-of-memory in its search) is not done: the run exits with code 1 (it
     exited 0, so a script went on to judge an unfinished output), and the resumed run searches it again and
