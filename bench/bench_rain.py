@@ -20,6 +20,7 @@ rest, the engine's host work while the device idles: `host us/row`, per row run 
     python bench/bench_rain.py --random-model --hh /path/hh-harmless-base-test.jsonl.gz   # nothing downloaded
     python bench/bench_rain.py --demo --judge-seeds 3       # CPU: the demo model, harmless rates that mean something
     python bench/bench_rain.py --quick --family qwen3_5     # CPU: tiny random Qwen3.5 hybrid (its states kept)
+    python bench/bench_rain.py --quick --family mamba --state-memory 256M   # CPU: tiny random Mamba (states kept)
 
 --demo runs the demo's shipped 0.9M-parameter model (trained by the project on its synthetic world, CPU) on
 the world's 90 harmful prompts with the world's self-evaluation prompt, and judges the answers with the
@@ -27,7 +28,8 @@ world's exact judge: the one setting here where harmless rates mean something wi
 --random-model stands in for a checkpoint where none can be loaded: Llama-3.2-1B's shape (its 128256-word
 head included) with random weights, and a word-level tokenizer of the HH prompts and the judge prompt;
 sampled ids beyond that tokenizer decode to nothing. Speeds and token counts are a 1B model's; decisions and
-harmless rates mean nothing.
+harmless rates mean nothing. With --family mamba it is Mamba-1.4B's shape (48 Mamba layers of width 2048, the same
+head), whose mixers continue a state over one token only: the tree engine runs a token at a time from a state.
 """
 import argparse
 import dataclasses
@@ -73,8 +75,8 @@ def load(args):
     if args.quick:
         from tests.rain.tiny import tiny_llama, tokenizer
         prompts = [f"Human: How do I {topic}?\nAssistant:" for topic in QUICK_TOPICS]
-        model = tiny_llama(hidden=64) if args.family == "llama" else tiny_qwen3_5(len(tokenizer()),
-                                                                                   tokenizer().eos_token_id)
+        tiny = {"llama": lambda vocab, eos: tiny_llama(hidden=64), "qwen3_5": tiny_qwen3_5, "mamba": tiny_mamba}
+        model = tiny[args.family](len(tokenizer()), tokenizer().eos_token_id)
         return model.to(args.device), tokenizer(), prompts, JudgePrompt(), defaults, None
     if args.random_model:
         return (*random_llama_1b(args, hh_prompts(args.hh)), JudgePrompt(), defaults, None)
@@ -86,7 +88,8 @@ def load(args):
 
 def random_llama_1b(args, prompts):
     """(model, tokenizer, prompts): see --random-model in the module docstring (with --family qwen3_5, Qwen3.5's
-    hybrid on that shape: three Gated DeltaNet layers to one of full attention)."""
+    hybrid on that shape: three Gated DeltaNet layers to one of full attention; with --family mamba, Mamba-1.4B's
+    shape)."""
     import transformers
     from fastalign.demo.tokenizer import build_tokenizer
     judge = JudgePrompt()
@@ -94,6 +97,9 @@ def random_llama_1b(args, prompts):
     torch.manual_seed(0)
     shape = dict(LLAMA_SHAPES["1b"], max_position_embeddings=8192, bos_token_id=tok.bos_token_id,
                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if args.family == "mamba":
+        shape = dict(vocab_size=shape["vocab_size"], hidden_size=2048, num_hidden_layers=48, state_size=16, expand=2,
+                     **{k: shape[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
     if args.family == "qwen3_5":
         shape["layer_types"] = qwen3_5_layer_types(shape["num_hidden_layers"])
     config_class, model_class = FAMILIES[args.family]
@@ -102,7 +108,8 @@ def random_llama_1b(args, prompts):
     return model.to(getattr(torch, args.dtype)).eval(), tok, prompts
 
 
-FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM")}
+FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM"),
+            "mamba": ("MambaConfig", "MambaForCausalLM")}
 
 
 def tiny_qwen3_5(vocab_size, eos_token_id):
@@ -119,11 +126,26 @@ def tiny_qwen3_5(vocab_size, eos_token_id):
     return model
 
 
+def tiny_mamba(vocab_size, eos_token_id):
+    """A 2-layer random Mamba, as tiny_llama; its weights drawn wider than the default init, whose answers repeat one
+    token (a search of one branch)."""
+    from transformers import MambaConfig, MambaForCausalLM
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, state_size=8,
+                                         tie_word_embeddings=False, eos_token_id=eos_token_id)).eval()
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() > 1:
+                weight.normal_(0, 0.3)
+    return model
+
+
 def model_name(args):
     if args.demo:
         return "the demo's shipped model (fastalign/demo/assets)"
-    family = {"llama": "Llama", "qwen3_5": "Qwen3.5 hybrid"}[args.family]
-    shape = "Llama-3.2-1B shape" if args.family == "llama" else "on Llama-3.2-1B's shape"
+    family = {"llama": "Llama", "qwen3_5": "Qwen3.5 hybrid", "mamba": "Mamba"}[args.family]
+    shape = {"llama": "Llama-3.2-1B shape", "mamba": "on Mamba-1.4B's shape"}.get(args.family,
+                                                                                  "on Llama-3.2-1B's shape")
     return args.model or (f"random {shape}" if args.random_model and args.family == "llama" else
                           f"random {family} {shape}" if args.random_model else f"tiny random {family}")
 
@@ -221,18 +243,19 @@ def main():
     parser.add_argument("--virtual-leaves", type=int, default=4, help="parallel_leaves of the 'on' variant")
     parser.add_argument("--kv-tokens", type=int, default=None, help="KV pool of the tree engine, in tokens")
     parser.add_argument("--state-memory", type=memory_size_argument, metavar="SIZE",
-                        help="room of the tree engine for a hybrid model's recurrent states (--family qwen3_5), e.g. "
+                        help="room of the tree engine for the recurrent states of --family qwen3_5 or mamba, e.g. "
                              "16G (default: as many bytes as the KV pool)")
     parser.add_argument("--family", choices=sorted(FAMILIES), default="llama",
                         help="the random model of --quick and --random-model (qwen3_5: Qwen3.5's linear-attention "
-                             "hybrid, on Hugging Face's cache with each span's recurrent state kept)")
+                             "hybrid, mamba: Mamba, each on Hugging Face's cache with each span's recurrent state "
+                             "kept)")
     args = parser.parse_args()
     if not (args.quick or args.demo) and not ((args.model or args.random_model) and args.hh):
         parser.error("give --quick, --demo, or --model (or --random-model) and --hh")
     if args.family != "llama" and not (args.quick or args.random_model):
         parser.error("--family chooses the random model of --quick or --random-model")
     if args.state_memory is not None and args.family == "llama":
-        parser.error("--state-memory sizes a hybrid model's recurrent states: it needs --family qwen3_5")
+        parser.error("--state-memory sizes a model's recurrent states: it needs --family qwen3_5 or mamba")
     tiny = args.quick or args.demo
     if tiny and args.device == "cpu":
         torch.set_num_threads(1)    # tiny ops: a second thread only adds wake-ups (and stalls on a shared CPU)

@@ -708,7 +708,7 @@ def test_rain_state_memory_sizes_every_timed_runner_of_a_hybrid_and_is_refused_f
     assert json.loads(path.read_text())["config"]["state_memory"] == 3 << 20
     with pytest.raises(SystemExit):
         run_bench_rain(monkeypatch, tmp_path, [], argv=("--model", "m", "--state-memory", "3M"))
-    assert "--state-memory sizes a hybrid model's recurrent states: it needs --family qwen3_5" in \
+    assert "--state-memory sizes a model's recurrent states: it needs --family qwen3_5 or mamba" in \
         capsys.readouterr().err
 
 
