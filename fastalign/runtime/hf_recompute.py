@@ -1,6 +1,6 @@
-"""The last fallback, for causal LMs whose state between forwards is not per-token K and V (Mamba, the linear-attention
-layers of Qwen3-Next and Qwen3.5, Falcon-H1, Jamba, RWKV, RecurrentGemma, ...): every row runs the model's own
-forward over its whole sequence, with no cache.
+"""The last fallback, for causal LMs whose state between forwards is neither per-token K and V nor a state that
+HFStateCacheModel can keep (RWKV, RecurrentGemma, MiniMax's own cache, linear layers beside sliding-window ones, ...):
+every row runs the model's own forward over its whole sequence, with no cache.
 
 The pool holds each span's token ids in place of its K/V (one int32 per token), so that spans, sharing, eviction and
 every guarantee of the tree stay as on the other paths; a row's sequence is gathered from its blocks, and rows of one

@@ -1,7 +1,9 @@
 """The fallback for hybrid and state-space causal LMs (Qwen3.5, Qwen3-Next, Mamba 2, Falcon-H1, Granite 4 hybrids,
-Nemotron-H, LFM2, ...): Hugging Face's own forward on its own cache, whose linear-attention layers hold, besides
-per-token K/V, a fixed-size state per sequence (a convolution window and a recurrent state), with each span's state
-at its end kept beside the pool, so that extending a span runs its new tokens only.
+Nemotron-H, LFM2, Mamba, Jamba, ...): Hugging Face's own forward on its own cache, whose linear-attention layers hold,
+besides per-token K/V, a fixed-size state per sequence (a convolution window and a recurrent state), with each span's
+state at its end kept beside the pool, so that extending a span runs its new tokens only. Where the model's mixers
+continue a state over one new token only (Mamba's and Jamba's run several as a prefill, dropping it), the tokens run
+from a state go one forward per token (`steps_singly`, found by a probe), each forward still all the rows alike.
 
 The attention layers' K/V live in the paged pool, as on HFCacheModel. When a forward makes a span, the state it
 leaves in each linear-attention layer is stored under the span's id; a row with cuts runs one forward per piece
@@ -82,14 +84,16 @@ class HFStateCacheModel:
         self.span_tree = None                     # set by the TreeRunner: rows' ancestors and tokens
         self.state_capacity = 1                   # set by the TreeRunner: the states it may keep
         self.last_rerun = np.zeros(0, dtype=np.int64)   # per row of the last forward: tokens run again
-        try:
-            exact = self._continues_exactly()
+        try:   # a mixer that continues its state by one token only (Mamba's, Jamba's) runs new tokens one at a time
+            exact = self._continues_exactly(_PIECES)
+            self.steps_singly = not exact   # then a forward from a state runs one token at a time: _forward_tokens
+            exact = exact or self._continues_exactly(_STEPS)
         except Exception as err:
             raise _unfit(model, f"its forward after a cache rebuilt from its K/V and states failed ({err!r})") \
                 from err
         if not exact:
             raise _unfit(model, "its logits or states after a cache rebuilt from its K/V and states differ from "
-                                "its forward's over the whole sequence")
+                                "its forward's over the whole sequence, also when run one token at a time")
         self.pads_context = self._pads_exactly()   # else rows from states of different lengths run apart
 
     # ----- the forward
@@ -144,23 +148,23 @@ class HFStateCacheModel:
         cu = batch.host_cu_q_lens
         tokens = np.concatenate([np.arange(cu[row], cu[row + 1]) for row in rows])   # the group's, row by row
         cache, padded = self._new_cache(), _LeftPadded.of(bases, self)
-        if bases[0]:   # (the rows of a group all start from a state, or none does)
+        fresh = not bases[0]   # (the rows of a group all start from a state, or none does)
+        if not fresh:
             kv = gathered_context(pool, batch.block_table[rows], bases, range(len(self.attention_layers)))
             self._load(cache, kv, [self.states[member.source] for member in group], max(bases))
         if again:   # the tokens between each source and its row's start, from the span tree
             ids = np.stack([self.span_tree.tokens(member.start)[member.base:] for member in group])
-            self.model(input_ids=torch.from_numpy(ids).to(self.device, torch.long), use_cache=True,
-                       **cache_kwargs(self.model, cache), **self._logits_kept(1), **padded.arguments(again))
+            self._forward_tokens(torch.from_numpy(ids).to(self.device, torch.long), cache, padded, fresh, 1)
             self._store(cache, [member.start for member in group])
+            fresh = False
         new_ids = batch.input_ids[torch.from_numpy(tokens).to(self.device)].view(len(rows), ends[-1])
         pieces = []
         for piece, (begin, end) in enumerate(zip((0,) + ends, ends)):
             # logits of the new tokens alone (of the last one where no output is wanted: a prefill)
-            out = self.model(input_ids=new_ids[:, begin:end], use_cache=True, **cache_kwargs(self.model, cache),
-                             output_hidden_states=want_hidden and want_outputs,
-                             **self._logits_kept(end - begin if want_outputs else 1), **padded.arguments(end - begin))
+            pieces.append(self._forward_tokens(new_ids[:, begin:end], cache, padded, fresh,
+                                               end - begin if want_outputs else 1, want_hidden and want_outputs))
             self._store(cache, [member.chain[piece] for member in group])
-            pieces.append((out.logits, out.hidden_states[-1] if want_hidden and want_outputs else None))
+            fresh = False
         if self.attention_layers:
             new = ends[-1]
             write_rows_kv(pool, batch, tokens, [(cache.layers[i].keys[:, :, -new:], cache.layers[i].values[:, :, -new:])
@@ -170,6 +174,20 @@ class HFStateCacheModel:
             hidden = torch.cat([piece_hidden for _, piece_hidden in pieces], 1) if want_hidden else None
             for i, row in enumerate(rows):
                 outputs[row] = (logits[i], hidden[i] if want_hidden else None)
+
+    def _forward_tokens(self, ids, cache, padded, fresh, keep, want_hidden=False):
+        """The model's forward of the tokens ids [rows, n] on `cache`: one forward, or, where the model continues a
+        state by one token only (steps_singly) and `cache` holds one (not `fresh`), one forward per token. Returns
+        (logits of the last `keep` tokens at least, their last hidden states where `want_hidden`, else None)."""
+        n = ids.shape[1]
+        if fresh or n == 1 or not self.steps_singly:
+            out = self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, cache),
+                             output_hidden_states=want_hidden, **self._logits_kept(keep), **padded.arguments(n))
+            return out.logits, out.hidden_states[-1] if want_hidden else None
+        steps = [self._forward_tokens(ids[:, i:i + 1], cache, padded, False, 1, want_hidden and i >= n - keep)
+                 for i in range(n)][n - keep:]
+        return torch.cat([logits for logits, _ in steps], 1), \
+            torch.cat([hidden for _, hidden in steps], 1) if want_hidden else None
 
     def _logits_kept(self, count):
         """The forward's argument keeping the logits of the last `count` tokens alone, where it takes one."""
@@ -279,8 +297,8 @@ class HFStateCacheModel:
                 cache, padded = self._new_cache(), _LeftPadded.of(lengths, self)
                 self._load(cache, padded_kv, states, longest)
                 new_ids = torch.stack([ids[row, length:length + new] for row, length in enumerate(lengths)])
-                parts = [self.model(input_ids=new_ids[:, begin:end], use_cache=True, **cache_kwargs(self.model, cache),
-                                    **padded.arguments(end - begin)).logits for begin, end in ((0, 2), (2, 3))]
+                parts = [self._forward_tokens(new_ids[:, begin:end], cache, padded, False, end - begin)[0]
+                         for begin, end in ((0, 2), (2, 3))]
         except Exception:
             return False
         logits, ends = torch.cat(parts, 1), self._batched_states(cache)
@@ -290,11 +308,11 @@ class HFStateCacheModel:
                        for got, expected in zip(ends, end_states))
                    for row, (whole, end_states) in enumerate(wholes))
 
-    def _continues_exactly(self):
-        """Whether two sequences run in pieces of 2, 2, 2 and 1 tokens, each on a cache rebuilt from the states
-        and K/V the previous forward left (another batch run in between), get the logits of the model's forward
-        over the whole sequences, and end in the states it leaves, within rounding of the model's dtype. The states
-        too, and three pieces of several tokens: a mixer that drops the state it was given over several tokens
+    def _continues_exactly(self, ends):
+        """Whether two sequences run in pieces ending at `ends` (_PIECES or _STEPS), each on a cache rebuilt from the
+        states and K/V the previous forward left (another batch run in between), get the logits of the model's
+        forward over the whole sequences, and end in the states it leaves, within rounding of the model's dtype. The
+        states too, and three pieces of several tokens: a mixer that drops the state it was given over several tokens
         (Mamba's, Jamba's) hardly moves a tiny random model's logits, and after one such piece (3 + 3 + 1 tokens)
         a tiny bf16 Jamba's states were within bf16's rounding of the whole forward's."""
         ids = torch.tensor([[1, 0, 2, 1, 3, 0, 2], [2, 3, 1, 1, 0, 2, 3]], device=self.device)
@@ -303,7 +321,7 @@ class HFStateCacheModel:
             whole_cache = self._new_cache()
             whole = self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, whole_cache)).logits
             kv, states, parts, done = [], None, [], 0
-            for end in (2, 4, 6, 7):
+            for end in ends:
                 cache = self._new_cache()
                 if done:
                     self._load(cache, kv, states, done)
@@ -317,6 +335,11 @@ class HFStateCacheModel:
         return agree_within_rounding(self.model.dtype, whole, (torch.cat(parts, 1), whole)) and all(
             agree_within_rounding(self.model.dtype, expected, (torch.stack(got), expected))
             for got, expected in zip(zip(*states), self._batched_states(whole_cache)))
+
+
+# The pieces the probe runs the 7 tokens of its sequences in (their ends): several tokens from a state, else, for
+# the mixers that continue a state by one token only, a prefill and then one token at a time.
+_PIECES, _STEPS = (2, 4, 6, 7), (2, 3, 4, 5, 6, 7)
 
 
 class _Row(NamedTuple):

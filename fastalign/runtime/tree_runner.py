@@ -73,10 +73,11 @@ class TreeRunner:
     Size the KV pool with exactly one of `max_tokens` (rounded up to whole blocks) or `max_bytes`.
     Families that layer_layouts names run on PagedLlama; any other causal LM whose layers attend through
     transformers' attention interface, on PagedHF once its probe passes; the rest on Hugging Face's own cache
-    (HFCacheModel, row by row; HFStateCacheModel where it holds linear-attention states too: Qwen3.5, Mamba 2, ...,
-    rows alike batched, each span's state kept, in at most `max_state_bytes`, by default as many bytes as the pool,
-    max_bytes then shared half and half; more room for states means fewer tokens run again, see hf_state_cache.py),
-    or where it cannot continue from a rebuilt cache (Mamba, RWKV) by computing each row's whole sequence at every
+    (HFCacheModel, row by row; HFStateCacheModel where it holds linear-attention states too: Qwen3.5, Mamba 2, Mamba
+    and Jamba (a token at a time from a state), ..., rows alike batched, each span's state kept, in at most
+    `max_state_bytes`, by default as many bytes as the pool, max_bytes then shared half and half; more room for
+    states means fewer tokens run again, see hf_state_cache.py), or where it cannot continue from a rebuilt cache
+    (RWKV, RecurrentGemma, MiniMax) by computing each row's whole sequence at every
     call (HFRecomputeModel, much slower), unless `fallback=False`, which refuses them. `attention_backend` is passed to
     `fastalign.ops.paged_attention` ("auto", "triton", "torch").
     `cascade_attention`: on the Triton backend, rows of a forward that share whole prefix blocks (the

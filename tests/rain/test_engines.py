@@ -1367,15 +1367,24 @@ def _mamba():
                                         eos_token_id=tokenizer().eos_token_id))
 
 
+def _minimax():
+    from transformers import MiniMaxConfig, MiniMaxForCausalLM
+    return MiniMaxForCausalLM(MiniMaxConfig(
+        vocab_size=len(tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+        layer_types=["linear_attention", "full_attention"], eos_token_id=tokenizer().eos_token_id))
+
+
 @pytest.mark.parametrize("make_model, kind, warning", [
     (tiny_qwen3_next, "HFStateCacheModel", "with each span's recurrent state kept"),
-    (_mamba, "HFRecomputeModel", "it runs by computing each row's whole sequence again at every call")])
+    (_mamba, "HFStateCacheModel", "with each span's recurrent state kept"),
+    (_minimax, "HFRecomputeModel", "it runs by computing each row's whole sequence again at every call")])
 def test_a_recurrent_model_runs_on_its_fallback_and_counts_what_it_recomputes(make_model, kind, warning):
-    """Qwen3-Next's linear-attention layers and Mamba's keep recurrent state that no span of the pool holds: the tree
-    engine runs Qwen3-Next with each span's state kept (HFStateCacheModel), Mamba, whose cache cannot continue over
-    several tokens, by computing each row's whole sequence at every call (HFRecomputeModel); both make the slow
-    engine's decisions, and their stats count every token the runner ran again as recomputed tokens (each row's
-    context on HFRecomputeModel, so many)."""
+    """Qwen3-Next's linear-attention layers, Mamba's and MiniMax's keep recurrent state that no span of the pool holds:
+    the tree engine runs Qwen3-Next and Mamba (its new tokens one at a time from a state) with each span's state kept
+    (HFStateCacheModel), MiniMax, whose cache is its own, by computing each row's whole sequence at every call
+    (HFRecomputeModel); all make the slow engine's decisions, and their stats count every token the runner ran again
+    as recomputed tokens (each row's context on HFRecomputeModel, so many)."""
     TreeRunner = pytest.importorskip("fastalign.runtime").TreeRunner
     torch.manual_seed(0)
     model = make_model().eval()

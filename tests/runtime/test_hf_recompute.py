@@ -8,7 +8,7 @@ from fastalign import TreeRunner
 from tests.runtime.tiny_models import CountedForward, reference, tiny_model
 
 
-def recompute_runner(name="mamba-recompute", **kwargs):
+def recompute_runner(name="reformer-padded-recompute", **kwargs):
     """(model, TreeRunner on HFRecomputeModel, the model's forward calls: (batch rows, tokens per row, logits
     positions kept))."""
     model = tiny_model(name)

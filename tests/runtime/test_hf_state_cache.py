@@ -340,13 +340,37 @@ def test_a_bf16_model_with_float32_logits_and_states_keeps_its_states():
     torch.testing.assert_close(logits[0], reference(model, child)[0], rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("name", ["mamba-stepped-states", "jamba-stepped-states"])
+def test_a_mixer_that_continues_its_state_by_one_token_runs_new_tokens_one_at_a_time(name):
+    """Mamba's and Jamba's mixers continue the state they are given over one new token only (over several they run a
+    prefill, dropping it): such models ran by recomputing every row's whole sequence at every call. A prefill still
+    runs its tokens in one forward; rows from a state run one token at a time, rows alike in one batch: three children
+    by 2 tokens are two forwards of 3 rows x 1 token, a row cut after 1 token keeps the state at its cut. Logits and
+    hidden states are the model's own, and nothing runs again."""
+    model, runner, calls = state_runner(name, max_state_bytes=1 << 20)
+    assert runner.model_runner.steps_singly
+    root = runner.prefill([5, 17, 3, 9, 2])
+    children, logits, hidden = runner.extend([root] * 3, [[1, 2], [3, 4], [6, 7]], logits="all", hidden="all")
+    assert calls == [(1, 5, 1), (3, 1, 1), (3, 1, 1)]
+    assert_matches(model, children, logits)
+    for span, row_hidden in zip(children, hidden):
+        torch.testing.assert_close(row_hidden, reference(model, span)[1][-2:], rtol=1e-4, atol=1e-4)
+    (chain,), logits = runner.extend([children[0]], [[8, 9, 10]], cuts=[[1]], logits="all")
+    assert calls[3:] == [(1, 1, 1)] * 3
+    assert_matches(model, chain, [logits[0][:1], logits[0][1:]])
+    (grandchild,), logits = runner.extend([chain[0]], [[11, 12]], logits="all")   # from the state at the cut
+    assert calls[6:] == [(1, 1, 1)] * 2 and runner.recomputed_tokens == 0
+    assert_matches(model, [grandchild], logits)
+
+
 @pytest.mark.parametrize("dtype, seed", [(torch.float32, 0), (torch.bfloat16, 0), (torch.bfloat16, 1),
                                          (torch.bfloat16, 3)])
-def test_a_mixer_that_drops_its_state_is_refused_in_bf16_too(dtype, seed):
+def test_a_mixer_that_drops_its_state_over_several_tokens_is_found_in_bf16_too(dtype, seed):
     """Jamba's Mamba mixers run several new tokens as a prefill, dropping the state they were given. Held to its
     dtype's rounding (3e-2, not float32's 1e-4 for its float32 states), a tiny bf16 Jamba passed a probe of 3 + 3 + 1
     tokens (seeds 0, 1 and 3): after its one piece of several tokens, its states were within rounding of the whole
-    forward's. Three such pieces (2 + 2 + 2 + 1) show the drop."""
+    forward's, and it would have run several tokens from a state, silently wrong. Three such pieces (2 + 2 + 2 + 1)
+    show the drop: it runs one token at a time from a state."""
     torch.manual_seed(seed)
     config = transformers.JambaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2,
@@ -354,19 +378,23 @@ def test_a_mixer_that_drops_its_state_is_refused_in_bf16_too(dtype, seed):
                                       use_mamba_kernels=False, mamba_dt_rank=8, mamba_d_state=8, num_experts=4,
                                       num_experts_per_tok=2)
     model = transformers.JambaForCausalLM(config).eval().to(dtype)
-    with pytest.raises(ValueError, match="^model: JambaForCausalLM cannot run on Hugging Face's cache with its "
-                                         "recurrent states kept per span: its logits or states after a cache rebuilt"):
-        HFStateCacheModel(model, torch.device("cpu"))
+    assert HFStateCacheModel(model, torch.device("cpu")).steps_singly
 
 
-def test_a_cache_that_does_not_continue_from_its_states_is_refused():
-    """Mamba's mixers run several new tokens as a prefill, dropping the state they were given: refused, with the
-    reason. (Jamba's, in test_tree_runner_errors.py, are refused by the states alone: its tiny random model's logits
-    hardly move.)"""
-    with pytest.raises(ValueError, match="^model: MambaForCausalLM cannot run on Hugging Face's cache with its "
+def test_a_cache_that_does_not_continue_from_its_states_is_refused(monkeypatch):
+    """A cache that loses the states it is rebuilt from (here: loaded as zeros) continues neither over several new
+    tokens nor over one at a time: refused, with the reason."""
+    load = HFStateCacheModel._load
+
+    def load_zeros(self, cache, kv, row_states, length):
+        load(self, cache, kv, [tuple(torch.zeros_like(t) for t in states) for states in row_states], length)
+
+    monkeypatch.setattr(HFStateCacheModel, "_load", load_zeros)
+    with pytest.raises(ValueError, match="^model: Qwen3_5ForCausalLM cannot run on Hugging Face's cache with its "
                                          "recurrent states kept per span: its logits or states after a cache rebuilt "
-                                         "from its K/V and states differ"):
-        HFStateCacheModel(tiny_model("mamba-recompute"), torch.device("cpu"))
+                                         "from its K/V and states differ from its forward's over the whole sequence, "
+                                         "also when run one token at a time$"):
+        HFStateCacheModel(tiny_model("qwen3.5-linear-attention-states"), torch.device("cpu"))
 
 
 def test_a_cache_layer_that_is_not_full_attention_is_refused():

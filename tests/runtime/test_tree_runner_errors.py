@@ -548,10 +548,11 @@ def test_multi_head_latent_attention_runs_on_the_paged_pool(name):
 
 # tiny configs of these fail in their own forward (transformers 5.24), with or without a cache
 _OWN_FORWARD_FAILS = {"KimiLinear", "Zamba2"}
-# these continue from a cache rebuilt from their K/V and recurrent states (Mamba's mixers do not over several tokens,
-# MiniMax's cache is its own class, the rest keep state outside transformers' linear-attention cache layers)
+# these continue from a cache rebuilt from their K/V and recurrent states (Mamba's, FalconMamba's and Jamba's mixers
+# one token at a time; Bamba's differ from its whole forward in float32, also one token at a time; MiniMax's cache is
+# its own class, the rest keep state outside transformers' linear-attention cache layers)
 _STATES_KEPT = {"Qwen3Next", "Qwen3_5Text", "NemotronH", "GraniteMoeHybrid", "FalconH1", "Lfm2", "OlmoHybrid",
-                "Mamba2"}
+                "Mamba2", "Mamba", "FalconMamba", "Jamba"}
 
 
 @pytest.mark.parametrize("name", sorted(UNFIT))
@@ -559,9 +560,9 @@ def test_a_model_the_cache_fallback_refuses_runs_with_its_states_kept_or_recompu
     """Refusals said how the cache fallback's probe failed, not why: "a one-token forward with a DynamicCache failed:
     IndexError('list index out of range')" for Mamba and every hybrid of it. Each reason now names the model's trait;
     and such a model (refused outright before) runs with each span's recurrent state kept (HFStateCacheModel: its
-    new tokens alone), or where its cache cannot continue over several tokens (Mamba's mixers) or is no transformers
-    one, on HFRecomputeModel, each row's whole sequence at every call, its contexts counted as recomputed; with the
-    outputs of the model's own forward either way."""
+    new tokens alone, one at a time where its mixers continue a state by one token only, as Mamba's), or where its
+    cache cannot continue or is no transformers one, on HFRecomputeModel, each row's whole sequence at every call,
+    its contexts counted as recomputed; with the outputs of the model's own forward either way."""
     config_kwargs, reason = UNFIT[name]
     config_cls = getattr(transformers, f"{name}Config", None)
     model_cls = getattr(transformers, f"{name.removesuffix('Text')}ForCausalLM", None)

@@ -7,7 +7,8 @@ from transformers import (BloomConfig, BloomForCausalLM, CohereConfig, CohereFor
                           DeepseekV3ForCausalLM, GPT2Config, GPT2LMHeadModel, Gemma2Config, Gemma2ForCausalLM,
                           Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig,
                           Gemma4ForCausalLM, Gemma4TextConfig, GemmaConfig, GemmaForCausalLM, GptOssConfig,
-                          GptOssForCausalLM, GraniteConfig, GraniteForCausalLM, Llama4ForCausalLM, Llama4TextConfig,
+                          GptOssForCausalLM, GraniteConfig, GraniteForCausalLM, JambaConfig, JambaForCausalLM,
+                          Llama4ForCausalLM, Llama4TextConfig,
                           LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig,
                           MambaForCausalLM, MistralConfig,
                           MistralForCausalLM, MixtralConfig, MixtralForCausalLM, MllamaForCausalLM, MllamaTextConfig,
@@ -41,9 +42,10 @@ _IDS_IN_VOCAB = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)  # OLMo's d
 # decoder), GPT-2's and OPT's learned positions. Then models
 # for the fallback, whose ALiBi biases are their own (their attention bypasses transformers' interface, or passes it a
 # bias), and Llama 4's chunked layers (masked by their layer type alone). Then models whose cache holds recurrent
-# state, each span's kept: the linear-attention hybrids Qwen3-Next and Qwen3.5, and Mamba 2 (no attention layer). Last,
-# those that run by recomputing whole sequences: Mamba (its mixers drop a cache's state over several new tokens),
-# Reformer (it pads its input to a multiple of its chunk length, and trims the logits back, not the hidden states).
+# state, each span's kept: the linear-attention hybrids Qwen3-Next and Qwen3.5, Mamba 2 (no attention layer), and
+# Mamba and Jamba, whose mixers continue a state by one token only (a forward from a state steps token by token).
+# Last, one that runs by recomputing whole sequences: Reformer (it pads its input to a multiple of its chunk length,
+# and trims the logits back, not the hidden states).
 CONFIGS = {
     "llama-gqa-untied": (LlamaForCausalLM, lambda: LlamaConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=False)),
@@ -147,9 +149,13 @@ CONFIGS = {
     "mamba2-states": (Mamba2ForCausalLM, lambda: Mamba2Config(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4, num_heads=4, head_dim=16, n_groups=1,
         bos_token_id=0, eos_token_id=0, pad_token_id=0)),
-    "mamba-recompute": (MambaForCausalLM, lambda: MambaConfig(
+    "mamba-stepped-states": (MambaForCausalLM, lambda: MambaConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4, bos_token_id=0, eos_token_id=0,
         pad_token_id=0)),
+    "jamba-stepped-states": (JambaForCausalLM, lambda: JambaConfig(
+        **_COMMON, **_LLAMA_SHAPE, **_IDS_IN_VOCAB, num_key_value_heads=2, num_experts=2, num_experts_per_tok=1,
+        attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4,
+        mamba_dt_rank=4)),
     "reformer-padded-recompute": (ReformerModelWithLMHead, lambda: ReformerConfig(
         vocab_size=VOCAB, hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=64,
         attn_layers=["local", "local"], local_attn_chunk_length=8, local_num_chunks_after=0, is_decoder=True,
