@@ -36,13 +36,14 @@ BF16_CASES = [("cpu", "torch", name) for name in ("llama-gqa-untied", "mistral-m
                                                   "gemma2-sliding-softcaps", "gemma3-sliding-softcap",
                                                   "phi3-partial-rotary-sliding", "granite-multipliers",
                                                   "gemma4-wide-full-layers-shared-kv",
-                                                  "qwen3.5-linear-attention-states", "mamba2-states")] + [
+                                                  "qwen3.5-linear-attention-states", "mamba2-states",
+                                                  "mamba-stepped-states")] + [
     (TRITON_DEVICE, "triton", "mistral-mqa-head-dim"), (TRITON_DEVICE, "triton", "phi3-partial-rotary-sliding")] + [
     pytest.param("cuda", "auto", name, marks=requires_cuda)
     for name in ("llama-gqa-untied", "qwen2-tied", "mistral-mqa-head-dim", "qwen3-head-dim-untied",
                  "gemma2-sliding-softcaps", "gemma3-sliding-softcap", "olmo3-sliding-tied",
                  "phi3-partial-rotary-sliding", "gemma4-wide-full-layers-shared-kv", "gpt2-learned-positions",
-                 "bloom-alibi-fallback", "qwen3.5-linear-attention-states", "mamba2-states")]
+                 "bloom-alibi-fallback", "qwen3.5-linear-attention-states", "mamba2-states", "mamba-stepped-states")]
 
 
 @pytest.mark.parametrize("device, backend, name", BF16_CASES)
