@@ -21,6 +21,7 @@ rest, the engine's host work while the device idles: `host us/row`, per row run 
     python bench/bench_rain.py --demo --judge-seeds 3       # CPU: the demo model, harmless rates that mean something
     python bench/bench_rain.py --quick --family qwen3_5     # CPU: tiny random Qwen3.5 hybrid (its states kept)
     python bench/bench_rain.py --quick --family mamba --state-memory 256M   # CPU: tiny random Mamba (states kept)
+    python bench/bench_rain.py --quick --family bloom   # CPU: tiny random Bloom (ALiBi: Hugging Face's own cache)
 
 --demo runs the demo's shipped 0.9M-parameter model (trained by the project on its synthetic world, CPU) on
 the world's 90 harmful prompts with the world's self-evaluation prompt, and judges the answers with the
@@ -30,6 +31,8 @@ head included) with random weights, and a word-level tokenizer of the HH prompts
 sampled ids beyond that tokenizer decode to nothing. Speeds and token counts are a 1B model's; decisions and
 harmless rates mean nothing. With --family mamba it is Mamba-1.4B's shape (48 Mamba layers of width 2048, the same
 head), whose mixers continue a state over one token only: the tree engine runs a token at a time from a state.
+With --family bloom it is Bloom-1b1's shape (24 layers of width 1536, a 250880-word head), whose ALiBi biases send the
+tree engine to Hugging Face's own cache (HFCacheModel).
 """
 import argparse
 import dataclasses
@@ -75,7 +78,8 @@ def load(args):
     if args.quick:
         from tests.rain.tiny import tiny_llama, tokenizer
         prompts = [f"Human: How do I {topic}?\nAssistant:" for topic in QUICK_TOPICS]
-        tiny = {"llama": lambda vocab, eos: tiny_llama(hidden=64), "qwen3_5": tiny_qwen3_5, "mamba": tiny_mamba}
+        tiny = {"llama": lambda vocab, eos: tiny_llama(hidden=64), "qwen3_5": tiny_qwen3_5, "mamba": tiny_mamba,
+                "bloom": tiny_bloom}
         model = tiny[args.family](len(tokenizer()), tokenizer().eos_token_id)
         return model.to(args.device), tokenizer(), prompts, JudgePrompt(), defaults, None
     if args.random_model:
@@ -89,7 +93,7 @@ def load(args):
 def random_llama_1b(args, prompts):
     """(model, tokenizer, prompts): see --random-model in the module docstring (with --family qwen3_5, Qwen3.5's
     hybrid on that shape: three Gated DeltaNet layers to one of full attention; with --family mamba, Mamba-1.4B's
-    shape)."""
+    shape; with --family bloom, Bloom-1b1's)."""
     import transformers
     from fastalign.demo.tokenizer import build_tokenizer
     judge = JudgePrompt()
@@ -100,6 +104,9 @@ def random_llama_1b(args, prompts):
     if args.family == "mamba":
         shape = dict(vocab_size=shape["vocab_size"], hidden_size=2048, num_hidden_layers=48, state_size=16, expand=2,
                      **{k: shape[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    if args.family == "bloom":
+        shape = dict(vocab_size=250880, hidden_size=1536, n_layer=24, n_head=16,
+                     **{k: shape[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
     if args.family == "qwen3_5":
         shape["layer_types"] = qwen3_5_layer_types(shape["num_hidden_layers"])
     config_class, model_class = FAMILIES[args.family]
@@ -109,7 +116,7 @@ def random_llama_1b(args, prompts):
 
 
 FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM"),
-            "mamba": ("MambaConfig", "MambaForCausalLM")}
+            "mamba": ("MambaConfig", "MambaForCausalLM"), "bloom": ("BloomConfig", "BloomForCausalLM")}
 
 
 def tiny_qwen3_5(vocab_size, eos_token_id):
@@ -140,12 +147,23 @@ def tiny_mamba(vocab_size, eos_token_id):
     return model
 
 
+def tiny_bloom(vocab_size, eos_token_id):
+    """A 2-layer random Bloom, as tiny_llama: ALiBi attention, which only Hugging Face's own cache runs."""
+    from transformers import BloomConfig, BloomForCausalLM
+    torch.manual_seed(0)
+    model = BloomForCausalLM(BloomConfig(vocab_size=vocab_size, hidden_size=64, n_layer=2, n_head=4,
+                                         eos_token_id=eos_token_id)).eval()
+    with torch.no_grad():   # flatter logits than the default init: more varied samples
+        model.lm_head.weight.mul_(4.0)
+    return model
+
+
 def model_name(args):
     if args.demo:
         return "the demo's shipped model (fastalign/demo/assets)"
-    family = {"llama": "Llama", "qwen3_5": "Qwen3.5 hybrid", "mamba": "Mamba"}[args.family]
-    shape = {"llama": "Llama-3.2-1B shape", "mamba": "on Mamba-1.4B's shape"}.get(args.family,
-                                                                                  "on Llama-3.2-1B's shape")
+    family = {"llama": "Llama", "qwen3_5": "Qwen3.5 hybrid", "mamba": "Mamba", "bloom": "Bloom"}[args.family]
+    shapes = {"llama": "Llama-3.2-1B shape", "mamba": "on Mamba-1.4B's shape", "bloom": "on Bloom-1b1's shape"}
+    shape = shapes.get(args.family, "on Llama-3.2-1B's shape")
     return args.model or (f"random {shape}" if args.random_model and args.family == "llama" else
                           f"random {family} {shape}" if args.random_model else f"tiny random {family}")
 
@@ -248,7 +266,7 @@ def main():
     parser.add_argument("--family", choices=sorted(FAMILIES), default="llama",
                         help="the random model of --quick and --random-model (qwen3_5: Qwen3.5's linear-attention "
                              "hybrid, mamba: Mamba, each on Hugging Face's cache with each span's recurrent state "
-                             "kept)")
+                             "kept; bloom: Bloom, on Hugging Face's cache)")
     args = parser.parse_args()
     if not (args.quick or args.demo) and not ((args.model or args.random_model) and args.hh):
         parser.error("give --quick, --demo, or --model (or --random-model) and --hh")
