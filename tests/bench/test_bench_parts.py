@@ -768,3 +768,16 @@ def test_rain_greedy_baseline_decodes_exactly_the_answer_lengths_after_an_untime
     monkeypatch.setattr(bench_rain, "time", SimpleNamespace(perf_counter=lambda: events.append("clock") or 0.0))
     bench_rain.greedy_seconds(model, tok, prompts, [5, 3])
     assert events == [2, "clock", 5, 3, "clock"], events
+
+
+@pytest.mark.parametrize("family, runner", [("qwen3_5", "HFStateCacheModel"), ("mamba", "HFStateCacheModel"),
+                                            ("bloom", "HFCacheModel")])
+def test_rain_quick_families_run_on_the_runner_they_stand_for(family, runner):
+    """Each --quick family's tiny model is the runner's case the family is there to measure: Qwen3.5's and Mamba's
+    states kept (Mamba a token at a time), Bloom's ALiBi on Hugging Face's own cache."""
+    from tests.rain.tiny import tokenizer
+    from fastalign import TreeRunner
+    tiny = {"qwen3_5": bench_rain.tiny_qwen3_5, "mamba": bench_rain.tiny_mamba, "bloom": bench_rain.tiny_bloom}
+    model = tiny[family](len(tokenizer()), tokenizer().eos_token_id)
+    with pytest.warns(UserWarning, match="cannot run on the paged pool"):
+        assert type(TreeRunner(model, max_tokens=64).model_runner).__name__ == runner
