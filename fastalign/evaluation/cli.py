@@ -283,7 +283,8 @@ def _with_defaults(args):
     that the run would ignore."""
     given = [name for name in MODEL_OPTION_DEFAULTS if getattr(args, name) is not None]
     if args.answers:
-        given += [name for name in ("system", "chat_template_kwargs", "normal_field") if getattr(args, name) is not None]
+        unused = ("system", "chat_template_kwargs", "normal_field")
+        given += [name for name in unused if getattr(args, name) is not None]
         given += [name for name in ("sample", "stop") if getattr(args, name)]
         if given:
             raise UsageError(f"{', '.join(map(_option, given))}: --answers judges answers already written, and "

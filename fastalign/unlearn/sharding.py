@@ -63,9 +63,9 @@ def check_flat_units(model: torch.nn.Module, plugin) -> None:
             first_frozen = lm_head if any(p is lm_head for p in frozen) else frozen[0]
             raise ValueError(
                 f"FSDP version 1 without use_orig_params flattens the weights of each unit into one parameter, all "
-                f"trainable or all frozen, but {unit} holds the frozen {' = '.join(names[id(first_frozen)])} beside the "
-                f"trainable {' = '.join(names[id(trainable[0])])} (reference='cached' freezes the lm_head, LoRA the base "
-                "weights): set use_orig_params (accelerate launch --fsdp_use_orig_params true, "
+                f"trainable or all frozen, but {unit} holds the frozen {' = '.join(names[id(first_frozen)])} beside "
+                f"the trainable {' = '.join(names[id(trainable[0])])} (reference='cached' freezes the lm_head, LoRA "
+                "the base weights): set use_orig_params (accelerate launch --fsdp_use_orig_params true, "
                 "fsdp_use_orig_params: true in accelerate's config), use FSDP version 2, or, for a frozen lm_head, "
                 "choose reference='copy' (--reference copy)")
 

@@ -454,7 +454,8 @@ def test_eval_answers_and_prompts_exclude_each_other(rain_output, harmful_prompt
     (["--max-new-tokens", "8"], "--max-new-tokens: --answers judges answers already written, and this option says"),
     (["--template", "chat", "--system", "Be brief.", "--sample", "--temperature", "0.5", "--stop", "###"],
      "--template, --temperature, --system, --sample, --stop: --answers judges answers already written, and these"),
-    (["--dtype", "float32", "--field", "question", "--seed", "1", "--top-k", "5"], "--field, --top-k, --seed, --dtype:"),
+    (["--dtype", "float32", "--field", "question", "--seed", "1", "--top-k", "5"],
+     "--field, --top-k, --seed, --dtype:"),
     (["--chat-template-kwargs", "{}", "--normal-field", "Question"], "--chat-template-kwargs, --normal-field:"),
 ])
 def test_eval_answers_refuses_the_options_of_generating_answers(rain_output, model_dir, tmp_path, capsys, extra,

@@ -14,8 +14,8 @@ SIZE = dict(auto_wrap_policy="size_based_wrap", min_num_params=1000)   # every m
 
 # (policy, tied embeddings, frozen weights (parts of their names), the unit and the weights the error names, or None)
 CASES = {
-    "cached_reference": (TRANSFORMER, False, ["lm_head"],
-                         "the root unit holds the frozen lm_head.weight beside the trainable model.embed_tokens.weight"),
+    "cached_reference": (TRANSFORMER, False, ["lm_head"], "the root unit holds the frozen lm_head.weight beside the "
+                                                          "trainable model.embed_tokens.weight"),
     "cached_reference_tied": (TRANSFORMER, True, ["lm_head"],   # the embeddings are the lm_head: the final norm trains
                               "the root unit holds the frozen model.embed_tokens.weight = lm_head.weight beside the "
                               "trainable model.norm.weight"),
