@@ -2,13 +2,18 @@
 Face's own forward and cache.
 
 The KV still lives in the paged pool, so that spans, sharing, eviction and every guarantee of the tree are the same
-as on the fast path. Each row runs on its own (or batched with rows alike, below): its context is gathered from the
-pool into a `DynamicCache`, the model runs its new tokens with that cache, and the K/V the model appended to the
-cache are written back into the pool. This works for any model whose cache layers hold per-token K and V of one
+as on the fast path. Rows run in groups (below): their contexts are gathered from the pool into a `DynamicCache`,
+the model runs their new tokens with that cache, and the K/V the model appended to the cache are written back into
+the pool. This works for any model whose cache layers hold per-token K and V of one
 shape [batch, kv_heads, tokens, head_dim] and that keeps no other state between forwards (Bloom and MPT, whose ALiBi
-biases PagedHF does not compute, ...; not RecurrentGemma); it costs one gather of the context per row. Consecutive
-rows of one context length and one number of new tokens (a span's children extended alike) run as one batch.
+biases PagedHF does not compute, ...; not RecurrentGemma); it costs one gather of the context per group of rows.
+Rows with as many new tokens run as one batch wherever they are in the call (row_groups.py), their contexts of
+different lengths (within one power of two, so that padding at most doubles a row's) left-padded in one cache and
+masked, each row at its own positions, where a probe finds the model's logits unchanged by that (else rows with
+contexts of one length): the leaves of many prompts' searches extended alike are a few forwards.
 """
+import inspect
+
 import numpy as np
 import torch
 from transformers import DynamicCache
@@ -18,12 +23,13 @@ from fastalign.model_vocabulary import input_vocabulary
 from fastalign.ops.paged_attention import write_kv
 from fastalign.runtime.hf_cache_argument import cache_kwargs, takes_a_cache
 from fastalign.runtime.llama import context_limit
+from fastalign.runtime.row_groups import LeftPadded, left_padded_kv, row_chain
 
 
 class HFCacheModel:
-    """The forward of any Hugging Face causal LM with a DynamicCache over a ForwardBatch, row by row."""
+    """The forward of any Hugging Face causal LM with a DynamicCache over a ForwardBatch, rows alike batched."""
 
-    paged = False   # attention by the model's own code, row by row (PagedLlama and PagedHF: on the pool, batched)
+    paged = False   # attention by the model's own code on gathered caches (PagedLlama and PagedHF: on the pool)
     recomputes_context = False   # a row's context runs once, when its span is made (HFRecomputeModel: every call)
 
     def __init__(self, model, device):
@@ -58,6 +64,9 @@ class HFCacheModel:
         self.pool_shapes = [(keys.shape[1], keys.shape[3])] * self.num_layers   # KVPool's layers: its cache's
         self.dtype = keys.dtype
         self.max_context = context_limit(model.config)
+        self.span_tree = None   # set by the TreeRunner: which rows of a call build on which
+        self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+        self.pads_context = self._pads_exactly()   # else rows with contexts of different lengths run apart
 
     def forward(self, batch, pool, select, want_logits, want_hidden, logits_rows=None):
         """Writes the KV of every token of `batch` into `pool`; returns (logits, hidden) of the tokens
@@ -68,27 +77,33 @@ class HFCacheModel:
             return self._forward_rows(batch, pool, select, want_logits, want_hidden, logits_rows)
 
     def _forward_rows(self, batch, pool, select, want_logits, want_hidden, logits_rows):
-        """Consecutive rows of one context length and one number of new tokens run as one batch (a span's children
-        extended alike), each other row alone, in order: a row that extends an earlier row of the batch reads that
-        row's K/V from the pool, written by an earlier group (never its own: its context is longer)."""
+        """Rows with as many new tokens and contexts of one length (where the model pads contexts, of lengths within
+        one power of two: padding at most doubles a row's) run as one batch wherever they are in the call, level by
+        level: a row on a span that another row of the call makes (its own span or one at a cut) runs one level above
+        it, and reads that row's K/V from the pool."""
         cu, seq_lens = batch.host_cu_q_lens.tolist(), batch.host_seq_lens.tolist()
-        groups = []   # ((context, new tokens), rows)
-        for row, seq_len in enumerate(seq_lens):
+        groups, level_of = {}, {}   # (level, how its rows run) -> rows; span made by a row -> that row's level
+        for row, (span, seq_len) in enumerate(zip(batch.host_row_spans.tolist(), seq_lens)):
             new = cu[row + 1] - cu[row]
-            if groups and groups[-1][0] == (seq_len - new, new):
-                groups[-1][1].append(row)
-            else:
-                groups.append(((seq_len - new, new), [row]))
+            context = seq_len - new
+            start, chain = row_chain(self.span_tree, span, context)
+            level = level_of.get(start, -1) + 1
+            level_of.update(dict.fromkeys(chain, level))
+            groups.setdefault((level, new, context.bit_length() if self.pads_context else context), []).append(row)
         outputs = [None] * len(seq_lens)   # per row: (logits, hidden) at its new tokens
-        for (context, new), rows in groups:
+        for (_, new, *_), rows in sorted(groups.items(), key=lambda item: item[0][0]):   # first met first, per level
+            contexts = [seq_lens[row] - new for row in rows]
             tokens = np.concatenate([np.arange(cu[row], cu[row + 1]) for row in rows])   # the group's, row by row
             token_index = torch.from_numpy(tokens).to(self.device)
-            cache = self._gather_context(pool, batch.block_table[rows], context)
+            cache = DynamicCache(ddp_cache_data=gathered_context(pool, batch.block_table[rows], contexts,
+                                                                 range(self.num_layers))) if max(contexts) else \
+                DynamicCache()
+            arguments = LeftPadded.of(contexts, self.device, positions=self.takes_positions).arguments(new) or {
+                "attention_mask": torch.ones(len(rows), contexts[0] + new, dtype=torch.long, device=self.device)}
             out = self.model(input_ids=batch.input_ids[token_index].view(len(rows), new), use_cache=True,
-                             **cache_kwargs(self.model, cache),
-                             attention_mask=torch.ones(len(rows), context + new, dtype=torch.long, device=self.device),
+                             **cache_kwargs(self.model, cache), **arguments,
                              output_hidden_states=want_hidden and select is not None)
-            write_rows_kv(pool, batch, tokens, [(layer.keys[:, :, context:], layer.values[:, :, context:])
+            write_rows_kv(pool, batch, tokens, [(layer.keys[:, :, -new:], layer.values[:, :, -new:])
                                                 for layer in cache.layers])
             if select is not None:
                 for i, row in enumerate(rows):
@@ -97,6 +112,33 @@ class HFCacheModel:
             return None, None
         logits, hidden = zip(*outputs)
         return selected_outputs(logits, hidden, select, logits_rows, want_logits, want_hidden)
+
+    def _pads_exactly(self):
+        """Whether two rows whose contexts (2 and 4 tokens, each run alone) sit left-padded in one cache, as
+        LeftPadded puts them, continue by 2 + 1 tokens to the logits of the model's forward over each whole sequence,
+        within rounding of its dtype. False also where the forward fails with a 2D mask over a cache, or takes no
+        position_ids and counts the padding as positions (Bloom's and MPT's ALiBi biases follow the mask: they pass)."""
+        ids = torch.tensor([[1, 0, 2, 1, 3, 0, 0], [2, 3, 1, 1, 0, 2, 3]], device=self.device)
+        ids = ids % input_vocabulary(self.model)
+        lengths, new = (2, 4), 3
+        try:
+            with torch.inference_mode(), eval_mode(self.model):
+                kv, wholes = [], []
+                for row, length in enumerate(lengths):
+                    cache = DynamicCache()
+                    self.model(input_ids=ids[row:row + 1, :length], use_cache=True, **cache_kwargs(self.model, cache))
+                    kv.append([(layer.keys, layer.values) for layer in cache.layers])
+                    wholes.append(self.model(input_ids=ids[row:row + 1, :length + new]).logits[0, -new:])
+                cache = DynamicCache(ddp_cache_data=left_padded_kv(kv, lengths))
+                padded = LeftPadded(lengths, self.device, self.takes_positions)
+                new_ids = torch.stack([ids[row, length:length + new] for row, length in enumerate(lengths)])
+                logits = torch.cat([self.model(input_ids=new_ids[:, begin:end], use_cache=True,
+                                               **cache_kwargs(self.model, cache), **padded.arguments(end - begin)
+                                               ).logits for begin, end in ((0, 2), (2, 3))], 1)
+        except Exception:
+            return False
+        return all(agree_within_rounding(self.model.dtype, whole, (logits[row], whole))
+                   for row, whole in enumerate(wholes))
 
     def _state_is_in_cache(self, cache):
         """Whether the model carries nothing from one forward to the next but the cache, as running rows one
@@ -132,38 +174,25 @@ class HFCacheModel:
             whole = run(ids, DynamicCache(), 6)
         return agree_within_rounding(self.model.dtype, whole, (prefix, whole[:, :3]), (after_cache, whole[:, 3:]))
 
-    def _gather_context(self, pool, block_rows, context):
-        """A DynamicCache holding the first `context` tokens of each row of `block_rows` [rows, max_blocks], every
-        layer."""
-        if context == 0:
-            return DynamicCache()
-        return DynamicCache(ddp_cache_data=gathered_context(pool, block_rows, [context] * len(block_rows),
-                                                            range(self.num_layers)))
-
 
 def gathered_context(pool, block_rows, lengths, layers):
     """(keys, values) [rows, heads, max(lengths), dim] of the first lengths[i] tokens of row i of `block_rows`
     [rows, max_blocks], for each pool layer of `layers`; a row shorter than the longest sits at the right end,
     after zeros (its padding, which the forward masks)."""
-    longest = max(lengths)
-    blocks = block_rows[:, : -(-longest // pool.block_size)].long()
-
-    def tokens(t):  # [blocks, block_size, heads, dim] -> [rows, heads, longest, dim]
-        return t[blocks].flatten(1, 2)[:, :longest].transpose(1, 2)
-
-    kv = [(tokens(pool.k(i)), tokens(pool.v(i))) for i in layers]
-    if min(lengths) == longest:
-        return kv
-    device = block_rows.device
+    longest, size, device = max(lengths), pool.block_size, block_rows.device
     source = (torch.arange(longest, device=device)
               - torch.tensor([longest - n for n in lengths], device=device)[:, None])   # < 0: padding
-    padding = (source < 0)[:, None, :, None]
+    padding = (source < 0)[:, :, None, None] if min(lengths) < longest else None
+    source = source.clamp(min=0)
+    slots = block_rows.long().gather(1, source // size) * size + source % size   # [rows, longest]
 
-    def shifted(t):   # past a row's blocks the table may point anywhere: zeros, not whatever is there
-        index = source.clamp(min=0)[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
-        return t.gather(2, index).masked_fill(padding, 0)
+    def tokens(t):   # [blocks, block_size, heads, dim] -> [rows, heads, longest, dim], padding zeros (past a row's
+        gathered = t.flatten(0, 1)[slots]   # blocks the table may point anywhere, not at zeros)
+        if padding is not None:
+            gathered.masked_fill_(padding, 0)
+        return gathered.transpose(1, 2)
 
-    return [(shifted(keys), shifted(values)) for keys, values in kv]
+    return [(tokens(pool.k(i)), tokens(pool.v(i))) for i in layers]
 
 
 def write_rows_kv(pool, batch, tokens, layers_kv):

@@ -32,6 +32,7 @@ from fastalign.model_vocabulary import input_vocabulary
 from fastalign.runtime.hf_cache import agree_within_rounding, gathered_context, selected_outputs, write_rows_kv
 from fastalign.runtime.hf_cache_argument import cache_kwargs, takes_a_cache
 from fastalign.runtime.llama import context_limit
+from fastalign.runtime.row_groups import LeftPadded, left_padded_kv, row_chain
 
 
 class HFStateCacheModel:
@@ -117,7 +118,7 @@ class HFStateCacheModel:
         groups, level_of = {}, {}   # (level, how its rows run) -> rows; span made by a row -> that row's level
         for row, (span, seq_len) in enumerate(zip(spans, seq_lens)):
             new = cu[row + 1] - cu[row]
-            start, chain = self._row_chain(span, seq_len - new)
+            start, chain = row_chain(self.span_tree, span, seq_len - new)
             source = self._state_source(start, level_of)
             level = level_of.get(source, -1) + 1
             base = self.span_tree.length(source) if source >= 0 else 0
@@ -139,7 +140,7 @@ class HFStateCacheModel:
 
     def _run_group(self, batch, pool, group, key, outputs, want_outputs, want_hidden):
         """Run the rows of `group` from their sources' states (contexts of several lengths left-padded in one
-        cache, see _LeftPadded): first the tokens run again (a row starting on a span with no state), whose end
+        cache, see LeftPadded): first the tokens run again (a row starting on a span with no state), whose end
         state is kept under the row's start span (its next children start there), then the new tokens, in one
         forward per piece between cuts, keeping the state at each cut's span and at the row's span; write the new
         tokens' K/V into the pool."""
@@ -147,7 +148,7 @@ class HFStateCacheModel:
         bases = [member.base for member in group]
         cu = batch.host_cu_q_lens
         tokens = np.concatenate([np.arange(cu[row], cu[row + 1]) for row in rows])   # the group's, row by row
-        cache, padded = self._new_cache(), _LeftPadded.of(bases, self)
+        cache, padded = self._new_cache(), LeftPadded.of(bases, self.device, bool(self.attention_layers))
         fresh = not bases[0]   # (the rows of a group all start from a state, or none does)
         if not fresh:
             kv = gathered_context(pool, batch.block_table[rows], bases, range(len(self.attention_layers)))
@@ -201,16 +202,6 @@ class HFStateCacheModel:
         for i, span in enumerate(spans):
             self.states[span] = tuple(t[i].clone() for t in states)
             self.states.move_to_end(span)
-
-    def _row_chain(self, span, length):
-        """(the ancestor of `span`, a row's new span, that holds its first `length` tokens: where the row starts;
-        the spans the row makes, its cuts' and then `span`)."""
-        tree, chain = self.span_tree, [span]
-        ancestor = tree.parent(span)
-        while ancestor >= 0 and tree.length(ancestor) > length:
-            chain.append(ancestor)
-            ancestor = tree.parent(ancestor)
-        return ancestor, chain[::-1]
 
     def _state_source(self, span, coming):
         """`span` or its nearest ancestor whose end state is stored or `coming` (stored by a row of this call:
@@ -268,7 +259,7 @@ class HFStateCacheModel:
 
     def _pads_exactly(self):
         """Whether two rows whose contexts (2 and 4 tokens, each run alone) sit left-padded in one cache, as
-        _LeftPadded puts them, continue by 2 + 1 tokens to the logits of the model's forward over each whole
+        LeftPadded puts them, continue by 2 + 1 tokens to the logits of the model's forward over each whole
         sequence and end in its states, within rounding of its dtype (without an attention layer, nothing is padded:
         the states alone). False also where the forward takes no position_ids or fails with a 2D mask over a cache
         (a mixer that masks its input with it, say)."""
@@ -289,13 +280,8 @@ class HFStateCacheModel:
                     whole = self.model(input_ids=ids[row:row + 1, :length + new], use_cache=True,
                                        **cache_kwargs(self.model, whole_cache)).logits[0, -new:]
                     wholes.append((whole, [t[0] for t in self._batched_states(whole_cache)]))
-                longest = max(lengths)
-                padded_kv = [tuple(torch.cat([torch.nn.functional.pad(row_kv[layer][part],
-                                                                      (0, 0, longest - length, 0))
-                                              for row_kv, length in zip(kv, lengths)])
-                                   for part in (0, 1)) for layer in range(len(self.attention_layers))]
-                cache, padded = self._new_cache(), _LeftPadded.of(lengths, self)
-                self._load(cache, padded_kv, states, longest)
+                cache, padded = self._new_cache(), LeftPadded.of(lengths, self.device, bool(self.attention_layers))
+                self._load(cache, left_padded_kv(kv, lengths), states, max(lengths))
                 new_ids = torch.stack([ids[row, length:length + new] for row, length in enumerate(lengths)])
                 parts = [self._forward_tokens(new_ids[:, begin:end], cache, padded, False, end - begin)[0]
                          for begin, end in ((0, 2), (2, 3))]
@@ -351,43 +337,6 @@ class _Row(NamedTuple):
     source: int
     start: int
     base: int
-
-
-class _LeftPadded:
-    """The forward arguments of rows whose contexts, of several lengths, sit in one cache right-aligned after
-    padding (gathered_context): a 2D attention mask that hides each row's padding from its attention layers, and
-    each row's own positions; the cache counts the longest context. `of` gives the arguments of nothing where no
-    padding is needed (contexts of one length, or no attention layer to hide it from)."""
-
-    def __init__(self, lengths, device):
-        longest = max(lengths)
-        self.padding = torch.tensor([longest - n for n in lengths], device=device)
-        self.seen = longest   # the cache's tokens, padding included
-
-    @classmethod
-    def of(cls, lengths, runner):
-        if runner.attention_layers and min(lengths) != max(lengths):
-            return cls(lengths, runner.device)
-        return _NO_PADDING
-
-    def arguments(self, count):
-        """Those of a forward of `count` more tokens per row (the mask grows with the cache)."""
-        total = self.seen + count
-        columns = torch.arange(total, device=self.padding.device)
-        mask = (columns[None, :] >= self.padding[:, None]).long()
-        positions = columns[None, self.seen:] - self.padding[:, None]
-        self.seen = total
-        return {"attention_mask": mask, "position_ids": positions}
-
-
-class _NoPadding:
-    """Contexts of one length: no argument to add, the model's own positions and mask."""
-
-    def arguments(self, count):
-        return {}
-
-
-_NO_PADDING = _NoPadding()
 
 
 def _layer_kinds(cache):

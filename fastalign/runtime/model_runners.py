@@ -28,7 +28,7 @@ class _Fallback(NamedTuple):
 
 _FALLBACKS = (
     _Fallback("hf_cache", "HFCacheModel", "nor on Hugging Face's cache",
-              "on Hugging Face's own cache instead, row by row", "slower"),
+              "on Hugging Face's own cache instead, rows that run alike batched", "slower"),
     _Fallback("hf_state_cache", "HFStateCacheModel", "nor with its recurrent states kept",
               "on Hugging Face's own cache with each span's recurrent state kept, rows that run alike batched",
               "slower"),

@@ -9,7 +9,7 @@ eviction is a cache policy that never changes a result (see csrc/span_tree.h).
 Llama-family models (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, OLMo 2, OLMo 3, Mixtral, Qwen2-MoE,
 Qwen3-MoE) run on the paged pool with the paged attention kernels (llama.py), as do other causal LMs whose layers
 attend through transformers' attention interface (hf_paged.py: Phi-3, Granite, GPT-2, ...); the rest fall back to
-Hugging Face's own forward and cache (hf_cache.py, row by row; hf_state_cache.py where it holds linear-attention
+Hugging Face's own forward and cache (hf_cache.py, rows alike batched; hf_state_cache.py where it holds linear-attention
 states too, each span's kept, rows alike batched), or, where it cannot continue from a rebuilt cache, to its forward
 over whole sequences (hf_recompute.py), with the same API.
 """
@@ -73,10 +73,10 @@ class TreeRunner:
     Size the KV pool with exactly one of `max_tokens` (rounded up to whole blocks) or `max_bytes`.
     Families that layer_layouts names run on PagedLlama; any other causal LM whose layers attend through
     transformers' attention interface, on PagedHF once its probe passes; the rest on Hugging Face's own cache
-    (HFCacheModel, row by row; HFStateCacheModel where it holds linear-attention states too: Qwen3.5, Mamba 2, Mamba
-    and Jamba (a token at a time from a state), ..., rows alike batched, each span's state kept, in at most
-    `max_state_bytes`, by default as many bytes as the pool, max_bytes then shared half and half; more room for
-    states means fewer tokens run again, see hf_state_cache.py), or where it cannot continue from a rebuilt cache
+    (HFCacheModel; HFStateCacheModel where it holds linear-attention states too: Qwen3.5, Mamba 2, Mamba and Jamba
+    (a token at a time from a state), ..., each span's state kept in at most `max_state_bytes`, by default as many
+    bytes as the pool, max_bytes then shared half and half; more room for states means fewer tokens run again, see
+    hf_state_cache.py; both batch rows alike across prompts), or where it cannot continue from a rebuilt cache
     (RWKV, RecurrentGemma, MiniMax) by computing each row's whole sequence at every
     call (HFRecomputeModel, much slower), unless `fallback=False`, which refuses them. `attention_backend` is passed to
     `fastalign.ops.paged_attention` ("auto", "triton", "torch").
@@ -112,7 +112,7 @@ class TreeRunner:
         self.model = model
         mr = self.model_runner
         geometry = dict(block_size=block_size, dtype=mr.dtype)
-        keeps_states = hasattr(mr, "span_tree")   # HFStateCacheModel: recurrent states beside the pool
+        keeps_states = hasattr(mr, "state_bytes")   # HFStateCacheModel: recurrent states beside the pool
         if max_state_bytes is not None and not keeps_states:
             raise ValueError(f"max_state_bytes: {type(model).__name__} keeps no recurrent state (it runs on "
                              f"{type(mr).__name__}), so there is nothing to give room to")
@@ -123,8 +123,10 @@ class TreeRunner:
                                            bytes_per_block=KVPool.bytes_per_block(mr.pool_shapes, **geometry))
         self.pool = KVPool(mr.pool_shapes, num_blocks=num_blocks, device=mr.device, **geometry)
         self.store = SpanStore(num_blocks, block_size)
-        if keeps_states:   # the span tree: rows' ancestors, and the tokens to run again
-            mr.span_tree, mr.state_capacity = self.store.tree, self._state_capacity(model, max_state_bytes)
+        if hasattr(mr, "span_tree"):   # the Hugging Face cache fallbacks: which rows build on which
+            mr.span_tree = self.store.tree
+        if keeps_states:
+            mr.state_capacity = self._state_capacity(model, max_state_bytes)
         self.vocab_size = input_vocabulary(model)
         backend = resolve_backend(attention_backend, mr.device) if self.paged else None
         self._cascade_block_size = block_size if cascade_attention and backend == "triton" else None

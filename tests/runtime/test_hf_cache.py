@@ -2,26 +2,89 @@
 "-fallback" models of tiny_models.py; its refusals are in test_tree_runner_errors.py.)"""
 import warnings
 
+import pytest
 import torch
 
 from fastalign import TreeRunner
 from tests.runtime.tiny_models import CountedForward, fill_with_nan, reference, tiny_model
 
+FALLBACKS = ["bloom-alibi-fallback", "mpt-alibi-fallback", "llama4-chunked-fallback"]
 
-def test_consecutive_rows_alike_run_as_one_batch_after_the_rows_they_extend():
-    """Two children of the root extended by two tokens each are one forward of 2 rows; then two children of the
-    first of them (one on a copy of its partly filled block, written from the same forward's K/V) are another; a
-    last row alike to the first two but after the others runs alone. Every child matches Hugging Face's logits."""
-    model = tiny_model("bloom-alibi-fallback")
+
+def cache_runner(name="bloom-alibi-fallback"):
+    """(model, TreeRunner on HFCacheModel with a NaN-filled pool: padding read from unwritten slots would poison
+    the logits, and a list that receives the model's forward calls: (batch rows, tokens per row, logits positions
+    kept)), counting from after the probes."""
+    model = tiny_model(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # the fallback's warning (test_hf_paged.py)
         runner = TreeRunner(model, max_tokens=128, block_size=4, attention_backend="torch")
     assert type(runner.model_runner).__name__ == "HFCacheModel"
     fill_with_nan(runner.pool)
-    root = runner.prefill([5, 17, 3, 9, 2])
     calls = []
     runner.model_runner.model = CountedForward(model, calls)
+    return model, runner, calls
+
+
+def assert_matches(model, spans, logits):
+    for span, row_logits in zip(spans, logits):
+        torch.testing.assert_close(row_logits, reference(model, span)[0][-len(row_logits):], rtol=1e-4, atol=1e-4)
+
+
+def test_rows_alike_run_as_one_batch_wherever_they_are_after_the_rows_they_extend():
+    """Three children of the root extended by two tokens each, the third after the others in the call, are one
+    forward of 3 rows; then two children of the first of them (one on a copy of its partly filled block, written
+    from that forward's K/V) are another, a level above."""
+    model, runner, calls = cache_runner()
+    root = runner.prefill([5, 17, 3, 9, 2])
+    del calls[:]
     children, logits = runner.extend([root, root, 0, 0, root], [[1, 2], [3, 4], [5], [6], [7, 8]], logits="all")
-    assert calls == [(2, 2, 2), (2, 1, 1), (1, 2, 2)]
-    for child, row_logits in zip(children, logits):
-        torch.testing.assert_close(row_logits, reference(model, child)[0], rtol=1e-4, atol=1e-4)
+    assert calls == [(3, 2, 2), (2, 1, 1)]
+    assert_matches(model, children, logits)
+
+
+def test_rows_on_rows_of_the_call_run_level_by_level():
+    """Two children of the root, each with a child of its own in the same call, interleaved: the rows on rows of the
+    call wait for them, as one batch (the level above), not one batch each."""
+    model, runner, calls = cache_runner()
+    root = runner.prefill([5, 17, 3, 9])
+    del calls[:]
+    spans, logits = runner.extend([root, 0, root, 2], [[1], [2], [3], [4]], logits="all")
+    assert calls == [(2, 1, 1), (2, 1, 1)]
+    assert_matches(model, spans, logits)
+
+
+@pytest.mark.parametrize("name", FALLBACKS)
+def test_rows_from_contexts_of_different_lengths_run_as_one_batch_their_contexts_left_padded(name):
+    """Rows of two new tokens each on contexts of 9, 12 and 10 tokens (three prompts' trees) ran as three forwards,
+    one per context length: now one, the contexts left-padded in one cache and the padding masked, each row at its
+    own positions (Bloom's and MPT's ALiBi biases follow the mask; Llama 4's chunks of 8 tokens, which the padding
+    would shift, stay each row's own). Their children, again from three context lengths, match too. A row on a
+    context of 3 tokens runs apart: padded to 14, its attention would cost it over four times as much."""
+    model, runner, calls = cache_runner(name)
+    assert runner.model_runner.pads_context
+    roots = [runner.prefill(tokens)
+             for tokens in (list(range(20, 29)), list(range(1, 13)), [4, 4, 12, 30, 6, 2, 7, 9, 11, 13])]
+    del calls[:]
+    children, logits = runner.extend(roots[:2] + roots[2:] * 2, [[1, 2], [3, 4], [5, 6], [7, 8]], logits="all")
+    assert calls == [(4, 2, 2)]
+    assert_matches(model, children, logits)
+    short = runner.prefill([5, 17, 3])
+    grandchildren, logits = runner.extend(children[:3] + [short], [[7], [8], [9], [10]], logits="all")
+    assert calls[-2:] == [(3, 1, 1), (1, 1, 1)]
+    assert_matches(model, grandchildren, logits)
+
+
+def test_a_model_whose_padding_shows_runs_rows_from_contexts_of_different_lengths_apart(monkeypatch):
+    """Where a left-padded cache does not give the model's own logits (here its mask is withheld, so the padding is
+    attended to), the probe says so and rows from contexts of different lengths run apart, with the right
+    logits."""
+    from fastalign.runtime.row_groups import LeftPadded
+    monkeypatch.setattr(LeftPadded, "arguments", lambda self, count: {})
+    model, runner, calls = cache_runner()
+    assert not runner.model_runner.pads_context
+    short, long = runner.prefill([5, 17, 3]), runner.prefill([4, 4, 12, 30, 6])
+    del calls[:]
+    children, logits = runner.extend([short, long, short], [[1], [2], [3]], logits="all")
+    assert calls == [(2, 1, 1), (1, 1, 1)]
+    assert_matches(model, children, logits)

@@ -136,9 +136,9 @@ def test_a_model_whose_padding_shows_runs_rows_from_contexts_of_different_length
     """Where a left-padded cache does not give the model's own logits (here its mask is withheld, so the padding is
     attended to), the probe says so and rows from contexts of different lengths run apart, with the right
     logits."""
-    from fastalign.runtime import hf_state_cache
-    arguments = hf_state_cache._LeftPadded.arguments
-    monkeypatch.setattr(hf_state_cache._LeftPadded, "arguments",
+    from fastalign.runtime.row_groups import LeftPadded
+    arguments = LeftPadded.arguments
+    monkeypatch.setattr(LeftPadded, "arguments",
                         lambda self, count: {"position_ids": arguments(self, count)["position_ids"]})
     model, runner, calls = state_runner()
     assert not runner.model_runner.pads_context
