@@ -10,7 +10,8 @@ leaves in each linear-attention layer is stored under the span's id; a row with 
 between them, keeping the state at each cut's span too (the spans a search makes at cuts are those it branches from
 next). A row extending span P starts from P's state, or, where P has none (its state was dropped), from its nearest
 ancestor that has one, running the tokens in between again in a forward of their own that keeps P's state again
-(from no state at all: the whole context, as HFRecomputeModel would); those tokens are counted in
+(from no state at all: the whole context, as HFRecomputeModel would; so too where the model steps singly and the
+tokens between would take more forwards than a whole context's one costs, see FORWARD_IN_TOKENS); those tokens are counted in
 TreeRunner.last_context_rerun. States are a cache of bounded size (`state_capacity`, set by the TreeRunner from its
 max_state_bytes, by default as many bytes as the pool), released spans' dropped first, then those a row has started
 from (a search's inner nodes), then the rest, least recently used first, pinned spans' never: a dropped state costs
@@ -33,6 +34,13 @@ from fastalign.runtime.hf_cache import agree_within_rounding, gathered_context, 
 from fastalign.runtime.hf_cache_argument import cache_kwargs, takes_a_cache
 from fastalign.runtime.llama import context_limit
 from fastalign.runtime.row_groups import LeftPadded, left_padded_kv, row_chain
+
+# What a forward costs beside its tokens, in tokens of a prefill: where the mixers continue a state over one token only
+# (steps_singly), running n tokens again from a state of b tokens takes n forwards, from no state one of b + n tokens.
+# A tiny Mamba's or Jamba's forward on the CPU costs as much as ~20-50 tokens of a prefill (1 ms against 0.025-0.05 ms
+# a token; 64 here made RAIN's reruns slower there); a GPU's launch-bound forwards, likely more (unmeasured): the low
+# end, so that only a long way back starts from no state.
+FORWARD_IN_TOKENS = 16
 
 
 class HFStateCacheModel:
@@ -120,9 +128,11 @@ class HFStateCacheModel:
             new = cu[row + 1] - cu[row]
             start, chain = row_chain(self.span_tree, span, seq_len - new)
             source = self._state_source(start, level_of)
-            level = level_of.get(source, -1) + 1
             base = self.span_tree.length(source) if source >= 0 else 0
             again = seq_len - new - base
+            if self.steps_singly and (again - 1) * FORWARD_IN_TOKENS > base:   # one forward over the whole context
+                source, base, again = -1, 0, seq_len - new                   # costs less than `again` from a state
+            level = level_of.get(source, -1) + 1
             ends = tuple(self.span_tree.length(s) - seq_len + new for s in chain)
             key = (base > 0 if self.pads_context else base, again, ends)
             groups.setdefault((level, key), []).append(_Row(row, chain, source, start, base))

@@ -436,3 +436,29 @@ def test_the_cache_layers_it_holds_are_full_attention_and_linear_attention_alone
     own = SimpleNamespace(layers=layers[:1] + [object()])
     assert _layer_kinds(own)[2] == "its cache layer 1 is a object"
     assert _layer_kinds(SimpleNamespace(layers=layers[1:2]))[2] == "its cache holds no linear-attention state"
+
+
+@pytest.mark.parametrize("name", ["mamba-stepped-states", "jamba-stepped-states"])
+def test_a_stepping_model_runs_a_long_way_back_to_a_state_as_one_forward_from_none(name):
+    """A span of 10 tokens whose state was dropped, on a root of 3: running its tokens again from the root's state
+    took 10 forwards of one token (the mixers continue a state over one token only); one forward over the whole
+    context of 13 costs less (FORWARD_IN_TOKENS), and keeps the span's state again. Two tokens on a root of 70 still
+    run from the root's state: a forward of 72 would cost more."""
+    from fastalign.runtime.hf_state_cache import FORWARD_IN_TOKENS
+    model, runner, calls = state_runner(name, max_tokens=128, max_state_bytes=1 << 20)
+    root = runner.prefill([5, 17, 3])
+    (span,), _ = runner.extend([root], [list(range(20, 30))], logits=None)
+    del runner.model_runner.states[span.id]
+    del calls[:]
+    (child,), logits = runner.extend([span], [[41]], logits="all")
+    assert calls == [(1, 13, 1), (1, 1, 1)] and runner.last_context_rerun.tolist() == [13]
+    assert span.id in runner.model_runner.states
+    assert_matches(model, [child], logits)
+    assert FORWARD_IN_TOKENS < 70
+    long_root = runner.prefill(list(range(1, 71)))
+    (span,), _ = runner.extend([long_root], [[7, 8]], logits=None)
+    del runner.model_runner.states[span.id]
+    del calls[:]
+    (child,), logits = runner.extend([span], [[41]], logits="all")
+    assert calls == [(1, 1, 1)] * 3 and runner.last_context_rerun.tolist() == [2]
+    assert_matches(model, [child], logits)
