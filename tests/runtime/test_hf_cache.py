@@ -73,18 +73,3 @@ def test_rows_from_contexts_of_different_lengths_run_as_one_batch_their_contexts
     grandchildren, logits = runner.extend(children[:3] + [short], [[7], [8], [9], [10]], logits="all")
     assert calls[-2:] == [(3, 1, 1), (1, 1, 1)]
     assert_matches(model, grandchildren, logits)
-
-
-def test_a_model_whose_padding_shows_runs_rows_from_contexts_of_different_lengths_apart(monkeypatch):
-    """Where a left-padded cache does not give the model's own logits (here its mask is withheld, so the padding is
-    attended to), the probe says so and rows from contexts of different lengths run apart, with the right
-    logits."""
-    from fastalign.runtime.row_groups import LeftPadded
-    monkeypatch.setattr(LeftPadded, "arguments", lambda self, count: {})
-    model, runner, calls = cache_runner()
-    assert not runner.model_runner.pads_context
-    short, long = runner.prefill([5, 17, 3]), runner.prefill([4, 4, 12, 30, 6])
-    del calls[:]
-    children, logits = runner.extend([short, long, short], [[1], [2], [3]], logits="all")
-    assert calls == [(2, 1, 1), (1, 1, 1)]
-    assert_matches(model, children, logits)

@@ -132,23 +132,6 @@ def test_a_row_whose_nearest_state_another_row_of_the_call_keeps_again_starts_fr
     assert_matches(model, spans, logits)
 
 
-def test_a_model_whose_padding_shows_runs_rows_from_contexts_of_different_lengths_apart(monkeypatch):
-    """Where a left-padded cache does not give the model's own logits (here its mask is withheld, so the padding is
-    attended to), the probe says so and rows from contexts of different lengths run apart, with the right
-    logits."""
-    from fastalign.runtime.row_groups import LeftPadded
-    arguments = LeftPadded.arguments
-    monkeypatch.setattr(LeftPadded, "arguments",
-                        lambda self, count: {"position_ids": arguments(self, count)["position_ids"]})
-    model, runner, calls = state_runner()
-    assert not runner.model_runner.pads_context
-    short, long = runner.prefill([5, 17, 3]), runner.prefill([4, 4, 12, 30, 6])
-    del calls[:]
-    children, logits = runner.extend([short, long, short], [[1], [2], [3]], logits="all")
-    assert calls == [(2, 1, 1), (1, 1, 1)]
-    assert_matches(model, children, logits)
-
-
 def test_a_row_with_cuts_runs_piece_by_piece_keeping_the_state_at_each_cut():
     """A span made at a cut keeps its state too (the row runs one forward per piece between its cuts; here a new
     root's, its first span at a cut): a child of it runs its new token alone."""
