@@ -5,20 +5,21 @@ state at its end kept beside the pool, so that extending a span runs its new tok
 continue a state over one new token only (Mamba's and Jamba's run several as a prefill, dropping it), the tokens run
 from a state go one forward per token (`steps_singly`, found by a probe), each forward still all the rows alike.
 
-The attention layers' K/V live in the paged pool, as on HFCacheModel. When a forward makes a span, the state it
-leaves in each linear-attention layer is stored under the span's id; a row with cuts runs one forward per piece
-between them, keeping the state at each cut's span too (the spans a search makes at cuts are those it branches from
-next). A row extending span P starts from P's state, or, where P has none (its state was dropped), from its nearest
-ancestor that has one, running the tokens in between again in a forward of their own that keeps P's state again
-(from no state at all: the whole context, as HFRecomputeModel would; so too where the model steps singly and the
-tokens between would take more forwards than a whole context's one costs, see FORWARD_IN_TOKENS); those tokens are counted in
+The attention layers' K/V live in the paged pool, as on HFCacheModel. When a forward makes a span, the state it leaves
+in each linear-attention layer is stored under the span's id; a row with cuts runs one forward per piece between them,
+keeping the state at each cut's span too (the spans a search makes at cuts are those it branches from next). A row
+extending span P starts from P's state, or, where P has none (its state was dropped), from its nearest ancestor that has
+one, running the tokens in between again in a forward of their own that keeps P's state again (from no state at all: the
+whole context, as HFRecomputeModel would; so too where the model steps singly and the tokens between would take more
+forwards than a whole context's one costs, see FORWARD_IN_TOKENS); those tokens are counted in
 TreeRunner.last_context_rerun. States are a cache of bounded size (`state_capacity`, set by the TreeRunner from its
-max_state_bytes, by default as many bytes as the pool), released spans' dropped first, then those a row has started
-from (a search's inner nodes), then the rest, least recently used first, pinned spans' never: a dropped state costs
-tokens run again, never a different result. Rows that run alike (as many tokens again and new, cut at the same
-offsets) run as one batch wherever they are in a call, their attention contexts of any length left-padded in one
-cache and masked, each row at its own positions (where a probe finds the model's logits and states unchanged by
-that; else rows from contexts of one length): the leaves of many prompts' searches extended alike are one forward.
+max_state_bytes, by default as many bytes as the pool), released spans' dropped first, then those a row has started from
+(a search's inner nodes), then the rest, least recently used first, pinned spans' never: a dropped state costs tokens
+run again, never a different result (within rounding: they run in forwards of other shapes). Rows that run alike (as
+many tokens again and new, cut at the same offsets) run as one batch wherever they are in a call, their attention
+contexts of lengths within one power of two left-padded in one cache and masked, each row at its own positions (where a
+probe finds the model's logits and states unchanged by that; else rows from contexts of one length; with no attention
+layer, contexts of any length): the leaves of many prompts' searches extended alike are a few forwards.
 """
 import collections
 import inspect
@@ -116,7 +117,7 @@ class HFStateCacheModel:
 
     def _forward_rows(self, batch, pool, select, want_logits, want_hidden, logits_rows):
         """Rows that run alike (as many tokens again and new, cut at the same offsets) and start from states of one
-        length, or where the model pads contexts (`pads_context`) from states of any length, run as one batch
+        length, or where the model pads contexts (`pads_context`) of lengths alike (_context_alike), run as one batch
         wherever they are in the call, level by level: a row whose nearest state to start from is one that another row
         of the call stores (of a span it makes, or whose tokens it runs again) is one level above that row."""
         cu, seq_lens = batch.host_cu_q_lens.tolist(), batch.host_seq_lens.tolist()
@@ -134,7 +135,7 @@ class HFStateCacheModel:
                 source, base, again = -1, 0, seq_len - new                   # costs less than `again` from a state
             level = level_of.get(source, -1) + 1
             ends = tuple(self.span_tree.length(s) - seq_len + new for s in chain)
-            key = (base > 0 if self.pads_context else base, again, ends)
+            key = (self._context_alike(base), again, ends)
             groups.setdefault((level, key), []).append(_Row(row, chain, source, start, base))
             level_of.update(dict.fromkeys(chain, level))
             if again:   # its group keeps the start's state again: a later row on that start runs from it
@@ -147,6 +148,14 @@ class HFStateCacheModel:
             return None, None
         logits, hidden = zip(*outputs)
         return selected_outputs(logits, hidden, select, logits_rows, want_logits, want_hidden)
+
+    def _context_alike(self, base):
+        """What the rows of one group share of the length of the context they start from: the length, or where the
+        model pads contexts (pads_context) its power of two, so that padding at most doubles a row's (with no
+        attention layer, nothing to pad: only whether there is a context at all)."""
+        if not self.pads_context:
+            return base
+        return base.bit_length() if self.attention_layers else base > 0
 
     def _run_group(self, batch, pool, group, key, outputs, want_outputs, want_hidden):
         """Run the rows of `group` from their sources' states (contexts of several lengths left-padded in one

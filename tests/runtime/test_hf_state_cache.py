@@ -56,7 +56,7 @@ def test_a_row_on_an_earlier_row_of_the_call_starts_from_the_state_that_row_left
 
 @pytest.mark.parametrize("name", ["qwen3.5-linear-attention-states", "mamba2-states"])
 def test_rows_from_states_of_different_lengths_run_as_one_batch_their_contexts_left_padded(name):
-    """Rows alike in what they run but starting from spans of 3, 7 and 5 tokens (two prompts' trees, say) ran as
+    """Rows alike in what they run but starting from spans of 8, 12 and 10 tokens (two prompts' trees, say) ran as
     three forwards, one per context length: now one, the attention layers' contexts left-padded in one cache and
     the padding masked (no attention layer, as Mamba 2: nothing to pad), with each row's own positions; the states
     it leaves are each row's own (their children, again of three context lengths, match too). The pool's unwritten
@@ -64,9 +64,9 @@ def test_rows_from_states_of_different_lengths_run_as_one_batch_their_contexts_l
     model, runner, calls = state_runner(name, max_state_bytes=1 << 20)
     assert runner.model_runner.pads_context
     fill_with_nan(runner.pool)
-    root = runner.prefill([5, 17, 3])
+    root = runner.prefill([5, 17, 3, 9, 1, 1, 4, 8])
     (longer,), _ = runner.extend([root], [[9, 2, 8, 1]], logits=None)
-    other = runner.prefill([4, 4, 12, 30, 6])
+    other = runner.prefill([4, 4, 12, 30, 6, 2, 7, 9, 11, 13])
     del calls[:]
     children, logits, hidden = runner.extend([root, longer, other], [[1, 2], [3, 4], [5, 6]], logits="all",
                                              hidden="all")
@@ -77,6 +77,19 @@ def test_rows_from_states_of_different_lengths_run_as_one_batch_their_contexts_l
     grandchildren, logits = runner.extend(children, [[7], [8], [9]], logits="all")
     assert calls[-1] == (3, 1, 1) and runner.recomputed_tokens == 0
     assert_matches(model, grandchildren, logits)
+
+
+@pytest.mark.parametrize("name, forwards", [("qwen3.5-linear-attention-states", [(1, 1, 1), (1, 1, 1)]),
+                                             ("mamba2-states", [(2, 1, 1)])])
+def test_rows_from_contexts_a_power_of_two_apart_run_apart_unless_nothing_is_padded(name, forwards):
+    """Contexts of 3 and 12 tokens: padded to 12, the shorter one's attention would cost four times its own, so the
+    rows run apart; with no attention layer (Mamba 2) nothing is padded and they run together."""
+    model, runner, calls = state_runner(name, max_state_bytes=1 << 20)
+    short, long = runner.prefill([5, 17, 3]), runner.prefill(list(range(1, 13)))
+    del calls[:]
+    children, logits = runner.extend([short, long], [[1], [2]], logits="all")
+    assert calls == forwards
+    assert_matches(model, children, logits)
 
 
 def test_rows_alike_run_together_wherever_they_are_in_the_call():
