@@ -23,7 +23,7 @@ from fastalign.model_vocabulary import input_vocabulary
 from fastalign.ops.paged_attention import write_kv
 from fastalign.runtime.hf_cache_argument import cache_kwargs, takes_a_cache
 from fastalign.runtime.llama import context_limit
-from fastalign.runtime.row_groups import LeftPadded, left_padded_kv, row_chain
+from fastalign.runtime.row_groups import LeftPadded, context_alike, left_padded_kv, row_chain
 
 
 class HFCacheModel:
@@ -89,7 +89,7 @@ class HFCacheModel:
             start, chain = row_chain(self.span_tree, span, context)
             level = level_of.get(start, -1) + 1
             level_of.update(dict.fromkeys(chain, level))
-            groups.setdefault((level, new, context.bit_length() if self.pads_context else context), []).append(row)
+            groups.setdefault((level, new, context_alike(context, self.pads_context)), []).append(row)
         outputs = [None] * len(seq_lens)   # per row: (logits, hidden) at its new tokens
         for (_, new, *_), rows in sorted(groups.items(), key=lambda item: item[0][0]):   # first met first, per level
             contexts = [seq_lens[row] - new for row in rows]

@@ -34,7 +34,7 @@ from fastalign.model_vocabulary import input_vocabulary
 from fastalign.runtime.hf_cache import agree_within_rounding, gathered_context, selected_outputs, write_rows_kv
 from fastalign.runtime.hf_cache_argument import cache_kwargs, takes_a_cache
 from fastalign.runtime.llama import context_limit
-from fastalign.runtime.row_groups import LeftPadded, left_padded_kv, row_chain
+from fastalign.runtime.row_groups import LeftPadded, context_alike, left_padded_kv, row_chain
 
 # What a forward costs beside its tokens, in tokens of a prefill: where the mixers continue a state over one token only
 # (steps_singly), running n tokens again from a state of b tokens takes n forwards, from no state one of b + n tokens.
@@ -117,7 +117,7 @@ class HFStateCacheModel:
 
     def _forward_rows(self, batch, pool, select, want_logits, want_hidden, logits_rows):
         """Rows that run alike (as many tokens again and new, cut at the same offsets) and start from states of one
-        length, or where the model pads contexts (`pads_context`) of lengths alike (_context_alike), run as one batch
+        length, or where the model pads contexts (`pads_context`) of lengths alike (context_alike), run as one batch
         wherever they are in the call, level by level: a row whose nearest state to start from is one that another row
         of the call stores (of a span it makes, or whose tokens it runs again) is one level above that row."""
         cu, seq_lens = batch.host_cu_q_lens.tolist(), batch.host_seq_lens.tolist()
@@ -135,7 +135,7 @@ class HFStateCacheModel:
                 source, base, again = -1, 0, seq_len - new                   # costs less than `again` from a state
             level = level_of.get(source, -1) + 1
             ends = tuple(self.span_tree.length(s) - seq_len + new for s in chain)
-            key = (self._context_alike(base), again, ends)
+            key = (context_alike(base, self.pads_context, bool(self.attention_layers)), again, ends)
             groups.setdefault((level, key), []).append(_Row(row, chain, source, start, base))
             level_of.update(dict.fromkeys(chain, level))
             if again:   # its group keeps the start's state again: a later row on that start runs from it
@@ -148,14 +148,6 @@ class HFStateCacheModel:
             return None, None
         logits, hidden = zip(*outputs)
         return selected_outputs(logits, hidden, select, logits_rows, want_logits, want_hidden)
-
-    def _context_alike(self, base):
-        """What the rows of one group share of the length of the context they start from: the length, or where the
-        model pads contexts (pads_context) its power of two, so that padding at most doubles a row's (with no
-        attention layer, nothing to pad: only whether there is a context at all)."""
-        if not self.pads_context:
-            return base
-        return base.bit_length() if self.attention_layers else base > 0
 
     def _run_group(self, batch, pool, group, key, outputs, want_outputs, want_hidden):
         """Run the rows of `group` from their sources' states (contexts of several lengths left-padded in one

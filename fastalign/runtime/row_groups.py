@@ -16,6 +16,15 @@ def row_chain(tree, span, length):
     return ancestor, chain[::-1]
 
 
+def context_alike(length, pads_context, attends=True):
+    """What the rows of one group share of the lengths of their contexts: the length; where the model pads contexts,
+    its power of two, so that padding at most doubles a row's; with no attention layer to pad (`attends` False),
+    only whether there is a context at all."""
+    if not pads_context:
+        return length
+    return length.bit_length() if attends else length > 0
+
+
 def left_padded_kv(rows_kv, lengths):
     """Per layer, (keys, values) [rows, heads, max(lengths), dim] of rows_kv[i] (row i's (keys, values) [1, heads,
     lengths[i], dim] per layer), each row right-aligned after zeros: the cache LeftPadded's arguments go with (as
