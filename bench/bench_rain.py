@@ -99,14 +99,13 @@ def random_llama_1b(args, prompts):
     judge = JudgePrompt()
     tok = build_tokenizer(prompts + [judge.template, judge.options(True), judge.answer_prefix])
     torch.manual_seed(0)
-    shape = dict(LLAMA_SHAPES["1b"], max_position_embeddings=8192, bos_token_id=tok.bos_token_id,
-                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    shape = dict(LLAMA_SHAPES["1b"], max_position_embeddings=8192, **ids)
     if args.family == "mamba":
         shape = dict(vocab_size=shape["vocab_size"], hidden_size=2048, num_hidden_layers=48, state_size=16, expand=2,
-                     **{k: shape[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+                     **ids)
     if args.family == "bloom":
-        shape = dict(vocab_size=250880, hidden_size=1536, n_layer=24, n_head=16,
-                     **{k: shape[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+        shape = dict(vocab_size=250880, hidden_size=1536, n_layer=24, n_head=16, **ids)
     if args.family == "qwen3_5":
         shape["layer_types"] = qwen3_5_layer_types(shape["num_hidden_layers"])
     config_class, model_class = FAMILIES[args.family]
