@@ -9,14 +9,18 @@ INSTALL_S = 40   # nvidia-smi, the carried wheels and the editable install of fa
 
 
 def step_limits(text):
-    """The time limit of each `step SECONDS NAME ...` line, the full session's and the 8B session's apart."""
-    full, eight_b = text.split('if [[ "${1:-}" == "8b" ]]; then')[1].split("return", 1)[::-1]
+    """Each part's `step SECONDS NAME ...` limits: {"tests": [...], "benches": [...], "8b": [...]}."""
     pattern = re.compile(r"^\s*step (\d+) ", re.MULTILINE)
-    return [int(n) for n in pattern.findall(full)], [int(n) for n in pattern.findall(eight_b)]
+    tests = text.split("gpu_tests() {")[1].split("\n}\n")[0]
+    benches = text.split("gpu_benches() {")[1].split("\n}\n")[0]
+    eight_b = text.split("        8b)")[1].split(";;")[0]
+    return {name: [int(n) for n in pattern.findall(part)]
+            for name, part in (("tests", tests), ("benches", benches), ("8b", eight_b))}
 
 
 def test_every_session_fits_one_device_call():
-    full, eight_b = step_limits(SCRIPT.read_text())
-    assert len(full) == 6 and len(eight_b) == 1, (full, eight_b)
-    for limits in (full, eight_b):
-        assert INSTALL_S + sum(limits) <= CALL_LIMIT_S, limits
+    limits = step_limits(SCRIPT.read_text())
+    assert [len(v) for v in limits.values()] == [2, 4, 1], limits
+    parts = {"all": limits["tests"] + limits["benches"], **limits}
+    for name, part in parts.items():
+        assert INSTALL_S + sum(part) <= CALL_LIMIT_S, (name, part)
