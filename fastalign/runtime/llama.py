@@ -153,8 +153,9 @@ class PagedLlama:
             v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
             if layout.qk_norm == "head":
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            # in the rotation's dtype, rounded back to the projections' (OLMo 3 rotates a bf16 model in fp32)
+            q = (q * cos + rotate_half(q) * sin).to(q.dtype)
+            k = (k * cos + rotate_half(k) * sin).to(k.dtype)
             o = self._attention(index, q, k, v, pool, batch, attn.scaling)
             o = attn.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
             h = h + _norm(layer, layout.attention_out_norm, o)

@@ -136,7 +136,12 @@ class CachedReference:
             _check_unchanged(name, t, self._fingerprints[name])
         if not normal_index.numel():
             return weight.new_zeros((0, weight.shape[1])), weight, bias
-        parts = [self.hidden[self.offsets[i]:self.offsets[i + 1]] for i in normal_index.tolist()]
+        indices = normal_index.tolist()
+        count = len(self.offsets) - 1
+        for i in (min(indices), max(indices)):
+            if not 0 <= i < count:
+                raise IndexError(f"normal_index: expected values in [0, {count}) (the cached normal examples), got {i}")
+        parts = [self.hidden[self.offsets[i]:self.offsets[i + 1]] for i in indices]
         if self.hidden.device == weight.device:
             return torch.cat(parts), weight, bias
         # gathered into page-locked memory, whose copy to the device does not hold up the host

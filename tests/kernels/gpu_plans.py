@@ -23,13 +23,16 @@ def use_gpu_plans(monkeypatch, sms=132):
     the backward's GPU chunk plan."""
     monkeypatch.setattr(tiles, "INTERPRET", False)
     monkeypatch.setattr(tiles, "_SPLIT_ALIGN", 256)
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device: types.SimpleNamespace(multi_processor_count=sms))
+    if not torch.cuda.is_available():   # on a GPU, torch itself reads the real properties (capability, ...)
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device: types.SimpleNamespace(multi_processor_count=sms))
     monkeypatch.setattr(chunked_backward, "INTERPRET", False)
 
 
-def force_tile_config(monkeypatch, tuner, block_m, block_v, block_k):
-    """Make an autotuned kernel run exactly one of its configurations (a single config is not benchmarked)."""
-    monkeypatch.setattr(tuner, "configs", [triton.Config({"BLOCK_M": block_m, "BLOCK_V": block_v,
-                                                          "BLOCK_K": block_k})])
+def force_tile_config(monkeypatch, tuner, block_m, block_v, block_k, num_warps, num_stages):
+    """Make an autotuned kernel run exactly one of its configurations (a single config is not benchmarked), with its
+    warps and pipeline stages too: a GPU's shared memory holds a large tile only in the candidate's own stages."""
+    config = triton.Config({"BLOCK_M": block_m, "BLOCK_V": block_v, "BLOCK_K": block_k}, num_warps=num_warps,
+                           num_stages=num_stages)
+    monkeypatch.setattr(tuner, "configs", [config])
     monkeypatch.setattr(tuner, "cache", {})

@@ -148,7 +148,7 @@ def test_cross_entropy_in_each_gpu_tile_config_with_the_gpu_plans(monkeypatch, s
     that counted its row blocks by the chunk's columns (a mutation run: tests at the interpreter's plan, one row
     block per chunk, let it pass)."""
     for tuner in (kernel._forward_kernel, kernel._gradient_kernel):
-        force_tile_config(monkeypatch, tuner, *tile[:3])
+        force_tile_config(monkeypatch, tuner, *tile)
     use_gpu_plans(monkeypatch)
     check_against_reference(*shape, dtype, with_bias=True, tol=tol)
 

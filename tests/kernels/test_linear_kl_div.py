@@ -292,7 +292,7 @@ def test_fp32_on_gpu_matches_float64():
 @pytest.mark.parametrize("shape", GPU_PLAN_SHAPES, ids=str)
 def test_kl_in_each_gpu_tile_config_with_the_gpu_plans(monkeypatch, shape, tile, dtype, tol):
     for tuner in (kernel._forward_kernel, kernel._gradient_kernel):
-        force_tile_config(monkeypatch, tuner, *tile[:3])
+        force_tile_config(monkeypatch, tuner, *tile)
     use_gpu_plans(monkeypatch)
     check_against_reference(*shape, dtype, tol=tol, shared_weight=tile[0] == 64,
                             bias="shared" if tile[0] == 64 else "own")

@@ -34,7 +34,7 @@ def test_random_tree_matches_hugging_face_fp32(index, name):
 # Face's forward, which moves its logits by far more than rounding.)
 BF16_CASES = [("cpu", "torch", name) for name in ("llama-gqa-untied", "mistral-mqa-head-dim", "qwen3-head-dim-untied",
                                                   "gemma2-sliding-softcaps", "gemma3-sliding-softcap",
-                                                  "phi3-partial-rotary-sliding", "granite-multipliers",
+                                                  "olmo3-sliding-tied", "phi3-partial-rotary-sliding", "granite-multipliers",
                                                   "gemma4-wide-full-layers-shared-kv",
                                                   "qwen3.5-linear-attention-states", "mamba2-states",
                                                   "mamba-stepped-states")] + [

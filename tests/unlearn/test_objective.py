@@ -97,13 +97,24 @@ def test_cached_reference_storage_is_named():
         CachedReference(tiny_llama(len(tokenizer)), tiny_streams(tokenizer).normal, storage="disk")
 
 
+def test_cached_reference_refuses_an_index_past_its_examples():
+    tokenizer = byte_bpe_tokenizer()
+    model = tiny_llama(len(tokenizer)).requires_grad_(False)
+    normal = tiny_streams(tokenizer).normal
+    cache = CachedReference(model, normal)
+    for bad in (len(normal), -1):
+        with pytest.raises(IndexError, match=rf"normal_index: expected values in \[0, {len(normal)}\) "
+                                             rf"\(the cached normal examples\), got {bad}"):
+            cache(None, torch.tensor([0, bad]), model.lm_head.weight)
+
+
 @requires_cuda
 def test_cached_reference_in_host_memory_gives_the_device_caches_rows():
     """storage='host' beside a CUDA model: the cache stays in page-locked host memory, and each call's rows reach
     the device bit for bit as the device cache gives them."""
     tokenizer = byte_bpe_tokenizer()
     model = tiny_llama(len(tokenizer)).requires_grad_(False).cuda()
-    normal = tiny_streams(tokenizer).normal
+    normal = list(tiny_streams(tokenizer).normal) * 4   # over several of the cache's batches of 3
     on_device, on_host = (CachedReference(model, normal, batch_size=3, storage=s) for s in ("device", "host"))
     assert on_device.hidden.is_cuda and not on_host.hidden.is_cuda and on_host.hidden.is_pinned()
     index = torch.tensor([2, 0, len(normal) - 1])
