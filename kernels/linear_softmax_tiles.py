@@ -67,6 +67,12 @@ def prune_for_dtype(configs, named_args, **kwargs):
     return configs[-1:] if wide else configs
 
 
+def multiprocessor_count(device):
+    """The GPU's SM count, which sizes the split plan (a function of its own, so that tests can plan for an H100's
+    132 SMs on any machine)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def vocab_splits(num_rows, vocab, device):
     """(number of splits, columns per split) of a forward over the vocabulary.
 
@@ -77,7 +83,7 @@ def vocab_splits(num_rows, vocab, device):
     if INTERPRET:
         target_programs, min_splits = _INTERPRET_TARGET_PROGRAMS, 1
     else:
-        target_programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target_programs = 2 * multiprocessor_count(device)
         min_splits = _MIN_SPLITS
     row_blocks = triton.cdiv(num_rows, 64)
     splits = max(1, min(max(triton.cdiv(target_programs, row_blocks), min_splits), triton.cdiv(vocab, _SPLIT_ALIGN)))

@@ -4,9 +4,6 @@ The interpreter runs one small tile configuration and its own vocabulary split p
 autotuner may pick any configuration and the plan follows the SM count. These helpers make a CPU test run
 the GPU's choices instead.
 """
-import types
-
-import torch
 import triton
 
 from fastalign.kernels import chunked_backward
@@ -23,9 +20,7 @@ def use_gpu_plans(monkeypatch, sms=132):
     the backward's GPU chunk plan."""
     monkeypatch.setattr(tiles, "INTERPRET", False)
     monkeypatch.setattr(tiles, "_SPLIT_ALIGN", 256)
-    if not torch.cuda.is_available():   # on a GPU, torch itself reads the real properties (capability, ...)
-        monkeypatch.setattr(torch.cuda, "get_device_properties",
-                            lambda device: types.SimpleNamespace(multi_processor_count=sms))
+    monkeypatch.setattr(tiles, "multiprocessor_count", lambda device: sms)
     monkeypatch.setattr(chunked_backward, "INTERPRET", False)
 
 

@@ -48,8 +48,11 @@ BF16_CASES = [("cpu", "torch", name) for name in ("llama-gqa-untied", "mistral-m
 
 @pytest.mark.parametrize("device, backend, name", BF16_CASES)
 def test_random_tree_in_bf16_is_as_close_to_fp32_as_hugging_face(device, backend, name):
-    """bf16 runs of the runner and of Hugging Face differ by rounding, so both are measured against the
-    fp32 model: over the whole tree, the runner may be off by at most 1.5x Hugging Face's own error."""
+    """bf16 runs of the runner and of Hugging Face differ by rounding, so both are measured against the fp32
+    model. Over the tree's spans the runner's mean error may be at most 1.25x Hugging Face's, and its largest at
+    most 2x: in a random bf16 model one span's error swings with the order of rounding (on an H200, Triton's
+    attention gave 0.37 against Hugging Face's 0.22 on one Gemma 4 span, 1.09x on the mean), while a defect
+    raises the mean, or one span's error far past Hugging Face's."""
     model = tiny_model(name, dtype=torch.bfloat16, device=device)
     model32 = tiny_model(name, device=device)
     runner = TreeRunner(model, max_tokens=112, block_size=4, attention_backend=backend)
@@ -62,9 +65,11 @@ def test_random_tree_in_bf16_is_as_close_to_fp32_as_hugging_face(device, backend
                        rel_error(hidden.float(), hidden32), rel_error(hidden16.float(), hidden32)])
 
     assert grow_random_tree(runner, seed=1, check=check) > 0
-    ours_logits, hf_logits, ours_hidden, hf_hidden = torch.tensor(errors).max(dim=0).values.tolist()
-    assert ours_logits <= 1.5 * hf_logits + 1e-3, f"logits: {ours_logits:.3g} vs Hugging Face {hf_logits:.3g}"
-    assert ours_hidden <= 1.5 * hf_hidden + 1e-3, f"hidden: {ours_hidden:.3g} vs Hugging Face {hf_hidden:.3g}"
+    errors = torch.tensor(errors)
+    for statistic, values, bound in (("mean", errors.mean(dim=0), 1.25), ("max", errors.amax(dim=0), 2.0)):
+        ours_logits, hf_logits, ours_hidden, hf_hidden = values.tolist()
+        for what, ours, hf in (("logits", ours_logits, hf_logits), ("hidden", ours_hidden, hf_hidden)):
+            assert ours <= bound * hf + 1e-3, f"{what}: {statistic} error {ours:.3g} vs Hugging Face {hf:.3g}"
 
 
 def test_rewinding_to_an_ancestor_reuses_its_cache():
