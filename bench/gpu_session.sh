@@ -5,8 +5,8 @@
 #   bash bench/gpu_session.sh --prepare   # here, with network: wheels into .whl/, the shared data and the
 #                                         # commit into .carry/ (prepare again after committing)
 #   then the device tool: run(command="bash bench/gpu_session.sh", carry=[".whl", ".carry"], timeout_s=600)
-#   or in two calls, fixing what the first finds in between: `... gpu_session.sh tests` (~4 min), then
-#   `... gpu_session.sh benches` (~6.5 min); each call starts a machine (1-2 min of the 15)
+#   or in two calls, fixing what the first finds in between: `... gpu_session.sh tests` (~3.5 min), then
+#   `... gpu_session.sh benches` (~5 min; 1800a8f on an H200: 3.2 and 6 min); each call starts a machine (~1 min)
 #   in a later session (a full run leaves under the 4 minutes a machine needs to start):
 #   run(command="bash bench/gpu_session.sh 8b", ...)   # bench_unlearn --preset 8b alone
 #
@@ -56,23 +56,23 @@ step() {  # step SECONDS NAME COMMAND...: runs COMMAND under a time limit
 }
 
 gpu_tests() {
-    # pytest writes to files (a step killed at its limit takes its pipeline with it); 8 workers (of 16 cores) share
+    # pytest writes to files (a step killed at its limit takes its pipeline with it); 12 workers (of 16 cores) share
     # the Triton compiles, which dominate these tests on a fresh machine; the sm_90 builds without a GPU are skipped;
     # -v logs each test's outcome as it ends, so that a run cut at the limit still names what passed and failed
     # (each run under its own limit, so that a slow first one leaves the second its time)
-    step 130 "tests needing CUDA" bash -c "
-        python3 -m pytest -v -n 8 -rfE -m gpu tests > $OUT/pytest-gpu.log 2>&1; tail -25 $OUT/pytest-gpu.log"
-    step 60 "the Triton kernels and the runner's cascade on the GPU" bash -c "
-        python3 -m pytest -v -n 8 -rfE -m 'not gpu' -k 'not compile_for_sm90' tests/kernels \
+    step 120 "tests needing CUDA" bash -c "
+        python3 -m pytest -v -n 12 -rfE -m gpu tests > $OUT/pytest-gpu.log 2>&1; tail -25 $OUT/pytest-gpu.log"
+    step 90 "the Triton kernels and the runner's cascade on the GPU" bash -c "
+        python3 -m pytest -v -n 12 -rfE -m 'not gpu' -k 'not compile_for_sm90' tests/kernels \
             tests/runtime/test_tree_runner_cascade.py > $OUT/pytest-triton.log 2>&1; tail -8 $OUT/pytest-triton.log"
 }
 
 gpu_benches() {
-    step 110 "bench_loss" python3 bench/bench_loss.py --tokens 8192 --verbose
-    step 70 "bench_tree" python3 bench/bench_tree.py --prefix 1500 8000 --rows 1 10 64 --branch-lengths 16 2048 8192 \
-        --decode-tokens 64
-    step 80 "bench_unlearn" python3 bench/bench_unlearn.py --reps 3
-    step 90 "bench_rain" python3 bench/bench_rain.py --random-model --hh "$HH" --prompts 1 --max-new-tokens 8 \
+    step 95 "bench_loss" python3 bench/bench_loss.py --tokens 8192 --verbose
+    step 75 "bench_tree" python3 bench/bench_tree.py --prefix 1500 8000 32000 131072 --rows 1 10 64 \
+        --branch-lengths 16 2048 8192 --decode-tokens 64
+    step 65 "bench_unlearn" python3 bench/bench_unlearn.py --reps 3
+    step 110 "bench_rain" python3 bench/bench_rain.py --random-model --hh "$HH" --prompts 1 --max-new-tokens 8 \
         --concurrency 1 8 32 --judge-prompts 16
 }
 
