@@ -27,8 +27,11 @@ from fastalign.one_call import one_call_at_a_time
 from fastalign.ops.backend import BACKENDS, autocast_off
 from fastalign.ops.checks import is_integer
 from fastalign.ops.paged_attention import resolve_backend
+from fastalign.runtime import graphed_forward
 from fastalign.runtime.forward_batch import ForwardBatch
+from fastalign.runtime.graphed_forward import GraphedForward
 from fastalign.runtime.kv_pool import KVPool
+from fastalign.runtime.llama import PagedLlama
 from fastalign.runtime.model_runners import choose_model_runner
 from fastalign.runtime.span import Span
 from fastalign.runtime.span_store import SpanStore
@@ -50,6 +53,16 @@ def _adapters_in_layers(model):
                          "prompt-learning adapter, whose virtual tokens a TreeRunner cannot cache; use an adapter in "
                          "the layers (LoRA and its kin)")
     return model.get_base_model()
+
+
+def _graph_capture(model_runner, backend):
+    """How TreeRunner(cuda_graphs=True) captures `model_runner`'s forward; a ValueError where it cannot."""
+    capture = graphed_forward.capture_for(model_runner.device)
+    if not isinstance(model_runner, PagedLlama) or backend != "triton" or capture is None:
+        raise ValueError(f"cuda_graphs: CUDA graphs take a model on the paged Llama path with the Triton attention "
+                         f"backend, on a CUDA device; this one runs on {type(model_runner).__name__} with the "
+                         f"{backend or 'Hugging Face'} attention on {model_runner.device}: pass cuda_graphs=False")
+    return capture
 
 
 # a call while another runs would compute from KV that the running call has not written yet, or release what it uses
@@ -83,13 +96,16 @@ class TreeRunner:
     `cascade_attention`: on the Triton backend, rows of a forward that share whole prefix blocks (the
     children of one span, consecutive in the call) read those blocks once per group instead of once per
     row (planned on the host for each forward, `plan_shared_prefix`); results are the same either way.
+    `cuda_graphs`: on a CUDA model on PagedLlama with the Triton backend, calls of at most 512 new tokens replay
+    CUDA graphs (one per shape bucket, captured at its first call) instead of launching each kernel (see
+    graphed_forward.py; the pool gets one scratch block more); results are the same either way.
     An enclosing autocast does not apply inside (load the model in the dtype to run it in; see autocast_off).
     Threads: a runner runs one call (prefill, extend, pin, unpin, release) at a time, and refuses another made
     meanwhile with a RuntimeError; give each thread its own runner (runners may share one model) or serialise calls.
     """
 
     def __init__(self, model, *, max_tokens=None, max_bytes=None, block_size=16, fallback=True,
-                 attention_backend="auto", cascade_attention=True, max_state_bytes=None):
+                 attention_backend="auto", cascade_attention=True, max_state_bytes=None, cuda_graphs=False):
         if max_state_bytes is not None and (not is_integer(max_state_bytes) or max_state_bytes <= 0):
             raise ValueError(f"max_state_bytes: expected a positive int or None, got {max_state_bytes!r}")
         if not is_integer(block_size) or block_size <= 0:
@@ -97,7 +113,8 @@ class TreeRunner:
         block_size = int(block_size)
         if attention_backend not in BACKENDS:  # here, not at the first forward, on either path
             raise ValueError(f"attention_backend: expected one of {BACKENDS}, got {attention_backend!r}")
-        for name, value in (("fallback", fallback), ("cascade_attention", cascade_attention)):
+        for name, value in (("fallback", fallback), ("cascade_attention", cascade_attention),
+                            ("cuda_graphs", cuda_graphs)):
             if not isinstance(value, bool):  # a string such as "no" would count as True
                 raise ValueError(f"{name}: expected True or False, got {value!r}")
         if not isinstance(model, torch.nn.Module):
@@ -121,14 +138,19 @@ class TreeRunner:
         num_blocks = KVPool.num_blocks_for(max_tokens=max_tokens, max_bytes=max_bytes // 2 if halved else max_bytes,
                                            block_size=block_size,
                                            bytes_per_block=KVPool.bytes_per_block(mr.pool_shapes, **geometry))
-        self.pool = KVPool(mr.pool_shapes, num_blocks=num_blocks, device=mr.device, **geometry)
+        backend = resolve_backend(attention_backend, mr.device) if self.paged else None
+        capture = _graph_capture(mr, backend) if cuda_graphs else None
+        # with graphs, one block more, which no span holds: the padding tokens' K/V go there
+        self.pool = KVPool(mr.pool_shapes, num_blocks=num_blocks + (capture is not None), device=mr.device,
+                           **geometry)
+        if capture is not None:
+            self.model_runner = GraphedForward(mr, scratch_slot=num_blocks * block_size, capture=capture)
         self.store = SpanStore(num_blocks, block_size)
         if hasattr(mr, "span_tree"):   # the Hugging Face cache fallbacks: which rows build on which
             mr.span_tree = self.store.tree
         if keeps_states:
             mr.state_capacity = self._state_capacity(model, max_state_bytes)
         self.vocab_size = input_vocabulary(model)
-        backend = resolve_backend(attention_backend, mr.device) if self.paged else None
         self._cascade_block_size = block_size if cascade_attention and backend == "triton" else None
         self.max_context = mr.max_context
         self._busy = threading.Lock()   # held by the running call (see _one_call_at_a_time)
@@ -176,7 +198,7 @@ class TreeRunner:
 
     @property
     def num_blocks(self):
-        return self.pool.num_blocks
+        return self.tree.num_blocks   # the blocks spans can hold (with cuda_graphs the pool has one more)
 
     @property
     def num_free_blocks(self):
@@ -442,9 +464,13 @@ class TreeRunner:
         if not plan.creates_spans and not self.model_runner.recomputes_context:  # bringing back evicted spans
             self.recomputed_tokens += len(plan.token_ids)     # (HFRecomputeModel only writes their ids again)
             self.last_restored.update(zip(plan.row_spans.tolist(), np.diff(plan.cu_q_lens).tolist()))
+        cascade = self._cascade_block_size
+        if isinstance(self.model_runner, GraphedForward) and self.model_runner.takes(
+                len(plan.token_ids), len(plan.seq_lens), len(plan.extra_src)):
+            cascade = None   # a graph's launches are fixed: no cascade plan
         with torch.no_grad(), autocast_off(device):
             batch = ForwardBatch.from_plan(plan, device, outputs=() if ends is None else ends,
-                                           cascade_block_size=self._cascade_block_size)
+                                           cascade_block_size=cascade)
             if len(batch.copy_src):
                 self.pool.copy_blocks(batch.copy_src, batch.copy_dst)
             logits_rows = None

@@ -1,0 +1,110 @@
+"""TreeRunner(cuda_graphs=True): calls replayed from graphs give the model's outputs, and their padding reaches
+neither a real token nor a span's K/V. Off CUDA a graph is stood in for by `replay_eagerly`, which runs the captured
+forward again on the same static tensors: that checks the buckets, the padding and the scratch block; on CUDA
+(-m gpu) real CUDA graphs are captured and replayed."""
+import pytest
+import torch
+
+from fastalign import TreeRunner
+from fastalign.runtime import graphed_forward
+from fastalign.runtime.graphed_forward import GraphedForward, bucket
+from tests.conftest import TRITON_DEVICE, requires_cuda
+from tests.runtime.tiny_models import fill_with_nan, grow_random_tree, reference, tiny_model
+
+
+def replay_eagerly(forward, memory_pool):
+    """A stand-in for capture_cuda_graph: the outputs of one run, which each replay recomputes in place."""
+    outputs = forward()
+
+    def replay():
+        for out, new in zip(outputs, forward()):
+            if out is not None:
+                out.copy_(new)
+    return replay, outputs
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=requires_cuda)] if TRITON_DEVICE == "cuda" else ["cpu"])
+def graph_device(request, monkeypatch):
+    """The device of the test's model: CUDA with real graphs where there is one, else the CPU (the Triton kernels
+    interpreted) with graphs replayed eagerly."""
+    if request.param != "cuda":
+        monkeypatch.setattr(graphed_forward, "capture_for", lambda device: replay_eagerly)
+    return request.param
+
+
+def test_buckets_are_powers_of_two_from_the_least():
+    assert [bucket(n, 16) for n in (1, 15, 16, 17, 100, 512)] == [16, 16, 16, 32, 128, 512]
+    assert [bucket(n, 1) for n in (1, 2, 3, 5)] == [1, 2, 4, 8]
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gemma2-sliding-softcaps"])
+def test_random_tree_from_graphs_matches_hugging_face(graph_device, name):
+    """Every call of the random tree (1-4 rows of 1-20 tokens, evictions) fits a graph; the pool, scratch block
+    included, starts as NaN, so that a padding token read by a real one, or a real block taken for scratch, shows."""
+    model = tiny_model(name, device=graph_device)
+    runner = TreeRunner(model, max_tokens=112, block_size=4, attention_backend="triton", cuda_graphs=True)
+    assert isinstance(runner.model_runner, GraphedForward) and runner.pool.num_blocks == runner.num_blocks + 1
+    fill_with_nan(runner.pool)
+
+    def check(span, logits, hidden):
+        ref_logits, ref_hidden = reference(model, span)
+        assert (logits - ref_logits).abs().max() <= 1e-4, f"{span}: logits differ from Hugging Face's"
+        assert (hidden - ref_hidden).abs().max() <= 1e-4, f"{span}: hidden states differ from Hugging Face's"
+
+    assert grow_random_tree(runner, seed=3, check=check) > 0
+    graphs = runner.model_runner
+    assert graphs.refused is None and graphs.replays > 3 * graphs.num_graphs, (graphs.replays, graphs.num_graphs)
+
+
+def test_last_logits_from_graphs_equal_the_eager_runners(graph_device):
+    """logits="last" (the selected tokens are the rows' last ones, padded to a power of two) and hidden=None."""
+    model = tiny_model("llama-gqa-untied", device=graph_device)
+    runners = [TreeRunner(model, max_tokens=256, block_size=4, attention_backend="triton", cuda_graphs=graphs)
+               for graphs in (False, True)]
+    outputs = []
+    for runner in runners:
+        root = runner.prefill(list(range(1, 30)))
+        children, first = runner.extend([root] * 3, [[5, 6], [7], [8, 9, 10]])
+        _, second = runner.extend(children, [[11], [12], [13]], logits="last")
+        outputs.append((first, second))
+    assert runners[1].model_runner.replays >= 3
+    for eager, graphed in zip(*outputs):
+        assert graphed.shape == eager.shape == (3, model.config.vocab_size)
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_a_forward_that_cannot_be_captured_runs_eagerly_with_a_warning(monkeypatch):
+    def refuse(forward, memory_pool):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(graphed_forward, "capture_for", lambda device: refuse)
+    model = tiny_model("llama-gqa-untied", device=TRITON_DEVICE)
+    runner = TreeRunner(model, max_tokens=112, block_size=4, attention_backend="triton", cuda_graphs=True)
+    with pytest.warns(UserWarning, match=r"cuda_graphs: LlamaForCausalLM's forward could not be captured into a "
+                                         r"CUDA graph \(RuntimeError: operation not permitted .*\); it runs eagerly"):
+        root = runner.prefill([1, 2, 3])
+    (child,), logits = runner.extend([root], [[4, 5]])
+    ref_logits, _ = reference(model, child)
+    assert (logits[0] - ref_logits[-1]).abs().max() <= 1e-4
+    assert runner.model_runner.replays == 0 and "RuntimeError" in runner.model_runner.refused
+
+
+@pytest.mark.parametrize("name, backend, expected", [
+    ("llama-gqa-untied", "torch", r"on PagedLlama with the torch attention"),
+    ("gpt2-learned-positions", "triton", r"on PagedHF with the triton attention"),
+    ("bloom-alibi-fallback", "auto", r"on HFCacheModel with the Hugging Face attention"),
+])
+@pytest.mark.filterwarnings("ignore:TreeRunner. BloomForCausalLM cannot run on the paged pool")
+def test_graphs_are_refused_where_they_cannot_run(monkeypatch, name, backend, expected):
+    monkeypatch.setattr(graphed_forward, "capture_for", lambda device: replay_eagerly)
+    with pytest.raises(ValueError, match=r"cuda_graphs: CUDA graphs take a model on the paged Llama path with the "
+                                         r"Triton attention backend, on a CUDA device; this one runs " + expected):
+        TreeRunner(tiny_model(name), max_tokens=64, block_size=4, attention_backend=backend, cuda_graphs=True)
+
+
+def test_graphs_are_refused_off_cuda():
+    with pytest.raises(ValueError, match=r"cuda_graphs: .* on a CUDA device; this one runs on PagedLlama with the "
+                                         r"triton attention on cpu: pass cuda_graphs=False"):
+        TreeRunner(tiny_model("llama-gqa-untied"), max_tokens=64, block_size=4, attention_backend="triton",
+                   cuda_graphs=True)
+    with pytest.raises(ValueError, match=r"cuda_graphs: expected True or False, got 'yes'"):
+        TreeRunner(tiny_model("llama-gqa-untied"), max_tokens=64, cuda_graphs="yes")
