@@ -202,8 +202,9 @@ class ModelClock:
     outside them is the engine's host work (search, bookkeeping, building batches, reading outputs), during which
     the device idles, since the engine reads every call's outputs before it builds the next."""
 
-    def __init__(self, model, tokens, state_bytes, device):
-        self.runner, self.seconds = TreeRunner(model, max_tokens=tokens, max_state_bytes=state_bytes), 0.0
+    def __init__(self, model, tokens, state_bytes, device, cuda_graphs=False):
+        self.runner = TreeRunner(model, max_tokens=tokens, max_state_bytes=state_bytes, cuda_graphs=cuda_graphs)
+        self.seconds = 0.0
         forward = self.runner.model_runner.forward
 
         def timed(*args, **kwargs):
@@ -215,10 +216,17 @@ class ModelClock:
         self.runner.model_runner.forward = timed
 
     def split(self, run):
-        """The model's and the rest's share of a run made on this runner."""
+        """The model's and the rest's share of a run made on this runner (with CUDA graphs, also how many were
+        captured and the time that took, a part of the model's, and the seconds per committed token without it)."""
         outside = run.stats.wall_seconds - self.seconds
-        return {"model_s": self.seconds, "outside_model_s": outside,
-                "outside_model_us_per_row": 1e6 * outside / max(run.stats.rows, 1)}
+        out = {"model_s": self.seconds, "outside_model_s": outside,
+               "outside_model_us_per_row": 1e6 * outside / max(run.stats.rows, 1)}
+        graphs = self.runner.model_runner
+        if hasattr(graphs, "capture_seconds"):
+            out.update(graphs=graphs.num_graphs, graph_replays=graphs.replays, capture_s=graphs.capture_seconds,
+                       s_per_commit_past_captures=(run.stats.wall_seconds - graphs.capture_seconds)
+                       / max(run.stats.committed_tokens, 1))
+        return out
 
 
 def row(name, run, extra=None):
@@ -259,6 +267,8 @@ def main():
     parser.add_argument("--judge-seeds", type=int, default=1, help="search seeds per variant of that comparison")
     parser.add_argument("--virtual-leaves", type=int, default=4, help="parallel_leaves of the 'on' variant")
     parser.add_argument("--kv-tokens", type=int, default=None, help="KV pool of the tree engine, in tokens")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also the tree rows with TreeRunner(cuda_graphs=True) (CUDA, --family llama)")
     parser.add_argument("--state-memory", type=memory_size_argument, metavar="SIZE",
                         help="room of the tree engine for the recurrent states of --family qwen3_5 or mamba, e.g. "
                              "16G (default: as many bytes as the KV pool)")
@@ -271,6 +281,8 @@ def main():
         parser.error("give --quick, --demo, or --model (or --random-model) and --hh")
     if args.family != "llama" and not (args.quick or args.random_model):
         parser.error("--family chooses the random model of --quick or --random-model")
+    if args.cuda_graphs and (args.device == "cpu" or args.family != "llama"):
+        parser.error("--cuda-graphs needs a CUDA device and --family llama (PagedLlama on the Triton backend)")
     if args.state_memory is not None and args.family == "llama":
         parser.error("--state-memory sizes a model's recurrent states: it needs --family qwen3_5 or mamba")
     tiny = args.quick or args.demo
@@ -282,10 +294,10 @@ def main():
     kv_tokens = args.kv_tokens or (1 << 16 if tiny else 1 << 18)
     common = dict(judge_prompt=judge_prompt, embedding=args.embedding, runner_tokens=kv_tokens)
 
-    def timed_tree(run_prompts, run_config, **kwargs):
+    def timed_tree(run_prompts, run_config, cuda_graphs=False, **kwargs):
         """rain_generate with the tree engine on a fresh runner whose model time is measured: (run, ModelClock's
         split of it)."""
-        clock = ModelClock(model, kv_tokens, args.state_memory, args.device)
+        clock = ModelClock(model, kv_tokens, args.state_memory, args.device, cuda_graphs)
         run = rain_generate(model, tok, run_prompts, run_config, engine="tree", runner=clock.runner, **common,
                             **kwargs)
         return run, clock.split(run)
@@ -300,7 +312,8 @@ def main():
                     "for that model and world, not for language models at large")
     record = {"quick": args.quick, "model": model_name(args),
               "dtype": "float32" if args.quick or args.demo else args.dtype, "config": vars(config),
-              "embedding": args.embedding, "kv_tokens": kv_tokens, "state_memory": args.state_memory, "judge": None,
+              "embedding": args.embedding, "kv_tokens": kv_tokens, "state_memory": args.state_memory,
+              "cuda_graphs": args.cuda_graphs, "judge": None,
               "note": "; ".join(note)}
     rows = []
 
@@ -353,6 +366,19 @@ def main():
     if not args.skip_slow:   # after the concurrency rows: the slowest section, the likeliest to be cut short
         section("slow", slow_section)
 
+    def graphs_section(name, run_prompts, concurrency, sampler):
+        """A tree row again, on a fresh runner with CUDA graphs, captured as its calls first need them."""
+        graphed = row(name, *timed_tree(run_prompts, config, cuda_graphs=True, concurrency=concurrency,
+                                        sampler=sampler))
+        slow = next((r for r in rows if r["engine"] == "slow" and "s_per_commit" in r), None)
+        if slow is not None and concurrency == 1:
+            graphed["speedup_per_commit"] = slow["s_per_commit"] / graphed["s_per_commit"]
+        add(graphed)
+    if args.cuda_graphs:
+        section("tree graphs", lambda: graphs_section("tree graphs", first, 1, "keyed"))
+        for c in [c for c in args.concurrency if c <= len(prompts)]:
+            section(f"tree x{c} graphs", lambda c=c: graphs_section(f"tree x{c} graphs", prompts[:c], c, "torch"))
+
     judge, record["judge"] = harm_judge or make_judge(args)
     judged = prompts[:args.judge_prompts or (16 if args.quick else 100)]
 
@@ -376,6 +402,8 @@ def main():
                        ("calls_over_required", "calls/req", "{:.2f}"),
                        ("s_per_commit", "s/commit", "{:.4f}"), ("commits_per_s", "commit/s", "{:.2f}"),
                        ("outside_model_us_per_row", "host us/row", "{:.0f}"),
+                       ("capture_s", "capture s", "{:.2f}"), ("s_per_commit_past_captures", "s/commit past capt.",
+                                                              "{:.4f}"),
                        ("harmless_rate", "harmless", "{:.3f}"), ("error", "error", "{}")])
     extra = {k: v for k, v in rows[0].items() if k in ("speedup_per_commit", "token_ratio_vs_slow",
                                                        "rain_over_greedy", "greedy_s_same_length")}

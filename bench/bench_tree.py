@@ -338,8 +338,9 @@ def rewind_rows(runner, root, vocab, device, branch_lengths, reps=5):
     return rows
 
 
-def decode_rows(model, runner, prompt, new_tokens, device):
-    """Greedy batch-1 decoding of new_tokens tokens: TreeRunner against Hugging Face generate."""
+def decode_rows(model, runner, prompt, new_tokens, device, label="fastalign TreeRunner"):
+    """Greedy batch-1 decoding of new_tokens tokens: TreeRunner (its row's method `label`) against Hugging Face
+    generate."""
     def runner_decode():
         """As generate: the prompt's forward gives the first token, one forward per further token (none after the
         last)."""
@@ -366,7 +367,7 @@ def decode_rows(model, runner, prompt, new_tokens, device):
     hf_ms = harness.median_ms(hf_generate, device, warmup=1, reps=3)
     runner_ms = harness.median_ms(runner_decode, device, warmup=1, reps=3)
     common = {"section": "decode", "prompt": len(prompt), "new_tokens": new_tokens}
-    return [{**common, "method": "fastalign TreeRunner", "ms": runner_ms, "tokens_per_s": new_tokens / runner_ms * 1e3,
+    return [{**common, "method": label, "ms": runner_ms, "tokens_per_s": new_tokens / runner_ms * 1e3,
              "vs_hf": runner_ms / hf_ms, "same_greedy_tokens": same},
             {**common, "method": "HF generate (cache)", "ms": hf_ms, "tokens_per_s": new_tokens / hf_ms * 1e3,
              "vs_hf": 1.0}]
@@ -388,19 +389,23 @@ def runner_rows(args, device, dtype, report=lambda rows: None):
             rows.append({"section": name, **harness.failure_row(name, err)})
         report(rows)
 
-    def extend(cascade):
+    def extend(cascade, graphs=False):
         nonlocal runner, root
-        runner = TreeRunner(model, max_tokens=args.pool_tokens, cascade_attention=cascade != "off")
+        runner = TreeRunner(model, max_tokens=args.pool_tokens, cascade_attention=cascade == "on", cuda_graphs=graphs)
         root = runner.prefill(prefix)
         runner.pin(root)
         return extend_rows(runner, root, vocab, device, [1, args.children], args.child_tokens, cascade,
-                           baseline=cascade in ("off", "-"))   # once
+                           baseline=cascade in ("off", "-") and not graphs)   # once
     for cascade in ("off", "on") if device.type == "cuda" else ("-",):  # the torch backend has no cascade
         section("extend", lambda: extend(cascade))
     # the last runner (with the cascade, where there is one) serves the rewind and decode sections
     section("rewind", lambda: rewind_rows(runner, root, vocab, device, args.branch_lengths))
-    section("decode", lambda: decode_rows(model, runner, random_tokens(args.decode_prompt, vocab), args.decode_tokens,
-                                          device))
+    decode_prompt = random_tokens(args.decode_prompt, vocab)
+    section("decode", lambda: decode_rows(model, runner, decode_prompt, args.decode_tokens, device))
+    if device.type == "cuda" and args.family == "llama":   # CUDA graphs (graphed_forward.py): PagedLlama only
+        section("extend", lambda: extend("off", graphs=True))
+        section("decode", lambda: decode_rows(model, runner, decode_prompt, args.decode_tokens, device,
+                                              label="fastalign TreeRunner, CUDA graphs")[:1])
     return rows
 
 

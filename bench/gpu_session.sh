@@ -60,7 +60,7 @@ gpu_tests() {
     # the Triton compiles, which dominate these tests on a fresh machine; the sm_90 builds without a GPU are skipped;
     # -v logs each test's outcome as it ends, so that a run cut at the limit still names what passed and failed
     # (each run under its own limit, so that a slow first one leaves the second its time)
-    step 120 "tests needing CUDA" bash -c "
+    step 110 "tests needing CUDA" bash -c "
         python3 -m pytest -v -n 12 -rfE -m gpu tests > $OUT/pytest-gpu.log 2>&1; tail -25 $OUT/pytest-gpu.log"
     step 90 "the Triton kernels and the runner's cascade on the GPU" bash -c "
         python3 -m pytest -v -n 12 -rfE -m 'not gpu' -k 'not compile_for_sm90' tests/kernels \
@@ -71,9 +71,9 @@ gpu_benches() {
     step 95 "bench_loss" python3 bench/bench_loss.py --tokens 8192 --verbose
     step 75 "bench_tree" python3 bench/bench_tree.py --prefix 1500 8000 32000 131072 --rows 1 10 64 \
         --branch-lengths 16 2048 8192 --decode-tokens 64
-    step 65 "bench_unlearn" python3 bench/bench_unlearn.py --reps 3
-    step 110 "bench_rain" python3 bench/bench_rain.py --random-model --hh "$HH" --prompts 1 --max-new-tokens 8 \
-        --concurrency 1 8 32 --judge-prompts 16
+    step 60 "bench_unlearn" python3 bench/bench_unlearn.py --reps 3
+    step 130 "bench_rain" python3 bench/bench_rain.py --random-model --hh "$HH" --prompts 1 --max-new-tokens 8 \
+        --concurrency 1 8 32 --judge-prompts 16 --cuda-graphs
 }
 
 session() {

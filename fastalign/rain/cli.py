@@ -78,6 +78,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="room of the tree engine for the recurrent states that a hybrid or state-space model "
                              "(Qwen3.5, Qwen3-Next, Mamba 2, ...) keeps per span, e.g. 16G; where they fill it, "
                              "tokens run again, with the same answers (default: as many bytes as the KV pool)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="the tree engine's calls of up to 512 tokens replayed from CUDA graphs (a Llama-family "
+                             "model on a CUDA device; see TreeRunner's cuda_graphs)")
     parser.add_argument("--generation-prefix-file", help="text put before every prompt (e.g. few-shot chat turns)")
     parser.add_argument("--judge-template-file", help="judge prompt with {conversation} and {options}")
     parser.add_argument("--labels", help="the two answer option labels, comma-separated (default: A,B)")
@@ -333,15 +336,18 @@ def _run(args) -> int:
 
 
 def _tree_runner(model, args):
-    """The tree engine's TreeRunner, its KV pool of --kv-tokens and its states' room of --state-memory (a UsageError
-    for --state-memory where the model keeps no state or for less than one state, for --kv-tokens where the pool
-    cannot be allocated)."""
+    """The tree engine's TreeRunner, its KV pool of --kv-tokens, its states' room of --state-memory and --cuda-graphs
+    (a UsageError for --state-memory where the model keeps no state or for less than one state, for --cuda-graphs
+    where the model cannot run them, for --kv-tokens where the pool cannot be allocated)."""
     from fastalign.runtime import TreeRunner
     try:
-        return TreeRunner(model, max_tokens=args.kv_tokens, max_state_bytes=args.state_memory)
+        return TreeRunner(model, max_tokens=args.kv_tokens, max_state_bytes=args.state_memory,
+                          cuda_graphs=args.cuda_graphs)
     except ValueError as exc:
-        if str(exc).startswith("max_state_bytes: "):
-            raise UsageError(f"--state-memory: {str(exc).removeprefix('max_state_bytes: ')}") from None
+        for argument, option in (("max_state_bytes: ", "--state-memory"), ("cuda_graphs: ", "--cuda-graphs")):
+            if str(exc).startswith(argument):
+                why = str(exc).removeprefix(argument).replace("pass cuda_graphs=False", "leave out --cuda-graphs")
+                raise UsageError(f"{option}: {why}") from None
         raise
     except RuntimeError as exc:   # torch.OutOfMemoryError, or the CPU allocator's "can't allocate memory"
         if not isinstance(exc, torch.OutOfMemoryError) and "allocate" not in str(exc):

@@ -18,6 +18,7 @@ tensor shapes (the kernels' launch grids follow them), so a replay computes exac
 model whose forward cannot be captured (a mixture of experts routes tokens with a device sync) is run eagerly
 from its first failed capture on, with a warning.
 """
+import time
 import warnings
 
 import torch
@@ -100,6 +101,7 @@ class GraphedForward:
         self._graphs = {}
         self.refused = None      # why graphs stopped being used (a failed capture), or None
         self.replays = 0         # calls run from a graph, for benchmarks and tests
+        self.capture_seconds = 0.0   # host time spent capturing (each capture also runs the forward once)
 
     def __getattr__(self, name):   # only for names not found on the instance or its class
         if name == "runner":       # not yet set (an instance being built or copied)
@@ -129,6 +131,7 @@ class GraphedForward:
         if graph is None:
             graph = _Graph(key[0], key[1], num_selected, batch.input_ids.device, self.scratch_slot)
             graph.load(batch, select)
+            start = time.perf_counter()
             try:
                 graph.replay, graph.outputs = self._capture(
                     lambda: self.runner.forward(graph.batch, pool, graph.select, want_logits, want_hidden),
@@ -138,6 +141,7 @@ class GraphedForward:
                 warnings.warn(f"TreeRunner: cuda_graphs: {type(self.runner.model).__name__}'s forward could not be "
                               f"captured into a CUDA graph ({self.refused}); it runs eagerly", stacklevel=4)
                 return self.runner.forward(batch, pool, select, want_logits, want_hidden)
+            self.capture_seconds += time.perf_counter() - start
             self._graphs[key] = graph
         else:
             graph.load(batch, select)

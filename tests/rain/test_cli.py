@@ -870,6 +870,15 @@ def test_state_memory_for_a_model_that_keeps_no_state_is_a_usage_error(rain_setu
     assert not out.exists()
 
 
+def test_cuda_graphs_off_cuda_is_a_usage_error(rain_setup, capsys):
+    _, out, args = rain_setup
+    assert main([a if a != "slow" else "tree" for a in args] + ["--cuda-graphs", "--no-vanilla"]) == 2
+    assert ("--cuda-graphs: CUDA graphs take a model on the paged Llama path with the Triton attention backend, on a "
+            "CUDA device; this one runs on PagedLlama with the torch attention on cpu: leave out --cuda-graphs"
+            ) in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_state_memory_bounds_a_hybrid_models_states_and_leaves_its_answers(rain_setup, tmp_path, capsys):
     """A hybrid model (Qwen3-Next: a linear-attention layer beside a full-attention one) keeps each span's recurrent
     state: with room for one state (--state-memory 1) the search runs tokens again from the nearest state kept
