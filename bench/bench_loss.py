@@ -237,6 +237,53 @@ def run(args, config):
     return rows
 
 
+def stage_rows(args, config):
+    """fastalign's cross-entropy at each N, stage by stage on the kernel API (sum of the token losses): the forward
+    (logsumexps), then the backward with both gradients, d_hidden alone, d_weight alone, and neither (the
+    kernel that writes each chunk of G alone, the recomputation of the logits included): the differences say what
+    the G @ W and G^T @ x products, and their accumulation, cost. One row per (N, stage), ms and TFLOP/s on the
+    products each stage computes."""
+    rows = []
+    for n in args.tokens:
+        for name, step, flops in _stages(args, n):
+            try:
+                ms = harness.median_ms(step, args.device)
+                tflops = flops / ms / 1e9
+                row = {"method": f"fastalign {name}", "fwd_ms": ms, "tflops": tflops,
+                       "fraction_of_matmul_peak": tflops / config["matmul_peak_tflops"]}
+            except Exception as err:
+                row = harness.failure_row(name, err)
+            rows.append({"op": "linear_cross_entropy stages", "n": n, **row})
+            harness.write_results("bench_loss", args.device, config, config["rows_so_far"] + rows)
+    return rows
+
+
+def _stages(args, n):
+    """(name, step, FLOPs of its products) of each stage at N = n, on fresh inputs."""
+    from fastalign.kernels import linear_cross_entropy as kernel
+    device, dtype, h, v = torch.device(args.device), getattr(torch, args.dtype), args.hidden, args.vocab
+    torch.manual_seed(n)
+    hidden = torch.randn(n, h, device=device, dtype=dtype)
+    weight = torch.randn(v, h, device=device, dtype=dtype) / h ** 0.5
+    target = torch.randint(0, v, (n,), device=device)
+    grad_scale = torch.full((n,), 1.0 / n, device=device)
+    lse = kernel.forward(hidden, weight, None, target)[0]
+    product = 2 * n * h * v
+    stages = [("forward", lambda: kernel.forward(hidden, weight, None, target), product)]
+    for name, need_hidden, need_weight in (("backward", True, True), ("backward, d_hidden only", True, False),
+                                            ("backward, d_weight only", False, True),
+                                            ("backward, G chunks only", False, False)):
+        stages.append((name, functools.partial(kernel.backward, hidden, weight, None, target, lse, grad_scale,
+                                               need_weight, False, need_hidden_grad=need_hidden),
+                       product * (1 + need_hidden + need_weight)))
+    return stages
+
+
+STAGE_COLUMNS = [("op", "op", "{}"), ("n", "N", "{}"), ("method", "stage", "{}"), ("fwd_ms", "ms", "{:.2f}"),
+                 ("tflops", "TFLOP/s", "{:.3g}"), ("fraction_of_matmul_peak", "of peak", "{:.0%}"),
+                 ("error", "error", "{}")]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small fp32 shape (N 256, H 128, V 4099) for any device")
@@ -246,6 +293,9 @@ def main():
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--verbose", action="store_true", help="print each row as it is measured")
+    parser.add_argument("--stages", action="store_true",
+                        help="also fastalign's cross-entropy stage by stage (forward; backward with both, one or "
+                             "neither of the gradients' products)")
     args = parser.parse_args()
     if args.quick:
         args.hidden, args.vocab, args.tokens = 128, 4099, [256]
@@ -258,6 +308,12 @@ def main():
     print(f"device: {harness.device_name(args.device)}   dtype: {args.dtype}   H={args.hidden} V={args.vocab}   "
           f"measured {args.dtype} matmul peak: {peak:.3g} TFLOP/s")
     harness.print_table(rows, COLUMNS + [("fraction_of_matmul_peak", "of peak", "{:.0%}")])
+    if args.stages:
+        config["rows_so_far"] = rows
+        stages = stage_rows(args, config)
+        del config["rows_so_far"]
+        harness.print_table(stages, STAGE_COLUMNS)
+        rows = rows + stages
     print("wrote", harness.write_results("bench_loss", args.device, config, rows))
 
 

@@ -68,7 +68,7 @@ gpu_tests() {
 }
 
 gpu_benches() {
-    step 95 "bench_loss" python3 bench/bench_loss.py --tokens 8192 --verbose
+    step 95 "bench_loss" python3 bench/bench_loss.py --tokens 8192 --verbose --stages
     step 75 "bench_tree" python3 bench/bench_tree.py --prefix 1500 8000 32000 131072 --rows 1 10 64 \
         --branch-lengths 16 2048 8192 --decode-tokens 64
     step 60 "bench_unlearn" python3 bench/bench_unlearn.py --reps 3

@@ -107,6 +107,28 @@ def test_loss_rows_record_their_gradients_difference_from_the_quantitys_first(mo
     assert rows["KL two heads", "naive torch"]["grad_rel_diff"] < 1e-5
 
 
+def test_loss_stages_run_the_kernels_with_the_gradients_each_names(monkeypatch, tmp_path):
+    """--stages: the forward, then the backward with both, one and neither of the gradients' products, each run on the
+    kernel API with those gradients asked for, its TFLOP/s counted on the products it computes (2NHV each)."""
+    from fastalign.kernels import linear_cross_entropy as kernel
+    asked, backward = [], kernel.backward
+
+    def spy(*args, need_hidden_grad=True):
+        asked.append((need_hidden_grad, args[6]))
+        return backward(*args, need_hidden_grad=need_hidden_grad)
+    monkeypatch.setattr(kernel, "backward", spy)
+    monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: (fn(), 2.0)[1])
+    monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
+    n, h, v = 24, 16, 67
+    args = SimpleNamespace(device="cpu", dtype="float32", hidden=h, vocab=v, tokens=[n])
+    rows = bench_loss.stage_rows(args, {"matmul_peak_tflops": 1.0, "rows_so_far": []})
+    assert [row["method"] for row in rows] == ["fastalign forward", "fastalign backward",
+                                               "fastalign backward, d_hidden only", "fastalign backward, d_weight only",
+                                               "fastalign backward, G chunks only"], rows
+    assert asked == [(True, True), (True, False), (False, True), (False, False)]
+    assert [row["tflops"] * 2e-3 * 1e12 / (2 * n * h * v) for row in rows] == pytest.approx([1, 3, 2, 2, 1]), rows
+
+
 def test_loss_baseline_that_cannot_be_loaded_is_recorded_with_its_error(monkeypatch, tmp_path):
     """Liger or Cut Cross-Entropy missing (or failing to import) on the GPU machine: the JSON record says which
     baselines were not compared and why, beside the rows of the others."""
