@@ -34,8 +34,8 @@ def test_random_tree_matches_hugging_face_fp32(index, name):
 # Face's forward, which moves its logits by far more than rounding.)
 BF16_CASES = [("cpu", "torch", name) for name in ("llama-gqa-untied", "mistral-mqa-head-dim", "qwen3-head-dim-untied",
                                                   "gemma2-sliding-softcaps", "gemma3-sliding-softcap",
-                                                  "olmo3-sliding-tied", "phi3-partial-rotary-sliding", "granite-multipliers",
-                                                  "gemma4-wide-full-layers-shared-kv",
+                                                  "olmo3-sliding-tied", "phi3-partial-rotary-sliding",
+                                                  "granite-multipliers", "gemma4-wide-full-layers-shared-kv",
                                                   "qwen3.5-linear-attention-states", "mamba2-states",
                                                   "mamba-stepped-states")] + [
     (TRITON_DEVICE, "triton", "mistral-mqa-head-dim"), (TRITON_DEVICE, "triton", "phi3-partial-rotary-sliding")] + [
