@@ -5,8 +5,9 @@
 #   bash bench/gpu_session.sh --prepare   # here, with network: wheels into .whl/, the shared data and the
 #                                         # commit into .carry/ (prepare again after committing)
 #   then the device tool: run(command="bash bench/gpu_session.sh", carry=[".whl", ".carry"], timeout_s=600)
-#   or in two calls, fixing what the first finds in between: `... gpu_session.sh tests` (~3.5 min), then
-#   `... gpu_session.sh benches` (~5 min; 1800a8f on an H200: 3.2 and 6 min); each call starts a machine (~1 min)
+#   or in two calls, fixing what the first finds in between: `... gpu_session.sh tests` (at most ~4 min by its
+#   steps' limits), then `... gpu_session.sh benches` (at most ~6.5 min); at 1800a8f an H200 took 3.2 and 4.6 min;
+#   each call starts a machine (~1 min)
 #   in a later session (a full run leaves under the 4 minutes a machine needs to start):
 #   run(command="bash bench/gpu_session.sh 8b", ...)   # bench_unlearn --preset 8b alone
 #
