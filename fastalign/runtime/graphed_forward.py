@@ -18,6 +18,7 @@ tensor shapes (the kernels' launch grids follow them), so a replay computes exac
 model whose forward cannot be captured (a mixture of experts routes tokens with a device sync) is run eagerly
 from its first failed capture on, with a warning.
 """
+import collections
 import time
 import warnings
 
@@ -92,13 +93,14 @@ class GraphedForward:
     """A PagedLlama's forward with the calls that fit replayed from CUDA graphs (see the module's docstring); every
     other attribute is the wrapped runner's."""
 
-    def __init__(self, runner, *, scratch_slot, capture, max_tokens=512):
+    def __init__(self, runner, *, scratch_slot, capture, max_tokens=512, max_graphs=64):
         self.runner = runner
         self.scratch_slot = scratch_slot
         self.max_tokens = max_tokens
-        self._capture = capture
+        self.max_graphs = max_graphs   # the least recently replayed graph goes past them: each holds its outputs
+        self._capture = capture        # ([selected, vocab] fp32 logits: 16 MiB at 32 rows of a 128k vocabulary)
         self._memory_pool = torch.cuda.graph_pool_handle() if runner.device.type == "cuda" else None
-        self._graphs = {}
+        self._graphs = collections.OrderedDict()
         self.refused = None      # why graphs stopped being used (a failed capture), or None
         self.replays = 0         # calls run from a graph, for benchmarks and tests
         self.capture_seconds = 0.0   # host time spent capturing (each capture also runs the forward once)
@@ -143,7 +145,10 @@ class GraphedForward:
                 return self.runner.forward(batch, pool, select, want_logits, want_hidden)
             self.capture_seconds += time.perf_counter() - start
             self._graphs[key] = graph
+            if len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
         else:
+            self._graphs.move_to_end(key)
             graph.load(batch, select)
         graph.replay()
         self.replays += 1

@@ -73,6 +73,22 @@ def test_last_logits_from_graphs_equal_the_eager_runners(graph_device):
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
 
 
+def test_past_max_graphs_the_least_recently_replayed_goes_and_results_stay(graph_device):
+    """Calls alternating between two buckets with room for one graph: each call captures its bucket again."""
+    model = tiny_model("llama-gqa-untied", device=graph_device)
+    runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="triton", cuda_graphs=True)
+    graphs = runner.model_runner
+    graphs.max_graphs = 1
+    root = runner.prefill(list(range(1, 12)))
+    for tokens in ([5], list(range(20, 40)), [6], list(range(40, 60))):   # buckets of 16 and 32 tokens
+        (child,), logits = runner.extend([root], [tokens])
+        ref_logits, _ = reference(model, child)
+        assert (logits[0] - ref_logits[-1]).abs().max() <= 1e-4
+        assert graphs.num_graphs == 1
+        runner.release([child])
+    assert graphs.replays == 5   # the prefill's and each extend's
+
+
 def test_a_forward_that_cannot_be_captured_runs_eagerly_with_a_warning(monkeypatch):
     def refuse(forward, memory_pool):
         raise RuntimeError("operation not permitted when stream is capturing")
