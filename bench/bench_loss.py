@@ -237,12 +237,12 @@ def run(args, config):
     return rows
 
 
-def stage_rows(args, config):
+def stage_rows(args, config, earlier_rows):
     """fastalign's cross-entropy at each N, stage by stage on the kernel API (sum of the token losses): the forward
     (logsumexps), then the backward with both gradients, d_hidden alone, d_weight alone, and neither (the
     kernel that writes each chunk of G alone, the recomputation of the logits included): the differences say what
     the G @ W and G^T @ x products, and their accumulation, cost. One row per (N, stage), ms and TFLOP/s on the
-    products each stage computes."""
+    products each stage computes. The JSON is rewritten after each row, with earlier_rows (the table's) first."""
     rows = []
     for n in args.tokens:
         for name, step, flops in _stages(args, n):
@@ -254,7 +254,7 @@ def stage_rows(args, config):
             except Exception as err:
                 row = harness.failure_row(name, err)
             rows.append({"op": "linear_cross_entropy stages", "n": n, **row})
-            harness.write_results("bench_loss", args.device, config, config["rows_so_far"] + rows)
+            harness.write_results("bench_loss", args.device, config, earlier_rows + rows)
     return rows
 
 
@@ -309,9 +309,7 @@ def main():
           f"measured {args.dtype} matmul peak: {peak:.3g} TFLOP/s")
     harness.print_table(rows, COLUMNS + [("fraction_of_matmul_peak", "of peak", "{:.0%}")])
     if args.stages:
-        config["rows_so_far"] = rows
-        stages = stage_rows(args, config)
-        del config["rows_so_far"]
+        stages = stage_rows(args, config, rows)
         harness.print_table(stages, STAGE_COLUMNS)
         rows = rows + stages
     print("wrote", harness.write_results("bench_loss", args.device, config, rows))

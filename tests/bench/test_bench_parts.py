@@ -121,7 +121,7 @@ def test_loss_stages_run_the_kernels_with_the_gradients_each_names(monkeypatch, 
     monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
     n, h, v = 24, 16, 67
     args = SimpleNamespace(device="cpu", dtype="float32", hidden=h, vocab=v, tokens=[n])
-    rows = bench_loss.stage_rows(args, {"matmul_peak_tflops": 1.0, "rows_so_far": []})
+    rows = bench_loss.stage_rows(args, {"matmul_peak_tflops": 1.0}, [])
     assert [row["method"] for row in rows] == ["fastalign forward", "fastalign backward",
                                                "fastalign backward, d_hidden only", "fastalign backward, d_weight only",
                                                "fastalign backward, G chunks only"], rows
