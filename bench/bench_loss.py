@@ -167,12 +167,19 @@ COLUMNS = [("op", "op", "{}"), ("n", "N", "{}"), ("method", "method", "{}"), ("l
            ("extra_vs_logits", "extra/logits", "{:.2%}"), ("error", "error", "{}")]
 
 
+def write(args, config, rows):
+    """The JSON record of the run so far; a shape other than the default 8B head's is a variant beside it."""
+    default = (args.hidden, args.vocab) == (4096, 128256) or args.quick
+    return harness.write_results("bench_loss", args.device, config, rows,
+                                 tag=None if default else f"h{args.hidden}-v{args.vocab}")
+
+
 def report(rows, row, args, config):
     """Adds a row, and rewrites the JSON with every row so far (a run cut short keeps what it measured)."""
     if "fwd_bwd_tflops" in row:
         row["fraction_of_matmul_peak"] = row["fwd_bwd_tflops"] / config["matmul_peak_tflops"]
     rows.append(row)
-    harness.write_results("bench_loss", args.device, config, rows)
+    write(args, config, rows)
     if args.verbose:
         harness.print_table([row], COLUMNS)
 
@@ -254,7 +261,7 @@ def stage_rows(args, config, earlier_rows):
             except Exception as err:
                 row = harness.failure_row(name, err)
             rows.append({"op": "linear_cross_entropy stages", "n": n, **row})
-            harness.write_results("bench_loss", args.device, config, earlier_rows + rows)
+            write(args, config, earlier_rows + rows)
     return rows
 
 
@@ -312,7 +319,7 @@ def main():
         stages = stage_rows(args, config, rows)
         harness.print_table(stages, STAGE_COLUMNS)
         rows = rows + stages
-    print("wrote", harness.write_results("bench_loss", args.device, config, rows))
+    print("wrote", write(args, config, rows))
 
 
 if __name__ == "__main__":

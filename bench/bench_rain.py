@@ -44,8 +44,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.harness import (LLAMA_SHAPES, failure_row, print_table, qwen3_5_layer_types,  # noqa: E402
-                           synchronize, write_results)
+from bench.harness import (LLAMA_SHAPES, PROFILE_COLUMNS, failure_row, print_table, profile_top,  # noqa: E402
+                           qwen3_5_layer_types, synchronize, write_results)
 from fastalign.cli import memory_size_argument  # noqa: E402
 from fastalign.evaluation.generation import pad_id  # noqa: E402
 from fastalign.pretrained import load_pretrained  # noqa: E402
@@ -267,6 +267,8 @@ def main():
     parser.add_argument("--judge-seeds", type=int, default=1, help="search seeds per variant of that comparison")
     parser.add_argument("--virtual-leaves", type=int, default=4, help="parallel_leaves of the 'on' variant")
     parser.add_argument("--kv-tokens", type=int, default=None, help="KV pool of the tree engine, in tokens")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the tree engine's run once more: its top operators by device and by host time")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also the tree rows with TreeRunner(cuda_graphs=True) (CUDA, --family llama)")
     parser.add_argument("--state-memory", type=memory_size_argument, metavar="SIZE",
@@ -347,6 +349,13 @@ def main():
         add(row("tree", run, {"greedy_s_same_length": greedy_s, "rain_over_greedy": run.stats.wall_seconds / greedy_s,
                               **split}))
         tree = run
+        if args.profile:   # the same run again, profiled: where its device and host time go, by operator
+            for by in ("device", "host"):
+                rows[-1][f"profile_by_{by}"] = profile_top(
+                    lambda: rain_generate(model, tok, first, config, engine="tree", concurrency=1, sampler="keyed",
+                                          **common), args.device, count=20, by=by)
+                print_table(rows[-1][f"profile_by_{by}"], PROFILE_COLUMNS)
+            write()
     section("tree", tree_section)
     for c in args.concurrency:
         if c > len(prompts):

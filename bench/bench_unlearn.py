@@ -1,8 +1,9 @@
 """Benchmark of one unlearning step (forward + backward + AdamW) of a Llama-architecture model
 on the same batch (2 harmful prompts, K=5 mismatch answers each, 2 normal examples), five ways:
 
-- fastalign:          one policy forward, fused signed CE + fused KL on the answer tokens, frozen copy in the
-                      model's dtype;
+- fastalign:          one policy forward (rows packed into prefix trees where the estimate says it pays: each
+                      prompt computed once for its forget and mismatch rows, no padding), fused signed CE + fused
+                      KL on the answer tokens, frozen copy in the model's dtype;
 - unfused baseline:   a well-written plain-torch step: dynamic padding, model dtype, one forward returning
                       the full logits, vectorised weighted CE and KL (fp32) on the answer targets' rows, frozen
                       copy;
@@ -12,7 +13,9 @@ on the same batch (2 harmful prompts, K=5 mismatch answers each, 2 normal exampl
                       forget / mismatch / normal rows, a per-sample Python loss loop, KL over every position
                       (padding included) against an fp32 copy;
 - fastalign cached:   fastalign with the reference hidden states of the normal set cached up front (no
-                      reference model; lm_head frozen).
+                      reference model; lm_head frozen);
+- fastalign, padded rows: fastalign with packing off (what packing alone changes).
+Each row also gives the rows x width of its policy forwards (`grid`, padding included) and their positions (`slots`).
 `--preset 8b` instead runs the 8B-class model the two ways that fit one GPU: LoRA with the adapter-disabled
 reference, and full weights with the cached reference (gradient checkpointing on); peak memory reported.
 
@@ -28,6 +31,7 @@ losses changes; with weights and AdamW state in the total, a small batch's logit
     python bench/bench_unlearn.py                  # Llama-3.2-1B shape, bf16, CUDA
     python bench/bench_unlearn.py --preset 8b      # Llama-3-8B shape, bf16, CUDA
     python bench/bench_unlearn.py --quick          # tiny fp32 model on any device (CPU smoke run)
+    python bench/bench_unlearn.py --preset cpu --max-length 512   # fp32 on a CPU, a model whose matmuls dominate
 """
 import argparse
 import copy
@@ -56,6 +60,10 @@ from fastalign.unlearn.token_weights import unlearning_token_weights  # noqa: E4
 PRESETS = {  # Llama shapes (LlamaConfig arguments)
     "quick": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=128, vocab_size=1000),
+    # a CPU-sized model whose step is mostly matmuls, not per-op overhead: the ways compare there as their work does
+    # (as in Llama-3.2-1B, the decoder's weights are ~4x the lm_head's)
+    "cpu": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                intermediate_size=2048, vocab_size=8000),
     **harness.LLAMA_SHAPES,
 }
 WEIGHTS = LossWeights()
@@ -113,8 +121,8 @@ def optimizer_step(model):
 
 # ---- the ways: each returns a no-argument function that performs one full step and returns its loss ----
 
-def fastalign_step(model, batch, normal, args, reference):
-    objective = UnlearningObjective(model, WEIGHTS, reference)
+def fastalign_step(model, batch, normal, args, reference, packing="auto"):
+    objective = UnlearningObjective(model, WEIGHTS, reference, packing=packing)
     finish = optimizer_step(model)
 
     def step():
@@ -122,11 +130,17 @@ def fastalign_step(model, batch, normal, args, reference):
         loss.backward()
         finish()
         return loss.detach()
+    packed = objective.packer.plan(batch.tokens)
+    step.grid = (len(batch.tokens.input_ids), batch.tokens.width) if packed is None else packed.shape
     return step
 
 
 def fastalign_frozen_copy(model, batch, normal, args):
     return fastalign_step(model, batch, normal, args, FrozenCopyReference(model))
+
+
+def fastalign_padded(model, batch, normal, args):
+    return fastalign_step(model, batch, normal, args, FrozenCopyReference(model), packing="off")
 
 
 def fastalign_cached(model, batch, normal, args):
@@ -177,6 +191,7 @@ def unfused_step(model, batch, logits_at):
         loss.backward()
         finish()
         return loss.detach()
+    step.grid = (len(tokens.input_ids), tokens.width)
     return step
 
 
@@ -226,12 +241,14 @@ def reference_recipe(model, batch, normal, args):
         loss.backward()
         finish()
         return loss.detach()
+    step.grid = (len(examples), args.max_length)
     return step
 
 
 COMPARE = [("fastalign", fastalign_frozen_copy), ("unfused baseline", unfused_baseline),
            ("reference recipe", reference_recipe), ("fastalign cached", fastalign_cached),
-           ("unfused, answer rows only", unfused_sliced)]  # the issue's four ways first: a run cut short keeps them
+           ("unfused, answer rows only", unfused_sliced), ("fastalign, padded rows", fastalign_padded)]
+# (the issue's four ways first: a run cut short keeps them)
 ON_ONE_GPU_8B = [("fastalign LoRA", fastalign_lora), ("fastalign full + cached", fastalign_cached)]
 UNFUSED_BASELINES = {"unfused baseline": "unfused", "unfused, answer rows only": "sliced"}  # row -> ratio key
 # Its own objective (the published code's defects: KL over every position, padding included): not compared.
@@ -280,6 +297,7 @@ def measure(name, build, batch, normal, args, device, dtype):
     try:
         model = make_model(args, device, dtype)
         step = build(model, batch.to(device), normal, args)
+        grid = getattr(step, "grid", None)   # rows x width of its policy forwards, where the way gives it
         if args.preset != "8b":  # the 8B ways (LoRA) have no like-for-like comparison to make
             drift(model)
         if device.type == "cuda":
@@ -292,13 +310,16 @@ def measure(name, build, batch, normal, args, device, dtype):
         ms = harness.median_ms(step, device, warmup=1, reps=args.reps)
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
         extra = harness.peak_extra_mib(step, device)
+        profile = harness.profile_top(step, device) if args.profile else None
     except Exception as err:
         return harness.failure_row(name, err)
     finally:
         step = None
         gc.collect()
-    return {"method": name, "first_step_loss": loss, "step_ms": ms, "peak_gib": peak,
-            "step_extra_gib": None if extra is None else extra / 2 ** 10, "grad_norms": grad_norms}
+    return {"method": name, "grid": grid and "{} x {}".format(*grid), "slots": grid and grid[0] * grid[1],
+            "first_step_loss": loss, "step_ms": ms, "peak_gib": peak,
+            "step_extra_gib": None if extra is None else extra / 2 ** 10, "grad_norms": grad_norms,
+            **({"profile": profile} if profile else {})}
 
 
 def add_ratios(rows):
@@ -327,7 +348,8 @@ def add_ratios(rows):
                 r[f"extra_memory_vs_{key}"] = r["step_extra_gib"] / base["step_extra_gib"]
 
 
-COLUMNS = [("method", "method", "{}"), ("first_step_loss", "step-1 loss", "{:.5g}"),
+COLUMNS = [("method", "method", "{}"), ("grid", "grid", "{}"), ("slots", "slots", "{}"),
+           ("first_step_loss", "step-1 loss", "{:.5g}"),
            ("loss_rel_diff", "loss diff", "{:.1e}"), ("grad_rel_diff", "grad diff", "{:.1e}"),
            ("step_ms", "step ms", "{:.1f}"),
            ("peak_gib", "peak GiB", "{:.2f}"),
@@ -349,6 +371,8 @@ def main():
     parser.add_argument("--max-length", type=int, default=2048, help="the reference recipe pads to this")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one more step of each way: its top operators and kernels by self time")
     args = parser.parse_args()
     if args.quick:
         args.preset, args.prompt_tokens, args.answer_tokens, args.max_length = "quick", [4, 16], [4, 24], 128
@@ -361,7 +385,8 @@ def main():
     tokens = batch.tokens
     config = {"preset": args.preset, **PRESETS[args.preset], "dtype": str(dtype), "batch_size": args.batch_size,
               "mismatch_per_prompt": 5, "rows": list(tokens.input_ids.shape), "max_length": args.max_length,
-              "answer_tokens": int(tokens.target_mask.sum()), "gradient_checkpointing": args.gradient_checkpointing}
+              "tokens": tokens.num_tokens, "answer_tokens": int(tokens.target_mask.sum()),
+              "gradient_checkpointing": args.gradient_checkpointing}
     print(f"device: {harness.device_name(device)}   dtype: {str(dtype).split('.')[-1]}   preset: {args.preset}   "
           f"rows: {tokens.input_ids.shape[0]} x {tokens.input_ids.shape[1]} (reference recipe: x {args.max_length})"
           f"   answer tokens: {int(tokens.target_mask.sum())}")
@@ -371,6 +396,8 @@ def main():
         add_ratios(rows)
         path = harness.write_results("bench_unlearn", device, config, rows)  # after each row: a cut run keeps them
         harness.print_table(rows[-1:], COLUMNS)
+        if rows[-1].get("profile"):
+            harness.print_table(rows[-1]["profile"], harness.PROFILE_COLUMNS)
     print()
     harness.print_table(rows, COLUMNS)
     print("wrote", path)

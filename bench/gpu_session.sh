@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# Every GPU check the open issues ask for, in one device-tool call of under ten minutes (lent GPU sessions
+# Every GPU check the open issues ask for, in two device-tool calls of under ten minutes each (lent GPU sessions
 # have 15 minutes of device time in all, start-up included).
 #
 #   bash bench/gpu_session.sh --prepare   # here, with network: wheels into .whl/, the shared data and the
 #                                         # commit into .carry/ (prepare again after committing)
-#   then the device tool: run(command="bash bench/gpu_session.sh", carry=[".whl", ".carry"], timeout_s=600)
-#   or in two calls, fixing what the first finds in between: `... gpu_session.sh tests` (at most ~4 min by its
-#   steps' limits), then `... gpu_session.sh benches` (at most ~6.5 min); at 1800a8f an H200 took 3.2 and 4.6 min;
-#   each call starts a machine (~1 min)
+#   then the device tool, fixing what the first call finds before the second:
+#   run(command="bash bench/gpu_session.sh tests", carry=[".whl", ".carry"], timeout_s=280)   (at most ~4 min)
+#   run(command="bash bench/gpu_session.sh benches", carry=[".whl", ".carry"], timeout_s=520)   (at most ~8 min)
+#   at 1800a8f an H200 took 3.2 and 4.6 min; each call starts a machine (~1 min)
 #   in a later session (a full run leaves under the 4 minutes a machine needs to start):
 #   run(command="bash bench/gpu_session.sh 8b", ...)   # bench_unlearn --preset 8b alone
 #
 # On the GPU machine (no network) it installs the carried wheels (liger-kernel and cut-cross-entropy, the
 # baselines of bench_loss.py) and fastalign itself, then runs, each step under its own time limit so that the
 # whole fits: the tests that need CUDA and the Triton kernel tests on the GPU, then bench_loss (the 8B head
-# at N=8192), bench_tree, bench_unlearn (1B) and bench_rain (random 1B Llama on HH prompts). The log, the
+# at N=8192, and the 1B head at the token counts of bench_unlearn's batch), bench_tree, bench_unlearn (1B, each way
+# profiled once) and bench_rain (random 1B Llama on HH prompts, the tree engine's run profiled once). The log, the
 # two pytest logs and every bench JSON land in $OUT (at most 8 files come back): commit the JSON files. The
 # benches write their JSON straight into $OUT and rewrite it after each row (atomically), so a step cut at its
 # limit, or the whole call cut at the device tool's, still returns what it measured.
@@ -70,11 +71,12 @@ gpu_tests() {
 
 gpu_benches() {
     step 95 "bench_loss" python3 bench/bench_loss.py --tokens 8192 --verbose --stages
+    step 45 "bench_loss, 1B head" python3 bench/bench_loss.py --hidden 2048 --tokens 256 2048 --verbose --stages
     step 75 "bench_tree" python3 bench/bench_tree.py --prefix 1500 8000 32000 131072 --rows 1 10 64 \
         --branch-lengths 16 2048 8192 --decode-tokens 64
-    step 60 "bench_unlearn" python3 bench/bench_unlearn.py --reps 3
-    step 130 "bench_rain" python3 bench/bench_rain.py --random-model --hh "$HH" --prompts 1 --max-new-tokens 8 \
-        --concurrency 1 8 32 --judge-prompts 16 --cuda-graphs
+    step 75 "bench_unlearn" python3 bench/bench_unlearn.py --reps 3 --profile
+    step 150 "bench_rain" python3 bench/bench_rain.py --random-model --hh "$HH" --prompts 1 --max-new-tokens 8 \
+        --concurrency 1 8 32 --judge-prompts 16 --cuda-graphs --profile
 }
 
 session() {
@@ -105,14 +107,13 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', 
     python3 -c "import sys; sys.path.insert(0, 'bench'); import harness
 print('results labelled', harness.git_commit())"
 
-    case "${1:-all}" in
+    case "${1:-}" in
         8b)
             step 400 "bench_unlearn 8b (LoRA; full weights + cached reference)" \
                 python3 bench/bench_unlearn.py --preset 8b --reps 2 ;;
         tests) gpu_tests ;;
         benches) gpu_benches ;;
-        all) gpu_tests; gpu_benches ;;
-        *) echo "unknown part '$1': expected tests, benches, 8b or nothing (all)"; exit 2 ;;
+        *) echo "unknown part '${1:-}': expected tests, benches or 8b"; exit 2 ;;
     esac
     ls -la "$OUT"
 }

@@ -16,6 +16,7 @@ from fastalign.ops.backend import BACKENDS
 from fastalign.unlearn.config import PRECISIONS, UnlearnConfig, read_config_file
 from fastalign.unlearn.formats import FORMATS
 from fastalign.unlearn.lora_merge import MERGE_ERROR_WARNING
+from fastalign.unlearn.packing import MODES as PACKING_MODES
 from fastalign.unlearn.reference import CACHE_STORAGES, REFERENCE_MODES
 
 DESCRIPTION = """\
@@ -143,6 +144,11 @@ def register(subparsers) -> argparse.ArgumentParser:
       help="with --reference cached, where the cache lives: device = beside the model (default); host = in host "
       "memory, each batch's rows copied to the device as it trains (for a normal set whose cache, 4 bytes x "
       "hidden size per answer token in fp32, does not fit beside the model)")
+    g("--packing", choices=PACKING_MODES,
+      help="how the policy's forward lays out a batch: on = the rows merged into prefix trees along a few packed rows, "
+      "so that a prompt its mismatch rows repeat and the padding are computed once or not at all (needs a model that "
+      "takes position_ids and a 4-D mask, through sdpa or eager attention: checked once at the start); off = padded "
+      "rows; auto = packed where the model allows it and the estimate says it is cheaper (default)")
 
     g = p.add_argument_group("optimisation").add_argument
     g("--max-steps", type=int, metavar="N", help=f"optimizer steps (default: {_default('max_steps')})")

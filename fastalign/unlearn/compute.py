@@ -1,7 +1,8 @@
 """Compute accounting of an unlearning run: tokens, estimated FLOPs and device-seconds.
 
-FLOPs are the usual dense-transformer estimate, counted on the padded [rows x width] grid the model really
-computes (padding included, since it costs the same):
+FLOPs are the usual dense-transformer estimate, counted on the [rows x width] grid the model really computes: the
+padded rows (padding included, since it costs the same), or the packed ones where the objective packed the batch
+(packing.py; their attention over the dense mask counted full-square too):
   forward of the decoder  = 2 * P_dec * slots + 4 * layers * d_attn * sum_rows(width^2)   (full-square attention;
                             d_attn = query heads x head size)
   backward                = 2x forward when every weight of P_dec trains, 1x (input gradients only) otherwise
@@ -54,6 +55,10 @@ class ModelShape:
     def decoder_forward(self, attention_mask: torch.Tensor) -> float:
         """Forward FLOPs over a padded batch [rows, width] (width trimmed to the longest row)."""
         rows, width = attention_mask.shape[0], int(attention_mask.sum(1).max()) if attention_mask.numel() else 0
+        return self.grid_forward(rows, width)
+
+    def grid_forward(self, rows: int, width: int) -> float:
+        """Forward FLOPs over `rows` rows of `width` positions, attention full-square."""
         attention = 4.0 * self.num_layers * self.attention_width * rows * width ** 2
         return 2.0 * self.decoder_params * rows * width + attention
 
@@ -90,7 +95,8 @@ def decoder_matmul_weights(model) -> list[torch.nn.Parameter]:
 
 @dataclass
 class ComputeTotals:
-    """Running totals of a run (summed over processes): tokens, padded slots, answer tokens, FLOPs, time."""
+    """Running totals of a run (summed over processes): tokens, padded slots (the positions the policy's forwards
+    computed: its padded rows, or its packed rows where a batch was packed), answer tokens, FLOPs, time."""
 
     tokens: int = 0
     padded_slots: int = 0
@@ -108,17 +114,20 @@ class ComputeTotals:
 
 
 def batch_compute(shape: ModelShape, batch, *, decoder_trains: bool, lm_head_trains: bool, checkpointing: bool,
-                  reference_forward: bool) -> ComputeTotals:
-    """Estimated compute of one objective forward + backward over an UnlearningBatch (counted on its host copy)."""
+                  reference_forward: bool, packed_shape: tuple[int, int] | None = None) -> ComputeTotals:
+    """Estimated compute of one objective forward + backward over an UnlearningBatch (counted on its host copy), whose
+    policy forward ran on its padded rows, or on packed rows of `packed_shape` [rows, width]."""
     tokens = batch.tokens.on_host
-    forward = shape.decoder_forward(tokens.attention_mask)
+    forward = (shape.decoder_forward(tokens.attention_mask) if packed_shape is None
+               else shape.grid_forward(*packed_shape))
     policy = forward * (1 + (2 if decoder_trains else 1) + (1 if checkpointing else 0))
     answers = int(tokens.target_mask.sum())
     normal_rows = tokens.rows(batch.num_forget + batch.num_mismatch, tokens.input_ids.shape[0])
     normal_answers = int(normal_rows.target_mask.sum())
     head = 2.0 * shape.vocab_size * shape.hidden_size * ((4 if lm_head_trains else 3) * answers + 2 * normal_answers)
     reference = shape.decoder_forward(normal_rows.attention_mask) if reference_forward and batch.num_normal else 0.0
-    return ComputeTotals(tokens=tokens.num_tokens, padded_slots=int(tokens.attention_mask.numel()),
+    slots = int(tokens.attention_mask.numel()) if packed_shape is None else packed_shape[0] * packed_shape[1]
+    return ComputeTotals(tokens=tokens.num_tokens, padded_slots=slots,
                          answer_tokens=answers,
                          reference_tokens=normal_rows.num_tokens if reference_forward else 0,
                          flops=policy + head + reference)

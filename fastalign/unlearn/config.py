@@ -20,6 +20,7 @@ from fastalign.ops.checks import is_integer, is_real
 from fastalign.writable import cannot_create_in
 from fastalign.unlearn.formats import FORMATS
 from fastalign.unlearn.objective import LossWeights
+from fastalign.unlearn.packing import MODES as PACKING_MODES
 from fastalign.unlearn.reference import CACHE_STORAGES, REFERENCE_MODES
 from fastalign.unlearn.templates import SPEC_TEMPLATE
 
@@ -70,6 +71,7 @@ class UnlearnConfig:
     normal_weight: float = 1.0
     reference: str = "auto"
     reference_cache: str = "device"
+    packing: str = "auto"
     # optimisation
     lr: float = 2e-6
     weight_decay: float = 0.01  # torch's AdamW default, which the reference's recipe runs with
@@ -154,6 +156,8 @@ class UnlearnConfig:
                              "need chat_template=true (--chat-template)")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.packing not in PACKING_MODES:
+            raise ValueError(f"packing must be one of {PACKING_MODES}, got {self.packing!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.reference not in ("auto",) + REFERENCE_MODES:

@@ -2,10 +2,11 @@
 
     L = w_fgt * L_fgt + w_rdn * L_rdn + w_nor * L_nor
 
-One decoder forward runs over the forget, mismatch and normal rows of a batch together. Only the hidden
-states whose target is an answer token are gathered; L_fgt and L_rdn come from one signed, per-sequence
-normalised linear_cross_entropy over the forget and mismatch answer tokens, L_nor from linear_kl_div over
-the normal answer tokens against the reference. Both take the lm_head's bias where it has one (Phi-2, GPT-J).
+One decoder forward runs over the forget, mismatch and normal rows of a batch together, on padded rows or, where
+that is estimated cheaper, on the rows packed into prefix trees (packing.py: a forget row's prompt, which its
+mismatch rows repeat, is computed once). Only the hidden states whose target is an answer token are gathered;
+L_fgt and L_rdn come from one signed, per-sequence normalised linear_cross_entropy over the forget and mismatch
+answer tokens, L_nor from linear_kl_div over the normal answer tokens against the reference. Both take the lm_head's bias where it has one (Phi-2, GPT-J).
 No [tokens x vocab] logits are ever formed.
 
 The objective is an nn.Module whose forward does all of this, so that DDP/FSDP wrappers see the lm_head
@@ -23,8 +24,9 @@ import torch
 from fastalign.ops.checks import is_real
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
 from fastalign.ops.linear_kl_div import linear_kl_div
-from fastalign.unlearn.models import (at_answer_targets, at_positions, causal_lm_parts, check_fused_logits,
-                                      final_hidden_states, logit_multiplier, logit_softcap, scaled_head_input)
+from fastalign.unlearn.models import (at_positions, causal_lm_parts, check_fused_logits, logit_multiplier,
+                                      logit_softcap, scaled_head_input)
+from fastalign.unlearn.packing import RowPacker
 from fastalign.unlearn.sharding import head_weight
 from fastalign.unlearn.streams import UnlearningBatch
 from fastalign.unlearn.token_weights import unlearning_token_weights
@@ -63,7 +65,8 @@ class UnlearningObjective(torch.nn.Module):
     """forward(batch) -> LossTerms for a causal LM `model`, a reference (see reference.py) and weights.
 
     The reference is needed only when batches carry normal rows. backend selects the fused-op backend
-    ("auto": Triton on CUDA, chunked torch elsewhere).
+    ("auto": Triton on CUDA, chunked torch elsewhere); packing how the policy's forward lays out the rows (RowPacker:
+    "auto", "on" or "off").
 
     L_fgt and L_rdn are means over the batch's sequences; L_nor is the KL summed over the batch's normal
     answer tokens and divided by `normal_denominator` (default: their number, i.e. the batch's token mean).
@@ -73,7 +76,7 @@ class UnlearningObjective(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, weights: LossWeights = LossWeights(), reference=None,
-                 backend: str = "auto"):
+                 backend: str = "auto", packing: str = "auto"):
         super().__init__()
         if hasattr(model, "_orig_mod"):  # torch.compile(model): its forward, which the objective never calls
             warnings.warn("the objective runs the model's decoder and lm_head, not the compiled model's forward, so "
@@ -83,6 +86,7 @@ class UnlearningObjective(torch.nn.Module):
         self.model, self.weights, self.reference, self.backend = model, weights, reference, backend
         # read once (they inspect the model's source); the reference shares them
         self.softcap, self.multiplier = logit_softcap(model), logit_multiplier(model)
+        self.packer = RowPacker(model, packing)
 
     @property
     def _no_split_modules(self):
@@ -95,31 +99,31 @@ class UnlearningObjective(torch.nn.Module):
         decoder, lm_head = causal_lm_parts(self.model)
         lm_weight = head_weight(lm_head)
         tokens, n_fgt, n_rdn = batch.tokens, batch.num_forget, batch.num_mismatch
-        hidden = final_hidden_states(decoder, tokens)
+        states = self.packer.forward(decoder, tokens)
+        width = tokens.width
         # Under autocast (fp32 weights, bf16 compute) the fused ops take the autocast dtype like a matmul would.
-        device_type = hidden.device.type
+        device_type = states.flat.device.type
         dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                  else lm_weight.dtype)
         weight = lm_weight.to(dtype)
         # a model that multiplies its logits (Cohere, Granite, Falcon-H1) gets the factor on the head's inputs
         bias = scaled_head_input(lm_head.bias, self.multiplier, dtype)
-        hidden = scaled_head_input(hidden, self.multiplier, dtype)
-        zero = hidden.new_zeros((), dtype=torch.float32)
+        zero = states.flat.new_zeros((), dtype=torch.float32)
 
         forget = mismatch = normal = zero
         if n_fgt + n_rdn:
-            answers = tokens.target_mask[:n_fgt + n_rdn, :hidden.shape[1] - 1]
+            answers = tokens.target_mask[:n_fgt + n_rdn, :width - 1]
             # Unit-weight terms (L_fgt, L_rdn) per token; w_fgt, w_rdn enter through the sum below, so
             # each term's value is exact even when its weight is 0.
             signed = unlearning_token_weights(answers[:n_fgt] if n_fgt else None,
                                               answers[n_fgt:] if n_rdn else None,
                                               forget_weight=1.0, mismatch_weight=1.0)
             # the answer positions, found on the host: boolean masks on the device would make it wait
-            rows, columns = tokens.rows(0, n_fgt + n_rdn).answer_positions(hidden.shape[1])
+            rows, columns = tokens.rows(0, n_fgt + n_rdn).answer_positions(width)
             targets = at_positions(tokens.input_ids[:n_fgt + n_rdn, 1:], rows, columns)
             token_weight = at_positions(signed.to(weight.device).view(answers.shape), rows, columns)
-            per_token = linear_cross_entropy(at_positions(hidden[:n_fgt + n_rdn], rows, columns), weight, targets,
-                                             token_weight=token_weight, bias=bias, reduction="none",
+            per_token = linear_cross_entropy(scaled_head_input(states.at(rows, columns), self.multiplier, dtype),
+                                             weight, targets, token_weight=token_weight, bias=bias, reduction="none",
                                              softcap=self.softcap, backend=self.backend)
             n_forget_tokens = int((rows < n_fgt).sum())
             forget, mismatch = per_token[:n_forget_tokens].sum(), per_token[n_forget_tokens:].sum()
@@ -133,9 +137,11 @@ class UnlearningObjective(torch.nn.Module):
             # a head shared with the policy (adapter off, cached) is passed as the policy's tensor: read once
             ref_weight = weight if ref_weight is lm_weight else ref_weight.to(dtype)
             ref_bias = bias if ref_bias is lm_head.bias else scaled_head_input(ref_bias, self.multiplier, dtype)
-            kl_sum = linear_kl_div(at_answer_targets(hidden[n_fgt + n_rdn:], normal_tokens), weight,
-                                   scaled_head_input(ref_hidden, self.multiplier, dtype), ref_weight, bias=bias,
-                                   ref_bias=ref_bias, reduction="sum", softcap=self.softcap, backend=self.backend)
+            rows, columns = normal_tokens.answer_positions(width)
+            kl_sum = linear_kl_div(scaled_head_input(states.at(rows + n_fgt + n_rdn, columns), self.multiplier, dtype),
+                                   weight, scaled_head_input(ref_hidden, self.multiplier, dtype), ref_weight,
+                                   bias=bias, ref_bias=ref_bias, reduction="sum", softcap=self.softcap,
+                                   backend=self.backend)
             if normal_denominator is None:
                 normal_denominator = int(normal_tokens.on_host.target_mask.sum())
             normal = kl_sum / normal_denominator if normal_denominator else kl_sum  # no token: the sum is 0

@@ -304,6 +304,7 @@ class UnlearningTrainer:
         # (the reference,) once built: a train() run again after an exception (a resume in this process) compares
         # with the policy the first one started from, not with the weights that one left behind
         self._built_reference = None
+        self.packer = None    # the objective's RowPacker, once train() built it: how each batch's forward ran
         self._busy = threading.Lock()   # held by the running train() (see one_call_at_a_time)
 
     def _prepare_model(self, model):
@@ -397,9 +398,11 @@ class UnlearningTrainer:
                     micro_terms.append(terms)
                     acc.backward(terms.total / config.grad_accum)
                 term_sums += torch.stack([t.detach().double() for t in terms]) / config.grad_accum
+                packed = self.packer.plan(batch.tokens)
                 compute.add(batch_compute(self.shape, batch, decoder_trains=decoder_trains,
                                           lm_head_trains=lm_head_trains, checkpointing=config.gradient_checkpointing,
-                                          reference_forward=config.reference_mode != "cached"))
+                                          reference_forward=config.reference_mode != "cached",
+                                          packed_shape=None if packed is None else packed.shape))
             (total, forget, mismatch, normal), counts = self._step_values(step, term_sums, compute, micro_terms,
                                                                          batches)
             lr = optimizer.param_groups[0]["lr"]
@@ -441,7 +444,8 @@ class UnlearningTrainer:
         if self._built_reference is None:
             self._built_reference = (self._reference(),)
         objective = UnlearningObjective(self.model, config.loss_weights, self._built_reference[0],
-                                        backend=config.backend)
+                                        backend=config.backend, packing=config.packing)
+        self.packer = objective.packer   # the layout of each batch, for its compute (the wrapper hides it)
 
         def adamw(module):
             params = [p for p in module.parameters() if p.requires_grad]

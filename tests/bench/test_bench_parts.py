@@ -253,7 +253,7 @@ def test_unlearn_timed_steps_follow_a_second_untimed_step(monkeypatch):
 
 def unlearn_args():
     return SimpleNamespace(preset="quick", batch_size=2, prompt_tokens=[4, 8], answer_tokens=[4, 8], max_length=32,
-                           gradient_checkpointing=False, reps=1)
+                           gradient_checkpointing=False, reps=1, profile=False)
 
 
 def test_unlearn_way_that_raises_becomes_an_error_row(monkeypatch):
@@ -315,28 +315,39 @@ def test_unlearn_spec_ways_agree_on_each_term_and_the_policy_has_drifted(monkeyp
     --max-length, the others' to the batch's longest row."""
     monkeypatch.setattr(bench_unlearn, "WEIGHTS", bench_unlearn.LossWeights(**weights))
     monkeypatch.setattr(bench_unlearn.harness, "median_ms", lambda fn, device, **kwargs: 1.0)
-    widths, make_model = {}, bench_unlearn.make_model
+    widths, make_model, stepping = {}, bench_unlearn.make_model, [False]
 
     def recording_model(args, device, dtype):
         model = make_model(args, device, dtype)
-        model.model.register_forward_pre_hook(lambda module, a, kw: widths[way].add(kw["input_ids"].shape[1]),
-                                              with_kwargs=True)
+        model.model.register_forward_pre_hook(
+            lambda module, a, kw: widths[way].add(kw["input_ids"].shape[1]) if stepping[0] else None, with_kwargs=True)
         return model
+
+    def recorded(build):   # the forwards of the steps, not those that check the model while the way is built
+        def wrapped(*build_args):
+            step = build(*build_args)
+            stepping[0] = True
+            return step
+        return wrapped
     monkeypatch.setattr(bench_unlearn, "make_model", recording_model)
     args = unlearn_args()
     batch, normal = bench_unlearn.synthetic_batch(bench_unlearn.PRESETS["quick"]["vocab_size"], args)
-    losses = {}
+    losses, grids = {}, {}
     for way, build in bench_unlearn.COMPARE:
-        widths[way] = set()
-        losses[way] = bench_unlearn.measure(way, build, batch, normal, args, torch.device("cpu"), torch.float32)[
-            "first_step_loss"]
+        widths[way], stepping[0] = set(), False
+        row = bench_unlearn.measure(way, recorded(build), batch, normal, args, torch.device("cpu"), torch.float32)
+        losses[way], grids[way] = row["first_step_loss"], [int(n) for n in row["grid"].split(" x ")]
     reference = losses.pop("reference recipe")
     spec = list(losses.values())
     assert spec == pytest.approx([spec[0]] * len(spec), rel=1e-5, abs=1e-6), losses  # fp32 rounding of the terms
     assert (reference < 0) == (spec[0] < 0) and (weights["forget"] > 0) == (spec[0] < 0), (reference, losses)
     assert weights["normal"] == 0 or spec[0] > 1e-6, losses
     assert widths.pop("reference recipe") == {args.max_length}
-    assert all(0 < max(w) <= batch.tokens.input_ids.shape[1] < args.max_length for w in widths.values()), widths
+    # padded to the batch's longest row, or (fastalign's policy forward) packed into rows of the way's grid
+    assert all(0 < x <= batch.tokens.input_ids.shape[1] or x == grids[way][1] for way, w in widths.items() for x in w)
+    assert batch.tokens.input_ids.shape[1] < args.max_length
+    assert grids["fastalign"][1] > batch.tokens.input_ids.shape[1] and grids["fastalign, padded rows"] == \
+        grids["unfused baseline"] == [len(batch.tokens.input_ids), batch.tokens.input_ids.shape[1]], grids
 
 
 # ---- bench_tree ----

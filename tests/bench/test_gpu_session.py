@@ -1,5 +1,5 @@
-"""bench/gpu_session.sh must fit one device-tool call of at most 600 s: its steps' time limits, with the install
-before them, leave the call time to return what was measured."""
+"""bench/gpu_session.sh: each of its parts (tests, benches, 8b) must fit one device-tool call of at most 600 s: its
+steps' time limits, with the install before them, leave the call time to return what was measured."""
 import pathlib
 import re
 
@@ -20,7 +20,6 @@ def step_limits(text):
 
 def test_every_session_fits_one_device_call():
     limits = step_limits(SCRIPT.read_text())
-    assert [len(v) for v in limits.values()] == [2, 4, 1], limits
-    parts = {"all": limits["tests"] + limits["benches"], **limits}
-    for name, part in parts.items():
+    assert [len(v) for v in limits.values()] == [2, 5, 1], limits
+    for name, part in limits.items():
         assert INSTALL_S + sum(part) <= CALL_LIMIT_S, (name, part)

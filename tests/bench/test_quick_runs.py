@@ -56,7 +56,9 @@ def check_bench_unlearn(record):
     assert c["rows"][0] == c["batch_size"] * (2 + c["mismatch_per_prompt"]) and c["mismatch_per_prompt"] == 5, c
     compared = [row for row in results if "loss_rel_diff" in row]
     assert [row["method"] for row in compared] == ["fastalign", "unfused baseline", "fastalign cached",
-                                                   "unfused, answer rows only"], results
+                                                   "unfused, answer rows only", "fastalign, padded rows"], results
+    slots = {row["method"]: row["slots"] for row in compared}   # the forget prompts packed once for their mismatch rows
+    assert slots["fastalign"] < slots["fastalign, padded rows"] == slots["unfused baseline"], slots
     first = compared[0]["first_step_loss"]
     assert all(close(row["loss_rel_diff"], abs(row["first_step_loss"] - first) / abs(first)) for row in compared)
     assert all(row["loss_rel_diff"] < 1e-5 for row in compared), results

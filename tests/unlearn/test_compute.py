@@ -99,3 +99,22 @@ def test_the_cached_reference_is_counted_once_per_process_that_builds_it():
     three = cache_compute(shape, masks, seconds=2.0, num_processes=3)
     assert (three.flops, three.reference_tokens, three.device_seconds) == \
         (pytest.approx(3 * one.flops, rel=1e-12), 3 * one.reference_tokens, 6.0)
+
+
+def test_a_packed_batch_is_counted_on_its_packed_rows():
+    """A batch whose policy forward ran packed: the decoder's FLOPs and the slots are its packed rows' [P, W] (the
+    rows' tokens, answers and the rest are the batch's own), fewer than its padded rows'."""
+    from fastalign.unlearn.packing import RowPacker
+    tokenizer = byte_bpe_tokenizer()
+    model = tiny_llama(len(tokenizer))
+    shape, batch = ModelShape.of(model), tiny_streams(tokenizer).batch(0)
+    packed = RowPacker(model, "on").plan(batch.tokens)
+    rows, width = packed.shape
+    common = dict(decoder_trains=True, lm_head_trains=True, checkpointing=False, reference_forward=False)
+    padded = batch_compute(shape, batch, **common)
+    got = batch_compute(shape, batch, **common, packed_shape=(rows, width))
+    policy = shape.grid_forward(rows, width) * 3
+    assert got.flops - policy == pytest.approx(padded.flops - 3 * shape.decoder_forward(batch.tokens.attention_mask),
+                                               rel=1e-12)
+    assert got.padded_slots == rows * width < padded.padded_slots
+    assert (got.tokens, got.answer_tokens) == (padded.tokens, padded.answer_tokens)

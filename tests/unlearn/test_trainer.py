@@ -603,12 +603,18 @@ def test_cached_reference_freezes_the_heads_bias_too(tmp_path):
     assert summary.last.normal_kl > 0
 
 
+def compute_as_run(trainer, batch, **flags):
+    """batch_compute of `batch` on the layout the trainer's objective ran it on (packed where it packed it)."""
+    packed = trainer.packer.plan(batch.tokens)
+    return batch_compute(trainer.shape, batch, packed_shape=None if packed is None else packed.shape, **flags)
+
+
 def test_cached_reference_counts_the_forward_that_built_the_cache(tmp_path):
     """No reference forward per step, but one over the whole normal set up front: compute spent by the run."""
     tokenizer = byte_bpe_tokenizer()
     trainer, summary = run(tmp_path, max_steps=2, grad_accum=1, reference="cached")
     streams = tiny_streams(tokenizer)
-    steps = [batch_compute(trainer.shape, streams.batch(i), decoder_trains=True, lm_head_trains=False,
+    steps = [compute_as_run(trainer, streams.batch(i), decoder_trains=True, lm_head_trains=False,
                            checkpointing=False, reference_forward=False) for i in range(2)]
     normal_set = collate(streams.normal, streams.filler_id)  # one cache chunk holds the tiny normal set
     assert summary.compute["reference_tokens"] == normal_set.num_tokens > 0
@@ -638,7 +644,7 @@ def test_cached_reference_with_tied_embeddings_counts_the_full_backward(tmp_path
     assert model.lm_head.weight is model.model.embed_tokens.weight
     trainer, summary = run(tmp_path, model=model, max_steps=1, grad_accum=1, reference="cached")
     assert not model.model.embed_tokens.weight.requires_grad
-    expected = batch_compute(trainer.shape, tiny_streams(tokenizer).batch(0), decoder_trains=True,
+    expected = compute_as_run(trainer, tiny_streams(tokenizer).batch(0), decoder_trains=True,
                              lm_head_trains=False, checkpointing=False, reference_forward=False)
     assert summary.compute["flops"] == expected.flops + trainer.setup_compute.flops
 
@@ -653,7 +659,7 @@ def test_precisions_and_checkpointing_run(tmp_path, settings):
 def test_gradient_checkpointing_counts_the_forward_it_repeats(tmp_path):
     """Checkpointed layers run their forward again in the backward: the run's FLOPs count it."""
     trainer, summary = run(tmp_path, max_steps=1, grad_accum=1, gradient_checkpointing=True)
-    expected = batch_compute(trainer.shape, tiny_streams(byte_bpe_tokenizer()).batch(0), decoder_trains=True,
+    expected = compute_as_run(trainer, tiny_streams(byte_bpe_tokenizer()).batch(0), decoder_trains=True,
                              lm_head_trains=True, checkpointing=True, reference_forward=True)
     assert summary.compute["flops"] == expected.flops
 
@@ -1022,16 +1028,15 @@ def test_lora_targets_the_model_lacks_are_named_and_all_linear_is_taken(tmp_path
 #   finite check and the compute counts ride in the same copy);
 # - per op call, the fused losses' forward finds its live rows (nonzero: their number sizes the matmuls; the cross
 #   entropy's target check rides in it); the backward knows their number from the forward, without a wait;
-# - per decoder forward on rows with padding, transformers' causal mask looks at the attention mask twice
-#   (masking_utils), in the model's code;
+# - per decoder forward on rows with padding (here the reference's: the policy's rows run packed, on a 4-D mask that
+#   transformers takes as it is), transformers' causal mask looks at the attention mask twice (masking_utils);
 # - reference='cached': per micro-batch, the check that the frozen lm_head still holds the cache's values.
 # Counted on the host instead: lengths, answer positions (no boolean masks on the device) and token counts.
 _STEP_SYNCS = {
     "copy": {"nonzero.default @ fastalign/ops/token_rows.py": 4,
-             "_local_scalar_dense.default @ fastalign/unlearn/models.py": 8,
+             "_local_scalar_dense.default @ fastalign/unlearn/models.py": 4,
              "tolist @ fastalign/unlearn/trainer.py": 1},
     "cached": {"nonzero.default @ fastalign/ops/token_rows.py": 4,
-               "_local_scalar_dense.default @ fastalign/unlearn/models.py": 4,
                "_local_scalar_dense.default @ fastalign/unlearn/reference.py": 2,
                "tolist @ fastalign/unlearn/trainer.py": 1},
 }

@@ -1,0 +1,264 @@
+"""A batch's rows packed into prefix trees: each distinct prefix computed once, and no padding.
+
+A forget row and its K mismatch rows begin with the same prompt tokens (SPEC §1 pairs each forget prompt with K
+random answers), and every row begins with the template's question marker. A padded batch computes every row
+whole and pads it to the longest. Packed, the rows' token sequences are merged into prefix trees laid out along a
+few packed rows: a token that several rows share is computed once, attends only to its ancestors in its tree (a
+4-D attention mask) and keeps the position it has in its own sequence (position ids), so each row's hidden states
+are those of the padded forward up to rounding, and so is the gradient: a shared position's hidden state feeds
+every row that reads it, as the sum over the rows that repeated it did.
+
+Packing saves the linear layers' work on repeated prefixes and on padding, but a packed row is longer, and its
+attention runs a dense mask over the whole row without a causal kernel's skipping. `RowPacker.plan` estimates
+both layouts' cost from the model's shape and keeps the cheaper one, batch by batch.
+
+It is exact only for a decoder that takes position_ids and a 4-D mask and honours both: attention through sdpa or
+eager, positions from position_ids (Llama, Qwen, Mistral, Gemma, Phi, ...), no recurrent layer (Mamba, linear
+attention), no position bias built from the 2-D mask (ALiBi). `RowPacker` runs two rows that share a prefix both
+ways once and compares; a decoder that fails runs padded batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from fastalign.eval_mode import eval_mode
+from fastalign.transfers import index_on
+from fastalign.unlearn.batching import TokenBatch
+from fastalign.unlearn.compute import ModelShape
+from fastalign.unlearn.models import base_causal_lm, causal_lm_parts, final_hidden_states
+
+MODES = ("auto", "on", "off")
+# The masks each attention implementation takes as given: sdpa a boolean one (True: attend), eager an additive one.
+MASK_KINDS = {"sdpa": "bool", "eager": "additive"}
+# Cost of a query-key pair under a packed row's dense mask, against one of a padded row's causal attention, which
+# skips the pairs above the diagonal (counted 1/2): an estimate that decides when packing pays, not a measurement.
+MASKED_PAIR_COST = 1.5
+
+
+@dataclass
+class PackedRows:
+    """Rows packed into prefix trees (host tensors). input_ids, position_ids [P, W]: the packed rows; allowed
+    [P, W, W]: query i may attend to key j (j is i or one of its ancestors; a padding slot attends to itself only,
+    so that no softmax row is empty); index [B, T]: where row b's token t lies in the packed rows flattened to
+    [P * W] (-1: padding); num_tokens: the positions that hold a token."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    allowed: torch.Tensor
+    index: torch.Tensor
+    num_tokens: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)
+
+    def attention_mask(self, kind: str) -> torch.Tensor:
+        """The [P, 1, W, W] mask the decoder takes: boolean (True: attend), or additive (0 or float32's lowest)."""
+        allowed = self.allowed[:, None]
+        if kind == "bool":
+            return allowed
+        return torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+
+
+def pack_rows(input_ids: torch.Tensor, lengths: Sequence[int], capacity: int) -> PackedRows:
+    """Packs the first lengths[b] tokens of each row b of input_ids [B, T] into packed rows of at most `capacity`
+    positions (see `_place`)."""
+    rows = [input_ids[b, :n].tolist() for b, n in enumerate(lengths)]
+    return _layout(*_place(rows, capacity), tuple(input_ids.shape))
+
+
+def _place(rows: list[list[int]], capacity: int) -> tuple[list[dict], list[tuple[int, list[int]]]]:
+    """(the packed rows' trees, per row its packed row and its positions there). Rows are taken in the lexicographic
+    order of their tokens, so that rows sharing a prefix come together; each joins the current packed row's tree
+    while that stays within `capacity` positions, else starts the next packed row (next fit: a prefix that two
+    packed rows both need is computed in each)."""
+    longest = max(map(len, rows))
+    if longest > capacity:
+        raise ValueError(f"capacity: a row of {longest} tokens does not fit packed rows of {capacity}")
+    trees: list[dict] = []
+    paths = [None] * len(rows)
+    for b in sorted(range(len(rows)), key=rows.__getitem__):
+        tokens = rows[b]
+        if not trees or len(trees[-1]["tokens"]) + len(tokens) - _shared_prefix(trees[-1], tokens) > capacity:
+            trees.append({"tokens": [], "positions": [], "parents": [], "children": {}})
+        paths[b] = (len(trees) - 1, _insert(trees[-1], tokens))
+    return trees, paths
+
+
+def _layout(trees: list[dict], paths: list[tuple[int, list[int]]], batch_shape: tuple[int, int]) -> PackedRows:
+    """The tensors of packed rows placed by `_place`, for a batch of shape [B, T]."""
+    width = max(len(t["tokens"]) for t in trees)
+    ids = np.zeros((len(trees), width), dtype=np.int64)
+    positions = np.zeros((len(trees), width), dtype=np.int64)
+    allowed = np.zeros((len(trees), width, width), dtype=bool)
+    for p, tree in enumerate(trees):
+        n = len(tree["tokens"])
+        ids[p, :n], positions[p, :n] = tree["tokens"], tree["positions"]
+        for node, parent in enumerate(tree["parents"]):  # a parent comes before its children: its row is complete
+            if parent >= 0:
+                allowed[p, node] = allowed[p, parent]
+            allowed[p, node, node] = True
+        allowed[p, np.arange(n, width), np.arange(n, width)] = True
+    index = np.full(batch_shape, -1, dtype=np.int64)
+    for b, (p, nodes) in enumerate(paths):
+        index[b, :len(nodes)] = p * width + np.asarray(nodes, dtype=np.int64)
+    return PackedRows(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(allowed),
+                      torch.from_numpy(index), sum(len(t["tokens"]) for t in trees))
+
+
+def _shared_prefix(tree: dict, tokens: Sequence[int]) -> int:
+    """How many leading tokens of `tokens` the tree holds already."""
+    node = -1
+    for depth, token in enumerate(tokens):
+        node = tree["children"].get((node, token))
+        if node is None:
+            return depth
+    return len(tokens)
+
+
+def _insert(tree: dict, tokens: Sequence[int]) -> list[int]:
+    """The tree's positions of `tokens` as a path from its root, adding those it lacks."""
+    node, path = -1, []
+    for depth, token in enumerate(tokens):
+        child = tree["children"].get((node, token))
+        if child is None:
+            child = len(tree["tokens"])
+            tree["children"][(node, token)] = child
+            tree["tokens"].append(token)
+            tree["positions"].append(depth)
+            tree["parents"].append(node)
+        node = child
+        path.append(node)
+    return path
+
+
+class DecoderStates:
+    """The final hidden states of a batch's rows, from its padded or its packed forward: `at(rows, columns)` gives
+    the [N, H] states of row rows[i]'s token columns[i] (host int64 tensors) by one index_select, which a boolean
+    mask on the device would make the host wait for."""
+
+    def __init__(self, flat: torch.Tensor, index: torch.Tensor):
+        self.flat, self.index = flat, index
+
+    def at(self, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        return self.flat.index_select(0, index_on(self.index[rows, columns], self.flat.device))
+
+
+class RowPacker:
+    """Runs a causal LM's decoder over a batch, its rows padded or packed (mode 'auto': whichever `plan` estimates
+    cheaper, where packing is exact for the model; 'on': packed always, an error for a model it is not exact for;
+    'off': padded). `unavailable` says why packing is not exact for the model (None: it is)."""
+
+    def __init__(self, model, mode: str = "auto"):
+        if mode not in MODES:
+            raise ValueError(f"packing must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.shape = ModelShape.of(model)
+        self.window = _attention_window(getattr(base_causal_lm(model), "config", None))
+        self.unavailable = None if mode == "off" else _probe(model, self.window)
+        if mode == "on" and self.unavailable:
+            raise ValueError(f"packing='on': {self.unavailable}; use packing='auto' or 'off'")
+        self._last = (None, None)
+
+    def plan(self, tokens: TokenBatch) -> PackedRows | None:
+        """The packed layout the forward of `tokens` runs on, or None for its padded rows."""
+        host = tokens.on_host
+        if self._last[0] is host.input_ids:
+            return self._last[1]
+        layout = None
+        lengths = host.attention_mask.sum(1).tolist()
+        fits_window = self.window is None or max(lengths) <= self.window  # the 4-D mask sets no window of its own
+        if self.mode != "off" and not self.unavailable and fits_window:
+            layout = self._cheapest(host.input_ids, lengths)
+        self._last = (host.input_ids, layout)
+        return layout
+
+    def _cheapest(self, input_ids: torch.Tensor, lengths: list[int]) -> PackedRows | None:
+        """The packed layout of least estimated cost over capacities of 1, 2, 4, ... times the longest row; None where
+        (mode 'auto') the padded rows cost less."""
+        shape, longest = self.shape, max(lengths)
+        linear, pair = 2.0 * shape.decoder_params, 4.0 * shape.num_layers * shape.attention_width
+        rows = [input_ids[b, :n].tolist() for b, n in enumerate(lengths)]
+        best, best_cost = None, len(rows) * longest * (linear + pair * longest / 2)   # the padded rows
+        if self.mode == "on":
+            best_cost = float("inf")
+        capacity = longest
+        while True:
+            trees, paths = _place(rows, capacity)
+            width = max(len(t["tokens"]) for t in trees)
+            cost = len(trees) * width * (linear + pair * width * MASKED_PAIR_COST)
+            if cost < best_cost:
+                best, best_cost = (trees, paths), cost
+            if len(trees) == 1:
+                return None if best is None else _layout(*best, tuple(input_ids.shape))
+            capacity *= 2
+
+    def forward(self, decoder: torch.nn.Module, tokens: TokenBatch) -> DecoderStates:
+        """The decoder's final hidden states of `tokens`'s rows, by one forward on the layout `plan` chose."""
+        layout = self.plan(tokens)
+        if layout is None:
+            hidden = final_hidden_states(decoder, tokens)
+            return DecoderStates(hidden.flatten(0, 1), torch.arange(hidden.shape[0] * hidden.shape[1]).view(
+                hidden.shape[0], hidden.shape[1]))
+        return DecoderStates(packed_hidden_states(decoder, layout, tokens.input_ids.device).flatten(0, 1),
+                             layout.index)
+
+
+def packed_hidden_states(decoder: torch.nn.Module, layout: PackedRows, device) -> torch.Tensor:
+    """The decoder's last hidden states [P, W, H] of packed rows."""
+    kind = MASK_KINDS[decoder.config._attn_implementation]
+    return decoder(input_ids=layout.input_ids.to(device, non_blocking=True),
+                   position_ids=layout.position_ids.to(device, non_blocking=True),
+                   attention_mask=layout.attention_mask(kind).to(device, non_blocking=True),
+                   use_cache=False).last_hidden_state
+
+
+def _attention_window(config) -> int | None:
+    """The shortest attention window or chunk the config sets (sliding_window, attention_chunk_size), or None: a 4-D
+    mask replaces the one the model builds with its window, so longer rows than that must run padded."""
+    sizes = [getattr(config, name, None) for name in ("sliding_window", "attention_chunk_size")]
+    sizes = [s for s in sizes if isinstance(s, int) and not isinstance(s, bool) and s > 0]
+    return min(sizes) if sizes else None
+
+
+def _probe(model, window: int | None) -> str | None:
+    """Why packed rows would not give `model`'s decoder the hidden states of its padded rows, or None where they do:
+    two rows that share a prefix, run both ways (eval mode, the model's dtype), must agree to a few roundings (a
+    decoder that ignored the mask or the positions would give the second row other states altogether)."""
+    decoder, lm_head = causal_lm_parts(model)
+    config = getattr(decoder, "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in MASK_KINDS:
+        return f"the attention implementation {implementation!r} takes no 4-D mask (packing needs sdpa or eager)"
+    weight = lm_head.weight
+    if any(p.is_meta for p in decoder.parameters()):
+        return "the model's weights are not loaded in this process, so packing was not checked for it"
+    vocab = max(2, min(weight.shape[0], getattr(config, "vocab_size", weight.shape[0]) or weight.shape[0]))
+    n = 9 if window is None else max(2, min(9, window))   # within the window, which the packed mask does not set
+    first = torch.linspace(1, vocab - 1, n).long()
+    second = torch.cat([first[:n // 2], first.flip(0)[:n - 1 - n // 2]])   # parts from the first row halfway
+    ids = torch.zeros(2, n, dtype=torch.long)
+    ids[0], ids[1, :n - 1] = first, second
+    mask = torch.ones(2, n, dtype=torch.long)
+    mask[1, n - 1:] = 0
+    tokens = TokenBatch(ids, mask, torch.zeros(2, n - 1, dtype=torch.bool)).to(weight.device)
+    layout = pack_rows(ids, [n, n - 1], 2 * n)
+    try:
+        with torch.no_grad(), eval_mode(decoder):
+            padded = final_hidden_states(decoder, tokens).float()
+            packed = packed_hidden_states(decoder, layout, weight.device).float().flatten(0, 1)
+    except Exception as err:   # a decoder that refuses position_ids or a 4-D mask
+        return f"its decoder ({type(decoder).__name__}) does not take packed rows ({type(err).__name__}: {err})"
+    expected = torch.cat([padded[0], padded[1, :n - 1]])
+    got = packed[layout.index[mask.bool()].to(packed.device)]
+    error = float((got - expected).norm() / expected.norm().clamp(min=1e-30))
+    exact = all(p.dtype == torch.float32 for p in decoder.parameters() if p.is_floating_point())
+    bound = 1e-4 if exact else 5e-2
+    if not error <= bound:
+        return (f"its decoder ({type(decoder).__name__}) gives packed rows other hidden states than padded ones "
+                f"(relative difference {error:.3g}): it does not honour position_ids and a 4-D mask")
+    return None

@@ -1,0 +1,197 @@
+"""Rows packed into prefix trees (fastalign/unlearn/packing.py): the layout, the hidden states and gradients it gives
+against padded rows, the check that refuses decoders it is not exact for, and the estimate that chooses it."""
+import pytest
+import torch
+import transformers
+
+from fastalign.unlearn.batching import TokenBatch
+from fastalign.unlearn.models import final_hidden_states
+from fastalign.unlearn.objective import UnlearningObjective
+from fastalign.unlearn.reference import FrozenCopyReference
+from fastalign.unlearn.packing import RowPacker, pack_rows, packed_hidden_states
+from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
+
+
+def rows_with_shared_prefixes(seed, count=7, vocab=5):
+    """Rows of 1 to 12 tokens from a small vocabulary, several of them continuing another row's prefix (and one a
+    copy of another row), padded into [count, 12]."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(count):
+        fresh = torch.randint(vocab, (int(torch.randint(1, 13, (1,), generator=g)),), generator=g).tolist()
+        if rows and i % 2:
+            base = rows[int(torch.randint(len(rows), (1,), generator=g))]
+            keep = int(torch.randint(len(base) + 1, (1,), generator=g))
+            fresh = (base[:keep] + fresh)[:12]
+        rows.append(fresh)
+    rows.append(list(rows[0]))
+    ids = torch.zeros(len(rows), 12, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, :len(row)] = torch.tensor(row)
+    return ids, [len(r) for r in rows]
+
+
+def ancestors(rows, lengths, layout):
+    """Per packed position, the set of packed positions that some row reaching it passes through before it."""
+    seen = {}
+    for b, n in enumerate(lengths):
+        path = layout.index[b, :n].tolist()
+        for t, position in enumerate(path):
+            seen.setdefault(position, set()).update(path[:t + 1])
+    return seen
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("capacity", [12, 17, 30, 1000])
+def test_layout_holds_each_row_once_per_prefix(seed, capacity):
+    """Each row reads its own tokens at positions 0..n-1 back; a position attends to exactly its ancestors and itself
+    (a padding slot to itself only); packed rows stay within the capacity; in one packed row every distinct prefix
+    is computed once."""
+    ids, lengths = rows_with_shared_prefixes(seed)
+    layout = pack_rows(ids, lengths, capacity)
+    rows, width = layout.shape
+    assert width <= capacity and layout.allowed.shape == (rows, width, width)
+    flat_ids, flat_positions = layout.input_ids.flatten(), layout.position_ids.flatten()
+    for b, n in enumerate(lengths):
+        path = layout.index[b, :n]
+        assert torch.equal(flat_ids[path], ids[b, :n]) and torch.equal(flat_positions[path], torch.arange(n))
+        assert (layout.index[b, n:] == -1).all()
+        assert len(set((path // width).tolist())) == 1  # a row lies in one packed row
+    allowed = layout.allowed.reshape(rows * width, width)
+    expected = ancestors(ids, lengths, layout)
+    for position in range(rows * width):
+        keys = {position // width * width + k for k in allowed[position].nonzero().flatten().tolist()}
+        assert keys == expected.get(position, {position})
+    assert layout.num_tokens == len(expected)
+    if rows == 1:
+        assert layout.num_tokens == len({tuple(ids[b, :t + 1].tolist()) for b, n in enumerate(lengths)
+                                         for t in range(n)})
+
+
+def test_a_row_longer_than_the_capacity_is_refused():
+    ids, lengths = rows_with_shared_prefixes(0)
+    with pytest.raises(ValueError, match=f"capacity: a row of {max(lengths)} tokens does not fit packed rows of 3"):
+        pack_rows(ids, lengths, 3)
+
+
+def random_batch(vocab, seed, rows=6):
+    """A TokenBatch of rows sharing prompts (as a forget row and its mismatch rows do), right-padded."""
+    ids, lengths = rows_with_shared_prefixes(seed, count=rows - 1, vocab=vocab)
+    ids = ids[:, :max(lengths)]
+    mask = (torch.arange(ids.shape[1]) < torch.tensor(lengths)[:, None]).long()
+    return TokenBatch(ids, mask, torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool)), lengths
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("seed", range(3))
+def test_packed_forward_gives_the_padded_hidden_states_and_gradients(implementation, seed):
+    """Every real token's final hidden state, and the gradient of the parameters through a random projection of
+    them, are the padded forward's (fp32)."""
+    model = tiny_llama(64)
+    model.config._attn_implementation = implementation
+    batch, lengths = random_batch(64, seed)
+    layout = pack_rows(batch.input_ids, lengths, 64)
+    assert layout.num_tokens < sum(lengths)
+    real = batch.attention_mask.bool()
+    padded = final_hidden_states(model.model, batch)[real]
+    packed = packed_hidden_states(model.model, layout, "cpu").flatten(0, 1)[layout.index[real]]
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    direction = torch.randn_like(padded)
+    params = list(model.parameters())
+    grads = [torch.autograd.grad((h * direction).sum(), params, allow_unused=True) for h in (padded, packed)]
+    for got, want in zip(*grads):
+        if want is not None:   # summed over rows in another order: compared as a whole, each sum's rounding apart
+            assert float((got - want).norm() / want.norm()) < 1e-5
+
+
+def tiny(architecture, model_class=None, **settings):
+    config = getattr(transformers, f"{architecture}Config")(vocab_size=64, **settings)
+    return getattr(transformers, model_class or f"{architecture}ForCausalLM")(config).eval()
+
+
+REFUSED = {  # decoders whose packed rows would not be their padded ones
+    "mamba": (lambda: tiny("Mamba", hidden_size=32, num_hidden_layers=2, state_size=8), "does not take packed rows"),
+    "bloom-alibi": (lambda: tiny("Bloom", hidden_size=32, n_layer=2, n_head=4), "does not take packed rows"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_decoders_that_do_not_honour_packed_rows_run_padded(case):
+    """A recurrent layer, or ALiBi biases built from the 2-D mask: 'auto' runs padded rows, 'on' is refused with the
+    reason."""
+    make, reason = REFUSED[case]
+    model = make()
+    packer = RowPacker(model, "auto")
+    assert reason in packer.unavailable
+    batch, _ = random_batch(64, 0)
+    assert packer.plan(batch) is None
+    with pytest.raises(ValueError, match=f"packing='on': .*{reason}"):
+        RowPacker(model, "on")
+
+
+def test_a_decoder_that_ignores_the_positions_is_refused(monkeypatch):
+    """A decoder that drops position_ids (so every packed branch would restart its positions wrongly) fails the check:
+    the check compares hidden states, so it cannot pass such a decoder."""
+    model = tiny_llama(64)
+    forward = type(model.model).forward
+
+    def without_positions(self, *args, position_ids=None, **kwargs):
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(type(model.model), "forward", without_positions)
+    assert "does not honour position_ids and a 4-D mask" in RowPacker(model, "auto").unavailable
+
+
+def test_attention_without_a_4d_mask_is_refused():
+    model = tiny_llama(64)
+    model.config._attn_implementation = "flash_attention_2"
+    packer = RowPacker(model, "auto")
+    assert "'flash_attention_2' takes no 4-D mask" in packer.unavailable
+
+
+def test_rows_longer_than_the_attention_window_run_padded():
+    """A 4-D mask replaces the model's sliding window: rows longer than the window run padded."""
+    model = tiny("Mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, sliding_window=8)
+    packer = RowPacker(model, "on")
+    assert packer.unavailable is None and packer.window == 8
+    batch, lengths = random_batch(64, 1)
+    assert max(lengths) > 8 and packer.plan(batch) is None
+    short = TokenBatch(batch.input_ids[:, :8], batch.attention_mask[:, :8], batch.target_mask[:, :7])
+    assert packer.plan(short) is not None
+
+
+def test_auto_packs_only_where_the_estimate_says_it_is_cheaper():
+    """Rows that repeat a long prompt pack; rows of one length that share nothing stay padded ('on' packs them)."""
+    model = tiny_llama(64)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(64, (40,), generator=g)
+    shared = torch.stack([torch.cat([prompt, torch.randint(64, (8,), generator=g)]) for _ in range(6)])
+    distinct = torch.randint(64, (6, 48), generator=g)
+    ones = torch.ones(6, 48, dtype=torch.long)
+    no_targets = torch.zeros(6, 47, dtype=torch.bool)
+    auto, on = RowPacker(model, "auto"), RowPacker(model, "on")
+    packed = auto.plan(TokenBatch(shared, ones, no_targets))
+    assert packed is not None and packed.num_tokens == 40 + 6 * 8
+    assert auto.plan(TokenBatch(distinct, ones, no_targets)) is None
+    assert on.plan(TokenBatch(distinct, ones, no_targets)) is not None
+    assert RowPacker(model, "off").plan(TokenBatch(shared, ones, no_targets)) is None
+
+
+def test_an_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match=r"packing must be one of \('auto', 'on', 'off'\), got 'yes'"):
+        RowPacker(tiny_llama(64), "yes")
+
+
+def test_the_objective_packs_the_prompts_its_mismatch_rows_repeat():
+    """The default streams' batches: the policy's one forward runs on fewer positions than the rows hold tokens."""
+    tokenizer = byte_bpe_tokenizer()
+    model = tiny_llama(len(tokenizer))
+    batch = tiny_streams(tokenizer).batch(0)
+    objective = UnlearningObjective(model, reference=FrozenCopyReference(model))
+    layout = objective.packer.plan(batch.tokens)
+    seen = []
+    model.model.register_forward_hook(lambda module, args, kwargs, out: seen.append(kwargs["input_ids"].shape),
+                                      with_kwargs=True)
+    objective(batch)
+    assert layout is not None and seen == [layout.shape]
+    assert layout.shape[0] * layout.shape[1] < batch.tokens.num_tokens
