@@ -6,8 +6,8 @@ One decoder forward runs over the forget, mismatch and normal rows of a batch to
 that is estimated cheaper, on the rows packed into prefix trees (packing.py: a forget row's prompt, which its
 mismatch rows repeat, is computed once). Only the hidden states whose target is an answer token are gathered;
 L_fgt and L_rdn come from one signed, per-sequence normalised linear_cross_entropy over the forget and mismatch
-answer tokens, L_nor from linear_kl_div over the normal answer tokens against the reference. Both take the lm_head's bias where it has one (Phi-2, GPT-J).
-No [tokens x vocab] logits are ever formed.
+answer tokens, L_nor from linear_kl_div over the normal answer tokens against the reference. Both take the
+lm_head's bias where it has one (Phi-2, GPT-J). No [tokens x vocab] logits are ever formed.
 
 The objective is an nn.Module whose forward does all of this, so that DDP/FSDP wrappers see the lm_head
 weight used inside their forward (sharding.head_weight gathers it if FSDP gave the lm_head a unit of its own).
