@@ -188,6 +188,11 @@ def pair_rows(args, prefix, rows, backends, device, dtype, copy_gbs, add):
     if shared_prefix is not None and backends[0] == "triton":
         candidates.append(("fastalign paged cascade (triton)", lambda i: paged_attention(
             **batches[i % len(batches)], backend="triton", validate=False, shared_prefix=shared_prefix)))
+    if backends[0] == "triton":   # the kernel with each key split count asked for, beside the count it picks itself
+        from fastalign.kernels.paged_attention import paged_attention_triton
+        scale = args.head_dim ** -0.5
+        candidates += [(f"fastalign paged (triton, {s} splits)", lambda i, s=s: paged_attention_triton(
+            **batches[i % len(batches)], scale=scale, num_splits=s)) for s in args.splits]
     dense_bytes = rows * seq_len * token_bytes
     expected = None
     if dense_bytes > args.dense_limit_gib * 2 ** 30:
@@ -427,6 +432,8 @@ def main():
     group.add_argument("--suffix", type=int, default=10, help="private tokens of each row before its new token")
     group.add_argument("--iters", type=int, default=20, help="calls per timed measurement")
     group.add_argument("--dense-limit-gib", type=float, default=8.0)
+    group.add_argument("--splits", type=int, nargs="*", default=[],
+                       help="also time the Triton kernel with each of these key split counts (its own choice aside)")
     group = parser.add_argument_group("runner")
     group.add_argument("--tree-prefix", type=int, default=1500)
     group.add_argument("--children", type=int, default=10)

@@ -382,7 +382,7 @@ def test_tree_copy_bandwidth_counts_bytes_read_and_written(monkeypatch):
 
 def tree_attention_args(**kwargs):
     return SimpleNamespace(**{**dict(prefix=[40], rows=[3], suffix=4, heads=4, kv_heads=2, head_dim=8, page=16,
-                                     iters=1, dense_limit_gib=8.0), **kwargs})
+                                     iters=1, dense_limit_gib=8.0, splits=[]), **kwargs})
 
 
 def test_tree_attention_max_diff_is_each_method_against_dense_sdpa(monkeypatch):
@@ -398,6 +398,23 @@ def test_tree_attention_max_diff_is_each_method_against_dense_sdpa(monkeypatch):
     rows = bench_tree.attention_rows(tree_attention_args(dense_limit_gib=0.0), torch.device("cpu"), torch.float32, 1.0)
     assert [(row["method"], row.get("max_diff"), "error" in row) for row in rows] == [
         ("dense sdpa", None, True), ("fastalign paged (torch)", None, False)]
+
+
+def test_tree_attention_times_the_kernel_at_each_split_count_asked_for(monkeypatch):
+    """--splits 1 3: the Triton kernel (interpreted here) also with 1 and 3 key parts per row, each compared with dense
+    sdpa like the kernel's own choice."""
+    monkeypatch.setattr(bench_tree, "triton_interpreting", lambda: True)
+    monkeypatch.setattr(bench_tree.harness, "median_ms", lambda fn, device, **kwargs: 1.0)
+    from fastalign.kernels import paged_attention as kernels
+    launched = []
+    launch = kernels.paged_attention_triton
+    monkeypatch.setattr(kernels, "paged_attention_triton", lambda *a, **kw: launched.append(kw.get("num_splits"))
+                        or launch(*a, **kw))
+    rows = bench_tree.attention_rows(tree_attention_args(splits=[1, 3]), torch.device("cpu"), torch.float32, 1.0)
+    split_rows = [row for row in rows if "splits)" in row["method"]]
+    assert [row["method"] for row in split_rows] == ["fastalign paged (triton, 1 splits)",
+                                                     "fastalign paged (triton, 3 splits)"], rows
+    assert all(row["max_diff"] < 1e-5 for row in split_rows) and {1, 3} <= set(launched), (rows, launched)
 
 
 def test_tree_attention_method_that_raises_becomes_an_error_row(monkeypatch):
