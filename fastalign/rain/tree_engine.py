@@ -257,7 +257,10 @@ class TreeEngine:
         first = len(to_read)
         top_ids, top_probs = top_k_distribution(logits, self.config.sample_top_k)
         ranked = ranked_token_tensors(logits, self.config.max_children)
-        to_read += [top_ids, top_probs, top_probs.argmax(dim=-1), *ranked]
+        # the hidden states come to the host too: the sums of a path's states, the embeddings and their similarities
+        # are a few vectors each, which the host adds in less time than it takes to launch one device kernel
+        to_read += [top_ids, top_probs, top_probs.argmax(dim=-1), *ranked,
+                    *([] if hidden is None else [hidden.float()])]
         probs = torch.softmax(logits.float(), dim=-1)
         draws, by_sampler, pools = [None] * len(entries), {}, []
         for i, (sampler, root) in enumerate(zip(samplers, roots)):
@@ -280,10 +283,13 @@ class TreeEngine:
             top_ids, top_probs, greedy, ranked_ids, ranked_logits = host[first:first + 5]
             top_ids, greedy = top_ids.tolist(), greedy.tolist()
             ranked_ids, ranked_logits = ranked_ids.tolist(), ranked_logits.tolist()
-            for rows, drawn in zip(pools, host[first + 5:first + 5 + len(pools)]):
+            at = first + 5
+            hidden_rows = [None] * len(entries)
+            if hidden is not None:
+                hidden_rows, at = host[at].unbind(), at + 1
+            for rows, drawn in zip(pools, host[at:at + len(pools)]):
                 for i, pool in zip(rows, drawn.tolist()):
                     draws[i] = pool
-            hidden_rows = [None] * len(entries) if hidden is None else hidden.float().unbind()  # one cast for all rows
             for i, (entry, row_probs, row_hidden) in enumerate(zip(entries, top_probs.unbind(), hidden_rows)):
                 entry.top_ids, entry.top_probs, entry.greedy_col = top_ids[i], row_probs, greedy[i]
                 entry.ranked = (ranked_ids[i], ranked_logits[i])
