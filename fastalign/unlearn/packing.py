@@ -32,8 +32,12 @@ from fastalign.unlearn.compute import ModelShape
 from fastalign.unlearn.models import base_causal_lm, causal_lm_parts, final_hidden_states
 
 MODES = ("auto", "on", "off")
-# The masks each attention implementation takes as given: sdpa a boolean one (True: attend), eager an additive one.
-MASK_KINDS = {"sdpa": "bool", "eager": "additive"}
+# The attention implementations that take a 4-D mask as given (an additive one, in the compute dtype).
+MASKED_ATTENTION = ("sdpa", "eager")
+# The most entries of the additive mask of a packed forward (P x W x W, 32 MiB in a 16-bit compute dtype). Every
+# layer reads it, and sdpa's memory-efficient kernel keeps a copy per layer for the backward where the mask's dtype
+# is not the queries' (as it keeps Hugging Face's boolean masks of padded rows): wider packed rows are not planned.
+MAX_MASK_ENTRIES = 2 ** 24
 # Cost of a query-key pair under a packed row's dense mask, against one of a padded row's causal attention, which
 # skips the pairs above the diagonal (counted 1/2): an estimate that decides when packing pays, not a measurement.
 MASKED_PAIR_COST = 1.5
@@ -41,14 +45,15 @@ MASKED_PAIR_COST = 1.5
 
 @dataclass
 class PackedRows:
-    """Rows packed into prefix trees (host tensors). input_ids, position_ids [P, W]: the packed rows; allowed
-    [P, W, W]: query i may attend to key j (j is i or one of its ancestors; a padding slot attends to itself only,
-    so that no softmax row is empty); index [B, T]: where row b's token t lies in the packed rows flattened to
-    [P * W] (-1: padding); num_tokens: the positions that hold a token."""
+    """Rows packed into prefix trees (host tensors). input_ids, position_ids [P, W]: the packed rows, each tree laid
+    out in depth-first order; subtree_end [P, W]: one past the last position of each position's subtree (so that key
+    j is query i or one of its ancestors exactly when j <= i < subtree_end[j]; a padding slot's subtree is itself);
+    index [B, T]: where row b's token t lies in the packed rows flattened to [P * W] (-1: padding); num_tokens: the
+    positions that hold a token."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    allowed: torch.Tensor
+    subtree_end: torch.Tensor
     index: torch.Tensor
     num_tokens: int
 
@@ -56,12 +61,18 @@ class PackedRows:
     def shape(self) -> tuple[int, int]:
         return tuple(self.input_ids.shape)
 
-    def attention_mask(self, kind: str) -> torch.Tensor:
-        """The [P, 1, W, W] mask the decoder takes: boolean (True: attend), or additive (0 or float32's lowest)."""
-        allowed = self.allowed[:, None]
-        if kind == "bool":
-            return allowed
-        return torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    def allowed(self, device="cpu") -> torch.Tensor:
+        """[P, W, W] bool: query i may attend to key j (j is i or an ancestor of i; a padding slot sees itself
+        only, so that no softmax row is empty), built on `device` from subtree_end ([P, W] copied, not [P, W, W])."""
+        end = self.subtree_end.to(device, non_blocking=True)
+        position = torch.arange(end.shape[1], device=end.device)
+        return (position[None, None, :] <= position[None, :, None]) & (position[None, :, None] < end[:, None, :])
+
+    def attention_mask(self, dtype: torch.dtype, device) -> torch.Tensor:
+        """The additive [P, 1, W, W] mask the decoder takes, on `device`: 0 where allowed, dtype's lowest elsewhere."""
+        return torch.zeros((), dtype=dtype, device=device).masked_fill(
+            ~self.allowed(device)[:, None], torch.finfo(dtype).min)
+
 
 
 def pack_rows(input_ids: torch.Tensor, lengths: Sequence[int], capacity: int) -> PackedRows:
@@ -73,9 +84,10 @@ def pack_rows(input_ids: torch.Tensor, lengths: Sequence[int], capacity: int) ->
 
 def _place(rows: list[list[int]], capacity: int) -> tuple[list[dict], list[tuple[int, list[int]]]]:
     """(the packed rows' trees, per row its packed row and its positions there). Rows are taken in the lexicographic
-    order of their tokens, so that rows sharing a prefix come together; each joins the current packed row's tree
-    while that stays within `capacity` positions, else starts the next packed row (next fit: a prefix that two
-    packed rows both need is computed in each)."""
+    order of their tokens, so that rows sharing a prefix come together (and every tree's positions, appended as rows
+    add them, are in depth-first order); each joins the current packed row's tree while that stays within
+    `capacity` positions, else starts the next packed row (next fit: a prefix that two packed rows both need is
+    computed in each)."""
     longest = max(map(len, rows))
     if longest > capacity:
         raise ValueError(f"capacity: a row of {longest} tokens does not fit packed rows of {capacity}")
@@ -94,19 +106,20 @@ def _layout(trees: list[dict], paths: list[tuple[int, list[int]]], batch_shape: 
     width = max(len(t["tokens"]) for t in trees)
     ids = np.zeros((len(trees), width), dtype=np.int64)
     positions = np.zeros((len(trees), width), dtype=np.int64)
-    allowed = np.zeros((len(trees), width, width), dtype=bool)
+    ends = np.tile(np.arange(1, width + 1, dtype=np.int64), (len(trees), 1))
     for p, tree in enumerate(trees):
         n = len(tree["tokens"])
         ids[p, :n], positions[p, :n] = tree["tokens"], tree["positions"]
-        for node, parent in enumerate(tree["parents"]):  # a parent comes before its children: its row is complete
+        # the rows were inserted in lexicographic order, so each tree's positions are in depth-first order: a
+        # subtree is the positions from its root up to its last descendant
+        for node in range(n - 1, 0, -1):
+            parent = tree["parents"][node]
             if parent >= 0:
-                allowed[p, node] = allowed[p, parent]
-            allowed[p, node, node] = True
-        allowed[p, np.arange(n, width), np.arange(n, width)] = True
+                ends[p, parent] = max(ends[p, parent], ends[p, node])
     index = np.full(batch_shape, -1, dtype=np.int64)
     for b, (p, nodes) in enumerate(paths):
         index[b, :len(nodes)] = p * width + np.asarray(nodes, dtype=np.int64)
-    return PackedRows(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(allowed),
+    return PackedRows(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(ends),
                       torch.from_numpy(index), sum(len(t["tokens"]) for t in trees))
 
 
@@ -178,8 +191,8 @@ class RowPacker:
         return layout
 
     def _cheapest(self, input_ids: torch.Tensor, lengths: list[int]) -> PackedRows | None:
-        """The packed layout of least estimated cost over capacities of 1, 2, 4, ... times the longest row; None where
-        (mode 'auto') the padded rows cost less."""
+        """The packed layout of least estimated cost over capacities of 1, 2, 4, ... times the longest row whose mask
+        stays within MAX_MASK_ENTRIES; None where (mode 'auto') the padded rows cost less, or no packing fits."""
         shape, longest = self.shape, max(lengths)
         linear, pair = 2.0 * shape.decoder_params, 4.0 * shape.num_layers * shape.attention_width
         rows = [input_ids[b, :n].tolist() for b, n in enumerate(lengths)]
@@ -190,12 +203,15 @@ class RowPacker:
         while True:
             trees, paths = _place(rows, capacity)
             width = max(len(t["tokens"]) for t in trees)
+            # a mask over the bound is no candidate ('on' packs rows of the longest row's capacity whatever its mask)
+            fits = len(trees) * width * width <= MAX_MASK_ENTRIES or (capacity == longest and self.mode == "on")
             cost = len(trees) * width * (linear + pair * width * MASKED_PAIR_COST)
-            if cost < best_cost:
+            if fits and cost < best_cost:
                 best, best_cost = (trees, paths), cost
             if len(trees) == 1:
-                return None if best is None else _layout(*best, tuple(input_ids.shape))
+                break
             capacity *= 2
+        return None if best is None else _layout(*best, tuple(input_ids.shape))
 
     def forward(self, decoder: torch.nn.Module, tokens: TokenBatch) -> DecoderStates:
         """The decoder's final hidden states of `tokens`'s rows, by one forward on the layout `plan` chose."""
@@ -209,12 +225,14 @@ class RowPacker:
 
 
 def packed_hidden_states(decoder: torch.nn.Module, layout: PackedRows, device) -> torch.Tensor:
-    """The decoder's last hidden states [P, W, H] of packed rows."""
-    kind = MASK_KINDS[decoder.config._attn_implementation]
+    """The decoder's last hidden states [P, W, H] of packed rows. The mask is built on the device, in the dtype the
+    queries will have (the autocast dtype, else the embeddings'), which sdpa then takes as it is."""
+    device = torch.device(device)
+    dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+             else decoder.get_input_embeddings().weight.dtype)
     return decoder(input_ids=layout.input_ids.to(device, non_blocking=True),
                    position_ids=layout.position_ids.to(device, non_blocking=True),
-                   attention_mask=layout.attention_mask(kind).to(device, non_blocking=True),
-                   use_cache=False).last_hidden_state
+                   attention_mask=layout.attention_mask(dtype, device), use_cache=False).last_hidden_state
 
 
 def _attention_window(config) -> int | None:
@@ -232,7 +250,7 @@ def _probe(model, window: int | None) -> str | None:
     decoder, lm_head = causal_lm_parts(model)
     config = getattr(decoder, "config", None)
     implementation = getattr(config, "_attn_implementation", None)
-    if implementation not in MASK_KINDS:
+    if implementation not in MASKED_ATTENTION:
         return f"the attention implementation {implementation!r} takes no 4-D mask (packing needs sdpa or eager)"
     weight = lm_head.weight
     if any(p.is_meta for p in decoder.parameters()):

@@ -63,7 +63,7 @@ def test_loss_rows_are_their_quantitys_definition_on_inputs_shared_within_the_qu
     monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: 2.0)  # forward called once a row
     monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
     n, h, v = 48, 16, 67
-    args = SimpleNamespace(device="cpu", dtype="float32", hidden=h, vocab=v, tokens=[n], verbose=False)
+    args = SimpleNamespace(device="cpu", dtype="float32", quick=False, hidden=h, vocab=v, tokens=[n], verbose=False)
     rows = bench_loss.run(args, {"matmul_peak_tflops": 1.0})
     assert len(rows) == len(seen) and not [row for row in rows if "error" in row], rows
     # each row runs the candidate it is named after
@@ -98,7 +98,7 @@ def test_loss_rows_record_their_gradients_difference_from_the_quantitys_first(mo
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: 2.0)
     monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
-    args = SimpleNamespace(device="cpu", dtype="float32", hidden=16, vocab=67, tokens=[24], verbose=False)
+    args = SimpleNamespace(device="cpu", dtype="float32", quick=False, hidden=16, vocab=67, tokens=[24], verbose=False)
     rows = {(row["quantity"], row["method"]): row for row in bench_loss.run(args, {"matmul_peak_tflops": 1.0})}
     naive = rows["mean CE", "naive torch"]
     assert naive["loss_rel_diff"] < 1e-5 and naive["grad_rel_diff"] == pytest.approx(1.0, rel=1e-4), naive
@@ -120,7 +120,7 @@ def test_loss_stages_run_the_kernels_with_the_gradients_each_names(monkeypatch, 
     monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: (fn(), 2.0)[1])
     monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
     n, h, v = 24, 16, 67
-    args = SimpleNamespace(device="cpu", dtype="float32", hidden=h, vocab=v, tokens=[n])
+    args = SimpleNamespace(device="cpu", dtype="float32", quick=False, hidden=h, vocab=v, tokens=[n])
     rows = bench_loss.stage_rows(args, {"matmul_peak_tflops": 1.0}, [])
     assert [row["method"] for row in rows] == ["fastalign forward", "fastalign backward",
                                                "fastalign backward, d_hidden only", "fastalign backward, d_weight only",
@@ -137,7 +137,7 @@ def test_loss_baseline_that_cannot_be_loaded_is_recorded_with_its_error(monkeypa
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: 2.0)
     monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
-    args = SimpleNamespace(device="cpu", dtype="float32", hidden=16, vocab=67, tokens=[8], verbose=False)
+    args = SimpleNamespace(device="cpu", dtype="float32", quick=False, hidden=16, vocab=67, tokens=[8], verbose=False)
     rows = bench_loss.run(args, {"matmul_peak_tflops": 1.0})
     (path,) = tmp_path.glob("bench_loss-*.json")
     record = json.loads(path.read_text())
@@ -159,7 +159,7 @@ def test_loss_fastalign_rows_come_before_the_third_party_baselines(monkeypatch, 
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: 2.0)
     monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
-    args = SimpleNamespace(device="cpu", dtype="float32", hidden=16, vocab=67, tokens=[8], verbose=False)
+    args = SimpleNamespace(device="cpu", dtype="float32", quick=False, hidden=16, vocab=67, tokens=[8], verbose=False)
     methods = [row["method"] for row in bench_loss.run(args, {"matmul_peak_tflops": 1.0})]
     third_party = [i for i, m in enumerate(methods) if m.startswith(("liger", "cut-cross-entropy"))]
     assert len(third_party) == 4 and all(i < third_party[0] for i, m in enumerate(methods)

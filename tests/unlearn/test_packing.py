@@ -50,14 +50,15 @@ def test_layout_holds_each_row_once_per_prefix(seed, capacity):
     ids, lengths = rows_with_shared_prefixes(seed)
     layout = pack_rows(ids, lengths, capacity)
     rows, width = layout.shape
-    assert width <= capacity and layout.allowed.shape == (rows, width, width)
+    allowed = layout.allowed()
+    assert width <= capacity and allowed.shape == (rows, width, width)
     flat_ids, flat_positions = layout.input_ids.flatten(), layout.position_ids.flatten()
     for b, n in enumerate(lengths):
         path = layout.index[b, :n]
         assert torch.equal(flat_ids[path], ids[b, :n]) and torch.equal(flat_positions[path], torch.arange(n))
         assert (layout.index[b, n:] == -1).all()
         assert len(set((path // width).tolist())) == 1  # a row lies in one packed row
-    allowed = layout.allowed.reshape(rows * width, width)
+    allowed = allowed.reshape(rows * width, width)
     expected = ancestors(ids, lengths, layout)
     for position in range(rows * width):
         keys = {position // width * width + k for k in allowed[position].nonzero().flatten().tolist()}
@@ -195,3 +196,37 @@ def test_the_objective_packs_the_prompts_its_mismatch_rows_repeat():
     objective(batch)
     assert layout is not None and seen == [layout.shape]
     assert layout.shape[0] * layout.shape[1] < batch.tokens.num_tokens
+
+
+def test_packed_rows_stay_within_the_mask_bound(monkeypatch):
+    """The mask of a packed forward (P x W x W) stays within MAX_MASK_ENTRIES: 'auto' then runs padded rows where
+    every packing is wider; 'on' packs rows of the longest row's width whatever their mask."""
+    from fastalign.unlearn import packing
+    model = tiny_llama(64)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(64, (40,), generator=g)
+    shared = torch.stack([torch.cat([prompt, torch.randint(64, (8,), generator=g)]) for _ in range(6)])
+    batch = TokenBatch(shared, torch.ones(6, 48, dtype=torch.long), torch.zeros(6, 47, dtype=torch.bool))
+    monkeypatch.setattr(packing, "MAX_MASK_ENTRIES", 88 * 88)
+    assert RowPacker(model, "auto").plan(batch).shape == (1, 88)
+    monkeypatch.setattr(packing, "MAX_MASK_ENTRIES", 88 * 88 - 1)
+    assert RowPacker(model, "auto").plan(batch) is None
+    assert RowPacker(model, "on").plan(batch).shape == (6, 48)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_mask_is_additive_in_the_queries_dtype(dtype):
+    """0 where a query sees a key, the dtype's lowest elsewhere; under autocast, in the autocast dtype."""
+    ids, lengths = rows_with_shared_prefixes(1)
+    layout = pack_rows(ids, lengths, 64)
+    mask = layout.attention_mask(dtype, "cpu")
+    assert mask.dtype == dtype and mask.shape == (layout.shape[0], 1, layout.shape[1], layout.shape[1])
+    assert torch.equal(mask[:, 0] == 0, layout.allowed()) and (mask[mask != 0] == torch.finfo(dtype).min).all()
+    model = tiny_llama(64)
+    seen = []
+    model.model.layers[0].self_attn.register_forward_hook(
+        lambda module, args, kwargs, out: seen.append(kwargs["attention_mask"].dtype), with_kwargs=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed_hidden_states(model.model, layout, "cpu")
+    packed_hidden_states(model.model, layout, "cpu")
+    assert seen == [torch.bfloat16, torch.float32]
