@@ -9,6 +9,7 @@ from fastalign.unlearn.models import final_hidden_states
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.reference import FrozenCopyReference
 from fastalign.unlearn.packing import RowPacker, pack_rows, packed_hidden_states
+from tests.conftest import requires_cuda
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
 
 
@@ -230,3 +231,32 @@ def test_the_mask_is_additive_in_the_queries_dtype(dtype):
         packed_hidden_states(model.model, layout, "cpu")
     packed_hidden_states(model.model, layout, "cpu")
     assert seen == [torch.bfloat16, torch.float32]
+
+
+@requires_cuda
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_packed_bf16_forward_on_a_gpu_is_the_padded_one(implementation):
+    """On CUDA in bf16 (sdpa then takes the additive bf16 mask to its memory-efficient kernel): the packed rows'
+    hidden states and gradients are the padded rows' to bf16 rounding, and so is the objective's loss."""
+    model = tiny_llama(64).to("cuda", torch.bfloat16)
+    model.config._attn_implementation = implementation
+    batch, lengths = random_batch(64, 2)
+    layout = pack_rows(batch.input_ids, lengths, 64)
+    real = batch.attention_mask.bool()
+    padded = final_hidden_states(model.model, batch.to("cuda"))[real.cuda()].float()
+    packed = packed_hidden_states(model.model, layout, "cuda").flatten(0, 1)[layout.index[real].cuda()].float()
+    assert float((packed - padded).norm() / padded.norm()) < 2e-2
+    direction = torch.randn_like(padded)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [torch.autograd.grad((h * direction).sum(), params, allow_unused=True) for h in (padded, packed)]
+    for got, want in zip(*grads):
+        if want is not None:
+            assert float((got.float() - want.float()).norm() / want.float().norm()) < 5e-2
+    tokenizer = byte_bpe_tokenizer()
+    model = tiny_llama(len(tokenizer)).to("cuda", torch.bfloat16)
+    step = tiny_streams(tokenizer).batch(0).to("cuda")
+    reference = FrozenCopyReference(model)
+    terms = [UnlearningObjective(model, reference=reference, packing=mode)(step) for mode in ("on", "off")]
+    for name in ("forget", "mismatch"):
+        torch.testing.assert_close(getattr(terms[0], name).float(), getattr(terms[1], name).float(), rtol=2e-2,
+                                   atol=0)
