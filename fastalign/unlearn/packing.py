@@ -38,6 +38,9 @@ MASKED_ATTENTION = ("sdpa", "eager")
 # layer reads it, and sdpa's memory-efficient kernel keeps a copy per layer for the backward where the mask's dtype
 # is not the queries' (as it keeps Hugging Face's boolean masks of padded rows): wider packed rows are not planned.
 MAX_MASK_ENTRIES = 2 ** 24
+# Packed rows are padded to a multiple of this width: sdpa's memory-efficient kernel takes a mask whose last dimension
+# is not aligned to it as a padded copy, made again by every layer (and kept for its backward).
+WIDTH_ALIGN = 16
 # Cost of a query-key pair under a packed row's dense mask, against one of a padded row's causal attention, which
 # skips the pairs above the diagonal (counted 1/2): an estimate that decides when packing pays, not a measurement.
 MASKED_PAIR_COST = 1.5
@@ -103,7 +106,7 @@ def _place(rows: list[list[int]], capacity: int) -> tuple[list[dict], list[tuple
 
 def _layout(trees: list[dict], paths: list[tuple[int, list[int]]], batch_shape: tuple[int, int]) -> PackedRows:
     """The tensors of packed rows placed by `_place`, for a batch of shape [B, T]."""
-    width = max(len(t["tokens"]) for t in trees)
+    width = _aligned_width(trees)
     ids = np.zeros((len(trees), width), dtype=np.int64)
     positions = np.zeros((len(trees), width), dtype=np.int64)
     ends = np.tile(np.arange(1, width + 1, dtype=np.int64), (len(trees), 1))
@@ -121,6 +124,11 @@ def _layout(trees: list[dict], paths: list[tuple[int, list[int]]], batch_shape: 
         index[b, :len(nodes)] = p * width + np.asarray(nodes, dtype=np.int64)
     return PackedRows(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(ends),
                       torch.from_numpy(index), sum(len(t["tokens"]) for t in trees))
+
+
+def _aligned_width(trees: list[dict]) -> int:
+    """The packed rows' width: the longest tree's positions, rounded up to a multiple of WIDTH_ALIGN."""
+    return -(-max(len(t["tokens"]) for t in trees) // WIDTH_ALIGN) * WIDTH_ALIGN
 
 
 def _shared_prefix(tree: dict, tokens: Sequence[int]) -> int:
@@ -202,7 +210,7 @@ class RowPacker:
         capacity = longest
         while True:
             trees, paths = _place(rows, capacity)
-            width = max(len(t["tokens"]) for t in trees)
+            width = _aligned_width(trees)
             # a mask over the bound is no candidate ('on' packs rows of the longest row's capacity whatever its mask)
             fits = len(trees) * width * width <= MAX_MASK_ENTRIES or (capacity == longest and self.mode == "on")
             cost = len(trees) * width * (linear + pair * width * MASKED_PAIR_COST)

@@ -1,5 +1,7 @@
 """Rows packed into prefix trees (fastalign/unlearn/packing.py): the layout, the hidden states and gradients it gives
 against padded rows, the check that refuses decoders it is not exact for, and the estimate that chooses it."""
+import collections
+
 import pytest
 import torch
 import transformers
@@ -46,13 +48,13 @@ def ancestors(rows, lengths, layout):
 @pytest.mark.parametrize("capacity", [12, 17, 30, 1000])
 def test_layout_holds_each_row_once_per_prefix(seed, capacity):
     """Each row reads its own tokens at positions 0..n-1 back; a position attends to exactly its ancestors and itself
-    (a padding slot to itself only); packed rows stay within the capacity; in one packed row every distinct prefix
-    is computed once."""
+    (a padding slot to itself only); packed rows hold at most `capacity` tokens, padded to a multiple of 16; in one
+    packed row every distinct prefix is computed once."""
     ids, lengths = rows_with_shared_prefixes(seed)
     layout = pack_rows(ids, lengths, capacity)
     rows, width = layout.shape
     allowed = layout.allowed()
-    assert width <= capacity and allowed.shape == (rows, width, width)
+    assert allowed.shape == (rows, width, width) and width % 16 == 0
     flat_ids, flat_positions = layout.input_ids.flatten(), layout.position_ids.flatten()
     for b, n in enumerate(lengths):
         path = layout.index[b, :n]
@@ -65,6 +67,8 @@ def test_layout_holds_each_row_once_per_prefix(seed, capacity):
         keys = {position // width * width + k for k in allowed[position].nonzero().flatten().tolist()}
         assert keys == expected.get(position, {position})
     assert layout.num_tokens == len(expected)
+    held = collections.Counter(position // width for position in expected)
+    assert max(held.values()) <= capacity and max(held.values()) > width - 16, (held, width)
     if rows == 1:
         assert layout.num_tokens == len({tuple(ids[b, :t + 1].tolist()) for b, n in enumerate(lengths)
                                          for t in range(n)})
@@ -196,7 +200,8 @@ def test_the_objective_packs_the_prompts_its_mismatch_rows_repeat():
                                       with_kwargs=True)
     objective(batch)
     assert layout is not None and seen == [layout.shape]
-    assert layout.shape[0] * layout.shape[1] < batch.tokens.num_tokens
+    assert layout.num_tokens < batch.tokens.num_tokens
+    assert layout.shape[0] * layout.shape[1] < batch.tokens.input_ids.numel()
 
 
 def test_packed_rows_stay_within_the_mask_bound(monkeypatch):
@@ -208,9 +213,9 @@ def test_packed_rows_stay_within_the_mask_bound(monkeypatch):
     prompt = torch.randint(64, (40,), generator=g)
     shared = torch.stack([torch.cat([prompt, torch.randint(64, (8,), generator=g)]) for _ in range(6)])
     batch = TokenBatch(shared, torch.ones(6, 48, dtype=torch.long), torch.zeros(6, 47, dtype=torch.bool))
-    monkeypatch.setattr(packing, "MAX_MASK_ENTRIES", 88 * 88)
-    assert RowPacker(model, "auto").plan(batch).shape == (1, 88)
-    monkeypatch.setattr(packing, "MAX_MASK_ENTRIES", 88 * 88 - 1)
+    monkeypatch.setattr(packing, "MAX_MASK_ENTRIES", 96 * 96)   # 40 + 6 x 8 = 88 tokens, in a row 96 wide
+    assert RowPacker(model, "auto").plan(batch).shape == (1, 96)
+    monkeypatch.setattr(packing, "MAX_MASK_ENTRIES", 96 * 96 - 1)
     assert RowPacker(model, "auto").plan(batch) is None
     assert RowPacker(model, "on").plan(batch).shape == (6, 48)
 
