@@ -34,9 +34,10 @@ from fastalign.unlearn.models import base_causal_lm, causal_lm_parts, final_hidd
 MODES = ("auto", "on", "off")
 # The attention implementations that take a 4-D mask as given (an additive one, in the compute dtype).
 MASKED_ATTENTION = ("sdpa", "eager")
-# The most entries of the additive mask of a packed forward (P x W x W, 32 MiB in a 16-bit compute dtype). Every
-# layer reads it, and sdpa's memory-efficient kernel keeps a copy per layer for the backward where the mask's dtype
-# is not the queries' (as it keeps Hugging Face's boolean masks of padded rows): wider packed rows are not planned.
+# The entries of the additive mask of a packed forward (P x W x W) may reach this, or twice the [B, T, T] mask of the
+# batch's padded rows. Every layer reads it, and where its dtype is not the queries' (an FSDP run whose parameters
+# are gathered in another dtype) sdpa's memory-efficient kernel keeps a converted copy per layer for the backward, as
+# it does with Hugging Face's boolean masks of padded rows: wider packed rows are not planned.
 MAX_MASK_ENTRIES = 2 ** 24
 # Packed rows are padded to a multiple of this width: sdpa's memory-efficient kernel takes a mask whose last dimension
 # is not aligned to it as a padded copy, made again by every layer (and kept for its backward).
@@ -80,81 +81,82 @@ class PackedRows:
 
 def pack_rows(input_ids: torch.Tensor, lengths: Sequence[int], capacity: int) -> PackedRows:
     """Packs the first lengths[b] tokens of each row b of input_ids [B, T] into packed rows of at most `capacity`
-    positions (see `_place`)."""
-    rows = [input_ids[b, :n].tolist() for b, n in enumerate(lengths)]
-    return _layout(*_place(rows, capacity), tuple(input_ids.shape))
+    positions (see `SortedRows.place`)."""
+    rows = SortedRows(input_ids, lengths)
+    return rows.layout(rows.place(capacity))
 
 
-def _place(rows: list[list[int]], capacity: int) -> tuple[list[dict], list[tuple[int, list[int]]]]:
-    """(the packed rows' trees, per row its packed row and its positions there). Rows are taken in the lexicographic
-    order of their tokens, so that rows sharing a prefix come together (and every tree's positions, appended as rows
-    add them, are in depth-first order); each joins the current packed row's tree while that stays within
-    `capacity` positions, else starts the next packed row (next fit: a prefix that two packed rows both need is
-    computed in each)."""
-    longest = max(map(len, rows))
-    if longest > capacity:
-        raise ValueError(f"capacity: a row of {longest} tokens does not fit packed rows of {capacity}")
-    trees: list[dict] = []
-    paths = [None] * len(rows)
-    for b in sorted(range(len(rows)), key=rows.__getitem__):
-        tokens = rows[b]
-        if not trees or len(trees[-1]["tokens"]) + len(tokens) - _shared_prefix(trees[-1], tokens) > capacity:
-            trees.append({"tokens": [], "positions": [], "parents": [], "children": {}})
-        paths[b] = (len(trees) - 1, _insert(trees[-1], tokens))
-    return trees, paths
+class SortedRows:
+    """A batch's rows in the lexicographic order of their tokens, with the length of the prefix each shares with the
+    row before it (`shared`). In that order a row shares the longest prefix with the row just before it of any before
+    it, so a prefix tree of consecutive rows is laid out in depth-first order by appending each row's tokens past
+    that prefix: its positions follow from the lengths alone, without building the tree."""
+
+    def __init__(self, input_ids: torch.Tensor, lengths: Sequence[int]):
+        self.batch_shape = tuple(input_ids.shape)
+        self.tokens = [input_ids[b, :n].numpy() for b, n in enumerate(lengths)]
+        self.lengths = [int(n) for n in lengths]
+        self.order = sorted(range(len(lengths)), key=lambda b: self.tokens[b].tolist())
+        self.shared = [0] * len(self.order)
+        for k in range(1, len(self.order)):
+            a, b = self.tokens[self.order[k - 1]], self.tokens[self.order[k]]
+            n = min(len(a), len(b))
+            differ = np.flatnonzero(a[:n] != b[:n])
+            self.shared[k] = int(differ[0]) if len(differ) else n
+
+    def place(self, capacity: int) -> list[int]:
+        """The first of each packed row's rows (indices into `order`): each row joins the current packed row while
+        that stays within `capacity` positions, else starts the next (next fit: a prefix that two packed rows both
+        need is computed in each)."""
+        longest = max(self.lengths)
+        if longest > capacity:
+            raise ValueError(f"capacity: a row of {longest} tokens does not fit packed rows of {capacity}")
+        starts, size = [], 0
+        for k, b in enumerate(self.order):
+            new = self.lengths[b] - self.shared[k]
+            if not starts or size + new > capacity:
+                starts.append(k)
+                size = self.lengths[b]
+            else:
+                size += new
+        return starts
+
+    def sizes(self, starts: list[int]) -> list[int]:
+        """The positions each packed row of `place`'s `starts` holds."""
+        bounds = starts + [len(self.order)]
+        return [self.lengths[self.order[first]] + sum(self.lengths[self.order[k]] - self.shared[k]
+                                                      for k in range(first + 1, stop))
+                for first, stop in zip(bounds, bounds[1:])]
+
+    def layout(self, starts: list[int]) -> PackedRows:
+        """The tensors of the packed rows that begin at `starts`."""
+        width = aligned_width(max(self.sizes(starts)))
+        ids = np.zeros((len(starts), width), dtype=np.int64)
+        positions = np.zeros((len(starts), width), dtype=np.int64)
+        ends = np.tile(np.arange(1, width + 1, dtype=np.int64), (len(starts), 1))
+        index = np.full(self.batch_shape, -1, dtype=np.int64)
+        p, size, path, total = -1, 0, None, 0
+        for k, b in enumerate(self.order):
+            if p + 1 < len(starts) and starts[p + 1] == k:
+                p, size, shared, path = p + 1, 0, 0, np.zeros(0, dtype=np.int64)
+            else:
+                shared = self.shared[k]
+            n = self.lengths[b]
+            path = np.concatenate([path[:shared], np.arange(size, size + n - shared)])
+            ids[p, size:size + n - shared] = self.tokens[b][shared:]
+            positions[p, size:size + n - shared] = np.arange(shared, n)
+            size += n - shared
+            total += n - shared
+            # a position's subtree ends after the last position of the rows through it (each row's is its deepest)
+            np.maximum.at(ends[p], path, path[-1] + 1)
+            index[b, :n] = p * width + path
+        return PackedRows(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(ends),
+                          torch.from_numpy(index), total)
 
 
-def _layout(trees: list[dict], paths: list[tuple[int, list[int]]], batch_shape: tuple[int, int]) -> PackedRows:
-    """The tensors of packed rows placed by `_place`, for a batch of shape [B, T]."""
-    width = _aligned_width(trees)
-    ids = np.zeros((len(trees), width), dtype=np.int64)
-    positions = np.zeros((len(trees), width), dtype=np.int64)
-    ends = np.tile(np.arange(1, width + 1, dtype=np.int64), (len(trees), 1))
-    for p, tree in enumerate(trees):
-        n = len(tree["tokens"])
-        ids[p, :n], positions[p, :n] = tree["tokens"], tree["positions"]
-        # the rows were inserted in lexicographic order, so each tree's positions are in depth-first order: a
-        # subtree is the positions from its root up to its last descendant
-        for node in range(n - 1, 0, -1):
-            parent = tree["parents"][node]
-            if parent >= 0:
-                ends[p, parent] = max(ends[p, parent], ends[p, node])
-    index = np.full(batch_shape, -1, dtype=np.int64)
-    for b, (p, nodes) in enumerate(paths):
-        index[b, :len(nodes)] = p * width + np.asarray(nodes, dtype=np.int64)
-    return PackedRows(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(ends),
-                      torch.from_numpy(index), sum(len(t["tokens"]) for t in trees))
-
-
-def _aligned_width(trees: list[dict]) -> int:
-    """The packed rows' width: the longest tree's positions, rounded up to a multiple of WIDTH_ALIGN."""
-    return -(-max(len(t["tokens"]) for t in trees) // WIDTH_ALIGN) * WIDTH_ALIGN
-
-
-def _shared_prefix(tree: dict, tokens: Sequence[int]) -> int:
-    """How many leading tokens of `tokens` the tree holds already."""
-    node = -1
-    for depth, token in enumerate(tokens):
-        node = tree["children"].get((node, token))
-        if node is None:
-            return depth
-    return len(tokens)
-
-
-def _insert(tree: dict, tokens: Sequence[int]) -> list[int]:
-    """The tree's positions of `tokens` as a path from its root, adding those it lacks."""
-    node, path = -1, []
-    for depth, token in enumerate(tokens):
-        child = tree["children"].get((node, token))
-        if child is None:
-            child = len(tree["tokens"])
-            tree["children"][(node, token)] = child
-            tree["tokens"].append(token)
-            tree["positions"].append(depth)
-            tree["parents"].append(node)
-        node = child
-        path.append(node)
-    return path
+def aligned_width(size: int) -> int:
+    """The width of packed rows holding at most `size` positions: rounded up to a multiple of WIDTH_ALIGN."""
+    return -(-size // WIDTH_ALIGN) * WIDTH_ALIGN
 
 
 class DecoderStates:
@@ -200,26 +202,28 @@ class RowPacker:
 
     def _cheapest(self, input_ids: torch.Tensor, lengths: list[int]) -> PackedRows | None:
         """The packed layout of least estimated cost over capacities of 1, 2, 4, ... times the longest row whose mask
-        stays within MAX_MASK_ENTRIES; None where (mode 'auto') the padded rows cost less, or no packing fits."""
+        stays within the bound (MAX_MASK_ENTRIES, or twice the padded rows' mask); None where (mode 'auto') the padded
+        rows cost less, or no packing fits."""
         shape, longest = self.shape, max(lengths)
         linear, pair = 2.0 * shape.decoder_params, 4.0 * shape.num_layers * shape.attention_width
-        rows = [input_ids[b, :n].tolist() for b, n in enumerate(lengths)]
-        best, best_cost = None, len(rows) * longest * (linear + pair * longest / 2)   # the padded rows
+        rows = SortedRows(input_ids, lengths)
+        best, best_cost = None, len(lengths) * longest * (linear + pair * longest / 2)   # the padded rows
+        bound = max(MAX_MASK_ENTRIES, 2 * len(lengths) * longest * longest)
         if self.mode == "on":
             best_cost = float("inf")
         capacity = longest
         while True:
-            trees, paths = _place(rows, capacity)
-            width = _aligned_width(trees)
+            starts = rows.place(capacity)
+            width = aligned_width(max(rows.sizes(starts)))
             # a mask over the bound is no candidate ('on' packs rows of the longest row's capacity whatever its mask)
-            fits = len(trees) * width * width <= MAX_MASK_ENTRIES or (capacity == longest and self.mode == "on")
-            cost = len(trees) * width * (linear + pair * width * MASKED_PAIR_COST)
+            fits = len(starts) * width * width <= bound or (capacity == longest and self.mode == "on")
+            cost = len(starts) * width * (linear + pair * width * MASKED_PAIR_COST)
             if fits and cost < best_cost:
-                best, best_cost = (trees, paths), cost
-            if len(trees) == 1:
+                best, best_cost = starts, cost
+            if len(starts) == 1:
                 break
             capacity *= 2
-        return None if best is None else _layout(*best, tuple(input_ids.shape))
+        return None if best is None else rows.layout(best)
 
     def forward(self, decoder: torch.nn.Module, tokens: TokenBatch) -> DecoderStates:
         """The decoder's final hidden states of `tokens`'s rows, by one forward on the layout `plan` chose."""

@@ -205,17 +205,24 @@ def test_the_objective_packs_the_prompts_its_mismatch_rows_repeat():
 
 
 def test_packed_rows_stay_within_the_mask_bound(monkeypatch):
-    """The mask of a packed forward (P x W x W) stays within MAX_MASK_ENTRIES: 'auto' then runs padded rows where
-    every packing is wider; 'on' packs rows of the longest row's width whatever their mask."""
+    """The mask of a packed forward (P x W x W) stays within MAX_MASK_ENTRIES or twice the padded rows' [B, T, T]
+    mask, whatever the estimate prefers: with attention counted free, rows that share a short prefix would pack into
+    one row 208 wide (over twice 6 x 48 x 48); they pack into narrower ones instead. 'on' packs rows of the longest
+    row's width whatever their mask."""
     from fastalign.unlearn import packing
+    monkeypatch.setattr(packing, "MAX_MASK_ENTRIES", 1)
+    monkeypatch.setattr(packing, "MASKED_PAIR_COST", 0.0)
     model = tiny_llama(64)
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(64, (40,), generator=g)
-    shared = torch.stack([torch.cat([prompt, torch.randint(64, (8,), generator=g)]) for _ in range(6)])
-    batch = TokenBatch(shared, torch.ones(6, 48, dtype=torch.long), torch.zeros(6, 47, dtype=torch.bool))
-    monkeypatch.setattr(packing, "MAX_MASK_ENTRIES", 96 * 96)   # 40 + 6 x 8 = 88 tokens, in a row 96 wide
-    assert RowPacker(model, "auto").plan(batch).shape == (1, 96)
-    monkeypatch.setattr(packing, "MAX_MASK_ENTRIES", 96 * 96 - 1)
+    bound = 2 * 6 * 48 * 48
+    for shared in (40, 16):
+        prompt = torch.randint(64, (shared,), generator=g)
+        rows = torch.stack([torch.cat([prompt, torch.randint(64, (48 - shared,), generator=g)]) for _ in range(6)])
+        batch = TokenBatch(rows, torch.ones(6, 48, dtype=torch.long), torch.zeros(6, 47, dtype=torch.bool))
+        layout = RowPacker(model, "auto").plan(batch)
+        assert layout.shape[0] * layout.shape[1] ** 2 <= bound, layout.shape
+        assert layout.shape == ((1, 96) if shared == 40 else (3, 80)), layout.shape
+    monkeypatch.setattr(packing, "MASKED_PAIR_COST", 1e9)   # any packed row costs more than the padded ones
     assert RowPacker(model, "auto").plan(batch) is None
     assert RowPacker(model, "on").plan(batch).shape == (6, 48)
 
