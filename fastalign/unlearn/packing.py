@@ -78,7 +78,6 @@ class PackedRows:
             ~self.allowed(device)[:, None], torch.finfo(dtype).min)
 
 
-
 def pack_rows(input_ids: torch.Tensor, lengths: Sequence[int], capacity: int) -> PackedRows:
     """Packs the first lengths[b] tokens of each row b of input_ids [B, T] into packed rows of at most `capacity`
     positions (see `SortedRows.place`)."""
