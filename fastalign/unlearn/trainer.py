@@ -91,6 +91,8 @@ class RunSummary:
     # reference='cached': the bytes its hidden states held through the run, on the device or (reference_cache='host')
     # in host memory (they grow with the normal set's answer tokens x hidden size, and no step's memory shows them)
     reference_cache_bytes: int | None = None
+    # why the policy's forward could not run packed rows for this model (packing='auto' then ran padded ones), or None
+    packing_unavailable: str | None = None
 
 
 class MissingExtraError(ImportError):
@@ -566,7 +568,8 @@ class UnlearningTrainer:
         model_dir = os.path.join(out, "model")
         summary = RunSummary(step, stop_reason, record, totals.to_dict(), acc.num_processes,
                              _device_name(acc.device), model_dir, self.streams.skipped,
-                             self.streams.answers_cut, reference_cache_bytes=self.reference_cache_bytes)
+                             self.streams.answers_cut, reference_cache_bytes=self.reference_cache_bytes,
+                             packing_unavailable=self.packer.unavailable)
         # FSDP: gather full weights (collective); the keys of the objective's "model." submodule are the model's.
         state = ({k.removeprefix("model."): v for k, v in full_model_state(objective).items()}
                  if self.sharded else None)

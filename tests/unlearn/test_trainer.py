@@ -544,6 +544,20 @@ def test_cached_reference_freezes_the_head(tmp_path):
     assert json.loads((tmp_path / "run" / "run.json").read_text())["reference_cache_bytes"] == cache_bytes
 
 
+def test_run_json_says_why_a_model_ran_padded_rows(monkeypatch, tmp_path):
+    """packing='auto' on a model that cannot run packed rows trains on padded ones and says why in run.json (None for
+    one that can); its compute counts the padded rows' slots."""
+    from fastalign.unlearn import packing
+    _, summary = run(tmp_path, "packed", max_steps=1, grad_accum=1)
+    assert summary.packing_unavailable is None
+    assert summary.compute["padded_slots"] < tiny_streams(byte_bpe_tokenizer()).batch(0).tokens.input_ids.numel()
+    monkeypatch.setattr(packing, "_probe", lambda model, window: "a reason of the model's")
+    _, summary = run(tmp_path, "padded", max_steps=1, grad_accum=1)
+    assert summary.packing_unavailable == "a reason of the model's"
+    assert json.loads((tmp_path / "padded" / "run.json").read_text())["packing_unavailable"] == "a reason of the model's"
+    assert summary.compute["padded_slots"] == tiny_streams(byte_bpe_tokenizer()).batch(0).tokens.input_ids.numel()
+
+
 def test_a_finished_run_lets_its_model_go(tmp_path):
     """A sweep of runs in one process (a learning rate search) frees each run's model when the caller drops it. The
     state-dict helpers of torch.distributed.checkpoint (torch 2.13) that checkpointing calls leave a reference cycle
