@@ -42,9 +42,10 @@ MAX_MASK_ENTRIES = 2 ** 24
 # Packed rows are padded to a multiple of this width: sdpa's memory-efficient kernel takes a mask whose last dimension
 # is not aligned to it as a padded copy, made again by every layer (and kept for its backward).
 WIDTH_ALIGN = 16
-# Cost of a query-key pair under a packed row's dense mask, against one of a padded row's causal attention, which
-# skips the pairs above the diagonal (counted 1/2): an estimate that decides when packing pays, not a measurement.
-MASKED_PAIR_COST = 1.5
+# Cost of a query-key pair under a packed row's mask, against one of padded rows under theirs (Hugging Face masks
+# padded rows too, and the kernel computes every pair of both; a batch without padding runs causal, the pairs above
+# the diagonal skipped): an estimate that decides when packing pays, not a measurement.
+MASKED_PAIR_COST = 1.0
 
 
 @dataclass
@@ -206,7 +207,8 @@ class RowPacker:
         shape, longest = self.shape, max(lengths)
         linear, pair = 2.0 * shape.decoder_params, 4.0 * shape.num_layers * shape.attention_width
         rows = SortedRows(input_ids, lengths)
-        best, best_cost = None, len(lengths) * longest * (linear + pair * longest / 2)   # the padded rows
+        causal = 0.5 if min(lengths) == longest else 1.0   # padded rows without padding run causal
+        best, best_cost = None, len(lengths) * longest * (linear + pair * longest * causal)   # the padded rows
         bound = max(MAX_MASK_ENTRIES, 2 * len(lengths) * longest * longest)
         if self.mode == "on":
             best_cost = float("inf")
