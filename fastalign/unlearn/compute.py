@@ -47,10 +47,11 @@ class ModelShape:
         decoder, lm_head = causal_lm_parts(model)
         config = getattr(decoder, "config", None)
         params = active_matmul_params(model, config)
-        heads, head_dim = getattr(config, "num_attention_heads", None), getattr(config, "head_dim", None)
-        width = heads * head_dim if heads and head_dim else getattr(config, "hidden_size", lm_head.weight.shape[1])
+        heads, head_dims = getattr(config, "num_attention_heads", None), _head_dims(config)
+        width = (heads * sum(head_dims) / len(head_dims) if heads and head_dims and all(head_dims)
+                 else getattr(config, "hidden_size", lm_head.weight.shape[1]))
         return cls(params, int(getattr(config, "num_hidden_layers", 0)), lm_head.weight.shape[1],
-                   lm_head.weight.shape[0], int(width))
+                   lm_head.weight.shape[0], round(width))
 
     def decoder_forward(self, attention_mask: torch.Tensor) -> float:
         """Forward FLOPs over a padded batch [rows, width] (width trimmed to the longest row)."""
@@ -61,6 +62,15 @@ class ModelShape:
         """Forward FLOPs over `rows` rows of `width` positions, attention full-square."""
         attention = 4.0 * self.num_layers * self.attention_width * rows * width ** 2
         return 2.0 * self.decoder_params * rows * width + attention
+
+
+def _head_dims(config) -> list:
+    """The config's head size, or each layer's where layers have their own (Gemma 4's wider full-attention layers:
+    transformers then refuses the model-wide attribute with a RuntimeError, AmbiguousGlobalPerLayerAttributeError)."""
+    try:
+        return [getattr(config, "head_dim", None)]
+    except RuntimeError:
+        return [getattr(layer, "head_dim", None) for layer in getattr(config, "per_layer_config", None) or [None]]
 
 
 def active_matmul_params(model, config) -> int:

@@ -181,7 +181,7 @@ class RowPacker:
             raise ValueError(f"packing must be one of {MODES}, got {mode!r}")
         self.mode = mode
         self.shape = ModelShape.of(model)
-        self.window = _attention_window(getattr(base_causal_lm(model), "config", None))
+        self.window = _attention_window(model)
         self.unavailable = None if mode == "off" else _probe(model, self.window)
         if mode == "on" and self.unavailable:
             raise ValueError(f"packing='on': {self.unavailable}; use packing='auto' or 'off'")
@@ -248,10 +248,15 @@ def packed_hidden_states(decoder: torch.nn.Module, layout: PackedRows, device) -
                    attention_mask=layout.attention_mask(dtype, device), use_cache=False).last_hidden_state
 
 
-def _attention_window(config) -> int | None:
-    """The shortest attention window or chunk the config sets (sliding_window, attention_chunk_size), or None: a 4-D
-    mask replaces the one the model builds with its window, so longer rows than that must run padded."""
-    sizes = [getattr(config, name, None) for name in ("sliding_window", "attention_chunk_size")]
+def _attention_window(model) -> int | None:
+    """The shortest attention window or chunk the model's configs set (sliding_window, attention_chunk_size; the
+    text config's too, which a multimodal model keeps apart), or None: a 4-D mask replaces the one the model builds
+    with its window, so longer rows than that must run padded."""
+    config = getattr(base_causal_lm(model), "config", None)
+    configs = [config, getattr(causal_lm_parts(model)[0], "config", None)]
+    if hasattr(config, "get_text_config"):
+        configs.append(config.get_text_config())
+    sizes = [getattr(c, name, None) for c in configs for name in ("sliding_window", "attention_chunk_size")]
     sizes = [s for s in sizes if isinstance(s, int) and not isinstance(s, bool) and s > 0]
     return min(sizes) if sizes else None
 

@@ -118,3 +118,13 @@ def test_a_packed_batch_is_counted_on_its_packed_rows():
                                                rel=1e-12)
     assert got.padded_slots == rows * width < padded.padded_slots
     assert (got.tokens, got.answer_tokens) == (padded.tokens, padded.answer_tokens)
+
+
+def test_layers_with_their_own_head_size_count_their_mean():
+    """Gemma 4's full-attention layers have heads twice as wide as its sliding ones (16 and 32 here, 4 heads): the
+    model-wide head_dim is refused by transformers, and the estimate takes the mean over the layers (it failed)."""
+    from tests.runtime.tiny_models import tiny_model
+    model = tiny_model("gemma4-wide-full-layers-shared-kv")
+    dims = [layer.head_dim for layer in model.config.per_layer_config]
+    assert sorted(set(dims)) == [16, 32]
+    assert ModelShape.of(model).attention_width == 4 * sum(dims) / len(dims)

@@ -7,11 +7,13 @@ import torch
 import transformers
 
 from fastalign.unlearn.batching import TokenBatch
-from fastalign.unlearn.models import final_hidden_states
+from fastalign.unlearn.models import causal_lm_parts, final_hidden_states
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.reference import FrozenCopyReference
 from fastalign.unlearn.packing import RowPacker, pack_rows, packed_hidden_states
 from tests.conftest import requires_cuda
+from tests.runtime.tiny_models import CONFIGS as RUNTIME_CONFIGS
+from tests.runtime.tiny_models import tiny_model as runtime_tiny_model
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
 
 
@@ -272,3 +274,36 @@ def test_packed_bf16_forward_on_a_gpu_is_the_padded_one(implementation):
     for name in ("forget", "mismatch"):
         torch.testing.assert_close(getattr(terms[0], name).float(), getattr(terms[1], name).float(), rtol=2e-2,
                                    atol=0)
+
+
+@pytest.mark.parametrize("name", list(RUNTIME_CONFIGS))
+def test_packing_runs_exactly_where_the_check_lets_it(name):
+    """Over the runtime's catalogue of tiny models (fp32, eager attention): where the check lets a model pack, its
+    packed rows (within its attention window, which a multimodal model's text config sets) give the padded rows'
+    hidden states on a larger batch than the check's; where it refuses, packed rows fail or differ. Rows longer than
+    the window run padded."""
+    model = runtime_tiny_model(name)
+    packer = RowPacker(model, "auto")
+    decoder = causal_lm_parts(model)[0]
+    ids, lengths = rows_with_shared_prefixes(3, count=7, vocab=20)
+    limit = min(12, packer.window or 12)
+    lengths = [min(n, limit) for n in lengths]
+    ids = ids[:, :max(lengths)] + 1
+    mask = (torch.arange(ids.shape[1]) < torch.tensor(lengths)[:, None]).long()
+    batch = TokenBatch(ids, mask, torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool))
+    layout, real = pack_rows(ids, lengths, 64), mask.bool()
+    try:
+        with torch.no_grad():
+            padded = final_hidden_states(decoder, batch)[real]
+            packed = packed_hidden_states(decoder, layout, "cpu").flatten(0, 1)[layout.index[real]]
+        error = float((packed - padded).norm() / padded.norm())
+    except Exception:
+        error = None
+    if packer.unavailable is None:
+        assert error is not None and error < 1e-5, error
+    else:
+        assert error is None or error > 1e-3, (packer.unavailable, error)
+    if packer.window is not None:
+        long = torch.arange(packer.window + 1)[None].repeat(2, 1) % 20 + 1
+        assert packer.plan(TokenBatch(long, torch.ones_like(long), torch.zeros(2, packer.window,
+                                                                               dtype=torch.bool))) is None
