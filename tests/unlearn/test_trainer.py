@@ -553,8 +553,9 @@ def test_run_json_says_why_a_model_ran_padded_rows(monkeypatch, tmp_path):
     assert summary.compute["padded_slots"] < tiny_streams(byte_bpe_tokenizer()).batch(0).tokens.input_ids.numel()
     monkeypatch.setattr(packing, "_probe", lambda model, window: "a reason of the model's")
     _, summary = run(tmp_path, "padded", max_steps=1, grad_accum=1)
-    assert summary.packing_unavailable == "a reason of the model's"
-    assert json.loads((tmp_path / "padded" / "run.json").read_text())["packing_unavailable"] == "a reason of the model's"
+    reason = "a reason of the model's"
+    assert summary.packing_unavailable == reason
+    assert json.loads((tmp_path / "padded" / "run.json").read_text())["packing_unavailable"] == reason
     assert summary.compute["padded_slots"] == tiny_streams(byte_bpe_tokenizer()).batch(0).tokens.input_ids.numel()
 
 
