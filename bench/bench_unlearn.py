@@ -14,7 +14,9 @@ on the same batch (2 harmful prompts, K=5 mismatch answers each, 2 normal exampl
                       (padding included) against an fp32 copy;
 - fastalign cached:   fastalign with the reference hidden states of the normal set cached up front (no
                       reference model; lm_head frozen);
-- fastalign, padded rows: fastalign with packing off (what packing alone changes).
+- fastalign, padded rows: fastalign with packing off (what packing alone changes);
+- fastalign, AdamW in backward: fastalign with each weight stepped as the backward completes its gradient
+                      (optimizer_in_backward: the model's gradients never all exist at once).
 Each row also gives the rows x width of its policy forwards (`grid`, padding included) and their positions (`slots`).
 `--preset 8b` instead runs the 8B-class model the two ways that fit one GPU: LoRA with the adapter-disabled
 reference, and full weights with the cached reference (gradient checkpointing on); peak memory reported.
@@ -48,6 +50,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
+from fastalign.unlearn.backward_step import step_in_backward  # noqa: E402
 from fastalign.unlearn.batching import collate  # noqa: E402
 from fastalign.unlearn.encoding import EncodedExample  # noqa: E402
 from fastalign.unlearn.models import enable_activation_checkpointing  # noqa: E402
@@ -110,20 +113,25 @@ def drift(model):
             p.add_(torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype), alpha=0.005)
 
 
-def optimizer_step(model):
+def optimizer_step(model, in_backward=False):
+    """The end of a step: AdamW's step and the gradients dropped; with in_backward, the step each weight took in the
+    backward (backward_step.py) and nothing left to do."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    if in_backward:
+        step_in_backward(optimizer)
 
     def step():
-        optimizer.step()
+        if not in_backward:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
 
 
 # ---- the ways: each returns a no-argument function that performs one full step and returns its loss ----
 
-def fastalign_step(model, batch, normal, args, reference, packing="auto"):
+def fastalign_step(model, batch, normal, args, reference, packing="auto", in_backward=False):
     objective = UnlearningObjective(model, WEIGHTS, reference, packing=packing)
-    finish = optimizer_step(model)
+    finish = optimizer_step(model, in_backward)
 
     def step():
         loss = objective(batch).total
@@ -141,6 +149,10 @@ def fastalign_frozen_copy(model, batch, normal, args):
 
 def fastalign_padded(model, batch, normal, args):
     return fastalign_step(model, batch, normal, args, FrozenCopyReference(model), packing="off")
+
+
+def fastalign_in_backward(model, batch, normal, args):
+    return fastalign_step(model, batch, normal, args, FrozenCopyReference(model), in_backward=True)
 
 
 def fastalign_cached(model, batch, normal, args):
@@ -247,7 +259,8 @@ def reference_recipe(model, batch, normal, args):
 
 COMPARE = [("fastalign", fastalign_frozen_copy), ("unfused baseline", unfused_baseline),
            ("reference recipe", reference_recipe), ("fastalign cached", fastalign_cached),
-           ("unfused, answer rows only", unfused_sliced), ("fastalign, padded rows", fastalign_padded)]
+           ("unfused, answer rows only", unfused_sliced), ("fastalign, padded rows", fastalign_padded),
+           ("fastalign, AdamW in backward", fastalign_in_backward)]
 # (the issue's four ways first: a run cut short keeps them)
 ON_ONE_GPU_8B = [("fastalign LoRA", fastalign_lora), ("fastalign full + cached", fastalign_cached)]
 UNFUSED_BASELINES = {"unfused baseline": "unfused", "unfused, answer rows only": "sliced"}  # row -> ratio key
@@ -264,12 +277,13 @@ def gradient_norm(grad, chunk=1 << 22):
 
 
 def first_step_gradient_norms(model, step):
-    """(step()'s result, {parameter name: L2 norm of its gradient} when step() first calls an optimizer's step)."""
+    """(step()'s result, {parameter name: L2 norm of its gradient} as step() calls an optimizer's step: once for all
+    of them, or with the optimizer in the backward once for each)."""
     norms = {}
 
     def record(optimizer, args, kwargs):
-        if not norms:
-            norms.update({name: gradient_norm(p.grad) for name, p in model.named_parameters() if p.grad is not None})
+        norms.update({name: gradient_norm(p.grad) for name, p in model.named_parameters()
+                      if p.grad is not None and name not in norms})
     handle = register_optimizer_step_pre_hook(record)
     try:
         return step(), norms

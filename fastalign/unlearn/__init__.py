@@ -5,6 +5,7 @@ no trainer."""
 from fastalign.lazy_exports import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(globals(), {
+    "fastalign.unlearn.backward_step": ["step_in_backward"],
     "fastalign.unlearn.config": ["UnlearnConfig"],
     "fastalign.unlearn.encoding": ["EncodedExample", "PoolAnswer", "encode_answers", "encode_pairs"],
     "fastalign.unlearn.formats": ["load_hh_rlhf", "load_pairs", "load_pku_saferlhf", "load_prompt_answer_jsonl",

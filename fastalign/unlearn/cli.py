@@ -176,6 +176,10 @@ def register(subparsers) -> argparse.ArgumentParser:
       "(default: transformers' choice for the model)")
     g("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
       help="recompute activations in the backward pass (less memory, ~30%% more compute) (default: off)")
+    g("--optimizer-in-backward", action=argparse.BooleanOptionalAction,
+      help="step AdamW on each weight as soon as the backward completes its gradient, then free it, so that the "
+      "gradients of the whole model never exist at once (a model's size less memory at the step's peak; the same "
+      "updates; one process and --grad-accum 1 only) (default: off)")
     g("--seed", type=int, metavar="N",
       help="seed of data order, mismatch answers, LoRA initialisation and dropout (default: 0)")
     g("--backend", choices=BACKENDS, help="fused-loss backend (default: auto)")

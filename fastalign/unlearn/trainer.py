@@ -35,6 +35,7 @@ from fastalign.model_devices import as_device, hook_devices
 from fastalign.model_files import model_files_digest
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.one_call import one_call_at_a_time
+from fastalign.unlearn.backward_step import step_in_backward
 from fastalign.unlearn.checkpoint import (atomic_directory, latest_checkpoint, read_checkpoint,
                                           remove_stale_temporaries, write_checkpoint, write_text_atomic)
 from fastalign.unlearn.compute import (ComputeTotals, ModelShape, batch_compute, cache_compute,
@@ -289,6 +290,10 @@ class UnlearningTrainer:
         if self.sharded and config.lora:
             raise NotImplementedError("lora=True under FSDP is not supported (the adapter could not be merged "
                                       "into sharded weights); LoRA's trainable weights are small: use DDP")
+        if config.optimizer_in_backward and self.accelerator.num_processes != 1:
+            raise ValueError(f"optimizer_in_backward (--optimizer-in-backward) needs one process: under "
+                             f"{self.accelerator.num_processes} the gradients are reduced across them after the "
+                             "backward, where it would already have stepped on each process's own")
         self.model = self._prepare_model(model)
         _check_trainable_dtypes(self.model)
         # where a fresh run's dropout starts drawing (train() goes back to it: a caller's own draws in between must
@@ -384,47 +389,34 @@ class UnlearningTrainer:
         decoder_trains = all(p.requires_grad for p in decoder_matmul_weights(self.model))
         progress = _progress_bar(config, acc.is_main_process, step)
         stop_reason = "max_steps"
-        while step < config.max_steps:
-            started = time.perf_counter()
-            term_sums = torch.zeros(4, dtype=torch.float64, device=acc.device)
-            compute = ComputeTotals()
-            batches = [self.streams.batch(step * config.grad_accum + micro, rank=acc.process_index,
-                                          world_size=acc.num_processes).to(acc.device)
-                       for micro in range(config.grad_accum)]
-            normal_denominator = self._normal_denominator(batches)
-            micro_terms = []
-            for micro, batch in enumerate(batches):
-                last_micro = micro == config.grad_accum - 1
-                with contextlib.nullcontext() if last_micro else acc.no_sync(objective):
-                    terms = objective(batch, normal_denominator)
-                    micro_terms.append(terms)
-                    acc.backward(terms.total / config.grad_accum)
-                term_sums += torch.stack([t.detach().double() for t in terms]) / config.grad_accum
-                packed = self.packer.plan(batch.tokens)
-                compute.add(batch_compute(self.shape, batch, decoder_trains=decoder_trains,
-                                          lm_head_trains=lm_head_trains, checkpointing=config.gradient_checkpointing,
-                                          reference_forward=config.reference_mode != "cached",
-                                          packed_shape=None if packed is None else packed.shape))
-            (total, forget, mismatch, normal), counts = self._step_values(step, term_sums, compute, micro_terms,
-                                                                         batches)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+        # the optimizer's step inside the backward (backward_step.py): hooks on the parameters, taken off at the end
+        hooks = step_in_backward(_torch_optimizer(optimizer)) if config.optimizer_in_backward else []
+        try:
+            while step < config.max_steps:
+                started = time.perf_counter()
+                (total, forget, mismatch, normal), counts = self._step(step, objective, decoder_trains, lm_head_trains)
+                lr = optimizer.param_groups[0]["lr"]
+                if not hooks:   # (with them, each parameter has stepped in the backward)
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
 
-            seconds = time.perf_counter() - started
-            step_totals = ComputeTotals(*(int(c) for c in counts[:4]), counts[4], seconds * acc.num_processes)
-            totals.add(step_totals)
-            record = StepRecord(step, total, -forget, mismatch, normal, lr, step_totals.tokens, step_totals.flops,
-                                seconds)
-            early_stop = config.max_forget_nll is not None and record.forget_nll > config.max_forget_nll
-            self._report(record, progress, last=early_stop)
-            if early_stop:
-                stop_reason = f"forget NLL {record.forget_nll:.4g} > max_forget_nll {config.max_forget_nll:g}"
-                break
-            if config.save_every and step % config.save_every == 0 and step < config.max_steps:
-                self._save_checkpoint(step, totals, record, objective, optimizer, scheduler)
+                seconds = time.perf_counter() - started
+                step_totals = ComputeTotals(*(int(c) for c in counts[:4]), counts[4], seconds * acc.num_processes)
+                totals.add(step_totals)
+                record = StepRecord(step, total, -forget, mismatch, normal, lr, step_totals.tokens, step_totals.flops,
+                                    seconds)
+                early_stop = config.max_forget_nll is not None and record.forget_nll > config.max_forget_nll
+                self._report(record, progress, last=early_stop)
+                if early_stop:
+                    stop_reason = f"forget NLL {record.forget_nll:.4g} > max_forget_nll {config.max_forget_nll:g}"
+                    break
+                if config.save_every and step % config.save_every == 0 and step < config.max_steps:
+                    self._save_checkpoint(step, totals, record, objective, optimizer, scheduler)
+        finally:
+            for hook in hooks:
+                hook.remove()
         progress.close()
         self._built_reference = None    # the run is over: its reference is not needed again
         summary = self._finish(step, stop_reason, record, totals, objective)
@@ -435,6 +427,34 @@ class UnlearningTrainer:
         # never does), so that a caller dropping the model after the run gets its memory back
         self.accelerator.free_memory()
         return summary
+
+    def _step(self, step, objective, decoder_trains, lm_head_trains):
+        """The forwards and backwards of one optimizer step's micro-batches: (its loss terms, its compute counts), as
+        _step_values reads them. With optimizer_in_backward they are read (and checked finite) before the backward,
+        which steps the weights."""
+        config, acc = self.config, self.accelerator
+        term_sums = torch.zeros(4, dtype=torch.float64, device=acc.device)
+        compute = ComputeTotals()
+        batches = [self.streams.batch(step * config.grad_accum + micro, rank=acc.process_index,
+                                      world_size=acc.num_processes).to(acc.device)
+                   for micro in range(config.grad_accum)]
+        normal_denominator = self._normal_denominator(batches)
+        micro_terms, values = [], None
+        for micro, batch in enumerate(batches):
+            last_micro = micro == config.grad_accum - 1
+            with contextlib.nullcontext() if last_micro else acc.no_sync(objective):
+                terms = objective(batch, normal_denominator)
+                micro_terms.append(terms)
+                term_sums += torch.stack([t.detach().double() for t in terms]) / config.grad_accum
+                packed = self.packer.plan(batch.tokens)
+                compute.add(batch_compute(self.shape, batch, decoder_trains=decoder_trains,
+                                          lm_head_trains=lm_head_trains, checkpointing=config.gradient_checkpointing,
+                                          reference_forward=config.reference_mode != "cached",
+                                          packed_shape=None if packed is None else packed.shape))
+                if config.optimizer_in_backward:   # (one micro-batch: the config allows no accumulation with it)
+                    values = self._step_values(step, term_sums, compute, micro_terms, batches)
+                acc.backward(terms.total / config.grad_accum)
+        return values if values is not None else self._step_values(step, term_sums, compute, micro_terms, batches)
 
     def _prepare_objective(self):
         """The accelerate-prepared objective and AdamW over its trainable parameters.

@@ -458,6 +458,51 @@ def test_a_non_finite_loss_in_any_micro_batch_stops_the_step_before_it_trains(tm
     assert steps == [1] and not (tmp_path / "run" / "model").exists()
 
 
+@pytest.mark.parametrize("settings", [{}, {"lora": True, "lora_rank": 4}], ids=["full", "lora"])
+def test_the_optimizer_in_backward_trains_the_same_run(tmp_path, settings):
+    """optimizer_in_backward: each weight steps as its gradient completes, and the run is the one stepped after the
+    backward: the same log and bit for bit the same weights."""
+    if settings.get("lora"):
+        pytest.importorskip("peft")
+    after, _ = run(tmp_path, "after", max_steps=3, grad_accum=1, **settings)
+    inside, _ = run(tmp_path, "inside", max_steps=3, grad_accum=1, optimizer_in_backward=True, **settings)
+    assert log_lines(tmp_path / "inside") == log_lines(tmp_path / "after")
+    state = inside.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in after.model.state_dict().items())
+    assert not any(p._post_accumulate_grad_hooks for p in inside.model.parameters())  # taken off at the end
+
+
+def test_the_optimizer_in_backward_steps_nothing_on_a_non_finite_loss(tmp_path, monkeypatch):
+    """The loss is read, and found not finite, before the backward that would step the weights with it."""
+    real_forward, steps = UnlearningObjective.forward, []
+
+    def forward(self, batch, *args):
+        terms = real_forward(self, batch, *args)
+        return terms._replace(total=terms.total * float("nan")) if steps == [1] else terms
+    monkeypatch.setattr(UnlearningObjective, "forward", forward)
+    model, after_step_1 = tiny_llama(len(byte_bpe_tokenizer())), {}
+
+    def callback(record):
+        steps.append(record.step)
+        after_step_1.update({k: v.clone() for k, v in model.state_dict().items()})
+    with pytest.raises(FloatingPointError, match="step 2: the loss is not finite"):
+        run(tmp_path, model=model, max_steps=3, grad_accum=1, optimizer_in_backward=True, callback=callback)
+    assert steps == [1] and after_step_1
+    assert all(torch.equal(v, after_step_1[k]) for k, v in model.state_dict().items())
+
+
+def test_the_optimizer_in_backward_needs_one_process_and_no_accumulation(tmp_path, monkeypatch):
+    import accelerate
+    with pytest.raises(ValueError, match=r"optimizer_in_backward \(--optimizer-in-backward\) steps each weight as "
+                                         r"the backward completes its gradient: it needs grad_accum=1, got 2"):
+        UnlearnConfig(output_dir=str(tmp_path), optimizer_in_backward=True, grad_accum=2)
+    monkeypatch.setattr(accelerate.Accelerator, "num_processes", property(lambda self: 2))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"optimizer_in_backward \(--optimizer-in-backward\) needs one process: "
+                                         r"under 2 the gradients are reduced"):
+        run(tmp_path, max_steps=1, grad_accum=1, optimizer_in_backward=True)
+
+
 def test_early_stop_once_forget_nll_passes_threshold(tmp_path):
     _, summary = run(tmp_path, max_steps=50, max_forget_nll=6.5, forget_weight=20.0, lr=1e-2, grad_accum=1)
     lines = log_lines(tmp_path / "run")

@@ -1,0 +1,58 @@
+"""The optimizer's step inside the backward pass (fastalign/unlearn/backward_step.py) against a step after it."""
+import copy
+
+import pytest
+import torch
+
+from fastalign.unlearn.backward_step import step_in_backward
+from tests.unlearn.tiny import tiny_llama
+
+
+def trained(model, in_backward, steps=3, foreach=None):
+    """The parameters of `model` after `steps` AdamW steps on random tokens (a linear learning-rate decay, weight
+    decay on), stepped after each backward or inside it; and the most parameters that held a gradient at once."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=foreach)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / 10)
+    params = list(model.parameters())
+    most = [0]
+
+    def count(_):
+        most[0] = max(most[0], sum(p.grad is not None for p in params))
+    watchers = [p.register_post_accumulate_grad_hook(count) for p in params]   # before the step's: sees them all
+    handles = step_in_backward(optimizer) if in_backward else []
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ids = torch.randint(model.config.vocab_size, (3, 9), generator=g)
+        model(ids, labels=ids).loss.backward()
+        if not in_backward:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+    for handle in handles + watchers:
+        handle.remove()
+    return [p.detach().clone() for p in params], most[0]
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_step_in_the_backward_is_the_step_after_it(foreach):
+    """Bit for bit the same weights after three steps, with one parameter's gradient at a time instead of all."""
+    model = tiny_llama(50)
+    after, most_after = trained(copy.deepcopy(model), False, foreach=foreach)
+    inside, most_inside = trained(copy.deepcopy(model), True, foreach=foreach)
+    assert all(torch.equal(a, b) for a, b in zip(after, inside))
+    assert most_after == len(after) and most_inside == 1
+
+
+def test_a_parameter_without_a_gradient_is_left_alone():
+    """A frozen parameter gets no hook, and a trainable one the loss does not reach keeps its weights and state."""
+    model = tiny_llama(50)
+    model.model.embed_tokens.requires_grad_(False)
+    unused = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([*filter(lambda p: p.requires_grad, model.parameters()), unused], lr=1e-2)
+    handles = step_in_backward(optimizer)
+    assert len(handles) == sum(p.requires_grad for p in model.parameters()) + 1
+    ids = torch.randint(50, (2, 5))
+    model(ids, labels=ids).loss.backward()
+    assert torch.equal(unused.detach(), torch.ones(3)) and unused not in optimizer.state
+    assert all(p.grad is None for p in model.parameters())
+    assert len(optimizer.state) == len(handles) - 1
