@@ -109,7 +109,7 @@ print('results labelled', harness.git_commit())"
 
     case "${1:-}" in
         8b)
-            step 400 "bench_unlearn 8b (LoRA; full weights + cached reference)" \
+            step 540 "bench_unlearn 8b (LoRA; full weights + cached reference, AdamW after or in the backward)" \
                 python3 bench/bench_unlearn.py --preset 8b --reps 2 ;;
         tests) gpu_tests ;;
         benches) gpu_benches ;;

@@ -290,8 +290,8 @@ class UnlearningTrainer:
         if self.sharded and config.lora:
             raise NotImplementedError("lora=True under FSDP is not supported (the adapter could not be merged "
                                       "into sharded weights); LoRA's trainable weights are small: use DDP")
-        if config.optimizer_in_backward and self.accelerator.num_processes != 1:
-            raise ValueError(f"optimizer_in_backward (--optimizer-in-backward) needs one process: under "
+        if config.optimizer_in_backward and (self.accelerator.num_processes != 1 or self.sharded):
+            raise ValueError(f"optimizer_in_backward (--optimizer-in-backward) needs one process without FSDP: under "
                              f"{self.accelerator.num_processes} the gradients are reduced across them after the "
                              "backward, where it would already have stepped on each process's own")
         self.model = self._prepare_model(model)
