@@ -27,9 +27,10 @@ default segments: about 16 MiB at H = 4096 in bf16 (under 1% of the 2 GiB of bf1
 over 128256 words). The matmuls run at library speed on tensor cores (fp32 inputs: at torch's float32 matmul
 precision, full fp32 by default), and the results are deterministic (no atomics).
 
-fp16 has too little range for G itself (grad_scale is often ~1e-4 / tokens): the kernels write
+fp16 has too little range for G itself (grad_scale is often ~1e-4 / tokens): in fp16 the kernels write
 G / max|grad_scale| (entries in [-1, 1]) and the scale is multiplied back in fp32, as the alpha of the
-matmuls and on the fp32 accumulator.
+matmuls and on the fp32 accumulator. That alpha is a host number, which waits for the device in the middle of the
+backward pass; bf16 has fp32's range, so bf16 and fp32 take G as it is and do not wait.
 """
 import torch
 
@@ -71,12 +72,15 @@ def backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_g
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     seg_rows, chunk_cols = chunk_plan(num_rows, vocab, hidden_size)
-    # G / scale_max: entries of size <= 1 whatever grad_scale, so that fp16 neither underflows nor overflows
-    scale_max = grad_scale.abs().max()
-    row_scale = (grad_scale / scale_max.clamp(min=torch.finfo(torch.float32).tiny)).float()
-    # the alpha of d_weight's matmuls is a host number, which waits for the device: read only where d_weight is
-    # asked for (not for a frozen lm_head); d_bias and d_hidden take the scale as a tensor, the same product in fp32
-    weight_alpha = scale_max.item() if need_weight_grad else None
+    if hidden.dtype == torch.float16:
+        # G / scale_max: entries of size <= 1 whatever grad_scale, so that fp16 neither underflows nor overflows
+        scale_max = grad_scale.abs().max()
+        row_scale = (grad_scale / scale_max.clamp(min=torch.finfo(torch.float32).tiny)).float()
+        # the alpha of d_weight's matmuls is a host number, which waits for the device: read only where d_weight is
+        # asked for (not for a frozen lm_head); d_bias and d_hidden take the scale as a tensor, the same product in fp32
+        weight_alpha = scale_max.item() if need_weight_grad else None
+    else:
+        scale_max, row_scale, weight_alpha = 1.0, grad_scale.float(), 1.0
 
     d_hidden = torch.empty_like(hidden) if need_hidden_grad else None
     d_weight = torch.zeros_like(weight) if need_weight_grad else None
