@@ -1,5 +1,6 @@
 """The unlearning training loop: AdamW with a linear schedule, gradient accumulation, early stop on the
-forget NLL, optional LoRA, bf16, gradient checkpointing, atomic checkpoints and an exact resume.
+forget NLL, optional LoRA, bf16, gradient checkpointing, atomic checkpoints and an exact resume; in one process,
+optionally AdamW stepping each weight inside the backward (optimizer_in_backward, backward_step.py).
 
 The same code runs in one process or under `accelerate launch` (DDP, FSDP 1 or 2): the objective module
 (policy + fused losses) is what accelerate wraps, and each process draws its own rows of every step (see
