@@ -44,8 +44,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.harness import (LLAMA_SHAPES, PROFILE_COLUMNS, failure_row, print_table, profile_top,  # noqa: E402
-                           qwen3_5_layer_types, synchronize, write_results)
+from bench.harness import (LLAMA_SHAPES, PROFILE_COLUMNS, PYTHON_PROFILE_COLUMNS, failure_row,  # noqa: E402
+                           print_table, profile_top, python_profile_top, qwen3_5_layer_types, synchronize,
+                           write_results)
 from fastalign.cli import memory_size_argument  # noqa: E402
 from fastalign.evaluation.generation import pad_id  # noqa: E402
 from fastalign.pretrained import load_pretrained  # noqa: E402
@@ -268,7 +269,8 @@ def main():
     parser.add_argument("--virtual-leaves", type=int, default=4, help="parallel_leaves of the 'on' variant")
     parser.add_argument("--kv-tokens", type=int, default=None, help="KV pool of the tree engine, in tokens")
     parser.add_argument("--profile", action="store_true",
-                        help="profile the tree engine's run once more: its top operators by device and by host time")
+                        help="profile the tree engine's run again: its top operators by device and by host time, and "
+                             "its top Python functions by their own time")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also the tree rows with TreeRunner(cuda_graphs=True) (CUDA, --family llama)")
     parser.add_argument("--state-memory", type=memory_size_argument, metavar="SIZE",
@@ -349,12 +351,14 @@ def main():
         add(row("tree", run, {"greedy_s_same_length": greedy_s, "rain_over_greedy": run.stats.wall_seconds / greedy_s,
                               **split}))
         tree = run
-        if args.profile:   # the same run again, profiled: where its device and host time go, by operator
+        if args.profile:   # the same run again, profiled: where its device and host time go, by operator and
+            def again():   # by Python function
+                rain_generate(model, tok, first, config, engine="tree", concurrency=1, sampler="keyed", **common)
             for by in ("device", "host"):
-                rows[-1][f"profile_by_{by}"] = profile_top(
-                    lambda: rain_generate(model, tok, first, config, engine="tree", concurrency=1, sampler="keyed",
-                                          **common), args.device, count=20, by=by)
+                rows[-1][f"profile_by_{by}"] = profile_top(again, args.device, count=20, by=by)
                 print_table(rows[-1][f"profile_by_{by}"], PROFILE_COLUMNS)
+            rows[-1]["profile_python"] = python_profile_top(again)
+            print_table(rows[-1]["profile_python"], PYTHON_PROFILE_COLUMNS)
             write()
     section("tree", tree_section)
     for c in args.concurrency:

@@ -116,6 +116,8 @@ def peak_extra_mib(fn, device):
 
 PROFILE_COLUMNS = [("op", "operator / kernel", "{}"), ("calls", "calls", "{}"), ("self_ms", "self ms", "{:.2f}"),
                    ("self_host_ms", "host ms", "{:.2f}")]   # of profile_top's rows
+PYTHON_PROFILE_COLUMNS = [("function", "function", "{}"), ("calls", "calls", "{}"), ("self_s", "self s", "{:.3f}"),
+                          ("cumulative_s", "cumulative s", "{:.3f}")]   # of python_profile_top's rows
 
 
 def profile_top(fn, device, count=12, by="device"):
@@ -135,6 +137,19 @@ def profile_top(fn, device, count=12, by="device"):
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, order), reverse=True)[:count]
     return [{"op": e.key[:120], "calls": e.count, "self_ms": getattr(e, key) / 1e3,
              "self_host_ms": e.self_cpu_time_total / 1e3} for e in events]
+
+
+def python_profile_top(fn, count=15):
+    """The `count` Python functions one fn() call spent most of its own time in (cProfile's tottime), as a list of
+    {"function", "calls", "self_s", "cumulative_s"}: the host work between the operators that profile_top lists."""
+    import cProfile
+    import pstats
+    profiler = cProfile.Profile()
+    profiler.runcall(fn)
+    stats = pstats.Stats(profiler).stats   # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
+    top = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:count]
+    return [{"function": f"{os.path.basename(file)}:{line}:{name}"[:120], "calls": calls, "self_s": tottime,
+             "cumulative_s": cumtime} for (file, line, name), (calls, _, tottime, cumtime, _) in top]
 
 
 def failure_row(method, err):
