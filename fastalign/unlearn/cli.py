@@ -228,6 +228,7 @@ def is_main_process() -> bool:
 def main(args: argparse.Namespace) -> int:
     from fastalign.model_vocabulary import input_vocabulary
     from fastalign.unlearn.models import check_fused_logits, max_positions
+    from fastalign.unlearn.packing import RowPacker
     from fastalign.unlearn.records import DataError
     from fastalign.unlearn.run import load_model_and_tokenizer, load_streams, run_unlearning
     from fastalign.unlearn.trainer import MissingExtraError, require_extras, resume_point
@@ -245,11 +246,13 @@ def main(args: argparse.Namespace) -> int:
             check_fused_logits(model)
             streams.check_context(max_positions(model))
             streams.check_vocabulary(input_vocabulary(model))
+            packer = RowPacker(model, config.packing)   # --packing on: an error for a model it is not exact for
             if is_main_process():
                 print(json.dumps({"model": type(model).__name__, "forget": len(streams.forget),
                                   "normal": len(streams.normal), "mismatch_pool": len(streams.pool),
                                   "skipped": streams.skipped, "answers_cut": streams.answers_cut,
-                                  "reference": config.reference_mode}, indent=1))
+                                  "reference": config.reference_mode, "packing": config.packing,
+                                  "packing_unavailable": packer.unavailable}, indent=1))
             return 0
         summary = run_unlearning(config)
     except (DataError, ValueError, FileNotFoundError, FileExistsError, TypeError, FloatingPointError, MissingExtraError,
@@ -261,6 +264,7 @@ def main(args: argparse.Namespace) -> int:
     if is_main_process():
         print(json.dumps({"steps": summary.steps, "stop_reason": summary.stop_reason,
                           "model_dir": summary.model_dir, "adapter_dir": summary.adapter_dir,
-                          "merge_rounding_error": summary.merge_rounding_error, "compute": summary.compute},
+                          "merge_rounding_error": summary.merge_rounding_error,
+                          "packing_unavailable": summary.packing_unavailable, "compute": summary.compute},
                          indent=1))
     return 0

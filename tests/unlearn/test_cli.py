@@ -90,7 +90,18 @@ def test_check_loads_everything_and_writes_nothing(workspace, capsys):
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["forget"] == 3 and report["normal"] == 5 and report["mismatch_pool"] > 0
+    assert (report["packing"], report["packing_unavailable"]) == ("auto", None)   # a Llama: it packs
     assert not os.path.exists(workspace / "out")
+
+
+def test_check_refuses_packing_on_for_a_model_that_cannot_pack(workspace, capsys, monkeypatch):
+    """--packing on for a model whose packed rows are not its padded ones: --check says so, with the reason."""
+    from fastalign.unlearn import packing
+    monkeypatch.setattr(packing, "_probe", lambda model, window: "a reason of the model's")
+    code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
+                 "--packing", "on", "--check"])
+    assert code == 2
+    assert "fastalign unlearn: error: packing='on': a reason of the model's" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("check", [False, True])
