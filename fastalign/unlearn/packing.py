@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from fastalign.eval_mode import eval_mode
+from fastalign.model_vocabulary import input_vocabulary
 from fastalign.transfers import index_on
 from fastalign.unlearn.batching import TokenBatch
 from fastalign.unlearn.compute import ModelShape
@@ -273,7 +274,8 @@ def _probe(model, window: int | None) -> str | None:
     weight = lm_head.weight
     if any(p.is_meta for p in decoder.parameters()):
         return "the model's weights are not loaded in this process, so packing was not checked for it"
-    vocab = max(2, min(weight.shape[0], getattr(config, "vocab_size", weight.shape[0]) or weight.shape[0]))
+    # ids the input embeddings hold, as check_fused_logits probes them (an lm_head may have more rows)
+    vocab = max(2, min(weight.shape[0], input_vocabulary(base_causal_lm(model)) or weight.shape[0]))
     n = 9 if window is None else max(2, min(9, window))   # within the window, which the packed mask does not set
     first = torch.linspace(1, vocab - 1, n).long()
     second = torch.cat([first[:n // 2], first.flip(0)[:n - 1 - n // 2]])   # parts from the first row halfway

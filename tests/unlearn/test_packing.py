@@ -82,12 +82,17 @@ def test_a_row_longer_than_the_capacity_is_refused():
         pack_rows(ids, lengths, 3)
 
 
+def padded_batch(ids, lengths):
+    """The TokenBatch of the first lengths[b] tokens of each row b of ids, right-padded to the longest."""
+    ids = ids[:, :max(lengths)]
+    mask = (torch.arange(ids.shape[1]) < torch.tensor(lengths)[:, None]).long()
+    return TokenBatch(ids, mask, torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool))
+
+
 def random_batch(vocab, seed, rows=6):
     """A TokenBatch of rows sharing prompts (as a forget row and its mismatch rows do), right-padded."""
     ids, lengths = rows_with_shared_prefixes(seed, count=rows - 1, vocab=vocab)
-    ids = ids[:, :max(lengths)]
-    mask = (torch.arange(ids.shape[1]) < torch.tensor(lengths)[:, None]).long()
-    return TokenBatch(ids, mask, torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool)), lengths
+    return padded_batch(ids, lengths), lengths
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
@@ -288,10 +293,8 @@ def test_packing_runs_exactly_where_the_check_lets_it(name):
     ids, lengths = rows_with_shared_prefixes(3, count=7, vocab=20)
     limit = min(12, packer.window or 12)
     lengths = [min(n, limit) for n in lengths]
-    ids = ids[:, :max(lengths)] + 1
-    mask = (torch.arange(ids.shape[1]) < torch.tensor(lengths)[:, None]).long()
-    batch = TokenBatch(ids, mask, torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool))
-    layout, real = pack_rows(ids, lengths, 64), mask.bool()
+    batch = padded_batch(ids + 1, lengths)
+    layout, real = pack_rows(batch.input_ids, lengths, 64), batch.attention_mask.bool()
     try:
         with torch.no_grad():
             padded = final_hidden_states(decoder, batch)[real]
