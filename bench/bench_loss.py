@@ -1,9 +1,10 @@
 """Benchmark of the fused linear losses against what users would otherwise run.
 
-linear_cross_entropy: fastalign (plain and with signed token weights), naive torch (materialised logits),
+linear_cross_entropy: fastalign (plain and with signed token weights; each also with grads_in_forward=True, the
+gradients taken in the forward pass from blocks of whole logits rows), naive torch (materialised logits),
 a chunked torch.compile version (checkpointed row chunks), Liger-Kernel's fused linear cross-entropy and
-Cut Cross-Entropy when importable. linear_kl_div: fastalign (separate and shared lm_head), naive torch, and
-Liger's fused linear JSD with beta=0 (forward KL) when importable.
+Cut Cross-Entropy when importable. linear_kl_div: fastalign (separate and shared lm_head, each also with
+grads_in_forward=True), naive torch, and Liger's fused linear JSD with beta=0 (forward KL) when importable.
 Forward and forward+backward; median time, peak extra memory (CUDA), achieved TFLOP/s counted on the products
 the math needs: 2*N*H*V per logits product forward, 4*N*H*V more for the backward of a product with gradients
 (cross-entropy: 2NHV forward, 6NHV with the backward, the issue's definition; KL: 4NHV forward, the frozen
@@ -40,6 +41,14 @@ def fastalign_ce(h, w, y, tw):
 
 def fastalign_ce_signed(h, w, y, tw):
     return fastalign.linear_cross_entropy(h, w, y, token_weight=tw, reduction="sum")
+
+
+def fastalign_ce_in_forward(h, w, y, tw):
+    return fastalign.linear_cross_entropy(h, w, y, grads_in_forward=True)
+
+
+def fastalign_ce_signed_in_forward(h, w, y, tw):
+    return fastalign.linear_cross_entropy(h, w, y, token_weight=tw, reduction="sum", grads_in_forward=True)
 
 
 def naive_ce(h, w, y, tw):
@@ -80,6 +89,10 @@ def cce_exact_ce():
 
 def fastalign_kl(h, w, rh, rw):
     return fastalign.linear_kl_div(h, w, rh, rw)
+
+
+def fastalign_kl_in_forward(h, w, rh, rw):
+    return fastalign.linear_kl_div(h, w, rh, rw, grads_in_forward=True)
 
 
 def naive_kl(h, w, rh, rw):
@@ -198,8 +211,12 @@ def run(args, config):
     ce, kl = "linear_cross_entropy", "linear_kl_div"
     mean_ce, signed_ce, kl_two_heads, kl_one_head = "mean CE", "signed CE", "KL two heads", "KL shared head"
     methods = [(mean_ce, "fastalign", fastalign_ce), (kl_two_heads, "fastalign", fastalign_kl),
+               (mean_ce, "fastalign grads-in-forward", fastalign_ce_in_forward),
+               (kl_two_heads, "fastalign grads-in-forward", fastalign_kl_in_forward),
                (signed_ce, "fastalign signed-weights", fastalign_ce_signed),
+               (signed_ce, "fastalign signed-weights grads-in-forward", fastalign_ce_signed_in_forward),
                (kl_one_head, "fastalign shared-head", fastalign_kl),
+               (kl_one_head, "fastalign shared-head grads-in-forward", fastalign_kl_in_forward),
                (mean_ce, "liger", optional(liger_ce, unavailable)),
                (mean_ce, "cut-cross-entropy", optional(cce_ce, unavailable)),
                (mean_ce, "cut-cross-entropy filter_eps=None", optional(cce_exact_ce, unavailable)),
@@ -248,8 +265,10 @@ def stage_rows(args, config, earlier_rows):
     """fastalign's cross-entropy at each N, stage by stage on the kernel API (sum of the token losses): the forward
     (logsumexps), then the backward with both gradients, d_hidden alone, d_weight alone, and neither (the
     kernel that writes each chunk of G alone, the recomputation of the logits included): the differences say what
-    the G @ W and G^T @ x products, and their accumulation, cost. One row per (N, stage), ms and TFLOP/s on the
-    products each stage computes. The JSON is rewritten after each row, with earlier_rows (the table's) first."""
+    the G @ W and G^T @ x products, and their accumulation, cost. Then grads_in_forward's one pass, with both
+    gradients and with neither (the library matmul of the logits and the kernels that read them). One row per
+    (N, stage), ms and TFLOP/s on the products each stage computes. The JSON is rewritten after each row, with
+    earlier_rows (the table's) first."""
     rows = []
     for n in args.tokens:
         for name, step, flops in _stages(args, n):
@@ -283,6 +302,9 @@ def _stages(args, n):
         stages.append((name, functools.partial(kernel.backward, hidden, weight, None, target, lse, grad_scale,
                                                need_weight, False, need_hidden_grad=need_hidden),
                        product * (1 + need_hidden + need_weight)))
+    for name, need in (("forward with gradients", True), ("forward with gradients, G only", False)):
+        stages.append((name, functools.partial(kernel.forward_with_gradients, hidden, weight, None, target, grad_scale,
+                                               need, False, need_hidden_grad=need), product * (1 + 2 * need)))
     return stages
 
 

@@ -6,7 +6,7 @@
 #                                         # commit into .carry/ (prepare again after committing)
 #   then the device tool, fixing what the first call finds before the second:
 #   run(command="bash bench/gpu_session.sh tests", carry=[".whl", ".carry"], timeout_s=280)   (at most ~4 min)
-#   run(command="bash bench/gpu_session.sh benches", carry=[".whl", ".carry"], timeout_s=520)   (at most ~8.3 min)
+#   run(command="bash bench/gpu_session.sh benches", carry=[".whl", ".carry"], timeout_s=540)   (at most ~8.6 min)
 #   at 1800a8f an H200 took 3.2 and 4.6 min; each call starts a machine (~1 min)
 #   in a later session (a full run leaves under the 4 minutes a machine needs to start):
 #   run(command="bash bench/gpu_session.sh 8b", ...)   # bench_unlearn --preset 8b alone
@@ -70,7 +70,7 @@ gpu_tests() {
 }
 
 gpu_benches() {
-    step 95 "bench_loss" python3 bench/bench_loss.py --tokens 8192 --verbose --stages
+    step 110 "bench_loss" python3 bench/bench_loss.py --tokens 8192 --verbose --stages
     step 45 "bench_loss, 1B head" python3 bench/bench_loss.py --hidden 2048 --tokens 256 2048 --verbose --stages
     step 95 "bench_tree" python3 bench/bench_tree.py --prefix 1500 8000 32000 131072 --rows 1 10 64 \
         --branch-lengths 16 2048 8192 --decode-tokens 64 --splits 8 32 64

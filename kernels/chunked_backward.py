@@ -27,6 +27,14 @@ default segments: about 16 MiB at H = 4096 in bf16 (under 1% of the 2 GiB of bf1
 over 128256 words). The matmuls run at library speed on tensor cores (fp32 inputs: at torch's float32 matmul
 precision, full fp32 by default), and the results are deterministic (no atomics).
 
+The same loop also serves the gradients taken in the forward pass (grads_in_forward=True of the ops, for a scalar
+loss whose backward only scales them): there a block of rows takes its logits over the whole vocabulary at once
+from a library matmul, in fp32 (library_logits), the loss's kernels read them from that buffer instead of
+recomputing them, and the block is the one chunk of its segment (row_block_plan). That does the work of one
+product fewer (6 N H V multiply-adds counted twice, against 8 N H V for a forward and a backward that recomputes),
+for a buffer of whole rows: about 6 bytes per logit of a block (fp32 logits, a 16-bit G), two fp32 logits more per
+word for the KL's reference head.
+
 fp16 has too little range for G itself (grad_scale is often ~1e-4 / tokens): in fp16 the kernels write
 G / max|grad_scale| (entries in [-1, 1]) and the scale is multiplied back in fp32, as the alpha of the
 matmuls and on the fp32 accumulator. That alpha is a host number, which waits for the device in the middle of the
@@ -45,6 +53,9 @@ _MAX_SEGMENTS = 32
 _ALIGN = 128
 # Under the interpreter (CPU tests) tiny segments and chunks, so that every boundary is crossed at test shapes.
 _INTERPRET_ROWS, _INTERPRET_COLS = 16, 64
+# The buffers of one block of whole logits rows (row_block_plan), and the rows of a block are a multiple of this
+_ROW_BLOCK_BYTES = 192 * 2 ** 20
+_ROW_BLOCK_ALIGN = 64
 
 
 def chunk_plan(num_rows, vocab, hidden_size):
@@ -58,8 +69,31 @@ def chunk_plan(num_rows, vocab, hidden_size):
     return rows, min(cols, vocab)
 
 
+def row_block_plan(num_rows, vocab, bytes_per_logit):
+    """(rows per block, vocab) for gradients taken from blocks of whole logits rows whose buffers hold
+    bytes_per_logit bytes per logit: as many rows as _ROW_BLOCK_BYTES holds, and more where that would round
+    d_weight more than _MAX_SEGMENTS times (the buffers then grow with N, as a backward's segments do)."""
+    if INTERPRET:
+        return min(num_rows, _INTERPRET_ROWS), vocab
+    rows = max(_ROW_BLOCK_ALIGN, _ROW_BLOCK_BYTES // (bytes_per_logit * vocab) // _ROW_BLOCK_ALIGN * _ROW_BLOCK_ALIGN)
+    fewest = -(-num_rows // _MAX_SEGMENTS)
+    rows = max(rows, -(-fewest // _ROW_BLOCK_ALIGN) * _ROW_BLOCK_ALIGN)
+    return min(rows, num_rows), vocab
+
+
+def library_logits(hidden, weight):
+    """hidden @ weight^T in fp32 [rows, V] by a library matmul: 16-bit operands multiply on the tensor cores with
+    fp32 accumulation and an fp32 output (torch.mm's out_dtype, CUDA only); the interpreter's CPU tensors are upcast
+    first (the same products, for tests)."""
+    if hidden.dtype == torch.float32:
+        return torch.mm(hidden, weight.t())
+    if hidden.is_cuda:
+        return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+    return torch.mm(hidden.float(), weight.float().t())
+
+
 def backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_grad, segment_writer,
-                       need_hidden_grad=True):
+                       need_hidden_grad=True, plan=None):
     """(d_hidden [M, H] in hidden's dtype or None, d_weight [V, H] in weight's dtype or None, d_bias [V] fp32 or
     None); a gradient nobody asked for is neither computed nor allocated (the G @ W products are a third of the
     backward's work, wasted when only the weight is trained on hidden states from a frozen backbone).
@@ -68,10 +102,11 @@ def backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_g
     and returns write(cols, out), which must fill out [len(rows), len(cols)] (a strided view) with
     D[rows, cols] * row_scale[:, None] for the slice cols. The chunk loop runs once per chunk on the host
     while the GPU runs its three products, so what can be done once per segment is done there.
+    plan: (rows per segment, columns per chunk), chunk_plan's unless given (row_block_plan's for whole rows).
     """
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
-    seg_rows, chunk_cols = chunk_plan(num_rows, vocab, hidden_size)
+    seg_rows, chunk_cols = plan or chunk_plan(num_rows, vocab, hidden_size)
     if hidden.dtype == torch.float16:
         # G / scale_max: entries of size <= 1 whatever grad_scale, so that fp16 neither underflows nor overflows
         scale_max = grad_scale.abs().max()
@@ -108,4 +143,5 @@ def backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_g
                 d_bias[cols] += g.sum(dim=0, dtype=torch.float32) * scale_max
         if need_hidden_grad:
             d_hidden[rows] = acc.mul_(scale_max)
+        del write_gradient   # and whatever it holds (a block's logits), before the next segment makes its own
     return d_hidden, d_weight, d_bias

@@ -4,6 +4,8 @@
 The [M, V] logits never exist in memory. The forward streams over the vocabulary keeping a running
 (max, sum-exp) per row; the backward recomputes the logits chunk by chunk from the saved logsumexp, and
 chunked_backward.py takes the products of each gradient chunk with the weight and the hidden states.
+forward_with_gradients does both at once for a block of rows at a time, from that block's whole logits rows, which a
+library matmul writes into an fp32 buffer that the same kernels read (FROM_BUFFER) instead of computing tiles.
 
 Launcher contract (the autograd Function in fastalign.ops calls these): inputs are validated, contiguous,
 on one device, ignore_index rows already removed (M >= 1), every target in [0, V).
@@ -12,21 +14,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked_backward import backward_in_chunks
+from .chunked_backward import backward_in_chunks, library_logits, row_block_plan
 from .device_guard import on_device_of_first_input
-from .linear_softmax_tiles import (autotune_tiles, chunk_grid, forward_grid, head_logits, logits_tile, merge_splits,
-                                   online_logsumexp, store_gradient_tile, vocab_splits)
+from .linear_softmax_tiles import (autotune_tiles, chunk_grid, forward_grid, head_logits, merge_splits,
+                                   online_logsumexp, product_tile, store_gradient_tile, vocab_splits)
 
 
-@autotune_tiles(streams=1, key=["H", "V", "HAS_BIAS", "HAS_SOFTCAP"])
+@autotune_tiles(streams=1, key=["H", "V", "HAS_BIAS", "HAS_SOFTCAP", "FROM_BUFFER"])
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, b_ptr, target_ptr, split_stats_ptr, target_logit_ptr, softcap,
+def _forward_kernel(x_ptr, w_ptr, b_ptr, z_ptr, target_ptr, split_stats_ptr, target_logit_ptr, softcap,
                     M, H, V, V_PER_SPLIT, NUM_SPLITS,
-                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FROM_BUFFER: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (split, row block): (max, sum-exp) of z over its vocabulary range, and z[t, y_t] if y_t is in it.
 
-    split_stats is [2, M, NUM_SPLITS]: running max, then sum of exp(z - max).
+    split_stats is [2, M, NUM_SPLITS]: running max, then sum of exp(z - max). FROM_BUFFER: x W^T is read from the
+    fp32 [M, V] buffer z instead of computed.
     """
     split = tl.program_id(0) % NUM_SPLITS  # the split varies fastest: see forward_grid
     rows = (tl.program_id(0) // NUM_SPLITS) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -42,7 +45,8 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, target_ptr, split_stats_ptr, target_log
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
         # z = x W^T + b on this tile
-        z = logits_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, H, BLOCK_M, BLOCK_V, BLOCK_K)
+        z = product_tile(x_ptr, w_ptr, z_ptr, rows, cols, row_mask, col_mask, H, V, FROM_BUFFER,
+                         BLOCK_M, BLOCK_V, BLOCK_K)
         z = head_logits(z, b_ptr, cols, col_mask, softcap, HAS_BIAS, HAS_SOFTCAP)
         # z[t, y_t] where y_t falls in this tile (at most one column matches)
         target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
@@ -56,21 +60,23 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, target_ptr, split_stats_ptr, target_log
     tl.store(target_logit_ptr + rows, target_logit, mask=row_mask & (target >= v_start) & (target < v_end))
 
 
-@autotune_tiles(streams=1, key=["H", "HAS_BIAS", "HAS_SOFTCAP"])
+@autotune_tiles(streams=1, key=["H", "HAS_BIAS", "HAS_SOFTCAP", "FROM_BUFFER"])
 @triton.jit
-def _gradient_kernel(x_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, scale_ptr, g_ptr, softcap,
-                     M, H, V, COL_START, G_STRIDE,
-                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+def _gradient_kernel(x_ptr, w_ptr, b_ptr, z_ptr, target_ptr, lse_ptr, scale_ptr, g_ptr, softcap,
+                     M, H, V, COL_START, G_STRIDE, Z_STRIDE,
+                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FROM_BUFFER: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (row block, column tile) of one [M, V] chunk whose first column is COL_START in the whole
     vocabulary: G = (softmax(z) - onehot(y)) * scale[:, None], recomputed from the saved lse (times the soft
-    cap's derivative wrt the raw logits with HAS_SOFTCAP)."""
+    cap's derivative wrt the raw logits with HAS_SOFTCAP), or with FROM_BUFFER from x W^T read from the fp32 buffer
+    z of row stride Z_STRIDE."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < M
     col_mask = cols < V
 
-    z = logits_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, H, BLOCK_M, BLOCK_V, BLOCK_K)
+    z = product_tile(x_ptr, w_ptr, z_ptr, rows, cols, row_mask, col_mask, H, Z_STRIDE, FROM_BUFFER,
+                     BLOCK_M, BLOCK_V, BLOCK_K)
     z = head_logits(z, b_ptr, cols, col_mask, softcap, HAS_BIAS, HAS_SOFTCAP)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
@@ -85,17 +91,33 @@ def _gradient_kernel(x_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, scale_ptr, g_ptr,
 def forward(hidden, weight, bias, target, softcap=None):
     """(lse, target_logit), fp32 [M] each: logsumexp_v z[t, v] and z[t, target_t] for z = hidden @ weight^T + bias,
     soft-capped (softcap * tanh(z / softcap)) unless softcap is None."""
+    return _forward(hidden, weight, bias, target, softcap)
+
+
+def _forward(hidden, weight, bias, target, softcap, logits=None):
+    """forward(), from hidden @ weight^T read from the fp32 buffer `logits` [M, V] where one is given."""
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     num_splits, per_split = vocab_splits(num_rows, vocab, hidden.device)
     split_stats = torch.empty(2, num_rows, num_splits, dtype=torch.float32, device=hidden.device)
     target_logit = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
     _forward_kernel[forward_grid(num_rows, num_splits)](
-        hidden, weight, weight if bias is None else bias, target, split_stats, target_logit, softcap or 0.0,
-        num_rows, hidden_size, vocab, per_split, num_splits, HAS_BIAS=bias is not None,
-        HAS_SOFTCAP=softcap is not None, enable_fp_fusion=True)
+        hidden, weight, weight if bias is None else bias, hidden if logits is None else logits, target, split_stats,
+        target_logit, softcap or 0.0, num_rows, hidden_size, vocab, per_split, num_splits, HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=softcap is not None, FROM_BUFFER=logits is not None, enable_fp_fusion=True)
     lse, _ = merge_splits(split_stats[0], split_stats[1])
     return lse, target_logit
+
+
+def _write_gradient(x, weight, bias, target, lse, row_scale, out, softcap, cols, logits=None):
+    """Launches _gradient_kernel over the chunk `out` (columns `cols` of the vocabulary; weight and bias whole):
+    from tiles it computes, or from the fp32 buffer `logits` of those rows and columns."""
+    _gradient_kernel[chunk_grid(out)](x, weight[cols], weight if bias is None else bias[cols],
+                                      x if logits is None else logits, target, lse, row_scale, out, softcap or 0.0,
+                                      out.shape[0], x.shape[1], out.shape[1], cols.start, out.stride(0),
+                                      0 if logits is None else logits.stride(0), HAS_BIAS=bias is not None,
+                                      HAS_SOFTCAP=softcap is not None, FROM_BUFFER=logits is not None,
+                                      enable_fp_fusion=True)
 
 
 @on_device_of_first_input
@@ -109,13 +131,28 @@ def backward(hidden, weight, bias, target, lse, grad_scale, need_weight_grad, ne
     """
     def segment_writer(rows, row_scale):
         x, y, row_lse = hidden[rows], target[rows], lse[rows]
-
-        def write(cols, out):
-            _gradient_kernel[chunk_grid(out)](x, weight[cols], weight if bias is None else bias[cols], y, row_lse,
-                                              row_scale, out, softcap or 0.0, out.shape[0], x.shape[1],
-                                              out.shape[1], cols.start, out.stride(0), HAS_BIAS=bias is not None,
-                                              HAS_SOFTCAP=softcap is not None, enable_fp_fusion=True)
-        return write
+        return lambda cols, out: _write_gradient(x, weight, bias, y, row_lse, row_scale, out, softcap, cols)
 
     return backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_grad, segment_writer,
                               need_hidden_grad)
+
+
+@on_device_of_first_input
+def forward_with_gradients(hidden, weight, bias, target, grad_scale, need_weight_grad, need_bias_grad,
+                           need_hidden_grad=True, softcap=None):
+    """forward() and backward() in one pass: (lse, target_logit, d_hidden, d_weight, d_bias), a block of rows at a
+    time from its whole fp32 logits rows (chunked_backward.py), one product with the weight fewer than both."""
+    num_rows, vocab = hidden.shape[0], weight.shape[0]
+    lse = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
+    target_logit = torch.empty_like(lse)
+
+    def segment_writer(rows, row_scale):
+        x, y = hidden[rows], target[rows]
+        logits = library_logits(x, weight)
+        lse[rows], target_logit[rows] = _forward(x, weight, bias, y, softcap, logits)
+        return lambda cols, out: _write_gradient(x, weight, bias, y, lse[rows], row_scale, out, softcap, cols,
+                                                 logits)
+
+    plan = row_block_plan(num_rows, vocab, 4 + hidden.element_size())
+    return (lse, target_logit) + backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_grad,
+                                                    segment_writer, need_hidden_grad, plan)

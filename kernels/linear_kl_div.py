@@ -5,6 +5,9 @@ P is the frozen reference (no gradient). Neither [M, V] logits matrix exists in 
 streams over the vocabulary once, the backward recomputes both logits chunk by chunk from the saved
 logsumexps, and chunked_backward.py takes the products of each gradient chunk.
 When W_ref is W (a frozen lm_head shared by both models) each weight chunk is loaded once for both products.
+forward_with_gradients does the forward and the backward at once for a block of rows at a time, from the block's
+whole logits rows of both heads, which library matmuls write into fp32 buffers that the same kernels read
+(FROM_BUFFER) instead of computing tiles (one matmul over both heads' rows when they share W).
 
 Accuracy of the one-pass KL. With d_v = zp_v - zq_v,
     KL = E_p[d] - (lse_p - lse_q) = E_p[d] + log E_p[exp(-d)].
@@ -26,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked_backward import backward_in_chunks
+from .chunked_backward import backward_in_chunks, library_logits, row_block_plan
 from .device_guard import on_device_of_first_input
 from .linear_softmax_tiles import (autotune_tiles, chunk_grid, forward_grid, head_logits, logits_tile_pair,
                                    merge_splits, online_logsumexp, store_gradient_tile, vocab_splits)
@@ -52,17 +55,19 @@ def _expm1_series(x):
     return x * r
 
 
-@autotune_tiles(streams=2, key=["H", "H_REF", "V", "SHARED_WEIGHT", "HAS_BIAS", "HAS_REF_BIAS", "HAS_SOFTCAP"])
+@autotune_tiles(streams=2, key=["H", "H_REF", "V", "SHARED_WEIGHT", "HAS_BIAS", "HAS_REF_BIAS", "HAS_SOFTCAP",
+                                 "FROM_BUFFER"])
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, split_stats_ptr, softcap,
+def _forward_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, z_ptr, zr_ptr, split_stats_ptr, softcap,
                     M, H, H_REF, V, V_PER_SPLIT, NUM_SPLITS,
                     SHARED_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
-                    HAS_SOFTCAP: tl.constexpr, EXPM1_SERIES_LIMIT: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, FROM_BUFFER: tl.constexpr, EXPM1_SERIES_LIMIT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (split, row block): streaming statistics of zq = x W^T + b and zp = x_ref W_ref^T + b_ref on its range.
 
     split_stats is [6, M, NUM_SPLITS]: max and sum exp(zq - max) of Q; max m_p and sum exp(zp - m_p) of P;
-    sum exp(zp - m_p) * d and sum exp(zp - m_p) * expm1(-d), with d = zp - zq.
+    sum exp(zp - m_p) * d and sum exp(zp - m_p) * expm1(-d), with d = zp - zq. FROM_BUFFER: x W^T and x_ref W_ref^T
+    are read from the fp32 [M, V] buffers z and zr instead of computed.
     """
     split = tl.program_id(0) % NUM_SPLITS  # the split varies fastest: see forward_grid
     rows = (tl.program_id(0) // NUM_SPLITS) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -79,8 +84,8 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, split_stats_ptr
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        zq, zp = logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, rows, cols, row_mask, col_mask, H, H_REF,
-                                  SHARED_WEIGHT, BLOCK_M, BLOCK_V, BLOCK_K)
+        zq, zp = logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, z_ptr, zr_ptr, rows, cols, row_mask, col_mask, H,
+                                  H_REF, V, SHARED_WEIGHT, FROM_BUFFER, BLOCK_M, BLOCK_V, BLOCK_K)
         zq = head_logits(zq, b_ptr, cols, col_mask, softcap, HAS_BIAS, HAS_SOFTCAP)
         zp = head_logits(zp, br_ptr, cols, col_mask, softcap, HAS_REF_BIAS, HAS_SOFTCAP)
         d = tl.where(col_mask[None, :], zp - zq, 0.0)
@@ -107,23 +112,25 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, split_stats_ptr
     tl.store(split_stats_ptr + 5 * stat_stride + stat, p_expm1, mask=row_mask)
 
 
-@autotune_tiles(streams=2, key=["H", "H_REF", "SHARED_WEIGHT", "HAS_BIAS", "HAS_REF_BIAS", "HAS_SOFTCAP"])
+@autotune_tiles(streams=2, key=["H", "H_REF", "SHARED_WEIGHT", "HAS_BIAS", "HAS_REF_BIAS", "HAS_SOFTCAP",
+                                 "FROM_BUFFER"])
 @triton.jit
-def _gradient_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, lse_ptr, ref_lse_ptr, scale_ptr, g_ptr, softcap,
-                     M, H, H_REF, V, G_STRIDE,
+def _gradient_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, z_ptr, zr_ptr, lse_ptr, ref_lse_ptr, scale_ptr,
+                     g_ptr, softcap, M, H, H_REF, V, G_STRIDE, Z_STRIDE,
                      SHARED_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
-                     HAS_SOFTCAP: tl.constexpr,
+                     HAS_SOFTCAP: tl.constexpr, FROM_BUFFER: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (row block, column tile) of one [M, V] chunk: recompute zq and zp from the saved
-    logsumexps, G = dKL/dzq * scale[:, None] = (q - p) * scale[:, None] (times the soft cap's derivative wrt the
-    raw logits of the policy with HAS_SOFTCAP)."""
+    """Program (row block, column tile) of one [M, V] chunk: recompute zq and zp (or, FROM_BUFFER, read them from
+    the fp32 buffers z and zr of row stride Z_STRIDE), G = dKL/dzq * scale[:, None] = (q - p) * scale[:, None]
+    with the saved logsumexps (times the soft cap's derivative wrt the raw logits of the policy with
+    HAS_SOFTCAP)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < M
     col_mask = cols < V
 
-    zq, zp = logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, rows, cols, row_mask, col_mask, H, H_REF,
-                              SHARED_WEIGHT, BLOCK_M, BLOCK_V, BLOCK_K)
+    zq, zp = logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, z_ptr, zr_ptr, rows, cols, row_mask, col_mask, H, H_REF,
+                              Z_STRIDE, SHARED_WEIGHT, FROM_BUFFER, BLOCK_M, BLOCK_V, BLOCK_K)
     zq = head_logits(zq, b_ptr, cols, col_mask, softcap, HAS_BIAS, HAS_SOFTCAP)
     zp = head_logits(zp, br_ptr, cols, col_mask, softcap, HAS_REF_BIAS, HAS_SOFTCAP)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
@@ -148,16 +155,23 @@ def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, softcap=None
 
     (kl, lse, ref_lse), fp32 [M] each: KL(P_t || Q_t) and the logsumexps of hidden @ weight^T + bias and of
     ref_hidden @ ref_weight^T + ref_bias, both soft-capped (softcap * tanh(z / softcap)) unless softcap is None."""
+    return _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, softcap)
+
+
+def _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, softcap, logits=None):
+    """forward(), from both heads' products read from the fp32 buffers logits = (z, z_ref), each [M, V], where
+    given."""
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     num_splits, per_split = vocab_splits(num_rows, vocab, hidden.device)
     stats = torch.empty(6, num_rows, num_splits, dtype=torch.float32, device=hidden.device)
+    z, z_ref = logits or (hidden, hidden)
     _forward_kernel[forward_grid(num_rows, num_splits)](
         hidden, weight, weight if bias is None else bias, ref_hidden, ref_weight,
-        ref_weight if ref_bias is None else ref_bias, stats, softcap or 0.0,
+        ref_weight if ref_bias is None else ref_bias, z, z_ref, stats, softcap or 0.0,
         num_rows, hidden_size, ref_hidden.shape[1], vocab, per_split, num_splits,
         SHARED_WEIGHT=_same_tensor(weight, ref_weight), HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
-        HAS_SOFTCAP=softcap is not None,
+        HAS_SOFTCAP=softcap is not None, FROM_BUFFER=logits is not None,
         EXPM1_SERIES_LIMIT=_EXPM1_SERIES_LIMIT,
         enable_fp_fusion=True)
     lse, _ = merge_splits(stats[_Q_MAX], stats[_Q_SUMEXP])
@@ -172,6 +186,20 @@ def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, softcap=None
     return torch.where(use_log1p, kl_log1p, kl_direct), lse, ref_lse
 
 
+def _write_gradient(x, weight, bias, x_ref, ref_weight, ref_bias, lse, ref_lse, row_scale, out, softcap, cols,
+                    logits=None):
+    """Launches _gradient_kernel over the chunk `out` (columns `cols` of the vocabulary; weights and biases whole):
+    from tiles it computes, or from both heads' fp32 buffers `logits` = (z, z_ref) of those rows and columns."""
+    z, z_ref = logits or (x, x)
+    _gradient_kernel[chunk_grid(out)](x, weight[cols], weight if bias is None else bias[cols], x_ref,
+                                      ref_weight[cols], ref_weight if ref_bias is None else ref_bias[cols], z, z_ref,
+                                      lse, ref_lse, row_scale, out, softcap or 0.0, out.shape[0], x.shape[1],
+                                      x_ref.shape[1], out.shape[1], out.stride(0), z.stride(0) if logits else 0,
+                                      SHARED_WEIGHT=_same_tensor(weight, ref_weight), HAS_BIAS=bias is not None,
+                                      HAS_REF_BIAS=ref_bias is not None, HAS_SOFTCAP=softcap is not None,
+                                      FROM_BUFFER=logits is not None, enable_fp_fusion=True)
+
+
 @on_device_of_first_input
 def backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, grad_scale, need_weight_grad,
              need_bias_grad, need_hidden_grad=True, softcap=None):
@@ -181,20 +209,35 @@ def backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_ls
     G = (q - p) * grad_scale[:, None];  d_hidden = G @ weight, d_weight = G^T @ hidden, in the inputs' dtype;
     d_bias = G.sum(0) in fp32; each is None (and not computed) unless asked for.
     """
-    shared = _same_tensor(weight, ref_weight)
-
     def segment_writer(rows, row_scale):
         x, x_ref, row_lse, row_ref_lse = hidden[rows], ref_hidden[rows], lse[rows], ref_lse[rows]
-
-        def write(cols, out):
-            _gradient_kernel[chunk_grid(out)](x, weight[cols], weight if bias is None else bias[cols], x_ref,
-                                              ref_weight[cols], ref_weight if ref_bias is None else ref_bias[cols],
-                                              row_lse, row_ref_lse, row_scale, out, softcap or 0.0, out.shape[0],
-                                              x.shape[1], x_ref.shape[1], out.shape[1], out.stride(0),
-                                              SHARED_WEIGHT=shared, HAS_BIAS=bias is not None,
-                                              HAS_REF_BIAS=ref_bias is not None, HAS_SOFTCAP=softcap is not None,
-                                              enable_fp_fusion=True)
-        return write
+        return lambda cols, out: _write_gradient(x, weight, bias, x_ref, ref_weight, ref_bias, row_lse, row_ref_lse,
+                                                 row_scale, out, softcap, cols)
 
     return backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_grad, segment_writer,
                               need_hidden_grad)
+
+
+@on_device_of_first_input
+def forward_with_gradients(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, grad_scale, need_weight_grad,
+                           need_bias_grad, need_hidden_grad=True, softcap=None):
+    """forward() and backward() in one pass: (kl, lse, ref_lse, d_hidden, d_weight, d_bias), a block of rows at a time
+    from both heads' whole fp32 logits rows (chunked_backward.py): two products with the weight fewer than both."""
+    num_rows, vocab = hidden.shape[0], weight.shape[0]
+    kl, lse, ref_lse = (torch.empty(num_rows, dtype=torch.float32, device=hidden.device) for _ in range(3))
+    shared = _same_tensor(weight, ref_weight)
+
+    def segment_writer(rows, row_scale):
+        x, x_ref = hidden[rows], ref_hidden[rows]
+        if shared:   # one matmul, and one read of W, for both heads' rows
+            both = library_logits(torch.cat([x, x_ref]), weight)
+            logits = (both[:x.shape[0]], both[x.shape[0]:])
+        else:
+            logits = (library_logits(x, weight), library_logits(x_ref, ref_weight))
+        kl[rows], lse[rows], ref_lse[rows] = _forward(x, weight, bias, x_ref, ref_weight, ref_bias, softcap, logits)
+        return lambda cols, out: _write_gradient(x, weight, bias, x_ref, ref_weight, ref_bias, lse[rows],
+                                                 ref_lse[rows], row_scale, out, softcap, cols, logits)
+
+    plan = row_block_plan(num_rows, vocab, 8 + hidden.element_size())
+    return (kl, lse, ref_lse) + backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_grad,
+                                                   segment_writer, need_hidden_grad, plan)

@@ -4,7 +4,8 @@ Both losses need softmax(x @ W^T) over a vocabulary too large to hold as [rows, 
 therefore work on one [BLOCK_M, BLOCK_V] logits tile at a time: this module holds the pieces they share,
 so that each loss file only states its own math.
 
-- @triton.jit helpers: a logits tile by a K loop over H (optionally two tiles that share weight loads),
+- @triton.jit helpers: a logits tile by a K loop over H (optionally two tiles that share weight loads), or read
+  from an fp32 buffer that a library matmul filled,
   the head's bias and logit soft cap (Gemma's final_logit_softcapping) on a tile, the online logsumexp update,
   and the store of a gradient tile into a chunk buffer.
 - host helpers: the autotuning of the launch configurations (fixed small blocks under the Triton
@@ -142,12 +143,35 @@ def logits_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, H,
 
 
 @triton.jit
-def logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, rows, cols, row_mask, col_mask, H, H_REF,
-                     SHARED_WEIGHT: tl.constexpr,
+def buffered_tile(z_ptr, rows, cols, row_mask, col_mask, Z_STRIDE):
+    """z[rows, cols] of a row-major fp32 buffer of row stride Z_STRIDE (zeros outside the masks)."""
+    return tl.load(z_ptr + rows.to(tl.int64)[:, None] * Z_STRIDE + cols[None, :],
+                   mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+
+
+@triton.jit
+def product_tile(x_ptr, w_ptr, z_ptr, rows, cols, row_mask, col_mask, H, Z_STRIDE, FROM_BUFFER: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x[rows] @ w[cols]^T in fp32: taken by the K loop of logits_tile, or, with FROM_BUFFER, read from the fp32
+    buffer z where a library matmul of whole logits rows left it (chunked_backward.py's forward-pass gradients)."""
+    if FROM_BUFFER:
+        z = buffered_tile(z_ptr, rows, cols, row_mask, col_mask, Z_STRIDE)
+    else:
+        z = logits_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, H, BLOCK_M, BLOCK_V, BLOCK_K)
+    return z
+
+
+@triton.jit
+def logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, z_ptr, zr_ptr, rows, cols, row_mask, col_mask, H, H_REF,
+                     Z_STRIDE, SHARED_WEIGHT: tl.constexpr, FROM_BUFFER: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """(x @ w^T, xr @ wr^T) on one tile. With SHARED_WEIGHT (wr is w, so H_REF == H) each w chunk is
-    loaded once for both products; otherwise the reference may have its own width H_REF."""
-    if SHARED_WEIGHT:
+    loaded once for both products; otherwise the reference may have its own width H_REF. With FROM_BUFFER both
+    are read from fp32 buffers z and zr of row stride Z_STRIDE instead (see product_tile)."""
+    if FROM_BUFFER:
+        z = buffered_tile(z_ptr, rows, cols, row_mask, col_mask, Z_STRIDE)
+        zr = buffered_tile(zr_ptr, rows, cols, row_mask, col_mask, Z_STRIDE)
+    elif SHARED_WEIGHT:
         z = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
         zr = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
         for k in range(0, H, BLOCK_K):

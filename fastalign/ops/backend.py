@@ -1,7 +1,7 @@
 """Chooses the implementation behind a fused op: Triton kernels or the chunked torch path.
 
-Both implement the same launcher contract (`forward`, `backward` in a module named after the op):
-`fastalign.kernels.<op>` (Triton) and `fastalign.ops.torch_chunked.<op>` (pure torch, bounded memory).
+Both implement the same launcher contract (`forward`, `backward`, `forward_with_gradients` in a module named after
+the op): `fastalign.kernels.<op>` (Triton) and `fastalign.ops.torch_chunked.<op>` (pure torch, bounded memory).
 """
 import importlib
 import os

@@ -1,7 +1,8 @@
 """fastalign.linear_cross_entropy: token-weighted cross-entropy of `hidden @ weight.T + bias`, fused.
 
 The [tokens x vocab] logits are never held in memory: the backends tile (Triton) or chunk (torch) over
-them and recompute them in the backward pass from the saved per-token logsumexp.
+them and recompute them in the backward pass from the saved per-token logsumexp; with grads_in_forward=True the
+gradients are taken in the forward pass instead, from blocks of whole logits rows (forward_gradients.py).
 """
 import torch
 
@@ -9,6 +10,7 @@ from .backend import graph_break, autocast_off, require_triton_dtype, select_bac
 from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
                      check_tensor, check_token_shape, is_integer, out_of_range_targets, refuse_targets, token_dims,
                      FLOAT_DTYPES)
+from .forward_gradients import forward_gradient_needs, full_gradients, refuse_second_backward, scaled
 from .func_transforms import LauncherGradients, refuse_forward_mode, vmap_by_loop
 from .token_rows import TokenRows
 
@@ -19,37 +21,54 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd over the live rows; gradients flow to hidden, weight and bias (not target or token_weight).
 
     forward returns the loss, then the per-token logsumexp and TokenRows' state that the backward takes (in
-    torch.func's form: see func_transforms)."""
+    torch.func's form: see func_transforms), then the gradients taken in the forward (each None unless
+    forward_needs, (need_hidden, need_weight, need_bias) or None, asks for them)."""
 
     @staticmethod
-    def forward(hidden, weight, bias, target, token_weight, ignore_index, reduction, softcap, launcher):
+    def forward(hidden, weight, bias, target, token_weight, ignore_index, reduction, softcap, launcher, forward_needs):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         out_of_range = out_of_range_targets(target, ignore_index, weight.shape[0])
         rows = TokenRows.counting(target != ignore_index, token_weight, reduction, acc, refused=out_of_range)
         if rows is None:
             refuse_targets(target, out_of_range, ignore_index, weight.shape[0])
+        grads = None
         if rows.num_live:
+            operands = (rows.gather(hidden).contiguous(), weight.contiguous(),
+                        None if bias is None else bias.contiguous(), rows.gather(target).contiguous())
             with autocast_off(hidden.device):
-                lse, target_logit = launcher.forward(rows.gather(hidden).contiguous(), weight.contiguous(),
-                                                     None if bias is None else bias.contiguous(),
-                                                     rows.gather(target).contiguous(), softcap)
+                if forward_needs is None:
+                    lse, target_logit = launcher.forward(*operands, softcap)
+                else:
+                    lse, target_logit, *grads = launcher.forward_with_gradients(
+                        *operands, rows.grad_scale(torch.ones((), dtype=acc, device=hidden.device)),
+                        forward_needs[1], forward_needs[2], forward_needs[0], softcap)
         else:
             lse = target_logit = hidden.new_zeros(0, dtype=acc)
-        return (rows.reduce(lse - target_logit), rows.scatter(lse, acc)) + rows.state()
+        if forward_needs is not None:
+            grads = full_gradients(rows, grads, forward_needs, hidden, weight, bias)
+        return (rows.reduce(lse - target_logit), rows.scatter(lse, acc)) + rows.state() + (grads or (None,) * 3)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        hidden, weight, bias, target, _, _, reduction, softcap, launcher = inputs
-        statistics = output[1:]
+        hidden, weight, bias, target, _, _, reduction, softcap, launcher, forward_needs = inputs
+        statistics = [t for t in output[1:] if t is not None]
         ctx.mark_non_differentiable(*statistics)
-        ctx.save_for_backward(hidden, weight, bias, target, *statistics)
+        ctx.forward_gradients = forward_needs is not None
+        if ctx.forward_gradients:  # the gradients alone: the inputs' memory may go
+            ctx.save_for_backward(*output[-3:])
+        else:
+            ctx.save_for_backward(hidden, weight, bias, target, *output[1:-3])
         ctx.reduction, ctx.softcap, ctx.launcher = reduction, softcap, launcher
 
     @staticmethod
     def backward(ctx, grad_output, *_):
-        grads = LauncherGradients.apply("linear_cross_entropy", _gradients, *ctx.saved_tensors, grad_output,
-                                        ctx.reduction, ctx.softcap, ctx.launcher, *ctx.needs_input_grad[:3])
-        return grads + (None,) * 6
+        if ctx.forward_gradients:
+            refuse_second_backward(ctx, "linear_cross_entropy")
+            grads = LauncherGradients.apply("linear_cross_entropy", scaled, grad_output, *ctx.saved_tensors)
+        else:
+            grads = LauncherGradients.apply("linear_cross_entropy", _gradients, *ctx.saved_tensors, grad_output,
+                                            ctx.reduction, ctx.softcap, ctx.launcher, *ctx.needs_input_grad[:3])
+        return grads + (None,) * 7
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -82,7 +101,7 @@ def _gradients(hidden, weight, bias, target, lse, row_weight, num_counted, live_
 
 @graph_break("linear_cross_entropy")
 def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None, ignore_index=-100,
-                         reduction="mean", softcap=None, backend="auto"):
+                         reduction="mean", softcap=None, backend="auto", grads_in_forward=False):
     """Token-weighted cross-entropy of the logits `hidden @ weight.T + bias`, without materialising them.
 
     hidden [..., H] (e.g. a model's [B, T, H], or rows [N, H]), weight [V, H], target [...] (integer, hidden's
@@ -98,6 +117,9 @@ def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None
     raises. torch.compile runs it and its backward as they are (graph breaks): dynamo cannot trace their
     data-dependent row gather and kernel launches, and tracing into them crashed under the Triton interpreter.
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
+    grads_in_forward: True takes the gradients in the forward pass (reduction "sum" or "mean", when a gradient is
+    to be taken), from blocks of whole logits rows (about 6 bytes per logit of a block, ~190 MiB), one product with
+    the weight fewer; the backward scales them, and can run once. See fastalign/ops/forward_gradients.py.
     """
     tokens = token_dims("hidden", hidden)
     check_token_shape("target", target, tokens)
@@ -114,9 +136,10 @@ def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None
     check_bias("bias", bias, "weight", weight)
     check_reduction(reduction)
     check_softcap(softcap)
+    forward_needs = forward_gradient_needs("linear_cross_entropy", grads_in_forward, reduction, hidden, weight, bias)
     hidden, target, token_weight = as_rows(hidden, tokens), as_rows(target, tokens), as_rows(token_weight, tokens)
     launcher = select_backend("linear_cross_entropy", backend, hidden.device)
     require_triton_dtype(launcher, "hidden", hidden)
     loss = LinearCrossEntropyFunction.apply(hidden, weight, bias, target, token_weight, ignore_index, reduction,
-                                            None if softcap is None else float(softcap), launcher)[0]
+                                            None if softcap is None else float(softcap), launcher, forward_needs)[0]
     return loss.reshape(tokens) if reduction == "none" else loss

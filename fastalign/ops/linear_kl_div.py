@@ -2,13 +2,16 @@
 
 P = softmax(ref_hidden @ ref_weight.T + ref_bias) is the frozen reference (no gradient), Q = softmax(hidden @
 weight.T + bias) the policy. Neither [tokens x vocab] distribution is held in memory; when ref_weight is weight
-(one frozen lm_head shared by both models) each weight tile is read once for both products.
+(one frozen lm_head shared by both models) each weight tile is read once for both products. With
+grads_in_forward=True the gradients are taken in the forward pass, from blocks of whole logits rows of both heads
+(forward_gradients.py).
 """
 import torch
 
 from .backend import graph_break, autocast_off, require_triton_dtype, select_backend
 from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
                      check_tensor, check_token_shape, token_dims, FLOAT_DTYPES)
+from .forward_gradients import forward_gradient_needs, full_gradients, refuse_second_backward, scaled
 from .func_transforms import LauncherGradients, refuse_forward_mode, vmap_by_loop
 from .token_rows import TokenRows
 
@@ -17,35 +20,53 @@ class LinearKLDivFunction(torch.autograd.Function):
     """Autograd over the live rows; gradients flow to hidden, weight and bias only.
 
     forward returns the KL, then both heads' per-token logsumexps and TokenRows' state that the backward takes (in
-    torch.func's form: see func_transforms)."""
+    torch.func's form: see func_transforms), then the gradients taken in the forward (each None unless
+    forward_needs, (need_hidden, need_weight, need_bias) or None, asks for them)."""
 
     @staticmethod
     def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_weight, mask, reduction, softcap,
-                launcher):
+                launcher, forward_needs):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         counted = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device) if mask is None else mask
         rows = TokenRows.counting(counted, token_weight, reduction, acc)
+        grads = None
         if rows.num_live:
+            operands = _live_operands(rows, hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
             with autocast_off(hidden.device):
-                kl, lse, ref_lse = launcher.forward(*_live_operands(rows, hidden, weight, bias, ref_hidden, ref_weight,
-                                                                    ref_bias), softcap)
+                if forward_needs is None:
+                    kl, lse, ref_lse = launcher.forward(*operands, softcap)
+                else:
+                    kl, lse, ref_lse, *grads = launcher.forward_with_gradients(
+                        *operands, rows.grad_scale(torch.ones((), dtype=acc, device=hidden.device)),
+                        forward_needs[1], forward_needs[2], forward_needs[0], softcap)
         else:
             kl = lse = ref_lse = hidden.new_zeros(0, dtype=acc)
-        return (rows.reduce(kl), rows.scatter(lse, acc), rows.scatter(ref_lse, acc)) + rows.state()
+        if forward_needs is not None:
+            grads = full_gradients(rows, grads, forward_needs, hidden, weight, bias)
+        return ((rows.reduce(kl), rows.scatter(lse, acc), rows.scatter(ref_lse, acc)) + rows.state()
+                + (grads or (None,) * 3))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, _, _, reduction, softcap, launcher = inputs
-        statistics = output[1:]
-        ctx.mark_non_differentiable(*statistics)
-        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, *statistics)
+        (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, _, _, reduction, softcap, launcher,
+         forward_needs) = inputs
+        ctx.mark_non_differentiable(*[t for t in output[1:] if t is not None])
+        ctx.forward_gradients = forward_needs is not None
+        if ctx.forward_gradients:  # the gradients alone: the inputs' memory may go
+            ctx.save_for_backward(*output[-3:])
+        else:
+            ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, *output[1:-3])
         ctx.reduction, ctx.softcap, ctx.launcher = reduction, softcap, launcher
 
     @staticmethod
     def backward(ctx, grad_output, *_):
-        grads = LauncherGradients.apply("linear_kl_div", _gradients, *ctx.saved_tensors, grad_output, ctx.reduction,
-                                        ctx.softcap, ctx.launcher, *ctx.needs_input_grad[:3])
-        return grads + (None,) * 8
+        if ctx.forward_gradients:
+            refuse_second_backward(ctx, "linear_kl_div")
+            grads = LauncherGradients.apply("linear_kl_div", scaled, grad_output, *ctx.saved_tensors)
+        else:
+            grads = LauncherGradients.apply("linear_kl_div", _gradients, *ctx.saved_tensors, grad_output,
+                                            ctx.reduction, ctx.softcap, ctx.launcher, *ctx.needs_input_grad[:3])
+        return grads + (None,) * 9
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -92,7 +113,7 @@ def _gradients(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_
 
 @graph_break("linear_kl_div")
 def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, token_weight=None, mask=None,
-                  reduction="mean", softcap=None, backend="auto"):
+                  reduction="mean", softcap=None, backend="auto", grads_in_forward=False):
     """Token-weighted forward KL(P_t || Q_t) per token, without materialising either distribution.
 
     hidden [..., H] (e.g. a model's [B, T, H], or rows [N, H]), weight [V, H] and bias [V] give the policy
@@ -111,6 +132,10 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     they are (graph breaks): dynamo cannot trace their data-dependent row gather and kernel launches, and tracing
     into them crashed under the Triton interpreter.
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
+    grads_in_forward: True takes the gradients in the forward pass (reduction "sum" or "mean", when a gradient is
+    to be taken), from blocks of whole logits rows of both heads (about 10 bytes per logit of a block, ~190 MiB), two
+    products with the weight fewer; the backward scales them, and can run once. See
+    fastalign/ops/forward_gradients.py.
     """
     tokens = token_dims("hidden", hidden)
     check_token_shape("ref_hidden", ref_hidden, tokens, width="H_ref")
@@ -129,11 +154,12 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     check_per_token("mask", mask, hidden, dtypes=(torch.bool,))
     check_reduction(reduction)
     check_softcap(softcap)
+    forward_needs = forward_gradient_needs("linear_kl_div", grads_in_forward, reduction, hidden, weight, bias)
     hidden, ref_hidden = as_rows(hidden, tokens), as_rows(ref_hidden, tokens)
     token_weight, mask = as_rows(token_weight, tokens), as_rows(mask, tokens)
     launcher = select_backend("linear_kl_div", backend, hidden.device)
     require_triton_dtype(launcher, "hidden", hidden)
     require_triton_dtype(launcher, "ref_hidden", ref_hidden)
     kl = LinearKLDivFunction.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_weight, mask,
-                                   reduction, None if softcap is None else float(softcap), launcher)[0]
+                                   reduction, None if softcap is None else float(softcap), launcher, forward_needs)[0]
     return kl.reshape(tokens) if reduction == "none" else kl

@@ -51,7 +51,8 @@ def test_loss_rows_are_their_quantitys_definition_on_inputs_shared_within_the_qu
     difference from the quantity's first row; TFLOP/s count 2NHV per logits product forward and 4NHV per backward of a
     product with gradients (the KL's frozen reference has none)."""
     seen, called = [], []
-    for name in ("fastalign_ce", "fastalign_ce_signed", "naive_ce", "compiled_chunked_ce", "fastalign_kl", "naive_kl"):
+    for name in ("fastalign_ce", "fastalign_ce_signed", "fastalign_ce_in_forward", "fastalign_ce_signed_in_forward",
+                 "naive_ce", "compiled_chunked_ce", "fastalign_kl", "fastalign_kl_in_forward", "naive_kl"):
         def spy(*args, _fn=getattr(bench_loss, name), _name=name):
             if not torch.is_grad_enabled():  # the forward-only call (each row's backward is run once too)
                 seen.append([a.detach().clone() for a in args])
@@ -69,7 +70,8 @@ def test_loss_rows_are_their_quantitys_definition_on_inputs_shared_within_the_qu
     # each row runs the candidate it is named after
     assert [(row["method"].split()[0], row["op"]) for row in rows] == [
         ({"fastalign": "fastalign", "naive": "naive", "compiled": "torch.compile"}[name.split("_")[0]],
-         "linear_kl_div" if name.endswith("_kl") else "linear_cross_entropy") for name in called], rows
+         "linear_kl_div" if "_kl" in name else "linear_cross_entropy") for name in called], rows
+    assert [row["method"].endswith("grads-in-forward") for row in rows] == ["in_forward" in name for name in called]
     first = {}
     for row, inputs in zip(rows, seen):
         quantity = row["quantity"]
@@ -103,20 +105,30 @@ def test_loss_rows_record_their_gradients_difference_from_the_quantitys_first(mo
     naive = rows["mean CE", "naive torch"]
     assert naive["loss_rel_diff"] < 1e-5 and naive["grad_rel_diff"] == pytest.approx(1.0, rel=1e-4), naive
     assert rows["mean CE", "fastalign"]["grad_rel_diff"] == 0.0
+    for quantity, method in (("mean CE", "fastalign grads-in-forward"), ("KL two heads", "fastalign grads-in-forward"),
+                             ("signed CE", "fastalign signed-weights grads-in-forward"),
+                             ("KL shared head", "fastalign shared-head grads-in-forward")):
+        assert rows[quantity, method]["grad_rel_diff"] < 1e-5 and rows[quantity, method]["loss_rel_diff"] < 1e-5
     assert rows["mean CE", "torch.compile chunked"]["grad_rel_diff"] < 1e-5
     assert rows["KL two heads", "naive torch"]["grad_rel_diff"] < 1e-5
 
 
 def test_loss_stages_run_the_kernels_with_the_gradients_each_names(monkeypatch, tmp_path):
-    """--stages: the forward, then the backward with both, one and neither of the gradients' products, each run on the
-    kernel API with those gradients asked for, its TFLOP/s counted on the products it computes (2NHV each)."""
+    """--stages: the forward, then the backward with both, one and neither of the gradients' products, then the
+    forward with gradients with both and neither, each run on the kernel API with those gradients asked for, its
+    TFLOP/s counted on the products it computes (2NHV each)."""
     from fastalign.kernels import linear_cross_entropy as kernel
-    asked, backward = [], kernel.backward
+    asked = []
 
-    def spy(*args, need_hidden_grad=True):
-        asked.append((need_hidden_grad, args[6]))
-        return backward(*args, need_hidden_grad=need_hidden_grad)
-    monkeypatch.setattr(kernel, "backward", spy)
+    def spy_on(name, weight_flag):
+        launcher = getattr(kernel, name)
+
+        def spy(*args, need_hidden_grad=True):
+            asked.append((name, need_hidden_grad, args[weight_flag]))
+            return launcher(*args, need_hidden_grad=need_hidden_grad)
+        monkeypatch.setattr(kernel, name, spy)
+    spy_on("backward", 6)
+    spy_on("forward_with_gradients", 5)
     monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: (fn(), 2.0)[1])
     monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
     n, h, v = 24, 16, 67
@@ -124,9 +136,13 @@ def test_loss_stages_run_the_kernels_with_the_gradients_each_names(monkeypatch, 
     rows = bench_loss.stage_rows(args, {"matmul_peak_tflops": 1.0}, [])
     assert [row["method"] for row in rows] == ["fastalign forward", "fastalign backward",
                                                "fastalign backward, d_hidden only", "fastalign backward, d_weight only",
-                                               "fastalign backward, G chunks only"], rows
-    assert asked == [(True, True), (True, False), (False, True), (False, False)]
-    assert [row["tflops"] * 2e-3 * 1e12 / (2 * n * h * v) for row in rows] == pytest.approx([1, 3, 2, 2, 1]), rows
+                                               "fastalign backward, G chunks only",
+                                               "fastalign forward with gradients",
+                                               "fastalign forward with gradients, G only"], rows
+    assert asked == [("backward", True, True), ("backward", True, False), ("backward", False, True),
+                     ("backward", False, False), ("forward_with_gradients", True, True),
+                     ("forward_with_gradients", False, False)]
+    assert [row["tflops"] * 2e-3 * 1e12 / (2 * n * h * v) for row in rows] == pytest.approx([1, 3, 2, 2, 1, 3, 1]), rows
 
 
 def test_loss_baseline_that_cannot_be_loaded_is_recorded_with_its_error(monkeypatch, tmp_path):
@@ -141,7 +157,7 @@ def test_loss_baseline_that_cannot_be_loaded_is_recorded_with_its_error(monkeypa
     rows = bench_loss.run(args, {"matmul_peak_tflops": 1.0})
     (path,) = tmp_path.glob("bench_loss-*.json")
     record = json.loads(path.read_text())
-    assert len(record["results"]) == len(rows) == 7, record["results"]
+    assert len(record["results"]) == len(rows) == 11, record["results"]
     unavailable = record["config"]["unavailable"]
     assert sorted(unavailable) == ["cce_ce", "cce_exact_ce", "liger_ce", "liger_kl"], unavailable
     assert all(error.startswith("ModuleNotFoundError") for error in unavailable.values()), unavailable

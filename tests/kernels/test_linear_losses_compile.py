@@ -2,22 +2,25 @@
 
 The interpreter that runs them in CPU tests never compiles them; this catches what only the compiler sees
 (unsupported ops, tile shapes that do not lower, shared memory beyond the 227 KiB an sm_90 block can have,
-register spills, main loops whose loads are not pipelined, fp32 dots lowered to TF32).
+register spills, main loops whose loads are not pipelined, fp32 dots lowered to TF32). The kernels' FROM_BUFFER
+builds (grads_in_forward's, which read logits from a buffer instead of taking dots) are checked for shared memory and
+spills.
 """
 from tests.kernels.gpu_build import assert_builds
 
 COMPILE_FOR_SM90 = """
 from fastalign.kernels import linear_cross_entropy as ce, linear_kl_div as kl
 from fastalign.kernels.linear_softmax_tiles import _SMALL_TILE
-from tests.kernels.gpu_build import build_for_gpu, check_build, uses_tensor_cores
+from tests.kernels.gpu_build import (SHARED_MEMORY_PER_BLOCK, build_for_gpu, check_build, stack_bytes,
+                                    uses_tensor_cores)
 
 # bf16 in every configuration; fp32 in the smallest one, which the autotuner keeps as the one that always fits
 for dtype in ("bf16", "fp32"):
     x = "*" + dtype
     stats = dict(lse_ptr="*fp32", ref_lse_ptr="*fp32", scale_ptr="*fp32", split_stats_ptr="*fp32",
-                 target_logit_ptr="*fp32", target_ptr="*i64", softcap="fp32")
+                 target_logit_ptr="*fp32", target_ptr="*i64", softcap="fp32", z_ptr="*fp32", zr_ptr="*fp32")
     # with the logit soft cap (Gemma's): the larger kernels, whose builds the plain ones' are a part of
-    cap = dict(HAS_SOFTCAP=True)
+    cap = dict(HAS_SOFTCAP=True, FROM_BUFFER=False)
     cases = [
         (ce._forward_kernel, dict(x_ptr=x, w_ptr=x, b_ptr=x, **stats), dict(HAS_BIAS=True, **cap)),
         (ce._gradient_kernel, dict(x_ptr=x, w_ptr=x, b_ptr=x, g_ptr=x, **stats), dict(HAS_BIAS=True, **cap)),
@@ -40,6 +43,11 @@ for dtype in ("bf16", "fp32"):
             if small:  # the configuration that always launches, also on an A100 or an L4 (sm_89)
                 for capability in (80, 89):
                     check_build(build_for_gpu(*kernel, capability), what, tuned=False, capability=capability)
+            if dtype == "bf16":   # the same kernel reading its logits from fp32 buffers (no dots, no K loop)
+                buffered = (tuner.fn, types, {**kernel[2], "FROM_BUFFER": True}, config.num_warps, config.num_stages)
+                compiled = build_for_gpu(*buffered)
+                assert compiled.metadata.shared <= SHARED_MEMORY_PER_BLOCK[90], (what, "FROM_BUFFER shared memory")
+                assert stack_bytes(compiled) == 0, (what, "FROM_BUFFER spills registers")
 """
 
 

@@ -43,7 +43,15 @@ ref_hidden, ref_weight = torch.randn({N}, {H}), torch.randn({V}, {H})
 def chunked_kl(h, w, y):
     return fastalign.linear_kl_div(h, w, ref_hidden[:len(h)], ref_weight[:len(w)], backend="torch")
 
-loss_fn = {{"chunked": chunked, "naive": naive, "chunked_kl": chunked_kl}}[MODE]
+def chunked_in_forward(h, w, y):
+    return fastalign.linear_cross_entropy(h, w, y, backend="torch", grads_in_forward=True)
+
+def chunked_kl_in_forward(h, w, y):
+    return fastalign.linear_kl_div(h, w, ref_hidden[:len(h)], ref_weight[:len(w)], backend="torch",
+                                   grads_in_forward=True)
+
+loss_fn = {{"chunked": chunked, "naive": naive, "chunked_kl": chunked_kl, "chunked_in_forward": chunked_in_forward,
+           "chunked_kl_in_forward": chunked_kl_in_forward}}[MODE]
 loss_fn(hidden[:2], weight[:64], target[:2] % 64).backward()  # load kernels and libraries outside the measure
 before = peak_kib()
 loss_fn(hidden, weight, target).backward()
@@ -92,6 +100,17 @@ def test_chunked_kl_peak_memory_is_bounded_by_the_chunk():
     assert chunked < 4 * CHUNK_BYTES / 2 ** 20, f"chunked KL used {chunked:.0f} MB beyond its inputs"
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status, which is Linux's")
+@pytest.mark.parametrize("mode", ["chunked_in_forward", "chunked_kl_in_forward"])
+def test_gradients_taken_in_the_forward_stay_within_the_chunks(mode):
+    """grads_in_forward=True on the torch path: each chunk's logits serve the loss and the gradients at once, within
+    the same bound."""
+    from fastalign.ops.torch_chunked.chunking import CHUNK_BYTES
+
+    chunked = peak_extra_mb(mode)
+    assert chunked < 4 * CHUNK_BYTES / 2 ** 20, f"{mode} used {chunked:.0f} MB beyond its inputs"
+
+
 @requires_cuda
 @pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_kl_div"])
 def test_triton_backward_extra_memory_is_its_fixed_scratch(op):
@@ -123,3 +142,36 @@ def test_triton_backward_extra_memory_is_its_fixed_scratch(op):
     scratch = rows * h * (4 + dtype.itemsize) + rows * cols * dtype.itemsize
     assert extra <= scratch + 64 * n + 2 ** 20, f"{extra / 2 ** 20:.1f} MiB extra, scratch {scratch / 2 ** 20:.1f} MiB"
     assert extra < 0.01 * n * v * dtype.itemsize  # the issue's bound: under 1% of the bf16 logits
+
+
+@requires_cuda
+@pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_kl_div"])
+def test_triton_gradients_in_the_forward_take_their_row_blocks(op):
+    """grads_in_forward=True on the GPU: beyond the inputs and the gradients, one block of whole logits rows (fp32
+    logits of each head, a bf16 G) and the segment's d_hidden scratch, as row_block_plan sizes them."""
+    import torch
+    import fastalign
+    from fastalign.kernels.chunked_backward import row_block_plan
+
+    n, h, v, dtype = 8192, 4096, 128256, torch.bfloat16
+    hidden = torch.randn(n, h, device="cuda", dtype=dtype, requires_grad=True)
+    weight = (torch.randn(v, h, device="cuda", dtype=dtype) / h ** 0.5).requires_grad_()
+    heads = 1 if op == "linear_cross_entropy" else 2
+    if op == "linear_cross_entropy":
+        target = torch.randint(0, v, (n,), device="cuda")
+        loss_fn = lambda: fastalign.linear_cross_entropy(hidden, weight, target, grads_in_forward=True)  # noqa: E731
+    else:
+        ref_hidden = hidden.detach() + 0.1 * torch.randn_like(hidden)
+        loss_fn = lambda: fastalign.linear_kl_div(hidden, weight, ref_hidden, weight,  # noqa: E731
+                                                  grads_in_forward=True)
+    loss_fn().backward()
+    hidden.grad = weight.grad = None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss_fn().backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before - (hidden.numel() + weight.numel()) * dtype.itemsize
+    rows, _ = row_block_plan(n, v, 4 * heads + dtype.itemsize)
+    block = rows * v * (4 * heads + dtype.itemsize) + rows * h * (4 + dtype.itemsize)
+    assert extra <= block + 64 * n + 2 ** 20, f"{extra / 2 ** 20:.1f} MiB extra, block {block / 2 ** 20:.1f} MiB"

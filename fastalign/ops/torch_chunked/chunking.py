@@ -48,6 +48,14 @@ def through_softcap(grad_logits, capped_logits, softcap):
     return grad_logits
 
 
+def gradient_buffers(hidden, weight_acc, bias_acc, need_weight_grad, need_bias_grad, need_hidden_grad):
+    """(d_hidden [M, H], d_weight [V, H], d_bias [V]) in the accumulation dtype, zeros where summed over chunks; each
+    None unless asked for."""
+    return (torch.empty(hidden.shape, dtype=weight_acc.dtype, device=hidden.device) if need_hidden_grad else None,
+            torch.zeros_like(weight_acc) if need_weight_grad else None,
+            torch.zeros_like(bias_acc) if need_bias_grad else None)
+
+
 def accumulate_grads(grad_logits, hidden, weight_acc, d_hidden, d_weight, d_bias):
     """Backpropagates grad_logits [c, V] of one chunk through `hidden @ weight.T + bias`.
 

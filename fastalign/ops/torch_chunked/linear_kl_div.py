@@ -6,8 +6,8 @@ g_t (q_t - p_t). When `ref_weight is weight` (or `ref_bias is bias`) both produc
 """
 import torch
 
-from .chunking import (accumulate_grads, accumulation_dtype, chunk_logits, row_chunks, softmax_of, through_softcap,
-                       upcast)
+from .chunking import (accumulate_grads, accumulation_dtype, chunk_logits, gradient_buffers, row_chunks,
+                       through_softcap, upcast)
 
 
 def _shared_upcast(t, ref_t, acc):
@@ -18,10 +18,25 @@ def _shared_upcast(t, ref_t, acc):
 
 def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, softcap=None):
     """(kl, lse, ref_lse), all [M] in the accumulation dtype (fp32; float64 for float64 inputs)."""
+    return _forward_pass(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, None, False, False, False,
+                         softcap)[:3]
+
+
+def forward_with_gradients(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, grad_scale, need_weight_grad,
+                           need_bias_grad, need_hidden_grad=True, softcap=None):
+    """forward() and backward() on each chunk's logits at once: (kl, lse, ref_lse, d_hidden, d_weight, d_bias)."""
+    return _forward_pass(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, grad_scale, need_weight_grad,
+                         need_bias_grad, need_hidden_grad, softcap)
+
+
+def _forward_pass(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, grad_scale, need_weight_grad, need_bias_grad,
+                  need_hidden_grad, softcap):
+    """forward_with_gradients(), which forward() is without gradients."""
     acc = accumulation_dtype(hidden)
     weight_acc, ref_weight_acc = _shared_upcast(weight, ref_weight, acc)
     bias_acc, ref_bias_acc = _shared_upcast(bias, ref_bias, acc)
     kl, lse, ref_lse = (torch.empty(hidden.shape[0], dtype=acc, device=hidden.device) for _ in range(3))
+    grads = gradient_buffers(hidden, weight_acc, bias_acc, need_weight_grad, need_bias_grad, need_hidden_grad)
     for start, stop in row_chunks(hidden.shape[0], 2 * weight.shape[0], acc):
         rows = slice(start, stop)
         log_q = chunk_logits(hidden[rows], weight_acc, bias_acc, softcap)
@@ -32,7 +47,9 @@ def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, softcap=None
         log_p -= ref_lse[rows, None]
         # words P gives no mass (a bias of -inf) add 0 log 0 = 0, not 0 * inf = NaN; a NaN p stays NaN
         kl[rows] = torch.where(log_p == float("-inf"), 0.0, log_p.exp() * (log_p - log_q)).sum(1)
-    return kl, lse, ref_lse
+        if any(g is not None for g in grads):
+            _accumulate_chunk(log_q, log_p, rows, hidden, weight_acc, lse, grad_scale, softcap, grads)
+    return (kl, lse, ref_lse) + grads
 
 
 def backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, grad_scale, need_weight_grad,
@@ -41,16 +58,21 @@ def backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_ls
     acc = accumulation_dtype(hidden)
     weight_acc, ref_weight_acc = _shared_upcast(weight, ref_weight, acc)
     bias_acc, ref_bias_acc = _shared_upcast(bias, ref_bias, acc)
-    d_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if need_hidden_grad else None
-    d_weight = torch.zeros_like(weight_acc) if need_weight_grad else None
-    d_bias = torch.zeros_like(bias_acc) if need_bias_grad else None
+    grads = gradient_buffers(hidden, weight_acc, bias_acc, need_weight_grad, need_bias_grad, need_hidden_grad)
     for start, stop in row_chunks(hidden.shape[0], 2 * weight.shape[0], acc):
         rows = slice(start, stop)
-        logits = chunk_logits(hidden[rows], weight_acc, bias_acc, softcap)
-        grad_logits = softmax_of(logits, lse[rows], softcap)
-        grad_logits -= softmax_of(chunk_logits(ref_hidden[rows], ref_weight_acc, ref_bias_acc, softcap),
-                                  ref_lse[rows], None)
-        grad_logits = through_softcap(grad_logits, logits, softcap).mul_(grad_scale[rows, None])
-        accumulate_grads(grad_logits, hidden[rows], weight_acc, None if d_hidden is None else d_hidden[rows], d_weight,
-                         d_bias)
-    return d_hidden, d_weight, d_bias
+        log_q = chunk_logits(hidden[rows], weight_acc, bias_acc, softcap).sub_(lse[rows, None])
+        log_p = chunk_logits(ref_hidden[rows], ref_weight_acc, ref_bias_acc, softcap).sub_(ref_lse[rows, None])
+        _accumulate_chunk(log_q, log_p, rows, hidden, weight_acc, lse, grad_scale, softcap, grads)
+    return grads
+
+
+def _accumulate_chunk(log_q, log_p, rows, hidden, weight_acc, lse, grad_scale, softcap, grads):
+    """Backpropagates the KL of the rows `rows` from both heads' log-probabilities (overwritten) into grads =
+    (d_hidden, d_weight, d_bias)."""
+    capped_logits = None if softcap is None else log_q + lse[rows, None]
+    grad_logits = log_q.exp_().sub_(log_p.exp_())
+    grad_logits = through_softcap(grad_logits, capped_logits, softcap).mul_(grad_scale[rows, None])
+    d_hidden, d_weight, d_bias = grads
+    accumulate_grads(grad_logits, hidden[rows], weight_acc, None if d_hidden is None else d_hidden[rows], d_weight,
+                     d_bias)

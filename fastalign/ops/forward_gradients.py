@@ -1,0 +1,50 @@
+"""grads_in_forward=True of the fused losses: their gradients taken in the forward pass, scaled in the backward.
+
+A "sum" or "mean" loss is a scalar whose gradient is linear in the upstream gradient g: the gradients for g = 1 can be
+taken while the forward has the logits at hand, and the backward multiplies them by g. The launchers'
+forward_with_gradients do this from whole logits rows (the Triton one from a library matmul's fp32 buffer), one
+product with the weight fewer than a forward and a backward that recomputes the logits: for cross-entropy 6 N H V
+multiply-adds counted twice instead of 8, for the KL 8 instead of 12. The price: a buffer of whole logits rows
+(hundreds of MiB at a 128k vocabulary, against the few MiB of the default), the gradients held from the forward to
+the backward, the work done even if no backward follows, and one backward per forward (the gradients are scaled in
+place, so that no second [V, H] copy is made; a second backward raises).
+"""
+import torch
+
+
+def forward_gradient_needs(op, grads_in_forward, reduction, hidden, weight, bias):
+    """(need_hidden, need_weight, need_bias) to take in the forward pass, or None for a forward alone: when
+    grads_in_forward is off, grad mode is off or no input is differentiated. A ValueError for reduction 'none'."""
+    if not isinstance(grads_in_forward, bool):
+        raise TypeError(f"{op}: grads_in_forward must be True or False, got {grads_in_forward!r}")
+    if not grads_in_forward:
+        return None
+    if reduction == "none":
+        raise ValueError(f"{op}: grads_in_forward=True needs reduction 'sum' or 'mean' (a scalar loss, whose gradient "
+                         "the backward only scales), got 'none'")
+    needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    return needs if torch.is_grad_enabled() and any(needs) else None
+
+
+def full_gradients(rows, live_gradients, needs, hidden, weight, bias):
+    """(d_hidden [N, H], d_weight, d_bias) in the inputs' dtypes from a launcher's gradients of the live rows (each or
+    None); when no row lives, zeros for each gradient `needs` asks for."""
+    if rows.num_live == 0:
+        return tuple(torch.zeros_like(t) if need else None for need, t in zip(needs, (hidden, weight, bias)))
+    d_live, d_weight, d_bias = live_gradients
+    return (None if d_live is None else rows.scatter(d_live, hidden.dtype),
+            None if d_weight is None else d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(bias.dtype))
+
+
+def refuse_second_backward(ctx, op):
+    """Marks the forward's gradients taken; raises if they were (see the module's docstring)."""
+    if getattr(ctx, "forward_gradients_taken", False):
+        raise RuntimeError(f"{op}(grads_in_forward=True) takes its gradients once, in the forward pass: its backward "
+                           "can run once per forward (no retain_graph=True second backward, no second call of a "
+                           "torch.func.vjp function); use grads_in_forward=False for that")
+    ctx.forward_gradients_taken = True
+
+
+def scaled(grad_output, d_hidden, d_weight, d_bias):
+    """The forward's gradients times the upstream gradient, in place: no second [V, H] copy of d_weight."""
+    return tuple(None if g is None else g.mul_(grad_output) for g in (d_hidden, d_weight, d_bias))

@@ -1,0 +1,227 @@
+"""grads_in_forward=True of both fused losses against their float64 references, on every backend."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import fastalign
+from fastalign.kernels import chunked_backward
+from fastalign.reference.linear_losses import linear_cross_entropy_reference, linear_kl_div_reference
+from tests.compare import REL_TOL, assert_rel_close, grads_of
+from tests.conftest import TRITON_DEVICE, device_for, triton_cases
+from tests.ops import test_linear_cross_entropy as ce_tests, test_linear_kl_div as kl_tests
+
+BACKENDS = ["torch", "triton"]
+SHAPES = ce_tests.SHAPES   # one token, V a multiple of no block size; the interpreter's blocks are 16 rows
+
+
+def cross_entropy_case(shape, dtype=torch.float32, backend="torch", ignored=0.2, softcap=None):
+    """(op, reference, differentiable inputs) of a weighted cross-entropy with a bias: op(reduction, **options)."""
+    hidden, weight, target, extra = ce_tests.make_inputs(*shape, dtype=dtype, device=device_for(backend), bias=True,
+                                                         weighted=True, ignored=ignored)
+
+    def op(reduction, **options):
+        return fastalign.linear_cross_entropy(hidden, weight, target, reduction=reduction, backend=backend,
+                                              softcap=softcap, **extra, **options)
+
+    def reference(reduction):
+        return linear_cross_entropy_reference(hidden, weight, target, reduction=reduction, softcap=softcap, **extra)
+    return op, reference, [hidden, weight, extra["bias"]]
+
+
+def kl_case(shape, dtype=torch.float32, backend="torch", shared=True, masked=0.2, softcap=None, closeness=None):
+    """(op, reference, differentiable inputs) of a weighted KL with biases (the reference head shared or not)."""
+    hidden, weight, ref_hidden, ref_weight, extra = kl_tests.make_inputs(
+        *shape, dtype=dtype, device=device_for(backend), shared=shared, weighted=True, bias=True, masked=masked,
+        closeness=closeness)
+    # positive weights, as unlearning's: the loss of signed ones may cancel to far below its terms' rounding
+    extra["token_weight"] = extra["token_weight"].abs()
+
+    def op(reduction, **options):
+        return fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, reduction=reduction, backend=backend,
+                                       softcap=softcap, **extra, **options)
+
+    def reference(reduction):
+        return linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, reduction=reduction, softcap=softcap,
+                                       **extra)
+    return op, reference, [hidden, weight, extra["bias"]]
+
+
+def check(case, reduction, rel):
+    """The loss and its gradients under a random upstream gradient (of either sign) agree with the reference."""
+    op, reference, inputs = case
+    out, ref = op(reduction, grads_in_forward=True), reference(reduction)
+    assert_rel_close("loss", out, ref, rel)
+    seed = torch.randn((), device=out.device)
+    for name, got, want in zip(["d_hidden", "d_weight", "d_bias"], grads_of(out, inputs, seed),
+                               grads_of(ref, inputs, seed)):
+        assert got.dtype == inputs[["d_hidden", "d_weight", "d_bias"].index(name)].dtype
+        assert_rel_close(name, got, want, rel)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_cross_entropy_matches_reference_fp32(backend, shape, reduction, softcap):
+    check(cross_entropy_case(shape, backend=backend, softcap=softcap), reduction, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("shared,softcap", [(True, None), (False, None), (True, 3.0)])
+def test_kl_matches_reference_fp32(backend, shape, reduction, shared, softcap):
+    check(kl_case(shape, backend=backend, shared=shared, softcap=softcap), reduction, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shared", [False, True])
+def test_kl_near_zero_keeps_its_accuracy(backend, shared):
+    """A policy close to its reference (unlearning's KL term near its start), held to the bounds of the default path's
+    test (test_linear_kl_div.py::test_policy_close_to_reference): ~1e-6 absolute per token, gradients 1e-3. The fp32
+    logits of the buffers keep the one-pass KL's accuracy; 16-bit ones would drown it in their rounding."""
+    hidden, weight, ref_hidden, ref_weight, extra = kl_tests.make_inputs(
+        13, 24, 131, shared=shared, closeness=1e-2, bias=True, masked=0.0, device=device_for(backend))
+    out = fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, reduction="sum", backend=backend,
+                                  grads_in_forward=True, **extra)
+    ref = linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, reduction="sum", **extra)
+    assert ref > 1e-4 and abs(out.item() - ref.item()) <= 13 * 2e-6
+    inputs = kl_tests.differentiable(hidden, weight, extra)
+    for name, got, want in zip(["d_hidden", "d_weight", "d_bias"], torch.autograd.grad(out, inputs),
+                               torch.autograd.grad(ref, inputs)):
+        assert_rel_close(name, got, want, 1e-3)
+
+
+@pytest.mark.parametrize("shape", triton_cases(SHAPES[1:], gpu_only=[(300, 64, 5000)]))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_the_triton_backend(shape, dtype):
+    """16-bit operands: fp32 logits from the library matmul, a 16-bit G (fp16 scaled by max|grad_scale|)."""
+    check(cross_entropy_case(shape, dtype, "triton"), "mean", REL_TOL[dtype])
+    check(kl_case(shape, dtype, "triton"), "sum", REL_TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make_case", [lambda b: cross_entropy_case((13, 24, 131), backend=b, ignored=1.0),
+                                       lambda b: kl_case((13, 24, 131), backend=b, masked=1.0)], ids=["ce", "kl"])
+def test_no_live_token_gives_zero_loss_and_gradients(backend, make_case):
+    op, _, inputs = make_case(backend)
+    out = op("mean", grads_in_forward=True)
+    assert out.item() == 0.0
+    for grad in torch.autograd.grad(out, inputs):
+        assert grad.abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("make_case", [cross_entropy_case, kl_case], ids=["ce", "kl"])
+def test_one_product_with_the_weight_fewer(make_case):
+    """The torch backend's matmul work with grads_in_forward: the forward's products (one per head) and the gradient
+    products, without the backward's recomputation of the logits (counted by FlopCounterMode)."""
+    n, h, v = 40, 40, 1000
+    op, _, inputs = make_case((n, h, v), ignored=0.0) if make_case is cross_entropy_case else make_case(
+        (n, h, v), masked=0.0)
+    flops = {}
+    for in_forward in (False, True):
+        with FlopCounterMode(display=False) as counter:
+            out = op("sum", grads_in_forward=in_forward)
+            torch.autograd.grad(out, inputs)
+        flops[in_forward] = counter.get_total_flops()
+    heads = 1 if make_case is cross_entropy_case else 2
+    assert flops[False] - flops[True] == 2 * n * h * v * heads   # FlopCounterMode misses d_weight's in-place addmm_
+    assert flops[True] == 2 * n * h * v * (heads + 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make_case", [cross_entropy_case, kl_case], ids=["ce", "kl"])
+def test_a_second_backward_is_refused_by_name(backend, make_case):
+    op, _, inputs = make_case((13, 24, 131), backend=backend)
+    out = op("sum", grads_in_forward=True)
+    torch.autograd.grad(out, inputs, retain_graph=True)
+    with pytest.raises(RuntimeError, match="grads_in_forward=True.*once"):
+        torch.autograd.grad(out, inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op_name", ["ce", "kl"])
+def test_under_torch_func_grad(backend, op_name):
+    """torch.func.grad takes one backward per forward: the forward's gradients serve it."""
+    device = device_for(backend)
+    hidden, weight, target, extra = ce_tests.make_inputs(13, 24, 131, device=device, weighted=True)
+    ref_hidden = torch.randn_like(hidden)
+
+    def loss(h, in_forward):
+        if op_name == "ce":
+            return fastalign.linear_cross_entropy(h, weight.detach(), target, token_weight=extra["token_weight"],
+                                                  reduction="sum", backend=backend, grads_in_forward=in_forward)
+        return fastalign.linear_kl_div(h, weight.detach(), ref_hidden, weight.detach(), reduction="sum",
+                                       backend=backend, grads_in_forward=in_forward)
+
+    got, want = (torch.func.grad(loss)(hidden.detach(), in_forward) for in_forward in (True, False))
+    assert_rel_close("d_hidden", got, want, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_a_gradient_to_take_it_is_a_plain_forward(backend, monkeypatch):
+    """Under no_grad, or with no input that requires grad, nothing is taken in the forward pass."""
+    op, reference, inputs = cross_entropy_case((13, 24, 131), backend=backend)
+    launcher = fastalign.ops.backend.select_backend("linear_cross_entropy", backend, inputs[0].device)
+    monkeypatch.setattr(launcher, "forward_with_gradients", None)   # calling it would fail
+    with torch.no_grad():
+        assert_rel_close("loss", op("sum", grads_in_forward=True), reference("sum"), REL_TOL[torch.float32])
+    for t in inputs:
+        t.requires_grad_(False)
+    assert_rel_close("loss", op("sum", grads_in_forward=True), reference("sum"), REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_the_gradients_asked_for_are_taken(backend, monkeypatch):
+    """A frozen head (LoRA) takes d_hidden alone; frozen hidden states (a trained head) d_weight and d_bias alone."""
+    launcher = fastalign.ops.backend.select_backend("linear_cross_entropy", backend, torch.device(
+        device_for(backend)))
+    asked = []
+    original = launcher.forward_with_gradients
+
+    def spy(*args):
+        asked.append(args[5:8])   # need_weight_grad, need_bias_grad, need_hidden_grad
+        return original(*args)
+
+    monkeypatch.setattr(launcher, "forward_with_gradients", spy)
+    for frozen in ([1, 2], [0]):
+        op, reference, inputs = cross_entropy_case((13, 24, 131), backend=backend)
+        for i in frozen:
+            inputs[i].requires_grad_(False)
+        trained = [t for t in inputs if t.requires_grad]
+        out, ref = op("sum", grads_in_forward=True), reference("sum")
+        for got, want in zip(torch.autograd.grad(out, trained), torch.autograd.grad(ref, trained)):
+            assert_rel_close("gradient", got, want, REL_TOL[torch.float32])
+    assert asked == [(False, False, True), (True, True, False)]
+
+
+@pytest.mark.parametrize("make_op,message", [
+    (lambda: cross_entropy_case((13, 24, 131))[0]("none", grads_in_forward=True), "needs reduction 'sum' or 'mean'"),
+    (lambda: kl_case((13, 24, 131))[0]("none", grads_in_forward=True), "needs reduction 'sum' or 'mean'"),
+    (lambda: cross_entropy_case((13, 24, 131))[0]("sum", grads_in_forward=1), "must be True or False"),
+])
+def test_bad_options_are_named(make_op, message):
+    with pytest.raises((ValueError, TypeError), match=f"grads_in_forward.*{message}|{message}"):
+        make_op()
+
+
+def test_gpu_row_block_plan_holds_its_budget_and_at_most_32_segments(monkeypatch):
+    """On a GPU (the plan outside the interpreter): blocks of whole rows within the 192 MiB budget while that gives at
+    most 32 blocks (d_weight's roundings), more rows past that; every row in some block."""
+    monkeypatch.setattr(chunked_backward, "INTERPRET", False)
+    for vocab in (32000, 128256, 262144):
+        for bytes_per_logit in (6, 8, 10):
+            for num_rows in (1, 100, 8192, 65536):
+                rows, cols = chunked_backward.row_block_plan(num_rows, vocab, bytes_per_logit)
+                assert cols == vocab and 1 <= rows <= num_rows
+                assert -(-num_rows // rows) <= 32
+                budget_rows = chunked_backward._ROW_BLOCK_BYTES // (bytes_per_logit * vocab)
+                if num_rows <= 32 * budget_rows and rows < num_rows:
+                    assert rows * bytes_per_logit * vocab <= chunked_backward._ROW_BLOCK_BYTES
+
+
+@pytest.mark.parametrize("shape", triton_cases([(40, 40, 1000)]))
+def test_triton_blocks_cross_their_boundaries(shape):
+    """The interpreter's blocks are 16 rows: 40 rows take three, the last one short."""
+    assert chunked_backward.row_block_plan(40, 1000, 6)[0] == 16 or TRITON_DEVICE == "cuda"
+    check(cross_entropy_case(shape, backend="triton", ignored=0.0), "sum", REL_TOL[torch.float32])
