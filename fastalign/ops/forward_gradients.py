@@ -11,6 +11,8 @@ place, so that no second [V, H] copy is made; a second backward raises).
 """
 import torch
 
+from .func_transforms import LauncherGradients
+
 
 def forward_gradient_needs(op, grads_in_forward, reduction, hidden, weight, bias):
     """(need_hidden, need_weight, need_bias) to take in the forward pass, or None for a forward alone: when
@@ -48,3 +50,20 @@ def refuse_second_backward(ctx, op):
 def scaled(grad_output, d_hidden, d_weight, d_bias):
     """The forward's gradients times the upstream gradient, in place: no second [V, H] copy of d_weight."""
     return tuple(None if g is None else g.mul_(grad_output) for g in (d_hidden, d_weight, d_bias))
+
+
+def save_for_backward(ctx, forward_needs, inputs, output):
+    """Saves what the backward takes: the gradients taken in the forward (output's last three) when forward_needs
+    asked for them (the inputs' memory may then go), else `inputs` and the statistics between the loss and them."""
+    ctx.forward_gradients = forward_needs is not None
+    ctx.save_for_backward(*(output[-3:] if ctx.forward_gradients else (*inputs, *output[1:-3])))
+
+
+def backward_gradients(ctx, op, gradients, grad_output):
+    """(d_hidden, d_weight, d_bias) of a fused loss's backward: the forward's, scaled, or the launcher's backward run
+    by gradients(*saved, grad_output, reduction, softcap, launcher, *needs) (see func_transforms)."""
+    if ctx.forward_gradients:
+        refuse_second_backward(ctx, op)
+        return LauncherGradients.apply(op, scaled, grad_output, *ctx.saved_tensors)
+    return LauncherGradients.apply(op, gradients, *ctx.saved_tensors, grad_output, ctx.reduction, ctx.softcap,
+                                   ctx.launcher, *ctx.needs_input_grad[:3])

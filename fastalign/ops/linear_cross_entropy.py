@@ -10,8 +10,8 @@ from .backend import graph_break, autocast_off, require_triton_dtype, select_bac
 from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
                      check_tensor, check_token_shape, is_integer, out_of_range_targets, refuse_targets, token_dims,
                      FLOAT_DTYPES)
-from .forward_gradients import forward_gradient_needs, full_gradients, refuse_second_backward, scaled
-from .func_transforms import LauncherGradients, refuse_forward_mode, vmap_by_loop
+from .forward_gradients import backward_gradients, forward_gradient_needs, full_gradients, save_for_backward
+from .func_transforms import refuse_forward_mode, vmap_by_loop
 from .token_rows import TokenRows
 
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -53,22 +53,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         hidden, weight, bias, target, _, _, reduction, softcap, launcher, forward_needs = inputs
         statistics = [t for t in output[1:] if t is not None]
         ctx.mark_non_differentiable(*statistics)
-        ctx.forward_gradients = forward_needs is not None
-        if ctx.forward_gradients:  # the gradients alone: the inputs' memory may go
-            ctx.save_for_backward(*output[-3:])
-        else:
-            ctx.save_for_backward(hidden, weight, bias, target, *output[1:-3])
+        save_for_backward(ctx, forward_needs, (hidden, weight, bias, target), output)
         ctx.reduction, ctx.softcap, ctx.launcher = reduction, softcap, launcher
 
     @staticmethod
     def backward(ctx, grad_output, *_):
-        if ctx.forward_gradients:
-            refuse_second_backward(ctx, "linear_cross_entropy")
-            grads = LauncherGradients.apply("linear_cross_entropy", scaled, grad_output, *ctx.saved_tensors)
-        else:
-            grads = LauncherGradients.apply("linear_cross_entropy", _gradients, *ctx.saved_tensors, grad_output,
-                                            ctx.reduction, ctx.softcap, ctx.launcher, *ctx.needs_input_grad[:3])
-        return grads + (None,) * 7
+        return backward_gradients(ctx, "linear_cross_entropy", _gradients, grad_output) + (None,) * 7
 
     @staticmethod
     def jvp(ctx, *tangents):

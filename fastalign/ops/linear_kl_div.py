@@ -11,8 +11,8 @@ import torch
 from .backend import graph_break, autocast_off, require_triton_dtype, select_backend
 from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
                      check_tensor, check_token_shape, token_dims, FLOAT_DTYPES)
-from .forward_gradients import forward_gradient_needs, full_gradients, refuse_second_backward, scaled
-from .func_transforms import LauncherGradients, refuse_forward_mode, vmap_by_loop
+from .forward_gradients import backward_gradients, forward_gradient_needs, full_gradients, save_for_backward
+from .func_transforms import refuse_forward_mode, vmap_by_loop
 from .token_rows import TokenRows
 
 
@@ -51,22 +51,12 @@ class LinearKLDivFunction(torch.autograd.Function):
         (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, _, _, reduction, softcap, launcher,
          forward_needs) = inputs
         ctx.mark_non_differentiable(*[t for t in output[1:] if t is not None])
-        ctx.forward_gradients = forward_needs is not None
-        if ctx.forward_gradients:  # the gradients alone: the inputs' memory may go
-            ctx.save_for_backward(*output[-3:])
-        else:
-            ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, *output[1:-3])
+        save_for_backward(ctx, forward_needs, (hidden, weight, bias, ref_hidden, ref_weight, ref_bias), output)
         ctx.reduction, ctx.softcap, ctx.launcher = reduction, softcap, launcher
 
     @staticmethod
     def backward(ctx, grad_output, *_):
-        if ctx.forward_gradients:
-            refuse_second_backward(ctx, "linear_kl_div")
-            grads = LauncherGradients.apply("linear_kl_div", scaled, grad_output, *ctx.saved_tensors)
-        else:
-            grads = LauncherGradients.apply("linear_kl_div", _gradients, *ctx.saved_tensors, grad_output,
-                                            ctx.reduction, ctx.softcap, ctx.launcher, *ctx.needs_input_grad[:3])
-        return grads + (None,) * 9
+        return backward_gradients(ctx, "linear_kl_div", _gradients, grad_output) + (None,) * 9
 
     @staticmethod
     def jvp(ctx, *tangents):

@@ -111,25 +111,22 @@ def test_gradients_taken_in_the_forward_stay_within_the_chunks(mode):
     assert chunked < 4 * CHUNK_BYTES / 2 ** 20, f"{mode} used {chunked:.0f} MB beyond its inputs"
 
 
-@requires_cuda
-@pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_kl_div"])
-def test_triton_backward_extra_memory_is_its_fixed_scratch(op):
-    """On the GPU the Triton path needs, beyond its inputs and the gradients it returns, only the backward's
-    scratch (one row segment's fp32 accumulator, one matmul output, one gradient chunk) and per-row
-    statistics: far under the [N, V] logits, whatever N."""
+def gpu_extra_bytes(op, **options):
+    """The CUDA allocator's peak during one forward + backward of `op` on bench_loss.py's Llama-3-8B head (N 8192,
+    bf16), beyond the inputs and the gradients it returns; and (n, h, v, dtype)."""
     import torch
     import fastalign
-    from fastalign.kernels.chunked_backward import chunk_plan
 
-    n, h, v, dtype = 8192, 4096, 128256, torch.bfloat16  # the Llama-3-8B head of bench_loss.py
+    n, h, v, dtype = 8192, 4096, 128256, torch.bfloat16
     hidden = torch.randn(n, h, device="cuda", dtype=dtype, requires_grad=True)
     weight = (torch.randn(v, h, device="cuda", dtype=dtype) / h ** 0.5).requires_grad_()
     if op == "linear_cross_entropy":
         target = torch.randint(0, v, (n,), device="cuda")
-        loss_fn = lambda: fastalign.linear_cross_entropy(hidden, weight, target, backend="triton")  # noqa: E731
+        loss_fn = lambda: fastalign.linear_cross_entropy(hidden, weight, target, backend="triton", **options)  # noqa
     else:
         ref_hidden = hidden.detach() + 0.1 * torch.randn_like(hidden)
-        loss_fn = lambda: fastalign.linear_kl_div(hidden, weight, ref_hidden, weight, backend="triton")  # noqa: E731
+        loss_fn = lambda: fastalign.linear_kl_div(hidden, weight, ref_hidden, weight, backend="triton",  # noqa: E731
+                                                  **options)
     loss_fn().backward()  # autotuning and compilation outside the measure
     hidden.grad = weight.grad = None
     torch.cuda.synchronize()
@@ -138,6 +135,18 @@ def test_triton_backward_extra_memory_is_its_fixed_scratch(op):
     loss_fn().backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before - (hidden.numel() + weight.numel()) * dtype.itemsize
+    return extra, (n, h, v, dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_kl_div"])
+def test_triton_backward_extra_memory_is_its_fixed_scratch(op):
+    """On the GPU the Triton path needs, beyond its inputs and the gradients it returns, only the backward's
+    scratch (one row segment's fp32 accumulator, one matmul output, one gradient chunk) and per-row
+    statistics: far under the [N, V] logits, whatever N."""
+    from fastalign.kernels.chunked_backward import chunk_plan
+
+    extra, (n, h, v, dtype) = gpu_extra_bytes(op)
     rows, cols = chunk_plan(n, v, h)
     scratch = rows * h * (4 + dtype.itemsize) + rows * cols * dtype.itemsize
     assert extra <= scratch + 64 * n + 2 ** 20, f"{extra / 2 ** 20:.1f} MiB extra, scratch {scratch / 2 ** 20:.1f} MiB"
@@ -149,29 +158,10 @@ def test_triton_backward_extra_memory_is_its_fixed_scratch(op):
 def test_triton_gradients_in_the_forward_take_their_row_blocks(op):
     """grads_in_forward=True on the GPU: beyond the inputs and the gradients, one block of whole logits rows (fp32
     logits of each head, a bf16 G) and the segment's d_hidden scratch, as row_block_plan sizes them."""
-    import torch
-    import fastalign
     from fastalign.kernels.chunked_backward import row_block_plan
 
-    n, h, v, dtype = 8192, 4096, 128256, torch.bfloat16
-    hidden = torch.randn(n, h, device="cuda", dtype=dtype, requires_grad=True)
-    weight = (torch.randn(v, h, device="cuda", dtype=dtype) / h ** 0.5).requires_grad_()
-    heads = 1 if op == "linear_cross_entropy" else 2
-    if op == "linear_cross_entropy":
-        target = torch.randint(0, v, (n,), device="cuda")
-        loss_fn = lambda: fastalign.linear_cross_entropy(hidden, weight, target, grads_in_forward=True)  # noqa: E731
-    else:
-        ref_hidden = hidden.detach() + 0.1 * torch.randn_like(hidden)
-        loss_fn = lambda: fastalign.linear_kl_div(hidden, weight, ref_hidden, weight,  # noqa: E731
-                                                  grads_in_forward=True)
-    loss_fn().backward()
-    hidden.grad = weight.grad = None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    loss_fn().backward()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - before - (hidden.numel() + weight.numel()) * dtype.itemsize
-    rows, _ = row_block_plan(n, v, 4 * heads + dtype.itemsize)
-    block = rows * v * (4 * heads + dtype.itemsize) + rows * h * (4 + dtype.itemsize)
+    extra, (n, h, v, dtype) = gpu_extra_bytes(op, grads_in_forward=True)
+    logit_bytes = 4 * (1 if op == "linear_cross_entropy" else 2) + dtype.itemsize
+    rows, _ = row_block_plan(n, v, logit_bytes)
+    block = rows * v * logit_bytes + rows * h * (4 + dtype.itemsize)
     assert extra <= block + 64 * n + 2 ** 20, f"{extra / 2 ** 20:.1f} MiB extra, block {block / 2 ** 20:.1f} MiB"
