@@ -1,5 +1,5 @@
 """Benchmark of one unlearning step (forward + backward + AdamW) of a Llama-architecture model
-on the same batch (2 harmful prompts, K=5 mismatch answers each, 2 normal examples), five ways:
+on the same batch (2 harmful prompts, K=5 mismatch answers each, 2 normal examples), eight ways:
 
 - fastalign:          one policy forward (rows packed into prefix trees where the estimate says it pays: each
                       prompt computed once for its forget and mismatch rows, no padding), fused signed CE + fused
@@ -16,7 +16,9 @@ on the same batch (2 harmful prompts, K=5 mismatch answers each, 2 normal exampl
                       reference model; lm_head frozen);
 - fastalign, padded rows: fastalign with packing off (what packing alone changes);
 - fastalign, AdamW in backward: fastalign with each weight stepped as the backward completes its gradient
-                      (optimizer_in_backward: the model's gradients never all exist at once).
+                      (optimizer_in_backward: the model's gradients never all exist at once);
+- fastalign, grads in forward: fastalign with the fused losses' gradients taken in their forward pass
+                      (grads_in_forward: one product with the lm_head fewer).
 Each row also gives the rows x width of its policy forwards (`grid`, padding included) and their positions (`slots`).
 `--preset 8b` instead runs the 8B-class model the ways that fit one GPU: LoRA with the adapter-disabled
 reference, and full weights with the cached reference, also with AdamW in the backward (gradient checkpointing on);
@@ -131,8 +133,8 @@ def optimizer_step(model, in_backward=False):
 
 # ---- the ways: each returns a no-argument function that performs one full step and returns its loss ----
 
-def fastalign_step(model, batch, normal, args, reference, packing="auto", in_backward=False):
-    objective = UnlearningObjective(model, WEIGHTS, reference, packing=packing)
+def fastalign_step(model, batch, normal, args, reference, packing="auto", in_backward=False, grads_in_forward=False):
+    objective = UnlearningObjective(model, WEIGHTS, reference, packing=packing, grads_in_forward=grads_in_forward)
     finish = optimizer_step(model, in_backward)
 
     def step():
@@ -256,7 +258,8 @@ COMPARE = [("fastalign", fastalign_frozen_copy), ("unfused baseline", unfused_ba
            ("reference recipe", reference_recipe), ("fastalign cached", fastalign_cached),
            ("unfused, answer rows only", unfused_sliced),
            ("fastalign, padded rows", functools.partial(fastalign_frozen_copy, packing="off")),
-           ("fastalign, AdamW in backward", functools.partial(fastalign_frozen_copy, in_backward=True))]
+           ("fastalign, AdamW in backward", functools.partial(fastalign_frozen_copy, in_backward=True)),
+           ("fastalign, grads in forward", functools.partial(fastalign_frozen_copy, grads_in_forward=True))]
 # (the issue's four ways first: a run cut short keeps them)
 ON_ONE_GPU_8B = [("fastalign LoRA", fastalign_lora), ("fastalign full + cached", fastalign_cached),
                  ("fastalign full + cached, AdamW in backward", functools.partial(fastalign_cached, in_backward=True))]

@@ -14,6 +14,7 @@ weight used inside their forward (sharding.head_weight gathers it if FSDP gave t
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -66,7 +67,10 @@ class UnlearningObjective(torch.nn.Module):
 
     The reference is needed only when batches carry normal rows. backend selects the fused-op backend
     ("auto": Triton on CUDA, chunked torch elsewhere); packing how the policy's forward lays out the rows (RowPacker:
-    "auto", "on" or "off").
+    "auto", "on" or "off"); grads_in_forward=True has the fused losses take their gradients in the forward pass
+    (fastalign/ops/forward_gradients.py: one product with the lm_head fewer, for a block of whole logits rows and the
+    gradients held until the backward, which may then run once; L_fgt and L_rdn are then two calls, so that each
+    term keeps its own value).
 
     L_fgt and L_rdn are means over the batch's sequences; L_nor is the KL summed over the batch's normal
     answer tokens and divided by `normal_denominator` (default: their number, i.e. the batch's token mean).
@@ -76,7 +80,7 @@ class UnlearningObjective(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, weights: LossWeights = LossWeights(), reference=None,
-                 backend: str = "auto", packing: str = "auto"):
+                 backend: str = "auto", packing: str = "auto", grads_in_forward: bool = False):
         super().__init__()
         if hasattr(model, "_orig_mod"):  # torch.compile(model): its forward, which the objective never calls
             warnings.warn("the objective runs the model's decoder and lm_head, not the compiled model's forward, so "
@@ -84,6 +88,7 @@ class UnlearningObjective(torch.nn.Module):
                           "(model.model = torch.compile(model.model))", stacklevel=2)
         check_fused_logits(model)  # fail now, not at the first step, on a model the fused losses cannot serve
         self.model, self.weights, self.reference, self.backend = model, weights, reference, backend
+        self.grads_in_forward = grads_in_forward
         # read once (they inspect the model's source); the reference shares them
         self.softcap, self.multiplier = logit_softcap(model), logit_multiplier(model)
         self.packer = RowPacker(model, packing)
@@ -122,11 +127,17 @@ class UnlearningObjective(torch.nn.Module):
             rows, columns = tokens.rows(0, n_fgt + n_rdn).answer_positions(width)
             targets = at_positions(tokens.input_ids[:n_fgt + n_rdn, 1:], rows, columns)
             token_weight = at_positions(signed.to(weight.device).view(answers.shape), rows, columns)
-            per_token = linear_cross_entropy(scaled_head_input(states.at(rows, columns), self.multiplier, dtype),
-                                             weight, targets, token_weight=token_weight, bias=bias, reduction="none",
-                                             softcap=self.softcap, backend=self.backend)
+            head_input = scaled_head_input(states.at(rows, columns), self.multiplier, dtype)
+            ce = functools.partial(linear_cross_entropy, weight=weight, bias=bias, softcap=self.softcap,
+                                   backend=self.backend)
             n_forget_tokens = int((rows < n_fgt).sum())
-            forget, mismatch = per_token[:n_forget_tokens].sum(), per_token[n_forget_tokens:].sum()
+            if self.grads_in_forward:   # a sum per term, each with its gradients
+                forget, mismatch = (ce(head_input[part], target=targets[part], token_weight=token_weight[part],
+                                       reduction="sum", grads_in_forward=True) if part.stop - part.start else zero
+                                    for part in (slice(0, n_forget_tokens), slice(n_forget_tokens, len(targets))))
+            else:
+                per_token = ce(head_input, target=targets, token_weight=token_weight, reduction="none")
+                forget, mismatch = per_token[:n_forget_tokens].sum(), per_token[n_forget_tokens:].sum()
 
         if batch.num_normal:
             if self.reference is None:
@@ -141,7 +152,7 @@ class UnlearningObjective(torch.nn.Module):
             kl_sum = linear_kl_div(scaled_head_input(states.at(rows + n_fgt + n_rdn, columns), self.multiplier, dtype),
                                    weight, scaled_head_input(ref_hidden, self.multiplier, dtype), ref_weight,
                                    bias=bias, ref_bias=ref_bias, reduction="sum", softcap=self.softcap,
-                                   backend=self.backend)
+                                   backend=self.backend, grads_in_forward=self.grads_in_forward)
             if normal_denominator is None:
                 normal_denominator = int(normal_tokens.on_host.target_mask.sum())
             normal = kl_sum / normal_denominator if normal_denominator else kl_sum  # no token: the sum is 0

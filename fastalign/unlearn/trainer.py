@@ -376,8 +376,10 @@ class UnlearningTrainer:
         _set_rng_state(self._fresh_rng)  # a resume then restores its checkpoint's
         objective, optimizer = self._prepare_objective()
         optimizer.zero_grad(set_to_none=True)   # a step an exception stopped left its micro-batches' gradients
+        # linear to 0, no warm-up (SPEC §1); on the torch optimizer, whose step() the step in the backward calls too
+        # (on accelerate's wrapper, torch warned at the first step of such a run that the optimizer had not stepped)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: max(0.0, 1.0 - s / config.max_steps))  # linear to 0, no warm-up (SPEC §1)
+            _torch_optimizer(optimizer), lambda s: max(0.0, 1.0 - s / config.max_steps))
         step, totals = 0, ComputeTotals(**self.setup_compute.to_dict())  # building the reference counts too
         record = None  # the last step's; a resume that is already at max_steps keeps the checkpoint's
         if resume_from:  # the checkpoint's totals hold the interrupted run's
@@ -467,7 +469,8 @@ class UnlearningTrainer:
         if self._built_reference is None:
             self._built_reference = (self._reference(),)
         objective = UnlearningObjective(self.model, config.loss_weights, self._built_reference[0],
-                                        backend=config.backend, packing=config.packing)
+                                        backend=config.backend, packing=config.packing,
+                                        grads_in_forward=config.grads_in_forward)
         self.packer = objective.packer   # the layout of each batch, for its compute (the wrapper hides it)
 
         def adamw(module):

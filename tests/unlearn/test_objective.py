@@ -123,14 +123,15 @@ def test_cached_reference_in_host_memory_gives_the_device_caches_rows():
     assert got.is_cuda and torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("packing", ["on", "off"])
+@pytest.mark.parametrize("packing,grads_in_forward", [("on", False), ("off", False), ("on", True)])
 @pytest.mark.parametrize("make_model", [tiny_llama, tiny_phi], ids=["llama", "phi"])  # Phi: an lm_head bias
 @pytest.mark.parametrize("mode", ["copy", "adapter", "cached"])
-def test_terms_and_gradients_match_per_sequence_spec(mode, make_model, packing):
+def test_terms_and_gradients_match_per_sequence_spec(mode, make_model, packing, grads_in_forward):
     """With Phi's biased lm_head the bias trains in the copy mode (its gradient is checked with the others) and is
     the reference's too, frozen, in the adapter and cached modes. The policy's forward runs on the rows packed into
-    prefix trees (each forget prompt once for its mismatch rows too) or on the padded rows."""
-    assert_terms_match_spec(*setup(mode, make_model), packing=packing)
+    prefix trees (each forget prompt once for its mismatch rows too) or on the padded rows; the fused losses take
+    their gradients in the backward, or in the forward (grads_in_forward)."""
+    assert_terms_match_spec(*setup(mode, make_model), packing=packing, grads_in_forward=grads_in_forward)
 
 
 @pytest.mark.parametrize("mismatch_per_prompt, normal_batch_size", [(1, 3), (3, 1)])
@@ -143,9 +144,9 @@ def test_terms_match_the_spec_whatever_the_batchs_composition(mismatch_per_promp
     assert_terms_match_spec(*setup("copy", streams=streams))
 
 
-def assert_terms_match_spec(model, streams, reference, reference_logits, packing="auto"):
+def assert_terms_match_spec(model, streams, reference, reference_logits, packing="auto", grads_in_forward=False):
     """The objective's three terms, its total and its gradients on two batches equal SPEC §1 per sequence."""
-    objective = UnlearningObjective(model, WEIGHTS, reference, packing=packing)
+    objective = UnlearningObjective(model, WEIGHTS, reference, packing=packing, grads_in_forward=grads_in_forward)
     params = [p for p in model.parameters() if p.requires_grad]
     for index in (0, 1):
         batch = streams.batch(index)

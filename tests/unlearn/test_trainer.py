@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import threading
+import warnings
 import weakref
 
 import numpy as np
@@ -465,11 +466,33 @@ def test_the_optimizer_in_backward_trains_the_same_run(tmp_path, settings):
     if settings.get("lora"):
         pytest.importorskip("peft")
     after, _ = run(tmp_path, "after", max_steps=3, grad_accum=1, **settings)
-    inside, _ = run(tmp_path, "inside", max_steps=3, grad_accum=1, optimizer_in_backward=True, **settings)
+    with warnings.catch_warnings():   # torch's "lr_scheduler.step() before optimizer.step()" would be a false alarm
+        warnings.filterwarnings("error", message=r".*lr_scheduler\.step\(\)")
+        inside, _ = run(tmp_path, "inside", max_steps=3, grad_accum=1, optimizer_in_backward=True, **settings)
     assert log_lines(tmp_path / "inside") == log_lines(tmp_path / "after")
     state = inside.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in after.model.state_dict().items())
     assert not any(p._post_accumulate_grad_hooks for p in inside.model.parameters())  # taken off at the end
+
+
+@pytest.mark.parametrize("settings", [{}, {"lora": True, "lora_rank": 4}, {"optimizer_in_backward": True,
+                                                                           "grad_accum": 1}],
+                         ids=["full", "lora", "optimizer-in-backward"])
+def test_gradients_taken_in_the_forward_train_the_same_run(tmp_path, settings):
+    """grads_in_forward: the fused losses' gradients taken in the forward pass, scaled by the backward (under gradient
+    accumulation, with a trained lm_head, a LoRA adapter, AdamW inside the backward): the same run, the same log and
+    the same weights up to the rounding of the other order of the sums (fp32)."""
+    if settings.get("lora"):
+        pytest.importorskip("peft")
+    after, _ = run(tmp_path, "backward", max_steps=3, **settings)
+    inside, _ = run(tmp_path, "forward", max_steps=3, grads_in_forward=True, **settings)
+    for got, want in zip(log_lines(tmp_path / "forward"), log_lines(tmp_path / "backward")):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == (pytest.approx(value, rel=1e-5, abs=1e-7) if isinstance(value, float) else value), key
+    state = inside.model.state_dict()
+    for name, weight in after.model.state_dict().items():
+        torch.testing.assert_close(state[name], weight, rtol=1e-5, atol=1e-6)
 
 
 def test_the_optimizer_in_backward_steps_nothing_on_a_non_finite_loss(tmp_path, monkeypatch):
