@@ -225,3 +225,21 @@ def test_triton_blocks_cross_their_boundaries(shape):
     """The interpreter's blocks are 16 rows: 40 rows take three, the last one short."""
     assert chunked_backward.row_block_plan(40, 1000, 6)[0] == 16 or TRITON_DEVICE == "cuda"
     check(cross_entropy_case(shape, backend="triton", ignored=0.0), "sum", REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_models_batch_of_sequences_is_taken_as_it_is(backend):
+    """hidden [B, T, H] with targets [B, T] (padding ignored): the gradient of hidden comes back in its shape, equal to
+    the one taken in the backward."""
+    device = device_for(backend)
+    hidden = torch.randn(3, 7, 24, device=device, requires_grad=True)
+    weight = (torch.randn(131, 24, device=device) / 24 ** 0.5).requires_grad_()
+    target = torch.randint(0, 131, (3, 7), device=device)
+    target[1, 4:] = -100
+    grads = {}
+    for in_forward in (False, True):
+        loss = fastalign.linear_cross_entropy(hidden, weight, target, backend=backend, grads_in_forward=in_forward)
+        grads[in_forward] = torch.autograd.grad(2.5 * loss, [hidden, weight])
+    for got, want in zip(grads[True], grads[False]):
+        assert got.shape == want.shape
+        assert_rel_close("gradient", got, want, REL_TOL[torch.float32])
