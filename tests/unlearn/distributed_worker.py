@@ -119,6 +119,8 @@ def run(root, scenario):
         train(root, scenario, scenario)
     elif scenario == "fsdp2_head_unit":
         resumed(root, scenario, scenario)
+    elif scenario == "fsdp2_head_unit_grads_in_forward":
+        train(root, scenario, "fsdp2_head_unit", grads_in_forward=True)
     elif scenario == "fsdp2_cached":
         train(root, scenario, "fsdp2", reference="cached")
     elif scenario == "fsdp1_flat_cached":

@@ -1,6 +1,7 @@
 """The trainer under two gloo processes on the CPU, through accelerate: DDP, FSDP2 (lm_head in the root unit
-or in a unit of its own), FSDP1 (also with its weights flattened, use_orig_params off), the cached reference under
-FSDP2, LoRA under DDP, and errors raised on every process.
+or in a unit of its own, there also with the losses' gradients taken in the forward), FSDP1 (also with its weights
+flattened, use_orig_params off), the cached reference under FSDP2, LoRA under DDP, and errors raised on every
+process.
 
 Process r of 2 draws batch 2*step + r, as micro-batch r of one process that accumulates two micro-batches
 does, so each distributed run must end where that single-process run ends (fp32: to rounding). All
@@ -22,7 +23,7 @@ from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama
 
 pytest.importorskip("accelerate")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCENARIOS = ["ddp", "fsdp2", "fsdp2_head_unit", "fsdp1", "fsdp2_cached", "fsdp2_cached_bf16",
+SCENARIOS = ["ddp", "fsdp2", "fsdp2_head_unit", "fsdp2_head_unit_grads_in_forward", "fsdp1", "fsdp2_cached", "fsdp2_cached_bf16",
              "fsdp2_bf16_reference_kl", "fsdp2_cached_head_changed", "ddp_lora_bf16", "nonfinite", "fsdp1_flat_root",
              "fsdp1_flat_cached"]
 TERMS = ("loss", "forget_nll", "mismatch_nll", "normal_kl")
@@ -149,6 +150,15 @@ def test_fsdp2_lm_head_in_its_own_unit_trains_checkpoints_and_resumes(runs, sing
     for (name, a), (_, b) in zip(saved.named_parameters(), uninterrupted.named_parameters()):
         assert torch.equal(a, b), name
     assert_full_checkpoint(path)
+
+
+def test_fsdp2_gradients_taken_in_the_forward_of_a_sharded_lm_head(runs, single):
+    """grads_in_forward under FSDP2 with the lm_head in a unit of its own: the gradients the fused losses take in the
+    forward, from the gathered head, reach its shards as the backward's would (the run of one process)."""
+    path = runs / "fsdp2_head_unit_grads_in_forward"
+    assert outcomes(path) == ["ok", "ok"]
+    assert "lm_head" in units(path)
+    assert_same_run(path, "model", single["copy"])
 
 
 def test_fsdp2_cached_reference(runs, single):
