@@ -266,7 +266,8 @@ def stage_rows(args, config, earlier_rows):
     (logsumexps), then the backward with both gradients, d_hidden alone, d_weight alone, and neither (the
     kernel that writes each chunk of G alone, the recomputation of the logits included): the differences say what
     the G @ W and G^T @ x products, and their accumulation, cost. Then grads_in_forward's one pass, with both
-    gradients and with neither (the library matmul of the logits and the kernels that read them). One row per
+    gradients and with neither (the library matmul of the logits and the kernels that read them), and with both in
+    blocks sized for each budget of --row-block-mib (what a larger block, fewer passes over d_weight, buys). One row per
     (N, stage), ms and TFLOP/s on the products each stage computes. The JSON is rewritten after each row, with
     earlier_rows (the table's) first."""
     rows = []
@@ -305,7 +306,23 @@ def _stages(args, n):
     for name, need in (("forward with gradients", True), ("forward with gradients, G only", False)):
         stages.append((name, functools.partial(kernel.forward_with_gradients, hidden, weight, None, target, grad_scale,
                                                need, False, need_hidden_grad=need), product * (1 + 2 * need)))
+    for mib in args.row_block_mib:
+        stages.append((f"forward with gradients, {mib} MiB blocks",
+                       functools.partial(_with_row_block_bytes, mib * 2 ** 20, kernel.forward_with_gradients, hidden,
+                                         weight, None, target, grad_scale, True, False), 3 * product))
     return stages
+
+
+def _with_row_block_bytes(budget, fn, *args):
+    """fn(*args) with grads_in_forward's blocks of whole logits rows sized for `budget` bytes instead of the default
+    (kernels/chunked_backward.py's _ROW_BLOCK_BYTES), to measure what the block size buys."""
+    from fastalign.kernels import chunked_backward
+    default = chunked_backward._ROW_BLOCK_BYTES
+    chunked_backward._ROW_BLOCK_BYTES = budget
+    try:
+        return fn(*args)
+    finally:
+        chunked_backward._ROW_BLOCK_BYTES = default
 
 
 STAGE_COLUMNS = [("op", "op", "{}"), ("n", "N", "{}"), ("method", "stage", "{}"), ("fwd_ms", "ms", "{:.2f}"),
@@ -324,7 +341,10 @@ def main():
     parser.add_argument("--verbose", action="store_true", help="print each row as it is measured")
     parser.add_argument("--stages", action="store_true",
                         help="also fastalign's cross-entropy stage by stage (forward; backward with both, one or "
-                             "neither of the gradients' products)")
+                             "neither of the gradients' products; the forward with gradients)")
+    parser.add_argument("--row-block-mib", type=int, nargs="*", default=[], metavar="MIB",
+                        help="with --stages, also the forward with gradients in blocks of whole logits rows sized for "
+                             "each of these budgets (the default is 192 MiB)")
     args = parser.parse_args()
     if args.quick:
         args.hidden, args.vocab, args.tokens = 128, 4099, [256]

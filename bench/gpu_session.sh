@@ -70,7 +70,7 @@ gpu_tests() {
 }
 
 gpu_benches() {
-    step 110 "bench_loss" python3 bench/bench_loss.py --tokens 8192 --verbose --stages
+    step 110 "bench_loss" python3 bench/bench_loss.py --tokens 8192 --verbose --stages --row-block-mib 96 384
     step 45 "bench_loss, 1B head" python3 bench/bench_loss.py --hidden 2048 --tokens 256 2048 --verbose --stages
     step 95 "bench_tree" python3 bench/bench_tree.py --prefix 1500 8000 32000 131072 --rows 1 10 64 \
         --branch-lengths 16 2048 8192 --decode-tokens 64 --splits 8 32 64

@@ -115,9 +115,9 @@ def test_loss_rows_record_their_gradients_difference_from_the_quantitys_first(mo
 
 def test_loss_stages_run_the_kernels_with_the_gradients_each_names(monkeypatch, tmp_path):
     """--stages: the forward, then the backward with both, one and neither of the gradients' products, then the
-    forward with gradients with both and neither, each run on the kernel API with those gradients asked for, its
-    TFLOP/s counted on the products it computes (2NHV each)."""
-    from fastalign.kernels import linear_cross_entropy as kernel
+    forward with gradients with both and neither, and with both in blocks of each --row-block-mib budget, each run on
+    the kernel API with those gradients asked for, its TFLOP/s counted on the products it computes (2NHV each)."""
+    from fastalign.kernels import chunked_backward, linear_cross_entropy as kernel
     asked = []
 
     def spy_on(name, weight_flag):
@@ -129,20 +129,30 @@ def test_loss_stages_run_the_kernels_with_the_gradients_each_names(monkeypatch, 
         monkeypatch.setattr(kernel, name, spy)
     spy_on("backward", 6)
     spy_on("forward_with_gradients", 5)
+    budgets, plan = [], kernel.row_block_plan
+
+    def plan_spy(*args):   # the block budget each forward with gradients is planned with
+        budgets.append(chunked_backward._ROW_BLOCK_BYTES)
+        return plan(*args)
+    monkeypatch.setattr(kernel, "row_block_plan", plan_spy)
     monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: (fn(), 2.0)[1])
     monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
     n, h, v = 24, 16, 67
-    args = SimpleNamespace(device="cpu", dtype="float32", quick=False, hidden=h, vocab=v, tokens=[n])
+    args = SimpleNamespace(device="cpu", dtype="float32", quick=False, hidden=h, vocab=v, tokens=[n],
+                           row_block_mib=[96])
     rows = bench_loss.stage_rows(args, {"matmul_peak_tflops": 1.0}, [])
     assert [row["method"] for row in rows] == ["fastalign forward", "fastalign backward",
                                                "fastalign backward, d_hidden only", "fastalign backward, d_weight only",
                                                "fastalign backward, G chunks only",
                                                "fastalign forward with gradients",
-                                               "fastalign forward with gradients, G only"], rows
+                                               "fastalign forward with gradients, G only",
+                                               "fastalign forward with gradients, 96 MiB blocks"], rows
     assert asked == [("backward", True, True), ("backward", True, False), ("backward", False, True),
                      ("backward", False, False), ("forward_with_gradients", True, True),
-                     ("forward_with_gradients", False, False)]
-    assert [row["tflops"] * 2e-3 * 1e12 / (2 * n * h * v) for row in rows] == pytest.approx([1, 3, 2, 2, 1, 3, 1]), rows
+                     ("forward_with_gradients", False, False), ("forward_with_gradients", True, True)]
+    default = chunked_backward._ROW_BLOCK_BYTES
+    assert budgets == [default, default, 96 * 2 ** 20] and default == 192 * 2 ** 20
+    assert [row["tflops"] * 2e-3 * 1e12 / (2 * n * h * v) for row in rows] == pytest.approx([1, 3, 2, 2, 1, 3, 1, 3])
 
 
 def test_loss_baseline_that_cannot_be_loaded_is_recorded_with_its_error(monkeypatch, tmp_path):
