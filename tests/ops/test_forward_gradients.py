@@ -78,8 +78,8 @@ def test_kl_matches_reference_fp32(backend, shape, reduction, shared, softcap):
 @pytest.mark.parametrize("shared", [False, True])
 def test_kl_near_zero_keeps_its_accuracy(backend, shared):
     """A policy close to its reference (unlearning's KL term near its start), held to the bounds of the default path's
-    test (test_linear_kl_div.py::test_policy_close_to_reference): ~1e-6 absolute per token, gradients 1e-3. The fp32
-    logits of the buffers keep the one-pass KL's accuracy; 16-bit ones would drown it in their rounding."""
+    test (test_linear_kl_div.py::test_policy_close_to_reference): ~1e-6 absolute per token, gradients 1e-3 (16-bit
+    operands: test_16_bit_operands_give_fp32_logits)."""
     hidden, weight, ref_hidden, ref_weight, extra = kl_tests.make_inputs(
         13, 24, 131, shared=shared, closeness=1e-2, bias=True, masked=0.0, device=device_for(backend))
     out = fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, reduction="sum", backend=backend,
@@ -243,3 +243,17 @@ def test_a_models_batch_of_sequences_is_taken_as_it_is(backend):
     for got, want in zip(grads[True], grads[False]):
         assert got.shape == want.shape
         assert_rel_close("gradient", got, want, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("shape", triton_cases([(13, 24, 131)], gpu_only=[(300, 64, 5000)]))
+def test_16_bit_operands_give_fp32_logits(shape):
+    """bf16 hidden states and head: the block's logits are the fp32 products, as the default path's tiles are, so a
+    KL near 0 (a policy close to its reference) equals the default path's to fp32 rounding. Logits rounded to bf16
+    (~4e-3 at |z| ~ 2) would move each token's KL by about as much as the KL itself."""
+    hidden, weight, ref_hidden, ref_weight, extra = kl_tests.make_inputs(
+        *shape, dtype=torch.bfloat16, device=TRITON_DEVICE, shared=True, closeness=1e-2, masked=0.0)
+    kl = {in_forward: fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, reduction="sum",
+                                              backend="triton", grads_in_forward=in_forward, **extra)
+          for in_forward in (False, True)}
+    assert kl[False] > 1e-4
+    assert_rel_close("kl", kl[True], kl[False], 1e-4)
