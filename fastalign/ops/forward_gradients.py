@@ -28,16 +28,6 @@ def forward_gradient_needs(op, grads_in_forward, reduction, hidden, weight, bias
     return needs if torch.is_grad_enabled() and any(needs) else None
 
 
-def full_gradients(rows, live_gradients, needs, hidden, weight, bias):
-    """(d_hidden [N, H], d_weight, d_bias) in the inputs' dtypes from a launcher's gradients of the live rows (each or
-    None); when no row lives, zeros for each gradient `needs` asks for."""
-    if rows.num_live == 0:
-        return tuple(torch.zeros_like(t) if need else None for need, t in zip(needs, (hidden, weight, bias)))
-    d_live, d_weight, d_bias = live_gradients
-    return (None if d_live is None else rows.scatter(d_live, hidden.dtype),
-            None if d_weight is None else d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(bias.dtype))
-
-
 def refuse_second_backward(ctx, op):
     """Marks the forward's gradients taken; raises if they were (see the module's docstring)."""
     if getattr(ctx, "forward_gradients_taken", False):
@@ -53,8 +43,10 @@ def scaled(grad_output, d_hidden, d_weight, d_bias):
 
 
 def save_for_backward(ctx, forward_needs, inputs, output):
-    """Saves what the backward takes: the gradients taken in the forward (output's last three) when forward_needs
-    asked for them (the inputs' memory may then go), else `inputs` and the statistics between the loss and them."""
+    """Marks the outputs after the loss non-differentiable and saves what the backward takes: the gradients taken in
+    the forward (output's last three) when forward_needs asked for them (the inputs' memory may then go), else
+    `inputs` and the statistics between the loss and them."""
+    ctx.mark_non_differentiable(*[t for t in output[1:] if t is not None])
     ctx.forward_gradients = forward_needs is not None
     ctx.save_for_backward(*(output[-3:] if ctx.forward_gradients else (*inputs, *output[1:-3])))
 

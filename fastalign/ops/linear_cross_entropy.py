@@ -10,7 +10,7 @@ from .backend import graph_break, autocast_off, require_triton_dtype, select_bac
 from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
                      check_tensor, check_token_shape, is_integer, out_of_range_targets, refuse_targets, token_dims,
                      FLOAT_DTYPES)
-from .forward_gradients import backward_gradients, forward_gradient_needs, full_gradients, save_for_backward
+from .forward_gradients import backward_gradients, forward_gradient_needs, save_for_backward
 from .func_transforms import refuse_forward_mode, vmap_by_loop
 from .token_rows import TokenRows
 
@@ -45,14 +45,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             lse = target_logit = hidden.new_zeros(0, dtype=acc)
         if forward_needs is not None:
-            grads = full_gradients(rows, grads, forward_needs, hidden, weight, bias)
+            grads = rows.gradients(grads, forward_needs, hidden, weight, bias)
         return (rows.reduce(lse - target_logit), rows.scatter(lse, acc)) + rows.state() + (grads or (None,) * 3)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         hidden, weight, bias, target, _, _, reduction, softcap, launcher, forward_needs = inputs
-        statistics = [t for t in output[1:] if t is not None]
-        ctx.mark_non_differentiable(*statistics)
         save_for_backward(ctx, forward_needs, (hidden, weight, bias, target), output)
         ctx.reduction, ctx.softcap, ctx.launcher = reduction, softcap, launcher
 
@@ -76,17 +74,14 @@ def _gradients(hidden, weight, bias, target, lse, row_weight, num_counted, live_
     computed, e.g. no G @ W products for hidden states of a frozen backbone."""
     rows = TokenRows(row_weight, num_counted, live_rows, num_live, reduction)
     need_bias = bias is not None and need_bias
-    if rows.num_live == 0:
-        return (torch.zeros_like(hidden) if need_hidden else None, torch.zeros_like(weight) if need_weight else None,
-                torch.zeros_like(bias) if need_bias else None)
-    with autocast_off(weight.device):
-        d_live, d_weight, d_bias = launcher.backward(rows.gather(hidden).contiguous(), weight.contiguous(),
-                                                     None if bias is None else bias.contiguous(),
-                                                     rows.gather(target).contiguous(), rows.gather(lse).contiguous(),
-                                                     rows.grad_scale(grad_output), need_weight, need_bias, need_hidden,
-                                                     softcap)
-    return (None if d_live is None else rows.scatter(d_live, hidden.dtype),
-            None if d_weight is None else d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(bias.dtype))
+    live = None
+    if rows.num_live:
+        with autocast_off(weight.device):
+            live = launcher.backward(rows.gather(hidden).contiguous(), weight.contiguous(),
+                                     None if bias is None else bias.contiguous(), rows.gather(target).contiguous(),
+                                     rows.gather(lse).contiguous(), rows.grad_scale(grad_output), need_weight,
+                                     need_bias, need_hidden, softcap)
+    return rows.gradients(live, (need_hidden, need_weight, need_bias), hidden, weight, bias)
 
 
 @graph_break("linear_cross_entropy")

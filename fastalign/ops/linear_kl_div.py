@@ -11,7 +11,7 @@ import torch
 from .backend import graph_break, autocast_off, require_triton_dtype, select_backend
 from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
                      check_tensor, check_token_shape, token_dims, FLOAT_DTYPES)
-from .forward_gradients import backward_gradients, forward_gradient_needs, full_gradients, save_for_backward
+from .forward_gradients import backward_gradients, forward_gradient_needs, save_for_backward
 from .func_transforms import refuse_forward_mode, vmap_by_loop
 from .token_rows import TokenRows
 
@@ -42,7 +42,7 @@ class LinearKLDivFunction(torch.autograd.Function):
         else:
             kl = lse = ref_lse = hidden.new_zeros(0, dtype=acc)
         if forward_needs is not None:
-            grads = full_gradients(rows, grads, forward_needs, hidden, weight, bias)
+            grads = rows.gradients(grads, forward_needs, hidden, weight, bias)
         return ((rows.reduce(kl), rows.scatter(lse, acc), rows.scatter(ref_lse, acc)) + rows.state()
                 + (grads or (None,) * 3))
 
@@ -50,7 +50,6 @@ class LinearKLDivFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, _, _, reduction, softcap, launcher,
          forward_needs) = inputs
-        ctx.mark_non_differentiable(*[t for t in output[1:] if t is not None])
         save_for_backward(ctx, forward_needs, (hidden, weight, bias, ref_hidden, ref_weight, ref_bias), output)
         ctx.reduction, ctx.softcap, ctx.launcher = reduction, softcap, launcher
 
@@ -89,16 +88,13 @@ def _gradients(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_
     if not (need_hidden or need_weight or need_bias):
         return None, None, None
     rows = TokenRows(row_weight, num_counted, live_rows, num_live, reduction)
-    if rows.num_live == 0:
-        return (torch.zeros_like(hidden) if need_hidden else None, torch.zeros_like(weight) if need_weight else None,
-                torch.zeros_like(bias) if need_bias else None)
-    with autocast_off(weight.device):
-        d_live, d_weight, d_bias = launcher.backward(
-            *_live_operands(rows, hidden, weight, bias, ref_hidden, ref_weight, ref_bias),
-            rows.gather(lse).contiguous(), rows.gather(ref_lse).contiguous(), rows.grad_scale(grad_output),
-            need_weight, need_bias, need_hidden, softcap)
-    return (None if d_live is None else rows.scatter(d_live, hidden.dtype),
-            None if d_weight is None else d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(bias.dtype))
+    live = None
+    if rows.num_live:
+        with autocast_off(weight.device):
+            live = launcher.backward(*_live_operands(rows, hidden, weight, bias, ref_hidden, ref_weight, ref_bias),
+                                     rows.gather(lse).contiguous(), rows.gather(ref_lse).contiguous(),
+                                     rows.grad_scale(grad_output), need_weight, need_bias, need_hidden, softcap)
+    return rows.gradients(live, (need_hidden, need_weight, need_bias), hidden, weight, bias)
 
 
 @graph_break("linear_kl_div")

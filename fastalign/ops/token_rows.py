@@ -65,6 +65,17 @@ class TokenRows:
         full = live_values.new_zeros((self.num_tokens,) + tuple(live_values.shape[1:]), dtype=dtype)
         return full.index_copy_(0, self.rows, live_values.to(dtype))
 
+    def gradients(self, live_gradients, needs, hidden, weight, bias):
+        """(d_hidden [N, H], d_weight, d_bias) in the inputs' dtypes from a launcher's (d_live, d_weight, d_bias) of
+        the live rows, each or None; live_gradients None (no row lives): zeros for each gradient that needs,
+        (need_hidden, need_weight, need_bias), asks for."""
+        if live_gradients is None:
+            return tuple(torch.zeros_like(t) if need else None for need, t in zip(needs, (hidden, weight, bias)))
+        d_live, d_weight, d_bias = live_gradients
+        return (None if d_live is None else self.scatter(d_live, hidden.dtype),
+                None if d_weight is None else d_weight.to(weight.dtype),
+                None if d_bias is None else d_bias.to(bias.dtype))
+
     def reduce(self, per_token):
         """Weights the live per-token losses and applies the reduction."""
         per_token = per_token * self.weight
