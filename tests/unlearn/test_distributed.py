@@ -23,9 +23,9 @@ from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama
 
 pytest.importorskip("accelerate")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCENARIOS = ["ddp", "fsdp2", "fsdp2_head_unit", "fsdp2_head_unit_grads_in_forward", "fsdp1", "fsdp2_cached", "fsdp2_cached_bf16",
-             "fsdp2_bf16_reference_kl", "fsdp2_cached_head_changed", "ddp_lora_bf16", "nonfinite", "fsdp1_flat_root",
-             "fsdp1_flat_cached"]
+SCENARIOS = ["ddp", "fsdp2", "fsdp2_head_unit", "fsdp2_head_unit_grads_in_forward", "fsdp1", "fsdp2_cached",
+             "fsdp2_cached_bf16", "fsdp2_bf16_reference_kl", "fsdp2_cached_head_changed", "ddp_lora_bf16", "nonfinite",
+             "fsdp1_flat_root", "fsdp1_flat_cached"]
 TERMS = ("loss", "forget_nll", "mismatch_nll", "normal_kl")
 
 
