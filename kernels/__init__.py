@@ -37,8 +37,9 @@ if __name__ == "kernels":
         sys.modules[__name__] = importlib.util.module_from_spec(installed)
         installed.loader.exec_module(sys.modules[__name__])
 elif os.environ.get("TRITON_INTERPRET") == "1":
-    from .interpreter_fixes import one_launch_at_a_time, squeeze_loop_bounds, upcast_bf16_dots
+    from .interpreter_fixes import one_launch_at_a_time, round_bf16_casts, squeeze_loop_bounds, upcast_bf16_dots
 
     squeeze_loop_bounds()
     upcast_bf16_dots()
+    round_bf16_casts()
     one_launch_at_a_time()

@@ -1,5 +1,5 @@
-"""Three defects of Triton's CPU interpreter (TRITON_INTERPRET=1) that would keep it from computing what a GPU
-computes with our kernels; kernels/__init__.py applies all three fixes, only under the interpreter. Compiled kernels
+"""Four defects of Triton's CPU interpreter (TRITON_INTERPRET=1) that would keep it from computing what a GPU
+computes with our kernels; kernels/__init__.py applies all four fixes, only under the interpreter. Compiled kernels
 are not concerned.
 
 - Loop bounds from kernel scalars (Triton < 3.7 with numpy >= 2.4). The interpreter holds a kernel scalar (an
@@ -12,6 +12,10 @@ are not concerned.
   their uint16 bit patterns, and its tl.dot multiplies those integers: the result is garbage. `upcast_bf16_dots`
   converts bf16 operands to fp32 first, which is what the tensor cores compute (exact products of bf16 values,
   accumulated in fp32), so that the kernels' bf16 paths are tested on the CPU too.
+- fp32 -> bf16 casts (every release up to 3.9 at least) drop the bits past bf16's mantissa, where a GPU (and torch)
+  rounds to the nearest even: half of all casts came out one unit lower in magnitude. `round_bf16_casts` rounds them
+  through torch, so that a kernel that rounds as torch's ops do (kernels/rms_norm.py, kernels/rotary.py) is held to
+  their outputs on the CPU too.
 - Launches from several threads (Triton 3.9 at least). A launch patches triton.language for its run
   and puts it back after, and sets the program id on one builder shared by every launch: a launch overlapping
   another ran with the language unpatched ("Did you forget to add @triton.jit ?") or with the other's program ids
@@ -22,6 +26,7 @@ import functools
 import threading
 
 import numpy as np
+import torch
 import triton
 import triton.language as tl
 from triton.runtime import interpreter
@@ -64,6 +69,25 @@ def upcast_bf16_dots():
 
     create_dot.upcasts_bf16 = True
     builder.create_dot = create_dot
+
+
+def round_bf16_casts():
+    """Makes the interpreter's fp32 -> bf16 casts round to the nearest even (idempotent)."""
+    builder = interpreter.InterpreterBuilder
+    original = builder.cast_impl
+    if getattr(original, "rounds_bf16", False):
+        return
+
+    @functools.wraps(original)
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            values = torch.from_numpy(np.array(src.data, dtype=np.float32))
+            return interpreter.TensorHandle(values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16),
+                                            dst_type.scalar)
+        return original(self, src, dst_type)
+
+    cast_impl.rounds_bf16 = True
+    builder.cast_impl = cast_impl
 
 
 def one_launch_at_a_time():

@@ -1,7 +1,7 @@
 """The interpreter fixes of kernels/interpreter_fixes.py: kernel loops bounded by kernel scalars run under Triton
 3.6's interpreter with numpy >= 2.4 (Triton 3.6's conversion of a scalar to an index is put back in place, so that
-the test means the same on the Triton release CI installs), tl.dot computes bf16 operands by their values, and
-launches from two threads run one at a time."""
+the test means the same on the Triton release CI installs), tl.dot computes bf16 operands by their values, fp32 ->
+bf16 casts round to the nearest even, and launches from two threads run one at a time."""
 import inspect
 import os
 import sys
@@ -87,6 +87,29 @@ def test_bf16_dots_take_the_operands_values(monkeypatch):
     torch.testing.assert_close(out, a.double().matmul(b.double()).float(), rtol=1e-6, atol=1e-5)
     _dot_kernel[(1,)](a.float(), b.float(), out, 16, 32, 16)  # other dtypes as before
     torch.testing.assert_close(out, a.float() @ b.float(), rtol=1e-6, atol=1e-5)
+
+
+@triton.jit
+def _to_bf16_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs).to(tl.bfloat16))
+
+
+def test_bf16_casts_round_to_nearest_even(monkeypatch):
+    """As torch's (and a GPU's) casts; the unfixed interpreter drops the bits past bf16's mantissa. Ties go to the
+    even neighbour: 1 + 2^-8 lies halfway between 1 and 1 + 2^-7, and rounds down; 1 + 3 * 2^-8 rounds up."""
+    x = torch.cat([torch.randn(252), torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 3 * 2 ** -8), 3e38])])
+    out = torch.empty(256, dtype=torch.bfloat16)
+    builder = interpreter.InterpreterBuilder
+    monkeypatch.setattr(builder, "cast_impl", inspect.unwrap(builder.cast_impl))
+    _to_bf16_kernel[(1,)](x, out, 256)
+    assert (out != x.bfloat16()).float().mean() > 0.2
+
+    interpreter_fixes.round_bf16_casts()
+    interpreter_fixes.round_bf16_casts()  # idempotent
+    _to_bf16_kernel[(1,)](x, out, 256)
+    assert torch.equal(out, x.bfloat16())
+    assert out[-4:-1].tolist() == [1.0, 1 + 2 ** -6, -(1 + 2 ** -6)]
 
 
 @triton.jit
