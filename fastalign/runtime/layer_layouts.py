@@ -1,6 +1,6 @@
 """How each model family that runs on the paged pool arranges a decoder layer: which norms sit where around
-attention and the MLP, how q and k are normalised, whether RoPE differs by layer type, and which soft caps its
-forward applies. `PagedLlama` reads these instead of branching on model types.
+attention and the MLP, how q and k are normalised, how its RMSNorms apply their weight, whether RoPE differs by layer
+type, and which soft caps its forward applies. `PagedLlama` reads these instead of branching on model types.
 
 A layer computes, with norm(None, x) = x:
     n = norm(input_norm, h)
@@ -27,28 +27,34 @@ class LayerLayout:
     #                                          "by layer type" (its config.layer_types entry is sliding_attention)
     score_softcap: bool = False              # attention scores capped at self_attn.attn_logit_softcapping
     logit_softcap: bool = False              # logits capped at config.final_logit_softcapping
+    rms_norm: str = "rounded"                # how its RMSNorms apply their weight (rms_norms.WEIGHT_RULES)
+
+    def norms(self):
+        """The RMSNorm submodules of a layer that the paged forward calls."""
+        layer_norms = (self.input_norm, self.mlp_in_norm, self.attention_out_norm, self.mlp_out_norm)
+        qk_norms = ("self_attn.q_norm", "self_attn.k_norm") if self.qk_norm else ()
+        return qk_norms + tuple(name for name in layer_norms if name)
 
     def modules(self):
         """The submodules of a layer that the paged forward calls."""
-        norms = (self.input_norm, self.mlp_in_norm, self.attention_out_norm, self.mlp_out_norm)
         attention = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-        qk_norms = ("self_attn.q_norm", "self_attn.k_norm") if self.qk_norm else ()
         # the MLP is called as one module: SwiGLU, GeGLU, or a sparse mixture of experts with its router
-        return attention + qk_norms + ("mlp",) + tuple(name for name in norms if name)
+        return attention + ("mlp",) + self.norms()
 
 
 _LLAMA = LayerLayout()
 _SLIDING = LayerLayout(windows="every layer")
 _TYPED_WINDOWS = LayerLayout(windows="by layer type")
 _GEMMA_SANDWICH = dict(mlp_in_norm="pre_feedforward_layernorm", attention_out_norm="post_attention_layernorm",
-                       mlp_out_norm="post_feedforward_layernorm", logit_softcap=True)
+                       mlp_out_norm="post_feedforward_layernorm", logit_softcap=True, rms_norm="one plus")
 _OLMO_POST_NORMS = dict(input_norm=None, mlp_in_norm=None, attention_out_norm="post_attention_layernorm",
-                        mlp_out_norm="post_feedforward_layernorm", qk_norm="projection")
+                        mlp_out_norm="post_feedforward_layernorm", qk_norm="projection", rms_norm="fp32")
 
-# model_type -> layout (Gemma's, Mistral's, Qwen2's and the MoEs' layers are Llama's; their scaled embeddings and
-# shared expert live in modules called as they are)
+# model_type -> layout (Gemma's, Mistral's, Qwen2's and the MoEs' layers are Llama's, Gemma's norms aside; their
+# scaled embeddings and shared expert live in modules called as they are)
 LAYOUTS = {
-    "llama": _LLAMA, "mistral": _SLIDING, "qwen2": _TYPED_WINDOWS, "gemma": _LLAMA, "mixtral": _SLIDING,
+    "llama": _LLAMA, "mistral": _SLIDING, "qwen2": _TYPED_WINDOWS, "gemma": LayerLayout(rms_norm="one plus"),
+    "mixtral": _SLIDING,
     "qwen2_moe": _TYPED_WINDOWS,
     "qwen3": LayerLayout(qk_norm="head", windows="by layer type"),
     "qwen3_moe": LayerLayout(qk_norm="head", windows="every layer"),

@@ -19,6 +19,8 @@ from fastalign.eval_mode import eval_mode
 from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.layer_layouts import LAYOUTS
 from fastalign.runtime.pool_attention import pool_attention
+from fastalign.runtime.rms_norms import fused_rms_norm
+from fastalign.runtime.rotary import qk_rotation
 
 LLAMA_FAMILY = tuple(LAYOUTS)
 
@@ -91,12 +93,6 @@ def context_limit(config):
     return longrope_limit(config, positions)
 
 
-def rotate_half(x):
-    """[x1, x2] -> [-x2, x1] over the last dimension (the pairing of Hugging Face's RoPE layout)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class PagedLlama:
     """The forward of a Llama-family causal LM over a ForwardBatch, with its KV in a KVPool."""
 
@@ -125,6 +121,12 @@ class PagedLlama:
         # device: where the whole model computes (model_device), embeddings offloaded by accelerate included
         self.dtype, self.device = model.model.embed_tokens.weight.dtype, device
         self.backend = resolve_backend(attention_backend, self.device)  # "triton" or "torch"
+        # on the Triton backend, one kernel for each RMSNorm and for the rotation of q and k (fewer launches)
+        rule = layout.rms_norm if self.backend == "triton" else None
+        self.norms = [{name: fused_rms_norm(layer.get_submodule(name), rule, self.dtype) for name in layout.norms()}
+                      for layer in self.layers]
+        self.final_norm = fused_rms_norm(model.model.norm, rule, self.dtype)
+        self.rotate = qk_rotation(self.backend)
 
     def forward(self, batch, pool, select, want_logits, want_hidden, logits_rows=None):
         """Writes the KV of every token of `batch` into `pool`; returns (logits, hidden) of the tokens
@@ -142,28 +144,27 @@ class PagedLlama:
         rotations = self._rotations(h, batch.positions)
         layout = self.layout
         for index, layer in enumerate(self.layers):
-            attn = layer.self_attn
+            attn, norms = layer.self_attn, self.norms[index]
             cos, sin = rotations[self.layer_types[index] if self.layer_types else None]
-            x = _norm(layer, layout.input_norm, h)
+            x = _norm(norms, layout.input_norm, h)
             q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
             if layout.qk_norm == "projection":
-                q, k = attn.q_norm(q), attn.k_norm(k)
+                q, k = norms["self_attn.q_norm"](q), norms["self_attn.k_norm"](k)
             q = q.view(num_tokens, self.num_heads, self.head_dim)
             k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
             v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
             if layout.qk_norm == "head":
-                q, k = attn.q_norm(q), attn.k_norm(k)
+                q, k = norms["self_attn.q_norm"](q), norms["self_attn.k_norm"](k)
             # in the rotation's dtype, rounded back to the projections' (OLMo 3 rotates a bf16 model in fp32)
-            q = (q * cos + rotate_half(q) * sin).to(q.dtype)
-            k = (k * cos + rotate_half(k) * sin).to(k.dtype)
+            q, k = self.rotate(q, k, cos, sin)
             o = self._attention(index, q, k, v, pool, batch, attn.scaling)
             o = attn.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
-            h = h + _norm(layer, layout.attention_out_norm, o)
+            h = h + _norm(norms, layout.attention_out_norm, o)
             # [1, T, H]: the sparse MoE blocks read [batch, sequence, hidden]
-            h = h + _norm(layer, layout.mlp_out_norm, layer.mlp(_norm(layer, layout.mlp_in_norm, h)[None])[0])
+            h = h + _norm(norms, layout.mlp_out_norm, layer.mlp(_norm(norms, layout.mlp_in_norm, h)[None])[0])
         if select is None:
             return None, None
-        hidden = inner.norm(h[select])
+        hidden = self.final_norm(h[select])
         at = hidden if logits_rows is None else hidden[logits_rows]
         head = self.model.lm_head
         weight = getattr(head, "weight", None)
@@ -192,6 +193,8 @@ class PagedLlama:
                               softcap=self.score_softcaps[index], backend=self.backend)
 
 
-def _norm(layer, name, x):
-    """The layer's norm module `name` applied to x, or x where the family has no norm there (name None)."""
-    return x if name is None else getattr(layer, name)(x)
+def _norm(norms, name, x):
+    """The layer's norm `name` (its module, or the fused kernel standing for it) applied to x, or x where the family
+    has no norm there (name None)."""
+    return x if name is None else norms[name](x)
+

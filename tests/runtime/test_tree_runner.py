@@ -29,6 +29,42 @@ def test_random_tree_matches_hugging_face_fp32(index, name):
     assert evicted > 0, "the pool never had to evict: the test does not cover eviction"
 
 
+@pytest.mark.parametrize("name", [name for name in CONFIGS if runner_kind(name) == "PagedLlama"])
+def test_random_tree_on_the_triton_backend_matches_hugging_face_fp32(name):
+    """Every family on the paged Llama path with its Triton kernels: attention, and the fused RMSNorms and rotation
+    (interpreted without a GPU; a short tree, the kernels being slow there)."""
+    model = tiny_model(name, device=TRITON_DEVICE)
+    runner = TreeRunner(model, max_tokens=112, block_size=4, attention_backend="triton")
+    fill_with_nan(runner.pool)
+
+    def check(span, logits, hidden):
+        ref_logits, ref_hidden = reference(model, span)
+        assert (logits - ref_logits).abs().max() <= 1e-4, f"{span}: logits differ from Hugging Face's"
+        assert (hidden - ref_hidden).abs().max() <= 1e-4, f"{span}: hidden states differ from Hugging Face's"
+
+    grow_random_tree(runner, seed=2, check=check, steps=6)
+
+
+def test_the_triton_backend_runs_no_norm_or_rotation_op_of_torch():
+    """A forward on the Triton backend leaves each RMSNorm and the rotation to one kernel: none of the squares, means,
+    rsqrts of the norm modules, or the negations of rotate_half, reach torch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func._overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_model("gemma3-sliding-softcap", device=TRITON_DEVICE)
+    runner = TreeRunner(model, max_tokens=112, block_size=4, attention_backend="triton")
+    (root,), _ = runner.extend([None], [[1, 2, 3, 4, 5]])
+    with Ops() as ops:
+        runner.extend([root, root], [[6], [7, 8]])
+    assert "mm" in ops.seen and not ops.seen & {"pow", "mean", "rsqrt", "neg"}, ops.seen
+
+
 # Triton kernels run in the interpreter without a GPU; its bf16 dots compute by value (kernels/interpreter_fixes.py).
 # (The mixtures of experts are left out: a bf16 rounding can flip a token's experts, in the runner or in Hugging
 # Face's forward, which moves its logits by far more than rounding.)
@@ -38,7 +74,8 @@ BF16_CASES = [("cpu", "torch", name) for name in ("llama-gqa-untied", "mistral-m
                                                   "granite-multipliers", "gemma4-wide-full-layers-shared-kv",
                                                   "qwen3.5-linear-attention-states", "mamba2-states",
                                                   "mamba-stepped-states")] + [
-    (TRITON_DEVICE, "triton", "mistral-mqa-head-dim"), (TRITON_DEVICE, "triton", "phi3-partial-rotary-sliding")] + [
+    (TRITON_DEVICE, "triton", "mistral-mqa-head-dim"), (TRITON_DEVICE, "triton", "phi3-partial-rotary-sliding"),
+    (TRITON_DEVICE, "triton", "gemma3-sliding-softcap")] + [
     pytest.param("cuda", "auto", name, marks=requires_cuda)
     for name in ("llama-gqa-untied", "qwen2-tied", "mistral-mqa-head-dim", "qwen3-head-dim-untied",
                  "gemma2-sliding-softcaps", "gemma3-sliding-softcap", "olmo3-sliding-tied",

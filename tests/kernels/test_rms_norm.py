@@ -1,0 +1,61 @@
+"""kernels/rms_norm.py against Hugging Face's RMSNorm modules, which it stands for in the paged forward: Llama's
+(the normalised row rounded before its weight), Gemma's (times 1 + weight in fp32) and OLMo 2's (times the weight in
+fp32), at odd widths, one row, no row, 3-D inputs and strided rows. 16-bit outputs may differ from the module's by a
+unit in the last place (the sum of squares is reduced in another order), and in few entries: rounding the weight's
+product the other family's way moves a third of them."""
+import pytest
+import torch
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+from fastalign.kernels.rms_norm import rms_norm_triton
+from fastalign.runtime.rms_norms import WEIGHT_RULES
+from tests.conftest import TRITON_DEVICE
+
+MODULES = {"rounded": LlamaRMSNorm, "one plus": GemmaRMSNorm, "fp32": Olmo2RMSNorm}
+TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=1e-3, atol=1e-3),
+              torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
+
+
+def module_and_input(rule, shape, dtype, seed=0):
+    torch.manual_seed(seed)
+    module = MODULES[rule](shape[-1], eps=1e-5)
+    torch.nn.init.normal_(module.weight, 0.5, 0.5)
+    module = module.to(device=TRITON_DEVICE, dtype=dtype)
+    return module, (3 * torch.randn(shape)).to(device=TRITON_DEVICE, dtype=dtype)
+
+
+def assert_as_module(out, ref):
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, **TOLERANCES[ref.dtype])
+    if ref.dtype != torch.float32:
+        assert (out != ref).float().mean() <= 0.02, "more than a reduction order's 1-ulp differences"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rule", list(WEIGHT_RULES))
+@pytest.mark.parametrize("shape", [(7, 40), (1, 257), (5, 3, 16), (2, 1)])
+def test_equals_hugging_face_module(rule, dtype, shape):
+    module, x = module_and_input(rule, shape, dtype)
+    with torch.no_grad():
+        assert_as_module(rms_norm_triton(x, module.weight, 1e-5, **WEIGHT_RULES[rule]), module(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_other_rounding_is_told_apart(dtype):
+    """Rounding after the weight where Llama's module rounds before it fails the comparison: the test can fail."""
+    module, x = module_and_input("rounded", (16, 64), dtype)
+    with torch.no_grad():
+        out = rms_norm_triton(x, module.weight, 1e-5, **WEIGHT_RULES["fp32"])
+        assert (out != module(x)).float().mean() > 0.1
+
+
+def test_strided_rows_and_no_rows():
+    module, wide = module_and_input("rounded", (6, 64), torch.float32)
+    x = wide[:, 8:48]   # rows 64 apart
+    module.weight = torch.nn.Parameter(module.weight[:40].clone())
+    with torch.no_grad():
+        assert_as_module(rms_norm_triton(x, module.weight, 1e-5), module(x))
+        empty = torch.empty(0, 40, device=TRITON_DEVICE)
+        assert rms_norm_triton(empty, module.weight, 1e-5).shape == (0, 40)

@@ -1,0 +1,48 @@
+"""kernels/rotary.py against the torch rotation it stands for in the paged forward (fastalign.runtime.rotary:
+x * cos + rotate_half(x) * sin in the promoted dtype, rounded to x's): equal to the bit in every dtype, with cos and
+sin in q's dtype (three rounded 16-bit ops) or in fp32 (OLMo 3's: one rounding), at odd head counts and widths, one
+token and none; q and k are rotated in place."""
+import pytest
+import torch
+
+from fastalign.kernels.rotary import rotate_qk_triton
+from fastalign.runtime.rotary import rotate_qk_torch
+from tests.conftest import TRITON_DEVICE
+
+
+def inputs(tokens, q_heads, kv_heads, head_dim, dtype, cos_dtype, seed=0):
+    torch.manual_seed(seed)
+    q, k = (torch.randn(tokens, heads, head_dim).to(TRITON_DEVICE, dtype) for heads in (q_heads, kv_heads))
+    angles = torch.rand(tokens, 1, head_dim) * 6.3
+    return q, k, angles.cos().to(TRITON_DEVICE, cos_dtype), angles.sin().to(TRITON_DEVICE, cos_dtype)
+
+
+@pytest.mark.parametrize("dtype, cos_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                              (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("tokens, q_heads, kv_heads, head_dim", [(5, 4, 2, 16), (1, 3, 1, 80), (3, 6, 6, 2)])
+def test_equals_the_torch_rotation(tokens, q_heads, kv_heads, head_dim, dtype, cos_dtype):
+    q, k, cos, sin = inputs(tokens, q_heads, kv_heads, head_dim, dtype, cos_dtype)
+    ref_q, ref_k = rotate_qk_torch(q, k, cos, sin)
+    out_q, out_k = rotate_qk_triton(q, k, cos[:, 0], sin[:, 0])
+    assert out_q is q and out_k is k   # in place
+    assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)
+
+
+def test_rounding_once_where_torch_rounds_each_op_is_told_apart():
+    """bf16 cos and sin passed as fp32 (one rounding instead of three) fail the comparison: the test can fail."""
+    q, k, cos, sin = inputs(8, 4, 2, 32, torch.bfloat16, torch.bfloat16)
+    ref_q, _ = rotate_qk_torch(q, k, cos, sin)
+    out_q, _ = rotate_qk_triton(q.clone(), k.clone(), cos[:, 0].float(), sin[:, 0].float())
+    assert not torch.equal(out_q, ref_q)
+
+
+def test_strided_tokens_and_no_tokens():
+    """q and k as views of one fused projection [T, (q_heads + kv_heads) * D], as the runner's are of theirs."""
+    q, k, cos, sin = inputs(4, 4, 2, 8, torch.float32, torch.float32)
+    fused = torch.cat([q.flatten(1), k.flatten(1)], dim=1)
+    ref_q, ref_k = rotate_qk_torch(q, k, cos, sin)
+    out_q, out_k = rotate_qk_triton(fused[:, :32].view(4, 4, 8), fused[:, 32:].view(4, 2, 8), cos[:, 0], sin[:, 0])
+    assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)
+    assert torch.equal(fused[:, 32:], ref_k.flatten(1))
+    empty = torch.empty(0, 4, 8, device=TRITON_DEVICE)
+    assert rotate_qk_triton(empty, empty[:, :2], cos[:0, 0], sin[:0, 0])[0].shape == (0, 4, 8)

@@ -1,0 +1,59 @@
+"""fastalign.runtime.rms_norms: on the Triton backend every RMSNorm of every family on the paged Llama path is one
+fused kernel that rounds as the family's module does (the layout's rule, held to the module's outputs here, in bf16,
+where the rules differ); the module itself on the torch backend and wherever the kernel cannot stand for it."""
+import pytest
+import torch
+
+from fastalign.runtime.llama import PagedLlama
+from fastalign.runtime.rms_norms import FusedRMSNorm, fused_rms_norm
+from tests.conftest import TRITON_DEVICE
+from tests.kernels.test_rms_norm import assert_as_module
+from tests.runtime.tiny_models import CONFIGS, runner_kind, tiny_model
+
+PAGED_LLAMA = [name for name in CONFIGS if runner_kind(name) == "PagedLlama"]
+
+
+def all_norms(paged):
+    return [norm for layer in paged.norms for norm in layer.values()] + [paged.final_norm]
+
+
+@pytest.mark.parametrize("name", PAGED_LLAMA)
+def test_every_norm_is_fused_and_rounds_as_its_module(name):
+    model = tiny_model(name, dtype=torch.bfloat16, device=TRITON_DEVICE)
+    norms = all_norms(PagedLlama(model, "triton", torch.device(TRITON_DEVICE)))
+    assert norms and all(isinstance(norm, FusedRMSNorm) for norm in norms), norms
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for norm in norms:
+            x = (3 * torch.randn(9, norm.module.weight.shape[0])).to(TRITON_DEVICE, torch.bfloat16)
+            assert_as_module(norm(x), norm.module(x))
+
+
+def test_the_torch_backend_calls_the_modules():
+    model = tiny_model("gemma2-sliding-softcaps")
+    paged = PagedLlama(model, "torch", torch.device("cpu"))
+    assert all(isinstance(norm, torch.nn.Module) for norm in all_norms(paged))
+
+
+def test_modules_the_kernel_cannot_stand_for_are_kept():
+    model = tiny_model("llama-gqa-untied", dtype=torch.bfloat16)
+    norm = model.model.norm
+    assert isinstance(fused_rms_norm(norm, "rounded", torch.bfloat16), FusedRMSNorm)
+    assert fused_rms_norm(norm, None, torch.bfloat16) is norm                   # the torch backend
+    assert fused_rms_norm(norm, "rounded", torch.float32) is norm               # Llama's output in the weight's dtype
+    assert isinstance(fused_rms_norm(norm, "fp32", torch.float32), FusedRMSNorm)   # OLMo's: in the input's
+    layer_norm = torch.nn.LayerNorm(48)
+    assert fused_rms_norm(layer_norm, "rounded", torch.float32) is layer_norm
+    handle = norm.register_forward_hook(lambda module, args, out: out)
+    assert fused_rms_norm(norm, "rounded", torch.bfloat16) is norm              # a hook would be skipped
+    handle.remove()
+    assert fused_rms_norm(None, "rounded", torch.bfloat16) is None
+
+
+def test_calls_the_kernel_does_not_fit_go_to_the_module():
+    """Another device's input (accelerate's offloading leaves weights elsewhere) or a strided last dimension."""
+    model = tiny_model("llama-gqa-untied")
+    fused = FusedRMSNorm(model.model.norm, model.model.norm.variance_epsilon, "rounded")
+    x = torch.randn(6, 96)[:, ::2]
+    with torch.no_grad():
+        assert torch.equal(fused(x), model.model.norm(x))

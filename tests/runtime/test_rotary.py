@@ -1,0 +1,31 @@
+"""fastalign.runtime.rotary: the rotation the paged Llama forward applies, the kernel on the Triton backend (held to
+the torch ops in tests/kernels/test_rotary.py), the torch ops elsewhere and for tensors the kernel does not take."""
+import torch
+
+from fastalign.runtime.rotary import qk_rotation, rotate_half, rotate_qk_torch
+from tests.conftest import TRITON_DEVICE
+
+
+def test_rotate_half_pairs_the_halves():
+    assert rotate_half(torch.tensor([1.0, 2.0, 3.0, 4.0])).tolist() == [-3.0, -4.0, 1.0, 2.0]
+
+
+def test_torch_backend_rotates_out_of_place():
+    q, k, cos, sin = torch.randn(3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 1, 8), torch.randn(3, 1, 8)
+    rotate = qk_rotation("torch")
+    out_q, out_k = rotate(q, k, cos, sin)
+    assert out_q is not q and torch.equal(out_q, q * cos + rotate_half(q) * sin)
+
+
+def test_triton_backend_rotates_in_place_and_leaves_what_it_cannot_take_to_torch():
+    torch.manual_seed(0)
+    rotate = qk_rotation("triton")
+    q, k = torch.randn(3, 4, 8, device=TRITON_DEVICE), torch.randn(3, 2, 8, device=TRITON_DEVICE)
+    cos, sin = torch.randn(3, 1, 8, device=TRITON_DEVICE), torch.randn(3, 1, 8, device=TRITON_DEVICE)
+    ref = rotate_qk_torch(q, k, cos, sin)
+    out = rotate(q, k, cos, sin)
+    assert out[0] is q and all(torch.equal(a, b) for a, b in zip(out, ref))
+    odd = torch.randn(3, 4, 7, device=TRITON_DEVICE), torch.randn(3, 2, 7, device=TRITON_DEVICE)
+    odd_cos = torch.randn(3, 1, 7, device=TRITON_DEVICE)
+    out = rotate(*odd, odd_cos, odd_cos)     # an odd head_dim has no halves: the torch ops answer as they would
+    assert out[0] is not odd[0] and torch.equal(out[0], rotate_qk_torch(*odd, odd_cos, odd_cos)[0])
