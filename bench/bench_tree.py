@@ -26,6 +26,10 @@ rewind      Releasing a branch of L tokens below the prefix (what a search does 
             extending the prefix by one token afterwards, for growing L: both should stay flat.
 decode      Plain batch-1 greedy decoding: TreeRunner (one extend per token) against Hugging Face
             generate with its cache, same model and prompt; target: runner time <= 1.3x generate's.
+            "kernels/token": the torch operators (views aside) and Triton launches of one decode step, the
+            runner's extend against the model's cached forward: what a step bound by launches pays for (on
+            the CPU with --attention-backend triton under TRITON_INTERPRET=1, the count a GPU's run launches; in
+            the CUDA graphs row, the operators the host still dispatches around a replay, which counts as none).
             --family phi3 runs these three sections on a random Phi-3 of the same shape instead: a family
             that the runner takes through transformers' attention interface (PagedHF), not by its layout.
             --family gemma3: Gemma 3's layers on the same shape, five of each six sliding a window of 512
@@ -40,6 +44,7 @@ decode      Plain batch-1 greedy decoding: TreeRunner (one extend per token) aga
     python bench/bench_tree.py --sections runner --family phi3
     python bench/bench_tree.py --sections runner --family gemma3
     python bench/bench_tree.py --sections runner --family qwen3_5
+    TRITON_INTERPRET=1 python bench/bench_tree.py --quick --sections runner --attention-backend triton
 """
 import argparse
 import os
@@ -233,7 +238,8 @@ REWIND_COLUMNS = [("prefix", "prefix", "{}"), ("branch_tokens", "branch tokens",
                   ("error", "error", "{}")]
 DECODE_COLUMNS = [("prompt", "prompt", "{}"), ("new_tokens", "new tokens", "{}"), ("method", "method", "{}"),
                   ("ms", "ms", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:.1f}"), ("vs_hf", "time vs HF", "{:.2f}x"),
-                  ("same_greedy_tokens", "same greedy tokens", "{}"), ("error", "error", "{}")]
+                  ("same_greedy_tokens", "same greedy tokens", "{}"), ("kernels_per_token", "kernels/token", "{}"),
+                  ("triton_launches", "of them Triton", "{}"), ("error", "error", "{}")]
 def random_model(quick, device, dtype, family="llama"):
     """A random-weight causal LM of `family` ("llama"; "phi3": Phi-3's fused projections on the same shape;
     "gemma3": Gemma 3's layers, five of six sliding a window of 512, 8 with --quick): Llama-3.2-1B's shape, or a
@@ -367,15 +373,38 @@ def decode_rows(model, runner, prompt, new_tokens, device, label="fastalign Tree
                                  do_sample=False, use_cache=True)
         return out[0, len(prompt):].tolist()
 
+    def runner_step_kernels():
+        (span,), logits = runner.extend([None], [prompt])
+        children = []
+        counts = harness.kernels_of_call(lambda: children.extend(runner.extend([span], [[int(logits[0].argmax())]])[0]))
+        runner.release([span] + children)
+        return counts
+
+    def hf_step_kernels():
+        from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache
+        with torch.inference_mode():
+            out = model(ids, attention_mask=torch.ones_like(ids), use_cache=True)
+            step = out.logits[:, -1:].argmax(-1)
+            mask = torch.ones(1, ids.shape[1] + 1, dtype=ids.dtype, device=device)
+            cache = cache_kwargs(model, returned_cache(out))
+            return harness.kernels_of_call(lambda: model(step, attention_mask=mask, use_cache=True, **cache))
+
     ours, theirs = runner_decode(), hf_generate()
     same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
     hf_ms = harness.median_ms(hf_generate, device, warmup=1, reps=3)
     runner_ms = harness.median_ms(runner_decode, device, warmup=1, reps=3)
     common = {"section": "decode", "prompt": len(prompt), "new_tokens": new_tokens}
     return [{**common, "method": label, "ms": runner_ms, "tokens_per_s": new_tokens / runner_ms * 1e3,
-             "vs_hf": runner_ms / hf_ms, "same_greedy_tokens": same},
+             "vs_hf": runner_ms / hf_ms, "same_greedy_tokens": same, **kernel_counts(runner_step_kernels())},
             {**common, "method": "HF generate (cache)", "ms": hf_ms, "tokens_per_s": new_tokens / hf_ms * 1e3,
-             "vs_hf": 1.0}]
+             "vs_hf": 1.0, **kernel_counts(hf_step_kernels())}]
+
+
+def kernel_counts(counts):
+    """A decode row's kernels of one step (the runner's extend by one token, or the model's cached forward), from
+    harness.kernels_of_call."""
+    torch_ops, triton_launches = counts
+    return {"kernels_per_token": torch_ops + triton_launches, "triton_launches": triton_launches}
 
 
 def runner_rows(args, device, dtype, report=lambda rows: None):
@@ -396,7 +425,8 @@ def runner_rows(args, device, dtype, report=lambda rows: None):
 
     def extend(cascade, graphs=False):
         nonlocal runner, root
-        runner = TreeRunner(model, max_tokens=args.pool_tokens, cascade_attention=cascade == "on", cuda_graphs=graphs)
+        runner = TreeRunner(model, max_tokens=args.pool_tokens, cascade_attention=cascade == "on", cuda_graphs=graphs,
+                            attention_backend=args.attention_backend)
         root = runner.prefill(prefix)
         runner.pin(root)
         return extend_rows(runner, root, vocab, device, [1, args.children], args.child_tokens, cascade,
@@ -442,6 +472,8 @@ def main():
     group.add_argument("--decode-prompt", type=int, default=128)
     group.add_argument("--decode-tokens", type=int, default=128)
     group.add_argument("--pool-tokens", type=int, default=1 << 16)
+    group.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto",
+                       help="the runner's (auto: Triton on CUDA; triton on the CPU needs TRITON_INTERPRET=1)")
     group.add_argument("--family", choices=["llama", "phi3", "gemma3", "qwen3_5"], default="llama",
                        help="the random model's family (phi3: run through transformers' attention interface; gemma3: "
                             "layers sliding a window shorter than the prefix; qwen3_5: Qwen3.5's linear-attention "
@@ -476,7 +508,7 @@ def main():
     if "runner" in args.sections:
         config.update({key: getattr(args, key) for key in ("tree_prefix", "children", "child_tokens",
                                                              "branch_lengths", "decode_prompt", "decode_tokens",
-                                                             "pool_tokens", "family")},
+                                                             "pool_tokens", "family", "attention_backend")},
                       batched_extend_target=BATCHED_EXTEND_TARGET, decode_target=DECODE_TARGET)
         runner = runner_rows(args, device, dtype, report=lambda section_rows: write(rows + section_rows))
         for section, columns, note in (

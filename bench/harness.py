@@ -152,6 +152,59 @@ def python_profile_top(fn, count=15):
              "cumulative_s": cumtime} for (file, line, name), (calls, _, tottime, cumtime, _) in top]
 
 
+# torch operators that only make a view or an alias: no kernel
+_VIEW_OPS = {"view", "_unsafe_view", "as_strided", "slice", "select", "transpose", "t", "unsqueeze", "squeeze",
+             "expand", "detach", "alias", "permute", "_reshape_alias", "reshape", "split", "unbind", "lift_fresh"}
+
+
+def kernels_of_call(fn):
+    """(torch operators, Triton launches) that one fn() call dispatches: the kernels a forward bound by launches pays
+    for, one by one. Views are no kernel and not counted, nor are the operators the interpreter runs inside a Triton
+    launch on the CPU (TRITON_INTERPRET=1), where such a count stands for a GPU's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    counts = {"torch": 0, "triton": 0, "inside": False}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._overloadpacket.__name__ not in _VIEW_OPS and not counts["inside"]:
+                counts["torch"] += 1
+            return func(*args, **(kwargs or {}))
+
+    launcher, method = _triton_launcher()
+    original = getattr(launcher, method) if launcher else None
+
+    def launch(self, *args, **kwargs):
+        counts["triton"] += 1
+        counts["inside"] = True
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            counts["inside"] = False
+    if launcher:
+        setattr(launcher, method, launch)
+    try:
+        with Count():
+            fn()
+    finally:
+        if launcher:
+            setattr(launcher, method, original)
+    return counts["torch"], counts["triton"]
+
+
+def _triton_launcher():
+    """(class, method) through which every Triton kernel launches here: the interpreter's grid call under
+    TRITON_INTERPRET=1, the JIT's run otherwise; (None, None) without triton."""
+    try:
+        from fastalign.ops.backend import triton_interpreting
+        if triton_interpreting():
+            from triton.runtime.interpreter import GridExecutor
+            return GridExecutor, "__call__"
+        from triton.runtime.jit import JITFunction
+        return JITFunction, "run"
+    except ImportError:
+        return None, None
+
+
 def failure_row(method, err):
     """The table row of a method that raised `err`, so that one failing method does not lose the others' rows."""
     if isinstance(err, torch.OutOfMemoryError):

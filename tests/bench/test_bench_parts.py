@@ -19,6 +19,7 @@ import bench_loss  # noqa: E402
 import bench_rain  # noqa: E402
 import bench_tree  # noqa: E402
 import bench_unlearn  # noqa: E402
+from tests.conftest import TRITON_DEVICE  # noqa: E402
 
 
 def fake_clock(monkeypatch, module, durations):
@@ -523,8 +524,8 @@ def test_tree_runner_sections_are_reported_as_they_finish_and_a_failing_one_beco
     def broken(*args):
         raise RuntimeError("decode failed")
     monkeypatch.setattr(bench_tree, "decode_rows", broken)
-    args = SimpleNamespace(quick=True, family="llama", tree_prefix=20, pool_tokens=256, children=2, child_tokens=2,
-                           branch_lengths=[4], decode_prompt=4, decode_tokens=2)
+    args = SimpleNamespace(quick=True, family="llama", tree_prefix=20, pool_tokens=256, attention_backend="auto",
+                           children=2, child_tokens=2, branch_lengths=[4], decode_prompt=4, decode_tokens=2)
     reported = []
     rows = bench_tree.runner_rows(args, torch.device("cpu"), torch.float32,
                                   report=lambda rows: reported.append([row["section"] for row in rows]))
@@ -674,15 +675,26 @@ def test_tree_decode_counts_the_tokens_equal_to_hf_generates(monkeypatch):
     monkeypatch.setattr(runner, "extend", wrong_from_the_fifth)
     ours, hf = bench_tree.decode_rows(model, runner, list(range(1, 9)), 8, torch.device("cpu"))
     assert ours["same_greedy_tokens"] == 4 and ours["tokens_per_s"] == hf["tokens_per_s"] == pytest.approx(2000.0)
-    assert len(calls) == 8
+    assert len(calls) == 8 + 2   # the decode, then a prefill and one step whose kernels are counted
+    assert 0 < ours["kernels_per_token"] < hf["kernels_per_token"] and ours["triton_launches"] == 0   # torch path
 
+
+
+def test_kernels_of_call_counts_torch_operators_and_triton_launches_not_views():
+    """Views are no kernel; a Triton launch counts once, not the operators the interpreter runs inside it."""
+    from fastalign.kernels.rms_norm import rms_norm_triton
+    x = torch.randn(4, 8)
+    assert bench_tree.harness.kernels_of_call(lambda: (x.view(8, 4).t() + 1).sum()) == (2, 0)
+    x, weight = x.to(TRITON_DEVICE), torch.ones(8, device=TRITON_DEVICE)
+    assert bench_tree.harness.kernels_of_call(lambda: rms_norm_triton(x, weight, 1e-6)) == (1, 1)  # its empty
 
 
 def test_the_runner_sections_take_a_phi3_through_pagedhf():
     """--family phi3: the same sections on a family the runner takes through transformers' attention interface;
     the rows say which model runner ran, and its greedy decode is HF generate's."""
     args = SimpleNamespace(quick=True, family="phi3", tree_prefix=20, children=3, child_tokens=2,
-                              branch_lengths=[4], decode_prompt=8, decode_tokens=4, pool_tokens=1024)
+                           branch_lengths=[4], decode_prompt=8, decode_tokens=4, pool_tokens=1024,
+                           attention_backend="auto")
     torch.manual_seed(0)
     rows = bench_tree.runner_rows(args, torch.device("cpu"), torch.float32)
     assert not [row for row in rows if row.get("error")], rows
@@ -696,7 +708,8 @@ def test_the_runner_sections_take_a_gemma3_whose_window_is_shorter_than_the_pref
     """--family gemma3: Gemma 3's layers on the Llama runner, its sliding layer's window (8 with --quick) shorter
     than the prefix (20), and its greedy decode is HF generate's."""
     args = SimpleNamespace(quick=True, family="gemma3", tree_prefix=20, children=3, child_tokens=2,
-                           branch_lengths=[4], decode_prompt=8, decode_tokens=4, pool_tokens=1024)
+                           branch_lengths=[4], decode_prompt=8, decode_tokens=4, pool_tokens=1024,
+                           attention_backend="auto")
     torch.manual_seed(0)
     model = bench_tree.random_model(True, torch.device("cpu"), torch.float32, "gemma3")
     assert model.config.sliding_window == 8 and model.config.layer_types == ["sliding_attention", "full_attention"]
