@@ -492,9 +492,10 @@ def main():
     print(f"device: {harness.device_name(device)}   dtype: {dtype}")
     rows, config = [], {"dtype": str(dtype), "quick": args.quick}
 
-    def write(record_rows):   # a family other than Llama is a variant, beside the default run of the commit
-        return harness.write_results("bench_tree", device, config, record_rows,
-                                     tag=None if args.family == "llama" else args.family)
+    def write(record_rows):   # another family or backend than the default's is a variant, beside the default run
+        variant = [args.family] * (args.family != "llama") + [f"{args.attention_backend}-backend"] * (
+            args.attention_backend != "auto")
+        return harness.write_results("bench_tree", device, config, record_rows, tag="-".join(variant) or None)
     if "attention" in args.sections:
         copy_gbs = copy_bandwidth_gbs(device)
         config.update({key: getattr(args, key) for key in ("heads", "kv_heads", "head_dim", "page", "prefix",
