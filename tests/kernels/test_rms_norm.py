@@ -59,3 +59,26 @@ def test_strided_rows_and_no_rows():
         assert_as_module(rms_norm_triton(x, module.weight, 1e-5), module(x))
         empty = torch.empty(0, 40, device=TRITON_DEVICE)
         assert rms_norm_triton(empty, module.weight, 1e-5).shape == (0, 40)
+
+
+COMPILE_FOR_SM90 = """
+from fastalign.kernels.rms_norm import _rms_norm_kernel
+from tests.kernels.gpu_build import build_for_gpu, check_build, stack_bytes
+
+for dtype in ("bf16", "fp16", "fp32"):
+    x = "*" + dtype
+    for block in (64, 2048, 8192):   # a head's width (Qwen3's q_norm), a 1B model's, a 70B model's
+        for round_before_weight in (False, True):
+            compiled = build_for_gpu(_rms_norm_kernel, dict(X=x, Weight=x, Out=x, eps="fp32", weight_offset="fp32"),
+                                     dict(ROUND_BEFORE_WEIGHT=round_before_weight, BLOCK=block),
+                                     min(16, max(1, block // 256)), 1)
+            what = ("rms_norm", dtype, block, round_before_weight)
+            check_build(compiled, what, tuned=False)
+            assert stack_bytes(compiled) == 0, (what, "spills registers")
+"""
+
+
+def test_kernel_compiles_for_sm90_without_a_gpu():
+    """What the interpreter never does: the build, at the launches' widths and warps, without register spills."""
+    from tests.kernels.gpu_build import assert_builds
+    assert_builds(COMPILE_FOR_SM90)
