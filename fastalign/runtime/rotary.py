@@ -25,7 +25,8 @@ def qk_rotation(backend):
     def rotate(q, k, cos, sin):
         head_dim = q.shape[-1]
         if (head_dim % 2 or k.shape[-1] != head_dim or cos.shape[-1] != head_dim or k.dtype != q.dtype
-                or sin.dtype != cos.dtype or any(t.stride(-1) != 1 for t in (q, k, cos, sin))):
+                or sin.dtype != cos.dtype or any(t.stride(-1) != 1 or t.device != q.device for t in (k, cos, sin))
+                or q.stride(-1) != 1):
             return rotate_qk_torch(q, k, cos, sin)
         return rotate_qk_triton(q, k, cos[:, 0], sin[:, 0])
     return rotate
