@@ -19,7 +19,7 @@ from fastalign.eval_mode import eval_mode
 from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.layer_layouts import LAYOUTS
 from fastalign.runtime.pool_attention import pool_attention
-from fastalign.runtime.rms_norms import fused_rms_norm
+from fastalign.runtime.rms_norms import add_then_norm, fused_rms_norm
 from fastalign.runtime.rotary import qk_rotation
 
 LLAMA_FAMILY = tuple(LAYOUTS)
@@ -121,7 +121,8 @@ class PagedLlama:
         # device: where the whole model computes (model_device), embeddings offloaded by accelerate included
         self.dtype, self.device = model.model.embed_tokens.weight.dtype, device
         self.backend = resolve_backend(attention_backend, self.device)  # "triton" or "torch"
-        # on the Triton backend, one kernel for each RMSNorm and for the rotation of q and k (fewer launches)
+        # on the Triton backend, one kernel for each RMSNorm (with the residual add before it) and for the rotation
+        # of q and k: fewer launches
         rule = layout.rms_norm if self.backend == "triton" else None
         self.norms = [{name: fused_rms_norm(layer.get_submodule(name), rule, self.dtype) for name in layout.norms()}
                       for layer in self.layers]
@@ -143,10 +144,14 @@ class PagedLlama:
         h = inner.embed_tokens(batch.input_ids)
         rotations = self._rotations(h, batch.positions)
         layout = self.layout
+        pending = None   # the last MLP's output, added to the residual stream h by the next norm's kernel
         for index, layer in enumerate(self.layers):
             attn, norms = layer.self_attn, self.norms[index]
             cos, sin = rotations[self.layer_types[index] if self.layer_types else None]
-            x = _norm(norms, layout.input_norm, h)
+            if pending is None:
+                x = _norm(norms, layout.input_norm, h)
+            else:
+                h, x = add_then_norm(norms.get(layout.input_norm), h, pending)
             q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
             if layout.qk_norm == "projection":
                 q, k = norms["self_attn.q_norm"](q), norms["self_attn.k_norm"](k)
@@ -159,12 +164,15 @@ class PagedLlama:
             q, k = self.rotate(q, k, cos, sin)
             o = self._attention(index, q, k, v, pool, batch, attn.scaling)
             o = attn.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
-            h = h + _norm(norms, layout.attention_out_norm, o)
+            h, x = add_then_norm(norms.get(layout.mlp_in_norm), h, _norm(norms, layout.attention_out_norm, o))
             # [1, T, H]: the sparse MoE blocks read [batch, sequence, hidden]
-            h = h + _norm(norms, layout.mlp_out_norm, layer.mlp(_norm(norms, layout.mlp_in_norm, h)[None])[0])
+            pending = _norm(norms, layout.mlp_out_norm, layer.mlp(x[None])[0])
         if select is None:
             return None, None
-        hidden = self.final_norm(h[select])
+        if pending is None:
+            hidden = self.final_norm(h[select])
+        else:   # the last residual add at the selected tokens only
+            hidden = add_then_norm(self.final_norm, h[select], pending[select])[1]
         at = hidden if logits_rows is None else hidden[logits_rows]
         head = self.model.lm_head
         weight = getattr(head, "weight", None)

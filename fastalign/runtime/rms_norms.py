@@ -15,18 +15,37 @@ WEIGHT_RULES = {"rounded": dict(weight_offset=0.0, round_before_weight=True),
 
 
 class FusedRMSNorm:
-    """A module's RMSNorm as one kernel; a call the kernel does not fit (another width or device, a strided last
-    dimension) goes to the module."""
+    """A module's RMSNorm as one kernel (the residual add before it too, `after_add`); a call the kernel does not fit
+    (another width, dtype or device, a strided last dimension) goes to torch and the module."""
 
     def __init__(self, module, eps, rule):
-        from fastalign.kernels.rms_norm import rms_norm_triton
-        self.module, self.eps, self.rule, self._kernel = module, eps, WEIGHT_RULES[rule], rms_norm_triton
+        from fastalign.kernels.rms_norm import rms_norm_after_add, rms_norm_triton
+        self.module, self.eps, self.rule = module, eps, WEIGHT_RULES[rule]
+        self._norm, self._after_add = rms_norm_triton, rms_norm_after_add
+
+    def _fits(self, x):
+        weight = self.module.weight
+        return x.shape[-1] == weight.shape[0] and x.device == weight.device and x.stride(-1) == 1
 
     def __call__(self, x):
-        weight = self.module.weight
-        if x.shape[-1] != weight.shape[0] or x.device != weight.device or x.stride(-1) != 1:
+        if not self._fits(x):
             return self.module(x)
-        return self._kernel(x, weight, self.eps, **self.rule)
+        return self._norm(x, self.module.weight, self.eps, **self.rule)
+
+    def after_add(self, h, y):
+        """(h + y, its norm)."""
+        if not (self._fits(h) and self._fits(y) and h.shape == y.shape and h.dtype == y.dtype):
+            return add_then_norm(self.module, h, y)
+        return self._after_add(h, y, self.module.weight, self.eps, **self.rule)
+
+
+def add_then_norm(norm, h, y):
+    """(h + y, norm(h + y)): the residual stream after a sublayer's output y, and the next sublayer's input; norm is
+    a FusedRMSNorm (one kernel), a module, or None (no norm there: the input is the stream itself)."""
+    if isinstance(norm, FusedRMSNorm):
+        return norm.after_add(h, y)
+    total = h + y
+    return total, total if norm is None else norm(total)
 
 
 def fused_rms_norm(module, rule, dtype):

@@ -1,6 +1,7 @@
 """kernels/rms_norm.py against Hugging Face's RMSNorm modules, which it stands for in the paged forward: Llama's
 (the normalised row rounded before its weight), Gemma's (times 1 + weight in fp32) and OLMo 2's (times the weight in
-fp32), at odd widths, one row, no row, 3-D inputs and strided rows. 16-bit outputs may differ from the module's by a
+fp32), at odd widths, one row, no row, 3-D inputs and strided rows; with the residual added first (against torch's
+add, to the bit, then the module). 16-bit outputs may differ from the module's by a
 unit in the last place (the sum of squares is reduced in another order), and in few entries: rounding the weight's
 product the other family's way moves a third of them."""
 import pytest
@@ -9,7 +10,7 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
 
-from fastalign.kernels.rms_norm import rms_norm_triton
+from fastalign.kernels.rms_norm import rms_norm_after_add, rms_norm_triton
 from fastalign.runtime.rms_norms import WEIGHT_RULES
 from tests.conftest import TRITON_DEVICE
 
@@ -42,6 +43,18 @@ def test_equals_hugging_face_module(rule, dtype, shape):
         assert_as_module(rms_norm_triton(x, module.weight, 1e-5, **WEIGHT_RULES[rule]), module(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rule", list(WEIGHT_RULES))
+@pytest.mark.parametrize("shape", [(7, 40), (1, 257), (5, 3, 16)])
+def test_after_add_equals_torch_add_then_the_module(rule, dtype, shape):
+    module, h = module_and_input(rule, shape, dtype)
+    y = (3 * torch.randn(shape)).to(TRITON_DEVICE, dtype)
+    with torch.no_grad():
+        total, out = rms_norm_after_add(h, y, module.weight, 1e-5, **WEIGHT_RULES[rule])
+        assert torch.equal(total, h + y)
+        assert_as_module(out, module(h + y))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_other_rounding_is_told_apart(dtype):
     """Rounding after the weight where Llama's module rounds before it fails the comparison: the test can fail."""
@@ -69,12 +82,14 @@ for dtype in ("bf16", "fp16", "fp32"):
     x = "*" + dtype
     for block in (64, 2048, 8192):   # a head's width (Qwen3's q_norm), a 1B model's, a 70B model's
         for round_before_weight in (False, True):
-            compiled = build_for_gpu(_rms_norm_kernel, dict(X=x, Weight=x, Out=x, eps="fp32", weight_offset="fp32"),
-                                     dict(ROUND_BEFORE_WEIGHT=round_before_weight, BLOCK=block),
-                                     min(16, max(1, block // 256)), 1)
-            what = ("rms_norm", dtype, block, round_before_weight)
-            check_build(compiled, what, tuned=False)
-            assert stack_bytes(compiled) == 0, (what, "spills registers")
+            for add in (False, True):
+                compiled = build_for_gpu(
+                    _rms_norm_kernel, dict(X=x, Y=x, Sum=x, Weight=x, Out=x, eps="fp32", weight_offset="fp32"),
+                    dict(ADD=add, ROUND_BEFORE_WEIGHT=round_before_weight, BLOCK=block), min(16, max(1, block // 256)),
+                    1)
+                what = ("rms_norm", dtype, block, round_before_weight, add)
+                check_build(compiled, what, tuned=False)
+                assert stack_bytes(compiled) == 0, (what, "spills registers")
 """
 
 

@@ -1,11 +1,12 @@
 """fastalign.runtime.rms_norms: on the Triton backend every RMSNorm of every family on the paged Llama path is one
 fused kernel that rounds as the family's module does (the layout's rule, held to the module's outputs here, in bf16,
-where the rules differ); the module itself on the torch backend and wherever the kernel cannot stand for it."""
+where the rules differ), the residual add before it too; the module itself on the torch backend and wherever the
+kernel cannot stand for it."""
 import pytest
 import torch
 
 from fastalign.runtime.llama import PagedLlama
-from fastalign.runtime.rms_norms import FusedRMSNorm, fused_rms_norm
+from fastalign.runtime.rms_norms import FusedRMSNorm, add_then_norm, fused_rms_norm
 from tests.conftest import TRITON_DEVICE
 from tests.kernels.test_rms_norm import assert_as_module
 from tests.runtime.tiny_models import CONFIGS, runner_kind, tiny_model
@@ -25,8 +26,11 @@ def test_every_norm_is_fused_and_rounds_as_its_module(name):
     torch.manual_seed(0)
     with torch.no_grad():
         for norm in norms:
-            x = (3 * torch.randn(9, norm.module.weight.shape[0])).to(TRITON_DEVICE, torch.bfloat16)
+            x, y = (3 * torch.randn(2, 9, norm.module.weight.shape[0])).to(TRITON_DEVICE, torch.bfloat16)
             assert_as_module(norm(x), norm.module(x))
+            total, out = norm.after_add(x, y)
+            assert torch.equal(total, x + y)
+            assert_as_module(out, norm.module(x + y))
 
 
 def test_the_torch_backend_calls_the_modules():
@@ -51,9 +55,21 @@ def test_modules_the_kernel_cannot_stand_for_are_kept():
 
 
 def test_calls_the_kernel_does_not_fit_go_to_the_module():
-    """Another device's input (accelerate's offloading leaves weights elsewhere) or a strided last dimension."""
+    """Another device's input (accelerate's offloading leaves weights elsewhere) or a strided last dimension; in an
+    add, also operands of two dtypes (torch promotes their sum)."""
     model = tiny_model("llama-gqa-untied")
-    fused = FusedRMSNorm(model.model.norm, model.model.norm.variance_epsilon, "rounded")
+    norm = model.model.norm
+    fused = FusedRMSNorm(norm, norm.variance_epsilon, "rounded")
     x = torch.randn(6, 96)[:, ::2]
     with torch.no_grad():
-        assert torch.equal(fused(x), model.model.norm(x))
+        assert torch.equal(fused(x), norm(x))
+        y = torch.randn(6, 48, dtype=torch.float64)
+        total, out = fused.after_add(x, y)
+        assert total.dtype == torch.float64 and torch.equal(out, norm(x + y))
+
+
+def test_add_then_norm_without_a_norm_gives_the_stream_itself():
+    """OLMo's layers have no norm before their sublayers: the sublayer reads the residual stream."""
+    h, y = torch.randn(3, 8), torch.randn(3, 8)
+    total, x = add_then_norm(None, h, y)
+    assert torch.equal(total, h + y) and x is total
