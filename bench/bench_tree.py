@@ -26,7 +26,7 @@ rewind      Releasing a branch of L tokens below the prefix (what a search does 
             extending the prefix by one token afterwards, for growing L: both should stay flat.
 decode      Plain batch-1 greedy decoding: TreeRunner (one extend per token) against Hugging Face
             generate with its cache, same model and prompt; target: runner time <= 1.3x generate's.
-            "kernels/token": the torch operators (views aside) and Triton launches of one decode step, the
+            "kernels/token": the torch operators (views and allocations aside) and Triton launches of one step, the
             runner's extend against the model's cached forward: what a step bound by launches pays for (on
             the CPU with --attention-backend triton under TRITON_INTERPRET=1, the count a GPU's run launches; in
             the CUDA graphs row, the operators the host still dispatches around a replay, which counts as none).

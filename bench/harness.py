@@ -152,21 +152,22 @@ def python_profile_top(fn, count=15):
              "cumulative_s": cumtime} for (file, line, name), (calls, _, tottime, cumtime, _) in top]
 
 
-# torch operators that only make a view or an alias: no kernel
-_VIEW_OPS = {"view", "_unsafe_view", "as_strided", "slice", "select", "transpose", "t", "unsqueeze", "squeeze",
-             "expand", "detach", "alias", "permute", "_reshape_alias", "reshape", "split", "unbind", "lift_fresh"}
+# torch operators that only make a view or an alias, or allocate: no kernel
+_NO_KERNEL_OPS = {"view", "_unsafe_view", "as_strided", "slice", "select", "transpose", "t", "unsqueeze", "squeeze",
+                  "expand", "detach", "alias", "permute", "_reshape_alias", "reshape", "split", "unbind", "lift_fresh",
+                  "empty", "empty_like", "empty_strided", "new_empty"}
 
 
 def kernels_of_call(fn):
     """(torch operators, Triton launches) that one fn() call dispatches: the kernels a forward bound by launches pays
-    for, one by one. Views are no kernel and not counted, nor are the operators the interpreter runs inside a Triton
-    launch on the CPU (TRITON_INTERPRET=1), where such a count stands for a GPU's."""
+    for, one by one. Views and allocations are no kernel and not counted, nor are the operators the interpreter runs
+    inside a Triton launch on the CPU (TRITON_INTERPRET=1), where such a count stands for a GPU's."""
     from torch.utils._python_dispatch import TorchDispatchMode
     counts = {"torch": 0, "triton": 0, "inside": False}
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func._overloadpacket.__name__ not in _VIEW_OPS and not counts["inside"]:
+            if func._overloadpacket.__name__ not in _NO_KERNEL_OPS and not counts["inside"]:
                 counts["torch"] += 1
             return func(*args, **(kwargs or {}))
 
