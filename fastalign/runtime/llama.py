@@ -205,4 +205,3 @@ def _norm(norms, name, x):
     """The layer's norm `name` (its module, or the fused kernel standing for it) applied to x, or x where the family
     has no norm there (name None)."""
     return x if name is None else norms[name](x)
-

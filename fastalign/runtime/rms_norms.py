@@ -1,6 +1,7 @@
-"""The RMSNorms of a paged Llama-family forward: on the Triton backend each of the model's RMSNorm modules is stood in
-for by one fused kernel (kernels/rms_norm.py), instead of the module's eight or so elementwise launches, twice or
-more per layer; elsewhere, and for any module the kernel cannot stand in for, the module itself.
+"""The RMSNorms of a paged Llama-family forward: on the Triton backend each of the model's RMSNorm modules, with the
+residual add before it, is stood in for by one fused kernel (kernels/rms_norm.py), instead of the add's and the
+module's nine or so elementwise launches, twice or more per layer; elsewhere, and for any module the kernel cannot
+stand in for, torch's add and the module itself.
 
 How a family's module applies its weight is the layout's `rms_norm` (layer_layouts): "rounded" (Llama: the
 normalised row rounded to the input's dtype, times the weight), "one plus" (Gemma: times 1 + weight in fp32) or
