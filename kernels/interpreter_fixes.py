@@ -41,67 +41,60 @@ def _needs_squeeze():
     return False
 
 
+def _replace_once(owner, name, mark, wrap):
+    """owner.name becomes wrap(original), marked with the attribute `mark`; nothing where it already carries the mark,
+    so that each fix is idempotent."""
+    original = getattr(owner, name)
+    if getattr(original, mark, False):
+        return
+    replacement = functools.wraps(original)(wrap(original))
+    setattr(replacement, mark, True)
+    setattr(owner, name, replacement)
+
+
 def squeeze_loop_bounds():
     """Makes the interpreter's tensors convert to an index through a squeezed array (idempotent)."""
-    original = interpreter._patch_lang_tensor
-    if not _needs_squeeze() or getattr(original, "squeezes_scalars", False):
+    if not _needs_squeeze():
         return
 
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-    patch_lang_tensor.squeezes_scalars = True
-    interpreter._patch_lang_tensor = patch_lang_tensor
+    def wrap(original):
+        def patch_lang_tensor(tensor, scope):
+            original(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+        return patch_lang_tensor
+    _replace_once(interpreter, "_patch_lang_tensor", "squeezes_scalars", wrap)
 
 
 def upcast_bf16_dots():
     """Makes the interpreter's tl.dot take bf16 operands as their fp32 values (idempotent)."""
-    builder = interpreter.InterpreterBuilder
-    original = builder.create_dot
-    if getattr(original, "upcasts_bf16", False):
-        return
-
-    @functools.wraps(original)
-    def create_dot(self, a, b, *rest):
-        a, b = (self.cast_impl(x, tl.float32) if x.dtype.scalar == tl.bfloat16 else x for x in (a, b))
-        return original(self, a, b, *rest)
-
-    create_dot.upcasts_bf16 = True
-    builder.create_dot = create_dot
+    def wrap(original):
+        def create_dot(self, a, b, *rest):
+            a, b = (self.cast_impl(x, tl.float32) if x.dtype.scalar == tl.bfloat16 else x for x in (a, b))
+            return original(self, a, b, *rest)
+        return create_dot
+    _replace_once(interpreter.InterpreterBuilder, "create_dot", "upcasts_bf16", wrap)
 
 
 def round_bf16_casts():
     """Makes the interpreter's fp32 -> bf16 casts round to the nearest even (idempotent)."""
-    builder = interpreter.InterpreterBuilder
-    original = builder.cast_impl
-    if getattr(original, "rounds_bf16", False):
-        return
-
-    @functools.wraps(original)
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            values = torch.from_numpy(np.array(src.data, dtype=np.float32))
-            return interpreter.TensorHandle(values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16),
-                                            dst_type.scalar)
-        return original(self, src, dst_type)
-
-    cast_impl.rounds_bf16 = True
-    builder.cast_impl = cast_impl
+    def wrap(original):
+        def cast_impl(self, src, dst_type):
+            if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+                values = torch.from_numpy(np.array(src.data, dtype=np.float32))
+                return interpreter.TensorHandle(values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16),
+                                                dst_type.scalar)
+            return original(self, src, dst_type)
+        return cast_impl
+    _replace_once(interpreter.InterpreterBuilder, "cast_impl", "rounds_bf16", wrap)
 
 
 def one_launch_at_a_time():
     """Makes the interpreter run one kernel launch at a time, whichever thread launches it (idempotent)."""
-    executor = interpreter.GridExecutor
-    original = executor.__call__
-    if getattr(original, "one_at_a_time", False):
-        return
     lock = threading.RLock()
 
-    @functools.wraps(original)
-    def launch(self, *args, **kwargs):
-        with lock:
-            return original(self, *args, **kwargs)
-
-    launch.one_at_a_time = True
-    executor.__call__ = launch
+    def wrap(original):
+        def launch(self, *args, **kwargs):
+            with lock:
+                return original(self, *args, **kwargs)
+        return launch
+    _replace_once(interpreter.GridExecutor, "__call__", "one_at_a_time", wrap)
