@@ -53,6 +53,12 @@ def _rotary_kernel(Q, K, Cos, Sin, num_q_heads, num_k_heads, stride_qt, stride_q
                   ROUND_EACH_OP)
 
 
+def rotary_warps(block_heads, block_half):
+    """Warps for a program's tile of query heads x half a head: 8 elements of it per thread (no register spills up
+    to 64 heads of 128 dimensions), 4 to 16 warps."""
+    return min(16, max(4, block_heads * block_half // 256))
+
+
 @on_device_of_first_input
 def rotate_qk_triton(q, k, cos, sin):
     """Rotates q [T, q_heads, D] and k [T, kv_heads, D] in place by cos, sin [T, D] (last dimensions contiguous;
@@ -60,10 +66,10 @@ def rotate_qk_triton(q, k, cos, sin):
     num_tokens, num_q_heads, head_dim = q.shape
     if num_tokens:
         half = head_dim // 2
-        round_each_op = cos.dtype == q.dtype
+        block_qh, block_half = triton.next_power_of_2(num_q_heads), triton.next_power_of_2(half)
         _rotary_kernel[(num_tokens,)](
             q, k, cos, sin, num_q_heads, k.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            cos.stride(0), sin.stride(0), HALF=half, BLOCK_QH=triton.next_power_of_2(num_q_heads),
-            BLOCK_KH=triton.next_power_of_2(k.shape[1]), BLOCK_HALF=triton.next_power_of_2(half),
-            ROUND_EACH_OP=round_each_op, num_warps=4, enable_fp_fusion=False)
+            cos.stride(0), sin.stride(0), HALF=half, BLOCK_QH=block_qh, BLOCK_KH=triton.next_power_of_2(k.shape[1]),
+            BLOCK_HALF=block_half, ROUND_EACH_OP=cos.dtype == q.dtype, num_warps=rotary_warps(block_qh, block_half),
+            enable_fp_fusion=False)
     return q, k

@@ -49,14 +49,15 @@ def test_strided_tokens_and_no_tokens():
 
 
 COMPILE_FOR_SM90 = """
-from fastalign.kernels.rotary import _rotary_kernel
+from fastalign.kernels.rotary import _rotary_kernel, rotary_warps
 from tests.kernels.gpu_build import build_for_gpu, check_build, stack_bytes
 
 for dtype, cos in (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")):
-    for half, q_heads, kv_heads in ((32, 32, 8), (64, 32, 8), (128, 16, 8)):   # 1B, 8B, Gemma 3's wide heads
+    # 1B, 8B, 70B, Gemma 3's wide heads
+    for half, q_heads, kv_heads in ((32, 32, 8), (64, 32, 8), (64, 64, 8), (128, 16, 8)):
         compiled = build_for_gpu(_rotary_kernel, dict(Q="*" + dtype, K="*" + dtype, Cos="*" + cos, Sin="*" + cos),
                                  dict(HALF=half, BLOCK_QH=q_heads, BLOCK_KH=kv_heads, BLOCK_HALF=half,
-                                      ROUND_EACH_OP=dtype == cos), 4, 1)
+                                      ROUND_EACH_OP=dtype == cos), rotary_warps(q_heads, half), 1)
         what = ("rotary", dtype, cos, half, q_heads, kv_heads)
         check_build(compiled, what, tuned=False)
         assert stack_bytes(compiled) == 0, (what, "spills registers")
@@ -64,6 +65,6 @@ for dtype, cos in (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp32"
 
 
 def test_kernel_compiles_for_sm90_without_a_gpu():
-    """What the interpreter never does: the build, at the heads of 1B, 8B and Gemma 3 models, without spills."""
+    """What the interpreter never does: the build, at the heads of 1B, 8B, 70B and Gemma 3 models, without spills."""
     from tests.kernels.gpu_build import assert_builds
     assert_builds(COMPILE_FOR_SM90)
