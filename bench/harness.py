@@ -171,7 +171,11 @@ def kernels_of_call(fn):
                 counts["torch"] += 1
             return func(*args, **(kwargs or {}))
 
-    launcher, method = _triton_launcher()
+    try:
+        from fastalign.ops.backend import triton_launch_method
+        launcher, method = triton_launch_method()
+    except ImportError:   # no triton: no launch to count
+        launcher = method = None
     original = getattr(launcher, method) if launcher else None
 
     def launch(self, *args, **kwargs):
@@ -190,20 +194,6 @@ def kernels_of_call(fn):
         if launcher:
             setattr(launcher, method, original)
     return counts["torch"], counts["triton"]
-
-
-def _triton_launcher():
-    """(class, method) through which every Triton kernel launches here: the interpreter's grid call under
-    TRITON_INTERPRET=1, the JIT's run otherwise; (None, None) without triton."""
-    try:
-        from fastalign.ops.backend import triton_interpreting
-        if triton_interpreting():
-            from triton.runtime.interpreter import GridExecutor
-            return GridExecutor, "__call__"
-        from triton.runtime.jit import JITFunction
-        return JITFunction, "run"
-    except ImportError:
-        return None, None
 
 
 def failure_row(method, err):

@@ -18,6 +18,17 @@ def triton_interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def triton_launch_method():
+    """(class, method name) through which every Triton kernel launch of this process passes: the interpreter's grid
+    call under TRITON_INTERPRET=1, the JIT's run otherwise (for counting or inspecting launches); ImportError without
+    triton."""
+    if triton_interpreting():
+        from triton.runtime.interpreter import GridExecutor
+        return GridExecutor, "__call__"
+    from triton.runtime.jit import JITFunction
+    return JITFunction, "run"
+
+
 def select_backend(op, backend, device):
     """The launcher module of `op` for `backend` ("auto" = Triton on CUDA tensors, torch elsewhere)."""
     if backend not in BACKENDS:

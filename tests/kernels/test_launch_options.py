@@ -7,7 +7,8 @@ import fastalign
 from fastalign.kernels.paged_attention import paged_attention_triton
 from fastalign.kernels.rms_norm import rms_norm_triton
 from fastalign.kernels.rotary import rotate_qk_triton
-from tests.conftest import HAS_CUDA, TRITON_DEVICE
+from fastalign.ops.backend import triton_launch_method
+from tests.conftest import TRITON_DEVICE
 from tests.ops.test_paged_attention import make_paged_batch
 
 KERNELS = {"fastalign.kernels.linear_cross_entropy._forward_kernel",
@@ -23,12 +24,7 @@ def record_launches(monkeypatch, describe):
     """A list that gets describe(kernel name, launch keyword arguments) at every kernel launch: at the JIT's run on
     a GPU, at the grid call in the interpreter."""
     seen = []
-    if HAS_CUDA:
-        from triton.runtime.jit import JITFunction as Launcher
-        method = "run"
-    else:
-        from triton.runtime.interpreter import GridExecutor as Launcher
-        method = "__call__"
+    Launcher, method = triton_launch_method()
     original = getattr(Launcher, method)
 
     def record(self, *args, **kwargs):
