@@ -5,6 +5,9 @@ head_dim) runs five elementwise kernels for q and five for k, every layer. A pro
 key head of one token. Rounding follows torch's: where cos and sin have the dtype of q (a 16-bit model's rotary
 embedding), each product and the sum are rounded to it, as three 16-bit torch ops round; otherwise (OLMo 3 rotates
 a bf16 model with fp32 cos and sin) the rotation is computed in fp32 and rounded once.
+
+With `store` the program also writes the token's rotated keys and its values to its slot of the paged KV cache,
+which would otherwise take one scatter launch for K and one for V, every layer.
 """
 import triton
 import triton.language as tl
@@ -13,9 +16,11 @@ from .device_guard import on_device_of_first_input
 
 
 @triton.jit
-def _rotate_heads(X, token, stride_t, stride_h, num_heads, cos1, cos2, sin1, sin2,
-                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, ROUND_EACH_OP: tl.constexpr):
-    """Rotates the num_heads heads of one token of X [T, heads, 2 * HALF] in place."""
+def _rotate_heads(X, token, stride_t, stride_h, num_heads, cos1, cos2, sin1, sin2, Cache, slot, stride_cs, stride_ch,
+                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, ROUND_EACH_OP: tl.constexpr,
+                  STORE: tl.constexpr):
+    """Rotates the num_heads heads of one token of X [T, heads, 2 * HALF] in place; with STORE, also writes them to
+    row `slot` of Cache [slots, heads, 2 * HALF]."""
     heads = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_HALF)
     ok = (heads[:, None] < num_heads) & (d[None, :] < HALF)
@@ -33,13 +38,26 @@ def _rotate_heads(X, token, stride_t, stride_h, num_heads, cos1, cos2, sin1, sin
         out2 = x2 * cos2 + x1 * sin2
     tl.store(first, out1.to(dtype), mask=ok)
     tl.store(first + HALF, out2.to(dtype), mask=ok)
+    if STORE:
+        _copy_heads(out1.to(dtype), out2.to(dtype), Cache, slot, stride_cs, stride_ch, heads, d, ok, HALF)
 
 
-@triton.jit(do_not_specialize=["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_ct", "stride_st"])
-def _rotary_kernel(Q, K, Cos, Sin, num_q_heads, num_k_heads, stride_qt, stride_qh, stride_kt, stride_kh,
-                   stride_ct, stride_st, HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
-                   BLOCK_HALF: tl.constexpr, ROUND_EACH_OP: tl.constexpr):
-    """Token program_id(0)'s query and key heads, rotated by its cos and sin [2 * HALF]."""
+@triton.jit
+def _copy_heads(first_half, second_half, Cache, slot, stride_cs, stride_ch, heads, d, ok, HALF: tl.constexpr):
+    """Writes a token's heads (their two halves, [heads, HALF] each) to row `slot` of Cache."""
+    row = Cache + slot * stride_cs + heads[:, None] * stride_ch + d[None, :]
+    tl.store(row, first_half.to(Cache.dtype.element_ty), mask=ok)
+    tl.store(row + HALF, second_half.to(Cache.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
+                               "stride_ct", "stride_st", "stride_cs", "stride_ch"])
+def _rotary_kernel(Q, K, V, Cos, Sin, KCache, VCache, Slots, num_q_heads, num_k_heads, stride_qt, stride_qh,
+                   stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_st, stride_cs, stride_ch,
+                   HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                   ROUND_EACH_OP: tl.constexpr, STORE: tl.constexpr):
+    """Token program_id(0)'s query and key heads, rotated by its cos and sin [2 * HALF]; with STORE, its rotated keys
+    and its values V written to its slot Slots[token] of KCache and VCache [slots, kv heads, 2 * HALF]."""
     token = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)
     ok = d < HALF
@@ -47,10 +65,19 @@ def _rotary_kernel(Q, K, Cos, Sin, num_q_heads, num_k_heads, stride_qt, stride_q
     cos2 = tl.load(Cos + token * stride_ct + HALF + d, mask=ok, other=0.0).to(tl.float32)[None, :]
     sin1 = tl.load(Sin + token * stride_st + d, mask=ok, other=0.0).to(tl.float32)[None, :]
     sin2 = tl.load(Sin + token * stride_st + HALF + d, mask=ok, other=0.0).to(tl.float32)[None, :]
-    _rotate_heads(Q, token, stride_qt, stride_qh, num_q_heads, cos1, cos2, sin1, sin2, HALF, BLOCK_QH, BLOCK_HALF,
-                  ROUND_EACH_OP)
-    _rotate_heads(K, token, stride_kt, stride_kh, num_k_heads, cos1, cos2, sin1, sin2, HALF, BLOCK_KH, BLOCK_HALF,
-                  ROUND_EACH_OP)
+    slot = 0
+    if STORE:
+        slot = tl.load(Slots + token)
+    _rotate_heads(Q, token, stride_qt, stride_qh, num_q_heads, cos1, cos2, sin1, sin2, KCache, slot, stride_cs,
+                  stride_ch, HALF, BLOCK_QH, BLOCK_HALF, ROUND_EACH_OP, False)
+    _rotate_heads(K, token, stride_kt, stride_kh, num_k_heads, cos1, cos2, sin1, sin2, KCache, slot, stride_cs,
+                  stride_ch, HALF, BLOCK_KH, BLOCK_HALF, ROUND_EACH_OP, STORE)
+    if STORE:
+        heads = tl.arange(0, BLOCK_KH)
+        kv_ok = (heads[:, None] < num_k_heads) & ok[None, :]
+        first = V + token * stride_vt + heads[:, None] * stride_vh + d[None, :]
+        _copy_heads(tl.load(first, mask=kv_ok, other=0.0), tl.load(first + HALF, mask=kv_ok, other=0.0), VCache,
+                    slot, stride_cs, stride_ch, heads, d, kv_ok, HALF)
 
 
 def rotary_warps(block_heads, block_half):
@@ -60,16 +87,22 @@ def rotary_warps(block_heads, block_half):
 
 
 @on_device_of_first_input
-def rotate_qk_triton(q, k, cos, sin):
+def rotate_qk_triton(q, k, cos, sin, store=None):
     """Rotates q [T, q_heads, D] and k [T, kv_heads, D] in place by cos, sin [T, D] (last dimensions contiguous;
-    D even); returns (q, k)."""
+    D even); returns (q, k). With store = (v, k_cache, v_cache, slot_mapping), also writes the rotated k and v
+    [T, kv_heads, D] to the slots of the paged caches [num_blocks, block_size, kv_heads, D] (of one layout, their
+    blocks and slots one dimension), as write_kv does."""
     num_tokens, num_q_heads, head_dim = q.shape
+    v, k_cache, v_cache, slots = store if store is not None else (k, k, k, k)
+    if store is not None:
+        k_cache, v_cache = (cache.view(-1, *cache.shape[2:]) for cache in (k_cache, v_cache))
     if num_tokens:
         half = head_dim // 2
         block_qh, block_half = triton.next_power_of_2(num_q_heads), triton.next_power_of_2(half)
         _rotary_kernel[(num_tokens,)](
-            q, k, cos, sin, num_q_heads, k.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            cos.stride(0), sin.stride(0), HALF=half, BLOCK_QH=block_qh, BLOCK_KH=triton.next_power_of_2(k.shape[1]),
-            BLOCK_HALF=block_half, ROUND_EACH_OP=cos.dtype == q.dtype, num_warps=rotary_warps(block_qh, block_half),
-            enable_fp_fusion=False)
+            q, k, v, cos, sin, k_cache, v_cache, slots, num_q_heads, k.shape[1], q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0), k_cache.stride(0),
+            k_cache.stride(1), HALF=half, BLOCK_QH=block_qh, BLOCK_KH=triton.next_power_of_2(k.shape[1]),
+            BLOCK_HALF=block_half, ROUND_EACH_OP=cos.dtype == q.dtype, STORE=store is not None,
+            num_warps=rotary_warps(block_qh, block_half), enable_fp_fusion=False)
     return q, k

@@ -11,12 +11,15 @@ window (Mistral's, Qwen2's, the Gemmas' and OLMo 3's sliding layers) attends to 
 cascade too, each query reading the shared keys in its window), and Gemma 2's attention scores are soft-capped as its
 eager attention caps them, as are the Gemmas' logits (final_logit_softcapping). The index metadata comes from the span
 tree's forward plan, so the ops' checks of its contents (a device sync on CUDA, ~0.2 ms per layer on the CPU) are
-skipped (pool_attention).
+skipped (pool_attention). On the Triton backend, fused kernels that round as the modules do stand in for the RMSNorms
+(each with the residual add before it), the rotation of q and k, and a dense MLP's activation and product
+(rms_norms, rotary, gated_mlps): a forward bound by launches makes fewer.
 """
 import torch
 
 from fastalign.eval_mode import eval_mode
 from fastalign.ops.paged_attention import resolve_backend
+from fastalign.runtime.gated_mlps import fused_gated_mlp
 from fastalign.runtime.layer_layouts import LAYOUTS
 from fastalign.runtime.pool_attention import pool_attention
 from fastalign.runtime.rms_norms import add_then_norm, fused_rms_norm
@@ -121,13 +124,14 @@ class PagedLlama:
         # device: where the whole model computes (model_device), embeddings offloaded by accelerate included
         self.dtype, self.device = model.model.embed_tokens.weight.dtype, device
         self.backend = resolve_backend(attention_backend, self.device)  # "triton" or "torch"
-        # on the Triton backend, one kernel for each RMSNorm (with the residual add before it) and for the rotation
-        # of q and k: fewer launches
+        # on the Triton backend, one kernel for each RMSNorm (with the residual add before it), for the rotation
+        # of q and k, and for a dense MLP's activation and product: fewer launches
         rule = layout.rms_norm if self.backend == "triton" else None
         self.norms = [{name: fused_rms_norm(layer.get_submodule(name), rule, self.dtype) for name in layout.norms()}
                       for layer in self.layers]
         self.final_norm = fused_rms_norm(model.model.norm, rule, self.dtype)
         self.rotate = qk_rotation(self.backend)
+        self.mlps = [fused_gated_mlp(layer.mlp, self.backend) for layer in self.layers]   # None: the module
 
     def forward(self, batch, pool, select, want_logits, want_hidden, logits_rows=None):
         """Writes the KV of every token of `batch` into `pool`; returns (logits, hidden) of the tokens
@@ -160,13 +164,14 @@ class PagedLlama:
             v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
             if layout.qk_norm == "head":
                 q, k = norms["self_attn.q_norm"](q), norms["self_attn.k_norm"](k)
-            # in the rotation's dtype, rounded back to the projections' (OLMo 3 rotates a bf16 model in fp32)
-            q, k = self.rotate(q, k, cos, sin)
-            o = self._attention(index, q, k, v, pool, batch, attn.scaling)
+            # rotated in the rotation's dtype, rounded back to the projections' (OLMo 3 rotates a bf16 model in fp32),
+            # on their way into the pool
+            o = self._attention(index, q, k, v, pool, batch, attn.scaling, (self.rotate, cos, sin))
             o = attn.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
             h, x = add_then_norm(norms.get(layout.mlp_in_norm), h, _norm(norms, layout.attention_out_norm, o))
-            # [1, T, H]: the sparse MoE blocks read [batch, sequence, hidden]
-            pending = _norm(norms, layout.mlp_out_norm, layer.mlp(x[None])[0])
+            mlp = self.mlps[index]
+            # the module on [1, T, H]: the sparse MoE blocks read [batch, sequence, hidden]
+            pending = _norm(norms, layout.mlp_out_norm, layer.mlp(x[None])[0] if mlp is None else mlp(x))
         if select is None:
             return None, None
         if pending is None:
@@ -195,10 +200,11 @@ class PagedLlama:
         c = self.logit_softcap
         return logits if c is None else torch.tanh(logits / c) * c
 
-    def _attention(self, index, q, k, v, pool, batch, scale):
-        """Layer `index`'s K/V written into the pool, then its attention (with the layer's window and soft cap)."""
+    def _attention(self, index, q, k, v, pool, batch, scale, rotation):
+        """Layer `index`'s q and k rotated and its K/V written into the pool, then its attention (with the layer's
+        window and soft cap)."""
         return pool_attention(index, q, k, v, pool, batch, scale=scale, window=self.windows[index],
-                              softcap=self.score_softcaps[index], backend=self.backend)
+                              softcap=self.score_softcaps[index], backend=self.backend, rotation=rotation)
 
 
 def _norm(norms, name, x):

@@ -10,6 +10,8 @@ module's outputs.
 """
 import torch
 
+from fastalign.runtime.module_hooks import runs_more_than_its_forward
+
 WEIGHT_RULES = {"rounded": dict(weight_offset=0.0, round_before_weight=True),
                 "one plus": dict(weight_offset=1.0, round_before_weight=False),
                 "fp32": dict(weight_offset=0.0, round_before_weight=False)}
@@ -57,9 +59,7 @@ def fused_rms_norm(module, rule, dtype):
         return None
     weight = getattr(module, "weight", None)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    hooked = (hasattr(module, "_hf_hook") or module._forward_hooks or module._forward_pre_hooks
-              or "forward" in vars(module))
-    if (rule not in WEIGHT_RULES or not type(module).__name__.endswith("RMSNorm") or hooked
+    if (rule not in WEIGHT_RULES or not type(module).__name__.endswith("RMSNorm") or runs_more_than_its_forward(module)
             or not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float)
             or (rule == "rounded" and weight.dtype != dtype)):
         return module

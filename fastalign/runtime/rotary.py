@@ -1,8 +1,11 @@
 """The rotary position embedding of a layer's queries and keys as the Llama family's attention applies it:
 x * cos + rotate_half(x) * sin, in the dtype torch promotes x and cos to, rounded back to x's. On the Triton backend
-one kernel rotates every head of q and k in place (kernels/rotary.py) instead of ten elementwise launches a layer;
-the torch ops elsewhere, and for tensors the kernel does not take."""
+one kernel rotates every head of q and k in place, and stores the rotated keys and the values in the paged KV cache
+(kernels/rotary.py), instead of ten elementwise launches and two scatters a layer; the torch ops and write_kv
+elsewhere, and for tensors the kernel does not take."""
 import torch
+
+from fastalign.ops.paged_attention import write_kv_unchecked
 
 
 def rotate_half(x):
@@ -11,22 +14,40 @@ def rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rotate_qk_torch(q, k, cos, sin):
-    """(q, k) [T, heads, D] rotated by cos, sin [T, 1, D], as new tensors."""
-    return (q * cos + rotate_half(q) * sin).to(q.dtype), (k * cos + rotate_half(k) * sin).to(k.dtype)
+def rotate_qk_torch(q, k, cos, sin, store=None):
+    """(q, k) [T, heads, D] rotated by cos, sin [T, 1, D], as new tensors; with store = (v, k_cache, v_cache,
+    slot_mapping), the rotated k and v also written to the slots of the caches (write_kv)."""
+    q, k = (q * cos + rotate_half(q) * sin).to(q.dtype), (k * cos + rotate_half(k) * sin).to(k.dtype)
+    if store is not None:
+        v, k_cache, v_cache, slot_mapping = store
+        write_kv_unchecked(k, v, k_cache, v_cache, slot_mapping)
+    return q, k
 
 
 def qk_rotation(backend):
-    """rotate(q, k, cos, sin) -> (q, k) for the attention `backend` ("triton": the kernel, in place)."""
+    """rotate(q, k, cos, sin, store=None) -> (q, k) for the attention `backend` ("triton": the kernel, in place), as
+    rotate_qk_torch computes it."""
     if backend != "triton":
         return rotate_qk_torch
     from fastalign.kernels.rotary import rotate_qk_triton
 
-    def rotate(q, k, cos, sin):
-        head_dim = q.shape[-1]
-        if (head_dim % 2 or k.shape[-1] != head_dim or cos.shape[-1] != head_dim or k.dtype != q.dtype
-                or sin.dtype != cos.dtype or any(t.stride(-1) != 1 or t.device != q.device for t in (k, cos, sin))
-                or q.stride(-1) != 1):
-            return rotate_qk_torch(q, k, cos, sin)
-        return rotate_qk_triton(q, k, cos[:, 0], sin[:, 0])
+    def rotate(q, k, cos, sin, store=None):
+        if not _kernel_takes(q, k, cos, sin, store):
+            return rotate_qk_torch(q, k, cos, sin, store)
+        return rotate_qk_triton(q, k, cos[:, 0], sin[:, 0], store)
     return rotate
+
+
+def _kernel_takes(q, k, cos, sin, store):
+    """Whether the kernel computes these: heads of one even width and dtype, cos and sin of one dtype, last
+    dimensions contiguous, all on q's device; a store's caches of k's dtype and of one layout."""
+    head_dim = q.shape[-1]
+    tensors = (k, cos, sin)
+    if store is not None:
+        v, k_cache, v_cache, _ = store
+        if v.dtype != k.dtype or k_cache.dtype != k.dtype or k_cache.stride() != v_cache.stride():
+            return False
+        tensors += (v, k_cache, v_cache)
+    return not (head_dim % 2 or k.shape[-1] != head_dim or cos.shape[-1] != head_dim or k.dtype != q.dtype
+                or sin.dtype != cos.dtype or q.stride(-1) != 1
+                or any(t.stride(-1) != 1 or t.device != q.device for t in tensors))

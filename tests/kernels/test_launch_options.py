@@ -4,6 +4,7 @@ which would change the kernels' rounding and speed without a word."""
 import torch
 
 import fastalign
+from fastalign.kernels.gated_activation import gated_activation_triton
 from fastalign.kernels.paged_attention import paged_attention_triton
 from fastalign.kernels.rms_norm import rms_norm_triton
 from fastalign.kernels.rotary import rotate_qk_triton
@@ -11,7 +12,8 @@ from fastalign.ops.backend import triton_launch_method
 from tests.conftest import TRITON_DEVICE
 from tests.ops.test_paged_attention import make_paged_batch
 
-KERNELS = {"fastalign.kernels.linear_cross_entropy._forward_kernel",
+KERNELS = {"fastalign.kernels.gated_activation._gated_activation_kernel",
+           "fastalign.kernels.linear_cross_entropy._forward_kernel",
            "fastalign.kernels.linear_cross_entropy._gradient_kernel",
            "fastalign.kernels.linear_kl_div._forward_kernel", "fastalign.kernels.linear_kl_div._gradient_kernel",
            "fastalign.kernels.paged_attention._paged_attention_kernel",
@@ -37,7 +39,7 @@ def record_launches(monkeypatch, describe):
 
 def launch_every_kernel():
     """Run each Triton kernel at least once: both losses forward and backward, a paged attention with split keys, an
-    RMSNorm and a rotation."""
+    RMSNorm, a rotation and a gated activation."""
     hidden = torch.randn(6, 16, device=TRITON_DEVICE, requires_grad=True)
     weight = torch.randn(37, 16, device=TRITON_DEVICE, requires_grad=True)
     target = torch.randint(0, 37, (6,), device=TRITON_DEVICE)
@@ -50,6 +52,7 @@ def launch_every_kernel():
     rms_norm_triton(hidden, torch.ones(16, device=TRITON_DEVICE), 1e-6)
     q, k, cos = (torch.randn(shape, device=TRITON_DEVICE) for shape in ((3, 4, 8), (3, 2, 8), (3, 8)))
     rotate_qk_triton(q, k, cos, cos)
+    gated_activation_triton(q, q)
 
 
 def test_every_kernel_launch_sets_fp_fusion(monkeypatch):

@@ -1,11 +1,13 @@
 """kernels/rotary.py against the torch rotation it stands for in the paged forward (fastalign.runtime.rotary:
 x * cos + rotate_half(x) * sin in the promoted dtype, rounded to x's): equal to the bit in every dtype, with cos and
 sin in q's dtype (three rounded 16-bit ops) or in fp32 (OLMo 3's: one rounding), at odd head counts and widths, one
-token and none; q and k are rotated in place."""
+token and none; q and k are rotated in place, and with a store the rotated keys and the values land in the slots of
+a paged cache as write_kv puts them."""
 import pytest
 import torch
 
 from fastalign.kernels.rotary import rotate_qk_triton
+from fastalign.ops.paged_attention import write_kv_unchecked
 from fastalign.runtime.rotary import rotate_qk_torch
 from tests.conftest import TRITON_DEVICE
 
@@ -26,6 +28,26 @@ def test_equals_the_torch_rotation(tokens, q_heads, kv_heads, head_dim, dtype, c
     out_q, out_k = rotate_qk_triton(q, k, cos[:, 0], sin[:, 0])
     assert out_q is q and out_k is k   # in place
     assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)
+
+
+@pytest.mark.parametrize("dtype, cos_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                              (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("tokens, q_heads, kv_heads, head_dim", [(5, 4, 2, 16), (1, 3, 3, 80)])
+def test_store_writes_the_rotated_keys_and_the_values_to_their_slots(tokens, q_heads, kv_heads, head_dim, dtype,
+                                                                     cos_dtype):
+    """As write_kv writes the torch rotation's keys, into a KV pool layer's two caches (of one [2, blocks, block_size,
+    heads, D] tensor); the slots not written keep their NaNs."""
+    q, k, cos, sin = inputs(tokens, q_heads, kv_heads, head_dim, dtype, cos_dtype)
+    v = torch.randn(tokens, kv_heads, head_dim).to(TRITON_DEVICE, dtype)
+    pool = torch.full((2, 3, 4, kv_heads, head_dim), float("nan"), dtype=dtype, device=TRITON_DEVICE)
+    slots = torch.tensor([9, 0, 4, 11, 2][:tokens], device=TRITON_DEVICE)
+    ref_pool = pool.clone()
+    ref_q, ref_k = rotate_qk_torch(q, k, cos, sin)
+    write_kv_unchecked(ref_k, v, ref_pool[0], ref_pool[1], slots)
+    out_q, out_k = rotate_qk_triton(q, k, cos[:, 0], sin[:, 0], store=(v, pool[0], pool[1], slots))
+    assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)
+    torch.testing.assert_close(pool, ref_pool, rtol=0, atol=0, equal_nan=True)
+    assert pool.isnan().sum() == pool.numel() - 2 * tokens * kv_heads * head_dim
 
 
 def test_rounding_once_where_torch_rounds_each_op_is_told_apart():
@@ -49,22 +71,27 @@ def test_strided_tokens_and_no_tokens():
 
 
 COMPILE_FOR_SM90 = """
+import itertools
+
 from fastalign.kernels.rotary import _rotary_kernel, rotary_warps
 from tests.kernels.gpu_build import build_for_gpu, check_build, stack_bytes
 
 for dtype, cos in (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")):
-    # 1B, 8B, 70B, Gemma 3's wide heads
-    for half, q_heads, kv_heads in ((32, 32, 8), (64, 32, 8), (64, 64, 8), (128, 16, 8)):
-        compiled = build_for_gpu(_rotary_kernel, dict(Q="*" + dtype, K="*" + dtype, Cos="*" + cos, Sin="*" + cos),
+    # 1B, 8B, 70B, Gemma 3's wide heads; rotating only, and storing K and V in the cache too
+    for (half, q_heads, kv_heads), store in itertools.product(((32, 32, 8), (64, 32, 8), (64, 64, 8), (128, 16, 8)),
+                                                              (False, True)):
+        pointers = dict(Q=dtype, K=dtype, V=dtype, Cos=cos, Sin=cos, KCache=dtype, VCache=dtype, Slots="i64")
+        compiled = build_for_gpu(_rotary_kernel, {name: "*" + kind for name, kind in pointers.items()},
                                  dict(HALF=half, BLOCK_QH=q_heads, BLOCK_KH=kv_heads, BLOCK_HALF=half,
-                                      ROUND_EACH_OP=dtype == cos), rotary_warps(q_heads, half), 1)
-        what = ("rotary", dtype, cos, half, q_heads, kv_heads)
+                                      ROUND_EACH_OP=dtype == cos, STORE=store), rotary_warps(q_heads, half), 1)
+        what = ("rotary", dtype, cos, half, q_heads, kv_heads, store)
         check_build(compiled, what, tuned=False)
         assert stack_bytes(compiled) == 0, (what, "spills registers")
 """
 
 
 def test_kernel_compiles_for_sm90_without_a_gpu():
-    """What the interpreter never does: the build, at the heads of 1B, 8B, 70B and Gemma 3 models, without spills."""
+    """What the interpreter never does: the build, at the heads of 1B, 8B, 70B and Gemma 3 models, without spills, with
+    and without the store to the cache."""
     from tests.kernels.gpu_build import assert_builds
     assert_builds(COMPILE_FOR_SM90)

@@ -29,3 +29,26 @@ def test_triton_backend_rotates_in_place_and_leaves_what_it_cannot_take_to_torch
     odd_cos = torch.randn(3, 1, 7, device=TRITON_DEVICE)
     out = rotate(*odd, odd_cos, odd_cos)     # an odd head_dim has no halves: the torch ops answer as they would
     assert out[0] is not odd[0] and torch.equal(out[0], rotate_qk_torch(*odd, odd_cos, odd_cos)[0])
+
+
+def pool_layer(tokens, kv_heads, head_dim, dtype=torch.float32):
+    """(v, k_cache, v_cache, slot_mapping): a store into a NaN-filled pool layer [2, 3 blocks, 4 slots, ...]."""
+    pool = torch.full((2, 3, 4, kv_heads, head_dim), float("nan"), dtype=dtype, device=TRITON_DEVICE)
+    v = torch.randn(tokens, kv_heads, head_dim, device=TRITON_DEVICE)
+    return v, pool[0], pool[1], torch.randperm(12, device=TRITON_DEVICE)[:tokens]
+
+
+def test_both_backends_store_the_rotated_keys_and_the_values_alike():
+    """The kernel's store (and its fallback for what it cannot take, an odd head_dim) as rotate_qk_torch's."""
+    torch.manual_seed(0)
+    for head_dim in (8, 7):
+        q, k = torch.randn(3, 4, head_dim, device=TRITON_DEVICE), torch.randn(3, 2, head_dim, device=TRITON_DEVICE)
+        cos, sin = torch.randn(3, 1, head_dim, device=TRITON_DEVICE), torch.randn(3, 1, head_dim, device=TRITON_DEVICE)
+        store = pool_layer(3, 2, head_dim)
+        ref_store = (store[0], store[1].clone(), store[2].clone(), store[3])
+        ref = rotate_qk_torch(q, k, cos, sin, ref_store)
+        out = qk_rotation("triton")(q, k, cos, sin, store)
+        assert all(torch.equal(a, b) for a, b in zip(out, ref))
+        for cache, ref_cache in zip(store[1:3], ref_store[1:3]):
+            torch.testing.assert_close(cache, ref_cache, rtol=0, atol=0, equal_nan=True)
+        assert not store[1].isnan().all() and store[1].isnan().any()

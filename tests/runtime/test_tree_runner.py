@@ -31,8 +31,8 @@ def test_random_tree_matches_hugging_face_fp32(index, name):
 
 @pytest.mark.parametrize("name", [name for name in CONFIGS if runner_kind(name) == "PagedLlama"])
 def test_random_tree_on_the_triton_backend_matches_hugging_face_fp32(name):
-    """Every family on the paged Llama path with its Triton kernels: attention, and the fused RMSNorms and rotation
-    (interpreted without a GPU; a short tree, the kernels being slow there)."""
+    """Every family on the paged Llama path with its Triton kernels: attention, and the fused RMSNorms, rotation and
+    gated activation (interpreted without a GPU; a short tree, the kernels being slow there)."""
     model = tiny_model(name, device=TRITON_DEVICE)
     runner = TreeRunner(model, max_tokens=112, block_size=4, attention_backend="triton")
     fill_with_nan(runner.pool)
@@ -45,9 +45,9 @@ def test_random_tree_on_the_triton_backend_matches_hugging_face_fp32(name):
     grow_random_tree(runner, seed=2, check=check, steps=6)
 
 
-def test_the_triton_backend_runs_no_norm_or_rotation_op_of_torch():
-    """A forward on the Triton backend leaves each RMSNorm and the rotation to one kernel: none of the squares, means,
-    rsqrts of the norm modules, or the negations of rotate_half, reach torch."""
+def test_the_triton_backend_runs_no_norm_rotation_or_activation_op_of_torch():
+    """A forward on the Triton backend leaves each RMSNorm, the rotation and the MLP's activation to one kernel: none
+    of the squares, means, rsqrts of the norm modules, the negations of rotate_half, or the GELU, reach torch."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
@@ -62,7 +62,7 @@ def test_the_triton_backend_runs_no_norm_or_rotation_op_of_torch():
     (root,), _ = runner.extend([None], [[1, 2, 3, 4, 5]])
     with Ops() as ops:
         runner.extend([root, root], [[6], [7, 8]])
-    assert "mm" in ops.seen and not ops.seen & {"pow", "mean", "rsqrt", "neg"}, ops.seen
+    assert "mm" in ops.seen and not ops.seen & {"pow", "mean", "rsqrt", "neg", "gelu"}, ops.seen
 
 
 # Triton kernels run in the interpreter without a GPU; its bf16 dots compute by value (kernels/interpreter_fixes.py).

@@ -1,0 +1,80 @@
+"""kernels/gated_activation.py against the torch ops it stands for in a gated MLP, act(gate) * up with torch's silu
+or gelu(approximate="tanh"), each op rounded to the dtype: close in every dtype at odd widths (a partial last
+block, several blocks a row), one row, no row, 3-D inputs and strided rows. In 16-bit dtypes the outputs equal
+torch's but for one-unit differences in few entries, and in the GELU's far negative tail, where torch's 1 + tanh(u)
+cancels to few bits (down to 0) and the kernel's x * sigmoid(2u) keeps them."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastalign.kernels.gated_activation import gated_activation_triton
+from tests.conftest import TRITON_DEVICE
+
+TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=1e-3, atol=1e-3),
+              torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
+ACTIVATIONS = {False: F.silu, True: lambda x: F.gelu(x, approximate="tanh")}
+
+
+def gate_and_up(shape, dtype, seed=0):
+    torch.manual_seed(seed)
+    return [(3 * torch.randn(shape)).to(TRITON_DEVICE, dtype) for _ in range(2)]
+
+
+def assert_as_torch(out, gate, up, tanh_gelu):
+    activated = ACTIVATIONS[tanh_gelu](gate)
+    ref = activated * up
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, **TOLERANCES[ref.dtype])
+    if ref.dtype != torch.float32:
+        outside_the_tail = activated.float().abs() >= 1e-2
+        differ = (out != ref)[outside_the_tail]
+        assert differ.sum() <= 2e-3 * differ.numel(), "more than the exponential's 1-unit differences"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tanh_gelu", [False, True])
+@pytest.mark.parametrize("shape", [(7, 1500), (1, 1), (3, 4, 37), (0, 8)])
+def test_equals_the_torch_ops(shape, dtype, tanh_gelu):
+    gate, up = gate_and_up(shape, dtype)
+    assert_as_torch(gated_activation_triton(gate, up, tanh_gelu=tanh_gelu), gate, up, tanh_gelu)
+
+
+def test_strided_rows():
+    """gate and up as the two halves of one fused projection's rows [T, 2 * I]."""
+    fused, _ = gate_and_up((5, 2 * 300), torch.bfloat16)
+    gate, up = fused[:, :300], fused[:, 300:]
+    assert_as_torch(gated_activation_triton(gate, up), gate, up, False)
+
+
+def test_rounding_the_activation_is_needed():
+    """The product of the fp32 activation, rounded once, is told apart from torch's two roundings: the test can
+    fail."""
+    gate, up = gate_and_up((16, 512), torch.bfloat16)
+    once = (F.silu(gate.float()) * up.float()).to(torch.bfloat16)
+    assert (once != F.silu(gate) * up).float().mean() > 0.05
+    assert (gated_activation_triton(gate, up) != once).float().mean() > 0.05
+
+
+def test_the_activations_are_told_apart():
+    gate, up = gate_and_up((4, 64), torch.float32)
+    with pytest.raises(AssertionError):
+        assert_as_torch(gated_activation_triton(gate, up, tanh_gelu=True), gate, up, False)
+
+
+COMPILE_FOR_SM90 = """
+from fastalign.kernels.gated_activation import _gated_activation_kernel
+from tests.kernels.gpu_build import build_for_gpu, check_build, stack_bytes
+
+for dtype in ("bf16", "fp16", "fp32"):
+    for tanh_gelu in (False, True):
+        compiled = build_for_gpu(_gated_activation_kernel, dict(Gate="*" + dtype, Up="*" + dtype, Out="*" + dtype),
+                                 dict(TANH_GELU=tanh_gelu, BLOCK=1024), 4, 1)
+        check_build(compiled, ("gated activation", dtype, tanh_gelu), tuned=False)
+        assert stack_bytes(compiled) == 0, (dtype, tanh_gelu, "spills registers")
+"""
+
+
+def test_kernel_compiles_for_sm90_without_a_gpu():
+    """What the interpreter never does: the build, at the block the launches of a 1B or larger model use."""
+    from tests.kernels.gpu_build import assert_builds
+    assert_builds(COMPILE_FOR_SM90)
