@@ -8,8 +8,8 @@ def pool_attention(index, q, k, v, pool, batch, *, scale, window, softcap, backe
     """The attention output [T, q_heads, head_dim] of q [T, q_heads, head_dim] over pool layer `index`, once the new
     tokens' k, v [T, kv_heads, head_dim] (rotated as the layer rotates them) are written there; k and v None: the
     layer reads the K/V that an earlier layer of this forward wrote to `index` (Gemma 4's shared K/V). With
-    rotation = (rotate, cos, sin) (fastalign.runtime.rotary), q and k come unrotated, and rotate rotates them and
-    stores k and v (one kernel on the Triton backend). With the layer's
+    rotation = (rotate, cos, sin) (fastalign.runtime.rotary; only with k and v), q and k come unrotated, and rotate
+    rotates them and stores k and v (one kernel on the Triton backend). With the layer's
     attention sinks [q_heads] where it has them (gpt-oss). Only the first pool layer of each shape has its arguments
     go through the ops' shape, dtype and device checks (~20 us of host time per layer): every later layer's are
     shaped as that one's; the index metadata comes from the span tree's plan, whose contents the runtime tests hold

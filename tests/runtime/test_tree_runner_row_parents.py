@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastalign import TreeRunner
+from tests.conftest import device_for
 from tests.runtime.test_tree_runner_cuts import assert_extends_correctly, check_against_hugging_face
 from tests.runtime.test_tree_runner_errors import snapshot
 from tests.runtime.tiny_models import fill_with_nan, tiny_model
@@ -44,13 +45,15 @@ def test_rows_on_earlier_rows_match_hugging_face(name, with_cuts):
     assert runner.tree.span_ids() == [] and runner.num_free_blocks == runner.num_blocks
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("nesting", [1, 2])
-def test_copies_of_copies_in_one_forward_match_hugging_face(nesting):
+def test_copies_of_copies_in_one_forward_match_hugging_face(nesting, backend):
     """The root's partial block holds a kept child's token, so row 0 copies it; rows on row 0 append to that copy in
     place and copy it again (and, nested, that copy too). All copies of a forward happen at once before it, so each
-    must read the original block and get this forward's tokens as extras, never an earlier copy's stale slots."""
-    model = tiny_model("llama-gqa-untied")
-    runner = TreeRunner(model, max_tokens=256, block_size=8 if nesting == 2 else 4, attention_backend="torch")
+    must read the original block and get this forward's tokens as extras, never an earlier copy's stale slots. On the
+    Triton backend the rotary kernel stores the K/V, and the extras are written from its rotated keys."""
+    model = tiny_model("llama-gqa-untied", device=device_for(backend))
+    runner = TreeRunner(model, max_tokens=256, block_size=8 if nesting == 2 else 4, attention_backend=backend)
     fill_with_nan(runner.pool)
     root = runner.prefill([1, 2])
     kept, _ = runner.extend([root], [[3]], logits=None)  # a child (held: a dropped handle releases it), in place
