@@ -7,14 +7,17 @@ rounds once more: what the two torch ops compute, one launch and one pass over t
 
 Activations: SiLU, x * sigmoid(x) (Llama, Mistral, Qwen, OLMo), and the tanh approximation of GELU (Gemma),
 0.5 x (1 + tanh(u)) with u = sqrt(2 / pi) (x + 0.044715 x^3), computed as x * sigmoid(2u), the same number, without
-tanh's cancellation near 0. The exponential is the GPU's (or numpy's) rather than torch's, so fp32 outputs may differ
-from torch's in the last place, and 16-bit ones, in few entries, by one unit there.
+the cancellation of 1 + tanh(u) where u lies far below 0 (there torch's fp32 value keeps few bits, or none, so
+16-bit outputs of such tiny values may differ from torch's). The exponential is the GPU's (or numpy's) rather than
+torch's, so fp32 outputs may differ from torch's in the last place, and 16-bit ones, in few entries, by one unit
+there.
 """
 import torch
 import triton
 import triton.language as tl
 
 from .device_guard import on_device_of_first_input
+
 
 @triton.jit(do_not_specialize=["num_cols", "stride_gate", "stride_up", "stride_out"])
 def _gated_activation_kernel(Gate, Up, Out, num_cols, stride_gate, stride_up, stride_out, TANH_GELU: tl.constexpr,

@@ -48,8 +48,8 @@ class FusedGatedMLP:
         """The MLP's output for x [T, H]."""
         mlp = self.module
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-        if gate.shape == up.shape and gate.dtype == up.dtype and gate.device == up.device and \
-                gate.stride(-1) == 1 and up.stride(-1) == 1:
+        if (gate.shape == up.shape and gate.dtype == up.dtype and gate.device == up.device
+                and gate.stride(-1) == 1 and up.stride(-1) == 1):
             hidden = self._kernel(gate, up, tanh_gelu=self.tanh_gelu)
         else:
             hidden = mlp.act_fn(gate) * up
