@@ -2,10 +2,14 @@
 x * cos + rotate_half(x) * sin, in the dtype torch promotes x and cos to, rounded back to x's. On the Triton backend
 one kernel rotates every head of q and k in place, and stores the rotated keys and the values in the paged KV cache
 (kernels/rotary.py), instead of ten elementwise launches and two scatters a layer; the torch ops and write_kv
-elsewhere, and for tensors the kernel does not take."""
+elsewhere, and for tensors the kernel does not take. Where a family normalises each head of q and k before rotating
+them (Qwen3's and Gemma 3's q_norm and k_norm: `head_norms`), the same kernel applies those RMSNorms first, when both
+are the fused kernel's (rms_norms.FusedRMSNorm); otherwise the norms are called as they are.
+"""
 import torch
 
 from fastalign.ops.paged_attention import write_kv_unchecked
+from fastalign.runtime.rms_norms import FusedRMSNorm
 
 
 def rotate_half(x):
@@ -14,9 +18,12 @@ def rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rotate_qk_torch(q, k, cos, sin, store=None):
-    """(q, k) [T, heads, D] rotated by cos, sin [T, 1, D], as new tensors; with store = (v, k_cache, v_cache,
-    slot_mapping), the rotated k and v also written to the slots of the caches (write_kv)."""
+def rotate_qk_torch(q, k, cos, sin, store=None, head_norms=None):
+    """(q, k) [T, heads, D] rotated by cos, sin [T, 1, D], as new tensors, after head_norms = (q_norm, k_norm) where
+    given; with store = (v, k_cache, v_cache, slot_mapping), the rotated k and v also written to the slots of the
+    caches (write_kv)."""
+    if head_norms is not None:
+        q, k = head_norms[0](q), head_norms[1](k)
     q, k = (q * cos + rotate_half(q) * sin).to(q.dtype), (k * cos + rotate_half(k) * sin).to(k.dtype)
     if store is not None:
         v, k_cache, v_cache, slot_mapping = store
@@ -25,17 +32,31 @@ def rotate_qk_torch(q, k, cos, sin, store=None):
 
 
 def qk_rotation(backend):
-    """rotate(q, k, cos, sin, store=None) -> (q, k) for the attention `backend` ("triton": the kernel, in place), as
-    rotate_qk_torch computes it."""
+    """rotate(q, k, cos, sin, store=None, head_norms=None) -> (q, k) for the attention `backend` ("triton": the
+    kernel, in place), as rotate_qk_torch computes it."""
     if backend != "triton":
         return rotate_qk_torch
     from fastalign.kernels.rotary import rotate_qk_triton
 
-    def rotate(q, k, cos, sin, store=None):
+    def rotate(q, k, cos, sin, store=None, head_norms=None):
+        norms = None if head_norms is None else _kernel_norms(q, *head_norms)
+        if norms is None and head_norms is not None:
+            q, k = head_norms[0](q), head_norms[1](k)
         if not _kernel_takes(q, k, cos, sin, store):
             return rotate_qk_torch(q, k, cos, sin, store)
-        return rotate_qk_triton(q, k, cos[:, 0], sin[:, 0], store)
+        return rotate_qk_triton(q, k, cos[:, 0], sin[:, 0], store, norms)
     return rotate
+
+
+def _kernel_norms(q, q_norm, k_norm):
+    """The kernel's head_norms argument for the two norms, or None where the kernel cannot apply them: a norm that is
+    not a FusedRMSNorm, rules that differ, or weights that are not [head_dim] contiguous ones on q's device."""
+    if not (isinstance(q_norm, FusedRMSNorm) and isinstance(k_norm, FusedRMSNorm) and q_norm.rule == k_norm.rule):
+        return None
+    weights = q_norm.module.weight, k_norm.module.weight
+    if any(w.shape != q.shape[-1:] or w.stride(-1) != 1 or w.device != q.device for w in weights):
+        return None
+    return dict(q_weight=weights[0], k_weight=weights[1], q_eps=q_norm.eps, k_eps=k_norm.eps, **q_norm.rule)
 
 
 def _kernel_takes(q, k, cos, sin, store):

@@ -73,3 +73,19 @@ def test_add_then_norm_without_a_norm_gives_the_stream_itself():
     h, y = torch.randn(3, 8), torch.randn(3, 8)
     total, x = add_then_norm(None, h, y)
     assert torch.equal(total, h + y) and x is total
+
+
+@pytest.mark.parametrize("name", ["qwen3-head-dim-untied", "gemma3-sliding-softcap"])
+def test_head_norms_run_inside_the_rotation_kernel(monkeypatch, name):
+    """Qwen3's and Gemma 3's q_norm and k_norm launch no kernel of their own on the Triton backend: the rotation's
+    kernel normalises the heads (the layer's other norms still run as fused norms)."""
+    from fastalign import TreeRunner
+    model = tiny_model(name, device=TRITON_DEVICE)
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="triton")
+    called = []
+    original = FusedRMSNorm.__call__
+    monkeypatch.setattr(FusedRMSNorm, "__call__", lambda self, x: called.append(self.module) or original(self, x))
+    runner.extend([None], [[1, 2, 3]])
+    head_norms = {id(layer.self_attn.q_norm) for layer in model.model.layers} | {
+        id(layer.self_attn.k_norm) for layer in model.model.layers}
+    assert called and not any(id(module) in head_norms for module in called)

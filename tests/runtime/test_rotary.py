@@ -52,3 +52,30 @@ def test_both_backends_store_the_rotated_keys_and_the_values_alike():
         for cache, ref_cache in zip(store[1:3], ref_store[1:3]):
             torch.testing.assert_close(cache, ref_cache, rtol=0, atol=0, equal_nan=True)
         assert not store[1].isnan().all() and store[1].isnan().any()
+
+
+def test_head_norms_run_in_the_kernel_when_both_are_fused_and_as_called_otherwise(monkeypatch):
+    """Qwen3's q_norm and k_norm: with both FusedRMSNorm, the kernel normalises (no norm is called); with a module
+    among them, each norm is called as it is, then the heads are rotated."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from fastalign.runtime.rms_norms import FusedRMSNorm
+    from tests.kernels.test_rms_norm import assert_as_module
+    torch.manual_seed(0)
+    q, k = (torch.randn(3, heads, 16).to(TRITON_DEVICE, torch.bfloat16) for heads in (4, 2))
+    cos, sin = (torch.randn(3, 1, 16).to(TRITON_DEVICE, torch.bfloat16) for _ in range(2))
+    modules = [Qwen3RMSNorm(16, eps=1e-6).to(TRITON_DEVICE, torch.bfloat16) for _ in range(2)]
+    for module in modules:
+        torch.nn.init.normal_(module.weight, 1.0, 0.5)
+    fused = [FusedRMSNorm(module, 1e-6, "rounded") for module in modules]
+    calls = []
+    monkeypatch.setattr(FusedRMSNorm, "__call__", lambda self, x: calls.append(self) or self.module(x))
+    with torch.no_grad():
+        ref = rotate_qk_torch(q, k, cos, sin, head_norms=modules)
+        out = qk_rotation("triton")(q.clone(), k.clone(), cos, sin, head_norms=fused)
+        assert calls == []
+        mixed = qk_rotation("triton")(q.clone(), k.clone(), cos, sin, head_norms=(fused[0], modules[1]))
+    assert calls == [fused[0]]
+    for a, b in zip(out, ref):
+        assert_as_module(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(mixed, ref))
