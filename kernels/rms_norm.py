@@ -12,7 +12,9 @@ unit in the last place, as two GPUs' reductions do.
 
 With a residual (`rms_norm_after_add`), the kernel first adds it to the row, rounds the sum to the row's dtype as
 torch's `h + y` does, stores it (the layer's new residual stream) and normalises that: the add before each of a
-layer's norms costs no launch of its own.
+layer's norms costs no launch of its own. Where a family also normalises the sublayer's output before adding it
+(the Gemmas' and OLMo's post-sublayer norms: `y_weight`), that norm runs in the same program first, and where no norm
+follows the add (OLMo's layers, which read the stream itself: weight None), the sum is the second output too.
 """
 import torch
 import triton
@@ -21,24 +23,38 @@ import triton.language as tl
 from .device_guard import on_device_of_first_input
 
 
+@triton.jit
+def _normalised(x, Weight, cols, ok, num_cols, eps, weight_offset, dtype, ROUND_BEFORE_WEIGHT: tl.constexpr):
+    """The RMSNorm of the row x (fp32) times (weight + weight_offset), rounded to dtype as the module rounds."""
+    normalised = x * tl.math.rsqrt(tl.sum(x * x, 0) / num_cols + eps)
+    if ROUND_BEFORE_WEIGHT:
+        normalised = normalised.to(dtype).to(tl.float32)
+    weight = tl.load(Weight + cols, mask=ok, other=0.0).to(tl.float32) + weight_offset
+    return (normalised * weight).to(dtype)
+
+
 @triton.jit(do_not_specialize=["num_cols", "stride_x", "stride_y", "stride_sum", "stride_out"])
-def _rms_norm_kernel(X, Y, Sum, Weight, Out, num_cols, eps, weight_offset, stride_x, stride_y, stride_sum, stride_out,
-                     ADD: tl.constexpr, ROUND_BEFORE_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(X, Y, Sum, Weight, YWeight, Out, num_cols, eps, y_eps, weight_offset, stride_x, stride_y,
+                     stride_sum, stride_out, ADD: tl.constexpr, NORM_Y: tl.constexpr, NORM_OUT: tl.constexpr,
+                     ROUND_BEFORE_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
     """out[row] = normalised x[row] times (weight + weight_offset), rounded as the module rounds; with ADD, of
-    sum[row] = x[row] + y[row] (rounded to the dtype, and stored) instead of x[row]."""
+    sum[row] = x[row] + y[row] (rounded to the dtype, and stored) instead of x[row], where with NORM_Y y[row] is first
+    normalised by YWeight; without NORM_OUT, out is the sum itself."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < num_cols
     x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0)
+    dtype = Out.dtype.element_ty
     if ADD:
-        x = (x.to(tl.float32) + tl.load(Y + row * stride_y + cols, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
+        y = tl.load(Y + row * stride_y + cols, mask=ok, other=0.0)
+        if NORM_Y:
+            y = _normalised(y.to(tl.float32), YWeight, cols, ok, num_cols, y_eps, weight_offset, dtype,
+                            ROUND_BEFORE_WEIGHT)
+        x = (x.to(tl.float32) + y.to(tl.float32)).to(x.dtype)
         tl.store(Sum + row * stride_sum + cols, x, mask=ok)
-    x = x.to(tl.float32)
-    normalised = x * tl.math.rsqrt(tl.sum(x * x, 0) / num_cols + eps)
-    if ROUND_BEFORE_WEIGHT:
-        normalised = normalised.to(Out.dtype.element_ty).to(tl.float32)
-    weight = tl.load(Weight + cols, mask=ok, other=0.0).to(tl.float32) + weight_offset
-    tl.store(Out + row * stride_out + cols, (normalised * weight).to(Out.dtype.element_ty), mask=ok)
+    if NORM_OUT:
+        tl.store(Out + row * stride_out + cols, _normalised(x.to(tl.float32), Weight, cols, ok, num_cols, eps,
+                                                            weight_offset, dtype, ROUND_BEFORE_WEIGHT), mask=ok)
 
 
 @on_device_of_first_input
@@ -48,23 +64,27 @@ def rms_norm_triton(x, weight, eps, *, weight_offset=0.0, round_before_weight=Tr
 
 
 @on_device_of_first_input
-def rms_norm_after_add(x, y, weight, eps, *, weight_offset=0.0, round_before_weight=True):
+def rms_norm_after_add(x, y, weight, eps, *, weight_offset=0.0, round_before_weight=True, y_weight=None,
+                       y_eps=None):
     """(x + y, its RMSNorm) for x, y [..., D] of one dtype (last dimensions contiguous), as torch's `s = x + y` and
-    the module's norm(s) compute them, in one launch."""
-    return _launch(x, y, weight, eps, weight_offset, round_before_weight)
+    the module's norm(s) compute them, in one launch. With y_weight (and y_eps), y is first normalised as a module of
+    the same rule would: (x + norm_y(y), its norm). With weight None, no norm follows: (x + ..., the same sum)."""
+    return _launch(x, y, weight, eps, weight_offset, round_before_weight, y_weight, y_eps)
 
 
-def _launch(x, y, weight, eps, weight_offset, round_before_weight):
+def _launch(x, y, weight, eps, weight_offset, round_before_weight, y_weight=None, y_eps=None):
     """(x + y or None, the norm) of the rows of x (and y)."""
     rows = x.reshape(-1, x.shape[-1])
-    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     y_rows = rows if y is None else y.reshape(rows.shape)
-    total = rows if y is None else torch.empty_like(out)
+    total = rows if y is None else torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    out = total if weight is None else torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     if rows.shape[0]:
         block = triton.next_power_of_2(rows.shape[1])
         _rms_norm_kernel[(rows.shape[0],)](
-            rows, y_rows, total, weight, out, rows.shape[1], float(eps), float(weight_offset), rows.stride(0),
-            y_rows.stride(0), total.stride(0), out.stride(0), ADD=y is not None,
-            ROUND_BEFORE_WEIGHT=round_before_weight, BLOCK=block, num_warps=min(16, max(1, block // 256)),
-            enable_fp_fusion=True)
-    return None if y is None else total.view(x.shape), out.view(x.shape)
+            rows, y_rows, total, rows if weight is None else weight, rows if y_weight is None else y_weight, out,
+            rows.shape[1], float(eps or 0.0), float(y_eps or 0.0), float(weight_offset), rows.stride(0),
+            y_rows.stride(0), total.stride(0), out.stride(0), ADD=y is not None, NORM_Y=y_weight is not None,
+            NORM_OUT=weight is not None, ROUND_BEFORE_WEIGHT=round_before_weight, BLOCK=block,
+            num_warps=min(16, max(1, block // 256)), enable_fp_fusion=True)
+    total = None if y is None else total.view(x.shape)
+    return total, total if weight is None else out.view(x.shape)

@@ -154,14 +154,16 @@ class PagedLlama:
         h = inner.embed_tokens(batch.input_ids)
         rotations = self._rotations(h, batch.positions)
         layout = self.layout
-        pending = None   # the last MLP's output, added to the residual stream h by the next norm's kernel
+        # the last MLP's output, added to the residual stream h by the next norm's kernel after the family's norm of
+        # it (pending_norm: the Gemmas' and OLMo's post-feedforward norm, else None)
+        pending = pending_norm = None
         for index, layer in enumerate(self.layers):
             attn, norms = layer.self_attn, self.norms[index]
             cos, sin = rotations[self.layer_types[index] if self.layer_types else None]
             if pending is None:
                 x = _norm(norms, layout.input_norm, h)
             else:
-                h, x = add_then_norm(norms.get(layout.input_norm), h, pending)
+                h, x = add_then_norm(norms.get(layout.input_norm), h, pending, pending_norm)
             q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
             if layout.qk_norm == "projection":
                 q, k = norms["self_attn.q_norm"](q), norms["self_attn.k_norm"](k)
@@ -172,16 +174,17 @@ class PagedLlama:
             # (OLMo 3 rotates a bf16 model in fp32), on their way into the pool
             o = self._attention(index, q, k, v, pool, batch, attn.scaling, (self.rotations[index], cos, sin))
             o = attn.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
-            h, x = add_then_norm(norms.get(layout.mlp_in_norm), h, _norm(norms, layout.attention_out_norm, o))
+            h, x = add_then_norm(norms.get(layout.mlp_in_norm), h, o, norms.get(layout.attention_out_norm))
             mlp = self.mlps[index]
             # the module on [1, T, H]: the sparse MoE blocks read [batch, sequence, hidden]
-            pending = _norm(norms, layout.mlp_out_norm, layer.mlp(x[None])[0] if mlp is None else mlp(x))
+            pending = layer.mlp(x[None])[0] if mlp is None else mlp(x)
+            pending_norm = norms.get(layout.mlp_out_norm)
         if select is None:
             return None, None
         if pending is None:
             hidden = self.final_norm(h[select])
         else:   # the last residual add at the selected tokens only
-            hidden = add_then_norm(self.final_norm, h[select], pending[select])[1]
+            hidden = add_then_norm(self.final_norm, h[select], pending[select], pending_norm)[1]
         at = hidden if logits_rows is None else hidden[logits_rows]
         head = self.model.lm_head
         weight = getattr(head, "weight", None)

@@ -1,7 +1,8 @@
 """The RMSNorms of a paged Llama-family forward: on the Triton backend each of the model's RMSNorm modules, with the
-residual add before it, is stood in for by one fused kernel (kernels/rms_norm.py), instead of the add's and the
-module's nine or so elementwise launches, twice or more per layer; elsewhere, and for any module the kernel cannot
-stand in for, torch's add and the module itself.
+residual add before it (and the norm of the sublayer's output before that, where the family has one), is stood in
+for by one fused kernel (kernels/rms_norm.py), instead of the add's and the modules' nine or so elementwise launches
+each, twice or more per layer; elsewhere, and for any module the kernel cannot stand in for, torch's add and the
+module itself.
 
 How a family's module applies its weight is the layout's `rms_norm` (layer_layouts): "rounded" (Llama: the
 normalised row rounded to the input's dtype, times the weight), "one plus" (Gemma: times 1 + weight in fp32) or
@@ -12,42 +13,45 @@ import torch
 
 from fastalign.runtime.module_hooks import runs_more_than_its_forward
 
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # what the kernel computes in fp32 and rounds to
 WEIGHT_RULES = {"rounded": dict(weight_offset=0.0, round_before_weight=True),
                 "one plus": dict(weight_offset=1.0, round_before_weight=False),
                 "fp32": dict(weight_offset=0.0, round_before_weight=False)}
 
 
 class FusedRMSNorm:
-    """A module's RMSNorm as one kernel (the residual add before it too, `after_add`); a call the kernel does not fit
-    (another width, dtype or device, a strided last dimension) goes to torch and the module."""
+    """A module's RMSNorm as one kernel (with the residual add and the norm before it too: add_then_norm); a call the
+    kernel does not fit (another width or device, a strided last dimension, float64) goes to the module."""
 
     def __init__(self, module, eps, rule):
-        from fastalign.kernels.rms_norm import rms_norm_after_add, rms_norm_triton
+        from fastalign.kernels.rms_norm import rms_norm_triton
         self.module, self.eps, self.rule = module, eps, WEIGHT_RULES[rule]
-        self._norm, self._after_add = rms_norm_triton, rms_norm_after_add
+        self._norm = rms_norm_triton
 
     def _fits(self, x):
         weight = self.module.weight
-        return x.shape[-1] == weight.shape[0] and x.device == weight.device and x.stride(-1) == 1
+        return (x.shape[-1] == weight.shape[0] and x.device == weight.device and x.stride(-1) == 1
+                and x.dtype in _KERNEL_DTYPES)
 
     def __call__(self, x):
         if not self._fits(x):
             return self.module(x)
         return self._norm(x, self.module.weight, self.eps, **self.rule)
 
-    def after_add(self, h, y):
-        """(h + y, its norm)."""
-        if not (self._fits(h) and self._fits(y) and h.shape == y.shape and h.dtype == y.dtype):
-            return add_then_norm(self.module, h, y)
-        return self._after_add(h, y, self.module.weight, self.eps, **self.rule)
 
-
-def add_then_norm(norm, h, y):
-    """(h + y, norm(h + y)): the residual stream after a sublayer's output y, and the next sublayer's input; norm is
-    a FusedRMSNorm (one kernel), a module, or None (no norm there: the input is the stream itself)."""
-    if isinstance(norm, FusedRMSNorm):
-        return norm.after_add(h, y)
-    total = h + y
+def add_then_norm(norm, h, y, y_norm=None):
+    """(h + y', norm(h + y')) with y' = y_norm(y), or y itself where y_norm is None: the residual stream after a
+    sublayer's output y (normalised first where the family normalises a sublayer's output: the Gemmas', OLMo's), and
+    the next sublayer's input (the stream itself where norm is None: OLMo's). norm and y_norm are FusedRMSNorm, all of
+    it one kernel where that fits, or modules, or None."""
+    norms = [n for n in (norm, y_norm) if n is not None]
+    if norms and all(isinstance(n, FusedRMSNorm) and n._fits(h) and n._fits(y) and n.rule == norms[0].rule
+                     for n in norms) and h.shape == y.shape and h.dtype == y.dtype:
+        from fastalign.kernels.rms_norm import rms_norm_after_add
+        weight, eps = (None, None) if norm is None else (norm.module.weight, norm.eps)
+        y_weight, y_eps = (None, None) if y_norm is None else (y_norm.module.weight, y_norm.eps)
+        return rms_norm_after_add(h, y, weight, eps, **norms[0].rule, y_weight=y_weight, y_eps=y_eps)
+    total = h + (y if y_norm is None else y_norm(y))
     return total, total if norm is None else norm(total)
 
 

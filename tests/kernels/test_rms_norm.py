@@ -1,7 +1,8 @@
 """kernels/rms_norm.py against Hugging Face's RMSNorm modules, which it stands for in the paged forward: Llama's
 (the normalised row rounded before its weight), Gemma's (times 1 + weight in fp32) and OLMo 2's (times the weight in
 fp32), at odd widths, one row, no row, 3-D inputs and strided rows; with the residual added first (against torch's
-add, to the bit, then the module). 16-bit outputs may differ from the module's by a
+add, to the bit, then the module), and with the residual itself normalised before that (the Gemmas' and OLMo's
+post-sublayer norms). 16-bit outputs may differ from the module's by a
 unit in the last place (the sum of squares is reduced in another order), and in few entries: rounding the weight's
 product the other family's way moves a third of them."""
 import pytest
@@ -55,6 +56,25 @@ def test_after_add_equals_torch_add_then_the_module(rule, dtype, shape):
         assert_as_module(out, module(h + y))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rule", list(WEIGHT_RULES))
+@pytest.mark.parametrize("then_norm", [True, False])
+def test_the_sublayer_output_normalised_before_the_add(rule, dtype, then_norm):
+    """The Gemmas' (and OLMo's) post-sublayer norm of y before the add, then the next norm (none for OLMo, whose
+    sublayers read the stream itself), against the modules and torch's add."""
+    module, h = module_and_input(rule, (7, 3, 40), dtype)
+    y_module, y = module_and_input(rule, (7, 3, 40), dtype, seed=1)
+    with torch.no_grad():
+        total, out = rms_norm_after_add(h, y, module.weight if then_norm else None, 1e-5, **WEIGHT_RULES[rule],
+                                        y_weight=y_module.weight, y_eps=1e-5)
+        ref_total = h + y_module(y)
+        assert_as_module(total, ref_total)
+        if then_norm:
+            assert_as_module(out, module(total))
+        else:
+            assert out is total
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_other_rounding_is_told_apart(dtype):
     """Rounding after the weight where Llama's module rounds before it fails the comparison: the test can fail."""
@@ -82,12 +102,15 @@ for dtype in ("bf16", "fp16", "fp32"):
     x = "*" + dtype
     for block in (64, 2048, 8192):   # a head's width (Qwen3's q_norm), a 1B model's, a 70B model's
         for round_before_weight in (False, True):
-            for add in (False, True):
+            # a norm; the residual add before it; also the sublayer output's norm before that; that without the norm
+            for add, norm_y, norm_out in ((False, False, True), (True, False, True), (True, True, True),
+                                          (True, True, False)):
                 compiled = build_for_gpu(
-                    _rms_norm_kernel, dict(X=x, Y=x, Sum=x, Weight=x, Out=x, eps="fp32", weight_offset="fp32"),
-                    dict(ADD=add, ROUND_BEFORE_WEIGHT=round_before_weight, BLOCK=block), min(16, max(1, block // 256)),
-                    1)
-                what = ("rms_norm", dtype, block, round_before_weight, add)
+                    _rms_norm_kernel, dict(X=x, Y=x, Sum=x, Weight=x, YWeight=x, Out=x, eps="fp32", y_eps="fp32",
+                                           weight_offset="fp32"),
+                    dict(ADD=add, NORM_Y=norm_y, NORM_OUT=norm_out, ROUND_BEFORE_WEIGHT=round_before_weight,
+                         BLOCK=block), min(16, max(1, block // 256)), 1)
+                what = ("rms_norm", dtype, block, round_before_weight, add, norm_y, norm_out)
                 check_build(compiled, what, tuned=False)
                 assert stack_bytes(compiled) == 0, (what, "spills registers")
 """

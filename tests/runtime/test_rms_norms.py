@@ -28,7 +28,7 @@ def test_every_norm_is_fused_and_rounds_as_its_module(name):
         for norm in norms:
             x, y = (3 * torch.randn(2, 9, norm.module.weight.shape[0])).to(TRITON_DEVICE, torch.bfloat16)
             assert_as_module(norm(x), norm.module(x))
-            total, out = norm.after_add(x, y)
+            total, out = add_then_norm(norm, x, y)
             assert torch.equal(total, x + y)
             assert_as_module(out, norm.module(x + y))
 
@@ -64,7 +64,7 @@ def test_calls_the_kernel_does_not_fit_go_to_the_module():
     with torch.no_grad():
         assert torch.equal(fused(x), norm(x))
         y = torch.randn(6, 48, dtype=torch.float64)
-        total, out = fused.after_add(x, y)
+        total, out = add_then_norm(fused, x, y)
         assert total.dtype == torch.float64 and torch.equal(out, norm(x + y))
 
 
@@ -89,3 +89,26 @@ def test_head_norms_run_inside_the_rotation_kernel(monkeypatch, name):
     head_norms = {id(layer.self_attn.q_norm) for layer in model.model.layers} | {
         id(layer.self_attn.k_norm) for layer in model.model.layers}
     assert called and not any(id(module) in head_norms for module in called)
+
+
+@pytest.mark.parametrize("name", ["gemma2-sliding-softcaps", "gemma3-sliding-softcap", "olmo2-post-norms",
+                                  "olmo3-sliding-tied"])
+def test_sublayer_output_norms_join_the_kernel_of_the_add_after_them(monkeypatch, name):
+    """The Gemmas' and OLMo's norms of a sublayer's output run in the kernel of the residual add after them, with the
+    next sublayer's norm where the family has one (OLMo's read the stream itself), as the modules compute them (in
+    bf16); no norm is called on its own."""
+    model = tiny_model(name, dtype=torch.bfloat16, device=TRITON_DEVICE)
+    paged = PagedLlama(model, "triton", torch.device(TRITON_DEVICE))
+    layout, width = paged.layout, model.config.hidden_size
+    monkeypatch.setattr(FusedRMSNorm, "__call__", lambda self, x: pytest.fail("a norm ran on its own"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for norms in paged.norms:
+            for then, before in ((layout.mlp_in_norm, layout.attention_out_norm),
+                                 (layout.input_norm, layout.mlp_out_norm)):
+                h, y = (3 * torch.randn(2, 9, width)).to(TRITON_DEVICE, torch.bfloat16)
+                then_norm, y_norm = norms.get(then), norms[before]
+                total, out = add_then_norm(then_norm, h, y, y_norm)
+                ref_total = h + y_norm.module(y)
+                assert_as_module(total, ref_total)
+                assert_as_module(out, ref_total if then_norm is None else then_norm.module(total))
