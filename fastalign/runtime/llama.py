@@ -12,7 +12,7 @@ cascade too, each query reading the shared keys in its window), and Gemma 2's at
 eager attention caps them, as are the Gemmas' logits (final_logit_softcapping). The index metadata comes from the span
 tree's forward plan, so the ops' checks of its contents (a device sync on CUDA, ~0.2 ms per layer on the CPU) are
 skipped (pool_attention). On the Triton backend, fused kernels that round as the modules do stand in for the RMSNorms
-(each with the residual add before it), the rotation of q and k (with Qwen3's and Gemma 3's head norms before it,
+(each with the residual add before it), the rotation of q and k (with Qwen3's, Gemma 3's and OLMo's q/k norms before it,
 and the store of K and V after it), and a dense MLP's activation and product (rms_norms, rotary, gated_mlps): a
 forward bound by launches makes fewer.
 """
@@ -134,9 +134,9 @@ class PagedLlama:
                       for layer in self.layers]
         self.final_norm = fused_rms_norm(model.model.norm, rule, self.dtype)
         rotate = qk_rotation(self.backend)
-        # each layer's rotation, with its q and k head norms before it where the family has them (one kernel)
+        # each layer's rotation, with its q and k norms before it where the family has them (one kernel)
         self.rotations = [functools.partial(rotate, head_norms=(norms["self_attn.q_norm"], norms["self_attn.k_norm"]))
-                          if layout.qk_norm == "head" else rotate for norms in self.norms]
+                          if layout.qk_norm else rotate for norms in self.norms]
         self.mlps = [fused_gated_mlp(layer.mlp, self.backend) for layer in self.layers]   # None: the module
 
     def forward(self, batch, pool, select, want_logits, want_hidden, logits_rows=None):
@@ -165,13 +165,11 @@ class PagedLlama:
             else:
                 h, x = add_then_norm(norms.get(layout.input_norm), h, pending, pending_norm)
             q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-            if layout.qk_norm == "projection":
-                q, k = norms["self_attn.q_norm"](q), norms["self_attn.k_norm"](k)
             q = q.view(num_tokens, self.num_heads, self.head_dim)
             k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
             v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-            # normalised per head (qk_norm "head"), rotated in the rotation's dtype, rounded back to the projections'
-            # (OLMo 3 rotates a bf16 model in fp32), on their way into the pool
+            # normalised where the family normalises them (qk_norm), rotated in the rotation's dtype, rounded back to
+            # the projections' (OLMo 3 rotates a bf16 model in fp32), on their way into the pool
             o = self._attention(index, q, k, v, pool, batch, attn.scaling, (self.rotations[index], cos, sin))
             o = attn.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
             h, x = add_then_norm(norms.get(layout.mlp_in_norm), h, o, norms.get(layout.attention_out_norm))

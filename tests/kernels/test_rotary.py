@@ -2,8 +2,8 @@
 x * cos + rotate_half(x) * sin in the promoted dtype, rounded to x's): equal to the bit in every dtype, with cos and
 sin in q's dtype (three rounded 16-bit ops) or in fp32 (OLMo 3's: one rounding), at odd head counts and widths, one
 token and none; q and k are rotated in place, and with a store the rotated keys and the values land in the slots of
-a paged cache as write_kv puts them; with head norms, each head is first normalised as Qwen3's and Gemma 3's q_norm
-and k_norm modules normalise it."""
+a paged cache as write_kv puts them; with head norms, q and k are first normalised as Qwen3's, Gemma 3's (per head)
+and OLMo's (over all the heads) q_norm and k_norm modules normalise them."""
 import pytest
 import torch
 
@@ -53,21 +53,24 @@ def test_store_writes_the_rotated_keys_and_the_values_to_their_slots(tokens, q_h
     assert pool.isnan().sum() == pool.numel() - 2 * tokens * kv_heads * head_dim
 
 
-def head_norm_modules(rule, head_dim, dtype):
-    """A q_norm and a k_norm of the family whose RMSNorms apply their weight by `rule`, with their kernel arguments."""
-    modules = [module_and_input(rule, (1, head_dim), dtype, seed=seed)[0] for seed in (1, 2)]
+def head_norm_modules(rule, widths, dtype, over_heads=False):
+    """A q_norm and a k_norm of the family whose RMSNorms apply their weight by `rule`, of the given widths, with
+    their kernel arguments."""
+    modules = [module_and_input(rule, (1, width), dtype, seed=seed)[0] for seed, width in zip((1, 2), widths)]
     return modules, dict(q_weight=modules[0].weight, k_weight=modules[1].weight, q_eps=1e-5, k_eps=1e-5,
-                         **WEIGHT_RULES[rule])
+                         **WEIGHT_RULES[rule], over_heads=over_heads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rule", ["rounded", "one plus"])   # Qwen3's, Gemma 3's
+@pytest.mark.parametrize("rule, over_heads", [("rounded", False), ("one plus", False), ("fp32", True)])
 @pytest.mark.parametrize("tokens, q_heads, kv_heads, head_dim", [(5, 4, 2, 16), (2, 3, 1, 80)])
-def test_head_norms_before_the_rotation_as_the_modules(tokens, q_heads, kv_heads, head_dim, rule, dtype):
-    """Each head normalised as the family's q_norm and k_norm modules normalise it (16-bit values within a unit in
-    the last place, as kernels/rms_norm.py's), then rotated."""
+def test_head_norms_before_the_rotation_as_the_modules(tokens, q_heads, kv_heads, head_dim, rule, over_heads, dtype):
+    """q and k normalised as the family's q_norm and k_norm modules normalise them (Qwen3's and Gemma 3's over each
+    head, OLMo's over all the heads of a token; 16-bit values within a unit in the last place, as
+    kernels/rms_norm.py's), then rotated."""
     q, k, cos, sin = inputs(tokens, q_heads, kv_heads, head_dim, dtype, dtype)
-    modules, arguments = head_norm_modules(rule, head_dim, dtype)
+    widths = (q_heads * head_dim, kv_heads * head_dim) if over_heads else (head_dim, head_dim)
+    modules, arguments = head_norm_modules(rule, widths, dtype, over_heads)
     with torch.no_grad():
         ref_q, ref_k = rotate_qk_torch(q, k, cos, sin, head_norms=modules)
         out_q, out_k = rotate_qk_triton(q, k, cos[:, 0], sin[:, 0], head_norms=arguments)
@@ -77,7 +80,7 @@ def test_head_norms_before_the_rotation_as_the_modules(tokens, q_heads, kv_heads
 
 def test_the_other_head_norm_rule_is_told_apart():
     q, k, cos, sin = inputs(5, 4, 2, 16, torch.bfloat16, torch.bfloat16)
-    modules, arguments = head_norm_modules("rounded", 16, torch.bfloat16)
+    modules, arguments = head_norm_modules("rounded", (16, 16), torch.bfloat16)
     with torch.no_grad():
         ref_q, _ = rotate_qk_torch(q, k, cos, sin, head_norms=modules)
         out_q, _ = rotate_qk_triton(q, k, cos[:, 0], sin[:, 0], head_norms=dict(arguments, **WEIGHT_RULES["fp32"]))
@@ -112,19 +115,21 @@ from fastalign.kernels.rotary import _rotary_kernel, rotary_warps
 from tests.kernels.gpu_build import build_for_gpu, check_build, stack_bytes
 
 for dtype, cos in (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")):
-    # 1B, 8B, 70B, Gemma 3's wide heads; rotating only, storing K and V in the cache too, and normalising the heads
-    # first as well (Qwen3's and Gemma 3's rules)
-    for (half, q_heads, kv_heads), (store, norm, rounded) in itertools.product(
+    # 1B, 8B, 70B, Gemma 3's wide heads; rotating only, storing K and V in the cache too, and normalising q and k
+    # first as well (Qwen3's and Gemma 3's rules, per head; OLMo's, over the heads)
+    for (half, q_heads, kv_heads), (store, norm, rounded, over_heads) in itertools.product(
             ((32, 32, 8), (64, 32, 8), (64, 64, 8), (128, 16, 8)),
-            ((False, False, False), (True, False, False), (True, True, True), (True, True, False))):
+            ((False, False, False, False), (True, False, False, False), (True, True, True, False),
+             (True, True, False, False), (True, True, False, True))):
         pointers = dict(Q=dtype, K=dtype, V=dtype, Cos=cos, Sin=cos, KCache=dtype, VCache=dtype, Slots="i64",
                         QWeight=dtype, KWeight=dtype)
         types = {name: "*" + kind for name, kind in pointers.items()}
         compiled = build_for_gpu(_rotary_kernel, dict(types, q_eps="fp32", k_eps="fp32", weight_offset="fp32"),
                                  dict(HALF=half, BLOCK_QH=q_heads, BLOCK_KH=kv_heads, BLOCK_HALF=half,
-                                      ROUND_EACH_OP=dtype == cos, STORE=store, NORM=norm, ROUND_BEFORE_WEIGHT=rounded),
+                                      ROUND_EACH_OP=dtype == cos, STORE=store, NORM=norm, ROUND_BEFORE_WEIGHT=rounded,
+                                      OVER_HEADS=over_heads),
                                  rotary_warps(q_heads, half), 1)
-        what = ("rotary", dtype, cos, half, q_heads, kv_heads, store, norm, rounded)
+        what = ("rotary", dtype, cos, half, q_heads, kv_heads, store, norm, rounded, over_heads)
         check_build(compiled, what, tuned=False)
         assert stack_bytes(compiled) == 0, (what, "spills registers")
 """

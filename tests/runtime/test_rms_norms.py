@@ -5,6 +5,7 @@ kernel cannot stand for it."""
 import pytest
 import torch
 
+from fastalign import TreeRunner
 from fastalign.runtime.llama import PagedLlama
 from fastalign.runtime.rms_norms import FusedRMSNorm, add_then_norm, fused_rms_norm
 from tests.conftest import TRITON_DEVICE
@@ -75,20 +76,25 @@ def test_add_then_norm_without_a_norm_gives_the_stream_itself():
     assert torch.equal(total, h + y) and x is total
 
 
-@pytest.mark.parametrize("name", ["qwen3-head-dim-untied", "gemma3-sliding-softcap"])
+@pytest.mark.parametrize("name", ["qwen3-head-dim-untied", "gemma3-sliding-softcap", "olmo2-post-norms",
+                                  "olmo3-sliding-tied"])
 def test_head_norms_run_inside_the_rotation_kernel(monkeypatch, name):
-    """Qwen3's and Gemma 3's q_norm and k_norm launch no kernel of their own on the Triton backend: the rotation's
-    kernel normalises the heads (the layer's other norms still run as fused norms)."""
-    from fastalign import TreeRunner
+    """Qwen3's, Gemma 3's (per head) and OLMo's (over the projection) q_norm and k_norm launch no kernel of their own
+    on the Triton backend: the rotation's kernel normalises q and k. A norm run on its own is a FusedRMSNorm call
+    (in the rotation's fallback too), which the test records, as a direct call shows."""
     model = tiny_model(name, device=TRITON_DEVICE)
+    paged = PagedLlama(model, "triton", torch.device(TRITON_DEVICE))
     runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="triton")
     called = []
     original = FusedRMSNorm.__call__
     monkeypatch.setattr(FusedRMSNorm, "__call__", lambda self, x: called.append(self.module) or original(self, x))
     runner.extend([None], [[1, 2, 3]])
-    head_norms = {id(layer.self_attn.q_norm) for layer in model.model.layers} | {
-        id(layer.self_attn.k_norm) for layer in model.model.layers}
-    assert called and not any(id(module) in head_norms for module in called)
+    head_norms = [layer.self_attn.q_norm for layer in model.model.layers] + [
+        layer.self_attn.k_norm for layer in model.model.layers]
+    assert not any(module is norm for module in called for norm in head_norms), called
+    q_norm = paged.norms[0]["self_attn.q_norm"]
+    q_norm(torch.randn(2, q_norm.module.weight.shape[0], device=TRITON_DEVICE))
+    assert called[-1] is head_norms[0]
 
 
 @pytest.mark.parametrize("name", ["gemma2-sliding-softcaps", "gemma3-sliding-softcap", "olmo2-post-norms",
