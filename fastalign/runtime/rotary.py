@@ -40,10 +40,12 @@ def qk_rotation(backend):
     from fastalign.kernels.rotary import rotate_qk_triton
 
     def rotate(q, k, cos, sin, store=None, head_norms=None):
-        norms = None if head_norms is None else _kernel_norms(q, k, *head_norms)
-        if norms is None and head_norms is not None:
+        takes = _kernel_takes(q, k, cos, sin, store)
+        norms = _kernel_norms(q, k, *head_norms) if takes and head_norms is not None else None
+        if head_norms is not None and norms is None:   # the norms as they are, then the rotation
             q, k = _normed(head_norms[0], q), _normed(head_norms[1], k)
-        if not _kernel_takes(q, k, cos, sin, store):
+            takes = _kernel_takes(q, k, cos, sin, store)
+        if not takes:
             return rotate_qk_torch(q, k, cos, sin, store)
         return rotate_qk_triton(q, k, cos[:, 0], sin[:, 0], store, norms)
     return rotate

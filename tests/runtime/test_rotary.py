@@ -79,3 +79,24 @@ def test_head_norms_run_in_the_kernel_when_both_are_fused_and_as_called_otherwis
     for a, b in zip(out, ref):
         assert_as_module(a, b)
     assert all(torch.equal(a, b) for a, b in zip(mixed, ref))
+
+
+def test_head_norms_still_apply_where_the_kernel_does_not_rotate():
+    """Fused head norms with heads the kernel cannot rotate (an odd head_dim): the norms run as they are, then the
+    torch rotation, as rotate_qk_torch computes with the modules."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from fastalign.runtime.rms_norms import FusedRMSNorm
+    from tests.kernels.test_rms_norm import assert_as_module
+    torch.manual_seed(0)
+    q, k = (torch.randn(3, heads, 7).to(TRITON_DEVICE, torch.bfloat16) for heads in (4, 2))
+    cos, sin = (torch.randn(3, 1, 7).to(TRITON_DEVICE, torch.bfloat16) for _ in range(2))
+    modules = [Qwen3RMSNorm(7, eps=1e-6).to(TRITON_DEVICE, torch.bfloat16) for _ in range(2)]
+    for module in modules:
+        torch.nn.init.normal_(module.weight, 1.0, 0.5)
+    fused = [FusedRMSNorm(module, 1e-6, "rounded") for module in modules]
+    with torch.no_grad():
+        ref = rotate_qk_torch(q, k, cos, sin, head_norms=modules)
+        out = qk_rotation("triton")(q, k, cos, sin, head_norms=fused)
+    for a, b in zip(out, ref):
+        assert_as_module(a, b)
