@@ -24,9 +24,9 @@ class FusedRMSNorm:
     kernel does not fit (another width or device, a strided last dimension, float64) goes to the module."""
 
     def __init__(self, module, eps, rule):
-        from fastalign.kernels.rms_norm import rms_norm_triton
+        from fastalign.kernels.rms_norm import rms_norm_after_add, rms_norm_triton
         self.module, self.eps, self.rule = module, eps, WEIGHT_RULES[rule]
-        self._norm = rms_norm_triton
+        self._norm, self._after_add = rms_norm_triton, rms_norm_after_add
 
     def _fits(self, x):
         weight = self.module.weight
@@ -47,10 +47,9 @@ def add_then_norm(norm, h, y, y_norm=None):
     norms = [n for n in (norm, y_norm) if n is not None]
     if norms and all(isinstance(n, FusedRMSNorm) and n._fits(h) and n._fits(y) and n.rule == norms[0].rule
                      for n in norms) and h.shape == y.shape and h.dtype == y.dtype:
-        from fastalign.kernels.rms_norm import rms_norm_after_add
         weight, eps = (None, None) if norm is None else (norm.module.weight, norm.eps)
         y_weight, y_eps = (None, None) if y_norm is None else (y_norm.module.weight, y_norm.eps)
-        return rms_norm_after_add(h, y, weight, eps, **norms[0].rule, y_weight=y_weight, y_eps=y_eps)
+        return norms[0]._after_add(h, y, weight, eps, **norms[0].rule, y_weight=y_weight, y_eps=y_eps)
     total = h + (y if y_norm is None else y_norm(y))
     return total, total if norm is None else norm(total)
 
