@@ -18,7 +18,9 @@ on the same batch (2 harmful prompts, K=5 mismatch answers each, 2 normal exampl
 - fastalign, AdamW in backward: fastalign with each weight stepped as the backward completes its gradient
                       (optimizer_in_backward: the model's gradients never all exist at once);
 - fastalign, grads in forward: fastalign with the fused losses' gradients taken in their forward pass
-                      (grads_in_forward: one product with the lm_head fewer).
+                      (grads_in_forward: one product with the lm_head fewer);
+- fastalign, unfused layers: fastalign without fused_layers (the model's own MLP modules, which keep act(gate)
+                      and the product for the backward).
 Each row also gives the rows x width of its policy forwards (`grid`, padding included) and their positions (`slots`).
 `--preset 8b` instead runs the 8B-class model the ways that fit one GPU: LoRA with the adapter-disabled
 reference, and full weights with the cached reference, also with AdamW in the backward (gradient checkpointing on);
@@ -31,7 +33,9 @@ computes its own objective); peak memory =
 torch.cuda.max_memory_allocated over the steps (model, optimizer state, activations: everything), CUDA only;
 step extra = the peak of one more step beyond what is allocated between steps (model, reference, optimizer
 state): the working memory of the step itself (activations, logits, loss buffers), which is what fusing the
-losses changes; with weights and AdamW state in the total, a small batch's logits are a small part of it.
+losses changes; with weights and AdamW state in the total, a small batch's logits are a small part of it;
+held = what autograd keeps for the backward of one more step (each storage once, what existed before it aside), on
+any device: the activations that packing and recomputing the MLPs' products cut.
 
     python bench/bench_unlearn.py                  # Llama-3.2-1B shape, bf16, CUDA
     python bench/bench_unlearn.py --preset 8b      # Llama-3-8B shape, bf16, CUDA
@@ -39,6 +43,7 @@ losses changes; with weights and AdamW state in the total, a small batch's logit
     python bench/bench_unlearn.py --preset cpu --max-length 512   # fp32 on a CPU, a model whose matmuls dominate
 """
 import argparse
+import contextlib
 import copy
 import functools
 import gc
@@ -59,6 +64,7 @@ from fastalign.unlearn.batching import collate  # noqa: E402
 from fastalign.unlearn.encoding import EncodedExample  # noqa: E402
 from fastalign.unlearn.models import enable_activation_checkpointing  # noqa: E402
 from fastalign.unlearn.objective import LossWeights, UnlearningObjective  # noqa: E402
+from fastalign.unlearn.layer_stand_ins import fused_layers  # noqa: E402
 from fastalign.unlearn.reference import (AdapterDisabledReference, CachedReference,  # noqa: E402
                                          FrozenCopyReference)
 from fastalign.unlearn.streams import UnlearningStreams  # noqa: E402
@@ -133,13 +139,17 @@ def optimizer_step(model, in_backward=False):
 
 # ---- the ways: each returns a no-argument function that performs one full step and returns its loss ----
 
-def fastalign_step(model, batch, normal, args, reference, packing="auto", in_backward=False, grads_in_forward=False):
+def fastalign_step(model, batch, normal, args, reference, packing="auto", in_backward=False, grads_in_forward=False,
+                   fuse_layers=True):
     objective = UnlearningObjective(model, WEIGHTS, reference, packing=packing, grads_in_forward=grads_in_forward)
     finish = optimizer_step(model, in_backward)
+    # as the trainer runs its steps (its config's fused_layers, on by default)
+    layers = functools.partial(fused_layers, model) if fuse_layers else contextlib.nullcontext
 
     def step():
-        loss = objective(batch).total
-        loss.backward()
+        with layers():
+            loss = objective(batch).total
+            loss.backward()
         finish()
         return loss.detach()
     packed = objective.packer.plan(batch.tokens)
@@ -259,7 +269,8 @@ COMPARE = [("fastalign", fastalign_frozen_copy), ("unfused baseline", unfused_ba
            ("unfused, answer rows only", unfused_sliced),
            ("fastalign, padded rows", functools.partial(fastalign_frozen_copy, packing="off")),
            ("fastalign, AdamW in backward", functools.partial(fastalign_frozen_copy, in_backward=True)),
-           ("fastalign, grads in forward", functools.partial(fastalign_frozen_copy, grads_in_forward=True))]
+           ("fastalign, grads in forward", functools.partial(fastalign_frozen_copy, grads_in_forward=True)),
+           ("fastalign, unfused layers", functools.partial(fastalign_frozen_copy, fuse_layers=False))]
 # (the issue's four ways first: a run cut short keeps them)
 ON_ONE_GPU_8B = [("fastalign LoRA", fastalign_lora), ("fastalign full + cached", fastalign_cached),
                  ("fastalign full + cached, AdamW in backward", functools.partial(fastalign_cached, in_backward=True))]
@@ -324,6 +335,7 @@ def measure(name, build, batch, normal, args, device, dtype):
         ms = harness.median_ms(step, device, warmup=1, reps=args.reps)
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
         extra = harness.peak_extra_mib(step, device)
+        held = harness.held_for_backward_mib(step)
         profile = harness.profile_top(step, device) if args.profile else None
     except Exception as err:
         return harness.failure_row(name, err)
@@ -332,7 +344,8 @@ def measure(name, build, batch, normal, args, device, dtype):
         gc.collect()
     return {"method": name, "grid": grid and "{} x {}".format(*grid), "slots": grid and grid[0] * grid[1],
             "first_step_loss": loss, "step_ms": ms, "peak_gib": peak,
-            "step_extra_gib": None if extra is None else extra / 2 ** 10, "grad_norms": grad_norms,
+            "step_extra_gib": None if extra is None else extra / 2 ** 10, "held_mib": held,
+            "grad_norms": grad_norms,
             **({"profile": profile} if profile else {})}
 
 
@@ -357,6 +370,7 @@ def add_ratios(rows):
                 continue
             base = by_name[baseline]
             r[f"speedup_vs_{key}"] = base["step_ms"] / r["step_ms"]
+            r[f"held_vs_{key}"] = r["held_mib"] / base["held_mib"]
             if r["peak_gib"] is not None:
                 r[f"memory_vs_{key}"] = r["peak_gib"] / base["peak_gib"]
                 r[f"extra_memory_vs_{key}"] = r["step_extra_gib"] / base["step_extra_gib"]
@@ -369,6 +383,7 @@ COLUMNS = [("method", "method", "{}"), ("grid", "grid", "{}"), ("slots", "slots"
            ("peak_gib", "peak GiB", "{:.2f}"),
            ("speedup_vs_reference", "x vs reference", "{:.1f}"), ("speedup_vs_unfused", "x vs unfused", "{:.2f}"),
            ("memory_vs_unfused", "mem / unfused", "{:.2f}"), ("step_extra_gib", "step extra GiB", "{:.2f}"),
+           ("held_mib", "held MiB", "{:.1f}"), ("held_vs_unfused", "held / unfused", "{:.2f}"),
            ("extra_memory_vs_unfused", "extra / unfused", "{:.2f}"), ("speedup_vs_sliced", "x vs sliced", "{:.2f}"),
            ("extra_memory_vs_sliced", "extra / sliced", "{:.2f}"), ("error", "error", "{}")]
 

@@ -4,6 +4,7 @@ Every bench/ script measures its candidates in one run, prints a table and write
 bench/results/<name>-<device>-<commit>.json, so that each claim in the README or an issue note traces back
 to a committed measurement on a named device.
 """
+import gc
 import hashlib
 import json
 import os
@@ -112,6 +113,33 @@ def peak_extra_mib(fn, device):
     fn()
     synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+
+
+def _storage_address(t):
+    """Where `t`'s storage lies, or None for a tensor without one (a fake, sparse or meta tensor of another test)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def held_for_backward_mib(fn):
+    """MiB of the storages of tensors that autograd keeps for the backward while one fn() call runs, each counted
+    once, those that existed before the call aside (parameters, optimizer state, a cached reference, the batch): the
+    activation memory of a training step, which fusing changes, counted the same way on any device, a CPU too."""
+    gc.collect()
+    # the type, not isinstance: that would read __class__ of every object, some of which warn or fail
+    before = {_storage_address(o) for o in gc.get_objects() if issubclass(type(o), torch.Tensor)}
+    held = {}
+
+    def pack(t):
+        address = _storage_address(t)
+        if address is not None and address not in before:
+            held[address] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(held.values()) / 2 ** 20
 
 
 PROFILE_COLUMNS = [("op", "operator / kernel", "{}"), ("calls", "calls", "{}"), ("self_ms", "self ms", "{:.2f}"),

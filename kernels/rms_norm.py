@@ -15,6 +15,14 @@ torch's `h + y` does, stores it (the layer's new residual stream) and normalises
 layer's norms costs no launch of its own. Where a family also normalises the sublayer's output before adding it
 (the Gemmas' and OLMo's post-sublayer norms: `y_weight`), that norm runs in the same program first, and where no norm
 follows the add (OLMo's layers, which read the stream itself: weight None), the sum is the second output too.
+
+`backward` serves training (fastalign.ops.rms_norm, which saves the input row and not the fp32 copies and normalised
+rows that the module's autograd keeps): a program takes a run of rows, recomputes each row's norm from it, writes its
+gradient and sums the weight's gradient over its rows, rounding where the module's autograd rounds (the gradient of a
+"rounded" normalised row is the 16-bit product of the output's gradient and the weight).
+
+Launcher contract of `forward` and `backward` (fastalign.ops.backend): x [..., D] with its last dimension
+contiguous, weight [D].
 """
 import torch
 import triton
@@ -58,7 +66,7 @@ def _rms_norm_kernel(X, Y, Sum, Weight, YWeight, Out, num_cols, eps, y_eps, weig
 
 
 @on_device_of_first_input
-def rms_norm_triton(x, weight, eps, *, weight_offset=0.0, round_before_weight=True):
+def forward(x, weight, eps, *, weight_offset=0.0, round_before_weight=True):
     """RMSNorm of x [..., D] (last dimension contiguous) with weight [D]; the output has x's shape and dtype."""
     return _launch(x, None, weight, eps, weight_offset, round_before_weight)[1]
 
@@ -88,3 +96,67 @@ def _launch(x, y, weight, eps, weight_offset, round_before_weight, y_weight=None
             num_warps=min(16, max(1, block // 256)), enable_fp_fusion=True)
     total = None if y is None else total.view(x.shape)
     return total, total if weight is None else out.view(x.shape)
+
+
+@triton.jit(do_not_specialize=["num_rows", "num_cols", "rows_per_program"])
+def _rms_norm_backward_kernel(X, Weight, GradOut, GradX, GradWeightPartial, num_rows, num_cols, rows_per_program, eps,
+                              weight_offset, ROUND_BEFORE_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    """For the rows [program * rows_per_program, ...) of contiguous [num_rows, num_cols] tensors: grad_x of
+    out = normalised x times (weight + weight_offset) given grad_out, and in GradWeightPartial[program] (fp32) the sum
+    over those rows of the weight's gradient."""
+    program = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < num_cols
+    weight = tl.load(Weight + cols, mask=ok, other=0.0).to(tl.float32) + weight_offset
+    grad_weight = tl.zeros((BLOCK,), dtype=tl.float32)
+    first = program * rows_per_program
+    for i in range(0, tl.minimum(rows_per_program, num_rows - first)):
+        at = (first + i).to(tl.int64) * num_cols + cols
+        x = tl.load(X + at, mask=ok, other=0.0)
+        dtype = x.dtype
+        x = x.to(tl.float32)
+        grad_out = tl.load(GradOut + at, mask=ok, other=0.0).to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(x * x, 0) / num_cols + eps)
+        normalised = x * rstd
+        if ROUND_BEFORE_WEIGHT:   # out = weight * round(normalised), a product in the dtype
+            grad_weight += grad_out * normalised.to(dtype).to(tl.float32)
+            grad_normalised = (grad_out * weight).to(dtype).to(tl.float32)
+        else:
+            grad_weight += grad_out * normalised
+            grad_normalised = grad_out * weight
+        # d/dx of x * rsqrt(mean(x^2) + eps): rstd (g - normalised * mean(g * normalised))
+        grad_x = rstd * (grad_normalised - normalised * (tl.sum(grad_normalised * normalised, 0) / num_cols))
+        tl.store(GradX + at, grad_x.to(dtype), mask=ok)
+    tl.store(GradWeightPartial + program * num_cols + cols, grad_weight, mask=ok)
+
+
+def backward_num_warps(block):
+    """Warps of a backward program for rows of `block` values: up to 32, so that a 70B model's 8192 values leave
+    every array of the program in registers (16 warps spill fp32 rows there)."""
+    return min(32, max(1, block // 256))
+
+
+def _num_programs(device, num_rows):
+    """Programs of the backward: two per SM on a GPU (each sums the weight's gradient over its rows), a few on the
+    interpreter."""
+    slots = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(num_rows, slots))
+
+
+@on_device_of_first_input
+def backward(x, weight, grad_out, eps, *, weight_offset=0.0, round_before_weight=True):
+    """(grad_x in x's dtype and shape, grad_weight in weight's dtype) of forward(x, weight, eps, ...) given grad_out
+    (x's shape)."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    grad_rows = grad_out.reshape(rows.shape).to(x.dtype).contiguous()
+    grad_x = torch.empty_like(rows)
+    num_rows, num_cols = rows.shape
+    programs = _num_programs(x.device, num_rows)
+    partial = torch.zeros((programs, num_cols), dtype=torch.float32, device=x.device)
+    if num_rows:
+        block = triton.next_power_of_2(num_cols)
+        _rms_norm_backward_kernel[(programs,)](
+            rows, weight, grad_rows, grad_x, partial, num_rows, num_cols, triton.cdiv(num_rows, programs),
+            float(eps), float(weight_offset), ROUND_BEFORE_WEIGHT=round_before_weight, BLOCK=block,
+            num_warps=backward_num_warps(block), enable_fp_fusion=True)
+    return grad_x.view(x.shape), partial.sum(0).to(weight.dtype)

@@ -122,7 +122,7 @@ def rotate_qk_triton(q, k, cos, sin, store=None, head_norms=None):
     D even); returns (q, k). With store = (v, k_cache, v_cache, slot_mapping), also writes the rotated k and v
     [T, kv_heads, D] to the slots of the paged caches [num_blocks, block_size, kv_heads, D] (of one layout, their
     blocks and slots one dimension), as write_kv does. With head_norms = dict(q_weight, k_weight [D], q_eps, k_eps,
-    weight_offset, round_before_weight, over_heads), each head of q and k is first RMSNorm-ed as rms_norm_triton
+    weight_offset, round_before_weight, over_heads), each head of q and k is first RMSNorm-ed as rms_norm.forward
     would; with over_heads, all of a token's q heads (k heads) at once, by weights [heads * D]."""
     num_tokens, num_q_heads, head_dim = q.shape
     v, k_cache, v_cache, slots = store if store is not None else (k, k, k, k)

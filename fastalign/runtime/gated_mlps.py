@@ -17,7 +17,7 @@ _HF_ACTIVATIONS = "transformers.activations"
 
 
 def kernel_activation(act):
-    """"silu" or "tanh gelu" where the activation module `act` computes what the kernel does (torch's SiLU, GELU with
+    """"silu" or "gelu_tanh" where the activation module `act` computes what the kernel does (torch's SiLU, GELU with
     approximate="tanh", or Hugging Face's modules calling them), else None (another function, a hook on it, or a
     forward of its own)."""
     if not isinstance(act, torch.nn.Module) or runs_more_than_its_forward(act):
@@ -26,11 +26,11 @@ def kernel_activation(act):
     if isinstance(act, torch.nn.SiLU) or (kind == "SiLUActivation" and module == _HF_ACTIVATIONS):
         return "silu"
     if isinstance(act, torch.nn.GELU):
-        return "tanh gelu" if act.approximate == "tanh" else None
+        return "gelu_tanh" if act.approximate == "tanh" else None
     inner = getattr(act, "act", None)   # Hugging Face's GELUTanh: a partial of gelu, or its own 16-bit python ops
     if (kind == "GELUTanh" and module == _HF_ACTIVATIONS and isinstance(inner, functools.partial)
             and inner.func is torch.nn.functional.gelu and inner.keywords == {"approximate": "tanh"}):
-        return "tanh gelu"
+        return "gelu_tanh"
     return None
 
 
@@ -40,9 +40,9 @@ class FusedGatedMLP:
     strided last dimension) gets the module's activation and torch's product."""
 
     def __init__(self, module, activation):
-        from fastalign.kernels.gated_activation import gated_activation_triton
-        self.module, self.tanh_gelu = module, activation == "tanh gelu"
-        self._kernel = gated_activation_triton
+        from fastalign.kernels.gated_activation import forward
+        self.module, self.tanh_gelu = module, activation == "gelu_tanh"
+        self._kernel = forward
 
     def __call__(self, x):
         """The MLP's output for x [T, H]."""
@@ -56,14 +56,20 @@ class FusedGatedMLP:
         return mlp.down_proj(hidden)
 
 
-def fused_gated_mlp(module, backend):
-    """FusedGatedMLP for the layer's `mlp` on the "triton" backend, or None (the module is called as it is) on
-    another backend, for a module that is not a dense gated MLP (a type named *MLP with gate_proj, up_proj,
-    down_proj and act_fn), one with hooks, or one whose activation the kernel does not compute."""
-    if backend != "triton" or not type(module).__name__.endswith("MLP") or runs_more_than_its_forward(module):
+def gated_mlp_activation(module):
+    """"silu" or "gelu_tanh" for a dense gated MLP (a type named *MLP with gate_proj, up_proj, down_proj and act_fn,
+    computing down(act(gate(x)) * up(x))) whose activation the kernel computes, else None: another module, a sparse
+    mixture of experts, one with hooks, or another activation."""
+    if not type(module).__name__.endswith("MLP") or runs_more_than_its_forward(module):
         return None
     if not all(isinstance(getattr(module, name, None), torch.nn.Module)
                for name in ("gate_proj", "up_proj", "down_proj")):
         return None
-    activation = kernel_activation(getattr(module, "act_fn", None))
+    return kernel_activation(getattr(module, "act_fn", None))
+
+
+def fused_gated_mlp(module, backend):
+    """FusedGatedMLP for the layer's `mlp` on the "triton" backend where gated_mlp_activation finds one, or None (the
+    module is called as it is)."""
+    activation = gated_mlp_activation(module) if backend == "triton" else None
     return None if activation is None else FusedGatedMLP(module, activation)

@@ -27,7 +27,7 @@ class LayerLayout:
     #                                          "by layer type" (its config.layer_types entry is sliding_attention)
     score_softcap: bool = False              # attention scores capped at self_attn.attn_logit_softcapping
     logit_softcap: bool = False              # logits capped at config.final_logit_softcapping
-    rms_norm: str = "rounded"                # how its RMSNorms apply their weight (rms_norms.WEIGHT_RULES)
+    rms_norm: str = "rounded"                # how its RMSNorms apply their weight (fastalign.ops.rms_norm.WEIGHT_RULES)
 
     def norms(self):
         """The RMSNorm submodules of a layer that the paged forward calls."""

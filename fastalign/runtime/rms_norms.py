@@ -11,12 +11,10 @@ module's outputs.
 """
 import torch
 
+from fastalign.ops.rms_norm import WEIGHT_RULES
 from fastalign.runtime.module_hooks import runs_more_than_its_forward
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # what the kernel computes in fp32 and rounds to
-WEIGHT_RULES = {"rounded": dict(weight_offset=0.0, round_before_weight=True),
-                "one plus": dict(weight_offset=1.0, round_before_weight=False),
-                "fp32": dict(weight_offset=0.0, round_before_weight=False)}
 
 
 class FusedRMSNorm:
@@ -24,9 +22,9 @@ class FusedRMSNorm:
     kernel does not fit (another width or device, a strided last dimension, float64) goes to the module."""
 
     def __init__(self, module, eps, rule):
-        from fastalign.kernels.rms_norm import rms_norm_after_add, rms_norm_triton
+        from fastalign.kernels.rms_norm import forward, rms_norm_after_add
         self.module, self.eps, self.rule = module, eps, WEIGHT_RULES[rule]
-        self._norm, self._after_add = rms_norm_triton, rms_norm_after_add
+        self._norm, self._after_add = forward, rms_norm_after_add
 
     def _fits(self, x):
         weight = self.module.weight

@@ -10,6 +10,7 @@ __all__, __getattr__, __dir__ = lazy_exports(globals(), {
     "fastalign.unlearn.encoding": ["EncodedExample", "PoolAnswer", "encode_answers", "encode_pairs"],
     "fastalign.unlearn.formats": ["load_hh_rlhf", "load_pairs", "load_pku_saferlhf", "load_prompt_answer_jsonl",
                                   "load_truthfulqa"],
+    "fastalign.unlearn.layer_stand_ins": ["fused_layers"],
     "fastalign.unlearn.objective": ["LossTerms", "LossWeights", "UnlearningObjective"],
     "fastalign.unlearn.packing": ["PackedRows", "RowPacker", "pack_rows"],
     "fastalign.unlearn.records": ["DataError", "QAPair"],

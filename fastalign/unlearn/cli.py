@@ -185,6 +185,10 @@ def register(subparsers) -> argparse.ArgumentParser:
       "with the lm_head fewer (a quarter of the cross-entropy's work, a third of the KL's), for ~190 MiB of rows "
       "per loss call and the gradients (the lm_head's too, where it trains) held from the forward to the backward "
       "(default: off)")
+    g("--fused-layers", action=argparse.BooleanOptionalAction,
+      help="the model's RMSNorms and gated MLPs (SwiGLU, GeGLU) run as fastalign's training ops: a norm keeps its "
+      "input only for the backward, an MLP gate and up only (act(gate) * up is recomputed there), one kernel each way: "
+      "nearly half a Llama layer's activation memory (default: on)")
     g("--seed", type=int, metavar="N",
       help="seed of data order, mismatch answers, LoRA initialisation and dropout (default: 0)")
     g("--backend", choices=BACKENDS, help="fused-loss backend (default: auto)")

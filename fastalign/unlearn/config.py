@@ -73,6 +73,7 @@ class UnlearnConfig:
     reference_cache: str = "device"
     packing: str = "auto"
     grads_in_forward: bool = False
+    fused_layers: bool = True
     # optimisation
     lr: float = 2e-6
     weight_decay: float = 0.01  # torch's AdamW default, which the reference's recipe runs with
@@ -137,7 +138,7 @@ class UnlearnConfig:
             raise ValueError(f"max_forget_nll must be a finite number, or null in a config file (none on the "
                              f"command line) for no early stop, got {self.max_forget_nll!r}")
         for name in ("chat_template", "answer_eos", "skip_long_prompts", "lora", "gradient_checkpointing", "resume",
-                     "progress", "optimizer_in_backward", "grads_in_forward"):
+                     "progress", "optimizer_in_backward", "grads_in_forward", "fused_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.attn_implementation is not None and not (isinstance(self.attn_implementation, str)

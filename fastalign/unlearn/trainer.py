@@ -47,6 +47,7 @@ from fastalign.unlearn.models import (cast_weights, causal_lm_parts, check_fused
                                       enable_activation_checkpointing, max_positions)
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.records import DataError, read_jsonl
+from fastalign.unlearn.layer_stand_ins import fused_layers
 from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
 from fastalign.unlearn.sharding import (check_flat_units, full_model_state, load_optimizer_state,
                                         load_trainable_state, optimizer_state, trainable_names, trainable_state)
@@ -394,6 +395,10 @@ class UnlearningTrainer:
         stop_reason = "max_steps"
         # the optimizer's step inside the backward (backward_step.py): hooks on the parameters, taken off at the end
         hooks = step_in_backward(_torch_optimizer(optimizer)) if config.optimizer_in_backward else []
+        # the model's layers that fastalign's training ops stand in for (layer_stand_ins.py), for this run's steps only
+        layers = contextlib.ExitStack()
+        if config.fused_layers:
+            layers.enter_context(fused_layers(self.model, config.backend))
         try:
             while step < config.max_steps:
                 started = time.perf_counter()
@@ -420,6 +425,7 @@ class UnlearningTrainer:
         finally:
             for hook in hooks:
                 hook.remove()
+            layers.close()
         progress.close()
         self._built_reference = None    # the run is over: its reference is not needed again
         summary = self._finish(step, stop_reason, record, totals, objective)

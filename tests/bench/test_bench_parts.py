@@ -241,16 +241,17 @@ def test_unlearn_ratios_are_against_the_first_spec_row_and_the_other_ways_step_t
     """loss_rel_diff against the first way that computes SPEC §1 (not the reference recipe, which computes its own
     objective and gets none); speed-ups are the other way's step time over this one's, against either unfused
     baseline; failed rows are left alone."""
-    rows = [{"method": "fastalign", "first_step_loss": 2.0, "step_ms": 10.0, "peak_gib": 9.0, "step_extra_gib": 0.5},
+    rows = [{"method": "fastalign", "first_step_loss": 2.0, "step_ms": 10.0, "peak_gib": 9.0, "step_extra_gib": 0.5,
+             "held_mib": 100.0},
             {"method": "unfused baseline", "first_step_loss": 2.2, "step_ms": 20.0, "peak_gib": 12.0,
-             "step_extra_gib": 4.0},
+             "step_extra_gib": 4.0, "held_mib": 400.0},
             {"method": "unfused, answer rows only", "first_step_loss": 2.0, "step_ms": 16.0, "peak_gib": 10.0,
-             "step_extra_gib": 2.0},
+             "step_extra_gib": 2.0, "held_mib": 250.0},
             {"method": "reference recipe", "first_step_loss": 7.0, "step_ms": 80.0, "peak_gib": 24.0,
-             "step_extra_gib": 8.0},
+             "step_extra_gib": 8.0, "held_mib": 1000.0},
             {"method": "broken", "error": "RuntimeError: x"},
             {"method": "fastalign cached", "first_step_loss": 1.9, "step_ms": 5.0, "peak_gib": 6.0,
-             "step_extra_gib": 1.0}]
+             "step_extra_gib": 1.0, "held_mib": 80.0}]
     bench_unlearn.add_ratios(rows)
     diffs = {row["method"]: row.get("loss_rel_diff") for row in rows}
     assert diffs == pytest.approx({"fastalign": 0.0, "unfused baseline": 0.1, "unfused, answer rows only": 0.0,
@@ -263,6 +264,9 @@ def test_unlearn_ratios_are_against_the_first_spec_row_and_the_other_ways_step_t
     assert [row.get("extra_memory_vs_unfused") for row in rows] == pytest.approx([0.125, 1.0, 0.5, 2.0, None, 0.25])
     assert [row.get("memory_vs_sliced") for row in rows] == pytest.approx([0.9, 1.2, 1.0, 2.4, None, 0.6])
     assert [row.get("extra_memory_vs_sliced") for row in rows] == pytest.approx([0.25, 2.0, 1.0, 4.0, None, 0.5])
+    # what autograd keeps for the backward, on any device
+    assert [row.get("held_vs_unfused") for row in rows] == pytest.approx([0.25, 1.0, 0.625, 2.5, None, 0.2])
+    assert [row.get("held_vs_sliced") for row in rows] == pytest.approx([0.4, 1.6, 1.0, 4.0, None, 0.32])
 
 
 def test_unlearn_timed_steps_follow_a_second_untimed_step(monkeypatch):
@@ -683,11 +687,11 @@ def test_tree_decode_counts_the_tokens_equal_to_hf_generates(monkeypatch):
 def test_kernels_of_call_counts_torch_operators_and_triton_launches_not_views():
     """Views and allocations are no kernel; a Triton launch counts once, not the operators the interpreter runs
     inside it."""
-    from fastalign.kernels.rms_norm import rms_norm_triton
+    from fastalign.kernels import rms_norm
     x = torch.randn(4, 8)
     assert bench_tree.harness.kernels_of_call(lambda: (x.view(8, 4).t() + 1).sum()) == (2, 0)
     x, weight = x.to(TRITON_DEVICE), torch.ones(8, device=TRITON_DEVICE)
-    assert bench_tree.harness.kernels_of_call(lambda: rms_norm_triton(x, weight, 1e-6)) == (0, 1)
+    assert bench_tree.harness.kernels_of_call(lambda: rms_norm.forward(x, weight, 1e-6)) == (0, 1)
 
 
 def test_the_runner_sections_take_a_phi3_through_pagedhf():

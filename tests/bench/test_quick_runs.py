@@ -58,9 +58,11 @@ def check_bench_unlearn(record):
     assert [row["method"] for row in compared] == ["fastalign", "unfused baseline", "fastalign cached",
                                                    "unfused, answer rows only", "fastalign, padded rows",
                                                    "fastalign, AdamW in backward",
-                                                   "fastalign, grads in forward"], results
+                                                   "fastalign, grads in forward", "fastalign, unfused layers"], results
     slots = {row["method"]: row["slots"] for row in compared}   # the forget prompts packed once for their mismatch rows
     assert slots["fastalign"] < slots["fastalign, padded rows"] == slots["unfused baseline"], slots
+    held = {row["method"]: row["held_mib"] for row in compared}   # the norms and MLPs keep less for the backward
+    assert held["fastalign"] < held["fastalign, unfused layers"], held
     first = compared[0]["first_step_loss"]
     assert all(close(row["loss_rel_diff"], abs(row["first_step_loss"] - first) / abs(first)) for row in compared)
     assert all(row["loss_rel_diff"] < 1e-5 for row in compared), results

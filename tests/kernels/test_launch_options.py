@@ -4,20 +4,22 @@ which would change the kernels' rounding and speed without a word."""
 import torch
 
 import fastalign
-from fastalign.kernels.gated_activation import gated_activation_triton
+from fastalign.kernels import gated_activation
 from fastalign.kernels.paged_attention import paged_attention_triton
-from fastalign.kernels.rms_norm import rms_norm_triton
+from fastalign.kernels import rms_norm
 from fastalign.kernels.rotary import rotate_qk_triton
 from fastalign.ops.backend import triton_launch_method
 from tests.conftest import TRITON_DEVICE
 from tests.ops.test_paged_attention import make_paged_batch
 
 KERNELS = {"fastalign.kernels.gated_activation._gated_activation_kernel",
+           "fastalign.kernels.gated_activation._gated_activation_backward_kernel",
            "fastalign.kernels.linear_cross_entropy._forward_kernel",
            "fastalign.kernels.linear_cross_entropy._gradient_kernel",
            "fastalign.kernels.linear_kl_div._forward_kernel", "fastalign.kernels.linear_kl_div._gradient_kernel",
            "fastalign.kernels.paged_attention._paged_attention_kernel",
            "fastalign.kernels.paged_attention._merge_splits_kernel", "fastalign.kernels.rms_norm._rms_norm_kernel",
+           "fastalign.kernels.rms_norm._rms_norm_backward_kernel",
            "fastalign.kernels.rotary._rotary_kernel"}
 UNFUSED = {"fastalign.kernels.rotary._rotary_kernel"}
 
@@ -39,7 +41,7 @@ def record_launches(monkeypatch, describe):
 
 def launch_every_kernel():
     """Run each Triton kernel at least once: both losses forward and backward, a paged attention with split keys, an
-    RMSNorm, a rotation and a gated activation."""
+    RMSNorm and a gated activation, forward and backward, and a rotation."""
     hidden = torch.randn(6, 16, device=TRITON_DEVICE, requires_grad=True)
     weight = torch.randn(37, 16, device=TRITON_DEVICE, requires_grad=True)
     target = torch.randint(0, 37, (6,), device=TRITON_DEVICE)
@@ -49,10 +51,12 @@ def launch_every_kernel():
     loss.backward()
     batch = make_paged_batch([(40, 1), (9, 2)], 16, 4, 2, 16, device=TRITON_DEVICE)
     paged_attention_triton(**batch, scale=0.25, num_splits=2)
-    rms_norm_triton(hidden, torch.ones(16, device=TRITON_DEVICE), 1e-6)
+    rms_norm.forward(hidden, torch.ones(16, device=TRITON_DEVICE), 1e-6)
+    rms_norm.backward(hidden.detach(), torch.ones(16, device=TRITON_DEVICE), hidden.detach(), 1e-6)
     q, k, cos = (torch.randn(shape, device=TRITON_DEVICE) for shape in ((3, 4, 8), (3, 2, 8), (3, 8)))
     rotate_qk_triton(q, k, cos, cos)
-    gated_activation_triton(q, q)
+    gated_activation.forward(q, q)
+    gated_activation.backward(q, q, q)
 
 
 def test_every_kernel_launch_sets_fp_fusion(monkeypatch):

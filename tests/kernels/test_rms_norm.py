@@ -11,8 +11,10 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
 
-from fastalign.kernels.rms_norm import rms_norm_after_add, rms_norm_triton
-from fastalign.runtime.rms_norms import WEIGHT_RULES
+from fastalign.kernels import rms_norm
+from fastalign.kernels.rms_norm import rms_norm_after_add
+from fastalign.ops.rms_norm import WEIGHT_RULES
+from tests.compare import REL_TOL, assert_rel_close
 from tests.conftest import TRITON_DEVICE
 
 MODULES = {"rounded": LlamaRMSNorm, "one plus": GemmaRMSNorm, "fp32": Olmo2RMSNorm}
@@ -41,7 +43,7 @@ def assert_as_module(out, ref):
 def test_equals_hugging_face_module(rule, dtype, shape):
     module, x = module_and_input(rule, shape, dtype)
     with torch.no_grad():
-        assert_as_module(rms_norm_triton(x, module.weight, 1e-5, **WEIGHT_RULES[rule]), module(x))
+        assert_as_module(rms_norm.forward(x, module.weight, 1e-5, **WEIGHT_RULES[rule]), module(x))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -80,7 +82,7 @@ def test_the_other_rounding_is_told_apart(dtype):
     """Rounding after the weight where Llama's module rounds before it fails the comparison: the test can fail."""
     module, x = module_and_input("rounded", (16, 64), dtype)
     with torch.no_grad():
-        out = rms_norm_triton(x, module.weight, 1e-5, **WEIGHT_RULES["fp32"])
+        out = rms_norm.forward(x, module.weight, 1e-5, **WEIGHT_RULES["fp32"])
         assert (out != module(x)).float().mean() > 0.1
 
 
@@ -89,13 +91,40 @@ def test_strided_rows_and_no_rows():
     x = wide[:, 8:48]   # rows 64 apart
     module.weight = torch.nn.Parameter(module.weight[:40].clone())
     with torch.no_grad():
-        assert_as_module(rms_norm_triton(x, module.weight, 1e-5), module(x))
+        assert_as_module(rms_norm.forward(x, module.weight, 1e-5), module(x))
         empty = torch.empty(0, 40, device=TRITON_DEVICE)
-        assert rms_norm_triton(empty, module.weight, 1e-5).shape == (0, 40)
+        assert rms_norm.forward(empty, module.weight, 1e-5).shape == (0, 40)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rule", list(WEIGHT_RULES))
+@pytest.mark.parametrize("shape", [(9, 40), (1, 7), (2, 3, 300), (0, 8)])
+def test_backward_equals_the_module_autograd(rule, dtype, shape):
+    """The input's and the weight's gradients against the module's autograd: rows that the backward's programs share
+    unevenly (9 rows: 3, 3, 3 and none on the interpreter's 4 programs; 6 over 4: 2, 2, 2, 0), one row, no row. (A
+    width of 1 is left out: there the gradient is the cancellation of two near-equal terms, noise in both.)"""
+    module, x = module_and_input(rule, shape, dtype)
+    grad_out = module_and_input(rule, shape, dtype, seed=1)[1]
+    x.requires_grad_()
+    expected = torch.autograd.grad(module(x), (x, module.weight), grad_out)
+    got = rms_norm.backward(x.detach(), module.weight.detach(), grad_out, 1e-5, **WEIGHT_RULES[rule])
+    for name, actual, want in zip(("grad_x", "grad_weight"), got, expected):
+        assert actual.dtype == want.dtype and actual.shape == want.shape, name
+        # norm-wise: both sum in their own order, and the weight's gradient over rows in a 16-bit dtype in torch's
+        assert_rel_close(name, actual, want, REL_TOL[dtype] * (1 if dtype == torch.float32 else 2))
+
+
+def test_backward_tells_the_rules_apart():
+    module, x = module_and_input("one plus", (4, 32), torch.float32)
+    x.requires_grad_()
+    expected = torch.autograd.grad(module(x), x, torch.ones_like(x))[0]
+    with pytest.raises(AssertionError):
+        assert_rel_close("grad_x", rms_norm.backward(x.detach(), module.weight.detach(), torch.ones_like(x), 1e-5,
+                                                     **WEIGHT_RULES["fp32"])[0], expected, REL_TOL[torch.float32])
 
 
 COMPILE_FOR_SM90 = """
-from fastalign.kernels.rms_norm import _rms_norm_kernel
+from fastalign.kernels.rms_norm import _rms_norm_backward_kernel, _rms_norm_kernel, backward_num_warps
 from tests.kernels.gpu_build import build_for_gpu, check_build, stack_bytes
 
 for dtype in ("bf16", "fp16", "fp32"):
@@ -113,10 +142,17 @@ for dtype in ("bf16", "fp16", "fp32"):
                 what = ("rms_norm", dtype, block, round_before_weight, add, norm_y, norm_out)
                 check_build(compiled, what, tuned=False)
                 assert stack_bytes(compiled) == 0, (what, "spills registers")
+            compiled = build_for_gpu(
+                _rms_norm_backward_kernel, dict(X=x, Weight=x, GradOut=x, GradX=x, GradWeightPartial="*fp32",
+                                                eps="fp32", weight_offset="fp32"),
+                dict(ROUND_BEFORE_WEIGHT=round_before_weight, BLOCK=block), backward_num_warps(block), 1)
+            what = ("rms_norm backward", dtype, block, round_before_weight)
+            check_build(compiled, what, tuned=False)
+            assert stack_bytes(compiled) == 0, (what, "spills registers")
 """
 
 
 def test_kernel_compiles_for_sm90_without_a_gpu():
-    """What the interpreter never does: the build, at the launches' widths and warps, without register spills."""
+    """What the interpreter never does: the builds, at the launches' widths and warps, without register spills."""
     from tests.kernels.gpu_build import assert_builds
     assert_builds(COMPILE_FOR_SM90)

@@ -9,7 +9,7 @@ import torch
 
 from fastalign.kernels.rotary import rotate_qk_triton
 from fastalign.ops.paged_attention import write_kv_unchecked
-from fastalign.runtime.rms_norms import WEIGHT_RULES
+from fastalign.ops.rms_norm import WEIGHT_RULES
 from fastalign.runtime.rotary import rotate_qk_torch
 from tests.conftest import TRITON_DEVICE
 from tests.kernels.test_rms_norm import assert_as_module, module_and_input

@@ -39,8 +39,8 @@ def test_the_torch_backend_calls_the_modules():
 
 
 @pytest.mark.parametrize("act, expected", [
-    (ACT2FN["silu"], "silu"), (torch.nn.SiLU(), "silu"), (ACT2FN["gelu_pytorch_tanh"], "tanh gelu"),
-    (torch.nn.GELU(approximate="tanh"), "tanh gelu"), (torch.nn.GELU(), None), (ACT2FN["relu"], None),
+    (ACT2FN["silu"], "silu"), (torch.nn.SiLU(), "silu"), (ACT2FN["gelu_pytorch_tanh"], "gelu_tanh"),
+    (torch.nn.GELU(approximate="tanh"), "gelu_tanh"), (torch.nn.GELU(), None), (ACT2FN["relu"], None),
     (ACT2FN["gelu_new"], None), (None, None)])
 def test_the_activations_the_kernel_computes(act, expected):
     assert kernel_activation(act) == expected

@@ -72,8 +72,9 @@ def log(path):
     return [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
 
 
-def assert_same_run(path, model_dir, single_run):
-    """Saved weights and logged terms of a distributed run equal those of the single-process run."""
+def assert_same_run(path, model_dir, single_run, kl_abs=1e-7):
+    """Saved weights and logged terms of a distributed run equal those of the single-process run (a term near 0, the
+    KL, to kl_abs)."""
     trainer, single_dir = single_run
     saved = LlamaForCausalLM.from_pretrained(path / model_dir)
     for (name, a), (_, b) in zip(trainer.model.named_parameters(), saved.named_parameters()):
@@ -82,7 +83,7 @@ def assert_same_run(path, model_dir, single_run):
     assert [r["step"] for r in ours] == [1, 2]
     for a, b in zip(theirs, ours):
         for key in TERMS:
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=kl_abs if key == "normal_kl" else 1e-7), key
         assert a["tokens"] == b["tokens"]
 
 
@@ -142,7 +143,11 @@ def test_fsdp2_lm_head_in_its_own_unit_trains_checkpoints_and_resumes(runs, sing
     path = runs / "fsdp2_head_unit"
     assert outcomes(path) == ["ok", "ok"]
     assert "lm_head" in units(path)
-    assert_same_run(path, "model", single["copy_accum4"])
+    # 2 processes x 2 micro-batches sum the gradients in another order than 1 x 4: fp32 rounding, which AdamW's
+    # normalised step enlarges where a weight's gradient is rounding alone (the KL's at the first step). Its KL after
+    # one step: 1.1e-7 apart from the single run's 2.3e-4 (the other scenarios, each 1 x 2 against 2 x 1: the same
+    # bits)
+    assert_same_run(path, "model", single["copy_accum4"], kl_abs=5e-7)
     original = tiny_llama(len(byte_bpe_tokenizer()))
     saved = LlamaForCausalLM.from_pretrained(path / "model")
     assert not torch.allclose(saved.lm_head.weight, original.lm_head.weight, atol=1e-4)

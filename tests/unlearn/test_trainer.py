@@ -25,6 +25,7 @@ from fastalign.reference.unlearning_loss import spec_unlearning_terms
 from fastalign.unlearn import trainer as trainer_module
 from fastalign.unlearn.reference import CachedReference
 from fastalign.unlearn.trainer import UnlearningTrainer
+from tests.unlearn.test_layer_stand_ins import count_calls
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_phi, tiny_streams
 
 pytest.importorskip("accelerate")
@@ -493,6 +494,26 @@ def test_gradients_taken_in_the_forward_train_the_same_run(tmp_path, settings):
     state = inside.model.state_dict()
     for name, weight in after.model.state_dict().items():
         torch.testing.assert_close(state[name], weight, rtol=1e-5, atol=1e-6)
+
+
+def test_the_trainer_trains_the_same_run_with_it(tmp_path, monkeypatch):
+    """fused_layers (on by default) against off: the same log and weights up to the rounding of the norms' sums in
+    another order (fp32, torch backend); the ops ran in each micro-batch's forward, and the model's forwards are the
+    class's after the run."""
+    mlps, norms = (count_calls(monkeypatch, name) for name in ("gated_linear", "rms_norm"))
+    off, _ = run(tmp_path, "off", max_steps=2, fused_layers=False)
+    assert mlps == norms == []
+    on, _ = run(tmp_path, "on", max_steps=2)
+    forwards = 2 * 2   # steps x micro-batches
+    assert (len(mlps), len(norms)) == (forwards * 2, forwards * (2 * 2 + 1))
+    for got, want in zip(log_lines(tmp_path / "on"), log_lines(tmp_path / "off"), strict=True):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == (pytest.approx(value, rel=1e-5, abs=1e-7) if isinstance(value, float) else value), key
+    state = on.model.state_dict()
+    for name, weight in off.model.state_dict().items():
+        torch.testing.assert_close(state[name], weight, rtol=1e-5, atol=1e-6)
+    assert not any("forward" in vars(m) for m in on.model.modules())
 
 
 def test_the_optimizer_in_backward_steps_nothing_on_a_non_finite_loss(tmp_path, monkeypatch):

@@ -1,0 +1,82 @@
+"""fastalign.gated_linear: a gated MLP's down projection, linear(act(gate) * up), that saves gate and up for the
+backward but not the product, which it recomputes there.
+
+A Hugging Face gated MLP (Llama's SwiGLU, Gemma's GeGLU) keeps four [tokens x intermediate] tensors per layer for the
+backward: gate (the activation's input), act(gate) and up (the product's), and the product (the down projection's
+input). This op keeps two, half of the MLP's activation memory and about a third of a decoder layer's; the backward
+then runs one kernel that recomputes the product for the weight's gradient and gives gate's and up's gradients
+(kernels/gated_activation.py), instead of three elementwise ops, and the forward one instead of two.
+"""
+import torch
+import torch.nn.functional as F
+
+from .backend import autocast_off, require_triton_dtype, select_backend
+from .checks import check_tensor, token_dims, FLOAT_DTYPES
+
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+class GatedLinearFunction(torch.autograd.Function):
+    """linear(act(gate) * up, weight, bias), saving gate, up and weight; gradients flow to all four."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, tanh_gelu, launcher):
+        with autocast_off(gate.device):
+            out = F.linear(launcher.forward(gate, up, tanh_gelu=tanh_gelu), weight, bias)
+        ctx.save_for_backward(gate, up, weight)
+        ctx.tanh_gelu, ctx.launcher = tanh_gelu, launcher
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up, weight = ctx.saved_tensors
+        need_gate, need_up, need_weight, need_bias = ctx.needs_input_grad[:4]
+        grad_gate = grad_up = grad_weight = grad_bias = product = None
+        grad_rows = grad_out.reshape(-1, weight.shape[0])
+        with autocast_off(gate.device):
+            if need_gate or need_up:
+                grad_product = (grad_rows @ weight).view(gate.shape)
+                product, grad_gate, grad_up = ctx.launcher.backward(gate, up, grad_product, tanh_gelu=ctx.tanh_gelu,
+                                                                    need_out=need_weight)
+            elif need_weight:
+                product = ctx.launcher.forward(gate, up, tanh_gelu=ctx.tanh_gelu)
+            if need_weight:
+                grad_weight = grad_rows.t() @ product.reshape(-1, gate.shape[-1])
+            if need_bias:
+                grad_bias = grad_rows.sum(0)
+        return (grad_gate if need_gate else None, grad_up if need_up else None, grad_weight, grad_bias, None, None)
+
+
+def gated_linear(gate, up, weight, bias=None, *, activation="silu", backend="auto"):
+    """linear(act(gate) * up, weight, bias) for gate, up [..., I] (one shape), weight [O, I] and bias [O] or None,
+    all of one floating dtype and device: a gated MLP's down projection, applied to the outputs of its gate and up
+    projections; [..., O] in that dtype. activation: "silu" (torch's silu: Llama, Mistral, Qwen, OLMo) or "gelu_tanh"
+    (torch's gelu(approximate="tanh"): the Gemmas). The product act(gate) * up, rounded as torch's two ops round
+    it, is not kept for the backward: the backward recomputes it. Gradients flow to gate, up, weight and bias.
+    An enclosing autocast does not apply inside (cast the inputs to follow it).
+    backend: "auto" (Triton on CUDA, torch's own operators elsewhere, which give the numbers of the unfused ops
+    and their autograd exactly), "triton" or "torch".
+    """
+    token_dims("gate", gate)
+    check_tensor("gate", gate, ndim=None, dtypes=FLOAT_DTYPES)
+    for name, t in (("up", up), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        check_tensor(name, t, ndim=None)
+        if t.dtype != gate.dtype:
+            raise TypeError(f"{name} must have the dtype of gate ({gate.dtype}), got {t.dtype}")
+        if t.device != gate.device:
+            raise ValueError(f"{name} must be on gate's device ({gate.device}), got {t.device}")
+    if up.shape != gate.shape:
+        raise ValueError(f"up must have the shape of gate {tuple(gate.shape)}, got {tuple(up.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != gate.shape[-1]:
+        raise ValueError(f"weight must be [O, I] with I = gate.shape[-1] = {gate.shape[-1]}, got shape "
+                         f"{tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be [{weight.shape[0]}] (one entry per row of weight), got shape "
+                         f"{tuple(bias.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    launcher = select_backend("gated_activation", backend, gate.device)
+    require_triton_dtype(launcher, "gate", gate)
+    return GatedLinearFunction.apply(gate, up, weight, bias, activation == "gelu_tanh", launcher)

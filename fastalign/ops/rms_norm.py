@@ -1,0 +1,63 @@
+"""fastalign.rms_norm: the RMSNorm of Hugging Face's decoder layers for training, one kernel each way, saving only its
+input for the backward.
+
+A Hugging Face RMSNorm runs some eight elementwise kernels forward and more backward, and keeps an fp32 copy of its
+input and the rounded normalised rows (6 bytes a value of a 16-bit input) for the backward; this op keeps the input
+(2), recomputes the rest in its backward kernel (kernels/rms_norm.py) and applies the weight as each family's module
+does (`rule`).
+"""
+import torch
+
+from .backend import autocast_off, require_triton_dtype, select_backend
+from .checks import check_tensor, token_dims, FLOAT_DTYPES
+
+# How a family's module applies its weight to the normalised rows (fp32), and the launchers' arguments for it:
+# "rounded" (Llama, Mistral, Qwen, the MoEs): rounded to the input's dtype, then times the weight, in that dtype;
+# "one plus" (the Gemmas): times 1 + weight in fp32, rounded once; "fp32" (OLMo 2 and 3): times the weight in fp32.
+WEIGHT_RULES = {"rounded": dict(weight_offset=0.0, round_before_weight=True),
+                "one plus": dict(weight_offset=1.0, round_before_weight=False),
+                "fp32": dict(weight_offset=0.0, round_before_weight=False)}
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """The RMSNorm of x's rows by weight, saving x and weight; gradients flow to both."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, rule, launcher):
+        with autocast_off(x.device):
+            out = launcher.forward(x, weight, eps, **WEIGHT_RULES[rule])
+        ctx.save_for_backward(x, weight)
+        ctx.eps, ctx.rule, ctx.launcher = eps, rule, launcher
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        with autocast_off(x.device):
+            grad_x, grad_weight = ctx.launcher.backward(x, weight, grad_out, ctx.eps, **WEIGHT_RULES[ctx.rule])
+        return grad_x, grad_weight if ctx.needs_input_grad[1] else None, None, None, None
+
+
+def rms_norm(x, weight, eps=1e-6, *, rule="rounded", backend="auto"):
+    """RMSNorm of x [..., D] over its last dimension with weight [D], as the Hugging Face module of `rule`'s family
+    computes it (WEIGHT_RULES: "rounded" needs weight in x's dtype, as the module's output would otherwise take the
+    weight's), in x's shape and dtype. Only x and weight are kept for the backward. Gradients flow to x and weight.
+    An enclosing autocast does not apply inside (the modules compute in fp32 under it too).
+    backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    """
+    token_dims("x", x)
+    check_tensor("x", x, ndim=None, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, ndim=1, dtypes=FLOAT_DTYPES)
+    if weight.device != x.device:
+        raise ValueError(f"weight must be on x's device ({x.device}), got {weight.device}")
+    if weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight must be [D] with D = x.shape[-1] = {x.shape[-1]}, got shape {tuple(weight.shape)}")
+    if rule not in WEIGHT_RULES:
+        raise ValueError(f"rule must be one of {tuple(WEIGHT_RULES)}, got {rule!r}")
+    if rule == "rounded" and weight.dtype != x.dtype:
+        raise TypeError(f"weight must have x's dtype ({x.dtype}) under rule 'rounded', got {weight.dtype}")
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps >= 0):
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    launcher = select_backend("rms_norm", backend, x.device)
+    require_triton_dtype(launcher, "x", x)
+    return RMSNormFunction.apply(x.contiguous(), weight.contiguous(), float(eps), rule, launcher)

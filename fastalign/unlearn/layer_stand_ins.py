@@ -1,0 +1,104 @@
+"""Training with fastalign's ops standing in for a Hugging Face decoder's RMSNorms and gated MLPs, which keep less for
+the backward and launch fewer kernels than the modules.
+
+Per token and layer, Llama-3.2-1B's bf16 modules keep some 106 KiB for the backward. Of it, each RMSNorm keeps an fp32
+copy of its input and the rounded normalised row (12 KiB), and the gated MLP gate, act(gate), up and the product
+(64 KiB). Within `fused_layers`:
+- each RMSNorm of a family whose weight rule fastalign knows (runtime.layer_layouts) runs as fastalign.rms_norm,
+  which keeps its input only (4 KiB);
+- each dense gated MLP runs its down projection as fastalign.gated_linear, which keeps gate and up only (32 KiB) and
+  recomputes the product in the backward.
+That leaves 58 KiB a token and layer (counted on a CPU, tests/unlearn/test_layer_stand_ins.py counts it exactly on a
+tiny model), and one kernel each way where the modules run eight or more. The numbers are the modules': the
+forward's to the bit on the torch backend, the gradients to the rounding of the norms' sums taken in another order.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from fastalign.ops.gated_linear import gated_linear
+from fastalign.ops.rms_norm import rms_norm
+from fastalign.runtime.gated_mlps import gated_mlp_activation
+from fastalign.runtime.layer_layouts import LAYOUTS
+from fastalign.runtime.module_hooks import runs_more_than_its_forward
+
+
+class RecomputedProductMLP:
+    """The forward of a dense gated MLP module (runtime.gated_mlps.gated_mlp_activation) whose down projection runs as
+    gated_linear while gradients are recorded and the down projection is a plain nn.Linear; otherwise (no grad, a
+    LoRA layer or hooks on down_proj, which would read the product) the module's own forward."""
+
+    def __init__(self, module: torch.nn.Module, activation: str, backend: str):
+        self.module, self.activation, self.backend = module, activation, backend
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        mlp = self.module
+        down = mlp.down_proj
+        if not torch.is_grad_enabled() or type(down) is not torch.nn.Linear or runs_more_than_its_forward(down):
+            return type(mlp).forward(mlp, x)
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        # an autocast's linear would compute the down projection in its dtype; gated_linear runs outside it
+        dtype = (torch.get_autocast_dtype(gate.device.type) if torch.is_autocast_enabled(gate.device.type)
+                 else gate.dtype)
+        bias = None if down.bias is None else down.bias.to(dtype)
+        return gated_linear(gate.to(dtype), up.to(dtype), down.weight.to(dtype), bias, activation=self.activation,
+                            backend=self.backend)
+
+
+class TrainingRMSNorm:
+    """The forward of an RMSNorm module whose family applies its weight by `rule`, as fastalign.rms_norm while
+    gradients are recorded; the module's own where the op would compute something else (a "rounded" norm of an input
+    in another dtype than its weight: the module's output takes the promoted dtype) or without grad."""
+
+    def __init__(self, module: torch.nn.Module, eps: float, rule: str, backend: str):
+        self.module, self.eps, self.rule, self.backend = module, eps, rule, backend
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        norm, weight = self.module, self.module.weight
+        if (not torch.is_grad_enabled() or x.shape[-1] != weight.shape[0] or x.device != weight.device
+                or (self.rule == "rounded" and x.dtype != weight.dtype)):
+            return type(norm).forward(norm, x)
+        return rms_norm(x, weight, self.eps, rule=self.rule, backend=self.backend)
+
+
+def _training_rms_norm(module, rule, backend):
+    """TrainingRMSNorm for `module` where it is an RMSNorm (a type named *RMSNorm, without hooks, with a 1-D weight
+    and a float eps) of a family of weight rule `rule` (None: unknown), else None."""
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if (rule is None or not type(module).__name__.endswith("RMSNorm") or runs_more_than_its_forward(module)
+            or not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float)):
+        return None
+    return TrainingRMSNorm(module, eps, rule, backend)
+
+
+def _stand_in(module, rule, backend):
+    """What forwards in place of `module` within fused_layers, or None."""
+    activation = gated_mlp_activation(module)
+    if activation is not None:
+        return RecomputedProductMLP(module, activation, backend)
+    return _training_rms_norm(module, rule, backend)
+
+
+@contextlib.contextmanager
+def fused_layers(model: torch.nn.Module, backend: str = "auto"):
+    """A context in which the RMSNorms and dense gated MLPs of the Hugging Face model `model` (any wrapper around it:
+    PEFT, DDP) forward as TrainingRMSNorm and RecomputedProductMLP with the ops' `backend`; yields how many modules
+    it stands in for. Their forwards are the class's again on leaving it. Modules with hooks (accelerate's
+    offloading, FSDP's units) are left as they are, and so are the norms of a family whose weight rule is unknown."""
+    layout = next((LAYOUTS.get(getattr(getattr(m, "config", None), "model_type", None)) for m in model.modules()
+                   if hasattr(m, "config")), None)
+    rule = None if layout is None else layout.rms_norm
+    patched = []
+    try:
+        for module in model.modules():
+            stand_in = _stand_in(module, rule, backend)
+            if stand_in is not None:
+                module.forward = stand_in
+                patched.append(module)
+        yield len(patched)
+    finally:
+        for module in patched:
+            del module.forward

@@ -1,0 +1,137 @@
+"""fastalign.gated_linear against its float64 reference and against the unfused torch ops it stands for, on every
+backend: forward and backward at odd shapes (a width no block divides, one token, no token, 3-D), each gradient
+alone, what it keeps for the backward, and its errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastalign
+from fastalign.reference.gated_linear import gated_linear as gated_linear_reference
+from tests.compare import REL_TOL, assert_grads_close, assert_rel_close, grads_of
+from tests.conftest import device_for, triton_cases
+
+BACKENDS = ["torch", "triton"]
+ACTIVATIONS = ["silu", "gelu_tanh"]
+TORCH_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+SHAPES = [((7,), 37, 11), ((1,), 1, 1), ((2, 3), 130, 20), ((0,), 8, 5)]   # (tokens, I, O)
+NAMES = ("gate", "up", "weight", "bias")
+
+
+def make_inputs(tokens, i, o, *, dtype=torch.float32, device="cpu", bias=True, seed=0):
+    torch.manual_seed(seed)
+    gate, up = (2 * torch.randn(*tokens, i) for _ in range(2))
+    weight = torch.randn(o, i) / i ** 0.5
+    tensors = [gate, up, weight] + ([torch.randn(o)] if bias else [])
+    return [t.to(device, dtype).requires_grad_() for t in tensors] + ([] if bias else [None])
+
+
+def unfused(gate, up, weight, bias, activation):
+    """What a Hugging Face gated MLP computes from its gate and up projections' outputs."""
+    return F.linear(TORCH_ACTIVATIONS[activation](gate) * up, weight, bias)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_the_float64_reference(backend, activation, shape, bias):
+    inputs = make_inputs(*shape, device=device_for(backend), bias=bias)
+    out = fastalign.gated_linear(*inputs, activation=activation, backend=backend)
+    ref = gated_linear_reference(*inputs, activation=activation)
+    assert out.dtype == torch.float32
+    assert_rel_close("out", out, ref, REL_TOL[torch.float32])
+    live = [t for t in inputs if t is not None]
+    assert_grads_close(NAMES, out, ref, live, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", triton_cases(["triton"]) + ["torch"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_16_bit_inputs_match_the_unfused_ops(dtype, backend, activation):
+    """In 16-bit dtypes, against torch's unfused ops and their autograd (the numbers a model gives without the op),
+    within the dtype's tolerance; the torch path gives them exactly."""
+    inputs = make_inputs((9,), 300, 24, dtype=dtype, device=device_for(backend))
+    out = fastalign.gated_linear(*inputs, activation=activation, backend=backend)
+    expected = unfused(*inputs, activation)
+    seed = torch.randn(out.shape, device=out.device)
+    got, want = grads_of(out, inputs, seed), grads_of(expected, inputs, seed)
+    if backend == "torch":
+        assert torch.equal(out, expected) and all(torch.equal(g, w) for g, w in zip(got, want))
+    assert out.dtype == dtype
+    assert_rel_close("out", out, expected, REL_TOL[dtype])
+    for name, g, w in zip(NAMES, got, want):
+        assert g.dtype == dtype
+        assert_rel_close(name, g, w, REL_TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("wanted", [(0,), (1,), (2,), (3,), (0, 2)])
+def test_each_gradient_alone(backend, wanted):
+    """Only the inputs that require grad get one (the weight's alone recomputes the product without the kernel of the
+    backward), and each is right."""
+    inputs = make_inputs((5,), 40, 7, device=device_for(backend))
+    inputs = [t.detach().requires_grad_(k in wanted) for k, t in enumerate(inputs)]
+    out = fastalign.gated_linear(*inputs, backend=backend)
+    ref = gated_linear_reference(*inputs)
+    seed = torch.randn(out.shape, device=out.device)
+    wanted_inputs = [inputs[k] for k in wanted]
+    for k, got, want in zip(wanted, grads_of(out, wanted_inputs, seed), grads_of(ref, wanted_inputs, seed)):
+        assert_rel_close(NAMES[k], got, want, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keeps_gate_and_up_but_not_the_product(backend):
+    """What autograd holds for the backward: gate, up and the weight, no [tokens x I] tensor besides; the unfused ops
+    hold two more (act(gate) and the product). The test can fail: it counts the unfused ops' too."""
+    gate, up, weight, bias = make_inputs((6,), 50, 8, device=device_for(backend))
+
+    def saved_bytes(fn):
+        held = {}
+
+        def pack(t):
+            held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(gate, up, weight, bias)
+        return sum(held.values())
+    row_block = gate.numel() * gate.element_size()
+    fused = saved_bytes(lambda *a: fastalign.gated_linear(*a, backend=backend))
+    assert fused == 2 * row_block + weight.numel() * weight.element_size()
+    assert saved_bytes(lambda *a: unfused(*a, "silu")) >= fused + 2 * row_block
+
+
+def test_an_enclosing_autocast_does_not_apply_inside():
+    inputs = make_inputs((4,), 16, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fastalign.gated_linear(*inputs, backend="torch")
+    assert out.dtype == torch.float32
+    assert_rel_close("out", out, gated_linear_reference(*inputs), REL_TOL[torch.float32])
+
+
+def test_the_triton_backend_refuses_float64():
+    inputs = make_inputs((2,), 8, 3, dtype=torch.float64, device=device_for("triton"))
+    with pytest.raises(TypeError, match="gate is float64"):
+        fastalign.gated_linear(*inputs, backend="triton")
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (lambda g, u, w, b: (g, u[:, :-1], w, b), ValueError, r"up must have the shape of gate \(3, 8\)"),
+    (lambda g, u, w, b: (g, u.half(), w, b), TypeError, "up must have the dtype of gate"),
+    (lambda g, u, w, b: (g, u, w[:, :-1], b), ValueError, r"weight must be \[O, I\] with I = gate.shape\[-1\] = 8"),
+    (lambda g, u, w, b: (g, u, w[0], b), ValueError, "weight must be"),
+    (lambda g, u, w, b: (g, u, w, b[:-1]), ValueError, r"bias must be \[5\]"),
+    (lambda g, u, w, b: (g, u, w.double(), b), TypeError, "weight must have the dtype of gate"),
+    (lambda g, u, w, b: (g[0], u[0], w, b), ValueError, "gate must have at least 2 dimensions"),
+    (lambda g, u, w, b: (g.long(), u, w, b), TypeError, "gate must have dtype in"),
+    (lambda g, u, w, b: (g, u.to("meta"), w, b), ValueError, r"up must be on gate.s device \(cpu\), got meta"),
+    (lambda g, u, w, b: (g, "up", w, b), TypeError, "up must be a torch.Tensor"),
+])
+def test_bad_input_is_named(change, error, message):
+    inputs = change(*(t.detach() for t in make_inputs((3,), 8, 5)))
+    with pytest.raises(error, match=message):
+        fastalign.gated_linear(*inputs, backend="torch")
+
+
+def test_an_unknown_activation_is_named():
+    with pytest.raises(ValueError, match=r"activation must be one of \('silu', 'gelu_tanh'\), got 'relu'"):
+        fastalign.gated_linear(*make_inputs((3,), 8, 5), activation="relu")

@@ -1,0 +1,125 @@
+"""fastalign.rms_norm against its float64 reference and against Hugging Face's modules, on every backend: forward and
+backward for each family's weight rule at odd shapes (a width no block divides, one token, no token, 3-D), the
+weight's gradient alone, what it keeps for the backward, and its errors."""
+import pytest
+import torch
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+import fastalign
+from fastalign.ops.rms_norm import WEIGHT_RULES
+from fastalign.reference.rms_norm import rms_norm as rms_norm_reference
+from tests.compare import REL_TOL, assert_grads_close, assert_rel_close, grads_of
+from tests.conftest import device_for, triton_cases
+
+BACKENDS = ["torch", "triton"]
+MODULES = {"rounded": LlamaRMSNorm, "one plus": GemmaRMSNorm, "fp32": Olmo2RMSNorm}
+SHAPES = [(7, 37), (1, 5), (2, 3, 130), (0, 8)]
+
+
+def make_inputs(shape, *, dtype=torch.float32, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    x = 3 * torch.randn(shape)
+    weight = 0.5 + 0.5 * torch.randn(shape[-1])
+    return [t.to(device, dtype).requires_grad_() for t in (x, weight)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", list(WEIGHT_RULES))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_the_float64_reference(backend, rule, shape):
+    x, weight = make_inputs(shape, device=device_for(backend))
+    out = fastalign.rms_norm(x, weight, 1e-5, rule=rule, backend=backend)
+    ref = rms_norm_reference(x, weight, 1e-5, rule=rule)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    assert_rel_close("out", out, ref, REL_TOL[torch.float32])
+    assert_grads_close(("x", "weight"), out, ref, (x, weight), REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", triton_cases(["triton"]) + ["torch"])
+@pytest.mark.parametrize("rule", list(WEIGHT_RULES))
+def test_16_bit_inputs_match_the_modules(dtype, backend, rule):
+    """In 16-bit dtypes, against the module of the rule's family and its autograd (the numbers a model gives without
+    the op), within the dtype's tolerance; the torch path's forward is the module's to the bit."""
+    x, weight = make_inputs((9, 300), dtype=dtype, device=device_for(backend))
+    module = MODULES[rule](300, eps=1e-5).to(x.device, dtype)
+    with torch.no_grad():
+        module.weight.copy_(weight - (1 if rule == "one plus" else 0))
+    out = fastalign.rms_norm(x, module.weight, 1e-5, rule=rule, backend=backend)
+    expected = module(x)
+    if backend == "torch":
+        assert torch.equal(out, expected)
+    assert out.dtype == dtype
+    assert_rel_close("out", out, expected, REL_TOL[dtype])
+    seed = torch.randn(out.shape, device=out.device)
+    for name, got, want in zip(("x", "weight"), grads_of(out, (x, module.weight), seed),
+                               grads_of(expected, (x, module.weight), seed)):
+        assert got.dtype == want.dtype
+        assert_rel_close(name, got, want, REL_TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("wanted", [(0,), (1,)])
+def test_each_gradient_alone(backend, wanted):
+    inputs = make_inputs((5, 40), device=device_for(backend))
+    inputs = [t.detach().requires_grad_(k in wanted) for k, t in enumerate(inputs)]
+    out = fastalign.rms_norm(*inputs, backend=backend)
+    ref = rms_norm_reference(*inputs)
+    seed = torch.randn(out.shape, device=out.device)
+    live = [inputs[k] for k in wanted]
+    for got, want in zip(grads_of(out, live, seed), grads_of(ref, live, seed)):
+        assert_rel_close("grad", got, want, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keeps_its_input_only(backend):
+    """What autograd holds for the backward: x and the weight (2 bytes a value), where the module holds an fp32 copy
+    of x and the rounded normalised rows (6). The test can fail: it counts the module's too."""
+    x, weight = make_inputs((6, 50), dtype=torch.bfloat16, device=device_for(backend))
+    module = LlamaRMSNorm(50).to(x.device, torch.bfloat16)
+
+    def saved_bytes(fn):
+        held = {}
+
+        def pack(t):
+            held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(held.values())
+    fused = saved_bytes(lambda: fastalign.rms_norm(x, weight, backend=backend))
+    assert fused == (x.numel() + weight.numel()) * 2
+    assert saved_bytes(lambda: module(x)) >= fused + x.numel() * (4 + 2 - 2)
+
+
+def test_the_triton_backend_refuses_float64():
+    x, weight = make_inputs((2, 8), dtype=torch.float64, device=device_for("triton"))
+    with pytest.raises(TypeError, match="x is float64"):
+        fastalign.rms_norm(x, weight, backend="triton")
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (lambda x, w: (x, w[:-1]), ValueError, r"weight must be \[D\] with D = x.shape\[-1\] = 8, got shape \(7,\)"),
+    (lambda x, w: (x, w[None]), ValueError, "weight must have 1 dimension"),
+    (lambda x, w: (x, w.double()), TypeError, r"weight must have x's dtype \(torch.float32\) under rule 'rounded'"),
+    (lambda x, w: (x, w.to("meta")), ValueError, r"weight must be on x's device \(cpu\), got meta"),
+    (lambda x, w: (x[0], w), ValueError, "x must have at least 2 dimensions"),
+    (lambda x, w: (x.long(), w), TypeError, "x must have dtype in"),
+    (lambda x, w: ("x", w), TypeError, "x must be a torch.Tensor"),
+])
+def test_bad_input_is_named(change, error, message):
+    x, weight = change(*(t.detach() for t in make_inputs((3, 8))))
+    with pytest.raises(error, match=message):
+        fastalign.rms_norm(x, weight, backend="torch")
+
+
+def test_bad_rule_and_eps_are_named():
+    x, weight = make_inputs((3, 8))
+    with pytest.raises(ValueError, match=r"rule must be one of \('rounded', 'one plus', 'fp32'\), got 'gemma'"):
+        fastalign.rms_norm(x, weight, rule="gemma")
+    with pytest.raises(ValueError, match="eps must be a number >= 0, got -1"):
+        fastalign.rms_norm(x, weight, -1)
+    # other rules take a weight of another dtype, as OLMo 2's and Gemma's modules do
+    assert fastalign.rms_norm(x, weight.double(), rule="fp32").dtype == torch.float32

@@ -1,0 +1,155 @@
+"""fused_layers: a Hugging Face model trained within it gives the modules' losses and gradients while its norms and
+MLPs keep less for the backward; its forwards are the class's again on leaving, and what it cannot stand in for (no
+grad, a LoRA down projection, hooks, an input in another dtype than the norm's weight) runs as it is.
+(tests/unlearn/test_trainer.py: the trainer trains the same run with it as without.)"""
+import pytest
+import torch
+from transformers import Gemma3TextConfig, Gemma3ForCausalLM
+
+import fastalign.unlearn.layer_stand_ins as layer_stand_ins
+from fastalign.unlearn import fused_layers
+from tests.compare import REL_TOL, rel_error
+from tests.conftest import device_for
+from tests.unlearn.tiny import tiny_llama
+
+VOCAB = 97
+
+
+def tiny_gemma3():
+    """Gemma 3's GeGLU (the tanh GELU), 2 layers, random weights."""
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=16)).eval()
+
+
+MODELS = {"llama": lambda: tiny_llama(VOCAB), "gemma3": tiny_gemma3}
+
+
+def loss_grads_and_saved_bytes(model, ids):
+    """The LM loss, every parameter's gradient and the bytes autograd held for the backward (parameters aside)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    held = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}, sum(held.values())
+
+
+@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_model_trains_as_without_it(family, backend):
+    """The loss (bit for bit on the torch backend, whose forwards are the modules' own operators) and every gradient
+    (the norms' backward sums in another order)."""
+    device = device_for(backend)
+    model = MODELS[family]().to(device)
+    ids = torch.randint(0, VOCAB, (2, 19), device=device)
+    loss, grads, _ = loss_grads_and_saved_bytes(model, ids)
+    with fused_layers(model, backend) as found:
+        layers = model.config.num_hidden_layers
+        # the MLPs; Llama's 2 norms a layer, Gemma 3's 4 and its q and k norms; the final norm
+        assert found == layers * (1 + (2 if family == "llama" else 6)) + 1
+        fused_loss, fused_grads, _ = loss_grads_and_saved_bytes(model, ids)
+    if backend == "torch":
+        assert torch.equal(fused_loss, loss)
+    assert rel_error(fused_loss, loss) <= REL_TOL[torch.float32]
+    for name, grad in grads.items():
+        assert rel_error(fused_grads[name], grad) <= REL_TOL[torch.float32], name
+    assert not any("forward" in vars(m) for m in model.modules())   # the class's forwards again
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_what_the_layers_keep_for_the_backward(family):
+    """Each MLP no longer keeps act(gate) and the product, and each of Llama's norms no longer keeps its normalised
+    rows and their rsqrt (fp32 here: the input's fp32 copy is the input itself)."""
+    model = MODELS[family]()
+    ids = torch.randint(0, VOCAB, (2, 19))
+    _, _, held = loss_grads_and_saved_bytes(model, ids)
+    with fused_layers(model, "torch"):
+        _, _, fused_held = loss_grads_and_saved_bytes(model, ids)
+    config, tokens = model.config, ids.numel()
+    mlps = config.num_hidden_layers * 2 * tokens * config.intermediate_size * 4
+    if family == "llama":
+        assert held - fused_held == mlps + (2 * config.num_hidden_layers + 1) * tokens * (config.hidden_size + 1) * 4
+    else:
+        assert held - fused_held > mlps
+
+
+def test_forwards_are_restored_when_the_block_raises():
+    model = tiny_llama(VOCAB)
+    with pytest.raises(KeyError), fused_layers(model, "torch"):
+        raise KeyError
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def count_calls(monkeypatch, name):
+    """A list that gets an entry at each call of layer_stand_ins' op `name`."""
+    calls, real = [], getattr(layer_stand_ins, name)
+    monkeypatch.setattr(layer_stand_ins, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_what_it_cannot_stand_in_for_runs_the_module(monkeypatch):
+    """Without grad, with a LoRA layer or a hook on down_proj, the module's forward runs (gated_linear is not
+    called), and modules with hooks of their own are left alone."""
+    calls = count_calls(monkeypatch, "gated_linear")
+    model = tiny_llama(VOCAB)
+    ids = torch.randint(0, VOCAB, (1, 7))
+    model.model.layers[0].mlp.register_forward_hook(lambda *args: None)
+    model.model.layers[0].input_layernorm.register_forward_hook(lambda *args: None)
+    model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda *args: None)
+    with fused_layers(model, "torch") as found:
+        assert found == 1 + 4   # an MLP, the norms
+        model(input_ids=ids).logits.sum().backward()
+        assert calls == []
+        with torch.no_grad():
+            model.model.layers[1].mlp.down_proj._forward_pre_hooks.clear()
+            expected = type(model).forward(model, input_ids=ids).logits
+            assert torch.equal(model(input_ids=ids).logits, expected) and calls == []
+        model(input_ids=ids).logits.sum().backward()
+        assert calls == [1]
+
+
+def test_a_lora_down_projection_runs_the_module():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(VOCAB), peft.LoraConfig(r=4, target_modules=["down_proj"]))
+    ids = torch.randint(0, VOCAB, (1, 7))
+    expected = model(input_ids=ids).logits
+    with fused_layers(model, "torch") as found:
+        assert found == 2 + 2 * 2 + 1   # the MLPs, two norms a layer, the final norm
+        assert torch.equal(model(input_ids=ids).logits, expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_norm_of_an_input_in_another_dtype_than_its_weight_runs_the_module(monkeypatch, backend):
+    """A "rounded" norm's output takes the promoted dtype of its weight and input (Qwen3's q_norm under a bf16
+    autocast gets bf16 heads and has fp32 weights): the module computes it, and the op where both match."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    calls = count_calls(monkeypatch, "rms_norm")
+    norm = LlamaRMSNorm(16).to(device_for(backend))
+    stand_in = layer_stand_ins.TrainingRMSNorm(norm, norm.variance_epsilon, "rounded", backend)
+    x = torch.randn(3, 16, device=norm.weight.device, requires_grad=True)
+    assert torch.equal(stand_in(x.bfloat16()), norm(x.bfloat16())) and calls == []
+    assert stand_in(x.bfloat16()).dtype == torch.float32
+    assert rel_error(stand_in(x), norm(x)) <= REL_TOL[torch.float32] and calls == [1]
+
+
+def test_under_autocast_the_down_projection_computes_in_its_dtype():
+    """As the module under autocast: the product and the down projection in bf16 from fp32 weights, whose gradients
+    come back in fp32."""
+    model = tiny_llama(VOCAB)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads, _ = loss_grads_and_saved_bytes(model, ids)
+        with fused_layers(model, "torch"):
+            fused_loss, fused_grads, _ = loss_grads_and_saved_bytes(model, ids)
+    assert torch.equal(fused_loss, loss)
+    for name, grad in grads.items():
+        assert fused_grads[name].dtype == torch.float32
+        assert rel_error(fused_grads[name], grad) <= REL_TOL[torch.bfloat16], name
