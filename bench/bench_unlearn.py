@@ -1,5 +1,5 @@
-"""Benchmark of one unlearning step (forward + backward + AdamW) of a Llama-architecture model
-on the same batch (2 harmful prompts, K=5 mismatch answers each, 2 normal examples), eight ways:
+"""Benchmark of one unlearning step (forward + backward + AdamW, fused on CUDA as the trainer's) of a
+Llama-architecture model on the same batch (2 harmful prompts, K=5 mismatch answers each, 2 normal examples), nine ways:
 
 - fastalign:          one policy forward (rows packed into prefix trees where the estimate says it pays: each
                       prompt computed once for its forget and mismatch rows, no padding), fused signed CE + fused
@@ -64,6 +64,7 @@ from fastalign.unlearn.batching import collate  # noqa: E402
 from fastalign.unlearn.encoding import EncodedExample  # noqa: E402
 from fastalign.unlearn.models import enable_activation_checkpointing  # noqa: E402
 from fastalign.unlearn.objective import LossWeights, UnlearningObjective  # noqa: E402
+from fastalign.unlearn.optimizer import adamw  # noqa: E402
 from fastalign.unlearn.layer_stand_ins import fused_layers  # noqa: E402
 from fastalign.unlearn.reference import (AdapterDisabledReference, CachedReference,  # noqa: E402
                                          FrozenCopyReference)
@@ -126,7 +127,7 @@ def drift(model):
 def optimizer_step(model, in_backward=False):
     """The end of a step: AdamW's step and the gradients dropped; with in_backward, the step each weight took in the
     backward (backward_step.py) and nothing left to do."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-6)   # the trainer's, every way
     if in_backward:
         step_in_backward(optimizer)
 

@@ -1,4 +1,4 @@
-"""The unlearning training loop: AdamW with a linear schedule, gradient accumulation, early stop on the
+"""The unlearning training loop: AdamW (optimizer.py) with a linear schedule, gradient accumulation, early stop on the
 forget NLL, optional LoRA, bf16, gradient checkpointing, atomic checkpoints and an exact resume; in one process,
 optionally AdamW stepping each weight inside the backward (optimizer_in_backward, backward_step.py).
 
@@ -46,6 +46,7 @@ from fastalign.unlearn.lora_merge import MERGE_ERROR_WARNING, merge_rounding_err
 from fastalign.unlearn.models import (cast_weights, causal_lm_parts, check_fused_logits,
                                       enable_activation_checkpointing, max_positions)
 from fastalign.unlearn.objective import UnlearningObjective
+from fastalign.unlearn.optimizer import adamw
 from fastalign.unlearn.records import DataError, read_jsonl
 from fastalign.unlearn.layer_stand_ins import fused_layers
 from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
@@ -479,16 +480,16 @@ class UnlearningTrainer:
                                         grads_in_forward=config.grads_in_forward)
         self.packer = objective.packer   # the layout of each batch, for its compute (the wrapper hides it)
 
-        def adamw(module):
+        def optimizer_over(module):
             params = [p for p in module.parameters() if p.requires_grad]
             if not params:
                 raise ValueError("the model has no trainable parameter")
-            return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+            return adamw(params, lr=config.lr, weight_decay=config.weight_decay, sharded=self.sharded)
 
         if getattr(acc, "is_fsdp2", False):
-            return acc.prepare(objective, adamw(objective))
+            return acc.prepare(objective, optimizer_over(objective))
         objective = acc.prepare(objective)
-        return objective, acc.prepare(adamw(objective))
+        return objective, acc.prepare(optimizer_over(objective))
 
     def _normal_denominator(self, batches: list[UnlearningBatch]) -> float:
         """The step's normal answer tokens (all micro-batches, all processes) per micro-batch and process. Counted on

@@ -1,0 +1,42 @@
+"""The trainer's AdamW: fused on CUDA parameters that FSDP does not shard, torch's default elsewhere; fused, it
+updates as the default does (to the rounding of its fp32 arithmetic)."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fastalign.unlearn.optimizer import adamw, uses_fused_adamw
+from tests.conftest import requires_cuda
+
+
+def on(device):
+    return SimpleNamespace(device=torch.device(device))
+
+
+@pytest.mark.parametrize("params, sharded, fused", [
+    ([on("cuda"), on("cuda:1")], False, True), ([on("cuda"), on("cpu")], False, False), ([on("cpu")], False, False),
+    ([on("cuda")], True, False), ([], False, False)])
+def test_fused_only_on_cuda_parameters_that_fsdp_does_not_shard(params, sharded, fused):
+    assert uses_fused_adamw(params, sharded) is fused
+
+
+def test_cpu_parameters_get_torchs_default():
+    optimizer = adamw([torch.nn.Parameter(torch.ones(3))], lr=1e-3, weight_decay=0.1)
+    assert optimizer.defaults["fused"] is None and optimizer.defaults["weight_decay"] == 0.1
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_step_updates_as_the_default_does(dtype):
+    torch.manual_seed(0)
+    start = torch.randn(1000, device="cuda", dtype=dtype)
+    weights = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    fused, default = adamw([weights[0]], lr=1e-2), torch.optim.AdamW([weights[1]], lr=1e-2)
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        gradient = torch.randn(1000, device="cuda", dtype=dtype)
+        for weight, optimizer in zip(weights, (fused, default)):
+            weight.grad = gradient.clone()
+            optimizer.step()
+    assert not torch.equal(weights[0], start)
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
