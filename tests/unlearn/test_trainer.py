@@ -496,16 +496,18 @@ def test_gradients_taken_in_the_forward_train_the_same_run(tmp_path, settings):
         torch.testing.assert_close(state[name], weight, rtol=1e-5, atol=1e-6)
 
 
-def test_the_trainer_trains_the_same_run_with_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("settings", [{}, {"gradient_checkpointing": True}], ids=["plain", "checkpointing"])
+def test_the_trainer_trains_the_same_run_with_it(tmp_path, monkeypatch, settings):
     """fused_layers (on by default) against off: the same log and weights up to the rounding of the norms' sums in
-    another order (fp32, torch backend); the ops ran in each micro-batch's forward, and the model's forwards are the
-    class's after the run."""
+    another order (fp32, torch backend); the ops ran in each micro-batch's forward (and again in the backward's
+    recomputation of checkpointed layers), and the model's forwards are the class's after the run."""
     mlps, norms = (count_calls(monkeypatch, name) for name in ("gated_linear", "rms_norm"))
-    off, _ = run(tmp_path, "off", max_steps=2, fused_layers=False)
+    off, _ = run(tmp_path, "off", max_steps=2, fused_layers=False, **settings)
     assert mlps == norms == []
-    on, _ = run(tmp_path, "on", max_steps=2)
+    on, _ = run(tmp_path, "on", max_steps=2, **settings)
     forwards = 2 * 2   # steps x micro-batches
-    assert (len(mlps), len(norms)) == (forwards * 2, forwards * (2 * 2 + 1))
+    layer_runs = forwards * (2 if settings else 1)   # a checkpointed layer's forward runs again in the backward
+    assert (len(mlps), len(norms)) == (layer_runs * 2, layer_runs * 2 * 2 + forwards)   # 2 layers, 2 norms each
     for got, want in zip(log_lines(tmp_path / "on"), log_lines(tmp_path / "off"), strict=True):
         assert got.keys() == want.keys()
         for key, value in want.items():
