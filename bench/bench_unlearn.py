@@ -19,8 +19,8 @@ Llama-architecture model on the same batch (2 harmful prompts, K=5 mismatch answ
                       (optimizer_in_backward: the model's gradients never all exist at once);
 - fastalign, grads in forward: fastalign with the fused losses' gradients taken in their forward pass
                       (grads_in_forward: one product with the lm_head fewer);
-- fastalign, unfused layers: fastalign without fused_layers (the model's own MLP modules, which keep act(gate)
-                      and the product for the backward).
+- fastalign, unfused layers: fastalign without fused_layers (the model's own RMSNorm and MLP modules, which
+                      keep fp32 copies of the norms' inputs, act(gate) and the product for the backward).
 Each row also gives the rows x width of its policy forwards (`grid`, padding included) and their positions (`slots`).
 `--preset 8b` instead runs the 8B-class model the ways that fit one GPU: LoRA with the adapter-disabled
 reference, and full weights with the cached reference, also with AdamW in the backward (gradient checkpointing on);
@@ -35,7 +35,7 @@ step extra = the peak of one more step beyond what is allocated between steps (m
 state): the working memory of the step itself (activations, logits, loss buffers), which is what fusing the
 losses changes; with weights and AdamW state in the total, a small batch's logits are a small part of it;
 held = what autograd keeps for the backward of one more step (each storage once, what existed before it aside), on
-any device: the activations that packing and recomputing the MLPs' products cut.
+any device: the activations that packing and the training layers (fused_layers) cut.
 
     python bench/bench_unlearn.py                  # Llama-3.2-1B shape, bf16, CUDA
     python bench/bench_unlearn.py --preset 8b      # Llama-3-8B shape, bf16, CUDA
@@ -62,10 +62,10 @@ import harness  # noqa: E402
 from fastalign.unlearn.backward_step import step_in_backward  # noqa: E402
 from fastalign.unlearn.batching import collate  # noqa: E402
 from fastalign.unlearn.encoding import EncodedExample  # noqa: E402
+from fastalign.unlearn.layer_stand_ins import fused_layers  # noqa: E402
 from fastalign.unlearn.models import enable_activation_checkpointing  # noqa: E402
 from fastalign.unlearn.objective import LossWeights, UnlearningObjective  # noqa: E402
 from fastalign.unlearn.optimizer import adamw  # noqa: E402
-from fastalign.unlearn.layer_stand_ins import fused_layers  # noqa: E402
 from fastalign.unlearn.reference import (AdapterDisabledReference, CachedReference,  # noqa: E402
                                          FrozenCopyReference)
 from fastalign.unlearn.streams import UnlearningStreams  # noqa: E402

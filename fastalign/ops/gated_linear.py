@@ -8,6 +8,7 @@ then runs one kernel that recomputes the product for the weight's gradient and g
 (kernels/gated_activation.py), instead of three elementwise ops, and the forward one instead of two.
 """
 import torch
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 from .backend import autocast_off, require_triton_dtype, select_backend
@@ -28,6 +29,7 @@ class GatedLinearFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable   # a second derivative raises instead of being silently wrong
     def backward(ctx, grad_out):
         gate, up, weight = ctx.saved_tensors
         need_gate, need_up, need_weight, need_bias = ctx.needs_input_grad[:4]
@@ -52,7 +54,8 @@ def gated_linear(gate, up, weight, bias=None, *, activation="silu", backend="aut
     all of one floating dtype and device: a gated MLP's down projection, applied to the outputs of its gate and up
     projections; [..., O] in that dtype. activation: "silu" (torch's silu: Llama, Mistral, Qwen, OLMo) or "gelu_tanh"
     (torch's gelu(approximate="tanh"): the Gemmas). The product act(gate) * up, rounded as torch's two ops round
-    it, is not kept for the backward: the backward recomputes it. Gradients flow to gate, up, weight and bias.
+    it, is not kept for the backward: the backward recomputes it. Gradients flow to gate, up, weight and bias (first
+    order: a second derivative raises).
     An enclosing autocast does not apply inside (cast the inputs to follow it).
     backend: "auto" (Triton on CUDA, torch's own operators elsewhere, which give the numbers of the unfused ops
     and their autograd exactly), "triton" or "torch".

@@ -7,6 +7,7 @@ input and the rounded normalised rows (6 bytes a value of a 16-bit input) for th
 does (`rule`).
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 from .backend import autocast_off, require_triton_dtype, select_backend
 from .checks import check_tensor, token_dims, FLOAT_DTYPES
@@ -31,6 +32,7 @@ class RMSNormFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable   # a second derivative raises instead of being silently wrong
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         with autocast_off(x.device):
@@ -41,7 +43,8 @@ class RMSNormFunction(torch.autograd.Function):
 def rms_norm(x, weight, eps=1e-6, *, rule="rounded", backend="auto"):
     """RMSNorm of x [..., D] over its last dimension with weight [D], as the Hugging Face module of `rule`'s family
     computes it (WEIGHT_RULES: "rounded" needs weight in x's dtype, as the module's output would otherwise take the
-    weight's), in x's shape and dtype. Only x and weight are kept for the backward. Gradients flow to x and weight.
+    weight's), in x's shape and dtype. Only x and weight are kept for the backward. Gradients flow to x and weight
+    (first order: a second derivative raises).
     An enclosing autocast does not apply inside (the modules compute in fp32 under it too).
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     """

@@ -42,13 +42,13 @@ from fastalign.unlearn.checkpoint import (atomic_directory, latest_checkpoint, r
 from fastalign.unlearn.compute import (ComputeTotals, ModelShape, batch_compute, cache_compute,
                                        decoder_matmul_weights)
 from fastalign.unlearn.config import UnlearnConfig
+from fastalign.unlearn.layer_stand_ins import fused_layers
 from fastalign.unlearn.lora_merge import MERGE_ERROR_WARNING, merge_rounding_error
 from fastalign.unlearn.models import (cast_weights, causal_lm_parts, check_fused_logits,
                                       enable_activation_checkpointing, max_positions)
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.optimizer import adamw
 from fastalign.unlearn.records import DataError, read_jsonl
-from fastalign.unlearn.layer_stand_ins import fused_layers
 from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
 from fastalign.unlearn.sharding import (check_flat_units, full_model_state, load_optimizer_state,
                                         load_trainable_state, optimizer_state, trainable_names, trainable_state)
@@ -398,9 +398,9 @@ class UnlearningTrainer:
         hooks = step_in_backward(_torch_optimizer(optimizer)) if config.optimizer_in_backward else []
         # the model's layers that fastalign's training ops stand in for (layer_stand_ins.py), for this run's steps only
         layers = contextlib.ExitStack()
-        if config.fused_layers:
-            layers.enter_context(fused_layers(self.model, config.backend))
         try:
+            if config.fused_layers:
+                layers.enter_context(fused_layers(self.model, config.backend))
             while step < config.max_steps:
                 started = time.perf_counter()
                 (total, forget, mismatch, normal), counts = self._step(step, objective, decoder_trains, lm_head_trains)

@@ -135,3 +135,10 @@ def test_bad_input_is_named(change, error, message):
 def test_an_unknown_activation_is_named():
     with pytest.raises(ValueError, match=r"activation must be one of \('silu', 'gelu_tanh'\), got 'relu'"):
         fastalign.gated_linear(*make_inputs((3,), 8, 5), activation="relu")
+
+
+def test_a_second_derivative_raises():
+    gate, up, weight, bias = make_inputs((3,), 8, 5)
+    grad, = torch.autograd.grad(fastalign.gated_linear(gate, up, weight, bias).pow(2).sum(), gate, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()

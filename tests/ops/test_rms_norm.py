@@ -123,3 +123,10 @@ def test_bad_rule_and_eps_are_named():
         fastalign.rms_norm(x, weight, -1)
     # other rules take a weight of another dtype, as OLMo 2's and Gemma's modules do
     assert fastalign.rms_norm(x, weight.double(), rule="fp32").dtype == torch.float32
+
+
+def test_a_second_derivative_raises():
+    x, weight = make_inputs((3, 8))
+    grad, = torch.autograd.grad(fastalign.rms_norm(x, weight).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
