@@ -25,10 +25,14 @@ from fastalign.runtime.layer_layouts import LAYOUTS
 from fastalign.runtime.module_hooks import runs_more_than_its_forward
 
 
+# what both backends compute (Triton's kernels take no float64; a float64 model trains through its modules)
+_OP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 class RecomputedProductMLP:
     """The forward of a dense gated MLP module (runtime.gated_mlps.gated_mlp_activation) whose down projection runs as
     gated_linear while gradients are recorded and the down projection is a plain nn.Linear; otherwise (no grad, a
-    LoRA layer or hooks on down_proj, which would read the product) the module's own forward."""
+    LoRA layer or hooks on down_proj, which would read the product, a float64 input) the module's own forward."""
 
     def __init__(self, module: torch.nn.Module, activation: str, backend: str):
         self.module, self.activation, self.backend = module, activation, backend
@@ -36,7 +40,8 @@ class RecomputedProductMLP:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         mlp = self.module
         down = mlp.down_proj
-        if not torch.is_grad_enabled() or type(down) is not torch.nn.Linear or runs_more_than_its_forward(down):
+        if (not torch.is_grad_enabled() or type(down) is not torch.nn.Linear or runs_more_than_its_forward(down)
+                or x.dtype not in _OP_DTYPES):
             return type(mlp).forward(mlp, x)
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
         # an autocast's linear would compute the down projection in its dtype; gated_linear runs outside it
@@ -50,7 +55,8 @@ class RecomputedProductMLP:
 class TrainingRMSNorm:
     """The forward of an RMSNorm module whose family applies its weight by `rule`, as fastalign.rms_norm while
     gradients are recorded; the module's own where the op would compute something else (a "rounded" norm of an input
-    in another dtype than its weight: the module's output takes the promoted dtype) or without grad."""
+    in another dtype than its weight: the module's output takes the promoted dtype), for a float64 input, and without
+    grad."""
 
     def __init__(self, module: torch.nn.Module, eps: float, rule: str, backend: str):
         self.module, self.eps, self.rule, self.backend = module, eps, rule, backend
@@ -58,17 +64,17 @@ class TrainingRMSNorm:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         norm, weight = self.module, self.module.weight
         if (not torch.is_grad_enabled() or x.shape[-1] != weight.shape[0] or x.device != weight.device
-                or (self.rule == "rounded" and x.dtype != weight.dtype)):
+                or x.dtype not in _OP_DTYPES or (self.rule == "rounded" and x.dtype != weight.dtype)):
             return type(norm).forward(norm, x)
         return rms_norm(x, weight, self.eps, rule=self.rule, backend=self.backend)
 
 
 def _training_rms_norm(module, rule, backend):
     """TrainingRMSNorm for `module` where it is an RMSNorm (a type named *RMSNorm, without hooks, with a 1-D weight
-    and a float eps) of a family of weight rule `rule` (None: unknown), else None."""
+    and a float eps), else None."""
     weight = getattr(module, "weight", None)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if (rule is None or not type(module).__name__.endswith("RMSNorm") or runs_more_than_its_forward(module)
+    if (not type(module).__name__.endswith("RMSNorm") or runs_more_than_its_forward(module)
             or not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float)):
         return None
     return TrainingRMSNorm(module, eps, rule, backend)
@@ -82,19 +88,29 @@ def _stand_in(module, rule, backend):
     return _training_rms_norm(module, rule, backend)
 
 
+def _family_layout(model):
+    """The LayerLayout (runtime.layer_layouts) of the model type of the first module of `model` that has a config
+    (the model under its wrappers), or None for a family fastalign does not know."""
+    for module in model.modules():
+        model_type = getattr(getattr(module, "config", None), "model_type", None)
+        if model_type is not None:
+            return LAYOUTS.get(model_type)
+    return None
+
+
 @contextlib.contextmanager
 def fused_layers(model: torch.nn.Module, backend: str = "auto"):
     """A context in which the RMSNorms and dense gated MLPs of the Hugging Face model `model` (any wrapper around it:
     PEFT, DDP) forward as TrainingRMSNorm and RecomputedProductMLP with the ops' `backend`; yields how many modules
-    it stands in for. Their forwards are the class's again on leaving it. Modules with hooks (accelerate's
-    offloading, FSDP's units) are left as they are, and so are the norms of a family whose weight rule is unknown."""
-    layout = next((LAYOUTS.get(getattr(getattr(m, "config", None), "model_type", None)) for m in model.modules()
-                   if hasattr(m, "config")), None)
-    rule = None if layout is None else layout.rms_norm
+    it stands in for. Their forwards are the class's again on leaving it. Only the families whose layers fastalign
+    knows (runtime.layer_layouts: Llama, Mistral, Qwen 2 and 3, the Gemmas, OLMo 2 and 3, their MoEs) are stood in
+    for, since another family's module of the same name may compute more (Gemma 3n's MLPs sparsify their gate);
+    modules with hooks (accelerate's offloading, FSDP's units) are left as they are."""
+    layout = _family_layout(model)
     patched = []
     try:
-        for module in model.modules():
-            stand_in = _stand_in(module, rule, backend)
+        for module in model.modules() if layout is not None else ():
+            stand_in = _stand_in(module, layout.rms_norm, backend)
             if stand_in is not None:
                 module.forward = stand_in
                 patched.append(module)

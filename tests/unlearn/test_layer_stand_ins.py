@@ -153,3 +153,26 @@ def test_under_autocast_the_down_projection_computes_in_its_dtype():
     for name, grad in grads.items():
         assert fused_grads[name].dtype == torch.float32
         assert rel_error(fused_grads[name], grad) <= REL_TOL[torch.bfloat16], name
+
+
+def test_a_family_fastalign_does_not_know_is_left_as_it_is():
+    """A module named *MLP or *RMSNorm of another family may compute more than its name says (Gemma 3n's MLPs
+    sparsify their gate): nothing is stood in for."""
+    model = tiny_llama(VOCAB)
+    model.config.model_type = "gemma3n_text"
+    with fused_layers(model, "torch") as found:
+        assert found == 0
+    model.config.model_type = "llama"
+    with fused_layers(model, "torch") as found:
+        assert found == 2 + 2 * 2 + 1
+
+
+def test_a_float64_model_trains_through_its_modules(monkeypatch):
+    calls = [count_calls(monkeypatch, name) for name in ("gated_linear", "rms_norm")]
+    model = tiny_llama(VOCAB).double()
+    ids = torch.randint(0, VOCAB, (1, 7))
+    loss, grads, _ = loss_grads_and_saved_bytes(model, ids)
+    with fused_layers(model, "torch"):
+        fused_loss, fused_grads, _ = loss_grads_and_saved_bytes(model, ids)
+    assert calls == [[], []]
+    assert torch.equal(fused_loss, loss) and all(torch.equal(fused_grads[k], g) for k, g in grads.items())
