@@ -79,7 +79,7 @@ gpu_benches() {
     step 45 "bench_loss, 1B head" python3 bench/bench_loss.py --hidden 2048 --tokens 256 2048 --verbose --stages
     step 95 "bench_tree" python3 bench/bench_tree.py --prefix 1500 8000 32000 131072 --rows 1 10 64 \
         --branch-lengths 16 2048 8192 --decode-tokens 64 --splits 8 32 64
-    step 75 "bench_unlearn" python3 bench/bench_unlearn.py --reps 3 --profile
+    step 95 "bench_unlearn" python3 bench/bench_unlearn.py --reps 3 --profile
     step 150 "bench_rain" python3 bench/bench_rain.py --random-model --hh "$HH" --prompts 1 --max-new-tokens 8 \
         --concurrency 1 8 32 --judge-prompts 16 --cuda-graphs --profile
 }
