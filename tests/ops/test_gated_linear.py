@@ -9,6 +9,7 @@ import fastalign
 from fastalign.reference.gated_linear import gated_linear as gated_linear_reference
 from tests.compare import REL_TOL, assert_grads_close, assert_rel_close, grads_of
 from tests.conftest import device_for, triton_cases
+from tests.saved_tensors import saved_bytes
 
 BACKENDS = ["torch", "triton"]
 ACTIVATIONS = ["silu", "gelu_tanh"]
@@ -84,20 +85,10 @@ def test_keeps_gate_and_up_but_not_the_product(backend):
     """What autograd holds for the backward: gate, up and the weight, no [tokens x I] tensor besides; the unfused ops
     hold two more (act(gate) and the product). The test can fail: it counts the unfused ops' too."""
     gate, up, weight, bias = make_inputs((6,), 50, 8, device=device_for(backend))
-
-    def saved_bytes(fn):
-        held = {}
-
-        def pack(t):
-            held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn(gate, up, weight, bias)
-        return sum(held.values())
     row_block = gate.numel() * gate.element_size()
-    fused = saved_bytes(lambda *a: fastalign.gated_linear(*a, backend=backend))
+    _, fused = saved_bytes(lambda: fastalign.gated_linear(gate, up, weight, bias, backend=backend))
     assert fused == 2 * row_block + weight.numel() * weight.element_size()
-    assert saved_bytes(lambda *a: unfused(*a, "silu")) >= fused + 2 * row_block
+    assert saved_bytes(lambda: unfused(gate, up, weight, bias, "silu"))[1] >= fused + 2 * row_block
 
 
 def test_an_enclosing_autocast_does_not_apply_inside():

@@ -10,6 +10,7 @@ import fastalign.unlearn.layer_stand_ins as layer_stand_ins
 from fastalign.unlearn import fused_layers
 from tests.compare import REL_TOL, rel_error
 from tests.conftest import device_for
+from tests.saved_tensors import saved_bytes
 from tests.unlearn.tiny import tiny_llama
 
 VOCAB = 97
@@ -28,18 +29,10 @@ MODELS = {"llama": lambda: tiny_llama(VOCAB), "gemma3": tiny_gemma3}
 
 def loss_grads_and_saved_bytes(model, ids):
     """The LM loss, every parameter's gradient and the bytes autograd held for the backward (parameters aside)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    held = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
     model.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids).loss
+    loss, held = saved_bytes(lambda: model(input_ids=ids, labels=ids).loss, excluded=list(model.parameters()))
     loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}, sum(held.values())
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}, held
 
 
 @pytest.mark.parametrize("family", MODELS)

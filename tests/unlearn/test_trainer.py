@@ -487,12 +487,17 @@ def test_gradients_taken_in_the_forward_train_the_same_run(tmp_path, settings):
         pytest.importorskip("peft")
     after, _ = run(tmp_path, "backward", max_steps=3, **settings)
     inside, _ = run(tmp_path, "forward", max_steps=3, grads_in_forward=True, **settings)
-    for got, want in zip(log_lines(tmp_path / "forward"), log_lines(tmp_path / "backward")):
+    assert_same_run_to_rounding(tmp_path / "forward", inside, tmp_path / "backward", after)
+
+
+def assert_same_run_to_rounding(path, trainer, expected_path, expected_trainer):
+    """The run logged in `path` by `trainer` is the expected one up to fp32 rounding: log and weights."""
+    for got, want in zip(log_lines(path), log_lines(expected_path), strict=True):
         assert got.keys() == want.keys()
         for key, value in want.items():
             assert got[key] == (pytest.approx(value, rel=1e-5, abs=1e-7) if isinstance(value, float) else value), key
-    state = inside.model.state_dict()
-    for name, weight in after.model.state_dict().items():
+    state = trainer.model.state_dict()
+    for name, weight in expected_trainer.model.state_dict().items():
         torch.testing.assert_close(state[name], weight, rtol=1e-5, atol=1e-6)
 
 
@@ -508,13 +513,7 @@ def test_the_trainer_trains_the_same_run_with_it(tmp_path, monkeypatch, settings
     forwards = 2 * 2   # steps x micro-batches
     layer_runs = forwards * (2 if settings else 1)   # a checkpointed layer's forward runs again in the backward
     assert (len(mlps), len(norms)) == (layer_runs * 2, layer_runs * 2 * 2 + forwards)   # 2 layers, 2 norms each
-    for got, want in zip(log_lines(tmp_path / "on"), log_lines(tmp_path / "off"), strict=True):
-        assert got.keys() == want.keys()
-        for key, value in want.items():
-            assert got[key] == (pytest.approx(value, rel=1e-5, abs=1e-7) if isinstance(value, float) else value), key
-    state = on.model.state_dict()
-    for name, weight in off.model.state_dict().items():
-        torch.testing.assert_close(state[name], weight, rtol=1e-5, atol=1e-6)
+    assert_same_run_to_rounding(tmp_path / "on", on, tmp_path / "off", off)
     assert not any("forward" in vars(m) for m in on.model.modules())
 
 
