@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from .device_guard import on_device_of_first_input
-from .linear_softmax_tiles import soft_cap
+from .linear_softmax_tiles import multiprocessor_count, soft_cap
 
 LOG2E = 1.4426950408889634
 _LOG2E_IN_KERNELS = tl.constexpr(LOG2E)   # a kernel reads a global only as a constexpr
@@ -265,7 +265,7 @@ def _merge_splits_kernel(
 @functools.lru_cache(maxsize=None)
 def _num_sms(device):
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return multiprocessor_count(device)
     return 4  # the interpreter: a small number so that splitting is exercised on small tests
 
 

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .device_guard import on_device_of_first_input
+from .linear_softmax_tiles import multiprocessor_count
 
 
 @triton.jit
@@ -139,7 +140,7 @@ def backward_num_warps(block):
 def _num_programs(device, num_rows):
     """Programs of the backward: two per SM on a GPU (each sums the weight's gradient over its rows), a few on the
     interpreter."""
-    slots = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    slots = 2 * multiprocessor_count(device) if device.type == "cuda" else 4
     return max(1, min(num_rows, slots))
 
 

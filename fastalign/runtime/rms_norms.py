@@ -52,16 +52,25 @@ def add_then_norm(norm, h, y, y_norm=None):
     return total, total if norm is None else norm(total)
 
 
-def fused_rms_norm(module, rule, dtype):
-    """FusedRMSNorm for `module`, or the module itself where it is not an RMSNorm that applies its weight by `rule`
-    (a type named *RMSNorm with a 1-D weight and a float eps), carries hooks (accelerate's offloading, a user's), or
-    under "rounded" keeps its weight in another dtype than the model's `dtype` (its output would take the weight's)."""
-    if module is None:
-        return None
+def rms_norm_eps(module):
+    """The eps of `module` where it is an RMSNorm that fastalign's kernels can stand in for (a type named *RMSNorm,
+    without hooks (accelerate's offloading, a user's), with a 1-D weight and a float eps, variance_epsilon or eps),
+    else None."""
     weight = getattr(module, "weight", None)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if (rule not in WEIGHT_RULES or not type(module).__name__.endswith("RMSNorm") or runs_more_than_its_forward(module)
-            or not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float)
-            or (rule == "rounded" and weight.dtype != dtype)):
+    if (not type(module).__name__.endswith("RMSNorm") or runs_more_than_its_forward(module)
+            or not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float)):
+        return None
+    return eps
+
+
+def fused_rms_norm(module, rule, dtype):
+    """FusedRMSNorm for `module`, or the module itself where it is not an RMSNorm (rms_norm_eps) that applies its
+    weight by `rule`, or under "rounded" keeps its weight in another dtype than the model's `dtype` (its output would
+    take the weight's)."""
+    if module is None:
+        return None
+    eps = rms_norm_eps(module)
+    if eps is None or rule not in WEIGHT_RULES or (rule == "rounded" and module.weight.dtype != dtype):
         return module
     return FusedRMSNorm(module, eps, rule)

@@ -23,6 +23,7 @@ from fastalign.ops.rms_norm import rms_norm
 from fastalign.runtime.gated_mlps import gated_mlp_activation
 from fastalign.runtime.layer_layouts import LAYOUTS
 from fastalign.runtime.module_hooks import runs_more_than_its_forward
+from fastalign.runtime.rms_norms import rms_norm_eps
 
 
 # what both backends compute (Triton's kernels take no float64; a float64 model trains through its modules)
@@ -69,23 +70,13 @@ class TrainingRMSNorm:
         return rms_norm(x, weight, self.eps, rule=self.rule, backend=self.backend)
 
 
-def _training_rms_norm(module, rule, backend):
-    """TrainingRMSNorm for `module` where it is an RMSNorm (a type named *RMSNorm, without hooks, with a 1-D weight
-    and a float eps), else None."""
-    weight = getattr(module, "weight", None)
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if (not type(module).__name__.endswith("RMSNorm") or runs_more_than_its_forward(module)
-            or not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float)):
-        return None
-    return TrainingRMSNorm(module, eps, rule, backend)
-
-
 def _stand_in(module, rule, backend):
     """What forwards in place of `module` within fused_layers, or None."""
     activation = gated_mlp_activation(module)
     if activation is not None:
         return RecomputedProductMLP(module, activation, backend)
-    return _training_rms_norm(module, rule, backend)
+    eps = rms_norm_eps(module)
+    return None if eps is None else TrainingRMSNorm(module, eps, rule, backend)
 
 
 def _family_layout(model):
