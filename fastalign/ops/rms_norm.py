@@ -6,11 +6,13 @@ input and the rounded normalised rows (6 bytes a value of a 16-bit input) for th
 (2), recomputes the rest in its backward kernel (kernels/rms_norm.py) and applies the weight as each family's module
 does (`rule`).
 """
+import math
+
 import torch
 from torch.autograd.function import once_differentiable
 
 from .backend import autocast_off, require_triton_dtype, select_backend
-from .checks import check_tensor, token_dims, FLOAT_DTYPES
+from .checks import check_tensor, is_real, token_dims, FLOAT_DTYPES
 
 # How a family's module applies its weight to the normalised rows (fp32), and the launchers' arguments for it:
 # "rounded" (Llama, Mistral, Qwen, the MoEs): rounded to the input's dtype, then times the weight, in that dtype;
@@ -59,8 +61,8 @@ def rms_norm(x, weight, eps=1e-6, *, rule="rounded", backend="auto"):
         raise ValueError(f"rule must be one of {tuple(WEIGHT_RULES)}, got {rule!r}")
     if rule == "rounded" and weight.dtype != x.dtype:
         raise TypeError(f"weight must have x's dtype ({x.dtype}) under rule 'rounded', got {weight.dtype}")
-    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps >= 0):
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    if not (is_real(eps) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     launcher = select_backend("rms_norm", backend, x.device)
     require_triton_dtype(launcher, "x", x)
     return RMSNormFunction.apply(x.contiguous(), weight.contiguous(), float(eps), rule, launcher)

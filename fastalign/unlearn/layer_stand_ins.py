@@ -1,16 +1,16 @@
 """Training with fastalign's ops standing in for a Hugging Face decoder's RMSNorms and gated MLPs, which keep less for
 the backward and launch fewer kernels than the modules.
 
-Per token and layer, Llama-3.2-1B's bf16 modules keep some 106 KiB for the backward. Of it, each RMSNorm keeps an fp32
-copy of its input and the rounded normalised row (12 KiB), and the gated MLP gate, act(gate), up and the product
-(64 KiB). Within `fused_layers`:
+At Llama-3.2-1B's widths in bf16, each RMSNorm module keeps an fp32 copy of its input and the rounded normalised row
+for the backward (12 KiB a token), and the gated MLP gate, act(gate), up and the product (64 KiB), of roughly 100 KiB
+that a layer keeps. Within `fused_layers`:
 - each RMSNorm of a family whose weight rule fastalign knows (runtime.layer_layouts) runs as fastalign.rms_norm,
   which keeps its input only (4 KiB);
 - each dense gated MLP runs its down projection as fastalign.gated_linear, which keeps gate and up only (32 KiB) and
   recomputes the product in the backward.
-That leaves 58 KiB a token and layer (counted on a CPU, tests/unlearn/test_layer_stand_ins.py counts it exactly on a
-tiny model), and one kernel each way where the modules run eight or more. The numbers are the modules': the
-forward's to the bit on the torch backend, the gradients to the rounding of the norms' sums taken in another order.
+That is 48 KiB a token and layer less (tests/unlearn/test_layer_stand_ins.py checks the savings to the byte on a tiny
+model), and one kernel each way where the modules run eight or more. The numbers are the modules': the forward's to
+the bit on the torch backend, the gradients to the rounding of the norms' sums taken in another order.
 """
 from __future__ import annotations
 

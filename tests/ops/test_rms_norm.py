@@ -110,8 +110,9 @@ def test_bad_rule_and_eps_are_named():
     x, weight = make_inputs((3, 8))
     with pytest.raises(ValueError, match=r"rule must be one of \('rounded', 'one plus', 'fp32'\), got 'gemma'"):
         fastalign.rms_norm(x, weight, rule="gemma")
-    with pytest.raises(ValueError, match="eps must be a number >= 0, got -1"):
-        fastalign.rms_norm(x, weight, -1)
+    for eps in (-1, float("nan"), True, "1e-6"):
+        with pytest.raises(ValueError, match=f"eps must be a finite number >= 0, got {eps!r}"):
+            fastalign.rms_norm(x, weight, eps)
     # other rules take a weight of another dtype, as OLMo 2's and Gemma's modules do
     assert fastalign.rms_norm(x, weight.double(), rule="fp32").dtype == torch.float32
 
