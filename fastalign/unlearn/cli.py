@@ -191,7 +191,7 @@ def register(subparsers) -> argparse.ArgumentParser:
       "nearly half a Llama layer's activation memory (default: on)")
     g("--seed", type=int, metavar="N",
       help="seed of data order, mismatch answers, LoRA initialisation and dropout (default: 0)")
-    g("--backend", choices=BACKENDS, help="fused-loss backend (default: auto)")
+    g("--backend", choices=BACKENDS, help="backend of the fused ops, the losses and the layers (default: auto)")
 
     g = p.add_argument_group("LoRA").add_argument
     g("--lora", action=argparse.BooleanOptionalAction,
