@@ -24,7 +24,17 @@ def tiny_gemma3():
         num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=16)).eval()
 
 
-MODELS = {"llama": lambda: tiny_llama(VOCAB), "gemma3": tiny_gemma3}
+def tiny_olmo2():
+    """OLMo 2's norms: after each sublayer, and q/k norms over the whole projection ("fp32" rule), 2 layers."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+    torch.manual_seed(0)
+    return Olmo2ForCausalLM(Olmo2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128)).eval()
+
+
+MODELS = {"llama": lambda: tiny_llama(VOCAB), "gemma3": tiny_gemma3, "olmo2": tiny_olmo2}
+NORMS_PER_LAYER = {"llama": 2, "gemma3": 6, "olmo2": 4}   # Gemma 3's and OLMo 2's with their q and k norms
 
 
 def loss_grads_and_saved_bytes(model, ids):
@@ -46,8 +56,7 @@ def test_the_model_trains_as_without_it(family, backend):
     loss, grads, _ = loss_grads_and_saved_bytes(model, ids)
     with fused_layers(model, backend) as found:
         layers = model.config.num_hidden_layers
-        # the MLPs; Llama's 2 norms a layer, Gemma 3's 4 and its q and k norms; the final norm
-        assert found == layers * (1 + (2 if family == "llama" else 6)) + 1
+        assert found == layers * (1 + NORMS_PER_LAYER[family]) + 1   # the MLPs, the layers' norms, the final norm
         fused_loss, fused_grads, _ = loss_grads_and_saved_bytes(model, ids)
     if backend == "torch":
         assert torch.equal(fused_loss, loss)
