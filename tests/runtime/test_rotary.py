@@ -54,20 +54,27 @@ def test_both_backends_store_the_rotated_keys_and_the_values_alike():
         assert not store[1].isnan().all() and store[1].isnan().any()
 
 
-def test_head_norms_run_in_the_kernel_when_both_are_fused_and_as_called_otherwise(monkeypatch):
-    """Qwen3's q_norm and k_norm: with both FusedRMSNorm, the kernel normalises (no norm is called); with a module
-    among them, each norm is called as it is, then the heads are rotated."""
+def qwen3_heads_and_norms(head_dim):
+    """bf16 q [3, 4, D] and k [3, 2, D], cos and sin [3, 1, D], Qwen3's q_norm and k_norm modules over D and a
+    FusedRMSNorm of each."""
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
     from fastalign.runtime.rms_norms import FusedRMSNorm
-    from tests.kernels.test_rms_norm import assert_as_module
     torch.manual_seed(0)
-    q, k = (torch.randn(3, heads, 16).to(TRITON_DEVICE, torch.bfloat16) for heads in (4, 2))
-    cos, sin = (torch.randn(3, 1, 16).to(TRITON_DEVICE, torch.bfloat16) for _ in range(2))
-    modules = [Qwen3RMSNorm(16, eps=1e-6).to(TRITON_DEVICE, torch.bfloat16) for _ in range(2)]
+    q, k = (torch.randn(3, heads, head_dim).to(TRITON_DEVICE, torch.bfloat16) for heads in (4, 2))
+    cos, sin = (torch.randn(3, 1, head_dim).to(TRITON_DEVICE, torch.bfloat16) for _ in range(2))
+    modules = [Qwen3RMSNorm(head_dim, eps=1e-6).to(TRITON_DEVICE, torch.bfloat16) for _ in range(2)]
     for module in modules:
         torch.nn.init.normal_(module.weight, 1.0, 0.5)
-    fused = [FusedRMSNorm(module, 1e-6, "rounded") for module in modules]
+    return q, k, cos, sin, modules, [FusedRMSNorm(module, 1e-6, "rounded") for module in modules]
+
+
+def test_head_norms_run_in_the_kernel_when_both_are_fused_and_as_called_otherwise(monkeypatch):
+    """Qwen3's q_norm and k_norm: with both FusedRMSNorm, the kernel normalises (no norm is called); with a module
+    among them, each norm is called as it is, then the heads are rotated."""
+    from fastalign.runtime.rms_norms import FusedRMSNorm
+    from tests.kernels.test_rms_norm import assert_as_module
+    q, k, cos, sin, modules, fused = qwen3_heads_and_norms(16)
     calls = []
     monkeypatch.setattr(FusedRMSNorm, "__call__", lambda self, x: calls.append(self) or self.module(x))
     with torch.no_grad():
@@ -84,17 +91,8 @@ def test_head_norms_run_in_the_kernel_when_both_are_fused_and_as_called_otherwis
 def test_head_norms_still_apply_where_the_kernel_does_not_rotate():
     """Fused head norms with heads the kernel cannot rotate (an odd head_dim): the norms run as they are, then the
     torch rotation, as rotate_qk_torch computes with the modules."""
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
-
-    from fastalign.runtime.rms_norms import FusedRMSNorm
     from tests.kernels.test_rms_norm import assert_as_module
-    torch.manual_seed(0)
-    q, k = (torch.randn(3, heads, 7).to(TRITON_DEVICE, torch.bfloat16) for heads in (4, 2))
-    cos, sin = (torch.randn(3, 1, 7).to(TRITON_DEVICE, torch.bfloat16) for _ in range(2))
-    modules = [Qwen3RMSNorm(7, eps=1e-6).to(TRITON_DEVICE, torch.bfloat16) for _ in range(2)]
-    for module in modules:
-        torch.nn.init.normal_(module.weight, 1.0, 0.5)
-    fused = [FusedRMSNorm(module, 1e-6, "rounded") for module in modules]
+    q, k, cos, sin, modules, fused = qwen3_heads_and_norms(7)
     with torch.no_grad():
         ref = rotate_qk_torch(q, k, cos, sin, head_norms=modules)
         out = qk_rotation("triton")(q, k, cos, sin, head_norms=fused)
