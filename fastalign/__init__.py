@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 __all__, __getattr__, __dir__ = lazy_exports(globals(), {
     "fastalign.ops.linear_cross_entropy": ["linear_cross_entropy"],
     "fastalign.ops.linear_kl_div": ["linear_kl_div"],
-    "fastalign.ops.gated_linear": ["gated_linear"],
+    "fastalign.ops.gated_linear": ["gated_activation", "gated_linear"],
     "fastalign.ops.rms_norm": ["rms_norm"],
     "fastalign.unlearn.token_weights": ["unlearning_token_weights"],
     "fastalign.unlearn": ["UnlearnConfig", "UnlearningObjective", "UnlearningTrainer", "run_unlearning"],

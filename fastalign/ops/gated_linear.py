@@ -1,11 +1,13 @@
 """fastalign.gated_linear: a gated MLP's down projection, linear(act(gate) * up), that saves gate and up for the
-backward but not the product, which it recomputes there.
+backward but not the product, which it recomputes there; and fastalign.gated_activation, the product alone, saving
+gate and up, for a down projection that must be called as the module it is (a LoRA layer).
 
 A Hugging Face gated MLP (Llama's SwiGLU, Gemma's GeGLU) keeps four [tokens x intermediate] tensors per layer for the
 backward: gate (the activation's input), act(gate) and up (the product's), and the product (the down projection's
-input). This op keeps two, half of the MLP's activation memory and about a third of a decoder layer's; the backward
-then runs one kernel that recomputes the product for the weight's gradient and gives gate's and up's gradients
-(kernels/gated_activation.py), instead of three elementwise ops, and the forward one instead of two.
+input). gated_linear keeps two, half of the MLP's activation memory and about a third of a decoder layer's;
+gated_activation three (its output, the product, is kept by the down projection). Their backward runs one kernel that
+gives gate's and up's gradients (and for gated_linear recomputes the product for the weight's gradient;
+kernels/gated_activation.py), instead of three elementwise ops, and the forward one instead of two.
 """
 import torch
 from torch.autograd.function import once_differentiable
@@ -49,6 +51,56 @@ class GatedLinearFunction(torch.autograd.Function):
         return (grad_gate if need_gate else None, grad_up if need_up else None, grad_weight, grad_bias, None, None)
 
 
+class GatedActivationFunction(torch.autograd.Function):
+    """act(gate) * up, saving gate and up; gradients flow to both."""
+
+    @staticmethod
+    def forward(ctx, gate, up, tanh_gelu, launcher):
+        with autocast_off(gate.device):
+            out = launcher.forward(gate, up, tanh_gelu=tanh_gelu)
+        ctx.save_for_backward(gate, up)
+        ctx.tanh_gelu, ctx.launcher = tanh_gelu, launcher
+        return out
+
+    @staticmethod
+    @once_differentiable   # a second derivative raises instead of being silently wrong
+    def backward(ctx, grad_out):
+        gate, up = ctx.saved_tensors
+        with autocast_off(gate.device):
+            _, grad_gate, grad_up = ctx.launcher.backward(gate, up, grad_out, tanh_gelu=ctx.tanh_gelu, need_out=False)
+        return grad_gate, grad_up, None, None
+
+
+def _launcher_of(gate, up, activation, backend, others=()):
+    """The gated activation's launcher for gate and up [..., I] (one shape, dtype and device) and the (name, tensor)
+    pairs in `others`, which must have their dtype and device too; a clear error naming the argument otherwise."""
+    token_dims("gate", gate)
+    check_tensor("gate", gate, ndim=None, dtypes=FLOAT_DTYPES)
+    for name, t in (("up", up), *others):
+        if t is None:
+            continue
+        check_tensor(name, t, ndim=None)
+        if t.dtype != gate.dtype:
+            raise TypeError(f"{name} must have the dtype of gate ({gate.dtype}), got {t.dtype}")
+        if t.device != gate.device:
+            raise ValueError(f"{name} must be on gate's device ({gate.device}), got {t.device}")
+    if up.shape != gate.shape:
+        raise ValueError(f"up must have the shape of gate {tuple(gate.shape)}, got {tuple(up.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    launcher = select_backend("gated_activation", backend, gate.device)
+    require_triton_dtype(launcher, "gate", gate)
+    return launcher
+
+
+def gated_activation(gate, up, *, activation="silu", backend="auto"):
+    """act(gate) * up for gate, up [..., I] of one shape, floating dtype and device, rounded as torch's two ops round
+    it, in that shape and dtype; gate and up are kept for the backward, not act(gate). activation, backend and the
+    rest as gated_linear's."""
+    launcher = _launcher_of(gate, up, activation, backend)
+    return GatedActivationFunction.apply(gate, up, activation == "gelu_tanh", launcher)
+
+
 def gated_linear(gate, up, weight, bias=None, *, activation="silu", backend="auto"):
     """linear(act(gate) * up, weight, bias) for gate, up [..., I] (one shape), weight [O, I] and bias [O] or None,
     all of one floating dtype and device: a gated MLP's down projection, applied to the outputs of its gate and up
@@ -60,26 +112,11 @@ def gated_linear(gate, up, weight, bias=None, *, activation="silu", backend="aut
     backend: "auto" (Triton on CUDA, torch's own operators elsewhere, which give the numbers of the unfused ops
     and their autograd exactly), "triton" or "torch".
     """
-    token_dims("gate", gate)
-    check_tensor("gate", gate, ndim=None, dtypes=FLOAT_DTYPES)
-    for name, t in (("up", up), ("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        check_tensor(name, t, ndim=None)
-        if t.dtype != gate.dtype:
-            raise TypeError(f"{name} must have the dtype of gate ({gate.dtype}), got {t.dtype}")
-        if t.device != gate.device:
-            raise ValueError(f"{name} must be on gate's device ({gate.device}), got {t.device}")
-    if up.shape != gate.shape:
-        raise ValueError(f"up must have the shape of gate {tuple(gate.shape)}, got {tuple(up.shape)}")
+    launcher = _launcher_of(gate, up, activation, backend, (("weight", weight), ("bias", bias)))
     if weight.dim() != 2 or weight.shape[1] != gate.shape[-1]:
         raise ValueError(f"weight must be [O, I] with I = gate.shape[-1] = {gate.shape[-1]}, got shape "
                          f"{tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be [{weight.shape[0]}] (one entry per row of weight), got shape "
                          f"{tuple(bias.shape)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    launcher = select_backend("gated_activation", backend, gate.device)
-    require_triton_dtype(launcher, "gate", gate)
     return GatedLinearFunction.apply(gate, up, weight, bias, activation == "gelu_tanh", launcher)

@@ -7,7 +7,8 @@ that a layer keeps. Within `fused_layers`:
 - each RMSNorm of a family whose weight rule fastalign knows (runtime.layer_layouts) runs as fastalign.rms_norm,
   which keeps its input only (4 KiB);
 - each dense gated MLP runs its down projection as fastalign.gated_linear, which keeps gate and up only (32 KiB) and
-  recomputes the product in the backward.
+  recomputes the product in the backward; where the down projection is a LoRA layer (or has hooks), it is called on
+  fastalign.gated_activation's product, which it keeps itself (48 KiB).
 That is 48 KiB a token and layer less (tests/unlearn/test_layer_stand_ins.py checks the savings to the byte on a tiny
 model), and one kernel each way where the modules run eight or more. The numbers are the modules': the forward's to
 the bit on the torch backend, the gradients to the rounding of the norms' sums taken in another order.
@@ -18,7 +19,7 @@ import contextlib
 
 import torch
 
-from fastalign.ops.gated_linear import gated_linear
+from fastalign.ops.gated_linear import gated_activation, gated_linear
 from fastalign.ops.rms_norm import rms_norm
 from fastalign.runtime.gated_mlps import gated_mlp_activation
 from fastalign.runtime.layer_layouts import LAYOUTS
@@ -31,9 +32,10 @@ _OP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class RecomputedProductMLP:
-    """The forward of a dense gated MLP module (runtime.gated_mlps.gated_mlp_activation) whose down projection runs as
-    gated_linear while gradients are recorded and the down projection is a plain nn.Linear; otherwise (no grad, a
-    LoRA layer or hooks on down_proj, which would read the product, a float64 input) the module's own forward."""
+    """The forward of a dense gated MLP module (runtime.gated_mlps.gated_mlp_activation) while gradients are recorded:
+    its down projection as gated_linear where it is a plain nn.Linear; otherwise (a LoRA layer, hooks, which read the
+    product) the down_proj module called on gated_activation's product. Without grad, and for a float64 input, the
+    module's own forward."""
 
     def __init__(self, module: torch.nn.Module, activation: str, backend: str):
         self.module, self.activation, self.backend = module, activation, backend
@@ -41,10 +43,11 @@ class RecomputedProductMLP:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         mlp = self.module
         down = mlp.down_proj
-        if (not torch.is_grad_enabled() or type(down) is not torch.nn.Linear or runs_more_than_its_forward(down)
-                or x.dtype not in _OP_DTYPES):
+        if not torch.is_grad_enabled() or x.dtype not in _OP_DTYPES:
             return type(mlp).forward(mlp, x)
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        if type(down) is not torch.nn.Linear or runs_more_than_its_forward(down):
+            return down(gated_activation(gate, up, activation=self.activation, backend=self.backend))
         # an autocast's linear would compute the down projection in its dtype; gated_linear runs outside it
         dtype = (torch.get_autocast_dtype(gate.device.type) if torch.is_autocast_enabled(gate.device.type)
                  else gate.dtype)

@@ -1,11 +1,12 @@
-"""fastalign.gated_linear against its float64 reference and against the unfused torch ops it stands for, on every
-backend: forward and backward at odd shapes (a width no block divides, one token, no token, 3-D), each gradient
-alone, what it keeps for the backward, and its errors."""
+"""fastalign.gated_linear and fastalign.gated_activation against their float64 references and against the unfused
+torch ops they stand for, on every backend: forward and backward at odd shapes (a width no block divides, one token,
+no token, 3-D), each gradient alone, what they keep for the backward, and their errors."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastalign
+from fastalign.reference.gated_linear import gated_activation as gated_activation_reference
 from fastalign.reference.gated_linear import gated_linear as gated_linear_reference
 from tests.compare import REL_TOL, assert_grads_close, assert_rel_close, grads_of
 from tests.conftest import device_for, triton_cases
@@ -133,3 +134,38 @@ def test_a_second_derivative_raises():
     grad, = torch.autograd.grad(fastalign.gated_linear(gate, up, weight, bias).pow(2).sum(), gate, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad.sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_activation_alone_matches_its_float64_reference(backend, activation, shape):
+    gate, up, _, _ = make_inputs(*shape, device=device_for(backend))
+    out = fastalign.gated_activation(gate, up, activation=activation, backend=backend)
+    ref = gated_activation_reference(gate, up, activation=activation)
+    assert out.dtype == torch.float32 and out.shape == gate.shape
+    assert_rel_close("out", out, ref, REL_TOL[torch.float32])
+    assert_grads_close(("gate", "up"), out, ref, (gate, up), REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_activation_alone_keeps_gate_and_up(backend):
+    """act(gate) is not kept (the unfused ops keep it), and on the torch path the numbers are the unfused ops'."""
+    gate, up, _, _ = make_inputs((6,), 50, 8, dtype=torch.bfloat16, device=device_for(backend))
+    out, held = saved_bytes(lambda: fastalign.gated_activation(gate, up, backend=backend))
+    assert held == 2 * gate.numel() * gate.element_size()
+    expected, unfused_held = saved_bytes(lambda: TORCH_ACTIVATIONS["silu"](gate) * up)
+    assert unfused_held == 3 * gate.numel() * gate.element_size()
+    if backend == "torch":
+        seed = torch.randn_like(out)
+        assert torch.equal(out, expected)
+        assert all(torch.equal(a, b) for a, b in zip(grads_of(out, (gate, up), seed), grads_of(expected, (gate, up),
+                                                                                             seed)))
+
+
+def test_the_activation_alone_names_bad_input():
+    gate, up, _, _ = (t.detach() for t in make_inputs((3,), 8, 5))
+    with pytest.raises(ValueError, match=r"up must have the shape of gate \(3, 8\)"):
+        fastalign.gated_activation(gate, up[:, :-1])
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fastalign.gated_activation(gate, up, activation="relu")
