@@ -14,7 +14,7 @@ import torch
 from fastalign.ops.rms_norm import WEIGHT_RULES
 from fastalign.runtime.module_hooks import runs_more_than_its_forward
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # what the kernel computes in fp32 and rounds to
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # what the kernels compute in fp32 and round to
 
 
 class FusedRMSNorm:
@@ -29,7 +29,7 @@ class FusedRMSNorm:
     def _fits(self, x):
         weight = self.module.weight
         return (x.shape[-1] == weight.shape[0] and x.device == weight.device and x.stride(-1) == 1
-                and x.dtype in _KERNEL_DTYPES)
+                and x.dtype in KERNEL_DTYPES)
 
     def __call__(self, x):
         if not self._fits(x):

@@ -24,11 +24,7 @@ from fastalign.ops.rms_norm import rms_norm
 from fastalign.runtime.gated_mlps import gated_mlp_activation
 from fastalign.runtime.layer_layouts import LAYOUTS
 from fastalign.runtime.module_hooks import runs_more_than_its_forward
-from fastalign.runtime.rms_norms import rms_norm_eps
-
-
-# what both backends compute (Triton's kernels take no float64; a float64 model trains through its modules)
-_OP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from fastalign.runtime.rms_norms import KERNEL_DTYPES, rms_norm_eps
 
 
 class RecomputedProductMLP:
@@ -43,7 +39,7 @@ class RecomputedProductMLP:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         mlp = self.module
         down = mlp.down_proj
-        if not torch.is_grad_enabled() or x.dtype not in _OP_DTYPES:
+        if not torch.is_grad_enabled() or x.dtype not in KERNEL_DTYPES:
             return type(mlp).forward(mlp, x)
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
         if type(down) is not torch.nn.Linear or runs_more_than_its_forward(down):
@@ -68,7 +64,7 @@ class TrainingRMSNorm:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         norm, weight = self.module, self.module.weight
         if (not torch.is_grad_enabled() or x.shape[-1] != weight.shape[0] or x.device != weight.device
-                or x.dtype not in _OP_DTYPES or (self.rule == "rounded" and x.dtype != weight.dtype)):
+                or x.dtype not in KERNEL_DTYPES or (self.rule == "rounded" and x.dtype != weight.dtype)):
             return type(norm).forward(norm, x)
         return rms_norm(x, weight, self.eps, rule=self.rule, backend=self.backend)
 
