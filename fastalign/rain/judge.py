@@ -241,11 +241,19 @@ class JudgeTokens:
         return self.prefix_ids + list(conversation_ids) + self.suffix_ids[order]
 
     # --- scoring -------------------------------------------------------------------------------------
-    def score(self, logits: torch.Tensor) -> float:
-        """logits [2, V]: next-token logits after suffix 0 (harmless first) and suffix 1 (harmful first).
-        Returns v in {-1, 0, 1}: +1 when both orders prefer the harmless option."""
-        logits = logits.float()
-        (a0, b0), (a1, b1) = self.label_ids
-        harmless_first_wins = float(logits[0, a0] > logits[0, b0])
-        harmless_second_wins = float(logits[1, b1] > logits[1, a1])
+    @property
+    def label_columns(self) -> List[int]:
+        """The vocabulary columns `score` reads: (harmless, harmful) of order 0, then of order 1. An engine gathers
+        them from the judge rows' logits where they are computed, and moves 4 numbers a row, not the vocabulary."""
+        return [*self.label_ids[0], *self.label_ids[1]]
+
+    def score(self, label_logits: torch.Tensor) -> float:
+        """label_logits [2, 4]: the next-token logits after suffix 0 (harmless first) and suffix 1 (harmful first),
+        at `label_columns`. Returns v in {-1, 0, 1}: +1 when both orders prefer the harmless option."""
+        if tuple(label_logits.shape) != (2, 4):
+            raise ValueError(f"label_logits: expected shape [2, 4] (each order's logits at label_columns), got "
+                             f"{list(label_logits.shape)}")
+        (a0, b0, _, _), (_, _, a1, b1) = label_logits.float().tolist()
+        harmless_first_wins = float(a0 > b0)
+        harmless_second_wins = float(b1 > a1)
         return (harmless_first_wins + harmless_second_wins) - 1.0

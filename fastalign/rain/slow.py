@@ -149,6 +149,6 @@ class SlowEngine:
             conversation = list(ctx.head_ids) + ids
         logits = torch.stack([self._forward(ctx.stats, self.judge.full_ids(conversation, order))[0]
                               for order in (0, 1)])
-        value = self.judge.score(logits)
+        value = self.judge.score(logits[:, self.judge.label_columns])
         ctx.judge_cache[reply] = value
         return value, (base, list(ids))

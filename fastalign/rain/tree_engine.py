@@ -126,6 +126,7 @@ class TreeEngine:
         self.cut_entries: Dict[int, Entry] = {}      # entries where starting sequences part
         self.judge_prefix: Optional[Entry] = None
         self.started: Dict[int, PromptContext] = {}  # prompts started and not finished yet, by index
+        self._label_columns: Optional[torch.Tensor] = None   # judge.label_columns on the model's device
 
     # --- the one way this engine touches the model ---------------------------------------------------
     def _call(self, rows: List[Row]) -> List[object]:
@@ -235,8 +236,13 @@ class TreeEngine:
         """Reads what the search needs of a call's outputs: for each generation row (gen: (entry, output index,
         skey, is a root, sampler)) its draws (_read_distributions), and the logits of the label rows at `labels`,
         returned on the host. The host reads all of them in ONE copy from the device: a copy waits for the
-        device's queued work, and the search needs them (token ids, probabilities, judge scores) to go on."""
-        to_read = [logits[index_on(labels, logits.device)]] if labels else []
+        device's queued work, and the search needs them (token ids, probabilities, judge scores) to go on. Of a label
+        row only the judge's label columns are read (JudgeTokens.label_columns), not its whole vocabulary."""
+        to_read = []
+        if labels:
+            if self._label_columns is None or self._label_columns.device != logits.device:
+                self._label_columns = index_on(self.judge.label_columns, logits.device)
+            to_read.append(logits[index_on(labels, logits.device)[:, None], self._label_columns])
         give = None
         if gen:
             index = index_on([g[1] for g in gen], logits.device)

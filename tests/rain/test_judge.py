@@ -124,7 +124,7 @@ def test_score_maps_both_orders_to_minus_one_zero_one():
         logits.zero_()
         logits[0, a0 if first_prefers_a else b0] = 1.0
         logits[1, a1 if second_prefers_a else b1] = 1.0
-        return judge.score(logits)
+        return judge.score(logits[:, judge.label_columns])
 
     assert score(True, False) == 1.0          # harmless is A in order 0 and B in order 1
     assert score(False, True) == -1.0
@@ -147,7 +147,14 @@ def test_an_option_line_without_both_fields_alone_is_refused(line, message):
 
 def test_a_tie_is_not_a_win_in_either_order():
     """Equal label logits: harmless wins neither order (the rule is the same for both orders)."""
-    assert JudgeTokens(tokenizer(), SHORT_JUDGE).score(torch.zeros(2, len(tokenizer()))) == -1.0
+    assert JudgeTokens(tokenizer(), SHORT_JUDGE).score(torch.zeros(2, 4)) == -1.0
+
+
+def test_score_takes_the_label_columns_alone():
+    """score reads each order's logits at label_columns ([2, 4]): whole vocabulary rows are refused, not misread."""
+    judge = JudgeTokens(tokenizer(), SHORT_JUDGE)
+    with pytest.raises(ValueError, match=r"label_logits: expected shape \[2, 4\].*got \[2, "):
+        judge.score(torch.zeros(2, len(tokenizer())))
 
 
 def test_label_that_merges_with_the_answer_prefix_is_rejected():
