@@ -3,7 +3,9 @@ Llama-architecture model on the same batch (2 harmful prompts, K=5 mismatch answ
 
 - fastalign:          one policy forward (rows packed into prefix trees where the estimate says it pays: each
                       prompt computed once for its forget and mismatch rows, no padding), fused signed CE + fused
-                      KL on the answer tokens, frozen copy in the model's dtype;
+                      KL on the answer tokens, frozen copy in the model's dtype, each weight stepped by AdamW as
+                      the backward completes its gradient (the trainer's default in one process: the model's
+                      gradients never all exist at once);
 - unfused baseline:   a well-written plain-torch step: dynamic padding, model dtype, one forward returning
                       the full logits, vectorised weighted CE and KL (fp32) on the answer targets' rows, frozen
                       copy;
@@ -15,15 +17,15 @@ Llama-architecture model on the same batch (2 harmful prompts, K=5 mismatch answ
 - fastalign cached:   fastalign with the reference hidden states of the normal set cached up front (no
                       reference model; lm_head frozen);
 - fastalign, padded rows: fastalign with packing off (what packing alone changes);
-- fastalign, AdamW in backward: fastalign with each weight stepped as the backward completes its gradient
-                      (optimizer_in_backward: the model's gradients never all exist at once);
+- fastalign, AdamW after backward: fastalign with AdamW's step after the backward (optimizer_in_backward=False:
+                      the model's gradients all held at the step's end, as under accumulation or several processes);
 - fastalign, grads in forward: fastalign with the fused losses' gradients taken in their forward pass
                       (grads_in_forward: one product with the lm_head fewer);
 - fastalign, unfused layers: fastalign without fused_layers (the model's own RMSNorm and MLP modules, which
                       keep fp32 copies of the norms' inputs, act(gate) and the product for the backward).
 Each row also gives the rows x width of its policy forwards (`grid`, padding included) and their positions (`slots`).
 `--preset 8b` instead runs the 8B-class model the ways that fit one GPU: LoRA with the adapter-disabled
-reference, and full weights with the cached reference, also with AdamW in the backward (gradient checkpointing on);
+reference, and full weights with the cached reference (gradient checkpointing on);
 peak memory reported.
 
 Weights are random (configs only, nothing downloaded): speed and memory do not depend on their values.
@@ -140,7 +142,7 @@ def optimizer_step(model, in_backward=False):
 
 # ---- the ways: each returns a no-argument function that performs one full step and returns its loss ----
 
-def fastalign_step(model, batch, normal, args, reference, packing="auto", in_backward=False, grads_in_forward=False,
+def fastalign_step(model, batch, normal, args, reference, packing="auto", in_backward=True, grads_in_forward=False,
                    fuse_layers=True):
     objective = UnlearningObjective(model, WEIGHTS, reference, packing=packing, grads_in_forward=grads_in_forward)
     finish = optimizer_step(model, in_backward)
@@ -269,12 +271,11 @@ COMPARE = [("fastalign", fastalign_frozen_copy), ("unfused baseline", unfused_ba
            ("reference recipe", reference_recipe), ("fastalign cached", fastalign_cached),
            ("unfused, answer rows only", unfused_sliced),
            ("fastalign, padded rows", functools.partial(fastalign_frozen_copy, packing="off")),
-           ("fastalign, AdamW in backward", functools.partial(fastalign_frozen_copy, in_backward=True)),
+           ("fastalign, AdamW after backward", functools.partial(fastalign_frozen_copy, in_backward=False)),
            ("fastalign, grads in forward", functools.partial(fastalign_frozen_copy, grads_in_forward=True)),
            ("fastalign, unfused layers", functools.partial(fastalign_frozen_copy, fuse_layers=False))]
 # (the issue's four ways first: a run cut short keeps them)
-ON_ONE_GPU_8B = [("fastalign LoRA", fastalign_lora), ("fastalign full + cached", fastalign_cached),
-                 ("fastalign full + cached, AdamW in backward", functools.partial(fastalign_cached, in_backward=True))]
+ON_ONE_GPU_8B = [("fastalign LoRA", fastalign_lora), ("fastalign full + cached", fastalign_cached)]
 UNFUSED_BASELINES = {"unfused baseline": "unfused", "unfused, answer rows only": "sliced"}  # row -> ratio key
 # Its own objective (the published code's defects: KL over every position, padding included): not compared.
 NOT_SPEC_OBJECTIVE = {"reference recipe"}

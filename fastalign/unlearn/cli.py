@@ -179,7 +179,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     g("--optimizer-in-backward", action=argparse.BooleanOptionalAction,
       help="step AdamW on each weight as soon as the backward completes its gradient, then free it, so that the "
       "gradients of the whole model never exist at once (a model's size less memory at the step's peak; the same "
-      "updates; one process and --grad-accum 1 only) (default: off)")
+      "updates; one process and --grad-accum 1 only) (default: on where it can be, off under several processes, "
+      "FSDP or --grad-accum above 1)")
     g("--grads-in-forward", action=argparse.BooleanOptionalAction,
       help="the fused losses take their gradients in the forward pass, from blocks of whole logits rows: one product "
       "with the lm_head fewer (a quarter of the cross-entropy's work, a third of the KL's), for ~190 MiB of rows "
@@ -274,6 +275,7 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps({"steps": summary.steps, "stop_reason": summary.stop_reason,
                           "model_dir": summary.model_dir, "adapter_dir": summary.adapter_dir,
                           "merge_rounding_error": summary.merge_rounding_error,
-                          "packing_unavailable": summary.packing_unavailable, "compute": summary.compute},
+                          "packing_unavailable": summary.packing_unavailable,
+                          "optimizer_in_backward": summary.optimizer_in_backward, "compute": summary.compute},
                          indent=1))
     return 0

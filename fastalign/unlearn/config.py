@@ -83,7 +83,7 @@ class UnlearnConfig:
     precision: str = "fp32"
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
-    optimizer_in_backward: bool = False
+    optimizer_in_backward: bool | None = None   # None: on where it can be (one process, no FSDP, grad_accum=1)
     lora: bool = False
     lora_rank: int = 32
     lora_alpha: int = 16
@@ -138,9 +138,12 @@ class UnlearnConfig:
             raise ValueError(f"max_forget_nll must be a finite number, or null in a config file (none on the "
                              f"command line) for no early stop, got {self.max_forget_nll!r}")
         for name in ("chat_template", "answer_eos", "skip_long_prompts", "lora", "gradient_checkpointing", "resume",
-                     "progress", "optimizer_in_backward", "grads_in_forward", "fused_layers"):
+                     "progress", "grads_in_forward", "fused_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.optimizer_in_backward is not None and not isinstance(self.optimizer_in_backward, bool):
+            raise ValueError(f"optimizer_in_backward must be true, false, or null in a config file (on where it can "
+                             f"be: one process, no FSDP, grad_accum=1), got {self.optimizer_in_backward!r}")
         if self.attn_implementation is not None and not (isinstance(self.attn_implementation, str)
                                                          and self.attn_implementation):
             raise ValueError(f"attn_implementation must be the name of a Hugging Face attention implementation "
@@ -159,7 +162,7 @@ class UnlearnConfig:
                              "need chat_template=true (--chat-template)")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.optimizer_in_backward and self.grad_accum != 1:
+        if self.optimizer_in_backward is True and self.grad_accum != 1:
             raise ValueError(f"optimizer_in_backward (--optimizer-in-backward) steps each weight as the backward "
                              f"completes its gradient: it needs grad_accum=1, got {self.grad_accum}")
         if self.packing not in PACKING_MODES:

@@ -1,6 +1,6 @@
 """The unlearning training loop: AdamW (optimizer.py) with a linear schedule, gradient accumulation, early stop on the
-forget NLL, optional LoRA, bf16, gradient checkpointing, atomic checkpoints and an exact resume; in one process,
-optionally AdamW stepping each weight inside the backward (optimizer_in_backward, backward_step.py).
+forget NLL, optional LoRA, bf16, gradient checkpointing, atomic checkpoints and an exact resume; in one process
+without accumulation, AdamW stepping each weight inside the backward (optimizer_in_backward, backward_step.py).
 
 The same code runs in one process or under `accelerate launch` (DDP, FSDP 1 or 2): the objective module
 (policy + fused losses) is what accelerate wraps, and each process draws its own rows of every step (see
@@ -56,7 +56,8 @@ from fastalign.unlearn.streams import UnlearningBatch, UnlearningStreams
 
 # Settings that may change between a run and its resumption; any other change would alter the result.
 # output_dir is where the checkpoint was found, whatever it is called now (moved, or given another way).
-_RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_checkpoints", "progress", "log_every", "resume", "output_dir"}
+_RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_checkpoints", "progress", "log_every", "resume", "output_dir",
+                      "optimizer_in_backward"}   # (the same updates either way)
 # accelerate's mixed_precision of each precision: the policy's forward runs under its autocast, the reference as the
 # precision says (_reference), so an accelerator given with another one would make P another model's
 _MIXED_PRECISION = {"fp32": "no", "bf16-mixed": "bf16", "bf16": "no"}
@@ -97,6 +98,9 @@ class RunSummary:
     reference_cache_bytes: int | None = None
     # why the policy's forward could not run packed rows for this model (packing='auto' then ran padded ones), or None
     packing_unavailable: str | None = None
+    # whether AdamW stepped each weight inside the backward (the config's optimizer_in_backward, or where it left it
+    # unset, whether the run could: one process, no FSDP, grad_accum=1)
+    optimizer_in_backward: bool = False
 
 
 class MissingExtraError(ImportError):
@@ -293,10 +297,15 @@ class UnlearningTrainer:
         if self.sharded and config.lora:
             raise NotImplementedError("lora=True under FSDP is not supported (the adapter could not be merged "
                                       "into sharded weights); LoRA's trainable weights are small: use DDP")
-        if config.optimizer_in_backward and (self.accelerator.num_processes != 1 or self.sharded):
+        if config.optimizer_in_backward is True and (self.accelerator.num_processes != 1 or self.sharded):
             raise ValueError(f"optimizer_in_backward (--optimizer-in-backward) needs one process without FSDP: under "
                              f"{self.accelerator.num_processes} the gradients are reduced across them after the "
                              "backward, where it would already have stepped on each process's own")
+        # AdamW inside the backward (backward_step.py) where nothing reads several gradients together: it steps
+        # the same weights, and the model's gradients never all exist at once
+        self.optimizer_in_backward = (config.optimizer_in_backward if config.optimizer_in_backward is not None else
+                                      self.accelerator.num_processes == 1 and not self.sharded
+                                      and config.grad_accum == 1)
         self.model = self._prepare_model(model)
         _check_trainable_dtypes(self.model)
         # where a fresh run's dropout starts drawing (train() goes back to it: a caller's own draws in between must
@@ -395,7 +404,7 @@ class UnlearningTrainer:
         progress = _progress_bar(config, acc.is_main_process, step)
         stop_reason = "max_steps"
         # the optimizer's step inside the backward (backward_step.py): hooks on the parameters, taken off at the end
-        hooks = step_in_backward(_torch_optimizer(optimizer)) if config.optimizer_in_backward else []
+        hooks = step_in_backward(_torch_optimizer(optimizer)) if self.optimizer_in_backward else []
         # the model's layers that fastalign's training ops stand in for (layer_stand_ins.py), for this run's steps only
         layers = contextlib.ExitStack()
         try:
@@ -461,7 +470,7 @@ class UnlearningTrainer:
                                           lm_head_trains=lm_head_trains, checkpointing=config.gradient_checkpointing,
                                           reference_forward=config.reference_mode != "cached",
                                           packed_shape=None if packed is None else packed.shape))
-                if config.optimizer_in_backward:   # (one micro-batch: the config allows no accumulation with it)
+                if self.optimizer_in_backward:   # (one micro-batch: the config allows no accumulation with it)
                     values = self._step_values(step, term_sums, compute, micro_terms, batches)
                 acc.backward(terms.total / config.grad_accum)
         return values if values is not None else self._step_values(step, term_sums, compute, micro_terms, batches)
@@ -600,7 +609,8 @@ class UnlearningTrainer:
         summary = RunSummary(step, stop_reason, record, totals.to_dict(), acc.num_processes,
                              _device_name(acc.device), model_dir, self.streams.skipped,
                              self.streams.answers_cut, reference_cache_bytes=self.reference_cache_bytes,
-                             packing_unavailable=self.packer.unavailable)
+                             packing_unavailable=self.packer.unavailable,
+                             optimizer_in_backward=self.optimizer_in_backward)
         # FSDP: gather full weights (collective); the keys of the objective's "model." submodule are the model's.
         state = ({k.removeprefix("model."): v for k, v in full_model_state(objective).items()}
                  if self.sharded else None)

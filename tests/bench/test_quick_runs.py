@@ -57,7 +57,7 @@ def check_bench_unlearn(record):
     compared = [row for row in results if "loss_rel_diff" in row]
     assert [row["method"] for row in compared] == ["fastalign", "unfused baseline", "fastalign cached",
                                                    "unfused, answer rows only", "fastalign, padded rows",
-                                                   "fastalign, AdamW in backward",
+                                                   "fastalign, AdamW after backward",
                                                    "fastalign, grads in forward", "fastalign, unfused layers"], results
     slots = {row["method"]: row["slots"] for row in compared}   # the forget prompts packed once for their mismatch rows
     assert slots["fastalign"] < slots["fastalign, padded rows"] == slots["unfused baseline"], slots

@@ -75,6 +75,7 @@ def test_chat_template_kwargs_are_a_mapping_of_variables_and_need_the_chat_templ
     ({"forget_weight": True}, r"loss weight forget must be a finite number >= 0, got True"),
     ({"lora_dropout": 1.5}, r"lora_dropout must be a number in \[0, 1\), got 1.5"),
     ({"truthfulqa_test_fraction": True}, r"truthfulqa_test_fraction must be a number in \[0, 1\), got True"),
+    ({"optimizer_in_backward": "no"}, r"optimizer_in_backward must be true, false, or null .* got 'no'"),
 ])
 def test_a_setting_of_the_wrong_type_is_refused_by_name(settings, message):
     """A config file can give any value any type: the error must name the setting, not fail later inside the run

@@ -462,14 +462,16 @@ def test_a_non_finite_loss_in_any_micro_batch_stops_the_step_before_it_trains(tm
 
 @pytest.mark.parametrize("settings", [{}, {"lora": True, "lora_rank": 4}], ids=["full", "lora"])
 def test_the_optimizer_in_backward_trains_the_same_run(tmp_path, settings):
-    """optimizer_in_backward: each weight steps as its gradient completes, and the run is the one stepped after the
-    backward: the same log and bit for bit the same weights."""
+    """optimizer_in_backward (the default in one process without accumulation): each weight steps as its gradient
+    completes, and the run is the one stepped after the backward: the same log and bit for bit the same weights."""
     if settings.get("lora"):
         pytest.importorskip("peft")
-    after, _ = run(tmp_path, "after", max_steps=3, grad_accum=1, **settings)
+    after, after_summary = run(tmp_path, "after", max_steps=3, grad_accum=1, optimizer_in_backward=False, **settings)
     with warnings.catch_warnings():   # torch's "lr_scheduler.step() before optimizer.step()" would be a false alarm
         warnings.filterwarnings("error", message=r".*lr_scheduler\.step\(\)")
-        inside, _ = run(tmp_path, "inside", max_steps=3, grad_accum=1, optimizer_in_backward=True, **settings)
+        inside, summary = run(tmp_path, "inside", max_steps=3, grad_accum=1, **settings)
+    assert (summary.optimizer_in_backward, after_summary.optimizer_in_backward) == (True, False)
+    assert json.loads((tmp_path / "inside" / "run.json").read_text())["optimizer_in_backward"] is True
     assert log_lines(tmp_path / "inside") == log_lines(tmp_path / "after")
     state = inside.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in after.model.state_dict().items())
@@ -515,6 +517,32 @@ def test_the_trainer_trains_the_same_run_with_it(tmp_path, monkeypatch, settings
     assert (len(mlps), len(norms)) == (layer_runs * 2, layer_runs * 2 * 2 + forwards)   # 2 layers, 2 norms each
     assert_same_run_to_rounding(tmp_path / "on", on, tmp_path / "off", off)
     assert not any("forward" in vars(m) for m in on.model.modules())
+
+
+def test_the_optimizer_steps_after_the_backward_where_gradients_are_read_together(tmp_path, monkeypatch):
+    """optimizer_in_backward unset: off under gradient accumulation, and under several processes (their gradients are
+    reduced after the backward), where the model's gradients must all exist before the step."""
+    _, summary = run(tmp_path, "accumulated", max_steps=1, grad_accum=2)
+    assert summary.optimizer_in_backward is False
+    import accelerate
+    monkeypatch.setattr(accelerate.Accelerator, "num_processes", property(lambda self: 2))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    tokenizer = byte_bpe_tokenizer()
+    config = UnlearnConfig(output_dir=str(tmp_path / "two"), grad_accum=1, progress=False)
+    trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config, tokenizer=tokenizer)
+    assert trainer.optimizer_in_backward is False
+
+
+def test_a_run_resumes_with_the_optimizer_stepping_after_the_backward_instead(tmp_path):
+    """optimizer_in_backward may change on resume (the same updates either way): a run killed with it on, resumed with
+    it off, ends bit for bit where the run without a stop ends."""
+    whole, _ = run(tmp_path, "whole", max_steps=4, grad_accum=1, save_every=2)
+    with pytest.raises(Killed):
+        run(tmp_path, "killed", max_steps=4, grad_accum=1, save_every=2, callback=kill_after(3))
+    resumed, summary = run(tmp_path, "killed", max_steps=4, grad_accum=1, save_every=2, resume=True,
+                           optimizer_in_backward=False)
+    assert summary.optimizer_in_backward is False and log_lines(tmp_path / "killed") == log_lines(tmp_path / "whole")
+    assert all(torch.equal(a, b) for a, b in zip(whole.model.parameters(), resumed.model.parameters()))
 
 
 def test_the_optimizer_in_backward_steps_nothing_on_a_non_finite_loss(tmp_path, monkeypatch):
