@@ -103,8 +103,13 @@ def median_ms(fn, device, *, warmup=2, reps=5):
 
 
 def peak_extra_mib(fn, device):
-    """Peak device memory allocated by one fn() call beyond what was allocated before it (CUDA only, else None)."""
-    if torch.device(device).type != "cuda":
+    """Peak memory allocated by one fn() call beyond what was allocated before it: on CUDA the caching allocator's
+    count; on a CPU, whose allocator keeps no count, the highest sum of the allocations less the frees that the
+    profiler records during the call, in their order; None on other devices (fn not run)."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return _cpu_peak_extra_mib(fn)
+    if kind != "cuda":
         return None
     synchronize(device)
     torch.cuda.empty_cache()
@@ -113,6 +118,21 @@ def peak_extra_mib(fn, device):
     fn()
     synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+
+
+def _cpu_peak_extra_mib(fn):
+    """peak_extra_mib on a CPU: the profiler's memory events of one fn() call (each allocation's bytes, and each free's
+    as negative bytes), summed in time order."""
+    gc.collect()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
+        fn()
+    changes = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
+                     if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in changes:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2 ** 20
 
 
 def _storage_address(t):

@@ -63,6 +63,7 @@ def test_loss_rows_are_their_quantitys_definition_on_inputs_shared_within_the_qu
     monkeypatch.setattr(bench_loss, "optional", lambda factory, unavailable: None)  # baselines not installed here
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: 2.0)  # forward called once a row
+    monkeypatch.setattr(bench_loss.harness, "peak_extra_mib", lambda fn, device: None)   # (it runs fn again on a CPU)
     monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
     n, h, v = 48, 16, 67
     args = SimpleNamespace(device="cpu", dtype="float32", quick=False, hidden=h, vocab=v, tokens=[n], verbose=False)

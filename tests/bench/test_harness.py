@@ -25,11 +25,26 @@ def test_median_ms_runs_warmup_then_reps_and_takes_the_median_in_ms(monkeypatch)
     assert next(durations, None) is None  # 2 warm-up calls and 5 timed ones, no more
 
 
-def test_peak_extra_mib_is_none_off_cuda_without_running_fn():
-    def fn():
-        raise AssertionError("measured on the CPU")
+def test_peak_extra_mib_on_a_cpu_is_the_most_memory_allocated_at_once():
+    """4 MiB and 8 MiB live together, then 8 MiB and a new 4 MiB: 12 MiB at the peak, whatever existed before."""
+    kept = torch.ones(1 << 22)
 
-    assert harness.peak_extra_mib(fn, "cpu") is None
+    def fn():
+        a = torch.empty(1 << 20)
+        b = torch.empty(1 << 21)
+        del a
+        c = torch.empty(1 << 20)
+        return b, c
+
+    assert harness.peak_extra_mib(fn, "cpu") == pytest.approx(12.0, abs=0.01)
+    assert kept.sum() == 1 << 22
+
+
+def test_peak_extra_mib_is_none_off_cuda_and_cpu_without_running_fn():
+    def fn():
+        raise AssertionError("measured on the meta device")
+
+    assert harness.peak_extra_mib(fn, "meta") is None
 
 
 def test_git_commit_is_the_short_commit_marked_dirty_only_with_changes(monkeypatch):
