@@ -375,6 +375,7 @@ def add_ratios(rows):
             r[f"held_vs_{key}"] = r["held_mib"] / base["held_mib"]
             if r["peak_gib"] is not None:
                 r[f"memory_vs_{key}"] = r["peak_gib"] / base["peak_gib"]
+            if r["step_extra_gib"] is not None:
                 r[f"extra_memory_vs_{key}"] = r["step_extra_gib"] / base["step_extra_gib"]
 
 

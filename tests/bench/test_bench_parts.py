@@ -270,6 +270,18 @@ def test_unlearn_ratios_are_against_the_first_spec_row_and_the_other_ways_step_t
     assert [row.get("held_vs_sliced") for row in rows] == pytest.approx([0.4, 1.6, 1.0, 4.0, None, 0.32])
 
 
+def test_unlearn_extra_memory_ratios_need_no_total_peak():
+    """On a CPU the step's extra memory is measured (the profiler's allocations) and its total peak is not: the extra
+    memory ratios are made all the same."""
+    rows = [{"method": "fastalign", "first_step_loss": 2.0, "step_ms": 10.0, "peak_gib": None, "step_extra_gib": 0.5,
+             "held_mib": 100.0},
+            {"method": "unfused baseline", "first_step_loss": 2.0, "step_ms": 20.0, "peak_gib": None,
+             "step_extra_gib": 1.5, "held_mib": 400.0}]
+    bench_unlearn.add_ratios(rows)
+    assert [row.get("extra_memory_vs_unfused") for row in rows] == pytest.approx([1 / 3, 1.0])
+    assert [row.get("memory_vs_unfused") for row in rows] == [None, None]
+
+
 def test_unlearn_timed_steps_follow_a_second_untimed_step(monkeypatch):
     """The first step records the loss and allocates AdamW's state; the second, whose activations the allocator may
     have to place anew around that state, is not timed either."""
