@@ -460,7 +460,8 @@ def test_a_non_finite_loss_in_any_micro_batch_stops_the_step_before_it_trains(tm
     assert steps == [1] and not (tmp_path / "run" / "model").exists()
 
 
-@pytest.mark.parametrize("settings", [{}, {"lora": True, "lora_rank": 4}], ids=["full", "lora"])
+@pytest.mark.parametrize("settings", [{}, {"lora": True, "lora_rank": 4}, {"gradient_checkpointing": True}],
+                         ids=["full", "lora", "checkpointing"])
 def test_the_optimizer_in_backward_trains_the_same_run(tmp_path, settings):
     """optimizer_in_backward (the default in one process without accumulation): each weight steps as its gradient
     completes, and the run is the one stepped after the backward: the same log and bit for bit the same weights."""
