@@ -5,13 +5,17 @@ import pytest
 import torch
 
 from fastalign.unlearn.backward_step import step_in_backward
+from fastalign.unlearn.optimizer import adamw
+from tests.conftest import requires_cuda
 from tests.unlearn.tiny import tiny_llama
 
 
 def trained(model, in_backward, steps=3, foreach=None):
     """The parameters of `model` after `steps` AdamW steps on random tokens (a linear learning-rate decay, weight
-    decay on), stepped after each backward or inside it; and the most parameters that held a gradient at once."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=foreach)
+    decay on), stepped after each backward or inside it; and the most parameters that held a gradient at once. On
+    CUDA the trainer's AdamW (fused), else torch's with `foreach`."""
+    optimizer = (adamw(list(model.parameters()), lr=1e-2, weight_decay=0.1) if model.device.type == "cuda" else
+                 torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=foreach))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / 10)
     params = list(model.parameters())
     most = [0]
@@ -22,7 +26,7 @@ def trained(model, in_backward, steps=3, foreach=None):
     handles = step_in_backward(optimizer) if in_backward else []
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        ids = torch.randint(model.config.vocab_size, (3, 9), generator=g)
+        ids = torch.randint(model.config.vocab_size, (3, 9), generator=g).to(model.device)
         model(ids, labels=ids).loss.backward()
         if not in_backward:
             optimizer.step()
@@ -41,6 +45,17 @@ def test_a_step_in_the_backward_is_the_step_after_it(foreach):
     inside, most_inside = trained(copy.deepcopy(model), True, foreach=foreach)
     assert all(torch.equal(a, b) for a, b in zip(after, inside))
     assert most_after == len(after) and most_inside == 1
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_step_in_the_backward_is_the_fused_step_after_it(dtype):
+    """The trainer's CUDA optimizer (fused AdamW) stepped one parameter at a time in the backward: the same weights,
+    bit for bit, as its step over all of them after the backward."""
+    model = tiny_llama(50).to("cuda", dtype)
+    (after, _), (inside, most) = (trained(copy.deepcopy(model), flag) for flag in (False, True))
+    assert all(torch.equal(a, b) for a, b in zip(after, inside)) and most == 1
+    assert not all(torch.equal(a, b) for a, b in zip(after, model.parameters()))
 
 
 def test_a_parameter_without_a_gradient_is_left_alone():
