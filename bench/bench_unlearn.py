@@ -35,7 +35,8 @@ computes its own objective); peak memory =
 torch.cuda.max_memory_allocated over the steps (model, optimizer state, activations: everything), CUDA only;
 step extra = the peak of one more step beyond what is allocated between steps (model, reference, optimizer
 state): the working memory of the step itself (activations, logits, loss buffers), which is what fusing the
-losses changes; with weights and AdamW state in the total, a small batch's logits are a small part of it;
+losses changes; with weights and AdamW state in the total, a small batch's logits are a small part of it (on a CPU,
+from the profiler's allocations and frees: harness.peak_extra_mib);
 held = what autograd keeps for the backward of one more step (each storage once, what existed before it aside), on
 any device: the activations that packing and the training layers (fused_layers) cut.
 
