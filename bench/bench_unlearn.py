@@ -1,5 +1,6 @@
-"""Benchmark of one unlearning step (forward + backward + AdamW, fused on CUDA as the trainer's) of a
-Llama-architecture model on the same batch (2 harmful prompts, K=5 mismatch answers each, 2 normal examples), nine ways:
+"""Benchmark of one unlearning step (forward + backward + the trainer's AdamW: KahanAdamW on bf16 weights, one kernel
+a parameter on CUDA) of a Llama-architecture model on the same batch (2 harmful prompts, K=5 mismatch answers each,
+2 normal examples), nine ways:
 
 - fastalign:          one policy forward (rows packed into prefix trees where the estimate says it pays: each
                       prompt computed once for its forget and mismatch rows, no padding), fused signed CE + fused

@@ -14,7 +14,8 @@
 # On the GPU machine (no network) it installs the carried wheels (liger-kernel and cut-cross-entropy, the
 # baselines of bench_loss.py) and fastalign itself, then runs, each step under its own time limit so that the
 # whole fits: the tests that need CUDA and the Triton kernel tests on the GPU, then bench_loss (the 8B head
-# at N=8192, and the 1B head at the token counts of bench_unlearn's batch), bench_tree, bench_unlearn (1B, each way
+# at N=8192, and the 1B head at the token counts of bench_unlearn's batch), bench_optimizer (the 1B's parameters),
+# bench_tree, bench_unlearn (1B, each way
 # profiled once) and bench_rain (random 1B Llama on HH prompts, the tree engine's run profiled once). The log, the
 # two pytest logs and every bench JSON land in $OUT (at most 8 files come back): commit the JSON files. The
 # benches write their JSON straight into $OUT and rewrite it after each row (atomically), so a step cut at its
@@ -77,6 +78,7 @@ gpu_tests() {
 gpu_benches() {
     step 110 "bench_loss" python3 bench/bench_loss.py --tokens 8192 --verbose --stages --row-block-mib 96 384
     step 45 "bench_loss, 1B head" python3 bench/bench_loss.py --hidden 2048 --tokens 256 2048 --verbose --stages
+    step 25 "bench_optimizer" python3 bench/bench_optimizer.py
     step 95 "bench_tree" python3 bench/bench_tree.py --prefix 1500 8000 32000 131072 --rows 1 10 64 \
         --branch-lengths 16 2048 8192 --decode-tokens 64 --splits 8 32 64
     step 95 "bench_unlearn" python3 bench/bench_unlearn.py --reps 3 --profile

@@ -11,6 +11,7 @@ __all__, __getattr__, __dir__ = lazy_exports(globals(), {
     "fastalign.ops.linear_kl_div": ["linear_kl_div"],
     "fastalign.ops.gated_linear": ["gated_activation", "gated_linear"],
     "fastalign.ops.rms_norm": ["rms_norm"],
+    "fastalign.optim": ["KahanAdamW"],
     "fastalign.unlearn.token_weights": ["unlearning_token_weights"],
     "fastalign.unlearn": ["UnlearnConfig", "UnlearningObjective", "UnlearningTrainer", "run_unlearning"],
     "fastalign.runtime": ["PoolExhaustedError", "Span", "TreeRunner"],

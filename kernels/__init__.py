@@ -2,12 +2,12 @@
 
 Each kernel family's module (linear_cross_entropy, linear_kl_div, paged_attention) holds the @triton.jit kernels
 and the host-side launchers that the ops in `fastalign.ops` dispatch to (rms_norm and rotary: those that the paged
-model runner calls, `fastalign.runtime.rms_norms` and `.rotary`); linear_softmax_tiles, chunked_backward
-and device_guard are parts they share, interpreter_fixes serves the CPU interpreter. Importing a module here
-requires triton.
-Every launch passes enable_fp_fusion (True: multiply-adds contracted to FMA; False in the rotary kernel, which rounds
-as torch's separate multiply and add do): Triton 3.9 warns when it is left unset and Triton 3.10 turns it off by
-default, which would change the kernels' rounding and speed.
+model runner calls, `fastalign.runtime.rms_norms` and `.rotary`; kahan_adamw: the step of `fastalign.KahanAdamW`);
+linear_softmax_tiles, chunked_backward and device_guard are parts they share, interpreter_fixes serves the CPU
+interpreter. Importing a module here requires triton.
+Every launch passes enable_fp_fusion (True: multiply-adds contracted to FMA; False in the rotary and Kahan AdamW
+kernels, which round as torch's separate multiply and add do): Triton 3.9 warns when it is left unset and Triton 3.10
+turns it off by default, which would change the kernels' rounding and speed.
 
 Python run from a checkout's root (`python -m pytest`, `python -m fastalign`) has the root on sys.path, where
 this folder is found first as a top-level package named `kernels`: the name of Hugging Face's kernels package,

@@ -165,7 +165,8 @@ def register(subparsers) -> argparse.ArgumentParser:
       help=f"stop early once the mean NLL of the harmful answers "
       f"exceeds this; 'none' never stops (default: {_default('max_forget_nll')})")
     g("--precision", choices=PRECISIONS, help="fp32; bf16-mixed (fp32 weights, bf16 compute); bf16 (bf16 "
-      "weights and optimizer state: least memory, but updates far below a weight's size are rounded away. With "
+      "weights and optimizer state, least memory; the weights step with KahanAdamW, which keeps the updates far "
+      "below a bf16 weight's last place that rounding would drop, at 2 bytes a weight more. With "
       "--lora the adapters train in fp32 and adapter/ keeps their update, but merging it into model/'s bf16 "
       "weights rounds small updates (such as the default --lr gives) largely away too: run.json's "
       f"merge_rounding_error, warned of above {MERGE_ERROR_WARNING * 100:g}%%; serve adapter/ on the bf16 base "
@@ -276,6 +277,7 @@ def main(args: argparse.Namespace) -> int:
                           "model_dir": summary.model_dir, "adapter_dir": summary.adapter_dir,
                           "merge_rounding_error": summary.merge_rounding_error,
                           "packing_unavailable": summary.packing_unavailable,
-                          "optimizer_in_backward": summary.optimizer_in_backward, "compute": summary.compute},
+                          "optimizer": summary.optimizer, "optimizer_in_backward": summary.optimizer_in_backward,
+                          "compute": summary.compute},
                          indent=1))
     return 0

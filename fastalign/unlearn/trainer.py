@@ -101,6 +101,8 @@ class RunSummary:
     # whether AdamW stepped each weight inside the backward (the config's optimizer_in_backward, or where it left it
     # unset, whether the run could: one process, no FSDP, grad_accum=1)
     optimizer_in_backward: bool = False
+    # the optimizer's class: KahanAdamW where weights train in bf16 (their updates compensated), else AdamW
+    optimizer: str = "AdamW"
 
 
 class MissingExtraError(ImportError):
@@ -438,7 +440,8 @@ class UnlearningTrainer:
             layers.close()
         progress.close()
         self._built_reference = None    # the run is over: its reference is not needed again
-        summary = self._finish(step, stop_reason, record, totals, objective)
+        summary = self._finish(step, stop_reason, record, totals, objective,
+                               type(_torch_optimizer(optimizer)).__name__)
         # the accelerator holds the prepared objective, and so the reference (a frozen copy of the decoder, or the
         # cache), for as long as the caller keeps the trainer: free_memory lets them go, then runs a full collection.
         # torch.distributed.checkpoint's state-dict helpers (torch 2.13) leave a reference cycle holding every module
@@ -602,7 +605,7 @@ class UnlearningTrainer:
         if self.step_callback is not None:
             self.step_callback(record)
 
-    def _finish(self, step, stop_reason, record, totals, objective) -> RunSummary:
+    def _finish(self, step, stop_reason, record, totals, objective, optimizer_name) -> RunSummary:
         acc, out = self.accelerator, self.config.output_dir
         acc.wait_for_everyone()
         model_dir = os.path.join(out, "model")
@@ -610,7 +613,7 @@ class UnlearningTrainer:
                              _device_name(acc.device), model_dir, self.streams.skipped,
                              self.streams.answers_cut, reference_cache_bytes=self.reference_cache_bytes,
                              packing_unavailable=self.packer.unavailable,
-                             optimizer_in_backward=self.optimizer_in_backward)
+                             optimizer_in_backward=self.optimizer_in_backward, optimizer=optimizer_name)
         # FSDP: gather full weights (collective); the keys of the objective's "model." submodule are the model's.
         state = ({k.removeprefix("model."): v for k, v in full_model_state(objective).items()}
                  if self.sharded else None)

@@ -20,6 +20,7 @@ RUNS = {
     "bench_rain": ["--quick", "--prompts", "1", "--concurrency", "2", "--judge-prompts", "2",
                    "--max-new-tokens", "3", "--root-visits", "4"],
     "bench_startup": ["--quick"],
+    "bench_optimizer": ["--quick", "--reps", "1"],
 }
 RECORD_NAMES = {"bench_rain": "rain", "bench_startup": "startup"}
 
@@ -161,8 +162,22 @@ def check_bench_startup(record):
     assert not {"transformers", "accelerate", "peft"} & set(rows["first fused loss"]["heavy_modules"])
 
 
+def check_bench_optimizer(record):
+    """Three optimizers over the same weights: the bytes a weight each keeps (KahanAdamW: bf16 weight, moments and
+    compensation), the fidelity that sets them apart (torch's AdamW on bf16 weights loses the updates at the SPEC's
+    learning rate), and speed-ups against fp32 AdamW's step."""
+    rows = {row["method"]: row for row in record["results"]}
+    assert list(rows) == ["KahanAdamW", "torch AdamW, bf16", "torch AdamW, fp32"], rows
+    assert [row["bytes_per_weight"] for row in rows.values()] == [8.0, 6.0, 12.0], rows
+    errors = [row["fidelity_error"] for row in rows.values()]
+    assert errors[0] < 0.05 and errors[1] > 0.9 and errors[2] < 0.01, rows
+    fp32_ms = rows["torch AdamW, fp32"]["step_ms"]
+    assert all(close(row["speedup_vs_fp32"], fp32_ms / row["step_ms"]) for row in rows.values()), rows
+
+
 RECORD_CHECKS = {"bench_loss": check_bench_loss, "bench_unlearn": check_bench_unlearn, "bench_tree": check_bench_tree,
-                 "bench_rain": check_bench_rain, "bench_startup": check_bench_startup}
+                 "bench_rain": check_bench_rain, "bench_startup": check_bench_startup,
+                 "bench_optimizer": check_bench_optimizer}
 
 
 @pytest.mark.parametrize("script", sorted(RUNS))

@@ -31,9 +31,10 @@ def assert_builds(script):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def build_for_gpu(kernel, types, constants, num_warps, num_stages, capability=90):
-    """triton.compile of `kernel` (a JITFunction) for sm_`capability`. `types` maps pointer arguments to "*bf16" etc.
-    and float scalars to "fp32"; other arguments not in `constants` are i32."""
+def build_for_gpu(kernel, types, constants, num_warps, num_stages, capability=90, enable_fp_fusion=True):
+    """triton.compile of `kernel` (a JITFunction) for sm_`capability`, with the FMA contraction its launches set.
+    `types` maps pointer arguments to "*bf16" etc. and float scalars to "fp32"; other arguments not in `constants`
+    are i32."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -42,7 +43,7 @@ def build_for_gpu(kernel, types, constants, num_warps, num_stages, capability=90
     unspecialised = set(kernel.do_not_specialize)
     hinted = [i for i, name in enumerate(kernel.arg_names)
               if signature[name].startswith("*") or (signature[name] == "i32" and name not in unspecialised)]
-    options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}  # as every launch
+    options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": enable_fp_fusion}
     return triton.compile(ASTSource(kernel, signature, constants, {(i,): [["tt.divisibility", 16]] for i in hinted}),
                           target=GPUTarget("cuda", capability, 32), options=options)
 

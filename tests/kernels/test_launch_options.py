@@ -1,10 +1,11 @@
-"""Every kernel launch sets FMA contraction itself (on, but in the rotary kernel, which rounds as torch's separate
-multiply and add do): Triton 3.9 warns when enable_fp_fusion is left unset, and Triton 3.10 turns it off by default,
-which would change the kernels' rounding and speed without a word."""
+"""Every kernel launch sets FMA contraction itself (on, but in the rotary and Kahan AdamW kernels, which round as
+torch's separate multiply and add do): Triton 3.9 warns when enable_fp_fusion is left unset, and Triton 3.10 turns it
+off by default, which would change the kernels' rounding and speed without a word."""
 import torch
 
 import fastalign
 from fastalign.kernels import gated_activation
+from fastalign.optim import KahanAdamW
 from fastalign.kernels.paged_attention import paged_attention_triton
 from fastalign.kernels import rms_norm
 from fastalign.kernels.rotary import rotate_qk_triton
@@ -14,6 +15,7 @@ from tests.ops.test_paged_attention import make_paged_batch
 
 KERNELS = {"fastalign.kernels.gated_activation._gated_activation_kernel",
            "fastalign.kernels.gated_activation._gated_activation_backward_kernel",
+           "fastalign.kernels.kahan_adamw._kahan_adamw_kernel",
            "fastalign.kernels.linear_cross_entropy._forward_kernel",
            "fastalign.kernels.linear_cross_entropy._gradient_kernel",
            "fastalign.kernels.linear_kl_div._forward_kernel", "fastalign.kernels.linear_kl_div._gradient_kernel",
@@ -21,7 +23,7 @@ KERNELS = {"fastalign.kernels.gated_activation._gated_activation_kernel",
            "fastalign.kernels.paged_attention._merge_splits_kernel", "fastalign.kernels.rms_norm._rms_norm_kernel",
            "fastalign.kernels.rms_norm._rms_norm_backward_kernel",
            "fastalign.kernels.rotary._rotary_kernel"}
-UNFUSED = {"fastalign.kernels.rotary._rotary_kernel"}
+UNFUSED = {"fastalign.kernels.rotary._rotary_kernel", "fastalign.kernels.kahan_adamw._kahan_adamw_kernel"}
 
 
 def record_launches(monkeypatch, describe):
@@ -41,7 +43,7 @@ def record_launches(monkeypatch, describe):
 
 def launch_every_kernel():
     """Run each Triton kernel at least once: both losses forward and backward, a paged attention with split keys, an
-    RMSNorm and a gated activation, forward and backward, and a rotation."""
+    RMSNorm and a gated activation, forward and backward, a rotation and an optimizer step."""
     hidden = torch.randn(6, 16, device=TRITON_DEVICE, requires_grad=True)
     weight = torch.randn(37, 16, device=TRITON_DEVICE, requires_grad=True)
     target = torch.randint(0, 37, (6,), device=TRITON_DEVICE)
@@ -57,6 +59,8 @@ def launch_every_kernel():
     rotate_qk_triton(q, k, cos, cos)
     gated_activation.forward(q, q)
     gated_activation.backward(q, q, q)
+    weight.grad = torch.ones_like(weight)
+    KahanAdamW([weight], backend="triton").step()
 
 
 def test_every_kernel_launch_sets_fp_fusion(monkeypatch):

@@ -128,7 +128,7 @@ for dtype, cos in (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp32"
                                  dict(HALF=half, BLOCK_QH=q_heads, BLOCK_KH=kv_heads, BLOCK_HALF=half,
                                       ROUND_EACH_OP=dtype == cos, STORE=store, NORM=norm, ROUND_BEFORE_WEIGHT=rounded,
                                       OVER_HEADS=over_heads),
-                                 rotary_warps(q_heads, half), 1)
+                                 rotary_warps(q_heads, half), 1, enable_fp_fusion=False)   # as it launches
         what = ("rotary", dtype, cos, half, q_heads, kv_heads, store, norm, rounded, over_heads)
         check_build(compiled, what, tuned=False)
         assert stack_bytes(compiled) == 0, (what, "spills registers")

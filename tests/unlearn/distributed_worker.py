@@ -81,14 +81,14 @@ def record_units(path, model, acc):
             json.dump(units, f)
 
 
-def resumed(root, name, kind):
+def resumed(root, name, kind, **settings):
     """Trains (accumulating 2 micro-batches) with a checkpoint after step 1, keeps the model, then resumes
     from that checkpoint and trains step 2 again."""
-    acc = train(root, name, kind, grad_accum=2)
+    acc = train(root, name, kind, grad_accum=2, **settings)
     if acc.is_main_process:
         shutil.move(os.path.join(root, name, "model"), os.path.join(root, name, "model-uninterrupted"))
     acc.wait_for_everyone()
-    train(root, name, kind, grad_accum=2, resume=True)
+    train(root, name, kind, grad_accum=2, resume=True, **settings)
 
 
 def scale_head_shard_after_step_1(model):
@@ -119,6 +119,8 @@ def run(root, scenario):
         train(root, scenario, scenario)
     elif scenario == "fsdp2_head_unit":
         resumed(root, scenario, scenario)
+    elif scenario == "fsdp2_bf16":   # bf16 weights, sharded: KahanAdamW steps each process's shards
+        resumed(root, scenario, "fsdp2_head_unit", precision="bf16", lr=2e-5)
     elif scenario == "fsdp2_head_unit_grads_in_forward":
         train(root, scenario, "fsdp2_head_unit", grads_in_forward=True)
     elif scenario == "fsdp2_cached":

@@ -13,7 +13,7 @@ from tests.unlearn.tiny import tiny_llama
 def trained(model, in_backward, steps=3, foreach=None):
     """The parameters of `model` after `steps` AdamW steps on random tokens (a linear learning-rate decay, weight
     decay on), stepped after each backward or inside it; and the most parameters that held a gradient at once. On
-    CUDA the trainer's AdamW (fused), else torch's with `foreach`."""
+    CUDA the trainer's AdamW (torch's fused for fp32, KahanAdamW's kernel for bf16), else torch's with `foreach`."""
     optimizer = (adamw(list(model.parameters()), lr=1e-2, weight_decay=0.1) if model.device.type == "cuda" else
                  torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=foreach))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / 10)
@@ -50,8 +50,8 @@ def test_a_step_in_the_backward_is_the_step_after_it(foreach):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_fused_step_in_the_backward_is_the_fused_step_after_it(dtype):
-    """The trainer's CUDA optimizer (fused AdamW) stepped one parameter at a time in the backward: the same weights,
-    bit for bit, as its step over all of them after the backward."""
+    """The trainer's CUDA optimizer (torch's fused AdamW in fp32, KahanAdamW in bf16) stepped one parameter at a time
+    in the backward: the same weights, bit for bit, as its step over all of them after the backward."""
     model = tiny_llama(50).to("cuda", dtype)
     (after, _), (inside, most) = (trained(copy.deepcopy(model), flag) for flag in (False, True))
     assert all(torch.equal(a, b) for a, b in zip(after, inside)) and most == 1

@@ -1,10 +1,12 @@
-"""The trainer's AdamW: fused on CUDA parameters that FSDP does not shard, torch's default elsewhere; fused, it
-updates as the default does (to the rounding of its fp32 arithmetic)."""
+"""The trainer's AdamW: KahanAdamW where weights train in bf16; otherwise torch's, fused on CUDA parameters that FSDP
+does not shard, torch's default elsewhere; fused, it updates as the default does (to the rounding of its fp32
+arithmetic)."""
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from fastalign.optim import KahanAdamW
 from fastalign.unlearn.optimizer import adamw, uses_fused_adamw
 from tests.conftest import requires_cuda
 
@@ -25,9 +27,15 @@ def test_cpu_parameters_get_torchs_default():
     assert optimizer.defaults["fused"] is None and optimizer.defaults["weight_decay"] == 0.1
 
 
+@pytest.mark.parametrize("dtypes, kahan", [([torch.bfloat16], True), ([torch.float32, torch.bfloat16], True),
+                                           ([torch.float32], False)])
+def test_bf16_weights_get_kahan_adamw(dtypes, kahan):
+    optimizer = adamw([torch.nn.Parameter(torch.ones(3, dtype=dtype)) for dtype in dtypes], lr=1e-3, weight_decay=0.1)
+    assert isinstance(optimizer, KahanAdamW) is kahan and optimizer.defaults["weight_decay"] == 0.1
+
+
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_fused_step_updates_as_the_default_does(dtype):
+def test_the_fused_step_updates_as_the_default_does(dtype=torch.float32):
     torch.manual_seed(0)
     start = torch.randn(1000, device="cuda", dtype=dtype)
     weights = [torch.nn.Parameter(start.clone()) for _ in range(2)]
@@ -39,4 +47,4 @@ def test_the_fused_step_updates_as_the_default_does(dtype):
             weight.grad = gradient.clone()
             optimizer.step()
     assert not torch.equal(weights[0], start)
-    torch.testing.assert_close(weights[0], weights[1], rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-5)

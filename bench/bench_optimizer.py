@@ -1,0 +1,132 @@
+"""Benchmark of the optimizer step of weights trained in bf16: fastalign.KahanAdamW against what users would otherwise
+run, on the parameters of a Llama-architecture model (random values of a trained model's scale, random gradients):
+
+- KahanAdamW:              bf16 weights, moments and compensation (8 bytes a weight); one Triton kernel a parameter
+                           on CUDA;
+- torch AdamW, bf16:       torch's AdamW on the bf16 weights (fused on CUDA; 6 bytes a weight), whose rounding of
+                           each updated weight to bf16 drops updates below half its last place;
+- torch AdamW, fp32:       torch's AdamW on fp32 weights (fused on CUDA; 12 bytes a weight), what mixed precision
+                           keeps (it also keeps the bf16 copy it computes with, not counted here).
+
+Columns: the step of all parameters (median ms), its peak memory beyond the state (step extra), the bytes a weight
+of weights and optimizer state, and the fidelity of the training the step does: after --fidelity-steps steps at the
+SPEC's learning rate (2e-6) on one tensor of weights of 0.02 with gradients whose sign holds per weight under noise,
+the distance of the weights (with KahanAdamW, weights + compensation) to float64 AdamW's from the same start, over
+the distance that AdamW moved them (0: the updates kept, 1: as if the weights never moved).
+
+    python bench/bench_optimizer.py                  # Llama-3.2-1B's parameters, CUDA
+    python bench/bench_optimizer.py --quick          # a small model's, any device (CPU smoke run)
+"""
+import argparse
+import os
+import sys
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+from fastalign.optim import KahanAdamW  # noqa: E402
+
+QUICK_SHAPE = dict(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+COLUMNS = [("method", "method", "{}"), ("step_ms", "step ms", "{:.3f}"), ("step_extra_mib", "step extra MiB", "{:.1f}"),
+           ("bytes_per_weight", "bytes/weight", "{:.1f}"), ("fidelity_error", "fidelity error", "{:.4f}"),
+           ("speedup_vs_fp32", "vs fp32 AdamW", "{:.2f}x")]
+
+
+def kahan(params):
+    return KahanAdamW(params, lr=2e-6)
+
+
+def torch_adamw(params):
+    return torch.optim.AdamW(params, lr=2e-6, fused=True if params[0].device.type == "cuda" else None)
+
+
+WAYS = [("KahanAdamW", kahan, torch.bfloat16), ("torch AdamW, bf16", torch_adamw, torch.bfloat16),
+        ("torch AdamW, fp32", torch_adamw, torch.float32)]
+
+
+def parameter_shapes(shape):
+    """The shapes of the parameters of a Llama model of `shape` (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**shape))
+    return [tuple(p.shape) for p in model.parameters()]
+
+
+def state_bytes(optimizer):
+    """Bytes of the optimizer's parameters and of the tensors of its state, each storage once."""
+    tensors = [p for group in optimizer.param_groups for p in group["params"]]
+    tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.dim()]
+    return sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t for t in tensors}.values())
+
+
+def fidelity_error(build, dtype, device, steps, numel=1 << 20):
+    """The distance of the weights after `steps` steps to float64 AdamW's, over the distance AdamW moved them."""
+    generator = torch.Generator().manual_seed(0)
+    start = (0.02 * torch.randn(numel, generator=generator)).bfloat16()
+    slope = torch.randn(numel, generator=generator)
+    reference = torch.nn.Parameter(start.double())
+    weight = torch.nn.Parameter(start.to(device, dtype))
+    optimizers = [torch.optim.AdamW([reference], lr=2e-6), build([weight])]
+    for _ in range(steps):
+        grad = (slope + torch.randn(numel, generator=generator)).bfloat16()
+        reference.grad, weight.grad = grad.double(), grad.to(device, dtype)
+        for optimizer in optimizers:
+            optimizer.step()
+    final = weight.detach().double().cpu()
+    if "compensation" in optimizers[1].state[weight]:
+        final += optimizers[1].state[weight]["compensation"].double().cpu()
+    moved = (reference.detach() - start.double()).norm()
+    return float((final - reference.detach()).norm() / moved)
+
+
+def measure(name, build, dtype, shapes, args, device):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter((0.02 * torch.randn(shape, device=device)).to(dtype)) for shape in shapes]
+    for p in params:
+        p.grad = (1e-3 * torch.randn(p.shape, device=device)).to(dtype)
+    optimizer = build(params)
+    optimizer.step()   # the state exists from here on: the step's extra memory is beyond it
+    row = {"method": name, "dtype": str(dtype).removeprefix("torch."),
+           "step_ms": harness.median_ms(optimizer.step, device, reps=args.reps),
+           "step_extra_mib": harness.peak_extra_mib(optimizer.step, device),
+           "bytes_per_weight": state_bytes(optimizer) / sum(p.numel() for p in params),
+           "fidelity_error": fidelity_error(build, dtype, device, args.fidelity_steps)}
+    del optimizer, params
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="a small model's parameters (CPU smoke run)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--fidelity-steps", type=int, default=300)
+    args = parser.parse_args()
+    if args.quick:
+        args.fidelity_steps = min(args.fidelity_steps, 30)
+    device = torch.device(args.device)
+    shape = QUICK_SHAPE if args.quick else harness.LLAMA_SHAPES["1b"]
+    shapes = parameter_shapes(shape)
+    config = {"model": "quick" if args.quick else "Llama-3.2-1B shape", "parameters": len(shapes),
+              "weights": sum(torch.Size(s).numel() for s in shapes), "lr": 2e-6,
+              "fidelity_steps": args.fidelity_steps}
+    print(f"device: {harness.device_name(device)}   {config['weights'] / 1e6:.1f}M weights in {len(shapes)} tensors")
+    rows = []
+    for name, build, dtype in WAYS:
+        rows.append(measure(name, build, dtype, shapes, args, device))
+        harness.write_results("bench_optimizer", device, config, rows)   # after each row: a cut run keeps them
+        harness.print_table(rows[-1:], COLUMNS[:-1])
+    fp32_ms = rows[-1]["step_ms"]
+    for row in rows:
+        row["speedup_vs_fp32"] = fp32_ms / row["step_ms"]
+    path = harness.write_results("bench_optimizer", device, config, rows)
+    print()
+    harness.print_table(rows, COLUMNS)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

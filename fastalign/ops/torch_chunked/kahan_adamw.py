@@ -1,0 +1,46 @@
+"""One AdamW step with Kahan-compensated bf16 weights, in torch: fastalign.KahanAdamW's step on CPU tensors (and with
+`backend="torch"` anywhere), and the arithmetic that the Triton kernel (fastalign.kernels.kahan_adamw) repeats to the
+bit. Every operation is one fp32 torch operation, rounded once (no fused multiply-add), IEEE's, in the order the kernel
+runs them, from the host-side scalars of fastalign.optim.kahan_adamw.step_scalars.
+"""
+import torch
+
+
+CHUNK = 1 << 22   # elements stepped at a time: each fp32 temporary takes 16 MiB, whatever the parameter's size
+
+
+def step(param, grad, exp_avg, exp_avg_sq, compensation, **scalars):
+    """Updates contiguous param, exp_avg, exp_avg_sq and compensation (None: no compensation) in place from grad, all
+    of one shape, CHUNK elements at a time; `scalars` are fastalign.optim.kahan_adamw.step_scalars'."""
+    tensors = [t.view(-1) for t in (param, grad, exp_avg, exp_avg_sq)]
+    flat_compensation = None if compensation is None else compensation.view(-1)
+    for start in range(0, param.numel(), CHUNK):
+        chunk = [t[start:start + CHUNK] for t in tensors]
+        _step_chunk(*chunk, None if compensation is None else flat_compensation[start:start + CHUNK], **scalars)
+
+
+def _step_chunk(param, grad, exp_avg, exp_avg_sq, compensation, *, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                decay, step_size, bias_correction2_sqrt):
+    """The step of one chunk. The moments and the update are computed in fp32 (decay = lr * weight_decay,
+    step_size = lr / (1 - beta1^t), bias_correction2_sqrt = sqrt(1 - beta2^t) at step t):
+
+        m = beta1 m + (1 - beta1) g,  v = beta2 v + (1 - beta2) g^2
+        update = -decay w - step_size m / (sqrt(v) / bias_correction2_sqrt + eps)
+
+    Without compensation the weight becomes w + update, rounded to its dtype. With it, y = update + c, the weight
+    becomes w' = round(w + y) and c = round(y - (w' - w)): what rounding the weight lost, added to the next update."""
+    g, w = grad.float(), param.to(torch.float32, copy=True)   # a copy: param changes below
+    m = exp_avg.float() * beta1 + g * one_minus_beta1
+    v = exp_avg_sq.float() * beta2 + (g * g) * one_minus_beta2
+    # the square root correctly rounded (torch's CPU one is not always; a double's, rounded to fp32, is) and the
+    # division by a tensor (torch divides a CUDA tensor by a host scalar as a product with its reciprocal)
+    denom = v.double().sqrt().float() / torch.tensor(bias_correction2_sqrt, dtype=torch.float32, device=v.device) + eps
+    update = -(w * decay) - (m / denom) * step_size
+    if compensation is None:
+        param.copy_(w + update)
+    else:
+        y = update + compensation.float()
+        param.copy_(w + y)
+        compensation.copy_(y - (param.float() - w))
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)

@@ -1,0 +1,107 @@
+"""fastalign.KahanAdamW: AdamW (decoupled weight decay, as torch.optim.AdamW) for bf16 weights whose updates are not
+rounded away.
+
+Trained in bf16, a weight keeps 8 significant bits: an update below half its last place (lr 2e-6 against a weight of
+0.02 is a sixtieth of it) leaves it as it was, so a plain bf16 AdamW at a fine-tuning learning rate barely moves the
+model (torch's left 96% of such weights unchanged after 300 steps). Kahan summation keeps, beside each bf16 weight,
+a bf16 compensation: what the last rounding of the weight lost, added to the next update before rounding. The weight
+then moves as soon as its updates add up to a last place, and weight + compensation follows the fp32 sum of the
+updates. It costs 2 bytes a weight more than torch's AdamW on bf16 weights (whose moments are bf16 too, as here):
+8 bytes a weight, against 16 for fp32 weights with fp32 moments (what mixed precision keeps).
+
+fp32 parameters are stepped as AdamW without compensation (they need none); other dtypes are refused. One kernel a
+parameter on CUDA (fastalign.kernels.kahan_adamw), torch operations elsewhere (fastalign.ops.torch_chunked), to the
+same bits. Parameters sharded by FSDP2 (DTensors) are stepped shard by shard: AdamW is elementwise.
+"""
+import math
+
+import torch
+
+from fastalign.ops.backend import BACKENDS, select_backend
+
+COMPENSATED_DTYPES = (torch.bfloat16,)
+STEPPED_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def step_scalars(*, lr, beta1, beta2, eps, weight_decay, step):
+    """The scalars of step number `step` (1 for the first) that both implementations take, computed on the host in
+    double precision (each then rounded once to fp32)."""
+    return dict(beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2, eps=eps,
+                decay=lr * weight_decay, step_size=lr / (1.0 - beta1 ** step),
+                bias_correction2_sqrt=math.sqrt(1.0 - beta2 ** step))
+
+
+def _local(tensor):
+    """The tensor itself, or the local shard of a DTensor (a parameter FSDP2 shards, its gradient and its state)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+class KahanAdamW(torch.optim.Optimizer):
+    """AdamW over `params` with Kahan-compensated bf16 weights (see the module's docstring); the arguments are
+    torch.optim.AdamW's. State of each parameter: "step", "exp_avg" and "exp_avg_sq" (in the parameter's dtype, as
+    torch's AdamW keeps them, so that torch's AdamW state loads here) and, for a bf16 parameter, "compensation"
+    (zeros where a loaded state has none). backend: "auto" (the Triton kernel on CUDA, torch elsewhere), "triton"
+    or "torch"."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, backend="auto"):
+        if not (isinstance(lr, (int, float)) and lr >= 0):
+            raise ValueError(f"lr: expected a float >= 0, got {lr!r}")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"betas: expected two floats in [0, 1), got {betas!r}")
+        for name, value in (("eps", eps), ("weight_decay", weight_decay)):
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"{name}: expected a float >= 0, got {value!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    def add_param_group(self, param_group):
+        """torch's add_param_group, refusing parameters of a dtype other than bfloat16 and float32."""
+        super().add_param_group(param_group)
+        for i, p in enumerate(self.param_groups[-1]["params"]):
+            if p.dtype not in STEPPED_DTYPES:
+                raise ValueError(f"params: parameter {i} of group {len(self.param_groups) - 1} is {p.dtype}; expected "
+                                 "bfloat16 or float32 (train float16 weights in bfloat16 or float32: AdamW's second "
+                                 "moment underflows in float16)")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step of every parameter that has a gradient; returns closure()'s loss (run with grad enabled)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            (beta1, beta2), lr = group["betas"], float(group["lr"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("KahanAdamW: a parameter has a sparse gradient, which AdamW does not take")
+                state = self._state_of(p)
+                state["step"] += 1
+                scalars = step_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+                                       weight_decay=group["weight_decay"], step=float(state["step"]))
+                tensors = [_local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+                           + (() if "compensation" not in state else (state["compensation"],))]
+                contiguous = [t.contiguous() for t in tensors]   # the launchers take contiguous tensors
+                select_backend("kahan_adamw", self.backend, p.device).step(*contiguous[:4], *(contiguous[4:] or [None]),
+                                                                            **scalars)
+                for i, (t, stepped) in enumerate(zip(tensors, contiguous)):
+                    if stepped is not t and i != 1:   # a copy stepped in place of t (the gradient is only read)
+                        t.copy_(stepped)
+        return loss
+
+    def _state_of(self, p):
+        """p's state, made on its first step (moments of zeros) or completed after a load (a compensation of zeros
+        for a bf16 parameter whose state came from an optimizer without one)."""
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if p.dtype in COMPENSATED_DTYPES and "compensation" not in state:
+            state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state

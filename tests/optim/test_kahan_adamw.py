@@ -1,0 +1,169 @@
+"""fastalign.KahanAdamW: fp32 weights step as AdamW (against torch's in float64), bf16 weights keep the updates that
+torch's AdamW on bf16 weights rounds away, both backends give the same bits through the optimizer (non-contiguous
+weights, parameter groups), state saves and loads (torch's AdamW's too), the step inside the backward, and errors."""
+import copy
+
+import pytest
+import torch
+
+from fastalign.optim import KahanAdamW
+from fastalign.unlearn.backward_step import step_in_backward
+from tests.conftest import TRITON_DEVICE, triton_cases
+
+
+def gradients(shape, steps, seed=0):
+    """`steps` gradients of a loss whose slope keeps a sign per weight, with noise, as a fine-tuning's do."""
+    generator = torch.Generator().manual_seed(seed)
+    slope = torch.randn(shape, generator=generator)
+    return [slope + torch.randn(shape, generator=generator) for _ in range(steps)]
+
+
+def run(optimizer_class, start, grads, **kwargs):
+    """The weights after stepping `optimizer_class` from `start` through `grads` (given in the weights' dtype), and
+    the optimizer."""
+    weight = torch.nn.Parameter(start.clone())
+    optimizer = optimizer_class([weight], **kwargs)
+    for grad in grads:
+        weight.grad = grad.to(weight.dtype)
+        optimizer.step()
+    return weight.detach(), optimizer
+
+
+def test_fp32_weights_step_as_torchs_adamw_in_float64():
+    torch.manual_seed(0)
+    start, grads = torch.randn(1000), gradients(1000, 5)
+    ours, optimizer = run(KahanAdamW, start, grads, lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6)
+    reference, _ = run(torch.optim.AdamW, start.double(), grads, lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99),
+                       eps=1e-6)
+    torch.testing.assert_close(ours.double(), reference, rtol=1e-5, atol=1e-7)
+    assert "compensation" not in optimizer.state[optimizer.param_groups[0]["params"][0]]
+
+
+def test_bf16_weights_keep_the_updates_that_bf16_adamw_rounds_away():
+    """At a fine-tuning learning rate (2e-6, weights of 0.02: a sixtieth of their last place) weight + compensation
+    follows AdamW run in float64 from the same weights; torch's AdamW on the bf16 weights barely moves them."""
+    start = (0.02 * torch.randn(4096, generator=torch.Generator().manual_seed(1))).bfloat16()
+    grads = [g.bfloat16() for g in gradients(4096, 200)]
+    reference, _ = run(torch.optim.AdamW, start.double(), [g.double() for g in grads], lr=2e-6)
+    moved = (reference - start.double()).norm()
+
+    def error(weights):
+        return float((weights.double() - reference).norm() / moved)
+
+    ours, optimizer = run(KahanAdamW, start, grads, lr=2e-6)
+    compensation = optimizer.state[optimizer.param_groups[0]["params"][0]]["compensation"]
+    assert compensation.dtype == torch.bfloat16
+    assert error(ours.double() + compensation.double()) < 0.02   # (0.005)
+    assert error(ours) < 0.25   # the weights themselves, to within their last place (0.14)
+    plain, _ = run(torch.optim.AdamW, start, grads, lr=2e-6)
+    assert error(plain) > 0.9   # (0.985)
+
+
+@pytest.mark.parametrize("contiguous", triton_cases([True, False]))
+def test_both_backends_step_parameter_groups_to_the_same_bits(contiguous):
+    """A bf16 and an fp32 group with their own learning rates; a weight stored transposed steps as a contiguous one."""
+    torch.manual_seed(2)
+    starts = [0.02 * torch.randn(33, 17), torch.randn(40)]
+    results = []
+    for backend, device in (("torch", "cpu"), ("triton", TRITON_DEVICE)):
+        weights = [torch.nn.Parameter(starts[0].to(device, torch.bfloat16) if contiguous
+                                      else starts[0].t().contiguous().t().to(device, torch.bfloat16)),
+                   torch.nn.Parameter(starts[1].to(device))]
+        assert weights[0].is_contiguous() is contiguous
+        optimizer = KahanAdamW([{"params": [weights[0]]}, {"params": [weights[1]], "lr": 1e-2}], lr=1e-3,
+                               backend=backend)
+        for grads in zip(gradients((33, 17), 3, seed=3), gradients(40, 3, seed=4)):
+            for weight, grad in zip(weights, grads):
+                weight.grad = grad.to(device, weight.dtype)
+            optimizer.step()
+        results.append([weights[0].detach().cpu(), weights[1].detach().cpu(),
+                        optimizer.state[weights[0]]["compensation"].cpu()])
+    for name, ours, theirs in zip(("bf16 weight", "fp32 weight", "compensation"), *results):
+        assert torch.equal(ours, theirs), name
+    assert not torch.equal(results[0][0], starts[0].bfloat16())
+
+
+def test_a_saved_state_resumes_to_the_bit():
+    start, grads = (0.02 * torch.randn(500)).bfloat16(), [g.bfloat16() for g in gradients(500, 6, seed=5)]
+    whole, _ = run(KahanAdamW, start, grads, lr=1e-4)
+    weight, optimizer = run(KahanAdamW, start, grads[:3], lr=1e-4)
+    saved = copy.deepcopy(optimizer.state_dict())
+    resumed_weight = torch.nn.Parameter(weight.clone())
+    resumed = KahanAdamW([resumed_weight], lr=1e-4)
+    resumed.load_state_dict(saved)
+    for grad in grads[3:]:
+        resumed_weight.grad = grad
+        resumed.step()
+    assert torch.equal(resumed_weight.detach(), whole)
+
+
+def test_torchs_adamw_state_loads_and_gets_a_compensation():
+    weight, torch_optimizer = run(torch.optim.AdamW, (0.02 * torch.randn(50)).bfloat16(),
+                                  [g.bfloat16() for g in gradients(50, 2)], lr=1e-3)
+    saved = torch_optimizer.state_dict()
+    moment = saved["state"][0]["exp_avg"].clone()   # (the loaded state is saved's tensors, stepped in place)
+    weight = torch.nn.Parameter(weight)
+    optimizer = KahanAdamW([weight], lr=1e-3)
+    optimizer.load_state_dict(saved)
+    weight.grad = torch.ones(50, dtype=torch.bfloat16)
+    optimizer.step()
+    state = optimizer.state[weight]
+    assert float(state["step"]) == 3 and state["compensation"].dtype == torch.bfloat16
+    assert torch.equal(state["exp_avg"], (moment.float() * 0.9 + 0.1).bfloat16())
+
+
+def test_a_weight_without_gradient_is_not_stepped_and_closure_runs_with_grad():
+    stepped, idle = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    optimizer = KahanAdamW([stepped, idle], lr=0.1)
+
+    def closure():
+        loss = (stepped * 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        assert float(optimizer.step(closure)) == 6.0
+    assert not torch.equal(stepped, torch.ones(3)) and torch.equal(idle, torch.ones(3)) and idle not in optimizer.state
+
+
+def test_the_step_inside_the_backward_gives_the_step_after_it():
+    torch.manual_seed(6)
+    models = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).bfloat16()]
+    models.append(copy.deepcopy(models[0]))
+    optimizers = [KahanAdamW(model.parameters(), lr=1e-4) for model in models]
+    hooks = step_in_backward(optimizers[0])
+    for _ in range(3):
+        x = torch.randn(5, 8).bfloat16()
+        for model in models:
+            model(x).float().square().sum().backward()
+        optimizers[1].step()
+        optimizers[1].zero_grad(set_to_none=True)
+    for hook in hooks:
+        hook.remove()
+    for ours, theirs in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(ours, theirs) and ours.grad is None
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2, dtype=torch.float16))]), "parameter 0 of group 0 is "
+     "torch.float16; expected bfloat16 or float32"),
+    (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2))]).add_param_group(
+        {"params": [torch.nn.Parameter(torch.ones(2, dtype=torch.float64))]}),
+     "parameter 0 of group 1 is torch.float64"),
+    (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2))], lr=-1), "lr: expected a float >= 0, got -1"),
+    (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2))], betas=(0.9, 1.0)), "betas: expected two floats in"),
+    (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2))], eps=-1e-8), "eps: expected a float >= 0"),
+    (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2))], weight_decay=None), "weight_decay: expected a float"),
+    (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2))], backend="cuda"), "backend: expected one of"),
+])
+def test_bad_arguments_are_errors_naming_them(make, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        make()
+
+
+def test_a_sparse_gradient_is_an_error():
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    optimizer = KahanAdamW(embedding.parameters())
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="sparse gradient"):
+        optimizer.step()
