@@ -16,6 +16,7 @@ the distance that AdamW moved them (0: the updates kept, 1: as if the weights ne
 
     python bench/bench_optimizer.py                  # Llama-3.2-1B's parameters, CUDA
     python bench/bench_optimizer.py --quick          # a small model's, any device (CPU smoke run)
+    python bench/bench_optimizer.py --quick --fidelity-steps 300   # the fidelity column in full, on a CPU
 """
 import argparse
 import os
@@ -68,7 +69,7 @@ def fidelity_error(build, dtype, device, steps, numel=1 << 20):
     start = (0.02 * torch.randn(numel, generator=generator)).bfloat16()
     slope = torch.randn(numel, generator=generator)
     reference = torch.nn.Parameter(start.double())
-    weight = torch.nn.Parameter(start.to(device, dtype))
+    weight = torch.nn.Parameter(start.to(device, dtype, copy=True))   # (start itself stays the start)
     optimizers = [torch.optim.AdamW([reference], lr=2e-6), build([weight])]
     for _ in range(steps):
         grad = (slope + torch.randn(numel, generator=generator)).bfloat16()
@@ -103,10 +104,10 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="a small model's parameters (CPU smoke run)")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--fidelity-steps", type=int, default=300)
+    parser.add_argument("--fidelity-steps", type=int, default=None, help="default: 300 (30 with --quick)")
     args = parser.parse_args()
-    if args.quick:
-        args.fidelity_steps = min(args.fidelity_steps, 30)
+    if args.fidelity_steps is None:
+        args.fidelity_steps = 30 if args.quick else 300
     device = torch.device(args.device)
     shape = QUICK_SHAPE if args.quick else harness.LLAMA_SHAPES["1b"]
     shapes = parameter_shapes(shape)
