@@ -167,3 +167,20 @@ def test_a_sparse_gradient_is_an_error():
     embedding(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(ValueError, match="sparse gradient"):
         optimizer.step()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_step_never_waits_for_the_device(backend):
+    """Nothing the step reads comes back to the host (the step count is a host tensor): on a GPU, a step of a
+    parameter is queued behind the backward that made its gradient, as inside the backward it is."""
+    from tests.sync_counter import SyncCounter
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    weights = [torch.nn.Parameter(torch.randn(40, device=device).bfloat16()), torch.nn.Parameter(torch.randn(7))]
+    optimizer = KahanAdamW(weights, lr=1e-3, backend=backend)
+    with SyncCounter() as counter:
+        counter.mark(*weights)
+        for _ in range(2):
+            for weight in weights:
+                weight.grad = counter.mark(torch.randn(weight.shape, device=weight.device).to(weight.dtype))
+            optimizer.step()
+    assert counter.total == 0, counter.syncs

@@ -33,8 +33,10 @@ def _step_chunk(param, grad, exp_avg, exp_avg_sq, compensation, *, beta1, one_mi
     m = exp_avg.float() * beta1 + g * one_minus_beta1
     v = exp_avg_sq.float() * beta2 + (g * g) * one_minus_beta2
     # the square root correctly rounded (torch's CPU one is not always; a double's, rounded to fp32, is) and the
-    # division by a tensor (torch divides a CUDA tensor by a host scalar as a product with its reciprocal)
-    denom = v.double().sqrt().float() / torch.tensor(bias_correction2_sqrt, dtype=torch.float32, device=v.device) + eps
+    # division by a tensor (torch divides a CUDA tensor by a host scalar as a product with its reciprocal), filled on
+    # the device (a copy from the host would wait for the device's queued work)
+    divisor = torch.full((), bias_correction2_sqrt, dtype=torch.float32, device=v.device)
+    denom = v.double().sqrt().float() / divisor + eps
     update = -(w * decay) - (m / denom) * step_size
     if compensation is None:
         param.copy_(w + update)
