@@ -21,6 +21,8 @@ from fastalign.ops.backend import BACKENDS, select_backend
 
 COMPENSATED_DTYPES = (torch.bfloat16,)
 STEPPED_DTYPES = (torch.bfloat16, torch.float32)
+# options of torch's Adam and AdamW that this step does not have, with the value it computes as
+_TORCH_OPTIONS = {"amsgrad": False, "maximize": False, "decoupled_weight_decay": True}
 
 
 def step_scalars(*, lr, beta1, beta2, eps, weight_decay, step):
@@ -65,6 +67,16 @@ class KahanAdamW(torch.optim.Optimizer):
                 raise ValueError(f"params: parameter {i} of group {len(self.param_groups) - 1} is {p.dtype}; expected "
                                  "bfloat16 or float32 (train float16 weights in bfloat16 or float32: AdamW's second "
                                  "moment underflows in float16)")
+
+    def load_state_dict(self, state_dict):
+        """torch's load_state_dict, refusing the state of an optimizer that steps otherwise (torch's Adam, AdamW with
+        amsgrad or maximize), whose options would otherwise be ignored."""
+        for i, group in enumerate(state_dict["param_groups"]):
+            for option, value in _TORCH_OPTIONS.items():
+                if group.get(option, value) != value:
+                    raise ValueError(f"state_dict: param group {i} has {option}={group[option]!r}, which KahanAdamW "
+                                     f"does not step as (it steps AdamW with {option}={value!r})")
+        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -2,6 +2,7 @@
 torch's AdamW on bf16 weights rounds away, both backends give the same bits through the optimizer (non-contiguous
 weights, parameter groups), state saves and loads (torch's AdamW's too), the step inside the backward, and errors."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -110,6 +111,16 @@ def test_torchs_adamw_state_loads_and_gets_a_compensation():
     state = optimizer.state[weight]
     assert float(state["step"]) == 3 and state["compensation"].dtype == torch.bfloat16
     assert torch.equal(state["exp_avg"], (moment.float() * 0.9 + 0.1).bfloat16())
+
+
+@pytest.mark.parametrize("optimizer, option", [(torch.optim.Adam, "decoupled_weight_decay=False"),
+                                               (functools.partial(torch.optim.AdamW, amsgrad=True), "amsgrad=True")])
+def test_the_state_of_an_optimizer_that_steps_otherwise_is_refused(optimizer, option):
+    if optimizer is torch.optim.Adam and "decoupled_weight_decay" not in optimizer([torch.ones(1)]).defaults:
+        pytest.skip("this torch's Adam names no decoupled_weight_decay")
+    weight, other = run(optimizer, torch.ones(3), gradients(3, 1))
+    with pytest.raises(ValueError, match=f"param group 0 has {option}, which KahanAdamW does not step as"):
+        KahanAdamW([torch.nn.Parameter(weight)]).load_state_dict(other.state_dict())
 
 
 def test_a_weight_without_gradient_is_not_stepped_and_closure_runs_with_grad():
