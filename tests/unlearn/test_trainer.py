@@ -857,6 +857,22 @@ def test_bf16_run_trains_the_model_it_saves(tmp_path):
         assert torch.equal(trainer.model.eval()(ids).logits, reloaded(ids).logits)
 
 
+def test_bf16_weights_unlearn_as_fp32_weights_do_where_torchs_adamw_would_not(tmp_path, monkeypatch):
+    """At a fine-tuning learning rate the updates are far below a bf16 weight's last place. Trained with KahanAdamW
+    (precision='bf16'), the harmful answers' NLL rises over 40 steps as the fp32 run's does (0.0109 and 0.0109);
+    with torch's AdamW on the same bf16 weights it barely moves (0.0020)."""
+    def rise(name, **settings):
+        run(tmp_path, name, max_steps=40, grad_accum=1, lr=2e-5, **settings)
+        lines = log_lines(tmp_path / name)
+        return lines[-1]["forget_nll"] - lines[0]["forget_nll"]
+
+    fp32, kahan = rise("fp32"), rise("bf16", precision="bf16")
+    monkeypatch.setattr(trainer_module, "adamw", lambda params, *, lr, weight_decay, sharded: torch.optim.AdamW(
+        params, lr=lr, weight_decay=weight_decay))
+    plain = rise("plain", precision="bf16")
+    assert fp32 > 0.005 and abs(kahan - fp32) < 0.05 * fp32 and plain < 0.5 * fp32, (fp32, kahan, plain)
+
+
 def test_failed_checkpoint_write_leaves_no_checkpoint(tmp_path, monkeypatch):
     real_save = checkpoint.save_file
 
