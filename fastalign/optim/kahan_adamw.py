@@ -46,8 +46,8 @@ class KahanAdamW(torch.optim.Optimizer):
     or "torch"."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, backend="auto"):
-        if not (isinstance(lr, (int, float)) and lr >= 0):
-            raise ValueError(f"lr: expected a float >= 0, got {lr!r}")
+        if not (isinstance(lr, (int, float)) or torch.is_tensor(lr) and lr.numel() == 1) or float(lr) < 0:
+            raise ValueError(f"lr: expected a float >= 0 (or a one-element tensor), got {lr!r}")
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2
                 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
             raise ValueError(f"betas: expected two floats in [0, 1), got {betas!r}")
