@@ -51,17 +51,20 @@ def test_the_torch_implementation_steps_in_chunks(monkeypatch):
 
 
 COMPILE_FOR_SM90 = """
+import itertools
+
 from fastalign.kernels.kahan_adamw import _BLOCK, _kahan_adamw_kernel
 from tests.kernels.gpu_build import build_for_gpu, check_build, stack_bytes
 
 scalars = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "decay", "step_size",
            "bias_correction2_sqrt")
-for dtype, compensate in (("bf16", True), ("bf16", False), ("fp32", False)):
+for (dtype, compensate), capability in itertools.product((("bf16", True), ("bf16", False), ("fp32", False)),
+                                                         (90, 80, 89)):
     pointers = {name: "*" + dtype for name in ("Param", "Grad", "ExpAvg", "ExpAvgSq", "Compensation")}
     compiled = build_for_gpu(_kahan_adamw_kernel, dict(pointers, **dict.fromkeys(scalars, "fp32")),
-                             dict(COMPENSATE=compensate, BLOCK=_BLOCK), 4, 1, enable_fp_fusion=False)
-    what = ("kahan adamw", dtype, compensate)
-    check_build(compiled, what, tuned=False)
+                             dict(COMPENSATE=compensate, BLOCK=_BLOCK), 4, 1, capability, enable_fp_fusion=False)
+    what = ("kahan adamw", dtype, compensate, capability)
+    check_build(compiled, what, tuned=False, capability=capability)
     assert stack_bytes(compiled) == 0, (what, "spills registers")
     ptx = compiled.asm["ptx"]
     assert "fma." not in ptx, (what, "a multiply-add contracted to FMA")
@@ -71,7 +74,7 @@ for dtype, compensate in (("bf16", True), ("bf16", False), ("fp32", False)):
 
 
 def test_kernel_compiles_for_sm90_without_a_gpu():
-    """What the interpreter never does: the build, and the rounding of its arithmetic as torch's (the GPU's FMA and
+    """What the interpreter never does: the build (for an H100, and an A100 and an L4 too), and the rounding of its arithmetic as torch's (the GPU's FMA and
     approximate square root and division would give other bits than the torch implementation)."""
     from tests.kernels.gpu_build import assert_builds
     assert_builds(COMPILE_FOR_SM90)
