@@ -73,6 +73,16 @@ def test_bf16_lora_reports_and_warns_of_what_the_merge_lost(workspace, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["adapter_dir"] == str(out / "adapter") and (out / "adapter" / "adapter_config.json").is_file()
     assert report["merge_rounding_error"] == json.loads((out / "run.json").read_text())["merge_rounding_error"] > 0.5
+    assert report["optimizer"] == "AdamW"   # the adapters train in fp32
+
+
+def test_bf16_full_weights_train_with_kahan_adamw(workspace, capsys):
+    out = workspace / "out"
+    code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--max-steps", "1", "--precision", "bf16",
+                 "--output-dir", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["optimizer"] == json.loads((out / "run.json").read_text())[
+        "optimizer"] == "KahanAdamW"
 
 
 def test_help_tells_what_a_merge_into_bf16_weights_loses(capsys):
