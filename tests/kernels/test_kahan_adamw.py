@@ -74,7 +74,8 @@ for (dtype, compensate), capability in itertools.product((("bf16", True), ("bf16
 
 
 def test_kernel_compiles_for_sm90_without_a_gpu():
-    """What the interpreter never does: the build (for an H100, and an A100 and an L4 too), and the rounding of its arithmetic as torch's (the GPU's FMA and
-    approximate square root and division would give other bits than the torch implementation)."""
+    """What the interpreter never does: the build (for an H100, and an A100 and an L4 too), and the rounding of its
+    arithmetic as torch's (the GPU's FMA and approximate square root and division would give other bits than the
+    torch implementation)."""
     from tests.kernels.gpu_build import assert_builds
     assert_builds(COMPILE_FOR_SM90)

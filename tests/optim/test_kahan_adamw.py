@@ -126,7 +126,8 @@ def test_the_state_of_an_optimizer_that_steps_otherwise_is_refused(optimizer, op
 
 def test_a_tensor_learning_rate_steps_as_its_float():
     start, grads = (0.02 * torch.randn(30)).bfloat16(), [g.bfloat16() for g in gradients(30, 2)]
-    assert torch.equal(run(KahanAdamW, start, grads, lr=torch.tensor(1e-3))[0], run(KahanAdamW, start, grads, lr=1e-3)[0])
+    tensor_lr, float_lr = (run(KahanAdamW, start, grads, lr=lr)[0] for lr in (torch.tensor(1e-3), 1e-3))
+    assert torch.equal(tensor_lr, float_lr)
 
 
 def test_a_weight_without_gradient_is_not_stepped_and_closure_runs_with_grad():
@@ -167,7 +168,8 @@ def test_the_step_inside_the_backward_gives_the_step_after_it():
     (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2))]).add_param_group(
         {"params": [torch.nn.Parameter(torch.ones(2, dtype=torch.float64))]}),
      "parameter 0 of group 1 is torch.float64"),
-    (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2))], lr=-1), "lr: expected a float >= 0 (or a one-element tensor), got -1"),
+    (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2))], lr=-1),
+     "lr: expected a float >= 0 (or a one-element tensor), got -1"),
     (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2))], betas=(0.9, 1.0)), "betas: expected two floats in"),
     (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2))], eps=-1e-8), "eps: expected a float >= 0"),
     (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2))], weight_decay=None), "weight_decay: expected a float"),
