@@ -121,6 +121,8 @@ def run(root, scenario):
         resumed(root, scenario, scenario)
     elif scenario == "fsdp2_bf16":   # bf16 weights, sharded: KahanAdamW steps each process's shards
         resumed(root, scenario, "fsdp2_head_unit", precision="bf16", lr=2e-5)
+    elif scenario in ("fsdp1_bf16", "fsdp1_flat_bf16"):   # FSDP1's shards of each weight, or of its flat parameters
+        train(root, scenario, scenario.removesuffix("_bf16"), precision="bf16", lr=2e-5)
     elif scenario == "fsdp2_head_unit_grads_in_forward":
         train(root, scenario, "fsdp2_head_unit", grads_in_forward=True)
     elif scenario == "fsdp2_cached":

@@ -1,7 +1,7 @@
 """The trainer under two gloo processes on the CPU, through accelerate: DDP, FSDP2 (lm_head in the root unit
 or in a unit of its own, there also with the losses' gradients taken in the forward, and with bf16 weights), FSDP1
-(also with its weights flattened, use_orig_params off), the cached reference under FSDP2, LoRA under DDP, and errors
-raised on every process.
+(also with its weights flattened, use_orig_params off; both also with bf16 weights), the cached reference under
+FSDP2, LoRA under DDP, and errors raised on every process.
 
 Process r of 2 draws batch 2*step + r, as micro-batch r of one process that accumulates two micro-batches
 does, so each distributed run must end where that single-process run ends (fp32: to rounding). All
@@ -23,9 +23,10 @@ from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama
 
 pytest.importorskip("accelerate")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCENARIOS = ["ddp", "fsdp2", "fsdp2_head_unit", "fsdp2_bf16", "fsdp2_head_unit_grads_in_forward", "fsdp1",
-             "fsdp2_cached", "fsdp2_cached_bf16", "fsdp2_bf16_reference_kl", "fsdp2_cached_head_changed",
-             "ddp_lora_bf16", "nonfinite", "fsdp1_flat_root", "fsdp1_flat_cached"]
+SCENARIOS = ["ddp", "fsdp2", "fsdp2_head_unit", "fsdp2_bf16", "fsdp1_bf16", "fsdp1_flat_bf16",
+             "fsdp2_head_unit_grads_in_forward", "fsdp1", "fsdp2_cached", "fsdp2_cached_bf16",
+             "fsdp2_bf16_reference_kl", "fsdp2_cached_head_changed", "ddp_lora_bf16", "nonfinite", "fsdp1_flat_root",
+             "fsdp1_flat_cached"]
 TERMS = ("loss", "forget_nll", "mismatch_nll", "normal_kl")
 
 
@@ -176,6 +177,18 @@ def test_fsdp2_bf16_weights_train_with_kahan_adamw_on_their_shards_and_resume(ru
         compensation = state["optimizer"]["state"][name]["compensation"]
         assert compensation.shape == tensor.shape and compensation.dtype == torch.bfloat16, name
     assert any(s["compensation"].any() for s in state["optimizer"]["state"].values())
+
+
+@pytest.mark.parametrize("scenario", ["fsdp1_bf16", "fsdp1_flat_bf16"])
+def test_fsdp1_bf16_weights_train_with_kahan_adamw(runs, scenario):
+    """FSDP1 hands the optimizer each weight's shard (use_orig_params) or each unit's flat parameter: KahanAdamW steps
+    them, and the saved weights moved."""
+    path = runs / scenario
+    assert outcomes(path) == ["ok", "ok"]
+    assert json.loads((path / "run.json").read_text())["optimizer"] == "KahanAdamW"
+    saved = LlamaForCausalLM.from_pretrained(path / "model")
+    original = tiny_llama(len(byte_bpe_tokenizer())).bfloat16()
+    assert not torch.equal(saved.model.layers[0].mlp.down_proj.weight, original.model.layers[0].mlp.down_proj.weight)
 
 
 def test_fsdp2_gradients_taken_in_the_forward_of_a_sharded_lm_head(runs, single):
