@@ -3,10 +3,9 @@
 import warnings
 
 import pytest
-import torch
 
 from fastalign import TreeRunner
-from tests.runtime.tiny_models import CountedForward, fill_with_nan, reference, tiny_model
+from tests.runtime.tiny_models import CountedForward, assert_matches, fill_with_nan, tiny_model
 
 FALLBACKS = ["bloom-alibi-fallback", "mpt-alibi-fallback", "llama4-chunked-fallback"]
 
@@ -24,11 +23,6 @@ def cache_runner(name="bloom-alibi-fallback"):
     calls = []
     runner.model_runner.model = CountedForward(model, calls)
     return model, runner, calls
-
-
-def assert_matches(model, spans, logits):
-    for span, row_logits in zip(spans, logits):
-        torch.testing.assert_close(row_logits, reference(model, span)[0][-len(row_logits):], rtol=1e-4, atol=1e-4)
 
 
 def test_rows_alike_run_as_one_batch_wherever_they_are_after_the_rows_they_extend():

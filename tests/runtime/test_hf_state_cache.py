@@ -9,7 +9,7 @@ import transformers
 from fastalign import TreeRunner
 from fastalign.runtime.hf_state_cache import HFStateCacheModel
 from fastalign.runtime.kv_pool import KVPool
-from tests.runtime.tiny_models import CountedForward, fill_with_nan, reference, tiny_model
+from tests.runtime.tiny_models import CountedForward, assert_matches, fill_with_nan, reference, tiny_model
 
 
 def state_runner(name="qwen3.5-linear-attention-states", **kwargs):
@@ -23,11 +23,6 @@ def state_runner(name="qwen3.5-linear-attention-states", **kwargs):
     calls = []
     runner.model_runner.model = CountedForward(model, calls)
     return model, runner, calls
-
-
-def assert_matches(model, spans, logits):
-    for span, row_logits in zip(spans, logits):
-        torch.testing.assert_close(row_logits, reference(model, span)[0][-len(row_logits):], rtol=1e-4, atol=1e-4)
 
 
 def test_children_extended_alike_run_as_one_batch_of_their_new_tokens_alone():

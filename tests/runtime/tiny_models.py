@@ -229,6 +229,12 @@ def reference(model, span):
     return out.logits[0, start:end].float(), out.hidden_states[-1][0, start:end]
 
 
+def assert_matches(model, spans, logits):
+    """Each of `logits` (a runner's "all" or "last" outputs of `spans`) is Hugging Face's at the span's last tokens."""
+    for span, row_logits in zip(spans, logits):
+        torch.testing.assert_close(row_logits, reference(model, span)[0][-len(row_logits):], rtol=1e-4, atol=1e-4)
+
+
 def grow_random_tree(runner, seed, check, steps=20, max_len=60):
     """Grows and prunes a random tree on `runner`: batches of 1-4 rows extending random live spans (parents
     repeat; sometimes a new root) by 1-7 tokens, random releases. Calls check(span, logits, hidden) with the
