@@ -14,6 +14,7 @@ fp32 parameters are stepped as AdamW without compensation (they need none); othe
 parameter on CUDA (fastalign.kernels.kahan_adamw), torch operations elsewhere (fastalign.ops.torch_chunked), to the
 same bits. Parameters sharded by FSDP2 (DTensors) are stepped shard by shard: AdamW is elementwise.
 """
+import functools
 import math
 
 import torch
@@ -24,6 +25,19 @@ COMPENSATED_DTYPES = (torch.bfloat16,)
 STEPPED_DTYPES = (torch.bfloat16, torch.float32)
 # options of torch's Adam and AdamW that this step does not have, with the value it computes as
 _TORCH_OPTIONS = {"amsgrad": False, "maximize": False, "decoupled_weight_decay": True}
+# how torch's AdamW runs its step, not what it computes: a loaded state's values of these are not this optimizer's
+_EXECUTION_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
+_OWN_OPTIONS = ("lr", "betas", "eps", "weight_decay")
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_adamw_options():
+    """The options beyond lr, betas, eps and weight_decay that the installed torch's AdamW records in each parameter
+    group, at their defaults (amsgrad, maximize, foreach, fused, ...). A KahanAdamW group records them too, so that
+    the state dicts of the two share one layout: torch.distributed.checkpoint maps a loaded state onto the keys of the
+    optimizer's own, and failed on the keys of torch's AdamW that a KahanAdamW group lacked."""
+    defaults = torch.optim.AdamW([torch.zeros(1, requires_grad=True)]).defaults
+    return tuple((k, v) for k, v in defaults.items() if k not in _OWN_OPTIONS)
 
 
 def step_scalars(*, lr, beta1, beta2, eps, weight_decay, step):
@@ -58,7 +72,8 @@ class KahanAdamW(torch.optim.Optimizer):
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         self.backend = backend
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(_torch_adamw_options(), lr=lr, betas=tuple(betas), eps=eps,
+                                      weight_decay=weight_decay))
 
     def add_param_group(self, param_group):
         """torch's add_param_group, refusing parameters of a dtype other than bfloat16 and float32."""
@@ -71,13 +86,19 @@ class KahanAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         """torch's load_state_dict, refusing the state of an optimizer that steps otherwise (torch's Adam, AdamW with
-        amsgrad or maximize), whose options would otherwise be ignored."""
+        amsgrad or maximize), whose options would otherwise be ignored. Of torch's AdamW's state, how it ran (fused,
+        foreach, ...) is not kept, and a step count a fused AdamW kept on the device comes to the host, once."""
         for i, group in enumerate(state_dict["param_groups"]):
             for option, value in _TORCH_OPTIONS.items():
                 if group.get(option, value) != value:
                     raise ValueError(f"state_dict: param group {i} has {option}={group[option]!r}, which KahanAdamW "
                                      f"does not step as (it steps AdamW with {option}={value!r})")
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.update((k, self.defaults[k]) for k in _EXECUTION_OPTIONS if k in self.defaults)
+        for state in self.state.values():
+            if torch.is_tensor(state.get("step")) and state["step"].device.type != "cpu":
+                state["step"] = state["step"].cpu()   # read at every step: on the host, without a wait
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -114,6 +114,19 @@ def test_torchs_adamw_state_loads_and_gets_a_compensation():
     assert torch.equal(state["exp_avg"], (moment.float() * 0.9 + 0.1).bfloat16())
 
 
+def test_its_state_has_the_layout_of_torchs_adamw_both_ways():
+    """The same keys in each parameter group as torch's AdamW (torch.distributed.checkpoint maps a loaded state onto
+    the optimizer's own keys); how a loaded state's AdamW ran (fused) is not taken over."""
+    start, grads = (0.02 * torch.randn(20)).bfloat16(), [g.bfloat16() for g in gradients(20, 2)]
+    _, fused = run(functools.partial(torch.optim.AdamW, fused=True), start, grads, lr=1e-3)
+    _, ours = run(KahanAdamW, start, grads, lr=1e-3)
+    assert ours.state_dict()["param_groups"][0].keys() == fused.state_dict()["param_groups"][0].keys()
+    loaded = KahanAdamW([torch.nn.Parameter(start.clone())])
+    loaded.load_state_dict(fused.state_dict())
+    assert loaded.param_groups[0]["fused"] is None and loaded.param_groups[0]["lr"] == 1e-3
+    torch.optim.AdamW([torch.nn.Parameter(start.clone())]).load_state_dict(ours.state_dict())
+
+
 @pytest.mark.parametrize("optimizer, option", [(torch.optim.Adam, "decoupled_weight_decay=False"),
                                                (functools.partial(torch.optim.AdamW, amsgrad=True), "amsgrad=True")])
 def test_the_state_of_an_optimizer_that_steps_otherwise_is_refused(optimizer, option):

@@ -873,6 +873,23 @@ def test_bf16_weights_unlearn_as_fp32_weights_do_where_torchs_adamw_would_not(tm
     assert fp32 > 0.005 and abs(kahan - fp32) < 0.05 * fp32 and plain < 0.5 * fp32, (fp32, kahan, plain)
 
 
+def test_a_bf16_run_checkpointed_with_torchs_adamw_resumes_with_kahan_adamw(tmp_path, monkeypatch):
+    """A bf16 run that an earlier fastalign checkpointed (torch's AdamW on the bf16 weights) resumes: its moments load,
+    its weights' compensations start at zero, and its steps then change the weights as the resumed steps of a run
+    that started with KahanAdamW but lost its compensations would."""
+    with monkeypatch.context() as patched:
+        patched.setattr(trainer_module, "adamw", lambda params, *, lr, weight_decay, sharded: torch.optim.AdamW(
+            params, lr=lr, weight_decay=weight_decay))
+        with pytest.raises(Killed):
+            run(tmp_path, "killed", save_every=2, callback=kill_after(3), precision="bf16")
+    state = torch.load(tmp_path / "killed" / "checkpoints" / "step-000002" / "state.pt", weights_only=False)
+    assert all("compensation" not in s for s in state["optimizer"]["state"].values())
+    _, summary = run(tmp_path, "killed", save_every=2, resume=True, precision="bf16")
+    assert summary.steps == 5 and summary.optimizer == "KahanAdamW"
+    state = torch.load(tmp_path / "killed" / "checkpoints" / "step-000004" / "state.pt", weights_only=False)
+    assert all(s["compensation"].dtype == torch.bfloat16 for s in state["optimizer"]["state"].values())
+
+
 def test_failed_checkpoint_write_leaves_no_checkpoint(tmp_path, monkeypatch):
     real_save = checkpoint.save_file
 
