@@ -1,25 +1,52 @@
 """bench/gpu_session.sh: each of its parts (tests, benches, 8b) must fit one device-tool call of at most 600 s: its
-steps' time limits, with the install before them, leave the call time to return what was measured."""
+steps' time limits, with the install before them, leave the call time to return what was measured; benches gives
+the 8B preset what its call has left."""
 import pathlib
 import re
+import subprocess
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "bench" / "gpu_session.sh"
 CALL_LIMIT_S = 600
 INSTALL_S = 40   # nvidia-smi, the carried wheels and the editable install of fastalign, before the first step
 
 
+def function(text, name):
+    """The definition of the shell function `name` in the script's text."""
+    return re.search(rf"^{name}\(\) {{.*?^}}$", text, re.MULTILINE | re.DOTALL).group(0)
+
+
 def step_limits(text):
-    """Each part's `step SECONDS NAME ...` limits: {"tests": [...], "benches": [...], "8b": [...]}."""
-    pattern = re.compile(r"^\s*step (\d+) ", re.MULTILINE)
-    tests = text.split("gpu_tests() {")[1].split("\n}\n")[0]
-    benches = text.split("gpu_benches() {")[1].split("\n}\n")[0]
-    eight_b = text.split("        8b)")[1].split(";;")[0]
+    """Each part's fixed `step SECONDS NAME ...` limits: {"tests": [...], "benches": [...], "8b": [...]}."""
+    pattern = re.compile(r"^\s*(?:step|8b\) unlearn_8b) (\d+)", re.MULTILINE)
+    eight_b = text.split("case ")[1].split(";;")[0]
     return {name: [int(n) for n in pattern.findall(part)]
-            for name, part in (("tests", tests), ("benches", benches), ("8b", eight_b))}
+            for name, part in (("tests", function(text, "gpu_tests")), ("benches", function(text, "gpu_benches")),
+                               ("8b", eight_b))}
 
 
 def test_every_session_fits_one_device_call():
-    limits = step_limits(SCRIPT.read_text())
+    text = SCRIPT.read_text()
+    assert re.search(rf"^CALL_LIMIT_S={CALL_LIMIT_S} ", text, re.MULTILINE)
+    limits = step_limits(text)
     assert [len(v) for v in limits.values()] == [2, 6, 1], limits
     for name, part in limits.items():
         assert INSTALL_S + sum(part) <= CALL_LIMIT_S, (name, part)
+
+
+def benches_steps(seconds_used):
+    """The steps gpu_benches runs (limit, name), with `step` replaced by a stub and the script `seconds_used` s old."""
+    text = SCRIPT.read_text()
+    limit = re.search(r"^CALL_LIMIT_S=\d+", text, re.MULTILINE).group(0)
+    program = "\n".join([limit, function(text, "gpu_benches"), function(text, "unlearn_8b"),
+                         'step() { echo "$1|$2"; }', f"SECONDS={seconds_used}", "gpu_benches"])
+    out = subprocess.run(["bash", "-c", program], capture_output=True, text=True, check=True).stdout
+    return [line.split("|") for line in out.splitlines()]
+
+
+def test_benches_give_the_8b_preset_what_the_call_has_left():
+    fixed = sum(step_limits(SCRIPT.read_text())["benches"])
+    for used in (INSTALL_S + 200, INSTALL_S + fixed - 120):
+        *_, (limit, name) = benches_steps(used)
+        assert name.startswith("bench_unlearn 8b") and int(limit) == CALL_LIMIT_S - 15 - used
+    *_, last = benches_steps(CALL_LIMIT_S - 15 - 119)   # under 2 minutes left: skipped, said so
+    assert last == ["=== bench_unlearn 8b: skipped (119s of the call left)"]
