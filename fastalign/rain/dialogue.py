@@ -47,11 +47,6 @@ def rollout_stops(tokenizer, config: RainConfig, ctx, state: Sequence[int]) -> b
     return has_new_turn(answer_text(tokenizer, state, ctx.answer_start), config.turn_marker)
 
 
-def judged_reply(tokenizer, config: RainConfig, state: Sequence[int], answer_start: int) -> str:
-    """The assistant's reply as the judge reads it: the answer plus rollout, cut before a new user turn."""
-    return cut_at_turn(answer_text(tokenizer, state, answer_start), config.turn_marker)
-
-
 def judge_input(judge, tokenizer, end_ids: AbstractSet[int], config: RainConfig, ctx, state: Sequence[int],
                 leaf_len: int):
     """What the judge reads for `state` (the leaf's state of length `leaf_len`, then the rollout).
