@@ -3,21 +3,47 @@
 Importing fastalign or one of its engines then costs only what is used: an eager package imported every engine and
 with them transformers, accelerate and torch._dynamo (6 s on a CPU), which a script that takes one op from it, or
 `fastalign --help`, paid in full.
+
+A package writes its public names as imports under `if TYPE_CHECKING:`, which type checkers and editors read (they
+never run), and lists them in a literal `__all__`, as linters and type checkers expect; lazy_exports reads those
+import statements from the package's source, so that each name is imported from the module they name when first
+used, and refuses an `__all__` that lists other names.
 """
+import ast
 import importlib
 
 
-def lazy_exports(namespace, exports):
-    """(__all__, __getattr__, __dir__) for the package whose globals() are `namespace`. `exports` maps a module to
-    the names the package takes from it, each "name" or "name as public_name" as in an import. A public name is
-    imported from its module on first access and kept in the package; another name that is a submodule is imported,
-    as `import package.name` would; anything else is an AttributeError naming it."""
-    package = namespace["__name__"]
+def type_checking_imports(path):
+    """{public name: (module, name in the module)} of the `from MODULE import NAME [as PUBLIC]` statements inside
+    the `if TYPE_CHECKING:` blocks at the top level of the Python source at `path`."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=path)
     owners = {}
-    for module, names in exports.items():
-        for entry in names:
-            name, _, public = entry.partition(" as ")
-            owners[public or name] = (module, name)
+    for block in tree.body:
+        if not (isinstance(block, ast.If) and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"):
+            continue
+        for statement in block.body:
+            if not isinstance(statement, ast.ImportFrom) or statement.level:
+                raise ImportError(f"{path}:{statement.lineno}: lazy_exports reads absolute `from MODULE import "
+                                  "NAME` statements only in the TYPE_CHECKING block")
+            for alias in statement.names:
+                owners[alias.asname or alias.name] = (statement.module, alias.name)
+    return owners
+
+
+def lazy_exports(namespace):
+    """(__getattr__, __dir__) for the package whose globals() are `namespace`, exporting the names its source imports
+    under `if TYPE_CHECKING:`, which must be those of its __all__. A public name is imported from its module on first
+    access and kept in the package; another name that is a submodule is imported, as `import package.name` would;
+    anything else is an AttributeError naming it."""
+    package, path = namespace["__name__"], namespace["__file__"]
+    owners = type_checking_imports(path)
+    public = namespace.get("__all__", [])
+    if not owners or set(public) != set(owners) or len(set(public)) != len(public):
+        raise ImportError(f"{path}: __all__ must list each name of the `if TYPE_CHECKING:` imports once; "
+                          f"imported, not listed: {sorted(set(owners) - set(public))}, listed, not imported: "
+                          f"{sorted(set(public) - set(owners))}, listed twice: "
+                          f"{sorted({n for n in public if public.count(n) > 1})}")
 
     def __getattr__(name):
         if name in owners:
@@ -34,4 +60,4 @@ def lazy_exports(namespace, exports):
     def __dir__():
         return sorted(set(namespace) | set(owners))
 
-    return list(owners), __getattr__, __dir__
+    return __getattr__, __dir__

@@ -4,9 +4,12 @@ threading.Lock the object makes when constructed), taken without waiting, and a 
 another thread or from inside the running one (a callback, a hook), is refused with a RuntimeError naming the
 object, before it changes anything. Waiting instead would deadlock a call from inside, and hide the misuse."""
 import functools
+from typing import Any, Callable, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def one_call_at_a_time(inside: str, advice: str):
+def one_call_at_a_time(inside: str, advice: str) -> Callable[[F], F]:
     """Decorator of a method of a class with a `_busy` lock. `inside` names where a call from inside the running
     one comes from, `advice` what to do instead; both go into the error."""
     def decorate(method):

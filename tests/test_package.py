@@ -78,3 +78,38 @@ def test_no_public_name_is_also_a_submodule(name):
     package = importlib.import_module(name)
     submodules = {info.name for info in pkgutil.iter_modules(package.__path__)}
     assert submodules and not submodules & set(package.__all__)
+
+
+@pytest.mark.parametrize("all_line, listed", [
+    ('__all__ = ["join", "sep"]', None),
+    ('__all__ = ["join"]', r"imported, not listed: \['sep'\], listed, not imported: \[\]"),
+    ('__all__ = ["join", "sep", "getcwd"]', r"listed, not imported: \['getcwd'\]"),
+    ('__all__ = ["join", "sep", "sep"]', r"listed twice: \['sep'\]"),
+])
+def test_a_packages_all_lists_its_type_checking_imports(tmp_path, monkeypatch, all_line, listed):
+    """lazy_exports exports what a package imports under TYPE_CHECKING (renamed or not), which static tools read; an
+    __all__ that lists other names than those is refused when the package is imported, naming the difference."""
+    package = tmp_path / "lazy_demo"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from typing import TYPE_CHECKING\nfrom fastalign.lazy_exports import lazy_exports\n"
+        "if TYPE_CHECKING:\n    from os.path import join\n    from os import sep as sep\n"
+        f"{all_line}\n__getattr__, __dir__ = lazy_exports(globals())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "lazy_demo", raising=False)
+    if listed is None:
+        lazy_demo = importlib.import_module("lazy_demo")
+        assert lazy_demo.join is os.path.join and lazy_demo.sep == os.sep and "join" in dir(lazy_demo)
+    else:
+        with pytest.raises(ImportError, match=listed):
+            importlib.import_module("lazy_demo")
+
+
+@pytest.mark.parametrize("statement", ["import os", "from . import sibling"])
+def test_type_checking_imports_are_absolute_from_imports(tmp_path, statement):
+    from fastalign.lazy_exports import type_checking_imports
+
+    source = tmp_path / "package_init.py"
+    source.write_text(f"if TYPE_CHECKING:\n    from os import sep\n    {statement}\n")
+    with pytest.raises(ImportError, match=r"package_init.py:3: lazy_exports reads absolute `from MODULE import NAME`"):
+        type_checking_imports(source)

@@ -5,12 +5,14 @@ the op): `fastalign.kernels.<op>` (Triton) and `fastalign.ops.torch_chunked.<op>
 """
 import importlib
 import os
+from typing import Callable, Literal, get_args
 
 import torch
 
-from .compiler_disable import compiler_disable
+from .compiler_disable import F, compiler_disable
 
-BACKENDS = ("auto", "triton", "torch")
+Backend = Literal["auto", "triton", "torch"]   # the `backend` argument of the ops
+BACKENDS = get_args(Backend)
 
 
 def triton_interpreting():
@@ -62,7 +64,7 @@ def autocast_off(device):
     return torch.autocast(device.type, enabled=False)
 
 
-def graph_break(op):
+def graph_break(op: str) -> Callable[[F], F]:
     """torch.compiler.disable for a fused op, with the reason a fullgraph=True caller's error gives (else 'None')."""
     return compiler_disable(reason=f"{op} runs outside the compiled graph (one graph break): dynamo cannot "
                                    "trace its data-dependent row gather and kernel launches; compile the "

@@ -5,10 +5,12 @@ message instead of deep inside a kernel.
 """
 import math
 import numbers
+from typing import Literal, get_args
 
 import torch
 
-REDUCTIONS = ("mean", "sum", "none")
+Reduction = Literal["mean", "sum", "none"]   # the `reduction` argument of the losses
+REDUCTIONS = get_args(Reduction)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

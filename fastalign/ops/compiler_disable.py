@@ -7,10 +7,14 @@ frame hook off), so the function stays outside compiled graphs as before. A wrap
 at call time would itself be traced after the graph break, and dynamo fails on the functorch-wrapped tensors of
 torch.func.grad inside a compiled caller there.
 """
+from typing import Any, Callable, TypeVar
+
 import torch
 
+F = TypeVar("F", bound=Callable[..., Any])
 
-def compiler_disable(reason=None):
+
+def compiler_disable(reason: str | None = None) -> Callable[[F], F]:
     """A decorator that keeps its function out of torch.compile's graphs, as torch.compiler.disable(reason=reason);
     torch._dynamo is imported by the function's first call (on a torch without the private torch._disable_dynamo,
     which a release may drop, torch.compiler.disable itself decorates, importing it then). A caller traced by dynamo

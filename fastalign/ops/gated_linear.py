@@ -9,14 +9,17 @@ gated_activation three (its output, the product, is kept by the down projection)
 gives gate's and up's gradients (and for gated_linear recomputes the product for the weight's gradient;
 kernels/gated_activation.py), instead of three elementwise ops, and the forward one instead of two.
 """
+from typing import Literal, get_args
+
 import torch
 from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
-from .backend import autocast_off, require_triton_dtype, select_backend
+from .backend import Backend, autocast_off, require_triton_dtype, select_backend
 from .checks import check_tensor, token_dims, FLOAT_DTYPES
 
-ACTIVATIONS = ("silu", "gelu_tanh")
+Activation = Literal["silu", "gelu_tanh"]   # the `activation` argument
+ACTIVATIONS = get_args(Activation)
 
 
 class GatedLinearFunction(torch.autograd.Function):
@@ -93,7 +96,8 @@ def _launcher_of(gate, up, activation, backend, others=()):
     return launcher
 
 
-def gated_activation(gate, up, *, activation="silu", backend="auto"):
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, *, activation: Activation = "silu",
+                     backend: Backend = "auto") -> torch.Tensor:
     """act(gate) * up for gate, up [..., I] of one shape, floating dtype and device, rounded as torch's two ops round
     it, in that shape and dtype; gate and up are kept for the backward, not act(gate). activation, backend and the
     rest as gated_linear's."""
@@ -101,7 +105,8 @@ def gated_activation(gate, up, *, activation="silu", backend="auto"):
     return GatedActivationFunction.apply(gate, up, activation == "gelu_tanh", launcher)
 
 
-def gated_linear(gate, up, weight, bias=None, *, activation="silu", backend="auto"):
+def gated_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 activation: Activation = "silu", backend: Backend = "auto") -> torch.Tensor:
     """linear(act(gate) * up, weight, bias) for gate, up [..., I] (one shape), weight [O, I] and bias [O] or None,
     all of one floating dtype and device: a gated MLP's down projection, applied to the outputs of its gate and up
     projections; [..., O] in that dtype. activation: "silu" (torch's silu: Llama, Mistral, Qwen, OLMo) or "gelu_tanh"

@@ -6,10 +6,10 @@ gradients are taken in the forward pass instead, from blocks of whole logits row
 """
 import torch
 
-from .backend import graph_break, autocast_off, require_triton_dtype, select_backend
+from .backend import Backend, graph_break, autocast_off, require_triton_dtype, select_backend
 from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
                      check_tensor, check_token_shape, is_integer, out_of_range_targets, refuse_targets, token_dims,
-                     FLOAT_DTYPES)
+                     FLOAT_DTYPES, Reduction)
 from .forward_gradients import backward_gradients, forward_gradient_needs, save_for_backward
 from .func_transforms import refuse_forward_mode, vmap_by_loop
 from .token_rows import TokenRows
@@ -85,8 +85,10 @@ def _gradients(hidden, weight, bias, target, lse, row_weight, num_counted, live_
 
 
 @graph_break("linear_cross_entropy")
-def linear_cross_entropy(hidden, weight, target, *, token_weight=None, bias=None, ignore_index=-100,
-                         reduction="mean", softcap=None, backend="auto", grads_in_forward=False):
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
+                         token_weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                         ignore_index: int = -100, reduction: Reduction = "mean", softcap: float | None = None,
+                         backend: Backend = "auto", grads_in_forward: bool = False) -> torch.Tensor:
     """Token-weighted cross-entropy of the logits `hidden @ weight.T + bias`, without materialising them.
 
     hidden [..., H] (e.g. a model's [B, T, H], or rows [N, H]), weight [V, H], target [...] (integer, hidden's

@@ -8,9 +8,9 @@ grads_in_forward=True the gradients are taken in the forward pass, from blocks o
 """
 import torch
 
-from .backend import graph_break, autocast_off, require_triton_dtype, select_backend
+from .backend import Backend, graph_break, autocast_off, require_triton_dtype, select_backend
 from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
-                     check_tensor, check_token_shape, token_dims, FLOAT_DTYPES)
+                     check_tensor, check_token_shape, token_dims, FLOAT_DTYPES, Reduction)
 from .forward_gradients import backward_gradients, forward_gradient_needs, save_for_backward
 from .func_transforms import refuse_forward_mode, vmap_by_loop
 from .token_rows import TokenRows
@@ -98,8 +98,11 @@ def _gradients(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_
 
 
 @graph_break("linear_kl_div")
-def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, token_weight=None, mask=None,
-                  reduction="mean", softcap=None, backend="auto", grads_in_forward=False):
+def linear_kl_div(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor, *,
+                  bias: torch.Tensor | None = None, ref_bias: torch.Tensor | None = None,
+                  token_weight: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                  reduction: Reduction = "mean", softcap: float | None = None, backend: Backend = "auto",
+                  grads_in_forward: bool = False) -> torch.Tensor:
     """Token-weighted forward KL(P_t || Q_t) per token, without materialising either distribution.
 
     hidden [..., H] (e.g. a model's [B, T, H], or rows [N, H]), weight [V, H] and bias [V] give the policy

@@ -11,7 +11,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from .backend import autocast_off, require_triton_dtype, select_backend
+from .backend import Backend, autocast_off, require_triton_dtype, select_backend
 from .checks import check_tensor, is_real, token_dims, FLOAT_DTYPES
 
 # How a family's module applies its weight to the normalised rows (fp32), and the launchers' arguments for it:
@@ -42,7 +42,8 @@ class RMSNormFunction(torch.autograd.Function):
         return grad_x, grad_weight if ctx.needs_input_grad[1] else None, None, None, None
 
 
-def rms_norm(x, weight, eps=1e-6, *, rule="rounded", backend="auto"):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, rule: str = "rounded",
+             backend: Backend = "auto") -> torch.Tensor:
     """RMSNorm of x [..., D] over its last dimension with weight [D], as the Hugging Face module of `rule`'s family
     computes it (WEIGHT_RULES: "rounded" needs weight in x's dtype, as the module's output would otherwise take the
     weight's), in x's shape and dtype. Only x and weight are kept for the backward. Gradients flow to x and weight

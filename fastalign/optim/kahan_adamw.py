@@ -18,8 +18,9 @@ import functools
 import math
 
 import torch
+from torch.optim.optimizer import ParamsT
 
-from fastalign.ops.backend import BACKENDS, select_backend
+from fastalign.ops.backend import BACKENDS, Backend, select_backend
 
 COMPENSATED_DTYPES = (torch.bfloat16,)
 STEPPED_DTYPES = (torch.bfloat16, torch.float32)
@@ -60,7 +61,8 @@ class KahanAdamW(torch.optim.Optimizer):
     (zeros where a loaded state has none). backend: "auto" (the Triton kernel on CUDA, torch elsewhere), "triton"
     or "torch"."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, backend="auto"):
+    def __init__(self, params: ParamsT, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, backend: Backend = "auto"):
         if not (isinstance(lr, (int, float)) or torch.is_tensor(lr) and lr.numel() == 1) or float(lr) < 0:
             raise ValueError(f"lr: expected a float >= 0 (or a one-element tensor), got {lr!r}")
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2

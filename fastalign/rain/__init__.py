@@ -5,13 +5,18 @@ search (search.py, tree.py) is independent of how the model runs; engines run it
 Face (slow.py, the reference) or batched on a TreeRunner (tree_engine.py). Each public name is imported from its
 module on first use (lazy_exports).
 """
+from typing import TYPE_CHECKING
+
 from fastalign.lazy_exports import lazy_exports
 
-__all__, __getattr__, __dir__ = lazy_exports(globals(), {
-    "fastalign.rain.config": ["RainConfig"],
-    "fastalign.rain.embeddings": ["HiddenStateEmbedder", "MiniLMEmbedder", "PathInfo"],
-    "fastalign.rain.generate": ["RainResult", "RainRun", "rain_generate"],
-    "fastalign.rain.judge": ["JudgePrompt", "JudgeTokens"],
-    "fastalign.rain.sampling": ["KeyedSampler", "TorchSampler"],
-    "fastalign.rain.stats": ["RainStats"],
-})
+if TYPE_CHECKING:   # what type checkers and editors read; at run time lazy_exports imports these on first use
+    from fastalign.rain.config import RainConfig
+    from fastalign.rain.embeddings import HiddenStateEmbedder, MiniLMEmbedder, PathInfo
+    from fastalign.rain.generate import RainResult, RainRun, rain_generate
+    from fastalign.rain.judge import JudgePrompt, JudgeTokens
+    from fastalign.rain.sampling import KeyedSampler, TorchSampler
+    from fastalign.rain.stats import RainStats
+
+__all__ = ["RainConfig", "HiddenStateEmbedder", "MiniLMEmbedder", "PathInfo", "RainResult", "RainRun", "rain_generate",
+           "JudgePrompt", "JudgeTokens", "KeyedSampler", "TorchSampler", "RainStats"]
+__getattr__, __dir__ = lazy_exports(globals())

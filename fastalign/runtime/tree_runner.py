@@ -16,6 +16,7 @@ over whole sequences (hf_recompute.py), with the same API.
 import collections
 import threading
 import warnings
+from typing import Iterable, Literal, Sequence, get_args
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from fastalign._C import PoolExhaustedError
 from fastalign.model_devices import model_device
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.one_call import one_call_at_a_time
-from fastalign.ops.backend import BACKENDS, autocast_off
+from fastalign.ops.backend import BACKENDS, Backend, autocast_off
 from fastalign.ops.checks import is_integer
 from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime import graphed_forward
@@ -36,7 +37,9 @@ from fastalign.runtime.model_runners import choose_model_runner
 from fastalign.runtime.span import Span
 from fastalign.runtime.span_store import SpanStore
 
-_OUTPUTS = ("last", "all", None)
+_Outputs = Literal["last", "all"]   # which outputs extend returns (logits=, hidden=): at the last tokens, or at all
+Output = _Outputs | None
+_OUTPUTS = (*get_args(_Outputs), None)
 _FEW_STATES = 32   # fewer states than this in the default room: the runner warns (a search keeps more spans)
 
 
@@ -104,8 +107,9 @@ class TreeRunner:
     meanwhile with a RuntimeError; give each thread its own runner (runners may share one model) or serialise calls.
     """
 
-    def __init__(self, model, *, max_tokens=None, max_bytes=None, block_size=16, fallback=True,
-                 attention_backend="auto", cascade_attention=True, max_state_bytes=None, cuda_graphs=False):
+    def __init__(self, model: torch.nn.Module, *, max_tokens: int | None = None, max_bytes: int | None = None,
+                 block_size: int = 16, fallback: bool = True, attention_backend: Backend = "auto",
+                 cascade_attention: bool = True, max_state_bytes: int | None = None, cuda_graphs: bool = False):
         if max_state_bytes is not None and (not is_integer(max_state_bytes) or max_state_bytes <= 0):
             raise ValueError(f"max_state_bytes: expected a positive int or None, got {max_state_bytes!r}")
         if not is_integer(block_size) or block_size <= 0:
@@ -205,14 +209,15 @@ class TreeRunner:
         return self.tree.num_free_blocks
 
     @_one_call_at_a_time
-    def prefill(self, token_ids):
+    def prefill(self, token_ids: Sequence[int]) -> Span:
         """A new root span holding `token_ids` (one forward, no outputs). To also get the next-token
         logits, use `extend([None], [token_ids])`."""
         (root,), _ = self._extend([None], [token_ids], cuts=None, logits=None, hidden=None, row_name="token_ids")
         return root
 
     @_one_call_at_a_time
-    def extend(self, parents, token_lists, *, cuts=None, logits="last", hidden=None):
+    def extend(self, parents: Sequence[Span | int | None], token_lists: Sequence[Sequence[int]], *,
+               cuts: Sequence[Sequence[int]] | None = None, logits: Output = "last", hidden: Output = None) -> tuple:
         """Append token_lists[i] (one or more token ids) to parents[i] (a Span, None to start a new root,
         or the int j < i: the child of row j of this call), every row in ONE forward. Parents may repeat
         and may be evicted (they are recomputed). A row on an earlier row attends to that row's tokens as
@@ -303,7 +308,7 @@ class TreeRunner:
         return children
 
     @_one_call_at_a_time
-    def release(self, spans):
+    def release(self, spans: Span | Iterable[Span]) -> None:
         """End one span or an iterable of spans. A released span's KV is freed once no live descendant
         needs it as a prefix; its descendants stay valid. Releasing also drops its pins."""
         spans = [spans] if isinstance(spans, Span) else _as_list(spans, "spans", "a Span or an iterable of Spans")
@@ -315,7 +320,7 @@ class TreeRunner:
             span._owned = False
 
     @_one_call_at_a_time
-    def pin(self, span):
+    def pin(self, span: Span) -> None:
         """Keep `span` (and so its ancestors) resident until unpinned or released; pins nest. An evicted
         span is recomputed first."""
         self.last_restored = {}
@@ -324,7 +329,7 @@ class TreeRunner:
         self.tree.pin(span.id)
 
     @_one_call_at_a_time
-    def unpin(self, span):
+    def unpin(self, span: Span) -> None:
         """Undo one `pin` of `span`."""
         self.check_span(span, "span")
         self.tree.unpin(span.id)

@@ -2,22 +2,31 @@
 
 Each public name is imported from its module on first use (lazy_exports), so that `fastalign unlearn --help` loads
 no trainer."""
+from typing import TYPE_CHECKING
+
 from fastalign.lazy_exports import lazy_exports
 
-__all__, __getattr__, __dir__ = lazy_exports(globals(), {
-    "fastalign.unlearn.backward_step": ["step_in_backward"],
-    "fastalign.unlearn.config": ["UnlearnConfig"],
-    "fastalign.unlearn.encoding": ["EncodedExample", "PoolAnswer", "encode_answers", "encode_pairs"],
-    "fastalign.unlearn.formats": ["load_hh_rlhf", "load_pairs", "load_pku_saferlhf", "load_prompt_answer_jsonl",
-                                  "load_truthfulqa"],
-    "fastalign.unlearn.layer_stand_ins": ["fused_layers"],
-    "fastalign.unlearn.objective": ["LossTerms", "LossWeights", "UnlearningObjective"],
-    "fastalign.unlearn.packing": ["PackedRows", "RowPacker", "pack_rows"],
-    "fastalign.unlearn.records": ["DataError", "QAPair"],
-    "fastalign.unlearn.reference": ["AdapterDisabledReference", "CachedReference", "FrozenCopyReference"],
-    "fastalign.unlearn.run": ["load_streams", "run_unlearning"],
-    "fastalign.unlearn.streams": ["UnlearningBatch", "UnlearningStreams"],
-    "fastalign.unlearn.templates": ["ChatTemplate", "TextTemplate"],
-    "fastalign.unlearn.token_weights": ["unlearning_token_weights"],
-    "fastalign.unlearn.trainer": ["RunSummary", "StepRecord", "UnlearningTrainer"],
-})
+if TYPE_CHECKING:   # what type checkers and editors read; at run time lazy_exports imports these on first use
+    from fastalign.unlearn.backward_step import step_in_backward
+    from fastalign.unlearn.config import UnlearnConfig
+    from fastalign.unlearn.encoding import EncodedExample, PoolAnswer, encode_answers, encode_pairs
+    from fastalign.unlearn.formats import (
+        load_hh_rlhf, load_pairs, load_pku_saferlhf, load_prompt_answer_jsonl, load_truthfulqa)
+    from fastalign.unlearn.layer_stand_ins import fused_layers
+    from fastalign.unlearn.objective import LossTerms, LossWeights, UnlearningObjective
+    from fastalign.unlearn.packing import PackedRows, RowPacker, pack_rows
+    from fastalign.unlearn.records import DataError, QAPair
+    from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
+    from fastalign.unlearn.run import load_streams, run_unlearning
+    from fastalign.unlearn.streams import UnlearningBatch, UnlearningStreams
+    from fastalign.unlearn.templates import ChatTemplate, TextTemplate
+    from fastalign.unlearn.token_weights import unlearning_token_weights
+    from fastalign.unlearn.trainer import RunSummary, StepRecord, UnlearningTrainer
+
+__all__ = ["step_in_backward", "UnlearnConfig", "EncodedExample", "PoolAnswer", "encode_answers", "encode_pairs",
+           "load_hh_rlhf", "load_pairs", "load_pku_saferlhf", "load_prompt_answer_jsonl", "load_truthfulqa",
+           "fused_layers", "LossTerms", "LossWeights", "UnlearningObjective", "PackedRows", "RowPacker", "pack_rows",
+           "DataError", "QAPair", "AdapterDisabledReference", "CachedReference", "FrozenCopyReference", "load_streams",
+           "run_unlearning", "UnlearningBatch", "UnlearningStreams", "ChatTemplate", "TextTemplate",
+           "unlearning_token_weights", "RunSummary", "StepRecord", "UnlearningTrainer"]
+__getattr__, __dir__ = lazy_exports(globals())

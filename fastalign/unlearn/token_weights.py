@@ -23,7 +23,8 @@ def _stream_weights(name, answer_mask, sign_weight):
     return torch.where(answer_mask, per_row, torch.zeros((), device=answer_mask.device)).flatten()
 
 
-def unlearning_token_weights(forget_mask, mismatch_mask, *, forget_weight=0.5, mismatch_weight=1.0):
+def unlearning_token_weights(forget_mask: torch.Tensor | None, mismatch_mask: torch.Tensor | None, *,
+                             forget_weight: float = 0.5, mismatch_weight: float = 1.0) -> torch.Tensor:
     """float32 token weights for the forget stream followed by the mismatch stream, flattened row-major.
 
     forget_mask [B_f, T_f] and mismatch_mask [B_r, T_r] are bool, True at rows whose *target* is an answer

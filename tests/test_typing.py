@@ -1,0 +1,64 @@
+"""The public API as a type checker sees it (fastalign ships py.typed, PEP 561): the names that fastalign exports
+lazily resolve to their annotated definitions, through the decorators around them, and an argument outside an op's
+choices is a type error in the caller's code, before anything runs."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from mypy.version import __version__ as MYPY_VERSION
+
+ROOT = Path(__file__).resolve().parents[1]
+USER_CODE = """\
+import torch
+import fastalign
+from fastalign import KahanAdamW, TreeRunner, linear_cross_entropy
+
+h, w, y = torch.randn(3, 4, requires_grad=True), torch.randn(5, 4), torch.tensor([0, 1, 2])
+reveal_type(linear_cross_entropy(h, w, y, reduction="sum"))
+reveal_type(fastalign.linear_kl_div(h, w, h.detach(), w, backend="torch"))
+reveal_type(fastalign.rms_norm(h, torch.ones(4), rule="one plus"))
+reveal_type(fastalign.gated_linear(h, h, w, activation="gelu_tanh"))
+reveal_type(fastalign.unlearning_token_weights(None, torch.ones(1, 2, dtype=torch.bool)))
+reveal_type(KahanAdamW([w], lr=1e-5, betas=(0.9, 0.95)))
+runner = TreeRunner(torch.nn.Linear(2, 2), max_tokens=64)
+reveal_type(runner.prefill([1, 2, 3]))
+runner.extend([None], [[4]], logits="all")
+linear_cross_entropy(h, w, y, reduction="avg")
+fastalign.linear_kl_div(h, w, h, w, backend="cuda")
+fastalign.gated_activation(h, h, activation="relu")
+runner.extend([None], [[4]], hidden="first")
+KahanAdamW([w], betas=0.9)
+"""
+REVEALED = ["torch._tensor.Tensor"] * 5 + ["fastalign.optim.kahan_adamw.KahanAdamW",
+                                           "fastalign.runtime.span.Span"]
+# the lines after `runner.extend(..., logits="all")`, each refused for its argument
+REFUSED = dict(zip(range(USER_CODE.splitlines().index('runner.extend([None], [[4]], logits="all")') + 2,
+                         len(USER_CODE.splitlines()) + 1), ["reduction", "backend", "activation", "hidden", "betas"]))
+
+
+def test_the_public_api_is_typed_for_the_callers_type_checker(tmp_path):
+    (tmp_path / "user.py").write_text(USER_CODE)
+    # the checkout's sources, as a type checker reads an installed fastalign; errors inside fastalign are not the
+    # caller's (silent), as for any installed package
+    done = subprocess.run([sys.executable, "-m", "mypy", str(tmp_path / "user.py"), "--cache-dir",
+                           str(tmp_path / "cache"), "--follow-imports", "silent", "--no-error-summary"],
+                          env={**os.environ, "MYPYPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    out = done.stdout
+    assert done.returncode == 1, (f"mypy {MYPY_VERSION}", out, done.stderr)
+    notes = re.findall(r'user\.py:\d+: note: Revealed type is "([^"]+)"', out)
+    assert notes == REVEALED, out
+    errors = {int(line): message for line, message in re.findall(r"user\.py:(\d+): error: (.*)", out)}
+    assert set(errors) == set(REFUSED), out
+    for line, argument in REFUSED.items():
+        assert f'Argument "{argument}"' in errors[line] and "[arg-type]" in errors[line], errors[line]
+
+
+def test_fastalign_ships_its_py_typed_marker():
+    import tomllib
+
+    assert (ROOT / "fastalign" / "py.typed").is_file()
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "py.typed" in package_data["fastalign"]
+    assert os.path.getsize(ROOT / "fastalign" / "py.typed") == 0
