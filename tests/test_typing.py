@@ -24,6 +24,8 @@ reveal_type(fastalign.unlearning_token_weights(None, torch.ones(1, 2, dtype=torc
 reveal_type(KahanAdamW([w], lr=1e-5, betas=(0.9, 0.95)))
 runner = TreeRunner(torch.nn.Linear(2, 2), max_tokens=64)
 reveal_type(runner.prefill([1, 2, 3]))
+def unlearn(config: fastalign.UnlearnConfig) -> None:
+    reveal_type(fastalign.run_unlearning(config))
 runner.extend([None], [[4]], logits="all")
 linear_cross_entropy(h, w, y, reduction="avg")
 fastalign.linear_kl_div(h, w, h, w, backend="cuda")
@@ -31,8 +33,8 @@ fastalign.gated_activation(h, h, activation="relu")
 runner.extend([None], [[4]], hidden="first")
 KahanAdamW([w], betas=0.9)
 """
-REVEALED = ["torch._tensor.Tensor"] * 5 + ["fastalign.optim.kahan_adamw.KahanAdamW",
-                                           "fastalign.runtime.span.Span"]
+REVEALED = ["torch._tensor.Tensor"] * 5 + ["fastalign.optim.kahan_adamw.KahanAdamW", "fastalign.runtime.span.Span",
+                                           "fastalign.unlearn.trainer.RunSummary"]
 # the lines after `runner.extend(..., logits="all")`, each refused for its argument
 REFUSED = dict(zip(range(USER_CODE.splitlines().index('runner.extend([None], [[4]], logits="all")') + 2,
                          len(USER_CODE.splitlines()) + 1), ["reduction", "backend", "activation", "hidden", "betas"]))

@@ -6,6 +6,7 @@ so a bad row stops the run with an error naming it and leaves no partial output.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from fastalign.output_lock import output_lock
 from fastalign.pretrained import load_pretrained, load_tokenizer
@@ -16,6 +17,9 @@ from fastalign.unlearn.formats import load_pairs, load_truthfulqa
 from fastalign.unlearn.records import DataError
 from fastalign.unlearn.streams import UnlearningStreams, mismatch_fit
 from fastalign.unlearn.templates import ChatTemplate, TextTemplate
+
+if TYPE_CHECKING:   # the trainer (and with it accelerate) is imported when a run starts
+    from fastalign.unlearn.trainer import RunSummary
 
 
 def _truthfulqa(config: UnlearnConfig, path: str):
@@ -119,7 +123,7 @@ def load_model_and_tokenizer(config: UnlearnConfig):
         raise ValueError(f"attn_implementation {config.attn_implementation!r}: {e}") from None
 
 
-def run_unlearning(config: UnlearnConfig, **trainer_options):
+def run_unlearning(config: UnlearnConfig, **trainer_options) -> RunSummary:
     """Loads, validates and trains; returns the trainer's RunSummary. A missing extra (MissingExtraError), and an
     output_dir that holds a finished or unresumed run or that another fastalign process is writing, are refused
     before the model and data load."""
