@@ -13,11 +13,10 @@ import ast
 import importlib
 
 
-def type_checking_imports(path):
+def type_checking_imports(source, path):
     """{public name: (module, name in the module)} of the `from MODULE import NAME [as PUBLIC]` statements inside
-    the `if TYPE_CHECKING:` blocks at the top level of the Python source at `path`."""
-    with open(path, encoding="utf-8") as f:
-        tree = ast.parse(f.read(), filename=path)
+    the `if TYPE_CHECKING:` blocks at the top level of the Python `source` (of the file `path`, for errors)."""
+    tree = ast.parse(source, filename=path)
     owners = {}
     for block in tree.body:
         if not (isinstance(block, ast.If) and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"):
@@ -37,7 +36,10 @@ def lazy_exports(namespace):
     access and kept in the package; another name that is a submodule is imported, as `import package.name` would;
     anything else is an AttributeError naming it."""
     package, path = namespace["__name__"], namespace["__file__"]
-    owners = type_checking_imports(path)
+    source = namespace["__spec__"].loader.get_source(package)   # also from a zip archive on sys.path
+    if source is None:
+        raise ImportError(f"{path}: lazy_exports reads the package's source, which its loader does not have")
+    owners = type_checking_imports(source, path)
     public = namespace.get("__all__", [])
     if not owners or set(public) != set(owners) or len(set(public)) != len(public):
         raise ImportError(f"{path}: __all__ must list each name of the `if TYPE_CHECKING:` imports once; "

@@ -6,6 +6,7 @@ import os
 import pkgutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -80,22 +81,28 @@ def test_no_public_name_is_also_a_submodule(name):
     assert submodules and not submodules & set(package.__all__)
 
 
-@pytest.mark.parametrize("all_line, listed", [
-    ('__all__ = ["join", "sep"]', None),
-    ('__all__ = ["join"]', r"imported, not listed: \['sep'\], listed, not imported: \[\]"),
-    ('__all__ = ["join", "sep", "getcwd"]', r"listed, not imported: \['getcwd'\]"),
-    ('__all__ = ["join", "sep", "sep"]', r"listed twice: \['sep'\]"),
+@pytest.mark.parametrize("all_line, listed, zipped", [
+    ('__all__ = ["join", "sep"]', None, False),
+    ('__all__ = ["join", "sep"]', None, True),
+    ('__all__ = ["join"]', r"imported, not listed: \['sep'\], listed, not imported: \[\]", False),
+    ('__all__ = ["join", "sep", "getcwd"]', r"listed, not imported: \['getcwd'\]", False),
+    ('__all__ = ["join", "sep", "sep"]', r"listed twice: \['sep'\]", False),
 ])
-def test_a_packages_all_lists_its_type_checking_imports(tmp_path, monkeypatch, all_line, listed):
-    """lazy_exports exports what a package imports under TYPE_CHECKING (renamed or not), which static tools read; an
-    __all__ that lists other names than those is refused when the package is imported, naming the difference."""
-    package = tmp_path / "lazy_demo"
-    package.mkdir()
-    (package / "__init__.py").write_text(
-        "from typing import TYPE_CHECKING\nfrom fastalign.lazy_exports import lazy_exports\n"
-        "if TYPE_CHECKING:\n    from os.path import join\n    from os import sep as sep\n"
-        f"{all_line}\n__getattr__, __dir__ = lazy_exports(globals())\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_a_packages_all_lists_its_type_checking_imports(tmp_path, monkeypatch, all_line, listed, zipped):
+    """lazy_exports exports what a package imports under TYPE_CHECKING (renamed or not), which static tools read, also
+    from a zip archive on sys.path; an __all__ that lists other names than those is refused when the package is
+    imported, naming the difference."""
+    source = ("from typing import TYPE_CHECKING\nfrom fastalign.lazy_exports import lazy_exports\n"
+              "if TYPE_CHECKING:\n    from os.path import join\n    from os import sep as sep\n"
+              f"{all_line}\n__getattr__, __dir__ = lazy_exports(globals())\n")
+    if zipped:
+        with zipfile.ZipFile(tmp_path / "lazy.zip", "w") as archive:
+            archive.writestr("lazy_demo/__init__.py", source)
+        monkeypatch.syspath_prepend(str(tmp_path / "lazy.zip"))
+    else:
+        (tmp_path / "lazy_demo").mkdir()
+        (tmp_path / "lazy_demo" / "__init__.py").write_text(source)
+        monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "lazy_demo", raising=False)
     if listed is None:
         lazy_demo = importlib.import_module("lazy_demo")
@@ -109,7 +116,6 @@ def test_a_packages_all_lists_its_type_checking_imports(tmp_path, monkeypatch, a
 def test_type_checking_imports_are_absolute_from_imports(tmp_path, statement):
     from fastalign.lazy_exports import type_checking_imports
 
-    source = tmp_path / "package_init.py"
-    source.write_text(f"if TYPE_CHECKING:\n    from os import sep\n    {statement}\n")
+    source = f"if TYPE_CHECKING:\n    from os import sep\n    {statement}\n"
     with pytest.raises(ImportError, match=r"package_init.py:3: lazy_exports reads absolute `from MODULE import NAME`"):
-        type_checking_imports(source)
+        type_checking_imports(source, "package_init.py")
