@@ -44,6 +44,7 @@ any device: the activations that packing and the training layers (fused_layers) 
     python bench/bench_unlearn.py                  # Llama-3.2-1B shape, bf16, CUDA
     python bench/bench_unlearn.py --preset 8b      # Llama-3-8B shape, bf16, CUDA
     python bench/bench_unlearn.py --quick          # tiny fp32 model on any device (CPU smoke run)
+    python bench/bench_unlearn.py --quick --preset 8b --dtype bfloat16   # the 8B preset's ways on that model
     python bench/bench_unlearn.py --preset cpu --max-length 512   # fp32 on a CPU, a model whose matmuls dominate
 """
 import argparse
@@ -327,7 +328,7 @@ def measure(name, build, batch, normal, args, device, dtype):
         model = make_model(args, device, dtype)
         step = build(model, batch.to(device), normal, args)
         grid = getattr(step, "grid", None)   # rows x width of its policy forwards, where the way gives it
-        if args.preset != "8b":  # the 8B ways (LoRA) have no like-for-like comparison to make
+        if args.ways != "8b":  # the 8B ways (LoRA) have no like-for-like comparison to make
             drift(model)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -395,7 +396,8 @@ COLUMNS = [("method", "method", "{}"), ("grid", "grid", "{}"), ("slots", "slots"
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny fp32 model, short rows: runs on a CPU")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny fp32 model, short rows: runs on a CPU (with --preset 8b: that preset's ways)")
     parser.add_argument("--preset", choices=PRESETS, default="1b")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) | float32")
@@ -408,16 +410,17 @@ def main():
     parser.add_argument("--profile", action="store_true",
                         help="also profile one more step of each way: its top operators and kernels by self time")
     args = parser.parse_args()
+    args.ways = "8b" if args.preset == "8b" else "compare"   # --quick keeps them, on its tiny model
     if args.quick:
         args.preset, args.prompt_tokens, args.answer_tokens, args.max_length = "quick", [4, 16], [4, 24], 128
         args.dtype = args.dtype or "float32"
-    if args.preset == "8b":
+    if args.ways == "8b":
         args.gradient_checkpointing = True
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     batch, normal = synthetic_batch(PRESETS[args.preset]["vocab_size"], args)
     tokens = batch.tokens
-    config = {"preset": args.preset, **PRESETS[args.preset], "dtype": str(dtype), "batch_size": args.batch_size,
+    config = {"preset": args.preset, "ways": args.ways, **PRESETS[args.preset], "dtype": str(dtype), "batch_size": args.batch_size,
               "mismatch_per_prompt": 5, "rows": list(tokens.input_ids.shape), "max_length": args.max_length,
               "tokens": tokens.num_tokens, "answer_tokens": int(tokens.target_mask.sum()),
               "gradient_checkpointing": args.gradient_checkpointing}
@@ -425,7 +428,7 @@ def main():
           f"rows: {tokens.input_ids.shape[0]} x {tokens.input_ids.shape[1]} (reference recipe: x {args.max_length})"
           f"   answer tokens: {int(tokens.target_mask.sum())}")
     rows = []
-    for name, build in ON_ONE_GPU_8B if args.preset == "8b" else COMPARE:
+    for name, build in ON_ONE_GPU_8B if args.ways == "8b" else COMPARE:
         rows.append(measure(name, build, batch, normal, args, device, dtype))
         add_ratios(rows)
         path = harness.write_results("bench_unlearn", device, config, rows)  # after each row: a cut run keeps them

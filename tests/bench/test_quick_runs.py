@@ -213,3 +213,22 @@ def test_quick_run_of_the_hybrid_family_writes_its_own_record(tmp_path):
         "TreeRunner (HFStateCacheModel)", "HF forward, whole sequences"}
     decode = {row["method"]: row for row in results if row["section"] == "decode"}
     assert decode["fastalign TreeRunner"]["same_greedy_tokens"] == record["config"]["decode_tokens"], decode
+
+
+def test_quick_run_of_the_8b_ways(tmp_path):
+    """bench_unlearn --quick --preset 8b: the ways of the one-GPU 8B run (LoRA with the adapter-disabled reference;
+    every weight in bf16, stepped by KahanAdamW, with the cached reference), with gradient checkpointing, on the tiny
+    model in bf16: they run and, on the same untrained model, agree on the first step's loss."""
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+           "FASTALIGN_BENCH_RESULTS": str(tmp_path), "FASTALIGN_COMMIT": "test"}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_unlearn.py"), "--quick", "--preset", "8b",
+                           "--dtype", "bfloat16", "--reps", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "bench_unlearn-cpu-test.json").read_text())
+    config, results = record["config"], record["results"]
+    assert config["ways"] == "8b" and config["preset"] == "quick" and config["gradient_checkpointing"], config
+    assert config["dtype"] == "torch.bfloat16", config
+    assert [row["method"] for row in results] == ["fastalign LoRA", "fastalign full + cached"], results
+    assert not [row for row in results if row.get("error")], results
+    assert results[1]["loss_rel_diff"] == 0.0 and results[1]["step_ms"] > 0, results
