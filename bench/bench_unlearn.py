@@ -420,7 +420,8 @@ def main():
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     batch, normal = synthetic_batch(PRESETS[args.preset]["vocab_size"], args)
     tokens = batch.tokens
-    config = {"preset": args.preset, "ways": args.ways, **PRESETS[args.preset], "dtype": str(dtype), "batch_size": args.batch_size,
+    config = {"preset": args.preset, "ways": args.ways, **PRESETS[args.preset], "dtype": str(dtype),
+              "batch_size": args.batch_size,
               "mismatch_per_prompt": 5, "rows": list(tokens.input_ids.shape), "max_length": args.max_length,
               "tokens": tokens.num_tokens, "answer_tokens": int(tokens.target_mask.sum()),
               "gradient_checkpointing": args.gradient_checkpointing}
