@@ -24,6 +24,8 @@ reveal_type(fastalign.unlearning_token_weights(None, torch.ones(1, 2, dtype=torc
 reveal_type(KahanAdamW([w], lr=1e-5, betas=(0.9, 0.95)))
 runner = TreeRunner(torch.nn.Linear(2, 2), max_tokens=64)
 reveal_type(runner.prefill([1, 2, 3]))
+reveal_type(runner.prefill([1, 2, 3]).parent)
+reveal_type(runner.prefill([1, 2, 3]).tokens)
 def unlearn(config: fastalign.UnlearnConfig) -> None:
     reveal_type(fastalign.run_unlearning(config))
 runner.extend([None], [[4]], logits="all")
@@ -34,6 +36,7 @@ runner.extend([None], [[4]], hidden="first")
 KahanAdamW([w], betas=0.9)
 """
 REVEALED = ["torch._tensor.Tensor"] * 5 + ["fastalign.optim.kahan_adamw.KahanAdamW", "fastalign.runtime.span.Span",
+                                           "fastalign.runtime.span.Span | None", "list[int]",
                                            "fastalign.unlearn.trainer.RunSummary"]
 # the lines after `runner.extend(..., logits="all")`, each refused for its argument
 REFUSED = dict(zip(range(USER_CODE.splitlines().index('runner.extend([None], [[4]], logits="all")') + 2,
@@ -49,7 +52,8 @@ def test_the_public_api_is_typed_for_the_callers_type_checker(tmp_path):
                           env={**os.environ, "MYPYPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
     out = done.stdout
     assert done.returncode == 1, (f"mypy {MYPY_VERSION}", out, done.stderr)
-    notes = re.findall(r'user\.py:\d+: note: Revealed type is "([^"]+)"', out)
+    # (mypy before 2.0 spelled builtins out: "builtins.list[builtins.int]")
+    notes = [note.replace("builtins.", "") for note in re.findall(r'user\.py:\d+: note: Revealed type is "([^"]+)"', out)]
     assert notes == REVEALED, out
     errors = {int(line): message for line, message in re.findall(r"user\.py:(\d+): error: (.*)", out)}
     assert set(errors) == set(REFUSED), out

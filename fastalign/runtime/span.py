@@ -1,4 +1,5 @@
 """Span: the user's handle on a node of a TreeRunner's tree (its parent's tokens plus its own, with KV)."""
+from __future__ import annotations
 
 
 class Span:
@@ -28,21 +29,21 @@ class Span:
             self._tree.release(self._id)
 
     @property
-    def id(self):
+    def id(self) -> int:
         """The span's id in the runner's span tree (unique for the runner's lifetime)."""
         return self._id
 
     @property
-    def parent(self):
+    def parent(self) -> Span | None:
         """The span this one extends, or None for a root (returned even after it was released)."""
         return self._parent
 
     @property
-    def length(self):
+    def length(self) -> int:
         """Number of tokens from the root through this span."""
         return self._length
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self._length
 
     def __copy__(self):
@@ -53,29 +54,30 @@ class Span:
         return self
 
     @property
-    def alive(self):
+    def alive(self) -> bool:
         """False once released."""
         return self._runner.tree.is_live(self._id)
 
     @property
-    def resident(self):
+    def resident(self) -> bool:
         """True while the span's KV is in the pool (an evicted span is recomputed when used)."""
         self._runner.check_span(self, "span")
         return self._runner.tree.is_resident(self._id)
 
     @property
-    def pins(self):
+    def pins(self) -> int:
+        """How many pins hold the span resident (TreeRunner.pin nests)."""
         self._runner.check_span(self, "span")
         return self._runner.tree.pins(self._id)
 
     @property
-    def new_tokens(self):
+    def new_tokens(self) -> list[int]:
         """The tokens this span appends to its parent, as a list of ints."""
         self._runner.check_span(self, "span")
         return self._runner.tree.new_tokens(self._id).tolist()
 
     @property
-    def tokens(self):
+    def tokens(self) -> list[int]:
         """Every token from the root through this span, as a list of ints."""
         self._runner.check_span(self, "span")
         return self._runner.tree.tokens(self._id).tolist()
