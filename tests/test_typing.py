@@ -53,7 +53,8 @@ def test_the_public_api_is_typed_for_the_callers_type_checker(tmp_path):
     out = done.stdout
     assert done.returncode == 1, (f"mypy {MYPY_VERSION}", out, done.stderr)
     # (mypy before 2.0 spelled builtins out: "builtins.list[builtins.int]")
-    notes = [note.replace("builtins.", "") for note in re.findall(r'user\.py:\d+: note: Revealed type is "([^"]+)"', out)]
+    notes = [note.replace("builtins.", "")
+             for note in re.findall(r'user\.py:\d+: note: Revealed type is "([^"]+)"', out)]
     assert notes == REVEALED, out
     errors = {int(line): message for line, message in re.findall(r"user\.py:(\d+): error: (.*)", out)}
     assert set(errors) == set(REFUSED), out
