@@ -296,8 +296,8 @@ def test_unlearn_timed_steps_follow_a_second_untimed_step(monkeypatch):
 
 
 def unlearn_args():
-    return SimpleNamespace(preset="quick", batch_size=2, prompt_tokens=[4, 8], answer_tokens=[4, 8], max_length=32,
-                           gradient_checkpointing=False, reps=1, profile=False)
+    return SimpleNamespace(preset="quick", ways="compare", batch_size=2, prompt_tokens=[4, 8], answer_tokens=[4, 8],
+                           max_length=32, gradient_checkpointing=False, reps=1, profile=False)
 
 
 def test_unlearn_way_that_raises_becomes_an_error_row(monkeypatch):
