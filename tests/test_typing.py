@@ -34,13 +34,15 @@ fastalign.linear_kl_div(h, w, h, w, backend="cuda")
 fastalign.gated_activation(h, h, activation="relu")
 runner.extend([None], [[4]], hidden="first")
 KahanAdamW([w], betas=0.9)
+fastalign.UnlearnConfig(model="dir", precision="fp16")
 """
 REVEALED = ["torch._tensor.Tensor"] * 5 + ["fastalign.optim.kahan_adamw.KahanAdamW", "fastalign.runtime.span.Span",
                                            "fastalign.runtime.span.Span | None", "list[int]",
                                            "fastalign.unlearn.trainer.RunSummary"]
 # the lines after `runner.extend(..., logits="all")`, each refused for its argument
 REFUSED = dict(zip(range(USER_CODE.splitlines().index('runner.extend([None], [[4]], logits="all")') + 2,
-                         len(USER_CODE.splitlines()) + 1), ["reduction", "backend", "activation", "hidden", "betas"]))
+                         len(USER_CODE.splitlines()) + 1), ["reduction", "backend", "activation", "hidden", "betas",
+                                                          "precision"]))
 
 
 def test_the_public_api_is_typed_for_the_callers_type_checker(tmp_path):

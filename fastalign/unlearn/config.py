@@ -12,19 +12,21 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import yaml
 
-from fastalign.ops.backend import BACKENDS
+from fastalign.ops.backend import BACKENDS, Backend
 from fastalign.ops.checks import is_integer, is_real
 from fastalign.writable import cannot_create_in
-from fastalign.unlearn.formats import FORMATS
+from fastalign.unlearn.formats import FORMATS, Format
 from fastalign.unlearn.objective import LossWeights
-from fastalign.unlearn.packing import MODES as PACKING_MODES
-from fastalign.unlearn.reference import CACHE_STORAGES, REFERENCE_MODES
+from fastalign.unlearn.packing import MODES as PACKING_MODES, Packing
+from fastalign.unlearn.reference import CACHE_STORAGES, REFERENCE_MODES, CacheStorage, ReferenceMode
 from fastalign.unlearn.templates import SPEC_TEMPLATE
 
-PRECISIONS = ("fp32", "bf16-mixed", "bf16")
+Precision = Literal["fp32", "bf16-mixed", "bf16"]
+PRECISIONS = get_args(Precision)
 SEED_MAX = 2**64 - 1   # the largest seed torch.manual_seed takes (a larger one: "Overflow when unpacking long long")
 
 
@@ -49,7 +51,7 @@ class UnlearnConfig:
     # model and data
     model: str = ""
     forget: list[str] = field(default_factory=list)
-    forget_format: str = "auto"
+    forget_format: Literal["auto"] | Format = "auto"
     normal: str | None = None
     mismatch_pool: str | None = None
     output_dir: str = ""
@@ -69,9 +71,9 @@ class UnlearnConfig:
     forget_weight: float = 0.5
     mismatch_weight: float = 1.0
     normal_weight: float = 1.0
-    reference: str = "auto"
-    reference_cache: str = "device"
-    packing: str = "auto"
+    reference: Literal["auto"] | ReferenceMode = "auto"
+    reference_cache: CacheStorage = "device"
+    packing: Packing = "auto"
     grads_in_forward: bool = False
     fused_layers: bool = True
     # optimisation
@@ -80,7 +82,7 @@ class UnlearnConfig:
     max_steps: int = 1000
     grad_accum: int = 1
     max_forget_nll: float | None = 100.0
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
     optimizer_in_backward: bool | None = None   # None: on where it can be (one process, no FSDP, grad_accum=1)
@@ -96,7 +98,7 @@ class UnlearnConfig:
     seed: int = 0
     log_every: int = 1
     progress: bool = True
-    backend: str = "auto"
+    backend: Backend = "auto"
 
     def __post_init__(self):
         for name in ("model", "output_dir", "normal", "mismatch_pool"):

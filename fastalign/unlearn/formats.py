@@ -13,11 +13,13 @@ from __future__ import annotations
 import os
 import random
 import re
+from typing import Literal, get_args
 from dataclasses import dataclass
 
 from fastalign.unlearn.records import DataError, QAPair, make_pair, read_csv, read_jsonl, text_field
 
-FORMATS = ("pku", "hh", "jsonl")
+Format = Literal["pku", "hh", "jsonl"]   # the data file formats (forget_format)
+FORMATS = get_args(Format)
 
 # A turn starts after a blank line, or at the very start of a transcript stored without its leading "\n\n".
 _HH_TURN = re.compile(r"(?:\A|\n\n)(Human|Assistant):[ \t]?")

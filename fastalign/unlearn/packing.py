@@ -20,7 +20,7 @@ ways once and compares; a decoder that fails runs padded batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import numpy as np
 import torch
@@ -32,7 +32,8 @@ from fastalign.unlearn.batching import TokenBatch
 from fastalign.unlearn.compute import ModelShape
 from fastalign.unlearn.models import base_causal_lm, causal_lm_parts, final_hidden_states
 
-MODES = ("auto", "on", "off")
+Packing = Literal["auto", "on", "off"]   # the `packing` setting
+MODES = get_args(Packing)
 # The attention implementations that take a 4-D mask as given (an additive one, in the compute dtype).
 MASKED_ATTENTION = ("sdpa", "eager")
 # The entries of the additive mask of a packed forward (P x W x W) may reach this, or twice the [B, T, T] mask of the

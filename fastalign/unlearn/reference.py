@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import torch
 
@@ -25,8 +25,10 @@ from fastalign.unlearn.encoding import EncodedExample
 from fastalign.unlearn.models import (at_answer_targets, base_causal_lm, causal_lm_parts, cast_weights,
                                       final_hidden_states)
 
-REFERENCE_MODES = ("copy", "adapter", "cached")
-CACHE_STORAGES = ("device", "host")
+ReferenceMode = Literal["copy", "adapter", "cached"]   # where the KL's reference distribution comes from
+REFERENCE_MODES = get_args(ReferenceMode)
+CacheStorage = Literal["device", "host"]   # where a cached reference lives
+CACHE_STORAGES = get_args(CacheStorage)
 
 
 class FrozenCopyReference:
