@@ -8,7 +8,7 @@ result; the other prompts go on.
 """
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Literal, Optional, Sequence, Union
 
 from fastalign.evaluation.generation import eos_ids
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
@@ -108,7 +108,7 @@ def _prepare(index: int, name: int, prompt: str, tokenizer, judge: JudgeTokens, 
 
 
 def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig = RainConfig(), *,
-                  engine: str = "tree", judge_prompt: JudgePrompt = JudgePrompt(),
+                  engine: Literal["tree", "slow"] = "tree", judge_prompt: JudgePrompt = JudgePrompt(),
                   embedding: Union[str, object] = "minilm", sampler: Union[str, object] = "torch",
                   generation_prefix: str = "", chat_template: bool = False, system: Optional[str] = None,
                   chat_template_kwargs: Optional[dict] = None, concurrency: int = 8, runner=None,
