@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import random
 import re
-from typing import Literal, get_args
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from fastalign.unlearn.records import DataError, QAPair, make_pair, read_csv, read_jsonl, text_field
 
