@@ -268,16 +268,19 @@ def stage_rows(args, config, earlier_rows):
     the G @ W and G^T @ x products, and their accumulation, cost. Then grads_in_forward's one pass, with both
     gradients and with neither (the library matmul of the logits and the kernels that read them), and with both in
     blocks sized for each budget of --row-block-mib (what a larger block, fewer passes over d_weight, buys). One row per
-    (N, stage), ms and TFLOP/s on the products each stage computes. The JSON is rewritten after each row, with
-    earlier_rows (the table's) first."""
+    (N, stage), ms and TFLOP/s on the products each stage computes, and on CUDA the share of the time the GPU runs
+    kernels (the rest it waits for the host's launches). The JSON is rewritten after each row, with earlier_rows
+    (the table's) first."""
     rows = []
     for n in args.tokens:
         for name, step, flops in _stages(args, n):
             try:
                 ms = harness.median_ms(step, args.device)
                 tflops = flops / ms / 1e9
+                busy_ms = harness.device_busy_ms(step, args.device)
                 row = {"method": f"fastalign {name}", "fwd_ms": ms, "tflops": tflops,
-                       "fraction_of_matmul_peak": tflops / config["matmul_peak_tflops"]}
+                       "fraction_of_matmul_peak": tflops / config["matmul_peak_tflops"],
+                       "busy": None if busy_ms is None else busy_ms / ms}
             except Exception as err:
                 row = harness.failure_row(name, err)
             rows.append({"op": "linear_cross_entropy stages", "n": n, **row})
@@ -327,7 +330,7 @@ def _with_row_block_bytes(budget, fn, *args):
 
 STAGE_COLUMNS = [("op", "op", "{}"), ("n", "N", "{}"), ("method", "stage", "{}"), ("fwd_ms", "ms", "{:.2f}"),
                  ("tflops", "TFLOP/s", "{:.3g}"), ("fraction_of_matmul_peak", "of peak", "{:.0%}"),
-                 ("error", "error", "{}")]
+                 ("busy", "GPU busy", "{:.0%}"), ("error", "error", "{}")]
 
 
 def main():

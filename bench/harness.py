@@ -12,6 +12,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -100,6 +101,42 @@ def median_ms(fn, device, *, warmup=2, reps=5):
         synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def device_busy_ms(fn, device):
+    """Milliseconds the GPU spends running kernels (and copies) during one fn() call, summed from the profiler's
+    device events; None off CUDA (fn not run). Against the call's wall time (median_ms) it says whether the GPU
+    waits for the host: a loop of small launches (the chunked backward's) is bound by Python where this falls well
+    short of the wall time."""
+    if torch.device(device).type != "cuda":
+        return None
+    synchronize(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        fn()
+        synchronize(device)
+    return sum(event.self_device_time_total for event in profiler.key_averages()) / 1e3
+
+
+def autotuned_configs():
+    """The launch configuration that each of fastalign's autotuned Triton kernels chose so far in this process, by
+    kernel ("module.kernel") and tuning key (the key's values, dtypes included, as text): which tile shapes win on
+    the device a record was measured on, the starting point of the next tuning. Empty without Triton, and under
+    the interpreter, whose one configuration per kernel is never tuned."""
+    autotuner = sys.modules.get("triton.runtime.autotuner")
+    if autotuner is None:
+        return {}
+    chosen = {}
+    for module_name, module in list(sys.modules.items()):
+        if module is None or not module_name.startswith("fastalign.kernels."):
+            continue
+        for name, value in vars(module).items():
+            if isinstance(value, autotuner.Autotuner) and value.cache:
+                short = module_name.rsplit(".", 1)[1]
+                chosen[f"{short}.{name}"] = {
+                    ", ".join(map(str, key)): {**config.kwargs, "num_warps": config.num_warps,
+                                               "num_stages": config.num_stages}
+                    for key, config in value.cache.items()}
+    return chosen
 
 
 def peak_extra_mib(fn, device):
@@ -267,8 +304,11 @@ def write_results(name, device, config, rows, tag=None):
     """Writes the JSON record of one run and returns its path (its name ends in `tag` where given: a variant of the
     benchmark, kept beside its default run of the same commit)."""
     commit = git_commit()
+    triton = sys.modules.get("triton")
     record = {"benchmark": name, "device": device_name(device), "commit": commit, "torch": torch.__version__,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": config, "results": rows}
+              "triton": getattr(triton, "__version__", None),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": config,
+              "autotuned": autotuned_configs(), "results": rows}
     os.makedirs(RESULTS_DIR, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", record["device"].split(" (")[0]).strip("-").lower()
     path = os.path.join(RESULTS_DIR, f"{name}-{slug}-{commit}{'' if tag is None else '-' + tag}.json")

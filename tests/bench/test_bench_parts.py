@@ -138,6 +138,7 @@ def test_loss_stages_run_the_kernels_with_the_gradients_each_names(monkeypatch, 
         return plan(*args)
     monkeypatch.setattr(kernel, "row_block_plan", plan_spy)
     monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: (fn(), 2.0)[1])
+    monkeypatch.setattr(bench_loss.harness, "device_busy_ms", lambda fn, device: 1.5)   # a CUDA device's
     monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
     n, h, v = 24, 16, 67
     args = SimpleNamespace(device="cpu", dtype="float32", quick=False, hidden=h, vocab=v, tokens=[n],
@@ -155,6 +156,7 @@ def test_loss_stages_run_the_kernels_with_the_gradients_each_names(monkeypatch, 
     default = chunked_backward._ROW_BLOCK_BYTES
     assert budgets == [default, default, 96 * 2 ** 20] and default == 192 * 2 ** 20
     assert [row["tflops"] * 2e-3 * 1e12 / (2 * n * h * v) for row in rows] == pytest.approx([1, 3, 2, 2, 1, 3, 1, 3])
+    assert all(row["busy"] == 0.75 for row in rows)   # the GPU's kernel time against the wall time
 
 
 def test_loss_baseline_that_cannot_be_loaded_is_recorded_with_its_error(monkeypatch, tmp_path):

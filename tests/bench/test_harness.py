@@ -2,6 +2,8 @@
 import hashlib
 import json
 import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,6 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench import harness
+from tests.conftest import requires_cuda
 
 
 def test_median_ms_runs_warmup_then_reps_and_takes_the_median_in_ms(monkeypatch):
@@ -45,6 +48,45 @@ def test_peak_extra_mib_is_none_off_cuda_and_cpu_without_running_fn():
         raise AssertionError("measured on the meta device")
 
     assert harness.peak_extra_mib(fn, "meta") is None
+
+
+def test_device_busy_ms_is_none_off_cuda_without_running_fn():
+    def fn():
+        raise AssertionError("measured off CUDA")
+
+    assert harness.device_busy_ms(fn, "cpu") is None and harness.device_busy_ms(fn, "meta") is None
+
+
+@requires_cuda
+def test_device_busy_ms_counts_the_kernels_of_a_call_and_not_the_host_time_between_them():
+    """Ten products with a sleep of the host's between each: the kernels' time, a fraction of the call's."""
+    a = torch.randn(2048, 2048, device="cuda")
+
+    def fn():
+        for _ in range(10):
+            a @ a
+            time.sleep(0.01)
+
+    busy = harness.device_busy_ms(fn, "cuda")
+    assert 0 < busy < 0.5 * harness.median_ms(fn, "cuda", warmup=1, reps=1) and busy < 50, busy
+
+
+def test_autotuned_configs_name_each_fastalign_kernel_its_tuning_keys_and_chosen_config(monkeypatch):
+    """A tuned kernel of a fastalign.kernels module: its cache of chosen configurations, as the JSON records it; a
+    kernel not tuned yet, and autotuners outside fastalign.kernels, are left out."""
+    triton = pytest.importorskip("triton")
+    @triton.jit
+    def kernel(n):
+        pass
+    tuned, untuned, elsewhere = (triton.autotune(configs=[triton.Config({"BLOCK": 64})], key=["n"])(kernel)
+                                 for _ in range(3))
+    tuned.cache[(4096, "torch.bfloat16")] = triton.Config({"BLOCK_M": 128, "BLOCK_V": 64}, num_warps=8, num_stages=3)
+    elsewhere.cache[(1,)] = triton.Config({"BLOCK": 16})
+    monkeypatch.setitem(sys.modules, "fastalign.kernels.fake_loss", SimpleNamespace(_tuned=tuned, _untuned=untuned))
+    monkeypatch.setitem(sys.modules, "other.kernels", SimpleNamespace(_tuned=elsewhere))
+    assert harness.autotuned_configs()["fake_loss._tuned"] == {
+        "4096, torch.bfloat16": {"BLOCK_M": 128, "BLOCK_V": 64, "num_warps": 8, "num_stages": 3}}
+    assert not [name for name in harness.autotuned_configs() if "untuned" in name or name.startswith("kernels")]
 
 
 def test_git_commit_is_the_short_commit_marked_dirty_only_with_changes(monkeypatch):
@@ -94,6 +136,8 @@ def test_write_results_records_device_commit_config_and_rows(monkeypatch, tmp_pa
     assert {k: record[k] for k in ("benchmark", "commit", "torch", "config", "results")} == \
         {"benchmark": "bench_x", "commit": "abc1234", "torch": torch.__version__, "config": {"quick": True},
          "results": rows}
+    assert record["triton"] == getattr(sys.modules.get("triton"), "__version__", None)
+    assert record["autotuned"] == harness.autotuned_configs()
 
 
 def test_other_accelerators_are_named_by_their_type_not_as_the_cpu():
