@@ -36,6 +36,7 @@ runner.extend([None], [[4]], hidden="first")
 KahanAdamW([w], betas=0.9)
 fastalign.UnlearnConfig(model="dir", precision="fp16")
 fastalign.rain_generate(torch.nn.Linear(2, 2), None, ["Hi"], engine="fast")
+fastalign.CausalLMLoss(torch.nn.Linear(2, 2), backend="gpu")
 """
 REVEALED = ["torch._tensor.Tensor"] * 5 + ["fastalign.optim.kahan_adamw.KahanAdamW", "fastalign.runtime.span.Span",
                                            "fastalign.runtime.span.Span | None", "list[int]",
@@ -43,7 +44,7 @@ REVEALED = ["torch._tensor.Tensor"] * 5 + ["fastalign.optim.kahan_adamw.KahanAda
 # the lines after `runner.extend(..., logits="all")`, each refused for its argument
 REFUSED = dict(zip(range(USER_CODE.splitlines().index('runner.extend([None], [[4]], logits="all")') + 2,
                          len(USER_CODE.splitlines()) + 1), ["reduction", "backend", "activation", "hidden", "betas",
-                                                          "precision", "engine"]))
+                                                          "precision", "engine", "backend"]))
 
 
 def test_the_public_api_is_typed_for_the_callers_type_checker(tmp_path):

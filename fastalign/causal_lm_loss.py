@@ -1,0 +1,76 @@
+"""The language-modelling loss of a Hugging Face causal LM on its labels, from the fused linear cross-entropy.
+
+`CausalLMLoss(model)(input_ids=..., attention_mask=..., labels=...)` is `model(..., labels=labels).loss` (the
+loss transformers' ForCausalLMLoss computes: targets shifted by one, -100 ignored, a token mean, or a sum over
+num_items_in_batch) without the [tokens x vocab] logits: the decoder's final hidden states go straight into
+linear_cross_entropy with the lm_head's weight and bias, the model's logit multiplier and soft cap applied as its
+forward applies them. It is a module, so that DDP or FSDP can wrap it as they wrap the model (the lm_head weight is
+then read inside the wrapped forward).
+"""
+from __future__ import annotations
+
+import torch
+
+from fastalign.ops.backend import Backend
+from fastalign.ops.linear_cross_entropy import linear_cross_entropy
+from fastalign.unlearn.models import (causal_lm_parts, check_fused_logits, logit_multiplier, logit_softcap,
+                                      scaled_head_input)
+from fastalign.unlearn.sharding import head_weight
+
+
+class CausalLMLoss(torch.nn.Module):
+    """forward(labels=None, *, shift_labels=None, num_items_in_batch=None, ignore_index=-100, **inputs) -> the loss
+    of `model` (a transformers causal LM, or a PEFT model over one) as its forward with those labels gives it.
+
+    inputs go to the model's decoder as they would to the model (input_ids or inputs_embeds, attention_mask,
+    position_ids, ...). labels [B, T] are aligned with the inputs: position t predicts labels[:, t + 1] and the last
+    position predicts nothing; shift_labels [B, T] are targets already shifted (position t predicts
+    shift_labels[:, t]), as sequence-parallel and packed-sequence trainers pass them. The loss is the mean over the
+    tokens whose target is not ignore_index (0, not NaN, where there are none), or with num_items_in_batch (a
+    number or a tensor, what a Hugging Face Trainer passes under gradient accumulation) their sum divided by it.
+
+    The model is checked once, here, to compute its logits the way the fused op does (check_fused_logits): a model
+    that transforms its hidden states or logits in a way fastalign does not reproduce raises NotImplementedError
+    instead of training another loss. backend and grads_in_forward are linear_cross_entropy's.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, backend: Backend = "auto", grads_in_forward: bool = False):
+        super().__init__()
+        check_fused_logits(model)
+        self.model, self.backend, self.grads_in_forward = model, backend, grads_in_forward
+        self.softcap, self.multiplier = logit_softcap(model), logit_multiplier(model)
+
+    def forward(self, labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
+                num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
+                **inputs) -> torch.Tensor:
+        if (labels is None) == (shift_labels is None):
+            raise ValueError("CausalLMLoss needs exactly one of labels (aligned with the inputs) and shift_labels "
+                             f"(already shifted), got {'both' if labels is not None else 'neither'}")
+        decoder, lm_head = causal_lm_parts(self.model)
+        hidden = decoder(**{**inputs, "use_cache": False}).last_hidden_state
+        given, name = (labels, "labels") if labels is not None else (shift_labels, "shift_labels")
+        if not isinstance(given, torch.Tensor) or given.shape != hidden.shape[:-1] or given.is_floating_point():
+            found = (f"{tuple(given.shape)} {given.dtype}" if isinstance(given, torch.Tensor)
+                     else type(given).__name__)
+            raise ValueError(f"{name} must be an integer tensor of the inputs' shape {tuple(hidden.shape[:-1])}, "
+                             f"got {found}")
+        if labels is not None:   # position t predicts token t + 1: the last position has no target
+            hidden, target = hidden[:, :-1], labels[:, 1:]
+        else:
+            target = shift_labels
+        lm_weight = head_weight(lm_head)
+        # under autocast the op takes the autocast dtype, as the lm_head's matmul would
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else lm_weight.dtype
+        # a model that multiplies its logits (Cohere, Granite, Falcon-H1) gets the factor on the head's inputs
+        head_input = scaled_head_input(hidden, self.multiplier, dtype)
+        bias = scaled_head_input(lm_head.bias, self.multiplier, dtype)
+        loss = linear_cross_entropy(head_input, lm_weight.to(dtype), target.to(device=hidden.device, dtype=torch.long),
+                                    bias=bias, ignore_index=ignore_index,
+                                    reduction="mean" if num_items_in_batch is None else "sum", softcap=self.softcap,
+                                    backend=self.backend, grads_in_forward=self.grads_in_forward)
+        if num_items_in_batch is None:
+            return loss
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        return loss / num_items_in_batch

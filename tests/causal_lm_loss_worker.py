@@ -1,0 +1,56 @@
+"""One of two gloo processes on the CPU that run CausalLMLoss wrapped by DDP or FSDP2, for test_causal_lm_loss.py:
+argv = output directory, then wrapper names ("ddp", "fsdp2": decoder layers a unit each, the lm_head in the root
+unit; "fsdp2_head_unit": the lm_head a unit of its own). Process r takes rows 2r and 2r + 1 of the test's batch of 4,
+with num_items_in_batch the whole batch's count of labelled tokens, as a Trainer passes it; rank 0 writes each
+parameter's full gradient to <dir>/<wrapper>.pt."""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from fastalign import CausalLMLoss
+from tests.test_causal_lm_loss import VOCAB, batch
+from tests.unlearn.tiny import tiny_llama
+
+
+def wrapped_loss(model, wrapper):
+    loss = CausalLMLoss(model, backend="torch")
+    if wrapper == "ddp":
+        return DistributedDataParallel(loss)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    if wrapper == "fsdp2_head_unit":
+        fully_shard(model.lm_head)
+    return fully_shard(loss)
+
+
+def main(out, wrappers):
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    inputs = batch(rows=4)
+    counted = int((inputs["labels"][:, 1:] != -100).sum())
+    mine = {name: t[2 * rank:2 * rank + 2] for name, t in inputs.items()}
+    for wrapper in wrappers:
+        model = tiny_llama(VOCAB)   # the same weights on both processes
+        wrapped = wrapped_loss(model, wrapper)   # held through the backward: DDP's reducer lives in it
+        wrapped(**mine, num_items_in_batch=counted).backward()
+        grads = {name: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+                 for name, p in model.named_parameters()}
+        if rank == 0:
+            torch.save(grads, os.path.join(out, f"{wrapper}.pt"))
+        del wrapped
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(sys.argv[1], sys.argv[2:])
+    # gloo's teardown at the interpreter's exit can abort the process ("terminate called without an active
+    # exception") after everything was written (as tests/unlearn/distributed_worker.py found): end without it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -1,0 +1,204 @@
+"""CausalLMLoss against the model's own loss: model(..., labels=labels).loss, from its materialised logits; and
+wrapped by DDP and FSDP2 in two gloo processes on the CPU."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastalign import CausalLMLoss
+from tests.conftest import TRITON_DEVICE
+from tests.unlearn.test_objective import TRANSFORMED_LOGITS
+from tests.unlearn.tiny import tiny_llama, tiny_phi
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 53   # a vocabulary of no block's multiple
+# (the fork that scales its logits twice does so after its forward took the loss: its loss is not its logits')
+MODELS = {"llama": tiny_llama, "phi-biased-head": tiny_phi,
+          **{case: make_model for case, (make_model, _) in TRANSFORMED_LOGITS.items() if case != "two-multipliers"}}
+
+
+def batch(seed=0, rows=3, width=9):
+    """input_ids, attention_mask (the second row left-padded by 3), labels: the ids, -100 on the padding and on each
+    row's first two tokens (a prompt)."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, VOCAB, (rows, width), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :2] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def grads_of(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def assert_same_loss_and_gradients(model, fused, expected):
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(grads_of(model, fused), grads_of(model, expected)):
+        if theirs is None:
+            assert mine is None or not mine.any()
+        else:
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_loss_and_gradients_are_the_models_own(family):
+    """Every family whose logits the fused op reproduces (an lm_head bias, a soft cap, logit multipliers): the token
+    mean of the shifted labels, and every parameter's gradient, as the model's forward with labels gives them."""
+    model = MODELS[family](VOCAB)
+    inputs = batch()
+    assert_same_loss_and_gradients(model, CausalLMLoss(model, backend="torch")(**inputs), model(**inputs).loss)
+
+
+@pytest.mark.parametrize("num_items", [11, torch.tensor(11)], ids=["int", "tensor"])
+def test_num_items_in_batch_divides_the_sum_as_the_model_does(num_items):
+    """Under gradient accumulation a Trainer passes the step's number of counted tokens: the loss is then the sum
+    over this batch's tokens divided by it (for one of several micro-batches, not this batch's count)."""
+    model = tiny_llama(VOCAB)
+    inputs = batch(seed=1)
+    fused = CausalLMLoss(model, backend="torch")(**inputs, num_items_in_batch=num_items)
+    assert_same_loss_and_gradients(model, fused, model(**inputs, num_items_in_batch=num_items).loss)
+    per_token_mean = CausalLMLoss(model, backend="torch")(**inputs)
+    counted = int((inputs["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(fused, per_token_mean * counted / 11)
+
+
+def test_shift_labels_are_targets_of_every_position():
+    """shift_labels (already shifted): position t predicts shift_labels[:, t], the last position included."""
+    model = tiny_llama(VOCAB)
+    inputs = batch(seed=2)
+    shift_labels = torch.nn.functional.pad(inputs.pop("labels")[:, 1:], (0, 1), value=-100)
+    shift_labels[0, -1] = 7   # a target for the last position, which labels cannot give
+    logits = model(**inputs).logits
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), shift_labels.flatten(), ignore_index=-100)
+    fused = CausalLMLoss(model, backend="torch")(**inputs, shift_labels=shift_labels)
+    assert_same_loss_and_gradients(model, fused, expected)
+
+
+def test_the_triton_kernels_give_the_models_loss():
+    """The Triton backend (on a GPU, else in the interpreter) on the same batch, with an lm_head bias."""
+    model = tiny_phi(VOCAB).to(TRITON_DEVICE)
+    inputs = {name: t.to(TRITON_DEVICE) for name, t in batch(seed=3).items()}
+    assert_same_loss_and_gradients(model, CausalLMLoss(model, backend="triton")(**inputs), model(**inputs).loss)
+
+
+def test_a_lora_model_trains_its_adapters_on_its_own_loss():
+    """A PEFT model: its LoRA layers act in the decoder's forward, and its adapters get the model's gradients."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(VOCAB), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                                   init_lora_weights=False))
+    inputs = batch(seed=4)
+    fused = CausalLMLoss(model, backend="torch")(**inputs)
+    assert all("lora" in name for name, p in model.named_parameters() if p.requires_grad)
+    assert_same_loss_and_gradients(model, fused, model(**inputs).loss)
+
+
+def test_a_batch_without_a_counted_token_has_loss_zero_and_zero_gradients():
+    """Every label ignored: 0 and zero gradients, where the model's own mean is NaN."""
+    model = tiny_llama(VOCAB)
+    inputs = batch(seed=5)
+    inputs["labels"] = torch.full_like(inputs["labels"], -100)
+    assert model(**inputs).loss.isnan()
+    fused = CausalLMLoss(model, backend="torch")(**inputs)
+    assert fused.item() == 0.0
+    assert all(g is None or not g.any() for g in grads_of(model, fused))
+
+
+def test_a_use_cache_input_does_not_clash_with_the_training_forward():
+    """The decoder runs without a KV cache (a training forward), also when the inputs (a generation config's) ask for
+    one."""
+    model = tiny_llama(VOCAB)
+    inputs = batch(seed=6)
+    fused = CausalLMLoss(model, backend="torch")(**inputs, use_cache=True)
+    torch.testing.assert_close(fused, model(**inputs).loss)
+
+
+@pytest.mark.parametrize("labels, shift_labels, message", [
+    (None, None, "exactly one of labels .* and shift_labels .*got neither"),
+    ("ids", "ids", "got both"),
+    ("short", None, r"labels must be an integer tensor of the inputs' shape \(3, 9\), got \(3, 8\)"),
+    (None, "float", r"shift_labels must be an integer tensor .* torch.float32"),
+])
+def test_bad_labels_are_refused_naming_the_argument(labels, shift_labels, message):
+    model = tiny_llama(VOCAB)
+    inputs = batch()
+    ids = inputs.pop("labels")
+    given = {"ids": ids, "short": ids[:, 1:], "float": ids.float(), None: None}
+    with pytest.raises(ValueError, match=message):
+        CausalLMLoss(model, backend="torch")(**inputs, labels=given[labels], shift_labels=given[shift_labels])
+
+
+def test_a_model_whose_logits_the_op_cannot_reproduce_is_refused_when_wrapped():
+    """A head that is more than its weight (here, logits halved by a forward of its own) would train another loss."""
+    model = tiny_llama(VOCAB)
+    head = model.lm_head
+    model.lm_head.forward = lambda hidden: torch.nn.functional.linear(hidden, head.weight) / 2
+    with pytest.raises(NotImplementedError, match="its logits are not its lm_head's weight"):
+        CausalLMLoss(model)
+
+
+WRAPPERS = ["ddp", "fsdp2", "fsdp2_head_unit"]
+
+
+@pytest.fixture(scope="module")
+def distributed_grads(tmp_path_factory):
+    """wrapper -> the gradients of two gloo processes (causal_lm_loss_worker.py), each on half the batch."""
+    out = tmp_path_factory.mktemp("distributed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               "--module", "tests.causal_lm_loss_worker", str(out), *WRAPPERS]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {wrapper: torch.load(out / f"{wrapper}.pt") for wrapper in WRAPPERS}
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_ddp_and_fsdp2_wrap_the_loss_module_as_they_wrap_a_model(distributed_grads, wrapper):
+    """Two processes, each on half the batch with num_items_in_batch the whole batch's count: the gradients they
+    average are half the one-process gradients of the whole batch's token mean (a Trainer scales by the number of
+    processes), for every parameter, the lm_head's also when FSDP2 gave it a unit of its own."""
+    model = tiny_llama(VOCAB)
+    CausalLMLoss(model, backend="torch")(**batch(rows=4)).backward()
+    grads = distributed_grads[wrapper]
+    assert sorted(grads) == sorted(name for name, _ in model.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(2 * grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_trainer_with_the_readmes_compute_loss_takes_the_models_own_steps(tmp_path):
+    """The README's Trainer subclass, under gradient accumulation (micro-batches of unequal token counts): two
+    optimizer steps end at the weights the Trainer reaches with the model's own loss. (SGD: Adam's first steps move
+    each weight by about lr * sign(gradient), which would turn the last-bit differences of near-zero gradients into
+    differences of lr.)"""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    rows = batch(seed=7, rows=8)
+    data = [{name: t[i] for name, t in rows.items()} for i in range(8)]
+    data[2]["labels"] = data[2]["labels"].masked_fill(torch.arange(9) < 6, -100)   # fewer tokens in one micro-batch
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2,
+                                          gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-2, optim="sgd",
+                                          use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no", seed=0)
+
+    class FusedLossTrainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return loss_fn(**inputs, num_items_in_batch=num_items_in_batch)
+
+    start = tiny_llama(VOCAB).state_dict()
+    ends = {}
+    for trainer_class in (FusedLossTrainer, transformers.Trainer):
+        model = tiny_llama(VOCAB).train()
+        loss_fn = CausalLMLoss(model, backend="torch")
+        trainer_class(model=model, args=args, train_dataset=data).train()
+        ends[trainer_class] = model.state_dict()
+    fused, own = ends[FusedLossTrainer], ends[transformers.Trainer]
+    assert all(not torch.equal(own[name], start[name]) for name in own if "layers" in name)   # every layer trained
+    for name in own:
+        torch.testing.assert_close(fused[name], own[name], rtol=1e-4, atol=1e-6, msg=name)
