@@ -432,7 +432,9 @@ def main():
     for name, build in ON_ONE_GPU_8B if args.ways == "8b" else COMPARE:
         rows.append(measure(name, build, batch, normal, args, device, dtype))
         add_ratios(rows)
-        path = harness.write_results("bench_unlearn", device, config, rows)  # after each row: a cut run keeps them
+        # after each row: a cut run keeps them; the 8B ways' record beside the comparison's (gpu_session.sh runs
+        # both in one call, on one device and commit)
+        path = harness.write_results("bench_unlearn", device, config, rows, tag="8b" if args.ways == "8b" else None)
         harness.print_table(rows[-1:], COLUMNS)
         if rows[-1].get("profile"):
             harness.print_table(rows[-1]["profile"], harness.PROFILE_COLUMNS)

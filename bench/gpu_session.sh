@@ -18,11 +18,12 @@
 # whole fits: the tests that need CUDA and the Triton kernel tests on the GPU, then bench_loss (the 8B head
 # at N=8192, and the 1B head at the token counts of bench_unlearn's batch), bench_optimizer (the 1B's parameters),
 # bench_tree, bench_unlearn (1B, each way
-# profiled once), bench_rain (random 1B Llama on HH prompts, the tree engine's run profiled once) and, in the call's
+# profiled once), bench_rain (random 1B Llama on HH prompts, the tree engine's run profiled once),
+# bench_causal_lm_loss (a 1B training step, CausalLMLoss against the model's own loss) and, in the call's
 # time left, bench_unlearn's 8B preset (LoRA; full weights with the cached reference). The log, the
-# two pytest logs and every bench JSON land in $OUT (at most 8 files come back): commit the JSON files. The
-# benches write their JSON straight into $OUT and rewrite it after each row (atomically), so a step cut at its
-# limit, or the whole call cut at the device tool's, still returns what it measured.
+# two pytest logs and bench_results.tar (every bench JSON: the device tool returns at most 8 files) land in $OUT:
+# extract the tar into bench/results/ and commit the JSON files. The benches rewrite their JSON after each row
+# (atomically) and the tar is rewritten after each step, so a step cut at its limit still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,7 +50,11 @@ fi
 OUT="${OUT:-/tmp/gpu_session}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 FASTALIGN_SHARED_DATA="$PWD/.carry/data" FASTALIGN_COMMIT="$(cat .carry/commit 2>/dev/null)"
-export FASTALIGN_BENCH_RESULTS="$OUT"   # bench/harness.py writes each record here as its rows are measured
+# bench/harness.py writes each record here as its rows are measured; after each step they are bundled into one file of
+# $OUT (bundle_results: the device tool returns at most 8 files, and a benches call writes more records than that)
+RESULTS="${RESULTS:-/tmp/gpu_session_results}"
+mkdir -p "$RESULTS"
+export FASTALIGN_BENCH_RESULTS="$RESULTS"
 [[ -f .carry/tracked.sha256 ]] && export FASTALIGN_COMMIT_SUMS="$PWD/.carry/tracked.sha256"
 HH=.carry/data/hh-harmless-base-test.jsonl.gz
 
@@ -60,7 +65,14 @@ step() {  # step SECONDS NAME COMMAND...: runs COMMAND under a time limit
     echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
     timeout --kill-after=5 "$limit" "$@"
     echo "=== $name: exit $? $(date -u +%H:%M:%S)"
-    rm -f "$OUT"/*.partial   # a record being rewritten when the limit struck: the previous one stands
+    rm -f "$RESULTS"/*.partial   # a record being rewritten when the limit struck: the previous one stands
+    bundle_results
+}
+
+bundle_results() {  # every bench record so far, as $OUT/bench_results.tar (replaced whole, never left half written)
+    compgen -G "$RESULTS/*.json" >/dev/null || return 0
+    tar -cf "$OUT/bench_results.tar.partial" -C "$RESULTS" . \
+        && mv "$OUT/bench_results.tar.partial" "$OUT/bench_results.tar"
 }
 
 gpu_tests() {
@@ -89,6 +101,7 @@ gpu_benches() {
     step 95 "bench_unlearn" python3 bench/bench_unlearn.py --reps 3 --profile
     step 150 "bench_rain" python3 bench/bench_rain.py --random-model --hh "$HH" --prompts 1 --max-new-tokens 8 \
         --concurrency 1 8 32 --judge-prompts 16 --cuda-graphs --profile
+    step 25 "bench_causal_lm_loss" python3 bench/bench_causal_lm_loss.py --reps 3
     # what the call has left (SECONDS: since this script started), less 15 s to return $OUT, for the 8B preset; it
     # writes each way's row as measured, so that one cut at the limit keeps those before it
     local left=$(( CALL_LIMIT_S - 15 - SECONDS ))

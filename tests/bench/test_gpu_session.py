@@ -28,7 +28,7 @@ def test_every_session_fits_one_device_call():
     text = SCRIPT.read_text()
     assert re.search(rf"^CALL_LIMIT_S={CALL_LIMIT_S} ", text, re.MULTILINE)
     limits = step_limits(text)
-    assert [len(v) for v in limits.values()] == [2, 6, 1], limits
+    assert [len(v) for v in limits.values()] == [2, 7, 1], limits
     for name, part in limits.items():
         assert INSTALL_S + sum(part) <= CALL_LIMIT_S, (name, part)
 
@@ -50,3 +50,25 @@ def test_benches_give_the_8b_preset_what_the_call_has_left():
         assert name.startswith("bench_unlearn 8b") and int(limit) == CALL_LIMIT_S - 15 - used
     *_, last = benches_steps(CALL_LIMIT_S - 15 - 119)   # under 2 minutes left: skipped, said so
     assert last == ["=== bench_unlearn 8b: skipped (119s of the call left)"]
+
+
+def test_each_step_bundles_the_records_so_far_into_one_file_of_out(tmp_path):
+    """The device tool returns at most 8 files of $OUT, and a benches call writes more records: after each step, every
+    record so far is in $OUT/bench_results.tar, alone there, and a record cut mid-rewrite (.partial) is left out."""
+    import tarfile
+
+    text = SCRIPT.read_text()
+    out, results = tmp_path / "out", tmp_path / "results"
+    out.mkdir()
+    results.mkdir()
+    def bench(name):   # a bench's command: its record, and one cut mid-rewrite
+        return f"""bash -c 'echo {{}} > "$RESULTS/{name}.json"; echo {{ > "$RESULTS/{name}.json.partial"'"""
+    program = "\n".join([f'OUT="{out}"', f'export RESULTS="{results}"', function(text, "step"),
+                         function(text, "bundle_results"), f"step 5 first {bench('bench_a')}",
+                         f"step 5 second {bench('bench_b')}"])
+    subprocess.run(["bash", "-c", program], capture_output=True, text=True, check=True)
+    assert [path.name for path in out.iterdir()] == ["bench_results.tar"]
+    with tarfile.open(out / "bench_results.tar") as bundle:
+        assert sorted(name.removeprefix("./") for name in bundle.getnames() if name.endswith("json")) == [
+            "bench_a.json", "bench_b.json"]
+        assert not [name for name in bundle.getnames() if name.endswith(".partial")]
