@@ -107,17 +107,6 @@ def liger_kl():
     return lambda h, w, rh, rw: loss(h, w, rh, rw, None)
 
 
-def optional(factory, unavailable):
-    """factory() (a baseline's loss function), or None when its package is missing or fails to load; the error is
-    then recorded as unavailable[factory's name]."""
-    try:
-        return factory()
-    except Exception as err:  # ImportError, or a package that imports but does not work with this torch/triton
-        unavailable[factory.__name__] = f"{type(err).__name__}: {err}"[:300]
-        print(f"skipped: {factory.__name__} ({unavailable[factory.__name__]})")
-        return None
-
-
 def matmul_peak_tflops(device, dtype):
     """Achieved TFLOP/s of one large square matmul: the reference point for 'fraction of peak'. Fifty products
     (about 70 ms on an H100) warm it up first: a GPU still raising its clocks would give a low peak, and every
@@ -125,15 +114,6 @@ def matmul_peak_tflops(device, dtype):
     n = 8192 if torch.device(device).type == "cuda" else 512
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n ** 3 / harness.median_ms(lambda: a @ b, device, warmup=50, reps=20) / 1e9
-
-
-def gradients_difference(grads, reference):
-    """The largest ||g - r|| / ||r|| (L2, in fp32) over pairs of gradients; a gradient missing from one side (None)
-    counts as zeros, a difference of 1."""
-    def norm(t):
-        return torch.linalg.vector_norm(t, dtype=torch.float32)
-    return max(float(g is not r) if g is None or r is None else float(norm(g - r) / norm(r).clamp(min=1e-30))
-               for g, r in zip(grads, reference))
 
 
 def measure(name, loss_fn, make_inputs, grad_inputs, flops_fwd, flops_fwd_bwd, device, grad_bytes, logits_bytes):
@@ -217,10 +197,11 @@ def run(args, config):
                (signed_ce, "fastalign signed-weights grads-in-forward", fastalign_ce_signed_in_forward),
                (kl_one_head, "fastalign shared-head", fastalign_kl),
                (kl_one_head, "fastalign shared-head grads-in-forward", fastalign_kl_in_forward),
-               (mean_ce, "liger", optional(liger_ce, unavailable)),
-               (mean_ce, "cut-cross-entropy", optional(cce_ce, unavailable)),
-               (mean_ce, "cut-cross-entropy filter_eps=None", optional(cce_exact_ce, unavailable)),
-               (kl_two_heads, "liger jsd beta=0", optional(liger_kl, unavailable)), (mean_ce, "naive torch", naive_ce),
+               (mean_ce, "liger", harness.optional(liger_ce, unavailable)),
+               (mean_ce, "cut-cross-entropy", harness.optional(cce_ce, unavailable)),
+               (mean_ce, "cut-cross-entropy filter_eps=None", harness.optional(cce_exact_ce, unavailable)),
+               (kl_two_heads, "liger jsd beta=0", harness.optional(liger_kl, unavailable)),
+               (mean_ce, "naive torch", naive_ce),
                (kl_two_heads, "naive torch", naive_kl), (mean_ce, "torch.compile chunked", compiled_chunked_ce)]
     op_of = {mean_ce: ce, signed_ce: ce, kl_two_heads: kl, kl_one_head: kl}
     h, v = args.hidden, args.vocab
@@ -254,7 +235,7 @@ def run(args, config):
             if "loss" in row:
                 first = first_loss.setdefault(quantity, row["loss"])
                 row["loss_rel_diff"] = abs(row["loss"] - first) / max(abs(first), 1e-30)
-                row["grad_rel_diff"] = gradients_difference(grads, first_grads.setdefault(quantity, grads))
+                row["grad_rel_diff"] = harness.gradients_difference(grads, first_grads.setdefault(quantity, grads))
             del grads
             report(rows, {"op": op, "quantity": quantity, "n": n, **row}, args, config)
         weight = ref_weight = first_grads = None   # freed before the next size allocates its own

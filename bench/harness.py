@@ -281,6 +281,26 @@ def kernels_of_call(fn):
     return counts["torch"], counts["triton"]
 
 
+def optional(factory, unavailable):
+    """factory() (a baseline's loss function), or None when its package is missing or fails to load; the error is
+    then recorded as unavailable[factory's name]."""
+    try:
+        return factory()
+    except Exception as err:  # ImportError, or a package that imports but does not work with this torch/triton
+        unavailable[factory.__name__] = f"{type(err).__name__}: {err}"[:300]
+        print(f"skipped: {factory.__name__} ({unavailable[factory.__name__]})")
+        return None
+
+
+def gradients_difference(grads, reference):
+    """The largest ||g - r|| / ||r|| (L2, in fp32) over pairs of gradients; a gradient missing from one side (None)
+    counts as zeros, a difference of 1."""
+    def norm(t):
+        return torch.linalg.vector_norm(t, dtype=torch.float32)
+    return max(float(g is not r) if g is None or r is None else float(norm(g - r) / norm(r).clamp(min=1e-30))
+               for g, r in zip(grads, reference))
+
+
 def failure_row(method, err):
     """The table row of a method that raised `err`, so that one failing method does not lose the others' rows."""
     if isinstance(err, torch.OutOfMemoryError):

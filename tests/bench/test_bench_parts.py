@@ -60,7 +60,8 @@ def test_loss_rows_are_their_quantitys_definition_on_inputs_shared_within_the_qu
                 called.append(_name)
             return _fn(*args)
         monkeypatch.setattr(bench_loss, name, spy)
-    monkeypatch.setattr(bench_loss, "optional", lambda factory, unavailable: None)  # baselines not installed here
+    # baselines not installed here
+    monkeypatch.setattr(bench_loss.harness, "optional", lambda factory, unavailable: None)
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: 2.0)  # forward called once a row
     monkeypatch.setattr(bench_loss.harness, "peak_extra_mib", lambda fn, device: None)   # (it runs fn again on a CPU)
@@ -98,7 +99,7 @@ def test_loss_rows_record_their_gradients_difference_from_the_quantitys_first(mo
         loss = _naive(h, w, y, tw)
         return loss + (loss - loss.detach())  # the same value, twice the gradient
     monkeypatch.setattr(bench_loss, "naive_ce", doubled_gradient)
-    monkeypatch.setattr(bench_loss, "optional", lambda factory, unavailable: None)
+    monkeypatch.setattr(bench_loss.harness, "optional", lambda factory, unavailable: None)
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: 2.0)
     monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
@@ -185,7 +186,7 @@ def test_loss_fastalign_rows_come_before_the_third_party_baselines(monkeypatch, 
             return (bench_loss.naive_kl(a, b, c, d) if factory.__name__ == "liger_kl" else
                     bench_loss.naive_ce(a, b, c, d))
         return loss
-    monkeypatch.setattr(bench_loss, "optional", baseline)
+    monkeypatch.setattr(bench_loss.harness, "optional", baseline)
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: 2.0)
     monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
@@ -206,24 +207,6 @@ def test_loss_matmul_peak_counts_2_n_cubed_flops(monkeypatch):
         return 4.0
     monkeypatch.setattr(bench_loss.harness, "median_ms", median_ms)
     assert bench_loss.matmul_peak_tflops("cpu", torch.float32) == pytest.approx(2 * sizes[0] ** 3 / 4e-3 / 1e12)
-
-
-def test_loss_gradients_difference_counts_a_missing_gradient_as_one_and_agrees_on_zero_gradients():
-    """A method that left a gradient unset (None) differs from one that set it by 1 (all of it), two zero gradients
-    (a loss that does not depend on the weight) agree, and the largest difference of the pairs is the result."""
-    g, zero = torch.ones(3), torch.zeros(3)
-    assert bench_loss.gradients_difference([None, g], [g, g]) == 1.0
-    assert bench_loss.gradients_difference([None, zero], [None, zero]) == 0.0
-    assert bench_loss.gradients_difference([zero], [zero]) == 0.0
-    assert bench_loss.gradients_difference([2 * g, 1.5 * g], [g, g]) == pytest.approx(1.0)
-
-
-def test_loss_baseline_error_recorded_is_cut_to_300_characters():
-    def liger_ce():
-        raise RuntimeError("x" * 1000)
-    unavailable = {}
-    assert bench_loss.optional(liger_ce, unavailable) is None
-    assert unavailable == {"liger_ce": ("RuntimeError: " + "x" * 1000)[:300]}
 
 
 def test_loss_method_that_raises_becomes_an_error_row():

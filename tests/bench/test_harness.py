@@ -193,3 +193,21 @@ def test_write_results_leaves_the_previous_record_whole_when_a_write_is_cut(monk
     monkeypatch.setattr(harness.json, "dump", dump)
     with open(path) as f:
         assert json.load(f)["results"] == [{"method": "a"}]
+
+
+def test_gradients_difference_counts_a_missing_gradient_as_one_and_agrees_on_zero_gradients():
+    """A method that left a gradient unset (None) differs from one that set it by 1 (all of it), two zero gradients
+    (a loss that does not depend on the weight) agree, and the largest difference of the pairs is the result."""
+    g, zero = torch.ones(3), torch.zeros(3)
+    assert harness.gradients_difference([None, g], [g, g]) == 1.0
+    assert harness.gradients_difference([None, zero], [None, zero]) == 0.0
+    assert harness.gradients_difference([zero], [zero]) == 0.0
+    assert harness.gradients_difference([2 * g, 1.5 * g], [g, g]) == pytest.approx(1.0)
+
+
+def test_a_baseline_error_recorded_is_cut_to_300_characters():
+    def liger_ce():
+        raise RuntimeError("x" * 1000)
+    unavailable = {}
+    assert harness.optional(liger_ce, unavailable) is None
+    assert unavailable == {"liger_ce": ("RuntimeError: " + "x" * 1000)[:300]}

@@ -21,6 +21,7 @@ RUNS = {
                    "--max-new-tokens", "3", "--root-visits", "4"],
     "bench_startup": ["--quick"],
     "bench_optimizer": ["--quick", "--reps", "1"],
+    "bench_causal_lm_loss": ["--quick", "--reps", "1"],
 }
 RECORD_NAMES = {"bench_rain": "rain", "bench_startup": "startup"}
 
@@ -175,9 +176,23 @@ def check_bench_optimizer(record):
     assert all(close(row["speedup_vs_fp32"], fp32_ms / row["step_ms"]) for row in rows.values()), rows
 
 
+def check_bench_causal_lm_loss(record):
+    """The fused losses against the model's own on the same step (fp32: the same loss and gradients to rounding), each
+    row's speed-up and leanness against the model's own row, and the logits' size the config states."""
+    rows, c = {row["method"]: row for row in record["results"]}, record["config"]
+    assert list(rows)[:3] == ["model's own loss", "fastalign CausalLMLoss", "fastalign grads-in-forward"], rows
+    own = rows["model's own loss"]
+    for row in rows.values():
+        assert row["loss_rel_diff"] < 1e-5 and row["grad_rel_diff"] < 1e-4, row
+        assert close(row["speedup"], own["step_ms"] / row["step_ms"]), row
+        assert close(row["leaner"], own["extra_mib"] / row["extra_mib"]), row
+    assert own["loss_rel_diff"] == 0 and own["grad_rel_diff"] == 0, own
+    assert close(c["logits_mib"], c["rows"] * c["tokens"] * c["vocab"] * 4 / 2 ** 20), c
+
+
 RECORD_CHECKS = {"bench_loss": check_bench_loss, "bench_unlearn": check_bench_unlearn, "bench_tree": check_bench_tree,
                  "bench_rain": check_bench_rain, "bench_startup": check_bench_startup,
-                 "bench_optimizer": check_bench_optimizer}
+                 "bench_optimizer": check_bench_optimizer, "bench_causal_lm_loss": check_bench_causal_lm_loss}
 
 
 @pytest.mark.parametrize("script", sorted(RUNS))
@@ -225,7 +240,9 @@ def test_quick_run_of_the_8b_ways(tmp_path):
                            "--dtype", "bfloat16", "--reps", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads((tmp_path / "bench_unlearn-cpu-test.json").read_text())
+    # a record of its own, beside the comparison's, which gpu_session.sh measures in the same call
+    assert [path.name for path in tmp_path.glob("bench_unlearn-*")] == ["bench_unlearn-cpu-test-8b.json"]
+    record = json.loads((tmp_path / "bench_unlearn-cpu-test-8b.json").read_text())
     config, results = record["config"], record["results"]
     assert config["ways"] == "8b" and config["preset"] == "quick" and config["gradient_checkpointing"], config
     assert config["dtype"] == "torch.bfloat16", config

@@ -1,0 +1,154 @@
+"""Benchmark of a causal LM's training step on its labels: fastalign.CausalLMLoss against the model's own loss
+(model(**batch, labels=labels).loss, which materialises the [tokens x vocab] logits, then an fp32 copy of them), and
+against Liger-Kernel's fused linear cross-entropy on the decoder's hidden states where liger-kernel is importable
+(what a Liger user writes without patching the model's class).
+
+One forward and backward of the whole model (every weight trained) on B rows of T tokens whose first quarter is the
+prompt (labels -100). Columns: the step's median time, its peak memory beyond what existed before it (the weights'
+gradients included, allocated by each step), the same less those gradients (`extra MiB`: what the loss and the
+activations take), and the loss and gradients against the model's own (relative; in bf16 the fused losses round
+their sums differently, so ~1e-3 is agreement there).
+
+    python bench/bench_causal_lm_loss.py                # Llama-3.2-1B shape (V 128256), bf16, 8 rows of 1024, CUDA
+    python bench/bench_causal_lm_loss.py --preset cpu   # 2 small layers with V 128256, fp32, 2 rows of 512, a CPU
+    python bench/bench_causal_lm_loss.py --quick        # a small model in fp32, any device (CPU smoke run)
+"""
+import argparse
+import os
+import sys
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import fastalign  # noqa: E402
+
+# preset -> (LlamaConfig keywords, dtype, rows, tokens per row)
+PRESETS = {
+    "1b": (harness.LLAMA_SHAPES["1b"], torch.bfloat16, 8, 1024),
+    # a CPU-sized model with Llama-3's vocabulary, whose logits are what dominates a step's memory there too
+    "cpu": (dict(vocab_size=128256, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True),
+            torch.float32, 2, 512),
+    "quick": (dict(vocab_size=1001, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, tie_word_embeddings=False), torch.float32, 2, 32),
+}
+COLUMNS = [("method", "method", "{}"), ("loss_rel_diff", "loss diff", "{:.1e}"),
+           ("grad_rel_diff", "grad diff", "{:.1e}"), ("step_ms", "step ms", "{:.2f}"),
+           ("speedup", "vs own loss", "{:.2f}x"), ("peak_mib", "peak MiB", "{:.1f}"), ("extra_mib", "extra MiB", "{:.1f}"), ("leaner", "leaner", "{:.2f}x"),
+           ("error", "error", "{}")]
+
+
+def own_loss(model):
+    return lambda batch: model(**batch).loss
+
+
+def fastalign_loss(model, **options):
+    loss_fn = fastalign.CausalLMLoss(model, **options)
+    return lambda batch: loss_fn(**batch)
+
+
+def liger_loss():
+    """A builder of the loss Liger users write: the decoder's hidden states into Liger's fused linear cross-entropy,
+    shifted as the model shifts its labels (ImportError without liger-kernel)."""
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    fused = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+
+    def build(model):
+        def loss(batch):
+            hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 use_cache=False).last_hidden_state
+            return fused(model.lm_head.weight, hidden[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+        return loss
+    return build
+
+
+def make_batch(rows, tokens, vocab, device, seed=0):
+    """B rows of T random tokens; labels are the ids with the first quarter of each row (the prompt) at -100."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (rows, tokens), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :tokens // 4] = -100
+    return {name: t.to(device) for name, t in (("input_ids", input_ids), ("attention_mask", torch.ones_like(input_ids)),
+                                               ("labels", labels))}
+
+
+def measure(name, loss_of, model, batch, device, reps):
+    """(row, gradients of every parameter from one more step) of one way; (failure row, None) where it raised."""
+    params = list(model.parameters())
+
+    def step():
+        for p in params:
+            p.grad = None
+        loss = loss_of(batch)
+        loss.backward()
+        return loss
+
+    try:
+        loss = float(step())
+        ms = harness.median_ms(step, device, reps=reps)
+        peak = harness.peak_extra_mib(step, device)
+        step()
+        grads = [p.grad for p in params]
+    except Exception as err:
+        return harness.failure_row(name, err), None
+    grad_mib = sum(p.numel() * p.element_size() for p in params) / 2 ** 20
+    return {"method": name, "loss": loss, "step_ms": ms, "peak_mib": peak,
+            "extra_mib": None if peak is None else peak - grad_mib}, grads
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", choices=PRESETS, default="1b",
+                        help="1b: Llama-3.2-1B's shape in bf16, 8 rows of 1024 tokens; cpu: 2 layers of width 256 "
+                             "with its 128256 words in fp32, 2 rows of 512; quick: a small fp32 model, 2 rows of 32")
+    parser.add_argument("--quick", action="store_true", help="--preset quick (any device, in seconds)")
+    parser.add_argument("--rows", type=int, default=None, help="B (default: the preset's)")
+    parser.add_argument("--tokens", type=int, default=None, help="T (default: the preset's)")
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+    preset = "quick" if args.quick else args.preset
+    device = torch.device(args.device)
+    shape, dtype, preset_rows, preset_tokens = PRESETS[preset]
+    rows, tokens = args.rows or preset_rows, args.tokens or preset_tokens
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(LlamaConfig(**shape)).to(dtype).train()
+    batch = make_batch(rows, tokens, shape["vocab_size"], device)
+    config = {"preset": preset, "dtype": str(dtype).removeprefix("torch."), "layers": shape["num_hidden_layers"],
+              "hidden": shape["hidden_size"],
+              "rows": rows, "tokens": tokens, "vocab": shape["vocab_size"],
+              "logits_mib": rows * tokens * shape["vocab_size"] * dtype.itemsize / 2 ** 20, "unavailable": {}}
+    print(f"device: {harness.device_name(device)}   {rows} x {tokens} tokens, V {shape['vocab_size']}, "
+          f"{config['dtype']}")
+    ways = [("model's own loss", own_loss), ("fastalign CausalLMLoss", fastalign_loss),
+            ("fastalign grads-in-forward", lambda m: fastalign_loss(m, grads_in_forward=True)),
+            ("liger on hidden states", harness.optional(liger_loss, config["unavailable"]))]
+    results, reference = [], None
+    for name, build in ways:
+        if build is None:
+            continue
+        row, grads = measure(name, build(model), model, batch, device, args.reps)
+        if grads is not None:
+            reference = reference or (row["loss"], grads)
+            row["loss_rel_diff"] = abs(row["loss"] - reference[0]) / abs(reference[0])
+            row["grad_rel_diff"] = harness.gradients_difference(grads, reference[1])
+            first = next((earlier for earlier in results if "step_ms" in earlier), row)
+            row["speedup"] = first["step_ms"] / row["step_ms"]
+            if row["extra_mib"] is not None and first.get("extra_mib"):
+                row["leaner"] = first["extra_mib"] / row["extra_mib"]
+        del grads
+        results.append(row)
+        harness.write_results("bench_causal_lm_loss", device, config, results)   # after each row: a cut run keeps them
+        harness.print_table(results[-1:], COLUMNS)
+    path = harness.write_results("bench_causal_lm_loss", device, config, results)
+    print()
+    harness.print_table(results, COLUMNS)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
