@@ -37,8 +37,8 @@ PRESETS = {
 }
 COLUMNS = [("method", "method", "{}"), ("loss_rel_diff", "loss diff", "{:.1e}"),
            ("grad_rel_diff", "grad diff", "{:.1e}"), ("step_ms", "step ms", "{:.2f}"),
-           ("speedup", "vs own loss", "{:.2f}x"), ("peak_mib", "peak MiB", "{:.1f}"), ("extra_mib", "extra MiB", "{:.1f}"), ("leaner", "leaner", "{:.2f}x"),
-           ("error", "error", "{}")]
+           ("speedup", "vs own loss", "{:.2f}x"), ("peak_mib", "peak MiB", "{:.1f}"),
+           ("extra_mib", "extra MiB", "{:.1f}"), ("leaner", "leaner", "{:.2f}x"), ("error", "error", "{}")]
 
 
 def own_loss(model):
