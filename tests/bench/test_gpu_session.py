@@ -26,18 +26,20 @@ def step_limits(text):
 
 def test_every_session_fits_one_device_call():
     text = SCRIPT.read_text()
-    assert re.search(rf"^CALL_LIMIT_S={CALL_LIMIT_S} ", text, re.MULTILINE)
+    assert re.search(rf"^CALL_LIMIT_S=\${{CALL_LIMIT_S:-{CALL_LIMIT_S}}}$", text, re.MULTILINE)
     limits = step_limits(text)
     assert [len(v) for v in limits.values()] == [2, 7, 1], limits
     for name, part in limits.items():
         assert INSTALL_S + sum(part) <= CALL_LIMIT_S, (name, part)
 
 
-def benches_steps(seconds_used):
-    """The steps gpu_benches runs (limit, name), with `step` replaced by a stub and the script `seconds_used` s old."""
+def benches_steps(seconds_used, call_limit=None):
+    """The steps gpu_benches runs (limit, name), with `step` replaced by a stub and the script `seconds_used` s old;
+    call_limit: the CALL_LIMIT_S the call is given (None: the default)."""
     text = SCRIPT.read_text()
-    limit = re.search(r"^CALL_LIMIT_S=\d+", text, re.MULTILINE).group(0)
-    program = "\n".join([limit, function(text, "gpu_benches"), function(text, "unlearn_8b"),
+    limit = re.search(r"^CALL_LIMIT_S=.*$", text, re.MULTILINE).group(0)
+    given = "" if call_limit is None else f"CALL_LIMIT_S={call_limit}"
+    program = "\n".join([given, limit, function(text, "gpu_benches"), function(text, "unlearn_8b"),
                          'step() { echo "$1|$2"; }', f"SECONDS={seconds_used}", "gpu_benches"])
     out = subprocess.run(["bash", "-c", program], capture_output=True, text=True, check=True).stdout
     return [line.split("|") for line in out.splitlines()]
@@ -50,6 +52,9 @@ def test_benches_give_the_8b_preset_what_the_call_has_left():
         assert name.startswith("bench_unlearn 8b") and int(limit) == CALL_LIMIT_S - 15 - used
     *_, last = benches_steps(CALL_LIMIT_S - 15 - 119)   # under 2 minutes left: skipped, said so
     assert last == ["=== bench_unlearn 8b: skipped (119s of the call left)"]
+    # a call given less (the session's device time left): the 8B preset ends within it
+    *_, (limit, name) = benches_steps(200, call_limit=420)
+    assert name.startswith("bench_unlearn 8b") and int(limit) == 420 - 15 - 200
 
 
 def test_each_step_bundles_the_records_so_far_into_one_file_of_out(tmp_path):
