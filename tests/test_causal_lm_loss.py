@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastalign import CausalLMLoss
+from fastalign.unlearn.models import enable_activation_checkpointing
 from tests.conftest import TRITON_DEVICE
 from tests.unlearn.test_objective import TRANSFORMED_LOGITS
 from tests.unlearn.tiny import tiny_llama, tiny_phi
@@ -96,6 +97,33 @@ def test_a_lora_model_trains_its_adapters_on_its_own_loss():
     fused = CausalLMLoss(model, backend="torch")(**inputs)
     assert all("lora" in name for name, p in model.named_parameters() if p.requires_grad)
     assert_same_loss_and_gradients(model, fused, model(**inputs).loss)
+
+
+def test_under_autocast_the_loss_takes_the_autocast_dtype_as_the_models_head_does():
+    """Mixed precision (fp32 weights, bf16 compute): the fused op runs on bf16 hidden states and head, as the model's
+    lm_head matmul does, both accumulating in fp32: the same loss and gradients to bf16's rounding."""
+    model = tiny_llama(VOCAB)
+    inputs = batch(seed=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, expected = CausalLMLoss(model, backend="torch")(**inputs), model(**inputs).loss
+    torch.testing.assert_close(fused, expected, rtol=2e-2, atol=0)
+    for mine, theirs in zip(grads_of(model, fused), grads_of(model, expected)):
+        assert mine.dtype == torch.float32
+        assert (mine - theirs).norm() <= 3e-2 * theirs.norm()
+
+
+def test_with_gradient_checkpointing_the_gradients_are_the_same():
+    """A decoder that recomputes its layers in the backward (gradient checkpointing, as memory-bound fine-tuning sets
+    it): the same gradients as the model's own loss without it."""
+    model = tiny_llama(VOCAB).train()
+    inputs = batch(seed=9)
+    expected = model(**inputs).loss
+    reference = grads_of(model, expected)
+    enable_activation_checkpointing(model)
+    fused = CausalLMLoss(model, backend="torch")(**inputs)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(grads_of(model, fused), reference):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
 
 
 def test_a_batch_without_a_counted_token_has_loss_zero_and_zero_gradients():
