@@ -1,7 +1,8 @@
 """Benchmark of a causal LM's training step on its labels: fastalign.CausalLMLoss against the model's own loss
 (model(**batch, labels=labels).loss, which materialises the [tokens x vocab] logits, then an fp32 copy of them), and
 against Liger-Kernel's fused linear cross-entropy on the decoder's hidden states where liger-kernel is importable
-(what a Liger user writes without patching the model's class).
+(what a Liger user writes without patching the model's class); also CausalLMLoss with fastalign's training layers
+(fused_layers: RMSNorms and gated MLPs that keep less for the backward).
 
 One forward and backward of the whole model (every weight trained) on B rows of T tokens whose first quarter is the
 prompt (labels -100). Columns: the step's median time, its peak memory beyond what existed before it (the weights'
@@ -24,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 import fastalign  # noqa: E402
+from fastalign.unlearn import fused_layers  # noqa: E402
 
 # preset -> (LlamaConfig keywords, dtype, rows, tokens per row)
 PRESETS = {
@@ -48,6 +50,17 @@ def own_loss(model):
 def fastalign_loss(model, **options):
     loss_fn = fastalign.CausalLMLoss(model, **options)
     return lambda batch: loss_fn(**batch)
+
+
+def fastalign_fused_layers(model):
+    """CausalLMLoss with the model's RMSNorms and gated MLPs stood in for by fastalign's training layers, which keep
+    less for the backward (fastalign.unlearn.fused_layers)."""
+    loss_fn = fastalign.CausalLMLoss(model)
+
+    def loss(batch):
+        with fused_layers(model):
+            return loss_fn(**batch)
+    return loss
 
 
 def liger_loss():
@@ -126,6 +139,7 @@ def main():
           f"{config['dtype']}")
     ways = [("model's own loss", own_loss), ("fastalign CausalLMLoss", fastalign_loss),
             ("fastalign grads-in-forward", lambda m: fastalign_loss(m, grads_in_forward=True)),
+            ("fastalign + fused layers", fastalign_fused_layers),
             ("liger on hidden states", harness.optional(liger_loss, config["unavailable"]))]
     results, reference = [], None
     for name, build in ways:

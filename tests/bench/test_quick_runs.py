@@ -180,7 +180,8 @@ def check_bench_causal_lm_loss(record):
     """The fused losses against the model's own on the same step (fp32: the same loss and gradients to rounding), each
     row's speed-up and leanness against the model's own row, and the logits' size the config states."""
     rows, c = {row["method"]: row for row in record["results"]}, record["config"]
-    assert list(rows)[:3] == ["model's own loss", "fastalign CausalLMLoss", "fastalign grads-in-forward"], rows
+    assert list(rows)[:4] == ["model's own loss", "fastalign CausalLMLoss", "fastalign grads-in-forward",
+                              "fastalign + fused layers"], rows
     own = rows["model's own loss"]
     for row in rows.values():
         assert row["loss_rel_diff"] < 1e-5 and row["grad_rel_diff"] < 1e-4, row
