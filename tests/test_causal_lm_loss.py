@@ -203,7 +203,7 @@ def test_ddp_and_fsdp2_wrap_the_loss_module_as_they_wrap_a_model(distributed_gra
 
 def test_a_trainer_with_the_readmes_compute_loss_takes_the_models_own_steps(tmp_path):
     """The README's Trainer subclass, under gradient accumulation (micro-batches of unequal token counts): two
-    optimizer steps end at the weights the Trainer reaches with the model's own loss. (SGD: Adam's first steps move
+    optimizer steps end at the weights the Trainer reaches with the model's own loss, and it evaluates. (SGD: Adam's first steps move
     each weight by about lr * sign(gradient), which would turn the last-bit differences of near-zero gradients into
     differences of lr.)"""
     transformers = pytest.importorskip("transformers")
@@ -217,16 +217,22 @@ def test_a_trainer_with_the_readmes_compute_loss_takes_the_models_own_steps(tmp_
 
     class FusedLossTrainer(transformers.Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs:   # evaluation, which reads the logits: the model's own forward
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return loss_fn(**inputs, num_items_in_batch=num_items_in_batch)
 
     start = tiny_llama(VOCAB).state_dict()
-    ends = {}
+    ends, evaluated = {}, {}
     for trainer_class in (FusedLossTrainer, transformers.Trainer):
         model = tiny_llama(VOCAB).train()
         loss_fn = CausalLMLoss(model, backend="torch")
-        trainer_class(model=model, args=args, train_dataset=data).train()
+        trainer = trainer_class(model=model, args=args, train_dataset=data)
+        trainer.train()
         ends[trainer_class] = model.state_dict()
+        evaluated[trainer_class] = trainer.evaluate(eval_dataset=data[:4])["eval_loss"]
     fused, own = ends[FusedLossTrainer], ends[transformers.Trainer]
     assert all(not torch.equal(own[name], start[name]) for name in own if "layers" in name)   # every layer trained
     for name in own:
         torch.testing.assert_close(fused[name], own[name], rtol=1e-4, atol=1e-6, msg=name)
+    # and evaluation, which asks for the outputs too, runs the model's own forward
+    assert evaluated[FusedLossTrainer] == pytest.approx(evaluated[transformers.Trainer], rel=1e-4)
