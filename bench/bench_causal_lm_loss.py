@@ -152,7 +152,7 @@ def main():
             row["grad_rel_diff"] = harness.gradients_difference(grads, reference[1])
             first = next((earlier for earlier in results if "step_ms" in earlier), row)
             row["speedup"] = first["step_ms"] / row["step_ms"]
-            if row["extra_mib"] is not None and first.get("extra_mib"):
+            if row["extra_mib"] and first.get("extra_mib"):   # (None off CUDA and CPU)
                 row["leaner"] = first["extra_mib"] / row["extra_mib"]
         del grads
         results.append(row)
