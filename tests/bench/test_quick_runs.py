@@ -186,7 +186,8 @@ def check_bench_causal_lm_loss(record):
     for row in rows.values():
         assert row["loss_rel_diff"] < 1e-5 and row["grad_rel_diff"] < 1e-4, row
         assert close(row["speedup"], own["step_ms"] / row["step_ms"]), row
-        assert close(row["leaner"], own["extra_mib"] / row["extra_mib"]), row
+        # (at this tiny shape a fused step's extra memory can round to none, and then has no ratio)
+        assert close(row["leaner"], own["extra_mib"] / row["extra_mib"]) if row["extra_mib"] else "leaner" not in row
     assert own["loss_rel_diff"] == 0 and own["grad_rel_diff"] == 0, own
     assert close(c["logits_mib"], c["rows"] * c["tokens"] * c["vocab"] * 4 / 2 ** 20), c
 
