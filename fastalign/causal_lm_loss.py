@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from fastalign.compute_dtype import compute_dtype
 from fastalign.ops.backend import Backend
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
 from fastalign.unlearn.models import (causal_lm_parts, check_fused_logits, logit_multiplier, logit_softcap,
@@ -60,8 +61,7 @@ class CausalLMLoss(torch.nn.Module):
             target = shift_labels
         lm_weight = head_weight(lm_head)
         # under autocast the op takes the autocast dtype, as the lm_head's matmul would
-        device_type = hidden.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else lm_weight.dtype
+        dtype = compute_dtype(hidden.device.type, lm_weight.dtype)
         # a model that multiplies its logits (Cohere, Granite, Falcon-H1) gets the factor on the head's inputs
         head_input = scaled_head_input(hidden, self.multiplier, dtype)
         bias = scaled_head_input(lm_head.bias, self.multiplier, dtype)

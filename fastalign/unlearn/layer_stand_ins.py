@@ -19,6 +19,7 @@ import contextlib
 
 import torch
 
+from fastalign.compute_dtype import compute_dtype
 from fastalign.ops.gated_linear import gated_activation, gated_linear
 from fastalign.ops.rms_norm import rms_norm
 from fastalign.runtime.gated_mlps import gated_mlp_activation
@@ -45,8 +46,7 @@ class RecomputedProductMLP:
         if type(down) is not torch.nn.Linear or runs_more_than_its_forward(down):
             return down(gated_activation(gate, up, activation=self.activation, backend=self.backend))
         # an autocast's linear would compute the down projection in its dtype; gated_linear runs outside it
-        dtype = (torch.get_autocast_dtype(gate.device.type) if torch.is_autocast_enabled(gate.device.type)
-                 else gate.dtype)
+        dtype = compute_dtype(gate.device.type, gate.dtype)
         bias = None if down.bias is None else down.bias.to(dtype)
         return gated_linear(gate.to(dtype), up.to(dtype), down.weight.to(dtype), bias, activation=self.activation,
                             backend=self.backend)

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 
+from fastalign.compute_dtype import compute_dtype
 from fastalign.ops.checks import is_real
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
 from fastalign.ops.linear_kl_div import linear_kl_div
@@ -107,9 +108,7 @@ class UnlearningObjective(torch.nn.Module):
         states = self.packer.forward(decoder, tokens)
         width = tokens.width
         # Under autocast (fp32 weights, bf16 compute) the fused ops take the autocast dtype like a matmul would.
-        device_type = states.flat.device.type
-        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                 else lm_weight.dtype)
+        dtype = compute_dtype(states.flat.device.type, lm_weight.dtype)
         weight = lm_weight.to(dtype)
         # a model that multiplies its logits (Cohere, Granite, Falcon-H1) gets the factor on the head's inputs
         bias = scaled_head_input(lm_head.bias, self.multiplier, dtype)

@@ -25,6 +25,7 @@ from typing import Literal, Sequence, get_args
 import numpy as np
 import torch
 
+from fastalign.compute_dtype import compute_dtype
 from fastalign.eval_mode import eval_mode
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.transfers import index_on
@@ -243,8 +244,7 @@ def packed_hidden_states(decoder: torch.nn.Module, layout: PackedRows, device) -
     """The decoder's last hidden states [P, W, H] of packed rows. The mask is built on the device, in the dtype the
     queries will have (the autocast dtype, else the embeddings'), which sdpa then takes as it is."""
     device = torch.device(device)
-    dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
-             else decoder.get_input_embeddings().weight.dtype)
+    dtype = compute_dtype(device.type, decoder.get_input_embeddings().weight.dtype)
     return decoder(input_ids=layout.input_ids.to(device, non_blocking=True),
                    position_ids=layout.position_ids.to(device, non_blocking=True),
                    attention_mask=layout.attention_mask(dtype, device), use_cache=False).last_hidden_state

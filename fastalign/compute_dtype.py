@@ -1,0 +1,9 @@
+"""The dtype in which a matmul on a device computes: autocast's where autocast is on for that device type, else the
+operands' own. The fused ops run outside autocast (it does not cast a custom op's inputs), so their callers cast to
+this dtype themselves, as a torch matmul under autocast would."""
+import torch
+
+
+def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """torch.get_autocast_dtype(device_type) under autocast on `device_type` ("cuda", "cpu"), else `dtype`."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype

@@ -1,0 +1,13 @@
+"""compute_dtype: the dtype a matmul computes in, autocast's on its own device type only."""
+import torch
+
+from fastalign.compute_dtype import compute_dtype
+
+
+def test_autocast_gives_its_dtype_for_its_device_type_only():
+    assert compute_dtype("cpu", torch.float32) is torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype("cpu", torch.float32) is torch.bfloat16
+        assert compute_dtype("cuda", torch.float32) is torch.float32   # autocast on the CPU leaves CUDA alone
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype is compute_dtype("cpu", torch.float32)
+    assert compute_dtype("cpu", torch.float16) is torch.float16
