@@ -39,7 +39,8 @@ state): the working memory of the step itself (activations, logits, loss buffers
 losses changes; with weights and AdamW state in the total, a small batch's logits are a small part of it (on a CPU,
 from the profiler's allocations and frees: harness.peak_extra_mib);
 held = what autograd keeps for the backward of one more step (each storage once, what existed before it aside), on
-any device: the activations that packing and the training layers (fused_layers) cut.
+any device: the activations that packing and the training layers (fused_layers) cut; GPU busy = the kernels' time in
+one more step over the step's time, CUDA only: well under 100%, the step waits for the host's launches.
 
     python bench/bench_unlearn.py                  # Llama-3.2-1B shape, bf16, CUDA
     python bench/bench_unlearn.py --preset 8b      # Llama-3-8B shape, bf16, CUDA
@@ -340,6 +341,7 @@ def measure(name, build, batch, normal, args, device, dtype):
         ms = harness.median_ms(step, device, warmup=1, reps=args.reps)
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
         extra = harness.peak_extra_mib(step, device)
+        busy = harness.device_busy_ms(step, device)   # against the step's time: how long the GPU waits for the host
         held = harness.held_for_backward_mib(step)
         profile = harness.profile_top(step, device) if args.profile else None
     except Exception as err:
@@ -348,7 +350,7 @@ def measure(name, build, batch, normal, args, device, dtype):
         step = None
         gc.collect()
     return {"method": name, "grid": grid and "{} x {}".format(*grid), "slots": grid and grid[0] * grid[1],
-            "first_step_loss": loss, "step_ms": ms, "peak_gib": peak,
+            "first_step_loss": loss, "step_ms": ms, "gpu_busy": None if busy is None else busy / ms, "peak_gib": peak,
             "step_extra_gib": None if extra is None else extra / 2 ** 10, "held_mib": held,
             "grad_norms": grad_norms,
             **({"profile": profile} if profile else {})}
@@ -385,7 +387,7 @@ def add_ratios(rows):
 COLUMNS = [("method", "method", "{}"), ("grid", "grid", "{}"), ("slots", "slots", "{}"),
            ("first_step_loss", "step-1 loss", "{:.5g}"),
            ("loss_rel_diff", "loss diff", "{:.1e}"), ("grad_rel_diff", "grad diff", "{:.1e}"),
-           ("step_ms", "step ms", "{:.1f}"),
+           ("step_ms", "step ms", "{:.1f}"), ("gpu_busy", "GPU busy", "{:.0%}"),
            ("peak_gib", "peak GiB", "{:.2f}"),
            ("speedup_vs_reference", "x vs reference", "{:.1f}"), ("speedup_vs_unfused", "x vs unfused", "{:.2f}"),
            ("memory_vs_unfused", "mem / unfused", "{:.2f}"), ("step_extra_gib", "step extra GiB", "{:.2f}"),

@@ -271,13 +271,15 @@ def test_unlearn_timed_steps_follow_a_second_untimed_step(monkeypatch):
     """The first step records the loss and allocates AdamW's state; the second, whose activations the allocator may
     have to place anew around that state, is not timed either."""
     calls = []
-    monkeypatch.setattr(bench_unlearn.harness, "median_ms", lambda fn, device, **kwargs: calls.append(kwargs) or 1.0)
+    monkeypatch.setattr(bench_unlearn.harness, "median_ms", lambda fn, device, **kwargs: calls.append(kwargs) or 2.0)
+    monkeypatch.setattr(bench_unlearn.harness, "device_busy_ms", lambda fn, device: 1.5)   # a CUDA device's
 
     def build(model, batch, normal, args):
         return lambda: torch.tensor(1.0)
     batch = SimpleNamespace(to=lambda device: batch)
     row = bench_unlearn.measure("way", build, batch, [], unlearn_args(), torch.device("cpu"), torch.float32)
-    assert row["step_ms"] == 1.0 and calls == [{"warmup": 1, "reps": 1}], (row, calls)
+    assert row["step_ms"] == 2.0 and calls == [{"warmup": 1, "reps": 1}], (row, calls)
+    assert row["gpu_busy"] == 0.75   # the share of the step's time the GPU runs kernels
 
 
 def unlearn_args():
