@@ -44,33 +44,45 @@ class CausalLMLoss(torch.nn.Module):
     def forward(self, labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
                 num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
                 **inputs) -> torch.Tensor:
-        if (labels is None) == (shift_labels is None):
-            raise ValueError("CausalLMLoss needs exactly one of labels (aligned with the inputs) and shift_labels "
-                             f"(already shifted), got {'both' if labels is not None else 'neither'}")
         decoder, lm_head = causal_lm_parts(self.model)
-        hidden = decoder(**{**inputs, "use_cache": False}).last_hidden_state
-        given, name = (labels, "labels") if labels is not None else (shift_labels, "shift_labels")
-        if not isinstance(given, torch.Tensor) or given.shape != hidden.shape[:-1] or given.is_floating_point():
-            found = (f"{tuple(given.shape)} {given.dtype}" if isinstance(given, torch.Tensor)
-                     else type(given).__name__)
-            raise ValueError(f"{name} must be an integer tensor of the inputs' shape {tuple(hidden.shape[:-1])}, "
-                             f"got {found}")
-        if labels is not None:   # position t predicts token t + 1: the last position has no target
-            hidden, target = hidden[:, :-1], labels[:, 1:]
-        else:
-            target = shift_labels
+        hidden, target = hidden_and_targets(decoder, labels, shift_labels, inputs)
         lm_weight = head_weight(lm_head)
         # under autocast the op takes the autocast dtype, as the lm_head's matmul would
         dtype = compute_dtype(hidden.device.type, lm_weight.dtype)
         # a model that multiplies its logits (Cohere, Granite, Falcon-H1) gets the factor on the head's inputs
         head_input = scaled_head_input(hidden, self.multiplier, dtype)
         bias = scaled_head_input(lm_head.bias, self.multiplier, dtype)
-        loss = linear_cross_entropy(head_input, lm_weight.to(dtype), target.to(device=hidden.device, dtype=torch.long),
-                                    bias=bias, ignore_index=ignore_index,
+        loss = linear_cross_entropy(head_input, lm_weight.to(dtype), target, bias=bias, ignore_index=ignore_index,
                                     reduction="mean" if num_items_in_batch is None else "sum", softcap=self.softcap,
                                     backend=self.backend, grads_in_forward=self.grads_in_forward)
-        if num_items_in_batch is None:
-            return loss
-        if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        return loss / num_items_in_batch
+        return per_item(loss, num_items_in_batch)
+
+
+def hidden_and_targets(decoder: torch.nn.Module, labels: torch.Tensor | None, shift_labels: torch.Tensor | None,
+                       inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states [B, T', H] of the positions that predict, their targets [B, T'] int64 on hidden's device): the
+    decoder's final hidden states of `inputs` (run without a KV cache), shifted against labels (position t predicts
+    labels[:, t + 1]; the last position nothing), or as they are against shift_labels. Exactly one of the two is
+    given, an integer tensor of the inputs' shape [B, T]."""
+    if (labels is None) == (shift_labels is None):
+        raise ValueError("exactly one of labels (aligned with the inputs) and shift_labels (already shifted) is "
+                         f"needed, got {'both' if labels is not None else 'neither'}")
+    hidden = decoder(**{**inputs, "use_cache": False}).last_hidden_state
+    given, name = (labels, "labels") if labels is not None else (shift_labels, "shift_labels")
+    if not isinstance(given, torch.Tensor) or given.shape != hidden.shape[:-1] or given.is_floating_point():
+        found = f"{tuple(given.shape)} {given.dtype}" if isinstance(given, torch.Tensor) else type(given).__name__
+        raise ValueError(f"{name} must be an integer tensor of the inputs' shape {tuple(hidden.shape[:-1])}, "
+                         f"got {found}")
+    if labels is not None:   # position t predicts token t + 1: the last position has no target
+        hidden, given = hidden[:, :-1], labels[:, 1:]
+    return hidden, given.to(device=hidden.device, dtype=torch.long)
+
+
+def per_item(loss: torch.Tensor, num_items_in_batch: torch.Tensor | int | float | None) -> torch.Tensor:
+    """A sum over num_items_in_batch (a number, or a tensor on any device) where it is given; the loss as it is
+    (a mean) otherwise."""
+    if num_items_in_batch is None:
+        return loss
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch

@@ -1,6 +1,6 @@
 """One of two gloo processes on the CPU that run CausalLMLoss wrapped by DDP or FSDP2, for test_causal_lm_loss.py:
 argv = output directory, then wrapper names ("ddp", "fsdp2": decoder layers a unit each, the lm_head in the root
-unit; "fsdp2_head_unit": the lm_head a unit of its own). Process r takes rows 2r and 2r + 1 of the test's batch of 4,
+unit; "fsdp2_head_unit": the lm_head a unit of its own; "ddp_kl": CausalLMKLDiv to a teacher under DDP). Process r takes rows 2r and 2r + 1 of the test's batch of 4,
 with num_items_in_batch the whole batch's count of labelled tokens, as a Trainer passes it; rank 0 writes each
 parameter's full gradient to <dir>/<wrapper>.pt."""
 import os
@@ -12,12 +12,19 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from fastalign import CausalLMLoss
+from fastalign import CausalLMKLDiv, CausalLMLoss
 from tests.test_causal_lm_loss import VOCAB, batch
 from tests.unlearn.tiny import tiny_llama
 
 
+def teacher():
+    """A wider model over the same vocabulary, the same on both processes."""
+    return tiny_llama(VOCAB, hidden_size=48, seed=1)
+
+
 def wrapped_loss(model, wrapper):
+    if wrapper == "ddp_kl":   # the KL to a teacher, which the loss module holds frozen
+        return DistributedDataParallel(CausalLMKLDiv(model, teacher(), backend="torch"))
     loss = CausalLMLoss(model, backend="torch")
     if wrapper == "ddp":
         return DistributedDataParallel(loss)

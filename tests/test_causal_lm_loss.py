@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fastalign import CausalLMLoss
+from fastalign import CausalLMKLDiv, CausalLMLoss
 from fastalign.unlearn.models import enable_activation_checkpointing
 from tests.conftest import TRITON_DEVICE
 from tests.unlearn.test_objective import TRANSFORMED_LOGITS
@@ -147,7 +147,7 @@ def test_a_use_cache_input_does_not_clash_with_the_training_forward():
 
 
 @pytest.mark.parametrize("labels, shift_labels, message", [
-    (None, None, "exactly one of labels .* and shift_labels .*got neither"),
+    (None, None, "exactly one of labels .* and shift_labels .* needed, got neither"),
     ("ids", "ids", "got both"),
     ("short", None, r"labels must be an integer tensor of the inputs' shape \(3, 9\), got \(3, 8\)"),
     (None, "float", r"shift_labels must be an integer tensor .* torch.float32"),
@@ -170,7 +170,7 @@ def test_a_model_whose_logits_the_op_cannot_reproduce_is_refused_when_wrapped():
         CausalLMLoss(model)
 
 
-WRAPPERS = ["ddp", "fsdp2", "fsdp2_head_unit"]
+WRAPPERS = ["ddp", "fsdp2", "fsdp2_head_unit", "ddp_kl"]
 
 
 @pytest.fixture(scope="module")
@@ -192,9 +192,13 @@ def distributed_grads(tmp_path_factory):
 def test_ddp_and_fsdp2_wrap_the_loss_module_as_they_wrap_a_model(distributed_grads, wrapper):
     """Two processes, each on half the batch with num_items_in_batch the whole batch's count: the gradients they
     average are half the one-process gradients of the whole batch's token mean (a Trainer scales by the number of
-    processes), for every parameter, the lm_head's also when FSDP2 gave it a unit of its own."""
+    processes), for every parameter, the lm_head's also when FSDP2 gave it a unit of its own; and so for the KL to a
+    teacher, which the wrapped module holds frozen."""
+    from tests.causal_lm_loss_worker import teacher
     model = tiny_llama(VOCAB)
-    CausalLMLoss(model, backend="torch")(**batch(rows=4)).backward()
+    loss = (CausalLMKLDiv(model, teacher(), backend="torch") if wrapper == "ddp_kl"
+            else CausalLMLoss(model, backend="torch"))
+    loss(**batch(rows=4)).backward()
     grads = distributed_grads[wrapper]
     assert sorted(grads) == sorted(name for name, _ in model.named_parameters())
     for name, p in model.named_parameters():

@@ -37,6 +37,7 @@ KahanAdamW([w], betas=0.9)
 fastalign.UnlearnConfig(model="dir", precision="fp16")
 fastalign.rain_generate(torch.nn.Linear(2, 2), None, ["Hi"], engine="fast")
 fastalign.CausalLMLoss(torch.nn.Linear(2, 2), backend="gpu")
+fastalign.CausalLMKLDiv(torch.nn.Linear(2, 2), reference="copy")
 """
 REVEALED = ["torch._tensor.Tensor"] * 5 + ["fastalign.optim.kahan_adamw.KahanAdamW", "fastalign.runtime.span.Span",
                                            "fastalign.runtime.span.Span | None", "list[int]",
@@ -44,7 +45,8 @@ REVEALED = ["torch._tensor.Tensor"] * 5 + ["fastalign.optim.kahan_adamw.KahanAda
 # the lines after `runner.extend(..., logits="all")`, each refused for its argument
 REFUSED = dict(zip(range(USER_CODE.splitlines().index('runner.extend([None], [[4]], logits="all")') + 2,
                          len(USER_CODE.splitlines()) + 1), ["reduction", "backend", "activation", "hidden", "betas",
-                                                          "precision", "engine", "backend"]))
+                                                          "precision", "engine", "backend",
+                                                          "reference"]))
 
 
 def test_the_public_api_is_typed_for_the_callers_type_checker(tmp_path):

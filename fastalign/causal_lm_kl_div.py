@@ -1,0 +1,98 @@
+"""KL(P || Q) per token between a frozen reference causal LM (P) and a trained one (Q), from the fused linear KL.
+
+`CausalLMKLDiv(model, reference)(input_ids=..., attention_mask=..., labels=...)` is the mean over the labelled
+positions of sum_v P log(P / Q), P and Q the two models' next-token distributions, without either model's
+[tokens x vocab] logits: both decoders' final hidden states go into linear_kl_div with both lm_heads (of the same
+vocabulary; the reference may be of another width: a larger teacher). It serves distillation from a teacher, and the
+KL to the model as it was that keeps a fine-tuned or unlearned model close to it (a frozen copy, or, for a PEFT
+model, the model itself with its adapter off: reference="adapter").
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import torch
+
+from fastalign.causal_lm_loss import hidden_and_targets, per_item
+from fastalign.compute_dtype import compute_dtype
+from fastalign.eval_mode import eval_mode
+from fastalign.ops.backend import Backend
+from fastalign.ops.checks import is_real
+from fastalign.ops.linear_kl_div import linear_kl_div
+from fastalign.unlearn.models import (base_causal_lm, causal_lm_parts, check_fused_logits, logit_multiplier,
+                                      logit_softcap, scaled_head_input)
+from fastalign.unlearn.sharding import head_weight
+
+
+class CausalLMKLDiv(torch.nn.Module):
+    """forward(labels=None, *, shift_labels=None, num_items_in_batch=None, ignore_index=-100, **inputs) -> the KL
+    of `model`'s next-token distributions from `reference`'s, at the positions that have a label.
+
+    reference: a frozen causal LM over the same vocabulary (a teacher, or a copy of the model as it was), frozen here
+    (requires_grad_(False)) and run in eval mode without gradients; or "adapter", for a PEFT `model`: the model with
+    its adapter disabled. inputs go to both decoders (input_ids or inputs_embeds, attention_mask, ...); labels and
+    shift_labels say which positions count, as for CausalLMLoss (the label values themselves are not read: a position
+    counts where its label is not ignore_index). The loss is the mean over the counted positions (0 where none
+    counts), or with num_items_in_batch their sum divided by it. temperature T compares softmax(z / T) of both
+    models' logits (standard distillation then multiplies the loss by T^2); it needs models whose logits are not
+    soft-capped. Both models are checked once, here, to compute their logits the way the fused op does.
+    """
+
+    def __init__(self, model: torch.nn.Module, reference: torch.nn.Module | Literal["adapter"], *,
+                 temperature: float = 1.0, backend: Backend = "auto", grads_in_forward: bool = False):
+        super().__init__()
+        check_fused_logits(model)
+        if isinstance(reference, str):
+            if reference != "adapter" or not hasattr(model, "disable_adapter"):
+                raise ValueError("reference must be a causal LM, or 'adapter' for a PEFT model (its adapter "
+                                 f"disabled), got {reference!r} for a {type(model).__name__}")
+        elif isinstance(reference, torch.nn.Module):
+            check_fused_logits(reference)
+            reference.requires_grad_(False)
+            vocab, ref_vocab = (causal_lm_parts(m)[1].weight.shape[0] for m in (model, reference))
+            if vocab != ref_vocab:
+                raise ValueError(f"reference must have the vocabulary of model ({vocab} words), got {ref_vocab}")
+        else:
+            raise TypeError(f"reference must be a causal LM or 'adapter', got {type(reference).__name__}")
+        if not (is_real(temperature) and 0 < temperature < float("inf")):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        reference_model = model if reference == "adapter" else reference
+        self.softcap = logit_softcap(model)
+        if logit_softcap(reference_model) != self.softcap:
+            raise NotImplementedError(f"model and reference cap their logits differently ({self.softcap} and "
+                                      f"{logit_softcap(reference_model)}): the fused KL caps both heads alike")
+        if self.softcap is not None and temperature != 1:
+            raise NotImplementedError("a temperature other than 1 with soft-capped logits (final_logit_softcapping): "
+                                      "c tanh(z / c) / T is no scaling of the head's inputs")
+        # z / T and a logit multiplier s are both factors on the head's inputs: s (h W^T + b) / T
+        self.multiplier, self.reference_multiplier = ((logit_multiplier(m) or 1.0) / temperature
+                                                      for m in (model, reference_model))
+        self.model, self.backend, self.grads_in_forward = model, backend, grads_in_forward
+        self.reference = reference
+
+    def forward(self, labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
+                num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
+                **inputs) -> torch.Tensor:
+        decoder, lm_head = causal_lm_parts(self.model)
+        hidden, target = hidden_and_targets(decoder, labels, shift_labels, inputs)
+        reference_model = self.model if self.reference == "adapter" else self.reference
+        adapter_off = self.model.disable_adapter() if self.reference == "adapter" else contextlib.nullcontext()
+        with torch.no_grad(), eval_mode(base_causal_lm(reference_model)), adapter_off:
+            ref_decoder, ref_head = causal_lm_parts(reference_model)
+            ref_hidden, _ = hidden_and_targets(ref_decoder, labels, shift_labels, inputs)
+            ref_weight, ref_bias = head_weight(ref_head), ref_head.bias
+        lm_weight = head_weight(lm_head)
+        # under autocast the op takes the autocast dtype, as the lm_heads' matmuls would; a head shared by both
+        # models (an adapter off) is passed as one tensor, read once
+        dtype = compute_dtype(hidden.device.type, lm_weight.dtype)
+        weight, bias = lm_weight.to(dtype), scaled_head_input(lm_head.bias, self.multiplier, dtype)
+        shared = ref_weight is lm_weight and self.reference_multiplier == self.multiplier
+        kl = linear_kl_div(scaled_head_input(hidden, self.multiplier, dtype), weight,
+                           scaled_head_input(ref_hidden, self.reference_multiplier, dtype),
+                           weight if shared else ref_weight.to(dtype), bias=bias,
+                           ref_bias=bias if shared and ref_bias is lm_head.bias else
+                           scaled_head_input(ref_bias, self.reference_multiplier, dtype),
+                           mask=target != ignore_index, reduction="mean" if num_items_in_batch is None else "sum",
+                           softcap=self.softcap, backend=self.backend, grads_in_forward=self.grads_in_forward)
+        return per_item(kl, num_items_in_batch)

@@ -1,0 +1,121 @@
+"""CausalLMKLDiv against the KL computed from both models' materialised logits (float64), value and gradients."""
+import copy
+
+import pytest
+import torch
+
+from fastalign import CausalLMKLDiv
+from tests.test_causal_lm_loss import VOCAB, batch, grads_of
+from tests.unlearn.test_objective import tiny_cohere, tiny_gemma2
+from tests.unlearn.tiny import tiny_llama, tiny_phi
+
+
+def logits_kl(model, reference, inputs, temperature=1.0, adapter=False):
+    """The token mean over labelled positions of KL(P || Q) from the models' own logits, in float64."""
+    labels = inputs["labels"]
+    forward = {name: t for name, t in inputs.items() if name != "labels"}
+    q_logits = model(**forward).logits[:, :-1].double() / temperature
+    with torch.no_grad():
+        if adapter:
+            with model.disable_adapter():
+                p_logits = model(**forward).logits[:, :-1].double() / temperature
+        else:
+            p_logits = reference(**forward).logits[:, :-1].double() / temperature
+    log_p, log_q = torch.log_softmax(p_logits, -1), torch.log_softmax(q_logits, -1)
+    per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+    counted = labels[:, 1:] != -100
+    return per_token[counted].sum() / counted.sum()
+
+
+def assert_same_kl_and_gradients(model, fused, expected, rtol=1e-5):
+    torch.testing.assert_close(fused.double(), expected, rtol=rtol, atol=1e-7)
+    for mine, theirs in zip(grads_of(model, fused), grads_of(model, expected)):
+        if theirs is None:
+            assert mine is None or not mine.any()
+        else:
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-7)
+
+
+CASES = {   # (student, reference): a wider teacher, lm_head biases, soft-capped and multiplied logits
+    "llama-wider-teacher": (lambda: tiny_llama(VOCAB), lambda: tiny_llama(VOCAB, hidden_size=48, seed=1)),
+    "phi-biased-heads": (lambda: tiny_phi(VOCAB), lambda: tiny_phi(VOCAB, seed=1)),
+    "gemma2-softcap": (lambda: tiny_gemma2(VOCAB, softcap=0.5), lambda: tiny_gemma2(VOCAB, softcap=0.5)),
+    "cohere-logit-scale": (lambda: tiny_cohere(VOCAB, logit_scale=0.3), lambda: tiny_llama(VOCAB, seed=2)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kl_and_gradients_are_those_of_the_models_logits(case):
+    make_model, make_reference = CASES[case]
+    model, reference = make_model(), make_reference()
+    if case == "gemma2-softcap":   # the same architecture and seed: other weights, so that the KL is no zero
+        with torch.no_grad():
+            for p in reference.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    inputs = batch(seed=10)
+    fused = CausalLMKLDiv(model, reference, backend="torch")(**inputs)
+    expected = logits_kl(model, reference, inputs)
+    assert expected > 1e-3
+    assert_same_kl_and_gradients(model, fused, expected)
+    assert all(not p.requires_grad and p.grad is None for p in reference.parameters())   # frozen, untouched
+
+
+def test_temperature_compares_the_softened_distributions():
+    model, teacher = tiny_llama(VOCAB), tiny_llama(VOCAB, hidden_size=48, seed=1)
+    inputs = batch(seed=11)
+    fused = CausalLMKLDiv(model, teacher, temperature=2.0, backend="torch")(**inputs)
+    assert_same_kl_and_gradients(model, fused, logits_kl(model, teacher, inputs, temperature=2.0))
+
+
+def test_num_items_in_batch_divides_the_sum():
+    model, teacher = tiny_llama(VOCAB), tiny_llama(VOCAB, seed=1)
+    inputs = batch(seed=12)
+    counted = int((inputs["labels"][:, 1:] != -100).sum())
+    fused = CausalLMKLDiv(model, teacher, backend="torch")(**inputs, num_items_in_batch=torch.tensor(7))
+    assert_same_kl_and_gradients(model, fused, logits_kl(model, teacher, inputs) * counted / 7)
+
+
+def test_a_lora_model_against_itself_with_its_adapter_off():
+    """reference='adapter': P is the base model (the adapter disabled), Q the model with it; one lm_head for both."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(VOCAB), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                                   init_lora_weights=False)).train()
+    inputs = batch(seed=13)
+    fused = CausalLMKLDiv(model, "adapter", backend="torch")(**inputs)
+    assert model.training   # the reference forward ran in eval mode, and gave the modules their mode back
+    expected = logits_kl(model.eval(), None, inputs, adapter=True)
+    assert expected > 1e-4
+    assert_same_kl_and_gradients(model, fused, expected)
+
+
+def test_a_frozen_copy_of_the_model_is_at_kl_zero_with_zero_gradients():
+    model = tiny_llama(VOCAB)
+    loss = CausalLMKLDiv(model, copy.deepcopy(model), backend="torch")(**batch(seed=14))
+    assert abs(loss.item()) < 1e-6
+    assert all(g is None or g.abs().max() < 1e-6 for g in grads_of(model, loss))
+
+
+def test_the_triton_kernels_give_the_same_kl():
+    from tests.conftest import TRITON_DEVICE
+    model, teacher = tiny_phi(VOCAB).to(TRITON_DEVICE), tiny_phi(VOCAB, seed=1).to(TRITON_DEVICE)
+    inputs = {name: t.to(TRITON_DEVICE) for name, t in batch(seed=15).items()}
+    fused = CausalLMKLDiv(model, teacher, backend="triton")(**inputs)
+    assert_same_kl_and_gradients(model, fused, logits_kl(model, teacher, inputs))
+
+
+@pytest.mark.parametrize("make_reference, options, error, message", [
+    (lambda: tiny_llama(VOCAB + 1), {}, ValueError, "reference must have the vocabulary of model \\(53 words\\)"),
+    (lambda: "adapter", {}, ValueError, "'adapter' for a PEFT model .* got 'adapter' for a LlamaForCausalLM"),
+    (lambda: "copy", {}, ValueError, "reference must be a causal LM, or 'adapter'"),
+    (lambda: 3, {}, TypeError, "reference must be a causal LM or 'adapter', got int"),
+    (lambda: tiny_llama(VOCAB), {"temperature": 0.0}, ValueError, "temperature must be a positive finite number"),
+    (lambda: tiny_gemma2(VOCAB, softcap=0.5), {}, NotImplementedError, "cap their logits differently"),
+])
+def test_bad_references_are_refused_naming_the_argument(make_reference, options, error, message):
+    with pytest.raises(error, match=message):
+        CausalLMKLDiv(tiny_llama(VOCAB), make_reference(), **options)
+
+
+def test_a_temperature_with_soft_capped_logits_is_refused():
+    with pytest.raises(NotImplementedError, match="temperature other than 1 with soft-capped logits"):
+        CausalLMKLDiv(tiny_gemma2(VOCAB, softcap=0.5), tiny_gemma2(VOCAB, softcap=0.5), temperature=2.0)
