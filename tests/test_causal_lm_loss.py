@@ -207,9 +207,9 @@ def test_ddp_and_fsdp2_wrap_the_loss_module_as_they_wrap_a_model(distributed_gra
 
 def test_a_trainer_with_the_readmes_compute_loss_takes_the_models_own_steps(tmp_path):
     """The README's Trainer subclass, under gradient accumulation (micro-batches of unequal token counts): two
-    optimizer steps end at the weights the Trainer reaches with the model's own loss, and it evaluates. (SGD: Adam's first steps move
-    each weight by about lr * sign(gradient), which would turn the last-bit differences of near-zero gradients into
-    differences of lr.)"""
+    optimizer steps end at the weights the Trainer reaches with the model's own loss, and it evaluates. (SGD: Adam's
+    first steps move each weight by about lr * sign(gradient), which would turn the last-bit differences of near-zero
+    gradients into differences of lr.)"""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     rows = batch(seed=7, rows=8)
