@@ -2,13 +2,14 @@
 (model(**batch, labels=labels).loss, which materialises the [tokens x vocab] logits, then an fp32 copy of them), and
 against Liger-Kernel's fused linear cross-entropy on the decoder's hidden states where liger-kernel is importable
 (what a Liger user writes without patching the model's class); also CausalLMLoss with fastalign's training layers
-(fused_layers: RMSNorms and gated MLPs that keep less for the backward).
+(fused_layers: RMSNorms and gated MLPs that keep less for the backward); and the KL to a frozen reference (another
+model of the same shape), fastalign.CausalLMKLDiv against the KL from both models' logits.
 
 One forward and backward of the whole model (every weight trained) on B rows of T tokens whose first quarter is the
 prompt (labels -100). Columns: the step's median time, its peak memory beyond what existed before it (the weights'
 gradients included, allocated by each step), the same less those gradients (`extra MiB`: what the loss and the
-activations take), and the loss and gradients against the model's own (relative; in bf16 the fused losses round
-their sums differently, so ~1e-3 is agreement there).
+activations take), and the loss and gradients against the first way of the same loss, the model's own (relative; in
+bf16 the fused losses round their sums differently, so ~1e-3 is agreement there).
 
     python bench/bench_causal_lm_loss.py                # Llama-3.2-1B shape (V 128256), bf16, 8 rows of 1024, CUDA
     python bench/bench_causal_lm_loss.py --preset cpu   # 2 small layers with V 128256, fp32, 2 rows of 512, a CPU
@@ -37,7 +38,7 @@ PRESETS = {
     "quick": (dict(vocab_size=1001, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, tie_word_embeddings=False), torch.float32, 2, 32),
 }
-COLUMNS = [("method", "method", "{}"), ("loss_rel_diff", "loss diff", "{:.1e}"),
+COLUMNS = [("quantity", "loss", "{}"), ("method", "method", "{}"), ("loss_rel_diff", "loss diff", "{:.1e}"),
            ("grad_rel_diff", "grad diff", "{:.1e}"), ("step_ms", "step ms", "{:.2f}"),
            ("speedup", "vs own loss", "{:.2f}x"), ("peak_mib", "peak MiB", "{:.1f}"),
            ("extra_mib", "extra MiB", "{:.1f}"), ("leaner", "leaner", "{:.2f}x"), ("error", "error", "{}")]
@@ -61,6 +62,24 @@ def fastalign_fused_layers(model):
         with fused_layers(model):
             return loss_fn(**batch)
     return loss
+
+
+def logits_kl(model, reference):
+    """KL(P || Q) of the reference's and the model's next-token distributions, the token mean over the labelled
+    positions, from both models' logits in fp32 (what a user writes without fused losses)."""
+    def loss(batch):
+        inputs = {name: t for name, t in batch.items() if name != "labels"}
+        counted = batch["labels"][:, 1:] != -100
+        log_q = torch.log_softmax(model(**inputs).logits[:, :-1][counted].float(), dim=-1)
+        with torch.no_grad():
+            log_p = torch.log_softmax(reference(**inputs).logits[:, :-1][counted].float(), dim=-1)
+        return torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+    return loss
+
+
+def fastalign_kl(model, reference):
+    loss_fn = fastalign.CausalLMKLDiv(model, reference)
+    return lambda batch: loss_fn(**batch)
 
 
 def liger_loss():
@@ -137,22 +156,27 @@ def main():
               "logits_mib": rows * tokens * shape["vocab_size"] * dtype.itemsize / 2 ** 20, "unavailable": {}}
     print(f"device: {harness.device_name(device)}   {rows} x {tokens} tokens, V {shape['vocab_size']}, "
           f"{config['dtype']}")
-    ways = [("model's own loss", own_loss), ("fastalign CausalLMLoss", fastalign_loss),
-            ("fastalign grads-in-forward", lambda m: fastalign_loss(m, grads_in_forward=True)),
-            ("fastalign + fused layers", fastalign_fused_layers),
-            ("liger on hidden states", harness.optional(liger_loss, config["unavailable"]))]
-    results, reference = [], None
-    for name, build in ways:
+    torch.manual_seed(1)   # the KL's reference: another model of the same shape, frozen (a teacher's stand-in)
+    with torch.device(device):
+        reference_model = LlamaForCausalLM(LlamaConfig(**shape)).to(dtype).requires_grad_(False)
+    ways = [("CE", "model's own loss", own_loss), ("CE", "fastalign CausalLMLoss", fastalign_loss),
+            ("CE", "fastalign grads-in-forward", lambda m: fastalign_loss(m, grads_in_forward=True)),
+            ("CE", "fastalign + fused layers", fastalign_fused_layers),
+            ("KL", "KL from both models' logits", lambda m: logits_kl(m, reference_model)),
+            ("KL", "fastalign CausalLMKLDiv", lambda m: fastalign_kl(m, reference_model)),
+            ("CE", "liger on hidden states", harness.optional(liger_loss, config["unavailable"]))]
+    results, first_of = [], {}   # quantity -> (row, gradients) of its first measured way
+    for quantity, name, build in ways:
         if build is None:
             continue
         row, grads = measure(name, build(model), model, batch, device, args.reps)
-        if grads is not None:
-            reference = reference or (row["loss"], grads)
-            row["loss_rel_diff"] = abs(row["loss"] - reference[0]) / abs(reference[0])
-            row["grad_rel_diff"] = harness.gradients_difference(grads, reference[1])
-            first = next((earlier for earlier in results if "step_ms" in earlier), row)
+        row["quantity"] = quantity
+        if grads is not None:   # against the first way of the same quantity
+            first, first_grads = first_of.setdefault(quantity, (row, grads))
+            row["loss_rel_diff"] = abs(row["loss"] - first["loss"]) / abs(first["loss"])
+            row["grad_rel_diff"] = harness.gradients_difference(grads, first_grads)
             row["speedup"] = first["step_ms"] / row["step_ms"]
-            if row["extra_mib"] and first.get("extra_mib"):   # (None off CUDA and CPU)
+            if (row["extra_mib"] or 0) > 0 and (first["extra_mib"] or 0) > 0:   # (None off CUDA and CPU)
                 row["leaner"] = first["extra_mib"] / row["extra_mib"]
         del grads
         results.append(row)

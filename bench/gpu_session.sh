@@ -21,8 +21,8 @@
 # at N=8192, and the 1B head at the token counts of bench_unlearn's batch), bench_optimizer (the 1B's parameters),
 # bench_tree, bench_unlearn (1B, each way
 # profiled once), bench_rain (random 1B Llama on HH prompts, the tree engine's run profiled once),
-# bench_causal_lm_loss (a 1B training step, CausalLMLoss against the model's own loss) and, in the call's
-# time left, bench_unlearn's 8B preset (LoRA; full weights with the cached reference). The log, the
+# bench_causal_lm_loss (a 1B training step, CausalLMLoss and CausalLMKLDiv against the logits' losses) and, in the
+# call's time left, bench_unlearn's 8B preset (LoRA; full weights with the cached reference). The log, the
 # two pytest logs and bench_results.tar (every bench JSON: the device tool returns at most 8 files) land in $OUT:
 # extract the tar into bench/results/ and commit the JSON files. The benches rewrite their JSON after each row
 # (atomically) and the tar is rewritten after each step, so a step cut at its limit still returns what it measured.
@@ -105,7 +105,7 @@ gpu_benches() {
     step 95 "bench_unlearn" python3 bench/bench_unlearn.py --reps 3 --profile
     step 150 "bench_rain" python3 bench/bench_rain.py --random-model --hh "$HH" --prompts 1 --max-new-tokens 8 \
         --concurrency 1 8 32 --judge-prompts 16 --cuda-graphs --profile
-    step 25 "bench_causal_lm_loss" python3 bench/bench_causal_lm_loss.py --reps 3
+    step 25 "bench_causal_lm_loss" python3 bench/bench_causal_lm_loss.py --reps 2
     # what the call has left (SECONDS: since this script started), less 15 s to return $OUT, for the 8B preset; it
     # writes each way's row as measured, so that one cut at the limit keeps those before it
     local left=$(( CALL_LIMIT_S - 15 - SECONDS ))
