@@ -1,6 +1,6 @@
 """One of two gloo processes on the CPU that run CausalLMLoss wrapped by DDP or FSDP2, for test_causal_lm_loss.py:
 argv = output directory, then wrapper names ("ddp", "fsdp2": decoder layers a unit each, the lm_head in the root
-unit; "fsdp2_head_unit": the lm_head a unit of its own; "ddp_kl": CausalLMKLDiv to a teacher under DDP). Process r
+unit; "fsdp2_head_unit": the lm_head a unit of its own; "ddp_kl", "fsdp2_kl": CausalLMKLDiv to a teacher). Process r
 takes rows 2r and 2r + 1 of the test's batch of 4, with num_items_in_batch the whole batch's count of labelled
 tokens, as a Trainer passes it; rank 0 writes each parameter's full gradient to <dir>/<wrapper>.pt."""
 import os
@@ -23,10 +23,10 @@ def teacher():
 
 
 def wrapped_loss(model, wrapper):
-    if wrapper == "ddp_kl":   # the KL to a teacher, which the loss module holds frozen
-        return DistributedDataParallel(CausalLMKLDiv(model, teacher(), backend="torch"))
-    loss = CausalLMLoss(model, backend="torch")
-    if wrapper == "ddp":
+    # the KL to a teacher, which the loss module holds frozen (under FSDP2, in its root unit)
+    loss = (CausalLMKLDiv(model, teacher(), backend="torch") if wrapper.endswith("_kl")
+            else CausalLMLoss(model, backend="torch"))
+    if wrapper.startswith("ddp"):
         return DistributedDataParallel(loss)
     for layer in model.model.layers:
         fully_shard(layer)

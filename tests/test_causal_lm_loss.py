@@ -170,7 +170,7 @@ def test_a_model_whose_logits_the_op_cannot_reproduce_is_refused_when_wrapped():
         CausalLMLoss(model)
 
 
-WRAPPERS = ["ddp", "fsdp2", "fsdp2_head_unit", "ddp_kl"]
+WRAPPERS = ["ddp", "fsdp2", "fsdp2_head_unit", "ddp_kl", "fsdp2_kl"]
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,7 @@ def test_ddp_and_fsdp2_wrap_the_loss_module_as_they_wrap_a_model(distributed_gra
     teacher, which the wrapped module holds frozen."""
     from tests.causal_lm_loss_worker import teacher
     model = tiny_llama(VOCAB)
-    loss = (CausalLMKLDiv(model, teacher(), backend="torch") if wrapper == "ddp_kl"
+    loss = (CausalLMKLDiv(model, teacher(), backend="torch") if wrapper.endswith("_kl")
             else CausalLMLoss(model, backend="torch"))
     loss(**batch(rows=4)).backward()
     grads = distributed_grads[wrapper]
