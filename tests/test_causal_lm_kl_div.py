@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fastalign import CausalLMKLDiv
+from tests.conftest import TRITON_DEVICE, requires_cuda
 from tests.test_causal_lm_loss import VOCAB, batch, grads_of
 from tests.unlearn.test_objective import tiny_cohere, tiny_gemma2
 from tests.unlearn.tiny import tiny_llama, tiny_phi
@@ -96,7 +97,6 @@ def test_a_frozen_copy_of_the_model_is_at_kl_zero_with_zero_gradients():
 
 
 def test_the_triton_kernels_give_the_same_kl():
-    from tests.conftest import TRITON_DEVICE
     model, teacher = tiny_phi(VOCAB).to(TRITON_DEVICE), tiny_phi(VOCAB, seed=1).to(TRITON_DEVICE)
     inputs = {name: t.to(TRITON_DEVICE) for name, t in batch(seed=15).items()}
     fused = CausalLMKLDiv(model, teacher, backend="triton")(**inputs)
@@ -119,3 +119,17 @@ def test_bad_references_are_refused_naming_the_argument(make_reference, options,
 def test_a_temperature_with_soft_capped_logits_is_refused():
     with pytest.raises(NotImplementedError, match="temperature other than 1 with soft-capped logits"):
         CausalLMKLDiv(tiny_gemma2(VOCAB, softcap=0.5), tiny_gemma2(VOCAB, softcap=0.5), temperature=2.0)
+
+
+@requires_cuda
+def test_bf16_on_the_gpu_gives_the_logits_kl_to_bf16_rounding():
+    """The Triton kernels on bf16 models of a larger vocabulary, a wider teacher: the KL and every gradient within
+    bf16's rounding of the float64 KL of their logits."""
+    model = tiny_llama(4099, hidden_size=64).to("cuda", torch.bfloat16)
+    teacher = tiny_llama(4099, hidden_size=96, seed=1).to("cuda", torch.bfloat16)
+    inputs = {name: t.to("cuda") for name, t in batch(seed=17, rows=4, width=33).items()}
+    fused = CausalLMKLDiv(model, teacher, backend="triton")(**inputs)
+    expected = logits_kl(model, teacher, inputs)
+    torch.testing.assert_close(fused.double(), expected, rtol=3e-2, atol=1e-4)
+    for mine, theirs in zip(grads_of(model, fused), grads_of(model, expected)):
+        assert (mine.float() - theirs.float()).norm() <= 5e-2 * theirs.float().norm()

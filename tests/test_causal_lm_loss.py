@@ -10,7 +10,7 @@ import torch
 
 from fastalign import CausalLMKLDiv, CausalLMLoss
 from fastalign.unlearn.models import enable_activation_checkpointing
-from tests.conftest import TRITON_DEVICE
+from tests.conftest import TRITON_DEVICE, requires_cuda
 from tests.unlearn.test_objective import TRANSFORMED_LOGITS
 from tests.unlearn.tiny import tiny_llama, tiny_phi
 
@@ -240,3 +240,15 @@ def test_a_trainer_with_the_readmes_compute_loss_takes_the_models_own_steps(tmp_
         torch.testing.assert_close(fused[name], own[name], rtol=1e-4, atol=1e-6, msg=name)
     # and evaluation, which asks for the outputs too, runs the model's own forward
     assert evaluated[FusedLossTrainer] == pytest.approx(evaluated[transformers.Trainer], rel=1e-4)
+
+
+@requires_cuda
+def test_bf16_on_the_gpu_gives_the_models_loss_to_bf16_rounding():
+    """The Triton kernels on a bf16 model (a larger vocabulary: several vocabulary tiles and splits): the loss and
+    every gradient within bf16's rounding of the model's own."""
+    model = tiny_llama(4099, hidden_size=64).to("cuda", torch.bfloat16)
+    inputs = {name: t.to("cuda") for name, t in batch(seed=16, rows=4, width=33).items()}
+    fused, expected = CausalLMLoss(model, backend="triton")(**inputs), model(**inputs).loss
+    torch.testing.assert_close(fused, expected.float(), rtol=2e-2, atol=0)
+    for mine, theirs in zip(grads_of(model, fused), grads_of(model, expected)):
+        assert (mine.float() - theirs.float()).norm() <= 3e-2 * theirs.float().norm()
