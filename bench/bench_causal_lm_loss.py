@@ -1,9 +1,10 @@
-"""Benchmark of a causal LM's training step on its labels: fastalign.CausalLMLoss against the model's own loss
-(model(**batch, labels=labels).loss, which materialises the [tokens x vocab] logits, then an fp32 copy of them), and
-against Liger-Kernel's fused linear cross-entropy on the decoder's hidden states where liger-kernel is importable
-(what a Liger user writes without patching the model's class); also CausalLMLoss with fastalign's training layers
-(fused_layers: RMSNorms and gated MLPs that keep less for the backward); and the KL to a frozen reference (another
-model of the same shape), fastalign.CausalLMKLDiv against the KL from both models' logits.
+"""Benchmark of a causal LM's training step on its labels: fastalign.CausalLMLoss, and the model's forward after
+fastalign.fuse_causal_lm_loss, against the model's own loss (model(**batch, labels=labels).loss, which materialises
+the [tokens x vocab] logits, then an fp32 copy of them), and against Liger-Kernel's fused linear cross-entropy on the
+decoder's hidden states where liger-kernel is importable (what a Liger user writes without patching the model's
+class); also CausalLMLoss with fastalign's training layers (fused_layers: RMSNorms and gated MLPs that keep less for
+the backward); and the KL to a frozen reference (another model of the same shape), fastalign.CausalLMKLDiv against
+the KL from both models' logits.
 
 One forward and backward of the whole model (every weight trained) on B rows of T tokens whose first quarter is the
 prompt (labels -100). Columns: the step's median time, its peak memory beyond what existed before it (the weights'
@@ -52,6 +53,13 @@ def own_loss(model):
 def fastalign_loss(model, **options):
     loss_fn = fastalign.CausalLMLoss(model, **options)
     return lambda batch: loss_fn(**batch)
+
+
+def fused_model_forward(model):
+    """The model's own forward after fastalign.fuse_causal_lm_loss(model): what a Trainer calls. It fuses `model` in
+    place, so it is measured after the model's own loss (no later way calls the model's forward with labels)."""
+    fastalign.fuse_causal_lm_loss(model)
+    return lambda batch: model(**batch).loss
 
 
 def fastalign_fused_layers(model):
@@ -161,6 +169,7 @@ def main():
     with torch.device(device):
         reference_model = LlamaForCausalLM(LlamaConfig(**shape)).to(dtype).requires_grad_(False)
     ways = [("CE", "model's own loss", own_loss), ("CE", "fastalign CausalLMLoss", fastalign_loss),
+            ("CE", "fastalign fused model forward", fused_model_forward),
             ("CE", "fastalign grads-in-forward", lambda m: fastalign_loss(m, grads_in_forward=True)),
             ("CE", "fastalign + fused layers", fastalign_fused_layers),
             ("KL", "KL from both models' logits", lambda m: logits_kl(m, reference_model)),

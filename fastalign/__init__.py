@@ -15,6 +15,7 @@ if TYPE_CHECKING:   # what type checkers and editors read; at run time lazy_expo
     from fastalign.ops.rms_norm import rms_norm
     from fastalign.causal_lm_loss import CausalLMLoss
     from fastalign.causal_lm_kl_div import CausalLMKLDiv
+    from fastalign.fused_loss_forward import fuse_causal_lm_loss
     from fastalign.optim import KahanAdamW
     from fastalign.unlearn.token_weights import unlearning_token_weights
     from fastalign.unlearn import UnlearnConfig, UnlearningObjective, UnlearningTrainer, run_unlearning
@@ -25,8 +26,8 @@ if TYPE_CHECKING:   # what type checkers and editors read; at run time lazy_expo
     from fastalign.demo import load_model as load_demo_model, load_world as load_demo_world
 
 __all__ = ["linear_cross_entropy", "linear_kl_div", "gated_activation", "gated_linear", "rms_norm", "CausalLMLoss",
-           "CausalLMKLDiv", "KahanAdamW", "unlearning_token_weights", "UnlearnConfig", "UnlearningObjective",
-           "UnlearningTrainer", "run_unlearning", "PoolExhaustedError", "Span", "TreeRunner", "JudgePrompt",
-           "RainConfig", "rain_generate", "GenerationConfig", "KeywordJudge", "ModerationJudge", "evaluate_answers",
-           "evaluate_harm", "evaluate_utility", "load_demo_model", "load_demo_world"]
+           "CausalLMKLDiv", "fuse_causal_lm_loss", "KahanAdamW", "unlearning_token_weights", "UnlearnConfig",
+           "UnlearningObjective", "UnlearningTrainer", "run_unlearning", "PoolExhaustedError", "Span", "TreeRunner",
+           "JudgePrompt", "RainConfig", "rain_generate", "GenerationConfig", "KeywordJudge", "ModerationJudge",
+           "evaluate_answers", "evaluate_harm", "evaluate_utility", "load_demo_model", "load_demo_world"]
 __getattr__, __dir__ = lazy_exports(globals())

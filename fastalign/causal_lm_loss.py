@@ -44,8 +44,15 @@ class CausalLMLoss(torch.nn.Module):
     def forward(self, labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
                 num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
                 **inputs) -> torch.Tensor:
-        decoder, lm_head = causal_lm_parts(self.model)
+        decoder, _ = causal_lm_parts(self.model)
         hidden, target = hidden_and_targets(decoder, labels, shift_labels, inputs)
+        return self.of_hidden_states(hidden, target, num_items_in_batch, ignore_index)
+
+    def of_hidden_states(self, hidden: torch.Tensor, target: torch.Tensor,
+                         num_items_in_batch: torch.Tensor | int | float | None = None,
+                         ignore_index: int = -100) -> torch.Tensor:
+        """The loss of the decoder's final hidden states [..., H] against their targets [...] (already shifted)."""
+        _, lm_head = causal_lm_parts(self.model)
         lm_weight = head_weight(lm_head)
         # under autocast the op takes the autocast dtype, as the lm_head's matmul would
         dtype = compute_dtype(hidden.device.type, lm_weight.dtype)
@@ -60,14 +67,19 @@ class CausalLMLoss(torch.nn.Module):
 
 def hidden_and_targets(decoder: torch.nn.Module, labels: torch.Tensor | None, shift_labels: torch.Tensor | None,
                        inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden states [B, T', H] of the positions that predict, their targets [B, T'] int64 on hidden's device): the
-    decoder's final hidden states of `inputs` (run without a KV cache), shifted against labels (position t predicts
-    labels[:, t + 1]; the last position nothing), or as they are against shift_labels. Exactly one of the two is
-    given, an integer tensor of the inputs' shape [B, T]."""
+    """predicting_positions of the decoder's final hidden states of `inputs` (run without a KV cache)."""
+    return predicting_positions(decoder(**{**inputs, "use_cache": False}).last_hidden_state, labels, shift_labels)
+
+
+def predicting_positions(hidden: torch.Tensor, labels: torch.Tensor | None,
+                         shift_labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states [B, T', H] of the positions that predict, their targets [B, T'] int64 on hidden's device) of
+    final hidden states [B, T, H]: shifted against labels (position t predicts labels[:, t + 1]; the last position
+    nothing), or as they are against shift_labels. Exactly one of the two is given, an integer tensor of shape
+    [B, T]."""
     if (labels is None) == (shift_labels is None):
         raise ValueError("exactly one of labels (aligned with the inputs) and shift_labels (already shifted) is "
                          f"needed, got {'both' if labels is not None else 'neither'}")
-    hidden = decoder(**{**inputs, "use_cache": False}).last_hidden_state
     given, name = (labels, "labels") if labels is not None else (shift_labels, "shift_labels")
     if not isinstance(given, torch.Tensor) or given.shape != hidden.shape[:-1] or given.is_floating_point():
         found = f"{tuple(given.shape)} {given.dtype}" if isinstance(given, torch.Tensor) else type(given).__name__

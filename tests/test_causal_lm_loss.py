@@ -170,7 +170,7 @@ def test_a_model_whose_logits_the_op_cannot_reproduce_is_refused_when_wrapped():
         CausalLMLoss(model)
 
 
-WRAPPERS = ["ddp", "fsdp2", "fsdp2_head_unit", "ddp_kl", "fsdp2_kl"]
+WRAPPERS = ["ddp", "fsdp2", "fsdp2_head_unit", "ddp_kl", "fsdp2_kl", "ddp_fused_forward", "fsdp2_fused_forward"]
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,8 @@ def test_ddp_and_fsdp2_wrap_the_loss_module_as_they_wrap_a_model(distributed_gra
     """Two processes, each on half the batch with num_items_in_batch the whole batch's count: the gradients they
     average are half the one-process gradients of the whole batch's token mean (a Trainer scales by the number of
     processes), for every parameter, the lm_head's also when FSDP2 gave it a unit of its own; and so for the KL to a
-    teacher, which the wrapped module holds frozen."""
+    teacher, which the wrapped module holds frozen, and for the model itself wrapped, its forward fused
+    (fuse_causal_lm_loss)."""
     from tests.causal_lm_loss_worker import teacher
     model = tiny_llama(VOCAB)
     loss = (CausalLMKLDiv(model, teacher(), backend="torch") if wrapper.endswith("_kl")
@@ -205,11 +206,11 @@ def test_ddp_and_fsdp2_wrap_the_loss_module_as_they_wrap_a_model(distributed_gra
         torch.testing.assert_close(2 * grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_trainer_with_the_readmes_compute_loss_takes_the_models_own_steps(tmp_path):
-    """The README's Trainer subclass, under gradient accumulation (micro-batches of unequal token counts): two
-    optimizer steps end at the weights the Trainer reaches with the model's own loss, and it evaluates. (SGD: Adam's
-    first steps move each weight by about lr * sign(gradient), which would turn the last-bit differences of near-zero
-    gradients into differences of lr.)"""
+def test_a_trainer_whose_compute_loss_calls_the_loss_module_takes_the_models_own_steps(tmp_path):
+    """A Trainer subclass whose compute_loss calls CausalLMLoss in training, under gradient accumulation
+    (micro-batches of unequal token counts): two optimizer steps end at the weights the Trainer reaches with the
+    model's own loss, and it evaluates. (SGD: Adam's first steps move each weight by about lr * sign(gradient), which
+    would turn the last-bit differences of near-zero gradients into differences of lr.)"""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     rows = batch(seed=7, rows=8)

@@ -28,6 +28,7 @@ reveal_type(runner.prefill([1, 2, 3]).parent)
 reveal_type(runner.prefill([1, 2, 3]).tokens)
 def unlearn(config: fastalign.UnlearnConfig) -> None:
     reveal_type(fastalign.run_unlearning(config))
+reveal_type(fastalign.fuse_causal_lm_loss(torch.nn.Linear(2, 2)))
 runner.extend([None], [[4]], logits="all")
 linear_cross_entropy(h, w, y, reduction="avg")
 fastalign.linear_kl_div(h, w, h, w, backend="cuda")
@@ -41,7 +42,7 @@ fastalign.CausalLMKLDiv(torch.nn.Linear(2, 2), reference="copy")
 """
 REVEALED = ["torch._tensor.Tensor"] * 5 + ["fastalign.optim.kahan_adamw.KahanAdamW", "fastalign.runtime.span.Span",
                                            "fastalign.runtime.span.Span | None", "list[int]",
-                                           "fastalign.unlearn.trainer.RunSummary"]
+                                           "fastalign.unlearn.trainer.RunSummary", "torch.nn.modules.linear.Linear"]
 # the lines after `runner.extend(..., logits="all")`, each refused for its argument
 REFUSED = dict(zip(range(USER_CODE.splitlines().index('runner.extend([None], [[4]], logits="all")') + 2,
                          len(USER_CODE.splitlines()) + 1), ["reduction", "backend", "activation", "hidden", "betas",

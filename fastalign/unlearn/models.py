@@ -29,7 +29,7 @@ _LOGIT_MULTIPLIERS = {"logit_scale": lambda value: value, "logits_scaling": lamb
 _SOFTCAP = "final_logit_softcapping"
 
 
-def _forward_reads(model, name: str) -> bool:
+def forward_reads(model, name: str) -> bool:
     """Whether the forward of `model`'s class reads the config attribute `name` (a config may carry settings its
     architecture ignores, e.g. a Llama given final_logit_softcapping); True where its source cannot be read."""
     try:
@@ -95,7 +95,7 @@ def logit_softcap(model) -> float | None:
     for plain logits."""
     base = base_causal_lm(model)
     value = getattr(getattr(base, "config", None), _SOFTCAP, None)
-    return None if value is None or not _forward_reads(base, _SOFTCAP) else float(value)
+    return None if value is None or not forward_reads(base, _SOFTCAP) else float(value)
 
 
 def logit_multiplier(model) -> float | None:
@@ -105,7 +105,7 @@ def logit_multiplier(model) -> float | None:
     config, multiplier = getattr(base, "config", None), 1.0
     for name, factor in _LOGIT_MULTIPLIERS.items():
         value = getattr(config, name, None)
-        if value is None or not _forward_reads(base, name):
+        if value is None or not forward_reads(base, name):
             continue
         if not is_real(value) or not math.isfinite(value) or value == 0:
             raise ValueError(f"{type(base).__name__}: its config's {name} must be a finite nonzero number, got "

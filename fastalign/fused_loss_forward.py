@@ -1,0 +1,124 @@
+"""fuse_causal_lm_loss: a transformers causal LM whose own forward takes its loss from the fused linear cross-entropy.
+
+`fuse_causal_lm_loss(model)` replaces the forward of this one model (not of its class) so that
+`model(**batch, labels=labels).loss` is computed as CausalLMLoss computes it, without the [tokens x vocab] logits,
+whenever a gradient will be taken (labels given, grad mode on). Any training code that calls the model then saves
+the logits' memory unchanged: a Hugging Face Trainer, accelerate, DDP or FSDP2 around the model, a PEFT model over it
+(the forward replaced is the transformers model's, which PEFT's forward calls). Without labels, or under no_grad
+(generation, a Trainer's evaluation, which reads the logits), the model's own forward runs.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, TypeVar
+
+import torch
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from fastalign.causal_lm_loss import CausalLMLoss, predicting_positions
+from fastalign.ops.backend import Backend
+from fastalign.unlearn.models import base_causal_lm, causal_lm_parts, forward_reads
+
+# Arguments of the model's forward that are the loss's (transformers passes them on to its loss function)
+_LOSS_ARGUMENTS = ("labels", "shift_labels", "num_items_in_batch", "ignore_index")
+# A KV cache given to the forward, under either name transformers gives it (past_key_values; cache from 5.25)
+_CACHE_ARGUMENTS = ("past_key_values", "cache")
+
+Model = TypeVar("Model", bound=torch.nn.Module)
+
+
+def fuse_causal_lm_loss(model: Model, *, backend: Backend = "auto", grads_in_forward: bool = False) -> Model:
+    """Makes `model`'s forward (a transformers causal LM, or the one under a PEFT model) take its loss on labels from
+    the fused linear cross-entropy, with `loss` as it was and `logits` None; returns `model`.
+
+    The fused forward runs where labels are given, grad mode is on, and no KV cache, logits_to_keep or
+    output_router_logits is asked for; the model's own forward runs otherwise. It takes the arguments the model's
+    forward takes (its signature is kept, which a Trainer reads), and the loss's: shift_labels, num_items_in_batch,
+    ignore_index. Its output has the loss, and hidden_states and attentions where asked for. The model is checked
+    here as CausalLMLoss checks it; so is its loss function, which must be transformers' causal LM loss, and a
+    mixture of experts whose config adds the router's auxiliary loss is refused (the fused forward would leave it
+    out). Called again, it replaces the settings; copies of the model (copy.deepcopy) keep the fused forward, on
+    their own weights. backend and grads_in_forward are linear_cross_entropy's.
+    """
+    base = base_causal_lm(model)
+    _check_loss_is_causal_lm_cross_entropy(base)
+    current = base.forward
+    unfused = current.unfused if isinstance(current, FusedLossForward) else current
+    base.forward = FusedLossForward(CausalLMLoss(base, backend=backend, grads_in_forward=grads_in_forward), unfused)
+    return model
+
+
+class FusedLossForward:
+    """The forward of a model after fuse_causal_lm_loss: the loss on labels from `loss` (the model's CausalLMLoss),
+    the model's own forward (`unfused`) where no gradient is taken through a loss."""
+
+    def __init__(self, loss: CausalLMLoss, unfused: Callable):
+        self.loss, self.unfused = loss, unfused
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The model's own forward's: a Trainer keeps the dataset columns that it names."""
+        return inspect.signature(self.unfused)
+
+    def __call__(self, *args, **kwargs):
+        arguments = _named_arguments(self.__signature__, args, kwargs)
+        if arguments is None or not _takes_fused_loss(arguments):
+            return self.unfused(*args, **kwargs)
+        model = self.loss.model
+        loss_arguments = {name: arguments.pop(name) for name in _LOSS_ARGUMENTS if name in arguments}
+        return_dict = arguments.pop("return_dict", None)
+        arguments.pop("logits_to_keep", None)
+        decoder, _ = causal_lm_parts(model)
+        outputs = decoder(**{**arguments, "use_cache": False})
+        # as transformers' loss: shift_labels, where given, are the targets; labels then only ask for the loss
+        shift_labels = loss_arguments.get("shift_labels")
+        hidden, target = predicting_positions(outputs.last_hidden_state,
+                                              loss_arguments["labels"] if shift_labels is None else None, shift_labels)
+        loss = self.loss.of_hidden_states(hidden, target, loss_arguments.get("num_items_in_batch"),
+                                          loss_arguments.get("ignore_index", -100))
+        output = CausalLMOutputWithPast(loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        if return_dict is None:
+            return_dict = getattr(model.config, "return_dict", True)
+        return output if return_dict else output.to_tuple()
+
+
+def _named_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict | None:
+    """The call's arguments by name, those of the forward's **kwargs among them (a TypeError as the forward would
+    raise it for arguments it does not take); None where some have no name (a forward's *args)."""
+    named = {}
+    for name, value in signature.bind(*args, **kwargs).arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                return None
+        else:
+            named[name] = value
+    return named
+
+
+def _takes_fused_loss(arguments: dict) -> bool:
+    """Whether a call with these arguments takes the fused loss: labels given, a gradient to be taken, and nothing
+    asked for that only the model's own forward gives (a KV cache carried on, a slice of the logits, the router's
+    logits and auxiliary loss)."""
+    logits_to_keep = arguments.get("logits_to_keep", 0)
+    return (arguments.get("labels") is not None and torch.is_grad_enabled()
+            and all(arguments.get(name) is None for name in _CACHE_ARGUMENTS)
+            and isinstance(logits_to_keep, int) and logits_to_keep == 0
+            and not arguments.get("output_router_logits"))
+
+
+def _check_loss_is_causal_lm_cross_entropy(base: torch.nn.Module) -> None:
+    """NotImplementedError for a model whose forward's loss is more or other than transformers' causal LM
+    cross-entropy of its logits: a loss function of its own, or a router's auxiliary loss that its config adds."""
+    loss_function = getattr(base, "loss_function", None)
+    if not forward_reads(base, "loss_function") or loss_function is not ForCausalLMLoss:
+        raise NotImplementedError(f"{type(base).__name__}: its forward's loss is not transformers' ForCausalLMLoss "
+                                  f"(it has {getattr(loss_function, '__name__', loss_function)!r}), which the fused "
+                                  "forward computes")
+    if getattr(base.config, "output_router_logits", False) and forward_reads(base, "aux_loss"):
+        raise NotImplementedError(f"{type(base).__name__}: its config's output_router_logits adds the router's "
+                                  "auxiliary loss to the loss, which the fused forward leaves out; set it False, or "
+                                  "add the auxiliary loss yourself")

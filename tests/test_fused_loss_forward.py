@@ -1,0 +1,216 @@
+"""fuse_causal_lm_loss: a model's own forward with labels gives its loss from the fused op, as its unfused forward
+gives it, and runs unfused where it must; under a Trainer, a PEFT model, DDP and FSDP2 (tests/test_causal_lm_loss.py
+runs the two-process cases)."""
+import copy
+import inspect
+
+import pytest
+import torch
+
+from fastalign import fuse_causal_lm_loss
+from fastalign.fused_loss_forward import FusedLossForward
+from tests.conftest import TRITON_DEVICE
+from tests.test_causal_lm_loss import MODELS, VOCAB, batch, grads_of
+from tests.unlearn.test_objective import tiny_model
+from tests.unlearn.tiny import tiny_llama, tiny_phi
+
+
+def fused_and_own(make_model, **fuse_settings):
+    """(a model with the fused forward, the same model unchanged)."""
+    model = make_model()
+    return fuse_causal_lm_loss(copy.deepcopy(model), **{"backend": "torch", **fuse_settings}), model
+
+
+def assert_same_as_own(fused_model, own_model, **inputs):
+    """The fused model's loss (and no logits) against the unchanged model's, and every gradient."""
+    fused = fused_model(**inputs)
+    assert fused.logits is None
+    expected = own_model(**inputs).loss
+    torch.testing.assert_close(fused.loss, expected, rtol=1e-5, atol=1e-6)
+    own_params = [p for p in own_model.parameters() if p.requires_grad]
+    for mine, theirs in zip(grads_of(fused_model, fused.loss), torch.autograd.grad(expected, own_params)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_the_models_forward_gives_its_own_loss_without_logits(family):
+    """Every family CausalLMLoss serves (a biased head, soft caps, logit multipliers): the loss and gradients of the
+    model's own forward, and no logits."""
+    assert_same_as_own(*fused_and_own(lambda: MODELS[family](VOCAB)), **batch())
+
+
+@pytest.mark.parametrize("loss_arguments", [
+    {"num_items_in_batch": 11}, {"num_items_in_batch": torch.tensor(11)}, {"ignore_index": 5}, {"shift_labels": 1},
+], ids=["num-items-int", "num-items-tensor", "ignore-index", "shift-labels"])
+def test_the_loss_arguments_transformers_passes_on_act_as_in_its_loss(loss_arguments):
+    """num_items_in_batch (a Trainer's, under accumulation), ignore_index, and shift_labels (with labels, which then
+    only ask for the loss: the shifted targets count, the last position's too)."""
+    inputs = batch(seed=1)
+    if "ignore_index" in loss_arguments:   # labels 5 ignored instead of -100 (and those -100 now 5)
+        inputs["labels"] = inputs["labels"].masked_fill(inputs["labels"] == -100, 5)
+    if "shift_labels" in loss_arguments:
+        loss_arguments = {"shift_labels": torch.nn.functional.pad(inputs["labels"][:, 2:], (0, 2), value=7)}
+    assert_same_as_own(*fused_and_own(lambda: tiny_llama(VOCAB)), **inputs, **loss_arguments)
+
+
+def test_positional_inputs_and_a_tuple_output_are_the_forwards():
+    """input_ids given by position, and return_dict=False: a tuple led by the loss (its logits left out, as
+    to_tuple leaves out what is None)."""
+    fused, own = fused_and_own(lambda: tiny_llama(VOCAB))
+    inputs = batch(seed=2)
+    input_ids = inputs.pop("input_ids")
+    output = fused(input_ids, **inputs, return_dict=False)
+    assert isinstance(output, tuple) and len(output) == 1
+    torch.testing.assert_close(output[0], own(input_ids, **inputs).loss)
+
+
+def test_hidden_states_and_attentions_are_given_when_asked_for():
+    def eager_llama():   # (sdpa gives no attention weights)
+        model = tiny_llama(VOCAB)
+        model.set_attn_implementation("eager")
+        return model
+    fused, own = fused_and_own(eager_llama)
+    inputs = {**batch(seed=3), "output_hidden_states": True, "output_attentions": True}
+    mine, theirs = fused(**inputs), own(**inputs)
+    assert len(mine.hidden_states) == len(theirs.hidden_states) == 3
+    assert len(mine.attentions) == len(theirs.attentions) == 2
+    for a, b in zip(mine.hidden_states + mine.attentions, theirs.hidden_states + theirs.attentions):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("case", ["no-grad", "no-labels", "logits-to-keep"])
+def test_where_no_gradient_is_taken_through_the_loss_the_models_own_forward_runs(case):
+    """Under no_grad (generation, a Trainer's evaluation), without labels, or asking for a slice of the logits: the
+    model's own output, logits and all."""
+    fused, own = fused_and_own(lambda: tiny_llama(VOCAB))
+    inputs = batch(seed=4)
+    if case == "no-labels":
+        inputs.pop("labels")
+    if case == "logits-to-keep":
+        inputs.update(labels=None, logits_to_keep=1)
+    with torch.set_grad_enabled(case != "no-grad"):
+        mine, theirs = fused(**inputs), own(**inputs)
+    torch.testing.assert_close(mine.logits, theirs.logits)
+    assert (mine.loss is None) == (theirs.loss is None)
+    if theirs.loss is not None:
+        torch.testing.assert_close(mine.loss, theirs.loss)
+
+
+def test_generation_runs_the_models_own_forward_with_its_cache():
+    fused, own = fused_and_own(lambda: tiny_llama(VOCAB))
+    prompt = batch(seed=5)["input_ids"][:1, :4]
+    settings = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(fused.generate(prompt, **settings), own.generate(prompt, **settings))
+
+
+def test_the_signature_is_the_models_forwards_which_a_trainer_reads():
+    """A Trainer keeps the dataset columns the forward names, and passes num_items_in_batch to a forward that takes
+    **kwargs."""
+    model = tiny_llama(VOCAB)
+    own = inspect.signature(model.forward)
+    fuse_causal_lm_loss(model)
+    assert inspect.signature(model.forward) == own
+    assert {"input_ids", "attention_mask", "labels", "kwargs"} <= set(own.parameters)
+
+
+def test_fusing_again_replaces_the_settings_and_wraps_the_forward_once():
+    model = tiny_llama(VOCAB)
+    fuse_causal_lm_loss(model, backend="torch")
+    fuse_causal_lm_loss(model, backend="triton")
+    assert model.forward.loss.backend == "triton"
+    assert not isinstance(model.forward.unfused, FusedLossForward)
+
+
+def test_a_copy_of_a_fused_model_computes_on_its_own_weights():
+    """copy.deepcopy (a frozen reference, an EMA): the copy's fused forward reads the copy, not the original."""
+    fused, _ = fused_and_own(lambda: tiny_llama(VOCAB))
+    copied = copy.deepcopy(fused)
+    with torch.no_grad():
+        copied.lm_head.weight.mul_(2)
+    inputs = batch(seed=6)
+    assert copied.forward.loss.model is copied and copied.forward.unfused.__self__ is copied
+    with torch.no_grad():   # the copy's own forward, unfused
+        expected = copied(**inputs).loss
+    torch.testing.assert_close(copied(**inputs).loss, expected)
+    assert not torch.allclose(fused(**inputs).loss, expected)
+
+
+def test_the_triton_kernels_run_in_the_fused_forward():
+    """backend="triton" (on a GPU, else in the interpreter), an lm_head with a bias."""
+    model = tiny_phi(VOCAB).to(TRITON_DEVICE)
+    fused = fuse_causal_lm_loss(copy.deepcopy(model), backend="triton")
+    inputs = {name: t.to(TRITON_DEVICE) for name, t in batch(seed=7).items()}
+    assert_same_as_own(fused, model, **inputs)
+
+
+def test_a_lora_model_calls_the_fused_forward_of_its_base_model():
+    """PEFT's forward calls the transformers model's: fusing the PEFT model fuses that one, and the adapters get the
+    model's gradients."""
+    peft = pytest.importorskip("peft")
+
+    def make_model():
+        return peft.get_peft_model(tiny_llama(VOCAB), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                                      init_lora_weights=False))
+    fused, own = fused_and_own(make_model)
+    assert isinstance(fused.get_base_model().forward, FusedLossForward)
+    assert_same_as_own(fused, own, **batch(seed=8))
+
+
+def test_a_mixture_of_experts_trains_its_own_loss_unless_its_config_adds_the_router_loss():
+    """Mixtral without the router's auxiliary loss: the model's loss. With output_router_logits in its config the
+    loss holds that auxiliary loss, which the fused forward would leave out: refused."""
+    def mixtral(**settings):
+        return tiny_model("Mixtral", VOCAB, num_local_experts=4, num_experts_per_tok=2, **settings)
+    assert_same_as_own(*fused_and_own(mixtral), **batch(seed=9))
+    with pytest.raises(NotImplementedError, match="MixtralForCausalLM: its config's output_router_logits adds the "
+                                                  "router's auxiliary loss"):
+        fuse_causal_lm_loss(mixtral(output_router_logits=True))
+
+
+def test_a_model_with_a_loss_function_of_its_own_is_refused():
+    model = tiny_llama(VOCAB)
+    model.loss_function = lambda logits, labels, **kwargs: logits.sum()
+    with pytest.raises(NotImplementedError, match="LlamaForCausalLM: its forward's loss is not transformers' "
+                                                  "ForCausalLMLoss"):
+        fuse_causal_lm_loss(model)
+
+
+def test_a_model_whose_logits_the_op_cannot_reproduce_is_refused():
+    model = tiny_llama(VOCAB)
+    head = model.lm_head
+    model.lm_head.forward = lambda hidden: torch.nn.functional.linear(hidden, head.weight) / 2
+    with pytest.raises(NotImplementedError, match="its logits are not its lm_head's weight"):
+        fuse_causal_lm_loss(model)
+
+
+def test_a_plain_trainer_on_a_fused_model_takes_the_models_own_steps(tmp_path):
+    """transformers' Trainer, unchanged, on a fused model under gradient accumulation (micro-batches of unequal token
+    counts): two optimizer steps end at the weights it reaches on the model as it is, and evaluation (under no_grad,
+    the model's own forward) gives the same loss."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    rows = batch(seed=10, rows=8)
+    data = [{name: t[i] for name, t in rows.items()} for i in range(8)]
+    data[2]["labels"] = data[2]["labels"].masked_fill(torch.arange(9) < 6, -100)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2,
+                                          gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-2, optim="sgd",
+                                          use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no", seed=0)
+    start = tiny_llama(VOCAB).state_dict()
+    ends, evaluated, head_calls = [], [], []
+    for fused in (True, False):
+        model = tiny_llama(VOCAB).train()
+        if fused:
+            fuse_causal_lm_loss(model, backend="torch")
+        calls = []   # the lm_head module runs only where logits are made
+        model.lm_head.register_forward_hook(lambda *_: calls.append(1))
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        head_calls.append(len(calls))
+        ends.append(model.state_dict())
+        evaluated.append(trainer.evaluate(eval_dataset=data[:4])["eval_loss"])
+    assert head_calls == [0, 4]   # the fused model trained without logits
+    assert all(not torch.equal(ends[1][name], start[name]) for name in start if "layers" in name)
+    for name in start:
+        torch.testing.assert_close(ends[0][name], ends[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    assert evaluated[0] == pytest.approx(evaluated[1], rel=1e-6)
+
