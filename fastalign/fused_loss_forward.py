@@ -38,12 +38,18 @@ def fuse_causal_lm_loss(model: Model, *, backend: Backend = "auto", grads_in_for
     ignore_index. Its output has the loss, and hidden_states and attentions where asked for. The model is checked
     here as CausalLMLoss checks it; so is its loss function, which must be transformers' causal LM loss, and a
     mixture of experts whose config adds the router's auxiliary loss is refused (the fused forward would leave it
-    out). Called again, it replaces the settings; copies of the model (copy.deepcopy) keep the fused forward, on
-    their own weights. backend and grads_in_forward are linear_cross_entropy's.
+    out), and so is a model whose forward something else replaced before (accelerate's autocast: fuse first, and it
+    wraps the fused forward). Called again, it replaces the settings; copies of the model (copy.deepcopy) keep the
+    fused forward, on their own weights. backend and grads_in_forward are linear_cross_entropy's.
     """
     base = base_causal_lm(model)
     _check_loss_is_causal_lm_cross_entropy(base)
     current = base.forward
+    if "forward" in vars(base) and not isinstance(current, FusedLossForward):
+        raise ValueError(f"{type(base).__name__}: this model's forward was already replaced (by "
+                         f"{getattr(current, '__qualname__', type(current).__name__)}); call fuse_causal_lm_loss "
+                         "first, before accelerate's prepare (or a Trainer's train) wraps the forward in autocast, "
+                         "which then covers the fused loss too")
     unfused = current.unfused if isinstance(current, FusedLossForward) else current
     base.forward = FusedLossForward(CausalLMLoss(base, backend=backend, grads_in_forward=grads_in_forward), unfused)
     return model

@@ -183,18 +183,22 @@ def test_a_model_whose_logits_the_op_cannot_reproduce_is_refused():
         fuse_causal_lm_loss(model)
 
 
-def test_a_plain_trainer_on_a_fused_model_takes_the_models_own_steps(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_a_plain_trainer_on_a_fused_model_takes_the_models_own_steps(tmp_path, monkeypatch, precision):
     """transformers' Trainer, unchanged, on a fused model under gradient accumulation (micro-batches of unequal token
     counts): two optimizer steps end at the weights it reaches on the model as it is, and evaluation (under no_grad,
-    the model's own forward) gives the same loss."""
+    the model's own forward) gives the same loss. In bf16 mixed precision accelerate wraps the fused forward in
+    autocast, and the fused loss takes bf16 as the model's lm_head would: the same steps to bf16's rounding."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
+    operand_dtypes = record_operand_dtypes(monkeypatch)
     rows = batch(seed=10, rows=8)
     data = [{name: t[i] for name, t in rows.items()} for i in range(8)]
     data[2]["labels"] = data[2]["labels"].masked_fill(torch.arange(9) < 6, -100)
     args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2,
                                           gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-2, optim="sgd",
-                                          use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no", seed=0)
+                                          use_cpu=True, bf16=precision == "bf16-mixed", report_to=[],
+                                          save_strategy="no", logging_strategy="no", seed=0)
     start = tiny_llama(VOCAB).state_dict()
     ends, evaluated, head_calls = [], [], []
     for fused in (True, False):
@@ -209,8 +213,31 @@ def test_a_plain_trainer_on_a_fused_model_takes_the_models_own_steps(tmp_path):
         ends.append(model.state_dict())
         evaluated.append(trainer.evaluate(eval_dataset=data[:4])["eval_loss"])
     assert head_calls == [0, 4]   # the fused model trained without logits
+    assert operand_dtypes == [torch.float32 if precision == "fp32" else torch.bfloat16] * 4
     assert all(not torch.equal(ends[1][name], start[name]) for name in start if "layers" in name)
+    tolerance = dict(rtol=1e-4, atol=1e-6) if precision == "fp32" else dict(rtol=0, atol=1e-4)
     for name in start:
-        torch.testing.assert_close(ends[0][name], ends[1][name], rtol=1e-4, atol=1e-6, msg=name)
-    assert evaluated[0] == pytest.approx(evaluated[1], rel=1e-6)
+        torch.testing.assert_close(ends[0][name], ends[1][name], **tolerance, msg=name)
+    assert evaluated[0] == pytest.approx(evaluated[1], rel=1e-6 if precision == "fp32" else 1e-3)
 
+
+def record_operand_dtypes(monkeypatch):
+    """The list to which each call of the fused cross-entropy then appends the dtype of its hidden states."""
+    import fastalign.causal_lm_loss as module
+    dtypes, fused_op = [], module.linear_cross_entropy
+
+    def recorded(hidden, *args, **kwargs):
+        dtypes.append(hidden.dtype)
+        return fused_op(hidden, *args, **kwargs)
+    monkeypatch.setattr(module, "linear_cross_entropy", recorded)
+    return dtypes
+
+
+def test_a_forward_wrapped_before_is_refused():
+    """accelerate's prepare (mixed precision) replaces the model's forward by one in autocast: fused after that, the
+    fused loss would run outside the autocast (and the check of its logits against the autocast forward's fails)."""
+    model = tiny_llama(VOCAB)
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+    with pytest.raises(ValueError, match="LlamaForCausalLM: this model's forward was already replaced .* call "
+                                         "fuse_causal_lm_loss first"):
+        fuse_causal_lm_loss(model)
