@@ -30,8 +30,9 @@ _SOFTCAP = "final_logit_softcapping"
 
 
 def forward_reads(model, name: str) -> bool:
-    """Whether the forward of `model`'s class reads the config attribute `name` (a config may carry settings its
-    architecture ignores, e.g. a Llama given final_logit_softcapping); True where its source cannot be read."""
+    """Whether the source of the forward of `model`'s class holds `name`: a config attribute it reads (a config may
+    carry settings its architecture ignores, e.g. a Llama given final_logit_softcapping), a method or a variable;
+    True where its source cannot be read."""
     try:
         return name in inspect.getsource(type(model).forward)
     except (OSError, TypeError):
