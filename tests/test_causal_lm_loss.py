@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fastalign import CausalLMKLDiv, CausalLMLoss
+from fastalign import CausalLMKLDiv, CausalLMLoss, fuse_causal_lm_loss
 from fastalign.unlearn.models import enable_activation_checkpointing
 from tests.conftest import TRITON_DEVICE, requires_cuda
 from tests.unlearn.test_objective import TRANSFORMED_LOGITS
@@ -161,13 +161,14 @@ def test_bad_labels_are_refused_naming_the_argument(labels, shift_labels, messag
         CausalLMLoss(model, backend="torch")(**inputs, labels=given[labels], shift_labels=given[shift_labels])
 
 
-def test_a_model_whose_logits_the_op_cannot_reproduce_is_refused_when_wrapped():
+@pytest.mark.parametrize("fuse", [CausalLMLoss, fuse_causal_lm_loss])
+def test_a_model_whose_logits_the_op_cannot_reproduce_is_refused_when_wrapped_or_fused(fuse):
     """A head that is more than its weight (here, logits halved by a forward of its own) would train another loss."""
     model = tiny_llama(VOCAB)
     head = model.lm_head
     model.lm_head.forward = lambda hidden: torch.nn.functional.linear(hidden, head.weight) / 2
     with pytest.raises(NotImplementedError, match="its logits are not its lm_head's weight"):
-        CausalLMLoss(model)
+        fuse(model)
 
 
 WRAPPERS = ["ddp", "fsdp2", "fsdp2_head_unit", "ddp_kl", "fsdp2_kl", "ddp_fused_forward", "fsdp2_fused_forward"]
