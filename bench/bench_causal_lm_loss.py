@@ -130,6 +130,8 @@ def measure(name, loss_of, model, batch, device, reps):
     try:
         loss = float(step())
         ms = harness.median_ms(step, device, reps=reps)
+        for p in params:   # dropped before the peak is taken, so that the step's own gradients count in it
+            p.grad = None
         peak = harness.peak_extra_mib(step, device)
         step()
         grads = [p.grad for p in params]

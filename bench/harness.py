@@ -142,7 +142,9 @@ def autotuned_configs():
 def peak_extra_mib(fn, device):
     """Peak memory allocated by one fn() call beyond what was allocated before it: on CUDA the caching allocator's
     count; on a CPU, whose allocator keeps no count, the highest sum of the allocations less the frees that the
-    profiler records during the call, in their order; None on other devices (fn not run)."""
+    profiler records during the call, in their order; None on other devices (fn not run). fn must not free what
+    existed before it (e.g. gradients of a previous step: set them to None first): on CUDA that free would lower the
+    peak, and on a CPU it would or would not, as the block was allocated under an earlier profile or not."""
     kind = torch.device(device).type
     if kind == "cpu":
         return _cpu_peak_extra_mib(fn)
