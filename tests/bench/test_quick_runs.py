@@ -196,6 +196,10 @@ def check_bench_causal_lm_loss(record):
             assert close(row["leaner"], base["extra_mib"] / row["extra_mib"]), row
         else:
             assert "leaner" not in row, row
+    # the fused forward is CausalLMLoss's computation: the same peak (the profiler's count, exact on a CPU); and each
+    # step allocates its own gradients, which its peak holds (a step that freed the previous ones had a lower peak)
+    assert rows[1]["peak_mib"] == rows[2]["peak_mib"], rows[1:3]
+    assert all(row["extra_mib"] >= 0 for row in rows), rows
     assert rows[5]["loss"] > 1e-3   # the reference is another model: a KL well above rounding
     assert close(c["logits_mib"], c["rows"] * c["tokens"] * c["vocab"] * 4 / 2 ** 20), c
 
