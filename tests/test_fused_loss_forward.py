@@ -233,3 +233,10 @@ def test_a_forward_wrapped_before_is_refused():
     with pytest.raises(ValueError, match="LlamaForCausalLM: this model's forward was already replaced .* call "
                                          "fuse_causal_lm_loss first"):
         fuse_causal_lm_loss(model)
+
+
+def test_torch_compile_around_a_fused_model_gives_its_loss():
+    """torch.compile(model) traces the fused forward (the fused op a graph break of its own): the model's loss and
+    gradients, no logits."""
+    fused, own = fused_and_own(lambda: tiny_llama(VOCAB))
+    assert_same_as_own(torch.compile(fused, backend="eager"), own, **batch(seed=13))
