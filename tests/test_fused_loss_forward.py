@@ -1,14 +1,16 @@
 """fuse_causal_lm_loss: a model's own forward with labels gives its loss from the fused op, as its unfused forward
 gives it, and runs unfused where it must; under a Trainer, a PEFT model, DDP and FSDP2 (tests/test_causal_lm_loss.py
 runs the two-process cases)."""
+import contextlib
 import copy
 import inspect
 
 import pytest
 import torch
 
-from fastalign import fuse_causal_lm_loss
+from fastalign import causal_lm_loss, fuse_causal_lm_loss
 from fastalign.fused_loss_forward import FusedLossForward
+from fastalign.unlearn import fused_layers, layer_stand_ins
 from tests.conftest import TRITON_DEVICE
 from tests.test_causal_lm_loss import MODELS, VOCAB, batch, grads_of
 from tests.unlearn.test_objective import tiny_model
@@ -175,15 +177,18 @@ def test_a_model_with_a_loss_function_of_its_own_is_refused():
         fuse_causal_lm_loss(model)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
-def test_a_plain_trainer_on_a_fused_model_takes_the_models_own_steps(tmp_path, monkeypatch, precision):
+@pytest.mark.parametrize("precision, layers", [("fp32", False), ("bf16-mixed", False), ("fp32", True)],
+                         ids=["fp32", "bf16-mixed", "fp32-fused-layers"])
+def test_a_plain_trainer_on_a_fused_model_takes_the_models_own_steps(tmp_path, monkeypatch, precision, layers):
     """transformers' Trainer, unchanged, on a fused model under gradient accumulation (micro-batches of unequal token
     counts): two optimizer steps end at the weights it reaches on the model as it is, and evaluation (under no_grad,
     the model's own forward) gives the same loss. In bf16 mixed precision accelerate wraps the fused forward in
-    autocast, and the fused loss takes bf16 as the model's lm_head would: the same steps to bf16's rounding."""
+    autocast, and the fused loss takes bf16 as the model's lm_head would: the same steps to bf16's rounding. Inside
+    fused_layers(model) the decoder's MLPs train through fastalign's gated_linear too."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    operand_dtypes = record_operand_dtypes(monkeypatch)
+    head_inputs = record_calls(monkeypatch, causal_lm_loss, "linear_cross_entropy")   # the fused op's hidden states
+    mlp_calls = record_calls(monkeypatch, layer_stand_ins, "gated_linear")
     rows = batch(seed=10, rows=8)
     data = [{name: t[i] for name, t in rows.items()} for i in range(8)]
     data[2]["labels"] = data[2]["labels"].masked_fill(torch.arange(9) < 6, -100)
@@ -200,12 +205,14 @@ def test_a_plain_trainer_on_a_fused_model_takes_the_models_own_steps(tmp_path, m
         calls = []   # the lm_head module runs only where logits are made
         model.lm_head.register_forward_hook(lambda *_: calls.append(1))
         trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
-        trainer.train()
+        with fused_layers(model, backend="torch") if fused and layers else contextlib.nullcontext():
+            trainer.train()
         head_calls.append(len(calls))
         ends.append(model.state_dict())
         evaluated.append(trainer.evaluate(eval_dataset=data[:4])["eval_loss"])
     assert head_calls == [0, 4]   # the fused model trained without logits
-    assert operand_dtypes == [torch.float32 if precision == "fp32" else torch.bfloat16] * 4
+    assert [h.dtype for h in head_inputs] == [torch.float32 if precision == "fp32" else torch.bfloat16] * 4
+    assert len(mlp_calls) == (8 if layers else 0)   # 2 layers, 4 micro-batches
     assert all(not torch.equal(ends[1][name], start[name]) for name in start if "layers" in name)
     tolerance = dict(rtol=1e-4, atol=1e-6) if precision == "fp32" else dict(rtol=0, atol=1e-4)
     for name in start:
@@ -213,16 +220,15 @@ def test_a_plain_trainer_on_a_fused_model_takes_the_models_own_steps(tmp_path, m
     assert evaluated[0] == pytest.approx(evaluated[1], rel=1e-6 if precision == "fp32" else 1e-3)
 
 
-def record_operand_dtypes(monkeypatch):
-    """The list to which each call of the fused cross-entropy then appends the dtype of its hidden states."""
-    import fastalign.causal_lm_loss as module
-    dtypes, fused_op = [], module.linear_cross_entropy
+def record_calls(monkeypatch, module, name):
+    """The list to which each call of module.name then appends its first argument."""
+    calls, function = [], getattr(module, name)
 
-    def recorded(hidden, *args, **kwargs):
-        dtypes.append(hidden.dtype)
-        return fused_op(hidden, *args, **kwargs)
-    monkeypatch.setattr(module, "linear_cross_entropy", recorded)
-    return dtypes
+    def recorded(first, *args, **kwargs):
+        calls.append(first)
+        return function(first, *args, **kwargs)
+    monkeypatch.setattr(module, name, recorded)
+    return calls
 
 
 def test_a_forward_wrapped_before_is_refused():
