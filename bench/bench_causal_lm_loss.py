@@ -1,8 +1,8 @@
 """Benchmark of a causal LM's training step on its labels: fastalign.CausalLMLoss, and the model's forward after
 fastalign.fuse_causal_lm_loss, against the model's own loss (model(**batch, labels=labels).loss, which materialises
-the [tokens x vocab] logits, then an fp32 copy of them), and against Liger-Kernel's fused linear cross-entropy on the
-decoder's hidden states where liger-kernel is importable (what a Liger user writes without patching the model's
-class); also CausalLMLoss with fastalign's training layers (fused_layers: RMSNorms and gated MLPs that keep less for
+the [tokens x vocab] logits, then an fp32 copy of them), and against fused ops of others on the decoder's hidden
+states (what their user writes without patching the model's class): torch's own linear_cross_entropy on its chunked
+path (torch >= 2.13), and Liger-Kernel's fused linear cross-entropy where liger-kernel is importable; also CausalLMLoss with fastalign's training layers (fused_layers: RMSNorms and gated MLPs that keep less for
 the backward); and the KL to a frozen reference (another model of the same shape), fastalign.CausalLMKLDiv against
 the KL from both models' logits.
 
@@ -91,19 +91,31 @@ def fastalign_kl(model, reference):
     return lambda batch: loss_fn(**batch)
 
 
-def liger_loss():
-    """A builder of the loss Liger users write: the decoder's hidden states into Liger's fused linear cross-entropy,
-    shifted as the model shifts its labels (ImportError without liger-kernel)."""
-    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-    fused = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
-
+def loss_on_hidden_states(fused):
+    """A builder of the loss fused(hidden [N, H], lm_head weight [V, H], labels [N]) on the decoder's hidden states,
+    shifted as the model shifts its labels: what the user of a fused op writes without patching the model's class."""
     def build(model):
         def loss(batch):
             hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  use_cache=False).last_hidden_state
-            return fused(model.lm_head.weight, hidden[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+            return fused(hidden[:, :-1].flatten(0, 1), model.lm_head.weight, batch["labels"][:, 1:].flatten())
         return loss
     return build
+
+
+def torch_chunked_loss():
+    """torch's own fused op, torch.nn.functional.linear_cross_entropy (torch >= 2.13; AttributeError before), on its
+    chunked path, on the hidden states."""
+    options = torch.nn.LinearCrossEntropyOptions()
+    return loss_on_hidden_states(lambda h, w, y: torch.nn.functional.linear_cross_entropy(h, w, y, ignore_index=-100,
+                                                                                        options=options))
+
+
+def liger_loss():
+    """Liger-Kernel's fused linear cross-entropy on the hidden states (ImportError without liger-kernel)."""
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    fused = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+    return loss_on_hidden_states(lambda h, w, y: fused(w, h, y))
 
 
 def make_batch(rows, tokens, vocab, device, seed=0):
@@ -176,6 +188,8 @@ def main():
             ("CE", "fastalign + fused layers", fastalign_fused_layers),
             ("KL", "KL from both models' logits", lambda m: logits_kl(m, reference_model)),
             ("KL", "fastalign CausalLMKLDiv", lambda m: fastalign_kl(m, reference_model)),
+            ("CE", "torch linear_cross_entropy chunked on hidden states",
+             harness.optional(torch_chunked_loss, config["unavailable"])),
             ("CE", "liger on hidden states", harness.optional(liger_loss, config["unavailable"]))]
     results, first_of = [], {}   # quantity -> (row, gradients) of its first measured way
     for quantity, name, build in ways:

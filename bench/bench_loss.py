@@ -2,8 +2,8 @@
 
 linear_cross_entropy: fastalign (plain and with signed token weights; each also with grads_in_forward=True, the
 gradients taken in the forward pass from blocks of whole logits rows), naive torch (materialised logits),
-a chunked torch.compile version (checkpointed row chunks), Liger-Kernel's fused linear cross-entropy and
-Cut Cross-Entropy when importable. linear_kl_div: fastalign (separate and shared lm_head, each also with
+a chunked torch.compile version (checkpointed row chunks), torch's own torch.nn.functional.linear_cross_entropy on
+its chunked path (torch >= 2.13), Liger-Kernel's fused linear cross-entropy and Cut Cross-Entropy when importable. linear_kl_div: fastalign (separate and shared lm_head, each also with
 grads_in_forward=True), naive torch, and Liger's fused linear JSD with beta=0 (forward KL) when importable.
 Forward and forward+backward; median time, peak extra memory (CUDA), achieved TFLOP/s counted on the products
 the math needs: 2*N*H*V per logits product forward, 4*N*H*V more for the backward of a product with gradients
@@ -83,6 +83,14 @@ def cce_exact_ce():
     """Cut Cross-Entropy with every gradient tile computed (filter_eps=None): the same work as the others."""
     from cut_cross_entropy import linear_cross_entropy as cce
     return lambda h, w, y, tw: cce(h, w, y, ignore_index=IGNORE, filter_eps=None)
+
+
+def torch_chunked_ce():
+    """torch's own fused op, torch.nn.functional.linear_cross_entropy (torch >= 2.13; AttributeError before), on
+    its chunked path (LinearCrossEntropyOptions(): chunks of rows, the gradients taken in the forward pass): what a
+    user of torch alone writes."""
+    options = torch.nn.LinearCrossEntropyOptions()
+    return lambda h, w, y, tw: F.linear_cross_entropy(h, w, y, ignore_index=IGNORE, options=options)
 
 
 # ---- KL candidates: (hidden, weight, ref_hidden, ref_weight) -> scalar loss ----
@@ -201,6 +209,7 @@ def run(args, config):
                (mean_ce, "cut-cross-entropy", harness.optional(cce_ce, unavailable)),
                (mean_ce, "cut-cross-entropy filter_eps=None", harness.optional(cce_exact_ce, unavailable)),
                (kl_two_heads, "liger jsd beta=0", harness.optional(liger_kl, unavailable)),
+               (mean_ce, "torch linear_cross_entropy chunked", harness.optional(torch_chunked_ce, unavailable)),
                (mean_ce, "naive torch", naive_ce),
                (kl_two_heads, "naive torch", naive_kl), (mean_ce, "torch.compile chunked", compiled_chunked_ce)]
     op_of = {mean_ce: ce, signed_ce: ce, kl_two_heads: kl, kl_one_head: kl}
