@@ -3,8 +3,9 @@
 linear_cross_entropy: fastalign (plain and with signed token weights; each also with grads_in_forward=True, the
 gradients taken in the forward pass from blocks of whole logits rows), naive torch (materialised logits),
 a chunked torch.compile version (checkpointed row chunks), torch's own torch.nn.functional.linear_cross_entropy on
-its chunked path (torch >= 2.13), Liger-Kernel's fused linear cross-entropy and Cut Cross-Entropy when importable. linear_kl_div: fastalign (separate and shared lm_head, each also with
-grads_in_forward=True), naive torch, and Liger's fused linear JSD with beta=0 (forward KL) when importable.
+its chunked path (torch >= 2.13; with signed weights, its per-token losses weighted), Liger-Kernel's fused linear
+cross-entropy and Cut Cross-Entropy when importable. linear_kl_div: fastalign (separate and shared lm_head, each
+also with grads_in_forward=True), naive torch, and Liger's fused linear JSD with beta=0 (forward KL) when importable.
 Forward and forward+backward; median time, peak extra memory (CUDA), achieved TFLOP/s counted on the products
 the math needs: 2*N*H*V per logits product forward, 4*N*H*V more for the backward of a product with gradients
 (cross-entropy: 2NHV forward, 6NHV with the backward, the issue's definition; KL: 4NHV forward, the frozen
@@ -91,6 +92,14 @@ def torch_chunked_ce():
     user of torch alone writes."""
     options = torch.nn.LinearCrossEntropyOptions()
     return lambda h, w, y, tw: F.linear_cross_entropy(h, w, y, ignore_index=IGNORE, options=options)
+
+
+def torch_chunked_ce_signed():
+    """The same op's per-token losses (reduction "none") times the signed token weights, summed: torch's op weighs
+    classes, not tokens."""
+    options = torch.nn.LinearCrossEntropyOptions()
+    return lambda h, w, y, tw: (F.linear_cross_entropy(h, w, y, ignore_index=IGNORE, reduction="none",
+                                                       options=options) * tw).sum()
 
 
 # ---- KL candidates: (hidden, weight, ref_hidden, ref_weight) -> scalar loss ----
@@ -210,6 +219,8 @@ def run(args, config):
                (mean_ce, "cut-cross-entropy filter_eps=None", harness.optional(cce_exact_ce, unavailable)),
                (kl_two_heads, "liger jsd beta=0", harness.optional(liger_kl, unavailable)),
                (mean_ce, "torch linear_cross_entropy chunked", harness.optional(torch_chunked_ce, unavailable)),
+               (signed_ce, "torch linear_cross_entropy chunked",
+                harness.optional(torch_chunked_ce_signed, unavailable)),
                (mean_ce, "naive torch", naive_ce),
                (kl_two_heads, "naive torch", naive_kl), (mean_ce, "torch.compile chunked", compiled_chunked_ce)]
     op_of = {mean_ce: ce, signed_ce: ce, kl_two_heads: kl, kl_one_head: kl}

@@ -175,10 +175,10 @@ def test_loss_baseline_that_cannot_be_loaded_is_recorded_with_its_error(monkeypa
     record = json.loads(path.read_text())
     assert len(record["results"]) == len(rows) == 11, record["results"]
     unavailable = record["config"]["unavailable"]
-    assert sorted(unavailable) == ["cce_ce", "cce_exact_ce", "liger_ce", "liger_kl", "torch_chunked_ce"], unavailable
-    assert all(error.startswith("ModuleNotFoundError") for name, error in unavailable.items()
-               if name != "torch_chunked_ce"), unavailable
-    assert unavailable["torch_chunked_ce"].startswith("AttributeError"), unavailable
+    torch_rows = ["torch_chunked_ce", "torch_chunked_ce_signed"]
+    assert sorted(unavailable) == ["cce_ce", "cce_exact_ce", "liger_ce", "liger_kl", *torch_rows], unavailable
+    assert all(error.startswith("AttributeError" if name in torch_rows else "ModuleNotFoundError")
+               for name, error in unavailable.items()), unavailable
 
 
 def test_loss_fastalign_rows_come_before_the_third_party_baselines(monkeypatch, tmp_path):
