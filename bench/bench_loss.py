@@ -219,7 +219,7 @@ def run(args, config):
                (mean_ce, "cut-cross-entropy filter_eps=None", harness.optional(cce_exact_ce, unavailable)),
                (kl_two_heads, "liger jsd beta=0", harness.optional(liger_kl, unavailable)),
                (mean_ce, "torch linear_cross_entropy chunked", harness.optional(torch_chunked_ce, unavailable)),
-               (signed_ce, "torch linear_cross_entropy chunked",
+               (signed_ce, "torch linear_cross_entropy chunked signed-weights",
                 harness.optional(torch_chunked_ce_signed, unavailable)),
                (mean_ce, "naive torch", naive_ce),
                (kl_two_heads, "naive torch", naive_kl), (mean_ce, "torch.compile chunked", compiled_chunked_ce)]

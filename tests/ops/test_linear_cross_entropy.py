@@ -122,6 +122,28 @@ def test_custom_ignore_index(ignore_index, reduction):
                             REL_TOL[torch.float32])
 
 
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "linear_cross_entropy"), reason="torch < 2.13 has no such op")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_agrees_with_torchs_own_linear_cross_entropy(backend, bias, reduction):
+    """A drop-in for torch.nn.functional.linear_cross_entropy (torch >= 2.13) where both define the loss (some token
+    counted; without token weights, torch's op weighing classes instead): the same loss and gradients, whichever
+    of torch's paths (its reference, or its chunked one)."""
+    hidden, weight, target, extra = make_inputs(13, 24, 131, bias=bias, device=device_for(backend))
+    target[3] = 7   # some token counted whatever the draw
+    out = fastalign.linear_cross_entropy(hidden, weight, target, reduction=reduction, backend=backend, **extra)
+    inputs = [hidden, weight, *extra.values()]
+    seed = torch.randn(out.shape, device=out.device)
+    ours = grads_of(out, inputs, seed)
+    for options in (None, torch.nn.LinearCrossEntropyOptions()):
+        theirs = torch.nn.functional.linear_cross_entropy(hidden, weight, target, linear_bias=extra.get("bias"),
+                                                          reduction=reduction, ignore_index=-100, options=options)
+        assert_rel_close("loss", out, theirs, REL_TOL[torch.float32])
+        for name, got, want in zip(["d_hidden", "d_weight", "d_bias"], ours, grads_of(theirs, inputs, seed)):
+            assert_rel_close(name, got, want, REL_TOL[torch.float32])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     device = device_for(backend)
