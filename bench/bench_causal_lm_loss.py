@@ -2,8 +2,9 @@
 fastalign.fuse_causal_lm_loss, against the model's own loss (model(**batch, labels=labels).loss, which materialises
 the [tokens x vocab] logits, then an fp32 copy of them), and against fused ops of others on the decoder's hidden
 states (what their user writes without patching the model's class): torch's own linear_cross_entropy on its chunked
-path (torch >= 2.13), and Liger-Kernel's fused linear cross-entropy where liger-kernel is importable; also CausalLMLoss with fastalign's training layers (fused_layers: RMSNorms and gated MLPs that keep less for
-the backward); and the KL to a frozen reference (another model of the same shape), fastalign.CausalLMKLDiv against
+path (torch >= 2.13), and Liger-Kernel's fused linear cross-entropy where liger-kernel is importable; also
+CausalLMLoss with fastalign's training layers (fused_layers: RMSNorms and gated MLPs that keep less for the backward);
+and the KL to a frozen reference (another model of the same shape), fastalign.CausalLMKLDiv against
 the KL from both models' logits.
 
 One forward and backward of the whole model (every weight trained) on B rows of T tokens whose first quarter is the
