@@ -10,6 +10,7 @@ the logits' memory unchanged: a Hugging Face Trainer, accelerate, DDP or FSDP2 a
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Callable, TypeVar
 
 import torch
@@ -33,7 +34,8 @@ def fuse_causal_lm_loss(model: Model, *, backend: Backend = "auto", grads_in_for
     the fused linear cross-entropy, with `loss` as it was and `logits` None; returns `model`.
 
     The fused forward runs where labels are given, grad mode is on, and no KV cache, logits_to_keep or
-    output_router_logits is asked for; the model's own forward runs otherwise. It takes the arguments the model's
+    output_router_logits is asked for; the model's own forward runs otherwise (with grad mode on and no labels, after a
+    warning, once: the logits are made then). It takes the arguments the model's
     forward takes (its signature is kept, which a Trainer reads), and the loss's: shift_labels, num_items_in_batch,
     ignore_index. Its output has the loss, and hidden_states and attentions where asked for. The model is checked
     here as CausalLMLoss checks it; so is its loss function, which must be transformers' causal LM loss, and a
@@ -61,6 +63,7 @@ class FusedLossForward:
 
     def __init__(self, loss: CausalLMLoss, unfused: Callable):
         self.loss, self.unfused = loss, unfused
+        self.warned_of_logits = False
 
     @property
     def __signature__(self) -> inspect.Signature:
@@ -69,7 +72,10 @@ class FusedLossForward:
 
     def __call__(self, *args, **kwargs):
         arguments = _named_arguments(self.__signature__, args, kwargs)
-        if arguments is None or not _takes_fused_loss(arguments):
+        if arguments is None or not torch.is_grad_enabled() or not _asks_for_nothing_but_the_loss(arguments):
+            return self.unfused(*args, **kwargs)
+        if arguments.get("labels") is None:
+            self._warn_of_logits()
             return self.unfused(*args, **kwargs)
         model = self.loss.model
         loss_arguments = {name: arguments.pop(name) for name in _LOSS_ARGUMENTS if name in arguments}
@@ -89,6 +95,19 @@ class FusedLossForward:
         return output if return_dict else output.to_tuple()
 
 
+    def _warn_of_logits(self) -> None:
+        """Once: a call that takes a gradient without labels runs the model's own forward, logits and all. A Trainer
+        does that where it computes the loss itself (label_smoothing_factor, compute_loss_func): it takes the labels
+        out of the batch, and the fused loss then saves nothing."""
+        if not self.warned_of_logits:
+            self.warned_of_logits = True
+            warnings.warn(f"{type(self.loss.model).__name__}: the fused model was called with grad enabled and no "
+                          "labels, so its own forward ran and made the [tokens x vocab] logits: the fused loss saves "
+                          "memory only when the labels reach the model's forward (a Trainer with "
+                          "label_smoothing_factor or compute_loss_func takes them out of the batch and computes the "
+                          "loss from the logits itself)")
+
+
 def _named_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict | None:
     """The call's arguments by name, those of the forward's **kwargs among them (a TypeError as the forward would
     raise it for arguments it does not take); None where some have no name (a forward's *args)."""
@@ -105,13 +124,12 @@ def _named_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) ->
     return named
 
 
-def _takes_fused_loss(arguments: dict) -> bool:
-    """Whether a call with these arguments takes the fused loss: labels given, a gradient to be taken, and nothing
-    asked for that only the model's own forward gives (a KV cache carried on, a slice of the logits, the router's
-    logits and auxiliary loss)."""
+def _asks_for_nothing_but_the_loss(arguments: dict) -> bool:
+    """Whether a call with these arguments asks for nothing that only the model's own forward gives: a KV cache
+    carried on, a slice of the logits, the router's logits and auxiliary loss. With labels and grad mode on, such a
+    call takes the fused loss."""
     logits_to_keep = arguments.get("logits_to_keep", 0)
-    return (arguments.get("labels") is not None and torch.is_grad_enabled()
-            and all(arguments.get(name) is None for name in _CACHE_ARGUMENTS)
+    return (all(arguments.get(name) is None for name in _CACHE_ARGUMENTS)
             and isinstance(logits_to_keep, int) and logits_to_keep == 0
             and not arguments.get("output_router_logits"))
 

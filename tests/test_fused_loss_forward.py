@@ -4,6 +4,7 @@ runs the two-process cases)."""
 import contextlib
 import copy
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -90,8 +91,13 @@ def test_where_no_gradient_is_taken_through_the_loss_the_models_own_forward_runs
         inputs.pop("labels")
     if case == "logits-to-keep":
         inputs.update(labels=None, logits_to_keep=1)
-    with torch.set_grad_enabled(case != "no-grad"):
+    with torch.set_grad_enabled(case != "no-grad"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         mine, theirs = fused(**inputs), own(**inputs)
+        fused(**inputs)
+    # with a gradient and no labels the logits' memory is spent: said once (a Trainer that took the labels out)
+    said = [w for w in caught if "called with grad enabled and no labels" in str(w.message)]
+    assert len(said) == (case == "no-labels"), [str(w.message) for w in caught]
     torch.testing.assert_close(mine.logits, theirs.logits)
     assert (mine.loss is None) == (theirs.loss is None)
     if theirs.loss is not None:
@@ -218,6 +224,31 @@ def test_a_plain_trainer_on_a_fused_model_takes_the_models_own_steps(tmp_path, m
     for name in start:
         torch.testing.assert_close(ends[0][name], ends[1][name], **tolerance, msg=name)
     assert evaluated[0] == pytest.approx(evaluated[1], rel=1e-6 if precision == "fp32" else 1e-3)
+
+
+def test_a_trainer_that_takes_the_labels_out_is_told_the_logits_are_made(tmp_path):
+    """A Trainer with label_smoothing_factor pops the labels and smooths the model's logits: the fused model runs its
+    own forward (the lm_head runs at each micro-batch), trains as the model would, and says so once."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    rows = batch(seed=11, rows=4)
+    data = [{name: t[i] for name, t in rows.items()} for i in range(4)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2,
+                                          learning_rate=1e-2, optim="sgd", use_cpu=True, label_smoothing_factor=0.1,
+                                          report_to=[], save_strategy="no", logging_strategy="no", seed=0)
+    model = fuse_causal_lm_loss(tiny_llama(VOCAB).train(), backend="torch")
+    own = tiny_llama(VOCAB).train()
+    calls = []
+    model.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    transformers.Trainer(model=own, args=args, train_dataset=data).train()
+    said = [w for w in caught if "called with grad enabled and no labels" in str(w.message)]
+    assert len(said) == 1 and "label_smoothing_factor" in str(said[0].message), [str(w.message) for w in caught]
+    assert len(calls) == 2
+    for (name, mine), theirs in zip(model.state_dict().items(), own.state_dict().values()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def record_calls(monkeypatch, module, name):
