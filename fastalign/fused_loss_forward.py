@@ -35,14 +35,14 @@ def fuse_causal_lm_loss(model: Model, *, backend: Backend = "auto", grads_in_for
 
     The fused forward runs where labels are given, grad mode is on, and no KV cache, logits_to_keep or
     output_router_logits is asked for; the model's own forward runs otherwise (with grad mode on and no labels, after a
-    warning, once: the logits are made then). It takes the arguments the model's
-    forward takes (its signature is kept, which a Trainer reads), and the loss's: shift_labels, num_items_in_batch,
-    ignore_index. Its output has the loss, and hidden_states and attentions where asked for. The model is checked
-    here as CausalLMLoss checks it; so is its loss function, which must be transformers' causal LM loss, and a
-    mixture of experts whose config adds the router's auxiliary loss is refused (the fused forward would leave it
-    out), and so is a model whose forward something else replaced before (accelerate's autocast: fuse first, and it
-    wraps the fused forward). Called again, it replaces the settings; copies of the model (copy.deepcopy) keep the
-    fused forward, on their own weights. backend and grads_in_forward are linear_cross_entropy's.
+    warning, once: the logits are made then). It takes the arguments the model's forward takes (its signature is
+    kept, which a Trainer reads), and the loss's: shift_labels, num_items_in_batch, ignore_index. Its output has the
+    loss, and hidden_states and attentions where asked for. The model is checked here as CausalLMLoss checks it; so
+    is its loss function, which must be transformers' causal LM loss, and a mixture of experts whose config adds the
+    router's auxiliary loss is refused (the fused forward would leave it out), and so is a model whose forward
+    something else replaced before (accelerate's autocast: fuse first, and it wraps the fused forward). Called again,
+    it replaces the settings; copies of the model (copy.deepcopy) keep the fused forward, on their own weights.
+    backend and grads_in_forward are linear_cross_entropy's.
     """
     base = base_causal_lm(model)
     _check_loss_is_causal_lm_cross_entropy(base)
@@ -93,7 +93,6 @@ class FusedLossForward:
         if return_dict is None:
             return_dict = getattr(model.config, "return_dict", True)
         return output if return_dict else output.to_tuple()
-
 
     def _warn_of_logits(self) -> None:
         """Once: a call that takes a gradient without labels runs the model's own forward, logits and all. A Trainer
