@@ -2,7 +2,7 @@
 fastalign.fuse_causal_lm_loss, against the model's own loss (model(**batch, labels=labels).loss, which materialises
 the [tokens x vocab] logits, then an fp32 copy of them), and against fused ops of others on the decoder's hidden
 states (what their user writes without patching the model's class): torch's own linear_cross_entropy on its chunked
-path (torch >= 2.13), and Liger-Kernel's fused linear cross-entropy where liger-kernel is importable; also
+path (in torch 2.13), and Liger-Kernel's fused linear cross-entropy where liger-kernel is importable; also
 CausalLMLoss with fastalign's training layers (fused_layers: RMSNorms and gated MLPs that keep less for the backward);
 and the KL to a frozen reference (another model of the same shape), fastalign.CausalLMKLDiv against
 the KL from both models' logits.
@@ -105,8 +105,8 @@ def loss_on_hidden_states(fused):
 
 
 def torch_chunked_loss():
-    """torch's own fused op, torch.nn.functional.linear_cross_entropy (torch >= 2.13; AttributeError before), on its
-    chunked path, on the hidden states."""
+    """torch's own fused op, torch.nn.functional.linear_cross_entropy (in torch 2.13; AttributeError in a torch
+    without it), on its chunked path, on the hidden states."""
     options = torch.nn.LinearCrossEntropyOptions()
     return loss_on_hidden_states(lambda h, w, y: torch.nn.functional.linear_cross_entropy(h, w, y, ignore_index=-100,
                                                                                         options=options))

@@ -3,7 +3,7 @@
 linear_cross_entropy: fastalign (plain and with signed token weights; each also with grads_in_forward=True, the
 gradients taken in the forward pass from blocks of whole logits rows), naive torch (materialised logits),
 a chunked torch.compile version (checkpointed row chunks), torch's own torch.nn.functional.linear_cross_entropy on
-its chunked path (torch >= 2.13; with signed weights, its per-token losses weighted), Liger-Kernel's fused linear
+its chunked path (in torch 2.13; with signed weights, its per-token losses weighted), Liger-Kernel's fused linear
 cross-entropy and Cut Cross-Entropy when importable. linear_kl_div: fastalign (separate and shared lm_head, each
 also with grads_in_forward=True), naive torch, and Liger's fused linear JSD with beta=0 (forward KL) when importable.
 Forward and forward+backward; median time, peak extra memory (CUDA), achieved TFLOP/s counted on the products
@@ -87,9 +87,9 @@ def cce_exact_ce():
 
 
 def torch_chunked_ce():
-    """torch's own fused op, torch.nn.functional.linear_cross_entropy (torch >= 2.13; AttributeError before), on
-    its chunked path (LinearCrossEntropyOptions(): chunks of rows, the gradients taken in the forward pass): what a
-    user of torch alone writes."""
+    """torch's own fused op, torch.nn.functional.linear_cross_entropy (in torch 2.13; AttributeError in a torch
+    without it), on its chunked path (LinearCrossEntropyOptions(): chunks of rows, the gradients taken in the forward
+    pass): what a user of torch alone writes."""
     options = torch.nn.LinearCrossEntropyOptions()
     return lambda h, w, y, tw: F.linear_cross_entropy(h, w, y, ignore_index=IGNORE, options=options)
 

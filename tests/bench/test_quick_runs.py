@@ -48,7 +48,7 @@ def check_bench_loss(record):
         assert close(row["fwd_tflops"], fwd * row["n"] * h * v / (row["fwd_ms"] * 1e-3) / 1e12), row
         assert close(row["fraction_of_matmul_peak"], row["fwd_bwd_tflops"] / peak), row
     assert by_quantity["mean CE"][:1] == ["fastalign"] and "naive torch" in by_quantity["mean CE"], by_quantity
-    # torch's own fused op where this torch has it (2.13 on), at fp32 rounding of fastalign's like the others
+    # torch's own fused op where this torch has it (2.13 does), at fp32 rounding of fastalign's like the others
     torch_has_it = hasattr(torch.nn, "LinearCrossEntropyOptions")
     assert ("torch linear_cross_entropy chunked" in by_quantity["mean CE"]) == torch_has_it, by_quantity
     assert ("torch linear_cross_entropy chunked signed-weights" in by_quantity["signed CE"]) == torch_has_it
@@ -190,7 +190,7 @@ def check_bench_causal_lm_loss(record):
         ("CE", "model's own loss"), ("CE", "fastalign CausalLMLoss"), ("CE", "fastalign fused model forward"),
         ("CE", "fastalign grads-in-forward"), ("CE", "fastalign + fused layers"), ("KL", "KL from both models' logits"),
         ("KL", "fastalign CausalLMKLDiv")]
-    # then torch's own fused op where this torch has it (2.13 on), and Liger where it is installed
+    # then torch's own fused op where this torch has it (2.13 does), and Liger where it is installed
     assert [row["method"] for row in rows[7:8]] == (["torch linear_cross_entropy chunked on hidden states"]
                                                     if hasattr(torch.nn, "LinearCrossEntropyOptions") else []), rows
     first = {}

@@ -127,7 +127,7 @@ def test_custom_ignore_index(ignore_index, reduction):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_agrees_with_torchs_own_linear_cross_entropy(backend, bias, reduction):
-    """A drop-in for torch.nn.functional.linear_cross_entropy (torch >= 2.13) where both define the loss (some token
+    """A drop-in for torch.nn.functional.linear_cross_entropy (in torch 2.13) where both define the loss (some token
     counted; without token weights, torch's op weighing classes instead): the same loss and gradients, whichever
     of torch's paths (its reference, or its chunked one)."""
     hidden, weight, target, extra = make_inputs(13, 24, 131, bias=bias, device=device_for(backend))
