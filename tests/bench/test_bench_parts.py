@@ -165,7 +165,7 @@ def test_loss_baseline_that_cannot_be_loaded_is_recorded_with_its_error(monkeypa
     baselines were not compared and why, beside the rows of the others."""
     monkeypatch.setitem(sys.modules, "liger_kernel", None)  # importing it raises ImportError
     monkeypatch.setitem(sys.modules, "cut_cross_entropy", None)
-    monkeypatch.delattr(torch.nn, "LinearCrossEntropyOptions", raising=False)   # as torch before 2.13
+    monkeypatch.delattr(torch.nn, "LinearCrossEntropyOptions", raising=False)   # as in a torch without it
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: 2.0)
     monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
