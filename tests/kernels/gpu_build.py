@@ -17,8 +17,9 @@ import tempfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# The most shared memory one block can have, by compute capability: H100/H200, A100, L4/RTX 4090 (and sm_86).
-SHARED_MEMORY_PER_BLOCK = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024}
+# The most shared memory one block can have, by compute capability: H100/H200, A100, L4/RTX 4090 (and sm_86),
+# B200/GB200, RTX 50 series/RTX PRO Blackwell.
+SHARED_MEMORY_PER_BLOCK = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 
 
 def assert_builds(script):
@@ -75,8 +76,10 @@ def check_build(compiled, what, *, tuned, capability=90):
 
 def uses_tensor_cores(compiled):
     """Whether every dot of the build runs on the tensor cores: its result has an MMA layout (mma.sync, or an H100's
-    warp-group wgmma), not a blocked one. A 16-bit dot that Triton cannot put there runs on the FMA units, many times
-    slower, with the same results."""
+    warp-group wgmma), not a blocked one, or it became a B200's tcgen05 MMA (tc_gen5_mma, accumulating in tensor
+    memory). A 16-bit dot that Triton cannot put there runs on the FMA units, many times slower, with the same
+    results."""
     dots = [line for line in compiled.asm["ttgir"].splitlines()
-            if re.search(r"= (tt\.dot|ttng\.warp_group_dot) ", line)]
-    return bool(dots) and all(re.search(r"-> tensor<[^<>]*, #mma\d*>", line) for line in dots)
+            if re.search(r"(= (tt\.dot|ttng\.warp_group_dot)|ttng\.tc_gen5_mma) ", line)]
+    return bool(dots) and all("ttng.tc_gen5_mma " in line or re.search(r"-> tensor<[^<>]*, #mma\d*>", line)
+                              for line in dots)

@@ -4,7 +4,9 @@ The interpreter that runs them in CPU tests never compiles them; this catches wh
 (unsupported ops, tile shapes that do not lower, shared memory beyond the 227 KiB an sm_90 block can have,
 register spills, main loops whose loads are not pipelined, fp32 dots lowered to TF32). The kernels' FROM_BUFFER
 builds (grads_in_forward's, which read logits from a buffer instead of taking dots) are checked for shared memory and
-spills.
+spills. The bf16 configurations also build for Blackwell (a B200's sm_100, an RTX 50's sm_120), within its block's
+shared memory and with their dots on its tensor cores; the tiles are tuned for sm_90, and on Blackwell some of the
+forward's spill a few registers.
 """
 from tests.kernels.gpu_build import assert_builds
 
@@ -43,6 +45,11 @@ for dtype in ("bf16", "fp32"):
             if small:  # the configuration that always launches, also on an A100 or an L4 (sm_89)
                 for capability in (80, 89):
                     check_build(build_for_gpu(*kernel, capability), what, tuned=False, capability=capability)
+            if dtype == "bf16":   # Blackwell's builds (sm_100: tcgen05 MMA): tuned on sm_90 alone, so spills allowed
+                for capability in (100, 120):
+                    compiled = build_for_gpu(*kernel, capability)
+                    assert uses_tensor_cores(compiled), (what, capability, "bf16 dots off the tensor cores")
+                    check_build(compiled, what, tuned=False, capability=capability)
             if dtype == "bf16":   # the same kernel reading its logits from fp32 buffers (no dots, no K loop)
                 buffered = (tuner.fn, types, {**kernel[2], "FROM_BUFFER": True}, config.num_warps, config.num_stages)
                 compiled = build_for_gpu(*buffered)

@@ -166,8 +166,8 @@ from tests.kernels.gpu_build import build_for_gpu, check_build, uses_tensor_core
 # group of 7 and head_dim 96 (for tests, not tuned); the sliding window's decode with split keys, prefills and fp32
 # extension; the soft cap's decode with split keys and prefill, alone and with the window; both cascade passes under a
 # window (the shared pass finding each query's row), also with head_dim 256 and the cap (Gemma 2 and 3's local
-# layers). The tiles come from shapes alone, with no fallback: the 16-bit ones must also fit an A100's and an L4's
-# (sm_89) block.
+# layers). The tiles come from shapes alone, with no fallback: the 16-bit ones must also fit an A100's, an L4's
+# (sm_89) and Blackwell's (a B200's sm_100, an RTX 50's sm_120) block, their dots on each one's tensor cores.
 for dtype, itemsize, tokens, rows, group, head_dim, prefix_pass, suffix_pass, partial, sliding, softcap in (
         ("bf16", 2, 8, 8, 4, 64, False, False, True, False, False),
         ("bf16", 2, 4096, 1, 4, 128, False, False, False, False, False),
@@ -196,7 +196,7 @@ for dtype, itemsize, tokens, rows, group, head_dim, prefix_pass, suffix_pass, pa
                      SUFFIX_PASS=suffix_pass, WRITE_LSE=partial, SLIDING=sliding, SOFTCAP=softcap,
                      SEARCH_STEPS=8 if prefix_pass and sliding else 0)
     what = (dtype, tokens, rows, group, head_dim, "sliding" if sliding else "", "softcap" if softcap else "")
-    for capability in (90, 80, 89) if dtype == "bf16" else (90,):
+    for capability in (90, 80, 89, 100, 120) if dtype == "bf16" else (90,):
         compiled = build_for_gpu(_paged_attention_kernel, types, constants, num_warps, num_stages, capability)
         assert dtype == "fp32" or uses_tensor_cores(compiled), (what, capability, "bf16 dots off the tensor cores")
         check_build(compiled, what, tuned=dtype == "bf16" and capability == 90, capability=capability)
@@ -207,7 +207,7 @@ for sinks in (False, True):  # gpt-oss's attention sinks join at the merge
 """
 
 
-def test_kernels_compile_for_sm90_and_fit_sm80_sm89_without_a_gpu():
+def test_kernels_compile_for_sm90_and_fit_sm80_sm89_sm100_sm120_without_a_gpu():
     assert_builds(COMPILE_FOR_GPUS)
 
 
