@@ -12,7 +12,16 @@ _NAMES = ("cache", "past_key_values", "cache_params")   # the first a forward ta
 
 @functools.lru_cache(maxsize=None)
 def _cache_parameters(model_class) -> frozenset:
-    return frozenset(set(_NAMES) & set(inspect.signature(model_class.forward).parameters))
+    """The cache arguments of model_class's forward; for a forward that names none but takes **kwargs (a subclass's
+    override handing them to its base class's forward), those of the nearest forward above it that names one."""
+    for cls in model_class.__mro__:
+        if "forward" not in vars(cls):
+            continue
+        parameters = inspect.signature(vars(cls)["forward"]).parameters
+        names = frozenset(set(_NAMES) & set(parameters))
+        if names or not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return names
+    return frozenset()
 
 
 def _base_class(model):

@@ -52,6 +52,27 @@ def test_a_forward_takes_a_cache_under_either_name_or_none():
     assert not takes_a_cache(NoCache()) and not takes_a_cache(Wrapper(NoCache()))
 
 
+def override(base):
+    """A user's subclass of `base` whose forward names no cache and hands its keywords on to base's forward."""
+    class Override(base):
+        def forward(self, input_ids=None, **kwargs):
+            return super().forward(input_ids, **kwargs)
+    return Override
+
+
+def test_an_override_handing_its_keywords_on_gets_the_argument_of_the_forward_it_calls():
+    cache = object()
+    assert cache_kwargs(override(NewStyle)(), cache) == {"cache": cache}
+    assert cache_kwargs(override(OldStyle)(), cache) == {"past_key_values": cache}
+    assert takes_a_cache(override(NewStyle)()) and takes_a_cache(override(OldStyle)())
+    assert not takes_a_cache(override(NoCache)())
+    # a transformers model's: under the name its class's forward takes (`cache` since transformers 5.25, where
+    # `past_key_values` warns that it goes in 5.40)
+    bloom = tiny_model("bloom-alibi-fallback")
+    (name,) = cache_kwargs(override(type(bloom))(bloom.config), None)
+    assert name in inspect.signature(type(bloom).forward).parameters
+
+
 def test_a_peft_lora_model_gets_the_argument_its_transformers_model_names():
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(tiny_model("llama-gqa-untied"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
