@@ -2,7 +2,8 @@
 fastalign.fuse_causal_lm_loss, against the model's own loss (model(**batch, labels=labels).loss, which materialises
 the [tokens x vocab] logits, then an fp32 copy of them), and against fused ops of others on the decoder's hidden
 states (what their user writes without patching the model's class): torch's own linear_cross_entropy on its chunked
-path (in torch 2.13), and Liger-Kernel's fused linear cross-entropy where liger-kernel is importable; also
+path (in torch 2.13), and Liger-Kernel's fused linear cross-entropy where liger-kernel is importable; TRL's fused LM
+head as its SFT trainer patches it onto the model, where trl is importable; also
 CausalLMLoss with fastalign's training layers (fused_layers: RMSNorms and gated MLPs that keep less for the backward);
 and the KL to a frozen reference (another model of the same shape), fastalign.CausalLMKLDiv against
 the KL from both models' logits.
@@ -119,6 +120,19 @@ def liger_loss():
     return loss_on_hidden_states(lambda h, w, y: fused(w, h, y))
 
 
+def trl_fused_head_loss():
+    """TRL's fused LM head as its SFT trainer puts it on a model (trl.trainer.utils.add_fused_lm_head, with the
+    entropy and top-1 outputs its metrics read): model(**batch, fused_lm_head=True).loss, the token mean of -log p
+    from its chunked log-probabilities (ImportError without trl). It patches the model's forward in place, so it is
+    the last way measured (a call without fused_lm_head goes to the forward it wrapped)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    def build(model):
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+        return lambda batch: model(**batch, fused_lm_head=True).loss
+    return build
+
+
 def make_batch(rows, tokens, vocab, device, seed=0):
     """B rows of T random tokens; labels are the ids with the first quarter of each row (the prompt) at -100."""
     generator = torch.Generator().manual_seed(seed)
@@ -191,7 +205,8 @@ def main():
             ("KL", "fastalign CausalLMKLDiv", lambda m: fastalign_kl(m, reference_model)),
             ("CE", "torch linear_cross_entropy chunked on hidden states",
              harness.optional(torch_chunked_loss, config["unavailable"])),
-            ("CE", "liger on hidden states", harness.optional(liger_loss, config["unavailable"]))]
+            ("CE", "liger on hidden states", harness.optional(liger_loss, config["unavailable"])),
+            ("CE", "trl fused LM head", harness.optional(trl_fused_head_loss, config["unavailable"]))]
     results, first_of = [], {}   # quantity -> (row, gradients) of its first measured way
     for quantity, name, build in ways:
         if build is None:

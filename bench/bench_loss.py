@@ -4,8 +4,10 @@ linear_cross_entropy: fastalign (plain and with signed token weights; each also 
 gradients taken in the forward pass from blocks of whole logits rows), naive torch (materialised logits),
 a chunked torch.compile version (checkpointed row chunks), torch's own torch.nn.functional.linear_cross_entropy on
 its chunked path (in torch 2.13; with signed weights, its per-token losses weighted), Liger-Kernel's fused linear
-cross-entropy and Cut Cross-Entropy when importable. linear_kl_div: fastalign (separate and shared lm_head, each
-also with grads_in_forward=True), naive torch, and Liger's fused linear JSD with beta=0 (forward KL) when importable.
+cross-entropy, Cut Cross-Entropy and TRL's chunked log-probabilities (its trainers' fused LM head; with signed
+weights, its per-token log-probabilities weighted) when importable. linear_kl_div: fastalign (separate and shared
+lm_head, each also with grads_in_forward=True), naive torch, and when importable Liger's fused linear JSD and TRL's
+chunked divergence (its distillation trainer's), each with beta=0 (forward KL).
 Forward and forward+backward; median time, peak extra memory (CUDA), achieved TFLOP/s counted on the products
 the math needs: 2*N*H*V per logits product forward, 4*N*H*V more for the backward of a product with gradients
 (cross-entropy: 2NHV forward, 6NHV with the backward, the issue's definition; KL: 4NHV forward, the frozen
@@ -102,6 +104,42 @@ def torch_chunked_ce_signed():
                                                        options=options) * tw).sum()
 
 
+TRL_VOCAB_CHUNK = 32768   # the vocabulary width of TRL's tiles in its fused LM head
+
+
+def trl_target_log_probs():
+    """(counted rows, log p of their targets) by TRL's chunked log-probabilities (trl.kernels.ChunkedLogProbFunction,
+    what its trainers' fused LM head runs: cuBLAS products of [4096, 32768] tiles, each folded by a Triton kernel,
+    recomputed in the backward), given the targets' rows as TRL's head gives them; ImportError without trl."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    def log_probs(h, w, y):
+        live = y != IGNORE
+        return live, ChunkedLogProbFunction.apply(h[live], w, None, y[live], 1.0, TRL_VOCAB_CHUNK, None, 1.0,
+                                                  ("log_probs",))[0]
+    return log_probs
+
+
+def trl_ce():
+    """TRL's chunked log-probabilities, the loss the mean of the targets' -log p."""
+    log_probs = trl_target_log_probs()
+
+    def loss(h, w, y, tw):
+        live, log_p = log_probs(h, w, y)
+        return -log_p.sum() / live.sum().clamp(min=1)
+    return loss
+
+
+def trl_ce_signed():
+    """The same per-token log-probabilities, weighted by the signed token weights: sum_t w_t CE_t."""
+    log_probs = trl_target_log_probs()
+
+    def loss(h, w, y, tw):
+        live, log_p = log_probs(h, w, y)
+        return -(tw[live] * log_p).sum()
+    return loss
+
+
 # ---- KL candidates: (hidden, weight, ref_hidden, ref_weight) -> scalar loss ----
 
 def fastalign_kl(h, w, rh, rw):
@@ -122,6 +160,13 @@ def liger_kl():
     from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
     loss = LigerFusedLinearJSD(jsd_beta=0.0, ignore_index=IGNORE)
     return lambda h, w, rh, rw: loss(h, w, rh, rw, None)
+
+
+def trl_kl():
+    """TRL's chunked divergence with beta=0, the forward KL(teacher || student) (trl.kernels.chunked_divergence, what
+    its distillation trainer runs: both heads' products in fp32 [4096, 32768] tiles), the token mean."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+    return lambda h, w, rh, rw: ChunkedDivergenceFunction.apply(h, w, None, rh, rw, None, 0.0)[0].mean()
 
 
 def matmul_peak_tflops(device, dtype):
@@ -196,9 +241,9 @@ def report(rows, row, args, config):
 
 def run(args, config):
     """Every (op, method) at every N: fastalign's rows first (seconds in all), then Liger and CCE, which the
-    issue's targets compare them with, then the other baselines, so that a run cut short keeps the rows that
-    matter, and a third-party kernel that fails with a sticky CUDA error (an illegal memory access leaves every
-    later CUDA call of the process failing) takes no fastalign row with it.
+    issue's targets compare them with, then the other baselines, the issue's before TRL's, so that a run cut short
+    keeps the rows that matter, and a third-party kernel that fails with a sticky CUDA error (an illegal memory
+    access leaves every later CUDA call of the process failing) takes no fastalign row with it.
     Methods of one quantity (an op on one kind of inputs) see the same inputs: loss_rel_diff is the relative
     difference of a row's loss from the first row of its quantity at that N, grad_rel_diff the largest of its
     gradients' (hidden, weight)."""
@@ -222,7 +267,10 @@ def run(args, config):
                (signed_ce, "torch linear_cross_entropy chunked signed-weights",
                 harness.optional(torch_chunked_ce_signed, unavailable)),
                (mean_ce, "naive torch", naive_ce),
-               (kl_two_heads, "naive torch", naive_kl), (mean_ce, "torch.compile chunked", compiled_chunked_ce)]
+               (kl_two_heads, "naive torch", naive_kl), (mean_ce, "torch.compile chunked", compiled_chunked_ce),
+               (mean_ce, "trl chunked log-probs", harness.optional(trl_ce, unavailable)),
+               (signed_ce, "trl chunked log-probs signed-weights", harness.optional(trl_ce_signed, unavailable)),
+               (kl_two_heads, "trl chunked divergence beta=0", harness.optional(trl_kl, unavailable))]
     op_of = {mean_ce: ce, signed_ce: ce, kl_two_heads: kl, kl_one_head: kl}
     h, v = args.hidden, args.vocab
     for n in args.tokens:

@@ -161,10 +161,11 @@ def test_loss_stages_run_the_kernels_with_the_gradients_each_names(monkeypatch, 
 
 
 def test_loss_baseline_that_cannot_be_loaded_is_recorded_with_its_error(monkeypatch, tmp_path):
-    """Liger or Cut Cross-Entropy missing (or failing to import) on the GPU machine: the JSON record says which
+    """Liger, Cut Cross-Entropy or TRL missing (or failing to import) on the GPU machine: the JSON record says which
     baselines were not compared and why, beside the rows of the others."""
     monkeypatch.setitem(sys.modules, "liger_kernel", None)  # importing it raises ImportError
     monkeypatch.setitem(sys.modules, "cut_cross_entropy", None)
+    monkeypatch.setitem(sys.modules, "trl", None)
     monkeypatch.delattr(torch.nn, "LinearCrossEntropyOptions", raising=False)   # as in a torch without it
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: 2.0)
@@ -176,17 +177,18 @@ def test_loss_baseline_that_cannot_be_loaded_is_recorded_with_its_error(monkeypa
     assert len(record["results"]) == len(rows) == 11, record["results"]
     unavailable = record["config"]["unavailable"]
     torch_rows = ["torch_chunked_ce", "torch_chunked_ce_signed"]
-    assert sorted(unavailable) == ["cce_ce", "cce_exact_ce", "liger_ce", "liger_kl", *torch_rows], unavailable
+    assert sorted(unavailable) == ["cce_ce", "cce_exact_ce", "liger_ce", "liger_kl", *torch_rows, "trl_ce",
+                                   "trl_ce_signed", "trl_kl"], unavailable
     assert all(error.startswith("AttributeError" if name in torch_rows else "ModuleNotFoundError")
                for name, error in unavailable.items()), unavailable
 
 
 def test_loss_fastalign_rows_come_before_the_third_party_baselines(monkeypatch, tmp_path):
     """A third-party kernel that hits an illegal memory access leaves every later CUDA call of the process failing:
-    every fastalign row is measured before the first Liger or CCE row, each quantity still led by fastalign's."""
+    every fastalign row is measured before the first Liger, CCE or TRL row, each quantity still led by fastalign's."""
     def baseline(factory, unavailable):
         def loss(a, b, c, d):
-            return (bench_loss.naive_kl(a, b, c, d) if factory.__name__ == "liger_kl" else
+            return (bench_loss.naive_kl(a, b, c, d) if factory.__name__.endswith("_kl") else
                     bench_loss.naive_ce(a, b, c, d))
         return loss
     monkeypatch.setattr(bench_loss.harness, "optional", baseline)
@@ -195,8 +197,8 @@ def test_loss_fastalign_rows_come_before_the_third_party_baselines(monkeypatch, 
     monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
     args = SimpleNamespace(device="cpu", dtype="float32", quick=False, hidden=16, vocab=67, tokens=[8], verbose=False)
     methods = [row["method"] for row in bench_loss.run(args, {"matmul_peak_tflops": 1.0})]
-    third_party = [i for i, m in enumerate(methods) if m.startswith(("liger", "cut-cross-entropy"))]
-    assert len(third_party) == 4 and all(i < third_party[0] for i, m in enumerate(methods)
+    third_party = [i for i, m in enumerate(methods) if m.startswith(("liger", "cut-cross-entropy", "trl"))]
+    assert len(third_party) == 7 and all(i < third_party[0] for i, m in enumerate(methods)
                                          if m.startswith("fastalign")), methods
 
 

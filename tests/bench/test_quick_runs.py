@@ -4,6 +4,7 @@ The numbers of a CPU smoke run mean nothing; what is tested is that the scripts 
 work after a change (they import the package, call its public API and the baselines' plumbing), that the methods
 each compares compute the same thing, and that its derived numbers follow their definitions in the issues.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -52,7 +53,12 @@ def check_bench_loss(record):
     torch_has_it = hasattr(torch.nn, "LinearCrossEntropyOptions")
     assert ("torch linear_cross_entropy chunked" in by_quantity["mean CE"]) == torch_has_it, by_quantity
     assert ("torch linear_cross_entropy chunked signed-weights" in by_quantity["signed CE"]) == torch_has_it
-    assert by_quantity["KL two heads"] == ["fastalign", "fastalign grads-in-forward", "naive torch"], by_quantity
+    # TRL's chunked log-probabilities and divergence where trl is installed
+    trl = importlib.util.find_spec("trl") is not None
+    assert ("trl chunked log-probs" in by_quantity["mean CE"]) == trl, by_quantity
+    assert ("trl chunked log-probs signed-weights" in by_quantity["signed CE"]) == trl, by_quantity
+    assert by_quantity["KL two heads"] == ["fastalign", "fastalign grads-in-forward", "naive torch",
+                                           *["trl chunked divergence beta=0"] * trl], by_quantity
 
 
 def check_bench_unlearn(record):
@@ -190,9 +196,11 @@ def check_bench_causal_lm_loss(record):
         ("CE", "model's own loss"), ("CE", "fastalign CausalLMLoss"), ("CE", "fastalign fused model forward"),
         ("CE", "fastalign grads-in-forward"), ("CE", "fastalign + fused layers"), ("KL", "KL from both models' logits"),
         ("KL", "fastalign CausalLMKLDiv")]
-    # then torch's own fused op where this torch has it (2.13 does), and Liger where it is installed
+    # then torch's own fused op where this torch has it (2.13 does), Liger where it is installed, and TRL's fused head
+    # where trl is, last
     assert [row["method"] for row in rows[7:8]] == (["torch linear_cross_entropy chunked on hidden states"]
                                                     if hasattr(torch.nn, "LinearCrossEntropyOptions") else []), rows
+    assert (rows[-1]["method"] == "trl fused LM head") == (importlib.util.find_spec("trl") is not None), rows
     first = {}
     for row in rows:
         base = first.setdefault(row["quantity"], row)
