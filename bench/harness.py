@@ -6,6 +6,7 @@ to a committed measurement on a named device.
 """
 import gc
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -322,13 +323,24 @@ def print_table(rows, columns):
             print("  ".join("-" * w for w in widths))
 
 
+# the packages a bench compares with, by module name -> distribution name
+COMPARED_PACKAGES = {"transformers": "transformers", "liger_kernel": "liger-kernel",
+                     "cut_cross_entropy": "cut-cross-entropy", "trl": "trl"}
+
+
+def compared_versions():
+    """{distribution: version} of the compared packages this process imported: what the record's rows ran."""
+    return {dist: importlib.metadata.version(dist) for module, dist in COMPARED_PACKAGES.items()
+            if sys.modules.get(module) is not None}
+
+
 def write_results(name, device, config, rows, tag=None):
     """Writes the JSON record of one run and returns its path (its name ends in `tag` where given: a variant of the
     benchmark, kept beside its default run of the same commit)."""
     commit = git_commit()
     triton = sys.modules.get("triton")
     record = {"benchmark": name, "device": device_name(device), "commit": commit, "torch": torch.__version__,
-              "triton": getattr(triton, "__version__", None),
+              "triton": getattr(triton, "__version__", None), "packages": compared_versions(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": config,
               "autotuned": autotuned_configs(), "results": rows}
     os.makedirs(RESULTS_DIR, exist_ok=True)

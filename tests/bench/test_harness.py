@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench import harness
@@ -138,6 +139,10 @@ def test_write_results_records_device_commit_config_and_rows(monkeypatch, tmp_pa
          "results": rows}
     assert record["triton"] == getattr(sys.modules.get("triton"), "__version__", None)
     assert record["autotuned"] == harness.autotuned_configs()
+    # the compared packages this process imported, each with its version; transformers is (the tests load models)
+    assert record["packages"]["transformers"] == transformers.__version__
+    assert set(record["packages"]) == {dist for module, dist in harness.COMPARED_PACKAGES.items()
+                                       if sys.modules.get(module) is not None}
 
 
 def test_other_accelerators_are_named_by_their_type_not_as_the_cpu():
