@@ -6,7 +6,8 @@ path (in torch 2.13), and Liger-Kernel's fused linear cross-entropy where liger-
 head as its SFT trainer patches it onto the model, where trl is importable; also
 CausalLMLoss with fastalign's training layers (fused_layers: RMSNorms and gated MLPs that keep less for the backward);
 and the KL to a frozen reference (another model of the same shape), fastalign.CausalLMKLDiv against
-the KL from both models' logits.
+the KL from both models' logits and, where trl is importable, TRL's chunked divergence (its distillation trainer's) on
+both decoders' hidden states.
 
 One forward and backward of the whole model (every weight trained) on B rows of T tokens whose first quarter is the
 prompt (labels -100). Columns: the step's median time, its peak memory beyond what existed before it (the weights'
@@ -120,6 +121,25 @@ def liger_loss():
     return loss_on_hidden_states(lambda h, w, y: fused(w, h, y))
 
 
+def trl_divergence_on_hidden_states():
+    """A builder of TRL's chunked divergence with beta=0, KL(reference || model) (trl.kernels.chunked_divergence, what
+    its distillation trainer runs), on both decoders' hidden states at the labelled positions, the token mean
+    (ImportError without trl)."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    def build(model, reference):
+        def loss(batch):
+            inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            counted = batch["labels"][:, 1:] != -100
+            hidden = model.model(**inputs).last_hidden_state[:, :-1][counted]
+            with torch.no_grad():
+                ref_hidden = reference.model(**inputs).last_hidden_state[:, :-1][counted]
+            return ChunkedDivergenceFunction.apply(hidden, model.lm_head.weight, None, ref_hidden,
+                                                   reference.lm_head.weight, None, 0.0)[0].mean()
+        return loss
+    return build
+
+
 def trl_fused_head_loss():
     """TRL's fused LM head as its SFT trainer puts it on a model (trl.trainer.utils.add_fused_lm_head, with the
     entropy and top-1 outputs its metrics read): model(**batch, fused_lm_head=True).loss, the token mean of -log p
@@ -197,6 +217,7 @@ def main():
     torch.manual_seed(1)   # the KL's reference: another model of the same shape, frozen (a teacher's stand-in)
     with torch.device(device):
         reference_model = LlamaForCausalLM(LlamaConfig(**shape)).to(dtype).requires_grad_(False)
+    trl_kl = harness.optional(trl_divergence_on_hidden_states, config["unavailable"])
     ways = [("CE", "model's own loss", own_loss), ("CE", "fastalign CausalLMLoss", fastalign_loss),
             ("CE", "fastalign fused model forward", fused_model_forward),
             ("CE", "fastalign grads-in-forward", lambda m: fastalign_loss(m, grads_in_forward=True)),
@@ -206,6 +227,7 @@ def main():
             ("CE", "torch linear_cross_entropy chunked on hidden states",
              harness.optional(torch_chunked_loss, config["unavailable"])),
             ("CE", "liger on hidden states", harness.optional(liger_loss, config["unavailable"])),
+            ("KL", "trl chunked divergence on hidden states", trl_kl and (lambda m: trl_kl(m, reference_model))),
             ("CE", "trl fused LM head", harness.optional(trl_fused_head_loss, config["unavailable"]))]
     results, first_of = [], {}   # quantity -> (row, gradients) of its first measured way
     for quantity, name, build in ways:
