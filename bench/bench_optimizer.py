@@ -6,7 +6,9 @@ run, on the parameters of a Llama-architecture model (random values of a trained
 - torch AdamW, bf16:       torch's AdamW on the bf16 weights (fused on CUDA; 6 bytes a weight), whose rounding of
                            each updated weight to bf16 drops updates below half its last place;
 - torch AdamW, fp32:       torch's AdamW on fp32 weights (fused on CUDA; 12 bytes a weight), what mixed precision
-                           keeps (it also keeps the bf16 copy it computes with, not counted here).
+                           keeps (it also keeps the bf16 copy it computes with, not counted here);
+- torchao AdamW, bf16 stochastic rounding: where torchao is importable, its AdamW on the bf16 weights with each
+                           update rounded at random in proportion (6 bytes a weight), small updates kept on average.
 
 Columns: the step of all parameters (median ms), its peak memory beyond the state (step extra), the bytes a weight
 of weights and optimizer state, and the fidelity of the training the step does: after --fidelity-steps steps at the
@@ -45,8 +47,15 @@ def torch_adamw(params):
     return torch.optim.AdamW(params, lr=2e-6, fused=True if params[0].device.type == "cuda" else None)
 
 
-WAYS = [("KahanAdamW", kahan, torch.bfloat16), ("torch AdamW, bf16", torch_adamw, torch.bfloat16),
-        ("torch AdamW, fp32", torch_adamw, torch.float32)]
+def torchao_adamw_stochastic_rounding():
+    """torchao's AdamW with bf16 stochastic rounding (torchao.optim._AdamW(bf16_stochastic_round=True), what torchao
+    offers for training bf16 weights: each updated weight rounded up or down at random, in proportion, so that small
+    updates are kept on average; one torch.compile'd step a parameter); ImportError without torchao."""
+    from torchao.optim import _AdamW
+    return lambda params: _AdamW(params, lr=2e-6, bf16_stochastic_round=True)
+
+
+FP32 = "torch AdamW, fp32"   # the way the others' speed-ups are taken against
 
 
 def parameter_shapes(shape):
@@ -115,12 +124,18 @@ def main():
               "weights": sum(torch.Size(s).numel() for s in shapes), "lr": 2e-6,
               "fidelity_steps": args.fidelity_steps}
     print(f"device: {harness.device_name(device)}   {config['weights'] / 1e6:.1f}M weights in {len(shapes)} tensors")
+    ways = [("KahanAdamW", kahan, torch.bfloat16), ("torch AdamW, bf16", torch_adamw, torch.bfloat16),
+            (FP32, torch_adamw, torch.float32),
+            ("torchao AdamW, bf16 stochastic rounding",
+             harness.optional(torchao_adamw_stochastic_rounding, config.setdefault("unavailable", {})), torch.bfloat16)]
     rows = []
-    for name, build, dtype in WAYS:
+    for name, build, dtype in ways:
+        if build is None:
+            continue
         rows.append(measure(name, build, dtype, shapes, args, device))
         harness.write_results("bench_optimizer", device, config, rows)   # after each row: a cut run keeps them
         harness.print_table(rows[-1:], COLUMNS[:-1])
-    fp32_ms = rows[-1]["step_ms"]
+    fp32_ms = next(row["step_ms"] for row in rows if row["method"] == FP32)
     for row in rows:
         row["speedup_vs_fp32"] = fp32_ms / row["step_ms"]
     path = harness.write_results("bench_optimizer", device, config, rows)

@@ -15,14 +15,14 @@
 #   needs to start):
 #   run(command="bash bench/gpu_session.sh 8b", ...)   # bench_unlearn --preset 8b alone
 #
-# On the GPU machine (no network) it installs the carried wheels (liger-kernel, cut-cross-entropy and trl, the
-# baselines of bench_loss.py and bench_causal_lm_loss.py, and the packages TRL imports that the machine's image lacks)
-# and fastalign itself, then runs, each step under its own time limit so that the whole fits: the tests that need
-# CUDA and the Triton kernel tests on the GPU, then bench_loss (the 8B head at N=8192, and the 1B head at the token
-# counts of bench_unlearn's batch), bench_optimizer (the 1B's parameters), bench_tree, bench_unlearn (1B, each way
-# profiled once), bench_rain (random 1B Llama on HH prompts, the tree engine's run profiled once),
-# bench_causal_lm_loss (a 1B training step, CausalLMLoss and CausalLMKLDiv against the logits' losses) and, in the
-# call's time left, bench_unlearn's 8B preset (LoRA; full weights with the cached reference). The log, the
+# On the GPU machine (no network) it installs the carried wheels (liger-kernel, cut-cross-entropy, trl and torchao,
+# the baselines of bench_loss.py, bench_causal_lm_loss.py and bench_optimizer.py, and the packages TRL imports that
+# the machine's image lacks) and fastalign itself, then runs, each step under its own time limit so that the whole
+# fits: the tests that need CUDA and the Triton kernel tests on the GPU, then bench_loss (the 8B head at N=8192, and
+# the 1B head at the token counts of bench_unlearn's batch), bench_optimizer (the 1B's parameters), bench_tree,
+# bench_unlearn (1B, each way profiled once), bench_rain (random 1B Llama on HH prompts, the tree engine's run
+# profiled once), bench_causal_lm_loss (a 1B training step, CausalLMLoss and CausalLMKLDiv against the logits' losses)
+# and, in the call's time left, bench_unlearn's 8B preset (LoRA; full weights with the cached reference). The log, the
 # two pytest logs and bench_results.tar (every bench JSON: the device tool returns at most 8 files) land in $OUT:
 # extract the tar into bench/results/ and commit the JSON files. The benches rewrite their JSON after each row
 # (atomically) and the tar is rewritten after each step, so a step cut at its limit still returns what it measured.
@@ -32,12 +32,13 @@ cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--prepare" ]]; then
     set -e
     # one version of each wheel (two stop the install there): downloaded aside, replacing .whl only on success
-    rm -rf .whl.new && mkdir -p .whl.new/trl .carry/data
+    rm -rf .whl.new && mkdir -p .whl.new/apart .carry/data
     download=(python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
               --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
     "${download[@]}" -d .whl.new liger-kernel==0.8.5 cut-cross-entropy==25.1.1
-    # TRL and what its trainer utilities import that the machine's image lacks, installed apart (see with_trl)
-    "${download[@]}" -d .whl.new/trl trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+    # TRL (and what its trainer utilities import that the machine's image lacks) and torchao, installed apart (see
+    # gpu_benches' with_apart)
+    "${download[@]}" -d .whl.new/apart trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 torchao==0.18.0
     rm -rf .whl && mv .whl.new .whl
     cp ../shared/data/hh-harmless-base-test.jsonl.gz ../shared/data/TruthfulQA.csv .carry/data/
     # the device's copy of the tree has no .git: the bench JSON takes the commit from here
@@ -99,20 +100,20 @@ gpu_tests() {
 }
 
 gpu_benches() {
-    # TRL's packages on the path of the benches that compare with TRL alone, so that nothing else imports the carried
-    # datasets (transformers' Trainer does wherever it is installed)
-    local with_trl=(env "PYTHONPATH=/tmp/site-trl${PYTHONPATH:+:$PYTHONPATH}")
-    step 110 "bench_loss" "${with_trl[@]}" python3 bench/bench_loss.py --tokens 8192 --verbose --stages \
+    # the packages installed apart on the path of the benches that compare with them alone, so that nothing else imports
+    # them (transformers' Trainer imports datasets wherever it is installed, and checks for torchao)
+    local with_apart=(env "PYTHONPATH=/tmp/site-apart${PYTHONPATH:+:$PYTHONPATH}")
+    step 110 "bench_loss" "${with_apart[@]}" python3 bench/bench_loss.py --tokens 8192 --verbose --stages \
         --row-block-mib 96 384
-    step 45 "bench_loss, 1B head" "${with_trl[@]}" python3 bench/bench_loss.py --hidden 2048 --tokens 256 2048 \
+    step 45 "bench_loss, 1B head" "${with_apart[@]}" python3 bench/bench_loss.py --hidden 2048 --tokens 256 2048 \
         --verbose --stages
-    step 25 "bench_optimizer" python3 bench/bench_optimizer.py
+    step 25 "bench_optimizer" "${with_apart[@]}" python3 bench/bench_optimizer.py
     step 95 "bench_tree" python3 bench/bench_tree.py --prefix 1500 8000 32000 131072 --rows 1 10 64 \
         --branch-lengths 16 2048 8192 --decode-tokens 64 --splits 8 32 64
     step 95 "bench_unlearn" python3 bench/bench_unlearn.py --reps 3 --profile
     step 150 "bench_rain" python3 bench/bench_rain.py --random-model --hh "$HH" --prompts 1 --max-new-tokens 8 \
         --concurrency 1 8 32 --judge-prompts 16 --cuda-graphs --profile
-    step 25 "bench_causal_lm_loss" "${with_trl[@]}" python3 bench/bench_causal_lm_loss.py --reps 2
+    step 25 "bench_causal_lm_loss" "${with_apart[@]}" python3 bench/bench_causal_lm_loss.py --reps 2
     # what the call has left (SECONDS: since this script started), less 15 s to return $OUT, for the 8B preset; it
     # writes each way's row as measured, so that one cut at the limit keeps those before it
     local left=$(( CALL_LIMIT_S - 15 - SECONDS ))
@@ -131,9 +132,9 @@ session() {
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
             .whl/*.whl && export PYTHONPATH=/tmp/site
     fi
-    if ls .whl/trl/*.whl >/dev/null 2>&1; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-trl \
-            .whl/trl/*.whl
+    if ls .whl/apart/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-apart \
+            .whl/apart/*.whl
     fi
     # fastalign itself; should the editable install fail, rather than losing the whole call: a setuptools older
     # than 77 (the image's, which --no-build-isolation uses) reads the licence only in the table form, so the

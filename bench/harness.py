@@ -325,7 +325,7 @@ def print_table(rows, columns):
 
 # the packages a bench compares with, by module name -> distribution name
 COMPARED_PACKAGES = {"transformers": "transformers", "liger_kernel": "liger-kernel",
-                     "cut_cross_entropy": "cut-cross-entropy", "trl": "trl"}
+                     "cut_cross_entropy": "cut-cross-entropy", "trl": "trl", "torchao": "torchao"}
 
 
 def compared_versions():

@@ -175,14 +175,18 @@ def check_bench_startup(record):
 
 
 def check_bench_optimizer(record):
-    """Three optimizers over the same weights: the bytes a weight each keeps (KahanAdamW: bf16 weight, moments and
-    compensation), the fidelity that sets them apart (torch's AdamW on bf16 weights loses the updates at the SPEC's
-    learning rate), and speed-ups against fp32 AdamW's step."""
+    """Three optimizers over the same weights, and torchao's stochastic rounding where it is installed: the bytes a
+    weight each keeps (KahanAdamW: bf16 weight, moments and compensation), the fidelity that sets them apart (torch's
+    AdamW on bf16 weights loses the updates at the SPEC's learning rate; stochastic rounding keeps them on average,
+    with noise), and speed-ups against fp32 AdamW's step."""
     rows = {row["method"]: row for row in record["results"]}
-    assert list(rows) == ["KahanAdamW", "torch AdamW, bf16", "torch AdamW, fp32"], rows
-    assert [row["bytes_per_weight"] for row in rows.values()] == [8.0, 6.0, 12.0], rows
+    torchao = importlib.util.find_spec("torchao") is not None
+    assert list(rows) == ["KahanAdamW", "torch AdamW, bf16", "torch AdamW, fp32",
+                          *["torchao AdamW, bf16 stochastic rounding"] * torchao], rows
+    assert [row["bytes_per_weight"] for row in rows.values()] == [8.0, 6.0, 12.0, *[6.0] * torchao], rows
     errors = [row["fidelity_error"] for row in rows.values()]
     assert errors[0] < 0.05 and errors[1] > 0.9 and errors[2] < 0.01, rows
+    assert all(error > 10 * errors[0] for error in errors[3:]), rows
     fp32_ms = rows["torch AdamW, fp32"]["step_ms"]
     assert all(close(row["speedup_vs_fp32"], fp32_ms / row["step_ms"]) for row in rows.values()), rows
 
