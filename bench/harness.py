@@ -329,8 +329,14 @@ COMPARED_PACKAGES = {"transformers": "transformers", "liger_kernel": "liger-kern
 
 
 def compared_versions():
-    """{distribution: version} of the compared packages this process imported: what the record's rows ran."""
-    return {dist: importlib.metadata.version(dist) for module, dist in COMPARED_PACKAGES.items()
+    """{distribution: version} of the compared packages this process imported: what the record's rows ran (a package
+    imported from a checkout without its distribution's metadata: its __version__, else None)."""
+    def version(module, dist):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return getattr(sys.modules[module], "__version__", None)
+    return {dist: version(module, dist) for module, dist in COMPARED_PACKAGES.items()
             if sys.modules.get(module) is not None}
 
 

@@ -145,6 +145,21 @@ def test_write_results_records_device_commit_config_and_rows(monkeypatch, tmp_pa
                                        if sys.modules.get(module) is not None}
 
 
+def test_a_compared_package_without_its_distributions_metadata_gives_its_own_version(monkeypatch):
+    """One imported from a checkout on the path: its __version__, not a failure that would lose the record."""
+    monkeypatch.setitem(sys.modules, "liger_kernel", SimpleNamespace(__version__="0.0.dev"))
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", SimpleNamespace())
+    real_version = harness.importlib.metadata.version
+
+    def version(dist):
+        if dist in ("liger-kernel", "cut-cross-entropy"):
+            raise harness.importlib.metadata.PackageNotFoundError(dist)
+        return real_version(dist)
+    monkeypatch.setattr(harness.importlib.metadata, "version", version)
+    versions = harness.compared_versions()
+    assert versions["liger-kernel"] == "0.0.dev" and versions["cut-cross-entropy"] is None, versions
+
+
 def test_other_accelerators_are_named_by_their_type_not_as_the_cpu():
     assert harness.device_name("meta") == "meta" and harness.device_name("cpu").startswith("cpu (")
 
