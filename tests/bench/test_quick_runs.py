@@ -200,8 +200,8 @@ def check_bench_causal_lm_loss(record):
         ("CE", "model's own loss"), ("CE", "fastalign CausalLMLoss"), ("CE", "fastalign fused model forward"),
         ("CE", "fastalign grads-in-forward"), ("CE", "fastalign + fused layers"), ("KL", "KL from both models' logits"),
         ("KL", "fastalign CausalLMKLDiv")]
-    # then torch's own fused op where this torch has it (2.13 does), Liger where it is installed, and TRL's fused head
-    # where trl is, last
+    # then torch's own fused op where this torch has it (2.13 does), Liger where it is installed, and TRL's divergence
+    # and fused head where trl is, the head last (it patches the model's forward)
     assert [row["method"] for row in rows[7:8]] == (["torch linear_cross_entropy chunked on hidden states"]
                                                     if hasattr(torch.nn, "LinearCrossEntropyOptions") else []), rows
     trl = importlib.util.find_spec("trl") is not None
