@@ -358,13 +358,16 @@ def _tree_runner(model, args):
 
 def run_identity(args, config: RainConfig, judge: JudgePrompt, prefix: str) -> dict:
     """What decides a record's answers: the model (its path and a digest of its files), and a digest of the settings
-    (search and judge constants, how prompts are rendered, dtype, sampler, embeddings). Written with every record, so
-    that a resumed run never keeps records that other settings made as its own."""
+    (search and judge constants, how prompts are rendered, dtype, sampler, embeddings, the engine: the two draw
+    alike only from the keyed sampler). Written with every record, so that a resumed run never keeps records that
+    other settings made as its own."""
     settings = {"config": dataclasses.asdict(config), "judge": dataclasses.asdict(judge), "template": args.template,
                 "system": args.system, "generation_prefix": prefix, "dtype": args.dtype, "sampler": args.sampler,
                 "embedding": args.embedding}
     if args.chat_template_kwargs is not None:   # only then: the records of runs without it keep their identity
         settings["chat_template_kwargs"] = args.chat_template_kwargs
+    if args.engine != "tree":   # likewise: the default engine's records keep the identity they were written with
+        settings["engine"] = args.engine
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"model": os.path.abspath(args.model), "model_files": model_files_digest(args.model), "settings": digest}
 
@@ -392,7 +395,7 @@ def done_indices(path: str, prompts: List[str], run_id: dict) -> Set[int]:
             which = ("the same --model (the same path, holding the same files)" if what == "model" else
                      "the same search and judge settings (--config, --max-new-tokens, --root-visits, --seed, "
                      "--parallel-leaves, --virtual-loss, the judge options), --template, --system, "
-                     "--chat-template-kwargs, --generation-prefix-file, --dtype, --sampler and --embedding")
+                     "--chat-template-kwargs, --generation-prefix-file, --dtype, --sampler, --embedding and --engine")
             raise UsageError(f"--output: {path!r} holds records made with {made} ({run}, now "
                              f"{run_id}); rerun with {which} to resume, or choose another --output")
     return {index for index, record in records.items() if record.get("error") is None}

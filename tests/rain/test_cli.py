@@ -777,7 +777,8 @@ def test_rain_resume_refuses_records_of_another_model_put_at_the_same_path(rain_
 
 @pytest.mark.parametrize("extra", [["--template", "chat"], ["--template", "chat", "--system", "Be brief."],
                                    ["--dtype", "bfloat16"], ["--sampler", "keyed"], ["--embedding", "hidden"],
-                                   ["--seed", "1"], ["--labels", "B,A"], ["--root-visits", "7"]])
+                                   ["--seed", "1"], ["--labels", "B,A"], ["--root-visits", "7"],
+                                   ["--engine", "slow"]])
 def test_run_identity_tells_apart_every_setting_that_decides_the_answers(extra):
     """A resumed run keeps only records made with its own settings: each of these changes the identity."""
     def identity(options, prefix=""):
