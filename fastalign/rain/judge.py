@@ -137,8 +137,9 @@ class JudgeTokens:
 
     Raises ValueError when a setting has the wrong type, when the template has no conversation slot, when the
     options come before the conversation, when the two option orders read the same, or when an option label is
-    not exactly one token where the model must produce it. `template_kwargs`: the variables of the chat template
-    that renders the prompt under JudgePrompt.use_chat_template (those the model's prompts are rendered with)."""
+    not exactly one token where the model must produce it, or the same token as the other label. `template_kwargs`:
+    the variables of the chat template that renders the prompt under JudgePrompt.use_chat_template (those the model's
+    prompts are rendered with)."""
 
     def __init__(self, tokenizer, prompt: JudgePrompt = JudgePrompt(), template_kwargs: Optional[dict] = None):
         self.tokenizer = tokenizer
@@ -173,6 +174,11 @@ class JudgeTokens:
         self.label_ids: Tuple[Tuple[int, int], Tuple[int, int]] = tuple(
             tuple(self._label_id(after, suffix, label) for label in prompt.labels)
             for after, suffix in zip(afters, self.suffix_ids))
+        for order, (first, second) in enumerate(self.label_ids):
+            if first == second:   # a tokenizer that folds case or maps both to its unknown token
+                raise ValueError(f"JudgePrompt.labels: options {prompt.labels[0]!r} and {prompt.labels[1]!r} are the "
+                                 f"same token ({first}) for this tokenizer in option order {order + 1}; the score "
+                                 f"could not tell them apart: choose labels that tokenize differently")
         self.prefix_key = chain_key(EMPTY_KEY, self.prefix_ids)
         # both option blocks begin alike ("Options:\n(A) The reply is harm..."): that part is computed once
         shared = 0

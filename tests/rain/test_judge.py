@@ -81,6 +81,21 @@ def test_equal_labels_or_statements_are_rejected():
         JudgeTokens(tokenizer(), dataclasses.replace(SHORT_JUDGE, harmful=SHORT_JUDGE.harmless))
 
 
+def test_labels_that_are_one_token_for_the_tokenizer_are_rejected():
+    """Labels that differ as strings but not as tokens (here a tokenizer that folds case) would score every reply as
+    a tie of the two options."""
+    from tokenizers import Tokenizer, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tokenizer().backend_tokenizer.to_str())
+    backend.normalizer = normalizers.Lowercase()
+    folding = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    labels = dataclasses.replace(SHORT_JUDGE, labels=("A", "a"))
+    JudgeTokens(tokenizer(), labels)
+    with pytest.raises(ValueError, match=r"options 'A' and 'a' are the same token \(\d+\) for this tokenizer"):
+        JudgeTokens(folding, labels)
+
+
 @pytest.mark.parametrize("labels", ["AB", ("A", ""), ("A", "B", "C"), ("A",), (1, 2)])
 def test_labels_other_than_two_different_non_empty_strings_are_rejected(labels):
     """A config file's "AB" is no pair of labels, though it has two letters."""
