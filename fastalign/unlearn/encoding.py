@@ -136,7 +136,7 @@ def answer_end_id(tokenizer, template) -> int:
     """The token answer_eos ends every answer with: a chat template's end of turn where it writes one
     (<|eot_id|>, <|im_end|>: the model's own end of an answer, already in the template's tail), else the
     tokenizer's end of sequence (a ValueError if it has none)."""
-    turn_end = end_of_turn_id(tokenizer) if isinstance(template, ChatTemplate) else None
+    turn_end = end_of_turn_id(tokenizer, template) if isinstance(template, ChatTemplate) else None
     return eos_token_id(tokenizer) if turn_end is None else turn_end
 
 

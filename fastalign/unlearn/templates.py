@@ -155,13 +155,18 @@ class ChatTemplate:
                          "(TextTemplate, --template) instead")
 
 
-def end_of_turn_id(tokenizer) -> Optional[int]:
+def end_of_turn_id(tokenizer, template: Optional[ChatTemplate] = None) -> Optional[int]:
     """The token the tokenizer's chat template writes right after an assistant's answer (<|eot_id|>,
     <|im_end|>, <end_of_turn>, </s>), when it is one that answers never show (a special token); None without
-    a chat template or when the template writes none there."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    template = ChatTemplate(tokenizer)
+    a chat template or when the template writes none there. `template`: the ChatTemplate the answers are rendered
+    with (its system turn and variables); without one, the tokenizer's template with Qwen3's enable_thinking off
+    where it reads that (the turn ends alike in either mode; unset, ChatTemplate would warn a caller who may not
+    render chat prompts at all)."""
+    if template is None:
+        if not getattr(tokenizer, "chat_template", None):
+            return None
+        quiet = {"enable_thinking": False} if _reads(tokenizer.chat_template, "enable_thinking") else None
+        template = ChatTemplate(tokenizer, template_kwargs=quiet)
     try:   # not render: a template refused for training (text before the answer) ends the turn as the others do
         rendered = template._locate(template.prompt("Hi"), "Hi", "Hello")
     except ValueError:   # a template that rewrites the answer or refuses this conversation

@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from fastalign.evaluation.generation import eos_ids
 from fastalign.evaluation.prompts import chat_prompt
 from fastalign.unlearn.encoding import encode_answers, encode_pairs, tokenize_texts
 from fastalign.unlearn.records import DataError
@@ -58,7 +59,9 @@ def test_enable_thinking_false_trains_on_the_prompt_eval_generates_from(system):
 def test_a_template_that_reads_enable_thinking_warns_unless_it_is_set(recwarn):
     """Qwen3's template asks in thinking mode unless told otherwise: `fastalign eval` and RAIN generated (and judged)
     its reasoning with no word of it. A warning names the variable and the flag; setting it either way, or a template
-    without it, says nothing."""
+    without it, says nothing. Nor does finding the end of a turn: for answer_eos under the caller's template (which
+    warned of an unset variable that was set), or for the end tokens of eval and RAIN, whatever template they render
+    prompts with."""
     tokenizer = family_tokenizer("qwen3")
     with pytest.warns(UserWarning, match="ChatTemplate: the chat template reads enable_thinking, which is not set: .*"
                                          "--chat-template-kwargs '\\{\"enable_thinking\": false\\}'"):
@@ -67,6 +70,8 @@ def test_a_template_that_reads_enable_thinking_warns_unless_it_is_set(recwarn):
     for thinking in (False, True):
         ChatTemplate(tokenizer, template_kwargs={"enable_thinking": thinking})
     ChatTemplate(family_tokenizer("llama3"))
+    encode_pairs(tokenizer, ChatTemplate(tokenizer, template_kwargs=NO_THINKING), pairs(ITEMS), 128, answer_eos=True)
+    assert eos_ids(None, tokenizer) == {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
     assert not [w for w in recwarn if "enable_thinking" in str(w.message)]
 
 
