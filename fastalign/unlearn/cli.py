@@ -199,7 +199,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     g("--lora", action=argparse.BooleanOptionalAction,
       help="train a LoRA adapter (saved unmerged in adapter/ and merged into model/ at the end) (default: off)")
     g("--lora-rank", type=int, metavar="N", help=f"(default: {_default('lora_rank')})")
-    g("--lora-alpha", type=int, metavar="N", help=f"(default: {_default('lora_alpha')})")
+    g("--lora-alpha", type=float, metavar="X", help=f"(default: {_default('lora_alpha')})")
     g("--lora-dropout", type=float, metavar="X", help="(default: 0)")
     g("--lora-targets", nargs="+", metavar="MODULE", help="module names to adapt (default: q_proj v_proj)")
 

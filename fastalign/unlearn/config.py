@@ -88,7 +88,7 @@ class UnlearnConfig:
     optimizer_in_backward: bool | None = None   # None: on where it can be (one process, no FSDP, grad_accum=1)
     lora: bool = False
     lora_rank: int = 32
-    lora_alpha: int = 16
+    lora_alpha: float = 16
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     # bookkeeping

@@ -255,6 +255,8 @@ def test_command_line_wins_over_config_file(workspace):
     for text, value in (("None", None), ("NONE", None), ("2.5", 2.5)):   # any case, as YAML and Python write it
         args = build_parser().parse_args(["unlearn", "--config", str(workspace / "run.yaml"), "--max-forget-nll", text])
         assert config_from_args(args).max_forget_nll == value
+    args = build_parser().parse_args(["unlearn", "--config", str(workspace / "run.yaml"), "--lora-alpha", "0.5"])
+    assert config_from_args(args).lora_alpha == 0.5   # any number > 0, as in the config file
 
 
 def test_relative_paths_of_a_config_file_are_read_from_the_working_directory(workspace, monkeypatch):
