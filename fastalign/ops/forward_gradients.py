@@ -16,7 +16,8 @@ from .func_transforms import LauncherGradients
 
 def forward_gradient_needs(op, grads_in_forward, reduction, hidden, weight, bias):
     """(need_hidden, need_weight, need_bias) to take in the forward pass, or None for a forward alone: when
-    grads_in_forward is off, grad mode is off or no input is differentiated. A ValueError for reduction 'none'."""
+    grads_in_forward is off, grad mode is off or no input is differentiated. A ValueError for reduction 'none' and
+    for float16 inputs."""
     if not isinstance(grads_in_forward, bool):
         raise TypeError(f"{op}: grads_in_forward must be True or False, got {grads_in_forward!r}")
     if not grads_in_forward:
@@ -24,6 +25,11 @@ def forward_gradient_needs(op, grads_in_forward, reduction, hidden, weight, bias
     if reduction == "none":
         raise ValueError(f"{op}: grads_in_forward=True needs reduction 'sum' or 'mean' (a scalar loss, whose gradient "
                          "the backward only scales), got 'none'")
+    if torch.float16 in (hidden.dtype, weight.dtype):
+        raise ValueError(f"{op}: grads_in_forward=True needs hidden and weight in float32, bfloat16 or float64, got "
+                         f"{hidden.dtype} and {weight.dtype}: the gradients it rounds before the upstream gradient "
+                         "scales them overflow float16 (a sum over many tokens) or underflow it (a mean, then a loss "
+                         "scaler's factor); use grads_in_forward=False, whose backward scales before it rounds")
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     return needs if torch.is_grad_enabled() and any(needs) else None
 

@@ -121,9 +121,9 @@ def linear_kl_div(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.
     they are (graph breaks): dynamo cannot trace their data-dependent row gather and kernel launches, and tracing
     into them crashed under the Triton interpreter.
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
-    grads_in_forward: True takes the gradients in the forward pass (reduction "sum" or "mean", when a gradient is
-    to be taken), from blocks of whole logits rows of both heads (about 10 bytes per logit of a block, ~190 MiB), two
-    products with the weight fewer; the backward scales them, and can run once. See
+    grads_in_forward: True takes the gradients in the forward pass (reduction "sum" or "mean", not float16, when a
+    gradient is to be taken), from blocks of whole logits rows of both heads (about 10 bytes per logit of a block,
+    ~190 MiB), two products with the weight fewer; the backward scales them, and can run once. See
     fastalign/ops/forward_gradients.py.
     """
     tokens = token_dims("hidden", hidden)

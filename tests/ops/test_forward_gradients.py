@@ -93,11 +93,37 @@ def test_kl_near_zero_keeps_its_accuracy(backend, shared):
 
 
 @pytest.mark.parametrize("shape", triton_cases(SHAPES[1:], gpu_only=[(300, 64, 5000)]))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_on_the_triton_backend(shape, dtype):
-    """16-bit operands: fp32 logits from the library matmul, a 16-bit G (fp16 scaled by max|grad_scale|)."""
-    check(cross_entropy_case(shape, dtype, "triton"), "mean", REL_TOL[dtype])
-    check(kl_case(shape, dtype, "triton"), "sum", REL_TOL[dtype])
+def test_bfloat16_on_the_triton_backend(shape):
+    """16-bit operands: fp32 logits from the library matmul, a bf16 G."""
+    check(cross_entropy_case(shape, torch.bfloat16, "triton"), "mean", REL_TOL[torch.bfloat16])
+    check(kl_case(shape, torch.bfloat16, "triton"), "sum", REL_TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_is_refused_where_its_gradients_would_overflow(backend):
+    """The gradients taken for an upstream gradient of 1 and rounded to the inputs' dtype are scaled after: 16384
+    tokens of one target, summed (as a loss divided by num_items_in_batch is), push d_weight past float16's 65504,
+    a true gradient of ~5. The default path scales before it rounds and stays finite; grads_in_forward refuses."""
+    n, h, v = 16384, 16, 40
+    generator = torch.Generator().manual_seed(0)
+    hidden = (6 + torch.randn(n, h, generator=generator)).to(device_for(backend), torch.float16)
+    weight = (torch.randn(v, h, generator=generator) / h ** 0.5).to(device_for(backend), torch.float16)
+    weight.requires_grad_()
+    target = torch.zeros(n, dtype=torch.long)   # one frequent token (an end of sequence), others now and then
+    target[::7] = torch.randint(0, v, (len(target[::7]),), generator=generator)
+    target = target.to(hidden.device)
+    loss = fastalign.linear_cross_entropy(hidden, weight, target, reduction="sum", backend=backend)
+    (d_weight,) = torch.autograd.grad(loss / n, [weight])
+    summed = linear_cross_entropy_reference(hidden, weight, target, reduction="sum")
+    (d_summed,) = torch.autograd.grad(summed, [weight])   # what is rounded before the division
+    assert d_weight.isfinite().all() and d_summed.abs().max() > torch.finfo(torch.float16).max
+    for op in (lambda: fastalign.linear_cross_entropy(hidden, weight, target, reduction="sum", backend=backend,
+                                                      grads_in_forward=True),
+               lambda: fastalign.linear_kl_div(hidden, weight, hidden, weight.detach(), backend=backend,
+                                               grads_in_forward=True)):
+        with pytest.raises(ValueError, match=r"grads_in_forward=True needs hidden and weight in float32, bfloat16 or "
+                                             r"float64, got torch.float16 and torch.float16: .* overflow float16"):
+            op()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
