@@ -35,7 +35,7 @@ def linear_cross_entropy_reference(hidden, weight, target, *, token_weight=None,
     """float64 sum/mean/none of w_t * (logsumexp(z_t) - z_t[y_t]) over non-ignored tokens (z soft-capped,
     softcap * tanh(z / softcap), with a softcap)."""
     tokens = hidden.shape[:-1]
-    logits = _head_logits(hidden.reshape(-1, hidden.shape[-1]), weight, bias, softcap)
+    logits = _head_logits(hidden.flatten(0, -2), weight, bias, softcap)
     target, token_weight = _flat(target).long(), _flat(token_weight)  # a uint8 target must not see -100 as 156
     counted = target != ignore_index
     safe_target = torch.where(counted, target, torch.zeros_like(target))
@@ -51,7 +51,7 @@ def linear_kl_div_reference(hidden, weight, ref_hidden, ref_weight, *, bias=None
     P = softmax(ref_hidden @ ref_weight.T + ref_bias); P is not differentiated (both logits soft-capped with a
     softcap)."""
     tokens = hidden.shape[:-1]
-    hidden, ref_hidden = hidden.reshape(-1, hidden.shape[-1]), ref_hidden.reshape(-1, ref_hidden.shape[-1])
+    hidden, ref_hidden = hidden.flatten(0, -2), ref_hidden.flatten(0, -2)
     token_weight, mask = _flat(token_weight), _flat(mask)
     log_q = torch.log_softmax(_head_logits(hidden, weight, bias, softcap), dim=1)
     log_p = torch.log_softmax(_head_logits(ref_hidden.detach(), ref_weight.detach(),

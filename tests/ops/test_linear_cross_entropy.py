@@ -43,6 +43,16 @@ def check_against_reference(hidden, weight, target, extra, reduction, backend, r
         assert_rel_close(name, got, want, rel)
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 16, 37), (5, 0, 37), (5, 16, 1)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_shapes_and_a_one_word_vocabulary_match_reference(backend, shape, reduction):
+    """No tokens, hidden states of width 0 (every logit the bias), one word (every loss 0): as the reference."""
+    hidden, weight, target, extra = make_inputs(*shape, bias=True, weighted=True, device=device_for(backend))
+    check_against_reference(hidden, weight, target, extra, reduction, backend, REL_TOL[torch.float32])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bias,weighted", [(False, False), (True, True)])

@@ -57,6 +57,16 @@ def check_against_reference(hidden, weight, ref_hidden, ref_weight, extra, reduc
     assert_grads_close(["d_hidden", "d_weight", "d_bias"], out, ref, differentiable(hidden, weight, extra), rel)
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 16, 37), (5, 0, 37), (5, 16, 1)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_shapes_and_a_one_word_vocabulary_match_reference(backend, shape, reduction):
+    """No tokens, hidden states of width 0 (every logit the bias), one word (every loss 0): as the reference."""
+    inputs = make_inputs(*shape, weighted=True, bias=True, device=device_for(backend))
+    check_against_reference(*inputs, reduction, backend, REL_TOL[torch.float32])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("shared,weighted,bias", [(False, False, False), (True, True, True), (False, True, True)])
