@@ -94,9 +94,14 @@ def longrope_limit(config, limit):
 
 def context_limit(config):
     """The longest sequence `config`'s model runs (None: no limit): its max_position_embeddings (MPT's max_seq_len,
-    which its ALiBi covers no further), capped where LongRoPE would rotate cached positions anew."""
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "max_seq_len", None)
-    return longrope_limit(config, positions)
+    which its ALiBi covers no further), capped where LongRoPE would rotate cached positions anew. A composite model's
+    (Gemma 3's image-text model, a vision-language model) are its text decoder's, kept on its text config."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    for c in (text, config):
+        positions = getattr(c, "max_position_embeddings", None) or getattr(c, "max_seq_len", None)
+        if positions:
+            return longrope_limit(c, positions)
+    return longrope_limit(text, None)
 
 
 class PagedLlama:

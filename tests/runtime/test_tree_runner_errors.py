@@ -826,6 +826,17 @@ def test_a_model_outside_the_llama_family_refuses_tokens_past_max_position_embed
         runner.prefill([1] * (MAX_POSITIONS + 1))
 
 
+def test_a_composite_model_refuses_tokens_past_its_text_decoders_context():
+    """Gemma 3's image-text model keeps max_position_embeddings on its text config alone: read there, not taken as
+    no limit (which accepted any length)."""
+    model = tiny_model("gemma3-image-text")
+    assert getattr(model.config, "max_position_embeddings", None) is None
+    runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="torch")
+    assert runner.max_context == MAX_POSITIONS
+    with pytest.raises(ValueError, match="past the model's context of 128"):
+        runner.prefill([1] * (MAX_POSITIONS + 1))
+
+
 def test_fallback_refuses_tokens_past_mpt_max_seq_len():
     """MPT names its context max_seq_len: past it Hugging Face fails with a tensor size mismatch."""
     mpt = MptForCausalLM(MptConfig(vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=2, max_seq_len=16)).eval()
