@@ -82,6 +82,33 @@ def test_each_gradient_alone(backend, wanted):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["interleaved", "transposed"])
+@pytest.mark.parametrize("frozen_inputs", [False, True])
+def test_inputs_strided_in_their_last_dimension(backend, layout, frozen_inputs):
+    """gate and up split from one interleaved gate_up projection (gate_up[..., ::2], gate_up[..., 1::2]), or taken as
+    transposes: both ops, their outputs and every gradient (the weight's alone recomputes the product), as the
+    reference. The Triton kernel once read such rows as contiguous ones."""
+    device = device_for(backend)
+    torch.manual_seed(0)
+    if layout == "interleaved":
+        gate_up = 2 * torch.randn(6, 2 * 37, device=device)
+        gate, up = gate_up[:, ::2], gate_up[:, 1::2]
+    else:
+        gate, up = (2 * torch.randn(37, 6, device=device).t() for _ in range(2))
+    assert gate.stride(-1) != 1 and up.stride(-1) != 1
+    gate, up = gate.requires_grad_(not frozen_inputs), up.requires_grad_(not frozen_inputs)
+    weight = (torch.randn(11, 37, device=device) / 37 ** 0.5).requires_grad_()
+    out = fastalign.gated_linear(gate, up, weight, backend=backend)
+    ref = gated_linear_reference(gate, up, weight)
+    assert_rel_close("out", out, ref, REL_TOL[torch.float32])
+    live = [weight] if frozen_inputs else [gate, up, weight]
+    assert_grads_close(["weight"] if frozen_inputs else ["gate", "up", "weight"], out, ref, live,
+                       REL_TOL[torch.float32])
+    activated = fastalign.gated_activation(gate, up, backend=backend)
+    assert_rel_close("act", activated, gated_activation_reference(gate, up), REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_keeps_gate_and_up_but_not_the_product(backend):
     """What autograd holds for the backward: gate, up and the weight, no [tokens x I] tensor besides; the unfused ops
     hold two more (act(gate) and the product). The test can fail: it counts the unfused ops' too."""
