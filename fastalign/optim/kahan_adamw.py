@@ -49,6 +49,15 @@ def step_scalars(*, lr, beta1, beta2, eps, weight_decay, step):
                 bias_correction2_sqrt=math.sqrt(1.0 - beta2 ** step))
 
 
+def _check_torch_options(group, where):
+    """A ValueError naming `where` when the param group sets an option of torch's Adam / AdamW (amsgrad, maximize,
+    Adam's coupled weight decay) to a value this step does not compute, which it would otherwise ignore."""
+    for option, value in _TORCH_OPTIONS.items():
+        if group.get(option, value) != value:
+            raise ValueError(f"{where} has {option}={group[option]!r}, which KahanAdamW does not step as (it steps "
+                             f"AdamW with {option}={value!r})")
+
+
 def _local(tensor):
     """The tensor itself, or the local shard of a DTensor (a parameter FSDP2 shards, its gradient and its state)."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
@@ -78,7 +87,10 @@ class KahanAdamW(torch.optim.Optimizer):
                                       weight_decay=weight_decay))
 
     def add_param_group(self, param_group):
-        """torch's add_param_group, refusing parameters of a dtype other than bfloat16 and float32."""
+        """torch's add_param_group, refusing parameters of a dtype other than bfloat16 and float32, and options of
+        torch's AdamW that this step does not have (amsgrad=True, maximize=True)."""
+        if isinstance(param_group, dict):
+            _check_torch_options(param_group, f"params: param group {len(self.param_groups)}")
         super().add_param_group(param_group)
         for i, p in enumerate(self.param_groups[-1]["params"]):
             if p.dtype not in STEPPED_DTYPES:
@@ -91,10 +103,7 @@ class KahanAdamW(torch.optim.Optimizer):
         amsgrad or maximize), whose options would otherwise be ignored. Of torch's AdamW's state, how it ran (fused,
         foreach, ...) is not kept, and a step count a fused AdamW kept on the device comes to the host, once."""
         for i, group in enumerate(state_dict["param_groups"]):
-            for option, value in _TORCH_OPTIONS.items():
-                if group.get(option, value) != value:
-                    raise ValueError(f"state_dict: param group {i} has {option}={group[option]!r}, which KahanAdamW "
-                                     f"does not step as (it steps AdamW with {option}={value!r})")
+            _check_torch_options(group, f"state_dict: param group {i}")
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.update((k, self.defaults[k]) for k in _EXECUTION_OPTIONS if k in self.defaults)
@@ -109,7 +118,8 @@ class KahanAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
+            _check_torch_options(group, f"param_groups[{i}]")   # also an option set on a group after it was added
             (beta1, beta2), lr = group["betas"], float(group["lr"])
             for p in group["params"]:
                 if p.grad is None:

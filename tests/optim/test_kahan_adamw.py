@@ -137,6 +137,21 @@ def test_the_state_of_an_optimizer_that_steps_otherwise_is_refused(optimizer, op
         KahanAdamW([torch.nn.Parameter(weight)]).load_state_dict(other.state_dict())
 
 
+@pytest.mark.parametrize("option", ["maximize", "amsgrad"])
+def test_a_group_that_asks_for_what_the_step_does_not_compute_is_refused(option):
+    """In a group given to the optimizer, or set on one after: maximize=True stepped downhill and amsgrad=True as
+    plain AdamW, silently (and the optimizer's own state dict then failed to load)."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match=f"params: param group 1 has {option}=True, which KahanAdamW does not step"):
+        KahanAdamW([{"params": [torch.nn.Parameter(torch.ones(2))]}, {"params": [weight], option: True}])
+    optimizer = KahanAdamW([weight])
+    optimizer.param_groups[0][option] = True
+    weight.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=f"param_groups\\[0\\] has {option}=True, which KahanAdamW does not step"):
+        optimizer.step()
+    assert torch.equal(weight, torch.ones(3))
+
+
 def test_a_tensor_learning_rate_steps_as_its_float():
     start, grads = (0.02 * torch.randn(30)).bfloat16(), [g.bfloat16() for g in gradients(30, 2)]
     tensor_lr, float_lr = (run(KahanAdamW, start, grads, lr=lr)[0] for lr in (torch.tensor(1e-3), 1e-3))
