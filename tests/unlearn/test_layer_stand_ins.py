@@ -194,3 +194,15 @@ def test_a_float64_model_trains_through_its_modules(monkeypatch):
         fused_loss, fused_grads, _ = loss_grads_and_saved_bytes(model, ids)
     assert calls == [[], []]
     assert torch.equal(fused_loss, loss) and all(torch.equal(fused_grads[k], g) for k, g in grads.items())
+
+
+def test_a_one_dimensional_input_runs_through_the_modules():
+    """A norm or MLP called on one vector [H] (the ops take [..., H] with a token dimension): the module's forward, as
+    without fused_layers, not an error."""
+    model = tiny_llama(VOCAB)
+    layer = model.model.layers[0]
+    x = torch.randn(model.config.hidden_size, requires_grad=True)
+    expected = (layer.input_layernorm(x), layer.mlp(x))
+    with fused_layers(model, "torch"):
+        got = (layer.input_layernorm(x), layer.mlp(x))
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
