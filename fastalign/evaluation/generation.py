@@ -20,6 +20,7 @@ from typing import Iterator, List, Optional, Sequence, Set, Tuple
 import torch
 
 from fastalign.eval_mode import eval_mode
+from fastalign.model_context import config_positions
 from fastalign.model_devices import input_device
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache
@@ -63,8 +64,8 @@ class GenerationConfig:
 
 
 def context_length(model) -> Optional[int]:
-    """The number of positions the model can attend over, or None if its config does not say."""
-    return getattr(model.config, "max_position_embeddings", None)
+    """The number of positions the model can attend over, or None if its config does not say (model_context)."""
+    return config_positions(model.config)
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], max_new_tokens: int, model) -> List[List[int]]:
@@ -147,10 +148,10 @@ def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationC
                     generators: List[torch.Generator]) -> List[Generation]:
     device = input_device(model)
     width, pad = max(len(r) for r in rows), pad_id(tokenizer, input_vocabulary(model))
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    sequence = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    out = model(input_ids=sequence, attention_mask=mask, position_ids=positions, use_cache=True)
     generated: List[List[int]] = [[] for _ in rows]
     ended_by: List[Tuple[int, ...]] = [() for _ in rows]   # the end token a row stopped on, if any
     done = [False] * len(rows)
@@ -171,9 +172,15 @@ def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationC
         if all(done) or step + 1 == config.max_new_tokens:
             break
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-        positions = positions[:, -1:] + 1
-        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions,
-                    use_cache=True, **cache_kwargs(model, returned_cache(out)))
+        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+        sequence = torch.cat([sequence, next_ids[:, None].to(sequence.device)], dim=1)
+        cache = returned_cache(out)
+        if cache is None:   # a cache the forward does not hand back (RWKV's state, RecurrentGemma's kept inside)
+            # cannot be passed on: the whole sequence runs again, or each step would see its last token alone
+            out = model(input_ids=sequence, attention_mask=mask, position_ids=positions, use_cache=False)
+        else:
+            out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions[:, -1:],
+                        use_cache=True, **cache_kwargs(model, cache))
     return [Generation(_cut_at_stop(_answer_text(tokenizer, row, ids), config.stop_strings)[0], tuple(row),
                        tuple(ids) + end)
             for row, ids, end in zip(rows, generated, ended_by)]

@@ -173,6 +173,29 @@ def test_batched_greedy_with_absolute_positions(world, tokenizer):
     assert batched == [slow_greedy(gpt2, tokenizer, p, 8) for p in prompts]
 
 
+@pytest.mark.parametrize("family", ["rwkv", "recurrent_gemma"])
+def test_a_model_whose_cache_does_not_come_back_generates_as_without_a_cache(world, tokenizer, family):
+    """RWKV keeps its recurrent state in an output of its own and RecurrentGemma inside the model: no cache comes
+    back to pass on, and each step saw its last token alone (both failed this: RWKV gave every prompt one answer).
+    The whole sequence runs again instead, as one-at-a-time decoding without a cache does."""
+    from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM, RwkvConfig, RwkvForCausalLM
+    torch.manual_seed(0)
+    ids = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    if family == "rwkv":
+        model = RwkvForCausalLM(RwkvConfig(hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                                           intermediate_size=64, context_length=128, **ids)).eval()
+        with torch.no_grad():   # logits that tell contexts apart
+            model.get_output_embeddings().weight.mul_(20)
+    else:
+        model = RecurrentGemmaForCausalLM(RecurrentGemmaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+            lru_width=32, attention_window_size=16, **ids)).eval()
+    prompts = prompts_of(world)[:3]
+    answers = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=6, batch_size=1))
+    assert answers == [slow_greedy(model, tokenizer, p, 6) for p in prompts]
+    assert family != "rwkv" or len(set(answers)) > 1
+
+
 SENTENCEPIECE_PROMPTS = ["### Question: how do I bake a cake ### Answer:", "### Question: is it ### Answer:"]
 
 
