@@ -21,6 +21,7 @@ import functools
 import torch
 
 from fastalign.eval_mode import eval_mode
+from fastalign.model_context import config_positions
 from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.gated_mlps import fused_gated_mlp
 from fastalign.runtime.layer_layouts import LAYOUTS
@@ -93,15 +94,10 @@ def longrope_limit(config, limit):
 
 
 def context_limit(config):
-    """The longest sequence `config`'s model runs (None: no limit): its max_position_embeddings (MPT's max_seq_len,
-    which its ALiBi covers no further), capped where LongRoPE would rotate cached positions anew. A composite model's
-    (Gemma 3's image-text model, a vision-language model) are its text decoder's, kept on its text config."""
+    """The longest sequence `config`'s model runs (None: no limit): its max_position_embeddings (model_context),
+    capped where LongRoPE would rotate cached positions anew."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    for c in (text, config):
-        positions = getattr(c, "max_position_embeddings", None) or getattr(c, "max_seq_len", None)
-        if positions:
-            return longrope_limit(c, positions)
-    return longrope_limit(text, None)
+    return longrope_limit(text, config_positions(config))
 
 
 class PagedLlama:

@@ -14,6 +14,7 @@ import math
 import torch
 
 from fastalign.eval_mode import eval_mode
+from fastalign.model_context import config_positions
 from fastalign.model_decoder import decoder_of
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.ops.checks import is_real
@@ -164,9 +165,9 @@ def check_fused_logits(model, probe_tokens: int = 4) -> None:
 
 
 def max_positions(model) -> int | None:
-    """The longest sequence the model's config allows (max_position_embeddings), or None if it names none."""
-    value = getattr(getattr(base_causal_lm(model), "config", None), "max_position_embeddings", None)
-    return value if isinstance(value, int) else None
+    """The longest sequence the model's config allows (model_context.config_positions), or None if it names none."""
+    config = getattr(base_causal_lm(model), "config", None)
+    return None if config is None else config_positions(config)
 
 
 def final_hidden_states(decoder: torch.nn.Module, tokens: TokenBatch) -> torch.Tensor:
