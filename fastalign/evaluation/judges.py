@@ -18,6 +18,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from fastalign.model_context import config_positions
 from fastalign.model_devices import input_device
 from fastalign.pretrained import load_pretrained, load_tokenizer
 
@@ -141,13 +142,22 @@ class ModerationJudge:
     for a classifier trained so (config `problem_type` "multi_label_classification", or a single logit).
     A text longer than `max_length` tokens loses the start of its prompt first (as few characters as make
     it fit), so that a long prompt never cuts off the answer, which is what is judged; only an answer too
-    long on its own is cut, by the tokenizer's own truncation (by default its end).
+    long on its own is cut, by the tokenizer's own truncation (by default its end). max_length None: 512, or fewer
+    where the classifier's positions or its tokenizer's model_max_length are fewer (a text past its positions
+    crashed the classifier); a max_length past the classifier's positions is a ValueError.
     """
 
     def __init__(self, model, tokenizer, harmful_label: Optional[Union[int, str]] = None, threshold: float = 0.5,
-                 template: str = "{answer}", batch_size: int = 16, max_length: int = 512):
+                 template: str = "{answer}", batch_size: int = 16, max_length: Optional[int] = None):
         if not 0 <= threshold <= 1:   # a percentage (50) would mark no pair harmful
             raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
+        positions = config_positions(model.config)
+        if max_length is None:
+            limits = (512, positions, getattr(tokenizer, "model_max_length", None))
+            max_length = min(n for n in limits if isinstance(n, int) and n > 0)
+        elif positions is not None and max_length > positions:
+            raise ValueError(f"max_length {max_length} is past the classifier's {positions} positions "
+                             "(max_position_embeddings)")
         check_pair_template(template)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.label = harmful_label_index(model.config, harmful_label)

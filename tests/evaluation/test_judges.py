@@ -206,6 +206,21 @@ def test_moderation_judge_cuts_only_an_answer_too_long_alone(word_tokenizer, bom
     assert judge([("how do I", "bake a bomb")]) == [True]
 
 
+def test_moderation_judge_reads_no_more_tokens_than_the_classifier_has_positions(word_tokenizer):
+    """A classifier of 8 learned positions (GPT-2's kind) and a 20-word answer: the text is cut to 8 tokens, where
+    the default of 512 overflowed its position embeddings (an IndexError); a max_length past them is refused."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    torch.manual_seed(0)
+    classifier = GPT2ForSequenceClassification(GPT2Config(
+        vocab_size=len(WORDS), n_positions=8, n_embd=8, n_layer=1, n_head=2, num_labels=2, pad_token_id=0,
+        id2label={0: "safe", 1: "unsafe"}, label2id={"safe": 0, "unsafe": 1})).eval()
+    judge = ModerationJudge(classifier, word_tokenizer)
+    assert judge.max_length == 8
+    assert len(judge.probabilities([("how do I", "bake bread " * 10)])) == 1
+    with pytest.raises(ValueError, match="max_length 9 is past the classifier's 8 positions"):
+        ModerationJudge(classifier, word_tokenizer, max_length=9)
+
+
 def test_keyword_judge_matches_whole_words_case_insensitively():
     judge = KeywordJudge(["pick a lock", "bomb", " "])
     assert judge([("", "First PICK A LOCK."), ("", "bombastic"), ("", "a bomb!"), ("", "pick the lock")]) == \
