@@ -20,8 +20,8 @@ from fastalign.eval_mode import eval_mode
 from fastalign.ops.backend import Backend
 from fastalign.ops.checks import is_real
 from fastalign.ops.linear_kl_div import linear_kl_div
-from fastalign.unlearn.models import (base_causal_lm, causal_lm_parts, check_fused_logits, logit_multiplier,
-                                      logit_softcap, scaled_head_input)
+from fastalign.unlearn.models import (base_causal_lm, causal_lm_parts, check_fused_logits, head_input_module,
+                                      logit_multiplier, logit_softcap, scaled_head_input)
 from fastalign.unlearn.sharding import head_weight
 
 
@@ -74,13 +74,13 @@ class CausalLMKLDiv(torch.nn.Module):
     def forward(self, labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
                 num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
                 **inputs) -> torch.Tensor:
-        decoder, lm_head = causal_lm_parts(self.model)
-        hidden, target = hidden_and_targets(decoder, labels, shift_labels, inputs)
+        lm_head = causal_lm_parts(self.model)[1]
+        hidden, target = hidden_and_targets(head_input_module(self.model), labels, shift_labels, inputs)
         reference_model = self.model if self.reference == "adapter" else self.reference
         adapter_off = self.model.disable_adapter() if self.reference == "adapter" else contextlib.nullcontext()
         with torch.no_grad(), eval_mode(base_causal_lm(reference_model)), adapter_off:
-            ref_decoder, ref_head = causal_lm_parts(reference_model)
-            ref_hidden, _ = hidden_and_targets(ref_decoder, labels, shift_labels, inputs)
+            ref_head = causal_lm_parts(reference_model)[1]
+            ref_hidden, _ = hidden_and_targets(head_input_module(reference_model), labels, shift_labels, inputs)
             ref_weight, ref_bias = head_weight(ref_head), ref_head.bias
         lm_weight = head_weight(lm_head)
         # under autocast the op takes the autocast dtype, as the lm_heads' matmuls would; a head shared by both

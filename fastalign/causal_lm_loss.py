@@ -14,8 +14,8 @@ import torch
 from fastalign.compute_dtype import compute_dtype
 from fastalign.ops.backend import Backend
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
-from fastalign.unlearn.models import (causal_lm_parts, check_fused_logits, logit_multiplier, logit_softcap,
-                                      scaled_head_input)
+from fastalign.unlearn.models import (causal_lm_parts, check_fused_logits, check_no_router_loss, head_input_module,
+                                      logit_multiplier, logit_softcap, scaled_head_input)
 from fastalign.unlearn.sharding import head_weight
 
 
@@ -30,22 +30,29 @@ class CausalLMLoss(torch.nn.Module):
     tokens whose target is not ignore_index (0, not NaN, where there are none), or with num_items_in_batch (a
     number or a tensor, what a Hugging Face Trainer passes under gradient accumulation) their sum divided by it.
 
-    The model is checked once, here, to compute its logits the way the fused op does (check_fused_logits): a model
-    that transforms its hidden states or logits in a way fastalign does not reproduce raises NotImplementedError
-    instead of training another loss. backend and grads_in_forward are linear_cross_entropy's.
+    The model is checked once, here, to compute its logits the way the fused op does (check_fused_logits): a model that
+    transforms its hidden states or logits in a way fastalign does not reproduce raises NotImplementedError instead of
+    training another loss; so does a mixture of experts whose config adds the router's auxiliary loss to its loss
+    (output_router_logits; checked at every call too), which this loss leaves out. A vision-language model's inputs
+    (pixel_values, ...) reach its multimodal model, whose hidden states its lm_head reads. backend and grads_in_forward
+    are linear_cross_entropy's.
     """
 
     def __init__(self, model: torch.nn.Module, *, backend: Backend = "auto", grads_in_forward: bool = False):
         super().__init__()
         check_fused_logits(model)
+        check_no_router_loss(model, "CausalLMLoss")
         self.model, self.backend, self.grads_in_forward = model, backend, grads_in_forward
         self.softcap, self.multiplier = logit_softcap(model), logit_multiplier(model)
 
     def forward(self, labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
                 num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
                 **inputs) -> torch.Tensor:
-        decoder, _ = causal_lm_parts(self.model)
-        hidden, target = hidden_and_targets(decoder, labels, shift_labels, inputs)
+        if inputs.get("output_router_logits"):
+            raise NotImplementedError("output_router_logits=True asks for the router's auxiliary loss, which "
+                                      "CausalLMLoss leaves out; add it yourself from the model's router logits")
+        check_no_router_loss(self.model, "CausalLMLoss")   # (set on the config since)
+        hidden, target = hidden_and_targets(head_input_module(self.model), labels, shift_labels, inputs)
         return self.of_hidden_states(hidden, target, num_items_in_batch, ignore_index)
 
     def of_hidden_states(self, hidden: torch.Tensor, target: torch.Tensor,
@@ -67,7 +74,8 @@ class CausalLMLoss(torch.nn.Module):
 
 def hidden_and_targets(decoder: torch.nn.Module, labels: torch.Tensor | None, shift_labels: torch.Tensor | None,
                        inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """predicting_positions of the decoder's final hidden states of `inputs` (run without a KV cache)."""
+    """predicting_positions of the final hidden states of `inputs` (run without a KV cache) from `decoder`, the
+    module the lm_head reads (unlearn.models.head_input_module)."""
     return predicting_positions(decoder(**{**inputs, "use_cache": False}).last_hidden_state, labels, shift_labels)
 
 

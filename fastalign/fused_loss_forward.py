@@ -19,7 +19,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from fastalign.causal_lm_loss import CausalLMLoss, predicting_positions
 from fastalign.ops.backend import Backend
-from fastalign.unlearn.models import base_causal_lm, causal_lm_parts, forward_reads
+from fastalign.unlearn.models import (base_causal_lm, check_no_router_loss, forward_reads, head_input_module,
+                                      router_loss_added)
 
 # Arguments of the model's forward that are the loss's (transformers passes them on to its loss function)
 _LOSS_ARGUMENTS = ("labels", "shift_labels", "num_items_in_batch", "ignore_index")
@@ -72,7 +73,8 @@ class FusedLossForward:
 
     def __call__(self, *args, **kwargs):
         arguments = _named_arguments(self.__signature__, args, kwargs)
-        if arguments is None or not torch.is_grad_enabled() or not _asks_for_nothing_but_the_loss(arguments):
+        if (arguments is None or not torch.is_grad_enabled() or not _asks_for_nothing_but_the_loss(arguments)
+                or router_loss_added(self.loss.model)):   # (output_router_logits set on its config since it was fused)
             return self.unfused(*args, **kwargs)
         if arguments.get("labels") is None:
             self._warn_of_logits()
@@ -81,15 +83,16 @@ class FusedLossForward:
         loss_arguments = {name: arguments.pop(name) for name in _LOSS_ARGUMENTS if name in arguments}
         return_dict = arguments.pop("return_dict", None)
         arguments.pop("logits_to_keep", None)
-        decoder, _ = causal_lm_parts(model)
-        outputs = decoder(**{**arguments, "use_cache": False})
+        outputs = head_input_module(model)(**{**arguments, "use_cache": False})
         # as transformers' loss: shift_labels, where given, are the targets; labels then only ask for the loss
         shift_labels = loss_arguments.get("shift_labels")
         hidden, target = predicting_positions(outputs.last_hidden_state,
                                               loss_arguments["labels"] if shift_labels is None else None, shift_labels)
         loss = self.loss.of_hidden_states(hidden, target, loss_arguments.get("num_items_in_batch"),
                                           loss_arguments.get("ignore_index", -100))
-        output = CausalLMOutputWithPast(loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        # (a state-space model's outputs have no attentions)
+        output = CausalLMOutputWithPast(loss=loss, hidden_states=getattr(outputs, "hidden_states", None),
+                                        attentions=getattr(outputs, "attentions", None))
         if return_dict is None:
             return_dict = getattr(model.config, "return_dict", True)
         return output if return_dict else output.to_tuple()
@@ -141,7 +144,4 @@ def _check_loss_is_causal_lm_cross_entropy(base: torch.nn.Module) -> None:
         raise NotImplementedError(f"{type(base).__name__}: its forward's loss is not transformers' ForCausalLMLoss "
                                   f"(it has {getattr(loss_function, '__name__', loss_function)!r}), which the fused "
                                   "forward computes")
-    if getattr(base.config, "output_router_logits", False) and forward_reads(base, "aux_loss"):
-        raise NotImplementedError(f"{type(base).__name__}: its config's output_router_logits adds the router's "
-                                  "auxiliary loss to the loss, which the fused forward leaves out; set it False, or "
-                                  "add the auxiliary loss yourself")
+    check_no_router_loss(base, "the fused forward")

@@ -56,6 +56,58 @@ def test_loss_and_gradients_are_the_models_own(family):
     assert_same_loss_and_gradients(model, CausalLMLoss(model, backend="torch")(**inputs), model(**inputs).loss)
 
 
+def test_a_vision_language_model_sees_its_images():
+    """Gemma 3's image-text model, a batch with an image per row: the loss, the KL to a perturbed copy, the fused
+    forward's loss and every gradient (the vision tower's too) are the model's own. Its text decoder alone took
+    pixel_values into its **kwargs and dropped them: the loss of a model that saw no image."""
+    import copy
+    from tests.runtime.tiny_models import VOCAB as GEMMA3_VOCAB, tiny_model
+    model = tiny_model("gemma3-image-text").train()
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, GEMMA3_VOCAB - 4, (2, 12), generator=generator)
+    input_ids[:, 2:6] = model.config.image_token_index   # mm_tokens_per_image of them
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+              "token_type_ids": (input_ids == model.config.image_token_index).long(),
+              "pixel_values": torch.randn(2, 3, 28, 28, generator=generator),
+              "labels": input_ids.masked_fill(input_ids == model.config.image_token_index, -100)}
+    expected = model(**inputs).loss
+    without_images = model(**{k: v for k, v in inputs.items() if k != "pixel_values"}).loss
+    assert abs(float(expected - without_images)) > 1e-4   # the images matter to this loss
+    assert_same_loss_and_gradients(model, CausalLMLoss(model, backend="torch")(**inputs), expected)
+    fused = fuse_causal_lm_loss(copy.deepcopy(model), backend="torch")
+    torch.testing.assert_close(fused(**inputs).loss, expected, rtol=1e-5, atol=1e-6)
+    reference = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+        labels = inputs["labels"][:, 1:]
+        log_q, log_p = (torch.log_softmax(m(**inputs).logits[:, :-1].double(), -1) for m in (model, reference))
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)[labels != -100].mean()
+    torch.testing.assert_close(CausalLMKLDiv(model, reference, backend="torch")(**inputs).double(), kl,
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_a_router_loss_the_model_adds_is_refused():
+    """A mixture of experts whose config adds the router's auxiliary loss to its loss (output_router_logits), when the
+    module is made, when the config is set after, or when a call asks for it: refused, naming it. CausalLMLoss took
+    the cross-entropy alone, another loss than the model's, and its router another gradient."""
+    from tests.unlearn.test_objective import tiny_model
+    def mixtral(**settings):
+        return tiny_model("Mixtral", VOCAB, num_local_experts=4, num_experts_per_tok=2, **settings)
+    message = "MixtralForCausalLM: its config's output_router_logits adds the router's auxiliary loss"
+    with pytest.raises(NotImplementedError, match=message):
+        CausalLMLoss(mixtral(output_router_logits=True))
+    model = mixtral()
+    loss = CausalLMLoss(model, backend="torch")
+    inputs = batch()
+    assert_same_loss_and_gradients(model, loss(**inputs), model(**inputs).loss)
+    with pytest.raises(NotImplementedError, match="output_router_logits=True asks for the router's auxiliary loss"):
+        loss(**inputs, output_router_logits=True)
+    model.config.output_router_logits = True
+    with pytest.raises(NotImplementedError, match=message):
+        loss(**inputs)
+
+
 @pytest.mark.parametrize("num_items", [11, torch.tensor(11)], ids=["int", "tensor"])
 def test_num_items_in_batch_divides_the_sum_as_the_model_does(num_items):
     """Under gradient accumulation a Trainer passes the step's number of counted tokens: the loss is then the sum

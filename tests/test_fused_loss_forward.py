@@ -175,6 +175,56 @@ def test_a_mixture_of_experts_trains_its_own_loss_unless_its_config_adds_the_rou
         fuse_causal_lm_loss(mixtral(output_router_logits=True))
 
 
+def test_a_state_space_model_whose_outputs_have_no_attentions():
+    """Mamba's decoder output has no attentions field: the fused forward read it and failed at every training call."""
+    import transformers
+
+    def mamba():
+        torch.manual_seed(0)
+        return transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=VOCAB, hidden_size=32,
+                                                                      num_hidden_layers=2, state_size=4))
+    inputs = batch(seed=12)
+    assert_same_as_own(*fused_and_own(mamba), input_ids=inputs["input_ids"], labels=inputs["labels"])
+
+
+def test_a_router_loss_asked_for_after_fusing_runs_the_models_own_forward():
+    """output_router_logits set on the config of a model fused without it: the model's own forward, whose loss holds
+    the router's auxiliary loss (the fused forward read the config once, when fused, and left that loss out)."""
+    model = tiny_model("Mixtral", VOCAB, num_local_experts=4, num_experts_per_tok=2)
+    fused = fuse_causal_lm_loss(copy.deepcopy(model), backend="torch")
+    for m in (model, fused):
+        m.config.output_router_logits = True
+    inputs = batch(seed=10)
+    expected = model(**inputs).loss
+    assert abs(float(expected - model(**inputs, output_router_logits=False).loss)) > 1e-6
+    torch.testing.assert_close(fused(**inputs).loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_router_loss_a_composite_models_text_config_adds_is_refused():
+    """Qwen3-VL-MoE reads output_router_logits on its text config (transformers 5.25; 5.17's adds no router loss,
+    and then the fused loss is its own)."""
+    import transformers
+    from fastalign.unlearn.models import forward_reads
+    torch.manual_seed(0)
+    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=256, num_experts=4, num_experts_per_tok=2,
+                moe_intermediate_size=16, decoder_sparse_step=1, output_router_logits=True, router_aux_loss_coef=0.5,
+                rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0,
+                                 "mrope_interleaved": True})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2, spatial_merge_size=1,
+                  temporal_patch_size=1, out_hidden_size=32, deepstack_visual_indexes=[])
+    model = transformers.Qwen3VLMoeForConditionalGeneration(transformers.Qwen3VLMoeConfig(
+        text_config=text, vision_config=vision, image_token_id=VOCAB - 1, video_token_id=VOCAB - 2,
+        vision_start_token_id=VOCAB - 3, vision_end_token_id=VOCAB - 4)).eval()
+    assert not getattr(model.config, "output_router_logits", False)
+    if forward_reads(model, "aux_loss"):
+        with pytest.raises(NotImplementedError, match="Qwen3VLMoeForConditionalGeneration: its config's "
+                                                      "output_router_logits adds the router's auxiliary loss"):
+            fuse_causal_lm_loss(model)
+    else:
+        assert_same_as_own(*fused_and_own(lambda: model), **batch(seed=11))
+
+
 def test_a_model_with_a_loss_function_of_its_own_is_refused():
     model = tiny_llama(VOCAB)
     model.loss_function = lambda logits, labels, **kwargs: logits.sum()

@@ -8,6 +8,7 @@ reading its weight would leave the adapter out, and so is one on input embedding
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 
@@ -34,10 +35,34 @@ def forward_reads(model, name: str) -> bool:
     """Whether the source of the forward of `model`'s class holds `name`: a config attribute it reads (a config may
     carry settings its architecture ignores, e.g. a Llama given final_logit_softcapping), a method or a variable;
     True where its source cannot be read."""
+    return _source_holds(type(model).forward, name)
+
+
+@functools.lru_cache(maxsize=None)
+def _source_holds(function, name: str) -> bool:
+    """forward_reads of one function, read once (the losses ask at every call)."""
     try:
-        return name in inspect.getsource(type(model).forward)
+        return name in inspect.getsource(function)
     except (OSError, TypeError):
         return True
+
+
+def router_loss_added(model) -> bool:
+    """Whether the model's forward adds a router's auxiliary loss to its loss as its config now stands: a mixture of
+    experts whose config sets output_router_logits (a composite model's text config: Qwen3-VL-MoE's), and whose
+    forward reads aux_loss."""
+    base = base_causal_lm(model)
+    config = getattr(base, "config", None)
+    configs = (config, config.get_text_config(decoder=True)) if hasattr(config, "get_text_config") else (config,)
+    return any(getattr(c, "output_router_logits", False) for c in configs) and forward_reads(base, "aux_loss")
+
+
+def check_no_router_loss(model, computed_by: str) -> None:
+    """NotImplementedError where router_loss_added(model): the loss `computed_by` computes leaves that loss out."""
+    if router_loss_added(model):
+        raise NotImplementedError(f"{type(base_causal_lm(model)).__name__}: its config's output_router_logits adds "
+                                  f"the router's auxiliary loss to the loss, which {computed_by} leaves out; set it "
+                                  "False (on the config, or on its text_config), or add the auxiliary loss yourself")
 
 
 def base_causal_lm(model):
@@ -90,6 +115,26 @@ def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
                          "change the lm_head too, so the saved model would not be the one trained (whose lm_head "
                          "the adapter left alone); leave the input embeddings out of lora_targets")
     return decoder_of(base), lm_head
+
+
+def head_input_module(model) -> torch.nn.Module:
+    """The module whose last hidden states the model's lm_head reads, to run with all of the inputs the model's forward
+    takes: a vision-language model's multimodal model (its `.model`, which encodes the images and places them among
+    the text's embeddings, and masks as the model does, PaliGemma's prefix both ways), else the decoder (decoder_of).
+    The decoder alone took pixel_values into its **kwargs and dropped them: the loss of a model that saw no image."""
+    decoder = causal_lm_parts(model)[0]
+    inner = getattr(base_causal_lm(model), "model", None)
+    if isinstance(inner, torch.nn.Module) and inner is not decoder and "pixel_values" in _forward_parameters(inner):
+        return inner
+    return decoder
+
+
+def _forward_parameters(module) -> tuple[str, ...]:
+    """The names module.forward takes (none where its signature cannot be read)."""
+    try:
+        return tuple(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return ()
 
 
 def logit_softcap(model) -> float | None:
