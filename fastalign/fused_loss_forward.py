@@ -140,7 +140,10 @@ def _check_loss_is_causal_lm_cross_entropy(base: torch.nn.Module) -> None:
     """NotImplementedError for a model whose forward's loss is more or other than transformers' causal LM
     cross-entropy of its logits: a loss function of its own, or a router's auxiliary loss that its config adds."""
     loss_function = getattr(base, "loss_function", None)
-    if not forward_reads(base, "loss_function") or loss_function is not ForCausalLMLoss:
+    if not forward_reads(base, "loss_function"):
+        raise NotImplementedError(f"{type(base).__name__}: its forward computes its loss itself, not through "
+                                  "transformers' ForCausalLMLoss, which the fused forward computes")
+    if loss_function is not ForCausalLMLoss:
         raise NotImplementedError(f"{type(base).__name__}: its forward's loss is not transformers' ForCausalLMLoss "
                                   f"(it has {getattr(loss_function, '__name__', loss_function)!r}), which the fused "
                                   "forward computes")

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+import fastalign
 from fastalign import causal_lm_loss, fuse_causal_lm_loss
 from fastalign.fused_loss_forward import FusedLossForward
 from fastalign.unlearn import fused_layers, layer_stand_ins
@@ -231,6 +232,22 @@ def test_a_model_with_a_loss_function_of_its_own_is_refused():
     with pytest.raises(NotImplementedError, match="LlamaForCausalLM: its forward's loss is not transformers' "
                                                   "ForCausalLMLoss"):
         fuse_causal_lm_loss(model)
+
+
+def test_an_encoder_decoder_model_is_refused_naming_what_it_is():
+    """T5 computes its loss itself, from a decoder that reads decoder_input_ids: the fused forward says so, and the
+    loss modules name it an encoder-decoder model (their probe of its logits failed inside transformers, asking for
+    input_ids or inputs_embeds)."""
+    import transformers
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=VOCAB, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8, decoder_start_token_id=0))
+    with pytest.raises(NotImplementedError, match="T5ForConditionalGeneration: its forward computes its loss itself, "
+                                                  "not through transformers' ForCausalLMLoss"):
+        fuse_causal_lm_loss(t5)
+    for make in (lambda: causal_lm_loss.CausalLMLoss(t5), lambda: fastalign.CausalLMKLDiv(t5, copy.deepcopy(t5))):
+        with pytest.raises(TypeError, match="T5ForConditionalGeneration is an encoder-decoder model; the fused losses "
+                                            "take a decoder-only causal LM"):
+            make()
 
 
 @pytest.mark.parametrize("precision, layers", [("fp32", False), ("bf16-mixed", False), ("fp32", True)],

@@ -99,6 +99,9 @@ def enable_activation_checkpointing(model):
 def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(decoder, lm_head) of a causal LM; a clear error for models the fused losses cannot serve."""
     base = base_causal_lm(model)
+    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        raise TypeError(f"{type(base).__name__} is an encoder-decoder model; the fused losses take a decoder-only "
+                        "causal LM (such as LlamaForCausalLM), whose decoder reads the whole sequence")
     get_head = getattr(base, "get_output_embeddings", None)
     lm_head = get_head() if get_head is not None else None
     if lm_head is None or not isinstance(getattr(lm_head, "weight", None), torch.Tensor):
@@ -108,6 +111,10 @@ def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
         raise ValueError(f"the lm_head carries a PEFT adapter ({type(lm_head).__module__}.{type(lm_head).__name__}); "
                          "the fused losses read lm_head.weight, so the adapter would neither act nor train: "
                          "leave the lm_head out of lora_targets")
+    if hasattr(lm_head, "token_adapter"):   # PEFT's TrainableTokensWrapper: trained rows added in its forward
+        raise ValueError("the lm_head carries PEFT's trainable tokens (trainable_token_indices, tied to the input "
+                         "embeddings): the fused losses read lm_head.weight, without the trained tokens' rows; untie "
+                         "the embeddings or leave trainable_token_indices out")
     get_embeddings = getattr(base, "get_input_embeddings", None)
     embeddings = get_embeddings() if get_embeddings is not None else None
     if getattr(getattr(embeddings, "base_layer", None), "weight", None) is lm_head.weight:
