@@ -198,12 +198,16 @@ def build_judge(args, tokenizer=None):
     if not module_name or not name:
         raise UsageError(f"--judge-callable must be module:name, got {args.judge_callable!r}")
     try:
-        return getattr(importlib.import_module(module_name), name)
+        judge = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as exc:
         hint = ("; the module must be importable: the `fastalign` command does not look in the current "
                 "directory, so put its folder on PYTHONPATH (or run python -m fastalign)"
                 if isinstance(exc, ImportError) else "")
         raise UsageError(f"--judge-callable: cannot import {args.judge_callable!r}: {exc}{hint}") from None
+    if not callable(judge):   # refused before any answer is generated, not at the first batch's judging
+        raise UsageError(f"--judge-callable: {args.judge_callable!r} is a {type(judge).__name__}, not a function "
+                         "judge(pairs) -> list of bools")
+    return judge
 
 
 def world_judge(model: Optional[str], tokenizer=None):

@@ -168,6 +168,7 @@ def test_a_reference_of_another_vocabulary_is_an_error_before_any_answer(harmful
     (["--judge", "callable", "--judge-callable", "nomodule_xyz:f"], "--judge-callable: cannot import"),
     (["--judge", "callable", "--judge-callable", "nomodule_xyz"], "--judge-callable must be module:name"),
     (["--judge", "callable", "--judge-callable", ":f"], "--judge-callable must be module:name"),
+    (["--judge", "callable", "--judge-callable", "os:sep"], "--judge-callable: 'os:sep' is a str, not a function"),
     # the threshold's bounds are probabilities too: checked, the next check speaks
     (["--judge", "moderation", "--moderation-model", "/nowhere", "--threshold", "0"], "no model directory"),
     (["--judge", "moderation", "--moderation-model", "/nowhere", "--threshold", "1"], "no model directory"),
