@@ -93,6 +93,10 @@ class UnlearningObjective(torch.nn.Module):
         # read once (they inspect the model's source); the reference shares them
         self.softcap, self.multiplier = logit_softcap(model), logit_multiplier(model)
         self.packer = RowPacker(model, packing)
+        # whether the lm_head's weight and bias trained when the objective was built, for a forward that sees them
+        # as no parameter of their own (see _as_trained)
+        lm_head = causal_lm_parts(model)[1]
+        self.head_trains = tuple(t is not None and t.requires_grad for t in (lm_head.weight, lm_head.bias))
 
     @property
     def _no_split_modules(self):
@@ -103,7 +107,8 @@ class UnlearningObjective(torch.nn.Module):
         if normal_denominator is not None and not normal_denominator > 0:
             raise ValueError(f"normal_denominator must be > 0, got {normal_denominator!r}")
         decoder, lm_head = causal_lm_parts(self.model)
-        lm_weight = head_weight(lm_head)
+        lm_weight, lm_bias = (_as_trained(t, trained) for t, trained in zip((head_weight(lm_head), lm_head.bias),
+                                                                             self.head_trains))
         tokens, n_fgt, n_rdn = batch.tokens, batch.num_forget, batch.num_mismatch
         states = self.packer.forward(decoder, tokens)
         width = tokens.width
@@ -111,7 +116,7 @@ class UnlearningObjective(torch.nn.Module):
         dtype = compute_dtype(states.flat.device.type, lm_weight.dtype)
         weight = lm_weight.to(dtype)
         # a model that multiplies its logits (Cohere, Granite, Falcon-H1) gets the factor on the head's inputs
-        bias = scaled_head_input(lm_head.bias, self.multiplier, dtype)
+        bias = scaled_head_input(lm_bias, self.multiplier, dtype)
         zero = states.flat.new_zeros((), dtype=torch.float32)
 
         forget = mismatch = normal = zero
@@ -142,11 +147,10 @@ class UnlearningObjective(torch.nn.Module):
             if self.reference is None:
                 raise ValueError("the batch has normal rows but the objective has no reference for the KL term")
             normal_tokens = tokens.rows(n_fgt + n_rdn, n_fgt + n_rdn + batch.num_normal)
-            ref_hidden, ref_weight, ref_bias = self.reference(normal_tokens, batch.normal_index, lm_weight,
-                                                              lm_head.bias)
+            ref_hidden, ref_weight, ref_bias = self.reference(normal_tokens, batch.normal_index, lm_weight, lm_bias)
             # a head shared with the policy (adapter off, cached) is passed as the policy's tensor: read once
             ref_weight = weight if ref_weight is lm_weight else ref_weight.to(dtype)
-            ref_bias = bias if ref_bias is lm_head.bias else scaled_head_input(ref_bias, self.multiplier, dtype)
+            ref_bias = bias if ref_bias is lm_bias else scaled_head_input(ref_bias, self.multiplier, dtype)
             rows, columns = normal_tokens.answer_positions(width)
             kl_sum = linear_kl_div(scaled_head_input(states.at(rows + n_fgt + n_rdn, columns), self.multiplier, dtype),
                                    weight, scaled_head_input(ref_hidden, self.multiplier, dtype), ref_weight,
@@ -159,3 +163,14 @@ class UnlearningObjective(torch.nn.Module):
         w = self.weights
         total = w.forget * forget + w.mismatch * mismatch + w.normal * normal
         return LossTerms(total, forget.detach(), mismatch.detach(), normal.detach())
+
+
+def _as_trained(t: torch.Tensor | None, trained_when_built: bool) -> torch.Tensor | None:
+    """The lm_head's weight or bias `t` as the loss takes it: detached where it does not train. A parameter says so
+    itself; a plain tensor is FSDP version 1's view (use_orig_params) of the unit's flat parameter, which requires
+    grad where the unit's other weights train, so what the head's parameter said when the objective was built
+    decides (the cached reference refused a frozen head there as trained, and its gradient was computed)."""
+    if t is None:
+        return None
+    trains = t.requires_grad if isinstance(t, torch.nn.Parameter) else trained_when_built
+    return t if trains else t.detach()

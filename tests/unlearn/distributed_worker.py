@@ -129,6 +129,8 @@ def run(root, scenario):
         train(root, scenario, "fsdp2", reference="cached")
     elif scenario == "fsdp1_flat_cached":
         train(root, scenario, "fsdp1_flat", reference="cached")
+    elif scenario == "fsdp1_cached":
+        train(root, scenario, "fsdp1", reference="cached")
     elif scenario == "fsdp2_cached_bf16":
         train(root, scenario, "fsdp2", reference="cached", precision="bf16-mixed")
     elif scenario == "fsdp2_bf16_reference_kl":   # step 1's KL, before any update, with each reference

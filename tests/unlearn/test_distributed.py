@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCENARIOS = ["ddp", "fsdp2", "fsdp2_head_unit", "fsdp2_bf16", "fsdp1_bf16", "fsdp1_flat_bf16",
              "fsdp2_head_unit_grads_in_forward", "fsdp1", "fsdp2_cached", "fsdp2_cached_bf16",
              "fsdp2_bf16_reference_kl", "fsdp2_cached_head_changed", "ddp_lora_bf16", "nonfinite", "fsdp1_flat_root",
-             "fsdp1_flat_cached"]
+             "fsdp1_flat_cached", "fsdp1_cached"]
 TERMS = ("loss", "forget_nll", "mismatch_nll", "normal_kl")
 
 
@@ -136,6 +136,15 @@ def test_cached_reference_under_fsdp1_without_orig_params_is_an_error_naming_the
     assert first == second and first.startswith("ValueError: FSDP version 1 without use_orig_params")
     for phrase in ["lm_head.weight", "reference='cached'", "--fsdp_use_orig_params true", "FSDP version 2"]:
         assert phrase in first, phrase
+
+
+def test_cached_reference_under_fsdp1_with_orig_params_trains_as_one_process(runs, single):
+    """What that error advises: with use_orig_params, FSDP1's forward gives the frozen lm_head as a view of its unit's
+    flat parameter, which requires grad (the embeddings and final norm beside it train). The cached reference refused
+    it as a trained head at step 1; the objective now reads the head's own parameters, frozen."""
+    path = runs / "fsdp1_cached"
+    assert outcomes(path) == ["ok", "ok"]
+    assert_same_run(path, "model", single["cached"])
 
 
 def test_fsdp2_lm_head_in_its_own_unit_trains_checkpoints_and_resumes(runs, single):
