@@ -65,13 +65,23 @@ def _local(tensor):
 
 class KahanAdamW(torch.optim.Optimizer):
     """AdamW over `params` with Kahan-compensated bf16 weights (see the module's docstring); the arguments are
-    torch.optim.AdamW's. State of each parameter: "step", "exp_avg" and "exp_avg_sq" (in the parameter's dtype, as
-    torch's AdamW keeps them, so that torch's AdamW state loads here) and, for a bf16 parameter, "compensation"
-    (zeros where a loaded state has none). backend: "auto" (the Triton kernel on CUDA, torch elsewhere), "triton"
-    or "torch"."""
+    torch.optim.AdamW's (its options other than lr, betas, eps and weight_decay only at their defaults). State of each
+    parameter: "step", "exp_avg" and "exp_avg_sq" (in the parameter's dtype, as torch's AdamW keeps them, so that
+    torch's AdamW state loads here) and, for a bf16 parameter, "compensation" (zeros where a loaded state has none).
+    backend: "auto" (the Triton kernel on CUDA, torch elsewhere), "triton" or "torch"."""
 
     def __init__(self, params: ParamsT, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, backend: Backend = "auto"):
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, amsgrad: bool = False, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, backend: Backend = "auto"):
+        # torch's AdamW's other options, taken at their defaults (code written for AdamW passes them): amsgrad and
+        # maximize change the step, which computes neither; the rest say how torch runs its step, not this one's
+        _check_torch_options(dict(amsgrad=amsgrad, maximize=maximize), "KahanAdamW")
+        for name, value in (("foreach", foreach), ("capturable", capturable), ("differentiable", differentiable),
+                            ("fused", fused)):
+            if value:
+                raise ValueError(f"KahanAdamW: {name}={value!r} chooses how torch's AdamW runs its step; KahanAdamW "
+                                 "runs its own (one kernel a parameter on CUDA, torch operations elsewhere: backend=)")
         if not (isinstance(lr, (int, float)) or torch.is_tensor(lr) and lr.numel() == 1) or float(lr) < 0:
             raise ValueError(f"lr: expected a float >= 0 (or a one-element tensor), got {lr!r}")
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2

@@ -8,6 +8,7 @@ from fastalign.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:   # what type checkers and editors read; at run time lazy_exports imports these on first use
     from fastalign.unlearn.backward_step import step_in_backward
+    from fastalign.unlearn.batching import TokenBatch
     from fastalign.unlearn.config import UnlearnConfig
     from fastalign.unlearn.encoding import EncodedExample, PoolAnswer, encode_answers, encode_pairs
     from fastalign.unlearn.formats import (
@@ -23,10 +24,10 @@ if TYPE_CHECKING:   # what type checkers and editors read; at run time lazy_expo
     from fastalign.unlearn.token_weights import unlearning_token_weights
     from fastalign.unlearn.trainer import RunSummary, StepRecord, UnlearningTrainer
 
-__all__ = ["step_in_backward", "UnlearnConfig", "EncodedExample", "PoolAnswer", "encode_answers", "encode_pairs",
-           "load_hh_rlhf", "load_pairs", "load_pku_saferlhf", "load_prompt_answer_jsonl", "load_truthfulqa",
-           "fused_layers", "LossTerms", "LossWeights", "UnlearningObjective", "PackedRows", "RowPacker", "pack_rows",
-           "DataError", "QAPair", "AdapterDisabledReference", "CachedReference", "FrozenCopyReference", "load_streams",
-           "run_unlearning", "UnlearningBatch", "UnlearningStreams", "ChatTemplate", "TextTemplate",
-           "unlearning_token_weights", "RunSummary", "StepRecord", "UnlearningTrainer"]
+__all__ = ["step_in_backward", "TokenBatch", "UnlearnConfig", "EncodedExample", "PoolAnswer", "encode_answers",
+           "encode_pairs", "load_hh_rlhf", "load_pairs", "load_pku_saferlhf", "load_prompt_answer_jsonl",
+           "load_truthfulqa", "fused_layers", "LossTerms", "LossWeights", "UnlearningObjective", "PackedRows",
+           "RowPacker", "pack_rows", "DataError", "QAPair", "AdapterDisabledReference", "CachedReference",
+           "FrozenCopyReference", "load_streams", "run_unlearning", "UnlearningBatch", "UnlearningStreams",
+           "ChatTemplate", "TextTemplate", "unlearning_token_weights", "RunSummary", "StepRecord", "UnlearningTrainer"]
 __getattr__, __dir__ = lazy_exports(globals())

@@ -152,6 +152,20 @@ def test_a_group_that_asks_for_what_the_step_does_not_compute_is_refused(option)
     assert torch.equal(weight, torch.ones(3))
 
 
+def test_torchs_adamw_options_are_taken_at_their_defaults_and_refused_otherwise():
+    """Code written for torch's AdamW passes its options: at their defaults they are taken (a TypeError before),
+    otherwise refused by name."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    defaults = dict(amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False, fused=None)
+    KahanAdamW([weight], lr=1e-3, **defaults)
+    for option, value, message in [("amsgrad", True, "KahanAdamW has amsgrad=True, which KahanAdamW does not step"),
+                                   ("maximize", True, "KahanAdamW has maximize=True"),
+                                   ("fused", True, "KahanAdamW: fused=True chooses how torch's AdamW runs its step"),
+                                   ("foreach", True, "KahanAdamW: foreach=True chooses how")]:
+        with pytest.raises(ValueError, match=message):
+            KahanAdamW([weight], **{**defaults, option: value})
+
+
 def test_a_tensor_learning_rate_steps_as_its_float():
     start, grads = (0.02 * torch.randn(30)).bfloat16(), [g.bfloat16() for g in gradients(30, 2)]
     tensor_lr, float_lr = (run(KahanAdamW, start, grads, lr=lr)[0] for lr in (torch.tensor(1e-3), 1e-3))
