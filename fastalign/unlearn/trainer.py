@@ -267,7 +267,8 @@ class UnlearningTrainer:
     step_callback(record) runs on the main process after every step.
     One train() runs at a time on a trainer: one called while another runs, from another thread or from the
     step_callback, is refused with a RuntimeError (the two would train one model with one optimizer into one
-    output_dir); one called after the last returned runs (after an exception, a resume: see resume_point).
+    output_dir); one called after the last returned runs (after an exception, a resume: see resume_point), except
+    under FSDP, whose first train() sharded the model in place (a RuntimeError: resume with a new trainer).
     Torch's global generator is seeded with config.seed when the trainer is constructed (LoRA's initialisation draws
     from it), and train() starts dropout where that left it, whatever was drawn in between; a step_callback that draws
     from it changes the dropout of the steps after it (a resume restores the generator as its checkpoint found it).
@@ -326,6 +327,7 @@ class UnlearningTrainer:
         # with the policy the first one started from, not with the weights that one left behind
         self._built_reference = None
         self.packer = None    # the objective's RowPacker, once train() built it: how each batch's forward ran
+        self._prepared = False   # whether a train() gave the model to accelerate's prepare (FSDP shards it in place)
         self._busy = threading.Lock()   # held by the running train() (see one_call_at_a_time)
 
     def _prepare_model(self, model):
@@ -380,6 +382,10 @@ class UnlearningTrainer:
     @one_call_at_a_time("its step_callback", "wait for the running train() to return")
     def train(self) -> RunSummary:
         config, acc = self.config, self.accelerator
+        if self.sharded and self._prepared:   # FSDP sharded the model in place in the first train()
+            raise RuntimeError("under FSDP a trainer trains once: its first train() sharded the model in place, which "
+                               "cannot be prepared again; resume with a new UnlearningTrainer over the model loaded "
+                               "again (config.resume=True, --resume)")
         out = config.output_dir
         resume_from = resume_point(config)
         if acc.is_main_process:
@@ -498,6 +504,7 @@ class UnlearningTrainer:
                 raise ValueError("the model has no trainable parameter")
             return adamw(params, lr=config.lr, weight_decay=config.weight_decay, sharded=self.sharded)
 
+        self._prepared = True
         if getattr(acc, "is_fsdp2", False):
             return acc.prepare(objective, optimizer_over(objective))
         objective = acc.prepare(objective)

@@ -8,6 +8,7 @@ accelerate chooses FSDP only on accelerator devices and DDP on the CPU; the FSDP
 FSDP plugin and select DistributedType.FSDP themselves, after which accelerate's own FSDP code (prepare
 with fully_shard / FullyShardedDataParallel, no_sync, backward, reduce) runs as it would on GPUs.
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -131,6 +132,13 @@ def run(root, scenario):
         train(root, scenario, "fsdp1_flat", reference="cached")
     elif scenario == "fsdp1_cached":
         train(root, scenario, "fsdp1", reference="cached")
+    elif scenario == "fsdp2_train_again":   # a second train() on the trainer whose first one sharded the model
+        config = UnlearnConfig(output_dir=os.path.join(root, scenario), **SETTINGS)
+        trainer = UnlearningTrainer(tiny_llama(len(byte_bpe_tokenizer())), streams(), config,
+                                    accelerator=accelerator("fsdp2"))
+        trainer.train()
+        trainer.config = dataclasses.replace(config, resume=True)
+        trainer.train()
     elif scenario == "fsdp2_cached_bf16":
         train(root, scenario, "fsdp2", reference="cached", precision="bf16-mixed")
     elif scenario == "fsdp2_bf16_reference_kl":   # step 1's KL, before any update, with each reference

@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCENARIOS = ["ddp", "fsdp2", "fsdp2_head_unit", "fsdp2_bf16", "fsdp1_bf16", "fsdp1_flat_bf16",
              "fsdp2_head_unit_grads_in_forward", "fsdp1", "fsdp2_cached", "fsdp2_cached_bf16",
              "fsdp2_bf16_reference_kl", "fsdp2_cached_head_changed", "ddp_lora_bf16", "nonfinite", "fsdp1_flat_root",
-             "fsdp1_flat_cached", "fsdp1_cached"]
+             "fsdp1_flat_cached", "fsdp1_cached", "fsdp2_train_again"]
 TERMS = ("loss", "forget_nll", "mismatch_nll", "normal_kl")
 
 
@@ -145,6 +145,14 @@ def test_cached_reference_under_fsdp1_with_orig_params_trains_as_one_process(run
     path = runs / "fsdp1_cached"
     assert outcomes(path) == ["ok", "ok"]
     assert_same_run(path, "model", single["cached"])
+
+
+def test_a_second_train_on_a_trainer_whose_model_fsdp_sharded_is_refused(runs):
+    """FSDP sharded the model in place in the first train(); a second one prepared it again and failed inside the
+    model's forward (mixed Tensor and DTensor). Refused on every process, naming the way to resume."""
+    first, second = outcomes(runs / "fsdp2_train_again")
+    assert first == second and first.startswith("RuntimeError: under FSDP a trainer trains once")
+    assert "resume with a new UnlearningTrainer" in first
 
 
 def test_fsdp2_lm_head_in_its_own_unit_trains_checkpoints_and_resumes(runs, single):
