@@ -60,6 +60,8 @@ def forward(gate, up, *, tanh_gelu=False):
     """act(gate) * up for gate, up [..., I] of one shape and dtype; act is SiLU, or with tanh_gelu the tanh
     approximation of GELU. The output has gate's shape and dtype. The kernel steps through a row one element at a
     time: an input strided in its last dimension (gate_up[..., ::2], a transpose) is copied first."""
+    if gate.shape[-1] == 0:   # rows of nothing (a reshape to [-1, 0] is ambiguous)
+        return torch.empty_like(gate)
     gate, up = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (gate, up))
     gate_rows, up_rows = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
     out = torch.empty(gate_rows.shape, dtype=gate.dtype, device=gate.device)

@@ -82,7 +82,12 @@ def rms_norm_after_add(x, y, weight, eps, *, weight_offset=0.0, round_before_wei
 
 
 def _launch(x, y, weight, eps, weight_offset, round_before_weight, y_weight=None, y_eps=None):
-    """(x + y or None, the norm) of the rows of x (and y)."""
+    """(x + y or None, the norm) of the rows of x (and y). The kernel reads the weights as contiguous rows: a strided
+    one (a slice) is copied first."""
+    weight, y_weight = (None if w is None else w.contiguous() for w in (weight, y_weight))
+    if x.shape[-1] == 0:   # rows of nothing to normalise (a reshape to [-1, 0] is ambiguous)
+        total = None if y is None else x + y
+        return total, x.clone() if total is None else total
     rows = x.reshape(-1, x.shape[-1])
     y_rows = rows if y is None else y.reshape(rows.shape)
     total = rows if y is None else torch.empty(rows.shape, dtype=x.dtype, device=x.device)
@@ -148,6 +153,9 @@ def _num_programs(device, num_rows):
 def backward(x, weight, grad_out, eps, *, weight_offset=0.0, round_before_weight=True):
     """(grad_x in x's dtype and shape, grad_weight in weight's dtype) of forward(x, weight, eps, ...) given grad_out
     (x's shape)."""
+    if x.shape[-1] == 0:
+        return torch.zeros_like(x), torch.zeros_like(weight)
+    weight = weight.contiguous()
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     grad_rows = grad_out.reshape(rows.shape).to(x.dtype).contiguous()
     grad_x = torch.empty_like(rows)

@@ -78,13 +78,17 @@ def _kernel_norms(q, k, q_norm, k_norm):
 
 
 def _kernel_takes(q, k, cos, sin, store):
-    """Whether the kernel computes these: heads of one even width and dtype, cos and sin of one dtype, last
-    dimensions contiguous, all on q's device; a store's caches of k's dtype and of one layout."""
+    """Whether the kernel computes these: heads of one even width and dtype, cos and sin of one dtype with a row per
+    token (not broadcast), last dimensions contiguous, all on q's device; a store's caches of k's dtype and of one
+    layout, and its slots one contiguous row."""
     head_dim = q.shape[-1]
     tensors = (k, cos, sin)
+    if any(t.dim() < 2 or t.shape[0] != q.shape[0] for t in tensors):
+        return False
     if store is not None:
-        v, k_cache, v_cache, _ = store
-        if v.dtype != k.dtype or k_cache.dtype != k.dtype or k_cache.stride() != v_cache.stride():
+        v, k_cache, v_cache, slots = store
+        if (v.dtype != k.dtype or k_cache.dtype != k.dtype or k_cache.stride() != v_cache.stride()
+                or slots.dim() != 1 or slots.stride(0) != 1):
             return False
         tensors += (v, k_cache, v_cache)
     return not (head_dim % 2 or k.shape[-1] != head_dim or cos.shape[-1] != head_dim or k.dtype != q.dtype

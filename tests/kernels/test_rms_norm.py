@@ -96,6 +96,26 @@ def test_strided_rows_and_no_rows():
         assert rms_norm.forward(empty, module.weight, 1e-5).shape == (0, 40)
 
 
+def test_a_strided_weight_and_rows_of_width_zero():
+    """A weight that is a strided view (a slice of a longer one): the kernels read it as one contiguous row, a wrong
+    norm and input gradient before it was copied. Rows of no width give empty results, not a reshape error."""
+    module, x = module_and_input("rounded", (5, 40), torch.float32)
+    module.weight = torch.nn.Parameter(torch.randn(80, device=TRITON_DEVICE)[::2])
+    assert module.weight.stride(-1) == 2
+    with torch.no_grad():
+        assert_as_module(rms_norm.forward(x, module.weight, 1e-5), module(x))
+    x = x.detach().requires_grad_()
+    grad_out = torch.randn_like(x)
+    want = torch.autograd.grad(module(x), [x, module.weight], grad_out)
+    got = rms_norm.backward(x.detach(), module.weight.detach(), grad_out, 1e-5)
+    for name, g, w in zip(("grad_x", "grad_weight"), got, want):
+        assert_rel_close(name, g, w, REL_TOL[torch.float32])
+    empty = torch.empty(3, 0, device=TRITON_DEVICE)
+    no_weight = torch.empty(0, device=TRITON_DEVICE)
+    assert rms_norm.forward(empty, no_weight, 1e-5).shape == (3, 0)
+    assert [t.shape for t in rms_norm.backward(empty, no_weight, empty, 1e-5)] == [(3, 0), (0,)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rule", list(WEIGHT_RULES))
 @pytest.mark.parametrize("shape", [(9, 40), (1, 7), (2, 3, 300), (0, 8)])

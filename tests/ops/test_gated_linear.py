@@ -109,6 +109,16 @@ def test_inputs_strided_in_their_last_dimension(backend, layout, frozen_inputs):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_an_intermediate_width_of_zero(backend):
+    """gate and up [3, 0]: an empty product and a down projection of zeros (plus the bias) on both backends; the
+    Triton one failed reshaping 0 elements into [-1, 0]."""
+    gate, up, weight, bias = make_inputs((3,), 0, 5, device=device_for(backend))
+    assert fastalign.gated_activation(gate, up, backend=backend).shape == (3, 0)
+    out = fastalign.gated_linear(gate, up, weight, bias, backend=backend)
+    assert torch.equal(out, bias.detach().expand(3, 5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_keeps_gate_and_up_but_not_the_product(backend):
     """What autograd holds for the backward: gate, up and the weight, no [tokens x I] tensor besides; the unfused ops
     hold two more (act(gate) and the product). The test can fail: it counts the unfused ops' too."""

@@ -54,6 +54,25 @@ def test_both_backends_store_the_rotated_keys_and_the_values_alike():
         assert not store[1].isnan().all() and store[1].isnan().any()
 
 
+def test_broadcast_cos_and_strided_slots_are_left_to_the_torch_ops():
+    """cos and sin of one row for every token, and slots that are a strided view: the kernel reads a row per token and
+    the slots as one contiguous row, so it read past cos and stored into other slots (one past the pool). The torch
+    ops take them, as they would."""
+    torch.manual_seed(0)
+    q, k = torch.randn(4, 2, 8, device=TRITON_DEVICE), torch.randn(4, 1, 8, device=TRITON_DEVICE)
+    cos, sin = torch.randn(1, 1, 8, device=TRITON_DEVICE), torch.randn(1, 1, 8, device=TRITON_DEVICE)
+    out = qk_rotation("triton")(q.clone(), k.clone(), cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(out, rotate_qk_torch(q, k, cos, sin)))
+    v, k_cache, v_cache, _ = pool_layer(4, 1, 8)
+    slots = torch.tensor([3, 100, 7, 100, 1, 100, 11, 100], device=TRITON_DEVICE)[::2]
+    full_cos, full_sin = cos.expand(4, 1, 8), sin.expand(4, 1, 8)
+    ref_store = (v, k_cache.clone(), v_cache.clone(), slots)
+    rotate_qk_torch(q, k, full_cos, full_sin, ref_store)
+    qk_rotation("triton")(q.clone(), k.clone(), full_cos, full_sin, (v, k_cache, v_cache, slots))
+    for cache, ref_cache in zip((k_cache, v_cache), ref_store[1:3]):
+        torch.testing.assert_close(cache, ref_cache, rtol=0, atol=0, equal_nan=True)
+
+
 def qwen3_heads_and_norms(head_dim):
     """bf16 q [3, 4, D] and k [3, 2, D], cos and sin [3, 1, D], Qwen3's q_norm and k_norm modules over D and a
     FusedRMSNorm of each."""
