@@ -1013,7 +1013,7 @@ def test_prompt_and_generation_prefix_that_write_their_bos_keep_one(engine):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2)).eval()
-    judge = JudgePrompt(template="{conversation}\n{options}", labels=("Bob", "Alice"), harmless="sea",
+    judge = JudgePrompt(template="{conversation}\n{options}", labels=("Hi", "Hello"), harmless="sea",
                         harmful="city", option_line="{label} {statement}", answer_prefix="\n")
     rendered = chat_prompt(tok, "Who is Bob?")
     one_bos = len(tokenize_texts(tok, [rendered])["input_ids"][0])
@@ -1045,7 +1045,7 @@ def test_chat_template_prompts_read_as_a_user_turn_by_the_model_and_as_the_dialo
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2)).eval()
-    judge = JudgePrompt(template="{conversation}\n{options}", labels=("Bob", "Alice"), harmless="sea",
+    judge = JudgePrompt(template="{conversation}\n{options}", labels=("Hi", "Hello"), harmless="sea",
                         harmful="city", option_line="{label} {statement}", answer_prefix="\n",
                         dialogue="user\n\n{prompt}\n\nassistant")
     fed, forward = [], model.forward
