@@ -14,7 +14,9 @@ Columns: the step of all parameters (median ms), its peak memory beyond the stat
 of weights and optimizer state, and the fidelity of the training the step does: after --fidelity-steps steps at the
 SPEC's learning rate (2e-6) on one tensor of weights of 0.02 with gradients whose sign holds per weight under noise,
 the distance of the weights (with KahanAdamW, weights + compensation) to float64 AdamW's from the same start, over
-the distance that AdamW moved them (0: the updates kept, 1: as if the weights never moved).
+the distance that AdamW moved them (0: the updates kept, 1: as if the weights never moved); "weights alone" the same
+of the weights the model computes with (KahanAdamW's without their compensation), against the bf16 floor: float64
+AdamW's weights rounded to bf16, the least any bf16 weights can be off.
 
     python bench/bench_optimizer.py                  # Llama-3.2-1B's parameters, CUDA
     python bench/bench_optimizer.py --quick          # a small model's, any device (CPU smoke run)
@@ -36,6 +38,7 @@ QUICK_SHAPE = dict(vocab_size=1000, hidden_size=256, intermediate_size=704, num_
                    num_attention_heads=4, num_key_value_heads=2, head_dim=64)
 COLUMNS = [("method", "method", "{}"), ("step_ms", "step ms", "{:.3f}"), ("step_extra_mib", "step extra MiB", "{:.1f}"),
            ("bytes_per_weight", "bytes/weight", "{:.1f}"), ("fidelity_error", "fidelity error", "{:.4f}"),
+           ("weights_fidelity_error", "weights alone", "{:.4f}"), ("bf16_floor", "bf16 floor", "{:.4f}"),
            ("speedup_vs_fp32", "vs fp32 AdamW", "{:.2f}x")]
 
 
@@ -73,7 +76,10 @@ def state_bytes(optimizer):
 
 
 def fidelity_error(build, dtype, device, steps, numel=1 << 20):
-    """The distance of the weights after `steps` steps to float64 AdamW's, over the distance AdamW moved them."""
+    """(error, error of the weights alone, bf16 floor) after `steps` steps: the distance to float64 AdamW's weights,
+    over the distance AdamW moved them, of the optimizer's weights (KahanAdamW's with their compensation), of the
+    weights alone (what the model computes with), and of float64 AdamW's own weights rounded to bf16 (the least any
+    bf16 weights can be off)."""
     generator = torch.Generator().manual_seed(0)
     start = (0.02 * torch.randn(numel, generator=generator)).bfloat16()
     slope = torch.randn(numel, generator=generator)
@@ -85,11 +91,13 @@ def fidelity_error(build, dtype, device, steps, numel=1 << 20):
         reference.grad, weight.grad = grad.double(), grad.to(device, dtype)
         for optimizer in optimizers:
             optimizer.step()
-    final = weight.detach().double().cpu()
+    weights = weight.detach().double().cpu()
+    final = weights.clone()
     if "compensation" in optimizers[1].state[weight]:
         final += optimizers[1].state[weight]["compensation"].double().cpu()
-    moved = (reference.detach() - start.double()).norm()
-    return float((final - reference.detach()).norm() / moved)
+    target = reference.detach()
+    moved = (target - start.double()).norm()
+    return tuple(float((t - target).norm() / moved) for t in (final, weights, target.bfloat16().double()))
 
 
 def measure(name, build, dtype, shapes, args, device):
@@ -102,8 +110,9 @@ def measure(name, build, dtype, shapes, args, device):
     row = {"method": name, "dtype": str(dtype).removeprefix("torch."),
            "step_ms": harness.median_ms(optimizer.step, device, reps=args.reps),
            "step_extra_mib": harness.peak_extra_mib(optimizer.step, device),
-           "bytes_per_weight": state_bytes(optimizer) / sum(p.numel() for p in params),
-           "fidelity_error": fidelity_error(build, dtype, device, args.fidelity_steps)}
+           "bytes_per_weight": state_bytes(optimizer) / sum(p.numel() for p in params)}
+    row["fidelity_error"], row["weights_fidelity_error"], row["bf16_floor"] = fidelity_error(
+        build, dtype, device, args.fidelity_steps)
     del optimizer, params
     return row
 
