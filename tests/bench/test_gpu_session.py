@@ -56,7 +56,8 @@ def test_benches_give_the_8b_preset_what_the_call_has_left():
 
 
 def test_the_8b_part_takes_what_the_call_has_left():
-    """Its limit was a fixed 540 s: a set-up of over 45 s left the 8B rows to the tool's limit, before their bundling."""
+    """Its limit was a fixed 540 s: a set-up of over 45 s left the 8B rows to the tool's limit, before their
+    bundling."""
     text = SCRIPT.read_text()
     limit = re.search(r"^CALL_LIMIT_S=.*$", text, re.MULTILINE).group(0)
     case = "case " + text.split("case ")[1].split("esac")[0].replace('"${1:-}"', "8b", 1) + "esac"
