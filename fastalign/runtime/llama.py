@@ -21,7 +21,7 @@ import functools
 import torch
 
 from fastalign.eval_mode import eval_mode
-from fastalign.model_context import config_positions
+from fastalign.model_context import config_positions, text_config
 from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.gated_mlps import fused_gated_mlp
 from fastalign.runtime.layer_layouts import LAYOUTS
@@ -96,8 +96,7 @@ def longrope_limit(config, limit):
 def context_limit(config):
     """The longest sequence `config`'s model runs (None: no limit): its max_position_embeddings (model_context),
     capped where LongRoPE would rotate cached positions anew."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    return longrope_limit(text, config_positions(config))
+    return longrope_limit(text_config(config), config_positions(config))
 
 
 class PagedLlama:

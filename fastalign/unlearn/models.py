@@ -15,7 +15,7 @@ import math
 import torch
 
 from fastalign.eval_mode import eval_mode
-from fastalign.model_context import config_positions
+from fastalign.model_context import config_positions, text_config
 from fastalign.model_decoder import decoder_of
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.ops.checks import is_real
@@ -53,8 +53,8 @@ def router_loss_added(model) -> bool:
     forward reads aux_loss."""
     base = base_causal_lm(model)
     config = getattr(base, "config", None)
-    configs = (config, config.get_text_config(decoder=True)) if hasattr(config, "get_text_config") else (config,)
-    return any(getattr(c, "output_router_logits", False) for c in configs) and forward_reads(base, "aux_loss")
+    return (any(getattr(c, "output_router_logits", False) for c in (config, text_config(config)))
+            and forward_reads(base, "aux_loss"))
 
 
 def check_no_router_loss(model, computed_by: str) -> None:
