@@ -17,10 +17,15 @@ def decoder_of(model) -> torch.nn.Module:
                     "get_decoder(), .model and .base_model is a module of its own whose forward takes input_ids)")
 
 
+def forward_parameters(module) -> dict:
+    """The parameters of module.forward by name ({} where its signature cannot be read)."""
+    try:
+        return dict(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
 def _takes_input_ids(module) -> bool:
     """Whether module.forward takes an `input_ids` argument (by name, or among its **kwargs)."""
-    try:
-        parameters = inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    parameters = forward_parameters(module)
     return "input_ids" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())

@@ -16,7 +16,7 @@ import torch
 
 from fastalign.eval_mode import eval_mode
 from fastalign.model_context import config_positions, text_config
-from fastalign.model_decoder import decoder_of
+from fastalign.model_decoder import decoder_of, forward_parameters
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.ops.checks import is_real
 from fastalign.transfers import index_on
@@ -131,17 +131,9 @@ def head_input_module(model) -> torch.nn.Module:
     The decoder alone took pixel_values into its **kwargs and dropped them: the loss of a model that saw no image."""
     decoder = causal_lm_parts(model)[0]
     inner = getattr(base_causal_lm(model), "model", None)
-    if isinstance(inner, torch.nn.Module) and inner is not decoder and "pixel_values" in _forward_parameters(inner):
+    if isinstance(inner, torch.nn.Module) and inner is not decoder and "pixel_values" in forward_parameters(inner):
         return inner
     return decoder
-
-
-def _forward_parameters(module) -> tuple[str, ...]:
-    """The names module.forward takes (none where its signature cannot be read)."""
-    try:
-        return tuple(inspect.signature(module.forward).parameters)
-    except (TypeError, ValueError):
-        return ()
 
 
 def logit_softcap(model) -> float | None:
