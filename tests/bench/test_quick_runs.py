@@ -43,7 +43,10 @@ def check_bench_loss(record):
         by_quantity.setdefault(row["quantity"], []).append(row["method"])
         first_loss = first.setdefault((row["quantity"], row["n"]), row["loss"])
         assert close(row["loss_rel_diff"], abs(row["loss"] - first_loss) / abs(first_loss)), row
-        assert row["loss_rel_diff"] < 1e-5 and row["grad_rel_diff"] < 1e-5, row
+        # the signed sum cancels (|loss| about 3 against sum_t |w_t CE_t| about 1700 at the quick shape): fp32
+        # rounding of its terms reaches 1e-5 of it on some CPUs; one token's term wrong moves it by about 1
+        loss_tolerance = 1e-4 if row["quantity"] == "signed CE" else 1e-5
+        assert row["loss_rel_diff"] < loss_tolerance and row["grad_rel_diff"] < 1e-5, row
         fwd, fwd_bwd = (2, 6) if row["op"] == "linear_cross_entropy" else (4, 8)  # KL: the reference has no backward
         assert close(row["fwd_bwd_tflops"], fwd_bwd * row["n"] * h * v / (row["fwd_bwd_ms"] * 1e-3) / 1e12), row
         assert close(row["fwd_tflops"], fwd * row["n"] * h * v / (row["fwd_ms"] * 1e-3) / 1e12), row
