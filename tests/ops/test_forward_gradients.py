@@ -101,12 +101,12 @@ def test_bfloat16_on_the_triton_backend(shape):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float16_is_refused_where_its_gradients_would_overflow(backend):
-    """The gradients taken for an upstream gradient of 1 and rounded to the inputs' dtype are scaled after: 16384
+    """The gradients taken for an upstream gradient of 1 and rounded to the inputs' dtype are scaled after: 2048
     tokens of one target, summed (as a loss divided by num_items_in_batch is), push d_weight past float16's 65504,
-    a true gradient of ~5. The default path scales before it rounds and stays finite; grads_in_forward refuses."""
-    n, h, v = 16384, 16, 40
+    a true gradient of ~48. The default path scales before it rounds and stays finite; grads_in_forward refuses."""
+    n, h, v = 2048, 16, 40
     generator = torch.Generator().manual_seed(0)
-    hidden = (6 + torch.randn(n, h, generator=generator)).to(device_for(backend), torch.float16)
+    hidden = (48 + torch.randn(n, h, generator=generator)).to(device_for(backend), torch.float16)
     weight = (torch.randn(v, h, generator=generator) / h ** 0.5).to(device_for(backend), torch.float16)
     weight.requires_grad_()
     target = torch.zeros(n, dtype=torch.long)   # one frequent token (an end of sequence), others now and then
