@@ -51,7 +51,8 @@ def test_random_tree_from_graphs_matches_hugging_face(graph_device, name):
         assert (logits - ref_logits).abs().max() <= 1e-4, f"{span}: logits differ from Hugging Face's"
         assert (hidden - ref_hidden).abs().max() <= 1e-4, f"{span}: hidden states differ from Hugging Face's"
 
-    assert grow_random_tree(runner, seed=3, check=check) > 0
+    # 8 steps off CUDA (its forwards interpreted, 46 of them took a minute for 20 steps): 22 calls, 6 buckets, evictions
+    assert grow_random_tree(runner, seed=3, check=check, steps=20 if graph_device == "cuda" else 8) > 0
     graphs = runner.model_runner
     assert graphs.refused is None and graphs.replays > 3 * graphs.num_graphs, (graphs.replays, graphs.num_graphs)
 
