@@ -101,7 +101,10 @@ def test_random_tree_in_bf16_is_as_close_to_fp32_as_hugging_face(device, backend
         errors.append([rel_error(logits, logits32), rel_error(logits16, logits32),
                        rel_error(hidden.float(), hidden32), rel_error(hidden16.float(), hidden32)])
 
-    assert grow_random_tree(runner, seed=1, check=check) > 0
+    # 8 steps where the Triton kernels are interpreted (their bf16 dots by value; 20 steps took 26-52 s a family):
+    # the same ratios to Hugging Face's errors over fewer spans
+    interpreted = backend == "triton" and device == "cpu"
+    assert grow_random_tree(runner, seed=1, check=check, steps=8 if interpreted else 20) > 0
     errors = torch.tensor(errors)
     for statistic, values, bound in (("mean", errors.mean(dim=0), 1.25), ("max", errors.amax(dim=0), 2.0)):
         ours_logits, hf_logits, ours_hidden, hf_hidden = values.tolist()
