@@ -8,7 +8,7 @@ and a Hugging Face model class (transformers imports torch._dynamo, triton and a
 imports torch._dynamo (the op keeps out of compiled graphs; dynamo imports triton), once per process.
 
     python bench/bench_startup.py             # any machine: nothing here uses a GPU
-    python bench/bench_startup.py --quick     # one interpreter per row
+    python bench/bench_startup.py --quick     # one interpreter per row, timed with its -X importtime logging
 """
 import argparse
 import os
@@ -64,9 +64,13 @@ def imported(importtime_log):
 
 
 def measure(what, args, reps):
+    """The row of `args`: the median of `reps` timed runs (with reps 0, the seconds of the -X importtime run, its
+    logging included) and the heavy modules that run imported."""
     try:
-        seconds = statistics.median(run(args)[0] for _ in range(reps))
-        return {"what": what, "median_s": seconds, "heavy_modules": imported(run(args, ("-X", "importtime"))[1])}
+        seconds, log = run(args, ("-X", "importtime"))
+        if reps:
+            seconds = statistics.median(run(args)[0] for _ in range(reps))
+        return {"what": what, "median_s": seconds, "heavy_modules": imported(log)}
     except (RuntimeError, subprocess.SubprocessError) as err:
         return {"what": what, "error": str(err)[:300]}
 
@@ -74,9 +78,10 @@ def measure(what, args, reps):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5, help="fresh interpreters per row (default: 5)")
-    parser.add_argument("--quick", action="store_true", help="one interpreter per row (a smoke run)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one interpreter per row, timed with its -X importtime logging (a smoke run)")
     args = parser.parse_args(argv)
-    args.reps = 1 if args.quick else args.reps
+    args.reps = 0 if args.quick else args.reps
     rows = [measure(what, command, args.reps) for what, command in ROWS]
     torch_s = rows[0].get("median_s")
     for row in rows:
