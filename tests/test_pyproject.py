@@ -17,6 +17,7 @@ tomllib = pytest.importorskip("tomllib")
 ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
 USED_THROUGH_TRANSFORMERS = {"flash_attn": "flash_attention_2"}   # --attn-implementation of fastalign unlearn
+PYTEST_PLUGINS = {"pytest_xdist": "python -m pytest -q -n auto tests"}   # README's test command, in workers
 
 
 def sources():
@@ -33,7 +34,8 @@ def test_every_extra_is_documented_and_used(extra):
         module = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).replace("-", "_").lower()
         imported = re.search(rf"^\s*(import|from) {module}\b", code, re.M)
         named = module in USED_THROUGH_TRANSFORMERS and USED_THROUGH_TRANSFORMERS[module] in code
-        assert imported or named, f"{extra}: nothing imports {module}"
+        plugin = module in PYTEST_PLUGINS and PYTEST_PLUGINS[module] in readme
+        assert imported or named or plugin, f"{extra}: nothing imports {module}"
 
 
 # What the sdist is made of: the build's inputs, the docs and the license, the tests and the benches they test.
