@@ -628,27 +628,38 @@ def test_lone_children_widen_alike_in_both_engines(monkeypatch):
     assert children[True] != children[False]               # ... and widened when asked
 
 
-def test_commit_releases_everything_above_the_new_root(monkeypatch):
-    """After each commit no span above the new root stays alive, except the deepest computed ancestor
-    while the new root itself has no span yet."""
-    commit, checked = tree_engine.TreeEngine.commit, []
+def kept_spans(node, keep_origin):
+    """The spans a rewind to `node` keeps in its trie: its subtree's, the deepest computed ancestor's while `node`
+    has none, and with `keep_origin` the origin's (written here from the SPEC's rewind, not from keep_only_below)."""
+    spans = [n.entry.span for n in node.subtree() if n.entry is not None]
+    wants_ancestor, above = node.entry is None, node.parent
+    while above is not None:
+        if above.entry is not None and (wants_ancestor or (keep_origin and above.parent is None)):
+            spans.append(above.entry.span)
+            wants_ancestor = False
+        above = above.parent
+    return spans
+
+
+def test_commit_releases_every_span_outside_the_new_roots_subtrees(monkeypatch):
+    """The rewind: after each commit the runner holds the spans of the new root's generation and judge subtrees,
+    the ancestors they read (the deepest computed one while the new root has no span yet; the judge trie's origin),
+    the pinned judge prefix and the cut entries, and nothing else: the discarded siblings, above the new root or on
+    the judge's side, are released then, not when the prompt ends."""
+    commit, live_after = tree_engine.TreeEngine.commit, []
 
     def checked_commit(self, ctx, old_root, new_root):
         commit(self, ctx, old_root, new_root)
-        node, tail = new_root.handle.gen, []
-        while node.parent is not None:
-            tail.append(node.token)
-            node = node.parent
-        state = list(ctx.root_ids) + tail[::-1]
-        above = [s for s in self.runner.live
-                 if len(s.tokens) < len(state) and s.tokens == state[:len(s.tokens)]
-                 and s.tokens[:len(ctx.root_ids)] == list(ctx.root_ids)]
-        assert len(above) <= (0 if new_root.handle.gen.entry is not None else 1), (len(above), len(state))
-        checked.append(len(state))
+        gen, judge = new_root.handle.gen, new_root.handle.judge
+        kept = kept_spans(gen, keep_origin=judge is gen) + ([] if judge is gen else kept_spans(judge, True))
+        kept += [entry.span for entry in [*self.cut_entries.values(), self.judge_prefix] if entry is not None]
+        others = [span for span in self.runner.live if not any(span is k for k in kept)]
+        assert not others, f"{len(others)} spans outside the new root's subtrees stay alive: {others[:3]}"
+        live_after.append(len(self.runner.live))
 
     monkeypatch.setattr(tree_engine.TreeEngine, "commit", checked_commit)
-    run_tree(PROMPTS[:1], RainConfig(root_visits=8, min_new_visits=3, max_new_tokens=10), concurrency=1)
-    assert len(checked) >= 3
+    run_tree(PROMPTS[:1], RainConfig(root_visits=8, min_new_visits=3, max_new_tokens=16), concurrency=1)
+    assert len(live_after) >= 3 and min(live_after) > 0, live_after   # each check looked at live spans
 
 
 class FailingRunner(HashRunner):
