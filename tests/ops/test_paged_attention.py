@@ -844,11 +844,12 @@ def test_auto_backend_is_torch_on_cpu_even_where_the_interpreter_runs_triton():
     assert pa_module.resolve_backend("auto", torch.device("cuda")) == "triton"
 
 
-def test_shared_prefix_may_end_where_the_new_tokens_start():
-    batch = make_paged_batch([(9, 1), (10, 2)], 4, 4, 2, 16, shared_blocks=2)  # context before new: 8 and 8
+@pytest.mark.parametrize("backend", ["torch", "triton"])   # (the torch path reads no plan: the cascade is Triton's)
+def test_shared_prefix_may_end_where_the_new_tokens_start(backend):
+    batch = make_paged_batch([(9, 1), (10, 2)], 4, 4, 2, 16, shared_blocks=2, device=device_for(backend))
     plan = plan_shared_prefix(batch["block_table"], batch["seq_lens"], batch["cu_q_lens"], 4)
     assert [t.tolist() for t in plan] == [[0, 2], [8]]
-    out = paged_attention(**batch, shared_prefix=plan)
+    out = paged_attention(**batch, shared_prefix=plan, backend=backend)
     torch.testing.assert_close(out.double(), paged_attention_reference(**batch), rtol=1e-5, atol=1e-5)
 
 
