@@ -63,11 +63,13 @@ def test_bf16_weights_keep_the_updates_that_bf16_adamw_rounds_away():
 
 @pytest.mark.parametrize("contiguous", triton_cases([True, False]))
 def test_both_backends_step_parameter_groups_to_the_same_bits(contiguous):
-    """A bf16 and an fp32 group with their own learning rates; a weight stored transposed steps as a contiguous one."""
+    """A bf16 and an fp32 group with their own learning rates, on both backends, step to the bits of the torch
+    backend's contiguous run: weights and every state tensor (a weight stored transposed steps a contiguous copy,
+    whose moments and compensation are written back too)."""
     torch.manual_seed(2)
     starts = [0.02 * torch.randn(33, 17), torch.randn(40)]
-    results = []
-    for backend, device in (("torch", "cpu"), ("triton", TRITON_DEVICE)):
+
+    def stepped(backend, device, contiguous):
         weights = [torch.nn.Parameter(starts[0].to(device, torch.bfloat16) if contiguous
                                       else starts[0].t().contiguous().t().to(device, torch.bfloat16)),
                    torch.nn.Parameter(starts[1].to(device))]
@@ -78,11 +80,17 @@ def test_both_backends_step_parameter_groups_to_the_same_bits(contiguous):
             for weight, grad in zip(weights, grads):
                 weight.grad = grad.to(device, weight.dtype)
             optimizer.step()
-        results.append([weights[0].detach().cpu(), weights[1].detach().cpu(),
-                        optimizer.state[weights[0]]["compensation"].cpu()])
-    for name, ours, theirs in zip(("bf16 weight", "fp32 weight", "compensation"), *results):
-        assert torch.equal(ours, theirs), name
-    assert not torch.equal(results[0][0], starts[0].bfloat16())
+        return {f"{what} {name}": tensor.detach().cpu() for what, weight in zip(("bf16", "fp32"), weights)
+                for name, tensor in [("weight", weight), *optimizer.state[weight].items()] if name != "step"}
+
+    expected = stepped("torch", "cpu", contiguous=True)
+    assert set(expected) == {f"{what} {name}" for what in ("bf16", "fp32") for name in
+                             ("weight", "exp_avg", "exp_avg_sq")} | {"bf16 compensation"}, set(expected)
+    for backend, device in (("torch", "cpu"), ("triton", TRITON_DEVICE)):
+        got = stepped(backend, device, contiguous)
+        for name, tensor in expected.items():
+            assert torch.equal(got[name], tensor), (backend, name)
+    assert not torch.equal(expected["bf16 weight"], starts[0].bfloat16())
 
 
 def test_a_saved_state_resumes_to_the_bit():
