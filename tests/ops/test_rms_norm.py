@@ -43,7 +43,10 @@ def test_matches_the_float64_reference(backend, rule, shape):
 @pytest.mark.parametrize("rule", list(WEIGHT_RULES))
 def test_16_bit_inputs_match_the_modules(dtype, backend, rule):
     """In 16-bit dtypes, against the module of the rule's family and its autograd (the numbers a model gives without
-    the op), within the dtype's tolerance; the torch path's forward is the module's to the bit."""
+    the op), within the dtype's tolerance; the torch path's forward is the module's to the bit, and the input's
+    gradient on both paths all but to the bit, the roundings of each rule included (the Llama rule rounds the
+    gradient times the weight to the dtype: left out, 30% of the entries differ; the weight's gradient, a sum over
+    the rows, is rounded once by the op and at each partial sum by autograd)."""
     x, weight = make_inputs((9, 300), dtype=dtype, device=device_for(backend))
     module = MODULES[rule](300, eps=1e-5).to(x.device, dtype)
     with torch.no_grad():
@@ -59,6 +62,8 @@ def test_16_bit_inputs_match_the_modules(dtype, backend, rule):
                                grads_of(expected, (x, module.weight), seed)):
         assert got.dtype == want.dtype
         assert_rel_close(name, got, want, REL_TOL[dtype])
+        if name == "x":
+            assert (got != want).float().mean() <= 0.02, "more than a reduction order's 1-ulp differences"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
