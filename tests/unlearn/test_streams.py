@@ -9,8 +9,8 @@ import torch
 
 from fastalign.unlearn.encoding import EncodedExample, PoolAnswer, encode_answers, encode_pairs
 from fastalign.unlearn.records import DataError, QAPair
-from fastalign.unlearn.streams import (_FORGET_STREAM, _NORMAL_STREAM, UnlearningStreams, _EpochStream,
-                                       _longest_mismatch_row, _longest_pool_answers, mismatch_fit)
+from fastalign.unlearn.streams import (_FORGET_STREAM, _MISMATCH_STREAM, _NORMAL_STREAM, UnlearningStreams,
+                                       _EpochStream, _longest_mismatch_row, _longest_pool_answers, mismatch_fit)
 from fastalign.unlearn.templates import TextTemplate
 from tests.unlearn.tiny import FORGET_ROWS, POOL_ANSWERS, byte_bpe_tokenizer
 
@@ -167,6 +167,23 @@ def test_each_prompt_gets_k_different_pool_answers():
             for prompt in range(batch.num_forget):
                 answers = {e.input_ids[e.answer_start] for e in mismatch[prompt * k:(prompt + 1) * k]}
                 assert len(answers) == k
+
+
+def test_mismatch_answers_are_fresh_seeded_draws_for_each_forget_row():
+    """Forget row i of batch j takes K pool answers drawn by default_rng([seed, mismatch stream, j*B + i]), read out of
+    order alike: over 40 batches every pool answer is drawn, and the prompts' sets of answers change from row to row
+    (the same K answers for every prompt and step would pass a check of the rows' shape alone)."""
+    pool = [(50 + k,) for k in range(7)]
+    streams, drawn = make(mismatch_pool=pool, mismatch_per_prompt=3), []
+    for j in (5, 0, 39, *range(40)):
+        batch = streams.batch(j)
+        mismatch = batch.examples[batch.num_forget:batch.num_forget + batch.num_mismatch]
+        for i in range(batch.num_forget):
+            answers = [e.input_ids[e.answer_start] - 50 for e in mismatch[3 * i:3 * i + 3]]
+            expected = np.random.default_rng([1, _MISMATCH_STREAM, 2 * j + i]).choice(7, size=3, replace=False)
+            assert answers == expected.tolist(), (j, i)
+            drawn.append(frozenset(answers))
+    assert set().union(*drawn) == set(range(7)) and len(set(drawn)) > 10, drawn
 
 
 def test_layout_counts_and_mismatch_rows():
