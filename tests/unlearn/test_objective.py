@@ -423,9 +423,10 @@ def test_bf16_autocast_stays_close_to_fp32_spec(mode):
                                  batch.examples[f:f + m], batch.examples[f + m:])
     for name in ("forget", "mismatch"):
         torch.testing.assert_close(getattr(terms, name).double(), spec[name], rtol=2e-2, atol=0)
-    # The whole decoder runs in bf16 here, so the small KL between two nearby models moves by the bf16
-    # rounding of both models' hidden states (~1e-2 * |logits| ~ a few 1e-3 of KL).
-    torch.testing.assert_close(terms.normal.double(), spec["normal"], rtol=0.2, atol=5e-3)
+    # The KL between two nearby models is small, but the bf16 roundings of the two models' hidden states are the
+    # same where they agree: 1e-4 and 4e-4 of it measured (copy, cached); a mean over one position more per row is
+    # off by more than 2e-3 of it, as is the KL the other way round in copy mode (fp32 tests pin the direction)
+    torch.testing.assert_close(terms.normal.double(), spec["normal"], rtol=2e-3, atol=0)
 
 
 def test_fused_ops_take_the_autocast_dtype(monkeypatch):
