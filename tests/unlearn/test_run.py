@@ -24,7 +24,8 @@ def test_truthfulqa_as_normal_feeds_the_mismatch_pool_from_its_pool_rows_only(tm
                             pool_fraction=config.truthfulqa_pool_fraction, seed=config.seed)
     assert streams.pool == encode_answers(tokenizer, TextTemplate(), split.mismatch_pool)
     normal_answers = {e.input_ids[e.answer_start:e.answer_end] for e in streams.normal}
-    assert normal_answers and not normal_answers & set(streams.pool)
+    pool_answers = {a.answer_ids for a in streams.pool}
+    assert normal_answers and pool_answers and not normal_answers & pool_answers
 
 
 def test_mismatch_pool_jsonl_must_hold_prompt_answer_rows(tmp_path):
