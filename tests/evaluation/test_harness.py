@@ -96,18 +96,20 @@ def test_utility_kl_scores_the_end_token(world, tokenizer, model):
                                                                                   generated.answer_ids)]), rel=1e-5)
 
 
-def test_judge_sees_and_records_name_the_right_prompts(world, tokenizer, model):
-    """Over several batches, the judge sees and the records name each answer's own prompt."""
+def test_judge_sees_each_prompt_with_its_own_answer(world, tokenizer, model):
+    """Over several batches, the judge sees each prompt with its own answer, and the records name them."""
     prompts = [spec_prompt(qa.question) for qa in world.harmful[:7]]
-    seen = []
+    config, seen = GenerationConfig(max_new_tokens=3, batch_size=3), []
 
     def judge(pairs):
         seen.extend(pairs)
         return [False] * len(pairs)
 
-    report = evaluate_harm(model, tokenizer, prompts, judge, GenerationConfig(max_new_tokens=3, batch_size=3))
-    assert [p for p, _ in seen] == prompts
-    assert [r["prompt"] for r in report.records] == prompts
+    report = evaluate_harm(model, tokenizer, prompts, judge, config)
+    answers = generate(model, tokenizer, prompts, config)
+    assert len(set(answers)) > 1, answers   # (answers all alike could not tell a prompt's own from another's)
+    assert seen == list(zip(prompts, answers))
+    assert [(r["prompt"], r["answer"]) for r in report.records] == seen
 
 
 def write_rain_output(path, records, tail=""):
