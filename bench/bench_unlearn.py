@@ -75,7 +75,6 @@ from fastalign.unlearn.optimizer import adamw  # noqa: E402
 from fastalign.unlearn.reference import (AdapterDisabledReference, CachedReference,  # noqa: E402
                                          FrozenCopyReference)
 from fastalign.unlearn.streams import UnlearningStreams  # noqa: E402
-from fastalign.unlearn.token_weights import unlearning_token_weights  # noqa: E402
 
 PRESETS = {  # Llama shapes (LlamaConfig arguments)
     "quick": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -202,9 +201,9 @@ def unfused_step(model, batch, logits_at):
     finish = optimizer_step(model)
     tokens, nf, nm = batch.tokens, batch.num_forget, batch.num_mismatch
     policy_mask = tokens.target_mask[:nf + nm]
-    signed = unlearning_token_weights(policy_mask[:nf], policy_mask[nf:],
-                                      forget_weight=WEIGHTS.forget, mismatch_weight=WEIGHTS.mismatch)
-    signed = signed[policy_mask.flatten()]
+    # SPEC §1 as a user writes it: each row's answer mean, averaged over its stream, ascent on the forget rows
+    row_weight = torch.tensor([-WEIGHTS.forget / nf] * nf + [WEIGHTS.mismatch / nm] * nm, device=policy_mask.device)
+    signed = (row_weight[:, None] / policy_mask.sum(1, keepdim=True)).expand_as(policy_mask)[policy_mask]
     targets = tokens.input_ids[:nf + nm, 1:][policy_mask]
     normal_tokens = tokens.rows(nf + nm, tokens.input_ids.shape[0])
 

@@ -21,8 +21,8 @@ def make_inputs(num_rows, hidden_size, vocab, dtype, with_bias, logit_scale=3.0,
     weight = (torch.randn(vocab, hidden_size, device=DEVICE) * logit_scale / hidden_size ** 0.5).to(dtype)
     bias = torch.randn(vocab, device=DEVICE).to(dtype) if with_bias else None
     target = torch.randint(0, vocab, (num_rows,), device=DEVICE)
-    target[0] = vocab - 1
     target[-1] = 0
+    target[0] = vocab - 1   # a single row's target: the last word, in the vocabulary's partial last block
     grad_scale = torch.randn(num_rows, device=DEVICE) * grad_scale_size  # signed, as forget / mismatch tokens
     return hidden, weight, bias, target, grad_scale
 
