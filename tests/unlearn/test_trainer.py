@@ -1130,25 +1130,28 @@ def test_kl_term_is_the_token_mean_over_all_micro_batches_of_a_step(tmp_path):
 def test_accumulated_gradient_is_that_of_the_whole_step(tmp_path, monkeypatch):
     """With grad_accum micro-batches of equal size, the gradient the optimizer sees is that of SPEC §1's
     objective over all the step's rows (each micro-batch's loss divided by grad_accum). AdamW alone hides a
-    constant factor on the gradient, so the gradient is read where the optimizer steps."""
+    constant factor on the gradient, so the gradient is read where the optimizer steps: at the second step, where
+    the policy has left the reference and the KL term has a gradient of its own."""
     tokenizer = byte_bpe_tokenizer()
     streams = tiny_streams(tokenizer)
     seen = []
     real_step = torch.optim.AdamW.step
 
     def recording_step(optimizer, *args, **kwargs):
-        if not seen:
-            seen.append({id(p): p.grad.clone() for group in optimizer.param_groups for p in group["params"]})
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        seen.append(({id(p): p.grad.clone() for p in params}, {id(p): p.detach().clone() for p in params}))
         return real_step(optimizer, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
-    config = UnlearnConfig(output_dir=str(tmp_path / "run"), max_steps=1, lr=1e-3, grad_accum=2, progress=False)
+    config = UnlearnConfig(output_dir=str(tmp_path / "run"), max_steps=2, lr=1e-3, grad_accum=2, progress=False)
     trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), streams, config)
     names = {id(p): name for name, p in trainer.model.named_parameters()}
     trainer.train()
+    grads, params = seen[1]
 
     model, original = tiny_llama(len(tokenizer)), tiny_llama(len(tokenizer))
-    batches = [streams.batch(0), streams.batch(1)]
+    model.load_state_dict({names[key]: value for key, value in params.items()}, strict=False)
+    batches = [streams.batch(2), streams.batch(3)]
     rows = {"forget": [], "mismatch": [], "normal": []}
     for b in batches:
         ends = {"forget": (0, b.num_forget), "mismatch": (b.num_forget, b.num_forget + b.num_mismatch),
@@ -1157,13 +1160,14 @@ def test_accumulated_gradient_is_that_of_the_whole_step(tmp_path, monkeypatch):
             rows[term] += b.examples[start:end]
     terms = spec_unlearning_terms(lambda ids: model(ids).logits, lambda ids: original(ids).logits,
                                   rows["forget"], rows["mismatch"], rows["normal"])
+    assert terms["normal"] > 1e-6, terms   # the policy has moved
     weights = config.loss_weights
     total = weights.forget * terms["forget"] + weights.mismatch * terms["mismatch"] + weights.normal * terms["normal"]
     total.backward()
 
     expected = dict(model.named_parameters())
-    assert len(seen[0]) == len(expected)
-    for key, grad in seen[0].items():
+    assert len(grads) == len(expected)
+    for key, grad in grads.items():
         name = names[key]
         torch.testing.assert_close(grad, expected[name].grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
