@@ -151,8 +151,9 @@ def fastalign_kl_in_forward(h, w, rh, rw):
 
 
 def naive_kl(h, w, rh, rw):
+    """The logits materialised; the reference's a constant (its head detached, one head shared by both or not)."""
     log_q = torch.log_softmax((h @ w.t()).float(), dim=-1)
-    log_p = torch.log_softmax((rh @ rw.t()).float(), dim=-1)
+    log_p = torch.log_softmax((rh.detach() @ rw.detach().t()).float(), dim=-1)
     return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
 
@@ -183,8 +184,10 @@ def measure(name, loss_fn, make_inputs, grad_inputs, flops_fwd, flops_fwd_bwd, d
     loss_fn; the gradients are those of grad_inputs from one more, untimed backward (None when loss_fn raised)."""
     args = make_inputs()
     # Forward only on detached inputs: Liger computes its gradients inside the forward whenever the inputs
-    # require them, even under no_grad.
-    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    # require them, even under no_grad. One detached tensor per input tensor: a head passed twice (shared by the
+    # policy and the reference) stays one tensor, and the shared-head path runs.
+    detached_of = {}
+    detached = [detached_of.setdefault(id(a), a.detach()) if isinstance(a, torch.Tensor) else a for a in args]
 
     def forward():
         with torch.no_grad():
@@ -267,7 +270,8 @@ def run(args, config):
                (signed_ce, "torch linear_cross_entropy chunked signed-weights",
                 harness.optional(torch_chunked_ce_signed, unavailable)),
                (mean_ce, "naive torch", naive_ce),
-               (kl_two_heads, "naive torch", naive_kl), (mean_ce, "torch.compile chunked", compiled_chunked_ce),
+               (kl_two_heads, "naive torch", naive_kl), (kl_one_head, "naive torch", naive_kl),
+               (mean_ce, "torch.compile chunked", compiled_chunked_ce),
                (mean_ce, "trl chunked log-probs", harness.optional(trl_ce, unavailable)),
                (signed_ce, "trl chunked log-probs signed-weights", harness.optional(trl_ce_signed, unavailable)),
                (kl_two_heads, "trl chunked divergence beta=0", harness.optional(trl_kl, unavailable))]

@@ -55,6 +55,7 @@ import functools
 import gc
 import os
 import sys
+import zlib
 
 import numpy as np
 import torch
@@ -287,41 +288,50 @@ UNFUSED_BASELINES = {"unfused baseline": "unfused", "unfused, answer rows only":
 NOT_SPEC_OBJECTIVE = {"reference recipe"}
 
 
-def gradient_norm(grad, chunk=1 << 22):
-    """L2 norm of grad, accumulated in fp32 over chunks of its elements: no fp32 copy of a large gradient adds to
-    the step's peak memory."""
+def gradient_signature(name, grad, chunk=1 << 22):
+    """[L2 norm, projection on a random +-1 vector seeded by the parameter's name] of grad, in fp32 over chunks of
+    its elements: the norm, and a direction (a gradient of the right size and the wrong sign or order projects
+    elsewhere); no fp32 copy of a large gradient adds to the step's peak memory."""
     flat = grad.reshape(-1)
-    return sum(float(torch.linalg.vector_norm(flat[i:i + chunk], dtype=torch.float32)) ** 2
-               for i in range(0, flat.numel(), chunk)) ** 0.5
+    generator = torch.Generator(device=flat.device).manual_seed(zlib.crc32(name.encode()))
+    squares = projection = 0.0
+    for i in range(0, flat.numel(), chunk):
+        part = flat[i:i + chunk].float()
+        signs = torch.randint(0, 2, part.shape, generator=generator, device=part.device).float().mul_(2).sub_(1)
+        squares += float(part.square().sum())
+        projection += float(part.dot(signs))
+    return [squares ** 0.5, projection]
 
 
-def first_step_gradient_norms(model, step):
-    """(step()'s result, {parameter name: L2 norm of its gradient} as step() calls an optimizer's step: once for all
-    of them, or with the optimizer in the backward once for each)."""
-    norms = {}
+def first_step_gradient_signatures(model, step):
+    """(step()'s result, {parameter name: gradient_signature of its gradient} as step() calls an optimizer's step:
+    once for all of them, or with the optimizer in the backward once for each)."""
+    signatures = {}
 
     def record(optimizer, args, kwargs):
-        norms.update({name: gradient_norm(p.grad) for name, p in model.named_parameters()
-                      if p.grad is not None and name not in norms})
+        signatures.update({name: gradient_signature(name, p.grad) for name, p in model.named_parameters()
+                           if p.grad is not None and name not in signatures})
     handle = register_optimizer_step_pre_hook(record)
     try:
-        return step(), norms
+        return step(), signatures
     finally:
         handle.remove()
 
 
-def gradient_difference(norms, reference):
-    """||n - r|| / ||r|| over the per-parameter gradient norms of the parameters both trained (None if none)."""
-    common = sorted(set(norms) & set(reference))
+def gradient_difference(signatures, reference):
+    """||s - r|| / ||r|| over the gradient signatures (norm and projection) of the parameters both trained (None if
+    none)."""
+    common = sorted(set(signatures) & set(reference))
     if not common:
         return None
-    n, r = (torch.tensor([d[k] for k in common], dtype=torch.float64) for d in (norms, reference))
-    return float((n - r).norm() / r.norm().clamp(min=1e-30))
+    s, r = (torch.tensor([d[k] for k in common], dtype=torch.float64) for d in (signatures, reference))
+    return float((s - r).norm() / r.norm().clamp(min=1e-30))
 
 
 def measure(name, build, batch, normal, args, device, dtype):
     """Builds a fresh model for one way, then times its steps and records their peak memory (from the end of
-    the build: the model is made in fp32 and cast, a transient no step needs) and its first step's gradient norms.
+    the build: the model is made in fp32 and cast, a transient no step needs) and its first step's gradients'
+    signatures.
     A failure becomes the row's error."""
     gc.collect()
     step = None
@@ -336,7 +346,7 @@ def measure(name, build, batch, normal, args, device, dtype):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         # the first step, on the same policy and reference in every way; it warms up too
-        loss, grad_norms = first_step_gradient_norms(model, step)
+        loss, grad_signatures = first_step_gradient_signatures(model, step)
         loss = float(loss)
         # one more untimed step: the first allocated AdamW's state, so the second is the first whose activations
         # the caching allocator may have to cudaMalloc anew around it
@@ -355,13 +365,13 @@ def measure(name, build, batch, normal, args, device, dtype):
     return {"method": name, "grid": grid and "{} x {}".format(*grid), "slots": grid and grid[0] * grid[1],
             "first_step_loss": loss, "step_ms": ms, "gpu_busy": None if busy is None else busy / ms, "peak_gib": peak,
             "step_extra_gib": None if extra is None else extra / 2 ** 10, "held_mib": held,
-            "grad_norms": grad_norms,
+            "grad_signatures": grad_signatures,
             **({"profile": profile} if profile else {})}
 
 
 def add_ratios(rows):
     """Each measured row against the reference recipe and the two unfused baselines, where those were measured, and
-    its first step's loss and gradient norms against the first measured row's (the ways that compute SPEC §1 must
+    its first step's loss and gradient signatures against the first measured row's (the ways that compute SPEC §1 must
     agree)."""
     by_name = {r["method"]: r for r in rows if "step_ms" in r}
     spec = [r for r in by_name.values() if r["method"] not in NOT_SPEC_OBJECTIVE]
@@ -371,11 +381,11 @@ def add_ratios(rows):
         if r["method"] not in NOT_SPEC_OBJECTIVE:
             first = spec[0]["first_step_loss"]
             r["loss_rel_diff"] = abs(r["first_step_loss"] - first) / max(abs(first), 1e-30)
-            if "grad_norms" in r and "grad_norms" in spec[0]:
-                r["grad_rel_diff"] = gradient_difference(r["grad_norms"], spec[0]["grad_norms"])
+            if "grad_signatures" in r and "grad_signatures" in spec[0]:
+                r["grad_rel_diff"] = gradient_difference(r["grad_signatures"], spec[0]["grad_signatures"])
                 # what the first row trains and this one does not (the cached reference freezes the lm_head): a
                 # step of less work, which grad_rel_diff, over the parameters both train, does not show
-                r["not_trained"] = sorted(set(spec[0]["grad_norms"]) - set(r["grad_norms"])) or None
+                r["not_trained"] = sorted(set(spec[0]["grad_signatures"]) - set(r["grad_signatures"])) or None
         if "reference recipe" in by_name:
             r["speedup_vs_reference"] = by_name["reference recipe"]["step_ms"] / r["step_ms"]
         for baseline, key in UNFUSED_BASELINES.items():

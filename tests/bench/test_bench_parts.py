@@ -174,7 +174,7 @@ def test_loss_baseline_that_cannot_be_loaded_is_recorded_with_its_error(monkeypa
     rows = bench_loss.run(args, {"matmul_peak_tflops": 1.0})
     (path,) = tmp_path.glob("bench_loss-*.json")
     record = json.loads(path.read_text())
-    assert len(record["results"]) == len(rows) == 11, record["results"]
+    assert len(record["results"]) == len(rows) == 12, record["results"]
     unavailable = record["config"]["unavailable"]
     torch_rows = ["torch_chunked_ce", "torch_chunked_ce_signed"]
     assert sorted(unavailable) == ["cce_ce", "cce_exact_ce", "liger_ce", "liger_kl", *torch_rows, "trl_ce",
@@ -264,9 +264,9 @@ def test_unlearn_a_way_that_trains_fewer_parameters_says_which():
     """The cached reference freezes the lm_head: its step trains the rest, which grad_rel_diff (over the parameters
     both trained) showed as agreement without a word."""
     rows = [{"method": "fastalign", "first_step_loss": 2.0, "step_ms": 10.0, "peak_gib": None, "step_extra_gib": 0.5,
-             "held_mib": 100.0, "grad_norms": {"lm_head.weight": 3.0, "model.norm.weight": 1.0}},
+             "held_mib": 100.0, "grad_signatures": {"lm_head.weight": [3.0, 1.0], "model.norm.weight": [1.0, -1.0]}},
             {"method": "fastalign cached", "first_step_loss": 2.0, "step_ms": 8.0, "peak_gib": None,
-             "step_extra_gib": 0.5, "held_mib": 90.0, "grad_norms": {"model.norm.weight": 1.0}}]
+             "step_extra_gib": 0.5, "held_mib": 90.0, "grad_signatures": {"model.norm.weight": [1.0, -1.0]}}]
     bench_unlearn.add_ratios(rows)
     assert rows[1]["grad_rel_diff"] == 0.0 and rows[1]["not_trained"] == ["lm_head.weight"]
     assert rows[0]["not_trained"] is None
@@ -329,10 +329,10 @@ def test_unlearn_way_that_raises_becomes_an_error_row(monkeypatch):
 
 
 def test_unlearn_rows_record_their_first_steps_gradient_difference_from_the_first_spec_way(monkeypatch):
-    """A way with the right loss but the wrong gradients (here twice them) does other work than fastalign: the equal
-    first-step losses do not show it, grad_rel_diff (the relative difference of the per-parameter gradient norms of
-    the first step, over the parameters both train) does; the ways that compute SPEC §1 agree to fp32 rounding, the
-    cached reference's way on every parameter but its frozen lm_head."""
+    """A way with the right loss but the wrong gradients (here twice them, or of the other sign) does other work than
+    fastalign: the equal first-step losses do not show it, grad_rel_diff (the relative difference of the first step's
+    per-parameter gradient signatures, norm and projection, over the parameters both train) does; the ways that
+    compute SPEC §1 agree to fp32 rounding, the cached reference's way on every parameter but its frozen lm_head."""
     monkeypatch.setattr(bench_unlearn.harness, "median_ms", lambda fn, device, **kwargs: 1.0)
 
     def doubled_gradient(model, batch, normal, args):
@@ -340,32 +340,50 @@ def test_unlearn_rows_record_their_first_steps_gradient_difference_from_the_firs
             logits = bench_unlearn.full_logits_at_answers(net, tokens)
             return logits + (logits - logits.detach())  # the same value, twice the gradient
         return bench_unlearn.unfused_step(model, batch, logits_at)
+
+    def opposite_gradient(model, batch, normal, args):
+        def logits_at(net, tokens):
+            logits = bench_unlearn.full_logits_at_answers(net, tokens)
+            return 2 * logits.detach() - logits  # the same value, the gradient of the other sign: the same norms
+        return bench_unlearn.unfused_step(model, batch, logits_at)
     args = unlearn_args()
     batch, normal = bench_unlearn.synthetic_batch(bench_unlearn.PRESETS["quick"]["vocab_size"], args)
     ways = [("fastalign", bench_unlearn.fastalign_frozen_copy), ("unfused baseline", bench_unlearn.unfused_baseline),
-            ("fastalign cached", bench_unlearn.fastalign_cached), ("doubled", doubled_gradient)]
+            ("fastalign cached", bench_unlearn.fastalign_cached), ("doubled", doubled_gradient),
+            ("opposite", opposite_gradient)]
     rows = [bench_unlearn.measure(name, build, batch, normal, args, torch.device("cpu"), torch.float32)
             for name, build in ways]
     bench_unlearn.add_ratios(rows)
     by_name = {row["method"]: row for row in rows}
     assert by_name["doubled"]["loss_rel_diff"] < 1e-5, rows
     assert by_name["doubled"]["grad_rel_diff"] == pytest.approx(1.0, rel=1e-4), rows
+    assert by_name["opposite"]["loss_rel_diff"] < 1e-5 and by_name["opposite"]["grad_rel_diff"] > 0.5, rows
     assert by_name["fastalign"]["grad_rel_diff"] == 0.0
     assert by_name["unfused baseline"]["grad_rel_diff"] < 1e-4 and by_name["fastalign cached"]["grad_rel_diff"] < 1e-4
-    assert "lm_head.weight" in by_name["fastalign"]["grad_norms"]
-    assert "lm_head.weight" not in by_name["fastalign cached"]["grad_norms"]
+    assert "lm_head.weight" in by_name["fastalign"]["grad_signatures"]
+    assert "lm_head.weight" not in by_name["fastalign cached"]["grad_signatures"]
 
 
 def test_unlearn_gradient_difference_over_no_common_parameter_is_none():
     """Ways that train no parameter in common (LoRA adapters against full weights) have no gradient to compare."""
-    assert bench_unlearn.gradient_difference({"a": 1.0}, {"b": 1.0}) is None
-    assert bench_unlearn.gradient_difference({"a": 2.0, "b": 1.0}, {"a": 1.0, "c": 5.0}) == pytest.approx(1.0)
+    assert bench_unlearn.gradient_difference({"a": [1.0, 0.0]}, {"b": [1.0, 0.0]}) is None
+    difference = bench_unlearn.gradient_difference({"a": [2.0, 0.0], "b": [1.0, 1.0]},
+                                                   {"a": [1.0, 0.0], "c": [5.0, 1.0]})
+    assert difference == pytest.approx(1.0)
 
 
-def test_unlearn_gradient_norm_over_chunks_is_the_norm():
+def test_unlearn_gradient_signature_over_chunks_is_the_norm_and_a_projection():
+    """The norm whatever the chunks (143 elements: a last chunk of 3, of 1); the projection on the name's +-1 vector:
+    of the other sign for the opposite gradient, elsewhere for another name's or for the same entries in another
+    order."""
     grad = torch.randn(13, 11)
-    for chunk in (7, 71):   # 143 elements: a last chunk of 3, of 1
-        assert bench_unlearn.gradient_norm(grad, chunk=chunk) == pytest.approx(float(grad.double().norm()), rel=1e-6)
+    for chunk in (7, 71):
+        norm, projection = bench_unlearn.gradient_signature("w", grad, chunk=chunk)
+        assert norm == pytest.approx(float(grad.double().norm()), rel=1e-6)
+        assert bench_unlearn.gradient_signature("w", -grad, chunk=chunk) == pytest.approx([norm, -projection])
+        for other in (bench_unlearn.gradient_signature("v", grad, chunk=chunk),
+                      bench_unlearn.gradient_signature("w", grad.flip(0), chunk=chunk)):
+            assert other[0] == pytest.approx(norm) and abs(other[1] - projection) > 0.1 * norm
 
 
 @pytest.mark.parametrize("weights", [dict(forget=0.3, mismatch=0.0, normal=0.0), dict(forget=0.0, mismatch=0.7,

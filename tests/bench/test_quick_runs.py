@@ -62,11 +62,13 @@ def check_bench_loss(record):
     assert ("trl chunked log-probs signed-weights" in by_quantity["signed CE"]) == trl, by_quantity
     assert by_quantity["KL two heads"] == ["fastalign", "fastalign grads-in-forward", "naive torch",
                                            *["trl chunked divergence beta=0"] * trl], by_quantity
+    assert by_quantity["KL shared head"] == ["fastalign shared-head", "fastalign shared-head grads-in-forward",
+                                             "naive torch"], by_quantity
 
 
 def check_bench_unlearn(record):
     """One objective timed several ways: every way but the reference recipe has the first step's loss and gradient
-    norms of the first, and loss_rel_diff is that relative difference; speed-ups are the other way's step time over
+    signatures of the first, and loss_rel_diff is that relative difference; speed-ups are the other way's step time over
     this one's. The batch the config records: 2 harmful prompts, K mismatch answers to each, 2 normal examples."""
     results, c = record["results"], record["config"]
     assert c["rows"][0] == c["batch_size"] * (2 + c["mismatch_per_prompt"]) and c["mismatch_per_prompt"] == 5, c
