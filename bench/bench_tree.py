@@ -238,7 +238,8 @@ REWIND_COLUMNS = [("prefix", "prefix", "{}"), ("branch_tokens", "branch tokens",
                   ("error", "error", "{}")]
 DECODE_COLUMNS = [("prompt", "prompt", "{}"), ("new_tokens", "new tokens", "{}"), ("method", "method", "{}"),
                   ("ms", "ms", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:.1f}"), ("vs_hf", "time vs HF", "{:.2f}x"),
-                  ("same_greedy_tokens", "same greedy tokens", "{}"), ("kernels_per_token", "kernels/token", "{}"),
+                  ("same_greedy_tokens", "same greedy tokens", "{}"), ("max_logit_diff", "max logit diff", "{:.1e}"),
+                  ("kernels_per_token", "kernels/token", "{}"),
                   ("triton_launches", "of them Triton", "{}"), ("error", "error", "{}")]
 def random_model(quick, device, dtype, family="llama"):
     """A random-weight causal LM of `family` ("llama"; "phi3": Phi-3's fused projections on the same shape;
@@ -351,17 +352,21 @@ def rewind_rows(runner, root, vocab, device, branch_lengths, reps=5):
 
 def decode_rows(model, runner, prompt, new_tokens, device, label="fastalign TreeRunner"):
     """Greedy batch-1 decoding of new_tokens tokens: TreeRunner (its row's method `label`) against Hugging Face
-    generate."""
-    def runner_decode():
+    generate. Besides the tokens, the largest difference of the runner's logits at each step from those of one
+    Hugging Face forward over the same sequence (greedy tokens of a random model rarely tell a wrong attention)."""
+    def runner_decode(step_logits=None):
         """As generate: the prompt's forward gives the first token, one forward per further token (none after the
-        last)."""
+        last); each step's logits appended to step_logits when given."""
         (span,), logits = runner.extend([None], [prompt])
         produced = [int(logits[0].argmax())]
+        kept = step_logits.append if step_logits is not None else lambda step: None
+        kept(logits[0])
         while len(produced) < new_tokens:
             (child,), logits = runner.extend([span], [produced[-1:]])
             runner.release(span)
             span = child
             produced.append(int(logits[0].argmax()))
+            kept(logits[0])
         runner.release(span)
         return produced
 
@@ -389,13 +394,19 @@ def decode_rows(model, runner, prompt, new_tokens, device, label="fastalign Tree
             cache = cache_kwargs(model, returned_cache(out))
             return harness.kernels_of_call(lambda: model(step, attention_mask=mask, use_cache=True, **cache))
 
-    ours, theirs = runner_decode(), hf_generate()
+    step_logits = []
+    ours, theirs = runner_decode(step_logits), hf_generate()
     same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+    with torch.inference_mode():
+        whole = model(torch.tensor([prompt + ours[:-1]], device=device)).logits[0, len(prompt) - 1:]
+    max_logit_diff = float((torch.stack(step_logits).float() - whole.float()).abs().max())
+    del step_logits, whole
     hf_ms = harness.median_ms(hf_generate, device, warmup=1, reps=3)
     runner_ms = harness.median_ms(runner_decode, device, warmup=1, reps=3)
     common = {"section": "decode", "prompt": len(prompt), "new_tokens": new_tokens}
     return [{**common, "method": label, "ms": runner_ms, "tokens_per_s": new_tokens / runner_ms * 1e3,
-             "vs_hf": runner_ms / hf_ms, "same_greedy_tokens": same, **kernel_counts(runner_step_kernels())},
+             "vs_hf": runner_ms / hf_ms, "same_greedy_tokens": same, "max_logit_diff": max_logit_diff,
+             **kernel_counts(runner_step_kernels())},
             {**common, "method": "HF generate (cache)", "ms": hf_ms, "tokens_per_s": new_tokens / hf_ms * 1e3,
              "vs_hf": 1.0, **kernel_counts(hf_step_kernels())}]
 

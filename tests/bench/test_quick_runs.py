@@ -117,7 +117,7 @@ def check_bench_tree(record):
     assert len(whole) == 2 and all(close(row["vs_one_child"], row["ms"] / first) for row in whole), whole
     decode = {row["method"]: row for row in results if row["section"] == "decode"}
     ours, hf = decode["fastalign TreeRunner"], decode["HF generate (cache)"]
-    assert ours["same_greedy_tokens"] == ours["new_tokens"], ours
+    assert ours["same_greedy_tokens"] == ours["new_tokens"] and ours["max_logit_diff"] < 1e-4, ours   # fp32
     assert close(ours["vs_hf"], ours["ms"] / hf["ms"]), decode
     assert all(close(row["tokens_per_s"], row["new_tokens"] / (row["ms"] * 1e-3)) for row in decode.values()), decode
     # what each section's rows say they measured is what the config asked for
