@@ -56,6 +56,7 @@ import gc
 import os
 import sys
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -195,18 +196,34 @@ def sliced_logits_at_answers(net, tokens):
     return net.lm_head(hidden[:, :-1][tokens.target_mask])
 
 
+def user_padded(examples, device):
+    """The batch's rows right-padded as a user pads them, from the examples alone (not fastalign's collate): ids,
+    attention mask, and the mask of the answer targets (position t predicts token t + 1)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.zeros(len(examples), width, dtype=torch.long)
+    target_mask = torch.zeros(len(examples), width - 1, dtype=torch.bool)
+    for row, e in enumerate(examples):
+        ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        target_mask[row, e.answer_start - 1:e.answer_end - 1] = True
+    lengths = torch.tensor([len(e.input_ids) for e in examples])
+    attention_mask = (torch.arange(width) < lengths[:, None]).long()
+    return SimpleNamespace(input_ids=ids.to(device), attention_mask=attention_mask.to(device),
+                           target_mask=target_mask.to(device))
+
+
 def unfused_step(model, batch, logits_at):
     """A well-written plain-torch step: one policy forward over all rows, `logits_at` materialising the logits of
     the answer targets, signed weighted CE and KL on them in fp32, a frozen copy for the reference."""
     reference = copy.deepcopy(model).requires_grad_(False).eval()
     finish = optimizer_step(model)
-    tokens, nf, nm = batch.tokens, batch.num_forget, batch.num_mismatch
+    nf, nm, examples = batch.num_forget, batch.num_mismatch, batch.examples
+    tokens = user_padded(examples, next(model.parameters()).device)
+    normal_tokens = SimpleNamespace(**{name: rows[nf + nm:] for name, rows in vars(tokens).items()})
     policy_mask = tokens.target_mask[:nf + nm]
     # SPEC §1 as a user writes it: each row's answer mean, averaged over its stream, ascent on the forget rows
     row_weight = torch.tensor([-WEIGHTS.forget / nf] * nf + [WEIGHTS.mismatch / nm] * nm, device=policy_mask.device)
     signed = (row_weight[:, None] / policy_mask.sum(1, keepdim=True)).expand_as(policy_mask)[policy_mask]
     targets = tokens.input_ids[:nf + nm, 1:][policy_mask]
-    normal_tokens = tokens.rows(nf + nm, tokens.input_ids.shape[0])
 
     def step():
         logits = logits_at(model, tokens)
@@ -220,7 +237,7 @@ def unfused_step(model, batch, logits_at):
         loss.backward()
         finish()
         return loss.detach()
-    step.grid = (len(tokens.input_ids), tokens.width)
+    step.grid = tuple(tokens.input_ids.shape)
     return step
 
 
