@@ -3,7 +3,9 @@ several concurrencies, and with several inner iterations at once under virtual l
 
 1. Both engines with the keyed sampler, so they make the same decisions and commit the same tokens: tokens
    through the model, model calls and wall time per committed token, the tree engine's tokens against the
-   tree's minimum and the tokens it computed twice.
+   tree's minimum and the tokens it computed twice. `same_decisions` says that the two engines agree: they share
+   the search, the judge's prompt and score and the samplers, whose agreement with the SPEC is what tests/rain
+   checks (the judge's score, the search's updates, the samplers' draws), not this bench.
 2. The tree engine's throughput at several concurrencies (distinct prompts, production sampler); these rows
    run before the reference engine of 1., the slowest section, so that a run cut short keeps them.
 3. Virtual loss (`parallel_leaves`) off and on, same prompts: harmless rate of the answers by a judge
