@@ -305,7 +305,7 @@ UNFUSED_BASELINES = {"unfused baseline": "unfused", "unfused, answer rows only":
 NOT_SPEC_OBJECTIVE = {"reference recipe"}
 
 
-def gradient_signature(name, grad, chunk=1 << 22):
+def gradient_signature(name, grad, chunk=1 << 20):
     """[L2 norm, projection on a random +-1 vector seeded by the parameter's name] of grad, in fp32 over chunks of
     its elements: the norm, and a direction (a gradient of the right size and the wrong sign or order projects
     elsewhere); no fp32 copy of a large gradient adds to the step's peak memory."""
@@ -314,7 +314,7 @@ def gradient_signature(name, grad, chunk=1 << 22):
     squares = projection = 0.0
     for i in range(0, flat.numel(), chunk):
         part = flat[i:i + chunk].float()
-        signs = torch.randint(0, 2, part.shape, generator=generator, device=part.device).float().mul_(2).sub_(1)
+        signs = torch.empty_like(part).bernoulli_(0.5, generator=generator).mul_(2).sub_(1)
         squares += float(part.square().sum())
         projection += float(part.dot(signs))
     return [squares ** 0.5, projection]
@@ -347,9 +347,8 @@ def gradient_difference(signatures, reference):
 
 def measure(name, build, batch, normal, args, device, dtype):
     """Builds a fresh model for one way, then times its steps and records their peak memory (from the end of
-    the build: the model is made in fp32 and cast, a transient no step needs) and its first step's gradients'
-    signatures.
-    A failure becomes the row's error."""
+    the build: the model is made in fp32 and cast, a transient no step needs) and its first step's gradient
+    signatures. A failure becomes the row's error."""
     gc.collect()
     step = None
     if device.type == "cuda":
