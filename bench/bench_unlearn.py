@@ -68,7 +68,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 from fastalign.unlearn.backward_step import step_in_backward  # noqa: E402
-from fastalign.unlearn.batching import collate  # noqa: E402
 from fastalign.unlearn.encoding import EncodedExample  # noqa: E402
 from fastalign.unlearn.layer_stand_ins import fused_layers  # noqa: E402
 from fastalign.unlearn.models import enable_activation_checkpointing  # noqa: E402
@@ -257,9 +256,9 @@ def reference_recipe(model, batch, normal, args):
     device = next(model.parameters()).device
 
     def padded(rows):
-        tokens = collate(rows, 0)
+        tokens = user_padded(rows, device)
         pad = args.max_length - tokens.input_ids.shape[1]
-        return F.pad(tokens.input_ids, (0, pad)).to(device), F.pad(tokens.attention_mask, (0, pad)).to(device)
+        return F.pad(tokens.input_ids, (0, pad)), F.pad(tokens.attention_mask, (0, pad))
 
     streams = {name: padded(rows) for name, rows in (("forget", examples[:nf]), ("mismatch", examples[nf:nf + nm]),
                                                      ("normal", examples[nf + nm:]))}
