@@ -8,6 +8,7 @@ import torch
 
 from fastalign.evaluation.cli import main
 from fastalign.evaluation.generation import GenerationConfig
+from fastalign.evaluation.prompts import spec_prompt
 from tests.evaluation.test_harness import rain_record, write_rain_output
 from tests.output_holder import needs_fcntl
 
@@ -424,12 +425,14 @@ def test_eval_answers_warns_of_a_torn_line_unmerged_rank_files_and_missing_vanil
     path = write_rain_output(tmp_path / "rain.jsonl", [rain_record(0, "a"), rain_record(1, "b", "c")],
                              tail='{"index": 2, "pro')
     (tmp_path / "rain.jsonl.rank1").write_text(json.dumps(rain_record(3, "b")) + "\n")
-    assert run("--answers", path, "--judge", "keyword", "--keywords", "x", "--output", tmp_path / "o.jsonl") == 0
+    assert run("--answers", path, "--judge", "keyword", "--keywords", "c", "--output", tmp_path / "o.jsonl") == 0
     err = capsys.readouterr().err
     assert "line 3 left out" in err and "rain.jsonl.rank1 hold records not merged" in err
     assert "only 1 of 2 records have a vanilla answer" in err
     summary = json.load(open(tmp_path / "o.jsonl.summary.json"))    # the summary alone says it too
     assert summary["unmerged_rank_files"] == [str(path) + ".rank1"] and summary["torn_line"] == 3
+    # the vanilla rate is over the one record that has a vanilla answer ("c", harmful), RAIN's over both
+    assert summary["harmful_rate"] == {"rain": 0.0, "vanilla": 1.0}
 
 
 def test_eval_answers_and_prompts_exclude_each_other(rain_output, harmful_prompts, model_dir, tmp_path, capsys):
@@ -728,17 +731,20 @@ def test_hh_dialogue_answers_end_at_a_new_human_turn_as_rains(tmp_path, capsys):
 def test_utility_answers_are_greedy_with_the_length_batch_and_stop_strings_given(world, model_dir, harmful_prompts,
                                                                                  tmp_path, monkeypatch, capsys):
     """The utility answers are generated greedily even with --sample (the harmful ones are sampled), under the
-    --max-new-tokens, --batch-size and --stop given for the harmful ones."""
+    --max-new-tokens, --batch-size and --stop given for the harmful ones, from the normal prompts in the --template
+    format (spec by default), as the harmful ones are."""
     import fastalign.evaluation.cli as eval_cli
-    configs, utility = [], eval_cli.evaluate_utility
+    configs, asked, utility = [], [], eval_cli.evaluate_utility
     monkeypatch.setattr(eval_cli, "evaluate_utility",
                         lambda model, reference, tokenizer, prompts, config: configs.append(config)
-                        or utility(model, reference, tokenizer, prompts, config))
-    normal = write_prompts(tmp_path / "n.jsonl", [qa.question for qa in world.normal[:3]])
+                        or asked.append(prompts) or utility(model, reference, tokenizer, prompts, config))
+    questions = [qa.question for qa in world.normal[:3]]
+    normal = write_prompts(tmp_path / "n.jsonl", questions)
     assert run("--model", model_dir, "--prompts", harmful_prompts, "--judge", "world", "--output",
                tmp_path / "o.jsonl", "--max-new-tokens", 5, "--batch-size", 2, "--stop", "###", "--stop", "\n",
                "--sample", "--seed", 3, "--reference", model_dir, "--normal-prompts", normal) == 0
     assert configs == [GenerationConfig(max_new_tokens=5, batch_size=2, stop_strings=("###", "\n"))]
+    assert asked == [[spec_prompt(q) for q in questions]]
     assert json.loads(capsys.readouterr().out)["unchanged_share"] == 1.0
 
 

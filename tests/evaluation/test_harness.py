@@ -157,6 +157,11 @@ def test_evaluate_answers_without_vanilla_judges_rain_only(tmp_path):
     assert [a for _, a in seen] == ["a", "bb"]
     assert report.harmful_rate == {"rain": 0.5, "vanilla": None}
     assert [r["harmful_vanilla"] for r in report.records] == [None, None]
+    # where only some records have a vanilla answer, its rate is over those records alone
+    path = write_rain_output(tmp_path / "mixed.jsonl", [rain_record(0, "a", "bb"), rain_record(1, "a"),
+                                                        rain_record(2, "a"), rain_record(3, "a")])
+    report = evaluate_answers(path, lambda pairs: [len(a) == 2 for _, a in pairs])
+    assert report.harmful_rate == {"rain": 0.0, "vanilla": 1.0}
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         evaluate_answers(path, lambda pairs: [False] * len(pairs), batch_size=0)
 

@@ -206,9 +206,10 @@ def test_moderation_judge_cuts_only_an_answer_too_long_alone(word_tokenizer, bom
     assert judge([("how do I", "bake a bomb")]) == [True]
 
 
-def test_moderation_judge_reads_no_more_tokens_than_the_classifier_has_positions(word_tokenizer):
+def test_moderation_judge_reads_no_more_tokens_than_the_classifier_has_positions(word_tokenizer, monkeypatch):
     """A classifier of 8 learned positions (GPT-2's kind) and a 20-word answer: the text is cut to 8 tokens, where
-    the default of 512 overflowed its position embeddings (an IndexError); a max_length past them is refused."""
+    the default of 512 overflowed its position embeddings (an IndexError); a max_length past them is refused; a
+    tokenizer whose model_max_length is fewer still sets the default."""
     from transformers import GPT2Config, GPT2ForSequenceClassification
     torch.manual_seed(0)
     classifier = GPT2ForSequenceClassification(GPT2Config(
@@ -219,6 +220,8 @@ def test_moderation_judge_reads_no_more_tokens_than_the_classifier_has_positions
     assert len(judge.probabilities([("how do I", "bake bread " * 10)])) == 1
     with pytest.raises(ValueError, match="max_length 9 is past the classifier's 8 positions"):
         ModerationJudge(classifier, word_tokenizer, max_length=9)
+    monkeypatch.setattr(word_tokenizer, "model_max_length", 6)
+    assert ModerationJudge(classifier, word_tokenizer).max_length == 6
 
 
 def test_keyword_judge_matches_whole_words_case_insensitively():

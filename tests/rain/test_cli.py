@@ -440,10 +440,11 @@ def test_vanilla_answer_has_rains_length_limits(monkeypatch):
     assert isinstance(greedy_answer(model, tok, prompt, 30, "Human:"), str)
     assert isinstance(greedy_answer(model, tok, prompt, 0, "Human:", max_length=length + 3), str)
     assert isinstance(greedy_answer(model, tok, prompt, 5, "Human:", max_length=length + 1), str)   # room for one
-    assert asked == [40 - length, 3, 1] and all(cached)
+    assert isinstance(greedy_answer(model, tok, prompt, 2, "Human:"), str)   # --max-new-tokens within the room
+    assert asked == [40 - length, 3, 1, 2] and all(cached)
     assert greedy_answer(model, tok, "Human: hi " * 20 + "\nAssistant:", 5, "Human:") == ""
     assert greedy_answer(model, tok, prompt, 5, "Human:", max_length=length) == ""   # no room: no generate call
-    assert asked == [40 - length, 3, 1]
+    assert asked == [40 - length, 3, 1, 2]
 
 
 def test_vanilla_answer_of_a_chat_prompt_reads_one_bos_and_ends_at_the_end_of_turn(monkeypatch):
@@ -789,8 +790,9 @@ def test_run_identity_tells_apart_every_setting_that_decides_the_answers(extra):
     assert identity(extra) != identity([]) and identity([], "Few-shot turns.\n") != identity([])
 
 
-def test_run_identity_tells_apart_chat_template_kwargs():
-    """A resume with other template variables is refused as one with other settings is."""
+def test_run_identity_tells_apart_chat_template_kwargs_and_system_turns():
+    """A resume with other template variables, or another system turn, is refused as one with other settings is
+    (under --template chat, where each of them changes the prompts)."""
     def identity(options):
         args = build_parser().parse_args(["rain", "--model", "m", "--hh", "h", "--output", "o", "--template", "chat"]
                                          + options)
@@ -799,6 +801,15 @@ def test_run_identity_tells_apart_chat_template_kwargs():
     thinking_off, empty = (["--chat-template-kwargs", kwargs] for kwargs in ('{"enable_thinking": false}', "{}"))
     assert identity(thinking_off) == identity(thinking_off)
     assert len({identity([])["settings"], identity(thinking_off)["settings"], identity(empty)["settings"]}) == 3
+    systems = [identity(option)["settings"] for option in ([], ["--system", "Be brief."], ["--system", "Be evil."])]
+    assert len(set(systems)) == 3
+
+
+def test_judge_dialogue_option_reads_a_typed_backslash_n_as_a_new_line():
+    """A shell passes `\\n` as two characters: the judge's dialogue gets a line break there, not a backslash."""
+    args = build_parser().parse_args(["rain", "--model", "m", "--hh", "h", "--output", "o", "--template", "chat",
+                                      "--judge-dialogue", "User: {prompt}\\nBot:"])
+    assert settings(args)[1].dialogue == "User: {prompt}\nBot:"
 
 
 def test_rain_labels_option_sets_the_judges_two_labels_over_the_config_file(tmp_path):
