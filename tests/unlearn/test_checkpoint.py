@@ -104,10 +104,12 @@ def test_a_failed_atomic_directory_leaves_the_old_one_and_no_temporary(tmp_path)
     assert (target / "weights").read_text() == "new"
 
 
-def test_a_checkpoint_left_past_latest_by_a_killed_run_is_dropped_not_kept(tmp_path, monkeypatch):
-    """A run killed after renaming step 3 into place but before `latest` named it resumes from step 2; its next
-    checkpoint (step 3 again, or step 4 after --save-every changed) must be the one `latest` names and keeps,
-    not the killed run's step 3 (newest by name, so keep=1 kept it and deleted the checkpoint just written)."""
+@pytest.mark.parametrize("next_step", [5, 4], ids=["same-step", "another-step"])
+def test_a_checkpoint_left_past_latest_by_a_killed_run_is_dropped_not_kept(tmp_path, monkeypatch, next_step):
+    """A run killed after renaming step 5 into place but before `latest` named it resumes from step 2; its next
+    checkpoint (step 5 again, written over the killed run's, or step 4 after --save-every changed) must be the one
+    `latest` names and keeps, not the killed run's step 5 (newest by name, so keep=1 kept it and deleted the
+    checkpoint just written)."""
     write(tmp_path, 2, keep=1)
     real_write_text = checkpoint.write_text_atomic
 
@@ -119,9 +121,9 @@ def test_a_checkpoint_left_past_latest_by_a_killed_run_is_dropped_not_kept(tmp_p
         write(tmp_path, 5, keep=1)
     monkeypatch.setattr(checkpoint, "write_text_atomic", real_write_text)
     assert checkpoint.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoints" / "step-000002")
-    final = write(tmp_path, 4, keep=1)   # the resumed run, saving at another step
+    final = write(tmp_path, next_step, keep=1)   # the resumed run's next checkpoint
     assert checkpoint.latest_checkpoint(str(tmp_path)) == final
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-000004"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", f"step-{next_step:06d}"]
 
 
 def test_a_process_the_checkpoint_has_no_state_for_gets_the_resume_error_naming_the_number_of_processes(tmp_path):

@@ -171,6 +171,10 @@ def test_rows_longer_than_the_attention_window_run_padded():
     assert max(lengths) > 8 and packer.plan(batch) is None
     short = TokenBatch(batch.input_ids[:, :8], batch.attention_mask[:, :8], batch.target_mask[:, :7])
     assert packer.plan(short) is not None
+    for window, chunk in ((8, 16), (16, 8)):   # a config that sets both: the shorter bounds the rows
+        model = tiny("Mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, sliding_window=window, attention_chunk_size=chunk)
+        assert RowPacker(model, "on").window == 8
 
 
 def test_auto_packs_only_where_the_estimate_says_it_is_cheaper():

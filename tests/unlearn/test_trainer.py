@@ -262,6 +262,21 @@ def test_a_resume_may_change_how_the_run_logs_and_checkpoints(tmp_path):
     assert [r["step"] for r in log_lines(tmp_path / "run")] == [1, 2, 4, 5]
 
 
+@pytest.mark.parametrize("change", [{"grad_accum": 1}, {"batch_size": 1}, {"seed": 1}, {"mismatch_per_prompt": 2},
+                                    {"forget_weight": 0.3}, {"mismatch_weight": 0.5}, {"normal_weight": 0.5},
+                                    {"packing": "off"}, {"precision": "bf16"}],
+                         ids=lambda change: next(iter(change)))
+def test_a_resume_that_changes_a_result_is_refused(tmp_path, change):
+    """Each of these settings changes what the rest of the run trains on or how (another batch drawn, another
+    objective): a resume that changes one is refused, naming it, and the same settings still resume."""
+    with pytest.raises(Killed):
+        run(tmp_path, save_every=2, callback=kill_after(3))
+    with pytest.raises(ValueError, match=rf"setting\(s\) \['{next(iter(change))}'\] differ"):
+        run(tmp_path, save_every=2, resume=True, **change)
+    _, summary = run(tmp_path, save_every=2, resume=True)
+    assert summary.steps == 5
+
+
 def test_resume_with_another_number_of_processes_is_refused(tmp_path):
     """Fewer processes than wrote a checkpoint still find their rank files: the count itself must be checked."""
     with pytest.raises(Killed):
@@ -760,14 +775,18 @@ def test_cached_reference_counts_the_forward_that_built_the_cache(tmp_path):
 
 def test_adapter_reference_counts_its_forward_at_every_step(tmp_path):
     """reference='adapter' runs the base model (adapter off) over each step's normal rows, as the frozen copy does: a
-    forward per step that the run's compute counts (only the cached reference has none)."""
+    forward per step that the run's compute counts (only the cached reference has none). The adapters leave the
+    decoder's matmul weights frozen: the backward computes the activations' gradients alone, not the weights'."""
     pytest.importorskip("peft")
     tokenizer = byte_bpe_tokenizer()
-    _, summary = run(tmp_path, max_steps=2, grad_accum=1, lora=True, lora_rank=4, reference="adapter")
+    trainer, summary = run(tmp_path, max_steps=2, grad_accum=1, lora=True, lora_rank=4, reference="adapter")
     streams = tiny_streams(tokenizer)
     batches = [streams.batch(i) for i in range(2)]
     expected = sum(b.tokens.rows(b.num_forget + b.num_mismatch, len(b.tokens.input_ids)).num_tokens for b in batches)
     assert summary.compute["reference_tokens"] == expected > 0
+    steps = [compute_as_run(trainer, b, decoder_trains=False, lm_head_trains=False, checkpointing=False,
+                            reference_forward=True) for b in batches]
+    assert summary.compute["flops"] == pytest.approx(sum(s.flops for s in steps) + trainer.setup_compute.flops)
 
 
 def test_cached_reference_with_tied_embeddings_counts_the_full_backward(tmp_path):
@@ -1131,7 +1150,8 @@ def test_accumulated_gradient_is_that_of_the_whole_step(tmp_path, monkeypatch):
     """With grad_accum micro-batches of equal size, the gradient the optimizer sees is that of SPEC §1's
     objective over all the step's rows (each micro-batch's loss divided by grad_accum). AdamW alone hides a
     constant factor on the gradient, so the gradient is read where the optimizer steps: at the second step, where
-    the policy has left the reference and the KL term has a gradient of its own."""
+    the policy has left the reference and the KL term has a gradient of its own. The three terms' weights are all
+    other than their defaults and each other, so that a weight given to the wrong term changes the gradient."""
     tokenizer = byte_bpe_tokenizer()
     streams = tiny_streams(tokenizer)
     seen = []
@@ -1143,7 +1163,8 @@ def test_accumulated_gradient_is_that_of_the_whole_step(tmp_path, monkeypatch):
         return real_step(optimizer, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
-    config = UnlearnConfig(output_dir=str(tmp_path / "run"), max_steps=2, lr=1e-3, grad_accum=2, progress=False)
+    config = UnlearnConfig(output_dir=str(tmp_path / "run"), max_steps=2, lr=1e-3, grad_accum=2, progress=False,
+                           forget_weight=0.7, mismatch_weight=0.3, normal_weight=2.0)
     trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), streams, config)
     names = {id(p): name for name, p in trainer.model.named_parameters()}
     trainer.train()
@@ -1161,8 +1182,7 @@ def test_accumulated_gradient_is_that_of_the_whole_step(tmp_path, monkeypatch):
     terms = spec_unlearning_terms(lambda ids: model(ids).logits, lambda ids: original(ids).logits,
                                   rows["forget"], rows["mismatch"], rows["normal"])
     assert terms["normal"] > 1e-6, terms   # the policy has moved
-    weights = config.loss_weights
-    total = weights.forget * terms["forget"] + weights.mismatch * terms["mismatch"] + weights.normal * terms["normal"]
+    total = 0.7 * terms["forget"] + 0.3 * terms["mismatch"] + 2.0 * terms["normal"]
     total.backward()
 
     expected = dict(model.named_parameters())
