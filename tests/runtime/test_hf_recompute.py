@@ -33,6 +33,19 @@ def test_rows_of_one_length_run_as_one_batch_keeping_only_the_logits_asked_for()
         torch.testing.assert_close(row_logits, reference(model, child)[0], rtol=1e-4, atol=1e-4)
 
 
+def test_rows_of_one_length_with_other_numbers_of_new_tokens_keep_the_logits_of_the_longest():
+    """Two rows of 7 tokens in all, one with 2 new tokens and one with 1 (on a child made earlier): one forward of 2
+    rows, keeping the last 2 positions' logits so that each row gets all of its own."""
+    model, runner, calls = recompute_runner()
+    root = runner.prefill([5, 17, 3, 9, 2])
+    (child,), _ = runner.extend([root], [[1]])
+    calls.clear()
+    spans, logits = runner.extend([root, child], [[7, 8], [9]], logits="all")
+    assert calls == [(2, 7, 2)]
+    for span, row_logits in zip(spans, logits):
+        torch.testing.assert_close(row_logits, reference(model, span)[0], rtol=1e-4, atol=1e-4)
+
+
 def test_a_call_without_outputs_and_bringing_back_evicted_spans_run_no_forward():
     """A prefill writes ids only; an evicted span comes back by writing its ids again: neither runs the model, nor
     counts as recomputed."""

@@ -492,6 +492,22 @@ def test_make_resident_recomputes_an_evicted_span_and_its_evicted_ancestors():
     assert reads(tree, pool, child) == [1, 2, 3, 4, 5] and tree.locks(child) == tree.locks(root) == 0
 
 
+def test_make_resident_of_spans_that_cannot_all_fit_is_a_clear_error_not_a_loop():
+    """Two evicted siblings whose blocks, with their evicted parent's, are more than the pool holds: restoring one
+    must not evict the other (each round would undo the last, forever); the call fails after its first round."""
+    store, pool = fresh(2, 2)
+    tree = store.tree
+    (root,) = grow(store, pool, [-1], [[1, 2]])
+    (a,) = grow(store, pool, [root], [[3, 4]])
+    (b,) = grow(store, pool, [root], [[5, 6]])   # evicts a
+    for span in (b, root):
+        tree.evict(span)
+    forwards = pool.forwards
+    with pytest.raises(PoolExhaustedError):
+        store.make_resident([a, b], pool.run)
+    assert pool.forwards <= forwards + 2 and tree.locks(a) == tree.locks(b) == tree.locks(root) == 0
+
+
 def test_evicted_siblings_under_an_evicted_parent_are_restored_in_two_rounds():
     """One round restores the parent with one sibling (a span written by a forward is no base in it); the
     other sibling needs a second round before the extension."""

@@ -169,6 +169,11 @@ def test_a_call_that_cannot_fit_counts_every_parent_and_every_copied_block(runne
     kids, _ = exact.extend([a] * 12, [[i] for i in range(12)])   # the bound is the need: 17 blocks fit
     assert exact.num_free_blocks == 0
     assert_still_correct(exact, model, kids[-1])
+    full = TreeRunner(model, max_tokens=4 * 4, block_size=4, attention_backend="torch")
+    a = full.prefill([3, 1, 4, 1])                   # a whole block: its children copy nothing
+    kids, logits = full.extend([a] * 3, [[5, 9, 2, 6]] * 3)   # 1 + 3 blocks: the whole pool
+    assert full.num_free_blocks == 0
+    torch.testing.assert_close(logits[0], model(torch.tensor([kids[0].tokens])).logits[0, -1], rtol=1e-4, atol=1e-4)
 
 
 def test_pool_exhausted_error_says_what_it_means():

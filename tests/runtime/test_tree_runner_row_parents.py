@@ -99,10 +99,11 @@ def test_failed_forward_with_row_parents_leaves_the_pool_as_it_was(monkeypatch):
     assert (logits[1] - ref).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["gpt2-learned-positions", "bloom-alibi-fallback"])
+@pytest.mark.parametrize("name", ["gpt2-learned-positions", "bloom-alibi-fallback", "reformer-padded-recompute"])
 def test_a_row_on_a_row_whose_first_token_is_copied_outside_the_llama_family(name):
-    """PagedHF and the Hugging Face fallback: rows on earlier rows where a later row copies the partial block that
-    the earlier rows fill in the same forward (the first token of a row is then written twice)."""
+    """PagedHF, the Hugging Face fallback and the recomputing one (which reads the copied block's token ids, -1 in a
+    fresh pool): rows on earlier rows where a later row copies the partial block that the earlier rows fill in the
+    same forward (the first token of a row is then written twice)."""
     model = tiny_model(name)
     runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="torch")
     fill_with_nan(runner.pool)
