@@ -501,12 +501,15 @@ def run_tree(prompts, config, **kw):
                                                       early_stop_fresh_visits=2, early_stop_q=0.0),
                                     dataclasses.replace(SMALL, root_visits=10, parallel_leaves=4),
                                     dataclasses.replace(SMALL, root_visits=20, max_new_tokens=8,
-                                                        similarity_threshold=0.0)])
+                                                        similarity_threshold=0.0),
+                                    RainConfig(root_visits=20, min_new_visits=3, max_new_tokens=12,
+                                               early_stop_fresh_visits=2, early_stop_q=0.0, similarity_threshold=0.0)])
 def test_commits_follow_the_stopping_rules_and_the_length_limit(config):
     """Every commit is taken at the first iteration where a stopping rule holds (the most visited child's
     fresh visits and q, or the root's visits and the new ones), and answers stop at max_new_tokens; leaves
     picked together never run past the visits the rule asks for. The root's count is its real visits fn: with
-    every sibling sharing (similarity_threshold 0) a new root's n, shares included, runs ahead of it. The engine
+    every sibling sharing (similarity_threshold 0) a new root's n, shares included, runs ahead of it, as the most
+    visited child's does of the fresh visits the early stop counts. The engine
     comparisons cannot see these rules: both engines share them."""
     early_stops = 0
     for result in run_tree(PROMPTS, config, concurrency=2).results:

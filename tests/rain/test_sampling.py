@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastalign.rain import KeyedSampler, TorchSampler
-from fastalign.rain.sampling import (CheckedSampler, check_sampler, draw_key, extend_key, prompt_sampler, ranked_tokens,
-                                     seed_key, top_k_distribution)
+from fastalign.rain import KeyedSampler, RainConfig, TorchSampler
+from fastalign.rain.sampling import (ROLLOUT_STREAM, CheckedSampler, check_sampler, draw_key, extend_key, prompt_sampler,
+                                     ranked_tokens, seed_key, top_k_distribution)
 
 
 def test_keyed_draws_are_batch_invariant():
@@ -81,6 +81,30 @@ def test_a_prompts_torch_sampler_depends_on_the_seed_and_its_index_alone():
     assert TorchSampler(seed=3).for_prompt(7).draw_many(probs, keys, 3) != first
     keyed, own = KeyedSampler(seed=2), object()
     assert prompt_sampler(keyed, 7) is keyed and prompt_sampler(own, 7) is own
+
+
+def test_a_torch_samplers_successive_draws_go_on_from_one_another():
+    """One prompt's sampler draws anew at each call (a generator seeded again per call gave one set per node)."""
+    probs = torch.full((1, 50), 1.0 / 50)
+    sampler = TorchSampler(seed=0).for_prompt(0)
+    assert len({sampler.draw(probs, [0])[0] for _ in range(20)}) > 5
+    assert len({tuple(sampler.draw_many(probs, [0], 4)[0]) for _ in range(5)}) > 1
+
+
+def test_neighbouring_seeds_and_prompt_indices_draw_apart():
+    """Seed 2's prompt 8 and seed 3's prompt 7 (the same seed + index) draw differently."""
+    probs = torch.full((16, 50), 1.0 / 50)
+    keys = [0] * 16
+    assert TorchSampler(seed=2).for_prompt(8).draw_many(probs, keys, 3) != \
+        TorchSampler(seed=3).for_prompt(7).draw_many(probs, keys, 3)
+
+
+def test_rollout_draws_never_share_a_key_with_expansion_samples():
+    """A leaf's rollout and its expansion's samples (candidates and widenings) draw from separate streams."""
+    key = extend_key(seed_key(0), [1, 2, 3])
+    config = RainConfig()
+    streams = range(1, config.candidates + config.max_children * config.widen_group + 1)
+    assert draw_key(key, ROLLOUT_STREAM) not in {draw_key(key, stream) for stream in streams}
 
 
 def test_draws_left_on_the_device_are_the_draws_of_draw_many():

@@ -74,6 +74,17 @@ def test_backup_divides_q_by_n_and_the_embedding_by_fn():
     assert torch.allclose(a.embedding, torch.tensor([0.5, 0.5]))
 
 
+def test_backup_gives_each_node_on_the_path_the_embedding_of_its_own_path_text():
+    """The path's embeddings come leaf first: a node takes its own text's, not another node's on the path."""
+    tree = tree_with_children([1.0])
+    (a,) = tree.root.children
+    leaf = Node((5,), a, 1.0, key=9)
+    a.children.append(leaf)
+    tree.backup(leaf, 1.0, [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])])
+    assert torch.equal(leaf.embedding, torch.tensor([1.0, 0.0]))
+    assert torch.equal(a.embedding, torch.tensor([0.0, 1.0]))
+
+
 def test_similarity_threshold_is_inclusive():
     tree = tree_with_children([0.5, 0.5], RainConfig(similarity_threshold=1.0))
     a, b = tree.root.children
@@ -121,6 +132,18 @@ def test_widening_threshold_scales_with_the_childrens_set_length():
     tree.root.depth = 1
     assert tree.wants_widening(tree.root)                 # 0.045 <= 0.06
     b.embedding = torch.tensor([1.0, 0.4])                # unbiased 0.08 (biased: 0.04)
+    assert not tree.wants_widening(tree.root)
+
+
+def test_widening_reads_the_norm_of_the_variance_over_every_dimension():
+    """Variance 0.02 in each of two dimensions: norm 0.028, under 0.03 (their sum, 0.04, is not); 0.03125 in each
+    (norm 0.044) is over it."""
+    tree = tree_with_children([0.5, 0.5])
+    a, b = tree.root.children
+    a.q = b.q = -0.5
+    a.embedding, b.embedding = torch.zeros(2), torch.tensor([0.2, 0.2])
+    assert tree.wants_widening(tree.root)
+    b.embedding = torch.tensor([0.25, 0.25])
     assert not tree.wants_widening(tree.root)
 
 
