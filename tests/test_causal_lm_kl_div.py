@@ -7,11 +7,11 @@ import torch
 from fastalign import CausalLMKLDiv
 from tests.conftest import TRITON_DEVICE, requires_cuda
 from tests.test_causal_lm_loss import VOCAB, batch, grads_of
-from tests.unlearn.test_objective import tiny_cohere, tiny_gemma2
+from tests.unlearn.test_objective import tiny_cohere, tiny_gemma2, tiny_model
 from tests.unlearn.tiny import tiny_llama, tiny_phi
 
 
-def logits_kl(model, reference, inputs, temperature=1.0, adapter=False):
+def logits_kl(model, reference, inputs, temperature=1.0, adapter=False, ignore_index=-100):
     """The token mean over labelled positions of KL(P || Q) from the models' own logits, in float64."""
     labels = inputs["labels"]
     forward = {name: t for name, t in inputs.items() if name != "labels"}
@@ -24,7 +24,7 @@ def logits_kl(model, reference, inputs, temperature=1.0, adapter=False):
             p_logits = reference(**forward).logits[:, :-1].double() / temperature
     log_p, log_q = torch.log_softmax(p_logits, -1), torch.log_softmax(q_logits, -1)
     per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
-    counted = labels[:, 1:] != -100
+    counted = labels[:, 1:] != ignore_index
     return per_token[counted].sum() / counted.sum()
 
 
@@ -61,11 +61,40 @@ def test_kl_and_gradients_are_those_of_the_models_logits(case):
     assert all(not p.requires_grad and p.grad is None for p in reference.parameters())   # frozen, untouched
 
 
-def test_temperature_compares_the_softened_distributions():
-    model, teacher = tiny_llama(VOCAB), tiny_llama(VOCAB, hidden_size=48, seed=1)
+@pytest.mark.parametrize("case", [case for case in CASES if case != "gemma2-softcap"])   # (refused: below)
+def test_temperature_compares_the_softened_distributions(case):
+    """The logits divided by the temperature: the head's bias and a model's logit multiplier too."""
+    make_model, make_reference = CASES[case]
+    model, teacher = make_model(), make_reference()
     inputs = batch(seed=11)
     fused = CausalLMKLDiv(model, teacher, temperature=2.0, backend="torch")(**inputs)
     assert_same_kl_and_gradients(model, fused, logits_kl(model, teacher, inputs, temperature=2.0))
+
+
+def test_an_ignore_index_masks_its_positions():
+    """Labels that use another ignore_index (5, where the batch had -100): the positions it marks are not counted."""
+    model, teacher = tiny_llama(VOCAB), tiny_llama(VOCAB, seed=1)
+    inputs = batch(seed=12)
+    relabelled = {**inputs, "labels": inputs["labels"].masked_fill(inputs["labels"] == -100, 5)}
+    fused = CausalLMKLDiv(model, teacher, backend="torch")(**relabelled, ignore_index=5)
+    assert_same_kl_and_gradients(model, fused, logits_kl(model, teacher, relabelled, ignore_index=5))
+
+
+def test_a_reference_in_training_mode_runs_without_dropout_and_keeps_its_mode():
+    """A frozen copy made while the model trained (what a Trainer leaves) with attention dropout: its P is the
+    eval-mode one at every call, and it is in training mode again after."""
+    model = tiny_model("Llama", VOCAB, attention_dropout=0.5, tie_word_embeddings=False).eval()
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    inputs = batch(seed=10)
+    expected = logits_kl(model, reference.eval(), inputs)
+    kl = CausalLMKLDiv(model, reference.train(), backend="torch")
+    first, second = kl(**inputs), kl(**inputs)
+    assert reference.training
+    assert torch.equal(first, second)
+    assert_same_kl_and_gradients(model, first, expected)
 
 
 def test_num_items_in_batch_divides_the_sum():

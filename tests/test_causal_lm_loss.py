@@ -121,6 +121,15 @@ def test_num_items_in_batch_divides_the_sum_as_the_model_does(num_items):
     torch.testing.assert_close(fused, per_token_mean * counted / 11)
 
 
+def test_an_ignore_index_is_the_models_own():
+    """Labels that use another ignore_index (5, where the batch had -100): the model's loss with that index."""
+    model = tiny_llama(VOCAB)
+    inputs = batch(seed=1)
+    inputs["labels"] = inputs["labels"].masked_fill(inputs["labels"] == -100, 5)
+    fused = CausalLMLoss(model, backend="torch")(**inputs, ignore_index=5)
+    assert_same_loss_and_gradients(model, fused, model(**inputs, ignore_index=5).loss)
+
+
 def test_shift_labels_are_targets_of_every_position():
     """shift_labels (already shifted): position t predicts shift_labels[:, t], the last position included."""
     model = tiny_llama(VOCAB)

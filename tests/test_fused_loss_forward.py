@@ -189,10 +189,15 @@ def test_a_state_space_model_whose_outputs_have_no_attentions():
 
 
 def test_a_router_loss_asked_for_after_fusing_runs_the_models_own_forward():
-    """output_router_logits set on the config of a model fused without it: the model's own forward, whose loss holds
-    the router's auxiliary loss (the fused forward read the config once, when fused, and left that loss out)."""
+    """output_router_logits set on the config of a model fused without it, or passed to its call: the model's own
+    forward, whose loss holds the router's auxiliary loss (the fused forward read the config once, when fused, and
+    left that loss out)."""
     model = tiny_model("Mixtral", VOCAB, num_local_experts=4, num_experts_per_tok=2)
     fused = fuse_causal_lm_loss(copy.deepcopy(model), backend="torch")
+    inputs = batch(seed=10)
+    expected = model(**inputs, output_router_logits=True).loss
+    assert abs(float(expected - model(**inputs).loss)) > 1e-6
+    torch.testing.assert_close(fused(**inputs, output_router_logits=True).loss, expected, rtol=1e-5, atol=1e-6)
     for m in (model, fused):
         m.config.output_router_logits = True
     inputs = batch(seed=10)

@@ -67,14 +67,15 @@ def test_16_bit_inputs_match_the_unfused_ops(dtype, backend, activation):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("wanted", [(0,), (1,), (2,), (3,), (0, 2)])
-def test_each_gradient_alone(backend, wanted):
+def test_each_gradient_alone(backend, activation, wanted):
     """Only the inputs that require grad get one (the weight's alone recomputes the product without the kernel of the
-    backward), and each is right."""
+    backward, with the op's activation), and each is right."""
     inputs = make_inputs((5,), 40, 7, device=device_for(backend))
     inputs = [t.detach().requires_grad_(k in wanted) for k, t in enumerate(inputs)]
-    out = fastalign.gated_linear(*inputs, backend=backend)
-    ref = gated_linear_reference(*inputs)
+    out = fastalign.gated_linear(*inputs, activation=activation, backend=backend)
+    ref = gated_linear_reference(*inputs, activation=activation)
     seed = torch.randn(out.shape, device=out.device)
     wanted_inputs = [inputs[k] for k in wanted]
     for k, got, want in zip(wanted, grads_of(out, wanted_inputs, seed), grads_of(ref, wanted_inputs, seed)):
