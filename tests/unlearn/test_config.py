@@ -147,6 +147,12 @@ def test_reference_cache_names_its_choices():
         UnlearnConfig(reference="cached", reference_cache="cpu")
 
 
+def test_the_automatic_reference_is_the_adapter_off_under_lora_and_a_frozen_copy_otherwise():
+    """Under LoRA the base model is the reference with no second copy in memory."""
+    assert UnlearnConfig(lora=True).reference_mode == "adapter"
+    assert UnlearnConfig().reference_mode == "copy"
+
+
 def test_defaults_are_the_spec_recipe():
     """SPEC §1's reference recipe: AdamW with lr 2e-6 and torch's default weight decay (the reference passes only
     the lr), batch 2, at most 1000 steps, K = 5 mismatch answers per prompt, weights 0.5 / 1.0 / 1.0, early stop

@@ -142,6 +142,7 @@ def test_truthfulqa_splits_are_disjoint_and_pool_excludes_normal_answers(tmp_pat
     assert set(split.mismatch_pool) == expected and len(split.mismatch_pool) == len(expected)
     again = load_truthfulqa(tmp_path / "tqa.csv", test_fraction=0.2, pool_fraction=0.3)
     assert again == split  # seeded
+    assert load_truthfulqa(tmp_path / "tqa.csv", test_fraction=0.2, pool_fraction=0.3, seed=1) != split
 
 
 def test_truthfulqa_bad_files(tmp_path):

@@ -34,8 +34,22 @@ def tiny_olmo2():
         num_key_value_heads=2, max_position_embeddings=128)).eval()
 
 
-MODELS = {"llama": lambda: tiny_llama(VOCAB), "gemma3": tiny_gemma3, "olmo2": tiny_olmo2}
-NORMS_PER_LAYER = {"llama": 2, "gemma3": 6, "olmo2": 4}   # Gemma 3's and OLMo 2's with their q and k norms
+def tiny_llama_mlp_bias():
+    """Llama with biases on its MLP's projections (mlp_bias), the down projection's drawn nonzero (std 0.1)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, mlp_bias=True))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.bias.normal_(std=0.1)
+    return model.eval()
+
+
+MODELS = {"llama": lambda: tiny_llama(VOCAB), "gemma3": tiny_gemma3, "olmo2": tiny_olmo2,
+          "llama-mlp-bias": tiny_llama_mlp_bias}
+# Gemma 3's and OLMo 2's with their q and k norms
+NORMS_PER_LAYER = {"llama": 2, "gemma3": 6, "olmo2": 4, "llama-mlp-bias": 2}
 
 
 def loss_grads_and_saved_bytes(model, ids):

@@ -101,6 +101,8 @@ def test_lora_run_saves_its_adapter_and_reports_what_the_merge_lost(tmp_path, pr
     summary, trained_logits, ids, lossy = train(tmp_path, precision)
     run_dir = tmp_path / "run"
     assert summary.adapter_dir == str(run_dir / "adapter")
+    adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (4, 16)   # lora_rank and lora_alpha, as configured
     assert json.loads((run_dir / "run.json").read_text())["merge_rounding_error"] == summary.merge_rounding_error
 
     # the number is what the merge did to the weights saved in model/, layer by layer

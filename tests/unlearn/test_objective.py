@@ -287,6 +287,30 @@ def test_a_logit_multiplier_that_is_not_a_finite_nonzero_number_is_refused(value
         UnlearningObjective(model)
 
 
+def dropout_llama_in_training():
+    """The tiny Llama with attention dropout 0.5, in training mode (as the trainer's policy is)."""
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    return model.train()
+
+
+def test_frozen_copy_and_cached_references_of_a_training_policy_run_without_dropout():
+    """Both are built from the policy while it trains: P must be the eval-mode model's at every call."""
+    model = dropout_llama_in_training()
+    streams = tiny_streams(byte_bpe_tokenizer())
+    batch = streams.batch(0)
+    first = batch.num_forget + batch.num_mismatch
+    normal = batch.tokens.rows(first, first + batch.num_normal)
+    expected = FrozenCopyReference(copy.deepcopy(model).eval())(normal, batch.normal_index, None)[0]
+    reference = FrozenCopyReference(model)
+    for _ in range(2):
+        torch.testing.assert_close(reference(normal, batch.normal_index, None)[0], expected, rtol=0, atol=0)
+    model.lm_head.requires_grad_(False)
+    cached = [CachedReference(m, streams.normal).hidden for m in (model, copy.deepcopy(model).eval())]
+    assert model.training and torch.equal(*cached)
+
+
 def test_adapter_reference_is_the_original_model_without_dropout():
     """The policy trains in train mode; its adapter-off reference must still be the deterministic original model."""
     peft = pytest.importorskip("peft")
@@ -384,6 +408,14 @@ def test_weight_fingerprint_sees_values_not_layout():
     nudged[36, 10] = torch.nextafter(nudged[36, 10], torch.tensor(float("inf")))
     assert weight_fingerprint(nudged) != fingerprint  # one ulp of one element
     assert weight_fingerprint(weight, torch.bfloat16) == weight_fingerprint(weight.to(torch.bfloat16))
+
+
+def test_weight_fingerprint_reads_every_slice_of_a_large_weight():
+    """A weight of more elements than one slice sums (2**24): a change in its last row changes the fingerprint."""
+    weight = torch.zeros(2, (1 << 23) + 1, dtype=torch.float16)   # one row per slice
+    changed = weight.clone()
+    changed[1, -1] = 1.0
+    assert weight_fingerprint(changed) != weight_fingerprint(weight)
 
 
 def test_cached_reference_refuses_a_trainable_or_changed_lm_head():

@@ -14,28 +14,57 @@ from tests.unlearn.tiny import FORGET_ROWS, byte_bpe_tokenizer, write_jsonl, wri
 
 
 def test_truthfulqa_as_normal_feeds_the_mismatch_pool_from_its_pool_rows_only(tmp_path):
-    """The mismatch answers come from TruthfulQA's pool rows, never from the normal pairs trained on."""
+    """The mismatch answers come from TruthfulQA's pool rows, never from the normal pairs trained on; the split takes
+    the configured fractions and seed."""
     csv = write_truthfulqa(tmp_path / "tqa.csv")
     forget = write_jsonl(tmp_path / "forget.jsonl", FORGET_ROWS)
     tokenizer = byte_bpe_tokenizer()
-    config = UnlearnConfig(model="m", output_dir="o", forget=[str(forget)], normal=str(csv), max_length=64, seed=3)
+    config = UnlearnConfig(model="m", output_dir="o", forget=[str(forget)], normal=str(csv), max_length=64, seed=3,
+                           truthfulqa_test_fraction=0.4, truthfulqa_pool_fraction=0.2)   # not the defaults
     streams = load_streams(config, tokenizer)
-    split = load_truthfulqa(csv, test_fraction=config.truthfulqa_test_fraction,
-                            pool_fraction=config.truthfulqa_pool_fraction, seed=config.seed)
+    split = load_truthfulqa(csv, test_fraction=0.4, pool_fraction=0.2, seed=3)
     assert streams.pool == encode_answers(tokenizer, TextTemplate(), split.mismatch_pool)
+    assert len(streams.normal) == len(split.normal_train) == 4   # 10 rows: 4 test, 2 pool
     normal_answers = {e.input_ids[e.answer_start:e.answer_end] for e in streams.normal}
     pool_answers = {a.answer_ids for a in streams.pool}
     assert normal_answers and pool_answers and not normal_answers & pool_answers
 
 
-def test_mismatch_pool_jsonl_must_hold_prompt_answer_rows(tmp_path):
-    """A PKU-SafeRLHF or HH file given as the pool would feed its harmful answers to the mismatch stream, whose
-    loss is gradient DESCENT: it is refused, naming the missing field, instead of being read as a forget file."""
+def test_every_forget_file_is_read(tmp_path):
+    first = write_jsonl(tmp_path / "f1.jsonl", FORGET_ROWS[:1])
+    rest = write_jsonl(tmp_path / "f2.jsonl", FORGET_ROWS[1:])
+    csv = write_truthfulqa(tmp_path / "tqa.csv")
+    config = UnlearnConfig(model="m", output_dir="o", forget=[str(first), str(rest)], normal=str(csv), max_length=64)
+    assert len(load_streams(config, byte_bpe_tokenizer()).forget) == len(FORGET_ROWS) > 1
+
+
+def test_a_mismatch_pool_given_beside_a_truthfulqa_normal_file_is_the_pool(tmp_path):
+    """--mismatch-pool names the pool: the normal csv's own pool rows are not used then."""
+    csv = write_truthfulqa(tmp_path / "tqa.csv")
+    other = tmp_path / "other.csv"
+    other.write_text("Question,Best Answer,Correct Answers,Incorrect Answers\n"
+                     + "".join(f"Q{k}?,xyz {k},xyz {k},qq {k}\n" for k in range(10)))
+    forget = write_jsonl(tmp_path / "forget.jsonl", FORGET_ROWS)
+    tokenizer = byte_bpe_tokenizer()
+    config = UnlearnConfig(model="m", output_dir="o", forget=[str(forget)], normal=str(csv), mismatch_pool=str(other),
+                           max_length=64)
+    pool = load_truthfulqa(other, test_fraction=config.truthfulqa_test_fraction,
+                           pool_fraction=config.truthfulqa_pool_fraction, seed=config.seed).mismatch_pool
+    assert load_streams(config, tokenizer).pool == encode_answers(tokenizer, TextTemplate(), pool)
+
+
+@pytest.mark.parametrize("stream", ["normal", "mismatch_pool"])
+def test_a_safety_file_given_as_normal_data_or_pool_is_refused(tmp_path, stream):
+    """A PKU-SafeRLHF or HH file given as normal data would anchor the KL term to its harmful answers, and as the
+    pool would feed them to the mismatch stream, whose loss is gradient DESCENT: each is refused, naming the missing
+    field, instead of being read as a forget file."""
     forget = write_jsonl(tmp_path / "forget.jsonl", FORGET_ROWS)
     pku = write_jsonl(tmp_path / "pku.jsonl", [{"prompt": "p", "response_0": "harmful", "is_response_0_safe": False,
                                                 "response_1": "fine", "is_response_1_safe": True}])
-    config = UnlearnConfig(model="m", output_dir="o", forget=[str(forget)], mismatch_pool=str(pku), normal_weight=0,
-                           max_length=64)
+    pool = write_jsonl(tmp_path / "pool.jsonl", [{"prompt": "p", "answer": "the a of"}])
+    data = ({"normal": str(pku), "mismatch_pool": str(pool)} if stream == "normal"
+            else {"mismatch_pool": str(pku), "normal_weight": 0})
+    config = UnlearnConfig(model="m", output_dir="o", forget=[str(forget)], max_length=64, **data)
     with pytest.raises(DataError, match=r"pku.jsonl: row 1: missing field 'answer'"):
         load_streams(config, byte_bpe_tokenizer())
 
