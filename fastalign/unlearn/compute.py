@@ -12,7 +12,8 @@ padded rows (padding included, since it costs the same), or the packed ones wher
                             for the hidden gradient,
                             +2*V*H for the weight gradient when the lm_head trains; the KL term adds the
                             reference logits P per normal answer token, computed in the forward and again in
-                            the backward (2 x 2*V*H)
+                            the backward (2 x 2*V*H); with grads_in_forward the gradients are taken from the
+                            forward's logits, so neither is computed again (2*V*H less of each)
   reference               = one decoder forward over the normal rows (frozen copy / disabled adapter), 0 cached;
                             the cached reference costs one decoder forward over the whole normal set before
                             training instead (cache_compute), on every process
@@ -124,9 +125,11 @@ class ComputeTotals:
 
 
 def batch_compute(shape: ModelShape, batch, *, decoder_trains: bool, lm_head_trains: bool, checkpointing: bool,
-                  reference_forward: bool, packed_shape: tuple[int, int] | None = None) -> ComputeTotals:
+                  reference_forward: bool, packed_shape: tuple[int, int] | None = None,
+                  grads_in_forward: bool = False) -> ComputeTotals:
     """Estimated compute of one objective forward + backward over an UnlearningBatch (counted on its host copy), whose
-    policy forward ran on its padded rows, or on packed rows of `packed_shape` [rows, width]."""
+    policy forward ran on its padded rows, or on packed rows of `packed_shape` [rows, width]; grads_in_forward: the
+    fused losses took their gradients in the forward (no logits computed again in the backward)."""
     tokens = batch.tokens.on_host
     forward = (shape.decoder_forward(tokens.attention_mask) if packed_shape is None
                else shape.grid_forward(*packed_shape))
@@ -134,7 +137,9 @@ def batch_compute(shape: ModelShape, batch, *, decoder_trains: bool, lm_head_tra
     answers = int(tokens.target_mask.sum())
     normal_rows = tokens.rows(batch.num_forget + batch.num_mismatch, tokens.input_ids.shape[0])
     normal_answers = int(normal_rows.target_mask.sum())
-    head = 2.0 * shape.vocab_size * shape.hidden_size * ((4 if lm_head_trains else 3) * answers + 2 * normal_answers)
+    recomputed = 0 if grads_in_forward else 1   # the backward's second product of the logits
+    per_answer = 2 + recomputed + (1 if lm_head_trains else 0)   # logits, hidden gradient (+ weight gradient)
+    head = 2.0 * shape.vocab_size * shape.hidden_size * (per_answer * answers + (1 + recomputed) * normal_answers)
     reference = shape.decoder_forward(normal_rows.attention_mask) if reference_forward and batch.num_normal else 0.0
     slots = int(tokens.attention_mask.numel()) if packed_shape is None else packed_shape[0] * packed_shape[1]
     return ComputeTotals(tokens=tokens.num_tokens, padded_slots=slots,

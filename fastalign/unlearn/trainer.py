@@ -478,7 +478,8 @@ class UnlearningTrainer:
                 compute.add(batch_compute(self.shape, batch, decoder_trains=decoder_trains,
                                           lm_head_trains=lm_head_trains, checkpointing=config.gradient_checkpointing,
                                           reference_forward=config.reference_mode != "cached",
-                                          packed_shape=None if packed is None else packed.shape))
+                                          packed_shape=None if packed is None else packed.shape,
+                                          grads_in_forward=config.grads_in_forward))
                 if self.optimizer_in_backward:   # (one micro-batch: the config allows no accumulation with it)
                     values = self._step_values(step, term_sums, compute, micro_terms, batches)
                 acc.backward(terms.total / config.grad_accum)

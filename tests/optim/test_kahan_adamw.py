@@ -41,6 +41,27 @@ def test_fp32_weights_step_as_torchs_adamw_in_float64():
     assert "compensation" not in optimizer.state[optimizer.param_groups[0]["params"][0]]
 
 
+def test_each_group_steps_with_its_own_betas_eps_and_weight_decay():
+    """fp32 weights in two groups, the second with betas, eps and weight_decay of its own (no decay for norms, say):
+    each steps as torch's AdamW in float64 with that group's options."""
+    torch.manual_seed(0)
+    starts = [torch.randn(200), torch.randn(300)]
+    options = [{}, {"betas": (0.5, 0.9), "eps": 1e-1, "weight_decay": 0.0}]
+
+    def stepped(optimizer_class, dtype):
+        weights = [torch.nn.Parameter(start.to(dtype, copy=True)) for start in starts]
+        optimizer = optimizer_class([{"params": [w], **o} for w, o in zip(weights, options)], lr=1e-2,
+                                    weight_decay=0.5)
+        for grads in zip(gradients(200, 4, seed=1), gradients(300, 4, seed=2)):
+            for weight, grad in zip(weights, grads):
+                weight.grad = grad.to(dtype)
+            optimizer.step()
+        return [weight.detach().double() for weight in weights]
+
+    for ours, reference in zip(stepped(KahanAdamW, torch.float32), stepped(torch.optim.AdamW, torch.float64)):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_weights_keep_the_updates_that_bf16_adamw_rounds_away():
     """At a fine-tuning learning rate (2e-6, weights of 0.02: a sixtieth of their last place) weight + compensation
     follows AdamW run in float64 from the same weights; torch's AdamW on the bf16 weights barely moves them."""

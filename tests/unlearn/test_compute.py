@@ -28,13 +28,17 @@ def test_flop_estimate_follows_the_documented_formula():
     answers = int(batch.tokens.target_mask.sum())
     normal_answers = sum(e.num_answer_targets for e in batch.examples[f + m:])
     vh = 2.0 * shape.vocab_size * 32
-    for decoder_trains, head_trains, checkpointing, reference_forward in itertools.product([True, False], repeat=4):
+    for decoder_trains, head_trains, checkpointing, reference_forward, in_forward in itertools.product([True, False],
+                                                                                                       repeat=5):
         got = batch_compute(shape, batch, decoder_trains=decoder_trains, lm_head_trains=head_trains,
-                            checkpointing=checkpointing, reference_forward=reference_forward)
+                            checkpointing=checkpointing, reference_forward=reference_forward,
+                            grads_in_forward=in_forward)
         policy = forward(len(lengths), max(lengths)) * (1 + (2 if decoder_trains else 1) + checkpointing)
-        # per answer token: forward, recomputed in the backward, hidden gradient (+ weight gradient);
-        # per normal answer token: the reference logits, forward and recomputed
+        # per answer token: forward, recomputed in the backward (not with grads_in_forward), hidden gradient
+        # (+ weight gradient); per normal answer token: the reference logits, forward and recomputed (not ...)
         head = vh * ((4 if head_trains else 3) * answers + 2 * normal_answers)
+        if in_forward:
+            head -= vh * (answers + normal_answers)
         reference = forward(len(normal_lengths), max(normal_lengths)) if reference_forward else 0.0
         assert got.flops == pytest.approx(policy + head + reference, rel=1e-12)
         assert got.reference_tokens == (sum(normal_lengths) if reference_forward else 0)

@@ -48,3 +48,15 @@ def test_the_fused_step_updates_as_the_default_does(dtype=torch.float32):
             optimizer.step()
     assert not torch.equal(weights[0], start)
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adamw_steps_at_the_learning_rate_it_is_given(dtype):
+    """An lr other than torch's and KahanAdamW's default (1e-3), so that one dropped shows: the group's lr, and the
+    first step, which moves every weight by about lr (no weight decay)."""
+    weight = torch.nn.Parameter(torch.ones(64, dtype=dtype))
+    optimizer = adamw([weight], lr=0.25, weight_decay=0.0)
+    assert optimizer.param_groups[0]["lr"] == 0.25
+    weight.grad = torch.ones(64, dtype=dtype)
+    optimizer.step()
+    torch.testing.assert_close(weight.detach().float(), torch.full((64,), 0.75), rtol=0, atol=1e-2)
