@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fastalign.rain import KeyedSampler, RainConfig, TorchSampler
-from fastalign.rain.sampling import (ROLLOUT_STREAM, CheckedSampler, check_sampler, draw_key, extend_key, prompt_sampler,
-                                     ranked_tokens, seed_key, top_k_distribution)
+from fastalign.rain.sampling import (ROLLOUT_STREAM, CheckedSampler, check_sampler, draw_key, extend_key,
+                                     prompt_sampler, ranked_tokens, seed_key, top_k_distribution)
 
 
 def test_keyed_draws_are_batch_invariant():
