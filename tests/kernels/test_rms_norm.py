@@ -134,6 +134,23 @@ def test_backward_equals_the_module_autograd(rule, dtype, shape):
         assert_rel_close(name, actual, want, REL_TOL[dtype] * (1 if dtype == torch.float32 else 2))
 
 
+def test_the_sublayer_output_norm_before_the_add_takes_its_own_eps():
+    """rms_norm_after_add's two norms with eps 1e-6 (the stream's) and 1e-2 (the sublayer output's, y_eps), on an
+    output whose mean square (1e-2) each eps moves apart."""
+    torch.manual_seed(0)
+    norm, y_norm = GemmaRMSNorm(32, eps=1e-6), GemmaRMSNorm(32, eps=1e-2)
+    for module in (norm, y_norm):
+        torch.nn.init.normal_(module.weight, 0.0, 0.5)
+    h = torch.randn(5, 32, device=TRITON_DEVICE)
+    y = 0.1 * torch.randn(5, 32, device=TRITON_DEVICE)
+    with torch.no_grad():
+        total, out = rms_norm_after_add(h, y, norm.weight, 1e-6, **WEIGHT_RULES["one plus"], y_weight=y_norm.weight,
+                                        y_eps=1e-2)
+        expected = h + y_norm(y)
+        torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, norm(expected), rtol=1e-5, atol=1e-6)
+
+
 def test_backward_tells_the_rules_apart():
     module, x = module_and_input("one plus", (4, 32), torch.float32)
     x.requires_grad_()

@@ -865,3 +865,21 @@ def test_shared_prefix_one_token_into_the_new_tokens_is_rejected():
     batch = make_paged_batch([(9, 2), (10, 1)], 4, 4, 2, 16, shared_blocks=2)
     with pytest.raises(ValueError, match="reaches into a row's new tokens"):
         paged_attention(**batch, shared_prefix=(_groups(0, 2), _groups(8)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("window", [8, 9, 100])
+def test_a_window_as_wide_as_a_full_block_table_sees_every_key(backend, window):
+    """One row of 8 tokens in a table of exactly 2 blocks of 4 (no spare column: the context is the table's whole
+    length, as in the runner) with a window of at least 8: every key is seen, as without a window."""
+    torch.manual_seed(0)
+    device = device_for(backend)
+    index = dict(dtype=torch.int32, device=device)
+    batch = dict(q=torch.randn(8, 4, 16, device=device), k_cache=torch.randn(3, 4, 2, 16, device=device),
+                 v_cache=torch.randn(3, 4, 2, 16, device=device), block_table=torch.tensor([[2, 0]], **index),
+                 seq_lens=torch.tensor([8], **index), cu_q_lens=torch.tensor([0, 8], **index))
+    out = paged_attention(**batch, backend=backend, window=window)
+    on_host = {name: t.cpu() for name, t in batch.items()}
+    expected = paged_attention_reference(**on_host)
+    assert torch.allclose(paged_attention_reference(**on_host, window=window), expected)
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-5, atol=1e-5)

@@ -9,9 +9,10 @@ import pytest
 import torch
 import transformers
 from transformers import (BertConfig, BertLMHeadModel, BertModel, DynamicCache, Gemma4ForCausalLM, Gemma4TextConfig,
-                          LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MptConfig, MptForCausalLM,
-                          Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig,
-                          Qwen2MoeForCausalLM, RecurrentGemmaConfig, RecurrentGemmaForCausalLM)
+                          LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
+                          MixtralForCausalLM, MptConfig, MptForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                          Qwen3MoeConfig, Qwen3MoeForCausalLM, RecurrentGemmaConfig, RecurrentGemmaForCausalLM)
 
 from fastalign import PoolExhaustedError, Span, TreeRunner
 from fastalign.runtime import hf_cache
@@ -392,22 +393,33 @@ def test_context_limit_is_inclusive_and_no_sliding_window_shortens_it():
     (Qwen2MoeForCausalLM, Qwen2MoeConfig, {"use_sliding_window": True, "num_experts": 4, "num_experts_per_tok": 2,
                                            "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16,
                                            "layer_types": ["sliding_attention", "full_attention"]}),
+    (MixtralForCausalLM, MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    (Qwen3MoeForCausalLM, Qwen3MoeConfig, {"use_sliding_window": True, "num_experts": 4, "num_experts_per_tok": 2,
+                                           "moe_intermediate_size": 16}),
+    (Qwen3ForCausalLM, Qwen3Config, {"use_sliding_window": True, "head_dim": 8,
+                                     "layer_types": ["sliding_attention", "full_attention"]}),
     (LlamaForCausalLM, LlamaConfig, {})])
 def test_each_layer_attends_to_the_window_hugging_face_applies(cls, config_cls, extra):
     """Hugging Face's Mistral slides config.sliding_window over every layer and ignores config.layer_types (it only
-    warns about them); Qwen2 and Qwen2-MoE slide only their "sliding_attention" layers, so with full layers only they
-    attend to the whole sequence past the unused window (Qwen2-MoE's full layer, which has no sliding_window
-    attribute, slid by the config's); Llama slides no layer, whatever its config names. Rows past the window of 8
-    match the model run on the full sequence."""
+    warns about them), as Mixtral and Qwen3-MoE do; Qwen2, Qwen2-MoE and Qwen3 slide only their "sliding_attention"
+    layers, so with full layers only they attend to the whole sequence past the unused window (Qwen2-MoE's full
+    layer, which has no sliding_window attribute, slid by the config's); Llama slides no layer, whatever its config
+    names. Rows past the window of 8 match the model run on the full sequence (weights drawn at the scale that gives
+    logits of O(1), where a window off by a key shows)."""
     shape = dict(vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, hidden_size=32, intermediate_size=64,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
     torch.manual_seed(0)
     model = cls(config_cls(**shape, **extra, sliding_window=8)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, p.shape[-1] ** -0.5)
     runner = TreeRunner(model, max_tokens=128, block_size=4, attention_backend="torch")
     assert runner.max_context == MAX_POSITIONS
     seq = list(range(1, 31))
     (child,), logits = runner.extend([runner.prefill(seq[:5])], [seq[5:]], logits="all")
-    assert (logits[0] - model(torch.tensor([seq])).logits[0, 5:]).abs().max() <= 1e-5
+    with torch.no_grad():
+        assert (logits[0] - model(torch.tensor([seq])).logits[0, 5:]).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("window", [-5, True, 2.5])

@@ -64,10 +64,10 @@ CONFIGS = {
     "gemma-geglu": (GemmaForCausalLM, lambda: GemmaConfig(
         **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, head_dim=16)),
     "gemma2-sliding-softcaps": (Gemma2ForCausalLM, lambda: Gemma2Config(
-        **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=10,
+        **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=64, sliding_window=10,
         layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=1.5, final_logit_softcapping=3.0)),
     "gemma3-sliding-softcap": (Gemma3ForCausalLM, lambda: Gemma3TextConfig(
-        **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=10,
+        **_COMMON, **_LLAMA_SHAPE, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=64, sliding_window=10,
         layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=3.0)),
     "olmo2-post-norms": (Olmo2ForCausalLM, lambda: Olmo2Config(
         **_COMMON, **_LLAMA_SHAPE, **_IDS_IN_VOCAB, num_key_value_heads=2, tie_word_embeddings=False)),
@@ -97,7 +97,7 @@ CONFIGS = {
         **_COMMON, **_LLAMA_SHAPE, **_IDS_IN_VOCAB, num_key_value_heads=2, logit_scale=0.5, use_qk_norm=True)),
     "gemma3-image-text": (Gemma3ForConditionalGeneration, lambda: Gemma3Config(
         text_config=dict(vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, **_LLAMA_SHAPE, num_key_value_heads=2,
-                         head_dim=16, query_pre_attn_scalar=16, sliding_window=10,
+                         head_dim=16, query_pre_attn_scalar=64, sliding_window=10,
                          layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=3.0),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                            image_size=28, patch_size=14),
