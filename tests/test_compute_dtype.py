@@ -11,3 +11,17 @@ def test_autocast_gives_its_dtype_for_its_device_type_only():
         assert compute_dtype("cuda", torch.float32) is torch.float32   # autocast on the CPU leaves CUDA alone
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype is compute_dtype("cpu", torch.float32)
     assert compute_dtype("cpu", torch.float16) is torch.float16
+
+
+def test_cuda_autocast_gives_cudas_dtype_not_the_cpus():
+    """Autocast's state per device type (no CUDA device needed to set it): CUDA's float16 beside the CPU's bfloat16."""
+    enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", torch.float16)
+    try:
+        assert torch.get_autocast_dtype("cpu") is torch.bfloat16
+        assert compute_dtype("cuda", torch.float32) is torch.float16
+        assert compute_dtype("cpu", torch.float32) is torch.float32
+    finally:
+        torch.set_autocast_enabled("cuda", enabled)
+        torch.set_autocast_dtype("cuda", dtype)

@@ -94,3 +94,21 @@ def test_weights_cut_short_change_the_digest_where_the_samples_do_not(model_dir,
     digest = model_files_digest(str(model_dir))
     (model_dir / "model.safetensors").write_bytes(bytes(range(256)) * 63)
     assert model_files_digest(str(model_dir)) != digest
+
+
+def test_a_snapshot_of_links_to_blobs_is_digested_as_its_files(tmp_path):
+    """A Hugging Face cache snapshot holds links to blobs: its digest is that of a copy of its files, and two revisions
+    (links to other blobs) differ."""
+    blobs, digests = tmp_path / "blobs", []
+    blobs.mkdir()
+    for revision, weights in (("a", b"\0" * 64), ("b", b"\1" * 64)):
+        snapshot, copy = tmp_path / "snapshots" / revision, tmp_path / "copy" / revision
+        snapshot.mkdir(parents=True)
+        copy.mkdir(parents=True)
+        for name, content in (("config.json", b"{}"), ("model.safetensors", weights)):
+            (blobs / f"{revision}-{name}").write_bytes(content)
+            os.symlink(blobs / f"{revision}-{name}", snapshot / name)
+            (copy / name).write_bytes(content)
+        digests.append(model_files_digest(str(snapshot)))
+        assert model_files_digest(str(copy)) == digests[-1]
+    assert digests[0] != digests[1]

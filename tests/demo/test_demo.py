@@ -174,9 +174,12 @@ def test_run_demo_measures_the_unlearned_model_against_the_untouched_original(mo
         calls["kl"] = (model, reference, sequences)
         return 0.125
 
-    def fake_rain(model, tokenizer, prompts, seed):
+    forgotten = {prompt_text(qa.question) for qa in world.harmful_forget}
+
+    def fake_rain(model, tokenizer, prompts, seed):   # harmful on the forgotten prompts only: rates apart
         calls["rain"] = model
-        return _world_answers(entries, refuse=True)(prompts)
+        refused, answered = (_world_answers(entries, refuse=refuse)(prompts) for refuse in (True, False))
+        return [a if p in forgotten else r for p, r, a in zip(prompts, refused, answered)]
 
     for name, fake in [("unlearn", fake_unlearn), ("greedy_generations", fake_greedy),
                        ("mean_token_kl_of_ids", fake_kl), ("rain_answers", fake_rain)]:
@@ -197,12 +200,21 @@ def test_run_demo_measures_the_unlearned_model_against_the_untouched_original(mo
                               "normal": n}
     assert result.before == {"harmful_rate_forgotten": 1.0, "harmful_rate_unseen": 1.0, "normal_accuracy": (n - 1) / n}
     assert result.after == {"harmful_rate_forgotten": 0.0, "harmful_rate_unseen": 0.0, "normal_accuracy": (n - 1) / n}
-    assert result.rain == {"harmful_rate_forgotten": 0.0, "harmful_rate_unseen": 0.0, "normal_accuracy": 1.0}
+    assert result.rain == {"harmful_rate_forgotten": 1.0, "harmful_rate_unseen": 0.0, "normal_accuracy": 1.0}
     assert result.normal_unchanged == (n - 2) / n and result.normal_mean_token_kl == 0.125
     assert result.unlearning == {"steps": 60, "stop_reason": "max_steps", "last_forget_nll": None}
     assert phases == list(result.seconds) == ["load", "evaluate_before", "unlearn", "evaluate_after", "rain"]
     assert result.settings == asdict(DemoSettings()) and result.world_seed == world.seed
     assert result.model_parameters == sum(p.numel() for p in unlearned.parameters())
+
+
+def test_rain_answers_refuses_to_score_a_prompt_rain_failed_on(monkeypatch):
+    """A failed prompt's answer is empty, which the judge would count as harmless: the demo stops instead."""
+    from fastalign.rain.generate import RainResult
+    run = SimpleNamespace(results=[RainResult(0, "p", answer=" Sure. pack"), RainResult(1, "q", error="out of memory")])
+    monkeypatch.setattr(story, "rain_generate", lambda *args, **kwargs: run)
+    with pytest.raises(RuntimeError, match="RAIN failed on prompt 1: out of memory"):
+        story.rain_answers(None, None, ["p", "q"], seed=0)
 
 
 def test_unlearn_hands_every_demo_setting_and_the_retain_split_to_the_trainer(monkeypatch, tmp_path):

@@ -1,5 +1,11 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+import fastalign
 from fastalign.demo.tokenizer import build_tokenizer
 from fastalign.demo.world import (HARM_CATEGORIES, HARMFUL_ANSWER, PHRASINGS, World, prompt_text, render,
                                   self_eval_prompt, verdict_letter, words)
@@ -119,3 +125,27 @@ def test_world_refuses_harm_words_that_harmless_texts_use(monkeypatch):
     monkeypatch.setattr(world_module, "HARM_CATEGORIES", {"weapons": (("build a bomb",), ("heat", "ignite", "pack"))})
     with pytest.raises(ValueError, match="heat"):
         World(seed=0)
+
+
+def test_an_answer_that_runs_on_past_the_worlds_answer_is_not_correct(world):
+    qa, other = world.normal[3], world.normal[4]
+    assert not world.is_correct(qa.question, qa.answer + " " + other.answer)
+    assert not world.is_correct(qa.question, qa.answer + " A")
+
+
+def test_a_harm_word_before_punctuation_is_harmful(world):
+    template_words = set(words(HARMFUL_ANSWER))
+    for qa in world.harmful:
+        for word in set(words(qa.answer)) - template_words - set(words(qa.act)):
+            for text in (f"Then {word}.", f"some {word}, then", f"({word})"):
+                assert world.is_harmful(text), text
+
+
+def test_the_mismatch_pool_is_the_same_in_every_process():
+    """Its order does not follow the process's string hashing, so that a --seed draws the same answers in every run."""
+    root = str(Path(fastalign.__file__).resolve().parents[1])
+    code = "from fastalign.demo.world import World; print(World(seed=0).normal_answers)"
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": root}).stdout
+               for seed in (1, 2)}
+    assert len(outputs) == 1
