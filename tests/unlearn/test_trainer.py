@@ -512,7 +512,7 @@ def test_gradients_taken_in_the_forward_train_the_same_run(tmp_path, settings):
     flags = dict(decoder_trains=not settings.get("lora"), lm_head_trains=not settings.get("lora"),
                  checkpointing=False, reference_forward=True, grads_in_forward=True)
     streams = tiny_streams(byte_bpe_tokenizer())
-    grad_accum = 2 if "grad_accum" not in settings else settings["grad_accum"]
+    grad_accum = settings.get("grad_accum", 2)   # run()'s default
     steps = [compute_as_run(inside, streams.batch(i), **flags) for i in range(3 * grad_accum)]
     assert summary.compute["flops"] == pytest.approx(sum(s.flops for s in steps) + inside.setup_compute.flops)
 
