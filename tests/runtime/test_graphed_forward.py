@@ -74,6 +74,40 @@ def test_last_logits_from_graphs_equal_the_eager_runners(graph_device):
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
 
 
+def test_calls_of_one_bucket_asking_other_outputs_get_them(graph_device):
+    """One bucket's calls asking for logits, hidden states, both or one again: each gets what it asked for (a graph
+    captured without hidden states gave a call that wants them none)."""
+    model = tiny_model("llama-gqa-untied", device=graph_device)
+    runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="triton", cuda_graphs=True)
+    root = runner.prefill(list(range(1, 12)))
+    for logits, hidden in (("last", None), ("last", "last"), (None, "last"), ("last", None)):
+        (child,), *outputs = runner.extend([root], [[5]], logits=logits, hidden=hidden)
+        ref_logits, ref_hidden = reference(model, child)
+        got = dict(zip(("logits", "hidden"), outputs))
+        if logits is None:
+            assert got["logits"] is None
+        else:
+            torch.testing.assert_close(got["logits"][0], ref_logits[-1], rtol=1e-4, atol=1e-4)
+        if hidden is not None:
+            assert got["hidden"] is not None
+            torch.testing.assert_close(got["hidden"][0], ref_hidden[-1], rtol=1e-4, atol=1e-4)
+        runner.release(child)
+    assert runner.model_runner.replays == 5
+
+
+def test_rows_on_rows_that_copy_a_block_being_filled_run_right_beside_graphs(graph_device):
+    """A call whose rows copy a block that an earlier row of it fills writes K/V twice (extra_src), which a graph's
+    static batch does not carry: it runs eagerly, and its logits are Hugging Face's."""
+    model = tiny_model("llama-gqa-untied", device=graph_device)
+    runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="triton", cuda_graphs=True)
+    root = runner.prefill([1, 2])
+    kept, _ = runner.extend([root], [[3]], logits=None)
+    children, logits = runner.extend([root, 0, 0], [[5], [6], [7]])
+    for span, row_logits in zip(children, logits):
+        torch.testing.assert_close(row_logits, reference(model, span)[0][-1], rtol=1e-4, atol=1e-4)
+    assert kept[0].alive
+
+
 def test_past_max_graphs_the_least_recently_replayed_goes_and_results_stay(graph_device):
     """Calls alternating between two buckets with room for one graph: each call captures its bucket again."""
     model = tiny_model("llama-gqa-untied", device=graph_device)

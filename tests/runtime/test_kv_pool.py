@@ -16,6 +16,8 @@ def test_layers_of_one_shape_share_a_tensor_and_copies_reach_every_layer():
     for tensor in pool.tensors:
         tensor.normal_()
     assert not any(torch.equal(pool.k(layer), pool.v(layer)) for layer in range(len(shapes)))   # K and V apart
+    for view in (pool.k, pool.v):   # and every layer its own, those sharing a tensor too
+        assert len({view(layer).data_ptr() for layer in range(len(shapes))}) == len(shapes)
     pool.copy_blocks(torch.tensor([1, 4]), torch.tensor([0, 2]))
     for layer in range(len(shapes)):
         for view in (pool.k(layer), pool.v(layer)):

@@ -122,3 +122,16 @@ def test_bad_cuts_are_refused_and_leave_the_pool_as_it_was(cuts, message):
     ref = model(torch.tensor([chain[0].tokens])).logits[0, -1]
     assert (logits[0] - ref).abs().max() <= 1e-4
     assert_extends_correctly(runner, model, chain[0])
+
+
+def test_last_hidden_with_all_logits_and_cuts_is_at_each_returned_span():
+    """logits="all" with hidden="last": one hidden state per returned span (the cut spans too), its last token's."""
+    model = tiny_model("llama-gqa-untied")
+    runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="torch")
+    root = runner.prefill(ROOT)
+    chains, logits, hidden = runner.extend([root] * 3, LISTS, cuts=CUTS, logits="all", hidden="last")
+    spans = [span for chain in chains for span in chain]
+    assert [row.shape[0] for row in logits] == [len(tokens) for tokens in LISTS]
+    assert hidden.shape[0] == len(spans)
+    for span, state in zip(spans, hidden):
+        torch.testing.assert_close(state, reference(model, span)[1][-1], rtol=1e-4, atol=1e-4)
