@@ -180,6 +180,22 @@ def test_past_its_capacity_the_runner_drops_released_spans_states_then_inner_one
     # started from and the least recently used, is pinned
 
 
+def test_a_released_span_kept_by_a_live_child_loses_its_state_before_a_span_rows_started_from():
+    """A cut's span, released while its child lives (it stays in the tree, but no call extends it), was never started
+    from: its state goes before the root's, which a row started from (released spans' go first, whatever the rest's
+    order)."""
+    model, runner, _ = state_runner()
+    states = runner.model_runner
+    states.state_capacity = 3
+    root = runner.prefill([5, 17, 3])
+    ((cut, child),), _ = runner.extend([root], [[1, 2, 3]], cuts=[[1]], logits=None)
+    runner.release(cut)
+    assert set(states.states) == {root.id, cut.id, child.id} and cut.id not in states.started_from
+    (grandchild,), logits = runner.extend([child], [[4]], logits="all")
+    assert set(states.states) == {root.id, child.id, grandchild.id}
+    assert_matches(model, [grandchild], logits)
+
+
 def test_among_spans_rows_started_from_the_least_recently_used_goes_first():
     """A state counts as used when a row starts from it: the root's, made first but started from last, stays; the
     child's, started from before, goes (not the grandchild's, a leaf, nor the root's second child's)."""
@@ -219,6 +235,14 @@ def test_a_span_whose_state_was_dropped_runs_from_its_nearest_ancestor_that_has_
     (second,), logits = runner.extend([old], [[42]], logits="all")
     assert calls[-1] == (1, 1, 1) and runner.recomputed_tokens == 2
     assert_matches(model, [second], logits)
+
+
+def test_state_bytes_are_the_bytes_of_a_kept_state():
+    """The memory bound counts every state tensor of a span: state_bytes is what one kept state takes."""
+    _, runner, _ = state_runner()
+    root = runner.prefill([5, 17, 3])
+    states = runner.model_runner
+    assert states.state_bytes == sum(t.numel() * t.element_size() for t in states.states[root.id])
 
 
 def test_states_take_as_many_bytes_as_the_pool_and_max_bytes_is_shared_half_and_half():
@@ -370,6 +394,23 @@ def test_a_mixer_that_drops_its_state_over_several_tokens_is_found_in_bf16_too(d
                                       num_experts_per_tok=2)
     model = transformers.JambaForCausalLM(config).eval().to(dtype)
     assert HFStateCacheModel(model, torch.device("cpu")).steps_singly
+
+
+def test_padding_that_moves_the_states_but_not_the_logits_is_not_padded(monkeypatch):
+    """The padding probe checks the states the padded rows end in, not only their logits: a model whose states pick up
+    the padding (here the last padded forward's states shifted) runs contexts of different lengths apart."""
+    from fastalign.runtime.row_groups import LeftPadded
+    forward_tokens = HFStateCacheModel._forward_tokens
+
+    def leaky(self, ids, cache, padded, fresh, keep, want_hidden=False):
+        out = forward_tokens(self, ids, cache, padded, fresh, keep, want_hidden)
+        if isinstance(padded, LeftPadded) and ids.shape[1] == 1:
+            for t in self._batched_states(cache):
+                t[0].add_(1.0)
+        return out
+
+    monkeypatch.setattr(HFStateCacheModel, "_forward_tokens", leaky)
+    assert not HFStateCacheModel(tiny_model("qwen3.5-linear-attention-states"), torch.device("cpu")).pads_context
 
 
 def test_a_cache_that_does_not_continue_from_its_states_is_refused(monkeypatch):
