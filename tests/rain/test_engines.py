@@ -133,8 +133,8 @@ def test_a_small_pool_changes_no_result_and_its_recomputation_is_counted():
 
 class ReportingRunner(HashRunner):
     """A HashRunner that reports, for every call, one context token run again per row (as HFRecomputeModel does)
-    and one restored token for each parent span past one prompt's starting sequences (so that only that prompt's
-    rows can need it); `charged[k]`: the restored tokens reported for prompt k's spans."""
+    and one restored token for each parent span, and each of its ancestors, past one prompt's starting sequences (so
+    that only that prompt's rows can need them); `charged[k]`: the restored tokens reported for prompt k's spans."""
 
     def __init__(self, vocab_size, starts):
         super().__init__(vocab_size)
@@ -145,14 +145,16 @@ class ReportingRunner(HashRunner):
         self.last_context_rerun = np.ones(len(parents), dtype=np.int64)
         self.last_restored = {}
         for parent in parents:
-            if parent is None or isinstance(parent, int) or parent.id in self.last_restored:
-                continue
-            owners = [k for k, sequences in enumerate(self.starts)
-                      if any(len(parent.tokens) > len(s) and parent.tokens[:len(s)] == s for s in sequences)]
-            if owners:
+            span = None if isinstance(parent, int) else parent
+            while span is not None and span.id not in self.last_restored:
+                owners = [k for k, sequences in enumerate(self.starts)
+                          if any(len(span.tokens) > len(s) and span.tokens[:len(s)] == s for s in sequences)]
+                if not owners:
+                    break
                 (k,) = owners
-                self.last_restored[parent.id] = 1
+                self.last_restored[span.id] = 1
                 self.charged[k] += 1
+                span = span.parent
         return out
 
 
