@@ -370,6 +370,8 @@ BAD_INPUTS = [
     (lambda h, w, t: (h, w, t.to_sparse()), "target must be a dense \\(strided\\) tensor"),
     (lambda h, w, t: (h, w.to_sparse_csr(), t), "weight must be a dense \\(strided\\) tensor, got layout "
                                                 "torch.sparse_csr"),
+    # was silent: a weight on the meta device gave a finite loss
+    (lambda h, w, t: (h, w.to("meta"), t), "weight must be on cpu like the hidden states, got .* device meta"),
 ]
 
 
@@ -390,6 +392,7 @@ def test_bad_input_is_named(make_bad, message):
     ({"ignore_index": -100.0}, "ignore_index must be an integer, got -100.0"),
     ({"ignore_index": 2 ** 70}, "ignore_index must fit in int64"),  # was: OverflowError: int too big to convert
     ({"ignore_index": 2 ** 63}, "ignore_index must fit in int64 .* got 9223372036854775808"),
+    ({"ignore_index": -2 ** 63 - 1}, "ignore_index must fit in int64"),   # the lower bound too
     # was silent: the loss treats token_weight as a constant, so the caller's tensor never got its gradient
     ({"token_weight": torch.ones(6, requires_grad=True)}, "token_weight requires grad, but it is a constant"),
     ({"softcap": 0.0}, "softcap must be None or a positive finite number .* got 0.0"),

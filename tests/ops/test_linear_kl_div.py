@@ -377,9 +377,12 @@ def test_bf16_backward_takes_the_fp32_logsumexps():
 
 
 def test_triton_backend_refuses_float64():
+    """Both heads in float64, or a float64 reference under a float32 policy (the reference was taken as it came)."""
     hidden, weight, ref_hidden, ref_weight, _ = make_inputs(6, 16, 37, dtype=torch.float64)
     with pytest.raises(TypeError, match="hidden is float64, which the Triton backend does not support"):
         fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, backend="triton")
+    with pytest.raises(TypeError, match="ref_hidden is float64, which the Triton backend does not support"):
+        fastalign.linear_kl_div(hidden.float(), weight.float(), ref_hidden, ref_weight, backend="triton")
 
 
 @pytest.mark.parametrize("shape", triton_cases(SHAPES, gpu_only=[(300, 64, 5000)]))
@@ -420,6 +423,8 @@ def test_a_models_batch_of_sequences_is_taken_as_it_is(backend, reduction):
     (lambda a: {**a, "ref_hidden": a["ref_hidden"].to("meta")}, "ref_hidden must be on cpu like the hidden states"),
     (lambda a: {**a, "ref_hidden": a["ref_hidden"].to("meta"), "ref_weight": a["ref_weight"].to("meta")},
      "ref_hidden must be on cpu like the hidden states, got .* device meta"),
+    # was silent: a reference weight on the meta device gave a finite KL
+    (lambda a: {**a, "ref_weight": a["ref_weight"].to("meta")}, "ref_weight must be on cpu like the hidden states"),
     (lambda a: {**a, "ref_weight": a["ref_weight"][:-1]}, "ref_weight must have the vocabulary size"),
     (lambda a: {**a, "ref_weight": a["ref_weight"][:, :-1]}, "ref_weight must be \\[V, H\\]"),
     (lambda a: {**a, "weight": a["weight"].double()}, "weight must have the dtype of hidden"),

@@ -727,6 +727,13 @@ BASE = dict(rows=[(9, 2), (6, 1)], block_size=4, num_heads=4, num_kv_heads=2, he
     (lambda b: dict(seq_lens=torch.tensor([9, 17], dtype=torch.int32)), "longer than its block table row"),
     (lambda b: dict(block_table=torch.where(b["block_table"] == b["block_table"][0, 0], 99, b["block_table"])),
      "outside \\[0, 7\\)"),
+    # was silent: the torch path read block -1 as the last block, the Triton kernel out of bounds
+    (lambda b: dict(block_table=torch.where(b["block_table"] == b["block_table"][0, 0], -1, b["block_table"])),
+     "outside \\[0, 7\\)"),
+    (lambda b: dict(q=b["q"].int(), k_cache=b["k_cache"].int(), v_cache=b["v_cache"].int()),
+     "k_cache: expected a floating-point dtype"),
+    (lambda b: dict(q=b["q"].to("meta")), "q: expected device"),
+    (lambda b: dict(seq_lens=b["seq_lens"].to("meta")), "seq_lens: expected device cpu"),   # deep in torch otherwise
     (lambda b: dict(scale=-1.0), "scale: expected a positive finite number"),
     (lambda b: dict(scale=0), "scale: expected a positive finite number"),   # uniform attention otherwise
     (lambda b: dict(scale=float("inf")), "scale: expected a positive finite number"),  # NaN output otherwise
@@ -792,6 +799,7 @@ def test_bad_shared_prefix_is_rejected(shared_prefix, match):
     (lambda k, v, s: dict(k=k[:, :1]), "k: expected shape \\[T, 2, 8\\]"),
     (lambda k, v, s: dict(v=v[:1]), "v: expected the shape of k"),
     (lambda k, v, s: dict(k=k.double(), v=v.double()), "k: expected dtype torch.float32"),
+    (lambda k, v, s: dict(v=v.double()), "v: expected dtype torch.float32"),
     (lambda k, v, s: dict(slot_mapping=s.int()), "slot_mapping: expected shape \\[2\\] of torch.int64"),
     (lambda k, v, s: dict(slot_mapping=torch.tensor([0, 12])), "slot_mapping: every slot must lie in \\[0, 12\\)"),
     (lambda k, v, s: dict(slot_mapping=torch.tensor([-1, 0])), "slot_mapping: every slot"),
