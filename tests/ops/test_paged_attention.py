@@ -461,7 +461,8 @@ def test_torch_path_with_sinks_is_differentiable_in_the_sinks_too():
     (torch.zeros(3), r"sinks: expected None or a floating tensor \[num_heads=4\] on cpu .*got torch.float32 \[3\]"),
     (torch.zeros(4, dtype=torch.long), r"got torch.int64 \[4\] on cpu"),
     (torch.zeros(1, 4), r"got torch.float32 \[1, 4\] on cpu"),
-    ([0.0] * 4, r"got list")])
+    ([0.0] * 4, r"got list"),
+    (torch.zeros(4, device="meta"), r"on cpu .*got torch.float32 \[4\] on meta")])
 def test_bad_sinks_are_refused_by_name(sinks, message):
     batch = make_paged_batch([(9, 3), (6, 1)], 4, 4, 2, 16)
     with pytest.raises(ValueError, match=message):
@@ -616,11 +617,13 @@ def test_triton_path_rejects_float64():
         paged_attention(**batch, backend="triton")
 
 
-@pytest.mark.parametrize("name", ["q", "k_cache", "v_cache"])
+@pytest.mark.parametrize("name", ["q", "k_cache", "v_cache", "sinks"])
 def test_triton_path_refuses_inputs_that_need_a_gradient(name):
     """The Triton kernels have no backward: an input that requires grad got a detached output (no gradient, no
     error). Under no_grad, as the runtime calls it, the same inputs run."""
     batch = make_paged_batch([(9, 3), (6, 1)], 4, 4, 2, 16, device=TRITON_DEVICE)
+    if name == "sinks":
+        batch["sinks"] = torch.randn(4, device=TRITON_DEVICE)
     batch[name].requires_grad_()
     with pytest.raises(RuntimeError, match=f"paged_attention: {name} requires grad, but the Triton backend has no"):
         paged_attention(**batch, backend="triton")
