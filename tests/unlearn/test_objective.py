@@ -315,9 +315,7 @@ def test_adapter_reference_is_the_original_model_without_dropout():
     """The policy trains in train mode; its adapter-off reference must still be the deterministic original model."""
     peft = pytest.importorskip("peft")
     tokenizer = byte_bpe_tokenizer()
-    model = tiny_llama(len(tokenizer))
-    for layer in model.model.layers:
-        layer.self_attn.attention_dropout = 0.5
+    model = dropout_llama_in_training()
     original = FrozenCopyReference(model)
     policy = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     policy.train()
