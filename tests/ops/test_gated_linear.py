@@ -155,6 +155,14 @@ def test_the_triton_backend_refuses_float64():
     (lambda g, u, w, b: (g.long(), u, w, b), TypeError, "gate must have dtype in"),
     (lambda g, u, w, b: (g, u.to("meta"), w, b), ValueError, r"up must be on gate.s device \(cpu\), got meta"),
     (lambda g, u, w, b: (g, "up", w, b), TypeError, "up must be a torch.Tensor"),
+    # up [1, I] broadcasts against gate [3, I]: a silent wrong product without the shape check
+    (lambda g, u, w, b: (g, u[:1], w, b), ValueError, r"up must have the shape of gate \(3, 8\), got \(1, 8\)"),
+    # a meta weight gave uninitialised memory as the output, silently, without the device check on the weight
+    (lambda g, u, w, b: (g, u, w.to("meta"), b), ValueError, r"^weight must be on gate.s device \(cpu\), got meta"),
+    (lambda g, u, w, b: (g, u, w, b.to("meta")), ValueError, r"^bias must be on gate.s device \(cpu\), got meta"),
+    (lambda g, u, w, b: (g, u, w[:, None].expand(5, 8, 8), b), ValueError,
+     r"weight must be \[O, I\] with I = gate.shape\[-1\] = 8, got shape \(5, 8, 8\)"),
+    (lambda g, u, w, b: (g, u, w, b[None]), ValueError, r"bias must be \[5\] .*, got shape \(1, 5\)"),
 ])
 def test_bad_input_is_named(change, error, message):
     inputs = change(*(t.detach() for t in make_inputs((3,), 8, 5)))
@@ -205,5 +213,7 @@ def test_the_activation_alone_names_bad_input():
     gate, up, _, _ = (t.detach() for t in make_inputs((3,), 8, 5))
     with pytest.raises(ValueError, match=r"up must have the shape of gate \(3, 8\)"):
         fastalign.gated_activation(gate, up[:, :-1])
+    with pytest.raises(ValueError, match=r"up must have the shape of gate \(3, 8\), got \(1, 8\)"):
+        fastalign.gated_activation(gate, up[:1])   # broadcasts: a silent [3, 8] product without the check
     with pytest.raises(ValueError, match="activation must be one of"):
         fastalign.gated_activation(gate, up, activation="relu")

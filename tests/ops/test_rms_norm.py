@@ -115,11 +115,33 @@ def test_bad_rule_and_eps_are_named():
     x, weight = make_inputs((3, 8))
     with pytest.raises(ValueError, match=r"rule must be one of \('rounded', 'one plus', 'fp32'\), got 'gemma'"):
         fastalign.rms_norm(x, weight, rule="gemma")
-    for eps in (-1, float("nan"), True, "1e-6"):
+    for eps in (-1, float("nan"), float("inf"), True, "1e-6"):   # an infinite eps gave rows of zeros
         with pytest.raises(ValueError, match=f"eps must be a finite number >= 0, got {eps!r}"):
             fastalign.rms_norm(x, weight, eps)
     # other rules take a weight of another dtype, as OLMo 2's and Gemma's modules do
     assert fastalign.rms_norm(x, weight.double(), rule="fp32").dtype == torch.float32
+    assert_rel_close("eps 0", fastalign.rms_norm(x, weight, 0), rms_norm_reference(x, weight, 0),   # 0 is fine
+                     REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("rule", list(WEIGHT_RULES))
+def test_a_weight_of_no_floating_dtype_is_refused_under_every_rule(rule):
+    """An int or bool weight is refused by name; the rules that take a weight of another dtype computed with it."""
+    x, weight = (t.detach() for t in make_inputs((3, 8)))
+    for bad in (weight.long(), weight > 0):
+        with pytest.raises(TypeError, match="^weight must have dtype in"):
+            fastalign.rms_norm(x, bad, rule=rule, backend="torch")
+
+
+def test_the_default_eps_is_the_llama_modules():
+    """eps defaults to 1e-6, LlamaRMSNorm's; rows of small values (mean square ~1e-6) show another default."""
+    x, weight = (t.detach() for t in make_inputs((4, 16)))
+    x = 1e-3 * x
+    expected = LlamaRMSNorm(16).eval()
+    with torch.no_grad():
+        expected.weight.copy_(weight)
+    assert expected.variance_epsilon == 1e-6
+    assert torch.equal(fastalign.rms_norm(x, weight, backend="torch"), expected(x).detach())
 
 
 def test_a_second_derivative_raises():

@@ -190,7 +190,9 @@ def test_torchs_adamw_options_are_taken_at_their_defaults_and_refused_otherwise(
     for option, value, message in [("amsgrad", True, "KahanAdamW has amsgrad=True, which KahanAdamW does not step"),
                                    ("maximize", True, "KahanAdamW has maximize=True"),
                                    ("fused", True, "KahanAdamW: fused=True chooses how torch's AdamW runs its step"),
-                                   ("foreach", True, "KahanAdamW: foreach=True chooses how")]:
+                                   ("foreach", True, "KahanAdamW: foreach=True chooses how"),
+                                   ("capturable", True, "KahanAdamW: capturable=True chooses how"),
+                                   ("differentiable", True, "KahanAdamW: differentiable=True chooses how")]:
         with pytest.raises(ValueError, match=message):
             KahanAdamW([weight], **{**defaults, option: value})
 
@@ -242,6 +244,11 @@ def test_the_step_inside_the_backward_gives_the_step_after_it():
     (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2))], lr=-1),
      "lr: expected a float >= 0 (or a one-element tensor), got -1"),
     (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2))], betas=(0.9, 1.0)), "betas: expected two floats in"),
+    (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2))], lr=torch.tensor([1e-3, 1e-3])),
+     "lr: expected a float >= 0 (or a one-element tensor), got tensor"),
+    # three betas were taken, and every step then failed unpacking them; a string failed comparing, naming no argument
+    (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2))], betas=(0.9, 0.99, 0.5)), "betas: expected two floats in"),
+    (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2))], betas=("0.9", 0.99)), "betas: expected two floats in"),
     (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2))], eps=-1e-8), "eps: expected a float >= 0"),
     (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2))], weight_decay=None), "weight_decay: expected a float"),
     (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2))], backend="cuda"), "backend: expected one of"),
@@ -249,6 +256,25 @@ def test_the_step_inside_the_backward_gives_the_step_after_it():
 def test_bad_arguments_are_errors_naming_them(make, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         make()
+
+
+def test_the_bounds_of_each_argument_are_taken():
+    """lr, eps and weight_decay of 0 and betas of 0 are AdamW's too (a frozen group, no decay, no averaging): taken,
+    and lr=0 leaves the weights as they were."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = KahanAdamW([weight], lr=0, betas=(0.0, 0.0), eps=0, weight_decay=0)
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    assert torch.equal(weight, torch.ones(3))
+
+
+def test_the_defaults_are_torchs_adamws():
+    """Code that swaps torch's AdamW for KahanAdamW keeps its lr, betas, eps and weight_decay when it names none."""
+    ours = KahanAdamW([torch.nn.Parameter(torch.ones(2))]).defaults
+    theirs = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))]).defaults
+    assert {k: ours[k] for k in ("lr", "betas", "eps", "weight_decay")} == \
+        {k: theirs[k] for k in ("lr", "betas", "eps", "weight_decay")} == \
+        dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 
 
 def test_a_sparse_gradient_is_an_error():

@@ -54,6 +54,11 @@ def test_bad_spans_are_refused(runner, model):
         ([gone], "parents\\[0\\]: span .* was released"),
         ([root, other], "parents\\[1\\]: .* belongs to another TreeRunner"),
         ([root, 3], "parents\\[1\\]: a row index must name an earlier row of this call"),
+        # a row naming itself failed deep in the call (IndexError); -1 and True were taken, silently, as a new root
+        # and as row 1
+        ([root, 1], "parents\\[1\\]: a row index must name an earlier row of this call \\(0 <= j < 1\\), got 1"),
+        ([root, -1], "parents\\[1\\]: a row index must name an earlier row of this call \\(0 <= j < 1\\), got -1"),
+        ([root, None, True], "parents\\[2\\]: expected a Span .* got bool"),
         ([root, "3"], "parents\\[1\\]: expected a Span of this runner, None .* or the int index of an earlier "
                       "row of this call, got str"),
         ([root, torch.tensor(0)], "parents\\[1\\]: expected a Span .* got Tensor"),
@@ -84,6 +89,10 @@ def test_bad_tokens_are_refused(runner, model):
         (1, [[1.5]], "token_lists\\[0\\]: expected a non-empty 1-D sequence of int token ids, got shape \\[1\\] of "
                      "float64"),
         (1, [[[1, 2]]], "token_lists\\[0\\]: expected a non-empty 1-D sequence"),
+        # bools are no token ids (they ran silently as ids 0 and 1)
+        (1, [[True, False]], "token_lists\\[0\\]: expected a non-empty 1-D sequence of int token ids, got shape "
+                             "\\[2\\] of bool"),
+        (1, [torch.tensor([True])], "token_lists\\[0\\]: expected a non-empty 1-D sequence .* of bool"),
         (1, [[1], [2]], "token_lists: expected 1 lists \\(one per parent\\), got 2"),
         (2, "ab", "token_lists: expected one sequence of token ids per parent"),
     ]
@@ -990,6 +999,10 @@ def test_arguments_of_the_wrong_kind_are_named(runner, model):
                                                             "got int"),
         (lambda: runner.extend([root], [[1, 2]], cuts=5), "cuts: expected one sequence of offsets per parent"),
         (lambda: runner.release(None), "spans: expected a Span or an iterable of Spans, got NoneType"),
+        # were AttributeErrors ("'NoneType' object has no attribute '_runner'")
+        (lambda: runner.release([3]), "spans\\[0\\]: expected a Span of this runner, got int"),
+        (lambda: runner.pin(None), "span: expected a Span of this runner, got NoneType"),
+        (lambda: runner.unpin("root"), "span: expected a Span of this runner, got str"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -998,6 +1011,6 @@ def test_arguments_of_the_wrong_kind_are_named(runner, model):
     assert_still_correct(runner, model, root)
     with pytest.raises(ValueError, match="model: expected a loaded Hugging Face causal LM .* got NoneType"):
         TreeRunner(None, max_tokens=64)
-    for flag in ("fallback", "cascade_attention"):  # a string such as "no" counted as True
+    for flag in ("fallback", "cascade_attention", "cuda_graphs"):  # a string such as "no" counted as True
         with pytest.raises(ValueError, match=f"{flag}: expected True or False, got 'no'"):
             TreeRunner(model, max_tokens=64, **{flag: "no"})
