@@ -1,7 +1,7 @@
 """The text rules of the search: where a rollout stops, and what the judge reads of a reply cut before a new
 user turn (the model's own tokens up to the cut, then the cut text tokenized anew)."""
 from fastalign.rain import JudgeTokens, RainConfig
-from fastalign.rain.dialogue import answer_text, judge_input, last_char, rollout_stops
+from fastalign.rain.dialogue import answer_text, cut_at_turn, has_new_turn, judge_input, last_char, rollout_stops
 from fastalign.rain.jobs import PromptContext
 
 from .tiny import PROMPTS, SHORT_JUDGE, tokenizer
@@ -63,3 +63,11 @@ def test_judge_input_of_a_reply_cut_in_the_rollout_keeps_the_models_tokens():
     assert (reply, base, judged) == (" I will not do that h", "leaf", ids(" do that") + judge.head_ids(" h"))
     reply, base, judged = judge_input(judge, tok, end, config, ctx, leaf + ids(" help"), len(leaf))
     assert (reply, base, judged) == (" I will not h", "leaf", judge.head_ids(" h"))
+
+
+def test_an_empty_turn_marker_cuts_nothing_and_stops_nothing():
+    """turn_marker "" switches the rule off: "" is `in` every text, so each reply would be cut to nothing and each
+    rollout would stop before drawing."""
+    tok, ctx, config = tokenizer(), context(), RainConfig(rollout_stop_chars=".", turn_marker="")
+    assert cut_at_turn(" I will not", "") == " I will not" and not has_new_turn(" I will not", "")
+    assert not rollout_stops(tok, config, ctx, ctx.root_ids + ids(" I will not"))

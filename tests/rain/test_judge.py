@@ -81,15 +81,20 @@ def test_equal_labels_or_statements_are_rejected():
         JudgeTokens(tokenizer(), dataclasses.replace(SHORT_JUDGE, harmful=SHORT_JUDGE.harmless))
 
 
-def test_labels_that_are_one_token_for_the_tokenizer_are_rejected():
-    """Labels that differ as strings but not as tokens (here a tokenizer that folds case) would score every reply as
-    a tie of the two options."""
+def _case_folding_tokenizer():
+    """The test tokenizer with a lowercasing normalizer: "A" and "a" are one token."""
     from tokenizers import Tokenizer, normalizers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer.from_str(tokenizer().backend_tokenizer.to_str())
     backend.normalizer = normalizers.Lowercase()
-    folding = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def test_labels_that_are_one_token_for_the_tokenizer_are_rejected():
+    """Labels that differ as strings but not as tokens (here a tokenizer that folds case) would score every reply as
+    a tie of the two options."""
+    folding = _case_folding_tokenizer()
     labels = dataclasses.replace(SHORT_JUDGE, labels=("A", "a"))
     JudgeTokens(tokenizer(), labels)
     with pytest.raises(ValueError, match=r"options 'A' and 'a' are the same token \(\d+\) for this tokenizer"):
@@ -246,3 +251,26 @@ def test_a_tokenizer_that_appends_eos_to_every_text_reads_the_judge_prompt_witho
     judge, plain = JudgeTokens(eos_tok, prompt), JudgeTokens(tok, prompt)
     assert judge.prefix_ids == plain.prefix_ids and tok.eos_token_id not in judge.prefix_ids
     assert (judge.suffix_ids, judge.label_ids) == (plain.suffix_ids, plain.label_ids)
+
+
+def test_statements_that_one_tokenizer_reads_alike_are_rejected():
+    """Statements that differ as strings but not as tokens (a tokenizer that folds case) make both option orders
+    the same ids: the score could not tell harmless from harmful."""
+    folding = _case_folding_tokenizer()
+    shouting = dataclasses.replace(SHORT_JUDGE, harmful="The reply is HARMLESS.")
+    JudgeTokens(tokenizer(), shouting)
+    with pytest.raises(ValueError, match="the two option orders read the same"):
+        JudgeTokens(folding, shouting)
+
+
+def test_a_template_without_an_options_slot_is_named():
+    """A template with no "{options}" is refused naming it (str.index raised 'substring not found')."""
+    with pytest.raises(ValueError, match=r"JudgePrompt.template must contain '\{options\}'"):
+        JudgeTokens(tokenizer(), JudgePrompt(template="Judge the conversation.\n{conversation}"))
+
+
+@pytest.mark.parametrize("name", ["template", "answer_prefix", "harmless", "option_line", "options_header"])
+def test_a_judge_setting_that_is_no_text_is_named(name):
+    """A config file's number where a text belongs: a ValueError naming the setting, not a TypeError from inside."""
+    with pytest.raises(ValueError, match=f"JudgePrompt.{name} must be a text, got 5"):
+        JudgeTokens(tokenizer(), dataclasses.replace(SHORT_JUDGE, **{name: 5}))

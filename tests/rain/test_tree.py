@@ -281,10 +281,45 @@ def test_config_validation_and_lengths():
     (dict(initial_q_range=(-1.0, math.inf)), "initial_q_range\\[1\\] must be finite"),
     (dict(similarity_weight=math.inf), "similarity_weight must be finite"),
     (dict(virtual_loss=math.inf, parallel_leaves=2), "virtual_loss must be finite"),
+    # out of range: each of these checks could go unseen
+    (dict(exploration=-1.0), "exploration must be >= 0"),                 # selection would flee from priors
+    (dict(sample_top_k=0), "sample_top_k must be >= 1"),                  # multi-token sets drawn from nothing
+    (dict(token_set_lengths=(1, 0)), "token_set_lengths must be"),        # empty token sets: no progress
+    (dict(root_prior_mix=1.5), "root_prior_mix must be in \\[0, 1\\]"),     # negative root priors
+    (dict(root_prior_mix=-0.5), "root_prior_mix must be in \\[0, 1\\]"),
+    (dict(max_children=5, candidates=10), "max_children must be >= candidates"),
+    (dict(min_new_visits=0), "root_visits and min_new_visits must be >= 1"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
+    (dict(virtual_loss=0.0, parallel_leaves=2), "virtual_loss must be > 0"),   # pending leaves would not steer
+    (dict(widen_group=0), "widen_group must be >= 1"),
+    (dict(max_length=1), "max_length must be >= 2"),
+    (dict(parallel_leaves=0), "parallel_leaves must be >= 1"),
+    (dict(max_length=100.5), "max_length must be an integer"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer"),
+    (dict(rollout_stop_chars=None), "rollout_stop_chars must be a text"),  # failed every prompt once the model ran
+    (dict(rollout_stop_chars=[".", ","]), "rollout_stop_chars must be a text"),
 ])
 def test_config_rejects_constants_that_break_the_search_silently(bad, name):
     with pytest.raises(ValueError, match=f"RainConfig: {name}"):
         RainConfig(**bad).validate()
+
+
+@pytest.mark.parametrize("edge", [
+    dict(exploration=0.0),                        # pure exploitation of q
+    dict(q_norm_eps=0.0),                         # the range (-1, 1) is never empty
+    dict(initial_q_range=(0.5, 0.5)),             # one value, q_norm_eps > 0
+    dict(candidates=1, max_children=1),           # greedy only; max_children may equal candidates
+    dict(sample_top_k=1, widen_group=1, token_set_lengths=(1,)),
+    dict(root_prior_mix=0.0), dict(root_prior_mix=1.0),
+    dict(similarity_threshold=0.0, similarity_weight=0.0),   # 0: no sharing, any similarity
+    dict(similarity_threshold=math.inf, early_stop_q=math.inf, widen_max_q=-math.inf),   # rules switched off
+    dict(root_visits=1, min_new_visits=1, early_stop_fresh_visits=0),
+    dict(max_length=2, max_new_tokens=0, parallel_leaves=1, seed=0, rollout_stop_chars="", turn_marker=""),
+])
+def test_config_accepts_the_edges_of_each_range(edge):
+    """A check tightened by one (`>` for `>=`) would refuse a setting the docs allow."""
+    assert RainConfig(**edge).validate() == RainConfig(**edge)
+
 
 def test_virtual_loss_steers_selection_and_leaves_no_trace():
     tree = tree_with_children([0.5, 0.3, 0.2])
@@ -326,6 +361,8 @@ def test_defaults_are_the_reference_hh_constants():
     assert (c.root_visits, c.min_new_visits, c.early_stop_fresh_visits, c.early_stop_q) == (50, 15, 6, 0.8)
     assert sorted(c.rollout_stop_chars) == sorted(",.?:;\n") and c.turn_marker == "Human:"
     assert (c.parallel_leaves, c.widen_lone_child) == (1, False)     # the reference's one iteration at a time
+    # no cap on new tokens besides max_length (the CLI alone caps at 256), pending leaves as one lost visit each
+    assert (c.max_new_tokens, c.max_length, c.virtual_loss, c.seed) == (0, 2048, 1.0, 0)
 
 
 def test_q_range_takes_every_node_on_the_backed_up_path():
