@@ -71,3 +71,21 @@ def test_a_parameter_without_a_gradient_is_left_alone():
     assert torch.equal(unused.detach(), torch.ones(3)) and unused not in optimizer.state
     assert all(p.grad is None for p in model.parameters())
     assert len(optimizer.state) == len(handles) - 1
+
+
+def test_an_optimizer_over_frozen_parameters_hooks_the_trainable_ones_only():
+    """An optimizer built over all of model.parameters() with some frozen: the frozen get no hook (torch refuses one on
+    a tensor that requires no grad) and keep their weights; the others are stepped in the backward."""
+    model = tiny_llama(50)
+    model.model.embed_tokens.requires_grad_(False)
+    frozen = model.model.embed_tokens.weight.detach().clone()
+    trained_before = model.lm_head.weight.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    handles = step_in_backward(optimizer)
+    assert len(handles) == sum(p.requires_grad for p in model.parameters())
+    ids = torch.randint(50, (2, 5))
+    model(ids, labels=ids).loss.backward()
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(model.model.embed_tokens.weight, frozen)
+    assert not torch.equal(model.lm_head.weight, trained_before) and model.lm_head.weight.grad is None

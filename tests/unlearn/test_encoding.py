@@ -279,6 +279,17 @@ def test_mismatch_rows_are_the_rendered_pairs_where_tokens_cross_the_prompt_or_t
     assert_mismatch_rows_are_rendered_pairs(tokenizer, template, prompts, answers)
 
 
+def test_mismatch_rows_meet_at_the_earliest_seam_both_share():
+    """GPT-2's split writes the template's '\\n\\n' as two tokens before a letter ('Sure') and as one before a pool
+    answer that starts with whitespace (' leading', '\\nNo.'): both sides have a seam after the whitespace too, but
+    joined there the row holds '\\n', '\\n' where the rendering has '\\n\\n'. Only the earliest shared seam is right."""
+    prompts, answers = ["How do I hurt someone?", "Why?"], ["Sure, here you go.", " leading", "\nNo."]
+    template = TextTemplate("{prompt}\n\n{answer}")
+    corpus = [template.render(p, a).text for p in prompts for a in answers]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(corpus, 300), bos_token="<s>")
+    assert_mismatch_rows_are_rendered_pairs(tokenizer, template, prompts, answers)
+
+
 def test_a_prompt_no_mismatch_answer_can_follow_on_token_ids_is_named():
     """Nothing but whitespace between a prompt that ends with spaces and an answer that starts with one: GPT-2's
     tokenizer makes one token of the whole run ('tell me' + '   ' + 'leading'), and a pool answer without a leading

@@ -82,6 +82,15 @@ def test_a_row_longer_than_the_capacity_is_refused():
         pack_rows(ids, lengths, 3)
 
 
+def test_a_tree_that_fills_the_capacity_exactly_packs_into_one_row():
+    """Two rows sharing a prefix whose tree holds exactly `capacity` positions fit one packed row (an off-by-one in
+    the fit would start a second one and compute the shared prefix twice)."""
+    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 5, 6]])
+    layout = pack_rows(ids, [4, 4], 6)
+    assert layout.shape == (1, 16) and layout.num_tokens == 6
+    assert pack_rows(ids, [4, 4], 5).shape[0] == 2
+
+
 def padded_batch(ids, lengths):
     """The TokenBatch of the first lengths[b] tokens of each row b of ids, right-padded to the longest."""
     ids = ids[:, :max(lengths)]
@@ -154,6 +163,21 @@ def test_a_decoder_that_ignores_the_positions_is_refused(monkeypatch):
     assert "does not honour position_ids and a 4-D mask" in RowPacker(model, "auto").unavailable
 
 
+def test_a_decoder_whose_packed_rows_give_nan_is_refused(monkeypatch):
+    """A decoder whose packed forward gives NaN (an additive mask that overflows in its attention) fails the check: a
+    NaN difference is no agreement, so packed rows would train on NaN states."""
+    model = tiny_llama(64)
+    forward = type(model.model).forward
+
+    def nan_with_a_4d_mask(self, *args, attention_mask=None, **kwargs):
+        out = forward(self, *args, attention_mask=attention_mask, **kwargs)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            out.last_hidden_state = out.last_hidden_state * float("nan")
+        return out
+    monkeypatch.setattr(type(model.model), "forward", nan_with_a_4d_mask)
+    assert "does not honour position_ids and a 4-D mask" in RowPacker(model, "auto").unavailable
+
+
 def test_attention_without_a_4d_mask_is_refused():
     model = tiny_llama(64)
     model.config._attn_implementation = "flash_attention_2"
@@ -192,6 +216,34 @@ def test_auto_packs_only_where_the_estimate_says_it_is_cheaper():
     assert auto.plan(TokenBatch(distinct, ones, no_targets)) is None
     assert on.plan(TokenBatch(distinct, ones, no_targets)) is not None
     assert RowPacker(model, "off").plan(TokenBatch(shared, ones, no_targets)) is None
+
+
+def test_auto_counts_causal_attention_only_for_rows_without_padding():
+    """Padded rows of one length run causal (half the query-key pairs); with padding they run full square. Six rows
+    of 48 sharing a 16-token prompt stay padded; the same rows with one a token shorter pack. An estimate that got
+    either case's attention wrong would pack both or neither."""
+    model = tiny_llama(64)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(64, (16,), generator=g)
+    rows = torch.stack([torch.cat([prompt, torch.randint(64, (32,), generator=g)]) for _ in range(6)])
+    no_targets = torch.zeros(6, 47, dtype=torch.bool)
+    full = torch.ones(6, 48, dtype=torch.long)
+    shorter = full.clone()
+    shorter[5, 47] = 0
+    auto = RowPacker(model, "auto")
+    assert auto.plan(TokenBatch(rows, full, no_targets)) is None
+    assert auto.plan(TokenBatch(rows.clone(), shorter, no_targets)) is not None
+
+
+def test_auto_runs_padded_where_packing_saves_nothing():
+    """Rows that share no prefix and cannot share a packed row: packing would lay out the padded rows again, at the
+    same estimated cost, with a dense 4-D mask besides. A tie keeps the padded rows ('on' packs them)."""
+    ids = torch.stack([torch.arange(1, 17), torch.cat([torch.arange(20, 30), torch.zeros(6, dtype=torch.long)])])
+    mask = (ids != 0).long()
+    batch = TokenBatch(ids, mask, torch.zeros(2, 15, dtype=torch.bool))
+    model = tiny_llama(64)
+    assert RowPacker(model, "auto").plan(batch) is None
+    assert RowPacker(model, "on").plan(batch).shape == (2, 16)
 
 
 def test_an_unknown_mode_is_refused():
@@ -236,6 +288,9 @@ def test_packed_rows_stay_within_the_mask_bound(monkeypatch):
     monkeypatch.setattr(packing, "MASKED_PAIR_COST", 1e9)   # any packed row costs more than the padded ones
     assert RowPacker(model, "auto").plan(batch) is None
     assert RowPacker(model, "on").plan(batch).shape == (6, 48)
+    short = torch.tensor([[1, 2, 3], [4, 5, 6]])   # packed rows 16 wide: over twice the padded rows' 2 x 3 x 3 mask
+    batch = TokenBatch(short, torch.ones(2, 3, dtype=torch.long), torch.zeros(2, 2, dtype=torch.bool))
+    assert RowPacker(model, "auto").plan(batch) is None and RowPacker(model, "on").plan(batch).shape == (2, 16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
