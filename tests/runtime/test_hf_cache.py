@@ -3,8 +3,11 @@
 import warnings
 
 import pytest
+import torch
+from transformers import BloomForCausalLM, Llama4ForCausalLM
 
 from fastalign import TreeRunner
+from fastalign.runtime.hf_cache import HFCacheModel
 from tests.runtime.tiny_models import CountedForward, assert_matches, fill_with_nan, tiny_model
 
 FALLBACKS = ["bloom-alibi-fallback", "mpt-alibi-fallback", "llama4-chunked-fallback"]
@@ -67,3 +70,58 @@ def test_rows_from_contexts_of_different_lengths_run_as_one_batch_their_contexts
     grandchildren, logits = runner.extend(children[:3] + [short], [[7], [8], [9], [10]], logits="all")
     assert calls[-2:] == [(3, 1, 1), (1, 1, 1)]
     assert_matches(model, grandchildren, logits)
+
+
+class NoMaskForOneToken(BloomForCausalLM):
+    """Bloom that drops its attention mask where each row runs one token (as a decoder that skips the mask while it
+    decodes might)."""
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        return super().forward(input_ids=input_ids, attention_mask=None if input_ids.shape[1] == 1 else attention_mask,
+                               **kwargs)
+
+
+def test_a_model_whose_padding_shows_in_one_token_forwards_only_runs_rows_from_contexts_of_different_lengths_apart():
+    """The padding probe continues its rows by 2 tokens and then by 1: a model that masks the padding in the first
+    forward but attends to it in the second must be found out, or rows of one new token on contexts of 4 and 6 tokens
+    run as one batch and the shorter one's logits are off by ~0.4."""
+    bloom = tiny_model("bloom-alibi-fallback")
+    model = NoMaskForOneToken(bloom.config).eval()
+    model.load_state_dict(bloom.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the fallback's warning (test_hf_paged.py)
+        runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    assert type(runner.model_runner).__name__ == "HFCacheModel" and not runner.model_runner.pads_context
+    short, long = runner.prefill([5, 17, 3, 9]), runner.prefill([4, 4, 12, 30, 6, 2])
+    calls = []
+    runner.model_runner.model = CountedForward(model, calls)
+    children, logits = runner.extend([short, long], [[1], [2]], logits="all")
+    assert calls == [(1, 1, 1), (1, 1, 1)]
+    assert_matches(model, children, logits)
+
+
+class PositionsFromItsInput(Llama4ForCausalLM):
+    """Llama 4 that numbers its new tokens from 0 whatever its cache holds (as a model drawing positions from the
+    length of its input): it cannot continue a sequence from a cache."""
+
+    def forward(self, input_ids=None, position_ids=None, **kwargs):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        return super().forward(input_ids=input_ids, position_ids=positions, **kwargs)
+
+
+def test_a_model_whose_tokens_after_a_cache_differ_from_its_whole_forward_is_refused():
+    """Its first tokens' logits are those of its whole forward and a token after a cache gets the same logits whatever
+    ran in between; only tokens run after a cache of their sequence's first ones show that it cannot continue from
+    one. Refused (the runner recomputes it) rather than extending every span ~1 off its own forward's logits."""
+    llama4 = tiny_model("llama4-chunked-fallback")
+    model = PositionsFromItsInput(llama4.config).eval()
+    model.load_state_dict(llama4.state_dict())
+    with pytest.raises(ValueError, match="PositionsFromItsInput cannot run on the Hugging Face cache fallback: it is "
+                                         "not causal"):
+        HFCacheModel(model, torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the fallback's warning (test_hf_paged.py)
+        runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    assert type(runner.model_runner).__name__ != "HFCacheModel"
+    children, logits = runner.extend([runner.prefill([3, 1, 4])], [[1, 5]], logits="all")
+    assert_matches(model, children, logits)

@@ -36,6 +36,17 @@ class Wrapper:  # as PEFT's wrappers: a forward naming neither argument, its key
         return self.base
 
 
+class BothStyles:  # a release between the conventions: both arguments named, the old one deprecated
+    def forward(self, input_ids, cache=None, past_key_values=None, **kwargs):
+        pass
+
+
+def test_a_forward_naming_both_gets_the_new_argument():
+    """`past_key_values` warns that it goes away: where the forward names both, the cache goes to `cache`."""
+    cache = object()
+    assert cache_kwargs(BothStyles(), cache) == {"cache": cache}
+
+
 def test_a_wrapper_passes_the_cache_under_the_name_its_base_model_takes():
     cache = object()
     assert cache_kwargs(Wrapper(NewStyle()), cache) == {"cache": cache}
@@ -71,6 +82,17 @@ def test_an_override_handing_its_keywords_on_gets_the_argument_of_the_forward_it
     bloom = tiny_model("bloom-alibi-fallback")
     (name,) = cache_kwargs(override(type(bloom))(bloom.config), None)
     assert name in inspect.signature(type(bloom).forward).parameters
+
+
+class ExplicitArguments(OldStyle):  # an override that names no cache and takes no keywords to hand on
+    def forward(self, input_ids, attention_mask=None):
+        pass
+
+
+def test_an_override_taking_no_keywords_takes_no_cache_whatever_its_base_class_takes():
+    """Its base class's cache argument never reaches the base's forward: the fallback's refusal must say the forward
+    takes no cache, not pass it one."""
+    assert not takes_a_cache(ExplicitArguments())
 
 
 def test_a_peft_lora_model_gets_the_argument_its_transformers_model_names():

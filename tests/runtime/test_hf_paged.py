@@ -118,6 +118,29 @@ def test_another_thread_using_the_model_during_a_routed_forward_is_refused():
     assert model.config._attn_implementation != attention_routing.IMPLEMENTATION
 
 
+def test_a_routed_block_inside_another_gives_the_outer_one_its_handler_back():
+    """A runner's forward inside another's (a hook of one model running a second runner) routes the inner block's
+    calls to its handler, then the outer block's rest to the outer handler again, not to none (as from another
+    thread), and the config names its own implementation once both end."""
+    model = tiny_model("gpt2-learned-positions")
+    implementation = model.config._attn_implementation
+    outer, inner = [], []
+
+    def handler(seen):
+        def attend(module, query, key, value, attention_mask, kwargs):   # as attention to the token alone
+            seen.append(module.layer_idx)
+            return value.transpose(1, 2), None
+        return attend
+
+    ids = torch.tensor([[1, 2]])
+    with torch.no_grad(), attention_routing.routed([model.config], handler(outer)):
+        with attention_routing.routed([model.config], handler(inner)):
+            model(ids)
+        model(ids)
+    assert inner == [0, 1] and outer == [0, 1]
+    assert model.config._attn_implementation == implementation
+
+
 # on a GPU: under -m gpu
 @pytest.mark.parametrize("name", triton_cases(["gpt-oss-sinks-sliding", "gemma4-wide-full-layers-shared-kv",
                                                "deepseek-v3-latent-attention"]))

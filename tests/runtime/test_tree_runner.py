@@ -149,11 +149,13 @@ def test_output_choices_agree():
     torch.testing.assert_close(last_hidden2, last_hidden, **close)
 
 
-def test_last_logits_with_every_hidden_state_run_the_lm_head_on_the_last_tokens_only():
-    model = tiny_model("llama-gqa-untied")
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-learned-positions"])
+def test_last_logits_with_every_hidden_state_run_the_lm_head_on_the_last_tokens_only(name):
+    """On either paged runner (PagedHF's through the model's logits_to_keep)."""
+    model = tiny_model(name)
     runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="torch")
     head_rows = []
-    model.lm_head.register_forward_hook(lambda module, args, out: head_rows.append(args[0].shape[0]))
+    model.lm_head.register_forward_hook(lambda module, args, out: head_rows.append(args[0][..., 0].numel()))
     _, logits, hidden = runner.extend([None, None], [list(range(40)), [7, 8]], logits="last", hidden="all")
     assert head_rows == [2] and logits.shape == (2, runner.vocab_size) and [h.shape[0] for h in hidden] == [40, 2]
     torch.testing.assert_close(logits, model.lm_head(torch.stack([h[-1] for h in hidden])), rtol=1e-6, atol=1e-6)

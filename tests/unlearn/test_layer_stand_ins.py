@@ -135,6 +135,31 @@ def test_what_it_cannot_stand_in_for_runs_the_module(monkeypatch):
         assert linear == [1] and activation == [1]
 
 
+class DoubledLinear(torch.nn.Linear):
+    """A subclass of nn.Linear whose forward computes more than x @ weight.T (as a quantized or scaled layer's may)."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_a_down_projection_of_a_linear_subclass_is_called_on_the_recomputed_product(monkeypatch):
+    """gated_linear reads down_proj's weight and computes x @ weight.T itself: only a plain nn.Linear's forward is
+    that, so a subclass is called as it is (its forward would otherwise be skipped, and the loss silently changed)."""
+    linear = count_calls(monkeypatch, "gated_linear")
+    model = tiny_llama(VOCAB)
+    for layer in model.model.layers:
+        down = layer.mlp.down_proj
+        layer.mlp.down_proj = DoubledLinear(down.in_features, down.out_features, bias=False)
+        layer.mlp.down_proj.load_state_dict(down.state_dict())
+    ids = torch.randint(0, VOCAB, (2, 9))
+    loss, grads, _ = loss_grads_and_saved_bytes(model, ids)
+    with fused_layers(model, "torch"):
+        fused_loss, fused_grads, _ = loss_grads_and_saved_bytes(model, ids)
+    assert linear == [] and torch.equal(fused_loss, loss)
+    for name, grad in grads.items():
+        assert rel_error(fused_grads[name], grad) <= REL_TOL[torch.float32], name
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_a_lora_down_projection_is_called_on_the_recomputed_product(monkeypatch, backend):
     """A LoRA layer on down_proj (target "all-linear") keeps the product it is given, and the MLP gate and up besides,
@@ -172,10 +197,11 @@ def test_a_norm_of_an_input_in_another_dtype_than_its_weight_runs_the_module(mon
     assert rel_error(stand_in(x), norm(x)) <= REL_TOL[torch.float32] and calls == [1]
 
 
-def test_under_autocast_the_down_projection_computes_in_its_dtype():
-    """As the module under autocast: the product and the down projection in bf16 from fp32 weights, whose gradients
-    come back in fp32."""
-    model = tiny_llama(VOCAB)
+@pytest.mark.parametrize("family", ["llama", "llama-mlp-bias"])
+def test_under_autocast_the_down_projection_computes_in_its_dtype(family):
+    """As the module under autocast: the product and the down projection (its fp32 bias too) in bf16 from fp32
+    weights, whose gradients come back in fp32."""
+    model = MODELS[family]()
     ids = torch.randint(0, VOCAB, (2, 9))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, grads, _ = loss_grads_and_saved_bytes(model, ids)

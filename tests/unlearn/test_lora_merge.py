@@ -60,6 +60,23 @@ def test_merge_rounding_error_is_what_the_merge_loses(deltas, dtype, expected):
         assert error == pytest.approx(merged_error(model), rel=1e-6, abs=1e-9)
 
 
+def test_adapters_on_different_layers_are_each_measured_on_their_own_layer():
+    """Two active adapters, one on each of two bf16 layers of ones: each layer lists both as active but holds one (a
+    KeyError where the other's delta was asked for). The first's 1e-3 a weight is lost, the second's 2**-7 kept."""
+    base = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False))
+    for linear in base:
+        torch.nn.init.ones_(linear.weight)
+    model = peft.get_peft_model(base.to(torch.bfloat16), peft.LoraConfig(r=1, lora_alpha=1, target_modules=["0"]),
+                                adapter_name="a0")
+    model.add_adapter("a1", peft.LoraConfig(r=1, lora_alpha=1, target_modules=["1"]))
+    model.base_model.set_adapter(["a0", "a1"])
+    for i, (layer, delta) in enumerate(zip(model.base_model.model, (1e-3, 2.0 ** -7))):
+        assert layer.active_adapters == ["a0", "a1"] and list(layer.lora_A) == [f"a{i}"]
+        torch.nn.init.ones_(layer.lora_A[f"a{i}"].weight)
+        torch.nn.init.constant_(layer.lora_B[f"a{i}"].weight, delta)
+    assert merge_rounding_error(model) == pytest.approx(math.sqrt(1e-6 / (1e-6 + 2.0 ** -14)), rel=1e-3)
+
+
 def test_merge_rounding_error_of_a_variant_is_not_measured():
     """DoRA merges a rescaled weight, not W0 + delta: no number rather than a wrong one."""
     base = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False))

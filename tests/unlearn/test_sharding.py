@@ -4,7 +4,7 @@ and the runs it lets train)."""
 import pytest
 import torch
 
-from fastalign.unlearn.sharding import check_flat_units
+from fastalign.unlearn.sharding import check_flat_units, full_model_state, trainable_names, trainable_state
 from tests.unlearn.tiny import tiny_llama
 
 accelerate = pytest.importorskip("accelerate")
@@ -29,6 +29,10 @@ CASES = {
                   "unit model.layers.0 holds the frozen model.layers.0.self_attn.q_proj.weight beside the trainable "
                   "model.layers.0.self_attn.k_proj.weight"),
     "nothing_frozen": (TRANSFORMER, False, [], None),   # reference='copy': every weight trains
+    # the layers' units take their projections; what is left of a layer (its norms) is too small to be one and falls
+    # to the root unit, beside the trainable final norm
+    "layer_norms_size_wrap": (SIZE, False, ["layernorm"], "the root unit holds the frozen "
+                              "model.layers.0.input_layernorm.weight beside the trainable model.norm.weight"),
 }
 
 
@@ -97,3 +101,15 @@ def test_fsdp1_fails_to_flatten_exactly_where_the_check_refuses(case, one_proces
         assert "uniform `requires_grad`" in str(error)
         flattened = False
     assert flattened == (CASES[case][3] is None)
+
+
+def test_the_trainable_state_holds_the_trainable_parameters_alone():
+    """A checkpoint's weights are the trainable ones (resume loads them over the model as loaded): a frozen lm_head,
+    or LoRA's frozen base, must not be written into every checkpoint; the full state still holds it."""
+    model = tiny_llama(37)
+    model.lm_head.weight.requires_grad_(False)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    state = trainable_state(model)
+    assert set(state) == trainable_names(model) == trainable and "lm_head.weight" not in trainable
+    assert all(torch.equal(state[name], model.get_parameter(name)) for name in trainable)
+    assert "lm_head.weight" in full_model_state(model)
