@@ -1,6 +1,7 @@
 """Span handles: copies of a handle are the handle itself, so that no copy outlives the span it names."""
 import copy
 import gc
+import sys
 
 import torch
 
@@ -23,3 +24,16 @@ def test_copies_of_a_span_are_the_span():
     assert kept.alive
     (child,), logits = runner.extend([kept], [[4, 5]])
     assert (logits[0] - model(torch.tensor([child.tokens])).logits[0, -1]).abs().max() <= 1e-4
+
+
+def test_dropping_the_handle_of_a_span_the_tree_already_released_raises_nothing(monkeypatch):
+    """A failed call gives back the new spans through the tree (TreeRunner._extend) while handles of some exist: the
+    collected handle must see the span is gone, not release it again ("Exception ignored in Span.__del__")."""
+    runner = TreeRunner(tiny_model("qwen2-untied"), max_tokens=64, block_size=4, attention_backend="torch")
+    root = runner.prefill([1, 2, 3])
+    runner.tree.release(root.id)
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    del root
+    gc.collect()
+    assert unraisable == [] and runner.tree.span_ids() == []

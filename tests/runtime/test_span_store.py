@@ -340,7 +340,7 @@ def test_pinned_spans_filling_the_pool_give_a_clear_error_and_a_consistent_pool(
     store.tree.pin(root)
     with pytest.raises(PoolExhaustedError, match="KV pool exhausted.*pinned"):
         grow(store, pool, [root], [[7, 8, 9]])
-    assert store.tree.span_ids() == [root]
+    assert store.tree.span_ids() == [root] and store.tree.locks(root) == 0   # the failed call unlocked its parent
     assert store.tree.num_free_blocks == 1
     (child,) = grow(store, pool, [root], [[7]])
     assert store.tree.tokens(child).tolist() == [1, 2, 3, 4, 5, 6, 7]
@@ -537,3 +537,20 @@ def test_rows_copying_a_block_that_an_earlier_row_copies_read_the_whole_prefix()
         rows = grow(store, pool, parents, [[5 + r] for r in range(len(parents))])
         for span in rows:
             assert reads(tree, pool, span) == tree.tokens(span).tolist()
+
+
+def test_span_zero_as_a_parent_is_kept_while_another_parent_is_recomputed():
+    """Span id 0 is a parent like any other: SpanStore.extend locks it while recomputing an evicted parent of the
+    same call, so that making room evicts another span, not span 0 (which failed the call as not resident)."""
+    store, pool = fresh(4, 2)
+    tree = store.tree
+    (first,) = grow(store, pool, [-1], [[1]])
+    assert first == 0
+    (a,) = grow(store, pool, [-1], [[3, 4]])
+    (b,) = grow(store, pool, [a], [[5, 6, 7]])       # the pool is full
+    tree.evict(b)
+    (other,) = grow(store, pool, [-1], [[9, 10]])    # one block left; span 0 is the least recently used
+    assert tree.lru_order()[0] == first
+    c, d = grow(store, pool, [first, b], [[11], [12]])   # recomputing b needs 2 blocks: `other` goes
+    assert tree.is_resident(first) and not tree.is_resident(other)
+    assert reads(tree, pool, c) == [1, 11] and reads(tree, pool, d) == [3, 4, 5, 6, 7, 12]

@@ -255,3 +255,105 @@ def test_random_lock_and_unlock_lists_count_every_listing_all_or_nothing(calls):
             held.subtract(ids)
         assert [tree.locks(i) for i in spans] == [held[i] for i in spans]
         assert set(tree.lru_order()) == {i for i in spans[1:] if held[i] == 0}
+
+
+def test_lock_listing_an_unknown_span_locks_nothing():
+    """lock() is all or nothing: a list naming an unknown id after a live span must not leave the live span
+    locked (unevictable and unreleasable for good, with no unlock the caller knows to make)."""
+    tree = SpanTree(8, 4)
+    plan = tree.plan_extend(np.array([-1]), np.ones(5, dtype=np.int32), np.array([0, 5]))
+    tree.unlock(plan.spans)
+    (span,) = plan.row_spans.tolist()
+    before = state(tree)
+    with pytest.raises(ValueError, match="unknown span 99"):
+        tree.lock([span, 99])
+    assert state(tree) == before and tree.lru_order() == [span]
+    tree.release(span)
+
+
+def test_queries_of_an_unknown_span_are_value_errors_naming_it():
+    """Every accessor and lock/unlock raise ValueError("unknown span N") for an id the tree never had or has
+    freed, as the Python layer expects of a bad id (not IndexError, not a crash)."""
+    tree = SpanTree(8, 4)
+    plan = tree.plan_extend(np.array([-1]), np.ones(5, dtype=np.int32), np.array([0, 5]))
+    tree.unlock(plan.spans)
+    (gone,) = plan.row_spans.tolist()
+    tree.release(gone)
+    for span in (gone, 99):
+        for query in (tree.parent, tree.length, tree.tokens, tree.new_tokens, tree.block_table, tree.is_resident,
+                      tree.pins, tree.locks, lambda i: tree.lock([i]), lambda i: tree.unlock([i])):
+            with pytest.raises(ValueError, match=f"unknown span {span}"):
+                query(span)
+    assert not tree.exists(gone) and not tree.is_live(gone) and tree.num_free_blocks == 8
+
+
+def test_extending_or_restoring_spans_the_tree_cannot_use_is_refused():
+    """plan_extend on an evicted parent (the tree itself, not only SpanStore, must refuse it: its empty block
+    table would be read past its end) and plan_restore of a released span kept as a prefix are ValueErrors
+    that leave the tree as it was."""
+    tree = SpanTree(8, 4)
+    plan = tree.plan_extend(np.array([-1, -2]), np.ones(7, dtype=np.int32), np.array([0, 5, 7]))
+    tree.unlock(plan.spans)
+    root, child = plan.row_spans.tolist()
+    tree.evict(child)
+    before = state(tree)
+    with pytest.raises(ValueError, match=f"extend: parent span {child} is not resident"):
+        tree.plan_extend(np.array([child]), np.ones(1, dtype=np.int32), np.array([0, 1]))
+    assert state(tree) == before
+    tree.release(root)                                  # kept as the child's prefix
+    before = state(tree)
+    with pytest.raises(ValueError, match=f"restore: span {root} is unknown or was released"):
+        tree.plan_restore([root])
+    assert state(tree) == before
+
+
+@pytest.mark.parametrize("cu_lens", [[1, 3], [0, 2], [0, 4], [-1, 3]])
+def test_cu_lens_must_start_at_zero_and_end_at_the_number_of_tokens(cu_lens):
+    """Offsets that do not start at 0 or end at len(tokens) are refused: else a row reads tokens before or past
+    the token array (a heap overflow), or tokens are silently left out of every row."""
+    tree = SpanTree(8, 4)
+    with pytest.raises(ValueError, match="cu_lens must start at 0 and end at the number of tokens"):
+        tree.plan_extend(np.array([-1]), np.arange(3, dtype=np.int32), np.array(cu_lens))
+    with pytest.raises(ValueError, match="cu_lens must have one entry more than parents"):   # not a row ignored
+        tree.plan_extend(np.array([-1]), np.arange(3, dtype=np.int32), np.array([0, 3, 3]))
+    with pytest.raises(ValueError, match="cu_cuts must have one entry more than parents"):
+        tree.plan_extend(np.array([-1]), np.arange(3, dtype=np.int32), np.array([0, 3]), np.array([1]),
+                         np.array([0, 1, 1]))
+    assert tree.span_ids() == [] and tree.num_free_blocks == 8
+
+
+def test_evicting_a_pinned_span_one_with_a_resident_child_or_an_evicted_one_is_refused():
+    """evict() refuses a pinned span, a span whose child is still resident and an evicted span (a ValueError naming
+    the reason, nothing changed); only the random walk of test_span_store reached these, and not on every run."""
+    store, pool = fresh(8, 2)
+    tree = store.tree
+    (root,) = grow(store, pool, [-1], [[1, 2, 3]])
+    (child,) = grow(store, pool, [root], [[4]])
+    tree.pin(child)
+    before = state(tree)
+    with pytest.raises(ValueError, match=f"evict: span {child} is pinned"):
+        tree.evict(child)
+    with pytest.raises(ValueError, match=f"evict: span {root} has resident children"):
+        tree.evict(root)
+    assert state(tree) == before and tree.is_resident(root) and tree.is_resident(child)
+    tree.unpin(child)
+    tree.evict(child)
+    with pytest.raises(ValueError, match=f"evict: span {child} is not resident"):
+        tree.evict(child)
+    tree.evict(root)
+    assert reads(tree, pool, grow(store, pool, [child], [[5]])[0]) == [1, 2, 3, 4, 5]
+
+
+def test_a_released_prefix_shared_by_two_children_stays_until_both_are_released():
+    """A released span kept as the prefix of two live children is freed with the last of them, not the first:
+    the other child still reads its tokens (and the blocks it shares) through it."""
+    store, pool = fresh(8, 2)
+    tree = store.tree
+    (root,) = grow(store, pool, [-1], [[1, 2, 3]])
+    a, b = grow(store, pool, [root, root], [[4], [5]])
+    tree.release(root)
+    tree.release(a)
+    assert tree.span_ids() == [root, b] and tree.tokens(b).tolist() == [1, 2, 3, 5]
+    assert reads(tree, pool, b) == [1, 2, 3, 5]
+    tree.release(b)
+    assert tree.span_ids() == [] and tree.num_free_blocks == 8
