@@ -1,5 +1,6 @@
 import collections
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -321,3 +322,40 @@ def test_a_model_whose_embeddings_accelerate_offloads_generates_as_the_model(wor
     prompts = prompts_of(world)
     config = GenerationConfig(max_new_tokens=6, batch_size=3)
     assert generations(offloaded, tokenizer, prompts, config) == generations(model, tokenizer, prompts, config)
+
+
+def test_sampling_follows_the_softmax_of_the_logits_over_the_temperature(world, tokenizer, model):
+    """Many draws of one prompt's first token: a temperature above 1 flattens the distribution and one below 1
+    sharpens it, as softmax(logits / temperature) says (a mutation that multiplied by the temperature, inverting
+    both, went unseen: the other tests only compare sampled answers with each other and with greedy ones)."""
+    prompt = prompts_of(world)[0]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tokenizer(prompt)["input_ids"]])).logits[0, -1]
+    top, n = int(logits.argmax()), 200
+    for temperature in (0.5, 2.0):
+        expected = float(torch.softmax(logits / temperature, -1)[top])
+        drawn = generations(model, tokenizer, [prompt] * n, GenerationConfig(max_new_tokens=1, batch_size=n,
+                                                                              do_sample=True, temperature=temperature))
+        share = sum(g.answer_ids[0] == top for g in drawn) / n
+        assert abs(share - expected) < 0.1, (temperature, share, expected)
+
+
+def test_top_k_past_the_vocabulary_and_an_empty_stop_string_change_nothing(world, tokenizer, model):
+    """top_k larger than the vocabulary keeps every token (torch's topk refuses k past the vocabulary size), and an
+    empty stop string, which every text contains, stops no answer (it cut every answer to nothing)."""
+    prompts = prompts_of(world)
+    sampled = GenerationConfig(max_new_tokens=6, do_sample=True, temperature=2.0, seed=3)
+    assert generate(model, tokenizer, prompts, dataclasses.replace(sampled, top_k=len(tokenizer) + 5)) == \
+        generate(model, tokenizer, prompts, sampled)
+    greedy = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=6))
+    assert generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=6, stop_strings=("",))) == greedy
+    assert all(greedy)
+
+
+def test_a_prompt_that_tokenizes_to_nothing_is_refused_naming_it():
+    """An empty prompt with a tokenizer that adds no BOS (Llama 2's kind here) has no token to answer after: in a batch
+    it read padding alone and silently got an answer."""
+    model, tokenizer = sentencepiece_model()
+    assert tokenizer("")["input_ids"] == []
+    with pytest.raises(ValueError, match="prompt 1 is empty after tokenization"):
+        generate(model, tokenizer, [SENTENCEPIECE_PROMPTS[0], ""], GenerationConfig(max_new_tokens=3))

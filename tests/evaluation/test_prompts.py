@@ -27,15 +27,18 @@ def test_every_format_gives_the_same_prompts_in_file_order(tmp_path):
             assert read_prompts(str(path), "q") == PROMPTS, path.name
 
 
-def test_a_gzipped_csv_is_not_read_as_lines_of_text(tmp_path):
-    with gzip.open(tmp_path / "p.csv.gz", "wt") as f:
-        f.write("q\nhi\n")
-    with pytest.raises(ValueError, match="a gzipped csv"):
-        read_prompts(str(tmp_path / "p.csv.gz"), "q")
+@pytest.mark.parametrize("name, content", [("p.csv.gz", "q\nhi\n"), ("p.json.gz", '[\n {"q": "hi"}\n]\n')])
+def test_a_gzipped_csv_or_json_document_is_not_read_as_lines_of_text(tmp_path, name, content):
+    """Read as text (gunzipped), their header or lines of JSON syntax became prompts."""
+    with gzip.open(tmp_path / name, "wt") as f:
+        f.write(content)
+    with pytest.raises(ValueError, match="a JSON document, a gzipped csv or an upper-case suffix is not read"):
+        read_prompts(str(tmp_path / name), "q")
 
 
 @pytest.mark.parametrize("name, content, message", [
     ("p.jsonl", '{"q": "hi"}\n{"q": ""}\n', "line 2: field 'q' must be a non-empty string"),
+    ("p.jsonl", '{"q": "hi"}\n{"q": " \\n "}\n', "line 2: field 'q' must be a non-empty string"),  # blank: none either
     ("p.jsonl", '{"q": "hi"}\n{"r": "x"}\n', "line 2: expected an object with field 'q'"),
     # a lone surrogate (JSON's escape of half a pair) was a TypeError from the tokenizer once the model had loaded
     ("p.jsonl", '{"q": "hi \\ud83d there"}\n', "line 1: field 'q' holds '\\\\ud83d', half of a UTF-16 surrogate pair"),

@@ -784,8 +784,9 @@ def test_results_and_errors_name_prompts_by_the_given_indices():
     assert [r.index for r in run.results] == [4, 9, 2] and sorted(r.index for r in seen) == [2, 4, 9]
     assert run.results[0].error is None and run.results[0].answer_ids
     assert run.results[1].error.startswith("prompt 9 has") and run.results[2].error == "prompt 2 is empty"
-    with pytest.raises(ValueError, match="indices must name each of the 3 prompts, got 2"):
-        rain_generate(model, tok, prompts, judge_prompt=SHORT_JUDGE, embedding="hidden", indices=[4, 9])
+    for indices in ([4, 9], [4, 9, 2, 7]):   # one too many named no prompt: zip dropped it unseen
+        with pytest.raises(ValueError, match=f"indices must name each of the 3 prompts, got {len(indices)}"):
+            rain_generate(model, tok, prompts, judge_prompt=SHORT_JUDGE, embedding="hidden", indices=indices)
 
 
 def test_failure_in_a_merged_engine_run_stays_with_its_prompt():
@@ -1492,3 +1493,66 @@ def test_a_recurrent_model_runs_on_its_fallback_and_counts_what_it_recomputes(ma
     assert type(runner.model_runner).__name__ == kind
     assert tree.stats.recomputed_tokens == runner.recomputed_tokens
     assert (runner.recomputed_tokens > tree.stats.minimum_tokens) == (kind == "HFRecomputeModel")
+
+
+@pytest.mark.parametrize("engine", ["slow", "tree"])
+def test_an_answer_leaves_the_judge_prompt_its_room_in_the_models_context(engine):
+    """Without a length cap an answer runs until the judge prompt around it (few-shot prefix, the prompt as the judge
+    reads it, the longer options block and JUDGE_MARGIN tokens of slack for re-tokenizing the reply) fills the
+    model's context, and no further. A raw prompt is read by the judge without its leading whitespace (hh_prompts
+    start with "\\n\\nHuman:"). Dropping the slack, or reading the prompt's newlines into the judge's share, went
+    unseen."""
+    from fastalign.rain.generate import JUDGE_MARGIN
+
+    tok, context = tokenizer(), 100
+    judge = JudgeTokens(tok, SHORT_JUDGE)
+    prompts = [PROMPTS[0], "\n\n" + PROMPTS[1]]
+    run = rain_generate(HashLM(len(tok), max_positions=context), tok, prompts,
+                        RainConfig(root_visits=2, min_new_visits=1, max_new_tokens=0), engine=engine,
+                        runner=HashRunner(len(tok)) if engine == "tree" else None, judge_prompt=SHORT_JUDGE,
+                        embedding="hidden")
+    for prompt, result in zip(prompts, run.results):
+        judged = len(judge.prefix_ids) + len(judge.head_ids(prompt.lstrip())) + max(map(len, judge.suffix_ids))
+        assert result.error is None and len(result.answer_ids) == context - judged - JUDGE_MARGIN
+
+
+@pytest.mark.parametrize("error", [KeyError("node 7"), AssertionError("out of order")])
+def test_an_error_of_any_kind_inside_one_search_stays_with_its_prompt(monkeypatch, error):
+    """Not only a RuntimeError: any exception inside one prompt's search ends that prompt only (a scheduler that
+    caught RuntimeError alone lost every prompt's answer to a KeyError in one search, unseen)."""
+    real_commit = tree_engine.TreeEngine.commit
+
+    def commit(self, ctx, old_root, new_root):
+        if ctx.index == 1:
+            raise error
+        return real_commit(self, ctx, old_root, new_root)
+
+    monkeypatch.setattr(tree_engine.TreeEngine, "commit", commit)
+    run = run_tree(PROMPTS, RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3), concurrency=3)
+    assert [r.error for r in run.results] == [None, f"{type(error).__name__}: {error}", None]
+    assert run.results[0].answer_ids and run.results[2].answer_ids
+
+
+@pytest.mark.parametrize("where", ["search", "model call"])
+def test_an_interrupt_inside_a_search_or_a_model_call_stops_the_run(monkeypatch, where):
+    """Ctrl-C is no prompt's failure: a KeyboardInterrupt raised in a search (its commit) or in a merged model call
+    ends the run, leaving no span behind, rather than being written into the prompts' errors while the run goes on."""
+    runner = HashRunner(len(tokenizer()))
+    if where == "search":
+        def commit(self, ctx, old_root, new_root):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(tree_engine.TreeEngine, "commit", commit)
+    else:
+        extend, calls = runner.extend, []
+
+        def interrupted(parents, token_lists, **kw):
+            calls.append(len(parents))
+            if len(calls) == 10:   # a merged call of the searches, the prompts started
+                raise KeyboardInterrupt
+            return extend(parents, token_lists, **kw)
+
+        monkeypatch.setattr(runner, "extend", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_tree(PROMPTS, RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3), runner=runner, concurrency=3)
+    assert not runner.live
