@@ -131,3 +131,15 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
     """What the interpreter never does: the builds, at the block the launches of a 1B or larger model use."""
     from tests.kernels.gpu_build import assert_builds
     assert_builds(COMPILE_FOR_SM90)
+
+
+def test_gate_and_up_of_different_row_strides():
+    """gate a tensor of its own and up a half of a fused projection's rows (rows 600 apart): each is read by its own
+    row stride, and the output is contiguous."""
+    gate, _ = gate_and_up((5, 300), torch.bfloat16)
+    fused, _ = gate_and_up((5, 2 * 300), torch.bfloat16, seed=1)
+    up = fused[:, 300:]
+    assert gate.stride(0) != up.stride(0)
+    for tanh_gelu in (False, True):
+        assert_as_torch(gated_activation.forward(gate, up, tanh_gelu=tanh_gelu), gate, up, tanh_gelu)
+        assert_as_torch(gated_activation.forward(up, gate, tanh_gelu=tanh_gelu), up, gate, tanh_gelu)

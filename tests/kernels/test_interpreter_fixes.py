@@ -166,3 +166,18 @@ def test_launches_from_two_threads_run_one_at_a_time(monkeypatch):
             threads[name].join(timeout=60)
     assert errors == {}
     assert outs["A"].tolist() == [1, 2, 3] and outs["B"].tolist() == [1, 2]
+
+
+def test_each_fix_applied_again_wraps_nothing_more():
+    """kernels/__init__.py applied every fix on import: applied again, each leaves the interpreter's patched
+    callables as they are, not wrapped once more (a lock taken twice, a cast rounded twice, per call)."""
+    def patched():
+        builder, grid = interpreter.InterpreterBuilder, interpreter.GridExecutor
+        return [builder.create_dot, builder.cast_impl, grid.__call__, interpreter._patch_lang_tensor]
+
+    before = patched()
+    assert all(getattr(f, mark) for f, mark in zip(before, ("upcasts_bf16", "rounds_bf16", "one_at_a_time")))
+    for fix in (interpreter_fixes.squeeze_loop_bounds, interpreter_fixes.upcast_bf16_dots,
+                interpreter_fixes.round_bf16_casts, interpreter_fixes.one_launch_at_a_time):
+        fix()
+    assert all(now is then for now, then in zip(patched(), before))

@@ -22,7 +22,7 @@ def tensors(shape, dtype, compensated, seed):
 
 @pytest.mark.parametrize("shape", triton_cases(SIZES))
 @pytest.mark.parametrize("dtype, compensated", [(torch.bfloat16, True), (torch.float32, False),
-                                                (torch.bfloat16, False)])
+                                                (torch.bfloat16, False), (torch.float32, True)])
 def test_the_kernel_steps_as_the_torch_implementation_to_the_bit(shape, dtype, compensated):
     states = [tensors(shape, dtype, compensated, seed=0) for _ in range(2)]
     for t in range(1, 4):
@@ -35,6 +35,22 @@ def test_the_kernel_steps_as_the_torch_implementation_to_the_bit(shape, dtype, c
             assert torch.equal(ours, theirs), name
     if shape != (0,):   # the step did something
         assert not torch.equal(states[0][0], tensors(shape, dtype, compensated, seed=0)[0])
+
+
+@pytest.mark.parametrize("size", [1, 1025, 2048])
+def test_the_kernel_writes_nothing_past_its_tensors(size):
+    """Each tensor the last `size` elements of a buffer followed by one more, as a parameter flattened into a larger
+    allocation is: the step changes the tensors' elements and leaves the element after each as it was."""
+    buffers = [torch.full((size + 1,), 7.0, device=TRITON_DEVICE, dtype=torch.bfloat16) for _ in range(5)]
+    param, grad, exp_avg, exp_avg_sq, compensation = (buffer[:size] for buffer in buffers)
+    for view, made in zip((param, exp_avg, exp_avg_sq, compensation), tensors((size,), torch.bfloat16, True, seed=2)):
+        view.copy_(made)
+    grad.copy_(1e-3 * torch.randn(size))
+    scalars = step_scalars(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=1)
+    before = param.clone()
+    triton_step.step(param, grad, exp_avg, exp_avg_sq, compensation, **scalars)
+    assert not torch.equal(param, before)
+    assert [float(buffer[-1]) for buffer in buffers] == [7.0] * 5
 
 
 def test_the_torch_implementation_steps_in_chunks(monkeypatch):

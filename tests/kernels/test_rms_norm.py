@@ -193,3 +193,22 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
     """What the interpreter never does: the builds, at the launches' widths and warps, without register spills."""
     from tests.kernels.gpu_build import assert_builds
     assert_builds(COMPILE_FOR_SM90)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_after_add_reads_each_input_by_its_own_row_stride(dtype):
+    """x contiguous and y a strided view (rows 64 apart), and a y_weight that is a strided view too: the kernel reads
+    y's rows by y's own stride (not x's) and copies the strided weight, as torch's add and the modules compute."""
+    module, h = module_and_input("one plus", (6, 40), dtype)
+    y_module, wide = module_and_input("one plus", (6, 64), dtype, seed=1)
+    y = wide[:, 8:48]
+    assert h.stride(0) == 40 and y.stride(0) == 64
+    y_module.weight = torch.nn.Parameter(torch.randn(80, device=TRITON_DEVICE).to(dtype)[::2])
+    with torch.no_grad():
+        total, out = rms_norm_after_add(h, y, module.weight, 1e-5, **WEIGHT_RULES["one plus"])
+        assert torch.equal(total, h + y)
+        assert_as_module(out, module(h + y))
+        total, out = rms_norm_after_add(h, y, module.weight, 1e-5, **WEIGHT_RULES["one plus"],
+                                        y_weight=y_module.weight, y_eps=1e-5)
+        assert_as_module(total, h + y_module(y))
+        assert_as_module(out, module(total))

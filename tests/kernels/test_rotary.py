@@ -159,3 +159,30 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
     and without the store to the cache and the heads' norms."""
     from tests.kernels.gpu_build import assert_builds
     assert_builds(COMPILE_FOR_SM90)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_tensor_is_read_and_written_by_its_own_strides(dtype):
+    """q, v and the caches with heads wider than head_dim (views of padded rows), k contiguous, sin a view of wider
+    rows than cos: every tensor is read (and the caches written) by its own token and head strides, as the torch
+    rotation and write_kv compute."""
+    tokens, q_heads, kv_heads, head_dim = 3, 4, 2, 16
+    q, k, cos, sin = inputs(tokens, q_heads, kv_heads, head_dim, dtype, dtype)
+    padded_q = torch.randn(tokens, q_heads, head_dim + 8).to(TRITON_DEVICE, dtype)
+    padded_q[..., 8:] = q
+    q = padded_q[..., 8:]
+    v = torch.randn(tokens, kv_heads, head_dim + 4).to(TRITON_DEVICE, dtype)[..., 4:]
+    wide_sin = torch.randn(tokens, 1, 2 * head_dim).to(TRITON_DEVICE, dtype)
+    wide_sin[..., :head_dim] = sin
+    sin = wide_sin[..., :head_dim]
+    padded_pool = torch.full((2, 3, 4, kv_heads, head_dim + 8), float("nan"), dtype=dtype, device=TRITON_DEVICE)
+    pool = padded_pool[..., :head_dim]
+    assert q.stride(1) != k.stride(1) and v.stride()[:2] != k.stride()[:2] and sin.stride(0) != cos.stride(0)
+    assert pool[0].stride(2) != head_dim
+    slots = torch.tensor([9, 0, 4], device=TRITON_DEVICE)
+    ref_pool = pool.clone()
+    ref_q, ref_k = rotate_qk_torch(q, k, cos, sin)
+    write_kv_unchecked(ref_k, v, ref_pool[0], ref_pool[1], slots)
+    out_q, out_k = rotate_qk_triton(q, k, cos[:, 0], sin[:, 0], store=(v, pool[0], pool[1], slots))
+    assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)
+    torch.testing.assert_close(pool, ref_pool, rtol=0, atol=0, equal_nan=True)

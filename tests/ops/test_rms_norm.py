@@ -149,3 +149,47 @@ def test_a_second_derivative_raises():
     grad, = torch.autograd.grad(fastalign.rms_norm(x, weight).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", triton_cases(["triton"]) + ["torch"])
+def test_the_weight_gradient_of_one_row_rounds_the_normalised_row_as_the_module(dtype, backend):
+    """Under the "rounded" rule the module's weight gradient is grad_out times the normalised row rounded to the
+    dtype; of one row (no sum over rows to round otherwise) the op's equals it but for a reduction order's few 1-ulp
+    differences (the torch path's to the bit). Times the unrounded row, a quarter of the entries differ."""
+    x, weight = make_inputs((1, 300), dtype=dtype, device=device_for(backend))
+    module = LlamaRMSNorm(300, eps=1e-5).to(x.device, dtype)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+    seed = torch.randn(1, 300, device=x.device)
+    got, = grads_of(fastalign.rms_norm(x, module.weight, 1e-5, backend=backend), (module.weight,), seed)
+    want, = grads_of(module(x), (module.weight,), seed)
+    assert got.dtype == want.dtype == dtype
+    if backend == "torch":
+        assert torch.equal(got, want)
+    assert (got != want).float().mean() <= 0.02
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_input_strided_in_its_last_dimension(backend):
+    """x a transpose (its last dimension strided): the Triton kernel reads a row's entries as contiguous ones, so the
+    op hands it a contiguous copy; forward and gradients as the reference on both backends."""
+    torch.manual_seed(0)
+    x = (3 * torch.randn(40, 6, device=device_for(backend))).t().requires_grad_()
+    weight = (0.5 + 0.5 * torch.randn(40, device=x.device)).requires_grad_()
+    assert x.stride(-1) != 1
+    out = fastalign.rms_norm(x, weight, 1e-5, rule="one plus", backend=backend)
+    ref = rms_norm_reference(x, weight, 1e-5, rule="one plus")
+    assert_rel_close("out", out, ref, REL_TOL[torch.float32])
+    assert_grads_close(("x", "weight"), out, ref, (x, weight), REL_TOL[torch.float32])
+
+
+def test_float64_inputs_are_computed_in_float64_on_the_torch_path():
+    """The torch path takes float64 (the Triton one refuses it): computed in fp32, out and gradients would be off
+    the float64 reference by ~1e-7."""
+    x, weight = make_inputs((5, 33), dtype=torch.float64)
+    out = fastalign.rms_norm(x, weight, 1e-5, rule="fp32", backend="torch")
+    ref = rms_norm_reference(x, weight, 1e-5, rule="fp32")
+    assert out.dtype == torch.float64
+    assert_rel_close("out", out, ref, REL_TOL[torch.float64])
+    assert_grads_close(("x", "weight"), out, ref, (x, weight), REL_TOL[torch.float64])

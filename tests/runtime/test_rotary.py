@@ -1,5 +1,6 @@
 """fastalign.runtime.rotary: the rotation the paged Llama forward applies, the kernel on the Triton backend (held to
 the torch ops in tests/kernels/test_rotary.py), the torch ops elsewhere and for tensors the kernel does not take."""
+import pytest
 import torch
 
 from fastalign.runtime.rotary import qk_rotation, rotate_half, rotate_qk_torch
@@ -117,3 +118,67 @@ def test_head_norms_still_apply_where_the_kernel_does_not_rotate():
         out = qk_rotation("triton")(q, k, cos, sin, head_norms=fused)
     for a, b in zip(out, ref):
         assert_as_module(a, b)
+
+
+def _heads(tokens, heads, head_dim, dtype=torch.float32):
+    return torch.randn(tokens, heads, head_dim).to(TRITON_DEVICE, dtype)
+
+
+def _cannot_take(case):
+    """q, k, cos, sin and a store of tensors the kernel does not take, each for a reason of its own."""
+    q, k, v = _heads(3, 4, 8), _heads(3, 2, 8), _heads(3, 2, 8)
+    cos, sin = _heads(3, 1, 8), _heads(3, 1, 8)
+    pool = torch.full((2, 3, 4, 2, 8), float("nan"), device=TRITON_DEVICE)
+    k_cache, v_cache = pool[0], pool[1]
+    if case == "caches of two layouts":   # the kernel writes both by k_cache's strides
+        v_cache = torch.full((3, 4, 2, 16), float("nan"), device=TRITON_DEVICE)[..., 8:]
+    elif case == "sin of another dtype than cos":   # the kernel rounds by cos's dtype
+        q, k, v, pool = (t.bfloat16() for t in (q, k, v, pool))
+        k_cache, v_cache, cos = pool[0], pool[1], cos.bfloat16()
+    elif case == "k of another dtype than q":   # the kernel rounds k by q's dtype
+        k, v, pool, cos, sin = (t.bfloat16() for t in (k, v, pool, cos, sin))
+        k_cache, v_cache = pool[0], pool[1]
+    elif case == "q strided in its last dimension":
+        q = _heads(3, 8, 4).transpose(1, 2)
+    elif case == "cos strided in its last dimension":
+        cos = _heads(3, 1, 16)[..., ::2]
+    elif case == "cos of one value a token":   # broadcast over head_dim by the torch ops
+        cos = _heads(3, 1, 1)
+    return q, k, cos, sin, (v, k_cache, v_cache, torch.tensor([9, 0, 4], device=TRITON_DEVICE))
+
+
+@pytest.mark.parametrize("case", ["caches of two layouts", "sin of another dtype than cos", "k of another dtype than q",
+                                  "q strided in its last dimension", "cos strided in its last dimension",
+                                  "cos of one value a token"])
+def test_what_the_kernel_cannot_take_is_left_to_the_torch_ops(case):
+    """Each of these the kernel would read or write as the contiguous, one-dtype tensors it takes (silently wrong
+    rotations or stores): the Triton backend rotates and stores them as rotate_qk_torch does."""
+    torch.manual_seed(0)
+    q, k, cos, sin, store = _cannot_take(case)
+    ref_store = (store[0], store[1].clone(), store[2].clone(), store[3])
+    ref = rotate_qk_torch(q, k, cos, sin, ref_store)
+    out = qk_rotation("triton")(q.clone(), k.clone(), cos, sin, store)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    for cache, ref_cache in zip(store[1:3], ref_store[1:3]):
+        torch.testing.assert_close(cache, ref_cache, rtol=0, atol=0, equal_nan=True)
+
+
+def test_fused_head_norms_of_their_own_eps_rules_and_weights():
+    """Fused q_norm and k_norm with eps of their own (1e-6, 1e-2, on heads whose mean square each moves apart), then
+    with rules that differ and with a weight that is a strided view (which the kernel cannot take: the norms run as
+    they are): the rotation of the heads as each norm normalises them."""
+    from fastalign.runtime.rms_norms import FusedRMSNorm
+    from tests.kernels.test_rms_norm import assert_as_module
+    q, k, cos, sin, modules, _ = qwen3_heads_and_norms(16)
+    q, k = 0.05 * q, 0.05 * k
+    modules[1].variance_epsilon = 1e-2
+    strided = type(modules[1])(16).to(TRITON_DEVICE, torch.bfloat16)
+    strided.weight = torch.nn.Parameter(torch.randn(32, device=TRITON_DEVICE).bfloat16()[::2])
+    for norms in ([FusedRMSNorm(modules[0], 1e-6, "rounded"), FusedRMSNorm(modules[1], 1e-2, "rounded")],
+                  [FusedRMSNorm(modules[0], 1e-6, "rounded"), FusedRMSNorm(modules[1], 1e-2, "fp32")],
+                  [FusedRMSNorm(modules[0], 1e-6, "rounded"), FusedRMSNorm(strided, 1e-6, "rounded")]):
+        with torch.no_grad():
+            ref = rotate_qk_torch(q, k, cos, sin, head_norms=norms)
+            out = qk_rotation("triton")(q.clone(), k.clone(), cos, sin, head_norms=norms)
+        for a, b in zip(out, ref):
+            assert_as_module(a, b)
