@@ -18,6 +18,13 @@ def state(tree):
             [tree.block_table(i).tolist() for i in tree.span_ids()], [tree.locks(i) for i in tree.span_ids()])
 
 
+def finished(tree, parents, lens):
+    """The plan of rows of the given lengths (of token 1) on parents, unlocked as a finished call leaves it."""
+    plan = tree.plan_extend(np.array(parents), np.ones(sum(lens), dtype=np.int32), np.cumsum([0, *lens]))
+    tree.unlock(plan.spans)
+    return plan
+
+
 def test_first_allocations_take_blocks_in_order_and_freed_blocks_come_back_first():
     """A fresh pool hands out blocks 0, 1, 2, ... (block_allocator.cpp) and reuses freed blocks before
     never-used ones, which keeps a lightly used pool's KV in its first blocks."""
@@ -48,8 +55,7 @@ def test_abandoning_a_finished_plan_is_refused():
     """abandon() is only for a plan whose forward failed: once the plan's locks are lifted it must refuse,
     instead of dropping the KV (and deleting the spans) of a finished call."""
     tree = SpanTree(8, 4)
-    plan = tree.plan_extend(np.array([-1]), np.array([1, 2, 3, 4, 5], dtype=np.int32), np.array([0, 5]))
-    tree.unlock(plan.spans)
+    plan = finished(tree, [-1], [5])
     before = state(tree)
     with pytest.raises(ValueError, match="already finished"):
         tree.abandon(plan)
@@ -173,8 +179,7 @@ def test_offset_arrays_are_checked_whole_before_any_offset_is_used():
     with pytest.raises(ValueError, match="cu_cuts must not decrease"):
         tree.plan_extend(np.array([-1, -1]), np.ones(8, dtype=np.int32), np.array([0, 4, 8]),
                          np.array([1]), np.array([0, 1000, 1]))
-    plan = tree.plan_extend(np.array([-1]), np.ones(5, dtype=np.int32), np.array([0, 5]))
-    tree.unlock(plan.spans)
+    plan = finished(tree, [-1], [5])
     before = state(tree)
     with pytest.raises(ValueError, match="token list 1 is empty"):
         tree.plan_extend(np.array([plan.row_spans[0], -1]), np.ones(3, dtype=np.int32),
@@ -186,8 +191,7 @@ def test_unlocking_a_span_listed_more_often_than_it_is_locked_is_refused():
     """unlock() is all or nothing also when a span is listed twice: unlocking a span locked once with
     [a, a] drove its count to -1 (and the next lock to 0: evictable while in use)."""
     tree = SpanTree(8, 4)
-    plan = tree.plan_extend(np.array([-1, -2]), np.ones(6, dtype=np.int32), np.array([0, 3, 6]))
-    tree.unlock(plan.spans)
+    plan = finished(tree, [-1, -2], [3, 3])
     a, b = plan.row_spans.tolist()
     tree.lock([a, a, b])
     with pytest.raises(ValueError, match=f"span {b} is locked fewer times"):
@@ -207,8 +211,7 @@ def test_random_offset_arrays_plan_exactly_when_they_describe_rows_and_cuts(data
     they describe non-empty rows and cuts strictly inside them, else raises ValueError leaving the tree as
     it was; under AddressSanitizer and UndefinedBehaviorSanitizer no case may read past an array or overflow."""
     tree = SpanTree(16, 4)
-    plan = tree.plan_extend(np.array([-1]), np.ones(5, dtype=np.int32), np.array([0, 5]))
-    tree.unlock(plan.spans)
+    plan = finished(tree, [-1], [5])
     rows = data.draw(st.integers(1, 3), label="rows")
     entry = st.one_of(st.integers(-2, 12), st.sampled_from([2**62, 2**63 - 1, -2**63]))
     num_tokens, num_cuts = data.draw(st.integers(0, 10)), data.draw(st.integers(0, 3))
@@ -239,8 +242,7 @@ def test_random_lock_and_unlock_lists_count_every_listing_all_or_nothing(calls):
     """Random lock / unlock lists with repeats against a count per span: an unlock listing a span more
     often than it is locked is refused and changes nothing; the eviction order holds the unlocked leaves."""
     tree = SpanTree(8, 2)
-    plan = tree.plan_extend(np.array([-1, -2, -1]), np.ones(3, dtype=np.int32), np.array([0, 1, 2, 3]))
-    tree.unlock(plan.spans)
+    plan = finished(tree, [-1, -2, -1], [1, 1, 1])
     spans, held = plan.row_spans.tolist(), Counter()
     for locking, indices in calls:
         ids = [spans[i] for i in indices]
@@ -261,8 +263,7 @@ def test_lock_listing_an_unknown_span_locks_nothing():
     """lock() is all or nothing: a list naming an unknown id after a live span must not leave the live span
     locked (unevictable and unreleasable for good, with no unlock the caller knows to make)."""
     tree = SpanTree(8, 4)
-    plan = tree.plan_extend(np.array([-1]), np.ones(5, dtype=np.int32), np.array([0, 5]))
-    tree.unlock(plan.spans)
+    plan = finished(tree, [-1], [5])
     (span,) = plan.row_spans.tolist()
     before = state(tree)
     with pytest.raises(ValueError, match="unknown span 99"):
@@ -275,8 +276,7 @@ def test_queries_of_an_unknown_span_are_value_errors_naming_it():
     """Every accessor and lock/unlock raise ValueError("unknown span N") for an id the tree never had or has
     freed, as the Python layer expects of a bad id (not IndexError, not a crash)."""
     tree = SpanTree(8, 4)
-    plan = tree.plan_extend(np.array([-1]), np.ones(5, dtype=np.int32), np.array([0, 5]))
-    tree.unlock(plan.spans)
+    plan = finished(tree, [-1], [5])
     (gone,) = plan.row_spans.tolist()
     tree.release(gone)
     for span in (gone, 99):
@@ -292,8 +292,7 @@ def test_extending_or_restoring_spans_the_tree_cannot_use_is_refused():
     table would be read past its end) and plan_restore of a released span kept as a prefix are ValueErrors
     that leave the tree as it was."""
     tree = SpanTree(8, 4)
-    plan = tree.plan_extend(np.array([-1, -2]), np.ones(7, dtype=np.int32), np.array([0, 5, 7]))
-    tree.unlock(plan.spans)
+    plan = finished(tree, [-1, -2], [5, 2])
     root, child = plan.row_spans.tolist()
     tree.evict(child)
     before = state(tree)
