@@ -1375,7 +1375,8 @@ def test_a_tokenizer_that_appends_eos_to_every_text_searches_as_without_it(monke
 def test_token_ids_past_the_models_embeddings_are_errors_naming_the_prompt_or_the_judge(engine):
     """A tokenizer with a token added past the model's input embeddings (chat markers added without resizing
     them): a prompt that holds it failed with an IndexError deep in the slow engine's forward; it is an error
-    naming the prompt in both engines, and a judge prompt that holds it is refused before any search."""
+    naming the prompt in both engines, and a judge prompt that holds it (before or after the conversation, or in an
+    option) is refused before any search."""
     tok = copy.deepcopy(tokenizer())
     tok.add_tokens(["<|im_start|>"], special_tokens=True)
     model, vocab = tiny_llama(), len(tokenizer())
@@ -1387,9 +1388,12 @@ def test_token_ids_past_the_models_embeddings_are_errors_naming_the_prompt_or_th
     assert run.results[1].error is None and run.results[1].answer_ids
     with pytest.raises(ValueError, match=f"generation_prefix: token id {vocab} is past the model's {vocab} input"):
         rain_generate(model, tok, PROMPTS[1:], SMALL, generation_prefix="<|im_start|>", **kw)
-    kw["judge_prompt"] = dataclasses.replace(SHORT_JUDGE, template="<|im_start|>" + SHORT_JUDGE.template)
-    with pytest.raises(ValueError, match=f"the judge prompt: token id {vocab} is past the model's {vocab} input"):
-        rain_generate(model, tok, PROMPTS[1:], SMALL, **kw)
+    for where in ({"template": "<|im_start|>" + SHORT_JUDGE.template},             # before the conversation
+                  {"template": SHORT_JUDGE.template.replace("\n{options}", "<|im_start|>\n{options}")},   # after
+                  {"harmful": SHORT_JUDGE.harmful + "<|im_start|>"}):                 # in an option
+        kw["judge_prompt"] = dataclasses.replace(SHORT_JUDGE, **where)
+        with pytest.raises(ValueError, match=f"the judge prompt: token id {vocab} is past the model's {vocab} input"):
+            rain_generate(model, tok, PROMPTS[1:], SMALL, **kw)
 
 
 def test_a_slow_tokenizer_searches_as_the_fast_one_with_the_same_ids():
