@@ -19,9 +19,9 @@ def test_gpu_chunk_plan_takes_at_most_32_segments_in_under_1_percent_of_the_logi
     """d_weight is rounded once per segment, so their number is bounded whatever N; the scratch that then grows
     with N (fp32 accumulator, matmul output, G chunk) stays far under the bf16 logits it replaces."""
     monkeypatch.setattr(chunked_backward, "INTERPRET", False)
-    for num_rows in [1000, 8192, 65536, 1 << 20]:
+    for num_rows in [1000, 8192, 65536, 65537, 1 << 20, (1 << 20) + 1]:   # (one row past 32 segments' multiple)
         rows, cols = chunked_backward.chunk_plan(num_rows, vocab, hidden_size)
-        assert -(-num_rows // rows) <= 32, (num_rows, rows)
+        assert -(-num_rows // rows) <= 32 and 1 <= cols <= vocab, (num_rows, rows, cols)
         scratch = rows * hidden_size * (4 + 2) + rows * cols * 2
         assert scratch < 0.01 * num_rows * vocab * 2 or scratch <= 24 * 2 ** 20, (num_rows, rows, cols)
 
@@ -74,3 +74,17 @@ def test_hidden_gradient_sums_many_vocabulary_chunks_in_fp32(monkeypatch, dtype)
     exact = (d * grad_scale.double()[:, None]) @ weight.double()
     error = lambda got: ((got.double() - exact).norm() / exact.norm()).item()  # noqa: E731
     assert error(d_hidden) < 3 * error(exact.to(dtype))
+
+
+def test_fp16_gradients_of_a_zero_grad_scale_are_zeros():
+    """fp16 writes G / max|grad_scale|: a grad_scale of zeros (a loss multiplied by 0, every token weighted 0) gives
+    gradients of zeros, not the NaNs of 0 / 0."""
+    n, h, v = 5, 8, 40
+    weight, hidden = torch.randn(v, h).half(), torch.randn(n, h).half()
+
+    def segment_writer(rows, row_scale):
+        return lambda cols, out: out.copy_(torch.ones(out.shape) * row_scale[:, None])
+
+    grads = chunked_backward.backward_in_chunks(hidden, weight, torch.zeros(n), True, True, segment_writer)
+    for grad in grads:
+        assert torch.equal(grad, torch.zeros_like(grad))

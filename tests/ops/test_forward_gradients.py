@@ -237,10 +237,10 @@ def test_gpu_row_block_plan_holds_its_budget_and_at_most_32_segments(monkeypatch
     monkeypatch.setattr(chunked_backward, "INTERPRET", False)
     for vocab in (32000, 128256, 262144):
         for bytes_per_logit in (6, 8, 10):
-            for num_rows in (1, 100, 8192, 65536):
+            for num_rows in (1, 100, 8192, 65536, 100000):
                 rows, cols = chunked_backward.row_block_plan(num_rows, vocab, bytes_per_logit)
                 assert cols == vocab and 1 <= rows <= num_rows
-                assert -(-num_rows // rows) <= 32
+                assert -(-num_rows // rows) <= 32 and (rows == num_rows or rows % 64 == 0)   # whole 64-row tiles
                 budget_rows = chunked_backward._ROW_BLOCK_BYTES // (bytes_per_logit * vocab)
                 if num_rows <= 32 * budget_rows and rows < num_rows:
                     assert rows * bytes_per_logit * vocab <= chunked_backward._ROW_BLOCK_BYTES
