@@ -249,8 +249,11 @@ def test_fullgraph_compile_is_refused_with_the_reason():
         caller(hidden, weight)
 
 
-def test_torch_backend_across_chunk_boundaries(monkeypatch):
-    monkeypatch.setattr(chunking, "CHUNK_BYTES", 3 * 4 * 131)  # 3 rows of V=131 fp32 logits per chunk
+@pytest.mark.parametrize("chunk_bytes", [3 * 4 * 131, 100])
+def test_torch_backend_across_chunk_boundaries(monkeypatch, chunk_bytes):
+    """3 rows of V=131 fp32 logits per chunk; and a budget under one row's logits (a vocabulary past CHUNK_BYTES / 4
+    words), which still takes a row a chunk (not a range of step 0)."""
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", chunk_bytes)
     hidden, weight, target, extra = make_inputs(14, 24, 131, bias=True, weighted=True)
     check_against_reference(hidden, weight, target, extra, "sum", "torch", REL_TOL[torch.float32])
 
