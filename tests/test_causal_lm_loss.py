@@ -108,6 +108,15 @@ def test_a_router_loss_the_model_adds_is_refused():
         loss(**inputs)
 
 
+def test_a_router_setting_a_dense_models_forward_ignores_is_no_router_loss():
+    """output_router_logits on the config of a model without a router (a Llama, whose forward adds no auxiliary loss)
+    changes nothing: the model is served, not refused for a loss it never adds."""
+    model = tiny_llama(VOCAB)
+    model.config.output_router_logits = True
+    inputs = batch()
+    assert_same_loss_and_gradients(model, CausalLMLoss(model, backend="torch")(**inputs), model(**inputs).loss)
+
+
 @pytest.mark.parametrize("num_items", [11, torch.tensor(11)], ids=["int", "tensor"])
 def test_num_items_in_batch_divides_the_sum_as_the_model_does(num_items):
     """Under gradient accumulation a Trainer passes the step's number of counted tokens: the loss is then the sum

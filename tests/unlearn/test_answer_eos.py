@@ -1,4 +1,6 @@
 """answer_eos: every answer of the three streams ends with the tokenizer's EOS id as an answer token."""
+import copy
+
 import pytest
 
 from fastalign.cli import build_parser
@@ -7,7 +9,7 @@ from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.encoding import encode_answers, encode_pairs
 from fastalign.unlearn.records import QAPair
 from fastalign.unlearn.run import load_streams
-from fastalign.unlearn.templates import ChatTemplate, TextTemplate
+from fastalign.unlearn.templates import ChatTemplate, TextTemplate, end_of_turn_id
 from tests.evaluation.chat_model import EOT, chat_tokenizer
 from tests.unlearn.tiny import (FORGET_ROWS, NORMAL_ROWS, byte_bpe_tokenizer, word_level_tokenizer, write_jsonl,
                                 write_truthfulqa)
@@ -100,6 +102,17 @@ def test_chat_template_with_its_own_end_of_turn_token_trains_that_token():
     assert pool[0].answer_ids == tuple(tokenizer("Hello the sea", add_special_tokens=False)["input_ids"]) + (eot,)
     mixed = new.with_answer(pool[0], "mixed")
     assert mixed.input_ids[mixed.answer_end - 1:] == (eot,) and tokenizer.eos_token_id not in mixed.input_ids
+
+
+def test_end_of_turn_is_the_special_token_after_the_template_s_whitespace_only():
+    """Llama-2's template writes ' </s>' after an answer: the end of turn is the special token after that space (the
+    space token is no end of turn); a template that ends a turn with plain text ('### End') has none to train."""
+    turns = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+    prompt = "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    spaced, plain = copy.deepcopy(byte_bpe_tokenizer()), copy.deepcopy(byte_bpe_tokenizer())
+    spaced.chat_template, plain.chat_template = turns + " </s>" + prompt, turns + "\n### End\n" + prompt
+    assert end_of_turn_id(spaced) == spaced.eos_token_id
+    assert end_of_turn_id(plain) is None
 
 
 def test_answer_cut_by_max_length_gets_no_eos():

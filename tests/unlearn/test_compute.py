@@ -43,6 +43,7 @@ def test_flop_estimate_follows_the_documented_formula():
         assert got.flops == pytest.approx(policy + head + reference, rel=1e-12)
         assert got.reference_tokens == (sum(normal_lengths) if reference_forward else 0)
         assert got.answer_tokens == answers and got.tokens == sum(lengths)
+        assert got.padded_slots == len(lengths) * max(lengths) > sum(lengths)   # the padding costs, so it counts
 
 
 def test_attention_width_is_the_decoders_when_the_head_projects_it_down():

@@ -115,6 +115,17 @@ def test_template_validation():
             TextTemplate(bad)
 
 
+def test_text_template_renders_every_part_of_the_template():
+    """The text around both placeholders is kept, the tail after the answer too (a model trained without it would not
+    write it), and the answer span and the template's whitespace before it are where the template puts them."""
+    rendered = TextTemplate("Q: {prompt}\n  A:\t\t{answer}<end>\n").render("a {b}", "c d")
+    assert rendered.text == "Q: a {b}\n  A:\t\tc d<end>\n"
+    assert (rendered.space_start, rendered.answer_start, rendered.answer_end) == (13, 15, 18)
+    assert rendered.text[rendered.answer_start:rendered.answer_end] == "c d"
+    spec = TextTemplate().render("x", "y")
+    assert (spec.text, spec.space_start, spec.answer_start) == ("### Question: x\n ### Answer: y", 28, 29)
+
+
 def test_prompt_longer_than_context_names_the_row():
     tokenizer = byte_bpe_tokenizer()
     items = [("short", "an answer that is long enough to be cut"), ("a very long prompt " * 20, "x")]
@@ -343,6 +354,19 @@ def test_mismatch_rows_where_the_answers_first_character_retokenizes_the_prompts
     corpus = [template.render(p, a).text for p in prompts for a in answers]
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(corpus, 300), bos_token="<s>")
     assert_mismatch_rows_are_rendered_pairs(tokenizer, template, prompts, answers)
+
+
+def test_chat_mismatch_rows_where_the_template_writes_a_space_before_the_answer():
+    """A Llama-2-style chat template writes ' ' between '[/INST]' and the answer, which the byte-level BPE glues to the
+    answer's first word (' Paris'): the space belongs to the template (space_start), so the mismatch rows meet before
+    it. Located at the answer itself, no seam was left and every row was refused."""
+    tokenizer = copy.deepcopy(byte_bpe_tokenizer())
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                               "{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}")
+    template = ChatTemplate(tokenizer)
+    rendered = template.render("How?", "Paris")
+    assert rendered.text[rendered.space_start:rendered.answer_start] == " "
+    assert_mismatch_rows_are_rendered_pairs(tokenizer, template, ["How?"], ["Paris is the capital", "1. a knife"])
 
 
 @pytest.mark.xfail(strict=True, reason=KNOWN_WRONG_JOINS)

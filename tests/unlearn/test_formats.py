@@ -75,6 +75,12 @@ def test_hh_transcript_stored_without_its_leading_blank_line():
         hh_final_exchange("Human: how?")
 
 
+def test_hh_transcript_that_ends_with_a_human_turn_is_refused():
+    """Its last turn is the user's: taken as the final answer, a Human turn would be trained on as the harmful reply."""
+    with pytest.raises(ValueError, match="does not end with an Assistant turn after a Human turn"):
+        hh_final_exchange("\n\nHuman: how?\n\nAssistant: Like this.\n\nHuman: and then?")
+
+
 def test_hh_is_detected_by_its_rejected_field_alone(tmp_path):
     path = write_jsonl(tmp_path / "hh.jsonl", [{"rejected": "\n\nHuman: q\n\nAssistant: a"}])
     assert detect_jsonl_format(path) == "hh"
@@ -170,6 +176,18 @@ def test_truthfulqa_fractions_that_leave_no_training_row_are_refused(tmp_path, t
     """With 4 rows, rounding gives every row to the test split and the pool: no normal pair would be trained on."""
     rows = [(f"q{k}?", f"best {k}", f"right {k}", f"wrong {k}") for k in range(4)]
     with pytest.raises(DataError, match=r"tqa.csv: test_fraction=.* of 4 rows leave no normal training row"):
+        load_truthfulqa(write_truthfulqa(tmp_path / "tqa.csv", rows), test_fraction=test_fraction,
+                        pool_fraction=pool_fraction)
+
+
+@pytest.mark.parametrize("test_fraction, pool_fraction", [(0.5, 0.5), (0.2, 0.0), (-0.1, 0.3)])
+def test_truthfulqa_fractions_out_of_range_are_refused_whatever_the_rounding(tmp_path, test_fraction, pool_fraction):
+    """Fractions summing to 1 leave no training row by definition, though 5 rows round 2.5 + 2.5 down to 4 (one row
+    left); a pool fraction of 0 asks for no pool (rounded up to one row): both are refused, not trained on."""
+    rows = [(f"q{k}?", f"best {k}", f"right {k}", f"wrong {k}") for k in range(5)]
+    with pytest.raises(ValueError, match=r"need 0 <= test_fraction, 0 < pool_fraction and test_fraction \+ "
+                                         rf"pool_fraction < 1, got test_fraction={test_fraction}, "
+                                         rf"pool_fraction={pool_fraction}"):
         load_truthfulqa(write_truthfulqa(tmp_path / "tqa.csv", rows), test_fraction=test_fraction,
                         pool_fraction=pool_fraction)
 

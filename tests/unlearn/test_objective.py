@@ -13,8 +13,10 @@ from fastalign.unlearn.reference import (AdapterDisabledReference, CachedReferen
 from fastalign.reference.unlearning_loss import spec_unlearning_terms
 from fastalign.unlearn.streams import UnlearningStreams
 from fastalign.unlearn.batching import collate
-from fastalign.unlearn.encoding import EncodedExample
+from fastalign.unlearn.encoding import EncodedExample, encode_pairs
 from fastalign.unlearn.models import at_answer_targets, final_hidden_states
+from fastalign.unlearn.records import QAPair
+from fastalign.unlearn.templates import TextTemplate
 from tests.conftest import requires_cuda
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_phi, tiny_streams
 
@@ -142,6 +144,20 @@ def test_terms_match_the_spec_whatever_the_batchs_composition(mismatch_per_promp
     streams = tiny_streams(byte_bpe_tokenizer(), mismatch_per_prompt=mismatch_per_prompt,
                            normal_batch_size=normal_batch_size)
     assert_terms_match_spec(*setup("copy", streams=streams))
+
+
+@pytest.mark.parametrize("packing", ["on", "off"])
+def test_terms_match_the_spec_when_a_normal_row_is_the_widest(packing):
+    """A normal answer longer than every forget and mismatch row: its last answer target sits in the batch's last
+    target column, which the KL term reads like any other (the default streams' normal rows are all narrower)."""
+    tokenizer = byte_bpe_tokenizer()
+    streams = tiny_streams(tokenizer)
+    long, = encode_pairs(tokenizer, TextTemplate(), [QAPair("What is the capital?", "Paris is the capital. " * 6,
+                                                            "normal:row 9")], 128)
+    streams.normal = [long, long]
+    batch = streams.batch(0)
+    assert batch.tokens.attention_mask[-1].sum() == batch.tokens.width and batch.tokens.target_mask[-1, -2]
+    assert_terms_match_spec(*setup("copy", streams=streams), packing=packing)
 
 
 def assert_terms_match_spec(model, streams, reference, reference_logits, packing="auto", grads_in_forward=False):
@@ -346,6 +362,17 @@ def test_bf16_frozen_copy_is_the_model_loaded_in_bf16(tmp_path):
     assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # the policy is left as it was
 
 
+def test_cast_weights_casts_stored_buffers_and_keeps_computed_ones():
+    """from_pretrained(dtype=...) loads the persistent buffers in that dtype too (a model's saved float buffers); only
+    the buffers computed at construction (non-persistent, e.g. inv_freq) keep their dtype, and stay unsaved."""
+    module = torch.nn.Linear(2, 2)
+    module.register_buffer("stored", torch.ones(2))
+    module.register_buffer("computed", torch.ones(2), persistent=False)
+    assert models.cast_weights(module, torch.bfloat16) is module
+    assert module.weight.dtype == module.stored.dtype == torch.bfloat16 and module.computed.dtype == torch.float32
+    assert set(module.state_dict()) == {"weight", "bias", "stored"}
+
+
 def test_one_policy_forward_per_step():
     model, streams, reference, _ = setup("copy")
     objective = UnlearningObjective(model, WEIGHTS, reference)  # its construction probes the model once
@@ -500,6 +527,16 @@ def test_logits_the_fused_losses_do_not_reproduce_are_refused(case, monkeypatch)
     name = type(model).__name__
     with pytest.raises(NotImplementedError, match=f"{name}: its logits are not its lm_head's weight applied to "
                                                   "the final hidden states"):
+        UnlearningObjective(model)
+
+
+@pytest.mark.parametrize("dtype, multiplier", [(torch.float32, 1.0001), (torch.bfloat16, 0.9)])
+def test_an_unknown_multiplier_is_refused_beyond_a_few_roundings_of_the_dtype(dtype, multiplier, monkeypatch):
+    """The probe allows a few roundings of the model's dtype, no more: a hidden multiplier of 0.9 in bf16 (eps 2**-7),
+    or of 1.0001 in fp32, is refused; a looser bound would let a bf16 model train another objective unseen."""
+    monkeypatch.delitem(models._LOGIT_MULTIPLIERS, "lm_head_multiplier")
+    model = tiny_falcon_h1(len(byte_bpe_tokenizer()), lm_head_multiplier=multiplier).to(dtype)
+    with pytest.raises(NotImplementedError, match="its logits are not its lm_head's weight applied to"):
         UnlearningObjective(model)
 
 

@@ -154,6 +154,9 @@ def test_check_context_bounds_every_row_a_batch_can_hold():
     make(mismatch_pool=[(7,) * 6], max_length=10).check_context(10)
     with pytest.raises(DataError, match=r"forget 5: 9 tokens"):
         make(mismatch_per_prompt=0, normal=None).check_context(8)
+    # a normal row is a row of the batch too (its KL forward would fail past the context alike)
+    with pytest.raises(DataError, match=r"normal long: 15 tokens, more than the model's context"):
+        make(mismatch_per_prompt=0, normal=NORMAL + [example(20, 2, 12, "normal long")]).check_context(14)
 
 
 def test_each_prompt_gets_k_different_pool_answers():
@@ -263,6 +266,10 @@ def test_absent_streams_and_bad_arguments():
         UnlearningStreams([])
     with pytest.raises(ValueError, match="batch_size >= 1"):
         UnlearningStreams(FORGET, batch_size=0)
+    # a negative K reached numpy's choice(size=-1) at the first batch, or was taken as 0 without a pool
+    for pool in (POOL, None):
+        with pytest.raises(ValueError, match=r"mismatch_per_prompt >= 0, got 2, -1"):
+            UnlearningStreams(FORGET, mismatch_pool=pool, mismatch_per_prompt=-1)
 
 
 def test_a_prompt_that_leaves_no_room_for_a_mismatch_answer_is_named():
@@ -291,6 +298,13 @@ def test_token_ids_past_the_models_vocabulary_are_named():
         small.check_vocabulary(9)
     with pytest.raises(DataError, match=r"the padding token id 5000 is past the model's 1300 input embeddings"):
         make(filler_id=5000).check_vocabulary(1300)
+
+
+def test_a_padding_id_equal_to_the_vocabulary_size_is_named():
+    """Ids run 0..vocab_size-1: a padding id of vocab_size (a pad token appended without resizing) has no embedding."""
+    make(filler_id=1299).check_vocabulary(1300)
+    with pytest.raises(DataError, match=r"the padding token id 1300 is past the model's 1300 input embeddings"):
+        make(filler_id=1300).check_vocabulary(1300)
 
 
 def test_digest_changes_with_the_token_ids_spans_seams_padding_and_stream_of_every_example():

@@ -9,6 +9,7 @@ from fastalign.unlearn.encoding import encode_answers, encode_pairs, tokenize_te
 from fastalign.unlearn.records import DataError, QAPair
 from fastalign.unlearn.run import load_streams
 from fastalign.unlearn.templates import ChatTemplate
+from tests.chat_families import family_tokenizer
 from tests.evaluation.chat_model import CHAT_TEMPLATE as LLAMA3_TEMPLATE
 from tests.evaluation.chat_model import EOT, SYSTEM, chat_tokenizer
 from tests.unlearn.test_encoding import check_span
@@ -83,6 +84,18 @@ def test_every_stream_reads_the_system_turn(tmp_path):
     for example in batch.examples:
         assert example.input_ids[:len(system_turn)] == system_turn, example.source
         assert example.answer_start > len(system_turn)
+
+
+def test_an_empty_system_text_is_a_system_turn_of_its_own():
+    """system="" is an empty system turn, not none: Qwen2's template writes its default system prompt only where the
+    conversation has no system turn, so an empty one is how a user leaves that default out (eval reads it alike)."""
+    tokenizer = family_tokenizer("qwen2")
+    assert "You are a helpful assistant." in ChatTemplate(tokenizer).prompt("Hi")
+    empty = ChatTemplate(tokenizer, system="")
+    assert empty.prompt("Hi").startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi")
+    assert empty.prompt("Hi") == chat_prompt(tokenizer, "Hi", "")
+    rendered = empty.render("Hi", "Hello")
+    assert "You are a helpful assistant." not in rendered.text[:rendered.answer_start]
 
 
 def test_a_template_that_refuses_or_drops_a_system_turn_names_system():
