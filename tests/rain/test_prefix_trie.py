@@ -1,5 +1,8 @@
 """The tree engine's prefix trie: the rewind keeps only what the new root's subtrie can need, and dropping a
 trie hands every entry back exactly once."""
+import numpy as np
+import torch
+
 from fastalign.rain.prefix_trie import PrefixNode, drop_all, keep_only_below
 
 
@@ -37,3 +40,12 @@ def test_drop_all_hands_back_each_entry_once_and_empties_the_trie():
     drop_all(nodes["origin"], handed_back.append)
     assert sorted(handed_back) == ["a", "c", "d", "o", "x", "y"]
     assert nodes["origin"].children == {} and all(n.entry is None for n in nodes.values())
+
+
+def test_a_token_given_as_a_tensor_or_numpy_integer_finds_the_same_node():
+    """Children are keyed by the token's value: keyed by a tensor (hashed by identity), each lookup made a new
+    branch and its prefix was computed again."""
+    origin = PrefixNode(None, None, skey=0)
+    node = origin.walk([1, 2])
+    assert origin.walk(torch.tensor([1, 2])) is node and origin.walk(np.array([1, 2])) is node
+    assert origin.child(torch.tensor(1)) is origin.child(1) and list(origin.children) == [1]

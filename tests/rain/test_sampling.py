@@ -9,7 +9,7 @@ import torch
 
 from fastalign.rain import KeyedSampler, RainConfig, TorchSampler
 from fastalign.rain.sampling import (ROLLOUT_STREAM, CheckedSampler, check_sampler, draw_key, extend_key,
-                                     prompt_sampler, ranked_tokens, seed_key, top_k_distribution)
+                                     make_sampler, prompt_sampler, ranked_tokens, seed_key, top_k_distribution)
 
 
 def test_keyed_draws_are_batch_invariant():
@@ -186,3 +186,56 @@ def test_a_plug_in_sampler_s_bad_draws_are_errors_naming_it(columns, pools, mess
             sampler.draw(probs, [1, 2])
         else:
             sampler.draw_many(probs, [1, 2], 3)
+
+
+def test_torch_pools_are_drawn_with_replacement():
+    """A pool holds `count` independent draws: a row with one possible token gives that token `count` times (drawn
+    without replacement, a pool could not repeat a token and a row with fewer possible tokens failed)."""
+    probs = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.5]])
+    pools = TorchSampler(seed=0).draw_many(probs, [0, 0], 3)
+    assert pools[0] == [1, 1, 1] and set(pools[1]) <= {0, 2}
+
+
+def test_keyed_draws_read_unnormalised_weights_as_their_distribution():
+    """Like torch.multinomial, the keyed sampler reads a row's weights relative to its total: weights scaled by 3
+    or by 1/3 draw the tokens the normalised row draws (unscaled, most draws fell on the last token or the first)."""
+    probs = torch.softmax(torch.randn(64, 20, generator=torch.Generator().manual_seed(0)), dim=-1)
+    keys = [draw_key(seed_key(0), s) for s in range(64)]
+    sampler = KeyedSampler(seed=1)
+    drawn = sampler.draw(probs, keys)
+    assert sampler.draw(probs * 3, keys) == drawn and sampler.draw(probs / 3, keys) == drawn
+
+
+@pytest.mark.parametrize("repeatable", [None, "no", 1])
+def test_a_plug_in_samplers_repeatable_must_be_a_bool(repeatable):
+    """repeatable decides whether the engine reuses a pool's first draw: a truthy string taken as True drew one
+    token for every rollout."""
+    plug_in = type("Flagged", (_PlugIn,), {"repeatable": repeatable})()
+    with pytest.raises(ValueError, match=re.escape("sampler: Flagged.repeatable must be True or False")):
+        check_sampler(plug_in)
+
+
+def test_a_plug_in_sampler_giving_more_pools_or_columns_than_rows_is_an_error():
+    """A surplus pool or column was paired with no row (zip) and silently dropped: the draws then belonged to
+    rows they were not drawn for."""
+    probs = torch.full((2, 5), 0.2)
+    with pytest.raises(ValueError, match=re.escape("_PlugIn.draw_many returned 3 pools for 2 rows")):
+        check_sampler(_PlugIn(pools=[[1], [2], [3]])).draw_many(probs, [1, 2], 3)
+    with pytest.raises(ValueError, match=re.escape("_PlugIn.draw returned 3 columns for 2 rows")):
+        check_sampler(_PlugIn(columns=[1, 2, 3])).draw(probs, [1, 2])
+
+
+def test_top_k_probabilities_are_float32_whatever_the_logits_dtype():
+    """A bfloat16 model's priors are products of these probabilities: cast back to bfloat16 they kept 3 digits."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]], dtype=torch.bfloat16)
+    ids, probs = top_k_distribution(logits, 3)
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs[0], torch.softmax(torch.tensor([3.0, 1.0, 2.0]), dim=0), rtol=0, atol=1e-7)
+
+
+def test_make_sampler_seeds_the_sampler_it_makes():
+    """The run's seed reaches both built-in samplers (a torch sampler seeded 0 whatever the seed drew alike)."""
+    assert make_sampler("torch", 5).seed == 5 and make_sampler("keyed", 6).seed == 6
+    assert isinstance(make_sampler("torch", 5), TorchSampler) and isinstance(make_sampler("keyed", 5), KeyedSampler)
+    with pytest.raises(ValueError, match="sampler must be 'torch' or 'keyed', got 'Torch'"):
+        make_sampler("Torch", 0)
