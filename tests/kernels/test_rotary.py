@@ -34,6 +34,17 @@ def test_equals_the_torch_rotation(tokens, q_heads, kv_heads, head_dim, dtype, c
     assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)
 
 
+def assert_rotates_and_stores_as_torch(q, k, cos, sin, v, pool, slots):
+    """The kernel's rotation of q and k, and its store of the keys and v into the layer `pool` [2, blocks, block_size,
+    heads, D] at `slots`, to the bit the torch rotation's and write_kv's (NaNs where neither writes)."""
+    ref_pool = pool.clone()
+    ref_q, ref_k = rotate_qk_torch(q, k, cos, sin)
+    write_kv_unchecked(ref_k, v, ref_pool[0], ref_pool[1], slots)
+    out_q, out_k = rotate_qk_triton(q, k, cos[:, 0], sin[:, 0], store=(v, pool[0], pool[1], slots))
+    assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)
+    torch.testing.assert_close(pool, ref_pool, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype, cos_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                               (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("tokens, q_heads, kv_heads, head_dim", [(5, 4, 2, 16), (1, 3, 3, 80)])
@@ -45,12 +56,7 @@ def test_store_writes_the_rotated_keys_and_the_values_to_their_slots(tokens, q_h
     v = torch.randn(tokens, kv_heads, head_dim).to(TRITON_DEVICE, dtype)
     pool = torch.full((2, 3, 4, kv_heads, head_dim), float("nan"), dtype=dtype, device=TRITON_DEVICE)
     slots = torch.tensor([9, 0, 4, 11, 2][:tokens], device=TRITON_DEVICE)
-    ref_pool = pool.clone()
-    ref_q, ref_k = rotate_qk_torch(q, k, cos, sin)
-    write_kv_unchecked(ref_k, v, ref_pool[0], ref_pool[1], slots)
-    out_q, out_k = rotate_qk_triton(q, k, cos[:, 0], sin[:, 0], store=(v, pool[0], pool[1], slots))
-    assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)
-    torch.testing.assert_close(pool, ref_pool, rtol=0, atol=0, equal_nan=True)
+    assert_rotates_and_stores_as_torch(q, k, cos, sin, v, pool, slots)
     assert pool.isnan().sum() == pool.numel() - 2 * tokens * kv_heads * head_dim
 
 
@@ -180,9 +186,4 @@ def test_each_tensor_is_read_and_written_by_its_own_strides(dtype):
     assert q.stride(1) != k.stride(1) and v.stride()[:2] != k.stride()[:2] and sin.stride(0) != cos.stride(0)
     assert pool[0].stride(2) != head_dim
     slots = torch.tensor([9, 0, 4], device=TRITON_DEVICE)
-    ref_pool = pool.clone()
-    ref_q, ref_k = rotate_qk_torch(q, k, cos, sin)
-    write_kv_unchecked(ref_k, v, ref_pool[0], ref_pool[1], slots)
-    out_q, out_k = rotate_qk_triton(q, k, cos[:, 0], sin[:, 0], store=(v, pool[0], pool[1], slots))
-    assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)
-    torch.testing.assert_close(pool, ref_pool, rtol=0, atol=0, equal_nan=True)
+    assert_rotates_and_stores_as_torch(q, k, cos, sin, v, pool, slots)

