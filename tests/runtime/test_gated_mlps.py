@@ -1,6 +1,8 @@
 """fastalign.runtime.gated_mlps: on the Triton backend every dense MLP of the paged Llama path (SwiGLU and the Gemmas'
 GeGLU) runs its activation and product as one kernel, held here to the module's outputs in bf16; the sparse mixtures
 of experts, the torch backend, and MLPs the kernel cannot stand for call the module."""
+import functools
+
 import pytest
 import torch
 from transformers.activations import ACT2FN
@@ -47,9 +49,20 @@ def test_the_activations_the_kernel_computes(act, expected):
 
 
 def test_activations_that_only_look_alike_are_kept():
-    """Hugging Face's GELUTanh in its python variant rounds each of its 16-bit ops; a hooked SiLU would be skipped."""
+    """Hugging Face's GELUTanh in its python variant rounds each of its 16-bit ops, or with its function replaced
+    computes another; a hooked SiLU would be skipped; a module of a model's own named as Hugging Face's SiLU is not
+    it."""
     python_gelu = type(ACT2FN["gelu_pytorch_tanh"])(use_gelu_tanh_python=True)
     assert kernel_activation(python_gelu) is None
+    exact_gelu = ACT2FN["gelu_pytorch_tanh"]
+    exact_gelu.act = functools.partial(torch.nn.functional.gelu, approximate="none")   # GELUTanh by name alone
+    assert kernel_activation(exact_gelu) is None
+
+    class SiLUActivation(torch.nn.Module):   # Hugging Face's name, a model's own module and function
+        def forward(self, x):
+            return torch.relu(x)
+
+    assert kernel_activation(SiLUActivation()) is None
     silu = torch.nn.SiLU()
     silu.register_forward_hook(lambda module, args, out: out)
     assert kernel_activation(silu) is None
@@ -68,12 +81,14 @@ def test_mlps_the_kernel_cannot_stand_for_are_kept():
     assert fused_gated_mlp(torch.nn.Linear(4, 4), "triton") is None
 
 
-def test_a_call_the_kernel_does_not_take_goes_to_torch():
+@pytest.mark.parametrize("up", [lambda out: out.bfloat16(), lambda out: out[..., :1]])
+def test_a_call_the_kernel_does_not_take_goes_to_torch(up):
     """An up projection that returns another dtype than the gate's (a hook here; an adapter kept in another dtype,
-    say): torch's product promotes, as in the module."""
+    say), or another shape (one column, broadcast): torch's product promotes and broadcasts, as in the module (the
+    kernel would read up as gate's dtype and shape)."""
     model = tiny_model("llama-gqa-untied")
     mlp = model.model.layers[0].mlp
-    mlp.up_proj.register_forward_hook(lambda module, args, out: out.bfloat16())
+    mlp.up_proj.register_forward_hook(lambda module, args, out: up(out))
     x = torch.randn(3, model.config.hidden_size)
     with torch.no_grad():
         assert torch.equal(FusedGatedMLP(mlp, "silu")(x), mlp(x))

@@ -218,11 +218,13 @@ def test_hidden_states_without_logits_come_from_the_decoder_alone(name):
 
 def test_the_fallback_says_why_it_was_taken_and_the_paged_runners_say_nothing():
     """A model that neither paged runner takes still runs, on Hugging Face's cache, but not silently:
-    the warning names the probe's reason, so a user whose search runs slowly learns why."""
+    the warning names the probe's reason, so a user whose search runs slowly learns why, at the user's line that made
+    the runner (not inside fastalign)."""
     with pytest.warns(UserWarning, match="TreeRunner: BloomForCausalLM cannot run on the paged pool: its forward takes "
                                          "no position_ids; it runs on Hugging Face's own cache instead, rows that "
-                                         "run alike batched"):
+                                         "run alike batched") as caught:
         assert not TreeRunner(tiny_model("bloom-alibi-fallback"), max_tokens=64).paged
+    assert [w.filename for w in caught if "TreeRunner" in str(w.message)] == [__file__]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for name in ("llama-gqa-untied", "gpt2-learned-positions"):

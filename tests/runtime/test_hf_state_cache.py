@@ -87,6 +87,21 @@ def test_rows_from_contexts_a_power_of_two_apart_run_apart_unless_nothing_is_pad
     assert_matches(model, children, logits)
 
 
+@pytest.mark.parametrize("first", ["new root", "continuation"])
+def test_with_no_attention_layer_new_roots_and_rows_from_a_state_run_apart(first):
+    """Mamba 2 pads nothing, so rows from states of any length run as one batch, but a new root has no state to start
+    from: run with rows that do, it would be given one (or theirs dropped), whichever comes first in the call."""
+    model, runner, calls = state_runner("mamba2-states", max_state_bytes=1 << 20)
+    root = runner.prefill([5, 17, 3])
+    del calls[:]
+    parents, lists = [None, root], [[7, 8], [1, 2]]
+    if first == "continuation":
+        parents, lists = parents[::-1], lists[::-1]
+    children, logits = runner.extend(parents, lists, logits="all")
+    assert sorted(calls) == [(1, 2, 2), (1, 2, 2)]
+    assert_matches(model, children, logits)
+
+
 def test_rows_alike_run_together_wherever_they_are_in_the_call():
     """The rows of one, two and one new tokens ran as three forwards, the two alike being apart in the call: now the
     alike ones run as one, and each row still gets its own outputs."""

@@ -55,6 +55,23 @@ def test_modules_the_kernel_cannot_stand_for_are_kept():
     assert fused_rms_norm(None, "rounded", torch.bfloat16) is None
 
 
+def test_the_kernel_takes_the_modules_own_eps():
+    """Llama 2's norms take eps 1e-5, others 1e-6 (the tiny models' default): the kernel divides by the module's, on
+    its own and in an add after a sublayer output's norm (each its own eps)."""
+    model = tiny_model("llama-gqa-untied")
+    norm, y_norm = model.model.norm, model.model.layers[0].input_layernorm
+    norm.variance_epsilon, y_norm.variance_epsilon = 0.5, 0.25
+    fused, fused_y = (fused_rms_norm(module, "rounded", torch.float32) for module in (norm, y_norm))
+    assert isinstance(fused, FusedRMSNorm) and fused.eps == 0.5
+    torch.manual_seed(0)
+    x, y = 0.1 * torch.randn(2, 4, 48)
+    with torch.no_grad():
+        assert_as_module(fused(x), norm(x))
+        total, out = add_then_norm(fused, x, y, fused_y)
+        assert_as_module(total, x + y_norm(y))
+        assert_as_module(out, norm(x + y_norm(y)))
+
+
 def test_calls_the_kernel_does_not_fit_go_to_the_module():
     """Another device's input (accelerate's offloading leaves weights elsewhere) or a strided last dimension; in an
     add, also operands of two dtypes (torch promotes their sum)."""
@@ -67,6 +84,41 @@ def test_calls_the_kernel_does_not_fit_go_to_the_module():
         y = torch.randn(6, 48, dtype=torch.float64)
         total, out = add_then_norm(fused, x, y)
         assert total.dtype == torch.float64 and torch.equal(out, norm(x + y))
+
+
+def test_rms_norms_the_kernel_cannot_read_are_kept():
+    """A module named as an RMSNorm whose weight is not one row (the kernel reads weight[i] for column i), or whose
+    eps is no float (a tensor, which the kernel takes for a pointer), computes as its own forward says."""
+    class WideRMSNorm(torch.nn.Module):
+        def __init__(self, weight, eps):
+            super().__init__()
+            self.weight, self.eps = torch.nn.Parameter(weight), eps
+
+        def forward(self, x):
+            return x * self.weight
+
+    for norm in (WideRMSNorm(torch.ones(1, 48), 1e-6), WideRMSNorm(torch.ones(48), torch.tensor(1e-6))):
+        assert fused_rms_norm(norm, "rounded", torch.float32) is norm
+
+
+def test_calls_of_another_width_or_shape_or_dtype_than_the_kernel_takes_go_to_torch():
+    """An input of another width than the weight's fails as in the module (the kernel would read past the weight); an
+    add of a broadcast row, or of operands in two dtypes, is torch's (the kernel would read y as h's shape and
+    dtype, and round the sum to h's dtype where torch promotes it)."""
+    model = tiny_model("llama-gqa-untied")
+    norm = model.model.norm
+    fused = FusedRMSNorm(norm, norm.variance_epsilon, "rounded")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="must match the size"):
+            fused(torch.randn(6, 24))
+        x, row = torch.randn(6, 48), torch.randn(1, 48)
+        total, out = add_then_norm(fused, x, row)
+        assert torch.equal(total, x + row)
+        torch.testing.assert_close(out, norm(x + row))
+        x, y = torch.randn(6, 48, dtype=torch.bfloat16), torch.randn(6, 48)
+        total, out = add_then_norm(fused, x, y)
+        assert total.dtype == torch.float32 and torch.equal(total, x + y)
 
 
 def test_add_then_norm_without_a_norm_gives_the_stream_itself():

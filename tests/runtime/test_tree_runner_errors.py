@@ -444,6 +444,20 @@ def test_a_sliding_window_that_is_no_positive_int_is_refused(window):
         TreeRunner(model, max_tokens=64, attention_backend="torch")
 
 
+@pytest.mark.parametrize("softcap", [0.0, -1.5, float("inf")])
+def test_an_attention_soft_cap_that_is_no_positive_finite_number_is_refused(softcap):
+    """Gemma 2's attn_logit_softcapping c caps scores at c * tanh(s / c): 0 gives NaN logits, a negative c silently
+    caps as -c would. The paged forward checks it (once per forward, on the first layer) instead of running it."""
+    model = tiny_model("gemma2-sliding-softcaps")
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = softcap
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    message = ("softcap: expected None or a positive finite number (the c of c * tanh(s / c), Gemma 2's "
+               f"attn_logit_softcapping), got {softcap}")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        runner.prefill([1, 2, 3])
+
+
 def test_a_sliding_window_of_one_token_attends_to_itself():
     torch.manual_seed(0)
     model = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, hidden_size=32,
