@@ -26,7 +26,7 @@ def test_layers_of_one_shape_share_a_tensor_and_copies_reach_every_layer():
         == 5 * 3 * 2 * 4 * (2 * 16 * 2 + 32 * 2 + 32)
 
 
-@pytest.mark.parametrize("shapes", [[], [(2,)], [(0, 16)], [(2, 16.0)], [(True, 16)], None, 7])
+@pytest.mark.parametrize("shapes", [[], [(2,)], [(2, 16, 1)], [(0, 16)], [(2, 16.0)], [(True, 16)], None, 7])
 def test_bad_layer_shapes_are_refused_by_name(shapes):
     with pytest.raises(ValueError, match="layer_shapes: expected one \\(num_kv_heads, head_dim\\) pair of positive "
                                          "ints per pool layer"):
@@ -47,3 +47,14 @@ def test_pool_size_in_tokens_rounds_up_to_whole_blocks_and_in_bytes_rounds_down(
                            (dict(max_bytes=100.0), "max_bytes: expected an int of at least one block")):
         with pytest.raises(ValueError, match=message):
             blocks(**sizes)
+
+
+def test_a_pool_is_made_in_the_dtype_and_on_the_device_asked_for_and_sized_in_that_dtypes_bytes():
+    """A pool made on another device than the model's, or in float32 for a bf16 model, or sized per block as if every
+    element took 4 bytes, would fail deep in attention or hold half the blocks that max_bytes pays for."""
+    shapes = [(2, 16), (1, 32), (2, 16)]
+    pool = KVPool(shapes, num_blocks=5, block_size=3, dtype=torch.bfloat16, device="meta")
+    assert all(t.dtype == torch.bfloat16 and t.device.type == "meta" for t in pool.tensors)
+    assert all(view(layer).device.type == "meta" for view in (pool.k, pool.v) for layer in range(len(shapes)))
+    assert pool.nbytes == 5 * KVPool.bytes_per_block(shapes, block_size=3, dtype=torch.bfloat16) \
+        == 5 * 3 * 2 * 2 * (2 * 16 * 2 + 32)

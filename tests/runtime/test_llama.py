@@ -1,11 +1,18 @@
 """Which models PagedLlama takes, and what it reads from their configs (fastalign.runtime.llama)."""
 import pytest
 import torch
-from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3TextConfig, LlamaForCausalLM
+from transformers import (Gemma3Config, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+                          MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig,
+                          Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 from fastalign import TreeRunner
 from fastalign.runtime.llama import context_limit, llama_family_problem
 from tests.runtime.tiny_models import CONFIGS, MAX_POSITIONS, VOCAB, assert_matches, tiny_model
+
+# a tiny model of two layers, and of four experts for the mixtures
+_TINY = dict(vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, hidden_size=32, intermediate_size=64,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
 
 
 @pytest.mark.parametrize("part", ["model.rotary_emb", "model.embed_tokens", "model.norm", "lm_head"])
@@ -18,14 +25,21 @@ def test_a_model_missing_a_module_outside_its_layers_is_not_run_on_the_paged_lla
     assert llama_family_problem(model) == f"its modules do not follow the Llama layout (missing {child})"
 
 
+@pytest.mark.parametrize("part", ["mlp", "self_attn.v_proj", "input_layernorm"])
+def test_a_model_missing_a_module_inside_a_layer_is_not_run_on_the_paged_llama_path(part):
+    """A layer without a module the paged forward calls (a fused projection, an MLP under another name) would fail
+    deep in the forward instead of going to PagedHF: the check names the missing module of its layer."""
+    model = tiny_model("llama-gqa-untied")
+    parent, child = part.rsplit(".", 1) if "." in part else ("", part)
+    delattr(model.model.layers[1].get_submodule(parent), child)
+    assert llama_family_problem(model) == f"its modules do not follow the Llama layout (missing layers[1].{part})"
+
+
 def test_a_bidirectional_model_of_a_paged_family_is_not_run_causally():
     """Gemma 3 with use_bidirectional_attention (EmbeddingGemma's) attends to later tokens too: the causal paged
     forward would give it silently wrong outputs, so PagedLlama refuses it."""
     torch.manual_seed(0)
-    model = Gemma3ForCausalLM(Gemma3TextConfig(
-        vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        use_bidirectional_attention=True, attn_implementation="eager")).eval()
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**_TINY, head_dim=8, use_bidirectional_attention=True)).eval()
     assert llama_family_problem(model) == "it attends bidirectionally (use_bidirectional_attention), not causally"
     with pytest.raises(ValueError, match=r"it attends bidirectionally \(use_bidirectional_attention\), not causally"):
         TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch", fallback=False)
@@ -76,10 +90,33 @@ def test_longrope_on_one_layer_type_or_in_a_text_config_caps_the_context():
     config gives one rope dict per layer type, and where it sits in a multimodal config's text_config."""
     longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32,
                 "short_factor": [1.0] * 4, "long_factor": [4.0] * 4}
-    text = dict(vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                layer_types=["sliding_attention", "full_attention"],
+    text = dict(_TINY, head_dim=8, layer_types=["sliding_attention", "full_attention"],
                 rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                  "full_attention": longrope})
     assert context_limit(Gemma3TextConfig(**text)) == 32
     assert context_limit(Gemma3Config(text_config=text)) == 32
+
+
+@pytest.mark.parametrize("cls, config, windows", [
+    (MixtralForCausalLM, lambda: MixtralConfig(**_TINY, sliding_window=4, num_local_experts=4), [4, 4]),
+    (Qwen2ForCausalLM, lambda: Qwen2Config(**_TINY, use_sliding_window=True, sliding_window=4,
+                                           max_window_layers=1), [None, 4]),
+    (Qwen2MoeForCausalLM, lambda: Qwen2MoeConfig(**_TINY, **_MOE, use_sliding_window=True, sliding_window=4,
+                                                 max_window_layers=1, shared_expert_intermediate_size=16),
+     [4, None]),
+    (Qwen3ForCausalLM, lambda: Qwen3Config(**_TINY, head_dim=8, use_sliding_window=True, sliding_window=4,
+                                           max_window_layers=1), [None, 4]),
+    (Qwen3MoeForCausalLM, lambda: Qwen3MoeConfig(**_TINY, **_MOE, head_dim=8, use_sliding_window=True,
+                                                 sliding_window=4), [4, 4]),
+    (LlamaForCausalLM, lambda: LlamaConfig(**_TINY, sliding_window=4), [None, None])])
+def test_each_family_attends_to_the_sliding_window_where_its_own_forward_masks_one(cls, config, windows):
+    """A family's layout names where config.sliding_window applies (every layer, the layers config.layer_types calls
+    sliding, or none: Llama's ignores one): a layer given the wrong window reads keys its model masks, or misses keys
+    it reads, silently, once a sequence outgrows the window."""
+    torch.manual_seed(0)
+    model = cls(config()).eval()
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    assert runner.model_runner.windows == windows
+    seq = [5, 9, 14, 3, 7, 11, 2, 8, 13, 4, 6, 10]
+    (child,), logits = runner.extend([runner.prefill(seq[:5])], [seq[5:]], logits="all")
+    assert_matches(model, [child], logits)
