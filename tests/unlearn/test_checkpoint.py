@@ -2,6 +2,7 @@
 `keep` checkpoints kept."""
 import os
 import pathlib
+import threading
 
 import pytest
 
@@ -135,6 +136,8 @@ def test_a_process_the_checkpoint_has_no_state_for_gets_the_resume_error_naming_
     with pytest.raises(ValueError, match=r"cannot resume .*step-000003: it has no state for process 2: it was "
                                          r"written by 2 process\(es\)"):
         checkpoint.read_checkpoint(written, 2)
+    with pytest.raises(ValueError, match=r"no state for process 3: it was written by 2 process\(es\)"):  # not the rank
+        checkpoint.read_checkpoint(written, 3)
 
 
 @pytest.mark.parametrize("damage", ["removed", "truncated state", "truncated rank state", "emptied state"])
@@ -153,3 +156,140 @@ def test_a_damaged_checkpoint_is_an_error_naming_it_and_the_way_on(tmp_path, dam
     file.write_bytes(file.read_bytes()[:0 if damage == "emptied state" else 40])   # emptied: torch raises EOFError
     with pytest.raises(ValueError, match=rf"cannot resume from {file}: it cannot be read .*checkpoints/latest"):
         checkpoint.read_checkpoint(checkpoint.latest_checkpoint(str(tmp_path)), 0)
+
+
+def test_every_byte_of_a_file_is_written_out_before_it_is_fsynced(tmp_path, monkeypatch):
+    """fsync flushes only what the OS holds: without flushing Python's buffer first, a small file (`latest`) was
+    still in that buffer when fsynced, and a machine crash left it empty or cut."""
+    real_fsync, sizes = os.fsync, []
+
+    def recording_fsync(fd):
+        sizes.append((os.fstat(fd).st_ino, os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    final = write(tmp_path, 3)
+    files = [os.path.join(final, "rank-0.pt"), os.path.join(final, "state.pt"), tmp_path / "checkpoints" / "latest"]
+    assert sorted(sizes) == sorted((os.stat(f).st_ino, os.stat(f).st_size) for f in files)
+
+
+def test_an_atomic_directory_does_not_take_in_what_a_killed_write_left_in_its_temporary(tmp_path):
+    """A write killed (not failed: no cleanup ran) leaves .tmp-model with its files; the next write must start from an
+    empty directory, not rename the killed write's leftovers into model/ beside its own files."""
+    stale = tmp_path / ".tmp-model"
+    stale.mkdir()
+    (stale / "shard-of-the-killed-write").write_text("stale")
+    with checkpoint.atomic_directory(str(tmp_path / "model")) as tmp:
+        pathlib.Path(tmp, "weights").write_text("new")
+    assert os.listdir(tmp_path) == ["model"] and os.listdir(tmp_path / "model") == ["weights"]
+
+
+def test_latest_written_by_hand_with_a_trailing_newline_names_its_checkpoint(tmp_path):
+    """The damaged-checkpoint error tells the user to write a checkpoint's name into `latest`: `echo step-000001 >
+    latest` adds a newline, which must not make the name unreadable."""
+    first = write(tmp_path, 1)
+    write(tmp_path, 2)
+    (tmp_path / "checkpoints" / "latest").write_text("step-000001\n")
+    assert checkpoint.latest_checkpoint(str(tmp_path)) == first
+
+
+def test_an_interrupt_while_writing_a_checkpoint_leaves_no_temporary(tmp_path, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt, not an Exception) in the middle of a checkpoint write removes the half-written
+    temporary directory like any other failure."""
+    write(tmp_path, 1)
+
+    def interrupted(obj, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write(tmp_path, 2)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-000001"]
+
+
+def test_a_foreign_file_in_place_of_a_checkpoint_file_is_an_error_naming_it(tmp_path):
+    """A file that is not a torch checkpoint at all (torch raises an UnpicklingError for it, neither EOFError nor
+    RuntimeError) is reported like a cut one, not as a traceback."""
+    final = pathlib.Path(write(tmp_path, 1))
+    (final / "state.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"cannot resume from .*state.pt: it cannot be read \(UnpicklingError"):
+        checkpoint.read_checkpoint(str(final), 0)
+
+
+def test_each_process_of_a_checkpoint_gets_back_its_own_rank_state(tmp_path):
+    """Two processes (threads meeting at a real barrier) write one checkpoint: each rank's RNG state goes to its own
+    file and comes back to that rank on resume (one file for all ranks gave every process rank 0's draws)."""
+    barrier = threading.Barrier(2, timeout=30)
+    finals, errors = {}, []
+
+    def process(rank):
+        try:
+            finals[rank] = checkpoint.write_checkpoint(str(tmp_path), 2, {"step": 2, "num_processes": 2},
+                                                       {"rank": rank}, rank=rank, is_main=rank == 0,
+                                                       barrier=barrier.wait, keep=0)
+        except BaseException as e:   # noqa: BLE001 - reported below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=process, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and finals[0] == finals[1] == checkpoint.latest_checkpoint(str(tmp_path))
+    assert sorted(os.listdir(finals[0])) == ["rank-0.pt", "rank-1.pt", "state.pt"]
+    for rank in (0, 1):
+        assert checkpoint.read_checkpoint(finals[0], rank) == ({"step": 2, "num_processes": 2}, {"rank": rank})
+
+
+def test_write_checkpoint_meets_the_other_processes_at_each_stage(tmp_path, monkeypatch):
+    """The barriers order the processes: none writes before the main one made the temporary directory, the main
+    one renames it only after every process wrote its file, and none returns before `latest` names the checkpoint
+    (a process going on earlier writes into nothing, or resumes / finishes against a checkpoint not yet in place)."""
+    tmp, final = tmp_path / "checkpoints" / ".tmp-step-000003", tmp_path / "checkpoints" / "step-000003"
+    events, real_save = [], checkpoint.save_file
+
+    def recording_save(obj, path):
+        events.append(("save", os.path.basename(path)))
+        real_save(obj, path)
+
+    def recording_barrier():
+        events.append(("barrier", tmp.is_dir(), checkpoint.latest_checkpoint(str(tmp_path)) == str(final)))
+
+    monkeypatch.setattr(checkpoint, "save_file", recording_save)
+    checkpoint.write_checkpoint(str(tmp_path), 3, {"step": 3}, {"rank": 0}, rank=0, is_main=True,
+                                barrier=recording_barrier, keep=0)
+    assert events == [("barrier", False, False), ("barrier", True, False), ("save", "rank-0.pt"),
+                      ("save", "state.pt"), ("barrier", True, False), ("barrier", False, True)]
+
+
+def test_an_interrupt_inside_an_atomic_directory_leaves_no_temporary(tmp_path):
+    """Ctrl-C while model/ is written removes the half-written temporary like any failure does."""
+    with pytest.raises(KeyboardInterrupt):
+        with checkpoint.atomic_directory(str(tmp_path / "model")) as tmp:
+            pathlib.Path(tmp, "weights").write_text("half")
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == []
+
+
+def test_remove_stale_temporaries_removes_files_and_directories_and_nothing_else(tmp_path):
+    """An interrupted write_text_atomic leaves a file (.tmp-run.json), an interrupted checkpoint or model a
+    directory: both go, beside the output directory's and checkpoints/' own entries, which stay."""
+    write(tmp_path, 1)
+    (tmp_path / ".tmp-run.json").write_text("{")
+    (tmp_path / ".tmp-model").mkdir()
+    (tmp_path / "checkpoints" / ".tmp-latest").write_text("step-000002")
+    (tmp_path / "checkpoints" / ".tmp-step-000002").mkdir()
+    checkpoint.remove_stale_temporaries(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-000001"]
+
+
+def test_a_checkpoint_does_not_take_in_what_a_killed_write_of_its_step_left(tmp_path):
+    """A killed run (of more processes, say) leaves .tmp-step-000002 with its files: writing step 2 again must start
+    from an empty directory, not put the killed write's rank files into the new checkpoint."""
+    stale = tmp_path / "checkpoints" / ".tmp-step-000002"
+    stale.mkdir(parents=True)
+    (stale / "rank-3.pt").write_bytes(b"stale")
+    final = write(tmp_path, 2)
+    assert sorted(os.listdir(final)) == ["rank-0.pt", "state.pt"]

@@ -3,6 +3,7 @@ import gzip
 import json
 
 import pytest
+import torch
 
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.encoding import encode_answers
@@ -10,7 +11,8 @@ from fastalign.unlearn.formats import load_truthfulqa
 from fastalign.unlearn.records import DataError
 from fastalign.unlearn.run import load_model_and_tokenizer, load_streams
 from fastalign.unlearn.templates import TextTemplate
-from tests.unlearn.tiny import FORGET_ROWS, byte_bpe_tokenizer, write_jsonl, write_truthfulqa
+from tests.unlearn.tiny import (FORGET_ROWS, NORMAL_ROWS, POOL_ANSWERS, byte_bpe_tokenizer, tiny_llama, write_jsonl,
+                               write_truthfulqa)
 
 
 def test_truthfulqa_as_normal_feeds_the_mismatch_pool_from_its_pool_rows_only(tmp_path):
@@ -110,3 +112,100 @@ def test_a_model_transformers_cannot_build_is_not_blamed_on_the_attention_implem
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "nonsense"}))
     with pytest.raises(ValueError, match="^(?!attn_implementation).*model type `nonsense`"):
         load_model_and_tokenizer(UnlearnConfig(model=str(tmp_path), output_dir=str(tmp_path / "o")))
+
+
+def jsonl_data(tmp_path, forget_rows=FORGET_ROWS):
+    """forget, normal and pool jsonl files of the tiny rows."""
+    return {"forget": [str(write_jsonl(tmp_path / "forget.jsonl", forget_rows))],
+            "normal": str(write_jsonl(tmp_path / "normal.jsonl", NORMAL_ROWS)),
+            "mismatch_pool": str(write_jsonl(tmp_path / "pool.jsonl", [{"prompt": "p", "answer": a}
+                                                                        for a in POOL_ANSWERS]))}
+
+
+def test_the_streams_take_the_configs_batch_sizes_and_seed(tmp_path):
+    """normal_batch_size and seed reach the streams: dropped, the normal rows per step fell back to batch_size and
+    every seed drew the same batches, without a word."""
+    config = UnlearnConfig(model="m", output_dir="o", max_length=64, batch_size=2, normal_batch_size=1, seed=7,
+                           mismatch_per_prompt=2, **jsonl_data(tmp_path))
+    streams = load_streams(config, byte_bpe_tokenizer())
+    assert (streams.normal_batch_size, streams.seed, streams.mismatch_per_prompt) == (1, 7, 2)
+    assert (streams.batch(0).num_forget, streams.batch(0).num_normal) == (2, 1)
+
+
+def test_skipped_examples_of_each_stream_are_counted(tmp_path):
+    """At max_length=19 skip_long_prompts drops two forget rows (one too long with a mismatch answer's lead space)
+    and the longer normal row: run.json records both counts."""
+    config = UnlearnConfig(model="m", output_dir="o", max_length=19, skip_long_prompts=True, **jsonl_data(tmp_path))
+    streams = load_streams(config, byte_bpe_tokenizer())
+    assert streams.skipped == {"forget": 2, "normal": 1} and len(streams.forget) == len(streams.normal) == 1
+
+
+def test_without_skip_long_prompts_a_prompt_no_mismatch_answer_fits_after_is_an_error_not_dropped(tmp_path):
+    """Only skip_long_prompts drops forget rows that leave no room for the space before a mismatch answer; without
+    it such a row is an error naming it (dropping it anyway trained on fewer rows than the user gave, unsaid)."""
+    data = {k: v for k, v in jsonl_data(tmp_path, [FORGET_ROWS[0], FORGET_ROWS[2]]).items() if k != "normal"}
+    config = UnlearnConfig(model="m", output_dir="o", max_length=19, normal_weight=0, **data)
+    with pytest.raises(DataError, match=r"forget.jsonl:row 1: its prompt takes 18 tokens and the template's "
+                                        r"whitespace before some mismatch answers"):
+        load_streams(config, byte_bpe_tokenizer())
+
+
+@pytest.mark.filterwarnings("ignore:mismatch_per_prompt=0 draws no mismatch answers")
+def test_mismatch_per_prompt_0_needs_no_pool_and_drops_no_forget_row_for_one(tmp_path):
+    """mismatch_per_prompt=0 turns the mismatch term off as mismatch_weight=0 does: no pool is asked for, and no
+    forget row is dropped for leaving no room for a pool answer."""
+    data = {k: v for k, v in jsonl_data(tmp_path).items() if k != "mismatch_pool"}
+    config = UnlearnConfig(model="m", output_dir="o", max_length=64, mismatch_per_prompt=0, **data)
+    assert load_streams(config, byte_bpe_tokenizer()).pool == []
+    config = UnlearnConfig(model="m", output_dir="o", max_length=19, mismatch_per_prompt=0, skip_long_prompts=True,
+                           **jsonl_data(tmp_path))
+    assert load_streams(config, byte_bpe_tokenizer()).skipped["forget"] == 1   # only the 22-token prompt
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_the_model_loads_in_the_precisions_dtype(tmp_path, precision, dtype):
+    """precision='bf16' trains bf16 weights (half the memory of fp32 ones, and what KahanAdamW is for)."""
+    tokenizer = byte_bpe_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    tiny_llama(len(tokenizer)).save_pretrained(tmp_path)
+    model, _ = load_model_and_tokenizer(UnlearnConfig(model=str(tmp_path), output_dir=str(tmp_path / "o"),
+                                                      precision=precision))
+    assert {p.dtype for p in model.parameters()} == {dtype}
+
+
+def test_a_model_path_that_does_not_exist_is_named_as_not_found(tmp_path):
+    """A path (it has a separator) that does not exist is 'model not found', not a Hub repo id error (or, for a
+    relative path, minutes of retried downloads)."""
+    with pytest.raises(FileNotFoundError, match=r"^model not found: .*missing"):
+        load_model_and_tokenizer(UnlearnConfig(model=str(tmp_path / "missing"), output_dir=str(tmp_path / "o")))
+
+
+def test_a_jsonl_mismatch_pool_gives_its_answers_not_its_prompts(tmp_path):
+    """The pool's rows are {prompt, answer}: the mismatch rows take their answers (their prompts are no answers)."""
+    data = jsonl_data(tmp_path)
+    config = UnlearnConfig(model="m", output_dir="o", max_length=64, **data)
+    tokenizer = byte_bpe_tokenizer()
+    assert load_streams(config, tokenizer).pool == encode_answers(tokenizer, TextTemplate(), POOL_ANSWERS)
+
+
+def test_skip_long_prompts_dropping_every_normal_row_is_an_error_not_a_run_without_the_kl_term(tmp_path):
+    """With every normal row too long the normal stream was left empty: the KL term silently off."""
+    data = jsonl_data(tmp_path)
+    data["normal"] = str(write_jsonl(tmp_path / "long_normal.jsonl", NORMAL_ROWS[:1]))   # 19 tokens of prompt
+    config = UnlearnConfig(model="m", output_dir="o", max_length=19, skip_long_prompts=True, **data)
+    with pytest.raises(DataError, match=r"every normal example's prompt leaves no answer token within max_length=19"):
+        load_streams(config, byte_bpe_tokenizer())
+
+
+def test_a_truthfulqa_mismatch_pool_with_an_upper_case_or_gz_extension_is_read_as_csv(tmp_path):
+    """As for normal data: 'TruthfulQA.CSV' or a gzipped csv given as the pool is a csv, not jsonl."""
+    csv = write_truthfulqa(tmp_path / "tqa.csv")
+    data = {k: v for k, v in jsonl_data(tmp_path).items() if k != "mismatch_pool"}
+    (tmp_path / "Pool.csv.gz").write_bytes(gzip.compress(csv.read_bytes()))
+    csv.rename(tmp_path / "Pool.CSV")
+    tokenizer = byte_bpe_tokenizer()
+    for name in ("Pool.CSV", "Pool.csv.gz"):
+        config = UnlearnConfig(model="m", output_dir="o", max_length=64, mismatch_pool=str(tmp_path / name), **data)
+        pool = load_truthfulqa(tmp_path / name, test_fraction=config.truthfulqa_test_fraction,
+                               pool_fraction=config.truthfulqa_pool_fraction, seed=config.seed).mismatch_pool
+        assert pool and load_streams(config, tokenizer).pool == encode_answers(tokenizer, TextTemplate(), pool)
