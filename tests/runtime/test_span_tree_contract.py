@@ -25,6 +25,14 @@ def finished(tree, parents, lens):
     return plan
 
 
+def root_and_child():
+    """(store, pool, root, child): a pool of 8 blocks of 2 holding a root of 3 tokens and its child of 1."""
+    store, pool = fresh(8, 2)
+    (root,) = grow(store, pool, [-1], [[1, 2, 3]])
+    (child,) = grow(store, pool, [root], [[4]])
+    return store, pool, root, child
+
+
 def test_first_allocations_take_blocks_in_order_and_freed_blocks_come_back_first():
     """A fresh pool hands out blocks 0, 1, 2, ... (block_allocator.cpp) and reuses freed blocks before
     never-used ones, which keeps a lightly used pool's KV in its first blocks."""
@@ -65,10 +73,8 @@ def test_abandoning_a_finished_plan_is_refused():
 def test_misuse_of_locks_pins_release_and_evict_is_refused_and_changes_nothing():
     """Unlocking an unlocked span, pinning an evicted one, releasing or evicting a locked one: each is a
     ValueError naming the problem, and the tree is left exactly as it was."""
-    store, pool = fresh(8, 2)
+    store, pool, root, child = root_and_child()
     tree = store.tree
-    (root,) = grow(store, pool, [-1], [[1, 2, 3]])
-    (child,) = grow(store, pool, [root], [[4]])
     tree.evict(child)
     before = state(tree)
     with pytest.raises(ValueError, match="is not locked"):
@@ -324,10 +330,8 @@ def test_cu_lens_must_start_at_zero_and_end_at_the_number_of_tokens(cu_lens):
 def test_evicting_a_pinned_span_one_with_a_resident_child_or_an_evicted_one_is_refused():
     """evict() refuses a pinned span, a span whose child is still resident and an evicted span (a ValueError naming
     the reason, nothing changed); only the random walk of test_span_store reached these, and not on every run."""
-    store, pool = fresh(8, 2)
+    store, pool, root, child = root_and_child()
     tree = store.tree
-    (root,) = grow(store, pool, [-1], [[1, 2, 3]])
-    (child,) = grow(store, pool, [root], [[4]])
     tree.pin(child)
     before = state(tree)
     with pytest.raises(ValueError, match=f"evict: span {child} is pinned"):
