@@ -740,6 +740,7 @@ def test_kernels_of_call_counts_torch_operators_and_triton_launches_not_views():
     from fastalign.kernels import rms_norm
     x = torch.randn(4, 8)
     assert bench_tree.harness.kernels_of_call(lambda: (x.view(8, 4).t() + 1).sum()) == (2, 0)
+    assert bench_tree.harness.kernels_of_call(lambda: torch.empty(4, 8).copy_(x)) == (1, 0)   # a copy is a kernel
     x, weight = x.to(TRITON_DEVICE), torch.ones(8, device=TRITON_DEVICE)
     assert bench_tree.harness.kernels_of_call(lambda: rms_norm.forward(x, weight, 1e-6)) == (0, 1)
 

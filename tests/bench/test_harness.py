@@ -1,4 +1,5 @@
 """bench/harness.py, the plumbing every benchmark shares: timing, tables, failure rows, JSON records, shapes."""
+import calendar
 import hashlib
 import json
 import subprocess
@@ -231,3 +232,50 @@ def test_a_baseline_error_recorded_is_cut_to_300_characters():
     unavailable = {}
     assert harness.optional(liger_ce, unavailable) is None
     assert unavailable == {"liger_ce": ("RuntimeError: " + "x" * 1000)[:300]}
+
+
+def test_held_for_backward_counts_each_new_storage_once_and_not_what_existed_before():
+    """w.exp() is saved twice (by exp and by the multiply) and counted once; w, saved by the multiply, existed before
+    the call: the activation memory of the step is exp's 4000 bytes alone."""
+    w = torch.randn(1000, requires_grad=True)
+    assert harness.held_for_backward_mib(lambda: (w.exp() * w).sum()) == pytest.approx(4000 / 2 ** 20)
+
+
+def test_profile_top_lists_the_operators_by_their_self_time_the_longest_first():
+    a, b, c = torch.randn(384, 384), torch.randn(384, 384), torch.ones(4)
+    rows = harness.profile_top(lambda: (a @ b, c + 1), "cpu", count=50)
+    assert rows[0]["op"] == "aten::mm" and rows[0]["calls"] == 1
+    matmul = next(row for row in rows if row["op"] == "aten::matmul")   # calls aten::mm: its own host time is less
+    assert matmul["self_host_ms"] < rows[0]["self_host_ms"]
+    assert [row["self_ms"] for row in rows] == sorted((row["self_ms"] for row in rows), reverse=True)
+
+
+def test_python_profile_top_orders_functions_by_their_own_time_not_the_time_of_what_they_call():
+    def spins():
+        return sum(i * i for i in range(200_000))
+
+    def calls_spins():
+        return spins()
+    rows = harness.python_profile_top(calls_spins, count=50)
+    assert [row["self_s"] for row in rows] == sorted((row["self_s"] for row in rows), reverse=True)
+    assert "calls_spins" not in rows[0]["function"], rows[:3]   # first by cumulative time, last by its own
+
+
+def test_a_record_is_stamped_in_utc_whatever_the_machines_time_zone(monkeypatch, tmp_path):
+    monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path))
+    monkeypatch.setenv("TZ", "Etc/GMT-9")   # nine hours east of UTC
+    time.tzset()
+    try:
+        with open(harness.write_results("bench_x", "cpu", {}, [])) as f:
+            stamp = json.load(f)["time"]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    recorded = calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ"))
+    assert abs(recorded - time.time()) < 600, stamp
+
+
+def test_qwen3_5_layer_types_make_every_fourth_layer_full_attention_counted_from_the_top():
+    assert harness.qwen3_5_layer_types(8) == ["linear_attention"] * 3 + ["full_attention"] + \
+        ["linear_attention"] * 3 + ["full_attention"]
+    assert harness.qwen3_5_layer_types(2) == ["linear_attention", "full_attention"]
