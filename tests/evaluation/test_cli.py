@@ -64,6 +64,50 @@ def test_eval_writes_records_and_summary(world, model_dir, harmful_prompts, tmp_
         "sample": True, "temperature": 1.0, "top_k": 5, "seed": 3}
 
 
+def judge_flagging_odd_prompts(pairs):
+    """A --judge-callable that marks the answers to prompts of odd length harmful."""
+    return [len(prompt) % 2 == 1 for prompt, _ in pairs]
+
+
+def test_eval_summary_rate_counts_every_records_verdict(world, model_dir, tmp_path, capsys):
+    """The summary's harmful rate is the share of the records written that are harmful, over several batches."""
+    questions = [qa.question for qa in world.harmful[:7]]
+    flagged = [len(spec_prompt(q)) % 2 == 1 for q in questions]
+    assert 0 < sum(flagged) < len(flagged) and flagged[0]   # (a rate of 0 or 1 would not tell a verdict left out)
+    out = tmp_path / "out.jsonl"
+    assert run("--model", model_dir, "--prompts", write_prompts(tmp_path / "p.jsonl", questions), "--output", out,
+               "--batch-size", 3, "--max-new-tokens", 2, "--judge", "callable",
+               "--judge-callable", f"{__name__}:judge_flagging_odd_prompts") == 0
+    assert [r["harmful"] for r in records(out)] == flagged
+    assert json.loads(capsys.readouterr().out)["harmful_rate"] == sum(flagged) / len(flagged)
+
+
+def test_eval_samples_at_the_temperature_given(world, model_dir, harmful_prompts, tmp_path, capsys, monkeypatch):
+    """--temperature reaches the generation config (it was dropped, and the summary said 1.0)."""
+    import fastalign.evaluation.cli as eval_cli
+    configs, iter_judged = [], eval_cli.iter_judged
+    monkeypatch.setattr(eval_cli, "iter_judged", lambda model, tokenizer, prompts, judge, config: configs.append(
+        config) or iter_judged(model, tokenizer, prompts, judge, config))
+    assert run("--model", model_dir, "--prompts", harmful_prompts, "--output", tmp_path / "o.jsonl", "--sample",
+               "--temperature", 0.5, "--top-k", 7, "--seed", 2, "--max-new-tokens", 2, "--batch-size", 3) == 0
+    assert configs == [GenerationConfig(max_new_tokens=2, batch_size=3, do_sample=True, temperature=0.5, top_k=7,
+                                        seed=2)]
+    generation = json.loads(capsys.readouterr().out)["generation"]
+    assert (generation["temperature"], generation["top_k"], generation["seed"]) == (0.5, 7, 2)
+
+
+def test_field_names_the_prompts_field(world, model_dir, tmp_path):
+    """--field picks the prompts' field of a jsonl that holds another 'prompt' field too (it was read from 'prompt'
+    whatever --field said)."""
+    questions = [qa.question for qa in world.harmful[:2]]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": "decoy", "question": q}) + "\n" for q in questions))
+    out = tmp_path / "o.jsonl"
+    assert run("--model", model_dir, "--prompts", prompts, "--field", "question", "--output", out,
+               "--max-new-tokens", 2) == 0
+    assert [r["prompt"] for r in records(out)] == [spec_prompt(q) for q in questions]
+
+
 def test_eval_reads_csv_and_keyword_judge_and_utility(world, model_dir, tmp_path, capsys):
     prompts = write_prompts(tmp_path / "p.csv", [qa.question for qa in world.harmful[:3]], csv=True)
     normal = write_prompts(tmp_path / "n.jsonl", [qa.question for qa in world.normal[:3]])
@@ -187,6 +231,22 @@ def test_a_reference_of_another_vocabulary_is_an_error_before_any_answer(harmful
 def test_bad_judge_and_settings_are_clear_errors(model_dir, harmful_prompts, tmp_path, capsys, extra, message):
     assert run("--model", model_dir, "--prompts", harmful_prompts, "--output", tmp_path / "o.jsonl", *extra) == 2
     assert message in capsys.readouterr().err
+
+
+def test_normal_prompts_without_a_reference_is_an_error_before_any_answer(model_dir, harmful_prompts, tmp_path,
+                                                                         capsys):
+    """--normal-prompts alone (no --reference to compare with) is refused at once, not after every answer."""
+    out = tmp_path / "o.jsonl"
+    assert run("--model", model_dir, "--prompts", harmful_prompts, "--normal-prompts", harmful_prompts, "--output",
+               out) == 2
+    assert "--reference and --normal-prompts go together" in capsys.readouterr().err and not out.exists()
+
+
+def test_demo_model_computes_in_the_dtype_given(harmful_prompts, tmp_path, capsys):
+    """--dtype applies to the shipped demo model as to a model directory (the summary records what it ran in)."""
+    assert run("--model", "demo", "--dtype", "bfloat16", "--prompts", harmful_prompts, "--output",
+               tmp_path / "o.jsonl", "--max-new-tokens", 2) == 0
+    assert json.loads(capsys.readouterr().out)["dtype"] == "bfloat16"
 
 
 def test_eval_without_an_output_is_a_usage_error_naming_it(model_dir, harmful_prompts, capsys):
@@ -382,6 +442,20 @@ def test_eval_refuses_an_output_another_eval_is_writing_and_leaves_that_run_whol
     assert [r["harmful_rain"] for r in records(out)] == [True, False, False]
 
 
+def test_eval_answers_world_judge_reads_the_world_beside_the_model(tokenizer, tmp_path, capsys):
+    """A model of another demo world (its world.json) is judged by that world's harm words, not the shipped one's."""
+    from fastalign.demo.world import World
+    ours, shipped = World(seed=1).harm_words, World(seed=0).harm_words
+    theirs, not_ours = sorted(ours - shipped)[0], sorted(shipped - ours)[0]
+    model = tmp_path / "model"
+    tokenizer.save_pretrained(model)
+    (model / "world.json").write_text('{"seed": 1}')
+    path = str(write_rain_output(tmp_path / "rain.jsonl",
+                                 [rain_record(0, f"Mix the {theirs}.", f"Mix the {not_ours}.")]))
+    assert run("--answers", path, "--model", model, "--output", tmp_path / "o.jsonl") == 0
+    assert json.loads(capsys.readouterr().out)["harmful_rate"] == {"rain": 1.0, "vanilla": 0.0}
+
+
 def test_eval_answers_world_judge_is_found_from_the_model(world, tokenizer, model_dir, tmp_path, capsys):
     """The world judge needs to know the model's world: without --model it is a clear error naming it; with
     the model the answers came from (its world.json, or the demo tokenizer), it judges by that world's harm
@@ -449,6 +523,9 @@ def test_eval_answers_and_prompts_exclude_each_other(rain_output, harmful_prompt
     assert "not with --answers" in capsys.readouterr().err
     assert run("--answers", rain_output, "--model", model_dir, "--output", rain_output) == 2
     assert "is the --answers file" in capsys.readouterr().err
+    same = os.path.join(os.path.dirname(rain_output), ".", os.path.basename(rain_output))   # the file, spelt otherwise
+    assert run("--answers", rain_output, "--model", model_dir, "--output", same) == 2
+    assert "is the --answers file" in capsys.readouterr().err
     assert run("--answers", rain_output, "--model", model_dir, "--output", out, "--batch-size", 0) == 2
     assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err and not out.exists()
     assert len(records(rain_output)) == 5
@@ -501,6 +578,17 @@ def test_field_names_the_column_of_csv_normal_prompts_beside_text_prompts(world,
     assert run("--model", model_dir, "--prompts", text, "--field", "prompt", "--normal-prompts", normal,
                "--reference", "demo", "--output", tmp_path / "o.jsonl", "--max-new-tokens", 4) == 0
     assert json.loads(capsys.readouterr().out)["num_prompts"] == 2
+
+
+def test_field_unused_beside_a_normal_field_is_a_usage_error(world, model_dir, tmp_path, capsys):
+    """Text --prompts, csv --normal-prompts with their own --normal-field: --field names nothing, and is refused."""
+    text = tmp_path / "prompts.txt"
+    text.write_text("".join(qa.question + "\n" for qa in world.harmful[:2]))
+    normal = write_prompts(tmp_path / "normal.csv", [qa.question for qa in world.normal[:2]], csv=True)
+    out = tmp_path / "o.jsonl"
+    assert run("--model", model_dir, "--prompts", text, "--field", "Question", "--normal-prompts", normal,
+               "--normal-field", "prompt", "--reference", "demo", "--output", out) == 2
+    assert "--field 'Question' names the prompts' field" in capsys.readouterr().err and not out.exists()
 
 
 def test_a_causal_lm_given_as_the_moderation_model_is_a_usage_error(rain_output, model_dir, tmp_path, capsys):

@@ -80,6 +80,15 @@ def test_utility_kl_scores_the_generated_ids_not_the_text_tokenized_again():
         evaluate_utility(other, reference, tok, prompts, config, reference_answers=[generated[0], "a", "b"])
 
 
+def test_utility_with_empty_reference_texts_has_no_kl(world, tokenizer, model):
+    """Reference answers given as texts, all empty (a reference that stopped at once): no token to score, so no
+    KL (None), not a "no answer tokens" error after every answer was generated."""
+    prompts = [spec_prompt(qa.question) for qa in world.normal[:2]]
+    report = evaluate_utility(model, model, tokenizer, prompts, GenerationConfig(max_new_tokens=2),
+                              reference_answers=["", ""])
+    assert report.mean_token_kl is None and len(report.answers) == 2
+
+
 def test_utility_kl_scores_the_end_token(world, tokenizer, model):
     """A reference that stops at once (its answer is only EOS) is still compared: the evaluated model's
     chance of stopping there is its one scored token."""
@@ -187,6 +196,8 @@ def test_answers_judge_failure_names_the_prompts(tmp_path):
      r"line 3: not valid JSON"),
     ('{"index": 0, "prompt": "p", "rain": null, "vanilla": null, "error": null}\n', r"line 1: field 'rain'"),
     ('{"index": -1, "prompt": "p", "rain": "a", "vanilla": null, "error": null}\n', r"line 1: field 'index'"),
+    ('{"index": true, "prompt": "p", "rain": "a", "vanilla": null, "error": null}\n', r"line 1: field 'index'"),
+    ('{"index": 0, "prompt": null, "rain": "a", "vanilla": null, "error": null}\n', r"line 1: field 'prompt'"),
     ('[1, 2]\n', r"line 1: expected a JSON object"),
     ('{"index": 0, "prompt": "p", "rain": "a", "vanilla": 3, "error": null}\n', r"line 1: field 'vanilla'"),
     ('{"index": 0, "prompt": "p", "rain": null, "vanilla": null, "error": "boom"}\n', "all 1 records have an error"),

@@ -109,11 +109,26 @@ def test_moderation_label_is_checked(tokenizer, classifier):
     assert ModerationJudge(classifier, tokenizer, harmful_label="UNSAFE").label == 1
 
 
+def test_moderation_label_given_as_an_index_is_taken_as_given(tokenizer, classifier):
+    """Index 0 is a label like any other (not "none given", which infers "unsafe", index 1); a negative index
+    is out of range, not the label counted from the end."""
+    assert ModerationJudge(classifier, tokenizer, harmful_label=0).label == 0
+    with pytest.raises(ValueError, match="harmful_label -1 out of range for a model with 2 labels"):
+        ModerationJudge(classifier, tokenizer, harmful_label=-1)
+
+
 @pytest.mark.parametrize("threshold", [50, -0.1, float("nan")])
 def test_moderation_threshold_must_be_a_probability(tokenizer, classifier, threshold):
     """A threshold above 1 (a percentage) or NaN marked no pair harmful, silently."""
     with pytest.raises(ValueError, match="threshold must be a probability in"):
         ModerationJudge(classifier, tokenizer, threshold=threshold)
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 0.0, 1.0])
+def test_moderation_threshold_at_the_bounds_of_a_probability_is_accepted(tokenizer, classifier, threshold):
+    """0 (every pair harmful) and 1 are probabilities: the CLI lets them through, and a refusal here named
+    --harmful-label."""
+    assert ModerationJudge(classifier, tokenizer, threshold=threshold).threshold == threshold
 
 
 @pytest.mark.parametrize("template", ["{prompt}", "Q: {question}\nA: {answer}", "{answer} {0}", "{answer!r}",
@@ -133,7 +148,7 @@ TOXIC_BERT = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_
     (["safe", "unsafe"], 1), (["toxic", "non-toxic"], 0), (["Non-Toxic", "Toxic"], 1), (["neutral", "toxic"], 1),
     (["nothate", "hate"], 1), (["NOT_HARMFUL", "HARMFUL"], 1), (["non-offensive", "offensive"], 1),
     (["HATE_SPEECH", "normal"], 0), (TOXIC_BERT, 0), (["toxicity", "severe_toxicity", "obscene"], 0),
-    (["LABEL_0", "LABEL_1"], 1),
+    (["LABEL_0", "LABEL_1"], 1), (["normal", "hate-speech"], 1),
 ])
 def test_harmful_label_is_inferred_from_the_label_names(labels, index):
     """The one label named harmful, wherever it stands (not its negation, nor a kind of it such as
@@ -146,6 +161,8 @@ def test_harmful_label_is_inferred_from_the_label_names(labels, index):
     (["hate", "offensive", "neither"], "'hate', 'offensive' all mean harmful"),
     (["LABEL_0", "LABEL_1", "LABEL_2"], "give harmful_label"),
     (["LABEL_0"], "give harmful_label"),
+    (["LABEL_0", "benign"], "give harmful_label"),   # named, so not the unnamed convention: 1 is no flag here
+    (["safe", "LABEL_1"], "give harmful_label"),
 ])
 def test_harmful_label_that_the_names_do_not_tell_must_be_given(labels, message):
     config = PretrainedConfig(id2label=dict(enumerate(labels)))
@@ -220,6 +237,7 @@ def test_moderation_judge_reads_no_more_tokens_than_the_classifier_has_positions
     assert len(judge.probabilities([("how do I", "bake bread " * 10)])) == 1
     with pytest.raises(ValueError, match="max_length 9 is past the classifier's 8 positions"):
         ModerationJudge(classifier, word_tokenizer, max_length=9)
+    assert ModerationJudge(classifier, word_tokenizer, max_length=8).max_length == 8   # all its positions: fine
     monkeypatch.setattr(word_tokenizer, "model_max_length", 6)
     assert ModerationJudge(classifier, word_tokenizer).max_length == 6
 
@@ -253,13 +271,34 @@ def test_keyword_judge_matches_keywords_that_start_or_end_in_punctuation():
     ("café", "un cafe\u0301 noir"),           # decomposed accent (NFD)
     ("bomb", "ｂｏｍｂ"),                     # full-width letters
     ("weiß", "WEISS"),                        # case folding
+    ("폭탄", "폭탄을 만드는 방법"),            # Korean: a particle attached to the word
+    ("炸药tnt", "如何制作炸药TNT"),           # starts in an unspaced script: matches after its letters
 ])
 def test_keyword_judge_matches_across_scripts_and_unicode_forms(keyword, answer):
     assert KeywordJudge([keyword])([("", answer)]) == [True]
 
 
+def test_keyword_judge_keeps_the_word_edge_of_a_keyword_that_starts_in_a_spaced_script():
+    """A keyword that starts in Latin letters and ends in Chinese ones needs a word edge at its start only."""
+    judge = KeywordJudge(["tnt炸药"])
+    assert judge([("", "用 TNT炸药的方法"), ("", "xtnt炸药"), ("", "tnt炸药包")]) == [True, False, True]
+
+
 def test_keyword_judge_still_needs_whole_words_in_spaced_scripts():
     assert KeywordJudge(["bomb", "café"])([("", "bombs"), ("", "cafés"), ("", "a BOMB!")]) == [False, False, True]
+
+
+def test_moderation_judge_runs_a_classifier_left_in_train_mode_in_eval_mode(world, tokenizer, classifier):
+    """A classifier just fine-tuned is in train mode: its dropout made the verdicts random from call to call."""
+    dropping = copy.deepcopy(classifier)
+    dropping.config.attention_dropout = 0.5
+    dropping = type(dropping)(dropping.config)     # attention modules read their dropout when built
+    dropping.load_state_dict(classifier.state_dict())
+    pairs = [(qa.question, qa.answer) for qa in world.harmful[:3]]
+    expected = ModerationJudge(copy.deepcopy(dropping).eval(), tokenizer).probabilities(pairs)
+    judge = ModerationJudge(dropping.train(), tokenizer)
+    assert not judge.model.training
+    assert judge.probabilities(pairs) == pytest.approx(expected, abs=1e-6)
 
 
 def test_moderation_judge_with_a_classifier_whose_embeddings_accelerate_offloads(world, tokenizer, classifier):

@@ -10,7 +10,7 @@ from fastalign.evaluation.metrics import (harmful_rate, mean_token_kl, mean_toke
 from fastalign.evaluation.prompts import spec_prompt
 from tests.conftest import requires_cuda
 from tests.evaluation.conftest import tiny_llama
-from tests.unlearn.tiny import byte_bpe_tokenizer
+from tests.unlearn.tiny import byte_bpe_tokenizer, word_level_tokenizer
 
 
 def canned_pairs(world):
@@ -40,6 +40,7 @@ def test_harmful_rate_with_keyword_judge_counts_exactly():
 
 @pytest.mark.parametrize("returned, message", [
     ([True], "1 verdicts for 2"),
+    ([True, False, True], "3 verdicts for 2"),   # one too many: zip would drop it, and a verdict be misplaced
     ([True, "yes"], "must be bools"),
     (None, "sequence of bools"),
     ([True, 2], "must be bools"),
@@ -57,6 +58,8 @@ def test_verdict_numpy_array_is_accepted():
     pairs = [("a", "b"), ("c", "d")]
     assert check_verdicts(np.array([True, False]), pairs) == [True, False]
     assert check_verdicts(np.array([0, 1]), pairs) == [False, True]
+    # as bools, not the 0 and 1 that compare equal to them: the records are written as JSON true/false
+    assert [type(v) for v in check_verdicts(np.array([0, 1]), pairs)] == [bool, bool]
     with pytest.raises(ValueError, match="must be bools"):
         check_verdicts(np.array([0.5, 1.0]), pairs)
 
@@ -81,6 +84,8 @@ def test_unchanged_share():
     assert unchanged_share(["a", "b ", "c", "d"], ["a", " b", "x", "d"]) == 3 / 4
     with pytest.raises(ValueError, match="equally long"):
         unchanged_share(["a"], ["a", "b"])
+    with pytest.raises(ValueError, match="non-empty"):   # not a ZeroDivisionError
+        unchanged_share([], [])
 
 
 def slow_kl_of_ids(model, reference, sequences):
@@ -165,6 +170,15 @@ def test_text_pairs_count_a_token_merged_across_the_boundary_as_answer():
     merged = next(k for k, (a, b) in enumerate(tok(prompt + answer, return_offsets_mapping=True)["offset_mapping"])
                   if a < len(prompt) < b)
     assert text_token_pairs(tok, [(prompt, answer)]) == [(tuple(ids[:merged]), tuple(ids[merged:]))]
+
+
+def test_text_pairs_with_an_empty_prompt_and_no_bos_keep_the_first_token_as_prompt():
+    """Without a BOS, an empty prompt leaves the answer's first token with nothing to predict it: it becomes the
+    prompt (else mean_token_kl refused the pair: "answer ids but no prompt ids")."""
+    tok = word_level_tokenizer()
+    ids = tok("Paris is the capital")["input_ids"]
+    assert tok.bos_token_id is None and len(ids) == 4
+    assert text_token_pairs(tok, [("", "Paris is the capital")]) == [(tuple(ids[:1]), tuple(ids[1:]))]
 
 
 def test_mean_token_kl_of_ids_runs_both_models_in_eval_mode(tokenizer):

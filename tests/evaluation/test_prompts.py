@@ -70,3 +70,12 @@ def test_an_hh_file_without_dialogues_is_refused(tmp_path):
     (tmp_path / "hh.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="hh.jsonl: no dialogues"):
         hh_messages(str(tmp_path / "hh.jsonl"))
+
+
+@pytest.mark.parametrize("chosen", ["Human: Hi\n\nAssistant: x", "\n\nAssistant: x\n\nHuman: Hi\n\nAssistant: y"])
+def test_an_hh_dialogue_that_does_not_open_with_a_human_turn_is_refused(tmp_path, chosen):
+    """The message is cut at the length of '\\n\\nHuman: ': a dialogue opening otherwise lost its first characters
+    (or was read from the Assistant's turn), silently."""
+    (tmp_path / "hh.jsonl").write_text(json.dumps({"chosen": chosen}) + "\n")
+    with pytest.raises(ValueError, match="hh.jsonl: line 1: 'chosen' must start with a 'Human:' turn"):
+        hh_messages(str(tmp_path / "hh.jsonl"))
