@@ -64,11 +64,13 @@ def test_loss_rows_are_their_quantitys_definition_on_inputs_shared_within_the_qu
     monkeypatch.setattr(bench_loss.harness, "optional", lambda factory, unavailable: None)
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: 2.0)  # forward called once a row
-    monkeypatch.setattr(bench_loss.harness, "peak_extra_mib", lambda fn, device: None)   # (it runs fn again on a CPU)
+    monkeypatch.setattr(bench_loss.harness, "peak_extra_mib", lambda fn, device: 0.0)   # (it runs fn again on a CPU)
     monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
     n, h, v = 48, 16, 67
     args = SimpleNamespace(device="cpu", dtype="float32", quick=False, hidden=h, vocab=v, tokens=[n], verbose=False)
-    rows = bench_loss.run(args, {"matmul_peak_tflops": 1.0})
+    rows = bench_loss.run(args, {"matmul_peak_tflops": 4.0})
+    (path,) = tmp_path.glob("bench_loss-*.json")   # not the default 8B head: a variant named by its shape
+    assert path.name.endswith(f"-h{h}-v{v}.json") and len(json.loads(path.read_text())["results"]) == len(rows)
     assert len(rows) == len(seen) and not [row for row in rows if "error" in row], rows
     # each row runs the candidate it is named after
     assert [(row["method"].split()[0], row["op"]) for row in rows] == [
@@ -85,6 +87,10 @@ def test_loss_rows_are_their_quantitys_definition_on_inputs_shared_within_the_qu
         fwd, fwd_bwd = (2, 6) if row["op"] == "linear_cross_entropy" else (4, 8)  # KL: the reference has no backward
         assert row["fwd_tflops"] == pytest.approx(fwd * n * h * v / 2e-3 / 1e12), row
         assert row["fwd_bwd_tflops"] == pytest.approx(fwd_bwd * n * h * v / 2e-3 / 1e12), row
+        assert row["fraction_of_matmul_peak"] == pytest.approx(row["fwd_bwd_tflops"] / 4.0), row
+        # the memory beyond the gradients of hidden and weight, against the fp32 logits' bytes
+        assert row["extra_mib"] == pytest.approx(-(n * h + v * h) * 4 / 2 ** 20), row
+        assert row["extra_vs_logits"] == pytest.approx(-(n * h + v * h) / (n * v)), row
     (_, two_heads), (_, shared) = first["KL two heads"], first["KL shared head"]
     assert not torch.equal(two_heads[1], two_heads[3]) and torch.equal(shared[1], shared[3])
     signed_weights = first["signed CE"][1][3]
@@ -144,7 +150,10 @@ def test_loss_stages_run_the_kernels_with_the_gradients_each_names(monkeypatch, 
     n, h, v = 24, 16, 67
     args = SimpleNamespace(device="cpu", dtype="float32", quick=False, hidden=h, vocab=v, tokens=[n],
                            row_block_mib=[96])
-    rows = bench_loss.stage_rows(args, {"matmul_peak_tflops": 1.0}, [])
+    earlier = [{"op": "linear_cross_entropy", "method": "fastalign"}]   # the table's rows, kept first in the record
+    rows = bench_loss.stage_rows(args, {"matmul_peak_tflops": 2.0}, earlier)
+    (path,) = tmp_path.glob("bench_loss-*.json")
+    assert json.loads(path.read_text())["results"] == earlier + rows
     assert [row["method"] for row in rows] == ["fastalign forward", "fastalign backward",
                                                "fastalign backward, d_hidden only", "fastalign backward, d_weight only",
                                                "fastalign backward, G chunks only",
@@ -158,6 +167,7 @@ def test_loss_stages_run_the_kernels_with_the_gradients_each_names(monkeypatch, 
     assert budgets == [default, default, 96 * 2 ** 20] and default == 192 * 2 ** 20
     assert [row["tflops"] * 2e-3 * 1e12 / (2 * n * h * v) for row in rows] == pytest.approx([1, 3, 2, 2, 1, 3, 1, 3])
     assert all(row["busy"] == 0.75 for row in rows)   # the GPU's kernel time against the wall time
+    assert all(row["fraction_of_matmul_peak"] == row["tflops"] / 2.0 for row in rows)
 
 
 def test_loss_baseline_that_cannot_be_loaded_is_recorded_with_its_error(monkeypatch, tmp_path):
@@ -214,6 +224,14 @@ def test_loss_matmul_peak_counts_2_n_cubed_flops(monkeypatch):
     assert bench_loss.matmul_peak_tflops("cpu", torch.float32) == pytest.approx(2 * sizes[0] ** 3 / 4e-3 / 1e12)
 
 
+def test_loss_record_of_the_default_8b_head_is_untagged_and_another_head_is_named_by_its_shape(monkeypatch):
+    tags = []
+    monkeypatch.setattr(bench_loss.harness, "write_results", lambda *args, tag=None: tags.append(tag))
+    for hidden, vocab, quick in ((4096, 128256, False), (2048, 128256, False), (16, 67, True)):
+        bench_loss.write(SimpleNamespace(hidden=hidden, vocab=vocab, quick=quick, device="cpu"), {}, [])
+    assert tags == [None, "h2048-v128256", None]
+
+
 def test_loss_method_that_raises_becomes_an_error_row():
     """One failing method gives its row an error, so the others' rows are still measured."""
     def broken(h, w, y, tw):
@@ -224,6 +242,26 @@ def test_loss_method_that_raises_becomes_an_error_row():
 
     row, grads = bench_loss.measure("broken", broken, inputs, lambda a: a[:1], 1.0, 3.0, torch.device("cpu"), 0, 1)
     assert row == {"method": "broken", "error": "RuntimeError: kernel failed"} and grads is None
+
+
+def test_loss_measure_times_the_forward_on_detached_inputs_and_returns_one_backwards_gradients(monkeypatch):
+    """The forward-only calls get detached inputs (Liger computes gradients in any forward of inputs that need them),
+    a head passed twice still one tensor (the shared-head path); every backward starts from no gradient, so the
+    gradients returned are one backward's, not the sum of the timed ones'. extra_mib is the backward's peak less the
+    gradients' bytes, extra_vs_logits that against the logits' bytes."""
+    calls = []
+
+    def loss_fn(h, w, y, w2):
+        calls.append((torch.is_grad_enabled(), h.requires_grad or w.requires_grad, w is w2))
+        return (h @ w.t()).sum() + (h @ w2.t()).sum()
+    h, w = torch.randn(4, 3, requires_grad=True), torch.randn(5, 3, requires_grad=True)
+    monkeypatch.setattr(bench_loss.harness, "peak_extra_mib", lambda fn, device: (fn(), 10.0)[1])
+    row, grads = bench_loss.measure("m", loss_fn, lambda: (h, w, None, w), lambda a: a[:2], 1.0, 3.0,
+                                    torch.device("cpu"), 2 * 2 ** 20, 4 * 2 ** 20)
+    assert {call for call in calls if not call[0]} == {(False, False, True)} and (True, True, True) in calls
+    torch.testing.assert_close(grads[0], 2 * w.detach().sum(0).expand(4, 3))
+    torch.testing.assert_close(grads[1], 2 * h.detach().sum(0).expand(5, 3))
+    assert (row["extra_mib"], row["extra_vs_logits"]) == (8.0, 2.0)
 
 
 # ---- bench_unlearn ----
