@@ -2,6 +2,7 @@
 and a bad --output as usage errors; an interrupted command's message and exit status."""
 import importlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import fastalign
-from fastalign.cli import UsageError, _interrupt_on_sigterm, check_output_file, main
+from fastalign.cli import UsageError, _interrupt_on_sigterm, check_model_dir, check_output_file, main
 from tests.test_package import loaded_after
 
 
@@ -104,7 +105,16 @@ def test_output_file_check_refuses_a_file_or_directory_it_cannot_write(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["kept.jsonl"] and (tmp_path / "kept.jsonl").read_text() == "kept\n"
 
 
-def test_python_dash_m_fastalign_runs_the_command():
+def test_model_dir_check_refuses_a_file_and_a_missing_path_by_the_argument_name(tmp_path):
+    """A checkpoint is a directory: a file (its config.json, a .safetensors) given as the model is refused by name."""
+    (tmp_path / "model.safetensors").write_text("")
+    check_model_dir(tmp_path, "--model")
+    for path in (tmp_path / "model.safetensors", tmp_path / "absent"):
+        with pytest.raises(UsageError, match=f"^--judge-model: no model directory at {re.escape(repr(str(path)))}$"):
+            check_model_dir(path, "--judge-model")
+
+
+def test_python_dash_m_fastalign_runs_the_command(tmp_path):
     """`python -m fastalign ...` is the `fastalign` command where the package is importable but not installed
     (no console script), as `python -m fastalign.demo` is `fastalign demo`, exiting with the command's status."""
     root = str(Path(fastalign.__file__).resolve().parents[1])
@@ -114,7 +124,8 @@ def test_python_dash_m_fastalign_runs_the_command():
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: fastalign demo")
     failed = subprocess.run([sys.executable, "-m", "fastalign", "rain", "--model", "no-such-model", "--prompts", "p",
-                             "--output", os.devnull], capture_output=True, text=True, env=env, timeout=120)
+                             "--output", tmp_path / "out.jsonl"], capture_output=True, text=True, env=env,
+                            timeout=120)   # (not os.devnull: as root, its lock /dev/.null.lock is one for all runs)
     assert failed.returncode == 2 and "fastalign rain: error: --model: no model directory" in failed.stderr
 
 

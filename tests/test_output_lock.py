@@ -165,3 +165,20 @@ def test_an_output_whose_folder_cannot_be_made_is_left_to_the_commands_own_check
     with output_lock(str(tmp_path / "file" / "out.jsonl"), "--output"):
         pass
     assert capsys.readouterr().err == "" and os.listdir(tmp_path) == ["file"]
+
+
+def test_a_holder_that_has_not_written_its_pid_yet_is_named_without_one(tmp_path):
+    """Between taking the lock and writing its PID the holder's lock file is empty: the refusal names no PID rather
+    than an empty or garbled one."""
+    out = tmp_path / "out.jsonl"
+    path = lock_file(str(out), directory=False)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)   # another open file: flock refuses it as another process's
+    try:
+        output_lock_module.fcntl.flock(fd, output_lock_module.fcntl.LOCK_EX)
+        with pytest.raises(UsageError) as refused:
+            with output_lock(str(out), "--output"):
+                raise AssertionError("entered a block another process holds")
+        assert str(refused.value) == (f"--output: {str(out)!r} is being written by another fastalign process: wait "
+                                      f"for it to end, or choose another --output")
+    finally:
+        os.close(fd)

@@ -153,7 +153,7 @@ def test_errors_name_the_problem_and_write_nothing(workspace, capsys):
         assert not os.path.exists(workspace / "out")
     (workspace / "typo.yaml").write_text("max_step: 3\n")
     assert main(["unlearn", "--config", str(workspace / "typo.yaml")]) == 2
-    assert "unknown setting(s) ['max_step']" in capsys.readouterr().err
+    assert f"error: {workspace / 'typo.yaml'}: unknown setting(s) ['max_step']" in capsys.readouterr().err   # the file
 
 
 @pytest.mark.parametrize("check", [["--check"], []])
@@ -514,3 +514,144 @@ def test_chat_template_kwargs_let_a_thinking_template_train_and_are_recorded(wor
             main(base + ["--chat-template-kwargs", bad])
         assert exit_info.value.code == 2
         assert "argument --chat-template-kwargs: expected a JSON object such as" in capsys.readouterr().err
+
+
+# every option of `fastalign unlearn` with a value other than its setting's default: each must reach its own setting
+EVERY_OPTION = {
+    "model": (["--model", "m"], "m"),
+    "forget": (["--forget", "a.jsonl", "b.jsonl"], ["a.jsonl", "b.jsonl"]),
+    "forget_format": (["--forget-format", "hh"], "hh"),
+    "normal": (["--normal", "n.jsonl"], "n.jsonl"),
+    "mismatch_pool": (["--mismatch-pool", "p.jsonl"], "p.jsonl"),
+    "output_dir": (["--output-dir", "o"], "o"),
+    "template": (["--template", "Q: {prompt} A: {answer}"], "Q: {prompt} A: {answer}"),
+    "chat_template": (["--chat-template"], True),
+    "system": (["--system", "Be brief."], "Be brief."),
+    "chat_template_kwargs": (["--chat-template-kwargs", '{"enable_thinking": false}'], {"enable_thinking": False}),
+    "answer_eos": (["--answer-eos"], True),
+    "max_length": (["--max-length", "77"], 77),
+    "skip_long_prompts": (["--skip-long-prompts"], True),
+    "forget_weight": (["--forget-weight", "0.25"], 0.25),
+    "mismatch_weight": (["--mismatch-weight", "0.75"], 0.75),
+    "normal_weight": (["--normal-weight", "1.5"], 1.5),
+    "mismatch_per_prompt": (["--mismatch-per-prompt", "3"], 3),
+    "reference": (["--reference", "cached"], "cached"),
+    "reference_cache": (["--reference-cache", "host"], "host"),
+    "packing": (["--packing", "off"], "off"),
+    "max_steps": (["--max-steps", "7"], 7),
+    "batch_size": (["--batch-size", "3"], 3),
+    "normal_batch_size": (["--normal-batch-size", "4"], 4),
+    "grad_accum": (["--grad-accum", "2"], 2),
+    "lr": (["--lr", "1e-3"], 1e-3),
+    "weight_decay": (["--weight-decay", "0.05"], 0.05),
+    "max_forget_nll": (["--max-forget-nll", "12.5"], 12.5),
+    "precision": (["--precision", "bf16-mixed"], "bf16-mixed"),
+    "attn_implementation": (["--attn-implementation", "eager"], "eager"),
+    "gradient_checkpointing": (["--gradient-checkpointing"], True),
+    "optimizer_in_backward": (["--no-optimizer-in-backward"], False),
+    "grads_in_forward": (["--grads-in-forward"], True),
+    "fused_layers": (["--no-fused-layers"], False),
+    "seed": (["--seed", "11"], 11),
+    "backend": (["--backend", "torch"], "torch"),
+    "lora": (["--lora"], True),
+    "lora_rank": (["--lora-rank", "8"], 8),
+    "lora_alpha": (["--lora-alpha", "4.5"], 4.5),
+    "lora_dropout": (["--lora-dropout", "0.1"], 0.1),
+    "lora_targets": (["--lora-targets", "q_proj", "k_proj", "o_proj"], ["q_proj", "k_proj", "o_proj"]),
+    "save_every": (["--save-every", "5"], 5),
+    "keep_checkpoints": (["--keep-checkpoints", "3"], 3),
+    "resume": (["--resume"], True),
+    "log_every": (["--log-every", "6"], 6),
+    "progress": (["--no-progress"], False),
+}
+
+
+def test_every_option_sets_its_own_setting():
+    """An option mapped to another setting (a dest), read as the wrong type (an int for a rate, one value for a
+    list) or dropped was silently ignored or refused: each option's value reaches its own setting, and no other."""
+    defaults = UnlearnConfig().to_dict()
+    options = [a for a in unlearn_actions() if a.option_strings and a.dest not in ("help", "config", "check")]
+    assert {a.dest for a in options} == set(EVERY_OPTION)   # the table covers every option of the command
+    assert all(defaults[name] != value for name, (_, value) in EVERY_OPTION.items())
+    argv = ["unlearn"] + [word for option, _ in EVERY_OPTION.values() for word in option]
+    config = config_from_args(build_parser().parse_args(argv))
+    assert config.to_dict() == {**defaults, **{name: value for name, (_, value) in EVERY_OPTION.items()}}
+
+
+def test_the_other_side_of_every_switch_and_auto_choice_overrides_a_config_file(tmp_path):
+    """--no-x (or --x) and the documented 'auto' choices are accepted on the command line and win over the file."""
+    settings = {"chat_template": True, "answer_eos": True, "skip_long_prompts": True, "gradient_checkpointing": True,
+                "optimizer_in_backward": False, "grads_in_forward": True, "fused_layers": False, "lora": True,
+                "resume": True, "progress": False, "reference": "copy", "forget_format": "pku", "max_forget_nll": 3.0}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(settings))
+    argv = ["unlearn", "--config", str(tmp_path / "run.yaml"), "--no-chat-template", "--no-answer-eos",
+            "--no-skip-long-prompts", "--no-gradient-checkpointing", "--optimizer-in-backward", "--no-grads-in-forward",
+            "--fused-layers", "--no-lora", "--no-resume", "--progress", "--reference", "auto", "--forget-format",
+            "auto", "--max-forget-nll", "none"]
+    config = config_from_args(build_parser().parse_args(argv))
+    assert {name: getattr(config, name) for name in settings} == {
+        "chat_template": False, "answer_eos": False, "skip_long_prompts": False, "gradient_checkpointing": False,
+        "optimizer_in_backward": True, "grads_in_forward": False, "fused_layers": True, "lora": False,
+        "resume": False, "progress": True, "reference": "auto", "forget_format": "auto", "max_forget_nll": None}
+
+
+def test_check_reports_the_data_and_the_reference_the_run_would_use(workspace, capsys):
+    """--check's report: each count from its own stream, and the reference actually used ('auto' resolved)."""
+    code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
+                 "--check"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert report == {"model": "LlamaForCausalLM", "forget": 3, "normal": 5, "mismatch_pool": 12,
+                      "skipped": {"forget": 0, "normal": 0}, "answers_cut": {"forget": 0, "normal": 0},
+                      "reference": "copy", "packing": "auto", "packing_unavailable": None}
+
+
+def test_the_report_of_a_run_is_its_run_json(workspace, capsys, monkeypatch):
+    """The JSON a run prints holds run.json's values, each under its own name (here a model that cannot pack)."""
+    from fastalign.unlearn import packing
+    monkeypatch.setattr(packing, "_probe", lambda model, window: "a reason of the model's")
+    out = workspace / "out"
+    code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(out), "--max-steps", "1",
+                 "--no-progress", "--no-optimizer-in-backward"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    saved = json.loads((out / "run.json").read_text())
+    assert sorted(report) == sorted(["steps", "stop_reason", "model_dir", "adapter_dir", "merge_rounding_error",
+                                     "packing_unavailable", "optimizer", "optimizer_in_backward", "compute"])
+    assert report == {name: saved[name] for name in report}
+    assert (report["model_dir"], report["optimizer_in_backward"], report["packing_unavailable"]) == (
+        str(out / "model"), False, "a reason of the model's")
+
+
+def test_check_refuses_a_token_the_model_has_no_embedding_for(workspace, capsys):
+    """A tokenizer with a token added but the model not resized: --check, as a run does, names the row (an IndexError
+    deep in the forward once training started)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "model")
+    tokenizer.add_tokens(["<|unembedded|>"])
+    tokenizer.save_pretrained(workspace / "model")
+    write_jsonl(workspace / "new.jsonl", [{"prompt": "What is harmful?", "answer": "help <|unembedded|>"}])
+    base = ["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
+            "--forget", str(workspace / "new.jsonl"), "--no-progress"]
+    for extra in (["--check"], ["--max-steps", "1"]):
+        assert main(base + extra) == 2
+        assert re.search(r"new.jsonl:row 1: token id \d+ is past the model's \d+ input embeddings",
+                         capsys.readouterr().err)
+        assert not os.path.exists(workspace / "out")
+
+
+@pytest.mark.parametrize("check", [["--check"], []])
+@pytest.mark.parametrize("error", [TypeError, NotImplementedError, FloatingPointError, FileExistsError,
+                                   FileNotFoundError, ValueError])
+def test_the_errors_a_run_raises_are_reported_without_a_traceback(workspace, capsys, monkeypatch, check, error):
+    """A slow tokenizer (TypeError), a model the fused path does not serve (NotImplementedError), a loss that is not
+    finite (FloatingPointError), a used output directory (FileExistsError): exit 2 and one line naming it."""
+    def fail(config, *args, **kwargs):
+        raise error("the reason")
+
+    monkeypatch.setattr("fastalign.unlearn.run.load_model_and_tokenizer" if check else
+                        "fastalign.unlearn.run.run_unlearning", fail)
+    code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
+                 "--no-progress", *check])
+    assert (code, capsys.readouterr().err) == (2, "fastalign unlearn: error: the reason\n")

@@ -1,9 +1,10 @@
 """UnlearnConfig and config files: values read as a user writes them, settings refused before any work."""
+import os
 import re
 
 import pytest
 
-from fastalign.unlearn.config import SEED_MAX, UnlearnConfig, read_config_file
+from fastalign.unlearn.config import SEED_MAX, UnlearnConfig, check_output_dir, read_config_file
 
 
 def test_yaml_exponent_numbers_are_floats(tmp_path):
@@ -14,6 +15,8 @@ def test_yaml_exponent_numbers_are_floats(tmp_path):
     assert values == {"lr": 2e-6, "max_forget_nll": 100.0, "forget_weight": 0.5, "template": "2e-6", "seed": 3}
     config = UnlearnConfig.from_dict({k: v for k, v in values.items() if k != "template"})
     assert (config.lr, config.max_forget_nll, config.forget_weight) == (2e-6, 100.0, 0.5)
+    path.write_text("max_forget_nll: -1.5e2\n")   # a signed one too
+    assert read_config_file(path) == {"max_forget_nll": -150.0}
 
 
 def test_unknown_backend_is_refused_with_the_other_settings():
@@ -76,6 +79,7 @@ def test_chat_template_kwargs_are_a_mapping_of_variables_and_need_the_chat_templ
     ({"lora_dropout": 1.5}, r"lora_dropout must be a number in \[0, 1\), got 1.5"),
     ({"truthfulqa_test_fraction": True}, r"truthfulqa_test_fraction must be a number in \[0, 1\), got True"),
     ({"optimizer_in_backward": "no"}, r"optimizer_in_backward must be true, false, or null .* got 'no'"),
+    ({"resume": 1}, r"resume must be true or false, got 1"),
 ])
 def test_a_setting_of_the_wrong_type_is_refused_by_name(settings, message):
     """A config file can give any value any type: the error must name the setting, not fail later inside the run
@@ -89,6 +93,14 @@ def test_a_setting_of_the_wrong_type_is_refused_by_name(settings, message):
                              rf"takes, got {SEED_MAX + 1}"),
     ({"lora": True, "lora_alpha": 0}, r"lora_alpha \(--lora-alpha\) must be a finite number > 0 \(it scales the "
                                       r"adapter's update: 0 trains nothing\), got 0"),
+    ({"max_length": 0}, r"max_length must be an integer >= 1, got 0"),
+    ({"lora": True, "lora_rank": 0}, r"lora_rank must be an integer >= 1, got 0"),
+    ({"keep_checkpoints": -1}, r"keep_checkpoints must be an integer >= 0, got -1"),
+    ({"lr": float("inf")}, r"lr must be a finite number >= 0, got inf"),
+    ({"weight_decay": -0.01}, r"weight_decay must be a finite number >= 0, got -0.01"),
+    ({"lora": True, "lora_dropout": 1.0}, r"lora_dropout must be a number in \[0, 1\), got 1.0"),
+    ({"truthfulqa_pool_fraction": 1}, r"truthfulqa_pool_fraction must be a number in \[0, 1\), got 1"),
+    ({"max_forget_nll": float("nan")}, r"max_forget_nll must be a finite number, .* got nan"),
 ])
 def test_a_value_out_of_range_is_refused_by_name(settings, message):
     """A seed torch.manual_seed cannot take failed after the model had loaded with only "Overflow when unpacking
@@ -121,6 +133,8 @@ def test_a_setting_given_twice_in_a_config_file_is_refused(tmp_path):
 
 @pytest.mark.parametrize("settings, message", [
     ({"lora_rank": 8, "lora_dropout": 0.1}, r"lora_rank, lora_dropout have no effect without lora=true \(--lora\)"),
+    ({"lora_alpha": 8}, r"^lora_alpha has no effect without lora=true \(--lora\)"),
+    ({"lora_targets": ["k_proj"]}, r"^lora_targets has no effect without lora=true \(--lora\)"),
     ({"mismatch_per_prompt": 0}, r"mismatch_per_prompt=0 draws no mismatch answers: the mismatch term is off "
                                  r"whatever mismatch_weight \(1.0\) says"),
     ({"reference_cache": "host"}, r"reference_cache='host' has no effect without reference='cached' "
@@ -164,3 +178,31 @@ def test_defaults_are_the_spec_recipe():
     assert (config.forget_weight, config.mismatch_weight, config.normal_weight) == (0.5, 1.0, 1.0)
     assert (config.lora_rank, config.lora_alpha, config.lora_targets) == (32, 16, ["q_proj", "v_proj"])
     assert config.template == "### Question: {prompt}\n ### Answer: {answer}"
+
+
+def test_the_bounds_themselves_are_accepted():
+    """Each range includes its documented bound: a learning rate of 0 or no weight decay is a setting, not a typo."""
+    config = UnlearnConfig(lr=0, weight_decay=0.0, max_length=1, keep_checkpoints=0, save_every=0, seed=0,
+                           truthfulqa_test_fraction=0, truthfulqa_pool_fraction=0.0, max_forget_nll=-1.0)
+    assert (config.lr, config.weight_decay, config.max_length, config.keep_checkpoints) == (0, 0.0, 1, 0)
+
+
+def test_missing_settings_are_named_before_a_run(tmp_path):
+    with pytest.raises(ValueError, match=r"^missing setting\(s\): forget$"):
+        UnlearnConfig(model="m", output_dir=str(tmp_path / "out")).check_paths()
+    with pytest.raises(ValueError, match=r"^missing setting\(s\): model, forget, output_dir$"):
+        UnlearnConfig().check_paths()
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/version"), reason="needs Linux's /proc, which nobody can write in")
+def test_an_existing_output_dir_that_cannot_be_written_is_refused():
+    """/proc stands for an existing read-only directory (a read-only mount: root passes permission bits)."""
+    with pytest.raises(ValueError, match=r"^output_dir \(--output-dir\): cannot write in '/proc': "):
+        check_output_dir("/proc")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml", ".yml"])
+def test_config_files_of_each_suffix_are_read(tmp_path, suffix):
+    path = tmp_path / f"run{suffix}"
+    path.write_text('{"lr": 1.0e-3, "max-steps": 3}')   # JSON is YAML too
+    assert read_config_file(path) == {"lr": 1e-3, "max_steps": 3}
