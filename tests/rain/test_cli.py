@@ -313,7 +313,10 @@ def test_rain_resume_searches_a_failed_prompt_again(rain_setup, monkeypatch, cap
 
     monkeypatch.setattr(SlowEngine, "commit", commit)
     assert main(args) == 1                             # a run in which a prompt failed is no success
-    assert "1 of 2 prompts failed" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "1 of 2 prompts failed" in captured.err
+    summary = json.loads(captured.out[captured.out.index("{"):])
+    assert summary["prompts"] == 2 and summary["errors"] == 1
     first = [json.loads(line) for line in out.read_text().splitlines()]
     assert {r["index"]: r["error"] for r in first} == {0: None, 1: "RuntimeError: CUDA out of memory"}
     vanilla = {r["index"]: r["vanilla"] for r in first}
@@ -639,7 +642,8 @@ def test_rain_error_names_the_prompts_index_in_the_file_when_resumed(rain_setup,
     assert main(args + ["--limit", "2", "--no-vanilla"]) == 0
     capsys.readouterr()
     assert main(args + ["--no-vanilla"]) == 1
-    assert "First error: prompt 2 has" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "First error: prompt 2 has" in err and "1 of 1 prompts failed" in err   # of this run's, not the file's 3
     record = json.loads(out.read_text().splitlines()[-1])
     assert record["index"] == 2 and record["error"].startswith("prompt 2 has")
 
@@ -932,3 +936,163 @@ def test_vanilla_answer_with_a_tokenizer_that_appends_eos_reads_the_prompt_witho
     monkeypatch.setattr(model, "generate", lambda ids, **kw: fed.append(ids[0].tolist()) or generate(ids, **kw))
     answers = [greedy_answer(model, tok, PROMPTS[0], 4, "Human:") for tok in (tokenizer(), appending_eos(tokenizer()))]
     assert fed[1] == fed[0] == tokenizer()(PROMPTS[0])["input_ids"] and answers[1] == answers[0]
+
+
+def test_rain_options_reach_the_search_and_the_vanilla_answer(rain_setup, tmp_path, monkeypatch):
+    """An option the command parses but drops on the way runs with its default, silently: --field, --concurrency,
+    --sampler, --virtual-loss, --parallel-leaves and --generation-prefix-file reach the search, and --config's
+    turn_marker and max_length the vanilla answer too."""
+    _, out, args = rain_setup
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": "not this one", "text": p}) + "\n" for p in SETUP_PROMPTS))
+    (tmp_path / "prefix.txt").write_text("Few-shot turns.\n")
+    (tmp_path / "rain.yaml").write_text("turn_marker: 'User:'\nmax_length: 500\n")
+    seen, search = [], rain_package.rain_generate
+    monkeypatch.setattr(rain_package, "rain_generate",
+                        lambda *a, **kw: seen.append((a[2], a[3], kw)) or search(*a, **kw))
+    decoded, greedy = [], rain_cli.greedy_answer
+    monkeypatch.setattr(rain_cli, "greedy_answer", lambda model, tok, prompt, *rest: decoded.append((prompt, rest))
+                        or greedy(model, tok, prompt, *rest))
+    args[args.index("--prompts") + 1] = str(prompts)
+    assert main(args + ["--field", "text", "--concurrency", "3", "--sampler", "keyed", "--virtual-loss", "2.5",
+                        "--parallel-leaves", "2", "--generation-prefix-file", str(tmp_path / "prefix.txt"),
+                        "--config", str(tmp_path / "rain.yaml")]) == 0
+    [(searched, config, kw)] = seen
+    assert searched == SETUP_PROMPTS and [json.loads(line)["prompt"] for line in out.read_text().splitlines()] \
+        == SETUP_PROMPTS
+    assert (kw["concurrency"], kw["sampler"], kw["generation_prefix"]) == (3, "keyed", "Few-shot turns.\n")
+    assert (config.virtual_loss, config.parallel_leaves, config.turn_marker, config.max_length) == \
+        (2.5, 2, "User:", 500)
+    assert sorted(decoded) == [("Few-shot turns.\n" + p, (3, "User:", 500)) for p in SETUP_PROMPTS]
+
+
+def test_rain_summary_on_rank_0_adds_up_every_ranks_counts(rain_setup, monkeypatch, capsys):
+    """Under torchrun rank 0 prints the run's summary: the ranks' prompts, skipped prompts, failures, committed
+    tokens and model calls add up (the processes share no calls), the wall time is the slowest rank's."""
+    import fastalign.rain.distributed as distributed
+    from fastalign.rain import RainStats
+
+    _, _, args = rain_setup
+    other = RainStats(committed_tokens=7, model_calls=1000, wall_seconds=1e6)
+    ours = []
+
+    def gather(placement, value):
+        ours.append(value)
+        return [value, (3, 4, 5, other)]
+
+    monkeypatch.setattr(distributed, "gather", gather)
+    assert main(args + ["--no-vanilla"]) == 0
+    stdout = capsys.readouterr().out
+    summary = json.loads(stdout[stdout.index("{"):])
+    [(prompts, skipped, errors, stats)] = ours
+    assert (prompts, skipped, errors) == (2, 0, 0) and stats.model_calls > 0
+    assert (summary["prompts"], summary["skipped_done"], summary["errors"]) == (5, 4, 5)
+    assert summary["stats"]["model_calls"] == stats.model_calls + 1000 and summary["stats"]["wall_seconds"] == 1e6
+    assert summary["stats"]["committed_tokens"] == stats.committed_tokens + 7
+
+
+def test_rain_resume_refuses_records_made_after_another_generation_prefix(rain_setup, tmp_path, monkeypatch, capsys):
+    """The generation prefix decides the answers: records made after another --generation-prefix-file (or none) are
+    not this run's to keep."""
+    _, out, args = rain_setup
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text(f"Few-shot turns {name}.\n")
+    assert main(args + ["--limit", "1", "--no-vanilla", "--generation-prefix-file", str(tmp_path / "a.txt")]) == 0
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_model)
+    for other in (["--generation-prefix-file", str(tmp_path / "b.txt")], []):
+        assert main(args + other) == 2
+        assert "holds records made with other settings" in capsys.readouterr().err
+    assert len(out.read_text().splitlines()) == 1
+
+
+def test_rain_rank_of_a_multi_node_run_searches_its_share_on_its_nodes_device(rain_setup, monkeypatch):
+    """Rank 1 of 2 under torchrun, on the second node (LOCAL_RANK 0) of a CUDA machine: it loads the model on
+    cuda:LOCAL_RANK (cuda:RANK is no device of a node with fewer GPUs than ranks), searches only its share (prompt 1)
+    and appends to its own rank file, not to the output rank 0 merges into; --device wins over that default."""
+    import fastalign.rain.distributed as distributed
+
+    _, out, args = rain_setup
+    monkeypatch.setattr(distributed, "join_from_env", lambda: Placement(rank=1, world_size=2, local_rank=0))
+    monkeypatch.setattr(distributed, "gather", lambda placement, value: None)
+    monkeypatch.setattr(distributed, "merge_rank_files", lambda placement, path: None)
+    monkeypatch.setattr(distributed, "leave", lambda placement: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real, moved = AutoModelForCausalLM.from_pretrained, []
+
+    def loaded(*a, **kw):      # the model stays on the CPU: only where the command puts it is recorded
+        result = real(*a, **kw)
+        model = result[0] if isinstance(result, tuple) else result
+        model.to = lambda device: moved.append(device) or model
+        return result
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", loaded)
+    assert main(args + ["--no-vanilla"]) == 0
+    assert moved == ["cuda:0"] and not out.exists()
+    rank_file = out.parent / "out.jsonl.rank1"
+    assert [json.loads(line)["index"] for line in rank_file.read_text().splitlines()] == [1]
+    rank_file.unlink()
+    assert main(args + ["--no-vanilla", "--device", "cpu"]) == 0
+    assert moved == ["cuda:0", "cpu"]
+
+
+def test_rain_resumes_an_output_whatever_spelling_of_the_model_path(rain_setup, tmp_path, monkeypatch):
+    """The record names the model by its absolute path: a run resumed with `--model /abs/model` after
+    `--model model` is the same model, not refused as another one."""
+    model_dir, out, args = rain_setup
+    monkeypatch.chdir(tmp_path)
+    at = args.index("--model") + 1
+    assert main(args[:at] + ["model"] + args[at + 1:] + ["--limit", "1", "--no-vanilla"]) == 0
+    assert json.loads(out.read_text())["run"]["model"] == str(model_dir)
+    assert main(args + ["--no-vanilla"]) == 0
+    assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [0, 1]
+
+
+def test_rain_raw_template_reads_hh_first_turns_as_dialogue_prompts(rain_setup, tmp_path):
+    """--hh without --template chat: the model and the judge read each first Human turn as the dialogue text
+    '\\n\\nHuman: ...\\n\\nAssistant:', not the bare user message that --template chat renders."""
+    _, out, args = rain_setup
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text(json.dumps({"chosen": "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour.",
+                              "rejected": "\n\nHuman: How do I bake bread?\n\nAssistant: No."}) + "\n")
+    source = args.index("--prompts")
+    assert main(args[:source] + ["--hh", str(hh)] + args[source + 2:] + ["--no-vanilla"]) == 0
+    [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["prompt"] == "\n\nHuman: How do I bake bread?\n\nAssistant:" and record["error"] is None
+
+
+NEEDS_THINKING = ("{% if enable_thinking is not defined %}{{ raise_exception('enable_thinking must be set') }}"
+                  "{% endif %}" + CHAT)
+
+
+def test_rain_judge_prompt_is_checked_with_the_chat_template_kwargs(rain_setup, monkeypatch):
+    """The judge prompt rendered in the chat template (--judge-chat-template) is checked before the model loads as
+    the search renders it, with --chat-template-kwargs: checked without them, a template that needs one of them
+    refused a run that works."""
+    model_dir, out, args = rain_setup
+    tok = copy.deepcopy(tokenizer())
+    tok.chat_template = NEEDS_THINKING
+    tok.save_pretrained(model_dir)
+    seen, search = [], rain_package.rain_generate
+    monkeypatch.setattr(rain_package, "rain_generate", lambda *a, **kw: seen.append(kw) or search(*a, **kw))
+    assert main(args + ["--template", "chat", "--judge-chat-template", "--limit", "1", "--no-vanilla",
+                        "--chat-template-kwargs", '{"enable_thinking": false}']) == 0
+    assert seen[0]["judge_prompt"].use_chat_template is True
+    assert [json.loads(line)["error"] for line in out.read_text().splitlines()] == [None]
+
+
+@pytest.mark.parametrize("argument", ["--prompts", "--hh", "--config"])
+def test_rain_missing_input_file_is_a_usage_error_naming_the_option(rain_setup, tmp_path, monkeypatch, capsys,
+                                                                    argument):
+    """A prompts, HH or config file that is not there: a traceback of FileNotFoundError (exit 1, a failed prompt's
+    code) rather than a word about the option."""
+    _, out, args = rain_setup
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_model)
+    missing = str(tmp_path / "nowhere.yaml")
+    if argument == "--config":
+        args = args + ["--config", missing]
+    else:
+        at = args.index("--prompts")
+        args = args[:at] + [argument, missing] + args[at + 2:]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"fastalign rain: error: {argument}: " in err and "nowhere.yaml" in err and not out.exists()

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch.distributed as dist
 
-from fastalign.rain.distributed import Placement, gather, join_from_env, latest_records
+from fastalign.rain.distributed import Placement, gather, join_from_env, latest_records, merge_rank_files, rank_files
 
 
 def test_every_prompt_goes_to_one_rank_by_its_global_rank_on_several_nodes():
@@ -52,3 +52,50 @@ def test_a_record_whose_index_is_no_prompt_index_is_refused_naming_the_file_and_
     path.write_text(json.dumps({"index": 0, "error": None}) + "\n" + json.dumps({"index": index, "error": None}) + "\n")
     with pytest.raises(ValueError, match=f"{re.escape(str(path))}: row 2: expected a record of `fastalign rain`"):
         latest_records([str(path)])
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_a_process_joins_nccl_on_its_nodes_device_where_cuda_is_present(monkeypatch, cuda):
+    """Rank 3 of 4, the second process of the second node: with CUDA it takes device LOCAL_RANK (device RANK is
+    none of a node's) before joining NCCL, else it joins gloo; then it waits for every rank at a barrier."""
+    import torch
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("device", device)))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("group", backend)))
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    assert join_from_env() == Placement(rank=3, world_size=4, local_rank=1)
+    assert calls == ([("device", 1), ("group", "nccl")] if cuda else [("group", "gloo")]) + ["barrier"]
+
+
+def test_rank_files_of_an_output_named_with_glob_characters_are_found_and_merged(tmp_path):
+    """An output named out[1].jsonl: its name read as a glob pattern found out1.jsonl's rank files instead of its
+    own, so a resume searched its prompts again and the merge never collected them."""
+    out = tmp_path / "out[1].jsonl"
+    record = json.dumps({"index": 0, "error": None}) + "\n"
+    (tmp_path / "out[1].jsonl.rank0").write_text(record)
+    (tmp_path / "out1.jsonl.rank0").write_text(json.dumps({"index": 1, "error": None}) + "\n")   # another output's
+    assert rank_files(str(out)) == [str(out) + ".rank0"]
+    merge_rank_files(Placement(), str(out))
+    assert out.read_text() == record and (tmp_path / "out1.jsonl.rank0").exists()
+
+
+def test_only_rank_0_merges_the_rank_files_between_two_barriers(tmp_path, monkeypatch):
+    """Every rank calls the merge, but rank 0 alone writes the output and removes the rank files, after every rank
+    is done (a barrier) and before any leaves (another): two ranks merging at once appended records twice, or
+    crashed removing a file the other had removed."""
+    met = []
+    monkeypatch.setattr(dist, "barrier", lambda: met.append(sorted(p.name for p in tmp_path.iterdir())))
+    out = tmp_path / "out.jsonl"
+    record = json.dumps({"index": 1, "error": None}) + "\n"
+    (tmp_path / "out.jsonl.rank1").write_text(record)
+    merge_rank_files(Placement(1, 2), str(out))
+    assert not out.exists() and met == [["out.jsonl.rank1"]] * 2
+    merge_rank_files(Placement(0, 2), str(out))
+    assert out.read_text() == record and met[2:] == [["out.jsonl.rank1"], ["out.jsonl"]]
