@@ -519,6 +519,35 @@ def test_tree_attention_max_diff_is_each_method_against_dense_sdpa(monkeypatch):
         ("dense sdpa", None, True), ("fastalign paged (torch)", None, False)]
 
 
+def test_tree_attention_rows_count_the_unique_kv_bytes_over_one_calls_time(monkeypatch):
+    """unique GB/s: the K and V bytes of the pool slots the rows read, over one call's time (a timed run makes
+    --iters calls), the graph's where there is one; against the copy bandwidth given. max_diff is the largest
+    |difference| (a paged output 0.5 too low is off by 0.5); a plan time only for the cascade's rows; the dense
+    copies of all rows (not one row's) against --dense-limit-gib."""
+    monkeypatch.setattr(bench_tree, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(bench_tree.harness, "median_ms", lambda fn, device, **kwargs: (fn(), 2.0)[1])
+    paged = bench_tree.paged_attention
+    monkeypatch.setattr(bench_tree, "paged_attention", lambda **kw: paged(**kw) - 0.5)
+    args = tree_attention_args(iters=4)
+    _, unique_tokens, _, _ = bench_tree.shared_prefix_batch(3, 40, 4, 4, 2, 8, 16, torch.float32, torch.device("cpu"))
+    unique_bytes = unique_tokens * 2 * 2 * 8 * 4   # K and V, 2 KV heads of 8 fp32 values
+    rows = bench_tree.attention_rows(args, torch.device("cpu"), torch.float32, 0.5)
+    assert [row["method"] for row in rows] == ["fastalign paged (torch)", "dense sdpa"]
+    for row in rows:
+        assert row["unique_mib"] == unique_bytes / 2 ** 20 and row["eager_us"] == 500.0 and row["plan_us"] is None
+        assert row["unique_gbs"] == pytest.approx(unique_bytes / 500e-6 / 1e9) and row["of_copy_bw"] == \
+            pytest.approx(row["unique_gbs"] / 0.5)
+    assert rows[0]["max_diff"] == pytest.approx(0.5, abs=1e-5)
+    monkeypatch.setattr(bench_tree, "per_call_us", lambda fn, device, iters: (fn(0), (100.0, 400.0))[1])
+    rows = bench_tree.attention_rows(args, torch.device("cpu"), torch.float32, 0.5)
+    assert rows[0]["unique_gbs"] == pytest.approx(unique_bytes / 100e-6 / 1e9)
+    dense_bytes = 3 * (40 + 4 + 1) * 2 * 2 * 8 * 4
+    rows = bench_tree.attention_rows(tree_attention_args(dense_limit_gib=(dense_bytes - 1) / 2 ** 30),
+                                     torch.device("cpu"), torch.float32, 0.5)
+    assert [(row["method"], "error" in row) for row in rows] == [("dense sdpa", True), ("fastalign paged (torch)",
+                                                                                       False)]
+
+
 def test_tree_attention_times_the_kernel_at_each_split_count_asked_for(monkeypatch):
     """--splits 1 3: the Triton kernel (interpreted here) also with 1 and 3 key parts per row, each compared with dense
     sdpa like the kernel's own choice."""
