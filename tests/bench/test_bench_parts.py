@@ -845,10 +845,12 @@ def test_the_runner_sections_take_a_gemma3_whose_window_is_shorter_than_the_pref
 
 # ---- bench_rain ----
 
-def run_bench_rain(monkeypatch, tmp_path, prompts, failing_concurrency=None, argv=("--model", "m"), clocks=None):
+def run_bench_rain(monkeypatch, tmp_path, prompts, failing_concurrency=None, argv=("--model", "m"), clocks=None,
+                   greedy=None):
     """bench_rain.main() with `argv` (and --hh, ...) on fake engines (every run recorded; the one at
-    `failing_concurrency` raises; each ModelClock's arguments appended to `clocks`): (runs, configs, rows of the
-    written record by engine)."""
+    `failing_concurrency` raises; each ModelClock's arguments appended to `clocks`, the greedy baseline's answer
+    lengths to `greedy`): (runs, configs, rows of the written record by engine). The slow engine's run takes 3 s
+    and 7.5 tokens a committed token, the tree engine's 0.5 s and 5."""
     runs, configs = [], []
 
     def fake_rain_generate(model, tok, prompts, config, *, engine, sampler="torch", concurrency=None, **common):
@@ -857,12 +859,14 @@ def run_bench_rain(monkeypatch, tmp_path, prompts, failing_concurrency=None, arg
         configs.append(config)
         if concurrency is not None and concurrency == failing_concurrency:
             raise RuntimeError("CUDA out of memory")
-        stats = SimpleNamespace(committed_tokens=6, model_calls=12, rows_per_call=2.0, tokens=30,
-                                tokens_per_committed_token=5.0, minimum_tokens=30, tokens_over_minimum=1.0,
-                                recomputed_tokens=0, wall_seconds=0.5, iterations=24, seconds={})
+        slow = engine == "slow"
+        stats = SimpleNamespace(committed_tokens=6, model_calls=12, rows_per_call=2.0, tokens=45 if slow else 30,
+                                tokens_per_committed_token=7.5 if slow else 5.0, minimum_tokens=30,
+                                tokens_over_minimum=1.0, recomputed_tokens=0, wall_seconds=3.0 if slow else 0.5,
+                                iterations=24, seconds={})
         results = [SimpleNamespace(prompt=p, answer=f"answer {i}", answer_ids=[i, 2 if engine == "slow" else 3],
                                    error="failed" if i == 1 else None,
-                                   stats=SimpleNamespace(model_calls=3, required_calls=3))
+                                   stats=SimpleNamespace(model_calls=3, required_calls=2))
                    for i, p in enumerate(prompts)]
         return SimpleNamespace(stats=stats, results=results)
 
@@ -872,7 +876,9 @@ def run_bench_rain(monkeypatch, tmp_path, prompts, failing_concurrency=None, arg
     clocks = [] if clocks is None else clocks
     monkeypatch.setattr(bench_rain, "ModelClock", lambda *args: clocks.append(args) or SimpleNamespace(
         runner=None, split=lambda run: {"model_s": 0.375, "outside_model_s": 0.125}))
-    monkeypatch.setattr(bench_rain, "greedy_seconds", lambda *args: 0.25)
+    greedy = [] if greedy is None else greedy
+    monkeypatch.setattr(bench_rain, "greedy_seconds", lambda model, tok, prompts, lengths: greedy.append(lengths)
+                        or 0.25)
     monkeypatch.setattr(bench_rain, "load", lambda args: (None, None, prompts, None, {"max_new_tokens": 3},
                                                           (harmful_first, "fake judge")))
     monkeypatch.setattr(sys.modules[bench_rain.write_results.__module__], "RESULTS_DIR", str(tmp_path))
@@ -908,6 +914,33 @@ def test_rain_sections_run_the_engines_they_name_and_record_what_they_saw(monkey
         assert row["harmless_rate"] == pytest.approx(2 / 3), row
 
 
+def test_rain_rows_count_per_committed_token_and_compare_the_tree_engine_with_the_slow_one(monkeypatch, tmp_path,
+                                                                                         capsys):
+    """Issue 6's speed-up is the slow engine's seconds per committed token over the tree engine's (3 s and 0.5 s for 6
+    tokens: 6x), printed with the tree row's other comparisons; the greedy baseline decodes each answer's length
+    and RAIN takes its wall time over the baseline's; rates are per committed token, model calls over the calls
+    required per prompt on average, calls per search iteration."""
+    greedy = []
+    _, _, rows = run_bench_rain(monkeypatch, tmp_path, [f"prompt {i}" for i in range(8)], greedy=greedy)
+    tree = rows["tree"]
+    assert (tree["speedup_per_commit"], tree["token_ratio_vs_slow"], tree["rain_over_greedy"]) == (6.0, 1.5, 2.0)
+    assert greedy == [[2, 2]]   # each answer's length (the fake answers are two tokens)
+    assert (tree["s_per_commit"], tree["commits_per_s"], tree["calls_per_commit"], tree["tokens_per_commit"]) == \
+        (0.5 / 6, 12.0, 2.0, 5.0)
+    assert tree["calls_over_required"] == 1.5 and rows["tree vl=5"]["calls_per_iteration"] == 0.5
+    printed = capsys.readouterr().out
+    assert "'speedup_per_commit': 6.0" in printed and "'rain_over_greedy': 2.0" in printed
+
+
+def test_rain_model_clock_leaves_the_graph_captures_out_of_the_seconds_per_committed_token():
+    clock = object.__new__(bench_rain.ModelClock)
+    clock.seconds = 1.0
+    clock.runner = SimpleNamespace(model_runner=SimpleNamespace(num_graphs=3, replays=10, capture_seconds=0.5))
+    split = clock.split(SimpleNamespace(stats=SimpleNamespace(wall_seconds=2.0, rows=4, committed_tokens=3)))
+    assert split == {"model_s": 1.0, "outside_model_s": 1.0, "outside_model_us_per_row": 250000.0, "graphs": 3,
+                     "graph_replays": 10, "capture_s": 0.5, "s_per_commit_past_captures": 0.5}
+
+
 def test_rain_state_memory_sizes_every_timed_runner_of_a_hybrid_and_is_refused_for_llama(monkeypatch, tmp_path,
                                                                                           capsys):
     """--state-memory reaches the TreeRunner of every timed tree-engine run (and the record); without a hybrid
@@ -929,7 +962,7 @@ def test_rain_section_that_raises_is_an_error_row_and_the_next_sections_run(monk
     slow engine's row, which carries the speed-up per committed token, among them."""
     _, _, rows = run_bench_rain(monkeypatch, tmp_path, [f"prompt {i}" for i in range(8)], failing_concurrency=3)
     assert rows["tree x3"] == {"engine": "tree x3", "error": "RuntimeError: CUDA out of memory"}
-    assert rows["tree"]["speedup_per_commit"] == 1.0 and "same_decisions" in rows["slow"], rows
+    assert rows["tree"]["speedup_per_commit"] == 6.0 and "same_decisions" in rows["slow"], rows
     assert {"tree vl=1", "tree vl=5"} <= set(rows), rows
 
 
