@@ -296,6 +296,9 @@ def test_unlearn_ratios_are_against_the_first_spec_row_and_the_other_ways_step_t
     # what autograd keeps for the backward, on any device
     assert [row.get("held_vs_unfused") for row in rows] == pytest.approx([0.25, 1.0, 0.625, 2.5, None, 0.2])
     assert [row.get("held_vs_sliced") for row in rows] == pytest.approx([0.4, 1.6, 1.0, 4.0, None, 0.32])
+    reordered = [{**rows[3]}, {**rows[0]}]   # the reference recipe measured first: still no SPEC row to compare with
+    bench_unlearn.add_ratios(reordered)
+    assert [row.get("loss_rel_diff") for row in reordered] == [None, 0.0]
 
 
 def test_unlearn_a_way_that_trains_fewer_parameters_says_which():
@@ -344,12 +347,18 @@ def test_unlearn_timed_steps_follow_a_second_untimed_step(monkeypatch):
     monkeypatch.setattr(bench_unlearn.harness, "median_ms", lambda fn, device, **kwargs: calls.append(kwargs) or 2.0)
     monkeypatch.setattr(bench_unlearn.harness, "device_busy_ms", lambda fn, device: 1.5)   # a CUDA device's
 
+    monkeypatch.setattr(bench_unlearn.harness, "peak_extra_mib", lambda fn, device: 512.0)
+
     def build(model, batch, normal, args):
-        return lambda: torch.tensor(1.0)
+        def step():
+            return torch.tensor(1.0)
+        step.grid = (3, 8)   # rows x width of its policy forwards
+        return step
     batch = SimpleNamespace(to=lambda device: batch)
     row = bench_unlearn.measure("way", build, batch, [], unlearn_args(), torch.device("cpu"), torch.float32)
     assert row["step_ms"] == 2.0 and calls == [{"warmup": 1, "reps": 1}], (row, calls)
     assert row["gpu_busy"] == 0.75   # the share of the step's time the GPU runs kernels
+    assert (row["grid"], row["slots"], row["step_extra_gib"]) == ("3 x 8", 24, 0.5)
 
 
 def unlearn_args():
