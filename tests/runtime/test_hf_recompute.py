@@ -2,6 +2,7 @@
 test_tree_runner.py, on the "-recompute" models of tiny_models.py.)"""
 import warnings
 
+import pytest
 import torch
 
 from fastalign import TreeRunner
@@ -57,3 +58,18 @@ def test_a_call_without_outputs_and_bringing_back_evicted_spans_run_no_forward()
     (child,), logits = runner.extend([first], [[7]])  # brings the first back, then one row of 13 tokens
     assert calls == [(1, 13, 1)] and runner.recomputed_tokens == 12
     torch.testing.assert_close(logits[0], reference(model, child)[0][-1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_call_without_outputs_or_refused_reruns_no_context_and_keeps_none_of_the_call_before():
+    """last_context_rerun describes the last extend alone: one that computed no outputs ran no context, and one refused
+    ran nothing; neither may leave the previous call's counts for a caller (RAIN) to charge again."""
+    model, runner, calls = recompute_runner()
+    root = runner.prefill([5, 17, 3, 9, 2])
+    children, _ = runner.extend([root], [[1]])
+    assert runner.last_context_rerun.tolist() == [5]
+    children, _ = runner.extend([root], [[2]], logits=None)
+    assert runner.last_context_rerun.tolist() == [] and runner.recomputed_tokens == 5
+    children, _ = runner.extend([root], [[3]])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        runner.extend([root], [[-1]])
+    assert runner.last_context_rerun.tolist() == [] and runner.recomputed_tokens == 10

@@ -323,6 +323,13 @@ def test_a_default_room_of_few_states_is_said_and_a_roomy_one_is_not(name):
         roomy = TreeRunner(model, max_bytes=2 * 40 * state_bytes, block_size=4)
     assert roomy.model_runner.state_capacity >= 32
     assert not [w for w in caught if "default room" in str(w.message)], [str(w.message) for w in caught]
+    mr = state_runner(name)[1].model_runner   # room for exactly 32 states is room enough: no warning either
+    per_block = KVPool.bytes_per_block(mr.pool_shapes, block_size=4, dtype=mr.dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exact = TreeRunner(model, max_bytes=2 * -(-32 * state_bytes // per_block) * per_block, block_size=4)
+    assert exact.model_runner.state_capacity == 32
+    assert not [w for w in caught if "default room" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_a_pure_state_space_model_holds_nothing_in_the_pool_but_runs_its_new_tokens_alone():

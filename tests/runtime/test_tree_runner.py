@@ -159,6 +159,10 @@ def test_last_logits_with_every_hidden_state_run_the_lm_head_on_the_last_tokens_
     _, logits, hidden = runner.extend([None, None], [list(range(40)), [7, 8]], logits="last", hidden="all")
     assert head_rows == [2] and logits.shape == (2, runner.vocab_size) and [h.shape[0] for h in hidden] == [40, 2]
     torch.testing.assert_close(logits, model.lm_head(torch.stack([h[-1] for h in hidden])), rtol=1e-6, atol=1e-6)
+    head_rows.clear()   # last logits alone (the default) run it on the last tokens too, not on all 42
+    _, last = runner.extend([None, None], [list(range(40)), [7, 8]])
+    assert head_rows == [2]
+    torch.testing.assert_close(last, logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-learned-positions", "bloom-alibi-fallback"])

@@ -85,6 +85,8 @@ def test_bad_tokens_are_refused(runner, model):
     cases = [  # (number of parents, token lists, message)
         (2, [[1], [VOCAB]], f"token_lists\\[1\\]: token id {VOCAB} is outside the vocabulary \\[0, {VOCAB}\\)"),
         (1, [[-1]], "token_lists\\[0\\]: token id -1 is outside the vocabulary"),
+        # the first bad id is named, as given (not the row's last bad one)
+        (2, [[1], [2, VOCAB + 5, -3]], f"token_lists\\[1\\]: token id {VOCAB + 5} is outside the vocabulary"),
         (1, [[]], "token_lists\\[0\\]: expected a non-empty 1-D sequence of int token ids"),
         (1, [[1.5]], "token_lists\\[0\\]: expected a non-empty 1-D sequence of int token ids, got shape \\[1\\] of "
                      "float64"),
@@ -184,6 +186,59 @@ def test_a_call_that_cannot_fit_counts_every_parent_and_every_copied_block(runne
     kids, logits = full.extend([a] * 3, [[5, 9, 2, 6]] * 3)   # 1 + 3 blocks: the whole pool
     assert full.num_free_blocks == 0
     torch.testing.assert_close(logits[0], model(torch.tensor([kids[0].tokens])).logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_call_on_an_evicted_parent_counts_the_blocks_it_brings_back_before_it_evicts_anything(runner):
+    """An evicted parent holds no block yet must be brought back: a bound counting resident blocks alone let the call
+    through, and the span tree evicted the other spans to restore the parent before it failed."""
+    a = runner.prefill(list(range(38)))                # 10 of the 16 blocks, the last partly filled
+    b = runner.prefill(list(range(40, 80)))            # evicts a
+    assert not a.resident and b.resident
+    before = snapshot(runner)
+    with pytest.raises(PoolExhaustedError, match="needs at least 17 blocks of 4 tokens .* the pool has 16"):
+        runner.extend([a], [list(range(30))])          # a's 10 blocks (its partial one too), then 7 more
+    assert snapshot(runner) == before and b.resident and not a.resident
+
+
+def test_a_call_on_parents_that_share_blocks_counts_each_block_once(runner, model):
+    """Two children of one span share its 8 blocks: 10 blocks resident in all, 12 with the call's 2 new ones, which
+    fit the 16-block pool; counting the shared blocks once per parent (18, then 20) refused the call, as did adding
+    an evicted parent's blocks to the resident ones where it is brought back on them."""
+    root = runner.prefill(list(range(32)))
+    (a, b), _ = runner.extend([root, root], [[1] * 4, [2] * 4])
+    kids, logits = runner.extend([a, b], [[3] * 4, [4] * 4])
+    assert runner.num_free_blocks == 16 - 12
+    for kid, row in zip(kids, logits):
+        torch.testing.assert_close(row, model(torch.tensor([kid.tokens])).logits[0, -1], rtol=1e-4, atol=1e-4)
+    runner.release(kids)
+    runner.tree.evict(b.id)       # b comes back in 1 block on the resident root: 12 blocks again, not a's 9 + b's 9
+    assert not b.resident
+    kids, logits = runner.extend([a, b], [[5] * 4, [6] * 4])
+    assert runner.num_free_blocks == 16 - 12 and b.resident
+    for kid, row in zip(kids, logits):
+        torch.testing.assert_close(row, model(torch.tensor([kid.tokens])).logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_the_bound_tells_an_earlier_rows_child_from_the_span_whose_id_is_that_rows_index(model):
+    """Row 0's child and span 0 each have one child writing on into its partly filled last block (no copy): taken for
+    one parent with two such children, the bound counted a copy that no row makes and refused a call that fills
+    the pool exactly."""
+    runner = TreeRunner(model, max_tokens=16, block_size=4, attention_backend="torch")
+    root = runner.prefill([1, 2, 3, 4, 5, 6])            # 2 blocks, the last partly filled
+    assert root.id == 0
+    (a, b), logits = runner.extend([root, 0], [[7], [8] * 9])   # 16 tokens in 4 blocks: the whole pool
+    assert runner.num_free_blocks == 0 and b.parent is a
+    torch.testing.assert_close(logits[1], model(torch.tensor([b.tokens])).logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_call_that_cannot_fit_counts_the_copies_of_an_earlier_rows_partly_filled_block(runner):
+    """Sixteen rows on row 0's child, which ends mid-block: one writes on into its last block, fifteen copy it, so 17
+    blocks; counting the copies for span parents alone, the bound let the call evict `keep` before it failed."""
+    keep = runner.prefill(list(range(8)))
+    before = snapshot(runner)
+    with pytest.raises(PoolExhaustedError, match="needs at least 17 blocks of 4 tokens .* the pool has 16"):
+        runner.extend([None] + [0] * 16, [[1] * 6] + [[i] for i in range(16)])
+    assert snapshot(runner) == before and keep.resident
 
 
 def test_pool_exhausted_error_says_what_it_means():
@@ -917,6 +972,10 @@ def test_spans_of_another_runner_are_refused_by_pin_unpin_and_release(runner, mo
         with pytest.raises(ValueError, match="belongs to another TreeRunner"):
             op(other)
     assert snapshot(runner) == before and root.alive and root.pins == 1
+    empty = TreeRunner(model, max_tokens=16, block_size=4, attention_backend="torch")   # no span 0 there: not
+    for op in (empty.pin, empty.unpin, empty.release):                               # "released", but foreign
+        with pytest.raises(ValueError, match="belongs to another TreeRunner"):
+            op(root)
 
 
 @pytest.mark.parametrize("name", ["qwen2-untied", "gpt2-learned-positions", "bloom-alibi-fallback"])
