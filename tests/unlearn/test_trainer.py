@@ -264,7 +264,8 @@ def test_a_resume_may_change_how_the_run_logs_and_checkpoints(tmp_path):
 
 @pytest.mark.parametrize("change", [{"grad_accum": 1}, {"batch_size": 1}, {"seed": 1}, {"mismatch_per_prompt": 2},
                                     {"forget_weight": 0.3}, {"mismatch_weight": 0.5}, {"normal_weight": 0.5},
-                                    {"packing": "off"}, {"precision": "bf16"}],
+                                    {"packing": "off"}, {"precision": "bf16"}, {"lr": 1e-2}, {"weight_decay": 0.5},
+                                    {"max_forget_nll": 50.0}],
                          ids=lambda change: next(iter(change)))
 def test_a_resume_that_changes_a_result_is_refused(tmp_path, change):
     """Each of these settings changes what the rest of the run trains on or how (another batch drawn, another
@@ -1261,3 +1262,89 @@ def test_a_step_waits_for_the_device_only_where_the_host_needs_a_value(tmp_path,
         trainer.train()
     # the first step also checks that the fused losses reproduce the model's logits (once per run)
     assert steps[1:] == [_STEP_SYNCS[config.reference_mode]] * 2
+
+
+def test_a_model_given_in_eval_mode_trains_with_its_dropout(tmp_path):
+    """from_pretrained returns a model in eval mode: the trainer puts it in train mode, else the model's dropout
+    would silently never draw, and the run would be the one without dropout."""
+    tokenizer = byte_bpe_tokenizer()
+
+    def trained(name, eval_mode, dropout=0.5):
+        model = tiny_llama(len(tokenizer))
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = dropout
+        config = UnlearnConfig(output_dir=str(tmp_path / name), lr=1e-2, max_steps=2, progress=False)
+        trainer = UnlearningTrainer(model.eval() if eval_mode else model, tiny_streams(tokenizer), config)
+        trainer.train()
+        return [p.detach().clone() for p in trainer.model.parameters()]
+
+    in_train_mode = trained("train", False)
+    assert all(torch.equal(a, b) for a, b in zip(in_train_mode, trained("eval", True)))
+    assert not all(torch.equal(a, b) for a, b in zip(in_train_mode, trained("no-dropout", False, dropout=0.0)))
+
+
+def test_an_infinite_loss_stops_the_step_before_it_trains(tmp_path, monkeypatch):
+    """An infinite loss (not only NaN) is not finite: the run stops before the optimizer steps with it."""
+    real_forward, steps = UnlearningObjective.forward, []
+
+    def forward(self, batch, *args):
+        terms = real_forward(self, batch, *args)
+        return terms._replace(total=terms.total + float("inf")) if steps == [1] else terms
+    monkeypatch.setattr(UnlearningObjective, "forward", forward)
+    with pytest.raises(FloatingPointError, match=r"step 2: the loss is not finite .*total=tensor\(inf"):
+        run(tmp_path, max_steps=3, grad_accum=1, callback=lambda record: steps.append(record.step))
+    assert steps == [1] and not (tmp_path / "run" / "model").exists()
+
+
+@pytest.mark.parametrize("reference", ["copy", "cached"])
+def test_the_first_steps_kl_is_zero_in_fp32(tmp_path, reference):
+    """Before the first update the policy is the reference: in fp32 the first step's KL is 0 to rounding. A frozen
+    copy (or cache) in another dtype than the policy's would make P another model (KL > 0 from the start)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(byte_bpe_tokenizer()), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256))
+    with torch.no_grad():  # peaked next-token distributions, as a trained model has
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    records = []
+    run(tmp_path, model=model, callback=records.append, max_steps=1, grad_accum=1, lr=0.0, reference=reference,
+        max_forget_nll=None)
+    assert abs(records[0].normal_kl) < 1e-5
+
+
+def test_a_run_keeps_the_checkpoints_its_config_says(tmp_path):
+    """keep_checkpoints reaches the checkpoint writer: 1 keeps only the last checkpoint, 3 keeps three."""
+    for keep in (1, 3):
+        run(tmp_path, f"keep{keep}", max_steps=5, grad_accum=1, save_every=1, keep_checkpoints=keep)
+        names = os.listdir(tmp_path / f"keep{keep}" / "checkpoints")
+        assert sorted(n for n in names if n.startswith("step-"))[-1:] == ["step-000004"]
+        assert len([n for n in names if n.startswith("step-")]) == keep, names
+
+
+def test_each_log_line_counts_the_tokens_of_its_step(tmp_path):
+    """A step's tokens (the log's and the step callback's) are the tokens its batch ran, whose sum is the run's."""
+    tokenizer = byte_bpe_tokenizer()
+    records = []
+    _, summary = run(tmp_path, max_steps=3, grad_accum=1, callback=records.append)
+    streams = tiny_streams(tokenizer)
+    expected = [streams.batch(i).tokens.num_tokens for i in range(3)]
+    assert [r.tokens for r in records] == [r["tokens"] for r in log_lines(tmp_path / "run")] == expected
+    assert sum(expected) == summary.compute["tokens"]
+
+
+def test_a_resume_from_a_checkpoint_lacking_a_trainable_weight_is_refused(tmp_path, monkeypatch):
+    """A checkpoint without some trainable weight (loaded non-strictly) would resume with that weight as it was
+    before training, silently: the resume is refused, naming it."""
+    with pytest.raises(Killed):
+        run(tmp_path, save_every=2, callback=kill_after(3))
+    real_read = trainer_module.read_checkpoint
+
+    def read_without_a_weight(*args, **kwargs):
+        state, rank_state = real_read(*args, **kwargs)
+        state["trainable"].pop("model.model.norm.weight")
+        return state, rank_state
+    monkeypatch.setattr(trainer_module, "read_checkpoint", read_without_a_weight)
+    with pytest.raises(ValueError, match=r"lacks trainable parameter\(s\) \['model\.model\.norm\.weight'\]"):
+        run(tmp_path, save_every=2, resume=True)
