@@ -1396,6 +1396,27 @@ def test_token_ids_past_the_models_embeddings_are_errors_naming_the_prompt_or_th
             rain_generate(model, tok, PROMPTS[1:], SMALL, **kw)
 
 
+def test_a_chat_template_prompt_whose_judge_dialogue_holds_a_token_past_the_embeddings_is_an_error_naming_it():
+    """With chat_template the judge reads the prompt in JudgePrompt.dialogue: a token there past the model's input
+    embeddings is that prompt's error, as one in the prompt itself is (not an IndexError deep in a judge call)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.evaluation.chat_model import QUESTION, chat_tokenizer
+
+    tok = chat_tokenizer()
+    vocab = len(tok)
+    tok.add_tokens(["<|unembedded|>"], special_tokens=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2)).eval()
+    judge = JudgePrompt(template="{conversation}\n{options}", labels=("Hi", "Hello"), harmless="sea", harmful="city",
+                        option_line="{label} {statement}", answer_prefix="\n",
+                        dialogue="<|unembedded|>user\n\n{prompt}\n\nassistant")
+    run = rain_generate(model, tok, [QUESTION], RainConfig(root_visits=3, max_new_tokens=3), judge_prompt=judge,
+                        embedding="hidden", sampler="keyed", chat_template=True)
+    assert run.results[0].error.startswith(f"prompt 0: token id {vocab} is past the model's {vocab} input embeddings")
+
+
 def test_a_slow_tokenizer_searches_as_the_fast_one_with_the_same_ids():
     """RAIN needs no character offsets: a pure-Python tokenizer (models with custom tokenizer code) makes the
     decisions the fast tokenizer with the same ids makes, the judge's option ids included."""
@@ -1560,3 +1581,167 @@ def test_an_interrupt_inside_a_search_or_a_model_call_stops_the_run(monkeypatch,
     with pytest.raises(KeyboardInterrupt):
         run_tree(PROMPTS, RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3), runner=runner, concurrency=3)
     assert not runner.live
+
+
+class RerunThenRefusingRunner(NarrowPoolRunner):
+    """A NarrowPoolRunner that reports one context token run again per row of each call it then refuses (the runner
+    ran them before the pool ran out), and none for the calls it runs; `rerun`: the tokens so reported."""
+
+    def __init__(self, vocab):
+        super().__init__(vocab)
+        self.rerun = 0
+
+    def extend(self, parents, token_lists, **kw):
+        refused = sum(not isinstance(p, int) for p in parents) > 1
+        self.last_context_rerun = np.full(len(parents), int(refused), dtype=np.int64)
+        self.rerun += len(parents) if refused else 0
+        return super().extend(parents, token_lists, **kw)
+
+
+def test_tokens_run_again_by_a_call_that_then_fails_are_counted():
+    """The tokens a runner ran again in a call that then failed (here refused for want of KV pool) were still run: they
+    are counted in recomputed_tokens (they were lost if only the calls that succeed were charged)."""
+    runner = RerunThenRefusingRunner(len(tokenizer()))
+    run = run_tree(PROMPTS[:2], RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3), runner=runner,
+                   concurrency=2)
+    assert all(r.error is None for r in run.results) and runner.rerun > 0
+    assert run.stats.recomputed_tokens == runner.rerun
+
+
+def test_a_call_s_time_is_split_over_its_rows_phases_by_their_tokens(monkeypatch):
+    """One call of rows of two phases and prompts: each phase (of the run and of each prompt) gets the call's time in
+    proportion to its rows' tokens (not split evenly by rows, which gave a long row's phase too little)."""
+    from fastalign.rain.stats import RainStats
+    ticks = iter([10.0, 16.0])
+    monkeypatch.setattr(tree_engine, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    tok = tokenizer()
+    engine = tree_engine.TreeEngine(HashRunner(len(tok)), tok, frozenset(), JudgeTokens(tok, SHORT_JUDGE), SMALL,
+                                    False)
+    a, b = RainStats(), RainStats()
+    rows = [tree_engine.Row(None, [1, 2, 3, 4, 5], a, "expand", "plain"),
+            tree_engine.Row(None, [6], b, "evaluate", "plain")]
+    outs = engine._call(rows)
+    assert engine.ledger.run.seconds["expand"] == pytest.approx(5.0)
+    assert engine.ledger.run.seconds["evaluate"] == pytest.approx(1.0)
+    assert (a.seconds["expand"], b.seconds["evaluate"]) == (pytest.approx(5.0), pytest.approx(1.0))
+    engine.runner.release([out.span for out in outs])
+    assert not engine.runner.live
+
+
+class OnceFailingDraw(KeyedSampler):
+    """The keyed sampler, but its `fail_at`-th call of draw (an expansion's step, read between model calls) raises."""
+
+    def __init__(self, fail_at):
+        super().__init__()
+        self.fail_at, self.calls = fail_at, 0
+
+    def draw(self, probs, keys):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("CUDA out of memory")
+        return super().draw(probs, keys)
+
+
+def test_a_search_failing_between_calls_leaves_no_claim_on_the_others_positions():
+    """A program that fails between two calls of a merged run (here an expansion's draw), after other programs of the
+    round already asked for their next rows: those rows never run, and their positions must lose their pending marks,
+    or each prompt, run again alone, waits on them forever ("every program waits on another")."""
+    config = RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3)
+    counting = OnceFailingDraw(None)
+    expected = decisions(run_tree(PROMPTS, config, concurrency=3, sampler=counting))
+    assert counting.calls >= 2 and all(error is None for *_, error in expected)
+    for fail_at in range(1, counting.calls + 1):
+        runner = HashRunner(len(tokenizer()))
+        run = run_tree(PROMPTS, config, concurrency=3, runner=runner, sampler=OnceFailingDraw(fail_at))
+        assert decisions(run) == expected and not runner.live, fail_at
+
+
+@pytest.mark.parametrize("template", [None, "{conversation}\nJudge the conversation.\n{options}"])
+def test_commit_keeps_the_judge_trie_s_origin(monkeypatch, template):
+    """The rewind keeps the origin of the trie the judge reads (the conversation's start: a reply cut before a new turn
+    inside the committed tokens is judged from it), also when one trie serves both sides; only the generation side of
+    two tries lets its origin go."""
+    commit, checked = tree_engine.TreeEngine.commit, []
+
+    def checked_commit(self, ctx, old_root, new_root):
+        origin = old_root.handle.judge
+        while origin.parent is not None:
+            origin = origin.parent
+        commit(self, ctx, old_root, new_root)
+        assert origin.entry is not None and any(origin.entry.span is span for span in self.runner.live)
+        checked.append(new_root.handle.judge is new_root.handle.gen)
+
+    monkeypatch.setattr(tree_engine.TreeEngine, "commit", checked_commit)
+    judge_prompt = SHORT_JUDGE if template is None else dataclasses.replace(SHORT_JUDGE, template=template)
+    run = run_tree(PROMPTS[:1], RainConfig(root_visits=8, min_new_visits=3, max_new_tokens=16), concurrency=1,
+                   judge_prompt=judge_prompt)
+    assert run.results[0].error is None and len(checked) >= 2 and set(checked) == {template is not None}
+
+
+def test_an_expansion_given_its_greedy_set_draws_exactly_its_attempts(monkeypatch):
+    """An expansion that reuses a known greedy set (widening) returns that set and exactly its `attempts` samples, on
+    its streams: the greedy row must not be decoded again and slip in among the samples."""
+    from fastalign.rain.jobs import ExpandJob
+    real_run, seen = tree_engine.TreeEngine.run, []
+
+    def run(self, jobs):
+        results = real_run(self, jobs)
+        for job, result in zip(jobs, results):
+            if isinstance(job, ExpandJob) and job.greedy is not None and job.length > 1:
+                seen.append(job)
+                assert result.greedy is job.greedy and len(result.samples) == job.attempts
+        return results
+
+    monkeypatch.setattr(tree_engine.TreeEngine, "run", run)
+    config = RainConfig(root_visits=40, min_new_visits=3, max_new_tokens=6, widen_variance_per_token=1e9,
+                        widen_max_q=2.0, early_stop_q=2.0, root_prior_mix=1.0, token_set_lengths=(3,))
+    out = run_tree(PROMPTS[:1], config)
+    assert out.results[0].error is None and seen
+
+
+def test_each_draft_carries_the_sum_of_the_hidden_states_its_tokens_were_drawn_from(monkeypatch):
+    """A multi-token draft's hidden_sum (what "hidden" embeddings read) is the sum of the last hidden states of every
+    position it drew a token from, not the last one's alone."""
+    from fastalign.rain.jobs import ExpandJob
+    real_run, checked = tree_engine.TreeEngine.run, []
+    vocab = len(tokenizer())
+
+    def run(self, jobs):
+        results = real_run(self, jobs)
+        for job, result in zip(jobs, results):
+            if isinstance(job, ExpandJob) and job.length > 1:
+                for draft in [result.greedy, *result.samples]:
+                    expected = sum(fake_model.prefix_outputs(list(job.state) + list(draft.tokens[:i]), vocab)[1]
+                                   for i in range(len(draft.tokens)))
+                    torch.testing.assert_close(draft.hidden_sum, expected)
+                    checked.append(len(draft.tokens))
+        return results
+
+    monkeypatch.setattr(tree_engine.TreeEngine, "run", run)
+    out = run_tree(PROMPTS[:1], RainConfig(root_visits=5, min_new_visits=2, max_new_tokens=6, token_set_lengths=(3,)))
+    assert out.results[0].error is None and max(checked) > 1
+
+
+def test_an_unknown_engine_is_an_error_naming_it():
+    """engine= other than "tree" or "slow" is refused, not run on one of them."""
+    tok = tokenizer()
+    with pytest.raises(ValueError, match="engine must be 'tree' or 'slow', got 'fast'"):
+        rain_generate(HashLM(len(tok)), tok, PROMPTS[:1], SMALL, engine="fast", runner=HashRunner(len(tok)),
+                      judge_prompt=SHORT_JUDGE, embedding="hidden", sampler="keyed")
+
+
+def test_a_failing_shared_step_of_one_search_is_not_run_again():
+    """A merged step (model call, embedding batch) that fails is run again search by search to find the failing ones,
+    but a step of one search alone is that search's error at once (running it again doubles its cost)."""
+    from fastalign.rain import generate
+    calls = []
+
+    def run(items):
+        calls.append(list(items))
+        raise RuntimeError("device lost")
+
+    ((search, err),) = generate._isolated(run, ["a"], lambda a: [a, a])
+    assert search == "a" and isinstance(err, RuntimeError) and calls == [["a", "a"]]
+    calls.clear()
+    assert [s for s, _ in generate._isolated(run, ["a", "b"], lambda a: [a])] == ["a", "b"]
+    assert calls == [["a", "b"], ["a"], ["b"]]
