@@ -477,19 +477,33 @@ CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['conten
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
+def save_chat_template(model_dir, template):
+    """The test tokenizer with `template` as its chat template, saved with the model (the shared one stays without
+    one)."""
+    tok = copy.deepcopy(tokenizer())
+    tok.chat_template = template
+    tok.save_pretrained(model_dir)
+    return tok
+
+
+def spy_on_search(monkeypatch, seen=lambda args, kwargs: kwargs):
+    """The list to which each rain_generate call of the command appends seen(args, kwargs); the search still runs."""
+    calls, search = [], rain_package.rain_generate
+    monkeypatch.setattr(rain_package, "rain_generate",
+                        lambda *a, **kw: calls.append(seen(a, kw)) or search(*a, **kw))
+    return calls
+
+
 def test_rain_chat_template_reads_hh_first_turns_as_user_messages(rain_setup, tmp_path, monkeypatch):
     """--template chat: each HH prompt's first Human turn is a user message, rendered in the model's chat
     template after the --system turn for RAIN's search and for the vanilla answer alike; the record keeps the
     message."""
     model_dir, out, args = rain_setup
-    tok = copy.deepcopy(tokenizer())      # the shared one stays without a chat template
-    tok.chat_template = CHAT
-    tok.save_pretrained(model_dir)
+    tok = save_chat_template(model_dir, CHAT)
     hh = tmp_path / "hh.jsonl"
     hh.write_text(json.dumps({"chosen": "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour.",
                               "rejected": "\n\nHuman: How do I bake bread?\n\nAssistant: No."}) + "\n")
-    seen, search = [], rain_package.rain_generate
-    monkeypatch.setattr(rain_package, "rain_generate", lambda *a, **kw: seen.append(kw) or search(*a, **kw))
+    seen = spy_on_search(monkeypatch)
     source = args.index("--prompts")
     args = args[:source] + ["--hh", str(hh)] + args[source + 2:]
     assert main(args + ["--template", "chat", "--system", "Be brief."]) == 0
@@ -509,11 +523,8 @@ def test_rain_chat_template_kwargs_render_the_search_and_vanilla_prompts(rain_se
     """--chat-template-kwargs reach the search (and its judge) and the vanilla answer's prompt; a value that is no
     JSON object, or a name apply_chat_template takes itself, is a usage error naming the option."""
     model_dir, out, args = rain_setup
-    tok = copy.deepcopy(tokenizer())
-    tok.chat_template = THINKING
-    tok.save_pretrained(model_dir)
-    seen, search = [], rain_package.rain_generate
-    monkeypatch.setattr(rain_package, "rain_generate", lambda *a, **kw: seen.append(kw) or search(*a, **kw))
+    tok = save_chat_template(model_dir, THINKING)
+    seen = spy_on_search(monkeypatch)
     chat = args + ["--template", "chat", "--limit", "1", "--chat-template-kwargs"]
     assert main(chat + ['{"enable_thinking": false}']) == 0
     [record] = [json.loads(line) for line in out.read_text().splitlines()]
@@ -549,8 +560,7 @@ def test_rain_config_file_sets_every_constant_and_options_override_it(rain_setup
     (tmp_path / "rain.yaml").write_text(
         "exploration: 1.5\ntoken_set_lengths: [1, 3]\nturn_marker: 'User:'\nmax_new_tokens: 5\nroot_visits: 4\n"
         "judge:\n  labels: [B, A]\n  harmless: The reply is fine.\n  answer-prefix: \"\\nVerdict: (\"\n")
-    seen, search = [], rain_package.rain_generate
-    monkeypatch.setattr(rain_package, "rain_generate", lambda *a, **kw: seen.append((a[3], kw)) or search(*a, **kw))
+    seen = spy_on_search(monkeypatch, lambda a, kw: (a[3], kw))
     assert main(args + ["--config", str(tmp_path / "rain.yaml"), "--max-new-tokens", "2", "--no-vanilla"]) == 0
     config, kw = seen[0]
     assert (config.exploration, config.token_set_lengths, config.turn_marker) == (1.5, (1, 3), "User:")
@@ -947,9 +957,7 @@ def test_rain_options_reach_the_search_and_the_vanilla_answer(rain_setup, tmp_pa
     prompts.write_text("".join(json.dumps({"prompt": "not this one", "text": p}) + "\n" for p in SETUP_PROMPTS))
     (tmp_path / "prefix.txt").write_text("Few-shot turns.\n")
     (tmp_path / "rain.yaml").write_text("turn_marker: 'User:'\nmax_length: 500\n")
-    seen, search = [], rain_package.rain_generate
-    monkeypatch.setattr(rain_package, "rain_generate",
-                        lambda *a, **kw: seen.append((a[2], a[3], kw)) or search(*a, **kw))
+    seen = spy_on_search(monkeypatch, lambda a, kw: (a[2], a[3], kw))
     decoded, greedy = [], rain_cli.greedy_answer
     monkeypatch.setattr(rain_cli, "greedy_answer", lambda model, tok, prompt, *rest: decoded.append((prompt, rest))
                         or greedy(model, tok, prompt, *rest))
@@ -1069,11 +1077,8 @@ def test_rain_judge_prompt_is_checked_with_the_chat_template_kwargs(rain_setup, 
     the search renders it, with --chat-template-kwargs: checked without them, a template that needs one of them
     refused a run that works."""
     model_dir, out, args = rain_setup
-    tok = copy.deepcopy(tokenizer())
-    tok.chat_template = NEEDS_THINKING
-    tok.save_pretrained(model_dir)
-    seen, search = [], rain_package.rain_generate
-    monkeypatch.setattr(rain_package, "rain_generate", lambda *a, **kw: seen.append(kw) or search(*a, **kw))
+    save_chat_template(model_dir, NEEDS_THINKING)
+    seen = spy_on_search(monkeypatch)
     assert main(args + ["--template", "chat", "--judge-chat-template", "--limit", "1", "--no-vanilla",
                         "--chat-template-kwargs", '{"enable_thinking": false}']) == 0
     assert seen[0]["judge_prompt"].use_chat_template is True
