@@ -346,7 +346,6 @@ def test_unlearn_timed_steps_follow_a_second_untimed_step(monkeypatch):
     calls = []
     monkeypatch.setattr(bench_unlearn.harness, "median_ms", lambda fn, device, **kwargs: calls.append(kwargs) or 2.0)
     monkeypatch.setattr(bench_unlearn.harness, "device_busy_ms", lambda fn, device: 1.5)   # a CUDA device's
-
     monkeypatch.setattr(bench_unlearn.harness, "peak_extra_mib", lambda fn, device: 512.0)
 
     def build(model, batch, normal, args):
