@@ -290,9 +290,9 @@ def test_keyword_judge_still_needs_whole_words_in_spaced_scripts():
 
 def test_moderation_judge_runs_a_classifier_left_in_train_mode_in_eval_mode(world, tokenizer, classifier):
     """A classifier just fine-tuned is in train mode: its dropout made the verdicts random from call to call."""
-    dropping = copy.deepcopy(classifier)
-    dropping.config.attention_dropout = 0.5
-    dropping = type(dropping)(dropping.config)     # attention modules read their dropout when built
+    config = copy.deepcopy(classifier.config)
+    config.attention_dropout = 0.5
+    dropping = type(classifier)(config)     # attention modules read their dropout when built
     dropping.load_state_dict(classifier.state_dict())
     pairs = [(qa.question, qa.answer) for qa in world.harmful[:3]]
     expected = ModerationJudge(copy.deepcopy(dropping).eval(), tokenizer).probabilities(pairs)
