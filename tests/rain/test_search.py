@@ -16,6 +16,28 @@ from .tiny import tokenizer
 END_IDS = frozenset({tokenizer().eos_token_id})
 
 
+def run_search(search, evaluate, max_batches=500):
+    """Drives search.run() to its end: `evaluate(job)` answers each EvaluateJob, every expansion ranks tokens 10-12
+    equally and every path embeds to a fresh unit vector. Fails on an empty batch or a search that never ends."""
+    steps, results, embedded = search.run(), None, 0
+    for _ in range(max_batches):
+        try:
+            jobs = steps.send(results)
+        except StopIteration as stop:
+            return stop.value
+        assert jobs, "the search yielded an empty batch of jobs"
+        results = []
+        for job in jobs:
+            if isinstance(job, EvaluateJob):
+                results.append(evaluate(job))
+            elif isinstance(job, ExpandJob):
+                results.append(ExpandResult(ranked_ids=[10, 11, 12], ranked_logits=[0.0, 0.0, 0.0]))
+            else:
+                results.append([torch.eye(64)[embedded + i] for i in range(len(job.paths))])
+                embedded += len(job.paths)
+    pytest.fail(f"the search did not end within {max_batches} batches")
+
+
 def test_expansion_priors_are_normalised_and_mixed_at_the_root():
     """Root: softmax over the top candidates, mixed 3:1 with uniform (root_prior_mix 0.25). Deeper: the raw
     token-set priors (greedy clipped to the samples' sum) normalised, not mixed."""
@@ -205,21 +227,21 @@ def test_the_judge_chain_of_a_commit_is_registered_when_no_evaluation_below_it_w
     search = PromptSearch(ctx, RainConfig(root_visits=2, min_new_visits=1), tokenizer(), END_IDS,
                           embedder=SimpleNamespace(needs_hidden=False), judge=SimpleNamespace(suffix_ids=[]),
                           required=required, on_commit=lambda *args: None)
-    prompt_root, steps, results, embedded = search.tree.root, search.run(), None, 0
-    while True:
-        try:
-            jobs = steps.send(results)
-        except StopIteration as stop:
-            answer = stop.value.answer_ids
-            break
-        results = []
-        for job in jobs:
-            if isinstance(job, EvaluateJob):                  # cached before the first commit, scored after it
-                results.append(Evaluation(0.0, [], judged=None if search.tree.root is prompt_root else ("leaf", [9])))
-            elif isinstance(job, ExpandJob):
-                results.append(ExpandResult(ranked_ids=[10, 11, 12], ranked_logits=[0.0, 0.0, 0.0]))
-            else:
-                results.append([torch.eye(16)[embedded + i] for i in range(len(job.paths))])
-                embedded += len(job.paths)
+    prompt_root = search.tree.root
+    answer = run_search(search, lambda job: Evaluation(
+        0.0, [], judged=None if search.tree.root is prompt_root else ("leaf", [9]))).answer_ids
     assert len(answer) == 2
     assert chain_key(7, judge_path_ids(answer[:1], END_IDS)) in required.keys
+
+
+def test_each_commit_waits_for_min_new_visits_even_after_the_root_has_root_visits():
+    """With min_new_visits above root_visits the root reaches root_visits first: the batches that follow must still
+    ask for the missing new visits (not for root_visits - visits, which is none)."""
+    ctx = PromptContext(index=0, prompt_text="", root_ids=[5], head_ids=[], root_key=0, max_length=4)
+    config = RainConfig(token_set_lengths=(1,), root_visits=2, min_new_visits=4)
+    search = PromptSearch(ctx, config, tokenizer(), END_IDS,
+                          embedder=SimpleNamespace(needs_hidden=False), judge=SimpleNamespace(suffix_ids=[]),
+                          required=RequiredPrefixes(), on_commit=lambda *args: None)
+    output = run_search(search, lambda job: Evaluation(0.0, []))
+    assert len(output.answer_ids) == 3
+    assert [commit["new_visits"] for commit in output.commits] == [4, 4, 4]
