@@ -187,6 +187,8 @@ def test_path_infos_pool_each_nodes_tokens_below_it_and_the_rollout():
     terminal = search._path_infos(leaf, Evaluation(0.0, []))           # an ended leaf has no rollout
     assert [p.hidden_count for p in terminal] == [2, 3]
     assert torch.equal(terminal[1].hidden_sum, torch.tensor([1.0, 2.0]))
+    terminal[0].hidden_sum.div_(2)                      # a plug-in embedder may pool in place: the tree keeps its sums
+    assert torch.equal(leaf.hidden_sum, torch.tensor([0.0, 2.0]))
 
 
 def test_widening_counts_the_lockstep_steps_that_reach_new_candidate_prefixes():
@@ -205,6 +207,12 @@ def test_widening_counts_the_lockstep_steps_that_reach_new_candidate_prefixes():
     with pytest.raises(StopIteration):
         steps.send([ExpandResult(samples=[Draft((10, 13, 14), math.log(0.1)), Draft((20, 21, 22), math.log(0.1))])])
     assert ctx.stats.required_calls - before == 2
+    steps = search._widen(root, [5])                   # now step 0 reads nothing new: only (20, 24) at step 1 is
+    next(steps)
+    before = ctx.stats.required_calls
+    with pytest.raises(StopIteration):
+        steps.send([ExpandResult(samples=[Draft((10, 13, 16), math.log(0.1)), Draft((20, 24, 25), math.log(0.1))])])
+    assert ctx.stats.required_calls - before == 1
 
 
 def test_required_calls_of_an_iteration_are_its_longer_chain():
@@ -245,3 +253,15 @@ def test_each_commit_waits_for_min_new_visits_even_after_the_root_has_root_visit
     output = run_search(search, lambda job: Evaluation(0.0, []))
     assert len(output.answer_ids) == 3
     assert [commit["new_visits"] for commit in output.commits] == [4, 4, 4]
+
+
+def test_a_leaf_picked_twice_ends_the_batch_of_parallel_leaves():
+    """Selection is deterministic: once it finds a leaf already in the batch, selecting again finds it again (and
+    may widen nodes on the way for nothing), so the batch ends there."""
+    ctx = PromptContext(index=0, prompt_text="", root_ids=[5], head_ids=[], root_key=0, max_length=4)
+    search = PromptSearch(ctx, RainConfig(parallel_leaves=4), tokenizer(), END_IDS, embedder=None, judge=None,
+                          required=RequiredPrefixes(), on_commit=None)
+    selections, select = [], search._select
+    search._select = lambda: selections.append(1) or select()
+    jobs = next(search.run())
+    assert [type(job) for job in jobs] == [EvaluateJob, ExpandJob] and len(selections) == 2
