@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastalign.rain import KeyedSampler, RainConfig, TorchSampler
+from fastalign.rain import KeyedSampler, RainConfig, TorchSampler, sampling
 from fastalign.rain.sampling import (ROLLOUT_STREAM, CheckedSampler, check_sampler, draw_key, extend_key,
                                      make_sampler, prompt_sampler, ranked_tokens, seed_key, top_k_distribution)
 
@@ -204,6 +204,15 @@ def test_keyed_draws_read_unnormalised_weights_as_their_distribution():
     sampler = KeyedSampler(seed=1)
     drawn = sampler.draw(probs, keys)
     assert sampler.draw(probs * 3, keys) == drawn and sampler.draw(probs / 3, keys) == drawn
+
+
+@pytest.mark.parametrize("mixed", [0, (1 << 64) - 1], ids=["u=0", "u=max"])
+def test_keyed_draws_at_the_extreme_uniforms_never_fall_on_a_zero_weight_token(monkeypatch, mixed):
+    """The keyed draw takes the first token whose cumulative weight exceeds u * total: at u = 0 that skips the
+    zero-weight tokens before the first weighted one, and at the largest u it stops at the last weighted one."""
+    monkeypatch.setattr(sampling, "_mix64", lambda x: mixed)
+    probs = torch.tensor([[0.0, 0.0, 0.5, 0.0, 0.5, 0.0]])
+    assert KeyedSampler(seed=0).draw(probs, [7]) == [2 if mixed == 0 else 4]
 
 
 @pytest.mark.parametrize("repeatable", [None, "no", 1])
