@@ -6,10 +6,13 @@ import re
 
 import pytest
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from fastalign.rain import JudgePrompt, JudgeTokens
 
-from .tiny import SHORT_JUDGE, tokenizer
+from tests.byte_bpe import LLAMA3_SPLIT, train_byte_bpe
+
+from .tiny import CORPUS, SHORT_JUDGE, tokenizer
 
 
 def test_pieces_and_label_ids_come_from_the_tokenizer():
@@ -101,7 +104,7 @@ def test_labels_that_are_one_token_for_the_tokenizer_are_rejected():
         JudgeTokens(folding, labels)
 
 
-@pytest.mark.parametrize("labels", ["AB", ("A", ""), ("A", "B", "C"), ("A",), (1, 2)])
+@pytest.mark.parametrize("labels", ["AB", ("A", ""), ("A", "B", "C"), ("A",), (1, 2), ("A", 2)])
 def test_labels_other_than_two_different_non_empty_strings_are_rejected(labels):
     """A config file's "AB" is no pair of labels, though it has two letters."""
     with pytest.raises(ValueError, match="JudgePrompt.labels must be two different non-empty strings"):
@@ -131,7 +134,7 @@ def test_chat_template_places_the_answer_prefix_in_the_assistant_turn():
         assert judge.prefix_ids[0] != tok.bos_token_id            # the template decides special tokens
     finally:
         tok.chat_template = saved
-    with pytest.raises(ValueError, match="no chat template"):
+    with pytest.raises(ValueError, match="JudgePrompt.use_chat_template is set but the tokenizer has no chat template"):
         JudgeTokens(tok, chat)
 
 
@@ -156,6 +159,7 @@ def test_score_maps_both_orders_to_minus_one_zero_one():
     ("{statement}", "must show each option with the fields {label} and {statement} alone"),  # labels never shown
     ("({lable}) {statement}", "must show each option"),     # a KeyError traceback from str.format
     ("({0}) {statement}", "must show each option"),         # an IndexError
+    ("({label}) {statement} {note}", "must show each option"),   # a field beside both: a KeyError
     ("({label}) {statement", "expected '}' before end of string"),
 ])
 def test_an_option_line_without_both_fields_alone_is_refused(line, message):
@@ -175,6 +179,8 @@ def test_score_takes_the_label_columns_alone():
     judge = JudgeTokens(tokenizer(), SHORT_JUDGE)
     with pytest.raises(ValueError, match=r"label_logits: expected shape \[2, 4\].*got \[2, "):
         judge.score(torch.zeros(2, len(tokenizer())))
+    with pytest.raises(ValueError, match=r"label_logits: expected shape \[2, 4\].*got \[4, 2\]"):
+        judge.score(torch.zeros(4, 2))                   # the right count of logits, misplaced
 
 
 def test_label_that_merges_with_the_answer_prefix_is_rejected():
@@ -261,6 +267,37 @@ def test_statements_that_one_tokenizer_reads_alike_are_rejected():
     JudgeTokens(tokenizer(), shouting)
     with pytest.raises(ValueError, match="the two option orders read the same"):
         JudgeTokens(folding, shouting)
+
+
+def test_a_template_showing_the_conversation_twice_is_refused():
+    """The judge input is prefix + conversation + suffix: a second conversation slot has no place in it (splitting
+    there was a bare unpacking error)."""
+    with pytest.raises(ValueError, match="must contain the conversation exactly once"):
+        JudgeTokens(tokenizer(), JudgePrompt(template="{conversation}\nSo, again: {conversation}\n{options}"))
+
+
+def test_a_chat_template_that_renders_the_options_before_the_conversation_is_refused():
+    """A chat template may write what the user's message ends with before it: the options then differ in the text
+    before the conversation, which both orders must share."""
+    tok = copy.deepcopy(tokenizer())
+    tok.chat_template = "{{ messages[0]['content'][-3:] }}|{{ messages[0]['content'] }}"
+    chat = JudgePrompt(template="Judge: {conversation}\n{options}", use_chat_template=True)
+    with pytest.raises(ValueError, match="the text before the conversation differs between the two option orders"):
+        JudgeTokens(tok, chat)
+
+
+def test_a_piece_whose_first_newline_merges_with_the_anchor_is_encoded_alone():
+    """Pieces are encoded after a newline anchor whose tokens are then dropped; with a tokenizer that has a "\\n\\n"
+    token, a piece starting with a newline merges with the anchor: it is encoded alone, not cut by the anchor's
+    length (which dropped its first token and left "\\nOptions")."""
+    bpe = train_byte_bpe(CORPUS + ["Two\n\n" * 50], 700, split=LLAMA3_SPLIT)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    assert len(tok("\n\n", add_special_tokens=False)["input_ids"]) == 1
+    judge = JudgeTokens(tok, dataclasses.replace(SHORT_JUDGE, template="Judge it.\n{conversation}\n\n{options}"))
+    after = "\n\n" + SHORT_JUDGE.options(True) + SHORT_JUDGE.answer_prefix
+    reply = tok("sure", add_special_tokens=False)["input_ids"]
+    assert reply + judge.suffix_ids[0] == tok("sure" + after, add_special_tokens=False)["input_ids"]
+    assert tok.decode(judge.suffix_ids[0]) == after
 
 
 def test_a_template_without_an_options_slot_is_named():
