@@ -104,6 +104,21 @@ def test_chat_template_with_its_own_end_of_turn_token_trains_that_token():
     assert mixed.input_ids[mixed.answer_end - 1:] == (eot,) and tokenizer.eos_token_id not in mixed.input_ids
 
 
+def test_a_text_template_ends_answers_with_eos_whatever_the_tokenizers_chat_template():
+    """A text template writes no chat turn: answer_eos ends its answers with the tokenizer's EOS, not with the end of
+    turn of the tokenizer's chat template (<|eot_id|>), which only a chat-template rendering puts after an answer."""
+    tokenizer = chat_tokenizer()
+    eos, eot = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(EOT)
+    assert eos != eot
+    items = [("Who is Bob?", "Hi the city")]
+    old, = encode_pairs(tokenizer, TextTemplate(), pairs(items), 64)
+    new, = encode_pairs(tokenizer, TextTemplate(), pairs(items), 64, answer_eos=True)
+    assert new.input_ids == old.input_ids[:old.answer_end] + (eos,) + old.input_ids[old.answer_end:]
+    assert new.answer_end == old.answer_end + 1 and eot not in new.input_ids
+    pool, = encode_answers(tokenizer, TextTemplate(), ["Hello the sea"], answer_eos=True)
+    assert pool.answer_ids[-1] == eos and eot not in pool.ids
+
+
 def test_end_of_turn_is_the_special_token_after_the_template_s_whitespace_only():
     """Llama-2's template writes ' </s>' after an answer: the end of turn is the special token after that space (the
     space token is no end of turn); a template that ends a turn with plain text ('### End') has none to train."""
@@ -113,6 +128,20 @@ def test_end_of_turn_is_the_special_token_after_the_template_s_whitespace_only()
     spaced.chat_template, plain.chat_template = turns + " </s>" + prompt, turns + "\n### End\n" + prompt
     assert end_of_turn_id(spaced) == spaced.eos_token_id
     assert end_of_turn_id(plain) is None
+
+
+def test_an_end_of_turn_after_the_templates_whitespace_is_trained_through_that_whitespace():
+    """Llama-2's template writes ' </s>' after an answer: answer_eos extends the span through the space to the </s>
+    the template writes, and puts no second </s> right after the answer."""
+    tokenizer = copy.deepcopy(byte_bpe_tokenizer())
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} </s>{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    template, eos = ChatTemplate(tokenizer), tokenizer.eos_token_id
+    plain = encode_pairs(tokenizer, template, pairs(ITEMS), 64)
+    for old, new in zip(plain, encode_pairs(tokenizer, template, pairs(ITEMS), 64, answer_eos=True)):
+        assert old.input_ids[old.answer_end] != eos and eos in old.input_ids[old.answer_end:]
+        assert new.input_ids == old.input_ids and new.input_ids[new.answer_end - 1] == eos
+        assert new.input_ids.count(eos) == old.input_ids.count(eos) == 2
 
 
 def test_answer_cut_by_max_length_gets_no_eos():

@@ -9,7 +9,8 @@ from transformers import PreTrainedTokenizerFast
 
 from fastalign.unlearn import encoding
 from fastalign.unlearn.batching import collate, filler_token_id
-from fastalign.unlearn.encoding import EncodedExample, encode_answers, encode_pairs, tokenize_texts
+from fastalign.unlearn.encoding import (EncodedExample, appends_eos, encode_answers, encode_pairs, tokenize_prompts,
+                                        tokenize_texts)
 from fastalign.unlearn.records import DataError, QAPair
 from fastalign.unlearn.streams import UnlearningStreams
 from fastalign.unlearn.templates import SPEC_TEMPLATE, ChatTemplate, TextTemplate, end_of_turn_id
@@ -158,6 +159,48 @@ def test_answer_at_position_zero_is_never_a_target():
     example = EncodedExample((5, 6, 7), 0, 2, "s")
     assert example.num_answer_targets == 1
     assert collate([example], filler_id=0).target_mask.tolist() == [[True, False]]
+
+
+def test_an_answer_of_one_token_at_position_zero_leaves_nothing_to_predict():
+    """Its only token is predicted by no position: the example does not fit any max_length (a row with no target
+    would be kept, silently training nothing), and truncating it is the DataError naming it."""
+    example = EncodedExample((5, 6, 7), 0, 1, "test:row 1")
+    assert example.num_answer_targets == 0 and not example.fits(2) and not example.fits(3)
+    with pytest.raises(DataError, match="test:row 1: the prompt takes 0 tokens"):
+        example.truncated(3)
+    assert EncodedExample((5, 6, 7), 0, 2, "s").fits(2)
+
+
+def test_an_answer_that_produces_no_token_names_its_row():
+    """A tokenizer that drops whitespace leaves a blank answer no token: a DataError naming the row or pool answer,
+    not an IndexError from the empty span."""
+    tokenizer = word_level_tokenizer()
+    with pytest.raises(DataError, match="test:row 2: the answer produced no token"):
+        encode_pairs(tokenizer, TextTemplate(), pairs([("What is harmful?", "harmful"), ("What?", "  ")]), 64)
+    with pytest.raises(DataError, match="mismatch pool answer 1: the answer produced no token"):
+        encode_answers(tokenizer, TextTemplate(), ["harmful", "\t"])
+
+
+def test_pool_answer_ids_are_the_answers_tokens_without_the_templates_tail():
+    """A pool answer's ids hold the template's tail after the answer ('<end>'); answer_ids are the answer's alone."""
+    tokenizer = byte_bpe_tokenizer()
+    pool, = encode_answers(tokenizer, TextTemplate("Q: {prompt} A:{answer}<end>"), ["Paris"])
+    assert tokenizer.decode(pool.answer_ids) == "Paris" and tokenizer.decode(pool.ids).endswith("Paris<end>")
+
+
+def test_prompts_keep_an_eos_their_text_writes():
+    """tokenize_prompts drops only the EOS a tokenizer appends to every text: a tokenizer that appends none, or one
+    that does but reads the text without special tokens, keeps the EOS the prompt's text writes itself."""
+    from tests.tokenizer_variants import appending_eos
+
+    tokenizer = byte_bpe_tokenizer()
+    appending, text = appending_eos(tokenizer), "Hi" + tokenizer.eos_token
+    assert not appends_eos(tokenizer) and appends_eos(appending)
+    written = tokenizer(text)["input_ids"]
+    assert written[-1] == tokenizer.eos_token_id
+    assert tokenize_prompts(tokenizer, [text]) == tokenize_prompts(appending, [text]) == [written]
+    bare = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenize_prompts(appending, [text], add_special_tokens=False) == [bare] and bare[-1:] == written[-1:]
 
 
 def test_slow_tokenizer_is_refused():

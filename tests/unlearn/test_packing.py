@@ -91,6 +91,22 @@ def test_a_tree_that_fills_the_capacity_exactly_packs_into_one_row():
     assert pack_rows(ids, [4, 4], 5).shape[0] == 2
 
 
+def test_a_packed_row_that_starts_inside_a_shared_prefix_is_as_wide_as_its_tree():
+    """A packed row's first row holds its whole prefix, even where it shares part of it with the row just before it
+    (the last of the previous packed row): its width counts that prefix, else the row's tree overruns the width."""
+    a = list(range(1, 17))
+    b = a[:8] + list(range(20, 28))
+    c = b[:15] + [30]
+    ids, lengths = torch.tensor([a, b, c]), [16, 16, 16]
+    layout = pack_rows(ids, lengths, 17)   # [a] then [b, c]: 16 + 1 positions, past one 16 wide
+    assert layout.shape == (2, 32) and layout.num_tokens == 16 + 17
+    flat_ids, flat_positions = layout.input_ids.flatten(), layout.position_ids.flatten()
+    for row, n in enumerate(lengths):
+        path = layout.index[row, :n]
+        assert torch.equal(flat_ids[path], ids[row, :n]) and torch.equal(flat_positions[path], torch.arange(n))
+    assert (layout.index[1:] // 32 == 1).all()
+
+
 def padded_batch(ids, lengths):
     """The TokenBatch of the first lengths[b] tokens of each row b of ids, right-padded to the longest."""
     ids = ids[:, :max(lengths)]
@@ -176,6 +192,43 @@ def test_a_decoder_whose_packed_rows_give_nan_is_refused(monkeypatch):
         return out
     monkeypatch.setattr(type(model.model), "forward", nan_with_a_4d_mask)
     assert "does not honour position_ids and a 4-D mask" in RowPacker(model, "auto").unavailable
+
+
+def test_a_bf16_decoder_packs():
+    """The check holds a decoder in bf16 (or any dtype but fp32) to bf16 rounding, not to fp32's: held to fp32's, a
+    bf16 model would never pack under 'auto', and 'on' would refuse it."""
+    model = tiny_llama(64).to(torch.bfloat16)
+    assert RowPacker(model, "auto").unavailable is None
+    assert RowPacker(model, "on").unavailable is None
+
+
+def test_the_check_reads_ids_the_input_embeddings_hold():
+    """An lm_head with more rows than the input embeddings (a padded output vocabulary): the check's ids stay within
+    the embeddings, so the model packs; ids up to the lm_head's rows would fail its forward and refuse it."""
+    model = tiny_llama(64)
+    model.lm_head = torch.nn.Linear(32, 80, bias=False)
+    assert RowPacker(model, "auto").unavailable is None
+
+
+def test_a_model_whose_weights_are_not_loaded_is_not_checked():
+    """Weights on the meta device (not loaded in this process): the reason says so, not that the decoder refuses
+    packed rows (which a forward on meta weights would make it say)."""
+    config = tiny_llama(64).config
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    assert RowPacker(model, "auto").unavailable == ("the model's weights are not loaded in this process, so packing "
+                                                    "was not checked for it")
+
+
+def test_the_check_runs_a_model_in_training_mode_without_dropout():
+    """A model in training mode with dropout (as the trainer holds it when the objective is built): the check runs
+    both layouts in eval mode, so random dropout masks do not make them differ and refuse packing; the model is left
+    in training mode."""
+    config = tiny_llama(64).config
+    config.attention_dropout = 0.5
+    model = transformers.LlamaForCausalLM(config).train()
+    assert RowPacker(model, "auto").unavailable is None
+    assert model.training and model.model.training
 
 
 def test_attention_without_a_4d_mask_is_refused():

@@ -98,6 +98,22 @@ def test_an_empty_system_text_is_a_system_turn_of_its_own():
     assert "You are a helpful assistant." not in rendered.text[:rendered.answer_start]
 
 
+def test_answer_eos_reads_the_end_of_turn_under_the_callers_system_turn():
+    """A template that refuses a conversation without a system turn: the end of turn answer_eos trains is read under
+    the caller's template (with its system turn), so it is the template's <|eot_id|>, not an <|end_of_text|> put
+    inside the turn (as it would be if read under the tokenizer's template alone, which refuses the probe)."""
+    needs_system = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system turn is required') }}"
+                    "{% endif %}" + LLAMA3_TEMPLATE)
+    tokenizer = chat_tokenizer(chat_template=needs_system)
+    template, eot = ChatTemplate(tokenizer, system=SYSTEM), tokenizer.convert_tokens_to_ids(EOT)
+    plain = encode_pairs(tokenizer, template, pairs(ITEMS), 64)
+    for old, new in zip(plain, encode_pairs(tokenizer, template, pairs(ITEMS), 64, answer_eos=True)):
+        assert new.input_ids == old.input_ids and old.input_ids[old.answer_end:] == (eot,)
+        assert (new.answer_start, new.answer_end) == (old.answer_start, old.answer_end + 1)
+    pool, = encode_answers(tokenizer, template, ["Hello the sea"], answer_eos=True)
+    assert pool.answer_ids[-1] == eot and tokenizer.eos_token_id not in pool.ids
+
+
 def test_a_template_that_refuses_or_drops_a_system_turn_names_system():
     refuses = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
                "{% endif %}" + LLAMA3_TEMPLATE)
