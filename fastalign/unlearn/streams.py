@@ -101,7 +101,9 @@ def _longest_mismatch_row(example: EncodedExample, longest: dict[tuple, int]) ->
 
 class UnlearningStreams:
     """Draws UnlearningBatches from encoded forget/normal examples and a pool of normal answers (encode_answers;
-    plain answer ids are taken as answers without lead tokens).
+    plain answer ids are taken as answers without lead tokens, put right after the prompt's own tokens: the
+    template's whitespace before the answer is not put in, so give PoolAnswer(ids, lead=k), its k whitespace tokens
+    first, to keep it).
 
     Each batch holds batch_size forget rows, mismatch_per_prompt mismatch rows per forget row (the forget
     example's ids with a pool answer's in place of its answer, EncodedExample.with_answer: the template's

@@ -9,8 +9,8 @@ from transformers import PreTrainedTokenizerFast
 
 from fastalign.unlearn import encoding
 from fastalign.unlearn.batching import collate, filler_token_id
-from fastalign.unlearn.encoding import (EncodedExample, appends_eos, encode_answers, encode_pairs, tokenize_prompts,
-                                        tokenize_texts)
+from fastalign.unlearn.encoding import (EncodedExample, PoolAnswer, appends_eos, encode_answers, encode_pairs,
+                                        tokenize_prompts, tokenize_texts)
 from fastalign.unlearn.records import DataError, QAPair
 from fastalign.unlearn.streams import UnlearningStreams
 from fastalign.unlearn.templates import SPEC_TEMPLATE, ChatTemplate, TextTemplate, end_of_turn_id
@@ -186,6 +186,17 @@ def test_pool_answer_ids_are_the_answers_tokens_without_the_templates_tail():
     tokenizer = byte_bpe_tokenizer()
     pool, = encode_answers(tokenizer, TextTemplate("Q: {prompt} A:{answer}<end>"), ["Paris"])
     assert tokenizer.decode(pool.answer_ids) == "Paris" and tokenizer.decode(pool.ids).endswith("Paris<end>")
+
+
+def test_plain_pool_answer_ids_follow_the_prompts_own_tokens_and_a_lead_keeps_the_templates_whitespace():
+    """Plain ids (no seams) are put right after the prompt's own tokens (prompt_end), the template's whitespace left
+    out; a hand-built answer that starts with the whitespace's tokens says so with lead, and trains the rest."""
+    tokenizer = byte_bpe_tokenizer()
+    forget, = encode_pairs(tokenizer, TextTemplate("{prompt}\n\n{answer}"), pairs([("How?", "Paris")]), 64)
+    rome, blank = (tuple(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in ("Rome", "\n\n"))
+    bare, led = (forget.with_answer(answer, "s") for answer in (PoolAnswer(rome), PoolAnswer(blank + rome, len(blank))))
+    assert tokenizer.decode(bare.input_ids) == "<s>How?Rome" and tokenizer.decode(led.input_ids) == "<s>How?\n\nRome"
+    assert bare.input_ids[bare.answer_start:bare.answer_end] == led.input_ids[led.answer_start:led.answer_end] == rome
 
 
 def test_prompts_keep_an_eos_their_text_writes():
