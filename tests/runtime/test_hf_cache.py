@@ -125,3 +125,51 @@ def test_a_model_whose_tokens_after_a_cache_differ_from_its_whole_forward_is_ref
     assert type(runner.model_runner).__name__ != "HFCacheModel"
     children, logits = runner.extend([runner.prefill([3, 1, 4])], [[1, 5]], logits="all")
     assert_matches(model, children, logits)
+
+
+class DriftsWithEachForward(BloomForCausalLM):
+    """Bloom whose logits move by 0.05 with every forward it has run (state kept in the module, as RecurrentGemma's
+    recurrent layers keep theirs, but small)."""
+
+    forwards = 0
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        self.forwards += 1
+        out.logits = out.logits + 0.05 * self.forwards
+        return out
+
+
+def test_a_model_whose_logits_drift_by_a_little_between_forwards_keeps_state_outside_its_cache():
+    """The state probe allows bf16 rounding (2e-2), not a drift of 0.1 between two runs of one token after one cache:
+    such a model is refused for the state it keeps outside its cache (its rows' logits would depend on what ran
+    before them)."""
+    bloom = tiny_model("bloom-alibi-fallback")
+    model = DriftsWithEachForward(bloom.config).eval()
+    model.load_state_dict(bloom.state_dict())
+    with pytest.raises(ValueError, match="DriftsWithEachForward cannot run on the Hugging Face cache fallback: it "
+                                         "keeps state outside its cache"):
+        HFCacheModel(model, torch.device("cpu"))
+
+
+def test_a_copy_of_a_later_rows_partly_filled_block_gets_that_rows_kv_from_its_own_group():
+    """Two children of a span made by the call's second row (the first, of another length, runs in another group),
+    the second on a copy of that row's partly filled block: the copy gets the row's one new token's K/V from the
+    group's own K/V, found by its place in that group, not by its index in the batch (nor left out, being one)."""
+    model, runner, calls = cache_runner()
+    root = runner.prefill([5, 17])
+    del calls[:]
+    children, logits = runner.extend([root, root, 1, 1], [[1, 2], [3], [4], [6]], logits="all")
+    assert sorted(calls) == [(1, 1, 1), (1, 2, 2), (2, 1, 1)]
+    assert_matches(model, children, logits)
+
+
+def test_a_group_of_rows_a_level_up_runs_after_every_group_below_it_whenever_it_was_formed():
+    """Rows on the call's first and third rows (alike, so one group a level up) are one forward; that group, formed
+    at the second row, before the third row's own group, still runs after it, reading its K/V from the pool."""
+    model, runner, calls = cache_runner()
+    root = runner.prefill([5, 17, 3])
+    del calls[:]
+    spans, logits = runner.extend([root, 0, root, 2], [[1], [2], [3, 4], [5]], logits="all")
+    assert calls == [(1, 1, 1), (1, 2, 2), (2, 1, 1)]
+    assert_matches(model, spans, logits)

@@ -5,6 +5,7 @@ import functools
 import re
 import threading
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from fastalign import TreeRunner
 from fastalign.runtime import attention_routing, model_runners
+from fastalign.runtime.hf_paged import _Recorder
 from tests.conftest import TRITON_DEVICE, triton_cases
 from tests.runtime.tiny_models import grow_random_tree, reference, tiny_model
 
@@ -246,9 +248,11 @@ def test_each_layer_has_a_pool_layer_of_its_own_shape_and_shared_kv_layers_store
     assert runner.pool.nbytes == runner.num_blocks * 4 * 2 * (2 * 16 + 32) * 4   # tokens x K, V x floats x bytes
 
 
-def test_a_shared_kv_layer_given_other_kv_than_at_the_probe_raises(monkeypatch):
+@pytest.mark.parametrize("copied", [(0, 1), (1,)])
+def test_a_shared_kv_layer_given_other_kv_than_at_the_probe_raises(monkeypatch, copied):
     """A layer that reads another's K/V stores none: were it later given K/V of its own (here copies, as a model
-    that stopped sharing would pass), attending to the other layer's pool layer would be silently wrong."""
+    that stopped sharing would pass; also of its V alone), attending to the other layer's pool layer would be
+    silently wrong."""
     model = tiny_model("gemma4-wide-full-layers-shared-kv")
     runner = TreeRunner(model, max_tokens=64, block_size=4, fallback=False)
     root = runner.prefill([1, 2, 3])
@@ -256,10 +260,160 @@ def test_a_shared_kv_layer_given_other_kv_than_at_the_probe_raises(monkeypatch):
     own_forward = attention.forward
 
     def given_copies(*args, shared_kv_states, **kwargs):
-        copies = {kind: tuple(t.clone() for t in shared_kv_states[kind]) for kind in ("sliding_attention",)}
+        copies = {kind: tuple(t.clone() if i in copied else t for i, t in enumerate(shared_kv_states[kind]))
+                  for kind in ("sliding_attention",)}
         return own_forward(*args, shared_kv_states=copies, **kwargs)
     monkeypatch.setattr(attention, "forward", given_copies)
     with pytest.raises(RuntimeError, match="model: layer 2 attended to K/V other than the very tensors layer 0 "
                                            "attended to"):
         runner.extend([root], [[4]])
 
+
+def test_layers_that_differ_in_query_heads_or_dtype_are_refused_by_the_probe():
+    """One pool holds one dtype and the attention ops check one query shape per K/V shape: a layer whose attention
+    runs in float64, or with twice the heads of half the width, is refused by name, not left to fail (or run) on
+    the pool."""
+    model = tiny_model("gpt2-learned-positions")
+    attention = model.transformer.h[1].attn.double()
+    attention.register_forward_pre_hook(
+        lambda module, args, kwargs: ((args[0].double(),) + args[1:], kwargs) if args else
+        (args, dict(kwargs, hidden_states=kwargs["hidden_states"].double())), with_kwargs=True)
+    attention.register_forward_hook(lambda module, args, out: (out[0].float(),) + tuple(out[1:]))
+    assert ("its layers differ in query heads or dtype ([(4, 'torch.float32'), (4, 'torch.float64')])"
+            in refusal(model))
+    model = tiny_model("gpt2-learned-positions")
+    model.transformer.h[1].attn.head_dim //= 2
+    assert "its layers differ in query heads or dtype ([(4, 'torch.float32'), (8, 'torch.float32')])" in refusal(model)
+
+
+def test_attention_sinks_that_are_not_one_float_per_query_head_are_refused():
+    """s_aux is merged into each query head's softmax: sinks of another length (one per K/V head, say) would be
+    broadcast or indexed wrong on the pool."""
+    model = tiny_model("gpt2-learned-positions")
+    attention = model.transformer.h[0].attn
+    attention.forward = functools.partial(attention.forward, s_aux=torch.zeros(2))
+    assert "layer 0 passes attention sinks (s_aux) that are not one float per query head (4)" in refusal(model)
+
+
+def test_an_argument_to_attention_that_is_false_is_inert():
+    """A flag passed as False (or None) asks for nothing the pool would have to compute: the model stays on the
+    paged path instead of falling back to the slow one."""
+    model = tiny_model("gpt2-learned-positions")
+    attention = model.transformer.h[0].attn
+    attention.forward = functools.partial(attention.forward, score_bias=False, other_bias=None)
+    assert TreeRunner(model, max_tokens=64, block_size=4, fallback=False).paged
+
+
+def test_a_layer_that_passes_is_causal_false_is_refused_as_bidirectional():
+    """The pool attends causally: a layer asking its attention call for is_causal=False is refused, naming it."""
+    model = tiny_model("gpt2-learned-positions")
+    attention = model.transformer.h[0].attn
+    attention.forward = functools.partial(attention.forward, is_causal=False)
+    assert "GPT2LMHeadModel cannot run on the paged pool: layer 0 attends bidirectionally (is_causal=False)" \
+        in refusal(model)
+
+
+def test_a_layer_that_attends_twice_in_one_forward_is_refused_by_name():
+    """A layer calling attention twice would write its K/V into the pool twice per forward."""
+    model = tiny_model("gpt2-learned-positions")
+    attention = model.transformer.h[0].attn
+    own_forward = attention.forward
+
+    def twice(*args, **kwargs):
+        own_forward(*args, **kwargs)
+        return own_forward(*args, **kwargs)
+    attention.forward = twice
+    assert "GPT2LMHeadModel cannot run on the paged pool: layer 0 attended twice in one forward" in refusal(model)
+
+
+@pytest.mark.parametrize("window", [0, -5, True])
+def test_a_sliding_window_that_is_no_positive_int_is_refused_by_the_probe(window):
+    """A window the layer passes to attention that is not a positive int (0, negative, a bool) would be taken for a
+    window by the kernels: refused, naming the value."""
+    model = tiny_model("gpt2-learned-positions")
+    attention = model.transformer.h[1].attn
+    attention.forward = functools.partial(attention.forward, sliding_window=window)
+    assert f"layer 1 passes sliding_window={window!r}, not a positive int or None" in refusal(model)
+
+
+def test_a_layer_given_an_earlier_layers_keys_but_values_of_its_own_reads_no_other_layers_kv():
+    """The probe takes a layer for one that reads an earlier layer's K/V (storing none of its own) only where it
+    was given that layer's very K and V tensors: sharing K alone, its own V would be lost."""
+    recorder = _Recorder()
+    key, value, other_value = torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8)
+    query = torch.zeros(1, 4, 1, 8)
+    for index, v in enumerate((value, other_value, value, torch.zeros(1, 2, 1, 4))):
+        recorder(SimpleNamespace(layer_idx=index), query, key, v, None, {})
+    assert [recorder.source(i) for i in range(4)] == [None, None, 0, None]
+    # with no scaling passed, scores scale by q and k's head_dim, not a narrower V's
+    assert recorder.calls[3].scale == 8 ** -0.5 and recorder.calls[3].v_dim == 4
+
+
+def recorded_call(layer_idx=0, heads=4, kv_heads=2, q_dim=8, v_dim=8, mask=None, **kwargs):
+    """The probe's recorder given one attention call of these shapes (tokens: 1)."""
+    query, key = torch.zeros(1, heads, 1, q_dim), torch.zeros(1, kv_heads, 1, 8)
+    return _Recorder()(SimpleNamespace(layer_idx=layer_idx), query, key, torch.zeros(1, kv_heads, 1, v_dim), mask,
+                       kwargs)
+
+
+@pytest.mark.parametrize("call, reason", [
+    (dict(layer_idx=True), "its attention module SimpleNamespace has no integer layer_idx"),
+    (dict(mask=torch.zeros(1, 1, 1, 1)), "layer 0 passes a mask or bias of its own to attention (ALiBi, ...)"),
+    (dict(dropout=0.1), "layer 0 applies attention dropout in eval mode (0.1)"),
+    (dict(q_dim=16), "layer 0's q, k, v are not [1, heads, tokens, head_dim], q and k of one head_dim and v of no more "
+                     "(q [1, 4, 1, 16], k [1, 2, 1, 8], v [1, 2, 1, 8])"),
+    (dict(v_dim=16), "v of no more (q [1, 4, 1, 8], k [1, 2, 1, 8], v [1, 2, 1, 16])"),
+    (dict(heads=3), "layer 0 has 3 query heads, not a multiple of its 2 K/V heads")])
+def test_the_probe_refuses_an_attention_call_the_pool_cannot_answer_naming_why(call, reason):
+    """Each check of a probe call: dropped, the pool would attend without the model's mask or dropout, with q and k
+    of different widths, or with query heads that no K/V head's group holds."""
+    from fastalign.runtime.hf_paged import _Unfit
+    with pytest.raises(_Unfit, match=re.escape(reason)):
+        recorded_call(**call)
+    recorded_call(dropout=0.0, scaling=0.5, is_causal=True)   # what a call may pass
+
+
+def test_a_model_whose_logits_on_the_pool_are_nan_is_refused(monkeypatch):
+    """NaN logits on the pool (an op that breaks there) compare as no error at all unless the probe asks whether the
+    error is within tolerance, not whether it exceeds it."""
+    from fastalign.runtime import hf_paged
+    monkeypatch.setattr(hf_paged, "pool_attention", lambda *args, **kwargs: torch.full_like(args[1], float("nan")))
+    model = tiny_model("gpt2-learned-positions")
+    assert "its logits on the pool differ from its own forward's by nan" in refusal(model)
+
+
+def test_a_decoder_whose_output_is_not_the_models_last_hidden_states_is_refused(monkeypatch):
+    """hidden= returns the decoder's output: where it is not the last hidden states the model's own forward reports
+    (a decoder found without its final norm, say), the probe refuses the model instead of returning them."""
+    from fastalign.runtime.hf_paged import PagedHF
+    own_logits = PagedHF._logits
+
+    def shifted(self, *args):
+        logits, hidden = own_logits(self, *args)
+        return logits, None if hidden is None else hidden + 1
+    monkeypatch.setattr(PagedHF, "_logits", shifted)
+    assert ("the output of its decoder (GPT2Model) differs from the last hidden states its own forward reports"
+            in refusal(tiny_model("gpt2-learned-positions")))
+
+
+def test_the_lm_head_runs_only_at_the_tokens_whose_logits_are_asked_for():
+    """hidden="all" with logits="last" computes the LM head at each row's last token alone, and hidden states
+    without logits none at all ([tokens, vocab] float32 logits of every token are what a value head's training
+    on hidden states cannot afford)."""
+    model = tiny_model("gpt2-learned-positions")
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    root = runner.prefill([5, 17, 3, 9, 2])
+    rows = []
+    model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[-2]))
+    _, logits, hidden = runner.extend([root, root], [[1, 2, 3], [4]], logits="last", hidden="all")
+    assert rows == [2] and logits.shape[0] == 2 and [len(h) for h in hidden] == [3, 1]
+    _, logits, hidden = runner.extend([root], [[6, 7]], logits=None, hidden="all")
+    assert rows == [2] and logits is None and len(hidden[0]) == 2
+
+
+def test_a_model_that_cannot_generate_is_refused_before_its_probe():
+    """can_generate() False (an encoder's LM head, a model for another task): not a causal LM to probe."""
+    model = tiny_model("gpt2-learned-positions")
+    model.can_generate = lambda: False
+    assert "GPT2LMHeadModel cannot run on the paged pool: it is not a causal language model (can_generate() is not " \
+           "True)" in refusal(model)

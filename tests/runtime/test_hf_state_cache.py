@@ -452,10 +452,12 @@ def test_a_cache_that_does_not_continue_from_its_states_is_refused(monkeypatch):
 
 
 def test_a_cache_layer_that_is_not_full_attention_is_refused():
-    """Bloom's cache is per-token K/V alone (HFCacheModel's case): refused for holding no linear-attention state."""
+    """Bloom's cache is per-token K/V alone (HFCacheModel's case): refused for holding no linear-attention state, and
+    marked as never this runner's case (holds_states False: the TreeRunner's warning leaves its reason out)."""
     with pytest.raises(ValueError, match="cannot run on Hugging Face's cache with its recurrent states kept per span: "
-                                         "its cache holds no linear-attention state"):
+                                         "its cache holds no linear-attention state") as refused:
         HFStateCacheModel(tiny_model("bloom-alibi-fallback"), torch.device("cpu"))
+    assert refused.value.holds_states is False
 
 
 def test_bringing_back_an_evicted_span_whose_parent_has_no_state_charges_the_tokens_run_again_to_it():
@@ -516,3 +518,107 @@ def test_a_stepping_model_runs_a_long_way_back_to_a_state_as_one_forward_from_no
     (child,), logits = runner.extend([span], [[41]], logits="all")
     assert calls == [(1, 1, 1)] * 3 and runner.last_context_rerun.tolist() == [2]
     assert_matches(model, [child], logits)
+
+
+def test_a_row_waiting_for_a_state_kept_again_in_the_call_does_not_join_an_earlier_group_alike():
+    """A row on a span whose nearest state a later row of the call keeps again (its parent's) is a level above that
+    row, even where an earlier row of the call runs alike (as many tokens again, from a context as long): in that
+    row's group it would start from the state before it is kept."""
+    model, runner, calls = state_runner()
+    root, other = runner.prefill([5, 17, 3]), runner.prefill([4, 4, 12, 30, 6])
+    (span,), _ = runner.extend([root], [[10, 7]], logits=None)
+    (child,), _ = runner.extend([span], [[8, 6, 4]], logits=None)
+    (alike,), _ = runner.extend([other], [[9, 2, 11]], logits=None)
+    for dropped in (span, child, alike):
+        del runner.model_runner.states[dropped.id]
+    del calls[:]
+    spans, logits = runner.extend([alike, span, child], [[1], [2], [3]], logits="all")
+    assert runner.last_context_rerun.tolist() == [3, 2, 3] and runner.recomputed_tokens == 8
+    assert_matches(model, spans, logits)
+
+
+def test_with_no_attention_layer_rows_from_no_state_and_from_a_state_run_apart():
+    """Mamba 2 pads nothing, so rows from states of any length run as one batch; a row whose every ancestor's state
+    was dropped runs its whole context again from no state, and with a row from a state (as many tokens again) it
+    would be given that row's state, or the row none."""
+    model, runner, calls = state_runner("mamba2-states", max_state_bytes=1 << 20)
+    root, other = runner.prefill([5, 17, 3]), runner.prefill([1, 2, 3])
+    (lost,), _ = runner.extend([root], [[10, 7]], logits=None)
+    (kept,), _ = runner.extend([other], [[4, 6, 8, 9, 11]], logits=None)
+    for dropped in (root, lost, kept):
+        del runner.model_runner.states[dropped.id]
+    del calls[:]
+    spans, logits = runner.extend([lost, kept], [[1], [2]], logits="all")
+    assert runner.last_context_rerun.tolist() == [5, 5]
+    assert_matches(model, spans, logits)
+
+
+@pytest.mark.parametrize("base, from_state", [(64, True), (63, False)])
+def test_a_stepping_model_runs_tokens_again_from_a_state_while_that_costs_no_more_than_one_forward(base, from_state):
+    """5 tokens again from a state of `base` tokens are 5 one-token forwards, ~5 x FORWARD_IN_TOKENS (16) tokens of a
+    prefill; one forward from no state costs 16 + base + 5: on a state of 64 tokens the first is no dearer, on one of
+    63 it is."""
+    model, runner, calls = state_runner("mamba-stepped-states", max_tokens=128, max_state_bytes=1 << 20)
+    root = runner.prefill(list(range(1, base + 1)))
+    (span,), _ = runner.extend([root], [[20, 21, 22, 23, 24]], logits=None)
+    del runner.model_runner.states[span.id]
+    del calls[:]
+    (child,), logits = runner.extend([span], [[41]], logits="all")
+    assert calls == ([(1, 1, 1)] * 6 if from_state else [(1, base + 5, 1), (1, 1, 1)])
+    assert runner.last_context_rerun.tolist() == [5 if from_state else base + 5]
+    assert_matches(model, [child], logits)
+
+
+def test_a_span_a_row_of_the_same_call_starts_from_counts_as_started_from():
+    """A row on a span made by an earlier row of its call starts from that row's state: the span is an inner node
+    (its state goes before an older leaf's), and the spans counted as started from are only those with a state."""
+    model, runner, _ = state_runner()
+    mr = runner.model_runner
+    mr.state_capacity = 2
+    root = runner.prefill([5, 17, 3])
+    (leaf,), _ = runner.extend([root], [[9]], logits=None)
+    (inner, child), _ = runner.extend([root, 0], [[1], [2]], logits=None)
+    assert set(mr.states) == {leaf.id, child.id} and mr.started_from <= set(mr.states)
+
+
+@pytest.mark.parametrize("name", ["qwen3.5-linear-attention-states", "mamba-stepped-states"])
+def test_a_kept_state_holds_its_own_row_alone(name):
+    """A state kept from a batch of rows is a copy of its row: a view would keep the whole batch's tensor alive (the
+    states' room, counted in state_bytes a span, silently exceeded by the batch's size) and would change with any
+    later in-place update of the cache it came from."""
+    model, runner, _ = state_runner(name, max_state_bytes=1 << 20)
+    root = runner.prefill([5, 17, 3, 9])
+    children, _ = runner.extend([root] * 3, [[1, 2], [3, 4], [6, 7]], logits=None)
+    for child in children:
+        kept = runner.model_runner.states[child.id]
+        assert sum(t.untyped_storage().nbytes() for t in kept) == runner.model_runner.state_bytes
+
+
+def test_a_group_of_rows_a_level_up_runs_after_every_group_below_it_whenever_it_was_formed():
+    """Rows on the call's first and third rows (alike, so one group a level up) are one forward; that group, formed
+    at the second row, before the third row's own group, still runs after it, from the state it keeps."""
+    model, runner, calls = state_runner()
+    root = runner.prefill([5, 17, 3])
+    del calls[:]
+    spans, logits = runner.extend([root, 0, root, 2], [[1], [2], [3, 4], [5]], logits="all")
+    assert calls == [(1, 1, 1), (1, 2, 2), (2, 1, 1)] and runner.recomputed_tokens == 0
+    assert_matches(model, spans, logits)
+
+
+def test_an_attention_layer_whose_values_differ_in_width_from_its_keys_is_refused(monkeypatch):
+    """The pool holds K and V of one shape: an attention layer caching V of another head_dim (as latent attention's
+    narrower V; here twice as wide) is refused when the runner is made, naming its shapes."""
+    from transformers import DynamicCache
+
+    from fastalign.runtime import hf_state_cache
+
+    class WiderValues(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            keys, values = super().update(key_states, torch.cat([value_states, value_states], dim=-1), layer_idx,
+                                          *args, **kwargs)
+            return keys, values[..., :value_states.shape[-1]]
+
+    monkeypatch.setattr(hf_state_cache, "DynamicCache", WiderValues)
+    with pytest.raises(ValueError, match=r"its K and V differ in shape \(layer 1 holds K \[1, 2, 3, 16\] and V "
+                                         r"\[1, 2, 3, 32\]\)"):
+        HFStateCacheModel(tiny_model("qwen3.5-linear-attention-states"), torch.device("cpu"))
