@@ -17,9 +17,10 @@ from fastalign import PoolExhaustedError
 from fastalign.rain import JudgePrompt, JudgeTokens, RainConfig, rain_generate, tree_engine
 from fastalign.rain import search as search_module
 from fastalign.rain.embeddings import HiddenStateEmbedder
-from fastalign.rain.jobs import EvaluateJob
+from fastalign.rain.jobs import EvaluateJob, ExpandJob, PromptContext
 from fastalign.rain.sampling import ROLLOUT_STREAM, KeyedSampler, draw_key
 from fastalign.rain.slow import SlowEngine
+from fastalign.rain.tree import Node
 from tests.runtime.tiny_models import fill_with_nan
 
 from . import fake_model
@@ -101,6 +102,24 @@ def test_an_enclosing_autocast_does_not_apply_inside_the_slow_engine():
         logits_under, hidden_under, _, _ = engine._forward(None, ids)
     assert hidden_under.dtype == torch.float32
     assert torch.equal(logits_under, logits) and torch.equal(hidden_under, hidden)
+
+
+def test_the_slow_engine_decodes_a_set_and_a_rollout_on_their_own_cache():
+    """The reference's way: one fresh forward over the node's state, then one token a forward on that cache. Running
+    the whole state again at each step would change no token, but would make the baseline that bench_rain measures
+    the tree engine against slower than the reference."""
+    config = RainConfig(rollout_stop_chars="")                           # a rollout ends at max_length alone
+    engine = SlowEngine(tiny_llama(), tokenizer(), frozenset(), None, config, want_hidden=False)
+    state = tokenizer()(PROMPTS[0])["input_ids"]
+    ctx = PromptContext(index=0, prompt_text="", root_ids=state, head_ids=[], root_key=0,
+                        max_length=len(state) + 4, sampler=KeyedSampler(0))
+    fed, forward = [], engine._forward
+    engine._forward = lambda stats, ids, *args: fed.append(len(ids)) or forward(stats, ids, *args)
+    engine._draw_set(ExpandJob(ctx, Node((), None, 0.0, 0), state, 4), stream=None)
+    assert fed == [len(state), 1, 1, 1]
+    del fed[:]
+    rollout, _ = engine._rollout(EvaluateJob(ctx, Node((), None, 0.0, 0), state, terminal=False))
+    assert len(rollout) == 4 and fed == [len(state), 1, 1, 1]
 
 
 def run_on_real_pool(prompts, config, max_tokens, **kwargs):
