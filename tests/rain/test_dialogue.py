@@ -71,3 +71,22 @@ def test_an_empty_turn_marker_cuts_nothing_and_stops_nothing():
     tok, ctx, config = tokenizer(), context(), RainConfig(rollout_stop_chars=".", turn_marker="")
     assert cut_at_turn(" I will not", "") == " I will not" and not has_new_turn(" I will not", "")
     assert not rollout_stops(tok, config, ctx, ctx.root_ids + ids(" I will not"))
+
+
+def test_last_char_reads_past_a_tail_of_special_tokens():
+    """A state ending in more special tokens than the tail decodes: the whole state is decoded for its last
+    character, not taken as no text (which never stops a rollout)."""
+    tok = tokenizer()
+    state = ids(" I will not.") + [tok.eos_token_id] * 9
+    assert last_char(tok, state) == "."
+    assert rollout_stops(tok, RainConfig(rollout_stop_chars="."), context(), context().root_ids + state)
+
+
+def test_judge_input_of_a_reply_cut_inside_the_answers_first_token_keeps_none_of_its_tokens():
+    """Turn marker "e" cuts the leaf's first token (' he') itself: no model token ends before the cut, so the judge
+    reads the cut text alone, from the head (not that first token, which reads past the cut)."""
+    tok, ctx = tokenizer(), context()
+    judge, config, end = JudgeTokens(tok, SHORT_JUDGE), RainConfig(turn_marker="e"), {tok.eos_token_id}
+    leaf = ctx.root_ids + ids(" here")
+    assert tok.decode(ids(" here")[:1]) == " he"
+    assert judge_input(judge, tok, end, config, ctx, leaf, len(leaf)) == (" h", "head", judge.head_ids(" h"))
