@@ -210,7 +210,7 @@ def main():
     batch = make_batch(rows, tokens, shape["vocab_size"], device)
     config = {"preset": preset, "dtype": str(dtype).removeprefix("torch."), "layers": shape["num_hidden_layers"],
               "hidden": shape["hidden_size"],
-              "rows": rows, "tokens": tokens, "vocab": shape["vocab_size"],
+              "rows": rows, "tokens": tokens, "vocab": shape["vocab_size"], "reps": args.reps,
               "logits_mib": rows * tokens * shape["vocab_size"] * dtype.itemsize / 2 ** 20, "unavailable": {}}
     print(f"device: {harness.device_name(device)}   {rows} x {tokens} tokens, V {shape['vocab_size']}, "
           f"{config['dtype']}")

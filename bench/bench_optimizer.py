@@ -131,7 +131,7 @@ def main():
     shapes = parameter_shapes(shape)
     config = {"model": "quick" if args.quick else "Llama-3.2-1B shape", "parameters": len(shapes),
               "weights": sum(torch.Size(s).numel() for s in shapes), "lr": 2e-6,
-              "fidelity_steps": args.fidelity_steps}
+              "fidelity_steps": args.fidelity_steps, "reps": args.reps}
     print(f"device: {harness.device_name(device)}   {config['weights'] / 1e6:.1f}M weights in {len(shapes)} tensors")
     ways = [("KahanAdamW", kahan, torch.bfloat16), ("torch AdamW, bf16", torch_adamw, torch.bfloat16),
             (FP32, torch_adamw, torch.float32),

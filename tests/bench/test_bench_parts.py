@@ -5,6 +5,9 @@ loss is its quantity's definition on inputs shared by the quantity's methods, th
 difference (a perturbed method), that unique KV tokens are the pool slots the rows read, that timing loops leave
 out their warm-up and that failures become rows. Timings are faked (never asserted on): only formulas are checked.
 """
+import collections
+import contextlib
+import copy
 import json
 import sys
 from pathlib import Path
@@ -15,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import bench_causal_lm_loss  # noqa: E402
 import bench_loss  # noqa: E402
+import bench_optimizer  # noqa: E402
 import bench_rain  # noqa: E402
 import bench_tree  # noqa: E402
 import bench_unlearn  # noqa: E402
@@ -1034,3 +1039,365 @@ def test_rain_quick_families_run_on_the_runner_they_stand_for(family, runner):
     model = tiny[family](len(tokenizer()), tokenizer().eos_token_id)
     with pytest.warns(UserWarning, match="cannot run on the paged pool"):
         assert type(TreeRunner(model, max_tokens=64).model_runner).__name__ == runner
+
+
+# ---- bench_optimizer ----
+
+class Stepper:
+    """An optimizer that counts its steps and keeps no state (torch's optimizers' state: a defaultdict(dict))."""
+    def __init__(self, params):
+        self.param_groups, self.state, self.steps = [{"params": params}], collections.defaultdict(dict), 0
+
+    def step(self):
+        self.steps += 1
+
+
+def test_optimizer_ways_build_what_they_name_at_the_specs_learning_rate(monkeypatch):
+    """KahanAdamW and torch's AdamW at lr 2e-6; torch's fused on CUDA (its fastest there, what a user runs), its
+    default elsewhere; torchao's with bf16 stochastic rounding on (off, it is torch's bf16 AdamW again)."""
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    kahan = bench_optimizer.kahan([p])
+    assert isinstance(kahan, bench_optimizer.KahanAdamW) and kahan.param_groups[0]["lr"] == 2e-6
+    calls = []
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **options: calls.append(options))
+    bench_optimizer.torch_adamw([SimpleNamespace(device=torch.device("cuda"))])
+    bench_optimizer.torch_adamw([p])
+    assert calls == [dict(lr=2e-6, fused=True), dict(lr=2e-6, fused=None)]
+    torchao_optim = pytest.importorskip("torchao.optim")
+    monkeypatch.setattr(torchao_optim, "_AdamW", lambda params, **options: calls.append(options))
+    bench_optimizer.torchao_adamw_stochastic_rounding()([p])
+    assert calls[2:] == [dict(lr=2e-6, bf16_stochastic_round=True)]
+
+
+def test_optimizer_measure_steps_one_tensor_of_each_shape_in_the_rows_dtype(monkeypatch):
+    """A row's optimizer steps a parameter of every shape, in the row's dtype with non-zero gradients of it; its step
+    is what is timed --reps times and whose peak is taken; the fidelity runs the same builder in the same dtype."""
+    built, seen = [], {}
+
+    def build(params):
+        built.append(Stepper(params))
+        return built[-1]
+
+    def median_ms(fn, device, reps):
+        seen["timed"] = (fn, reps)
+        return 4.0
+
+    def peak_extra_mib(fn, device):
+        seen["peak"] = fn
+        return 3.0
+
+    def fidelity_error(build_, dtype, device, steps):
+        seen["fidelity"] = (build_, dtype, steps)
+        return 0.1, 0.2, 0.3
+    monkeypatch.setattr(bench_optimizer.harness, "median_ms", median_ms)
+    monkeypatch.setattr(bench_optimizer.harness, "peak_extra_mib", peak_extra_mib)
+    monkeypatch.setattr(bench_optimizer, "fidelity_error", fidelity_error)
+    shapes = [(4, 3), (5,), (2, 2)]
+    row = bench_optimizer.measure("m", build, torch.float32, shapes, SimpleNamespace(reps=3, fidelity_steps=7),
+                                  torch.device("cpu"))
+    (optimizer,) = built
+    params = optimizer.param_groups[0]["params"]
+    assert [tuple(p.shape) for p in params] == shapes and {p.dtype for p in params} == {torch.float32}
+    assert all(p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in params)
+    assert optimizer.steps == 1   # the state made before the timing, whose extra memory is beyond it
+    assert seen == {"timed": (optimizer.step, 3), "peak": optimizer.step,
+                    "fidelity": (build, torch.float32, 7)}
+    assert row == {"method": "m", "dtype": "float32", "step_ms": 4.0, "step_extra_mib": 3.0,
+                   "bytes_per_weight": 4.0, "fidelity_error": 0.1, "weights_fidelity_error": 0.2,
+                   "bf16_floor": 0.3}
+
+
+def test_optimizer_state_bytes_count_the_weights_and_the_state_tensors_each_storage_once():
+    """A weight's bytes and its state's (the step count, a 0-dim tensor, aside), a storage shared by two once."""
+    weight = torch.nn.Parameter(torch.zeros(10, dtype=torch.bfloat16))
+    shared = torch.zeros(10)
+    optimizer = SimpleNamespace(param_groups=[{"params": [weight]}],
+                                state={weight: {"step": torch.tensor(3.0), "m": shared, "v": shared[:5],
+                                                "c": torch.zeros(10, dtype=torch.bfloat16), "lr": 0.1}})
+    assert bench_optimizer.state_bytes(optimizer) == 20 + 40 + 20
+
+
+def test_optimizer_fidelity_of_float64_adamw_is_zero_and_of_weights_that_never_move_is_one():
+    """The distance to float64 AdamW's weights over how far those moved: 0 for the same AdamW, 1 for no steps; the
+    floor is float64 AdamW's own weights rounded to bf16."""
+    cpu = torch.device("cpu")
+    same = bench_optimizer.fidelity_error(lambda ps: torch.optim.AdamW(ps, lr=2e-6), torch.float64, cpu, 4,
+                                          numel=4096)
+    assert same[:2] == (0.0, 0.0) and 0 < same[2] < 1
+    assert bench_optimizer.fidelity_error(Stepper, torch.bfloat16, cpu, 4, numel=4096)[:2] == (1.0, 1.0)
+    # torch's AdamW on bf16 weights in place: its weights are its own, the bf16 start kept aside
+    bf16 = bench_optimizer.fidelity_error(bench_optimizer.torch_adamw, torch.bfloat16, cpu, 4, numel=4096)
+    assert bf16[0] == bf16[1] > 0.9 and bf16[2] == same[2]
+
+
+def test_optimizer_fidelity_counts_the_compensation_with_the_weights_and_not_in_the_weights_alone():
+    """KahanAdamW's weights plus its compensation are float64 AdamW's to far less than the bf16 floor; its weights
+    alone are at the floor."""
+    error, alone, floor = bench_optimizer.fidelity_error(bench_optimizer.kahan, torch.bfloat16, torch.device("cpu"),
+                                                         20, numel=4096)
+    assert error < 0.05 * floor and floor <= alone <= 1.01 * floor
+
+
+def test_optimizer_main_records_the_run_its_arguments_and_speedups_against_fp32_adamw(monkeypatch):
+    """Every way measured on the shapes of the model asked for, with the run's --reps and --fidelity-steps (300 by
+    default, 30 with --quick); the record states them and each row's speed-up is fp32 AdamW's step time over its."""
+    measured, written = [], []
+
+    def measure(name, build, dtype, shapes, args, device):
+        measured.append((name, dtype, shapes, args.reps, args.fidelity_steps))
+        return {"method": name, "step_ms": {bench_optimizer.FP32: 12.0, "KahanAdamW": 3.0}.get(name, 6.0)}
+
+    def torchao_builder():
+        return bench_optimizer.torch_adamw
+    monkeypatch.setattr(bench_optimizer, "measure", measure)
+    monkeypatch.setattr(bench_optimizer, "torchao_adamw_stochastic_rounding", torchao_builder)
+    monkeypatch.setattr(bench_optimizer.harness, "write_results",
+                        lambda name, device, config, rows: written.append(json.loads(json.dumps([config, rows]))))
+    for argv, model, steps, reps in [(["--quick"], "quick", 30, 5), ([], "Llama-3.2-1B shape", 300, 5),
+                                     (["--quick", "--fidelity-steps", "7", "--reps", "2"], "quick", 7, 2)]:
+        measured.clear(), written.clear()
+        monkeypatch.setattr(sys, "argv", ["bench_optimizer.py", "--device", "cpu", *argv])
+        bench_optimizer.main()
+        shapes = bench_optimizer.parameter_shapes(bench_optimizer.QUICK_SHAPE if model == "quick"
+                                                  else bench_optimizer.harness.LLAMA_SHAPES["1b"])
+        assert measured == [("KahanAdamW", torch.bfloat16, shapes, reps, steps),
+                            ("torch AdamW, bf16", torch.bfloat16, shapes, reps, steps),
+                            (bench_optimizer.FP32, torch.float32, shapes, reps, steps),
+                            ("torchao AdamW, bf16 stochastic rounding", torch.bfloat16, shapes, reps, steps)]
+        # written after each row (a run cut at its time limit keeps the rows measured), then with the speed-ups
+        assert [len(rows) for _, rows in written] == [1, 2, 3, 4, 4] and written[-2][1][:3] == written[2][1]
+        config, rows = written[-1]
+        assert config["model"] == model and config["fidelity_steps"] == steps and config["lr"] == 2e-6
+        assert config["reps"] == reps
+        assert config["parameters"] == len(shapes) and config["weights"] == sum(torch.Size(s).numel() for s in shapes)
+        assert [row["speedup_vs_fp32"] for row in rows] == [4.0, 2.0, 1.0, 2.0]
+        assert config["weights"] == 1_235_814_400 or model == "quick"   # Llama-3.2-1B's, its embedding tied
+
+
+def test_optimizer_main_without_torchao_records_why_and_measures_the_others(monkeypatch):
+    """A missing torchao leaves its row out and says why in the record."""
+    written = []
+
+    def torchao_adamw_stochastic_rounding():
+        raise ImportError("no torchao")
+    monkeypatch.setattr(bench_optimizer, "torchao_adamw_stochastic_rounding", torchao_adamw_stochastic_rounding)
+    monkeypatch.setattr(bench_optimizer, "measure", lambda name, *args: {"method": name, "step_ms": 2.0})
+    monkeypatch.setattr(bench_optimizer.harness, "write_results",
+                        lambda name, device, config, rows: written.append(json.loads(json.dumps([config, rows]))))
+    monkeypatch.setattr(sys, "argv", ["bench_optimizer.py", "--device", "cpu", "--quick"])
+    bench_optimizer.main()
+    config, rows = written[-1]
+    assert [row["method"] for row in rows] == ["KahanAdamW", "torch AdamW, bf16", bench_optimizer.FP32]
+    assert config["unavailable"] == {"torchao_adamw_stochastic_rounding": "ImportError: no torchao"}
+
+
+# ---- bench_causal_lm_loss ----
+
+def tiny_llama_model(seed=0):
+    """A Llama of one small layer in fp32, V 64, its weights drawn from `seed`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                        tie_word_embeddings=False))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """A tiny Llama, a reference of its shape (frozen, other weights) and a batch of 2 x 12 (3 prompt tokens a row)."""
+    return (tiny_llama_model(), tiny_llama_model(seed=1).requires_grad_(False),
+            bench_causal_lm_loss.make_batch(2, 12, 64, torch.device("cpu")))
+
+
+def causal_lm_definitions(model, reference, batch):
+    """(mean CE of the next labelled tokens, KL(reference || model) per labelled position) in fp64."""
+    with torch.no_grad():
+        log_q = torch.log_softmax(model(input_ids=batch["input_ids"]).logits.double()[:, :-1], -1)
+        log_p = torch.log_softmax(reference(input_ids=batch["input_ids"]).logits.double()[:, :-1], -1)
+    labels = batch["labels"][:, 1:]
+    counted = labels != -100
+    ce = -log_q[counted].gather(1, labels[counted][:, None]).mean()
+    kl = (log_p.exp() * (log_p - log_q))[counted].sum(-1).mean()
+    return float(ce), float(kl)
+
+
+def test_causal_lm_batch_labels_every_id_after_a_prompt_of_the_first_quarter():
+    """The same batch at each call; every token attended to; -100 on each row's first quarter, the ids after it."""
+    batch = bench_causal_lm_loss.make_batch(3, 12, 50, torch.device("cpu"))
+    ids = batch["input_ids"]
+    assert ids.shape == (3, 12) and 0 <= ids.min() and ids.max() < 50 and torch.equal(batch["attention_mask"],
+                                                                                     torch.ones_like(ids))
+    assert (batch["labels"][:, :3] == -100).all() and torch.equal(batch["labels"][:, 3:], ids[:, 3:])
+    assert torch.equal(bench_causal_lm_loss.make_batch(3, 12, 50, torch.device("cpu"))["input_ids"], ids)
+
+
+def test_causal_lm_ways_compute_their_quantitys_definition(tiny_llama):
+    """Each cross-entropy way is the mean CE of the next labelled tokens, each KL way KL(reference || model) per
+    labelled position (fp32 against fp64)."""
+    model, reference, batch = tiny_llama
+    ce, kl = causal_lm_definitions(model, reference, batch)
+    m = bench_causal_lm_loss
+    ways = {"own": m.own_loss(model), "fastalign": m.fastalign_loss(model),
+            "grads in forward": m.fastalign_loss(model, grads_in_forward=True),
+            "fused layers": m.fastalign_fused_layers(model),
+            "on hidden states": m.loss_on_hidden_states(
+                lambda h, w, y: F.cross_entropy(h @ w.t(), y, ignore_index=-100))(model)}
+    if hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        ways["torch chunked"] = m.torch_chunked_loss()(model)
+    for name, loss in ways.items():
+        assert float(loss(batch).detach()) == pytest.approx(ce, rel=1e-5), name
+    kls = {"logits": m.logits_kl(model, reference), "fastalign": m.fastalign_kl(model, reference)}
+    try:
+        kls["trl"] = m.trl_divergence_on_hidden_states()(model, reference)
+    except ImportError:
+        pass
+    for name, loss in kls.items():
+        assert float(loss(batch).detach()) == pytest.approx(kl, rel=1e-4), name
+
+
+def test_causal_lm_trl_fused_head_computes_the_loss_without_the_models_lm_head_call():
+    """TRL's way runs its fused head (no [tokens x vocab] logits from the model's lm_head), at the model's own loss."""
+    pytest.importorskip("trl")
+    model = tiny_llama_model()   # (a model of its own: the way patches it in place)
+    batch = bench_causal_lm_loss.make_batch(2, 12, 64, torch.device("cpu"))
+    own = float(model(**batch).loss.detach())
+    calls = []
+    model.lm_head.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    loss = bench_causal_lm_loss.trl_fused_head_loss()(model)
+    assert float(loss(batch).detach()) == pytest.approx(own, rel=1e-5) and calls == []
+
+
+def test_causal_lm_fused_model_forward_is_fastalign_s_loss_without_the_models_lm_head_call():
+    """The model's own forward after fuse_causal_lm_loss: its loss, without the [tokens x vocab] logits of lm_head."""
+    model = tiny_llama_model()   # (a model of its own: the way patches it in place)
+    batch = bench_causal_lm_loss.make_batch(2, 12, 64, torch.device("cpu"))
+    own = float(model(**batch).loss.detach())
+    calls = []
+    model.lm_head.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    loss = bench_causal_lm_loss.fused_model_forward(model)
+    assert float(loss(batch).detach()) == pytest.approx(own, rel=1e-5)
+    assert torch.Size([2, 12, 64]) not in calls, calls   # (a probe of the logit multiplier's aside)
+
+
+def test_causal_lm_fastalign_ways_pass_their_options_and_run_in_the_fused_layers(monkeypatch, tiny_llama):
+    """grads-in-forward is CausalLMLoss(grads_in_forward=True); the fused-layers way calls its loss inside
+    fused_layers(model) (outside it, the model's own layers run)."""
+    model, _, batch = tiny_llama
+    made, inside = [], []
+
+    class Loss:
+        def __init__(self, model_, **options):
+            made.append((model_, options))
+
+        def __call__(self, **batch_):
+            return inside[-1] if inside else None
+
+    @contextlib.contextmanager
+    def fused_layers(model_):
+        inside.append(model_)
+        yield 2
+        inside.pop()
+    monkeypatch.setattr(bench_causal_lm_loss.fastalign, "CausalLMLoss", Loss)
+    monkeypatch.setattr(bench_causal_lm_loss, "fused_layers", fused_layers)
+    assert bench_causal_lm_loss.fastalign_loss(model, grads_in_forward=True)(batch) is None
+    assert bench_causal_lm_loss.fastalign_fused_layers(model)(batch) is model and not inside
+    assert made == [(model, {"grads_in_forward": True}), (model, {})]
+
+
+def test_causal_lm_measure_times_reps_steps_and_takes_the_peak_from_no_gradients(monkeypatch, tiny_llama):
+    """The step is timed --reps times; its peak is taken with no gradient left from a previous step (it allocates
+    its own, which count in it); extra_mib is the peak less the gradients' bytes in the model's dtype; the gradients
+    returned are one step's, not a sum of the timed steps'."""
+    model, _, batch = tiny_llama
+    model = copy.deepcopy(model).bfloat16()
+    params = list(model.parameters())
+    seen = {}
+
+    def median_ms(fn, device, reps):
+        seen["reps"] = reps
+        for _ in range(reps):
+            fn()
+        return 4.0
+
+    def peak_extra_mib(fn, device):
+        seen["grads before peak"] = [p.grad for p in params]
+        fn()
+        return 10.0
+    monkeypatch.setattr(bench_causal_lm_loss.harness, "median_ms", median_ms)
+    monkeypatch.setattr(bench_causal_lm_loss.harness, "peak_extra_mib", peak_extra_mib)
+    row, grads = bench_causal_lm_loss.measure("m", bench_causal_lm_loss.own_loss(model), model, batch,
+                                              torch.device("cpu"), 3)
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    assert seen == {"reps": 3, "grads before peak": [None] * len(params)}
+    grad_mib = sum(p.numel() for p in params) * 2 / 2 ** 20
+    assert row == {"method": "m", "loss": float(loss.detach()), "step_ms": 4.0, "peak_mib": 10.0,
+                   "extra_mib": 10.0 - grad_mib}
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, params))
+
+
+def test_causal_lm_way_that_raises_becomes_an_error_row():
+    """One failing way gives its row an error (and no gradients to compare), so the others' rows are still measured."""
+    model = torch.nn.Linear(2, 2)
+
+    def broken(batch):
+        raise RuntimeError("no kernel")
+    row, grads = bench_causal_lm_loss.measure("b", broken, model, {}, torch.device("cpu"), 1)
+    assert row == {"method": "b", "error": "RuntimeError: no kernel"} and grads is None
+
+
+def test_causal_lm_main_compares_each_way_with_the_first_of_its_quantity_on_the_batch_asked_for(monkeypatch):
+    """Every way runs on one batch of --rows x --tokens and --reps; each row's loss and gradient differences,
+    speed-up and leanness are against the first row of its quantity (CE: the model's own loss, KL: from both models'
+    logits; none of leanness against a first row without extra memory); the record states the preset (1b by
+    default), the batch and its logits' bytes in the preset's dtype."""
+    m = bench_causal_lm_loss
+    measured, written = [], []
+    numbers = {"model's own loss": (2.0, 8.0, 4.0, 1.0), "fastalign CausalLMLoss": (2.2, 4.0, 1.0, 1.5),
+               "KL from both models' logits": (0.5, 10.0, 0.0, 2.0), "fastalign CausalLMKLDiv": (0.4, 5.0, 2.0, 3.0)}
+
+    def measure(name, loss_of, model, batch, device, reps):
+        measured.append((name, tuple(batch["input_ids"].shape), reps))
+        loss, ms, extra, grad = numbers.get(name, (2.0, 8.0, 4.0, 1.0))
+        return {"method": name, "loss": loss, "step_ms": ms, "peak_mib": extra + 1, "extra_mib": extra}, \
+            [torch.full((3,), grad), torch.ones(2)]
+    monkeypatch.setattr(m, "measure", measure)
+    baselines = ["torch_chunked_loss", "liger_loss", "trl_divergence_on_hidden_states", "trl_fused_head_loss"]
+
+    def missing(name):   # a baseline whose package is not installed
+        def factory():
+            raise ImportError(f"no {name}")
+        factory.__name__ = name
+        return factory
+    for name in baselines:
+        monkeypatch.setattr(m, name, missing(name))
+    monkeypatch.setattr(m.harness, "write_results",
+                        lambda name, device, config, rows: written.append(json.loads(json.dumps([config, rows]))))
+    quick = m.PRESETS["quick"]
+    monkeypatch.setitem(m.PRESETS, "1b", (quick[0], torch.bfloat16, 3, 8))   # the default preset, at a tiny shape
+    for argv, preset, shape, itemsize in [(["--rows", "3", "--tokens", "12", "--reps", "2"], "quick", (3, 12), 4),
+                                          (["--preset", "1b"], "1b", (3, 8), 2), ([], "1b", (3, 8), 2)]:
+        measured.clear(), written.clear()
+        monkeypatch.setattr(sys, "argv", ["bench_causal_lm_loss.py", "--device", "cpu", *argv
+                                          ] + (["--quick"] if preset == "quick" else []))
+        m.main()
+        reps = 2 if preset == "quick" else 5
+        assert [(shape_, reps_) for _, shape_, reps_ in measured] == [(shape, reps)] * 7, measured
+        assert [len(rows) for _, rows in written] == [1, 2, 3, 4, 5, 6, 7]   # after each row: a cut run keeps them
+        config, rows = written[-1]
+        assert config["preset"] == preset and (config["rows"], config["tokens"]) == shape and config["reps"] == reps
+        assert config["unavailable"] == {name: f"ImportError: no {name}" for name in baselines}, config
+        assert config["logits_mib"] == shape[0] * shape[1] * 1001 * itemsize / 2 ** 20
+        assert config["dtype"] == ("float32" if preset == "quick" else "bfloat16")
+        by_method = {row["method"]: row for row in rows}
+        assert [row["quantity"] for row in rows] == ["CE"] * 5 + ["KL"] * 2
+        assert by_method["fastalign CausalLMLoss"]["loss_rel_diff"] == pytest.approx(0.1)
+        assert by_method["fastalign CausalLMLoss"]["grad_rel_diff"] == pytest.approx(0.5)
+        assert by_method["fastalign CausalLMLoss"]["speedup"] == 2.0 and by_method["fastalign CausalLMLoss"][
+            "leaner"] == 4.0
+        kl = by_method["fastalign CausalLMKLDiv"]
+        assert (kl["loss_rel_diff"], kl["grad_rel_diff"], kl["speedup"]) == pytest.approx((0.2, 0.5, 2.0))
+        assert "leaner" not in kl, kl
+        assert by_method["fastalign + fused layers"]["loss_rel_diff"] == 0.0 and by_method["model's own loss"][
+            "speedup"] == 1.0
