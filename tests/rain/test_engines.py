@@ -104,6 +104,15 @@ def test_an_enclosing_autocast_does_not_apply_inside_the_slow_engine():
     assert torch.equal(logits_under, logits) and torch.equal(hidden_under, hidden)
 
 
+def test_the_slow_engine_reads_a_bf16_models_logits_in_float32():
+    """Its distributions (a rollout's softmax, the judge's label logits) are taken in float32, as the tree engine's
+    are: a softmax in bf16 would round the probabilities its draws read."""
+    engine = SlowEngine(tiny_llama(dtype=torch.bfloat16), tokenizer(), frozenset(), None, RainConfig(),
+                        want_hidden=False)
+    logits, _, _, _ = engine._forward(None, tokenizer()(PROMPTS[0])["input_ids"])
+    assert logits.dtype == torch.float32
+
+
 def test_the_slow_engine_decodes_a_set_and_a_rollout_on_their_own_cache():
     """The reference's way: one fresh forward over the node's state, then one token a forward on that cache. Running
     the whole state again at each step would change no token, but would make the baseline that bench_rain measures
