@@ -100,6 +100,14 @@ def test_a_model_whose_padding_shows_in_one_token_forwards_only_runs_rows_from_c
     assert_matches(model, children, logits)
 
 
+def rebuilt_as(model_class, name):
+    """The tiny model `name` rebuilt as `model_class` (a subclass of its class) with its weights, in eval mode."""
+    tiny = tiny_model(name)
+    model = model_class(tiny.config).eval()
+    model.load_state_dict(tiny.state_dict())
+    return model
+
+
 class PositionsFromItsInput(Llama4ForCausalLM):
     """Llama 4 that numbers its new tokens from 0 whatever its cache holds (as a model drawing positions from the
     length of its input): it cannot continue a sequence from a cache."""
@@ -113,9 +121,7 @@ def test_a_model_whose_tokens_after_a_cache_differ_from_its_whole_forward_is_ref
     """Its first tokens' logits are those of its whole forward and a token after a cache gets the same logits whatever
     ran in between; only tokens run after a cache of their sequence's first ones show that it cannot continue from
     one. Refused (the runner recomputes it) rather than extending every span ~1 off its own forward's logits."""
-    llama4 = tiny_model("llama4-chunked-fallback")
-    model = PositionsFromItsInput(llama4.config).eval()
-    model.load_state_dict(llama4.state_dict())
+    model = rebuilt_as(PositionsFromItsInput, "llama4-chunked-fallback")
     with pytest.raises(ValueError, match="PositionsFromItsInput cannot run on the Hugging Face cache fallback: it is "
                                          "not causal"):
         HFCacheModel(model, torch.device("cpu"))
@@ -144,12 +150,9 @@ def test_a_model_whose_logits_drift_by_a_little_between_forwards_keeps_state_out
     """The state probe allows bf16 rounding (2e-2), not a drift of 0.1 between two runs of one token after one cache:
     such a model is refused for the state it keeps outside its cache (its rows' logits would depend on what ran
     before them)."""
-    bloom = tiny_model("bloom-alibi-fallback")
-    model = DriftsWithEachForward(bloom.config).eval()
-    model.load_state_dict(bloom.state_dict())
     with pytest.raises(ValueError, match="DriftsWithEachForward cannot run on the Hugging Face cache fallback: it "
                                          "keeps state outside its cache"):
-        HFCacheModel(model, torch.device("cpu"))
+        HFCacheModel(rebuilt_as(DriftsWithEachForward, "bloom-alibi-fallback"), torch.device("cpu"))
 
 
 def test_a_copy_of_a_later_rows_partly_filled_block_gets_that_rows_kv_from_its_own_group():
