@@ -647,3 +647,115 @@ def test_default_weights_are_the_spec_recipe():
     assert LossWeights() == LossWeights(forget=0.5, mismatch=1.0, normal=1.0)
     model = tiny_llama(len(byte_bpe_tokenizer()))
     assert UnlearningObjective(model).weights == LossWeights(0.5, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("grads_in_forward", [False, True])
+def test_the_three_terms_are_detached_and_the_total_is_not(grads_in_forward):
+    """LossTerms's terms are logged and watched by early stopping: a term still holding the graph kept the step's
+    activations alive as long as the caller kept the value."""
+    model, streams, reference, _ = setup("copy")
+    terms = UnlearningObjective(model, WEIGHTS, reference, grads_in_forward=grads_in_forward)(streams.batch(0))
+    assert terms.total.requires_grad
+    assert not any(t.requires_grad for t in (terms.forget, terms.mismatch, terms.normal))
+
+
+def test_cast_weights_keeps_a_computed_buffer_that_two_modules_share():
+    """A computed buffer registered in two modules (one rotary inv_freq held by several layers) keeps its dtype in
+    each: only its first name kept it, the other module's copy was rounded."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    shared = torch.linspace(0.1, 1.0, 7)
+    for layer in model:
+        layer.register_buffer("inv_freq", shared, persistent=False)
+    models.cast_weights(model, torch.bfloat16)
+    assert model[0].inv_freq.dtype == model[1].inv_freq.dtype == torch.float32
+    assert torch.equal(model[1].inv_freq, shared)
+
+
+def test_activation_checkpoints_are_non_reentrant():
+    """Non-reentrant checkpoints: reentrant ones refuse torch.autograd.grad (optimizer-in-backward, gradient
+    checks) and lose the gradients of layers whose inputs need none unless the input embeddings are patched."""
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    model.model.embed_tokens.requires_grad_(False)
+    models.enable_activation_checkpointing(model)
+    model.train()
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    q_proj = model.model.layers[0].self_attn.q_proj.weight
+    (grad,) = torch.autograd.grad(model(ids, labels=ids).loss, [q_proj])
+    assert grad.abs().sum() > 0
+
+
+def test_a_forward_whose_source_cannot_be_read_is_taken_to_read_every_name():
+    """forward_reads answers True where the source is unreadable, so that a config's logit multiplier or soft cap is
+    applied (and the probe of the logits checks it), not silently dropped."""
+    namespace = {}
+    exec("def forward(self, input_ids):\n    return input_ids", namespace)   # no file: inspect.getsource fails
+
+    class NoSource(torch.nn.Module):
+        forward = namespace["forward"]
+
+    assert models.forward_reads(NoSource(), "final_logit_softcapping")
+
+
+def test_an_lm_head_of_integer_weights_is_refused_naming_its_dtype():
+    """A quantized lm_head (int8 weight, dequantized in its forward): the fused losses cannot read its weight, which
+    the refusal names; the probe cast the hidden states to int8 and failed inside the matmul, or compared nonsense."""
+    class Int8Head(torch.nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            scale = linear.weight.abs().amax() / 127
+            self.weight = torch.nn.Parameter((linear.weight / scale).round().to(torch.int8), requires_grad=False)
+            self.register_buffer("scale", scale)
+            self.bias = None
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight.float() * self.scale)
+
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    model.lm_head = Int8Head(model.lm_head)
+    with pytest.raises(NotImplementedError, match=r"lm_head weight \(\d+, 32\) torch.int8"):
+        UnlearningObjective(model)
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_an_lm_head_weight_seen_as_a_plain_tensor_trains_as_its_parameter_did(head_trains):
+    """FSDP version 1 (use_orig_params) shows the lm_head's weight as a plain view of the unit's flat parameter, which
+    requires grad because the unit's other weights train: a frozen lm_head took gradients and trained all the same.
+    What the head's parameter said when the objective was built decides."""
+    model, streams, reference, _ = setup("copy")
+    model.lm_head.requires_grad_(head_trains)
+    objective = UnlearningObjective(model, WEIGHTS, reference)
+    flat = model.lm_head.weight.detach().clone().flatten().requires_grad_(True)   # the unit's flat parameter
+    del model.lm_head.weight
+    model.lm_head.weight = flat.view(model.config.vocab_size, -1)
+    (grad,) = torch.autograd.grad(objective(streams.batch(0)).total, [flat], allow_unused=True)
+    assert (grad is not None and grad.abs().sum() > 0) if head_trains else grad is None
+
+
+@pytest.mark.parametrize("grads_in_forward", [False, True])
+def test_grads_in_forward_reaches_every_fused_op(grads_in_forward, monkeypatch):
+    """grads_in_forward=True saves one product with the lm_head per term: each fused call, the KL term's included,
+    must take it (the KL term computing its gradients in the backward gives the same values, at the cost saved)."""
+    model, streams, reference, _ = setup("copy")
+    seen = []
+    for name in ("linear_cross_entropy", "linear_kl_div"):
+        def spy(*args, _op=getattr(objective, name), _name=name, **kwargs):
+            seen.append((_name, kwargs.get("grads_in_forward", False)))
+            return _op(*args, **kwargs)
+        monkeypatch.setattr(objective, name, spy)
+    UnlearningObjective(model, WEIGHTS, reference, grads_in_forward=grads_in_forward)(streams.batch(0))
+    assert {name for name, _ in seen} == {"linear_cross_entropy", "linear_kl_div"}
+    assert all(flag == grads_in_forward for _, flag in seen)
+
+
+@pytest.mark.parametrize("make_model, read", [(lambda v: tiny_gemma2(v, softcap=3.0), models.logit_softcap),
+                                              (lambda v: tiny_cohere(v, logit_scale=0.25), models.logit_multiplier)],
+                         ids=["gemma2-softcap", "cohere-logit-scale"])
+def test_a_peft_model_keeps_the_logit_transforms_of_the_model_it_wraps(make_model, read):
+    """The soft cap and logit multiplier are read from the wrapped model's forward: PEFT's own forward names neither,
+    and a LoRA-trained Gemma 2 or Cohere lost them (the probe of the logits then refused the model)."""
+    peft = pytest.importorskip("peft")
+    model = make_model(len(byte_bpe_tokenizer()))
+    expected = read(model)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert expected is not None and read(wrapped) == expected
+    UnlearningObjective(wrapped)

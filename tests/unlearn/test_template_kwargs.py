@@ -7,6 +7,7 @@ import pytest
 
 from fastalign.evaluation.generation import eos_ids
 from fastalign.evaluation.prompts import chat_prompt
+from fastalign.unlearn import templates
 from fastalign.unlearn.encoding import encode_answers, encode_pairs, tokenize_texts
 from fastalign.unlearn.records import DataError
 from fastalign.unlearn.templates import ChatTemplate, end_of_turn_id
@@ -79,9 +80,32 @@ def test_a_template_that_reads_enable_thinking_warns_unless_it_is_set(recwarn):
     (["enable_thinking"], " must be a mapping of template variable names to values, got ['enable_thinking']"),
     ({1: True}, ": template variable names must be texts, got 1"),
     *[({name: True}, f": {name!r} is an argument of apply_chat_template or the conversation itself")
-      for name in ("tokenize", "add_generation_prompt", "conversation", "messages", "return_dict",
+      for name in ("tokenize", "add_generation_prompt", "conversation", "messages", "conversations", "return_dict",
                    "continue_final_message")],
 ])
 def test_bad_template_kwargs_are_named(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(f"template_kwargs (--chat-template-kwargs){message}")):
         ChatTemplate(family_tokenizer("qwen3"), template_kwargs=kwargs)
+
+
+def test_template_kwargs_are_a_copy_of_the_callers_mapping():
+    """The variables are read when the template is built: a caller's later change to its mapping (or its reuse for
+    another template) must not change how this template renders its prompts."""
+    kwargs = {"enable_thinking": False}
+    template = ChatTemplate(family_tokenizer("qwen3"), template_kwargs=kwargs)
+    kwargs["enable_thinking"] = True
+    assert template.template_kwargs == {"enable_thinking": False}
+
+
+def test_a_template_variable_named_kwargs_is_a_variable_like_any_other():
+    """apply_chat_template's **kwargs are where template variables go: the name of that catch-all is no argument of
+    its own to refuse."""
+    template = ChatTemplate(family_tokenizer("llama3"), template_kwargs={"kwargs": 1})
+    assert template.template_kwargs == {"kwargs": 1}
+
+
+def test_a_chat_template_of_named_templates_is_read_through_each():
+    """A tokenizer's chat_template may be a mapping of named templates: a variable one of them reads is read."""
+    assert templates._reads({"default": "{{ messages }}", "tool_use": "{% if enable_thinking %}{% endif %}"},
+                            "enable_thinking")
+    assert not templates._reads({"default": "{{ messages }}"}, "enable_thinking")
