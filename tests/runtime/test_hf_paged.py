@@ -13,8 +13,8 @@ from transformers import GPT2LMHeadModel, Llama4ForCausalLM, Llama4TextConfig
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from fastalign import TreeRunner
-from fastalign.runtime import attention_routing, model_runners
-from fastalign.runtime.hf_paged import _Recorder
+from fastalign.runtime import attention_routing, hf_paged, model_runners
+from fastalign.runtime.hf_paged import PagedHF, _Recorder, _Unfit
 from tests.conftest import TRITON_DEVICE, triton_cases
 from tests.runtime.tiny_models import grow_random_tree, reference, tiny_model
 
@@ -367,7 +367,6 @@ def recorded_call(layer_idx=0, heads=4, kv_heads=2, q_dim=8, v_dim=8, mask=None,
 def test_the_probe_refuses_an_attention_call_the_pool_cannot_answer_naming_why(call, reason):
     """Each check of a probe call: dropped, the pool would attend without the model's mask or dropout, with q and k
     of different widths, or with query heads that no K/V head's group holds."""
-    from fastalign.runtime.hf_paged import _Unfit
     with pytest.raises(_Unfit, match=re.escape(reason)):
         recorded_call(**call)
     recorded_call(dropout=0.0, scaling=0.5, is_causal=True)   # what a call may pass
@@ -376,7 +375,6 @@ def test_the_probe_refuses_an_attention_call_the_pool_cannot_answer_naming_why(c
 def test_a_model_whose_logits_on_the_pool_are_nan_is_refused(monkeypatch):
     """NaN logits on the pool (an op that breaks there) compare as no error at all unless the probe asks whether the
     error is within tolerance, not whether it exceeds it."""
-    from fastalign.runtime import hf_paged
     monkeypatch.setattr(hf_paged, "pool_attention", lambda *args, **kwargs: torch.full_like(args[1], float("nan")))
     model = tiny_model("gpt2-learned-positions")
     assert "its logits on the pool differ from its own forward's by nan" in refusal(model)
@@ -385,7 +383,6 @@ def test_a_model_whose_logits_on_the_pool_are_nan_is_refused(monkeypatch):
 def test_a_decoder_whose_output_is_not_the_models_last_hidden_states_is_refused(monkeypatch):
     """hidden= returns the decoder's output: where it is not the last hidden states the model's own forward reports
     (a decoder found without its final norm, say), the probe refuses the model instead of returning them."""
-    from fastalign.runtime.hf_paged import PagedHF
     own_logits = PagedHF._logits
 
     def shifted(self, *args):
