@@ -300,3 +300,13 @@ def test_a_step_never_waits_for_the_device(backend):
                 weight.grad = counter.mark(torch.randn(weight.shape, device=weight.device).to(weight.dtype))
             optimizer.step()
     assert counter.total == 0, counter.syncs
+
+
+def test_a_gradient_that_is_an_expanded_view_is_read_and_left_as_it_was():
+    """A gradient of stride 0 (one value expanded, as a caller may set it) is stepped from a contiguous copy and never
+    written back: writing into it raised (its elements share one memory location), and a gradient is only read."""
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+    grad = torch.ones(1, dtype=torch.bfloat16)
+    p.grad = grad.expand(4)
+    KahanAdamW([p], lr=0.1, weight_decay=0.0).step()
+    assert torch.equal(p.detach(), torch.full((4,), -0.1, dtype=torch.bfloat16)) and grad.item() == 1.0
