@@ -25,6 +25,7 @@ import bench_rain  # noqa: E402
 import bench_tree  # noqa: E402
 import bench_unlearn  # noqa: E402
 from tests.conftest import TRITON_DEVICE  # noqa: E402
+from tests.unlearn import tiny as unlearn_tiny  # noqa: E402
 
 
 def fake_clock(monkeypatch, module, durations):
@@ -1043,6 +1044,14 @@ def test_rain_quick_families_run_on_the_runner_they_stand_for(family, runner):
 
 # ---- bench_optimizer ----
 
+def records_written(monkeypatch, bench):
+    """The [config, rows] of each record `bench`'s main() writes, in order, as its JSON reads back."""
+    written = []
+    monkeypatch.setattr(bench.harness, "write_results",
+                        lambda name, device, config, rows: written.append(json.loads(json.dumps([config, rows]))))
+    return written
+
+
 class Stepper:
     """An optimizer that counts its steps and keeps no state (torch's optimizers' state: a defaultdict(dict))."""
     def __init__(self, params):
@@ -1141,7 +1150,7 @@ def test_optimizer_fidelity_counts_the_compensation_with_the_weights_and_not_in_
 def test_optimizer_main_records_the_run_its_arguments_and_speedups_against_fp32_adamw(monkeypatch):
     """Every way measured on the shapes of the model asked for, with the run's --reps and --fidelity-steps (300 by
     default, 30 with --quick); the record states them and each row's speed-up is fp32 AdamW's step time over its."""
-    measured, written = [], []
+    measured = []
 
     def measure(name, build, dtype, shapes, args, device):
         measured.append((name, dtype, shapes, args.reps, args.fidelity_steps))
@@ -1151,8 +1160,7 @@ def test_optimizer_main_records_the_run_its_arguments_and_speedups_against_fp32_
         return bench_optimizer.torch_adamw
     monkeypatch.setattr(bench_optimizer, "measure", measure)
     monkeypatch.setattr(bench_optimizer, "torchao_adamw_stochastic_rounding", torchao_builder)
-    monkeypatch.setattr(bench_optimizer.harness, "write_results",
-                        lambda name, device, config, rows: written.append(json.loads(json.dumps([config, rows]))))
+    written = records_written(monkeypatch, bench_optimizer)
     for argv, model, steps, reps in [(["--quick"], "quick", 30, 5), ([], "Llama-3.2-1B shape", 300, 5),
                                      (["--quick", "--fidelity-steps", "7", "--reps", "2"], "quick", 7, 2)]:
         measured.clear(), written.clear()
@@ -1176,14 +1184,11 @@ def test_optimizer_main_records_the_run_its_arguments_and_speedups_against_fp32_
 
 def test_optimizer_main_without_torchao_records_why_and_measures_the_others(monkeypatch):
     """A missing torchao leaves its row out and says why in the record."""
-    written = []
-
     def torchao_adamw_stochastic_rounding():
         raise ImportError("no torchao")
     monkeypatch.setattr(bench_optimizer, "torchao_adamw_stochastic_rounding", torchao_adamw_stochastic_rounding)
     monkeypatch.setattr(bench_optimizer, "measure", lambda name, *args: {"method": name, "step_ms": 2.0})
-    monkeypatch.setattr(bench_optimizer.harness, "write_results",
-                        lambda name, device, config, rows: written.append(json.loads(json.dumps([config, rows]))))
+    written = records_written(monkeypatch, bench_optimizer)
     monkeypatch.setattr(sys, "argv", ["bench_optimizer.py", "--device", "cpu", "--quick"])
     bench_optimizer.main()
     config, rows = written[-1]
@@ -1193,19 +1198,11 @@ def test_optimizer_main_without_torchao_records_why_and_measures_the_others(monk
 
 # ---- bench_causal_lm_loss ----
 
-def tiny_llama_model(seed=0):
-    """A Llama of one small layer in fp32, V 64, its weights drawn from `seed`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                        tie_word_embeddings=False))
-
-
 @pytest.fixture(scope="module")
-def tiny_llama():
-    """A tiny Llama, a reference of its shape (frozen, other weights) and a batch of 2 x 12 (3 prompt tokens a row)."""
-    return (tiny_llama_model(), tiny_llama_model(seed=1).requires_grad_(False),
+def llama_reference_batch():
+    """A tiny Llama (V 64), a reference of its shape (frozen, other weights) and a batch of 2 x 12 (3 prompt tokens a
+    row)."""
+    return (unlearn_tiny.tiny_llama(64), unlearn_tiny.tiny_llama(64, seed=1).requires_grad_(False),
             bench_causal_lm_loss.make_batch(2, 12, 64, torch.device("cpu")))
 
 
@@ -1231,10 +1228,10 @@ def test_causal_lm_batch_labels_every_id_after_a_prompt_of_the_first_quarter():
     assert torch.equal(bench_causal_lm_loss.make_batch(3, 12, 50, torch.device("cpu"))["input_ids"], ids)
 
 
-def test_causal_lm_ways_compute_their_quantitys_definition(tiny_llama):
+def test_causal_lm_ways_compute_their_quantitys_definition(llama_reference_batch):
     """Each cross-entropy way is the mean CE of the next labelled tokens, each KL way KL(reference || model) per
     labelled position (fp32 against fp64)."""
-    model, reference, batch = tiny_llama
+    model, reference, batch = llama_reference_batch
     ce, kl = causal_lm_definitions(model, reference, batch)
     m = bench_causal_lm_loss
     ways = {"own": m.own_loss(model), "fastalign": m.fastalign_loss(model),
@@ -1258,7 +1255,7 @@ def test_causal_lm_ways_compute_their_quantitys_definition(tiny_llama):
 def test_causal_lm_trl_fused_head_computes_the_loss_without_the_models_lm_head_call():
     """TRL's way runs its fused head (no [tokens x vocab] logits from the model's lm_head), at the model's own loss."""
     pytest.importorskip("trl")
-    model = tiny_llama_model()   # (a model of its own: the way patches it in place)
+    model = unlearn_tiny.tiny_llama(64)   # (a model of its own: the way patches it in place)
     batch = bench_causal_lm_loss.make_batch(2, 12, 64, torch.device("cpu"))
     own = float(model(**batch).loss.detach())
     calls = []
@@ -1269,7 +1266,7 @@ def test_causal_lm_trl_fused_head_computes_the_loss_without_the_models_lm_head_c
 
 def test_causal_lm_fused_model_forward_is_fastalign_s_loss_without_the_models_lm_head_call():
     """The model's own forward after fuse_causal_lm_loss: its loss, without the [tokens x vocab] logits of lm_head."""
-    model = tiny_llama_model()   # (a model of its own: the way patches it in place)
+    model = unlearn_tiny.tiny_llama(64)   # (a model of its own: the way patches it in place)
     batch = bench_causal_lm_loss.make_batch(2, 12, 64, torch.device("cpu"))
     own = float(model(**batch).loss.detach())
     calls = []
@@ -1279,10 +1276,10 @@ def test_causal_lm_fused_model_forward_is_fastalign_s_loss_without_the_models_lm
     assert torch.Size([2, 12, 64]) not in calls, calls   # (the fusing probe may run it on a few rows)
 
 
-def test_causal_lm_fastalign_ways_pass_their_options_and_run_in_the_fused_layers(monkeypatch, tiny_llama):
+def test_causal_lm_fastalign_ways_pass_their_options_and_run_in_the_fused_layers(monkeypatch, llama_reference_batch):
     """grads-in-forward is CausalLMLoss(grads_in_forward=True); the fused-layers way calls its loss inside
     fused_layers(model) (outside it, the model's own layers run)."""
-    model, _, batch = tiny_llama
+    model, _, batch = llama_reference_batch
     made, inside = [], []
 
     class Loss:
@@ -1304,11 +1301,11 @@ def test_causal_lm_fastalign_ways_pass_their_options_and_run_in_the_fused_layers
     assert made == [(model, {"grads_in_forward": True}), (model, {})]
 
 
-def test_causal_lm_measure_times_reps_steps_and_takes_the_peak_from_no_gradients(monkeypatch, tiny_llama):
+def test_causal_lm_measure_times_reps_steps_and_takes_the_peak_from_no_gradients(monkeypatch, llama_reference_batch):
     """The step is timed --reps times; its peak is taken with no gradient left from a previous step (it allocates
     its own, which count in it); extra_mib is the peak less the gradients' bytes in the model's dtype; the gradients
     returned are one step's, not a sum of the timed steps'."""
-    model, _, batch = tiny_llama
+    model, _, batch = llama_reference_batch
     model = copy.deepcopy(model).bfloat16()
     params = list(model.parameters())
     seen = {}
@@ -1353,7 +1350,7 @@ def test_causal_lm_main_compares_each_way_with_the_first_of_its_quantity_on_the_
     logits; none of leanness against a first row without extra memory); the record states the preset (1b by
     default), the batch and its logits' bytes in the preset's dtype."""
     m = bench_causal_lm_loss
-    measured, written = [], []
+    measured = []
     numbers = {"model's own loss": (2.0, 8.0, 4.0, 1.0), "fastalign CausalLMLoss": (2.2, 4.0, 1.0, 1.5),
                "KL from both models' logits": (0.5, 10.0, 0.0, 2.0), "fastalign CausalLMKLDiv": (0.4, 5.0, 2.0, 3.0)}
 
@@ -1372,8 +1369,7 @@ def test_causal_lm_main_compares_each_way_with_the_first_of_its_quantity_on_the_
         return factory
     for name in baselines:
         monkeypatch.setattr(m, name, missing(name))
-    monkeypatch.setattr(m.harness, "write_results",
-                        lambda name, device, config, rows: written.append(json.loads(json.dumps([config, rows]))))
+    written = records_written(monkeypatch, m)
     quick = m.PRESETS["quick"]
     monkeypatch.setitem(m.PRESETS, "1b", (quick[0], torch.bfloat16, 3, 8))   # the default preset, at a tiny shape
     for argv, preset, shape, itemsize in [(["--rows", "3", "--tokens", "12", "--reps", "2"], "quick", (3, 12), 4),
