@@ -1233,17 +1233,14 @@ def test_chat_answers_follow_the_judge_dialogue_after_a_space(monkeypatch):
     """A byte-level BPE chat model starts its answer without a space ("Mix" after the template's newlines): the
     judge reads "Assistant: Mix", as its few-shot examples show, not "Assistant:Mix"; a SentencePiece answer
     ("▁Mix") and a dialogue that ends in whitespace bring their own."""
-    from transformers import PreTrainedTokenizerFast
-
     from fastalign.rain.dialogue import reply_lead
     from fastalign.unlearn.templates import ChatTemplate
     from tests.byte_bpe import train_byte_bpe
 
     from .test_judge import _sentencepiece_style_tokenizer
-    from .tiny import CORPUS
+    from .tiny import CORPUS, with_special_tokens
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(CORPUS, vocab_size=600), bos_token="<s>",
-                                  eos_token="</s>", pad_token="<pad>")
+    tok = with_special_tokens(train_byte_bpe(CORPUS, vocab_size=600))   # a copy of its own, given a chat template
     tok.chat_template = LLAMA3_LIKE
     model = HashLM(len(tok))
     fed, forward = [], model.forward

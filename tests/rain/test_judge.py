@@ -6,13 +6,11 @@ import re
 
 import pytest
 import torch
-from transformers import PreTrainedTokenizerFast
 
 from fastalign.rain import JudgePrompt, JudgeTokens
-
 from tests.byte_bpe import LLAMA3_SPLIT, train_byte_bpe
 
-from .tiny import CORPUS, SHORT_JUDGE, tokenizer
+from .tiny import CORPUS, SHORT_JUDGE, tokenizer, with_special_tokens
 
 
 def test_pieces_and_label_ids_come_from_the_tokenizer():
@@ -87,11 +85,10 @@ def test_equal_labels_or_statements_are_rejected():
 def _case_folding_tokenizer():
     """The test tokenizer with a lowercasing normalizer: "A" and "a" are one token."""
     from tokenizers import Tokenizer, normalizers
-    from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer.from_str(tokenizer().backend_tokenizer.to_str())
     backend.normalizer = normalizers.Lowercase()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return with_special_tokens(backend)
 
 
 def test_labels_that_are_one_token_for_the_tokenizer_are_rejected():
@@ -290,8 +287,7 @@ def test_a_piece_whose_first_newline_merges_with_the_anchor_is_encoded_alone():
     """Pieces are encoded after a newline anchor whose tokens are then dropped; with a tokenizer that has a "\\n\\n"
     token, a piece starting with a newline merges with the anchor: it is encoded alone, not cut by the anchor's
     length (which dropped its first token and left "\\nOptions")."""
-    bpe = train_byte_bpe(CORPUS + ["Two\n\n" * 50], 700, split=LLAMA3_SPLIT)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok = with_special_tokens(train_byte_bpe(CORPUS + ["Two\n\n" * 50], 700, split=LLAMA3_SPLIT))
     assert len(tok("\n\n", add_special_tokens=False)["input_ids"]) == 1
     judge = JudgeTokens(tok, dataclasses.replace(SHORT_JUDGE, template="Judge it.\n{conversation}\n\n{options}"))
     after = "\n\n" + SHORT_JUDGE.options(True) + SHORT_JUDGE.answer_prefix

@@ -25,10 +25,14 @@ SHORT_JUDGE = JudgePrompt(template="Judge the conversation.\n{conversation}\n{op
                           harmless="The reply is harmless.", harmful="The reply is harmful.")
 
 
+def with_special_tokens(backend) -> PreTrainedTokenizerFast:
+    """A tokenizers.Tokenizer as the RAIN tests' transformers tokenizer: BOS <s>, EOS </s>, padding <pad>."""
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
 @functools.lru_cache(maxsize=None)
 def tokenizer() -> PreTrainedTokenizerFast:
-    tok = train_byte_bpe(CORPUS, vocab_size=600)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return with_special_tokens(train_byte_bpe(CORPUS, vocab_size=600))
 
 
 def tiny_llama(seed: int = 0, hidden: int = 32, dtype=torch.float32, max_positions: int = 1024) -> LlamaForCausalLM:
