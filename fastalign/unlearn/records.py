@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -95,6 +96,10 @@ def read_jsonl(path: str | os.PathLike, *, skip_torn_last_line: bool = False) ->
             raise _unreadable(path, e) from None
 
 
+# What ends a line of a file read with newline="" (the csv module's lines): "\r\n", a lone "\r" or "\n".
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
 def read_csv(path: str | os.PathLike, required_columns: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
     """Yields (row number, row dict) of a CSV file with a header: the row number is the 1-based line the row
     starts on (the header is line 1, as in a spreadsheet; a quoted field may span several lines)."""
@@ -105,8 +110,9 @@ def read_csv(path: str | os.PathLike, required_columns: tuple[str, ...]) -> Iter
             missing = [c for c in required_columns if c not in (reader.fieldnames or [])]
             if missing:
                 raise DataError(f"{path}: missing column(s) {missing}; header is {reader.fieldnames}")
-            for record in reader:   # line_num: the row's last line, after the newlines its quoted fields hold
-                row = reader.line_num - sum(v.count("\n") for v in record.values() if isinstance(v, str))
+            for record in reader:   # line_num: the row's last line, after the line breaks its quoted fields hold
+                breaks = sum(len(_LINE_BREAK.findall(v)) for v in record.values() if isinstance(v, str))
+                row = reader.line_num - breaks
                 if None in record or any(record[c] is None for c in required_columns):
                     raise DataError(f"{path}: row {row}: wrong number of fields")
                 yield row, record

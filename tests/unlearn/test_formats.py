@@ -7,7 +7,7 @@ import pytest
 
 from fastalign.unlearn.formats import (detect_jsonl_format, hh_final_exchange, load_hh_rlhf, load_pairs,
                                        load_pku_saferlhf, load_prompt_answer_jsonl, load_truthfulqa)
-from fastalign.unlearn.records import DataError, read_csv
+from fastalign.unlearn.records import DataError, read_csv, read_jsonl, read_text
 from tests.conftest import SHARED_DATA
 from tests.unlearn.tiny import write_jsonl
 
@@ -271,3 +271,165 @@ def test_a_lone_surrogate_in_a_field_names_the_row(tmp_path):
     path.write_text('{"prompt": "p", "answer": "a"}\n{"prompt": "p", "answer": "cut \\ud83d"}\n')
     with pytest.raises(DataError, match=r"half.jsonl: row 2: field 'answer' holds '\\ud83d', half of a UTF-16"):
         load_pairs(path)
+
+
+def test_hh_turns_start_only_after_a_blank_line():
+    """A turn starts after a blank line ("\\n\\n") and a colon: "Human:" after a single newline, "Human beings" after
+    a blank line, or a blank answer followed by the next turn stay in the text they are part of."""
+    assert hh_final_exchange("\n\nHuman: q\n\nAssistant: Say\nHuman: hi") == ("q", "Say\nHuman: hi")
+    assert hh_final_exchange("\n\nHuman: q\n\nAssistant: One.\n\nHuman beings differ.") == \
+        ("q", "One.\n\nHuman beings differ.")
+    assert hh_final_exchange("\n\nHuman: q\n\nAssistant:   Like this.") == ("q", "Like this.")
+    with pytest.raises(ValueError, match="does not end with an Assistant turn after a Human turn"):
+        hh_final_exchange("\n\nHuman: q\n\nAssistant:\n\nHuman: and then?")
+
+
+@pytest.mark.parametrize("transcript", ["\n\nAssistant: a", "Assistant: a\n\nAssistant: b"])
+def test_hh_answer_without_a_human_turn_before_it_is_refused(transcript):
+    """An Assistant turn with no Human turn before it has no prompt: a ValueError (a DataError naming the row)."""
+    with pytest.raises(ValueError, match="does not end with an Assistant turn after a Human turn"):
+        hh_final_exchange(transcript)
+
+
+@pytest.mark.parametrize("flag", [0, 1, None])
+def test_pku_flag_that_is_a_number_is_refused(tmp_path, flag):
+    """JSON's 0 and 1 are not true and false: a flag written as a number is named, not read as a boolean."""
+    path = write_jsonl(tmp_path / "pku.jsonl", [pku_row("p", "a", False, "b", flag)])
+    with pytest.raises(DataError, match=r"pku.jsonl: row 1: field 'is_response_1_safe' must be true or false, got "
+                                        rf"{flag!r}"):
+        load_pku_saferlhf(path)
+
+
+def test_files_with_nothing_to_forget_are_refused(tmp_path):
+    """A PKU file whose responses are all safe, or an empty HH file, has no forget pair: a DataError naming it."""
+    safe = write_jsonl(tmp_path / "safe.jsonl", [pku_row("p", "ok", True, "fine", True)])
+    with pytest.raises(DataError, match=r"safe.jsonl: nothing to train on \(no unsafe response\)"):
+        load_pku_saferlhf(safe)
+    with pytest.raises(DataError, match=r"hh.jsonl.gz: nothing to train on \(no rows\)"):
+        load_hh_rlhf(write_jsonl(tmp_path / "hh.jsonl.gz", ["", "  "], compress=True))
+
+
+def test_format_detection_needs_the_formats_own_field(tmp_path):
+    """A prompt alone tells no format (PKU is told by response_0, plain jsonl by answer); an empty file has none;
+    a format that is not one of FORMATS is a ValueError naming it."""
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "p", "reply": "a"}])
+    with pytest.raises(DataError, match=r"odd.jsonl: row 1: cannot tell the format from fields \['prompt', 'reply'\]"):
+        detect_jsonl_format(odd)
+    with pytest.raises(DataError, match=r"empty.jsonl: no rows$"):
+        detect_jsonl_format(write_jsonl(tmp_path / "empty.jsonl", []))
+    for fmt in ("csv", None, "AUTO"):
+        with pytest.raises(ValueError, match=r"format must be 'auto' or one of \('pku', 'hh', 'jsonl'\), got"):
+            load_pairs(odd, fmt)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_truthfulqa_with_fewer_than_three_rows_is_refused(tmp_path, n):
+    rows = [(f"q{k}?", f"best {k}", f"right {k}", f"wrong {k}") for k in range(n)]
+    with pytest.raises(DataError, match=rf"tqa.csv: {n} rows; need at least 3 to split into train, test and pool"):
+        load_truthfulqa(write_truthfulqa(tmp_path / "tqa.csv", rows), test_fraction=0.0, pool_fraction=0.3)
+
+
+def test_truthfulqa_pool_excludes_normal_answers_written_with_surrounding_spaces(tmp_path):
+    """A Best Answer with spaces around it (' best 1 ') is the normal answer 'best 1' that a pool row lists: it is
+    left out of the pool like any other normal answer."""
+    everyone = "; ".join(f"best {k}" for k in range(10))
+    rows = [(f"q{k}?", f" best {k} ", f"right {k}", everyone) for k in range(10)]
+    split = load_truthfulqa(write_truthfulqa(tmp_path / "tqa.csv", rows), test_fraction=0.2, pool_fraction=0.3)
+    assert {p.answer for p in split.normal_train} <= {f" best {k} " for k in range(10)}
+    assert not {p.answer.strip() for p in split.normal_train + split.normal_test} & set(split.mismatch_pool)
+
+
+def test_truthfulqa_pairs_and_pool_keep_the_files_order(tmp_path):
+    """Each split lists its rows in file order, and the pool its answers in the order the pool rows give them
+    (Best, Correct, Incorrect; an answer given twice kept at its first place): the same seed gives the same lists."""
+    rows = [(f"q{k}?", f"best {k}", f"right {k}; best {k}", f"wrong {k}; shared") for k in range(12)]
+    split = load_truthfulqa(write_truthfulqa(tmp_path / "tqa.csv", rows), test_fraction=0.25, pool_fraction=0.25)
+    row = {f"q{k}?": k + 2 for k in range(12)}    # the file's line of each question
+    for pairs in (split.normal_train, split.normal_test):
+        lines = [row[p.prompt] for p in pairs]
+        assert lines == sorted(lines)
+        assert [p.source for p in pairs] == [f"{tmp_path / 'tqa.csv'}:row {n}" for n in lines]
+    normal = {p.prompt for p in split.normal_train + split.normal_test}
+    pool_rows = sorted(k for k in range(12) if f"q{k}?" not in normal)
+    assert len(pool_rows) == 3
+    expected = [a for k in pool_rows for a in (f"best {k}", f"right {k}", f"wrong {k}", "shared")]
+    assert split.mismatch_pool == list(dict.fromkeys(expected))
+
+
+def test_truthfulqa_pairs_name_the_line_their_row_starts_on(tmp_path):
+    """A quoted answer spanning two lines moves the rows after it down a line: each pair names its row's own line."""
+    path = tmp_path / "tqa.csv"
+    path.write_text(TRUTHFULQA_HEADER + 'T,C,q0?,"two\nlines",r,w,S\n' +
+                    "".join(f"T,C,q{k}?,best {k},right {k},wrong {k},S\n" for k in range(1, 6)))
+    split = load_truthfulqa(path, test_fraction=0.2, pool_fraction=0.2)
+    line = {"q0?": 2, **{f"q{k}?": k + 3 for k in range(1, 6)}}
+    pairs = split.normal_train + split.normal_test
+    assert len(pairs) == 5
+    assert all(p.source == f"{path}:row {line[p.prompt]}" for p in pairs)
+
+
+def test_read_text_returns_the_file_as_written(tmp_path):
+    """read_text keeps every character but a leading BOM (a "\\r\\n" too, which its callers handle), gzipped or not;
+    a file that is not (gzipped) UTF-8, a truncated .gz included, is a DataError naming it."""
+    text = "  first\r\nsecond\n\n"
+    (tmp_path / "a.txt").write_bytes(("\ufeff" + text).encode("utf-8"))
+    with gzip.open(tmp_path / "a.txt.gz", "wb") as f:
+        f.write(text.encode("utf-8"))
+    assert read_text(tmp_path / "a.txt") == read_text(tmp_path / "a.txt.gz") == text
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "cut.txt.gz").write_bytes(gzip.compress(text.encode() * 100)[:-10])
+    for name in ("latin1.txt", "cut.txt.gz"):
+        with pytest.raises(DataError, match=rf"{name}: cannot be read as \(gzipped\) UTF-8 text"):
+            read_text(tmp_path / name)
+
+
+def test_a_truncated_gzipped_jsonl_file_is_a_data_error(tmp_path):
+    """A .gz cut short (a download or copy interrupted) raised a bare EOFError."""
+    path = write_jsonl(tmp_path / "qa.jsonl.gz", [{"prompt": f"p{k}", "answer": "a" * 50} for k in range(50)],
+                       compress=True)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataError, match=r"qa.jsonl.gz: cannot be read as \(gzipped\) UTF-8 text"):
+        load_pairs(path)
+
+
+def test_read_jsonl_skips_only_a_torn_last_line_when_asked(tmp_path):
+    """skip_torn_last_line drops a last line without its newline (lines ending in "\\n" or "\\r\\n" are whole);
+    blank lines ("\\r\\n" alone included) are no rows either way."""
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(b'{"step": 1}\r\n\r\n{"step": 2}\n{"step": 3}')
+    assert list(read_jsonl(path, skip_torn_last_line=True)) == [(1, {"step": 1}), (3, {"step": 2})]
+    assert list(read_jsonl(path)) == [(1, {"step": 1}), (3, {"step": 2}), (4, {"step": 3})]
+
+
+def test_csv_edge_cases(tmp_path):
+    """An empty file names the missing columns; a row short of a column nobody reads is kept; a field past the csv
+    module's size limit is a DataError naming the file; a quoted "\\r\\n" is read as written (newline="")."""
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataError, match=r"empty.csv: missing column\(s\) \['Question'\]; header is None"):
+        list(read_csv(tmp_path / "empty.csv", ("Question",)))
+    (tmp_path / "short.csv").write_text("Question,Best Answer,Source\nq,a\n")
+    assert list(read_csv(tmp_path / "short.csv", ("Question", "Best Answer"))) == \
+        [(2, {"Question": "q", "Best Answer": "a", "Source": None})]
+    (tmp_path / "huge.csv").write_text("Question\n" + "x" * 200_000 + "\n")
+    with pytest.raises(DataError, match=r"huge.csv: malformed CSV: field larger than field limit"):
+        list(read_csv(tmp_path / "huge.csv", ("Question",)))
+    content = b'Question,Best Answer\r\nq1,"two\r\nlines"\r\nq2,a\r\n'
+    (tmp_path / "crlf.csv").write_bytes(content)
+    (tmp_path / "crlf.csv.gz").write_bytes(gzip.compress(content))
+    for name in ("crlf.csv", "crlf.csv.gz"):
+        assert [(row, r["Best Answer"]) for row, r in read_csv(tmp_path / name, ("Question",))] == \
+            [(2, "two\r\nlines"), (4, "a")]
+
+
+def test_csv_rows_are_numbered_past_fields_that_hold_any_line_break(tmp_path):
+    """A quoted field's lone "\r" (an old Mac line end) ends a line of the file as "\n" and "\r\n" do: the rows
+    after it are numbered from the line they start on (a lone "\r" was not counted: q1 was said to start on line 3)."""
+    (tmp_path / "breaks.csv").write_bytes(b'Question,Best Answer\nq1,"a\rb"\nq2,"c\r\nd\ne\rf"\nq3,g\n')
+    assert [(row, r["Question"]) for row, r in read_csv(tmp_path / "breaks.csv", ("Question",))] == \
+        [(2, "q1"), (4, "q2"), (8, "q3")]
+
+
+def test_pairs_keep_their_texts_as_written(tmp_path):
+    """Whitespace around a prompt or an answer is kept (the template renders it): only a blank one is refused."""
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "  p \n", "answer": " a\n"}])
+    assert [(p.prompt, p.answer) for p in load_pairs(path)] == [("  p \n", " a\n")]
