@@ -247,16 +247,26 @@ def test_forget_and_normal_orders_are_drawn_independently():
 
 
 def test_normal_batch_size_sets_the_number_of_normal_rows():
+    """normal_batch_size=None takes batch_size; 0 is no normal rows (not "unset"); normal_index is a long tensor."""
     batch = make(normal_batch_size=5).batch(0)
     assert (batch.num_forget, batch.num_normal, len(batch.normal_index)) == (2, 5, 5)
+    assert batch.normal_index.dtype == torch.long
+    assert make(normal_batch_size=None).batch(0).num_normal == 2
+    batch = make(normal_batch_size=0).batch(0)
+    assert (batch.num_forget, batch.num_mismatch, batch.num_normal, len(batch.normal_index)) == (2, 6, 0, 0)
 
 
 def test_empty_pool_answers_are_never_drawn():
-    streams = make(mismatch_pool=[(), (7, 7)])
+    """An answer with no ids, or only its lead tokens (the template's whitespace), is no answer: never drawn, and a
+    pool of such answers only leaves the mismatch stream out (it made rows with nothing to train on)."""
+    streams = make(mismatch_pool=[(), PoolAnswer((9,), lead=1), (7, 7)])
     for index in range(3):
         batch = streams.batch(index)
         mismatch = batch.examples[batch.num_forget:batch.num_forget + batch.num_mismatch]
         assert mismatch and all(e.input_ids[e.answer_start:e.answer_end] == (7, 7) for e in mismatch)
+    for pool in ([], [()], [PoolAnswer((9,), lead=1)]):
+        batch = make(mismatch_pool=pool).batch(0)
+        assert (batch.num_forget, batch.num_mismatch, batch.num_normal) == (2, 0, 2), pool
 
 
 def test_absent_streams_and_bad_arguments():
@@ -296,6 +306,10 @@ def test_token_ids_past_the_models_vocabulary_are_named():
     small = UnlearningStreams([EncodedExample((1, 2, 3, 4), 2, 4, "forget 0")], mismatch_pool=POOL)
     with pytest.raises(DataError, match="mismatch pool answer 2: token id 9 is past the model's 9 input"):
         small.check_vocabulary(9)
+    # a pool answer's lead and tail (the template's tokens around it) are rows' tokens too
+    for answer in (PoolAnswer((9, 1, 2), lead=1), PoolAnswer((1, 2, 9), end=2)):
+        with pytest.raises(DataError, match="mismatch pool answer 0: token id 9 is past the model's 9 input"):
+            UnlearningStreams(small.forget, mismatch_pool=[answer]).check_vocabulary(9)
     with pytest.raises(DataError, match=r"the padding token id 5000 is past the model's 1300 input embeddings"):
         make(filler_id=5000).check_vocabulary(1300)
 
@@ -325,3 +339,67 @@ def test_digest_changes_with_the_token_ids_spans_seams_padding_and_stream_of_eve
                               {"seams": ((1, e.answer_start - 1), (0, e.answer_start))})]
     assert len({base, *changed}) == 1 + len(changed)
     assert digest(forget=[dataclasses.replace(x, source="elsewhere") for x in FORGET]) == base
+
+
+def test_the_first_prompt_without_room_for_a_mismatch_answer_is_named_with_the_lead_it_lacks():
+    """Of several such forget prompts the first is named, with the most lead tokens a pool answer puts before it."""
+    forget = [EncodedExample((1, 2, 3, 4, 5, 6), k, 6, f"forget {k}", seams=((1, k),)) for k in (2, 4, 3)]
+    pool = [PoolAnswer((9, 9, 7, 7), lead=2), PoolAnswer((9, 7), lead=1)]
+    with pytest.raises(DataError, match=r"^forget 4: its prompt takes 4 tokens and the template's whitespace before "
+                                        r"some mismatch answers 2 more, which leaves no answer token within "
+                                        r"max_length=5;"):
+        UnlearningStreams(forget, mismatch_pool=pool, max_length=5)
+
+
+def test_rows_are_padded_with_the_filler_id():
+    """Rows shorter than the batch's longest are padded with filler_id (0 would be a real token of most
+    vocabularies), outside the attention and target masks."""
+    batch = make(filler_id=77).batch(0)
+    ids, attention = batch.tokens.input_ids, batch.tokens.attention_mask.bool()
+    assert (~attention).any() and (ids[~attention] == 77).all()
+    assert torch.equal(ids, make(filler_id=0).batch(0).tokens.input_ids.masked_fill(~attention, 77))
+
+
+def test_mismatch_rows_name_their_forget_example_and_pool_answer():
+    """Each mismatch row's source names the forget example and the pool answer it was built from."""
+    batch = make().batch(2)
+    mismatch = batch.examples[batch.num_forget:batch.num_forget + batch.num_mismatch]
+    for m, row in enumerate(mismatch):
+        forget = batch.examples[m // 3]
+        answer = POOL.index(row.input_ids[row.answer_start:row.answer_end])
+        assert row.source == f"{forget.source} + pool answer {answer}"
+
+
+def test_a_negative_padding_id_is_named():
+    """A padding id below 0 (a tokenizer without a pad token, read as -1) has no embedding either."""
+    with pytest.raises(DataError, match=r"the padding token id -1 is past the model's 1300 input embeddings"):
+        make(filler_id=-1).check_vocabulary(1300)
+
+
+def test_a_context_of_no_positions_holds_no_row():
+    """positions=None is 'no bound'; 0 positions is a bound every row exceeds."""
+    make().check_context(None)
+    with pytest.raises(DataError, match=r"more than the model's context \(max_position_embeddings=0\)"):
+        make().check_context(0)
+
+
+def test_answers_cut_counts_each_stream_and_skipped_is_a_copy():
+    """answers_cut counts the forget and normal examples whose answer max_length cut, each in its own stream;
+    skipped is kept as given, unchanged when the caller's dict changes afterwards."""
+    forget = [dataclasses.replace(e, answer_cut=k < 2) for k, e in enumerate(FORGET)]
+    normal = [dataclasses.replace(e, answer_cut=k < 1) for k, e in enumerate(NORMAL)]
+    skipped = {"forget": 1, "normal": 0}
+    streams = UnlearningStreams(forget, normal=normal, skipped=skipped)
+    assert streams.answers_cut == {"forget": 2, "normal": 1}
+    skipped["forget"] = 5
+    assert streams.skipped == {"forget": 1, "normal": 0}
+    assert UnlearningStreams(FORGET).skipped == {}
+
+
+def test_a_batch_moves_its_tokens_to_a_device():
+    """UnlearningBatch.to moves the padded tokens and keeps the counts and rows."""
+    batch = make().batch(0)
+    moved = batch.to("meta")
+    assert moved.tokens.input_ids.device.type == moved.tokens.target_mask.device.type == "meta"
+    assert (moved.num_forget, moved.num_mismatch, moved.num_normal, moved.examples) == \
+        (batch.num_forget, batch.num_mismatch, batch.num_normal, batch.examples)
