@@ -62,7 +62,7 @@ CASES = {
     "extend_shared_gqa_d32": ([(40, 3), (40, 1), (35, 2), (33, 5)], 16, 6, 2, 32, 2),
     "row_inside_shared_block": ([(14, 2), (10, 1)], 8, 4, 2, 16, 2),
     "head_dim_not_pow2": ([(12, 5), (6, 1)], 4, 4, 2, 24, 1),
-    "empty_row": ([(9, 2), (5, 0), (6, 1)], 4, 2, 2, 16, 0),
+    "empty_rows": ([(9, 2), (5, 0), (0, 0), (6, 1)], 4, 2, 2, 16, 0),   # (0, 0): a row with no context yet
     "decode_group_of_7": ([(33, 1), (20, 2), (70, 1)], 16, 14, 2, 16, 1),
     "prefill_several_query_tiles": ([(70, 70), (75, 38)], 7, 8, 2, 16, 0),
 }
@@ -290,7 +290,7 @@ SOFTCAP_CASES = {
     "decode_gqa": 0.8,
     "extend_shared_prefix_mha": 2.0,
     "head_dim_not_pow2": 1.0,
-    "empty_row": 0.5,
+    "empty_rows": 0.5,
     "decode_group_of_7": 1.5,
     "prefill_several_query_tiles": 1.2,
 }
@@ -699,8 +699,10 @@ BASE = dict(rows=[(9, 2), (6, 1)], block_size=4, num_heads=4, num_kv_heads=2, he
 
 @pytest.mark.parametrize("change, match", [
     (lambda b: dict(q=b["q"][0]), "q: expected a tensor"),
+    (lambda b: dict(q=b["q"].tolist()), "q: expected a tensor \\[T, num_heads, head_dim\\], got list"),
     (lambda b: dict(k_cache=b["k_cache"][0]), "k_cache: expected a tensor"),
     (lambda b: dict(v_cache=b["v_cache"][:-1]), "v_cache: expected the shape"),
+    (lambda b: dict(v_cache=b["v_cache"].tolist()), "v_cache: expected the shape of k_cache .*, got list"),
     (lambda b: dict(q=b["q"][..., :8]), "head_dim 8 differs"),
     (lambda b: dict(q=b["q"][:, :3]), "multiple of k_cache's num_kv_heads 2"),
     (lambda b: dict(q=b["q"].double()), "q: expected dtype torch.float32"),
@@ -721,6 +723,8 @@ BASE = dict(rows=[(9, 2), (6, 1)], block_size=4, num_heads=4, num_kv_heads=2, he
     (lambda b: dict(seq_lens=b["seq_lens"][:1]), "seq_lens: expected shape \\[2\\]"),
     (lambda b: dict(cu_q_lens=b["cu_q_lens"][:2]), "cu_q_lens: expected shape \\[3\\]"),
     (lambda b: dict(cu_q_lens=torch.tensor([0, 2, 4], dtype=torch.int32)), "cu_q_lens\\[-1\\] == T == 3"),
+    # short of T: the output of the third query token was left as torch.empty_like wrote it
+    (lambda b: dict(cu_q_lens=torch.tensor([0, 1, 2], dtype=torch.int32)), "cu_q_lens\\[-1\\] == T == 3"),
     (lambda b: dict(cu_q_lens=torch.tensor([1, 2, 3], dtype=torch.int32)), "cu_q_lens\\[0\\] == 0"),
     (lambda b: dict(cu_q_lens=torch.tensor([0, 4, 3], dtype=torch.int32), q=torch.randn(3, 4, 16)),
      "non-decreasing"),
@@ -778,12 +782,15 @@ def _groups(*values):
 
 @pytest.mark.parametrize("shared_prefix, match", [
     ((_groups(0, 4),), "expected a pair"),
+    (5, "expected a pair"),   # was a TypeError (len() of an int)
     ((_groups(0, 4).long(), _groups(8)), "cu_group_rows: expected shape \\[2\\] of torch.int32"),
     ((_groups(0, 2, 4), _groups(8)), "cu_group_rows: expected shape \\[2\\]"),
     ((_groups(1, 4), _groups(8)), "cu_group_rows\\[0\\] == 0"),
     ((_groups(0, 3), _groups(8)), "cu_group_rows\\[-1\\] == R == 4"),
     ((_groups(0, 0, 4), _groups(0, 8)), "at least one row"),
     ((_groups(0, 4), _groups(6)), "multiple of block_size 4"),
+    # a multiple of the block all the same: the Triton suffix pass then read the keys before position 0
+    ((_groups(0, 2, 4), _groups(-4, 8)), "non-negative multiple of block_size 4"),
     ((_groups(0, 4), _groups(32)), "reaches into a row's new tokens"),
     ((_groups(0, 4), _groups(8)), "disagree on the block ids"),
     ((_groups(0, 4), [8]), "expected prefix_lens to be a tensor \\[G\\] of torch.int32"),
