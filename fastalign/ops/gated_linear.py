@@ -80,7 +80,7 @@ def _launcher_of(gate, up, activation, backend, others=()):
     token_dims("gate", gate)
     check_tensor("gate", gate, ndim=None, dtypes=FLOAT_DTYPES)
     for name, t in (("up", up), *others):
-        if t is None:
+        if t is None and name == "bias":   # the one optional argument
             continue
         check_tensor(name, t, ndim=None)
         if t.dtype != gate.dtype:

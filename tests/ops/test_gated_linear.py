@@ -131,11 +131,19 @@ def test_keeps_gate_and_up_but_not_the_product(backend):
 
 
 def test_an_enclosing_autocast_does_not_apply_inside():
+    """Neither in the forward nor in the backward, when that runs under the autocast too: its matmul in bf16 gave
+    gradients off the reference by ~4e-3."""
     inputs = make_inputs((4,), 16, 3)
+    seed = torch.randn(4, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = fastalign.gated_linear(*inputs, backend="torch")
+        grads = grads_of(out, inputs, seed)
     assert out.dtype == torch.float32
-    assert_rel_close("out", out, gated_linear_reference(*inputs), REL_TOL[torch.float32])
+    ref = gated_linear_reference(*inputs)
+    assert_rel_close("out", out, ref, REL_TOL[torch.float32])
+    for name, got, want in zip(NAMES, grads, grads_of(ref, inputs, seed)):
+        assert got.dtype == torch.float32
+        assert_rel_close(name, got, want, REL_TOL[torch.float32])
 
 
 def test_the_triton_backend_refuses_float64():
@@ -155,6 +163,9 @@ def test_the_triton_backend_refuses_float64():
     (lambda g, u, w, b: (g.long(), u, w, b), TypeError, "gate must have dtype in"),
     (lambda g, u, w, b: (g, u.to("meta"), w, b), ValueError, r"up must be on gate.s device \(cpu\), got meta"),
     (lambda g, u, w, b: (g, "up", w, b), TypeError, "up must be a torch.Tensor"),
+    # None is allowed for the bias alone: a None up or weight was an AttributeError deep in the checks
+    (lambda g, u, w, b: (g, None, w, b), TypeError, "up must be a torch.Tensor, got NoneType"),
+    (lambda g, u, w, b: (g, u, None, b), TypeError, "weight must be a torch.Tensor, got NoneType"),
     # up [1, I] broadcasts against gate [3, I]: a silent wrong product without the shape check
     (lambda g, u, w, b: (g, u[:1], w, b), ValueError, r"up must have the shape of gate \(3, 8\), got \(1, 8\)"),
     # a meta weight gave uninitialised memory as the output, silently, without the device check on the weight
@@ -170,14 +181,23 @@ def test_bad_input_is_named(change, error, message):
         fastalign.gated_linear(*inputs, backend="torch")
 
 
+def test_gated_activation_names_a_missing_up():
+    with pytest.raises(TypeError, match="up must be a torch.Tensor, got NoneType"):
+        fastalign.gated_activation(torch.randn(3, 8), None)
+
+
 def test_an_unknown_activation_is_named():
     with pytest.raises(ValueError, match=r"activation must be one of \('silu', 'gelu_tanh'\), got 'relu'"):
         fastalign.gated_linear(*make_inputs((3,), 8, 5), activation="relu")
 
 
-def test_a_second_derivative_raises():
+@pytest.mark.parametrize("op", ["gated_linear", "gated_activation"])
+def test_a_second_derivative_raises(op):
+    """Of both ops (gated_activation's backward on the Triton path is a kernel that autograd cannot differentiate)."""
     gate, up, weight, bias = make_inputs((3,), 8, 5)
-    grad, = torch.autograd.grad(fastalign.gated_linear(gate, up, weight, bias).pow(2).sum(), gate, create_graph=True)
+    out = (fastalign.gated_linear(gate, up, weight, bias) if op == "gated_linear"
+           else fastalign.gated_activation(gate, up))
+    grad, = torch.autograd.grad(out.pow(2).sum(), gate, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad.sum().backward()
 
