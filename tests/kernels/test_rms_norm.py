@@ -22,9 +22,9 @@ TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rto
               torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
 
 
-def module_and_input(rule, shape, dtype, seed=0):
+def module_and_input(rule, shape, dtype, seed=0, eps=1e-5):
     torch.manual_seed(seed)
-    module = MODULES[rule](shape[-1], eps=1e-5)
+    module = MODULES[rule](shape[-1], eps=eps)
     torch.nn.init.normal_(module.weight, 0.5, 0.5)
     module = module.to(device=TRITON_DEVICE, dtype=dtype)
     return module, (3 * torch.randn(shape)).to(device=TRITON_DEVICE, dtype=dtype)
@@ -98,7 +98,8 @@ def test_strided_rows_and_no_rows():
 
 def test_a_strided_weight_and_rows_of_width_zero():
     """A weight that is a strided view (a slice of a longer one): the kernels read it as one contiguous row, a wrong
-    norm and input gradient before it was copied. Rows of no width give empty results, not a reshape error."""
+    norm and input gradient before it was copied. Rows of no width give empty results (gradients in the inputs'
+    dtypes), not a reshape error."""
     module, x = module_and_input("rounded", (5, 40), torch.float32)
     module.weight = torch.nn.Parameter(torch.randn(80, device=TRITON_DEVICE)[::2])
     assert module.weight.stride(-1) == 2
@@ -114,6 +115,8 @@ def test_a_strided_weight_and_rows_of_width_zero():
     no_weight = torch.empty(0, device=TRITON_DEVICE)
     assert rms_norm.forward(empty, no_weight, 1e-5).shape == (3, 0)
     assert [t.shape for t in rms_norm.backward(empty, no_weight, empty, 1e-5)] == [(3, 0), (0,)]
+    empty, no_weight = empty.bfloat16(), no_weight.bfloat16()
+    assert [t.dtype for t in rms_norm.backward(empty, no_weight, empty, 1e-5)] == [torch.bfloat16] * 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -212,3 +215,65 @@ def test_after_add_reads_each_input_by_its_own_row_stride(dtype):
                                         y_weight=y_module.weight, y_eps=1e-5)
         assert_as_module(total, h + y_module(y))
         assert_as_module(out, module(total))
+
+
+@pytest.mark.parametrize("rule", list(WEIGHT_RULES))
+def test_backward_takes_eps_as_the_forward_does(rule):
+    """Rows of small values (mean square ~1e-4) with eps 1e-3, which dominates their root: the backward's gradients
+    as the module's autograd gives them with that eps (eps dropped or misplaced in the backward's root only, the
+    forward's outputs stay right)."""
+    module, x = module_and_input(rule, (6, 40), torch.float32, eps=1e-3)
+    x = (1e-2 / 3 * x).requires_grad_()
+    grad_out = module_and_input(rule, (6, 40), torch.float32, seed=1)[1]
+    expected = torch.autograd.grad(module(x), (x, module.weight), grad_out)
+    got = rms_norm.backward(x.detach(), module.weight.detach(), grad_out, 1e-3, **WEIGHT_RULES[rule])
+    for name, actual, want in zip(("grad_x", "grad_weight"), got, expected):
+        assert_rel_close(name, actual, want, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("then_norm", [True, False])
+def test_after_add_of_a_strided_x_writes_the_sum_by_its_own_row_stride(then_norm):
+    """x a strided view (rows 64 apart) and y contiguous: the sum, a new contiguous tensor, is written by its own row
+    stride (not x's), with and without the norm after it."""
+    module, y = module_and_input("rounded", (6, 40), torch.float32)
+    h = module_and_input("rounded", (6, 64), torch.float32, seed=1)[1][:, 8:48]
+    with torch.no_grad():
+        total, out = rms_norm_after_add(h, y, module.weight if then_norm else None, 1e-5)
+        assert torch.equal(total, h + y)
+        assert_as_module(out, module(h + y) if then_norm else h + y)
+
+
+def test_backward_of_rows_apart():
+    """x a strided view (rows 64 apart, the last dimension contiguous, as the launchers take it): the backward's
+    gradients as the module's autograd gives them."""
+    module, wide = module_and_input("fp32", (6, 64), torch.float32)
+    module.weight = torch.nn.Parameter(module.weight[:40].clone())
+    x = wide[:, 8:48].requires_grad_()
+    grad_out = module_and_input("fp32", (6, 40), torch.float32, seed=1)[1]
+    expected = torch.autograd.grad(module(x), (x, module.weight), grad_out)
+    got = rms_norm.backward(x.detach(), module.weight.detach(), grad_out, 1e-5, **WEIGHT_RULES["fp32"])
+    for name, actual, want in zip(("grad_x", "grad_weight"), got, expected):
+        assert_rel_close(name, actual, want, REL_TOL[torch.float32])
+
+
+def test_backward_rounds_a_gradient_of_another_dtype_to_the_inputs():
+    """An fp32 grad_out for bf16 rows is taken as its bf16 rounding (the gradient autograd would hand the module)."""
+    module, x = module_and_input("rounded", (5, 40), torch.bfloat16)
+    grad_out = module_and_input("rounded", (5, 40), torch.float32, seed=1)[1]
+    got = rms_norm.backward(x, module.weight.detach(), grad_out, 1e-5)
+    want = rms_norm.backward(x, module.weight.detach(), grad_out.bfloat16(), 1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_backward_rounds_the_weight_gradient_once():
+    """bf16 rows over the interpreter's 4 programs (2 each): the weight's gradient is summed over all of them in fp32
+    and rounded once, as the float64 sum rounds but for a reduction order's few 1-ulp differences; rounding each
+    program's partial sum first moves a third of the entries."""
+    module, x = module_and_input("fp32", (8, 300), torch.bfloat16)
+    grad_out = module_and_input("fp32", (8, 300), torch.bfloat16, seed=1)[1]
+    _, got = rms_norm.backward(x, module.weight.detach(), grad_out, 1e-5, **WEIGHT_RULES["fp32"])
+    rows = x.double()
+    normalised = rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + 1e-5)
+    want = (grad_out.double() * normalised).sum(0).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert (got != want).float().mean() <= 0.02

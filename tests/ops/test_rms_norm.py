@@ -153,16 +153,18 @@ def test_a_second_derivative_raises():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("backend", triton_cases(["triton"]) + ["torch"])
-def test_the_weight_gradient_of_one_row_rounds_the_normalised_row_as_the_module(dtype, backend):
+@pytest.mark.parametrize("rule", list(WEIGHT_RULES))
+def test_the_weight_gradient_of_one_row_rounds_the_normalised_row_as_the_module(dtype, backend, rule):
     """Under the "rounded" rule the module's weight gradient is grad_out times the normalised row rounded to the
-    dtype; of one row (no sum over rows to round otherwise) the op's equals it but for a reduction order's few 1-ulp
-    differences (the torch path's to the bit). Times the unrounded row, a quarter of the entries differ."""
+    dtype (under the others, times the fp32 row); of one row (no sum over rows to round otherwise) the op's equals it
+    but for a reduction order's few 1-ulp differences (the torch path's to the bit). Times the row rounded the other
+    way, a quarter of the entries differ."""
     x, weight = make_inputs((1, 300), dtype=dtype, device=device_for(backend))
-    module = LlamaRMSNorm(300, eps=1e-5).to(x.device, dtype)
+    module = MODULES[rule](300, eps=1e-5).to(x.device, dtype)
     with torch.no_grad():
         module.weight.copy_(weight)
     seed = torch.randn(1, 300, device=x.device)
-    got, = grads_of(fastalign.rms_norm(x, module.weight, 1e-5, backend=backend), (module.weight,), seed)
+    got, = grads_of(fastalign.rms_norm(x, module.weight, 1e-5, rule=rule, backend=backend), (module.weight,), seed)
     want, = grads_of(module(x), (module.weight,), seed)
     assert got.dtype == want.dtype == dtype
     if backend == "torch":
@@ -193,3 +195,15 @@ def test_float64_inputs_are_computed_in_float64_on_the_torch_path():
     assert out.dtype == torch.float64
     assert_rel_close("out", out, ref, REL_TOL[torch.float64])
     assert_grads_close(("x", "weight"), out, ref, (x, weight), REL_TOL[torch.float64])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_gradient_of_a_sum_of_the_outputs(backend):
+    """out.sum()'s backward hands the op an expanded gradient (one value, stride 0): the Triton kernel reads rows of
+    the gradient as contiguous ones, so the op hands it a contiguous copy; gradients as the reference's."""
+    x, weight = make_inputs((5, 37), device=device_for(backend))
+    out = fastalign.rms_norm(x, weight, 1e-5, rule="one plus", backend=backend)
+    ref = rms_norm_reference(x, weight, 1e-5, rule="one plus")
+    got = torch.autograd.grad(out.sum(), (x, weight))
+    for name, actual, want in zip(("x", "weight"), got, torch.autograd.grad(ref.sum(), (x, weight))):
+        assert_rel_close(name, actual, want, REL_TOL[torch.float32])
