@@ -85,20 +85,22 @@ def test_head_norms_before_the_rotation_as_the_modules(tokens, q_heads, kv_heads
     assert_as_module(out_k, ref_k)
 
 
-def test_each_head_norm_takes_its_own_eps():
-    """q's norm with eps 1e-6 and k's with 1e-2, on values whose mean square (2.5e-3) each eps moves apart."""
+@pytest.mark.parametrize("over_heads", [False, True])
+def test_each_head_norm_takes_its_own_eps(over_heads):
+    """q's norm with eps 1e-6 and k's with 1e-2, on values whose mean square (2.5e-3) each eps moves apart; per head
+    and over all the heads of a token (OLMo's)."""
     torch.manual_seed(0)
     q, k = 0.05 * torch.randn(3, 4, 16), 0.05 * torch.randn(3, 2, 16)
     angles = torch.rand(3, 1, 16) * 6.3
     cos, sin = angles.cos(), angles.sin()
-    q_norm, k_norm = LlamaRMSNorm(16, eps=1e-6), LlamaRMSNorm(16, eps=1e-2)
+    q_norm, k_norm = LlamaRMSNorm(64 if over_heads else 16, eps=1e-6), LlamaRMSNorm(32 if over_heads else 16, eps=1e-2)
     with torch.no_grad():
         ref_q, ref_k = rotate_qk_torch(q, k, cos, sin, head_norms=(q_norm, k_norm))
         out_q, out_k = rotate_qk_triton(q.clone().to(TRITON_DEVICE), k.clone().to(TRITON_DEVICE),
                                         cos[:, 0].to(TRITON_DEVICE), sin[:, 0].to(TRITON_DEVICE),
                                         head_norms=dict(q_weight=q_norm.weight.to(TRITON_DEVICE),
                                                         k_weight=k_norm.weight.to(TRITON_DEVICE), q_eps=1e-6,
-                                                        k_eps=1e-2, **WEIGHT_RULES["rounded"], over_heads=False))
+                                                        k_eps=1e-2, **WEIGHT_RULES["rounded"], over_heads=over_heads))
     torch.testing.assert_close(out_q.cpu(), ref_q, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out_k.cpu(), ref_k, rtol=1e-5, atol=1e-6)
 

@@ -8,7 +8,11 @@ from tests.conftest import TRITON_DEVICE
 
 
 def test_rotate_half_pairs_the_halves():
+    """Of an odd width too, as Hugging Face's rotate_half splits it (the first half the shorter)."""
+    from transformers.models.llama.modeling_llama import rotate_half as hf_rotate_half
     assert rotate_half(torch.tensor([1.0, 2.0, 3.0, 4.0])).tolist() == [-3.0, -4.0, 1.0, 2.0]
+    odd = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert rotate_half(odd).tolist() == hf_rotate_half(odd).tolist() == [-3.0, -4.0, -5.0, 1.0, 2.0]
 
 
 def test_torch_backend_rotates_out_of_place():
@@ -53,6 +57,15 @@ def test_both_backends_store_the_rotated_keys_and_the_values_alike():
         for cache, ref_cache in zip(store[1:3], ref_store[1:3]):
             torch.testing.assert_close(cache, ref_cache, rtol=0, atol=0, equal_nan=True)
         assert not store[1].isnan().all() and store[1].isnan().any()
+
+
+def test_k_of_another_head_dim_is_left_to_the_torch_ops():
+    """k [T, heads, 6] with q and cos of head_dim 8: the kernel would rotate k's heads as 8 wide (reading past them);
+    the torch ops refuse the broadcast, as they would."""
+    q, k = torch.randn(3, 4, 8, device=TRITON_DEVICE), torch.randn(3, 2, 6, device=TRITON_DEVICE)
+    cos = torch.randn(3, 1, 8, device=TRITON_DEVICE)
+    with pytest.raises(RuntimeError, match="size of tensor"):
+        qk_rotation("triton")(q, k, cos, cos)
 
 
 def test_broadcast_cos_and_strided_slots_are_left_to_the_torch_ops():
@@ -120,6 +133,36 @@ def test_head_norms_still_apply_where_the_kernel_does_not_rotate():
         assert_as_module(a, b)
 
 
+def test_heads_whose_norms_change_their_dtype_are_checked_again():
+    """q_norm a module of an fp32 weight (its bf16 heads come out in fp32), k_norm one of bf16: the kernel takes the
+    heads before the norms but not after (k's dtype is not q's), so the torch ops rotate them, as rotate_qk_torch."""
+    q, k, cos, sin, modules, _ = qwen3_heads_and_norms(16)
+    modules[0].float()
+    with torch.no_grad():
+        ref = rotate_qk_torch(q, k, cos, sin, head_norms=modules)
+        out = qk_rotation("triton")(q.clone(), k.clone(), cos, sin, head_norms=modules)
+    assert out[0].dtype == torch.float32 and out[1].dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+def test_fused_head_norms_of_two_spans_are_called_as_they_are():
+    """A fused q_norm over all of q's heads and a fused k_norm over each of k's: the kernel normalises both alike (it
+    would read k's weight of one head as one over both), so the norms run as they are, then the rotation."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from fastalign.runtime.rms_norms import FusedRMSNorm
+    from tests.kernels.test_rms_norm import assert_as_module
+    q, k, cos, sin, modules, _ = qwen3_heads_and_norms(16)
+    modules[0] = Qwen3RMSNorm(64, eps=1e-6).to(TRITON_DEVICE, torch.bfloat16)
+    torch.nn.init.normal_(modules[0].weight, 1.0, 0.5)
+    with torch.no_grad():
+        ref = rotate_qk_torch(q, k, cos, sin, head_norms=modules)
+        out = qk_rotation("triton")(q.clone(), k.clone(), cos, sin,
+                                    head_norms=[FusedRMSNorm(module, 1e-6, "rounded") for module in modules])
+    for a, b in zip(out, ref):
+        assert_as_module(a, b)
+
+
 def _heads(tokens, heads, head_dim, dtype=torch.float32):
     return torch.randn(tokens, heads, head_dim).to(TRITON_DEVICE, dtype)
 
@@ -144,12 +187,14 @@ def _cannot_take(case):
         cos = _heads(3, 1, 16)[..., ::2]
     elif case == "cos of one value a token":   # broadcast over head_dim by the torch ops
         cos = _heads(3, 1, 1)
+    elif case == "v strided in its last dimension":
+        v = _heads(3, 2, 16)[..., ::2]
     return q, k, cos, sin, (v, k_cache, v_cache, torch.tensor([9, 0, 4], device=TRITON_DEVICE))
 
 
 @pytest.mark.parametrize("case", ["caches of two layouts", "sin of another dtype than cos", "k of another dtype than q",
                                   "q strided in its last dimension", "cos strided in its last dimension",
-                                  "cos of one value a token"])
+                                  "cos of one value a token", "v strided in its last dimension"])
 def test_what_the_kernel_cannot_take_is_left_to_the_torch_ops(case):
     """Each of these the kernel would read or write as the contiguous, one-dtype tensors it takes (silently wrong
     rotations or stores): the Triton backend rotates and stores them as rotate_qk_torch does."""
