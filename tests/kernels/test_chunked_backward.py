@@ -1,4 +1,5 @@
-"""The backward's chunk plan as a GPU computes it (the interpreter uses tiny fixed chunks)."""
+"""The backward's chunk plan as a GPU computes it (the interpreter uses tiny fixed chunks), and the loop of
+backward_in_chunks over row segments and vocabulary chunks, driven by plain torch segment writers."""
 import pytest
 import torch
 
@@ -88,3 +89,85 @@ def test_fp16_gradients_of_a_zero_grad_scale_are_zeros():
     grads = chunked_backward.backward_in_chunks(hidden, weight, torch.zeros(n), True, True, segment_writer)
     for grad in grads:
         assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def run_backward(hidden, weight, grad_scale, d, plan=None):
+    """backward_in_chunks of the gradient d * grad_scale[:, None] (d [M, V] in any dtype), every gradient asked for:
+    (d_hidden, d_weight, d_bias, G), G the exact fp32 gradient."""
+    def segment_writer(rows, row_scale):
+        return lambda cols, out: out.copy_(d[rows, cols] * row_scale[:, None])
+
+    grads = chunked_backward.backward_in_chunks(hidden, weight, grad_scale, True, True, segment_writer, plan=plan)
+    return grads + (d.float() * grad_scale[:, None],)
+
+
+def test_last_row_segment_and_vocabulary_chunk_of_one_entry():
+    """9 rows in segments of 4 and 17 words in chunks of 8: the last segment is one row and the last chunk one
+    column, which a loop or a slice stopping one short of the shape would skip."""
+    torch.manual_seed(0)
+    n, h, v = 9, 8, 17
+    hidden, weight, d, grad_scale = torch.randn(n, h), torch.randn(v, h), torch.randn(n, v), torch.randn(n)
+    d_hidden, d_weight, d_bias, g = run_backward(hidden, weight, grad_scale, d, plan=(4, 8))
+    torch.testing.assert_close(d_hidden, g @ weight)
+    torch.testing.assert_close(d_weight, g.t() @ hidden)
+    torch.testing.assert_close(d_bias, g.sum(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bias_gradient_is_summed_and_kept_in_fp32(dtype):
+    """d_bias comes in fp32, summed over rows in fp32: G entries 1 and 2^-12 (both exact in 16 bits) sum to
+    1 + 2^-12, which a sum rounded to the input dtype would make 1."""
+    hidden, weight = torch.ones(2, 4, dtype=dtype), torch.ones(3, 4, dtype=dtype)
+    d = torch.tensor([[1.0, 1.0, 1.0], [2.0 ** -12, 2.0 ** -12, 2.0 ** -12]])
+    _, _, d_bias, _ = run_backward(hidden, weight, torch.ones(2), d)
+    assert d_bias.dtype == torch.float32
+    assert torch.equal(d_bias, torch.full((3,), 1.0 + 2.0 ** -12))
+
+
+def test_fp16_gradients_of_negative_grad_scales():
+    """Every token weighted negatively (gradient ascent on forget tokens): fp16 divides G by max|grad_scale|, the
+    magnitude of the scales, not their largest value (negative here, which would blow G up to infinities)."""
+    torch.manual_seed(0)
+    n, h, v = 6, 8, 40
+    hidden, weight, d = torch.randn(n, h).half(), torch.randn(v, h).half(), torch.randn(n, v)
+    grad_scale = -torch.rand(n) - 0.5
+    d_hidden, d_weight, d_bias, g = run_backward(hidden, weight, grad_scale, d)
+    for got, want in ((d_hidden, g @ weight.float()), (d_weight, g.t() @ hidden.float()), (d_bias, g.sum(0))):
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=1e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_segment_writer_gets_fp32_row_scales(dtype):
+    """The writer's row_scale is fp32 whatever the input dtype (a 16-bit copy would round every token's scale, bf16 to
+    3 digits): grad_scale itself, or in fp16 grad_scale / max|grad_scale|, sliced to the segment's rows."""
+    torch.manual_seed(0)
+    n, h, v = 20, 8, 12
+    hidden, weight, grad_scale = torch.randn(n, h).to(dtype), torch.randn(v, h).to(dtype), torch.randn(n) / 3
+    expected = grad_scale / grad_scale.abs().max() if dtype == torch.float16 else grad_scale
+    seen = []
+
+    def segment_writer(rows, row_scale):
+        seen.append((rows, row_scale))
+        return lambda cols, out: out.zero_()
+
+    chunked_backward.backward_in_chunks(hidden, weight, grad_scale, True, True, segment_writer, plan=(8, 5))
+    assert [rows for rows, _ in seen] == [slice(0, 8), slice(8, 16), slice(16, 20)]
+    for rows, row_scale in seen:
+        assert row_scale.dtype == torch.float32 and torch.equal(row_scale, expected[rows])
+
+
+def test_uninitialised_buffers_are_written_before_they_are_read(monkeypatch):
+    """The backward allocates d_hidden and its scratch buffers uninitialised, each entry written before it is read,
+    and starts the sums d_weight, d_bias and each segment's accumulator from zeros: with every uninitialised
+    allocation filled with NaN, the gradients still match the exact ones (two segments, several chunks)."""
+    torch.manual_seed(0)
+    n, h, v = 9, 8, 17
+    hidden, weight, d, grad_scale = torch.randn(n, h), torch.randn(v, h), torch.randn(n, v), torch.randn(n)
+    full, full_like = torch.full, torch.full_like
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "empty", lambda *size, **kwargs: full(size, float("nan"), **kwargs))
+        patch.setattr(torch, "empty_like", lambda t, **kwargs: full_like(t, float("nan"), **kwargs))
+        d_hidden, d_weight, d_bias, g = run_backward(hidden, weight, grad_scale, d, plan=(5, 6))
+    torch.testing.assert_close(d_hidden, g @ weight)
+    torch.testing.assert_close(d_weight, g.t() @ hidden)
+    torch.testing.assert_close(d_bias, g.sum(0))

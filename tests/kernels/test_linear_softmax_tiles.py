@@ -1,9 +1,12 @@
-"""The vocabulary split plan of the fused-loss forwards as a GPU computes it, and the tile configurations its
-autotuner benchmarks."""
+"""The vocabulary split plan of the fused-loss forwards as a GPU computes it, the tile configurations its
+autotuner benchmarks, and the shared logits tiles at the edge of their K loop and with a reference head of its own
+width."""
+import pytest
 import torch
 import triton
 
 from fastalign.kernels import linear_cross_entropy as ce, linear_kl_div as kl, linear_softmax_tiles as tiles
+from tests.kernels import test_linear_cross_entropy as ce_tests, test_linear_kl_div as kl_tests
 from tests.kernels.gpu_plans import use_gpu_plans
 
 
@@ -13,6 +16,18 @@ def test_gpu_vocab_split_plan_covers_the_vocabulary_in_non_empty_aligned_ranges(
         for vocab in [1, 255, 256, 257, 5003, 32000, 128256]:
             num_splits, per_split = tiles.vocab_splits(num_rows, vocab, "cpu")
             assert per_split % 256 == 0 and (num_splits - 1) * per_split < vocab <= num_splits * per_split
+
+
+def test_gpu_vocab_split_plan_keeps_every_sm_busy(monkeypatch):
+    """Few rows (of a vocabulary of 128256 words): split among about twice as many programs as the GPU has SMs (at
+    least 1.5x once the ranges are rounded up to 256 words); many rows: still 16 splits, which forward_grid's order
+    relies on."""
+    use_gpu_plans(monkeypatch, sms=132)
+    for num_rows in [1, 64, 300]:
+        num_splits, _ = tiles.vocab_splits(num_rows, 128256, "cpu")
+        assert num_splits * triton.cdiv(num_rows, 64) >= 1.5 * 132, (num_rows, num_splits)
+    for num_rows in [8192, 65536]:
+        assert tiles.vocab_splits(num_rows, 128256, "cpu")[0] == 16
 
 
 def test_fp32_operands_benchmark_only_the_small_tile():
@@ -33,3 +48,32 @@ def test_fp32_operands_benchmark_only_the_small_tile():
     assert (configs[-1].num_warps, configs[-1].num_stages) == (w, st)
     for tuner in (ce._forward_kernel, ce._gradient_kernel, kl._forward_kernel, kl._gradient_kernel):
         assert tuner.early_config_prune is tiles.prune_for_dtype
+
+
+@pytest.mark.parametrize("loss", ["ce", "kl", "kl_shared_weight"])
+def test_hidden_size_one_past_a_k_block_takes_its_last_column(loss):
+    """H = BLOCK_K + 1 (17 under the interpreter): the K loop's last chunk holds one column, which a loop that stops
+    one short of H (range(0, H - 1, BLOCK_K)) would drop from every logit, in the one- and two-stream tiles."""
+    hidden_size = (tiles._INTERPRET_BLOCKS["BLOCK_K"] if tiles.INTERPRET else 64) + 1
+    if loss == "ce":
+        ce_tests.check_against_reference(5, hidden_size, 40, torch.float32, with_bias=False, tol=1e-4)
+    else:
+        kl_tests.check_against_reference(5, hidden_size, 40, torch.float32, tol=1e-4,
+                                         shared_weight=loss == "kl_shared_weight")
+
+
+@pytest.mark.parametrize("ref_width", [8, 40])
+def test_reference_head_of_its_own_width(ref_width):
+    """A reference model narrower or wider than the policy (a distilled or a larger teacher): the reference's
+    logits take their K loop over its own width H_REF, not the policy's H (24 here)."""
+    hidden, weight, _, _, _, _, grad_scale = kl_tests.make_inputs(5, 24, 40, torch.float32, None, False)
+    _, _, _, ref_hidden, ref_weight, _, _ = kl_tests.make_inputs(5, ref_width, 40, torch.float32, None, False)
+    heads = (hidden, weight, None, ref_hidden, ref_weight, None)
+    ref_kl, ref_lse, ref_ref_lse, ref_dh, ref_dw, _ = kl_tests.float64_reference(*heads, grad_scale)
+    kl_out, lse, ref_lse_out = kl.forward(*heads)
+    torch.testing.assert_close(kl_out.double(), ref_kl, rtol=1e-4, atol=1e-9)
+    kl_tests.assert_matches(lse, ref_lse, 1e-4)
+    kl_tests.assert_matches(ref_lse_out, ref_ref_lse, 1e-4)
+    d_hidden, d_weight, _ = kl.backward(*heads, lse, ref_lse_out, grad_scale, True, False)
+    kl_tests.assert_matches(d_hidden, ref_dh, 1e-4)
+    kl_tests.assert_matches(d_weight, ref_dw, 1e-4)
