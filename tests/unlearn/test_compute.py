@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastalign.unlearn.batching import collate
-from fastalign.unlearn.compute import ModelShape, batch_compute, cache_compute
+from fastalign.unlearn.compute import ComputeTotals, ModelShape, batch_compute, cache_compute
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
 
 
@@ -60,6 +60,21 @@ def test_attention_width_is_the_decoders_when_the_head_projects_it_down():
 MOE_SHAPE = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  max_position_embeddings=64)
 ATTENTION = 2 * 32 * 32 + 2 * 16 * 32   # q, o; k, v
+EXPERT = 3 * 32 * 64   # gate, up, down
+
+
+def mixtral(num_experts, top_k, listed=False):
+    """A Mixtral of MOE_SHAPE with experts of MLP width 64, stacked over the experts or held as a list of MLPs."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    model = MixtralForCausalLM(MixtralConfig(**MOE_SHAPE, intermediate_size=64, num_local_experts=num_experts,
+                                             num_experts_per_tok=top_k))
+    if listed:
+        for layer in model.model.layers:
+            layer.mlp.experts = torch.nn.ModuleList(
+                torch.nn.Sequential(torch.nn.Linear(32, 128, bias=False), torch.nn.Linear(64, 32, bias=False))
+                for _ in range(num_experts))
+    return model
 
 
 @pytest.mark.parametrize("layout", ["stacked", "list"])
@@ -67,17 +82,8 @@ def test_a_mixture_of_experts_counts_the_experts_each_token_runs(layout):
     """Mixtral: a token runs num_experts_per_tok = 2 of 8 experts, so the estimate counts 2 experts' weights per
     layer, not 8 (3.3x its FLOPs); the router counts whole. Experts held as tensors stacked over the experts
     (transformers 5) or as a list of expert MLPs (earlier layouts, and models written so) count the same."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    model = MixtralForCausalLM(MixtralConfig(**MOE_SHAPE, intermediate_size=64, num_local_experts=8,
-                                             num_experts_per_tok=2))
-    expert = 3 * 32 * 64   # gate, up, down
-    if layout == "list":
-        for layer in model.model.layers:
-            layer.mlp.experts = torch.nn.ModuleList(
-                torch.nn.Sequential(torch.nn.Linear(32, 128, bias=False), torch.nn.Linear(64, 32, bias=False))
-                for _ in range(8))
-    assert ModelShape.of(model).decoder_params == 2 * (ATTENTION + 8 * 32 + 2 * expert)
+    model = mixtral(8, 2, listed=layout == "list")
+    assert ModelShape.of(model).decoder_params == 2 * (ATTENTION + 8 * 32 + 2 * EXPERT)
 
 
 def test_shared_experts_count_whole_beside_the_routed_ones():
@@ -133,3 +139,47 @@ def test_layers_with_their_own_head_size_count_their_mean():
     dims = [layer.head_dim for layer in model.config.per_layer_config]
     assert sorted(set(dims)) == [16, 32]
     assert ModelShape.of(model).attention_width == 4 * sum(dims) / len(dims)
+
+
+def test_a_padded_grid_counts_every_row_at_the_longest_rows_width():
+    """The forward runs over every row of the padded batch (a row of padding alone costs as much as any) and over the
+    longest row's width (columns of padding alone past it are trimmed); an empty batch costs nothing."""
+    shape = ModelShape(decoder_params=10, num_layers=2, hidden_size=4, vocab_size=7, attention_width=3)
+    mask = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 0, 0]])
+    assert shape.decoder_forward(mask) == 2.0 * 10 * 3 * 3 + 4.0 * 2 * 3 * 3 * 3 ** 2
+    assert shape.decoder_forward(torch.zeros(0, 5, dtype=torch.long)) == 0.0
+
+
+def test_a_fractional_mean_attention_width_is_rounded_to_the_nearest():
+    """Head sizes 16, 32, 32 over three layers, 4 heads: a mean width of 106.67, counted as 107."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+    model = Gemma4ForCausalLM(Gemma4TextConfig(
+        vocab_size=50, max_position_embeddings=64, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+        layer_types=["sliding_attention", "full_attention", "full_attention"], sliding_window=10,
+        vocab_size_per_layer_input=50, hidden_size_per_layer_input=8))
+    assert [layer.head_dim for layer in model.config.per_layer_config] == [16, 32, 32]
+    assert ModelShape.of(model).attention_width == 107
+
+
+def test_num_experts_per_tok_past_the_number_of_experts_counts_each_expert_once():
+    """A token runs at most every expert once: top 4 of 2 experts counts both experts whole, not twice."""
+    assert ModelShape.of(mixtral(2, 4, listed=True)).decoder_params == 2 * (ATTENTION + 2 * 32 + 2 * EXPERT)
+
+
+def test_only_a_module_named_experts_counts_at_the_routed_share():
+    """A list of shared experts (every token runs them) beside the routed ones counts whole: the routed share is
+    for the module named `experts` alone, not for any name that ends in or holds it."""
+    model = mixtral(8, 2, listed=True)
+    for layer in model.model.layers:
+        layer.mlp.shared_experts = torch.nn.ModuleList(torch.nn.Linear(32, 32, bias=False) for _ in range(3))
+    assert ModelShape.of(model).decoder_params == 2 * (ATTENTION + 8 * 32 + 2 * EXPERT + 3 * 32 * 32)
+
+
+def test_totals_add_up_field_by_field():
+    """A run's totals are the sums of its steps' (and of the cache's), every field of them."""
+    fields = ("tokens", "padded_slots", "answer_tokens", "reference_tokens", "flops", "device_seconds")
+    totals = ComputeTotals(*range(1, 7))
+    totals.add(ComputeTotals(*range(10, 70, 10)))
+    assert totals.to_dict() == dict(zip(fields, (11, 22, 33, 44, 55, 66)))
+    assert ComputeTotals().to_dict() == dict.fromkeys(fields, 0)
