@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from fastalign.evaluation.generation import GenerationConfig, encode_prompts, generate, generations
+from fastalign.evaluation.generation import (GenerationConfig, encode_prompts, eos_ids, generate, generations,
+                                             iter_generate, iter_generations, pad_id)
 from fastalign.evaluation.prompts import spec_prompt
 
 
@@ -54,6 +55,7 @@ def test_sampling_is_reproducible_and_differs_from_greedy(world, tokenizer, mode
     first = generate(model, tokenizer, prompts, config)
     assert first == generate(model, tokenizer, prompts, config)
     assert first != generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=10))
+    assert first != generate(model, tokenizer, prompts, dataclasses.replace(config, seed=4))   # the seed draws them
 
 
 def test_sampled_answers_do_not_depend_on_the_batch_size(world, tokenizer, model):
@@ -259,10 +261,12 @@ def test_the_answer_is_cut_at_the_earliest_of_the_stop_strings_it_holds(world, t
 
 
 def test_generation_gives_the_model_back_in_the_mode_it_was_in(world, tokenizer, model):
-    """Generation runs in eval mode (no dropout) and gives a model being trained back in train mode, each module in
-    its own (a frozen layer of a policy stays in eval mode)."""
+    """Generation runs in eval mode (no dropout: the model in training drops half its attention weights) and gives a
+    model being trained back in train mode, each module in its own (a frozen layer of a policy stays in eval mode)."""
     training = copy.deepcopy(model).train()
     training.model.layers[0].eval()
+    for layer in training.model.layers:
+        layer.self_attn.attention_dropout = 0.5
     assert generate(training, tokenizer, prompts_of(world)[:2], GenerationConfig(max_new_tokens=3)) == \
         generate(model, tokenizer, prompts_of(world)[:2], GenerationConfig(max_new_tokens=3))
     assert training.training and not training.model.layers[0].training and training.model.layers[1].training
@@ -359,3 +363,43 @@ def test_a_prompt_that_tokenizes_to_nothing_is_refused_naming_it():
     assert tokenizer("")["input_ids"] == []
     with pytest.raises(ValueError, match="prompt 1 is empty after tokenization"):
         generate(model, tokenizer, [SENTENCEPIECE_PROMPTS[0], ""], GenerationConfig(max_new_tokens=3))
+
+
+def test_padding_takes_the_pad_token_else_eos_else_0_each_only_where_the_model_embeds_it():
+    """pad_id: the pad token first; past the model's input embeddings (an added pad token), end-of-sequence; neither
+    (both missing or past them), 0, an id every model embeds."""
+    from types import SimpleNamespace
+
+    def pad(pad_token_id, eos_token_id, vocab_size=None):
+        return pad_id(SimpleNamespace(pad_token_id=pad_token_id, eos_token_id=eos_token_id), vocab_size)
+
+    assert pad(5, 3) == pad(5, 3, 6) == 5
+    assert pad(6, 3, 6) == pad(None, 3) == 3
+    assert pad(None, None) == pad(7, 6, 6) == 0
+
+
+def test_answers_end_at_each_listed_eos_id_0_and_a_tuple_of_them_included():
+    """eos_ids: the tokenizer's EOS and every id of the model's generation config, listed alone, in a list or in a
+    tuple; id 0 is an EOS like any other (a vocabulary may start with it)."""
+    from types import SimpleNamespace
+    tokenizer = sentencepiece_model()[1]   # EOS 2, no chat template
+    for listed, expected in [(None, {2}), (0, {0, 2}), ([0, 5], {0, 2, 5}), ((0, 5), {0, 2, 5})]:
+        assert eos_ids(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=listed)), tokenizer) == expected
+
+
+def test_batches_come_with_the_index_of_their_first_prompt(world, tokenizer, model):
+    """iter_generate and iter_generations yield each batch with its first prompt's index (the harness writes answers
+    batch by batch at those indexes); the batches, in order, are generate's answers."""
+    prompts, config = prompts_of(world), GenerationConfig(max_new_tokens=3, batch_size=2)
+    answers = generate(model, tokenizer, prompts, config)
+    batches, starts = list(iter_generate(model, tokenizer, prompts, config)), list(range(0, len(prompts), 2))
+    assert [start for start, _ in batches] == starts and len(starts) > 2
+    assert all(texts == answers[start:start + 2] for start, texts in batches)
+    assert [start for start, _ in iter_generations(model, tokenizer, prompts, config)] == starts
+
+
+def test_the_temperature_is_only_checked_when_sampling_and_greedy_runs_64_tokens_by_default(world, tokenizer, model):
+    """Greedy decoding reads no temperature, so any is accepted there; by default an answer that meets no EOS runs to
+    64 new tokens (the tiny model never picks EOS)."""
+    assert GenerationConfig(temperature=0.0) == GenerationConfig(temperature=0.0, do_sample=False)
+    assert [len(g.answer_ids) for g in generations(model, tokenizer, ["### Question: Hi"])] == [64]
