@@ -139,9 +139,10 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Loads full tensors of (at least) every trainable parameter; each process reads the whole `state`."""
+    """Loads full tensors of (at least) every trainable parameter; each process reads the whole `state`, which is
+    left as it was (torch's loader adds the model's missing weights to the dict it is given: it gets a copy)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
-    set_model_state_dict(model, state, options=_options(full_state_dict=True, strict=False))
+    set_model_state_dict(model, dict(state), options=_options(full_state_dict=True, strict=False))
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:

@@ -199,7 +199,7 @@ def test_head_weight_gathers_an_fsdp2_unit_and_refuses_what_it_cannot_gather(one
 def test_a_checkpoints_trainable_and_optimizer_state_load_back_into_a_fresh_model():
     """What resume does: the trainable weights (the frozen lm_head left out of them) and the optimizer state keyed by
     their names load into a freshly loaded model and optimizer, which then hold the saved ones; the frozen lm_head
-    stays as loaded."""
+    stays as loaded; the state given is left as it was."""
     def trained(seed, steps):
         torch.manual_seed(seed)
         model = tiny_llama(37)
@@ -213,10 +213,11 @@ def test_a_checkpoints_trainable_and_optimizer_state_load_back_into_a_fresh_mode
 
     model, optimizer = trained(0, 2)
     weights, moments = trainable_state(model), optimizer_state(model, optimizer)
-    names = set(weights)   # (torch's loader adds the missing frozen weights to the dict it is given)
+    names = set(weights)
     fresh, fresh_optimizer = trained(1, 1)
     head = fresh.lm_head.weight.detach().clone()
     load_trainable_state(fresh, weights)
+    assert set(weights) == names and "lm_head.weight" not in names
     load_optimizer_state(fresh, fresh_optimizer, moments)
     for name, parameter in fresh.named_parameters():
         assert torch.equal(parameter, model.get_parameter(name) if parameter.requires_grad else head), name
