@@ -1,8 +1,12 @@
 """TokenBatch on the device: the host copy it keeps, from which lengths and answer positions are read without
 waiting for the device."""
+from types import SimpleNamespace
+
+import pytest
 import torch
 
-from fastalign.unlearn.batching import TokenBatch
+from fastalign.unlearn.batching import TokenBatch, collate, filler_token_id
+from fastalign.unlearn.encoding import EncodedExample
 from tests.sync_counter import SyncCounter
 
 
@@ -33,3 +37,21 @@ def test_a_batch_moved_to_the_device_reads_its_lengths_and_answers_on_the_host()
     assert counter.total == 1
     assert batch.to(torch.device("cpu")).host is host   # moved again: the same host copy
 
+
+
+def test_collate_gives_the_documented_dtypes():
+    """input_ids and attention_mask are int64 and target_mask bool, as TokenBatch promises (and as the embedding
+    lookup and the masks' arithmetic downstream take them), whatever the example ids were."""
+    batch = collate([EncodedExample((1, 2, 3), 1, 3, "a"), EncodedExample((4, 5), 1, 2, "b")], filler_id=0)
+    assert (batch.input_ids.dtype, batch.attention_mask.dtype, batch.target_mask.dtype) == (
+        torch.int64, torch.int64, torch.bool)
+
+
+def test_collate_of_no_examples_is_an_error_naming_collate():
+    with pytest.raises(ValueError, match="^collate: no examples$"):
+        collate([], filler_id=0)
+
+
+def test_a_pad_token_of_id_0_is_the_filler():
+    """Id 0 is a token like any other: a tokenizer whose pad token is id 0 pads with it, not with EOS."""
+    assert filler_token_id(SimpleNamespace(pad_token_id=0, eos_token_id=2)) == 0

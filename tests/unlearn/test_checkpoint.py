@@ -2,9 +2,13 @@
 `keep` checkpoints kept."""
 import os
 import pathlib
+import random
+import shutil
 import threading
 
+import numpy as np
 import pytest
+import torch
 
 from fastalign.unlearn import checkpoint
 
@@ -293,3 +297,103 @@ def test_a_checkpoint_does_not_take_in_what_a_killed_write_of_its_step_left(tmp_
     (stale / "rank-3.pt").write_bytes(b"stale")
     final = write(tmp_path, 2)
     assert sorted(os.listdir(final)) == ["rank-0.pt", "state.pt"]
+
+
+def test_a_write_text_atomic_killed_before_its_rename_leaves_a_temporary_the_next_run_removes(tmp_path, monkeypatch):
+    """run.json and `latest` are written beside a temporary named like the others (.tmp-...): one left by a killed
+    write must be what remove_stale_temporaries removes (another name stayed in the output directory for good)."""
+    (tmp_path / "run.json").write_text("old")
+
+    def killed_at_the_rename(src, dst):
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", killed_at_the_rename)
+        with pytest.raises(Killed):
+            checkpoint.write_text_atomic(str(tmp_path / "run.json"), "new")
+    checkpoint.remove_stale_temporaries(str(tmp_path))
+    assert os.listdir(tmp_path) == ["run.json"] and (tmp_path / "run.json").read_text() == "old"
+
+
+def test_a_kill_while_the_replaced_directory_is_deleted_leaves_the_new_one_complete(tmp_path, monkeypatch):
+    """The old model/ is renamed aside before the new one takes its place and only then deleted: a run killed
+    while deleting it (seconds for a large model) leaves the new model/ complete, never a half-deleted old one."""
+    target = tmp_path / "model"
+    with checkpoint.atomic_directory(str(target)) as tmp:
+        for name in ("config", "weights"):
+            pathlib.Path(tmp, name).write_text("old")
+    real_rmtree = shutil.rmtree
+
+    def killed_while_deleting(path, *args, **kwargs):
+        if os.path.isdir(path) and os.listdir(path):   # a directory with files: delete one of them, then die
+            os.remove(os.path.join(path, sorted(os.listdir(path))[0]))
+            raise Killed
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(Killed):
+        with checkpoint.atomic_directory(str(target)) as tmp:
+            for name in ("config", "weights"):
+                pathlib.Path(tmp, name).write_text("new")
+    assert sorted(os.listdir(target)) == ["config", "weights"]
+    assert [(target / name).read_text() for name in ("config", "weights")] == ["new", "new"]
+
+
+def test_keep_counts_and_deletes_only_checkpoints(tmp_path):
+    """Entries of checkpoints/ that are no checkpoint (a user's notes, a leftover temporary) are neither counted
+    among the kept checkpoints nor deleted as old or stale ones."""
+    write(tmp_path, 1)
+    (tmp_path / "checkpoints" / "notes.txt").write_text("lr 1e-5")
+    (tmp_path / "checkpoints" / ".tmp-step-000009").mkdir()
+    write(tmp_path, 2, keep=1)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [".tmp-step-000009", "latest", "notes.txt", "step-000002"]
+
+
+def test_a_checkpoint_that_records_no_number_of_processes_names_fewer_of_them(tmp_path):
+    """Checkpoints written before num_processes was recorded lack it: the resume error for a process without state
+    still reads (written by fewer processes), not a KeyError or a wrong count."""
+    written = checkpoint.write_checkpoint(str(tmp_path), 3, {"step": 3}, {"rank": 0}, rank=0, is_main=True,
+                                          barrier=lambda: None, keep=0)
+    with pytest.raises(ValueError, match=r"no state for process 1: it was written by fewer process\(es\); resume"):
+        checkpoint.read_checkpoint(written, 1)
+
+
+def test_the_numpy_and_python_generator_states_of_a_rank_come_back(tmp_path):
+    """A rank's state holds numpy's and Python's generator states (not plain tensors): they load back as written."""
+    rank_state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    final = checkpoint.write_checkpoint(str(tmp_path), 1, {"step": 1}, rank_state, rank=0, is_main=True,
+                                        barrier=lambda: None, keep=0)
+    _, loaded = checkpoint.read_checkpoint(final, 0)
+    assert loaded["python"] == rank_state["python"] and torch.equal(loaded["torch"], rank_state["torch"])
+    assert all(np.array_equal(a, b) for a, b in zip(loaded["numpy"], rank_state["numpy"]))
+
+
+def test_latest_names_its_checkpoint_relative_to_the_output_directory(tmp_path):
+    """`latest` holds the checkpoint's name, not its absolute path: an output directory moved (or mounted elsewhere)
+    still resumes from its own checkpoint, not from one at the old place."""
+    write(tmp_path / "run", 1)
+    (tmp_path / "run").rename(tmp_path / "moved")
+    assert (tmp_path / "moved" / "checkpoints" / "latest").read_text() == "step-000001"
+    moved = tmp_path / "moved"
+    assert checkpoint.latest_checkpoint(str(moved)) == str(moved / "checkpoints" / "step-000001")
+
+
+def test_an_atomic_directory_killed_between_its_renames_leaves_only_temporaries(tmp_path, monkeypatch):
+    """Killed after the old model/ was renamed aside but before the new one took its place: both are temporaries
+    (.tmp-...) that the next run removes, not directories left in the output directory for good."""
+    target = tmp_path / "model"
+    with checkpoint.atomic_directory(str(target)) as tmp:
+        pathlib.Path(tmp, "weights").write_text("old")
+    real_replace = os.replace
+
+    def killed_at_the_second_rename(src, dst):
+        if os.path.basename(src) == ".tmp-model":
+            raise Killed
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_second_rename)
+    with pytest.raises(Killed):
+        with checkpoint.atomic_directory(str(target)) as tmp:
+            pathlib.Path(tmp, "weights").write_text("new")
+    checkpoint.remove_stale_temporaries(str(tmp_path))
+    assert os.listdir(tmp_path) == []
