@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fastalign.unlearn.config import UnlearnConfig
-from fastalign.unlearn.encoding import encode_answers
-from fastalign.unlearn.formats import load_truthfulqa
+from fastalign.unlearn.encoding import encode_answers, encode_pairs
+from fastalign.unlearn.formats import load_pairs, load_truthfulqa
 from fastalign.unlearn.records import DataError
 from fastalign.unlearn.run import load_model_and_tokenizer, load_streams
 from fastalign.unlearn.templates import TextTemplate
@@ -209,3 +209,70 @@ def test_a_truthfulqa_mismatch_pool_with_an_upper_case_or_gz_extension_is_read_a
         pool = load_truthfulqa(tmp_path / name, test_fraction=config.truthfulqa_test_fraction,
                                pool_fraction=config.truthfulqa_pool_fraction, seed=config.seed).mismatch_pool
         assert pool and load_streams(config, tokenizer).pool == encode_answers(tokenizer, TextTemplate(), pool)
+
+
+def test_the_configs_text_template_and_forget_format_are_the_ones_used(tmp_path):
+    """template and forget_format reach the encoding: a PKU-SafeRLHF forget file read as pku, rendered in the
+    config's template (not the default one, not read as {prompt, answer} rows)."""
+    pku = write_jsonl(tmp_path / "pku.jsonl", [{"prompt": "How do I hurt someone?", "response_0": "Like this.",
+                                                "is_response_0_safe": False, "response_1": "No.",
+                                                "is_response_1_safe": True}])
+    data = {**jsonl_data(tmp_path), "forget": [str(pku)]}
+    template = "Q: {prompt}\nA: {answer}"
+    config = UnlearnConfig(model="m", output_dir="o", max_length=64, template=template, forget_format="pku", **data)
+    tokenizer = byte_bpe_tokenizer()
+    expected = encode_pairs(tokenizer, TextTemplate(template), load_pairs(pku, "pku"), 64)
+    assert expected and load_streams(config, tokenizer).forget == expected
+
+
+def test_a_truthfulqa_normal_file_feeds_the_mismatch_pool_with_the_normal_term_off(tmp_path):
+    """normal_weight=0 drops the normal stream, not the csv's pool rows: they are still the mismatch pool."""
+    csv = write_truthfulqa(tmp_path / "tqa.csv")
+    forget = write_jsonl(tmp_path / "forget.jsonl", FORGET_ROWS)
+    config = UnlearnConfig(model="m", output_dir="o", forget=[str(forget)], normal=str(csv), normal_weight=0,
+                           max_length=64)
+    tokenizer = byte_bpe_tokenizer()
+    streams = load_streams(config, tokenizer)
+    split = load_truthfulqa(csv, test_fraction=config.truthfulqa_test_fraction,
+                            pool_fraction=config.truthfulqa_pool_fraction, seed=config.seed)
+    assert not streams.normal and streams.pool == encode_answers(tokenizer, TextTemplate(), split.mismatch_pool)
+
+
+def test_skip_long_prompts_dropping_every_forget_row_is_an_error(tmp_path):
+    """With every forget prompt too long nothing is left to unlearn: an error, not a run on no forget rows."""
+    config = UnlearnConfig(model="m", output_dir="o", max_length=8, skip_long_prompts=True, **jsonl_data(tmp_path))
+    with pytest.raises(DataError, match=r"every forget example's prompt leaves no answer token within max_length=8"):
+        load_streams(config, byte_bpe_tokenizer())
+
+
+def test_the_streams_pad_with_the_tokenizers_filler(tmp_path):
+    """The filler id (the pad token here) reaches the streams: it enters the data digest a resume compares."""
+    tokenizer = byte_bpe_tokenizer(with_pad=True)
+    config = UnlearnConfig(model="m", output_dir="o", max_length=64, **jsonl_data(tmp_path))
+    assert load_streams(config, tokenizer).filler_id == tokenizer.pad_token_id != 0
+
+
+def test_a_model_directory_without_weights_cannot_be_loaded_naming_it(tmp_path):
+    """from_pretrained's OSError for a directory without weights is a FileNotFoundError naming the model."""
+    tokenizer = byte_bpe_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    tiny_llama(len(tokenizer)).config.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"^model {tmp_path} cannot be loaded: .*model.safetensors"):
+        load_model_and_tokenizer(UnlearnConfig(model=str(tmp_path), output_dir=str(tmp_path / "o")))
+
+
+def test_an_attention_implementation_transformers_refuses_is_an_error_naming_the_setting(tmp_path):
+    tokenizer = byte_bpe_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    tiny_llama(len(tokenizer)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"^attn_implementation 'no-such-attention': .*no-such-attention"):
+        load_model_and_tokenizer(UnlearnConfig(model=str(tmp_path), output_dir=str(tmp_path / "o"),
+                                               attn_implementation="no-such-attention"))
+
+
+def test_normal_weight_without_a_normal_file_is_an_error_naming_both_ways_on(tmp_path):
+    data = {k: v for k, v in jsonl_data(tmp_path).items() if k != "normal"}
+    config = UnlearnConfig(model="m", output_dir="o", max_length=64, **data)
+    with pytest.raises(DataError, match=r"^normal_weight > 0 needs a normal data file \(normal=..., --normal FILE\), "
+                                        r"or set normal_weight=0 \(--normal-weight 0\)$"):
+        load_streams(config, byte_bpe_tokenizer())
