@@ -60,18 +60,23 @@ class Killed(Exception):
     pass
 
 
-def test_a_write_killed_before_its_rename_leaves_the_previous_checkpoint_latest(tmp_path, monkeypatch):
-    """The checkpoint is renamed into place before `latest` names it: a run killed between the two resumes from
-    the previous checkpoint (`latest` written first would name a directory not yet in place: no resume)."""
-    write(tmp_path, 1)
+def kill_at_the_rename_of(name, monkeypatch):
+    """os.replace raises Killed when it would rename the file or directory called `name`; else renames."""
     real_replace = os.replace
 
     def killed_at_the_rename(src, dst):
-        if os.path.basename(src) == ".tmp-step-000002":
+        if os.path.basename(src) == name:
             raise Killed
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", killed_at_the_rename)
+
+
+def test_a_write_killed_before_its_rename_leaves_the_previous_checkpoint_latest(tmp_path, monkeypatch):
+    """The checkpoint is renamed into place before `latest` names it: a run killed between the two resumes from
+    the previous checkpoint (`latest` written first would name a directory not yet in place: no resume)."""
+    write(tmp_path, 1)
+    kill_at_the_rename_of(".tmp-step-000002", monkeypatch)
     with pytest.raises(Killed):
         write(tmp_path, 2)
     assert checkpoint.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoints" / "step-000001")
@@ -384,14 +389,7 @@ def test_an_atomic_directory_killed_between_its_renames_leaves_only_temporaries(
     target = tmp_path / "model"
     with checkpoint.atomic_directory(str(target)) as tmp:
         pathlib.Path(tmp, "weights").write_text("old")
-    real_replace = os.replace
-
-    def killed_at_the_second_rename(src, dst):
-        if os.path.basename(src) == ".tmp-model":
-            raise Killed
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", killed_at_the_second_rename)
+    kill_at_the_rename_of(".tmp-model", monkeypatch)
     with pytest.raises(Killed):
         with checkpoint.atomic_directory(str(target)) as tmp:
             pathlib.Path(tmp, "weights").write_text("new")
