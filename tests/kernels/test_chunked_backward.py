@@ -101,16 +101,21 @@ def run_backward(hidden, weight, grad_scale, d, plan=None):
     return grads + (d.float() * grad_scale[:, None],)
 
 
+def assert_exact_gradients(grads, hidden, weight):
+    """run_backward's fp32 gradients are those of its exact G: G @ weight, G^T @ hidden and G summed over rows."""
+    d_hidden, d_weight, d_bias, g = grads
+    torch.testing.assert_close(d_hidden, g @ weight)
+    torch.testing.assert_close(d_weight, g.t() @ hidden)
+    torch.testing.assert_close(d_bias, g.sum(0))
+
+
 def test_last_row_segment_and_vocabulary_chunk_of_one_entry():
     """9 rows in segments of 4 and 17 words in chunks of 8: the last segment is one row and the last chunk one
     column, which a loop or a slice stopping one short of the shape would skip."""
     torch.manual_seed(0)
     n, h, v = 9, 8, 17
     hidden, weight, d, grad_scale = torch.randn(n, h), torch.randn(v, h), torch.randn(n, v), torch.randn(n)
-    d_hidden, d_weight, d_bias, g = run_backward(hidden, weight, grad_scale, d, plan=(4, 8))
-    torch.testing.assert_close(d_hidden, g @ weight)
-    torch.testing.assert_close(d_weight, g.t() @ hidden)
-    torch.testing.assert_close(d_bias, g.sum(0))
+    assert_exact_gradients(run_backward(hidden, weight, grad_scale, d, plan=(4, 8)), hidden, weight)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -167,7 +172,5 @@ def test_uninitialised_buffers_are_written_before_they_are_read(monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(torch, "empty", lambda *size, **kwargs: full(size, float("nan"), **kwargs))
         patch.setattr(torch, "empty_like", lambda t, **kwargs: full_like(t, float("nan"), **kwargs))
-        d_hidden, d_weight, d_bias, g = run_backward(hidden, weight, grad_scale, d, plan=(5, 6))
-    torch.testing.assert_close(d_hidden, g @ weight)
-    torch.testing.assert_close(d_weight, g.t() @ hidden)
-    torch.testing.assert_close(d_bias, g.sum(0))
+        grads = run_backward(hidden, weight, grad_scale, d, plan=(5, 6))
+    assert_exact_gradients(grads, hidden, weight)
