@@ -96,6 +96,17 @@ def test_strided_rows_and_no_rows():
         assert rms_norm.forward(empty, module.weight, 1e-5).shape == (0, 40)
 
 
+def assert_backward_as_module(module, x, grad_out, eps=1e-5, rule="rounded", rel_tol=REL_TOL[torch.float32]):
+    """rms_norm.backward's gradients of x and of the weight against the module's autograd, in dtype, shape and
+    norm-wise (both sum in their own order)."""
+    x = x.detach().requires_grad_()
+    expected = torch.autograd.grad(module(x), (x, module.weight), grad_out)
+    got = rms_norm.backward(x.detach(), module.weight.detach(), grad_out, eps, **WEIGHT_RULES[rule])
+    for name, actual, want in zip(("grad_x", "grad_weight"), got, expected):
+        assert actual.dtype == want.dtype and actual.shape == want.shape, name
+        assert_rel_close(name, actual, want, rel_tol)
+
+
 def test_a_strided_weight_and_rows_of_width_zero():
     """A weight that is a strided view (a slice of a longer one): the kernels read it as one contiguous row, a wrong
     norm and input gradient before it was copied. Rows of no width give empty results (gradients in the inputs'
@@ -105,12 +116,7 @@ def test_a_strided_weight_and_rows_of_width_zero():
     assert module.weight.stride(-1) == 2
     with torch.no_grad():
         assert_as_module(rms_norm.forward(x, module.weight, 1e-5), module(x))
-    x = x.detach().requires_grad_()
-    grad_out = torch.randn_like(x)
-    want = torch.autograd.grad(module(x), [x, module.weight], grad_out)
-    got = rms_norm.backward(x.detach(), module.weight.detach(), grad_out, 1e-5)
-    for name, g, w in zip(("grad_x", "grad_weight"), got, want):
-        assert_rel_close(name, g, w, REL_TOL[torch.float32])
+    assert_backward_as_module(module, x, torch.randn_like(x))
     empty = torch.empty(3, 0, device=TRITON_DEVICE)
     no_weight = torch.empty(0, device=TRITON_DEVICE)
     assert rms_norm.forward(empty, no_weight, 1e-5).shape == (3, 0)
@@ -128,13 +134,9 @@ def test_backward_equals_the_module_autograd(rule, dtype, shape):
     width of 1 is left out: there the gradient is the cancellation of two near-equal terms, noise in both.)"""
     module, x = module_and_input(rule, shape, dtype)
     grad_out = module_and_input(rule, shape, dtype, seed=1)[1]
-    x.requires_grad_()
-    expected = torch.autograd.grad(module(x), (x, module.weight), grad_out)
-    got = rms_norm.backward(x.detach(), module.weight.detach(), grad_out, 1e-5, **WEIGHT_RULES[rule])
-    for name, actual, want in zip(("grad_x", "grad_weight"), got, expected):
-        assert actual.dtype == want.dtype and actual.shape == want.shape, name
-        # norm-wise: both sum in their own order, and the weight's gradient over rows in a 16-bit dtype in torch's
-        assert_rel_close(name, actual, want, REL_TOL[dtype] * (1 if dtype == torch.float32 else 2))
+    # twice the tolerance in 16 bits: torch sums the weight's gradient over rows in the 16-bit dtype
+    assert_backward_as_module(module, x, grad_out, rule=rule,
+                              rel_tol=REL_TOL[dtype] * (1 if dtype == torch.float32 else 2))
 
 
 def test_the_sublayer_output_norm_before_the_add_takes_its_own_eps():
@@ -223,12 +225,8 @@ def test_backward_takes_eps_as_the_forward_does(rule):
     as the module's autograd gives them with that eps (eps dropped or misplaced in the backward's root only, the
     forward's outputs stay right)."""
     module, x = module_and_input(rule, (6, 40), torch.float32, eps=1e-3)
-    x = (1e-2 / 3 * x).requires_grad_()
     grad_out = module_and_input(rule, (6, 40), torch.float32, seed=1)[1]
-    expected = torch.autograd.grad(module(x), (x, module.weight), grad_out)
-    got = rms_norm.backward(x.detach(), module.weight.detach(), grad_out, 1e-3, **WEIGHT_RULES[rule])
-    for name, actual, want in zip(("grad_x", "grad_weight"), got, expected):
-        assert_rel_close(name, actual, want, REL_TOL[torch.float32])
+    assert_backward_as_module(module, 1e-2 / 3 * x, grad_out, eps=1e-3, rule=rule)
 
 
 @pytest.mark.parametrize("then_norm", [True, False])
@@ -248,12 +246,8 @@ def test_backward_of_rows_apart():
     gradients as the module's autograd gives them."""
     module, wide = module_and_input("fp32", (6, 64), torch.float32)
     module.weight = torch.nn.Parameter(module.weight[:40].clone())
-    x = wide[:, 8:48].requires_grad_()
     grad_out = module_and_input("fp32", (6, 40), torch.float32, seed=1)[1]
-    expected = torch.autograd.grad(module(x), (x, module.weight), grad_out)
-    got = rms_norm.backward(x.detach(), module.weight.detach(), grad_out, 1e-5, **WEIGHT_RULES["fp32"])
-    for name, actual, want in zip(("grad_x", "grad_weight"), got, expected):
-        assert_rel_close(name, actual, want, REL_TOL[torch.float32])
+    assert_backward_as_module(module, wide[:, 8:48], grad_out, rule="fp32")
 
 
 def test_backward_rounds_a_gradient_of_another_dtype_to_the_inputs():
