@@ -89,13 +89,18 @@ def predicting_positions(hidden: torch.Tensor, labels: torch.Tensor | None,
         raise ValueError("exactly one of labels (aligned with the inputs) and shift_labels (already shifted) is "
                          f"needed, got {'both' if labels is not None else 'neither'}")
     given, name = (labels, "labels") if labels is not None else (shift_labels, "shift_labels")
-    if not isinstance(given, torch.Tensor) or given.shape != hidden.shape[:-1] or given.is_floating_point():
+    if not isinstance(given, torch.Tensor) or given.shape != hidden.shape[:-1] or not is_integer(given.dtype):
         found = f"{tuple(given.shape)} {given.dtype}" if isinstance(given, torch.Tensor) else type(given).__name__
         raise ValueError(f"{name} must be an integer tensor of the inputs' shape {tuple(hidden.shape[:-1])}, "
                          f"got {found}")
     if labels is not None:   # position t predicts token t + 1: the last position has no target
         hidden, given = hidden[:, :-1], labels[:, 1:]
     return hidden, given.to(device=hidden.device, dtype=torch.long)
+
+
+def is_integer(dtype: torch.dtype) -> bool:
+    """Whether dtype holds class ids: an integer type, not bool (a mask passed where the ids belong)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
 def per_item(loss: torch.Tensor, num_items_in_batch: torch.Tensor | int | float | None) -> torch.Tensor:

@@ -232,12 +232,14 @@ def test_a_use_cache_input_does_not_clash_with_the_training_forward():
     ("ids", "ids", "got both"),
     ("short", None, r"labels must be an integer tensor of the inputs' shape \(3, 9\), got \(3, 8\)"),
     (None, "float", r"shift_labels must be an integer tensor .* torch.float32"),
+    ("mask", None, r"labels must be an integer tensor .* torch.bool"),   # a mask where the ids belong: not 0 and 1
+    (None, "mask", r"shift_labels must be an integer tensor .* torch.bool"),
 ])
 def test_bad_labels_are_refused_naming_the_argument(labels, shift_labels, message):
     model = tiny_llama(VOCAB)
     inputs = batch()
     ids = inputs.pop("labels")
-    given = {"ids": ids, "short": ids[:, 1:], "float": ids.float(), None: None}
+    given = {"ids": ids, "short": ids[:, 1:], "float": ids.float(), "mask": ids > 20, None: None}
     with pytest.raises(ValueError, match=message):
         CausalLMLoss(model, backend="torch")(**inputs, labels=given[labels], shift_labels=given[shift_labels])
 

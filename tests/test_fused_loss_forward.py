@@ -231,6 +231,15 @@ def test_a_router_loss_a_composite_models_text_config_adds_is_refused():
         assert_same_as_own(*fused_and_own(lambda: model), **batch(seed=11))
 
 
+def test_bool_labels_are_refused_naming_them():
+    """A mask passed where the label ids belong is refused, as the model's own loss refuses it, not trained on as
+    the classes 0 and 1."""
+    model = fuse_causal_lm_loss(tiny_llama(VOCAB), backend="torch")
+    inputs = batch()
+    with pytest.raises(ValueError, match=r"labels must be an integer tensor .* torch.bool"):
+        model(**{**inputs, "labels": inputs["labels"] > 20})
+
+
 def test_a_model_with_a_loss_function_of_its_own_is_refused():
     model = tiny_llama(VOCAB)
     model.loss_function = lambda logits, labels, **kwargs: logits.sum()
