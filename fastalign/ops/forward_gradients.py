@@ -48,6 +48,15 @@ def scaled(grad_output, d_hidden, d_weight, d_bias):
     return tuple(None if g is None else g.mul_(grad_output) for g in (d_hidden, d_weight, d_bias))
 
 
+def scaled_copies(grad_output, d_hidden, d_weight, d_bias):
+    """scaled out of place: a batched backward (torch.func.vmap over a vjp, jacrev) scales the same gradients by
+    each sample's upstream gradient (its result holds a copy a sample anyway)."""
+    return tuple(None if g is None else g * grad_output for g in (d_hidden, d_weight, d_bias))
+
+
+scaled.out_of_place = scaled_copies
+
+
 def save_for_backward(ctx, forward_needs, inputs, output):
     """Marks the outputs after the loss non-differentiable and saves what the backward takes: the gradients taken in
     the forward (output's last three) when forward_needs asked for them (the inputs' memory may then go), else

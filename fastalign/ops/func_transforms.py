@@ -15,12 +15,13 @@ from .compiler_disable import compiler_disable
 
 def vmap_by_loop(op, function, info, in_dims, args):
     """The (outputs, out_dims) of a vmap staticmethod of `function`: applied to each sample of the batched
-    arguments (sliced at their in_dims), tensor outputs stacked along dim 0. A loop is exact whatever is batched
+    arguments (sliced at their in_dims; a tuple argument's in_dims are a tuple of Nones), tensor outputs stacked
+    along dim 0. A loop is exact whatever is batched
     (hidden states, targets, weights, upstream gradients); folding the samples into one call's token rows is not,
     since the launchers sum the weight's gradient over the rows."""
     if info.batch_size == 0:
         raise ValueError(f"{op} under torch.func.vmap needs at least one sample, got a batch of 0")
-    samples = [function.apply(*(arg if dim is None else arg.select(dim, i) for arg, dim in zip(args, in_dims)))
+    samples = [function.apply(*(arg.select(dim, i) if isinstance(dim, int) else arg for arg, dim in zip(args, in_dims)))
                for i in range(info.batch_size)]
     outputs = tuple(None if parts[0] is None else torch.stack(parts) for parts in zip(*samples))
     return outputs, tuple(None if out is None else 0 for out in outputs)
@@ -51,7 +52,9 @@ def refuse_legacy_vmap(op, args):
 
 class LauncherGradients(torch.autograd.Function):
     """A fused loss's backward, `gradients(*args)` of its saved tensors and upstream gradient (a tuple of gradients
-    or None), as a Function with no derivative of its own: the launchers' gradients carry no graph."""
+    or None), as a Function with no derivative of its own: the launchers' gradients carry no graph. A `gradients`
+    that changes its arguments in place names, as its attribute out_of_place, the function that vmap's loop calls
+    instead (each sample gets the same unbatched arguments)."""
 
     @staticmethod
     def forward(op, gradients, *args):
@@ -72,4 +75,5 @@ class LauncherGradients(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, op, gradients, *args):
+        gradients = getattr(gradients, "out_of_place", gradients)
         return vmap_by_loop(op, LauncherGradients, info, in_dims, (op, gradients, *args))

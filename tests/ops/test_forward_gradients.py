@@ -184,6 +184,51 @@ def test_under_torch_func_grad(backend, op_name):
     assert_rel_close("d_hidden", got, want, REL_TOL[torch.float32])
 
 
+def loss_of_weight(op_name, backend, grads_in_forward=True):
+    """(loss(weight, hidden, target) of the op, a batch of two samples' (weight, hidden [2, 5, 24], target [2, 5]))."""
+    device = device_for(backend)
+    hidden, weight, target, _ = ce_tests.make_inputs(10, 24, 131, device=device)
+    hidden, target = hidden.detach().view(2, 5, 24), target.view(2, 5)
+
+    def loss(w, h, y):
+        if op_name == "ce":
+            return fastalign.linear_cross_entropy(h, w, y, backend=backend, grads_in_forward=grads_in_forward)
+        return fastalign.linear_kl_div(h, w, h.flip(0), w.detach() / 2, backend=backend,
+                                       grads_in_forward=grads_in_forward)
+    return loss, (weight.detach(), hidden, target)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op_name", ["ce", "kl"])
+def test_a_batched_backward_scales_each_sample_by_its_own_upstream_gradient(backend, op_name):
+    """vmap over vjp's function and jacrev of several outputs: the backward scaled the forward's gradients in place,
+    once per sample, so every sample got the last one's scale (a silently wrong Jacobian)."""
+    loss, (weight, hidden, target) = loss_of_weight(op_name, backend)
+    expected = torch.func.grad(loss_of_weight(op_name, backend, grads_in_forward=False)[0])(weight, hidden[0],
+                                                                                             target[0])
+    _, vjp_of = torch.func.vjp(lambda w: loss(w, hidden[0], target[0]), weight)
+    (by_vjp,) = torch.func.vmap(vjp_of)(torch.tensor([1.0, -3.0], device=weight.device))
+    by_jacrev = torch.func.jacrev(lambda w: loss(w, hidden[0], target[0]) * torch.tensor([2.0, 1.0],
+                                                                                          device=weight.device))(weight)
+    for got, scale in zip([*by_vjp, *by_jacrev], [1.0, -3.0, 2.0, 1.0]):
+        assert_rel_close("d_weight", got, scale * expected, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op_name", ["ce", "kl"])
+def test_vmap_with_a_weight_that_requires_grad(backend, op_name):
+    """Per-sample losses and gradients under vmap where the weight requires grad (a model's lm_head): vmap's rule
+    sliced the tuple argument of the gradients to take (AttributeError: 'tuple' object has no attribute 'select')."""
+    loss, (weight, hidden, target) = loss_of_weight(op_name, backend)
+    plain = loss_of_weight(op_name, backend, grads_in_forward=False)[0]
+    losses = torch.func.vmap(loss, in_dims=(None, 0, 0))(weight.requires_grad_(), hidden, target)
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(weight.detach(), hidden, target)
+    for i in range(2):
+        assert_rel_close("loss", losses[i], plain(weight.detach(), hidden[i], target[i]), REL_TOL[torch.float32])
+        assert_rel_close("d_weight", grads[i], torch.func.grad(plain)(weight.detach(), hidden[i], target[i]),
+                         REL_TOL[torch.float32])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_without_a_gradient_to_take_it_is_a_plain_forward(backend, monkeypatch):
     """Under no_grad, or with no input that requires grad, nothing is taken in the forward pass."""
