@@ -49,7 +49,6 @@ class CausalLMKLDiv(torch.nn.Module):
                                  f"disabled), got {reference!r} for a {type(model).__name__}")
         elif isinstance(reference, torch.nn.Module):
             check_fused_logits(reference)
-            reference.requires_grad_(False)
             vocab, ref_vocab = (causal_lm_parts(m)[1].weight.shape[0] for m in (model, reference))
             if vocab != ref_vocab:
                 raise ValueError(f"reference must have the vocabulary of model ({vocab} words), got {ref_vocab}")
@@ -57,26 +56,37 @@ class CausalLMKLDiv(torch.nn.Module):
             raise TypeError(f"reference must be a causal LM or 'adapter', got {type(reference).__name__}")
         if not (is_real(temperature) and 0 < temperature < float("inf")):
             raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-        reference_model = model if reference == "adapter" else reference
-        self.softcap = logit_softcap(model)
-        if logit_softcap(reference_model) != self.softcap:
-            raise NotImplementedError(f"model and reference cap their logits differently ({self.softcap} and "
-                                      f"{logit_softcap(reference_model)}): the fused KL caps both heads alike")
-        if self.softcap is not None and temperature != 1:
+        self.model, self.reference, self.temperature = model, reference, temperature
+        self.backend, self.grads_in_forward = backend, grads_in_forward
+        self._head_factors()   # refused now, not at the first call
+        if isinstance(reference, torch.nn.Module):   # (after every check: a refused reference is left as it was)
+            reference.requires_grad_(False)
+
+    def _reference_model(self) -> torch.nn.Module:
+        return self.model if self.reference == "adapter" else self.reference
+
+    def _head_factors(self) -> tuple[float | None, float, float]:
+        """(soft cap, model's factor, reference's factor) on the heads' inputs, read from the configs as they stand
+        now, as the models' forwards read them: z / T and a logit multiplier s are both factors on the head's inputs,
+        s (h W^T + b) / T."""
+        softcap, reference_softcap = logit_softcap(self.model), logit_softcap(self._reference_model())
+        if reference_softcap != softcap:
+            raise NotImplementedError(f"model and reference cap their logits differently ({softcap} and "
+                                      f"{reference_softcap}): the fused KL caps both heads alike")
+        if softcap is not None and self.temperature != 1:
             raise NotImplementedError("a temperature other than 1 with soft-capped logits (final_logit_softcapping): "
                                       "c tanh(z / c) / T is no scaling of the head's inputs")
-        # z / T and a logit multiplier s are both factors on the head's inputs: s (h W^T + b) / T
-        self.multiplier, self.reference_multiplier = ((logit_multiplier(m) or 1.0) / temperature
-                                                      for m in (model, reference_model))
-        self.model, self.backend, self.grads_in_forward = model, backend, grads_in_forward
-        self.reference = reference
+        multiplier, reference_multiplier = ((logit_multiplier(m) or 1.0) / self.temperature
+                                            for m in (self.model, self._reference_model()))
+        return softcap, multiplier, reference_multiplier
 
     def forward(self, labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
                 num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
                 **inputs) -> torch.Tensor:
+        softcap, multiplier, reference_multiplier = self._head_factors()
         lm_head = causal_lm_parts(self.model)[1]
         hidden, target = hidden_and_targets(head_input_module(self.model), labels, shift_labels, inputs)
-        reference_model = self.model if self.reference == "adapter" else self.reference
+        reference_model = self._reference_model()
         adapter_off = self.model.disable_adapter() if self.reference == "adapter" else contextlib.nullcontext()
         with torch.no_grad(), eval_mode(base_causal_lm(reference_model)), adapter_off:
             ref_head = causal_lm_parts(reference_model)[1]
@@ -86,13 +96,13 @@ class CausalLMKLDiv(torch.nn.Module):
         # under autocast the op takes the autocast dtype, as the lm_heads' matmuls would; a head shared by both
         # models (an adapter off) is passed as one tensor, read once
         dtype = compute_dtype(hidden.device.type, lm_weight.dtype)
-        weight, bias = lm_weight.to(dtype), scaled_head_input(lm_head.bias, self.multiplier, dtype)
-        shared = ref_weight is lm_weight and self.reference_multiplier == self.multiplier
-        kl = linear_kl_div(scaled_head_input(hidden, self.multiplier, dtype), weight,
-                           scaled_head_input(ref_hidden, self.reference_multiplier, dtype),
+        weight, bias = lm_weight.to(dtype), scaled_head_input(lm_head.bias, multiplier, dtype)
+        shared = ref_weight is lm_weight and reference_multiplier == multiplier
+        kl = linear_kl_div(scaled_head_input(hidden, multiplier, dtype), weight,
+                           scaled_head_input(ref_hidden, reference_multiplier, dtype),
                            weight if shared else ref_weight.to(dtype), bias=bias,
                            ref_bias=bias if shared and ref_bias is lm_head.bias else
-                           scaled_head_input(ref_bias, self.reference_multiplier, dtype),
+                           scaled_head_input(ref_bias, reference_multiplier, dtype),
                            mask=target != ignore_index, reduction="mean" if num_items_in_batch is None else "sum",
-                           softcap=self.softcap, backend=self.backend, grads_in_forward=self.grads_in_forward)
+                           softcap=softcap, backend=self.backend, grads_in_forward=self.grads_in_forward)
         return per_item(kl, num_items_in_batch)

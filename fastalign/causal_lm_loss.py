@@ -43,7 +43,6 @@ class CausalLMLoss(torch.nn.Module):
         check_fused_logits(model)
         check_no_router_loss(model, "CausalLMLoss")
         self.model, self.backend, self.grads_in_forward = model, backend, grads_in_forward
-        self.softcap, self.multiplier = logit_softcap(model), logit_multiplier(model)
 
     def forward(self, labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
                 num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
@@ -63,11 +62,14 @@ class CausalLMLoss(torch.nn.Module):
         lm_weight = head_weight(lm_head)
         # under autocast the op takes the autocast dtype, as the lm_head's matmul would
         dtype = compute_dtype(hidden.device.type, lm_weight.dtype)
-        # a model that multiplies its logits (Cohere, Granite, Falcon-H1) gets the factor on the head's inputs
-        head_input = scaled_head_input(hidden, self.multiplier, dtype)
-        bias = scaled_head_input(lm_head.bias, self.multiplier, dtype)
+        # a model that multiplies its logits (Cohere, Granite, Falcon-H1) gets the factor on the head's inputs; the
+        # factor and the soft cap are read as the config stands now, as the model's forward reads them
+        multiplier = logit_multiplier(self.model)
+        head_input = scaled_head_input(hidden, multiplier, dtype)
+        bias = scaled_head_input(lm_head.bias, multiplier, dtype)
         loss = linear_cross_entropy(head_input, lm_weight.to(dtype), target, bias=bias, ignore_index=ignore_index,
-                                    reduction="mean" if num_items_in_batch is None else "sum", softcap=self.softcap,
+                                    reduction="mean" if num_items_in_batch is None else "sum",
+                                    softcap=logit_softcap(self.model),
                                     backend=self.backend, grads_in_forward=self.grads_in_forward)
         return per_item(loss, num_items_in_batch)
 

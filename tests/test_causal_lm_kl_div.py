@@ -141,8 +141,25 @@ def test_the_triton_kernels_give_the_same_kl():
     (lambda: tiny_gemma2(VOCAB, softcap=0.5), {}, NotImplementedError, "cap their logits differently"),
 ])
 def test_bad_references_are_refused_naming_the_argument(make_reference, options, error, message):
+    reference = make_reference()
     with pytest.raises(error, match=message):
-        CausalLMKLDiv(tiny_llama(VOCAB), make_reference(), **options)
+        CausalLMKLDiv(tiny_llama(VOCAB), reference, **options)
+    if isinstance(reference, torch.nn.Module):   # left as it was (a model passed by mistake was frozen, untrainable)
+        assert all(p.requires_grad for p in reference.parameters())
+
+
+def test_soft_caps_set_after_construction_are_the_ones_applied():
+    """The configs are read at every call, as the models' forwards read them: a soft cap changed on both models since
+    is the one the KL applies, and one changed on one model alone is refused then."""
+    model, reference = (make() for make in CASES["gemma2-softcap"])
+    kl = CausalLMKLDiv(model, reference, backend="torch")
+    for m in (model, reference):
+        m.config.final_logit_softcapping = 30.0
+    inputs = batch(seed=12)
+    assert_same_kl_and_gradients(model, kl(**inputs), logits_kl(model, reference, inputs))
+    reference.config.final_logit_softcapping = 20.0
+    with pytest.raises(NotImplementedError, match=r"cap their logits differently \(30.0 and 20.0\)"):
+        kl(**inputs)
 
 
 def test_a_temperature_with_soft_capped_logits_is_refused():

@@ -15,7 +15,7 @@ from fastalign.fused_loss_forward import FusedLossForward
 from fastalign.unlearn import fused_layers, layer_stand_ins
 from tests.conftest import TRITON_DEVICE
 from tests.test_causal_lm_loss import MODELS, VOCAB, batch, grads_of
-from tests.unlearn.test_objective import tiny_model
+from tests.unlearn.test_objective import tiny_gemma2, tiny_model
 from tests.unlearn.tiny import tiny_llama, tiny_phi
 
 
@@ -229,6 +229,15 @@ def test_a_router_loss_a_composite_models_text_config_adds_is_refused():
             fuse_causal_lm_loss(model)
     else:
         assert_same_as_own(*fused_and_own(lambda: model), **batch(seed=11))
+
+
+def test_a_soft_cap_set_on_the_config_after_fusing_is_the_one_applied():
+    """The fused loss reads the config at every call, as the model's own forward does (it kept the cap it was fused
+    with, so training and evaluation capped the logits differently)."""
+    fused, own = fused_and_own(lambda: tiny_gemma2(VOCAB, softcap=0.5))
+    for model in (fused, own):
+        model.config.final_logit_softcapping = 30.0
+    assert_same_as_own(fused, own, **batch(seed=12))
 
 
 def test_bool_labels_are_refused_naming_them():
