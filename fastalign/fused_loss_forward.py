@@ -14,6 +14,7 @@ import warnings
 from typing import Callable, TypeVar
 
 import torch
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -45,6 +46,7 @@ def fuse_causal_lm_loss(model: Model, *, backend: Backend = "auto", grads_in_for
     it replaces the settings; copies of the model (copy.deepcopy) keep the fused forward, on their own weights.
     backend and grads_in_forward are linear_cross_entropy's.
     """
+    _refuse_wrapper(model)
     base = base_causal_lm(model)
     _check_loss_is_causal_lm_cross_entropy(base)
     current = base.forward
@@ -134,6 +136,18 @@ def _asks_for_nothing_but_the_loss(arguments: dict) -> bool:
     return (all(arguments.get(name) is None for name in _CACHE_ARGUMENTS)
             and isinstance(logits_to_keep, int) and logits_to_keep == 0
             and not arguments.get("output_router_logits"))
+
+
+def _refuse_wrapper(model: torch.nn.Module) -> None:
+    """TypeError for a wrapper around the model (torch.compile's OptimizedModule, DistributedDataParallel,
+    DataParallel): its forward is the wrapper's own (or was traced from the model's), so the fusing goes on the model,
+    before it is wrapped."""
+    wrapped = model.module if isinstance(model, (DistributedDataParallel, DataParallel)) else None
+    wrapped = getattr(model, "_orig_mod", wrapped)
+    if isinstance(wrapped, torch.nn.Module):
+        raise TypeError(f"fuse_causal_lm_loss got a {type(model).__name__} around a {type(wrapped).__name__}: fuse "
+                        "the model itself, then wrap it (fuse_causal_lm_loss(model) before torch.compile, "
+                        "DistributedDataParallel or DataParallel)")
 
 
 def _check_loss_is_causal_lm_cross_entropy(base: torch.nn.Module) -> None:

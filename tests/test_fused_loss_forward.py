@@ -257,6 +257,18 @@ def test_a_model_with_a_loss_function_of_its_own_is_refused():
         fuse_causal_lm_loss(model)
 
 
+@pytest.mark.parametrize("wrap", [torch.compile, torch.nn.DataParallel], ids=["compiled", "data-parallel"])
+def test_a_wrapped_model_is_refused_naming_the_wrapper(wrap):
+    """Fusing goes on the model before a wrapper takes it: torch.compile's module was refused as a model whose
+    "forward computes its loss itself", which is false and says nothing of what to do."""
+    model = tiny_llama(VOCAB)
+    wrapped = wrap(model)
+    with pytest.raises(TypeError, match=f"got a {type(wrapped).__name__} around a LlamaForCausalLM: fuse the model "
+                                        "itself, then wrap it"):
+        fuse_causal_lm_loss(wrapped, backend="torch")
+    assert "forward" not in vars(model)
+
+
 def test_an_encoder_decoder_model_is_refused_naming_what_it_is():
     """T5 computes its loss itself, from a decoder that reads decoder_input_ids: the fused forward says so, and the
     loss modules name it an encoder-decoder model (their probe of its logits failed inside transformers, asking for
