@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -43,7 +44,7 @@ def open_text(path: str | os.PathLike) -> io.TextIOBase:
 
 
 # What reading a text file that is not (gzipped) UTF-8 raises, once a line is read.
-_UNREADABLE = (UnicodeDecodeError, EOFError, gzip.BadGzipFile)
+_UNREADABLE = (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error)   # zlib's: a damaged deflate stream
 
 
 def _unreadable(path: str, error: Exception) -> DataError:

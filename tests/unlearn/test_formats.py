@@ -383,11 +383,19 @@ def test_read_text_returns_the_file_as_written(tmp_path):
             read_text(tmp_path / name)
 
 
-def test_a_truncated_gzipped_jsonl_file_is_a_data_error(tmp_path):
-    """A .gz cut short (a download or copy interrupted) raised a bare EOFError."""
+@pytest.mark.parametrize("damage", ["cut short", "flipped byte"])
+def test_a_damaged_gzipped_jsonl_file_is_a_data_error(tmp_path, damage):
+    """A .gz cut short (a download or copy interrupted) raised a bare EOFError, one whose deflate stream has a
+    flipped byte (a bad copy) zlib.error."""
     path = write_jsonl(tmp_path / "qa.jsonl.gz", [{"prompt": f"p{k}", "answer": "a" * 50} for k in range(50)],
                        compress=True)
-    path.write_bytes(path.read_bytes()[:-10])
+    data = bytearray(path.read_bytes())
+    if damage == "cut short":
+        del data[-10:]
+    else:
+        deflate_start = data.index(0, 10) + 1 if data[3] & 8 else 10   # past the header's file name, if any
+        data[deflate_start] ^= 0xFF   # an invalid block type
+    path.write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"qa.jsonl.gz: cannot be read as \(gzipped\) UTF-8 text"):
         load_pairs(path)
 
