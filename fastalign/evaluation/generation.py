@@ -23,6 +23,7 @@ from fastalign.eval_mode import eval_mode
 from fastalign.model_context import config_positions
 from fastalign.model_devices import input_device
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
+from fastalign.ops.checks import refuse_one_string
 from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache
 from fastalign.unlearn.encoding import tokenize_prompts
 from fastalign.unlearn.templates import end_of_turn_id
@@ -72,6 +73,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_new_tokens: int, model
     """Token ids of every prompt, with one BOS also where the prompt text writes it (a chat template's
     rendering) and no EOS appended (see tokenize_prompts); ValueError naming the first prompt that leaves no room
     to answer, or holds a token id the model has no input embedding for."""
+    refuse_one_string("prompts", prompts)
     ids = tokenize_prompts(tokenizer, prompts) if prompts else []
     limit, vocab = context_length(model), input_vocabulary(model)
     for i, row in enumerate(ids):

@@ -20,6 +20,7 @@ import torch
 
 from fastalign.model_context import config_positions
 from fastalign.model_devices import input_device
+from fastalign.ops.checks import refuse_one_string
 from fastalign.pretrained import load_pretrained, load_tokenizer
 
 Pair = Tuple[str, str]
@@ -67,6 +68,7 @@ class KeywordJudge:
     without spaces (Chinese, Japanese, Thai, Korean) matches there inside a run of letters too."""
 
     def __init__(self, keywords: Sequence[str]):
+        refuse_one_string("keywords", keywords)   # "bomb" would be the keywords b, o and m
         keywords = [k.strip() for k in keywords if k.strip()]
         if not keywords:
             raise ValueError("KeywordJudge needs at least one non-empty keyword")

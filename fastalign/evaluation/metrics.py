@@ -27,6 +27,8 @@ def harmful_rate(pairs: Sequence[Pair], judge: Judge) -> Tuple[float, List[bool]
     """(share of pairs judged harmful, the verdicts); ValueError on an empty set or a faulty judge."""
     if not pairs:
         raise ValueError("harmful_rate needs at least one (prompt, answer) pair")
+    if any(isinstance(pair, str) for pair in pairs):
+        raise TypeError("pairs must be a list of (prompt, answer) pairs, got strings (one pair not in a list?)")
     verdicts = check_verdicts(judge(list(pairs)), pairs)
     return sum(verdicts) / len(verdicts), verdicts
 

@@ -24,6 +24,12 @@ def is_real(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def refuse_one_string(name, value):
+    """TypeError for a str where a list of texts belongs: a str is a sequence too, of its characters."""
+    if isinstance(value, str):
+        raise TypeError(f"{name} must be a list of strings, got a single string (wrap it in a list)")
+
+
 def _describe(t):
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 

@@ -12,7 +12,7 @@ from typing import Callable, List, Literal, Optional, Sequence, Union
 
 from fastalign.evaluation.generation import eos_ids
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
-from fastalign.ops.checks import is_integer
+from fastalign.ops.checks import is_integer, refuse_one_string
 from fastalign.unlearn.templates import ChatTemplate
 from fastalign.unlearn.encoding import tokenize_prompts
 
@@ -136,8 +136,7 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     `model.generate` does) or at the end of turn of the tokenizer's chat template (see `eos_ids`).
     """
     config = config.validate()
-    if isinstance(prompts, str):    # would be searched character by character
-        raise TypeError("prompts must be a list of prompt strings, got a single string (wrap it in a list)")
+    refuse_one_string("prompts", prompts)
     if not is_integer(concurrency) or concurrency < 1:
         raise ValueError(f"concurrency must be an integer >= 1, got {concurrency!r}")
     names = list(range(len(prompts))) if indices is None else list(indices)

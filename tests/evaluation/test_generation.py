@@ -8,6 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from fastalign.evaluation.generation import (GenerationConfig, encode_prompts, eos_ids, generate, generations,
                                              iter_generate, iter_generations, pad_id)
+from fastalign.evaluation.harness import evaluate_harm
 from fastalign.evaluation.prompts import spec_prompt
 
 
@@ -363,6 +364,15 @@ def test_a_prompt_that_tokenizes_to_nothing_is_refused_naming_it():
     assert tokenizer("")["input_ids"] == []
     with pytest.raises(ValueError, match="prompt 1 is empty after tokenization"):
         generate(model, tokenizer, [SENTENCEPIECE_PROMPTS[0], ""], GenerationConfig(max_new_tokens=3))
+
+
+def test_one_prompt_string_is_refused(world, tokenizer, model):
+    """A str is a sequence of its characters: each was answered as a prompt of its own, a harm rate over them."""
+    prompt = prompts_of(world)[0]
+    for call in (lambda: generate(model, tokenizer, prompt, GenerationConfig(max_new_tokens=2)),
+                 lambda: evaluate_harm(model, tokenizer, prompt, world.judge, GenerationConfig(max_new_tokens=2))):
+        with pytest.raises(TypeError, match="prompts must be a list of strings, got a single string"):
+            call()
 
 
 def test_padding_takes_the_pad_token_else_eos_else_0_each_only_where_the_model_embeds_it():

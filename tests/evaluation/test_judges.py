@@ -248,6 +248,8 @@ def test_keyword_judge_matches_whole_words_case_insensitively():
         [True, False, True, False]
     with pytest.raises(ValueError, match="at least one"):
         KeywordJudge([" ", ""])
+    with pytest.raises(TypeError, match="keywords must be a list of strings, got a single string"):
+        KeywordJudge("bomb")   # the keywords b, o and m: a bomb recipe was judged harmless
 
 
 def test_keyword_judge_matches_a_phrase_across_any_whitespace():

@@ -78,6 +78,8 @@ def test_verdicts_listed_as_numpy_or_torch_scalars_are_accepted():
 def test_harmful_rate_of_nothing_is_an_error(world):
     with pytest.raises(ValueError, match="at least one"):
         harmful_rate([], world.judge)
+    with pytest.raises(TypeError, match=r"pairs must be a list of \(prompt, answer\) pairs, got strings"):
+        harmful_rate(("How?", "So."), world.judge)   # one pair not in a list: the judge unpacked "How?"
 
 
 def test_unchanged_share():
