@@ -172,9 +172,10 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     queue = []
     for i, prompt in enumerate(prompts):
         try:
+            own_draw = prompt_sampler(draw, names[i])   # by its name: a resumed run names it alike
             queue.append(_prepare(i, names[i], prompt, tokenizer, judge, prefix_ids, config, context, required,
                                   prefix_key, template, lead, vocab))
-            queue[-1].sampler = prompt_sampler(draw, names[i])   # by its name: a resumed run names it alike
+            queue[-1].sampler = own_draw
         except ValueError as err:
             results[i].error = str(err)
             if on_result:

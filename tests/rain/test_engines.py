@@ -944,6 +944,26 @@ def test_a_plug_in_sampler_whose_pools_come_back_empty_fails_each_prompt_naming_
         assert re.fullmatch(expected, r.error), r.error
 
 
+class _NoSamplerForPromptOne(KeyedSampler):
+    """A plug-in sampler (its draw is its own, so it is checked) whose for_prompt gives prompt 1 no sampler."""
+
+    def draw(self, probs, keys):
+        return super().draw(probs, keys)
+
+    def for_prompt(self, index):
+        return object() if index == 1 else self
+
+
+@pytest.mark.parametrize("engine", ["slow", "tree"])
+def test_a_prompt_whose_sampler_cannot_be_made_fails_once_naming_the_sampler(engine):
+    """The prompt stayed queued with no sampler: reported twice, the second time with an AttributeError of None."""
+    seen = []
+    run = rain_generate(tiny_llama(), tokenizer(), PROMPTS[:2], SMALL, engine=engine, judge_prompt=SHORT_JUDGE,
+                        embedding="hidden", sampler=_NoSamplerForPromptOne(), on_result=lambda r: seen.append(r.index))
+    assert sorted(seen) == [0, 1]
+    assert run.results[0].error is None and run.results[1].error.startswith("sampler: object has no method draw")
+
+
 def test_prompts_whose_starts_part_at_different_depths_start_in_one_merged_start(monkeypatch):
     """Starting sequences are cut where they part (the first two prompts share "Human: How", the third only
     "Human: "), so some are done a round before others. A mutant that advanced a finished one failed the merged start,
