@@ -224,6 +224,10 @@ def test_a_reference_of_another_vocabulary_is_an_error_before_any_answer(harmful
     (["--reference", "demo"], "go together"),
     (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
     (["--judge", "keyword", "--keywords", ", ,"], "--keywords: KeywordJudge needs at least one non-empty keyword"),
+    # another judge's options were ignored: the world judge ran where keywords were meant
+    (["--keywords", "bread,Sure"], "--keywords: another judge's, and the judge is world: choose that judge"),
+    (["--judge", "keyword", "--keywords", "x", "--threshold", "0.9", "--judge-callable", "m:f"],
+     "--judge-callable, --threshold: another judge's, and the judge is keyword"),
     (["--system", "Be brief."], "--system is a turn of the chat template: it needs --template chat, not spec"),
     (["--chat-template-kwargs", '{"enable_thinking": false}'],
      "--chat-template-kwargs are variables of the chat template: they need --template chat, not spec"),
