@@ -5,7 +5,8 @@ Each prompt's record {"index", "prompt", "rain", "vanilla", "error", "stats", "r
 digest of the settings that decide the answers) is appended to --output and
 flushed as soon as that prompt finishes, so a killed run resumes where it stopped (prompts recorded without
 an error are skipped). A prompt that fails gets its error in its record; the others go on, and a resumed run
-searches it again and appends its new record: the file is append-only, and the last record of an index wins.
+searches it again and appends its new record: the file is append-only, and an index's successful record wins
+(else its last).
 Another fastalign process started on the same --output while this one runs stops with a usage error.
 Bad arguments (a missing file, a bad setting, a judge prompt the tokenizer cannot serve) are usage errors
 (exit code 2) found before the model loads; a run in which a prompt failed exits with code 1.

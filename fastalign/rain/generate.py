@@ -87,12 +87,14 @@ def _prepare(index: int, name: int, prompt: str, tokenizer, judge: JudgeTokens, 
     max_length = config.max_length
     if config.max_new_tokens:
         max_length = min(max_length, len(root_ids) + config.max_new_tokens)
+    judge_limit = None   # the length at which the judge prompt around the conversation fills the context
     if context:
         judge_fixed = len(judge.prefix_ids) + len(head_ids) + max(map(len, judge.suffix_ids)) + JUDGE_MARGIN
-        max_length = min(max_length, context, len(root_ids) + context - judge_fixed)
+        judge_limit = len(root_ids) + context - judge_fixed
+        max_length = min(max_length, context, judge_limit)
     if len(root_ids) + 1 > max_length:
         judge_note = ""
-        if context:
+        if judge_limit == max_length:
             judge_note = (f"; the judge prompt around this conversation takes {judge_fixed} of those tokens: pass a "
                           "shorter judge_prompt=JudgePrompt(...) (fastalign rain: --judge-template-file) if that is "
                           "what fills the context")

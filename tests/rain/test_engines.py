@@ -1058,7 +1058,17 @@ def test_judge_prompt_past_the_context_fails_each_prompt_in_both_engines():
     model = tiny_llama(max_positions=64)
     for engine in ("slow", "tree"):
         run = rain_generate(model, tokenizer(), PROMPTS[:2], SMALL, engine=engine, embedding="hidden")
-        assert all("no room to answer" in r.error for r in run.results), engine
+        assert all("no room to answer" in r.error and "pass a shorter judge_prompt" in r.error
+                   for r in run.results), engine
+
+
+def test_a_prompt_past_max_length_is_not_told_to_shorten_the_judge_prompt():
+    """The judge prompt is named only where it is what leaves no room (here max_length does, far within the
+    model's context)."""
+    run = rain_generate(tiny_llama(), tokenizer(), PROMPTS[:1], dataclasses.replace(SMALL, max_length=5),
+                        judge_prompt=SHORT_JUDGE, embedding="hidden")
+    assert "no room to answer within max_length=5" in run.results[0].error
+    assert "judge" not in run.results[0].error
 
 
 def test_answers_end_at_every_end_token_the_generation_config_lists(monkeypatch):
