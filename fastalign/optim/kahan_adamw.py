@@ -101,10 +101,11 @@ class KahanAdamW(torch.optim.Optimizer):
         torch's AdamW that this step does not have (amsgrad=True, maximize=True)."""
         if isinstance(param_group, dict):
             _check_torch_options(param_group, f"params: param group {len(self.param_groups)}")
-        super().add_param_group(param_group)
+        super().add_param_group(param_group)   # (which makes its params a list, whatever iterable they came in)
         for i, p in enumerate(self.param_groups[-1]["params"]):
             if p.dtype not in STEPPED_DTYPES:
-                raise ValueError(f"params: parameter {i} of group {len(self.param_groups) - 1} is {p.dtype}; expected "
+                self.param_groups.pop()   # refused: not stepped after all by the next step
+                raise ValueError(f"params: parameter {i} of group {len(self.param_groups)} is {p.dtype}; expected "
                                  "bfloat16 or float32 (train float16 weights in bfloat16 or float32: AdamW's second "
                                  "moment underflows in float16)")
 

@@ -235,6 +235,19 @@ def test_the_step_inside_the_backward_gives_the_step_after_it():
         assert torch.equal(ours, theirs) and ours.grad is None
 
 
+def test_a_refused_param_group_is_not_kept():
+    """A group added with a float16 parameter is refused, and not left in param_groups, where the next step stepped
+    it in float16 after all (and a state dict saved it)."""
+    weight, refused = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+    optimizer = KahanAdamW([weight], lr=1e-2, backend="torch")
+    with pytest.raises(ValueError, match="parameter 0 of group 1 is torch.float16"):
+        optimizer.add_param_group({"params": [refused]})
+    assert len(optimizer.param_groups) == 1
+    weight.grad, refused.grad = torch.ones_like(weight), torch.ones_like(refused)
+    optimizer.step()
+    assert torch.equal(refused, torch.ones_like(refused)) and refused not in optimizer.state
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: KahanAdamW([torch.nn.Parameter(torch.ones(2, dtype=torch.float16))]), "parameter 0 of group 0 is "
      "torch.float16; expected bfloat16 or float32"),
