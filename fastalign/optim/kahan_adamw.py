@@ -58,6 +58,21 @@ def _check_torch_options(group, where):
                              f"AdamW with {option}={value!r})")
 
 
+def _check_hyperparameters(group, prefix):
+    """A ValueError, its message starting with `prefix`, for the lr, betas, eps or weight_decay in `group` (the
+    constructor's, or a param group's own) that AdamW cannot step with: betas (0.9, 1.0) made every weight NaN."""
+    lr, betas = group.get("lr", 0.0), group.get("betas", (0.0, 0.0))
+    if not (isinstance(lr, (int, float)) or torch.is_tensor(lr) and lr.numel() == 1) or float(lr) < 0:
+        raise ValueError(f"{prefix}lr: expected a float >= 0 (or a one-element tensor), got {lr!r}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"{prefix}betas: expected two floats in [0, 1), got {betas!r}")
+    for name in ("eps", "weight_decay"):
+        value = group.get(name, 0.0)
+        if not (isinstance(value, (int, float)) and value >= 0):
+            raise ValueError(f"{prefix}{name}: expected a float >= 0, got {value!r}")
+
+
 def _local(tensor):
     """The tensor itself, or the local shard of a DTensor (a parameter FSDP2 shards, its gradient and its state)."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
@@ -82,14 +97,7 @@ class KahanAdamW(torch.optim.Optimizer):
             if value:
                 raise ValueError(f"KahanAdamW: {name}={value!r} chooses how torch's AdamW runs its step; KahanAdamW "
                                  "runs its own (one kernel a parameter on CUDA, torch operations elsewhere: backend=)")
-        if not (isinstance(lr, (int, float)) or torch.is_tensor(lr) and lr.numel() == 1) or float(lr) < 0:
-            raise ValueError(f"lr: expected a float >= 0 (or a one-element tensor), got {lr!r}")
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-                and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
-            raise ValueError(f"betas: expected two floats in [0, 1), got {betas!r}")
-        for name, value in (("eps", eps), ("weight_decay", weight_decay)):
-            if not (isinstance(value, (int, float)) and value >= 0):
-                raise ValueError(f"{name}: expected a float >= 0, got {value!r}")
+        _check_hyperparameters(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), "")
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         self.backend = backend
@@ -101,6 +109,7 @@ class KahanAdamW(torch.optim.Optimizer):
         torch's AdamW that this step does not have (amsgrad=True, maximize=True)."""
         if isinstance(param_group, dict):
             _check_torch_options(param_group, f"params: param group {len(self.param_groups)}")
+            _check_hyperparameters(param_group, f"params: param group {len(self.param_groups)}'s ")
         super().add_param_group(param_group)   # (which makes its params a list, whatever iterable they came in)
         for i, p in enumerate(self.param_groups[-1]["params"]):
             if p.dtype not in STEPPED_DTYPES:

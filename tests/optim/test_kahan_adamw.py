@@ -235,6 +235,20 @@ def test_the_step_inside_the_backward_gives_the_step_after_it():
         assert torch.equal(ours, theirs) and ours.grad is None
 
 
+@pytest.mark.parametrize("option, message", [
+    ({"betas": (0.9, 1.0)}, "betas: expected two floats in [0, 1)"),   # every weight NaN at the first step
+    ({"betas": (0.9, 0.99, 0.5)}, "betas: expected two floats in [0, 1)"),   # an unpacking error inside step()
+    ({"lr": -1.0}, "lr: expected a float >= 0"),   # climbed the gradient
+    ({"eps": -1e-8}, "eps: expected a float >= 0"),
+    ({"weight_decay": "0.1"}, "weight_decay: expected a float >= 0"),
+])
+def test_a_param_groups_own_options_are_checked_as_the_constructors(option, message):
+    """Options given in a group (the usual way to give a group its own) were taken unchecked."""
+    with pytest.raises(ValueError, match=re.escape(f"params: param group 1's {message}")):
+        KahanAdamW([{"params": [torch.nn.Parameter(torch.ones(2))]},
+                    {"params": [torch.nn.Parameter(torch.ones(3))], **option}], backend="torch")
+
+
 def test_a_refused_param_group_is_not_kept():
     """A group added with a float16 parameter is refused, and not left in param_groups, where the next step stepped
     it in float16 after all (and a state dict saved it)."""
