@@ -6,6 +6,7 @@ answers per prompt, weights 0.5 / 1.0 / 1.0, early stop once the forget NLL exce
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import yaml
 from fastalign.ops.backend import BACKENDS, Backend
 from fastalign.ops.checks import is_integer, is_real
 from fastalign.writable import cannot_create_in
+from fastalign.unlearn.records import KeyTwice, object_of_unique_keys
 from fastalign.unlearn.formats import FORMATS, Format
 from fastalign.unlearn.objective import LossWeights
 from fastalign.unlearn.packing import MODES as PACKING_MODES, Packing
@@ -32,7 +34,19 @@ SEED_MAX = 2**64 - 1   # the largest seed torch.manual_seed takes (a larger one:
 
 class _YamlLoader(yaml.SafeLoader):
     """PyYAML's safe loader, reading `2e-6` and `1.0e5` as floats (YAML 1.1 reads them as strings, so the
-    default learning rate written as a YAML user writes it would be refused as text)."""
+    default learning rate written as a YAML user writes it would be refused as text), and refusing a key written
+    twice in a mapping (PyYAML keeps the last value silently; a key merged in by `<<` may be written again, as YAML's
+    merge allows)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key_node.value!r} given twice",
+                                                            key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
 
 
 _YamlLoader.add_implicit_resolver(
@@ -279,7 +293,8 @@ def read_config_file(path: str | os.PathLike) -> dict:
     if path.endswith((".yaml", ".yml")):
         loads, errors = _load_yaml, yaml.YAMLError
     elif path.endswith(".json"):
-        loads, errors = json.loads, json.JSONDecodeError
+        loads = functools.partial(json.loads, object_pairs_hook=object_of_unique_keys)
+        errors = (json.JSONDecodeError, KeyTwice)
     else:
         raise ValueError(f"config file must end in .json, .yaml or .yml: {path}")
     try:

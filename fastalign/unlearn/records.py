@@ -61,16 +61,19 @@ def read_text(path: str | os.PathLike) -> str:
             raise _unreadable(path, e) from None
 
 
-class _KeyTwice(ValueError):
-    """A JSON object holds a key twice (json.loads would keep the last value silently)."""
+class KeyTwice(ValueError):
+    """A JSON object holds a key twice (json.loads would keep the last value silently); args[0] is the key."""
+
+    def __str__(self):
+        return f"key {self.args[0]!r} given twice"
 
 
-def _object_of_unique_keys(pairs: list) -> dict:
-    """json.loads' object_pairs_hook: the object, or _KeyTwice naming a key it holds twice."""
+def object_of_unique_keys(pairs: list) -> dict:
+    """json.loads' object_pairs_hook: the object, or KeyTwice naming a key it holds twice."""
     obj = {}
     for key, value in pairs:
         if key in obj:
-            raise _KeyTwice(key)
+            raise KeyTwice(key)
         obj[key] = value
     return obj
 
@@ -85,10 +88,10 @@ def read_jsonl(path: str | os.PathLike, *, skip_torn_last_line: bool = False) ->
                 if not line.strip() or (skip_torn_last_line and not line.endswith("\n")):
                     continue
                 try:
-                    obj = json.loads(line, object_pairs_hook=_object_of_unique_keys)
+                    obj = json.loads(line, object_pairs_hook=object_of_unique_keys)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}: row {row}: not valid JSON ({e.msg})") from None
-                except _KeyTwice as e:
+                except KeyTwice as e:
                     raise DataError(f"{path}: row {row}: field {e.args[0]!r} given twice") from None
                 if not isinstance(obj, dict):
                     raise DataError(f"{path}: row {row}: expected a JSON object, got {type(obj).__name__}")

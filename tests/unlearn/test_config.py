@@ -131,6 +131,25 @@ def test_a_setting_given_twice_in_a_config_file_is_refused(tmp_path):
         read_config_file(path)
 
 
+@pytest.mark.parametrize("name, text", [
+    ("run.yaml", "lr: 1.0e-3\nmax_steps: 5\nlr: 0.5\n"),                       # an override appended at the end
+    ("run.yaml", "chat_template_kwargs: {enable_thinking: false, enable_thinking: true}\n"),
+    ("run.json", '{"lr": 0.001, "max_steps": 5, "lr": 0.5}'),
+])
+def test_a_key_written_twice_in_a_config_file_is_refused(tmp_path, name, text):
+    """The YAML and JSON readers kept the last value silently."""
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=rf"{name}: cannot be read: key '(lr|enable_thinking)' given twice"):
+        read_config_file(tmp_path / name)
+
+
+def test_a_key_merged_into_a_yaml_mapping_may_be_written_again(tmp_path):
+    """YAML's merge (`<<`) gives defaults that the mapping's own keys override: not a key written twice."""
+    (tmp_path / "run.yaml").write_text("defaults: &defaults {lr: 1.0e-3, max_steps: 5}\n"
+                                       "run:\n  <<: *defaults\n  lr: 2.0e-3\n")
+    assert read_config_file(tmp_path / "run.yaml")["run"] == {"lr": 2e-3, "max_steps": 5}
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"lora_rank": 8, "lora_dropout": 0.1}, r"lora_rank, lora_dropout have no effect without lora=true \(--lora\)"),
     ({"lora_alpha": 8}, r"^lora_alpha has no effect without lora=true \(--lora\)"),
