@@ -32,12 +32,14 @@ class QAPair:
 
 def open_text(path: str | os.PathLike) -> io.TextIOBase:
     """Opens a UTF-8 text file, transparently gunzipping `*.gz` and dropping a leading byte-order mark (which
-    Windows tools write); a missing file or a directory is a DataError."""
+    Windows tools write); a missing file, a directory, a pipe or a device is a DataError."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory, not a data file")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise DataError(f"data file not found: {path}")
+    if not os.path.isfile(path):   # a pipe (`--forget <(zcat ...)`) or a device: the loaders read a file twice
+        raise DataError(f"{path}: is not a regular file (a pipe or a device); write the data to a file first")
     if path.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
     return open(path, encoding="utf-8-sig", newline="")

@@ -256,6 +256,14 @@ def test_a_directory_given_as_a_data_file_is_named_as_one(tmp_path):
         load_pairs(tmp_path)
 
 
+def test_a_pipe_given_as_a_data_file_is_named_as_one(tmp_path):
+    """A pipe (`--forget <(zcat pku.jsonl.gz)`) was reported as 'not found' although it exists; read once, it could
+    not be read again after the format's detection."""
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(DataError, match=r"pipe: is not a regular file \(a pipe or a device\); write the data to"):
+        load_pairs(tmp_path / "pipe")
+
+
 def test_a_field_given_twice_in_a_row_is_an_error(tmp_path):
     """JSON keeps the last of two equal keys: one of the row's answers was dropped without a word."""
     path = tmp_path / "dup.jsonl"
