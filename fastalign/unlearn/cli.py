@@ -91,9 +91,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     g("--normal", metavar="FILE", help="normal examples kept close to the original model (TruthfulQA .csv "
       "or jsonl)")
     g("--mismatch-pool", metavar="FILE", help="normal answers for the mismatch stream (TruthfulQA .csv or "
-      "jsonl); default: the held-out rows of a TruthfulQA --normal")
+      "jsonl; of a .csv, the answers of its pool rows, the config's truthfulqa_pool_fraction, less its normal pairs' "
+      "answers); default: the held-out rows of a TruthfulQA --normal")
     g("--output-dir", metavar="DIR", help="where model/, logs and checkpoints go")
-    g("--template", help=f"text template with {{prompt}} and {{answer}} (default: {_default('template')!r})")
+    g("--template", help=f"text template with {{prompt}} and {{answer}} (default: {_default('template')!r}, whose "
+      "\\n is a line break: in a shell, $'...\\n...' writes one, '...\\n...' a backslash and an n)")
     g("--chat-template", action=argparse.BooleanOptionalAction,
       help="render examples with the tokenizer's chat template instead of --template: the prompt as a user turn "
       "(after a --system turn), the answer as the assistant turn, read with one BOS as `fastalign eval --template "
