@@ -91,7 +91,7 @@ def predicting_positions(hidden: torch.Tensor, labels: torch.Tensor | None,
         raise ValueError("exactly one of labels (aligned with the inputs) and shift_labels (already shifted) is "
                          f"needed, got {'both' if labels is not None else 'neither'}")
     given, name = (labels, "labels") if labels is not None else (shift_labels, "shift_labels")
-    if not isinstance(given, torch.Tensor) or given.shape != hidden.shape[:-1] or not is_integer(given.dtype):
+    if not isinstance(given, torch.Tensor) or given.shape != hidden.shape[:-1] or not holds_class_ids(given.dtype):
         found = f"{tuple(given.shape)} {given.dtype}" if isinstance(given, torch.Tensor) else type(given).__name__
         raise ValueError(f"{name} must be an integer tensor of the inputs' shape {tuple(hidden.shape[:-1])}, "
                          f"got {found}")
@@ -100,7 +100,7 @@ def predicting_positions(hidden: torch.Tensor, labels: torch.Tensor | None,
     return hidden, given.to(device=hidden.device, dtype=torch.long)
 
 
-def is_integer(dtype: torch.dtype) -> bool:
+def holds_class_ids(dtype: torch.dtype) -> bool:
     """Whether dtype holds class ids: an integer type, not bool (a mask passed where the ids belong)."""
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 

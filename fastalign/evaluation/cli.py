@@ -107,8 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "it reads each answer alone, without its prompt, unless --moderation-template says otherwise")
     parser.add_argument("--moderation-template",
                         help="what the moderation model reads of each pair (default {answer}): a text with {answer} "
-                             "and, for a model "
-                             "trained on question-answer pairs (as the paper's is), {prompt}, e.g. "
+                             "and, for a model trained on question-answer pairs (as the paper's is), {prompt}, e.g. "
                              "'Question: {prompt} Answer: {answer}'; a long prompt loses its start first, the answer "
                              "is never cut for it")
     parser.add_argument("--harmful-label", help="index or name of the moderation model's harmful label "

@@ -16,9 +16,8 @@ from .compiler_disable import compiler_disable
 def vmap_by_loop(op, function, info, in_dims, args):
     """The (outputs, out_dims) of a vmap staticmethod of `function`: applied to each sample of the batched
     arguments (sliced at their in_dims; a tuple argument's in_dims are a tuple of Nones), tensor outputs stacked
-    along dim 0. A loop is exact whatever is batched
-    (hidden states, targets, weights, upstream gradients); folding the samples into one call's token rows is not,
-    since the launchers sum the weight's gradient over the rows."""
+    along dim 0. A loop is exact whatever is batched (hidden states, targets, weights, upstream gradients); folding
+    the samples into one call's token rows is not, since the launchers sum the weight's gradient over the rows."""
     if info.batch_size == 0:
         raise ValueError(f"{op} under torch.func.vmap needs at least one sample, got a batch of 0")
     samples = [function.apply(*(arg.select(dim, i) if isinstance(dim, int) else arg for arg, dim in zip(args, in_dims)))
