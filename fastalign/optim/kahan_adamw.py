@@ -138,14 +138,12 @@ class KahanAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for i, group in enumerate(self.param_groups):
-            _check_torch_options(group, f"param_groups[{i}]")   # also an option set on a group after it was added
+        self._check_groups()
+        for group in self.param_groups:
             (beta1, beta2), lr = group["betas"], float(group["lr"])
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise ValueError("KahanAdamW: a parameter has a sparse gradient, which AdamW does not take")
                 state = self._state_of(p)
                 state["step"] += 1
                 scalars = step_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
@@ -159,6 +157,14 @@ class KahanAdamW(torch.optim.Optimizer):
                     if stepped is not t and i != 1:   # a copy stepped in place of t (the gradient is only read)
                         t.copy_(stepped)
         return loss
+
+    def _check_groups(self):
+        """ValueError for what step() cannot step, before it steps anything (a refused step changes no weight): an
+        option set on a group after it was added, a sparse gradient."""
+        for i, group in enumerate(self.param_groups):
+            _check_torch_options(group, f"param_groups[{i}]")
+            if any(p.grad is not None and p.grad.is_sparse for p in group["params"]):
+                raise ValueError("KahanAdamW: a parameter has a sparse gradient, which AdamW does not take")
 
     def _state_of(self, p):
         """p's state, made on its first step (moments of zeros) or completed after a load (a compensation of zeros

@@ -312,6 +312,22 @@ def test_a_sparse_gradient_is_an_error():
         optimizer.step()
 
 
+@pytest.mark.parametrize("refusal", ["maximize set on a later group", "a later parameter's sparse gradient"])
+def test_a_refused_step_changes_nothing(refusal):
+    """The refusal came after the parameters before the refused one had stepped (weights, moments and step counts):
+    a caller who mends the group and steps again stepped those twice."""
+    first, second = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16)), torch.nn.Parameter(torch.ones(4))
+    optimizer = KahanAdamW([{"params": [first]}, {"params": [second]}], lr=0.1, backend="torch")
+    first.grad, second.grad = torch.ones_like(first), torch.ones_like(second)
+    if refusal.startswith("maximize"):
+        optimizer.param_groups[1]["maximize"] = True
+    else:
+        second.grad = second.grad.to_sparse()
+    with pytest.raises(ValueError):
+        optimizer.step()
+    assert torch.equal(first, torch.ones_like(first)) and not optimizer.state
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_a_step_never_waits_for_the_device(backend):
     """Nothing the step reads comes back to the host (the step count is a host tensor): on a GPU, a step of a
