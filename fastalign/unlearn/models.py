@@ -110,7 +110,7 @@ def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     if hasattr(lm_head, "base_layer"):  # a PEFT tuner layer (e.g. LoRA) wrapped around the lm_head
         raise ValueError(f"the lm_head carries a PEFT adapter ({type(lm_head).__module__}.{type(lm_head).__name__}); "
                          "the fused losses read lm_head.weight, so the adapter would neither act nor train: "
-                         "leave the lm_head out of lora_targets")
+                         "leave the lm_head out of lora_targets (PEFT's target_modules)")
     if hasattr(lm_head, "token_adapter"):   # PEFT's TrainableTokensWrapper: trained rows added in its forward
         raise ValueError("the lm_head carries PEFT's trainable tokens (trainable_token_indices, tied to the input "
                          "embeddings): the fused losses read lm_head.weight, without the trained tokens' rows; untie "
