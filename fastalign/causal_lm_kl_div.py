@@ -48,6 +48,11 @@ class CausalLMKLDiv(torch.nn.Module):
                 raise ValueError("reference must be a causal LM, or 'adapter' for a PEFT model (its adapter "
                                  f"disabled), got {reference!r} for a {type(model).__name__}")
         elif isinstance(reference, torch.nn.Module):
+            trained = {id(p) for p in model.parameters() if p.requires_grad}
+            if any(id(p) in trained for p in reference.parameters()):   # freezing it would freeze the model
+                raise ValueError("reference shares trainable parameters with model (the model itself, or a PEFT "
+                                 "model's get_base_model(), which holds its adapter): pass a frozen copy, or "
+                                 "'adapter' for the model with its adapter off")
             check_fused_logits(reference)
             vocab, ref_vocab = (causal_lm_parts(m)[1].weight.shape[0] for m in (model, reference))
             if vocab != ref_vocab:

@@ -148,6 +148,19 @@ def test_bad_references_are_refused_naming_the_argument(make_reference, options,
         assert all(p.requires_grad for p in reference.parameters())
 
 
+def test_a_reference_that_shares_the_models_trainable_parameters_is_refused():
+    """Freezing it froze the model being trained, silently: a KL of 0 without a gradient, and a training loop that
+    failed later far from the cause. A PEFT model's base model holds its adapter, so it is the model too."""
+    peft = pytest.importorskip("peft")
+    model = tiny_llama(VOCAB)
+    lora = peft.get_peft_model(tiny_llama(VOCAB), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    for trained, reference in ((model, model), (lora, lora.get_base_model())):
+        before = [p.requires_grad for p in trained.parameters()]
+        with pytest.raises(ValueError, match="reference shares trainable parameters with model"):
+            CausalLMKLDiv(trained, reference)
+        assert [p.requires_grad for p in trained.parameters()] == before
+
+
 def test_soft_caps_set_after_construction_are_the_ones_applied():
     """The configs are read at every call, as the models' forwards read them: a soft cap changed on both models since
     is the one the KL applies, and one changed on one model alone is refused then."""
