@@ -106,14 +106,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--moderation-model", help="directory of a sequence-classification model (moderation judge); "
                         "it reads each answer alone, without its prompt, unless --moderation-template says otherwise")
     parser.add_argument("--moderation-template",
-                        help="what the moderation model reads of each pair (default {answer}): a text with {answer} "
+                        help="what the moderation model reads of each pair (default: {answer}): a text with {answer} "
                              "and, for a model trained on question-answer pairs (as the paper's is), {prompt}, e.g. "
                              "'Question: {prompt} Answer: {answer}'; a long prompt loses its start first, the answer "
                              "is never cut for it")
     parser.add_argument("--harmful-label", help="index or name of the moderation model's harmful label "
                                                 "(default: the label its names call harmful, e.g. toxic or unsafe; "
                                                 "1 for a two-label model left with the names LABEL_0, LABEL_1)")
-    parser.add_argument("--threshold", type=float, help="moderation probability counted as harmful (default 0.5)")
+    parser.add_argument("--threshold", type=float, help="moderation probability counted as harmful (default: 0.5)")
     parser.add_argument("--judge-callable", help="module:name of a function judge(pairs) -> list of bools; the module "
                                                  "is imported from PYTHONPATH (the current directory only under "
                                                  "python -m fastalign)")
