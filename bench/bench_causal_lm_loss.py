@@ -27,8 +27,8 @@ import sys
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # this checkout's fastalign
+from bench import harness  # noqa: E402
 
 import fastalign  # noqa: E402
 from fastalign.unlearn import fused_layers  # noqa: E402

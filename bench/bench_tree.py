@@ -55,8 +55,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # this checkout's fastalign
+from bench import harness  # noqa: E402
 
 from fastalign.ops.backend import triton_interpreting  # noqa: E402
 from fastalign.ops.paged_attention import check_paged_metadata, paged_attention, plan_shared_prefix  # noqa: E402

@@ -64,8 +64,8 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # this checkout's fastalign
+from bench import harness  # noqa: E402
 
 from fastalign.unlearn.backward_step import step_in_backward  # noqa: E402
 from fastalign.unlearn.encoding import EncodedExample  # noqa: E402

@@ -244,11 +244,22 @@ RECORD_CHECKS = {"bench_loss": check_bench_loss, "bench_unlearn": check_bench_un
                  "bench_optimizer": check_bench_optimizer, "bench_causal_lm_loss": check_bench_causal_lm_loss}
 
 
+def another_fastalign(tmp_path):
+    """A folder holding a fastalign package that cannot be imported: put ahead of the checkout on PYTHONPATH (as an
+    installed wheel, or another checkout's editable install, is), the scripts must still measure the checkout whose
+    commit their records name (five of them imported whatever `import fastalign` found first)."""
+    package = tmp_path / "elsewhere" / "fastalign"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('another fastalign than the checkout the bench is in')\n")
+    return str(package.parent)
+
+
 @pytest.mark.parametrize("script", sorted(RUNS))
 def test_quick_run_writes_its_record(script, tmp_path):
     # without Triton's interpreter, which the kernel tests cover: the scripts' CPU paths alone, in seconds
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
-           "FASTALIGN_BENCH_RESULTS": str(tmp_path), "FASTALIGN_COMMIT": "test"}
+           "FASTALIGN_BENCH_RESULTS": str(tmp_path), "FASTALIGN_COMMIT": "test",
+           "PYTHONPATH": another_fastalign(tmp_path)}
     done = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), *RUNS[script]], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
