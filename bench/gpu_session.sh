@@ -40,7 +40,8 @@ if [[ "${1:-}" == "--prepare" ]]; then
     # gpu_benches' with_apart)
     "${download[@]}" -d .whl.new/apart trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 torchao==0.18.0
     rm -rf .whl && mv .whl.new .whl
-    cp ../shared/data/hh-harmless-base-test.jsonl.gz ../shared/data/TruthfulQA.csv .carry/data/
+    # -f: a copy left read-only by the last --prepare (the shared data's mode) is replaced, not refused
+    cp -f ../shared/data/hh-harmless-base-test.jsonl.gz ../shared/data/TruthfulQA.csv .carry/data/
     # the device's copy of the tree has no .git: the bench JSON takes the commit from here
     git rev-parse --short HEAD | tr -d '\n' > .carry/commit
     [[ -z "$(git status --porcelain --untracked-files=no)" ]] || echo -n "-dirty" >> .carry/commit
@@ -50,6 +51,11 @@ if [[ "${1:-}" == "--prepare" ]]; then
     git ls-files -z -- . ':!bench/results' | xargs -0 sha256sum > .carry/tracked.sha256 2>/dev/null || true
     ls -la .whl .carry/data
     exit 0
+fi
+
+if [[ ! "${1:-}" =~ ^(tests|benches|8b)$ ]]; then   # before anything is installed into the python3 that runs this
+    echo "unknown part '${1:-}': expected --prepare, tests, benches or 8b"
+    exit 2
 fi
 
 OUT="${OUT:-/tmp/gpu_session}"
@@ -164,7 +170,6 @@ print('results labelled', harness.git_commit())"
         8b) unlearn_8b $(( CALL_LIMIT_S - 15 - SECONDS )) ;;   # (the set-up above took SECONDS of the call)
         tests) gpu_tests ;;
         benches) gpu_benches ;;
-        *) echo "unknown part '${1:-}': expected tests, benches or 8b"; exit 2 ;;
     esac
     ls -la "$OUT"
 }

@@ -1,6 +1,7 @@
 """bench/gpu_session.sh: each of its parts (tests, benches, 8b) must fit one device-tool call of at most 600 s: its
 steps' time limits, with the install before them, leave the call time to return what was measured; benches gives
 the 8B preset what its call has left."""
+import os
 import pathlib
 import re
 import subprocess
@@ -86,3 +87,18 @@ def test_each_step_bundles_the_records_so_far_into_one_file_of_out(tmp_path):
         assert sorted(name.removeprefix("./") for name in bundle.getnames() if name.endswith("json")) == [
             "bench_a.json", "bench_b.json"]
         assert not [name for name in bundle.getnames() if name.endswith(".partial")]
+
+
+def test_an_unknown_part_is_refused_before_anything_is_installed(tmp_path):
+    """`bash bench/gpu_session.sh --help` (or a typo) ran `pip install -e .` into the caller's python3 first."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/bash\necho "$*" >> {calls}\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+           "RESULTS": str(tmp_path / "results")}
+    for part in ("--help", "bench", ""):
+        done = subprocess.run(["bash", str(SCRIPT), *[part][:bool(part)]], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 2 and f"unknown part '{part}'" in done.stdout
+    assert not calls.exists()
