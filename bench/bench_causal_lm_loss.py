@@ -245,7 +245,7 @@ def main():
         del grads
         results.append(row)
         # after each row: a cut run keeps them (the last row's write is the whole record)
-        path = harness.write_results("bench_causal_lm_loss", device, config, results)
+        path = harness.write_results("bench_causal_lm_loss", device, config, results, quick=args.quick)
         harness.print_table(results[-1:], COLUMNS)
     print()
     harness.print_table(results, COLUMNS)

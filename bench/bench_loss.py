@@ -229,7 +229,7 @@ def write(args, config, rows):
     """The JSON record of the run so far; a shape other than the default 8B head's is a variant beside it."""
     default = (args.hidden, args.vocab) == (4096, 128256) or args.quick
     return harness.write_results("bench_loss", args.device, config, rows,
-                                 tag=None if default else f"h{args.hidden}-v{args.vocab}")
+                                 tag=None if default else f"h{args.hidden}-v{args.vocab}", quick=args.quick)
 
 
 def report(rows, row, args, config):
@@ -391,7 +391,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small fp32 shape (N 256, H 128, V 4099) for any device")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) | float16 | float32")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                        help="default: bfloat16 on CUDA, float32 elsewhere")
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])

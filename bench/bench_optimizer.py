@@ -142,12 +142,13 @@ def main():
         if build is None:
             continue
         rows.append(measure(name, build, dtype, shapes, args, device))
-        harness.write_results("bench_optimizer", device, config, rows)   # after each row: a cut run keeps them
+        # after each row: a cut run keeps them
+        harness.write_results("bench_optimizer", device, config, rows, quick=args.quick)
         harness.print_table(rows[-1:], COLUMNS[:-1])
     fp32_ms = next(row["step_ms"] for row in rows if row["method"] == FP32)
     for row in rows:
         row["speedup_vs_fp32"] = fp32_ms / row["step_ms"]
-    path = harness.write_results("bench_optimizer", device, config, rows)
+    path = harness.write_results("bench_optimizer", device, config, rows, quick=args.quick)
     print()
     harness.print_table(rows, COLUMNS)
     print("wrote", path)

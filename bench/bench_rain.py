@@ -255,7 +255,7 @@ def main():
     parser.add_argument("--demo", action="store_true",
                         help="the demo's shipped model on its world's harmful prompts, judged exactly (see above)")
     parser.add_argument("--hh")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--prompts", type=int, default=2, help="prompts of the tree vs reference comparison")
     parser.add_argument("--max-new-tokens", type=int, default=None)
@@ -329,7 +329,8 @@ def main():
         return write()
 
     def write():   # a family other than Llama is a variant, beside the default run of the commit
-        return write_results("rain", args.device, record, rows, tag=None if args.family == "llama" else args.family)
+        return write_results("rain", args.device, record, rows, tag=None if args.family == "llama" else args.family,
+                             quick=args.quick)
 
     def section(name, measure):
         """Runs one section; if it raises (out of memory at concurrency 32, say), an error row names it and the

@@ -89,7 +89,7 @@ def main(argv=None):
             row["over_torch_s"] = row["median_s"] - torch_s
         row["modules"] = " ".join(row.get("heavy_modules", [])) or "-"
     config = {"reps": args.reps, "python": sys.version.split()[0]}
-    path = harness.write_results("startup", "cpu", config, rows)
+    path = harness.write_results("startup", "cpu", config, rows, quick=args.quick)
     harness.print_table(rows, [("what", "what", "{}"), ("median_s", "median s", "{:.2f}"),
                                ("over_torch_s", "over torch s", "{:+.2f}"), ("modules", "heavy modules", "{}"),
                                ("error", "error", "{}")])

@@ -460,7 +460,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small fp32 shapes for any device (smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) | float16 | float32")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                        help="default: bfloat16 on CUDA, float32 elsewhere")
     parser.add_argument("--sections", nargs="+", choices=["attention", "runner"], default=["attention", "runner"],
                         help="runner = the extend, rewind and decode sections")
     group = parser.add_argument_group("attention")
@@ -506,7 +507,8 @@ def main():
     def write(record_rows):   # another family or backend than the default's is a variant, beside the default run
         variant = [args.family] * (args.family != "llama") + [f"{args.attention_backend}-backend"] * (
             args.attention_backend != "auto")
-        return harness.write_results("bench_tree", device, config, record_rows, tag="-".join(variant) or None)
+        return harness.write_results("bench_tree", device, config, record_rows, tag="-".join(variant) or None,
+                                     quick=args.quick)
     if "attention" in args.sections:
         copy_gbs = copy_bandwidth_gbs(device)
         config.update({key: getattr(args, key) for key in ("heads", "kv_heads", "head_dim", "page", "prefix",

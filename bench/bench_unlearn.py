@@ -434,7 +434,7 @@ def main():
                         help="tiny fp32 model, short rows: runs on a CPU (with --preset 8b: that preset's ways)")
     parser.add_argument("--preset", choices=PRESETS, default="1b")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) | float32")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on CUDA, float32 elsewhere")
     parser.add_argument("--batch-size", type=int, default=2, help="harmful prompts (and normal rows) per step")
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=[32, 128], help="range of prompt lengths")
     parser.add_argument("--answer-tokens", type=int, nargs=2, default=[32, 256], help="range of answer lengths")
@@ -469,7 +469,8 @@ def main():
         add_ratios(rows)
         # after each row: a cut run keeps them; the 8B ways' record beside the comparison's (gpu_session.sh runs
         # both in one call, on one device and commit)
-        path = harness.write_results("bench_unlearn", device, config, rows, tag="8b" if args.ways == "8b" else None)
+        path = harness.write_results("bench_unlearn", device, config, rows, tag="8b" if args.ways == "8b" else None,
+                                      quick=args.quick)
         harness.print_table(rows[-1:], COLUMNS)
         if rows[-1].get("profile"):
             harness.print_table(rows[-1]["profile"], harness.PROFILE_COLUMNS)

@@ -340,9 +340,10 @@ def compared_versions():
             if sys.modules.get(module) is not None}
 
 
-def write_results(name, device, config, rows, tag=None):
+def write_results(name, device, config, rows, tag=None, quick=False):
     """Writes the JSON record of one run and returns its path (its name ends in `tag` where given: a variant of the
-    benchmark, kept beside its default run of the same commit)."""
+    benchmark, kept beside its default run of the same commit; then in "quick" for a --quick smoke run, which so
+    never replaces a measured record)."""
     commit = git_commit()
     triton = sys.modules.get("triton")
     record = {"benchmark": name, "device": device_name(device), "commit": commit, "torch": torch.__version__,
@@ -351,7 +352,8 @@ def write_results(name, device, config, rows, tag=None):
               "autotuned": autotuned_configs(), "results": rows}
     os.makedirs(RESULTS_DIR, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", record["device"].split(" (")[0]).strip("-").lower()
-    path = os.path.join(RESULTS_DIR, f"{name}-{slug}-{commit}{'' if tag is None else '-' + tag}.json")
+    tags = "".join(f"-{t}" for t in (tag, "quick" if quick else None) if t)
+    path = os.path.join(RESULTS_DIR, f"{name}-{slug}-{commit}{tags}.json")
     # written aside, then renamed over the record: a run killed at its time limit while writing (the benches rewrite
     # their record after each row) leaves the previous record whole, not a truncated file
     partial = f"{path}.partial"

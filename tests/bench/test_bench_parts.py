@@ -232,10 +232,11 @@ def test_loss_matmul_peak_counts_2_n_cubed_flops(monkeypatch):
 
 def test_loss_record_of_the_default_8b_head_is_untagged_and_another_head_is_named_by_its_shape(monkeypatch):
     tags = []
-    monkeypatch.setattr(bench_loss.harness, "write_results", lambda *args, tag=None: tags.append(tag))
+    monkeypatch.setattr(bench_loss.harness, "write_results",
+                        lambda *args, tag=None, quick=False: tags.append((tag, quick)))
     for hidden, vocab, quick in ((4096, 128256, False), (2048, 128256, False), (16, 67, True)):
         bench_loss.write(SimpleNamespace(hidden=hidden, vocab=vocab, quick=quick, device="cpu"), {}, [])
-    assert tags == [None, "h2048-v128256", None]
+    assert tags == [(None, False), ("h2048-v128256", False), (None, True)]
 
 
 def test_loss_method_that_raises_becomes_an_error_row():
@@ -617,7 +618,7 @@ def test_tree_attention_rows_are_written_as_they_are_measured(monkeypatch, tmp_p
     monkeypatch.setattr(sys, "argv", ["bench_tree.py", "--quick", "--device", "cpu", "--sections", "attention"])
     with pytest.raises(KeyboardInterrupt):
         bench_tree.main()
-    (path,) = tmp_path.glob("bench_tree-cpu-test.json")
+    (path,) = tmp_path.glob("bench_tree-cpu-test-quick.json")
     record = json.loads(path.read_text())
     assert [(row["section"], row["prefix"], row["rows"], row["method"]) for row in record["results"]] == [
         ("attention", 100, 1, "fastalign paged (torch)"), ("attention", 100, 1, "dense sdpa")], record
@@ -1047,8 +1048,9 @@ def test_rain_quick_families_run_on_the_runner_they_stand_for(family, runner):
 def records_written(monkeypatch, bench):
     """The [config, rows] of each record `bench`'s main() writes, in order, as its JSON reads back."""
     written = []
-    monkeypatch.setattr(bench.harness, "write_results",
-                        lambda name, device, config, rows: written.append(json.loads(json.dumps([config, rows]))))
+    def write_results(name, device, config, rows, quick):
+        written.append(json.loads(json.dumps([config, rows])))
+    monkeypatch.setattr(bench.harness, "write_results", write_results)
     return written
 
 
@@ -1397,3 +1399,12 @@ def test_causal_lm_main_compares_each_way_with_the_first_of_its_quantity_on_the_
         assert "leaner" not in kl, kl
         assert by_method["fastalign + fused layers"]["loss_rel_diff"] == 0.0 and by_method["model's own loss"][
             "speedup"] == 1.0
+
+
+@pytest.mark.parametrize("module", [bench_loss, bench_tree, bench_unlearn, bench_rain], ids=lambda m: m.__name__)
+def test_an_unknown_dtype_is_a_usage_error(module, monkeypatch, capsys):
+    """`--dtype bf16` was a traceback from getattr(torch, 'bf16') (an AttributeError), after the model was built."""
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", "--quick", "--device", "cpu", "--dtype", "bf16"])
+    with pytest.raises(SystemExit) as exited:
+        module.main()
+    assert exited.value.code == 2 and "argument --dtype: invalid choice: 'bf16'" in capsys.readouterr().err

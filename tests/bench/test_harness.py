@@ -132,6 +132,9 @@ def test_write_results_records_device_commit_config_and_rows(monkeypatch, tmp_pa
     rows = [{"method": "fused", "ms": 1.5}]
     path = harness.write_results("bench_x", "cpu", {"quick": True}, rows)
     assert path == str(tmp_path / "results" / "bench_x-cpu-abc1234.json")
+    # a variant's tag, then a smoke run's "quick": a --quick run never replaces a measured record
+    assert harness.write_results("bench_x", "cpu", {}, rows, tag="8b", quick=True) == \
+        str(tmp_path / "results" / "bench_x-cpu-abc1234-8b-quick.json")
     with open(path) as f:
         record = json.load(f)
     assert record["device"] == harness.device_name("cpu") and record["device"].startswith("cpu (")
