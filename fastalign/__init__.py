@@ -30,4 +30,5 @@ __all__ = ["linear_cross_entropy", "linear_kl_div", "gated_activation", "gated_l
            "UnlearningObjective", "UnlearningTrainer", "run_unlearning", "PoolExhaustedError", "Span", "TreeRunner",
            "JudgePrompt", "RainConfig", "rain_generate", "GenerationConfig", "KeywordJudge", "ModerationJudge",
            "evaluate_answers", "evaluate_harm", "evaluate_utility", "load_demo_model", "load_demo_world"]
-__getattr__, __dir__ = lazy_exports(globals())
+if not TYPE_CHECKING:   # a type checker reads the imports above: a __getattr__ would make any other name Any
+    __getattr__, __dir__ = lazy_exports(globals())

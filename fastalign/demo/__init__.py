@@ -12,4 +12,5 @@ if TYPE_CHECKING:   # what type checkers and editors read; at run time lazy_expo
 
 __all__ = ["load_model", "load_world", "DemoResult", "DemoSettings", "run_demo", "JUDGE_PROMPT", "World", "prompt_text",
            "render", "self_eval_prompt"]
-__getattr__, __dir__ = lazy_exports(globals())
+if not TYPE_CHECKING:   # a type checker reads the imports above: a __getattr__ would make any other name Any
+    __getattr__, __dir__ = lazy_exports(globals())

@@ -19,4 +19,5 @@ __all__ = ["Answers", "read_answers", "Generation", "GenerationConfig", "generat
            "AnswersReport", "HarmReport", "JudgeError", "UtilityReport", "evaluate_answers", "evaluate_harm",
            "evaluate_utility", "iter_judged", "iter_judged_answers", "KeywordJudge", "ModerationJudge", "harmful_rate",
            "mean_token_kl", "mean_token_kl_of_ids", "unchanged_share", "chat_prompt", "read_prompts", "spec_prompt"]
-__getattr__, __dir__ = lazy_exports(globals())
+if not TYPE_CHECKING:   # a type checker reads the imports above: a __getattr__ would make any other name Any
+    __getattr__, __dir__ = lazy_exports(globals())

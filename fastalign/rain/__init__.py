@@ -19,4 +19,5 @@ if TYPE_CHECKING:   # what type checkers and editors read; at run time lazy_expo
 
 __all__ = ["RainConfig", "HiddenStateEmbedder", "MiniLMEmbedder", "PathInfo", "RainResult", "RainRun", "rain_generate",
            "JudgePrompt", "JudgeTokens", "KeyedSampler", "TorchSampler", "RainStats"]
-__getattr__, __dir__ = lazy_exports(globals())
+if not TYPE_CHECKING:   # a type checker reads the imports above: a __getattr__ would make any other name Any
+    __getattr__, __dir__ = lazy_exports(globals())

@@ -30,4 +30,5 @@ __all__ = ["step_in_backward", "TokenBatch", "UnlearnConfig", "EncodedExample", 
            "RowPacker", "pack_rows", "DataError", "QAPair", "AdapterDisabledReference", "CachedReference",
            "FrozenCopyReference", "load_streams", "run_unlearning", "UnlearningBatch", "UnlearningStreams",
            "ChatTemplate", "TextTemplate", "unlearning_token_weights", "RunSummary", "StepRecord", "UnlearningTrainer"]
-__getattr__, __dir__ = lazy_exports(globals())
+if not TYPE_CHECKING:   # a type checker reads the imports above: a __getattr__ would make any other name Any
+    __getattr__, __dir__ = lazy_exports(globals())
