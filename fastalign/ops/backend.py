@@ -46,7 +46,12 @@ def select_backend(op, backend, device):
     try:
         return importlib.import_module(f"fastalign.kernels.{op}")
     except ImportError as err:
-        raise ImportError(f"backend='triton' needs the triton package ({err}); use backend='torch'") from err
+        if (err.name or "").split(".")[0] == "triton":
+            raise ImportError(f"backend='triton' needs the triton package ({err}); use backend='torch'") from err
+        # triton is there, the kernels are not: fastalign.kernels is kernels/ as an install maps it (a checkout put
+        # on PYTHONPATH has no such package), or a kernel module failed to import under this triton
+        raise ImportError(f"backend='triton': cannot import fastalign.kernels.{op} ({err}); install fastalign "
+                          "(pip install -e . in a checkout), or use backend='torch'") from err
 
 
 def require_triton_dtype(module, name, t):

@@ -1,4 +1,6 @@
 """Which implementation backend="auto" picks: the Triton kernels for CUDA tensors, the chunked torch path elsewhere."""
+import sys
+
 import pytest
 import torch
 
@@ -11,3 +13,15 @@ def test_auto_picks_triton_on_cuda_and_torch_elsewhere(op):
     on the torch path: the interpreter is for testing the kernels, far too slow to train with."""
     assert select_backend(op, "auto", torch.device("cpu")).__name__ == f"fastalign.ops.torch_chunked.{op}"
     assert select_backend(op, "auto", torch.device("cuda")).__name__ == f"fastalign.kernels.{op}"
+
+
+@pytest.mark.parametrize("missing, message", [
+    ("triton", "backend='triton' needs the triton package"),
+    # a checkout on PYTHONPATH, with no install to map kernels/ as fastalign.kernels: it said to install triton
+    ("fastalign.kernels.linear_cross_entropy", "backend='triton': cannot import fastalign.kernels.linear_cross_entropy "
+                                               r".*install fastalign \(pip install -e . in a checkout\)")])
+def test_a_triton_backend_that_cannot_be_imported_names_what_is_missing(missing, message, monkeypatch):
+    monkeypatch.delitem(sys.modules, "fastalign.kernels.linear_cross_entropy", raising=False)
+    monkeypatch.setitem(sys.modules, missing, None)   # imported as None: an ImportError naming it
+    with pytest.raises(ImportError, match=message):
+        select_backend("linear_cross_entropy", "triton", torch.device("cuda"))
