@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from bench import harness  # noqa: E402
 
 import fastalign  # noqa: E402
+from fastalign.ops.backend import triton_interpreting  # noqa: E402
 
 IGNORE = -100
 
@@ -393,9 +394,9 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                         help="default: bfloat16 on CUDA, float32 elsewhere")
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--vocab", type=int, default=128256)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    parser.add_argument("--hidden", type=int, help="default: 4096 (--quick: 128)")
+    parser.add_argument("--vocab", type=int, help="default: 128256 (--quick: 4099)")
+    parser.add_argument("--tokens", type=int, nargs="+", help="default: 2048 4096 8192 16384 (--quick: 256)")
     parser.add_argument("--verbose", action="store_true", help="print each row as it is measured")
     parser.add_argument("--stages", action="store_true",
                         help="also fastalign's cross-entropy stage by stage (forward; backward with both, one or "
@@ -404,10 +405,15 @@ def main():
                         help="with --stages, also the forward with gradients in blocks of whole logits rows sized for "
                              "each of these budgets (the default is 192 MiB)")
     args = parser.parse_args()
-    if args.quick:
-        args.hidden, args.vocab, args.tokens = 128, 4099, [256]
-        args.dtype = args.dtype or "float32"
-    args.dtype = args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32")
+    if args.stages and torch.device(args.device).type != "cuda" and not triton_interpreting():
+        parser.error("--stages times the Triton kernels: it needs --device cuda (or TRITON_INTERPRET=1, Triton's "
+                     "interpreter, on the CPU)")
+    # the quick shapes where the command line left the default
+    defaults = (128, 4099, [256]) if args.quick else (4096, 128256, [2048, 4096, 8192, 16384])
+    for name, default in zip(("hidden", "vocab", "tokens"), defaults):
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+    args.dtype = args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" and not args.quick
+                                else "float32")
     peak = matmul_peak_tflops(args.device, getattr(torch, args.dtype))
     config = {"hidden": args.hidden, "vocab": args.vocab, "tokens": args.tokens, "dtype": args.dtype,
               "matmul_peak_tflops": peak}

@@ -1408,3 +1408,25 @@ def test_an_unknown_dtype_is_a_usage_error(module, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exited:
         module.main()
     assert exited.value.code == 2 and "argument --dtype: invalid choice: 'bf16'" in capsys.readouterr().err
+
+
+def test_loss_quick_keeps_the_shapes_given_on_the_command_line_and_refuses_stages_off_a_gpu(monkeypatch, capsys):
+    """--quick gives its small shape where the command line left the default (`--quick --tokens 64` measured N 256);
+    --stages times the Triton kernels, so off a GPU and the interpreter it is refused before any row (it crashed
+    after the main table)."""
+    seen = {}
+    monkeypatch.setattr(bench_loss, "matmul_peak_tflops", lambda device, dtype: 1.0)
+    monkeypatch.setattr(bench_loss, "run", lambda args, config: seen.update(n=args.tokens, h=args.hidden, v=args.vocab))
+    monkeypatch.setattr(bench_loss, "write", lambda *args: "record")
+    monkeypatch.setattr(bench_loss.harness, "print_table", lambda *args: None)
+    for given, expected in ((["--tokens", "64", "--vocab", "257"], {"n": [64], "h": 128, "v": 257}),
+                            ([], {"n": [256], "h": 128, "v": 4099})):
+        monkeypatch.setattr(sys, "argv", ["bench_loss.py", "--device", "cpu", "--quick", *given])
+        bench_loss.main()
+        assert seen == expected
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(sys, "argv", ["bench_loss.py", "--device", "cpu", "--quick", "--stages"])
+    with pytest.raises(SystemExit) as exited:
+        bench_loss.main()
+    assert exited.value.code == 2 and "--stages times the Triton kernels: it needs --device cuda" in \
+        capsys.readouterr().err
