@@ -1,9 +1,10 @@
 """RAIN: the tree engine against the batch-1 reference engine, against plain KV-cached greedy decoding, at
 several concurrencies, and with several inner iterations at once under virtual loss.
 
-1. Both engines with the keyed sampler, so they make the same decisions and commit the same tokens: tokens
-   through the model, model calls and wall time per committed token, the tree engine's tokens against the
-   tree's minimum and the tokens it computed twice. `same_decisions` says that the two engines agree: they share
+1. Both engines with the keyed sampler, so they make the same decisions and commit the same tokens where the
+   forwards' rounding decides none (a batched forward, and a shared prefix computed once, round otherwise: README,
+   RAIN): tokens through the model, model calls and wall time per committed token, the tree engine's tokens against
+   the tree's minimum and the tokens it computed twice. `same_decisions` says whether the two engines agree: they share
    the search, the judge's prompt and score and the samplers, whose agreement with the SPEC is what tests/rain
    checks (the judge's score, the search's updates, the samplers' draws), not this bench.
 2. The tree engine's throughput at several concurrencies (distinct prompts, production sampler); these rows
