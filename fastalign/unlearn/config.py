@@ -153,6 +153,11 @@ class UnlearnConfig:
                                                     and math.isfinite(self.max_forget_nll)):
             raise ValueError(f"max_forget_nll must be a finite number, or null in a config file (none on the "
                              f"command line) for no early stop, got {self.max_forget_nll!r}")
+        reals = ("lr", "weight_decay", "lora_alpha", "lora_dropout", "truthfulqa_test_fraction",
+                 "truthfulqa_pool_fraction", "forget_weight", "mismatch_weight", "normal_weight", "max_forget_nll")
+        for name in reals:   # a NumPy float becomes a plain float, as the saved JSON needs (checked above)
+            if getattr(self, name) is not None:
+                setattr(self, name, float(getattr(self, name)))
         for name in ("chat_template", "answer_eos", "skip_long_prompts", "lora", "gradient_checkpointing", "resume",
                      "progress", "grads_in_forward", "fused_layers"):
             if not isinstance(getattr(self, name), bool):

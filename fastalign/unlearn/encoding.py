@@ -26,6 +26,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
+from fastalign.ops.checks import refuse_one_string
 from fastalign.unlearn.records import DataError, QAPair
 from fastalign.unlearn.templates import ChatTemplate, RenderedPair, end_of_turn_id
 
@@ -259,6 +260,7 @@ _POOL_PROMPT = "x"
 def encode_answers(tokenizer, template, answers: Sequence[str], *, answer_eos: bool = False) -> list[PoolAnswer]:
     """Answers as the template tokenizes them after a prompt (for mismatch examples); with answer_eos they end
     with `answer_end_id`, as the answers of encode_pairs(..., answer_eos=True) do."""
+    refuse_one_string("answers", answers)   # each character would be a pool answer
     sources = [f"mismatch pool answer {i}" for i in range(len(answers))]
     encoded = encode_rendered(tokenizer, _render(template, [(_POOL_PROMPT, a) for a in answers], sources), sources,
                               end_id=answer_end_id(tokenizer, template) if answer_eos else None)

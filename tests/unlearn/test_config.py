@@ -1,7 +1,9 @@
 """UnlearnConfig and config files: values read as a user writes them, settings refused before any work."""
+import json
 import os
 import re
 
+import numpy as np
 import pytest
 
 from fastalign.unlearn.config import SEED_MAX, UnlearnConfig, check_output_dir, read_config_file
@@ -225,3 +227,12 @@ def test_config_files_of_each_suffix_are_read(tmp_path, suffix):
     path = tmp_path / f"run{suffix}"
     path.write_text('{"lr": 1.0e-3, "max-steps": 3}')   # JSON is YAML too
     assert read_config_file(path) == {"lr": 1e-3, "max_steps": 3}
+
+
+@pytest.mark.parametrize("name", ["lr", "weight_decay", "forget_weight", "mismatch_weight", "normal_weight",
+                                  "max_forget_nll", "lora_dropout", "truthfulqa_test_fraction"])
+def test_numpy_float_settings_become_plain_floats(name):
+    """A NumPy float passed the checks and stayed one: config.json, written by every run once the model had loaded,
+    then failed ("Object of type float32 is not JSON serializable")."""
+    config = UnlearnConfig(**{name: np.float32(0.25)})
+    assert type(getattr(config, name)) is float and json.loads(json.dumps(config.to_dict()))[name] == 0.25

@@ -179,6 +179,8 @@ def test_an_answer_that_produces_no_token_names_its_row():
         encode_pairs(tokenizer, TextTemplate(), pairs([("What is harmful?", "harmful"), ("What?", "  ")]), 64)
     with pytest.raises(DataError, match="mismatch pool answer 1: the answer produced no token"):
         encode_answers(tokenizer, TextTemplate(), ["harmful", "\t"])
+    with pytest.raises(TypeError, match="answers must be a list of strings, got a single string"):
+        encode_answers(tokenizer, TextTemplate(), "harmful")   # each character was a pool answer
 
 
 def test_pool_answer_ids_are_the_answers_tokens_without_the_templates_tail():

@@ -274,12 +274,16 @@ def test_absent_streams_and_bad_arguments():
     assert (batch.num_forget, batch.num_mismatch, batch.num_normal) == (2, 0, 0)
     with pytest.raises(ValueError, match="forget set is empty"):
         UnlearningStreams([])
-    with pytest.raises(ValueError, match="batch_size >= 1"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         UnlearningStreams(FORGET, batch_size=0)
     # a negative K reached numpy's choice(size=-1) at the first batch, or was taken as 0 without a pool
     for pool in (POOL, None):
-        with pytest.raises(ValueError, match=r"mismatch_per_prompt >= 0, got 2, -1"):
+        with pytest.raises(ValueError, match=r"mismatch_per_prompt must be an integer >= 0, got -1"):
             UnlearningStreams(FORGET, mismatch_pool=pool, mismatch_per_prompt=-1)
+    # a negative normal batch drew no normal rows (the KL term off, silently); a float one failed inside range()
+    for size in (-1, 1.5):
+        with pytest.raises(ValueError, match=rf"normal_batch_size must be an integer >= 0, got {size}"):
+            UnlearningStreams(FORGET, normal=FORGET, normal_batch_size=size)
 
 
 def test_a_prompt_that_leaves_no_room_for_a_mismatch_answer_is_named():
