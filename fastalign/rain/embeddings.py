@@ -136,8 +136,8 @@ class MiniLMEmbedder:
 
 class CheckedEmbedder:
     """`embedder` (built in or a plug-in) with its interface checked: an object without it is refused when wrapped,
-    and every batch of vectors is checked before the search uses it (count, type, shape, one length d across the
-    run), each error naming the embedder and what was expected. Unchecked, a plug-in's list of floats or vectors
+    and every batch of vectors is checked before the search uses it (count, type, shape, finite values, one length d
+    across the run), each error naming the embedder and what was expected. Unchecked, a plug-in's list of floats or vectors
     of two lengths failed deep in the back-up."""
 
     def __init__(self, embedder):
@@ -173,6 +173,8 @@ class CheckedEmbedder:
                                  f"(vector {i})")
             if not v.is_floating_point():
                 raise ValueError(f"{where}: expected floating-point vectors, got {v.dtype} (vector {i})")
+            if not bool(torch.isfinite(v).all()):   # a NaN similarity made every prompt fail in the selection
+                raise ValueError(f"{where}: expected finite vectors, got NaN or inf (vector {i})")
             if v.numel() != vectors[0].numel():
                 raise ValueError(f"{where}: expected vectors of the same length d: vector {i} has {v.numel()}, "
                                  f"vector 0 {vectors[0].numel()}")

@@ -144,6 +144,8 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     names = list(range(len(prompts))) if indices is None else list(indices)
     if len(names) != len(prompts):
         raise ValueError(f"indices must name each of the {len(prompts)} prompts, got {len(names)} indices")
+    if not all(map(is_integer, names)):   # each prompt's sampler is seeded from its index (1.9 was taken as 1)
+        raise ValueError(f"indices must be integers, got {next(n for n in names if not is_integer(n))!r}")
     if system is not None and not chat_template:
         raise ValueError("system is a turn of the chat template: it needs chat_template=True")
     if chat_template_kwargs is not None and not chat_template:

@@ -815,6 +815,10 @@ def test_results_and_errors_name_prompts_by_the_given_indices():
     for indices in ([4, 9], [4, 9, 2, 7]):   # one too many named no prompt: zip dropped it unseen
         with pytest.raises(ValueError, match=f"indices must name each of the 3 prompts, got {len(indices)}"):
             rain_generate(model, tok, prompts, judge_prompt=SHORT_JUDGE, embedding="hidden", indices=indices)
+    # a prompt's sampler is seeded from its index: 1.9 was seeded as 1, None a TypeError that lost every result
+    for indices, bad in (([4, 9, 1.9], "1.9"), ([None, 9, 2], "None"), (["a", 9, 2], "'a'")):
+        with pytest.raises(ValueError, match=f"indices must be integers, got {bad}"):
+            rain_generate(model, tok, prompts, judge_prompt=SHORT_JUDGE, embedding="hidden", indices=indices)
 
 
 def test_failure_in_a_merged_engine_run_stays_with_its_prompt():
@@ -1311,6 +1315,9 @@ class _Vectors:
     (lambda paths: None, "expected a list of vectors, got NoneType"),
     (lambda paths: torch.ones(len(paths), 0), r"1-D vectors \[d\] with d >= 1, got shape \[0\]"),
     (lambda paths: [torch.ones(4) for _ in range(len(paths) + 1)], "one vector per path: 1 asked, 2 given"),
+    # a NaN similarity made the selection find no leaf: an AttributeError of None in every prompt
+    (lambda paths: torch.full((len(paths), 4), float("nan")), r"finite vectors, got NaN or inf \(vector 0\)"),
+    (lambda paths: torch.full((len(paths), 4), float("inf")), r"finite vectors, got NaN or inf \(vector 0\)"),
 ])
 def test_a_plug_in_embedder_that_returns_the_wrong_vectors_gets_an_error_naming_it(make, message):
     """Vectors of the wrong type, count or shape failed deep in the back-up ('list' object has no attribute
