@@ -104,8 +104,9 @@ class UnlearningObjective(torch.nn.Module):
         return getattr(self.model, "_no_split_modules", None)
 
     def forward(self, batch: UnlearningBatch, normal_denominator: float | None = None) -> LossTerms:
-        if normal_denominator is not None and not normal_denominator > 0:
-            raise ValueError(f"normal_denominator must be > 0, got {normal_denominator!r}")
+        if normal_denominator is not None and not (is_real(normal_denominator)
+                                                   and 0 < normal_denominator < float("inf")):
+            raise ValueError(f"normal_denominator must be a finite number > 0, got {normal_denominator!r}")
         decoder, lm_head = causal_lm_parts(self.model)
         lm_weight, lm_bias = (_as_trained(t, trained) for t, trained in zip((head_weight(lm_head), lm_head.bias),
                                                                              self.head_trains))

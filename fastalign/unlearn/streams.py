@@ -195,6 +195,10 @@ class UnlearningStreams:
 
     def batch(self, index: int, *, rank: int = 0, world_size: int = 1) -> UnlearningBatch:
         """The batch of global draw `index` for process `rank` of `world_size`."""
+        if not (is_integer(index) and index >= 0 and is_integer(world_size) and world_size >= 1 and is_integer(rank)
+                and 0 <= rank < world_size):   # (rank 3 of 2 drew rank 1's rows of the next draw)
+            raise ValueError(f"UnlearningStreams.batch needs an index >= 0 and a rank in [0, world_size), got index "
+                             f"{index!r}, rank {rank!r}, world_size {world_size!r}")
         j = index * world_size + rank
         forget = [self.forget[i] for i in self._forget_stream.batch(j)]
         mismatch = []

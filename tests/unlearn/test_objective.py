@@ -421,8 +421,9 @@ def test_normal_denominator_divides_the_kl_sum():
         torch.testing.assert_close(b, a * count / 2.5)
     # a step's average of normal tokens per micro-batch may be under 1 (one token over two micro-batches)
     torch.testing.assert_close(objective(batch, normal_denominator=0.5).normal, mean.normal * count / 0.5)
-    with pytest.raises(ValueError, match="normal_denominator must be > 0, got 0"):
-        objective(batch, normal_denominator=0)
+    for bad in (0, float("inf"), True):   # inf made the normal term 0, True was taken as 1
+        with pytest.raises(ValueError, match=f"normal_denominator must be a finite number > 0, got {bad}"):
+            objective(batch, normal_denominator=bad)
 
 
 def test_weight_fingerprint_sees_values_not_layout():

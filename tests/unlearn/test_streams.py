@@ -276,6 +276,10 @@ def test_absent_streams_and_bad_arguments():
         UnlearningStreams([])
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         UnlearningStreams(FORGET, batch_size=0)
+    # rank 3 of 2 drew rank 1's rows of the next draw
+    for where in (dict(rank=3, world_size=2), dict(rank=-1, world_size=2), dict(world_size=0)):
+        with pytest.raises(ValueError, match="needs an index >= 0 and a rank in"):
+            UnlearningStreams(FORGET).batch(0, **where)
     # a negative K reached numpy's choice(size=-1) at the first batch, or was taken as 0 without a pool
     for pool in (POOL, None):
         with pytest.raises(ValueError, match=r"mismatch_per_prompt must be an integer >= 0, got -1"):
