@@ -137,8 +137,8 @@ class MiniLMEmbedder:
 class CheckedEmbedder:
     """`embedder` (built in or a plug-in) with its interface checked: an object without it is refused when wrapped,
     and every batch of vectors is checked before the search uses it (count, type, shape, finite values, one length d
-    across the run), each error naming the embedder and what was expected. Unchecked, a plug-in's list of floats or vectors
-    of two lengths failed deep in the back-up."""
+    across the run), each error naming the embedder and what was expected. Unchecked, a plug-in's list of floats or
+    vectors of two lengths failed deep in the back-up."""
 
     def __init__(self, embedder):
         self.name = type(embedder).__name__
