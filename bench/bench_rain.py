@@ -329,9 +329,9 @@ def main():
         rows.append(new_row)
         return write()
 
-    def write():   # a family other than Llama is a variant, beside the default run of the commit
-        return write_results("rain", args.device, record, rows, tag=None if args.family == "llama" else args.family,
-                             quick=args.quick)
+    def write():   # a family other than Llama, and the demo's model, are variants beside the default run of the commit
+        variant = [args.family] * (args.family != "llama") + ["demo"] * args.demo
+        return write_results("rain", args.device, record, rows, tag="-".join(variant) or None, quick=args.quick)
 
     def section(name, measure):
         """Runs one section; if it raises (out of memory at concurrency 32, say), an error row names it and the

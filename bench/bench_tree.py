@@ -504,9 +504,9 @@ def main():
     print(f"device: {harness.device_name(device)}   dtype: {dtype}")
     rows, config = [], {"dtype": str(dtype), "quick": args.quick}
 
-    def write(record_rows):   # another family or backend than the default's is a variant, beside the default run
+    def write(record_rows):   # another family, backend or one section alone is a variant, beside the default run
         variant = [args.family] * (args.family != "llama") + [f"{args.attention_backend}-backend"] * (
-            args.attention_backend != "auto")
+            args.attention_backend != "auto") + (args.sections if len(set(args.sections)) == 1 else [])
         return harness.write_results("bench_tree", device, config, record_rows, tag="-".join(variant) or None,
                                      quick=args.quick)
     if "attention" in args.sections:

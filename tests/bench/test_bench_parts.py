@@ -618,7 +618,7 @@ def test_tree_attention_rows_are_written_as_they_are_measured(monkeypatch, tmp_p
     monkeypatch.setattr(sys, "argv", ["bench_tree.py", "--quick", "--device", "cpu", "--sections", "attention"])
     with pytest.raises(KeyboardInterrupt):
         bench_tree.main()
-    (path,) = tmp_path.glob("bench_tree-cpu-test-quick.json")
+    (path,) = tmp_path.glob("bench_tree-cpu-test-attention-quick.json")   # one section alone: a variant
     record = json.loads(path.read_text())
     assert [(row["section"], row["prefix"], row["rows"], row["method"]) for row in record["results"]] == [
         ("attention", 100, 1, "fastalign paged (torch)"), ("attention", 100, 1, "dense sdpa")], record
@@ -1430,3 +1430,9 @@ def test_loss_quick_keeps_the_shapes_given_on_the_command_line_and_refuses_stage
         bench_loss.main()
     assert exited.value.code == 2 and "--stages times the Triton kernels: it needs --device cuda" in \
         capsys.readouterr().err
+
+
+def test_rain_record_of_the_demo_model_is_a_variant_beside_the_default(monkeypatch, tmp_path):
+    """--demo and --random-model runs on one device and commit wrote one record name: the second replaced the first."""
+    run_bench_rain(monkeypatch, tmp_path, [f"prompt {i}" for i in range(8)], argv=("--demo",))
+    assert [path.name for path in tmp_path.glob("rain-*")] == ["rain-cpu-test-demo.json"]
