@@ -131,9 +131,10 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     (`draw`, `draw_many` and `repeatable`, see fastalign.rain.sampling); each prompt draws from
     `sampler.for_prompt(index)` where it has that method (the torch sampler's: a generator seeded from config.seed
     and the prompt's index alone, so that a prompt's search does not depend on the others searched before or beside
-    it). `on_result` is called as each prompt finishes. `indices` are what the results (RainResult.index), error
-    messages and per-prompt samplers call the prompts (default 0, 1, ...; a resumed `fastalign rain` searches some
-    rows of a file and names them by their rows). An answer ends at
+    it). `on_result` is called as each prompt finishes (an exception it raises ends the call, the results of the
+    prompts it has not been given with it: a caller that must not lose them catches its own). `indices` are what
+    the results (RainResult.index), error messages and per-prompt samplers call the prompts (integers, default 0, 1,
+    ...; a resumed `fastalign rain` searches some rows of a file and names them by their rows). An answer ends at
     the tokenizer's end of sequence, at any end token the model's generation config lists (as
     `model.generate` does) or at the end of turn of the tokenizer's chat template (see `eos_ids`).
     """
