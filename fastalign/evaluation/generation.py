@@ -23,7 +23,7 @@ from fastalign.eval_mode import eval_mode
 from fastalign.model_context import config_positions
 from fastalign.model_devices import input_device
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
-from fastalign.ops.checks import refuse_one_string
+from fastalign.ops.checks import is_integer, refuse_one_string
 from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache
 from fastalign.unlearn.encoding import tokenize_prompts
 from fastalign.unlearn.templates import end_of_turn_id
@@ -54,14 +54,14 @@ class GenerationConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name, least in (("max_new_tokens", 1), ("batch_size", 1), ("top_k", 0)):   # (top_k 0: no limit)
+            value = getattr(self, name)
+            if not is_integer(value):   # 16.0 failed inside generation, naming no setting
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if value < least:
+                raise ValueError(f"{name} must be >= {least}, got {value}")
         if self.do_sample and not 0 < self.temperature < math.inf:   # inf: every logit 0, a uniform draw; NaN
             raise ValueError(f"temperature must be a finite number > 0 when sampling, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
 
 
 def context_length(model) -> Optional[int]:

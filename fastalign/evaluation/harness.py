@@ -14,7 +14,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Union
 from .answers import read_answers
 from .generation import Generation, GenerationConfig, generate, generations, iter_generate
 from .judges import Judge, Pair, check_verdicts
-from .metrics import mean_token_kl, mean_token_kl_of_ids, unchanged_share
+from .metrics import check_same_vocabulary, mean_token_kl, mean_token_kl_of_ids, unchanged_share
 
 ANSWER_SIDES = ("rain", "vanilla")   # the answers of a `fastalign rain` record, each judged
 
@@ -140,6 +140,7 @@ def evaluate_utility(model, reference, tokenizer, prompts: Sequence[str],
     """
     if config.do_sample:
         raise ValueError("evaluate_utility compares greedy answers: pass a config with do_sample=False")
+    check_same_vocabulary(model, reference)   # before any answer is generated
     if reference_answers is None:
         reference_answers = generations(reference, tokenizer, prompts, config)
     answers = generate(model, tokenizer, prompts, config)

@@ -20,7 +20,7 @@ import torch
 
 from fastalign.model_context import config_positions
 from fastalign.model_devices import input_device
-from fastalign.ops.checks import refuse_one_string
+from fastalign.ops.checks import is_integer, refuse_one_string
 from fastalign.pretrained import load_pretrained, load_tokenizer
 
 Pair = Tuple[str, str]
@@ -105,9 +105,11 @@ def harmful_label_index(config, harmful_label: Optional[Union[int, str]] = None)
             raise ValueError(f"harmful_label {harmful_label!r} is not one of the model's labels {sorted(by_name)}")
         return by_name[harmful_label.lower()]
     if harmful_label is not None:
+        if not is_integer(harmful_label):   # 1.0 failed at the first pair judged; True was taken as 1
+            raise ValueError(f"harmful_label must be a label's name or index, got {harmful_label!r}")
         if not 0 <= harmful_label < num_labels:
             raise ValueError(f"harmful_label {harmful_label} out of range for a model with {num_labels} labels")
-        return harmful_label
+        return int(harmful_label)
     named = [i for i, name in id2label.items() if re.sub(r"[\s_-]+", " ", name.lower()).strip() in HARMFUL_NAMES]
     if len(named) == 1:
         return named[0]
@@ -153,6 +155,10 @@ class ModerationJudge:
                  template: str = "{answer}", batch_size: int = 16, max_length: Optional[int] = None):
         if not 0 <= threshold <= 1:   # a percentage (50) would mark no pair harmful
             raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
+        # (a batch_size of 0 was a bare error of range(), -1 judged nothing, silently)
+        for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+            if value is not None and not (is_integer(value) and value >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         positions = config_positions(model.config)
         if max_length is None:
             limits = (512, positions, getattr(tokenizer, "model_max_length", None))

@@ -17,6 +17,7 @@ import torch
 from fastalign.unlearn.encoding import tokenize_texts
 from fastalign.eval_mode import eval_mode
 from fastalign.model_devices import input_device
+from fastalign.model_vocabulary import check_embedded, input_vocabulary
 
 from .judges import Judge, Pair, check_verdicts
 
@@ -60,6 +61,17 @@ def text_token_pairs(tokenizer, pairs: Sequence[Pair]) -> List[TokenPair]:
     return out
 
 
+def check_same_vocabulary(model, reference) -> int | None:
+    """The vocabulary size that `model` and `reference` share (None where a model has no input embeddings to tell);
+    ValueError where they differ: the KL compares their next-token distributions token by token (a torch size
+    mismatch otherwise, after every answer had been generated)."""
+    vocab, ref_vocab = input_vocabulary(model), input_vocabulary(reference)
+    if None not in (vocab, ref_vocab) and vocab != ref_vocab:
+        raise ValueError(f"model and reference must share the vocabulary (the KL compares them token by token), "
+                         f"got {vocab} and {ref_vocab} tokens")
+    return vocab
+
+
 @torch.no_grad()
 def mean_token_kl_of_ids(model, reference, sequences: Sequence[TokenPair], batch_size: int = 16) -> float:
     """Mean over the answer tokens of all sequences of KL(reference || model) of the next-token distributions,
@@ -70,10 +82,12 @@ def mean_token_kl_of_ids(model, reference, sequences: Sequence[TokenPair], batch
     devices (the reference on a GPU of its own): each reads the ids on its own, the KL is summed on the model's."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    vocab = check_same_vocabulary(model, reference)
     for i, (prompt_ids, answer_ids) in enumerate(sequences):
         if answer_ids and not prompt_ids:
             raise ValueError(f"sequence {i} has answer ids but no prompt ids: its first answer token would have "
                              "nothing to predict it from")
+        check_embedded(list(prompt_ids) + list(answer_ids), vocab, f"sequence {i}")
     sequences = [(p, a) for p, a in sequences if a]   # a sequence without answer ids adds nothing
     total, count = 0.0, 0
     device, ref_device = input_device(model), input_device(reference)

@@ -86,7 +86,11 @@ def test_prompt_longer_than_context_is_refused(tokenizer, model):
                                              ({"do_sample": True, "temperature": 0.0}, "temperature"),
                                              ({"do_sample": True, "temperature": float("inf")}, "temperature"),
                                              ({"do_sample": True, "temperature": float("nan")}, "temperature"),
-                                             ({"top_k": -1}, "top_k")])
+                                             ({"top_k": -1}, "top_k"),
+                                             # a float failed inside generation, naming no setting
+                                             ({"batch_size": 16.0}, "batch_size must be an integer, got 16.0"),
+                                             ({"max_new_tokens": 4.0}, "max_new_tokens must be an integer"),
+                                             ({"top_k": 2.0}, "top_k must be an integer")])
 def test_bad_generation_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GenerationConfig(**kwargs)

@@ -117,6 +117,18 @@ def test_moderation_label_given_as_an_index_is_taken_as_given(tokenizer, classif
         ModerationJudge(classifier, tokenizer, harmful_label=-1)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"harmful_label": 1.0}, "harmful_label must be a label's name or index, got 1.0"),   # an IndexError when judging
+    ({"harmful_label": True}, "harmful_label must be a label's name or index, got True"),  # was taken as index 1
+    ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),   # a bare error of range()
+    ({"batch_size": -1}, "batch_size must be an integer >= 1, got -1"),   # judged nothing, silently
+    ({"max_length": 0}, "max_length must be an integer >= 1, got 0"),   # a torch size mismatch
+])
+def test_moderation_settings_it_cannot_use_are_refused_by_name(tokenizer, classifier, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModerationJudge(classifier, tokenizer, **kwargs)
+
+
 @pytest.mark.parametrize("threshold", [50, -0.1, float("nan")])
 def test_moderation_threshold_must_be_a_probability(tokenizer, classifier, threshold):
     """A threshold above 1 (a percentage) or NaN marked no pair harmful, silently."""

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from fastalign.evaluation.generation import GenerationConfig
+from fastalign.evaluation.harness import evaluate_utility
 from fastalign.evaluation.judges import KeywordJudge, check_verdicts
 from fastalign.evaluation.metrics import (harmful_rate, mean_token_kl, mean_token_kl_of_ids, text_token_pairs,
                                           unchanged_share)
@@ -161,6 +163,19 @@ def test_mean_token_kl_of_ids_matches_the_slow_reference(tokenizer, model):
 def test_mean_token_kl_of_ids_refuses_bad_input(model, sequences, batch_size, message):
     with pytest.raises(ValueError, match=message):
         mean_token_kl_of_ids(model, model, sequences, batch_size)
+
+
+def test_models_of_two_vocabularies_and_ids_past_them_are_refused_by_name(model, tokenizer):
+    """A torch size mismatch (in evaluate_utility after every answer was generated) and an IndexError before."""
+    padded = copy.deepcopy(model)
+    padded.resize_token_embeddings(len(tokenizer) + 7, mean_resizing=False)   # pad_to_multiple_of, say
+    message = f"model and reference must share the vocabulary .* got {len(tokenizer) + 7} and {len(tokenizer)}"
+    with pytest.raises(ValueError, match=message):
+        mean_token_kl_of_ids(padded, model, [((1, 5), (6, 7))])
+    with pytest.raises(ValueError, match=message):
+        evaluate_utility(padded, model, tokenizer, ["What is the"], GenerationConfig(max_new_tokens=3))
+    with pytest.raises(ValueError, match=f"sequence 1: token id {len(tokenizer) + 3} is past the model's"):
+        mean_token_kl_of_ids(model, model, [((1, 5), (6,)), ((1, 5), (len(tokenizer) + 3,))])
 
 
 def test_text_pairs_count_a_token_merged_across_the_boundary_as_answer():
