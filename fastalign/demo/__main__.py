@@ -1,6 +1,7 @@
-"""`python -m fastalign.demo`: the same as `fastalign demo`."""
+"""`python -m fastalign.demo`: `fastalign demo`, its handling of an interrupt included (Ctrl-C and SIGTERM end it
+with a message and 130 or 143, its temporary files removed)."""
 import sys
 
-from .cli import main
+from fastalign.cli import main
 
-sys.exit(main())
+sys.exit(main(["demo", *sys.argv[1:]]))

@@ -7,7 +7,6 @@ import json
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import List, Optional
 
 import torch
 
@@ -124,9 +123,3 @@ def run(args) -> int:
     print(json.dumps(result.to_dict(), indent=1) if args.json else format_table(result))
     return 0
 
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """`python -m fastalign.demo ...`, the same as `fastalign demo ...`."""
-    parser = argparse.ArgumentParser(prog="fastalign demo", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))

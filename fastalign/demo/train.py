@@ -157,6 +157,9 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--out", type=Path, default=ASSETS, help="where to write the trained model (default: the "
                         "package's shipped model, which it replaces)")
     args = parser.parse_args(argv)
+    for name in ("steps", "threads"):   # before anything is written (--steps -5 wrote an untrained model over --out)
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
     print(json.dumps(train(args.seed, args.steps, args.out), indent=1))
 

@@ -3,6 +3,7 @@ phases replaced by fakes, what the story and the command do with their numbers."
 import argparse
 import contextlib
 import json
+import runpy
 import sys
 from dataclasses import asdict, fields
 from types import SimpleNamespace
@@ -88,7 +89,7 @@ def test_demo_command_hands_its_options_to_the_story_and_quiet_silences_progress
     assert seen == {"settings": DemoSettings(steps=3, lr=0.01, normal_weight=1.5, reference="cached"),
                     "progress": False, "model_dir": ASSETS, "rain": False}
     assert json.loads(out) == _table_result(rain=False).to_dict() and err == ""
-    assert cli.main([]) == 0  # the defaults: every setting DemoSettings', RAIN, progress on stderr, the table
+    assert main(["demo"]) == 0  # the defaults: every setting DemoSettings', RAIN, progress on stderr, the table
     out, err = capsys.readouterr()
     assert seen == {"settings": DemoSettings(), "progress": True, "model_dir": ASSETS, "rain": True}
     assert err == "demo: load done in 0.5 s\n" and out.startswith("fastalign demo: tiny Llama")
@@ -271,6 +272,27 @@ def test_demo_bad_setting_is_a_clear_error_before_any_phase(monkeypatch, capsys,
     monkeypatch.setattr(cli, "run_demo", None)   # never reached
     assert main(["demo", "--quiet", *extra]) == 2
     assert f"fastalign demo: error: {message}" in capsys.readouterr().err
+
+
+def test_python_m_fastalign_demo_is_fastalign_demo(monkeypatch):
+    """`python -m fastalign.demo` ran the demo's parser alone: without fastalign.cli's handling of Ctrl-C and SIGTERM
+    (a traceback; SIGTERM left the unlearning phase's temporary folder behind)."""
+    called = []
+    monkeypatch.setattr("fastalign.cli.main", lambda argv: called.append(argv) or 0)
+    monkeypatch.setattr(sys, "argv", ["python -m fastalign.demo", "--steps", "3"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module("fastalign.demo", run_name="__main__")
+    assert exited.value.code == 0 and called == [["demo", "--steps", "3"]]
+
+
+@pytest.mark.parametrize("extra", [["--steps", "0"], ["--steps", "-5"], ["--threads", "0"]])
+def test_training_the_demo_model_refuses_settings_out_of_range_before_writing(tmp_path, capsys, extra):
+    """--steps 0 was a ZeroDivisionError after the world was built, --threads 0 torch's error, and --steps -5 wrote
+    an untrained model over --out (by default the shipped one)."""
+    with pytest.raises(SystemExit) as exited:
+        train.main(["--out", str(tmp_path / "model"), *extra])
+    assert exited.value.code == 2 and f"{extra[0]} must be >= 1, got {extra[1]}" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
 
 
 def test_demo_without_accelerate_names_the_extra_before_any_phase(monkeypatch, capsys):
