@@ -272,14 +272,14 @@ def test_quick_run_writes_its_record(script, tmp_path):
 
 def test_quick_run_of_the_hybrid_family_writes_its_own_record(tmp_path):
     """bench_tree --family qwen3_5: Qwen3.5's hybrid runs with each span's recurrent state kept, beside the default
-    run's record (its name ends in the family), the runner decoding HF generate's greedy tokens."""
+    run's record (its name holds the family), the runner decoding HF generate's greedy tokens."""
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
            "FASTALIGN_BENCH_RESULTS": str(tmp_path), "FASTALIGN_COMMIT": "test"}
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_tree.py"), "--quick", "--sections", "runner",
                            "--family", "qwen3_5", "--branch-lengths", "16"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    (path,) = tmp_path.glob("bench_tree-cpu-test-qwen3_5-quick.json")
+    (path,) = tmp_path.glob("bench_tree-cpu-test-qwen3_5-runner-quick.json")   # the family, the one section
     record = json.loads(path.read_text())
     assert record["config"]["family"] == "qwen3_5" and record["config"]["branch_lengths"] == [16]
     results = record["results"]
