@@ -20,7 +20,7 @@ import torch
 
 from fastalign.model_context import config_positions
 from fastalign.model_devices import input_device
-from fastalign.ops.checks import is_integer, refuse_one_string
+from fastalign.ops.checks import check_count, is_integer, refuse_one_string
 from fastalign.pretrained import load_pretrained, load_tokenizer
 
 Pair = Tuple[str, str]
@@ -157,8 +157,8 @@ class ModerationJudge:
             raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
         # (a batch_size of 0 was a bare error of range(), -1 judged nothing, silently)
         for name, value in (("batch_size", batch_size), ("max_length", max_length)):
-            if value is not None and not (is_integer(value) and value >= 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            if value is not None:
+                check_count(name, value, 1)
         positions = config_positions(model.config)
         if max_length is None:
             limits = (512, positions, getattr(tokenizer, "model_max_length", None))

@@ -24,6 +24,12 @@ def is_real(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def check_count(name, value, least, where=""):
+    """ValueError, naming `name` (after `where`), unless `value` is an integer (NumPy's too, never a bool) >= least."""
+    if not is_integer(value) or value < least:
+        raise ValueError(f"{where}{name} must be an integer >= {least}, got {value!r}")
+
+
 def refuse_one_string(name, value):
     """TypeError for a str where a list of texts belongs: a str is a sequence too, of its characters."""
     if isinstance(value, str):

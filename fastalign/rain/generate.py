@@ -12,7 +12,7 @@ from typing import Callable, List, Literal, Optional, Sequence, Union
 
 from fastalign.evaluation.generation import eos_ids
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
-from fastalign.ops.checks import is_integer, refuse_one_string
+from fastalign.ops.checks import check_count, is_integer, refuse_one_string
 from fastalign.unlearn.templates import ChatTemplate
 from fastalign.unlearn.encoding import tokenize_prompts
 
@@ -140,8 +140,7 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     """
     config = config.validate()
     refuse_one_string("prompts", prompts)
-    if not is_integer(concurrency) or concurrency < 1:
-        raise ValueError(f"concurrency must be an integer >= 1, got {concurrency!r}")
+    check_count("concurrency", concurrency, 1)
     names = list(range(len(prompts))) if indices is None else list(indices)
     if len(names) != len(prompts):
         raise ValueError(f"indices must name each of the {len(prompts)} prompts, got {len(names)} indices")

@@ -18,7 +18,7 @@ from typing import Literal, get_args
 import yaml
 
 from fastalign.ops.backend import BACKENDS, Backend
-from fastalign.ops.checks import is_integer, is_real
+from fastalign.ops.checks import check_count, is_real
 from fastalign.writable import cannot_create_in
 from fastalign.unlearn.records import KeyTwice, object_of_unique_keys
 from fastalign.unlearn.formats import FORMATS, Format
@@ -131,10 +131,8 @@ class UnlearnConfig:
         if self.normal_batch_size is not None:
             least["normal_batch_size"] = 1
         for name, smallest in least.items():
-            value = getattr(self, name)
-            if not is_integer(value) or value < smallest:
-                raise ValueError(f"{name} must be an integer >= {smallest}, got {value!r}")
-            setattr(self, name, int(value))  # a NumPy integer becomes a plain int, as the saved JSON needs
+            check_count(name, getattr(self, name), smallest)
+            setattr(self, name, int(getattr(self, name)))  # a NumPy integer becomes a plain int, as JSON needs
         if self.seed > SEED_MAX:
             raise ValueError(f"seed (--seed) must be an integer in [0, {SEED_MAX}], the seeds torch.manual_seed "
                              f"takes, got {self.seed!r}")

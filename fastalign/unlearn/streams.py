@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fastalign.model_vocabulary import check_embedded
-from fastalign.ops.checks import is_integer
+from fastalign.ops.checks import check_count, is_integer
 from fastalign.unlearn.batching import TokenBatch, collate
 from fastalign.unlearn.encoding import EncodedExample, PoolAnswer
 from fastalign.unlearn.records import DataError
@@ -125,8 +125,7 @@ class UnlearningStreams:
         if normal_batch_size is not None:
             counts["normal_batch_size"] = (normal_batch_size, 0)   # (0: no normal rows; -1 was taken as 0, silently)
         for name, (value, least) in counts.items():
-            if not is_integer(value) or value < least:
-                raise ValueError(f"UnlearningStreams: {name} must be an integer >= {least}, got {value!r}")
+            check_count(name, value, least, "UnlearningStreams: ")
         pool = [a if isinstance(a, PoolAnswer) else PoolAnswer(tuple(a)) for a in (mismatch_pool or [])]
         pool = [a for a in pool if a.answer_ids]
         self.forget, self.normal, self.pool = list(forget), list(normal or []), pool
