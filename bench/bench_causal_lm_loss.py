@@ -196,9 +196,9 @@ def main():
                         help="1b: Llama-3.2-1B's shape in bf16, 8 rows of 1024 tokens; cpu: 2 layers of width 256 "
                              "with its 128256 words in fp32, 2 rows of 512; quick: a small fp32 model, 2 rows of 32")
     parser.add_argument("--quick", action="store_true", help="--preset quick (any device, in seconds)")
-    parser.add_argument("--rows", type=int, default=None, help="B (default: the preset's)")
-    parser.add_argument("--tokens", type=int, default=None, help="T (default: the preset's)")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--rows", type=harness.count_at_least(1), default=None, help="B (default: the preset's)")
+    parser.add_argument("--tokens", type=harness.count_at_least(1), default=None, help="T (default: the preset's)")
+    parser.add_argument("--reps", type=harness.count_at_least(1), default=5)
     args = parser.parse_args()
     preset = "quick" if args.quick else args.preset
     device = torch.device(args.device)

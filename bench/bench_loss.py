@@ -394,14 +394,15 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                         help="default: bfloat16 on CUDA, float32 elsewhere")
-    parser.add_argument("--hidden", type=int, help="default: 4096 (--quick: 128)")
-    parser.add_argument("--vocab", type=int, help="default: 128256 (--quick: 4099)")
-    parser.add_argument("--tokens", type=int, nargs="+", help="default: 2048 4096 8192 16384 (--quick: 256)")
+    parser.add_argument("--hidden", type=harness.count_at_least(1), help="default: 4096 (--quick: 128)")
+    parser.add_argument("--vocab", type=harness.count_at_least(1), help="default: 128256 (--quick: 4099)")
+    parser.add_argument("--tokens", type=harness.count_at_least(1), nargs="+",
+                        help="default: 2048 4096 8192 16384 (--quick: 256)")
     parser.add_argument("--verbose", action="store_true", help="print each row as it is measured")
     parser.add_argument("--stages", action="store_true",
                         help="also fastalign's cross-entropy stage by stage (forward; backward with both, one or "
                              "neither of the gradients' products; the forward with gradients)")
-    parser.add_argument("--row-block-mib", type=int, nargs="*", default=[], metavar="MIB",
+    parser.add_argument("--row-block-mib", type=harness.count_at_least(1), nargs="*", default=[], metavar="MIB",
                         help="with --stages, also the forward with gradients in blocks of whole logits rows sized for "
                              "each of these budgets (the default is 192 MiB)")
     args = parser.parse_args()

@@ -121,8 +121,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="a small model's parameters (CPU smoke run)")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--fidelity-steps", type=int, default=None, help="default: 300 (30 with --quick)")
+    parser.add_argument("--reps", type=harness.count_at_least(1), default=5)
+    parser.add_argument("--fidelity-steps", type=harness.count_at_least(1), default=None,
+                        help="default: 300 (30 with --quick)")
     args = parser.parse_args()
     if args.fidelity_steps is None:
         args.fidelity_steps = 30 if args.quick else 300

@@ -47,9 +47,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.harness import (LLAMA_SHAPES, PROFILE_COLUMNS, PYTHON_PROFILE_COLUMNS, failure_row,  # noqa: E402
-                           print_table, profile_top, python_profile_top, qwen3_5_layer_types, synchronize,
-                           write_results)
+from bench.harness import (LLAMA_SHAPES, PROFILE_COLUMNS, PYTHON_PROFILE_COLUMNS, count_at_least,  # noqa: E402
+                           failure_row, print_table, profile_top, python_profile_top, qwen3_5_layer_types,
+                           synchronize, write_results)
 from fastalign.cli import memory_size_argument  # noqa: E402
 from fastalign.evaluation.generation import pad_id  # noqa: E402
 from fastalign.pretrained import load_pretrained  # noqa: E402
@@ -258,19 +258,24 @@ def main():
     parser.add_argument("--hh")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--prompts", type=int, default=2, help="prompts of the tree vs reference comparison")
-    parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--root-visits", type=int, default=None)
+    parser.add_argument("--prompts", type=count_at_least(1), default=2,
+                        help="prompts of the tree vs reference comparison")
+    parser.add_argument("--max-new-tokens", type=count_at_least(1), default=None)
+    parser.add_argument("--root-visits", type=count_at_least(1), default=None)
     parser.add_argument("--embedding", default="hidden", choices=("hidden", "minilm"))
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--concurrency", type=count_at_least(1), nargs="+", default=[1, 8, 32])
     parser.add_argument("--skip-slow", action="store_true")
     parser.add_argument("--judge", choices=("keyword", "moderation"), default="keyword")
     parser.add_argument("--judge-model", help="local sequence-classification model for --judge moderation")
     parser.add_argument("--keywords", default=QUICK_KEYWORDS, help="comma-separated words for --judge keyword")
-    parser.add_argument("--judge-prompts", type=int, default=None, help="prompts of the virtual-loss comparison")
-    parser.add_argument("--judge-seeds", type=int, default=1, help="search seeds per variant of that comparison")
-    parser.add_argument("--virtual-leaves", type=int, default=4, help="parallel_leaves of the 'on' variant")
-    parser.add_argument("--kv-tokens", type=int, default=None, help="KV pool of the tree engine, in tokens")
+    parser.add_argument("--judge-prompts", type=count_at_least(1), default=None,
+                        help="prompts of the virtual-loss comparison")
+    parser.add_argument("--judge-seeds", type=count_at_least(1), default=1,
+                        help="search seeds per variant of that comparison")
+    parser.add_argument("--virtual-leaves", type=count_at_least(1), default=4,
+                        help="parallel_leaves of the 'on' variant")
+    parser.add_argument("--kv-tokens", type=count_at_least(1), default=None,
+                        help="KV pool of the tree engine, in tokens")
     parser.add_argument("--profile", action="store_true",
                         help="profile the tree engine's run again: its top operators by device and by host time, and "
                              "its top Python functions by their own time")

@@ -77,7 +77,8 @@ def measure(what, args, reps):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=5, help="fresh interpreters per row (default: 5)")
+    parser.add_argument("--reps", type=harness.count_at_least(1), default=5,
+                        help="fresh interpreters per row (default: 5)")
     parser.add_argument("--quick", action="store_true",
                         help="one interpreter per row, timed with its -X importtime logging (a smoke run)")
     args = parser.parse_args(argv)

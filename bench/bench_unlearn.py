@@ -435,12 +435,16 @@ def main():
     parser.add_argument("--preset", choices=PRESETS, default="1b")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on CUDA, float32 elsewhere")
-    parser.add_argument("--batch-size", type=int, default=2, help="harmful prompts (and normal rows) per step")
-    parser.add_argument("--prompt-tokens", type=int, nargs=2, default=[32, 128], help="range of prompt lengths")
-    parser.add_argument("--answer-tokens", type=int, nargs=2, default=[32, 256], help="range of answer lengths")
-    parser.add_argument("--max-length", type=int, default=2048, help="the reference recipe pads to this")
+    parser.add_argument("--batch-size", type=harness.count_at_least(1), default=2,
+                        help="harmful prompts (and normal rows) per step")
+    parser.add_argument("--prompt-tokens", type=harness.count_at_least(1), nargs=2, default=[32, 128],
+                        help="range of prompt lengths")
+    parser.add_argument("--answer-tokens", type=harness.count_at_least(1), nargs=2, default=[32, 256],
+                        help="range of answer lengths")
+    parser.add_argument("--max-length", type=harness.count_at_least(1), default=2048,
+                        help="the reference recipe pads to this")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=harness.count_at_least(1), default=3)
     parser.add_argument("--profile", action="store_true",
                         help="also profile one more step of each way: its top operators and kernels by self time")
     args = parser.parse_args()

@@ -4,6 +4,7 @@ Every bench/ script measures its candidates in one run, prints a table and write
 bench/results/<name>-<device>-<commit>.json, so that each claim in the README or an issue note traces back
 to a committed measurement on a named device.
 """
+import argparse
 import gc
 import hashlib
 import importlib.metadata
@@ -302,6 +303,20 @@ def gradients_difference(grads, reference):
         return torch.linalg.vector_norm(t, dtype=torch.float32)
     return max(float(g is not r) if g is None or r is None else float(norm(g - r) / norm(r).clamp(min=1e-30))
                for g, r in zip(grads, reference))
+
+
+def count_at_least(minimum):
+    """An argparse type for a count, size or repetition option: an integer >= minimum, so that 0 or -1 is a usage
+    error naming the option, not an error row or a NaN in the table."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+    return parse
 
 
 def failure_row(method, err):

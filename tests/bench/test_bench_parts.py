@@ -39,6 +39,22 @@ def fake_clock(monkeypatch, module, durations):
     return tick
 
 
+@pytest.mark.parametrize("script, argv", [(bench_causal_lm_loss, ["--reps", "0"]),
+                                          (bench_loss, ["--quick", "--tokens", "256", "0"]),
+                                          (bench_optimizer, ["--quick", "--fidelity-steps", "0"]),
+                                          (bench_rain, ["--quick", "--prompts", "0"]),
+                                          (bench_tree, ["--quick", "--page", "0"]),
+                                          (bench_tree, ["--quick", "--suffix", "-1"]),
+                                          (bench_unlearn, ["--quick", "--reps", "0"])])
+def test_every_scripts_counts_refuse_zero_as_a_usage_error_before_measuring(script, argv, monkeypatch, capsys):
+    """A count of 0 (or a negative suffix) measured nothing: an error row, a NaN or a division by zero in the table."""
+    monkeypatch.setattr(sys, "argv", [script.__name__ + ".py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        script.main()
+    assert exit_info.value.code == 2
+    assert "expected an integer >= " in capsys.readouterr().err
+
+
 # ---- bench_loss ----
 
 def definition(quantity, h, w, a, b):

@@ -117,6 +117,19 @@ def test_failure_row_names_the_error_type_or_out_of_memory():
     assert len(harness.failure_row("x", RuntimeError("y" * 1000))["error"]) == 300
 
 
+@pytest.mark.parametrize("text", ["0", "-1", "2.5", "x"])
+def test_a_count_option_below_its_least_value_or_not_an_integer_is_a_usage_error_naming_it(text, capsys):
+    """--reps 0 once measured nothing and printed a NaN or an error row; now argparse refuses it by the option."""
+    import argparse
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reps", type=harness.count_at_least(1))
+    assert parser.parse_args(["--reps", "3"]).reps == 3
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--reps", text])
+    assert exit_info.value.code == 2
+    assert f"argument --reps: expected an integer >= 1, got '{text}'" in capsys.readouterr().err
+
+
 def test_print_table_right_aligns_columns_and_shows_zero_but_dashes_missing(capsys):
     rows = [{"method": "fused", "ms": 0.0, "mib": None}, {"method": "a", "ms": 12.5, "mib": 3.0}]
     harness.print_table(rows, [("method", "method", "{}"), ("ms", "time ms", "{:.1f}"), ("mib", "MiB", "{:.0f}")])
