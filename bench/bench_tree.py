@@ -425,7 +425,7 @@ def runner_rows(args, device, dtype, report=lambda rows: None):
     model = random_model(args.quick, device, dtype, args.family)
     vocab = model.config.vocab_size
     prefix = random_tokens(args.tree_prefix, vocab)
-    rows, runner, root = [], None, None
+    rows, runner, root, runner_error = [], None, None, None
 
     def section(name, measure):
         try:
@@ -435,22 +435,33 @@ def runner_rows(args, device, dtype, report=lambda rows: None):
         report(rows)
 
     def extend(cascade, graphs=False):
-        nonlocal runner, root
-        runner = TreeRunner(model, max_tokens=args.pool_tokens, cascade_attention=cascade == "on", cuda_graphs=graphs,
-                            attention_backend=args.attention_backend)
-        root = runner.prefill(prefix)
+        nonlocal runner, root, runner_error
+        runner, root = None, None
+        try:
+            runner = TreeRunner(model, max_tokens=args.pool_tokens, cascade_attention=cascade == "on",
+                                cuda_graphs=graphs, attention_backend=args.attention_backend)
+            root = runner.prefill(prefix)
+        except Exception as err:
+            runner_error = err
+            raise
         runner.pin(root)
         return extend_rows(runner, root, vocab, device, [1, args.children], args.child_tokens, cascade,
                            baseline=cascade in ("off", "-") and not graphs)   # once
     for cascade in ("off", "on") if device.type == "cuda" else ("-",):  # the torch backend has no cascade
         section("extend", lambda: extend(cascade))
+    def built_runner():
+        """The runner the last extend section built; an error saying why there is none where it could not build it
+        (an AttributeError of None once stood in those sections' rows)."""
+        if root is None:
+            raise RuntimeError(f"no TreeRunner: the extend section could not build one ({runner_error})")
+        return runner
     # the last runner (with the cascade, where there is one) serves the rewind and decode sections
-    section("rewind", lambda: rewind_rows(runner, root, vocab, device, args.branch_lengths))
+    section("rewind", lambda: rewind_rows(built_runner(), root, vocab, device, args.branch_lengths))
     decode_prompt = random_tokens(args.decode_prompt, vocab)
-    section("decode", lambda: decode_rows(model, runner, decode_prompt, args.decode_tokens, device))
+    section("decode", lambda: decode_rows(model, built_runner(), decode_prompt, args.decode_tokens, device))
     if device.type == "cuda" and args.family == "llama":   # CUDA graphs (graphed_forward.py): PagedLlama only
         section("extend", lambda: extend("off", graphs=True))
-        section("decode", lambda: decode_rows(model, runner, decode_prompt, args.decode_tokens, device,
+        section("decode", lambda: decode_rows(model, built_runner(), decode_prompt, args.decode_tokens, device,
                                               label="fastalign TreeRunner, CUDA graphs")[:1])
     return rows
 

@@ -685,6 +685,25 @@ def test_tree_runner_sections_are_reported_as_they_finish_and_a_failing_one_beco
     assert rows[-1] == {"section": "decode", "method": "decode", "error": "RuntimeError: decode failed"}, rows
 
 
+def test_tree_rewind_and_decode_after_a_runner_that_could_not_be_built_say_why(monkeypatch):
+    """The Triton backend refused (no GPU, no interpreter): the rewind and decode rows give the extend section's error,
+    not an AttributeError of None."""
+    import fastalign.runtime
+
+    def refused(*args, **kwargs):
+        raise ValueError("attention_backend='triton' needs a CUDA device")
+    monkeypatch.setattr(fastalign.runtime, "TreeRunner", refused)
+    args = SimpleNamespace(quick=True, family="llama", tree_prefix=20, pool_tokens=256, attention_backend="triton",
+                           children=2, child_tokens=2, branch_lengths=[4], decode_prompt=4, decode_tokens=2)
+    rows = bench_tree.runner_rows(args, torch.device("cpu"), torch.float32)
+    assert [(row["section"], row["error"]) for row in rows] == [
+        ("extend", "ValueError: attention_backend='triton' needs a CUDA device"),
+        ("rewind", "RuntimeError: no TreeRunner: the extend section could not build one "
+                   "(attention_backend='triton' needs a CUDA device)"),
+        ("decode", "RuntimeError: no TreeRunner: the extend section could not build one "
+                   "(attention_backend='triton' needs a CUDA device)")], rows
+
+
 def test_tree_attention_calls_read_distinct_kv_past_the_l2_cache(monkeypatch):
     """One timed run of each method reads K/V of its own at every call, at least 4x the L2 cache in all, so that a
     call's KV comes from HBM and not from L2 where the previous call left it (the same KV read again and again
