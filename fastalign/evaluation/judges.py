@@ -18,6 +18,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from fastalign.eval_mode import eval_mode
 from fastalign.model_context import config_positions
 from fastalign.model_devices import input_device
 from fastalign.ops.checks import check_count, is_integer, refuse_one_string
@@ -167,7 +168,7 @@ class ModerationJudge:
             raise ValueError(f"max_length {max_length} is past the classifier's {positions} positions "
                              "(max_position_embeddings)")
         check_pair_template(template)
-        self.model, self.tokenizer = model.eval(), tokenizer
+        self.model, self.tokenizer = model, tokenizer
         self.label = harmful_label_index(model.config, harmful_label)
         self.sigmoid = (getattr(model.config, "problem_type", None) == "multi_label_classification"
                         or getattr(model.config, "num_labels", 2) == 1)
@@ -203,7 +204,8 @@ class ModerationJudge:
 
     @torch.no_grad()
     def probabilities(self, pairs: Sequence[Pair]) -> List[float]:
-        """The classifier's probability of the harmful label for every pair."""
+        """The classifier's probability of the harmful label for every pair. The classifier runs in eval mode (no
+        dropout) and gets its own mode back after: one being fine-tuned trains on as it was."""
         device = input_device(self.model)
         # Padded on the right whatever the tokenizer's side (on the left, a classifier with absolute position
         # embeddings, BERT or GPT-2, reads a text at other positions than alone), with the model's own pad id, not
@@ -218,7 +220,8 @@ class ModerationJudge:
             width = max(map(len, enc["input_ids"]))
             batch = {key: torch.tensor([list(row) + [pad if key == "input_ids" else 0] * (width - len(row))
                                         for row in rows], device=device) for key, rows in enc.items()}
-            logits = self.model(**batch).logits.float()
+            with eval_mode(self.model):
+                logits = self.model(**batch).logits.float()
             probs = logits.sigmoid() if self.sigmoid else torch.softmax(logits, -1)
             out += probs[:, self.label].tolist()
         return out

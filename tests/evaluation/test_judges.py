@@ -303,7 +303,8 @@ def test_keyword_judge_still_needs_whole_words_in_spaced_scripts():
 
 
 def test_moderation_judge_runs_a_classifier_left_in_train_mode_in_eval_mode(world, tokenizer, classifier):
-    """A classifier just fine-tuned is in train mode: its dropout made the verdicts random from call to call."""
+    """A classifier just fine-tuned is in train mode: its dropout made the verdicts random from call to call. It gets
+    its mode back after (the judge once put it in eval mode for good)."""
     config = copy.deepcopy(classifier.config)
     config.attention_dropout = 0.5
     dropping = type(classifier)(config)     # attention modules read their dropout when built
@@ -311,8 +312,8 @@ def test_moderation_judge_runs_a_classifier_left_in_train_mode_in_eval_mode(worl
     pairs = [(qa.question, qa.answer) for qa in world.harmful[:3]]
     expected = ModerationJudge(copy.deepcopy(dropping).eval(), tokenizer).probabilities(pairs)
     judge = ModerationJudge(dropping.train(), tokenizer)
-    assert not judge.model.training
     assert judge.probabilities(pairs) == pytest.approx(expected, abs=1e-6)
+    assert all(module.training for module in dropping.modules())
 
 
 def test_moderation_judge_with_a_classifier_whose_embeddings_accelerate_offloads(world, tokenizer, classifier):
