@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..unlearn.trainer import MissingExtraError, require_extras
+from ..unlearn.trainer import MissingExtraError
 from .model import ASSETS, WORLD_FILE
-from .story import DemoResult, DemoSettings, run_demo, unlearn_config
+from .story import DemoResult, DemoSettings, check_settings, run_demo
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -94,8 +94,8 @@ def run(args) -> int:
         print(f"fastalign demo: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
     settings = DemoSettings(**{f.name: getattr(args, f.name) for f in fields(DemoSettings)})
-    try:   # before the phases that precede unlearning (a traceback once the model had answered every prompt)
-        require_extras(unlearn_config(settings, progress=False, output_dir="."))
+    try:
+        check_settings(settings)
     except ValueError as exc:
         print(f"fastalign demo: error: unlearning setting: {exc}", file=sys.stderr)
         return 2

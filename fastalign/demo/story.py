@@ -10,6 +10,7 @@ Harmful rates are measured on the forgotten prompts and on the unseen ones; norm
 """
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from ..unlearn.encoding import encode_answers, encode_pairs
 from ..unlearn.records import QAPair
 from ..unlearn.streams import UnlearningStreams
 from ..unlearn.templates import TextTemplate
-from ..unlearn.trainer import UnlearningTrainer
+from ..unlearn.trainer import UnlearningTrainer, require_extras
 from .model import ASSETS, load_model, load_world
 from .world import JUDGE_PROMPT, QA, World, prompt_text
 
@@ -121,6 +122,15 @@ def unlearn_config(settings: DemoSettings, progress: bool, output_dir: str) -> U
                          log_every=settings.steps, max_forget_nll=None)
 
 
+def check_settings(settings: DemoSettings) -> None:
+    """ValueError naming an unlearning setting out of range, MissingExtraError where what unlearning trains with is
+    not installed: before the phases that precede unlearning (a traceback once the model had answered every prompt).
+    Quiet: the run's own configuration says once what has no effect (mismatch_per_prompt 0 was said twice)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        require_extras(unlearn_config(settings, progress=False, output_dir="."))
+
+
 def unlearn(model, tokenizer, world: World, settings: DemoSettings, progress: bool, output_dir: str):
     """Runs fastalign's unlearning trainer on the world's data; returns its RunSummary (model trained in place)."""
     config = unlearn_config(settings, progress, output_dir)
@@ -156,7 +166,9 @@ def run_demo(settings: DemoSettings = DemoSettings(), progress: bool = True,
              on_phase: Optional[Callable[[str, float], None]] = None, model_dir: Path = ASSETS,
              rain: bool = True) -> DemoResult:
     """The whole story on the model in `model_dir` (default: the shipped one), RAIN included unless
-    `rain=False`; `on_phase(name, seconds)` is called as each phase ends."""
+    `rain=False`; `on_phase(name, seconds)` is called as each phase ends. Settings are checked first
+    (check_settings)."""
+    check_settings(settings)
     seconds: Dict[str, float] = {}
 
     @contextmanager

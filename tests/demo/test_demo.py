@@ -5,6 +5,7 @@ import contextlib
 import json
 import runpy
 import sys
+import warnings
 from dataclasses import asdict, fields
 from types import SimpleNamespace
 
@@ -272,6 +273,27 @@ def test_demo_bad_setting_is_a_clear_error_before_any_phase(monkeypatch, capsys,
     monkeypatch.setattr(cli, "run_demo", None)   # never reached
     assert main(["demo", "--quiet", *extra]) == 2
     assert f"fastalign demo: error: {message}" in capsys.readouterr().err
+
+
+def test_run_demo_refuses_a_bad_setting_before_loading_the_model(monkeypatch):
+    """From Python, run_demo(DemoSettings(steps=0)) refused only after the load and the first evaluation."""
+    monkeypatch.setattr(story, "load_model", None)   # never reached
+    with pytest.raises(ValueError, match="max_steps must be an integer >= 1"):
+        story.run_demo(DemoSettings(steps=0), progress=False)
+
+
+def test_demo_checks_its_settings_quietly_so_that_the_run_says_once_what_has_no_effect(monkeypatch):
+    """--mismatch-per-prompt 0 warned twice: from the check before the phases, then from the run's configuration."""
+    def stop(model_dir):
+        raise RuntimeError("stop before the phases")
+    monkeypatch.setattr(story, "load_model", stop)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="stop before the phases"):
+            main(["demo", "--quiet", "--mismatch-per-prompt", "0"])
+        assert said == []
+        story.unlearn_config(DemoSettings(mismatch_per_prompt=0), progress=False, output_dir=".")
+    assert [str(w.message)[:45] for w in said] == ["mismatch_per_prompt=0 draws no mismatch answe"]
 
 
 def test_python_m_fastalign_demo_is_fastalign_demo(monkeypatch):
