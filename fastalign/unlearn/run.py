@@ -46,7 +46,8 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
 
     normal: a TruthfulQA .csv (its train split; its pool rows also feed the mismatch pool unless
     mismatch_pool is given) or a {prompt, answer} jsonl. mismatch_pool: a TruthfulQA .csv or a {prompt, answer}
-    jsonl whose answers form the pool. A stream whose weight is 0 is not loaded. With chat_template, every
+    jsonl whose answers form the pool, less those that are answers of the normal pairs (and of a normal csv's test
+    rows): the pool is kept apart from the normal data whichever files hold them. A stream whose weight is 0 is not loaded. With chat_template, every
     example of the three streams is a user turn and an assistant turn in the tokenizer's chat template, after a
     system turn `system` when set, with the template variables chat_template_kwargs. With answer_eos, every answer
     of the three streams ends with the tokenizer's EOS id as an answer token (a chat template's own end-of-turn
@@ -77,6 +78,15 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
                             f"pool rows (truthfulqa_pool_fraction={config.truthfulqa_pool_fraction}) is the Best "
                             "Answer of one of its normal rows; give other answers as mismatch_pool (--mismatch-pool "
                             "FILE), or set mismatch_weight=0 (--mismatch-weight 0) to train without the mismatch term")
+        if config.mismatch_pool:   # a pool of its own: kept apart from the normal answers too, as a csv's own pool is
+            normal_answers = {p.answer.strip() for p in (normal or []) + (normal_split.normal_test if normal_split
+                                                                           else [])}
+            pool = [a for a in pool if a.strip() not in normal_answers]
+            if not pool:
+                raise DataError(f"{config.mismatch_pool}: no mismatch pool answer: every one is the answer of a "
+                                f"normal pair of {config.normal}, and the pool is kept apart from them; give other "
+                                "answers as mismatch_pool (--mismatch-pool FILE), or set mismatch_weight=0 "
+                                "(--mismatch-weight 0) to train without the mismatch term")
 
     def encode(pairs):
         return encode_pairs(tokenizer, template, pairs, config.max_length, skip_too_long=config.skip_long_prompts,

@@ -188,6 +188,32 @@ def test_a_jsonl_mismatch_pool_gives_its_answers_not_its_prompts(tmp_path):
     assert load_streams(config, tokenizer).pool == encode_answers(tokenizer, TextTemplate(), POOL_ANSWERS)
 
 
+@pytest.mark.parametrize("pool_format", ["jsonl", "csv"])
+def test_a_mismatch_pool_file_is_kept_apart_from_the_answers_of_a_separate_normal_file(tmp_path, pool_format):
+    """Only a csv's own pool was filtered against its own normal rows: a pool file beside a jsonl --normal fed the
+    normal answers to the mismatch stream as well, trained on by both terms."""
+    data = jsonl_data(tmp_path)
+    normal_answers = [row["answer"] for row in NORMAL_ROWS]
+    if pool_format == "jsonl":
+        pool_path = write_jsonl(tmp_path / "pool.jsonl", [{"prompt": "p", "answer": a}
+                                                          for a in POOL_ANSWERS + normal_answers])
+    else:   # one pool row of 3 (pool fraction 0.3): its Best, Correct and Incorrect answers
+        pool_path = tmp_path / "pool.csv"
+        pool_path.write_text("Question,Best Answer,Correct Answers,Incorrect Answers\n"
+                             + "".join(f"Q{k}?,{normal_answers[0]},{normal_answers[1]}; Paris is the capital,"
+                                       f"the a of\n" for k in range(3)))
+    data["mismatch_pool"] = str(pool_path)
+    tokenizer = byte_bpe_tokenizer()
+    pool = load_streams(UnlearnConfig(model="m", output_dir="o", max_length=64, **data), tokenizer).pool
+    expected = POOL_ANSWERS if pool_format == "jsonl" else ["Paris is the capital", "the a of"]
+    assert pool == encode_answers(tokenizer, TextTemplate(), expected)
+    only_normal = write_jsonl(tmp_path / "only_normal.jsonl", [{"prompt": "p", "answer": a} for a in normal_answers])
+    data["mismatch_pool"] = str(only_normal)
+    with pytest.raises(DataError, match=r"only_normal.jsonl: no mismatch pool answer: every one is the answer of a "
+                                        r"normal pair of .*normal.jsonl, and the pool is kept apart from them"):
+        load_streams(UnlearnConfig(model="m", output_dir="o", max_length=64, **data), tokenizer)
+
+
 def test_skip_long_prompts_dropping_every_normal_row_is_an_error_not_a_run_without_the_kl_term(tmp_path):
     """With every normal row too long the normal stream was left empty: the KL term silently off."""
     data = jsonl_data(tmp_path)
