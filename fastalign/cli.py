@@ -175,18 +175,21 @@ def _interrupt_on_sigterm(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     """Runs the command; an interrupt (Ctrl-C, SIGTERM) ends it with a message on stderr and the exit status
     128 + the signal's number, as a process the signal killed has."""
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:   # argparse's own error shows the usage of `fastalign`, not of the command that has the options
-        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     in_main_thread = threading.current_thread() is threading.main_thread()   # signal.signal works only there
     previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm) if in_main_thread else None
+    command = None   # until parsed: an interrupt while the parser imports the commands' modules names none
     try:
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:   # argparse's own error shows the usage of `fastalign`, not of the command that has the options
+            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        command = args.command
         return args.func(args)
     except KeyboardInterrupt as exc:
         by, signum = ("SIGTERM", signal.SIGTERM) if exc.args == ("SIGTERM",) else ("Ctrl-C", signal.SIGINT)
-        hint = INTERRUPTED_HINTS.get(args.command)
-        print(f"fastalign {args.command}: interrupted by {by}{'; ' + hint if hint else ''}", file=sys.stderr)
+        hint = INTERRUPTED_HINTS.get(command)
+        print(f"fastalign{' ' + command if command else ''}: interrupted by {by}{'; ' + hint if hint else ''}",
+              file=sys.stderr)
         return 128 + signum
     finally:
         if previous is not None:   # None also for a handler not set from Python, which cannot be put back

@@ -202,3 +202,19 @@ def test_a_keyboard_interrupt_raised_with_a_message_is_reported_as_ctrl_c(monkey
     monkeypatch.setattr(importlib.import_module("fastalign.rain.cli"), "run", interrupted)
     assert main(["rain", "--model", "m", "--hh", "h", "--output", "o"]) == 128 + signal.SIGINT
     assert "fastalign rain: interrupted by Ctrl-C" in capsys.readouterr().err
+
+
+def test_an_interrupt_while_the_parser_imports_the_commands_is_a_message_not_a_traceback(monkeypatch, capsys):
+    """The first seconds of a command import torch and transformers to build the parser: a Ctrl-C there printed a
+    traceback (the command's own interrupt handling began after parsing)."""
+    def importing():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(importlib.import_module("fastalign.cli"), "build_parser", importing)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        status = main(["eval", "--help"])
+    except KeyboardInterrupt:   # not to pytest, which would end the whole session
+        pytest.fail("the KeyboardInterrupt left main()")
+    assert status == 128 + signal.SIGINT
+    assert capsys.readouterr().err == "fastalign: interrupted by Ctrl-C\n"
+    assert signal.getsignal(signal.SIGTERM) is previous
