@@ -10,6 +10,8 @@ the backward, the work done even if no backward follows, and one backward per fo
 place, so that no second [V, H] copy is made; a second backward raises).
 """
 import torch
+from torch._C._functorch import TransformType, maybe_get_level
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from .func_transforms import LauncherGradients
 
@@ -35,12 +37,30 @@ def forward_gradient_needs(op, grads_in_forward, reduction, hidden, weight, bias
 
 
 def refuse_second_backward(ctx, op):
-    """Marks the forward's gradients taken; raises if they were (see the module's docstring)."""
+    """Raises if the forward's gradients were taken already (see the module's docstring)."""
     if getattr(ctx, "forward_gradients_taken", False):
         raise RuntimeError(f"{op}(grads_in_forward=True) takes its gradients once, in the forward pass: its backward "
                            "can run once per forward (no retain_graph=True second backward, no second call of a "
                            "torch.func.vjp function); use grads_in_forward=False for that")
-    ctx.forward_gradients_taken = True
+
+
+def refuse_graph_of_gradients(op, saved):
+    """The gradients taken in the forward (`saved`) have no graph to the inputs, so where their own derivative may be
+    taken it would come out silently zero: refused under create_graph=True (a gradient penalty) and where an outer
+    grad transform differentiates this backward's result (nested torch.func.grad, grad of a vjp). torch.func runs
+    every backward with grad mode on: its backward is told by the saved gradients' transform level (that of the grad
+    it serves, or a level that has ended for vjp's and jacrev's function), and refused only under another grad level
+    (or a forward-mode one) outside it."""
+    if not torch.is_grad_enabled():
+        return
+    level = max(maybe_get_level(t) for t in saved if t is not None)   # -1 plain autograd, -2 a level that ended
+    outer = [interpreter.level() for interpreter in retrieve_all_functorch_interpreters()
+             if interpreter.key() in (TransformType.Grad, TransformType.Jvp)]
+    if level == -1 or any(level == -2 or outer_level < level for outer_level in outer):
+        raise RuntimeError(f"{op}(grads_in_forward=True) takes its gradients in the forward pass, without a graph: "
+                           "they cannot be differentiated again, so its backward refuses create_graph=True and a "
+                           "grad transform inside another (the fused losses are not twice differentiable; "
+                           "grads_in_forward=False takes first-order gradients with create_graph=True)")
 
 
 def scaled(grad_output, d_hidden, d_weight, d_bias):
@@ -70,7 +90,10 @@ def backward_gradients(ctx, op, gradients, grad_output):
     """(d_hidden, d_weight, d_bias) of a fused loss's backward: the forward's, scaled, or the launcher's backward run
     by gradients(*saved, grad_output, reduction, softcap, launcher, *needs) (see func_transforms)."""
     if ctx.forward_gradients:
-        refuse_second_backward(ctx, op)
-        return LauncherGradients.apply(op, scaled, grad_output, *ctx.saved_tensors)
+        refuse_second_backward(ctx, op)   # before saved_tensors, which refuses the gradients scaled in place
+        saved = ctx.saved_tensors
+        refuse_graph_of_gradients(op, saved)
+        ctx.forward_gradients_taken = True
+        return LauncherGradients.apply(op, scaled, grad_output, *saved)
     return LauncherGradients.apply(op, gradients, *ctx.saved_tensors, grad_output, ctx.reduction, ctx.softcap,
                                    ctx.launcher, *ctx.needs_input_grad[:3])

@@ -184,6 +184,28 @@ def test_under_torch_func_grad(backend, op_name):
     assert_rel_close("d_hidden", got, want, REL_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make_case", [cross_entropy_case, kl_case], ids=["ce", "kl"])
+def test_a_gradient_that_could_be_differentiated_again_is_refused_by_name(backend, make_case):
+    """The forward's gradients have no graph: under create_graph=True (a gradient penalty) or a grad transform inside
+    another, their derivative came out silently zero; the default path refuses it once it is taken."""
+    op, _, inputs = make_case((13, 24, 131), backend=backend)
+    name = "linear_cross_entropy" if make_case is cross_entropy_case else "linear_kl_div"
+    out = op("sum", grads_in_forward=True) + inputs[0].pow(2).sum()
+    with pytest.raises(RuntimeError, match=rf"{name}\(grads_in_forward=True\) .* refuses create_graph=True"):
+        torch.autograd.grad(out, inputs[0], create_graph=True)
+
+    def penalty(hidden, grads_in_forward):
+        def loss(h):
+            return fastalign.linear_cross_entropy(h, inputs[1].detach(), torch.zeros(13, dtype=torch.long,
+                                                                                       device=h.device),
+                                                  backend=backend, grads_in_forward=grads_in_forward)
+        return torch.func.grad(loss)(hidden).pow(2).sum()
+    for grads_in_forward, message in ((True, "grad transform inside another"), (False, "not twice differentiable")):
+        with pytest.raises(RuntimeError, match=message):
+            torch.func.grad(penalty)(inputs[0].detach(), grads_in_forward)
+
+
 def loss_of_weight(op_name, backend, grads_in_forward=True):
     """(loss(weight, hidden, target) of the op, a batch of two samples' (weight, hidden [2, 5, 24], target [2, 5]))."""
     device = device_for(backend)
