@@ -36,6 +36,19 @@ def forward_gradient_needs(op, grads_in_forward, reduction, hidden, weight, bias
     return needs if torch.is_grad_enabled() and any(needs) else None
 
 
+def refuse_inference_tensors(op, forward_needs, named_inputs):
+    """Where the backward will save the inputs (grad mode on, one of hidden, weight or bias differentiated, gradients
+    not taken in the forward), a ValueError naming any input made under torch.inference_mode(): autograd cannot save
+    one, and failed deep in the op with a message that named none (a reference's hidden states are often made so)."""
+    differentiable = [t for name, t in named_inputs if name in ("hidden", "weight", "bias") and t is not None]
+    if forward_needs is not None or not torch.is_grad_enabled() or not any(t.requires_grad for t in differentiable):
+        return
+    for name, t in named_inputs:
+        if t is not None and t.is_inference():
+            raise ValueError(f"{op}: {name} was made under torch.inference_mode(), and autograd cannot save it for "
+                             f"the backward: make it under torch.no_grad() instead, or pass {name}.clone()")
+
+
 def refuse_second_backward(ctx, op):
     """Raises if the forward's gradients were taken already (see the module's docstring)."""
     if getattr(ctx, "forward_gradients_taken", False):

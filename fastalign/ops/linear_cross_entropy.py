@@ -10,7 +10,7 @@ from .backend import Backend, graph_break, autocast_off, require_triton_dtype, s
 from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
                      check_tensor, check_token_shape, is_integer, out_of_range_targets, refuse_targets, token_dims,
                      FLOAT_DTYPES, Reduction)
-from .forward_gradients import backward_gradients, forward_gradient_needs, save_for_backward
+from .forward_gradients import backward_gradients, forward_gradient_needs, refuse_inference_tensors, save_for_backward
 from .func_transforms import refuse_forward_mode, vmap_by_loop
 from .token_rows import TokenRows
 
@@ -124,6 +124,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     check_reduction(reduction)
     check_softcap(softcap)
     forward_needs = forward_gradient_needs("linear_cross_entropy", grads_in_forward, reduction, hidden, weight, bias)
+    refuse_inference_tensors("linear_cross_entropy", forward_needs, [("hidden", hidden), ("weight", weight),
+                                                                     ("bias", bias), ("target", target),
+                                                                     ("token_weight", token_weight)])
     hidden, target, token_weight = as_rows(hidden, tokens), as_rows(target, tokens), as_rows(token_weight, tokens)
     launcher = select_backend("linear_cross_entropy", backend, hidden.device)
     require_triton_dtype(launcher, "hidden", hidden)

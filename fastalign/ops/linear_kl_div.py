@@ -11,7 +11,7 @@ import torch
 from .backend import Backend, graph_break, autocast_off, require_triton_dtype, select_backend
 from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
                      check_tensor, check_token_shape, token_dims, FLOAT_DTYPES, Reduction)
-from .forward_gradients import backward_gradients, forward_gradient_needs, save_for_backward
+from .forward_gradients import backward_gradients, forward_gradient_needs, refuse_inference_tensors, save_for_backward
 from .func_transforms import refuse_forward_mode, vmap_by_loop
 from .token_rows import TokenRows
 
@@ -144,6 +144,9 @@ def linear_kl_div(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.
     check_reduction(reduction)
     check_softcap(softcap)
     forward_needs = forward_gradient_needs("linear_kl_div", grads_in_forward, reduction, hidden, weight, bias)
+    refuse_inference_tensors("linear_kl_div", forward_needs, [
+        ("hidden", hidden), ("weight", weight), ("bias", bias), ("ref_hidden", ref_hidden), ("ref_weight", ref_weight),
+        ("ref_bias", ref_bias), ("token_weight", token_weight), ("mask", mask)])
     hidden, ref_hidden = as_rows(hidden, tokens), as_rows(ref_hidden, tokens)
     token_weight, mask = as_rows(token_weight, tokens), as_rows(mask, tokens)
     launcher = select_backend("linear_kl_div", backend, hidden.device)

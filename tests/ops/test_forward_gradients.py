@@ -350,3 +350,25 @@ def test_16_bit_operands_give_fp32_logits(shape):
           for in_forward in (False, True)}
     assert kl[False] > 1e-4
     assert_rel_close("kl", kl[True], kl[False], 1e-4)
+
+
+@pytest.mark.parametrize("op_name", ["ce", "kl"])
+def test_an_input_made_under_inference_mode_is_refused_by_name_where_the_backward_would_save_it(op_name):
+    """A reference's hidden states made under torch.inference_mode() (or targets so made): autograd cannot save them,
+    and the default path failed in torch's save_for_backward naming no argument. With the gradients taken in the
+    forward, or with nothing differentiated, nothing is saved: they are used as they are."""
+    hidden, weight, target, _ = ce_tests.make_inputs(5, 6, 9, device="cpu")
+    with torch.inference_mode():
+        made_so = torch.randn(5, 6) if op_name == "kl" else target.clone()
+    name = "ref_hidden" if op_name == "kl" else "target"
+
+    def loss(grads_in_forward, h=hidden):
+        if op_name == "ce":
+            return fastalign.linear_cross_entropy(h, weight, made_so, grads_in_forward=grads_in_forward)
+        return fastalign.linear_kl_div(h, weight, made_so, weight.detach(), grads_in_forward=grads_in_forward)
+    with pytest.raises(ValueError, match=rf"{name} was made under torch.inference_mode\(\).*{name}.clone\(\)"):
+        loss(False)
+    in_forward = loss(True)
+    torch.autograd.grad(in_forward, [hidden, weight])
+    with torch.no_grad():
+        assert_rel_close("loss", loss(False), in_forward.detach(), REL_TOL[torch.float32])
