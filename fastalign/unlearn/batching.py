@@ -28,6 +28,20 @@ class TokenBatch:
     target_mask: torch.Tensor
     host: Optional["TokenBatch"] = field(default=None, repr=False, compare=False)
 
+    def __post_init__(self):
+        """Shapes and dtypes checked by name (a target_mask as wide as input_ids, the labels' convention, was read
+        shifted by a token); the right padding is checked where the host reads the lengths (RowPacker.plan)."""
+        if self.input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(self.input_ids.shape)}")
+        rows, width = self.input_ids.shape
+        if self.attention_mask.shape != (rows, width):
+            raise ValueError(f"attention_mask must have input_ids' shape {(rows, width)}, got "
+                             f"{tuple(self.attention_mask.shape)}")
+        if self.target_mask.dtype != torch.bool or self.target_mask.shape != (rows, max(width - 1, 0)):
+            raise ValueError(f"target_mask must be bool [B, T-1] = {(rows, max(width - 1, 0))} (True where the "
+                             f"shifted target input_ids[:, 1:] is an answer token), got {self.target_mask.dtype} "
+                             f"{tuple(self.target_mask.shape)}")
+
     def to(self, device) -> "TokenBatch":
         """The batch on `device`, keeping its host copy. A copy from the CPU is non-blocking: it need not wait for
         the device's queued work, and is safe from pageable memory (staged before the call returns)."""

@@ -191,16 +191,24 @@ class RowPacker:
         self._last = (None, None)
 
     def plan(self, tokens: TokenBatch) -> PackedRows | None:
-        """The packed layout the forward of `tokens` runs on, or None for its padded rows."""
+        """The packed layout the forward of `tokens` runs on, or None for its padded rows (the last batch's layout
+        again for a batch of the same tokens: the trainer plans before its forward; compared by content, since a
+        buffer refilled in place is the same tensor with other rows)."""
         host = tokens.on_host
-        if self._last[0] is host.input_ids:
+        if self._last[0] is not None and all(torch.equal(last, now) for last, now in zip(
+                self._last[0], (host.input_ids, host.attention_mask))):
             return self._last[1]
+        lengths = host.attention_mask.sum(1)
+        if not torch.equal(host.attention_mask.bool(), torch.arange(host.input_ids.shape[1], device=lengths.device)
+                           < lengths[:, None]):
+            raise ValueError("attention_mask must pad on the right: each row's tokens first, then its padding "
+                             "(a tokenizer's padding_side='right'), with 1 for a token and 0 for padding")
         layout = None
-        lengths = host.attention_mask.sum(1).tolist()
+        lengths = lengths.tolist()
         fits_window = self.window is None or max(lengths) <= self.window  # the 4-D mask sets no window of its own
         if self.mode != "off" and not self.unavailable and fits_window:
             layout = self._cheapest(host.input_ids, lengths)
-        self._last = (host.input_ids, layout)
+        self._last = ((host.input_ids.clone(), host.attention_mask.clone()), layout)   # a buffer may be refilled
         return layout
 
     def _cheapest(self, input_ids: torch.Tensor, lengths: list[int]) -> PackedRows | None:

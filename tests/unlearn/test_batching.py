@@ -55,3 +55,17 @@ def test_collate_of_no_examples_is_an_error_naming_collate():
 def test_a_pad_token_of_id_0_is_the_filler():
     """Id 0 is a token like any other: a tokenizer whose pad token is id 0 pads with it, not with EOS."""
     assert filler_token_id(SimpleNamespace(pad_token_id=0, eos_token_id=2)) == 0
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda ids, mask, targets: (ids[0], mask[0], targets[0]), r"input_ids must be \[B, T\], got shape \(6,\)"),
+    (lambda ids, mask, targets: (ids, mask[:, :5], targets), r"attention_mask must have input_ids' shape \(3, 6\)"),
+    (lambda ids, mask, targets: (ids, mask, torch.zeros(3, 6, dtype=torch.bool)),
+     r"target_mask must be bool \[B, T-1\] = \(3, 5\) .* got torch.bool \(3, 6\)"),
+    (lambda ids, mask, targets: (ids, mask, targets.long()), r"target_mask must be bool .* got torch.int64")])
+def test_a_batch_of_other_shapes_is_refused_by_the_name_of_the_tensor(change, message):
+    """A target_mask as wide as input_ids (Hugging Face labels' convention) was read shifted by one token: other loss
+    values without a word."""
+    batch = a_batch()
+    with pytest.raises(ValueError, match=message):
+        TokenBatch(*change(batch.input_ids, batch.attention_mask, batch.target_mask))

@@ -422,3 +422,36 @@ def test_packing_runs_exactly_where_the_check_lets_it(name):
         long = torch.arange(packer.window + 1)[None].repeat(2, 1) % 20 + 1
         assert packer.plan(TokenBatch(long, torch.ones_like(long), torch.zeros(2, packer.window,
                                                                                dtype=torch.bool))) is None
+
+
+def test_a_batch_refilled_in_place_is_planned_again():
+    """A training loop of one's own that refills the same token buffers each step got the layout of the previous
+    step's tokens (the last plan was kept by the input_ids tensor's identity): other rows' hidden states."""
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    ids, mask = torch.zeros(4, 16, dtype=torch.long), torch.zeros(4, 16, dtype=torch.long)
+    buffers = TokenBatch(ids, mask, torch.zeros(4, 15, dtype=torch.bool))
+    packer = RowPacker(model, "on")
+    with torch.no_grad():
+        for step in range(2):
+            g = torch.Generator().manual_seed(step)
+            ids.zero_()
+            mask.zero_()
+            prompt = torch.randint(3, 200, (6,), generator=g)
+            for row in range(4):
+                ids[row, :6], mask[row, :8 + row] = prompt, 1
+                ids[row, 6:8 + row] = torch.randint(3, 200, (2 + row,), generator=g)
+            rows, columns = mask.nonzero(as_tuple=True)
+            fresh = TokenBatch(ids.clone(), mask.clone(), buffers.target_mask.clone())
+            torch.testing.assert_close(packer.forward(model.model, buffers).at(rows, columns),
+                                       RowPacker(model, "on").forward(model.model, fresh).at(rows, columns))
+
+
+@pytest.mark.parametrize("mode", ["off", "auto"])
+def test_a_left_padded_batch_is_refused_by_naming_the_attention_mask(mode):
+    """A batch a tokenizer padded on the left failed deep inside (an IndexError), packed or padded."""
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[0, :2] = 0
+    batch = TokenBatch(torch.randint(3, 200, (2, 16)), mask, torch.zeros(2, 15, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attention_mask must pad on the right"):
+        RowPacker(model, mode).forward(model.model, batch)
