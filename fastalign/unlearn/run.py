@@ -44,14 +44,14 @@ def _chat_template(tokenizer, config: UnlearnConfig) -> ChatTemplate:
 def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
     """The forget, normal and mismatch streams the config describes, tokenized.
 
-    normal: a TruthfulQA .csv (its train split; its pool rows also feed the mismatch pool unless
-    mismatch_pool is given) or a {prompt, answer} jsonl. mismatch_pool: a TruthfulQA .csv or a {prompt, answer}
-    jsonl whose answers form the pool, less those that are answers of the normal pairs (and of a normal csv's test
-    rows): the pool is kept apart from the normal data whichever files hold them. A stream whose weight is 0 is not loaded. With chat_template, every
-    example of the three streams is a user turn and an assistant turn in the tokenizer's chat template, after a
-    system turn `system` when set, with the template variables chat_template_kwargs. With answer_eos, every answer
-    of the three streams ends with the tokenizer's EOS id as an answer token (a chat template's own end-of-turn
-    token instead, where it writes one; see encoding.answer_end_id).
+    normal: a TruthfulQA .csv (its train split; its pool rows also feed the mismatch pool unless mismatch_pool is
+    given) or a {prompt, answer} jsonl. mismatch_pool: a TruthfulQA .csv or a {prompt, answer} jsonl whose answers
+    form the pool, less those that are answers of the normal pairs (and of a normal csv's test rows): the pool is
+    kept apart from the normal data whichever files hold them. A stream whose weight is 0 is not loaded. With
+    chat_template, every example of the three streams is a user turn and an assistant turn in the tokenizer's chat
+    template, after a system turn `system` when set, with the template variables chat_template_kwargs. With
+    answer_eos, every answer of the three streams ends with the tokenizer's EOS id as an answer token (a chat
+    template's own end-of-turn token instead, where it writes one; see encoding.answer_end_id).
     """
     template = _chat_template(tokenizer, config) if config.chat_template else TextTemplate(config.template)
     forget = [pair for path in config.forget for pair in load_pairs(path, config.forget_format)]
