@@ -185,7 +185,7 @@ class RowPacker:
         self.mode = mode
         self.shape = ModelShape.of(model)
         self.window = _attention_window(model)
-        self.unavailable = None if mode == "off" else _probe(model, self.window)
+        self.unavailable = None if mode == "off" else _windowed_by_index(model) or _probe(model, self.window)
         if mode == "on" and self.unavailable:
             raise ValueError(f"packing='on': {self.unavailable}; use packing='auto' or 'off'")
         self._last = (None, None)
@@ -269,6 +269,17 @@ def _attention_window(model) -> int | None:
     sizes = [getattr(c, name, None) for c in configs for name in ("sliding_window", "attention_chunk_size")]
     sizes = [s for s in sizes if isinstance(s, int) and not isinstance(s, bool) and s > 0]
     return min(sizes) if sizes else None
+
+
+def _windowed_by_index(model) -> str | None:
+    """Why packed rows are not exact for a model whose local attention layers set their window by a token's index in
+    its row, whatever the mask (GPT-Neo's 'local' layers, window_size): a packed row holds a row's tokens further
+    from its shared prefix than its own row does. None for other models (the probe's short rows fit any window)."""
+    config = getattr(base_causal_lm(model), "config", None)
+    if "local" in (getattr(config, "attention_layers", None) or ()):
+        return (f"its local attention layers window {getattr(config, 'window_size', '?')} tokens by their index in "
+                "the row, not by position_ids (GPT-Neo's window_size), and packed rows move the indices")
+    return None
 
 
 def _probe(model, window: int | None) -> str | None:
