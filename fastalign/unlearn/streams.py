@@ -163,6 +163,12 @@ class UnlearningStreams:
             h.update(repr((a.ids, a.lead, a.end, a.seams)).encode())
         return h.hexdigest()
 
+    def draw_settings(self) -> dict[str, int]:
+        """What, beside the data (digest), decides the batches drawn: a resumed run compares them with its
+        checkpoint's, so that streams built with another seed, batch size or K are refused, not trained on."""
+        return {"batch_size": self._forget_stream.batch_size, "normal_batch_size": self.normal_batch_size,
+                "mismatch_per_prompt": self.mismatch_per_prompt, "max_length": self.max_length, "seed": self.seed}
+
     def check_context(self, positions: int | None) -> None:
         """Raises a DataError naming the longest row a batch can hold (a forget or normal example, or a forget
         prompt around the longest pool answer, cut to max_length) if it has more than `positions` tokens: a

@@ -12,7 +12,8 @@ the device once a step, for its values (_step_values). Checkpoints and the saved
 (unsharded) tensors whatever the wrapping. A resumed run restores the trainable weights, optimizer,
 scheduler, step counter and RNG states, and draws the same batches, so it ends bit-identical to a run that
 was never interrupted; a resume with other settings, with other data (checkpoints record a digest of the
-examples' token ids), or with another model put at the config's model path (a digest of its files), is refused.
+examples' token ids), with streams that draw otherwise (their seed, batch sizes, K, max_length), or with another
+model put at the config's model path (a digest of its files), is refused.
 """
 from __future__ import annotations
 
@@ -561,6 +562,11 @@ class UnlearningTrainer:
             raise ValueError(f"cannot resume {path}: the data differ from the interrupted run's (same settings, other "
                              "forget, normal or mismatch pool examples: a data file changed since, or a relative path "
                              "now read from another directory); resume it on the data it was started with")
+        draws = self.streams.draw_settings()
+        changed = sorted(k for k, v in state.get("draws", draws).items() if draws.get(k) != v)   # unrecorded before
+        if changed:                                                                               # 2026-12-06
+            raise ValueError(f"cannot resume {path}: the streams draw other batches than the interrupted run's "
+                             f"(UnlearningStreams' {changed} differ); resume it with streams built as it was")
         recorded = state.get("model_files")   # unrecorded before 2026-12-02, and for a model not from a directory
         if recorded and self._model_files and recorded != self._model_files:
             raise ValueError(f"cannot resume {path}: the model at {self.config.model} is not the one the interrupted "
@@ -591,7 +597,7 @@ class UnlearningTrainer:
     def _save_checkpoint(self, step, totals, record, objective, optimizer, scheduler):
         acc = self.accelerator
         state = {"step": step, "num_processes": acc.num_processes, "config": self.config.to_dict(),
-                 "data": self._data_digest(), "model_files": self._model_files,
+                 "data": self._data_digest(), "draws": self.streams.draw_settings(), "model_files": self._model_files,
                  "compute": totals.to_dict(), "last": asdict(record),
                  "trainable": trainable_state(objective),
                  "optimizer": optimizer_state(objective, _torch_optimizer(optimizer)),

@@ -308,6 +308,18 @@ def test_resume_over_other_data_under_the_same_settings_is_refused(tmp_path, str
     assert summary.steps == 5
 
 
+@pytest.mark.parametrize("draws", [{"seed": 7}, {"batch_size": 3}, {"mismatch_per_prompt": 1}])
+def test_resume_with_streams_that_draw_other_batches_is_refused(tmp_path, draws):
+    """From Python, the trainer draws as its UnlearningStreams were built: streams of another seed, batch size or K
+    over the same data resumed, training the rest of the run on other batches than the interrupted run's."""
+    with pytest.raises(Killed):
+        run(tmp_path, save_every=2, callback=kill_after(3))
+    with pytest.raises(ValueError, match=rf"the streams draw other batches .*\['{next(iter(draws))}'[],]"):
+        run(tmp_path, save_every=2, resume=True, streams=tiny_streams(byte_bpe_tokenizer(), **draws))
+    _, summary = run(tmp_path, save_every=2, resume=True)   # streams built as before still resume
+    assert summary.steps == 5
+
+
 def test_resume_on_another_model_put_at_the_model_path_is_refused(tmp_path):
     """A LoRA run resumed after a fine-tune was copied over its base model (same architecture, same sizes) trained its
     adapter on the wrong base; the same files copied in again resume."""
