@@ -13,7 +13,8 @@
 // Residency is closed under ancestors: a resident span's parent is resident. Eviction is a cache policy:
 // it drops the KV of a least-recently-used resident span that has no resident child, is not pinned and is
 // not in use by the current call, but keeps the span and its tokens. A span that is used again after
-// eviction is recomputed first (plan_restore), so eviction never changes a result; it only costs compute.
+// eviction is recomputed first (plan_restore), so eviction changes no result beyond
+// rounding (a span recomputed in another batch); it only costs compute.
 //
 // Releasing a span ends its handle. Its node (and KV) stays only while live descendants need it as their
 // prefix; the last such release frees it. Reference counts equal the number of resident spans whose block
@@ -65,7 +66,7 @@ class SpanTree {
   // Creates one child per row (parent -1 makes a root) holding tokens[cu_lens[r]:cu_lens[r+1]] and plans
   // the forward that computes their KV; the children are touched (most recently used), and so are the
   // parents. Parents must be live and resident. On PoolExhausted nothing is created and every parent keeps
-  // its KV (other spans may have been evicted on the way: eviction never changes a result).
+  // its KV (other spans may have been evicted on the way: eviction changes no result beyond rounding).
   // A parent -2 - j (j < r) is the child of row j of the same call: row r attends to row j's tokens,
   // which the same forward computes (and writes twice where a block of theirs is copied for row r, see
   // extra_src), so rows that build on one another still cost one forward and no recomputed token.

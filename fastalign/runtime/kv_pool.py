@@ -41,19 +41,20 @@ class KVPool:
         return sum(2 * block_size * heads * head_dim * item for heads, head_dim in _checked_shapes(layer_shapes))
 
     @staticmethod
-    def num_blocks_for(*, max_tokens, max_bytes, block_size, bytes_per_block):
+    def num_blocks_for(*, max_tokens, max_bytes, block_size, bytes_per_block, shares=1):
         """Blocks of a pool sized by exactly one of max_tokens (rounded up to whole blocks) or max_bytes
-        (rounded down)."""
+        (rounded down), of which the pool takes 1/shares (2: half of it goes to a model's recurrent states)."""
         if (max_tokens is None) == (max_bytes is None):
             raise ValueError("pass exactly one of max_tokens or max_bytes to size the KV pool")
         if max_tokens is not None:
             if not is_integer(max_tokens) or max_tokens <= 0:
                 raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
             return -(-int(max_tokens) // block_size)
-        if not is_integer(max_bytes) or max_bytes < bytes_per_block:
+        if not is_integer(max_bytes) or max_bytes // shares < bytes_per_block:
+            states = "" if shares == 1 else f", {shares} times that: half of max_bytes goes to the recurrent states"
             raise ValueError(f"max_bytes: expected an int of at least one block ({bytes_per_block} bytes "
-                             f"for this model and block_size), got {max_bytes!r}")
-        return int(max_bytes) // bytes_per_block
+                             f"for this model and block_size{states}), got {max_bytes!r}")
+        return int(max_bytes) // shares // bytes_per_block
 
     @property
     def nbytes(self):

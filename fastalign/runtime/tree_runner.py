@@ -4,7 +4,8 @@ A span (see span.py) is a handle on cached KV: creating children of spans comput
 tokens, all rows in ONE batched forward; a child shares its parent's blocks; releasing a branch gives
 its blocks back; rewinding to an ancestor is using the ancestor's handle. The pool is fixed-size; when it
 is full, least-recently-used unpinned spans are evicted and transparently recomputed if used again, so
-eviction is a cache policy that never changes a result (see csrc/span_tree.h).
+eviction is a cache policy that changes a result by rounding at most (a span recomputed in another batch; see
+csrc/span_tree.h).
 
 Llama-family models (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, OLMo 2, OLMo 3, Mixtral, Qwen2-MoE,
 Qwen3-MoE) run on the paged pool with the paged attention kernels (llama.py), as do other causal LMs whose layers
@@ -139,7 +140,7 @@ class TreeRunner:
                              f"{type(mr).__name__}), so there is nothing to give room to")
         # its states take max_state_bytes, else as many bytes as the pool: given max_bytes alone, half of it each
         halved = keeps_states and max_state_bytes is None and is_integer(max_bytes)
-        num_blocks = KVPool.num_blocks_for(max_tokens=max_tokens, max_bytes=max_bytes // 2 if halved else max_bytes,
+        num_blocks = KVPool.num_blocks_for(max_tokens=max_tokens, max_bytes=max_bytes, shares=2 if halved else 1,
                                            block_size=block_size,
                                            bytes_per_block=KVPool.bytes_per_block(mr.pool_shapes, **geometry))
         backend = resolve_backend(attention_backend, mr.device) if self.paged else None
@@ -365,6 +366,9 @@ class TreeRunner:
             if array.ndim != 1 or array.size == 0 or array.dtype.kind not in "iu":  # ints, not bools
                 raise ValueError(f"{row_name.format(i)}: expected a non-empty 1-D sequence of int token ids, got "
                                  f"shape {list(array.shape)} of {array.dtype}")
+            if not isinstance(ids, np.ndarray) and any(isinstance(t, (bool, np.bool_)) for t in ids):
+                raise ValueError(f"{row_name.format(i)}: expected int token ids, got a bool among them (numpy "
+                                 "read True as token 1)")
             arrays.append(array)
         cu_lens = np.zeros(rows + 1, dtype=np.int64)
         cu_lens[1:] = np.cumsum([a.size for a in arrays])

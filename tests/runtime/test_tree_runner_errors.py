@@ -2,6 +2,7 @@
 comparing the tree's state before and after, then by a correct extension afterwards)."""
 import gc
 import re
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -95,6 +96,7 @@ def test_bad_tokens_are_refused(runner, model):
         (1, [[True, False]], "token_lists\\[0\\]: expected a non-empty 1-D sequence of int token ids, got shape "
                              "\\[2\\] of bool"),
         (1, [torch.tensor([True])], "token_lists\\[0\\]: expected a non-empty 1-D sequence .* of bool"),
+        (1, [[True, 3]], "token_lists\\[0\\]: expected int token ids, got a bool among them"),   # was token 1
         (1, [[1], [2]], "token_lists: expected 1 lists \\(one per parent\\), got 2"),
         (2, "ab", "token_lists: expected one sequence of token ids per parent"),
     ]
@@ -904,6 +906,19 @@ def test_pool_sizes_are_checked_at_their_bounds(model):
     for bad in ({"max_tokens": True}, {"max_tokens": 64, "block_size": True}):  # bools are not counts
         with pytest.raises(ValueError, match="expected a positive int"):
             TreeRunner(model, **bad)
+
+
+def test_a_max_bytes_shared_with_recurrent_states_is_refused_by_the_value_given():
+    """A model keeping recurrent states gives half of max_bytes to them: the error quoted that half as if it had been
+    passed (3072 for a max_bytes of 6144, asking for the 4096 bytes of a block)."""
+    model = tiny_model("qwen3.5-linear-attention-states")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        block = TreeRunner(model, max_tokens=16).pool.nbytes
+        with pytest.raises(ValueError, match=rf"at least one block \({block} bytes .*, 2 times that: half of "
+                                             rf"max_bytes goes to the recurrent states\), got {block * 3 // 2}$"):
+            TreeRunner(model, max_bytes=block * 3 // 2)
+        assert TreeRunner(model, max_bytes=2 * block).num_blocks == 1
 
 
 def test_pool_sizes_take_numpy_integers(model):
