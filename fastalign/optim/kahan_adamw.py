@@ -104,6 +104,11 @@ class KahanAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(_torch_adamw_options(), lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay))
 
+    def __getstate__(self):
+        """torch's (defaults, state and param_groups) and the backend: a copy (copy.deepcopy, pickle, torch.save)
+        lacked it, and its step raised AttributeError."""
+        return {**super().__getstate__(), "backend": self.backend}
+
     def add_param_group(self, param_group):
         """torch's add_param_group, refusing parameters of a dtype other than bfloat16 and float32, and options of
         torch's AdamW that this step does not have (amsgrad=True, maximize=True)."""

@@ -1,8 +1,10 @@
 """fastalign.KahanAdamW: fp32 weights step as AdamW (against torch's in float64), bf16 weights keep the updates that
 torch's AdamW on bf16 weights rounds away, both backends give the same bits through the optimizer (non-contiguous
-weights, parameter groups), state saves and loads (torch's AdamW's too), the step inside the backward, and errors."""
+weights, parameter groups), state saves and loads (torch's AdamW's too), copies of the optimizer, the step inside the
+backward, and errors."""
 import copy
 import functools
+import pickle
 import re
 
 import pytest
@@ -353,3 +355,22 @@ def test_a_gradient_that_is_an_expanded_view_is_read_and_left_as_it_was():
     p.grad = grad.expand(4)
     KahanAdamW([p], lr=0.1, weight_decay=0.0).step()
     assert torch.equal(p.detach(), torch.full((4,), -0.1, dtype=torch.bfloat16)) and grad.item() == 1.0
+
+
+@pytest.mark.parametrize("duplicate", [copy.deepcopy, lambda optimizer: pickle.loads(pickle.dumps(optimizer))],
+                         ids=["deepcopy", "pickle"])
+def test_a_copied_optimizer_steps_as_the_original(duplicate):
+    """torch's Optimizer.__getstate__ keeps defaults, state and param_groups only: a copy (how trainers snapshot an
+    optimizer) lost its backend, and its step raised AttributeError."""
+    weight = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    optimizer = KahanAdamW([weight], lr=0.1, backend="torch")
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    twin = duplicate(optimizer)
+    twin_weight = twin.param_groups[0]["params"][0]
+    assert twin.backend == "torch" and twin_weight is not weight
+    weight.grad, twin_weight.grad = torch.ones_like(weight), torch.ones_like(twin_weight)
+    optimizer.step()
+    twin.step()
+    assert torch.equal(twin_weight, weight) and torch.equal(twin.state[twin_weight]["compensation"],
+                                                            optimizer.state[weight]["compensation"])
