@@ -73,6 +73,14 @@ def _check_hyperparameters(group, prefix):
             raise ValueError(f"{prefix}{name}: expected a float >= 0, got {value!r}")
 
 
+def _check_dtype(p, where):
+    """A ValueError naming `where` for a parameter of a dtype other than bfloat16 and float32, which this step does
+    not take."""
+    if p.dtype not in STEPPED_DTYPES:
+        raise ValueError(f"{where} is {p.dtype}; expected bfloat16 or float32 (train float16 weights in bfloat16 or "
+                         "float32: AdamW's second moment underflows in float16)")
+
+
 def _local(tensor):
     """The tensor itself, or the local shard of a DTensor (a parameter FSDP2 shards, its gradient and its state)."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
@@ -116,12 +124,12 @@ class KahanAdamW(torch.optim.Optimizer):
             _check_torch_options(param_group, f"params: param group {len(self.param_groups)}")
             _check_hyperparameters(param_group, f"params: param group {len(self.param_groups)}'s ")
         super().add_param_group(param_group)   # (which makes its params a list, whatever iterable they came in)
-        for i, p in enumerate(self.param_groups[-1]["params"]):
-            if p.dtype not in STEPPED_DTYPES:
-                self.param_groups.pop()   # refused: not stepped after all by the next step
-                raise ValueError(f"params: parameter {i} of group {len(self.param_groups)} is {p.dtype}; expected "
-                                 "bfloat16 or float32 (train float16 weights in bfloat16 or float32: AdamW's second "
-                                 "moment underflows in float16)")
+        try:
+            for i, p in enumerate(self.param_groups[-1]["params"]):
+                _check_dtype(p, f"params: parameter {i} of group {len(self.param_groups) - 1}")
+        except ValueError:
+            self.param_groups.pop()   # refused: not stepped after all by the next step
+            raise
 
     def load_state_dict(self, state_dict):
         """torch's load_state_dict, refusing the state of an optimizer that steps otherwise (torch's Adam, AdamW with
@@ -165,11 +173,16 @@ class KahanAdamW(torch.optim.Optimizer):
 
     def _check_groups(self):
         """ValueError for what step() cannot step, before it steps anything (a refused step changes no weight): an
-        option set on a group after it was added, a sparse gradient."""
+        option set on a group after it was added, a sparse gradient, a parameter cast to another dtype after it was
+        added (model.half() after the optimizer was built)."""
         for i, group in enumerate(self.param_groups):
             _check_torch_options(group, f"param_groups[{i}]")
-            if any(p.grad is not None and p.grad.is_sparse for p in group["params"]):
-                raise ValueError("KahanAdamW: a parameter has a sparse gradient, which AdamW does not take")
+            for j, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("KahanAdamW: a parameter has a sparse gradient, which AdamW does not take")
+                _check_dtype(p, f"KahanAdamW: parameter {j} of param_groups[{i}]")
 
     def _state_of(self, p):
         """p's state, made on its first step (moments of zeros) or completed after a load (a compensation of zeros

@@ -374,3 +374,17 @@ def test_a_copied_optimizer_steps_as_the_original(duplicate):
     twin.step()
     assert torch.equal(twin_weight, weight) and torch.equal(twin.state[twin_weight]["compensation"],
                                                             optimizer.state[weight]["compensation"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_a_parameter_cast_after_it_was_added_is_refused_at_the_step(dtype):
+    """The dtype was checked when a parameter was added only: after model.half() the step ran AdamW on float16
+    weights (whose second moment underflows), after model.double() it stepped float64 weights in fp32."""
+    model = torch.nn.Linear(4, 3)
+    optimizer = KahanAdamW(model.parameters(), lr=1e-3, backend="torch")
+    model.to(dtype)
+    model(torch.randn(2, 4, dtype=dtype)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=re.escape(f"parameter 0 of param_groups[0] is {dtype}; expected bfloat16")):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)) and not optimizer.state
