@@ -174,7 +174,8 @@ class KahanAdamW(torch.optim.Optimizer):
     def _check_groups(self):
         """ValueError for what step() cannot step, before it steps anything (a refused step changes no weight): an
         option set on a group after it was added, a sparse gradient, a parameter cast to another dtype after it was
-        added (model.half() after the optimizer was built)."""
+        added (model.half() after the optimizer was built), a loaded state of another shape than its parameter (torch
+        maps a loaded state to the parameters by position, and checks no shapes)."""
         for i, group in enumerate(self.param_groups):
             _check_torch_options(group, f"param_groups[{i}]")
             for j, p in enumerate(group["params"]):
@@ -182,7 +183,14 @@ class KahanAdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise ValueError("KahanAdamW: a parameter has a sparse gradient, which AdamW does not take")
-                _check_dtype(p, f"KahanAdamW: parameter {j} of param_groups[{i}]")
+                where = f"KahanAdamW: parameter {j} of param_groups[{i}]"
+                _check_dtype(p, where)
+                state = self.state.get(p, {})
+                for name in ("exp_avg", "exp_avg_sq", "compensation"):
+                    if name in state and state[name].shape != p.shape:
+                        raise ValueError(f"{where} has shape {tuple(p.shape)} but its state's {name} has shape "
+                                         f"{tuple(state[name].shape)} (a state dict loaded into an optimizer that "
+                                         "lists the parameters in another order?)")
 
     def _state_of(self, p):
         """p's state, made on its first step (moments of zeros) or completed after a load (a compensation of zeros

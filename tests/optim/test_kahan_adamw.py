@@ -388,3 +388,24 @@ def test_a_parameter_cast_after_it_was_added_is_refused_at_the_step(dtype):
     with pytest.raises(ValueError, match=re.escape(f"parameter 0 of param_groups[0] is {dtype}; expected bfloat16")):
         optimizer.step()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)) and not optimizer.state
+
+
+@pytest.mark.parametrize("shapes", [((6, 4), (4, 6)), ((1,), (4,))], ids=["same numel", "other numel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_loaded_state_of_another_shape_is_refused_before_anything_steps(shapes, dtype):
+    """A state dict loaded into an optimizer that lists the parameters in another order (torch maps states by
+    position, checking no shapes): moments with as many elements were stepped silently through flat views (an MLP's
+    up_proj state stepping down_proj), with another number the weights were updated and counted before a RuntimeError
+    from deep inside torch."""
+    first, second = (torch.nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape in shapes)
+    saved = KahanAdamW([first, second], lr=0.1, backend="torch")
+    first.grad, second.grad = torch.ones_like(first), torch.ones_like(second)
+    saved.step()
+    optimizer = KahanAdamW([second, first], lr=0.1, backend="torch")
+    optimizer.load_state_dict(saved.state_dict())
+    weights = [first.detach().clone(), second.detach().clone()]
+    with pytest.raises(ValueError, match=re.escape(f"parameter 0 of param_groups[0] has shape {shapes[1]} but its "
+                                                   f"state's exp_avg has shape {shapes[0]}")):
+        optimizer.step()
+    assert torch.equal(first, weights[0]) and torch.equal(second, weights[1])
+    assert [float(optimizer.state[p]["step"]) for p in (first, second)] == [1.0, 1.0]
