@@ -60,9 +60,10 @@ def _check_torch_options(group, where):
 
 def _check_hyperparameters(group, prefix):
     """A ValueError, its message starting with `prefix`, for the lr, betas, eps or weight_decay in `group` (the
-    constructor's, or a param group's own) that AdamW cannot step with: betas (0.9, 1.0) made every weight NaN."""
+    constructor's, or a param group's own) that AdamW cannot step with: betas (0.9, 1.0) made every weight NaN, as
+    lr=nan did (each bound is checked so that NaN fails it, as torch's AdamW checks them)."""
     lr, betas = group.get("lr", 0.0), group.get("betas", (0.0, 0.0))
-    if not (isinstance(lr, (int, float)) or torch.is_tensor(lr) and lr.numel() == 1) or float(lr) < 0:
+    if not ((isinstance(lr, (int, float)) or torch.is_tensor(lr) and lr.numel() == 1) and float(lr) >= 0):
         raise ValueError(f"{prefix}lr: expected a float >= 0 (or a one-element tensor), got {lr!r}")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2
             and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):

@@ -409,3 +409,18 @@ def test_a_loaded_state_of_another_shape_is_refused_before_anything_steps(shapes
         optimizer.step()
     assert torch.equal(first, weights[0]) and torch.equal(second, weights[1])
     assert [float(optimizer.state[p]["step"]) for p in (first, second)] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("option", [{"lr": float("nan")}, {"lr": torch.tensor(float("nan"))}, {"eps": float("nan")},
+                                    {"weight_decay": float("nan")}, {"betas": (0.9, float("nan"))}],
+                         ids=["lr", "tensor lr", "eps", "weight_decay", "betas"])
+def test_a_nan_option_is_refused(option):
+    """lr=nan passed the check (`lr < 0` is False for NaN), where torch's AdamW refuses it: the first step made every
+    weight NaN. Given to the constructor or in a group."""
+    (name, value), = option.items()
+    with pytest.raises(ValueError, match=f"^{name}: expected"):
+        KahanAdamW([torch.nn.Parameter(torch.ones(2))], **option)
+    optimizer = KahanAdamW([torch.nn.Parameter(torch.ones(2))])
+    with pytest.raises(ValueError, match=f"param group 1's {name}: expected"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], **option})
+    assert len(optimizer.param_groups) == 1
