@@ -16,6 +16,7 @@ same bits. Parameters sharded by FSDP2 (DTensors) are stepped shard by shard: Ad
 """
 import functools
 import math
+import numbers
 
 import torch
 from torch.optim.optimizer import ParamsT
@@ -58,19 +59,25 @@ def _check_torch_options(group, where):
                              f"AdamW with {option}={value!r})")
 
 
+def _is_real(value, tensor=False):
+    """Whether `value` is a real number (numpy's too) or, where `tensor`, a one-element tensor (as torch's AdamW takes
+    lr and betas)."""
+    return isinstance(value, numbers.Real) or tensor and torch.is_tensor(value) and value.numel() == 1
+
+
 def _check_hyperparameters(group, prefix):
     """A ValueError, its message starting with `prefix`, for the lr, betas, eps or weight_decay in `group` (the
     constructor's, or a param group's own) that AdamW cannot step with: betas (0.9, 1.0) made every weight NaN, as
     lr=nan did (each bound is checked so that NaN fails it, as torch's AdamW checks them)."""
     lr, betas = group.get("lr", 0.0), group.get("betas", (0.0, 0.0))
-    if not ((isinstance(lr, (int, float)) or torch.is_tensor(lr) and lr.numel() == 1) and float(lr) >= 0):
+    if not (_is_real(lr, tensor=True) and float(lr) >= 0):
         raise ValueError(f"{prefix}lr: expected a float >= 0 (or a one-element tensor), got {lr!r}")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-            and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
-        raise ValueError(f"{prefix}betas: expected two floats in [0, 1), got {betas!r}")
+            and all(_is_real(b, tensor=True) and 0 <= float(b) < 1 for b in betas)):
+        raise ValueError(f"{prefix}betas: expected two floats in [0, 1) (or one-element tensors), got {betas!r}")
     for name in ("eps", "weight_decay"):
         value = group.get(name, 0.0)
-        if not (isinstance(value, (int, float)) and value >= 0):
+        if not (_is_real(value) and value >= 0):
             raise ValueError(f"{prefix}{name}: expected a float >= 0, got {value!r}")
 
 
@@ -94,8 +101,9 @@ class KahanAdamW(torch.optim.Optimizer):
     torch's AdamW state loads here) and, for a bf16 parameter, "compensation" (zeros where a loaded state has none).
     backend: "auto" (the Triton kernel on CUDA, torch elsewhere), "triton" or "torch"."""
 
-    def __init__(self, params: ParamsT, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, amsgrad: bool = False, maximize: bool = False,
+    def __init__(self, params: ParamsT, lr: float | torch.Tensor = 1e-3,
+                 betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, backend: Backend = "auto"):
         # torch's AdamW's other options, taken at their defaults (code written for AdamW passes them): amsgrad and
@@ -154,14 +162,16 @@ class KahanAdamW(torch.optim.Optimizer):
                 loss = closure()
         self._check_groups()
         for group in self.param_groups:
-            (beta1, beta2), lr = group["betas"], float(group["lr"])
+            # (given as numpy scalars or one-element tensors too: the step's scalars are Python floats)
+            (beta1, beta2), lr = map(float, group["betas"]), float(group["lr"])
+            eps, weight_decay = float(group["eps"]), float(group["weight_decay"])
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self._state_of(p)
                 state["step"] += 1
-                scalars = step_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
-                                       weight_decay=group["weight_decay"], step=float(state["step"]))
+                scalars = step_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                                       step=float(state["step"]))
                 tensors = [_local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
                            + (() if "compensation" not in state else (state["compensation"],))]
                 contiguous = [t.contiguous() for t in tensors]   # the launchers take contiguous tensors

@@ -7,6 +7,7 @@ import functools
 import pickle
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -203,6 +204,21 @@ def test_a_tensor_learning_rate_steps_as_its_float():
     start, grads = (0.02 * torch.randn(30)).bfloat16(), [g.bfloat16() for g in gradients(30, 2)]
     tensor_lr, float_lr = (run(KahanAdamW, start, grads, lr=lr)[0] for lr in (torch.tensor(1e-3), 1e-3))
     assert torch.equal(tensor_lr, float_lr)
+
+
+def test_torchs_adamw_argument_forms_are_taken_and_step_as_their_floats():
+    """torch's AdamW takes numpy scalars, tensor betas and amsgrad as its sixth positional argument: KahanAdamW refused
+    the first two and had amsgrad keyword-only, so code swapping torch's AdamW for it failed."""
+    start, grads = (0.02 * torch.randn(30)).bfloat16(), [g.bfloat16() for g in gradients(30, 2)]
+    lr, betas, eps, weight_decay = np.float32(1e-3), (torch.tensor(0.8), torch.tensor(0.99)), np.float64(1e-6), 0.1
+    given, _ = run(lambda params: KahanAdamW(params, lr, betas, eps, weight_decay, False), start, grads)
+    floats, _ = run(KahanAdamW, start, grads, lr=float(lr), betas=tuple(map(float, betas)), eps=float(eps),
+                    weight_decay=weight_decay)
+    assert torch.equal(given, floats) and not torch.equal(given, start)
+    optimizer = KahanAdamW([torch.nn.Parameter(torch.ones(2))])
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "lr": lr, "betas": betas})
+    with pytest.raises(ValueError, match="KahanAdamW has amsgrad=True"):
+        KahanAdamW([torch.nn.Parameter(torch.ones(2))], lr, betas, eps, weight_decay, True)
 
 
 def test_a_weight_without_gradient_is_not_stepped_and_closure_runs_with_grad():
