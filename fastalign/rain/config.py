@@ -24,11 +24,13 @@ class RainConfig:
     Back-up: a sibling whose embedding's cosine similarity sim to the backed-up node's is at least
         similarity_threshold also takes the value, as similarity_weight * sim of a visit.
     Widening: a node with fewer than max_children children widens (the greedy set and widen_group - 1 sample
-        attempts) while the norm of its children's embedding variance is below widen_variance_per_token times the
-        token-set length and their best q below widen_max_q; widen_lone_child also widens a node with one
-        child, as a literal reading of the SPEC does (the reference never does: torch's unbiased variance of one
-        embedding is NaN).
-    Outer loop: commit the best child once the root has root_visits visits (inherited ones included) and
+        attempts: with multi-token sets the greedy one is already a child, so one new set at most, as in the
+        reference; SPEC's "two more sampled token sets") while the norm of its children's embedding variance is
+        below widen_variance_per_token times the token-set length and their best q below widen_max_q;
+        widen_lone_child also widens a node with one child, as a literal reading of the SPEC does (the reference
+        never does: torch's unbiased variance of one embedding is NaN).
+    Outer loop: commit the best child once the root has root_visits visits (its fresh count fn, inherited visits
+        included: the visit count n also holds fractional visits shared by similar siblings) and
         min_new_visits new ones, or early, once the best child has more than early_stop_fresh_visits fresh visits
         and q above early_stop_q. The answer stops at max_length tokens (prompt and answer) or after
         max_new_tokens (0: no limit besides max_length).

@@ -249,8 +249,9 @@ class JudgeTokens:
     # --- scoring -------------------------------------------------------------------------------------
     @property
     def label_columns(self) -> List[int]:
-        """The vocabulary columns `score` reads: (harmless, harmful) of order 0, then of order 1. An engine gathers
-        them from the judge rows' logits where they are computed, and moves 4 numbers a row, not the vocabulary."""
+        """The vocabulary columns `score` reads: the two option labels (A, B) of order 0, then of order 1: (harmless,
+        harmful) in order 0, (harmful, harmless) in order 1, whose options are swapped. An engine gathers them from
+        the judge rows' logits where they are computed, and moves 4 numbers a row, not the vocabulary."""
         return [*self.label_ids[0], *self.label_ids[1]]
 
     def score(self, label_logits: torch.Tensor) -> float:
