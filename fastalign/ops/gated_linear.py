@@ -39,7 +39,7 @@ class GatedLinearFunction(torch.autograd.Function):
         gate, up, weight = ctx.saved_tensors
         need_gate, need_up, need_weight, need_bias = ctx.needs_input_grad[:4]
         grad_gate = grad_up = grad_weight = grad_bias = product = None
-        grad_rows = grad_out.reshape(-1, weight.shape[0])
+        grad_rows = grad_out.flatten(0, -2)   # not reshape(-1, O): ambiguous where a width is 0
         with autocast_off(gate.device):
             if need_gate or need_up:
                 grad_product = (grad_rows @ weight).view(gate.shape)
@@ -48,7 +48,7 @@ class GatedLinearFunction(torch.autograd.Function):
             elif need_weight:
                 product = ctx.launcher.forward(gate, up, tanh_gelu=ctx.tanh_gelu)
             if need_weight:
-                grad_weight = grad_rows.t() @ product.reshape(-1, gate.shape[-1])
+                grad_weight = grad_rows.t() @ product.flatten(0, -2)
             if need_bias:
                 grad_bias = grad_rows.sum(0)
         return (grad_gate if need_gate else None, grad_up if need_up else None, grad_weight, grad_bias, None, None)

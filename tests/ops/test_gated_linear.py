@@ -120,6 +120,18 @@ def test_an_intermediate_width_of_zero(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("i, o", [(0, 5), (4, 0)])
+def test_the_backward_of_a_zero_width_gives_torchs_gradients(backend, i, o):
+    """An intermediate or output width of 0: the backward reshaped to [-1, 0] and raised torch's "cannot reshape
+    tensor of 0 elements"; torch's ops give zero-sized gradients (or zeros, and the bias's)."""
+    inputs = make_inputs((2, 3), i, o, device=device_for(backend))
+    out = fastalign.gated_linear(*inputs, backend=backend)
+    seed = torch.randn(out.shape, device=out.device)
+    for name, got, want in zip(NAMES, grads_of(out, inputs, seed), grads_of(unfused(*inputs, "silu"), inputs, seed)):
+        assert got.shape == want.shape and torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_keeps_gate_and_up_but_not_the_product(backend):
     """What autograd holds for the backward: gate, up and the weight, no [tokens x I] tensor besides; the unfused ops
     hold two more (act(gate) and the product). The test can fail: it counts the unfused ops' too."""
