@@ -50,7 +50,7 @@ def refuse_legacy_vmap(op, args):
 
 
 class LauncherGradients(torch.autograd.Function):
-    """A fused loss's backward, `gradients(*args)` of its saved tensors and upstream gradient (a tuple of gradients
+    """A fused op's backward, `gradients(*args)` of its saved tensors and upstream gradient (a tuple of gradients
     or None), as a Function with no derivative of its own: the launchers' gradients carry no graph. A `gradients`
     that changes its arguments in place names, as its attribute out_of_place, the function that vmap's loop calls
     instead (each sample gets the same unbatched arguments)."""

@@ -12,18 +12,19 @@ kernels/gated_activation.py), instead of three elementwise ops, and the forward 
 from typing import Literal, get_args
 
 import torch
-from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 from .backend import Backend, autocast_off, require_triton_dtype, select_backend
 from .checks import check_tensor, token_dims, FLOAT_DTYPES
+from .func_transforms import LauncherGradients
 
 Activation = Literal["silu", "gelu_tanh"]   # the `activation` argument
 ACTIVATIONS = get_args(Activation)
 
 
 class GatedLinearFunction(torch.autograd.Function):
-    """linear(act(gate) * up, weight, bias), saving gate, up and weight; gradients flow to all four."""
+    """linear(act(gate) * up, weight, bias), saving gate, up and weight; gradients flow to all four. Its backward
+    runs as LauncherGradients (see func_transforms)."""
 
     @staticmethod
     def forward(ctx, gate, up, weight, bias, tanh_gelu, launcher):
@@ -34,28 +35,32 @@ class GatedLinearFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable   # a second derivative raises instead of being silently wrong
     def backward(ctx, grad_out):
-        gate, up, weight = ctx.saved_tensors
-        need_gate, need_up, need_weight, need_bias = ctx.needs_input_grad[:4]
-        grad_gate = grad_up = grad_weight = grad_bias = product = None
-        grad_rows = grad_out.flatten(0, -2)   # not reshape(-1, O): ambiguous where a width is 0
-        with autocast_off(gate.device):
-            if need_gate or need_up:
-                grad_product = (grad_rows @ weight).view(gate.shape)
-                product, grad_gate, grad_up = ctx.launcher.backward(gate, up, grad_product, tanh_gelu=ctx.tanh_gelu,
-                                                                    need_out=need_weight)
-            elif need_weight:
-                product = ctx.launcher.forward(gate, up, tanh_gelu=ctx.tanh_gelu)
-            if need_weight:
-                grad_weight = grad_rows.t() @ product.flatten(0, -2)
-            if need_bias:
-                grad_bias = grad_rows.sum(0)
-        return (grad_gate if need_gate else None, grad_up if need_up else None, grad_weight, grad_bias, None, None)
+        return LauncherGradients.apply("gated_linear", _gated_linear_gradients, *ctx.saved_tensors, grad_out,
+                                       ctx.tanh_gelu, ctx.launcher, *ctx.needs_input_grad[:4]) + (None, None)
+
+
+def _gated_linear_gradients(gate, up, weight, grad_out, tanh_gelu, launcher, need_gate, need_up, need_weight,
+                            need_bias):
+    """(grad_gate, grad_up, grad_weight, grad_bias) of GatedLinearFunction, each None unless asked for."""
+    grad_gate = grad_up = grad_weight = grad_bias = product = None
+    grad_rows = grad_out.flatten(0, -2)   # not reshape(-1, O): ambiguous where a width is 0
+    with autocast_off(gate.device):
+        if need_gate or need_up:
+            grad_product = (grad_rows @ weight).view(gate.shape)
+            product, grad_gate, grad_up = launcher.backward(gate, up, grad_product, tanh_gelu=tanh_gelu,
+                                                            need_out=need_weight)
+        elif need_weight:
+            product = launcher.forward(gate, up, tanh_gelu=tanh_gelu)
+        if need_weight:
+            grad_weight = grad_rows.t() @ product.flatten(0, -2)
+        if need_bias:
+            grad_bias = grad_rows.sum(0)
+    return grad_gate if need_gate else None, grad_up if need_up else None, grad_weight, grad_bias
 
 
 class GatedActivationFunction(torch.autograd.Function):
-    """act(gate) * up, saving gate and up; gradients flow to both."""
+    """act(gate) * up, saving gate and up; gradients flow to both. Its backward runs as LauncherGradients."""
 
     @staticmethod
     def forward(ctx, gate, up, tanh_gelu, launcher):
@@ -66,12 +71,15 @@ class GatedActivationFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable   # a second derivative raises instead of being silently wrong
     def backward(ctx, grad_out):
-        gate, up = ctx.saved_tensors
-        with autocast_off(gate.device):
-            _, grad_gate, grad_up = ctx.launcher.backward(gate, up, grad_out, tanh_gelu=ctx.tanh_gelu, need_out=False)
-        return grad_gate, grad_up, None, None
+        return LauncherGradients.apply("gated_activation", _gated_activation_gradients, *ctx.saved_tensors, grad_out,
+                                       ctx.tanh_gelu, ctx.launcher) + (None, None)
+
+
+def _gated_activation_gradients(gate, up, grad_out, tanh_gelu, launcher):
+    """(grad_gate, grad_up) of GatedActivationFunction."""
+    with autocast_off(gate.device):
+        return launcher.backward(gate, up, grad_out, tanh_gelu=tanh_gelu, need_out=False)[1:]
 
 
 def _launcher_of(gate, up, activation, backend, others=()):
@@ -112,7 +120,7 @@ def gated_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bia
     projections; [..., O] in that dtype. activation: "silu" (torch's silu: Llama, Mistral, Qwen, OLMo) or "gelu_tanh"
     (torch's gelu(approximate="tanh"): the Gemmas). The product act(gate) * up, rounded as torch's two ops round
     it, is not kept for the backward: the backward recomputes it. Gradients flow to gate, up, weight and bias (first
-    order: a second derivative raises).
+    order: a second derivative raises, naming the op).
     An enclosing autocast does not apply inside (cast the inputs to follow it).
     backend: "auto" (Triton on CUDA, torch's own operators elsewhere, which give the numbers of the unfused ops
     and their autograd exactly), "triton" or "torch".

@@ -9,10 +9,10 @@ does (`rule`).
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .backend import Backend, autocast_off, require_triton_dtype, select_backend
 from .checks import check_tensor, is_real, token_dims, FLOAT_DTYPES
+from .func_transforms import LauncherGradients
 
 # How a family's module applies its weight to the normalised rows (fp32), and the launchers' arguments for it:
 # "rounded" (Llama, Mistral, Qwen, the MoEs): rounded to the input's dtype, then times the weight, in that dtype;
@@ -23,7 +23,8 @@ WEIGHT_RULES = {"rounded": dict(weight_offset=0.0, round_before_weight=True),
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """The RMSNorm of x's rows by weight, saving x and weight; gradients flow to both."""
+    """The RMSNorm of x's rows by weight, saving x and weight; gradients flow to both. Its backward runs as
+    LauncherGradients (see func_transforms)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps, rule, launcher):
@@ -34,12 +35,16 @@ class RMSNormFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable   # a second derivative raises instead of being silently wrong
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        with autocast_off(x.device):
-            grad_x, grad_weight = ctx.launcher.backward(x, weight, grad_out, ctx.eps, **WEIGHT_RULES[ctx.rule])
-        return grad_x, grad_weight if ctx.needs_input_grad[1] else None, None, None, None
+        return LauncherGradients.apply("rms_norm", _gradients, *ctx.saved_tensors, grad_out, ctx.eps, ctx.rule,
+                                       ctx.launcher, ctx.needs_input_grad[1]) + (None,) * 3
+
+
+def _gradients(x, weight, grad_out, eps, rule, launcher, need_weight):
+    """(grad_x, grad_weight) of RMSNormFunction, grad_weight None unless need_weight."""
+    with autocast_off(x.device):
+        grad_x, grad_weight = launcher.backward(x, weight, grad_out, eps, **WEIGHT_RULES[rule])
+    return grad_x, grad_weight if need_weight else None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, rule: str = "rounded",
@@ -47,7 +52,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, rule: 
     """RMSNorm of x [..., D] over its last dimension with weight [D], as the Hugging Face module of `rule`'s family
     computes it (WEIGHT_RULES: "rounded" needs weight in x's dtype, as the module's output would otherwise take the
     weight's), in x's shape and dtype. Only x and weight are kept for the backward. Gradients flow to x and weight
-    (first order: a second derivative raises).
+    (first order: a second derivative raises, naming the op).
     An enclosing autocast does not apply inside (the modules compute in fp32 under it too).
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     """
