@@ -1,7 +1,8 @@
-"""The fused losses' autograd Functions under torch.func (grad, vjp, jacrev, vmap) and second derivatives.
+"""The fused ops' autograd Functions (the losses, rms_norm, gated_linear, gated_activation) under torch.func (grad,
+vjp, jacrev, vmap) and second derivatives.
 
-The Functions take the form torch.func requires: a forward without ctx that returns, beside the loss, the
-per-token statistics its backward needs (shapes fixed per token, never [N, V]), and a setup_context that saves
+The Functions take the form torch.func requires: a forward without ctx (a loss's returns, beside the loss, the
+per-token statistics its backward needs: shapes fixed per token, never [N, V]), and a setup_context that saves
 them with the inputs. Their backward runs as a Function of its own, LauncherGradients: under a transform its
 launcher then sees plain tensors, and differentiating the gradients (create_graph=True, which torch.func uses
 for every backward, then a second backward; or nested transforms) reaches its backward, which refuses by name
@@ -15,20 +16,23 @@ from .compiler_disable import compiler_disable
 
 def vmap_by_loop(op, function, info, in_dims, args):
     """The (outputs, out_dims) of a vmap staticmethod of `function`: applied to each sample of the batched
-    arguments (sliced at their in_dims; a tuple argument's in_dims are a tuple of Nones), tensor outputs stacked
-    along dim 0. A loop is exact whatever is batched (hidden states, targets, weights, upstream gradients); folding
-    the samples into one call's token rows is not, since the launchers sum the weight's gradient over the rows."""
+    arguments (sliced at their in_dims; a tuple argument's in_dims are a tuple of Nones), tensor outputs (or the
+    one output of a Function that returns a tensor) stacked along dim 0. A loop is exact whatever is batched (hidden
+    states, targets, weights, upstream gradients); folding the samples into one call's token rows is not, since the
+    launchers sum the weight's gradient over the rows."""
     if info.batch_size == 0:
         raise ValueError(f"{op} under torch.func.vmap needs at least one sample, got a batch of 0")
     samples = [function.apply(*(arg.select(dim, i) if isinstance(dim, int) else arg for arg, dim in zip(args, in_dims)))
                for i in range(info.batch_size)]
+    if isinstance(samples[0], torch.Tensor):
+        return torch.stack(samples), 0
     outputs = tuple(None if parts[0] is None else torch.stack(parts) for parts in zip(*samples))
     return outputs, tuple(None if out is None else 0 for out in outputs)
 
 
 def refuse_forward_mode(op):
-    """The jvp staticmethod of a fused loss: there is no forward-mode derivative (it would need the [N, V]
-    softmax's product with a tangent, which no launcher computes)."""
+    """The jvp staticmethod of a fused op: there is no forward-mode derivative (no launcher computes one; a loss's
+    would need the [N, V] softmax's product with a tangent)."""
     raise RuntimeError(f"{op} has no forward-mode derivative (torch.func.jvp, jacfwd, hessian, forward_ad): "
                        "differentiate it in reverse mode (backward, torch.func.grad, vjp or jacrev)")
 

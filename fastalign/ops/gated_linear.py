@@ -16,28 +16,39 @@ import torch.nn.functional as F
 
 from .backend import Backend, autocast_off, require_triton_dtype, select_backend
 from .checks import check_tensor, token_dims, FLOAT_DTYPES
-from .func_transforms import LauncherGradients
+from .func_transforms import LauncherGradients, refuse_forward_mode, vmap_by_loop
 
 Activation = Literal["silu", "gelu_tanh"]   # the `activation` argument
 ACTIVATIONS = get_args(Activation)
 
 
 class GatedLinearFunction(torch.autograd.Function):
-    """linear(act(gate) * up, weight, bias), saving gate, up and weight; gradients flow to all four. Its backward
-    runs as LauncherGradients (see func_transforms)."""
+    """linear(act(gate) * up, weight, bias), saving gate, up and weight; gradients flow to all four. In torch.func's
+    form; its backward runs as LauncherGradients (see func_transforms)."""
 
     @staticmethod
-    def forward(ctx, gate, up, weight, bias, tanh_gelu, launcher):
+    def forward(gate, up, weight, bias, tanh_gelu, launcher):
         with autocast_off(gate.device):
-            out = F.linear(launcher.forward(gate, up, tanh_gelu=tanh_gelu), weight, bias)
+            return F.linear(launcher.forward(gate, up, tanh_gelu=tanh_gelu), weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        gate, up, weight, _, tanh_gelu, launcher = inputs
         ctx.save_for_backward(gate, up, weight)
         ctx.tanh_gelu, ctx.launcher = tanh_gelu, launcher
-        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         return LauncherGradients.apply("gated_linear", _gated_linear_gradients, *ctx.saved_tensors, grad_out,
                                        ctx.tanh_gelu, ctx.launcher, *ctx.needs_input_grad[:4]) + (None, None)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        refuse_forward_mode("gated_linear")
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return vmap_by_loop("gated_linear", GatedLinearFunction, info, in_dims, args)
 
 
 def _gated_linear_gradients(gate, up, weight, grad_out, tanh_gelu, launcher, need_gate, need_up, need_weight,
@@ -60,20 +71,31 @@ def _gated_linear_gradients(gate, up, weight, grad_out, tanh_gelu, launcher, nee
 
 
 class GatedActivationFunction(torch.autograd.Function):
-    """act(gate) * up, saving gate and up; gradients flow to both. Its backward runs as LauncherGradients."""
+    """act(gate) * up, saving gate and up; gradients flow to both. In torch.func's form, as GatedLinearFunction."""
 
     @staticmethod
-    def forward(ctx, gate, up, tanh_gelu, launcher):
+    def forward(gate, up, tanh_gelu, launcher):
         with autocast_off(gate.device):
-            out = launcher.forward(gate, up, tanh_gelu=tanh_gelu)
+            return launcher.forward(gate, up, tanh_gelu=tanh_gelu)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        gate, up, tanh_gelu, launcher = inputs
         ctx.save_for_backward(gate, up)
         ctx.tanh_gelu, ctx.launcher = tanh_gelu, launcher
-        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         return LauncherGradients.apply("gated_activation", _gated_activation_gradients, *ctx.saved_tensors, grad_out,
                                        ctx.tanh_gelu, ctx.launcher) + (None, None)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        refuse_forward_mode("gated_activation")
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return vmap_by_loop("gated_activation", GatedActivationFunction, info, in_dims, args)
 
 
 def _gated_activation_gradients(gate, up, grad_out, tanh_gelu, launcher):
@@ -120,7 +142,8 @@ def gated_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bia
     projections; [..., O] in that dtype. activation: "silu" (torch's silu: Llama, Mistral, Qwen, OLMo) or "gelu_tanh"
     (torch's gelu(approximate="tanh"): the Gemmas). The product act(gate) * up, rounded as torch's two ops round
     it, is not kept for the backward: the backward recomputes it. Gradients flow to gate, up, weight and bias (first
-    order: a second derivative raises, naming the op).
+    order: a second derivative raises, naming the op). torch.func's grad, vjp, jacrev and vmap (once per sample)
+    work; forward mode raises.
     An enclosing autocast does not apply inside (cast the inputs to follow it).
     backend: "auto" (Triton on CUDA, torch's own operators elsewhere, which give the numbers of the unfused ops
     and their autograd exactly), "triton" or "torch".

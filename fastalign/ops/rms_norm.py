@@ -12,7 +12,7 @@ import torch
 
 from .backend import Backend, autocast_off, require_triton_dtype, select_backend
 from .checks import check_tensor, is_real, token_dims, FLOAT_DTYPES
-from .func_transforms import LauncherGradients
+from .func_transforms import LauncherGradients, refuse_forward_mode, vmap_by_loop
 
 # How a family's module applies its weight to the normalised rows (fp32), and the launchers' arguments for it:
 # "rounded" (Llama, Mistral, Qwen, the MoEs): rounded to the input's dtype, then times the weight, in that dtype;
@@ -23,21 +23,32 @@ WEIGHT_RULES = {"rounded": dict(weight_offset=0.0, round_before_weight=True),
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """The RMSNorm of x's rows by weight, saving x and weight; gradients flow to both. Its backward runs as
-    LauncherGradients (see func_transforms)."""
+    """The RMSNorm of x's rows by weight, saving x and weight; gradients flow to both. In torch.func's form; its
+    backward runs as LauncherGradients (see func_transforms)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps, rule, launcher):
+    def forward(x, weight, eps, rule, launcher):
         with autocast_off(x.device):
-            out = launcher.forward(x, weight, eps, **WEIGHT_RULES[rule])
+            return launcher.forward(x, weight, eps, **WEIGHT_RULES[rule])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, eps, rule, launcher = inputs
         ctx.save_for_backward(x, weight)
         ctx.eps, ctx.rule, ctx.launcher = eps, rule, launcher
-        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         return LauncherGradients.apply("rms_norm", _gradients, *ctx.saved_tensors, grad_out, ctx.eps, ctx.rule,
                                        ctx.launcher, ctx.needs_input_grad[1]) + (None,) * 3
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        refuse_forward_mode("rms_norm")
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return vmap_by_loop("rms_norm", RMSNormFunction, info, in_dims, args)
 
 
 def _gradients(x, weight, grad_out, eps, rule, launcher, need_weight):
@@ -52,7 +63,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, rule: 
     """RMSNorm of x [..., D] over its last dimension with weight [D], as the Hugging Face module of `rule`'s family
     computes it (WEIGHT_RULES: "rounded" needs weight in x's dtype, as the module's output would otherwise take the
     weight's), in x's shape and dtype. Only x and weight are kept for the backward. Gradients flow to x and weight
-    (first order: a second derivative raises, naming the op).
+    (first order: a second derivative raises, naming the op). torch.func's grad, vjp, jacrev and vmap (once per
+    sample) work; forward mode raises.
     An enclosing autocast does not apply inside (the modules compute in fp32 under it too).
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     """

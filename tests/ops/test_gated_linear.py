@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import fastalign
 from fastalign.reference.gated_linear import gated_activation as gated_activation_reference
 from fastalign.reference.gated_linear import gated_linear as gated_linear_reference
-from tests.compare import REL_TOL, assert_grads_close, assert_rel_close, grads_of
+from tests.compare import (REL_TOL, assert_grads_close, assert_only_first_order, assert_rel_close,
+                           assert_vjp_and_jacrev_close, grads_of)
 from tests.conftest import device_for, triton_cases
 from tests.saved_tensors import saved_bytes
 
@@ -217,6 +218,37 @@ def test_a_second_derivative_raises_by_name(backend, op):
     for differentiate in (lambda: torch.autograd.grad(loss + grad.sum(), up), lambda: grad.sum().backward()):
         with pytest.raises(RuntimeError, match=f"{op} is not twice differentiable"):
             differentiate()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_under_torch_func(backend, activation):
+    """torch.func's vjp and jacrev of both ops wrt each input, and vmap(grad) of per-sample losses, match the float64
+    references; second derivatives and forward mode raise by name. The Functions had forward(ctx, ...) and no
+    setup_context, which torch.func refuses: fused_layers failed under torch.func.grad where the modules run."""
+    gate, up, weight, bias = (t.detach() for t in make_inputs((3,), 6, 4, device=device_for(backend)))
+
+    def op(gate, up, weight, bias):
+        return fastalign.gated_linear(gate, up, weight, bias, activation=activation, backend=backend)
+
+    def activation_op(gate, up):
+        return fastalign.gated_activation(gate, up, activation=activation, backend=backend)
+
+    assert_vjp_and_jacrev_close(NAMES, op, lambda *t: gated_linear_reference(*t, activation=activation),
+                                (gate, up, weight, bias), REL_TOL[torch.float32])
+    assert_vjp_and_jacrev_close(NAMES[:2], activation_op,
+                                lambda *t: gated_activation_reference(*t, activation=activation), (gate, up),
+                                REL_TOL[torch.float32])
+    gates = torch.randn(2, 3, 6, device=gate.device)
+    grads = torch.func.vmap(torch.func.grad(lambda g, w: op(g, up, w, bias).square().sum(), argnums=(0, 1)),
+                            in_dims=(0, None))(gates, weight)
+    for i in range(2):
+        inputs = (gates[i].clone().requires_grad_(), weight.clone().requires_grad_())
+        ref = gated_linear_reference(inputs[0], up, inputs[1], bias, activation=activation)
+        for name, got, want in zip(["gate", "weight"], grads, torch.autograd.grad(ref.square().sum(), inputs)):
+            assert_rel_close(f"{name} {i}", got[i], want, REL_TOL[torch.float32])
+    assert_only_first_order("gated_linear", lambda g: op(g, up, weight, bias).square().sum(), gate)
+    assert_only_first_order("gated_activation", lambda g: activation_op(g, up).square().sum(), gate)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

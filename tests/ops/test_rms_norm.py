@@ -10,7 +10,8 @@ from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
 import fastalign
 from fastalign.ops.rms_norm import WEIGHT_RULES
 from fastalign.reference.rms_norm import rms_norm as rms_norm_reference
-from tests.compare import REL_TOL, assert_grads_close, assert_rel_close, grads_of
+from tests.compare import (REL_TOL, assert_grads_close, assert_only_first_order, assert_rel_close,
+                           assert_vjp_and_jacrev_close, grads_of)
 from tests.conftest import device_for, triton_cases
 from tests.saved_tensors import saved_bytes
 
@@ -154,6 +155,30 @@ def test_a_second_derivative_raises_by_name(backend):
     for differentiate in (lambda: torch.autograd.grad(loss + grad_x.sum(), weight), lambda: grad_x.sum().backward()):
         with pytest.raises(RuntimeError, match="rms_norm is not twice differentiable"):
             differentiate()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", list(WEIGHT_RULES))
+def test_under_torch_func(backend, rule):
+    """torch.func's vjp and jacrev wrt x and weight, and vmap(grad) of per-sample losses, match the float64
+    reference; second derivatives and forward mode raise by name. The Function had forward(ctx, ...) and no
+    setup_context, which torch.func refuses: fused_layers failed under torch.func.grad where the modules run."""
+    x, weight = (t.detach() for t in make_inputs((3, 8), device=device_for(backend)))
+
+    def op(x, weight):
+        return fastalign.rms_norm(x, weight, rule=rule, backend=backend)
+
+    assert_vjp_and_jacrev_close(["x", "weight"], op, lambda *t: rms_norm_reference(*t, rule=rule), (x, weight),
+                                REL_TOL[torch.float32])
+    batch = torch.randn(2, 3, 8, device=x.device)
+    grads = torch.func.vmap(torch.func.grad(lambda x, w: op(x, w).square().sum(), argnums=(0, 1)),
+                            in_dims=(0, None))(batch, weight)
+    for i in range(2):
+        inputs = (batch[i].clone().requires_grad_(), weight.clone().requires_grad_())
+        expected = torch.autograd.grad(rms_norm_reference(*inputs, rule=rule).square().sum(), inputs)
+        for name, got, want in zip(["x", "weight"], grads, expected):
+            assert_rel_close(f"{name} {i}", got[i], want, REL_TOL[torch.float32])
+    assert_only_first_order("rms_norm", lambda x: op(x, weight).square().sum(), x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -112,6 +112,27 @@ def count_calls(monkeypatch, name):
     return calls
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_func_grad_of_a_functional_call(monkeypatch, backend):
+    """torch.func.grad of a functional_call's loss gives the modules' gradients: the ops' autograd Functions lacked
+    torch.func's form (a setup_context), and failed under it where the modules work."""
+    calls = {name: count_calls(monkeypatch, name) for name in ("rms_norm", "gated_linear")}
+    device = device_for(backend)
+    model = tiny_llama(VOCAB).to(device)
+    ids = torch.randint(0, VOCAB, (2, 7), device=device)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(params):
+        return torch.func.functional_call(model, params, (), dict(input_ids=ids, labels=ids)).loss
+
+    expected = torch.func.grad(loss)(params)
+    with fused_layers(model, backend):
+        grads = torch.func.grad(loss)(params)
+    assert len(calls["rms_norm"]) == 2 * 2 + 1 and len(calls["gated_linear"]) == 2
+    for name, grad in expected.items():
+        assert rel_error(grads[name], grad) <= REL_TOL[torch.float32], name
+
+
 def test_what_it_cannot_stand_in_for_runs_the_module(monkeypatch):
     """Without grad the module's forward runs; a down_proj with hooks is called as it is, on gated_activation's
     product (its hook sees it); modules with hooks of their own are left alone."""
