@@ -267,3 +267,45 @@ def test_a_one_dimensional_input_runs_through_the_modules():
     with fused_layers(model, "torch"):
         got = (layer.input_layernorm(x), layer.mlp(x))
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+@pytest.mark.parametrize("where", ["down_proj", "act_fn"])
+@pytest.mark.parametrize("kind", ["register_full_backward_hook", "register_full_backward_pre_hook"])
+def test_a_backward_hook_on_a_module_the_mlp_folds_fires_inside_fused_layers(where, kind):
+    """K-FAC or gradient capture puts backward hooks on a projection: only forward hooks were looked at, so down_proj
+    was folded into gated_linear (never called) and its hook never fired; likewise act_fn's."""
+    model = tiny_llama(VOCAB).train()
+    ids = torch.arange(1, 10).view(1, 9)
+    calls = []
+    getattr(getattr(model.model.layers[0].mlp, where), kind)(lambda *args: calls.append(1))
+    with fused_layers(model):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert calls == [1]
+
+
+def test_a_hook_put_on_the_activation_inside_fused_layers_fires():
+    """act_fn was looked at on entering only (down_proj at each call): a hook put on it within the context, which the
+    trainer enters for the whole run, never fired."""
+    model = tiny_llama(VOCAB).train()
+    ids = torch.arange(1, 10).view(1, 9)
+    calls = []
+    with fused_layers(model):
+        model.model.layers[0].mlp.act_fn.register_forward_hook(lambda *args: calls.append(1))
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert calls == [1]
+
+
+def test_a_hook_on_every_module_sees_the_down_projection_inside_fused_layers():
+    """torch.nn.modules.module.register_module_forward_hook (profilers, activation loggers) fires for every module
+    called; down_proj was not called."""
+    model = tiny_llama(VOCAB).train()
+    ids = torch.arange(1, 10).view(1, 9)
+    down, calls = model.model.layers[0].mlp.down_proj, []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: calls.append(1) if module is down else None)
+    try:
+        with fused_layers(model):
+            model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        handle.remove()
+    assert calls == [1]
