@@ -255,6 +255,8 @@ def _run(args) -> int:
     if args.state_memory is not None and args.engine != "tree":
         raise UsageError(f"--state-memory is the tree engine's room for recurrent states: it needs --engine tree, not "
                          f"{args.engine}")
+    if args.cuda_graphs and args.engine != "tree":   # (the slow engine ran without them, silently)
+        raise UsageError(f"--cuda-graphs replays the tree engine's calls: it needs --engine tree, not {args.engine}")
     if args.device is not None:
         check_device(args.device)
     if args.output.endswith(".gz"):    # plain text under that name: `fastalign eval --answers` would gunzip it

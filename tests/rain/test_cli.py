@@ -905,6 +905,15 @@ def test_cuda_graphs_off_cuda_is_a_usage_error(rain_setup, capsys):
     assert not out.exists()
 
 
+def test_cuda_graphs_with_the_slow_engine_is_a_usage_error(rain_setup, capsys):
+    """--cuda-graphs replays the tree engine's calls: the slow engine ran without them, and said nothing."""
+    _, out, args = rain_setup
+    assert "slow" in args
+    assert main(args + ["--cuda-graphs"]) == 2
+    assert "--cuda-graphs replays the tree engine's calls: it needs --engine tree, not slow" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_state_memory_bounds_a_hybrid_models_states_and_leaves_its_answers(rain_setup, tmp_path, capsys):
     """A hybrid model (Qwen3-Next: a linear-attention layer beside a full-attention one) keeps each span's recurrent
     state: with room for one state (--state-memory 1) the search runs tokens again from the nearest state kept
