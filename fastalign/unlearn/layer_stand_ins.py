@@ -80,14 +80,16 @@ def _stand_in(module, rule, backend):
     return None if eps is None else TrainingRMSNorm(module, eps, rule, backend)
 
 
-def _family_layout(model):
-    """The LayerLayout (runtime.layer_layouts) of the model type of the first module of `model` that has a config
-    (the model under its wrappers), or None for a family fastalign does not know."""
+def _family_part(model):
+    """(the LayerLayout of runtime.layer_layouts, the module it covers): the first module of `model` whose config's
+    model type fastalign knows (the model under its wrappers; an image-text model's language model, whose top config
+    names the pair, e.g. Gemma 3's 'gemma3' over 'gemma3_text'), or (None, None). Only that module is stood in for:
+    a vision tower's modules belong to another family."""
     for module in model.modules():
-        model_type = getattr(getattr(module, "config", None), "model_type", None)
-        if model_type is not None:
-            return LAYOUTS.get(model_type)
-    return None
+        layout = LAYOUTS.get(getattr(getattr(module, "config", None), "model_type", None))
+        if layout is not None:
+            return layout, module
+    return None, None
 
 
 @contextlib.contextmanager
@@ -96,12 +98,13 @@ def fused_layers(model: torch.nn.Module, backend: str = "auto"):
     PEFT, DDP) forward as TrainingRMSNorm and RecomputedProductMLP with the ops' `backend`; yields how many modules
     it stands in for. Their forwards are the class's again on leaving it. Only the families whose layers fastalign
     knows (runtime.layer_layouts: Llama, Mistral, Qwen 2 and 3, the Gemmas, OLMo 2 and 3, their MoEs) are stood in
-    for, since another family's module of the same name may compute more (Gemma 3n's MLPs sparsify their gate);
-    modules with hooks (accelerate's offloading, FSDP's units) are left as they are."""
-    layout = _family_layout(model)
+    for, since another family's module of the same name may compute more (Gemma 3n's MLPs sparsify their gate), in
+    the part of `model` such a family's config covers (an image-text model's language model); modules with hooks
+    (accelerate's offloading, FSDP's units) are left as they are."""
+    layout, part = _family_part(model)
     patched = []
     try:
-        for module in model.modules() if layout is not None else ():
+        for module in part.modules() if layout is not None else ():
             stand_in = _stand_in(module, layout.rms_norm, backend)
             if stand_in is not None:
                 module.forward = stand_in

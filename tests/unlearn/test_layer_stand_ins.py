@@ -309,3 +309,19 @@ def test_a_hook_on_every_module_sees_the_down_projection_inside_fused_layers():
     finally:
         handle.remove()
     assert calls == [1]
+
+
+def test_an_image_text_models_language_model_is_stood_in_for_and_its_vision_tower_is_not():
+    """Gemma 3's 4B-27B checkpoints are Gemma3ForConditionalGeneration, whose top config is 'gemma3', not the text
+    model's 'gemma3_text': fused_layers stood in for nothing."""
+    from tests.runtime.tiny_models import tiny_model
+    model = tiny_model("gemma3-image-text").train()
+    language_model = model.model.language_model
+    ids = torch.randint(1, 50, (2, 9))
+    expected = model(input_ids=ids).logits
+    with fused_layers(model) as stood_in:
+        stood_for = [m for m in model.modules() if "forward" in vars(m)]
+        got = model(input_ids=ids).logits
+    assert stood_in == len(stood_for) > 0
+    assert all(any(m is n for n in language_model.modules()) for m in stood_for)
+    torch.testing.assert_close(got, expected)
