@@ -74,6 +74,8 @@ def read_prompts(path: str, field: str = "prompt") -> List[str]:
     """The prompts of a .jsonl(.gz), .csv or text file, in file order; ValueError naming the file and line if
     bad (DataError for an unreadable file), and for a data file of another format (.json, .csv.gz, .JSONL)
     rather than reading its lines as prompts."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, not a prompts file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file not found: {path}")
     if path.endswith((".jsonl", ".jsonl.gz")):

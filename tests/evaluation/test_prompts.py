@@ -54,6 +54,8 @@ def test_bad_files_name_the_file_and_line(tmp_path, name, content, message):
         read_prompts(str(tmp_path / name), "q")
     with pytest.raises(FileNotFoundError, match="prompts file not found"):
         read_prompts(str(tmp_path / "missing.jsonl"), "q")
+    with pytest.raises(ValueError, match="is a directory, not a prompts file"):   # it was 'not found'
+        read_prompts(str(tmp_path), "q")
 
 
 @pytest.mark.parametrize("chosen", [None, 3, [{"role": "user", "content": "hi"}], "\ud83d"])
