@@ -353,8 +353,9 @@ def _evaluate_model(args) -> dict:
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                   do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
                                   stop_strings=stops, seed=args.seed)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    except ValueError as exc:   # named by its option, not by the setting ("top_k must be >= 0")
+        setting = str(exc).split(" ", 1)[0]
+        raise UsageError(f"--{setting.replace('_', '-')}{str(exc)[len(setting):]}") from None
     _check_output_is_no_input(args.output, {source: args.prompts or args.hh, "--normal-prompts": args.normal_prompts})
     check_output_file(args.output)
     model, tokenizer = load_causal_lm(args.model, "--model", args.device,

@@ -222,7 +222,11 @@ def test_a_reference_of_another_vocabulary_is_an_error_before_any_answer(harmful
     (["--judge", "moderation", "--moderation-model", "/nowhere", "--threshold", "1.5"],
      "--threshold must be a probability in [0, 1], got 1.5"),
     (["--reference", "demo"], "go together"),
-    (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    # named by the option, not the setting (it said "max_new_tokens must be >= 1")
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--sample", "--top-k", "-1"], "--top-k must be >= 0"),
+    (["--sample", "--temperature", "0"], "--temperature must be a finite number > 0 when sampling"),
     (["--judge", "keyword", "--keywords", ", ,"], "--keywords: KeywordJudge needs at least one non-empty keyword"),
     # another judge's options were ignored: the world judge ran where keywords were meant
     (["--keywords", "bread,Sure"], "--keywords: another judge's, and the judge is world: choose that judge"),
