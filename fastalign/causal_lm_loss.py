@@ -10,12 +10,14 @@ then read inside the wrapped forward).
 from __future__ import annotations
 
 import torch
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from fastalign.compute_dtype import compute_dtype
 from fastalign.ops.backend import Backend
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
-from fastalign.unlearn.models import (causal_lm_parts, check_fused_logits, check_no_router_loss, head_input_module,
-                                      logit_multiplier, logit_softcap, scaled_head_input)
+from fastalign.unlearn.models import (base_causal_lm, causal_lm_parts, check_fused_logits, check_no_router_loss,
+                                      forward_reads, head_input_module, logit_multiplier, logit_softcap,
+                                      scaled_head_input)
 from fastalign.unlearn.sharding import head_weight
 
 
@@ -32,16 +34,17 @@ class CausalLMLoss(torch.nn.Module):
 
     The model is checked once, here, to compute its logits the way the fused op does (check_fused_logits): a model that
     transforms its hidden states or logits in a way fastalign does not reproduce raises NotImplementedError instead of
-    training another loss; so does a mixture of experts whose config adds the router's auxiliary loss to its loss
-    (output_router_logits; checked at every call too), which this loss leaves out. A vision-language model's inputs
-    (pixel_values, ...) reach its multimodal model, whose hidden states its lm_head reads. backend and grads_in_forward
-    are linear_cross_entropy's.
+    training another loss; so does a model whose forward's loss is not transformers' causal LM loss (BartForCausalLM's,
+    on labels it does not shift: check_loss_is_causal_lm_cross_entropy), and a mixture of experts whose config adds the
+    router's auxiliary loss to its loss (output_router_logits; checked at every call too), which this loss leaves
+    out. A vision-language model's inputs (pixel_values, ...) reach its multimodal model, whose hidden states its
+    lm_head reads. backend and grads_in_forward are linear_cross_entropy's.
     """
 
     def __init__(self, model: torch.nn.Module, *, backend: Backend = "auto", grads_in_forward: bool = False):
         super().__init__()
         check_fused_logits(model)
-        check_no_router_loss(model, "CausalLMLoss")
+        check_loss_is_causal_lm_cross_entropy(model, "CausalLMLoss")
         self.model, self.backend, self.grads_in_forward = model, backend, grads_in_forward
 
     def forward(self, labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
@@ -72,6 +75,23 @@ class CausalLMLoss(torch.nn.Module):
                                     softcap=logit_softcap(self.model),
                                     backend=self.backend, grads_in_forward=self.grads_in_forward)
         return per_item(loss, num_items_in_batch)
+
+
+def check_loss_is_causal_lm_cross_entropy(model: torch.nn.Module, computed_by: str) -> None:
+    """NotImplementedError for a model whose forward's loss is more or other than transformers' causal LM
+    cross-entropy of its logits, the loss `computed_by` computes: a loss of its own (BartForCausalLM and the other
+    seq2seq decoders' take it on labels they do not shift), a loss function of its own, or a router's auxiliary loss
+    that its config adds."""
+    base = base_causal_lm(model)
+    loss_function = getattr(base, "loss_function", None)
+    if not forward_reads(base, "loss_function"):
+        raise NotImplementedError(f"{type(base).__name__}: its forward computes its loss itself, not through "
+                                  f"transformers' ForCausalLMLoss, which {computed_by} computes")
+    if loss_function is not ForCausalLMLoss:
+        raise NotImplementedError(f"{type(base).__name__}: its forward's loss is not transformers' ForCausalLMLoss "
+                                  f"(it has {getattr(loss_function, '__name__', loss_function)!r}), which "
+                                  f"{computed_by} computes")
+    check_no_router_loss(base, computed_by)
 
 
 def hidden_and_targets(decoder: torch.nn.Module, labels: torch.Tensor | None, shift_labels: torch.Tensor | None,

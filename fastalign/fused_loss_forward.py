@@ -15,13 +15,11 @@ from typing import Callable, TypeVar
 
 import torch
 from torch.nn.parallel import DataParallel, DistributedDataParallel
-from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from fastalign.causal_lm_loss import CausalLMLoss, predicting_positions
+from fastalign.causal_lm_loss import CausalLMLoss, check_loss_is_causal_lm_cross_entropy, predicting_positions
 from fastalign.ops.backend import Backend
-from fastalign.unlearn.models import (base_causal_lm, check_no_router_loss, forward_reads, head_input_module,
-                                      router_loss_added)
+from fastalign.unlearn.models import base_causal_lm, head_input_module, router_loss_added
 
 # Arguments of the model's forward that are the loss's (transformers passes them on to its loss function)
 _LOSS_ARGUMENTS = ("labels", "shift_labels", "num_items_in_batch", "ignore_index")
@@ -48,7 +46,7 @@ def fuse_causal_lm_loss(model: Model, *, backend: Backend = "auto", grads_in_for
     """
     _refuse_wrapper(model)
     base = base_causal_lm(model)
-    _check_loss_is_causal_lm_cross_entropy(base)
+    check_loss_is_causal_lm_cross_entropy(base, "the fused forward")
     current = base.forward
     if "forward" in vars(base) and not isinstance(current, FusedLossForward):
         raise ValueError(f"{type(base).__name__}: this model's forward was already replaced (by "
@@ -148,17 +146,3 @@ def _refuse_wrapper(model: torch.nn.Module) -> None:
         raise TypeError(f"fuse_causal_lm_loss got a {type(model).__name__} around a {type(wrapped).__name__}: fuse "
                         "the model itself, then wrap it (fuse_causal_lm_loss(model) before torch.compile, "
                         "DistributedDataParallel or DataParallel)")
-
-
-def _check_loss_is_causal_lm_cross_entropy(base: torch.nn.Module) -> None:
-    """NotImplementedError for a model whose forward's loss is more or other than transformers' causal LM
-    cross-entropy of its logits: a loss function of its own, or a router's auxiliary loss that its config adds."""
-    loss_function = getattr(base, "loss_function", None)
-    if not forward_reads(base, "loss_function"):
-        raise NotImplementedError(f"{type(base).__name__}: its forward computes its loss itself, not through "
-                                  "transformers' ForCausalLMLoss, which the fused forward computes")
-    if loss_function is not ForCausalLMLoss:
-        raise NotImplementedError(f"{type(base).__name__}: its forward's loss is not transformers' ForCausalLMLoss "
-                                  f"(it has {getattr(loss_function, '__name__', loss_function)!r}), which the fused "
-                                  "forward computes")
-    check_no_router_loss(base, "the fused forward")

@@ -108,6 +108,19 @@ def test_a_router_loss_the_model_adds_is_refused():
         loss(**inputs)
 
 
+def test_a_model_that_computes_its_loss_itself_is_refused_as_the_fused_forward_refuses_it():
+    """BartForCausalLM (as the other seq2seq decoders' causal LMs) takes its loss on labels it does not shift: the
+    fused forward refused it, but CausalLMLoss took it and silently gave the shifted cross-entropy, another loss."""
+    import transformers
+    bart = transformers.BartForCausalLM(transformers.BartConfig(
+        vocab_size=VOCAB, d_model=32, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64,
+        encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64, max_position_embeddings=64))
+    for fuse, computed_by in ((CausalLMLoss, "CausalLMLoss"), (fuse_causal_lm_loss, "the fused forward")):
+        with pytest.raises(NotImplementedError, match="BartForCausalLM: its forward computes its loss itself, not "
+                                                      f"through transformers' ForCausalLMLoss, which {computed_by}"):
+            fuse(bart)
+
+
 def test_a_router_setting_a_dense_models_forward_ignores_is_no_router_loss():
     """output_router_logits on the config of a model without a router (a Llama, whose forward adds no auxiliary loss)
     changes nothing: the model is served, not refused for a loss it never adds."""
