@@ -71,9 +71,9 @@ class CausalLMKLDiv(torch.nn.Module):
         return self.model if self.reference == "adapter" else self.reference
 
     def _head_factors(self) -> tuple[float | None, float, float]:
-        """(soft cap, model's factor, reference's factor) on the heads' inputs, read from the configs as they stand
-        now, as the models' forwards read them: z / T and a logit multiplier s are both factors on the head's inputs,
-        s (h W^T + b) / T."""
+        """(soft cap, model's factor, reference's factor) on the heads' inputs, read now, where the models' forwards
+        read them (their configs, or attributes): z / T and a logit multiplier s are both factors on the head's
+        inputs, s (h W^T + b) / T."""
         softcap, reference_softcap = logit_softcap(self.model), logit_softcap(self._reference_model())
         if reference_softcap != softcap:
             raise NotImplementedError(f"model and reference cap their logits differently ({softcap} and "

@@ -66,7 +66,7 @@ class CausalLMLoss(torch.nn.Module):
         # under autocast the op takes the autocast dtype, as the lm_head's matmul would
         dtype = compute_dtype(hidden.device.type, lm_weight.dtype)
         # a model that multiplies its logits (Cohere, Granite, Falcon-H1) gets the factor on the head's inputs; the
-        # factor and the soft cap are read as the config stands now, as the model's forward reads them
+        # factor and the soft cap are read now, where the model's forward reads them (its config, or an attribute)
         multiplier = logit_multiplier(self.model)
         head_input = scaled_head_input(hidden, multiplier, dtype)
         bias = scaled_head_input(lm_head.bias, multiplier, dtype)

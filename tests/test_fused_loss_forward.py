@@ -240,6 +240,19 @@ def test_a_soft_cap_set_on_the_config_after_fusing_is_the_one_applied():
     assert_same_as_own(fused, own, **batch(seed=12))
 
 
+@pytest.mark.parametrize("family, setting, value", [
+    ("cohere-logit-scale", "logit_scale", 2.0), ("falcon-h1-lm-head-multiplier", "lm_head_multiplier", 3.0),
+    ("granite-logits-scaling", "logits_scaling", 0.5)])
+def test_a_multiplier_is_read_where_the_models_forward_reads_it(family, setting, value):
+    """Cohere's forward multiplies by self.logit_scale, Falcon-H1's by self.model.lm_head_multiplier, copied from the
+    config when the model was built; Granite's divides by its config's logits_scaling as it stands. The fused loss
+    read the config at every call: a config changed after fusing gave Cohere and Falcon-H1 another loss."""
+    fused, own = fused_and_own(lambda: MODELS[family](VOCAB))
+    for model in (fused, own):
+        setattr(model.config, setting, value)
+    assert_same_as_own(fused, own, **batch(seed=13))
+
+
 def test_bool_labels_are_refused_naming_them():
     """A mask passed where the label ids belong is refused, as the model's own loss refuses it, not trained on as
     the classes 0 and 1."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import re
 
 import torch
 
@@ -35,16 +36,17 @@ def forward_reads(model, name: str) -> bool:
     """Whether the source of the forward of `model`'s class holds `name`: a config attribute it reads (a config may
     carry settings its architecture ignores, e.g. a Llama given final_logit_softcapping), a method or a variable;
     True where its source cannot be read."""
-    return _source_holds(type(model).forward, name)
+    source = _forward_source(type(model).forward)
+    return source is None or name in source
 
 
 @functools.lru_cache(maxsize=None)
-def _source_holds(function, name: str) -> bool:
-    """forward_reads of one function, read once (the losses ask at every call)."""
+def _forward_source(function) -> str | None:
+    """The source of a forward, read once (the losses ask at every call); None where it cannot be read."""
     try:
-        return name in inspect.getsource(function)
+        return inspect.getsource(function)
     except (OSError, TypeError):
-        return True
+        return None
 
 
 def router_loss_added(model) -> bool:
@@ -136,22 +138,34 @@ def head_input_module(model) -> torch.nn.Module:
     return decoder
 
 
+def _forward_setting(base, name: str):
+    """The value of the logits setting `name` that `base`'s forward reads, or None where it reads none: the attribute
+    its forward reads where it copied the setting at construction (Cohere's self.logit_scale, Falcon-H1's
+    self.model.lm_head_multiplier, Mistral Large 4's self.final_logit_softcapping: a config changed since does not
+    reach it), else its config's."""
+    if not forward_reads(base, name):
+        return None
+    attribute = re.search(rf"\bself\.(model\.)?{name}\b", _forward_source(type(base).forward) or "")
+    if attribute is not None:
+        return getattr(base.model if attribute.group(1) else base, name, None)
+    return getattr(getattr(base, "config", None), name, None)
+
+
 def logit_softcap(model) -> float | None:
     """The model's final_logit_softcapping c where its forward applies it (its logits are c * tanh(z / c)), or None
-    for plain logits."""
-    base = base_causal_lm(model)
-    value = getattr(getattr(base, "config", None), _SOFTCAP, None)
-    return None if value is None or not forward_reads(base, _SOFTCAP) else float(value)
+    for plain logits; read where its forward reads it (_forward_setting)."""
+    value = _forward_setting(base_causal_lm(model), _SOFTCAP)
+    return None if value is None else float(value)
 
 
 def logit_multiplier(model) -> float | None:
     """The constant s by which the model's forward multiplies its logits after the lm_head (see _LOGIT_MULTIPLIERS),
-    or None where it multiplies by none."""
+    or None where it multiplies by none; each factor read where its forward reads it (_forward_setting)."""
     base = base_causal_lm(model)
-    config, multiplier = getattr(base, "config", None), 1.0
+    multiplier = 1.0
     for name, factor in _LOGIT_MULTIPLIERS.items():
-        value = getattr(config, name, None)
-        if value is None or not forward_reads(base, name):
+        value = _forward_setting(base, name)
+        if value is None:
             continue
         if not is_real(value) or not math.isfinite(value) or value == 0:
             raise ValueError(f"{type(base).__name__}: its config's {name} must be a finite nonzero number, got "
