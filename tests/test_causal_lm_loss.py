@@ -87,6 +87,39 @@ def test_a_vision_language_model_sees_its_images():
                                rtol=1e-4, atol=1e-7)
 
 
+SMALL_TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=16, max_position_embeddings=64)
+SMALL_VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, image_size=16, patch_size=8)
+TEXT_CONFIG_TRANSFORMS = {   # model class, config class, config settings (skipped where transformers has no class)
+    "paligemma-gemma2-softcap": ("PaliGemmaForConditionalGeneration", "PaliGemmaConfig", dict(
+        text_config=dict(model_type="gemma2", **SMALL_TEXT, final_logit_softcapping=2.0), vision_config=SMALL_VISION,
+        image_token_index=VOCAB - 1, projection_dim=32)),
+    "aya-vision-logit-scale": ("AyaVisionForConditionalGeneration", "AyaVisionConfig", dict(
+        text_config=dict(model_type="cohere2", **SMALL_TEXT, logit_scale=0.3), vision_config=SMALL_VISION,
+        image_token_index=VOCAB - 1)),
+    "hyperclovax-logits-scaling": ("HyperCLOVAXForCausalLM", "HyperCLOVAXConfig",
+                                   dict(**SMALL_TEXT, logits_scaling=4.0)),
+}
+
+
+@pytest.mark.parametrize("case", TEXT_CONFIG_TRANSFORMS)
+def test_a_soft_cap_or_multiplier_of_the_text_config_or_a_multiplying_logits_scaling_is_the_models_own(case):
+    """A vision-language model's forward reads the soft cap or logit multiplier of its text config (PaliGemma 2's,
+    Aya Vision's): read from the top-level config only, the model was refused as one whose logits the fused op
+    cannot reproduce. HyperCLOVAX's logits_scaling multiplies its logits where Granite's divides them: taken for
+    Granite's, it was refused so too."""
+    import transformers
+    model_class, config_class, settings = TEXT_CONFIG_TRANSFORMS[case]
+    if not hasattr(transformers, model_class):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_class}")
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**settings))
+    inputs = batch()
+    inputs["input_ids"] = inputs["input_ids"].clamp(max=VOCAB - 2)   # no image token
+    assert_same_loss_and_gradients(model, CausalLMLoss(model, backend="torch")(**inputs), model(**inputs).loss)
+
+
 def test_a_router_loss_the_model_adds_is_refused():
     """A mixture of experts whose config adds the router's auxiliary loss to its loss (output_router_logits), when the
     module is made, when the config is set after, or when a call asks for it: refused, naming it. CausalLMLoss took

@@ -23,12 +23,22 @@ from fastalign.ops.checks import is_real
 from fastalign.transfers import index_on
 from fastalign.unlearn.batching import TokenBatch
 
+# Model types (of the text config) whose logits_scaling multiplies the logits (MuP), where Granite's divides them
+_MULTIPLYING_LOGITS_SCALING = {"hyperclovax"}
+
+
+def _logits_scaling_factor(value: float, config) -> float:
+    """The factor on the logits of a logits_scaling: Granite's divides them, HyperCLOVAX's multiplies them."""
+    return value if getattr(text_config(config), "model_type", None) in _MULTIPLYING_LOGITS_SCALING else 1 / value
+
+
 # Config attributes of models that multiply their logits by a constant after the lm_head, each with the factor it
-# names: Cohere's logit_scale, Granite's logits_scaling (a divisor), Falcon-H1's lm_head_multiplier. The objective
-# scales the hidden states and the bias by it instead (s (h W^T + b) = (s h) W^T + s b), so that the fused losses
-# serve these models; a soft cap (final_logit_softcapping: Gemma 2 and 3) the losses apply themselves.
-_LOGIT_MULTIPLIERS = {"logit_scale": lambda value: value, "logits_scaling": lambda value: 1 / value,
-                      "lm_head_multiplier": lambda value: value}
+# names (of its value and the model's config): Cohere's logit_scale, Granite's logits_scaling (a divisor, which
+# HyperCLOVAX's is not), Falcon-H1's lm_head_multiplier. The objective scales the hidden states and the bias by it
+# instead (s (h W^T + b) = (s h) W^T + s b), so that the fused losses serve these models; a soft cap
+# (final_logit_softcapping: Gemma 2 and 3) the losses apply themselves.
+_LOGIT_MULTIPLIERS = {"logit_scale": lambda value, config: value, "logits_scaling": _logits_scaling_factor,
+                      "lm_head_multiplier": lambda value, config: value}
 _SOFTCAP = "final_logit_softcapping"
 
 
@@ -142,13 +152,15 @@ def _forward_setting(base, name: str):
     """The value of the logits setting `name` that `base`'s forward reads, or None where it reads none: the attribute
     its forward reads where it copied the setting at construction (Cohere's self.logit_scale, Falcon-H1's
     self.model.lm_head_multiplier, Mistral Large 4's self.final_logit_softcapping: a config changed since does not
-    reach it), else its config's."""
+    reach it), else its config's, or its text config's (a vision-language model's: PaliGemma's, Aya Vision's)."""
     if not forward_reads(base, name):
         return None
     attribute = re.search(rf"\bself\.(model\.)?{name}\b", _forward_source(type(base).forward) or "")
     if attribute is not None:
         return getattr(base.model if attribute.group(1) else base, name, None)
-    return getattr(getattr(base, "config", None), name, None)
+    config = getattr(base, "config", None)
+    value = getattr(config, name, None)
+    return value if value is not None or config is None else getattr(text_config(config), name, None)
 
 
 def logit_softcap(model) -> float | None:
@@ -162,7 +174,7 @@ def logit_multiplier(model) -> float | None:
     """The constant s by which the model's forward multiplies its logits after the lm_head (see _LOGIT_MULTIPLIERS),
     or None where it multiplies by none; each factor read where its forward reads it (_forward_setting)."""
     base = base_causal_lm(model)
-    multiplier = 1.0
+    config, multiplier = getattr(base, "config", None), 1.0
     for name, factor in _LOGIT_MULTIPLIERS.items():
         value = _forward_setting(base, name)
         if value is None:
@@ -170,7 +182,7 @@ def logit_multiplier(model) -> float | None:
         if not is_real(value) or not math.isfinite(value) or value == 0:
             raise ValueError(f"{type(base).__name__}: its config's {name} must be a finite nonzero number, got "
                              f"{value!r}")
-        multiplier *= factor(float(value))
+        multiplier *= factor(float(value), config)
     return None if multiplier == 1.0 else multiplier
 
 
