@@ -239,6 +239,17 @@ def test_under_autocast_the_loss_takes_the_autocast_dtype_as_the_models_head_doe
         assert (mine - theirs).norm() <= 3e-2 * theirs.norm()
 
 
+def test_under_autocast_a_float64_model_keeps_float64_as_its_head_does():
+    """Autocast casts no float64 operand, so a float64 model's lm_head runs in float64 under it: the fused loss rounded
+    its hidden states and head to bf16, another loss than the model's (whose loss takes the logits in float32)."""
+    model = tiny_llama(VOCAB).double()
+    inputs = batch(seed=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, expected = CausalLMLoss(model, backend="torch")(**inputs), model(**inputs).loss
+    assert fused.dtype == torch.float64
+    assert_same_loss_and_gradients(model, fused.float(), expected)
+
+
 def test_with_gradient_checkpointing_the_gradients_are_the_same():
     """A decoder that recomputes its layers in the backward (gradient checkpointing, as memory-bound fine-tuning sets
     it): the same gradients as the model's own loss without it."""

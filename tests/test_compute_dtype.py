@@ -25,3 +25,13 @@ def test_cuda_autocast_gives_cudas_dtype_not_the_cpus():
     finally:
         torch.set_autocast_enabled("cuda", enabled)
         torch.set_autocast_dtype("cuda", dtype)
+
+
+def test_float64_stays_float64_under_autocast_as_a_matmul_does():
+    """Autocast casts no float64 operand: a float64 model's lm_head runs in float64 under it, and the fused losses,
+    which rounded such a head's operands to bf16, must not either."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype("cpu", torch.float64) is torch.float64
+        assert (torch.ones(2, 2, dtype=torch.float64) @ torch.ones(2, 2, dtype=torch.float64)).dtype is torch.float64
+        assert compute_dtype("cpu", torch.float16) is torch.bfloat16
+        assert (torch.ones(2, 2, dtype=torch.float16) @ torch.ones(2, 2, dtype=torch.float16)).dtype is torch.bfloat16
