@@ -17,8 +17,9 @@ import torch
 from fastalign.causal_lm_loss import hidden_and_targets, per_item
 from fastalign.compute_dtype import compute_dtype
 from fastalign.eval_mode import eval_mode
-from fastalign.ops.backend import Backend
+from fastalign.ops.backend import Backend, check_backend
 from fastalign.ops.checks import is_real
+from fastalign.ops.forward_gradients import check_grads_in_forward
 from fastalign.ops.linear_kl_div import linear_kl_div
 from fastalign.unlearn.models import (base_causal_lm, causal_lm_parts, check_fused_logits, head_input_module,
                                       logit_multiplier, logit_softcap, scaled_head_input)
@@ -42,6 +43,8 @@ class CausalLMKLDiv(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, reference: torch.nn.Module | Literal["adapter"], *,
                  temperature: float = 1.0, backend: Backend = "auto", grads_in_forward: bool = False):
         super().__init__()
+        check_backend(backend)
+        check_grads_in_forward("CausalLMKLDiv", grads_in_forward)
         check_fused_logits(model)
         if isinstance(reference, str):
             if reference != "adapter" or not hasattr(model, "disable_adapter"):

@@ -13,7 +13,8 @@ import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from fastalign.compute_dtype import compute_dtype
-from fastalign.ops.backend import Backend
+from fastalign.ops.backend import Backend, check_backend
+from fastalign.ops.forward_gradients import check_grads_in_forward
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
 from fastalign.unlearn.models import (base_causal_lm, causal_lm_parts, check_fused_logits, check_no_router_loss,
                                       forward_reads, head_input_module, logit_multiplier, logit_softcap,
@@ -38,11 +39,13 @@ class CausalLMLoss(torch.nn.Module):
     on labels it does not shift: check_loss_is_causal_lm_cross_entropy), and a mixture of experts whose config adds the
     router's auxiliary loss to its loss (output_router_logits; checked at every call too), which this loss leaves
     out. A vision-language model's inputs (pixel_values, ...) reach its multimodal model, whose hidden states its
-    lm_head reads. backend and grads_in_forward are linear_cross_entropy's.
+    lm_head reads. backend and grads_in_forward are linear_cross_entropy's, checked here.
     """
 
     def __init__(self, model: torch.nn.Module, *, backend: Backend = "auto", grads_in_forward: bool = False):
         super().__init__()
+        check_backend(backend)
+        check_grads_in_forward("CausalLMLoss", grads_in_forward)
         check_fused_logits(model)
         check_loss_is_causal_lm_cross_entropy(model, "CausalLMLoss")
         self.model, self.backend, self.grads_in_forward = model, backend, grads_in_forward

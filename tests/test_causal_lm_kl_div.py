@@ -148,6 +148,18 @@ def test_bad_references_are_refused_naming_the_argument(make_reference, options,
         assert all(p.requires_grad for p in reference.parameters())
 
 
+@pytest.mark.parametrize("settings, error, message", [
+    ({"backend": "bogus"}, ValueError, "backend must be one of .* got 'bogus'"),
+    ({"grads_in_forward": "yes"}, TypeError, "CausalLMKLDiv: grads_in_forward must be True or False, got 'yes'")])
+def test_bad_settings_are_refused_when_given_with_the_reference_left_as_it_was(settings, error, message):
+    """A bad backend or grads_in_forward was taken, and raised only at the first training forward, after the reference
+    was frozen (a model passed by mistake, untrainable then)."""
+    reference = tiny_llama(VOCAB, seed=1)
+    with pytest.raises(error, match=message):
+        CausalLMKLDiv(tiny_llama(VOCAB), reference, **settings)
+    assert all(p.requires_grad for p in reference.parameters())
+
+
 def test_a_reference_that_shares_the_models_trainable_parameters_is_refused():
     """Freezing it froze the model being trained, silently: a KL of 0 without a gradient, and a training loop that
     failed later far from the cause. A PEFT model's base model holds its adapter, so it is the model too."""

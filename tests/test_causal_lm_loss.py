@@ -120,6 +120,16 @@ def test_a_soft_cap_or_multiplier_of_the_text_config_or_a_multiplying_logits_sca
     assert_same_loss_and_gradients(model, CausalLMLoss(model, backend="torch")(**inputs), model(**inputs).loss)
 
 
+@pytest.mark.parametrize("settings, error, message", [
+    ({"backend": "bogus"}, ValueError, "backend must be one of .* got 'bogus'"),
+    ({"grads_in_forward": "yes"}, TypeError, "CausalLMLoss: grads_in_forward must be True or False, got 'yes'")])
+def test_bad_settings_are_refused_when_given(settings, error, message):
+    """A bad backend or grads_in_forward was taken, and raised only at the first training forward, after the decoder
+    ran."""
+    with pytest.raises(error, match=message):
+        CausalLMLoss(tiny_llama(VOCAB), **settings)
+
+
 def test_a_router_loss_the_model_adds_is_refused():
     """A mixture of experts whose config adds the router's auxiliary loss to its loss (output_router_logits), when the
     module is made, when the config is set after, or when a call asks for it: refused, naming it. CausalLMLoss took

@@ -253,6 +253,18 @@ def test_a_multiplier_is_read_where_the_models_forward_reads_it(family, setting,
     assert_same_as_own(fused, own, **batch(seed=13))
 
 
+@pytest.mark.parametrize("settings, error, message", [
+    ({"backend": "bogus"}, ValueError, "backend must be one of .* got 'bogus'"),
+    ({"grads_in_forward": "yes"}, TypeError, "grads_in_forward must be True or False, got 'yes'")])
+def test_bad_settings_are_refused_when_fusing_with_the_forward_left_as_it_was(settings, error, message):
+    """A bad backend or grads_in_forward was taken, the model's forward replaced, and raised only at the first
+    training forward."""
+    model = tiny_llama(VOCAB)
+    with pytest.raises(error, match=message):
+        fuse_causal_lm_loss(model, **settings)
+    assert "forward" not in vars(model)
+
+
 def test_bool_labels_are_refused_naming_them():
     """A mask passed where the label ids belong is refused, as the model's own loss refuses it, not trained on as
     the classes 0 and 1."""

@@ -31,10 +31,15 @@ def triton_launch_method():
     return JITFunction, "run"
 
 
-def select_backend(op, backend, device):
-    """The launcher module of `op` for `backend` ("auto" = Triton on CUDA tensors, torch elsewhere)."""
+def check_backend(backend):
+    """ValueError unless `backend` is one of BACKENDS (the modules that pass it on to an op check it when given)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def select_backend(op, backend, device):
+    """The launcher module of `op` for `backend` ("auto" = Triton on CUDA tensors, torch elsewhere)."""
+    check_backend(backend)
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     if backend == "torch":

@@ -16,12 +16,18 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from .func_transforms import LauncherGradients
 
 
+def check_grads_in_forward(op, grads_in_forward):
+    """TypeError unless grads_in_forward is True or False (the modules that pass it on to an op check it when
+    given)."""
+    if not isinstance(grads_in_forward, bool):
+        raise TypeError(f"{op}: grads_in_forward must be True or False, got {grads_in_forward!r}")
+
+
 def forward_gradient_needs(op, grads_in_forward, reduction, hidden, weight, bias):
     """(need_hidden, need_weight, need_bias) to take in the forward pass, or None for a forward alone: when
     grads_in_forward is off, grad mode is off or no input is differentiated. A ValueError for reduction 'none' and
     for float16 inputs."""
-    if not isinstance(grads_in_forward, bool):
-        raise TypeError(f"{op}: grads_in_forward must be True or False, got {grads_in_forward!r}")
+    check_grads_in_forward(op, grads_in_forward)
     if not grads_in_forward:
         return None
     if reduction == "none":
