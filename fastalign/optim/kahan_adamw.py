@@ -21,7 +21,7 @@ import numbers
 import torch
 from torch.optim.optimizer import ParamsT
 
-from fastalign.ops.backend import BACKENDS, Backend, select_backend
+from fastalign.ops.backend import Backend, check_backend, select_backend
 
 COMPENSATED_DTYPES = (torch.bfloat16,)
 STEPPED_DTYPES = (torch.bfloat16, torch.float32)
@@ -115,8 +115,7 @@ class KahanAdamW(torch.optim.Optimizer):
                 raise ValueError(f"KahanAdamW: {name}={value!r} chooses how torch's AdamW runs its step; KahanAdamW "
                                  "runs its own (one kernel a parameter on CUDA, torch operations elsewhere: backend=)")
         _check_hyperparameters(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), "")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         self.backend = backend
         super().__init__(params, dict(_torch_adamw_options(), lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay))

@@ -17,7 +17,7 @@ from typing import Literal, get_args
 
 import yaml
 
-from fastalign.ops.backend import BACKENDS, Backend
+from fastalign.ops.backend import Backend, check_backend
 from fastalign.ops.checks import check_count, is_real
 from fastalign.writable import cannot_create_in
 from fastalign.unlearn.records import KeyTwice, object_of_unique_keys
@@ -179,8 +179,7 @@ class UnlearnConfig:
         if kwargs is not None and not self.chat_template:
             raise ValueError("chat_template_kwargs (--chat-template-kwargs) are variables of the chat template: they "
                              "need chat_template=true (--chat-template)")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_backend(self.backend)
         if self.optimizer_in_backward is True and self.grad_accum != 1:
             raise ValueError(f"optimizer_in_backward (--optimizer-in-backward) steps each weight as the backward "
                              f"completes its gradient: it needs grad_accum=1, got {self.grad_accum}")
