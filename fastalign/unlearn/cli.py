@@ -194,7 +194,8 @@ def register(subparsers) -> argparse.ArgumentParser:
       "input only for the backward, an MLP gate and up only (act(gate) * up is recomputed there), one kernel each way: "
       "nearly half a Llama layer's activation memory (default: on)")
     g("--seed", type=int, metavar="N",
-      help="seed of data order, mismatch answers, LoRA initialisation and dropout (default: 0)")
+      help="seed of data order, mismatch answers, a TruthfulQA file's split, LoRA initialisation and dropout "
+           "(default: 0)")
     g("--backend", choices=BACKENDS, help="backend of the fused ops, the losses and the layers (default: auto)")
 
     g = p.add_argument_group("LoRA").add_argument

@@ -116,7 +116,8 @@ def load_truthfulqa(path: str | os.PathLike, *, test_fraction: float = 0.2, pool
     """Splits TruthfulQA rows at random (seeded) into normal train / normal test / mismatch pool rows.
 
     Normal pairs are (Question, Best Answer). The pool holds the distinct answers of the pool rows' Best,
-    Correct and Incorrect columns, split on ';', less any text that is the answer of a normal pair.
+    Correct and Incorrect columns, split on ';', less any text that is the answer of a normal pair. The rows of one
+    question go to the same split.
     """
     path = os.fspath(path)
     if not (0 <= test_fraction and 0 < pool_fraction and test_fraction + pool_fraction < 1):
@@ -126,11 +127,19 @@ def load_truthfulqa(path: str | os.PathLike, *, test_fraction: float = 0.2, pool
     rows = list(read_csv(path, columns))
     if len(rows) < 3:
         raise DataError(f"{path}: {len(rows)} rows; need at least 3 to split into train, test and pool")
-    order = list(range(len(rows)))
+    # the rows of a question go to one split together (a csv of one's own may repeat a question with another
+    # answer: split by row, it was trained on and held out); each question's rows in one shuffled group, so that a
+    # file of distinct questions splits as a shuffle of its rows
+    groups: dict[str, list[int]] = {}
+    for i, (_, record) in enumerate(rows):
+        groups.setdefault(record["Question"].strip(), []).append(i)
+    order = list(groups.values())
     random.Random(seed).shuffle(order)
     n_pool = max(1, round(pool_fraction * len(rows)))
     n_test = round(test_fraction * len(rows))
-    pool_rows, test_rows, train_rows = order[:n_pool], order[n_pool:n_pool + n_test], order[n_pool + n_test:]
+    pool_rows, test_rows, train_rows = [], [], []
+    for group in order:   # whole questions, until each split has its share of the rows
+        (pool_rows if len(pool_rows) < n_pool else test_rows if len(test_rows) < n_test else train_rows).extend(group)
     if not train_rows:
         raise DataError(f"{path}: test_fraction={test_fraction} and pool_fraction={pool_fraction} of {len(rows)} "
                         f"rows leave no normal training row ({n_test} test, {n_pool} pool)")

@@ -40,7 +40,7 @@ def open_text(path: str | os.PathLike) -> io.TextIOBase:
         raise DataError(f"data file not found: {path}")
     if not os.path.isfile(path):   # a pipe (`--forget <(zcat ...)`) or a device: the loaders read a file twice
         raise DataError(f"{path}: is not a regular file (a pipe or a device); write the data to a file first")
-    if path.endswith(".gz"):
+    if path.lower().endswith(".gz"):   # (.GZ as Windows tools write it too)
         return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
     return open(path, encoding="utf-8-sig", newline="")
 

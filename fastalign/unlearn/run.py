@@ -66,7 +66,7 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
         if config.mismatch_pool and _is_csv(config.mismatch_pool):
             pool = _truthfulqa(config, config.mismatch_pool).mismatch_pool
         elif config.mismatch_pool:  # {prompt, answer} rows only: a forget-format file's answers are harmful ones
-            pool = [p.answer for p in load_pairs(config.mismatch_pool, "jsonl")]
+            pool = list(dict.fromkeys(p.answer for p in load_pairs(config.mismatch_pool, "jsonl")))   # distinct
         elif normal_split:
             pool = normal_split.mismatch_pool
         else:

@@ -449,3 +449,41 @@ def test_pairs_keep_their_texts_as_written(tmp_path):
     """Whitespace around a prompt or an answer is kept (the template renders it): only a blank one is refused."""
     path = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "  p \n", "answer": " a\n"}])
     assert [(p.prompt, p.answer) for p in load_pairs(path)] == [("  p \n", " a\n")]
+
+
+def test_a_question_on_two_rows_goes_to_one_split_with_both(tmp_path):
+    """A csv of one's own that repeats a question (another answer, two versions concatenated) was split by row: the
+    question could be trained on and held out at once."""
+    rows = [(f"q{i}?", f"a{i}", f"c{i}", f"i{i}") for i in range(20)]
+    path = write_truthfulqa(tmp_path / "tqa.csv", rows + [(q, f"{a} again", c, i) for q, a, c, i in rows])
+    split = load_truthfulqa(path)
+    train, test = ([p.prompt for p in pairs] for pairs in (split.normal_train, split.normal_test))
+    assert train and test and not set(train) & set(test)
+    assert sorted(train) == sorted(2 * sorted(set(train)))   # both rows of each question, together
+
+
+def test_a_file_of_distinct_questions_splits_as_a_shuffle_of_its_rows(tmp_path):
+    """Splitting by question leaves the split of TruthfulQA itself (distinct questions) as it was: a seeded shuffle of
+    its rows, the pool's share first, then the test's."""
+    import random
+    path = write_truthfulqa(tmp_path / "tqa.csv", [(f"q{k}?", f"best {k}", f"right {k}", f"wrong {k}")
+                                                     for k in range(10)])
+    order = list(range(10))
+    random.Random(4).shuffle(order)
+    split = load_truthfulqa(path, test_fraction=0.2, pool_fraction=0.3, seed=4)
+    assert [p.prompt for p in split.normal_test] == [f"q{k}?" for k in sorted(order[3:5])]
+    assert [p.prompt for p in split.normal_train] == [f"q{k}?" for k in sorted(order[5:])]
+
+
+def test_an_upper_case_gz_suffix_is_gunzipped(tmp_path):
+    """Windows tools write 'TQA.CSV.GZ': taken for a csv by its suffix whatever the case, it was then read as plain
+    text and refused as unreadable (a 'forget.jsonl.GZ' too)."""
+    rows = [(f"q{k}?", f"best {k}", f"right {k}", f"wrong {k}") for k in range(6)]
+    plain = write_truthfulqa(tmp_path / "tqa.csv", rows)
+    (tmp_path / "TQA.CSV.GZ").write_bytes(gzip.compress(plain.read_bytes()))
+    gunzipped, expected = load_truthfulqa(tmp_path / "TQA.CSV.GZ"), load_truthfulqa(plain)
+    assert ([(p.prompt, p.answer) for p in gunzipped.normal_train]
+            == [(p.prompt, p.answer) for p in expected.normal_train])
+    assert gunzipped.mismatch_pool == expected.mismatch_pool
+    (tmp_path / "forget.jsonl.GZ").write_bytes(gzip.compress(json.dumps({"prompt": "p", "answer": "a"}).encode()))
+    assert [(p.prompt, p.answer) for p in load_pairs(tmp_path / "forget.jsonl.GZ")] == [("p", "a")]

@@ -214,6 +214,17 @@ def test_a_mismatch_pool_file_is_kept_apart_from_the_answers_of_a_separate_norma
         load_streams(UnlearnConfig(model="m", output_dir="o", max_length=64, **data), tokenizer)
 
 
+def test_a_jsonl_pool_gives_each_answer_once(tmp_path):
+    """A TruthfulQA pool holds distinct answers, a jsonl pool was taken as written: an answer on several rows filled a
+    prompt's K slots with the same text (the streams promise K different answers where the pool has K)."""
+    data = jsonl_data(tmp_path)
+    data["mismatch_pool"] = str(write_jsonl(tmp_path / "pool.jsonl", [{"prompt": "p", "answer": a}
+                                                                      for a in POOL_ANSWERS * 3]))
+    tokenizer = byte_bpe_tokenizer()
+    pool = load_streams(UnlearnConfig(model="m", output_dir="o", max_length=64, **data), tokenizer).pool
+    assert pool == encode_answers(tokenizer, TextTemplate(), POOL_ANSWERS)
+
+
 def test_skip_long_prompts_dropping_every_normal_row_is_an_error_not_a_run_without_the_kl_term(tmp_path):
     """With every normal row too long the normal stream was left empty: the KL term silently off."""
     data = jsonl_data(tmp_path)
