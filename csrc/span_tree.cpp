@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <unordered_map>
 #include <unordered_set>
 
 namespace fastalign {
@@ -204,9 +205,23 @@ ForwardPlan SpanTree::plan_rows(const std::vector<std::vector<int64_t>>& rows) {
 }
 
 void SpanTree::abandon(const ForwardPlan& plan) {
+  // All or nothing: everything is checked before the first change. A child that is not the plan's own was
+  // made by a later plan on KV this forward never wrote: that plan goes first (a resident child would block
+  // dropping the KV, and a span the plan deletes would leave its child without a parent).
+  std::unordered_map<int64_t, int32_t> own_children;
+  for (int64_t id : plan.spans) {
+    const Span& s = node(id);
+    if (!s.resident || s.locks <= 0) throw std::invalid_argument("abandon: the plan was already finished");
+    if (s.parent >= 0) ++own_children[s.parent];
+  }
+  for (int64_t id : plan.spans) {
+    const Span& s = node(id);
+    if (s.resident_children > own_children[id] || (plan.creates_spans && s.num_children > own_children[id]))
+      throw std::invalid_argument("abandon: a later plan builds on " + span_name(id) +
+                                  "; abandon that plan (or release the spans it made) first");
+  }
   for (auto it = plan.spans.rbegin(); it != plan.spans.rend(); ++it) {
     Span& s = node(*it);
-    if (!s.resident || s.locks <= 0) throw std::invalid_argument("abandon: the plan was already finished");
     --s.locks;
     drop_kv(*it);
   }

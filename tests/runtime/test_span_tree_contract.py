@@ -70,6 +70,41 @@ def test_abandoning_a_finished_plan_is_refused():
     assert state(tree) == before and tree.is_resident(plan.row_spans[0])
 
 
+def test_abandoning_a_plan_a_later_plan_builds_on_is_refused_and_changes_nothing():
+    """abandon() of a plan whose span has a child from a plan still outstanding used to drop the span's lock,
+    then fail in drop_kv: the span was left resident, unlocked and evictable with KV never written, and the
+    plan could no longer be abandoned. It must refuse (as lock and unlock do) and change nothing, so that
+    undoing the plans newest first still gives the pool back."""
+    tree = SpanTree(4, 4)
+    (root,) = finished(tree, [-1], [5]).row_spans
+    plan_a = tree.plan_extend(np.array([root]), np.array([6], dtype=np.int32), np.array([0, 1]))
+    plan_b = tree.plan_extend(np.array(plan_a.row_spans), np.array([7], dtype=np.int32), np.array([0, 1]))
+    before = state(tree)
+    with pytest.raises(ValueError, match="a later plan builds on"):
+        tree.abandon(plan_a)
+    assert state(tree) == before
+    tree.abandon(plan_b)
+    tree.abandon(plan_a)
+    assert tree.span_ids() == [root] and tree.refcounts().tolist() == [1, 1, 0, 0]
+
+
+def test_abandoning_a_plan_under_an_evicted_child_is_refused_until_the_child_is_released():
+    """A child of the plan's span, computed and evicted since, has no KV to block abandon(): deleting the span
+    left the child with an unknown parent. abandon() must refuse until the child is released."""
+    tree = SpanTree(4, 4)
+    (root,) = finished(tree, [-1], [5]).row_spans
+    plan_a = tree.plan_extend(np.array([root]), np.array([6], dtype=np.int32), np.array([0, 1]))
+    (child,) = finished(tree, plan_a.row_spans, [1]).row_spans
+    tree.evict(child)
+    before = state(tree)
+    with pytest.raises(ValueError, match="a later plan builds on"):
+        tree.abandon(plan_a)
+    assert state(tree) == before
+    tree.release(child)
+    tree.abandon(plan_a)
+    assert tree.span_ids() == [root]
+
+
 def test_misuse_of_locks_pins_release_and_evict_is_refused_and_changes_nothing():
     """Unlocking an unlocked span, pinning an evicted one, releasing or evicting a locked one: each is a
     ValueError naming the problem, and the tree is left exactly as it was."""
