@@ -43,8 +43,9 @@ Attention sinks (gpt-oss): one more score per query head, with a zero value, in 
 where the parts of a query are merged: the merge kernel adds 2^(sink * LOG2E) to the sum of the parts' 2^lse, so a
 call with sinks always writes parts (one, when its keys are not split) and merges them.
 
-Index safety: table columns, page ids and token indices are clamped into their tensors, so metadata
-that was not validated can give a wrong answer but never an out-of-bounds access.
+Index safety: key positions start at 0 (a negative prefix length counts as 0), and table columns, page ids
+and token indices are clamped into their tensors, so metadata that was not validated can give a wrong answer
+but never an out-of-bounds access.
 """
 import functools
 
@@ -167,7 +168,8 @@ def _paged_attention_kernel(
                 g_lo = g_mid
             else:
                 g_hi = g_mid - 1
-        kv_begin = tl.minimum(tl.load(PrefixLens + g_lo), kv_end)
+        # clamped at 0 too: a negative prefix length would start the keys before the table and the pool
+        kv_begin = tl.minimum(tl.maximum(tl.load(PrefixLens + g_lo), 0), kv_end)
     if SLIDING:
         if PREFIX_PASS:   # the tile's queries come from several rows
             query_pos = _positions_in_group(CuQLens, RowSeqLens, q_begin + query, table_row_index,

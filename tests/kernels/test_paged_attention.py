@@ -156,6 +156,28 @@ def test_unvalidated_metadata_reads_nothing_next_to_the_pool_or_the_table():
     assert torch.equal(outs[0], outs[1])
 
 
+
+def test_unvalidated_negative_shared_prefix_reads_nothing_before_the_table_or_the_pool():
+    """A shared_prefix whose prefix length is negative (validation skipped) started the suffix pass's keys at a
+    negative position: the table column and the slot within the page went negative, and the kernel read the memory
+    before the table and the pool. Here that memory is the hidden part of wider tensors, and what it holds must not
+    change the result (it did: the output turned NaN)."""
+    torch.manual_seed(0)
+    keys, values = (torch.randn(5, 4, 1, 16, device=TRITON_DEVICE) for _ in range(2))
+    index = dict(dtype=torch.int32, device=TRITON_DEVICE)
+    wide = torch.tensor([[0, 0, 1], [0, 0, 2]], **index)
+    batch = dict(q=torch.randn(2, 1, 16, device=TRITON_DEVICE), k_cache=keys[1:], v_cache=values[1:],
+                 block_table=wide[:, 1:], seq_lens=torch.tensor([6, 6], **index),
+                 cu_q_lens=torch.tensor([0, 1, 2], **index))
+    shared_prefix = (torch.tensor([0, 2], **index), torch.tensor([-8], **index))
+    outs = []
+    for hidden_block, hidden in ((0, 0.0), (3, float("nan"))):  # the table column and the block before them change
+        wide[:, 0] = hidden_block
+        keys[0], values[0] = hidden, hidden
+        outs.append(paged_attention(**batch, backend="triton", shared_prefix=shared_prefix, validate=False))
+    assert bool(torch.isfinite(outs[1]).all())
+    assert torch.equal(outs[0], outs[1])
+
 COMPILE_FOR_GPUS = r"""
 import triton
 from fastalign.kernels.paged_attention import _merge_splits_kernel, _paged_attention_kernel, launch_config
