@@ -188,6 +188,9 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, *, validate=None):
 def check_write_kv(k, v, k_cache, v_cache, slot_mapping, *, validate=None):
     """Every check of `write_kv` on these arguments."""
     _check_cache_pair(k_cache, v_cache)
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a tensor [T, num_kv_heads, head_dim], got {type(t).__name__}")
     if k.dim() != 3 or k.shape[1:] != k_cache.shape[2:]:
         raise ValueError(f"k: expected shape [T, {k_cache.shape[2]}, {k_cache.shape[3]}] "
                          f"(num_kv_heads, head_dim of k_cache), got {list(k.shape)}")

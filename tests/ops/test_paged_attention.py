@@ -810,6 +810,9 @@ def test_bad_shared_prefix_is_rejected(shared_prefix, match):
     (lambda k, v, s: dict(v=v[:1]), "v: expected the shape of k"),
     (lambda k, v, s: dict(k=k.double(), v=v.double()), "k: expected dtype torch.float32"),
     (lambda k, v, s: dict(v=v.double()), "v: expected dtype torch.float32"),
+    # were AttributeErrors ('NoneType' object has no attribute 'dim' / 'shape')
+    (lambda k, v, s: dict(k=None), "k: expected a tensor \\[T, num_kv_heads, head_dim\\], got NoneType"),
+    (lambda k, v, s: dict(v=v.tolist()), "v: expected a tensor \\[T, num_kv_heads, head_dim\\], got list"),
     (lambda k, v, s: dict(slot_mapping=s.int()), "slot_mapping: expected shape \\[2\\] of torch.int64"),
     (lambda k, v, s: dict(slot_mapping=torch.tensor([0, 12])), "slot_mapping: every slot must lie in \\[0, 12\\)"),
     (lambda k, v, s: dict(slot_mapping=torch.tensor([-1, 0])), "slot_mapping: every slot"),
