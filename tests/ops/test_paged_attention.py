@@ -147,6 +147,9 @@ def test_window_past_every_context_is_no_window(backend):
                                paged_attention(**batch, backend=backend), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(paged_attention(**batch, backend=backend, window=np.int64(max(r[0] for r in rows))),
                                paged_attention(**batch, backend=backend), rtol=1e-6, atol=1e-6)  # a NumPy int too
+    # one past int64 too: the torch path made a tensor of it (an OverflowError)
+    torch.testing.assert_close(paged_attention(**batch, backend=backend, window=10 ** 30),
+                               paged_attention(**batch, backend=backend), rtol=1e-6, atol=1e-6)
 
 
 def test_torch_path_query_chunks_with_a_window_match_reference(monkeypatch):
