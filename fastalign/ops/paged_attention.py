@@ -38,7 +38,6 @@ is True, or when it is None and the tensors are on the CPU. On CUDA that check n
 default it is skipped there: callers that build their metadata on the host should validate it once, there,
 with `check_paged_metadata`, before copying it to the device.
 """
-import math
 import numbers
 
 import numpy as np
@@ -49,6 +48,10 @@ from fastalign.ops.backend import BACKENDS, autocast_off, triton_interpreting
 
 _INDEX_DTYPE = torch.int32
 _SCORE_BUDGET = 1 << 24  # fp32 score elements held at once by the torch path (64 MiB)
+# The largest scale and softcap: the math is fp32's (the kernels' times LOG2E, the soft cap doubled too), where a
+# larger one, e.g. 1e300, became inf and the output NaN.
+_FP32_MAX_SCALAR = torch.finfo(torch.float32).max / 4
+_IN_FP32_RANGE = f"that float32 holds (at most {_FP32_MAX_SCALAR:.3g})"
 
 
 def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, scale=None, backend="auto",
@@ -71,6 +74,7 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, sc
     only.
 
     softcap: None (no cap), or a positive finite number c: the scores s = scale * q . k are c * tanh(s / c).
+    scale and c must be at most 8.5e37: the math is fp32's, where 1e300 would be inf.
 
     sinks: None, or a floating tensor [num_heads] on q's device: one more score per head in each softmax, with a
     zero value (gpt-oss's attention sinks).
@@ -90,12 +94,11 @@ def check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens,
     _check_attention_args(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens)
     if scale is None:
         scale = q.shape[2] ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < math.inf:
-        raise ValueError(f"scale: expected a positive finite number, got {scale!r}")
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)
-                                or not 0 < softcap < math.inf):
-        raise ValueError(f"softcap: expected None or a positive finite number (the c of c * tanh(s / c), Gemma 2's "
-                         f"attn_logit_softcapping), got {softcap!r}")
+    elif not _in_fp32_range(scale):
+        raise ValueError(f"scale: expected a positive finite number {_IN_FP32_RANGE}, got {scale!r}")
+    if softcap is not None and not _in_fp32_range(softcap):
+        raise ValueError(f"softcap: expected None or a positive finite number {_IN_FP32_RANGE}, the c of "
+                         f"c * tanh(s / c) (Gemma 2's attn_logit_softcapping), got {softcap!r}")
     if sinks is not None and not (isinstance(sinks, torch.Tensor) and sinks.is_floating_point()
                                   and sinks.shape == (q.shape[1],) and sinks.device == q.device):
         got = (f"{sinks.dtype} {list(sinks.shape)} on {sinks.device}" if isinstance(sinks, torch.Tensor)
@@ -345,6 +348,11 @@ def _check_cache_pair(k_cache, v_cache):
         raise ValueError(f"v_cache: expected the shape of k_cache {list(k_cache.shape)}, got "
                          f"{list(v_cache.shape) if isinstance(v_cache, torch.Tensor) else type(v_cache).__name__}")
     _check_like("v_cache", v_cache, k_cache, "k_cache")
+
+
+def _in_fp32_range(x):
+    """Whether x is a real number (not a bool) in (0, _FP32_MAX_SCALAR]."""
+    return not isinstance(x, bool) and isinstance(x, numbers.Real) and 0 < x <= _FP32_MAX_SCALAR
 
 
 def _check_like(name, t, ref, ref_name):

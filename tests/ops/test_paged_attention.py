@@ -748,6 +748,9 @@ BASE = dict(rows=[(9, 2), (6, 1)], block_size=4, num_heads=4, num_kv_heads=2, he
     (lambda b: dict(scale=0), "scale: expected a positive finite number"),   # uniform attention otherwise
     (lambda b: dict(scale=float("inf")), "scale: expected a positive finite number"),  # NaN output otherwise
     (lambda b: dict(scale=True), "scale: expected a positive finite number"),
+    # finite, but inf in fp32, where the math is done: the output was NaN
+    (lambda b: dict(scale=1e300), "scale: expected a positive finite number that float32 holds \\(at most 8.51e\\+37"),
+    (lambda b: dict(softcap=1e300), "softcap: expected None or a positive finite number that float32 holds"),
     (lambda b: dict(window=0), "window: expected None or a positive int"),
     (lambda b: dict(window=-1), "window: expected None or a positive int"),
     (lambda b: dict(window=2.5), "window: expected None or a positive int"),

@@ -509,8 +509,8 @@ def test_an_attention_soft_cap_that_is_no_positive_finite_number_is_refused(soft
     for layer in model.model.layers:
         layer.self_attn.attn_logit_softcapping = softcap
     runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
-    message = ("softcap: expected None or a positive finite number (the c of c * tanh(s / c), Gemma 2's "
-               f"attn_logit_softcapping), got {softcap}")
+    message = ("softcap: expected None or a positive finite number that float32 holds (at most 8.51e+37), the c of "
+               f"c * tanh(s / c) (Gemma 2's attn_logit_softcapping), got {softcap}")
     with pytest.raises(ValueError, match=re.escape(message)):
         runner.prefill([1, 2, 3])
 
