@@ -279,11 +279,11 @@ ForwardPlan SpanTree::plan_extend(const std::vector<int64_t>& parents, const int
       if (!p.resident) throw std::invalid_argument("extend: parent " + span_name(parents[r]) + " is not resident");
       start = p.length;
     } else if (parents[r] < -1) {
-      int64_t row = -2 - parents[r];
-      if (row >= static_cast<int64_t>(r))
-        throw std::invalid_argument("row " + std::to_string(r) + ": a parent row must be an earlier row, got row " +
-                                    std::to_string(row));
-      start = row_lengths[row];
+      // parent -2 - j names row j < r; compared so, -2 - parent cannot overflow (parent INT64_MIN)
+      if (parents[r] < -1 - static_cast<int64_t>(r))
+        throw std::invalid_argument("row " + std::to_string(r) + ": a parent row must be an earlier row, got parent " +
+                                    std::to_string(parents[r]) + " (-2 - j names row j)");
+      start = row_lengths[-2 - parents[r]];
     }
     row_lengths[r] = start + cu_lens[r + 1] - cu_lens[r];
     if (start + cu_lens[r + 1] - cu_lens[r] > std::numeric_limits<int32_t>::max())

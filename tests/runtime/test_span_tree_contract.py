@@ -198,6 +198,15 @@ def test_row_parents_and_cut_offsets_are_checked_by_the_tree_itself():
     assert tree.span_ids() == [] and tree.num_free_blocks == 8
 
 
+def test_a_parent_row_past_int64_is_named_as_given():
+    """A parent -2 - j names row j: for parent INT64_MIN the refusal showed j wrapped around int64
+    (9223372036854775806), a row the caller never gave. It names the parent as given."""
+    tree = SpanTree(8, 4)
+    with pytest.raises(ValueError, match="got parent -9223372036854775808 "):
+        tree.plan_extend(np.array([np.iinfo(np.int64).min]), np.ones(1, dtype=np.int32), np.array([0, 1]))
+    assert tree.span_ids() == [] and tree.num_free_blocks == 8
+
+
 def test_arrays_of_more_than_one_dimension_are_refused():
     """parents, tokens and cuts must be 1-D: a 2-D array is an error, not silently flattened."""
     tree = SpanTree(8, 4)
