@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <limits>
 #include <optional>
 
 #include "block_allocator.h"
@@ -28,9 +29,36 @@ std::vector<T> to_vector(const InArray<T>& values, const char* name) {
   return std::vector<T>(values.data(), values.data() + values.size());
 }
 
-ForwardPlan plan_extend(SpanTree& tree, const InArray<int64_t>& parents, const InArray<int32_t>& tokens,
-                        const InArray<int64_t>& cu_lens, const std::optional<InArray<int64_t>>& cuts,
-                        const std::optional<InArray<int64_t>>& cu_cuts) {
+// `values` (an array or a sequence) as an array of T, refusing what forcecast alone let through: an array of
+// non-integers (truncated) and integers that T does not hold (wrapped: token 2^40 + 5 became 5). An empty one
+// may have any dtype (np.array([]) is float64).
+template <typename T>
+InArray<T> integers(const py::object& values, const char* name) {
+  py::array array = py::array::ensure(values);
+  if (!array) throw std::invalid_argument(std::string(name) + ": expected an array of integers");
+  if (array.size() == 0) return InArray<T>::ensure(array);
+  char kind = array.dtype().kind();
+  if (kind != 'i' && kind != 'u')
+    throw std::invalid_argument(std::string(name) + ": expected an array of integers, got dtype " +
+                                std::string(py::str(array.dtype())));
+  py::int_ lowest(array.attr("min")()), highest(array.attr("max")());
+  if (lowest < py::int_(std::numeric_limits<T>::min()) || highest > py::int_(std::numeric_limits<T>::max()))
+    throw std::invalid_argument(std::string(name) + ": expected values in [" +
+                                std::to_string(std::numeric_limits<T>::min()) + ", " +
+                                std::to_string(std::numeric_limits<T>::max()) + "], got values from " +
+                                std::string(py::str(lowest)) + " to " + std::string(py::str(highest)));
+  return InArray<T>::ensure(array);
+}
+
+ForwardPlan plan_extend(SpanTree& tree, const py::object& parents_in, const py::object& tokens_in,
+                        const py::object& cu_lens_in, const std::optional<py::object>& cuts_in,
+                        const std::optional<py::object>& cu_cuts_in) {
+  InArray<int64_t> parents = integers<int64_t>(parents_in, "parents");
+  InArray<int32_t> tokens = integers<int32_t>(tokens_in, "tokens");
+  InArray<int64_t> cu_lens = integers<int64_t>(cu_lens_in, "cu_lens");
+  std::optional<InArray<int64_t>> cuts, cu_cuts;
+  if (cuts_in.has_value()) cuts = integers<int64_t>(*cuts_in, "cuts");
+  if (cu_cuts_in.has_value()) cu_cuts = integers<int64_t>(*cu_cuts_in, "cu_cuts");
   std::vector<int64_t> parent_ids = to_vector(parents, "parents");
   py::ssize_t rows = static_cast<py::ssize_t>(parent_ids.size());
   if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be one-dimensional");

@@ -207,6 +207,30 @@ def test_a_parent_row_past_int64_is_named_as_given():
     assert tree.span_ids() == [] and tree.num_free_blocks == 8
 
 
+def test_arrays_of_non_integers_or_of_values_their_type_does_not_hold_are_refused():
+    """The bindings cast each array to its integer type: tokens 2^40 + 5 became 5, a parent 0.5 became 0 (the root
+    span), silently. Arrays of other dtypes and values past the type are refused, naming the array; lists of ints
+    and an empty call (whose np.array([]) is float64) still plan."""
+    tree = SpanTree(8, 4)
+    with pytest.raises(ValueError, match=r"tokens: expected values in \[-2147483648, 2147483647\], got values from 1 "
+                                         r"to 1099511627781"):
+        tree.plan_extend(np.array([-1]), np.array([1, 2 ** 40 + 5]), np.array([0, 2]))
+    with pytest.raises(ValueError, match="cu_cuts: expected values in"):
+        tree.plan_extend(np.array([-1]), np.ones(3, dtype=np.int32), np.array([0, 3]), np.array([1]),
+                         np.array([0, 2 ** 64 - 1], dtype=np.uint64))
+    with pytest.raises(ValueError, match="cu_lens: expected an array of integers, got dtype float64"):
+        tree.plan_extend(np.array([-1]), np.ones(2, dtype=np.int32), np.array([0, 2.7]))
+    with pytest.raises(ValueError, match="cuts: expected an array of integers, got dtype bool"):
+        tree.plan_extend(np.array([-1]), np.ones(3, dtype=np.int32), np.array([0, 3]), np.array([True]),
+                         np.array([0, 1]))
+    (root,) = tree.plan_extend(np.array([-1]), np.ones(2, dtype=np.int32), np.array([0, 2])).row_spans
+    before = state(tree)
+    with pytest.raises(ValueError, match="parents: expected an array of integers, got dtype float64"):
+        tree.plan_extend(np.array([0.5]), np.ones(1, dtype=np.int32), np.array([0, 1]))
+    assert state(tree) == before
+    assert tree.plan_extend([-1], [1, 2], [0, 2]).num_rows == 1 and tree.plan_extend([], [], [0]).num_rows == 0
+
+
 def test_arrays_of_more_than_one_dimension_are_refused():
     """parents, tokens and cuts must be 1-D: a 2-D array is an error, not silently flattened."""
     tree = SpanTree(8, 4)
