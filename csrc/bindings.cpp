@@ -36,7 +36,8 @@ template <typename T>
 InArray<T> integers(const py::object& values, const char* name) {
   py::array array = py::array::ensure(values);
   if (!array) throw std::invalid_argument(std::string(name) + ": expected an array of integers");
-  if (array.size() == 0) return InArray<T>::ensure(array);
+  // T's own dtype holds its values (the runner's arrays: no min and max to take on the hot path)
+  if (array.size() == 0 || array.dtype().is(py::dtype::of<T>())) return InArray<T>::ensure(array);
   char kind = array.dtype().kind();
   if (kind != 'i' && kind != 'u')
     throw std::invalid_argument(std::string(name) + ": expected an array of integers, got dtype " +
