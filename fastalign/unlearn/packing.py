@@ -192,23 +192,23 @@ class RowPacker:
 
     def plan(self, tokens: TokenBatch) -> PackedRows | None:
         """The packed layout the forward of `tokens` runs on, or None for its padded rows (the last batch's layout
-        again for a batch of the same tokens: the trainer plans before its forward; compared by content, since a
-        buffer refilled in place is the same tensor with other rows)."""
+        again for the same tensors unchanged since: the trainer plans before its forward; their versions tell a
+        buffer refilled in place, the same tensor with other rows)."""
         host = tokens.on_host
-        if self._last[0] is not None and all(torch.equal(last, now) for last, now in zip(
-                self._last[0], (host.input_ids, host.attention_mask))):
+        planned = (host.input_ids, host.attention_mask, host.input_ids._version, host.attention_mask._version)
+        last = self._last[0]
+        if last is not None and last[0] is planned[0] and last[1] is planned[1] and last[2:] == planned[2:]:
             return self._last[1]
-        lengths = host.attention_mask.sum(1)
-        if not torch.equal(host.attention_mask.bool(), torch.arange(host.input_ids.shape[1], device=lengths.device)
-                           < lengths[:, None]):
+        attends = host.attention_mask.bool()
+        if bool((attends[:, 1:] & ~attends[:, :-1]).any()):   # a token after padding
             raise ValueError("attention_mask must pad on the right: each row's tokens first, then its padding "
                              "(a tokenizer's padding_side='right'), with 1 for a token and 0 for padding")
         layout = None
-        lengths = lengths.tolist()
+        lengths = host.attention_mask.sum(1).tolist()
         fits_window = self.window is None or max(lengths) <= self.window  # the 4-D mask sets no window of its own
         if self.mode != "off" and not self.unavailable and fits_window:
             layout = self._cheapest(host.input_ids, lengths)
-        self._last = ((host.input_ids.clone(), host.attention_mask.clone()), layout)   # a buffer may be refilled
+        self._last = (planned, layout)
         return layout
 
     def _cheapest(self, input_ids: torch.Tensor, lengths: list[int]) -> PackedRows | None:
