@@ -12,6 +12,8 @@ softmax(logits / temperature), optionally restricted to the top k, with one gene
 the answer as the model wrote it, through the token that ended it), so that a metric can score exactly the
 sequence the model produced; `generate` returns the texts alone.
 """
+import functools
+import inspect
 import math
 import random
 from dataclasses import dataclass
@@ -145,6 +147,17 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> Tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+@functools.lru_cache(maxsize=None)
+def _no_mask_when_cached(model_class) -> bool:
+    """Whether transformers' generate gives a model of this class no attention mask once it has a cache (Mamba's:
+    its mixers multiply their inputs by the mask, which would stretch the new token over the whole sequence and
+    gave answers the model does not write); its prepare_inputs_for_generation says so."""
+    try:
+        return 'model_inputs["attention_mask"] = None' in inspect.getsource(model_class.prepare_inputs_for_generation)
+    except (AttributeError, OSError, TypeError):
+        return False
+
+
 @torch.no_grad()
 def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationConfig, eos: Set[int],
                     generators: List[torch.Generator]) -> List[Generation]:
@@ -181,7 +194,8 @@ def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationC
             # cannot be passed on: the whole sequence runs again, or each step would see its last token alone
             out = model(input_ids=sequence, attention_mask=mask, position_ids=positions, use_cache=False)
         else:
-            out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions[:, -1:],
+            step_mask = None if _no_mask_when_cached(type(model)) else mask
+            out = model(input_ids=next_ids[:, None], attention_mask=step_mask, position_ids=positions[:, -1:],
                         use_cache=True, **cache_kwargs(model, cache))
     return [Generation(_cut_at_stop(_answer_text(tokenizer, row, ids), config.stop_strings)[0], tuple(row),
                        tuple(ids) + end)

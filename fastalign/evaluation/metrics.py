@@ -105,7 +105,9 @@ def mean_token_kl_of_ids(model, reference, sequences: Sequence[TokenPair], batch
         with eval_mode(reference):
             logits = reference(input_ids=ids.to(ref_device), attention_mask=mask.to(ref_device)).logits
             log_p = torch.log_softmax(logits[predicted.to(logits.device)].float(), -1).to(log_q.device)
-        total += (log_p.exp() * (log_p - log_q)).sum(-1).double().sum().item()
+        # p log(p / q) is 0 where p is (a token the reference masks to -inf: not 0 * (-inf - -inf) = NaN)
+        terms = torch.where(log_p > -torch.inf, log_p.exp() * (log_p - log_q), 0.0)
+        total += terms.sum(-1).double().sum().item()
         count += int(predicted.sum())
     if count == 0:
         raise ValueError("mean_token_kl: the sequences contain no answer tokens")

@@ -204,6 +204,32 @@ def test_a_model_whose_cache_does_not_come_back_generates_as_without_a_cache(wor
     assert family != "rwkv" or len(set(answers)) > 1
 
 
+class _NumberTokenizer:
+    """Token ids as the text: answers of any model compare by their ids."""
+    pad_token_id = eos_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def test_a_mamba_model_generates_its_own_greedy_answers():
+    """Mamba's mixers multiply their inputs by the attention mask: fed the whole mask with one new token (generate gives
+    none once there is a cache), each step computed a sequence as long as the context, and answers drifted from the
+    model's own after their first token."""
+    from fastalign.evaluation.generation import _generate_batch
+    from tests.runtime.tiny_models import tiny_model
+    model = tiny_model("mamba-stepped-states")   # logits of order 1: the drift is no near-tie
+    prompts = [[1, 30, 40, 50, 60, 7], [5, 9, 11]]
+    expected = []
+    with torch.no_grad():
+        for ids in map(list, prompts):
+            for _ in range(6):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            expected.append(ids[-6:])
+    generations = _generate_batch(model, _NumberTokenizer(), prompts, GenerationConfig(max_new_tokens=6), set(), [])
+    assert [list(g.answer_ids) for g in generations] == expected
+
+
 SENTENCEPIECE_PROMPTS = ["### Question: how do I bake a cake ### Answer:", "### Question: is it ### Answer:"]
 
 

@@ -237,3 +237,40 @@ def test_mean_token_kl_of_a_model_and_a_reference_on_different_devices(tokenizer
     moved = copy.deepcopy(other if on_gpu == "model" else model).to("cuda")
     pair = (moved, model) if on_gpu == "model" else (other, moved)
     assert mean_token_kl_of_ids(*pair, sequences) == pytest.approx(expected, rel=1e-3)
+
+
+class _MaskingTail(torch.nn.Module):
+    """A causal LM whose forward sets its last 10 logits to -inf, as a model does over a vocabulary padded to a
+    multiple."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def forward(self, **kwargs):
+        out = self.model(**kwargs)
+        out.logits[..., -10:] = float("-inf")
+        return out
+
+
+def test_tokens_a_reference_masks_to_minus_inf_add_nothing_to_the_kl():
+    """p log(p / q) is 0 where p is: it was 0 * (-inf - -inf) = NaN, so a model compared with itself scored NaN."""
+    from tests.runtime.tiny_models import tiny_model
+    model, other = (_MaskingTail(tiny_model("llama-gqa-untied", seed=seed)) for seed in (0, 1))
+    sequences = [((1, 2, 3), (4, 5))]
+    assert mean_token_kl_of_ids(model, model, sequences) == 0.0
+    assert mean_token_kl_of_ids(other, model, sequences) == pytest.approx(_kl(other, model, sequences), rel=1e-5)
+
+
+def _kl(model, reference, sequences):
+    """The mean token KL(reference || model) over the answers' predicting positions, in float64, over the tokens the
+    reference gives a probability."""
+    (prompt, answer), = sequences
+    ids = torch.tensor([list(prompt) + list(answer)])
+    with torch.no_grad():
+        log_q, log_p = (torch.log_softmax(m(input_ids=ids).logits[0, len(prompt) - 1:-1].double(), -1)
+                        for m in (model, reference))
+    return float(torch.where(log_p > -torch.inf, log_p.exp() * (log_p - log_q), 0.0).sum(-1).mean())
