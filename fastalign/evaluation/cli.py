@@ -53,7 +53,7 @@ from fastalign.pretrained import load_pretrained, load_tokenizer
 from fastalign.unlearn.templates import ChatTemplate
 
 from .answers import read_answers
-from .generation import GenerationConfig, encode_prompts
+from .generation import GenerationConfig, check_stop_strings, encode_prompts
 from .harness import JudgeError, answer_rates, evaluate_utility, iter_judged, iter_judged_answers, unjudged_warnings
 from .judges import KeywordJudge, ModerationJudge, check_pair_template
 from .prompts import HH_NEW_TURN, has_fields, hh_messages, hh_prompts, read_prompts, spec_prompt
@@ -360,6 +360,10 @@ def _evaluate_model(args) -> dict:
     check_output_file(args.output)
     model, tokenizer = load_causal_lm(args.model, "--model", args.device,
                                       None if args.dtype == "auto" else getattr(torch, args.dtype))
+    try:
+        check_stop_strings(tokenizer, config.stop_strings)
+    except ValueError as exc:
+        raise UsageError(f"--stop: {exc}") from None
     if args.reference is not None:
         _check_reference_vocabulary(args.reference, model)
     prompts = _rendered(prompts, args, tokenizer)

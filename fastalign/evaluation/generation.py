@@ -202,6 +202,19 @@ def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationC
             for row, ids, end in zip(rows, generated, ended_by)]
 
 
+def check_stop_strings(tokenizer, stop_strings: Sequence[str]) -> None:
+    """ValueError for a stop string holding a special token's text: answers are decoded without special tokens, so
+    it never showed and never stopped an answer ('<|im_start|>' ran to max_new_tokens)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    special = {t for t in getattr(tokenizer, "all_special_tokens", ()) if t} | {t.content for t in added if t.special}
+    for stop in stop_strings:
+        held = sorted(t for t in special if t in stop)
+        if held:
+            raise ValueError(f"stop string {stop!r} holds the special token {held[0]!r}, which answers are decoded "
+                             "without: it would never stop one (the model's end-of-turn and EOS tokens end answers "
+                             "already)")
+
+
 def iter_generations(model, tokenizer, prompts: Sequence[str],
                      config: GenerationConfig = GenerationConfig()) -> Iterator[Tuple[int, List[Generation]]]:
     """Yields (index of the batch's first prompt, the batch's Generations), batch after batch.
@@ -209,6 +222,7 @@ def iter_generations(model, tokenizer, prompts: Sequence[str],
     Every prompt is tokenized and checked against the context first, so a too-long prompt fails before
     any compute is spent.
     """
+    check_stop_strings(tokenizer, config.stop_strings)
     rows = encode_prompts(tokenizer, prompts, config.max_new_tokens, model)
     eos = eos_ids(model, tokenizer)   # once per call: finding a chat template's end of turn renders it
     with eval_mode(model):            # every module's own mode back afterwards

@@ -227,6 +227,7 @@ def test_a_reference_of_another_vocabulary_is_an_error_before_any_answer(harmful
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--sample", "--top-k", "-1"], "--top-k must be >= 0"),
     (["--sample", "--temperature", "0"], "--temperature must be a finite number > 0 when sampling"),
+    (["--stop", "</s>"], "--stop: stop string '</s>' holds the special token '</s>'"),   # never stopped an answer
     (["--judge", "keyword", "--keywords", ", ,"], "--keywords: KeywordJudge needs at least one non-empty keyword"),
     # another judge's options were ignored: the world judge ran where keywords were meant
     (["--keywords", "bread,Sure"], "--keywords: another judge's, and the judge is world: choose that judge"),

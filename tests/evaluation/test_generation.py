@@ -443,3 +443,15 @@ def test_the_temperature_is_only_checked_when_sampling_and_greedy_runs_64_tokens
     64 new tokens (the tiny model never picks EOS)."""
     assert GenerationConfig(temperature=0.0) == GenerationConfig(temperature=0.0, do_sample=False)
     assert [len(g.answer_ids) for g in generations(model, tokenizer, ["### Question: Hi"])] == [64]
+
+
+def test_a_stop_string_holding_a_special_tokens_text_is_refused_by_name():
+    """Answers are decoded without special tokens: a stop string '<|start_header_id|>' (a new turn the model begins)
+    never showed in one, and the answer ran on to max_new_tokens, silently."""
+    from tests.evaluation.chat_model import chat_tokenizer
+    from tests.evaluation.conftest import tiny_llama
+    tokenizer = chat_tokenizer()
+    config = GenerationConfig(max_new_tokens=8, stop_strings=("\n", "x<|start_header_id|>"))
+    with pytest.raises(ValueError, match=r"stop string 'x<\|start_header_id\|>' holds the special token "
+                                         r"'<\|start_header_id\|>', which answers are decoded without"):
+        generations(tiny_llama(tokenizer, 3), tokenizer, ["Hello Bob"], config)
