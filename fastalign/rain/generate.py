@@ -124,8 +124,8 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     with too) and the judge reads in the conversation format of its few-shot examples (JudgePrompt.dialogue), not
     as the template's special tokens.
 
-    engine: "tree" (TreeRunner; pass `runner` to reuse one, else one with `runner_tokens` of KV is made; a runner
-    serves one call at a time, so calls in several threads need one each) or "slow" (the batch-1 reference).
+    engine: "tree" (TreeRunner; pass `runner`, a TreeRunner of `model` itself, to reuse one, else one with
+    `runner_tokens` of KV is made; a runner serves one call at a time, so calls in several threads need one each) or "slow" (the batch-1 reference).
     embedding: "minilm", "hidden" or an embedder object (`needs_hidden` and `embed(paths)`, see
     fastalign.rain.embeddings). sampler: "torch", "keyed" or a sampler object
     (`draw`, `draw_many` and `repeatable`, see fastalign.rain.sampling); each prompt draws from
@@ -153,6 +153,13 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     if chat_template and generation_prefix:
         raise ValueError("generation_prefix goes before the prompt's text, but with chat_template the chat "
                          "template starts the sequence: give instructions as the system turn instead")
+    if engine not in ("tree", "slow"):
+        raise ValueError(f"engine must be 'tree' or 'slow', got {engine!r}")
+    if runner is not None and engine != "tree":   # (the slow engine ignored it)
+        raise ValueError(f"runner is the tree engine's: engine {engine!r} takes none")
+    if getattr(runner, "model", model) is not model:   # (one built for another model answered with it, silently)
+        raise ValueError(f"runner must be a TreeRunner of `model` itself, got one of another "
+                         f"{type(runner.model).__name__}")
     template = ChatTemplate(tokenizer, system, chat_template_kwargs) if chat_template else None   # checked once
     judge = JudgeTokens(tokenizer, judge_prompt, chat_template_kwargs)
     lead = reply_lead(tokenizer, judge, template) if template else ""
@@ -210,13 +217,11 @@ def _make_engine(kind, model, tokenizer, end_ids, judge, config, want_hidden, le
     if kind == "slow":
         from .slow import SlowEngine
         return SlowEngine(model, tokenizer, end_ids, judge, config, want_hidden, ledger)
-    if kind == "tree":
-        from .tree_engine import TreeEngine
-        if runner is None:
-            from fastalign.runtime import TreeRunner
-            runner = TreeRunner(model, max_tokens=runner_tokens)
-        return TreeEngine(runner, tokenizer, end_ids, judge, config, want_hidden, ledger, prefix_ids)
-    raise ValueError(f"engine must be 'tree' or 'slow', got {kind!r}")
+    from .tree_engine import TreeEngine   # kind "tree" (rain_generate checked it)
+    if runner is None:
+        from fastalign.runtime import TreeRunner
+        runner = TreeRunner(model, max_tokens=runner_tokens)
+    return TreeEngine(runner, tokenizer, end_ids, judge, config, want_hidden, ledger, prefix_ids)
 
 
 class _Active:

@@ -1807,3 +1807,19 @@ def test_a_failing_shared_step_of_one_search_is_not_run_again():
     calls.clear()
     assert [s for s, _ in generate._isolated(run, ["a", "b"], lambda a: [a])] == ["a", "b"]
     assert calls == [["a", "b"], ["a"], ["b"]]
+
+
+def test_a_runner_of_another_model_or_for_the_slow_engine_is_refused():
+    """Every forward runs on the runner's model: one built for another model (a runner reused to compare a base model
+    with a tuned one) answered with that model, silently, while `model` set the end tokens and the context; the slow
+    engine ignored a runner."""
+    from fastalign.runtime import TreeRunner
+    model, other = tiny_llama(seed=0), tiny_llama(seed=1)
+    config = RainConfig(root_visits=3, min_new_visits=1, max_new_tokens=3)
+    with pytest.raises(ValueError, match="runner must be a TreeRunner of `model` itself, got one of another "
+                                         "LlamaForCausalLM"):
+        rain_generate(model, tokenizer(), PROMPTS[:1], config, judge_prompt=SHORT_JUDGE, embedding="hidden",
+                      runner=TreeRunner(other, max_tokens=2048, attention_backend="torch"))
+    with pytest.raises(ValueError, match="runner is the tree engine's: engine 'slow' takes none"):
+        rain_generate(model, tokenizer(), PROMPTS[:1], config, judge_prompt=SHORT_JUDGE, embedding="hidden",
+                      engine="slow", runner=TreeRunner(model, max_tokens=2048, attention_backend="torch"))
