@@ -191,7 +191,8 @@ def measure(name, loss_of, model, batch, device, reps):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=harness.device_argument,
+                        default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", choices=PRESETS, default="1b",
                         help="1b: Llama-3.2-1B's shape in bf16, 8 rows of 1024 tokens; cpu: 2 layers of width 256 "
                              "with its 128256 words in fp32, 2 rows of 512; quick: a small fp32 model, 2 rows of 32")

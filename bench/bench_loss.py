@@ -391,7 +391,8 @@ STAGE_COLUMNS = [("op", "op", "{}"), ("n", "N", "{}"), ("method", "stage", "{}")
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small fp32 shape (N 256, H 128, V 4099) for any device")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=harness.device_argument,
+                        default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                         help="default: bfloat16 on CUDA, float32 elsewhere")
     parser.add_argument("--hidden", type=harness.count_at_least(1), help="default: 4096 (--quick: 128)")
@@ -406,6 +407,8 @@ def main():
                         help="with --stages, also the forward with gradients in blocks of whole logits rows sized for "
                              "each of these budgets (the default is 192 MiB)")
     args = parser.parse_args()
+    if args.row_block_mib and not args.stages:   # (measured nothing more, silently)
+        parser.error("--row-block-mib sizes the blocks of --stages' forward with gradients: it needs --stages")
     if args.stages and torch.device(args.device).type != "cuda" and not triton_interpreting():
         parser.error("--stages times the Triton kernels: it needs --device cuda (or TRITON_INTERPRET=1, Triton's "
                      "interpreter, on the CPU)")

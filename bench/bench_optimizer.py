@@ -119,7 +119,8 @@ def measure(name, build, dtype, shapes, args, device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=harness.device_argument,
+                        default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="a small model's parameters (CPU smoke run)")
     parser.add_argument("--reps", type=harness.count_at_least(1), default=5)
     parser.add_argument("--fidelity-steps", type=harness.count_at_least(1), default=None,

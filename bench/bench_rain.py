@@ -48,8 +48,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.harness import (LLAMA_SHAPES, PROFILE_COLUMNS, PYTHON_PROFILE_COLUMNS, count_at_least,  # noqa: E402
-                           failure_row, print_table, profile_top, python_profile_top, qwen3_5_layer_types,
-                           synchronize, write_results)
+                           device_argument, failure_row, print_table, profile_top, python_profile_top,
+                           qwen3_5_layer_types, synchronize, write_results)
 from fastalign.cli import memory_size_argument  # noqa: E402
 from fastalign.evaluation.generation import pad_id  # noqa: E402
 from fastalign.pretrained import load_pretrained  # noqa: E402
@@ -257,7 +257,7 @@ def main():
                         help="the demo's shipped model on its world's harmful prompts, judged exactly (see above)")
     parser.add_argument("--hh")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--prompts", type=count_at_least(1), default=2,
                         help="prompts of the tree vs reference comparison")
     parser.add_argument("--max-new-tokens", type=count_at_least(1), default=None)
@@ -291,6 +291,8 @@ def main():
     args = parser.parse_args()
     if not (args.quick or args.demo) and not ((args.model or args.random_model) and args.hh):
         parser.error("give --quick, --demo, or --model (or --random-model) and --hh")
+    if (args.quick or args.demo) and (args.model or args.random_model):   # (the record named a model never loaded)
+        parser.error("--model and --random-model choose the model of a full run: --quick and --demo bring their own")
     if args.family != "llama" and not (args.quick or args.random_model):
         parser.error("--family chooses the random model of --quick or --random-model")
     if args.cuda_graphs and (args.device == "cpu" or args.family != "llama"):

@@ -470,7 +470,8 @@ def runner_rows(args, device, dtype, report=lambda rows: None):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small fp32 shapes for any device (smoke run)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=harness.device_argument,
+                        default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                         help="default: bfloat16 on CUDA, float32 elsewhere")
     parser.add_argument("--sections", nargs="+", choices=["attention", "runner"], default=["attention", "runner"],
@@ -510,6 +511,15 @@ def main():
         for key, value in quick.items():
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
+    # what cannot run is a usage error, not a record of error rows (which replaced the last good one)
+    if args.heads % args.kv_heads:
+        parser.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads} (grouped queries)")
+    triton_here = torch.device(args.device).type == "cuda" or triton_interpreting()
+    for given, option in ((args.attention_backend == "triton" and "runner" in args.sections, "--attention-backend "
+                           "triton"), (args.splits and "attention" in args.sections, "--splits")):
+        if given and not triton_here:
+            parser.error(f"{option} runs the Triton kernels: it needs --device cuda (or TRITON_INTERPRET=1, Triton's "
+                         "interpreter, on the CPU)")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.manual_seed(0)

@@ -433,7 +433,8 @@ def main():
     parser.add_argument("--quick", action="store_true",
                         help="tiny fp32 model, short rows: runs on a CPU (with --preset 8b: that preset's ways)")
     parser.add_argument("--preset", choices=PRESETS, default="1b")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=harness.device_argument,
+                        default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on CUDA, float32 elsewhere")
     parser.add_argument("--batch-size", type=harness.count_at_least(1), default=2,
                         help="harmful prompts (and normal rows) per step")

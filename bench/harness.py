@@ -319,6 +319,18 @@ def count_at_least(minimum):
     return parse
 
 
+def device_argument(text):
+    """An argparse type for --device: a torch device this machine has, so that --device cuda without CUDA is a usage
+    error naming the option, not an AssertionError from inside torch."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu or cuda, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device (torch {torch.__version__})")
+    return text
+
+
 def failure_row(method, err):
     """The table row of a method that raised `err`, so that one failing method does not lose the others' rows."""
     if isinstance(err, torch.OutOfMemoryError):
@@ -355,14 +367,22 @@ def compared_versions():
             if sys.modules.get(module) is not None}
 
 
+def installed_version(dist):
+    """The version of the installed distribution `dist`, or None: Triton's is recorded whether or not the run imported
+    it (a CPU run on the torch path does not), since it is part of the environment the record names."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def write_results(name, device, config, rows, tag=None, quick=False):
     """Writes the JSON record of one run and returns its path (its name ends in `tag` where given: a variant of the
     benchmark, kept beside its default run of the same commit; then in "quick" for a --quick smoke run, which so
     never replaces a measured record)."""
     commit = git_commit()
-    triton = sys.modules.get("triton")
     record = {"benchmark": name, "device": device_name(device), "commit": commit, "torch": torch.__version__,
-              "triton": getattr(triton, "__version__", None), "packages": compared_versions(),
+              "triton": installed_version("triton"), "packages": compared_versions(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": config,
               "autotuned": autotuned_configs(), "results": rows}
     os.makedirs(RESULTS_DIR, exist_ok=True)

@@ -55,6 +55,27 @@ def test_every_scripts_counts_refuse_zero_as_a_usage_error_before_measuring(scri
     assert "expected an integer >= " in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("script, argv, message", [
+    (bench_tree, ["--quick", "--sections", "attention", "--heads", "4", "--kv-heads", "3"],
+     "--heads 4 must be a multiple of --kv-heads 3"),
+    (bench_tree, ["--quick", "--sections", "runner", "--attention-backend", "triton"],
+     "--attention-backend triton runs the Triton kernels: it needs --device cuda"),
+    (bench_tree, ["--quick", "--sections", "attention", "--splits", "8"], "--splits runs the Triton kernels"),
+    (bench_loss, ["--quick", "--row-block-mib", "96"], "--row-block-mib sizes the blocks of --stages'"),
+    (bench_rain, ["--quick", "--model", "/nowhere"], "--quick and --demo bring their own")])
+def test_options_that_cannot_run_together_are_usage_errors_before_measuring(script, argv, message, monkeypatch,
+                                                                          capsys):
+    """Each ran: a record of error rows replacing the good one (heads not a multiple of kv heads, the Triton backend
+    off a GPU), an option measuring nothing more (--splits on the torch path, --row-block-mib without --stages), or
+    a record naming a model never loaded (--quick --model)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(sys, "argv", [script.__name__ + ".py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        script.main()
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 # ---- bench_loss ----
 
 def definition(quantity, h, w, a, b):

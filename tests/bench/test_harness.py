@@ -1,6 +1,7 @@
 """bench/harness.py, the plumbing every benchmark shares: timing, tables, failure rows, JSON records, shapes."""
 import calendar
 import hashlib
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -130,6 +131,20 @@ def test_a_count_option_below_its_least_value_or_not_an_integer_is_a_usage_error
     assert f"argument --reps: expected an integer >= 1, got '{text}'" in capsys.readouterr().err
 
 
+def test_a_device_this_machine_lacks_is_a_usage_error_naming_it(monkeypatch, capsys):
+    """--device cuda on a machine without CUDA ended in torch's AssertionError ('Torch not compiled with CUDA')."""
+    import argparse
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", type=harness.device_argument)
+    assert parser.parse_args(["--device", "cpu"]).device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for text, message in (("cuda", "'cuda': this machine has no CUDA device"),
+                          ("gpu", "expected a torch device such as cpu or cuda, got 'gpu'")):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(["--device", text])
+        assert exit_info.value.code == 2 and f"argument --device: {message}" in capsys.readouterr().err
+
+
 def test_print_table_right_aligns_columns_and_shows_zero_but_dashes_missing(capsys):
     rows = [{"method": "fused", "ms": 0.0, "mib": None}, {"method": "a", "ms": 12.5, "mib": 3.0}]
     harness.print_table(rows, [("method", "method", "{}"), ("ms", "time ms", "{:.1f}"), ("mib", "MiB", "{:.0f}")])
@@ -154,7 +169,8 @@ def test_write_results_records_device_commit_config_and_rows(monkeypatch, tmp_pa
     assert {k: record[k] for k in ("benchmark", "commit", "torch", "config", "results")} == \
         {"benchmark": "bench_x", "commit": "abc1234", "torch": torch.__version__, "config": {"quick": True},
          "results": rows}
-    assert record["triton"] == getattr(sys.modules.get("triton"), "__version__", None)
+    # the installed Triton, whether or not the run imported it (a CPU run on the torch path does not)
+    assert record["triton"] == importlib.metadata.version("triton")
     assert record["autotuned"] == harness.autotuned_configs()
     # the compared packages this process imported, each with its version; transformers is (the tests load models)
     assert record["packages"]["transformers"] == transformers.__version__
