@@ -53,8 +53,12 @@ if [[ "${1:-}" == "--prepare" ]]; then
     exit 0
 fi
 
-if [[ ! "${1:-}" =~ ^(tests|benches|8b)$ ]]; then   # before anything is installed into the python3 that runs this
-    echo "unknown part '${1:-}': expected --prepare, tests, benches or 8b"
+if [[ ! "${1:-}" =~ ^(tests|benches|8b)$ || $# -ne 1 ]]; then   # before anything is installed into this python3
+    echo "expected one part, --prepare, tests, benches or 8b; got: $*"
+    exit 2
+fi
+if ! nvidia-smi -L >/dev/null 2>&1; then   # a part runs on the GPU machine only (off it: installs, then fails)
+    echo "no NVIDIA GPU here (nvidia-smi): run this part on the GPU machine, through the device tool"
     exit 2
 fi
 
@@ -167,7 +171,9 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', 
 print('results labelled', harness.git_commit())"
 
     case "${1:-}" in
-        8b) unlearn_8b $(( CALL_LIMIT_S - 15 - SECONDS )) ;;   # (the set-up above took SECONDS of the call)
+        8b) left=$(( CALL_LIMIT_S - 15 - SECONDS ))   # (the set-up above took SECONDS of the call)
+            if (( left >= 120 )); then unlearn_8b "$left"
+            else echo "=== bench_unlearn 8b: skipped (${left}s of the call left)"; fi ;;
         tests) gpu_tests ;;
         benches) gpu_benches ;;
     esac

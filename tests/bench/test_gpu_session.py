@@ -97,8 +97,22 @@ def test_an_unknown_part_is_refused_before_anything_is_installed(tmp_path):
     (bin_dir / "python3").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
            "RESULTS": str(tmp_path / "results")}
-    for part in ("--help", "bench", ""):
-        done = subprocess.run(["bash", str(SCRIPT), *[part][:bool(part)]], env=env, capture_output=True, text=True,
-                              timeout=60)
-        assert done.returncode == 2 and f"unknown part '{part}'" in done.stdout
+    for parts in (["--help"], ["bench"], [], ["tests", "extra"]):   # (tests extra ran tests)
+        done = subprocess.run(["bash", str(SCRIPT), *parts], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and f"expected one part, --prepare, tests, benches or 8b; got: {' '.join(parts)}" \
+            in done.stdout
     assert not calls.exists()
+
+
+def test_a_part_off_the_gpu_machine_is_refused_before_anything_is_installed(tmp_path):
+    """Without nvidia-smi (this VM) a part installed fastalign into the caller's python3, then failed."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    for tool, status in (("python3", 0), ("nvidia-smi", 9)):
+        (bin_dir / tool).write_text(f'#!/bin/bash\necho "{tool} $*" >> {calls}\nexit {status}\n')
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+           "RESULTS": str(tmp_path / "results")}
+    done = subprocess.run(["bash", str(SCRIPT), "tests"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "no NVIDIA GPU here" in done.stdout
+    assert calls.read_text() == "nvidia-smi -L\n"
