@@ -16,12 +16,12 @@ same bits. Parameters sharded by FSDP2 (DTensors) are stepped shard by shard: Ad
 """
 import functools
 import math
-import numbers
 
 import torch
 from torch.optim.optimizer import ParamsT
 
 from fastalign.ops.backend import Backend, check_backend, select_backend
+from fastalign.ops.checks import is_real
 
 COMPENSATED_DTYPES = (torch.bfloat16,)
 STEPPED_DTYPES = (torch.bfloat16, torch.float32)
@@ -59,10 +59,10 @@ def _check_torch_options(group, where):
                              f"AdamW with {option}={value!r})")
 
 
-def _is_real(value, tensor=False):
-    """Whether `value` is a real number (numpy's too) or, where `tensor`, a one-element tensor (as torch's AdamW takes
-    lr and betas)."""
-    return isinstance(value, numbers.Real) or tensor and torch.is_tensor(value) and value.numel() == 1
+def _is_scalar(value):
+    """Whether `value` is a real number (numpy's too, not a bool) or a one-element tensor, as torch's AdamW takes lr
+    and betas."""
+    return is_real(value) or torch.is_tensor(value) and value.numel() == 1
 
 
 def _check_hyperparameters(group, prefix):
@@ -70,14 +70,14 @@ def _check_hyperparameters(group, prefix):
     constructor's, or a param group's own) that AdamW cannot step with: betas (0.9, 1.0) made every weight NaN, as
     lr=nan did (each bound is checked so that NaN fails it, as torch's AdamW checks them)."""
     lr, betas = group.get("lr", 0.0), group.get("betas", (0.0, 0.0))
-    if not (_is_real(lr, tensor=True) and float(lr) >= 0):
+    if not (_is_scalar(lr) and float(lr) >= 0):
         raise ValueError(f"{prefix}lr: expected a float >= 0 (or a one-element tensor), got {lr!r}")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-            and all(_is_real(b, tensor=True) and 0 <= float(b) < 1 for b in betas)):
+            and all(_is_scalar(b) and 0 <= float(b) < 1 for b in betas)):
         raise ValueError(f"{prefix}betas: expected two floats in [0, 1) (or one-element tensors), got {betas!r}")
     for name in ("eps", "weight_decay"):
         value = group.get(name, 0.0)
-        if not (_is_real(value) and value >= 0):
+        if not (is_real(value) and value >= 0):
             raise ValueError(f"{prefix}{name}: expected a float >= 0, got {value!r}")
 
 
