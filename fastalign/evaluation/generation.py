@@ -12,8 +12,6 @@ softmax(logits / temperature), optionally restricted to the top k, with one gene
 the answer as the model wrote it, through the token that ended it), so that a metric can score exactly the
 sequence the model produced; `generate` returns the texts alone.
 """
-import functools
-import inspect
 import math
 import random
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.ops.checks import is_integer, refuse_one_string
 from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache
 from fastalign.unlearn.encoding import tokenize_prompts
+from fastalign.unlearn.models import function_source
 from fastalign.unlearn.templates import end_of_turn_id
 
 
@@ -147,15 +146,12 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> Tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
-@functools.lru_cache(maxsize=None)
 def _no_mask_when_cached(model_class) -> bool:
     """Whether transformers' generate gives a model of this class no attention mask once it has a cache (Mamba's:
     its mixers multiply their inputs by the mask, which would stretch the new token over the whole sequence and
     gave answers the model does not write); its prepare_inputs_for_generation says so."""
-    try:
-        return 'model_inputs["attention_mask"] = None' in inspect.getsource(model_class.prepare_inputs_for_generation)
-    except (AttributeError, OSError, TypeError):
-        return False
+    prepare = getattr(model_class, "prepare_inputs_for_generation", None)
+    return prepare is not None and 'model_inputs["attention_mask"] = None' in (function_source(prepare) or "")
 
 
 @torch.no_grad()

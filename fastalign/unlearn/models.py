@@ -46,13 +46,14 @@ def forward_reads(model, name: str) -> bool:
     """Whether the source of the forward of `model`'s class holds `name`: a config attribute it reads (a config may
     carry settings its architecture ignores, e.g. a Llama given final_logit_softcapping), a method or a variable;
     True where its source cannot be read."""
-    source = _forward_source(type(model).forward)
+    source = function_source(type(model).forward)
     return source is None or name in source
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_source(function) -> str | None:
-    """The source of a forward, read once (the losses ask at every call); None where it cannot be read."""
+def function_source(function) -> str | None:
+    """The source of a function (a model's forward, its prepare_inputs_for_generation), read once (the losses ask at
+    every call); None where it cannot be read."""
     try:
         return inspect.getsource(function)
     except (OSError, TypeError):
@@ -155,7 +156,7 @@ def _forward_setting(base, name: str):
     reach it), else its config's, or its text config's (a vision-language model's: PaliGemma's, Aya Vision's)."""
     if not forward_reads(base, name):
         return None
-    attribute = re.search(rf"\bself\.(model\.)?{name}\b", _forward_source(type(base).forward) or "")
+    attribute = re.search(rf"\bself\.(model\.)?{name}\b", function_source(type(base).forward) or "")
     if attribute is not None:
         return getattr(base.model if attribute.group(1) else base, name, None)
     config = getattr(base, "config", None)
