@@ -364,6 +364,8 @@ def run_identity(args, config: RainConfig, judge: JudgePrompt, prefix: str) -> d
     (search and judge constants, how prompts are rendered, dtype, sampler, embeddings, the engine: the two draw
     alike only from the keyed sampler). Written with every record, so that a resumed run never keeps records that
     other settings made as its own."""
+    if config.parallel_leaves == 1:   # no leaf is ever pending then: virtual_loss decides nothing
+        config = dataclasses.replace(config, virtual_loss=RainConfig.virtual_loss)
     settings = {"config": dataclasses.asdict(config), "judge": dataclasses.asdict(judge), "template": args.template,
                 "system": args.system, "generation_prefix": prefix, "dtype": args.dtype, "sampler": args.sampler,
                 "embedding": args.embedding}

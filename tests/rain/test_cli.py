@@ -804,6 +804,17 @@ def test_run_identity_tells_apart_every_setting_that_decides_the_answers(extra):
     assert identity(extra) != identity([]) and identity([], "Few-shot turns.\n") != identity([])
 
 
+def test_run_identity_ignores_virtual_loss_without_parallel_leaves():
+    """--virtual-loss acts only on pending leaves, which exist with --parallel-leaves > 1: alone it changed the
+    identity, so a resume given it refused the records of a run that searched exactly alike."""
+    def identity(options):
+        args = build_parser().parse_args(["rain", "--model", "m", "--hh", "h", "--output", "o"] + options)
+        return rain_cli.run_identity(args, *settings(args), "")
+
+    assert identity(["--virtual-loss", "3"]) == identity([])
+    assert identity(["--parallel-leaves", "2", "--virtual-loss", "3"]) != identity(["--parallel-leaves", "2"])
+
+
 def test_run_identity_tells_apart_chat_template_kwargs_and_system_turns():
     """A resume with other template variables, or another system turn, is refused as one with other settings is
     (under --template chat, where each of them changes the prompts)."""
