@@ -8,6 +8,7 @@ it); every error names the file and the line. `fastalign eval` and `fastalign ra
 import os
 from typing import List, Optional
 
+from fastalign.unlearn.formats import hh_line_break_hint
 from fastalign.unlearn.records import not_text, read_csv, read_jsonl, read_text
 from fastalign.unlearn.templates import SPEC_TEMPLATE, ChatTemplate
 
@@ -45,7 +46,7 @@ def hh_messages(path: str):
         text = _checked(record.get("chosen"), path, line_no, "chosen")
         if not text.startswith(HH_HUMAN) or HH_ASSISTANT not in text:
             raise ValueError(f"{path}: line {line_no}: 'chosen' must start with a '{HH_HUMAN.strip()}' turn "
-                             f"followed by an '{HH_ASSISTANT.strip()}' turn")
+                             f"followed by an '{HH_ASSISTANT.strip()}' turn{hh_line_break_hint(text)}")
         messages.append(text[len(HH_HUMAN):text.index(HH_ASSISTANT)])
     if not messages:
         raise ValueError(f"{path}: no dialogues")

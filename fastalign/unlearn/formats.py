@@ -42,6 +42,12 @@ def load_pku_saferlhf(path: str | os.PathLike) -> list[QAPair]:
     return _non_empty(pairs, path, "no unsafe response")
 
 
+def hh_line_break_hint(transcript: str) -> str:
+    """What to add to the error of a transcript whose turns went unread: its carriage returns, where a file
+    written on Windows (or re-encoded) breaks lines with "\\r\\n" and so holds no "\\n\\n" before a turn."""
+    return " (turns follow a blank line, '\\n\\n': this transcript breaks lines with '\\r')" if "\r" in transcript else ""
+
+
 def hh_final_exchange(transcript: str) -> tuple[str, str]:
     """(last Human turn, final Assistant turn) of an HH transcript; ValueError if it does not end so.
 
@@ -52,7 +58,8 @@ def hh_final_exchange(transcript: str) -> tuple[str, str]:
     turns = list(zip(pieces[1::2], pieces[2::2]))
     human = [text for speaker, text in turns[:-1] if speaker == "Human"]
     if not turns or turns[-1][0] != "Assistant" or not human:
-        raise ValueError("transcript does not end with an Assistant turn after a Human turn")
+        raise ValueError("transcript does not end with an Assistant turn after a Human turn"
+                         + hh_line_break_hint(transcript))
     return human[-1].strip(), turns[-1][1].strip()
 
 

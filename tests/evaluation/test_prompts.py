@@ -74,6 +74,13 @@ def test_an_hh_file_without_dialogues_is_refused(tmp_path):
         hh_messages(str(tmp_path / "hh.jsonl"))
 
 
+def test_an_hh_dialogue_with_carriage_return_line_breaks_is_refused_naming_them(tmp_path):
+    """A dialogue broken by "\\r\\n" opens with no '\\n\\nHuman: ': the error now says why."""
+    (tmp_path / "hh.jsonl").write_text(json.dumps({"chosen": "\r\n\r\nHuman: Hi\r\n\r\nAssistant: x"}) + "\n")
+    with pytest.raises(ValueError, match="must start with a 'Human:' turn.*breaks lines with '\\\\r'"):
+        hh_messages(str(tmp_path / "hh.jsonl"))
+
+
 @pytest.mark.parametrize("chosen", ["Human: Hi\n\nAssistant: x", "\n\nAssistant: x\n\nHuman: Hi\n\nAssistant: y"])
 def test_an_hh_dialogue_that_does_not_open_with_a_human_turn_is_refused(tmp_path, chosen):
     """The message is cut at the length of '\\n\\nHuman: ': a dialogue opening otherwise lost its first characters

@@ -487,3 +487,10 @@ def test_an_upper_case_gz_suffix_is_gunzipped(tmp_path):
     assert gunzipped.mismatch_pool == expected.mismatch_pool
     (tmp_path / "forget.jsonl.GZ").write_bytes(gzip.compress(json.dumps({"prompt": "p", "answer": "a"}).encode()))
     assert [(p.prompt, p.answer) for p in load_pairs(tmp_path / "forget.jsonl.GZ")] == [("p", "a")]
+
+
+def test_an_hh_transcript_with_carriage_return_line_breaks_is_refused_naming_them():
+    """A file written with "\\r\\n" line breaks holds no turn that starts after "\\n\\n": the error named no turn
+    problem the user could see in the text, now it names the carriage returns."""
+    with pytest.raises(ValueError, match="this transcript breaks lines with '\\\\r'"):
+        hh_final_exchange("\r\n\r\nHuman: how?\r\n\r\nAssistant: Like this.")
