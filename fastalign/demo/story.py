@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional
 
 from ..evaluation.generation import Generation, GenerationConfig, generations
 from ..evaluation.metrics import mean_token_kl_of_ids, unchanged_share
+from ..ops.checks import is_integer
 from ..rain import RainConfig, rain_generate
 from ..unlearn.batching import filler_token_id
 from ..unlearn.config import UnlearnConfig
@@ -114,6 +115,8 @@ def unlearning_streams(tokenizer, world: World, settings: DemoSettings, max_leng
 
 def unlearn_config(settings: DemoSettings, progress: bool, output_dir: str) -> UnlearnConfig:
     """The unlearning run of `settings`; ValueError naming the setting when one is out of range (e.g. steps 0)."""
+    if not is_integer(settings.steps) or settings.steps < 1:   # UnlearnConfig names it max_steps, no demo option
+        raise ValueError(f"steps must be an integer >= 1, got {settings.steps!r}")
     return UnlearnConfig(model="demo", output_dir=output_dir, lr=settings.lr, max_steps=settings.steps,
                          batch_size=settings.batch_size, mismatch_per_prompt=settings.mismatch_per_prompt,
                          normal_batch_size=settings.normal_batch_size, forget_weight=settings.forget_weight,

@@ -263,7 +263,7 @@ def test_demo_without_a_trained_model_is_a_clear_error(tmp_path, capsys):
     assert "--model-dir: no trained demo model in" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra, message", [(["--steps", "0"], "unlearning setting: max_steps must be an integer >= 1"),
+@pytest.mark.parametrize("extra, message", [(["--steps", "0"], "unlearning setting: steps must be an integer >= 1"),
                                             (["--lr", "-1"], "unlearning setting: lr must be a finite number >= 0"),
                                             (["--batch-size", "0"], "unlearning setting: batch_size must be"),
                                             (["--threads", "0"], "--threads must be >= 1, got 0")])
@@ -276,9 +276,10 @@ def test_demo_bad_setting_is_a_clear_error_before_any_phase(monkeypatch, capsys,
 
 
 def test_run_demo_refuses_a_bad_setting_before_loading_the_model(monkeypatch):
-    """From Python, run_demo(DemoSettings(steps=0)) refused only after the load and the first evaluation."""
+    """From Python, run_demo(DemoSettings(steps=0)) refused only after the load and the first evaluation, and
+    named UnlearnConfig's max_steps, which the demo has no setting of."""
     monkeypatch.setattr(story, "load_model", None)   # never reached
-    with pytest.raises(ValueError, match="max_steps must be an integer >= 1"):
+    with pytest.raises(ValueError, match="^steps must be an integer >= 1"):
         story.run_demo(DemoSettings(steps=0), progress=False)
 
 
