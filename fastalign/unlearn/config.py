@@ -20,7 +20,7 @@ import yaml
 from fastalign.ops.backend import Backend, check_backend
 from fastalign.ops.checks import check_count, is_real
 from fastalign.writable import cannot_create_in
-from fastalign.unlearn.records import KeyTwice, object_of_unique_keys
+from fastalign.unlearn.records import DataError, KeyTwice, check_data_file, object_of_unique_keys
 from fastalign.unlearn.formats import FORMATS, Format
 from fastalign.unlearn.objective import LossWeights
 from fastalign.unlearn.packing import MODES as PACKING_MODES, Packing
@@ -226,11 +226,19 @@ class UnlearnConfig:
         return "adapter" if self.lora else "copy"
 
     def check_paths(self) -> None:
-        """Raises unless the model, data files and output directory are given, and the output directory can be
-        written (check_output_dir)."""
+        """Raises unless the model, data files and output directory are given, each data file given is a regular
+        file (a DataError naming its setting, before the model loads) and the output directory can be written
+        (check_output_dir)."""
         missing = [name for name in ("model", "forget", "output_dir") if not getattr(self, name)]
         if missing:
             raise ValueError(f"missing setting(s): {', '.join(missing)}")
+        data_files = {"forget": self.forget, "normal": [self.normal], "mismatch_pool": [self.mismatch_pool]}
+        for name, paths in data_files.items():
+            for path in filter(None, paths):
+                try:
+                    check_data_file(path)
+                except DataError as exc:
+                    raise DataError(f"{name} (--{name.replace('_', '-')}): {exc}") from None
         check_output_dir(self.output_dir)
 
     def to_dict(self) -> dict:

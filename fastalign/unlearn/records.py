@@ -30,9 +30,8 @@ class QAPair:
     source: str
 
 
-def open_text(path: str | os.PathLike) -> io.TextIOBase:
-    """Opens a UTF-8 text file, transparently gunzipping `*.gz` and dropping a leading byte-order mark (which
-    Windows tools write); a missing file, a directory, a pipe or a device is a DataError."""
+def check_data_file(path: str | os.PathLike) -> None:
+    """DataError unless `path` is a regular file: a missing file, a directory, a pipe or a device."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory, not a data file")
@@ -40,6 +39,13 @@ def open_text(path: str | os.PathLike) -> io.TextIOBase:
         raise DataError(f"data file not found: {path}")
     if not os.path.isfile(path):   # a pipe (`--forget <(zcat ...)`) or a device: the loaders read a file twice
         raise DataError(f"{path}: is not a regular file (a pipe or a device); write the data to a file first")
+
+
+def open_text(path: str | os.PathLike) -> io.TextIOBase:
+    """Opens a UTF-8 text file, transparently gunzipping `*.gz` and dropping a leading byte-order mark (which
+    Windows tools write); a missing file, a directory, a pipe or a device is a DataError (check_data_file)."""
+    path = os.fspath(path)
+    check_data_file(path)
     if path.lower().endswith(".gz"):   # (.GZ as Windows tools write it too)
         return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
     return open(path, encoding="utf-8-sig", newline="")

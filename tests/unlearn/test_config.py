@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fastalign.unlearn.config import SEED_MAX, UnlearnConfig, check_output_dir, read_config_file
+from fastalign.unlearn.records import DataError
 
 
 def test_yaml_exponent_numbers_are_floats(tmp_path):
@@ -213,6 +214,19 @@ def test_missing_settings_are_named_before_a_run(tmp_path):
         UnlearnConfig(model="m", output_dir=str(tmp_path / "out")).check_paths()
     with pytest.raises(ValueError, match=r"^missing setting\(s\): model, forget, output_dir$"):
         UnlearnConfig().check_paths()
+
+
+@pytest.mark.parametrize("setting", ["forget", "normal", "mismatch_pool"])
+def test_a_data_file_that_is_a_directory_or_missing_is_named_by_its_setting_before_a_run(tmp_path, setting):
+    """`--normal <dir>` was refused once the model had loaded, naming the directory but not the option."""
+    (tmp_path / "forget.jsonl").write_text('{"prompt": "p", "answer": "a"}\n')
+    option = setting.replace("_", "-")
+    for path, message in ((tmp_path, "is a directory, not a data file"), (tmp_path / "absent", "data file not found")):
+        files = {"forget": [str(tmp_path / "forget.jsonl")], setting: str(path)}
+        if setting == "forget":
+            files["forget"] = [str(tmp_path / "forget.jsonl"), str(path)]
+        with pytest.raises(DataError, match=rf"^{setting} \(--{option}\): .*{message}"):
+            UnlearnConfig(model="m", output_dir=str(tmp_path / "out"), **files).check_paths()
 
 
 @pytest.mark.skipif(not os.path.isfile("/proc/version"), reason="needs Linux's /proc, which nobody can write in")
