@@ -104,6 +104,9 @@ class RunSummary:
     optimizer_in_backward: bool = False
     # the optimizer's class: KahanAdamW where weights train in bf16 (their updates compensated), else AdamW
     optimizer: str = "AdamW"
+    # how the streams drew the batches (UnlearningStreams.draw_settings: batch sizes, K, max_length, seed), which
+    # config.json's settings of those names need not be: a trainer given streams built otherwise draws as they do
+    draws: dict | None = None
 
 
 class MissingExtraError(ImportError):
@@ -627,7 +630,8 @@ class UnlearningTrainer:
                              _device_name(acc.device), model_dir, self.streams.skipped,
                              self.streams.answers_cut, reference_cache_bytes=self.reference_cache_bytes,
                              packing_unavailable=self.packer.unavailable,
-                             optimizer_in_backward=self.optimizer_in_backward, optimizer=optimizer_name)
+                             optimizer_in_backward=self.optimizer_in_backward, optimizer=optimizer_name,
+                             draws=self.streams.draw_settings())
         # FSDP: gather full weights (collective); the keys of the objective's "model." submodule are the model's.
         state = ({k.removeprefix("model."): v for k, v in full_model_state(objective).items()}
                  if self.sharded else None)

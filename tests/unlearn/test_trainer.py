@@ -718,6 +718,15 @@ def test_run_json_says_why_a_model_ran_padded_rows(monkeypatch, tmp_path):
     assert summary.compute["padded_slots"] == tiny_streams(byte_bpe_tokenizer()).batch(0).tokens.input_ids.numel()
 
 
+def test_run_json_records_how_the_streams_drew_the_batches(tmp_path):
+    """A trainer given streams built with other settings than its config's draws as the streams do: run.json
+    recorded only config.json's batch size and seed (here 5 and 0 for a run that drew 3 rows a batch, seed 7)."""
+    streams = tiny_streams(byte_bpe_tokenizer(), batch_size=3, seed=7)
+    _, summary = run(tmp_path, streams=streams, max_steps=1, grad_accum=1, batch_size=5)
+    draws = json.loads((tmp_path / "run" / "run.json").read_text())["draws"]
+    assert draws == summary.draws == streams.draw_settings() and (draws["batch_size"], draws["seed"]) == (3, 7)
+
+
 def test_a_finished_run_lets_its_model_go(tmp_path):
     """A sweep of runs in one process (a learning rate search) frees each run's model when the caller drops it. The
     state-dict helpers of torch.distributed.checkpoint (torch 2.13) that checkpointing calls leave a reference cycle
