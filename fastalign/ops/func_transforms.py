@@ -37,6 +37,22 @@ def refuse_forward_mode(op):
                        "differentiate it in reverse mode (backward, torch.func.grad, vjp or jacrev)")
 
 
+class FusedOpFunction(torch.autograd.Function):
+    """Base of the fused ops' Functions, whose `op` names them in errors: no forward-mode derivative (jvp refuses
+    it), and vmap runs the op once per sample (vmap_by_loop). Classmethods, which torch calls on the class as it
+    calls the staticmethods it documents."""
+
+    op: str
+
+    @classmethod
+    def jvp(cls, ctx, *tangents):
+        refuse_forward_mode(cls.op)
+
+    @classmethod
+    def vmap(cls, info, in_dims, *args):
+        return vmap_by_loop(cls.op, cls, info, in_dims, args)
+
+
 def refuse_second_derivative(op):
     """The launchers' gradients carry no graph: a derivative of them would come out silently wrong."""
     raise RuntimeError(f"{op} is not twice differentiable: its gradients have no gradient (no backward through "

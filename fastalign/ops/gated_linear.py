@@ -16,15 +16,17 @@ import torch.nn.functional as F
 
 from .backend import Backend, autocast_off, require_triton_dtype, select_backend
 from .checks import check_tensor, token_dims, FLOAT_DTYPES
-from .func_transforms import LauncherGradients, refuse_forward_mode, vmap_by_loop
+from .func_transforms import FusedOpFunction, LauncherGradients
 
 Activation = Literal["silu", "gelu_tanh"]   # the `activation` argument
 ACTIVATIONS = get_args(Activation)
 
 
-class GatedLinearFunction(torch.autograd.Function):
+class GatedLinearFunction(FusedOpFunction):
     """linear(act(gate) * up, weight, bias), saving gate, up and weight; gradients flow to all four. In torch.func's
     form; its backward runs as LauncherGradients (see func_transforms)."""
+
+    op = "gated_linear"
 
     @staticmethod
     def forward(gate, up, weight, bias, tanh_gelu, launcher):
@@ -39,16 +41,8 @@ class GatedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return LauncherGradients.apply("gated_linear", _gated_linear_gradients, *ctx.saved_tensors, grad_out,
+        return LauncherGradients.apply(GatedLinearFunction.op, _gated_linear_gradients, *ctx.saved_tensors, grad_out,
                                        ctx.tanh_gelu, ctx.launcher, *ctx.needs_input_grad[:4]) + (None, None)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        refuse_forward_mode("gated_linear")
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_loop("gated_linear", GatedLinearFunction, info, in_dims, args)
 
 
 def _gated_linear_gradients(gate, up, weight, grad_out, tanh_gelu, launcher, need_gate, need_up, need_weight,
@@ -70,8 +64,10 @@ def _gated_linear_gradients(gate, up, weight, grad_out, tanh_gelu, launcher, nee
     return grad_gate if need_gate else None, grad_up if need_up else None, grad_weight, grad_bias
 
 
-class GatedActivationFunction(torch.autograd.Function):
+class GatedActivationFunction(FusedOpFunction):
     """act(gate) * up, saving gate and up; gradients flow to both. In torch.func's form, as GatedLinearFunction."""
+
+    op = "gated_activation"
 
     @staticmethod
     def forward(gate, up, tanh_gelu, launcher):
@@ -86,16 +82,8 @@ class GatedActivationFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return LauncherGradients.apply("gated_activation", _gated_activation_gradients, *ctx.saved_tensors, grad_out,
-                                       ctx.tanh_gelu, ctx.launcher) + (None, None)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        refuse_forward_mode("gated_activation")
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_loop("gated_activation", GatedActivationFunction, info, in_dims, args)
+        return LauncherGradients.apply(GatedActivationFunction.op, _gated_activation_gradients, *ctx.saved_tensors,
+                                       grad_out, ctx.tanh_gelu, ctx.launcher) + (None, None)
 
 
 def _gated_activation_gradients(gate, up, grad_out, tanh_gelu, launcher):

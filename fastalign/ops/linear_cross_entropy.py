@@ -11,18 +11,20 @@ from .checks import (as_rows, check_bias, check_linear, check_per_token, check_r
                      check_tensor, check_token_shape, is_integer, out_of_range_targets, refuse_targets, token_dims,
                      FLOAT_DTYPES, Reduction)
 from .forward_gradients import backward_gradients, forward_gradient_needs, refuse_inference_tensors, save_for_backward
-from .func_transforms import refuse_forward_mode, vmap_by_loop
+from .func_transforms import FusedOpFunction
 from .token_rows import TokenRows
 
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
+class LinearCrossEntropyFunction(FusedOpFunction):
     """Autograd over the live rows; gradients flow to hidden, weight and bias (not target or token_weight).
 
     forward returns the loss, then the per-token logsumexp and TokenRows' state that the backward takes (in
     torch.func's form: see func_transforms), then the gradients taken in the forward (each None unless
     forward_needs, (need_hidden, need_weight, need_bias) or None, asks for them)."""
+
+    op = "linear_cross_entropy"
 
     @staticmethod
     def forward(hidden, weight, bias, target, token_weight, ignore_index, reduction, softcap, launcher, forward_needs):
@@ -56,15 +58,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, *_):
-        return backward_gradients(ctx, "linear_cross_entropy", _gradients, grad_output) + (None,) * 7
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        refuse_forward_mode("linear_cross_entropy")
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_loop("linear_cross_entropy", LinearCrossEntropyFunction, info, in_dims, args)
+        return backward_gradients(ctx, LinearCrossEntropyFunction.op, _gradients, grad_output) + (None,) * 7
 
 
 @graph_break("linear_cross_entropy")  # a compiled caller that differentiates runs it in its frame

@@ -12,16 +12,18 @@ from .backend import Backend, graph_break, autocast_off, require_triton_dtype, s
 from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
                      check_tensor, check_token_shape, token_dims, FLOAT_DTYPES, Reduction)
 from .forward_gradients import backward_gradients, forward_gradient_needs, refuse_inference_tensors, save_for_backward
-from .func_transforms import refuse_forward_mode, vmap_by_loop
+from .func_transforms import FusedOpFunction
 from .token_rows import TokenRows
 
 
-class LinearKLDivFunction(torch.autograd.Function):
+class LinearKLDivFunction(FusedOpFunction):
     """Autograd over the live rows; gradients flow to hidden, weight and bias only.
 
     forward returns the KL, then both heads' per-token logsumexps and TokenRows' state that the backward takes (in
     torch.func's form: see func_transforms), then the gradients taken in the forward (each None unless
     forward_needs, (need_hidden, need_weight, need_bias) or None, asks for them)."""
+
+    op = "linear_kl_div"
 
     @staticmethod
     def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_weight, mask, reduction, softcap,
@@ -55,15 +57,7 @@ class LinearKLDivFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, *_):
-        return backward_gradients(ctx, "linear_kl_div", _gradients, grad_output) + (None,) * 9
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        refuse_forward_mode("linear_kl_div")
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_loop("linear_kl_div", LinearKLDivFunction, info, in_dims, args)
+        return backward_gradients(ctx, LinearKLDivFunction.op, _gradients, grad_output) + (None,) * 9
 
 
 def _live_operands(rows, hidden, weight, bias, ref_hidden, ref_weight, ref_bias):

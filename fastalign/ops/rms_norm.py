@@ -12,7 +12,7 @@ import torch
 
 from .backend import Backend, autocast_off, require_triton_dtype, select_backend
 from .checks import check_tensor, is_real, token_dims, FLOAT_DTYPES
-from .func_transforms import LauncherGradients, refuse_forward_mode, vmap_by_loop
+from .func_transforms import FusedOpFunction, LauncherGradients
 
 # How a family's module applies its weight to the normalised rows (fp32), and the launchers' arguments for it:
 # "rounded" (Llama, Mistral, Qwen, the MoEs): rounded to the input's dtype, then times the weight, in that dtype;
@@ -22,9 +22,11 @@ WEIGHT_RULES = {"rounded": dict(weight_offset=0.0, round_before_weight=True),
                 "fp32": dict(weight_offset=0.0, round_before_weight=False)}
 
 
-class RMSNormFunction(torch.autograd.Function):
+class RMSNormFunction(FusedOpFunction):
     """The RMSNorm of x's rows by weight, saving x and weight; gradients flow to both. In torch.func's form; its
     backward runs as LauncherGradients (see func_transforms)."""
+
+    op = "rms_norm"
 
     @staticmethod
     def forward(x, weight, eps, rule, launcher):
@@ -39,16 +41,8 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return LauncherGradients.apply("rms_norm", _gradients, *ctx.saved_tensors, grad_out, ctx.eps, ctx.rule,
+        return LauncherGradients.apply(RMSNormFunction.op, _gradients, *ctx.saved_tensors, grad_out, ctx.eps, ctx.rule,
                                        ctx.launcher, ctx.needs_input_grad[1]) + (None,) * 3
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        refuse_forward_mode("rms_norm")
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_loop("rms_norm", RMSNormFunction, info, in_dims, args)
 
 
 def _gradients(x, weight, grad_out, eps, rule, launcher, need_weight):
