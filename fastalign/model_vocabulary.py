@@ -13,9 +13,13 @@ def input_vocabulary(model) -> int | None:
 
 
 def check_embedded(ids, vocab_size: int | None, source: str, error: type = ValueError) -> None:
-    """Raises `error` naming `source` when a token id of `ids` is past the model's `vocab_size` input embeddings
-    (None: not known, nothing checked): a tokenizer that does not match the model (a token added to it without
-    resizing the model's embeddings) fails deep inside the forward with an IndexError, on CUDA a device assert."""
+    """Raises `error` naming `source` when a token id of `ids` is negative (-100, the ignore_index of Hugging Face
+    labels, copied into the ids) or past the model's `vocab_size` input embeddings (None: not known, not checked):
+    a tokenizer that does not match the model (a token added to it without resizing the model's embeddings) fails
+    deep inside the forward with an IndexError, on CUDA a device assert."""
+    if len(ids) and min(ids) < 0:
+        raise error(f"{source}: token id {min(ids)} is negative, not a token the model embeds (the ignore_index of "
+                    "labels, -100, copied into the ids?)")
     if vocab_size is not None and len(ids) and max(ids) >= vocab_size:
         raise error(f"{source}: token id {max(ids)} is past the model's {vocab_size} input embeddings: the tokenizer "
                     "does not match the model (a token added without resizing the embeddings?)")

@@ -178,6 +178,14 @@ def test_models_of_two_vocabularies_and_ids_past_them_are_refused_by_name(model,
         mean_token_kl_of_ids(model, model, [((1, 5), (6,)), ((1, 5), (len(tokenizer) + 3,))])
 
 
+@pytest.mark.parametrize("sequence", [((1, 5, 6), (7, -100)), ((1, -1, 6), (7, 8))])
+def test_negative_token_id_is_refused_naming_the_sequence(model, sequence):
+    """Only ids past the vocabulary were checked: a negative one (-100, the ignore_index of labels, copied into the
+    answer ids) reached the embedding, an IndexError deep inside the forward (on CUDA a device assert)."""
+    with pytest.raises(ValueError, match="sequence 0: token id -1(00)? is negative"):
+        mean_token_kl_of_ids(model, model, [sequence])
+
+
 def test_text_pairs_count_a_token_merged_across_the_boundary_as_answer():
     """A byte-level BPE merges the prompt's last character with the answer's first: that token is scored
     (as unlearning's answer spans count it), and the tokens are those of prompt + answer tokenized together."""
