@@ -18,6 +18,7 @@ from fastalign.unlearn.encoding import tokenize_texts
 from fastalign.eval_mode import eval_mode
 from fastalign.model_devices import input_device
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
+from fastalign.ops.checks import check_count
 
 from .judges import Judge, Pair, check_verdicts
 
@@ -75,20 +76,20 @@ def check_same_vocabulary(model, reference) -> int | None:
 @torch.no_grad()
 def mean_token_kl_of_ids(model, reference, sequences: Sequence[TokenPair], batch_size: int = 16) -> float:
     """Mean over the answer tokens of all sequences of KL(reference || model) of the next-token distributions,
-    each sequence a (prompt ids, answer ids) pair scored exactly as given: every answer token, an end token
-    included, predicted from the prompt and the answer before it. Both models must share the vocabulary.
+    each sequence a (prompt ids, answer ids) pair (lists, 1-D tensors or arrays of ids) scored exactly as given:
+    every answer token, an end token included, predicted from the prompt and the answer before it. Both models must
+    share the vocabulary.
     Both run in eval mode (dropout off; each module's mode is given back after), whatever mode they are in:
     a policy just trained is left in train mode, and its dropout would add to the KL. The two may live on different
     devices (the reference on a GPU of its own): each reads the ids on its own, the KL is summed on the model's."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    check_count("batch_size", batch_size, 1)
     vocab = check_same_vocabulary(model, reference)
     for i, (prompt_ids, answer_ids) in enumerate(sequences):
-        if answer_ids and not prompt_ids:
+        if len(answer_ids) and not len(prompt_ids):
             raise ValueError(f"sequence {i} has answer ids but no prompt ids: its first answer token would have "
                              "nothing to predict it from")
         check_embedded(list(prompt_ids) + list(answer_ids), vocab, f"sequence {i}")
-    sequences = [(p, a) for p, a in sequences if a]   # a sequence without answer ids adds nothing
+    sequences = [(p, a) for p, a in sequences if len(a)]   # a sequence without answer ids adds nothing
     total, count = 0.0, 0
     device, ref_device = input_device(model), input_device(reference)
     for start in range(0, len(sequences), batch_size):

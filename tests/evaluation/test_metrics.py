@@ -157,7 +157,8 @@ def test_mean_token_kl_of_ids_matches_the_slow_reference(tokenizer, model):
 
 @pytest.mark.parametrize("sequences, batch_size, message", [
     ([((), (5, 6))], 16, "sequence 0 has answer ids but no prompt ids"),
-    ([((5,), (6,))], 0, "batch_size must be >= 1, got 0"),
+    ([((5,), (6,))], 0, "batch_size must be an integer >= 1, got 0"),
+    ([((5,), (6,))], True, "batch_size must be an integer >= 1, got True"),
     ([((5,), ()), ((), ())], 16, "no answer tokens"),
 ])
 def test_mean_token_kl_of_ids_refuses_bad_input(model, sequences, batch_size, message):
@@ -176,6 +177,17 @@ def test_models_of_two_vocabularies_and_ids_past_them_are_refused_by_name(model,
         evaluate_utility(padded, model, tokenizer, ["What is the"], GenerationConfig(max_new_tokens=3))
     with pytest.raises(ValueError, match=f"sequence 1: token id {len(tokenizer) + 3} is past the model's"):
         mean_token_kl_of_ids(model, model, [((1, 5), (6,)), ((1, 5), (len(tokenizer) + 3,))])
+
+
+@pytest.mark.parametrize("kind", [torch.tensor, np.array])
+def test_mean_token_kl_of_ids_takes_ids_as_1d_tensors_or_arrays_and_a_numpy_batch_size(model, tokenizer, kind):
+    """Ids as a tokenizer with return_tensors gives them failed on `if answer_ids` ("truth value ... ambiguous"),
+    and batch_size=np.int64(2) was refused as "must be >= 1, got 2" (while True was taken)."""
+    other = tiny_llama(tokenizer, seed=2)
+    sequences = [((1, 5, 6), (7, 8)), ((1, 9), (10, 11, 12))]
+    expected = mean_token_kl_of_ids(other, model, sequences, batch_size=2)
+    got = mean_token_kl_of_ids(other, model, [(kind(p), kind(a)) for p, a in sequences], batch_size=np.int64(2))
+    assert got == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("sequence", [((1, 5, 6), (7, -100)), ((1, -1, 6), (7, 8))])
