@@ -28,6 +28,7 @@ import torch
 from fastalign.compute_dtype import compute_dtype
 from fastalign.eval_mode import eval_mode
 from fastalign.model_vocabulary import input_vocabulary
+from fastalign.ops.checks import is_integer
 from fastalign.transfers import index_on
 from fastalign.unlearn.batching import TokenBatch
 from fastalign.unlearn.compute import ModelShape
@@ -83,8 +84,9 @@ class PackedRows:
 
 
 def pack_rows(input_ids: torch.Tensor, lengths: Sequence[int], capacity: int) -> PackedRows:
-    """Packs the first lengths[b] tokens of each row b of input_ids [B, T] into packed rows of at most `capacity`
-    positions (see `SortedRows.place`)."""
+    """Packs the first lengths[b] tokens of each row b of input_ids [B, T] (integer token ids; lengths: B integers in
+    [0, T], a row of length 0 packed as nothing) into packed rows of at most `capacity` positions (see
+    `SortedRows.place`)."""
     rows = SortedRows(input_ids, lengths)
     return rows.layout(rows.place(capacity))
 
@@ -96,6 +98,14 @@ class SortedRows:
     that prefix: its positions follow from the lengths alone, without building the tree."""
 
     def __init__(self, input_ids: torch.Tensor, lengths: Sequence[int]):
+        dtype = input_ids.dtype
+        if input_ids.dim() != 2 or dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+            raise TypeError(f"input_ids must be a [B, T] tensor of integer token ids, got shape "
+                            f"{tuple(input_ids.shape)} of {dtype}")
+        rows, width = input_ids.shape
+        if len(lengths) != rows or not all(is_integer(n) and 0 <= n <= width for n in lengths):
+            raise ValueError(f"lengths must hold one integer in [0, {width}] per row of input_ids [{rows}, {width}] "
+                             f"(its tokens), got {list(lengths)}")
         self.batch_shape = tuple(input_ids.shape)
         self.tokens = [input_ids[b, :n].numpy() for b, n in enumerate(lengths)]
         self.lengths = [int(n) for n in lengths]
@@ -151,7 +161,8 @@ class SortedRows:
             size += n - shared
             total += n - shared
             # a position's subtree ends after the last position of the rows through it (each row's is its deepest)
-            np.maximum.at(ends[p], path, path[-1] + 1)
+            if n:   # (a row of no tokens holds no position)
+                np.maximum.at(ends[p], path, path[-1] + 1)
             index[b, :n] = p * width + path
         return PackedRows(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(ends),
                           torch.from_numpy(index), total)

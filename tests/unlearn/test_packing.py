@@ -82,6 +82,30 @@ def test_a_row_longer_than_the_capacity_is_refused():
         pack_rows(ids, lengths, 3)
 
 
+def test_a_row_of_no_tokens_packs_as_nothing():
+    """A row of length 0 failed inside numpy (an IndexError on its empty path)."""
+    ids = torch.tensor([[1, 2, 3, 0], [1, 2, 4, 5], [7, 8, 0, 0]])
+    layout, without = pack_rows(ids, [3, 0, 2], 16), pack_rows(ids[[0, 2]], [3, 2], 16)
+    assert layout.index[1].tolist() == [-1] * 4 and layout.num_tokens == without.num_tokens == 5
+    torch.testing.assert_close(layout.input_ids, without.input_ids)
+
+
+@pytest.mark.parametrize("lengths", [[3, 5, 2], [3, 4], [3, 4, 2, 1], [3, -1, 2], [3, 4.0, 2]])
+def test_lengths_that_do_not_describe_input_ids_are_refused(lengths):
+    """A length past the row failed with numpy's "could not broadcast", and the rows past fewer lengths than rows
+    were silently dropped (their index all -1, as if padding)."""
+    ids = torch.tensor([[1, 2, 3, 0], [1, 2, 4, 5], [7, 8, 0, 0]])
+    with pytest.raises(ValueError, match=r"lengths must hold one integer in \[0, 4\] per row of input_ids \[3, 4\]"):
+        pack_rows(ids, lengths, 16)
+
+
+@pytest.mark.parametrize("ids", [torch.tensor([[1.5, 2.5]]), torch.tensor([[True, False]]), torch.tensor([1, 2])])
+def test_input_ids_that_are_no_rows_of_token_ids_are_refused(ids):
+    """Float ids were silently truncated to int64 ones."""
+    with pytest.raises(TypeError, match="input_ids must be a \\[B, T\\] tensor of integer token ids"):
+        pack_rows(ids, [2], 16)
+
+
 def test_a_tree_that_fills_the_capacity_exactly_packs_into_one_row():
     """Two rows sharing a prefix whose tree holds exactly `capacity` positions fit one packed row (an off-by-one in
     the fit would start a second one and compute the shared prefix twice)."""
