@@ -38,8 +38,13 @@ def check_backend(backend):
 
 
 def select_backend(op, backend, device):
-    """The launcher module of `op` for `backend` ("auto" = Triton on CUDA tensors, torch elsewhere)."""
+    """The launcher module of `op` for `backend` ("auto" = Triton on CUDA tensors, torch elsewhere); ValueError for
+    meta tensors, which hold no values to compute on (torch's errors named neither the op nor the device)."""
     check_backend(backend)
+    if device.type == "meta":
+        raise ValueError("fastalign's ops cannot run on tensors on the meta device (they hold no values): "
+                         "materialize them first (a model built under torch.device('meta'): to_empty, then load "
+                         "its weights)")
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     if backend == "torch":

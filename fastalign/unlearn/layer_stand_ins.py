@@ -31,8 +31,8 @@ from fastalign.runtime.rms_norms import KERNEL_DTYPES, rms_norm_eps
 class RecomputedProductMLP:
     """The forward of a dense gated MLP module (runtime.gated_mlps.gated_mlp_activation) while gradients are recorded:
     its down projection as gated_linear where it is a plain nn.Linear; otherwise (a LoRA layer, hooks, which read the
-    product) the down_proj module called on gated_activation's product. Without grad, and for a float64 or 1-D input
-    (the ops take [..., D] with a token dimension), the module's own forward."""
+    product) the down_proj module called on gated_activation's product. Without grad, and for a float64, 1-D (the ops
+    take [..., D] with a token dimension) or meta input (a model built to trace shapes), the module's own forward."""
 
     def __init__(self, module: torch.nn.Module, activation: str, backend: str):
         self.module, self.activation, self.backend = module, activation, backend
@@ -40,7 +40,7 @@ class RecomputedProductMLP:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         mlp = self.module
         down = mlp.down_proj
-        if not torch.is_grad_enabled() or x.dtype not in KERNEL_DTYPES or x.dim() < 2:
+        if not torch.is_grad_enabled() or x.dtype not in KERNEL_DTYPES or x.dim() < 2 or x.is_meta:
             return type(mlp).forward(mlp, x)
         if kernel_activation(mlp.act_fn) != self.activation:   # a hook put on it since (the trainer's context lasts)
             return type(mlp).forward(mlp, x)
@@ -57,8 +57,8 @@ class RecomputedProductMLP:
 class TrainingRMSNorm:
     """The forward of an RMSNorm module whose family applies its weight by `rule`, as fastalign.rms_norm while
     gradients are recorded; the module's own where the op would compute something else (a "rounded" norm of an input
-    in another dtype than its weight: the module's output takes the promoted dtype), for a float64 or 1-D input, and
-    without grad."""
+    in another dtype than its weight: the module's output takes the promoted dtype), for a float64, 1-D or meta input,
+    and without grad."""
 
     def __init__(self, module: torch.nn.Module, eps: float, rule: str, backend: str):
         self.module, self.eps, self.rule, self.backend = module, eps, rule, backend
@@ -66,7 +66,7 @@ class TrainingRMSNorm:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         norm, weight = self.module, self.module.weight
         if (not torch.is_grad_enabled() or x.dim() < 2 or x.shape[-1] != weight.shape[0] or x.device != weight.device
-                or x.dtype not in KERNEL_DTYPES or (self.rule == "rounded" and x.dtype != weight.dtype)):
+                or x.dtype not in KERNEL_DTYPES or (self.rule == "rounded" and x.dtype != weight.dtype) or x.is_meta):
             return type(norm).forward(norm, x)
         return rms_norm(x, weight, self.eps, rule=self.rule, backend=self.backend)
 

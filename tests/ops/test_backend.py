@@ -4,6 +4,7 @@ import sys
 import pytest
 import torch
 
+import fastalign
 from fastalign.ops.backend import select_backend
 
 
@@ -25,3 +26,19 @@ def test_a_triton_backend_that_cannot_be_imported_names_what_is_missing(missing,
     monkeypatch.setitem(sys.modules, missing, None)   # imported as None: an ImportError naming it
     with pytest.raises(ImportError, match=message):
         select_backend("linear_cross_entropy", "triton", torch.device("cuda"))
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "gated_linear", "gated_activation", "linear_cross_entropy",
+                                "linear_kl_div"])
+def test_meta_tensors_are_refused_naming_the_device(op):
+    """Tensors on the meta device (a model built to trace shapes) failed inside with torch's "unsupported scalarType"
+    (autocast on the meta device) or in a nonzero without a meta kernel, naming no argument nor the device."""
+    x, weight, target = torch.ones(3, 8, device="meta"), torch.ones(5, 8, device="meta"), torch.zeros(
+        3, dtype=torch.long, device="meta")
+    calls = {"rms_norm": lambda: fastalign.rms_norm(x, torch.ones(8, device="meta")),
+             "gated_linear": lambda: fastalign.gated_linear(x, x, weight),
+             "gated_activation": lambda: fastalign.gated_activation(x, x),
+             "linear_cross_entropy": lambda: fastalign.linear_cross_entropy(x, weight, target),
+             "linear_kl_div": lambda: fastalign.linear_kl_div(x, weight, x, weight)}
+    with pytest.raises(ValueError, match="fastalign's ops cannot run on tensors on the meta device"):
+        calls[op]()

@@ -269,6 +269,18 @@ def test_a_one_dimensional_input_runs_through_the_modules():
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
 
 
+def test_a_model_on_the_meta_device_runs_through_its_modules():
+    """A model built under torch.device("meta") to trace shapes: its modules run on meta tensors, the stand-ins failed
+    with torch's "unsupported scalarType" (autocast on the meta device)."""
+    with torch.device("meta"):
+        model = tiny_llama(VOCAB)
+    ids = torch.zeros(2, 5, dtype=torch.long, device="meta")
+    expected = model(input_ids=ids).logits
+    with fused_layers(model, "torch"):
+        got = model(input_ids=ids).logits
+    assert got.is_meta and got.shape == expected.shape and got.dtype == expected.dtype
+
+
 @pytest.mark.parametrize("where", ["down_proj", "act_fn"])
 @pytest.mark.parametrize("kind", ["register_full_backward_hook", "register_full_backward_pre_hook"])
 def test_a_backward_hook_on_a_module_the_mlp_folds_fires_inside_fused_layers(where, kind):
