@@ -113,10 +113,12 @@ def chunk_grid(out):
 def merge_splits(split_max, split_sumexp):
     """Merge per-split online-softmax partials [M, S] into (lse [M], rescale [M, S]).
 
-    lse = m + log(sum_s sumexp_s * exp(max_s - m)), m the largest of the split maxima; rescale = exp(max_s - m)
-    brings any other per-split sum that was taken relative to max_s onto the common reference m.
+    lse = m + log(sum_s sumexp_s * exp(max_s - m)), m the largest of the split maxima (0 where it is infinite, as in
+    online_logsumexp); rescale = exp(max_s - m) brings any other per-split sum that was taken relative to max_s onto
+    the common reference m.
     """
     row_max = split_max.max(dim=1, keepdim=True).values
+    row_max = torch.where(row_max.isinf(), 0.0, row_max)
     rescale = torch.exp(split_max - row_max)
     lse = row_max.squeeze(1) + torch.log((split_sumexp * rescale).sum(dim=1))
     return lse, rescale
@@ -215,11 +217,12 @@ def online_logsumexp(run_max, run_sumexp, z):
 
     m' = max(m, max_v z_v);  alpha = exp(m - m');  e_v = exp(z_v - m');  s' = s * alpha + sum_v e_v.
     Returns (m', s', alpha, e): alpha rescales any other running sum kept relative to m.
-    While a row has seen only -inf (m' = -inf, e.g. a split that starts with masked words) the exponents are
-    taken against 0, so that alpha and e are 0 and s stays 0 instead of exp(-inf + inf) = NaN.
+    Where m' is infinite the exponents are taken against 0 instead of exp(+-inf - +-inf) = NaN: while a row has seen
+    only -inf (e.g. a split that starts with masked words) alpha and e are 0 and s stays 0; once it has seen +inf
+    (an infinite hidden state or weight) s is +inf, so its logsumexp is +inf as torch.logsumexp gives.
     """
     new_max = tl.maximum(run_max, tl.max(z, axis=1))
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    shift = tl.where(tl.abs(new_max) == float("inf"), 0.0, new_max)
     alpha = tl.exp(run_max - shift)
     e = tl.exp(z - shift[:, None])
     return new_max, run_sumexp * alpha + tl.sum(e, axis=1), alpha, e

@@ -97,6 +97,23 @@ def test_bias_of_minus_inf_over_a_whole_vocabulary_split():
         assert_matches(got, want, 1e-4)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's matmul of inf
+@pytest.mark.parametrize("where", ["hidden", "weight"])
+def test_an_infinite_logit_gives_an_infinite_lse_as_torch_does(where):
+    """A hidden state or a weight holding +inf: torch.logsumexp of the logits (the torch backend's) is +inf where the
+    kernel gave NaN, its online logsumexp and the merge of the splits taking exp(inf - inf) against a max of +inf."""
+    vocab = 3 * tiles._SPLIT_ALIGN + 5
+    hidden, weight, _, target, _ = make_inputs(9, 24, vocab, torch.float32, with_bias=False)
+    if where == "hidden":
+        hidden[1, 0] = float("inf")
+    else:
+        weight[tiles._SPLIT_ALIGN + 3, 2] = float("inf")   # in the second split
+    expected = torch.logsumexp(hidden.double() @ weight.double().T, dim=1)
+    assert (expected == float("inf")).any() and expected.isfinite().any()
+    lse, _ = kernel.forward(hidden, weight, None, target)
+    torch.testing.assert_close(lse.double(), expected, rtol=1e-4, atol=0)
+
+
 def test_unrequested_grads_are_none_and_d_hidden_unchanged():
     hidden, weight, bias, target, grad_scale = make_inputs(9, 24, 131, torch.float32, with_bias=True)
     _, _, ref_dh, _, _ = float64_reference(hidden, weight, bias, target, grad_scale)

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+import fastalign
 from fastalign.kernels import linear_kl_div as kernel
 from fastalign.kernels import linear_softmax_tiles as tiles
 from fastalign.kernels.linear_kl_div import _expm1_series
@@ -142,6 +143,28 @@ def test_bias_of_minus_inf_over_a_whole_vocabulary_split(bias):
     grads = kernel.backward(*heads, lse, ref_lse_out, grad_scale, need_weight_grad=True, need_bias_grad=True)
     for got, want in zip(grads, (ref_dh, ref_dw, ref_db)):
         assert_matches(got, want, 1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's matmul of inf
+@pytest.mark.parametrize("where", ["hidden", "ref_weight"])
+def test_an_infinite_logit_gives_infinite_logsumexps_as_torch_does(where):
+    """A hidden state or weight holding +inf: both logsumexps are +inf where torch.logsumexp gives it (the shared
+    online logsumexp took exp(inf - inf) = NaN), and the KL the torch backend's (NaN where P's or Q's is inf)."""
+    vocab = 3 * tiles._SPLIT_ALIGN + 5
+    hidden, weight, _, ref_hidden, ref_weight, _, _ = make_inputs(9, 24, vocab, torch.float32, None, False)
+    if where == "hidden":
+        hidden[1, 0] = float("inf")
+    else:
+        ref_weight[tiles._SPLIT_ALIGN + 3, 2] = float("inf")   # in the second split
+    logits, ref_logits = hidden.double() @ weight.double().T, ref_hidden.double() @ ref_weight.double().T
+    expected = [torch.logsumexp(z, dim=1) for z in (logits, ref_logits)]
+    assert any((e == float("inf")).any() for e in expected)
+    expected_kl = fastalign.linear_kl_div(*(t.cpu() for t in (hidden, weight, ref_hidden, ref_weight)),
+                                          reduction="none", backend="torch")
+    kl, lse, ref_lse = kernel.forward(hidden, weight, None, ref_hidden, ref_weight, None)
+    torch.testing.assert_close(kl.cpu(), expected_kl, rtol=1e-4, atol=1e-6, equal_nan=True)
+    for got, want in zip((lse, ref_lse), expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("shared_weight, bias", [(False, None), (True, None), (False, "own"), (True, "shared")])
