@@ -95,12 +95,14 @@ def active_matmul_params(model, config) -> int:
 
 
 def decoder_matmul_weights(model) -> list[torch.nn.Parameter]:
-    """The decoder's matmul weights, the P_dec of the estimate (input embeddings, a lookup, and vectors such
-    as norms left out). Whether all of them train decides the backward's cost; the input embeddings do not,
-    so a tied lm_head frozen with them (reference='cached') still costs a full backward."""
+    """The decoder's matmul weights, the P_dec of the estimate (lookup tables left out: the input embeddings, and
+    any other embedding such as GPT-2's learned positions or Gemma 4's per-layer inputs; vectors such as norms too).
+    Whether all of them train decides the backward's cost; the input embeddings do not, so a tied lm_head frozen
+    with them (reference='cached') still costs a full backward."""
     decoder, _ = causal_lm_parts(model)
     embedding = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else None
-    skip = {id(p) for p in embedding.parameters()} if embedding is not None else set()
+    lookups = [m for m in decoder.modules() if isinstance(m, torch.nn.Embedding)]
+    skip = {id(p) for lookup in lookups + ([embedding] if embedding is not None else []) for p in lookup.parameters()}
     return [p for p in decoder.parameters() if id(p) not in skip and p.dim() >= 2]
 
 

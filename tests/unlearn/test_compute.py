@@ -176,6 +176,31 @@ def test_only_a_module_named_experts_counts_at_the_routed_share():
     assert ModelShape.of(model).decoder_params == 2 * (ATTENTION + 8 * 32 + 2 * EXPERT + 3 * 32 * 32)
 
 
+def _model_and_lookup_tables(family):
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=128, n_embd=32, n_layer=2, n_head=4))
+        return model, [model.transformer.wte, model.transformer.wpe]
+    if family == "opt":
+        model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                         num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=128))
+        return model, [model.model.decoder.embed_tokens, model.model.decoder.embed_positions]
+    from tests.runtime.tiny_models import tiny_model
+    model = tiny_model("gemma4-wide-full-layers-shared-kv")
+    return model, [model.model.embed_tokens, model.model.embed_tokens_per_layer]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "gemma4"])
+def test_lookup_tables_are_not_counted_as_matmul_weights(family):
+    """P_dec counted every 2-D weight but the input embeddings: GPT-2's and OPT's position tables, and Gemma 4's
+    per-layer input embeddings ([vocab, layers x 256], about as many entries as its matmul weights at real sizes:
+    its FLOPs came out ~2x), are lookups too."""
+    model, lookups = _model_and_lookup_tables(family)
+    skip = {id(table.weight) for table in lookups}
+    matmul = sum(p.numel() for p in model.base_model.parameters() if p.dim() >= 2 and id(p) not in skip)
+    assert ModelShape.of(model).decoder_params == matmul
+
+
 def test_totals_add_up_field_by_field():
     """A run's totals are the sums of its steps' (and of the cache's), every field of them."""
     fields = ("tokens", "padded_slots", "answer_tokens", "reference_tokens", "flops", "device_seconds")
