@@ -176,6 +176,22 @@ def _check_launch(accelerator, precision: str) -> None:
                          "(--precision) to the one the accelerator computes in")
 
 
+def _new_accelerator(precision: str):
+    """An Accelerator computing in `precision`'s mixed precision. accelerate keeps one state per process, which the
+    first Accelerator sets and later ones may not change: in a process of its own (no launcher), a trainer of another
+    precision than an earlier one's (a sweep in a notebook) resets it, where accelerate refused (train() then refuses
+    the earlier trainers, whose accelerators share the state)."""
+    accelerate = _require("accelerate")
+    mixed = _MIXED_PRECISION[precision]
+    try:
+        return accelerate.Accelerator(mixed_precision=mixed)
+    except ValueError:   # "AcceleratorState has already been initialized and cannot be changed"
+        if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+            raise
+        accelerate.state.AcceleratorState._reset_state()
+        return accelerate.Accelerator(mixed_precision=mixed)
+
+
 def _check_not_dispatched(model, device) -> None:
     """Raises where accelerate's hooks (a device_map over several devices) would move a module's inputs off the
     accelerator's `device`: the trainer moves every weight there (model.to), and the hooks would go on moving the
@@ -295,8 +311,7 @@ class UnlearningTrainer:
                 raise ValueError(f"model parameter {name} holds NaN or infinite values")
         self.config, self.streams, self.tokenizer, self.step_callback = config, streams, tokenizer, step_callback
         torch.manual_seed(config.seed)  # LoRA initialisation draws from it
-        self.accelerator = accelerator or _require("accelerate").Accelerator(
-            mixed_precision=_MIXED_PRECISION[config.precision])
+        self.accelerator = accelerator or _new_accelerator(config.precision)
         _check_launch(self.accelerator, config.precision)
         _check_not_dispatched(model, self.accelerator.device)
         _warn_if_moved({p.device for p in model.parameters()}, self.accelerator.device)
@@ -390,6 +405,11 @@ class UnlearningTrainer:
             raise RuntimeError("under FSDP a trainer trains once: its first train() sharded the model in place, which "
                                "cannot be prepared again; resume with a new UnlearningTrainer over the model loaded "
                                "again (config.resume=True, --resume)")
+        if acc.mixed_precision != _MIXED_PRECISION[config.precision]:
+            raise RuntimeError(f"this trainer's accelerator now computes in mixed_precision={acc.mixed_precision!r}, "
+                               f"not {_MIXED_PRECISION[config.precision]!r} as precision={config.precision!r} needs: "
+                               "a trainer of another precision constructed since in this process reset accelerate's "
+                               "state, which is the process's; construct this trainer again")
         out = config.output_dir
         resume_from = resume_point(config)
         if acc.is_main_process:

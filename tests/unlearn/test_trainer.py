@@ -727,6 +727,16 @@ def test_run_json_records_how_the_streams_drew_the_batches(tmp_path):
     assert draws == summary.draws == streams.draw_settings() and (draws["batch_size"], draws["seed"]) == (3, 7)
 
 
+def test_trainers_of_two_precisions_run_one_after_the_other_in_one_process(tmp_path):
+    """accelerate's process-wide state refused a bf16-mixed trainer after an fp32 one (a sweep in a notebook); the
+    earlier trainer, whose accelerator shares that state, is refused by name if trained again, not run in bf16."""
+    fp32, _ = run(tmp_path, "fp32", max_steps=1, grad_accum=1)
+    mixed, summary = run(tmp_path, "mixed", max_steps=1, grad_accum=1, precision="bf16-mixed")
+    assert summary.steps == 1 and mixed.accelerator.mixed_precision == "bf16"
+    with pytest.raises(RuntimeError, match="construct this trainer again"):
+        fp32.train()
+
+
 def test_a_finished_run_lets_its_model_go(tmp_path):
     """A sweep of runs in one process (a learning rate search) frees each run's model when the caller drops it. The
     state-dict helpers of torch.distributed.checkpoint (torch 2.13) that checkpointing calls leave a reference cycle
