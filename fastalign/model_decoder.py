@@ -17,6 +17,14 @@ def decoder_of(model) -> torch.nn.Module:
                     "get_decoder(), .model and .base_model is a module of its own whose forward takes input_ids)")
 
 
+def prompt_learning_adapter(model) -> str | None:
+    """The config type of `model`'s active PEFT adapter (PromptTuningConfig, PrefixTuningConfig, ...) where it is a
+    prompt-learning one, else None: its virtual tokens (or their K/V) come before every sequence in the PEFT model's
+    forward alone, so a decoder run on the inputs does not see them."""
+    config = getattr(model, "active_peft_config", None)
+    return type(config).__name__ if config is not None and getattr(config, "is_prompt_learning", True) else None
+
+
 def forward_parameters(module) -> dict:
     """The parameters of module.forward by name ({} where its signature cannot be read)."""
     try:

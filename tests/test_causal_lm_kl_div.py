@@ -204,3 +204,13 @@ def test_bf16_on_the_gpu_gives_the_logits_kl_to_bf16_rounding():
     torch.testing.assert_close(fused.double(), expected, rtol=3e-2, atol=1e-4)
     for mine, theirs in zip(grads_of(model, fused), grads_of(model, expected)):
         assert (mine.float() - theirs.float()).norm() <= 5e-2 * theirs.float().norm()
+
+
+def test_a_prompt_learning_adapter_is_refused_by_name():
+    """reference='adapter' of a PEFT prompt-tuning model: both decoders ran on the inputs alone, without the virtual
+    tokens that PEFT's forward puts before them, the adapter on and off alike: a KL of exactly 0. Refused by name."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(VOCAB), peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                           num_virtual_tokens=3))
+    with pytest.raises(NotImplementedError, match=r"its PEFT adapter \(PromptTuningConfig\) is a prompt-learning"):
+        CausalLMKLDiv(model, "adapter")

@@ -225,6 +225,21 @@ def test_a_lora_model_trains_its_adapters_on_its_own_loss():
     assert_same_loss_and_gradients(model, fused, model(**inputs).loss)
 
 
+@pytest.mark.parametrize("adapter", ["PromptTuningConfig", "PrefixTuningConfig"])
+def test_a_prompt_learning_adapter_is_refused_by_name_and_the_fused_forward_serves_it(adapter):
+    """A PEFT prompt-learning adapter puts its virtual tokens (or their K/V) before the inputs in PEFT's forward alone:
+    CausalLMLoss ran the decoder on the inputs, the loss of the model without its prompt, which got no gradient.
+    Refused by name; fuse_causal_lm_loss fuses the base model's forward, which PEFT calls with the prompt."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(VOCAB), getattr(peft, adapter)(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with pytest.raises(NotImplementedError, match=rf"its PEFT adapter \({adapter}\) is a prompt-learning adapter"):
+        CausalLMLoss(model)
+    inputs = batch(seed=4)
+    expected = model(**inputs).loss
+    fuse_causal_lm_loss(model, backend="torch")
+    assert_same_loss_and_gradients(model, model(**inputs).loss, expected)
+
+
 def test_trainable_tokens_on_a_tied_lm_head_are_refused():
     """PEFT's trainable tokens on tied embeddings wrap the lm_head too, adding the trained rows in its forward, which
     the fused loss does not run: refused by name (it failed on the wrapper's missing bias)."""

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fastalign._C import PoolExhaustedError
+from fastalign.model_decoder import prompt_learning_adapter
 from fastalign.model_devices import model_device
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.one_call import one_call_at_a_time
@@ -49,13 +50,12 @@ def _adapters_in_layers(model):
     path runs them as it runs the layers), so that such a model gets the paged path; else `model` itself. A
     prompt-learning adapter is refused: its virtual tokens (or their K/V) come before every sequence in the wrapper's
     forward alone, which neither path runs with the cache of a span."""
-    config = getattr(model, "active_peft_config", None)
-    if config is None:
+    if getattr(model, "active_peft_config", None) is None:
         return model
-    if getattr(config, "is_prompt_learning", True):
-        raise ValueError(f"model: its PEFT adapter ({type(config).__name__}) is a "
-                         "prompt-learning adapter, whose virtual tokens a TreeRunner cannot cache; use an adapter in "
-                         "the layers (LoRA and its kin)")
+    adapter = prompt_learning_adapter(model)
+    if adapter is not None:
+        raise ValueError(f"model: its PEFT adapter ({adapter}) is a prompt-learning adapter, whose virtual tokens a "
+                         "TreeRunner cannot cache; use an adapter in the layers (LoRA and its kin)")
     return model.get_base_model()
 
 

@@ -4,7 +4,8 @@ The losses take the decoder's final hidden states (after its last norm) and the 
 instead of logits, so the model is split into its decoder (model_decoder.decoder_of) and its output embedding
 (`get_output_embeddings()`). PEFT wrappers are looked through: their LoRA layers live inside the
 decoder's modules, so calling the decoder runs them. An adapter on the lm_head itself is refused, since
-reading its weight would leave the adapter out, and so is one on input embeddings tied to the lm_head.
+reading its weight would leave the adapter out, and so is one on input embeddings tied to the lm_head, and a
+prompt-learning adapter, whose virtual tokens only the PEFT model's forward adds.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 
 from fastalign.eval_mode import eval_mode
 from fastalign.model_context import config_positions, text_config
-from fastalign.model_decoder import decoder_of, forward_parameters
+from fastalign.model_decoder import decoder_of, forward_parameters, prompt_learning_adapter
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.ops.checks import is_real
 from fastalign.transfers import index_on
@@ -111,6 +112,12 @@ def enable_activation_checkpointing(model):
 
 def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(decoder, lm_head) of a causal LM; a clear error for models the fused losses cannot serve."""
+    adapter = prompt_learning_adapter(model)
+    if adapter is not None:
+        raise NotImplementedError(f"{type(model).__name__}: its PEFT adapter ({adapter}) is a prompt-learning adapter, "
+                                  "whose virtual tokens PEFT's forward puts before the inputs; the fused losses run "
+                                  "the decoder on the inputs alone: for the loss on labels, fuse_causal_lm_loss(model) "
+                                  "fuses the base model's forward, which PEFT calls with them")
     base = base_causal_lm(model)
     if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
         raise TypeError(f"{type(base).__name__} is an encoder-decoder model; the fused losses take a decoder-only "
