@@ -210,7 +210,9 @@ def check_fused_logits(model, probe_tokens: int = 4) -> None:
     This probe catches the transforms no known config name reveals: a multiplier under a name of its own, hidden
     states rescaled or normed between the decoder and the lm_head, an lm_head whose forward is more than its weight.
     It compares one short forward of the model (eval mode, its own dtype) with the same computation done the fused
-    losses' way, up to a few roundings of that dtype; the two are the same operations when nothing is missed."""
+    losses' way, up to a few roundings of that dtype; the two are the same operations when nothing is missed. A
+    forward that accelerate's prepare wrapped in mixed precision's autocast (a Trainer's with bf16=True) is compared
+    unwrapped (accelerate keeps it as _original_forward): the wrapper's logits are bf16's, not that dtype's."""
     decoder, lm_head = causal_lm_parts(model)
     base, weight, softcap = base_causal_lm(model), lm_head.weight, logit_softcap(model)
     multiplier = logit_multiplier(model)
@@ -221,7 +223,8 @@ def check_fused_logits(model, probe_tokens: int = 4) -> None:
     ids = torch.linspace(0, vocab - 1, probe_tokens, device=weight.device).long()[None]
     mask = torch.ones_like(ids)
     with torch.no_grad(), eval_mode(base):
-        logits = base(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        forward = vars(base).get("_original_forward", base)
+        logits = forward(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         if hidden.shape[-1] != weight.shape[-1] or not weight.is_floating_point():  # e.g. a quantized lm_head
             fused = None
