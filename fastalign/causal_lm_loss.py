@@ -99,9 +99,11 @@ def check_loss_is_causal_lm_cross_entropy(model: torch.nn.Module, computed_by: s
 
 def hidden_and_targets(decoder: torch.nn.Module, labels: torch.Tensor | None, shift_labels: torch.Tensor | None,
                        inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """predicting_positions of the final hidden states of `inputs` (run without a KV cache) from `decoder`, the
-    module the lm_head reads (unlearn.models.head_input_module)."""
-    return predicting_positions(decoder(**{**inputs, "use_cache": False}).last_hidden_state, labels, shift_labels)
+    """predicting_positions of the final hidden states of `inputs` (run without a KV cache, its outputs as a dict
+    whatever return_dict the inputs carry) from `decoder`, the module the lm_head reads
+    (unlearn.models.head_input_module)."""
+    outputs = decoder(**{**inputs, "use_cache": False, "return_dict": True})
+    return predicting_positions(outputs.last_hidden_state, labels, shift_labels)
 
 
 def predicting_positions(hidden: torch.Tensor, labels: torch.Tensor | None,

@@ -309,6 +309,18 @@ def test_a_use_cache_input_does_not_clash_with_the_training_forward():
     torch.testing.assert_close(fused, model(**inputs).loss)
 
 
+def test_a_return_dict_input_gives_the_same_loss():
+    """A batch built for code that calls model(**batch, return_dict=False) (the loss first in a tuple): the decoder
+    returned a tuple too, and the loss and the KL crashed on its missing last_hidden_state. return_dict says how the
+    model's outputs are packed, not what the loss is."""
+    model = tiny_llama(VOCAB)
+    inputs = batch(seed=6)
+    torch.testing.assert_close(CausalLMLoss(model, backend="torch")(**inputs, return_dict=False),
+                               model(**inputs, return_dict=False)[0])
+    kl = CausalLMKLDiv(model, tiny_llama(VOCAB), backend="torch")(**inputs, return_dict=False)
+    torch.testing.assert_close(kl, torch.zeros(()), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("labels, shift_labels, message", [
     (None, None, "exactly one of labels .* and shift_labels .* needed, got neither"),
     ("ids", "ids", "got both"),
