@@ -240,6 +240,15 @@ def test_a_prompt_learning_adapter_is_refused_by_name_and_the_fused_forward_serv
     assert_same_loss_and_gradients(model, model(**inputs).loss, expected)
 
 
+def test_a_compiled_model_gets_its_own_loss():
+    """torch.compile(model): CausalLMLoss refused it as a model that "computes its loss itself" (it read the source of
+    the compiled wrapper's forward), while CausalLMKLDiv took it. The model under the wrapper is the one read."""
+    model = tiny_llama(VOCAB)
+    inputs = batch(seed=5)
+    fused = CausalLMLoss(torch.compile(model, backend="eager"), backend="torch")(**inputs)
+    assert_same_loss_and_gradients(model, fused, model(**inputs).loss)
+
+
 def test_trainable_tokens_on_a_tied_lm_head_are_refused():
     """PEFT's trainable tokens on tied embeddings wrap the lm_head too, adding the trained rows in its forward, which
     the fused loss does not run: refused by name (it failed on the wrapper's missing bias)."""

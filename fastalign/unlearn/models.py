@@ -80,7 +80,9 @@ def check_no_router_loss(model, computed_by: str) -> None:
 
 
 def base_causal_lm(model):
-    """The transformers model under a PEFT wrapper (or the model itself)."""
+    """The transformers model under torch.compile's wrapper (its _orig_mod, whose forward's source is the model's) and
+    a PEFT wrapper, or the model itself."""
+    model = getattr(model, "_orig_mod", model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
