@@ -382,6 +382,16 @@ def test_a_model_prepared_for_bf16_mixed_precision_is_served_and_other_logits_st
         AcceleratorState._reset_state(True)   # (its mixed precision is process-wide)
 
 
+def test_an_lm_head_that_is_no_linear_is_refused_as_documented():
+    """An lm_head replaced by an nn.Sequential (a projection, then the vocabulary head) raised TypeError "has no
+    lm_head ...; unlearning needs a causal LM": it has one, and this is no unlearning. The README says such a model
+    raises NotImplementedError, naming the head's type."""
+    model = tiny_llama(VOCAB)
+    model.lm_head = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, VOCAB))
+    with pytest.raises(NotImplementedError, match="LlamaForCausalLM: its lm_head .* is a Sequential without a weight"):
+        CausalLMLoss(model)
+
+
 WRAPPERS = ["ddp", "fsdp2", "fsdp2_head_unit", "ddp_kl", "fsdp2_kl", "ddp_fused_forward", "fsdp2_fused_forward"]
 
 

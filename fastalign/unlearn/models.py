@@ -126,9 +126,13 @@ def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
                         "causal LM (such as LlamaForCausalLM), whose decoder reads the whole sequence")
     get_head = getattr(base, "get_output_embeddings", None)
     lm_head = get_head() if get_head is not None else None
-    if lm_head is None or not isinstance(getattr(lm_head, "weight", None), torch.Tensor):
-        raise TypeError(f"{type(base).__name__} has no lm_head (get_output_embeddings() gives "
-                        f"{type(lm_head).__name__}); unlearning needs a causal LM such as LlamaForCausalLM")
+    if lm_head is None:
+        raise TypeError(f"{type(base).__name__} has no lm_head (get_output_embeddings() gives None); the fused losses "
+                        "take a causal LM such as LlamaForCausalLM")
+    if not isinstance(getattr(lm_head, "weight", None), torch.Tensor):
+        raise NotImplementedError(f"{type(base).__name__}: its lm_head (get_output_embeddings()) is a "
+                                  f"{type(lm_head).__name__} without a weight tensor, not a Linear whose weight the "
+                                  "fused losses apply to the final hidden states")
     if hasattr(lm_head, "base_layer"):  # a PEFT tuner layer (e.g. LoRA) wrapped around the lm_head
         raise ValueError(f"the lm_head carries a PEFT adapter ({type(lm_head).__module__}.{type(lm_head).__name__}); "
                          "the fused losses read lm_head.weight, so the adapter would neither act nor train: "
