@@ -59,6 +59,9 @@ from fastalign.unlearn.streams import UnlearningBatch, UnlearningStreams
 # output_dir is where the checkpoint was found, whatever it is called now (moved, or given another way).
 _RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_checkpoints", "progress", "log_every", "resume", "output_dir",
                       "optimizer_in_backward"}   # (the same updates either way)
+# Settings that name files: the same file spelled otherwise (relative or absolute, ./, a trailing /) resumes, as the
+# checkpoint's digests of the model files and the data tell whether the files themselves changed
+_PATH_SETTINGS = {"model", "forget", "normal", "mismatch_pool"}
 # accelerate's mixed_precision of each precision: the policy's forward runs under its autocast, the reference as the
 # precision says (_reference), so an accelerator given with another one would make P another model's
 _MIXED_PRECISION = {"fp32": "no", "bf16-mixed": "bf16", "bf16": "no"}
@@ -231,6 +234,17 @@ def _check_trainable_dtypes(model) -> None:
                              "and its second moments underflow, so the first step would make weights inf or NaN; "
                              "load the model in float32 (precision 'fp32' or 'bf16-mixed') or bfloat16 (precision "
                              "'bf16'), or train a LoRA adapter on the float16 model (lora=True: float32 weights)")
+
+
+def _same_setting(name: str, recorded, value) -> bool:
+    """Whether a resume's setting `name` is the interrupted run's `recorded` one: equal, or for a path setting the
+    same normalised absolute path(s)."""
+    if recorded == value or name not in _PATH_SETTINGS or recorded is None or value is None:
+        return recorded == value
+
+    def absolute(paths):
+        return [os.path.abspath(p) for p in paths] if isinstance(paths, list) else os.path.abspath(paths)
+    return absolute(recorded) == absolute(value)
 
 
 def _device_name(device: torch.device) -> str:
@@ -577,10 +591,12 @@ class UnlearningTrainer:
             raise ValueError(f"cannot resume {path}: it was written by {written_by} process(es), this run "
                              f"has {self.accelerator.num_processes}; the rows each process draws and the global batch "
                              "depend on it: resume with the number of processes it was written with")
-        changed = sorted(k for k, v in self.config.to_dict().items()
-                         if k not in _RESUMABLE_CHANGES and state["config"].get(k) != v)
+        settings, recorded = self.config.to_dict(), state["config"]
+        changed = sorted(k for k, v in settings.items()
+                         if k not in _RESUMABLE_CHANGES and not _same_setting(k, recorded.get(k), v))
         if changed:
-            raise ValueError(f"cannot resume {path}: setting(s) {changed} differ from the interrupted run")
+            values = "; ".join(f"{k} {recorded.get(k)!r} then, {settings[k]!r} now" for k in changed)
+            raise ValueError(f"cannot resume {path}: setting(s) {changed} differ from the interrupted run: {values}")
         if state.get("data", self._data_digest()) != self._data_digest():   # unrecorded before 2026-12-01
             raise ValueError(f"cannot resume {path}: the data differ from the interrupted run's (same settings, other "
                              "forget, normal or mismatch pool examples: a data file changed since, or a relative path "

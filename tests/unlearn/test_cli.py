@@ -655,3 +655,30 @@ def test_the_errors_a_run_raises_are_reported_without_a_traceback(workspace, cap
     code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
                  "--no-progress", *check])
     assert (code, capsys.readouterr().err) == (2, "fastalign unlearn: error: the reason\n")
+
+
+def test_resume_accepts_the_same_model_directory_spelled_otherwise(workspace, capsys, monkeypatch):
+    """The resume compared the path settings as written: a run started with `--model model` and resumed with the
+    absolute path or `./model/` (another working directory, a trailing slash), the very same files, was refused. A
+    path is compared as its absolute path (the checkpoint's digests tell whether the files changed); another file is
+    still refused, the message showing both values."""
+    monkeypatch.chdir(workspace)
+    out = workspace / "out"
+    command = ["unlearn", "--config", "run.yaml", "--output-dir", str(out), "--no-progress", "--max-steps", "2",
+               "--save-every", "1"]
+
+    def interrupt_at_step_2(record):
+        if record.step == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr("fastalign.unlearn.run.run_unlearning",
+                      functools.partial(run_unlearning, step_callback=interrupt_at_step_2))
+        assert main(command + ["--model", "model", "--forget", "pku.jsonl"]) == 128 + signal.SIGINT
+    (workspace / "copy.jsonl").write_bytes((workspace / "pku.jsonl").read_bytes())
+    assert main(command + ["--model", "model", "--forget", "copy.jsonl", "--resume"]) == 2
+    assert ("setting(s) ['forget'] differ from the interrupted run: forget ['pku.jsonl'] then, ['copy.jsonl'] now"
+            in capsys.readouterr().err)
+    code = main(command + ["--model", f"{workspace / 'model'}/", "--forget", "./pku.jsonl", "--resume"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "model" / "model.safetensors").is_file()
