@@ -240,12 +240,10 @@ def is_main_process() -> bool:
 
 
 def main(args: argparse.Namespace) -> int:
-    from fastalign.model_vocabulary import input_vocabulary
-    from fastalign.unlearn.models import check_fused_logits, max_positions
     from fastalign.unlearn.packing import RowPacker
     from fastalign.unlearn.records import DataError
     from fastalign.unlearn.run import load_model_and_tokenizer, load_streams, run_unlearning
-    from fastalign.unlearn.trainer import MissingExtraError, require_extras, resume_point
+    from fastalign.unlearn.trainer import MissingExtraError, UnlearningTrainer, require_extras, resume_point
 
     try:
         config = config_from_args(args)
@@ -257,9 +255,9 @@ def main(args: argparse.Namespace) -> int:
             resume_point(config)
             model, tokenizer = load_model_and_tokenizer(config)
             streams = load_streams(config, tokenizer)
-            check_fused_logits(model)
-            streams.check_context(max_positions(model))
-            streams.check_vocabulary(input_vocabulary(model))
+            # the run's own checks of the model, the data against it, the launch, the LoRA targets and the backend on
+            # the accelerator's device: the trainer makes them as it is built, and writes nothing before train()
+            UnlearningTrainer(model, streams, config, tokenizer=tokenizer)
             packer = RowPacker(model, config.packing)   # --packing on: an error for a model it is not exact for
             if is_main_process():
                 print(json.dumps({"model": type(model).__name__, "forget": len(streams.forget),

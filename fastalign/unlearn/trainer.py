@@ -37,6 +37,7 @@ from fastalign.model_devices import as_device, hook_devices
 from fastalign.model_files import model_files_digest
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.one_call import one_call_at_a_time
+from fastalign.ops.backend import select_backend
 from fastalign.unlearn.backward_step import step_in_backward
 from fastalign.unlearn.checkpoint import (atomic_directory, latest_checkpoint, read_checkpoint,
                                           remove_stale_temporaries, write_checkpoint, write_text_atomic)
@@ -327,6 +328,9 @@ class UnlearningTrainer:
         torch.manual_seed(config.seed)  # LoRA initialisation draws from it
         self.accelerator = accelerator or _new_accelerator(config.precision)
         _check_launch(self.accelerator, config.precision)
+        # the losses' backend on the accelerator's device (backend='triton' needs CUDA): refused now, not at the first
+        # step, once train() has written config.json
+        select_backend("linear_cross_entropy", config.backend, self.accelerator.device)
         _check_not_dispatched(model, self.accelerator.device)
         _warn_if_moved({p.device for p in model.parameters()}, self.accelerator.device)
         self.sharded = self.accelerator.distributed_type == "FSDP"  # accelerate's DistributedType is a str enum

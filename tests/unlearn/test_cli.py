@@ -18,6 +18,7 @@ from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn import models
 from fastalign.unlearn.cli import config_from_args
 from fastalign.unlearn.run import load_model_and_tokenizer, run_unlearning
+from tests.conftest import HAS_CUDA
 from tests.output_holder import holding, needs_fcntl
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, write_jsonl, write_truthfulqa
 
@@ -682,3 +683,27 @@ def test_resume_accepts_the_same_model_directory_spelled_otherwise(workspace, ca
     code = main(command + ["--model", f"{workspace / 'model'}/", "--forget", "./pku.jsonl", "--resume"])
     assert code == 0, capsys.readouterr().err
     assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_check_refuses_lora_targets_the_run_refuses(workspace, capsys):
+    """--check ("load and validate everything") passed --lora-targets naming no module of the model, which the run
+    refuses once the model has loaded: it now builds the run's trainer, whose LoRA wrap names them, as the run."""
+    base = ["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
+            "--no-progress", "--lora", "--lora-targets", "no_such_proj"]
+    for extra in (["--check"], ["--max-steps", "1"]):
+        assert main(base + extra) == 2
+        assert "error: lora_targets (--lora-targets) ['no_such_proj']: " in capsys.readouterr().err
+        assert not os.path.exists(workspace / "out")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the accelerator's device is CUDA, where backend='triton' runs")
+def test_check_and_the_run_refuse_the_triton_backend_on_the_cpu(workspace, capsys, monkeypatch):
+    """--backend triton on a CPU accelerator: --check passed it, and the run failed only at its first step, once it had
+    written out/config.json. Both refuse it before writing anything."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    base = ["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
+            "--no-progress", "--backend", "triton"]
+    for extra in (["--check"], ["--max-steps", "1"]):
+        assert main(base + extra) == 2
+        assert "error: backend='triton' needs CUDA tensors (got tensors on cpu)" in capsys.readouterr().err
+        assert not os.path.exists(workspace / "out")
