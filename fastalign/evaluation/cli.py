@@ -313,6 +313,9 @@ def _with_defaults(args):
                          f"{'a sampling option' if len(unsampled) == 1 else 'sampling options'}, and answers are "
                          "greedy without --sample: add --sample or drop them")
     if not args.answers:
+        if args.normal_field is not None and args.normal_prompts is None:
+            raise UsageError("--normal-field names the field of the --normal-prompts rows, and no --normal-prompts is "
+                             "given: add --normal-prompts or drop --normal-field")
         normal_by_field = args.normal_prompts is not None and args.normal_field is None   # --field names its field
         if not (normal_by_field and has_fields(args.normal_prompts)):
             check_field_used(args.field, "--field", args.prompts, "--prompts" if args.prompts else "--hh")

@@ -567,9 +567,12 @@ def test_eval_answers_refuses_the_options_of_generating_answers(rain_output, mod
     (["--normal-field", "Question", "--normal-prompts", "{text}", "--reference", "demo"],
      "--normal-field 'Question' names the prompts' field in a .jsonl, .jsonl.gz or .csv file, and --normal-prompts "
      "'{text}' is read line by line"),
+    (["--normal-field", "Question"], "--normal-field names the field of the --normal-prompts rows, and no "
+                                     "--normal-prompts is given: add --normal-prompts or drop --normal-field"),
 ])
 def test_options_a_run_would_ignore_are_usage_errors(model_dir, world, tmp_path, capsys, extra, message):
-    """Sampling options without --sample, and a field name for prompts read line by line, did nothing."""
+    """Sampling options without --sample, a field name for prompts read line by line, and --normal-field without
+    --normal-prompts did nothing."""
     text = tmp_path / "prompts.txt"
     text.write_text("".join(qa.question + "\n" for qa in world.harmful[:2]))
     extra = [str(text) if a == "{text}" else a for a in extra]
