@@ -494,8 +494,10 @@ class UnlearningTrainer:
         # cache), for as long as the caller keeps the trainer: free_memory lets them go, then runs a full collection.
         # torch.distributed.checkpoint's state-dict helpers (torch 2.13) leave a reference cycle holding every module
         # of the model, which the collection frees now, not whenever Python next runs one (device memory filling up
-        # never does), so that a caller dropping the model after the run gets its memory back
-        self.accelerator.free_memory()
+        # never does), so that a caller dropping the model after the run gets its memory back. The run has finished
+        # (model/ and run.json are written, and a --resume of it is refused): an interrupt now ends the clean-up only
+        with contextlib.suppress(KeyboardInterrupt):
+            self.accelerator.free_memory()
         return summary
 
     def _step(self, step, objective, decoder_trains, lm_head_trains):

@@ -707,3 +707,22 @@ def test_check_and_the_run_refuse_the_triton_backend_on_the_cpu(workspace, capsy
         assert main(base + extra) == 2
         assert "error: backend='triton' needs CUDA tensors (got tensors on cpu)" in capsys.readouterr().err
         assert not os.path.exists(workspace / "out")
+
+
+def test_an_interrupt_after_the_model_is_written_does_not_send_the_user_to_a_refused_resume(workspace, capsys,
+                                                                                          monkeypatch):
+    """A Ctrl-C once model/ and run.json were written (during the trainer's last clean-up, free_memory's collection,
+    which takes a while) exited 130 with "rerun the command with --resume", and that resume is refused: the output
+    directory holds a finished model. The interrupt ends the clean-up only: the command reports the finished run."""
+    from accelerate import Accelerator
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Accelerator, "free_memory", interrupted)
+    out = workspace / "out"
+    code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(out), "--max-steps", "2",
+                 "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["steps"] == 2
+    assert (out / "run.json").is_file() and (out / "model" / "model.safetensors").is_file()
