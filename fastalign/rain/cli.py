@@ -15,6 +15,7 @@ rank joins the process group, searches every WORLD_SIZE-th prompt on cuda:LOCAL_
 <output>.rank<RANK>; at the end rank 0 merges them into <output> and prints the combined summary.
 """
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -286,10 +287,8 @@ def _run(args) -> int:
         runner = _tree_runner(model, args) if args.engine == "tree" else None
         mine = placement.share(range(len(prompts)))   # skipped ones counted per share: other ranks write meanwhile
         todo = [i for i in mine if i not in done]
-        progress = _progress(len(todo), placement.rank)
-
         failed = []
-        with open_for_append(placement.output(args.output)) as out:
+        with _progress(len(todo), placement.rank) as progress, open_for_append(placement.output(args.output)) as out:
             def write(result):
                 index, vanilla, error = result.index, None, result.error
                 if not args.no_vanilla and error is None:
@@ -439,18 +438,22 @@ def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):
     return tokenizer, template
 
 
+@contextlib.contextmanager
 def _progress(total: int, rank: int):
+    """A context giving the function that counts a finished prompt on stderr: a tqdm bar, closed on leaving it (an
+    interrupt's message then starts on a line of its own), or a line per prompt without tqdm."""
     name = f"rain[{rank}]" if rank else "rain"
     try:
         from tqdm import tqdm
     except ImportError:
         tqdm = None
     if tqdm is not None:
-        bar = tqdm(total=total, desc=name, unit="prompt", position=rank)
-        return lambda result: bar.update(1)
+        with tqdm(total=total, desc=name, unit="prompt", position=rank) as bar:
+            yield lambda result: bar.update(1)
+        return
     count = [0]
 
     def tick(result):
         count[0] += 1
         print(f"{name}: {count[0]}/{total} prompts", file=sys.stderr)
-    return tick
+    yield tick

@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -1121,3 +1122,23 @@ def test_rain_missing_input_file_is_a_usage_error_naming_the_option(rain_setup, 
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"fastalign rain: error: {argument}: " in err and "nowhere.yaml" in err and not out.exists()
+
+
+
+def test_the_interrupt_message_starts_on_a_line_of_its_own_after_the_progress_bar(rain_setup, monkeypatch, capsys):
+    """The progress bar was never closed: a Ctrl-C after a prompt had finished wrote "fastalign rain: interrupted by
+    Ctrl-C" on the bar's unfinished line. Leaving the run, by an interrupt too, closes the bar and ends its line."""
+    pytest.importorskip("tqdm")
+    _, _, args = rain_setup
+    real = rain_package.rain_generate
+
+    def interrupted_after_the_first_prompt(*a, on_result, **kw):
+        def first_then_interrupt(result):
+            on_result(result)
+            raise KeyboardInterrupt
+        return real(*a, on_result=first_then_interrupt, **kw)
+
+    monkeypatch.setattr(rain_package, "rain_generate", interrupted_after_the_first_prompt)
+    assert main(args + ["--concurrency", "1"]) == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert "1/2" in err and "\nfastalign rain: interrupted by Ctrl-C" in err
