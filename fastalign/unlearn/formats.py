@@ -45,7 +45,9 @@ def load_pku_saferlhf(path: str | os.PathLike) -> list[QAPair]:
 def hh_line_break_hint(transcript: str) -> str:
     """What to add to the error of a transcript whose turns went unread: its carriage returns, where a file
     written on Windows (or re-encoded) breaks lines with "\\r\\n" and so holds no "\\n\\n" before a turn."""
-    return " (turns follow a blank line, '\\n\\n': this transcript breaks lines with '\\r')" if "\r" in transcript else ""
+    if "\r" not in transcript:
+        return ""
+    return " (turns follow a blank line, '\\n\\n': this transcript breaks lines with '\\r')"
 
 
 def hh_final_exchange(transcript: str) -> tuple[str, str]:
