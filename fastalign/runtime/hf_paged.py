@@ -131,7 +131,7 @@ class PagedHF:
         at = {layer: place for place, layer in enumerate(own)}
         self.pool_index = [at[i if self.reads_from[i] is None else self.reads_from[i]] for i in indices]
         self.windows = [layer.window for layer in self.layers]
-        _check_layer_types(getattr(text_config, "layer_types", None) or [], self.windows)
+        _check_layer_types(text_config, self.windows)
 
     def _routed_forward(self, ids, handler):
         """The model's forward of `ids` [1, n], its attention calls routed to `handler`."""
@@ -279,16 +279,25 @@ class _PoolLayers:
         return out[None, ..., :layer.v_dim], None
 
 
-def _check_layer_types(layer_types, windows):
+def _check_layer_types(config, windows):
     """The masks that the config's layer types give (transformers builds one per type) are those the pool computes:
     causal, or causal within the window the layer passed to attention. Llama 4's chunked layers, say, mask by their
-    type alone: attending to their whole context would be silently wrong past a chunk."""
+    type alone: attending to their whole context would be silently wrong past a chunk. A config that names no layer
+    types but a sliding_window masks every layer by that window (Mistral's and PhiMoE's decoders choose their mask by
+    it alone): each layer must pass it to attention too (PhiMoE's pass none)."""
+    layer_types = getattr(config, "layer_types", None) or []
     for index, (kind, window) in enumerate(zip(layer_types, windows)):
         if kind not in ("full_attention", "sliding_attention"):
             raise _Unfit(f"its layer {index} is of type {kind!r}, whose attention mask the paged attention does not "
                          "compute (it computes full_attention and sliding_attention)")
         if kind == "sliding_attention" and window is None:
             raise _Unfit(f"its layer {index} is a sliding_attention layer that passes no sliding_window to attention")
+    if not layer_types:   # read only here: a config whose layers have windows of their own refuses the global one
+        config_window = getattr(config, "sliding_window", None)
+        if config_window is not None and None in windows:
+            raise _Unfit(f"its config sets sliding_window={config_window!r}, but its layer {windows.index(None)} "
+                         "passes no sliding_window to attention (the window lies in its mask alone, which the paged "
+                         "attention does not compute)")
 
 
 def _structure_problem(model):

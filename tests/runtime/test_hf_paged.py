@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel, Llama4ForCausalLM, Llama4TextConfig
+from transformers import GPT2LMHeadModel, Llama4ForCausalLM, Llama4TextConfig, PhimoeConfig, PhimoeForCausalLM
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from fastalign import TreeRunner
@@ -201,6 +201,26 @@ def test_a_sliding_layer_that_passes_no_window_is_refused():
     model.config.layer_types = ["full_attention", "sliding_attention"]
     model.config.sliding_window = None   # Phi-3 passes config.sliding_window to attention
     assert "its layer 1 is a sliding_attention layer that passes no sliding_window to attention" in refusal(model)
+
+
+def test_a_config_window_that_the_attention_calls_do_not_pass_is_refused():
+    """PhiMoE's config names no layer types and a sliding_window that its decoder masks every layer by, but its
+    attention calls pass no window: on the pool it attended to its whole context, right up to the window's end (8
+    tokens, past the probe's six) and silently off Hugging Face's logits after it. Refused; the fallback matches
+    them."""
+    torch.manual_seed(0)
+    model = PhimoeForCausalLM(PhimoeConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1, sliding_window=8, bos_token_id=0,
+        eos_token_id=0, pad_token_id=0, attn_implementation="eager")).eval()
+    assert ("PhimoeForCausalLM cannot run on the paged pool: its config sets sliding_window=8, but its layer 0 passes "
+            "no sliding_window to attention" in refusal(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the fallback's warning
+        runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    (span,), logits = runner.extend([None], [[(7 * i + 3) % 101 for i in range(20)]], logits="all")
+    assert not runner.paged
+    torch.testing.assert_close(logits[0], reference(model, span)[0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["cohere-parallel-blocks", "gemma3-image-text"])
