@@ -273,6 +273,19 @@ def state_problem(model):
     return None
 
 
+def counted_positions_problem(model):
+    """What the model's config says of positions it counts itself, from its cache's length and its input's, rather
+    than taking them from position_ids, or None: read from the config, as no probe of a few tokens can see it. Llama
+    4's layers without RoPE scale their queries by a temperature of such a position (attn_temperature_tuning), which
+    changes every floor_scale (8192) tokens: on the pool it would count a token's place in a batch of rows, and in a
+    left-padded cache the padding."""
+    config = model.config.get_text_config(decoder=True)
+    if getattr(config, "attn_temperature_tuning", False) and 0 in (getattr(config, "no_rope_layers", None) or ()):
+        return ("its layers without RoPE (no_rope_layers) scale their queries by a temperature of positions it counts "
+                "from its cache and input (attn_temperature_tuning), not of the positions it is given")
+    return None
+
+
 def _unfit_cause(model, finding):
     """Why the fallback refuses `model`: its trait that explains a failed probe (`state_problem`, or a forward that
     takes no cache: RWKV's takes its own `state`), else what the probe found."""

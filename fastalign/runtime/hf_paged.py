@@ -28,7 +28,7 @@ from fastalign.model_vocabulary import input_vocabulary
 from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.attention_routing import routed
 from fastalign.runtime.forward_batch import ForwardBatch
-from fastalign.runtime.hf_cache import state_problem
+from fastalign.runtime.hf_cache import counted_positions_problem, state_problem
 from fastalign.runtime.kv_pool import KVPool
 from fastalign.runtime.llama import context_limit
 from fastalign.runtime.pool_attention import pool_attention
@@ -306,7 +306,7 @@ def _structure_problem(model):
         return "it is not a causal language model (can_generate() is not True)"
     if "position_ids" not in inspect.signature(model.forward).parameters:
         return "its forward takes no position_ids"
-    return state_problem(model)
+    return state_problem(model) or counted_positions_problem(model)
 
 
 def _decoder(model):

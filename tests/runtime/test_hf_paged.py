@@ -16,7 +16,7 @@ from fastalign import TreeRunner
 from fastalign.runtime import attention_routing, hf_paged, model_runners
 from fastalign.runtime.hf_paged import PagedHF, _Recorder, _Unfit
 from tests.conftest import TRITON_DEVICE, triton_cases
-from tests.runtime.tiny_models import grow_random_tree, reference, tiny_model
+from tests.runtime.tiny_models import drawn_weights, grow_random_tree, reference, tiny_model
 
 
 def refusal(model):
@@ -188,10 +188,32 @@ def test_a_layer_type_whose_mask_the_pool_does_not_compute_is_refused():
     model = Llama4ForCausalLM(Llama4TextConfig(
         vocab_size=101, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2, attention_chunk_size=8,
-        no_rope_layers=[1, 0], bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
+        no_rope_layers=[1, 0], attn_temperature_tuning=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
     assert model.config.layer_types == ["chunked_attention", "full_attention"]
     assert ("its layer 0 is of type 'chunked_attention', whose attention mask the paged attention does not compute"
             in refusal(model))
+
+
+def test_a_model_that_counts_positions_from_its_input_is_refused():
+    """Llama 4's layer without RoPE scales its queries by log1p(floor((position + 1) / floor_scale)), the position
+    counted from its cache's length and its input's, never from position_ids: on the pool, each token's place in the
+    batch. Past floor_scale (8 here; 8192 in Llama 4's checkpoints, far past any probe) its logits were ~0.3 off
+    Hugging Face's. Refused by its config; the fallback matches them. (Its layers are full, not chunked: transformers
+    5.17 needs a chunk size even then.)"""
+    torch.manual_seed(0)
+    model = drawn_weights(Llama4ForCausalLM(Llama4TextConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2, attention_chunk_size=64,
+        layer_types=["full_attention", "full_attention"], no_rope_layers=[1, 0], floor_scale=8, attn_scale=0.5,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0)))
+    assert ("Llama4ForCausalLM cannot run on the paged pool: its layers without RoPE (no_rope_layers) scale their "
+            "queries by a temperature of positions it counts from its cache and input" in refusal(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the fallback's warning
+        runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    (child,), logits = runner.extend([runner.prefill([(7 * i + 3) % 101 for i in range(12)])], [[5, 9]], logits="all")
+    assert not runner.paged
+    torch.testing.assert_close(logits[0], reference(model, child)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_a_sliding_layer_that_passes_no_window_is_refused():

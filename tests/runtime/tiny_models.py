@@ -203,11 +203,16 @@ def fill_with_nan(pool):
 
 
 def tiny_model(name, dtype=torch.float32, device="cpu", seed=0):
-    """A model of CONFIGS[name] with weights drawn so that logits are O(1) (the default initialisation
-    gives logits near 0, where any error looks small)."""
+    """A model of CONFIGS[name] with weights drawn so that logits are O(1) (drawn_weights)."""
     cls, make_config = CONFIGS[name]
     torch.manual_seed(seed)
-    model = cls(make_config()).eval()
+    return drawn_weights(cls(make_config())).to(device=device, dtype=dtype)
+
+
+def drawn_weights(model):
+    """`model` in eval mode, its weights drawn so that logits are O(1) (the default initialisation gives logits near
+    0, where any error looks small)."""
+    model.eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() >= 2:
@@ -216,7 +221,7 @@ def tiny_model(name, dtype=torch.float32, device="cpu", seed=0):
                 param.normal_(0.0, 0.2)
             else:  # norm weights
                 param.uniform_(0.5, 1.5)
-    return model.to(device=device, dtype=dtype)
+    return model
 
 
 @torch.no_grad()
