@@ -9,8 +9,9 @@ shape [batch, kv_heads, tokens, head_dim] and that keeps no other state between 
 biases PagedHF does not compute, ...; not RecurrentGemma); it costs one gather of the context per group of rows.
 Rows with as many new tokens run as one batch wherever they are in the call (row_groups.py), their contexts of
 different lengths (within one power of two, so that padding at most doubles a row's) left-padded in one cache and
-masked, each row at its own positions, where a probe finds the model's logits unchanged by that (else rows with
-contexts of one length): the leaves of many prompts' searches extended alike are a few forwards.
+masked, each row at its own positions, where a probe finds the model's logits unchanged by that and its config names
+no positions it counts itself (else rows with contexts of one length): the leaves of many prompts' searches extended
+alike are a few forwards.
 """
 import inspect
 
@@ -66,7 +67,9 @@ class HFCacheModel:
         self.max_context = context_limit(model.config)
         self.span_tree = None   # set by the TreeRunner: which rows of a call build on which
         self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
-        self.pads_context = self._pads_exactly()   # else rows with contexts of different lengths run apart
+        # else rows with contexts of different lengths run apart; a model that counts positions itself counts the
+        # padding too, where no probe of a few tokens sees it (Llama 4's temperature, which changes every 8192)
+        self.pads_context = counted_positions_problem(model) is None and self._pads_exactly()
 
     def forward(self, batch, pool, select, want_logits, want_hidden, logits_rows=None):
         """Writes the KV of every token of `batch` into `pool`; returns (logits, hidden) of the tokens

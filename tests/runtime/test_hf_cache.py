@@ -8,7 +8,8 @@ from transformers import BloomForCausalLM, Llama4ForCausalLM
 
 from fastalign import TreeRunner
 from fastalign.runtime.hf_cache import HFCacheModel
-from tests.runtime.tiny_models import CountedForward, assert_matches, fill_with_nan, tiny_model
+from tests.runtime.tiny_models import (CONFIGS, CountedForward, assert_matches, drawn_weights, fill_with_nan,
+                                      tiny_model)
 
 FALLBACKS = ["bloom-alibi-fallback", "mpt-alibi-fallback", "llama4-chunked-fallback"]
 
@@ -96,6 +97,26 @@ def test_a_model_whose_padding_shows_in_one_token_forwards_only_runs_rows_from_c
     calls = []
     runner.model_runner.model = CountedForward(model, calls)
     children, logits = runner.extend([short, long], [[1], [2]], logits="all")
+    assert calls == [(1, 1, 1), (1, 1, 1)]
+    assert_matches(model, children, logits)
+
+
+def test_a_model_that_counts_positions_itself_runs_rows_from_contexts_of_different_lengths_apart():
+    """Llama 4's layers without RoPE scale their queries by a temperature of positions counted from the cache's
+    length, padding included: past floor_scale (8 here, 8192 in its checkpoints, past any probe) a row of 9 tokens
+    padded to 15 was ~0.1 off its own forward's logits. Its config says so: rows of those contexts run apart."""
+    config = CONFIGS["llama4-chunked-fallback"][1]()
+    config.attn_temperature_tuning, config.floor_scale, config.attn_scale = True, 8, 0.5
+    torch.manual_seed(0)
+    model = drawn_weights(Llama4ForCausalLM(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the fallback's warning (test_hf_paged.py)
+        runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    assert type(runner.model_runner).__name__ == "HFCacheModel" and not runner.model_runner.pads_context
+    short, long = runner.prefill(list(range(2, 11))), runner.prefill(list(range(20, 35)))
+    calls = []
+    runner.model_runner.model = CountedForward(model, calls)
+    children, logits = runner.extend([short, long], [[5], [6]], logits="all")
     assert calls == [(1, 1, 1), (1, 1, 1)]
     assert_matches(model, children, logits)
 

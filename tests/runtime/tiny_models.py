@@ -41,8 +41,9 @@ _IDS_IN_VOCAB = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)  # OLMo's d
 # vocabulary projection named `decoder` after its layers) and Mllama's text model (get_decoder() of each names no
 # decoder), GPT-2's and OPT's learned positions. Then models
 # for the fallback, whose ALiBi biases are their own (their attention bypasses transformers' interface, or passes it a
-# bias), and Llama 4's chunked layers (masked by their layer type alone). Then models whose cache holds recurrent
-# state, each span's kept: the linear-attention hybrids Qwen3-Next and Qwen3.5, Mamba 2 (no attention layer), and
+# bias), and Llama 4's chunked layers (masked by their layer type alone; its temperature tuning, which keeps its rows
+# from padding, off). Then models whose cache holds recurrent state, each span's kept: the linear-attention hybrids
+# Qwen3-Next and Qwen3.5, Mamba 2 (no attention layer), and
 # Mamba and Jamba, whose mixers continue a state by one token only (a forward from a state steps token by token).
 # Last, one that runs by recomputing whole sequences: Reformer (it pads its input to a multiple of its chunk length,
 # and trims the logits back, not the hidden states).
@@ -134,7 +135,7 @@ CONFIGS = {
     "llama4-chunked-fallback": (Llama4ForCausalLM, lambda: Llama4TextConfig(
         **_COMMON, **_LLAMA_SHAPE, **_IDS_IN_VOCAB, num_key_value_heads=2, intermediate_size_mlp=96,
         num_local_experts=4, num_experts_per_tok=2, moe_layers=[1], attention_chunk_size=8,
-        layer_types=["chunked_attention", "full_attention"], no_rope_layers=[1, 0])),
+        layer_types=["chunked_attention", "full_attention"], no_rope_layers=[1, 0], attn_temperature_tuning=False)),
     "mpt-alibi-fallback": (MptForCausalLM, lambda: MptConfig(
         vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=MAX_POSITIONS, attn_implementation="eager")),
     "qwen3-next-linear-attention-states": (Qwen3NextForCausalLM, lambda: Qwen3NextConfig(
