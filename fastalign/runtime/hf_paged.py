@@ -304,9 +304,23 @@ def _structure_problem(model):
     """Why `model` cannot be probed at all, read without a forward, or None."""
     if not (hasattr(model, "can_generate") and model.can_generate()):
         return "it is not a causal language model (can_generate() is not True)"
+    alibi = _alibi_setting(model.config.get_text_config(decoder=True))
+    if alibi:
+        return (f"its positions are ALiBi biases ({alibi}=True), which it builds from an attention mask that the "
+                "routed attention does not build")
     if "position_ids" not in inspect.signature(model.forward).parameters:
         return "its forward takes no position_ids"
     return state_problem(model) or counted_positions_problem(model)
+
+
+def _alibi_setting(config):
+    """The name of the config's setting that makes its positions ALiBi biases (Falcon's alibi, MPT's
+    attn_config.alibi), or None (Bloom's are always ALiBi: its forward takes no position_ids)."""
+    if getattr(config, "alibi", False) is True:
+        return "alibi"
+    if getattr(getattr(config, "attn_config", None), "alibi", False) is True:
+        return "attn_config.alibi"
+    return None
 
 
 def _decoder(model):

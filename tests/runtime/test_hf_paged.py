@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel, Llama4ForCausalLM, Llama4TextConfig, PhimoeConfig, PhimoeForCausalLM
+from transformers import (FalconConfig, FalconForCausalLM, GPT2LMHeadModel, Llama4ForCausalLM, Llama4TextConfig,
+                          PhimoeConfig, PhimoeForCausalLM)
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from fastalign import TreeRunner
@@ -448,6 +449,18 @@ def test_the_lm_head_runs_only_at_the_tokens_whose_logits_are_asked_for():
     assert rows == [2] and logits.shape[0] == 2 and [len(h) for h in hidden] == [3, 1]
     _, logits, hidden = runner.extend([root], [[6, 7]], logits=None, hidden="all")
     assert rows == [2] and logits is None and len(hidden[0]) == 2
+
+
+@pytest.mark.parametrize("name, setting", [("falcon-alibi", "alibi"), ("mpt-alibi-fallback", "attn_config.alibi")])
+def test_a_model_whose_config_says_alibi_is_refused_naming_it(name, setting):
+    """Falcon with alibi=True builds its ALiBi biases from the attention mask, which the routed attention does not
+    build: its refusal named an AttributeError from inside its forward ("'NoneType' object has no attribute 'dtype'").
+    It names the ALiBi setting now, as MPT's does."""
+    model = FalconForCausalLM(FalconConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           alibi=True, attn_implementation="eager")).eval() \
+        if name == "falcon-alibi" else tiny_model(name)
+    assert (f"cannot run on the paged pool: its positions are ALiBi biases ({setting}=True), which it builds from an "
+            "attention mask that the routed attention does not build" in refusal(model))
 
 
 def test_a_model_that_cannot_generate_is_refused_before_its_probe():
