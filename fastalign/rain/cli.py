@@ -38,6 +38,7 @@ from fastalign.unlearn.records import DataError, read_text
 from fastalign.unlearn.templates import ChatTemplate
 
 from .config import RainConfig
+from .dialogue import after_prefix
 from .judge import JudgePrompt
 
 
@@ -182,14 +183,16 @@ def option_text(path: Optional[str], argument: str) -> str:
 
 @torch.no_grad()
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, turn_marker: str,
-                  max_length: Optional[int] = None) -> str:
+                  max_length: Optional[int] = None, generation_prefix: str = "") -> str:
     """Plain KV-cached greedy decoding, cut before a new user turn. Like RAIN's answer, it reads the prompt
-    with one BOS where the text writes it (a chat template's rendering) and without an appended EOS
-    (`tokenize_prompts`), ends at RAIN's end tokens (`eos_ids`: also a chat template's end of turn that the
-    generation config leaves out), and stops at max_new_tokens
-    (0 = no limit), at max_length tokens in all and within the model's context (a model with learned positions
-    fails past it, which stopped the whole run)."""
-    ids = torch.tensor(tokenize_prompts(tokenizer, [prompt]), device=next(model.parameters()).device)
+    after the `generation_prefix` as the same ids (`dialogue.after_prefix`), with one BOS where the text writes it
+    (a chat template's rendering) and without an appended EOS (`tokenize_prompts`), ends at RAIN's end tokens
+    (`eos_ids`: also a chat template's end of turn that the generation config leaves out), and stops at
+    max_new_tokens (0 = no limit), at max_length tokens in all and within the model's context (a model with
+    learned positions fails past it, which stopped the whole run)."""
+    prefix_ids = tokenize_prompts(tokenizer, [generation_prefix])[0] if generation_prefix else []
+    ids = torch.tensor([prefix_ids + after_prefix(tokenizer, generation_prefix, prefix_ids, prompt)],
+                       device=next(model.parameters()).device)
     totals = [n for n in (max_length, getattr(model.config, "max_position_embeddings", None)) if n]
     if totals:
         room = min(totals) - ids.shape[1]
@@ -277,7 +280,6 @@ def _run(args) -> int:
     placement = join_from_env()
     try:
         device = args.device or (f"cuda:{placement.local_rank}" if torch.cuda.is_available() else "cpu")
-        render = template.prompt if chat else (lambda prompt: prefix + prompt)
         try:
             dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
             model = load_pretrained(AutoModelForCausalLM, args.model, dtype=dtype)
@@ -293,8 +295,9 @@ def _run(args) -> int:
                 index, vanilla, error = result.index, None, result.error
                 if not args.no_vanilla and error is None:
                     try:   # a failure here (a CUDA out-of-memory) would stop the search of every prompt
-                        vanilla = greedy_answer(model, tokenizer, render(prompts[index]), config.max_new_tokens,
-                                                config.turn_marker, config.max_length)
+                        prompt = template.prompt(prompts[index]) if chat else prompts[index]
+                        vanilla = greedy_answer(model, tokenizer, prompt, config.max_new_tokens, config.turn_marker,
+                                                config.max_length, prefix)
                     except Exception as exc:
                         error = f"vanilla answer: {type(exc).__name__}: {exc}"
                 if error is not None:

@@ -10,6 +10,7 @@ from fastalign.unlearn.encoding import tokenize_prompts
 from fastalign.unlearn.templates import ChatTemplate
 
 from .config import RainConfig
+from .judge import encode_piece
 
 TAIL_TOKENS = 8
 
@@ -23,6 +24,18 @@ def last_char(tokenizer, state: Sequence[int]) -> str:
 
 def answer_text(tokenizer, state: Sequence[int], answer_start: int) -> str:
     return tokenizer.decode(list(state[answer_start:]), skip_special_tokens=True)
+
+
+def after_prefix(tokenizer, prefix: str, prefix_ids: Sequence[int], text: str) -> List[int]:
+    """Token ids of a prompt's `text` as the model reads it after the generation `prefix` (`prefix_ids`: the
+    prefix's own, with the tokenizer's BOS; none without a prefix): those of prefix + text tokenized as one, after
+    the prefix's ids where it starts with them (the engines compute the prefix once for all prompts), else the text
+    as it reads inside a text (`encode_piece`). Tokenized alone, a SentencePiece tokenizer's text starts with "▁":
+    the model read a space between prefix and prompt that neither holds."""
+    joined = tokenize_prompts(tokenizer, [prefix + text])[0]
+    if joined[:len(prefix_ids)] == list(prefix_ids):
+        return joined[len(prefix_ids):]
+    return encode_piece(tokenizer, text)
 
 
 def cut_at_turn(answer: str, turn_marker: str) -> str:

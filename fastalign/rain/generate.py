@@ -17,7 +17,7 @@ from fastalign.unlearn.templates import ChatTemplate
 from fastalign.unlearn.encoding import tokenize_prompts
 
 from .config import RainConfig
-from .dialogue import cut_at_turn, reply_lead
+from .dialogue import after_prefix, cut_at_turn, reply_lead
 from .embeddings import CheckedEmbedder, make_embedder
 from .jobs import EmbedJob, PromptContext
 from .judge import JudgePrompt, JudgeTokens
@@ -66,20 +66,21 @@ def _context(model, runner) -> Optional[int]:
     return min([n for n in limits if n], default=None)
 
 
-def _prepare(index: int, name: int, prompt: str, tokenizer, judge: JudgeTokens, prefix_ids: List[int],
+def _prepare(index: int, name: int, prompt: str, tokenizer, judge: JudgeTokens, prefix: str, prefix_ids: List[int],
              config: RainConfig, context: Optional[int], required: RequiredPrefixes, prefix_key: int,
              template: Optional[ChatTemplate], lead: str, vocab: Optional[int]) -> PromptContext:
     """The context of the prompt at `index`; ValueError, naming the prompt by `name`, for a prompt that is not a
     string, is empty, holds a token id past the model's `vocab` input embeddings or leaves no room to answer (the
     answer is also kept short enough for its judge prompt to fit the model's context). With a chat `template` the
     prompt is a user message: the model reads its rendering (after the template's system turn), the judge reads it
-    in JudgePrompt.dialogue followed by `lead` (see dialogue.reply_lead)."""
+    in JudgePrompt.dialogue followed by `lead` (see dialogue.reply_lead). The model reads it after
+    the generation `prefix`'s `prefix_ids` (see dialogue.after_prefix)."""
     if not isinstance(prompt, str):
         raise ValueError(f"prompt {name} must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
         raise ValueError(f"prompt {name} is empty")
     text = template.prompt(prompt) if template else prompt
-    prompt_ids = tokenize_prompts(tokenizer, [text], add_special_tokens=not prefix_ids)[0]
+    prompt_ids = after_prefix(tokenizer, prefix, prefix_ids, text)
     root_ids = list(prefix_ids) + prompt_ids
     head_text = judge.dialogue_text(prompt) + lead if template else prompt.lstrip()
     head_ids = judge.head_ids(head_text)
@@ -184,8 +185,8 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     for i, prompt in enumerate(prompts):
         try:
             own_draw = prompt_sampler(draw, names[i])   # by its name: a resumed run names it alike
-            queue.append(_prepare(i, names[i], prompt, tokenizer, judge, prefix_ids, config, context, required,
-                                  prefix_key, template, lead, vocab))
+            queue.append(_prepare(i, names[i], prompt, tokenizer, judge, generation_prefix, prefix_ids, config,
+                                  context, required, prefix_key, template, lead, vocab))
             queue[-1].sampler = own_draw
         except ValueError as err:
             results[i].error = str(err)

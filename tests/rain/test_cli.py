@@ -25,7 +25,8 @@ from fastalign.rain.slow import SlowEngine
 from tests.evaluation.chat_model import QUESTION, SYSTEM, chat_tokenizer, rigged_chat_model
 from tests.output_holder import holding, needs_fcntl
 
-from .tiny import PROMPTS, tiny_llama, tiny_qwen3_next, tokenizer
+from .fake_model import HashLM
+from .tiny import PROMPTS, SHORT_JUDGE, tiny_llama, tiny_qwen3_next, tokenizer
 
 
 SETUP_PROMPTS = ["Human: How do I bake bread?\nAssistant:", "Human: Is the reply harmful?\nAssistant:"]
@@ -253,6 +254,28 @@ def test_rain_vanilla_answer_uses_the_generation_prefix(rain_setup, tmp_path):
     without = [greedy_answer(model, tok, r["prompt"], 3, "Human:") for r in rows]
     assert with_prefix != without                       # the prefix matters for this model
     assert [r["vanilla"] for r in rows] == with_prefix
+
+
+@pytest.mark.parametrize("prefix, prompt", [("Human: Hi\nAssistant: Hello\n\n", "Human: How do I bake bread?"),
+                                            ("Human: Hi\nAssistant: Hel", "lo\n\nHuman: How do I bake bread?")])
+def test_vanilla_answer_reads_the_ids_rain_reads_after_the_generation_prefix(prefix, prompt):
+    """The vanilla answer beside RAIN's conditions on the ids RAIN's search starts from, so that the two compare
+    answers to one input: prefix + prompt as one text (RAIN read a SentencePiece "\u2581" between them, which the
+    vanilla answer did not), and where the prefix's end merges with the prompt into other tokens, the prefix's own ids
+    (which RAIN computes once for all prompts) then the prompt's."""
+    from fastalign.rain.ledger import EMPTY_KEY
+    from fastalign.rain.minimum import chain_key
+    from fastalign.unlearn.encoding import tokenize_prompts
+    from tests.chat_families import family_tokenizer
+
+    tok, prompt = family_tokenizer("mistral"), prompt + "\nAssistant:"
+    model, read = HashLM(len(tok)), []
+    model.generate = lambda ids, **kw: read.append(ids[0].tolist()) or ids
+    assert greedy_answer(model, tok, prompt, 2, "Human:", generation_prefix=prefix) == ""
+    run = rain_package.rain_generate(model, tok, [prompt], RainConfig(root_visits=2, max_new_tokens=2), engine="slow",
+                                     judge_prompt=SHORT_JUDGE, embedding="hidden", generation_prefix=prefix)
+    assert run.results[0].error is None and chain_key(EMPTY_KEY, read[0]) in run.ledger.fed_keys
+    assert tok.decode(read[0]) == tok.decode(tokenize_prompts(tok, [prefix + prompt])[0])
 
 
 def test_rain_resumes_after_a_kill_tore_the_last_record(rain_setup, tmp_path):
@@ -992,7 +1015,7 @@ def test_rain_options_reach_the_search_and_the_vanilla_answer(rain_setup, tmp_pa
     assert (kw["concurrency"], kw["sampler"], kw["generation_prefix"]) == (3, "keyed", "Few-shot turns.\n")
     assert (config.virtual_loss, config.parallel_leaves, config.turn_marker, config.max_length) == \
         (2.5, 2, "User:", 500)
-    assert sorted(decoded) == [("Few-shot turns.\n" + p, (3, "User:", 500)) for p in SETUP_PROMPTS]
+    assert sorted(decoded) == [(p, (3, "User:", 500, "Few-shot turns.\n")) for p in SETUP_PROMPTS]
 
 
 def test_rain_summary_on_rank_0_adds_up_every_ranks_counts(rain_setup, monkeypatch, capsys):

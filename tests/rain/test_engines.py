@@ -1182,6 +1182,28 @@ def test_prompt_and_generation_prefix_that_write_their_bos_keep_one(engine):
     assert run.stats.minimum["prompt"] == len(bare)            # no second BOS after the generation prefix
 
 
+@pytest.mark.parametrize("engine", ["slow", "tree"])
+def test_a_sentencepiece_model_reads_generation_prefix_and_prompt_as_one_text(engine):
+    """A SentencePiece tokenizer (Llama 2, Mistral) starts every text it encodes with "\u2581": the prompt,
+    tokenized apart from the generation prefix, was read with a space before it ("Hello\n\n Human: ..."), text that
+    neither holds and that the vanilla answer (prefix + prompt as one text) never reads. The model now reads them as
+    they tokenize together, the prefix's own ids first (every prompt shares them)."""
+    from fastalign.rain.ledger import EMPTY_KEY
+    from fastalign.rain.minimum import chain_key
+    from fastalign.unlearn.encoding import tokenize_prompts
+    from tests.chat_families import family_tokenizer
+
+    tok = family_tokenizer("mistral")
+    prefix, prompt = "Human: Hi\nAssistant: Hello\n\n", "Human: How do I bake bread?\nAssistant:"
+    joined, head = tokenize_prompts(tok, [prefix + prompt, prefix])
+    assert joined[:len(head)] == head      # the prefix's ids, which every prompt shares, come first
+    run = rain_generate(HashLM(len(tok)), tok, [prompt], RainConfig(root_visits=2, max_new_tokens=2), engine=engine,
+                        runner=HashRunner(len(tok)) if engine == "tree" else None, judge_prompt=SHORT_JUDGE,
+                        embedding="hidden", generation_prefix=prefix)
+    assert run.results[0].error is None
+    assert chain_key(EMPTY_KEY, joined) in run.ledger.fed_keys
+
+
 def test_chat_template_prompts_read_as_a_user_turn_by_the_model_and_as_the_dialogue_by_the_judge(monkeypatch):
     """With chat_template a prompt is a user message: the model reads it in the chat template after the system
     turn (one BOS), the judge reads it in JudgePrompt.dialogue, not in the template's header and end-of-turn
