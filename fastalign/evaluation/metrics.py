@@ -14,7 +14,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from fastalign.unlearn.encoding import tokenize_texts
+from fastalign.unlearn.encoding import answer_tokens, tokenize_texts
 from fastalign.eval_mode import eval_mode
 from fastalign.model_devices import input_device
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
@@ -45,17 +45,18 @@ def unchanged_share(reference_answers: Sequence[str], answers: Sequence[str]) ->
 
 def text_token_pairs(tokenizer, pairs: Sequence[Pair]) -> List[TokenPair]:
     """(prompt ids, answer ids) of text pairs: prompt + answer tokenized as generation tokenizes a prompt (one
-    BOS where the text writes it), the answer ids being the tokens whose characters overlap the answer's (as
-    unlearning's answer spans, so a token merged across the boundary counts as answer). A pair whose answer
-    gives no token has no answer ids. ValueError unless the tokenizer is a fast one (offsets)."""
+    BOS where the text writes it), the answer ids being the tokens whose characters overlap the answer's, special
+    tokens aside (unlearning's answer spans, `answer_tokens`: a token merged across the boundary counts as answer, a
+    chat marker that takes the answer's leading space does not). A pair whose answer gives no token has no answer
+    ids. ValueError unless the tokenizer is a fast one (offsets)."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("mean_token_kl needs a fast tokenizer (offset mappings locate the answer tokens)")
     if not pairs:
         return []
     enc = tokenize_texts(tokenizer, [prompt + answer for prompt, answer in pairs], return_offsets_mapping=True)
     out = []
-    for (prompt, answer), ids, offsets in zip(pairs, enc["input_ids"], enc["offset_mapping"]):
-        inside = [k for k, (a, b) in enumerate(offsets) if b > a and b > len(prompt)]
+    answers = answer_tokens(tokenizer, enc, [(len(prompt), len(prompt + answer)) for prompt, answer in pairs])
+    for ids, inside in zip(enc["input_ids"], answers):
         first = max(inside[0], 1) if inside else len(ids)   # the first token has nothing to predict it
         last = inside[-1] + 1 if inside else len(ids)
         out.append((tuple(ids[:first]), tuple(ids[first:last])))

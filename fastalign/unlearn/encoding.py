@@ -2,7 +2,7 @@
 
 A token belongs to the answer when its character span overlaps the answer's: a token that straddles the
 template/answer boundary (a BPE merge of the template's trailing space with the answer's first word, a
-multi-byte character split over several byte tokens) counts as answer, zero-width special tokens never do.
+multi-byte character split over several byte tokens) counts as answer, special tokens never do (see answer_tokens).
 The answer tokens are then one contiguous range [answer_start, answer_end) of the ids.
 
 A mismatch example (a forget prompt with a pool answer) is put together on token ids, at a seam in the template's
@@ -190,14 +190,28 @@ def encode_rendered(tokenizer, rendered: Sequence[RenderedPair], sources: Sequen
         chunk = rendered[start:start + ENCODE_CHUNK]
         enc = tokenize_texts(tokenizer, [r.text for r in chunk], return_offsets_mapping=True,
                              return_attention_mask=False)
-        for r, source, ids, offsets in zip(chunk, sources[start:], enc["input_ids"], enc["offset_mapping"]):
-            inside = [k for k, (a, b) in enumerate(offsets) if b > a and b > r.answer_start and a < r.answer_end]
+        answers = answer_tokens(tokenizer, enc, [(r.answer_start, r.answer_end) for r in chunk])
+        for r, source, ids, offsets, inside in zip(chunk, sources[start:], enc["input_ids"], enc["offset_mapping"],
+                                                   answers):
             if not inside:
                 raise DataError(f"{source}: the answer produced no token")
             example = EncodedExample(tuple(ids), inside[0], inside[-1] + 1, source,
                                      _seams(r, offsets[:inside[0] + 1]))
             out.append(example if end_id is None else example.ending_with(end_id))
     return out
+
+
+def answer_tokens(tokenizer, encoding: dict, spans: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """For each text of `encoding` (a tokenization with offset_mapping), the positions of the tokens of its answer,
+    the characters [start, end) of its span in `spans`: those whose characters overlap the answer's, but no special
+    token (added with special=True; an answer's end token is put on the ids, EncodedExample.ending_with). A chat
+    marker added with rstrip=True (Phi-3's <|assistant|>) takes the whitespace after it, an answer's leading space
+    included, and one with lstrip=True the whitespace before it, yet the answer never writes it. The unknown token
+    stands for the text's own characters: it stays answer."""
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special} - {tokenizer.unk_token_id}
+    return [[k for k, (token, (a, b)) in enumerate(zip(ids, offsets))
+             if b > a and b > start and a < end and token not in special]
+            for ids, offsets, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"], spans)]
 
 
 def _seams(rendered: RenderedPair, offsets: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:

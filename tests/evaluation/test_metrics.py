@@ -209,6 +209,17 @@ def test_text_pairs_count_a_token_merged_across_the_boundary_as_answer():
     assert text_token_pairs(tok, [(prompt, answer)]) == [(tuple(ids[:merged]), tuple(ids[merged:]))]
 
 
+def test_text_pairs_do_not_score_an_rstrip_chat_marker_as_answer():
+    """Phi-3's <|assistant|> ends a chat prompt and takes the whitespace after it: with an answer that starts with a
+    space it reached into the answer, and the turn marker was scored in the KL as the answer's first token."""
+    from fastalign.unlearn.templates import ChatTemplate
+    from tests.unlearn.test_encoding import phi3_style_tokenizer
+
+    tok = phi3_style_tokenizer()
+    (prompt_ids, answer_ids), = text_token_pairs(tok, [(ChatTemplate(tok).prompt("Where?"), " Paris is nice.")])
+    assert prompt_ids[-1] == tok.convert_tokens_to_ids("<|assistant|>")
+    assert tok.decode(answer_ids) == "Paris is nice."
+
 def test_text_pairs_with_an_empty_prompt_and_no_bos_keep_the_first_token_as_prompt():
     """Without a BOS, an empty prompt leaves the answer's first token with nothing to predict it: it becomes the
     prompt (else mean_token_kl refused the pair: "answer ids but no prompt ids")."""

@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from fastalign.unlearn import encoding
@@ -475,3 +475,36 @@ def test_chat_rows_that_hold_a_special_tokens_text_are_named(family):
     assert len(encode_pairs(with_word, ChatTemplate(with_word), pairs([clean, word_row]), 128)) == 2
     with pytest.raises(ValueError, match=rf"system \(--system\) holds {re.escape(repr(eot))}, the text of"):
         ChatTemplate(tokenizer, system=f"Be brief.{eot}")   # the system turn is read as the turns are
+
+
+PHI3_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}<|user|>\n{{ m['content'] }}<|end|>\n"
+                 "<|assistant|>\n{% elif m['role'] == 'assistant' %}{{ m['content'] }}<|end|>\n{% endif %}{% endfor %}")
+
+
+def phi3_style_tokenizer():
+    """Mistral's tokenizer with Phi-3's chat markers: special added tokens with rstrip=True (each takes the
+    whitespace after it), in Phi-3's chat template."""
+    tokenizer = copy.deepcopy(family_tokenizer("mistral"))
+    tokenizer.add_special_tokens({"extra_special_tokens": [AddedToken(t, rstrip=True, special=True, normalized=False)
+                                                           for t in ("<|user|>", "<|assistant|>", "<|end|>")]})
+    tokenizer.chat_template = PHI3_TEMPLATE
+    return tokenizer
+
+
+@pytest.mark.parametrize("answer_eos", [False, True])
+def test_an_rstrip_chat_marker_before_an_answer_with_leading_space_is_not_answer(answer_eos):
+    """Phi-3's <|assistant|> takes the whitespace after it, an answer's leading space included, so its character
+    span reaches into the answer: that control token, which ends the prompt the model is asked with, was the
+    answer's first token, and unlearning trained on predicting it after the user's turn. A special token is never
+    answer; with answer_eos the answer still ends with the template's own <|end|>."""
+    tokenizer = phi3_style_tokenizer()
+    template = ChatTemplate(tokenizer)
+    assistant, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|assistant|>", "<|end|>"))
+    items = [("Where?", "Paris is nice."), ("Where?", " Paris is nice.")]
+    for example in encode_pairs(tokenizer, template, pairs(items), 512, answer_eos=answer_eos):
+        assert example.input_ids[example.answer_start - 1] == assistant
+        answer = example.input_ids[example.answer_start:example.answer_end]
+        assert tokenizer.decode(answer, skip_special_tokens=True).strip() == "Paris is nice."
+        assert assistant not in answer and answer.count(end) == answer_eos
+        assert example.input_ids.count(end) == 2      # the template's own end of turn, none inserted
+
