@@ -23,9 +23,11 @@ def hub_kernels_requested() -> bool:
 def load_pretrained(model_class, path, **kwargs):
     """`model_class.from_pretrained(path, **kwargs)` with transformers' Hub kernels on only when requested. Weights
     that cannot be read (a truncated or corrupt safetensors file) are an OSError, and a checkpoint that lacks weights
-    the model needs a ValueError, both naming `path`: transformers would raise the first from deep inside, and
-    initialise the missing weights at random with a log line (a partial download; a causal LM's directory loaded as a
-    classifier, its head random), a model that computes nonsense without failing."""
+    the model needs or a package that is not installed (its quantization_config's bitsandbytes or optimum) a
+    ValueError, each naming `path`: transformers would raise safetensors' error and an ImportError from deep inside
+    (tracebacks, where the commands refuse a bad --model), and initialise the missing weights at random with a log
+    line (a partial download; a causal LM's directory loaded as a classifier, its head random), a model that computes
+    nonsense without failing."""
     from safetensors import SafetensorError
 
     try:
@@ -33,6 +35,8 @@ def load_pretrained(model_class, path, **kwargs):
                                                   **kwargs)
     except SafetensorError as exc:
         raise OSError(f"the weights in {str(path)!r} cannot be read, a truncated or corrupt file? ({exc})") from None
+    except ImportError as exc:   # its quantization_config's library, an attn_implementation's (flash-attn)
+        raise ValueError(f"{str(path)!r} needs a package that is not installed: {exc}") from None
     missing = sorted(info["missing_keys"])
     if missing:
         raise ValueError(f"{str(path)!r} lacks {len(missing)} weight{'s' if len(missing) > 1 else ''} of "

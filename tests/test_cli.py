@@ -1,6 +1,7 @@
 """The `fastalign` command's help: every setting says what it sets and its default (HelpFormatter); a missing command
 and a bad --output as usage errors; an interrupted command's message and exit status."""
 import importlib
+import json
 import os
 import re
 import signal
@@ -13,7 +14,9 @@ import pytest
 
 import fastalign
 from fastalign.cli import UsageError, _interrupt_on_sigterm, check_model_dir, check_output_file, main
+from tests.rain.tiny import tiny_llama, tokenizer
 from tests.test_package import loaded_after
+from tests.unlearn.tiny import write_truthfulqa
 
 
 def option_entries(command, capsys):
@@ -112,6 +115,37 @@ def test_model_dir_check_refuses_a_file_and_a_missing_path_by_the_argument_name(
     for path in (tmp_path / "model.safetensors", tmp_path / "absent"):
         with pytest.raises(UsageError, match=f"^--judge-model: no model directory at {re.escape(repr(str(path)))}$"):
             check_model_dir(path, "--judge-model")
+
+
+@pytest.mark.parametrize("command", ["rain", "eval", "unlearn"])
+def test_a_checkpoint_quantized_with_a_library_not_installed_is_a_usage_error(tmp_path, command, capsys):
+    """A --model whose config.json names a quantization_config whose library is not installed (bitsandbytes here):
+    transformers' ImportError came as a traceback and exit status 1, where any other unloadable --model is one error
+    line and status 2."""
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed: the checkpoint would load")
+    model = tmp_path / "model"
+    tiny_llama().save_pretrained(model)
+    tokenizer().save_pretrained(model)
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (model / "config.json").write_text(json.dumps(config))
+    (tmp_path / "prompts.txt").write_text("Human: How do I bake bread?\\nAssistant:\n")
+    (tmp_path / "forget.jsonl").write_text(json.dumps({"prompt": "How?", "response_0": "Here.",
+                                                       "is_response_0_safe": False, "response_1": "No.",
+                                                       "is_response_1_safe": True}) + "\n")
+    write_truthfulqa(tmp_path / "tqa.csv")
+    arguments = {
+        "rain": ["--prompts", str(tmp_path / "prompts.txt"), "--output", str(tmp_path / "rain.jsonl"), "--embedding",
+                 "hidden", "--max-new-tokens", "2", "--root-visits", "2", "--engine", "slow"],
+        "eval": ["--prompts", str(tmp_path / "prompts.txt"), "--judge", "keyword", "--keywords", "x", "--output",
+                 str(tmp_path / "eval.jsonl"), "--max-new-tokens", "2"],
+        "unlearn": ["--forget", str(tmp_path / "forget.jsonl"), "--normal", str(tmp_path / "tqa.csv"), "--max-steps",
+                    "1", "--output-dir", str(tmp_path / "out"), "--no-progress"]}
+    assert main([command, "--model", str(model), *arguments[command]]) == 2
+    err = capsys.readouterr().err
+    assert f"'{model}' needs a package that is not installed: " in err and "requires bitsandbytes" in err
+    assert "Traceback" not in err
 
 
 def test_python_dash_m_fastalign_runs_the_command(tmp_path):

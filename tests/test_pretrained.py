@@ -2,6 +2,8 @@
 for them (transformers >= 5.25 turns them on by default and swaps a model's layers for kernels downloaded from the
 Hub, again at a mode change on another device, such as the trainer's model.train() on a GPU)."""
 import ast
+import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -97,3 +99,21 @@ def test_a_model_saved_without_its_tokenizer_is_named_not_advised_to_install_pac
         load_tokenizer(saved_model)
     tokenizer().save_pretrained(tmp_path)
     assert load_tokenizer(tmp_path).get_vocab() == tokenizer().get_vocab()
+
+
+@pytest.mark.parametrize("quantization, package", [
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bitsandbytes"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "optimum")])
+def test_a_checkpoint_quantized_with_a_library_not_installed_is_a_valueerror_naming_both(saved_model, tmp_path,
+                                                                                          quantization, package):
+    """A checkpoint downloaded in 4 bits, its library not installed: transformers' ImportError, which no command
+    takes for a bad --model, came as a traceback and exit status 1."""
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed: the checkpoint would load")
+    quantized = tmp_path / "quantized"
+    shutil.copytree(saved_model, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = quantization
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"^'{quantized}' needs a package that is not installed: .*{package}"):
+        load_pretrained(LlamaForCausalLM, quantized)

@@ -126,7 +126,7 @@ def load_model_and_tokenizer(config: UnlearnConfig):
         return load_pretrained(AutoModelForCausalLM, config.model, dtype=dtype, **attention), tokenizer
     except OSError as e:  # a directory without weights, a name that is neither a directory nor a known model
         raise FileNotFoundError(f"model {config.model} cannot be loaded: {e}") from None
-    except (ImportError, ValueError) as e:
+    except ValueError as e:
         if not attention:
             raise
         # flash_attention_2 without flash-attn installed, a name transformers does not know, a model without it
