@@ -29,7 +29,10 @@ def test_the_same_files_anywhere_give_the_same_digest(model_dir, tmp_path):
     assert model_files_digest(str(model_dir)) == digest
 
 
-@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "generation_config.json"])
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "generation_config.json", "tokenizer_config.json",
+                                  "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "merges.txt",
+                                  "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+                                  "pytorch_model.bin", "adapter_config.json"])
 def test_a_changed_or_added_file_changes_the_digest(model_dir, name):
     digest = model_files_digest(str(model_dir))
     (model_dir / name).write_text('{"eos_token_id": 2}')
@@ -50,6 +53,15 @@ def test_large_files_are_read_at_their_start_middle_and_end(model_dir, monkeypat
     weights[offset] ^= 1
     weights[4000] ^= 1                                       # outside the samples
     (model_dir / "model.safetensors").write_bytes(bytes(weights))
+    assert model_files_digest(str(model_dir)) == digest
+
+
+@pytest.mark.parametrize("name", ["rain.jsonl", "rain.jsonl.summary.json", "judged.jsonl", "rain.log", "LICENSE"])
+def test_files_beside_the_model_that_are_not_part_of_it_leave_the_digest(model_dir, name):
+    """`fastalign rain --output model/rain.jsonl` and the same command again: the first run's records, read into the
+    digest, made the second refuse them as "made with another model". Only the model's own files count."""
+    digest = model_files_digest(str(model_dir))
+    (model_dir / name).write_text('{"index": 0}')
     assert model_files_digest(str(model_dir)) == digest
 
 

@@ -1087,6 +1087,17 @@ def test_rain_rank_of_a_multi_node_run_searches_its_share_on_its_nodes_device(ra
     assert moved == ["cuda:0", "cpu"]
 
 
+def test_rain_resumes_an_output_written_inside_the_model_directory(rain_setup):
+    """--output next to the weights it was made with (model/rain.jsonl): the first run's records were read into the
+    model's files digest, so the same command run again refused them as made with another model."""
+    model_dir, _, args = rain_setup
+    out = model_dir / "rain.jsonl"
+    args[args.index("--output") + 1] = str(out)
+    assert main(args + ["--limit", "1"]) == 0
+    assert main(args) == 0                                   # the second prompt is added, the first kept
+    assert sorted(json.loads(line)["index"] for line in out.read_text().splitlines()) == [0, 1]
+
+
 def test_rain_resumes_an_output_whatever_spelling_of_the_model_path(rain_setup, tmp_path, monkeypatch):
     """The record names the model by its absolute path: a run resumed with `--model /abs/model` after
     `--model model` is the same model, not refused as another one."""
