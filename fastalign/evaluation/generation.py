@@ -15,7 +15,7 @@ sequence the model produced; `generate` returns the texts alone.
 import math
 import random
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Set, Tuple
+from typing import AbstractSet, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -106,6 +106,14 @@ def eos_ids(model, tokenizer) -> Set[int]:
     ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer),
            *(listed if isinstance(listed, (list, tuple)) else [listed])}
     return {i for i in ids if i is not None}
+
+
+def before_end(ids: Sequence[int], eos: AbstractSet[int]) -> List[int]:
+    """The answer's tokens in `ids`: those before the first end token (of `eos`), which ends the answer and is no
+    part of its text, as `generate` leaves it out (decoding with skip_special_tokens drops only a special one, and a
+    generation config may list a plain token, one added with add_tokens)."""
+    ids = list(ids)
+    return next((ids[:at] for at, token in enumerate(ids) if token in eos), ids)
 
 
 def _prompt_generators(seed: int, first: int, count: int) -> List[torch.Generator]:

@@ -27,7 +27,7 @@ import torch
 
 from fastalign.cli import (MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_field_used, check_model_dir,
                            check_output_file, memory_size_argument, template_kwargs_argument)
-from fastalign.evaluation.generation import eos_ids, pad_id
+from fastalign.evaluation.generation import before_end, eos_ids, pad_id
 from fastalign.evaluation.prompts import hh_messages, hh_prompts, read_prompts
 from fastalign.model_files import model_files_digest
 from fastalign.output_lock import output_lock
@@ -187,9 +187,9 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, turn_marke
     """Plain KV-cached greedy decoding, cut before a new user turn. Like RAIN's answer, it reads the prompt
     after the `generation_prefix` as the same ids (`dialogue.after_prefix`), with one BOS where the text writes it
     (a chat template's rendering) and without an appended EOS (`tokenize_prompts`), ends at RAIN's end tokens
-    (`eos_ids`: also a chat template's end of turn that the generation config leaves out), and stops at
-    max_new_tokens (0 = no limit), at max_length tokens in all and within the model's context (a model with
-    learned positions fails past it, which stopped the whole run)."""
+    (`eos_ids`: also a chat template's end of turn that the generation config leaves out), which its text leaves
+    out as `fastalign eval` does, and stops at max_new_tokens (0 = no limit), at max_length tokens in all and
+    within the model's context (a model with learned positions fails past it, which stopped the whole run)."""
     prefix_ids = tokenize_prompts(tokenizer, [generation_prefix])[0] if generation_prefix else []
     ids = torch.tensor([prefix_ids + after_prefix(tokenizer, generation_prefix, prefix_ids, prompt)],
                        device=next(model.parameters()).device)
@@ -201,9 +201,10 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, turn_marke
         raise ValueError("greedy_answer: max_new_tokens 0 (no limit) needs max_length or a model context")
     if max_new_tokens <= 0:
         return ""
+    eos = eos_ids(model, tokenizer)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                         use_cache=True, pad_token_id=pad_id(tokenizer), eos_token_id=sorted(eos_ids(model, tokenizer)))
-    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                         use_cache=True, pad_token_id=pad_id(tokenizer), eos_token_id=sorted(eos))
+    text = tokenizer.decode(before_end(out[0, ids.shape[1]:].tolist(), eos), skip_special_tokens=True)
     return text.split(turn_marker)[0] if turn_marker else text
 
 

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Literal, Optional, Sequence, Union
 
-from fastalign.evaluation.generation import eos_ids
+from fastalign.evaluation.generation import before_end, eos_ids
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.ops.checks import check_count, is_integer, refuse_one_string
 from fastalign.unlearn.templates import ChatTemplate
@@ -247,8 +247,8 @@ def _schedule(queue: List[PromptContext], engine, embedder, tokenizer, end_ids, 
             result.error = f"{type(error).__name__}: {error}"
         else:
             result.answer_ids = output.answer_ids
-            result.answer = cut_at_turn(tokenizer.decode(output.answer_ids, skip_special_tokens=True),
-                                        config.turn_marker)
+            result.answer = cut_at_turn(tokenizer.decode(before_end(output.answer_ids, end_ids),
+                                                         skip_special_tokens=True), config.turn_marker)
             result.commits = output.commits
         engine.finish(a.ctx)
         for keys in (ledger.fed_keys, required.keys):

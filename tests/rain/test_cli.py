@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import fastalign.rain as rain_package
 import fastalign.rain.cli as rain_cli
 from fastalign.cli import build_parser, main, memory_size_argument
-from fastalign.evaluation.generation import encode_prompts
+from fastalign.evaluation.generation import GenerationConfig, encode_prompts, generations
 from fastalign.evaluation.judges import KeywordJudge
 from fastalign.evaluation.prompts import chat_prompt
 from fastalign.rain import JudgePrompt, RainConfig
@@ -798,6 +798,20 @@ def test_vanilla_answer_is_cut_before_a_new_turn():
     marker = whole[len(whole) // 2:][:2]
     assert marker.strip() and whole.index(marker) > 0
     assert greedy_answer(model, tok, PROMPTS[0], 12, marker) == whole[:whole.index(marker)]
+
+
+def test_vanilla_answer_leaves_out_a_plain_end_token_as_eval_does():
+    """A generation config that lists a token the tokenizer does not call special (added with add_tokens, an
+    end-of-turn string a fine-tune lists): the vanilla answer stopped there but kept its text, which decoding with
+    skip_special_tokens does not drop, while `fastalign eval` leaves it out: one greedy answer, two texts."""
+    model, tok = tiny_llama(), tokenizer()
+    ids = generations(model, tok, [PROMPTS[0]], GenerationConfig(max_new_tokens=5))[0].answer_ids
+    end = ids[2]
+    assert end not in tok.all_special_ids and end not in ids[:2]
+    model.generation_config.eos_token_id = [tok.eos_token_id, end]
+    evaluated = generations(model, tok, [PROMPTS[0]], GenerationConfig(max_new_tokens=5))[0]
+    assert evaluated.answer_ids == ids[:3] and evaluated.text == tok.decode(ids[:2])
+    assert greedy_answer(model, tok, PROMPTS[0], 5, "") == evaluated.text
 
 
 def test_rain_resume_refuses_records_of_another_model_put_at_the_same_path(rain_setup, capsys):

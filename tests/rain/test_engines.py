@@ -1075,15 +1075,20 @@ def test_a_prompt_past_max_length_is_not_told_to_shorten_the_judge_prompt():
     assert "judge" not in run.results[0].error
 
 
-def test_answers_end_at_every_end_token_the_generation_config_lists(monkeypatch):
+@pytest.mark.parametrize("special", [True, False])
+def test_answers_end_at_every_end_token_the_generation_config_lists(monkeypatch, special):
     """A chat model's generation config lists an end-of-turn token beside the tokenizer's end of sequence (as
-    Llama-3-Instruct's does; `model.generate` stops at both). Here the hash model favours a special
-    "<|eot|>": a search that knew only the tokenizer's end token continues past it; one that reads the
-    generation config ends every answer at it, in both engines alike: the answer keeps it as its last token
-    (its text drops it, as it drops the tokenizer's), and no model input ever holds it (no draw or rollout goes
-    on past it, the judge reads the reply without it)."""
+    Llama-3-Instruct's does; `model.generate` stops at both). Here the hash model favours an "<|eot|>", special
+    or a plain token added with add_tokens: a search that knew only the tokenizer's end token continues past it;
+    one that reads the generation config ends every answer at it, in both engines alike: the answer keeps it as
+    its last token (its text drops it, as it drops the tokenizer's and as `fastalign eval` does: decoding dropped
+    only a special one, so the answer ended with the plain token's text), and no model input ever holds it (no draw
+    or rollout goes on past it, the judge reads the reply without it)."""
     tok = copy.deepcopy(tokenizer())
-    tok.add_special_tokens({"additional_special_tokens": ["<|eot|>"]})
+    if special:
+        tok.add_special_tokens({"additional_special_tokens": ["<|eot|>"]})
+    else:
+        tok.add_tokens(["<|eot|>"])
     eot = tok.convert_tokens_to_ids("<|eot|>")
     plain, inputs_with_eot = fake_model.prefix_outputs, []
 
@@ -1111,7 +1116,7 @@ def test_answers_end_at_every_end_token_the_generation_config_lists(monkeypatch)
     assert decisions(slow) == decisions(tree)
     for r in tree.results:
         assert r.answer_ids[-1] == eot and eot not in r.answer_ids[:-1]
-        assert r.answer == tok.decode(r.answer_ids[:-1])
+        assert r.answer == tok.decode(r.answer_ids[:-1]) and "<|eot|>" not in r.answer
     assert not inputs_with_eot
 
 
