@@ -20,8 +20,30 @@ def hub_kernels_requested() -> bool:
     return os.environ.get("USE_HUB_KERNELS", "").upper() in TRUE_VALUES
 
 
+def _without_custom_code(from_pretrained, path, **kwargs):
+    """`from_pretrained(path, **kwargs)` that never runs a model's own code: a directory whose config.json names
+    classes of its own (auto_map) and transformers has none of is a ValueError naming `path`. Left to decide,
+    transformers asked on the terminal whether to run that code, then told to pass trust_remote_code=True, which no
+    command takes."""
+    try:
+        return from_pretrained(path, trust_remote_code=False, **kwargs)
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+    raise ValueError(f"{str(path)!r} needs code of its own to load (its config.json's auto_map), and fastalign does "
+                     "not run a model's own code: give a model of an architecture transformers implements")
+
+
+def load_config(path):
+    """`AutoConfig.from_pretrained(path)`, running no code of the model's own (see _without_custom_code)."""
+    from transformers import AutoConfig
+
+    return _without_custom_code(AutoConfig.from_pretrained, path)
+
+
 def load_pretrained(model_class, path, **kwargs):
-    """`model_class.from_pretrained(path, **kwargs)` with transformers' Hub kernels on only when requested. Weights
+    """`model_class.from_pretrained(path, **kwargs)` with transformers' Hub kernels on only when requested, running
+    no code of the model's own (see _without_custom_code). Weights
     that cannot be read (a truncated or corrupt safetensors file) are an OSError, and a checkpoint that lacks weights
     the model needs or a package that is not installed (its quantization_config's bitsandbytes or optimum) a
     ValueError, each naming `path`: transformers would raise safetensors' error and an ImportError from deep inside
@@ -31,8 +53,8 @@ def load_pretrained(model_class, path, **kwargs):
     from safetensors import SafetensorError
 
     try:
-        model, info = model_class.from_pretrained(path, use_kernels=hub_kernels_requested(), output_loading_info=True,
-                                                  **kwargs)
+        model, info = _without_custom_code(model_class.from_pretrained, path, use_kernels=hub_kernels_requested(),
+                                           output_loading_info=True, **kwargs)
     except SafetensorError as exc:
         raise OSError(f"the weights in {str(path)!r} cannot be read, a truncated or corrupt file? ({exc})") from None
     except ImportError as exc:   # its quantization_config's library, an attn_implementation's (flash-attn)
@@ -47,12 +69,12 @@ def load_pretrained(model_class, path, **kwargs):
 
 
 def load_tokenizer(path, **kwargs):
-    """`AutoTokenizer.from_pretrained(path, **kwargs)`; an OSError naming `path` where that directory holds no
-    tokenizer file at all (a model saved without its tokenizer), for which transformers advises installing
-    sentencepiece or tiktoken."""
+    """`AutoTokenizer.from_pretrained(path, **kwargs)`, running no code of the model's own (see
+    _without_custom_code); an OSError naming `path` where that directory holds no tokenizer file at all (a model
+    saved without its tokenizer), for which transformers advises installing sentencepiece or tiktoken."""
     from transformers import AutoTokenizer
 
     if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES):
         raise OSError(f"{str(path)!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the "
                       "tokenizer beside the model (tokenizer.save_pretrained)")
-    return AutoTokenizer.from_pretrained(path, **kwargs)
+    return _without_custom_code(AutoTokenizer.from_pretrained, path, **kwargs)

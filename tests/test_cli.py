@@ -117,19 +117,14 @@ def test_model_dir_check_refuses_a_file_and_a_missing_path_by_the_argument_name(
             check_model_dir(path, "--judge-model")
 
 
-@pytest.mark.parametrize("command", ["rain", "eval", "unlearn"])
-def test_a_checkpoint_quantized_with_a_library_not_installed_is_a_usage_error(tmp_path, command, capsys):
-    """A --model whose config.json names a quantization_config whose library is not installed (bitsandbytes here):
-    transformers' ImportError came as a traceback and exit status 1, where any other unloadable --model is one error
-    line and status 2."""
-    if importlib.util.find_spec("bitsandbytes") is not None:
-        pytest.skip("bitsandbytes is installed: the checkpoint would load")
+def run_on_a_tiny_model(command, tmp_path, config_changes):
+    """`fastalign COMMAND --model tmp_path/model ...` on a tiny Llama whose config.json has `config_changes`, with
+    inputs the command runs on: its exit status."""
     model = tmp_path / "model"
     tiny_llama().save_pretrained(model)
     tokenizer().save_pretrained(model)
     config = json.loads((model / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
-    (model / "config.json").write_text(json.dumps(config))
+    (model / "config.json").write_text(json.dumps({**config, **config_changes}))
     (tmp_path / "prompts.txt").write_text("Human: How do I bake bread?\\nAssistant:\n")
     (tmp_path / "forget.jsonl").write_text(json.dumps({"prompt": "How?", "response_0": "Here.",
                                                        "is_response_0_safe": False, "response_1": "No.",
@@ -142,10 +137,40 @@ def test_a_checkpoint_quantized_with_a_library_not_installed_is_a_usage_error(tm
                  str(tmp_path / "eval.jsonl"), "--max-new-tokens", "2"],
         "unlearn": ["--forget", str(tmp_path / "forget.jsonl"), "--normal", str(tmp_path / "tqa.csv"), "--max-steps",
                     "1", "--output-dir", str(tmp_path / "out"), "--no-progress"]}
-    assert main([command, "--model", str(model), *arguments[command]]) == 2
+    return main([command, "--model", str(model), *arguments[command]])
+
+
+@pytest.mark.parametrize("command", ["rain", "eval", "unlearn"])
+def test_a_checkpoint_quantized_with_a_library_not_installed_is_a_usage_error(tmp_path, command, capsys):
+    """A --model whose config.json names a quantization_config whose library is not installed (bitsandbytes here):
+    transformers' ImportError came as a traceback and exit status 1, where any other unloadable --model is one error
+    line and status 2."""
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed: the checkpoint would load")
+    quantized = {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}
+    assert run_on_a_tiny_model(command, tmp_path, quantized) == 2
     err = capsys.readouterr().err
-    assert f"'{model}' needs a package that is not installed: " in err and "requires bitsandbytes" in err
+    assert f"'{tmp_path / 'model'}' needs a package that is not installed: " in err and "requires bitsandbytes" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["rain", "eval", "unlearn"])
+def test_a_model_of_its_own_code_is_refused_in_one_line_without_asking_to_run_it(tmp_path, command, capsys,
+                                                                                   monkeypatch):
+    """A --model whose config.json names classes of its own (auto_map) that transformers lacks: transformers asked
+    on the terminal whether to run the directory's code (on 'y' it would have), then told to pass
+    trust_remote_code=True, which no command takes, in an error of several lines."""
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "n")
+    custom = {"model_type": "xmodel", "auto_map": {"AutoConfig": "configuration_x.XConfig",
+                                                   "AutoModelForCausalLM": "modeling_x.XForCausalLM"}}
+    assert run_on_a_tiny_model(command, tmp_path, custom) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(f"fastalign {command}: error: ")
+    assert err.splitlines()[-1].endswith(f"'{tmp_path / 'model'}' needs code of its own to load (its config.json's "
+                                         "auto_map), and fastalign does not run a model's own code: give a model of "
+                                         "an architecture transformers implements")
+    assert "trust_remote_code" not in err and asked == []
 
 
 def test_python_dash_m_fastalign_runs_the_command(tmp_path):

