@@ -126,7 +126,8 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     as the template's special tokens.
 
     engine: "tree" (TreeRunner; pass `runner`, a TreeRunner of `model` itself, to reuse one, else one with
-    `runner_tokens` of KV is made; a runner serves one call at a time, so calls in several threads need one each) or "slow" (the batch-1 reference).
+    `runner_tokens` of KV is made; a runner serves one call at a time, so calls in several threads need one each)
+    or "slow" (the batch-1 reference).
     embedding: "minilm", "hidden" or an embedder object (`needs_hidden` and `embed(paths)`, see
     fastalign.rain.embeddings). sampler: "torch", "keyed" or a sampler object
     (`draw`, `draw_many` and `repeatable`, see fastalign.rain.sampling); each prompt draws from
