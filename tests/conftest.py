@@ -60,3 +60,16 @@ def _one_cpu_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state that fixes the mixed precision of the first Accelerator, a trainer's
+    or a test's own: it is reset after each test, so that any test may choose its precision whatever ran before it
+    in the same process (a worker of pytest -n)."""
+    yield
+    try:
+        from accelerate.state import AcceleratorState
+    except ImportError:
+        return
+    AcceleratorState._reset_state(True)

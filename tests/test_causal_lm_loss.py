@@ -362,7 +362,6 @@ def test_a_model_prepared_for_bf16_mixed_precision_is_served_and_other_logits_st
     the probe compared its bf16 logits with fp32 ones and refused a plain Llama, for the loss and the KL alike. The
     forward is probed unwrapped; a head that halves its logits is still refused."""
     accelerate = pytest.importorskip("accelerate")
-    from accelerate.state import AcceleratorState
 
     def prepared(model):
         return accelerate.Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)
@@ -370,16 +369,13 @@ def test_a_model_prepared_for_bf16_mixed_precision_is_served_and_other_logits_st
     halving = tiny_llama(VOCAB)
     head = halving.lm_head
     halving.lm_head.forward = lambda hidden: torch.nn.functional.linear(hidden, head.weight) / 2
-    try:
-        model = prepared(tiny_llama(VOCAB))
-        inputs = batch(seed=7)
-        expected = model._original_forward(**inputs).loss   # (the model's fp32 loss)
-        torch.testing.assert_close(CausalLMLoss(model, backend="torch")(**inputs), expected)
-        CausalLMKLDiv(model, tiny_llama(VOCAB, seed=1))
-        with pytest.raises(NotImplementedError, match="its logits are not its lm_head's weight"):
-            CausalLMLoss(prepared(halving))
-    finally:
-        AcceleratorState._reset_state(True)   # (its mixed precision is process-wide)
+    model = prepared(tiny_llama(VOCAB))
+    inputs = batch(seed=7)
+    expected = model._original_forward(**inputs).loss   # (the model's fp32 loss)
+    torch.testing.assert_close(CausalLMLoss(model, backend="torch")(**inputs), expected)
+    CausalLMKLDiv(model, tiny_llama(VOCAB, seed=1))
+    with pytest.raises(NotImplementedError, match="its logits are not its lm_head's weight"):
+        CausalLMLoss(prepared(halving))
 
 
 def test_an_lm_head_that_is_no_linear_is_refused_as_documented():
