@@ -29,9 +29,10 @@ class CausalLMLoss(torch.nn.Module):
     inputs go to the model's decoder as they would to the model (input_ids or inputs_embeds, attention_mask,
     position_ids, ...). labels [B, T] are aligned with the inputs: position t predicts labels[:, t + 1] and the last
     position predicts nothing; shift_labels [B, T] are targets already shifted (position t predicts
-    shift_labels[:, t]), as sequence-parallel and packed-sequence trainers pass them. The loss is the mean over the
-    tokens whose target is not ignore_index (0, not NaN, where there are none), or with num_items_in_batch (a
-    number or a tensor, what a Hugging Face Trainer passes under gradient accumulation) their sum divided by it.
+    shift_labels[:, t]), as sequence-parallel and packed-sequence trainers pass them; given both, shift_labels are the
+    targets, as in the model's forward. The loss is the mean over the tokens whose target is not ignore_index (0, not
+    NaN, where there are none), or with num_items_in_batch (a number or a tensor, what a Hugging Face Trainer passes
+    under gradient accumulation) their sum divided by it.
 
     The model is checked once, here, to compute its logits the way the fused op does (check_fused_logits): a model that
     transforms its hidden states or logits in a way fastalign does not reproduce raises NotImplementedError instead of
@@ -109,18 +110,18 @@ def hidden_and_targets(decoder: torch.nn.Module, labels: torch.Tensor | None, sh
 def predicting_positions(hidden: torch.Tensor, labels: torch.Tensor | None,
                          shift_labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden states [B, T', H] of the positions that predict, their targets [B, T'] int64 on hidden's device) of
-    final hidden states [B, T, H]: shifted against labels (position t predicts labels[:, t + 1]; the last position
-    nothing), or as they are against shift_labels. Exactly one of the two is given, an integer tensor of shape
-    [B, T]."""
-    if (labels is None) == (shift_labels is None):
-        raise ValueError("exactly one of labels (aligned with the inputs) and shift_labels (already shifted) is "
-                         f"needed, got {'both' if labels is not None else 'neither'}")
-    given, name = (labels, "labels") if labels is not None else (shift_labels, "shift_labels")
+    final hidden states [B, T, H]: as they are against shift_labels where given (position t predicts
+    shift_labels[:, t]), else shifted against labels (position t predicts labels[:, t + 1]; the last position
+    nothing). Given both, shift_labels are the targets and labels are not read, as in transformers' causal LM loss
+    (a Trainer under context parallelism passes both). The one read must be an integer tensor of shape [B, T]."""
+    if labels is None and shift_labels is None:
+        raise ValueError("labels (aligned with the inputs) or shift_labels (already shifted) is needed, got neither")
+    given, name = (labels, "labels") if shift_labels is None else (shift_labels, "shift_labels")
     if not isinstance(given, torch.Tensor) or given.shape != hidden.shape[:-1] or not holds_class_ids(given.dtype):
         found = f"{tuple(given.shape)} {given.dtype}" if isinstance(given, torch.Tensor) else type(given).__name__
         raise ValueError(f"{name} must be an integer tensor of the inputs' shape {tuple(hidden.shape[:-1])}, "
                          f"got {found}")
-    if labels is not None:   # position t predicts token t + 1: the last position has no target
+    if shift_labels is None:   # position t predicts token t + 1: the last position has no target
         hidden, given = hidden[:, :-1], labels[:, 1:]
     return hidden, given.to(device=hidden.device, dtype=torch.long)
 

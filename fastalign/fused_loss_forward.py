@@ -84,10 +84,9 @@ class FusedLossForward:
         return_dict = arguments.pop("return_dict", None)
         arguments.pop("logits_to_keep", None)
         outputs = head_input_module(model)(**{**arguments, "use_cache": False})
-        # as transformers' loss: shift_labels, where given, are the targets; labels then only ask for the loss
-        shift_labels = loss_arguments.get("shift_labels")
-        hidden, target = predicting_positions(outputs.last_hidden_state,
-                                              loss_arguments["labels"] if shift_labels is None else None, shift_labels)
+        # (shift_labels, where given, are the targets; labels then only ask for the loss)
+        hidden, target = predicting_positions(outputs.last_hidden_state, loss_arguments["labels"],
+                                              loss_arguments.get("shift_labels"))
         loss = self.loss.of_hidden_states(hidden, target, loss_arguments.get("num_items_in_batch"),
                                           loss_arguments.get("ignore_index", -100))
         # (a state-space model's outputs have no attentions)

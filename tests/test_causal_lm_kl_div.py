@@ -80,6 +80,18 @@ def test_an_ignore_index_masks_its_positions():
     assert_same_kl_and_gradients(model, fused, logits_kl(model, teacher, relabelled, ignore_index=5))
 
 
+def test_shift_labels_given_with_labels_say_which_positions_count():
+    """labels and shift_labels both, as a Trainer under context parallelism passes them: shift_labels' positions
+    count, as the model's own loss takes shift_labels as its targets (the batch was refused, "got both")."""
+    model, teacher = tiny_llama(VOCAB), tiny_llama(VOCAB, seed=1)
+    inputs = batch(seed=12)
+    counted = inputs["labels"].clone()
+    counted[:, 3:6] = -100   # other positions than labels' count
+    shift_labels = torch.nn.functional.pad(counted[:, 1:], (0, 1), value=-100)
+    fused = CausalLMKLDiv(model, teacher, backend="torch")(**inputs, shift_labels=shift_labels)
+    assert_same_kl_and_gradients(model, fused, logits_kl(model, teacher, {**inputs, "labels": counted}))
+
+
 def test_a_reference_in_training_mode_runs_without_dropout_and_keeps_its_mode():
     """A frozen copy made while the model trained (what a Trainer leaves) with attention dropout: its P is the
     eval-mode one at every call, and it is in training mode again after."""

@@ -207,6 +207,17 @@ def test_shift_labels_are_targets_of_every_position():
     assert_same_loss_and_gradients(model, fused, expected)
 
 
+def test_shift_labels_given_with_labels_are_the_targets_as_in_the_models_forward():
+    """labels and shift_labels both, as a Trainer under context parallelism passes them (it adds shift_labels and
+    keeps labels): the model's own loss, which takes shift_labels as its targets; the batch was refused ("got
+    both")."""
+    model = tiny_llama(VOCAB)
+    inputs = batch(seed=2)
+    shift_labels = torch.nn.functional.pad(inputs["labels"][:, 2:], (0, 2), value=7)   # other targets than labels'
+    fused = CausalLMLoss(model, backend="torch")(**inputs, shift_labels=shift_labels)
+    assert_same_loss_and_gradients(model, fused, model(**inputs, shift_labels=shift_labels).loss)
+
+
 def test_the_triton_kernels_give_the_models_loss():
     """The Triton backend (on a GPU, else in the interpreter) on the same batch, with an lm_head bias."""
     model = tiny_phi(VOCAB).to(TRITON_DEVICE)
@@ -331,8 +342,8 @@ def test_a_return_dict_input_gives_the_same_loss():
 
 
 @pytest.mark.parametrize("labels, shift_labels, message", [
-    (None, None, "exactly one of labels .* and shift_labels .* needed, got neither"),
-    ("ids", "ids", "got both"),
+    (None, None, r"labels \(aligned with the inputs\) or shift_labels \(already shifted\) is needed, got neither"),
+    ("ids", "short", r"shift_labels must be an integer tensor of the inputs' shape \(3, 9\), got \(3, 8\)"),
     ("short", None, r"labels must be an integer tensor of the inputs' shape \(3, 9\), got \(3, 8\)"),
     (None, "float", r"shift_labels must be an integer tensor .* torch.float32"),
     ("mask", None, r"labels must be an integer tensor .* torch.bool"),   # a mask where the ids belong: not 0 and 1
