@@ -1,8 +1,10 @@
 """Triton kernels of fastalign, one file per kernel family, installed as `fastalign.kernels`.
 
 Each kernel family's module (linear_cross_entropy, linear_kl_div, paged_attention) holds the @triton.jit kernels
-and the host-side launchers that the ops in `fastalign.ops` dispatch to (rms_norm and rotary: those that the paged
-model runner calls, `fastalign.runtime.rms_norms` and `.rotary`; kahan_adamw: the step of `fastalign.KahanAdamW`);
+and the host-side launchers that the ops in `fastalign.ops` dispatch to (rms_norm, rotary and gated_activation: those
+that the paged model runner calls, `fastalign.runtime.rms_norms`, `.rotary` and `.gated_mlps`, rms_norm and
+gated_activation also those of the training ops `fastalign.ops.rms_norm` and `.gated_linear`; kahan_adamw: the step
+of `fastalign.KahanAdamW`);
 linear_softmax_tiles, chunked_backward and device_guard are parts they share, interpreter_fixes serves the CPU
 interpreter. Importing a module here requires triton.
 Every launch passes enable_fp_fusion (True: multiply-adds contracted to FMA; False in the rotary and Kahan AdamW
