@@ -32,7 +32,7 @@ loss whose backward only scales them): there a block of rows takes its logits ov
 from a library matmul, in fp32 (library_logits), the loss's kernels read them from that buffer instead of
 recomputing them, and the block is the one chunk of its segment (row_block_plan). That does the work of one
 product fewer (6 N H V multiply-adds counted twice, against 8 N H V for a forward and a backward that recomputes),
-for a buffer of whole rows: about 6 bytes per logit of a block (fp32 logits, a 16-bit G), two fp32 logits more per
+for a buffer of whole rows: about 6 bytes per logit of a block (fp32 logits, a 16-bit G), one fp32 logit more per
 word for the KL's reference head.
 
 fp16 has too little range for G itself (grad_scale is often ~1e-4 / tokens): in fp16 the kernels write

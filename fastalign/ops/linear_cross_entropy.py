@@ -99,8 +99,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     data-dependent row gather and kernel launches, and tracing into them crashed under the Triton interpreter.
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
     grads_in_forward: True takes the gradients in the forward pass (reduction "sum" or "mean", not float16, when a
-    gradient is to be taken), from blocks of whole logits rows (about 6 bytes per logit of a block, ~190 MiB), one
-    product with the weight fewer; the backward scales them, and can run once. See fastalign/ops/forward_gradients.py.
+    gradient is to be taken), from blocks of whole logits rows (the Triton backend's: fp32 logits and the gradient in
+    the inputs' dtype, 6 bytes a logit in bf16, at V 128256 256 rows, ~188 MiB; more rows past 32 blocks), one product
+    with the weight fewer; the backward scales them, and can run once. See fastalign/ops/forward_gradients.py.
     """
     tokens = token_dims("hidden", hidden)
     check_token_shape("target", target, tokens)

@@ -116,8 +116,9 @@ def linear_kl_div(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.
     into them crashed under the Triton interpreter.
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
     grads_in_forward: True takes the gradients in the forward pass (reduction "sum" or "mean", not float16, when a
-    gradient is to be taken), from blocks of whole logits rows of both heads (about 10 bytes per logit of a block,
-    ~190 MiB), two products with the weight fewer; the backward scales them, and can run once. See
+    gradient is to be taken), from blocks of whole logits rows of both heads (the Triton backend's: their fp32 logits
+    and the gradient in the inputs' dtype, 10 bytes a logit in bf16, at V 128256 128 rows, ~157 MiB; more rows past
+    32 blocks), two products with the weight fewer; the backward scales them, and can run once. See
     fastalign/ops/forward_gradients.py.
     """
     tokens = token_dims("hidden", hidden)

@@ -186,8 +186,9 @@ def register(subparsers) -> argparse.ArgumentParser:
       "FSDP or --grad-accum above 1)")
     g("--grads-in-forward", action=argparse.BooleanOptionalAction,
       help="the fused losses take their gradients in the forward pass, from blocks of whole logits rows: one product "
-      "with the lm_head fewer (a quarter of the cross-entropy's work, a third of the KL's), for ~190 MiB of rows "
-      "per loss call and the gradients (the lm_head's too, where it trains) held from the forward to the backward "
+      "with the lm_head fewer (a quarter of the cross-entropy's work, a third of the KL's), for a buffer of rows "
+      "per loss call (at a 128k vocabulary in bf16 ~188 MiB for the cross-entropy, ~157 MiB for the KL; more past "
+      "32 blocks of rows) and the gradients (the lm_head's too, where it trains) held from the forward to the backward "
       "(default: off)")
     g("--fused-layers", action=argparse.BooleanOptionalAction,
       help="the model's RMSNorms and gated MLPs (SwiGLU, GeGLU) run as fastalign's training ops: a norm keeps its "
