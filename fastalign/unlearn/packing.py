@@ -85,8 +85,9 @@ class PackedRows:
 
 def pack_rows(input_ids: torch.Tensor, lengths: Sequence[int], capacity: int) -> PackedRows:
     """Packs the first lengths[b] tokens of each row b of input_ids [B, T] (integer token ids; lengths: B integers in
-    [0, T], a row of length 0 packed as nothing) into packed rows of at most `capacity` positions (see
-    `SortedRows.place`)."""
+    [0, T], a row of length 0 packed as nothing) into packed rows whose tokens take at most `capacity` positions each
+    (see `SortedRows.place`), all padded to the widest one's tokens rounded up to a multiple of WIDTH_ALIGN: a width
+    that can exceed `capacity`."""
     rows = SortedRows(input_ids, lengths)
     return rows.layout(rows.place(capacity))
 

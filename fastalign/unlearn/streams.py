@@ -111,7 +111,7 @@ class UnlearningStreams:
     rendering of that prompt with that answer, truncated to max_length) and normal_batch_size normal
     rows. A prompt's K mismatch answers are K different pool answers (as the reference's random.sample
     draws them), repeats coming only from a pool smaller than K. A stream is left out when it has no data
-    (normal=None, pool=None or mismatch_per_prompt=0).
+    (normal=None, mismatch_pool=None or mismatch_per_prompt=0).
     skipped: how many examples of each stream were dropped while loading (recorded with the run).
     """
 
