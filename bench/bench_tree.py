@@ -60,6 +60,7 @@ from bench import harness  # noqa: E402
 
 from fastalign.ops.backend import triton_interpreting  # noqa: E402
 from fastalign.ops.paged_attention import check_paged_metadata, paged_attention, plan_shared_prefix  # noqa: E402
+from fastalign.runtime.graphed_forward import capture_cuda_graph  # noqa: E402
 
 BANDWIDTH_TARGET = 0.6  # issue 3: decode attention reaches 60% of measured HBM bandwidth (unique KV bytes)
 BATCHED_EXTEND_TARGET = 1.5  # 10 children x 10 tokens cost at most 1.5x one child x 10 tokens
@@ -141,20 +142,12 @@ def per_call_us(fn, device, iters):
     eager = harness.median_ms(lambda: [fn(i) for i in range(iters)], device) * 1e3 / iters
     if torch.device(device).type != "cuda":
         return None, eager
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        fn(0)
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            for i in range(iters):
-                fn(i)
+    try:   # on the device's own stream, with it current (as TreeRunner's graphs: graphed_forward.py)
+        replay, _ = capture_cuda_graph(lambda: [fn(i) for i in range(iters)], None, torch.device(device))
     except RuntimeError as err:
         print(f"  (CUDA graph capture failed: {err}; graph time left empty)")
         return None, eager
-    return harness.median_ms(graph.replay, device) * 1e3 / iters, eager
+    return harness.median_ms(replay, device) * 1e3 / iters, eager
 
 
 def attention_rows(args, device, dtype, copy_gbs, report=lambda rows: None):

@@ -19,6 +19,7 @@ model whose forward cannot be captured (a mixture of experts routes tokens with 
 from its first failed capture on, with a warning.
 """
 import collections
+import functools
 import time
 import warnings
 
@@ -35,23 +36,33 @@ def bucket(n, least):
     return max(least, 1 << max(n - 1, 0).bit_length())
 
 
-def capture_cuda_graph(forward, memory_pool):
-    """(replay, outputs): `forward()` run once on a side stream (its Triton kernels compiled, lazily made state
-    made), then captured into a CUDA graph whose replays refill `outputs` in place."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        forward()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=memory_pool):
-        outputs = forward()
+_capture_streams = {}   # device index -> the side stream its graphs are warmed up and captured on
+
+
+def capture_cuda_graph(forward, memory_pool, device):
+    """(replay, outputs): `forward()` run once (its Triton kernels compiled, lazily made state made), then captured
+    into a CUDA graph whose replays refill `outputs` in place; both on a side stream of `device`, made current (the
+    forward's kernels go to its device's current stream: a graph captured on another device's stream records none).
+    One stream per device, so that the graphs sharing `memory_pool` reuse its blocks (torch.cuda.graph's note)."""
+    with torch.cuda.device(device):
+        index = torch.cuda.current_device()
+        if index not in _capture_streams:
+            _capture_streams[index] = torch.cuda.Stream()
+        stream = _capture_streams[index]
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=memory_pool, stream=stream):
+            outputs = forward()
     return graph.replay, outputs
 
 
 def capture_for(device):
-    """How a forward is captured on `device`, or None where graphs are not available (off CUDA)."""
-    return capture_cuda_graph if device.type == "cuda" else None
+    """How a forward is captured on `device` (capture(forward, memory_pool) -> (replay, outputs)), or None where
+    graphs are not available (off CUDA)."""
+    return functools.partial(capture_cuda_graph, device=device) if device.type == "cuda" else None
 
 
 class _Graph:

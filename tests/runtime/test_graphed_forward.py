@@ -2,6 +2,9 @@
 neither a real token nor a span's K/V. Off CUDA a graph is stood in for by `replay_eagerly`, which runs the captured
 forward again on the same static tensors: that checks the buckets, the padding and the scratch block; on CUDA
 (-m gpu) real CUDA graphs are captured and replayed."""
+import contextlib
+import threading
+
 import pytest
 import torch
 
@@ -30,6 +33,121 @@ def graph_device(request, monkeypatch):
     if request.param != "cuda":
         monkeypatch.setattr(graphed_forward, "capture_for", lambda device: replay_eagerly)
     return request.param
+
+
+class FakeStream:
+    def __init__(self, device):
+        self.device = device
+
+    def wait_stream(self, stream):
+        pass
+
+
+class FakeCuda:
+    """torch.cuda's devices, streams and graph capture as far as capture_cuda_graph uses them, on the CPU (devices are
+    indices): each thread's current device and each device's current stream, torch.cuda.set_stream making the
+    stream's device current, and torch.cuda.graph capturing on its `stream` or else on a class-wide stream made on
+    the device current at its first use."""
+
+    def __init__(self, monkeypatch):
+        self.local = threading.local()
+        self.default_capture_stream = None
+        self.graphs = []
+        for name in ("current_device", "device", "Stream", "current_stream", "set_stream", "stream", "CUDAGraph",
+                     "graph"):
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+        monkeypatch.setattr(graphed_forward, "_capture_streams", {})
+
+    def _thread(self):
+        if not hasattr(self.local, "device"):
+            self.local.device, self.local.streams = 0, {}
+        return self.local
+
+    def current_device(self):
+        return self._thread().device
+
+    @contextlib.contextmanager
+    def device(self, device):
+        thread = self._thread()
+        previous, thread.device = thread.device, torch.device(device).index
+        try:
+            yield
+        finally:
+            thread.device = previous
+
+    def Stream(self):   # noqa: N802 -- torch.cuda's name
+        return FakeStream(self.current_device())
+
+    def current_stream(self, device=None):
+        index = self.current_device() if device is None else device
+        return self._thread().streams.setdefault(index, FakeStream(index))
+
+    def set_stream(self, stream):
+        self._thread().device = stream.device
+        self._thread().streams[stream.device] = stream
+
+    @contextlib.contextmanager
+    def stream(self, stream):
+        previous, previous_there = self.current_stream(), self.current_stream(stream.device)
+        self.set_stream(stream)
+        try:
+            yield
+        finally:
+            self.set_stream(previous_there)
+            self.set_stream(previous)
+
+    def CUDAGraph(self):   # noqa: N802 -- torch.cuda's name
+        graph = type("FakeGraph", (), {"replay": lambda self: None, "stream": None})()
+        self.graphs.append(graph)
+        return graph
+
+    @contextlib.contextmanager
+    def graph(self, cuda_graph, pool=None, stream=None):
+        if stream is None:
+            if self.default_capture_stream is None:
+                self.default_capture_stream = self.Stream()
+            stream = self.default_capture_stream
+        cuda_graph.stream = stream
+        with self.stream(stream):
+            yield
+
+
+def test_a_model_on_a_device_that_is_not_current_is_captured_on_a_stream_of_its_device(monkeypatch):
+    """A model on cuda:1 while cuda:0 is current (`fastalign rain --device cuda:1 --cuda-graphs`): torch.cuda.graph
+    captured on a stream of cuda:0 while the forward's kernels went to cuda:1's current stream, so the graph was
+    empty and every replay of its bucket returned the logits of the bucket's first call (torch.cuda.graph's own stream
+    is made on the device current at its first capture: a model on cuda:0 captured before cuda:1's)."""
+    cuda = FakeCuda(monkeypatch)
+    streams, callers = [], (torch.cuda.current_stream(0), torch.cuda.current_stream(1))
+
+    def forward():
+        streams.append(torch.cuda.current_stream(1))   # where the kernels of a model on cuda:1 go
+        return (torch.zeros(1),)
+    graphed_forward.capture_for(torch.device("cuda", 0))(lambda: (torch.zeros(1),), None)   # a model on cuda:0 first
+    graphed_forward.capture_for(torch.device("cuda", 1))(forward, None)
+    warm_up, captured = streams
+    assert captured is cuda.graphs[1].stream and captured.device == 1, "the forward's kernels were not captured"
+    assert warm_up is not callers[1], "the warm-up ran on the caller's stream, not a side stream"
+    assert torch.cuda.current_device() == 0 and (torch.cuda.current_stream(0), torch.cuda.current_stream(1)) == callers
+
+
+@requires_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_graphs_of_a_model_on_a_device_that_is_not_current_give_its_logits():
+    """The test above on two GPUs: a model on cuda:1 with cuda:0 current; its bucket's replays give its logits and
+    write its K/V."""
+    torch.cuda.set_device(0)
+    model = tiny_model("llama-gqa-untied", device="cuda:1")
+    runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="triton", cuda_graphs=True)
+    root = runner.prefill(list(range(1, 12)))
+    for token in (5, 6, 7, 8):   # one bucket: the first call captures it, the others replay it
+        (child,), logits = runner.extend([root], [[token]])
+        assert (logits[0] - reference(model, child)[0][-1]).abs().max() <= 1e-4, f"token {token}: not its logits"
+        runner.release(child)
+    (child,), _ = runner.extend([root], [[9, 10]])     # its K/V must be in the pool for the grandchild
+    (grandchild,), logits = runner.extend([child], [[11]])
+    assert (logits[0] - reference(model, grandchild)[0][-1]).abs().max() <= 1e-4
+    assert runner.model_runner.replays >= 4 and runner.model_runner.refused is None
 
 
 def test_buckets_are_powers_of_two_from_the_least():
