@@ -45,17 +45,20 @@ def capture_cuda_graph(forward, memory_pool, device):
     forward's kernels go to its device's current stream: a graph captured on another device's stream records none).
     One stream per device, so that the graphs sharing `memory_pool` reuse its blocks (torch.cuda.graph's note)."""
     with torch.cuda.device(device):
-        index = torch.cuda.current_device()
+        index, caller = torch.cuda.current_device(), torch.cuda.current_stream()
         if index not in _capture_streams:
             _capture_streams[index] = torch.cuda.Stream()
         stream = _capture_streams[index]
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=memory_pool, stream=stream):
-            outputs = forward()
+        try:
+            stream.wait_stream(caller)
+            with torch.cuda.stream(stream):
+                forward()
+            caller.wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=memory_pool, stream=stream):
+                outputs = forward()
+        finally:   # a capture that fails (a sync inside it) raises from torch.cuda.graph's exit before it restores
+            torch.cuda.set_stream(caller)   # the stream: the thread's later kernels would all go to the capture's
     return graph.replay, outputs
 
 

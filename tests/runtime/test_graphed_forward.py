@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastalign import TreeRunner
 from fastalign.runtime import graphed_forward
@@ -47,9 +48,10 @@ class FakeCuda:
     """torch.cuda's devices, streams and graph capture as far as capture_cuda_graph uses them, on the CPU (devices are
     indices): each thread's current device and each device's current stream, torch.cuda.set_stream making the
     stream's device current, and torch.cuda.graph capturing on its `stream` or else on a class-wide stream made on
-    the device current at its first use."""
+    the device current at its first use, whose exit leaves its stream current where ending the capture fails."""
 
     def __init__(self, monkeypatch):
+        self.capture_fails = False   # capture_end raising, as for a capture that a sync inside it invalidated
         self.local = threading.local()
         self.default_capture_stream = None
         self.graphs = []
@@ -86,15 +88,18 @@ class FakeCuda:
         self._thread().device = stream.device
         self._thread().streams[stream.device] = stream
 
-    @contextlib.contextmanager
     def stream(self, stream):
-        previous, previous_there = self.current_stream(), self.current_stream(stream.device)
-        self.set_stream(stream)
-        try:
-            yield
-        finally:
-            self.set_stream(previous_there)
-            self.set_stream(previous)
+        cuda = self
+
+        class StreamContext:   # a class, as torch's: one left unexited restores nothing when collected
+            def __enter__(self):
+                self.previous, self.previous_there = cuda.current_stream(), cuda.current_stream(stream.device)
+                cuda.set_stream(stream)
+
+            def __exit__(self, *exc):
+                cuda.set_stream(self.previous_there)
+                cuda.set_stream(self.previous)
+        return StreamContext()
 
     def CUDAGraph(self):   # noqa: N802 -- torch.cuda's name
         graph = type("FakeGraph", (), {"replay": lambda self: None, "stream": None})()
@@ -108,8 +113,14 @@ class FakeCuda:
                 self.default_capture_stream = self.Stream()
             stream = self.default_capture_stream
         cuda_graph.stream = stream
-        with self.stream(stream):
+        selected = self.stream(stream)
+        selected.__enter__()
+        try:
             yield
+        finally:
+            if self.capture_fails:   # torch.cuda.graph's __exit__ calls capture_end before it restores the stream
+                raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+            selected.__exit__(None, None, None)
 
 
 def test_a_model_on_a_device_that_is_not_current_is_captured_on_a_stream_of_its_device(monkeypatch):
@@ -129,6 +140,36 @@ def test_a_model_on_a_device_that_is_not_current_is_captured_on_a_stream_of_its_
     assert captured is cuda.graphs[1].stream and captured.device == 1, "the forward's kernels were not captured"
     assert warm_up is not callers[1], "the warm-up ran on the caller's stream, not a side stream"
     assert torch.cuda.current_device() == 0 and (torch.cuda.current_stream(0), torch.cuda.current_stream(1)) == callers
+
+
+def test_a_failed_capture_leaves_the_callers_streams_current(monkeypatch):
+    """A forward that cannot be captured (a device sync inside it) makes capture_end raise from torch.cuda.graph's
+    __exit__ before it restores the stream it set: the thread was left with the capture's stream current, every
+    later kernel of the runner and its caller going there beside memory handed out on their own stream."""
+    cuda = FakeCuda(monkeypatch)
+    cuda.capture_fails = True
+    callers = torch.cuda.current_stream(0), torch.cuda.current_stream(1)
+    with pytest.raises(RuntimeError, match="when stream is capturing"):
+        graphed_forward.capture_for(torch.device("cuda", 1))(lambda: (torch.zeros(1),), None)
+    assert torch.cuda.current_device() == 0 and (torch.cuda.current_stream(0), torch.cuda.current_stream(1)) == callers
+
+
+@requires_cuda
+def test_a_refused_capture_leaves_the_callers_stream_current():
+    """The test above on a GPU: a Llama with dynamic RoPE, whose rotary embedding compares max(position_ids) with its
+    cached length on the host, cannot be captured; the runner runs it eagerly, on the caller's stream."""
+    config = LlamaConfig(vocab_size=64, max_position_embeddings=64, hidden_size=48, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 500.0})
+    model = LlamaForCausalLM(config).to("cuda").eval()
+    runner = TreeRunner(model, max_tokens=128, block_size=4, attention_backend="triton", cuda_graphs=True)
+    stream = torch.cuda.current_stream()
+    with pytest.warns(UserWarning, match="could not be captured"):
+        root = runner.prefill([1, 2, 3])
+    assert runner.model_runner.refused is not None
+    assert torch.cuda.current_stream() == stream, "the capture's stream is still the current stream"
+    (child,), logits = runner.extend([root], [[4, 5]])
+    assert (logits[0] - reference(model, child)[0][-1]).abs().max() <= 1e-4
 
 
 @requires_cuda
