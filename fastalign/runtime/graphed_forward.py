@@ -20,6 +20,7 @@ from its first failed capture on, with a warning.
 """
 import collections
 import functools
+import threading
 import time
 import warnings
 
@@ -37,14 +38,18 @@ def bucket(n, least):
 
 
 _capture_streams = {}   # device index -> the side stream its graphs are warmed up and captured on
+# PyTorch allows one capture at a time in the process: the runners of several threads (on one model or not) take turns
+_capture_lock = threading.Lock()
 
 
 def capture_cuda_graph(forward, memory_pool, device):
     """(replay, outputs): `forward()` run once (its Triton kernels compiled, lazily made state made), then captured
     into a CUDA graph whose replays refill `outputs` in place; both on a side stream of `device`, made current (the
     forward's kernels go to its device's current stream: a graph captured on another device's stream records none).
-    One stream per device, so that the graphs sharing `memory_pool` reuse its blocks (torch.cuda.graph's note)."""
-    with torch.cuda.device(device):
+    One stream per device, so that the graphs sharing `memory_pool` reuse its blocks (torch.cuda.graph's note).
+    One warm-up and capture at a time (_capture_lock; they share the stream), in "thread_local" mode: in torch's
+    default "global" mode another thread's eager call beside it (a cudaMalloc) failed, and invalidated it."""
+    with _capture_lock, torch.cuda.device(device):
         index, caller = torch.cuda.current_device(), torch.cuda.current_stream()
         if index not in _capture_streams:
             _capture_streams[index] = torch.cuda.Stream()
@@ -55,7 +60,7 @@ def capture_cuda_graph(forward, memory_pool, device):
                 forward()
             caller.wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=memory_pool, stream=stream):
+            with torch.cuda.graph(graph, pool=memory_pool, stream=stream, capture_error_mode="thread_local"):
                 outputs = forward()
         finally:   # a capture that fails (a sync inside it) raises from torch.cuda.graph's exit before it restores
             torch.cuda.set_stream(caller)   # the stream: the thread's later kernels would all go to the capture's

@@ -4,6 +4,7 @@ forward again on the same static tensors: that checks the buckets, the padding a
 (-m gpu) real CUDA graphs are captured and replayed."""
 import contextlib
 import threading
+import time
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ class FakeCuda:
         self.capture_fails = False   # capture_end raising, as for a capture that a sync inside it invalidated
         self.local = threading.local()
         self.default_capture_stream = None
-        self.graphs = []
+        self.graphs, self.capture_modes = [], []
         for name in ("current_device", "device", "Stream", "current_stream", "set_stream", "stream", "CUDAGraph",
                      "graph"):
             monkeypatch.setattr(torch.cuda, name, getattr(self, name))
@@ -107,7 +108,8 @@ class FakeCuda:
         return graph
 
     @contextlib.contextmanager
-    def graph(self, cuda_graph, pool=None, stream=None):
+    def graph(self, cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+        self.capture_modes.append(capture_error_mode)
         if stream is None:
             if self.default_capture_stream is None:
                 self.default_capture_stream = self.Stream()
@@ -152,6 +154,65 @@ def test_a_failed_capture_leaves_the_callers_streams_current(monkeypatch):
     with pytest.raises(RuntimeError, match="when stream is capturing"):
         graphed_forward.capture_for(torch.device("cuda", 1))(lambda: (torch.zeros(1),), None)
     assert torch.cuda.current_device() == 0 and (torch.cuda.current_stream(0), torch.cuda.current_stream(1)) == callers
+
+
+def test_captures_of_two_threads_take_turns_in_thread_local_mode(monkeypatch):
+    """Runners of two threads (on one model, as TreeRunner's docstring allows) with cuda_graphs=True captured at once
+    on one stream, where PyTorch allows one capture at a time in the process; and in torch's default "global" mode
+    another thread's eager call that allocates beside a capture fails, and invalidates the capture."""
+    cuda = FakeCuda(monkeypatch)
+    inside, most, count_lock, start = [0], [0], threading.Lock(), threading.Barrier(2)
+
+    def forward():
+        with count_lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.05)   # room for the other thread to come in
+        with count_lock:
+            inside[0] -= 1
+        return (torch.zeros(1),)
+
+    def capture():
+        start.wait()
+        graphed_forward.capture_for(torch.device("cuda", 0))(forward, None)
+    threads = [threading.Thread(target=capture) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(cuda.graphs) == 2 and most[0] == 1, "two warm-ups or captures ran at once"
+    assert cuda.capture_modes == ["thread_local"] * 2
+
+
+@requires_cuda
+def test_runners_with_graphs_in_two_threads_on_one_model_give_its_logits():
+    """The test above on a GPU: two threads' runners on one model, with calls of many buckets, each captured beside
+    the other thread's captures and eager calls."""
+    model = tiny_model("llama-gqa-untied", device="cuda")
+    errors, start = [], threading.Barrier(2)
+
+    def work(seed):
+        try:
+            runner = TreeRunner(model, max_tokens=2048, block_size=4, attention_backend="triton", cuda_graphs=True)
+            root = runner.prefill(list(range(1, 40)))
+            start.wait()
+            for step in range(30):
+                n = 1 + (step * 7 + seed) % 40
+                (child,), logits = runner.extend([root], [[(seed + t) % 50 + 1 for t in range(n)]])
+                if (logits[0] - reference(model, child)[0][-1]).abs().max() > 1e-4:
+                    errors.append(f"thread {seed} step {step}: wrong logits")
+                runner.release(child)
+            if runner.model_runner.refused is not None:
+                errors.append(f"thread {seed}: graphs refused: {runner.model_runner.refused}")
+        except Exception as err:   # noqa: BLE001 -- reported below
+            errors.append(f"thread {seed}: {type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
 
 
 @requires_cuda
