@@ -137,26 +137,42 @@ def require_extras(config: UnlearnConfig) -> None:
         _require(module)
 
 
-def _torch_rng_state() -> dict:
-    """The states of torch's generators (CPU, every CUDA device's): what LoRA's initialisation and dropout draw from."""
+def _torch_rng_state(device: torch.device) -> dict:
+    """The states of torch's generators that a run on `device` draws from (LoRA's initialisation and dropout): the
+    CPU's and, on CUDA, that device's alone (every GPU's that the process saw could not be restored by a process that
+    sees fewer, or sees them in another order)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _rng_state() -> dict:
-    return {**_torch_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+def _rng_state(device: torch.device) -> dict:
+    return {**_torch_rng_state(device), "python": random.getstate(), "numpy": np.random.get_state()}
 
 
-def _set_rng_state(state: dict) -> None:
-    """Sets the generators whose states `state` holds (_rng_state's, or _torch_rng_state's alone)."""
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    """Sets the generators whose states `state` holds (_rng_state's, or _torch_rng_state's alone) for a run on
+    `device`."""
     torch.set_rng_state(state["torch"])
     if "python" in state:
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(_cuda_rng_state(state["cuda"], device), device)
+
+
+def _cuda_rng_state(saved, device: torch.device) -> torch.Tensor:
+    """`device`'s CUDA generator state out of a checkpoint's: its own, or of a checkpoint written before 2026-12-07
+    (a list of every GPU's the process saw) the state at `device`'s index."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= len(saved):
+        raise ValueError(f"cannot restore the CUDA generator of {device} (index {index}): the checkpoint, written "
+                         f"before 2026-12-07, holds the states of the {len(saved)} GPU(s) its process saw; resume it "
+                         f"with each process on a GPU of index below {len(saved)} (CUDA_VISIBLE_DEVICES)")
+    return saved[index]
 
 
 def _check_launch(accelerator, precision: str) -> None:
@@ -350,7 +366,7 @@ class UnlearningTrainer:
         _check_trainable_dtypes(self.model)
         # where a fresh run's dropout starts drawing (train() goes back to it: a caller's own draws in between must
         # not change the run)
-        self._fresh_rng = _torch_rng_state()
+        self._fresh_rng = _torch_rng_state(self.accelerator.device)
         if self.sharded:
             check_flat_units(self.model, self.accelerator.state.fsdp_plugin)
         check_fused_logits(self.model)  # before train() writes anything
@@ -434,7 +450,7 @@ class UnlearningTrainer:
             os.makedirs(out, exist_ok=True)
             remove_stale_temporaries(out)
 
-        _set_rng_state(self._fresh_rng)  # a resume then restores its checkpoint's
+        _set_rng_state(self._fresh_rng, acc.device)  # a resume then restores its checkpoint's
         objective, optimizer = self._prepare_objective()
         optimizer.zero_grad(set_to_none=True)   # a step an exception stopped left its micro-batches' gradients
         # linear to 0, no warm-up (SPEC §1); on the torch optimizer, whose step() the step in the backward calls too
@@ -629,7 +645,7 @@ class UnlearningTrainer:
         # the checkpoint's lr follows its own max_steps; this run's (a resume may change it) rules from here on
         for group, base_lr, lr_lambda in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base_lr * lr_lambda(scheduler.last_epoch)
-        _set_rng_state(rank_state)
+        _set_rng_state(rank_state, self.accelerator.device)
         last = state.get("last")  # unrecorded before 2026-12-01
         return state["step"], ComputeTotals(**state["compute"]), StepRecord(**last) if last else None
 
@@ -647,7 +663,7 @@ class UnlearningTrainer:
                  "trainable": trainable_state(objective),
                  "optimizer": optimizer_state(objective, _torch_optimizer(optimizer)),
                  "scheduler": scheduler.state_dict()}
-        write_checkpoint(self.config.output_dir, step, state, _rng_state(), rank=acc.process_index,
+        write_checkpoint(self.config.output_dir, step, state, _rng_state(acc.device), rank=acc.process_index,
                          is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
                          keep=self.config.keep_checkpoints)
 
