@@ -89,8 +89,10 @@ class CachedReference:
     """Reference hidden states of every normal example, computed once, paired with a frozen lm_head.
 
     storage: where the cache lives through the run. 'device' (the lm_head's device) costs nothing per step; 'host'
-    keeps it in host memory (page-locked beside a CUDA device) and copies each batch's rows to the device
-    asynchronously, for a normal set whose cache (answer tokens x hidden size) does not fit beside the model.
+    keeps it in pageable host memory and copies each batch's rows to the device asynchronously (through a page-locked
+    buffer beside a CUDA device), for a normal set whose cache (answer tokens x hidden size) does not fit beside the
+    model. The cache itself is not page-locked: torch's pinned allocator rounds it up to a power of two (an 8.8 GB
+    cache would lock 16 GiB of host memory, beyond what num_bytes reports).
 
     At every call the lm_head weight and bias the objective passes in are checked: neither may require a
     gradient, and each must hold the values the cache was computed with (an optimizer step or any in-place
@@ -124,8 +126,7 @@ class CachedReference:
                 if self.hidden is None:   # its dtype is the decoder's output's
                     on_host = storage == "host" and weight.device.type != "cpu"
                     self.hidden = torch.empty((self.offsets[-1], rows.shape[1]), dtype=rows.dtype,
-                                              device="cpu" if on_host else weight.device,
-                                              pin_memory=on_host and weight.device.type == "cuda")
+                                              device="cpu" if on_host else weight.device)
                 self.hidden[start:start + len(rows)].copy_(rows)
 
     @property
@@ -148,7 +149,7 @@ class CachedReference:
             return torch.cat(parts), weight, bias
         # gathered into page-locked memory, whose copy to the device does not hold up the host
         staged = torch.empty((sum(map(len, parts)), self.hidden.shape[1]), dtype=self.hidden.dtype,
-                             pin_memory=self.hidden.is_pinned())
+                             pin_memory=weight.device.type == "cuda")
         return torch.cat(parts, out=staged).to(weight.device, non_blocking=True), weight, bias
 
 

@@ -111,17 +111,27 @@ def test_cached_reference_refuses_an_index_past_its_examples():
 
 
 @requires_cuda
-def test_cached_reference_in_host_memory_gives_the_device_caches_rows():
-    """storage='host' beside a CUDA model: the cache stays in page-locked host memory, and each call's rows reach
-    the device bit for bit as the device cache gives them."""
+def test_cached_reference_in_host_memory_gives_the_device_caches_rows(monkeypatch):
+    """storage='host' beside a CUDA model: the cache stays in pageable host memory (page-locked, the pinned allocator
+    rounded it up to a power of two: an 8.8 GB cache locked 16 GiB), each call's rows are gathered into a page-locked
+    buffer, and they reach the device bit for bit as the device cache gives them."""
     tokenizer = byte_bpe_tokenizer()
     model = tiny_llama(len(tokenizer)).requires_grad_(False).cuda()
     normal = list(tiny_streams(tokenizer).normal) * 4   # over several of the cache's batches of 3
     on_device, on_host = (CachedReference(model, normal, batch_size=3, storage=s) for s in ("device", "host"))
-    assert on_device.hidden.is_cuda and not on_host.hidden.is_cuda and on_host.hidden.is_pinned()
+    assert on_device.hidden.is_cuda and not on_host.hidden.is_cuda and not on_host.hidden.is_pinned()
+    assert on_host.num_bytes == on_device.num_bytes   # what it holds: no rounding up
     index = torch.tensor([2, 0, len(normal) - 1])
     expected = on_device(None, index, model.lm_head.weight)[0]
+    staged, cat = [], torch.cat
+
+    def cat_recording_out(tensors, *args, out=None, **kwargs):
+        if out is not None:
+            staged.append(out)
+        return cat(tensors, *args, out=out, **kwargs)
+    monkeypatch.setattr(torch, "cat", cat_recording_out)
     got = on_host(None, index, model.lm_head.weight)[0]
+    assert [buffer.is_pinned() for buffer in staged] == [True]
     assert got.is_cuda and torch.equal(got, expected)
 
 
