@@ -4,8 +4,10 @@ Under torchrun (WORLD_SIZE > 1) each process joins the default process group (NC
 CPU), takes every WORLD_SIZE-th prompt (prompt i goes to rank i % WORLD_SIZE) and appends its records to
 its own file <output>.rank<RANK> as each prompt finishes. At the end the ranks meet at a barrier and rank
 0 merges every rank file into <output> (in prompt order, skipping prompts already done there) and removes
-them. A killed run resumes with any number of processes: prompts recorded without an error in <output> or in
-any rank file are skipped, and the next merge collects the leftovers. A record a kill cut short (a file's last
+them. The ranks meet nowhere else, so those done first wait there for the slowest: the group's timeout is
+RANKS_MEET_TIMEOUT, where NCCL's default (10 minutes) had its watchdog kill a rank done 10 minutes early.
+A killed run resumes with any number of processes: prompts recorded without an error in <output> or in any
+rank file are skipped, and the next merge collects the leftovers. A record a kill cut short (a file's last
 line, without its newline) counts as not written, and is cut off before the next record is appended.
 
 A prompt whose record holds an error (a CUDA out-of-memory, an interrupted judge) is not done: a resumed run
@@ -14,6 +16,7 @@ and the last record of an index wins. A successful record is never followed by a
 so reading several files together (`latest_records`) the successful record wins whatever the files' order;
 the merge writes a rank file's record only for an index <output> holds no successful record of.
 """
+import datetime
 import glob
 import json
 import os
@@ -24,6 +27,8 @@ import torch
 import torch.distributed as dist
 
 from fastalign.unlearn.records import read_jsonl
+
+RANKS_MEET_TIMEOUT = datetime.timedelta(hours=24)   # how long a rank done with its prompts waits for the others
 
 
 @dataclass
@@ -55,9 +60,9 @@ def join_from_env() -> Placement:
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
-            dist.init_process_group("nccl")
+            dist.init_process_group("nccl", timeout=RANKS_MEET_TIMEOUT)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=RANKS_MEET_TIMEOUT)
     dist.barrier()   # NCCL connects lazily: without it, the other ranks would go on without rank 0
     return Placement(dist.get_rank(), dist.get_world_size(), local)
 

@@ -1,5 +1,6 @@
 """Placement of prompts over torchrun's processes (rain/distributed.py): which rank searches which prompt, which file
 it writes, the ranks read from the process group."""
+import datetime
 import json
 import re
 
@@ -66,12 +67,31 @@ def test_a_process_joins_nccl_on_its_nodes_device_where_cuda_is_present(monkeypa
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("device", device)))
-    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("group", backend)))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: calls.append(("group", backend)))
     monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
     monkeypatch.setattr(dist, "get_rank", lambda: 3)
     monkeypatch.setattr(dist, "get_world_size", lambda: 4)
     assert join_from_env() == Placement(rank=3, world_size=4, local_rank=1)
     assert calls == ([("device", 1), ("group", "nccl")] if cuda else [("group", "gloo")]) + ["barrier"]
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_the_ranks_done_first_wait_hours_for_the_slowest(monkeypatch, cuda):
+    """The ranks meet only at the end (gather, merge_rank_files), where those done first wait for the slowest: with
+    NCCL's default timeout its watchdog killed a rank done 10 minutes before the slowest (gloo's: 30 minutes)."""
+    import torch
+
+    timeouts = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **options: timeouts.append(options.get("timeout")))
+    monkeypatch.setattr(dist, "barrier", lambda: None)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    join_from_env()
+    assert timeouts == [datetime.timedelta(hours=24)]
 
 
 def test_rank_files_of_an_output_named_with_glob_characters_are_found_and_merged(tmp_path):
