@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import importlib
 import itertools
 import json
@@ -66,6 +67,10 @@ _PATH_SETTINGS = {"model", "forget", "normal", "mismatch_pool"}
 # accelerate's mixed_precision of each precision: the policy's forward runs under its autocast, the reference as the
 # precision says (_reference), so an accelerator given with another one would make P another model's
 _MIXED_PRECISION = {"fp32": "no", "bf16-mixed": "bf16", "bf16": "no"}
+# How long the processes wait for each other (the group's timeout; NCCL's default is 10 minutes): at a checkpoint's
+# barriers they wait while rank 0 writes state.pt, ~100 GB for an 8B model's weights and AdamW state, which a network
+# file system at 100 MB/s writes in 17 minutes
+_PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=2)
 
 
 @dataclass
@@ -197,19 +202,21 @@ def _check_launch(accelerator, precision: str) -> None:
 
 
 def _new_accelerator(precision: str):
-    """An Accelerator computing in `precision`'s mixed precision. accelerate keeps one state per process, which the
-    first Accelerator sets and later ones may not change: in a process of its own (no launcher), a trainer of another
-    precision than an earlier one's (a sweep in a notebook) resets it, where accelerate refused (train() then refuses
-    the earlier trainers, whose accelerators share the state)."""
+    """An Accelerator computing in `precision`'s mixed precision, whose process group (where it makes one) waits
+    _PROCESS_GROUP_TIMEOUT. accelerate keeps one state per process, which the first Accelerator sets and later ones
+    may not change: in a process of its own (no launcher), a trainer of another precision than an earlier one's (a
+    sweep in a notebook) resets it, where accelerate refused (train() then refuses the earlier trainers, whose
+    accelerators share the state)."""
     accelerate = _require("accelerate")
-    mixed = _MIXED_PRECISION[precision]
+    options = dict(mixed_precision=_MIXED_PRECISION[precision],
+                   kwargs_handlers=[accelerate.utils.InitProcessGroupKwargs(timeout=_PROCESS_GROUP_TIMEOUT)])
     try:
-        return accelerate.Accelerator(mixed_precision=mixed)
+        return accelerate.Accelerator(**options)
     except ValueError:   # "AcceleratorState has already been initialized and cannot be changed"
         if int(os.environ.get("WORLD_SIZE", "1")) != 1:
             raise
         accelerate.state.AcceleratorState._reset_state()
-        return accelerate.Accelerator(mixed_precision=mixed)
+        return accelerate.Accelerator(**options)
 
 
 def _check_not_dispatched(model, device) -> None:

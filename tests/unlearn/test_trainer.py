@@ -3,6 +3,7 @@ bit-identical resume after a kill, atomic checkpoints, and refusals of bad runs.
 import copy
 import gc
 import dataclasses
+import datetime
 import json
 import os
 import threading
@@ -1164,6 +1165,19 @@ def test_accelerate_gradient_accumulation_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"accelerate's gradient_accumulation_steps is 2.*grad_accum \(--grad-accum\)"):
         run(tmp_path)
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_the_trainers_process_group_waits_hours_for_a_checkpoints_write(monkeypatch):
+    """The processes wait at a checkpoint's barriers while rank 0 writes state.pt (an 8B model's weights and AdamW
+    state: ~100 GB): with NCCL's default timeout its watchdog killed every process of a run whose write took more
+    than 10 minutes."""
+    import accelerate
+
+    made = []
+    monkeypatch.setattr(accelerate, "Accelerator", lambda **options: made.append(options))
+    trainer_module._new_accelerator("fp32")
+    (handler,) = made[0]["kwargs_handlers"]
+    assert handler.to_kwargs() == {"timeout": datetime.timedelta(hours=2)}
 
 
 @pytest.mark.parametrize("precision, mixed_precision", [("fp32", "bf16"), ("bf16-mixed", "no"), ("bf16", "bf16")])
