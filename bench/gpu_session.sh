@@ -99,11 +99,13 @@ gpu_tests() {
     # (each run under its own limit, so that a slow first one leaves the second its time)
     step 110 "tests needing CUDA" bash -c "
         python3 -m pytest -v -n 12 -rfE -m gpu tests > $OUT/pytest-gpu.log 2>&1; tail -25 $OUT/pytest-gpu.log"
+    # (and the trainer's resume: on the GPU it saves and restores the CUDA generator, which LoRA's dropout draws from)
     step 90 "the Triton kernels, the runner's cascade, fused norms, rotation and MLP activation, the training layers" \
         bash -c "python3 -m pytest -v -n 12 -rfE -m 'not gpu' -k 'not compile_for_sm90' tests/kernels \
             tests/runtime/test_tree_runner_cascade.py tests/runtime/test_rms_norms.py tests/runtime/test_rotary.py \
             tests/runtime/test_gated_mlps.py tests/ops/test_rms_norm.py tests/ops/test_gated_linear.py \
             tests/unlearn/test_layer_stand_ins.py \
+            tests/unlearn/test_trainer.py::test_killed_and_resumed_run_is_bit_identical \
             tests/runtime/test_tree_runner.py::test_random_tree_on_the_triton_backend_matches_hugging_face_fp32 \
             tests/runtime/test_tree_runner.py::test_the_triton_backend_runs_no_norm_rotation_or_activation_op_of_torch \
             > $OUT/pytest-triton.log 2>&1; tail -8 $OUT/pytest-triton.log"
