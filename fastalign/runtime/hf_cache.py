@@ -67,6 +67,7 @@ class HFCacheModel:
         self.max_context = context_limit(model.config)
         self.span_tree = None   # set by the TreeRunner: which rows of a call build on which
         self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         # else rows with contexts of different lengths run apart; a model that counts positions itself counts the
         # padding too, where no probe of a few tokens sees it (Llama 4's temperature, which changes every 8192)
         self.pads_context = counted_positions_problem(model) is None and self._pads_exactly()
@@ -93,7 +94,8 @@ class HFCacheModel:
             level = level_of.get(start, -1) + 1
             level_of.update(dict.fromkeys(chain, level))
             groups.setdefault((level, new, context_alike(context, self.pads_context)), []).append(row)
-        outputs = [None] * len(seq_lens)   # per row: (logits, hidden) at its new tokens
+        kept = KeptLogits.of(self.keeps_logits, batch, select, logits_rows, want_logits)
+        hidden = [None] * len(seq_lens)   # per row: its last hidden states at its new tokens, where wanted
         for (_, new, *_), rows in sorted(groups.items(), key=lambda item: item[0][0]):   # first met first, per level
             contexts = [seq_lens[row] - new for row in rows]
             tokens = np.concatenate([np.arange(cu[row], cu[row + 1]) for row in rows])   # the group's, row by row
@@ -103,18 +105,18 @@ class HFCacheModel:
                 DynamicCache()
             arguments = LeftPadded.of(contexts, self.device, positions=self.takes_positions).arguments(new) or {
                 "attention_mask": torch.ones(len(rows), contexts[0] + new, dtype=torch.long, device=self.device)}
-            out = self.model(input_ids=batch.input_ids[token_index].view(len(rows), new), use_cache=True,
-                             **cache_kwargs(self.model, cache), **arguments,
-                             output_hidden_states=want_hidden and select is not None)
+            out = kept.forward(self.model, tokens.reshape(len(rows), new),
+                               input_ids=batch.input_ids[token_index].view(len(rows), new), use_cache=True,
+                               **cache_kwargs(self.model, cache), **arguments,
+                               output_hidden_states=want_hidden and select is not None)
             write_rows_kv(pool, batch, tokens, [(layer.keys[:, :, -new:], layer.values[:, :, -new:])
                                                 for layer in cache.layers])
-            if select is not None:
+            if want_hidden and select is not None:
                 for i, row in enumerate(rows):
-                    outputs[row] = (out.logits[i], out.hidden_states[-1][i] if want_hidden else None)
+                    hidden[row] = out.hidden_states[-1][i]
         if select is None:
             return None, None
-        logits, hidden = zip(*outputs)
-        return selected_outputs(logits, hidden, select, logits_rows, want_logits, want_hidden)
+        return kept.result(), torch.cat(hidden)[select] if want_hidden else None
 
     def _pads_exactly(self):
         """Whether two rows whose contexts (2 and 4 tokens, each run alone) sit left-padded in one cache, as
@@ -226,12 +228,56 @@ def agree_within_rounding(dtype, whole, *pairs):
     return all(float((a.float() - b.float()).abs().max() / scale) <= tolerance for a, b in pairs)
 
 
-def selected_outputs(logits, hidden, select, logits_rows, want_logits, want_hidden):
-    """(logits, hidden) of a row-by-row forward at the batch's token indices `select` from each row's outputs over
-    its new tokens (logits in float32, at select[logits_rows] when given; None where not wanted)."""
-    logits_at = select if logits_rows is None else select[logits_rows]
-    return (torch.cat(logits)[logits_at].float() if want_logits else None,
-            torch.cat(hidden)[select] if want_hidden else None)
+class KeptLogits:
+    """The logits a fallback's forwards return, at the batch's token indices select[logits_rows] (`select` where
+    logits_rows is None; none where no logits are wanted), each forward computing them at the input positions of
+    those tokens alone (logits_to_keep, where the model's forward takes it): TreeRunner.extend promises logits=None
+    not computed and "last" at the returned spans' last tokens, where every new token's would be [tokens, vocab]."""
+
+    def __init__(self, keeps_logits, at, num_tokens, device):
+        """keeps_logits: whether the model's forward takes logits_to_keep; at: the wanted tokens (host int array), or
+        None; num_tokens: the batch's."""
+        self.keeps_logits, self.at, self.device = keeps_logits, at, device
+        self.wanted = np.zeros(num_tokens + 1, dtype=bool)   # per batch token; the last: no token (-1)
+        if at is not None:
+            self.wanted[at] = True
+        self.tokens, self.logits = [], []   # the wanted tokens met so far, and their logits [tokens, vocab]
+
+    @classmethod
+    def of(cls, keeps_logits, batch, select, logits_rows, want_logits):
+        """The logits of a runner's forward(batch, pool, select, want_logits, want_hidden, logits_rows)."""
+        at = None if select is None or not want_logits else \
+            (select if logits_rows is None else select[logits_rows]).cpu().numpy()
+        return cls(keeps_logits, at, batch.num_tokens, batch.input_ids.device)
+
+    def forward(self, model, grid, **arguments):
+        """model(**arguments), whose input is `grid` [rows, length] (the batch token at each position, -1 where the
+        position holds none of the batch's new tokens), its logits kept at the positions of wanted tokens (at the last
+        position alone where none is); the wanted tokens' logits are kept here. Returns the model's output."""
+        length = grid.shape[1]
+        columns = np.flatnonzero(self.wanted[grid].any(0)) if self.keeps_logits else np.arange(length)
+        if len(columns) == 0 or columns[0] == length - len(columns):   # a suffix (an int, which every model takes)
+            count = max(len(columns), 1)
+            kept, columns = count, np.arange(length - count, length)
+        else:
+            kept = torch.from_numpy(columns).to(self.device)
+        out = model(**arguments, **(dict(logits_to_keep=kept) if self.keeps_logits else {}))
+        rows, places = np.nonzero(self.wanted[grid[:, columns]])
+        if len(rows):
+            self.tokens.append(grid[rows, columns[places]])
+            device = out.logits.device   # (the last layer's, for a model spread over devices)
+            self.logits.append(out.logits[torch.from_numpy(rows).to(device), torch.from_numpy(places).to(device)])
+        return out
+
+    def result(self):
+        """The logits [len(at), vocab] in float32 at the wanted tokens, in their order; None where none are wanted."""
+        if self.at is None:
+            return None
+        tokens = np.concatenate(self.tokens)
+        place = np.zeros(len(self.wanted), dtype=np.int64)   # batch token -> its row among the kept logits
+        place[tokens] = np.arange(len(tokens))
+        logits = torch.cat(self.logits)
+        return logits[torch.from_numpy(place[self.at]).to(logits.device)].float()
 
 
 def _rebuilt_cache_probe(model, probe):

@@ -11,11 +11,12 @@ evicted span writes its ids again and runs nothing; so does a call that asks for
 """
 import inspect
 
+import numpy as np
 import torch
 
 from fastalign.eval_mode import eval_mode
 from fastalign.model_vocabulary import input_vocabulary
-from fastalign.runtime.hf_cache import agree_within_rounding, selected_outputs
+from fastalign.runtime.hf_cache import KeptLogits, agree_within_rounding
 from fastalign.runtime.llama import context_limit
 
 
@@ -55,18 +56,19 @@ class HFRecomputeModel:
         by_length = {}   # rows of one length run as one batch (no padding): children extended alike, say
         for row, seq_len in enumerate(batch.host_seq_lens.tolist()):
             by_length.setdefault(seq_len, []).append(row)
-        outputs = [None] * len(cu[:-1])   # per row: (logits, hidden) at its new tokens
+        kept = KeptLogits.of(self.keeps_logits, batch, select, logits_rows, want_logits)
+        hidden = [None] * len(cu[:-1])   # per row: its last hidden states at its new tokens, where wanted
         with eval_mode(self.model):   # (TreeRunner runs it under no_grad)
             for seq_len, rows in by_length.items():
-                news = [cu[row + 1] - cu[row] for row in rows]
-                kept = dict(logits_to_keep=max(news)) if self.keeps_logits else {}   # not [rows, seq_len, vocab]
-                out = self.model(input_ids=self._sequences(ids, batch.block_table[rows], seq_len, pool.block_size),
-                                 use_cache=False, output_hidden_states=want_hidden, **kept)
-                for i, (row, new) in enumerate(zip(rows, news)):
-                    outputs[row] = (out.logits[i, out.logits.shape[1] - new:],
-                                    out.hidden_states[-1][i, seq_len - new:seq_len] if want_hidden else None)
-        logits, hidden = zip(*outputs)
-        return selected_outputs(logits, hidden, select, logits_rows, want_logits, want_hidden)
+                grid = np.full((len(rows), seq_len), -1)   # the batch token at each position: a row's new tokens last
+                for i, row in enumerate(rows):
+                    grid[i, seq_len - (cu[row + 1] - cu[row]):] = np.arange(cu[row], cu[row + 1])
+                out = kept.forward(self.model, grid, use_cache=False, output_hidden_states=want_hidden,
+                                   input_ids=self._sequences(ids, batch.block_table[rows], seq_len, pool.block_size))
+                if want_hidden:
+                    for i, row in enumerate(rows):
+                        hidden[row] = out.hidden_states[-1][i, seq_len - (cu[row + 1] - cu[row]):seq_len]
+        return kept.result(), torch.cat(hidden)[select] if want_hidden else None
 
     @staticmethod
     def _sequences(ids, block_rows, seq_len, block_size):

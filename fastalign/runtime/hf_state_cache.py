@@ -31,7 +31,7 @@ from transformers import DynamicCache
 
 from fastalign.eval_mode import eval_mode
 from fastalign.model_vocabulary import input_vocabulary
-from fastalign.runtime.hf_cache import agree_within_rounding, gathered_context, selected_outputs, write_rows_kv
+from fastalign.runtime.hf_cache import KeptLogits, agree_within_rounding, gathered_context, write_rows_kv
 from fastalign.runtime.hf_cache_argument import cache_kwargs, takes_a_cache
 from fastalign.runtime.llama import context_limit
 from fastalign.runtime.row_groups import LeftPadded, context_alike, left_padded_kv, row_chain
@@ -122,7 +122,8 @@ class HFStateCacheModel:
         of the call stores (of a span it makes, or whose tokens it runs again) is one level above that row."""
         cu, seq_lens = batch.host_cu_q_lens.tolist(), batch.host_seq_lens.tolist()
         spans = batch.host_row_spans.tolist()
-        outputs = [None] * len(spans)   # per row: (logits, hidden) at its new tokens
+        kept = KeptLogits.of(self.keeps_logits, batch, select, logits_rows, want_logits)
+        hidden = [None] * len(spans)   # per row: its last hidden states at its new tokens, where wanted
         self.last_rerun = np.zeros(len(spans), dtype=np.int64)
         groups, level_of = {}, {}   # (level, how its rows run) -> rows; span made by a row -> that row's level
         for row, (span, seq_len) in enumerate(zip(spans, seq_lens)):
@@ -142,19 +143,19 @@ class HFStateCacheModel:
                 level_of.setdefault(start, level)
             self.last_rerun[row] = again
         for (_, key), group in sorted(groups.items(), key=lambda item: item[0][0]):   # first met first, per level
-            self._run_group(batch, pool, group, key, outputs, select is not None, want_hidden)
+            self._run_group(batch, pool, group, key, kept, hidden if want_hidden and select is not None else None)
         self._trim(self.state_capacity)
         if select is None:
             return None, None
-        logits, hidden = zip(*outputs)
-        return selected_outputs(logits, hidden, select, logits_rows, want_logits, want_hidden)
+        return kept.result(), torch.cat(hidden)[select] if want_hidden else None
 
-    def _run_group(self, batch, pool, group, key, outputs, want_outputs, want_hidden):
+    def _run_group(self, batch, pool, group, key, kept, hidden):
         """Run the rows of `group` from their sources' states (contexts of several lengths left-padded in one
         cache, see LeftPadded): first the tokens run again (a row starting on a span with no state), whose end
         state is kept under the row's start span (its next children start there), then the new tokens, in one
         forward per piece between cuts, keeping the state at each cut's span and at the row's span; write the new
-        tokens' K/V into the pool."""
+        tokens' K/V into the pool. Their logits go to `kept`, their last hidden states to `hidden` (per row) when
+        given."""
         (_, again, ends), rows = key, [member.row for member in group]
         bases = [member.base for member in group]
         cu = batch.host_cu_q_lens
@@ -166,44 +167,40 @@ class HFStateCacheModel:
             self._load(cache, kv, [self.states[member.source] for member in group], max(bases))
         if again:   # the tokens between each source and its row's start, from the span tree
             ids = np.stack([self.span_tree.tokens(member.start)[member.base:] for member in group])
-            self._forward_tokens(torch.from_numpy(ids).to(self.device, torch.long), cache, padded, fresh, 1)
+            self._forward_tokens(torch.from_numpy(ids).to(self.device, torch.long), np.full(ids.shape, -1), cache,
+                                 padded, fresh, kept)
             self._store(cache, [member.start for member in group])
             fresh = False
         new_ids = batch.input_ids[torch.from_numpy(tokens).to(self.device)].view(len(rows), ends[-1])
+        grid = tokens.reshape(len(rows), ends[-1])
         pieces = []
         for piece, (begin, end) in enumerate(zip((0,) + ends, ends)):
-            # logits of the new tokens alone (of the last one where no output is wanted: a prefill)
-            pieces.append(self._forward_tokens(new_ids[:, begin:end], cache, padded, fresh,
-                                               end - begin if want_outputs else 1, want_hidden and want_outputs))
+            pieces.append(self._forward_tokens(new_ids[:, begin:end], grid[:, begin:end], cache, padded, fresh, kept,
+                                               hidden is not None))
             self._store(cache, [member.chain[piece] for member in group])
             fresh = False
         if self.attention_layers:
             new = ends[-1]
             write_rows_kv(pool, batch, tokens, [(cache.layers[i].keys[:, :, -new:], cache.layers[i].values[:, :, -new:])
                                                 for i in self.attention_layers])
-        if want_outputs:
-            logits = torch.cat([piece_logits for piece_logits, _ in pieces], 1)
-            hidden = torch.cat([piece_hidden for _, piece_hidden in pieces], 1) if want_hidden else None
+        if hidden is not None:
+            states = torch.cat(pieces, 1)
             for i, row in enumerate(rows):
-                outputs[row] = (logits[i], hidden[i] if want_hidden else None)
+                hidden[row] = states[i]
 
-    def _forward_tokens(self, ids, cache, padded, fresh, keep, want_hidden=False):
-        """The model's forward of the tokens ids [rows, n] on `cache`: one forward, or, where the model continues a
-        state by one token only (steps_singly) and `cache` holds one (not `fresh`), one forward per token. Returns
-        (logits of the last `keep` tokens at least, their last hidden states where `want_hidden`, else None)."""
+    def _forward_tokens(self, ids, grid, cache, padded, fresh, kept, want_hidden=False):
+        """The model's forward of the tokens ids [rows, n] (the batch's tokens `grid`, see KeptLogits.forward) on
+        `cache`: one forward, or, where the model continues a state by one token only (steps_singly) and `cache` holds
+        one (not `fresh`), one forward per token; their logits go to `kept`. Returns their last hidden states where
+        `want_hidden`, else None."""
         n = ids.shape[1]
         if fresh or n == 1 or not self.steps_singly:
-            out = self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, cache),
-                             output_hidden_states=want_hidden, **self._logits_kept(keep), **padded.arguments(n))
-            return out.logits, out.hidden_states[-1] if want_hidden else None
-        steps = [self._forward_tokens(ids[:, i:i + 1], cache, padded, False, 1, want_hidden and i >= n - keep)
-                 for i in range(n)][n - keep:]
-        return torch.cat([logits for logits, _ in steps], 1), \
-            torch.cat([hidden for _, hidden in steps], 1) if want_hidden else None
-
-    def _logits_kept(self, count):
-        """The forward's argument keeping the logits of the last `count` tokens alone, where it takes one."""
-        return dict(logits_to_keep=count) if self.keeps_logits else {}
+            out = kept.forward(self.model, grid, input_ids=ids, use_cache=True, **cache_kwargs(self.model, cache),
+                               output_hidden_states=want_hidden, **padded.arguments(n))
+            return out.hidden_states[-1] if want_hidden else None
+        steps = [self._forward_tokens(ids[:, i:i + 1], grid[:, i:i + 1], cache, padded, False, kept, want_hidden)
+                 for i in range(n)]
+        return torch.cat(steps, 1) if want_hidden else None
 
     # ----- the states
 
@@ -294,11 +291,14 @@ class HFStateCacheModel:
                 cache, padded = self._new_cache(), LeftPadded.of(lengths, self.device, bool(self.attention_layers))
                 self._load(cache, left_padded_kv(kv, lengths), states, max(lengths))
                 new_ids = torch.stack([ids[row, length:length + new] for row, length in enumerate(lengths)])
-                parts = [self._forward_tokens(new_ids[:, begin:end], cache, padded, False, end - begin)[0]
-                         for begin, end in ((0, 2), (2, 3))]
+                grid, kept = np.arange(2 * new).reshape(2, new), KeptLogits(self.keeps_logits, np.arange(2 * new),
+                                                                            2 * new, self.device)
+                for begin, end in ((0, 2), (2, 3)):
+                    self._forward_tokens(new_ids[:, begin:end], grid[:, begin:end], cache, padded, False, kept)
+                logits = kept.result().view(2, new, -1)
         except Exception:
             return False
-        logits, ends = torch.cat(parts, 1), self._batched_states(cache)
+        ends = self._batched_states(cache)
         dtype = self.model.dtype
         return all(agree_within_rounding(dtype, whole, (logits[row], whole)) and
                    all(agree_within_rounding(dtype, expected, (got[row], expected))

@@ -8,8 +8,9 @@ from transformers import BloomForCausalLM, Llama4ForCausalLM
 
 from fastalign import TreeRunner
 from fastalign.runtime.hf_cache import HFCacheModel
-from tests.runtime.tiny_models import (CONFIGS, CountedForward, assert_matches, drawn_weights, fill_with_nan,
+from tests.runtime.tiny_models import (CONFIGS, VOCAB, CountedForward, assert_matches, drawn_weights, fill_with_nan,
                                       tiny_model)
+from tests.vocab_rows import VocabRows
 
 FALLBACKS = ["bloom-alibi-fallback", "mpt-alibi-fallback", "llama4-chunked-fallback"]
 
@@ -197,3 +198,21 @@ def test_a_group_of_rows_a_level_up_runs_after_every_group_below_it_whenever_it_
     spans, logits = runner.extend([root, 0, root, 2], [[1], [2], [3, 4], [5]], logits="all")
     assert calls == [(1, 1, 1), (1, 2, 2), (2, 1, 1)]
     assert_matches(model, spans, logits)
+
+
+def test_a_forward_computes_logits_at_the_tokens_read_alone():
+    """The model ran without logits_to_keep: a prefill of n tokens made [n, vocab] logits nobody reads (it computes
+    no outputs), and extend(logits="last") made, and copied, every new token's where one row per returned span is
+    read (an 8k-token prompt at Llama 4's 202048 words in bf16: 3.3 GB a copy). Now the lm_head runs at the tokens
+    read, the last one where none is; with cuts (of rows run as one batch) at the positions read in either row."""
+    model, runner, _ = cache_runner()
+    ids = list(range(3, 23))
+    with VocabRows(VOCAB) as prefill:
+        root = runner.prefill(ids)
+    with VocabRows(VOCAB) as last:
+        children, logits = runner.extend([root, root], [ids[:8], ids[8:16]], logits="last")
+    with VocabRows(VOCAB) as at_cuts:
+        spans, cut_logits = runner.extend([root, root], [ids[:8], ids[8:16]], cuts=[[3], [5]], logits="last")
+    assert (prefill.most, last.most, at_cuts.most) == (1, 2, 2 * 3)   # at cuts: positions 2, 4 and 7 of both rows
+    assert_matches(model, children, logits[:, None])
+    assert_matches(model, [span for row in spans for span in row], cut_logits[:, None])

@@ -9,7 +9,8 @@ import transformers
 from fastalign import TreeRunner
 from fastalign.runtime.hf_state_cache import HFStateCacheModel
 from fastalign.runtime.kv_pool import KVPool
-from tests.runtime.tiny_models import CountedForward, assert_matches, fill_with_nan, reference, tiny_model
+from tests.runtime.tiny_models import VOCAB, CountedForward, assert_matches, fill_with_nan, reference, tiny_model
+from tests.vocab_rows import VocabRows
 
 
 def state_runner(name="qwen3.5-linear-attention-states", **kwargs):
@@ -424,8 +425,8 @@ def test_padding_that_moves_the_states_but_not_the_logits_is_not_padded(monkeypa
     from fastalign.runtime.row_groups import LeftPadded
     forward_tokens = HFStateCacheModel._forward_tokens
 
-    def leaky(self, ids, cache, padded, fresh, keep, want_hidden=False):
-        out = forward_tokens(self, ids, cache, padded, fresh, keep, want_hidden)
+    def leaky(self, ids, grid, cache, padded, fresh, kept, want_hidden=False):
+        out = forward_tokens(self, ids, grid, cache, padded, fresh, kept, want_hidden)
         if isinstance(padded, LeftPadded) and ids.shape[1] == 1:
             for t in self._batched_states(cache):
                 t[0].add_(1.0)
@@ -622,3 +623,21 @@ def test_an_attention_layer_whose_values_differ_in_width_from_its_keys_is_refuse
     with pytest.raises(ValueError, match=r"its K and V differ in shape \(layer 1 holds K \[1, 2, 3, 16\] and V "
                                          r"\[1, 2, 3, 32\]\)"):
         HFStateCacheModel(tiny_model("qwen3.5-linear-attention-states"), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["qwen3.5-linear-attention-states", "mamba-stepped-states"])
+def test_a_forward_computes_logits_at_the_tokens_read_alone(name):
+    """extend(logits="last") kept the logits of every new token (logits_to_keep: the piece's tokens) and copied them
+    twice, where one row per returned span is read (an 8k-token prompt at a 202048-word vocabulary in bf16: 3.3 GB a
+    copy). Now each forward keeps those it reads alone: a piece's last token's; a prefill, one."""
+    model, runner, _ = state_runner(name)
+    ids = list(range(3, 23))
+    with VocabRows(VOCAB) as prefill:
+        root = runner.prefill(ids)
+    with VocabRows(VOCAB) as last:
+        children, logits = runner.extend([root, root], [ids[:8], ids[8:16]], logits="last")
+    with VocabRows(VOCAB) as at_cuts:
+        spans, cut_logits = runner.extend([root, root], [ids[:8], ids[8:16]], cuts=[[3], [5]], logits="last")
+    assert (prefill.most, last.most, at_cuts.most) == (1, 2, 4)   # at cuts: the 4 spans' rows, gathered
+    assert_matches(model, children, logits[:, None])
+    assert_matches(model, [span for row in spans for span in row], cut_logits[:, None])

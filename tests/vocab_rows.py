@@ -1,0 +1,24 @@
+"""How many rows of logits code makes, for the tests of forwards that should compute the lm_head only at the positions
+whose logits are read."""
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class VocabRows(TorchDispatchMode):
+    """`most`: the most rows of any tensor an aten op makes while it is active whose last dimension is `vocab` (a new
+    one: not a view of an input, such as lm_head.weight.t())."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.most = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if (isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.vocab
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.most = max(self.most, t.numel() // self.vocab)
+        return out
