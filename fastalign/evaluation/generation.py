@@ -24,7 +24,7 @@ from fastalign.model_context import config_positions
 from fastalign.model_devices import input_device
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.ops.checks import is_integer, refuse_one_string
-from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache
+from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache, takes_logits_to_keep
 from fastalign.unlearn.encoding import tokenize_prompts
 from fastalign.unlearn.models import function_source
 from fastalign.unlearn.templates import end_of_turn_id
@@ -170,7 +170,8 @@ def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationC
     sequence = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=sequence, attention_mask=mask, position_ids=positions, use_cache=True)
+    last = dict(logits_to_keep=1) if takes_logits_to_keep(model) else {}   # the last position's logits alone are read
+    out = model(input_ids=sequence, attention_mask=mask, position_ids=positions, use_cache=True, **last)
     generated: List[List[int]] = [[] for _ in rows]
     ended_by: List[Tuple[int, ...]] = [() for _ in rows]   # the end token a row stopped on, if any
     done = [False] * len(rows)
@@ -196,7 +197,7 @@ def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationC
         cache = returned_cache(out)
         if cache is None:   # a cache the forward does not hand back (RWKV's state, RecurrentGemma's kept inside)
             # cannot be passed on: the whole sequence runs again, or each step would see its last token alone
-            out = model(input_ids=sequence, attention_mask=mask, position_ids=positions, use_cache=False)
+            out = model(input_ids=sequence, attention_mask=mask, position_ids=positions, use_cache=False, **last)
         else:
             step_mask = None if _no_mask_when_cached(type(model)) else mask
             out = model(input_ids=next_ids[:, None], attention_mask=step_mask, position_ids=positions[:, -1:],

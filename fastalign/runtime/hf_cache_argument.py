@@ -2,7 +2,7 @@
 
 transformers 5.17 names both the forward argument and the output field `past_key_values` (`cache_params` for the
 Mamba models); newer releases name them `cache` (keeping the old arguments, deprecated, until 5.40). fastalign
-supports all three.
+supports all three. Also whether a forward takes logits_to_keep (its lm_head at the positions read alone).
 """
 import functools
 import inspect
@@ -39,6 +39,13 @@ def cache_kwargs(model, cache) -> dict:
 def takes_a_cache(model) -> bool:
     """Whether model's forward has a cache argument of any of these names (RWKV's takes its own `state` instead)."""
     return bool(_cache_parameters(_base_class(model)))
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether model's forward (under a PEFT wrapper, whose forward names neither, its base model's) takes
+    logits_to_keep, as transformers' models do: then a caller reading a few positions' logits makes those alone,
+    not [batch, tokens, vocab]."""
+    return "logits_to_keep" in inspect.signature(_base_class(model).forward).parameters
 
 
 def returned_cache(output):

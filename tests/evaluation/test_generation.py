@@ -10,6 +10,7 @@ from fastalign.evaluation.generation import (GenerationConfig, encode_prompts, e
                                              iter_generate, iter_generations, pad_id)
 from fastalign.evaluation.harness import evaluate_harm
 from fastalign.evaluation.prompts import spec_prompt
+from tests.vocab_rows import VocabRows
 
 
 def prompts_of(world):
@@ -202,6 +203,22 @@ def test_a_model_whose_cache_does_not_come_back_generates_as_without_a_cache(wor
     answers = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=6, batch_size=1))
     assert answers == [slow_greedy(model, tokenizer, p, 6) for p in prompts]
     assert family != "rwkv" or len(set(answers)) > 1
+
+
+def test_generation_computes_the_logits_of_each_rows_last_position_alone(world, tokenizer, model):
+    """The prefill ran the model over [rows, prompt tokens] and read the last position's logits, making every
+    position's (Llama-3-8B, 16 prompts padded to 2048 tokens, bf16: 7.8 GiB where 4 MiB are read); so did each step of
+    a model whose cache does not come back (RWKV), over its whole sequence. Now both keep the last position's alone
+    (logits_to_keep=1, as transformers' generate); the answers are as before (the tests above)."""
+    from transformers import RwkvConfig, RwkvForCausalLM
+    torch.manual_seed(0)
+    rwkv = RwkvForCausalLM(RwkvConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                      attention_hidden_size=32, intermediate_size=64, context_length=128)).eval()
+    prompts = prompts_of(world)[:2]
+    for each in (model, rwkv):
+        with VocabRows(len(tokenizer)) as logits:
+            generate(each, tokenizer, prompts, GenerationConfig(max_new_tokens=3, batch_size=2))
+        assert logits.most == 2, type(each).__name__
 
 
 class _NumberTokenizer:
