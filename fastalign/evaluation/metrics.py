@@ -19,6 +19,7 @@ from fastalign.eval_mode import eval_mode
 from fastalign.model_devices import input_device
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.ops.checks import check_count
+from fastalign.runtime.hf_cache_argument import takes_logits_to_keep
 
 from .judges import Judge, Pair, check_verdicts
 
@@ -92,7 +93,7 @@ def mean_token_kl_of_ids(model, reference, sequences: Sequence[TokenPair], batch
         check_embedded(list(prompt_ids) + list(answer_ids), vocab, f"sequence {i}")
     sequences = [(p, a) for p, a in sequences if len(a)]   # a sequence without answer ids adds nothing
     total, count = 0.0, 0
-    device, ref_device = input_device(model), input_device(reference)
+    device = input_device(model)
     for start in range(0, len(sequences), batch_size):
         rows = [list(p) + list(a) for p, a in sequences[start:start + batch_size]]
         width = max(map(len, rows))
@@ -102,18 +103,33 @@ def mean_token_kl_of_ids(model, reference, sequences: Sequence[TokenPair], batch
         predicted = torch.zeros_like(mask, dtype=torch.bool)   # position t predicts token t + 1
         for r, (prompt_ids, answer_ids) in enumerate(sequences[start:start + batch_size]):
             predicted[r, len(prompt_ids) - 1:len(prompt_ids) + len(answer_ids) - 1] = True
-        with eval_mode(model):
-            log_q = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[predicted].float(), -1)
-        with eval_mode(reference):
-            logits = reference(input_ids=ids.to(ref_device), attention_mask=mask.to(ref_device)).logits
-            log_p = torch.log_softmax(logits[predicted.to(logits.device)].float(), -1).to(log_q.device)
-        # p log(p / q) is 0 where p is (a token the reference masks to -inf: not 0 * (-inf - -inf) = NaN)
-        terms = torch.where(log_p > -torch.inf, log_p.exp() * (log_p - log_q), 0.0)
-        total += terms.sum(-1).double().sum().item()
+        first = min(len(prompt_ids) for prompt_ids, _ in sequences[start:start + batch_size]) - 1
+        log_q = _answer_log_probs(model, ids, mask, predicted, first)
+        log_p = _answer_log_probs(reference, ids, mask, predicted, first).to(log_q.device)
+        # p log(p / q) is 0 where p is (a token the reference masks to -inf: not 0 * (-inf - -inf) = NaN); in row
+        # chunks, so that its temporaries are not [answer tokens, vocab] each
+        terms = [torch.where(p > -torch.inf, p.exp() * (p - q), 0.0).sum(-1)
+                 for p, q in zip(log_p.split(_KL_ROWS), log_q.split(_KL_ROWS))]
+        total += torch.cat(terms).double().sum().item()
         count += int(predicted.sum())
     if count == 0:
         raise ValueError("mean_token_kl: the sequences contain no answer tokens")
     return total / count
+
+
+_KL_ROWS = 64   # the answer tokens whose KL terms are computed at once
+
+
+def _answer_log_probs(lm, ids, mask, predicted, first):
+    """lm's next-token log-probabilities [answer tokens, vocab] (float32) at the positions `predicted` of the
+    right-padded `ids` [rows, width], run in eval mode on its own device; its logits computed from position `first`
+    on (the batch's earliest predicting one; logits_to_keep, where its forward takes it), not at every prompt one."""
+    device = input_device(lm)
+    kept = dict(logits_to_keep=ids.shape[1] - first) if takes_logits_to_keep(lm) else {}
+    with eval_mode(lm):
+        logits = lm(input_ids=ids.to(device), attention_mask=mask.to(device), **kept).logits
+    at = predicted[:, ids.shape[1] - logits.shape[1]:].to(logits.device)
+    return torch.log_softmax(logits[at].float(), -1)
 
 
 def mean_token_kl(model, reference, tokenizer, pairs: Sequence[Pair], batch_size: int = 16) -> float:

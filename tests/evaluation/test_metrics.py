@@ -13,6 +13,7 @@ from fastalign.evaluation.prompts import spec_prompt
 from tests.conftest import requires_cuda
 from tests.evaluation.conftest import tiny_llama
 from tests.unlearn.tiny import byte_bpe_tokenizer, word_level_tokenizer
+from tests.vocab_rows import VocabRows
 
 
 def canned_pairs(world):
@@ -305,3 +306,29 @@ def _kl(model, reference, sequences):
         log_q, log_p = (torch.log_softmax(m(input_ids=ids).logits[0, len(prompt) - 1:-1].double(), -1)
                         for m in (model, reference))
     return float(torch.where(log_p > -torch.inf, log_p.exp() * (log_p - log_q), 0.0).sum(-1).mean())
+
+
+class _WithoutLogitsToKeep(torch.nn.Module):
+    """`model` behind a forward that takes no logits_to_keep: its logits at every position."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_mean_token_kl_of_ids_computes_logits_from_the_first_answer_position_on(tokenizer, model):
+    """Both models' logits were computed at every position, prompt and padding included, where the answer tokens'
+    are read. Now from the batch's earliest answer-predicting position on (logits_to_keep), the KL terms in chunks of
+    rows: the same KL, to the bit, as from logits at every position."""
+    other = tiny_llama(tokenizer, seed=2)
+    generator = torch.Generator().manual_seed(0)
+    sequences = [(torch.randint(3, len(tokenizer), (n_prompt,), generator=generator).tolist(),
+                  torch.randint(3, len(tokenizer), (n_answer,), generator=generator).tolist())
+                 for n_prompt, n_answer in [(40, 3), (42, 2)]]
+    with VocabRows(len(tokenizer)) as logits:
+        kl = mean_token_kl_of_ids(other, model, sequences)
+    assert logits.most == 2 * 5   # positions 39 to 43 of both rows, not all 44
+    assert kl == mean_token_kl_of_ids(_WithoutLogitsToKeep(other), _WithoutLogitsToKeep(model), sequences)
