@@ -13,7 +13,7 @@ import torch
 
 from fastalign.model_devices import input_device
 from fastalign.ops.backend import autocast_off
-from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache
+from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache, takes_logits_to_keep
 
 from .config import RainConfig
 from .dialogue import judge_input, judge_path_ids, rollout_stops
@@ -34,6 +34,8 @@ class SlowEngine:
         self.want_hidden = want_hidden
         self.ledger = ledger or TokenLedger()
         self.device = input_device(model)
+        # the last position's logits alone are read: not [tokens, vocab] over a whole judge prompt
+        self.last_logits = dict(logits_to_keep=1) if takes_logits_to_keep(model) else {}
 
     # --- the one way this engine touches the model --------------------------------------------------
     @torch.no_grad()
@@ -43,7 +45,8 @@ class SlowEngine:
         engine's runner computes: an enclosing autocast does not apply."""
         with autocast_off(self.device):
             out = self.model(input_ids=torch.tensor([list(ids)], device=self.device), use_cache=True,
-                             output_hidden_states=self.want_hidden, **cache_kwargs(self.model, cache))
+                             output_hidden_states=self.want_hidden, **cache_kwargs(self.model, cache),
+                             **self.last_logits)
         self.ledger.call([stats])
         key = self.ledger.feed(stats, cache_key, ids)
         hidden = out.hidden_states[-1][0, -1] if self.want_hidden else None

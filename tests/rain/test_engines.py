@@ -22,6 +22,7 @@ from fastalign.rain.sampling import ROLLOUT_STREAM, KeyedSampler, draw_key
 from fastalign.rain.slow import SlowEngine
 from fastalign.rain.tree import Node
 from tests.runtime.tiny_models import fill_with_nan
+from tests.vocab_rows import VocabRows
 
 from . import fake_model
 from .fake_model import HashLM, HashRunner
@@ -111,6 +112,19 @@ def test_the_slow_engine_reads_a_bf16_models_logits_in_float32():
                         want_hidden=False)
     logits, _, _, _ = engine._forward(None, tokenizer()(PROMPTS[0])["input_ids"])
     assert logits.dtype == torch.float32
+
+
+def test_the_slow_engine_computes_the_last_positions_logits_alone():
+    """Each forward read the logits of its last position alone, and made every position's (a judge prompt's
+    thousands of tokens at a 128k-word vocabulary); now the last one's alone (logits_to_keep=1)."""
+    model = tiny_llama()
+    engine = SlowEngine(model, tokenizer(), frozenset(), None, RainConfig(), want_hidden=True)
+    ids = tokenizer()(PROMPTS[0])["input_ids"]
+    with VocabRows(len(tokenizer())) as rows:
+        logits, _, _, _ = engine._forward(None, ids)
+    assert len(ids) > 1 and rows.most == 1
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(input_ids=torch.tensor([ids])).logits[0, -1])
 
 
 def test_the_slow_engine_decodes_a_set_and_a_rollout_on_their_own_cache():
