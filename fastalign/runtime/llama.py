@@ -25,6 +25,7 @@ from fastalign.model_context import config_positions, text_config
 from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.gated_mlps import fused_gated_mlp
 from fastalign.runtime.layer_layouts import LAYOUTS
+from fastalign.runtime.module_hooks import runs_a_users_hooks
 from fastalign.runtime.pool_attention import pool_attention
 from fastalign.runtime.rms_norms import add_then_norm, fused_rms_norm
 from fastalign.runtime.rotary import qk_rotation
@@ -50,7 +51,21 @@ def llama_family_problem(model):
         return f"its modules do not follow the Llama layout (missing {', '.join(missing)})"
     if getattr(config, "use_bidirectional_attention", False):
         return "it attends bidirectionally (use_bidirectional_attention), not causally"
+    hooked = [name or type(model).__name__ for name, module in _passed_over(model) if runs_a_users_hooks(module)]
+    if hooked:
+        return (f"{', '.join(hooked)} run{'s' * (len(hooked) == 1)} hooks (forward hooks or pre-hooks, or a forward "
+                "set on the instance) that the paged Llama forward, which calls their submodules, would skip")
     return None
+
+
+def _passed_over(model):
+    """(name, module) of each module whose submodules the paged forward calls instead of it: the model, its decoder,
+    each layer and each layer's attention."""
+    yield "", model
+    yield "model", model.model
+    for index, layer in enumerate(model.model.layers):
+        yield f"model.layers.{index}", layer
+        yield f"model.layers.{index}.self_attn", layer.self_attn
 
 
 def _has_submodule(module, name):

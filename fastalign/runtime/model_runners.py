@@ -1,16 +1,17 @@
 """Which model runner a TreeRunner computes with: the fastest whose checks pass, tried in order.
 
 PagedLlama for a family that layer_layouts names; else PagedHF where its probe passes (both batched on the paged
-pool); else, unless the user refuses it, the first fallback in `_FALLBACKS` whose probes pass, with a warning that
-gives every faster runner's reason for refusing the model, each said once, so that a user whose search runs slowly
-learns why. The probes, like PagedHF's, size the pool: they run without autocast.
+pool), with a warning where the model is of such a family (a user's hooks on its layers, say); else, unless the user
+refuses it, the first fallback in `_FALLBACKS` whose probes pass, with a warning that gives every faster runner's
+reason for refusing the model, each said once, so that a user whose search runs slowly learns why. The probes, like
+PagedHF's, size the pool: they run without autocast.
 """
 import importlib
 import warnings
 from typing import NamedTuple, Optional
 
 from fastalign.ops.backend import autocast_off
-from fastalign.runtime.llama import PagedLlama, llama_family_problem
+from fastalign.runtime.llama import LLAMA_FAMILY, PagedLlama, llama_family_problem
 
 
 class _Fallback(NamedTuple):
@@ -44,17 +45,25 @@ def choose_model_runner(model, layered, attention_backend, device, fallback):
     problem = llama_family_problem(layered)
     if problem is None:
         return PagedLlama(layered, attention_backend, device)
+    # a model of a family that PagedLlama runs is told why it does not (a user's hooks on its layers, say)
+    said = [f"{type(layered).__name__} cannot run on the paged Llama path: {problem}"] \
+        if getattr(getattr(layered, "config", None), "model_type", None) in LLAMA_FAMILY else []
     from fastalign.runtime.hf_paged import PagedHF   # transformers' attention interface: imported for such a model
     with autocast_off(device):
         try:
-            return PagedHF(layered, attention_backend, device)
+            runner = PagedHF(layered, attention_backend, device)
         except ValueError as unfit:
             paged_reason = str(unfit).removeprefix("model: ")
+        else:
+            if said:
+                warnings.warn(f"TreeRunner: {said[0]}; it runs on PagedHF, its own forward on the paged pool "
+                              "(slower)", stacklevel=3)
+            return runner
         if not fallback:
             raise ValueError(f"model: unsupported architecture for the paged runners ({problem}; {paged_reason}) and "
                              "fallback=False; pass fallback=True to run it on Hugging Face's cache, or by recomputing "
                              "whole sequences where that cannot hold its state") from None
-        said, refusals = [paged_reason], []
+        said, refusals = said + [paged_reason], []
         for candidate in _FALLBACKS:
             try:
                 runner = candidate.make(model, device)

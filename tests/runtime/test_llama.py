@@ -120,3 +120,50 @@ def test_each_family_attends_to_the_sliding_window_where_its_own_forward_masks_o
     seq = [5, 9, 14, 3, 7, 11, 2, 8, 13, 4, 6, 10]
     (child,), logits = runner.extend([runner.prefill(seq[:5])], [seq[5:]], logits="all")
     assert_matches(model, [child], logits)
+
+
+def _steered(module, args, out):
+    """A forward hook moving a module's output (a layer's, an attention's, the decoder's or the model's): activation
+    steering."""
+    if isinstance(out, torch.Tensor):
+        return out + 0.5
+    if isinstance(out, tuple):
+        return (out[0] + 0.5,) + out[1:]
+    key = "logits" if "logits" in out else "last_hidden_state"
+    out[key] = out[key] + 0.5
+    return out
+
+
+@pytest.mark.parametrize("where, hook", [
+    ("", "forward"), ("model", "forward"), ("model.layers.0", "forward"), ("model.layers.1.self_attn", "forward"),
+    ("model.layers.1", "pre"), ("model.layers.0.self_attn", "instance forward")])
+def test_a_model_whose_decoder_layers_or_attentions_run_hooks_runs_its_own_forward(where, hook):
+    """The paged Llama forward calls the embeddings, norms, projections and MLPs, passing over the model, its decoder,
+    its layers and their attentions: hooks there (a steering vector, a probe editing the residual stream) were
+    skipped, and the runner's logits were the unhooked model's (off by up to 1.85), silently. Such a model runs on its
+    own forward (PagedHF, or a fallback where its probe refuses the model), with a warning naming the hooked module."""
+    model = tiny_model("llama-gqa-untied")
+    module = model.get_submodule(where)
+    if hook == "forward":
+        module.register_forward_hook(_steered)
+    elif hook == "pre":
+        module.register_forward_pre_hook(lambda module, args: (args[0] * 1.5,) + args[1:])
+    else:
+        module.forward = lambda *args, **kwargs: _steered(module, args, type(module).forward(module, *args, **kwargs))
+    with pytest.warns(UserWarning, match=f"cannot run on the paged Llama path: {where or 'LlamaForCausalLM'} runs "
+                                         "hooks .*; it runs on"):
+        runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    seq = [3, 5, 7, 9, 11, 13]
+    (child,), logits = runner.extend([runner.prefill(seq[:4])], [seq[4:]], logits="all")
+    assert_matches(model, [child], logits)
+
+
+def test_transformers_output_capturing_hooks_keep_a_model_on_the_paged_llama_path():
+    """A forward with output_hidden_states or output_attentions installs transformers' own hooks on every layer and
+    attention for good; they only record the outputs of such a forward, so the model still runs on PagedLlama."""
+    model = tiny_model("llama-gqa-untied")
+    with torch.no_grad():
+        model(torch.tensor([[3, 5, 7]]), output_hidden_states=True, output_attentions=True)
+    assert model.model.layers[0]._forward_hooks and model.model.layers[0].self_attn._forward_hooks
+    assert llama_family_problem(model) is None
+    assert type(TreeRunner(model, max_tokens=64, block_size=4).model_runner).__name__ == "PagedLlama"
