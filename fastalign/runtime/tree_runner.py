@@ -85,7 +85,8 @@ def _as_list(value, name, expected):
 class TreeRunner:
     """Runs `model` (a loaded Hugging Face causal LM, without dropout whatever its mode) over a tree of cached spans.
     The model computes on one device, where the KV pool goes (weights that accelerate offloads are fine, a device_map
-    over several devices is refused).
+    over several devices is refused), in the dtype it has when the runner is made: a call after `model.to(...)`
+    changed either is refused.
 
     Size the KV pool with exactly one of `max_tokens` (rounded up to whole blocks) or `max_bytes`.
     Families that layer_layouts names run on PagedLlama; any other causal LM whose layers attend through
@@ -132,6 +133,9 @@ class TreeRunner:
         layered = _adapters_in_layers(model)
         self.model_runner = choose_model_runner(model, layered, attention_backend, device, fallback)
         self.model = model
+        # a weight whose dtype and device each call checks are still those the runner was made for (model.to(...))
+        self._watched = next(((name, (p.dtype, p.device)) for name, p in model.named_parameters()
+                              if p.is_floating_point()), None)
         mr = self.model_runner
         geometry = dict(block_size=block_size, dtype=mr.dtype)
         keeps_states = hasattr(mr, "state_bytes")   # HFStateCacheModel: recurrent states beside the pool
@@ -244,6 +248,7 @@ class TreeRunner:
         """`extend`, naming row i's token ids `row_name.format(i)` in its errors (prefill's are `token_ids`)."""
         self.last_restored = {}     # first: a call refused below restores nothing
         self.last_context_rerun = np.zeros(0, dtype=np.int64)
+        self._check_model_unchanged()
         for name, value in (("logits", logits), ("hidden", hidden)):
             if value not in _OUTPUTS:
                 raise ValueError(f"{name}: expected one of {_OUTPUTS}, got {value!r}")
@@ -326,6 +331,7 @@ class TreeRunner:
         span is recomputed first."""
         self.last_restored = {}
         self.check_span(span, "span")
+        self._check_model_unchanged()
         self.store.make_resident([span.id], self._forward)
         self.tree.pin(span.id)
 
@@ -334,6 +340,18 @@ class TreeRunner:
         """Undo one `pin` of `span`."""
         self.check_span(span, "span")
         self.tree.unpin(span.id)
+
+    def _check_model_unchanged(self):
+        """A ValueError where the model's weights changed dtype or device since the runner was made (model.to(...)):
+        the KV pool and the model runner were made for the weights as they were (read from one weight, host-side)."""
+        if self._watched is None:
+            return
+        name, made_for = self._watched
+        weight = self.model.get_parameter(name)
+        if (weight.dtype, weight.device) != made_for:
+            raise ValueError(f"model: its weights changed from {made_for[0]} on {made_for[1]} to {weight.dtype} on "
+                             f"{weight.device} ({name}) since this TreeRunner was made for them; make a new "
+                             "TreeRunner for the model as it is now")
 
     def check_span(self, span, name):
         """`span` itself when it is a live span of this runner; a ValueError naming `name` otherwise."""

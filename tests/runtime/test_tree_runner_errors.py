@@ -1057,6 +1057,28 @@ def test_a_model_dispatched_over_two_devices_is_refused(name, block):
         TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
 
 
+@pytest.mark.parametrize("name", ["qwen2-untied", "gpt2-learned-positions", "bloom-alibi-fallback"])
+def test_a_model_whose_dtype_changed_since_the_runner_was_made_is_refused_by_name(name):
+    """model.to(torch.bfloat16) after making the runner: every later call failed deep in the attention ops ("k:
+    expected dtype torch.float32 (that of k_cache), got torch.bfloat16"), naming the runner's internals. Each call
+    says the model changed and what to do; the model back in its dtype runs again."""
+    model = tiny_model(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the fallback's
+        runner = TreeRunner(model, max_tokens=64, block_size=4)
+    span = runner.prefill([1, 2, 3])
+    model.to(torch.bfloat16)
+    for call in (lambda: runner.extend([span], [[4]]), lambda: runner.prefill([5]), lambda: runner.pin(span)):
+        with pytest.raises(ValueError, match="^model: its weights changed from torch.float32 on cpu to torch.bfloat16 "
+                                             "on cpu \\([a-z_.]+\\) since this TreeRunner was made for them; make a "
+                                             "new TreeRunner"):
+            call()
+    model.to(torch.float32)   # its weights rounded to bf16: a new root, whose KV they compute
+    _, logits = runner.extend([None], [[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(logits[0], model(torch.tensor([[1, 2, 3, 4]])).logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["qwen2-untied", "gpt2-learned-positions", "mpt-alibi-fallback"])
 def test_prefill_names_its_own_argument(name):
     """prefill's bad token ids were blamed on "token_lists[0]", an argument of extend that prefill's caller never
