@@ -20,6 +20,7 @@ import contextlib
 import torch
 
 from fastalign.compute_dtype import compute_dtype
+from fastalign.ops.backend import check_backend
 from fastalign.ops.gated_linear import gated_activation, gated_linear
 from fastalign.ops.rms_norm import rms_norm
 from fastalign.runtime.gated_mlps import gated_mlp_activation, kernel_activation
@@ -101,6 +102,7 @@ def fused_layers(model: torch.nn.Module, backend: str = "auto"):
     for, since another family's module of the same name may compute more (Gemma 3n's MLPs sparsify their gate), in
     the part of `model` such a family's config covers (an image-text model's language model); modules with hooks
     (accelerate's offloading, FSDP's units) are left as they are."""
+    check_backend(backend)   # on entry, not at the first forward of a stand-in
     layout, part = _family_part(model)
     patched = []
     try:

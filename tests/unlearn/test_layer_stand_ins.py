@@ -105,6 +105,17 @@ def test_forwards_are_restored_when_the_block_raises():
     assert not any("forward" in vars(m) for m in model.modules())
 
 
+@pytest.mark.parametrize("backend", ["bogus", None])
+def test_a_bad_backend_is_refused_on_entry(backend):
+    """A backend the ops do not know was accepted by fused_layers, which stood in for the modules; the ValueError came
+    only at the first forward of a stand-in, deep in training."""
+    model = tiny_llama(VOCAB)
+    with pytest.raises(ValueError, match=f"^backend must be one of \\('auto', 'triton', 'torch'\\), got {backend!r}"):
+        with fused_layers(model, backend):
+            pass
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
 def count_calls(monkeypatch, name):
     """A list that gets an entry at each call of layer_stand_ins' op `name`."""
     calls, real = [], getattr(layer_stand_ins, name)
