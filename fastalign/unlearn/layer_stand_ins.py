@@ -101,7 +101,9 @@ def fused_layers(model: torch.nn.Module, backend: str = "auto"):
     knows (runtime.layer_layouts: Llama, Mistral, Qwen 2 and 3, the Gemmas, OLMo 2 and 3, their MoEs) are stood in
     for, since another family's module of the same name may compute more (Gemma 3n's MLPs sparsify their gate), in
     the part of `model` such a family's config covers (an image-text model's language model); modules with hooks
-    (accelerate's offloading, FSDP's units) are left as they are."""
+    (accelerate's offloading, FSDP's units) are left as they are. A copy of the model made within the block
+    (copy.deepcopy, torch.save of the whole model) keeps the stand-ins as its modules' forwards for good, since they
+    are attributes of the modules: copy it before the block, or save its state_dict."""
     check_backend(backend)   # on entry, not at the first forward of a stand-in
     layout, part = _family_part(model)
     patched = []
