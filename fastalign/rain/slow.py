@@ -11,6 +11,7 @@ from typing import AbstractSet, List, Optional, Sequence
 
 import torch
 
+from fastalign.eval_mode import eval_mode
 from fastalign.model_devices import input_device
 from fastalign.ops.backend import autocast_off
 from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache, takes_logits_to_keep
@@ -41,9 +42,10 @@ class SlowEngine:
     @torch.no_grad()
     def _forward(self, stats, ids: Sequence[int], cache=None, cache_key: int = EMPTY_KEY):
         """One batch-1 forward of `ids` (on top of `cache`, whose sequence is named `cache_key`).
-        Returns (last logits [V], last hidden [d] or None, cache, key). In the model's own dtypes, as the tree
-        engine's runner computes: an enclosing autocast does not apply."""
-        with autocast_off(self.device):
+        Returns (last logits [V], last hidden [d] or None, cache, key). In the model's own dtypes and without dropout
+        (a model in train mode is run in eval mode), as the tree engine's runner computes: an enclosing autocast does
+        not apply."""
+        with autocast_off(self.device), eval_mode(self.model):
             out = self.model(input_ids=torch.tensor([list(ids)], device=self.device), use_cache=True,
                              output_hidden_states=self.want_hidden, **cache_kwargs(self.model, cache),
                              **self.last_logits)

@@ -105,6 +105,23 @@ def test_an_enclosing_autocast_does_not_apply_inside_the_slow_engine():
     assert torch.equal(logits_under, logits) and torch.equal(hidden_under, hidden)
 
 
+def test_the_slow_engine_runs_a_model_in_train_mode_without_dropout():
+    """The tree engine's runner computes without dropout whatever the model's mode, but the slow engine ran the
+    forward of a model in train mode (one being fine-tuned) with its dropout: its logits, and so its commits, followed
+    torch's global seed (drawing from the caller's generator) and differed from the tree engine's."""
+    model = tiny_llama()
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    engine = SlowEngine(model, tokenizer(), frozenset(), None, RainConfig(), want_hidden=True)
+    ids = tokenizer()(PROMPTS[0])["input_ids"]
+    expected, expected_hidden, _, _ = engine._forward(None, ids)
+    model.train()
+    rng = torch.get_rng_state()
+    logits, hidden, _, _ = engine._forward(None, ids)
+    assert torch.equal(logits, expected) and torch.equal(hidden, expected_hidden)
+    assert torch.equal(torch.get_rng_state(), rng) and model.training
+
+
 def test_the_slow_engine_reads_a_bf16_models_logits_in_float32():
     """Its distributions (a rollout's softmax, the judge's label logits) are taken in float32, as the tree engine's
     are: a softmax in bf16 would round the probabilities its draws read."""
