@@ -323,6 +323,9 @@ class UnlearningTrainer:
     the trained model, where model/ lost the part of the update its weights' precision rounds away; the share
     lost is run.json's merge_rounding_error, and a warning names it above lora_merge.MERGE_ERROR_WARNING).
     step_callback(record) runs on the main process after every step.
+    The constructor checks the model before it changes it (casts it for precision 'bf16', wraps it for LoRA, enables
+    checkpointing, moves it to the accelerator's device, puts it in train mode): a model it refuses is left as given,
+    but for lora_targets that PEFT finds in no module at precision 'bf16', refused after the cast.
     One train() runs at a time on a trainer: one called while another runs, from another thread or from the
     step_callback, is refused with a RuntimeError (the two would train one model with one optimizer into one
     output_dir); one called after the last returned runs (after an exception, a resume: see resume_point), except
@@ -348,7 +351,6 @@ class UnlearningTrainer:
             if not bool(torch.isfinite(p).all()):
                 raise ValueError(f"model parameter {name} holds NaN or infinite values")
         self.config, self.streams, self.tokenizer, self.step_callback = config, streams, tokenizer, step_callback
-        torch.manual_seed(config.seed)  # LoRA initialisation draws from it
         self.accelerator = accelerator or _new_accelerator(config.precision)
         _check_launch(self.accelerator, config.precision)
         # the losses' backend on the accelerator's device (backend='triton' needs CUDA): refused now, not at the first
@@ -370,13 +372,9 @@ class UnlearningTrainer:
                                       self.accelerator.num_processes == 1 and not self.sharded
                                       and config.grad_accum == 1)
         self.model = self._prepare_model(model)
-        _check_trainable_dtypes(self.model)
         # where a fresh run's dropout starts drawing (train() goes back to it: a caller's own draws in between must
         # not change the run)
         self._fresh_rng = _torch_rng_state(self.accelerator.device)
-        if self.sharded:
-            check_flat_units(self.model, self.accelerator.state.fsdp_plugin)
-        check_fused_logits(self.model)  # before train() writes anything
         self.shape = ModelShape.of(self.model)
         self.setup_compute = ComputeTotals()  # what building the reference cost (the cached one: a forward)
         self.reference_cache_bytes = None  # what the cached reference holds (RunSummary.reference_cache_bytes)
@@ -391,10 +389,27 @@ class UnlearningTrainer:
         self._busy = threading.Lock()   # held by the running train() (see one_call_at_a_time)
 
     def _prepare_model(self, model):
-        config = self.config
+        """`model` made ready to train as the config says, the checks of what it will train done first: a refusal
+        leaves the caller's model as it was given (the bf16 cast rounds its weights for good)."""
+        check_fused_logits(model)  # (before train() writes anything)
+        config, head = self.config, causal_lm_parts(model)[1]
+        new_adapter = config.lora and not hasattr(model, "disable_adapter")
+        given = [(p, p.requires_grad) for p in head.parameters()]
+        if config.reference_mode == "cached":
+            head.requires_grad_(False)  # the cache is valid only for this head (weight, bias)
+        try:
+            if config.precision != "bf16" and not new_adapter:  # (bf16 trains bfloat16 weights, LoRA float32 ones)
+                _check_trainable_dtypes(model)
+            if self.sharded:   # (under FSDP there is no LoRA to freeze the base weights)
+                check_flat_units(model, self.accelerator.state.fsdp_plugin)
+        except Exception:
+            for p, requires_grad in given:
+                p.requires_grad_(requires_grad)
+            raise
+        torch.manual_seed(config.seed)  # LoRA initialisation draws from it
         if config.precision == "bf16":
             model = cast_weights(model, torch.bfloat16)
-        if config.lora and not hasattr(model, "disable_adapter"):
+        if new_adapter:
             peft = _require("peft")
             # PEFT takes its shorthand ("all-linear") as a string only
             targets = config.lora_targets[0] if config.lora_targets == ["all-linear"] else list(config.lora_targets)
@@ -404,8 +419,6 @@ class UnlearningTrainer:
                     target_modules=targets))
             except ValueError as e:   # e.g. GPT-2 has no q_proj: name the setting that chose them
                 raise ValueError(f"lora_targets (--lora-targets) {config.lora_targets}: {e}") from None
-        if config.reference_mode == "cached":
-            causal_lm_parts(model)[1].requires_grad_(False)  # the cache is valid only for this head (weight, bias)
         if config.gradient_checkpointing:
             enable_activation_checkpointing(model)
         return model.to(self.accelerator.device).train()

@@ -1306,6 +1306,37 @@ def test_a_model_whose_logits_the_fused_losses_do_not_reproduce_is_refused_befor
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.parametrize("refusal, settings", [
+    ("logits", {"precision": "bf16"}), ("logits", {"lora": True, "lora_rank": 4}),
+    ("logits", {"gradient_checkpointing": True}), ("float16", {"reference": "cached", "gradient_checkpointing": True})],
+    ids=["bf16", "lora", "checkpointing", "float16-cached"])
+def test_a_refused_model_is_left_as_it_was_given(tmp_path, refusal, settings):
+    """The constructor cast the model to bf16, injected LoRA layers, froze the lm_head (reference='cached'), turned
+    activation checkpointing on and put it in train mode before the checks that then refused it: the caller's
+    weights were left rounded to bf16 for good, or LoRA modules in its forward. A refusal must change nothing."""
+    from tests.unlearn.test_objective import ScaledInputHead
+
+    if settings.get("lora"):
+        pytest.importorskip("peft")
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    if refusal == "logits":
+        head = ScaledInputHead(32, model.config.vocab_size, bias=False)
+        head.weight = model.lm_head.weight
+        model.lm_head = head
+    else:
+        cast_weights(model, torch.float16)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    modules = [n for n, _ in model.named_modules()]
+    with pytest.raises(NotImplementedError if refusal == "logits" else ValueError,
+                       match="its logits are not" if refusal == "logits" else "is torch.float16 and trains"):
+        run(tmp_path, model=model, max_steps=1, **settings)
+    assert [n for n, _ in model.named_modules()] == modules
+    assert not model.training and not model.get_input_embeddings()._forward_hooks   # (checkpointing's input grads)
+    assert not any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+    for name, p in model.named_parameters():
+        assert p.dtype == weights[name].dtype and p.requires_grad and torch.equal(p, weights[name]), name
+
+
 def test_lora_targets_the_model_lacks_are_named_and_all_linear_is_taken(tmp_path):
     """GPT-2, NeoX, Falcon and Phi-3 have no q_proj: PEFT's error did not say which setting chose the modules; and
     PEFT takes its "all-linear" shorthand only as a string, not in the list the config holds."""
