@@ -10,7 +10,7 @@ token count is all-reduced before the forward). A non-finite loss on any process
 the same error before the optimizer step, so none is left waiting at the next collective. The loop itself reads
 the device once a step, for its values (_step_values). Checkpoints and the saved model hold full
 (unsharded) tensors whatever the wrapping. A resumed run restores the trainable weights, optimizer,
-scheduler, step counter and RNG states, and draws the same batches, so it ends bit-identical to a run that
+scheduler, step counter and torch's generators, and draws the same batches, so it ends bit-identical to a run that
 was never interrupted; a resume with other settings, with other data (checkpoints record a digest of the
 examples' token ids), with streams that draw otherwise (their seed, batch sizes, K, max_length), or with another
 model put at the config's model path (a digest of its files), is refused.
@@ -24,14 +24,12 @@ import importlib
 import itertools
 import json
 import os
-import random
 import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 
 from fastalign.model_devices import as_device, hook_devices
@@ -152,17 +150,11 @@ def _torch_rng_state(device: torch.device) -> dict:
     return state
 
 
-def _rng_state(device: torch.device) -> dict:
-    return {**_torch_rng_state(device), "python": random.getstate(), "numpy": np.random.get_state()}
-
-
 def _set_rng_state(state: dict, device: torch.device) -> None:
-    """Sets the generators whose states `state` holds (_rng_state's, or _torch_rng_state's alone) for a run on
-    `device`."""
+    """Sets torch's generators to `state` (_torch_rng_state's) for a run on `device`. A checkpoint written before
+    2026-12-07 also holds Python's and NumPy's global states, which are left alone: the trainer draws from neither
+    (the streams have generators of their own), and they are the caller's."""
     torch.set_rng_state(state["torch"])
-    if "python" in state:
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(_cuda_rng_state(state["cuda"], device), device)
 
@@ -683,7 +675,7 @@ class UnlearningTrainer:
                  "trainable": trainable_state(objective),
                  "optimizer": optimizer_state(objective, _torch_optimizer(optimizer)),
                  "scheduler": scheduler.state_dict()}
-        write_checkpoint(self.config.output_dir, step, state, _rng_state(acc.device), rank=acc.process_index,
+        write_checkpoint(self.config.output_dir, step, state, _torch_rng_state(acc.device), rank=acc.process_index,
                          is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
                          keep=self.config.keep_checkpoints)
 

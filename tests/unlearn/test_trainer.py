@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import json
 import os
+import random
 import threading
 import warnings
 import weakref
@@ -133,6 +134,25 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, settings):
     for resume in (False, True):  # a finished run keeps its checkpoints: it was sent to --resume, which replayed it
         with pytest.raises(FileExistsError, match="already holds a finished model; choose another output_dir"):
             run(tmp_path, "killed", save_every=2, resume=resume, **settings)
+
+
+def test_a_resume_leaves_the_callers_python_and_numpy_generators(tmp_path):
+    """The trainer draws from neither `random` nor `np.random` (its streams have generators of their own), yet its
+    checkpoints saved both and a resume set them back, so a caller's own shuffles after a resume repeated those made
+    before the kill. A checkpoint written so (with both states) still resumes, and leaves them alone too."""
+    with pytest.raises(Killed):
+        run(tmp_path, save_every=1, grad_accum=1, max_steps=3, callback=kill_after(2))
+    rank_file = tmp_path / "run" / "checkpoints" / "step-000001" / "rank-0.pt"
+    rank_state = torch.load(rank_file, weights_only=False)
+    assert set(rank_state) <= {"torch", "cuda"}
+    random.seed(0)
+    np.random.seed(0)
+    torch.save({**rank_state, "python": random.getstate(), "numpy": np.random.get_state()}, rank_file)   # as before
+    random.seed(123)
+    np.random.seed(123)
+    assert run(tmp_path, save_every=1, grad_accum=1, max_steps=3, resume=True)[1].steps == 3
+    assert random.random() == random.Random(123).random()
+    assert np.random.random() == np.random.RandomState(123).random_sample()
 
 
 @pytest.mark.parametrize("reference", ["copy", "cached"])
