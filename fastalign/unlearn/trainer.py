@@ -317,7 +317,8 @@ class UnlearningTrainer:
     step_callback(record) runs on the main process after every step.
     The constructor checks the model before it changes it (casts it for precision 'bf16', wraps it for LoRA, enables
     checkpointing, moves it to the accelerator's device, puts it in train mode): a model it refuses is left as given,
-    but for lora_targets that PEFT finds in no module at precision 'bf16', refused after the cast.
+    but for lora_targets that PEFT finds in no module at precision 'bf16', refused after the cast. A finished run gives
+    the model (trained in place, LoRA merged in) its requires_grad flags back, which LoRA and the cached reference set.
     One train() runs at a time on a trainer: one called while another runs, from another thread or from the
     step_callback, is refused with a RuntimeError (the two would train one model with one optimizer into one
     output_dir); one called after the last returned runs (after an exception, a resume: see resume_point), except
@@ -386,7 +387,8 @@ class UnlearningTrainer:
         check_fused_logits(model)  # (before train() writes anything)
         config, head = self.config, causal_lm_parts(model)[1]
         new_adapter = config.lora and not hasattr(model, "disable_adapter")
-        given = [(p, p.requires_grad) for p in head.parameters()]
+        # (LoRA freezes the base weights, the cached reference the lm_head: _finish gives the model its flags back)
+        self._given_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         if config.reference_mode == "cached":
             head.requires_grad_(False)  # the cache is valid only for this head (weight, bias)
         try:
@@ -395,8 +397,7 @@ class UnlearningTrainer:
             if self.sharded:   # (under FSDP there is no LoRA to freeze the base weights)
                 check_flat_units(model, self.accelerator.state.fsdp_plugin)
         except Exception:
-            for p, requires_grad in given:
-                p.requires_grad_(requires_grad)
+            _set_requires_grad(self._given_requires_grad)
             raise
         torch.manual_seed(config.seed)  # LoRA initialisation draws from it
         if config.precision == "bf16":
@@ -720,8 +721,15 @@ class UnlearningTrainer:
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(tmp)
             write_text_atomic(os.path.join(out, "run.json"), json.dumps(asdict(summary), indent=1))
+        _set_requires_grad(self._given_requires_grad)   # the caller's model (trained in place) trains as it did
         acc.wait_for_everyone()
         return summary
+
+
+def _set_requires_grad(flags: list[tuple[torch.nn.Parameter, bool]]) -> None:
+    """Gives each parameter its requires_grad flag of `flags` back."""
+    for p, requires_grad in flags:
+        p.requires_grad_(requires_grad)
 
 
 def _save_model(model, directory: str, state_dict) -> None:

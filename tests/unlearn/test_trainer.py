@@ -856,7 +856,6 @@ def test_cached_reference_freezes_the_heads_bias_too(tmp_path):
     """Phi's lm_head has a bias, which the cache is paired with as with the weight: it is frozen, not trained."""
     original = tiny_phi(len(byte_bpe_tokenizer()))
     trainer, summary = run(tmp_path, model=tiny_phi(len(byte_bpe_tokenizer())), max_steps=2, reference="cached")
-    assert not trainer.model.lm_head.bias.requires_grad
     assert torch.equal(trainer.model.lm_head.bias, original.lm_head.bias)
     assert torch.equal(trainer.model.lm_head.weight, original.lm_head.weight)
     assert summary.last.normal_kl > 0
@@ -905,8 +904,9 @@ def test_cached_reference_with_tied_embeddings_counts_the_full_backward(tmp_path
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     assert model.lm_head.weight is model.model.embed_tokens.weight
+    embeddings = model.model.embed_tokens.weight.detach().clone()
     trainer, summary = run(tmp_path, model=model, max_steps=1, grad_accum=1, reference="cached")
-    assert not model.model.embed_tokens.weight.requires_grad
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)
     expected = compute_as_run(trainer, tiny_streams(tokenizer).batch(0), decoder_trains=True,
                              lm_head_trains=False, checkpointing=False, reference_forward=False)
     assert summary.compute["flops"] == expected.flops + trainer.setup_compute.flops
@@ -1355,6 +1355,21 @@ def test_a_refused_model_is_left_as_it_was_given(tmp_path, refusal, settings):
     assert not any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
     for name, p in model.named_parameters():
         assert p.dtype == weights[name].dtype and p.requires_grad and torch.equal(p, weights[name]), name
+
+
+@pytest.mark.parametrize("settings", [{"lora": True, "lora_rank": 4}, {"reference": "cached"}], ids=["lora", "cached"])
+def test_a_finished_run_gives_the_model_its_requires_grad_flags_back(tmp_path, settings):
+    """PEFT froze every base weight and the cached reference the lm_head; the caller's model, trained in place, kept
+    them frozen after the run: a second run on it (a sweep in a notebook, full weights after LoRA) failed with 'the
+    model has no trainable parameter', or silently left the lm_head untrained, as would the caller's own loop."""
+    if settings.get("lora"):
+        pytest.importorskip("peft")
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    model.model.embed_tokens.weight.requires_grad_(False)   # the caller's own choice, kept as well
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    run(tmp_path, model=model, max_steps=1, **settings)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert run(tmp_path, "again", model=model, max_steps=1)[1].steps == 1
 
 
 def test_lora_targets_the_model_lacks_are_named_and_all_linear_is_taken(tmp_path):
