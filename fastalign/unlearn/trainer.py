@@ -193,22 +193,37 @@ def _check_launch(accelerator, precision: str) -> None:
                          "(--precision) to the one the accelerator computes in")
 
 
+# the key _new_accelerator marks accelerate's process-wide state with where it made it (a reset clears it)
+_MADE_BY_A_TRAINER = "_fastalign_trainer_made_it"
+
+
 def _new_accelerator(precision: str):
     """An Accelerator computing in `precision`'s mixed precision, whose process group (where it makes one) waits
     _PROCESS_GROUP_TIMEOUT. accelerate keeps one state per process, which the first Accelerator sets and later ones
     may not change: in a process of its own (no launcher), a trainer of another precision than an earlier one's (a
     sweep in a notebook) resets it, where accelerate refused (train() then refuses the earlier trainers, whose
-    accelerators share the state)."""
+    accelerators share the state); a state the caller's own Accelerator set is shared where it computes in that
+    precision and refused otherwise: resetting it would switch the caller's training to another precision."""
     accelerate = _require("accelerate")
-    options = dict(mixed_precision=_MIXED_PRECISION[precision],
+    mixed, state = _MIXED_PRECISION[precision], accelerate.state.AcceleratorState
+    options = dict(mixed_precision=mixed,
                    kwargs_handlers=[accelerate.utils.InitProcessGroupKwargs(timeout=_PROCESS_GROUP_TIMEOUT)])
+    made_here = not state._shared_state or state._shared_state.get(_MADE_BY_A_TRAINER, False)
     try:
-        return accelerate.Accelerator(**options)
+        accelerator = accelerate.Accelerator(**options)
     except ValueError:   # "AcceleratorState has already been initialized and cannot be changed"
         if int(os.environ.get("WORLD_SIZE", "1")) != 1:
             raise
-        accelerate.state.AcceleratorState._reset_state()
-        return accelerate.Accelerator(**options)
+        if not made_here:
+            raise ValueError(f"precision={precision!r} trains with accelerate's mixed_precision={mixed!r}, but this "
+                             f"process's Accelerator computes in {state().mixed_precision!r} (accelerate keeps one "
+                             "state per process: the trainer's own Accelerator would reset it, switching yours to "
+                             "another precision): pass yours as accelerator=, with a precision computing in its "
+                             "mixed_precision ('bf16-mixed' for 'bf16', 'fp32' or 'bf16' for 'no')") from None
+        state._reset_state()
+        accelerator = accelerate.Accelerator(**options)
+    state._shared_state[_MADE_BY_A_TRAINER] = made_here
+    return accelerator
 
 
 def _check_not_dispatched(model, device) -> None:
@@ -315,6 +330,9 @@ class UnlearningTrainer:
     the trained model, where model/ lost the part of the update its weights' precision rounds away; the share
     lost is run.json's merge_rounding_error, and a warning names it above lora_merge.MERGE_ERROR_WARNING).
     step_callback(record) runs on the main process after every step.
+    `accelerator` must compute in the mixed precision config.precision names; without one the trainer makes its own,
+    which shares the process's accelerate state with an Accelerator of the caller's in that precision and refuses one
+    of another precision (see _new_accelerator): it does not switch the caller's training to its own.
     The constructor checks the model before it changes it (casts it for precision 'bf16', wraps it for LoRA, enables
     checkpointing, moves it to the accelerator's device, puts it in train mode): a model it refuses is left as given,
     but for lora_targets that PEFT finds in no module at precision 'bf16', refused after the cast. A finished run gives

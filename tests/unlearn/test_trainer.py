@@ -803,6 +803,23 @@ def test_trainers_of_two_precisions_run_one_after_the_other_in_one_process(tmp_p
         fp32.train()
 
 
+def test_a_trainer_without_an_accelerator_leaves_the_callers_own_as_it_computes(tmp_path):
+    """To follow an earlier trainer of another precision, a trainer resets accelerate's process-wide state; but the
+    state may be the caller's own Accelerator's, which then computed in fp32 instead of bf16 without a word. A trainer
+    refuses it by name where it computes in another precision, and shares it where it computes in the run's."""
+    from accelerate import Accelerator
+
+    mine = Accelerator(mixed_precision="bf16", cpu=True)
+    with pytest.raises(ValueError, match=r"precision='fp32' trains with accelerate's mixed_precision='no', but this "
+                                         r"process's Accelerator computes in 'bf16' .*pass yours as accelerator="):
+        run(tmp_path, max_steps=1)
+    assert mine.mixed_precision == "bf16" and not os.path.exists(tmp_path / "run")
+    trainer, summary = run(tmp_path, max_steps=1, grad_accum=1, precision="bf16-mixed")
+    assert summary.steps == 1 and mine.mixed_precision == trainer.accelerator.mixed_precision == "bf16"
+    with pytest.raises(ValueError, match="pass yours as accelerator="):   # shared, it is still the caller's
+        run(tmp_path, "fp32", max_steps=1)
+
+
 def test_a_finished_run_lets_its_model_go(tmp_path):
     """A sweep of runs in one process (a learning rate search) frees each run's model when the caller drops it. The
     state-dict helpers of torch.distributed.checkpoint (torch 2.13) that checkpointing calls leave a reference cycle
