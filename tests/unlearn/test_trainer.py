@@ -77,7 +77,7 @@ def test_a_checkpoint_restores_the_cuda_generator_of_the_runs_device_alone(monke
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[torch.device(device).index])
     monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible[0])
-    saved = trainer_module._rng_state(torch.device("cuda", 1))
+    saved = trainer_module._torch_rng_state(torch.device("cuda", 1))
     visible[0] = 1   # resumed on one GPU, the saving process's cuda:1
     trainer_module._set_rng_state(saved, torch.device("cuda", 0))
     assert restored == [(0, 1)]
