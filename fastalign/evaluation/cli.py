@@ -6,10 +6,10 @@ jsonl (a new run replaces it; missing directories are created) batch by batch an
 judged before a failure (a judge that raises, an interrupt) stays on disk (a previous run's summary is removed as
 the run starts writing); another fastalign process started on the same --output meanwhile stops with an error.
 Inputs are checked before any generation: a missing model, an unreadable prompt file, an
---output that cannot be written or a prompt too long for the model's context stops the command with a message
-naming the argument. The summary (harmful rate, and with --reference the unchanged share and mean token KL on
---normal-prompts, the KL taken on the tokens the reference generated, its end token included) is printed as JSON
-and written to <output>.summary.json.
+--output that cannot be written, a prompt too long for the model's context or a moderation classifier whose
+tokenizer holds ids past its embeddings stops the command with a message naming the argument. The summary (harmful
+rate, and with --reference the unchanged share and mean token KL on --normal-prompts, the KL taken on the tokens
+the reference generated, its end token included) is printed as JSON and written to <output>.summary.json.
 
 --dtype is the dtype the model computes in (auto: the checkpoint's own, which `fastalign unlearn` saves in
 float32, or bfloat16 with --precision bf16, while an original checkpoint is often bfloat16 or float16); the
@@ -48,6 +48,7 @@ import torch
 
 from fastalign.cli import (MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_field_used, check_model_dir,
                            check_output_file, template_kwargs_argument)
+from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.output_lock import output_lock
 from fastalign.pretrained import load_config, load_pretrained, load_tokenizer
 from fastalign.unlearn.templates import ChatTemplate
@@ -200,6 +201,9 @@ def build_judge(args, tokenizer=None):
         except (OSError, ValueError) as exc:
             raise UsageError(f"--moderation-model: cannot load a sequence classifier from "
                              f"{args.moderation_model!r}: {exc}") from None
+        # the classifier reads answers not generated yet: its tokenizer's ids are checked against its embeddings now
+        check_embedded([max(classifier_tokenizer.get_vocab().values())], input_vocabulary(classifier),
+                       "--moderation-model: its tokenizer", UsageError)
         try:   # on --device: with --answers the classifier is all the compute there is
             return ModerationJudge(classifier.to(args.device), classifier_tokenizer, harmful_label=label,
                                    threshold=threshold, template=template)

@@ -21,6 +21,7 @@ import torch
 from fastalign.eval_mode import eval_mode
 from fastalign.model_context import config_positions
 from fastalign.model_devices import input_device
+from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.ops.checks import check_count, is_integer, refuse_one_string
 from fastalign.pretrained import load_pretrained, load_tokenizer
 
@@ -205,8 +206,10 @@ class ModerationJudge:
     @torch.no_grad()
     def probabilities(self, pairs: Sequence[Pair]) -> List[float]:
         """The classifier's probability of the harmful label for every pair. The classifier runs in eval mode (no
-        dropout) and gets its own mode back after: one being fine-tuned trains on as it was."""
-        device = input_device(self.model)
+        dropout) and gets its own mode back after: one being fine-tuned trains on as it was. A ValueError names the
+        pair whose text holds a token id past the classifier's input embeddings (a tokenizer that does not match it),
+        which the classifier's embedding failed on with an IndexError (on CUDA, a device assert)."""
+        device, vocab = input_device(self.model), input_vocabulary(self.model)
         # Padded on the right whatever the tokenizer's side (on the left, a classifier with absolute position
         # embeddings, BERT or GPT-2, reads a text at other positions than alone), with the model's own pad id, not
         # the tokenizer's: a decoder classifier finds a text's last token by that id, not by the attention mask.
@@ -217,6 +220,8 @@ class ModerationJudge:
         for start in range(0, len(pairs), size):
             texts = [self.text(p, a) for p, a in pairs[start:start + size]]
             enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+            for i, ids in enumerate(enc["input_ids"], start):
+                check_embedded(ids, vocab, f"pair {i}")
             width = max(map(len, enc["input_ids"]))
             batch = {key: torch.tensor([list(row) + [pad if key == "input_ids" else 0] * (width - len(row))
                                         for row in rows], device=device) for key, rows in enc.items()}

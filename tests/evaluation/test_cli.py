@@ -686,6 +686,26 @@ def test_moderation_classifier_runs_on_device_and_a_bad_directory_names_it(rain_
     assert not out.exists()
 
 
+def test_a_moderation_classifier_whose_tokenizer_holds_ids_past_its_embeddings_is_refused_before_generating(
+        harmful_prompts, model_dir, tokenizer, tmp_path, capsys):
+    """The classifier reads answers not generated yet: a tokenizer with ids it has no embedding for (a token added
+    without resizing it) failed in its embedding with an IndexError only after every answer had been generated."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    rows = 16   # short of the ids of most words
+    config = LlamaConfig(vocab_size=rows, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=1, num_labels=2, pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path / "classifier"
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    out = tmp_path / "judged.jsonl"
+    assert run("--model", model_dir, "--prompts", harmful_prompts, "--judge", "moderation", "--moderation-model", path,
+               "--harmful-label", 1, "--max-new-tokens", 4, "--output", out) == 2
+    assert (f"--moderation-model: its tokenizer: token id {len(tokenizer) - 1} is past the model's {rows} input "
+            "embeddings"
+            in capsys.readouterr().err)
+    assert not out.exists()
+
 def test_normal_prompts_read_their_own_field(world, model_dir, harmful_prompts, tmp_path, capsys):
     """--normal-field: harmful prompts in a jsonl's 'prompt' beside normal ones in a csv column of another name
     (TruthfulQA.csv's Question), without converting either file; without it, --field names both."""

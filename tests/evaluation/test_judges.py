@@ -325,3 +325,18 @@ def test_moderation_judge_with_a_classifier_whose_embeddings_accelerate_offloads
     judge = ModerationJudge(offloaded, tokenizer, harmful_label="unsafe", template="{prompt} {answer}")
     expected = ModerationJudge(classifier, tokenizer, harmful_label="unsafe", template="{prompt} {answer}")
     assert judge.probabilities(pairs) == pytest.approx(expected.probabilities(pairs), abs=1e-6)
+
+
+def test_moderation_judge_names_a_token_id_past_the_classifiers_embeddings(world, tokenizer):
+    """A classifier with fewer embedding rows than its tokenizer's ids (a token added without resizing it) failed
+    inside its embedding with an IndexError, on CUDA a device assert: the pair whose text holds such an id is named."""
+    torch.manual_seed(0)
+    rows = len(tokenizer) - 10
+    classifier = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=rows, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_labels=2, pad_token_id=tokenizer.pad_token_id)).eval()
+    pairs = [(world.normal[0].question, world.normal[0].answer), (world.harmful[0].question, world.harmful[0].answer)]
+    assert max(tokenizer(pairs[0][1])["input_ids"]) < rows <= max(tokenizer(pairs[1][1])["input_ids"])
+    judge = ModerationJudge(classifier, tokenizer, harmful_label=1, batch_size=1)
+    with pytest.raises(ValueError, match=rf"^pair 1: token id \d+ is past the model's {rows} input embeddings"):
+        judge.probabilities(pairs)
