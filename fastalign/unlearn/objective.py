@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from fastalign.compute_dtype import compute_dtype
+from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.ops.checks import is_real
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
 from fastalign.ops.linear_kl_div import linear_kl_div
@@ -78,6 +79,7 @@ class UnlearningObjective(torch.nn.Module):
     The trainer passes the step's average number of normal answer tokens per micro-batch (counted over every
     micro-batch of every process), so that averaging the micro-batch losses over gradient accumulation and
     processes, as accumulation and DDP/FSDP do, gives SPEC §1's mean over all the step's normal tokens.
+    A batch holding a token id the model has no input embedding for is a ValueError naming its example.
     """
 
     def __init__(self, model: torch.nn.Module, weights: LossWeights = LossWeights(), reference=None,
@@ -93,6 +95,7 @@ class UnlearningObjective(torch.nn.Module):
         # read once (they inspect the model's source); the reference shares them
         self.softcap, self.multiplier = logit_softcap(model), logit_multiplier(model)
         self.packer = RowPacker(model, packing)
+        self.vocab_size = input_vocabulary(model)   # read before a wrapper (FSDP) shards the embeddings
         # whether the lm_head's weight and bias trained when the objective was built, for a forward that sees them
         # as no parameter of their own (see _as_trained)
         lm_head = causal_lm_parts(model)[1]
@@ -107,6 +110,7 @@ class UnlearningObjective(torch.nn.Module):
         if normal_denominator is not None and not (is_real(normal_denominator)
                                                    and 0 < normal_denominator < float("inf")):
             raise ValueError(f"normal_denominator must be a finite number > 0, got {normal_denominator!r}")
+        self._check_embedded(batch)
         decoder, lm_head = causal_lm_parts(self.model)
         lm_weight, lm_bias = (_as_trained(t, trained) for t, trained in zip((head_weight(lm_head), lm_head.bias),
                                                                              self.head_trains))
@@ -164,6 +168,25 @@ class UnlearningObjective(torch.nn.Module):
         w = self.weights
         total = w.forget * forget + w.mismatch * mismatch + w.normal * normal
         return LossTerms(total, forget.detach(), mismatch.detach(), normal.detach())
+
+    def _check_embedded(self, batch: UnlearningBatch) -> None:
+        """A ValueError naming the example (else the row) of `batch` that holds a token id the model has no input
+        embedding for, or its padding, as the trainer's streams.check_vocabulary names it before training: the
+        objective used directly failed inside the embedding with an IndexError (on CUDA, a device assert). Read on
+        the batch's host copy, one min and max per batch; a batch made on the device alone is not read (the host
+        would wait for the device's queued work)."""
+        host = batch.tokens.on_host
+        ids = host.input_ids
+        if self.vocab_size is None or ids.device.type != "cpu" or not ids.numel():
+            return
+        low, high = torch.aminmax(ids)
+        if int(low) >= 0 and int(high) < self.vocab_size:
+            return
+        named = len(batch.examples) == len(ids)
+        for i, (row, mask) in enumerate(zip(ids.tolist(), host.attention_mask.tolist())):
+            check_embedded([t for t, m in zip(row, mask) if m], self.vocab_size,
+                           batch.examples[i].source if named else f"row {i} of the batch")
+        check_embedded(ids[host.attention_mask == 0].tolist(), self.vocab_size, "the batch's padding")
 
 
 def _as_trained(t: torch.Tensor | None, trained_when_built: bool) -> torch.Tensor | None:

@@ -1,5 +1,6 @@
 """UnlearningObjective against SPEC §1 computed per sequence from full logits, for each reference mode."""
 import copy
+import re
 import warnings
 
 import pytest
@@ -770,3 +771,20 @@ def test_a_peft_model_keeps_the_logit_transforms_of_the_model_it_wraps(make_mode
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     assert expected is not None and read(wrapped) == expected
     UnlearningObjective(wrapped)
+
+
+def test_a_token_id_past_the_models_embeddings_is_named_by_its_example():
+    """UnlearningObjective used directly (README: `UnlearningObjective` / `UnlearningTrainer` directly) on a batch whose
+    largest id has no embedding row failed inside the embedding with an IndexError (on CUDA a device assert): the
+    example holding it is named, as the trainer's streams.check_vocabulary names it; a batch moved to the device is
+    read on its host copy."""
+    streams = tiny_streams(byte_bpe_tokenizer())
+    batch = streams.batch(0)
+    largest = int(batch.tokens.input_ids.max())
+    model = tiny_llama(largest)   # one row short
+    holder = next(e.source for e in batch.examples if largest in e.input_ids)
+    terms = UnlearningObjective(model, LossWeights(), FrozenCopyReference(model))
+    for moved in (batch, batch.to("meta")):   # (the meta device holds no values to read)
+        with pytest.raises(ValueError, match=rf"^{re.escape(holder)}: token id {largest} is past the model's {largest} input "
+                                             "embeddings"):
+            terms(moved)
