@@ -185,18 +185,28 @@ class UnlearningStreams:
             raise DataError(f"{source}: {length} tokens, more than the model's context (max_position_embeddings="
                             f"{positions}); set max_length (--max-length) to at most {positions}")
 
-    def check_vocabulary(self, vocab_size: int | None) -> None:
+    def check_vocabulary(self, vocab_size: int | None, head_rows: int | None = None) -> None:
         """Raises a DataError naming the first example (or the padding id) holding a token id the model has no
         input embedding for: a tokenizer that does not match the model (a token added to it without resizing
-        the model's embeddings) failed deep inside the forward with an IndexError."""
-        if vocab_size is None:
-            return
-        if not 0 <= self.filler_id < vocab_size:
-            raise DataError(f"the padding token id {self.filler_id} is past the model's {vocab_size} input embeddings: "
-                            "the tokenizer does not match the model (a token added without resizing the embeddings?)")
-        pool = [(a.ids, f"mismatch pool answer {i}") for i, a in enumerate(self.pool)]
-        for ids, source in [(e.input_ids, e.source) for e in self.forget + self.normal] + pool:
-            check_embedded(ids, vocab_size, source, DataError)
+        the model's embeddings) failed deep inside the forward with an IndexError. With `head_rows`, the rows of
+        the lm_head, also the first forget example or pool answer whose answer (the loss's targets) holds an id
+        the lm_head has no row for (fewer rows than the input embeddings: Mllama's text model), which failed
+        mid-run, at the first batch holding it, with a ValueError naming no example. None: not known, not checked."""
+        if vocab_size is not None:
+            if not 0 <= self.filler_id < vocab_size:
+                raise DataError(f"the padding token id {self.filler_id} is past the model's {vocab_size} input "
+                                "embeddings: the tokenizer does not match the model (a token added without resizing "
+                                "the embeddings?)")
+            pool = [(a.ids, f"mismatch pool answer {i}") for i, a in enumerate(self.pool)]
+            for ids, source in [(e.input_ids, e.source) for e in self.forget + self.normal] + pool:
+                check_embedded(ids, vocab_size, source, DataError)
+        if head_rows is not None:
+            targets = [(e.input_ids[max(e.answer_start, 1):e.answer_end], e.source) for e in self.forget]
+            for ids, source in targets + [(a.answer_ids, f"mismatch pool answer {i}") for i, a in enumerate(self.pool)]:
+                if ids and max(ids) >= head_rows:
+                    raise DataError(f"{source}: answer token id {max(ids)} is past the model's {head_rows} lm_head "
+                                    "rows: the loss cannot take it as a target (a token the model reads but never "
+                                    "predicts?)")
 
     def batch(self, index: int, *, rank: int = 0, world_size: int = 1) -> UnlearningBatch:
         """The batch of global draw `index` for process `rank` of `world_size`."""

@@ -351,9 +351,9 @@ class UnlearningTrainer:
                  accelerator=None, step_callback: Callable[[StepRecord], None] | None = None):
         if not config.output_dir:
             raise ValueError("config.output_dir must name the directory for checkpoints, logs and the model")
-        causal_lm_parts(model)
+        lm_head = causal_lm_parts(model)[1]
         streams.check_context(max_positions(model))
-        streams.check_vocabulary(input_vocabulary(model))
+        streams.check_vocabulary(input_vocabulary(model), lm_head.weight.shape[0])
         for name, p in model.named_parameters():
             if p.is_meta:   # else "Tensor.item() cannot be called on meta tensors" below, or model.to()'s error
                 raise ValueError(f"model parameter {name} is on the meta device (offloaded by accelerate, a device_map "

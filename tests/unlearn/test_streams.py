@@ -322,6 +322,22 @@ def test_token_ids_past_the_models_vocabulary_are_named():
         make(filler_id=5000).check_vocabulary(1300)
 
 
+def test_answer_ids_past_the_lm_heads_rows_are_named():
+    """The loss's targets (forget answers, pool answers) index the lm_head's rows, which may be fewer than the input
+    embeddings' (Mllama's text model: 8 image tokens read, never predicted): such an id passed the check of the input
+    rows and failed mid-run, at the first batch holding it, with a ValueError naming no example. Prompt ids, a pool
+    answer's lead and tail, and normal answers (the KL term takes no target) are no targets."""
+    normal = [EncodedExample((1, 2, 8, 8), 2, 4, "normal 0")]
+    pool = [(1, 2), PoolAnswer((8, 1, 2, 8), lead=1, end=3)]
+    streams = UnlearningStreams([EncodedExample((9, 1, 2, 3), 2, 4, "forget 0")], normal=normal, mismatch_pool=pool)
+    streams.check_vocabulary(10, 4)
+    streams.check_vocabulary(10, None)
+    with pytest.raises(DataError, match=r"^forget 0: answer token id 3 is past the model's 3 lm_head rows"):
+        streams.check_vocabulary(10, 3)
+    streams = UnlearningStreams([EncodedExample((9, 1, 2, 1), 2, 4, "forget 0")], mismatch_pool=pool + [(3,)])
+    with pytest.raises(DataError, match=r"^mismatch pool answer 2: answer token id 3 is past the model's 3 lm_head"):
+        streams.check_vocabulary(10, 3)
+
 def test_a_padding_id_equal_to_the_vocabulary_size_is_named():
     """Ids run 0..vocab_size-1: a padding id of vocab_size (a pad token appended without resizing) has no embedding."""
     make(filler_id=1299).check_vocabulary(1300)

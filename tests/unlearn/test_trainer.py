@@ -1177,6 +1177,27 @@ def test_rows_longer_than_the_model_context_are_refused_up_front(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_answer_ids_past_the_lm_heads_rows_are_refused_up_front(tmp_path):
+    """Mllama's text model embeds 8 image tokens more than its lm_head predicts: an answer id the input embeddings
+    hold but the lm_head has no row for passed the check of the data's ids and failed mid-run, at the first batch
+    holding it, with a ValueError naming no example. The trainer checks the answers against the lm_head's rows too,
+    naming the example."""
+    from transformers import MllamaForCausalLM, MllamaTextConfig
+
+    from fastalign.unlearn.records import DataError
+
+    streams = tiny_streams(byte_bpe_tokenizer())
+    largest = max(max(e.input_ids[e.answer_start:e.answer_end]) for e in streams.forget)
+    model = MllamaForCausalLM(MllamaTextConfig(vocab_size=largest, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                               cross_attention_layers=[], bos_token_id=0, eos_token_id=0,
+                                               pad_token_id=0))
+    assert model.get_input_embeddings().weight.shape[0] > largest == model.lm_head.weight.shape[0]
+    with pytest.raises(DataError, match=rf"^forget:row \d+: answer token id {largest} is past the model's {largest} "
+                                        "lm_head rows"):
+        UnlearningTrainer(model, streams, UnlearnConfig(output_dir=str(tmp_path / "run"), progress=False))
+    assert not os.path.exists(tmp_path / "run")
+
 def test_a_launch_whose_processes_accelerate_runs_alone_is_refused(tmp_path, monkeypatch):
     """torchrun on a machine without a GPU: unless told to use the CPU (ACCELERATE_USE_CPU=1), accelerate joins the
     launch's process group yet runs each process as a run of its own (num_processes 1, every process the main one).
