@@ -340,7 +340,11 @@ class UnlearningTrainer:
     One train() runs at a time on a trainer: one called while another runs, from another thread or from the
     step_callback, is refused with a RuntimeError (the two would train one model with one optimizer into one
     output_dir); one called after the last returned runs (after an exception, a resume: see resume_point), except
-    under FSDP, whose first train() sharded the model in place (a RuntimeError: resume with a new trainer).
+    under FSDP, whose first train() sharded the model in place (a RuntimeError: resume with a new trainer), and
+    except after an exception that stopped a run whose steps had already changed the weights where output_dir holds
+    no checkpoint to resume from (save_every=0, or before the first one): a RuntimeError, as the weights the run
+    started from are gone (keeping a copy would cost a model's memory); train with save_every, or retry with a new
+    trainer over the model loaded again.
     Torch's global generator is seeded with config.seed when the trainer is constructed (LoRA's initialisation draws
     from it), and train() starts dropout where that left it, whatever was drawn in between; a step_callback that draws
     from it changes the dropout of the steps after it (a resume restores the generator as its checkpoint found it).
@@ -397,6 +401,8 @@ class UnlearningTrainer:
         self._built_reference = None
         self.packer = None    # the objective's RowPacker, once train() built it: how each batch's forward ran
         self._prepared = False   # whether a train() gave the model to accelerate's prepare (FSDP shards it in place)
+        # whether a train() that did not finish stepped the weights: a later one can restore them from a checkpoint only
+        self._stepped = False
         self._busy = threading.Lock()   # held by the running train() (see one_call_at_a_time)
 
     def _prepare_model(self, model):
@@ -477,6 +483,12 @@ class UnlearningTrainer:
                                "state, which is the process's; construct this trainer again")
         out = config.output_dir
         resume_from = resume_point(config)
+        if self._stepped and not resume_from:
+            raise RuntimeError(f"the last train() stopped with an exception after its steps had changed the weights, "
+                               f"and {out} holds no checkpoint to resume from (save_every={config.save_every}): "
+                               "the weights this run would start from are gone; retry with a new "
+                               "UnlearningTrainer over the model loaded again, and set save_every (--save-every) to "
+                               "make a later failure resumable")
         if acc.is_main_process:
             os.makedirs(out, exist_ok=True)
             remove_stale_temporaries(out)
@@ -512,6 +524,7 @@ class UnlearningTrainer:
                 (total, forget, mismatch, normal), counts = self._step(step, objective, decoder_trains, lm_head_trains)
                 lr = optimizer.param_groups[0]["lr"]
                 if not hooks:   # (with them, each parameter has stepped in the backward)
+                    self._stepped = True
                     optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -537,6 +550,7 @@ class UnlearningTrainer:
         self._built_reference = None    # the run is over: its reference is not needed again
         summary = self._finish(step, stop_reason, record, totals, objective,
                                type(_torch_optimizer(optimizer)).__name__)
+        self._stepped = False   # (a later train() goes on from the weights this run saved)
         # the accelerator holds the prepared objective, and so the reference (a frozen copy of the decoder, or the
         # cache), for as long as the caller keeps the trainer: free_memory lets them go, then runs a full collection.
         # torch.distributed.checkpoint's state-dict helpers (torch 2.13) leave a reference cycle holding every module
@@ -573,6 +587,7 @@ class UnlearningTrainer:
                                           grads_in_forward=config.grads_in_forward))
                 if self.optimizer_in_backward:   # (one micro-batch: the config allows no accumulation with it)
                     values = self._step_values(step, term_sums, compute, micro_terms, batches)
+                    self._stepped = True   # (the backward steps the weights)
                 acc.backward(terms.total / config.grad_accum)
         return values if values is not None else self._step_values(step, term_sums, compute, micro_terms, batches)
 

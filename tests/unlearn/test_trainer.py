@@ -190,6 +190,43 @@ def test_a_run_an_exception_stopped_resumes_on_the_same_trainer_as_if_never_stop
 
 
 
+
+@pytest.mark.parametrize("grad_accum", [1, 2], ids=["optimizer-in-backward", "accumulating"])
+@pytest.mark.parametrize("fail_in_step", [1, 2])
+def test_a_retry_without_a_checkpoint_starts_over_only_from_the_weights_as_given(tmp_path, monkeypatch, grad_accum,
+                                                                                 fail_in_step):
+    """An out-of-memory error in a step's first forward, no checkpoint written (save_every=0), then train() again on
+    the same trainer. After step 1 had trained the weights, the retry started over at step 0 from them (the reference
+    being the original policy) and silently ended elsewhere than a run that never failed: it must be refused, naming
+    save_every, before it touches output_dir. A failure before any step changed a weight still starts over."""
+    whole, _ = run(tmp_path, "whole", max_steps=3, grad_accum=grad_accum)
+    tokenizer = byte_bpe_tokenizer()
+    config = UnlearnConfig(output_dir=str(tmp_path / "stopped"), max_steps=3, lr=1e-3, grad_accum=grad_accum,
+                           progress=False)
+    trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config, tokenizer=tokenizer)
+    real_forward, calls = UnlearningObjective.forward, [0]
+
+    def failing(self, *args):
+        calls[0] += 1
+        if calls[0] == (fail_in_step - 1) * grad_accum + 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_forward(self, *args)
+
+    monkeypatch.setattr(UnlearningObjective, "forward", failing)
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.train()
+    monkeypatch.undo()
+    trainer.config = dataclasses.replace(config, resume=True)
+    if fail_in_step == 1:
+        assert trainer.train().steps == 3
+        for (name, a), (_, b) in zip(whole.model.named_parameters(), trainer.model.named_parameters()):
+            assert torch.equal(a, b), name
+        return
+    logged = log_lines(tmp_path / "stopped")
+    with pytest.raises(RuntimeError, match="no checkpoint to resume from.*save_every"):
+        trainer.train()
+    assert log_lines(tmp_path / "stopped") == logged == log_lines(tmp_path / "whole")[:1]
+
 BUSY = "UnlearningTrainer.train: another call is running on this UnlearningTrainer"
 # LoRA dropout draws from the global generator, which train() sets when it starts: a refused call that got that far
 # would change the running one
