@@ -336,15 +336,17 @@ class UnlearningTrainer:
     The constructor checks the model before it changes it (casts it for precision 'bf16', wraps it for LoRA, enables
     checkpointing, moves it to the accelerator's device, puts it in train mode): a model it refuses is left as given,
     but for lora_targets that PEFT finds in no module at precision 'bf16', refused after the cast. A finished run gives
-    the model (trained in place, LoRA merged in) its requires_grad flags back, which LoRA and the cached reference set.
+    the model (trained in place, LoRA merged in) its requires_grad flags back, which LoRA and the cached reference set
+    (a LoRA run, once it merged its adapter in, even where writing model/ then fails).
     One train() runs at a time on a trainer: one called while another runs, from another thread or from the
     step_callback, is refused with a RuntimeError (the two would train one model with one optimizer into one
-    output_dir); one called after the last returned runs (after an exception, a resume: see resume_point), except
-    under FSDP, whose first train() sharded the model in place (a RuntimeError: resume with a new trainer), and
-    except after an exception that stopped a run whose steps had already changed the weights where output_dir holds
-    no checkpoint to resume from (save_every=0, or before the first one): a RuntimeError, as the weights the run
-    started from are gone (keeping a copy would cost a model's memory); train with save_every, or retry with a new
-    trainer over the model loaded again.
+    output_dir); one called after the last returned runs (after an exception, a resume: see resume_point), but it is
+    refused with a RuntimeError (retry with a new trainer over the model loaded again) under FSDP, whose first train()
+    sharded the model in place; after a LoRA run that merged its adapter into the weights in place to write model/,
+    even where that write then failed; and after an exception that stopped a run whose steps had already changed the
+    weights where output_dir holds no checkpoint to resume from (save_every=0, or before the first one): the weights
+    the run started from are gone (keeping a copy would cost a model's memory), so train with save_every to make such
+    a failure resumable on the same trainer.
     Torch's global generator is seeded with config.seed when the trainer is constructed (LoRA's initialisation draws
     from it), and train() starts dropout where that left it, whatever was drawn in between; a step_callback that draws
     from it changes the dropout of the steps after it (a resume restores the generator as its checkpoint found it).
@@ -476,6 +478,11 @@ class UnlearningTrainer:
             raise RuntimeError("under FSDP a trainer trains once: its first train() sharded the model in place, which "
                                "cannot be prepared again; resume with a new UnlearningTrainer over the model loaded "
                                "again (config.resume=True, --resume)")
+        if config.lora and not hasattr(self.model, "disable_adapter"):   # _finish merged the adapter into the weights
+            raise RuntimeError("this trainer's model holds no LoRA adapter to train: its last train() merged it into "
+                               "the weights in place to write model/; train (or resume a run whose model/ was not "
+                               "written: config.resume=True, --resume) with a new UnlearningTrainer over the model "
+                               "loaded again")
         if acc.mixed_precision != _MIXED_PRECISION[config.precision]:
             raise RuntimeError(f"this trainer's accelerator now computes in mixed_precision={acc.mixed_precision!r}, "
                                f"not {_MIXED_PRECISION[config.precision]!r} as precision={config.precision!r} needs: "
@@ -748,7 +755,10 @@ class UnlearningTrainer:
                 with atomic_directory(summary.adapter_dir) as tmp:
                     self.model.save_pretrained(tmp)
                 _warn_of_a_lossy_merge(summary)
+                # in place: the weights as they were are gone, and with them the adapter a later train() would train
+                # (it is refused), whether model/ is written or not: the model trains as given from now on
                 self.model = self.model.merge_and_unload()
+                _set_requires_grad(self._given_requires_grad)
             with atomic_directory(model_dir) as tmp:
                 _save_model(self.model, tmp, state)
                 if self.tokenizer is not None:

@@ -4,6 +4,7 @@ import copy
 import gc
 import dataclasses
 import datetime
+import errno
 import json
 import os
 import random
@@ -1445,6 +1446,38 @@ def test_a_finished_run_gives_the_model_its_requires_grad_flags_back(tmp_path, s
     run(tmp_path, model=model, max_steps=1, **settings)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert run(tmp_path, "again", model=model, max_steps=1)[1].steps == 1
+
+
+@pytest.mark.parametrize("reference", ["adapter", "copy"])
+def test_a_lora_run_whose_model_write_failed_is_refused_on_its_trainer_and_resumes_on_a_new_one(tmp_path, monkeypatch,
+                                                                                              reference):
+    """A LoRA run whose last write, model/, fails (a full disk): _finish had merged the adapter into the trainer's
+    model in place, and train() again on the same trainer with resume=True crashed deep inside ("reference='adapter'
+    needs a PEFT model", with reference='copy' "the model has no trainable parameter"). It must be refused by name,
+    the caller's model get its requires_grad flags back (the merge ended its training), and a new trainer over the
+    model loaded again resume the run to the model a run that never failed writes."""
+    pytest.importorskip("peft")
+    settings = dict(max_steps=2, save_every=1, lora=True, lora_rank=4, reference=reference)
+    whole, _ = run(tmp_path, "whole", **settings)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    tokenizer, model = byte_bpe_tokenizer(), tiny_llama(len(byte_bpe_tokenizer()))
+    config = UnlearnConfig(output_dir=str(tmp_path / "stopped"), lr=1e-3, grad_accum=2, progress=False, **settings)
+    trainer = UnlearningTrainer(model, tiny_streams(tokenizer), config, tokenizer=tokenizer)
+    monkeypatch.setattr(trainer_module, "_save_model", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.train()
+    monkeypatch.undo()
+    assert all(p.requires_grad for p in model.parameters())
+    trainer.config = dataclasses.replace(config, resume=True)
+    with pytest.raises(RuntimeError, match="holds no LoRA adapter to train.*new UnlearningTrainer"):
+        trainer.train()
+    resumed, summary = run(tmp_path, "stopped", resume=True, **settings)
+    assert summary.steps == 2 and (tmp_path / "stopped" / "model").is_dir()
+    for (name, a), (_, b) in zip(whole.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
 
 
 def test_lora_targets_the_model_lacks_are_named_and_all_linear_is_taken(tmp_path):
