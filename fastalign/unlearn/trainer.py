@@ -759,11 +759,13 @@ class UnlearningTrainer:
                 # (it is refused), whether model/ is written or not: the model trains as given from now on
                 self.model = self.model.merge_and_unload()
                 _set_requires_grad(self._given_requires_grad)
+            # before model/, whose presence marks the run finished (resume_point): a run.json that fails to be written
+            # leaves a run that a resume finishes, not a finished one without its record
+            write_text_atomic(os.path.join(out, "run.json"), json.dumps(asdict(summary), indent=1))
             with atomic_directory(model_dir) as tmp:
                 _save_model(self.model, tmp, state)
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(tmp)
-            write_text_atomic(os.path.join(out, "run.json"), json.dumps(asdict(summary), indent=1))
         _set_requires_grad(self._given_requires_grad)   # the caller's model (trained in place) trains as it did
         acc.wait_for_everyone()
         return summary

@@ -1480,6 +1480,30 @@ def test_a_lora_run_whose_model_write_failed_is_refused_on_its_trainer_and_resum
         assert torch.equal(a, b), name
 
 
+def test_a_run_whose_run_json_write_failed_is_not_finished_and_a_resume_writes_it(tmp_path, monkeypatch):
+    """The run's record, run.json, was written after model/, whose presence marks a run finished: where it failed (a
+    full disk) the directory held a model without its record (tokens, FLOPs, skipped examples) and its half-written
+    .tmp-run.json for good, as a resume was refused ("already holds a finished model"). run.json is now written first,
+    so such a run is not finished, and its resume writes both and removes the temporary."""
+    real = trainer_module.write_text_atomic
+
+    def disk_full_at_run_json(path, text):
+        if os.path.basename(path) != "run.json":
+            return real(path, text)
+        with open(os.path.join(os.path.dirname(path), ".tmp-run.json"), "w") as f:
+            f.write(text[:10])   # what the write got onto the disk before it filled up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer_module, "write_text_atomic", disk_full_at_run_json)
+    with pytest.raises(OSError, match="No space left"):
+        run(tmp_path, max_steps=2, save_every=1)
+    monkeypatch.undo()
+    assert not (tmp_path / "run" / "model").exists()
+    assert run(tmp_path, max_steps=2, save_every=1, resume=True)[1].steps == 2
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["steps"] == 2
+    assert (tmp_path / "run" / "model").is_dir() and not (tmp_path / "run" / ".tmp-run.json").exists()
+
+
 def test_lora_targets_the_model_lacks_are_named_and_all_linear_is_taken(tmp_path):
     """GPT-2, NeoX, Falcon and Phi-3 have no q_proj: PEFT's error did not say which setting chose the modules; and
     PEFT takes its "all-linear" shorthand only as a string, not in the list the config holds."""
