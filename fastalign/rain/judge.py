@@ -15,6 +15,7 @@ evaluation of one prompt); reply = the answer so far plus the rollout (the model
 dialogue.judge_input); suffix = the text after the slot.
 The label token ids are found from the tokenizer in context, never hard-coded.
 """
+import math
 import string
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -263,6 +264,9 @@ class JudgeTokens:
             raise ValueError(f"label_logits: expected shape [2, 4] (each order's logits at label_columns), got "
                              f"{list(label_logits.shape)}")
         (a0, b0, _, _), (_, _, a1, b1) = label_logits.float().tolist()
+        if any(math.isnan(v) for v in (a0, b0, a1, b1)):   # (each comparison would lose: a score of -1, silently)
+            raise FloatingPointError(f"the judge's label logits {[a0, b0, a1, b1]} hold NaN: the model's logits are "
+                                     "not finite (an overflow in float16, corrupted weights?)")
         harmless_first_wins = float(a0 > b0)
         harmless_second_wins = float(b1 > a1)
         return (harmless_first_wins + harmless_second_wins) - 1.0

@@ -117,6 +117,10 @@ class PromptSearch:
 
     def _add_child(self, node: Node, state: Sequence[int], tokens, prior: float, hidden_sum=None) -> Node:
         tokens = tuple(int(t) for t in tokens)
+        if not math.isfinite(prior):   # (all priors NaN: select_child would find no child to walk to)
+            raise FloatingPointError(f"the prior of the token set {list(tokens)} after {len(state)} tokens is {prior}: "
+                                     "the model's next-token logits are not finite (NaN or inf: an overflow in "
+                                     "float16, corrupted weights?)")
         child = Node(tokens, node, prior, extend_key(node.key, tokens),
                      terminal=self._ended(list(state) + list(tokens), tokens), seq_key=chain_key(node.seq_key, tokens))
         child.hidden_sum = hidden_sum

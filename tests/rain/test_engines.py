@@ -76,6 +76,18 @@ def test_identical_decisions_on_tiny_llama_through_tree_runner():
     assert runner.num_free_blocks == runner.num_blocks
 
 
+@pytest.mark.parametrize("engine", ["tree", "slow"])
+def test_a_model_with_nan_logits_fails_each_prompt_naming_the_non_finite_logits(engine):
+    """A NaN row of the lm_head: each prompt's error was "AttributeError: 'NoneType' object has no attribute
+    'tokens'" from deep in the search; it must say that the model's logits are not finite."""
+    model = tiny_llama()
+    with torch.no_grad():
+        model.lm_head.weight[5] = float("nan")
+    run = rain_generate(model, tokenizer(), PROMPTS[:1], RainConfig(root_visits=3, min_new_visits=2, max_new_tokens=3),
+                        judge_prompt=SHORT_JUDGE, embedding="hidden", engine=engine)
+    assert re.match("FloatingPointError: .* the model's next-token logits are not finite", run.results[0].error)
+
+
 def test_both_engines_run_a_model_whose_embeddings_accelerate_offloads():
     """Offloaded weights wait on the meta device: the slow engine put its inputs there and the runner its KV pool
     (every prompt failed, "RuntimeError: unsupported scalarType"); both run where the embeddings' hook runs them."""

@@ -171,6 +171,14 @@ def test_a_tie_is_not_a_win_in_either_order():
     assert JudgeTokens(tokenizer(), SHORT_JUDGE).score(torch.zeros(2, 4)) == -1.0
 
 
+def test_nan_label_logits_are_refused_not_scored_as_a_loss():
+    """NaN logits (a float16 overflow, corrupted weights) lose every comparison: the reply scored -1, silently."""
+    logits = torch.zeros(2, 4)
+    logits[1, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="label logits .* hold NaN: the model's logits are not finite"):
+        JudgeTokens(tokenizer(), SHORT_JUDGE).score(logits)
+
+
 def test_score_takes_the_label_columns_alone():
     """score reads each order's logits at label_columns ([2, 4]): whole vocabulary rows are refused, not misread."""
     judge = JudgeTokens(tokenizer(), SHORT_JUDGE)

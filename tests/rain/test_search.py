@@ -58,6 +58,20 @@ def test_expansion_priors_are_normalised_and_mixed_at_the_root():
     assert [c.p for c in child.children] == pytest.approx([r / sum(raw) for r in raw])
 
 
+@pytest.mark.parametrize("length", [1, 2])
+def test_priors_from_nan_logits_are_refused_naming_the_logits(length):
+    """NaN logits made every child's prior NaN, select_child found none to walk to, and the prompt failed with
+    "AttributeError: 'NoneType' object has no attribute 'tokens'", naming neither the model nor NaN."""
+    ctx = PromptContext(index=0, prompt_text="", root_ids=[5], head_ids=[], root_key=0, max_length=100)
+    search = PromptSearch(ctx, RainConfig(), tokenizer(), END_IDS, embedder=None, judge=None,
+                          required=RequiredPrefixes(), on_commit=None)
+    nan = float("nan")
+    result = (ExpandResult(ranked_ids=[10, 11], ranked_logits=[nan, 0.0]) if length == 1 else
+              ExpandResult(greedy=Draft((20, 21), nan), samples=[Draft((22, 23), math.log(0.1))]))
+    with pytest.raises(FloatingPointError, match="is nan: the model's next-token logits are not finite"):
+        search._expand(search.tree.root, [5], result, length)
+
+
 def test_widening_samples_on_streams_the_first_expansion_did_not_use():
     """A keyed draw is a function of its stream: a widening that reused one of the first expansion's streams
     would draw one of its samples again."""
