@@ -7,7 +7,9 @@ The same code runs in one process or under `accelerate launch` (DDP, FSDP 1 or 2
 streams.py). A step is one global batch: its forget and mismatch terms are means over all its sequences and
 its KL term the mean over all its normal answer tokens, across micro-batches and processes alike (the
 token count is all-reduced before the forward). A non-finite loss on any process stops every process with
-the same error before the optimizer step, so none is left waiting at the next collective. The loop itself reads
+the same error before the optimizer step, so none is left waiting at the next collective; so do weights that a
+gradient not finite with a finite loss left NaN or inf, found at the next step's non-finite loss or before the
+last step's model/ is written. The loop itself reads
 the device once a step, for its values (_step_values). Checkpoints and the saved model hold full
 (unsharded) tensors whatever the wrapping. A resumed run restores the trainable weights, optimizer,
 scheduler, step counter and torch's generators, and draws the same batches, so it ends bit-identical to a run that
@@ -593,10 +595,12 @@ class UnlearningTrainer:
                                           packed_shape=None if packed is None else packed.shape,
                                           grads_in_forward=config.grads_in_forward))
                 if self.optimizer_in_backward:   # (one micro-batch: the config allows no accumulation with it)
-                    values = self._step_values(step, term_sums, compute, micro_terms, batches)
+                    values = self._step_values(step, objective, term_sums, compute, micro_terms, batches)
                     self._stepped = True   # (the backward steps the weights)
                 acc.backward(terms.total / config.grad_accum)
-        return values if values is not None else self._step_values(step, term_sums, compute, micro_terms, batches)
+        if values is None:
+            values = self._step_values(step, objective, term_sums, compute, micro_terms, batches)
+        return values
 
     def _prepare_objective(self):
         """The accelerate-prepared objective and AdamW over its trainable parameters.
@@ -633,13 +637,13 @@ class UnlearningTrainer:
             acc.reduce(torch.tensor(float(local), dtype=torch.float64, device=acc.device), reduction="sum"))
         return max(total, 1.0) / (len(batches) * acc.num_processes)
 
-    def _step_values(self, step: int, term_sums: torch.Tensor, compute: ComputeTotals, micro_terms: list,
+    def _step_values(self, step: int, objective, term_sums: torch.Tensor, compute: ComputeTotals, micro_terms: list,
                      batches: list[UnlearningBatch]) -> tuple[list[float], list[float]]:
         """The step's loss terms (means over processes) and compute counts (sums over processes), read from the
         device in ONE copy with whether each process's loss was finite: the step's one wait for the device (under a
         launcher, beside the normal token count), which the early stop and the log need every step. Raises
         FloatingPointError on every process, before the optimizer step, when the loss of a micro-batch of any of
-        them was not finite."""
+        them was not finite, naming the step before where that one's update had already made the weights so."""
         acc = self.accelerator
         nonfinite = torch.stack([~torch.isfinite(terms.total.detach()) for terms in micro_terms])
         flags = acc.gather(nonfinite.any().long()[None])
@@ -652,12 +656,29 @@ class UnlearningTrainer:
         flags, here = values[ends[1]:ends[2]], values[ends[2]:]
         bad = [rank for rank, flag in enumerate(flags) if flag]
         if bad:
+            self._check_weights_finite(objective, step)
             micro = next((i for i, flag in enumerate(here) if flag), None)
             here = ("" if micro is None else
                     f"; here {micro_terms[micro]}, rows {[e.source for e in batches[micro].examples]}")
             raise FloatingPointError(f"step {step + 1}: the loss is not finite on process(es) {bad} of "
                                      f"{acc.num_processes}{here}")
         return values[:ends[0]], values[ends[0]:ends[1]]
+
+    def _check_weights_finite(self, objective, step: int) -> None:
+        """Raises FloatingPointError on every process (each calls it) where a trainable weight of any of them holds
+        NaN or inf after `step` steps: a gradient that was not finite though its loss was, which the loss check
+        misses, made it so (a pass over the weights, so not made every step)."""
+        acc = self.accelerator
+        named = [(name.removeprefix("model."), p.detach())
+                 for name, p in objective.named_parameters() if p.requires_grad]
+        here = torch.stack([~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()   # (FSDP2: a shard)
+                            for _, p in named])
+        bad = [rank for rank, flag in enumerate(acc.gather(here.any().long()[None]).tolist()) if flag]
+        if bad:
+            names = [name for (name, _), flag in zip(named, here.tolist()) if flag]
+            raise FloatingPointError(f"after step {step} trainable weights are not finite (NaN or inf) on process(es) "
+                                     f"{bad} of {acc.num_processes}{f'; here {names[:5]}' if names else ''}: the "
+                                     f"gradient of step {step} was not finite though its loss was (an overflow?)")
 
     def _load(self, path, objective, optimizer, scheduler) -> tuple[int, ComputeTotals, StepRecord | None]:
         state, rank_state = read_checkpoint(path, self.accelerator.process_index)
@@ -735,6 +756,7 @@ class UnlearningTrainer:
 
     def _finish(self, step, stop_reason, record, totals, objective, optimizer_name) -> RunSummary:
         acc, out = self.accelerator, self.config.output_dir
+        self._check_weights_finite(objective, step)   # (the last step's update: no loss after it shows it)
         acc.wait_for_everyone()
         model_dir = os.path.join(out, "model")
         summary = RunSummary(step, stop_reason, record, totals.to_dict(), acc.num_processes,

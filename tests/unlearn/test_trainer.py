@@ -594,6 +594,26 @@ def test_a_non_finite_loss_in_any_micro_batch_stops_the_step_before_it_trains(tm
     assert steps == [1] and not (tmp_path / "run" / "model").exists()
 
 
+@pytest.mark.parametrize("grad_accum", [1, 2], ids=["optimizer-in-backward", "accumulating"])
+@pytest.mark.parametrize("nan_in_step", [1, 2])
+def test_a_nan_gradient_with_a_finite_loss_is_named_by_its_step(tmp_path, grad_accum, nan_in_step):
+    """One weight's gradient NaN while the loss is finite: at the last step the NaN weights were written to model/
+    under a run.json saying stop_reason 'max_steps'; at an earlier one the next step's loss failed, naming that
+    step's rows, which did nothing wrong. Either must name the step whose update made the weights NaN, and write
+    no model."""
+    model, calls = tiny_llama(len(byte_bpe_tokenizer())), [0]
+
+    def nan_gradient(grad):
+        calls[0] += 1
+        return grad * float("nan") if calls[0] == (nan_in_step - 1) * grad_accum + 1 else grad
+
+    model.model.layers[0].mlp.up_proj.weight.register_hook(nan_gradient)
+    with pytest.raises(FloatingPointError, match=rf"^after step {nan_in_step} trainable weights are not finite .*"
+                       r"\['model.layers.0.mlp.up_proj.weight'\]: the gradient of step"):
+        run(tmp_path, model=model, max_steps=2, grad_accum=grad_accum)
+    assert sorted(os.listdir(tmp_path / "run")) == ["config.json", "log.jsonl"]
+
+
 @pytest.mark.parametrize("settings", [{}, {"lora": True, "lora_rank": 4}, {"gradient_checkpointing": True}],
                          ids=["full", "lora", "checkpointing"])
 def test_the_optimizer_in_backward_trains_the_same_run(tmp_path, settings):
