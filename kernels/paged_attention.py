@@ -274,19 +274,23 @@ def _num_sms(device):
 def launch_config(num_tokens, num_rows, group, head_dim, itemsize):
     """Tile sizes from shapes alone (no device sync): (BLOCK_M, BLOCK_N, num_warps, num_stages).
 
-    BLOCK_M covers the mean new tokens of a row times the GQA group: at least 16 (tensor cores), at most
-    128 in 16-bit (64 past head_dim 128, so that the tile fits the 99 KiB of shared memory of an L4's or an
-    RTX 4090's block; 32, or 16 past head_dim 128, in fp32, which is for tests). Chosen from sm_90 compiles
-    without register spills, not yet tuned by measurement on a GPU.
+    BLOCK_M covers the mean new tokens of a row times the GQA group: at least 16 (tensor cores) and the group (a
+    tile holds whole groups), at most 128 in 16-bit (64 past head_dim 128, 32 past 256, with 8 warps: Gemma 4's
+    head_dim 512), so that the tile fits the 99 KiB of shared memory of an L4's, an RTX 4090's or an RTX 50's block;
+    32, or 16 past head_dim 128, in fp32, which is for tests. A group wider than that cap takes narrower key tiles
+    instead (BLOCK_N down to 16), which fit the 99 KiB up to a group of 128 at head_dim 256 and of 64 at 512.
+    Chosen from builds for sm_90 (Triton 3.6 and 3.9), not yet tuned by measurement on a GPU: the 16-bit tiles spill
+    no registers there but for a few bytes in some builds (40 at head_dim 96 with BLOCK_M 128, 4 at head_dim 256,
+    32 at head_dim 512 with a group of 64); fp32's spill 0.5-5 KB.
     """
     mean_q_len = -(-num_tokens // max(num_rows, 1))
-    wide_head = head_dim > 128
     if itemsize <= 2:
-        largest, block_n = (64, 32) if wide_head else (128, 64)
+        largest, block_n = (128, 64) if head_dim <= 128 else (64, 32) if head_dim <= 256 else (32, 32)
     else:
-        largest, block_n = (16, 16) if wide_head else (32, 32)
+        largest, block_n = (16, 16) if head_dim > 128 else (32, 32)
     block_m = max(16, triton.next_power_of_2(group), min(largest, triton.next_power_of_2(group * mean_q_len)))
-    num_warps = 8 if block_m >= 64 else 4
+    block_n = max(16, block_n // max(1, block_m // largest))
+    num_warps = 8 if block_m >= 64 or (head_dim > 256 and block_m >= 32) else 4
     num_stages = 3 if block_m <= 32 else 2
     return block_m, block_n, num_warps, num_stages
 

@@ -188,8 +188,10 @@ from tests.kernels.gpu_build import build_for_gpu, check_build, uses_tensor_core
 # group of 7 and head_dim 96 (for tests, not tuned); the sliding window's decode with split keys, prefills and fp32
 # extension; the soft cap's decode with split keys and prefill, alone and with the window; both cascade passes under a
 # window (the shared pass finding each query's row), also with head_dim 256 and the cap (Gemma 2 and 3's local
-# layers). The tiles come from shapes alone, with no fallback: the 16-bit ones must also fit an A100's, an L4's
-# (sm_89) and Blackwell's (a B200's sm_100, an RTX 50's sm_120) block, their dots on each one's tensor cores.
+# layers); a prefill of head_dim 512 (Gemma 4's full-attention layers: its first tiles needed 132 KiB, an L4's block
+# has 99); a decode of 128 query heads on one KV head (a group wider than the largest tile). The tiles come from shapes
+# alone, with no fallback: the 16-bit ones must also fit an A100's, an L4's (sm_89) and Blackwell's (a B200's sm_100,
+# an RTX 50's sm_120) block, their dots on each one's tensor cores.
 for dtype, itemsize, tokens, rows, group, head_dim, prefix_pass, suffix_pass, partial, sliding, softcap in (
         ("bf16", 2, 8, 8, 4, 64, False, False, True, False, False),
         ("bf16", 2, 4096, 1, 4, 128, False, False, False, False, False),
@@ -207,7 +209,9 @@ for dtype, itemsize, tokens, rows, group, head_dim, prefix_pass, suffix_pass, pa
         ("bf16", 2, 4096, 1, 4, 256, False, False, False, True, True),
         ("bf16", 2, 64, 1, 4, 64, True, False, True, True, False),
         ("bf16", 2, 64, 64, 4, 64, False, True, True, True, False),
-        ("bf16", 2, 64, 1, 2, 256, True, False, True, True, True)):
+        ("bf16", 2, 64, 1, 2, 256, True, False, True, True, True),
+        ("bf16", 2, 4096, 1, 8, 512, False, False, False, False, False),
+        ("bf16", 2, 8, 8, 128, 256, False, False, True, False, False)):
     block_m, block_n, num_warps, num_stages = launch_config(tokens, rows, group, head_dim, itemsize)
     types = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, BlockTable="*i32", SeqLens="*i32", RowSeqLens="*i32",
                  CuQLens="*i32",
