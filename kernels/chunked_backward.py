@@ -84,12 +84,15 @@ def row_block_plan(num_rows, vocab, bytes_per_logit):
 def library_logits(hidden, weight):
     """hidden @ weight^T in fp32 [rows, V] by a library matmul: 16-bit operands multiply on the tensor cores with
     fp32 accumulation and an fp32 output (torch.mm's out_dtype, CUDA only); the interpreter's CPU tensors are upcast
-    first (the same products, for tests)."""
+    first (the same products, for tests). A view of rows padded to a multiple of 16 floats, a row stride that Triton
+    specialises: the kernels that read the buffer at V 32001 or 50257 otherwise spilled kilobytes of registers."""
+    vocab = weight.shape[0]
+    logits = torch.empty(hidden.shape[0], -(-vocab // 16) * 16, dtype=torch.float32, device=hidden.device)[:, :vocab]
     if hidden.dtype == torch.float32:
-        return torch.mm(hidden, weight.t())
+        return torch.mm(hidden, weight.t(), out=logits)
     if hidden.is_cuda:
-        return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
-    return torch.mm(hidden.float(), weight.float().t())
+        return torch.mm(hidden, weight.t(), out_dtype=torch.float32, out=logits)
+    return torch.mm(hidden.float(), weight.float().t(), out=logits)
 
 
 def backward_in_chunks(hidden, weight, grad_scale, need_weight_grad, need_bias_grad, segment_writer,

@@ -23,19 +23,22 @@ from .linear_softmax_tiles import (autotune_tiles, chunk_grid, forward_grid, hea
 @autotune_tiles(streams=1, key=["H", "V", "HAS_BIAS", "HAS_SOFTCAP", "FROM_BUFFER"])
 @triton.jit
 def _forward_kernel(x_ptr, w_ptr, b_ptr, z_ptr, target_ptr, split_stats_ptr, target_logit_ptr, softcap,
-                    M, H, V, V_PER_SPLIT, NUM_SPLITS,
+                    M, H, V, V_PER_SPLIT, NUM_SPLITS, Z_STRIDE,
                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FROM_BUFFER: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (split, row block): (max, sum-exp) of z over its vocabulary range, and z[t, y_t] if y_t is in it.
 
     split_stats is [2, M, NUM_SPLITS]: running max, then sum of exp(z - max). FROM_BUFFER: x W^T is read from the
-    fp32 [M, V] buffer z instead of computed.
+    fp32 [M, V] buffer z of row stride Z_STRIDE instead of computed.
     """
     split = tl.program_id(0) % NUM_SPLITS  # the split varies fastest: see forward_grid
     rows = (tl.program_id(0) // NUM_SPLITS) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     v_start = split * V_PER_SPLIT
     v_end = tl.minimum(v_start + V_PER_SPLIT, V)
+    load_end = v_end
+    if FROM_BUFFER:   # tiles read up to the buffer's padded row end, a multiple of 16, so that their loads are
+        load_end = Z_STRIDE   # vectorised at any V; the columns past v_end (the padding unset) are masked below
     target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
 
     run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -45,7 +48,7 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, z_ptr, target_ptr, split_stats_ptr, tar
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
         # z = x W^T + b on this tile
-        z = product_tile(x_ptr, w_ptr, z_ptr, rows, cols, row_mask, col_mask, H, V, FROM_BUFFER,
+        z = product_tile(x_ptr, w_ptr, z_ptr, rows, cols, row_mask, cols < load_end, H, Z_STRIDE, FROM_BUFFER,
                          BLOCK_M, BLOCK_V, BLOCK_K)
         z = head_logits(z, b_ptr, cols, col_mask, softcap, HAS_BIAS, HAS_SOFTCAP)
         # z[t, y_t] where y_t falls in this tile (at most one column matches)
@@ -95,7 +98,8 @@ def forward(hidden, weight, bias, target, softcap=None):
 
 
 def _forward(hidden, weight, bias, target, softcap, logits=None):
-    """forward(), from hidden @ weight^T read from the fp32 buffer `logits` [M, V] where one is given."""
+    """forward(), from hidden @ weight^T read from the fp32 buffer `logits` [M, V] (by its row stride) where one is
+    given."""
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     num_splits, per_split = vocab_splits(num_rows, vocab, hidden.device)
@@ -103,8 +107,9 @@ def _forward(hidden, weight, bias, target, softcap, logits=None):
     target_logit = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
     _forward_kernel[forward_grid(num_rows, num_splits)](
         hidden, weight, weight if bias is None else bias, hidden if logits is None else logits, target, split_stats,
-        target_logit, softcap or 0.0, num_rows, hidden_size, vocab, per_split, num_splits, HAS_BIAS=bias is not None,
-        HAS_SOFTCAP=softcap is not None, FROM_BUFFER=logits is not None, enable_fp_fusion=True)
+        target_logit, softcap or 0.0, num_rows, hidden_size, vocab, per_split, num_splits,
+        0 if logits is None else logits.stride(0), HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        FROM_BUFFER=logits is not None, enable_fp_fusion=True)
     lse, _ = merge_splits(split_stats[0], split_stats[1])
     return lse, target_logit
 

@@ -59,7 +59,7 @@ def _expm1_series(x):
                                  "FROM_BUFFER"])
 @triton.jit
 def _forward_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, z_ptr, zr_ptr, split_stats_ptr, softcap,
-                    M, H, H_REF, V, V_PER_SPLIT, NUM_SPLITS,
+                    M, H, H_REF, V, V_PER_SPLIT, NUM_SPLITS, Z_STRIDE,
                     SHARED_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, FROM_BUFFER: tl.constexpr, EXPM1_SERIES_LIMIT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -67,13 +67,16 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, z_ptr, zr_ptr, 
 
     split_stats is [6, M, NUM_SPLITS]: max and sum exp(zq - max) of Q; max m_p and sum exp(zp - m_p) of P;
     sum exp(zp - m_p) * d and sum exp(zp - m_p) * expm1(-d), with d = zp - zq. FROM_BUFFER: x W^T and x_ref W_ref^T
-    are read from the fp32 [M, V] buffers z and zr instead of computed.
+    are read from the fp32 [M, V] buffers z and zr of row stride Z_STRIDE instead of computed.
     """
     split = tl.program_id(0) % NUM_SPLITS  # the split varies fastest: see forward_grid
     rows = (tl.program_id(0) // NUM_SPLITS) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     v_start = split * V_PER_SPLIT
     v_end = tl.minimum(v_start + V_PER_SPLIT, V)
+    load_end = v_end
+    if FROM_BUFFER:   # tiles read up to the buffers' padded row end, a multiple of 16, so that their loads are
+        load_end = Z_STRIDE   # vectorised at any V; the columns past v_end (the padding unset) are masked below
 
     q_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     q_sumexp = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -84,8 +87,8 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, z_ptr, zr_ptr, 
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        zq, zp = logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, z_ptr, zr_ptr, rows, cols, row_mask, col_mask, H,
-                                  H_REF, V, SHARED_WEIGHT, FROM_BUFFER, BLOCK_M, BLOCK_V, BLOCK_K)
+        zq, zp = logits_tile_pair(x_ptr, w_ptr, xr_ptr, wr_ptr, z_ptr, zr_ptr, rows, cols, row_mask, cols < load_end,
+                                  H, H_REF, Z_STRIDE, SHARED_WEIGHT, FROM_BUFFER, BLOCK_M, BLOCK_V, BLOCK_K)
         zq = head_logits(zq, b_ptr, cols, col_mask, softcap, HAS_BIAS, HAS_SOFTCAP)
         zp = head_logits(zp, br_ptr, cols, col_mask, softcap, HAS_REF_BIAS, HAS_SOFTCAP)
         d = tl.where(col_mask[None, :], zp - zq, 0.0)
@@ -159,8 +162,8 @@ def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, softcap=None
 
 
 def _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, softcap, logits=None):
-    """forward(), from both heads' products read from the fp32 buffers logits = (z, z_ref), each [M, V], where
-    given."""
+    """forward(), from both heads' products read from the fp32 buffers logits = (z, z_ref), each [M, V] and of one
+    row stride, where given."""
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     num_splits, per_split = vocab_splits(num_rows, vocab, hidden.device)
@@ -169,7 +172,7 @@ def _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, softcap, lo
     _forward_kernel[forward_grid(num_rows, num_splits)](
         hidden, weight, weight if bias is None else bias, ref_hidden, ref_weight,
         ref_weight if ref_bias is None else ref_bias, z, z_ref, stats, softcap or 0.0,
-        num_rows, hidden_size, ref_hidden.shape[1], vocab, per_split, num_splits,
+        num_rows, hidden_size, ref_hidden.shape[1], vocab, per_split, num_splits, z.stride(0) if logits else 0,
         SHARED_WEIGHT=_same_tensor(weight, ref_weight), HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
         HAS_SOFTCAP=softcap is not None, FROM_BUFFER=logits is not None,
         EXPM1_SERIES_LIMIT=_EXPM1_SERIES_LIMIT,

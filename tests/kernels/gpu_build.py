@@ -32,16 +32,18 @@ def assert_builds(script):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def build_for_gpu(kernel, types, constants, num_warps, num_stages, capability=90, enable_fp_fusion=True):
+def build_for_gpu(kernel, types, constants, num_warps, num_stages, capability=90, enable_fp_fusion=True,
+                  unaligned=()):
     """triton.compile of `kernel` (a JITFunction) for sm_`capability`, with the FMA contraction its launches set.
     `types` maps pointer arguments to "*bf16" etc. and float scalars to "fp32"; other arguments not in `constants`
-    are i32."""
+    are i32. `unaligned` names i32 arguments to build without the multiple-of-16 hint, as a launch where they are
+    not multiples of 16 (a vocabulary of 32001) builds them."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in kernel.arg_names}
-    unspecialised = set(kernel.do_not_specialize)
+    unspecialised = set(kernel.do_not_specialize) | set(unaligned)
     hinted = [i for i, name in enumerate(kernel.arg_names)
               if signature[name].startswith("*") or (signature[name] == "i32" and name not in unspecialised)]
     options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": enable_fp_fusion}

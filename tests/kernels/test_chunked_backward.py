@@ -174,3 +174,15 @@ def test_uninitialised_buffers_are_written_before_they_are_read(monkeypatch):
         patch.setattr(torch, "empty_like", lambda t, **kwargs: full_like(t, float("nan"), **kwargs))
         grads = run_backward(hidden, weight, grad_scale, d, plan=(5, 6))
     assert_exact_gradients(grads, hidden, weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_library_logits_rows_are_padded_to_a_multiple_of_16(dtype):
+    """grads_in_forward's kernels read the logits buffer by its row stride; at V 32001 (a Llama 2 head with a pad
+    token) or GPT-2's 50257 a stride of V is not a multiple of 16, which Triton cannot specialise, and their sm_90
+    builds spilled 1.5-5 KB of registers per thread. The buffer's rows are padded; the [rows, V] view is the product."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 8).to(dtype), torch.randn(33, 8).to(dtype)
+    logits = chunked_backward.library_logits(hidden, weight)
+    assert logits.shape == (3, 33) and logits.dtype == torch.float32 and logits.stride() == (48, 1)
+    torch.testing.assert_close(logits, hidden.float() @ weight.float().T)

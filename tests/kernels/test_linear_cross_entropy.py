@@ -187,7 +187,7 @@ def test_only_the_split_holding_a_target_writes_its_logit(monkeypatch, gpu_plan)
     split_stats = torch.empty(2, num_rows, num_splits, device=hidden.device)
     target_logit = torch.full((num_rows,), float("nan"), device=hidden.device)
     kernel._forward_kernel[(1,)](hidden, weight, weight, hidden, target, split_stats, target_logit, 0.0,
-                                 num_rows, hidden_size, vocab, per_split, num_splits, HAS_BIAS=False,
+                                 num_rows, hidden_size, vocab, per_split, num_splits, 0, HAS_BIAS=False,
                                  HAS_SOFTCAP=False, FROM_BUFFER=False)
     inside = target < per_split
     expected = (hidden.double() @ weight.double().T).gather(1, target[:, None]).squeeze(1)

@@ -4,7 +4,8 @@ The interpreter that runs them in CPU tests never compiles them; this catches wh
 (unsupported ops, tile shapes that do not lower, shared memory beyond the 227 KiB an sm_90 block can have,
 register spills, main loops whose loads are not pipelined, fp32 dots lowered to TF32). The kernels' FROM_BUFFER
 builds (grads_in_forward's, which read logits from a buffer instead of taking dots) are checked for shared memory and
-spills. The bf16 configurations also build for Blackwell (a B200's sm_100, an RTX 50's sm_120), within its block's
+spills, as built for a vocabulary that is not a multiple of 16 (GPT-2's 50257: V and the gradient chunk's row stride
+unaligned). The bf16 configurations also build for Blackwell (a B200's sm_100, an RTX 50's sm_120), within its block's
 shared memory and with their dots on its tensor cores; the tiles are tuned for sm_90, and on Blackwell some of the
 forward's spill a few registers.
 """
@@ -50,11 +51,13 @@ for dtype in ("bf16", "fp32"):
                     compiled = build_for_gpu(*kernel, capability)
                     assert uses_tensor_cores(compiled), (what, capability, "bf16 dots off the tensor cores")
                     check_build(compiled, what, tuned=False, capability=capability)
-            if dtype == "bf16":   # the same kernel reading its logits from fp32 buffers (no dots, no K loop)
+            if dtype == "bf16":   # the same kernel reading its logits from fp32 buffers (no dots, no K loop), at a
+                # vocabulary that is not a multiple of 16 (GPT-2's 50257), in buffers whose rows are padded to one
                 buffered = (tuner.fn, types, {**kernel[2], "FROM_BUFFER": True}, config.num_warps, config.num_stages)
-                compiled = build_for_gpu(*buffered)
+                compiled = build_for_gpu(*buffered, unaligned=("V", "G_STRIDE"))
                 assert compiled.metadata.shared <= SHARED_MEMORY_PER_BLOCK[90], (what, "FROM_BUFFER shared memory")
-                assert stack_bytes(compiled) == 0, (what, "FROM_BUFFER spills registers")
+                # a register or two at most (Triton 3.9 spills 8 bytes in one configuration); unpadded, 1.5-5 KB
+                assert stack_bytes(compiled) <= 16, (what, "FROM_BUFFER spills registers")
 """
 
 
