@@ -32,14 +32,18 @@ _INTERPRET_TARGET_PROGRAMS = 4
 _INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_V": 32, "BLOCK_K": 16}
 
 # Candidate (BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages) on CUDA by operand streams, a starting
-# point for tuning on H100/H200: all compile for sm_90 without register spills in bf16/fp16. Two streams
+# point for tuning on H100/H200: all compile for sm_90 without register spills in bf16/fp16 at an H that is a
+# multiple of 16 (Triton 3.6 and 3.9; tests/kernels/test_linear_losses_compile.py), but for 8 bytes in the first
+# one's FROM_BUFFER cross-entropy forward at a V that is not a multiple of 16 (Triton 3.9). Two streams
 # (the KL) hold two logits tiles, hence smaller tiles.
 _TILE_SHAPES = {
     1: [(128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
     2: [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 4)],
 }
-# Always a candidate: it does not spill registers with fp32 inputs (whose "ieee" dots run on FMA units),
-# and with under 50 KB of shared memory in every kernel and dtype it launches on any GPU.
+# Always a candidate, and the only one for fp32 inputs (whose "ieee" dots run on FMA units): with them its sm_90
+# builds spill no registers but in the KL forward, which spills 8-24 bytes per thread with a shared weight or with a
+# 16-bit head beside an fp32 one (Triton 3.6 and 3.9). With under 50 KB of shared memory in every kernel and dtype it
+# launches on any GPU.
 _SMALL_TILE = (32, 64, 32, 4, 3)
 
 
