@@ -15,6 +15,10 @@ skipped (pool_attention). On the Triton backend, fused kernels that round as the
 (each with the residual add before it), the rotation of q and k (with Qwen3's, Gemma 3's and OLMo's q/k norms before it,
 and the store of K and V after it), and a dense MLP's activation and product (rms_norms, rotary, gated_mlps): a
 forward bound by launches makes fewer.
+
+Each call reads what Hugging Face's forward reads at each call: the config's final_logit_softcapping, sliding_window and
+layer_types, and each attention's attn_logit_softcapping and scaling; the shapes (layers, heads, head_dim: the pool's),
+the dtype and the context limit are read when the runner is made.
 """
 import functools
 
@@ -133,11 +137,7 @@ class PagedLlama:
         self.head_dim = self.layers[0].self_attn.head_dim
         self.pool_shapes = [(self.num_kv_heads, self.head_dim)] * self.num_layers   # KVPool's layers: the model's
         self.layout = layout = LAYOUTS[config.model_type]
-        self.layer_types = config.layer_types if layout.rope_by_layer_type else None
-        self.windows = layer_windows(model, layout)
-        self.score_softcaps = [getattr(layer.self_attn, "attn_logit_softcapping", None) if layout.score_softcap
-                               else None for layer in self.layers]
-        self.logit_softcap = getattr(config, "final_logit_softcapping", None) if layout.logit_softcap else None
+        layer_windows(model, layout)   # a bad window refused when the runner is made (read again at each call)
         self.max_context = context_limit(config)
         # device: where the whole model computes (model_device), embeddings offloaded by accelerate included
         self.dtype, self.device = model.model.embed_tokens.weight.dtype, device
@@ -163,18 +163,25 @@ class PagedLlama:
         with eval_mode(self.model):
             return self._forward(batch, pool, select, want_logits, want_hidden, logits_rows)
 
+    @property
+    def windows(self):
+        """Each layer's sliding window as the config gives it now (layer_windows)."""
+        return layer_windows(self.model, self.layout)
+
     def _forward(self, batch, pool, select, want_logits, want_hidden, logits_rows):
         inner = self.model.model
         num_tokens = batch.num_tokens
         h = inner.embed_tokens(batch.input_ids)
-        rotations = self._rotations(h, batch.positions)
         layout = self.layout
+        layer_types = self.model.config.layer_types if layout.rope_by_layer_type else None
+        rotations = self._rotations(h, batch.positions, layer_types)
+        windows = self.windows
         # the last MLP's output, added to the residual stream h by the next norm's kernel after the family's norm of
         # it (pending_norm: the Gemmas' and OLMo's post-feedforward norm, else None)
         pending = pending_norm = None
         for index, layer in enumerate(self.layers):
             attn, norms = layer.self_attn, self.norms[index]
-            cos, sin = rotations[self.layer_types[index] if self.layer_types else None]
+            cos, sin = rotations[layer_types[index] if layer_types else None]
             if pending is None:
                 x = _norm(norms, layout.input_norm, h)
             else:
@@ -185,7 +192,9 @@ class PagedLlama:
             v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
             # normalised where the family normalises them (qk_norm), rotated in the rotation's dtype, rounded back to
             # the projections' (OLMo 3 rotates a bf16 model in fp32), on their way into the pool
-            o = self._attention(index, q, k, v, pool, batch, attn.scaling, (self.rotations[index], cos, sin))
+            softcap = getattr(attn, "attn_logit_softcapping", None) if layout.score_softcap else None
+            o = pool_attention(index, q, k, v, pool, batch, scale=attn.scaling, window=windows[index], softcap=softcap,
+                               backend=self.backend, rotation=(self.rotations[index], cos, sin))
             o = attn.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
             h, x = add_then_norm(norms.get(layout.mlp_in_norm), h, o, norms.get(layout.attention_out_norm))
             mlp = self.mlps[index]
@@ -206,25 +215,19 @@ class PagedLlama:
         logits = self._soft_capped(head(at)).float() if want_logits else None
         return logits, hidden if want_hidden else None
 
-    def _rotations(self, h, positions):
+    def _rotations(self, h, positions, layer_types):
         """(cos, sin) [T, 1, head_dim] (broadcast over heads) of the tokens' positions: one pair (key None), or one
-        per layer type where local and global layers rotate with different bases (Gemma 3, OLMo 3)."""
+        per layer type where local and global layers rotate with different bases (Gemma 3, OLMo 3: `layer_types`)."""
         rotary = self.model.model.rotary_emb
-        types = sorted(set(self.layer_types)) if self.layer_types else [None]
+        types = sorted(set(layer_types)) if layer_types else [None]
         pairs = {t: rotary(h, positions[None]) if t is None else rotary(h, positions[None], t) for t in types}
         return {t: (cos[0, :, None, :], sin[0, :, None, :]) for t, (cos, sin) in pairs.items()}
 
     def _soft_capped(self, logits):
         """c tanh(logits / c) with Gemma 2's or 3's final_logit_softcapping c (None: the logits themselves), in the
         head's dtype as their forwards cap them."""
-        c = self.logit_softcap
+        c = getattr(self.model.config, "final_logit_softcapping", None) if self.layout.logit_softcap else None
         return logits if c is None else torch.tanh(logits / c) * c
-
-    def _attention(self, index, q, k, v, pool, batch, scale, rotation):
-        """Layer `index`'s q and k rotated and its K/V written into the pool, then its attention (with the layer's
-        window and soft cap)."""
-        return pool_attention(index, q, k, v, pool, batch, scale=scale, window=self.windows[index],
-                              softcap=self.score_softcaps[index], backend=self.backend, rotation=rotation)
 
 
 def _norm(norms, name, x):

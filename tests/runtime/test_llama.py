@@ -65,6 +65,28 @@ def test_a_soft_cap_in_a_config_that_the_familys_forward_ignores_caps_nothing(na
     assert_matches(model, [child], logits)
 
 
+def _attention_softcaps(model, cap):
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = cap
+
+
+@pytest.mark.parametrize("name, change", [
+    ("gemma2-sliding-softcaps", lambda model: setattr(model.config, "final_logit_softcapping", 12.0)),
+    ("gemma2-sliding-softcaps", lambda model: _attention_softcaps(model, 0.5)),
+    ("gemma2-sliding-softcaps", lambda model: setattr(model.config, "sliding_window", 3)),
+    ("olmo3-sliding-tied", lambda model: setattr(model.config, "layer_types", model.config.layer_types[::-1]))])
+def test_what_the_familys_forward_reads_at_each_call_is_read_at_each_call(name, change):
+    """Hugging Face's forward reads the config's final_logit_softcapping, sliding_window and layer_types, and each
+    attention's attn_logit_softcapping, at each call; PagedLlama copied them when made and went on computing with the
+    old values after a change (logits off by 2.7 after a new final_logit_softcapping)."""
+    model = tiny_model(name)
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    runner.prefill([5, 9, 14])
+    change(model)
+    (child,), logits = runner.extend([None], [[5, 9, 14, 3, 7, 11, 2, 8, 13, 4, 6, 10, 1, 12]], logits="all")
+    assert_matches(model, [child], logits)
+
+
 def test_an_lm_head_with_integer_weights_takes_the_hidden_states_as_they_are():
     """A quantized head (int8 weights and a scale, as bitsandbytes' or a hand-rolled one) dequantizes in its forward:
     the hidden states go in unchanged, not cast to its weights' integer dtype."""
