@@ -16,11 +16,14 @@ skipped (pool_attention). On the Triton backend, fused kernels that round as the
 and the store of K and V after it), and a dense MLP's activation and product (rms_norms, rotary, gated_mlps): a
 forward bound by launches makes fewer.
 
-Each call reads what Hugging Face's forward reads at each call: the config's final_logit_softcapping, sliding_window and
-layer_types, and each attention's attn_logit_softcapping and scaling; the shapes (layers, heads, head_dim: the pool's),
-the dtype and the context limit are read when the runner is made.
+Each call reads what Hugging Face's forward reads at each call: the decoder's layers and norm and every module in them
+(a module replaced since the runner was made runs, its stand-in made again), the config's final_logit_softcapping,
+sliding_window and layer_types, and each attention's attn_logit_softcapping and scaling; the shapes (layers, heads,
+head_dim: the pool's; a model with another number of layers is refused), the dtype and the context limit are read when
+the runner is made.
 """
 import functools
+import operator
 
 import torch
 
@@ -130,11 +133,10 @@ class PagedLlama:
             raise ValueError(f"model: cannot run on the paged Llama path: {problem}")
         config = model.config
         self.model = model
-        self.layers = model.model.layers
-        self.num_layers = len(self.layers)
+        self.num_layers = len(model.model.layers)
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = self.layers[0].self_attn.head_dim
+        self.head_dim = model.model.layers[0].self_attn.head_dim
         self.pool_shapes = [(self.num_kv_heads, self.head_dim)] * self.num_layers   # KVPool's layers: the model's
         self.layout = layout = LAYOUTS[config.model_type]
         layer_windows(model, layout)   # a bad window refused when the runner is made (read again at each call)
@@ -143,16 +145,15 @@ class PagedLlama:
         self.dtype, self.device = model.model.embed_tokens.weight.dtype, device
         self.backend = resolve_backend(attention_backend, self.device)  # "triton" or "torch"
         # on the Triton backend, one kernel for each RMSNorm (with the residual add before it), for the rotation
-        # of q and k, and for a dense MLP's activation and product: fewer launches
-        rule = layout.rms_norm if self.backend == "triton" else None
-        self.norms = [{name: fused_rms_norm(layer.get_submodule(name), rule, self.dtype) for name in layout.norms()}
-                      for layer in self.layers]
-        self.final_norm = fused_rms_norm(model.model.norm, rule, self.dtype)
-        rotate = qk_rotation(self.backend)
-        # each layer's rotation, with its q and k norms before it where the family has them (one kernel)
-        self.rotations = [functools.partial(rotate, head_norms=(norms["self_attn.q_norm"], norms["self_attn.k_norm"]))
-                          if layout.qk_norm else rotate for norms in self.norms]
-        self.mlps = [fused_gated_mlp(layer.mlp, self.backend) for layer in self.layers]   # None: the module
+        # of q and k, and for a dense MLP's activation and product: fewer launches. These stand-ins hold the modules
+        # they stand in for, so each call makes them again for a module replaced since (_layers)
+        self._rule, self._rotate = layout.rms_norm if self.backend == "triton" else None, qk_rotation(self.backend)
+        self._stood_in_for = operator.attrgetter(*layout.norms(), "mlp")   # a layer's modules that stand-ins hold
+        self._made_for = [None] * self.num_layers   # per layer, the modules its stand-ins were made for
+        self.norms, self.rotations = [None] * self.num_layers, [None] * self.num_layers
+        self.mlps = [None] * self.num_layers        # None: the module
+        self.final_norm = self._final_norm_of = None
+        self._layers()
 
     def forward(self, batch, pool, select, want_logits, want_hidden, logits_rows=None):
         """Writes the KV of every token of `batch` into `pool`; returns (logits, hidden) of the tokens
@@ -179,7 +180,7 @@ class PagedLlama:
         # the last MLP's output, added to the residual stream h by the next norm's kernel after the family's norm of
         # it (pending_norm: the Gemmas' and OLMo's post-feedforward norm, else None)
         pending = pending_norm = None
-        for index, layer in enumerate(self.layers):
+        for index, layer in enumerate(self._layers()):
             attn, norms = layer.self_attn, self.norms[index]
             cos, sin = rotations[layer_types[index] if layer_types else None]
             if pending is None:
@@ -214,6 +215,34 @@ class PagedLlama:
             at = at.to(weight.dtype)                                          # (fp32 on a bf16 model) takes its own
         logits = self._soft_capped(head(at)).float() if want_logits else None
         return logits, hidden if want_hidden else None
+
+    def _layers(self):
+        """The decoder's layers as they are now, after making the stand-ins (norms, rotation, MLP) of any module
+        replaced since they were made; a ValueError where they are not as many as the pool holds K/V for."""
+        inner = self.model.model
+        layers = inner.layers
+        if len(layers) != self.num_layers:
+            raise ValueError(f"model: it has {len(layers)} decoder layers now, and this TreeRunner's KV pool was made "
+                             f"for {self.num_layers}; make a new TreeRunner for the model as it is now")
+        for index, layer in enumerate(layers):
+            modules = self._stood_in_for(layer)
+            if modules != self._made_for[index]:
+                self._stand_in(index, layer, modules)
+        if inner.norm is not self._final_norm_of:
+            self.final_norm, self._final_norm_of = fused_rms_norm(inner.norm, self._rule, self.dtype), inner.norm
+        return layers
+
+    def _stand_in(self, index, layer, modules):
+        """Layer `index`'s norms, rotation (with its q and k norms before it where the family has them: one kernel)
+        and MLP as the backend runs them, made for its `modules` (_stood_in_for)."""
+        norms = {name: fused_rms_norm(module, self._rule, self.dtype) for name, module in zip(self.layout.norms(),
+                                                                                                modules)}
+        self.norms[index] = norms
+        self.rotations[index] = (functools.partial(self._rotate, head_norms=(norms["self_attn.q_norm"],
+                                                                              norms["self_attn.k_norm"]))
+                                 if self.layout.qk_norm else self._rotate)
+        self.mlps[index] = fused_gated_mlp(layer.mlp, self.backend)
+        self._made_for[index] = modules
 
     def _rotations(self, h, positions, layer_types):
         """(cos, sin) [T, 1, head_dim] (broadcast over heads) of the tokens' positions: one pair (key None), or one

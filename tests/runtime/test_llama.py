@@ -1,4 +1,6 @@
 """Which models PagedLlama takes, and what it reads from their configs (fastalign.runtime.llama)."""
+import copy
+
 import pytest
 import torch
 from transformers import (Gemma3Config, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
@@ -7,6 +9,7 @@ from transformers import (Gemma3Config, Gemma3ForCausalLM, Gemma3TextConfig, Lla
 
 from fastalign import TreeRunner
 from fastalign.runtime.llama import context_limit, llama_family_problem
+from tests.conftest import device_for
 from tests.runtime.tiny_models import CONFIGS, MAX_POSITIONS, VOCAB, assert_matches, tiny_model
 
 # a tiny model of two layers, and of four experts for the mixtures
@@ -85,6 +88,46 @@ def test_what_the_familys_forward_reads_at_each_call_is_read_at_each_call(name, 
     change(model)
     (child,), logits = runner.extend([None], [[5, 9, 14, 3, 7, 11, 2, 8, 13, 4, 6, 10, 1, 12]], logits="all")
     assert_matches(model, [child], logits)
+
+
+def _replace(model, name):
+    """The submodule `name` of `model` replaced by a copy with other weights (the layers: by themselves reordered)."""
+    parent, child = name.rsplit(".", 1)
+    module = copy.deepcopy(model.get_submodule(name))
+    if isinstance(module, torch.nn.ModuleList):
+        module = torch.nn.ModuleList(list(model.get_submodule(name))[::-1])
+    with torch.no_grad():
+        for param in module.parameters():
+            param.mul_(1.5)
+    setattr(model.get_submodule(parent), child, module)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name, part", [
+    ("llama-gqa-untied", "model.norm"), ("llama-gqa-untied", "model.layers.1.input_layernorm"),
+    ("llama-gqa-untied", "model.layers.0.mlp"), ("llama-gqa-untied", "model.layers"),
+    ("qwen3-head-dim-untied", "model.layers.0.self_attn.q_norm"),
+    ("gemma2-sliding-softcaps", "model.layers.1.post_feedforward_layernorm")])
+def test_a_module_replaced_after_the_runner_is_made_runs(name, part, backend):
+    """Hugging Face's forward calls the decoder's layers and norms as they are at each call; PagedLlama held the
+    layers, norms and MLPs (their fused stand-ins on the Triton backend) it found when made, and went on running the
+    old ones after one was replaced (logits off by 2-3)."""
+    model = tiny_model(name, device=device_for(backend))
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend=backend)
+    runner.prefill([5, 9, 14])
+    _replace(model, part)
+    (child,), logits = runner.extend([None], [[5, 9, 14, 3, 7, 11, 2, 8]], logits="all")
+    assert_matches(model, [child], logits)
+
+
+def test_a_model_pruned_to_fewer_layers_than_the_pool_holds_is_refused():
+    """A pool made for N layers' K/V would run the first N - 1 of them against the pruned model's layers: a call
+    after the decoder lost a layer is refused, naming the model and what to do."""
+    model = tiny_model("llama-gqa-untied")
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    model.model.layers = model.model.layers[:1]
+    with pytest.raises(ValueError, match=r"model: it has 1 decoder layers now.* made for 2; make a new TreeRunner"):
+        runner.extend([None], [[5, 9, 14]])
 
 
 def test_an_lm_head_with_integer_weights_takes_the_hidden_states_as_they_are():
