@@ -159,7 +159,6 @@ class TreeRunner:
             mr.span_tree = self.store.tree
         if keeps_states:
             mr.state_capacity = self._state_capacity(model, max_state_bytes)
-        self.vocab_size = input_vocabulary(model)
         self._cascade_block_size = block_size if cascade_attention and backend == "triton" else None
         self.max_context = mr.max_context
         self._busy = threading.Lock()   # held by the running call (see _one_call_at_a_time)
@@ -200,6 +199,12 @@ class TreeRunner:
         """True where the model computes attention on the paged pool, batched (PagedLlama, PagedHF); False on the
         Hugging Face cache fallback."""
         return self.model_runner.paged
+
+    @property
+    def vocab_size(self):
+        """The token ids the model embeds (its input embeddings' rows), read at each call as its forward reads them:
+        model.resize_token_embeddings(...) after the runner was made changes it."""
+        return input_vocabulary(self.model)
 
     @property
     def block_size(self):
@@ -390,13 +395,13 @@ class TreeRunner:
             arrays.append(array)
         cu_lens = np.zeros(rows + 1, dtype=np.int64)
         cu_lens[1:] = np.cumsum([a.size for a in arrays])
-        tokens = np.concatenate(arrays)
-        bad = (tokens < 0) | (tokens >= self.vocab_size)
+        tokens, vocab_size = np.concatenate(arrays), self.vocab_size
+        bad = (tokens < 0) | (tokens >= vocab_size)
         if bad.any():
             i = int(np.searchsorted(cu_lens, np.argmax(bad), side="right")) - 1  # the first bad id's row
             token = arrays[i][bad[cu_lens[i]:cu_lens[i + 1]]][0]                # as given, not as concatenated
             raise ValueError(f"{row_name.format(i)}: token id {token} is outside the vocabulary "
-                             f"[0, {self.vocab_size})")
+                             f"[0, {vocab_size})")
         return tokens.astype(np.int32), cu_lens
 
     @staticmethod

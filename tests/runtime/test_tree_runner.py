@@ -288,6 +288,20 @@ def test_a_peft_lora_model_in_training_mode_runs_without_its_dropout():
     assert (logits[0] - expected).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-learned-positions"])
+def test_a_token_added_by_resizing_the_embeddings_after_the_runner_is_made_is_taken(name):
+    """The runner read the vocabulary when made: after model.resize_token_embeddings it computed the new vocabulary's
+    logits, yet refused the new token ids as "outside the vocabulary [0, 101)"."""
+    model = tiny_model(name)
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    model.resize_token_embeddings(VOCAB + 4, mean_resizing=False)
+    (span,), logits = runner.extend([None], [[1, VOCAB + 2, 4]], logits="all")
+    torch.testing.assert_close(logits[0], reference(model, span)[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=rf"token_lists\[0\]: token id {VOCAB + 4} is outside the vocabulary "
+                                         rf"\[0, {VOCAB + 4}\)"):
+        runner.extend([span], [[VOCAB + 4]])
+
+
 @pytest.mark.parametrize("name, targets", [("llama-gqa-untied", ["embed_tokens", "lm_head", "q_proj"]),
                                            ("gpt2-learned-positions", ["wte", "c_attn"]),
                                            ("bloom-alibi-fallback", ["word_embeddings", "query_key_value"])])
