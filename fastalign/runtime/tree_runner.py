@@ -86,7 +86,14 @@ class TreeRunner:
     """Runs `model` (a loaded Hugging Face causal LM, without dropout whatever its mode) over a tree of cached spans.
     The model computes on one device, where the KV pool goes (weights that accelerate offloads are fine, a device_map
     over several devices is refused), in the dtype it has when the runner is made: a call after `model.to(...)`
-    changed either is refused.
+    changed either is refused. Each call runs the model's modules as they are then (on PagedLlama its layers and norms
+    too, and the config values its forward reads at each call, such as final_logit_softcapping; another number of
+    layers than the pool's is refused) and takes the token ids its input embeddings hold then; which runner it runs
+    on, the pool's shapes and hooks (a user's hooks added later are skipped on the paged Llama path: add them first)
+    are looked at when the runner is made, as is each layer's attention on PagedHF (its probe). Weights changed in
+    place (an optimizer step, load_state_dict, a LoRA adapter added) change what later calls compute, but spans cached
+    before keep the old weights' K/V, and their children attend to it: release them, or make a new runner, after
+    changing the weights.
 
     Size the KV pool with exactly one of `max_tokens` (rounded up to whole blocks) or `max_bytes`.
     Families that layer_layouts names run on PagedLlama; any other causal LM whose layers attend through
@@ -103,7 +110,8 @@ class TreeRunner:
     row (planned on the host for each forward, `plan_shared_prefix`); results are the same either way.
     `cuda_graphs`: on a CUDA model on PagedLlama with the Triton backend, calls of at most 512 new tokens replay
     CUDA graphs (one per shape bucket, captured at its first call) instead of launching each kernel (see
-    graphed_forward.py; the pool gets one scratch block more); results are the same either way.
+    graphed_forward.py; the pool gets one scratch block more); results are the same either way. A graph replays the
+    modules, weight tensors and config values of its capture: make a new runner after replacing any of them.
     An enclosing autocast does not apply inside (load the model in the dtype to run it in; see autocast_off).
     Threads: a runner runs one call (prefill, extend, pin, unpin, release) at a time, and refuses another made
     meanwhile with a RuntimeError; give each thread its own runner (runners may share one model) or serialise calls.
