@@ -785,6 +785,6 @@ def test_a_token_id_past_the_models_embeddings_is_named_by_its_example():
     holder = next(e.source for e in batch.examples if largest in e.input_ids)
     terms = UnlearningObjective(model, LossWeights(), FrozenCopyReference(model))
     for moved in (batch, batch.to("meta")):   # (the meta device holds no values to read)
-        with pytest.raises(ValueError, match=rf"^{re.escape(holder)}: token id {largest} is past the model's {largest} input "
-                                             "embeddings"):
+        with pytest.raises(ValueError, match=rf"^{re.escape(holder)}: token id {largest} is past the model's "
+                                             rf"{largest} input embeddings"):
             terms(moved)
