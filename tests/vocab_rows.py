@@ -22,3 +22,16 @@ class VocabRows(TorchDispatchMode):
                     and t.untyped_storage().data_ptr() not in inputs):
                 self.most = max(self.most, t.numel() // self.vocab)
         return out
+
+
+def rows_of_prefill_last_and_cuts(runner, vocab):
+    """(rows, (children, logits), (spans, cut_logits)) of a prefill of 20 ids, then two children of it extended with
+    logits="last", without and with cuts: `rows` the most vocab-wide rows each of the three calls made."""
+    ids = list(range(3, 23))
+    with VocabRows(vocab) as prefill:
+        root = runner.prefill(ids)
+    with VocabRows(vocab) as last:
+        plain = runner.extend([root, root], [ids[:8], ids[8:16]], logits="last")
+    with VocabRows(vocab) as at_cuts:
+        cut = runner.extend([root, root], [ids[:8], ids[8:16]], cuts=[[3], [5]], logits="last")
+    return (prefill.most, last.most, at_cuts.most), plain, cut

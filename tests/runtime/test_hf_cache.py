@@ -10,7 +10,7 @@ from fastalign import TreeRunner
 from fastalign.runtime.hf_cache import HFCacheModel
 from tests.runtime.tiny_models import (CONFIGS, VOCAB, CountedForward, assert_matches, drawn_weights, fill_with_nan,
                                       tiny_model)
-from tests.vocab_rows import VocabRows
+from tests.vocab_rows import rows_of_prefill_last_and_cuts
 
 FALLBACKS = ["bloom-alibi-fallback", "mpt-alibi-fallback", "llama4-chunked-fallback"]
 
@@ -206,13 +206,7 @@ def test_a_forward_computes_logits_at_the_tokens_read_alone():
     read (an 8k-token prompt at Llama 4's 202048 words in bf16: 3.3 GB a copy). Now the lm_head runs at the tokens
     read, the last one where none is; with cuts (of rows run as one batch) at the positions read in either row."""
     model, runner, _ = cache_runner()
-    ids = list(range(3, 23))
-    with VocabRows(VOCAB) as prefill:
-        root = runner.prefill(ids)
-    with VocabRows(VOCAB) as last:
-        children, logits = runner.extend([root, root], [ids[:8], ids[8:16]], logits="last")
-    with VocabRows(VOCAB) as at_cuts:
-        spans, cut_logits = runner.extend([root, root], [ids[:8], ids[8:16]], cuts=[[3], [5]], logits="last")
-    assert (prefill.most, last.most, at_cuts.most) == (1, 2, 2 * 3)   # at cuts: positions 2, 4 and 7 of both rows
+    rows, (children, logits), (spans, cut_logits) = rows_of_prefill_last_and_cuts(runner, VOCAB)
+    assert rows == (1, 2, 2 * 3)   # at cuts: positions 2, 4 and 7 of both rows
     assert_matches(model, children, logits[:, None])
     assert_matches(model, [span for row in spans for span in row], cut_logits[:, None])

@@ -10,7 +10,7 @@ from fastalign import TreeRunner
 from fastalign.runtime.hf_state_cache import HFStateCacheModel
 from fastalign.runtime.kv_pool import KVPool
 from tests.runtime.tiny_models import VOCAB, CountedForward, assert_matches, fill_with_nan, reference, tiny_model
-from tests.vocab_rows import VocabRows
+from tests.vocab_rows import rows_of_prefill_last_and_cuts
 
 
 def state_runner(name="qwen3.5-linear-attention-states", **kwargs):
@@ -631,13 +631,7 @@ def test_a_forward_computes_logits_at_the_tokens_read_alone(name):
     twice, where one row per returned span is read (an 8k-token prompt at a 202048-word vocabulary in bf16: 3.3 GB a
     copy). Now each forward keeps those it reads alone: a piece's last token's; a prefill, one."""
     model, runner, _ = state_runner(name)
-    ids = list(range(3, 23))
-    with VocabRows(VOCAB) as prefill:
-        root = runner.prefill(ids)
-    with VocabRows(VOCAB) as last:
-        children, logits = runner.extend([root, root], [ids[:8], ids[8:16]], logits="last")
-    with VocabRows(VOCAB) as at_cuts:
-        spans, cut_logits = runner.extend([root, root], [ids[:8], ids[8:16]], cuts=[[3], [5]], logits="last")
-    assert (prefill.most, last.most, at_cuts.most) == (1, 2, 4)   # at cuts: the 4 spans' rows, gathered
+    rows, (children, logits), (spans, cut_logits) = rows_of_prefill_last_and_cuts(runner, VOCAB)
+    assert rows == (1, 2, 4)   # at cuts: the 4 spans' rows, gathered
     assert_matches(model, children, logits[:, None])
     assert_matches(model, [span for row in spans for span in row], cut_logits[:, None])

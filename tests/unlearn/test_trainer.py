@@ -56,6 +56,23 @@ def run(tmp_path, name="run", model=None, callback=None, streams=None, **setting
     return trainer, trainer.train()
 
 
+def fail_train_at_forward(monkeypatch, trainer, nth):
+    """trainer.train() with the objective's `nth` forward raising a CUDA out-of-memory error, which it lets through;
+    the objective's forward is its own again after."""
+    real_forward, calls = UnlearningObjective.forward, [0]
+
+    def failing(self, *args):
+        calls[0] += 1
+        if calls[0] == nth:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_forward(self, *args)
+
+    monkeypatch.setattr(UnlearningObjective, "forward", failing)
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.train()
+    monkeypatch.undo()
+
+
 def log_lines(path):
     with open(os.path.join(path, "log.jsonl")) as f:
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
@@ -171,25 +188,12 @@ def test_a_run_an_exception_stopped_resumes_on_the_same_trainer_as_if_never_stop
     config = UnlearnConfig(output_dir=str(tmp_path / "stopped"), max_steps=3, save_every=1, reference=reference,
                            lr=1e-3, grad_accum=2, progress=False)
     trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config)
-    real_forward, calls = UnlearningObjective.forward, [0]
-
-    def failing(self, *args):
-        calls[0] += 1
-        if calls[0] == fail_at:
-            raise torch.OutOfMemoryError("CUDA out of memory")
-        return real_forward(self, *args)
-
-    monkeypatch.setattr(UnlearningObjective, "forward", failing)
-    with pytest.raises(torch.OutOfMemoryError):
-        trainer.train()
-    monkeypatch.undo()
+    fail_train_at_forward(monkeypatch, trainer, fail_at)
     trainer.config = dataclasses.replace(config, resume=True)
     assert trainer.train().steps == 3
     for (name, a), (_, b) in zip(whole.model.named_parameters(), trainer.model.named_parameters()):
         assert torch.equal(a, b), name
     assert log_lines(tmp_path / "whole") == log_lines(tmp_path / "stopped")
-
-
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2], ids=["optimizer-in-backward", "accumulating"])
@@ -205,18 +209,7 @@ def test_a_retry_without_a_checkpoint_starts_over_only_from_the_weights_as_given
     config = UnlearnConfig(output_dir=str(tmp_path / "stopped"), max_steps=3, lr=1e-3, grad_accum=grad_accum,
                            progress=False)
     trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config, tokenizer=tokenizer)
-    real_forward, calls = UnlearningObjective.forward, [0]
-
-    def failing(self, *args):
-        calls[0] += 1
-        if calls[0] == (fail_in_step - 1) * grad_accum + 1:
-            raise torch.OutOfMemoryError("CUDA out of memory")
-        return real_forward(self, *args)
-
-    monkeypatch.setattr(UnlearningObjective, "forward", failing)
-    with pytest.raises(torch.OutOfMemoryError):
-        trainer.train()
-    monkeypatch.undo()
+    fail_train_at_forward(monkeypatch, trainer, (fail_in_step - 1) * grad_accum + 1)
     trainer.config = dataclasses.replace(config, resume=True)
     if fail_in_step == 1:
         assert trainer.train().steps == 3
