@@ -417,31 +417,31 @@ class UnlearningTrainer:
         new_adapter = config.lora and not hasattr(model, "disable_adapter")
         # (LoRA freezes the base weights, the cached reference the lm_head: _finish gives the model its flags back)
         self._given_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-        if config.reference_mode == "cached":
-            head.requires_grad_(False)  # the cache is valid only for this head (weight, bias)
-        try:
+        try:   # a refusal gives the flags back (the cached reference's frozen head, below)
+            if config.reference_mode == "cached":
+                head.requires_grad_(False)  # the cache is valid only for this head (weight, bias)
             if config.precision != "bf16" and not new_adapter:  # (bf16 trains bfloat16 weights, LoRA float32 ones)
                 _check_trainable_dtypes(model)
             if self.sharded:   # (under FSDP there is no LoRA to freeze the base weights)
                 check_flat_units(model, self.accelerator.state.fsdp_plugin)
+            torch.manual_seed(config.seed)  # LoRA initialisation draws from it
+            if config.precision == "bf16":
+                model = cast_weights(model, torch.bfloat16)
+            if new_adapter:
+                peft = _require("peft")
+                # PEFT takes its shorthand ("all-linear") as a string only
+                targets = config.lora_targets[0] if config.lora_targets == ["all-linear"] else list(config.lora_targets)
+                try:
+                    model = peft.get_peft_model(model, peft.LoraConfig(
+                        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                        target_modules=targets))
+                except ValueError as e:   # e.g. GPT-2 has no q_proj: name the setting that chose them
+                    raise ValueError(f"lora_targets (--lora-targets) {config.lora_targets}: {e}") from None
+            if config.gradient_checkpointing:
+                enable_activation_checkpointing(model)
         except Exception:
             _set_requires_grad(self._given_requires_grad)
             raise
-        torch.manual_seed(config.seed)  # LoRA initialisation draws from it
-        if config.precision == "bf16":
-            model = cast_weights(model, torch.bfloat16)
-        if new_adapter:
-            peft = _require("peft")
-            # PEFT takes its shorthand ("all-linear") as a string only
-            targets = config.lora_targets[0] if config.lora_targets == ["all-linear"] else list(config.lora_targets)
-            try:
-                model = peft.get_peft_model(model, peft.LoraConfig(
-                    r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                    target_modules=targets))
-            except ValueError as e:   # e.g. GPT-2 has no q_proj: name the setting that chose them
-                raise ValueError(f"lora_targets (--lora-targets) {config.lora_targets}: {e}") from None
-        if config.gradient_checkpointing:
-            enable_activation_checkpointing(model)
         return model.to(self.accelerator.device).train()
 
     def _reference(self):
@@ -503,6 +503,8 @@ class UnlearningTrainer:
             remove_stale_temporaries(out)
 
         _set_rng_state(self._fresh_rng, acc.device)  # a resume then restores its checkpoint's
+        if config.reference_mode == "cached":   # frozen again: a finished run gave the model its flags back
+            causal_lm_parts(self.model)[1].requires_grad_(False)
         objective, optimizer = self._prepare_objective()
         optimizer.zero_grad(set_to_none=True)   # a step an exception stopped left its micro-batches' gradients
         # linear to 0, no warm-up (SPEC §1); on the torch optimizer, whose step() the step in the backward calls too

@@ -1417,8 +1417,9 @@ def test_a_model_whose_logits_the_fused_losses_do_not_reproduce_is_refused_befor
 
 @pytest.mark.parametrize("refusal, settings", [
     ("logits", {"precision": "bf16"}), ("logits", {"lora": True, "lora_rank": 4}),
-    ("logits", {"gradient_checkpointing": True}), ("float16", {"reference": "cached", "gradient_checkpointing": True})],
-    ids=["bf16", "lora", "checkpointing", "float16-cached"])
+    ("logits", {"gradient_checkpointing": True}), ("float16", {"reference": "cached", "gradient_checkpointing": True}),
+    ("targets", {"reference": "cached", "lora": True, "lora_rank": 4, "lora_targets": ["no_such_proj"]})],
+    ids=["bf16", "lora", "checkpointing", "float16-cached", "lora-targets-cached"])
 def test_a_refused_model_is_left_as_it_was_given(tmp_path, refusal, settings):
     """The constructor cast the model to bf16, injected LoRA layers, froze the lm_head (reference='cached'), turned
     activation checkpointing on and put it in train mode before the checks that then refused it: the caller's
@@ -1432,12 +1433,14 @@ def test_a_refused_model_is_left_as_it_was_given(tmp_path, refusal, settings):
         head = ScaledInputHead(32, model.config.vocab_size, bias=False)
         head.weight = model.lm_head.weight
         model.lm_head = head
-    else:
+    elif refusal == "float16":
         cast_weights(model, torch.float16)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     modules = [n for n, _ in model.named_modules()]
-    with pytest.raises(NotImplementedError if refusal == "logits" else ValueError,
-                       match="its logits are not" if refusal == "logits" else "is torch.float16 and trains"):
+    error, match = {"logits": (NotImplementedError, "its logits are not"),
+                    "float16": (ValueError, "is torch.float16 and trains"),
+                    "targets": (ValueError, "lora_targets")}[refusal]   # (the last after the lm_head was frozen)
+    with pytest.raises(error, match=match):
         run(tmp_path, model=model, max_steps=1, **settings)
     assert [n for n, _ in model.named_modules()] == modules
     assert not model.training and not model.get_input_embeddings()._forward_hooks   # (checkpointing's input grads)
@@ -1459,6 +1462,16 @@ def test_a_finished_run_gives_the_model_its_requires_grad_flags_back(tmp_path, s
     run(tmp_path, model=model, max_steps=1, **settings)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert run(tmp_path, "again", model=model, max_steps=1)[1].steps == 1
+
+
+def test_a_finished_cached_reference_run_trains_again_on_its_trainer(tmp_path):
+    """A finished run gives the model its lm_head's flag back, which the cached reference froze when the trainer was
+    made: train() again on that trainer (into another output_dir) failed with "reference='cached' needs a frozen
+    lm_head". Each train() freezes it."""
+    trainer, _ = run(tmp_path, "first", max_steps=1, reference="cached")
+    trainer.config = dataclasses.replace(trainer.config, output_dir=str(tmp_path / "again"))
+    assert trainer.train().steps == 1
+    assert trainer.model.lm_head.weight.requires_grad   # (given back again)
 
 
 @pytest.mark.parametrize("reference", ["adapter", "copy"])
