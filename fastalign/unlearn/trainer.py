@@ -673,8 +673,9 @@ class UnlearningTrainer:
         acc = self.accelerator
         named = [(name.removeprefix("model."), p.detach())
                  for name, p in objective.named_parameters() if p.requires_grad]
-        here = torch.stack([~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()   # (FSDP2: a shard)
-                            for _, p in named])
+        # on the accelerator's device, which the gather's collective takes (FSDP may keep the weights on the CPU)
+        here = torch.stack([~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all().to(acc.device)
+                            for _, p in named])   # (FSDP2: a shard)
         bad = [rank for rank, flag in enumerate(acc.gather(here.any().long()[None]).tolist()) if flag]
         if bad:
             names = [name for (name, _), flag in zip(named, here.tolist()) if flag]
