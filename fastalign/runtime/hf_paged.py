@@ -31,6 +31,7 @@ from fastalign.runtime.forward_batch import ForwardBatch
 from fastalign.runtime.hf_cache import counted_positions_problem, state_problem
 from fastalign.runtime.kv_pool import KVPool
 from fastalign.runtime.llama import context_limit
+from fastalign.runtime.module_hooks import runs_a_users_hooks
 from fastalign.runtime.pool_attention import pool_attention
 
 # arguments of an attention call that change nothing here: dropout is checked to be off, positions are already in
@@ -310,6 +311,8 @@ def _structure_problem(model):
                 "routed attention does not build")
     if "position_ids" not in inspect.signature(model.forward).parameters:
         return "its forward takes no position_ids"
+    if runs_a_users_hooks(model):   # a forward that computes no logits (a prefill) calls the decoder alone
+        return "it runs hooks on the model itself (forward hooks or pre-hooks), which a prefill (the decoder) skips"
     return state_problem(model) or counted_positions_problem(model)
 
 

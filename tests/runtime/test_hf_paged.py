@@ -17,7 +17,7 @@ from fastalign import TreeRunner
 from fastalign.runtime import attention_routing, hf_paged, model_runners
 from fastalign.runtime.hf_paged import PagedHF, _Recorder, _Unfit
 from tests.conftest import TRITON_DEVICE, triton_cases
-from tests.runtime.tiny_models import drawn_weights, grow_random_tree, reference, tiny_model
+from tests.runtime.tiny_models import assert_matches, drawn_weights, grow_random_tree, reference, tiny_model
 
 
 def refusal(model):
@@ -35,6 +35,26 @@ def test_an_argument_to_attention_that_the_pool_does_not_compute_is_refused_by_n
     attention.forward = functools.partial(attention.forward, score_bias=torch.zeros(1))
     assert "GPT2LMHeadModel cannot run on the paged pool: layer 0 passes score_bias to attention" in refusal(model)
     assert not TreeRunner(model, max_tokens=64, block_size=4).paged   # the fallback takes it
+
+
+def test_a_model_whose_own_forward_runs_hooks_is_left_to_a_fallback():
+    """PagedHF runs a forward that computes no logits (a prefill) on the decoder alone, passing over the model's own
+    pre-hooks: the K/V of a prefill were the unhooked model's, and its children's logits off. Such a model runs on a
+    fallback, which calls the model itself every time, with the reason in the warning."""
+    model = tiny_model("gpt2-learned-positions")
+    vocab = model.config.vocab_size
+
+    def shifted_ids(module, args, kwargs):   # the model reads each token as the next id
+        if args:
+            return ((args[0] + 1) % vocab,) + args[1:], kwargs
+        return args, {**kwargs, "input_ids": (kwargs["input_ids"] + 1) % vocab}
+    model.register_forward_pre_hook(shifted_ids, with_kwargs=True)
+    with pytest.warns(UserWarning, match="runs hooks on the model itself"):
+        runner = TreeRunner(model, max_tokens=64, block_size=4)
+    assert not runner.paged
+    seq = [3, 5, 7, 9, 11, 13]
+    (child,), logits = runner.extend([runner.prefill(seq[:4])], [seq[4:]], logits="all")
+    assert_matches(model, [child], logits)
 
 
 class PositionsFromZero(GPT2LMHeadModel):
