@@ -17,7 +17,8 @@ and the store of K and V after it), and a dense MLP's activation and product (rm
 forward bound by launches makes fewer.
 
 Each call reads what Hugging Face's forward reads at each call: the decoder's layers and norm and every module in them
-(a module replaced since the runner was made runs, its stand-in made again), the config's final_logit_softcapping,
+(a module replaced since the runner was made runs, its stand-in made again; on the Triton backend a dense MLP's
+activation, act_fn, is read when its MLP's stand-in is made), the config's final_logit_softcapping,
 sliding_window and layer_types, and each attention's attn_logit_softcapping and scaling; the shapes (layers, heads,
 head_dim: the pool's; a model with another number of layers is refused), the dtype and the context limit are read when
 the runner is made.
