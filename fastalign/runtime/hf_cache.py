@@ -22,7 +22,7 @@ from transformers import DynamicCache
 from fastalign.eval_mode import eval_mode
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.ops.paged_attention import write_kv
-from fastalign.runtime.hf_cache_argument import cache_kwargs, takes_a_cache
+from fastalign.runtime.hf_cache_argument import cache_kwargs, takes_a_cache, takes_logits_to_keep
 from fastalign.runtime.llama import context_limit
 from fastalign.runtime.row_groups import LeftPadded, context_alike, left_padded_kv, row_chain
 
@@ -67,7 +67,7 @@ class HFCacheModel:
         self.max_context = context_limit(model.config)
         self.span_tree = None   # set by the TreeRunner: which rows of a call build on which
         self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
-        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.keeps_logits = takes_logits_to_keep(model)
         # else rows with contexts of different lengths run apart; a model that counts positions itself counts the
         # padding too, where no probe of a few tokens sees it (Llama 4's temperature, which changes every 8192)
         self.pads_context = counted_positions_problem(model) is None and self._pads_exactly()

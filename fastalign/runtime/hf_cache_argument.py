@@ -8,20 +8,26 @@ import functools
 import inspect
 
 _NAMES = ("cache", "past_key_values", "cache_params")   # the first a forward takes is the one used
+_CACHE_NAMES = frozenset(_NAMES)
 
 
 @functools.lru_cache(maxsize=None)
-def _cache_parameters(model_class) -> frozenset:
-    """The cache arguments of model_class's forward; for a forward that names none but takes **kwargs (a subclass's
-    override handing them to its base class's forward), those of the nearest forward above it that names one."""
+def _taken(model_class, names: frozenset) -> frozenset:
+    """Which of `names` model_class's forward takes: those it names; for a forward that names none but takes **kwargs
+    (a subclass's override handing them to its base class's forward), those of the nearest forward above it that
+    names one."""
     for cls in model_class.__mro__:
         if "forward" not in vars(cls):
             continue
         parameters = inspect.signature(vars(cls)["forward"]).parameters
-        names = frozenset(set(_NAMES) & set(parameters))
-        if names or not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-            return names
+        found = names & set(parameters)
+        if found or not _takes_keywords(parameters):
+            return found
     return frozenset()
+
+
+def _takes_keywords(parameters) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def _base_class(model):
@@ -32,20 +38,24 @@ def _base_class(model):
 
 def cache_kwargs(model, cache) -> dict:
     """The keyword argument that passes `cache` to model's forward (`past_key_values` where it names none)."""
-    names = _cache_parameters(_base_class(model))
+    names = _taken(_base_class(model), _CACHE_NAMES)
     return {next((name for name in _NAMES if name in names), "past_key_values"): cache}
 
 
 def takes_a_cache(model) -> bool:
     """Whether model's forward has a cache argument of any of these names (RWKV's takes its own `state` instead)."""
-    return bool(_cache_parameters(_base_class(model)))
+    return bool(_taken(_base_class(model), _CACHE_NAMES))
 
 
 def takes_logits_to_keep(model) -> bool:
-    """Whether model's forward (under a PEFT wrapper, whose forward names neither, its base model's) takes
-    logits_to_keep, as transformers' models do: then a caller reading a few positions' logits makes those alone,
-    not [batch, tokens, vocab]."""
-    return "logits_to_keep" in inspect.signature(_base_class(model).forward).parameters
+    """Whether model's forward takes logits_to_keep, as transformers' models do: then a caller reading a few
+    positions' logits makes those alone, not [batch, tokens, vocab]. Asked of the forward a call runs, the
+    instance's (a forward set on it, an accelerate wrapper); one that takes **kwargs hands them on, as PEFT's
+    wrappers and a subclass's override do, to a forward that may take it (the base model's class's, up its MRO)."""
+    parameters = inspect.signature(model.forward).parameters
+    if "logits_to_keep" in parameters:
+        return True
+    return _takes_keywords(parameters) and bool(_taken(_base_class(model), frozenset({"logits_to_keep"})))
 
 
 def returned_cache(output):

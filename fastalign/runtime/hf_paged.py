@@ -29,6 +29,7 @@ from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.attention_routing import routed
 from fastalign.runtime.forward_batch import ForwardBatch
 from fastalign.runtime.hf_cache import counted_positions_problem, state_problem
+from fastalign.runtime.hf_cache_argument import takes_logits_to_keep
 from fastalign.runtime.kv_pool import KVPool
 from fastalign.runtime.llama import context_limit
 from fastalign.runtime.module_hooks import runs_a_users_hooks
@@ -55,7 +56,7 @@ class PagedHF:
 
     def __init__(self, model, attention_backend, device):
         self.model, self.device = model, device
-        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.keeps_logits = takes_logits_to_keep(model)
         self.max_context = context_limit(model.config)
         problem = _structure_problem(model)
         try:

@@ -9,7 +9,6 @@ forward's by construction, and cost what it costs: a row's context is run again 
 (TreeRunner.last_context_rerun, per row of the last extend, which RAIN counts as recomputed tokens). Bringing back an
 evicted span writes its ids again and runs nothing; so does a call that asks for no outputs (a prefill).
 """
-import inspect
 
 import numpy as np
 import torch
@@ -17,6 +16,7 @@ import torch
 from fastalign.eval_mode import eval_mode
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.runtime.hf_cache import KeptLogits, agree_within_rounding
+from fastalign.runtime.hf_cache_argument import takes_logits_to_keep
 from fastalign.runtime.llama import context_limit
 
 
@@ -30,7 +30,7 @@ class HFRecomputeModel:
 
     def __init__(self, model, device):
         self.model, self.device = model, device
-        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.keeps_logits = takes_logits_to_keep(model)
         if not (hasattr(model, "can_generate") and model.can_generate()):
             raise _unfit(model, "it is not a causal language model (can_generate() is not True)")
         self.max_context = context_limit(model.config)

@@ -32,7 +32,7 @@ from transformers import DynamicCache
 from fastalign.eval_mode import eval_mode
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.runtime.hf_cache import KeptLogits, agree_within_rounding, gathered_context, write_rows_kv
-from fastalign.runtime.hf_cache_argument import cache_kwargs, takes_a_cache
+from fastalign.runtime.hf_cache_argument import cache_kwargs, takes_a_cache, takes_logits_to_keep
 from fastalign.runtime.llama import context_limit
 from fastalign.runtime.row_groups import LeftPadded, context_alike, left_padded_kv, row_chain
 
@@ -55,7 +55,7 @@ class HFStateCacheModel:
         self.model, self.device, self.config = model, device, model.config
         if not (hasattr(model, "can_generate") and model.can_generate()):
             raise _unfit(model, "it is not a causal language model (can_generate() is not True)")
-        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.keeps_logits = takes_logits_to_keep(model)
         if not takes_a_cache(model):
             raise _unfit(model, "its forward takes no cache (no cache, past_key_values or cache_params argument)")
         try:

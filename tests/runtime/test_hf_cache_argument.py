@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache, takes_a_cache
+from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache, takes_a_cache, takes_logits_to_keep
 from tests.runtime.tiny_models import tiny_model
 
 
@@ -100,6 +100,25 @@ def test_a_peft_lora_model_gets_the_argument_its_transformers_model_names():
     model = peft.get_peft_model(tiny_model("llama-gqa-untied"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     (name,) = cache_kwargs(model, None)
     assert name in inspect.signature(type(model.get_base_model()).forward).parameters
+
+
+class KeepsLogits:
+    def forward(self, input_ids, logits_to_keep=0, **kwargs):
+        pass
+
+
+def test_logits_to_keep_is_asked_of_the_forward_a_call_runs():
+    """Every caller (the runners, evaluation, the slow engine) asks here: a forward that names it takes it; one that
+    hands its keywords on (PEFT's wrapper, a subclass's override) takes what the forward it calls takes; a forward
+    set on the instance that takes no keywords does not, whatever its class's forward takes."""
+    assert takes_logits_to_keep(KeepsLogits()) and not takes_logits_to_keep(OldStyle())
+    assert takes_logits_to_keep(Wrapper(KeepsLogits())) and not takes_logits_to_keep(Wrapper(OldStyle()))
+    assert takes_logits_to_keep(override(KeepsLogits)()) and not takes_logits_to_keep(override(OldStyle)())
+    model = KeepsLogits()
+    model.forward = lambda input_ids, attention_mask=None: None
+    assert not takes_logits_to_keep(model)
+    model.forward = lambda input_ids, **kwargs: None
+    assert takes_logits_to_keep(model)
 
 
 def test_the_returned_cache_is_read_from_either_output_field():
