@@ -203,13 +203,17 @@ class KahanAdamW(torch.optim.Optimizer):
                                          "lists the parameters in another order?)")
 
     def _state_of(self, p):
-        """p's state, made on its first step (moments of zeros) or completed after a load (a compensation of zeros
-        for a bf16 parameter whose state came from an optimizer without one)."""
+        """p's state, made on its first step (moments of zeros), completed after a load (a compensation of zeros
+        for a bf16 parameter whose state came from an optimizer without one), its moments cast to p's dtype where p
+        was cast after its steps (model.to(torch.bfloat16) after fp32 steps: as torch's load_state_dict casts them)."""
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for name in ("exp_avg", "exp_avg_sq"):
+            if state[name].dtype != p.dtype:
+                state[name] = state[name].to(p.dtype)
         if p.dtype in COMPENSATED_DTYPES and "compensation" not in state:
             state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state

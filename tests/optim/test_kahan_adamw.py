@@ -406,6 +406,32 @@ def test_a_parameter_cast_after_it_was_added_is_refused_at_the_step(dtype):
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)) and not optimizer.state
 
 
+def test_the_moments_of_a_parameter_cast_to_bf16_after_its_steps_take_its_dtype_on_both_backends():
+    """After fp32 steps and model.to(torch.bfloat16), exp_avg and exp_avg_sq stayed fp32, against the docstring ("in
+    the parameter's dtype", as torch's load_state_dict casts them): they are cast at the next step, to the same bits
+    on both backends."""
+    def stepped(backend, device):
+        weight = torch.nn.Parameter(0.02 * torch.randn(33, 17, generator=torch.Generator().manual_seed(6)).to(device))
+        optimizer = KahanAdamW([weight], lr=1e-3, backend=backend)
+        grads = gradients((33, 17), 4, seed=7)
+        for grad in grads[:2]:
+            weight.grad = grad.to(device)
+            optimizer.step()
+        weight.data = weight.data.bfloat16()   # what model.to(torch.bfloat16) does to it
+        for grad in grads[2:]:
+            weight.grad = grad.to(device, torch.bfloat16)
+            optimizer.step()
+        return {name: tensor.detach().cpu() for name, tensor in [("weight", weight), *optimizer.state[weight].items()]
+                if name != "step"}
+
+    expected = stepped("torch", "cpu")
+    assert {name: t.dtype for name, t in expected.items()} == dict.fromkeys(
+        ("weight", "exp_avg", "exp_avg_sq", "compensation"), torch.bfloat16)
+    got = stepped("triton", TRITON_DEVICE)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+
+
 @pytest.mark.parametrize("shapes", [((6, 4), (4, 6)), ((1,), (4,))], ids=["same numel", "other numel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_loaded_state_of_another_shape_is_refused_before_anything_steps(shapes, dtype):
