@@ -506,7 +506,7 @@ class UnlearningTrainer:
         if config.reference_mode == "cached":   # frozen again: a finished run gave the model its flags back
             causal_lm_parts(self.model)[1].requires_grad_(False)
         objective, optimizer = self._prepare_objective()
-        optimizer.zero_grad(set_to_none=True)   # a step an exception stopped left its micro-batches' gradients
+        optimizer.zero_grad(set_to_none=True)   # gradients a caller's backward left would add to step 1's
         # linear to 0, no warm-up (SPEC §1); on the torch optimizer, whose step() the step in the backward calls too
         # (on accelerate's wrapper, torch warned at the first step of such a run that the optimizer had not stepped)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -553,6 +553,11 @@ class UnlearningTrainer:
                     break
                 if config.save_every and step % config.save_every == 0 and step < config.max_steps:
                     self._save_checkpoint(step, totals, record, objective, optimizer, scheduler)
+        except BaseException:
+            # the failed step's earlier micro-batches' gradients: freed now (a caller that frees memory and retries,
+            # after an out-of-memory error, needs them gone), not by the next train()
+            optimizer.zero_grad(set_to_none=True)
+            raise
         finally:
             for hook in hooks:
                 hook.remove()

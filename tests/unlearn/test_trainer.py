@@ -196,6 +196,17 @@ def test_a_run_an_exception_stopped_resumes_on_the_same_trainer_as_if_never_stop
     assert log_lines(tmp_path / "whole") == log_lines(tmp_path / "stopped")
 
 
+def test_a_step_that_fails_in_a_later_micro_batch_frees_the_earlier_ones_gradients(tmp_path, monkeypatch):
+    """An out-of-memory error in the second micro-batch's forward left the first one's gradients allocated (as much
+    memory as the trainable weights) until the next train(), in the way of a caller that frees memory and retries.
+    They are freed as the exception goes through train()."""
+    tokenizer = byte_bpe_tokenizer()
+    config = UnlearnConfig(output_dir=str(tmp_path / "run"), max_steps=3, lr=1e-3, grad_accum=2, progress=False)
+    trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config, tokenizer=tokenizer)
+    fail_train_at_forward(monkeypatch, trainer, 2)
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
 @pytest.mark.parametrize("grad_accum", [1, 2], ids=["optimizer-in-backward", "accumulating"])
 @pytest.mark.parametrize("fail_in_step", [1, 2])
 def test_a_retry_without_a_checkpoint_starts_over_only_from_the_weights_as_given(tmp_path, monkeypatch, grad_accum,
