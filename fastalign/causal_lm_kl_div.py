@@ -26,6 +26,13 @@ from fastalign.unlearn.models import (base_causal_lm, causal_lm_parts, check_fus
 from fastalign.unlearn.sharding import head_weight
 
 
+def _check_same_vocabulary(model: torch.nn.Module, reference: torch.nn.Module) -> None:
+    """ValueError naming both vocabulary sizes unless the lm_heads of `model` and `reference` have as many rows."""
+    vocab, ref_vocab = (causal_lm_parts(m)[1].weight.shape[0] for m in (model, reference))
+    if vocab != ref_vocab:
+        raise ValueError(f"reference must have the vocabulary of model ({vocab} words), got {ref_vocab}")
+
+
 class CausalLMKLDiv(torch.nn.Module):
     """forward(labels=None, *, shift_labels=None, num_items_in_batch=None, ignore_index=-100, **inputs) -> the KL
     of `model`'s next-token distributions from `reference`'s, at the positions that have a label.
@@ -57,9 +64,7 @@ class CausalLMKLDiv(torch.nn.Module):
                                  "model's get_base_model(), which holds its adapter): pass a frozen copy, or "
                                  "'adapter' for the model with its adapter off")
             check_fused_logits(reference)
-            vocab, ref_vocab = (causal_lm_parts(m)[1].weight.shape[0] for m in (model, reference))
-            if vocab != ref_vocab:
-                raise ValueError(f"reference must have the vocabulary of model ({vocab} words), got {ref_vocab}")
+            _check_same_vocabulary(model, reference)
         else:
             raise TypeError(f"reference must be a causal LM or 'adapter', got {type(reference).__name__}")
         if not (is_real(temperature) and 0 < temperature < float("inf")):
@@ -92,6 +97,8 @@ class CausalLMKLDiv(torch.nn.Module):
                 num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
                 **inputs) -> torch.Tensor:
         softcap, multiplier, reference_multiplier = self._head_factors()
+        if self.reference != "adapter":   # (a model resized since: resize_token_embeddings)
+            _check_same_vocabulary(self.model, self.reference)
         lm_head = causal_lm_parts(self.model)[1]
         hidden, target = hidden_and_targets(head_input_module(self.model), labels, shift_labels, inputs)
         reference_model = self._reference_model()

@@ -226,3 +226,14 @@ def test_a_prompt_learning_adapter_is_refused_by_name():
                                                                            num_virtual_tokens=3))
     with pytest.raises(NotImplementedError, match=r"its PEFT adapter \(PromptTuningConfig\) is a prompt-learning"):
         CausalLMKLDiv(model, "adapter")
+
+
+def test_a_model_resized_after_the_loss_was_made_is_refused_naming_both_vocabularies():
+    """model.resize_token_embeddings after CausalLMKLDiv(model, reference) was made: the call's error named
+    linear_kl_div's arguments ("ref_weight must have the vocabulary size of weight (60 rows)"), not the models."""
+    model = tiny_llama(VOCAB)
+    loss = CausalLMKLDiv(model, copy.deepcopy(model), backend="torch")
+    model.resize_token_embeddings(VOCAB + 7, mean_resizing=False)
+    with pytest.raises(ValueError, match=rf"^reference must have the vocabulary of model \({VOCAB + 7} words\), "
+                                         rf"got {VOCAB}$"):
+        loss(**batch(seed=16))
