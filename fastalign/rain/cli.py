@@ -344,13 +344,15 @@ def _run(args) -> int:
 def _tree_runner(model, args):
     """The tree engine's TreeRunner, its KV pool of --kv-tokens, its states' room of --state-memory and --cuda-graphs
     (a UsageError for --state-memory where the model keeps no state or for less than one state, for --cuda-graphs
-    where the model cannot run them, for --kv-tokens where the pool cannot be allocated)."""
+    where the model cannot run them, for --kv-tokens where the pool has more blocks than it holds or cannot be
+    allocated)."""
     from fastalign.runtime import TreeRunner
     try:
         return TreeRunner(model, max_tokens=args.kv_tokens, max_state_bytes=args.state_memory,
                           cuda_graphs=args.cuda_graphs)
     except ValueError as exc:
-        for argument, option in (("max_state_bytes: ", "--state-memory"), ("cuda_graphs: ", "--cuda-graphs")):
+        for argument, option in (("max_state_bytes: ", "--state-memory"), ("cuda_graphs: ", "--cuda-graphs"),
+                                 ("max_tokens: ", "--kv-tokens")):
             if str(exc).startswith(argument):
                 why = str(exc).removeprefix(argument).replace("pass cuda_graphs=False", "leave out --cuda-graphs")
                 raise UsageError(f"{option}: {why}") from None

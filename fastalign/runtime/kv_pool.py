@@ -10,6 +10,8 @@ import torch
 
 from fastalign.ops.checks import is_integer
 
+MAX_BLOCKS = 2 ** 31 - 1   # the span tree (fastalign._C.SpanTree) numbers blocks in int32
+
 
 class KVPool:
     """KV storage for `num_blocks` blocks of `block_size` tokens of each pool layer, whose (num_kv_heads, head_dim)
@@ -43,18 +45,26 @@ class KVPool:
     @staticmethod
     def num_blocks_for(*, max_tokens, max_bytes, block_size, bytes_per_block, shares=1):
         """Blocks of a pool sized by exactly one of max_tokens (rounded up to whole blocks) or max_bytes
-        (rounded down), of which the pool takes 1/shares (2: half of it goes to a model's recurrent states)."""
+        (rounded down), of which the pool takes 1/shares (2: half of it goes to a model's recurrent states); a
+        ValueError for more than MAX_BLOCKS, found before the pool is allocated (the span tree cannot take them)."""
         if (max_tokens is None) == (max_bytes is None):
             raise ValueError("pass exactly one of max_tokens or max_bytes to size the KV pool")
         if max_tokens is not None:
             if not is_integer(max_tokens) or max_tokens <= 0:
                 raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
-            return -(-int(max_tokens) // block_size)
-        if not is_integer(max_bytes) or max_bytes // shares < bytes_per_block:
-            states = "" if shares == 1 else f", {shares} times that: half of max_bytes goes to the recurrent states"
-            raise ValueError(f"max_bytes: expected an int of at least one block ({bytes_per_block} bytes "
-                             f"for this model and block_size{states}), got {max_bytes!r}")
-        return int(max_bytes) // shares // bytes_per_block
+            num_blocks, sized_by = -(-int(max_tokens) // block_size), f"max_tokens: {max_tokens} tokens"
+        else:
+            if not is_integer(max_bytes) or max_bytes // shares < bytes_per_block:
+                states = "" if shares == 1 else f", {shares} times that: half of max_bytes goes to the recurrent states"
+                raise ValueError(f"max_bytes: expected an int of at least one block ({bytes_per_block} bytes "
+                                 f"for this model and block_size{states}), got {max_bytes!r}")
+            num_blocks = int(max_bytes) // shares // bytes_per_block
+            half = "" if shares == 1 else " (half of them)"
+            sized_by = f"max_bytes: {max_bytes} bytes{half} at {bytes_per_block} a block"
+        if num_blocks > MAX_BLOCKS:
+            raise ValueError(f"{sized_by} make {num_blocks} blocks of block_size={block_size} tokens, more than the "
+                             f"{MAX_BLOCKS} (2**31 - 1) a KV pool holds")
+        return num_blocks
 
     @property
     def nbytes(self):

@@ -918,10 +918,22 @@ def test_state_memory_that_is_no_positive_size_is_refused_by_the_parser_naming_t
 
 
 def test_rain_kv_pool_too_large_for_the_device_is_a_usage_error_naming_the_option(rain_setup, capsys):
-    """--kv-tokens 2^40: the allocator's error was a traceback (exit 1), not a word about the option."""
+    """--kv-tokens 2^34 (2^30 blocks, terabytes): the allocator's error was a traceback (exit 1), not a word about the
+    option."""
+    _, out, args = rain_setup
+    assert main([a if a != "slow" else "tree" for a in args] + ["--kv-tokens", str(1 << 34), "--no-vanilla"]) == 2
+    assert f"--kv-tokens {1 << 34}: the KV pool does not fit on the device: " in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_rain_kv_pool_of_more_blocks_than_a_pool_holds_is_a_usage_error_naming_the_option(rain_setup, capsys):
+    """--kv-tokens 2^40 makes 2^36 blocks of 16 tokens, more than the span tree numbers (int32): the runner's
+    ValueError naming max_tokens was a traceback."""
     _, out, args = rain_setup
     assert main([a if a != "slow" else "tree" for a in args] + ["--kv-tokens", str(1 << 40), "--no-vanilla"]) == 2
-    assert f"--kv-tokens {1 << 40}: the KV pool does not fit on the device: " in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines()[-1] == (f"fastalign rain: error: --kv-tokens: {1 << 40} tokens make "
+                                                        f"{1 << 36} blocks of block_size=16 tokens, more than the "
+                                                        "2147483647 (2**31 - 1) a KV pool holds")
     assert not out.exists()
 
 

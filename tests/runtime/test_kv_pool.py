@@ -1,8 +1,10 @@
 """KVPool: a K and V per pool layer in its own shape, layers of one shape in one tensor."""
+import re
+
 import pytest
 import torch
 
-from fastalign.runtime.kv_pool import KVPool
+from fastalign.runtime.kv_pool import MAX_BLOCKS, KVPool
 
 
 def test_layers_of_one_shape_share_a_tensor_and_copies_reach_every_layer():
@@ -46,6 +48,24 @@ def test_pool_size_in_tokens_rounds_up_to_whole_blocks_and_in_bytes_rounds_down(
                            (dict(max_bytes=99), "max_bytes: expected an int of at least one block \\(100 bytes"),
                            (dict(max_bytes=100.0), "max_bytes: expected an int of at least one block")):
         with pytest.raises(ValueError, match=message):
+            blocks(**sizes)
+
+
+def test_a_pool_of_more_blocks_than_the_span_tree_numbers_is_refused_naming_its_sizes():
+    """max_tokens or max_bytes making 2**31 blocks or more (a tiny per-token pool, block_size 1) passed, the pool was
+    allocated, then the span tree's constructor failed ("incompatible constructor arguments": its block ids are
+    int32). The count is refused before any allocation, naming the arguments that give it and the limit."""
+    def blocks(max_tokens=None, max_bytes=None, shares=1):
+        return KVPool.num_blocks_for(max_tokens=max_tokens, max_bytes=max_bytes, block_size=4, bytes_per_block=100,
+                                     shares=shares)
+
+    assert blocks(max_tokens=4 * MAX_BLOCKS) == blocks(max_bytes=100 * MAX_BLOCKS + 99) == MAX_BLOCKS == 2 ** 31 - 1
+    for sizes, given in ((dict(max_tokens=4 * MAX_BLOCKS + 1), "max_tokens: 8589934589 tokens"),
+                         (dict(max_bytes=100 * 2 ** 31), "max_bytes: 214748364800 bytes at 100 a block"),
+                         (dict(max_bytes=200 * 2 ** 31, shares=2),
+                          "max_bytes: 429496729600 bytes (half of them) at 100 a block")):
+        message = f"{given} make 2147483648 blocks of block_size=4 tokens, more than the 2147483647 (2**31 - 1)"
+        with pytest.raises(ValueError, match=f"^{re.escape(message)} a KV pool holds$"):
             blocks(**sizes)
 
 

@@ -18,6 +18,7 @@ from transformers import (BertConfig, BertLMHeadModel, BertModel, DynamicCache, 
 from fastalign import PoolExhaustedError, Span, TreeRunner
 from fastalign.runtime import hf_cache
 from fastalign.runtime.hf_cache import HFCacheModel, _kv_problem
+from fastalign.runtime.kv_pool import KVPool
 from fastalign.unlearn.models import enable_activation_checkpointing
 from tests.runtime.tiny_models import CONFIGS, MAX_POSITIONS, VOCAB, tiny_model
 
@@ -906,6 +907,18 @@ def test_pool_sizes_are_checked_at_their_bounds(model):
     for bad in ({"max_tokens": True}, {"max_tokens": 64, "block_size": True}):  # bools are not counts
         with pytest.raises(ValueError, match="expected a positive int"):
             TreeRunner(model, **bad)
+
+
+def test_a_pool_of_2_to_the_31_blocks_is_refused_before_it_is_allocated(model, monkeypatch):
+    """max_tokens=2**31 in blocks of one token allocated the pool, then failed in the span tree's constructor with
+    pybind's "incompatible constructor arguments"."""
+    def allocated(*args, **kwargs):
+        raise AssertionError("the pool was allocated")
+
+    monkeypatch.setattr(KVPool, "__init__", allocated)
+    with pytest.raises(ValueError, match=re.escape("max_tokens: 2147483648 tokens make 2147483648 blocks of "
+                                                   "block_size=1 tokens, more than the 2147483647")):
+        TreeRunner(model, max_tokens=2 ** 31, block_size=1)
 
 
 def test_a_max_bytes_shared_with_recurrent_states_is_refused_by_the_value_given():
