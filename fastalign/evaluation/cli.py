@@ -46,12 +46,13 @@ from typing import List, Optional
 
 import torch
 
-from fastalign.cli import (MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_field_used, check_model_dir,
-                           check_output_file, template_kwargs_argument)
+from fastalign.cli import (INTERRUPTED_HINTS, MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_field_used,
+                           check_model_dir, check_output_file, template_kwargs_argument)
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.output_lock import output_lock
 from fastalign.pretrained import load_config, load_pretrained, load_tokenizer
 from fastalign.unlearn.templates import ChatTemplate
+from fastalign.writable import DiskFullError, naming_a_full_disk
 
 from .answers import read_answers
 from .generation import GenerationConfig, check_stop_strings, encode_prompts
@@ -468,7 +469,7 @@ def _written(path: str, batches):
     summary goes first: left beside the records of a run that then fails or is killed, it would describe them."""
     if os.path.isfile(path + ".summary.json"):
         os.remove(path + ".summary.json")
-    with open(path, "w", encoding="utf-8") as out:
+    with naming_a_full_disk(path), open(path, "w", encoding="utf-8") as out:
         for records in batches:
             for record in records:
                 out.write(json.dumps(record) + "\n")
@@ -477,13 +478,15 @@ def _written(path: str, batches):
 
 
 def _summarised(output: str, summary: dict) -> dict:
-    with open(output + ".summary.json", "w", encoding="utf-8") as f:
+    path = output + ".summary.json"
+    with naming_a_full_disk(path), open(path, "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
     return summary
 
 
 def run(args) -> int:
-    """Handler of `fastalign eval`: 0 on success, 2 on bad input, 1 when the judge fails mid-way."""
+    """Handler of `fastalign eval`: 0 on success, 2 on bad input, 1 when the judge fails mid-way or the disk fills
+    up."""
     try:
         print(json.dumps(evaluate(args), indent=1))
         return 0
@@ -493,6 +496,9 @@ def run(args) -> int:
     except JudgeError as exc:
         print(f"fastalign eval: error: {exc}; the records judged before it are kept in {args.output}",
               file=sys.stderr)
+        return 1
+    except DiskFullError as exc:
+        print(f"fastalign eval: error: {exc}; {INTERRUPTED_HINTS['eval']}", file=sys.stderr)
         return 1
 
 

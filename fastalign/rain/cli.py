@@ -25,8 +25,8 @@ from typing import List, Optional, Set
 
 import torch
 
-from fastalign.cli import (MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_field_used, check_model_dir,
-                           check_output_file, memory_size_argument, template_kwargs_argument)
+from fastalign.cli import (INTERRUPTED_HINTS, MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_field_used,
+                           check_model_dir, check_output_file, memory_size_argument, template_kwargs_argument)
 from fastalign.evaluation.generation import before_end, eos_ids, pad_id
 from fastalign.evaluation.prompts import hh_messages, hh_prompts, read_prompts
 from fastalign.model_files import model_files_digest
@@ -36,6 +36,7 @@ from fastalign.unlearn.encoding import tokenize_prompts
 from fastalign.unlearn.config import dataclass_from_dict, read_config_file, settings_mapping
 from fastalign.unlearn.records import DataError, read_text
 from fastalign.unlearn.templates import ChatTemplate
+from fastalign.writable import DiskFullError, naming_a_full_disk
 
 from .config import RainConfig
 from .dialogue import after_prefix
@@ -209,13 +210,17 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, turn_marke
 
 
 def run(args) -> int:
-    """Handler of `fastalign rain`: 0 on success, 2 on a usage error (another process writing --output too)."""
+    """Handler of `fastalign rain`: 0 on success, 2 on a usage error (another process writing --output too), 1 where
+    prompts failed or the disk filled up."""
     try:
         with output_lock(args.output, "--output", ranks_share=True):   # before the resume reads --output
             return _run(args)
     except UsageError as exc:
         print(f"fastalign rain: error: {exc}", file=sys.stderr)
         return 2
+    except DiskFullError as exc:
+        print(f"fastalign rain: error: {exc}; {INTERRUPTED_HINTS['rain']}", file=sys.stderr)
+        return 1
 
 
 def _run(args) -> int:
@@ -291,7 +296,9 @@ def _run(args) -> int:
         mine = placement.share(range(len(prompts)))   # skipped ones counted per share: other ranks write meanwhile
         todo = [i for i in mine if i not in done]
         failed = []
-        with _progress(len(todo), placement.rank) as progress, open_for_append(placement.output(args.output)) as out:
+        records = placement.output(args.output)   # --output, or this process's rank file
+        with naming_a_full_disk(records), _progress(len(todo), placement.rank) as progress, \
+                open_for_append(records) as out:
             def write(result):
                 index, vanilla, error = result.index, None, result.error
                 if not args.no_vanilla and error is None:
@@ -320,7 +327,8 @@ def _run(args) -> int:
                 raise UsageError(f"--kv-tokens {args.kv_tokens} is too small for the judge's few-shot prefix, which "
                                  f"every prompt shares: {exc}") from None
         summaries = gather(placement, (len(todo), len(mine) - len(todo), len(failed), run_.stats))
-        merge_rank_files(placement, args.output)
+        with naming_a_full_disk(args.output):
+            merge_rank_files(placement, args.output)
         if summaries is not None:
             stats = RainStats()
             for *_, s in summaries:

@@ -17,6 +17,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from fastalign.writable import naming_a_full_disk
+
 CHECKPOINTS = "checkpoints"
 _TMP_PREFIX = ".tmp-"
 
@@ -32,7 +34,7 @@ def save_file(obj, path: str) -> None:
 def write_text_atomic(path: str, text: str) -> None:
     """Replaces the file at `path` with `text` in one step (readers see the old or the new file)."""
     tmp = os.path.join(os.path.dirname(path), _TMP_PREFIX + os.path.basename(path))
-    with open(tmp, "w", encoding="utf-8") as f:
+    with naming_a_full_disk(path), open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -41,14 +43,16 @@ def write_text_atomic(path: str, text: str) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(path: str) -> Iterator[str]:
-    """Yields a temporary directory that becomes `path` (replacing it) only if the block succeeds."""
+    """Yields a temporary directory that becomes `path` (replacing it) only if the block succeeds; a full disk met
+    in it is a DiskFullError naming `path`."""
     parent, name = os.path.split(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, _TMP_PREFIX + name)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        yield tmp
+        with naming_a_full_disk(path):
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -98,9 +102,10 @@ def write_checkpoint(output_dir: str, step: int, state: dict, rank_state: dict, 
         os.makedirs(tmp)
     barrier()
     try:
-        save_file(rank_state, os.path.join(tmp, f"rank-{rank}.pt"))
-        if is_main:
-            save_file(state, os.path.join(tmp, "state.pt"))
+        with naming_a_full_disk(final):
+            save_file(rank_state, os.path.join(tmp, f"rank-{rank}.pt"))
+            if is_main:
+                save_file(state, os.path.join(tmp, "state.pt"))
     except BaseException:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)

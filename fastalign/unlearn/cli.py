@@ -11,13 +11,14 @@ import os
 import sys
 from dataclasses import fields
 
-from fastalign.cli import check_model_dir, template_kwargs_argument
+from fastalign.cli import INTERRUPTED_HINTS, check_model_dir, template_kwargs_argument
 from fastalign.ops.backend import BACKENDS
 from fastalign.unlearn.config import PRECISIONS, UnlearnConfig, read_config_file
 from fastalign.unlearn.formats import FORMATS
 from fastalign.unlearn.lora_merge import MERGE_ERROR_WARNING
 from fastalign.unlearn.packing import MODES as PACKING_MODES
 from fastalign.unlearn.reference import CACHE_STORAGES, REFERENCE_MODES
+from fastalign.writable import DiskFullError
 
 DESCRIPTION = """\
 Unlearning (Yao et al. 2023): gradient ascent on harmful answers (forget), gradient descent on the same
@@ -225,6 +226,18 @@ def config_from_args(args: argparse.Namespace) -> UnlearnConfig:
     return UnlearnConfig.from_dict({**values, **given}, origin=getattr(args, "config", "command line"))
 
 
+def resume_hint(config: UnlearnConfig) -> str:
+    """The --resume hint (an interrupted run's) for a run that failed with a checkpoint in its output directory to
+    continue from, else ""."""
+    from fastalign.unlearn.checkpoint import latest_checkpoint
+
+    try:
+        latest = latest_checkpoint(config.output_dir)
+    except ValueError:   # `latest` names no complete checkpoint: none to continue from
+        return ""
+    return f"; {INTERRUPTED_HINTS['unlearn']} ({latest})" if latest else ""
+
+
 def end_process_group():
     """Under `accelerate launch` the command owns the process: it ends the process group the trainer's Accelerator
     started, which left to the interpreter's exit can abort the process after a finished run."""
@@ -271,6 +284,9 @@ def main(args: argparse.Namespace) -> int:
     except (DataError, ValueError, FileNotFoundError, FileExistsError, TypeError, FloatingPointError, MissingExtraError,
             NotImplementedError) as e:   # the last: a model or setting the fused path does not serve
         print(f"fastalign unlearn: error: {e}", file=sys.stderr)
+        return 2
+    except DiskFullError as e:   # a checkpoint, log line, model/ or run.json that did not fit
+        print(f"fastalign unlearn: error: {e}{resume_hint(config)}", file=sys.stderr)
         return 2
     finally:
         end_process_group()

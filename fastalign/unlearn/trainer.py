@@ -56,6 +56,7 @@ from fastalign.unlearn.reference import AdapterDisabledReference, CachedReferenc
 from fastalign.unlearn.sharding import (check_flat_units, full_model_state, load_optimizer_state,
                                         load_trainable_state, optimizer_state, trainable_names, trainable_state)
 from fastalign.unlearn.streams import UnlearningBatch, UnlearningStreams
+from fastalign.writable import naming_a_full_disk
 
 # Settings that may change between a run and its resumption; any other change would alter the result.
 # output_dir is where the checkpoint was found, whatever it is called now (moved, or given another way).
@@ -757,7 +758,8 @@ class UnlearningTrainer:
         progress.set_postfix(fgt_nll=f"{record.forget_nll:.3f}", rdn=f"{record.mismatch_nll:.3f}",
                              kl=f"{record.normal_kl:.4f}", refresh=False)
         if record.step % self.config.log_every == 0 or record.step == self.config.max_steps or last:
-            with open(os.path.join(self.config.output_dir, "log.jsonl"), "a", encoding="utf-8") as f:
+            log = os.path.join(self.config.output_dir, "log.jsonl")
+            with naming_a_full_disk(log), open(log, "a", encoding="utf-8") as f:
                 f.write(json.dumps(asdict(record)) + "\n")
         if self.step_callback is not None:
             self.step_callback(record)

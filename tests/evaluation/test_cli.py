@@ -912,3 +912,24 @@ def test_unusable_device_is_a_usage_error_before_the_model_loads(harmful_prompts
     assert run("--prompts", harmful_prompts, "--model", "demo", "--device", device, "--output",
                tmp_path / "o.jsonl") == 2
     assert f"fastalign eval: error: --device: cannot use {device!r}" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a device that is always full")
+@pytest.mark.parametrize("full", ["records", "summary"])
+def test_a_full_disk_ends_eval_with_one_line_naming_the_file_it_writes(rain_output, tmp_path, capsys, monkeypatch,
+                                                                       full):
+    """A full disk while the records or the summary were written ended the command in a traceback of the flush's
+    OSError, which names no file. It is one line naming the file and the full disk, exit 1."""
+    import builtins
+
+    out = tmp_path / "judged.jsonl"
+    filled = str(out) if full == "records" else f"{out}.summary.json"
+
+    def opening_a_full_disk(path, *args, **kwargs):   # /dev/full refuses every write with ENOSPC
+        return builtins.open("/dev/full" if str(path) == filled else path, *args, **kwargs)
+
+    monkeypatch.setattr("fastalign.evaluation.cli.open", opening_a_full_disk, raising=False)
+    assert run("--answers", rain_output, "--judge", "keyword", "--keywords", "poison", "--output", out) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (f"fastalign eval: error: cannot write {filled}: the disk is "
+                                                        "full (No space left on device); the records judged so far "
+                                                        "are in --output (a rerun starts over)")

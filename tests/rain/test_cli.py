@@ -1202,3 +1202,20 @@ def test_the_interrupt_message_starts_on_a_line_of_its_own_after_the_progress_ba
     assert main(args + ["--concurrency", "1"]) == 128 + signal.SIGINT
     err = capsys.readouterr().err
     assert "1/2" in err and "\nfastalign rain: interrupted by Ctrl-C" in err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a device that is always full")
+def test_a_full_disk_ends_the_run_with_one_line_naming_the_records_file_and_the_rerun(rain_setup, capsys,
+                                                                                      monkeypatch):
+    """A full disk while a record was appended ended the run in a traceback of the flush's OSError, which names no
+    file. It is one line naming --output and the full disk, saying that a rerun goes on (exit 1); it does."""
+    _, out, args = rain_setup
+    assert main(args + ["--limit", "1"]) == 0
+    with monkeypatch.context() as patch:   # /dev/full refuses every write with ENOSPC
+        patch.setattr("fastalign.rain.distributed.open_for_append", lambda path: open("/dev/full", "a"))
+        assert main(args) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (f"fastalign rain: error: cannot write {out}: the disk is full "
+                                                        "(No space left on device); the records written so far are "
+                                                        "kept: rerun the same command to continue")
+    assert main(args) == 0
+    assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [0, 1]

@@ -726,3 +726,63 @@ def test_an_interrupt_after_the_model_is_written_does_not_send_the_user_to_a_ref
     assert code == 0, capsys.readouterr().err
     assert json.loads(capsys.readouterr().out)["steps"] == 2
     assert (out / "run.json").is_file() and (out / "model" / "model.safetensors").is_file()
+
+
+def saving_to_a_full_disk(save_file, fail_at):
+    """checkpoint.save_file writing its `fail_at`th file (1 for the first) and later ones to /dev/full, which refuses
+    every write with ENOSPC: torch.save's own error then reads "unexpected pos", not a full disk."""
+    calls = [0]
+
+    def save(obj, path):
+        calls[0] += 1
+        save_file(obj, "/dev/full" if calls[0] >= fail_at else path)
+    return save
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a device that is always full")
+@pytest.mark.parametrize("writer, save_every", [("checkpoint", 1), ("model", 1), ("model", 0)],
+                         ids=["checkpoint", "model", "model-without-checkpoints"])
+def test_a_full_disk_ends_the_run_with_one_line_naming_what_it_writes_and_how_to_go_on(workspace, capsys, monkeypatch,
+                                                                                        writer, save_every):
+    """A full disk while a checkpoint (torch.save: RuntimeError "[enforce fail at inline_container.cc:672] .
+    unexpected pos") or model/ (safetensors: SafetensorError "I/O error: No space left on device (os error 28)") was
+    written ended the run in a traceback. It is one line naming the directory being written and the full disk, with
+    --resume's hint where a checkpoint is kept; the run then resumes from that checkpoint."""
+    from safetensors import SafetensorError
+
+    from fastalign.unlearn import checkpoint
+
+    out = workspace / "out"
+    if writer == "checkpoint":   # the second one's first file (each has rank-0.pt and state.pt)
+        monkeypatch.setattr(checkpoint, "save_file", saving_to_a_full_disk(checkpoint.save_file, fail_at=3))
+        written = out / "checkpoints" / "step-000002"
+    else:
+        def save_model(model, directory, state_dict):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        monkeypatch.setattr("fastalign.unlearn.trainer._save_model", save_model)
+        written = out / "model"
+    command = ["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(out), "--max-steps", "3",
+               "--save-every", str(save_every), "--no-progress"]
+    assert main(command) == 2
+    hint = (f"; the checkpoints written so far (--save-every) are kept: rerun the command with --resume to continue "
+            f"from the latest ({out / 'checkpoints' / ('step-000001' if writer == 'checkpoint' else 'step-000002')})"
+            if save_every else "")
+    assert capsys.readouterr().err.endswith(f"\nfastalign unlearn: error: cannot write {written}: the disk is full "
+                                            f"(No space left on device){hint}\n")   # (after the loading's bars)
+    assert not any(name.startswith(".tmp-") for name in os.listdir(out / "checkpoints" if save_every else out))
+    if save_every:
+        monkeypatch.undo()
+        assert main(command + ["--resume"]) == 0, capsys.readouterr().err
+        assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_a_failed_write_of_a_checkpoint_that_is_no_full_disk_is_not_said_to_be_one(workspace, monkeypatch):
+    """Only a write failure whose cause is a full disk (ENOSPC, EDQUOT) is reported as one: torch.save's
+    RuntimeError of another cause goes through as it is."""
+    def save_file(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr("fastalign.unlearn.checkpoint.save_file", save_file)
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
+              "--max-steps", "2", "--save-every", "1", "--no-progress"])
