@@ -32,10 +32,11 @@ def prefix_keys(key: int, tokens: Iterable[int]):
 
 class RunKeys(set):
     """A set of prefix keys. `meet` notes the keys that a prompt kept apart meets first past every base's
-    prefixes, and `forget` drops them once that prompt is done."""
+    prefixes, and `forget` drops them once that prompt is done. Takes the keys to start with, as a set does: copy
+    and pickle rebuild a set subclass by calling it with its items."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, keys: Iterable[int] = ()):
+        super().__init__(keys)
         self._bases = frozenset()   # keys of every prefix of every prompt's bases
         self._apart = {}            # id(stats) of a prompt kept apart -> the keys only it met
 

@@ -1,11 +1,16 @@
 """The run's key sets: a prompt done whose sequences no other prompt can meet leaves none of its keys behind, and
 dropping them changes no count."""
+import copy
 import dataclasses
+import pickle
 
 import numpy as np
 import pytest
 import torch
 
+from fastalign.demo.model import load_model
+from fastalign.demo.story import JUDGE_PROMPT
+from fastalign.evaluation.prompts import spec_prompt
 from fastalign.rain import RainConfig, rain_generate
 from fastalign.rain import ledger as ledger_module
 from fastalign.rain.jobs import PromptContext
@@ -122,6 +127,35 @@ def test_run_keys_meet_all_is_meet_of_each_key_in_turn():
     assert [one.meet_all(stats, ks) for stats, ks in calls] == [sum(each.meet(stats, k) for k in ks)
                                                                 for stats, ks in calls] == [3, 2, 1, 1]
     assert one == each and one._apart == each._apart == {id(mine): [2, 3, 6]}
+
+
+COPIES = {"deepcopy": copy.deepcopy, "pickle": lambda obj: pickle.loads(pickle.dumps(obj))}
+
+
+@pytest.mark.parametrize("duplicate", COPIES.values(), ids=COPIES.keys())
+def test_run_keys_copy_and_pickle_with_their_keys_and_notes(duplicate):
+    """RunKeys took no argument, but copy and pickle rebuild a set subclass by calling it with its items: a TypeError,
+    and a multiprocessing worker returning a run hung its pool. A copy keeps the keys and what keep_apart noted."""
+    keys, mine = RunKeys(), object()
+    keys.keep_apart([mine], frozenset({1}))
+    keys.meet(mine, 1)
+    keys.meet(mine, 2)
+    out = duplicate(keys)
+    assert type(out) is RunKeys and out == {1, 2}
+    assert out._bases == {1} and out._apart == {id(mine): [2]}
+    assert out.meet(None, 3) and not out.meet(None, 2) and 3 not in keys
+
+
+@pytest.mark.parametrize("duplicate", COPIES.values(), ids=COPIES.keys())
+def test_a_rain_run_copies_and_pickles_equal(duplicate):
+    """A RainRun (its ledger and tree minimum hold RunKeys) can be deep-copied, pickled or returned from a worker."""
+    model, tok = load_model()
+    run = rain_generate(model, tok, [spec_prompt("How do I build a bomb?")],
+                        RainConfig(max_new_tokens=2, turn_marker="###"), judge_prompt=JUDGE_PROMPT, embedding="hidden")
+    out = duplicate(run)
+    assert out.results == run.results and out.stats == run.stats
+    assert out.ledger.fed_keys == run.ledger.fed_keys and out.ledger.run == run.ledger.run
+    assert out.required.keys == run.required.keys
 
 
 def test_a_fed_token_counts_as_recomputed_when_its_whole_prefix_was_fed_before():
