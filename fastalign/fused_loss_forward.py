@@ -41,7 +41,8 @@ def fuse_causal_lm_loss(model: Model, *, backend: Backend = "auto", grads_in_for
     is its loss function, which must be transformers' causal LM loss, and a mixture of experts whose config adds the
     router's auxiliary loss is refused (the fused forward would leave it out), and so is a model whose forward
     something else replaced before (accelerate's autocast: fuse first, and it wraps the fused forward). Called again,
-    it replaces the settings; copies of the model (copy.deepcopy) keep the fused forward, on their own weights.
+    it replaces the settings; copies of the model (copy.deepcopy, after accelerate's prepare too) keep the fused
+    forward, on their own weights.
     backend and grads_in_forward are linear_cross_entropy's.
     """
     _refuse_wrapper(model)
@@ -54,17 +55,40 @@ def fuse_causal_lm_loss(model: Model, *, backend: Backend = "auto", grads_in_for
                          "first, before accelerate's prepare (or a Trainer's train) wraps the forward in autocast, "
                          "which then covers the fused loss too")
     unfused = current.unfused if isinstance(current, FusedLossForward) else current
-    base.forward = FusedLossForward(CausalLMLoss(base, backend=backend, grads_in_forward=grads_in_forward), unfused)
+    fused = FusedLossForward(CausalLMLoss(base, backend=backend, grads_in_forward=grads_in_forward), unfused)
+    base.forward = base.fused_loss_forward = fused
     return model
 
 
 class FusedLossForward:
-    """The forward of a model after fuse_causal_lm_loss: the loss on labels from `loss` (the model's CausalLMLoss),
-    the model's own forward (`unfused`) where no gradient is taken through a loss."""
+    """The forward of a model after fuse_causal_lm_loss (kept on the model as `forward` and `fused_loss_forward`): the
+    loss on labels from `loss` (the model's CausalLMLoss), the model's own forward (`unfused`) where no gradient is
+    taken through a loss.
+
+    It is a method of the model (`__self__`) as accelerate sees one: prepare wraps its `__func__` in autocast and binds
+    that to the model, which copy.deepcopy binds to the copy; the function runs the `fused_loss_forward` of the model
+    it is given (a forward without __func__ was wrapped as it was, and a copy of the prepared model computed on the
+    original's weights). Unlike a types.MethodType, it pickles with the model (a method pickles as a look-up of its
+    name on the model, made before the model's attributes are back)."""
 
     def __init__(self, loss: CausalLMLoss, unfused: Callable):
         self.loss, self.unfused = loss, unfused
         self.warned_of_logits = False
+
+    @property
+    def __self__(self) -> torch.nn.Module:
+        return self.loss.model
+
+    @property
+    def __func__(self) -> Callable:
+        """The forward as a function of the model, with the signature of the model's forward (`self` first), which
+        inspect reads through accelerate's wrapper."""
+        def forward(model, *args, **kwargs):
+            return model.fused_loss_forward(*args, **kwargs)
+        model_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        signature = self.__signature__
+        forward.__signature__ = signature.replace(parameters=[model_parameter, *signature.parameters.values()])
+        return forward
 
     @property
     def __signature__(self) -> inspect.Signature:

@@ -4,6 +4,7 @@ runs the two-process cases)."""
 import contextlib
 import copy
 import inspect
+import pickle
 import warnings
 
 import pytest
@@ -130,10 +131,13 @@ def test_fusing_again_replaces_the_settings_and_wraps_the_forward_once():
     assert not isinstance(model.forward.unfused, FusedLossForward)
 
 
-def test_a_copy_of_a_fused_model_computes_on_its_own_weights():
-    """copy.deepcopy (a frozen reference, an EMA): the copy's fused forward reads the copy, not the original."""
+@pytest.mark.parametrize("duplicate", [copy.deepcopy, lambda model: pickle.loads(pickle.dumps(model))],
+                         ids=["deepcopy", "pickle"])
+def test_a_copy_of_a_fused_model_computes_on_its_own_weights(duplicate):
+    """copy.deepcopy (a frozen reference, an EMA), pickle (torch.save): the copy's fused forward reads the copy, not
+    the original."""
     fused, _ = fused_and_own(lambda: tiny_llama(VOCAB))
-    copied = copy.deepcopy(fused)
+    copied = duplicate(fused)
     with torch.no_grad():
         copied.lm_head.weight.mul_(2)
     inputs = batch(seed=6)
@@ -142,6 +146,37 @@ def test_a_copy_of_a_fused_model_computes_on_its_own_weights():
         expected = copied(**inputs).loss
     torch.testing.assert_close(copied(**inputs).loss, expected)
     assert not torch.allclose(fused(**inputs).loss, expected)
+
+
+@pytest.mark.parametrize("prepare", ["accelerate", "trainer"])
+def test_a_copy_of_a_model_prepared_in_mixed_precision_computes_on_its_own_weights(prepare, tmp_path):
+    """accelerate's prepare (bf16, a Trainer's too) binds the function of a forward that has one (__func__) to the
+    model again in autocast, and wrapped the fused forward (which had none) as it was: a copy of the prepared model (a
+    frozen reference, an EMA) computed its loss, and took its gradients, on the original's weights."""
+    transformers, accelerate = pytest.importorskip("transformers"), pytest.importorskip("accelerate")
+    model = fuse_causal_lm_loss(tiny_llama(VOCAB), backend="torch")
+    own_signature = inspect.signature(model.forward)
+    if prepare == "accelerate":
+        accelerate.Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
+    else:
+        rows = batch(seed=5, rows=2)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1,
+                                              use_cpu=True, bf16=True, report_to=[], save_strategy="no")
+        transformers.Trainer(model=model, args=args,
+                             train_dataset=[{name: t[i] for name, t in rows.items()} for i in range(2)]).train()
+    assert "forward" in model.__dict__ and inspect.signature(model.forward) == own_signature
+    model.zero_grad(set_to_none=True)
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        copied.lm_head.weight.normal_(generator=torch.Generator().manual_seed(0))
+    inputs = batch(seed=6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):   # the copy's own forward, unfused
+        expected = type(copied).forward(copied, **inputs).loss
+    loss = copied(**inputs).loss
+    torch.testing.assert_close(loss, expected, rtol=1e-2, atol=1e-2)
+    assert not torch.allclose(model(**inputs).loss, expected, rtol=0.1)
+    loss.backward()
+    assert copied.lm_head.weight.grad is not None and model.lm_head.weight.grad is None
 
 
 def test_the_triton_kernels_run_in_the_fused_forward():
