@@ -53,6 +53,12 @@ class Span:
     def __deepcopy__(self, memo):
         return self
 
+    def __reduce_ex__(self, protocol):
+        """Refused: a span's KV is in its runner's pool (pickle went on to the runner and its model, then failed on the
+        span tree)."""
+        raise TypeError("a Span cannot be pickled: it belongs to its TreeRunner, whose pool holds its KV; keep its "
+                        "tokens (span.tokens) and prefill them on a runner")
+
     @property
     def alive(self) -> bool:
         """False once released."""

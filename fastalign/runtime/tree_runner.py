@@ -195,6 +195,12 @@ class TreeRunner:
                           "with max_state_bytes (fastalign rain: --state-memory)", stacklevel=3)
         return max(capacity, 1)
 
+    def __reduce_ex__(self, protocol):
+        """Refused, for copy.copy, copy.deepcopy and pickle alike: the KV pool and span tree are the runner's own
+        (deepcopy copied the whole model, then failed on the span tree)."""
+        raise TypeError("a TreeRunner cannot be copied or pickled: its KV pool and spans are its own; make a new "
+                        "TreeRunner on the model, or on the copy of it")
+
     # ----- the tree
 
     @property

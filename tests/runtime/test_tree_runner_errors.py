@@ -1,6 +1,8 @@
 """Bad input to a TreeRunner: a clear error naming the problem, and a pool left as it was (checked by
 comparing the tree's state before and after, then by a correct extension afterwards)."""
+import copy
 import gc
+import pickle
 import re
 import warnings
 from types import SimpleNamespace
@@ -1137,3 +1139,12 @@ def test_arguments_of_the_wrong_kind_are_named(runner, model):
     for flag in ("fallback", "cascade_attention", "cuda_graphs"):  # a string such as "no" counted as True
         with pytest.raises(ValueError, match=f"{flag}: expected True or False, got 'no'"):
             TreeRunner(model, max_tokens=64, **{flag: "no"})
+
+
+@pytest.mark.parametrize("duplicate", [copy.copy, copy.deepcopy, pickle.dumps])
+def test_copying_or_pickling_a_runner_is_refused_naming_it(runner, duplicate):
+    """copy.deepcopy copied the whole model, then failed with "cannot pickle 'fastalign._C.SpanTree' object", as did
+    pickle: neither named the runner nor what to do."""
+    with pytest.raises(TypeError, match="a TreeRunner cannot be copied or pickled: .* make a new TreeRunner on the "
+                                        "model, or on the copy of it"):
+        duplicate(runner)
