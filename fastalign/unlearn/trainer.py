@@ -506,6 +506,23 @@ class UnlearningTrainer:
         _set_rng_state(self._fresh_rng, acc.device)  # a resume then restores its checkpoint's
         if config.reference_mode == "cached":   # frozen again: a finished run gave the model its flags back
             causal_lm_parts(self.model)[1].requires_grad_(False)
+        try:
+            return self._run(resume_from)
+        finally:
+            # the accelerator holds what the run prepared (the objective, and so the reference: a frozen copy of the
+            # decoder, or the cache; AdamW and its moments) for as long as the caller keeps the trainer, finished or
+            # not: free_memory lets them go, then runs a full collection, so that a caller retrying after an
+            # out-of-memory error trains without the failed run's optimizer state. torch.distributed.checkpoint's
+            # state-dict helpers (torch 2.13) leave a reference cycle holding every module of the model, which the
+            # collection frees now, not whenever Python next runs one (device memory filling up never does), so that a
+            # caller dropping the model after the run gets its memory back. An interrupt now ends the clean-up only:
+            # a finished run has written model/ and run.json (and a --resume of it is refused).
+            with contextlib.suppress(KeyboardInterrupt):
+                acc.free_memory()
+
+    def _run(self, resume_from: str | None) -> RunSummary:
+        """The run train() checked, from the accelerate-prepared objective to the summary of the run."""
+        config, acc, out = self.config, self.accelerator, self.config.output_dir
         objective, optimizer = self._prepare_objective()
         optimizer.zero_grad(set_to_none=True)   # gradients a caller's backward left would add to step 1's
         # linear to 0, no warm-up (SPEC §1); on the torch optimizer, whose step() the step in the backward calls too
@@ -568,14 +585,6 @@ class UnlearningTrainer:
         summary = self._finish(step, stop_reason, record, totals, objective,
                                type(_torch_optimizer(optimizer)).__name__)
         self._stepped = False   # (a later train() goes on from the weights this run saved)
-        # the accelerator holds the prepared objective, and so the reference (a frozen copy of the decoder, or the
-        # cache), for as long as the caller keeps the trainer: free_memory lets them go, then runs a full collection.
-        # torch.distributed.checkpoint's state-dict helpers (torch 2.13) leave a reference cycle holding every module
-        # of the model, which the collection frees now, not whenever Python next runs one (device memory filling up
-        # never does), so that a caller dropping the model after the run gets its memory back. The run has finished
-        # (model/ and run.json are written, and a --resume of it is refused): an interrupt now ends the clean-up only
-        with contextlib.suppress(KeyboardInterrupt):
-            self.accelerator.free_memory()
         return summary
 
     def _step(self, step, objective, decoder_trains, lm_head_trains):

@@ -900,6 +900,30 @@ def test_a_finished_run_lets_its_model_go(tmp_path):
         gc.enable()
 
 
+def live(kind) -> int:
+    """How many objects of exactly the class `kind` are alive, after a full collection."""
+    gc.collect()
+    return sum(type(o) is kind for o in gc.get_objects())
+
+
+def test_a_retry_after_failed_runs_trains_without_their_objectives_and_optimizers(tmp_path, monkeypatch):
+    """A train() an exception stopped (an out-of-memory error) left its prepared objective (with its reference) and
+    its AdamW (with its moments) in the accelerator, which only a finished run emptied: a caller retrying on the same
+    trainer, as after an out-of-memory error, trained beside every failed attempt's optimizer state, one more
+    model-sized AdamW state on the device per failure."""
+    tokenizer = byte_bpe_tokenizer()
+    alive = []
+    config = UnlearnConfig(output_dir=str(tmp_path / "run"), max_steps=3, save_every=1, lr=1e-3, progress=False)
+    trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config, tokenizer=tokenizer,
+                                step_callback=lambda record: alive.append((live(UnlearningObjective),
+                                                                           live(torch.optim.AdamW))))
+    for _ in range(2):   # each stopped at its second step, after the checkpoint of its first
+        fail_train_at_forward(monkeypatch, trainer, 2)
+        trainer.config = dataclasses.replace(config, resume=True)
+    assert trainer.train().steps == 3
+    assert alive == [(1, 1)] * 3, alive   # each run's own objective and AdamW, none of a failed run's
+
+
 def test_a_finished_run_lets_its_cached_reference_go(tmp_path, monkeypatch):
     """The cache (answer tokens x hidden size, on the device) is freed when the run ends, while the caller still
     holds the trainer (to read its model); a resume after an exception keeps it, as it must compare with the policy
