@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import gc
 import importlib
 import itertools
 import json
@@ -229,6 +230,32 @@ def _new_accelerator(precision: str):
     return accelerator
 
 
+# where Accelerator.prepare keeps what it prepared (accelerate 1.16), which free_memory empties
+_PREPARED_LISTS = ("_models", "_optimizers", "_schedulers", "_dataloaders")
+
+
+@contextlib.contextmanager
+def _released_when_done(accelerator):
+    """Takes what `accelerator` prepared within the block out of its lists (by identity) when the block ends, finished
+    or failed, then runs a full collection and empties the device's cache, as free_memory does. The objects prepared
+    before (the caller's, on an accelerator of the caller's) stay in it, and so does its step: free_memory would
+    drop them all and reset the step. An interrupt during the collection (it takes a while) ends it only: a finished
+    run has written model/ and run.json (and a --resume of it is refused), a failed one raises its own exception.
+    torch.distributed.checkpoint's state-dict helpers (torch 2.13) leave a reference cycle holding every module of the
+    model, which the collection frees now, not whenever Python next runs one (device memory filling up never does)."""
+    before = {name: list(getattr(accelerator, name)) for name in _PREPARED_LISTS}
+    try:
+        yield
+    finally:
+        for name in _PREPARED_LISTS:
+            prepared = getattr(accelerator, name)
+            prepared[:] = [item for item in prepared if any(item is kept for kept in before[name])]
+        with contextlib.suppress(KeyboardInterrupt):
+            gc.collect()
+            if accelerator.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
 def _check_not_dispatched(model, device) -> None:
     """Raises where accelerate's hooks (a device_map over several devices) would move a module's inputs off the
     accelerator's `device`: the trainer moves every weight there (model.to), and the hooks would go on moving the
@@ -335,7 +362,9 @@ class UnlearningTrainer:
     step_callback(record) runs on the main process after every step.
     `accelerator` must compute in the mixed precision config.precision names; without one the trainer makes its own,
     which shares the process's accelerate state with an Accelerator of the caller's in that precision and refuses one
-    of another precision (see _new_accelerator): it does not switch the caller's training to its own.
+    of another precision (see _new_accelerator): it does not switch the caller's training to its own. A run takes what
+    it prepared out of the accelerator when it ends, finished or failed, and leaves the rest (the objects the caller
+    prepared on it, its step) as it was.
     The constructor checks the model before it changes it (casts it for precision 'bf16', wraps it for LoRA, enables
     checkpointing, moves it to the accelerator's device, puts it in train mode): a model it refuses is left as given,
     but for lora_targets that PEFT finds in no module at precision 'bf16', refused after the cast. A finished run gives
@@ -506,19 +535,12 @@ class UnlearningTrainer:
         _set_rng_state(self._fresh_rng, acc.device)  # a resume then restores its checkpoint's
         if config.reference_mode == "cached":   # frozen again: a finished run gave the model its flags back
             causal_lm_parts(self.model)[1].requires_grad_(False)
-        try:
+        # the accelerator holds what the run prepared (the objective, and so the reference: a frozen copy of the
+        # decoder, or the cache; AdamW and its moments) for as long as the caller keeps it, finished or not: they go
+        # when the run ends, so that a caller retrying after an out-of-memory error trains without the failed run's
+        # optimizer state, and one dropping the model after the run gets its memory back
+        with _released_when_done(acc):
             return self._run(resume_from)
-        finally:
-            # the accelerator holds what the run prepared (the objective, and so the reference: a frozen copy of the
-            # decoder, or the cache; AdamW and its moments) for as long as the caller keeps the trainer, finished or
-            # not: free_memory lets them go, then runs a full collection, so that a caller retrying after an
-            # out-of-memory error trains without the failed run's optimizer state. torch.distributed.checkpoint's
-            # state-dict helpers (torch 2.13) leave a reference cycle holding every module of the model, which the
-            # collection frees now, not whenever Python next runs one (device memory filling up never does), so that a
-            # caller dropping the model after the run gets its memory back. An interrupt now ends the clean-up only:
-            # a finished run has written model/ and run.json (and a --resume of it is refused).
-            with contextlib.suppress(KeyboardInterrupt):
-                acc.free_memory()
 
     def _run(self, resume_from: str | None) -> RunSummary:
         """The run train() checked, from the accelerate-prepared objective to the summary of the run."""

@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import tempfile
+import types
 from dataclasses import fields
 
 import pytest
@@ -16,6 +17,7 @@ import yaml
 from fastalign.cli import build_parser, main
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn import models
+from fastalign.unlearn import trainer as trainer_module
 from fastalign.unlearn.cli import config_from_args
 from fastalign.unlearn.run import load_model_and_tokenizer, run_unlearning
 from tests.conftest import HAS_CUDA
@@ -711,15 +713,13 @@ def test_check_and_the_run_refuse_the_triton_backend_on_the_cpu(workspace, capsy
 
 def test_an_interrupt_after_the_model_is_written_does_not_send_the_user_to_a_refused_resume(workspace, capsys,
                                                                                           monkeypatch):
-    """A Ctrl-C once model/ and run.json were written (during the trainer's last clean-up, free_memory's collection,
-    which takes a while) exited 130 with "rerun the command with --resume", and that resume is refused: the output
+    """A Ctrl-C once model/ and run.json were written (during the trainer's last clean-up, a full collection, which
+    takes a while) exited 130 with "rerun the command with --resume", and that resume is refused: the output
     directory holds a finished model. The interrupt ends the clean-up only: the command reports the finished run."""
-    from accelerate import Accelerator
-
-    def interrupted(self, *args, **kwargs):
+    def interrupted():
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Accelerator, "free_memory", interrupted)
+    monkeypatch.setattr(trainer_module, "gc", types.SimpleNamespace(collect=interrupted))
     out = workspace / "out"
     code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(out), "--max-steps", "2",
                  "--no-progress"])

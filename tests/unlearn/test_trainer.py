@@ -1,5 +1,6 @@
 """The training loop: exact max steps, early stop, compute accounting, LoRA merged on save, cached reference,
 bit-identical resume after a kill, atomic checkpoints, and refusals of bad runs."""
+import contextlib
 import copy
 import gc
 import dataclasses
@@ -922,6 +923,35 @@ def test_a_retry_after_failed_runs_trains_without_their_objectives_and_optimizer
         trainer.config = dataclasses.replace(config, resume=True)
     assert trainer.train().steps == 3
     assert alive == [(1, 1)] * 3, alive   # each run's own objective and AdamW, none of a failed run's
+
+
+@pytest.mark.parametrize("stopped", [False, True], ids=["finished", "stopped"])
+def test_a_run_on_the_callers_accelerator_takes_out_only_what_it_prepared(tmp_path, stopped):
+    """A trainer given the caller's Accelerator prepares its objective and AdamW on it. A run an exception stopped
+    left them there for the accelerator's life (a trainer dropped kept its model alive), and a finished one called
+    free_memory, which dropped the caller's own prepared model and optimizer too (its save_state then saved neither)
+    and reset its step: the trainer is not to switch the caller's training to its own."""
+    from accelerate import Accelerator
+
+    def stop(record):
+        raise Killed
+
+    acc = Accelerator(mixed_precision="no")
+    mine = acc.prepare(torch.nn.Linear(3, 3))
+    my_optimizer = acc.prepare(torch.optim.SGD(mine.parameters(), lr=0.1))
+    acc.step = 7
+    tokenizer = byte_bpe_tokenizer()
+    model = tiny_llama(len(tokenizer))
+    config = UnlearnConfig(output_dir=str(tmp_path / "run"), max_steps=2, lr=1e-3, progress=False)
+    trainer = UnlearningTrainer(model, tiny_streams(tokenizer), config, tokenizer=tokenizer, accelerator=acc,
+                                step_callback=stop if stopped else None)
+    with pytest.raises(Killed) if stopped else contextlib.nullcontext():
+        trainer.train()
+    assert acc._models == [mine] and acc._optimizers == [my_optimizer] and acc.step == 7
+    alive = weakref.ref(model)
+    del trainer, model
+    gc.collect()
+    assert alive() is None, "the caller's accelerator kept the run's model"
 
 
 def test_a_finished_run_lets_its_cached_reference_go(tmp_path, monkeypatch):
