@@ -205,10 +205,12 @@ class RowPacker:
     def plan(self, tokens: TokenBatch) -> PackedRows | None:
         """The packed layout the forward of `tokens` runs on, or None for its padded rows (the last batch's layout
         again for the same tensors unchanged since: the trainer plans before its forward; their versions tell a
-        buffer refilled in place, the same tensor with other rows)."""
+        buffer refilled in place, the same tensor with other rows. Inference tensors keep no version, and may be
+        refilled under inference_mode: they are planned each time)."""
         host = tokens.on_host
-        planned = (host.input_ids, host.attention_mask, host.input_ids._version, host.attention_mask._version)
-        last = self._last[0]
+        planned = None if host.input_ids.is_inference() or host.attention_mask.is_inference() else (
+            host.input_ids, host.attention_mask, host.input_ids._version, host.attention_mask._version)
+        last = None if planned is None else self._last[0]
         if last is not None and last[0] is planned[0] and last[1] is planned[1] and last[2:] == planned[2:]:
             return self._last[1]
         attends = host.attention_mask.bool()

@@ -14,6 +14,7 @@ from fastalign.unlearn.packing import RowPacker, pack_rows, packed_hidden_states
 from tests.conftest import requires_cuda
 from tests.runtime.tiny_models import CONFIGS as RUNTIME_CONFIGS
 from tests.runtime.tiny_models import tiny_model as runtime_tiny_model
+from tests.unlearn.test_objective import WEIGHTS, setup
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
 
 
@@ -448,14 +449,16 @@ def test_packing_runs_exactly_where_the_check_lets_it(name):
                                                                                dtype=torch.bool))) is None
 
 
-def test_a_batch_refilled_in_place_is_planned_again():
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_a_batch_refilled_in_place_is_planned_again(context):
     """A training loop of one's own that refills the same token buffers each step got the layout of the previous
-    step's tokens (the last plan was kept by the input_ids tensor's identity): other rows' hidden states."""
+    step's tokens (the last plan was kept by the input_ids tensor's identity): other rows' hidden states. Buffers
+    made under inference_mode (an evaluation loop's) failed in plan: inference tensors keep no version counter."""
     model = tiny_llama(len(byte_bpe_tokenizer()))
-    ids, mask = torch.zeros(4, 16, dtype=torch.long), torch.zeros(4, 16, dtype=torch.long)
-    buffers = TokenBatch(ids, mask, torch.zeros(4, 15, dtype=torch.bool))
     packer = RowPacker(model, "on")
-    with torch.no_grad():
+    with context():
+        ids, mask = torch.zeros(4, 16, dtype=torch.long), torch.zeros(4, 16, dtype=torch.long)
+        buffers = TokenBatch(ids, mask, torch.zeros(4, 15, dtype=torch.bool))
         for step in range(2):
             g = torch.Generator().manual_seed(step)
             ids.zero_()
@@ -468,6 +471,21 @@ def test_a_batch_refilled_in_place_is_planned_again():
             fresh = TokenBatch(ids.clone(), mask.clone(), buffers.target_mask.clone())
             torch.testing.assert_close(packer.forward(model.model, buffers).at(rows, columns),
                                        RowPacker(model, "on").forward(model.model, fresh).at(rows, columns))
+
+
+@pytest.mark.parametrize("packing", ["auto", "off"])
+def test_the_objective_scores_a_batch_made_under_inference_mode(packing):
+    """An evaluation loop that builds and scores its batches in one inference_mode block: the terms are those under
+    no_grad. RowPacker.plan read the batch tensors' _version, which inference tensors do not have, and failed with
+    'Inference tensors do not track version counter', whatever the packing mode."""
+    model, streams, reference, _ = setup("copy")
+    objective = UnlearningObjective(model, WEIGHTS, reference, backend="torch", packing=packing)
+    with torch.no_grad():
+        expected = objective(streams.batch(0))
+    with torch.inference_mode():
+        got = objective(streams.batch(0))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
 
 
 @pytest.mark.parametrize("mode", ["off", "auto"])
