@@ -44,8 +44,9 @@ def forward_gradient_needs(op, grads_in_forward, reduction, hidden, weight, bias
 
 def refuse_inference_tensors(op, forward_needs, named_inputs):
     """Where the backward will save the inputs (grad mode on, one of hidden, weight or bias differentiated, gradients
-    not taken in the forward), a ValueError naming any input made under torch.inference_mode(): autograd cannot save
-    one, and failed deep in the op with a message that named none (a reference's hidden states are often made so)."""
+    not taken in the forward), a ValueError naming any of named_inputs, those it saves, made under
+    torch.inference_mode(): autograd cannot save one, and failed deep in the op with a message that named none (a
+    reference's hidden states are often made so). Per-token constants (token_weight, mask) are copied, never saved."""
     differentiable = [t for name, t in named_inputs if name in ("hidden", "weight", "bias") and t is not None]
     if forward_needs is not None or not torch.is_grad_enabled() or not any(t.requires_grad for t in differentiable):
         return

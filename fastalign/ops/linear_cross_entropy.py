@@ -120,8 +120,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     check_softcap(softcap)
     forward_needs = forward_gradient_needs("linear_cross_entropy", grads_in_forward, reduction, hidden, weight, bias)
     refuse_inference_tensors("linear_cross_entropy", forward_needs, [("hidden", hidden), ("weight", weight),
-                                                                     ("bias", bias), ("target", target),
-                                                                     ("token_weight", token_weight)])
+                                                                     ("bias", bias), ("target", target)])
     hidden, target, token_weight = as_rows(hidden, tokens), as_rows(target, tokens), as_rows(token_weight, tokens)
     launcher = select_backend("linear_cross_entropy", backend, hidden.device)
     require_triton_dtype(launcher, "hidden", hidden)

@@ -141,7 +141,7 @@ def linear_kl_div(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.
     forward_needs = forward_gradient_needs("linear_kl_div", grads_in_forward, reduction, hidden, weight, bias)
     refuse_inference_tensors("linear_kl_div", forward_needs, [
         ("hidden", hidden), ("weight", weight), ("bias", bias), ("ref_hidden", ref_hidden), ("ref_weight", ref_weight),
-        ("ref_bias", ref_bias), ("token_weight", token_weight), ("mask", mask)])
+        ("ref_bias", ref_bias)])
     hidden, ref_hidden = as_rows(hidden, tokens), as_rows(ref_hidden, tokens)
     token_weight, mask = as_rows(token_weight, tokens), as_rows(mask, tokens)
     launcher = select_backend("linear_kl_div", backend, hidden.device)

@@ -438,6 +438,21 @@ def test_a_token_weight_that_requires_grad_is_taken_under_no_grad():
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_token_weight_made_under_inference_mode_is_taken(backend):
+    """A token_weight made under torch.inference_mode() was refused as if the backward saved it ('autograd cannot
+    save it'): it is copied into the rows' weights, never saved, so the loss and gradients are those of a copy."""
+    hidden, weight, target, extra = make_inputs(13, 24, 131, bias=True, device=device_for(backend))
+    with torch.inference_mode():
+        token_weight = torch.randn(13, device=hidden.device)
+    got, want = (fastalign.linear_cross_entropy(hidden, weight, target, token_weight=w, reduction="none",
+                                                backend=backend, **extra) for w in (token_weight, token_weight.clone()))
+    torch.testing.assert_close(got, want)
+    inputs, seed = [hidden, weight, extra["bias"]], torch.randn(13, device=hidden.device)
+    for got_grad, want_grad in zip(grads_of(got, inputs, seed), grads_of(want, inputs, seed)):
+        torch.testing.assert_close(got_grad, want_grad)
+
+
 def test_triton_backend_refuses_float64():
     hidden, weight, target, _ = make_inputs(6, 16, 37, dtype=torch.float64)
     with pytest.raises(TypeError, match="hidden is float64, which the Triton backend does not support"):

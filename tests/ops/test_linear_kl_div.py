@@ -376,6 +376,23 @@ def test_bf16_backward_takes_the_fp32_logsumexps():
     assert_grads_close(["d_hidden", "d_weight", "d_bias"], out, ref, differentiable(hidden, weight, extra), 2 ** -7)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_token_weight_and_mask_made_under_inference_mode_are_taken(backend):
+    """A token_weight or mask made under torch.inference_mode() was refused as if the backward saved it ('autograd
+    cannot save it'): both are copied into the rows' weights, never saved, so the KL and gradients are those of
+    copies."""
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(13, 24, 131, bias=True, device=device_for(backend))
+    with torch.inference_mode():
+        token_weight, mask = torch.randn(13, device=hidden.device), extra.pop("mask").clone()
+    got, want = (fastalign.linear_kl_div(hidden, weight, ref_hidden, ref_weight, token_weight=w, mask=m,
+                                         reduction="none", backend=backend, **extra)
+                 for w, m in ((token_weight, mask), (token_weight.clone(), mask.clone())))
+    torch.testing.assert_close(got, want)
+    inputs, seed = differentiable(hidden, weight, extra), torch.randn(13, device=hidden.device)
+    for got_grad, want_grad in zip(grads_of(got, inputs, seed), grads_of(want, inputs, seed)):
+        torch.testing.assert_close(got_grad, want_grad)
+
+
 def test_triton_backend_refuses_float64():
     """Both heads in float64, or a float64 reference under a float32 policy (the reference was taken as it came)."""
     hidden, weight, ref_hidden, ref_weight, _ = make_inputs(6, 16, 37, dtype=torch.float64)
