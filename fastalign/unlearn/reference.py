@@ -41,18 +41,21 @@ class FrozenCopyReference:
     bf16 would be another model: its residual stream, embeddings and norms would run in bf16 while the policy's
     run in fp32 (KL(P || Q) > 0 at step 0, and a KL gradient pulling the policy toward the bf16 model). A linear
     layer whose weight is tied to the input embeddings (a tied lm_head) keeps its dtype, as the embeddings do.
+    The copy holds normal tensors even when made under torch.inference_mode(): the KL's backward saves its lm_head
+    weight, which autograd cannot do for an inference tensor.
     """
 
     def __init__(self, model, dtype: torch.dtype | None = None, matmul_dtype: torch.dtype | None = None):
-        self.model = copy.deepcopy(base_causal_lm(model)).requires_grad_(False).eval()
-        if dtype is not None:
-            cast_weights(self.model, dtype)
-        if matmul_dtype is not None:
-            embeddings = self.model.get_input_embeddings()
-            tied = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
-            for module in self.model.modules():
-                if isinstance(module, torch.nn.Linear) and id(module.weight) not in tied:
-                    module.to(matmul_dtype)
+        with torch.inference_mode(False):
+            self.model = copy.deepcopy(base_causal_lm(model)).requires_grad_(False).eval()
+            if dtype is not None:
+                cast_weights(self.model, dtype)
+            if matmul_dtype is not None:
+                embeddings = self.model.get_input_embeddings()
+                tied = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
+                for module in self.model.modules():
+                    if isinstance(module, torch.nn.Linear) and id(module.weight) not in tied:
+                        module.to(matmul_dtype)
         self.decoder, self.lm_head = causal_lm_parts(self.model)
 
     @torch.no_grad()

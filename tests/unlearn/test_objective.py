@@ -373,6 +373,23 @@ def test_bf16_frozen_copy_is_the_model_loaded_in_bf16(tmp_path):
     assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # the policy is left as it was
 
 
+def test_a_frozen_copy_made_under_inference_mode_trains_the_policy():
+    """A frozen copy made under torch.inference_mode() held inference tensors, and the first training step was refused
+    by linear_kl_div naming ref_weight, an argument the user never passed: its terms and gradients are now those of a
+    copy made normally."""
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    with torch.inference_mode():
+        made_so = FrozenCopyReference(model)
+    references = [made_so, FrozenCopyReference(model)]
+    perturb(model)
+    batch = tiny_streams(byte_bpe_tokenizer()).batch(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    got, want = (UnlearningObjective(model, WEIGHTS, reference, backend="torch")(batch) for reference in references)
+    torch.testing.assert_close(got, want)
+    for got_grad, want_grad in zip(torch.autograd.grad(got.total, params), torch.autograd.grad(want.total, params)):
+        torch.testing.assert_close(got_grad, want_grad)
+
+
 def test_cast_weights_casts_stored_buffers_and_keeps_computed_ones():
     """from_pretrained(dtype=...) loads the persistent buffers in that dtype too (a model's saved float buffers); only
     the buffers computed at construction (non-persistent, e.g. inv_freq) keep their dtype, and stay unsaved."""
