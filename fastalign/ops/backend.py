@@ -8,6 +8,8 @@ import os
 from typing import Callable, Literal, get_args
 
 import torch
+from torch._guards import active_fake_mode
+from torch._subclasses.fake_tensor import is_fake
 
 from .compiler_disable import F, compiler_disable
 
@@ -62,6 +64,17 @@ def select_backend(op, backend, device):
         # on PYTHONPATH has no such package), or a kernel module failed to import under this triton
         raise ImportError(f"backend='triton': cannot import fastalign.kernels.{op} ({err}); install fastalign "
                           "(pip install -e . in a checkout), or use backend='torch'") from err
+
+
+def refuse_fake_tensors(op, hidden):
+    """ValueError for a fused loss under FakeTensorMode (fake hidden states, or the mode active), in which torch.export
+    and FLOP and memory estimators trace a step: the rows it computes are chosen by the values of its targets, mask
+    and token weights, which fake tensors do not hold (torch failed deep inside, on aten.nonzero's data-dependent
+    shape, naming neither the op nor the cause)."""
+    if is_fake(hidden) or active_fake_mode() is not None:
+        raise ValueError(f"{op} cannot run on fake tensors (FakeTensorMode, as torch.export and FLOP or memory "
+                         "estimators use): the tokens it computes depend on the values of its targets, mask and "
+                         "token weights, which fake tensors do not hold; run it on real tensors")
 
 
 def require_triton_dtype(module, name, t):

@@ -1,8 +1,10 @@
 """Which implementation backend="auto" picks: the Triton kernels for CUDA tensors, the chunked torch path elsewhere."""
+import contextlib
 import sys
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastalign
 from fastalign.ops.backend import select_backend
@@ -42,3 +44,24 @@ def test_meta_tensors_are_refused_naming_the_device(op):
              "linear_kl_div": lambda: fastalign.linear_kl_div(x, weight, x, weight)}
     with pytest.raises(ValueError, match="fastalign's ops cannot run on tensors on the meta device"):
         calls[op]()
+
+
+@pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_kl_div"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fake_tensors_are_refused_by_the_fused_losses_naming_the_op(op, reduction):
+    """Under FakeTensorMode (torch.export, FLOP and memory estimators trace a step in it) the fused losses failed deep
+    in TokenRows with torch's DynamicOutputShapeException on aten.nonzero, naming neither the op nor the cause: the
+    rows they compute depend on values that fake tensors do not hold. Fake tensors used outside the mode too; the
+    layer ops, whose shapes do not depend on values, still give theirs."""
+    fake = FakeTensorMode()
+    with fake:
+        x, weight, target = torch.empty(2, 3, 8, requires_grad=True), torch.empty(11, 8), torch.zeros(
+            2, 3, dtype=torch.long)
+        assert fastalign.rms_norm(x, torch.ones(8), 1e-5, backend="torch").shape == (2, 3, 8)
+    calls = {"linear_cross_entropy": lambda: fastalign.linear_cross_entropy(x, weight, target, reduction=reduction,
+                                                                             backend="torch"),
+             "linear_kl_div": lambda: fastalign.linear_kl_div(x, weight, x, weight, reduction=reduction,
+                                                               backend="torch")}
+    for mode in (fake, contextlib.nullcontext()):
+        with mode, pytest.raises(ValueError, match=f"{op} cannot run on fake tensors"):
+            calls[op]()
