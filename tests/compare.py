@@ -98,3 +98,23 @@ def assert_grads_of_a_compiled_caller_close(differentiate, op, ref, hidden, weig
     want = caller(ref, *(t.clone().requires_grad_() for t in (hidden, weight)))
     for name, g, w in zip(["d_hidden", "d_weight"], got, want):
         assert_rel_close(name, g, w, rel)
+
+
+def assert_a_compiled_caller_close(op, ref, inputs, rel):
+    """torch.compile of a caller of the scalar `op(tanh(inputs[0]), *inputs[1:])`: its value, and its gradients wrt
+    `inputs` taken after the caller and by torch.autograd.grad inside it, are those of `ref` (op's float64 twin)
+    uncompiled."""
+    def loss(fn, x, *rest):
+        return fn(torch.tanh(x), *rest)
+
+    def differentiating(fn, *inputs):
+        return torch.autograd.grad(loss(fn, *inputs), inputs)
+
+    torch._dynamo.reset()   # a fresh compile for each case, not an eager run past the recompile limit
+    want_value = loss(ref, *inputs)
+    want = torch.autograd.grad(want_value, inputs)
+    value = torch.compile(loss, backend="eager")(op, *inputs)
+    assert_rel_close("value", value, want_value, rel)
+    for got in (torch.autograd.grad(value, inputs), torch.compile(differentiating, backend="eager")(op, *inputs)):
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_rel_close(f"gradient of input {i}", g, w, rel)

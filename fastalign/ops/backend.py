@@ -77,9 +77,14 @@ def refuse_fake_tensors(op, hidden):
                          "token weights, which fake tensors do not hold; run it on real tensors")
 
 
+def is_triton(launcher):
+    """True for a Triton launcher module (fastalign.kernels.<op>), False for a torch one."""
+    return launcher.__name__.startswith("fastalign.kernels.")
+
+
 def require_triton_dtype(module, name, t):
     """Triton kernels take fp32, fp16 and bf16; float64 is served by the torch path only."""
-    if module.__name__.startswith("fastalign.kernels.") and t.dtype == torch.float64:
+    if is_triton(module) and t.dtype == torch.float64:
         raise TypeError(f"{name} is float64, which the Triton backend does not support: use backend='torch'")
 
 
@@ -92,8 +97,20 @@ def autocast_off(device):
     return torch.autocast(device.type, enabled=False)
 
 
-def graph_break(op: str) -> Callable[[F], F]:
-    """torch.compiler.disable for a fused op, with the reason a fullgraph=True caller's error gives (else 'None')."""
+def graph_break(op: str, untraceable: str = "its data-dependent row gather and kernel launches") -> Callable[[F], F]:
+    """torch.compiler.disable for a fused op, with the reason a fullgraph=True caller's error gives (else 'None'):
+    `untraceable` says what dynamo cannot trace."""
     return compiler_disable(reason=f"{op} runs outside the compiled graph (one graph break): dynamo cannot "
-                                   "trace its data-dependent row gather and kernel launches; compile the "
-                                   "caller without fullgraph=True")
+                                   f"trace {untraceable}; compile the caller without fullgraph=True")
+
+
+@graph_break("a layer op (rms_norm, gated_linear, gated_activation) on the Triton backend", "its kernel launches")
+def _apply_outside_graphs(function, *args):
+    return function.apply(*args)
+
+
+def apply_on(launcher, function, *args):
+    """function.apply(*args), an autograd Function of a layer op (or its backward's) that runs `launcher`: a Triton
+    one outside a compiled caller's graphs (one graph break, as the fused losses take: dynamo traced into the kernel
+    launches, and failed under Triton's interpreter); a torch one as it is, for dynamo to trace."""
+    return _apply_outside_graphs(function, *args) if is_triton(launcher) else function.apply(*args)

@@ -14,7 +14,7 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 
-from .backend import Backend, autocast_off, require_triton_dtype, select_backend
+from .backend import Backend, apply_on, autocast_off, require_triton_dtype, select_backend
 from .checks import check_tensor, token_dims, FLOAT_DTYPES
 from .func_transforms import FusedOpFunction, LauncherGradients
 
@@ -41,8 +41,9 @@ class GatedLinearFunction(FusedOpFunction):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return LauncherGradients.apply(GatedLinearFunction.op, _gated_linear_gradients, *ctx.saved_tensors, grad_out,
-                                       ctx.tanh_gelu, ctx.launcher, *ctx.needs_input_grad[:4]) + (None, None)
+        return apply_on(ctx.launcher, LauncherGradients, GatedLinearFunction.op, _gated_linear_gradients,
+                        *ctx.saved_tensors, grad_out, ctx.tanh_gelu, ctx.launcher,
+                        *ctx.needs_input_grad[:4]) + (None, None)
 
 
 def _gated_linear_gradients(gate, up, weight, grad_out, tanh_gelu, launcher, need_gate, need_up, need_weight,
@@ -82,8 +83,8 @@ class GatedActivationFunction(FusedOpFunction):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return LauncherGradients.apply(GatedActivationFunction.op, _gated_activation_gradients, *ctx.saved_tensors,
-                                       grad_out, ctx.tanh_gelu, ctx.launcher) + (None, None)
+        return apply_on(ctx.launcher, LauncherGradients, GatedActivationFunction.op, _gated_activation_gradients,
+                        *ctx.saved_tensors, grad_out, ctx.tanh_gelu, ctx.launcher) + (None, None)
 
 
 def _gated_activation_gradients(gate, up, grad_out, tanh_gelu, launcher):
@@ -120,7 +121,7 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, *, activation: Activa
     it, in that shape and dtype; gate and up are kept for the backward, not act(gate). activation, backend and the
     rest as gated_linear's."""
     launcher = _launcher_of(gate, up, activation, backend)
-    return GatedActivationFunction.apply(gate, up, activation == "gelu_tanh", launcher)
+    return apply_on(launcher, GatedActivationFunction, gate, up, activation == "gelu_tanh", launcher)
 
 
 def gated_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -131,7 +132,8 @@ def gated_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bia
     (torch's gelu(approximate="tanh"): the Gemmas). The product act(gate) * up, rounded as torch's two ops round
     it, is not kept for the backward: the backward recomputes it. Gradients flow to gate, up, weight and bias (first
     order: a second derivative raises, naming the op). torch.func's grad, vjp, jacrev and vmap (once per sample)
-    work; forward mode raises.
+    work; forward mode raises. Under torch.compile the Triton backend runs outside the graph (graph breaks), the torch
+    backend is traced.
     An enclosing autocast does not apply inside (cast the inputs to follow it).
     backend: "auto" (Triton on CUDA, torch's own operators elsewhere, which give the numbers of the unfused ops
     and their autograd exactly), "triton" or "torch".
@@ -143,4 +145,4 @@ def gated_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bia
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be [{weight.shape[0]}] (one entry per row of weight), got shape "
                          f"{tuple(bias.shape)}")
-    return GatedLinearFunction.apply(gate, up, weight, bias, activation == "gelu_tanh", launcher)
+    return apply_on(launcher, GatedLinearFunction, gate, up, weight, bias, activation == "gelu_tanh", launcher)

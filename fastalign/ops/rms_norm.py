@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .backend import Backend, autocast_off, require_triton_dtype, select_backend
+from .backend import Backend, apply_on, autocast_off, require_triton_dtype, select_backend
 from .checks import check_tensor, is_real, token_dims, FLOAT_DTYPES
 from .func_transforms import FusedOpFunction, LauncherGradients
 
@@ -41,8 +41,8 @@ class RMSNormFunction(FusedOpFunction):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return LauncherGradients.apply(RMSNormFunction.op, _gradients, *ctx.saved_tensors, grad_out, ctx.eps, ctx.rule,
-                                       ctx.launcher, ctx.needs_input_grad[1]) + (None,) * 3
+        return apply_on(ctx.launcher, LauncherGradients, RMSNormFunction.op, _gradients, *ctx.saved_tensors, grad_out,
+                        ctx.eps, ctx.rule, ctx.launcher, ctx.needs_input_grad[1]) + (None,) * 3
 
 
 def _gradients(x, weight, grad_out, eps, rule, launcher, need_weight):
@@ -58,8 +58,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, rule: 
     computes it (WEIGHT_RULES: "rounded" needs weight in x's dtype, as the module's output would otherwise take the
     weight's), in x's shape and dtype. Only x and weight are kept for the backward. Gradients flow to x and weight
     (first order: a second derivative raises, naming the op). torch.func's grad, vjp, jacrev and vmap (once per
-    sample) work; forward mode raises.
-    An enclosing autocast does not apply inside (the modules compute in fp32 under it too).
+    sample) work; forward mode raises. Under torch.compile the Triton backend runs outside the graph (graph breaks),
+    the torch backend is traced. An enclosing autocast does not apply inside (the modules compute in fp32 under it
+    too).
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     """
     token_dims("x", x)
@@ -77,4 +78,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, rule: 
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     launcher = select_backend("rms_norm", backend, x.device)
     require_triton_dtype(launcher, "x", x)
-    return RMSNormFunction.apply(x.contiguous(), weight.contiguous(), float(eps), rule, launcher)
+    return apply_on(launcher, RMSNormFunction, x.contiguous(), weight.contiguous(), float(eps), rule, launcher)

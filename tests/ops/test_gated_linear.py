@@ -8,8 +8,8 @@ import torch.nn.functional as F
 import fastalign
 from fastalign.reference.gated_linear import gated_activation as gated_activation_reference
 from fastalign.reference.gated_linear import gated_linear as gated_linear_reference
-from tests.compare import (REL_TOL, assert_grads_close, assert_only_first_order, assert_rel_close,
-                           assert_vjp_and_jacrev_close, grads_of)
+from tests.compare import (REL_TOL, assert_a_compiled_caller_close, assert_grads_close, assert_only_first_order,
+                           assert_rel_close, assert_vjp_and_jacrev_close, grads_of)
 from tests.conftest import device_for, triton_cases
 from tests.saved_tensors import saved_bytes
 
@@ -286,3 +286,20 @@ def test_the_activation_alone_names_bad_input():
         fastalign.gated_activation(gate, up[:1])   # broadcasts: a silent [3, 8] product without the check
     with pytest.raises(ValueError, match="activation must be one of"):
         fastalign.gated_activation(gate, up, activation="relu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["gated_linear", "gated_activation"])
+def test_a_compiled_caller(backend, op):
+    """torch.compile of a caller of either op on the Triton backend traced into the kernel launches and failed under
+    Triton's interpreter (KeyError torch.uint64), where the fused losses break the graph for that reason: their
+    Triton path (forward and backward) runs outside the graph now, the torch backend's stays for dynamo to trace."""
+    gate, up, weight, bias = make_inputs((4,), 37, 11, device=device_for(backend))
+    if op == "gated_linear":
+        assert_a_compiled_caller_close(lambda g, w: fastalign.gated_linear(g, up, w, bias, backend=backend).sum(),
+                                       lambda g, w: gated_linear_reference(g, up, w, bias).sum(), [gate, weight],
+                                       REL_TOL[torch.float32])
+    else:
+        assert_a_compiled_caller_close(lambda g, u: fastalign.gated_activation(g, u, backend=backend).sum(),
+                                       lambda g, u: gated_activation_reference(g, u).sum(), [gate, up],
+                                       REL_TOL[torch.float32])

@@ -10,8 +10,8 @@ from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
 import fastalign
 from fastalign.ops.rms_norm import WEIGHT_RULES
 from fastalign.reference.rms_norm import rms_norm as rms_norm_reference
-from tests.compare import (REL_TOL, assert_grads_close, assert_only_first_order, assert_rel_close,
-                           assert_vjp_and_jacrev_close, grads_of)
+from tests.compare import (REL_TOL, assert_a_compiled_caller_close, assert_grads_close, assert_only_first_order,
+                           assert_rel_close, assert_vjp_and_jacrev_close, grads_of)
 from tests.conftest import device_for, triton_cases
 from tests.saved_tensors import saved_bytes
 
@@ -237,3 +237,30 @@ def test_the_gradient_of_a_sum_of_the_outputs(backend):
     got = torch.autograd.grad(out.sum(), (x, weight))
     for name, actual, want in zip(("x", "weight"), got, torch.autograd.grad(ref.sum(), (x, weight))):
         assert_rel_close(name, actual, want, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_compiled_caller(backend):
+    """torch.compile of a caller of rms_norm on the Triton backend traced into the kernel launches and failed under
+    Triton's interpreter (KeyError torch.uint64), where the fused losses break the graph for that reason: its Triton
+    path (forward and backward) runs outside the graph now, the torch backend's stays for dynamo to trace."""
+    x, weight = make_inputs((4, 37), device=device_for(backend))
+    assert_a_compiled_caller_close(lambda x, w: fastalign.rms_norm(x, w, 1e-5, backend=backend).square().sum(),
+                                   lambda x, w: rms_norm_reference(x, w, 1e-5).square().sum(), [x, weight],
+                                   REL_TOL[torch.float32])
+
+
+def test_a_compiled_caller_traces_the_torch_backend(monkeypatch):
+    """Only the Triton path runs outside a compiled caller's graphs: dynamo traces the torch backend's launcher."""
+    from fastalign.ops.torch_chunked import rms_norm as launcher
+    compiling = []
+
+    def recording_forward(*args, **kwargs):
+        compiling.append(torch.compiler.is_compiling())
+        return forward(*args, **kwargs)
+    forward = launcher.forward
+    monkeypatch.setattr(launcher, "forward", recording_forward)
+    torch._dynamo.reset()
+    x, weight = make_inputs((4, 37))
+    torch.compile(lambda x, w: fastalign.rms_norm(x, w, backend="torch").sum(), backend="eager")(x, weight)
+    assert compiling and all(compiling)
