@@ -108,6 +108,17 @@ def test_backward_tells_the_activations_apart():
                          torch_backward(gate, up, up, False)[1], REL_TOL[torch.float32])
 
 
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning",
+                            "ignore:invalid value encountered in multiply:RuntimeWarning")  # the formula not taken
+def test_gelu_gradient_of_a_hugely_negative_gate_is_torchs():
+    """The tanh GELU's derivative sigmoid(2u) (1 + x (1 - sigmoid(2u)) s'(x)): below a gate of ~-1.3e13, x s'(x)
+    overflows to -inf while sigmoid(2u) is 0, and 0 * -inf gave a NaN gradient where torch's is 0."""
+    gate = torch.tensor([[-1e18, -1e15, -1e14, -1e13, -50.0, 0.0, 3.0, 1e14]], device=TRITON_DEVICE)
+    up = torch.ones_like(gate)
+    grad_gate = gated_activation.backward(gate, up, up, tanh_gelu=True)[1]
+    torch.testing.assert_close(grad_gate, torch_backward(gate, up, up, True)[1], rtol=1e-5, atol=1e-6)
+
 COMPILE_FOR_SM90 = """
 from fastalign.kernels.gated_activation import _gated_activation_backward_kernel, _gated_activation_kernel
 from tests.kernels.gpu_build import build_for_gpu, check_build, stack_bytes
