@@ -197,11 +197,15 @@ def soft_cap(z, cap):
     """cap * tanh(z / cap): the logits of a model with final_logit_softcapping = cap (Gemma 2 and 3), and the
     attention scores of one with attn_logit_softcapping (Gemma 2; kernels/paged_attention.py).
 
-    tanh(x) = 1 - 2 / (exp(2x) + 1): one exp per logit, so that the largest tiles keep every value in registers
-    (a series for small |x| spilled them); its absolute error, ~1e-7 cap, is that of the fp32 logits themselves
-    at |z| ~ cap. -cap at z = -inf and cap at +inf, as torch.tanh gives. The derivative, 1 - (capped / cap)^2,
+    tanh(x) to ~5e-7 relative, so that a cap far above the logits moves them by their fp32 rounding and no more:
+    an odd polynomial (minimax on |x| < 0.55) below, 1 - 2 / (exp(2x) + 1) above (which cancels for small |x|,
+    where its absolute error ~1e-7 times the cap would be all of it). An exp and six multiply-adds per logit, a select
+    between them. -cap at z = -inf and cap at +inf, as torch.tanh gives. The derivative, 1 - (capped / cap)^2,
     comes from the capped logits."""
-    return cap - 2.0 * cap / (tl.exp(2.0 * z / cap) + 1.0)
+    x = z / cap
+    x2 = x * x
+    series = x + x * x2 * (-0.333329469 + x2 * (0.133207247 + x2 * (-0.0526718013 + x2 * 0.0164375622)))
+    return cap * tl.where(tl.abs(x) < 0.55, series, 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
 
 
 @triton.jit

@@ -1,11 +1,16 @@
 """The vocabulary split plan of the fused-loss forwards as a GPU computes it, the tile configurations its
 autotuner benchmarks, and the shared logits tiles at the edge of their K loop and with a reference head of its own
-width."""
+width, and the logit soft cap's precision."""
 import pytest
 import torch
 import triton
+import triton.language as tl
 
+import fastalign
 from fastalign.kernels import linear_cross_entropy as ce, linear_kl_div as kl, linear_softmax_tiles as tiles
+from fastalign.reference.linear_losses import linear_cross_entropy_reference, linear_kl_div_reference
+from tests.compare import REL_TOL, assert_rel_close
+from tests.conftest import TRITON_DEVICE
 from tests.kernels import test_linear_cross_entropy as ce_tests, test_linear_kl_div as kl_tests
 from tests.kernels.gpu_plans import use_gpu_plans
 
@@ -77,3 +82,44 @@ def test_reference_head_of_its_own_width(ref_width):
     d_hidden, d_weight, _ = kl.backward(*heads, lse, ref_lse_out, grad_scale, True, False)
     kl_tests.assert_matches(d_hidden, ref_dh, 1e-4)
     kl_tests.assert_matches(d_weight, ref_dw, 1e-4)
+
+
+@triton.jit
+def _soft_cap_kernel(z_ptr, out_ptr, cap, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    tl.store(out_ptr + offs, tiles.soft_cap(tl.load(z_ptr + offs, mask=mask), cap), mask=mask)
+
+
+@pytest.mark.parametrize("cap", [0.5, 50.0, 1e4, 1e6])
+def test_soft_cap_keeps_fp32_precision_at_every_ratio_to_the_cap(cap):
+    """soft_cap took tanh(x) as 1 - 2 / (exp(2x) + 1), which cancels for |x| = |z / cap| << 1: an absolute error
+    ~1e-7 cap, so a cap far above the logits (1e4-1e6) moved every logit by 1e-3-1e-1 (the cross-entropy off by 0.15
+    at 1e6; Gemma 2's attention cap 50 10x less accurate than torch.tanh). Now ~1e-6 relative at every ratio, and
+    +-cap at +-inf."""
+    ratios = torch.cat([torch.logspace(-30, 1.5, 301), torch.linspace(0.4, 0.7, 301), torch.zeros(1)])
+    z = torch.cat([ratios, -ratios]) * cap
+    z = torch.cat([z, torch.tensor([float("inf"), float("-inf")])]).to(TRITON_DEVICE)
+    out = torch.empty_like(z)
+    _soft_cap_kernel[(triton.cdiv(z.numel(), 128),)](z, out, cap, z.numel(), BLOCK=128)
+    want = cap * torch.tanh(z.cpu().double() / cap)
+    torch.testing.assert_close(out.cpu().double(), want, rtol=2e-6, atol=0.0)   # a GPU's exp and division: 2 ulp
+
+
+@pytest.mark.parametrize("softcap", [1e4, 1e6])
+def test_losses_with_a_cap_far_above_the_logits_match_the_reference(softcap):
+    """The fused losses through that soft cap: a cap that barely changes logits of ~10 left their cross-entropy and
+    KL 1e-4-1e-2 off the float64 reference."""
+    torch.manual_seed(0)
+    hidden, ref_hidden = torch.randn(8, 16), torch.randn(8, 16)
+    weight = torch.randn(64, 16) * 5
+    target = torch.randint(0, 64, (8,))
+    on_device = [t.to(TRITON_DEVICE) for t in (hidden, ref_hidden, weight, target)]
+    out = fastalign.linear_cross_entropy(on_device[0], on_device[2], on_device[3], softcap=softcap, reduction="none",
+                                         backend="triton")
+    ref = linear_cross_entropy_reference(hidden, weight, target, softcap=softcap, reduction="none")
+    assert_rel_close("loss", out.cpu(), ref, REL_TOL[torch.float32])
+    out = fastalign.linear_kl_div(on_device[0], on_device[2], on_device[1], on_device[2], softcap=softcap,
+                                  reduction="none", backend="triton")
+    ref = linear_kl_div_reference(hidden, weight, ref_hidden, weight, softcap=softcap, reduction="none")
+    assert_rel_close("kl", out.cpu(), ref, REL_TOL[torch.float32])

@@ -74,6 +74,14 @@ def test_split_keys_with_a_softcap_merge_to_the_reference(num_splits, window):
     assert_matches_reference(out, batch, 0.25, window=window, softcap=0.8)
 
 
+def test_a_softcap_far_above_the_scores_keeps_fp32_precision():
+    """The soft cap took tanh(x) as 1 - 2 / (exp(2x) + 1), whose absolute error ~1e-7 cap (x = s / cap << 1) moved
+    every score by ~1e-3 under a cap of 1e4: the output 1e-4 off the reference instead of ~1e-7."""
+    batch = make_paged_batch([(200, 1), (150, 3), (64, 2), (3, 1)], 16, 4, 2, 16, device=TRITON_DEVICE)
+    out = paged_attention_triton(**batch, scale=0.25, num_splits=2, softcap=1e4)
+    assert_matches_reference(out, batch, 0.25, softcap=1e4)
+
+
 def test_window_queries_that_see_no_key_in_a_part_merge_to_the_reference():
     """A bf16 tile of 128 queries (GROUP 1) with a window of 3 sees 130 keys, cut into 3 parts of 64: its first
     queries see no key of the last part, its last queries none of the first (both merge with weight 0)."""
