@@ -33,7 +33,7 @@ def _kahan_adamw_kernel(Param, Grad, ExpAvg, ExpAvgSq, Compensation, numel, beta
     g = tl.load(Grad + at, mask=ok, other=0.0).to(tl.float32)
     w = tl.load(Param + at, mask=ok, other=0.0).to(tl.float32)
     m = tl.load(ExpAvg + at, mask=ok, other=0.0).to(tl.float32) * beta1 + g * one_minus_beta1
-    v = tl.load(ExpAvgSq + at, mask=ok, other=0.0).to(tl.float32) * beta2 + (g * g) * one_minus_beta2
+    v = tl.load(ExpAvgSq + at, mask=ok, other=0.0).to(tl.float32) * beta2 + (g * one_minus_beta2) * g
     denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
     update = -(w * decay) - tl.div_rn(m, denom) * step_size
     if COMPENSATE:

@@ -37,6 +37,20 @@ def test_the_kernel_steps_as_the_torch_implementation_to_the_bit(shape, dtype, c
         assert not torch.equal(states[0][0], tensors(shape, dtype, compensated, seed=0)[0])
 
 
+def test_a_gradient_whose_square_overflows_steps_on_both_to_the_bit():
+    """A gradient of 1e20: v took (g g) (1 - beta2), whose g g overflows fp32 (|g| > 1.8e19), so v was inf and the
+    weight did not move; ((1 - beta2) g) g, as torch's AdamW takes it, is finite, in both implementations alike."""
+    states = [tensors((5,), torch.float32, False, seed=0) for _ in range(2)]
+    grad = torch.full((5,), 1e20, device=TRITON_DEVICE)
+    scalars = step_scalars(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+    for launcher, (param, exp_avg, exp_avg_sq, compensation) in zip((torch_step, triton_step), states):
+        launcher.step(param, grad, exp_avg, exp_avg_sq, compensation, **scalars)
+    for name, ours, theirs in zip(("param", "exp_avg", "exp_avg_sq"), *states):
+        assert torch.equal(ours, theirs), name
+    param, _, exp_avg_sq, _ = states[0]
+    assert torch.isfinite(exp_avg_sq).all()
+    torch.testing.assert_close(param.cpu(), tensors((5,), torch.float32, False, seed=0)[0].cpu() - 1e-2)
+
 @pytest.mark.parametrize("size", [1, 1025, 2048])
 def test_the_kernel_writes_nothing_past_its_tensors(size):
     """Each tensor the last `size` elements of a buffer followed by one more, as a parameter flattened into a larger

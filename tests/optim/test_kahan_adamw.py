@@ -44,6 +44,16 @@ def test_fp32_weights_step_as_torchs_adamw_in_float64():
     assert "compensation" not in optimizer.state[optimizer.param_groups[0]["params"][0]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_gradient_whose_square_overflows_steps_as_torchs_adamw(dtype):
+    """|g| = 1e20: (g g) (1 - beta2) overflowed to a v of inf and the weight did not move, where torch's AdamW takes
+    ((1 - beta2) g) g, finite up to |g| ~ 5.8e20, and moves it by ~lr a step as at any gradient scale."""
+    start, grads = torch.full((4,), 0.5, dtype=dtype), [torch.full((4,), 1e20)] * 2
+    ours, _ = run(KahanAdamW, start, grads, lr=1e-2, weight_decay=0.0, backend="torch")
+    theirs, _ = run(torch.optim.AdamW, start, grads, lr=1e-2, weight_decay=0.0)
+    assert theirs[0] < 0.49
+    torch.testing.assert_close(ours, theirs)
+
 def test_each_group_steps_with_its_own_betas_eps_and_weight_decay():
     """fp32 weights in two groups, the second with betas, eps and weight_decay of its own (no decay for norms, say):
     each steps as torch's AdamW in float64 with that group's options."""

@@ -31,7 +31,8 @@ def _step_chunk(param, grad, exp_avg, exp_avg_sq, compensation, *, beta1, one_mi
     becomes w' = round(w + y) and c = round(y - (w' - w)): what rounding the weight lost, added to the next update."""
     g, w = grad.float(), param.to(torch.float32, copy=True)   # a copy: param changes below
     m = exp_avg.float() * beta1 + g * one_minus_beta1
-    v = exp_avg_sq.float() * beta2 + (g * g) * one_minus_beta2
+    # ((1 - beta2) g) g, as torch's AdamW (addcmul) takes it: finite up to |g| ~ 5.8e20, where g g overflows at 1.8e19
+    v = exp_avg_sq.float() * beta2 + (g * one_minus_beta2) * g
     # the square root correctly rounded (torch's CPU one is not always; a double's, rounded to fp32, is) and the
     # division by a tensor (torch divides a CUDA tensor by a host scalar as a product with its reciprocal), filled on
     # the device (a copy from the host would wait for the device's queued work)
