@@ -125,7 +125,11 @@ def _prompt_generators(seed: int, first: int, count: int) -> List[torch.Generato
 def _next_tokens(logits: torch.Tensor, config: GenerationConfig, generators: List[torch.Generator]) -> torch.Tensor:
     if not config.do_sample:
         return logits.argmax(-1)
-    logits = logits.float() / config.temperature
+    # softmax(logits / T) as (logits - max) / T, the top logits 0 whatever T: at a tiny T (1e-40, or 1e-300, 0 in
+    # fp32) logits / T are +-inf and the softmax NaN; this way the others go to -inf, the limit's greedy draw
+    logits = logits.float()
+    shifted = logits - logits.max(-1, keepdim=True).values
+    logits = torch.where(shifted == 0, 0.0, shifted / config.temperature)
     if config.top_k:
         kth = logits.topk(min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

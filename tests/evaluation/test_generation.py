@@ -168,6 +168,15 @@ def test_top_k_one_sampling_is_greedy(world, tokenizer, model):
     assert sampled == generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=10))
 
 
+def test_sampling_at_a_tiny_temperature_is_greedy(world, tokenizer, model):
+    """A tiny temperature the config accepts (1e-40; 1e-300, which is 0 in fp32) made logits / temperature +-inf, a
+    NaN softmax and torch.multinomial crash; the draw is now the limit's, the greedy answer."""
+    prompts = prompts_of(world)[:2]
+    greedy = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=5))
+    for temperature in (1e-40, 1e-300):
+        assert generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=5, do_sample=True,
+                                                                    temperature=temperature)) == greedy
+
 def test_batched_greedy_with_absolute_positions(world, tokenizer):
     """Left padding shifts no position: a model with learned absolute positions (which, unlike RoPE, would
     show a shift) decodes each prompt of a batch as it decodes it alone."""
