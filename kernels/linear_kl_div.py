@@ -101,8 +101,9 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, z_ptr, zr_ptr, 
         # Q gives no mass (exp(-inf - m_p) would be NaN while m_p is -inf, e.g. a word both biases mask)
         e_expm1 = tl.where(tl.abs(d) < EXPM1_SERIES_LIMIT, e * _expm1_series(-d),
                            tl.where(zq > float("-inf"), tl.exp(zq - p_max[:, None]) - e, -e))
-        # a word P gives no mass (e = 0, e.g. a bias of -inf, where d may be infinite) adds 0 log 0 = 0, not NaN
-        p_diff = p_diff * alpha + tl.sum(tl.where(e > 0.0, e * d, 0.0), axis=1)
+        # a word P gives no mass (e = 0, e.g. a bias of -inf, where d may be infinite) adds 0 log 0 = 0, not NaN;
+        # so does one whose mass underflows once m_p rises (alpha = 0: its e d of +inf, Q masking it, times 0)
+        p_diff = tl.where(alpha > 0.0, p_diff * alpha, 0.0) + tl.sum(tl.where(e > 0.0, e * d, 0.0), axis=1)
         p_expm1 = p_expm1 * alpha + tl.sum(e_expm1, axis=1)
 
     stat = rows * NUM_SPLITS + split
@@ -180,7 +181,7 @@ def _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, softcap, lo
     lse, _ = merge_splits(stats[_Q_MAX], stats[_Q_SUMEXP])
     ref_lse, p_rescale = merge_splits(stats[_P_MAX], stats[_P_SUMEXP])
     p_sumexp = (stats[_P_SUMEXP] * p_rescale).sum(dim=1)
-    mean_diff = (stats[_P_DIFF] * p_rescale).sum(dim=1) / p_sumexp  # E_p[d]
+    mean_diff = torch.where(p_rescale > 0, stats[_P_DIFF] * p_rescale, 0.0).sum(dim=1) / p_sumexp  # E_p[d]
     mean_expm1 = (stats[_P_EXPM1] * p_rescale).sum(dim=1) / p_sumexp  # E_p[exp(-d)] - 1
     lse_gap = ref_lse - lse
     kl_log1p = mean_diff + torch.log1p(mean_expm1)

@@ -174,6 +174,51 @@ def test_policy_close_to_reference(backend, shared, bias):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_of_a_barely_moved_policy_is_accurate_and_not_negative(backend):
+    """Logits of ~100 and a policy barely moved from its reference (unlearning's at its start, a distillation near
+    convergence): the torch path summed p (log p - log q) from two fp32 log-softmaxes, each ~1e-7 |lse| off, so
+    per-token KLs came out negative (-6e-6) and their sum 3e-3 off; it now takes the expm1 / log1p form of the
+    Triton kernel, whose error scales with the logits' difference."""
+    torch.manual_seed(0)
+    hidden = torch.randn(32, 16)
+    ref_hidden = hidden + 1e-3 * torch.randn(32, 16)
+    weight = torch.randn(256, 16) * 30
+    device = device_for(backend)
+    kl = fastalign.linear_kl_div(hidden.to(device), weight.to(device), ref_hidden.to(device), weight.to(device),
+                                 reduction="none", backend=backend).cpu()
+    ref = linear_kl_div_reference(hidden, weight, ref_hidden, weight, reduction="none")
+    assert kl.min() >= -1e-6, f"negative KL {kl.min().item():.3g}"
+    assert abs(kl.double().sum() - ref.sum()) <= 5e-4 * ref.sum()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")  # the sum not taken
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ref_top", [40, 200])
+def test_a_word_the_policy_masks_where_the_reference_mass_underflows(backend, ref_top):
+    """A word the policy's bias masks (-inf), to which the reference gives a mass e^-120 that underflows in fp32:
+    it adds 0 to the KL, as a word P gives no mass does, where the torch path took 0 * inf = NaN, and the Triton
+    kernel NaN from a running sum of +inf times the rescale 0 when the reference's top word (ref_top) came in a
+    later tile (40 under the interpreter) or split (200). With a mass that fp32 keeps (e^-50), the KL is +inf, as
+    the float64 reference gives."""
+    device = device_for(backend)
+    hidden, weight = torch.zeros(2, 4, device=device), torch.zeros(256, 4, device=device)
+    bias = torch.zeros(256, device=device)
+    bias[3] = float("-inf")
+    for gap in (120.0, 50.0):
+        ref_bias = torch.zeros(256, device=device)
+        ref_bias[ref_top] = gap
+        kl = fastalign.linear_kl_div(hidden, weight, hidden, weight, bias=bias, ref_bias=ref_bias, reduction="none",
+                                     backend=backend).cpu()
+        if gap == 50.0:
+            assert (kl == float("inf")).all(), kl
+            continue
+        ref_bias[3] = float("-inf")   # P's mass on the word, 0 in fp32
+        ref = linear_kl_div_reference(hidden.cpu(), weight.cpu(), hidden.cpu(), weight.cpu(), bias=bias.cpu(),
+                                      ref_bias=ref_bias.cpu(), reduction="none")
+        assert_rel_close("kl", kl, ref, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_identical_distributions_give_zero(backend):
     hidden, weight, _, _, extra = make_inputs(6, 16, 37, bias=True, device=device_for(backend))
     out = fastalign.linear_kl_div(hidden, weight, hidden.detach(), weight, bias=extra["bias"],

@@ -43,13 +43,31 @@ def _forward_pass(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, grad_s
         log_p = chunk_logits(ref_hidden[rows], ref_weight_acc, ref_bias_acc, softcap)
         lse[rows] = torch.logsumexp(log_q, dim=1)
         ref_lse[rows] = torch.logsumexp(log_p, dim=1)
+        kl[rows] = _kl_of_logits(log_q, log_p, lse[rows], ref_lse[rows])
         log_q -= lse[rows, None]
         log_p -= ref_lse[rows, None]
-        # words P gives no mass (a bias of -inf) add 0 log 0 = 0, not 0 * inf = NaN; a NaN p stays NaN
-        kl[rows] = torch.where(log_p == float("-inf"), 0.0, log_p.exp() * (log_p - log_q)).sum(1)
         if any(g is not None for g in grads):
             _accumulate_chunk(log_q, log_p, rows, hidden, weight_acc, lse, grad_scale, softcap, grads)
     return (kl, lse, ref_lse) + grads
+
+
+def _kl_of_logits(logits, ref_logits, lse, ref_lse):
+    """KL(P || Q) [c] from both heads' logits [c, V] and logsumexps [c], as the Triton kernel takes it (its
+    docstring, kernels/linear_kl_div.py): E_p[d] + log1p(E_p[expm1(-d)]), d = ref_logits - logits, whose error
+    scales with |d|, where the logsumexps are at most 1 apart and it is finite; E_p[d] - (ref_lse - lse) otherwise.
+    (sum p (log p - log q) from the two log-softmaxes carries ~1e-7 |lse| whatever the KL: percents off, and
+    negative, where P ~ Q.) Words P gives no mass (a bias of -inf, or a p that underflows) add 0 to E_p[d], not
+    0 * inf = NaN; Q's mass on them enters E_p[exp(-d)] as exp(logits - ref_lse)."""
+    p = (ref_logits - ref_lse[:, None]).exp_()
+    d = ref_logits - logits
+    mean_diff = (p * d).masked_fill_(p == 0.0, 0.0).sum(1)
+    # p expm1(-d) = exp(logits - ref_lse) - p: the difference is exact enough once |d| >= 0.5, and it is what
+    # stays finite where p is 0 (d infinite) or exp(-d) overflows
+    small = d.abs() < 0.5
+    mean_expm1 = torch.where(small, d.neg_().expm1_().mul_(p), (logits - ref_lse[:, None]).exp_().sub_(p)).sum(1)
+    lse_gap = ref_lse - lse
+    kl_log1p = mean_diff + torch.log1p(mean_expm1)
+    return torch.where((lse_gap.abs() <= 1.0) & torch.isfinite(kl_log1p), kl_log1p, mean_diff - lse_gap)
 
 
 def backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, grad_scale, need_weight_grad,
