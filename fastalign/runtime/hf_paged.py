@@ -15,7 +15,9 @@ to the very K/V tensors an earlier layer of the forward attended to (Gemma 4's s
 layer's pool layer and stores nothing. V may be narrower than K (DeepSeek's latent attention, whose layers pass
 per-head K and V, 192 and 128 wide): it is stored zero-padded to K's width.
 """
+import contextlib
 import inspect
+import threading
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -42,6 +44,20 @@ _INERT_ARGUMENTS = {"dropout", "position_ids", "cache_position", "use_cache", "o
 _COMPUTED_ARGUMENTS = {"scaling", "sliding_window", "softcap", "s_aux"}   # what pool_attention takes of a call
 _PROBE_IDS = (1, 0, 2, 1, 3, 0)
 _PROBE_SPLIT = 3   # the probe's second forward attends to the first one's K/V in the pool
+
+
+_forwards = threading.local()   # .frames: the hidden-state capture list of each PagedHF forward running in this thread
+
+
+@contextlib.contextmanager
+def _frame():
+    """A capture list for the block's forward, this thread's innermost frame while the block runs."""
+    frames = _forwards.__dict__.setdefault("frames", [])
+    frames.append([])
+    try:
+        yield frames[-1]
+    finally:
+        frames.pop()
 
 
 class _Unfit(Exception):
@@ -76,25 +92,31 @@ class PagedHF:
         `select` (None: nothing), logits in float32 (only at select[logits_rows] when given), hidden = the decoder's
         last hidden state (after its final norm). Dropout is off whatever the model's mode."""
         layers = _PoolLayers(self, batch, pool)
-        with eval_mode(self.model), routed(self.configs, layers):
+        with _frame() as captured, eval_mode(self.model), routed(self.configs, layers):
             ids, positions = batch.input_ids[None], batch.positions[None]
             if select is None or not want_logits:
                 hidden, logits = self.decoder(input_ids=ids, position_ids=positions, use_cache=False)[0][0], None
             else:
                 logits, hidden = self._logits(ids, positions, select if logits_rows is None else select[logits_rows],
-                                              want_hidden)
+                                              captured if want_hidden else None)
         if layers.calls != len(self.layers):  # a layer skipped its attention: its K/V are missing from the pool
             raise RuntimeError(f"model: {layers.calls} of its {len(self.layers)} layers attended in this forward")
         if select is None:
             return None, None
         return logits, hidden[select] if want_hidden else None
 
-    def _logits(self, ids, positions, at, want_hidden):
+    def _logits(self, ids, positions, at, captured):
         """The model's own logits (its logit scaling or caps applied) at token indices `at`, float32, and the
-        decoder's last hidden state at every token when `want_hidden` (else None)."""
-        captured = []
-        hook = self.decoder.register_forward_hook(lambda module, args, out: captured.append(out[0])) \
-            if want_hidden else None
+        decoder's last hidden state at every token when given this forward's `captured` list (else None): the hook
+        on the decoder, which other threads' runners of the model share, records only while that list is this
+        thread's innermost frame, not another thread's output nor that of a forward nested in this one."""
+        want_hidden = captured is not None
+
+        def capture(module, args, out):
+            frames = getattr(_forwards, "frames", None)
+            if frames and frames[-1] is captured:
+                captured.append(out[0])
+        hook = self.decoder.register_forward_hook(capture) if want_hidden else None
         try:
             kept = dict(logits_to_keep=at) if self.keeps_logits else {}
             logits = self.model(input_ids=ids, position_ids=positions, use_cache=False, **kept).logits[0]

@@ -154,3 +154,48 @@ def test_runners_of_their_own_may_share_one_model_across_threads(name):
     for (child,), logits in results:
         with eval_mode(model):
             assert_next_logits(model, child, logits[0])
+
+
+def test_runners_sharing_a_pagedhf_model_across_threads_get_their_own_hidden_states():
+    """PagedHF takes the hidden states with a hook on the model's decoder, which the runners of one model share:
+    thread A's forward, held inside, collected the decoder output of thread B's forward too and returned B's
+    hidden states (wrong values, or an IndexError where B's were shorter)."""
+    model = tiny_model("gpt2-learned-positions")
+    runners = [TreeRunner(model, max_tokens=64, block_size=4) for _ in range(3)]
+    assert type(runners[0].model_runner).__name__ == "PagedHF"
+    tokens = [[5, 9, 2, 7, 1, 3, 8], [4, 6, 11]]
+    alone = [runners[2].extend([None], [ids], hidden="last")[1:] for ids in tokens]
+    a = start(model, lambda: runners[0].extend([None], [tokens[0]], hidden="last"))
+    try:
+        b = runners[1].extend([None], [tokens[1]], hidden="last")
+    finally:
+        results = [finish(*a)]
+    results.append(b)
+    for (_, logits, hidden), (own_logits, own_hidden) in zip(results, alone):
+        torch.testing.assert_close(logits, own_logits)
+        torch.testing.assert_close(hidden, own_hidden)
+
+
+@pytest.mark.parametrize("where", ["transformer.h.0", "lm_head"])
+def test_a_pagedhf_forward_nested_in_another_on_its_model_gets_its_own_hidden_states(where):
+    """A hook of the model that runs a second runner of it inside the first one's forward, from within the decoder
+    (a layer) or after it (the LM head): each gets the hidden states of its own decoder forward. The outer one took
+    the first decoder output its hook saw, the inner one's from within its decoder; the last seen fails after it."""
+    model = tiny_model("gpt2-learned-positions")
+    outer, inner, alone = [TreeRunner(model, max_tokens=64, block_size=4) for _ in range(3)]
+    tokens = [[5, 9, 2, 7, 1, 3, 8], [4, 6, 11]]
+    expected = [alone.extend([None], [ids], hidden="last")[1:] for ids in tokens]
+    nested = []
+
+    def run_inner(module, args, out):   # once: the inner forward runs the hook too
+        if not nested:
+            nested.append(None)
+            nested[0] = inner.extend([None], [tokens[1]], hidden="last")
+    handle = model.get_submodule(where).register_forward_hook(run_inner)
+    try:
+        first = outer.extend([None], [tokens[0]], hidden="last")
+    finally:
+        handle.remove()
+    for (_, logits, hidden), (own_logits, own_hidden) in zip([first, nested[0]], expected):
+        torch.testing.assert_close(logits, own_logits)
+        torch.testing.assert_close(hidden, own_hidden)
