@@ -7,6 +7,8 @@ made in this thread to `handler`; when the block ends the configs name their own
 per config lets blocks of several threads overlap). With a name transformers has no mask function for, its
 decoders build no attention mask: the handler masks as it attends. A call from a thread without a handler (the
 model used elsewhere while a runner's forward runs in it) is refused rather than computed without its cache.
+fastalign's own uses of the model's plain forward (the probes that make a runner) run in an `unrouted(configs)`
+block instead: it waits until no other thread's routed block runs on those configs, and keeps new ones waiting.
 """
 import contextlib
 import threading
@@ -15,14 +17,15 @@ from transformers import AttentionInterface
 
 IMPLEMENTATION = "fastalign_tree_runner"
 
-_handlers = threading.local()   # .handler: this thread's handler while a routed block runs
-_lock = threading.Lock()
-_routed = {}                    # id(config) -> [its own implementation, routed blocks running]
+_local = threading.local()        # .handler: this thread's handler while a routed block runs; .routing: see _routing
+_changed = threading.Condition()  # guards the two below; notified as a block ends
+_routed = {}                      # id(config) -> [its own implementation, routed blocks running]
+_unrouted = {}                    # id(config) -> [the thread whose unrouted blocks run on it, how many]
 
 
 def _routed_attention(module, query, key, value, attention_mask, **kwargs):
     """The attention function the configs name while routed: this thread's handler computes the call."""
-    handler = getattr(_handlers, "handler", None)
+    handler = getattr(_local, "handler", None)
     if handler is None:
         raise RuntimeError("model: its attention is routed to a fastalign TreeRunner's KV pool while a forward of the "
                            "runner runs in another thread; run the model elsewhere after that call, or load a copy")
@@ -36,24 +39,77 @@ AttentionInterface.register(IMPLEMENTATION, _routed_attention)
 def routed(configs, handler):
     """Runs the block with the attention of every module whose config is one of `configs` computed by
     handler(module, query, key, value, attention_mask, kwargs) -> (output [batch, tokens, heads, head_dim], None),
-    query/key/value as transformers passes them ([batch, heads, tokens, head_dim])."""
-    outer, _handlers.handler = getattr(_handlers, "handler", None), handler
-    with _lock:
+    query/key/value as transformers passes them ([batch, heads, tokens, head_dim]). It waits while another thread's
+    unrouted block runs on one of them, unless this thread's block is nested in a routed one of its own on them."""
+    routing, me = _routing(), threading.get_ident()
+    with _changed:
+        if not any(id(config) in routing for config in configs):
+            _changed.wait_for(lambda: _unrouted_only_by(me, configs))
         for config in configs:
             entry = _routed.setdefault(id(config), [config._attn_implementation, 0])
             entry[1] += 1
+            routing[id(config)] = routing.get(id(config), 0) + 1
             _set(config, IMPLEMENTATION)
+    outer, _local.handler = getattr(_local, "handler", None), handler
     try:
         yield
     finally:
-        _handlers.handler = outer
-        with _lock:
+        _local.handler = outer
+        with _changed:
             for config in configs:
                 entry = _routed[id(config)]
                 entry[1] -= 1
                 if entry[1] == 0:
                     _set(config, entry[0])
                     del _routed[id(config)]
+                routing[id(config)] -= 1
+                if routing[id(config)] == 0:
+                    del routing[id(config)]
+            _changed.notify_all()
+
+
+@contextlib.contextmanager
+def unrouted(configs):
+    """Runs the block with `configs` naming their own implementations, as on an idle model, but for this thread's
+    own routed blocks inside it: waits until no other thread's routed or unrouted block runs on them, and keeps new
+    ones of other threads waiting until it ends. A RuntimeError inside a routed block of this thread on them (a
+    runner of the model made within a forward of another of its runners), which would wait for itself."""
+    if any(id(config) in _routing() for config in configs):
+        raise RuntimeError("model: a TreeRunner of it is being made inside a forward of another of its runners in the "
+                           "same thread; make it before or after that forward")
+    me = threading.get_ident()
+    with _changed:
+        _changed.wait_for(lambda: _unrouted_only_by(me, configs))
+        for config in configs:
+            _unrouted.setdefault(id(config), [me, 0])[1] += 1
+    try:
+        with _changed:
+            _changed.wait_for(lambda: not any(id(config) in _routed for config in configs))
+        yield
+    finally:
+        with _changed:
+            for config in configs:
+                entry = _unrouted[id(config)]
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del _unrouted[id(config)]
+            _changed.notify_all()
+
+
+def _unrouted_only_by(thread, configs):
+    """Whether no thread but `thread` (an ident) runs an unrouted block on any of `configs` (under _changed)."""
+    return all(_unrouted.get(id(config), [thread])[0] == thread for config in configs)
+
+
+def attention_configs(model):
+    """The distinct configs of `model`'s modules that name an attention implementation: the ones to route."""
+    return list({id(m.config): m.config for m in model.modules()
+                 if hasattr(getattr(m, "config", None), "_attn_implementation_internal")}.values())
+
+
+def _routing():
+    """This thread's routed blocks: config id -> how many run on it."""
+    return _local.__dict__.setdefault("routing", {})
 
 
 def _set(config, implementation):

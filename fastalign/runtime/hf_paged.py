@@ -28,7 +28,7 @@ from fastalign.eval_mode import eval_mode
 from fastalign.model_decoder import decoder_of
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.ops.paged_attention import resolve_backend
-from fastalign.runtime.attention_routing import routed
+from fastalign.runtime.attention_routing import attention_configs, routed
 from fastalign.runtime.forward_batch import ForwardBatch
 from fastalign.runtime.hf_cache import counted_positions_problem, state_problem
 from fastalign.runtime.hf_cache_argument import takes_logits_to_keep
@@ -79,8 +79,7 @@ class PagedHF:
             if problem:
                 raise _Unfit(problem)
             self.decoder = _decoder(model)
-            self.configs = list({id(m.config): m.config for m in model.modules()
-                                 if hasattr(getattr(m, "config", None), "_attn_implementation_internal")}.values())
+            self.configs = attention_configs(model)
             self._record_layers()
             self.backend = resolve_backend(attention_backend, device)
             self._check_against_own_forward()

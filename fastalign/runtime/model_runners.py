@@ -4,7 +4,8 @@ PagedLlama for a family that layer_layouts names; else PagedHF where its probe p
 pool), with a warning where the model is of such a family (a user's hooks on its layers, say); else, unless the user
 refuses it, the first fallback in `_FALLBACKS` whose probes pass, with a warning that gives every faster runner's
 reason for refusing the model, each said once, so that a user whose search runs slowly learns why. The probes, like
-PagedHF's, size the pool: they run without autocast.
+PagedHF's, size the pool: they run without autocast. They run the model's own forward as on an idle model, after
+the forwards that other threads' runners of it are running (attention_routing.unrouted).
 """
 import importlib
 import warnings
@@ -48,8 +49,10 @@ def choose_model_runner(model, layered, attention_backend, device, fallback):
     # a model of a family that PagedLlama runs is told why it does not (a user's hooks on its layers, say)
     said = [f"{type(layered).__name__} cannot run on the paged Llama path: {problem}"] \
         if getattr(getattr(layered, "config", None), "model_type", None) in LLAMA_FAMILY else []
-    from fastalign.runtime.hf_paged import PagedHF   # transformers' attention interface: imported for such a model
-    with autocast_off(device):
+    # transformers' attention interface: imported for such a model
+    from fastalign.runtime.attention_routing import attention_configs, unrouted
+    from fastalign.runtime.hf_paged import PagedHF
+    with autocast_off(device), unrouted(attention_configs(model)):
         try:
             runner = PagedHF(layered, attention_backend, device)
         except ValueError as unfit:

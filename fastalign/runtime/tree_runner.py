@@ -115,6 +115,9 @@ class TreeRunner:
     An enclosing autocast does not apply inside (load the model in the dtype to run it in; see autocast_off).
     Threads: a runner runs one call (prefill, extend, pin, unpin, release) at a time, and refuses another made
     meanwhile with a RuntimeError; give each thread its own runner (runners may share one model) or serialise calls.
+    A runner made while another thread's runner of the model runs a forward is made after that forward. A plain
+    forward, generate or CausalLMLoss on a PagedHF model from another thread while a runner's forward runs on it is
+    refused with a RuntimeError (its attention is routed to that runner's pool meanwhile).
     """
 
     def __init__(self, model: torch.nn.Module, *, max_tokens: int | None = None, max_bytes: int | None = None,

@@ -10,6 +10,7 @@ import torch
 
 from fastalign import TreeRunner
 from fastalign.eval_mode import eval_mode
+from fastalign.runtime import attention_routing
 from tests.runtime.tiny_models import fill_with_nan, reference, tiny_model
 
 BUSY = "another call is running on this TreeRunner"
@@ -199,3 +200,59 @@ def test_a_pagedhf_forward_nested_in_another_on_its_model_gets_its_own_hidden_st
     for (_, logits, hidden), (own_logits, own_hidden) in zip([first, nested[0]], expected):
         torch.testing.assert_close(logits, own_logits)
         torch.testing.assert_close(hidden, own_hidden)
+
+
+def test_a_runner_made_while_another_runner_of_the_model_runs_in_another_thread_waits_for_that_forward(monkeypatch):
+    """Making a runner probes the model's own forward; while thread A's PagedHF forward ran, the model's attention
+    was routed to A's pool and the probes, refused, made every runner refuse the model (rain_generate makes a runner
+    per call: two calls in two threads on one GPT-2 failed). The runner made in thread B now waits for A's forward
+    and is made as on an idle model."""
+    model = tiny_model("gpt2-learned-positions")
+    runner = TreeRunner(model, max_tokens=64, block_size=4)
+    waiting, made = threading.Event(), {}
+
+    class Signalling(threading.Condition):   # tells the test when B waits for the routed forward to end
+        def wait(self, timeout=None):
+            if threading.current_thread() is maker:
+                waiting.set()
+            return super().wait(timeout)
+
+    def make():
+        try:
+            made["runner"] = TreeRunner(model, max_tokens=64, block_size=4)
+        except ValueError as refused:   # handed to the test
+            made["error"] = refused
+        finally:
+            waiting.set()
+
+    monkeypatch.setattr(attention_routing, "_changed", Signalling())
+    a = start(model, lambda: runner.extend([None], [[5, 9, 2, 7]]))
+    try:
+        maker = threading.Thread(target=make, daemon=True)
+        maker.start()
+        assert waiting.wait(timeout=60)
+    finally:
+        (_, logits) = finish(*a)
+    maker.join(timeout=60)
+    assert "error" not in made, made["error"]
+    assert type(made["runner"].model_runner).__name__ == "PagedHF"
+    torch.testing.assert_close(made["runner"].extend([None], [[5, 9, 2, 7]])[1], logits)
+
+
+def test_a_runner_made_inside_a_forward_of_another_runner_of_the_model_is_refused():
+    """Its probes would wait for the forward they run in: a RuntimeError instead, which the forward raises."""
+    model = tiny_model("gpt2-learned-positions")
+    runner = TreeRunner(model, max_tokens=64, block_size=4)
+    tried = []
+
+    def make(module, args):   # once: the probes of the runner made run the hook too
+        if not tried:
+            tried.append(True)
+            TreeRunner(model, max_tokens=64)
+    handle = model.transformer.h[0].register_forward_pre_hook(make)
+    try:
+        with pytest.raises(RuntimeError, match="a TreeRunner of it is being made inside a forward of another of its "
+                                               "runners in the same thread"):
+            runner.extend([None], [[5, 9, 2, 7]])
+    finally:
+        handle.remove()
