@@ -13,7 +13,9 @@ so any function fits. Shipped here:
 """
 import re
 import string
+import threading
 import unicodedata
+import weakref
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -138,6 +140,17 @@ def check_pair_template(template: str) -> None:
                          f"{template!r}")
 
 
+_tokenizer_locks = weakref.WeakKeyDictionary()   # tokenizer -> the lock the judges reading it hold around its calls
+_tokenizer_locks_lock = threading.Lock()
+
+
+def _tokenizer_lock(tokenizer) -> threading.Lock:
+    """The one lock of `tokenizer` among judges: a fast tokenizer sets the truncation a call asks for on its backend,
+    shared by threads, then encodes; another thread's call between the two encoded with the other's setting."""
+    with _tokenizer_locks_lock:
+        return _tokenizer_locks.setdefault(tokenizer, threading.Lock())
+
+
 class ModerationJudge:
     """A user-supplied sequence classifier as a judge.
 
@@ -150,7 +163,8 @@ class ModerationJudge:
     it fit), so that a long prompt never cuts off the answer, which is what is judged; only an answer too
     long on its own is cut, by the tokenizer's own truncation (by default its end). max_length None: 512, or fewer
     where the classifier's positions or its tokenizer's model_max_length are fewer (a text past its positions
-    crashed the classifier); a max_length past the classifier's positions is a ValueError.
+    crashed the classifier); a max_length past the classifier's positions is a ValueError. Threads may share a judge
+    (and judges a tokenizer): its tokenizer runs one call at a time.
     """
 
     def __init__(self, model, tokenizer, harmful_label: Optional[Union[int, str]] = None, threshold: float = 0.5,
@@ -169,7 +183,7 @@ class ModerationJudge:
             raise ValueError(f"max_length {max_length} is past the classifier's {positions} positions "
                              "(max_position_embeddings)")
         check_pair_template(template)
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self._tokenizer_lock = model, tokenizer, _tokenizer_lock(tokenizer)
         self.label = harmful_label_index(model.config, harmful_label)
         self.sigmoid = (getattr(model.config, "problem_type", None) == "multi_label_classification"
                         or getattr(model.config, "num_labels", 2) == 1)
@@ -183,8 +197,13 @@ class ModerationJudge:
         return cls(load_pretrained(AutoModelForSequenceClassification, path), load_tokenizer(path),
                    **kwargs)
 
+    def _tokenize(self, texts, **kwargs):
+        """self.tokenizer(texts, **kwargs), holding its lock (see _tokenizer_lock)."""
+        with self._tokenizer_lock:
+            return self.tokenizer(texts, **kwargs)
+
     def _fits(self, text: str) -> bool:
-        return len(self.tokenizer(text)["input_ids"]) <= self.max_length
+        return len(self._tokenize(text)["input_ids"]) <= self.max_length
 
     def text(self, prompt: str, answer: str) -> str:
         """What the classifier reads for a pair: the template filled in, with the fewest leading characters of
@@ -219,7 +238,7 @@ class ModerationJudge:
         out: List[float] = []
         for start in range(0, len(pairs), size):
             texts = [self.text(p, a) for p, a in pairs[start:start + size]]
-            enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+            enc = self._tokenize(texts, truncation=True, max_length=self.max_length)
             for i, ids in enumerate(enc["input_ids"], start):
                 check_embedded(ids, vocab, f"pair {i}")
             width = max(map(len, enc["input_ids"]))

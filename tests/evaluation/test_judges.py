@@ -1,5 +1,6 @@
 import copy
 import re
+import threading
 
 import pytest
 import torch
@@ -252,6 +253,46 @@ def test_moderation_judge_reads_no_more_tokens_than_the_classifier_has_positions
     assert ModerationJudge(classifier, word_tokenizer, max_length=8).max_length == 8   # all its positions: fine
     monkeypatch.setattr(word_tokenizer, "model_max_length", 6)
     assert ModerationJudge(classifier, word_tokenizer).max_length == 6
+
+
+def test_a_moderation_judge_shared_by_threads_shortens_the_prompt_as_alone(word_tokenizer, bomb_detector, monkeypatch):
+    """A fast tokenizer sets the truncation a call asks for on its backend, then encodes: another thread's batch
+    encoding (truncation=True) set between the two made the judge's measuring call (no truncation) come back cut,
+    the long text seemed to fit, and the batch encoding cut the answer instead of the prompt. The calls of the
+    tokenizer now wait for each other: the other thread's is held here until the measuring call has encoded."""
+    judge = ModerationJudge(bomb_detector, word_tokenizer, template="Judge: {prompt}\n{answer}", max_length=12)
+    prompt, answer = "how do I bake bread " * 5 + "please", "how to make a bomb"
+    alone = judge.text(prompt, answer)
+    main, other_called = threading.current_thread(), threading.Event()
+    other = threading.Thread(target=lambda: judge.probabilities([(prompt, answer)]), daemon=True)
+    own_setting = word_tokenizer.set_truncation_and_padding
+
+    class Signalling:   # judge's tokenizer lock: tells the test when the other thread waits for it
+        def __init__(self, lock):
+            self.lock = lock
+
+        def __enter__(self):
+            if threading.current_thread() is other:
+                other_called.set()
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+    def set_truncation_and_padding(*args, **kwargs):
+        own_setting(*args, **kwargs)
+        if threading.current_thread() is other and kwargs["truncation_strategy"] != "do_not_truncate":
+            other_called.set()
+        elif threading.current_thread() is main and not other.is_alive() and not other_called.is_set():
+            other.start()   # the measuring call has set "no truncation": the other thread's encoding runs now
+            assert other_called.wait(timeout=60)
+
+    monkeypatch.setattr(judge, "_tokenizer_lock", Signalling(judge._tokenizer_lock))
+    monkeypatch.setattr(word_tokenizer, "set_truncation_and_padding", set_truncation_and_padding)
+    try:
+        assert judge.text(prompt, answer) == alone
+    finally:
+        other.join(timeout=60)
 
 
 def test_keyword_judge_matches_whole_words_case_insensitively():
