@@ -45,6 +45,8 @@ class CausalLMKLDiv(torch.nn.Module):
     counts), or with num_items_in_batch their sum divided by it. temperature T compares softmax(z / T) of both
     models' logits (standard distillation then multiplies the loss by T^2); it needs models whose logits are not
     soft-capped. Both models are checked once, here, to compute their logits the way the fused op does.
+    With "adapter" it is not for concurrent calls from threads: PEFT's disable_adapter turns the adapter off in the
+    whole model, so that another thread's call meanwhile computes the model without it too (or the reference with it).
     """
 
     def __init__(self, model: torch.nn.Module, reference: torch.nn.Module | Literal["adapter"], *,
