@@ -191,6 +191,24 @@ def test_kl_of_a_barely_moved_policy_is_accurate_and_not_negative(backend):
     assert abs(kl.double().sum() - ref.sum()) <= 5e-4 * ref.sum()
 
 
+@pytest.mark.parametrize("shift", [0.0, 1.5, 30.0])
+def test_kl_of_a_barely_moved_policy_is_accurate_whatever_the_references_logits_are_shifted_by(shift):
+    """A constant added to the reference's logits (its bias) changes neither distribution, only its logsumexp: the
+    torch path took the log1p form only where the two logsumexps were at most 1 apart, and past that summed
+    p (log p - log q) with their rounding (~1e-7 |lse|) in every term, 7500x off and negative at a shift of 30. The
+    form on the two log-softmaxes takes that rounding out at any shift. (The Triton kernel's gap limit is its
+    docstring's.)"""
+    torch.manual_seed(0)
+    hidden = torch.randn(16, 16)
+    ref_hidden = hidden + 1e-3 * torch.randn(16, 16)
+    weight = torch.randn(512, 16) * 10
+    ref_bias = torch.full((512,), shift)
+    kl = fastalign.linear_kl_div(hidden, weight, ref_hidden, weight, ref_bias=ref_bias, reduction="none",
+                                 backend="torch")
+    ref = linear_kl_div_reference(hidden, weight, ref_hidden, weight, ref_bias=ref_bias, reduction="none")
+    assert (kl.double() - ref).abs().max() <= 2e-7 + 1e-4 * ref.abs().max()
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")  # the sum not taken
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ref_top", [40, 200])

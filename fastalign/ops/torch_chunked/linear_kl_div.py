@@ -43,31 +43,26 @@ def _forward_pass(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, grad_s
         log_p = chunk_logits(ref_hidden[rows], ref_weight_acc, ref_bias_acc, softcap)
         lse[rows] = torch.logsumexp(log_q, dim=1)
         ref_lse[rows] = torch.logsumexp(log_p, dim=1)
-        kl[rows] = _kl_of_logits(log_q, log_p, lse[rows], ref_lse[rows])
         log_q -= lse[rows, None]
         log_p -= ref_lse[rows, None]
+        kl[rows] = _kl_of_log_probs(log_q, log_p)
         if any(g is not None for g in grads):
             _accumulate_chunk(log_q, log_p, rows, hidden, weight_acc, lse, grad_scale, softcap, grads)
     return (kl, lse, ref_lse) + grads
 
 
-def _kl_of_logits(logits, ref_logits, lse, ref_lse):
-    """KL(P || Q) [c] from both heads' logits [c, V] and logsumexps [c], as the Triton kernel takes it (its
-    docstring, kernels/linear_kl_div.py): E_p[d] + log1p(E_p[expm1(-d)]), d = ref_logits - logits, whose error
-    scales with |d|, where the logsumexps are at most 1 apart and it is finite; E_p[d] - (ref_lse - lse) otherwise.
-    (sum p (log p - log q) from the two log-softmaxes carries ~1e-7 |lse| whatever the KL: percents off, and
-    negative, where P ~ Q.) Words P gives no mass (a bias of -inf, or a p that underflows) add 0 to E_p[d], not
-    0 * inf = NaN; Q's mass on them enters E_p[exp(-d)] as exp(logits - ref_lse)."""
-    p = (ref_logits - ref_lse[:, None]).exp_()
-    d = ref_logits - logits
+def _kl_of_log_probs(log_q, log_p):
+    """KL(P || Q) [c] from both heads' log-probabilities [c, V]: E_p[d] + log1p(E_p[expm1(-d)]), d = log_p - log_q.
+    The second term is 0 in exact arithmetic (E_p[exp(-d)] = sum q = 1); computed, it takes out what the rounding of
+    the two logsumexps puts into every d alike (~1e-7 |lse|), which sum p d alone keeps: percents off, and negative,
+    where P ~ Q, whatever the gap between the logsumexps (a reference whose logits are shifted). p expm1(-d) is taken
+    as q - p where |d| >= 0.5: exact enough there, and finite where p is 0 (d = -inf) or q is. Words P gives no mass
+    (a bias of -inf, a p that underflows) add 0 to E_p[d], not 0 * inf = NaN; Q masking a word P gives mass: +inf."""
+    p, q = log_p.exp(), log_q.exp()
+    d = log_p - log_q
     mean_diff = (p * d).masked_fill_(p == 0.0, 0.0).sum(1)
-    # p expm1(-d) = exp(logits - ref_lse) - p: the difference is exact enough once |d| >= 0.5, and it is what
-    # stays finite where p is 0 (d infinite) or exp(-d) overflows
-    small = d.abs() < 0.5
-    mean_expm1 = torch.where(small, d.neg_().expm1_().mul_(p), (logits - ref_lse[:, None]).exp_().sub_(p)).sum(1)
-    lse_gap = ref_lse - lse
-    kl_log1p = mean_diff + torch.log1p(mean_expm1)
-    return torch.where((lse_gap.abs() <= 1.0) & torch.isfinite(kl_log1p), kl_log1p, mean_diff - lse_gap)
+    mean_expm1 = torch.where(d.abs() < 0.5, d.neg().expm1_().mul_(p), q.sub_(p)).sum(1)
+    return mean_diff + torch.log1p(mean_expm1)
 
 
 def backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, grad_scale, need_weight_grad,
