@@ -1,7 +1,10 @@
 """Batched generation for any Hugging Face causal LM: left padding, one KV cache per batch, stop rules.
 
 A batch is left-padded so that every row's last prompt token sits in the last column; position ids count
-only real tokens, so a row computes the same thing as it would alone. Each step feeds one new token per row
+only real tokens, so a row computes the same thing as it would alone. A model whose logits padding changes (RWKV
+reads no attention mask, and its pads run through its state; Pegasus and Marian place their sinusoidal positions by
+the sequence's length), found by one small probe per call, runs the prompts of each batch that have one token length
+together instead, so that an answer never depends on the batch. Each step feeds one new token per row
 on top of the cache. A row stops at an end-of-sequence token (the tokenizer's, or any the model's generation
 config lists, as `model.generate` does), at `max_new_tokens`, or as soon as its text contains one of
 `stop_strings` (the answer is cut before it). Greedy decoding picks the arg-max; sampling draws from
@@ -24,6 +27,7 @@ from fastalign.model_context import config_positions
 from fastalign.model_devices import input_device
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.ops.checks import is_integer, refuse_one_string
+from fastalign.runtime.hf_cache import agree_within_rounding
 from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache, takes_logits_to_keep
 from fastalign.unlearn.encoding import tokenize_prompts
 from fastalign.unlearn.models import function_source
@@ -166,16 +170,57 @@ def _no_mask_when_cached(model_class) -> bool:
     return prepare is not None and 'model_inputs["attention_mask"] = None' in (function_source(prepare) or "")
 
 
-@torch.no_grad()
-def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationConfig, eos: Set[int],
-                    generators: List[torch.Generator]) -> List[Generation]:
+def _last_logits_only(model) -> dict:
+    """The forward's argument that computes the last position's logits alone (the only ones read), if it takes it."""
+    return dict(logits_to_keep=1) if takes_logits_to_keep(model) else {}
+
+
+def _prompt_forward(model, tokenizer, rows: List[List[int]]):
+    """(token ids, attention mask, position ids, the model's outputs with a cache) of `rows` left-padded into one
+    batch, every row's last token in the last column, its positions counting its real tokens alone."""
     device = input_device(model)
     width, pad = max(len(r) for r in rows), pad_id(tokenizer, input_vocabulary(model))
     sequence = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    last = dict(logits_to_keep=1) if takes_logits_to_keep(model) else {}   # the last position's logits alone are read
-    out = model(input_ids=sequence, attention_mask=mask, position_ids=positions, use_cache=True, **last)
+    out = model(input_ids=sequence, attention_mask=mask, position_ids=positions, use_cache=True,
+                **_last_logits_only(model))
+    return sequence, mask, positions, out
+
+
+@torch.no_grad()
+def pads_exactly(model, tokenizer) -> bool:
+    """Whether a prompt's next-token logits left-padded in a batch (as generation pads it) are its logits alone,
+    within rounding of the model's dtype: not for a model that reads no attention mask (RWKV: the pads run through
+    its state) or places its positions by the sequence's length (Pegasus', Marian's sinusoidal ones), whose answers
+    then depended on the batch. One forward of 2 rows (2 and 4 tokens) and one of the short row alone."""
+    short, long = [1, 0], [2, 3, 1, 1]
+    padded = _prompt_forward(model, tokenizer, [short, long])[-1].logits[0, -1]
+    alone = _prompt_forward(model, tokenizer, [short])[-1].logits[0, -1]
+    return agree_within_rounding(model.dtype, alone, (padded, alone))
+
+
+def _generate_rows(model, tokenizer, rows: List[List[int]], config: GenerationConfig, eos: Set[int],
+                   generators: List[torch.Generator], padding_is_exact: bool) -> List[Generation]:
+    """The Generations of `rows` (in their order): in one batch where padding is exact or needs none, else the rows
+    of each token length in a batch of their own, which pads nothing."""
+    lengths = [len(r) for r in rows]
+    if padding_is_exact or len(set(lengths)) == 1:
+        return _generate_batch(model, tokenizer, rows, config, eos, generators)
+    result: List[Optional[Generation]] = [None] * len(rows)
+    for length in set(lengths):
+        at = [i for i, n in enumerate(lengths) if n == length]
+        for i, generation in zip(at, _generate_batch(model, tokenizer, [rows[i] for i in at], config, eos,
+                                                     [generators[i] for i in at])):
+            result[i] = generation
+    return result
+
+
+@torch.no_grad()
+def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationConfig, eos: Set[int],
+                    generators: List[torch.Generator]) -> List[Generation]:
+    sequence, mask, positions, out = _prompt_forward(model, tokenizer, rows)
+    last = _last_logits_only(model)
     generated: List[List[int]] = [[] for _ in rows]
     ended_by: List[Tuple[int, ...]] = [() for _ in rows]   # the end token a row stopped on, if any
     done = [False] * len(rows)
@@ -234,11 +279,15 @@ def iter_generations(model, tokenizer, prompts: Sequence[str],
     check_stop_strings(tokenizer, config.stop_strings)
     rows = encode_prompts(tokenizer, prompts, config.max_new_tokens, model)
     eos = eos_ids(model, tokenizer)   # once per call: finding a chat template's end of turn renders it
+    starts = range(0, len(rows), config.batch_size)
     with eval_mode(model):            # every module's own mode back afterwards
-        for start in range(0, len(rows), config.batch_size):
+        # probed once, where some batch is padded; a model that pads exactly runs each batch as one
+        padding_is_exact = all(len({len(r) for r in rows[s:s + config.batch_size]}) == 1 for s in starts) or \
+            pads_exactly(model, tokenizer)
+        for start in starts:
             batch = rows[start:start + config.batch_size]
-            yield start, _generate_batch(model, tokenizer, batch, config, eos,
-                                         _prompt_generators(config.seed, start, len(batch)))
+            yield start, _generate_rows(model, tokenizer, batch, config, eos,
+                                        _prompt_generators(config.seed, start, len(batch)), padding_is_exact)
 
 
 def iter_generate(model, tokenizer, prompts: Sequence[str],

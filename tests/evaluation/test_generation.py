@@ -214,6 +214,29 @@ def test_a_model_whose_cache_does_not_come_back_generates_as_without_a_cache(wor
     assert family != "rwkv" or len(set(answers)) > 1
 
 
+@pytest.mark.parametrize("family", ["rwkv", "pegasus"])
+def test_a_model_whose_logits_padding_changes_answers_each_prompt_as_alone(world, tokenizer, family):
+    """RWKV reads no attention mask (the pads run through its state) and Pegasus places its sinusoidal positions by
+    the sequence's length, not position_ids: a prompt left-padded in a batch got another answer than alone. A probe
+    finds such a model, and prompts of one token length run together instead."""
+    from transformers import PegasusConfig, PegasusForCausalLM, RwkvConfig, RwkvForCausalLM
+    torch.manual_seed(0)
+    ids = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    if family == "rwkv":
+        model = RwkvForCausalLM(RwkvConfig(hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                                           intermediate_size=64, context_length=128, **ids)).eval()
+    else:
+        model = PegasusForCausalLM(PegasusConfig(d_model=32, decoder_layers=2, decoder_attention_heads=2,
+                                                 decoder_ffn_dim=64, encoder_layers=2, max_position_embeddings=128,
+                                                 pad_token_id=tokenizer.pad_token_id, **ids)).eval()
+    with torch.no_grad():   # logits that tell contexts apart
+        model.get_output_embeddings().weight.mul_(20)
+    prompts = prompts_of(world)[:2] + prompts_of(world)[:1]   # two of one length: run together
+    batched = generations(model, tokenizer, prompts, GenerationConfig(max_new_tokens=6, batch_size=3))
+    alone = generations(model, tokenizer, prompts, GenerationConfig(max_new_tokens=6, batch_size=1))
+    assert [g.answer_ids for g in batched] == [g.answer_ids for g in alone]
+
+
 def test_generation_computes_the_logits_of_each_rows_last_position_alone(world, tokenizer, model):
     """The prefill ran the model over [rows, prompt tokens] and read the last position's logits, making every
     position's (Llama-3-8B, 16 prompts padded to 2048 tokens, bf16: 7.8 GiB where 4 MiB are read); so did each step of
