@@ -21,8 +21,8 @@ from fastalign.ops.backend import Backend, check_backend
 from fastalign.ops.checks import is_real
 from fastalign.ops.forward_gradients import check_grads_in_forward
 from fastalign.ops.linear_kl_div import linear_kl_div
-from fastalign.unlearn.models import (base_causal_lm, causal_lm_parts, check_fused_logits, head_input_module,
-                                      logit_multiplier, logit_softcap, scaled_head_input)
+from fastalign.unlearn.models import (base_causal_lm, causal_lm_parts, check_fused_logits, logit_multiplier,
+                                      logit_softcap, scaled_head_input)
 from fastalign.unlearn.sharding import head_weight
 
 
@@ -102,12 +102,12 @@ class CausalLMKLDiv(torch.nn.Module):
         if self.reference != "adapter":   # (a model resized since: resize_token_embeddings)
             _check_same_vocabulary(self.model, self.reference)
         lm_head = causal_lm_parts(self.model)[1]
-        hidden, target = hidden_and_targets(head_input_module(self.model), labels, shift_labels, inputs)
+        hidden, target = hidden_and_targets(self.model, labels, shift_labels, inputs)
         reference_model = self._reference_model()
         adapter_off = self.model.disable_adapter() if self.reference == "adapter" else contextlib.nullcontext()
         with torch.no_grad(), eval_mode(base_causal_lm(reference_model)), adapter_off:
             ref_head = causal_lm_parts(reference_model)[1]
-            ref_hidden, _ = hidden_and_targets(head_input_module(reference_model), labels, shift_labels, inputs)
+            ref_hidden, _ = hidden_and_targets(reference_model, labels, shift_labels, inputs)
             ref_weight, ref_bias = head_weight(ref_head), ref_head.bias
         lm_weight = head_weight(lm_head)
         # under autocast the op takes the autocast dtype, as the lm_heads' matmuls would; a head shared by both

@@ -40,7 +40,8 @@ class CausalLMLoss(torch.nn.Module):
     on labels it does not shift: check_loss_is_causal_lm_cross_entropy), and a mixture of experts whose config adds the
     router's auxiliary loss to its loss (output_router_logits; checked at every call too), which this loss leaves
     out. A vision-language model's inputs (pixel_values, ...) reach its multimodal model, whose hidden states its
-    lm_head reads. backend and grads_in_forward are linear_cross_entropy's, checked here.
+    lm_head reads; one that puts other tokens before the text (GIT its images) is refused at the call
+    (predicting_positions). backend and grads_in_forward are linear_cross_entropy's, checked here.
     """
 
     def __init__(self, model: torch.nn.Module, *, backend: Backend = "auto", grads_in_forward: bool = False):
@@ -58,7 +59,7 @@ class CausalLMLoss(torch.nn.Module):
             raise NotImplementedError("output_router_logits=True asks for the router's auxiliary loss, which "
                                       "CausalLMLoss leaves out; add it yourself from the model's router logits")
         check_no_router_loss(self.model, "CausalLMLoss")   # (set on the config since)
-        hidden, target = hidden_and_targets(head_input_module(self.model), labels, shift_labels, inputs)
+        hidden, target = hidden_and_targets(self.model, labels, shift_labels, inputs)
         return self.of_hidden_states(hidden, target, num_items_in_batch, ignore_index)
 
     def of_hidden_states(self, hidden: torch.Tensor, target: torch.Tensor,
@@ -98,25 +99,35 @@ def check_loss_is_causal_lm_cross_entropy(model: torch.nn.Module, computed_by: s
     check_no_router_loss(base, computed_by)
 
 
-def hidden_and_targets(decoder: torch.nn.Module, labels: torch.Tensor | None, shift_labels: torch.Tensor | None,
+def hidden_and_targets(model: torch.nn.Module, labels: torch.Tensor | None, shift_labels: torch.Tensor | None,
                        inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """predicting_positions of the final hidden states of `inputs` (run without a KV cache, its outputs as a dict
-    whatever return_dict the inputs carry) from `decoder`, the module the lm_head reads
+    whatever return_dict the inputs carry) from the module of `model` that the lm_head reads
     (unlearn.models.head_input_module)."""
-    outputs = decoder(**{**inputs, "use_cache": False, "return_dict": True})
-    return predicting_positions(outputs.last_hidden_state, labels, shift_labels)
+    outputs = head_input_module(model)(**{**inputs, "use_cache": False, "return_dict": True})
+    return predicting_positions(outputs.last_hidden_state, labels, shift_labels, model, inputs)
 
 
-def predicting_positions(hidden: torch.Tensor, labels: torch.Tensor | None,
-                         shift_labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def predicting_positions(hidden: torch.Tensor, labels: torch.Tensor | None, shift_labels: torch.Tensor | None,
+                         model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden states [B, T', H] of the positions that predict, their targets [B, T'] int64 on hidden's device) of
-    final hidden states [B, T, H]: as they are against shift_labels where given (position t predicts
+    final hidden states [B, T, H] of `model`: as they are against shift_labels where given (position t predicts
     shift_labels[:, t]), else shifted against labels (position t predicts labels[:, t + 1]; the last position
     nothing). Given both, shift_labels are the targets and labels are not read, as in transformers' causal LM loss
-    (a Trainer under context parallelism passes both). The one read must be an integer tensor of shape [B, T]."""
+    (a Trainer under context parallelism passes both). The one read must be an integer tensor of shape [B, T].
+    NotImplementedError where the labels have the shape of the `inputs`' tokens (input_ids, inputs_embeds) and the
+    hidden states of `model` are longer: it put other tokens before the text (GIT its image tokens, and takes its loss
+    on the text's positions alone), whose loss is not the plain one."""
     if labels is None and shift_labels is None:
         raise ValueError("labels (aligned with the inputs) or shift_labels (already shifted) is needed, got neither")
     given, name = (labels, "labels") if shift_labels is None else (shift_labels, "shift_labels")
+    text = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
+    if isinstance(given, torch.Tensor) and isinstance(text, torch.Tensor) and given.shape == text.shape[:2] \
+            and hidden.shape[1] > given.shape[-1]:
+        raise NotImplementedError(f"{type(base_causal_lm(model)).__name__}: its hidden states ({hidden.shape[1]} "
+                                  f"positions) are longer than the {name} ({given.shape[1]}): it puts other tokens "
+                                  "(images) before the text and takes its loss on the text's positions alone, not "
+                                  "the causal LM loss over its inputs that fastalign computes")
     if not isinstance(given, torch.Tensor) or given.shape != hidden.shape[:-1] or not holds_class_ids(given.dtype):
         found = f"{tuple(given.shape)} {given.dtype}" if isinstance(given, torch.Tensor) else type(given).__name__
         raise ValueError(f"{name} must be an integer tensor of the inputs' shape {tuple(hidden.shape[:-1])}, "

@@ -110,7 +110,7 @@ class FusedLossForward:
         outputs = head_input_module(model)(**{**arguments, "use_cache": False})
         # (shift_labels, where given, are the targets; labels then only ask for the loss)
         hidden, target = predicting_positions(outputs.last_hidden_state, loss_arguments["labels"],
-                                              loss_arguments.get("shift_labels"))
+                                              loss_arguments.get("shift_labels"), model, arguments)
         loss = self.loss.of_hidden_states(hidden, target, loss_arguments.get("num_items_in_batch"),
                                           loss_arguments.get("ignore_index", -100))
         # (a state-space model's outputs have no attentions)
