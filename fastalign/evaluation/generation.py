@@ -24,6 +24,7 @@ import torch
 
 from fastalign.eval_mode import eval_mode
 from fastalign.model_context import config_positions
+from fastalign.model_decoder import refuse_prompt_adapter_over_a_cache
 from fastalign.model_devices import input_device
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.ops.checks import is_integer, refuse_one_string
@@ -274,8 +275,10 @@ def iter_generations(model, tokenizer, prompts: Sequence[str],
     """Yields (index of the batch's first prompt, the batch's Generations), batch after batch.
 
     Every prompt is tokenized and checked against the context first, so a too-long prompt fails before
-    any compute is spent.
+    any compute is spent; so is a PEFT adapter that puts virtual tokens before the inputs (prompt tuning, P-tuning),
+    which a forward per new token over the KV cache would prepend again at every step.
     """
+    refuse_prompt_adapter_over_a_cache(model, "generation")
     check_stop_strings(tokenizer, config.stop_strings)
     rows = encode_prompts(tokenizer, prompts, config.max_new_tokens, model)
     eos = eos_ids(model, tokenizer)   # once per call: finding a chat template's end of turn renders it

@@ -11,6 +11,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
+from fastalign.model_decoder import refuse_prompt_adapter_over_a_cache
+
 from .answers import read_answers
 from .generation import Generation, GenerationConfig, generate, generations, iter_generate
 from .judges import Judge, Pair, check_verdicts
@@ -141,6 +143,7 @@ def evaluate_utility(model, reference, tokenizer, prompts: Sequence[str],
     if config.do_sample:
         raise ValueError("evaluate_utility compares greedy answers: pass a config with do_sample=False")
     check_same_vocabulary(model, reference)   # before any answer is generated
+    refuse_prompt_adapter_over_a_cache(model, "generation")   # before the reference's answers are generated
     if reference_answers is None:
         reference_answers = generations(reference, tokenizer, prompts, config)
     answers = generate(model, tokenizer, prompts, config)

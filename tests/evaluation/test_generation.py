@@ -504,3 +504,37 @@ def test_a_stop_string_holding_a_special_tokens_text_is_refused_by_name():
     with pytest.raises(ValueError, match=r"stop string 'x<\|start_header_id\|>' holds the special token "
                                          r"'<\|start_header_id\|>', which answers are decoded without"):
         generations(tiny_llama(tokenizer, 3), tokenizer, ["Hello Bob"], config)
+
+
+def peft_model(tokenizer, adapter):
+    """A tiny Llama under a PEFT prompt-learning adapter (`adapter`: the config's name) of 3 virtual tokens."""
+    peft = pytest.importorskip("peft")
+    from tests.evaluation.conftest import tiny_llama
+    extra = {"encoder_hidden_size": 16} if adapter == "PromptEncoderConfig" else {}
+    config = getattr(peft, adapter)(task_type="CAUSAL_LM", num_virtual_tokens=3, **extra)
+    return peft.get_peft_model(tiny_llama(tokenizer, 2), config).eval()
+
+
+@pytest.mark.parametrize("adapter", ["PromptTuningConfig", "PromptEncoderConfig"])
+def test_a_peft_adapter_of_virtual_tokens_before_the_inputs_is_refused(world, tokenizer, model, adapter):
+    """Prompt tuning and P-tuning put virtual tokens before the inputs in PEFT's forward, at every call: the forward
+    per new token over the KV cache prepended them again (and before the left pads), and answers drifted from the
+    model's own greedy ones, silently. Such a model is refused before any forward."""
+    prompts, config = prompts_of(world)[:2], GenerationConfig(max_new_tokens=4, batch_size=2)
+    tuned = peft_model(tokenizer, adapter)
+    match = rf"model: its PEFT adapter \({adapter}\) is a prompt-learning adapter .* use an adapter in the layers"
+    with pytest.raises(ValueError, match=match):
+        generations(tuned, tokenizer, prompts, config)
+    with pytest.raises(ValueError, match=match):
+        next(iter_generate(tuned, tokenizer, prompts, config))
+    from fastalign.evaluation.harness import evaluate_utility
+    with pytest.raises(ValueError, match=match):   # before the reference's answers are generated
+        evaluate_utility(tuned, model, tokenizer, prompts, config)
+
+
+def test_a_prefix_tuned_peft_model_generates_its_greedy_answers(world, tokenizer):
+    """Prefix tuning gives its virtual tokens' K/V as the cache, which generation carries on: it is served, and
+    answers what the model computes over the whole sequence."""
+    prompts, tuned = prompts_of(world)[:3], peft_model(tokenizer, "PrefixTuningConfig")
+    answers = generate(tuned, tokenizer, prompts, GenerationConfig(max_new_tokens=6, batch_size=3))
+    assert answers == [slow_greedy(tuned, tokenizer, p, 6) for p in prompts]
