@@ -259,6 +259,21 @@ def test_a_lora_model_trains_its_adapters_on_its_own_loss():
     assert_same_loss_and_gradients(model, fused, model(**inputs).loss)
 
 
+def test_lora_on_input_embeddings_tied_to_the_lm_head_gets_the_models_own_loss():
+    """PEFT's forward runs the tied lm_head on the base weight (the adapter acts on the embeddings alone), which is what
+    the fused losses read: they refused such a model anyway, with the unlearning trainer's reason (merging the adapter
+    would change the lm_head), though they merge nothing. The loss and gradients are PEFT's."""
+    peft = pytest.importorskip("peft")
+    from tests.unlearn.test_objective import tiny_model
+    config = peft.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False)
+    model = peft.get_peft_model(tiny_model("Llama", VOCAB, tie_word_embeddings=True), config)
+    inputs = batch(seed=4)
+    expected = model(**inputs).loss
+    with model.disable_adapter():
+        assert (model(**inputs).loss - expected).abs() > 1e-3   # the adapter acts
+    assert_same_loss_and_gradients(model, CausalLMLoss(model, backend="torch")(**inputs), expected)
+
+
 @pytest.mark.parametrize("adapter", ["PromptTuningConfig", "PrefixTuningConfig"])
 def test_a_prompt_learning_adapter_is_refused_by_name_and_the_fused_forward_serves_it(adapter):
     """A PEFT prompt-learning adapter puts its virtual tokens (or their K/V) before the inputs in PEFT's forward alone:

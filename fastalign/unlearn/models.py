@@ -4,9 +4,10 @@ The losses take the decoder's final hidden states (after its last norm) and the 
 instead of logits, so the model is split into its decoder (model_decoder.decoder_of) and its output embedding
 (`get_output_embeddings()`). PEFT wrappers are looked through: their LoRA layers live inside the
 decoder's modules, so calling the decoder runs them. An adapter on the lm_head itself is refused, since
-reading its weight would leave the adapter out, and so is one on input embeddings tied to the lm_head, and a
-prompt-learning adapter, whose virtual tokens only the PEFT model's forward adds.
-"""
+reading its weight would leave the adapter out, and so is a prompt-learning adapter, whose virtual tokens only the
+PEFT model's forward adds. One on input embeddings tied to the lm_head is served (PEFT's forward runs the lm_head on the
+tied base weight, which the losses read), but the unlearning trainer, which merges it, refuses it
+(check_mergeable_adapter)."""
 from __future__ import annotations
 
 import functools
@@ -141,13 +142,22 @@ def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
         raise ValueError("the lm_head carries PEFT's trainable tokens (trainable_token_indices, tied to the input "
                          "embeddings): the fused losses read lm_head.weight, without the trained tokens' rows; untie "
                          "the embeddings or leave trainable_token_indices out")
-    get_embeddings = getattr(base, "get_input_embeddings", None)
+    return decoder_of(base), lm_head
+
+
+def check_mergeable_adapter(model) -> None:
+    """ValueError where `model`'s input embeddings carry a PEFT adapter and are tied to its lm_head: PEFT's forward
+    runs the lm_head on the tied base weight, so training leaves the lm_head alone, but merging the adapter would
+    change it too (the unlearning trainer merges the adapter it trained into the model it saves)."""
+    base = base_causal_lm(model)
+    get_head, get_embeddings = getattr(base, "get_output_embeddings", None), getattr(base, "get_input_embeddings", None)
+    lm_head = get_head() if get_head is not None else None
     embeddings = get_embeddings() if get_embeddings is not None else None
-    if getattr(getattr(embeddings, "base_layer", None), "weight", None) is lm_head.weight:
+    tied_weight = getattr(getattr(embeddings, "base_layer", None), "weight", None)
+    if tied_weight is not None and tied_weight is getattr(lm_head, "weight", None):
         raise ValueError("the input embeddings carry a PEFT adapter and are tied to the lm_head: merging it would "
                          "change the lm_head too, so the saved model would not be the one trained (whose lm_head "
                          "the adapter left alone); leave the input embeddings out of lora_targets")
-    return decoder_of(base), lm_head
 
 
 def head_input_module(model) -> torch.nn.Module:

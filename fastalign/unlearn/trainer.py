@@ -48,7 +48,7 @@ from fastalign.unlearn.compute import (ComputeTotals, ModelShape, batch_compute,
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.layer_stand_ins import fused_layers
 from fastalign.unlearn.lora_merge import MERGE_ERROR_WARNING, merge_rounding_error
-from fastalign.unlearn.models import (cast_weights, causal_lm_parts, check_fused_logits,
+from fastalign.unlearn.models import (cast_weights, causal_lm_parts, check_fused_logits, check_mergeable_adapter,
                                       enable_activation_checkpointing, max_positions)
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.optimizer import adamw
@@ -367,7 +367,8 @@ class UnlearningTrainer:
     prepared on it, its step) as it was.
     The constructor checks the model before it changes it (casts it for precision 'bf16', wraps it for LoRA, enables
     checkpointing, moves it to the accelerator's device, puts it in train mode): a model it refuses is left as given,
-    but for lora_targets that PEFT finds in no module at precision 'bf16', refused after the cast. A finished run gives
+    but at precision 'bf16' for lora_targets that PEFT finds in no module and for a LoRA adapter on input embeddings
+    tied to the lm_head (whose merge would change the lm_head too), refused after the cast. A finished run gives
     the model (trained in place, LoRA merged in) its requires_grad flags back, which LoRA and the cached reference set
     (a LoRA run, once it merged its adapter in, even where writing model/ then fails).
     One train() runs at a time on a trainer: one called while another runs, from another thread or from the
@@ -467,6 +468,7 @@ class UnlearningTrainer:
                         target_modules=targets))
                 except ValueError as e:   # e.g. GPT-2 has no q_proj: name the setting that chose them
                     raise ValueError(f"lora_targets (--lora-targets) {config.lora_targets}: {e}") from None
+            check_mergeable_adapter(model)   # (_finish merges the adapter into model/)
             if config.gradient_checkpointing:
                 enable_activation_checkpointing(model)
         except Exception:
