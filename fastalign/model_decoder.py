@@ -25,19 +25,6 @@ def prompt_learning_adapter(model) -> str | None:
     return type(config).__name__ if config is not None and getattr(config, "is_prompt_learning", True) else None
 
 
-def refuse_prompt_adapter_over_a_cache(model, decoding: str) -> None:
-    """ValueError where `model`'s active PEFT adapter is a prompt-learning one that puts virtual tokens before the
-    inputs (prompt tuning, P-tuning, ...: all but prefix tuning and cartridges, whose K/V come as a cache): PEFT's
-    forward prepends them at every call, also before a token decoded over the KV cache (and before left pads, with
-    position_ids dropped), so `decoding`, which calls it so, would answer what the model does not."""
-    adapter = prompt_learning_adapter(model)
-    if adapter is not None and model.active_peft_config.peft_type not in ("PREFIX_TUNING", "CARTRIDGE"):
-        raise ValueError(f"model: its PEFT adapter ({adapter}) is a prompt-learning adapter whose virtual tokens "
-                         f"PEFT's forward puts before the inputs at every call, also before each token {decoding} "
-                         "decodes over the KV cache, which would answer what the model does not; use an adapter in "
-                         "the layers (LoRA and its kin, merged or not)")
-
-
 def forward_parameters(module) -> dict:
     """The parameters of module.forward by name ({} where its signature cannot be read)."""
     try:

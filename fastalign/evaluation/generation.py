@@ -24,12 +24,12 @@ import torch
 
 from fastalign.eval_mode import eval_mode
 from fastalign.model_context import config_positions
-from fastalign.model_decoder import refuse_prompt_adapter_over_a_cache
 from fastalign.model_devices import input_device
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.ops.checks import is_integer, refuse_one_string
 from fastalign.runtime.hf_cache import agree_within_rounding
-from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache, takes_logits_to_keep
+from fastalign.runtime.hf_cache_argument import (cache_kwargs, refuse_prompt_adapter_over_a_cache, returned_cache,
+                                                 takes_logits_to_keep)
 from fastalign.unlearn.encoding import tokenize_prompts
 from fastalign.unlearn.models import function_source
 from fastalign.unlearn.templates import end_of_turn_id
@@ -276,7 +276,8 @@ def iter_generations(model, tokenizer, prompts: Sequence[str],
 
     Every prompt is tokenized and checked against the context first, so a too-long prompt fails before
     any compute is spent; so is a PEFT adapter that puts virtual tokens before the inputs (prompt tuning, P-tuning),
-    which a forward per new token over the KV cache would prepend again at every step.
+    which a forward per new token over the KV cache would prepend again at every step, and prefix tuning where the
+    model takes its cache as past_key_values (transformers 5.17), where PEFT's K/V would replace it.
     """
     refuse_prompt_adapter_over_a_cache(model, "generation")
     check_stop_strings(tokenizer, config.stop_strings)

@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
-from fastalign.model_decoder import refuse_prompt_adapter_over_a_cache
+from fastalign.runtime.hf_cache_argument import refuse_prompt_adapter_over_a_cache
 
 from .answers import read_answers
 from .generation import Generation, GenerationConfig, generate, generations, iter_generate

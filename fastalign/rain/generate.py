@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Literal, Optional, Sequence, Union
 
 from fastalign.evaluation.generation import before_end, eos_ids
-from fastalign.model_decoder import refuse_prompt_adapter_over_a_cache
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.ops.checks import check_count, is_integer, refuse_one_string
+from fastalign.runtime.hf_cache_argument import refuse_prompt_adapter_over_a_cache
 from fastalign.unlearn.templates import ChatTemplate
 from fastalign.unlearn.encoding import tokenize_prompts
 
@@ -160,7 +160,7 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
         raise ValueError(f"engine must be 'tree' or 'slow', got {engine!r}")
     if runner is not None and engine != "tree":   # (the slow engine ignored it)
         raise ValueError(f"runner is the tree engine's: engine {engine!r} takes none")
-    refuse_prompt_adapter_over_a_cache(model, "RAIN's search")   # either engine (a TreeRunner: prefix tuning too)
+    refuse_prompt_adapter_over_a_cache(model, "RAIN's search", kv_prefix=False)   # either engine
     if getattr(runner, "model", model) is not model:   # (one built for another model answered with it, silently)
         raise ValueError(f"runner must be a TreeRunner of `model` itself, got one of another "
                          f"{type(runner.model).__name__}")

@@ -2,10 +2,13 @@
 
 transformers 5.17 names both the forward argument and the output field `past_key_values` (`cache_params` for the
 Mamba models); newer releases name them `cache` (keeping the old arguments, deprecated, until 5.40). fastalign
-supports all three. Also whether a forward takes logits_to_keep (its lm_head at the positions read alone).
+supports all three. Also whether a forward takes logits_to_keep (its lm_head at the positions read alone), and which
+PEFT prompt-learning adapters a forward per new token over the cache runs as PEFT's forward does.
 """
 import functools
 import inspect
+
+from fastalign.model_decoder import prompt_learning_adapter
 
 _NAMES = ("cache", "past_key_values", "cache_params")   # the first a forward takes is the one used
 _CACHE_NAMES = frozenset(_NAMES)
@@ -65,3 +68,27 @@ def returned_cache(output):
         if cache is not None:
             return cache
     return None
+
+
+def refuse_prompt_adapter_over_a_cache(model, decoding: str, kv_prefix: bool = True) -> None:
+    """ValueError where `model`'s active PEFT adapter is a prompt-learning one that `decoding`, a forward per new token
+    over the KV cache, runs otherwise than PEFT's forward does (answering what the model does not): one that puts
+    virtual tokens before the inputs (prompt tuning, P-tuning, ...), which PEFT's forward prepends at every call, also
+    before a token decoded over the cache (and before left pads, with position_ids dropped); and prefix tuning (or a
+    cartridge), whose K/V PEFT's forward passes as past_key_values at every call, where `decoding` does not serve it
+    (`kv_prefix` False) or the model's forward takes its cache as past_key_values too (transformers 5.17): there they
+    replace the cache at every step. (Where it takes `cache`, the K/V start the first forward's cache and are ignored
+    after it, with a deprecation warning.)"""
+    adapter = prompt_learning_adapter(model)
+    if adapter is None:
+        return
+    if model.active_peft_config.peft_type not in ("PREFIX_TUNING", "CARTRIDGE"):
+        raise ValueError(f"model: its PEFT adapter ({adapter}) is a prompt-learning adapter whose virtual tokens "
+                         f"PEFT's forward puts before the inputs at every call, also before each token {decoding} "
+                         "decodes over the KV cache, which would answer what the model does not; use an adapter in "
+                         "the layers (LoRA and its kin, merged or not)")
+    if not kv_prefix or "past_key_values" in cache_kwargs(model, None):
+        raise ValueError(f"model: its PEFT adapter ({adapter}) is a prompt-learning adapter whose K/V PEFT's forward "
+                         f"passes as past_key_values at every call, which {decoding} does not carry over its KV cache "
+                         "as PEFT's forward does (it would answer what the model does not); use an adapter in the "
+                         "layers (LoRA and its kin, merged or not)")
