@@ -88,6 +88,7 @@ class FusedLossForward:
         model_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
         signature = self.__signature__
         forward.__signature__ = signature.replace(parameters=[model_parameter, *signature.parameters.values()])
+        forward.__wrapped__ = self   # accelerate's unwrap_model(keep_fp32_wrapper=False) gives this object back
         return forward
 
     @property

@@ -179,6 +179,20 @@ def test_a_copy_of_a_model_prepared_in_mixed_precision_computes_on_its_own_weigh
     assert copied.lm_head.weight.grad is not None and model.lm_head.weight.grad is None
 
 
+def test_unwrapping_a_prepared_fused_model_gives_its_fused_forward_back():
+    """accelerate's unwrap_model(keep_fp32_wrapper=False) follows the wrapper's __wrapped__ down to the forward it
+    prepared: the function the fused forward gave it led nowhere, so the model was left with that function bound,
+    fusing it again was refused as a forward replaced by something else, and a pickled copy came back unfused."""
+    accelerate = pytest.importorskip("accelerate")
+    model = fuse_causal_lm_loss(tiny_llama(VOCAB), backend="torch")
+    fused = model.forward
+    accelerator = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
+    unwrapped = accelerator.unwrap_model(accelerator.prepare(model), keep_fp32_wrapper=False)
+    assert unwrapped.forward is fused
+    fuse_causal_lm_loss(unwrapped, backend="torch")
+    assert isinstance(pickle.loads(pickle.dumps(unwrapped)).forward, FusedLossForward)
+
+
 def test_the_triton_kernels_run_in_the_fused_forward():
     """backend="triton" (on a GPU, else in the interpreter), an lm_head with a bias."""
     model = tiny_phi(VOCAB).to(TRITON_DEVICE)
