@@ -29,6 +29,7 @@ import json
 import os
 import threading
 import time
+import traceback
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -246,6 +247,12 @@ def _released_when_done(accelerator):
     before = {name: list(getattr(accelerator, name)) for name in _PREPARED_LISTS}
     try:
         yield
+    except BaseException as exc:
+        # the frames of the run that the exception's traceback keeps (the step's, the objective's) hold the objective
+        # and the optimizer for as long as the exception lives: a caller retrying inside its `except` block would
+        # train beside them. Their locals go (a post-mortem debugger sees the frames without them)
+        traceback.clear_frames(exc.__traceback__)
+        raise
     finally:
         for name in _PREPARED_LISTS:
             prepared = getattr(accelerator, name)

@@ -925,6 +925,33 @@ def test_a_retry_after_failed_runs_trains_without_their_objectives_and_optimizer
     assert alive == [(1, 1)] * 3, alive   # each run's own objective and AdamW, none of a failed run's
 
 
+def test_a_retry_inside_the_except_block_trains_without_the_failed_runs_objective_and_optimizer(tmp_path):
+    """`except torch.OutOfMemoryError: trainer.train()`: while the exception lives, its traceback keeps the failed
+    run's frames, whose locals held its objective and AdamW, so the retry trained beside them."""
+    tokenizer = byte_bpe_tokenizer()
+    alive, calls = [], [0]
+    real_forward = UnlearningObjective.forward
+
+    def failing_once(self, *args):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_forward(self, *args)
+
+    config = UnlearnConfig(output_dir=str(tmp_path / "run"), max_steps=2, save_every=1, lr=1e-3, progress=False)
+    trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config, tokenizer=tokenizer,
+                                step_callback=lambda record: alive.append((live(UnlearningObjective),
+                                                                           live(torch.optim.AdamW))))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(UnlearningObjective, "forward", failing_once)
+        try:
+            trainer.train()
+        except torch.OutOfMemoryError:
+            trainer.config = dataclasses.replace(config, resume=True)
+            assert trainer.train().steps == 2
+    assert alive == [(1, 1)] * 2, alive
+
+
 @pytest.mark.parametrize("stopped", [False, True], ids=["finished", "stopped"])
 def test_a_run_on_the_callers_accelerator_takes_out_only_what_it_prepared(tmp_path, stopped):
     """A trainer given the caller's Accelerator prepares its objective and AdamW on it. A run an exception stopped
