@@ -57,9 +57,10 @@ def disk_full_errno(exc: BaseException) -> int | None:
 
 @contextlib.contextmanager
 def naming_a_full_disk(path):
-    """Raises DiskFullError naming `path` for a write in the block that failed for want of space (disk_full_errno),
-    whose own error names no file (a write's OSError) or reads as no full disk (torch.save's, safetensors'); other
-    errors, and a DiskFullError of a write inside it, go through as they are."""
+    """Raises DiskFullError for a write in the block that failed for want of space (disk_full_errno), naming the
+    file its error names (a cache or temporary file written inside the block), else `path` (a write's OSError names
+    none, torch.save's and safetensors' errors read as no full disk); other errors, and a DiskFullError of a write
+    inside it, go through as they are."""
     try:
         yield
     except DiskFullError:
@@ -68,4 +69,4 @@ def naming_a_full_disk(path):
         code = disk_full_errno(exc)
         if code is None:
             raise
-        raise DiskFullError(code, os.strerror(code), str(path)) from exc
+        raise DiskFullError(code, os.strerror(code), str(getattr(exc, "filename", None) or path)) from exc
