@@ -205,7 +205,8 @@ class KahanAdamW(torch.optim.Optimizer):
     def _state_of(self, p):
         """p's state, made on its first step (moments of zeros), completed after a load (a compensation of zeros
         for a bf16 parameter whose state came from an optimizer without one), its moments cast to p's dtype where p
-        was cast after its steps (model.to(torch.bfloat16) after fp32 steps: as torch's load_state_dict casts them)."""
+        was cast after its steps (model.to(torch.bfloat16) after fp32 steps: as torch's load_state_dict casts them),
+        without a compensation where p is not bf16 (cast to fp32 after bf16 steps)."""
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
@@ -216,4 +217,6 @@ class KahanAdamW(torch.optim.Optimizer):
                 state[name] = state[name].to(p.dtype)
         if p.dtype in COMPENSATED_DTYPES and "compensation" not in state:
             state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif p.dtype not in COMPENSATED_DTYPES:   # (one cast to fp32 after bf16 steps: it steps as AdamW)
+            state.pop("compensation", None)
         return state

@@ -442,6 +442,31 @@ def test_the_moments_of_a_parameter_cast_to_bf16_after_its_steps_take_its_dtype_
         assert torch.equal(got[name], tensor), name
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_parameter_cast_to_fp32_after_bf16_steps_steps_as_adamw_without_its_compensation(backend):
+    """After bf16 steps and model.float(), the bf16 compensation stayed in the state and went into the fp32 steps,
+    against the docstring (fp32 parameters step as AdamW, without compensation): it is dropped at the next step,
+    which then equals torch's AdamW's from the same moments."""
+    device = "cpu" if backend == "torch" else TRITON_DEVICE
+    weight = torch.nn.Parameter((0.02 * torch.randn(33, 17, generator=torch.Generator().manual_seed(8))).bfloat16()
+                                .to(device))
+    optimizer = KahanAdamW([weight], lr=1e-3, backend=backend)
+    grads = gradients((33, 17), 3, seed=9)
+    for grad in grads[:2]:
+        weight.grad = grad.to(device, torch.bfloat16)
+        optimizer.step()
+    weight.data = weight.data.float()
+    state = optimizer.state[weight]
+    twin = torch.nn.Parameter(weight.detach().clone())
+    adamw = torch.optim.AdamW([twin], lr=1e-3)
+    adamw.state[twin] = {name: state[name].float().clone() for name in ("step", "exp_avg", "exp_avg_sq")}
+    weight.grad, twin.grad = grads[2].to(device), grads[2].to(device)
+    optimizer.step()
+    adamw.step()
+    assert "compensation" not in optimizer.state[weight]
+    torch.testing.assert_close(weight.detach(), twin.detach(), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("shapes", [((6, 4), (4, 6)), ((1,), (4,))], ids=["same numel", "other numel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_loaded_state_of_another_shape_is_refused_before_anything_steps(shapes, dtype):
