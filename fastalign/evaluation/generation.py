@@ -27,7 +27,6 @@ from fastalign.model_context import config_positions
 from fastalign.model_devices import input_device
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.ops.checks import is_integer, refuse_one_string
-from fastalign.runtime.hf_cache import agree_within_rounding
 from fastalign.runtime.hf_cache_argument import (cache_kwargs, refuse_prompt_adapter_over_a_cache, returned_cache,
                                                  takes_logits_to_keep)
 from fastalign.unlearn.encoding import tokenize_prompts
@@ -195,6 +194,10 @@ def pads_exactly(model, tokenizer) -> bool:
     within rounding of the model's dtype: not for a model that reads no attention mask (RWKV: the pads run through
     its state) or places its positions by the sequence's length (Pegasus', Marian's sinusoidal ones), whose answers
     then depended on the batch. One forward of 2 rows (2 and 4 tokens) and one of the short row alone."""
+    # imported here: hf_cache imports transformers, which building the CLI's parser (rain/cli.py imports this module)
+    # must not load (tests/test_cli.py)
+    from fastalign.runtime.hf_cache import agree_within_rounding
+
     short, long = [1, 0], [2, 3, 1, 1]
     padded = _prompt_forward(model, tokenizer, [short, long])[-1].logits[0, -1]
     alone = _prompt_forward(model, tokenizer, [short])[-1].logits[0, -1]
