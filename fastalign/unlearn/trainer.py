@@ -479,6 +479,8 @@ class UnlearningTrainer:
             if config.gradient_checkpointing:
                 enable_activation_checkpointing(model)
         except Exception:
+            if new_adapter and hasattr(model, "unload"):   # get_peft_model put its layers into the caller's model
+                model.unload()
             _set_requires_grad(self._given_requires_grad)
             raise
         return model.to(self.accelerator.device).train()

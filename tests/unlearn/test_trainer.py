@@ -1295,13 +1295,17 @@ def test_lora_on_the_lm_head_is_refused_before_any_output(tmp_path, targets):
 
 def test_lora_on_input_embeddings_tied_to_the_lm_head_is_refused_before_any_output(tmp_path):
     """Merged, such an adapter would change the tied lm_head too, which it never did while training: the saved
-    model would not be the trained one. Untied, the input embeddings may carry one."""
+    model would not be the trained one. Untied, the input embeddings may carry one. The refused model is left as
+    given: the check runs once PEFT put its layers in, and they stayed in the caller's model."""
     pytest.importorskip("peft")
     config = tiny_llama(len(byte_bpe_tokenizer())).config
     config.tie_word_embeddings = True
+    model = LlamaForCausalLM(config)
+    modules = [name for name, _ in model.named_modules()]
     with pytest.raises(ValueError, match="input embeddings carry a PEFT adapter and are tied to the lm_head"):
-        run(tmp_path, model=LlamaForCausalLM(config), lora=True, lora_rank=4, lora_targets=["q_proj", "embed_tokens"])
+        run(tmp_path, model=model, lora=True, lora_rank=4, lora_targets=["q_proj", "embed_tokens"])
     assert not os.path.exists(tmp_path / "run")
+    assert [name for name, _ in model.named_modules()] == modules
     run(tmp_path, max_steps=1, grad_accum=1, lora=True, lora_rank=4, lora_targets=["q_proj", "embed_tokens"])
 
 
