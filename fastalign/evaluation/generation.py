@@ -198,7 +198,8 @@ def pads_exactly(model, tokenizer) -> bool:
     # must not load (tests/test_cli.py)
     from fastalign.runtime.hf_cache import agree_within_rounding
 
-    short, long = [1, 0], [2, 3, 1, 1]
+    vocabulary = input_vocabulary(model)   # (a model of 3 words takes ids 0-2)
+    short, long = [1 % vocabulary, 0], [t % vocabulary for t in (2, 3, 1, 1)]
     padded = _prompt_forward(model, tokenizer, [short, long])[-1].logits[0, -1]
     alone = _prompt_forward(model, tokenizer, [short])[-1].logits[0, -1]
     return agree_within_rounding(model.dtype, alone, (padded, alone))

@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from fastalign.evaluation.generation import (GenerationConfig, encode_prompts, eos_ids, generate, generations,
-                                             iter_generate, iter_generations, pad_id)
+                                             iter_generate, iter_generations, pad_id, pads_exactly)
 from fastalign.evaluation.harness import evaluate_harm
 from fastalign.evaluation.prompts import spec_prompt
 from tests.vocab_rows import VocabRows
@@ -235,6 +235,16 @@ def test_a_model_whose_logits_padding_changes_answers_each_prompt_as_alone(world
     batched = generations(model, tokenizer, prompts, GenerationConfig(max_new_tokens=6, batch_size=3))
     alone = generations(model, tokenizer, prompts, GenerationConfig(max_new_tokens=6, batch_size=1))
     assert [g.answer_ids for g in batched] == [g.answer_ids for g in alone]
+
+
+def test_the_padding_probe_takes_ids_every_vocabulary_has(tokenizer):
+    """The probe's token ids (up to 3) fell outside a model of 3 words: an IndexError (a device-side assert on a GPU)
+    where its generation had run."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=3, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0,
+                                         bos_token_id=1, eos_token_id=2)).eval()
+    assert pads_exactly(model, tokenizer)
 
 
 def test_generation_computes_the_logits_of_each_rows_last_position_alone(world, tokenizer, model):
