@@ -61,7 +61,7 @@ def _kl_of_log_probs(log_q, log_p):
     p, q = log_p.exp(), log_q.exp()
     d = log_p - log_q
     mean_diff = (p * d).masked_fill_(p == 0.0, 0.0).sum(1)
-    mean_expm1 = torch.where(d.abs() < 0.5, d.neg().expm1_().mul_(p), q.sub_(p)).sum(1)
+    mean_expm1 = torch.where(d.abs() < 0.5, d.neg_().expm1_().mul_(p), q.sub_(p)).sum(1)   # (d's last use)
     return mean_diff + torch.log1p(mean_expm1)
 
 
