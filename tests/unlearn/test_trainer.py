@@ -907,17 +907,23 @@ def live(kind) -> int:
     return sum(type(o) is kind for o in gc.get_objects())
 
 
+def objectives_and_optimizers_counter():
+    """A function giving how many UnlearningObjective and AdamW objects are alive beyond those alive now (an earlier
+    test in the process may keep some)."""
+    before = live(UnlearningObjective), live(torch.optim.AdamW)
+    return lambda: (live(UnlearningObjective) - before[0], live(torch.optim.AdamW) - before[1])
+
+
 def test_a_retry_after_failed_runs_trains_without_their_objectives_and_optimizers(tmp_path, monkeypatch):
     """A train() an exception stopped (an out-of-memory error) left its prepared objective (with its reference) and
     its AdamW (with its moments) in the accelerator, which only a finished run emptied: a caller retrying on the same
     trainer, as after an out-of-memory error, trained beside every failed attempt's optimizer state, one more
     model-sized AdamW state on the device per failure."""
     tokenizer = byte_bpe_tokenizer()
-    alive = []
+    alive, counted = [], objectives_and_optimizers_counter()
     config = UnlearnConfig(output_dir=str(tmp_path / "run"), max_steps=3, save_every=1, lr=1e-3, progress=False)
     trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config, tokenizer=tokenizer,
-                                step_callback=lambda record: alive.append((live(UnlearningObjective),
-                                                                           live(torch.optim.AdamW))))
+                                step_callback=lambda record: alive.append(counted()))
     for _ in range(2):   # each stopped at its second step, after the checkpoint of its first
         fail_train_at_forward(monkeypatch, trainer, 2)
         trainer.config = dataclasses.replace(config, resume=True)
@@ -939,9 +945,9 @@ def test_a_retry_inside_the_except_block_trains_without_the_failed_runs_objectiv
         return real_forward(self, *args)
 
     config = UnlearnConfig(output_dir=str(tmp_path / "run"), max_steps=2, save_every=1, lr=1e-3, progress=False)
+    counted = objectives_and_optimizers_counter()
     trainer = UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config, tokenizer=tokenizer,
-                                step_callback=lambda record: alive.append((live(UnlearningObjective),
-                                                                           live(torch.optim.AdamW))))
+                                step_callback=lambda record: alive.append(counted()))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(UnlearningObjective, "forward", failing_once)
         try:
