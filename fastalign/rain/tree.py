@@ -87,7 +87,9 @@ class SearchTree:
     def wants_widening(self, node: Node) -> bool:
         """A node widens when it has fewer than max_children children, all with embeddings, whose embedding
         variance (unbiased, per dimension) has norm below 0.03 * token-set length, and its best child has q < 0.
-        A lone child widens only with widen_lone_child (its variance is then 0; the reference's is NaN)."""
+        The length is that of the sets the node expanded into: its depth's, or less where the length limit left
+        less room (the reference reads its children's). A lone child widens only with widen_lone_child (its variance
+        is then 0; the reference's is NaN)."""
         c = self.config
         children = node.children
         if len(children) < (1 if c.widen_lone_child else 2) or len(children) >= c.max_children:
@@ -95,7 +97,8 @@ class SearchTree:
         if any(ch.embedding is None for ch in children):
             return False
         variance = torch.stack([ch.embedding for ch in children]).var(dim=0, correction=min(1, len(children) - 1))
-        threshold = c.widen_variance_per_token * c.token_set_length(node.depth)
+        length = c.token_set_length(node.depth) if node.expansion is None else node.expansion.length
+        threshold = c.widen_variance_per_token * length
         return bool(variance.norm() < threshold) and max(ch.q for ch in children) < c.widen_max_q
 
     def add_virtual_loss(self, leaf: Node, visits: float):

@@ -7,7 +7,7 @@ import torch
 
 from fastalign.rain import RainConfig
 from fastalign.rain.jobs import Draft
-from fastalign.rain.search import ranked_top, token_set_priors
+from fastalign.rain.search import Expansion, ranked_top, token_set_priors
 from fastalign.rain.tree import Node, SearchTree
 
 
@@ -146,6 +146,21 @@ def test_widening_threshold_scales_with_the_childrens_set_length():
     assert tree.wants_widening(tree.root)                 # 0.045 <= 0.06
     b.embedding = torch.tensor([1.0, 0.4])                # unbiased 0.08 (biased: 0.04)
     assert not tree.wants_widening(tree.root)
+
+
+def test_widening_threshold_follows_the_sets_a_length_limited_node_expanded_into():
+    """Near the length limit a node expands into sets shorter than its depth's (search._set_length): the threshold
+    is 0.03 x the length of the sets it has (the reference reads its children's), not of its depth's (10 at depth 3,
+    which widened such nodes 10x too readily)."""
+    tree = tree_with_children([0.5, 0.5])
+    a, b = tree.root.children
+    a.q = b.q = -0.5
+    a.embedding, b.embedding = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.3])   # variance 0.045
+    tree.root.depth = 3
+    tree.root.expansion = Expansion(length=1)            # room for one token: 1-token sets
+    assert not tree.wants_widening(tree.root)             # 0.045 > 0.03 x 1
+    tree.root.expansion = Expansion(length=10)
+    assert tree.wants_widening(tree.root)                 # 0.045 <= 0.03 x 10
 
 
 def test_widening_reads_the_norm_of_the_variance_over_every_dimension():
