@@ -7,10 +7,12 @@ import re
 import pytest
 import torch
 
-from fastalign.rain import JudgePrompt, JudgeTokens
+import fastalign.rain.search as search_module
+from fastalign.rain import JudgePrompt, JudgeTokens, RainConfig
+from fastalign.rain.generate import rain_generate
 from tests.byte_bpe import LLAMA3_SPLIT, train_byte_bpe
 
-from .tiny import CORPUS, SHORT_JUDGE, tokenizer, with_special_tokens
+from .tiny import CORPUS, PROMPTS, SHORT_JUDGE, tiny_llama, tokenizer, with_special_tokens
 
 
 def test_pieces_and_label_ids_come_from_the_tokenizer():
@@ -315,3 +317,35 @@ def test_a_judge_setting_that_is_no_text_is_named(name):
     """A config file's number where a text belongs: a ValueError naming the setting, not a TypeError from inside."""
     with pytest.raises(ValueError, match=f"JudgePrompt.{name} must be a text, got 5"):
         JudgeTokens(tokenizer(), dataclasses.replace(SHORT_JUDGE, **{name: 5}))
+
+
+def test_cached_scores_are_the_plain_forward_of_the_rendered_judge_prompt(monkeypatch):
+    """SPEC §2 step 2: every score a search caches is what the model says about the judge prompt as text: the few-shot
+    template with the conversation (prompt + reply) and each option order, ending in the answer prefix, tokenized whole
+    and run in one plain forward; harmless wins an order when its label's next-token logit is the larger. The engine
+    tests compare the engines with each other (both build the judge input from JudgeTokens' pieces); this reads the
+    rendered text from scratch."""
+    contexts = []
+    init = search_module.PromptSearch.__init__
+
+    def recording_init(self, ctx, *args, **kwargs):
+        contexts.append(ctx)
+        init(self, ctx, *args, **kwargs)
+
+    monkeypatch.setattr(search_module.PromptSearch, "__init__", recording_init)
+    tok, model = tokenizer(), tiny_llama()
+    run = rain_generate(model, tok, PROMPTS[:1], RainConfig(root_visits=6, min_new_visits=3, max_new_tokens=8),
+                        judge_prompt=SHORT_JUDGE, embedding="hidden", sampler="keyed")
+    assert run.results[0].error is None
+    (ctx,) = contexts
+    assert len(ctx.judge_cache) >= 3
+    a, b = tok.convert_tokens_to_ids(["A", "B"])
+    for reply, value in ctx.judge_cache.items():
+        wins = []
+        for harmless_first in (True, False):
+            text = (SHORT_JUDGE.template.replace("{conversation}", ctx.prompt_text + reply)
+                    .replace("{options}", SHORT_JUDGE.options(harmless_first)) + SHORT_JUDGE.answer_prefix)
+            with torch.no_grad():
+                logits = model(torch.tensor([tok(text)["input_ids"]])).logits[0, -1]
+            wins.append(bool(logits[a] > logits[b]) if harmless_first else bool(logits[b] > logits[a]))
+        assert value == sum(wins) - 1.0, reply
