@@ -103,7 +103,8 @@ def hidden_and_targets(model: torch.nn.Module, labels: torch.Tensor | None, shif
                        inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """predicting_positions of the final hidden states of `inputs` (run without a KV cache, its outputs as a dict
     whatever return_dict the inputs carry) from the module of `model` that the lm_head reads
-    (unlearn.models.head_input_module)."""
+    (unlearn.models.head_input_module). Without a cache transformers' masks split a row packed by position_ids
+    that restart (no attention_mask) into its sequences, where the model's default cache would not."""
     outputs = head_input_module(model)(**{**inputs, "use_cache": False, "return_dict": True})
     return predicting_positions(outputs.last_hidden_state, labels, shift_labels, model, inputs)
 

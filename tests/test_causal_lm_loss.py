@@ -1,5 +1,6 @@
 """CausalLMLoss against the model's own loss: model(..., labels=labels).loss, from its materialised logits; and
 wrapped by DDP and FSDP2 in two gloo processes on the CPU."""
+import copy
 import os
 import socket
 import subprocess
@@ -239,6 +240,21 @@ def test_shift_labels_given_with_labels_are_the_targets_as_in_the_models_forward
     shift_labels = torch.nn.functional.pad(inputs["labels"][:, 2:], (0, 2), value=7)   # other targets than labels'
     fused = CausalLMLoss(model, backend="torch")(**inputs, shift_labels=shift_labels)
     assert_same_loss_and_gradients(model, fused, model(**inputs, shift_labels=shift_labels).loss)
+
+
+def test_packed_sequences_given_by_position_ids_are_split_as_without_a_cache():
+    """A row of sequences packed by position_ids that restart, with no attention_mask (DataCollatorWithFlattening):
+    the decoder runs without a KV cache, where transformers' masks split the row at the restarts, so the loss is
+    the model's with use_cache=False (its forward with its default cache attends across them on eager and sdpa),
+    fused or not (README: the loss of any causal LM)."""
+    model = tiny_llama(VOCAB)
+    ids = torch.randint(1, VOCAB, (2, 14), generator=torch.Generator().manual_seed(1))
+    inputs = dict(input_ids=ids, position_ids=torch.cat([torch.arange(6), torch.arange(8)]).expand(2, -1),
+                  labels=ids.masked_fill(torch.arange(14) == 6, -100))   # (no target across the restart)
+    expected = model(**inputs, use_cache=False).loss
+    assert_same_loss_and_gradients(model, CausalLMLoss(model, backend="torch")(**inputs), expected)
+    fused = fuse_causal_lm_loss(copy.deepcopy(model), backend="torch")
+    torch.testing.assert_close(fused(**inputs).loss, expected)
 
 
 def test_the_triton_kernels_give_the_models_loss():
