@@ -150,8 +150,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     g("--packing", choices=PACKING_MODES,
       help="how the policy's forward lays out a batch: on = the rows merged into prefix trees along a few packed rows, "
       "so that a prompt its mismatch rows repeat and the padding are computed once or not at all (needs a model that "
-      "takes position_ids and a 4-D mask, through sdpa or eager attention: checked once at the start); off = padded "
-      "rows; auto = packed where the model allows it and the estimate says it is cheaper (default)")
+      "takes position_ids and a 4-D mask, through sdpa or eager attention: checked once at the start; a batch whose "
+      "longest row is longer than the model's attention window or chunk runs padded); off = padded rows; auto = "
+      "packed where the model allows it and the estimate says it is cheaper (default)")
 
     g = p.add_argument_group("optimisation").add_argument
     g("--max-steps", type=int, metavar="N", help=f"optimizer steps (default: {_default('max_steps')})")
