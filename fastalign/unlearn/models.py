@@ -113,6 +113,16 @@ def enable_activation_checkpointing(model):
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def disable_activation_checkpointing(model):
+    """Keep each decoder layer's activations again (enable_activation_checkpointing undone), under the name of either
+    transformers release (see enable_activation_checkpointing)."""
+    base = base_causal_lm(model)
+    if hasattr(base, "activation_checkpointing_disable"):
+        base.activation_checkpointing_disable()
+    else:
+        base.gradient_checkpointing_disable()
+
+
 def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(decoder, lm_head) of a causal LM; a clear error for models the fused losses cannot serve."""
     adapter = prompt_learning_adapter(model)

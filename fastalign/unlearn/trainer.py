@@ -49,7 +49,8 @@ from fastalign.unlearn.compute import (ComputeTotals, ModelShape, batch_compute,
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.layer_stand_ins import fused_layers
 from fastalign.unlearn.lora_merge import MERGE_ERROR_WARNING, merge_rounding_error
-from fastalign.unlearn.models import (cast_weights, causal_lm_parts, check_fused_logits, check_mergeable_adapter,
+from fastalign.unlearn.models import (base_causal_lm, cast_weights, causal_lm_parts, check_fused_logits,
+                                      check_mergeable_adapter, disable_activation_checkpointing,
                                       enable_activation_checkpointing, max_positions)
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.optimizer import adamw
@@ -372,12 +373,15 @@ class UnlearningTrainer:
     of another precision (see _new_accelerator): it does not switch the caller's training to its own. A run takes what
     it prepared out of the accelerator when it ends, finished or failed, and leaves the rest (the objects the caller
     prepared on it, its step) as it was.
-    The constructor checks the model before it changes it (casts it for precision 'bf16', wraps it for LoRA, enables
-    checkpointing, moves it to the accelerator's device, puts it in train mode): a model it refuses is left as given,
-    but at precision 'bf16' for lora_targets that PEFT finds in no module and for a LoRA adapter on input embeddings
-    tied to the lm_head (whose merge would change the lm_head too), refused after the cast. A finished run gives
-    the model (trained in place, LoRA merged in) its requires_grad flags back, which LoRA and the cached reference set
-    (a LoRA run, once it merged its adapter in, even where writing model/ then fails).
+    The constructor checks the model before it changes it (casts it for precision 'bf16', wraps it for LoRA, moves it
+    to the accelerator's device): a model it refuses is left as given, but at precision 'bf16' for lora_targets that
+    PEFT finds in no module and for a LoRA adapter on input embeddings tied to the lm_head (whose merge would change
+    the lm_head too), refused after the cast. A finished run gives the model (trained in place, LoRA merged in) its
+    requires_grad flags back, which LoRA and the cached reference set (a LoRA run, once it merged its adapter in, even
+    where writing model/ then fails). Each train() runs its steps in train mode, with activation checkpointing where
+    config.gradient_checkpointing asks for it, and when it ends, finished or failed, gives each module of the caller's
+    model its mode (train or eval) back, and turns checkpointing, and the input-grads hook transformers registers with
+    it, off again where the model was given without them.
     One train() runs at a time on a trainer: one called while another runs, from another thread or from the
     step_callback, is refused with a RuntimeError (the two would train one model with one optimizer into one
     output_dir); one called after the last returned runs (after an exception, a resume: see resume_point), but it is
@@ -455,6 +459,11 @@ class UnlearningTrainer:
         new_adapter = config.lora and not hasattr(model, "disable_adapter")
         # (LoRA freezes the base weights, the cached reference the lm_head: _finish gives the model its flags back)
         self._given_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        # what each train() changes for its run and gives back (_train_mode): each module's mode, the checkpointing,
+        # and transformers' input-grads hook (enabling checkpointing registers it; PEFT too, where it is on)
+        self._given_modes = [(module, module.training) for module in model.modules()]
+        self._given_checkpointing = any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+        self._given_grads_hook = hasattr(base_causal_lm(model), "_require_grads_hook")
         try:   # a refusal gives the flags back (the cached reference's frozen head, below)
             if config.reference_mode == "cached":
                 head.requires_grad_(False)  # the cache is valid only for this head (weight, bias)
@@ -476,14 +485,12 @@ class UnlearningTrainer:
                 except ValueError as e:   # e.g. GPT-2 has no q_proj: name the setting that chose them
                     raise ValueError(f"lora_targets (--lora-targets) {config.lora_targets}: {e}") from None
             check_mergeable_adapter(model)   # (_finish merges the adapter into model/)
-            if config.gradient_checkpointing:
-                enable_activation_checkpointing(model)
         except Exception:
             if new_adapter and hasattr(model, "unload"):   # get_peft_model put its layers into the caller's model
                 model.unload()
             _set_requires_grad(self._given_requires_grad)
             raise
-        return model.to(self.accelerator.device).train()
+        return model.to(self.accelerator.device)
 
     def _reference(self):
         mode, model = self.config.reference_mode, self.model
@@ -550,8 +557,26 @@ class UnlearningTrainer:
         # decoder, or the cache; AdamW and its moments) for as long as the caller keeps it, finished or not: they go
         # when the run ends, so that a caller retrying after an out-of-memory error trains without the failed run's
         # optimizer state, and one dropping the model after the run gets its memory back
-        with _released_when_done(acc):
+        with _released_when_done(acc), self._train_mode():
             return self._run(resume_from)
+
+    @contextlib.contextmanager
+    def _train_mode(self):
+        """The run's model in train mode, with checkpointing where the config asks for it; the caller's as given when
+        the run ends, finished or failed, in all but its weights: a model given in eval mode must not generate with
+        dropout after it, nor keep checkpointing and its input-grads hook."""
+        self.model.train()
+        if self.config.gradient_checkpointing:
+            enable_activation_checkpointing(self.model)
+        try:
+            yield
+        finally:   # (self.model: LoRA's wrapper, or the model _finish merged it into)
+            if self.config.gradient_checkpointing and not self._given_checkpointing:
+                disable_activation_checkpointing(self.model)
+            base = base_causal_lm(self.model)
+            if not self._given_grads_hook and hasattr(base, "_require_grads_hook"):
+                base.disable_input_require_grads()
+            _set_modes(self.model, self._given_modes)
 
     def _run(self, resume_from: str | None) -> RunSummary:
         """The run train() checked, from the accelerate-prepared objective to the summary of the run."""
@@ -849,6 +874,15 @@ def _set_requires_grad(flags: list[tuple[torch.nn.Parameter, bool]]) -> None:
     """Gives each parameter its requires_grad flag of `flags` back."""
     for p, requires_grad in flags:
         p.requires_grad_(requires_grad)
+
+
+def _set_modes(model, modes: list[tuple[torch.nn.Module, bool]]) -> None:
+    """Gives each module of `modes` (the caller's model's, its own first) its training flag back: `model` takes the
+    first's mode through train(), so that modules a run added (LoRA's) follow it and transformers maps its Hub kernels
+    for it, then each module its own flag."""
+    model.train(modes[0][1])
+    for module, training in modes:
+        module.training = training
 
 
 def _save_model(model, directory: str, state_dict) -> None:

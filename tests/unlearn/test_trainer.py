@@ -1576,6 +1576,52 @@ def test_a_finished_cached_reference_run_trains_again_on_its_trainer(tmp_path):
     assert trainer.model.lm_head.weight.requires_grad   # (given back again)
 
 
+@pytest.mark.parametrize("settings", [{}, {"gradient_checkpointing": True},
+                                      {"lora": True, "lora_rank": 4, "gradient_checkpointing": True}],
+                         ids=["plain", "checkpointing", "lora"])
+@pytest.mark.parametrize("ending", ["finished", "failed"])
+def test_a_run_gives_the_model_its_modes_and_checkpointing_back(tmp_path, ending, settings):
+    """The constructor put the caller's model in train mode and turned checkpointing on (with transformers' input-grads
+    hook) for good: after train() a model given in eval mode generated with dropout on. Each run trains in train mode,
+    with checkpointing as the config says, and gives every module its own mode back, finished or failed; a resume on
+    the same trainer trains in train mode again. The frozen copy of the reference stays in eval mode throughout."""
+    if settings.get("lora"):
+        pytest.importorskip("peft")
+    tokenizer, model = byte_bpe_tokenizer(), tiny_llama(len(byte_bpe_tokenizer()))
+    model.model.layers[1].mlp.train()   # the caller's own choice: one submodule in train mode, kept as well
+    given = [(module, module.training) for module in model.modules()]
+    checkpointing = settings.get("gradient_checkpointing", False)
+    config = UnlearnConfig(output_dir=str(tmp_path / "run"), max_steps=3, save_every=1, resume=True, lr=1e-3,
+                           grad_accum=2, progress=False, **settings)
+    seen = []
+
+    def callback(record):
+        reference = trainer._built_reference[0]
+        seen.append((all(module.training for module in trainer.model.modules()),
+                     any(getattr(module, "gradient_checkpointing", False) for module in model.modules()),
+                     not any(module.training for module in getattr(reference, "model", model).modules())
+                     or settings.get("lora")))   # (LoRA's reference is the policy, in eval mode at its call)
+        if ending == "failed" and len(seen) == 2:   # (after step 2: a resume from step 1's checkpoint)
+            raise Killed
+
+    trainer = UnlearningTrainer(model, tiny_streams(tokenizer), config, tokenizer=tokenizer, step_callback=callback)
+    assert not model.training   # (the constructor changes no mode)
+
+    def assert_given_back():
+        assert [training for _, training in given] == [module.training for module, _ in given]
+        assert not any(module.training for module in model.modules() if all(module is not m for m, _ in given))
+        assert not any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+        assert not model.get_input_embeddings()._forward_hooks and not hasattr(model, "_require_grads_hook")
+
+    if ending == "failed":
+        with pytest.raises(Killed):
+            trainer.train()
+        assert_given_back()
+    assert trainer.train().steps == 3
+    assert_given_back()
+    assert seen == [(True, checkpointing, True)] * (4 if ending == "failed" else 3)
+
+
 @pytest.mark.parametrize("reference", ["adapter", "copy"])
 def test_a_lora_run_whose_model_write_failed_is_refused_on_its_trainer_and_resumes_on_a_new_one(tmp_path, monkeypatch,
                                                                                               reference):
