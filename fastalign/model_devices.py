@@ -50,14 +50,21 @@ def compute_devices(model: torch.nn.Module) -> dict[torch.device, str]:
     return found
 
 
+def loaded_devices(model: torch.nn.Module, user: str, name: str = "model") -> dict[torch.device, str]:
+    """compute_devices of `model` (the argument `name`), for `user`, which runs the whole model: ValueError when some
+    of its weights are not loaded, whose forward fails or (F.linear on a CPU input) returns uninitialised memory."""
+    found = compute_devices(model)
+    if META in found:
+        raise ValueError(f"{name}: its weights are not loaded ({found[META]} has no accelerate hook to load its "
+                         f"parameters, which are on the meta device); load them onto a device before {user} uses it")
+    return found
+
+
 def model_device(model: torch.nn.Module, user: str) -> torch.device | None:
     """The one device `model` computes on (None: it has no parameters), for `user` (e.g. "a TreeRunner"), which runs
     the whole model there: ValueError naming the model when its weights are not loaded or it computes on several
     devices (a device_map over several GPUs, a part moved by hand)."""
-    found = compute_devices(model)
-    if META in found:
-        raise ValueError(f"model: its weights are not loaded ({found[META]} has no accelerate hook to load its "
-                         f"parameters, which are on the meta device); load them onto a device before {user} uses it")
+    found = loaded_devices(model, user)
     if len(found) > 1:
         where = " and ".join(f"{device} ({name})" for device, name in found.items())
         raise ValueError(f"model: {user} runs the whole model on one device, but it computes on {where} (a "
@@ -65,20 +72,16 @@ def model_device(model: torch.nn.Module, user: str) -> torch.device | None:
     return next(iter(found), None)
 
 
-def input_device(model: torch.nn.Module) -> torch.device:
-    """The device a model's input ids go to: where its input embeddings compute (for embeddings that accelerate
-    offloads, their hook's execution device, not the meta device their weight waits on), else its first parameter's
-    device. ValueError when the embeddings are not loaded."""
+def input_device(model: torch.nn.Module, user: str, name: str = "model") -> torch.device:
+    """The device the input ids of `model` (the argument `name`), which `user` runs whole, go to: where its input
+    embeddings compute (for embeddings that accelerate offloads, their hook's execution device, not the meta device
+    their weight waits on), else where its first module computes. ValueError when some of its weights are not
+    loaded (loaded_devices)."""
+    found = loaded_devices(model, user, name)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:   # transformers' get_input_embeddings raises NotImplementedError on a model that does not say which
         embeddings = base.get_input_embeddings()
     except (AttributeError, NotImplementedError):
         embeddings = None
     modules = embeddings.modules() if isinstance(embeddings, torch.nn.Module) else iter(())
-    device = next((d for m in modules for d in module_devices(m)), None)
-    if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if device == META:
-        raise ValueError("model: its input embeddings are not loaded (their weight is on the meta device, and no "
-                         "accelerate hook loads it); load the model's weights onto a device")
-    return device
+    return next((d for m in modules for d in module_devices(m)), next(iter(found), torch.device("cpu")))

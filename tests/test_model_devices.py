@@ -52,7 +52,7 @@ def test_a_model_offloaded_by_accelerate_computes_on_its_hooks_device():
     assert compute_devices(model) == {CPU: "model.embed_tokens"}
     accelerate.cpu_offload(model.model.embed_tokens, execution_device=CPU)
     assert model.model.embed_tokens.weight.is_meta
-    assert model_device(model, "a test") == CPU and input_device(model) == CPU
+    assert model_device(model, "a test") == CPU and input_device(model, "a test") == CPU
 
 
 def test_weights_on_the_meta_device_without_a_hook_are_not_loaded():
@@ -62,10 +62,22 @@ def test_weights_on_the_meta_device_without_a_hook_are_not_loaded():
     with pytest.raises(ValueError, match=r"^model: its weights are not loaded \(model.layers.1.mlp.gate_proj has no "
                                          r"accelerate hook .* meta device\); load them onto a device before a test "):
         model_device(model, "a test")
-    assert input_device(model) == CPU   # the embeddings are loaded
+
+
+def test_the_input_device_of_a_model_with_a_part_not_loaded_is_refused():
+    """Only the input embeddings were checked: generation, the KL and the slow RAIN engine ran a model with a part on
+    the meta device and no hook to load it, whose F.linear of a CPU input returned uninitialised memory (a different
+    KL at every run); TreeRunner refused it. The argument is named (mean_token_kl's reference)."""
+    model = tiny_llama(50)
+    assert input_device(model, "a test") == CPU
+    model.model.layers[1].mlp.down_proj.to("meta")
+    with pytest.raises(ValueError, match=r"^reference: its weights are not loaded \(model.layers.1.mlp.down_proj "
+                                         r"has no accelerate hook .* meta device\); load them onto a device before a "):
+        input_device(model, "a test", "reference")
+    model = tiny_llama(50)
     model.model.embed_tokens.to("meta")
-    with pytest.raises(ValueError, match="^model: its input embeddings are not loaded"):
-        input_device(model)
+    with pytest.raises(ValueError, match=r"^model: its weights are not loaded \(model.embed_tokens has"):
+        input_device(model, "a test")
 
 
 def test_a_model_dispatched_over_two_devices_is_named_on_both():
@@ -75,18 +87,20 @@ def test_a_model_dispatched_over_two_devices_is_named_on_both():
     with pytest.raises(ValueError, match=r"^model: a test runs the whole model on one device, but it computes on cpu "
                                          r"\(model.embed_tokens\) and cuda:1 \(model.layers.1\)"):
         model_device(model, "a test")
-    assert input_device(model) == CPU   # its embeddings run on the CPU
+    assert input_device(model, "a test") == CPU   # its embeddings run on the CPU
 
 
 def test_the_input_device_of_a_lora_model_and_of_a_model_without_embeddings():
     peft = pytest.importorskip("peft")
     model = tiny_llama(50)
     accelerate.cpu_offload(model.model.embed_tokens, execution_device=CPU)
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
-    assert input_device(wrapped) == CPU
-    assert input_device(torch.nn.Linear(2, 2)) == CPU   # no input embeddings: its first parameter's device
+    # (not the embeddings: peft puts their adapter's weights on the meta device of their offloaded weight, unloaded)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert input_device(wrapped, "a test") == CPU
+    assert input_device(torch.nn.Linear(2, 2), "a test") == CPU   # no input embeddings: where its first module computes
+    assert input_device(accelerate.cpu_offload(torch.nn.Linear(2, 2), execution_device=CPU), "a test") == CPU
     with pytest.raises(ValueError, match="not loaded"):
-        input_device(torch.nn.Linear(2, 2).to("meta"))
+        input_device(torch.nn.Linear(2, 2).to("meta"), "a test")
 
 
 def test_the_input_device_of_a_model_that_does_not_name_its_input_embeddings():
@@ -96,4 +110,4 @@ def test_the_input_device_of_a_model_that_does_not_name_its_input_embeddings():
         def get_input_embeddings(self):
             raise NotImplementedError
 
-    assert input_device(Unnamed(2, 2)) == CPU
+    assert input_device(Unnamed(2, 2), "a test") == CPU

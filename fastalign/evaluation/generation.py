@@ -178,7 +178,7 @@ def _last_logits_only(model) -> dict:
 def _prompt_forward(model, tokenizer, rows: List[List[int]]):
     """(token ids, attention mask, position ids, the model's outputs with a cache) of `rows` left-padded into one
     batch, every row's last token in the last column, its positions counting its real tokens alone."""
-    device = input_device(model)
+    device = input_device(model, "generation")
     width, pad = max(len(r) for r in rows), pad_id(tokenizer, input_vocabulary(model))
     sequence = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)

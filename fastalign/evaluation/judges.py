@@ -228,7 +228,7 @@ class ModerationJudge:
         dropout) and gets its own mode back after: one being fine-tuned trains on as it was. A ValueError names the
         pair whose text holds a token id past the classifier's input embeddings (a tokenizer that does not match it),
         which the classifier's embedding failed on with an IndexError (on CUDA, a device assert)."""
-        device, vocab = input_device(self.model), input_vocabulary(self.model)
+        device, vocab = input_device(self.model, "a ModerationJudge"), input_vocabulary(self.model)
         # Padded on the right whatever the tokenizer's side (on the left, a classifier with absolute position
         # embeddings, BERT or GPT-2, reads a text at other positions than alone), with the model's own pad id, not
         # the tokenizer's: a decoder classifier finds a text's last token by that id, not by the attention mask.

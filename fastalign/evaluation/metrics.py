@@ -93,7 +93,8 @@ def mean_token_kl_of_ids(model, reference, sequences: Sequence[TokenPair], batch
         check_embedded(list(prompt_ids) + list(answer_ids), vocab, f"sequence {i}")
     sequences = [(p, a) for p, a in sequences if len(a)]   # a sequence without answer ids adds nothing
     total, count = 0.0, 0
-    device = input_device(model)
+    device = input_device(model, "mean_token_kl")
+    ref_device = input_device(reference, "mean_token_kl", "reference")
     for start in range(0, len(sequences), batch_size):
         rows = [list(p) + list(a) for p, a in sequences[start:start + batch_size]]
         width = max(map(len, rows))
@@ -104,8 +105,8 @@ def mean_token_kl_of_ids(model, reference, sequences: Sequence[TokenPair], batch
         for r, (prompt_ids, answer_ids) in enumerate(sequences[start:start + batch_size]):
             predicted[r, len(prompt_ids) - 1:len(prompt_ids) + len(answer_ids) - 1] = True
         first = min(len(prompt_ids) for prompt_ids, _ in sequences[start:start + batch_size]) - 1
-        log_q = _answer_log_probs(model, ids, mask, predicted, first)
-        log_p = _answer_log_probs(reference, ids, mask, predicted, first).to(log_q.device)
+        log_q = _answer_log_probs(model, device, ids, mask, predicted, first)
+        log_p = _answer_log_probs(reference, ref_device, ids, mask, predicted, first).to(log_q.device)
         # p log(p / q) is 0 where p is (a token the reference masks to -inf: not 0 * (-inf - -inf) = NaN); in row
         # chunks, so that its temporaries are not [answer tokens, vocab] each
         terms = [torch.where(p > -torch.inf, p.exp() * (p - q), 0.0).sum(-1)
@@ -120,11 +121,11 @@ def mean_token_kl_of_ids(model, reference, sequences: Sequence[TokenPair], batch
 _KL_ROWS = 64   # the answer tokens whose KL terms are computed at once
 
 
-def _answer_log_probs(lm, ids, mask, predicted, first):
+def _answer_log_probs(lm, device, ids, mask, predicted, first):
     """lm's next-token log-probabilities [answer tokens, vocab] (float32) at the positions `predicted` of the
-    right-padded `ids` [rows, width], run in eval mode on its own device; its logits computed from position `first`
-    on (the batch's earliest predicting one; logits_to_keep, where its forward takes it), not at every prompt one."""
-    device = input_device(lm)
+    right-padded `ids` [rows, width], run in eval mode with its inputs on `device` (its input_device); its logits
+    computed from position `first` on (the batch's earliest predicting one; logits_to_keep, where its forward takes
+    it), not at every prompt one."""
     kept = dict(logits_to_keep=ids.shape[1] - first) if takes_logits_to_keep(lm) else {}
     with eval_mode(lm):
         logits = lm(input_ids=ids.to(device), attention_mask=mask.to(device), **kept).logits

@@ -34,7 +34,7 @@ class SlowEngine:
         self.config = config
         self.want_hidden = want_hidden
         self.ledger = ledger or TokenLedger()
-        self.device = input_device(model)
+        self.device = input_device(model, "the slow RAIN engine")
         # the last position's logits alone are read: not [tokens, vocab] over a whole judge prompt
         self.last_logits = dict(logits_to_keep=1) if takes_logits_to_keep(model) else {}
 

@@ -406,16 +406,30 @@ def test_token_ids_past_the_models_embeddings(world, tokenizer, model):
         generate(model, extended, [prompts[0], "<|im_start|>" + prompts[1]], config)
 
 
-def test_a_model_whose_embeddings_accelerate_offloads_generates_as_the_model(world, tokenizer, model):
+@pytest.mark.parametrize("part", ["model.embed_tokens", ""])
+def test_a_model_whose_embeddings_accelerate_offloads_generates_as_the_model(world, tokenizer, model, part):
     """Offloaded weights wait on the meta device, which put the prompts there ("Cannot copy out of meta tensor" when
-    the embeddings' hook moved them): the prompts go where the embeddings' hook runs them."""
+    the embeddings' hook moved them): the prompts go where the embeddings' hook runs them. A model offloaded whole
+    (its hooks load every weight) is loaded, unlike a part on the meta device without a hook (below)."""
     accelerate = pytest.importorskip("accelerate")
     offloaded = copy.deepcopy(model)
-    accelerate.cpu_offload(offloaded.model.embed_tokens, execution_device=torch.device("cpu"))
+    accelerate.cpu_offload(offloaded.get_submodule(part), execution_device=torch.device("cpu"))
     assert next(offloaded.parameters()).is_meta
     prompts = prompts_of(world)
     config = GenerationConfig(max_new_tokens=6, batch_size=3)
     assert generations(offloaded, tokenizer, prompts, config) == generations(model, tokenizer, prompts, config)
+
+
+@pytest.mark.parametrize("part", ["model.layers.1.mlp.down_proj", "lm_head"])
+def test_a_model_with_a_part_not_loaded_is_refused(world, tokenizer, model, part):
+    """A part on the meta device with no accelerate hook to load it: only the input embeddings were checked, and
+    F.linear of a CPU input and a meta weight returned uninitialised memory (garbage answers, silently), or an lm_head
+    there failed deep ("Cannot copy out of meta tensor"). Refused, as TreeRunner refuses it."""
+    unloaded = copy.deepcopy(model)
+    unloaded.get_submodule(part).to("meta")
+    with pytest.raises(ValueError, match=r"^model: its weights are not loaded \(.* on the meta device\); load them "
+                                         "onto a device before generation uses it"):
+        generations(unloaded, tokenizer, prompts_of(world), GenerationConfig(max_new_tokens=3))
 
 
 def test_sampling_follows_the_softmax_of_the_logits_over_the_temperature(world, tokenizer, model):

@@ -368,6 +368,17 @@ def test_moderation_judge_with_a_classifier_whose_embeddings_accelerate_offloads
     assert judge.probabilities(pairs) == pytest.approx(expected.probabilities(pairs), abs=1e-6)
 
 
+def test_moderation_judge_refuses_a_classifier_with_a_part_not_loaded(world, tokenizer, classifier):
+    """A part on the meta device with no accelerate hook to load it: only the input embeddings were checked, and
+    F.linear of a CPU input and a meta weight returned uninitialised memory (garbage probabilities, silently)."""
+    unloaded = copy.deepcopy(classifier)
+    unloaded.model.layers[0].mlp.down_proj.to("meta")
+    judge = ModerationJudge(unloaded, tokenizer, harmful_label="unsafe", template="{prompt} {answer}")
+    with pytest.raises(ValueError, match=r"^model: its weights are not loaded \(model.layers.0.mlp.down_proj has no "
+                                         "accelerate hook .* before a ModerationJudge uses it"):
+        judge.probabilities([(qa.question, qa.answer) for qa in world.harmful[:2]])
+
+
 def test_moderation_judge_names_a_token_id_past_the_classifiers_embeddings(world, tokenizer):
     """A classifier with fewer embedding rows than its tokenizer's ids (a token added without resizing it) failed
     inside its embedding with an IndexError, on CUDA a device assert: the pair whose text holds such an id is named."""

@@ -104,6 +104,20 @@ def test_both_engines_run_a_model_whose_embeddings_accelerate_offloads():
     assert decisions(out["slow"][0]) == decisions(out["tree"][0]) == expected
 
 
+def test_both_engines_refuse_a_model_with_a_part_not_loaded():
+    """A part on the meta device with no accelerate hook to load it: the tree engine's runner refused it, but the slow
+    engine checked the input embeddings alone and ran on the uninitialised memory that F.linear of a CPU input and a
+    meta weight returns (garbage decisions, silently)."""
+    config = RainConfig(root_visits=2, min_new_visits=1, max_new_tokens=2)
+    for engine, user in (("tree", "a TreeRunner"), ("slow", "the slow RAIN engine")):
+        model = tiny_llama()
+        model.model.layers[1].mlp.down_proj.to("meta")
+        with pytest.raises(ValueError, match=r"^model: its weights are not loaded \(model.layers.1.mlp.down_proj "
+                                             rf"has no accelerate hook .* meta device\); load them .* before {user}"):
+            rain_generate(model, tokenizer(), PROMPTS[:1], config, judge_prompt=SHORT_JUDGE, embedding="hidden",
+                          engine=engine, runner_tokens=1024)
+
+
 def test_an_enclosing_autocast_does_not_apply_inside_the_slow_engine():
     """Both engines run the model in its own dtypes (the tree engine's runner ignores a caller's autocast): a
     caller's bf16 autocast around rain_generate changed the slow engine's logits, and so its decisions."""
