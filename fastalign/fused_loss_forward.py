@@ -19,6 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from fastalign.causal_lm_loss import CausalLMLoss, check_loss_is_causal_lm_cross_entropy, predicting_positions
 from fastalign.ops.backend import Backend
+from fastalign.own_forward import forward_is_its_own
 from fastalign.unlearn.models import base_causal_lm, head_input_module, router_loss_added
 
 # Arguments of the model's forward that are the loss's (transformers passes them on to its loss function)
@@ -40,20 +41,17 @@ def fuse_causal_lm_loss(model: Model, *, backend: Backend = "auto", grads_in_for
     loss, and hidden_states and attentions where asked for. The model is checked here as CausalLMLoss checks it; so
     is its loss function, which must be transformers' causal LM loss, and a mixture of experts whose config adds the
     router's auxiliary loss is refused (the fused forward would leave it out), and so is a model whose forward
-    something else replaced before (accelerate's autocast: fuse first, and it wraps the fused forward). Called again,
-    it replaces the settings; copies of the model (copy.deepcopy, after accelerate's prepare too) keep the fused
-    forward, on their own weights.
+    something else replaced before (accelerate's autocast, or the hook of dispatch_model, cpu_offload or a device_map:
+    fuse first, and it wraps the fused forward). Called again, it replaces the settings; copies of the model
+    (copy.deepcopy, after accelerate's prepare too) keep the fused forward, on their own weights.
     backend and grads_in_forward are linear_cross_entropy's.
     """
     _refuse_wrapper(model)
     base = base_causal_lm(model)
     check_loss_is_causal_lm_cross_entropy(base, "the fused forward")
     current = base.forward
-    if "forward" in vars(base) and not isinstance(current, FusedLossForward):
-        raise ValueError(f"{type(base).__name__}: this model's forward was already replaced (by "
-                         f"{getattr(current, '__qualname__', type(current).__name__)}); call fuse_causal_lm_loss "
-                         "first, before accelerate's prepare (or a Trainer's train) wraps the forward in autocast, "
-                         "which then covers the fused loss too")
+    if not (forward_is_its_own(base) or isinstance(current, FusedLossForward)):
+        raise ValueError(_replaced_forward_refusal(base))
     unfused = current.unfused if isinstance(current, FusedLossForward) else current
     fused = FusedLossForward(CausalLMLoss(base, backend=backend, grads_in_forward=grads_in_forward), unfused)
     base.forward = base.fused_loss_forward = fused
@@ -158,6 +156,21 @@ def _asks_for_nothing_but_the_loss(arguments: dict) -> bool:
     return (all(arguments.get(name) is None for name in _CACHE_ARGUMENTS)
             and isinstance(logits_to_keep, int) and logits_to_keep == 0
             and not arguments.get("output_router_logits"))
+
+
+def _replaced_forward_refusal(model: torch.nn.Module) -> str:
+    """Why fuse_causal_lm_loss refuses `model`, whose forward something replaced: accelerate's hook where it can tell
+    (add_hook_to_module keeps the hook at _hf_hook and the forward it wraps at _old_forward, whose __qualname__ the
+    hook's forward copies: naming that told nothing), else the forward, a wrapper such as accelerate's autocast."""
+    hook, forward = getattr(model, "_hf_hook", None), model.forward
+    if hook is not None and hasattr(model, "_old_forward"):
+        return (f"{type(model).__name__}: this model's forward was already replaced by accelerate's hook "
+                f"{type(hook).__name__} (dispatch_model, cpu_offload or from_pretrained's device_map put it there); "
+                "call fuse_causal_lm_loss first, before dispatching the model: the hook then wraps the fused forward")
+    return (f"{type(model).__name__}: this model's forward was already replaced (by "
+            f"{getattr(forward, '__qualname__', type(forward).__name__)}); call fuse_causal_lm_loss first, before "
+            "accelerate's prepare (or a Trainer's train) wraps the forward in autocast, which then covers the fused "
+            "loss too")
 
 
 def _refuse_wrapper(model: torch.nn.Module) -> None:

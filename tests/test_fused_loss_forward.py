@@ -448,6 +448,37 @@ def test_a_forward_wrapped_before_is_refused():
         fuse_causal_lm_loss(model)
 
 
+def test_a_model_whose_accelerate_hooks_were_removed_is_fused_as_any_model():
+    """accelerate's remove_hook_from_module sets each module's `forward` back as the bound method of its class's
+    forward, an instance attribute: read as a replaced forward, the model was refused ("already replaced (by
+    LlamaForCausalLM.forward)")."""
+    accelerate = pytest.importorskip("accelerate")
+
+    def offloaded_then_restored():
+        model = tiny_llama(VOCAB)
+        accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+        accelerate.hooks.remove_hook_from_module(model, recurse=True)
+        assert "forward" in vars(model) and not any(p.is_meta for p in model.parameters())
+        return model
+    fused, own = fuse_causal_lm_loss(offloaded_then_restored(), backend="torch"), tiny_llama(VOCAB)
+    assert_same_as_own(fused, own, **batch(seed=14))
+
+
+def test_a_model_dispatched_with_hooks_is_refused_naming_the_hook_and_fused_before_dispatching():
+    """accelerate's hook replaces the forward by its own, which copies the forward's name: the refusal blamed
+    autocast and accelerate's prepare, naming LlamaForCausalLM.forward. It names the hook and says to fuse before
+    dispatching, which works: the hook wraps the fused forward."""
+    accelerate = pytest.importorskip("accelerate")
+    model = accelerate.dispatch_model(tiny_llama(VOCAB), device_map={"": "cpu"}, force_hooks=True)
+    with pytest.raises(ValueError, match=r"^LlamaForCausalLM: this model's forward was already replaced by "
+                                         r"accelerate's hook AlignDevicesHook \(dispatch_model, .*\); call "
+                                         "fuse_causal_lm_loss first, before dispatching the model"):
+        fuse_causal_lm_loss(model)
+    fused, own = fused_and_own(lambda: tiny_llama(VOCAB))
+    accelerate.dispatch_model(fused, device_map={"": "cpu"}, force_hooks=True)
+    assert_same_as_own(fused, own, **batch(seed=15))
+
+
 def test_torch_compile_around_a_fused_model_gives_its_loss():
     """torch.compile(model) traces the fused forward (the fused op a graph break of its own): the model's loss and
     gradients, no logits."""

@@ -1,5 +1,6 @@
 """Which models PagedLlama takes, and what it reads from their configs (fastalign.runtime.llama)."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -218,6 +219,25 @@ def test_a_model_whose_decoder_layers_or_attentions_run_hooks_runs_its_own_forwa
     with pytest.warns(UserWarning, match=f"cannot run on the paged Llama path: {where or 'LlamaForCausalLM'} runs "
                                          "hooks .*; it runs on"):
         runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    seq = [3, 5, 7, 9, 11, 13]
+    (child,), logits = runner.extend([runner.prefill(seq[:4])], [seq[4:]], logits="all")
+    assert_matches(model, [child], logits)
+
+
+def test_a_model_whose_accelerate_hooks_were_removed_runs_on_the_paged_llama_path():
+    """accelerate's remove_hook_from_module sets each module's `forward` back as the bound method of its class's
+    forward, an instance attribute: read as a forward set by a user, the model "runs hooks" and ran, with a warning,
+    on Hugging Face's cache, the slowest fallback."""
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_model("llama-gqa-untied")
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    accelerate.hooks.remove_hook_from_module(model, recurse=True)
+    assert "forward" in vars(model) and "forward" in vars(model.model.norm)
+    assert llama_family_problem(model) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    assert type(runner.model_runner).__name__ == "PagedLlama"
     seq = [3, 5, 7, 9, 11, 13]
     (child,), logits = runner.extend([runner.prefill(seq[:4])], [seq[4:]], logits="all")
     assert_matches(model, [child], logits)

@@ -98,6 +98,18 @@ def test_what_the_layers_keep_for_the_backward(family):
         assert held - fused_held > mlps
 
 
+def test_a_model_whose_accelerate_hooks_were_removed_is_stood_in_for_as_any_model():
+    """accelerate's remove_hook_from_module sets each module's `forward` back as the bound method of its class's
+    forward, an instance attribute: read as a forward set by a user, its norms and MLPs were passed over (2 modules
+    stood in for, not 7)."""
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_llama(VOCAB)
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    accelerate.hooks.remove_hook_from_module(model, recurse=True)
+    with fused_layers(tiny_llama(VOCAB), "torch") as expected, fused_layers(model, "torch") as stood_in:
+        assert stood_in == expected == 7
+
+
 def test_forwards_are_restored_when_the_block_raises():
     model = tiny_llama(VOCAB)
     with pytest.raises(KeyError), fused_layers(model, "torch"):
