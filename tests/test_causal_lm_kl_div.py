@@ -6,7 +6,7 @@ import torch
 
 from fastalign import CausalLMKLDiv
 from tests.conftest import TRITON_DEVICE, requires_cuda
-from tests.test_causal_lm_loss import VOCAB, batch, grads_of
+from tests.test_causal_lm_loss import VOCAB, batch, grads_of, meta_llama
 from tests.unlearn.test_objective import tiny_cohere, tiny_gemma2, tiny_model
 from tests.unlearn.tiny import tiny_llama, tiny_phi
 
@@ -216,6 +216,14 @@ def test_bf16_on_the_gpu_gives_the_logits_kl_to_bf16_rounding():
     torch.testing.assert_close(fused.double(), expected, rtol=3e-2, atol=1e-4)
     for mine, theirs in zip(grads_of(model, fused), grads_of(model, expected)):
         assert (mine.float() - theirs.float()).norm() <= 5e-2 * theirs.float().norm()
+
+
+def test_models_on_the_meta_device_are_refused_naming_it():
+    """A model and a reference on the meta device: the KL failed with torch's "unknown device type for autocast"
+    (compute_dtype asked autocast about the meta device) before fastalign's own checks."""
+    kl_div = CausalLMKLDiv(meta_llama(), meta_llama(seed=1))
+    with pytest.raises(ValueError, match="meta device"):
+        kl_div(**batch())
 
 
 def test_a_prompt_learning_adapter_is_refused_by_name():

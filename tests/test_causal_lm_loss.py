@@ -453,6 +453,23 @@ def test_an_lm_head_that_is_no_linear_is_refused_as_documented():
         CausalLMLoss(model)
 
 
+def meta_llama(seed=0):
+    """tiny_llama moved to the meta device, with eager attention (sdpa's padding mask reads a value: not on meta)."""
+    model = tiny_llama(VOCAB, seed=seed)
+    model.set_attn_implementation("eager")
+    return model.to("meta")
+
+
+def test_a_model_on_the_meta_device_is_refused_naming_it():
+    """A model on the meta device (moved there, or built there to trace shapes), whose own forward runs there: the
+    loss failed with torch's "unknown device type for autocast" (compute_dtype asked autocast about the meta device)
+    before fastalign's own checks."""
+    model = meta_llama()
+    assert model(**batch()).loss.is_meta
+    with pytest.raises(ValueError, match="meta device"):
+        CausalLMLoss(model)(**batch())
+
+
 WRAPPERS = ["ddp", "fsdp2", "fsdp2_head_unit", "ddp_kl", "fsdp2_kl", "ddp_fused_forward", "fsdp2_fused_forward"]
 
 

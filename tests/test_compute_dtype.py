@@ -27,6 +27,12 @@ def test_cuda_autocast_gives_cudas_dtype_not_the_cpus():
         torch.set_autocast_dtype("cuda", dtype)
 
 
+def test_a_device_type_without_autocast_keeps_the_dtype():
+    """torch.is_autocast_enabled raises for the meta device ("unknown device type for autocast"), which a model moved
+    there to trace shapes gives the fused losses: they failed there, before their own check of the meta device."""
+    assert compute_dtype("meta", torch.bfloat16) is torch.bfloat16
+
+
 def test_float64_stays_float64_under_autocast_as_a_matmul_does():
     """Autocast casts no float64 operand: a float64 model's lm_head runs in float64 under it, and the fused losses,
     which rounded such a head's operands to bf16, must not either."""

@@ -15,7 +15,7 @@ from fastalign import causal_lm_loss, fuse_causal_lm_loss
 from fastalign.fused_loss_forward import FusedLossForward
 from fastalign.unlearn import fused_layers, layer_stand_ins
 from tests.conftest import TRITON_DEVICE
-from tests.test_causal_lm_loss import MODELS, VOCAB, batch, grads_of
+from tests.test_causal_lm_loss import MODELS, VOCAB, batch, grads_of, meta_llama
 from tests.unlearn.test_objective import tiny_gemma2, tiny_model
 from tests.unlearn.tiny import tiny_llama, tiny_phi
 
@@ -321,6 +321,14 @@ def test_bool_labels_are_refused_naming_them():
     inputs = batch()
     with pytest.raises(ValueError, match=r"labels must be an integer tensor .* torch.bool"):
         model(**{**inputs, "labels": inputs["labels"] > 20})
+
+
+def test_a_model_on_the_meta_device_is_refused_naming_it():
+    """A fused model moved to the meta device: its forward with labels failed with torch's "unknown device type for
+    autocast" (compute_dtype asked autocast about the meta device) before fastalign's own checks."""
+    model = fuse_causal_lm_loss(meta_llama())
+    with pytest.raises(ValueError, match="meta device"):
+        model(**batch())
 
 
 def test_a_model_with_a_loss_function_of_its_own_is_refused():
