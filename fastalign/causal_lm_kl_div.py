@@ -108,7 +108,7 @@ class CausalLMKLDiv(torch.nn.Module):
         with torch.no_grad(), eval_mode(base_causal_lm(reference_model)), adapter_off:
             ref_head = causal_lm_parts(reference_model)[1]
             ref_hidden, _ = hidden_and_targets(reference_model, labels, shift_labels, inputs)
-            ref_weight, ref_bias = head_weight(ref_head), ref_head.bias
+            ref_weight, ref_bias = head_weight(ref_head, "reference"), ref_head.bias
         lm_weight = head_weight(lm_head)
         # under autocast the op takes the autocast dtype, as the lm_heads' matmuls would; a head shared by both
         # models (an adapter off) is passed as one tensor, read once

@@ -9,6 +9,9 @@ fails on it, or (F.linear on a CPU input) silently returns uninitialised memory.
 import torch
 
 META = torch.device("meta")
+# where a parameter on the meta device comes from, as the refusals of one there say
+ON_META = ("on the meta device (offloaded by accelerate, a device_map with 'cpu' or 'disk' or cpu_offload, or not "
+           "loaded)")
 
 
 def as_device(device) -> torch.device:
@@ -70,6 +73,16 @@ def model_device(model: torch.nn.Module, user: str) -> torch.device | None:
         raise ValueError(f"model: {user} runs the whole model on one device, but it computes on {where} (a "
                          "device_map over several devices?); load the model onto one device")
     return next(iter(found), None)
+
+
+def check_head_loaded(lm_head: torch.nn.Module, whose: str) -> None:
+    """ValueError where the lm_head of `whose` ("model", "reference") has its weight on the meta device: the fused
+    losses read the weight itself and never run the lm_head, whose accelerate hook loads an offloaded weight only when
+    the lm_head runs."""
+    if lm_head.weight.is_meta:
+        raise ValueError(f"the {whose}'s lm_head weight is {ON_META}: the fused losses read it directly, not through "
+                         "the lm_head's forward, whose accelerate hook would load an offloaded one; load the lm_head "
+                         "onto a device (a device_map that does not offload it)")
 
 
 def input_device(model: torch.nn.Module, user: str, name: str = "model") -> torch.device:

@@ -226,6 +226,17 @@ def test_models_on_the_meta_device_are_refused_naming_it():
         kl_div(**batch())
 
 
+def test_an_offloaded_reference_lm_head_is_refused_naming_it():
+    """A frozen reference offloaded by accelerate to save memory (its lm_head's weight on the meta device, loaded by
+    its hook when the lm_head runs, which the fused KL never runs): the KL failed with "ref_weight must be on cpu like
+    the hidden states", naming an argument the caller never passed, not the offloading."""
+    accelerate = pytest.importorskip("accelerate")
+    reference = tiny_llama(VOCAB, seed=1)
+    accelerate.cpu_offload(reference.lm_head, execution_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"the reference's lm_head weight is on the meta device \(offloaded by"):
+        CausalLMKLDiv(tiny_llama(VOCAB), reference)(**batch())
+
+
 def test_a_prompt_learning_adapter_is_refused_by_name():
     """reference='adapter' of a PEFT prompt-tuning model: both decoders ran on the inputs alone, without the virtual
     tokens that PEFT's forward puts before them, the adapter on and off alike: a KL of exactly 0. Refused by name."""

@@ -470,6 +470,19 @@ def test_a_model_on_the_meta_device_is_refused_naming_it():
         CausalLMLoss(model)(**batch())
 
 
+@pytest.mark.parametrize("fuse", [CausalLMLoss, fuse_causal_lm_loss])
+def test_an_offloaded_lm_head_is_refused_naming_it(fuse):
+    """accelerate offloads the lm_head of a model too large for its devices (device_map="auto" offloads the last
+    modules first; cpu_offload): its weight waits on the meta device for the hook that loads it when the lm_head runs,
+    which the fused loss never runs. The loss failed with "weight must be on cpu like the hidden states, got ...
+    device meta", naming an argument the caller never passed, not the offloading."""
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_llama(VOCAB)
+    accelerate.cpu_offload(model.lm_head, execution_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"the model's lm_head weight is on the meta device \(offloaded by accelerate"):
+        fuse(model)(**batch())
+
+
 WRAPPERS = ["ddp", "fsdp2", "fsdp2_head_unit", "ddp_kl", "fsdp2_kl", "ddp_fused_forward", "fsdp2_fused_forward"]
 
 

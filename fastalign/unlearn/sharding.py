@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import torch
 
+from fastalign.model_devices import check_head_loaded
 from fastalign.unlearn.models import base_causal_lm
 
 # torch.distributed's FSDP, DTensor and checkpoint modules take about a second to import: they are imported
 # where used, so that importing fastalign stays quick.
 
 
-def head_weight(lm_head: torch.nn.Module) -> torch.Tensor:
-    """The lm_head's full weight, to be read inside the objective's forward (gathered if FSDP sharded it)."""
+def head_weight(lm_head: torch.nn.Module, whose: str = "model") -> torch.Tensor:
+    """The lm_head's full weight, to be read inside the objective's forward (gathered if FSDP sharded it); ValueError
+    where it is on the meta device (check_head_loaded, naming the lm_head as `whose`: "model" or "reference")."""
+    check_head_loaded(lm_head, whose)
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
 

@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from fastalign.model_devices import as_device, hook_devices
+from fastalign.model_devices import ON_META, as_device, hook_devices
 from fastalign.model_files import model_files_digest
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.one_call import one_call_at_a_time
@@ -406,9 +406,8 @@ class UnlearningTrainer:
         streams.check_vocabulary(input_vocabulary(model), lm_head.weight.shape[0])
         for name, p in model.named_parameters():
             if p.is_meta:   # else "Tensor.item() cannot be called on meta tensors" below, or model.to()'s error
-                raise ValueError(f"model parameter {name} is on the meta device (offloaded by accelerate, a device_map "
-                                 "with 'cpu' or 'disk' or cpu_offload, or not loaded): the trainer trains every weight "
-                                 "on the accelerator's device; load the whole model without offloading")
+                raise ValueError(f"model parameter {name} is {ON_META}: the trainer trains every weight on the "
+                                 "accelerator's device; load the whole model without offloading")
             if not bool(torch.isfinite(p).all()):
                 raise ValueError(f"model parameter {name} holds NaN or infinite values")
         self.config, self.streams, self.tokenizer, self.step_callback = config, streams, tokenizer, step_callback
