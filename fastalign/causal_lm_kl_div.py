@@ -65,7 +65,7 @@ class CausalLMKLDiv(torch.nn.Module):
                 raise ValueError("reference shares trainable parameters with model (the model itself, or a PEFT "
                                  "model's get_base_model(), which holds its adapter): pass a frozen copy, or "
                                  "'adapter' for the model with its adapter off")
-            check_fused_logits(reference)
+            check_fused_logits(reference, whose="reference")
             _check_same_vocabulary(model, reference)
         else:
             raise TypeError(f"reference must be a causal LM or 'adapter', got {type(reference).__name__}")

@@ -226,6 +226,15 @@ def test_models_on_the_meta_device_are_refused_naming_it():
         kl_div(**batch())
 
 
+def test_a_reference_with_a_part_not_loaded_is_refused_naming_it():
+    """A part of the reference on the meta device that no accelerate hook loads: the probe of its logits was skipped
+    and the KL computed on uninitialised memory (F.linear of a CPU input and a meta weight), silently."""
+    reference = tiny_llama(VOCAB, seed=1)
+    reference.model.layers[1].mlp.to("meta")
+    with pytest.raises(ValueError, match=r"^reference: its weights are not loaded \(model.layers.1.mlp.gate_proj "):
+        CausalLMKLDiv(tiny_llama(VOCAB), reference)
+
+
 def test_an_offloaded_reference_lm_head_is_refused_naming_it():
     """A frozen reference offloaded by accelerate to save memory (its lm_head's weight on the meta device, loaded by
     its hook when the lm_head runs, which the fused KL never runs): the KL failed with "ref_weight must be on cpu like

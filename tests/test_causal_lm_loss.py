@@ -470,6 +470,43 @@ def test_a_model_on_the_meta_device_is_refused_naming_it():
         CausalLMLoss(model)(**batch())
 
 
+def offloaded_layer_llama():
+    """tiny_llama with its second decoder layer offloaded by accelerate: its weights on the meta device, loaded by its
+    hooks at each forward, as a device_map with "cpu" or "disk" leaves a model too large for its devices."""
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_llama(VOCAB)
+    accelerate.cpu_offload(model.model.layers[1], execution_device=torch.device("cpu"))
+    assert model.model.layers[1].mlp.down_proj.weight.is_meta
+    return model
+
+
+def test_a_model_with_an_offloaded_layer_gets_its_own_loss():
+    """The probe of the logits runs such a model through its hooks, as its forward runs it."""
+    model = offloaded_layer_llama()
+    torch.testing.assert_close(CausalLMLoss(model, backend="torch")(**batch()), model(**batch()).loss)
+
+
+@pytest.mark.parametrize("fuse", [CausalLMLoss, fuse_causal_lm_loss])
+def test_a_model_with_an_offloaded_layer_whose_logits_the_op_cannot_reproduce_is_refused(fuse):
+    """The probe of the logits was skipped for any weight on the meta device, which every model that accelerate
+    offloads a part of has: a head whose logits are of twice its inputs (a user's pre-hook) got another loss than the
+    model's own, silently (5.38 against its 7.03)."""
+    model = offloaded_layer_llama()
+    model.lm_head.register_forward_pre_hook(lambda module, args: (2 * args[0],))
+    with pytest.raises(NotImplementedError, match="its logits are not its lm_head's weight"):
+        fuse(model)
+
+
+def test_a_model_with_a_part_not_loaded_is_refused_naming_it():
+    """A part on the meta device that no accelerate hook loads (moved there by hand, a state dict loaded with
+    assign=True and strict=False into a model built there): the probe was skipped and the loss computed on
+    uninitialised memory (F.linear of a CPU input and a meta weight), silently."""
+    model = tiny_llama(VOCAB)
+    model.model.layers[1].mlp.to("meta")
+    with pytest.raises(ValueError, match=r"^model: its weights are not loaded \(model.layers.1.mlp.gate_proj has no "):
+        CausalLMLoss(model)
+
+
 @pytest.mark.parametrize("fuse", [CausalLMLoss, fuse_causal_lm_loss])
 def test_an_offloaded_lm_head_is_refused_naming_it(fuse):
     """accelerate offloads the lm_head of a model too large for its devices (device_map="auto" offloads the last

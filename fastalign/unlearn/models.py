@@ -20,6 +20,7 @@ import torch
 from fastalign.eval_mode import eval_mode
 from fastalign.model_context import config_positions, text_config
 from fastalign.model_decoder import decoder_of, forward_parameters, prompt_learning_adapter
+from fastalign.model_devices import META, check_head_loaded, compute_devices, loaded_devices
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.ops.checks import is_real
 from fastalign.transfers import index_on
@@ -228,10 +229,14 @@ def scaled_head_input(tensor: torch.Tensor | None, multiplier: float | None, dty
     return (tensor if multiplier is None else tensor * multiplier).to(dtype)
 
 
-def check_fused_logits(model, probe_tokens: int = 4) -> None:
+def check_fused_logits(model, probe_tokens: int = 4, *, whose: str = "model") -> None:
     """Raises NotImplementedError unless `model`'s logits are what the fused losses compute from its parts:
     F.linear(s * final hidden states of its decoder, lm_head.weight, s * lm_head.bias), s the logit_multiplier,
-    capped as logit_softcap says.
+    capped as logit_softcap says. Parts that accelerate offloads run as in the model's forward (their hooks load
+    them). ValueError, naming the model as `whose` ("model" or "reference"), where the probe or the fused losses
+    cannot run it: a part on the meta device that no hook loads (loaded_devices), an offloaded lm_head, which only its
+    hook loads (check_head_loaded). A model with no weight loaded (FSDP's low-memory loading gives them to one
+    process) is not probed: there is nothing to run yet.
 
     This probe catches the transforms no known config name reveals: a multiplier under a name of its own, hidden
     states rescaled or normed between the decoder and the lm_head, an lm_head whose forward is more than its weight.
@@ -242,8 +247,12 @@ def check_fused_logits(model, probe_tokens: int = 4) -> None:
     decoder, lm_head = causal_lm_parts(model)
     base, weight, softcap = base_causal_lm(model), lm_head.weight, logit_softcap(model)
     multiplier = logit_multiplier(model)
-    if any(p.is_meta for p in base.parameters()):  # weights not loaded in this process (FSDP's low-memory
-        return                                      # loading gives them to one process): nothing to run yet
+    # no weight loaded in this process (FSDP's low-memory loading gives them to one): nothing to run yet; a model
+    # accelerate offloads whole has all its weights on meta too, but its hooks load them
+    if all(p.is_meta for p in base.parameters()) and META in compute_devices(base):
+        return
+    loaded_devices(base, "a fused loss", whose)
+    check_head_loaded(lm_head, whose)
     # ids the input embeddings hold (an lm_head may have more rows: a checkpoint's unembedding padded past them)
     vocab = min(weight.shape[0], input_vocabulary(base) or weight.shape[0])
     ids = torch.linspace(0, vocab - 1, probe_tokens, device=weight.device).long()[None]
