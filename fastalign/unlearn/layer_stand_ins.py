@@ -33,10 +33,12 @@ class RecomputedProductMLP:
     """The forward of a dense gated MLP module (runtime.gated_mlps.gated_mlp_activation) while gradients are recorded:
     its down projection as gated_linear where it is a plain nn.Linear; otherwise (a LoRA layer, hooks, which read the
     product) the down_proj module called on gated_activation's product. Without grad, and for a float64, 1-D (the ops
-    take [..., D] with a token dimension) or meta input (a model built to trace shapes), the module's own forward."""
+    take [..., D] with a token dimension) or meta input (a model built to trace shapes), the module's own forward.
+    Weights on the meta device under an input that is not (not loaded: a module whose hook loads them is not stood in
+    for) are a ValueError naming the module by `name` (qualified, in the part of the model fused_layers covers)."""
 
-    def __init__(self, module: torch.nn.Module, activation: str, backend: str):
-        self.module, self.activation, self.backend = module, activation, backend
+    def __init__(self, module: torch.nn.Module, activation: str, backend: str, name: str):
+        self.module, self.activation, self.backend, self.name = module, activation, backend, name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         mlp = self.module
@@ -45,6 +47,9 @@ class RecomputedProductMLP:
             return type(mlp).forward(mlp, x)
         if kernel_activation(mlp.act_fn) != self.activation:   # a hook put on it since (the trainer's context lasts)
             return type(mlp).forward(mlp, x)
+        if any(p.is_meta for p in mlp.parameters()):
+            raise ValueError(f"{self.name}: its weights are not loaded (on the meta device, and no accelerate hook "
+                             f"loads them) while its input is on {x.device}; load them onto a device")
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
         if type(down) is not torch.nn.Linear or runs_more_than_its_forward(down):
             return down(gated_activation(gate, up, activation=self.activation, backend=self.backend))
@@ -72,11 +77,11 @@ class TrainingRMSNorm:
         return rms_norm(x, weight, self.eps, rule=self.rule, backend=self.backend)
 
 
-def _stand_in(module, rule, backend):
-    """What forwards in place of `module` within fused_layers, or None."""
+def _stand_in(module, name, rule, backend):
+    """What forwards in place of `module` (of qualified name `name`) within fused_layers, or None."""
     activation = gated_mlp_activation(module)
     if activation is not None:
-        return RecomputedProductMLP(module, activation, backend)
+        return RecomputedProductMLP(module, activation, backend, name)
     eps = rms_norm_eps(module)
     return None if eps is None else TrainingRMSNorm(module, eps, rule, backend)
 
@@ -108,8 +113,8 @@ def fused_layers(model: torch.nn.Module, backend: str = "auto"):
     layout, part = _family_part(model)
     patched = []
     try:
-        for module in part.modules() if layout is not None else ():
-            stand_in = _stand_in(module, layout.rms_norm, backend)
+        for name, module in part.named_modules() if layout is not None else ():
+            stand_in = _stand_in(module, name, layout.rms_norm, backend)
             if stand_in is not None:
                 module.forward = stand_in
                 patched.append(module)

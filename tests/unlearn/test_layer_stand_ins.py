@@ -304,6 +304,17 @@ def test_a_model_on_the_meta_device_runs_through_its_modules():
     assert got.is_meta and got.shape == expected.shape and got.dtype == expected.dtype
 
 
+def test_an_mlp_whose_weights_are_not_loaded_is_refused_naming_it():
+    """An MLP moved to the meta device (no accelerate hook to load it) in a model run on CPU inputs: the stand-in
+    failed in gated_linear with "weight must be on gate's device (cpu), got meta", naming an argument of fastalign's op
+    and not the module."""
+    model = tiny_llama(VOCAB)
+    model.model.layers[1].mlp.to("meta")
+    with fused_layers(model, "torch"), pytest.raises(ValueError, match=r"^model.layers.1.mlp: its weights are not "
+                                                                       r"loaded \(on the meta device"):
+        model(input_ids=torch.zeros(2, 5, dtype=torch.long))
+
+
 @pytest.mark.parametrize("where", ["down_proj", "act_fn"])
 @pytest.mark.parametrize("kind", ["register_full_backward_hook", "register_full_backward_pre_hook"])
 def test_a_backward_hook_on_a_module_the_mlp_folds_fires_inside_fused_layers(where, kind):
