@@ -154,3 +154,24 @@ def test_gate_and_up_of_different_row_strides():
     for tanh_gelu in (False, True):
         assert_as_torch(gated_activation.forward(gate, up, tanh_gelu=tanh_gelu), gate, up, tanh_gelu)
         assert_as_torch(gated_activation.forward(up, gate, tanh_gelu=tanh_gelu), up, gate, tanh_gelu)
+
+
+@pytest.mark.parametrize("tanh_gelu", [False, True])
+def test_a_nan_gate_gives_a_nan_gradient_as_torchs(tanh_gelu):
+    """The guard for a sigmoid of 0, tl.where(sigmoid > 0, ..., 0), also took a NaN gate (its sigmoid NaN, not > 0):
+    its gradient came out 0, hiding the NaN from the caller's checks, where torch's autograd gives NaN."""
+    gate = torch.tensor([[float("nan"), 1.0, -3.0]], device=TRITON_DEVICE)
+    up = torch.ones_like(gate)
+    grad_gate = gated_activation.backward(gate, up, up, tanh_gelu=tanh_gelu)[1]
+    torch.testing.assert_close(grad_gate, torch_backward(gate, up, up, tanh_gelu)[1], equal_nan=True)
+
+
+def test_silu_gradient_far_in_its_tail_is_torchs_not_zero():
+    """SiLU's derivative at gates of -70 and -80 is ~1e-29 and ~1e-33, not 0: only a sigmoid of exactly 0 is zeroed
+    (a threshold above that passes the hugely negative gates' test, whose atol swallows such values)."""
+    gate = torch.tensor([[-70.0, -80.0, -20.0]], device=TRITON_DEVICE)
+    up = torch.ones_like(gate)
+    expected = torch_backward(gate, up, up, False)[1]
+    assert (expected != 0).all()
+    torch.testing.assert_close(gated_activation.backward(gate, up, up, tanh_gelu=False)[1], expected, rtol=1e-5,
+                               atol=0.0)
