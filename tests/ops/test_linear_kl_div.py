@@ -681,3 +681,17 @@ def test_forward_and_backward_wait_for_the_device_only_where_the_host_needs_a_va
     if backend == "triton" and weight_trains and dtype == torch.float16:
         expected["_local_scalar_dense.default @ kernels/chunked_backward.py"] = 1
     assert counter.by_file() == expected
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kl_of_a_policy_moved_by_1e_5_keeps_its_digits(seed):
+    """A KL of ~1e-9 per token: the torch path's p expm1(-d) for |d| < 0.5 keeps it to ~1e-2, where exp(-d) - 1 (or
+    q - p) rounds each term to ~1e-7 p, the sum 100% off or more. The barely-moved tests' KLs (~1e-4) are too large
+    to tell these apart."""
+    torch.manual_seed(seed)
+    hidden = torch.randn(16, 16)
+    ref_hidden = hidden + 1e-5 * torch.randn(16, 16)
+    weight = torch.randn(1000, 16) * 3
+    kl = fastalign.linear_kl_div(hidden, weight, ref_hidden, weight, reduction="none", backend="torch")
+    ref = linear_kl_div_reference(hidden, weight, ref_hidden, weight, reduction="none")
+    assert abs(kl.double().sum() - ref.sum()) <= 5e-2 * ref.sum()
