@@ -50,9 +50,9 @@ def start(model, call):
     return held, thread, outcome
 
 
-def finish(held, thread, outcome):
+def finish(held, thread, outcome, timeout=60):
     held.go.set()
-    thread.join(timeout=60)
+    thread.join(timeout=timeout)
     held.remove()
     assert not thread.is_alive()
     if "error" in outcome:
@@ -202,6 +202,17 @@ def test_a_pagedhf_forward_nested_in_another_on_its_model_gets_its_own_hidden_st
         torch.testing.assert_close(hidden, own_hidden)
 
 
+def signalling_when_waiting(monkeypatch, waiting, waiter):
+    """attention_routing's condition, setting the event `waiting` when the thread waiter[0] waits on it: tells the
+    test when that thread waits for another's block to end."""
+    class Signalling(threading.Condition):
+        def wait(self, timeout=None):
+            if threading.current_thread() is waiter[0]:
+                waiting.set()
+            return super().wait(timeout)
+    monkeypatch.setattr(attention_routing, "_changed", Signalling())
+
+
 def test_a_runner_made_while_another_runner_of_the_model_runs_in_another_thread_waits_for_that_forward(monkeypatch):
     """Making a runner probes the model's own forward; while thread A's PagedHF forward ran, the model's attention
     was routed to A's pool and the probes, refused, made every runner refuse the model (rain_generate makes a runner
@@ -209,13 +220,8 @@ def test_a_runner_made_while_another_runner_of_the_model_runs_in_another_thread_
     and is made as on an idle model."""
     model = tiny_model("gpt2-learned-positions")
     runner = TreeRunner(model, max_tokens=64, block_size=4)
-    waiting, made = threading.Event(), {}
-
-    class Signalling(threading.Condition):   # tells the test when B waits for the routed forward to end
-        def wait(self, timeout=None):
-            if threading.current_thread() is maker:
-                waiting.set()
-            return super().wait(timeout)
+    waiting, maker, made = threading.Event(), [None], {}
+    signalling_when_waiting(monkeypatch, waiting, maker)
 
     def make():
         try:
@@ -225,15 +231,14 @@ def test_a_runner_made_while_another_runner_of_the_model_runs_in_another_thread_
         finally:
             waiting.set()
 
-    monkeypatch.setattr(attention_routing, "_changed", Signalling())
     a = start(model, lambda: runner.extend([None], [[5, 9, 2, 7]]))
     try:
-        maker = threading.Thread(target=make, daemon=True)
-        maker.start()
+        maker[0] = threading.Thread(target=make, daemon=True)
+        maker[0].start()
         assert waiting.wait(timeout=60)
     finally:
         (_, logits) = finish(*a)
-    maker.join(timeout=60)
+    maker[0].join(timeout=60)
     assert "error" not in made, made["error"]
     assert type(made["runner"].model_runner).__name__ == "PagedHF"
     torch.testing.assert_close(made["runner"].extend([None], [[5, 9, 2, 7]])[1], logits)
@@ -256,3 +261,75 @@ def test_a_runner_made_inside_a_forward_of_another_runner_of_the_model_is_refuse
             runner.extend([None], [[5, 9, 2, 7]])
     finally:
         handle.remove()
+
+
+def test_a_forward_started_while_another_thread_makes_a_runner_of_the_model_waits_for_its_probes(monkeypatch):
+    """Thread B's runner probes the model's plain forward (unrouted); a forward of a runner in thread A started
+    meanwhile must wait until the probes end, else it routes the model's attention to A's pool under B's probe (which
+    is then refused, or computed from A's cache). Nothing tested that routed() waits: dropping its wait passed. A
+    forward never let go fails the test in 10 s."""
+    model = tiny_model("gpt2-learned-positions")
+    runner = TreeRunner(model, max_tokens=64, block_size=4)
+    expected = TreeRunner(model, max_tokens=64, block_size=4).extend([None], [[5, 9, 2, 7]])[1]
+    waiting, forwarder, outcome = threading.Event(), [None], {}
+    signalling_when_waiting(monkeypatch, waiting, forwarder)
+
+    def forward():
+        try:
+            outcome["value"] = runner.extend([None], [[5, 9, 2, 7]])
+        except BaseException as err:   # handed to the test
+            outcome["error"] = err
+        finally:
+            waiting.set()
+
+    maker = start(model, lambda: TreeRunner(model, max_tokens=64, block_size=4))   # held in its first probe
+    try:
+        forwarder[0] = threading.Thread(target=forward, daemon=True)
+        forwarder[0].start()
+        assert waiting.wait(timeout=10)
+        assert not outcome, "the forward ran while another thread's probe of the model was running"
+    finally:
+        made = finish(*maker, timeout=10)
+    forwarder[0].join(timeout=10)
+    assert not forwarder[0].is_alive(), "the forward still waits after the probes ended"
+    assert "error" not in outcome, outcome["error"]
+    assert type(made.model_runner).__name__ == "PagedHF"
+    torch.testing.assert_close(outcome["value"][1], expected)
+
+
+def test_a_forward_nested_in_a_forward_of_its_thread_does_not_wait_for_a_runner_made_meanwhile(monkeypatch):
+    """Thread A's forward runs a second runner's forward from a hook; thread B, making a runner meanwhile, waits for
+    A's routed forward. A's nested forward must not wait for B in turn (B waits for it: a deadlock, which fails the
+    test in 10 s): routed() waits for other threads' probes only where this thread routes none of the configs."""
+    model = tiny_model("gpt2-learned-positions")
+    outer, inner = TreeRunner(model, max_tokens=64, block_size=4), TreeRunner(model, max_tokens=64, block_size=4)
+    waiting, maker, made, nested = threading.Event(), [None], {}, []
+    signalling_when_waiting(monkeypatch, waiting, maker)
+
+    def run_inner(module, args, out):   # once: the inner forward runs the hook too
+        if not nested:
+            nested.append(None)
+            nested[0] = inner.extend([None], [[5, 9, 2, 7]])
+
+    def make():
+        try:
+            made["runner"] = TreeRunner(model, max_tokens=64, block_size=4)
+        except BaseException as err:   # handed to the test
+            made["error"] = err
+        finally:
+            waiting.set()
+
+    handle = model.transformer.h[0].register_forward_hook(run_inner)
+    try:
+        forward = start(model, lambda: outer.extend([None], [[5, 9, 2, 7]]))   # held at its embeddings, routed
+        try:
+            maker[0] = threading.Thread(target=make, daemon=True)
+            maker[0].start()
+            assert waiting.wait(timeout=10)
+        finally:
+            finish(*forward, timeout=10)
+    finally:
+        handle.remove()
+    maker[0].join(timeout=10)
+    assert "error" not in made, made["error"]
+    assert nested[0] is not None and type(made["runner"].model_runner).__name__ == "PagedHF"
