@@ -570,3 +570,47 @@ def test_a_prefix_tuned_peft_model_generates_its_greedy_answers_or_is_refused(wo
             generate(tuned, tokenizer, prompts, config)
     else:
         assert generate(tuned, tokenizer, prompts, config) == [slow_greedy(tuned, tokenizer, p, 6) for p in prompts]
+
+
+def rwkv_model(tokenizer):
+    """A tiny RWKV (no attention mask: its logits change with padding) whose logits tell contexts apart."""
+    from transformers import RwkvConfig, RwkvForCausalLM
+    torch.manual_seed(0)
+    model = RwkvForCausalLM(RwkvConfig(hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                                       intermediate_size=64, context_length=128, vocab_size=len(tokenizer),
+                                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)
+    return model
+
+
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
+def test_rows_of_one_length_among_others_keep_their_places_and_generators(world, tokenizer, sample):
+    """A model whose logits padding changes runs the rows of each token length in a batch of their own: each must
+    keep its place and its own generator (prompt i's, as alone). The padding test's rows of one length were one
+    prompt twice, so answers put in each other's places, or drawn with the batch's first generators, passed."""
+    by_length = {}
+    for qa in world.normal + world.harmful:
+        prompt = spec_prompt(qa.question)
+        by_length.setdefault(len(tokenizer(prompt)["input_ids"]), []).append(prompt)
+    first, third = next(group for group in by_length.values() if len(set(group)) > 1)[:2]
+    second = next(group for group in by_length.values() if first not in group)[0]
+    prompts = [first, second, third]
+    model = rwkv_model(tokenizer)
+    config = dict(max_new_tokens=6, do_sample=sample, temperature=2.0, seed=3)
+    batched = generations(model, tokenizer, prompts, GenerationConfig(batch_size=3, **config))
+    alone = generations(model, tokenizer, prompts, GenerationConfig(batch_size=1, **config))
+    assert [g.answer_ids for g in batched] == [g.answer_ids for g in alone]
+    assert alone[0].answer_ids != alone[2].answer_ids
+
+
+def test_no_padding_probe_where_no_batch_is_padded(world, tokenizer, monkeypatch):
+    """The padding probe (two forwards) runs only where some batch is padded: batches of one length need none."""
+    probes = []
+    monkeypatch.setattr("fastalign.evaluation.generation.pads_exactly", lambda *args: probes.append(args) or False)
+    model = rwkv_model(tokenizer)
+    short, long = "### Question: Hi", spec_prompt(world.normal[0].question)
+    generations(model, tokenizer, [short, short, long], GenerationConfig(max_new_tokens=2, batch_size=2))
+    assert not probes
+    generations(model, tokenizer, [short, long], GenerationConfig(max_new_tokens=2, batch_size=2))
+    assert len(probes) == 1
