@@ -614,3 +614,29 @@ def test_no_padding_probe_where_no_batch_is_padded(world, tokenizer, monkeypatch
     assert not probes
     generations(model, tokenizer, [short, long], GenerationConfig(max_new_tokens=2, batch_size=2))
     assert len(probes) == 1
+
+
+def test_a_cartridge_is_refused_or_taken_as_prefix_tuning_is(tokenizer):
+    """A cartridge's K/V (PEFT's CartridgeConfig) go to PEFT's forward as past_key_values, as prefix tuning's do:
+    refused by that reason where the decoding does not serve them (RAIN) or the model takes its cache as
+    past_key_values, taken where it takes `cache`. Only prefix tuning was tested: a cartridge refused as virtual tokens
+    before the inputs passed."""
+    from fastalign.runtime.hf_cache_argument import cache_kwargs, refuse_prompt_adapter_over_a_cache
+    tuned = peft_model(tokenizer, "CartridgeConfig")
+    with pytest.raises(ValueError, match=r"\(CartridgeConfig\) is a prompt-learning adapter whose K/V PEFT's forward "
+                                         "passes as past_key_values at every call, which RAIN's search does not"):
+        refuse_prompt_adapter_over_a_cache(tuned, "RAIN's search", kv_prefix=False)
+    if "past_key_values" not in cache_kwargs(tuned, None):
+        refuse_prompt_adapter_over_a_cache(tuned, "generation")
+
+
+def test_prefix_tuning_where_the_model_takes_its_cache_as_past_key_values_is_refused(tokenizer, monkeypatch):
+    """transformers 5.17's forwards take the cache as past_key_values, which PEFT's prefix K/V then replace at every
+    step: refused there even for a decoding that serves them (generation). The installed transformers takes `cache`,
+    so the prefix-tuning test takes its other branch and dropping this check passed: 5.17's naming is stood in for."""
+    from fastalign.runtime import hf_cache_argument
+    tuned = peft_model(tokenizer, "PrefixTuningConfig")
+    monkeypatch.setattr(hf_cache_argument, "cache_kwargs", lambda model, cache: {"past_key_values": cache})
+    with pytest.raises(ValueError, match=r"\(PrefixTuningConfig\) is a prompt-learning adapter whose K/V PEFT's "
+                                         "forward passes as past_key_values at every call, which generation does not"):
+        hf_cache_argument.refuse_prompt_adapter_over_a_cache(tuned, "generation")

@@ -127,3 +127,17 @@ def test_the_returned_cache_is_read_from_either_output_field():
     assert returned_cache(SimpleNamespace(past_key_values=cache)) is cache
     assert returned_cache(SimpleNamespace(cache=None, past_key_values=cache)) is cache
     assert returned_cache(SimpleNamespace(logits=None)) is None
+
+
+class NamesLogitsToKeepAlone:   # an older transformers model's forward, or a user's: no **kwargs
+    def forward(self, input_ids, logits_to_keep=0):
+        pass
+
+
+def test_a_forward_naming_logits_to_keep_without_keywords_takes_it():
+    """The forwards above that name it all take **kwargs too, so asking only up the MRO of a forward that hands its
+    keywords on passed: one naming it and taking no keywords (its class's, or one set on the instance) takes it."""
+    assert takes_logits_to_keep(NamesLogitsToKeepAlone())
+    model = OldStyle()
+    model.forward = lambda input_ids, logits_to_keep=0: None
+    assert takes_logits_to_keep(model)
