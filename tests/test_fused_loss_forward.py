@@ -492,3 +492,11 @@ def test_torch_compile_around_a_fused_model_gives_its_loss():
     gradients, no logits."""
     fused, own = fused_and_own(lambda: tiny_llama(VOCAB))
     assert_same_as_own(torch.compile(fused, backend="eager"), own, **batch(seed=13))
+
+
+def test_the_fused_forward_is_bound_to_its_model_and_a_copys_to_the_copy():
+    """The fused forward is a method of its model (`__self__`) as accelerate sees one (FusedLossForward's docstring),
+    a copy's bound to the copy. Nothing tested __self__: one of None passed."""
+    fused, _ = fused_and_own(lambda: tiny_llama(VOCAB))
+    copied = copy.deepcopy(fused)
+    assert fused.forward.__self__ is fused and copied.forward.__self__ is copied
