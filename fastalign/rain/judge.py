@@ -87,8 +87,9 @@ class JudgePrompt:
     after the conversation); `option_line` formats one option; orders are (harmless, harmful) then
     (harmful, harmless) under `labels`; `answer_prefix` ends the prompt. With `use_chat_template` the
     template (without the answer prefix) becomes a user message rendered by the tokenizer's chat template,
-    and the answer prefix starts the assistant's turn. `dialogue` is how the conversation slot shows a prompt
-    given as a bare user message (rain_generate's `chat_template`): "{prompt}" is replaced by the message, and
+    and the answer prefix starts the assistant's turn; either way the prompt starts with one BOS, as the model's
+    prompts do (a template that writes none gets the tokenizer's). `dialogue` is how the conversation slot shows a
+    prompt given as a bare user message (rain_generate's `chat_template`): "{prompt}" is replaced by the message, and
     the model's reply follows (after a space where the reply's tokens bring none, as Llama-3's do); it should
     read like the template's own examples."""
     template: str = DEFAULT_FEW_SHOT + "\n\n" + CONVERSATION_SLOT + "\n" + OPTIONS_SLOT
@@ -176,7 +177,8 @@ class JudgeTokens:
         befores, afters = zip(*(self._split(order) for order in (True, False)))
         if befores[0] != befores[1]:
             raise ValueError("JudgePrompt: the text before the conversation differs between the two option orders")
-        self.prefix_ids: List[int] = self._encode(befores[0], special=not prompt.use_chat_template)
+        # read as the model's prompts are (with a chat template too): one BOS, no appended EOS
+        self.prefix_ids: List[int] = tokenize_prompts(self.tokenizer, [befores[0]])[0]
         self.suffix_ids: Tuple[List[int], List[int]] = tuple(encode_piece(self.tokenizer, a) for a in afters)
         if self.suffix_ids[0] == self.suffix_ids[1]:
             raise ValueError("JudgePrompt: the two option orders read the same (does option_line contain "
@@ -216,9 +218,6 @@ class JudgeTokens:
             raise ValueError("JudgePrompt: the rendered judge prompt must contain the conversation exactly once")
         before, after = text.split(_SENTINEL)
         return before, after
-
-    def _encode(self, text: str, special: bool) -> List[int]:
-        return tokenize_prompts(self.tokenizer, [text], add_special_tokens=special)[0]
 
     def _label_id(self, after: str, suffix_ids: List[int], label: str) -> int:
         with_label = encode_piece(self.tokenizer, after + label)

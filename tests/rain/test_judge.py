@@ -128,9 +128,10 @@ def test_chat_template_places_the_answer_prefix_in_the_assistant_turn():
                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     try:
         judge = JudgeTokens(tok, chat)
-        text = tok.decode(judge.full_ids([], 0))
+        text = tok.decode(judge.full_ids([], 0)[1:])
         assert text.startswith("<|user|>Judge: ") and text.endswith("<|assistant|>The answer is: (")
-        assert judge.prefix_ids[0] != tok.bos_token_id            # the template decides special tokens
+        # one BOS, as the model's chat prompts have it (encoding.tokenize_prompts), though the template writes none
+        assert judge.prefix_ids[0] == tok.bos_token_id and judge.prefix_ids[1] != tok.bos_token_id
     finally:
         tok.chat_template = saved
     with pytest.raises(ValueError, match="JudgePrompt.use_chat_template is set but the tokenizer has no chat template"):
