@@ -211,9 +211,12 @@ class PagedLlama:
             hidden = add_then_norm(self.final_norm, h[select], pending[select], pending_norm)[1]
         at = hidden if logits_rows is None else hidden[logits_rows]
         head = self.model.lm_head
-        weight = getattr(head, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.is_floating_point():  # an lm_head kept in another dtype
-            at = at.to(weight.dtype)                                          # (fp32 on a bf16 model) takes its own
+        # the final norm's output as Hugging Face's forward feeds it (a head that dequantizes float8 weights, or
+        # computes in its input's dtype, gets it as is), but a plain Linear (or one PEFT's LoRA layer wraps) kept in
+        # another dtype than the layers (fp32 on a bf16 model), which takes no other, gets it in its own
+        linear = getattr(head, "base_layer", head)
+        if type(linear).forward is torch.nn.Linear.forward:
+            at = at.to(linear.weight.dtype)
         logits = self._soft_capped(head(at)).float() if want_logits else None
         return logits, hidden if want_hidden else None
 

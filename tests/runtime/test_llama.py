@@ -151,6 +151,43 @@ def test_an_lm_head_with_integer_weights_takes_the_hidden_states_as_they_are():
     assert_matches(model, [child], logits)
 
 
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gemma2-sliding-softcaps", "qwen3-moe-tied"])
+@pytest.mark.parametrize("stored", [torch.float8_e4m3fn, torch.bfloat16])
+def test_an_lm_head_that_computes_in_its_inputs_dtype_takes_the_hidden_states_as_they_are(name, stored):
+    """A head that stores its weight in float8 with a scale and upcasts it in its forward (as Hugging Face's FP8
+    integrations do), or stores it in bf16 and computes in its input's dtype, on an fp32 model: the runner cast the
+    final hidden states to the weight's dtype, which failed in float8 ("mul_cpu_reduced_float" not implemented for
+    'Float8_e4m3fn') and rounded them to bf16 (logits 1e-2 off). It feeds the head what the model's forward does."""
+    class StoredHead(torch.nn.Linear):
+        def __init__(self, linear, scale=1.5):
+            super().__init__(linear.in_features, linear.out_features, bias=False)
+            self.weight = torch.nn.Parameter((linear.weight.detach() / scale).to(stored), requires_grad=False)
+            self.scale = scale
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight.to(x.dtype) * self.scale)
+
+    model = tiny_model(name)
+    model.lm_head = StoredHead(model.lm_head)
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    seq = [5, 9, 14, 3, 7, 11]
+    (child,), logits = runner.extend([runner.prefill(seq[:3])], [seq[3:]], logits="all")
+    assert_matches(model, [child], logits)
+
+
+def test_a_peft_lora_on_an_lm_head_in_another_dtype_than_the_layers_takes_the_hidden_states_in_its_own():
+    """PEFT's LoRA layer calls the Linear it wraps on its input: an fp32 head of a bf16 model, wrapped, gets the final
+    hidden states in fp32, as a plain one does (its Linear takes no other dtype)."""
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llama-gqa-untied", dtype=torch.bfloat16)
+    model.lm_head.to(torch.float32)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False))
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    _, (logits,), (hidden,) = runner.extend([None], [[5, 9, 14, 3]], logits="all", hidden="all")
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model.base_model.model.lm_head(hidden.float()), rtol=1e-5, atol=1e-5)
+
+
 def test_longrope_on_one_layer_type_or_in_a_text_config_caps_the_context():
     """LongRoPE's original_max_position_embeddings caps the context (past it every position rotates anew) where the
     config gives one rope dict per layer type, and where it sits in a multimodal config's text_config."""
