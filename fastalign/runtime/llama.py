@@ -122,6 +122,22 @@ def context_limit(config):
     return longrope_limit(text_config(config), config_positions(config))
 
 
+def plain_linear(module):
+    """The torch.nn.Linear that `module` is, or that PEFT's LoRA layer `module` wraps (base_layer): its forward takes
+    inputs of its weight's dtype alone, and returns that dtype. None for any other module (one that dequantizes its
+    weights, say, computing in its input's dtype)."""
+    linear = getattr(module, "base_layer", module)
+    return linear if type(linear).forward is torch.nn.Linear.forward else None
+
+
+def kv_dtype(model):
+    """The dtype of the K/V that `model`'s layers compute: its first layer's k_proj's weight's where that is a plain
+    Linear (bf16 embeddings before fp32 layers: fp32, as their RMSNorms' fp32 weights promote the embeddings), else
+    (a quantized projection) the input embeddings' dtype, which the layers compute in."""
+    k_proj = plain_linear(model.model.layers[0].self_attn.k_proj)
+    return model.model.embed_tokens.weight.dtype if k_proj is None else k_proj.weight.dtype
+
+
 class PagedLlama:
     """The forward of a Llama-family causal LM over a ForwardBatch, with its KV in a KVPool."""
 
@@ -142,8 +158,9 @@ class PagedLlama:
         self.layout = layout = LAYOUTS[config.model_type]
         layer_windows(model, layout)   # a bad window refused when the runner is made (read again at each call)
         self.max_context = context_limit(config)
-        # device: where the whole model computes (model_device), embeddings offloaded by accelerate included
-        self.dtype, self.device = model.model.embed_tokens.weight.dtype, device
+        # device: where the whole model computes (model_device), embeddings offloaded by accelerate included; dtype:
+        # the pool's, that of the K/V the layers compute (kv_dtype)
+        self.dtype, self.device = kv_dtype(model), device
         self.backend = resolve_backend(attention_backend, self.device)  # "triton" or "torch"
         # on the Triton backend, one kernel for each RMSNorm (with the residual add before it), for the rotation
         # of q and k, and for a dense MLP's activation and product: fewer launches. These stand-ins hold the modules
@@ -212,10 +229,10 @@ class PagedLlama:
         at = hidden if logits_rows is None else hidden[logits_rows]
         head = self.model.lm_head
         # the final norm's output as Hugging Face's forward feeds it (a head that dequantizes float8 weights, or
-        # computes in its input's dtype, gets it as is), but a plain Linear (or one PEFT's LoRA layer wraps) kept in
-        # another dtype than the layers (fp32 on a bf16 model), which takes no other, gets it in its own
-        linear = getattr(head, "base_layer", head)
-        if type(linear).forward is torch.nn.Linear.forward:
+        # computes in its input's dtype, gets it as is), but a plain Linear kept in another dtype than the layers
+        # (fp32 on a bf16 model), which takes no other, gets it in its own
+        linear = plain_linear(head)
+        if linear is not None:
             at = at.to(linear.weight.dtype)
         logits = self._soft_capped(head(at)).float() if want_logits else None
         return logits, hidden if want_hidden else None

@@ -27,9 +27,11 @@ class FusedRMSNorm:
         self._norm, self._after_add = forward, rms_norm_after_add
 
     def _fits(self, x):
+        """Whether the kernel computes the module's output for x: under "rounded" only where x has the weight's dtype
+        (the kernel's output takes x's, the module's the wider of the two: bf16 embeddings into an fp32 norm)."""
         weight = self.module.weight
         return (x.shape[-1] == weight.shape[0] and x.device == weight.device and x.stride(-1) == 1
-                and x.dtype in KERNEL_DTYPES)
+                and x.dtype in KERNEL_DTYPES and (x.dtype == weight.dtype or not self.rule["round_before_weight"]))
 
     def __call__(self, x):
         if not self._fits(x):

@@ -151,6 +151,19 @@ def test_an_lm_head_with_integer_weights_takes_the_hidden_states_as_they_are():
     assert_matches(model, [child], logits)
 
 
+class StoredLinear(torch.nn.Linear):
+    """A Linear (without bias) whose weight is stored in `dtype` divided by a scale, and computed with in its input's
+    dtype: float8 weights upcast in the forward, as Hugging Face's FP8 integrations store them."""
+
+    def __init__(self, linear, dtype, scale=1.5):
+        super().__init__(linear.in_features, linear.out_features, bias=False)
+        self.weight = torch.nn.Parameter((linear.weight.detach() / scale).to(dtype), requires_grad=False)
+        self.scale = scale
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype) * self.scale)
+
+
 @pytest.mark.parametrize("name", ["llama-gqa-untied", "gemma2-sliding-softcaps", "qwen3-moe-tied"])
 @pytest.mark.parametrize("stored", [torch.float8_e4m3fn, torch.bfloat16])
 def test_an_lm_head_that_computes_in_its_inputs_dtype_takes_the_hidden_states_as_they_are(name, stored):
@@ -158,17 +171,8 @@ def test_an_lm_head_that_computes_in_its_inputs_dtype_takes_the_hidden_states_as
     integrations do), or stores it in bf16 and computes in its input's dtype, on an fp32 model: the runner cast the
     final hidden states to the weight's dtype, which failed in float8 ("mul_cpu_reduced_float" not implemented for
     'Float8_e4m3fn') and rounded them to bf16 (logits 1e-2 off). It feeds the head what the model's forward does."""
-    class StoredHead(torch.nn.Linear):
-        def __init__(self, linear, scale=1.5):
-            super().__init__(linear.in_features, linear.out_features, bias=False)
-            self.weight = torch.nn.Parameter((linear.weight.detach() / scale).to(stored), requires_grad=False)
-            self.scale = scale
-
-        def forward(self, x):
-            return torch.nn.functional.linear(x, self.weight.to(x.dtype) * self.scale)
-
     model = tiny_model(name)
-    model.lm_head = StoredHead(model.lm_head)
+    model.lm_head = StoredLinear(model.lm_head, stored)
     runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
     seq = [5, 9, 14, 3, 7, 11]
     (child,), logits = runner.extend([runner.prefill(seq[:3])], [seq[3:]], logits="all")
@@ -186,6 +190,33 @@ def test_a_peft_lora_on_an_lm_head_in_another_dtype_than_the_layers_takes_the_hi
     _, (logits,), (hidden,) = runner.extend([None], [[5, 9, 14, 3]], logits="all", hidden="all")
     with torch.no_grad():
         torch.testing.assert_close(logits, model.base_model.model.lm_head(hidden.float()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_model_with_bf16_embeddings_and_fp32_layers_gives_its_own_logits(backend):
+    """bf16 input embeddings before fp32 layers: the model's forward runs (the first RMSNorm's fp32 weight promotes
+    the embeddings to fp32), but the runner made its pool in the embeddings' dtype and failed deep in paged attention
+    ("k: expected dtype torch.bfloat16 (that of k_cache), got torch.float32"), naming neither. The pool takes the
+    dtype of the K/V the layers compute; on the Triton backend the first norm (whose kernel returns its input's
+    dtype) is the module's on the bf16 embeddings."""
+    model = tiny_model("llama-gqa-untied", device=device_for(backend))
+    model.model.embed_tokens.to(torch.bfloat16)
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend=backend)
+    seq = [5, 9, 14, 3, 7, 11]
+    (child,), logits = runner.extend([runner.prefill(seq[:3])], [seq[3:]], logits="all")
+    assert_matches(model, [child], logits)
+
+
+def test_a_model_whose_k_projections_store_float8_weights_keeps_its_kv_in_the_embeddings_dtype():
+    """A k_proj that upcasts float8 weights in its forward returns its input's dtype, the embeddings' (the pool's),
+    not its weight's."""
+    model = tiny_model("llama-gqa-untied")
+    for layer in model.model.layers:
+        layer.self_attn.k_proj = StoredLinear(layer.self_attn.k_proj, torch.float8_e4m3fn)
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    assert runner.pool.tensors[0].dtype == torch.float32
+    (child,), logits = runner.extend([None], [[5, 9, 14, 3, 7, 11]], logits="all")
+    assert_matches(model, [child], logits)
 
 
 def test_longrope_on_one_layer_type_or_in_a_text_config_caps_the_context():

@@ -86,6 +86,18 @@ def test_calls_the_kernel_does_not_fit_go_to_the_module():
         assert total.dtype == torch.float64 and torch.equal(out, norm(x + y))
 
 
+def test_an_input_of_another_dtype_than_a_rounded_norms_weight_goes_to_the_module():
+    """Llama's norm returns weight * normalised.to(x's dtype), in the wider of the two dtypes (bf16 embeddings into
+    an fp32 norm: fp32); the kernel returned x's, which the next fp32 projection refused."""
+    model = tiny_model("llama-gqa-untied")
+    norm = model.model.norm
+    fused = FusedRMSNorm(norm, norm.variance_epsilon, "rounded")
+    x = torch.randn(6, 48, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        out = fused(x)
+        assert out.dtype == torch.float32 and torch.equal(out, norm(x))
+
+
 def test_rms_norms_the_kernel_cannot_read_are_kept():
     """A module named as an RMSNorm whose weight is not one row (the kernel reads weight[i] for column i), or whose
     eps is no float (a tensor, which the kernel takes for a pointer), computes as its own forward says."""
