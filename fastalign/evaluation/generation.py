@@ -67,6 +67,10 @@ class GenerationConfig:
                 raise ValueError(f"{name} must be >= {least}, got {value}")
         if self.do_sample and not 0 < self.temperature < math.inf:   # inf: every logit 0, a uniform draw; NaN
             raise ValueError(f"temperature must be a finite number > 0 when sampling, got {self.temperature}")
+        refuse_one_string("stop_strings", self.stop_strings)   # "Human:" would be the stop strings H, u, m, a, ...
+        for stop in self.stop_strings:   # (None failed inside generation, naming no setting)
+            if not isinstance(stop, str):
+                raise ValueError(f"stop_strings must hold strings, got {stop!r}")
 
 
 def context_length(model) -> Optional[int]:

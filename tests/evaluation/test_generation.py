@@ -640,3 +640,16 @@ def test_prefix_tuning_where_the_model_takes_its_cache_as_past_key_values_is_ref
     with pytest.raises(ValueError, match=r"\(PrefixTuningConfig\) is a prompt-learning adapter whose K/V PEFT's "
                                          "forward passes as past_key_values at every call, which generation does not"):
         hf_cache_argument.refuse_prompt_adapter_over_a_cache(tuned, "generation")
+
+
+def test_one_stop_string_or_one_that_is_no_text_is_refused(world, tokenizer, model):
+    """GenerationConfig(stop_strings="Human:") was read as six one-character stop strings, every answer cut at its
+    first 'H', 'u', 'm', ...; a stop string that is no text (None) failed inside generation, naming no setting. Both
+    are refused naming stop_strings; an empty stop string, found in every text, stops no answer."""
+    with pytest.raises(TypeError, match="stop_strings must be a list of strings, got a single string"):
+        GenerationConfig(stop_strings="Human:")
+    with pytest.raises(ValueError, match="stop_strings must hold strings, got None"):
+        GenerationConfig(stop_strings=("Human:", None))
+    prompts = prompts_of(world)[:2]
+    assert generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=6, stop_strings=("",))) == \
+        generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=6))
