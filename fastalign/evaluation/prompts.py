@@ -28,7 +28,9 @@ def chat_prompt(tokenizer, text: str, system: Optional[str] = None, template_kwa
     that precedes each answer when `fastalign unlearn --chat-template [--system] [--chat-template-kwargs]` trains.
     The result usually starts with the BOS token's text; generation (`encode_prompts`) keeps that one BOS.
     ValueError when the tokenizer has no chat template, the template refuses the conversation (e.g. one without a
-    system role, given `system`) or drops `system`, or `template_kwargs` are no template variables."""
+    system role, given `system`), drops `system` or ignores add_generation_prompt and writes more than whitespace
+    before the answer (the prompt would end without the assistant's header), or `template_kwargs` are no template
+    variables."""
     return ChatTemplate(tokenizer, system, template_kwargs).prompt(text)
 
 

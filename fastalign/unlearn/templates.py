@@ -92,7 +92,7 @@ class ChatTemplate:
         hold no special token's text (read as that control token, as in a prompt)."""
         self._refuse_special_text("system (--system)", self.system)
         try:
-            head = self.prompt("Hi")
+            head = self._head("Hi")
         except ValueError as e:
             raise ValueError(f"system (--system) needs a chat template with a system role: {e}") from None
         if self.system.strip() not in head:
@@ -112,7 +112,23 @@ class ChatTemplate:
 
     def prompt(self, text: str) -> str:
         """`text` as the user turn (after the system turn), up to where the assistant's answer starts: what
-        a chat model is asked (`fastalign eval --template chat`), and what precedes each answer in training."""
+        a chat model is asked (`fastalign eval --template chat`), and what precedes each answer in training.
+        ValueError for a template that ignores add_generation_prompt and writes more than whitespace before the
+        answer (an assistant header): the model would write that text itself, at the start of its answer."""
+        head = self._head(text)
+        if head == self._render(self._turns(text)):   # the template ignores add_generation_prompt
+            try:   # (an answer it cannot find after the prompt: Mistral's puts the system turn in the last user turn)
+                rendered = self._locate(head, text, "Hi")
+            except ValueError:
+                return head
+            self._refuse_text_before_answer(head, rendered, "", (
+                "the template ignores add_generation_prompt, so a prompt ends at the user's turn and the model would "
+                "write that text itself, at the start of its answer; use a chat template that writes a generation "
+                "prompt"))
+        return head
+
+    def _head(self, text: str) -> str:
+        """The rendering of the turns before the answer, with the generation prompt where the template writes one."""
         return self._render(self._turns(text), add_generation_prompt=True)
 
     def _render(self, messages: list, add_generation_prompt: bool = False) -> str:
@@ -128,17 +144,23 @@ class ChatTemplate:
     def render(self, prompt: str, answer: str) -> RenderedPair:
         for name, text in (("the prompt", prompt), ("the answer", answer)):
             self._refuse_special_text(name, text)
-        head = self.prompt(prompt)
+        head = self._head(prompt)
         rendered = self._locate(head, prompt, answer)
+        self._refuse_text_before_answer(head, rendered, "chat_template (--chat-template): ", (
+            "evaluation and RAIN prompt with the generation prompt (`fastalign eval`/`fastalign rain --template "
+            "chat`), which does not end with it, so training would condition the answer on text they never show; pass "
+            "template variables that make the generation prompt end with it (template_kwargs; for Qwen3: "
+            "--chat-template-kwargs '{\"enable_thinking\": false}')"))
+        return rendered
+
+    @staticmethod
+    def _refuse_text_before_answer(head: str, rendered: RenderedPair, where: str, why: str) -> None:
+        """ValueError (after `where`, saying `why` it matters) where the conversation `rendered` holds more than
+        whitespace between `head`, the turns before the answer, and the answer."""
         unseen = rendered.text[len(head):rendered.answer_start]
         if unseen.strip():
-            raise ValueError(f"chat_template (--chat-template): the chat template writes {unseen!r} between the "
-                             "generation prompt and the answer: evaluation and RAIN prompt with the generation prompt "
-                             "(`fastalign eval`/`fastalign rain --template chat`), which does not end with it, so "
-                             "training would condition the answer on text they never show; pass template variables "
-                             "that make the generation prompt end with it (template_kwargs; for Qwen3: "
-                             "--chat-template-kwargs '{\"enable_thinking\": false}')")
-        return rendered
+            raise ValueError(f"{where}the chat template writes {unseen!r} between the generation prompt and the "
+                             f"answer: {why}")
 
     def _locate(self, head: str, prompt: str, answer: str) -> RenderedPair:
         """The conversation with `answer` as the assistant turn, and the answer's span: the first occurrence of the
@@ -168,7 +190,7 @@ def end_of_turn_id(tokenizer, template: Optional[ChatTemplate] = None) -> Option
         quiet = {"enable_thinking": False} if _reads(tokenizer.chat_template, "enable_thinking") else None
         template = ChatTemplate(tokenizer, template_kwargs=quiet)
     try:   # not render: a template refused for training (text before the answer) ends the turn as the others do
-        rendered = template._locate(template.prompt("Hi"), "Hi", "Hello")
+        rendered = template._locate(template._head("Hi"), "Hi", "Hello")
     except ValueError:   # a template that rewrites the answer or refuses this conversation
         return None
     ids = tokenizer(rendered.text[rendered.answer_end:].lstrip(), add_special_tokens=False)["input_ids"]

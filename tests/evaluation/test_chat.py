@@ -1,5 +1,6 @@
 """--template chat: prompts in the tokenizer's chat template, one BOS, answers that end at the end of turn."""
 import json
+import re
 import shutil
 
 import pytest
@@ -162,3 +163,23 @@ def test_chat_prompt_names_a_template_that_drops_the_system_turn():
     assert chat_prompt(tokenizer, QUESTION) == chat_prompt(chat_tokenizer(), QUESTION)
     with pytest.raises(ValueError, match=r"system \(--system\) is not in the conversation .* drops the system turn"):
         chat_prompt(tokenizer, QUESTION, system=SYSTEM)
+
+
+def test_chat_prompt_refuses_a_template_without_a_generation_prompt():
+    """A template that ignores add_generation_prompt ended the prompt at the user's end of turn: the model wrote the
+    assistant header itself, and the answer's text started with it ('assistant\\n\\nHi'), where training refuses
+    the template. Refused for prompting too; one that writes only whitespace before the answer (Llama 2's '[/INST]',
+    then ' answer') still prompts, as does one whose answer cannot be found after the prompt (Mistral's, which puts
+    the system turn in the last user turn)."""
+    ignored = CHAT_TEMPLATE.replace("{% if add_generation_prompt %}", "{% if false %}")
+    header = re.escape(repr(f"{START}assistant{END}\n\n"))
+    with pytest.raises(ValueError, match=f"writes {header} between the generation prompt and the answer: the template "
+                                         "ignores add_generation_prompt"):
+        chat_prompt(chat_tokenizer(ignored), QUESTION)
+    llama2 = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+              "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    assert chat_prompt(chat_tokenizer(llama2), QUESTION) == f"{BOS}[INST] {QUESTION} [/INST]"
+    mistral = ("{{ bos_token }}{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}[INST] "
+               "{% if loop.last and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+               "{{ m['content'] }}[/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    assert chat_prompt(chat_tokenizer(mistral), QUESTION, SYSTEM) == f"{BOS}[INST] {SYSTEM}\n\n{QUESTION}[/INST]"
