@@ -459,8 +459,8 @@ def test_vanilla_answer_has_rains_length_limits(monkeypatch):
     asked, cached, generate = [], [], model.generate
 
     def spy(ids, **kw):
-        asked.append(kw["max_new_tokens"])
-        cached.append(kw["use_cache"])
+        asked.append(kw["generation_config"].max_new_tokens)
+        cached.append(kw["generation_config"].use_cache)
         return generate(ids, **kw)
 
     monkeypatch.setattr(model, "generate", spy)
@@ -472,6 +472,21 @@ def test_vanilla_answer_has_rains_length_limits(monkeypatch):
     assert greedy_answer(model, tok, "Human: hi " * 20 + "\nAssistant:", 5, "Human:") == ""
     assert greedy_answer(model, tok, prompt, 5, "Human:", max_length=length) == ""   # no room: no generate call
     assert asked == [40 - length, 3, 1, 2]
+
+
+@pytest.mark.parametrize("setting, value", [("num_beams", 4), ("repetition_penalty", 0.1), ("suppress_tokens", None),
+                                            ("return_dict_in_generate", True), ("num_return_sequences", 2)])
+def test_vanilla_answer_is_greedy_whatever_the_checkpoints_generation_config(setting, value):
+    """The vanilla answer is greedy decoding, as `fastalign eval`'s: a checkpoint's generation config (num_beams,
+    Qwen2.5-Instruct's repetition_penalty, suppress_tokens) made it another decoding, `fastalign eval --answers`
+    then comparing RAIN with something else, and its return_dict_in_generate or num_return_sequences failed every
+    prompt's record. The model keeps its generation config."""
+    tok, model = tokenizer(), tiny_llama(1)
+    plain = generations(model, tok, PROMPTS[:1], GenerationConfig(max_new_tokens=12))[0]
+    checkpoint = model.generation_config
+    setattr(checkpoint, setting, [plain.answer_ids[0]] if value is None else value)   # (suppressed: greedy's first)
+    assert greedy_answer(model, tok, PROMPTS[0], 12, "Human:") == plain.text
+    assert model.generation_config is checkpoint and getattr(checkpoint, setting) is not None
 
 
 def test_vanilla_answer_of_a_chat_prompt_reads_one_bos_and_ends_at_the_end_of_turn(monkeypatch):
