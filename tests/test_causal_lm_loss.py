@@ -603,3 +603,40 @@ def test_bf16_on_the_gpu_gives_the_models_loss_to_bf16_rounding():
     torch.testing.assert_close(fused, expected.float(), rtol=2e-2, atol=0)
     for mine, theirs in zip(grads_of(model, fused), grads_of(model, expected)):
         assert (mine.float() - theirs.float()).norm() <= 3e-2 * theirs.float().norm()
+
+
+class FP8Linear(torch.nn.Linear):
+    """A Linear whose weight is stored in float8_e4m3fn divided by a scale and rescaled in its forward (as Hugging
+    Face's FP8 integrations store weights)."""
+
+    def __init__(self, linear, scale=1.5):
+        super().__init__(linear.in_features, linear.out_features, bias=False)
+        self.weight = torch.nn.Parameter((linear.weight.detach() / scale).to(torch.float8_e4m3fn),
+                                         requires_grad=False)
+        self.register_buffer("weight_scale_inv", torch.tensor(scale))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype) * self.weight_scale_inv.to(x.dtype))
+
+
+def test_an_lm_head_stored_in_float8_is_refused_naming_its_dtype():
+    """The fused losses read lm_head.weight as the weight the lm_head computes with; a float8 one without its scale
+    passed the probe (its bound was 4 eps of float8, half the largest logit): the loss under bf16 autocast was 5.190
+    for the model's 5.642, and without autocast a TypeError blamed `hidden`."""
+    model = tiny_llama(VOCAB)
+    model.lm_head = FP8Linear(model.lm_head)
+    with pytest.raises(NotImplementedError, match=r"LlamaForCausalLM: the model's lm_head weight \(53, 32\) "
+                                                  r"torch.float8_e4m3fn is of no dtype the fused losses compute with"):
+        CausalLMLoss(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_logits_rescaled_by_two_percent_are_refused_in_bf16_too(dtype):
+    """The probe's bound, 4 eps of the dtype (3% of the largest logit in bf16), let a bf16 model whose lm_head's
+    output is rescaled by 1.02 (a hook here; a head's own forward alike) train on its logits without the rescaling."""
+    from tests.runtime.tiny_models import tiny_model
+    model = tiny_model("llama-gqa-untied", dtype=dtype)
+    CausalLMLoss(model)
+    model.lm_head.register_forward_hook(lambda module, inputs, logits: logits * 1.02)
+    with pytest.raises(NotImplementedError, match="its logits are not its lm_head's weight applied to the final"):
+        CausalLMLoss(model)

@@ -229,24 +229,45 @@ def scaled_head_input(tensor: torch.Tensor | None, multiplier: float | None, dty
     return (tensor if multiplier is None else tensor * multiplier).to(dtype)
 
 
+# The dtypes the fused ops compute with: an lm_head weight stored in another (int8, float8) is rescaled or dequantized
+# in its forward, which the fused losses do not run
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_plain_head(base, lm_head: torch.nn.Module, whose: str) -> None:
+    """NotImplementedError, naming `base` and whose model it is, unless `lm_head` computes
+    F.linear(x, weight, bias) with the weight as stored: the fused losses read the weight and never run the lm_head,
+    so a weight stored for its forward to rescale (float8, int8) would give another model's loss."""
+    name, weight = type(base).__name__, lm_head.weight
+    if weight.dtype not in COMPUTE_DTYPES:
+        raise NotImplementedError(f"{name}: the {whose}'s lm_head weight {tuple(weight.shape)} {weight.dtype} is of "
+                                  "no dtype the fused losses compute with (float16, bfloat16, float32, float64): "
+                                  f"they read it as the weight the lm_head ({type(lm_head).__name__}) computes with, "
+                                  "which a quantized or float8 one is only once its forward rescales it")
+
+
 def check_fused_logits(model, probe_tokens: int = 4, *, whose: str = "model") -> None:
     """Raises NotImplementedError unless `model`'s logits are what the fused losses compute from its parts:
     F.linear(s * final hidden states of its decoder, lm_head.weight, s * lm_head.bias), s the logit_multiplier,
-    capped as logit_softcap says. Parts that accelerate offloads run as in the model's forward (their hooks load
-    them). ValueError, naming the model as `whose` ("model" or "reference"), where the probe or the fused losses
-    cannot run it: a part on the meta device that no hook loads (loaded_devices), an offloaded lm_head, which only its
-    hook loads (check_head_loaded). A model with no weight loaded (FSDP's low-memory loading gives them to one
-    process) is not probed: there is nothing to run yet.
+    capped as logit_softcap says; first, without running it, for an lm_head whose weight's dtype says it computes
+    with another (_check_plain_head: a float8 weight's roundings hide a missed scale from the probe).
+    Parts that accelerate offloads run as in the model's forward (their hooks load them). ValueError, naming the model
+    as `whose` ("model" or "reference"), where the probe or the fused losses cannot run it: a part on the meta device
+    that no hook loads (loaded_devices), an offloaded lm_head, which only its hook loads (check_head_loaded). A model
+    with no weight loaded (FSDP's low-memory loading gives them to one process) is not probed: there is nothing to run
+    yet.
 
     This probe catches the transforms no known config name reveals: a multiplier under a name of its own, hidden
     states rescaled or normed between the decoder and the lm_head, an lm_head whose forward is more than its weight.
     It compares one short forward of the model (eval mode, its own dtype) with the same computation done the fused
-    losses' way, up to a few roundings of that dtype; the two are the same operations when nothing is missed. A
+    losses' way, up to four roundings of that dtype (2 eps of the largest logit): the two are the same operations
+    when nothing is missed, and a looser bound lets a bf16 head that rescales its logits by 2% through. A
     forward that accelerate's prepare wrapped in mixed precision's autocast (a Trainer's with bf16=True) is compared
     unwrapped (accelerate keeps it as _original_forward): the wrapper's logits are bf16's, not that dtype's."""
     decoder, lm_head = causal_lm_parts(model)
     base, weight, softcap = base_causal_lm(model), lm_head.weight, logit_softcap(model)
     multiplier = logit_multiplier(model)
+    _check_plain_head(base, lm_head, whose)
     # no weight loaded in this process (FSDP's low-memory loading gives them to one): nothing to run yet; a model
     # accelerate offloads whole has all its weights on meta too, but its hooks load them
     if all(p.is_meta for p in base.parameters()) and META in compute_devices(base):
@@ -261,7 +282,7 @@ def check_fused_logits(model, probe_tokens: int = 4, *, whose: str = "model") ->
         forward = vars(base).get("_original_forward", base)
         logits = forward(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        if hidden.shape[-1] != weight.shape[-1] or not weight.is_floating_point():  # e.g. a quantized lm_head
+        if hidden.shape[-1] != weight.shape[-1]:
             fused = None
         else:
             fused = torch.nn.functional.linear(scaled_head_input(hidden, multiplier, weight.dtype), weight,
@@ -272,7 +293,8 @@ def check_fused_logits(model, probe_tokens: int = 4, *, whose: str = "model") ->
                  f"{tuple(logits.shape)}")
     else:
         scale, error = float(logits.abs().max()), float((fused - logits).abs().max())
-        if error <= 4 * torch.finfo(weight.dtype).eps * max(scale, 1.0):
+        # the dtype both compute in (a weight stored coarser than the hidden states must not loosen the bound)
+        if error <= 2 * torch.finfo(torch.promote_types(hidden.dtype, weight.dtype)).eps * max(scale, 1.0):
             return
         found = f"they differ by up to {error:.3g} on logits up to {scale:.3g}"
     raise NotImplementedError(f"{type(base).__name__}: its logits are not its lm_head's weight applied to the final "
