@@ -640,3 +640,34 @@ def test_logits_rescaled_by_two_percent_are_refused_in_bf16_too(dtype):
     model.lm_head.register_forward_hook(lambda module, inputs, logits: logits * 1.02)
     with pytest.raises(NotImplementedError, match="its logits are not its lm_head's weight applied to the final"):
         CausalLMLoss(model)
+
+
+class LoRAHead(torch.nn.Linear):
+    """A hand-written LoRA lm_head: weight x + B A x, B zero at first as LoRA draws it."""
+
+    def __init__(self, linear, rank=4):
+        super().__init__(linear.in_features, linear.out_features, bias=False)
+        self.weight = linear.weight
+        self.lora_A = torch.nn.Parameter(torch.randn(rank, linear.in_features) * 0.1)
+        self.lora_B = torch.nn.Parameter(torch.zeros(linear.out_features, rank))
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.lora_A.T @ self.lora_B.T
+
+
+def test_an_lm_head_with_a_forward_of_its_own_is_refused_naming_its_class():
+    """A hand-written LoRA lm_head agreed with the probe while its B was zero, and the fused loss then read its weight
+    alone: once B trained, the loss was 5.646 for the model's 6.184, and the adapter got no gradient."""
+    model = tiny_llama(VOCAB)
+    model.lm_head = LoRAHead(model.lm_head)
+    with pytest.raises(NotImplementedError, match="the model's lm_head is a LoRAHead, which has its own forward"):
+        CausalLMLoss(model)
+
+
+def test_an_lm_head_holding_parameters_besides_weight_and_bias_is_refused_naming_them():
+    """An nn.Linear that holds a parameter its forward does not read is refused too: the fused losses cannot know
+    what a module of its own (here an extra scale) will do with it."""
+    model = tiny_llama(VOCAB)
+    model.lm_head.register_parameter("logit_gain", torch.nn.Parameter(torch.ones(())))
+    with pytest.raises(NotImplementedError, match=r"holds parameters besides weight and bias \(logit_gain\)"):
+        CausalLMLoss(model)

@@ -500,3 +500,13 @@ def test_the_fused_forward_is_bound_to_its_model_and_a_copys_to_the_copy():
     fused, _ = fused_and_own(lambda: tiny_llama(VOCAB))
     copied = copy.deepcopy(fused)
     assert fused.forward.__self__ is fused and copied.forward.__self__ is copied
+
+
+def test_a_model_whose_lm_head_has_a_forward_of_its_own_is_refused_when_fused():
+    """A hand-written LoRA lm_head (B zero at first) passed the probe, and the fused forward then read its weight
+    alone: once B trained, the model's loss was another model's and the adapter got no gradient."""
+    from tests.test_causal_lm_loss import LoRAHead
+    model = tiny_llama(VOCAB)
+    model.lm_head = LoRAHead(model.lm_head)
+    with pytest.raises(NotImplementedError, match="LlamaForCausalLM: .* the model's lm_head is a LoRAHead"):
+        fuse_causal_lm_loss(model)

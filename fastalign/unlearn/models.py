@@ -237,20 +237,30 @@ COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _check_plain_head(base, lm_head: torch.nn.Module, whose: str) -> None:
     """NotImplementedError, naming `base` and whose model it is, unless `lm_head` computes
     F.linear(x, weight, bias) with the weight as stored: the fused losses read the weight and never run the lm_head,
-    so a weight stored for its forward to rescale (float8, int8) would give another model's loss."""
+    so a weight stored for its forward to rescale (float8, int8), or a forward of its own (a LoRA path whose B starts
+    at zero, which the probe cannot see), would give another model's loss."""
     name, weight = type(base).__name__, lm_head.weight
     if weight.dtype not in COMPUTE_DTYPES:
         raise NotImplementedError(f"{name}: the {whose}'s lm_head weight {tuple(weight.shape)} {weight.dtype} is of "
                                   "no dtype the fused losses compute with (float16, bfloat16, float32, float64): "
                                   f"they read it as the weight the lm_head ({type(lm_head).__name__}) computes with, "
                                   "which a quantized or float8 one is only once its forward rescales it")
+    extra = [n for n, _ in lm_head.named_parameters() if n not in ("weight", "bias")]
+    has = ["has its own forward"] if type(lm_head).forward is not torch.nn.Linear.forward else []
+    if extra:
+        has.append(f"holds parameters besides weight and bias ({', '.join(extra[:3])})")
+    if has:
+        raise NotImplementedError(f"{name}: its logits are not its lm_head's weight applied to the final hidden states "
+                                  f"by nn.Linear's forward: the {whose}'s lm_head is a {type(lm_head).__name__}, "
+                                  f"which {' and '.join(has)}; the fused losses read its weight and bias alone, so "
+                                  "what more its forward computes would neither act nor train")
 
 
 def check_fused_logits(model, probe_tokens: int = 4, *, whose: str = "model") -> None:
     """Raises NotImplementedError unless `model`'s logits are what the fused losses compute from its parts:
     F.linear(s * final hidden states of its decoder, lm_head.weight, s * lm_head.bias), s the logit_multiplier,
-    capped as logit_softcap says; first, without running it, for an lm_head whose weight's dtype says it computes
-    with another (_check_plain_head: a float8 weight's roundings hide a missed scale from the probe).
+    capped as logit_softcap says; first, without running it, for an lm_head whose class or weight's dtype says it
+    computes something else (_check_plain_head: a LoRA path starting at zero agrees with the probe until it trains).
     Parts that accelerate offloads run as in the model's forward (their hooks load them). ValueError, naming the model
     as `whose` ("model" or "reference"), where the probe or the fused losses cannot run it: a part on the meta device
     that no hook loads (loaded_devices), an offloaded lm_head, which only its hook loads (check_head_loaded). A model
@@ -258,7 +268,7 @@ def check_fused_logits(model, probe_tokens: int = 4, *, whose: str = "model") ->
     yet.
 
     This probe catches the transforms no known config name reveals: a multiplier under a name of its own, hidden
-    states rescaled or normed between the decoder and the lm_head, an lm_head whose forward is more than its weight.
+    states rescaled or normed between the decoder and the lm_head, a hook on the lm_head that changes its output.
     It compares one short forward of the model (eval mode, its own dtype) with the same computation done the fused
     losses' way, up to four roundings of that dtype (2 eps of the largest logit): the two are the same operations
     when nothing is missed, and a looser bound lets a bf16 head that rescales its logits by 2% through. A
