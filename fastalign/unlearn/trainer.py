@@ -49,8 +49,8 @@ from fastalign.unlearn.compute import (ComputeTotals, ModelShape, batch_compute,
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.layer_stand_ins import fused_layers
 from fastalign.unlearn.lora_merge import MERGE_ERROR_WARNING, merge_rounding_error
-from fastalign.unlearn.models import (base_causal_lm, cast_weights, causal_lm_parts, check_fused_logits,
-                                      check_mergeable_adapter, disable_activation_checkpointing,
+from fastalign.unlearn.models import (COMPUTE_DTYPES, base_causal_lm, cast_weights, causal_lm_parts,
+                                      check_fused_logits, check_mergeable_adapter, disable_activation_checkpointing,
                                       enable_activation_checkpointing, max_positions)
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.optimizer import adamw
@@ -294,6 +294,26 @@ def _warn_if_moved(devices, device) -> None:
                       "trainer", stacklevel=3)
 
 
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """Whether `t` holds no NaN or inf, as a bool tensor on its device; a float8 one, which torch.isfinite does not
+    take, read in float32 a chunk at a time (not a float32 copy of a whole weight)."""
+    if t.is_floating_point() and t.element_size() == 1:
+        return torch.stack([torch.isfinite(chunk.float()).all() for chunk in t.reshape(-1).split(1 << 24)]).all()
+    return torch.isfinite(t).all()
+
+
+def _check_mergeable_base(model) -> None:
+    """ValueError, naming the layer, where a LoRA layer of `model` wraps a weight of no dtype PEFT's merge_and_unload
+    adds the adapter into (int8 that a bitsandbytes-like Linear dequantizes in its forward, float8 that an FP8 Linear
+    rescales in its own): the run would train, then fail in the merge that writes model/."""
+    for name, module in model.named_modules():
+        weight = getattr(getattr(module, "base_layer", None), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"the LoRA layer {name.removeprefix('base_model.model.')} wraps a {weight.dtype} weight, "
+                             "into which PEFT's merge_and_unload cannot merge the adapter to write model/; leave it "
+                             "out of lora_targets, or load the model in float32, bfloat16 or float16")
+
+
 def _check_trainable_dtypes(model) -> None:
     """Raises on a float16 weight to train: AdamW's eps (1e-8) rounds to 0 in float16 and its second moments
     underflow, so the first step turns such weights into inf or NaN."""
@@ -408,7 +428,7 @@ class UnlearningTrainer:
             if p.is_meta:   # else "Tensor.item() cannot be called on meta tensors" below, or model.to()'s error
                 raise ValueError(f"model parameter {name} is {ON_META}: the trainer trains every weight on the "
                                  "accelerator's device; load the whole model without offloading")
-            if not bool(torch.isfinite(p).all()):
+            if not bool(_finite(p)):
                 raise ValueError(f"model parameter {name} holds NaN or infinite values")
         self.config, self.streams, self.tokenizer, self.step_callback = config, streams, tokenizer, step_callback
         self.accelerator = accelerator or _new_accelerator(config.precision)
@@ -484,6 +504,7 @@ class UnlearningTrainer:
                 except ValueError as e:   # e.g. GPT-2 has no q_proj: name the setting that chose them
                     raise ValueError(f"lora_targets (--lora-targets) {config.lora_targets}: {e}") from None
             check_mergeable_adapter(model)   # (_finish merges the adapter into model/)
+            _check_mergeable_base(model)
         except Exception:
             if new_adapter and hasattr(model, "unload"):   # get_peft_model put its layers into the caller's model
                 model.unload()
@@ -746,7 +767,7 @@ class UnlearningTrainer:
         named = [(name.removeprefix("model."), p.detach())
                  for name, p in objective.named_parameters() if p.requires_grad]
         # on the accelerator's device, which the gather's collective takes (FSDP may keep the weights on the CPU)
-        here = torch.stack([~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all().to(acc.device)
+        here = torch.stack([~_finite(p.to_local() if hasattr(p, "to_local") else p).to(acc.device)
                             for _, p in named])   # (FSDP2: a shard)
         bad = [rank for rank, flag in enumerate(acc.gather(here.any().long()[None]).tolist()) if flag]
         if bad:

@@ -1810,3 +1810,50 @@ def test_a_resume_from_a_checkpoint_lacking_a_trainable_weight_is_refused(tmp_pa
     monkeypatch.setattr(trainer_module, "read_checkpoint", read_without_a_weight)
     with pytest.raises(ValueError, match=r"lacks trainable parameter\(s\) \['model\.model\.norm\.weight'\]"):
         run(tmp_path, save_every=2, resume=True)
+
+
+class QuantizedLinear(torch.nn.Linear):
+    """A Linear storing its weight as `dtype` (int8 as bitsandbytes' Linear8bitLt, float8 as Hugging Face's FP8
+    integrations) divided by a scale, which its forward multiplies back."""
+
+    def __init__(self, linear, dtype):
+        super().__init__(linear.in_features, linear.out_features, bias=False)
+        scale = linear.weight.detach().abs().max() / 100
+        self.weight = torch.nn.Parameter((linear.weight.detach() / scale).round().to(dtype), requires_grad=False)
+        self.register_buffer("weight_scale", scale)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype) * self.weight_scale.to(x.dtype))
+
+
+def quantized_q_proj(dtype):
+    """tiny_llama with each layer's q_proj a QuantizedLinear of `dtype`."""
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    for layer in model.model.layers:
+        layer.self_attn.q_proj = QuantizedLinear(layer.self_attn.q_proj, dtype)
+    return model
+
+
+def test_a_float8_base_weight_trains_under_lora_and_a_nan_in_it_is_named(tmp_path):
+    """A QLoRA-like base with float8 q_proj weights: the trainer's check that every weight is finite called
+    torch.isfinite, which torch does not implement for float8, and failed naming no parameter. It trains (LoRA on
+    v_proj), and a NaN in a float8 weight is named."""
+    pytest.importorskip("peft")
+    lora = {"lora": True, "lora_rank": 4, "lora_targets": ["v_proj"], "max_steps": 1, "grad_accum": 1}
+    assert run(tmp_path, model=quantized_q_proj(torch.float8_e4m3fn), **lora)[1].steps == 1
+    model = quantized_q_proj(torch.float8_e4m3fn)
+    model.model.layers[1].self_attn.q_proj.weight.data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"model parameter model.layers.1.self_attn.q_proj.weight holds NaN"):
+        run(tmp_path, name="nan", model=model, **lora)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+def test_a_lora_target_the_adapter_cannot_be_merged_into_is_refused_naming_it(tmp_path, dtype):
+    """A LoRA target whose weight is int8 (bitsandbytes-like) or float8: the run trained to the end, then failed in
+    PEFT's merge_and_unload ("result type Float can't be cast to ... Char"), which writes model/. Refused when the
+    trainer is made, naming the layer and its dtype."""
+    pytest.importorskip("peft")
+    with pytest.raises(ValueError, match=rf"the LoRA layer model.layers.0.self_attn.q_proj wraps a {dtype} weight"):
+        run(tmp_path, model=quantized_q_proj(dtype), lora=True, lora_rank=4, lora_targets=["q_proj"], max_steps=1,
+            grad_accum=1)
+    assert not os.path.exists(tmp_path / "run")
