@@ -655,12 +655,34 @@ class LoRAHead(torch.nn.Linear):
         return super().forward(x) + x @ self.lora_A.T @ self.lora_B.T
 
 
-def test_an_lm_head_with_a_forward_of_its_own_is_refused_naming_its_class():
+def test_an_lm_head_with_parameters_of_its_own_is_refused_naming_its_class():
     """A hand-written LoRA lm_head agreed with the probe while its B was zero, and the fused loss then read its weight
     alone: once B trained, the loss was 5.646 for the model's 6.184, and the adapter got no gradient."""
     model = tiny_llama(VOCAB)
     model.lm_head = LoRAHead(model.lm_head)
-    with pytest.raises(NotImplementedError, match="the model's lm_head is a LoRAHead, which has its own forward"):
+    with pytest.raises(NotImplementedError, match=r"the model's lm_head is a LoRAHead, which holds parameters or "
+                                                  r"buffers besides weight and bias \(lora_A, lora_B\)"):
+        CausalLMLoss(model)
+
+
+class FloatAccumulatingHead(torch.nn.Linear):
+    """An lm_head whose forward is its own but reads nothing more than its weight (Ergo's: float32 logits)."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x.float(), self.weight.float())
+
+
+def test_an_lm_head_with_a_forward_of_its_own_and_nothing_more_is_left_to_the_probe():
+    """A forward of its own that reads the weight alone is the probe's to judge: one computing x W^T (in float32, as
+    Ergo's lm_head does) gets the model's own loss; one rescaling it is refused by the probe."""
+    model = tiny_llama(VOCAB)
+    head = FloatAccumulatingHead(model.lm_head.in_features, model.lm_head.out_features, bias=False)
+    head.weight = model.lm_head.weight
+    model.lm_head = head
+    inputs = batch(seed=3)
+    assert_same_loss_and_gradients(model, CausalLMLoss(model, backend="torch")(**inputs), model(**inputs).loss)
+    head.forward = lambda x: 1.5 * torch.nn.functional.linear(x, head.weight)
+    with pytest.raises(NotImplementedError, match="its logits are not its lm_head's weight applied"):
         CausalLMLoss(model)
 
 
@@ -669,5 +691,6 @@ def test_an_lm_head_holding_parameters_besides_weight_and_bias_is_refused_naming
     what a module of its own (here an extra scale) will do with it."""
     model = tiny_llama(VOCAB)
     model.lm_head.register_parameter("logit_gain", torch.nn.Parameter(torch.ones(())))
-    with pytest.raises(NotImplementedError, match=r"holds parameters besides weight and bias \(logit_gain\)"):
+    with pytest.raises(NotImplementedError, match=r"holds parameters or buffers besides weight and bias "
+                                                  r"\(logit_gain\)"):
         CausalLMLoss(model)

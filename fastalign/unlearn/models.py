@@ -235,10 +235,12 @@ COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_plain_head(base, lm_head: torch.nn.Module, whose: str) -> None:
-    """NotImplementedError, naming `base` and whose model it is, unless `lm_head` computes
-    F.linear(x, weight, bias) with the weight as stored: the fused losses read the weight and never run the lm_head,
-    so a weight stored for its forward to rescale (float8, int8), or a forward of its own (a LoRA path whose B starts
-    at zero, which the probe cannot see), would give another model's loss."""
+    """NotImplementedError, naming `base` and whose model it is, where `lm_head` computes with more than its weight
+    as stored and its bias: the fused losses read those and never run the lm_head, so a weight stored for its forward
+    to rescale (float8, int8), or parameters or buffers of its own (a LoRA path whose B starts at zero, a learned
+    logit scale starting at 1: what the probe cannot see before they train), would give another model's loss. A
+    forward of its own with nothing more to read (Ergo's, which accumulates its logits in float32) is left to the
+    probe."""
     name, weight = type(base).__name__, lm_head.weight
     if weight.dtype not in COMPUTE_DTYPES:
         raise NotImplementedError(f"{name}: the {whose}'s lm_head weight {tuple(weight.shape)} {weight.dtype} is of "
@@ -246,20 +248,19 @@ def _check_plain_head(base, lm_head: torch.nn.Module, whose: str) -> None:
                                   f"they read it as the weight the lm_head ({type(lm_head).__name__}) computes with, "
                                   "which a quantized or float8 one is only once its forward rescales it")
     extra = [n for n, _ in lm_head.named_parameters() if n not in ("weight", "bias")]
-    has = ["has its own forward"] if type(lm_head).forward is not torch.nn.Linear.forward else []
+    extra += [n for n, _ in lm_head.named_buffers()]
     if extra:
-        has.append(f"holds parameters besides weight and bias ({', '.join(extra[:3])})")
-    if has:
         raise NotImplementedError(f"{name}: its logits are not its lm_head's weight applied to the final hidden states "
-                                  f"by nn.Linear's forward: the {whose}'s lm_head is a {type(lm_head).__name__}, "
-                                  f"which {' and '.join(has)}; the fused losses read its weight and bias alone, so "
-                                  "what more its forward computes would neither act nor train")
+                                  f"alone: the {whose}'s lm_head is a {type(lm_head).__name__}, which holds "
+                                  f"parameters or buffers besides weight and bias ({', '.join(extra[:3])}); the fused "
+                                  "losses read its weight and bias alone, so what its forward computes with them "
+                                  "would neither act nor train")
 
 
 def check_fused_logits(model, probe_tokens: int = 4, *, whose: str = "model") -> None:
     """Raises NotImplementedError unless `model`'s logits are what the fused losses compute from its parts:
     F.linear(s * final hidden states of its decoder, lm_head.weight, s * lm_head.bias), s the logit_multiplier,
-    capped as logit_softcap says; first, without running it, for an lm_head whose class or weight's dtype says it
+    capped as logit_softcap says; first, without running it, for an lm_head whose weight's dtype or parameters say it
     computes something else (_check_plain_head: a LoRA path starting at zero agrees with the probe until it trains).
     Parts that accelerate offloads run as in the model's forward (their hooks load them). ValueError, naming the model
     as `whose` ("model" or "reference"), where the probe or the fused losses cannot run it: a part on the meta device
