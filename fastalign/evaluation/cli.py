@@ -52,7 +52,7 @@ from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.output_lock import output_lock
 from fastalign.pretrained import load_config, load_pretrained, load_tokenizer
 from fastalign.unlearn.templates import ChatTemplate
-from fastalign.writable import DiskFullError, naming_a_full_disk
+from fastalign.writable import DiskFullError, cannot_append_to, naming_a_full_disk
 
 from .answers import read_answers
 from .generation import GenerationConfig, check_stop_strings, encode_prompts
@@ -365,7 +365,7 @@ def _evaluate_model(args) -> dict:
         setting = str(exc).split(" ", 1)[0]
         raise UsageError(f"--{setting.replace('_', '-')}{str(exc)[len(setting):]}") from None
     _check_output_is_no_input(args.output, {source: args.prompts or args.hh, "--normal-prompts": args.normal_prompts})
-    check_output_file(args.output)
+    _check_output_files(args.output)
     model, tokenizer = load_causal_lm(args.model, "--model", args.device,
                                       None if args.dtype == "auto" else getattr(torch, args.dtype))
     try:
@@ -435,7 +435,7 @@ def _evaluate_answers(args) -> dict:
     except ValueError as exc:    # DataError included: a missing or unreadable file
         raise UsageError(f"--answers: {exc}") from None
     _check_output_is_no_input(args.output, {"--answers": args.answers})
-    check_output_file(args.output)
+    _check_output_files(args.output)
     judge = build_judge(args)
     unmerged = rank_files(args.answers)
     for message in unjudged_warnings(args.answers, answers.torn_line, unmerged):
@@ -454,6 +454,17 @@ def _evaluate_answers(args) -> dict:
                                      "skipped_errors": answers.skipped_errors,
                                      # left unjudged, so that the summary alone says it
                                      "unmerged_rank_files": unmerged, "torn_line": answers.torn_line})
+
+
+def _check_output_files(output: str) -> None:
+    """check_output_file of --output, and of the summary written beside it at the end (<output>.summary.json, in the
+    same directory): UsageError naming --output where the summary is a directory or not writable, found before any
+    record is generated or judged, not as a traceback after them all."""
+    check_output_file(output)
+    summary = output + ".summary.json"
+    problem = "it is a directory" if os.path.isdir(summary) else os.path.exists(summary) and cannot_append_to(summary)
+    if problem:
+        raise UsageError(f"--output: its summary {summary!r} cannot be written: {problem}")
 
 
 def _check_output_is_no_input(output: str, inputs: dict) -> None:

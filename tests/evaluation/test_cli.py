@@ -348,6 +348,22 @@ def rain_output(tmp_path):
     ]))
 
 
+@pytest.mark.parametrize("source", ["--answers", "--prompts"])
+def test_a_summary_path_that_cannot_be_written_is_a_usage_error_before_any_record(rain_output, model_dir,
+                                                                                  harmful_prompts, tmp_path, capsys,
+                                                                                  source):
+    """<output>.summary.json, written at the end, is checked with --output: a directory in its place made the
+    command judge (or generate) every record, then die with an IsADirectoryError traceback and no summary."""
+    out = tmp_path / "judged.jsonl"
+    (tmp_path / "judged.jsonl.summary.json").mkdir()
+    given = ["--answers", rain_output] if source == "--answers" else ["--model", model_dir, "--prompts",
+                                                                        harmful_prompts]
+    assert run(*given, "--judge", "keyword", "--keywords", "poison", "--output", out) == 2
+    assert f"--output: its summary {str(out) + '.summary.json'!r} cannot be written: it is a directory" in \
+        capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_eval_answers_reports_rain_and_vanilla_side_by_side(rain_output, tmp_path, capsys):
     out = tmp_path / "judged.jsonl"
     assert run("--answers", rain_output, "--judge", "keyword", "--keywords", "poison", "--output", out,
