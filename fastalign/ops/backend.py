@@ -41,7 +41,9 @@ def check_backend(backend):
 
 def select_backend(op, backend, device):
     """The launcher module of `op` for `backend` ("auto" = Triton on CUDA tensors, torch elsewhere); ValueError for
-    meta tensors, which hold no values to compute on (torch's errors named neither the op nor the device)."""
+    meta tensors, which hold no values to compute on (torch's errors named neither the op nor the device). Imports
+    nothing where the launcher was imported before, so that dynamo traces it in a compiled caller (an import is a
+    graph break, refused under fullgraph=True)."""
     check_backend(backend)
     if device.type == "meta":
         raise ValueError("fastalign's ops cannot run on tensors on the meta device (they hold no values): "
@@ -50,11 +52,29 @@ def select_backend(op, backend, device):
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     if backend == "torch":
-        return importlib.import_module(f"fastalign.ops.torch_chunked.{op}")
+        return _TORCH_LAUNCHERS[op]
     if device.type != "cuda" and not triton_interpreting():
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got tensors on {device}); set TRITON_INTERPRET=1 before "
             "importing fastalign to run the Triton kernels on the CPU through Triton's interpreter")
+    launcher = _triton_launchers.get(op)
+    if launcher is None:
+        launcher = _triton_launchers[op] = _import_triton_launcher(op)
+    return launcher
+
+
+# The torch launchers, imported with this module (plain torch, cheap); the Triton ones on their op's first call (it
+# imports triton), kept here for dynamo to read.
+_TORCH_LAUNCHERS = {op: importlib.import_module(f"fastalign.ops.torch_chunked.{op}")
+                    for op in ("gated_activation", "kahan_adamw", "linear_cross_entropy", "linear_kl_div", "rms_norm")}
+_triton_launchers = {}
+
+
+@compiler_disable(reason="the Triton backend of fastalign's ops runs outside the compiled graph (graph breaks): "
+                         "dynamo cannot trace the import of its kernels (fastalign.kernels) nor their launches; "
+                         "compile the caller without fullgraph=True")
+def _import_triton_launcher(op):
+    """fastalign.kernels.<op>; an ImportError saying what is missing."""
     try:
         return importlib.import_module(f"fastalign.kernels.{op}")
     except ImportError as err:

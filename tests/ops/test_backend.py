@@ -7,7 +7,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastalign
+import fastalign.ops.backend as backend_module
 from fastalign.ops.backend import select_backend
+from tests.conftest import TRITON_DEVICE
 
 
 @pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_kl_div"])
@@ -25,9 +27,48 @@ def test_auto_picks_triton_on_cuda_and_torch_elsewhere(op):
                                                r".*install fastalign \(pip install -e . in a checkout\)")])
 def test_a_triton_backend_that_cannot_be_imported_names_what_is_missing(missing, message, monkeypatch):
     monkeypatch.delitem(sys.modules, "fastalign.kernels.linear_cross_entropy", raising=False)
+    monkeypatch.delitem(backend_module._triton_launchers, "linear_cross_entropy", raising=False)
     monkeypatch.setitem(sys.modules, missing, None)   # imported as None: an ImportError naming it
     with pytest.raises(ImportError, match=message):
         select_backend("linear_cross_entropy", "triton", torch.device("cuda"))
+
+
+def _layer_op_call(op, backend, device="cpu"):
+    """A caller of the layer op `op` on `backend`, and its input."""
+    x, up, weight, norm_weight = (torch.randn(shape, device=device) for shape in ((2, 3, 8), (2, 3, 8), (4, 8), (8,)))
+    calls = {"rms_norm": lambda x: fastalign.rms_norm(x, norm_weight, 1e-5, backend=backend),
+             "gated_linear": lambda x: fastalign.gated_linear(x, up, weight, backend=backend),
+             "gated_activation": lambda x: fastalign.gated_activation(x, up, backend=backend)}
+    return calls[op], x
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "gated_linear", "gated_activation"])
+def test_a_compiled_caller_of_a_layer_op_on_the_torch_backend_is_one_graph(op):
+    """select_backend imported the launcher module at every call: dynamo cannot trace an import, so a compiled model
+    broke its graph at every norm and MLP, and fullgraph=True (torch.export's strict mode too) refused the op, naming
+    only importlib, where the README says dynamo traces the torch backend."""
+    call, x = _layer_op_call(op, "torch")
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(call)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert torch.equal(torch.compile(call, backend="eager", fullgraph=True)(x), call(x))
+
+
+@pytest.mark.parametrize("imported", [True, False], ids=["imported", "first-call"])
+@pytest.mark.parametrize("op", ["rms_norm", "gated_linear", "gated_activation"])
+def test_a_fullgraph_caller_of_a_layer_op_on_the_triton_backend_is_refused_with_the_reason(op, imported,
+                                                                                             monkeypatch):
+    """The Triton backend runs outside compiled graphs (README): fullgraph=True is refused saying so, whether its
+    kernels were imported before or are by this call. The import in select_backend broke the graph first, naming
+    only importlib."""
+    call, x = _layer_op_call(op, "triton", TRITON_DEVICE)
+    if imported:
+        call(x)
+    else:
+        monkeypatch.setattr(backend_module, "_triton_launchers", {})
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="Triton backend.* runs outside the compiled graph"):
+        torch.compile(call, backend="eager", fullgraph=True)(x)
 
 
 @pytest.mark.parametrize("op", ["rms_norm", "gated_linear", "gated_activation", "linear_cross_entropy",
