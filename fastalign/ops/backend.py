@@ -133,4 +133,6 @@ def apply_on(launcher, function, *args):
     """function.apply(*args), an autograd Function of a layer op (or its backward's) that runs `launcher`: a Triton
     one outside a compiled caller's graphs (one graph break, as the fused losses take: dynamo traced into the kernel
     launches, and failed under Triton's interpreter); a torch one as it is, for dynamo to trace."""
-    return _apply_outside_graphs(function, *args) if is_triton(launcher) else function.apply(*args)
+    if is_triton(launcher):
+        return _apply_outside_graphs(function, *args)
+    return function.apply_in_graph(*args) if torch.compiler.is_compiling() else function.apply(*args)

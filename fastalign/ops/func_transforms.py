@@ -9,6 +9,8 @@ for every backward, then a second backward; or nested transforms) reaches its ba
 instead of returning a wrong answer. vmap runs the op once per sample; torch.autograd's legacy vmap (a batched
 backward), which calls no vmap rule, is refused by name.
 """
+from typing import Any, Callable
+
 import torch
 
 from .compiler_disable import compiler_disable
@@ -40,9 +42,18 @@ def refuse_forward_mode(op):
 class FusedOpFunction(torch.autograd.Function):
     """Base of the fused ops' Functions, whose `op` names them in errors: no forward-mode derivative (jvp refuses
     it), and vmap runs the op once per sample (vmap_by_loop). Classmethods, which torch calls on the class as it
-    calls the staticmethods it documents."""
+    calls the staticmethods it documents. A compiled caller calls apply_in_graph instead of apply: it applies a twin
+    without the jvp, as dynamo refuses to trace a Function that defines one where gradients are recorded (a graph
+    break at every call, an error under fullgraph=True); forward mode does not run through a compiled graph anyway."""
 
     op: str
+    apply_in_graph: Callable[..., Any]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "jvp" not in vars(cls):   # an op's Function, not its twin
+            twin = type(cls.__name__, (cls,), {"jvp": staticmethod(torch.autograd.Function.jvp)})
+            cls.apply_in_graph = staticmethod(lambda *args: twin.apply(*args))   # dynamo reads no class attribute
 
     @classmethod
     def jvp(cls, ctx, *tangents):
@@ -78,6 +89,13 @@ class LauncherGradients(torch.autograd.Function):
     @staticmethod
     def forward(op, gradients, *args):
         refuse_legacy_vmap(op, args)
+        return gradients(*args)
+
+    @staticmethod
+    def apply_in_graph(op, gradients, *args):
+        """The gradients, as a compiled caller's graph computes them (it has no second derivative of its own):
+        dynamo broke the graph at refuse_legacy_vmap, and passed this Function's forward, which takes *args, its
+        ctx as first argument."""
         return gradients(*args)
 
     @staticmethod

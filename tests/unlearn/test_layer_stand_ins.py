@@ -81,6 +81,21 @@ def test_the_model_trains_as_without_it(family, backend):
     assert not any("forward" in vars(m) for m in model.modules())   # the class's forwards again
 
 
+def test_a_model_compiled_with_fullgraph_trains_as_without_it():
+    """The torch backend's stand-ins broke a compiled model's graph at every norm and MLP (an import, the Functions'
+    jvp), so fullgraph=True refused the model: one graph now, with the uncompiled model's loss and gradients."""
+    model = MODELS["llama"]()
+    ids = torch.randint(0, VOCAB, (2, 19))
+    loss, grads, _ = loss_grads_and_saved_bytes(model, ids)
+    torch._dynamo.reset()
+    with fused_layers(model, "torch"):
+        compiled_loss, compiled_grads, _ = loss_grads_and_saved_bytes(
+            torch.compile(model, backend="eager", fullgraph=True), ids)
+    assert torch.equal(compiled_loss, loss)
+    for name, grad in grads.items():
+        assert rel_error(compiled_grads[f"_orig_mod.{name}"], grad) <= REL_TOL[torch.float32], name
+
+
 @pytest.mark.parametrize("family", MODELS)
 def test_what_the_layers_keep_for_the_backward(family):
     """Each MLP no longer keeps act(gate) and the product, and each of Llama's norms no longer keeps its normalised
