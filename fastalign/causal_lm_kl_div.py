@@ -22,7 +22,7 @@ from fastalign.ops.checks import is_real
 from fastalign.ops.forward_gradients import check_grads_in_forward
 from fastalign.ops.linear_kl_div import linear_kl_div
 from fastalign.unlearn.models import (base_causal_lm, causal_lm_parts, check_fused_logits, logit_multiplier,
-                                      logit_softcap, scaled_head_input)
+                                      logit_setting_places, logit_softcap, scaled_head_input)
 from fastalign.unlearn.sharding import head_weight
 
 
@@ -73,6 +73,8 @@ class CausalLMKLDiv(torch.nn.Module):
             raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
         self.model, self.reference, self.temperature = model, reference, temperature
         self.backend, self.grads_in_forward = backend, grads_in_forward
+        # found in the forwards' sources: once, not traced per call
+        self.logit_places = [logit_setting_places(m) for m in (model, self._reference_model())]
         self._head_factors()   # refused now, not at the first call
         if isinstance(reference, torch.nn.Module):   # (after every check: a refused reference is left as it was)
             reference.requires_grad_(False)
@@ -84,15 +86,16 @@ class CausalLMKLDiv(torch.nn.Module):
         """(soft cap, model's factor, reference's factor) on the heads' inputs, read now, where the models' forwards
         read them (their configs, or attributes): z / T and a logit multiplier s are both factors on the head's
         inputs, s (h W^T + b) / T."""
-        softcap, reference_softcap = logit_softcap(self.model), logit_softcap(self._reference_model())
+        models = (self.model, self._reference_model())
+        softcap, reference_softcap = (logit_softcap(m, places) for m, places in zip(models, self.logit_places))
         if reference_softcap != softcap:
             raise NotImplementedError(f"model and reference cap their logits differently ({softcap} and "
                                       f"{reference_softcap}): the fused KL caps both heads alike")
         if softcap is not None and self.temperature != 1:
             raise NotImplementedError("a temperature other than 1 with soft-capped logits (final_logit_softcapping): "
                                       "c tanh(z / c) / T is no scaling of the head's inputs")
-        multiplier, reference_multiplier = ((logit_multiplier(m) or 1.0) / self.temperature
-                                            for m in (self.model, self._reference_model()))
+        multiplier, reference_multiplier = ((logit_multiplier(m, places) or 1.0) / self.temperature
+                                            for m, places in zip(models, self.logit_places))
         return softcap, multiplier, reference_multiplier
 
     def forward(self, labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,

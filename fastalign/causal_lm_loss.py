@@ -17,8 +17,8 @@ from fastalign.ops.backend import Backend, check_backend
 from fastalign.ops.forward_gradients import check_grads_in_forward
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
 from fastalign.unlearn.models import (base_causal_lm, causal_lm_parts, check_fused_logits, check_no_router_loss,
-                                      forward_reads, head_input_module, logit_multiplier, logit_softcap,
-                                      scaled_head_input)
+                                      forward_reads, head_input_module, logit_multiplier, logit_setting_places,
+                                      logit_softcap, scaled_head_input)
 from fastalign.unlearn.sharding import head_weight
 
 
@@ -51,6 +51,7 @@ class CausalLMLoss(torch.nn.Module):
         check_fused_logits(model)
         check_loss_is_causal_lm_cross_entropy(model, "CausalLMLoss")
         self.model, self.backend, self.grads_in_forward = model, backend, grads_in_forward
+        self.logit_places = logit_setting_places(model)   # found in the forward's source: once, not traced per call
 
     def forward(self, labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
                 num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
@@ -72,12 +73,12 @@ class CausalLMLoss(torch.nn.Module):
         dtype = compute_dtype(hidden.device.type, lm_weight.dtype)
         # a model that multiplies its logits (Cohere, Granite, Falcon-H1) gets the factor on the head's inputs; the
         # factor and the soft cap are read now, where the model's forward reads them (its config, or an attribute)
-        multiplier = logit_multiplier(self.model)
+        multiplier = logit_multiplier(self.model, self.logit_places)
         head_input = scaled_head_input(hidden, multiplier, dtype)
         bias = scaled_head_input(lm_head.bias, multiplier, dtype)
         loss = linear_cross_entropy(head_input, lm_weight.to(dtype), target, bias=bias, ignore_index=ignore_index,
                                     reduction="mean" if num_items_in_batch is None else "sum",
-                                    softcap=logit_softcap(self.model),
+                                    softcap=logit_softcap(self.model, self.logit_places),
                                     backend=self.backend, grads_in_forward=self.grads_in_forward)
         return per_item(loss, num_items_in_batch)
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fastalign import CausalLMKLDiv
+from fastalign.unlearn import models
 from tests.conftest import TRITON_DEVICE, requires_cuda
 from tests.test_causal_lm_loss import VOCAB, batch, grads_of, meta_llama
 from tests.unlearn.test_objective import tiny_cohere, tiny_gemma2, tiny_model
@@ -197,6 +198,19 @@ def test_soft_caps_set_after_construction_are_the_ones_applied():
     reference.config.final_logit_softcapping = 20.0
     with pytest.raises(NotImplementedError, match=r"cap their logits differently \(30.0 and 20.0\)"):
         kl(**inputs)
+
+
+def test_the_forwards_sources_are_read_when_made_and_the_soft_caps_at_every_call(monkeypatch):
+    """Every call read the models' forwards' sources (where they read their soft caps and logit multipliers) by
+    inspect, which dynamo cannot trace: a graph break a call in a compiled caller. They are read once, when the KL is
+    made; the values still at every call."""
+    model, reference = (make() for make in CASES["gemma2-softcap"])
+    kl = CausalLMKLDiv(model, reference, backend="torch")
+    monkeypatch.setattr(models, "function_source", lambda function: pytest.fail(f"read {function} again"))
+    for m in (model, reference):
+        m.config.final_logit_softcapping = 30.0
+    inputs = batch(seed=13)
+    assert_same_kl_and_gradients(model, kl(**inputs), logits_kl(model, reference, inputs))
 
 
 def test_a_temperature_with_soft_capped_logits_is_refused():

@@ -314,6 +314,17 @@ def test_a_compiled_model_gets_its_own_loss():
     assert_same_loss_and_gradients(model, fused, model(**inputs).loss)
 
 
+@pytest.mark.parametrize("make_loss", [CausalLMLoss, fuse_causal_lm_loss], ids=["CausalLMLoss", "fused-model"])
+def test_fullgraph_compile_is_refused_with_the_reason_of_the_op(make_loss):
+    """Every call read the model's forward's source (where it reads its logit multiplier and soft cap) by inspect,
+    which dynamo cannot trace: one more graph break a call, and under fullgraph=True an error about inspect instead
+    of the fused op's documented reason. The source is read once, when the loss is made."""
+    loss = make_loss(tiny_llama(VOCAB), backend="torch")
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="linear_cross_entropy runs outside the compiled graph"):
+        torch.compile(loss, backend="eager", fullgraph=True)(**batch(seed=6))
+
+
 def test_trainable_tokens_on_a_tied_lm_head_are_refused():
     """PEFT's trainable tokens on tied embeddings wrap the lm_head too, adding the trained rows in its forward, which
     the fused loss does not run: refused by name (it failed on the wrapper's missing bias)."""

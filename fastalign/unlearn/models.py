@@ -183,35 +183,50 @@ def head_input_module(model) -> torch.nn.Module:
     return decoder
 
 
-def _forward_setting(base, name: str):
-    """The value of the logits setting `name` that `base`'s forward reads, or None where it reads none: the attribute
-    its forward reads where it copied the setting at construction (Cohere's self.logit_scale, Falcon-H1's
-    self.model.lm_head_multiplier, Mistral Large 4's self.final_logit_softcapping: a config changed since does not
-    reach it), else its config's, or its text config's (a vision-language model's: PaliGemma's, Aya Vision's)."""
-    if not forward_reads(base, name):
+def logit_setting_places(model) -> dict[str, str | None]:
+    """Where the forward of `model`'s class reads each logits setting (the soft cap, the multipliers): None where it
+    reads none; "self" or "self.model" where it copied the setting at construction (Cohere's self.logit_scale,
+    Falcon-H1's self.model.lm_head_multiplier, Mistral Large 4's self.final_logit_softcapping: a config changed since
+    does not reach it); else "config" (its config's, or its text config's: a vision-language model's, PaliGemma's,
+    Aya Vision's). Found in the forward's source, which dynamo cannot trace (a graph break at every compiled call):
+    a loss finds the places once, when made, and reads the values there at each call."""
+    base = base_causal_lm(model)
+    places = {}
+    for name in (_SOFTCAP, *_LOGIT_MULTIPLIERS):
+        attribute = re.search(rf"\bself\.(model\.)?{name}\b", function_source(type(base).forward) or "")
+        places[name] = (None if not forward_reads(base, name) else "config" if attribute is None
+                        else "self.model" if attribute.group(1) else "self")
+    return places
+
+
+def _forward_setting(base, name: str, place: str | None):
+    """The value of the logits setting `name` that `base`'s forward reads at `place` (logit_setting_places), or None
+    where it reads none."""
+    if place is None:
         return None
-    attribute = re.search(rf"\bself\.(model\.)?{name}\b", function_source(type(base).forward) or "")
-    if attribute is not None:
-        return getattr(base.model if attribute.group(1) else base, name, None)
+    if place != "config":
+        return getattr(base.model if place == "self.model" else base, name, None)
     config = getattr(base, "config", None)
     value = getattr(config, name, None)
     return value if value is not None or config is None else getattr(text_config(config), name, None)
 
 
-def logit_softcap(model) -> float | None:
+def logit_softcap(model, places: dict[str, str | None] | None = None) -> float | None:
     """The model's final_logit_softcapping c where its forward applies it (its logits are c * tanh(z / c)), or None
-    for plain logits; read where its forward reads it (_forward_setting)."""
-    value = _forward_setting(base_causal_lm(model), _SOFTCAP)
+    for plain logits; read where its forward reads it (`places`: logit_setting_places(model), found now if None)."""
+    places = logit_setting_places(model) if places is None else places
+    value = _forward_setting(base_causal_lm(model), _SOFTCAP, places[_SOFTCAP])
     return None if value is None else float(value)
 
 
-def logit_multiplier(model) -> float | None:
+def logit_multiplier(model, places: dict[str, str | None] | None = None) -> float | None:
     """The constant s by which the model's forward multiplies its logits after the lm_head (see _LOGIT_MULTIPLIERS),
-    or None where it multiplies by none; each factor read where its forward reads it (_forward_setting)."""
+    or None where it multiplies by none; each factor read where its forward reads it (`places`, as logit_softcap's)."""
+    places = logit_setting_places(model) if places is None else places
     base = base_causal_lm(model)
     config, multiplier = getattr(base, "config", None), 1.0
     for name, factor in _LOGIT_MULTIPLIERS.items():
-        value = _forward_setting(base, name)
+        value = _forward_setting(base, name, places[name])
         if value is None:
             continue
         if not is_real(value) or not math.isfinite(value) or value == 0:
