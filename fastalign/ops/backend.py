@@ -86,15 +86,29 @@ def _import_triton_launcher(op):
                           "(pip install -e . in a checkout), or use backend='torch'") from err
 
 
-def refuse_fake_tensors(op, hidden):
-    """ValueError for a fused loss under FakeTensorMode (fake hidden states, or the mode active), in which torch.export
-    and FLOP and memory estimators trace a step: the rows it computes are chosen by the values of its targets, mask
-    and token weights, which fake tensors do not hold (torch failed deep inside, on aten.nonzero's data-dependent
-    shape, naming neither the op nor the cause)."""
-    if is_fake(hidden) or active_fake_mode() is not None:
-        raise ValueError(f"{op} cannot run on fake tensors (FakeTensorMode, as torch.export and FLOP or memory "
-                         "estimators use): the tokens it computes depend on the values of its targets, mask and "
-                         "token weights, which fake tensors do not hold; run it on real tensors")
+# Why the fused losses cannot run on fake tensors (refuse_fake_tensors)
+TOKENS_CHOSEN_BY_VALUES = ("the tokens it computes depend on the values of its targets, mask and token weights, "
+                           "which fake tensors do not hold; run it on real tensors")
+
+
+def refuse_fake_tensors(what, tensors, because):
+    """ValueError for `what` on fake tensors (one of `tensors`, or FakeTensorMode active), in which torch.export and
+    FLOP and memory estimators trace a step, saying `because` it cannot run there (torch failed deep inside, e.g. on
+    aten.nonzero's data-dependent shape, naming neither the op nor the cause). Not checked in dynamo's trace, whose
+    tensors stand for real ones (and which cannot trace the check)."""
+    if torch.compiler.is_dynamo_compiling():
+        return
+    if active_fake_mode() is not None or any(is_fake(t) for t in tensors):
+        raise ValueError(f"{what} cannot run on fake tensors (FakeTensorMode, as torch.export and FLOP or memory "
+                         f"estimators use): {because}")
+
+
+def refuse_fake_tensors_on_triton(launcher, op, *tensors):
+    """refuse_fake_tensors for a Triton launcher of `op`, whose kernels need the tensors' memory; the torch ones are
+    plain torch, which gives the output's shape."""
+    if is_triton(launcher):
+        refuse_fake_tensors(f"{op} on the Triton backend", tensors, "its kernels read and write the tensors' memory, "
+                            "which fake tensors do not have; use backend='torch', which gives the shapes")
 
 
 def is_triton(launcher):

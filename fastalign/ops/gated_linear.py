@@ -14,7 +14,8 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 
-from .backend import Backend, apply_on, autocast_off, require_triton_dtype, select_backend
+from .backend import (Backend, apply_on, autocast_off, refuse_fake_tensors_on_triton, require_triton_dtype,
+                      select_backend)
 from .checks import check_tensor, token_dims, FLOAT_DTYPES
 from .func_transforms import FusedOpFunction, LauncherGradients
 
@@ -93,9 +94,10 @@ def _gated_activation_gradients(gate, up, grad_out, tanh_gelu, launcher):
         return launcher.backward(gate, up, grad_out, tanh_gelu=tanh_gelu, need_out=False)[1:]
 
 
-def _launcher_of(gate, up, activation, backend, others=()):
-    """The gated activation's launcher for gate and up [..., I] (one shape, dtype and device) and the (name, tensor)
-    pairs in `others`, which must have their dtype and device too; a clear error naming the argument otherwise."""
+def _launcher_of(op, gate, up, activation, backend, others=()):
+    """The gated activation's launcher for `op` on gate and up [..., I] (one shape, dtype and device) and the (name,
+    tensor) pairs in `others`, which must have their dtype and device too; a clear error naming the argument
+    otherwise."""
     token_dims("gate", gate)
     check_tensor("gate", gate, ndim=None, dtypes=FLOAT_DTYPES)
     for name, t in (("up", up), *others):
@@ -112,6 +114,7 @@ def _launcher_of(gate, up, activation, backend, others=()):
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     launcher = select_backend("gated_activation", backend, gate.device)
     require_triton_dtype(launcher, "gate", gate)
+    refuse_fake_tensors_on_triton(launcher, op, gate, up, *(t for _, t in others))
     return launcher
 
 
@@ -120,7 +123,7 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, *, activation: Activa
     """act(gate) * up for gate, up [..., I] of one shape, floating dtype and device, rounded as torch's two ops round
     it, in that shape and dtype; gate and up are kept for the backward, not act(gate). activation, backend and the
     rest as gated_linear's."""
-    launcher = _launcher_of(gate, up, activation, backend)
+    launcher = _launcher_of("gated_activation", gate, up, activation, backend)
     return apply_on(launcher, GatedActivationFunction, gate, up, activation == "gelu_tanh", launcher)
 
 
@@ -134,11 +137,12 @@ def gated_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bia
     order: a second derivative raises, naming the op). torch.func's grad, vjp, jacrev and vmap (once per sample)
     work; forward mode raises. Under torch.compile the Triton backend runs outside the graph (graph breaks), the torch
     backend is traced.
-    An enclosing autocast does not apply inside (cast the inputs to follow it).
+    An enclosing autocast does not apply inside (cast the inputs to follow it). On fake tensors (FakeTensorMode:
+    torch.export, FLOP counters) the torch backend gives the output's shape, the Triton one raises a ValueError.
     backend: "auto" (Triton on CUDA, torch's own operators elsewhere, which give the numbers of the unfused ops
     and their autograd exactly), "triton" or "torch".
     """
-    launcher = _launcher_of(gate, up, activation, backend, (("weight", weight), ("bias", bias)))
+    launcher = _launcher_of("gated_linear", gate, up, activation, backend, (("weight", weight), ("bias", bias)))
     if weight.dim() != 2 or weight.shape[1] != gate.shape[-1]:
         raise ValueError(f"weight must be [O, I] with I = gate.shape[-1] = {gate.shape[-1]}, got shape "
                          f"{tuple(weight.shape)}")

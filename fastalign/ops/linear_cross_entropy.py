@@ -7,7 +7,7 @@ gradients are taken in the forward pass instead, from blocks of whole logits row
 import torch
 
 from .backend import (Backend, graph_break, autocast_off, refuse_fake_tensors, require_triton_dtype,
-                      select_backend)
+                      select_backend, TOKENS_CHOSEN_BY_VALUES)
 from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
                      check_tensor, check_token_shape, is_integer, out_of_range_targets, refuse_targets, token_dims,
                      FLOAT_DTYPES, Reduction)
@@ -123,7 +123,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     refuse_inference_tensors("linear_cross_entropy", forward_needs, [("hidden", hidden), ("weight", weight),
                                                                      ("bias", bias), ("target", target)])
     hidden, target, token_weight = as_rows(hidden, tokens), as_rows(target, tokens), as_rows(token_weight, tokens)
-    refuse_fake_tensors("linear_cross_entropy", hidden)
+    refuse_fake_tensors("linear_cross_entropy", [hidden], TOKENS_CHOSEN_BY_VALUES)
     launcher = select_backend("linear_cross_entropy", backend, hidden.device)
     require_triton_dtype(launcher, "hidden", hidden)
     loss = LinearCrossEntropyFunction.apply(hidden, weight, bias, target, token_weight, ignore_index, reduction,

@@ -9,7 +9,7 @@ grads_in_forward=True the gradients are taken in the forward pass, from blocks o
 import torch
 
 from .backend import (Backend, graph_break, autocast_off, refuse_fake_tensors, require_triton_dtype,
-                      select_backend)
+                      select_backend, TOKENS_CHOSEN_BY_VALUES)
 from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
                      check_tensor, check_token_shape, token_dims, FLOAT_DTYPES, Reduction)
 from .forward_gradients import backward_gradients, forward_gradient_needs, refuse_inference_tensors, save_for_backward
@@ -145,7 +145,7 @@ def linear_kl_div(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.
         ("ref_bias", ref_bias)])
     hidden, ref_hidden = as_rows(hidden, tokens), as_rows(ref_hidden, tokens)
     token_weight, mask = as_rows(token_weight, tokens), as_rows(mask, tokens)
-    refuse_fake_tensors("linear_kl_div", hidden)
+    refuse_fake_tensors("linear_kl_div", [hidden], TOKENS_CHOSEN_BY_VALUES)
     launcher = select_backend("linear_kl_div", backend, hidden.device)
     require_triton_dtype(launcher, "hidden", hidden)
     require_triton_dtype(launcher, "ref_hidden", ref_hidden)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastalign.ops.backend import BACKENDS, autocast_off, triton_interpreting
+from fastalign.ops.backend import BACKENDS, autocast_off, refuse_fake_tensors, triton_interpreting
 
 _INDEX_DTYPE = torch.int32
 _SCORE_BUDGET = 1 << 24  # fp32 score elements held at once by the torch path (64 MiB)
@@ -78,6 +78,9 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, *, sc
 
     sinks: None, or a floating tensor [num_heads] on q's device: one more score per head in each softmax, with a
     zero value (gpt-oss's attention sinks).
+
+    Fake tensors (FakeTensorMode: torch.export, FLOP counters) raise a ValueError on either backend: the keys a query
+    reads depend on the values of the index tensors.
     """
     scale, backend = check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale=scale,
                                            backend=backend, validate=validate, shared_prefix=shared_prefix,
@@ -92,6 +95,9 @@ def check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens,
     """Every check of `paged_attention` on these arguments; returns the (float) scale and the backend ("triton"
     or "torch") that `paged_attention_unchecked` then takes."""
     _check_attention_args(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens)
+    refuse_fake_tensors("paged_attention", (q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, sinks),
+                        "the keys each query reads are found from the values of block_table, seq_lens and cu_q_lens, "
+                        "which fake tensors do not hold; run it on real tensors")
     if scale is None:
         scale = q.shape[2] ** -0.5
     elif not _in_fp32_range(scale):

@@ -10,7 +10,8 @@ import math
 
 import torch
 
-from .backend import Backend, apply_on, autocast_off, require_triton_dtype, select_backend
+from .backend import (Backend, apply_on, autocast_off, refuse_fake_tensors_on_triton, require_triton_dtype,
+                      select_backend)
 from .checks import check_tensor, is_real, token_dims, FLOAT_DTYPES
 from .func_transforms import FusedOpFunction, LauncherGradients
 
@@ -60,7 +61,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, rule: 
     (first order: a second derivative raises, naming the op). torch.func's grad, vjp, jacrev and vmap (once per
     sample) work; forward mode raises. Under torch.compile the Triton backend runs outside the graph (graph breaks),
     the torch backend is traced. An enclosing autocast does not apply inside (the modules compute in fp32 under it
-    too).
+    too). On fake tensors (FakeTensorMode: torch.export, FLOP counters) the torch backend gives the output's shape,
+    the Triton one raises a ValueError.
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     """
     token_dims("x", x)
@@ -78,4 +80,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, rule: 
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     launcher = select_backend("rms_norm", backend, x.device)
     require_triton_dtype(launcher, "x", x)
+    refuse_fake_tensors_on_triton(launcher, "rms_norm", x, weight)
     return apply_on(launcher, RMSNormFunction, x.contiguous(), weight.contiguous(), float(eps), rule, launcher)

@@ -106,3 +106,20 @@ def test_fake_tensors_are_refused_by_the_fused_losses_naming_the_op(op, reductio
     for mode in (fake, contextlib.nullcontext()):
         with mode, pytest.raises(ValueError, match=f"{op} cannot run on fake tensors"):
             calls[op]()
+
+
+@pytest.mark.parametrize("op, shape", [("rms_norm", (2, 3, 8)), ("gated_linear", (2, 3, 4)),
+                                       ("gated_activation", (2, 3, 8))])
+def test_fake_tensors_are_refused_by_the_layer_ops_on_the_triton_backend_naming_the_op(op, shape):
+    """Under FakeTensorMode the Triton backend failed deep inside torch ("Attempted to set the storage of a tensor on
+    device meta", "Cannot access data pointer"), naming neither the op nor the cause, where the fused losses refuse
+    by name. The torch backend, plain torch, gives the output's shape; fake tensors used outside the mode too."""
+    fake = FakeTensorMode()
+    with fake:
+        on_torch, x = _layer_op_call(op, "torch")
+        on_triton, x_for_triton = _layer_op_call(op, "triton", TRITON_DEVICE)
+    for mode in (fake, contextlib.nullcontext()):
+        with mode:
+            assert on_torch(x).shape == shape
+            with pytest.raises(ValueError, match=f"{op} on the Triton backend cannot run on fake tensors"):
+                on_triton(x_for_triton)

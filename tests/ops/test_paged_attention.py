@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastalign.ops.paged_attention as pa_module
 from fastalign.kernels.paged_attention import paged_attention_triton
@@ -910,3 +911,18 @@ def test_a_window_as_wide_as_a_full_block_table_sees_every_key(backend, window):
     expected = paged_attention_reference(**on_host)
     assert torch.allclose(paged_attention_reference(**on_host, window=window), expected)
     torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend, validate", [("torch", None), ("torch", False), ("triton", False)])
+def test_fake_tensors_are_refused_naming_the_op(backend, validate):
+    """Under FakeTensorMode (torch.export, FLOP counters) either backend failed deep inside torch (a data-dependent
+    guard in the metadata check, aten._local_scalar_dense in the torch path, a data pointer in the Triton one),
+    naming neither the op nor the cause: the keys a query reads depend on the index tensors' values."""
+    with FakeTensorMode():
+        device = device_for(backend)
+        q, cache = torch.empty(5, 4, 8, device=device), torch.empty(16, 4, 2, 8, device=device)
+        block_table = torch.zeros(2, 4, dtype=torch.int32, device=device)
+        seq_lens = torch.tensor([5, 9], dtype=torch.int32, device=device)
+        cu_q_lens = torch.tensor([0, 2, 5], dtype=torch.int32, device=device)
+        with pytest.raises(ValueError, match="paged_attention cannot run on fake tensors"):
+            paged_attention(q, cache, cache, block_table, seq_lens, cu_q_lens, backend=backend, validate=validate)
