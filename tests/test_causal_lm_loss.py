@@ -676,6 +676,21 @@ def test_an_lm_head_with_parameters_of_its_own_is_refused_naming_its_class():
         CausalLMLoss(model)
 
 
+@pytest.mark.parametrize("wrap", ["modules_to_save", "weight_norm"])
+def test_an_lm_head_whose_weight_comes_from_other_tensors_is_served(wrap):
+    """PEFT's modules_to_save copy of the lm_head (its weight the active copy's) and a weight_norm parametrization
+    (its weight computed from two sources at each access) hold parameters named otherwise than weight: both are
+    served with the model's loss and gradients, not refused as a head with parameters of its own."""
+    model = tiny_llama(VOCAB)
+    if wrap == "modules_to_save":
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    else:
+        torch.nn.utils.parametrizations.weight_norm(model.lm_head)
+    inputs = batch(seed=4)
+    assert_same_loss_and_gradients(model, CausalLMLoss(model, backend="torch")(**inputs), model(**inputs).loss)
+
+
 class FloatAccumulatingHead(torch.nn.Linear):
     """An lm_head whose forward is its own but reads nothing more than its weight (Ergo's: float32 logits)."""
 

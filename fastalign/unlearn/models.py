@@ -249,6 +249,18 @@ def scaled_head_input(tensor: torch.Tensor | None, multiplier: float | None, dty
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _tensors_besides_weight_and_bias(head: torch.nn.Module) -> list[str]:
+    """The names of the parameters and buffers `head` holds besides its weight and bias, where the weight counts what
+    it is computed from at each access (a parametrization's sources: weight_norm's), and PEFT's modules_to_save copy
+    of a head (a ModulesToSaveWrapper, whose weight is its active copy's) holds what its copies hold."""
+    if hasattr(head, "original_module") and hasattr(head, "modules_to_save"):
+        return [name for copy in (head.original_module, *head.modules_to_save.values())
+                for name in _tensors_besides_weight_and_bias(copy)]
+    names = [name for name, _ in (*head.named_parameters(), *head.named_buffers())]
+    return [name for name in names if name not in ("weight", "bias")
+            and not name.startswith(("parametrizations.weight.", "parametrizations.bias."))]
+
+
 def _check_plain_head(base, lm_head: torch.nn.Module, whose: str) -> None:
     """NotImplementedError, naming `base` and whose model it is, where `lm_head` computes with more than its weight
     as stored and its bias: the fused losses read those and never run the lm_head, so a weight stored for its forward
@@ -262,8 +274,7 @@ def _check_plain_head(base, lm_head: torch.nn.Module, whose: str) -> None:
                                   "no dtype the fused losses compute with (float16, bfloat16, float32, float64): "
                                   f"they read it as the weight the lm_head ({type(lm_head).__name__}) computes with, "
                                   "which a quantized or float8 one is only once its forward rescales it")
-    extra = [n for n, _ in lm_head.named_parameters() if n not in ("weight", "bias")]
-    extra += [n for n, _ in lm_head.named_buffers()]
+    extra = _tensors_besides_weight_and_bias(lm_head)
     if extra:
         raise NotImplementedError(f"{name}: its logits are not its lm_head's weight applied to the final hidden states "
                                   f"alone: the {whose}'s lm_head is a {type(lm_head).__name__}, which holds "
