@@ -114,6 +114,15 @@ def enable_activation_checkpointing(model):
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def check_activation_checkpointing(model) -> None:
+    """ValueError where `model` cannot recompute its layers' activations (enable_activation_checkpointing would
+    raise), found before a trainer changes anything of it."""
+    base = base_causal_lm(model)
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(base).__name__} does not support activation checkpointing: set "
+                         "gradient_checkpointing=False (--no-gradient-checkpointing)")
+
+
 def disable_activation_checkpointing(model):
     """Keep each decoder layer's activations again (enable_activation_checkpointing undone), under the name of either
     transformers release (see enable_activation_checkpointing)."""

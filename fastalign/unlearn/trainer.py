@@ -50,8 +50,9 @@ from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.layer_stand_ins import fused_layers
 from fastalign.unlearn.lora_merge import MERGE_ERROR_WARNING, merge_rounding_error
 from fastalign.unlearn.models import (COMPUTE_DTYPES, base_causal_lm, cast_weights, causal_lm_parts,
-                                      check_fused_logits, check_mergeable_adapter, disable_activation_checkpointing,
-                                      enable_activation_checkpointing, max_positions)
+                                      check_activation_checkpointing, check_fused_logits, check_mergeable_adapter,
+                                      disable_activation_checkpointing, enable_activation_checkpointing,
+                                      max_positions)
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.optimizer import adamw
 from fastalign.unlearn.records import DataError, read_jsonl
@@ -305,8 +306,12 @@ def _finite(t: torch.Tensor) -> torch.Tensor:
 def _check_mergeable_base(model) -> None:
     """ValueError, naming the layer, where a LoRA layer of `model` wraps a weight of no dtype PEFT's merge_and_unload
     adds the adapter into (int8 that a bitsandbytes-like Linear dequantizes in its forward, float8 that an FP8 Linear
-    rescales in its own): the run would train, then fail in the merge that writes model/."""
+    rescales in its own): the run would train, then fail in the merge that writes model/. Only PEFT's generic layers
+    (peft.tuners.lora.layer), whose merge adds into the weight as stored: its layers for bitsandbytes, HQQ or torchao
+    weights dequantize, merge and quantize again."""
     for name, module in model.named_modules():
+        if type(module).__module__ != "peft.tuners.lora.layer":
+            continue
         weight = getattr(getattr(module, "base_layer", None), "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"the LoRA layer {name.removeprefix('base_model.model.')} wraps a {weight.dtype} weight, "
@@ -478,11 +483,7 @@ class UnlearningTrainer:
         new_adapter = config.lora and not hasattr(model, "disable_adapter")
         # (LoRA freezes the base weights, the cached reference the lm_head: _finish gives the model its flags back)
         self._given_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-        # what each train() changes for its run and gives back (_train_mode): each module's mode, the checkpointing,
-        # and transformers' input-grads hook (enabling checkpointing registers it; PEFT too, where it is on)
-        self._given_modes = [(module, module.training) for module in model.modules()]
-        self._given_checkpointing = any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
-        self._given_grads_hook = hasattr(base_causal_lm(model), "_require_grads_hook")
+        self._given_modules = list(model.modules())   # (the caller's, not LoRA's: _train_mode gives their modes back)
         try:   # a refusal gives the flags back (the cached reference's frozen head, below)
             if config.reference_mode == "cached":
                 head.requires_grad_(False)  # the cache is valid only for this head (weight, bias)
@@ -504,6 +505,8 @@ class UnlearningTrainer:
                 except ValueError as e:   # e.g. GPT-2 has no q_proj: name the setting that chose them
                     raise ValueError(f"lora_targets (--lora-targets) {config.lora_targets}: {e}") from None
             check_mergeable_adapter(model)   # (_finish merges the adapter into model/)
+            if config.gradient_checkpointing:   # (each train() enables it for its run: _train_mode)
+                check_activation_checkpointing(model)
             _check_mergeable_base(model)
         except Exception:
             if new_adapter and hasattr(model, "unload"):   # get_peft_model put its layers into the caller's model
@@ -584,19 +587,26 @@ class UnlearningTrainer:
     def _train_mode(self):
         """The run's model in train mode, with checkpointing where the config asks for it; the caller's as given when
         the run ends, finished or failed, in all but its weights: a model given in eval mode must not generate with
-        dropout after it, nor keep checkpointing and its input-grads hook."""
-        self.model.train()
-        if self.config.gradient_checkpointing:
-            enable_activation_checkpointing(self.model)
+        dropout after it, nor keep checkpointing and its input-grads hook. What is given back is what train() found
+        (a model.eval() between the constructor and train() holds after the run)."""
+        model = self.model
+        # each of the caller's modules' modes (LoRA's follow the model's), the checkpointing, and transformers'
+        # input-grads hook (enabling checkpointing registers it; PEFT too, where it is on)
+        modes = [(module, module.training) for module in self._given_modules]
+        checkpointing = any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+        grads_hook = hasattr(base_causal_lm(model), "_require_grads_hook")
         try:
+            model.train()
+            if self.config.gradient_checkpointing:
+                enable_activation_checkpointing(model)
             yield
         finally:   # (self.model: LoRA's wrapper, or the model _finish merged it into)
-            if self.config.gradient_checkpointing and not self._given_checkpointing:
+            if self.config.gradient_checkpointing and not checkpointing:
                 disable_activation_checkpointing(self.model)
             base = base_causal_lm(self.model)
-            if not self._given_grads_hook and hasattr(base, "_require_grads_hook"):
+            if not grads_hook and hasattr(base, "_require_grads_hook"):
                 base.disable_input_require_grads()
-            _set_modes(self.model, self._given_modes)
+            _set_modes(self.model, modes)
 
     def _run(self, resume_from: str | None) -> RunSummary:
         """The run train() checked, from the accelerate-prepared objective to the summary of the run."""

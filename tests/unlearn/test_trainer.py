@@ -1520,8 +1520,9 @@ def test_a_model_whose_logits_the_fused_losses_do_not_reproduce_is_refused_befor
 @pytest.mark.parametrize("refusal, settings", [
     ("logits", {"precision": "bf16"}), ("logits", {"lora": True, "lora_rank": 4}),
     ("logits", {"gradient_checkpointing": True}), ("float16", {"reference": "cached", "gradient_checkpointing": True}),
-    ("targets", {"reference": "cached", "lora": True, "lora_rank": 4, "lora_targets": ["no_such_proj"]})],
-    ids=["bf16", "lora", "checkpointing", "float16-cached", "lora-targets-cached"])
+    ("targets", {"reference": "cached", "lora": True, "lora_rank": 4, "lora_targets": ["no_such_proj"]}),
+    ("checkpointing", {"lora": True, "lora_rank": 4, "gradient_checkpointing": True})],
+    ids=["bf16", "lora", "checkpointing", "float16-cached", "lora-targets-cached", "no-checkpointing-lora"])
 def test_a_refused_model_is_left_as_it_was_given(tmp_path, refusal, settings):
     """The constructor cast the model to bf16, injected LoRA layers, froze the lm_head (reference='cached'), turned
     activation checkpointing on and put it in train mode before the checks that then refused it: the caller's
@@ -1537,11 +1538,14 @@ def test_a_refused_model_is_left_as_it_was_given(tmp_path, refusal, settings):
         model.lm_head = head
     elif refusal == "float16":
         cast_weights(model, torch.float16)
+    elif refusal == "checkpointing":   # (refused by the constructor, not by the first train() after it changed modes)
+        model.supports_gradient_checkpointing = False
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     modules = [n for n, _ in model.named_modules()]
     error, match = {"logits": (NotImplementedError, "its logits are not"),
                     "float16": (ValueError, "is torch.float16 and trains"),
-                    "targets": (ValueError, "lora_targets")}[refusal]   # (the last after the lm_head was frozen)
+                    "targets": (ValueError, "lora_targets"),   # (after the lm_head was frozen)
+                    "checkpointing": (ValueError, "does not support activation checkpointing")}[refusal]
     with pytest.raises(error, match=match):
         run(tmp_path, model=model, max_steps=1, **settings)
     assert [n for n, _ in model.named_modules()] == modules
@@ -1620,6 +1624,18 @@ def test_a_run_gives_the_model_its_modes_and_checkpointing_back(tmp_path, ending
     assert trainer.train().steps == 3
     assert_given_back()
     assert seen == [(True, checkpointing, True)] * (4 if ending == "failed" else 3)
+
+
+def test_a_run_gives_back_the_modes_it_found_not_those_the_constructor_saw(tmp_path):
+    """The modes given back are those train() found: a model put in eval mode between the constructor and train()
+    stays in eval mode after the run (the constructor's were given back)."""
+    tokenizer, model = byte_bpe_tokenizer(), tiny_llama(len(byte_bpe_tokenizer()))
+    model.train()
+    config = UnlearnConfig(output_dir=str(tmp_path / "run"), max_steps=1, progress=False)
+    trainer = UnlearningTrainer(model, tiny_streams(tokenizer), config, tokenizer=tokenizer)
+    model.eval()
+    assert trainer.train().steps == 1
+    assert not any(module.training for module in model.modules())
 
 
 @pytest.mark.parametrize("reference", ["adapter", "copy"])
