@@ -450,6 +450,7 @@ def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):
     if chat:
         try:
             template = ChatTemplate(tokenizer, args.system, args.chat_template_kwargs)
+            template.check_prompting()
         except ValueError as exc:
             raise UsageError(f"--template chat{' with --system' if args.system is not None else ''}: {exc}") from None
     fixed = len(tokens.prefix_ids) + max(map(len, tokens.suffix_ids)) + JUDGE_MARGIN

@@ -165,6 +165,8 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
         raise ValueError(f"runner must be a TreeRunner of `model` itself, got one of another "
                          f"{type(runner.model).__name__}")
     template = ChatTemplate(tokenizer, system, chat_template_kwargs) if chat_template else None   # checked once
+    if template:
+        template.check_prompting()
     judge = JudgeTokens(tokenizer, judge_prompt, chat_template_kwargs)
     lead = reply_lead(tokenizer, judge, template) if template else ""
     end_ids = frozenset(eos_ids(model, tokenizer))

@@ -127,6 +127,11 @@ class ChatTemplate:
                 "prompt"))
         return head
 
+    def check_prompting(self) -> None:
+        """ValueError where this template cannot ask a model at all (prompt's refusals, found on a probe message):
+        checked once before a run, not in each prompt's record."""
+        self.prompt("Hi")
+
     def _head(self, text: str) -> str:
         """The rendering of the turns before the answer, with the generation prompt where the template writes one."""
         return self._render(self._turns(text), add_generation_prompt=True)

@@ -1313,6 +1313,12 @@ def test_chat_template_settings_that_cannot_apply_are_errors():
         rain_generate(model, tok, ["Hi"], SMALL, chat_template=True, generation_prefix="x", embedding="hidden")
     with pytest.raises(ValueError, match="has no chat template"):
         rain_generate(model, tokenizer(), ["Hi"], SMALL, chat_template=True, embedding="hidden")
+    # a template that ignores add_generation_prompt (its prompts would lack the assistant's header): refused before
+    # the run, not written into each prompt's record
+    from tests.evaluation.chat_model import CHAT_TEMPLATE
+    ignored = chat_tokenizer(CHAT_TEMPLATE.replace("{% if add_generation_prompt %}", "{% if false %}"))
+    with pytest.raises(ValueError, match="ignores add_generation_prompt"):
+        rain_generate(HashLM(len(ignored)), ignored, ["Hi", "Bye"], SMALL, chat_template=True, embedding="hidden")
 
 
 def test_chat_template_kwargs_render_the_models_prompt_and_the_judges(monkeypatch):
