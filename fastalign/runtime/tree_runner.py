@@ -144,10 +144,12 @@ class TreeRunner:
         layered = _adapters_in_layers(model)
         self.model_runner = choose_model_runner(model, layered, attention_backend, device, fallback)
         self.model = model
-        # a weight whose dtype and device each call checks are still those the runner was made for (model.to(...))
-        self._watched = next(((name, (p.dtype, p.device)) for name, p in model.named_parameters()
-                              if p.is_floating_point()), None)
         mr = self.model_runner
+        # weights whose dtype and device each call checks are still those the runner was made for (model.to(...)):
+        # the first, and the first in the pool's dtype (a model of bf16 embeddings before fp32 layers keeps fp32 K/V)
+        floating = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
+        self._watched = {name: (p.dtype, p.device) for name, p in [
+            *floating[:1], *[(name, p) for name, p in floating if p.dtype == mr.dtype][:1]]}
         geometry = dict(block_size=block_size, dtype=mr.dtype)
         keeps_states = hasattr(mr, "state_bytes")   # HFStateCacheModel: recurrent states beside the pool
         if max_state_bytes is not None and not keeps_states:
@@ -365,15 +367,13 @@ class TreeRunner:
 
     def _check_model_unchanged(self):
         """A ValueError where the model's weights changed dtype or device since the runner was made (model.to(...)):
-        the KV pool and the model runner were made for the weights as they were (read from one weight, host-side)."""
-        if self._watched is None:
-            return
-        name, made_for = self._watched
-        weight = self.model.get_parameter(name)
-        if (weight.dtype, weight.device) != made_for:
-            raise ValueError(f"model: its weights changed from {made_for[0]} on {made_for[1]} to {weight.dtype} on "
-                             f"{weight.device} ({name}) since this TreeRunner was made for them; make a new "
-                             "TreeRunner for the model as it is now")
+        the KV pool and the model runner were made for the weights as they were (read from two weights, host-side)."""
+        for name, made_for in self._watched.items():
+            weight = self.model.get_parameter(name)
+            if (weight.dtype, weight.device) != made_for:
+                raise ValueError(f"model: its weights changed from {made_for[0]} on {made_for[1]} to {weight.dtype} "
+                                 f"on {weight.device} ({name}) since this TreeRunner was made for them; make a new "
+                                 "TreeRunner for the model as it is now")
 
     def check_span(self, span, name):
         """`span` itself when it is a live span of this runner; a ValueError naming `name` otherwise."""

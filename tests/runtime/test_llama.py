@@ -205,6 +205,9 @@ def test_a_model_with_bf16_embeddings_and_fp32_layers_gives_its_own_logits(backe
     seq = [5, 9, 14, 3, 7, 11]
     (child,), logits = runner.extend([runner.prefill(seq[:3])], [seq[3:]], logits="all")
     assert_matches(model, [child], logits)
+    model.model.layers.to(torch.bfloat16)   # the pool's dtype changed under the runner: refused by name
+    with pytest.raises(ValueError, match="since this TreeRunner was made for them; make a new TreeRunner"):
+        runner.extend([child], [[2]])
 
 
 def test_a_model_whose_k_projections_store_float8_weights_keeps_its_kv_in_the_embeddings_dtype():
