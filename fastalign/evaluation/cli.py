@@ -52,7 +52,7 @@ from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.output_lock import output_lock
 from fastalign.pretrained import load_config, load_pretrained, load_tokenizer
 from fastalign.unlearn.templates import ChatTemplate
-from fastalign.writable import DiskFullError, cannot_append_to, naming_a_full_disk
+from fastalign.writable import DiskFullError, naming_a_full_disk
 
 from .answers import read_answers
 from .generation import GenerationConfig, check_stop_strings, encode_prompts
@@ -458,13 +458,12 @@ def _evaluate_answers(args) -> dict:
 
 def _check_output_files(output: str) -> None:
     """check_output_file of --output, and of the summary written beside it at the end (<output>.summary.json, in the
-    same directory): UsageError naming --output where the summary is a directory or not writable, found before any
-    record is generated or judged, not as a traceback after them all."""
+    same directory, replacing a previous one): UsageError naming --output where the summary's place is a directory,
+    found before any record is generated or judged, not as a traceback after them all."""
     check_output_file(output)
     summary = output + ".summary.json"
-    problem = "it is a directory" if os.path.isdir(summary) else os.path.exists(summary) and cannot_append_to(summary)
-    if problem:
-        raise UsageError(f"--output: its summary {summary!r} cannot be written: {problem}")
+    if os.path.isdir(summary):
+        raise UsageError(f"--output: its summary {summary!r} cannot be written: it is a directory")
 
 
 def _check_output_is_no_input(output: str, inputs: dict) -> None:
