@@ -26,9 +26,10 @@ from fastalign.unlearn.models import (base_causal_lm, causal_lm_parts, check_fus
 from fastalign.unlearn.sharding import head_weight
 
 
-def _check_same_vocabulary(model: torch.nn.Module, reference: torch.nn.Module) -> None:
-    """ValueError naming both vocabulary sizes unless the lm_heads of `model` and `reference` have as many rows."""
-    vocab, ref_vocab = (causal_lm_parts(m)[1].weight.shape[0] for m in (model, reference))
+def _check_same_vocabulary(lm_head: torch.nn.Module, ref_head: torch.nn.Module) -> None:
+    """ValueError naming both vocabulary sizes unless `lm_head` (the model's) and `ref_head` (the reference's) have as
+    many rows."""
+    vocab, ref_vocab = lm_head.weight.shape[0], ref_head.weight.shape[0]
     if vocab != ref_vocab:
         raise ValueError(f"reference must have the vocabulary of model ({vocab} words), got {ref_vocab}")
 
@@ -66,7 +67,7 @@ class CausalLMKLDiv(torch.nn.Module):
                                  "model's get_base_model(), which holds its adapter): pass a frozen copy, or "
                                  "'adapter' for the model with its adapter off")
             check_fused_logits(reference, whose="reference")
-            _check_same_vocabulary(model, reference)
+            _check_same_vocabulary(causal_lm_parts(model)[1], causal_lm_parts(reference)[1])
         else:
             raise TypeError(f"reference must be a causal LM or 'adapter', got {type(reference).__name__}")
         if not (is_real(temperature) and 0 < temperature < float("inf")):
@@ -102,14 +103,14 @@ class CausalLMKLDiv(torch.nn.Module):
                 num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
                 **inputs) -> torch.Tensor:
         softcap, multiplier, reference_multiplier = self._head_factors()
-        if self.reference != "adapter":   # (a model resized since: resize_token_embeddings)
-            _check_same_vocabulary(self.model, self.reference)
-        lm_head = causal_lm_parts(self.model)[1]
-        hidden, target = hidden_and_targets(self.model, labels, shift_labels, inputs)
         reference_model = self._reference_model()
+        lm_head, ref_head = causal_lm_parts(self.model)[1], causal_lm_parts(reference_model)[1]
+        if self.reference != "adapter":   # (a model resized since: resize_token_embeddings)
+            _check_same_vocabulary(lm_head, ref_head)
+        hidden, target = hidden_and_targets(self.model, labels, shift_labels, inputs)
         adapter_off = self.model.disable_adapter() if self.reference == "adapter" else contextlib.nullcontext()
+        # (the reference's head weight too is read with its adapter off: PEFT's modules_to_save copy switches)
         with torch.no_grad(), eval_mode(base_causal_lm(reference_model)), adapter_off:
-            ref_head = causal_lm_parts(reference_model)[1]
             ref_hidden, _ = hidden_and_targets(reference_model, labels, shift_labels, inputs)
             ref_weight, ref_bias = head_weight(ref_head, "reference"), ref_head.bias
         lm_weight = head_weight(lm_head)
