@@ -166,9 +166,13 @@ def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def check_mergeable_adapter(model) -> None:
-    """ValueError where `model`'s input embeddings carry a PEFT adapter and are tied to its lm_head: PEFT's forward
-    runs the lm_head on the tied base weight, so training leaves the lm_head alone, but merging the adapter would
-    change it too (the unlearning trainer merges the adapter it trained into the model it saves)."""
+    """ValueError where merging `model`'s PEFT adapter would not give the model trained (the unlearning trainer merges
+    the adapter it trained into the model it saves): input embeddings that carry an adapter and are tied to the
+    lm_head (PEFT's forward runs the lm_head on the tied base weight, so training leaves the lm_head alone, but the
+    merge would change it too); a LoRA layer that wraps a weight of no dtype merge_and_unload adds the adapter into
+    (int8 that a bitsandbytes-like Linear dequantizes in its forward, float8 that an FP8 Linear rescales in its own:
+    the run would train, then fail in the merge), named. Only PEFT's generic layers (peft.tuners.lora.layer) add into
+    the weight as stored: its layers for bitsandbytes, HQQ or torchao weights dequantize, merge and quantize again."""
     base = base_causal_lm(model)
     get_head, get_embeddings = getattr(base, "get_output_embeddings", None), getattr(base, "get_input_embeddings", None)
     lm_head = get_head() if get_head is not None else None
@@ -178,6 +182,14 @@ def check_mergeable_adapter(model) -> None:
         raise ValueError("the input embeddings carry a PEFT adapter and are tied to the lm_head: merging it would "
                          "change the lm_head too, so the saved model would not be the one trained (whose lm_head "
                          "the adapter left alone); leave the input embeddings out of lora_targets")
+    for name, module in model.named_modules():
+        if type(module).__module__ != "peft.tuners.lora.layer":
+            continue
+        weight = getattr(getattr(module, "base_layer", None), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"the LoRA layer {name.removeprefix('base_model.model.')} wraps a {weight.dtype} weight, "
+                             "into which PEFT's merge_and_unload cannot merge the adapter to write model/; leave it "
+                             "out of lora_targets, or load the model in float32, bfloat16 or float16")
 
 
 def head_input_module(model) -> torch.nn.Module:

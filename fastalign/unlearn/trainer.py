@@ -49,7 +49,7 @@ from fastalign.unlearn.compute import (ComputeTotals, ModelShape, batch_compute,
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.layer_stand_ins import fused_layers
 from fastalign.unlearn.lora_merge import MERGE_ERROR_WARNING, merge_rounding_error
-from fastalign.unlearn.models import (COMPUTE_DTYPES, base_causal_lm, cast_weights, causal_lm_parts,
+from fastalign.unlearn.models import (base_causal_lm, cast_weights, causal_lm_parts,
                                       check_activation_checkpointing, check_fused_logits, check_mergeable_adapter,
                                       disable_activation_checkpointing, enable_activation_checkpointing,
                                       max_positions)
@@ -303,22 +303,6 @@ def _finite(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(t).all()
 
 
-def _check_mergeable_base(model) -> None:
-    """ValueError, naming the layer, where a LoRA layer of `model` wraps a weight of no dtype PEFT's merge_and_unload
-    adds the adapter into (int8 that a bitsandbytes-like Linear dequantizes in its forward, float8 that an FP8 Linear
-    rescales in its own): the run would train, then fail in the merge that writes model/. Only PEFT's generic layers
-    (peft.tuners.lora.layer), whose merge adds into the weight as stored: its layers for bitsandbytes, HQQ or torchao
-    weights dequantize, merge and quantize again."""
-    for name, module in model.named_modules():
-        if type(module).__module__ != "peft.tuners.lora.layer":
-            continue
-        weight = getattr(getattr(module, "base_layer", None), "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"the LoRA layer {name.removeprefix('base_model.model.')} wraps a {weight.dtype} weight, "
-                             "into which PEFT's merge_and_unload cannot merge the adapter to write model/; leave it "
-                             "out of lora_targets, or load the model in float32, bfloat16 or float16")
-
-
 def _check_trainable_dtypes(model) -> None:
     """Raises on a float16 weight to train: AdamW's eps (1e-8) rounds to 0 in float16 and its second moments
     underflow, so the first step turns such weights into inf or NaN."""
@@ -507,7 +491,6 @@ class UnlearningTrainer:
             check_mergeable_adapter(model)   # (_finish merges the adapter into model/)
             if config.gradient_checkpointing:   # (each train() enables it for its run: _train_mode)
                 check_activation_checkpointing(model)
-            _check_mergeable_base(model)
         except Exception:
             if new_adapter and hasattr(model, "unload"):   # get_peft_model put its layers into the caller's model
                 model.unload()
