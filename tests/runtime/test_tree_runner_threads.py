@@ -34,17 +34,24 @@ class Held:
         self._handle.remove()
 
 
-def start(model, call):
-    """Runs call() on a new thread whose first forward is held; returns (held, thread, outcome) once held."""
-    held, outcome = Held(model), {}
-
+def recorded(call, outcome, ended=None):
+    """A thread's target that runs call(): outcome["value"] its result, or outcome["error"] its exception (handed to
+    the test); it sets the event `ended`, where given, when it ends."""
     def body():
         try:
             outcome["value"] = call()
         except BaseException as err:    # handed to the test
             outcome["error"] = err
+        finally:
+            if ended is not None:
+                ended.set()
+    return body
 
-    held.thread = thread = threading.Thread(target=body, daemon=True)
+
+def start(model, call):
+    """Runs call() on a new thread whose first forward is held; returns (held, thread, outcome) once held."""
+    held, outcome = Held(model), {}
+    held.thread = thread = threading.Thread(target=recorded(call, outcome), daemon=True)
     thread.start()
     assert held.entered.wait(timeout=60)
     return held, thread, outcome
@@ -222,15 +229,7 @@ def test_a_runner_made_while_another_runner_of_the_model_runs_in_another_thread_
     runner = TreeRunner(model, max_tokens=64, block_size=4)
     waiting, maker, made = threading.Event(), [None], {}
     signalling_when_waiting(monkeypatch, waiting, maker)
-
-    def make():
-        try:
-            made["runner"] = TreeRunner(model, max_tokens=64, block_size=4)
-        except ValueError as refused:   # handed to the test
-            made["error"] = refused
-        finally:
-            waiting.set()
-
+    make = recorded(lambda: TreeRunner(model, max_tokens=64, block_size=4), made, waiting)
     a = start(model, lambda: runner.extend([None], [[5, 9, 2, 7]]))
     try:
         maker[0] = threading.Thread(target=make, daemon=True)
@@ -240,8 +239,8 @@ def test_a_runner_made_while_another_runner_of_the_model_runs_in_another_thread_
         (_, logits) = finish(*a)
     maker[0].join(timeout=60)
     assert "error" not in made, made["error"]
-    assert type(made["runner"].model_runner).__name__ == "PagedHF"
-    torch.testing.assert_close(made["runner"].extend([None], [[5, 9, 2, 7]])[1], logits)
+    assert type(made["value"].model_runner).__name__ == "PagedHF"
+    torch.testing.assert_close(made["value"].extend([None], [[5, 9, 2, 7]])[1], logits)
 
 
 def test_a_runner_made_inside_a_forward_of_another_runner_of_the_model_is_refused():
@@ -273,15 +272,7 @@ def test_a_forward_started_while_another_thread_makes_a_runner_of_the_model_wait
     expected = TreeRunner(model, max_tokens=64, block_size=4).extend([None], [[5, 9, 2, 7]])[1]
     waiting, forwarder, outcome = threading.Event(), [None], {}
     signalling_when_waiting(monkeypatch, waiting, forwarder)
-
-    def forward():
-        try:
-            outcome["value"] = runner.extend([None], [[5, 9, 2, 7]])
-        except BaseException as err:   # handed to the test
-            outcome["error"] = err
-        finally:
-            waiting.set()
-
+    forward = recorded(lambda: runner.extend([None], [[5, 9, 2, 7]]), outcome, waiting)
     maker = start(model, lambda: TreeRunner(model, max_tokens=64, block_size=4))   # held in its first probe
     try:
         forwarder[0] = threading.Thread(target=forward, daemon=True)
@@ -311,14 +302,7 @@ def test_a_forward_nested_in_a_forward_of_its_thread_does_not_wait_for_a_runner_
             nested.append(None)
             nested[0] = inner.extend([None], [[5, 9, 2, 7]])
 
-    def make():
-        try:
-            made["runner"] = TreeRunner(model, max_tokens=64, block_size=4)
-        except BaseException as err:   # handed to the test
-            made["error"] = err
-        finally:
-            waiting.set()
-
+    make = recorded(lambda: TreeRunner(model, max_tokens=64, block_size=4), made, waiting)
     handle = model.transformer.h[0].register_forward_hook(run_inner)
     try:
         forward = start(model, lambda: outer.extend([None], [[5, 9, 2, 7]]))   # held at its embeddings, routed
@@ -332,4 +316,4 @@ def test_a_forward_nested_in_a_forward_of_its_thread_does_not_wait_for_a_runner_
         handle.remove()
     maker[0].join(timeout=10)
     assert "error" not in made, made["error"]
-    assert nested[0] is not None and type(made["runner"].model_runner).__name__ == "PagedHF"
+    assert nested[0] is not None and type(made["value"].model_runner).__name__ == "PagedHF"
