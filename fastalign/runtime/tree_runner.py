@@ -148,8 +148,8 @@ class TreeRunner:
         # weights whose dtype and device each call checks are still those the runner was made for (model.to(...)):
         # the first, and the first in the pool's dtype (a model of bf16 embeddings before fp32 layers keeps fp32 K/V)
         floating = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
-        self._watched = {name: (p.dtype, p.device) for name, p in [
-            *floating[:1], *[(name, p) for name, p in floating if p.dtype == mr.dtype][:1]]}
+        in_pool_dtype = [(name, p) for name, p in floating if p.dtype == mr.dtype]
+        self._watched = {name: (p.dtype, p.device) for name, p in floating[:1] + in_pool_dtype[:1]}
         geometry = dict(block_size=block_size, dtype=mr.dtype)
         keeps_states = hasattr(mr, "state_bytes")   # HFStateCacheModel: recurrent states beside the pool
         if max_state_bytes is not None and not keeps_states:
