@@ -40,11 +40,11 @@ def routed(configs, handler):
     """Runs the block with the attention of every module whose config is one of `configs` computed by
     handler(module, query, key, value, attention_mask, kwargs) -> (output [batch, tokens, heads, head_dim], None),
     query/key/value as transformers passes them ([batch, heads, tokens, head_dim]). It waits while another thread's
-    unrouted block runs on one of them, unless this thread's block is nested in a routed one of its own on them."""
+    unrouted block runs on one of them, but not for one that waits for this thread's routed blocks to end (a block
+    nested in them would wait for itself)."""
     routing, me = _routing(), threading.get_ident()
     with _changed:
-        if not any(id(config) in routing for config in configs):
-            _changed.wait_for(lambda: _unrouted_only_by(me, configs))
+        _changed.wait_for(lambda: _unrouted_only_by({me, *_waiting_for(routing)}, configs))
         for config in configs:
             entry = _routed.setdefault(id(config), [config._attn_implementation, 0])
             entry[1] += 1
@@ -79,7 +79,7 @@ def unrouted(configs):
                            "same thread; make it before or after that forward")
     me = threading.get_ident()
     with _changed:
-        _changed.wait_for(lambda: _unrouted_only_by(me, configs))
+        _changed.wait_for(lambda: _unrouted_only_by({me}, configs))
         for config in configs:
             _unrouted.setdefault(id(config), [me, 0])[1] += 1
     try:
@@ -96,9 +96,15 @@ def unrouted(configs):
             _changed.notify_all()
 
 
-def _unrouted_only_by(thread, configs):
-    """Whether no thread but `thread` (an ident) runs an unrouted block on any of `configs` (under _changed)."""
-    return all(_unrouted.get(id(config), [thread])[0] == thread for config in configs)
+def _unrouted_only_by(threads, configs):
+    """Whether no thread but `threads` (idents) runs an unrouted block on any of `configs` (under _changed)."""
+    return all(id(config) not in _unrouted or _unrouted[id(config)][0] in threads for config in configs)
+
+
+def _waiting_for(routing):
+    """The threads with an unrouted block on a config of `routing` (a thread's routed blocks; under _changed): it
+    came after those blocks (they waited for any before), so it waits for them to end and runs nothing until then."""
+    return {_unrouted[key][0] for key in routing if key in _unrouted}
 
 
 def attention_configs(model):

@@ -2,11 +2,13 @@
 another thread, or from inside the runner's own forward) is a RuntimeError that changes nothing, where it computed
 from KV not yet written or leaked a span. Runners of their own in each thread may share one model. The interleavings
 are forced with events: a forward of a chosen thread is held at the model's input embeddings, before any K/V of it
-is written, until the test lets it go."""
+is written, until the test lets it go. The last tests run attention_routing's blocks, which keep the forwards and the
+probes of runners sharing configs apart, on bare configs."""
 import threading
 
 import pytest
 import torch
+from transformers import PretrainedConfig
 
 from fastalign import TreeRunner
 from fastalign.eval_mode import eval_mode
@@ -317,3 +319,76 @@ def test_a_forward_nested_in_a_forward_of_its_thread_does_not_wait_for_a_runner_
     maker[0].join(timeout=10)
     assert "error" not in made, made["error"]
     assert nested[0] is not None and type(made["value"].model_runner).__name__ == "PagedHF"
+
+
+def test_a_routed_block_nested_in_one_on_fewer_configs_waits_for_another_threads_unrouted_block_on_the_others(
+        monkeypatch):
+    """Configs shared across runners (models sharing a sub-config, runners of a model and of its sub-model): thread
+    A's routed block on [b] runs one on [a, b] inside while thread B's unrouted block (a runner's probes) runs on [a].
+    The inner block skipped its wait as A already routed b, and routed a under B's probes (refused there); it now
+    waits for B's block to end. A block left waiting fails the test in 10 s."""
+    a, b = PretrainedConfig(attn_implementation="eager"), PretrainedConfig(attn_implementation="eager")
+    probing, release, waiting, router, probed, routed = (threading.Event(), threading.Event(), threading.Event(),
+                                                        [None], {}, {})
+    signalling_when_waiting(monkeypatch, waiting, router)
+
+    def probe():
+        with attention_routing.unrouted([a]):
+            probing.set()
+            assert release.wait(timeout=10)
+            return a._attn_implementation
+
+    def route():
+        with attention_routing.routed([b], None), attention_routing.routed([a, b], None):
+            return a._attn_implementation
+    prober = threading.Thread(target=recorded(probe, probed), daemon=True)
+    prober.start()
+    assert probing.wait(timeout=10)
+    try:
+        router[0] = threading.Thread(target=recorded(route, routed, waiting), daemon=True)
+        router[0].start()
+        assert waiting.wait(timeout=10)
+        assert not routed, "the nested block routed a config while another thread's unrouted block ran on it"
+    finally:
+        release.set()
+    prober.join(timeout=10)
+    router[0].join(timeout=10)
+    assert not router[0].is_alive(), "the nested routed block still waits after the unrouted block ended"
+    assert probed == {"value": "eager"} and routed == {"value": attention_routing.IMPLEMENTATION}
+    assert a._attn_implementation == b._attn_implementation == "eager"
+
+
+def test_a_routed_block_nested_in_one_on_fewer_configs_does_not_wait_for_an_unrouted_block_waiting_for_it(
+        monkeypatch):
+    """Thread A's routed block on [b] runs one on [a, b] inside; thread B's unrouted block on [a, b], begun in
+    between, waits for A's block on b. The inner block must not wait for B's in turn (a deadlock, which fails the
+    test in 10 s): B runs nothing before A's blocks end."""
+    a, b = PretrainedConfig(attn_implementation="eager"), PretrainedConfig(attn_implementation="eager")
+    in_outer, go, waiting, prober, routed, probed = (threading.Event(), threading.Event(), threading.Event(), [None],
+                                                     {}, {})
+    signalling_when_waiting(monkeypatch, waiting, prober)
+
+    def route():
+        with attention_routing.routed([b], None):
+            in_outer.set()
+            assert go.wait(timeout=10)
+            with attention_routing.routed([a, b], None):
+                return a._attn_implementation
+
+    def probe():
+        with attention_routing.unrouted([a, b]):
+            return a._attn_implementation, b._attn_implementation
+    router = threading.Thread(target=recorded(route, routed), daemon=True)
+    router.start()
+    assert in_outer.wait(timeout=10)
+    try:
+        prober[0] = threading.Thread(target=recorded(probe, probed, waiting), daemon=True)
+        prober[0].start()
+        assert waiting.wait(timeout=10)
+        assert not probed, "the unrouted block ran while another thread's routed block ran on its configs"
+    finally:
+        go.set()
+    router.join(timeout=10)
+    prober[0].join(timeout=10)
+    assert not router.is_alive(), "the nested routed block waits for an unrouted block that waits for it"
+    assert routed == {"value": attention_routing.IMPLEMENTATION} and probed == {"value": ("eager", "eager")}
