@@ -42,21 +42,22 @@ def routed(configs, handler):
     query/key/value as transformers passes them ([batch, heads, tokens, head_dim]). It waits while another thread's
     unrouted block runs on one of them, but not for one that waits for this thread's routed blocks to end (a block
     nested in them would wait for itself)."""
-    routing, me = _routing(), threading.get_ident()
-    with _changed:
-        _changed.wait_for(lambda: _unrouted_only_by({me, *_waiting_for(routing)}, configs))
-        for config in configs:
-            entry = _routed.setdefault(id(config), [config._attn_implementation, 0])
-            entry[1] += 1
-            routing[id(config)] = routing.get(id(config), 0) + 1
-            _set(config, IMPLEMENTATION)
-    outer, _local.handler = getattr(_local, "handler", None), handler
+    routing, me, outer, registered = _routing(), threading.get_ident(), getattr(_local, "handler", None), []
     try:
+        with _changed:
+            _changed.wait_for(lambda: _unrouted_only_by({me, *_waiting_for(routing)}, configs))
+            for config in configs:
+                entry = _routed.setdefault(id(config), [config._attn_implementation, 0])
+                entry[1] += 1
+                routing[id(config)] = routing.get(id(config), 0) + 1
+                registered.append(config)
+                _set(config, IMPLEMENTATION)
+        _local.handler = handler
         yield
     finally:
         _local.handler = outer
         with _changed:
-            for config in configs:
+            for config in registered:
                 entry = _routed[id(config)]
                 entry[1] -= 1
                 if entry[1] == 0:
@@ -77,18 +78,18 @@ def unrouted(configs):
     if any(id(config) in _routing() for config in configs):
         raise RuntimeError("model: a TreeRunner of it is being made inside a forward of another of its runners in the "
                            "same thread; make it before or after that forward")
-    me = threading.get_ident()
-    with _changed:
-        _changed.wait_for(lambda: _unrouted_only_by({me}, configs))
-        for config in configs:
-            _unrouted.setdefault(id(config), [me, 0])[1] += 1
+    me, claimed = threading.get_ident(), []
     try:
         with _changed:
+            _changed.wait_for(lambda: _unrouted_only_by({me}, configs))
+            for config in configs:
+                _unrouted.setdefault(id(config), [me, 0])[1] += 1
+                claimed.append(config)
             _changed.wait_for(lambda: not any(id(config) in _routed for config in configs))
         yield
     finally:
         with _changed:
-            for config in configs:
+            for config in claimed:
                 entry = _unrouted[id(config)]
                 entry[1] -= 1
                 if entry[1] == 0:

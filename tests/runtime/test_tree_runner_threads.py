@@ -392,3 +392,55 @@ def test_a_routed_block_nested_in_one_on_fewer_configs_does_not_wait_for_an_unro
     prober[0].join(timeout=10)
     assert not router.is_alive(), "the nested routed block waits for an unrouted block that waits for it"
     assert routed == {"value": attention_routing.IMPLEMENTATION} and probed == {"value": ("eager", "eager")}
+
+
+def assert_left_nothing(*configs):
+    """Nothing of a routed or unrouted block is left on `configs`: they name their own implementation, no block of
+    any thread counts on them, and routed() and unrouted() pass on them at once (a leftover made them wait or raise)."""
+    keys = {id(config) for config in configs}
+    assert all(config._attn_implementation == "eager" for config in configs)
+    assert not keys & (attention_routing._routed.keys() | attention_routing._unrouted.keys()
+                       | attention_routing._routing().keys())
+    with attention_routing.unrouted(configs), attention_routing.routed(configs, None):
+        pass
+
+
+def test_a_routed_block_failing_midway_through_its_registration_leaves_nothing_behind(monkeypatch):
+    """Setting the second config raises (an interrupt there, or a config refusing the name): the first config named
+    the routed implementation and both stayed counted, so that every later plain forward of the model was refused and
+    runners made of it waited forever. What was registered is undone."""
+    a, b = PretrainedConfig(attn_implementation="eager"), PretrainedConfig(attn_implementation="eager")
+    set_implementation = attention_routing._set
+
+    def refusing_b(config, implementation):
+        if config is b and implementation == attention_routing.IMPLEMENTATION:
+            raise RuntimeError("interrupted")
+        set_implementation(config, implementation)
+    monkeypatch.setattr(attention_routing, "_set", refusing_b)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with attention_routing.routed([a, b], None):
+            pass
+    monkeypatch.undo()
+    assert_left_nothing(a, b)
+
+
+@pytest.mark.parametrize("block", ["routed", "unrouted"])
+def test_a_block_interrupted_right_after_its_registration_leaves_nothing_behind(monkeypatch, block):
+    """An interrupt as the registration releases attention_routing's lock, before the block's try: its configs stayed
+    routed, or claimed, for good. The block undoes its registration."""
+    a, b = PretrainedConfig(attn_implementation="eager"), PretrainedConfig(attn_implementation="eager")
+
+    class InterruptedOnce(threading.Condition):
+        interrupted = False
+
+        def __exit__(self, *args):
+            super().__exit__(*args)
+            if not self.interrupted:
+                self.interrupted = True
+                raise RuntimeError("interrupted")
+    monkeypatch.setattr(attention_routing, "_changed", InterruptedOnce())
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with attention_routing.routed([a, b], None) if block == "routed" else attention_routing.unrouted([a, b]):
+            pass
+    monkeypatch.undo()
+    assert_left_nothing(a, b)
