@@ -36,11 +36,12 @@ data formats:
 outputs in --output-dir: model/ (the unlearned model, LoRA merged, with its tokenizer), adapter/ (with
 --lora: the unmerged PEFT adapter, the update exactly as trained; load it with PeftModel.from_pretrained(base,
 "out/adapter") on the base model in the dtype it trained in), log.jsonl (one line every --log-every steps and
-at the last: loss, forget NLL, mismatch NLL, normal KL, lr, tokens, FLOPs, seconds), run.json (summary and
-compute spent; with --lora, merge_rounding_error: the share of the update that merging it into model/'s
-weights rounded away, warned of when large: see --precision), checkpoints/ (with --save-every; continue a
-killed run with --resume). One process (or launched run) at a time writes an --output-dir: another one started
-on it stops with an error.
+at the last: loss, forget NLL, mismatch NLL, normal KL, lr, tokens, FLOPs, seconds; a term turned off,
+--mismatch-weight or --mismatch-per-prompt 0, --normal-weight 0, is null: not computed), run.json (summary, the
+last step's line, and compute spent; with --lora, merge_rounding_error: the share of the update that merging it
+into model/'s weights rounded away, warned of when large: see --precision), checkpoints/ (with --save-every;
+continue a killed run with --resume). One process (or launched run) at a time writes an --output-dir: another
+one started on it stops with an error.
 
 examples:
   fastalign unlearn --model ./opt-1.3b --forget pku_train.jsonl --normal TruthfulQA.csv --output-dir out

@@ -80,13 +80,15 @@ _PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=2)
 
 @dataclass
 class StepRecord:
-    """What one optimizer step did (terms averaged over micro-batches and processes); one line of log.jsonl."""
+    """What one optimizer step did (terms averaged over micro-batches and processes); one line of log.jsonl. A term
+    whose rows the streams do not draw (mismatch_weight=0 or mismatch_per_prompt=0, normal_weight=0) is not computed:
+    None (null in the log), where 0.0 is a term computed as zero."""
 
     step: int
     loss: float
     forget_nll: float
-    mismatch_nll: float
-    normal_kl: float
+    mismatch_nll: float | None
+    normal_kl: float | None
     lr: float
     tokens: int
     flops: float
@@ -616,6 +618,8 @@ class UnlearningTrainer:
         hooks = step_in_backward(_torch_optimizer(optimizer)) if self.optimizer_in_backward else []
         # the model's layers that fastalign's training ops stand in for (layer_stand_ins.py), for this run's steps only
         layers = contextlib.ExitStack()
+        # the terms computed: those whose rows the streams draw (every batch holds the same kinds of rows)
+        mismatch_on, normal_on = self.streams.mismatch_per_prompt > 0, self.streams.normal_batch_size > 0
         try:
             if config.fused_layers:
                 layers.enter_context(fused_layers(self.model, config.backend))
@@ -633,8 +637,8 @@ class UnlearningTrainer:
                 seconds = time.perf_counter() - started
                 step_totals = ComputeTotals(*(int(c) for c in counts[:4]), counts[4], seconds * acc.num_processes)
                 totals.add(step_totals)
-                record = StepRecord(step, total, -forget, mismatch, normal, lr, step_totals.tokens, step_totals.flops,
-                                    seconds)
+                record = StepRecord(step, total, -forget, mismatch if mismatch_on else None,
+                                    normal if normal_on else None, lr, step_totals.tokens, step_totals.flops, seconds)
                 early_stop = config.max_forget_nll is not None and record.forget_nll > config.max_forget_nll
                 self._report(record, progress, last=early_stop)
                 if early_stop:
@@ -835,8 +839,10 @@ class UnlearningTrainer:
         if not self.accelerator.is_main_process:
             return
         progress.update(1)
-        progress.set_postfix(fgt_nll=f"{record.forget_nll:.3f}", rdn=f"{record.mismatch_nll:.3f}",
-                             kl=f"{record.normal_kl:.4f}", refresh=False)
+        terms = {"fgt_nll": (record.forget_nll, ".3f"), "rdn": (record.mismatch_nll, ".3f"),
+                 "kl": (record.normal_kl, ".4f")}
+        progress.set_postfix(refresh=False, **{name: format(value, spec) for name, (value, spec) in terms.items()
+                                               if value is not None})   # (a term not computed is left out)
         if record.step % self.config.log_every == 0 or record.step == self.config.max_steps or last:
             log = os.path.join(self.config.output_dir, "log.jsonl")
             with naming_a_full_disk(log), open(log, "a", encoding="utf-8") as f:

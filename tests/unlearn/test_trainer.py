@@ -539,7 +539,7 @@ def test_max_steps_schedule_compute_and_outputs(tmp_path):
 def test_a_run_without_normal_rows_trains_on_the_forget_and_mismatch_terms(tmp_path, monkeypatch):
     """normal_weight=0 gives streams without normal rows: no reference is built (a frozen copy of the model for a term
     that is off), each step's normal token count is 0, which must not reach the objective as the KL term's
-    denominator (it refuses one <= 0), and the KL term is 0."""
+    denominator (it refuses one <= 0), and the KL term is not computed (None)."""
     def no_reference(*args, **kwargs):
         raise AssertionError("a reference was built for a run without normal rows")
 
@@ -550,7 +550,31 @@ def test_a_run_without_normal_rows_trains_on_the_forget_and_mismatch_terms(tmp_p
                                 max_length=64, filler_id=full.filler_id)
     config = UnlearnConfig(output_dir=str(tmp_path / "run"), max_steps=2, lr=1e-3, grad_accum=2, progress=False)
     summary = UnlearningTrainer(tiny_llama(len(tokenizer)), streams, config).train()
-    assert summary.steps == 2 and summary.last.normal_kl == 0.0
+    assert summary.steps == 2 and summary.last.normal_kl is None
+
+
+@pytest.mark.parametrize("off", [None, "mismatch", "normal"])
+def test_a_term_turned_off_is_logged_as_null_and_the_terms_computed_as_numbers(tmp_path, capsys, off):
+    """log.jsonl wrote 0.0 for a term the run does not compute (mismatch_weight=0 or normal_weight=0: the streams hold
+    no rows of its kind), which a plot of the log reads as computed and zero. It is null there and in run.json's last
+    step, and the progress bar leaves it out; a run with every term on still logs every term as a number."""
+    tokenizer = byte_bpe_tokenizer()
+    full = tiny_streams(tokenizer)
+    streams = UnlearningStreams(full.forget, normal=None if off == "normal" else full.normal,
+                                mismatch_pool=None if off == "mismatch" else full.pool, batch_size=2,
+                                mismatch_per_prompt=2, max_length=64, filler_id=full.filler_id)
+    weights = {} if off is None else {f"{off}_weight": 0.0}
+    _, summary = run(tmp_path, streams=streams, max_steps=2, progress=True, **weights)
+    term = {None: None, "mismatch": "mismatch_nll", "normal": "normal_kl"}[off]
+    shown = capsys.readouterr().err.rpartition("unlearn:")[2].splitlines()[0]   # the progress bar as it ended
+    assert [f" {name}=" in shown for name in ("fgt_nll", "rdn", "kl")] == [True, off != "mismatch", off != "normal"]
+    computed = [name for name in ("loss", "forget_nll", "mismatch_nll", "normal_kl") if name != term]
+    lines = log_lines(tmp_path / "run")
+    assert [line["step"] for line in lines] == [1, 2]
+    assert all(isinstance(line[name], float) for line in lines for name in computed)
+    if term:
+        assert [line[term] for line in lines] == [None, None] and getattr(summary.last, term) is None
+        assert json.loads((tmp_path / "run" / "run.json").read_text())["last"][term] is None
 
 
 def test_a_generation_config_that_sets_sampling_flags_without_do_sample_is_saved_as_loaded(tmp_path):
