@@ -2,6 +2,7 @@
 torch's AdamW on bf16 weights rounds away, both backends give the same bits through the optimizer (non-contiguous
 weights, parameter groups), state saves and loads (torch's AdamW's too), copies of the optimizer, the step inside the
 backward, and errors."""
+import contextlib
 import copy
 import functools
 import pickle
@@ -10,6 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastalign.optim import KahanAdamW
 from fastalign.unlearn.backward_step import step_in_backward
@@ -501,3 +503,27 @@ def test_a_nan_option_is_refused(option):
     with pytest.raises(ValueError, match=f"param group 1's {name}: expected"):
         optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], **option})
     assert len(optimizer.param_groups) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_tensors_step_on_the_torch_backend_and_are_refused_on_the_triton_one_naming_the_parameter(dtype):
+    """Under FakeTensorMode (torch.export, FLOP and memory estimators trace a training step in it) the Triton backend
+    failed deep inside torch ("Attempted to set the storage of a tensor on device meta", "Cannot copy out of meta
+    tensor; no data!"), naming neither the optimizer nor the cause, after counting the parameter's step: it is refused
+    before anything steps, naming the parameter. The torch backend steps them, fake tensors used outside the mode too
+    (a real tensor it made beside them was refused by torch)."""
+    fake = FakeTensorMode()
+    with fake:
+        weights = {backend: torch.nn.Parameter(torch.empty(4, 3, dtype=dtype, device=TRITON_DEVICE))
+                   for backend in ("torch", "triton")}
+        for weight in weights.values():
+            weight.grad = torch.empty_like(weight)
+    optimizers = {backend: KahanAdamW([weight], backend=backend) for backend, weight in weights.items()}
+    for mode in (fake, contextlib.nullcontext()):
+        with mode:
+            optimizers["torch"].step()
+            with pytest.raises(ValueError, match=r"KahanAdamW: parameter 0 of param_groups\[0\] on the Triton backend "
+                                                 "cannot run on fake tensors"):
+                optimizers["triton"].step()
+    assert int(optimizers["torch"].state[weights["torch"]]["step"]) == 2
+    assert optimizers["triton"].state[weights["triton"]] == {}   # (its step not counted)

@@ -36,7 +36,7 @@ def _step_chunk(param, grad, exp_avg, exp_avg_sq, compensation, *, beta1, one_mi
     # the square root correctly rounded (torch's CPU one is not always; a double's, rounded to fp32, is) and the
     # division by a tensor (torch divides a CUDA tensor by a host scalar as a product with its reciprocal), filled on
     # the device (a copy from the host would wait for the device's queued work)
-    divisor = torch.full((), bias_correction2_sqrt, dtype=torch.float32, device=v.device)
+    divisor = v.new_full((), bias_correction2_sqrt)
     denom = v.double().sqrt().float() / divisor + eps
     update = -(w * decay) - (m / denom) * step_size
     if compensation is None:
