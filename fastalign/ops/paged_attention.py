@@ -188,7 +188,8 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, *, validate=None):
     k, v [T, num_kv_heads, head_dim] of the cache's dtype and device; slot_mapping [T] int64 with
     slot = block * block_size + offset; in each cache the slots of consecutive blocks follow each other
     (stride(0) == block_size * stride(1), as in a KVPool layer). Slots must be distinct (a repeated slot
-    keeps an arbitrary one).
+    keeps an arbitrary one). validate (default: on CPU tensors) checks that every slot lies in the pool, which reads
+    slot_mapping's values: on fake tensors (FakeTensorMode) it is refused, and validate=False writes.
     """
     check_write_kv(k, v, k_cache, v_cache, slot_mapping, validate=validate)
     write_kv_unchecked(k, v, k_cache, v_cache, slot_mapping)
@@ -214,6 +215,9 @@ def check_write_kv(k, v, k_cache, v_cache, slot_mapping, *, validate=None):
                              "block_size * stride(1)), as in a KVPool layer: it is written through that view")
     num_slots = k_cache.shape[0] * k_cache.shape[1]
     if validate or (validate is None and k.device.type == "cpu"):
+        refuse_fake_tensors("write_kv with validate=True (the default on the CPU)", (slot_mapping,),
+                            "checking slot_mapping reads its values, which fake tensors do not hold; pass "
+                            "validate=False, with which the write runs on them")
         if slot_mapping.numel() and not bool(((slot_mapping >= 0) & (slot_mapping < num_slots)).all()):
             raise ValueError(f"slot_mapping: every slot must lie in [0, {num_slots}) "
                              "(num_blocks * block_size)")

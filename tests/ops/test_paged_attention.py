@@ -1,4 +1,5 @@
 """paged_attention and write_kv against the float64 reference, on both backends, and their input checks."""
+import contextlib
 import math
 
 import numpy as np
@@ -926,3 +927,20 @@ def test_fake_tensors_are_refused_naming_the_op(backend, validate):
         cu_q_lens = torch.tensor([0, 2, 5], dtype=torch.int32, device=device)
         with pytest.raises(ValueError, match="paged_attention cannot run on fake tensors"):
             paged_attention(q, cache, cache, block_table, seq_lens, cu_q_lens, backend=backend, validate=validate)
+
+
+@pytest.mark.parametrize("validate", [None, True])
+def test_write_kv_on_fake_tensors_writes_without_validation_and_refuses_it_naming_slot_mapping(validate):
+    """Under FakeTensorMode write_kv's check of the slots (validate, the default on CPU tensors) failed deep inside
+    torch (DataDependentOutputException on aten._local_scalar_dense), naming neither the op nor the cause: it reads
+    slot_mapping's values, which fake tensors do not hold. It is refused naming slot_mapping and validate=False; with
+    validate=False the write, plain torch, runs on them (fake tensors used outside the mode too)."""
+    fake = FakeTensorMode()
+    with fake:
+        kv, cache, slots = torch.empty(3, 2, 8), torch.empty(4, 4, 2, 8), torch.tensor([0, 5, 9])
+    for mode in (fake, contextlib.nullcontext()):
+        with mode:
+            write_kv(kv, kv, cache, cache, slots, validate=False)
+            with pytest.raises(ValueError, match=r"write_kv with validate=True .* cannot run on fake tensors .*: "
+                                                 r"checking slot_mapping reads its values.*pass validate=False"):
+                write_kv(kv, kv, cache, cache, slots, validate=validate)
