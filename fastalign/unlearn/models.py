@@ -123,14 +123,28 @@ def check_activation_checkpointing(model) -> None:
                          "gradient_checkpointing=False (--no-gradient-checkpointing)")
 
 
-def disable_activation_checkpointing(model):
-    """Keep each decoder layer's activations again (enable_activation_checkpointing undone), under the name of either
-    transformers release (see enable_activation_checkpointing)."""
-    base = base_causal_lm(model)
-    if hasattr(base, "activation_checkpointing_disable"):
-        base.activation_checkpointing_disable()
-    else:
-        base.gradient_checkpointing_disable()
+# where transformers (5.17, 5.25) keeps a module's checkpointing: whether it is on, and the function that recomputes
+_CHECKPOINTING_ATTRIBUTES = ("gradient_checkpointing", "_gradient_checkpointing_func")
+
+
+def activation_checkpointing_settings(model) -> list[tuple[torch.nn.Module, dict]]:
+    """Each module of `model` that transformers' checkpointing sets (those with a gradient_checkpointing flag), with
+    the checkpointing attributes it holds of its own: its flag (every_n_layers leaves some layers off) and the function
+    that recomputes it (with the options it was enabled with, use_reentrant=True, say, or a function of the caller's),
+    for restore_activation_checkpointing."""
+    return [(module, {name: vars(module)[name] for name in _CHECKPOINTING_ATTRIBUTES if name in vars(module)})
+            for module in model.modules() if hasattr(module, "gradient_checkpointing")]
+
+
+def restore_activation_checkpointing(settings: list[tuple[torch.nn.Module, dict]]) -> None:
+    """Gives each module of `settings` (activation_checkpointing_settings') its checkpointing attributes back, removing
+    those it did not hold of its own (a layer's flag that its class sets, a function not set yet)."""
+    for module, attributes in settings:
+        for name in _CHECKPOINTING_ATTRIBUTES:
+            if name in attributes:
+                setattr(module, name, attributes[name])
+            elif name in vars(module):
+                delattr(module, name)
 
 
 def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -49,10 +49,10 @@ from fastalign.unlearn.compute import (ComputeTotals, ModelShape, batch_compute,
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.layer_stand_ins import fused_layers
 from fastalign.unlearn.lora_merge import MERGE_ERROR_WARNING, merge_rounding_error
-from fastalign.unlearn.models import (base_causal_lm, cast_weights, causal_lm_parts,
+from fastalign.unlearn.models import (activation_checkpointing_settings, base_causal_lm, cast_weights, causal_lm_parts,
                                       check_activation_checkpointing, check_fused_logits, check_mergeable_adapter,
-                                      disable_activation_checkpointing, enable_activation_checkpointing,
-                                      max_positions)
+                                      enable_activation_checkpointing, max_positions,
+                                      restore_activation_checkpointing)
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.optimizer import adamw
 from fastalign.unlearn.records import DataError, read_jsonl
@@ -391,8 +391,9 @@ class UnlearningTrainer:
     requires_grad flags back, which LoRA and the cached reference set (a LoRA run, once it merged its adapter in, even
     where writing model/ then fails). Each train() runs its steps in train mode, with activation checkpointing where
     config.gradient_checkpointing asks for it, and when it ends, finished or failed, gives each module of the caller's
-    model its mode (train or eval) back, and turns checkpointing, and the input-grads hook transformers registers with
-    it, off again where the model was given without them.
+    model its mode (train or eval) back, its checkpointing as found (each module's flag and function: off, or on with
+    the model's own options, such as use_reentrant=True), and turns the input-grads hook transformers registers with
+    checkpointing off again where the model was given without it.
     One train() runs at a time on a trainer: one called while another runs, from another thread or from the
     step_callback, is refused with a RuntimeError (the two would train one model with one optimizer into one
     output_dir); one called after the last returned runs (after an exception, a resume: see resume_point), but it is
@@ -575,10 +576,11 @@ class UnlearningTrainer:
         dropout after it, nor keep checkpointing and its input-grads hook. What is given back is what train() found
         (a model.eval() between the constructor and train() holds after the run)."""
         model = self.model
-        # each of the caller's modules' modes (LoRA's follow the model's), the checkpointing, and transformers'
-        # input-grads hook (enabling checkpointing registers it; PEFT too, where it is on)
+        # each of the caller's modules' modes (LoRA's follow the model's), the checkpointing (each module's flag and
+        # function: a model given with its own options gets them back), and transformers' input-grads hook (enabling
+        # checkpointing registers it; PEFT too, where it is on)
         modes = [(module, module.training) for module in self._given_modules]
-        checkpointing = any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+        checkpointing = activation_checkpointing_settings(model)
         grads_hook = hasattr(base_causal_lm(model), "_require_grads_hook")
         try:
             model.train()
@@ -586,8 +588,8 @@ class UnlearningTrainer:
                 enable_activation_checkpointing(model)
             yield
         finally:   # (self.model: LoRA's wrapper, or the model _finish merged it into)
-            if self.config.gradient_checkpointing and not checkpointing:
-                disable_activation_checkpointing(self.model)
+            if self.config.gradient_checkpointing:
+                restore_activation_checkpointing(checkpointing)
             base = base_causal_lm(self.model)
             if not grads_hook and hasattr(base, "_require_grads_hook"):
                 base.disable_input_require_grads()

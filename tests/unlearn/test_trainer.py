@@ -1662,6 +1662,39 @@ def test_a_run_gives_back_the_modes_it_found_not_those_the_constructor_saw(tmp_p
     assert not any(module.training for module in model.modules())
 
 
+@pytest.mark.parametrize("given", ["reentrant every 2nd layer", "own function"])
+def test_a_model_given_with_checkpointing_of_its_own_gets_it_back(tmp_path, given):
+    """A model given with checkpointing on with options of its own (use_reentrant=True, every_n_layers=2, a function
+    of the caller's) came back from a run with gradient_checkpointing=True with the trainer's: every layer checkpointed,
+    non-reentrant. transformers keeps them in each module's gradient_checkpointing flag and _gradient_checkpointing_func:
+    each module gets its own back, while the run checkpoints every layer, non-reentrant, as before."""
+    tokenizer, model = byte_bpe_tokenizer(), tiny_llama(len(byte_bpe_tokenizer()))
+    options = {"use_reentrant": True}
+    if hasattr(model, "activation_checkpointing_enable"):   # (transformers 5.17 has the older name alone)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options, every_n_layers=2)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, every_n_layers=2)
+    checkpointed = [module for module in model.modules() if hasattr(module, "gradient_checkpointing")]
+    if given == "own function":
+        def own(function, *args, **kwargs):
+            return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
+        for module in checkpointed:
+            module._gradient_checkpointing_func = own
+    found = [(module.gradient_checkpointing, module._gradient_checkpointing_func) for module in checkpointed]
+    assert [flag for flag, _ in found].count(False) == 1   # (the 2nd of the 2 layers)
+    during = []
+
+    def callback(record):
+        during.extend((module.gradient_checkpointing, module._gradient_checkpointing_func.keywords)
+                      for module in checkpointed)
+
+    config = UnlearnConfig(output_dir=str(tmp_path / "run"), max_steps=1, progress=False, gradient_checkpointing=True)
+    UnlearningTrainer(model, tiny_streams(tokenizer), config, tokenizer=tokenizer, step_callback=callback).train()
+    assert during == [(True, {"use_reentrant": False})] * len(checkpointed)
+    assert [(module.gradient_checkpointing, module._gradient_checkpointing_func) for module in checkpointed] == found
+    assert hasattr(model, "_require_grads_hook")   # (registered when the caller enabled checkpointing)
+
+
 @pytest.mark.parametrize("reference", ["adapter", "copy"])
 def test_a_lora_run_whose_model_write_failed_is_refused_on_its_trainer_and_resumes_on_a_new_one(tmp_path, monkeypatch,
                                                                                               reference):
