@@ -20,7 +20,7 @@ import math
 import torch
 from torch.optim.optimizer import ParamsT
 
-from fastalign.ops.backend import Backend, check_backend, refuse_fake_tensors_on_triton, select_backend
+from fastalign.ops.backend import Backend, check_backend, is_triton, refuse_fake_tensors_on_triton, select_backend
 from fastalign.ops.checks import is_real
 
 COMPENSATED_DTYPES = (torch.bfloat16,)
@@ -186,7 +186,10 @@ class KahanAdamW(torch.optim.Optimizer):
         option set on a group after it was added, a sparse gradient, a parameter cast to another dtype after it was
         added (model.half() after the optimizer was built), a loaded state of another shape than its parameter (torch
         maps a loaded state to the parameters by position, and checks no shapes), fake tensors (FakeTensorMode) on
-        the Triton backend, whose kernel needs their memory (the torch one steps them)."""
+        the Triton backend, whose kernel needs their memory (the torch one steps them). Fake tensors come together
+        (a step traced under FakeTensorMode): the first parameter on the Triton backend stands for all of them, so
+        that a step pays for that check once, not once per parameter."""
+        fakes_checked = False
         for i, group in enumerate(self.param_groups):
             _check_torch_options(group, f"param_groups[{i}]")
             for j, p in enumerate(group["params"]):
@@ -202,7 +205,10 @@ class KahanAdamW(torch.optim.Optimizer):
                         raise ValueError(f"{where} has shape {tuple(p.shape)} but its state's {name} has shape "
                                          f"{tuple(state[name].shape)} (a state dict loaded into an optimizer that "
                                          "lists the parameters in another order?)")
-                refuse_fake_tensors_on_triton(select_backend("kahan_adamw", self.backend, p.device), where, p, p.grad)
+                launcher = select_backend("kahan_adamw", self.backend, p.device)
+                if not fakes_checked and is_triton(launcher):
+                    refuse_fake_tensors_on_triton(launcher, where, p, p.grad)
+                    fakes_checked = True
 
     def _state_of(self, p):
         """p's state, made on its first step (moments of zeros), completed after a load (a compensation of zeros
