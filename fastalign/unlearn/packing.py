@@ -192,14 +192,10 @@ class RowPacker:
     'off': padded). `unavailable` says why packing is not exact for the model (None: it is)."""
 
     def __init__(self, model, mode: str = "auto"):
-        if mode not in MODES:
-            raise ValueError(f"packing must be one of {MODES}, got {mode!r}")
+        self.unavailable = packing_unavailable(model, mode)
         self.mode = mode
         self.shape = ModelShape.of(model)
         self.window = _attention_window(model)
-        self.unavailable = None if mode == "off" else _windowed_by_index(model) or _probe(model, self.window)
-        if mode == "on" and self.unavailable:
-            raise ValueError(f"packing='on': {self.unavailable}; use packing='auto' or 'off'")
         self._last = (None, None)
 
     def plan(self, tokens: TokenBatch) -> PackedRows | None:
@@ -260,6 +256,18 @@ class RowPacker:
                 hidden.shape[0], hidden.shape[1]))
         return DecoderStates(packed_hidden_states(decoder, layout, tokens.input_ids.device).flatten(0, 1),
                              layout.index)
+
+
+def packing_unavailable(model, mode: str = "auto") -> str | None:
+    """Why packed rows are not exact for `model` (None: they are, or `mode` is 'off', which packs none); a ValueError
+    for mode 'on' where they are not. RowPacker decides by it, and the trainer refuses packing='on' by it before it
+    changes the model (a bf16 cast, LoRA layers)."""
+    if mode not in MODES:
+        raise ValueError(f"packing must be one of {MODES}, got {mode!r}")
+    unavailable = None if mode == "off" else _windowed_by_index(model) or _probe(model, _attention_window(model))
+    if mode == "on" and unavailable:
+        raise ValueError(f"packing='on': {unavailable}; use packing='auto' or 'off'")
+    return unavailable
 
 
 def packed_hidden_states(decoder: torch.nn.Module, layout: PackedRows, device) -> torch.Tensor:

@@ -55,6 +55,7 @@ from fastalign.unlearn.models import (activation_checkpointing_settings, base_ca
                                       restore_activation_checkpointing)
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.optimizer import adamw
+from fastalign.unlearn.packing import packing_unavailable
 from fastalign.unlearn.records import DataError, read_jsonl
 from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
 from fastalign.unlearn.sharding import (check_flat_units, full_model_state, load_optimizer_state,
@@ -467,6 +468,8 @@ class UnlearningTrainer:
         leaves the caller's model as it was given (the bf16 cast rounds its weights for good)."""
         check_fused_logits(model)  # (before train() writes anything)
         config, head = self.config, causal_lm_parts(model)[1]
+        if config.packing == "on":   # (the one mode refused; train()'s RowPacker probes the model it runs again)
+            packing_unavailable(model, "on")
         new_adapter = config.lora and not hasattr(model, "disable_adapter")
         # (LoRA freezes the base weights, the cached reference the lm_head: _finish gives the model its flags back)
         self._given_requires_grad = [(p, p.requires_grad) for p in model.parameters()]

@@ -1579,6 +1579,39 @@ def test_a_refused_model_is_left_as_it_was_given(tmp_path, refusal, settings):
         assert p.dtype == weights[name].dtype and p.requires_grad and torch.equal(p, weights[name]), name
 
 
+def local_gpt_neo(vocab_size: int):
+    """A 2-layer random fp32 GPT-Neo whose second layer is local (window_size 8): packed rows are not exact for it."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+    torch.manual_seed(0)
+    return GPTNeoForCausalLM(GPTNeoConfig(vocab_size=vocab_size, hidden_size=32, num_layers=2, num_heads=4,
+                                          attention_types=[[["global", "local"], 1]], window_size=8,
+                                          max_position_embeddings=256, bos_token_id=0, eos_token_id=0)).eval()
+
+
+def flex_llama(vocab_size: int):
+    """tiny_llama with flex attention, which takes no 4-D mask: packed rows are not exact for it."""
+    model = tiny_llama(vocab_size)
+    model.set_attn_implementation("flex_attention")
+    return model
+
+
+@pytest.mark.parametrize("make", [local_gpt_neo, flex_llama], ids=["gpt-neo-local", "llama-flex"])
+def test_a_run_refused_for_packing_on_leaves_the_model_as_given(tmp_path, make):
+    """packing='on' for a model packed rows are not exact for was refused only by train()'s RowPacker, after the
+    constructor had cast the caller's fp32 weights to bf16 and put LoRA layers into the model, for good, and train()
+    had made output_dir: the constructor refuses it, before it changes the model (the check needs nothing more)."""
+    pytest.importorskip("peft")
+    model = make(len(byte_bpe_tokenizer()))
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    modules = [n for n, _ in model.named_modules()]
+    with pytest.raises(ValueError, match="packing='on': "):
+        run(tmp_path, model=model, max_steps=1, precision="bf16", packing="on", lora=True, lora_rank=4)
+    assert [n for n, _ in model.named_modules()] == modules
+    assert not os.path.exists(tmp_path / "run")
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and p.requires_grad and torch.equal(p, weights[name]), name
+
+
 @pytest.mark.parametrize("settings", [{"lora": True, "lora_rank": 4}, {"reference": "cached"}], ids=["lora", "cached"])
 def test_a_finished_run_gives_the_model_its_requires_grad_flags_back(tmp_path, settings):
     """PEFT froze every base weight and the cached reference the lm_head; the caller's model, trained in place, kept
