@@ -198,20 +198,37 @@ class UnlearnConfig:
             warnings.warn(message, stacklevel=3)
 
     def _settings_without_effect(self) -> list[str]:
-        """What is said of settings given a value that this configuration never reads (a likely mistake)."""
+        """What is said of settings given a value that this configuration never reads (a likely mistake);
+        mismatch_per_prompt=0 with mismatch_weight=0 says what the weight says, and is not."""
         defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
                     for f in dataclasses.fields(self)}
         said = []
-        idle = [n for n in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
-                if getattr(self, n) != defaults[n]]
-        if idle and not self.lora:
-            said.append(f"{', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect without lora=true (--lora)")
+
+        def without_effect(names, reason):
+            idle = [n for n in names if getattr(self, n) not in (defaults[n], 0)]
+            if idle:
+                said.append(f"{', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect {reason}")
+
+        if not self.lora:
+            without_effect(("lora_rank", "lora_alpha", "lora_dropout", "lora_targets"), "without lora=true (--lora)")
+        if self.chat_template:   # (the command line sets template only where --template is given)
+            without_effect(("template",), "with chat_template=true (--chat-template): the tokenizer's chat template "
+                           "renders every example")
         if self.reference_cache != defaults["reference_cache"] and self.reference_mode != "cached":
             said.append(f"reference_cache={self.reference_cache!r} has no effect without reference='cached' "
                         f"(--reference cached)")
-        if self.mismatch_per_prompt == 0 and self.mismatch_weight > 0:
+        # a term of weight 0 reads no rows (run.load_streams), and the normal term's builds no reference
+        if self.normal_weight == 0:
+            cache = ("reference_cache",) if self.reference_mode == "cached" else ()   # (else said above)
+            without_effect(("normal_batch_size",) + cache, "with normal_weight=0 (--normal-weight 0): no normal rows "
+                           "are drawn, and no reference is built for them")
+        if self.mismatch_weight == 0:
+            without_effect(("mismatch_per_prompt", "mismatch_pool"), "with mismatch_weight=0 (--mismatch-weight 0): no "
+                           "mismatch rows are drawn")
+        elif self.mismatch_per_prompt == 0:
             said.append(f"mismatch_per_prompt=0 draws no mismatch answers: the mismatch term is off whatever "
                         f"mismatch_weight ({self.mismatch_weight}) says")
+            without_effect(("mismatch_pool",), "with mismatch_per_prompt=0: no mismatch rows are drawn")
         return said
 
     @property
