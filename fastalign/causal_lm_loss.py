@@ -14,6 +14,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from fastalign.compute_dtype import compute_dtype
 from fastalign.ops.backend import Backend, check_backend
+from fastalign.ops.checks import Reduction, check_reduction
 from fastalign.ops.forward_gradients import check_grads_in_forward
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
 from fastalign.unlearn.models import (base_causal_lm, causal_lm_parts, check_fused_logits, check_no_router_loss,
@@ -23,8 +24,9 @@ from fastalign.unlearn.sharding import head_weight
 
 
 class CausalLMLoss(torch.nn.Module):
-    """forward(labels=None, *, shift_labels=None, num_items_in_batch=None, ignore_index=-100, **inputs) -> the loss
-    of `model` (a transformers causal LM, or a PEFT model over one) as its forward with those labels gives it.
+    """forward(labels=None, *, shift_labels=None, num_items_in_batch=None, ignore_index=-100, reduction="mean",
+    **inputs) -> the loss of `model` (a transformers causal LM, or a PEFT model over one) as its forward with those
+    labels gives it.
 
     inputs go to the model's decoder as they would to the model (input_ids or inputs_embeds, attention_mask,
     position_ids, ...). labels [B, T] are aligned with the inputs: position t predicts labels[:, t + 1] and the last
@@ -32,7 +34,9 @@ class CausalLMLoss(torch.nn.Module):
     shift_labels[:, t]), as sequence-parallel and packed-sequence trainers pass them; given both, shift_labels are the
     targets, as in the model's forward. The loss is the mean over the tokens whose target is not ignore_index (0, not
     NaN, where there are none), or with num_items_in_batch (a number or a tensor, what a Hugging Face Trainer passes
-    under gradient accumulation) their sum divided by it.
+    under gradient accumulation) their sum divided by it; reduction="sum" their sum, and "none" the per-token losses
+    of the positions that predict ([B, T - 1] against labels, [B, T] against shift_labels; see of_hidden_states,
+    which takes a token_weight too).
 
     The model is checked once, here, to compute its logits the way the fused op does (check_fused_logits): a model that
     transforms its hidden states or logits in a way fastalign does not reproduce raises NotImplementedError instead of
@@ -55,18 +59,25 @@ class CausalLMLoss(torch.nn.Module):
 
     def forward(self, labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
                 num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
-                **inputs) -> torch.Tensor:
+                reduction: Reduction = "mean", **inputs) -> torch.Tensor:
         if inputs.get("output_router_logits"):
             raise NotImplementedError("output_router_logits=True asks for the router's auxiliary loss, which "
                                       "CausalLMLoss leaves out; add it yourself from the model's router logits")
         check_no_router_loss(self.model, "CausalLMLoss")   # (set on the config since)
+        check_loss_reduction(reduction, num_items_in_batch)   # (before the decoder runs)
         hidden, target = hidden_and_targets(self.model, labels, shift_labels, inputs)
-        return self.of_hidden_states(hidden, target, num_items_in_batch, ignore_index)
+        return self.of_hidden_states(hidden, target, num_items_in_batch, ignore_index, reduction=reduction)
 
     def of_hidden_states(self, hidden: torch.Tensor, target: torch.Tensor,
-                         num_items_in_batch: torch.Tensor | int | float | None = None,
-                         ignore_index: int = -100) -> torch.Tensor:
-        """The loss of the decoder's final hidden states [..., H] against their targets [...] (already shifted)."""
+                         num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100, *,
+                         token_weight: torch.Tensor | None = None, reduction: Reduction = "mean") -> torch.Tensor:
+        """The loss of the decoder's final hidden states [..., H] against their targets [...] (already shifted), from
+        the model's own logits (its multiplier and soft cap applied), weighted by token_weight [...] (float, of any
+        sign, a constant; default 1) as linear_cross_entropy weighs it. reduction "mean" (the default) is the
+        weighted sum over the number of targets not ignore_index, "sum" the weighted sum (with num_items_in_batch,
+        either is the weighted sum divided by it), and "none" the per-token weighted losses of target's shape, 0 at
+        ignored targets: -loss.sum(-1) over a row's answer tokens is the sequence's log-probability (DPO, SimPO)."""
+        check_loss_reduction(reduction, num_items_in_batch)
         _, lm_head = causal_lm_parts(self.model)
         lm_weight = head_weight(lm_head)
         # under autocast the op takes the autocast dtype, as the lm_head's matmul would
@@ -76,11 +87,21 @@ class CausalLMLoss(torch.nn.Module):
         multiplier = logit_multiplier(self.model, self.logit_places)
         head_input = scaled_head_input(hidden, multiplier, dtype)
         bias = scaled_head_input(lm_head.bias, multiplier, dtype)
-        loss = linear_cross_entropy(head_input, lm_weight.to(dtype), target, bias=bias, ignore_index=ignore_index,
-                                    reduction="mean" if num_items_in_batch is None else "sum",
+        loss = linear_cross_entropy(head_input, lm_weight.to(dtype), target, token_weight=token_weight, bias=bias,
+                                    ignore_index=ignore_index,
+                                    reduction=reduction if num_items_in_batch is None else "sum",
                                     softcap=logit_softcap(self.model, self.logit_places),
                                     backend=self.backend, grads_in_forward=self.grads_in_forward)
         return per_item(loss, num_items_in_batch)
+
+
+def check_loss_reduction(reduction: Reduction, num_items_in_batch: torch.Tensor | int | float | None) -> None:
+    """ValueError for a reduction not of linear_cross_entropy's, or "none" with num_items_in_batch, which divides a
+    summed loss."""
+    check_reduction(reduction)
+    if reduction == "none" and num_items_in_batch is not None:
+        raise ValueError("num_items_in_batch divides a summed loss: it cannot go with reduction='none' (the per-token "
+                         "losses); pass one or the other")
 
 
 def check_loss_is_causal_lm_cross_entropy(model: torch.nn.Module, computed_by: str) -> None:

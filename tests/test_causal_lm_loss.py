@@ -11,7 +11,7 @@ import torch
 
 from fastalign import CausalLMKLDiv, CausalLMLoss, fuse_causal_lm_loss
 from fastalign.unlearn.models import enable_activation_checkpointing
-from tests.conftest import TRITON_DEVICE, requires_cuda
+from tests.conftest import TRITON_DEVICE, device_for, requires_cuda
 from tests.unlearn.test_objective import TRANSFORMED_LOGITS
 from tests.unlearn.tiny import tiny_llama, tiny_phi
 
@@ -208,6 +208,94 @@ def test_num_items_in_batch_divides_the_sum_as_the_model_does(num_items):
     per_token_mean = CausalLMLoss(model, backend="torch")(**inputs)
     counted = int((inputs["labels"][:, 1:] != -100).sum())
     torch.testing.assert_close(fused, per_token_mean * counted / 11)
+
+
+PER_TOKEN_MODELS = ["llama", "cohere-logit-scale", "gemma2-softcap"]   # plain, multiplied and soft-capped logits
+
+
+def own_token_losses(model, inputs, target):
+    """-log p(target) of each position that predicts, from the model's own logits in float64; 0 at ignored ones."""
+    log_p = model(**inputs).logits[:, :-1].double().log_softmax(-1)
+    return -log_p.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1).masked_fill(target == -100, 0)
+
+
+def project(loss, cotangent):
+    """A scalar of the loss to take gradients of: a "none" loss weighted by the cotangent, as a caller's sum would."""
+    return loss if loss.dim() == 0 else (loss * cotangent.to(loss.dtype)).sum()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("family", PER_TOKEN_MODELS)
+def test_weighted_per_token_losses_are_the_models_own_log_probs(family, backend):
+    """of_hidden_states gave only a mean, or a sum over num_items_in_batch, so DPO-style losses took the op alone,
+    which leaves out the model's logit multiplier and soft cap (a Cohere's sequence log-probs -29.96 for its own
+    -27.65). token_weight of both signs and reduction "none" / "sum" / "mean": the values and every gradient are
+    those of the model's own float64 log-probs, 0 at ignored targets."""
+    from fastalign.causal_lm_loss import hidden_and_targets
+    device = device_for(backend)
+    model = MODELS[family](VOCAB).to(device)
+    inputs = {name: t.to(device) for name, t in batch(seed=1).items()}
+    labels = inputs.pop("labels")
+    loss_fn = CausalLMLoss(model, backend=backend)
+    target = labels[:, 1:]
+    token_weight = torch.linspace(-1.5, 2.0, target.numel(), device=device).reshape(target.shape)
+    cotangent = torch.randn(target.shape, generator=torch.Generator().manual_seed(0)).to(device)
+    counted = (target != -100).sum()
+    for reduction in ("none", "sum", "mean"):
+        weighted = own_token_losses(model, inputs, target) * token_weight.double()
+        expected = {"none": weighted, "sum": weighted.sum(), "mean": weighted.sum() / counted}[reduction]
+        hidden, shifted = hidden_and_targets(model, labels, None, inputs)
+        fused = loss_fn.of_hidden_states(hidden, shifted, token_weight=token_weight, reduction=reduction)
+        assert fused.shape == expected.shape
+        if reduction == "none":
+            assert not fused[target == -100].any()
+        torch.testing.assert_close(fused.double(), expected, rtol=1e-5, atol=1e-6)
+        mine_and_theirs = zip(grads_of(model, project(fused, cotangent)), grads_of(model, project(expected, cotangent)))
+        for mine, theirs in mine_and_theirs:
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_sequence_log_probs_of_the_forward_are_the_models_own():
+    """The README's DPO-style use: forward(..., reduction="none") against labels with -100 on the prompt, negated and
+    summed over each row, is each sequence's answer log-probability from the model's own logits (a Cohere's, whose
+    multiplier the op alone leaves out); "sum" is their sum, and with num_items_in_batch either reduction is the sum
+    divided by it."""
+    model = MODELS["cohere-logit-scale"](VOCAB)
+    inputs = batch(seed=1)
+    loss_fn = CausalLMLoss(model, backend="torch")
+    target = inputs["labels"][:, 1:]
+    expected = -own_token_losses(model, {k: v for k, v in inputs.items() if k != "labels"}, target).sum(-1)
+    sequence_log_probs = -loss_fn(**inputs, reduction="none").sum(-1)
+    torch.testing.assert_close(sequence_log_probs.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_fn(**inputs, reduction="sum").double(), -expected.sum(), rtol=1e-5, atol=1e-5)
+    for reduction in ("sum", "mean"):
+        torch.testing.assert_close(loss_fn(**inputs, reduction=reduction, num_items_in_batch=11).double(),
+                                   -expected.sum() / 11, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"reduction": "none", "num_items_in_batch": 11},
+     r"num_items_in_batch divides a summed loss: it cannot go with reduction='none'"),
+    ({"reduction": "avg"}, r"reduction must be one of \('mean', 'sum', 'none'\), got 'avg'"),
+    ({"reduction": "avg", "num_items_in_batch": 11}, r"reduction must be one of .* got 'avg'"),
+    ({"token_weight": torch.ones(3, 7)}, r"token_weight must have shape \[3, 8\]"),
+    ({"token_weight": torch.ones(3, 8, requires_grad=True)}, "token_weight requires grad"),
+])
+def test_bad_reductions_and_token_weights_are_refused_naming_them(arguments, message):
+    """reduction="none" gives per-token losses, which num_items_in_batch (a divisor of a sum) cannot go with; a
+    reduction not of the op's, also beside num_items_in_batch (where the op was asked for a sum and took it silently);
+    a token_weight not of the targets' shape, or one that requires grad."""
+    from fastalign.causal_lm_loss import hidden_and_targets
+    model = tiny_llama(VOCAB)
+    inputs = batch()
+    labels = inputs.pop("labels")
+    loss_fn = CausalLMLoss(model, backend="torch")
+    hidden, target = hidden_and_targets(model, labels, None, inputs)
+    with pytest.raises(ValueError, match=message):
+        loss_fn.of_hidden_states(hidden, target, **arguments)
+    if "token_weight" not in arguments:
+        with pytest.raises(ValueError, match=message):
+            loss_fn(**inputs, labels=labels, **arguments)
 
 
 def test_an_ignore_index_is_the_models_own():
