@@ -123,3 +123,28 @@ def test_fake_tensors_are_refused_by_the_layer_ops_on_the_triton_backend_naming_
             assert on_torch(x).shape == shape
             with pytest.raises(ValueError, match=f"{op} on the Triton backend cannot run on fake tensors"):
                 on_triton(x_for_triton)
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "linear_cross_entropy"])
+def test_a_triton_launcher_is_imported_on_its_first_call_alone(op, monkeypatch):
+    """select_backend imports an op's Triton launcher on its first call and reads it from its cache after (an import
+    is a graph break for dynamo). Neither reading nor filling the cache, each call imported the kernels again, which
+    no test saw: fullgraph=True is refused for the Triton backend either way, with the same reason."""
+    monkeypatch.setattr(backend_module, "_triton_launchers", {})
+    first = select_backend(op, "triton", torch.device("cuda"))
+    assert first.__name__ == f"fastalign.kernels.{op}"
+
+    def no_import(name, *args, **kwargs):
+        raise AssertionError(f"imported {name} again")
+    monkeypatch.setattr(backend_module.importlib, "import_module", no_import)
+    assert select_backend(op, "triton", torch.device("cuda")) is first
+
+
+def test_real_tensors_under_an_active_fake_mode_are_refused_naming_the_op():
+    """The layer ops on the Triton backend refuse while FakeTensorMode is active, not only fake inputs: under a mode
+    that allows real inputs (allow_non_fake_inputs) real tensors get fake outputs, and the op failed deep in torch
+    ("Attempted to set the storage of a tensor on device meta")."""
+    x, weight = torch.randn(2, 3, 8, device=TRITON_DEVICE), torch.ones(8, device=TRITON_DEVICE)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with pytest.raises(ValueError, match="rms_norm on the Triton backend cannot run on fake tensors"):
+            fastalign.rms_norm(x, weight, 1e-5, backend="triton")
