@@ -260,6 +260,17 @@ def test_an_offloaded_reference_lm_head_is_refused_naming_it():
         CausalLMKLDiv(tiny_llama(VOCAB), reference)(**batch())
 
 
+def test_a_reference_lm_head_offloaded_after_the_kl_was_made_is_refused_naming_the_reference():
+    """A reference whose lm_head accelerate offloads after the KL was made is refused at the call, naming the
+    reference's lm_head, not the model's: the call checks it again, the check when the KL is made having passed."""
+    accelerate = pytest.importorskip("accelerate")
+    reference = tiny_llama(VOCAB, seed=1)
+    kl = CausalLMKLDiv(tiny_llama(VOCAB), reference, backend="torch")
+    accelerate.cpu_offload(reference.lm_head, execution_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"^the reference's lm_head weight is on the meta device \(offloaded by"):
+        kl(**batch())
+
+
 def test_a_prompt_learning_adapter_is_refused_by_name():
     """reference='adapter' of a PEFT prompt-tuning model: both decoders ran on the inputs alone, without the virtual
     tokens that PEFT's forward puts before them, the adapter on and off alike: a KL of exactly 0. Refused by name."""
