@@ -111,3 +111,17 @@ def test_the_input_device_of_a_model_that_does_not_name_its_input_embeddings():
             raise NotImplementedError
 
     assert input_device(Unnamed(2, 2), "a test") == CPU
+
+
+def test_the_input_device_is_the_embeddings_not_the_first_device_the_model_computes_on():
+    """A hook on the model itself (a device_map's block around it) computes on cuda:1 and comes first among its
+    devices: its ids still go where its input embeddings compute."""
+    model = dispatched_to(tiny_llama(50), "cuda:1")
+    assert input_device(model, "a test") == CPU
+
+
+def test_the_input_device_of_a_model_without_embeddings_is_where_its_first_module_computes():
+    """No input embeddings: the ids go where the model's first module computes (its hook's execution device, cuda:1
+    here, its weight left on the CPU), not to the CPU by default."""
+    block = dispatched_to(torch.nn.Sequential(torch.nn.Linear(2, 2)), "cuda:1")
+    assert input_device(block, "a test") == torch.device("cuda", 1)
