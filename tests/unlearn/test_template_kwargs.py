@@ -12,12 +12,14 @@ from fastalign.unlearn.encoding import encode_answers, encode_pairs, tokenize_te
 from fastalign.unlearn.records import DataError
 from fastalign.unlearn.templates import ChatTemplate, end_of_turn_id
 from tests.chat_families import family_tokenizer
-from tests.evaluation.chat_model import SYSTEM
+from tests.evaluation.chat_model import CHAT_TEMPLATE, EOT, SYSTEM, chat_tokenizer
 from tests.unlearn.test_encoding import check_span
 from tests.unlearn.test_system_turn import ITEMS, pairs
 
 NO_THINKING = {"enable_thinking": False}
 EMPTY_THINK = "<think>\n\n</think>\n\n"
+# Llama 3's template with its assistant header never written: it ignores add_generation_prompt
+IGNORES_GENERATION_PROMPT = CHAT_TEMPLATE.replace("{% if add_generation_prompt %}", "{% if false %}")
 
 
 def test_a_template_that_trains_after_text_the_generation_prompt_lacks_is_refused():
@@ -35,6 +37,34 @@ def test_a_template_that_trains_after_text_the_generation_prompt_lacks_is_refuse
     with pytest.raises(DataError, match=rf"mismatch pool answer 0: .* writes {unseen}"):
         encode_answers(tokenizer, ChatTemplate(tokenizer, system=SYSTEM), ["Hi"])
     assert end_of_turn_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_a_system_turn_under_a_template_that_ignores_the_generation_prompt_is_not_blamed():
+    """The system turn is checked on the turns before the answer, which such a template renders with the system's
+    text: the template is accepted with a system turn and refused for prompting by its actual fault, where the check
+    through the prompt blamed the system role ("needs a chat template with a system role")."""
+    template = ChatTemplate(chat_tokenizer(IGNORES_GENERATION_PROMPT), SYSTEM)
+    with pytest.raises(ValueError, match="between the generation prompt and the answer: the template ignores "
+                                         "add_generation_prompt"):
+        template.check_prompting()
+
+
+def test_training_on_a_template_that_ignores_the_generation_prompt_names_the_training_option():
+    """A training pair under such a template is refused with training's message, naming --chat-template and why
+    training cannot condition on text that evaluation never shows, not prompting's, which names no option of
+    `fastalign unlearn`."""
+    template = ChatTemplate(chat_tokenizer(IGNORES_GENERATION_PROMPT))
+    with pytest.raises(ValueError, match=r"^chat_template \(--chat-template\): the chat template writes .* between the "
+                                         "generation prompt and the answer: evaluation and RAIN prompt"):
+        template.render("Who is Bob?", "Hello")
+
+
+def test_the_end_of_turn_of_a_template_that_ignores_the_generation_prompt_is_still_found():
+    """end_of_turn_id reads the end of turn after an answer rendered from the turns before it, not through the
+    prompt, which such a template cannot give: generation under it still stops at its end of turn (fastalign eval's
+    stop ids read it for any tokenizer with a chat template, raw prompts too)."""
+    tokenizer = chat_tokenizer(IGNORES_GENERATION_PROMPT)
+    assert end_of_turn_id(tokenizer) == tokenizer.convert_tokens_to_ids(EOT)
 
 
 @pytest.mark.parametrize("system", [None, SYSTEM])
