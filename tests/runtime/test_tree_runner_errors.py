@@ -1094,6 +1094,32 @@ def test_a_model_whose_dtype_changed_since_the_runner_was_made_is_refused_by_nam
         torch.testing.assert_close(logits[0], model(torch.tensor([[1, 2, 3, 4]])).logits[0, -1], rtol=1e-4, atol=1e-4)
 
 
+def test_embeddings_whose_dtype_changed_under_a_runner_of_mixed_dtypes_are_refused_by_name():
+    """bf16 embeddings before fp32 layers: the pool holds fp32 K/V, and the runner watches the embeddings (the first
+    floating weight) as well as the first fp32 one. Watching the pool's dtype alone, a change of the embeddings went
+    unchecked."""
+    model = tiny_model("llama-gqa-untied")
+    model.model.embed_tokens.to(torch.bfloat16)
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    span = runner.prefill([5, 9, 14])
+    model.model.embed_tokens.to(torch.float32)
+    with pytest.raises(ValueError, match=r"^model: its weights changed from torch.bfloat16 on cpu to torch.float32 on "
+                                         r"cpu \(model.embed_tokens.weight\) since this TreeRunner was made for them"):
+        runner.extend([span], [[3]])
+
+
+def test_a_model_moved_to_another_device_under_its_runner_is_refused_by_name():
+    """The watched weights' device is checked as their dtype is: a model moved after the runner was made (to the meta
+    device here, the one other device a CPU-only run has) is refused by name at the next call."""
+    model = tiny_model("llama-gqa-untied")
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    span = runner.prefill([5, 9, 14])
+    model.to("meta")
+    with pytest.raises(ValueError, match=r"^model: its weights changed from torch.float32 on cpu to torch.float32 on "
+                                         r"meta \(model.embed_tokens.weight\) since this TreeRunner was made"):
+        runner.extend([span], [[3]])
+
+
 @pytest.mark.parametrize("name", ["qwen2-untied", "gpt2-learned-positions", "mpt-alibi-fallback"])
 def test_prefill_names_its_own_argument(name):
     """prefill's bad token ids were blamed on "token_lists[0]", an argument of extend that prefill's caller never
