@@ -525,6 +525,19 @@ def save_chat_template(model_dir, template):
     return tok
 
 
+def test_rain_with_a_template_that_ignores_the_generation_prompt_is_a_usage_error_before_the_model_loads(
+        rain_setup, monkeypatch, capsys):
+    """`fastalign rain --template chat` checks that the template can prompt before it loads the model (a usage error),
+    as it checks the template's other refusals: the run loaded the model first and failed in rain_generate."""
+    model_dir, out, args = rain_setup
+    save_chat_template(model_dir, CHAT.replace("{% if add_generation_prompt %}", "{% if false %}"))
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_model)
+    assert main(args + ["--template", "chat"]) == 2
+    err = capsys.readouterr().err
+    assert "--template chat: the chat template writes" in err and "ignores add_generation_prompt" in err
+    assert not out.exists()
+
+
 def spy_on_search(monkeypatch, seen=lambda args, kwargs: kwargs):
     """The list to which each rain_generate call of the command appends seen(args, kwargs); the search still runs."""
     calls, search = [], rain_package.rain_generate
