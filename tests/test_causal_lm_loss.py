@@ -619,6 +619,18 @@ def test_an_offloaded_lm_head_is_refused_naming_it(fuse):
         fuse(model)(**batch())
 
 
+def test_a_model_accelerate_offloads_whole_is_checked_not_passed_over():
+    """A model that accelerate offloads whole (cpu_offload: every weight on the meta device, every hook loads its
+    own) has weights to run, unlike FSDP's low-memory loading, whose checks are skipped: its offloaded lm_head, which
+    the fused losses read without running it, is refused when the loss is made, not at the first call."""
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_llama(VOCAB)
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    assert all(p.is_meta for p in model.parameters())
+    with pytest.raises(ValueError, match=r"the model's lm_head weight is on the meta device \(offloaded by accelerate"):
+        CausalLMLoss(model, backend="torch")
+
+
 WRAPPERS = ["ddp", "fsdp2", "fsdp2_head_unit", "ddp_kl", "fsdp2_kl", "ddp_fused_forward", "fsdp2_fused_forward"]
 
 
@@ -808,3 +820,73 @@ def test_an_lm_head_holding_parameters_besides_weight_and_bias_is_refused_naming
     with pytest.raises(NotImplementedError, match=r"holds parameters or buffers besides weight and bias "
                                                   r"\(logit_gain\)"):
         CausalLMLoss(model)
+
+
+@pytest.mark.parametrize("which", ["original", "active copy"])
+def test_a_modules_to_save_lm_head_whose_copy_holds_more_than_weight_and_bias_is_refused(which):
+    """PEFT's modules_to_save wrapper of the lm_head holds its original (what runs with the adapter disabled: the
+    reference of reference='adapter') and its trained copy: a parameter besides weight and bias in either is one the
+    fused losses would not read, so each of the two is checked."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(VOCAB),
+                                peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    CausalLMLoss(model, backend="torch")   # served as it is
+    wrapper = model.base_model.model.lm_head
+    holder = wrapper.original_module if which == "original" else wrapper.modules_to_save["default"]
+    holder.register_parameter("logit_gain", torch.nn.Parameter(torch.ones(())))
+    with pytest.raises(NotImplementedError, match=r"holds parameters or buffers besides weight and bias "
+                                                  r"\(.*logit_gain\)"):
+        CausalLMLoss(model, backend="torch")
+
+
+class BufferScaledHead(torch.nn.Linear):
+    """An lm_head whose forward multiplies its logits by a buffer of its own (a fixed logit scale)."""
+
+    def __init__(self, linear):
+        super().__init__(linear.in_features, linear.out_features, bias=False)
+        self.weight = linear.weight
+        self.register_buffer("logit_scale", torch.ones(()))
+
+    def forward(self, x):
+        return super().forward(x) * self.logit_scale
+
+
+def test_an_lm_head_holding_a_buffer_besides_weight_and_bias_is_refused_naming_it():
+    """A buffer is read by the head's forward as a parameter is (here a logit scale, 1 when the probe runs, so the
+    probe cannot see it): the fused losses would not apply it, so it is refused by name, as a parameter is."""
+    model = tiny_llama(VOCAB)
+    model.lm_head = BufferScaledHead(model.lm_head)
+    with pytest.raises(NotImplementedError, match=r"holds parameters or buffers besides weight and bias "
+                                                  r"\(logit_scale\)"):
+        CausalLMLoss(model, backend="torch")
+
+
+@pytest.mark.parametrize("parametrized", ["weight", "bias"])
+def test_an_lm_head_with_a_bias_and_a_parametrized_tensor_is_served(parametrized):
+    """An lm_head with a bias, one of its tensors parametrized (its sources at parametrizations.<name>.*): the bias
+    is read by the fused losses as the weight is, so the head is served with the model's loss and gradients, not
+    refused as holding parameters of its own."""
+    model = tiny_llama(VOCAB)
+    model.lm_head.bias = torch.nn.Parameter(torch.randn(VOCAB) * 0.1)
+    torch.nn.utils.parametrize.register_parametrization(model.lm_head, parametrized, torch.nn.Identity())
+    inputs = batch(seed=5)
+    assert_same_loss_and_gradients(model, CausalLMLoss(model, backend="torch")(**inputs), model(**inputs).loss)
+
+
+class UpcastingScaledHead(torch.nn.Linear):
+    """An lm_head storing a bf16 weight in an fp32 model, upcast in its forward, that rescales its logits by 1%."""
+
+    def forward(self, x):
+        return 1.01 * torch.nn.functional.linear(x, self.weight.to(x.dtype))
+
+
+def test_a_bf16_stored_head_of_an_fp32_model_does_not_loosen_the_probes_bound():
+    """The probe's bound is 2 eps of the dtype the hidden states and the weight compute in together (fp32 here), not
+    of the weight's storage (bf16, whose 2 eps is 1.6%): a head that rescales its logits by 1% is refused, where the
+    fused losses would train on logits that are not the model's."""
+    model = tiny_llama(VOCAB)
+    head = UpcastingScaledHead(model.lm_head.in_features, model.lm_head.out_features, bias=False)
+    head.weight = torch.nn.Parameter(model.lm_head.weight.detach().to(torch.bfloat16))
+    model.lm_head = head
+    with pytest.raises(NotImplementedError, match="its logits are not its lm_head's weight applied"):
+        CausalLMLoss(model, backend="torch")
