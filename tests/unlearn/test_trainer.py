@@ -22,7 +22,7 @@ from fastalign.unlearn import checkpoint
 from fastalign.unlearn.batching import collate
 from fastalign.unlearn.compute import batch_compute
 from fastalign.unlearn.config import UnlearnConfig
-from fastalign.unlearn.models import cast_weights
+from fastalign.unlearn.models import cast_weights, check_mergeable_adapter
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.streams import UnlearningStreams
 from fastalign.reference.unlearning_loss import spec_unlearning_terms
@@ -1953,6 +1953,16 @@ def test_a_float8_base_weight_trains_under_lora_and_a_nan_in_it_is_named(tmp_pat
         run(tmp_path, name="nan", model=model, **lora)
 
 
+@pytest.mark.parametrize("where", [0, -1], ids=["first chunk", "last chunk"])
+def test_a_nan_in_any_chunk_of_a_large_float8_weight_is_found(where):
+    """A float8 weight is read in chunks of 2**24 elements (torch.isfinite takes no float8): a NaN in any of them is
+    a non-finite weight, whichever chunk holds it, where the tests' tiny weights are one chunk each."""
+    weight = torch.zeros((1 << 24) + 8, dtype=torch.float8_e4m3fn)
+    assert bool(trainer_module._finite(weight))
+    weight[where] = float("nan")
+    assert not bool(trainer_module._finite(weight))
+
+
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
 def test_a_lora_target_the_adapter_cannot_be_merged_into_is_refused_naming_it(tmp_path, dtype):
     """A LoRA target whose weight is int8 (bitsandbytes-like) or float8: the run trained to the end, then failed in
@@ -1963,3 +1973,20 @@ def test_a_lora_target_the_adapter_cannot_be_merged_into_is_refused_naming_it(tm
         run(tmp_path, model=quantized_q_proj(dtype), lora=True, lora_rank=4, lora_targets=["q_proj"], max_steps=1,
             grad_accum=1)
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_lora_layer_of_peft_for_quantized_weights_is_left_to_its_own_merge():
+    """Only PEFT's generic LoRA layers (peft.tuners.lora.layer) add the adapter into the weight as stored; its layers
+    for bitsandbytes, HQQ or torchao weights (peft.tuners.lora.bnb, ...) dequantize, merge and quantize again, so an
+    int8 weight under one of them is mergeable and must not be refused."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(quantized_q_proj(torch.int8), peft.LoraConfig(r=4, target_modules=["v_proj"]))
+    check_mergeable_adapter(model)
+    layer = model.base_model.model.model.layers[0].self_attn.v_proj
+    # a LoRA layer of PEFT's bitsandbytes module, stood in for (bitsandbytes needs CUDA): its base weight is int8
+    layer.base_layer.weight = torch.nn.Parameter(layer.base_layer.weight.detach().to(torch.int8), requires_grad=False)
+    layer.__class__ = type("Linear8bitLt", (type(layer),), {"__module__": "peft.tuners.lora.bnb"})
+    check_mergeable_adapter(model)
+    type(layer).__module__ = "peft.tuners.lora.layer"   # the generic layer's: refused
+    with pytest.raises(ValueError, match=r"the LoRA layer model.layers.0.self_attn.v_proj wraps a torch.int8 weight"):
+        check_mergeable_adapter(model)
