@@ -1698,9 +1698,10 @@ def test_a_run_gives_back_the_modes_it_found_not_those_the_constructor_saw(tmp_p
 @pytest.mark.parametrize("given", ["reentrant every 2nd layer", "own function"])
 def test_a_model_given_with_checkpointing_of_its_own_gets_it_back(tmp_path, given):
     """A model given with checkpointing on with options of its own (use_reentrant=True, every_n_layers=2, a function
-    of the caller's) came back from a run with gradient_checkpointing=True with the trainer's: every layer checkpointed,
-    non-reentrant. transformers keeps them in each module's gradient_checkpointing flag and _gradient_checkpointing_func:
-    each module gets its own back, while the run checkpoints every layer, non-reentrant, as before."""
+    of the caller's) came back from a run with gradient_checkpointing=True with the trainer's: every layer
+    checkpointed, non-reentrant. transformers keeps them in each module's gradient_checkpointing flag and
+    _gradient_checkpointing_func: each module gets its own back, while the run checkpoints every layer,
+    non-reentrant, as before."""
     tokenizer, model = byte_bpe_tokenizer(), tiny_llama(len(byte_bpe_tokenizer()))
     options = {"use_reentrant": True}
     if hasattr(model, "activation_checkpointing_enable"):   # (transformers 5.17 has the older name alone)
