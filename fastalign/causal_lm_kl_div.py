@@ -114,16 +114,18 @@ class CausalLMKLDiv(torch.nn.Module):
             ref_hidden, _ = hidden_and_targets(reference_model, labels, shift_labels, inputs)
             ref_weight, ref_bias = head_weight(ref_head, "reference"), ref_head.bias
         lm_weight = head_weight(lm_head)
-        # under autocast the op takes the autocast dtype, as the lm_heads' matmuls would; a head shared by both
+        # each head computes in its own dtype (a teacher in another than the student's is neither rounded to it nor
+        # copied), under autocast in the autocast dtype, as the lm_heads' matmuls would; a head shared by both
         # models (an adapter off) is passed as one tensor, read once
         dtype = compute_dtype(hidden.device.type, lm_weight.dtype)
+        ref_dtype = compute_dtype(ref_hidden.device.type, ref_weight.dtype)
         weight, bias = lm_weight.to(dtype), scaled_head_input(lm_head.bias, multiplier, dtype)
         shared = ref_weight is lm_weight and reference_multiplier == multiplier
         kl = linear_kl_div(scaled_head_input(hidden, multiplier, dtype), weight,
-                           scaled_head_input(ref_hidden, reference_multiplier, dtype),
-                           weight if shared else ref_weight.to(dtype), bias=bias,
+                           scaled_head_input(ref_hidden, reference_multiplier, ref_dtype),
+                           weight if shared else ref_weight.to(ref_dtype), bias=bias,
                            ref_bias=bias if shared and ref_bias is lm_head.bias else
-                           scaled_head_input(ref_bias, reference_multiplier, dtype),
+                           scaled_head_input(ref_bias, reference_multiplier, ref_dtype),
                            mask=target != ignore_index, reduction="mean" if num_items_in_batch is None else "sum",
                            softcap=softcap, backend=self.backend, grads_in_forward=self.grads_in_forward)
         return per_item(kl, num_items_in_batch)

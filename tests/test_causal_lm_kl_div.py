@@ -4,9 +4,10 @@ import copy
 import pytest
 import torch
 
-from fastalign import CausalLMKLDiv
+from fastalign import CausalLMKLDiv, linear_kl_div
 from fastalign.unlearn import models
 from tests.conftest import TRITON_DEVICE, requires_cuda
+from tests.runtime.tiny_models import drawn_weights
 from tests.test_causal_lm_loss import VOCAB, batch, grads_of, meta_llama
 from tests.unlearn.test_objective import tiny_cohere, tiny_gemma2, tiny_model
 from tests.unlearn.tiny import tiny_llama, tiny_phi
@@ -136,6 +137,55 @@ def test_a_frozen_copy_of_the_model_is_at_kl_zero_with_zero_gradients():
     loss = CausalLMKLDiv(model, copy.deepcopy(model), backend="torch")(**batch(seed=14))
     assert abs(loss.item()) < 1e-6
     assert all(g is None or g.abs().max() < 1e-6 for g in grads_of(model, loss))
+
+
+def heads_kl(model, reference, inputs):
+    """The token mean over labelled positions of KL(P || Q) in float64 from both models' final hidden states and
+    lm_heads (the logits of a bf16 model are rounded to bf16; this KL of its hidden states is not)."""
+    forward = {name: t for name, t in inputs.items() if name != "labels"}
+    with torch.no_grad():
+        logits = [(m.model(**forward).last_hidden_state[:, :-1].double() @ m.lm_head.weight.double().T)
+                  for m in (model, reference)]
+    log_q, log_p = (z.log_softmax(-1) for z in logits)
+    counted = inputs["labels"][:, 1:] != -100
+    return (log_p.exp() * (log_p - log_q)).sum(-1)[counted].mean()
+
+
+@pytest.mark.parametrize("dtype, reference_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_a_teacher_in_another_dtype_than_the_student_computes_in_its_own(dtype, reference_dtype):
+    """The teacher's hidden states and lm_head were cast to the student's dtype: an fp32 teacher of a bf16 student
+    rounded to bf16 (a KL of 0.94641 where its own dtype gives 0.94609)."""
+    model = drawn_weights(tiny_llama(VOCAB)).to(dtype)
+    teacher = drawn_weights(tiny_llama(VOCAB, hidden_size=48, seed=1)).to(reference_dtype)
+    inputs = batch(seed=10)
+    fused = CausalLMKLDiv(model, teacher, backend="torch")(**inputs)
+    torch.testing.assert_close(fused.detach().double(), heads_kl(model, teacher, inputs), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype, reference_dtype, autocast", [(torch.float32, torch.bfloat16, False),
+                                                               (torch.bfloat16, torch.float32, False),
+                                                               (torch.float32, torch.bfloat16, True)])
+def test_each_head_is_passed_in_its_own_dtype_or_the_autocast_one_uncopied(monkeypatch, dtype, reference_dtype,
+                                                                          autocast):
+    """A bf16 teacher's [V, H_ref] lm_head was copied to fp32 at every call for an fp32 student (2 GiB for an 8B
+    teacher). Each head goes to linear_kl_div in its own dtype, under autocast in the autocast dtype, as its matmul
+    would: a head already in it is the model's very tensor."""
+    from fastalign import causal_lm_kl_div
+    model = tiny_llama(VOCAB).to(dtype)
+    teacher = tiny_llama(VOCAB, hidden_size=48, seed=1).to(reference_dtype)
+    passed = {}
+
+    def spy(hidden, weight, ref_hidden, ref_weight, **options):
+        passed.update(weight=weight, ref_weight=ref_weight)
+        return linear_kl_div(hidden, weight, ref_hidden, ref_weight, **options)
+
+    monkeypatch.setattr(causal_lm_kl_div, "linear_kl_div", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        CausalLMKLDiv(model, teacher, backend="torch")(**batch(seed=10))
+    for head, tensor in ((model.lm_head, passed["weight"]), (teacher.lm_head, passed["ref_weight"])):
+        assert tensor.dtype == (torch.bfloat16 if autocast else head.weight.dtype)
+        if tensor.dtype == head.weight.dtype:
+            assert tensor is head.weight
 
 
 def test_the_triton_kernels_give_the_same_kl():

@@ -104,7 +104,8 @@ def linear_kl_div(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.
     Q = softmax(hidden @ weight.T + bias); ref_hidden [..., H_ref] (hidden's leading shape), ref_weight [V, H_ref]
     and ref_bias [V] the frozen reference P = softmax(ref_hidden @ ref_weight.T + ref_bias) (never differentiated;
     ref_weight may be `weight` itself and ref_bias `bias` itself, one frozen lm_head shared by both models). Each
-    bias is optional (None: no bias) and has its head's dtype. token_weight [...] float (default 1; a constant: one
+    head may have its own dtype (a teacher stored in another than the student's), and computes in it; each bias is
+    optional (None: no bias) and has its head's dtype. token_weight [...] float (default 1; a constant: one
     that requires grad is refused); mask [...] bool, True where a token counts. softcap c: both heads' biased
     logits are soft-capped, c * tanh(z / c), as a model with final_logit_softcapping = c (Gemma 2 and 3) computes
     them. reduction: "sum" = sum_t w_t KL_t over counted tokens; "mean" = that sum / number of counted tokens

@@ -160,6 +160,17 @@ def test_reference_of_another_width(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, ref_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_heads_of_different_dtypes(backend, dtype, ref_dtype):
+    """Each head computes in its own dtype (a teacher stored in another than the student's, as CausalLMKLDiv passes
+    it: neither rounded to the student's dtype nor copied to it)."""
+    hidden, weight, ref_hidden, ref_weight, extra = make_inputs(7, 16, 131, dtype=dtype, ref_h=40, weighted=True,
+                                                                bias=True, device=device_for(backend))
+    ref_hidden, ref_weight, extra["ref_bias"] = (t.to(ref_dtype) for t in (ref_hidden, ref_weight, extra["ref_bias"]))
+    check_against_reference(hidden, weight, ref_hidden, ref_weight, extra, "sum", backend, REL_TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shared,bias", [(False, False), (True, False), (False, True), (True, True)])
 def test_policy_close_to_reference(backend, shared, bias):
     """KL near 0 (~1e-4 here) is where cancellation shows: fp32 log-probabilities of size ~5 carry ~1e-6 of
