@@ -34,18 +34,31 @@ def _check_same_vocabulary(lm_head: torch.nn.Module, ref_head: torch.nn.Module) 
         raise ValueError(f"reference must have the vocabulary of model ({vocab} words), got {ref_vocab}")
 
 
+def _check_embeddings_fit(reference: torch.nn.Module, inputs: dict) -> None:
+    """ValueError naming inputs_embeds where they are of another width than `reference`'s input embeddings: the
+    model's embeddings, which a reference of another width cannot take (it failed deep in its first norm)."""
+    embeds = inputs.get("inputs_embeds")
+    if not isinstance(embeds, torch.Tensor):
+        return
+    width = base_causal_lm(reference).get_input_embeddings().weight.shape[-1]
+    if embeds.shape[-1] != width:
+        raise ValueError(f"inputs_embeds of width {embeds.shape[-1]} go to the reference too, whose embeddings are "
+                         f"of width {width}: pass input_ids, which each model embeds with its own embeddings")
+
+
 class CausalLMKLDiv(torch.nn.Module):
     """forward(labels=None, *, shift_labels=None, num_items_in_batch=None, ignore_index=-100, **inputs) -> the KL
     of `model`'s next-token distributions from `reference`'s, at the positions that have a label.
 
     reference: a frozen causal LM over the same vocabulary (a teacher, or a copy of the model as it was), frozen here
     (requires_grad_(False)) and run in eval mode without gradients; or "adapter", for a PEFT `model`: the model with
-    its adapter disabled. inputs go to both decoders (input_ids or inputs_embeds, attention_mask, ...); labels and
-    shift_labels say which positions count, as for CausalLMLoss (the label values themselves are not read: a position
-    counts where its label is not ignore_index). The loss is the mean over the counted positions (0 where none
-    counts), or with num_items_in_batch their sum divided by it. temperature T compares softmax(z / T) of both
-    models' logits (standard distillation then multiplies the loss by T^2); it needs models whose logits are not
-    soft-capped. Both models are checked once, here, to compute their logits the way the fused op does.
+    its adapter disabled. inputs go to both decoders (input_ids or inputs_embeds, attention_mask, ...; inputs_embeds
+    only with a reference whose embeddings have their width: else pass input_ids); labels and shift_labels say which
+    positions count, as for CausalLMLoss (the label values themselves are not read: a position counts where its label
+    is not ignore_index). The loss is the mean over the counted positions (0 where none counts), or with
+    num_items_in_batch their sum divided by it. temperature T compares softmax(z / T) of both models' logits
+    (standard distillation then multiplies the loss by T^2); it needs models whose logits are not soft-capped. Both
+    models are checked once, here, to compute their logits the way the fused op does.
     With "adapter" it is not for concurrent calls from threads: PEFT's disable_adapter turns the adapter off in the
     whole model, so that another thread's call meanwhile computes the model without it too (or the reference with it).
     """
@@ -107,6 +120,7 @@ class CausalLMKLDiv(torch.nn.Module):
         lm_head, ref_head = causal_lm_parts(self.model)[1], causal_lm_parts(reference_model)[1]
         if self.reference != "adapter":   # (a model resized since: resize_token_embeddings)
             _check_same_vocabulary(lm_head, ref_head)
+            _check_embeddings_fit(reference_model, inputs)
         hidden, target = hidden_and_targets(self.model, labels, shift_labels, inputs)
         adapter_off = self.model.disable_adapter() if self.reference == "adapter" else contextlib.nullcontext()
         # (the reference's head weight too is read with its adapter off: PEFT's modules_to_save copy switches)

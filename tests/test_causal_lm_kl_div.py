@@ -188,6 +188,32 @@ def test_each_head_is_passed_in_its_own_dtype_or_the_autocast_one_uncopied(monke
             assert tensor is head.weight
 
 
+def test_inputs_embeds_go_to_a_reference_of_the_models_width():
+    """inputs_embeds in place of input_ids: both decoders take them (here the embeddings of both models alike, so the
+    KL is that of the ids)."""
+    model = tiny_llama(VOCAB)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in reference.model.layers.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    inputs = batch(seed=10)
+    embedded = {**inputs, "inputs_embeds": model.get_input_embeddings()(inputs["input_ids"]).detach()}
+    del embedded["input_ids"]
+    kl = CausalLMKLDiv(model, reference, backend="torch")
+    torch.testing.assert_close(kl(**embedded), kl(**inputs))
+
+
+def test_inputs_embeds_with_a_reference_of_another_width_are_refused_naming_them():
+    """The model's embeddings went to a wider teacher as they were: it failed deep in transformers' first norm ("The
+    size of tensor a (48) must match the size of tensor b (32)"), naming no argument."""
+    model, teacher = tiny_llama(VOCAB), tiny_llama(VOCAB, hidden_size=48, seed=1)
+    inputs = batch(seed=1)
+    embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
+    with pytest.raises(ValueError, match=r"^inputs_embeds of width 32 go to the reference too, whose embeddings are "
+                                         r"of width 48: pass input_ids"):
+        CausalLMKLDiv(model, teacher, backend="torch")(inputs_embeds=embeds, **inputs)
+
+
 def test_the_triton_kernels_give_the_same_kl():
     model, teacher = tiny_phi(VOCAB).to(TRITON_DEVICE), tiny_phi(VOCAB, seed=1).to(TRITON_DEVICE)
     inputs = {name: t.to(TRITON_DEVICE) for name, t in batch(seed=15).items()}
