@@ -57,8 +57,8 @@ class CausalLMKLDiv(torch.nn.Module):
     positions count, as for CausalLMLoss (the label values themselves are not read: a position counts where its label
     is not ignore_index). The loss is the mean over the counted positions (0 where none counts), or with
     num_items_in_batch their sum divided by it. temperature T compares softmax(z / T) of both models' logits
-    (standard distillation then multiplies the loss by T^2); it needs models whose logits are not soft-capped. Both
-    models are checked once, here, to compute their logits the way the fused op does.
+    (standard distillation then multiplies the loss by T^2), soft-capped logits too. Both models are checked once,
+    here, to compute their logits the way the fused op does.
     With "adapter" it is not for concurrent calls from threads: PEFT's disable_adapter turns the adapter off in the
     whole model, so that another thread's call meanwhile computes the model without it too (or the reference with it).
     """
@@ -99,18 +99,16 @@ class CausalLMKLDiv(torch.nn.Module):
     def _head_factors(self) -> tuple[float | None, float, float]:
         """(soft cap, model's factor, reference's factor) on the heads' inputs, read now, where the models' forwards
         read them (their configs, or attributes): z / T and a logit multiplier s are both factors on the head's
-        inputs, s (h W^T + b) / T."""
+        inputs, s (h W^T + b) / T; a soft cap c takes the temperature as the cap c / T of those inputs' logits,
+        c tanh(z / c) / T = (c / T) tanh((z / T) / (c / T))."""
         models = (self.model, self._reference_model())
         softcap, reference_softcap = (logit_softcap(m, places) for m, places in zip(models, self.logit_places))
         if reference_softcap != softcap:
             raise NotImplementedError(f"model and reference cap their logits differently ({softcap} and "
                                       f"{reference_softcap}): the fused KL caps both heads alike")
-        if softcap is not None and self.temperature != 1:
-            raise NotImplementedError("a temperature other than 1 with soft-capped logits (final_logit_softcapping): "
-                                      "c tanh(z / c) / T is no scaling of the head's inputs")
         multiplier, reference_multiplier = ((logit_multiplier(m, places) or 1.0) / self.temperature
                                             for m, places in zip(models, self.logit_places))
-        return softcap, multiplier, reference_multiplier
+        return None if softcap is None else softcap / self.temperature, multiplier, reference_multiplier
 
     def forward(self, labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
                 num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
