@@ -113,11 +113,17 @@ def check_bias(name, bias, weight_name, weight):
 
 def check_per_token(name, t, like, *, dtypes):
     """An optional per-token tensor (its shape checked by check_token_shape) with a dtype in `dtypes` on the device
-    of `like`; a constant of the loss, so one that requires grad is refused (it would silently get no gradient)."""
+    of `like`; a constant of the loss (check_constant)."""
     if t is None:
         return
     check_tensor(name, t, ndim=None, dtypes=dtypes, like=like)
-    if t.requires_grad and torch.is_grad_enabled():
+    check_constant(name, t)
+
+
+def check_constant(name, t):
+    """ValueError where an optional tensor that is a constant of the loss requires grad: it would silently get no
+    gradient."""
+    if t is not None and t.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{name} requires grad, but it is a constant of the loss and gets no gradient: pass "
                          f"{name}.detach()")
 

@@ -10,8 +10,8 @@ import torch
 
 from .backend import (Backend, graph_break, autocast_off, refuse_fake_tensors, require_triton_dtype,
                       select_backend, TOKENS_CHOSEN_BY_VALUES)
-from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
-                     check_tensor, check_token_shape, token_dims, FLOAT_DTYPES, Reduction)
+from .checks import (as_rows, check_bias, check_constant, check_linear, check_per_token, check_reduction,
+                     check_softcap, check_tensor, check_token_shape, token_dims, FLOAT_DTYPES, Reduction)
 from .forward_gradients import backward_gradients, forward_gradient_needs, refuse_inference_tensors, save_for_backward
 from .func_transforms import FusedOpFunction
 from .token_rows import TokenRows
@@ -102,15 +102,15 @@ def linear_kl_div(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.
 
     hidden [..., H] (e.g. a model's [B, T, H], or rows [N, H]), weight [V, H] and bias [V] give the policy
     Q = softmax(hidden @ weight.T + bias); ref_hidden [..., H_ref] (hidden's leading shape), ref_weight [V, H_ref]
-    and ref_bias [V] the frozen reference P = softmax(ref_hidden @ ref_weight.T + ref_bias) (never differentiated;
-    ref_weight may be `weight` itself and ref_bias `bias` itself, one frozen lm_head shared by both models). Each
-    head may have its own dtype (a teacher stored in another than the student's), and computes in it; each bias is
-    optional (None: no bias) and has its head's dtype. token_weight [...] float (default 1; a constant: one
-    that requires grad is refused); mask [...] bool, True where a token counts. softcap c: both heads' biased
-    logits are soft-capped, c * tanh(z / c), as a model with final_logit_softcapping = c (Gemma 2 and 3) computes
-    them. reduction: "sum" = sum_t w_t KL_t over counted tokens; "mean" = that sum / number of counted tokens
-    (0 if none); "none" = w_t KL_t of shape [...] (0 at masked-out tokens). Result float32 (float64 for float64
-    inputs).
+    and ref_bias [V] the frozen reference P = softmax(ref_hidden @ ref_weight.T + ref_bias) (never differentiated:
+    one that requires grad is refused; ref_weight may be `weight` itself and ref_bias `bias` itself, one lm_head
+    shared by both models, which gets the policy's gradient). Each head may have its own dtype (a teacher stored in
+    another than the student's), and computes in it; each bias is optional (None: no bias) and has its head's dtype.
+    token_weight [...] float (default 1; a constant: one that requires grad is refused); mask [...] bool, True where a
+    token counts. softcap c: both heads' biased logits are soft-capped, c * tanh(z / c), as a model with
+    final_logit_softcapping = c (Gemma 2 and 3) computes them. reduction: "sum" = sum_t w_t KL_t over counted tokens;
+    "mean" = that sum / number of counted tokens (0 if none); "none" = w_t KL_t of shape [...] (0 at masked-out
+    tokens). Result float32 (float64 for float64 inputs).
     Gradients flow to hidden, weight and bias. An enclosing autocast does not apply inside (cast the inputs to
     follow it). torch.func's grad, vjp, jacrev and vmap (once per sample) work; a second derivative, forward
     mode or torch.autograd's legacy vmap (is_grads_batched=True) raises. torch.compile runs it and its backward as
@@ -138,6 +138,10 @@ def linear_kl_div(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.
     check_bias("ref_bias", ref_bias, "ref_weight", ref_weight)
     check_per_token("token_weight", token_weight, hidden, dtypes=FLOAT_DTYPES)
     check_per_token("mask", mask, hidden, dtypes=(torch.bool,))
+    # the reference is never differentiated: only the policy's own head, passed as the reference's too, trains
+    check_constant("ref_hidden", ref_hidden)
+    check_constant("ref_weight", None if ref_weight is weight else ref_weight)
+    check_constant("ref_bias", None if ref_bias is bias else ref_bias)
     check_reduction(reduction)
     check_softcap(softcap)
     forward_needs = forward_gradient_needs("linear_kl_div", grads_in_forward, reduction, hidden, weight, bias)
