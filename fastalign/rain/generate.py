@@ -4,7 +4,9 @@ Each prompt's search is a generator of jobs (search.py). The scheduler keeps up 
 in flight; each round it gathers the jobs every search is waiting on, hands all model jobs to the engine
 at once (one engine run = shared batched calls) and all embedding jobs to the embedder at once, and
 resumes the searches. A prompt that fails (bad input, an error inside its search) gets its error in its
-result; the other prompts go on.
+result; the other prompts go on. One that runs out of KV room (PoolExhaustedError) beside other prompts is
+searched again from the start once they are done, alone, as a run of it alone searches it: it keeps the error only
+where it fails with the pool to itself.
 """
 import time
 from dataclasses import dataclass, field
@@ -13,6 +15,7 @@ from typing import Callable, List, Literal, Optional, Sequence, Union
 from fastalign.evaluation.generation import before_end, eos_ids
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.ops.checks import check_count, is_integer, refuse_one_string
+from fastalign.runtime import PoolExhaustedError
 from fastalign.runtime.hf_cache_argument import refuse_prompt_adapter_over_a_cache
 from fastalign.unlearn.templates import ChatTemplate
 from fastalign.unlearn.encoding import tokenize_prompts
@@ -202,8 +205,14 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
         keys.keep_apart(apart, base_keys)
     try:
         runtime.prepare(queue)
-        _schedule(queue, runtime, embedder, tokenizer, end_ids, judge, required, config, concurrency, results,
-                  on_result, ledger)
+        crowded_out = _schedule(queue, runtime, embedder, tokenizer, end_ids, judge, required, config, concurrency,
+                                results, on_result, ledger)
+        for ctx in crowded_out:   # from the start, as a run of it alone would (its stats go on counting)
+            ctx.judge_cache, ctx.sampler, ctx.stats.committed_tokens = {}, prompt_sampler(draw, names[ctx.index]), 0
+            runtime.close()
+            runtime.prepare([ctx])
+            _schedule([ctx], runtime, embedder, tokenizer, end_ids, judge, required, config, 1, results, on_result,
+                      ledger)
     finally:
         runtime.close()
     total = RainStats().add(shared) if queue else RainStats()   # no prompt searched: no prefix needed either
@@ -239,16 +248,26 @@ class _Active:
 
 
 def _schedule(queue: List[PromptContext], engine, embedder, tokenizer, end_ids, judge, required, config, concurrency,
-              results, on_result, ledger):
+              results, on_result, ledger) -> List[PromptContext]:
+    """Searches the `queue`'s prompts, up to `concurrency` at a time, and gives each its result. Returns, without
+    results, those of several that ran out of KV room (PoolExhaustedError), which the others' spans or the starts they
+    share may have taken: the caller searches each again alone."""
     pending = list(queue)
     active: List[_Active] = []
+    crowded_out: List[PromptContext] = []
 
     def finish(a: _Active, output=None, error: Optional[BaseException] = None):
-        result = results[a.ctx.index]
-        result.stats = a.ctx.stats
-        result.stats.wall_seconds = time.perf_counter() - a.started
+        a.ctx.stats.wall_seconds += time.perf_counter() - a.started
         if error is not None:
             a.gen.close()
+        if isinstance(error, PoolExhaustedError) and len(queue) > 1:   # searched beside others: again, alone
+            engine.finish(a.ctx)
+            active.remove(a)
+            crowded_out.append(a.ctx)
+            return
+        result = results[a.ctx.index]
+        result.stats = a.ctx.stats
+        if error is not None:
             result.error = f"{type(error).__name__}: {error}"
         else:
             result.answer_ids = output.answer_ids
@@ -293,6 +312,7 @@ def _schedule(queue: List[PromptContext], engine, embedder, tokenizer, end_ids, 
             with ledger.phase([a.ctx.stats for a in embed_side], "embed"):
                 embedded = _isolated(embedder.embed, embed_side, lambda a: a.jobs[0].paths)
             settle(embedded, lambda vectors: [vectors])   # the search's one EmbedJob gets its vectors
+    return crowded_out
 
 
 def _start(engine, searches):

@@ -188,12 +188,12 @@ def test_the_slow_engine_decodes_a_set_and_a_rollout_on_their_own_cache():
     assert len(rollout) == 4 and fed == [len(state), 1, 1, 1]
 
 
-def run_on_real_pool(prompts, config, max_tokens, **kwargs):
-    """rain_generate of the tiny Llama on a TreeRunner of `max_tokens` tokens (blocks of 4), which must have every
-    block back afterwards: (the run, the tokens its forwards ran, recomputed evicted prefixes included)."""
+def run_on_real_pool(prompts, config, max_tokens, block_size=4, **kwargs):
+    """rain_generate of the tiny Llama on a TreeRunner of `max_tokens` tokens (blocks of `block_size`), which must have
+    every block back afterwards: (the run, the tokens its forwards ran, recomputed evicted prefixes included)."""
     TreeRunner = pytest.importorskip("fastalign.runtime").TreeRunner
     model = tiny_llama()
-    runner = TreeRunner(model, max_tokens=max_tokens, block_size=4, attention_backend="torch")
+    runner = TreeRunner(model, max_tokens=max_tokens, block_size=block_size, attention_backend="torch")
     forward, ran = runner._forward, []
     runner._forward = lambda plan, *a, **k: ran.append(len(plan.token_ids)) or forward(plan, *a, **k)
     out = rain_generate(model, tokenizer(), prompts, config, runner=runner, judge_prompt=SHORT_JUDGE,
@@ -377,6 +377,25 @@ def test_a_step_that_fits_only_in_parts_keeps_its_prompt_s_answer_on_the_real_ru
     assert large.results[0].error is None and rounded(small) == rounded(large)
     assert small.stats.model_calls > large.stats.model_calls
     assert tiny.results[0].error.startswith("PoolExhaustedError: KV pool exhausted")
+
+
+def test_a_prompt_out_of_room_beside_another_is_searched_again_alone_with_the_record_of_a_run_of_it_alone():
+    """A pool of 6 blocks holds prompt 1's search alone, but not beside prompt 0's spans (and the cuts where their
+    starts part): prompt 1 failed with PoolExhaustedError, though README says a prompt fails only where it cannot fit
+    and that its answer does not depend on the prompts beside it. Now it is searched again from the start once prompt
+    0 is done, alone: the record of a run of it alone, bit for bit, its stats counting both tries (every token the
+    runner ran is counted). Prompt 0, which does not fit alone either, keeps its error."""
+    config = RainConfig(token_set_lengths=(3,), candidates=2, max_children=2, widen_variance_per_token=1e9,
+                        widen_max_q=2.0, root_visits=3, min_new_visits=5, max_new_tokens=6, max_length=17,
+                        rollout_stop_chars=" ", turn_marker="", parallel_leaves=3, virtual_loss=0.3)
+    beside, ran = run_on_real_pool(PROMPTS[:2], config, 96, block_size=16)
+    alone = [run_on_real_pool([PROMPTS[i]], config, 96, block_size=16, indices=[i])[0] for i in (0, 1)]
+    assert decisions(beside) == [decisions(run)[0] for run in alone]
+    assert beside.results[0].error.startswith("PoolExhaustedError") and beside.results[1].error is None
+    tried, once = beside.results[1].stats, alone[1].results[0].stats
+    assert tried.committed_tokens == once.committed_tokens and tried.model_calls > once.model_calls
+    assert tried.tokens > once.tokens and tried.recomputed_tokens > 0
+    assert beside.stats.tokens == ran
 
 
 def test_first_commit_distribution_matches_with_torch_sampler():
