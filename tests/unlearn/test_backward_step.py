@@ -89,3 +89,42 @@ def test_an_optimizer_over_frozen_parameters_hooks_the_trainable_ones_only():
         handle.remove()
     assert torch.equal(model.model.embed_tokens.weight, frozen)
     assert not torch.equal(model.lm_head.weight, trained_before) and model.lm_head.weight.grad is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_hook_steps_its_own_parameter_alone_in_its_own_group(dtype):
+    """Each hook ran the optimizer's step() over every group's parameters, most without a gradient: N reads of the
+    groups in each of N hooks, O(N^2) host time per backward (KahanAdamW checks each parameter it reads). step() now
+    sees the hooked parameter alone, in its own group (its learning rate and weight decay), and the groups are whole
+    again after the backward; the weights are those of a step after it, bit for bit (KahanAdamW for bf16 weights)."""
+    model = tiny_llama(50).to(dtype)
+    params = list(model.parameters())
+
+    def step_twice(in_backward):
+        weights = [p.detach().clone() for p in params]
+        for p, w in zip(params, weights):
+            p.data.copy_(w)
+        optimizer = adamw(params[:4], lr=1e-2, weight_decay=0.1)
+        optimizer.add_param_group({"params": params[4:], "lr": 3e-2, "weight_decay": 0.0})
+        seen = []
+        optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs: seen.append([(g["lr"], len(g["params"])) for g in opt.param_groups]))
+        handles = step_in_backward(optimizer) if in_backward else []
+        ids = torch.randint(50, (2, 5), generator=torch.Generator().manual_seed(0))
+        for _ in range(2):
+            model(ids, labels=ids).loss.backward()
+            if not in_backward:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for handle in handles:
+            handle.remove()
+        assert [len(g["params"]) for g in optimizer.param_groups] == [4, len(params) - 4]
+        stepped = [p.detach().clone() for p in params]
+        for p, w in zip(params, weights):
+            p.data.copy_(w)
+        return stepped, seen
+
+    after, _ = step_twice(False)
+    inside, seen = step_twice(True)
+    assert all(torch.equal(a, b) for a, b in zip(after, inside))
+    assert sorted(seen) == sorted(([[(1e-2, 1)]] * 4 + [[(3e-2, 1)]] * (len(params) - 4)) * 2)
