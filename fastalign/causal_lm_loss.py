@@ -60,6 +60,9 @@ class CausalLMLoss(torch.nn.Module):
     def forward(self, labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
                 num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
                 reduction: Reduction = "mean", **inputs) -> torch.Tensor:
+        if "token_weight" in inputs:   # (else it went on to the decoder, whose **kwargs dropped it)
+            raise ValueError("CausalLMLoss.forward takes no token_weight: pass it to of_hidden_states, or multiply "
+                             "the per-token losses of forward(..., reduction='none') by it")
         if inputs.get("output_router_logits"):
             raise NotImplementedError("output_router_logits=True asks for the router's auxiliary loss, which "
                                       "CausalLMLoss leaves out; add it yourself from the model's router logits")

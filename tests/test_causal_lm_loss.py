@@ -298,6 +298,20 @@ def test_bad_reductions_and_token_weights_are_refused_naming_them(arguments, mes
             loss_fn(**inputs, labels=labels, **arguments)
 
 
+def test_a_token_weight_given_to_forward_is_refused_before_the_decoder_runs():
+    """forward's **inputs took a token_weight on to the decoder, whose **kwargs dropped it: the loss was silently the
+    unweighted one (zero weights gave the full loss). It is refused naming where it goes, before the decoder runs."""
+    model = tiny_llama(VOCAB)
+    inputs = batch(seed=1)
+    loss_fn = CausalLMLoss(model, backend="torch")
+    calls = []
+    model.model.register_forward_hook(lambda *args: calls.append(1))
+    rows, width = inputs["labels"].shape
+    with pytest.raises(ValueError, match="CausalLMLoss.forward takes no token_weight: pass it to of_hidden_states"):
+        loss_fn(**inputs, reduction="sum", token_weight=torch.zeros(rows, width - 1))
+    assert not calls
+
+
 def test_an_ignore_index_is_the_models_own():
     """Labels that use another ignore_index (5, where the batch had -100): the model's loss with that index."""
     model = tiny_llama(VOCAB)
