@@ -252,7 +252,9 @@ def test_weighted_per_token_losses_are_the_models_own_log_probs(family, backend)
         torch.testing.assert_close(fused.double(), expected, rtol=1e-5, atol=1e-6)
         mine_and_theirs = zip(grads_of(model, project(fused, cotangent)), grads_of(model, project(expected, cotangent)))
         for mine, theirs in mine_and_theirs:
-            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+            # atol scales with the gradient: an element where the tokens' terms cancel is float32 rounding of terms of
+            # its magnitude (an embed_tokens element off by 1.6e-6 on transformers 5.17, whatever the backend)
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5 * theirs.abs().max().item())
 
 
 def test_sequence_log_probs_of_the_forward_are_the_models_own():
