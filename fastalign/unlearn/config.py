@@ -58,6 +58,12 @@ def _load_yaml(text: str):
     return yaml.load(text, Loader=_YamlLoader)
 
 
+def _default(name: str):
+    """UnlearnConfig's default for the setting `name`."""
+    setting = UnlearnConfig.__dataclass_fields__[name]
+    return setting.default_factory() if setting.default is dataclasses.MISSING else setting.default
+
+
 @dataclass
 class UnlearnConfig:
     """Settings of `fastalign unlearn`; see `fastalign unlearn --help` for what each one means."""
@@ -199,37 +205,29 @@ class UnlearnConfig:
 
     def _settings_without_effect(self) -> list[str]:
         """What is said of settings given a value that this configuration never reads (a likely mistake);
-        mismatch_per_prompt=0 with mismatch_weight=0 says what the weight says, and is not."""
-        defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
-                    for f in dataclasses.fields(self)}
+        mismatch_per_prompt=0 with mismatch_weight=0 says what the weight says, and is not. The settings of a term of
+        weight 0 are said by run.load_streams, which leaves its rows out: streams of one's own are drawn from and
+        referenced whatever the weight."""
         said = []
-
-        def without_effect(names, reason):
-            idle = [n for n in names if getattr(self, n) not in (defaults[n], 0)]
-            if idle:
-                said.append(f"{', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect {reason}")
-
         if not self.lora:
-            without_effect(("lora_rank", "lora_alpha", "lora_dropout", "lora_targets"), "without lora=true (--lora)")
+            said += self.without_effect(("lora_rank", "lora_alpha", "lora_dropout", "lora_targets"),
+                                        "without lora=true (--lora)")
         if self.chat_template:   # (the command line sets template only where --template is given)
-            without_effect(("template",), "with chat_template=true (--chat-template): the tokenizer's chat template "
-                           "renders every example")
-        if self.reference_cache != defaults["reference_cache"] and self.reference_mode != "cached":
+            said += self.without_effect(("template",), "with chat_template=true (--chat-template): the tokenizer's "
+                                        "chat template renders every example")
+        if self.reference_cache != _default("reference_cache") and self.reference_mode != "cached":
             said.append(f"reference_cache={self.reference_cache!r} has no effect without reference='cached' "
                         f"(--reference cached)")
-        # a term of weight 0 reads no rows (run.load_streams), and the normal term's builds no reference
-        if self.normal_weight == 0:
-            cache = ("reference_cache",) if self.reference_mode == "cached" else ()   # (else said above)
-            without_effect(("normal_batch_size",) + cache, "with normal_weight=0 (--normal-weight 0): no normal rows "
-                           "are drawn, and no reference is built for them")
-        if self.mismatch_weight == 0:
-            without_effect(("mismatch_per_prompt", "mismatch_pool"), "with mismatch_weight=0 (--mismatch-weight 0): no "
-                           "mismatch rows are drawn")
-        elif self.mismatch_per_prompt == 0:
+        if self.mismatch_weight != 0 and self.mismatch_per_prompt == 0:
             said.append(f"mismatch_per_prompt=0 draws no mismatch answers: the mismatch term is off whatever "
                         f"mismatch_weight ({self.mismatch_weight}) says")
-            without_effect(("mismatch_pool",), "with mismatch_per_prompt=0: no mismatch rows are drawn")
         return said
+
+    def without_effect(self, names, reason: str) -> list[str]:
+        """"<names> has / have no effect <reason>" for those of names given a value other than their default and 0,
+        or nothing."""
+        idle = [n for n in names if getattr(self, n) not in (_default(n), 0)]
+        return [f"{', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect {reason}"] if idle else []
 
     @property
     def loss_weights(self) -> LossWeights:

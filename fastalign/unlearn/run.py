@@ -6,6 +6,7 @@ so a bad row stops the run with an error naming it and leaves no partial output.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import TYPE_CHECKING
 
 from fastalign.output_lock import output_lock
@@ -47,12 +48,14 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
     normal: a TruthfulQA .csv (its train split; its pool rows also feed the mismatch pool unless mismatch_pool is
     given) or a {prompt, answer} jsonl. mismatch_pool: a TruthfulQA .csv or a {prompt, answer} jsonl whose answers
     form the pool, less those that are answers of the normal pairs (and of a normal csv's test rows): the pool is
-    kept apart from the normal data whichever files hold them. A stream whose weight is 0 is not loaded. With
-    chat_template, every example of the three streams is a user turn and an assistant turn in the tokenizer's chat
-    template, after a system turn `system` when set, with the template variables chat_template_kwargs. With
+    kept apart from the normal data whichever files hold them. A stream whose weight is 0 is not loaded (its
+    settings given a value are warned of). With chat_template, every example of the three streams is a user turn and
+    an assistant turn in the tokenizer's chat template, after a system turn `system` when set, with the template
+    variables chat_template_kwargs. With
     answer_eos, every answer of the three streams ends with the tokenizer's EOS id as an answer token (a chat
     template's own end-of-turn token instead, where it writes one; see encoding.answer_end_id).
     """
+    _warn_of_settings_of_terms_left_out(config)
     template = _chat_template(tokenizer, config) if config.chat_template else TextTemplate(config.template)
     forget = [pair for path in config.forget for pair in load_pairs(path, config.forget_format)]
     normal_split = _truthfulqa(config, config.normal) if config.normal and _is_csv(config.normal) else None
@@ -109,6 +112,23 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
         mismatch_pool=pool_answers, batch_size=config.batch_size, mismatch_per_prompt=config.mismatch_per_prompt,
         normal_batch_size=config.normal_batch_size, max_length=config.max_length,
         filler_id=filler_token_id(tokenizer), seed=config.seed, skipped=skipped)
+
+
+def _warn_of_settings_of_terms_left_out(config: UnlearnConfig) -> None:
+    """Warns of the settings, given a value, of a term that load_streams leaves out (its weight 0, or no mismatch
+    answer per prompt): it reads no rows for it, and builds no reference without normal rows."""
+    said = []
+    if config.normal_weight == 0:
+        cache = ("reference_cache",) if config.reference_mode == "cached" else ()   # (else the config says it)
+        said += config.without_effect(("normal_batch_size",) + cache, "with normal_weight=0 (--normal-weight 0): no "
+                                      "normal rows are drawn, and no reference is built for them")
+    if config.mismatch_weight == 0:
+        said += config.without_effect(("mismatch_per_prompt", "mismatch_pool"), "with mismatch_weight=0 "
+                                      "(--mismatch-weight 0): no mismatch rows are drawn")
+    elif config.mismatch_per_prompt == 0:
+        said += config.without_effect(("mismatch_pool",), "with mismatch_per_prompt=0: no mismatch rows are drawn")
+    for message in said:
+        warnings.warn(message, stacklevel=3)
 
 
 def load_model_and_tokenizer(config: UnlearnConfig):

@@ -82,8 +82,9 @@ _PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=2)
 @dataclass
 class StepRecord:
     """What one optimizer step did (terms averaged over micro-batches and processes); one line of log.jsonl. A term
-    whose rows the streams do not draw (mismatch_weight=0 or mismatch_per_prompt=0, normal_weight=0) is not computed:
-    None (null in the log), where 0.0 is a term computed as zero."""
+    whose rows the streams do not draw (no normal rows or normal_batch_size=0; no mismatch pool or
+    mismatch_per_prompt=0; load_streams leaves out the rows of a term of weight 0) is not computed: None (null in the
+    log); a term the streams draw rows for is a number, its weight 0 or not (0.0 is a term computed as zero)."""
 
     step: int
     loss: float

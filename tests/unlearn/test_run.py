@@ -89,6 +89,32 @@ def test_a_truthfulqa_csv_that_leaves_no_mismatch_answer_is_an_error_unless_the_
     assert load_streams(config, byte_bpe_tokenizer()).pool == []
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"normal_weight": 0, "normal_batch_size": 4}, r"^normal_batch_size has no effect with normal_weight=0 "
+                                                   r"\(--normal-weight 0\): no normal rows are drawn"),
+    ({"normal_weight": 0, "reference": "cached", "reference_cache": "host"},
+     r"^reference_cache has no effect with normal_weight=0 \(--normal-weight 0\): no normal rows are drawn, and no "
+     r"reference is built for them"),
+    ({"mismatch_weight": 0, "mismatch_per_prompt": 3}, r"^mismatch_per_prompt has no effect with mismatch_weight=0 "
+                                                       r"\(--mismatch-weight 0\): no mismatch rows are drawn"),
+    ({"mismatch_weight": 0, "mismatch_pool": "POOL"}, r"^mismatch_pool has no effect with mismatch_weight=0"),
+    ({"mismatch_per_prompt": 0, "mismatch_pool": "POOL"}, r"^mismatch_pool has no effect with "
+                                                          r"mismatch_per_prompt=0: no mismatch rows are drawn"),
+], ids=["normal_batch_size-no-normal", "reference_cache-no-normal", "mismatch_per_prompt-no-mismatch",
+        "mismatch_pool-no-mismatch", "mismatch_pool-no-mismatch-rows"])
+def test_settings_of_a_term_load_streams_leaves_out_are_warned_of_there(tmp_path, settings, message):
+    """load_streams reads no rows for a term of weight 0 (nor a pool without mismatch answers), and builds no
+    reference without normal rows: the settings given for that term have no effect, and it says so (the config
+    warned instead, untrue of streams of one's own, drawn from whatever the weights)."""
+    forget = write_jsonl(tmp_path / "forget.jsonl", FORGET_ROWS)
+    pool = write_jsonl(tmp_path / "pool.jsonl", [{"prompt": "p", "answer": "the a of"}])
+    settings = {k: str(pool) if v == "POOL" else v for k, v in settings.items()}
+    config = UnlearnConfig(model="m", output_dir="o", forget=[str(forget)], normal=str(write_truthfulqa(
+        tmp_path / "tqa.csv")), max_length=64, **settings)
+    with pytest.warns(UserWarning, match=message):
+        load_streams(config, byte_bpe_tokenizer())
+
+
 @pytest.mark.parametrize("name", ["TruthfulQA.CSV", "TruthfulQA.csv.gz"])
 def test_truthfulqa_csv_with_an_upper_case_or_gz_extension_is_read_as_csv(tmp_path, name):
     """Windows tools write 'TruthfulQA.CSV': it was read as jsonl and refused as 'row 1: not valid JSON'. A gzipped
