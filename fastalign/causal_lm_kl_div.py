@@ -34,16 +34,16 @@ def _check_same_vocabulary(lm_head: torch.nn.Module, ref_head: torch.nn.Module) 
         raise ValueError(f"reference must have the vocabulary of model ({vocab} words), got {ref_vocab}")
 
 
-def _check_embeddings_fit(reference: torch.nn.Module, inputs: dict) -> None:
-    """ValueError naming inputs_embeds where they are of another width than `reference`'s input embeddings: the
-    model's embeddings, which a reference of another width cannot take (it failed deep in its first norm)."""
-    embeds = inputs.get("inputs_embeds")
-    if not isinstance(embeds, torch.Tensor):
+def _check_embeddings_shared(model: torch.nn.Module, reference: torch.nn.Module, inputs: dict) -> None:
+    """ValueError naming inputs_embeds unless `reference`'s input embeddings are `model`'s (the same weight tensor):
+    the reference gets the model's embeddings as they are, which are not its own (a teacher's, or a frozen copy's
+    once the model's trained) whatever their width (one of another width failed deep in its first norm)."""
+    if not isinstance(inputs.get("inputs_embeds"), torch.Tensor):
         return
-    width = base_causal_lm(reference).get_input_embeddings().weight.shape[-1]
-    if embeds.shape[-1] != width:
-        raise ValueError(f"inputs_embeds of width {embeds.shape[-1]} go to the reference too, whose embeddings are "
-                         f"of width {width}: pass input_ids, which each model embeds with its own embeddings")
+    if base_causal_lm(reference).get_input_embeddings().weight is not \
+            base_causal_lm(model).get_input_embeddings().weight:
+        raise ValueError("inputs_embeds go to the reference too, whose input embeddings are not the model's (the "
+                         "same weight tensor): pass input_ids, which each model embeds with its own embeddings")
 
 
 class CausalLMKLDiv(torch.nn.Module):
@@ -53,9 +53,9 @@ class CausalLMKLDiv(torch.nn.Module):
     reference: a frozen causal LM over the same vocabulary (a teacher, or a copy of the model as it was), frozen here
     (requires_grad_(False)) and run in eval mode without gradients; or "adapter", for a PEFT `model`: the model with
     its adapter disabled. inputs go to both decoders (input_ids or inputs_embeds, attention_mask, ...; inputs_embeds
-    only with a reference whose embeddings have their width: else pass input_ids); labels and shift_labels say which
-    positions count, as for CausalLMLoss (the label values themselves are not read: a position counts where its label
-    is not ignore_index). The loss is the mean over the counted positions (0 where none counts), or with
+    only with a reference whose input embeddings are the model's: else pass input_ids); labels and shift_labels say
+    which positions count, as for CausalLMLoss (the label values themselves are not read: a position counts where its
+    label is not ignore_index). The loss is the mean over the counted positions (0 where none counts), or with
     num_items_in_batch their sum divided by it. temperature T compares softmax(z / T) of both models' logits
     (standard distillation then multiplies the loss by T^2), soft-capped logits too. Both models are checked once,
     here, to compute their logits the way the fused op does.
@@ -118,7 +118,7 @@ class CausalLMKLDiv(torch.nn.Module):
         lm_head, ref_head = causal_lm_parts(self.model)[1], causal_lm_parts(reference_model)[1]
         if self.reference != "adapter":   # (a model resized since: resize_token_embeddings)
             _check_same_vocabulary(lm_head, ref_head)
-            _check_embeddings_fit(reference_model, inputs)
+            _check_embeddings_shared(self.model, reference_model, inputs)
         hidden, target = hidden_and_targets(self.model, labels, shift_labels, inputs)
         adapter_off = self.model.disable_adapter() if self.reference == "adapter" else contextlib.nullcontext()
         # (the reference's head weight too is read with its adapter off: PEFT's modules_to_save copy switches)
