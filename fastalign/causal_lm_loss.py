@@ -67,7 +67,7 @@ class CausalLMLoss(torch.nn.Module):
             raise NotImplementedError("output_router_logits=True asks for the router's auxiliary loss, which "
                                       "CausalLMLoss leaves out; add it yourself from the model's router logits")
         check_no_router_loss(self.model, "CausalLMLoss")   # (set on the config since)
-        check_loss_reduction(reduction, num_items_in_batch)   # (before the decoder runs)
+        check_loss_reduction(reduction, num_items_in_batch, self.grads_in_forward)   # (before the decoder runs)
         hidden, target = hidden_and_targets(self.model, labels, shift_labels, inputs)
         return self.of_hidden_states(hidden, target, num_items_in_batch, ignore_index, reduction=reduction)
 
@@ -80,7 +80,7 @@ class CausalLMLoss(torch.nn.Module):
         weighted sum over the number of targets not ignore_index, "sum" the weighted sum (with num_items_in_batch,
         either is the weighted sum divided by it), and "none" the per-token weighted losses of target's shape, 0 at
         ignored targets: -loss.sum(-1) over a row's answer tokens is the sequence's log-probability (DPO, SimPO)."""
-        check_loss_reduction(reduction, num_items_in_batch)
+        check_loss_reduction(reduction, num_items_in_batch, self.grads_in_forward)
         _, lm_head = causal_lm_parts(self.model)
         lm_weight = head_weight(lm_head)
         # under autocast the op takes the autocast dtype, as the lm_head's matmul would
@@ -98,10 +98,15 @@ class CausalLMLoss(torch.nn.Module):
         return per_item(loss, num_items_in_batch)
 
 
-def check_loss_reduction(reduction: Reduction, num_items_in_batch: torch.Tensor | int | float | None) -> None:
-    """ValueError for a reduction not of linear_cross_entropy's, or "none" with num_items_in_batch, which divides a
-    summed loss."""
+def check_loss_reduction(reduction: Reduction, num_items_in_batch: torch.Tensor | int | float | None,
+                         grads_in_forward: bool) -> None:
+    """ValueError for a reduction not of linear_cross_entropy's, "none" with num_items_in_batch, which divides a
+    summed loss, or "none" where grads_in_forward takes a gradient (grad mode on), which only a scalar loss has."""
     check_reduction(reduction)
+    if reduction == "none" and grads_in_forward and torch.is_grad_enabled():
+        raise ValueError("CausalLMLoss(grads_in_forward=True) takes the gradient of a scalar loss in the forward: "
+                         "reduction='none' (the per-token losses) needs grads_in_forward=False, or torch.no_grad() "
+                         "where no gradient is taken")
     if reduction == "none" and num_items_in_batch is not None:
         raise ValueError("num_items_in_batch divides a summed loss: it cannot go with reduction='none' (the per-token "
                          "losses); pass one or the other")

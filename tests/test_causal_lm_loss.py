@@ -314,6 +314,23 @@ def test_a_token_weight_given_to_forward_is_refused_before_the_decoder_runs():
     assert not calls
 
 
+def test_per_token_losses_with_grads_in_forward_are_refused_before_the_decoder_only_where_a_gradient_is_taken():
+    """grads_in_forward=True with reduction="none" was refused by the op, naming linear_cross_entropy, after the
+    decoder ran, and under torch.no_grad() too, where no gradient is taken. It is refused before the decoder naming
+    CausalLMLoss in grad mode; under no_grad it gives the per-token losses."""
+    model = tiny_llama(VOCAB)
+    inputs = batch(seed=1)
+    loss_fn = CausalLMLoss(model, backend="torch", grads_in_forward=True)
+    calls = []
+    model.model.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match=r"^CausalLMLoss\(grads_in_forward=True\) takes the gradient of a scalar loss"):
+        loss_fn(**inputs, reduction="none")
+    assert not calls
+    with torch.no_grad():
+        torch.testing.assert_close(loss_fn(**inputs, reduction="none"),
+                                   CausalLMLoss(model, backend="torch")(**inputs, reduction="none"))
+
+
 def test_an_ignore_index_is_the_models_own():
     """Labels that use another ignore_index (5, where the batch had -100): the model's loss with that index."""
     model = tiny_llama(VOCAB)

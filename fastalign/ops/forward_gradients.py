@@ -25,12 +25,13 @@ def check_grads_in_forward(op, grads_in_forward):
 
 def forward_gradient_needs(op, grads_in_forward, reduction, hidden, weight, bias):
     """(need_hidden, need_weight, need_bias) to take in the forward pass, or None for a forward alone: when
-    grads_in_forward is off, grad mode is off or no input is differentiated. A ValueError for reduction 'none' and
-    for float16 inputs."""
+    grads_in_forward is off, grad mode is off or no input is differentiated. A ValueError for reduction 'none' in grad
+    mode (under torch.no_grad() no gradient is taken, and per-token losses are computed as without grads_in_forward)
+    and for float16 inputs."""
     check_grads_in_forward(op, grads_in_forward)
     if not grads_in_forward:
         return None
-    if reduction == "none":
+    if reduction == "none" and torch.is_grad_enabled():
         raise ValueError(f"{op}: grads_in_forward=True needs reduction 'sum' or 'mean' (a scalar loss, whose gradient "
                          "the backward only scales), got 'none'")
     if torch.float16 in (hidden.dtype, weight.dtype):

@@ -298,6 +298,15 @@ def test_bad_options_are_named(make_op, message):
         make_op()
 
 
+@pytest.mark.parametrize("make_case", [cross_entropy_case, kl_case], ids=["cross_entropy", "kl"])
+def test_per_token_losses_under_no_grad_are_those_without_forward_gradients(make_case):
+    """reduction 'none' was refused with grads_in_forward=True under torch.no_grad() too, where no gradient is taken:
+    an evaluation pass of a module built to train that way failed. It gives the per-token losses there."""
+    op = make_case((13, 24, 131))[0]
+    with torch.no_grad():
+        torch.testing.assert_close(op("none", grads_in_forward=True), op("none"))
+
+
 def test_gpu_row_block_plan_holds_its_budget_and_at_most_32_segments(monkeypatch):
     """On a GPU (the plan outside the interpreter): blocks of whole rows within the 192 MiB budget while that gives at
     most 32 blocks (d_weight's roundings), more rows past that; every row in some block."""
