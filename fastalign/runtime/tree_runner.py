@@ -263,7 +263,8 @@ class TreeRunner:
         child); "all" -> a list of R tensors [n_i, ...], one row per new token of row i (logits at token t
         predict token t + 1); None -> not computed. Logits are float32; hidden states are the final hidden
         states (after the final norm) in the dtype the model's final norm gives them (its own; float32 for a bf16
-        Mamba or Mamba 2, whose norm computes in float32); both are ordinary tensors without grad.
+        Mamba or Mamba 2 with config.residual_in_fp32, the default: the norm returns its input's dtype, and that
+        residual stream is kept in float32); both are ordinary tensors without grad.
         Returns (children, logits), or (children, logits, hidden) when hidden is not None.
         """
         return self._extend(parents, token_lists, cuts=cuts, logits=logits, hidden=hidden,
