@@ -7,7 +7,7 @@ token sets.
   draws per row (`draw_many`, for pools of rollout tokens drawn ahead; the built-in samplers' `draw_many_on_device`
   leaves them on the device, for the tree engine to read with a call's other outputs). `TorchSampler` uses a seeded
   generator (production): its draws are independent, each used once. A search draws from its prompt's own
-  sampler (`for_prompt(index)`: a TorchSampler seeded from the run's seed and the prompt's index), so that a
+  sampler (`for_prompt(index)`: a copy of the TorchSampler seeded from its seed and the prompt's index), so that a
   prompt's draws do not depend on the prompts searched before or beside it (a plug-in sampler without
   `for_prompt` serves every prompt itself). `KeyedSampler` derives each draw from
   a 64-bit key that depends only on the token prefix and the candidate's stream index, by inverse-CDF
@@ -17,6 +17,7 @@ token sets.
 - Keys: `extend_key(key, tokens)` hashes a token sequence incrementally (splitmix64 mixing);
   `draw_key(prefix_key, stream)` names one draw.
 """
+import copy
 import operator
 from typing import Iterable, List, Sequence, Tuple
 
@@ -100,8 +101,11 @@ class TorchSampler:
         return torch.multinomial(probs.float(), count, replacement=True, generator=self._generator(probs.device))
 
     def for_prompt(self, index: int) -> "TorchSampler":
-        """The sampler of the prompt at `index`: a generator of its own, seeded from (seed, index) alone."""
-        return TorchSampler(draw_key(seed_key(self.seed), index))
+        """The sampler of the prompt at `index`: a generator of its own, seeded from (seed, index) alone: a shallow
+        copy of itself (copy.copy), so that a subclass keeps its own draws and attributes."""
+        own = copy.copy(self)
+        own.seed, own._generators = draw_key(seed_key(self.seed), index), {}
+        return own
 
 
 class KeyedSampler:

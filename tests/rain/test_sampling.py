@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from fastalign.rain import KeyedSampler, RainConfig, TorchSampler, sampling
+from fastalign.rain import KeyedSampler, RainConfig, TorchSampler, rain_generate, sampling
 from fastalign.rain.sampling import (ROLLOUT_STREAM, CheckedSampler, check_sampler, draw_key, extend_key,
                                      make_sampler, prompt_sampler, ranked_tokens, seed_key, top_k_distribution)
+
+from .tiny import PROMPTS, SHORT_JUDGE, tiny_llama, tokenizer
 
 
 def test_keyed_draws_are_batch_invariant():
@@ -97,6 +99,48 @@ def test_neighbouring_seeds_and_prompt_indices_draw_apart():
     keys = [0] * 16
     assert TorchSampler(seed=2).for_prompt(8).draw_many(probs, keys, 3) != \
         TorchSampler(seed=3).for_prompt(7).draw_many(probs, keys, 3)
+
+
+class _Logging(TorchSampler):
+    """A TorchSampler subclass that logs its calls (to a list of the caller's, shared by its prompts' copies)."""
+
+    def __init__(self, seed, log):
+        super().__init__(seed)
+        self.log = log
+
+    def draw(self, probs, keys):
+        self.log.append("draw")
+        return super().draw(probs, keys)
+
+    def draw_many(self, probs, keys, count):
+        self.log.append("draw_many")
+        return super().draw_many(probs, keys, count)
+
+
+def test_a_torch_sampler_subclass_s_prompt_sampler_keeps_its_draws():
+    """for_prompt built a plain TorchSampler, so a subclass's own draws were never called (silently ignored); a
+    prompt's sampler is now a copy of the subclass with the prompt's generator, which draws as a plain one's."""
+    probs = torch.full((4, 50), 1.0 / 50)
+    log, plain = [], TorchSampler(seed=2)
+    run = _Logging(2, log)
+    own = prompt_sampler(check_sampler(run), 7)
+    assert isinstance(own, CheckedSampler) and type(own.sampler) is _Logging
+    assert own.draw_many(probs, [0] * 4, 3) == plain.for_prompt(7).draw_many(probs, [0] * 4, 3)
+    assert own.draw(probs, [0] * 4) != run.draw(probs, [0] * 4)          # the run's generator is not the prompt's
+    assert log == ["draw_many", "draw", "draw"] and run.seed == 2
+    assert type(plain.for_prompt(7)) is TorchSampler
+    assert plain.for_prompt(7).draw(probs, [0] * 4) == TorchSampler(draw_key(seed_key(2), 7)).draw(probs, [0] * 4)
+
+
+@pytest.mark.parametrize("engine", ["tree", "slow"])
+def test_rain_generate_draws_from_a_torch_sampler_subclass(engine):
+    """Both engines draw from the caller's subclass (each prompt from its copy), not from a plain TorchSampler."""
+    log = []
+    run = rain_generate(tiny_llama(), tokenizer(), PROMPTS[:2], RainConfig(root_visits=3, min_new_visits=2,
+                                                                            max_new_tokens=3),
+                        judge_prompt=SHORT_JUDGE, embedding="hidden", sampler=_Logging(0, log), engine=engine)
+    assert [result.error for result in run.results] == [None, None]
+    assert log
 
 
 def test_rollout_draws_never_share_a_key_with_expansion_samples():
