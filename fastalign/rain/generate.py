@@ -152,6 +152,7 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
         raise ValueError(f"indices must name each of the {len(prompts)} prompts, got {len(names)} indices")
     if not all(map(is_integer, names)):   # each prompt's sampler is seeded from its index (1.9 was taken as 1)
         raise ValueError(f"indices must be integers, got {next(n for n in names if not is_integer(n))!r}")
+    names = [int(n) for n in names]   # plain ints: RainResult.index is written to JSON (numpy's int64 is not)
     if system is not None and not chat_template:
         raise ValueError("system is a turn of the chat template: it needs chat_template=True")
     if chat_template_kwargs is not None and not chat_template:

@@ -4,6 +4,7 @@ first commits with the production sampler, the cost accounting, and per-prompt e
 import collections
 import copy
 import dataclasses
+import json
 import re
 import time
 import types
@@ -895,6 +896,18 @@ def test_results_and_errors_name_prompts_by_the_given_indices():
     for indices, bad in (([4, 9, 1.9], "1.9"), ([None, 9, 2], "None"), (["a", 9, 2], "'a'")):
         with pytest.raises(ValueError, match=f"indices must be integers, got {bad}"):
             rain_generate(model, tok, prompts, judge_prompt=SHORT_JUDGE, embedding="hidden", indices=indices)
+
+
+def test_numpy_indices_name_results_by_plain_ints():
+    """Numpy integers are integers, but RainResult.index kept them as numpy's int64, so json.dumps of a result (as
+    `fastalign rain` writes its records) failed."""
+    tok = tokenizer()
+    run = rain_generate(HashLM(len(tok), max_positions=200), tok, PROMPTS[:1],
+                        RainConfig(root_visits=2, min_new_visits=1, max_new_tokens=2), runner=HashRunner(len(tok)),
+                        judge_prompt=SHORT_JUDGE, embedding="hidden", indices=np.arange(1) + 7)
+    result = run.results[0]
+    assert result.error is None and type(result.index) is int and result.index == 7
+    assert json.loads(json.dumps(dataclasses.asdict(result)))["index"] == 7
 
 
 def test_failure_in_a_merged_engine_run_stays_with_its_prompt():
