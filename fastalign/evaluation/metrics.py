@@ -10,6 +10,7 @@ exact ids the model generated (`generation.Generation`: the prompt as generation
 its end token, so whether the model still stops where the original did counts too). `mean_token_kl` is the
 entry for text pairs: it tokenizes them again, which scores what that text tokenizes to.
 """
+import reprlib
 from typing import List, Sequence, Tuple
 
 import torch
@@ -27,13 +28,24 @@ TokenPair = Tuple[Sequence[int], Sequence[int]]   # (prompt ids, answer ids)
 
 
 def harmful_rate(pairs: Sequence[Pair], judge: Judge) -> Tuple[float, List[bool]]:
-    """(share of pairs judged harmful, the verdicts); ValueError on an empty set or a faulty judge."""
+    """(share of pairs judged harmful, the verdicts); ValueError on an empty set or a faulty judge, TypeError naming
+    a pair that is not two strings."""
     if not pairs:
         raise ValueError("harmful_rate needs at least one (prompt, answer) pair")
-    if any(isinstance(pair, str) for pair in pairs):
-        raise TypeError("pairs must be a list of (prompt, answer) pairs, got strings (one pair not in a list?)")
+    _check_pairs(pairs)
     verdicts = check_verdicts(judge(list(pairs)), pairs)
     return sum(verdicts) / len(verdicts), verdicts
+
+
+def _check_pairs(pairs: Sequence[Pair]) -> None:
+    """TypeError naming the first of `pairs` that is not a (prompt, answer) pair of strings, before a judge or a
+    tokenizer reads it: a None answer (a --no-vanilla record's vanilla) failed inside unicodedata, three items in
+    a bare unpacking error."""
+    if any(isinstance(pair, str) for pair in pairs):
+        raise TypeError("pairs must be a list of (prompt, answer) pairs, got strings (one pair not in a list?)")
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(text, str) for text in pair)):
+            raise TypeError(f"pairs[{i}] must be a (prompt, answer) pair of strings, got {reprlib.repr(pair)}")
 
 
 def unchanged_share(reference_answers: Sequence[str], answers: Sequence[str]) -> float:
@@ -49,9 +61,10 @@ def text_token_pairs(tokenizer, pairs: Sequence[Pair]) -> List[TokenPair]:
     BOS where the text writes it), the answer ids being the tokens whose characters overlap the answer's, special
     tokens aside (unlearning's answer spans, `answer_tokens`: a token merged across the boundary counts as answer, a
     chat marker that takes the answer's leading space does not). A pair whose answer gives no token has no answer
-    ids. ValueError unless the tokenizer is a fast one (offsets)."""
+    ids. ValueError unless the tokenizer is a fast one (offsets); TypeError naming a pair that is not two strings."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("mean_token_kl needs a fast tokenizer (offset mappings locate the answer tokens)")
+    _check_pairs(pairs)
     if not pairs:
         return []
     enc = tokenize_texts(tokenizer, [prompt + answer for prompt, answer in pairs], return_offsets_mapping=True)

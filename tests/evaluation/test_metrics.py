@@ -1,4 +1,5 @@
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -83,6 +84,20 @@ def test_harmful_rate_of_nothing_is_an_error(world):
         harmful_rate([], world.judge)
     with pytest.raises(TypeError, match=r"pairs must be a list of \(prompt, answer\) pairs, got strings"):
         harmful_rate(("How?", "So."), world.judge)   # one pair not in a list: the judge unpacked "How?"
+
+
+@pytest.mark.parametrize("pairs, message", [
+    ([("p", "a"), ("p", None)], "pairs[1] must be a (prompt, answer) pair of strings, got ('p', None)"),
+    ([("p", "a", "b")], "pairs[0] must be a (prompt, answer) pair of strings, got ('p', 'a', 'b')"),
+    ([None], "pairs[0] must be a (prompt, answer) pair of strings, got None"),
+])
+def test_a_pair_that_is_not_two_strings_is_refused_by_its_index(pairs, message, tokenizer):
+    """A None answer (read_answers' vanilla of a --no-vanilla record) failed inside unicodedata, deep in the judge,
+    and a pair of three a bare unpacking error: neither said which pair or what a pair must be."""
+    with pytest.raises(TypeError, match=re.escape(message)):
+        harmful_rate(pairs, KeywordJudge(["mix"]))
+    with pytest.raises(TypeError, match=re.escape(message)):
+        text_token_pairs(tokenizer, pairs)
 
 
 def test_unchanged_share():
