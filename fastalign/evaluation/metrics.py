@@ -19,7 +19,7 @@ from fastalign.unlearn.encoding import answer_tokens, tokenize_texts
 from fastalign.eval_mode import eval_mode
 from fastalign.model_devices import input_device
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
-from fastalign.ops.checks import check_count
+from fastalign.ops.checks import check_count, is_integer
 from fastalign.runtime.hf_cache_argument import takes_logits_to_keep
 
 from .judges import Judge, Pair, check_verdicts
@@ -91,7 +91,8 @@ def check_same_vocabulary(model, reference) -> int | None:
 @torch.no_grad()
 def mean_token_kl_of_ids(model, reference, sequences: Sequence[TokenPair], batch_size: int = 16) -> float:
     """Mean over the answer tokens of all sequences of KL(reference || model) of the next-token distributions,
-    each sequence a (prompt ids, answer ids) pair (lists, 1-D tensors or arrays of ids) scored exactly as given:
+    each sequence a (prompt ids, answer ids) pair (lists, 1-D tensors or arrays of integer ids; a ValueError names a
+    sequence whose ids are not, a tokenizer's [1, T] return_tensors batch included) scored exactly as given:
     every answer token, an end token included, predicted from the prompt and the answer before it. Both models must
     share the vocabulary.
     Both run in eval mode (dropout off; each module's mode is given back after), whatever mode they are in:
@@ -99,17 +100,19 @@ def mean_token_kl_of_ids(model, reference, sequences: Sequence[TokenPair], batch
     devices (the reference on a GPU of its own): each reads the ids on its own, the KL is summed on the model's."""
     check_count("batch_size", batch_size, 1)
     vocab = check_same_vocabulary(model, reference)
+    sequences = [(_token_ids(p, f"sequence {i}'s prompt ids"), _token_ids(a, f"sequence {i}'s answer ids"))
+                 for i, (p, a) in enumerate(sequences)]
     for i, (prompt_ids, answer_ids) in enumerate(sequences):
         if len(answer_ids) and not len(prompt_ids):
             raise ValueError(f"sequence {i} has answer ids but no prompt ids: its first answer token would have "
                              "nothing to predict it from")
-        check_embedded(list(prompt_ids) + list(answer_ids), vocab, f"sequence {i}")
+        check_embedded(prompt_ids + answer_ids, vocab, f"sequence {i}")
     sequences = [(p, a) for p, a in sequences if len(a)]   # a sequence without answer ids adds nothing
     total, count = 0.0, 0
     device = input_device(model, "mean_token_kl")
     ref_device = input_device(reference, "mean_token_kl", "reference")
     for start in range(0, len(sequences), batch_size):
-        rows = [list(p) + list(a) for p, a in sequences[start:start + batch_size]]
+        rows = [p + a for p, a in sequences[start:start + batch_size]]
         width = max(map(len, rows))
         # right-padded by hand with any id (masked, and after every real token)
         ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=device)
@@ -129,6 +132,20 @@ def mean_token_kl_of_ids(model, reference, sequences: Sequence[TokenPair], batch
     if count == 0:
         raise ValueError("mean_token_kl: the sequences contain no answer tokens")
     return total / count
+
+
+def _token_ids(ids, what: str) -> List[int]:
+    """`ids` (a list, 1-D tensor or array of integer token ids) as a list of ints; else a ValueError naming `what`:
+    a [1, T] tensor failed deep in torch with a size mismatch, float ids in the model's embedding."""
+    shape = getattr(ids, "shape", None)
+    if shape is not None and len(shape) != 1:
+        raise ValueError(f"{what} must be 1-D integer token ids, got {type(ids).__name__} of shape {list(shape)} "
+                         "(a tokenizer's return_tensors batch? take its row [0])")
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    for token in ids:
+        if not is_integer(token):
+            raise ValueError(f"{what} must be 1-D integer token ids, got {token!r} among them")
+    return [int(token) for token in ids]
 
 
 _KL_ROWS = 64   # the answer tokens whose KL terms are computed at once

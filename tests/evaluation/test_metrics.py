@@ -206,6 +206,21 @@ def test_mean_token_kl_of_ids_takes_ids_as_1d_tensors_or_arrays_and_a_numpy_batc
     assert got == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("sequence, message", [
+    ((torch.tensor([[1, 5, 6]]), torch.tensor([[7, 8]])), "sequence 1's prompt ids must be 1-D integer token ids, "
+                                                          "got Tensor of shape [1, 3]"),
+    ((np.array([1, 5]), np.array([[7, 8]])), "sequence 1's answer ids must be 1-D integer token ids, got ndarray "
+                                             "of shape [1, 2]"),
+    ((torch.tensor([1.0, 5.0]), (7,)), "sequence 1's prompt ids must be 1-D integer token ids, got 1.0 among them"),
+    (((1, 5), [7, 8.0]), "sequence 1's answer ids must be 1-D integer token ids, got 8.0 among them"),
+])
+def test_ids_that_are_not_1d_integers_are_refused_naming_the_sequence(model, sequence, message):
+    """A tokenizer's return_tensors="pt" ids ([1, T]) failed deep in torch with a size mismatch, and float ids in the
+    model's embedding: neither said which sequence or what its ids must be."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        mean_token_kl_of_ids(model, model, [((1, 5), (6,)), sequence])
+
+
 @pytest.mark.parametrize("sequence", [((1, 5, 6), (7, -100)), ((1, -1, 6), (7, 8))])
 def test_negative_token_id_is_refused_naming_the_sequence(model, sequence):
     """Only ids past the vocabulary were checked: a negative one (-100, the ignore_index of labels, copied into the
