@@ -328,9 +328,7 @@ def test_a_routed_block_nested_in_one_on_fewer_configs_waits_for_another_threads
     The inner block skipped its wait as A already routed b, and routed a under B's probes (refused there); it now
     waits for B's block to end. A block left waiting fails the test in 10 s."""
     a, b = PretrainedConfig(attn_implementation="eager"), PretrainedConfig(attn_implementation="eager")
-    probing, release, waiting, router, probed, routed = (threading.Event(), threading.Event(), threading.Event(),
-                                                        [None], {}, {})
-    signalling_when_waiting(monkeypatch, waiting, router)
+    probing, release = threading.Event(), threading.Event()
 
     def probe():
         with attention_routing.unrouted([a]):
@@ -341,19 +339,7 @@ def test_a_routed_block_nested_in_one_on_fewer_configs_waits_for_another_threads
     def route():
         with attention_routing.routed([b], None), attention_routing.routed([a, b], None):
             return a._attn_implementation
-    prober = threading.Thread(target=recorded(probe, probed), daemon=True)
-    prober.start()
-    assert probing.wait(timeout=10)
-    try:
-        router[0] = threading.Thread(target=recorded(route, routed, waiting), daemon=True)
-        router[0].start()
-        assert waiting.wait(timeout=10)
-        assert not routed, "the nested block routed a config while another thread's unrouted block ran on it"
-    finally:
-        release.set()
-    prober.join(timeout=10)
-    router[0].join(timeout=10)
-    assert not router[0].is_alive(), "the nested routed block still waits after the unrouted block ended"
+    probed, routed = second_waits_for_first(monkeypatch, probe, probing, release, route)
     assert probed == {"value": "eager"} and routed == {"value": attention_routing.IMPLEMENTATION}
     assert a._attn_implementation == b._attn_implementation == "eager"
 
@@ -364,9 +350,7 @@ def test_a_routed_block_nested_in_one_on_fewer_configs_does_not_wait_for_an_unro
     between, waits for A's block on b. The inner block must not wait for B's in turn (a deadlock, which fails the
     test in 10 s): B runs nothing before A's blocks end."""
     a, b = PretrainedConfig(attn_implementation="eager"), PretrainedConfig(attn_implementation="eager")
-    in_outer, go, waiting, prober, routed, probed = (threading.Event(), threading.Event(), threading.Event(), [None],
-                                                     {}, {})
-    signalling_when_waiting(monkeypatch, waiting, prober)
+    in_outer, go = threading.Event(), threading.Event()
 
     def route():
         with attention_routing.routed([b], None):
@@ -378,20 +362,30 @@ def test_a_routed_block_nested_in_one_on_fewer_configs_does_not_wait_for_an_unro
     def probe():
         with attention_routing.unrouted([a, b]):
             return a._attn_implementation, b._attn_implementation
-    router = threading.Thread(target=recorded(route, routed), daemon=True)
-    router.start()
-    assert in_outer.wait(timeout=10)
-    try:
-        prober[0] = threading.Thread(target=recorded(probe, probed, waiting), daemon=True)
-        prober[0].start()
-        assert waiting.wait(timeout=10)
-        assert not probed, "the unrouted block ran while another thread's routed block ran on its configs"
-    finally:
-        go.set()
-    router.join(timeout=10)
-    prober[0].join(timeout=10)
-    assert not router.is_alive(), "the nested routed block waits for an unrouted block that waits for it"
+    routed, probed = second_waits_for_first(monkeypatch, route, in_outer, go, probe)
     assert routed == {"value": attention_routing.IMPLEMENTATION} and probed == {"value": ("eager", "eager")}
+
+
+def second_waits_for_first(monkeypatch, first, holding, release, second):
+    """Runs `first` in a thread until it sets the event `holding`, then `second` in another until it waits on
+    attention_routing's condition, which it must do before it finishes; then sets `release` and returns both threads'
+    outcomes (recorded's) once they end. A thread still waiting after 10 s fails the test."""
+    waiting, waiter, first_outcome, second_outcome = threading.Event(), [None], {}, {}
+    signalling_when_waiting(monkeypatch, waiting, waiter)
+    first_thread = threading.Thread(target=recorded(first, first_outcome), daemon=True)
+    first_thread.start()
+    assert holding.wait(timeout=10)
+    try:
+        waiter[0] = threading.Thread(target=recorded(second, second_outcome, waiting), daemon=True)
+        waiter[0].start()
+        assert waiting.wait(timeout=10)
+        assert not second_outcome, "the second thread's block ran while the first one's held its configs"
+    finally:
+        release.set()
+    for thread in (first_thread, waiter[0]):
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "a block still waits after the other thread's ended"
+    return first_outcome, second_outcome
 
 
 def assert_left_nothing(*configs):
