@@ -99,7 +99,9 @@ class KahanAdamW(torch.optim.Optimizer):
     torch.optim.AdamW's (its options other than lr, betas, eps and weight_decay only at their defaults). State of each
     parameter: "step", "exp_avg" and "exp_avg_sq" (in the parameter's dtype, as torch's AdamW keeps them, so that
     torch's AdamW state loads here) and, for a bf16 parameter, "compensation" (zeros where a loaded state has none).
-    backend: "auto" (the Triton kernel on CUDA, torch elsewhere), "triton" or "torch"."""
+    backend: "auto" (the Triton kernel on CUDA, torch elsewhere), "triton" or "torch". Under torch.compile (of the
+    step), the torch backend's step of each parameter runs outside the graph (fastalign.ops.torch_chunked.kahan_adamw:
+    inductor would drop the compensation), to the eager step's bits."""
 
     def __init__(self, params: ParamsT, lr: float | torch.Tensor = 1e-3,
                  betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999), eps: float = 1e-8,

@@ -5,13 +5,19 @@ runs them, from the host-side scalars of fastalign.optim.kahan_adamw.step_scalar
 """
 import torch
 
+from ..compiler_disable import compiler_disable
 
 CHUNK = 1 << 22   # elements stepped at a time: each fp32 temporary takes 16 MiB, whatever the parameter's size
 
 
+@compiler_disable(reason="KahanAdamW's step runs outside the compiled graph (one graph break a parameter): inductor "
+                         "reads a bf16 weight it has just rounded back unrounded, which drops the compensation")
 def step(param, grad, exp_avg, exp_avg_sq, compensation, **scalars):
     """Updates contiguous param, exp_avg, exp_avg_sq and compensation (None: no compensation) in place from grad, all
-    of one shape, CHUNK elements at a time; `scalars` are fastalign.optim.kahan_adamw.step_scalars'."""
+    of one shape, CHUNK elements at a time; `scalars` are fastalign.optim.kahan_adamw.step_scalars'. Kept out of
+    torch.compile's graphs: inductor (without emulate_precision_casts) fuses the weight's write with the
+    compensation's read of it and takes the unrounded fp32 sum for the rounded weight, so the compensation lost what
+    rounding dropped (an explicit cast to bf16 in the graph is elided the same way)."""
     tensors = [t.view(-1) for t in (param, grad, exp_avg, exp_avg_sq)]
     flat_compensation = None if compensation is None else compensation.view(-1)
     for start in range(0, param.numel(), CHUNK):
