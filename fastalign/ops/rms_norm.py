@@ -76,7 +76,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, rule: 
         raise ValueError(f"rule must be one of {tuple(WEIGHT_RULES)}, got {rule!r}")
     if rule == "rounded" and weight.dtype != x.dtype:
         raise TypeError(f"weight must have x's dtype ({x.dtype}) under rule 'rounded', got {weight.dtype}")
-    if not (is_real(eps) and math.isfinite(eps) and eps >= 0):
+    # (not in dynamo's trace, as refuse_fake_tensors: compiled with dynamic=True, a module's float eps is a SymFloat,
+    # which math.isfinite cannot take there; eager calls check it)
+    if not torch.compiler.is_dynamo_compiling() and not (is_real(eps) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     launcher = select_backend("rms_norm", backend, x.device)
     require_triton_dtype(launcher, "x", x)

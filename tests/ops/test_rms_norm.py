@@ -264,3 +264,25 @@ def test_a_compiled_caller_traces_the_torch_backend(monkeypatch):
     x, weight = make_inputs((4, 37))
     torch.compile(lambda x, w: fastalign.rms_norm(x, w, backend="torch").sum(), backend="eager")(x, weight)
     assert compiling and all(compiling)
+
+
+def test_a_module_eps_compiles_in_one_graph_with_dynamic_shapes():
+    """rms_norm(x, self.weight, self.variance_epsilon) as the README calls it, compiled with dynamic=True and
+    fullgraph=True (a compiled HF Llama within fused_layers): dynamo made the float eps a SymFloat, and the check of
+    eps (math.isfinite) failed the trace (a graph break, refused by fullgraph=True). It is not checked in dynamo's
+    trace."""
+    class Norm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(8))
+            self.variance_epsilon = 1e-5
+
+        def forward(self, x):
+            return fastalign.rms_norm(x, self.weight, self.variance_epsilon, backend="torch")
+
+    torch._dynamo.reset()
+    norm = Norm()
+    compiled = torch.compile(norm, backend="eager", dynamic=True, fullgraph=True)
+    for rows in (3, 5):
+        x = torch.randn(rows, 8)
+        assert torch.equal(compiled(x), norm(x))
