@@ -44,7 +44,8 @@ class FusedOpFunction(torch.autograd.Function):
     it), and vmap runs the op once per sample (vmap_by_loop). Classmethods, which torch calls on the class as it
     calls the staticmethods it documents. A compiled caller calls apply_in_graph instead of apply: it applies a twin
     without the jvp, as dynamo refuses to trace a Function that defines one where gradients are recorded (a graph
-    break at every call, an error under fullgraph=True); forward mode does not run through a compiled graph anyway."""
+    break at every call, an error under fullgraph=True); forward mode does not run through a compiled graph anyway.
+    It passes a tensor given twice as a view the second time (distinct_tensors), which dynamo refuses too."""
 
     op: str
     apply_in_graph: Callable[..., Any]
@@ -53,7 +54,8 @@ class FusedOpFunction(torch.autograd.Function):
         super().__init_subclass__(**kwargs)
         if "jvp" not in vars(cls):   # an op's Function, not its twin
             twin = type(cls.__name__, (cls,), {"jvp": staticmethod(torch.autograd.Function.jvp)})
-            cls.apply_in_graph = staticmethod(lambda *args: twin.apply(*args))   # dynamo reads no class attribute
+            # (a function: dynamo reads no class attribute)
+            cls.apply_in_graph = staticmethod(lambda *args: twin.apply(*distinct_tensors(args)))
 
     @classmethod
     def jvp(cls, ctx, *tangents):
@@ -62,6 +64,14 @@ class FusedOpFunction(torch.autograd.Function):
     @classmethod
     def vmap(cls, info, in_dims, *args):
         return vmap_by_loop(cls.op, cls, info, in_dims, args)
+
+
+def distinct_tensors(args):
+    """args, each tensor that is an earlier one (gated_activation(x, x): act(x) * x) replaced by a view of it:
+    dynamo refuses to trace a Function's apply given one tensor twice (duplicate tensor input). The values are the
+    same, and the gradients of both uses reach the tensor."""
+    return tuple(arg.view_as(arg) if isinstance(arg, torch.Tensor) and any(arg is earlier for earlier in args[:i])
+                 else arg for i, arg in enumerate(args))
 
 
 def refuse_second_derivative(op):

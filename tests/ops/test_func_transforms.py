@@ -72,6 +72,22 @@ def test_a_compiled_caller_that_records_gradients_holds_a_layer_op_in_one_graph(
         torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("op", ["gated_linear", "gated_activation"])
+def test_a_compiled_caller_passing_one_tensor_as_gate_and_up_holds_the_op_in_one_graph(op):
+    """act(x) * x, the same tensor as gate and up, x recording gradients: dynamo refused the Function's apply given
+    one tensor twice (duplicate tensor input), a graph break, an error under fullgraph=True. One graph now, with the
+    eager value and the gradient of both uses."""
+    weight = torch.randn(4, 8)
+    calls = {"gated_linear": lambda x: fastalign.gated_linear(x, x, weight, backend="torch").square().sum(),
+             "gated_activation": lambda x: fastalign.gated_activation(x, x, backend="torch").square().sum()}
+    x = torch.randn(3, 8, requires_grad=True)
+    torch._dynamo.reset()
+    value = torch.compile(calls[op], backend="eager", fullgraph=True)(x)
+    want = calls[op](x)
+    assert torch.equal(value, want)
+    torch.testing.assert_close(torch.autograd.grad(value, x), torch.autograd.grad(want, x))
+
+
 def test_a_module_of_a_layer_op_exports_in_strict_mode():
     """torch.export's strict mode (dynamo) refused a module whose parameter records gradients for the same reason;
     the exported program gives the module's output."""
