@@ -92,14 +92,17 @@ def check_same_vocabulary(model, reference) -> int | None:
 def mean_token_kl_of_ids(model, reference, sequences: Sequence[TokenPair], batch_size: int = 16) -> float:
     """Mean over the answer tokens of all sequences of KL(reference || model) of the next-token distributions,
     each sequence a (prompt ids, answer ids) pair (lists, 1-D tensors or arrays of integer ids; a ValueError names a
-    sequence whose ids are not, a tokenizer's [1, T] return_tensors batch included) scored exactly as given:
-    every answer token, an end token included, predicted from the prompt and the answer before it. Both models must
-    share the vocabulary.
+    sequence that is not a pair, or whose ids are not such, a tokenizer's [1, T] return_tensors batch included)
+    scored exactly as given: every answer token, an end token included, predicted from the prompt and the answer
+    before it. Both models must share the vocabulary.
     Both run in eval mode (dropout off; each module's mode is given back after), whatever mode they are in:
     a policy just trained is left in train mode, and its dropout would add to the KL. The two may live on different
     devices (the reference on a GPU of its own): each reads the ids on its own, the KL is summed on the model's."""
     check_count("batch_size", batch_size, 1)
     vocab = check_same_vocabulary(model, reference)
+    for i, sequence in enumerate(sequences):
+        if not (hasattr(sequence, "__len__") and len(sequence) == 2):
+            raise ValueError(f"sequence {i} must be a (prompt ids, answer ids) pair, got {reprlib.repr(sequence)}")
     sequences = [(_token_ids(p, f"sequence {i}'s prompt ids"), _token_ids(a, f"sequence {i}'s answer ids"))
                  for i, (p, a) in enumerate(sequences)]
     for i, (prompt_ids, answer_ids) in enumerate(sequences):

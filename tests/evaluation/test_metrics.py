@@ -221,6 +221,14 @@ def test_ids_that_are_not_1d_integers_are_refused_naming_the_sequence(model, seq
         mean_token_kl_of_ids(model, model, [((1, 5), (6,)), sequence])
 
 
+@pytest.mark.parametrize("sequence", [((1, 5), (6,), (7,)), [1, 5, 6], 7])
+def test_a_sequence_that_is_not_a_pair_of_ids_is_refused_naming_it(model, sequence):
+    """A sequence of three id lists, a flat list of ids or a lone id failed with a bare unpacking error, naming neither
+    the sequence nor what it must be."""
+    with pytest.raises(ValueError, match=r"sequence 1 must be a \(prompt ids, answer ids\) pair"):
+        mean_token_kl_of_ids(model, model, [((1, 5), (6,)), sequence])
+
+
 @pytest.mark.parametrize("sequence", [((1, 5, 6), (7, -100)), ((1, -1, 6), (7, 8))])
 def test_negative_token_id_is_refused_naming_the_sequence(model, sequence):
     """Only ids past the vocabulary were checked: a negative one (-100, the ignore_index of labels, copied into the
