@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from fastalign.causal_lm_loss import hidden_and_targets, per_item
+from fastalign.causal_lm_loss import final_hidden_states, hidden_and_targets, per_item
 from fastalign.compute_dtype import compute_dtype
 from fastalign.eval_mode import eval_mode
 from fastalign.ops.backend import Backend, check_backend
@@ -58,7 +58,8 @@ class CausalLMKLDiv(torch.nn.Module):
     label is not ignore_index). The loss is the mean over the counted positions (0 where none counts), or with
     num_items_in_batch their sum divided by it. temperature T compares softmax(z / T) of both models' logits
     (standard distillation then multiplies the loss by T^2), soft-capped logits too. Both models are checked once,
-    here, to compute their logits the way the fused op does.
+    here, to compute their logits the way the fused op does. of_hidden_states takes the model's final hidden states
+    and their targets, as CausalLMLoss.of_hidden_states does: one decoder run gives the cross-entropy and the KL.
     With "adapter" it is not for concurrent calls from threads: PEFT's disable_adapter turns the adapter off in the
     whole model, so that another thread's call meanwhile computes the model without it too (or the reference with it).
     """
@@ -113,18 +114,37 @@ class CausalLMKLDiv(torch.nn.Module):
     def forward(self, labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
                 num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
                 **inputs) -> torch.Tensor:
+        hidden, target = hidden_and_targets(self.model, labels, shift_labels, inputs)
+        return self.of_hidden_states(hidden, target, num_items_in_batch, ignore_index, **inputs)
+
+    def of_hidden_states(self, hidden: torch.Tensor, target: torch.Tensor,
+                         num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
+                         **inputs) -> torch.Tensor:
+        """The KL as forward gives it, from the model's final hidden states [B, T', H] of `inputs` and their targets
+        [B, T'] (already shifted), as CausalLMLoss.of_hidden_states takes them: the decoder's run that gives them can
+        give the cross-entropy too. hidden are the first T' positions of the decoder's outputs (all but the last
+        against labels[:, 1:], all against shift_labels); the reference runs on `inputs`, its hidden states taken at
+        the same positions."""
         softcap, multiplier, reference_multiplier = self._head_factors()
         reference_model = self._reference_model()
         lm_head, ref_head = causal_lm_parts(self.model)[1], causal_lm_parts(reference_model)[1]
         if self.reference != "adapter":   # (a model resized since: resize_token_embeddings)
             _check_same_vocabulary(lm_head, ref_head)
             _check_embeddings_shared(self.model, reference_model, inputs)
-        hidden, target = hidden_and_targets(self.model, labels, shift_labels, inputs)
+        if not isinstance(target, torch.Tensor) or hidden.dim() != 3 or target.shape != hidden.shape[:-1]:
+            found = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+            raise ValueError(f"hidden must be [B, T', H] and target a tensor of its [B, T'], got hidden "
+                             f"{tuple(hidden.shape)} and target {found}")
         adapter_off = self.model.disable_adapter() if self.reference == "adapter" else contextlib.nullcontext()
         # (the reference's head weight too is read with its adapter off: PEFT's modules_to_save copy switches)
         with torch.no_grad(), eval_mode(base_causal_lm(reference_model)), adapter_off:
-            ref_hidden, _ = hidden_and_targets(reference_model, labels, shift_labels, inputs)
+            ref_hidden = final_hidden_states(reference_model, inputs)
             ref_weight, ref_bias = head_weight(ref_head, "reference"), ref_head.bias
+        if ref_hidden.shape[1] - target.shape[1] not in (0, 1):
+            raise ValueError(f"hidden must be the model's final hidden states at the first positions of the inputs "
+                             f"(all but the last against labels[:, 1:]): the reference's are {ref_hidden.shape[1]} "
+                             f"positions, hidden's {target.shape[1]}")
+        ref_hidden = ref_hidden[:, :target.shape[1]]
         lm_weight = head_weight(lm_head)
         # each head computes in its own dtype (a teacher in another than the student's is neither rounded to it nor
         # copied), under autocast in the autocast dtype, as the lm_heads' matmuls would; a head shared by both

@@ -131,12 +131,16 @@ def check_loss_is_causal_lm_cross_entropy(model: torch.nn.Module, computed_by: s
 
 def hidden_and_targets(model: torch.nn.Module, labels: torch.Tensor | None, shift_labels: torch.Tensor | None,
                        inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """predicting_positions of the final hidden states of `inputs` (run without a KV cache, its outputs as a dict
-    whatever return_dict the inputs carry) from the module of `model` that the lm_head reads
-    (unlearn.models.head_input_module). Without a cache transformers' masks split a row packed by position_ids
-    that restart (no attention_mask) into its sequences, where the model's default cache would not."""
-    outputs = head_input_module(model)(**{**inputs, "use_cache": False, "return_dict": True})
-    return predicting_positions(outputs.last_hidden_state, labels, shift_labels, model, inputs)
+    """predicting_positions of the final_hidden_states of `inputs`."""
+    return predicting_positions(final_hidden_states(model, inputs), labels, shift_labels, model, inputs)
+
+
+def final_hidden_states(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """The final hidden states [B, T, H] of `inputs` (run without a KV cache, its outputs as a dict whatever
+    return_dict the inputs carry) from the module of `model` that the lm_head reads (unlearn.models.head_input_module).
+    Without a cache transformers' masks split a row packed by position_ids that restart (no attention_mask) into its
+    sequences, where the model's default cache would not."""
+    return head_input_module(model)(**{**inputs, "use_cache": False, "return_dict": True}).last_hidden_state
 
 
 def predicting_positions(hidden: torch.Tensor, labels: torch.Tensor | None, shift_labels: torch.Tensor | None,

@@ -391,3 +391,76 @@ def test_a_reference_whose_lm_head_is_stored_in_float8_is_refused_naming_it():
     reference.lm_head = FP8Linear(reference.lm_head)
     with pytest.raises(NotImplementedError, match=r"the reference's lm_head weight \(53, 32\) torch.float8_e4m3fn"):
         CausalLMKLDiv(tiny_llama(VOCAB), reference)
+
+
+def adapter_case():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(VOCAB), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                                   init_lora_weights=False))
+    return model, "adapter"
+
+
+HIDDEN_STATES_CASES = {"llama-wider-teacher": lambda: tuple(make() for make in CASES["llama-wider-teacher"]),
+                       "gemma2-softcap": lambda: tuple(make() for make in CASES["gemma2-softcap"]),
+                       "lora-adapter-off": adapter_case}
+
+
+@pytest.mark.parametrize("targets", ["labels", "shift_labels"])
+@pytest.mark.parametrize("case", HIDDEN_STATES_CASES)
+def test_of_hidden_states_gives_forwards_kl_and_gradients(case, targets):
+    """CausalLMKLDiv had no of_hidden_states, as CausalLMLoss has: SFT with a KL to a reference ran the student's
+    decoder twice, once for each loss. The KL of the decoder's hidden states and their targets is forward's."""
+    model, reference = HIDDEN_STATES_CASES[case]()
+    if case == "gemma2-softcap":   # the same architecture and seed: other weights, so that the KL is no zero
+        with torch.no_grad():
+            for p in reference.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    inputs = batch(seed=18)
+    labels = inputs.pop("labels")
+    kl = CausalLMKLDiv(model, reference, backend="torch")
+    decoder = model.get_base_model().model if case == "lora-adapter-off" else model.model
+    hidden = decoder(**inputs).last_hidden_state
+    if targets == "labels":
+        expected, fused = kl(labels, **inputs), kl.of_hidden_states(hidden[:, :-1], labels[:, 1:], **inputs)
+    else:
+        shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        expected, fused = kl(shift_labels=shift_labels, **inputs), kl.of_hidden_states(hidden, shift_labels, **inputs)
+    assert expected > 1e-4
+    torch.testing.assert_close(fused, expected, rtol=1e-6, atol=1e-8)
+    for mine, theirs in zip(grads_of(model, fused), grads_of(model, expected)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-8)
+
+
+def test_cross_entropy_and_kl_from_one_decoder_run_are_the_two_calls_sum():
+    """SFT plus a KL to a teacher from one run of the student's decoder (the README's example): the sum, and its
+    gradients, of CausalLMLoss's and CausalLMKLDiv's forwards, each of which runs the decoder."""
+    from fastalign import CausalLMLoss
+    model, teacher = tiny_llama(VOCAB), tiny_llama(VOCAB, hidden_size=48, seed=1)
+    loss_fn, kl_fn = CausalLMLoss(model, backend="torch"), CausalLMKLDiv(model, teacher, backend="torch")
+    inputs = batch(seed=19)
+    ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    ce = loss_fn.of_hidden_states(hidden[:, :-1], labels[:, 1:])
+    kl = kl_fn.of_hidden_states(hidden[:, :-1], labels[:, 1:], input_ids=ids, attention_mask=mask)
+    expected = loss_fn(**inputs) + kl_fn(**inputs)
+    torch.testing.assert_close(ce + kl, expected, rtol=1e-6, atol=1e-8)
+    for mine, theirs in zip(grads_of(model, ce + kl), grads_of(model, expected)):   # (summed in another order)
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("positions, target_positions, message", [
+    (slice(None, -2), slice(1, -1), r"^hidden must be the model's final hidden states at the first positions of the "
+                                    r"inputs \(all but the last against labels\[:, 1:\]\): the reference's are 9 "
+                                    r"positions, hidden's 7$"),
+    (slice(None, -1), slice(None), r"^hidden must be \[B, T', H\] and target a tensor of its \[B, T'\], got hidden "
+                                   r"\(3, 8, 32\) and target \(3, 9\)$")])
+def test_hidden_states_not_at_the_inputs_positions_are_refused_naming_them(positions, target_positions, message):
+    """Hidden states the reference's cannot be aligned with, or targets not of their positions, are refused naming
+    hidden and target, not linear_kl_div's arguments."""
+    model, teacher = tiny_llama(VOCAB), tiny_llama(VOCAB, seed=1)
+    inputs = batch(seed=20)
+    labels = inputs.pop("labels")
+    hidden = model.model(**inputs).last_hidden_state
+    with pytest.raises(ValueError, match=message):
+        CausalLMKLDiv(model, teacher, backend="torch").of_hidden_states(hidden[:, positions],
+                                                                        labels[:, target_positions], **inputs)
