@@ -8,7 +8,7 @@ from fastalign import CausalLMKLDiv, linear_kl_div
 from fastalign.unlearn import models
 from tests.conftest import TRITON_DEVICE, requires_cuda
 from tests.runtime.tiny_models import drawn_weights
-from tests.test_causal_lm_loss import VOCAB, batch, grads_of, meta_llama
+from tests.test_causal_lm_loss import VOCAB, batch, grads_of, meta_llama, tiny_git
 from tests.unlearn.test_objective import tiny_cohere, tiny_gemma2, tiny_model
 from tests.unlearn.tiny import tiny_llama, tiny_phi
 
@@ -446,6 +446,22 @@ def test_cross_entropy_and_kl_from_one_decoder_run_are_the_two_calls_sum():
     torch.testing.assert_close(ce + kl, expected, rtol=1e-6, atol=1e-8)
     for mine, theirs in zip(grads_of(model, ce + kl), grads_of(model, expected)):   # (summed in another order)
         torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("given", ["labels", "shift_labels"])
+def test_a_reference_that_puts_image_tokens_before_the_text_is_refused_naming_why(given):
+    """A reference such as GIT puts tokens of its own before the text's hidden states, so its first positions, which
+    of_hidden_states takes, are not the text's: forward's predicting_positions refused it naming the model and why,
+    of_hidden_states's length check only said hidden was misplaced (and would pass one token before the text against
+    shift_labels). It is refused naming the reference and why again."""
+    model, git = tiny_llama(VOCAB), tiny_git()
+    ids = torch.randint(0, VOCAB, (2, 4))
+    hidden = model.model(input_ids=ids).last_hidden_state
+    hidden, target = (hidden[:, :-1], ids[:, 1:]) if given == "labels" else (hidden, ids)
+    with pytest.raises(NotImplementedError, match=r"reference GitForCausalLM: its hidden states \(6 positions\) are "
+                                                  r"longer than the inputs' 4 tokens"):
+        CausalLMKLDiv(model, git, backend="torch").of_hidden_states(hidden, target, input_ids=ids,
+                                                                    pixel_values=torch.randn(2, 3, 16, 16))
 
 
 @pytest.mark.parametrize("positions, target_positions, message", [

@@ -104,19 +104,25 @@ TEXT_CONFIG_TRANSFORMS = {   # model class, config class, config settings (skipp
 }
 
 
+def tiny_git():
+    """A tiny random GIT, which puts its image's tokens (16-pixel images in one patch, and a class token) before its
+    text's."""
+    import transformers
+    torch.manual_seed(0)
+    return transformers.GitForCausalLM(transformers.GitConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=16),
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32))
+
+
 def test_a_model_that_puts_image_tokens_before_the_text_is_refused_naming_why():
     """GIT puts its image tokens before the text's hidden states and takes its loss on the text's positions alone
     (logits[:, num_image_tokens:-1]): CausalLMLoss, the KL and the fused forward gave it with pixel_values 'labels
     must be an integer tensor of the inputs' shape (2, 6), got (2, 4)', although the labels have the input_ids'
     shape. They refuse it naming the model and why."""
     import copy
-    import transformers
-    torch.manual_seed(0)
-    git = transformers.GitForCausalLM(transformers.GitConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=16, patch_size=16),
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=32))
+    git = tiny_git()
     ids = torch.randint(0, VOCAB, (2, 4))
     images = {"input_ids": ids, "pixel_values": torch.randn(2, 3, 16, 16), "labels": ids}
     fused = copy.deepcopy(git)
