@@ -14,7 +14,8 @@ from typing import Literal
 
 import torch
 
-from fastalign.causal_lm_loss import final_hidden_states, hidden_and_targets, per_item
+from fastalign.causal_lm_loss import (final_hidden_states, hidden_and_targets, per_item,
+                                      refuse_tokens_before_the_text, text_tokens)
 from fastalign.compute_dtype import compute_dtype
 from fastalign.eval_mode import eval_mode
 from fastalign.ops.backend import Backend, check_backend
@@ -140,12 +141,10 @@ class CausalLMKLDiv(torch.nn.Module):
         with torch.no_grad(), eval_mode(base_causal_lm(reference_model)), adapter_off:
             ref_hidden = final_hidden_states(reference_model, inputs)
             ref_weight, ref_bias = head_weight(ref_head, "reference"), ref_head.bias
-        text = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
-        if isinstance(text, torch.Tensor) and ref_hidden.shape[1] > text.shape[1]:
-            raise NotImplementedError(f"reference {type(base_causal_lm(reference_model)).__name__}: its hidden states "
-                                      f"({ref_hidden.shape[1]} positions) are longer than the inputs' "
-                                      f"{text.shape[1]} tokens: it puts other tokens (images) before the text, "
-                                      "whose positions are not the model's")
+        text = text_tokens(inputs)
+        if isinstance(text, torch.Tensor):
+            refuse_tokens_before_the_text(reference_model, ref_hidden, text.shape[1],
+                                          f"the inputs' {text.shape[1]} tokens", whose="reference ")
         if ref_hidden.shape[1] - target.shape[1] not in (0, 1):
             raise ValueError(f"hidden must be the model's final hidden states at the first positions of the inputs "
                              f"(all but the last against labels[:, 1:]): the reference's are {ref_hidden.shape[1]} "

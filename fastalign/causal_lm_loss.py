@@ -156,13 +156,9 @@ def predicting_positions(hidden: torch.Tensor, labels: torch.Tensor | None, shif
     if labels is None and shift_labels is None:
         raise ValueError("labels (aligned with the inputs) or shift_labels (already shifted) is needed, got neither")
     given, name = (labels, "labels") if shift_labels is None else (shift_labels, "shift_labels")
-    text = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
-    if isinstance(given, torch.Tensor) and isinstance(text, torch.Tensor) and given.shape == text.shape[:2] \
-            and hidden.shape[1] > given.shape[-1]:
-        raise NotImplementedError(f"{type(base_causal_lm(model)).__name__}: its hidden states ({hidden.shape[1]} "
-                                  f"positions) are longer than the {name} ({given.shape[1]}): it puts other tokens "
-                                  "(images) before the text and takes its loss on the text's positions alone, not "
-                                  "the causal LM loss over its inputs that fastalign computes")
+    text = text_tokens(inputs)
+    if isinstance(given, torch.Tensor) and isinstance(text, torch.Tensor) and given.shape == text.shape[:2]:
+        refuse_tokens_before_the_text(model, hidden, given.shape[1], f"the {name} ({given.shape[1]})")
     if not isinstance(given, torch.Tensor) or given.shape != hidden.shape[:-1] or not holds_class_ids(given.dtype):
         found = f"{tuple(given.shape)} {given.dtype}" if isinstance(given, torch.Tensor) else type(given).__name__
         raise ValueError(f"{name} must be an integer tensor of the inputs' shape {tuple(hidden.shape[:-1])}, "
@@ -170,6 +166,23 @@ def predicting_positions(hidden: torch.Tensor, labels: torch.Tensor | None, shif
     if shift_labels is None:   # position t predicts token t + 1: the last position has no target
         hidden, given = hidden[:, :-1], labels[:, 1:]
     return hidden, given.to(device=hidden.device, dtype=torch.long)
+
+
+def text_tokens(inputs: dict) -> torch.Tensor | None:
+    """The inputs' tokens: input_ids, else inputs_embeds (None where neither is given)."""
+    return inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
+
+
+def refuse_tokens_before_the_text(model: torch.nn.Module, hidden: torch.Tensor, length: int, text: str,
+                                  whose: str = "") -> None:
+    """NotImplementedError where `model`'s final hidden states [B, T, H] are longer than the text's `length`
+    positions (`text` says what gave that length; `whose` prefixes the model's name): it put other tokens before the
+    text (GIT its image tokens, and takes its loss on the text's positions alone), whose loss is not the plain one."""
+    if hidden.shape[1] > length:
+        raise NotImplementedError(f"{whose}{type(base_causal_lm(model)).__name__}: its hidden states "
+                                  f"({hidden.shape[1]} positions) are longer than {text}: it puts other tokens "
+                                  "(images) before the text and takes its loss on the text's positions alone, not "
+                                  "the causal LM loss over its inputs that fastalign computes")
 
 
 def holds_class_ids(dtype: torch.dtype) -> bool:
