@@ -118,14 +118,19 @@ def _warn_of_settings_of_terms_left_out(config: UnlearnConfig) -> None:
     """Warns of the settings, given a value, of a term that load_streams leaves out (its weight 0, or no mismatch
     answer per prompt): it reads no rows for it, and builds no reference without normal rows."""
     said = []
+    mismatch_on = config.mismatch_weight != 0 and config.mismatch_per_prompt != 0
     if config.normal_weight == 0:
-        cache = ("reference_cache",) if config.reference_mode == "cached" else ()   # (else the config says it)
-        said += config.without_effect(("normal_batch_size",) + cache, "with normal_weight=0 (--normal-weight 0): no "
-                                      "normal rows are drawn, and no reference is built for them")
+        # a TruthfulQA .csv still gives the mismatch term its pool, or keeps its normal answers out of one
+        normal = () if mismatch_on and config.normal and _is_csv(config.normal) else ("normal",)
+        # a cached reference still freezes the lm_head (its cache's storage is what has no effect)
+        reference = ("reference_cache",) if config.reference_mode == "cached" else ("reference",)
+        said += config.without_effect(normal + ("normal_batch_size",) + reference, "with normal_weight=0 "
+                                      "(--normal-weight 0): no normal rows are drawn, and no reference is built for "
+                                      "them")
     if config.mismatch_weight == 0:
         said += config.without_effect(("mismatch_per_prompt", "mismatch_pool"), "with mismatch_weight=0 "
                                       "(--mismatch-weight 0): no mismatch rows are drawn")
-    elif config.mismatch_per_prompt == 0:
+    elif not mismatch_on:
         said += config.without_effect(("mismatch_pool",), "with mismatch_per_prompt=0: no mismatch rows are drawn")
     for message in said:
         warnings.warn(message, stacklevel=3)

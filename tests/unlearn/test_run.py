@@ -1,6 +1,7 @@
 """load_streams: which rows of the user's files feed which stream; load_model_and_tokenizer's errors."""
 import gzip
 import json
+import warnings
 
 import pytest
 import torch
@@ -112,6 +113,21 @@ def test_settings_of_a_term_load_streams_leaves_out_are_warned_of_there(tmp_path
     config = UnlearnConfig(model="m", output_dir="o", forget=[str(forget)], normal=str(write_truthfulqa(
         tmp_path / "tqa.csv")), max_length=64, **settings)
     with pytest.warns(UserWarning, match=message):
+        load_streams(config, byte_bpe_tokenizer())
+
+
+@pytest.mark.parametrize("normal, reference, named", [
+    ("normal.jsonl", "auto", "normal"), ("tqa.csv", "copy", "reference"), ("normal.jsonl", "copy", "normal, reference")])
+def test_a_normal_file_or_reference_of_no_effect_with_normal_weight_0_is_warned_of(tmp_path, normal, reference, named):
+    """With normal_weight=0 a normal jsonl is never read and no reference model is built: both were taken without a
+    word (a TruthfulQA .csv still feeds the mismatch pool, and a cached reference still freezes the lm_head)."""
+    forget = write_jsonl(tmp_path / "forget.jsonl", FORGET_ROWS)
+    paths = {"normal.jsonl": write_jsonl(tmp_path / "normal.jsonl", FORGET_ROWS),
+             "tqa.csv": write_truthfulqa(tmp_path / "tqa.csv")}
+    mismatch = {"mismatch_weight": 0} if normal.endswith(".jsonl") else {}   # (a csv is the pool)
+    config = UnlearnConfig(model="m", output_dir="o", forget=[str(forget)], normal=str(paths[normal]), normal_weight=0,
+                           reference=reference, max_length=64, **mismatch)
+    with pytest.warns(UserWarning, match=rf"^{named} (has|have) no effect with normal_weight=0 "):
         load_streams(config, byte_bpe_tokenizer())
 
 
@@ -295,7 +311,9 @@ def test_a_truthfulqa_normal_file_feeds_the_mismatch_pool_with_the_normal_term_o
     config = UnlearnConfig(model="m", output_dir="o", forget=[str(forget)], normal=str(csv), normal_weight=0,
                            max_length=64)
     tokenizer = byte_bpe_tokenizer()
-    streams = load_streams(config, tokenizer)
+    with warnings.catch_warnings():   # the csv takes effect: it is not warned of
+        warnings.simplefilter("error")
+        streams = load_streams(config, tokenizer)
     split = load_truthfulqa(csv, test_fraction=config.truthfulqa_test_fraction,
                             pool_fraction=config.truthfulqa_pool_fraction, seed=config.seed)
     assert not streams.normal and streams.pool == encode_answers(tokenizer, TextTemplate(), split.mismatch_pool)
