@@ -318,7 +318,11 @@ def _check_plain_head(base, lm_head: torch.nn.Module, whose: str) -> None:
                                   "would neither act nor train")
 
 
-def check_fused_logits(model, probe_tokens: int = 4, *, whose: str = "model") -> None:
+# the tokens of check_fused_logits' probe: ids spread over the vocabulary
+_PROBE_TOKENS = 4
+
+
+def check_fused_logits(model, *, whose: str = "model") -> None:
     """Raises NotImplementedError unless `model`'s logits are what the fused losses compute from its parts:
     F.linear(s * final hidden states of its decoder, lm_head.weight, s * lm_head.bias), s the logit_multiplier,
     capped as logit_softcap says; first, without running it, for an lm_head whose weight's dtype or parameters say it
@@ -348,7 +352,7 @@ def check_fused_logits(model, probe_tokens: int = 4, *, whose: str = "model") ->
     check_head_loaded(lm_head, whose)
     # ids the input embeddings hold (an lm_head may have more rows: a checkpoint's unembedding padded past them)
     vocab = min(weight.shape[0], input_vocabulary(base) or weight.shape[0])
-    ids = torch.linspace(0, vocab - 1, probe_tokens, device=weight.device).long()[None]
+    ids = torch.linspace(0, vocab - 1, _PROBE_TOKENS, device=weight.device).long()[None]
     mask = torch.ones_like(ids)
     with torch.no_grad(), eval_mode(base):
         forward = vars(base).get("_original_forward", base)
