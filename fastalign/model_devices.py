@@ -6,6 +6,8 @@ execution device at each forward. A module that a device_map dispatches also mov
 execution device. A parameter on the meta device whose module has no hook loading it is not loaded at all: a forward
 fails on it, or (F.linear on a CPU input) silently returns uninitialised memory.
 """
+import warnings
+
 import torch
 
 META = torch.device("meta")
@@ -98,3 +100,33 @@ def input_device(model: torch.nn.Module, user: str, name: str = "model") -> torc
         embeddings = None
     modules = embeddings.modules() if isinstance(embeddings, torch.nn.Module) else iter(())
     return next((d for m in modules for d in module_devices(m)), next(iter(found), torch.device("cpu")))
+
+
+def check_not_dispatched(model, device) -> None:
+    """Raises where accelerate's hooks (a device_map over several devices) would move a module's inputs off the
+    accelerator's `device`: the trainer moves every weight there (model.to), and the hooks would go on moving the
+    activations to the devices the device_map named, failing the first forward deep inside torch ("Expected all
+    tensors to be on the same device")."""
+    device, elsewhere = as_device(device), {}
+    for name, module in model.named_modules():
+        for hooked, _ in hook_devices(module):
+            if hooked != device:
+                elsewhere.setdefault(hooked, name or type(model).__name__)
+    if elsewhere:
+        where = " and ".join(f"{d} ({name})" for d, name in elsewhere.items())
+        raise ValueError(f"model: accelerate dispatched it to run on {where} (a device_map over several devices?): the "
+                         f"trainer trains the whole model on the accelerator's device, {device}; load the model "
+                         "without a device_map, or with every module on that device")
+
+
+def warn_if_moved(devices, device) -> None:
+    """Warns when weights on one accelerator (`devices`, where they are) will train on another of its kind, the
+    accelerator's `device`, where the trainer moves them: a model put on cuda:1 in a process whose current device is
+    cuda:0 (accelerate's device without an index is the current one) trains on cuda:0, beside whatever runs there."""
+    device = as_device(device)
+    moved = sorted({str(d) for d in devices if d.type == device.type and d != device})
+    if moved:
+        warnings.warn(f"model: its weights are on {', '.join(moved)}; the trainer trains on the accelerator's device, "
+                      f"{device}, and moves them there. To train on {moved[0]}, make it the current device "
+                      f"(torch.cuda.set_device({moved[0]!r})) or launch with CUDA_VISIBLE_DEVICES, before making the "
+                      "trainer", stacklevel=3)

@@ -3,8 +3,9 @@ device, weights on the meta device without a hook not loaded; and where its inpu
 import pytest
 import torch
 
-from fastalign.model_devices import META, as_device, compute_devices, input_device, model_device
-from tests.unlearn.tiny import tiny_llama
+from fastalign.model_devices import (META, as_device, check_not_dispatched, compute_devices, input_device, model_device,
+                                     warn_if_moved)
+from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama
 
 accelerate = pytest.importorskip("accelerate")
 CPU = torch.device("cpu")
@@ -125,3 +126,30 @@ def test_the_input_device_of_a_model_without_embeddings_is_where_its_first_modul
     here, its weight left on the CPU), not to the CPU by default."""
     block = dispatched_to(torch.nn.Sequential(torch.nn.Linear(2, 2)), "cuda:1")
     assert input_device(block, "a test") == torch.device("cuda", 1)
+
+
+def test_hooks_on_the_accelerators_current_device_are_on_its_device(monkeypatch):
+    """accelerate's one-process Accelerator.device is torch.device("cuda"), without an index: a model dispatched to
+    the current device (cuda:1 here) is on it; another device is refused, naming the first module dispatched there."""
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 1)
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    for block in model.model.layers:
+        dispatched_to(block, 1)
+    check_not_dispatched(model, torch.device("cuda"))
+    with pytest.raises(ValueError, match=r"^model: accelerate dispatched it to run on cuda:1 \(model.layers.0\) .*: "
+                                         r"the trainer trains the whole model on the accelerator's device, cuda:0"):
+        check_not_dispatched(model, torch.device("cuda", 0))
+
+
+def test_weights_on_another_device_of_the_accelerators_kind_are_moved_with_a_warning(monkeypatch, recwarn):
+    """The one-process Accelerator.device is the current CUDA device: a model the user put on cuda:1 while cuda:0 is
+    current trains on cuda:0, which the trainer says (device objects stand in for a model's: no GPU here)."""
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
+    with pytest.warns(UserWarning, match=r"^model: its weights are on cuda:1; the trainer trains on the accelerator's "
+                                         r"device, cuda:0, and moves them there. To train on cuda:1, .*set_device"):
+        warn_if_moved({torch.device("cuda", 1)}, torch.device("cuda"))
+    for same_or_other_kind in ({torch.device("cuda", 0)}, {torch.device("cpu")}):   # nothing moves between GPUs
+        warn_if_moved(same_or_other_kind, torch.device("cuda"))
+    assert not recwarn.list

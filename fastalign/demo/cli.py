@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..unlearn.trainer import MissingExtraError
+from ..unlearn.extras import MissingExtraError
 from .model import ASSETS, WORLD_FILE
 from .story import DemoResult, DemoSettings, check_settings, run_demo
 

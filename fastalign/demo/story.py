@@ -23,10 +23,11 @@ from ..rain import RainConfig, rain_generate
 from ..unlearn.batching import filler_token_id
 from ..unlearn.config import UnlearnConfig
 from ..unlearn.encoding import encode_answers, encode_pairs
+from ..unlearn.extras import require_extras
 from ..unlearn.records import QAPair
 from ..unlearn.streams import UnlearningStreams
 from ..unlearn.templates import TextTemplate
-from ..unlearn.trainer import UnlearningTrainer, require_extras
+from ..unlearn.trainer import UnlearningTrainer
 from .model import ASSETS, load_model, load_world
 from .world import JUDGE_PROMPT, QA, World, prompt_text
 

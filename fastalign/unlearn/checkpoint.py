@@ -7,16 +7,22 @@ and is removed by the next run.
 
 Layout: <output_dir>/checkpoints/step-000010/{state.pt, rank-0.pt, rank-1.pt, ...} and
 <output_dir>/checkpoints/latest (the name of the newest complete checkpoint).
+
+Also what a checkpoint restores beyond the trainer's state (torch's generators) and the output-dir policy of a
+run that starts or resumes there (resume_point; the log lines past the checkpoint, truncate_log).
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from typing import Callable, Iterator
 
 import torch
 
+from fastalign.unlearn.config import UnlearnConfig
+from fastalign.unlearn.records import DataError, read_jsonl
 from fastalign.writable import naming_a_full_disk
 
 CHECKPOINTS = "checkpoints"
@@ -86,6 +92,57 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return path
 
 
+def resume_point(config: UnlearnConfig) -> str | None:
+    """The checkpoint in config.output_dir to resume from; refuses to start over a previous run unless asked to
+    resume. Reads only, so a run checks it before loading the model and data too."""
+    out = config.output_dir
+    foreign = _foreign_file(out) if os.path.isdir(out) else None
+    if foreign:
+        raise FileExistsError(f"{out} holds a {foreign} that is not a fastalign unlearn run's (is it a model's "
+                              "directory, or another tool's output?), which the run would replace; choose another "
+                              "output_dir (--output-dir)")
+    if os.path.isdir(os.path.join(out, "model")):  # written last: the run ended (resuming would only replay it)
+        raise FileExistsError(f"{out} already holds a finished model; choose another output_dir (--output-dir)")
+    existing = latest_checkpoint(out) if os.path.isdir(out) else None
+    if existing and not config.resume:
+        raise FileExistsError(f"{out} already holds a run ({existing}); resume it with resume=True "
+                              "(--resume) or choose another output_dir (--output-dir)")
+    return existing
+
+
+def _foreign_file(out: str) -> str | None:
+    """The name of a config.json or log.jsonl in `out` that no unlearning run wrote, which a run would replace (a
+    model's own config.json where output_dir is the model's directory, another tool's log); None otherwise."""
+    path = os.path.join(out, "config.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+        except ValueError:   # not JSON, not UTF-8
+            saved = None
+        if not (isinstance(saved, dict) and {"model", "forget", "output_dir"} <= saved.keys()):
+            return "config.json"
+    path = os.path.join(out, "log.jsonl")
+    if os.path.isfile(path):
+        try:
+            if not all(isinstance(r.get("step"), int) for _, r in read_jsonl(path, skip_torn_last_line=True)):
+                return "log.jsonl"
+        except DataError:   # not JSON lines
+            return "log.jsonl"
+    return None
+
+
+def truncate_log(path: str, step: int) -> None:
+    """Drops log lines of steps after `step`: those an interrupted run wrote after its last checkpoint (all of them
+    when it was killed before its first one and this run starts over), the last one included where the kill cut it
+    short (no newline: not JSON; read_jsonl's torn last line)."""
+    if not os.path.isfile(path):
+        return
+    kept = [record for _, record in read_jsonl(path, skip_torn_last_line=True) if record["step"] <= step]
+    # as the run wrote them, in one step: a kill while rewriting the log must not lose the lines kept
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
+
+
 def write_checkpoint(output_dir: str, step: int, state: dict, rank_state: dict, *, rank: int, is_main: bool,
                      barrier: Callable[[], None], keep: int) -> str:
     """Writes state (from the main process) and each process's rank_state as checkpoint `step`.
@@ -146,3 +203,35 @@ def _load(file: str):
     except Exception as e:   # a truncated or foreign file: zip, pickle or EOF errors, whichever torch meets first
         raise ValueError(f"cannot resume from {file}: it cannot be read ({type(e).__name__}: {e}); resume from an "
                          "earlier checkpoint by writing its name into checkpoints/latest, or start over") from e
+
+
+def torch_rng_state(device: torch.device) -> dict:
+    """The states of torch's generators that a run on `device` draws from (LoRA's initialisation and dropout): the
+    CPU's and, on CUDA, that device's alone (every GPU's that the process saw could not be restored by a process that
+    sees fewer, or sees them in another order)."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Sets torch's generators to `state` (torch_rng_state's) for a run on `device`. A checkpoint written before
+    2026-12-07 also holds Python's and NumPy's global states, which are left alone: the trainer draws from neither
+    (the streams have generators of their own), and they are the caller's."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(_cuda_rng_state(state["cuda"], device), device)
+
+
+def _cuda_rng_state(saved, device: torch.device) -> torch.Tensor:
+    """`device`'s CUDA generator state out of a checkpoint's: its own, or of a checkpoint written before 2026-12-07
+    (a list of every GPU's the process saw) the state at `device`'s index."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= len(saved):
+        raise ValueError(f"cannot restore the CUDA generator of {device} (index {index}): the checkpoint, written "
+                         f"before 2026-12-07, holds the states of the {len(saved)} GPU(s) its process saw; resume it "
+                         f"with each process on a GPU of index below {len(saved)} (CUDA_VISIBLE_DEVICES)")
+    return saved[index]

@@ -256,10 +256,12 @@ def is_main_process() -> bool:
 
 
 def main(args: argparse.Namespace) -> int:
+    from fastalign.unlearn.checkpoint import resume_point
+    from fastalign.unlearn.extras import MissingExtraError, require_extras
     from fastalign.unlearn.packing import RowPacker
     from fastalign.unlearn.records import DataError
     from fastalign.unlearn.run import load_model_and_tokenizer, load_streams, run_unlearning
-    from fastalign.unlearn.trainer import MissingExtraError, UnlearningTrainer, require_extras, resume_point
+    from fastalign.unlearn.trainer import UnlearningTrainer
 
     try:
         config = config_from_args(args)

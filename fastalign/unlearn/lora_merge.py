@@ -4,13 +4,19 @@ PEFT's merge_and_unload adds each layer's delta (B @ A * scaling, in the adapter
 in place, in the weight's own dtype: the merged weight is (W0 + delta) rounded to that dtype. A bf16 weight
 keeps 8 significant bits, so a delta much smaller than the weight is mostly rounded away (std 1e-4 on weights
 of std 0.02: about a third of it; 1e-5, as unlearning's small learning rates give: about 90%), and the merged
-model barely differs from the original. The unmerged adapter keeps the update exactly.
+model barely differs from the original. The unmerged adapter keeps the update exactly; the trainer warns where
+model/ lost more of it than MERGE_ERROR_WARNING (warn_of_a_lossy_merge).
 """
 from __future__ import annotations
 
 import math
+import warnings
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:   # (the trainer imports this module)
+    from fastalign.unlearn.trainer import RunSummary
 
 # Above this share of the update lost, the trainer warns that the merged model/ is not the model trained.
 MERGE_ERROR_WARNING = 0.1
@@ -44,3 +50,16 @@ def merge_rounding_error(model) -> float | None:
             lost_sq += float(torch.linalg.vector_norm(merged.float() - original - delta, dtype=torch.float64)) ** 2
             update_sq += float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
     return math.sqrt(lost_sq / update_sq) if update_sq else 0.0
+
+
+def warn_of_a_lossy_merge(summary: RunSummary) -> None:
+    """Warns when model/ lost more of the LoRA update than MERGE_ERROR_WARNING: a silently weaker model."""
+    error = summary.merge_rounding_error
+    if error is not None and error > MERGE_ERROR_WARNING:
+        warnings.warn(f"merging the LoRA adapter into the weights of {summary.model_dir} lost {error:.1%} of its "
+                      f"update (merge_rounding_error {error:.4g} > {MERGE_ERROR_WARNING:g}: the weights' precision, "
+                      "e.g. bf16, rounds small changes away), so that model is not the model trained. The "
+                      f"unmerged adapter in {summary.adapter_dir} keeps the update exactly: serve it on the base "
+                      "model (PeftModel.from_pretrained(base, adapter_dir), base loaded in the dtype it trained "
+                      "in), or train with fp32 weights (precision fp32 or bf16-mixed), whose merge keeps it",
+                      stacklevel=4)

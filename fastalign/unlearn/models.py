@@ -102,6 +102,25 @@ def cast_weights(model, dtype: torch.dtype):
     return model
 
 
+def check_trainable_dtypes(model) -> None:
+    """Raises on a float16 weight to train: AdamW's eps (1e-8) rounds to 0 in float16 and its second moments
+    underflow, so the first step turns such weights into inf or NaN."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dtype == torch.float16:
+            raise ValueError(f"model parameter {name} is torch.float16 and trains: AdamW's eps rounds to 0 in float16 "
+                             "and its second moments underflow, so the first step would make weights inf or NaN; "
+                             "load the model in float32 (precision 'fp32' or 'bf16-mixed') or bfloat16 (precision "
+                             "'bf16'), or train a LoRA adapter on the float16 model (lora=True: float32 weights)")
+
+
+def finite(t: torch.Tensor) -> torch.Tensor:
+    """Whether `t` holds no NaN or inf, as a bool tensor on its device; a float8 one, which torch.isfinite does not
+    take, read in float32 a chunk at a time (not a float32 copy of a whole weight)."""
+    if t.is_floating_point() and t.element_size() == 1:
+        return torch.stack([torch.isfinite(chunk.float()).all() for chunk in t.reshape(-1).split(1 << 24)]).all()
+    return torch.isfinite(t).all()
+
+
 def enable_activation_checkpointing(model):
     """Recompute each decoder layer's activations in the backward pass (non-reentrant checkpoints).
 

@@ -162,7 +162,9 @@ def run_unlearning(config: UnlearnConfig, **trainer_options) -> RunSummary:
     """Loads, validates and trains; returns the trainer's RunSummary. A missing extra (MissingExtraError), and an
     output_dir that holds a finished or unresumed run or that another fastalign process is writing, are refused
     before the model and data load."""
-    from fastalign.unlearn.trainer import UnlearningTrainer, require_extras, resume_point
+    from fastalign.unlearn.checkpoint import resume_point
+    from fastalign.unlearn.extras import require_extras
+    from fastalign.unlearn.trainer import UnlearningTrainer
 
     require_extras(config)
     config.check_paths()

@@ -20,44 +20,41 @@ model put at the config's model path (a digest of its files), is refused.
 from __future__ import annotations
 
 import contextlib
-import copy
-import datetime
-import gc
-import importlib
 import itertools
 import json
 import os
 import threading
 import time
-import traceback
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
-from fastalign.model_devices import ON_META, as_device, hook_devices
+from fastalign.model_devices import ON_META, check_not_dispatched, warn_if_moved
 from fastalign.model_files import model_files_digest
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.one_call import one_call_at_a_time
 from fastalign.ops.backend import select_backend
+from fastalign.unlearn.accelerator import MIXED_PRECISION, check_launch, new_accelerator, released_when_done
 from fastalign.unlearn.backward_step import step_in_backward
-from fastalign.unlearn.checkpoint import (atomic_directory, latest_checkpoint, read_checkpoint,
-                                          remove_stale_temporaries, write_checkpoint, write_text_atomic)
+from fastalign.unlearn.checkpoint import (atomic_directory, read_checkpoint, remove_stale_temporaries, resume_point,
+                                          set_rng_state, torch_rng_state, truncate_log, write_checkpoint,
+                                          write_text_atomic)
 from fastalign.unlearn.compute import (ComputeTotals, ModelShape, batch_compute, cache_compute,
                                        decoder_matmul_weights)
 from fastalign.unlearn.config import UnlearnConfig
+from fastalign.unlearn.extras import require
 from fastalign.unlearn.layer_stand_ins import fused_layers
-from fastalign.unlearn.lora_merge import MERGE_ERROR_WARNING, merge_rounding_error
+from fastalign.unlearn.lora_merge import merge_rounding_error, warn_of_a_lossy_merge
 from fastalign.unlearn.models import (activation_checkpointing_settings, base_causal_lm, cast_weights, causal_lm_parts,
                                       check_activation_checkpointing, check_fused_logits, check_mergeable_adapter,
-                                      enable_activation_checkpointing, max_positions,
+                                      check_trainable_dtypes, enable_activation_checkpointing, finite, max_positions,
                                       restore_activation_checkpointing)
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.optimizer import adamw
 from fastalign.unlearn.packing import packing_unavailable
-from fastalign.unlearn.records import DataError, read_jsonl
 from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
+from fastalign.unlearn.saving import save_model
 from fastalign.unlearn.sharding import (check_flat_units, full_model_state, load_optimizer_state,
                                         load_trainable_state, optimizer_state, trainable_names, trainable_state)
 from fastalign.unlearn.streams import UnlearningBatch, UnlearningStreams
@@ -70,13 +67,6 @@ _RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_checkpoints", "progress",
 # Settings that name files: the same file spelled otherwise (relative or absolute, ./, a trailing /) resumes, as the
 # checkpoint's digests of the model files and the data tell whether the files themselves changed
 _PATH_SETTINGS = {"model", "forget", "normal", "mismatch_pool"}
-# accelerate's mixed_precision of each precision: the policy's forward runs under its autocast, the reference as the
-# precision says (_reference), so an accelerator given with another one would make P another model's
-_MIXED_PRECISION = {"fp32": "no", "bf16-mixed": "bf16", "bf16": "no"}
-# How long the processes wait for each other (the group's timeout; NCCL's default is 10 minutes): at a checkpoint's
-# barriers they wait while rank 0 writes state.pt, ~100 GB for an 8B model's weights and AdamW state, which a network
-# file system at 100 MB/s writes in 17 minutes
-_PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=2)
 
 
 @dataclass
@@ -127,197 +117,6 @@ class RunSummary:
     draws: dict | None = None
 
 
-class MissingExtraError(ImportError):
-    """A package the run needs is not installed; the message names the extra that installs it."""
-
-
-# The packages the trainer imports only when it runs: the extra that installs each, and what needs it.
-_EXTRAS = {"accelerate": ("unlearn", "the unlearning trainer"), "peft": ("lora", "lora=True")}
-
-
-def _require(module: str):
-    """`module` (a key of _EXTRAS) imported, or MissingExtraError naming its extra."""
-    extra, user = _EXTRAS[module]
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise MissingExtraError(f"{user} needs {module}: pip install 'fastalign[{extra}]'") from e
-
-
-def require_extras(config: UnlearnConfig) -> None:
-    """MissingExtraError unless what a run of `config` trains with is installed (accelerate; peft for lora=True):
-    checked before a model loads, rather than found by the trainer once the model and data have loaded."""
-    for module in ("accelerate", "peft") if config.lora else ("accelerate",):
-        _require(module)
-
-
-def _torch_rng_state(device: torch.device) -> dict:
-    """The states of torch's generators that a run on `device` draws from (LoRA's initialisation and dropout): the
-    CPU's and, on CUDA, that device's alone (every GPU's that the process saw could not be restored by a process that
-    sees fewer, or sees them in another order)."""
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    """Sets torch's generators to `state` (_torch_rng_state's) for a run on `device`. A checkpoint written before
-    2026-12-07 also holds Python's and NumPy's global states, which are left alone: the trainer draws from neither
-    (the streams have generators of their own), and they are the caller's."""
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(_cuda_rng_state(state["cuda"], device), device)
-
-
-def _cuda_rng_state(saved, device: torch.device) -> torch.Tensor:
-    """`device`'s CUDA generator state out of a checkpoint's: its own, or of a checkpoint written before 2026-12-07
-    (a list of every GPU's the process saw) the state at `device`'s index."""
-    if isinstance(saved, torch.Tensor):
-        return saved
-    index = torch.cuda.current_device() if device.index is None else device.index
-    if index >= len(saved):
-        raise ValueError(f"cannot restore the CUDA generator of {device} (index {index}): the checkpoint, written "
-                         f"before 2026-12-07, holds the states of the {len(saved)} GPU(s) its process saw; resume it "
-                         f"with each process on a GPU of index below {len(saved)} (CUDA_VISIBLE_DEVICES)")
-    return saved[index]
-
-
-def _check_launch(accelerator, precision: str) -> None:
-    """Raises unless accelerate runs every process the launcher started, leaves accumulation to the trainer and
-    computes in `precision`."""
-    launched = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
-    if launched != accelerator.num_processes:  # each process would train alone and race the others to output_dir
-        raise ValueError(f"launched as {launched} processes (WORLD_SIZE={launched}), but accelerate runs this one "
-                         f"alone ({accelerator.num_processes} process): without a GPU it joins them only when told "
-                         "to use the CPU: set ACCELERATE_USE_CPU=1 (ACCELERATE_USE_CPU=1 torchrun ...)")
-    steps = accelerator.gradient_accumulation_steps
-    if steps != 1:  # Accelerator.backward would divide each loss by it, on top of the trainer's own division
-        raise ValueError(f"accelerate's gradient_accumulation_steps is {steps} (accelerate launch "
-                         "--gradient_accumulation_steps, ACCELERATE_GRADIENT_ACCUMULATION_STEPS): leave it at 1 and "
-                         "set grad_accum (--grad-accum), the micro-batches the trainer accumulates per step")
-    mixed = _MIXED_PRECISION[precision]
-    if accelerator.mixed_precision != mixed:
-        raise ValueError(f"the accelerator's mixed_precision is {accelerator.mixed_precision!r}, but "
-                         f"precision={precision!r} trains with mixed_precision={mixed!r} (the reference is built "
-                         f"for it): pass an Accelerator(mixed_precision={mixed!r}), or set precision "
-                         "(--precision) to the one the accelerator computes in")
-
-
-# the key _new_accelerator marks accelerate's process-wide state with where it made it (a reset clears it)
-_MADE_BY_A_TRAINER = "_fastalign_trainer_made_it"
-
-
-def _new_accelerator(precision: str):
-    """An Accelerator computing in `precision`'s mixed precision, whose process group (where it makes one) waits
-    _PROCESS_GROUP_TIMEOUT. accelerate keeps one state per process, which the first Accelerator sets and later ones
-    may not change: in a process of its own (no launcher), a trainer of another precision than an earlier one's (a
-    sweep in a notebook) resets it, where accelerate refused (train() then refuses the earlier trainers, whose
-    accelerators share the state); a state the caller's own Accelerator set is shared where it computes in that
-    precision and refused otherwise: resetting it would switch the caller's training to another precision."""
-    accelerate = _require("accelerate")
-    mixed, state = _MIXED_PRECISION[precision], accelerate.state.AcceleratorState
-    options = dict(mixed_precision=mixed,
-                   kwargs_handlers=[accelerate.utils.InitProcessGroupKwargs(timeout=_PROCESS_GROUP_TIMEOUT)])
-    made_here = not state._shared_state or state._shared_state.get(_MADE_BY_A_TRAINER, False)
-    try:
-        accelerator = accelerate.Accelerator(**options)
-    except ValueError:   # "AcceleratorState has already been initialized and cannot be changed"
-        if int(os.environ.get("WORLD_SIZE", "1")) != 1:
-            raise
-        if not made_here:
-            raise ValueError(f"precision={precision!r} trains with accelerate's mixed_precision={mixed!r}, but this "
-                             f"process's Accelerator computes in {state().mixed_precision!r} (accelerate keeps one "
-                             "state per process: the trainer's own Accelerator would reset it, switching yours to "
-                             "another precision): pass yours as accelerator=, with a precision computing in its "
-                             "mixed_precision ('bf16-mixed' for 'bf16', 'fp32' or 'bf16' for 'no')") from None
-        state._reset_state()
-        accelerator = accelerate.Accelerator(**options)
-    state._shared_state[_MADE_BY_A_TRAINER] = made_here
-    return accelerator
-
-
-# where Accelerator.prepare keeps what it prepared (accelerate 1.16), which free_memory empties
-_PREPARED_LISTS = ("_models", "_optimizers", "_schedulers", "_dataloaders")
-
-
-@contextlib.contextmanager
-def _released_when_done(accelerator):
-    """Takes what `accelerator` prepared within the block out of its lists (by identity) when the block ends, finished
-    or failed, then runs a full collection and empties the device's cache, as free_memory does. The objects prepared
-    before (the caller's, on an accelerator of the caller's) stay in it, and so does its step: free_memory would
-    drop them all and reset the step. An interrupt during the collection (it takes a while) ends it only: a finished
-    run has written model/ and run.json (and a --resume of it is refused), a failed one raises its own exception.
-    torch.distributed.checkpoint's state-dict helpers (torch 2.13) leave a reference cycle holding every module of the
-    model, which the collection frees now, not whenever Python next runs one (device memory filling up never does)."""
-    before = {name: list(getattr(accelerator, name)) for name in _PREPARED_LISTS}
-    try:
-        yield
-    except BaseException as exc:
-        # the frames of the run that the exception's traceback keeps (the step's, the objective's) hold the objective
-        # and the optimizer for as long as the exception lives: a caller retrying inside its `except` block would
-        # train beside them. Their locals go (a post-mortem debugger sees the frames without them)
-        traceback.clear_frames(exc.__traceback__)
-        raise
-    finally:
-        for name in _PREPARED_LISTS:
-            prepared = getattr(accelerator, name)
-            prepared[:] = [item for item in prepared if any(item is kept for kept in before[name])]
-        with contextlib.suppress(KeyboardInterrupt):
-            gc.collect()
-            if accelerator.device.type == "cuda":
-                torch.cuda.empty_cache()
-
-
-def _check_not_dispatched(model, device) -> None:
-    """Raises where accelerate's hooks (a device_map over several devices) would move a module's inputs off the
-    accelerator's `device`: the trainer moves every weight there (model.to), and the hooks would go on moving the
-    activations to the devices the device_map named, failing the first forward deep inside torch ("Expected all
-    tensors to be on the same device")."""
-    device, elsewhere = as_device(device), {}
-    for name, module in model.named_modules():
-        for hooked, _ in hook_devices(module):
-            if hooked != device:
-                elsewhere.setdefault(hooked, name or type(model).__name__)
-    if elsewhere:
-        where = " and ".join(f"{d} ({name})" for d, name in elsewhere.items())
-        raise ValueError(f"model: accelerate dispatched it to run on {where} (a device_map over several devices?): the "
-                         f"trainer trains the whole model on the accelerator's device, {device}; load the model "
-                         "without a device_map, or with every module on that device")
-
-
-def _warn_if_moved(devices, device) -> None:
-    """Warns when weights on one accelerator (`devices`, where they are) will train on another of its kind, the
-    accelerator's `device`, where the trainer moves them: a model put on cuda:1 in a process whose current device is
-    cuda:0 (accelerate's device without an index is the current one) trains on cuda:0, beside whatever runs there."""
-    device = as_device(device)
-    moved = sorted({str(d) for d in devices if d.type == device.type and d != device})
-    if moved:
-        warnings.warn(f"model: its weights are on {', '.join(moved)}; the trainer trains on the accelerator's device, "
-                      f"{device}, and moves them there. To train on {moved[0]}, make it the current device "
-                      f"(torch.cuda.set_device({moved[0]!r})) or launch with CUDA_VISIBLE_DEVICES, before making the "
-                      "trainer", stacklevel=3)
-
-
-def _finite(t: torch.Tensor) -> torch.Tensor:
-    """Whether `t` holds no NaN or inf, as a bool tensor on its device; a float8 one, which torch.isfinite does not
-    take, read in float32 a chunk at a time (not a float32 copy of a whole weight)."""
-    if t.is_floating_point() and t.element_size() == 1:
-        return torch.stack([torch.isfinite(chunk.float()).all() for chunk in t.reshape(-1).split(1 << 24)]).all()
-    return torch.isfinite(t).all()
-
-
-def _check_trainable_dtypes(model) -> None:
-    """Raises on a float16 weight to train: AdamW's eps (1e-8) rounds to 0 in float16 and its second moments
-    underflow, so the first step turns such weights into inf or NaN."""
-    for name, p in model.named_parameters():
-        if p.requires_grad and p.dtype == torch.float16:
-            raise ValueError(f"model parameter {name} is torch.float16 and trains: AdamW's eps rounds to 0 in float16 "
-                             "and its second moments underflow, so the first step would make weights inf or NaN; "
-                             "load the model in float32 (precision 'fp32' or 'bf16-mixed') or bfloat16 (precision "
-                             "'bf16'), or train a LoRA adapter on the float16 model (lora=True: float32 weights)")
-
-
 def _same_setting(name: str, recorded, value) -> bool:
     """Whether a resume's setting `name` is the interrupted run's `recorded` one: equal, or for a path setting the
     same normalised absolute path(s)."""
@@ -333,46 +132,6 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def resume_point(config: UnlearnConfig) -> str | None:
-    """The checkpoint in config.output_dir to resume from; refuses to start over a previous run unless asked to
-    resume. Reads only, so a run checks it before loading the model and data too."""
-    out = config.output_dir
-    foreign = _foreign_file(out) if os.path.isdir(out) else None
-    if foreign:
-        raise FileExistsError(f"{out} holds a {foreign} that is not a fastalign unlearn run's (is it a model's "
-                              "directory, or another tool's output?), which the run would replace; choose another "
-                              "output_dir (--output-dir)")
-    if os.path.isdir(os.path.join(out, "model")):  # written last: the run ended (resuming would only replay it)
-        raise FileExistsError(f"{out} already holds a finished model; choose another output_dir (--output-dir)")
-    existing = latest_checkpoint(out) if os.path.isdir(out) else None
-    if existing and not config.resume:
-        raise FileExistsError(f"{out} already holds a run ({existing}); resume it with resume=True "
-                              "(--resume) or choose another output_dir (--output-dir)")
-    return existing
-
-
-def _foreign_file(out: str) -> str | None:
-    """The name of a config.json or log.jsonl in `out` that no unlearning run wrote, which a run would replace (a
-    model's own config.json where output_dir is the model's directory, another tool's log); None otherwise."""
-    path = os.path.join(out, "config.json")
-    if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                saved = json.load(f)
-        except ValueError:   # not JSON, not UTF-8
-            saved = None
-        if not (isinstance(saved, dict) and {"model", "forget", "output_dir"} <= saved.keys()):
-            return "config.json"
-    path = os.path.join(out, "log.jsonl")
-    if os.path.isfile(path):
-        try:
-            if not all(isinstance(r.get("step"), int) for _, r in read_jsonl(path, skip_torn_last_line=True)):
-                return "log.jsonl"
-        except DataError:   # not JSON lines
-            return "log.jsonl"
-    return None
-
-
 class UnlearningTrainer:
     """Trains `model` (a transformers causal LM) on `streams` with the settings of `config`.
 
@@ -383,9 +142,9 @@ class UnlearningTrainer:
     step_callback(record) runs on the main process after every step.
     `accelerator` must compute in the mixed precision config.precision names; without one the trainer makes its own,
     which shares the process's accelerate state with an Accelerator of the caller's in that precision and refuses one
-    of another precision (see _new_accelerator): it does not switch the caller's training to its own. A run takes what
-    it prepared out of the accelerator when it ends, finished or failed, and leaves the rest (the objects the caller
-    prepared on it, its step) as it was.
+    of another precision (see accelerator.new_accelerator): it does not switch the caller's training to its own. A run
+    takes what it prepared out of the accelerator when it ends, finished or failed, and leaves the rest (the objects
+    the caller prepared on it, its step) as it was.
     The constructor checks the model before it changes it (casts it for precision 'bf16', wraps it for LoRA, moves it
     to the accelerator's device): a model it refuses is left as given, but at precision 'bf16' for lora_targets that
     PEFT finds in no module and for a LoRA adapter on input embeddings tied to the lm_head (whose merge would change
@@ -422,16 +181,16 @@ class UnlearningTrainer:
             if p.is_meta:   # else "Tensor.item() cannot be called on meta tensors" below, or model.to()'s error
                 raise ValueError(f"model parameter {name} is {ON_META}: the trainer trains every weight on the "
                                  "accelerator's device; load the whole model without offloading")
-            if not bool(_finite(p)):
+            if not bool(finite(p)):
                 raise ValueError(f"model parameter {name} holds NaN or infinite values")
         self.config, self.streams, self.tokenizer, self.step_callback = config, streams, tokenizer, step_callback
-        self.accelerator = accelerator or _new_accelerator(config.precision)
-        _check_launch(self.accelerator, config.precision)
+        self.accelerator = accelerator or new_accelerator(config.precision)
+        check_launch(self.accelerator, config.precision)
         # the losses' backend on the accelerator's device (backend='triton' needs CUDA): refused now, not at the first
         # step, once train() has written config.json
         select_backend("linear_cross_entropy", config.backend, self.accelerator.device)
-        _check_not_dispatched(model, self.accelerator.device)
-        _warn_if_moved({p.device for p in model.parameters()}, self.accelerator.device)
+        check_not_dispatched(model, self.accelerator.device)
+        warn_if_moved({p.device for p in model.parameters()}, self.accelerator.device)
         self.sharded = self.accelerator.distributed_type == "FSDP"  # accelerate's DistributedType is a str enum
         if self.sharded and config.lora:
             raise NotImplementedError("lora=True under FSDP is not supported (the adapter could not be merged "
@@ -448,7 +207,7 @@ class UnlearningTrainer:
         self.model = self._prepare_model(model)
         # where a fresh run's dropout starts drawing (train() goes back to it: a caller's own draws in between must
         # not change the run)
-        self._fresh_rng = _torch_rng_state(self.accelerator.device)
+        self._fresh_rng = torch_rng_state(self.accelerator.device)
         self.shape = ModelShape.of(self.model)
         self.setup_compute = ComputeTotals()  # what building the reference cost (the cached one: a forward)
         self.reference_cache_bytes = None  # what the cached reference holds (RunSummary.reference_cache_bytes)
@@ -479,14 +238,14 @@ class UnlearningTrainer:
             if config.reference_mode == "cached":
                 head.requires_grad_(False)  # the cache is valid only for this head (weight, bias)
             if config.precision != "bf16" and not new_adapter:  # (bf16 trains bfloat16 weights, LoRA float32 ones)
-                _check_trainable_dtypes(model)
+                check_trainable_dtypes(model)
             if self.sharded:   # (under FSDP there is no LoRA to freeze the base weights)
                 check_flat_units(model, self.accelerator.state.fsdp_plugin)
             torch.manual_seed(config.seed)  # LoRA initialisation draws from it
             if config.precision == "bf16":
                 model = cast_weights(model, torch.bfloat16)
             if new_adapter:
-                peft = _require("peft")
+                peft = require("peft")
                 # PEFT takes its shorthand ("all-linear") as a string only
                 targets = config.lora_targets[0] if config.lora_targets == ["all-linear"] else list(config.lora_targets)
                 try:
@@ -546,9 +305,9 @@ class UnlearningTrainer:
                                "the weights in place to write model/; train (or resume a run whose model/ was not "
                                "written: config.resume=True, --resume) with a new UnlearningTrainer over the model "
                                "loaded again")
-        if acc.mixed_precision != _MIXED_PRECISION[config.precision]:
+        if acc.mixed_precision != MIXED_PRECISION[config.precision]:
             raise RuntimeError(f"this trainer's accelerator now computes in mixed_precision={acc.mixed_precision!r}, "
-                               f"not {_MIXED_PRECISION[config.precision]!r} as precision={config.precision!r} needs: "
+                               f"not {MIXED_PRECISION[config.precision]!r} as precision={config.precision!r} needs: "
                                "a trainer of another precision constructed since in this process reset accelerate's "
                                "state, which is the process's; construct this trainer again")
         out = config.output_dir
@@ -563,14 +322,14 @@ class UnlearningTrainer:
             os.makedirs(out, exist_ok=True)
             remove_stale_temporaries(out)
 
-        _set_rng_state(self._fresh_rng, acc.device)  # a resume then restores its checkpoint's
+        set_rng_state(self._fresh_rng, acc.device)  # a resume then restores its checkpoint's
         if config.reference_mode == "cached":   # frozen again: a finished run gave the model its flags back
             causal_lm_parts(self.model)[1].requires_grad_(False)
         # the accelerator holds what the run prepared (the objective, and so the reference: a frozen copy of the
         # decoder, or the cache; AdamW and its moments) for as long as the caller keeps it, finished or not: they go
         # when the run ends, so that a caller retrying after an out-of-memory error trains without the failed run's
         # optimizer state, and one dropping the model after the run gets its memory back
-        with _released_when_done(acc), self._train_mode():
+        with released_when_done(acc), self._train_mode():
             return self._run(resume_from)
 
     @contextlib.contextmanager
@@ -614,7 +373,7 @@ class UnlearningTrainer:
             step, totals, record = self._load(resume_from, objective, optimizer, scheduler)
         if acc.is_main_process:  # only now: a refused resume must leave the interrupted run's config.json and log
             write_text_atomic(os.path.join(out, "config.json"), json.dumps(config.to_dict(), indent=1))
-            _truncate_log(os.path.join(out, "log.jsonl"), step)  # step 0: a run killed before its first checkpoint
+            truncate_log(os.path.join(out, "log.jsonl"), step)  # step 0: a run killed before its first checkpoint
 
         lm_head_trains = causal_lm_parts(self.model)[1].weight.requires_grad
         decoder_trains = all(p.requires_grad for p in decoder_matmul_weights(self.model))
@@ -770,7 +529,7 @@ class UnlearningTrainer:
         named = [(name.removeprefix("model."), p.detach())
                  for name, p in objective.named_parameters() if p.requires_grad]
         # on the accelerator's device, which the gather's collective takes (FSDP may keep the weights on the CPU)
-        here = torch.stack([~_finite(p.to_local() if hasattr(p, "to_local") else p).to(acc.device)
+        here = torch.stack([~finite(p.to_local() if hasattr(p, "to_local") else p).to(acc.device)
                             for _, p in named])   # (FSDP2: a shard)
         bad = [rank for rank, flag in enumerate(acc.gather(here.any().long()[None]).tolist()) if flag]
         if bad:
@@ -818,7 +577,7 @@ class UnlearningTrainer:
         # the checkpoint's lr follows its own max_steps; this run's (a resume may change it) rules from here on
         for group, base_lr, lr_lambda in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base_lr * lr_lambda(scheduler.last_epoch)
-        _set_rng_state(rank_state, self.accelerator.device)
+        set_rng_state(rank_state, self.accelerator.device)
         last = state.get("last")  # unrecorded before 2026-12-01
         return state["step"], ComputeTotals(**state["compute"]), StepRecord(**last) if last else None
 
@@ -836,7 +595,7 @@ class UnlearningTrainer:
                  "trainable": trainable_state(objective),
                  "optimizer": optimizer_state(objective, _torch_optimizer(optimizer)),
                  "scheduler": scheduler.state_dict()}
-        write_checkpoint(self.config.output_dir, step, state, _torch_rng_state(acc.device), rank=acc.process_index,
+        write_checkpoint(self.config.output_dir, step, state, torch_rng_state(acc.device), rank=acc.process_index,
                          is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
                          keep=self.config.keep_checkpoints)
 
@@ -878,7 +637,7 @@ class UnlearningTrainer:
             if lora:
                 with atomic_directory(summary.adapter_dir) as tmp:
                     self.model.save_pretrained(tmp)
-                _warn_of_a_lossy_merge(summary)
+                warn_of_a_lossy_merge(summary)
                 # in place: the weights as they were are gone, and with them the adapter a later train() would train
                 # (it is refused), whether model/ is written or not: the model trains as given from now on
                 self.model = self.model.merge_and_unload()
@@ -887,7 +646,7 @@ class UnlearningTrainer:
             # leaves a run that a resume finishes, not a finished one without its record
             write_text_atomic(os.path.join(out, "run.json"), json.dumps(asdict(summary), indent=1))
             with atomic_directory(model_dir) as tmp:
-                _save_model(self.model, tmp, state)
+                save_model(self.model, tmp, state)
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(tmp)
         _set_requires_grad(self._given_requires_grad)   # the caller's model (trained in place) trains as it did
@@ -910,52 +669,6 @@ def _set_modes(model, modes: list[tuple[torch.nn.Module, bool]]) -> None:
         module.training = training
 
 
-def _save_model(model, directory: str, state_dict) -> None:
-    """model.save_pretrained, its generation config written as it is. transformers refuses to save one that fails
-    its strict checks (sampling flags such as temperature set without do_sample=True): 5.17 one as loaded, as
-    published configs often are (Vicuna's), later releases one changed in memory; the run would fail at its end
-    with no model saved."""
-    from transformers import GenerationConfig
-    generation = getattr(model, "generation_config", None)
-    model = _savable(model, state_dict)
-    if generation is None:  # a model that does not generate saves none
-        model.save_pretrained(directory, state_dict=state_dict)
-        return
-    model.generation_config = GenerationConfig()
-    try:
-        model.save_pretrained(directory, state_dict=state_dict)
-    finally:
-        model.generation_config = generation
-    path = os.path.join(directory, "generation_config.json")
-    if os.path.isfile(path):
-        generation.to_json_file(path, keys_to_pop=["compile_config"])
-
-
-def _savable(model, state_dict):
-    """`model`, or where it has no parameter left, an empty (meta) model of its class and configuration in the dtype
-    of `state_dict` (its full weights). FSDP version 1 without use_orig_params flattens a unit's weights into a
-    parameter of its own: a model it wrapped whole (no auto wrap) keeps none, and save_pretrained, which reads the
-    dtype it records from the model's parameters, failed (StopIteration) at the end of the run."""
-    if state_dict is None or next(model.parameters(), None) is not None:
-        return model
-    dtype = next(t.dtype for t in state_dict.values() if t.is_floating_point())
-    with torch.device("meta"):
-        return type(model)(copy.deepcopy(model.config)).to(dtype)
-
-
-def _warn_of_a_lossy_merge(summary: RunSummary) -> None:
-    """Warns when model/ lost more of the LoRA update than MERGE_ERROR_WARNING: a silently weaker model."""
-    error = summary.merge_rounding_error
-    if error is not None and error > MERGE_ERROR_WARNING:
-        warnings.warn(f"merging the LoRA adapter into the weights of {summary.model_dir} lost {error:.1%} of its "
-                      f"update (merge_rounding_error {error:.4g} > {MERGE_ERROR_WARNING:g}: the weights' precision, "
-                      "e.g. bf16, rounds small changes away), so that model is not the model trained. The "
-                      f"unmerged adapter in {summary.adapter_dir} keeps the update exactly: serve it on the base "
-                      "model (PeftModel.from_pretrained(base, adapter_dir), base loaded in the dtype it trained "
-                      "in), or train with fp32 weights (precision fp32 or bf16-mixed), whose merge keeps it",
-                      stacklevel=4)
-
-
 def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
     """The torch optimizer under accelerate's AcceleratedOptimizer wrapper."""
     return getattr(optimizer, "optimizer", optimizer)
@@ -965,14 +678,3 @@ def _progress_bar(config: UnlearnConfig, is_main: bool, step: int):
     from tqdm.auto import tqdm
     return tqdm(total=config.max_steps, initial=step, desc="unlearn", disable=not (config.progress and is_main),
                 dynamic_ncols=True)
-
-
-def _truncate_log(path: str, step: int) -> None:
-    """Drops log lines of steps after `step`: those an interrupted run wrote after its last checkpoint (all of them
-    when it was killed before its first one and this run starts over), the last one included where the kill cut it
-    short (no newline: not JSON; read_jsonl's torn last line)."""
-    if not os.path.isfile(path):
-        return
-    kept = [record for _, record in read_jsonl(path, skip_torn_last_line=True) if record["step"] <= step]
-    # as the run wrote them, in one step: a kill while rewriting the log must not lose the lines kept
-    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastalign.unlearn import checkpoint
+from tests.conftest import requires_cuda
 
 
 def write(output_dir, step, keep=0):
@@ -395,3 +396,47 @@ def test_an_atomic_directory_killed_between_its_renames_leaves_only_temporaries(
             pathlib.Path(tmp, "weights").write_text("new")
     checkpoint.remove_stale_temporaries(str(tmp_path))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_checkpoint_restores_the_cuda_generator_of_the_runs_device_alone(monkeypatch):
+    """Checkpoints held torch.cuda.get_rng_state_all(), every GPU's generator the process saw, and a resume restored
+    them all: where it saw fewer GPUs (CUDA_VISIBLE_DEVICES narrowed, another node) torch failed with an IndexError
+    once the weights had loaded, and where their order changed the states went to other GPUs. Only the run's device
+    draws anything the run uses: its state alone is saved, and of an older checkpoint's list the one at its index."""
+    states = [torch.full((4,), i, dtype=torch.uint8) for i in range(3)]   # the generators of the 3 GPUs seen first
+    visible, restored = [3], []
+
+    def set_rng_state(state, device="cuda"):   # torch's, failing for an index past the GPUs the process sees
+        index = torch.device(device).index
+        if index >= visible[0]:
+            raise IndexError("tuple index out of range")
+        restored.append((index, int(state[0])))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[torch.device(device).index])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible[0])
+    saved = checkpoint.torch_rng_state(torch.device("cuda", 1))
+    visible[0] = 1   # resumed on one GPU, the saving process's cuda:1
+    checkpoint.set_rng_state(saved, torch.device("cuda", 0))
+    assert restored == [(0, 1)]
+    restored.clear()
+    checkpoint.set_rng_state({**saved, "cuda": states}, torch.device("cuda", 0))   # written before 2026-12-07
+    assert restored == [(0, 0)]
+    with pytest.raises(ValueError, match=r"cannot restore the CUDA generator of cuda:2 \(index 2\): the checkpoint, "
+                                         r"written before 2026-12-07, holds the states of the 2 GPU\(s\)"):
+        checkpoint.set_rng_state({**saved, "cuda": states[:2]}, torch.device("cuda", 2))
+
+
+@requires_cuda
+def test_a_checkpoint_from_a_process_that_saw_more_gpus_restores_the_generator():
+    """The test above with torch's own generators: an older checkpoint's list of one state more than the GPUs seen."""
+    device = torch.device("cuda", 0)
+    torch.zeros(1, device=device)   # CUDA initialised, as it is once the model is on the GPU
+    state = checkpoint.torch_rng_state(device)
+    saved = torch.cuda.get_rng_state(device)
+    torch.cuda.manual_seed(123)
+    checkpoint.set_rng_state(state, device)
+    assert torch.equal(torch.cuda.get_rng_state(device), saved)
+    torch.cuda.manual_seed(123)
+    checkpoint.set_rng_state({**state, "cuda": [saved] * (torch.cuda.device_count() + 1)}, device)
+    assert torch.equal(torch.cuda.get_rng_state(device), saved)

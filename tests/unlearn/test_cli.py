@@ -17,7 +17,7 @@ import yaml
 from fastalign.cli import build_parser, main
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn import models
-from fastalign.unlearn import trainer as trainer_module
+from fastalign.unlearn import accelerator as accelerator_module
 from fastalign.unlearn.cli import config_from_args
 from fastalign.unlearn.run import load_model_and_tokenizer, run_unlearning
 from tests.conftest import HAS_CUDA
@@ -719,7 +719,7 @@ def test_an_interrupt_after_the_model_is_written_does_not_send_the_user_to_a_ref
     def interrupted():
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer_module, "gc", types.SimpleNamespace(collect=interrupted))
+    monkeypatch.setattr(accelerator_module, "gc", types.SimpleNamespace(collect=interrupted))
     out = workspace / "out"
     code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(out), "--max-steps", "2",
                  "--no-progress"])
@@ -759,7 +759,7 @@ def test_a_full_disk_ends_the_run_with_one_line_naming_what_it_writes_and_how_to
     else:
         def save_model(model, directory, state_dict):
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-        monkeypatch.setattr("fastalign.unlearn.trainer._save_model", save_model)
+        monkeypatch.setattr("fastalign.unlearn.trainer.save_model", save_model)
         written = out / "model"
     command = ["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(out), "--max-steps", "3",
                "--save-every", str(save_every), "--no-progress"]

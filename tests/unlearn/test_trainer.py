@@ -4,7 +4,6 @@ import contextlib
 import copy
 import gc
 import dataclasses
-import datetime
 import errno
 import json
 import os
@@ -29,7 +28,6 @@ from fastalign.reference.unlearning_loss import spec_unlearning_terms
 from fastalign.unlearn import trainer as trainer_module
 from fastalign.unlearn.reference import CachedReference
 from fastalign.unlearn.trainer import UnlearningTrainer
-from tests.conftest import requires_cuda
 from tests.unlearn.test_layer_stand_ins import count_calls
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_phi, tiny_streams
 
@@ -77,50 +75,6 @@ def fail_train_at_forward(monkeypatch, trainer, nth):
 def log_lines(path):
     with open(os.path.join(path, "log.jsonl")) as f:
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
-
-
-def test_a_checkpoint_restores_the_cuda_generator_of_the_runs_device_alone(monkeypatch):
-    """Checkpoints held torch.cuda.get_rng_state_all(), every GPU's generator the process saw, and a resume restored
-    them all: where it saw fewer GPUs (CUDA_VISIBLE_DEVICES narrowed, another node) torch failed with an IndexError
-    once the weights had loaded, and where their order changed the states went to other GPUs. Only the run's device
-    draws anything the run uses: its state alone is saved, and of an older checkpoint's list the one at its index."""
-    states = [torch.full((4,), i, dtype=torch.uint8) for i in range(3)]   # the generators of the 3 GPUs seen first
-    visible, restored = [3], []
-
-    def set_rng_state(state, device="cuda"):   # torch's, failing for an index past the GPUs the process sees
-        index = torch.device(device).index
-        if index >= visible[0]:
-            raise IndexError("tuple index out of range")
-        restored.append((index, int(state[0])))
-    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[torch.device(device).index])
-    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible[0])
-    saved = trainer_module._torch_rng_state(torch.device("cuda", 1))
-    visible[0] = 1   # resumed on one GPU, the saving process's cuda:1
-    trainer_module._set_rng_state(saved, torch.device("cuda", 0))
-    assert restored == [(0, 1)]
-    restored.clear()
-    trainer_module._set_rng_state({**saved, "cuda": states}, torch.device("cuda", 0))   # written before 2026-12-07
-    assert restored == [(0, 0)]
-    with pytest.raises(ValueError, match=r"cannot restore the CUDA generator of cuda:2 \(index 2\): the checkpoint, "
-                                         r"written before 2026-12-07, holds the states of the 2 GPU\(s\)"):
-        trainer_module._set_rng_state({**saved, "cuda": states[:2]}, torch.device("cuda", 2))
-
-
-@requires_cuda
-def test_a_checkpoint_from_a_process_that_saw_more_gpus_restores_the_generator():
-    """The test above with torch's own generators: an older checkpoint's list of one state more than the GPUs seen."""
-    device = torch.device("cuda", 0)
-    torch.zeros(1, device=device)   # CUDA initialised, as it is once the model is on the GPU
-    state = trainer_module._torch_rng_state(device)
-    saved = torch.cuda.get_rng_state(device)
-    torch.cuda.manual_seed(123)
-    trainer_module._set_rng_state(state, device)
-    assert torch.equal(torch.cuda.get_rng_state(device), saved)
-    torch.cuda.manual_seed(123)
-    trainer_module._set_rng_state({**state, "cuda": [saved] * (torch.cuda.device_count() + 1)}, device)
-    assert torch.equal(torch.cuda.get_rng_state(device), saved)
 
 
 @pytest.mark.parametrize("settings", [{}, {"lora": True, "lora_rank": 4, "lora_dropout": 0.5, "lr": 1e-2},
@@ -1277,35 +1231,6 @@ def test_a_model_dispatched_over_two_devices_is_refused_before_any_output(tmp_pa
     assert run(tmp_path, model=on_its_device, max_steps=1)[1].steps == 1
 
 
-def test_hooks_on_the_accelerators_current_device_are_on_its_device(monkeypatch):
-    """accelerate's one-process Accelerator.device is torch.device("cuda"), without an index: a model dispatched to
-    the current device (cuda:1 here) is on it; another device is refused, naming the first module dispatched there."""
-    pytest.importorskip("accelerate")
-    from tests.test_model_devices import dispatched_to
-    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
-    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 1)
-    model = tiny_llama(len(byte_bpe_tokenizer()))
-    for block in model.model.layers:
-        dispatched_to(block, 1)
-    trainer_module._check_not_dispatched(model, torch.device("cuda"))
-    with pytest.raises(ValueError, match=r"^model: accelerate dispatched it to run on cuda:1 \(model.layers.0\) .*: "
-                                         r"the trainer trains the whole model on the accelerator's device, cuda:0"):
-        trainer_module._check_not_dispatched(model, torch.device("cuda", 0))
-
-
-def test_weights_on_another_device_of_the_accelerators_kind_are_moved_with_a_warning(monkeypatch, recwarn):
-    """The one-process Accelerator.device is the current CUDA device: a model the user put on cuda:1 while cuda:0 is
-    current trains on cuda:0, which the trainer says (device objects stand in for a model's: no GPU here)."""
-    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
-    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
-    with pytest.warns(UserWarning, match=r"^model: its weights are on cuda:1; the trainer trains on the accelerator's "
-                                         r"device, cuda:0, and moves them there. To train on cuda:1, .*set_device"):
-        trainer_module._warn_if_moved({torch.device("cuda", 1)}, torch.device("cuda"))
-    for same_or_other_kind in ({torch.device("cuda", 0)}, {torch.device("cpu")}):   # nothing moves between GPUs
-        trainer_module._warn_if_moved(same_or_other_kind, torch.device("cuda"))
-    assert not recwarn.list
-
-
 def test_a_train_of_another_trainer_from_a_step_callback_runs(tmp_path):
     """One call at a time is per trainer: a trainer of its own trains from inside another's run."""
     inner = []
@@ -1400,19 +1325,6 @@ def test_accelerate_gradient_accumulation_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"accelerate's gradient_accumulation_steps is 2.*grad_accum \(--grad-accum\)"):
         run(tmp_path)
     assert not os.path.exists(tmp_path / "run")
-
-
-def test_the_trainers_process_group_waits_hours_for_a_checkpoints_write(monkeypatch):
-    """The processes wait at a checkpoint's barriers while rank 0 writes state.pt (an 8B model's weights and AdamW
-    state: ~100 GB): with NCCL's default timeout its watchdog killed every process of a run whose write took more
-    than 10 minutes."""
-    import accelerate
-
-    made = []
-    monkeypatch.setattr(accelerate, "Accelerator", lambda **options: made.append(options))
-    trainer_module._new_accelerator("fp32")
-    (handler,) = made[0]["kwargs_handlers"]
-    assert handler.to_kwargs() == {"timeout": datetime.timedelta(hours=2)}
 
 
 @pytest.mark.parametrize("precision, mixed_precision", [("fp32", "bf16"), ("bf16-mixed", "no"), ("bf16", "bf16")])
@@ -1747,7 +1659,7 @@ def test_a_lora_run_whose_model_write_failed_is_refused_on_its_trainer_and_resum
     tokenizer, model = byte_bpe_tokenizer(), tiny_llama(len(byte_bpe_tokenizer()))
     config = UnlearnConfig(output_dir=str(tmp_path / "stopped"), lr=1e-3, grad_accum=2, progress=False, **settings)
     trainer = UnlearningTrainer(model, tiny_streams(tokenizer), config, tokenizer=tokenizer)
-    monkeypatch.setattr(trainer_module, "_save_model", disk_full)
+    monkeypatch.setattr(trainer_module, "save_model", disk_full)
     with pytest.raises(OSError, match="No space left"):
         trainer.train()
     monkeypatch.undo()
@@ -1952,16 +1864,6 @@ def test_a_float8_base_weight_trains_under_lora_and_a_nan_in_it_is_named(tmp_pat
     model.model.layers[1].self_attn.q_proj.weight.data[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"model parameter model.layers.1.self_attn.q_proj.weight holds NaN"):
         run(tmp_path, name="nan", model=model, **lora)
-
-
-@pytest.mark.parametrize("where", [0, -1], ids=["first chunk", "last chunk"])
-def test_a_nan_in_any_chunk_of_a_large_float8_weight_is_found(where):
-    """A float8 weight is read in chunks of 2**24 elements (torch.isfinite takes no float8): a NaN in any of them is
-    a non-finite weight, whichever chunk holds it, where the tests' tiny weights are one chunk each."""
-    weight = torch.zeros((1 << 24) + 8, dtype=torch.float8_e4m3fn)
-    assert bool(trainer_module._finite(weight))
-    weight[where] = float("nan")
-    assert not bool(trainer_module._finite(weight))
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])

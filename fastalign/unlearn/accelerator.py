@@ -1,0 +1,107 @@
+"""The trainer's accelerate set-up: the Accelerator it makes (sharing or resetting the process's accelerate state),
+the checks of one given or launched otherwise, and the release of what a run prepared on it when the run ends."""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import os
+import traceback
+
+import torch
+
+from fastalign.unlearn.extras import require
+
+# accelerate's mixed_precision of each precision: the policy's forward runs under its autocast, the reference as the
+# precision says (the trainer's _reference), so an accelerator given with another one would make P another model's
+MIXED_PRECISION = {"fp32": "no", "bf16-mixed": "bf16", "bf16": "no"}
+# How long the processes wait for each other (the group's timeout; NCCL's default is 10 minutes): at a checkpoint's
+# barriers they wait while rank 0 writes state.pt, ~100 GB for an 8B model's weights and AdamW state, which a network
+# file system at 100 MB/s writes in 17 minutes
+_PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=2)
+
+
+def check_launch(accelerator, precision: str) -> None:
+    """Raises unless accelerate runs every process the launcher started, leaves accumulation to the trainer and
+    computes in `precision`."""
+    launched = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
+    if launched != accelerator.num_processes:  # each process would train alone and race the others to output_dir
+        raise ValueError(f"launched as {launched} processes (WORLD_SIZE={launched}), but accelerate runs this one "
+                         f"alone ({accelerator.num_processes} process): without a GPU it joins them only when told "
+                         "to use the CPU: set ACCELERATE_USE_CPU=1 (ACCELERATE_USE_CPU=1 torchrun ...)")
+    steps = accelerator.gradient_accumulation_steps
+    if steps != 1:  # Accelerator.backward would divide each loss by it, on top of the trainer's own division
+        raise ValueError(f"accelerate's gradient_accumulation_steps is {steps} (accelerate launch "
+                         "--gradient_accumulation_steps, ACCELERATE_GRADIENT_ACCUMULATION_STEPS): leave it at 1 and "
+                         "set grad_accum (--grad-accum), the micro-batches the trainer accumulates per step")
+    mixed = MIXED_PRECISION[precision]
+    if accelerator.mixed_precision != mixed:
+        raise ValueError(f"the accelerator's mixed_precision is {accelerator.mixed_precision!r}, but "
+                         f"precision={precision!r} trains with mixed_precision={mixed!r} (the reference is built "
+                         f"for it): pass an Accelerator(mixed_precision={mixed!r}), or set precision "
+                         "(--precision) to the one the accelerator computes in")
+
+
+# the key new_accelerator marks accelerate's process-wide state with where it made it (a reset clears it)
+_MADE_BY_A_TRAINER = "_fastalign_trainer_made_it"
+
+
+def new_accelerator(precision: str):
+    """An Accelerator computing in `precision`'s mixed precision, whose process group (where it makes one) waits
+    _PROCESS_GROUP_TIMEOUT. accelerate keeps one state per process, which the first Accelerator sets and later ones
+    may not change: in a process of its own (no launcher), a trainer of another precision than an earlier one's (a
+    sweep in a notebook) resets it, where accelerate refused (train() then refuses the earlier trainers, whose
+    accelerators share the state); a state the caller's own Accelerator set is shared where it computes in that
+    precision and refused otherwise: resetting it would switch the caller's training to another precision."""
+    accelerate = require("accelerate")
+    mixed, state = MIXED_PRECISION[precision], accelerate.state.AcceleratorState
+    options = dict(mixed_precision=mixed,
+                   kwargs_handlers=[accelerate.utils.InitProcessGroupKwargs(timeout=_PROCESS_GROUP_TIMEOUT)])
+    made_here = not state._shared_state or state._shared_state.get(_MADE_BY_A_TRAINER, False)
+    try:
+        accelerator = accelerate.Accelerator(**options)
+    except ValueError:   # "AcceleratorState has already been initialized and cannot be changed"
+        if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+            raise
+        if not made_here:
+            raise ValueError(f"precision={precision!r} trains with accelerate's mixed_precision={mixed!r}, but this "
+                             f"process's Accelerator computes in {state().mixed_precision!r} (accelerate keeps one "
+                             "state per process: the trainer's own Accelerator would reset it, switching yours to "
+                             "another precision): pass yours as accelerator=, with a precision computing in its "
+                             "mixed_precision ('bf16-mixed' for 'bf16', 'fp32' or 'bf16' for 'no')") from None
+        state._reset_state()
+        accelerator = accelerate.Accelerator(**options)
+    state._shared_state[_MADE_BY_A_TRAINER] = made_here
+    return accelerator
+
+
+# where Accelerator.prepare keeps what it prepared (accelerate 1.16), which free_memory empties
+_PREPARED_LISTS = ("_models", "_optimizers", "_schedulers", "_dataloaders")
+
+
+@contextlib.contextmanager
+def released_when_done(accelerator):
+    """Takes what `accelerator` prepared within the block out of its lists (by identity) when the block ends, finished
+    or failed, then runs a full collection and empties the device's cache, as free_memory does. The objects prepared
+    before (the caller's, on an accelerator of the caller's) stay in it, and so does its step: free_memory would
+    drop them all and reset the step. An interrupt during the collection (it takes a while) ends it only: a finished
+    run has written model/ and run.json (and a --resume of it is refused), a failed one raises its own exception.
+    torch.distributed.checkpoint's state-dict helpers (torch 2.13) leave a reference cycle holding every module of the
+    model, which the collection frees now, not whenever Python next runs one (device memory filling up never does)."""
+    before = {name: list(getattr(accelerator, name)) for name in _PREPARED_LISTS}
+    try:
+        yield
+    except BaseException as exc:
+        # the frames of the run that the exception's traceback keeps (the step's, the objective's) hold the objective
+        # and the optimizer for as long as the exception lives: a caller retrying inside its `except` block would
+        # train beside them. Their locals go (a post-mortem debugger sees the frames without them)
+        traceback.clear_frames(exc.__traceback__)
+        raise
+    finally:
+        for name in _PREPARED_LISTS:
+            prepared = getattr(accelerator, name)
+            prepared[:] = [item for item in prepared if any(item is kept for kept in before[name])]
+        with contextlib.suppress(KeyboardInterrupt):
+            gc.collect()
+            if accelerator.device.type == "cuda":
+                torch.cuda.empty_cache()
