@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from fastalign.base_model import base_causal_lm
 from fastalign.causal_lm_loss import (final_hidden_states, hidden_and_targets, per_item,
                                       refuse_tokens_before_the_text, text_tokens)
 from fastalign.compute_dtype import compute_dtype
@@ -22,8 +23,8 @@ from fastalign.ops.backend import Backend, check_backend
 from fastalign.ops.checks import is_real
 from fastalign.ops.forward_gradients import check_grads_in_forward
 from fastalign.ops.linear_kl_div import linear_kl_div
-from fastalign.unlearn.models import (base_causal_lm, causal_lm_parts, check_fused_logits, logit_multiplier,
-                                      logit_setting_places, logit_softcap, scaled_head_input)
+from fastalign.unlearn.models import (causal_lm_parts, check_fused_logits, logit_multiplier, logit_setting_places,
+                                      logit_softcap, scaled_head_input)
 from fastalign.unlearn.sharding import head_weight
 
 

@@ -12,14 +12,15 @@ from __future__ import annotations
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from fastalign.base_model import base_causal_lm
 from fastalign.compute_dtype import compute_dtype
 from fastalign.ops.backend import Backend, check_backend
 from fastalign.ops.checks import Reduction, check_reduction
 from fastalign.ops.forward_gradients import check_grads_in_forward
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
-from fastalign.unlearn.models import (base_causal_lm, causal_lm_parts, check_fused_logits, check_no_router_loss,
-                                      forward_reads, head_input_module, logit_multiplier, logit_setting_places,
-                                      logit_softcap, scaled_head_input)
+from fastalign.unlearn.models import (causal_lm_parts, check_fused_logits, check_no_router_loss, forward_reads,
+                                      head_input_module, logit_multiplier, logit_setting_places, logit_softcap,
+                                      scaled_head_input)
 from fastalign.unlearn.sharding import head_weight
 
 

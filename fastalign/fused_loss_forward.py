@@ -17,10 +17,11 @@ import torch
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from fastalign.base_model import base_causal_lm
 from fastalign.causal_lm_loss import CausalLMLoss, check_loss_is_causal_lm_cross_entropy, predicting_positions
 from fastalign.ops.backend import Backend
 from fastalign.own_forward import forward_is_its_own
-from fastalign.unlearn.models import base_causal_lm, head_input_module, router_loss_added
+from fastalign.unlearn.models import head_input_module, router_loss_added
 
 # Arguments of the model's forward that are the loss's (transformers passes them on to its loss function)
 _LOSS_ARGUMENTS = ("labels", "shift_labels", "num_items_in_batch", "ignore_index")

@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional
 
 from ..evaluation.generation import Generation, GenerationConfig, generations
 from ..evaluation.metrics import mean_token_kl_of_ids, unchanged_share
+from ..model_context import model_positions
 from ..ops.checks import is_integer
 from ..rain import RainConfig, rain_generate
 from ..unlearn.batching import filler_token_id
@@ -138,7 +139,7 @@ def check_settings(settings: DemoSettings) -> None:
 def unlearn(model, tokenizer, world: World, settings: DemoSettings, progress: bool, output_dir: str):
     """Runs fastalign's unlearning trainer on the world's data; returns its RunSummary (model trained in place)."""
     config = unlearn_config(settings, progress, output_dir)
-    streams = unlearning_streams(tokenizer, world, settings, model.config.max_position_embeddings)
+    streams = unlearning_streams(tokenizer, world, settings, model_positions(model))
     return UnlearningTrainer(model, streams, config, tokenizer=tokenizer).train()
 
 

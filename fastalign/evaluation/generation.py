@@ -23,7 +23,7 @@ from typing import AbstractSet, Iterator, List, Optional, Sequence, Set, Tuple
 import torch
 
 from fastalign.eval_mode import eval_mode
-from fastalign.model_context import config_positions
+from fastalign.model_context import model_positions
 from fastalign.model_devices import input_device
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.ops.checks import is_integer, refuse_one_string
@@ -73,18 +73,13 @@ class GenerationConfig:
                 raise ValueError(f"stop_strings must hold strings, got {stop!r}")
 
 
-def context_length(model) -> Optional[int]:
-    """The number of positions the model can attend over, or None if its config does not say (model_context)."""
-    return config_positions(model.config)
-
-
 def encode_prompts(tokenizer, prompts: Sequence[str], max_new_tokens: int, model) -> List[List[int]]:
     """Token ids of every prompt, with one BOS also where the prompt text writes it (a chat template's
     rendering) and no EOS appended (see tokenize_prompts); ValueError naming the first prompt that leaves no room
     to answer, or holds a token id the model has no input embedding for."""
     refuse_one_string("prompts", prompts)
     ids = tokenize_prompts(tokenizer, prompts) if prompts else []
-    limit, vocab = context_length(model), input_vocabulary(model)
+    limit, vocab = model_positions(model), input_vocabulary(model)
     for i, row in enumerate(ids):
         if not row:
             raise ValueError(f"prompt {i} is empty after tokenization")

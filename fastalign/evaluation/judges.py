@@ -21,7 +21,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from fastalign.eval_mode import eval_mode
-from fastalign.model_context import config_positions
+from fastalign.model_context import model_positions
 from fastalign.model_devices import input_device
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.ops.checks import check_count, is_integer, refuse_one_string
@@ -175,7 +175,7 @@ class ModerationJudge:
         for name, value in (("batch_size", batch_size), ("max_length", max_length)):
             if value is not None:
                 check_count(name, value, 1)
-        positions = config_positions(model.config)
+        positions = model_positions(model)
         if max_length is None:
             limits = (512, positions, getattr(tokenizer, "model_max_length", None))
             max_length = min(n for n in limits if isinstance(n, int) and n > 0)

@@ -29,6 +29,7 @@ from fastalign.cli import (INTERRUPTED_HINTS, MODEL_DTYPES, HelpFormatter, Usage
                            check_model_dir, check_output_file, memory_size_argument, template_kwargs_argument)
 from fastalign.evaluation.generation import before_end, eos_ids, pad_id
 from fastalign.evaluation.prompts import hh_messages, hh_prompts, read_prompts
+from fastalign.model_context import config_positions, model_positions
 from fastalign.model_files import model_files_digest
 from fastalign.output_lock import output_lock
 from fastalign.pretrained import load_config, load_pretrained, load_tokenizer
@@ -199,7 +200,7 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, turn_marke
     prefix_ids = tokenize_prompts(tokenizer, [generation_prefix])[0] if generation_prefix else []
     ids = torch.tensor([prefix_ids + after_prefix(tokenizer, generation_prefix, prefix_ids, prompt)],
                        device=next(model.parameters()).device)
-    totals = [n for n in (max_length, getattr(model.config, "max_position_embeddings", None)) if n]
+    totals = [n for n in (max_length, model_positions(model)) if n]
     if totals:
         room = min(totals) - ids.shape[1]
         max_new_tokens = min(max_new_tokens, room) if max_new_tokens else room
@@ -438,7 +439,7 @@ def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):
 
     try:
         tokenizer = load_tokenizer(args.model)
-        context = getattr(load_config(args.model), "max_position_embeddings", None)
+        context = config_positions(load_config(args.model))
     except (OSError, ValueError) as exc:
         raise UsageError(f"--model: cannot load a causal LM from {args.model!r}: {exc}") from None
     try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Literal, Optional, Sequence, Union
 
 from fastalign.evaluation.generation import before_end, eos_ids
+from fastalign.model_context import model_positions
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.ops.checks import check_count, is_integer, refuse_one_string
 from fastalign.runtime import PoolExhaustedError
@@ -63,10 +64,9 @@ JUDGE_MARGIN = 8    # tokens of slack for re-tokenizing the reply in the judge p
 
 
 def _context(model, runner) -> Optional[int]:
-    """The longest sequence the search may feed: the model's max_position_embeddings, or the tree engine's
-    runner's context where that is shorter (LongRoPE's original length, which it refuses to run past)."""
-    limits = [getattr(getattr(model, "config", None), "max_position_embeddings", None),
-              getattr(runner, "max_context", None)]
+    """The longest sequence the search may feed: the model's context (model_positions), or the tree engine's
+    runner's where that is shorter (LongRoPE's original length, which it refuses to run past)."""
+    limits = [model_positions(model), getattr(runner, "max_context", None)]
     return min([n for n in limits if n], default=None)
 
 

@@ -20,10 +20,10 @@ import torch
 from transformers import DynamicCache
 
 from fastalign.eval_mode import eval_mode
+from fastalign.model_context import runner_context
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.ops.paged_attention import write_kv
 from fastalign.runtime.hf_cache_argument import cache_kwargs, takes_a_cache, takes_logits_to_keep
-from fastalign.runtime.llama import context_limit
 from fastalign.runtime.row_groups import LeftPadded, context_alike, left_padded_kv, row_chain
 
 
@@ -64,7 +64,7 @@ class HFCacheModel:
         self.num_layers = len(cache.layers)
         self.pool_shapes = [(keys.shape[1], keys.shape[3])] * self.num_layers   # KVPool's layers: its cache's
         self.dtype = keys.dtype
-        self.max_context = context_limit(model.config)
+        self.max_context = runner_context(model.config)
         self.span_tree = None   # set by the TreeRunner: which rows of a call build on which
         self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
         self.keeps_logits = takes_logits_to_keep(model)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fastalign.eval_mode import eval_mode
+from fastalign.model_context import runner_context
 from fastalign.model_decoder import decoder_of
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.ops.paged_attention import resolve_backend
@@ -33,7 +34,6 @@ from fastalign.runtime.forward_batch import ForwardBatch
 from fastalign.runtime.hf_cache import counted_positions_problem, state_problem
 from fastalign.runtime.hf_cache_argument import takes_logits_to_keep
 from fastalign.runtime.kv_pool import KVPool
-from fastalign.runtime.llama import context_limit
 from fastalign.runtime.module_hooks import runs_a_users_hooks
 from fastalign.runtime.pool_attention import pool_attention
 
@@ -73,7 +73,7 @@ class PagedHF:
     def __init__(self, model, attention_backend, device):
         self.model, self.device = model, device
         self.keeps_logits = takes_logits_to_keep(model)
-        self.max_context = context_limit(model.config)
+        self.max_context = runner_context(model.config)
         problem = _structure_problem(model)
         try:
             if problem:

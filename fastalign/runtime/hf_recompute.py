@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from fastalign.eval_mode import eval_mode
+from fastalign.model_context import runner_context
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.runtime.hf_cache import KeptLogits, agree_within_rounding
 from fastalign.runtime.hf_cache_argument import takes_logits_to_keep
-from fastalign.runtime.llama import context_limit
 
 
 class HFRecomputeModel:
@@ -33,7 +33,7 @@ class HFRecomputeModel:
         self.keeps_logits = takes_logits_to_keep(model)
         if not (hasattr(model, "can_generate") and model.can_generate()):
             raise _unfit(model, "it is not a causal language model (can_generate() is not True)")
-        self.max_context = context_limit(model.config)
+        self.max_context = runner_context(model.config)
         try:
             causal = self._is_causal()
         except Exception as err:   # whatever the model's own code raises

@@ -30,10 +30,10 @@ import torch
 from transformers import DynamicCache
 
 from fastalign.eval_mode import eval_mode
+from fastalign.model_context import runner_context
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.runtime.hf_cache import KeptLogits, agree_within_rounding, gathered_context, write_rows_kv
 from fastalign.runtime.hf_cache_argument import cache_kwargs, takes_a_cache, takes_logits_to_keep
-from fastalign.runtime.llama import context_limit
 from fastalign.runtime.row_groups import LeftPadded, context_alike, left_padded_kv, row_chain
 
 # What a forward costs beside its tokens, in tokens of a prefill: where the mixers continue a state over one token only
@@ -88,7 +88,7 @@ class HFStateCacheModel:
         else:   # a pure state-space model: the pool holds nothing of use, one slot per token all the same
             self.pool_shapes, self.dtype = [(1, 1)], self._batched_states(cache)[0].dtype
         self.pool_is_placeholder = not self.attention_layers   # then an evicted span needs no forward back
-        self.max_context = context_limit(model.config)
+        self.max_context = runner_context(model.config)
         self.states = collections.OrderedDict()   # span id -> its end state (one tensor per state slot), LRU first
         self.started_from = set()                 # the spans of `states` that a row has started from
         self.span_tree = None                     # set by the TreeRunner: rows' ancestors and tokens

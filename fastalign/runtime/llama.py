@@ -29,7 +29,7 @@ import operator
 import torch
 
 from fastalign.eval_mode import eval_mode
-from fastalign.model_context import config_positions, text_config
+from fastalign.model_context import runner_context
 from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.gated_mlps import fused_gated_mlp
 from fastalign.runtime.layer_layouts import LAYOUTS
@@ -103,25 +103,6 @@ def layer_windows(model, layout):
     return windows
 
 
-def longrope_limit(config, limit):
-    """`limit` (None: none) capped at LongRoPE's original_max_position_embeddings. Past that length
-    Hugging Face rotates EVERY position of the sequence with the long factors (its generate drops the cache
-    there), so KV cached while a sequence was shorter, or next to a longer row of the same forward, would
-    no longer match the model run on the full sequence."""
-    params = getattr(config, "rope_parameters", None) or {}
-    for rope in [params] if "rope_type" in params else params.values():  # or one dict per layer type
-        if isinstance(rope, dict) and rope.get("rope_type") == "longrope":
-            original = rope["original_max_position_embeddings"]
-            limit = original if limit is None else min(limit, original)
-    return limit
-
-
-def context_limit(config):
-    """The longest sequence `config`'s model runs (None: no limit): its max_position_embeddings (model_context),
-    capped where LongRoPE would rotate cached positions anew."""
-    return longrope_limit(text_config(config), config_positions(config))
-
-
 def plain_linear(module):
     """The torch.nn.Linear that `module` is, or that PEFT's LoRA layer `module` wraps (base_layer): its forward takes
     inputs of its weight's dtype alone, and returns that dtype. None for any other module (one that dequantizes its
@@ -157,7 +138,7 @@ class PagedLlama:
         self.pool_shapes = [(self.num_kv_heads, self.head_dim)] * self.num_layers   # KVPool's layers: the model's
         self.layout = layout = LAYOUTS[config.model_type]
         layer_windows(model, layout)   # a bad window refused when the runner is made (read again at each call)
-        self.max_context = context_limit(config)
+        self.max_context = runner_context(config)
         # device: where the whole model computes (model_device), embeddings offloaded by accelerate included; dtype:
         # the pool's, that of the K/V the layers compute (kv_dtype)
         self.dtype, self.device = kv_dtype(model), device

@@ -17,8 +17,9 @@ import re
 
 import torch
 
+from fastalign.base_model import base_causal_lm
 from fastalign.eval_mode import eval_mode
-from fastalign.model_context import config_positions, text_config
+from fastalign.model_context import text_config
 from fastalign.model_decoder import decoder_of, forward_parameters, prompt_learning_adapter
 from fastalign.model_devices import META, check_head_loaded, compute_devices, loaded_devices
 from fastalign.model_vocabulary import input_vocabulary
@@ -79,13 +80,6 @@ def check_no_router_loss(model, computed_by: str) -> None:
         raise NotImplementedError(f"{type(base_causal_lm(model)).__name__}: its config's output_router_logits adds "
                                   f"the router's auxiliary loss to the loss, which {computed_by} leaves out; set it "
                                   "False (on the config, or on its text_config), or add the auxiliary loss yourself")
-
-
-def base_causal_lm(model):
-    """The transformers model under torch.compile's wrapper (its _orig_mod, whose forward's source is the model's) and
-    a PEFT wrapper, or the model itself."""
-    model = getattr(model, "_orig_mod", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def cast_weights(model, dtype: torch.dtype):
@@ -395,12 +389,6 @@ def check_fused_logits(model, *, whose: str = "model") -> None:
     raise NotImplementedError(f"{type(base).__name__}: its logits are not its lm_head's weight applied to the final "
                               f"hidden states of its decoder ({found}): it transforms them, or the hidden states, in "
                               "a way the fused losses do not reproduce, so they would train another objective")
-
-
-def max_positions(model) -> int | None:
-    """The longest sequence the model's config allows (model_context.config_positions), or None if it names none."""
-    config = getattr(base_causal_lm(model), "config", None)
-    return None if config is None else config_positions(config)
 
 
 def final_hidden_states(decoder: torch.nn.Module, tokens: TokenBatch) -> torch.Tensor:

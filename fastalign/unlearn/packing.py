@@ -25,6 +25,7 @@ from typing import Literal, Sequence, get_args
 import numpy as np
 import torch
 
+from fastalign.base_model import base_causal_lm
 from fastalign.compute_dtype import compute_dtype
 from fastalign.eval_mode import eval_mode
 from fastalign.model_vocabulary import input_vocabulary
@@ -32,7 +33,7 @@ from fastalign.ops.checks import is_integer
 from fastalign.transfers import index_on
 from fastalign.unlearn.batching import TokenBatch
 from fastalign.unlearn.compute import ModelShape
-from fastalign.unlearn.models import base_causal_lm, causal_lm_parts, final_hidden_states
+from fastalign.unlearn.models import causal_lm_parts, final_hidden_states
 
 Packing = Literal["auto", "on", "off"]   # the `packing` setting
 MODES = get_args(Packing)

@@ -19,11 +19,11 @@ from typing import Literal, Sequence, get_args
 
 import torch
 
+from fastalign.base_model import base_causal_lm
 from fastalign.eval_mode import eval_mode
 from fastalign.unlearn.batching import TokenBatch, collate
 from fastalign.unlearn.encoding import EncodedExample
-from fastalign.unlearn.models import (at_answer_targets, base_causal_lm, causal_lm_parts, cast_weights,
-                                      final_hidden_states)
+from fastalign.unlearn.models import at_answer_targets, causal_lm_parts, cast_weights, final_hidden_states
 
 ReferenceMode = Literal["copy", "adapter", "cached"]   # where the KL's reference distribution comes from
 REFERENCE_MODES = get_args(ReferenceMode)

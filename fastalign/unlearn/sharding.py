@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from fastalign.base_model import base_causal_lm
 from fastalign.model_devices import check_head_loaded
-from fastalign.unlearn.models import base_causal_lm
 
 # torch.distributed's FSDP, DTensor and checkpoint modules take about a second to import: they are imported
 # where used, so that importing fastalign stays quick.

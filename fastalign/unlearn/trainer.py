@@ -30,6 +30,8 @@ from typing import Callable
 
 import torch
 
+from fastalign.base_model import base_causal_lm
+from fastalign.model_context import model_positions
 from fastalign.model_devices import ON_META, check_not_dispatched, warn_if_moved
 from fastalign.model_files import model_files_digest
 from fastalign.model_vocabulary import input_vocabulary
@@ -46,9 +48,9 @@ from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.extras import require
 from fastalign.unlearn.layer_stand_ins import fused_layers
 from fastalign.unlearn.lora_merge import merge_rounding_error, warn_of_a_lossy_merge
-from fastalign.unlearn.models import (activation_checkpointing_settings, base_causal_lm, cast_weights, causal_lm_parts,
+from fastalign.unlearn.models import (activation_checkpointing_settings, cast_weights, causal_lm_parts,
                                       check_activation_checkpointing, check_fused_logits, check_mergeable_adapter,
-                                      check_trainable_dtypes, enable_activation_checkpointing, finite, max_positions,
+                                      check_trainable_dtypes, enable_activation_checkpointing, finite,
                                       restore_activation_checkpointing)
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.optimizer import adamw
@@ -175,7 +177,7 @@ class UnlearningTrainer:
         if not config.output_dir:
             raise ValueError("config.output_dir must name the directory for checkpoints, logs and the model")
         lm_head = causal_lm_parts(model)[1]
-        streams.check_context(max_positions(model))
+        streams.check_context(model_positions(model))
         streams.check_vocabulary(input_vocabulary(model), lm_head.weight.shape[0])
         for name, p in model.named_parameters():
             if p.is_meta:   # else "Tensor.item() cannot be called on meta tensors" below, or model.to()'s error

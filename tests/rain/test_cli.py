@@ -675,6 +675,20 @@ def test_rain_judge_prompt_too_long_for_the_context_is_a_usage_error_before_the_
         assert ("stopped once the arguments passed" in capsys.readouterr().err) == passes, context
 
 
+def test_rain_judge_prompt_check_reads_a_composite_models_context_from_its_text_config(rain_setup, monkeypatch,
+                                                                                       capsys):
+    """Gemma 3's image-text config keeps max_position_embeddings in its text config: the check read the top-level
+    config alone, found no context and let a judge prompt that leaves no room through to the model's loading."""
+    from transformers import Gemma3Config
+
+    model_dir, out, args = rain_setup
+    Gemma3Config(text_config={"max_position_embeddings": 40}).save_pretrained(model_dir)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_model)
+    assert main(args) == 2
+    assert "leave no room for a conversation in the model's context of 40 tokens" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_rain_judge_chat_template_switches_either_way_over_the_config_file(tmp_path):
     (tmp_path / "rain.yaml").write_text("judge:\n  use_chat_template: true\n")
     base = ["rain", "--model", "m", "--hh", "h", "--output", "o", "--config", str(tmp_path / "rain.yaml")]
@@ -708,6 +722,24 @@ def test_rain_error_names_the_prompts_index_in_the_file_when_resumed(rain_setup,
     assert "First error: prompt 2 has" in err and "1 of 1 prompts failed" in err   # of this run's, not the file's 3
     record = json.loads(out.read_text().splitlines()[-1])
     assert record["index"] == 2 and record["error"].startswith("prompt 2 has")
+
+
+def test_greedy_answer_stops_at_an_mpt_models_max_seq_len(monkeypatch):
+    """MPT names its context max_seq_len: the vanilla answer read max_position_embeddings alone and decoded past it
+    ("The size of tensor a (161) must match the size of tensor b (160)"), failing every record of `fastalign rain`."""
+    from transformers import MptConfig, MptForCausalLM
+
+    tok, context = tokenizer(), 24
+    model = MptForCausalLM(MptConfig(vocab_size=len(tok), d_model=32, n_heads=4, n_layers=1, max_seq_len=context))
+    asked, generate = [], model.eval().generate
+
+    def spy(ids, **kw):
+        asked.append(kw["generation_config"].max_new_tokens)
+        return generate(ids, **kw)
+
+    monkeypatch.setattr(model, "generate", spy)
+    assert isinstance(greedy_answer(model, tok, PROMPTS[0], 0, "Human:", 2048), str)
+    assert asked == [context - len(tok(PROMPTS[0]).input_ids)]
 
 
 def test_rain_failed_vanilla_answer_fails_its_prompt_only(rain_setup, monkeypatch, capsys):

@@ -1145,6 +1145,24 @@ def test_answers_stay_within_the_runners_context():
     assert runner.num_free_blocks == runner.num_blocks
 
 
+def test_both_engines_stop_at_an_mpt_models_max_seq_len():
+    """MPT names its context max_seq_len, not max_position_embeddings: the slow engine read no limit and ran the
+    model past it (a tensor size mismatch at 65 tokens), where the tree engine's runner stopped. Both read
+    model_context now: the same answer, its judge prompt within the context."""
+    from transformers import MptConfig, MptForCausalLM
+
+    TreeRunner = pytest.importorskip("fastalign.runtime").TreeRunner
+    context, tok = 64, tokenizer()
+    model = MptForCausalLM(MptConfig(vocab_size=len(tok), d_model=32, n_heads=4, n_layers=1, max_seq_len=context))
+    out = run_both(model.eval(), PROMPTS[:1], RainConfig(root_visits=2, min_new_visits=1, max_new_tokens=0),
+                   lambda: TreeRunner(model, max_tokens=2048, attention_backend="torch"), judge_prompt=SHORT_JUDGE,
+                   embedding="hidden", sampler="keyed")
+    slow, tree = out["slow"][0].results[0], out["tree"][0].results[0]
+    assert slow.error is None and tree.error is None
+    assert decisions(out["slow"][0]) == decisions(out["tree"][0])
+    assert len(tok(PROMPTS[0])["input_ids"]) + len(slow.answer_ids) <= context
+
+
 def test_judge_prompt_past_the_context_fails_each_prompt_in_both_engines():
     """When the judge prompt leaves no room in the model's context, every prompt gets its error and the run
     returns, in both engines: the tree engine computed the judge's prefix anyway and crashed past it."""

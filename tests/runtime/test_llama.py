@@ -4,12 +4,12 @@ import warnings
 
 import pytest
 import torch
-from transformers import (Gemma3Config, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
-                          MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig,
-                          Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MixtralConfig,
+                          MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 from fastalign import TreeRunner
-from fastalign.runtime.llama import context_limit, llama_family_problem
+from fastalign.runtime.llama import llama_family_problem
 from tests.conftest import device_for
 from tests.runtime.tiny_models import CONFIGS, MAX_POSITIONS, VOCAB, assert_matches, tiny_model
 
@@ -220,18 +220,6 @@ def test_a_model_whose_k_projections_store_float8_weights_keeps_its_kv_in_the_em
     assert runner.pool.tensors[0].dtype == torch.float32
     (child,), logits = runner.extend([None], [[5, 9, 14, 3, 7, 11]], logits="all")
     assert_matches(model, [child], logits)
-
-
-def test_longrope_on_one_layer_type_or_in_a_text_config_caps_the_context():
-    """LongRoPE's original_max_position_embeddings caps the context (past it every position rotates anew) where the
-    config gives one rope dict per layer type, and where it sits in a multimodal config's text_config."""
-    longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32,
-                "short_factor": [1.0] * 4, "long_factor": [4.0] * 4}
-    text = dict(_TINY, head_dim=8, layer_types=["sliding_attention", "full_attention"],
-                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                                 "full_attention": longrope})
-    assert context_limit(Gemma3TextConfig(**text)) == 32
-    assert context_limit(Gemma3Config(text_config=text)) == 32
 
 
 @pytest.mark.parametrize("cls, config, windows", [
