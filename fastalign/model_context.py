@@ -1,6 +1,7 @@
 """The longest sequence a Hugging Face model allows, read the same way by the runtime's runners, RAIN, unlearning's
 data checks and evaluation; and where a composite model's config keeps its text decoder's settings."""
 from fastalign.base_model import base_causal_lm
+from fastalign.ops.checks import is_integer
 
 
 def text_config(config):
@@ -15,7 +16,7 @@ def config_positions(config) -> int | None:
     has none, which read as no limit); None where neither names one."""
     for c in (text_config(config), config):
         value = getattr(c, "max_position_embeddings", None) or getattr(c, "max_seq_len", None)
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_integer(value):
             return value
     return None
 

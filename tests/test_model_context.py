@@ -1,5 +1,6 @@
 """model_context: the context of a plain, an MPT and a composite (image-text) config, of a wrapped model, and the
 runners' cap at LongRoPE's original length."""
+import numpy as np
 import torch
 from transformers import Gemma3Config, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MambaConfig, MptConfig
 
@@ -29,6 +30,15 @@ def test_a_config_that_names_no_context_gives_none():
     config = MambaConfig()
     for name in ("max_position_embeddings", "max_seq_len"):
         assert getattr(config, name, None) is None
+    assert config_positions(config) is None
+
+
+def test_a_numpy_integer_context_is_one_and_a_bool_none():
+    positions = int(np.random.default_rng().integers(16, 4096))
+    config = LlamaConfig()
+    object.__setattr__(config, "max_position_embeddings", np.int64(positions))   # past transformers' type check
+    assert config_positions(config) == positions
+    object.__setattr__(config, "max_position_embeddings", True)
     assert config_positions(config) is None
 
 

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from fastalign.ops.checks import is_integer
 from fastalign.unlearn.records import read_text
 
 
@@ -53,7 +54,7 @@ def _check(record, path: str, number: int) -> None:
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
     index = record.get("index")
-    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+    if not is_integer(index) or index < 0:
         raise ValueError(f"{where}: field 'index' must be an integer >= 0, got {index!r}")
     if not isinstance(record.get("prompt"), str):
         raise ValueError(f"{where}: field 'prompt' must be a string, got {record.get('prompt')!r}")

@@ -11,6 +11,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
+from fastalign.ops.checks import check_count
 from fastalign.runtime.hf_cache_argument import refuse_prompt_adapter_over_a_cache
 
 from .answers import read_answers
@@ -48,8 +49,7 @@ def iter_judged_answers(records: Sequence[Dict], judge: Judge, batch_size: int =
     returns them), the records with "harmful_rain" and "harmful_vanilla" added; each answer is judged with
     its record's prompt as written, both sides of a batch in one judge call. A null vanilla answer is not
     judged: its verdict is null."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    check_count("batch_size", batch_size, 1)   # (True was taken for 1, a NumPy integer refused)
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
         pairs = [(r["prompt"], r[side]) for side in ANSWER_SIDES for r in batch if r[side] is not None]

@@ -178,7 +178,7 @@ class ModerationJudge:
         positions = model_positions(model)
         if max_length is None:
             limits = (512, positions, getattr(tokenizer, "model_max_length", None))
-            max_length = min(n for n in limits if isinstance(n, int) and n > 0)
+            max_length = min(n for n in limits if is_integer(n) and n > 0)
         elif positions is not None and max_length > positions:
             raise ValueError(f"max_length {max_length} is past the classifier's {positions} positions "
                              "(max_position_embeddings)")

@@ -38,13 +38,13 @@ is True, or when it is None and the tensors are on the CPU. On CUDA that check n
 default it is skipped there: callers that build their metadata on the host should validate it once, there,
 with `check_paged_metadata`, before copying it to the device.
 """
-import numbers
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fastalign.ops.backend import BACKENDS, autocast_off, refuse_fake_tensors, triton_interpreting
+from fastalign.ops.checks import is_integer, is_real
 
 _INDEX_DTYPE = torch.int32
 _SCORE_BUDGET = 1 << 24  # fp32 score elements held at once by the torch path (64 MiB)
@@ -112,7 +112,7 @@ def check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens,
         raise ValueError(f"sinks: expected None or a floating tensor [num_heads={q.shape[1]}] on {q.device} (one "
                          f"score per query head), got {got}")
     if window is not None:
-        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+        if not is_integer(window) or window < 1:
             raise ValueError(f"window: expected None or a positive int (the positions a query sees, its own "
                              f"included), got {window!r}")
     if shared_prefix is not None:
@@ -362,7 +362,7 @@ def _check_cache_pair(k_cache, v_cache):
 
 def _in_fp32_range(x):
     """Whether x is a real number (not a bool) in (0, _FP32_MAX_SCALAR]."""
-    return not isinstance(x, bool) and isinstance(x, numbers.Real) and 0 < x <= _FP32_MAX_SCALAR
+    return is_real(x) and 0 < x <= _FP32_MAX_SCALAR
 
 
 def _check_like(name, t, ref, ref_name):

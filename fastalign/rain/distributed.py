@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Set
 import torch
 import torch.distributed as dist
 
+from fastalign.ops.checks import is_integer
 from fastalign.unlearn.records import read_jsonl
 
 RANKS_MEET_TIMEOUT = datetime.timedelta(hours=24)   # how long a rank done with its prompts waits for the others
@@ -80,7 +81,7 @@ def _records(path: str):
     records = []
     for number, record in read_jsonl(path, skip_torn_last_line=True):
         index = record.get("index")
-        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        if not is_integer(index) or index < 0:
             raise ValueError(f"{path}: row {number}: expected a record of `fastalign rain` (an object with an "
                              f"integer 'index'), got {json.dumps(record)[:60]}")
         records.append(record)

@@ -28,6 +28,7 @@ from fastalign.eval_mode import eval_mode
 from fastalign.model_context import runner_context
 from fastalign.model_decoder import decoder_of
 from fastalign.model_vocabulary import input_vocabulary
+from fastalign.ops.checks import is_integer
 from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.attention_routing import attention_configs, routed
 from fastalign.runtime.forward_batch import ForwardBatch
@@ -220,7 +221,7 @@ class _Recorder:
 
     def __call__(self, module, query, key, value, attention_mask, kwargs):
         index = getattr(module, "layer_idx", None)
-        if isinstance(index, bool) or not isinstance(index, int):
+        if not is_integer(index):
             raise _Unfit(f"its attention module {type(module).__name__} has no integer layer_idx")
         if index in self.calls:
             raise _Unfit(f"layer {index} attended twice in one forward")
@@ -248,7 +249,7 @@ class _Recorder:
         if heads % kv_heads:
             raise _Unfit(f"layer {index} has {heads} query heads, not a multiple of its {kv_heads} K/V heads")
         window = kwargs.get("sliding_window")
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        if window is not None and (not is_integer(window) or window < 1):
             raise _Unfit(f"layer {index} passes sliding_window={window!r}, not a positive int or None")
         scale = kwargs.get("scaling")
         self.calls[index] = _Layer(heads, kv_heads, head_dim, value.shape[-1], key.dtype, window,

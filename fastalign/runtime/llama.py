@@ -30,6 +30,7 @@ import torch
 
 from fastalign.eval_mode import eval_mode
 from fastalign.model_context import runner_context
+from fastalign.ops.checks import is_integer
 from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.gated_mlps import fused_gated_mlp
 from fastalign.runtime.layer_layouts import LAYOUTS
@@ -98,7 +99,7 @@ def layer_windows(model, layout):
         windows = [window] * count
     windows = [w or None for w in windows]
     for index, window in enumerate(windows):
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        if window is not None and (not is_integer(window) or window < 1):
             raise ValueError(f"model: layer {index}'s sliding window must be a positive int, got {window!r}")
     return windows
 

@@ -451,7 +451,7 @@ class TreeRunner:
         """The span tree's code of parents[row]: its span id, -1 for a new root, -2 - j for row j's child."""
         if parent is None:
             return -1
-        if isinstance(parent, (int, np.integer)) and not isinstance(parent, bool):
+        if is_integer(parent):
             if not 0 <= parent < row:
                 raise ValueError(f"parents[{row}]: a row index must name an earlier row of this call (0 <= j < "
                                  f"{row}), got {parent}")

@@ -290,7 +290,7 @@ def _attention_window(model) -> int | None:
     if hasattr(config, "get_text_config"):
         configs.append(config.get_text_config())
     sizes = [getattr(c, name, None) for c in configs for name in ("sliding_window", "attention_chunk_size")]
-    sizes = [s for s in sizes if isinstance(s, int) and not isinstance(s, bool) and s > 0]
+    sizes = [s for s in sizes if is_integer(s) and s > 0]
     return min(sizes) if sizes else None
 
 

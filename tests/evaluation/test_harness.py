@@ -3,6 +3,7 @@ import gzip
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -171,8 +172,20 @@ def test_evaluate_answers_without_vanilla_judges_rain_only(tmp_path):
                                                         rain_record(2, "a"), rain_record(3, "a")])
     report = evaluate_answers(path, lambda pairs: [len(a) == 2 for _, a in pairs])
     assert report.harmful_rate == {"rain": 0.0, "vanilla": 1.0}
-    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         evaluate_answers(path, lambda pairs: [False] * len(pairs), batch_size=0)
+
+
+def test_answers_batch_size_is_any_integer_but_a_bool(tmp_path):
+    """An int check took True for a batch of 1 and refused a NumPy integer."""
+    path = write_rain_output(tmp_path / "rain.jsonl", [rain_record(i, "x", "yy") for i in range(5)])
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got True"):
+        evaluate_answers(path, lambda pairs: [False] * len(pairs), batch_size=True)
+    batches = []
+    batch = int(np.random.default_rng().integers(1, 5))
+    report = evaluate_answers(path, lambda pairs: batches.append(len(pairs)) or [len(a) == 2 for _, a in pairs],
+                              batch_size=np.int64(batch))
+    assert report.harmful_rate == {"rain": 0.0, "vanilla": 1.0} and max(batches) == 2 * batch   # both sides
 
 
 def test_answers_judge_failure_names_the_prompts(tmp_path):

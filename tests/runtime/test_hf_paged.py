@@ -7,6 +7,7 @@ import threading
 import warnings
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from transformers import (FalconConfig, FalconForCausalLM, GPT2LMHeadModel, Llama4ForCausalLM, Llama4TextConfig,
@@ -397,6 +398,15 @@ def test_a_sliding_window_that_is_no_positive_int_is_refused_by_the_probe(window
     attention = model.transformer.h[1].attn
     attention.forward = functools.partial(attention.forward, sliding_window=window)
     assert f"layer 1 passes sliding_window={window!r}, not a positive int or None" in refusal(model)
+
+
+def test_a_numpy_integer_layer_index_and_sliding_window_are_taken_by_the_probe():
+    """An int check refused a layer_idx or a sliding_window passed as a NumPy integer, which the attention op
+    takes (ops.checks.is_integer)."""
+    window, recorder = int(np.random.default_rng().integers(1, 64)), _Recorder()
+    query, key, value = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+    recorder(SimpleNamespace(layer_idx=np.int64(3)), query, key, value, None, {"sliding_window": np.int64(window)})
+    assert recorder.calls[3].window == window
 
 
 def test_a_layer_given_an_earlier_layers_keys_but_values_of_its_own_reads_no_other_layers_kv():

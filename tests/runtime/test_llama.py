@@ -2,11 +2,13 @@
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
-from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MixtralConfig,
-                          MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
+                          Qwen3MoeForCausalLM)
 
 from fastalign import TreeRunner
 from fastalign.runtime.llama import llama_family_problem
@@ -243,6 +245,20 @@ def test_each_family_attends_to_the_sliding_window_where_its_own_forward_masks_o
     runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
     assert runner.model_runner.windows == windows
     seq = [5, 9, 14, 3, 7, 11, 2, 8, 13, 4, 6, 10]
+    (child,), logits = runner.extend([runner.prefill(seq[:5])], [seq[5:]], logits="all")
+    assert_matches(model, [child], logits)
+
+
+def test_a_numpy_integer_sliding_window_slides():
+    """A config's sliding_window given as a NumPy integer (which Hugging Face's forward masks with) was refused by an
+    int check; it is taken, and rows past it match the model's own forward."""
+    window = int(np.random.default_rng().integers(2, 6))
+    config = MistralConfig(**_TINY)
+    object.__setattr__(config, "sliding_window", np.int64(window))   # past transformers' type check of fields
+    model = MistralForCausalLM(config).eval()
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    assert runner.model_runner.windows == [window, window]
+    seq = torch.randint(VOCAB, (12,)).tolist()
     (child,), logits = runner.extend([runner.prefill(seq[:5])], [seq[5:]], logits="all")
     assert_matches(model, [child], logits)
 

@@ -2,6 +2,7 @@
 against padded rows, the check that refuses decoders it is not exact for, and the estimate that chooses it."""
 import collections
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -277,6 +278,16 @@ def test_rows_longer_than_the_attention_window_run_padded():
         model = tiny("Mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, sliding_window=window, attention_chunk_size=chunk)
         assert RowPacker(model, "on").window == 8
+
+
+def test_a_numpy_integer_window_bounds_the_packed_rows_too():
+    """A config's sliding_window given as a NumPy integer was passed over (an int check), so rows longer than the
+    window ran packed under a 4-D mask without it."""
+    window = int(np.random.default_rng().integers(4, 12))
+    model = tiny("Mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    object.__setattr__(model.config, "sliding_window", np.int64(window))   # past transformers' type check of fields
+    assert RowPacker(model, "on").window == window
 
 
 def test_auto_packs_only_where_the_estimate_says_it_is_cheaper():
