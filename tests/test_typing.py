@@ -56,25 +56,71 @@ MISSPELLED = {len(USER_CODE.splitlines()) - k: name for k, name in enumerate(["r
                                                                            "linear_cross_entorpy"])}
 
 
-def test_the_public_api_is_typed_for_the_callers_type_checker(tmp_path):
-    (tmp_path / "user.py").write_text(USER_CODE)
-    # the checkout's sources, as a type checker reads an installed fastalign; errors inside fastalign are not the
-    # caller's (silent), as for any installed package
-    done = subprocess.run([sys.executable, "-m", "mypy", str(tmp_path / "user.py"), "--cache-dir",
-                           str(tmp_path / "cache"), "--follow-imports", "silent", "--no-error-summary"],
+# A user's typed training code (README's usage), checked with `mypy --strict`. Each line's trailing comment
+# says what mypy reports there, and only there: `# reveal: TYPE` or `# error: [code] TEXT` (TEXT in the message).
+TYPED_USER_CODE = """\
+from typing import Callable
+
+import torch
+import fastalign
+from fastalign.unlearn import (CachedReference, RowPacker, UnlearningBatch, UnlearningObjective, fused_layers,
+                               load_pairs)
+
+
+def train_step(opt: fastalign.KahanAdamW, closure: Callable[[], float]) -> float:
+    opt.step()
+    opt.load_state_dict(opt.state_dict())
+    opt.add_param_group({"params": [torch.zeros(2)]})
+    reveal_type(opt.step(closure))  # reveal: float
+    return opt.step(closure)
+"""
+
+
+def mypy_messages(tmp_path, name, code, *options):
+    """{line: [message]} of mypy's errors and revealed types on the user file `name` holding `code`, with the
+    checkout's sources read as a type checker reads an installed fastalign; errors inside fastalign are not the
+    caller's (silent), as for any installed package."""
+    (tmp_path / name).write_text(code)
+    done = subprocess.run([sys.executable, "-m", "mypy", str(tmp_path / name), "--cache-dir",
+                           str(tmp_path / "cache"), "--follow-imports", "silent", "--no-error-summary", *options],
                           env={**os.environ, "MYPYPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
-    out = done.stdout
-    assert done.returncode == 1, (f"mypy {MYPY_VERSION}", out, done.stderr)
-    # (mypy before 2.0 spelled builtins out: "builtins.list[builtins.int]")
-    notes = [note.replace("builtins.", "")
-             for note in re.findall(r'user\.py:\d+: note: Revealed type is "([^"]+)"', out)]
-    assert notes == REVEALED, out
-    errors = {int(line): message for line, message in re.findall(r"user\.py:(\d+): error: (.*)", out)}
-    assert set(errors) == set(REFUSED) | set(MISSPELLED), out
+    assert done.returncode in (0, 1) and not done.stderr, (f"mypy {MYPY_VERSION}", done.stdout, done.stderr)
+    messages = {}
+    for line, kind, message in re.findall(rf"{re.escape(name)}:(\d+): (error|note): (.*)", done.stdout):
+        if kind == "error" or message.startswith("Revealed type"):
+            # (mypy before 2.0 spelled builtins out: "builtins.list[builtins.int]")
+            messages.setdefault(int(line), []).append(message.replace("builtins.", ""))
+    return messages
+
+
+def test_the_public_api_is_typed_for_the_callers_type_checker(tmp_path):
+    messages = mypy_messages(tmp_path, "user.py", USER_CODE)
+    notes = [m.removeprefix("Revealed type is ") for ms in messages.values() for m in ms if m.startswith("Revealed")]
+    assert notes == [f'"{t}"' for t in REVEALED], messages
+    errors = {line: ms[0] for line, ms in messages.items() if not ms[0].startswith("Revealed")}
+    assert set(errors) == set(REFUSED) | set(MISSPELLED), messages
     for line, argument in REFUSED.items():
         assert f'Argument "{argument}"' in errors[line] and "[arg-type]" in errors[line], errors[line]
     for line, name in MISSPELLED.items():
         assert f'"{name}"' in errors[line] and "[attr-defined]" in errors[line], errors[line]
+
+
+def test_typed_training_code_sees_precise_types_and_its_misspelled_choices(tmp_path):
+    """Under --strict: KahanAdamW's step is typed as torch's (its closure's float), TreeRunner.extend's results as
+    each `logits` mode documents them, the loss modules' calls as their forwards (not Module.__call__'s Any), the C++
+    extension's PoolExhaustedError as a class (a stub) that can be subclassed; a choice outside its Literal and an
+    option run_unlearning does not take are errors in the caller's code."""
+    messages = mypy_messages(tmp_path, "typed_user.py", TYPED_USER_CODE, "--strict")
+    expected = {number: comment for number, line in enumerate(TYPED_USER_CODE.splitlines(), 1)
+                if (comment := re.search(r"  # (reveal|error): (.*)", line))}
+    assert set(messages) == set(expected), messages
+    for line, comment in expected.items():
+        (message,) = messages[line]
+        if comment[1] == "reveal":
+            assert message == f'Revealed type is "{comment[2]}"', (line, message)
+        else:
+            code, text = comment[2].split(" ", 1)
+            assert message.endswith(code) and text in message, (line, message)
 
 
 def test_fastalign_ships_its_py_typed_marker():

@@ -16,6 +16,8 @@ same bits. Parameters sharded by FSDP2 (DTensors) are stepped shard by shard: Ad
 """
 import functools
 import math
+from collections.abc import Callable
+from typing import Any, overload
 
 import torch
 from torch.optim.optimizer import ParamsT
@@ -127,7 +129,7 @@ class KahanAdamW(torch.optim.Optimizer):
         lacked it, and its step raised AttributeError."""
         return {**super().__getstate__(), "backend": self.backend}
 
-    def add_param_group(self, param_group):
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's add_param_group, refusing parameters of a dtype other than bfloat16 and float32, and options of
         torch's AdamW that this step does not have (amsgrad=True, maximize=True)."""
         if isinstance(param_group, dict):
@@ -141,7 +143,7 @@ class KahanAdamW(torch.optim.Optimizer):
             self.param_groups.pop()   # refused: not stepped after all by the next step
             raise
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, refusing the state of an optimizer that steps otherwise (torch's Adam, AdamW with
         amsgrad or maximize), whose options would otherwise be ignored. Of torch's AdamW's state, how it ran (fused,
         foreach, ...) is not kept, and a step count a fused AdamW kept on the device comes to the host, once."""
@@ -154,8 +156,14 @@ class KahanAdamW(torch.optim.Optimizer):
             if torch.is_tensor(state.get("step")) and state["step"].device.type != "cpu":
                 state["step"] = state["step"].cpu()   # read at every step: on the host, without a wait
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One step of every parameter that has a gradient; returns closure()'s loss (run with grad enabled)."""
         loss = None
         if closure is not None:
