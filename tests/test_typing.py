@@ -46,11 +46,14 @@ fastalign.rms_nrom
 REVEALED = ["torch._tensor.Tensor"] * 5 + ["fastalign.optim.kahan_adamw.KahanAdamW", "fastalign.runtime.span.Span",
                                            "fastalign.runtime.span.Span | None", "list[int]",
                                            "fastalign.unlearn.trainer.RunSummary", "torch.nn.modules.linear.Linear"]
-# the lines after `runner.extend(..., logits="all")`, each refused for its argument
+# the lines after `runner.extend(..., logits="all")`, each refused for its argument (the overloaded
+# TreeRunner.extend's, hidden=, as a call no overload matches): (text in the error, its code)
 REFUSED = dict(zip(range(USER_CODE.splitlines().index('runner.extend([None], [[4]], logits="all")') + 2,
-                         len(USER_CODE.splitlines()) + 1), ["reduction", "backend", "activation", "hidden", "betas",
-                                                          "precision", "engine", "backend",
-                                                          "reference"]))
+                         len(USER_CODE.splitlines()) + 1),
+                   [(f'Argument "{argument}"', "[arg-type]") if argument else
+                    ('No overload variant of "extend"', "[call-overload]")
+                    for argument in ["reduction", "backend", "activation", None, "betas", "precision", "engine",
+                                     "backend", "reference"]]))
 # the last lines' misspelled names, each an error (the lazy exports' __getattr__ made any name an Any)
 MISSPELLED = {len(USER_CODE.splitlines()) - k: name for k, name in enumerate(["rms_nrom", "UnlearnConfg",
                                                                            "linear_cross_entorpy"])}
@@ -73,6 +76,17 @@ def train_step(opt: fastalign.KahanAdamW, closure: Callable[[], float]) -> float
     opt.add_param_group({"params": [torch.zeros(2)]})
     reveal_type(opt.step(closure))  # reveal: float
     return opt.step(closure)
+
+
+def search(runner: fastalign.TreeRunner, root: fastalign.Span, candidates: list[list[int]]) -> torch.Tensor:
+    kids, logits = runner.extend([root] * 10, candidates)
+    reveal_type(kids)  # reveal: list[fastalign.runtime.span.Span]
+    kids.append(3)  # error: [arg-type] Argument 1 to "append"
+    _, per_token = runner.extend([root], [[1, 2]], logits="all")
+    reveal_type(per_token)  # reveal: list[torch._tensor.Tensor]
+    reveal_type(runner.vocab_size)  # reveal: int | None
+    reveal_type(runner.last_restored)  # reveal: dict[int, int]
+    return logits
 """
 
 
@@ -99,8 +113,8 @@ def test_the_public_api_is_typed_for_the_callers_type_checker(tmp_path):
     assert notes == [f'"{t}"' for t in REVEALED], messages
     errors = {line: ms[0] for line, ms in messages.items() if not ms[0].startswith("Revealed")}
     assert set(errors) == set(REFUSED) | set(MISSPELLED), messages
-    for line, argument in REFUSED.items():
-        assert f'Argument "{argument}"' in errors[line] and "[arg-type]" in errors[line], errors[line]
+    for line, (text, code) in REFUSED.items():
+        assert text in errors[line] and errors[line].endswith(code), errors[line]
     for line, name in MISSPELLED.items():
         assert f'"{name}"' in errors[line] and "[attr-defined]" in errors[line], errors[line]
 

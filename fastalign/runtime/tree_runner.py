@@ -17,12 +17,12 @@ over whole sequences (hf_recompute.py), with the same API.
 import collections
 import threading
 import warnings
-from typing import Iterable, Literal, Sequence, get_args
+from typing import Any, Iterable, Literal, Sequence, get_args, overload
 
 import numpy as np
 import torch
 
-from fastalign._C import PoolExhaustedError
+from fastalign._C import PoolExhaustedError, SpanTree
 from fastalign.model_decoder import prompt_learning_adapter
 from fastalign.model_devices import model_device
 from fastalign.model_vocabulary import input_vocabulary
@@ -177,7 +177,7 @@ class TreeRunner:
         self._busy = threading.Lock()   # held by the running call (see _one_call_at_a_time)
         self.recomputed_tokens = 0      # tokens run again over the runner's life: evicted spans brought back, and
         # on HFRecomputeModel the contexts of rows, on HFStateCacheModel those after the nearest state kept
-        self.last_restored = {}         # span id -> tokens run again for it by the last extend / pin
+        self.last_restored: dict[int, int] = {}   # span id -> tokens run again for it by the last extend / pin
         self.last_context_rerun = np.zeros(0, dtype=np.int64)  # on HFRecomputeModel, per row of the last extend:
         # the context tokens run again for its outputs; on HFStateCacheModel, those after the nearest state kept;
         # (empty on the other runners, which read the context from the pool)
@@ -209,32 +209,32 @@ class TreeRunner:
     # ----- the tree
 
     @property
-    def tree(self):
+    def tree(self) -> SpanTree:
         """The C++ span tree (fastalign._C.SpanTree), for inspection."""
         return self.store.tree
 
     @property
-    def paged(self):
+    def paged(self) -> bool:
         """True where the model computes attention on the paged pool, batched (PagedLlama, PagedHF); False on the
         Hugging Face cache fallback."""
         return self.model_runner.paged
 
     @property
-    def vocab_size(self):
+    def vocab_size(self) -> int | None:
         """The token ids the model embeds (its input embeddings' rows), read at each call as its forward reads them:
         model.resize_token_embeddings(...) after the runner was made changes it."""
         return input_vocabulary(self.model)
 
     @property
-    def block_size(self):
+    def block_size(self) -> int:
         return self.pool.block_size
 
     @property
-    def num_blocks(self):
+    def num_blocks(self) -> int:
         return self.tree.num_blocks   # the blocks spans can hold (with cuda_graphs the pool has one more)
 
     @property
-    def num_free_blocks(self):
+    def num_free_blocks(self) -> int:
         return self.tree.num_free_blocks
 
     @_one_call_at_a_time
@@ -244,9 +244,34 @@ class TreeRunner:
         (root,), _ = self._extend([None], [token_ids], cuts=None, logits=None, hidden=None, row_name="token_ids")
         return root
 
+    @overload
+    def extend(self, parents: Sequence[Span | int | None], token_lists: Sequence[Sequence[int]], *,
+               cuts: None = None, logits: Literal["last"] = "last", hidden: None = None
+               ) -> tuple[list[Span], torch.Tensor]: ...
+
+    @overload
+    def extend(self, parents: Sequence[Span | int | None], token_lists: Sequence[Sequence[int]], *,
+               cuts: None = None, logits: Literal["all"], hidden: None = None
+               ) -> tuple[list[Span], list[torch.Tensor]]: ...
+
+    @overload
+    def extend(self, parents: Sequence[Span | int | None], token_lists: Sequence[Sequence[int]], *,
+               cuts: None = None, logits: None, hidden: None = None) -> tuple[list[Span], None]: ...
+
+    @overload
+    def extend(self, parents: Sequence[Span | int | None], token_lists: Sequence[Sequence[int]], *,
+               cuts: Sequence[Sequence[int]], logits: Output = "last", hidden: None = None
+               ) -> tuple[list[list[Span]], Any]: ...
+
+    @overload
+    def extend(self, parents: Sequence[Span | int | None], token_lists: Sequence[Sequence[int]], *,
+               cuts: Sequence[Sequence[int]] | None = None, logits: Output = "last", hidden: _Outputs
+               ) -> tuple[Any, Any, Any]: ...
+
     @_one_call_at_a_time
     def extend(self, parents: Sequence[Span | int | None], token_lists: Sequence[Sequence[int]], *,
-               cuts: Sequence[Sequence[int]] | None = None, logits: Output = "last", hidden: Output = None) -> tuple:
+               cuts: Sequence[Sequence[int]] | None = None, logits: Output = "last", hidden: Output = None
+               ) -> tuple[Any, ...]:
         """Append token_lists[i] (one or more token ids) to parents[i] (a Span, None to start a new root,
         or the int j < i: the child of row j of this call), every row in ONE forward. Parents may repeat
         and may be evicted (they are recomputed). A row on an earlier row attends to that row's tokens as
