@@ -87,6 +87,19 @@ def search(runner: fastalign.TreeRunner, root: fastalign.Span, candidates: list[
     reveal_type(runner.vocab_size)  # reveal: int | None
     reveal_type(runner.last_restored)  # reveal: dict[int, int]
     return logits
+
+
+def choices(model: torch.nn.Module, x: torch.Tensor, w: torch.Tensor) -> None:
+    with fused_layers(model, backend="cuda"):  # error: [arg-type] Argument "backend"
+        pass
+    with fused_layers(model) as replaced:
+        reveal_type(replaced)  # reveal: int
+    UnlearningObjective(model, backend="gpu")  # error: [arg-type] Argument "backend"
+    UnlearningObjective(model, packing="padded")  # error: [arg-type] Argument "packing"
+    RowPacker(model, mode="always")  # error: [arg-type] Argument "mode"
+    CachedReference(model, [], storage="cpu")  # error: [arg-type] Argument "storage"
+    fastalign.rms_norm(x, w, rule="one_plus")  # error: [arg-type] Argument "rule"
+    load_pairs("a.jsonl", fmt="pku-saferlhf")  # error: [arg-type] Argument "fmt"
 """
 
 

@@ -26,6 +26,7 @@ from ..unlearn.config import UnlearnConfig
 from ..unlearn.encoding import encode_answers, encode_pairs
 from ..unlearn.extras import require_extras
 from ..unlearn.records import QAPair
+from ..unlearn.reference import ReferenceMode
 from ..unlearn.streams import UnlearningStreams
 from ..unlearn.templates import TextTemplate
 from ..unlearn.trainer import UnlearningTrainer
@@ -46,7 +47,7 @@ class DemoSettings:
     forget_weight: float = 0.5
     mismatch_weight: float = 1.0
     normal_weight: float = 2.0
-    reference: str = "copy"
+    reference: ReferenceMode = "copy"
     seed: int = 0
 
 

@@ -7,6 +7,7 @@ input and the rounded normalised rows (6 bytes a value of a 16-bit input) for th
 does (`rule`).
 """
 import math
+from typing import Literal
 
 import torch
 
@@ -18,6 +19,7 @@ from .func_transforms import FusedOpFunction, LauncherGradients
 # How a family's module applies its weight to the normalised rows (fp32), and the launchers' arguments for it:
 # "rounded" (Llama, Mistral, Qwen, the MoEs): rounded to the input's dtype, then times the weight, in that dtype;
 # "one plus" (the Gemmas): times 1 + weight in fp32, rounded once; "fp32" (OLMo 2 and 3): times the weight in fp32.
+Rule = Literal["rounded", "one plus", "fp32"]
 WEIGHT_RULES = {"rounded": dict(weight_offset=0.0, round_before_weight=True),
                 "one plus": dict(weight_offset=1.0, round_before_weight=False),
                 "fp32": dict(weight_offset=0.0, round_before_weight=False)}
@@ -53,7 +55,7 @@ def _gradients(x, weight, grad_out, eps, rule, launcher, need_weight):
     return grad_x, grad_weight if need_weight else None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, rule: str = "rounded",
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, rule: Rule = "rounded",
              backend: Backend = "auto") -> torch.Tensor:
     """RMSNorm of x [..., D] over its last dimension with weight [D], as the Hugging Face module of `rule`'s family
     computes it (WEIGHT_RULES: "rounded" needs weight in x's dtype, as the module's output would otherwise take the

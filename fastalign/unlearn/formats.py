@@ -87,7 +87,7 @@ def load_prompt_answer_jsonl(path: str | os.PathLike) -> list[QAPair]:
     return _non_empty(pairs, path, "no rows")
 
 
-def detect_jsonl_format(path: str | os.PathLike) -> str:
+def detect_jsonl_format(path: str | os.PathLike) -> Format:
     """'pku', 'hh' or 'jsonl', from the fields of the file's first row."""
     for _, obj in read_jsonl(path):
         if "response_0" in obj:
@@ -101,7 +101,7 @@ def detect_jsonl_format(path: str | os.PathLike) -> str:
     raise DataError(f"{os.fspath(path)}: no rows")
 
 
-def load_pairs(path: str | os.PathLike, fmt: str = "auto") -> list[QAPair]:
+def load_pairs(path: str | os.PathLike, fmt: Literal["auto"] | Format = "auto") -> list[QAPair]:
     """Pairs of a jsonl file in the given format ('auto' looks at the first row)."""
     if fmt == "auto":
         fmt = detect_jsonl_format(path)

@@ -16,13 +16,14 @@ the bit on the torch backend, the gradients to the rounding of the norms' sums t
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
 from fastalign.compute_dtype import compute_dtype
-from fastalign.ops.backend import check_backend
+from fastalign.ops.backend import Backend, check_backend
 from fastalign.ops.gated_linear import gated_activation, gated_linear
-from fastalign.ops.rms_norm import rms_norm
+from fastalign.ops.rms_norm import Rule, rms_norm
 from fastalign.runtime.gated_mlps import gated_mlp_activation, kernel_activation
 from fastalign.runtime.layer_layouts import LAYOUTS
 from fastalign.runtime.module_hooks import runs_more_than_its_forward
@@ -66,7 +67,7 @@ class TrainingRMSNorm:
     in another dtype than its weight: the module's output takes the promoted dtype), for a float64, 1-D or meta input,
     and without grad."""
 
-    def __init__(self, module: torch.nn.Module, eps: float, rule: str, backend: str):
+    def __init__(self, module: torch.nn.Module, eps: float, rule: Rule, backend: Backend):
         self.module, self.eps, self.rule, self.backend = module, eps, rule, backend
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +100,7 @@ def _family_part(model):
 
 
 @contextlib.contextmanager
-def fused_layers(model: torch.nn.Module, backend: str = "auto"):
+def fused_layers(model: torch.nn.Module, backend: Backend = "auto") -> Iterator[int]:
     """A context in which the RMSNorms and dense gated MLPs of the Hugging Face model `model` (any wrapper around it:
     PEFT, DDP) forward as TrainingRMSNorm and RecomputedProductMLP with the ops' `backend`; yields how many modules
     it stands in for. Their forwards are the class's again on leaving it. Only the families whose layers fastalign

@@ -24,12 +24,13 @@ import torch
 
 from fastalign.compute_dtype import compute_dtype
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
+from fastalign.ops.backend import Backend
 from fastalign.ops.checks import is_real
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
 from fastalign.ops.linear_kl_div import linear_kl_div
 from fastalign.unlearn.models import (at_positions, causal_lm_parts, check_fused_logits, logit_multiplier,
                                       logit_softcap, scaled_head_input)
-from fastalign.unlearn.packing import RowPacker
+from fastalign.unlearn.packing import Packing, RowPacker
 from fastalign.unlearn.sharding import head_weight
 from fastalign.unlearn.streams import UnlearningBatch
 from fastalign.unlearn.token_weights import unlearning_token_weights
@@ -83,7 +84,7 @@ class UnlearningObjective(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, weights: LossWeights = LossWeights(), reference=None,
-                 backend: str = "auto", packing: str = "auto", grads_in_forward: bool = False):
+                 backend: Backend = "auto", packing: Packing = "auto", grads_in_forward: bool = False):
         super().__init__()
         if hasattr(model, "_orig_mod"):  # torch.compile(model): its forward, which the objective never calls
             warnings.warn("the objective runs the model's decoder and lm_head, not the compiled model's forward, so "

@@ -192,7 +192,7 @@ class RowPacker:
     cheaper, where packing is exact for the model; 'on': packed always, an error for a model it is not exact for;
     'off': padded). `unavailable` says why packing is not exact for the model (None: it is)."""
 
-    def __init__(self, model, mode: str = "auto"):
+    def __init__(self, model: torch.nn.Module, mode: Packing = "auto"):
         self.unavailable = packing_unavailable(model, mode)
         self.mode = mode
         self.shape = ModelShape.of(model)
@@ -259,7 +259,7 @@ class RowPacker:
                              layout.index)
 
 
-def packing_unavailable(model, mode: str = "auto") -> str | None:
+def packing_unavailable(model, mode: Packing = "auto") -> str | None:
     """Why packed rows are not exact for `model` (None: they are, or `mode` is 'off', which packs none); a ValueError
     for mode 'on' where they are not. RowPacker decides by it, and the trainer refuses packing='on' by it before it
     changes the model (a bf16 cast, LoRA layers)."""

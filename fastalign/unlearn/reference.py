@@ -73,7 +73,7 @@ class AdapterDisabledReference:
     original model's distribution. Each module's mode is restored afterwards.
     """
 
-    def __init__(self, model):
+    def __init__(self, model: torch.nn.Module):
         if not (hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")):
             raise TypeError(f"reference='adapter' needs a PEFT model with an adapter (e.g. LoRA), got "
                             f"{type(model).__name__}; train with LoRA or choose reference='copy' or 'cached'")
@@ -106,7 +106,7 @@ class CachedReference:
     """
 
     def __init__(self, model, normal: Sequence[EncodedExample], *, batch_size: int = 8, filler_id: int = 0,
-                 storage: str = "device", compute_dtype: torch.dtype | None = None):
+                 storage: CacheStorage = "device", compute_dtype: torch.dtype | None = None):
         """compute_dtype: run the decoder with every weight in that dtype, on a copy made for the cache (FSDP's
         mixed precision computes the policy so, norms and embeddings included), so that P is what the policy
         computed before training."""
