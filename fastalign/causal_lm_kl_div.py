@@ -10,7 +10,7 @@ model, the model itself with its adapter off: reference="adapter").
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -118,6 +118,9 @@ class CausalLMKLDiv(torch.nn.Module):
                 **inputs) -> torch.Tensor:
         hidden, target = hidden_and_targets(self.model, labels, shift_labels, inputs)
         return self.of_hidden_states(hidden, target, num_items_in_batch, ignore_index, **inputs)
+
+    if TYPE_CHECKING:   # Module.__call__ is Callable[..., Any]: callers see forward's types
+        __call__ = forward
 
     def of_hidden_states(self, hidden: torch.Tensor, target: torch.Tensor,
                          num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,

@@ -9,6 +9,8 @@ then read inside the wrapped forward).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
@@ -71,6 +73,9 @@ class CausalLMLoss(torch.nn.Module):
         check_loss_reduction(reduction, num_items_in_batch, self.grads_in_forward)   # (before the decoder runs)
         hidden, target = hidden_and_targets(self.model, labels, shift_labels, inputs)
         return self.of_hidden_states(hidden, target, num_items_in_batch, ignore_index, reduction=reduction)
+
+    if TYPE_CHECKING:   # Module.__call__ is Callable[..., Any]: callers see forward's types
+        __call__ = forward
 
     def of_hidden_states(self, hidden: torch.Tensor, target: torch.Tensor,
                          num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100, *,

@@ -100,6 +100,14 @@ def choices(model: torch.nn.Module, x: torch.Tensor, w: torch.Tensor) -> None:
     CachedReference(model, [], storage="cpu")  # error: [arg-type] Argument "storage"
     fastalign.rms_norm(x, w, rule="one_plus")  # error: [arg-type] Argument "rule"
     load_pairs("a.jsonl", fmt="pku-saferlhf")  # error: [arg-type] Argument "fmt"
+
+
+def losses(loss_fn: fastalign.CausalLMLoss, kl_fn: fastalign.CausalLMKLDiv, objective: UnlearningObjective,
+           batch: UnlearningBatch, ids: torch.Tensor) -> torch.Tensor:
+    reveal_type(kl_fn(input_ids=ids, labels=ids))  # reveal: torch._tensor.Tensor
+    reveal_type(objective(batch).total)  # reveal: torch._tensor.Tensor
+    loss_fn(input_ids=ids, labels=ids, reduction="avg")  # error: [arg-type] Argument "reduction"
+    return loss_fn(input_ids=ids, labels=ids)
 """
 
 

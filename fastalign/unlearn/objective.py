@@ -18,7 +18,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -169,6 +169,9 @@ class UnlearningObjective(torch.nn.Module):
         w = self.weights
         total = w.forget * forget + w.mismatch * mismatch + w.normal * normal
         return LossTerms(total, forget.detach(), mismatch.detach(), normal.detach())
+
+    if TYPE_CHECKING:   # Module.__call__ is Callable[..., Any]: callers see forward's types
+        __call__ = forward
 
     def _check_embedded(self, batch: UnlearningBatch) -> None:
         """A ValueError naming the example (else the row) of `batch` that holds a token id the model has no input
