@@ -108,6 +108,18 @@ def losses(loss_fn: fastalign.CausalLMLoss, kl_fn: fastalign.CausalLMKLDiv, obje
     reveal_type(objective(batch).total)  # reveal: torch._tensor.Tensor
     loss_fn(input_ids=ids, labels=ids, reduction="avg")  # error: [arg-type] Argument "reduction"
     return loss_fn(input_ids=ids, labels=ids)
+
+
+class PoolFull(fastalign.PoolExhaustedError):
+    pass
+
+
+def exhausted(runner: fastalign.TreeRunner) -> int:
+    try:
+        runner.prefill([1] * 100_000)
+    except fastalign.PoolExhaustedError as err:
+        reveal_type(err)  # reveal: fastalign._C.PoolExhaustedError
+    return runner.tree.num_free_blocks
 """
 
 
@@ -158,10 +170,11 @@ def test_typed_training_code_sees_precise_types_and_its_misspelled_choices(tmp_p
             assert message.endswith(code) and text in message, (line, message)
 
 
-def test_fastalign_ships_its_py_typed_marker():
+def test_fastalign_ships_its_py_typed_marker_and_the_c_extensions_stub():
+    """An installed fastalign without _C.pyi gave its users the C++ extension's names (PoolExhaustedError) as Any."""
     import tomllib
 
-    assert (ROOT / "fastalign" / "py.typed").is_file()
+    assert (ROOT / "fastalign" / "py.typed").is_file() and (ROOT / "fastalign" / "_C.pyi").is_file()
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert "py.typed" in package_data["fastalign"]
+    assert {"py.typed", "_C.pyi"} <= set(package_data["fastalign"])
     assert os.path.getsize(ROOT / "fastalign" / "py.typed") == 0
