@@ -24,8 +24,9 @@ import torch
 
 from fastalign.compute_dtype import compute_dtype
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
-from fastalign.ops.backend import Backend
+from fastalign.ops.backend import Backend, check_backend
 from fastalign.ops.checks import is_real
+from fastalign.ops.forward_gradients import check_grads_in_forward
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
 from fastalign.ops.linear_kl_div import linear_kl_div
 from fastalign.unlearn.models import (at_positions, causal_lm_parts, check_fused_logits, logit_multiplier,
@@ -86,6 +87,8 @@ class UnlearningObjective(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, weights: LossWeights = LossWeights(), reference=None,
                  backend: Backend = "auto", packing: Packing = "auto", grads_in_forward: bool = False):
         super().__init__()
+        check_backend(backend)   # refused now, not by the op at the first step, after the decoder ran
+        check_grads_in_forward("UnlearningObjective", grads_in_forward)   # a truthy string would turn it on
         if hasattr(model, "_orig_mod"):  # torch.compile(model): its forward, which the objective never calls
             warnings.warn("the objective runs the model's decoder and lm_head, not the compiled model's forward, so "
                           "torch.compile(model) compiles nothing it runs: compile the decoder instead "

@@ -437,6 +437,16 @@ def test_bad_inputs():
         AdapterDisabledReference(model)
 
 
+def test_a_bad_backend_or_grads_in_forward_is_refused_when_the_objective_is_made():
+    """backend='gpu' was accepted and refused by the op only at the first step, after the policy's decoder ran, and
+    grads_in_forward='no' was taken as true: each is refused when made, as CausalLMLoss refuses them."""
+    model = tiny_llama(16)
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'torch'\), got 'gpu'"):
+        UnlearningObjective(model, WEIGHTS, backend="gpu")
+    with pytest.raises(TypeError, match="UnlearningObjective: grads_in_forward must be True or False, got 'no'"):
+        UnlearningObjective(model, WEIGHTS, grads_in_forward="no")
+
+
 def test_normal_denominator_divides_the_kl_sum():
     model, streams, reference, _ = setup("copy")
     objective = UnlearningObjective(model, LossWeights(0.0, 0.0, 1.0), reference)
