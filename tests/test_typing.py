@@ -120,6 +120,10 @@ def exhausted(runner: fastalign.TreeRunner) -> int:
     except fastalign.PoolExhaustedError as err:
         reveal_type(err)  # reveal: fastalign._C.PoolExhaustedError
     return runner.tree.num_free_blocks
+
+
+def run(config: fastalign.UnlearnConfig) -> None:
+    fastalign.run_unlearning(config, step_callbak=print)  # error: [call-arg] "step_callbak"
 """
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from fastalign.output_lock import output_lock
 from fastalign.pretrained import load_pretrained, load_tokenizer
@@ -20,7 +20,7 @@ from fastalign.unlearn.streams import UnlearningStreams, mismatch_fit
 from fastalign.unlearn.templates import ChatTemplate, TextTemplate
 
 if TYPE_CHECKING:   # the trainer (and with it accelerate) is imported when a run starts
-    from fastalign.unlearn.trainer import RunSummary
+    from fastalign.unlearn.trainer import RunSummary, StepRecord
 
 
 def _truthfulqa(config: UnlearnConfig, path: str):
@@ -158,7 +158,8 @@ def load_model_and_tokenizer(config: UnlearnConfig):
         raise ValueError(f"attn_implementation {config.attn_implementation!r}: {e}") from None
 
 
-def run_unlearning(config: UnlearnConfig, **trainer_options) -> RunSummary:
+def run_unlearning(config: UnlearnConfig, *, accelerator: Any = None,
+                   step_callback: Callable[[StepRecord], None] | None = None) -> RunSummary:
     """Loads, validates and trains; returns the trainer's RunSummary. A missing extra (MissingExtraError), and an
     output_dir that holds a finished or unresumed run or that another fastalign process is writing, are refused
     before the model and data load."""
@@ -172,4 +173,5 @@ def run_unlearning(config: UnlearnConfig, **trainer_options) -> RunSummary:
         resume_point(config)
         model, tokenizer = load_model_and_tokenizer(config)
         streams = load_streams(config, tokenizer)
-        return UnlearningTrainer(model, streams, config, tokenizer=tokenizer, **trainer_options).train()
+        return UnlearningTrainer(model, streams, config, tokenizer=tokenizer, accelerator=accelerator,
+                                 step_callback=step_callback).train()

@@ -10,7 +10,8 @@ from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.encoding import encode_answers, encode_pairs
 from fastalign.unlearn.formats import load_pairs, load_truthfulqa
 from fastalign.unlearn.records import DataError
-from fastalign.unlearn.run import load_model_and_tokenizer, load_streams
+from fastalign.unlearn import run
+from fastalign.unlearn.run import load_model_and_tokenizer, load_streams, run_unlearning
 from fastalign.unlearn.templates import TextTemplate
 from tests.unlearn.tiny import (FORGET_ROWS, NORMAL_ROWS, POOL_ANSWERS, byte_bpe_tokenizer, tiny_llama, write_jsonl,
                                write_truthfulqa)
@@ -357,3 +358,12 @@ def test_normal_weight_without_a_normal_file_is_an_error_naming_both_ways_on(tmp
     with pytest.raises(DataError, match=r"^normal_weight > 0 needs a normal data file \(normal=..., --normal FILE\), "
                                         r"or set normal_weight=0 \(--normal-weight 0\)$"):
         load_streams(config, byte_bpe_tokenizer())
+
+
+def test_a_misspelled_trainer_option_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """run_unlearning(config, step_callbak=...) reached the trainer's TypeError only after the model, the tokenizer
+    and the data had loaded (10 s for the demo's model, minutes for an 8B one)."""
+    monkeypatch.setattr(run, "load_model_and_tokenizer", lambda config: pytest.fail("the model loaded"))
+    config = UnlearnConfig(model="m", output_dir=str(tmp_path / "out"), **jsonl_data(tmp_path))
+    with pytest.raises(TypeError, match="step_callbak"):
+        run_unlearning(config, step_callbak=print)
