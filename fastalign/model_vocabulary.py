@@ -12,6 +12,14 @@ def input_vocabulary(model) -> int | None:
     return weight.shape[0] if isinstance(weight, torch.Tensor) else None
 
 
+def probe_ids(model, ids: list[int]) -> list[int]:
+    """The token ids `ids` (small ones, which a check runs the model on) modulo the input vocabulary of `model`, so
+    that a model of fewer words embeds them (one of 3 words takes ids 0-2); as given where it is not known (None:
+    embeddings wrapped in a module without a weight, for which `id % None` raised TypeError)."""
+    vocabulary = input_vocabulary(model)
+    return list(ids) if vocabulary is None else [t % vocabulary for t in ids]
+
+
 def check_embedded(ids, vocab_size: int | None, source: str, error: type = ValueError) -> None:
     """Raises `error` naming `source` when a token id of `ids` is negative (-100, the ignore_index of Hugging Face
     labels, copied into the ids) or past the model's `vocab_size` input embeddings (None: not known, not checked):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fastalign.model_vocabulary import input_vocabulary
+from fastalign.model_vocabulary import input_vocabulary, probe_ids
 from tests.unlearn.tiny import tiny_llama
 
 
@@ -19,3 +19,8 @@ def test_the_vocabulary_of_a_model_and_of_its_lora_wrapper(targets):
 
 def test_a_model_without_input_embeddings_has_no_vocabulary():
     assert input_vocabulary(torch.nn.Linear(2, 2)) is None
+
+
+def test_probe_ids_fit_a_small_vocabulary_and_stay_where_it_is_not_known():
+    assert probe_ids(tiny_llama(3), [1, 0, 2, 3, 4]) == [1, 0, 2, 0, 1]
+    assert probe_ids(torch.nn.Linear(2, 2), [1, 0, 2, 3, 4]) == [1, 0, 2, 3, 4]

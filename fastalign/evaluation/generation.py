@@ -25,7 +25,7 @@ import torch
 from fastalign.eval_mode import eval_mode
 from fastalign.model_context import model_positions
 from fastalign.model_devices import input_device
-from fastalign.model_vocabulary import check_embedded, input_vocabulary
+from fastalign.model_vocabulary import check_embedded, input_vocabulary, probe_ids
 from fastalign.ops.checks import is_integer, refuse_one_string
 from fastalign.runtime.hf_cache_argument import (cache_kwargs, refuse_prompt_adapter_over_a_cache, returned_cache,
                                                  takes_logits_to_keep)
@@ -197,8 +197,7 @@ def pads_exactly(model, tokenizer) -> bool:
     # must not load (tests/test_cli.py)
     from fastalign.runtime.hf_cache import agree_within_rounding
 
-    vocabulary = input_vocabulary(model)   # (a model of 3 words takes ids 0-2)
-    short, long = [1 % vocabulary, 0], [t % vocabulary for t in (2, 3, 1, 1)]
+    short, long = probe_ids(model, [1, 0]), probe_ids(model, [2, 3, 1, 1])
     padded = _prompt_forward(model, tokenizer, [short, long])[-1].logits[0, -1]
     alone = _prompt_forward(model, tokenizer, [short])[-1].logits[0, -1]
     return agree_within_rounding(model.dtype, alone, (padded, alone))

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from fastalign.eval_mode import eval_mode
 from fastalign.model_context import runner_context
-from fastalign.model_vocabulary import input_vocabulary
+from fastalign.model_vocabulary import probe_ids
 from fastalign.ops.paged_attention import write_kv
 from fastalign.runtime.hf_cache_argument import cache_kwargs, takes_a_cache, takes_logits_to_keep
 from fastalign.runtime.row_groups import LeftPadded, context_alike, left_padded_kv, row_chain
@@ -123,8 +123,8 @@ class HFCacheModel:
         LeftPadded puts them, continue by 2 + 1 tokens to the logits of the model's forward over each whole sequence,
         within rounding of its dtype. False also where the forward fails with a 2D mask over a cache, or takes no
         position_ids and counts the padding as positions (Bloom's and MPT's ALiBi biases follow the mask: they pass)."""
-        ids = torch.tensor([[1, 0, 2, 1, 3, 0, 0], [2, 3, 1, 1, 0, 2, 3]], device=self.device)
-        ids = ids % input_vocabulary(self.model)
+        ids = torch.tensor([probe_ids(self.model, row) for row in ([1, 0, 2, 1, 3, 0, 0], [2, 3, 1, 1, 0, 2, 3])],
+                           device=self.device)
         lengths, new = (2, 4), 3
         try:
             with torch.inference_mode(), eval_mode(self.model):
@@ -168,7 +168,7 @@ class HFCacheModel:
         (BertLMHeadModel or RobertaForCausalLM with is_decoder=False) otherwise gives logits that depend on
         how the tree split its sequence into spans, silently. Compared relative to the logits' scale, within
         rounding of the model's dtype (even a freshly initialised encoder's small logits move by ~3e-3 of it)."""
-        ids = torch.tensor([[1, 0, 2, 1, 3, 0]], device=self.device) % input_vocabulary(self.model)
+        ids = torch.tensor([probe_ids(self.model, [1, 0, 2, 1, 3, 0])], device=self.device)
         with torch.inference_mode(), eval_mode(self.model):
             def run(input_ids, cache, length):
                 return self.model(input_ids=input_ids, use_cache=True, **cache_kwargs(self.model, cache),

@@ -10,6 +10,7 @@ from fastalign.evaluation.generation import (GenerationConfig, encode_prompts, e
                                              iter_generate, iter_generations, pad_id, pads_exactly)
 from fastalign.evaluation.harness import evaluate_harm
 from fastalign.evaluation.prompts import spec_prompt
+from tests.runtime.tiny_models import WrappedEmbedding
 from tests.vocab_rows import VocabRows
 
 
@@ -245,6 +246,16 @@ def test_the_padding_probe_takes_ids_every_vocabulary_has(tokenizer):
                                          num_attention_heads=2, num_key_value_heads=1, pad_token_id=0,
                                          bos_token_id=1, eos_token_id=2)).eval()
     assert pads_exactly(model, tokenizer)
+
+
+def test_a_model_whose_embeddings_are_wrapped_generates_as_the_model(world, tokenizer, model):
+    """A model whose input vocabulary is not known (embeddings without a weight) crashed the padding probe with
+    `1 % None` (TypeError) on prompts of two lengths; it generates the model's answers."""
+    wrapped = copy.deepcopy(model)
+    wrapped.set_input_embeddings(WrappedEmbedding(wrapped.get_input_embeddings()))
+    prompts, config = prompts_of(world)[::len(prompts_of(world)) - 1], GenerationConfig(max_new_tokens=4)
+    assert pads_exactly(wrapped, tokenizer) == pads_exactly(model, tokenizer)
+    assert generate(wrapped, tokenizer, prompts, config) == generate(model, tokenizer, prompts, config)
 
 
 def test_generation_computes_the_logits_of_each_rows_last_position_alone(world, tokenizer, model):

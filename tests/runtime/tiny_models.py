@@ -203,6 +203,18 @@ def fill_with_nan(pool):
         tensor.fill_(float("nan") if tensor.is_floating_point() else -1)
 
 
+class WrappedEmbedding(torch.nn.Module):
+    """The user's own module around a model's input embeddings: it has no `weight`, so the model's input vocabulary
+    is not known (input_vocabulary: None)."""
+
+    def __init__(self, embedding):
+        super().__init__()
+        self.inner = embedding
+
+    def forward(self, ids):
+        return self.inner(ids)
+
+
 def tiny_model(name, dtype=torch.float32, device="cpu", seed=0):
     """A model of CONFIGS[name] with weights drawn so that logits are O(1) (drawn_weights)."""
     cls, make_config = CONFIGS[name]
