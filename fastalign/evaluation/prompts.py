@@ -64,19 +64,20 @@ def hh_prompts(path: str):
 FIELD_SUFFIXES = (".jsonl", ".jsonl.gz", ".csv")
 
 
-def has_fields(path: str) -> bool:
+def has_fields(path: str | os.PathLike[str]) -> bool:
     """Whether read_prompts takes `path`'s prompts from a field or column (so a field name applies to it)."""
-    return path.endswith(FIELD_SUFFIXES)
+    return os.fspath(path).endswith(FIELD_SUFFIXES)
 
 
 # Data files that are none of the formats read: as text, their lines of syntax (or a csv header) became prompts.
 _UNREAD_DATA_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz", ".csv", ".csv.gz")
 
 
-def read_prompts(path: str, field: str = "prompt") -> List[str]:
+def read_prompts(path: str | os.PathLike[str], field: str = "prompt") -> List[str]:
     """The prompts of a .jsonl(.gz), .csv or text file, in file order; ValueError naming the file and line if
     bad (DataError for an unreadable file), and for a data file of another format (.json, .csv.gz, .JSONL)
     rather than reading its lines as prompts."""
+    path = os.fspath(path)   # a pathlib.Path, as read_answers and the unlearning loaders take
     if os.path.isdir(path):
         raise ValueError(f"{path}: is a directory, not a prompts file")
     if not os.path.isfile(path):

@@ -88,3 +88,12 @@ def test_an_hh_dialogue_that_does_not_open_with_a_human_turn_is_refused(tmp_path
     (tmp_path / "hh.jsonl").write_text(json.dumps({"chosen": chosen}) + "\n")
     with pytest.raises(ValueError, match="hh.jsonl: line 1: 'chosen' must start with a 'Human:' turn"):
         hh_messages(str(tmp_path / "hh.jsonl"))
+
+
+@pytest.mark.parametrize("name", ["prompts.txt", "prompts.jsonl"])
+def test_a_pathlib_path_is_read_as_its_string(tmp_path, name):
+    """read_prompts(Path(...)) raised AttributeError ('PosixPath' object has no attribute 'endswith'), although
+    read_answers and the unlearning loaders take paths."""
+    path = tmp_path / name
+    path.write_text("How?\n" if name.endswith(".txt") else json.dumps({"prompt": "How?"}) + "\n")
+    assert read_prompts(path) == read_prompts(str(path)) == ["How?"]
