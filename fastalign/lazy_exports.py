@@ -11,6 +11,7 @@ used, and refuses an `__all__` that lists other names.
 """
 import ast
 import importlib
+import pkgutil
 
 
 def type_checking_imports(source, path):
@@ -28,6 +29,12 @@ def type_checking_imports(source, path):
             for alias in statement.names:
                 owners[alias.asname or alias.name] = (statement.module, alias.name)
     return owners
+
+
+def subpackages(namespace):
+    """The names of the public subpackages of the package whose globals() are `namespace`, imported or not."""
+    return {module.name for module in pkgutil.iter_modules(namespace["__path__"])
+            if module.ispkg and not module.name.startswith("_")}
 
 
 def lazy_exports(namespace):
@@ -60,6 +67,8 @@ def lazy_exports(namespace):
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     def __dir__():
-        return sorted(set(namespace) | set(owners))
+        # the subpackages too, which __getattr__ imports: tab completion offers fastalign.unlearn after
+        # `import fastalign`, as README writes it
+        return sorted(set(namespace) | set(owners) | subpackages(namespace))
 
     return __getattr__, __dir__

@@ -62,6 +62,14 @@ def test_a_renamed_name_is_the_object_of_its_module():
     assert fastalign.linear_cross_entropy is linear_cross_entropy
 
 
+def test_dir_lists_the_subpackages_without_importing_them():
+    """Tab completion offered no `fastalign.unlearn` after `import fastalign` (README's usage), although the name
+    resolves: dir() listed only the exported names."""
+    subpackages = ("unlearn", "evaluation", "rain", "runtime", "ops", "optim", "demo", "reference")
+    listed = f"import fastalign\nmissing = set({subpackages!r}) - set(dir(fastalign))\nassert not missing, missing"
+    assert loaded_after(listed, tuple(f"fastalign.{name}" for name in subpackages)) == []
+
+
 @pytest.mark.parametrize("name", LAZY_PACKAGES)
 def test_an_unknown_name_is_an_attribute_error_naming_it(name):
     package = importlib.import_module(name)
