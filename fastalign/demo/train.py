@@ -17,7 +17,7 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -148,7 +148,7 @@ def train(seed: int, steps: int, out: Path, lr: float = 3e-3, qa_batch: int = 48
     return scores
 
 
-def main(argv: List[str] = None) -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastalign.demo.train", description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="seed of the world and of training (default: 0)")
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps (default: 400)")

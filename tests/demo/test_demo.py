@@ -5,6 +5,7 @@ import contextlib
 import json
 import runpy
 import sys
+import typing
 import warnings
 from dataclasses import asdict, fields
 from types import SimpleNamespace
@@ -316,6 +317,11 @@ def test_training_the_demo_model_refuses_settings_out_of_range_before_writing(tm
         train.main(["--out", str(tmp_path / "model"), *extra])
     assert exited.value.code == 2 and f"{extra[0]} must be >= 1, got {extra[1]}" in capsys.readouterr().err
     assert not (tmp_path / "model").exists()
+
+
+def test_training_the_demo_models_argv_is_optional_to_a_type_checker():
+    """main(argv=None) reads sys.argv; its annotation said `List[str]`, so None was an implicit Optional."""
+    assert typing.get_type_hints(train.main)["argv"] == typing.Optional[typing.List[str]]
 
 
 def test_demo_without_accelerate_names_the_extra_before_any_phase(monkeypatch, capsys):
