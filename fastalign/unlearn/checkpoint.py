@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from fastalign.unlearn.config import UnlearnConfig
@@ -27,6 +29,9 @@ from fastalign.writable import naming_a_full_disk
 
 CHECKPOINTS = "checkpoints"
 _TMP_PREFIX = ".tmp-"
+_STEP_NAME = re.compile(r"step-\d{6,}")
+# what a checkpoint written before 2026-12-07 holds beside tensors and builtins: NumPy's generator state (an array)
+_NUMPY_STATE = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def save_file(obj, path: str) -> None:
@@ -85,7 +90,12 @@ def latest_checkpoint(output_dir: str) -> str | None:
     if not os.path.isfile(pointer):
         return None
     with open(pointer, encoding="utf-8") as f:
-        path = os.path.join(output_dir, CHECKPOINTS, f.read().strip())
+        name = f.read().strip()
+    if not _STEP_NAME.fullmatch(name):
+        raise ValueError(f"{pointer} holds {name[:80]!r}, not the name of a checkpoint beside it (step-NNNNNN): a run "
+                         f"resumes only from its own checkpoints; remove {pointer} to start over, or write the name of "
+                         "a complete checkpoint beside it into it")
+    path = os.path.join(output_dir, CHECKPOINTS, name)
     if not os.path.isfile(os.path.join(path, "state.pt")):
         raise ValueError(f"{pointer} names {path}, which is not a complete checkpoint (removed by hand?): remove "
                          f"{pointer} to start over, or write the name of a complete checkpoint beside it into it")
@@ -196,13 +206,24 @@ def read_checkpoint(path: str, rank: int) -> tuple[dict, dict]:
 
 
 def _load(file: str):
-    """torch.load of a checkpoint file; a ValueError naming it when it cannot be read (the checkpoints are written
-    atomically, so only something outside the run, a disk fault or an edit, damages one)."""
+    """torch.load of a checkpoint file, unpickling only tensors, builtins and NumPy arrays (whoever can write into the
+    output directory must not get code run by a resume); a ValueError naming it when it cannot be read (the
+    checkpoints are written atomically, so only something outside the run, a disk fault or an edit, damages one)."""
     try:
-        return torch.load(file, weights_only=False)
+        with torch.serialization.safe_globals(_NUMPY_STATE):
+            return torch.load(file, weights_only=True)
     except Exception as e:   # a truncated or foreign file: zip, pickle or EOF errors, whichever torch meets first
-        raise ValueError(f"cannot resume from {file}: it cannot be read ({type(e).__name__}: {e}); resume from an "
-                         "earlier checkpoint by writing its name into checkpoints/latest, or start over") from e
+        raise ValueError(f"cannot resume from {file}: it cannot be read ({type(e).__name__}: {_reason(e)}); resume "
+                         "from an earlier checkpoint by writing its name into checkpoints/latest, or start over") from e
+
+
+def _reason(e: Exception) -> str:
+    """What `e` says; of torch's refusal to unpickle more than tensors and builtins, the line naming what it met (its
+    advice, to load with weights_only=False, would run whatever code the file holds)."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    if not str(e).startswith("Weights only load failed") or len(lines) < 3:
+        return str(e)
+    return f"{lines[-2].strip()} (only tensors, numbers and strings are unpickled: anything else could run code)"
 
 
 def torch_rng_state(device: torch.device) -> dict:

@@ -440,3 +440,61 @@ def test_a_checkpoint_from_a_process_that_saw_more_gpus_restores_the_generator()
     torch.cuda.manual_seed(123)
     checkpoint.set_rng_state({**state, "cuda": [saved] * (torch.cuda.device_count() + 1)}, device)
     assert torch.equal(torch.cuda.get_rng_state(device), saved)
+
+
+class _Payload:
+    """Unpickles into a call that creates `marker`: what a tampered checkpoint file would run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+@pytest.mark.parametrize("file", ["state.pt", "rank-0.pt"])
+def test_a_checkpoint_file_holding_code_is_refused_without_running_it(tmp_path, file):
+    """Whoever could write into the output directory replaced a checkpoint file with a pickle whose loading calls a
+    function: the resume unpickled it (torch.load weights_only=False) and ran the call before any of its checks. It
+    is now refused, naming the file, and the call does not run."""
+    final = pathlib.Path(write(tmp_path / "run", 1))
+    marker = tmp_path / f"ran-{random.randrange(10**9)}"
+    torch.save({"step": 1, "rank": _Payload(str(marker))}, final / file)
+    with pytest.raises(ValueError, match=rf"cannot resume from .*{file}: it cannot be read \(UnpicklingError: .*"
+                                         r"only tensors, numbers and strings are unpickled: anything else could run "
+                                         r"code"):
+        checkpoint.read_checkpoint(checkpoint.latest_checkpoint(str(tmp_path / "run")), 0)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("pointer", ["../../elsewhere/checkpoints/step-000001", "ABSOLUTE", "step-000001/../x", ""])
+def test_a_latest_not_naming_a_checkpoint_beside_it_is_refused(tmp_path, pointer):
+    """`latest` was joined to the checkpoints directory unchecked: a relative path out of it or an absolute path
+    resumed from a checkpoint anywhere. Only a step name is taken."""
+    elsewhere = write(tmp_path / "elsewhere", 1)
+    write(tmp_path / "run", 1)
+    text = elsewhere if pointer == "ABSOLUTE" else pointer
+    (tmp_path / "run" / "checkpoints" / "latest").write_text(text)
+    with pytest.raises(ValueError, match=r"latest holds .*, not the name of a checkpoint beside it \(step-NNNNNN\)"):
+        checkpoint.latest_checkpoint(str(tmp_path / "run"))
+
+
+def test_every_state_the_trainer_writes_loads_back_whole(tmp_path):
+    """Loading only tensors, builtins and NumPy arrays still reads what a checkpoint holds: the optimizer states
+    (AdamW's, KahanAdamW's bf16 compensations), bf16 and fp32 weights, nested dicts of lists and tuples, and a
+    checkpoint written before 2026-12-07 with NumPy's and Python's generator states."""
+    weights = {"w": torch.randn(3, 4, dtype=torch.bfloat16), "b": torch.randn(4)}
+    state = {"step": 2, "config": {"lr": 1e-3, "precision": "bf16", "lora_targets": ("q", "v"), "seed": None},
+             "trainable": weights, "optimizer": {"state": {0: {"step": torch.tensor(2.0), "exp_avg": torch.randn(4),
+                                                              "compensation": torch.randn(3, 4, dtype=torch.bfloat16)}},
+                                                  "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0]}]},
+             "scheduler": {"last_epoch": 2, "_last_lr": [1e-3]}, "compute": {"flops": 12.5}, "last": None}
+    rank_state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    final = checkpoint.write_checkpoint(str(tmp_path), 2, state, rank_state, rank=0, is_main=True,
+                                        barrier=lambda: None, keep=0)
+    loaded, loaded_rank = checkpoint.read_checkpoint(final, 0)
+    assert loaded.keys() == state.keys() and loaded["config"] == state["config"]
+    assert all(torch.equal(loaded["trainable"][k], v) for k, v in weights.items())
+    assert torch.equal(loaded["optimizer"]["state"][0]["compensation"], state["optimizer"]["state"][0]["compensation"])
+    assert loaded["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    assert loaded_rank["python"] == rank_state["python"]
