@@ -39,6 +39,15 @@ def check_output_file(path: str) -> None:
             raise UsageError(f"--output: cannot create {path!r} in its directory {directory!r}: {problem}")
 
 
+def check_output_is_no_input(output: str, inputs: dict) -> None:
+    """UsageError when --output is one of the files `inputs` names (argument -> path or None): the records
+    written to it would destroy it."""
+    for argument, path in inputs.items():
+        if path and os.path.exists(output) and os.path.exists(path) and os.path.samefile(output, path):
+            raise UsageError(f"--output {output!r} is the {argument} file: writing the records into it would "
+                             "destroy it")
+
+
 def check_model_dir(path, argument: str) -> None:
     """UsageError naming `argument` unless `path` is a directory: the commands load local checkpoints, and
     transformers would take another name for one on the Hub and retry the network for a minute on a machine

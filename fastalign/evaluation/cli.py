@@ -47,10 +47,11 @@ from typing import List, Optional
 import torch
 
 from fastalign.cli import (INTERRUPTED_HINTS, MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_field_used,
-                           check_model_dir, check_output_file, template_kwargs_argument)
+                           check_model_dir, check_output_file, check_output_is_no_input, template_kwargs_argument)
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.output_lock import output_lock
 from fastalign.pretrained import load_config, load_pretrained, load_tokenizer
+from fastalign.rain.records import rank_files
 from fastalign.unlearn.templates import ChatTemplate
 from fastalign.writable import DiskFullError, naming_a_full_disk
 
@@ -364,7 +365,7 @@ def _evaluate_model(args) -> dict:
     except ValueError as exc:   # named by its option, not by the setting ("top_k must be >= 0")
         setting = str(exc).split(" ", 1)[0]
         raise UsageError(f"--{setting.replace('_', '-')}{str(exc)[len(setting):]}") from None
-    _check_output_is_no_input(args.output, {source: args.prompts or args.hh, "--normal-prompts": args.normal_prompts})
+    check_output_is_no_input(args.output, {source: args.prompts or args.hh, "--normal-prompts": args.normal_prompts})
     _check_output_files(args.output)
     model, tokenizer = load_causal_lm(args.model, "--model", args.device,
                                       None if args.dtype == "auto" else getattr(torch, args.dtype))
@@ -425,7 +426,6 @@ def _check_reference_vocabulary(path: str, model) -> None:
 
 
 def _evaluate_answers(args) -> dict:
-    from fastalign.rain.distributed import rank_files
     if args.reference or args.normal_prompts:
         raise UsageError("--reference and --normal-prompts measure a model's utility: not with --answers")
     if args.batch_size < 1:
@@ -434,7 +434,7 @@ def _evaluate_answers(args) -> dict:
         answers = read_answers(args.answers)
     except ValueError as exc:    # DataError included: a missing or unreadable file
         raise UsageError(f"--answers: {exc}") from None
-    _check_output_is_no_input(args.output, {"--answers": args.answers})
+    check_output_is_no_input(args.output, {"--answers": args.answers})
     _check_output_files(args.output)
     judge = build_judge(args)
     unmerged = rank_files(args.answers)
@@ -464,14 +464,6 @@ def _check_output_files(output: str) -> None:
     summary = output + ".summary.json"
     if os.path.isdir(summary):
         raise UsageError(f"--output: its summary {summary!r} cannot be written: it is a directory")
-
-
-def _check_output_is_no_input(output: str, inputs: dict) -> None:
-    """UsageError when --output is one of the files `inputs` names (argument -> path or None): the records
-    written to it would replace it."""
-    for argument, path in inputs.items():
-        if path and os.path.exists(output) and os.path.exists(path) and os.path.samefile(output, path):
-            raise UsageError(f"--output {output!r} is the {argument} file: writing the records would replace it")
 
 
 def _written(path: str, batches):

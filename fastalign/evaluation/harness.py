@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 from fastalign.ops.checks import check_count
+from fastalign.rain.records import rank_files
 from fastalign.runtime.hf_cache_argument import refuse_prompt_adapter_over_a_cache
 
 from .answers import read_answers
@@ -95,7 +96,6 @@ def unjudged_warnings(path: str, torn_line: Optional[int], unmerged: Sequence[st
 def evaluate_answers(path: Union[str, os.PathLike], judge: Judge, batch_size: int = 16) -> AnswersReport:
     """Judges the answers of a `fastalign rain` output file (see `answers.read_answers`), no model needed;
     warns (and the report says) when records were left unjudged: rank files not merged, a torn last line."""
-    from fastalign.rain.distributed import rank_files
     path = os.fspath(path)
     answers = read_answers(path)
     unmerged = rank_files(path)

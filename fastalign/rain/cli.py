@@ -5,7 +5,7 @@ Each prompt's record {"index", "prompt", "rain", "vanilla", "error", "stats", "r
 digest of the settings that decide the answers) is appended to --output and
 flushed as soon as that prompt finishes, so a killed run resumes where it stopped (prompts recorded without
 an error are skipped). A prompt that fails gets its error in its record; the others go on, and a resumed run
-searches it again and appends its new record: the file is append-only, and an index's successful record wins
+searches it again and appends its new record: the file is append-only, and an index's last successful record wins
 (else its last).
 Another fastalign process started on the same --output while this one runs stops with a usage error.
 Bad arguments (a missing file, a bad setting, a judge prompt the tokenizer cannot serve) are usage errors
@@ -26,7 +26,8 @@ from typing import List, Optional, Set
 import torch
 
 from fastalign.cli import (INTERRUPTED_HINTS, MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_field_used,
-                           check_model_dir, check_output_file, memory_size_argument, template_kwargs_argument)
+                           check_model_dir, check_output_file, check_output_is_no_input, memory_size_argument,
+                           template_kwargs_argument)
 from fastalign.evaluation.generation import before_end, eos_ids, pad_id
 from fastalign.evaluation.prompts import hh_messages, hh_prompts, read_prompts
 from fastalign.model_context import config_positions, model_positions
@@ -240,8 +241,9 @@ def _run(args) -> int:
     from fastalign._C import PoolExhaustedError
 
     from . import RainStats, rain_generate
-    from .distributed import gather, join_from_env, leave, merge_rank_files, open_for_append
+    from .distributed import gather, join_from_env, leave, merge_rank_files
     from .embeddings import make_embedder
+    from .records import open_for_append
 
     check_model_dir(args.model, "--model")
     source, source_arg = (args.hh, "--hh") if args.hh else (args.prompts, "--prompts")
@@ -290,6 +292,7 @@ def _run(args) -> int:
         raise UsageError(str(exc)) from None
     prefix = option_text(args.generation_prefix_file, "--generation-prefix-file")
     check_output_file(args.output)
+    check_output_is_no_input(args.output, {source_arg: source})
     run_id = run_identity(args, config, judge, prefix)
     done = done_indices(args.output, prompts, run_id)
     if args.limit:
@@ -405,7 +408,7 @@ def done_indices(path: str, prompts: List[str], run_id: dict) -> Set[int]:
     """The prompt indices recorded without an error in `path` or in any of its rank files, which the resume
     skips (a prompt that failed is searched again); UsageError when those records are of other prompts or were
     made with another model or settings: the resume would keep them as this run's answers."""
-    from .distributed import latest_records, rank_files
+    from .records import latest_records, rank_files
 
     try:
         records = latest_records([path] + rank_files(path))

@@ -7,27 +7,20 @@ its own file <output>.rank<RANK> as each prompt finishes. At the end the ranks m
 them. The ranks meet nowhere else, so those done first wait there for the slowest: the group's timeout is
 RANKS_MEET_TIMEOUT, where NCCL's default (10 minutes) had its watchdog kill a rank done 10 minutes early.
 A killed run resumes with any number of processes: prompts recorded without an error in <output> or in any
-rank file are skipped, and the next merge collects the leftovers. A record a kill cut short (a file's last
-line, without its newline) counts as not written, and is cut off before the next record is appended.
-
-A prompt whose record holds an error (a CUDA out-of-memory, an interrupted judge) is not done: a resumed run
-searches it again and appends a new record. The files stay append-only, so an index may have several records,
-and the last record of an index wins. A successful record is never followed by another (its prompt is done),
-so reading several files together (`latest_records`) the successful record wins whatever the files' order;
-the merge writes a rank file's record only for an index <output> holds no successful record of.
+rank file are skipped, and the next merge collects the leftovers (records.py: which record of an index counts,
+and a record a kill cut short). The merge writes a rank file's record only for an index <output> holds no
+successful record of.
 """
 import datetime
-import glob
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Set
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
-from fastalign.ops.checks import is_integer
-from fastalign.unlearn.records import read_jsonl
+from .records import latest_records, open_for_append, rank_files
 
 RANKS_MEET_TIMEOUT = datetime.timedelta(hours=24)   # how long a rank done with its prompts waits for the others
 
@@ -73,54 +66,6 @@ def leave(placement: Placement):
         dist.destroy_process_group()
 
 
-def _records(path: str):
-    """The records of `path`; a last line without its newline (a write a kill cut short) is not one. ValueError
-    naming the file and row for a line that is no record (a file other than a `fastalign rain` output)."""
-    if not os.path.exists(path):
-        return []
-    records = []
-    for number, record in read_jsonl(path, skip_torn_last_line=True):
-        index = record.get("index")
-        if not is_integer(index) or index < 0:
-            raise ValueError(f"{path}: row {number}: expected a record of `fastalign rain` (an object with an "
-                             f"integer 'index'), got {json.dumps(record)[:60]}")
-        records.append(record)
-    return records
-
-
-def open_for_append(path: str):
-    """Opens `path` to append records after cutting off a torn last line, so that the next record starts
-    on a line of its own; creates missing parent directories."""
-    if os.path.exists(path):
-        with open(path, "rb+") as f:
-            complete = f.read().rfind(b"\n") + 1
-            f.truncate(complete)
-    else:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    return open(path, "a", encoding="utf-8")
-
-
-def rank_files(path: str) -> List[str]:
-    """The files <path>.rank<N>; other files starting so (out.jsonl.ranked) are the user's, never merged nor removed."""
-    return sorted(p for p in glob.glob(glob.escape(path) + ".rank*") if p[len(path) + len(".rank"):].isdigit())
-
-
-def latest_records(paths: Sequence[str]) -> Dict[int, dict]:
-    """The winning record of every index in `paths`: its successful record, else its last record in the
-    order of `paths` and of their lines."""
-    out: Dict[int, dict] = {}
-    for p in paths:
-        for record in _records(p):
-            held = out.get(record["index"])
-            if held is None or held.get("error") is not None:
-                out[record["index"]] = record
-    return out
-
-
-def _succeeded(paths: Sequence[str]) -> Set[int]:
-    return {i for i, r in latest_records(paths).items() if r.get("error") is None}
-
-
 def gather(placement: Placement, value) -> Optional[list]:
     """Every rank's `value` on rank 0 (None elsewhere); [value] for a single process."""
     if not placement.distributed:
@@ -138,7 +83,7 @@ def merge_rank_files(placement: Placement, path: str):
     if placement.distributed:
         dist.barrier()
     if placement.rank == 0:
-        done = _succeeded([path])
+        done = {i for i, r in latest_records([path]).items() if r.get("error") is None}
         files = rank_files(path)
         fresh = {i: r for i, r in latest_records(files).items() if i not in done}
         with open_for_append(path) as out:

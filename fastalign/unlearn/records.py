@@ -14,7 +14,7 @@ import os
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 
 class DataError(ValueError):
@@ -86,14 +86,17 @@ def object_of_unique_keys(pairs: list) -> dict:
     return obj
 
 
-def read_jsonl(path: str | os.PathLike, *, skip_torn_last_line: bool = False) -> Iterator[tuple[int, dict]]:
+def read_jsonl(path: str | os.PathLike, *, skip_torn_last_line: bool | Callable[[int, str], bool] = False
+               ) -> Iterator[tuple[int, dict]]:
     """Yields (row number, object) for each non-blank line; bad JSON, a key given twice or a non-object is a
-    DataError. skip_torn_last_line: a last line without its newline (a write that a kill cut short) is no row."""
+    DataError. skip_torn_last_line: a last line without its newline (a write that a kill cut short) is no row; given
+    a function of (row, line), only such a line it returns True for (a format that tells a cut write apart)."""
     path = os.fspath(path)
+    torn = skip_torn_last_line if callable(skip_torn_last_line) else lambda row, line: skip_torn_last_line
     with open_text(path) as f:
         try:
             for row, line in enumerate(f, start=1):
-                if not line.strip() or (skip_torn_last_line and not line.endswith("\n")):
+                if not line.strip() or (not line.endswith("\n") and torn(row, line)):
                     continue
                 try:
                     obj = json.loads(line, object_pairs_hook=object_of_unique_keys)

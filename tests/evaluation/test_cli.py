@@ -507,7 +507,7 @@ def test_eval_answers_world_judge_is_found_from_the_model(world, tokenizer, mode
 @pytest.mark.parametrize("content, message", [
     ("", "--answers: {path}: no records"),
     ('{"index": 0, "prompt": "p", "rain": "a", "vanilla": null, "error": null}\nnot json\n{}\n',
-     "--answers: {path}: line 2: not valid JSON"),
+     "--answers: {path}: row 2: not valid JSON"),
     ('{"index": 0, "prompt": "p", "rain": null, "vanilla": null, "error": "boom"}\n',
      "--answers: {path}: nothing to judge: all 1 records have an error"),
 ])

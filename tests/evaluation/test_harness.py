@@ -135,7 +135,7 @@ def rain_record(index, rain, vanilla=None, error=None, prompt=None):
 
 def test_evaluate_answers_judges_both_sides_with_the_prompt_as_written(tmp_path):
     """RAIN's and the vanilla answer are judged against the record's own prompt; an error record is counted,
-    not judged; an index written twice (a resumed run) keeps its last record; records come in index order."""
+    not judged; an index written twice (a resumed run) keeps its last successful record; records come in index order."""
     path = write_rain_output(tmp_path / "rain.jsonl", [
         rain_record(2, "fine", "bad plan"),
         rain_record(0, "bad idea", "bad plan"),
@@ -206,13 +206,13 @@ def test_answers_judge_failure_names_the_prompts(tmp_path):
 @pytest.mark.parametrize("lines, message", [
     ("", "no records"),
     ('\n{"index": 0, "prompt": "p", "rain": "a", "vanilla": null, "error": null}\n{"index": 1,\n',
-     r"line 3: not valid JSON"),
-    ('{"index": 0, "prompt": "p", "rain": null, "vanilla": null, "error": null}\n', r"line 1: field 'rain'"),
-    ('{"index": -1, "prompt": "p", "rain": "a", "vanilla": null, "error": null}\n', r"line 1: field 'index'"),
-    ('{"index": true, "prompt": "p", "rain": "a", "vanilla": null, "error": null}\n', r"line 1: field 'index'"),
-    ('{"index": 0, "prompt": null, "rain": "a", "vanilla": null, "error": null}\n', r"line 1: field 'prompt'"),
-    ('[1, 2]\n', r"line 1: expected a JSON object"),
-    ('{"index": 0, "prompt": "p", "rain": "a", "vanilla": 3, "error": null}\n', r"line 1: field 'vanilla'"),
+     r"row 3: not valid JSON"),
+    ('{"index": 0, "prompt": "p", "rain": null, "vanilla": null, "error": null}\n', r"row 1: field 'rain'"),
+    ('{"index": -1, "prompt": "p", "rain": "a", "vanilla": null, "error": null}\n', r"row 1: expected a record of"),
+    ('{"index": true, "prompt": "p", "rain": "a", "vanilla": null, "error": null}\n', r"row 1: expected a record of"),
+    ('{"index": 0, "prompt": null, "rain": "a", "vanilla": null, "error": null}\n', r"row 1: field 'prompt'"),
+    ('[1, 2]\n', r"row 1: expected a JSON object"),
+    ('{"index": 0, "prompt": "p", "rain": "a", "vanilla": 3, "error": null}\n', r"row 1: field 'vanilla'"),
     ('{"index": 0, "prompt": "p", "rain": null, "vanilla": null, "error": "boom"}\n', "all 1 records have an error"),
 ])
 def test_read_answers_bad_file_is_a_clear_error(tmp_path, lines, message):
@@ -242,7 +242,7 @@ def test_read_answers_leaves_out_a_last_line_a_kill_cut_short(tmp_path):
     answers = read_answers(str(path))
     assert [r["index"] for r in answers.records] == [0] and answers.torn_line == 2
     path.write_text(path.read_text() + "\n")
-    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+    with pytest.raises(ValueError, match="row 2: not valid JSON"):
         read_answers(str(path))
 
 

@@ -3,6 +3,7 @@ several processes under torchrun."""
 import copy
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -20,7 +21,8 @@ from fastalign.evaluation.judges import KeywordJudge
 from fastalign.evaluation.prompts import chat_prompt
 from fastalign.rain import JudgePrompt, RainConfig
 from fastalign.rain.cli import UsageError, greedy_answer, hh_messages, hh_prompts, option_text, settings
-from fastalign.rain.distributed import Placement, latest_records, merge_rank_files
+from fastalign.rain.distributed import Placement, merge_rank_files
+from fastalign.rain.records import latest_records
 from fastalign.rain.slow import SlowEngine
 from tests.evaluation.chat_model import QUESTION, SYSTEM, chat_tokenizer, rigged_chat_model
 from tests.output_holder import holding, needs_fcntl
@@ -1272,10 +1274,24 @@ def test_a_full_disk_ends_the_run_with_one_line_naming_the_records_file_and_the_
     _, out, args = rain_setup
     assert main(args + ["--limit", "1"]) == 0
     with monkeypatch.context() as patch:   # /dev/full refuses every write with ENOSPC
-        patch.setattr("fastalign.rain.distributed.open_for_append", lambda path: open("/dev/full", "a"))
+        patch.setattr("fastalign.rain.records.open_for_append", lambda path: open("/dev/full", "a"))
         assert main(args) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (f"fastalign rain: error: cannot write {out}: the disk is full "
                                                         "(No space left on device); the records written so far are "
                                                         "kept: rerun the same command to continue")
     assert main(args) == 0
     assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [0, 1]
+
+
+def test_rain_refuses_an_output_that_is_its_prompts_file(rain_setup, tmp_path, monkeypatch, capsys):
+    """--prompts p.jsonl --output p.jsonl, a one-prompt file written without a trailing newline: the prompt was
+    taken for a torn record, cut off and replaced by its record, the prompts file gone. Refused, as eval does."""
+    _, _, args = rain_setup
+    prompts = tmp_path / "p.jsonl"
+    text = json.dumps({"prompt": SETUP_PROMPTS[random.randrange(2)]})
+    prompts.write_text(text)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_model)
+    args = [str(prompts) if a.endswith(("prompts.txt", "out.jsonl")) else a for a in args]
+    assert main(args) == 2
+    assert f"--output {str(prompts)!r} is the --prompts file" in capsys.readouterr().err
+    assert prompts.read_text() == text

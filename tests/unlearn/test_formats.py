@@ -417,6 +417,22 @@ def test_read_jsonl_skips_only_a_torn_last_line_when_asked(tmp_path):
     assert list(read_jsonl(path)) == [(1, {"step": 1}), (3, {"step": 2}), (4, {"step": 3})]
 
 
+
+def test_read_jsonl_skips_a_last_line_without_its_newline_only_where_the_format_says_it_is_torn(tmp_path):
+    """Given a function of (row, line), only a last line without its newline that it calls torn is skipped: a
+    format whose whole records can lose their newline (a rain output) keeps them, and refuses other data."""
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"step": 1}\n\n{"step": 2}')
+    seen = []
+    assert list(read_jsonl(path, skip_torn_last_line=lambda row, line: seen.append((row, line)))) == \
+        [(1, {"step": 1}), (3, {"step": 2})]
+    assert seen == [(3, '{"step": 2}')]
+    assert list(read_jsonl(path, skip_torn_last_line=lambda row, line: True)) == [(1, {"step": 1})]
+    path.write_bytes(b'{"step": 1}\nnot json')
+    with pytest.raises(DataError, match="row 2: not valid JSON"):
+        list(read_jsonl(path, skip_torn_last_line=lambda row, line: False))
+
+
 def test_csv_edge_cases(tmp_path):
     """An empty file names the missing columns; a row short of a column nobody reads is kept; a field past the csv
     module's size limit is a DataError naming the file; a quoted "\\r\\n" is read as written (newline="")."""
