@@ -19,9 +19,10 @@ class UsageError(ValueError):
 
 
 def check_output_file(path: str) -> None:
-    """Creates the directory of the --output file `path`; UsageError naming --output when `path` is a directory,
-    its directory cannot be created, or the file (where it exists, else its directory) is not writable: a read-only
-    file system or directory (found before any model loads, rather than as a traceback once it has)."""
+    """Creates the directory of the --output file `path`; UsageError naming --output when `path` is a directory or
+    another file than a regular one (a pipe, a device), its directory cannot be created, or the file (where it
+    exists, else its directory) is not writable: a read-only file system or directory (found before any model
+    loads, rather than as a traceback once it has)."""
     if os.path.isdir(path):
         raise UsageError(f"--output: {path!r} is a directory: give the path of the jsonl file to write")
     directory = os.path.dirname(path) or "."
@@ -30,6 +31,9 @@ def check_output_file(path: str) -> None:
     except OSError as exc:
         raise UsageError(f"--output: {path!r}: cannot create its directory: {exc}") from None
     if os.path.exists(path):
+        if not os.path.isfile(path):   # a pipe: opening it to try blocks until a reader comes, forever
+            raise UsageError(f"--output: {path!r} is not a regular file (a pipe or a device): give the path of a "
+                             "file to write")
         problem = cannot_append_to(path)
         if problem:
             raise UsageError(f"--output: {path!r} is not writable: {problem}")

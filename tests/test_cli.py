@@ -3,6 +3,7 @@ and a bad --output as usage errors; an interrupted command's message and exit st
 import importlib
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -93,6 +94,20 @@ def test_output_file_check_makes_its_folder_and_refuses_a_folder(tmp_path, monke
     with pytest.raises(UsageError, match="--output: .* is a directory"):
         check_output_file(str(tmp_path / "new"))
 
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_output_file_check_refuses_a_pipe_without_opening_it(tmp_path, monkeypatch):
+    """--output naming a FIFO hung `fastalign rain` and `fastalign eval` silently: the writability check opened it
+    to append, which blocks until a reader comes. It is refused as what it is, and never opened."""
+    fifo = tmp_path / f"out-{random.randrange(10**6)}.fifo"
+    os.mkfifo(fifo)
+
+    def opened(path):
+        raise AssertionError(f"{path} was opened")
+    monkeypatch.setattr("fastalign.cli.cannot_append_to", opened)
+    with pytest.raises(UsageError, match=f"^--output: {re.escape(repr(str(fifo)))} is not a regular file \\(a pipe"):
+        check_output_file(str(fifo))
 
 @pytest.mark.skipif(not os.path.isfile("/proc/version"), reason="needs Linux's /proc, which nobody can write in")
 def test_output_file_check_refuses_a_file_or_directory_it_cannot_write(tmp_path):
