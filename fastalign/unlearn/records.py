@@ -111,6 +111,10 @@ def read_jsonl(path: str | os.PathLike, *, skip_torn_last_line: bool | Callable[
             raise _unreadable(path, e) from None
 
 
+# The longest CSV field read: the csv module's default, 128 KiB, is short of a long-context prompt (a module-wide
+# setting, so raised only while a file is read)
+_CSV_FIELD_LIMIT = 2**31 - 1
+
 # What ends a line of a file read with newline="" (the csv module's lines): "\r\n", a lone "\r" or "\n".
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
@@ -119,12 +123,17 @@ def read_csv(path: str | os.PathLike, required_columns: tuple[str, ...]) -> Iter
     """Yields (row number, row dict) of a CSV file with a header: the row number is the 1-based line the row
     starts on (the header is line 1, as in a spreadsheet; a quoted field may span several lines)."""
     path = os.fspath(path)
+    limit = csv.field_size_limit(_CSV_FIELD_LIMIT)
     with open_text(path) as f:
         try:
             reader = csv.DictReader(f)
             missing = [c for c in required_columns if c not in (reader.fieldnames or [])]
             if missing:
                 raise DataError(f"{path}: missing column(s) {missing}; header is {reader.fieldnames}")
+            twice = [c for c in required_columns if reader.fieldnames.count(c) > 1]
+            if twice:   # DictReader would keep the last such column's cells, silently
+                raise DataError(f"{path}: column(s) {twice} named twice in the header: rename or remove the one "
+                                "not meant")
             for record in reader:   # line_num: the row's last line, after the line breaks its quoted fields hold
                 breaks = sum(len(_LINE_BREAK.findall(v)) for v in record.values() if isinstance(v, str))
                 row = reader.line_num - breaks
@@ -135,6 +144,8 @@ def read_csv(path: str | os.PathLike, required_columns: tuple[str, ...]) -> Iter
             raise _unreadable(path, e) from None
         except csv.Error as e:
             raise DataError(f"{path}: malformed CSV: {e}") from None
+        finally:
+            csv.field_size_limit(limit)
 
 
 def text_field(obj: dict, key: str, path: str, row: int) -> str:
