@@ -9,7 +9,7 @@ import os
 from typing import List, Optional
 
 from fastalign.unlearn.formats import hh_line_break_hint
-from fastalign.unlearn.records import not_text, read_csv, read_jsonl, read_text
+from fastalign.unlearn.records import LINE_BREAK, not_text, read_csv, read_jsonl, read_text
 from fastalign.unlearn.templates import SPEC_TEMPLATE, ChatTemplate
 
 # What a model continues to answer a question in the SPEC's format: the template up to the answer, without
@@ -91,7 +91,7 @@ def read_prompts(path: str | os.PathLike[str], field: str = "prompt") -> List[st
                          ".jsonl(.gz) file (one JSON object per line), a .csv file or a text file (one prompt per "
                          "line)")
     else:
-        prompts = [line.rstrip("\r\n").replace("\\n", "\n") for line in read_text(path).split("\n") if line.strip()]
+        prompts = [line.replace("\\n", "\n") for line in LINE_BREAK.split(read_text(path)) if line.strip()]
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts

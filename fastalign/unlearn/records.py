@@ -116,7 +116,7 @@ def read_jsonl(path: str | os.PathLike, *, skip_torn_last_line: bool | Callable[
 _CSV_FIELD_LIMIT = 2**31 - 1
 
 # What ends a line of a file read with newline="" (the csv module's lines): "\r\n", a lone "\r" or "\n".
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 def read_csv(path: str | os.PathLike, required_columns: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
@@ -135,7 +135,7 @@ def read_csv(path: str | os.PathLike, required_columns: tuple[str, ...]) -> Iter
                 raise DataError(f"{path}: column(s) {twice} named twice in the header: rename or remove the one "
                                 "not meant")
             for record in reader:   # line_num: the row's last line, after the line breaks its quoted fields hold
-                breaks = sum(len(_LINE_BREAK.findall(v)) for v in record.values() if isinstance(v, str))
+                breaks = sum(len(LINE_BREAK.findall(v)) for v in record.values() if isinstance(v, str))
                 row = reader.line_num - breaks
                 if None in record or any(record[c] is None for c in required_columns):
                     raise DataError(f"{path}: row {row}: wrong number of fields")

@@ -1,6 +1,7 @@
 """Prompt files (evaluation/prompts.py read_prompts): the formats `fastalign eval` and `fastalign rain` share."""
 import gzip
 import json
+import random
 
 import pytest
 
@@ -26,6 +27,14 @@ def test_every_format_gives_the_same_prompts_in_file_order(tmp_path):
         for path in (tmp_path / name, tmp_path / f"bom-{name}"):
             assert read_prompts(str(path), "q") == PROMPTS, path.name
 
+
+
+def test_a_text_file_with_lone_carriage_return_line_ends_is_one_prompt_a_line(tmp_path):
+    """Lines ended by a lone "\\r" (classic Mac exporters) were read as ONE prompt holding them all, silently, while
+    the same file as jsonl gave one prompt a line. Every line end splits: "\\r\\n", "\\r" and "\\n"."""
+    prompts = [f"prompt {i}: {random.random()}" for i in range(4)]
+    (tmp_path / "p.txt").write_bytes(f"{prompts[0]}\r{prompts[1]}\r\n{prompts[2]}\n{prompts[3]}\r".encode())
+    assert read_prompts(str(tmp_path / "p.txt")) == prompts
 
 @pytest.mark.parametrize("name, content", [("p.csv.gz", "q\nhi\n"), ("p.json.gz", '[\n {"q": "hi"}\n]\n')])
 def test_a_gzipped_csv_or_json_document_is_not_read_as_lines_of_text(tmp_path, name, content):
