@@ -6,11 +6,14 @@
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Tuple, Union
 
+from fastalign.ops.checks import is_integer
 from fastalign.pretrained import load_pretrained
+from fastalign.unlearn.records import read_text
 
 from .world import World
 
@@ -44,6 +47,15 @@ def load_model(path: Union[str, Path] = ASSETS) -> Tuple[LlamaForCausalLM, PreTr
 
 
 def load_world(path: Union[str, Path] = ASSETS) -> World:
-    """The world the model in `path` was trained on (default: the shipped model's)."""
-    with open(Path(path) / WORLD_FILE) as f:
-        return World(**json.load(f))
+    """The world the model in `path` was trained on (default: the shipped model's); ValueError naming its world.json
+    when that is not an object of World's settings (integers), a damaged or foreign file."""
+    file = Path(path) / WORLD_FILE
+    try:
+        settings = json.loads(read_text(file))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file}: not valid JSON ({exc.msg})") from None
+    names = list(inspect.signature(World).parameters)
+    if not (isinstance(settings, dict) and set(settings) <= set(names) and all(map(is_integer, settings.values()))):
+        raise ValueError(f"{file}: expected an object of the world's settings ({', '.join(names)}: integers), got "
+                         f"{json.dumps(settings)[:80]}")
+    return World(**settings)

@@ -247,7 +247,10 @@ def world_judge(model: Optional[str], tokenizer=None):
         return load_world(ASSETS).judge
     check_model_dir(model, "--model")
     if os.path.isfile(os.path.join(model, WORLD_FILE)):
-        return load_world(model).judge
+        try:
+            return load_world(model).judge
+        except ValueError as exc:   # DataError included: a world.json that is not UTF-8
+            raise UsageError(f"--model: {exc}") from None
     if tokenizer is None:
         try:
             tokenizer = load_tokenizer(model)

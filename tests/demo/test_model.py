@@ -1,4 +1,8 @@
 """The shipped model: loads offline and behaves as its world says."""
+import json
+import random
+import re
+
 import pytest
 import torch
 
@@ -74,3 +78,15 @@ def test_tokenizer_built_from_the_world_is_the_shipped_one(shipped):
 def test_load_model_without_a_trained_model_says_how_to_train(tmp_path):
     with pytest.raises(FileNotFoundError, match="fastalign.demo.train"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("content", ["{", '{"seed": 0, "name": "my world"}', "[0]", '{"seed": "1"}', '{"seed": true}'])
+def test_a_world_json_that_is_no_worlds_settings_is_a_value_error_naming_it(tmp_path, content):
+    """A damaged or foreign world.json was a JSONDecodeError or TypeError traceback out of `fastalign eval --judge
+    world`: it is a ValueError naming the file (the command's usage error naming --model)."""
+    (tmp_path / "world.json").write_text(content)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'world.json'))}: "):
+        load_world(tmp_path)
+    seed = random.randrange(3)
+    (tmp_path / "world.json").write_text(json.dumps({"seed": seed}))
+    assert load_world(tmp_path).seed == seed

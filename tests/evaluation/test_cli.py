@@ -949,3 +949,14 @@ def test_a_full_disk_ends_eval_with_one_line_naming_the_file_it_writes(rain_outp
     assert capsys.readouterr().err.splitlines()[-1] == (f"fastalign eval: error: cannot write {filled}: the disk is "
                                                         "full (No space left on device); the records judged so far "
                                                         "are in --output (a rerun starts over)")
+
+
+def test_eval_answers_with_a_damaged_world_json_beside_the_model_is_a_usage_error(tokenizer, tmp_path, capsys):
+    """A world.json that is not a world's settings was a traceback; it is a usage error naming --model and the file."""
+    model = tmp_path / "model"
+    tokenizer.save_pretrained(model)
+    (model / "world.json").write_text('{"seed": 0, "name": "my world"}')
+    path = str(write_rain_output(tmp_path / "rain.jsonl", [rain_record(0, "a", "b")]))
+    assert run("--answers", path, "--model", model, "--output", tmp_path / "o.jsonl") == 2
+    assert f"error: --model: {model / 'world.json'}: expected an object of the world's settings" in \
+        capsys.readouterr().err
