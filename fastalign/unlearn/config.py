@@ -20,7 +20,7 @@ import yaml
 from fastalign.ops.backend import Backend, check_backend
 from fastalign.ops.checks import check_count, is_real
 from fastalign.writable import cannot_create_in
-from fastalign.unlearn.records import DataError, KeyTwice, check_data_file, object_of_unique_keys
+from fastalign.unlearn.records import DataError, KeyTwice, check_data_file, object_of_unique_keys, read_text
 from fastalign.unlearn.formats import FORMATS, Format
 from fastalign.unlearn.objective import LossWeights
 from fastalign.unlearn.packing import MODES as PACKING_MODES, Packing
@@ -313,8 +313,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path)   # a DataError naming the file where it is not UTF-8; a BOM (Notepad's) dropped
     if path.endswith((".yaml", ".yml")):
         loads, errors = _load_yaml, yaml.YAMLError
     elif path.endswith(".json"):

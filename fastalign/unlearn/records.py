@@ -56,6 +56,18 @@ _UNREADABLE = (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error)   # z
 
 
 def _unreadable(path: str, error: Exception) -> DataError:
+    """The DataError of a file that is not (gzipped) UTF-8; of a byte that is not UTF-8, the row it is on (the
+    decoder's position counts from the start of a chunk it read, which the user cannot find)."""
+    if isinstance(error, UnicodeDecodeError):
+        opener = gzip.open if path.lower().endswith(".gz") else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            row = raw.count(b"\n", 0, e.start) + 1
+            return DataError(f"{path}: cannot be read as (gzipped) UTF-8 text: row {row}: byte {raw[e.start]:#04x} "
+                             f"is not UTF-8 ({e.reason})")
     return DataError(f"{path}: cannot be read as (gzipped) UTF-8 text: {error}")
 
 

@@ -1,6 +1,7 @@
 """UnlearnConfig and config files: values read as a user writes them, settings refused before any work."""
 import json
 import os
+import random
 import re
 
 import numpy as np
@@ -268,6 +269,19 @@ def test_config_files_of_each_suffix_are_read(tmp_path, suffix):
     path.write_text('{"lr": 1.0e-3, "max-steps": 3}')   # JSON is YAML too
     assert read_config_file(path) == {"lr": 1e-3, "max_steps": 3}
 
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_config_file_with_a_bom_is_read_and_one_not_utf8_is_an_error_naming_it(tmp_path, suffix):
+    """A .json saved with a BOM (Notepad) was refused ("Unexpected UTF-8 BOM") while a .yaml with one was read; a
+    latin-1 byte was "'utf-8' codec can't decode byte 0xe9 in position 28", naming neither the file nor --config."""
+    path = tmp_path / f"run{suffix}"
+    steps = random.randrange(1, 100)
+    path.write_bytes(b"\xef\xbb\xbf" + f'{{"max-steps": {steps}}}'.encode())
+    assert read_config_file(path) == {"max_steps": steps}
+    path.write_bytes('{"output_dir": "r\u00e9sultats"}'.encode("latin-1"))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: cannot be read as .*UTF-8 text"):
+        read_config_file(path)
 
 @pytest.mark.parametrize("name", ["lr", "weight_decay", "forget_weight", "mismatch_weight", "normal_weight",
                                   "max_forget_nll", "lora_dropout", "truthfulqa_test_fraction"])

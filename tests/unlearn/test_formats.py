@@ -435,6 +435,20 @@ def test_read_jsonl_skips_a_last_line_without_its_newline_only_where_the_format_
         list(read_jsonl(path, skip_torn_last_line=lambda row, line: False))
 
 
+
+@pytest.mark.parametrize("name", ["forget.jsonl", "forget.jsonl.gz"])
+def test_a_byte_that_is_not_utf8_is_named_by_its_row(tmp_path, name):
+    """One latin-1 byte on line 5001 was "can't decode byte 0xe9 in position 5103": no row, and an offset in the
+    decoder's chunk, not the file. The row is named."""
+    row = random.randrange(2000, 6000)
+    lines = [json.dumps({"prompt": f"p{i}", "answer": "a" * 50}).encode() + b"\n" for i in range(row + 10)]
+    lines[row - 1] = b'{"prompt": "caf\xe9", "answer": "a"}\n'
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(b"".join(lines)) if name.endswith(".gz") else b"".join(lines))
+    with pytest.raises(DataError, match=rf"{name}: cannot be read as \(gzipped\) UTF-8 text: row {row}: byte 0xe9 is "
+                                        "not UTF-8"):
+        list(read_jsonl(path))
+
 def test_csv_edge_cases(tmp_path):
     """An empty file names the missing columns; a row short of a column nobody reads is kept; a quoted "\\r\\n" is
     read as written (newline="")."""
