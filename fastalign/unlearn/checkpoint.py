@@ -30,6 +30,9 @@ from fastalign.writable import naming_a_full_disk
 CHECKPOINTS = "checkpoints"
 _TMP_PREFIX = ".tmp-"
 _STEP_NAME = re.compile(r"step-\d{6,}")
+# what a run writes atomically (under a temporary name first): in output_dir, and in its checkpoints directory
+_WRITTEN_IN_OUTPUT_DIR = r"config\.json|run\.json|log\.jsonl|model|adapter"
+_WRITTEN_IN_CHECKPOINTS = rf"{_STEP_NAME.pattern}|latest"
 # what a checkpoint written before 2026-12-07 holds beside tensors and builtins: NumPy's generator state (an array)
 _NUMPY_STATE = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
@@ -75,11 +78,13 @@ def atomic_directory(path: str) -> Iterator[str]:
 
 
 def remove_stale_temporaries(output_dir: str) -> None:
-    """Deletes what an interrupted write left behind."""
-    for parent in (output_dir, os.path.join(output_dir, CHECKPOINTS)):
+    """Deletes what an interrupted write of the run left behind: the temporary names of what it writes (in output_dir
+    and in its checkpoints), no other entry starting with .tmp- (a user's, in a directory the run shares)."""
+    for parent, written in ((output_dir, _WRITTEN_IN_OUTPUT_DIR), (os.path.join(output_dir, CHECKPOINTS),
+                                                                   _WRITTEN_IN_CHECKPOINTS)):
         if os.path.isdir(parent):
             for name in os.listdir(parent):
-                if name.startswith(_TMP_PREFIX):
+                if re.fullmatch(rf"{re.escape(_TMP_PREFIX)}(old-)?({written})", name):
                     target = os.path.join(parent, name)
                     shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
 

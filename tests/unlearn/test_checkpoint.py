@@ -295,6 +295,22 @@ def test_remove_stale_temporaries_removes_files_and_directories_and_nothing_else
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-000001"]
 
 
+def test_remove_stale_temporaries_leaves_entries_the_run_never_writes(tmp_path):
+    """An output directory may hold the user's own entries: every name starting with .tmp- was deleted (a .tmp-notes
+    directory with its files, a checkpoints/.tmp-step-5000 of another tool); only the temporary names of what the run
+    writes go."""
+    write(tmp_path, 1)
+    (tmp_path / ".tmp-notes").mkdir()
+    (tmp_path / ".tmp-notes" / "todo.txt").write_text("keep")
+    (tmp_path / ".tmp-old-model").mkdir()                                  # the run's: an interrupted replace
+    (tmp_path / ".tmp-model.bak").write_text("keep")
+    (tmp_path / "checkpoints" / ".tmp-step-5000").mkdir()
+    (tmp_path / "checkpoints" / ".tmp-old-step-000001").mkdir()            # the run's
+    checkpoint.remove_stale_temporaries(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [".tmp-model.bak", ".tmp-notes", "checkpoints"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [".tmp-step-5000", "latest", "step-000001"]
+
+
 def test_a_checkpoint_does_not_take_in_what_a_killed_write_of_its_step_left(tmp_path):
     """A killed run (of more processes, say) leaves .tmp-step-000002 with its files: writing step 2 again must start
     from an empty directory, not put the killed write's rank files into the new checkpoint."""
