@@ -139,3 +139,34 @@ def test_a_model_of_its_own_code_is_a_valueerror_naming_the_directory_without_as
             load(custom)
     assert load_tokenizer(custom).get_vocab() == tokenizer().get_vocab()
     assert asked == []
+
+
+def edited_copy(saved_model, path, **settings):
+    """A copy of `saved_model` at `path` whose config.json holds `settings` instead, its weights and tokenizer kept."""
+    shutil.copytree(saved_model, path)
+    tokenizer().save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(settings)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_a_config_json_of_another_vocabulary_than_its_weights_is_a_valueerror_naming_the_directory(saved_model,
+                                                                                                  tmp_path):
+    """vocab_size edited, or embeddings resized and saved without the config: transformers' RuntimeError (you set
+    ignore_mismatched_sizes to False) came as a traceback from every command, which refuse a bad --model clearly."""
+    rows = load_file(saved_model / "model.safetensors")["model.embed_tokens.weight"].shape[0]
+    edited = edited_copy(saved_model, tmp_path / "edited", vocab_size=rows - 7)
+    with pytest.raises(ValueError, match=f"^'{edited}': 2 weights of another shape than its config.json gives "
+                                         f"\\(lm_head.weight: \\[{rows}, .*\\] in the weights, \\[{rows - 7}, .*\\] "
+                                         "by config.json, \\.\\.\\.\\): a config.json edited"):
+        load_pretrained(LlamaForCausalLM, edited)
+
+
+def test_a_config_json_naming_no_torch_dtype_is_a_valueerror_naming_the_directory(saved_model, tmp_path):
+    """transformers' getattr(torch, "float8") was an AttributeError traceback from the config, tokenizer and model."""
+    edited = edited_copy(saved_model, tmp_path / "edited", dtype="float8")
+    for load in (load_config, load_tokenizer, lambda path: load_pretrained(AutoModelForCausalLM, path)):
+        with pytest.raises(ValueError, match=f"^'{edited}': its config.json gives dtype 'float8', which is no torch "
+                                             "dtype"):
+            load(edited)
