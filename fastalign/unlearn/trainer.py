@@ -548,6 +548,10 @@ class UnlearningTrainer:
                              f"has {self.accelerator.num_processes}; the rows each process draws and the global batch "
                              "depend on it: resume with the number of processes it was written with")
         settings, recorded = self.config.to_dict(), state["config"]
+        unrecorded = sorted(k for k in settings if k not in recorded and k not in _RESUMABLE_CHANGES)
+        if unrecorded:   # how the run went without them, and so which values continue it, the checkpoint cannot say
+            raise ValueError(f"cannot resume {path}: it predates setting(s) {unrecorded}, which the fastalign that "
+                             "wrote it did not have: resume it with that version of fastalign, or start the run over")
         changed = sorted(k for k, v in settings.items()
                          if k not in _RESUMABLE_CHANGES and not _same_setting(k, recorded.get(k), v))
         if changed:

@@ -415,6 +415,23 @@ def test_a_checkpoint_written_before_data_digests_were_recorded_resumes(tmp_path
     _, summary = run(tmp_path, save_every=2, resume=True)
     assert summary.steps == 5
 
+def test_a_checkpoint_that_predates_a_setting_is_refused_naming_it_not_as_none_then(tmp_path):
+    """A config recorded before fused_layers and packing existed (2026-12-05, 12-04) was refused as "fused_layers None
+    then, True now", whatever the flags: the refusal names the settings it predates and the way on; one added since
+    that changes no result (optimizer_in_backward) is not named."""
+    with pytest.raises(Killed):
+        run(tmp_path, save_every=2, callback=kill_after(3))
+    state_file = tmp_path / "run" / "checkpoints" / "step-000002" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    for setting in ("fused_layers", "packing", "optimizer_in_backward"):
+        del state["config"][setting]
+    torch.save(state, state_file)
+    for flags in ({}, {"fused_layers": False, "packing": "off"}):
+        with pytest.raises(ValueError, match=r"predates setting\(s\) \['fused_layers', 'packing'\], which the "
+                                             "fastalign that wrote it did not have: resume it with that version"):
+            run(tmp_path, save_every=2, resume=True, **flags)
+
+
 def test_a_moved_run_resumes(tmp_path):
     """The output directory is where the checkpoint is found: a run moved (or named by another path) resumes."""
     whole, _ = run(tmp_path, "whole", max_steps=4, save_every=2, grad_accum=1)
