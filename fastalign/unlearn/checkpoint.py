@@ -198,16 +198,36 @@ def write_checkpoint(output_dir: str, step: int, state: dict, rank_state: dict, 
     return final
 
 
-def read_checkpoint(path: str, rank: int) -> tuple[dict, dict]:
+def read_checkpoint(path: str, rank: int, keys: tuple[str, ...] = ()) -> tuple[dict, dict]:
     """(state, this process's rank_state) of a checkpoint; ValueError for a process it has no state for (a run
-    resumed with more processes than wrote it)."""
-    state = _load(os.path.join(path, "state.pt"))
+    resumed with more processes than wrote it), for a rank file missing of a process that wrote it (a checkpoint
+    copied in part), and naming the file whose content is not a dict (and for state, one holding `keys`): another
+    tool's torch.save, which loads but is no checkpoint's."""
+    state_file = os.path.join(path, "state.pt")
+    state = _checked(state_file, _load(state_file), keys)
     rank_file = os.path.join(path, f"rank-{rank}.pt")
     if not os.path.isfile(rank_file):
+        if rank < state.get("num_processes", 1):   # (unrecorded: written by 1 process or more)
+            raise ValueError(f"cannot resume {path}: its rank-{rank}.pt is missing, though process {rank} of the run "
+                             "that wrote it saved one (a checkpoint copied in part?); copy it in, or resume from an "
+                             "earlier checkpoint by writing its name into checkpoints/latest, or start over")
         raise ValueError(f"cannot resume {path}: it has no state for process {rank}: it was written by "
                          f"{state.get('num_processes', 'fewer')} process(es); resume with the number of processes "
                          "it was written with")
-    return state, _load(rank_file)
+    return state, _checked(rank_file, _load(rank_file), ())
+
+
+def _checked(file: str, content, keys: tuple[str, ...]) -> dict:
+    """`content`, loaded from `file`, where it is a dict holding `keys`; else a ValueError naming the file."""
+    if not isinstance(content, dict):
+        held = f"a {type(content).__name__}"
+    elif missing := [key for key in keys if key not in content]:
+        held = f"a dict without {missing}"
+    else:
+        return content
+    raise ValueError(f"cannot resume from {file}: it holds {held}, not a fastalign checkpoint's state (another "
+                     "tool's file?); resume from an earlier checkpoint by writing its name into checkpoints/latest, "
+                     "or start over")
 
 
 def _load(file: str):

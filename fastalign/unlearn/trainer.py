@@ -66,6 +66,8 @@ from fastalign.writable import naming_a_full_disk
 # output_dir is where the checkpoint was found, whatever it is called now (moved, or given another way).
 _RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_checkpoints", "progress", "log_every", "resume", "output_dir",
                       "optimizer_in_backward"}   # (the same updates either way)
+# what a checkpoint's state.pt holds that a resume reads (the others, recorded since, are read where present)
+_STATE_KEYS = ("step", "config", "compute", "trainable", "optimizer", "scheduler")
 # Settings that name files: the same file spelled otherwise (relative or absolute, ./, a trailing /) resumes, as the
 # checkpoint's digests of the model files and the data tell whether the files themselves changed
 _PATH_SETTINGS = {"model", "forget", "normal", "mismatch_pool"}
@@ -541,7 +543,7 @@ class UnlearningTrainer:
                                      f"gradient of step {step} was not finite though its loss was (an overflow?)")
 
     def _load(self, path, objective, optimizer, scheduler) -> tuple[int, ComputeTotals, StepRecord | None]:
-        state, rank_state = read_checkpoint(path, self.accelerator.process_index)
+        state, rank_state = read_checkpoint(path, self.accelerator.process_index, _STATE_KEYS)
         written_by = state.get("num_processes", self.accelerator.num_processes)  # unrecorded before 2026-11-30
         if written_by != self.accelerator.num_processes:  # fewer processes find their rank files too
             raise ValueError(f"cannot resume {path}: it was written by {written_by} process(es), this run "

@@ -226,6 +226,31 @@ def test_a_foreign_file_in_place_of_a_checkpoint_file_is_an_error_naming_it(tmp_
         checkpoint.read_checkpoint(str(final), 0)
 
 
+@pytest.mark.parametrize("file, content, held", [
+    ("state.pt", [1, 2], "a list"), ("state.pt", {"model": {}}, r"a dict without \['step'\]"),
+    ("rank-0.pt", torch.zeros(3), "a Tensor")])
+def test_a_file_of_another_tool_in_place_of_a_checkpoint_file_is_an_error_naming_it(tmp_path, file, content, held):
+    """Another tool's torch.save loads: its content ended the resume in a KeyError ('config') or an AttributeError
+    ('list' object has no attribute 'get') traceback, not the error naming the file and the way on."""
+    final = pathlib.Path(write(tmp_path, 1))
+    torch.save(content, final / file)
+    with pytest.raises(ValueError, match=rf"cannot resume from {final / file}: it holds {held}, not a fastalign "
+                                         "checkpoint's state .*checkpoints/latest"):
+        checkpoint.read_checkpoint(str(final), 0, keys=("step",))
+
+
+@pytest.mark.parametrize("state", [{"step": 1, "num_processes": 2}, {"step": 1}], ids=["recorded", "unrecorded"])
+def test_a_rank_file_missing_of_a_process_that_wrote_the_checkpoint_is_named_missing(tmp_path, state):
+    """A checkpoint copied in part (rank-0.pt left out) was refused as written by 1 process(es), "resume with the
+    number of processes it was written with": what the user did. Process 0 writes in any run, whatever it records."""
+    final = pathlib.Path(checkpoint.write_checkpoint(str(tmp_path), 1, state, {"rank": 0}, rank=0, is_main=True,
+                                                     barrier=lambda: None, keep=0))
+    (final / "rank-0.pt").unlink()
+    with pytest.raises(ValueError, match=r"cannot resume .*step-000001: its rank-0.pt is missing, though process 0 of "
+                                         r"the run that wrote it saved one \(a checkpoint copied in part\?\)"):
+        checkpoint.read_checkpoint(str(final), 0)
+
+
 def test_each_process_of_a_checkpoint_gets_back_its_own_rank_state(tmp_path):
     """Two processes (threads meeting at a real barrier) write one checkpoint: each rank's RNG state goes to its own
     file and comes back to that rank on resume (one file for all ranks gave every process rank 0's draws)."""

@@ -432,6 +432,17 @@ def test_a_checkpoint_that_predates_a_setting_is_refused_naming_it_not_as_none_t
             run(tmp_path, save_every=2, resume=True, **flags)
 
 
+def test_a_state_of_another_tool_in_a_checkpoint_is_refused_naming_the_file(tmp_path):
+    """A dict that another tool saved as state.pt ended the resume in KeyError: 'config'."""
+    with pytest.raises(Killed):
+        run(tmp_path, save_every=2, callback=kill_after(3))
+    state_file = tmp_path / "run" / "checkpoints" / "step-000002" / "state.pt"
+    torch.save({"step": 2, "model": {}}, state_file)
+    with pytest.raises(ValueError, match=rf"cannot resume from {state_file}: it holds a dict without \['config', "
+                                         r"'compute', 'trainable', 'optimizer', 'scheduler'\], not a fastalign "):
+        run(tmp_path, save_every=2, resume=True)
+
+
 def test_a_moved_run_resumes(tmp_path):
     """The output directory is where the checkpoint is found: a run moved (or named by another path) resumes."""
     whole, _ = run(tmp_path, "whole", max_steps=4, save_every=2, grad_accum=1)
