@@ -1,14 +1,17 @@
 """The trainer's accelerate set-up: the Accelerator it makes (sharing or resetting the process's accelerate state),
-the checks of one given or launched otherwise, and the release of what a run prepared on it when the run ends."""
+the checks of one given or launched otherwise, the DDP buckets it prepares with, and the release of what a run
+prepared on it when the run ends."""
 from __future__ import annotations
 
 import contextlib
 import datetime
 import gc
+import inspect
 import os
 import traceback
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from fastalign.unlearn.extras import require
 
@@ -19,6 +22,8 @@ MIXED_PRECISION = {"fp32": "no", "bf16-mixed": "bf16", "bf16": "no"}
 # barriers they wait while rank 0 writes state.pt, ~100 GB for an 8B model's weights and AdamW state, which a network
 # file system at 100 MB/s writes in 17 minutes
 _PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=2)
+# DDP's per-bucket caps (torch 2.13), which bucket_per_tensor sets: older torch keeps its default buckets
+_BUCKET_CAPS = "bucket_cap_mb_list" in inspect.signature(DistributedDataParallel).parameters
 
 
 def check_launch(accelerator, precision: str) -> None:
@@ -73,6 +78,41 @@ def new_accelerator(precision: str):
         accelerator = accelerate.Accelerator(**options)
     state._shared_state[_MADE_BY_A_TRAINER] = made_here
     return accelerator
+
+
+class _TensorBuckets:
+    """Stands in for an accelerator's DDP kwargs handler (or its absence) while it prepares: the handler's settings,
+    with a bucket per tensor unless the handler sets a bucket size of its own."""
+
+    def __init__(self, handler):
+        self.handler = handler
+
+    def to_kwargs(self) -> dict:
+        kwargs = self.handler.to_kwargs() if self.handler is not None else {}
+        if _BUCKET_CAPS and "bucket_cap_mb" not in kwargs:
+            kwargs["bucket_cap_mb_list"] = [0]   # a cap of 0 bytes: each tensor closes its bucket
+        return kwargs
+
+    def register_comm_hook(self, model) -> None:
+        if self.handler is not None:
+            self.handler.register_comm_hook(model)
+
+
+@contextlib.contextmanager
+def bucket_per_tensor(accelerator):
+    """Within the block, the DDP that `accelerator` wraps a module in all-reduces each gradient tensor in a bucket of
+    its own. DDP's default buckets (one for every tensor in its first iteration, then rebuilt by the backward's
+    order) place a tensor at another offset in the first iteration than in later ones, and the ring all-reduce of
+    3+ processes (gloo, NCCL) sums an element in an order set by its offset: a resumed run's first step (the first
+    iteration of its DDP) rounded otherwise than that step of the uninterrupted run. In a bucket of its own a tensor
+    has one offset, 0, in every iteration. The all-reduces are as many as trainable tensors (for a model of 1B
+    parameters or more about as many as 25 MB buckets make), each launched when its gradient is ready."""
+    handler = accelerator.ddp_handler
+    accelerator.ddp_handler = _TensorBuckets(handler)
+    try:
+        yield
+    finally:
+        accelerator.ddp_handler = handler
 
 
 # where Accelerator.prepare keeps what it prepared (accelerate 1.16), which free_memory empties

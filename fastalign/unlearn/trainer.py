@@ -37,7 +37,8 @@ from fastalign.model_files import model_files_digest
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.one_call import one_call_at_a_time
 from fastalign.ops.backend import select_backend
-from fastalign.unlearn.accelerator import MIXED_PRECISION, check_launch, new_accelerator, released_when_done
+from fastalign.unlearn.accelerator import (MIXED_PRECISION, bucket_per_tensor, check_launch, new_accelerator,
+                                          released_when_done)
 from fastalign.unlearn.backward_step import step_in_backward
 from fastalign.unlearn.checkpoint import (atomic_directory, read_checkpoint, remove_stale_temporaries, resume_point,
                                           set_rng_state, torch_rng_state, truncate_log, write_checkpoint,
@@ -486,7 +487,8 @@ class UnlearningTrainer:
         self._prepared = True
         if getattr(acc, "is_fsdp2", False):
             return acc.prepare(objective, optimizer_over(objective))
-        objective = acc.prepare(objective)
+        with bucket_per_tensor(acc):   # DDP: a resumed run's steps sum the gradients as the uninterrupted run's
+            objective = acc.prepare(objective)
         return objective, acc.prepare(optimizer_over(objective))
 
     def _normal_denominator(self, batches: list[UnlearningBatch]) -> float:

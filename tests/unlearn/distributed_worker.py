@@ -1,4 +1,4 @@
-"""One of two gloo processes on the CPU that run the multi-process trainer scenarios of
+"""One of two (or three) gloo processes on the CPU that run the multi-process trainer scenarios of
 test_distributed.py, one after another in one process group (starting the processes costs more than all
 the training): argv = output root, then scenario names. Each scenario trains the tiny model for two steps
 in <root>/<scenario> and writes outcome-rank<r>.txt: "ok", or the type and message of what it raised, and
@@ -120,6 +120,8 @@ def run(root, scenario):
         train(root, scenario, scenario)
     elif scenario == "fsdp2_head_unit":
         resumed(root, scenario, scenario)
+    elif scenario in ("ddp_resume", "fsdp2_resume"):
+        resumed(root, scenario, scenario.removesuffix("_resume"))
     elif scenario == "fsdp2_bf16":   # bf16 weights, sharded: KahanAdamW steps each process's shards
         resumed(root, scenario, "fsdp2_head_unit", precision="bf16", lr=2e-5)
     elif scenario in ("fsdp1_bf16", "fsdp1_flat_bf16"):   # FSDP1's shards of each weight, or of its flat parameters
