@@ -5,6 +5,7 @@ message instead of deep inside a kernel.
 """
 import math
 import numbers
+import sys
 from typing import Literal, get_args
 
 import torch
@@ -40,9 +41,21 @@ def _describe(t):
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
+def _is_dtensor(t):
+    """Whether `t` is a torch.distributed DTensor (none exists before torch.distributed.tensor is imported)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def _check_dense(name, t):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if _is_dtensor(t):   # torch's own error comes from deep inside the chunked matmul ("mixed Tensor and DTensor")
+        raise ValueError(f"{name} must be a plain tensor, got a DTensor (placements {tuple(t.placements)}), as "
+                         f"FSDP2 leaves a weight outside its unit's forward: pass {name}.full_tensor() (its backward "
+                         "hands the gradient back to the shards), or compute "
+                         "the loss with fastalign.CausalLMLoss or CausalLMKLDiv, modules that FSDP wraps with the "
+                         "model and that gather the lm_head weight inside their forward")
     if t.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
 
