@@ -11,6 +11,7 @@ import warnings
 import torch
 
 META = torch.device("meta")
+CPU = torch.device("cpu")
 # where a parameter on the meta device comes from, as the refusals of one there say
 ON_META = ("on the meta device (offloaded by accelerate, a device_map with 'cpu' or 'disk' or cpu_offload, or not "
            "loaded)")
@@ -19,11 +20,15 @@ ON_META = ("on the meta device (offloaded by accelerate, a device_map with 'cpu'
 def as_device(device) -> torch.device:
     """`device` (an int, a string or a torch.device, as accelerate's hooks and Accelerator.device hold them) as a
     torch.device with its index: an int is an index of the current accelerator (CUDA where there is none), and an
-    accelerator's device without an index ("cuda") names its current device, as a tensor sent there finds."""
+    accelerator's device without an index ("cuda") names its current device, as a tensor sent there finds. The CPU
+    is one device, without an index, as its tensors name it: accelerate's Accelerator.device under a launcher is
+    cpu:0, which compared unequal to the weights' cpu."""
     accelerator = torch.accelerator.current_accelerator()
     if isinstance(device, int):
         device = torch.device(accelerator.type if accelerator is not None else "cuda", device)
     device = torch.device(device)
+    if device.type == "cpu":
+        return CPU
     if device.index is None and accelerator is not None and device.type == accelerator.type:
         device = torch.device(device.type, torch.accelerator.current_device_index())
     return device
@@ -124,9 +129,10 @@ def warn_if_moved(devices, device) -> None:
     accelerator's `device`, where the trainer moves them: a model put on cuda:1 in a process whose current device is
     cuda:0 (accelerate's device without an index is the current one) trains on cuda:0, beside whatever runs there."""
     device = as_device(device)
-    moved = sorted({str(d) for d in devices if d.type == device.type and d != device})
+    moved = sorted({d for d in devices if d.type == device.type and d != device}, key=str)
     if moved:
-        warnings.warn(f"model: its weights are on {', '.join(moved)}; the trainer trains on the accelerator's device, "
-                      f"{device}, and moves them there. To train on {moved[0]}, make it the current device "
-                      f"(torch.cuda.set_device({moved[0]!r})) or launch with CUDA_VISIBLE_DEVICES, before making the "
-                      "trainer", stacklevel=3)
+        visible = " or launch with CUDA_VISIBLE_DEVICES" if device.type == "cuda" else ""
+        warnings.warn(f"model: its weights are on {', '.join(map(str, moved))}; the trainer trains on the "
+                      f"accelerator's device, {device}, and moves them there. To train on {moved[0]}, make it the "
+                      f"current device (torch.accelerator.set_device_index({moved[0].index})){visible}, before "
+                      "making the trainer", stacklevel=3)

@@ -153,3 +153,22 @@ def test_weights_on_another_device_of_the_accelerators_kind_are_moved_with_a_war
     for same_or_other_kind in ({torch.device("cuda", 0)}, {torch.device("cpu")}):   # nothing moves between GPUs
         warn_if_moved(same_or_other_kind, torch.device("cuda"))
     assert not recwarn.list
+
+
+def test_the_cpu_is_one_device_whatever_its_index(recwarn):
+    """accelerate's Accelerator.device under a launcher is cpu:0: every process warned that the model's cpu weights
+    would be moved there (advising torch.cuda.set_device('cpu')), and a model dispatched to the cpu was refused as
+    dispatched elsewhere."""
+    assert as_device("cpu:0") == as_device(torch.device("cpu", 3)) == CPU
+    warn_if_moved({CPU}, torch.device("cpu", 0))
+    assert not recwarn.list
+    check_not_dispatched(dispatched_to(tiny_llama(37), "cpu"), torch.device("cpu", 0))
+
+
+def test_the_advice_to_train_where_the_weights_are_names_the_accelerators_call(monkeypatch):
+    """The warning told an XPU user to call torch.cuda.set_device."""
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("xpu"))
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
+    with pytest.warns(UserWarning, match=r"To train on xpu:1, make it the current device "
+                                         r"\(torch.accelerator.set_device_index\(1\)\), before making the trainer"):
+        warn_if_moved({torch.device("xpu", 1)}, torch.device("xpu"))
