@@ -178,6 +178,14 @@ INTERRUPTED_HINTS = {
 }
 
 
+def _interrupted_hint(command, args) -> str | None:
+    """INTERRUPTED_HINTS of `command`; for eval interrupted before it wrote --output (loading the model), that none
+    was written: the hint sent the user to a file that did not exist."""
+    if command == "eval" and not os.path.isfile(args.output):
+        return "no record was written to --output"
+    return INTERRUPTED_HINTS.get(command)
+
+
 def _interrupt_on_sigterm(signum, frame):
     """SIGTERM (a cluster's preemption, `kill`) stops the command as Ctrl-C does: through its clean-up, so that
     no checkpoint, model or record is left half written. A second SIGTERM kills the process at once."""
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     128 + the signal's number, as a process the signal killed has."""
     in_main_thread = threading.current_thread() is threading.main_thread()   # signal.signal works only there
     previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm) if in_main_thread else None
-    command = None   # until parsed: an interrupt while the parser imports the commands' modules names none
+    command = args = None   # until parsed: an interrupt while the parser imports the commands' modules names none
     try:
         parser = build_parser()
         args, unknown = parser.parse_known_args(argv)
@@ -200,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt as exc:
         by, signum = ("SIGTERM", signal.SIGTERM) if exc.args == ("SIGTERM",) else ("Ctrl-C", signal.SIGINT)
-        hint = INTERRUPTED_HINTS.get(command)
+        hint = _interrupted_hint(command, args)
         print(f"fastalign{' ' + command if command else ''}: interrupted by {by}{'; ' + hint if hint else ''}",
               file=sys.stderr)
         return 128 + signum

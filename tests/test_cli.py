@@ -213,8 +213,8 @@ def test_the_parser_loads_no_engine_library():
 @pytest.mark.parametrize("command, hint", [("rain", "rerun the same command to continue"),
                                            ("unlearn", "rerun the command with --resume"),
                                            ("eval", "the records judged so far are in --output")])
-def test_an_interrupted_command_says_so_and_what_was_kept_and_exits_non_zero(monkeypatch, capsys, signum, by,
-                                                                           command, hint):
+def test_an_interrupted_command_says_so_and_what_was_kept_and_exits_non_zero(monkeypatch, capsys, tmp_path, signum,
+                                                                           by, command, hint):
     """A cluster's preemption (SIGTERM) or Ctrl-C stops the run through its clean-up (no checkpoint, model or
     record left half written) with a message on stderr instead of a traceback or nothing, and the exit status
     128 + the signal's number, as a process the signal killed has."""
@@ -231,7 +231,9 @@ def test_an_interrupted_command_says_so_and_what_was_kept_and_exits_non_zero(mon
 
     monkeypatch.setattr(module, handler_name, interrupted)
     previous = signal.getsignal(signal.SIGTERM)
-    argv = ["unlearn"] if command == "unlearn" else [command, "--model", "m", "--hh", "h", "--output", "o"]
+    output = tmp_path / "o"
+    output.write_text("")   # (eval's records so far: an eval interrupted before it wrote --output says none is)
+    argv = ["unlearn"] if command == "unlearn" else [command, "--model", "m", "--hh", "h", "--output", str(output)]
     # Ctrl-C as a terminal delivers it: a job a shell started in the background inherits SIGINT ignored
     previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -243,6 +245,20 @@ def test_an_interrupted_command_says_so_and_what_was_kept_and_exits_non_zero(mon
     assert f"fastalign {command}: interrupted by {by}" in captured.err and hint in captured.err
     assert "Traceback" not in captured.err
     assert signal.getsignal(signal.SIGTERM) is previous   # put back: only a running command turns SIGTERM so
+
+
+def test_an_eval_interrupted_before_it_wrote_output_does_not_send_the_user_there(monkeypatch, capsys, tmp_path):
+    """An eval stopped while it loaded the model (torchrun's SIGTERM to the other ranks, a Ctrl-C) said its records
+    were in an --output it had not written."""
+    from fastalign.evaluation import cli as eval_cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_cli, "run", interrupted)
+    argv = ["eval", "--model", "m", "--hh", "h", "--output", str(tmp_path / "o.jsonl")]
+    assert main(argv) == 128 + signal.SIGINT
+    assert capsys.readouterr().err == "fastalign eval: interrupted by Ctrl-C; no record was written to --output\n"
 
 
 def test_a_second_sigterm_kills_the_process_at_once():

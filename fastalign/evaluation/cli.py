@@ -336,11 +336,22 @@ def _with_defaults(args):
 
 def evaluate(args) -> dict:
     """Runs the evaluation the arguments describe; returns the summary (see the module docstring). UsageError
-    while another fastalign process writes --output."""
+    while another fastalign process writes --output, or under a launcher."""
+    _check_one_process()
     args = _with_defaults(args)
     check_device(args.device)
     with output_lock(args.output, "--output"):
         return _evaluate_answers(args) if args.answers else _evaluate_model(args)
+
+
+def _check_one_process() -> None:
+    """UsageError, on every process, where a launcher (torchrun, accelerate launch) started several: each would
+    generate every prompt and write the same --output (rank 1 blamed rank 0's lock on "another fastalign process")."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise UsageError(f"fastalign eval runs in one process, and a launcher started {world} (WORLD_SIZE={world}): "
+                         "launch it without torchrun or accelerate launch (`fastalign rain` is the command that "
+                         "shares its prompts among processes)")
 
 
 def _evaluate_model(args) -> dict:

@@ -433,6 +433,21 @@ def judge_waiting_for_the_test(pairs):
     return ["poison" in answer for _, answer in pairs]
 
 
+@pytest.mark.parametrize("source", ["--prompts", "--answers"])
+def test_eval_under_a_launcher_is_refused_before_it_loads_or_locks_anything(monkeypatch, tmp_path, capsys, source):
+    """Under torchrun every rank ran the whole eval: rank 1 stopped, blaming its sibling rank 0's lock on "another
+    fastalign process" (waiting, as advised, never helped). Each rank now stops at once, naming the launcher (here
+    before the missing model and prompts are even looked at, and with no lock file left)."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    out = tmp_path / "judged.jsonl"
+    assert run("--model", tmp_path / "no-model", source, tmp_path / "none.jsonl", "--judge", "keyword",
+               "--keywords", "help", "--output", out) == 2
+    assert capsys.readouterr().err == ("fastalign eval: error: fastalign eval runs in one process, and a launcher "
+                                       "started 3 (WORLD_SIZE=3): launch it without torchrun or accelerate launch "
+                                       "(`fastalign rain` is the command that shares its prompts among processes)\n")
+    assert os.listdir(tmp_path) == []
+
+
 def _eval_in_a_process(argv):
     sys.exit(main(argv))
 
