@@ -52,7 +52,7 @@ from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.output_lock import output_lock
 from fastalign.pretrained import load_config, load_pretrained, load_tokenizer
 from fastalign.rain.records import rank_files
-from fastalign.unlearn.templates import ChatTemplate
+from fastalign.unlearn.templates import ChatTemplate, chat_option_problem
 from fastalign.writable import DiskFullError, naming_a_full_disk
 
 from .answers import read_answers
@@ -365,11 +365,11 @@ def _evaluate_model(args) -> dict:
         raise UsageError("--reference and --normal-prompts go together (utility needs both)")
     if args.reference not in (None, DEMO_MODEL):   # loaded after every answer
         check_model_dir(args.reference, "--reference")
-    if args.system is not None and args.template != "chat":
-        raise UsageError(f"--system is a turn of the chat template: it needs --template chat, not {args.template}")
-    if args.chat_template_kwargs is not None and args.template != "chat":
-        raise UsageError(f"--chat-template-kwargs are variables of the chat template: they need --template chat, "
-                         f"not {args.template}")
+    problem = chat_option_problem(args.template == "chat", args.system, args.chat_template_kwargs,
+                                  names=("--system", "--chat-template-kwargs", None),
+                                  needs=f"--template chat, not {args.template}")
+    if problem:
+        raise UsageError(problem)
     # a dialogue's answer ends at a new Human turn, as rain's do; normal prompts are no dialogue
     stops = tuple(args.stop) + ((HH_NEW_TURN,) if args.hh and args.template == "raw" else ())
     try:

@@ -37,7 +37,7 @@ from fastalign.pretrained import load_config, load_pretrained, load_tokenizer
 from fastalign.unlearn.encoding import tokenize_prompts
 from fastalign.unlearn.config import dataclass_from_dict, read_config_file, settings_mapping
 from fastalign.unlearn.records import DataError, read_text
-from fastalign.unlearn.templates import ChatTemplate
+from fastalign.unlearn.templates import ChatTemplate, chat_option_problem
 from fastalign.writable import DiskFullError, naming_a_full_disk
 
 from .config import RainConfig
@@ -251,17 +251,14 @@ def _run(args) -> int:
         raise UsageError(f"{source_arg}: no file at {source!r}")
     check_field_used(args.field, "--field", args.prompts, source_arg)
     chat = args.template == "chat"
-    if args.system is not None and not chat:
-        raise UsageError(f"--system is a turn of the chat template: it needs --template chat, not {args.template}")
-    if args.chat_template_kwargs is not None and not chat:
-        raise UsageError(f"--chat-template-kwargs are variables of the chat template: they need --template chat, "
-                         f"not {args.template}")
+    problem = chat_option_problem(chat, args.system, args.chat_template_kwargs, args.generation_prefix_file,
+                                  names=("--system", "--chat-template-kwargs", "--generation-prefix-file"),
+                                  needs=f"--template chat, not {args.template}")
+    if problem:
+        raise UsageError(problem)
     if args.judge_dialogue is not None and not chat:
         raise UsageError(f"--judge-dialogue shows a user message of --template chat: it needs --template chat, "
                          f"not {args.template} (the judge reads a raw prompt as it is)")
-    if chat and args.generation_prefix_file:
-        raise UsageError("--generation-prefix-file goes before the prompt's text, but with --template chat the "
-                         "chat template starts the sequence: give instructions with --system instead")
     try:
         if args.hh:
             prompts = hh_messages(args.hh) if chat else hh_prompts(args.hh)

@@ -18,7 +18,7 @@ from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.ops.checks import check_count, is_integer, refuse_one_string
 from fastalign.runtime import PoolExhaustedError
 from fastalign.runtime.hf_cache_argument import refuse_prompt_adapter_over_a_cache
-from fastalign.unlearn.templates import ChatTemplate
+from fastalign.unlearn.templates import ChatTemplate, chat_option_problem
 from fastalign.unlearn.encoding import tokenize_prompts
 
 from .config import RainConfig
@@ -153,13 +153,9 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     if not all(map(is_integer, names)):   # each prompt's sampler is seeded from its index (1.9 was taken as 1)
         raise ValueError(f"indices must be integers, got {next(n for n in names if not is_integer(n))!r}")
     names = [int(n) for n in names]   # plain ints: RainResult.index is written to JSON (numpy's int64 is not)
-    if system is not None and not chat_template:
-        raise ValueError("system is a turn of the chat template: it needs chat_template=True")
-    if chat_template_kwargs is not None and not chat_template:
-        raise ValueError("chat_template_kwargs are variables of the chat template: they need chat_template=True")
-    if chat_template and generation_prefix:
-        raise ValueError("generation_prefix goes before the prompt's text, but with chat_template the chat "
-                         "template starts the sequence: give instructions as the system turn instead")
+    problem = chat_option_problem(chat_template, system, chat_template_kwargs, generation_prefix)
+    if problem:
+        raise ValueError(problem)
     if engine not in ("tree", "slow"):
         raise ValueError(f"engine must be 'tree' or 'slow', got {engine!r}")
     if runner is not None and engine != "tree":   # (the slow engine ignored it)

@@ -25,7 +25,7 @@ from fastalign.unlearn.formats import FORMATS, Format
 from fastalign.unlearn.objective import LossWeights
 from fastalign.unlearn.packing import MODES as PACKING_MODES, Packing
 from fastalign.unlearn.reference import CACHE_STORAGES, REFERENCE_MODES, CacheStorage, ReferenceMode
-from fastalign.unlearn.templates import SPEC_TEMPLATE
+from fastalign.unlearn.templates import SPEC_TEMPLATE, chat_option_problem
 
 Precision = Literal["fp32", "bf16-mixed", "bf16"]
 PRECISIONS = get_args(Precision)
@@ -175,16 +175,15 @@ class UnlearnConfig:
                              f"(sdpa, eager, flash_attention_2, ...) or null, got {self.attn_implementation!r}")
         if self.system is not None and not isinstance(self.system, str):
             raise ValueError(f"system must be a text (the system turn of the chat template), got {self.system!r}")
-        if self.system is not None and not self.chat_template:
-            raise ValueError("system (--system) is a turn of the chat template: it needs chat_template=true "
-                             "(--chat-template)")
         kwargs = self.chat_template_kwargs
         if kwargs is not None and not (isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs)):
             raise ValueError(f"chat_template_kwargs must be a mapping of template variable names (texts) to values, "
                              f"or null, got {kwargs!r}")
-        if kwargs is not None and not self.chat_template:
-            raise ValueError("chat_template_kwargs (--chat-template-kwargs) are variables of the chat template: they "
-                             "need chat_template=true (--chat-template)")
+        names = ("system (--system)", "chat_template_kwargs (--chat-template-kwargs)", None)
+        problem = chat_option_problem(self.chat_template, self.system, kwargs, names=names,
+                                      needs="chat_template=true (--chat-template)")
+        if problem:
+            raise ValueError(problem)
         check_backend(self.backend)
         if self.optimizer_in_backward is True and self.grad_accum != 1:
             raise ValueError(f"optimizer_in_backward (--optimizer-in-backward) steps each weight as the backward "

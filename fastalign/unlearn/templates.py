@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 SPEC_TEMPLATE = "### Question: {prompt}\n ### Answer: {answer}"
 
@@ -180,6 +180,25 @@ class ChatTemplate:
         raise ValueError("chat_template (--chat-template): the rendered conversation does not contain the answer "
                          "verbatim after the turns before it (the chat template rewrites it); use the text template "
                          "(TextTemplate, --template) instead")
+
+
+def chat_option_problem(chat: bool, system: Optional[str] = None, template_kwargs: Optional[dict] = None,
+                        generation_prefix: Optional[str] = None, *,
+                        names: Tuple[str, str, Optional[str]] = ("system", "chat_template_kwargs", "generation_prefix"),
+                        needs: str = "chat_template=True") -> Optional[str]:
+    """What is wrong with these options beside the chat template being on (`chat`) or off, or None: a system turn
+    and template variables are the chat template's, and a generation prefix would go before the prompt's text, where
+    the chat template starts the sequence. Each layer raises it as its own error, in its own `names` (of system,
+    template_kwargs and generation_prefix) and its own way to turn the template on (`needs`)."""
+    system_name, kwargs_name, prefix_name = names
+    if system is not None and not chat:
+        return f"{system_name} is a turn of the chat template: it needs {needs}"
+    if template_kwargs is not None and not chat:
+        return f"{kwargs_name} are variables of the chat template: they need {needs}"
+    if generation_prefix and chat:
+        return (f"{prefix_name} goes before the prompt's text, but the chat template starts the sequence: give "
+                f"instructions as the system turn ({system_name}) instead")
+    return None
 
 
 def end_of_turn_id(tokenizer, template: Optional[ChatTemplate] = None) -> Optional[int]:

@@ -434,7 +434,9 @@ def test_rain_gz_output_is_a_usage_error(rain_setup, monkeypatch, capsys):
     (["--chat-template-kwargs", '{"enable_thinking": false}'],
      "--chat-template-kwargs are variables of the chat template: they need --template chat, not raw"),
     (["--template", "chat"], "--template chat: the tokenizer"),                # this one has no chat template
-    (["--template", "chat", "--generation-prefix-file", "few_shot.txt"], "give instructions with --system"),
+    (["--template", "chat", "--generation-prefix-file", "few_shot.txt"],
+     "--generation-prefix-file goes before the prompt's text, but the chat template starts the sequence: give "
+     "instructions as the system turn (--system) instead"),
     (["--template", "chat", "--judge-dialogue", "Human:"], "JudgePrompt.dialogue must contain '{prompt}'"),
     (["--judge-dialogue", "User: {prompt}\\nBot:"], "--judge-dialogue shows a user message of --template chat"),
 ])

@@ -1359,7 +1359,7 @@ def test_chat_template_settings_that_cannot_apply_are_errors():
     with pytest.raises(ValueError, match="chat_template_kwargs are variables of the chat template: they need "
                                          "chat_template=True"):
         rain_generate(model, tok, ["Hi"], SMALL, chat_template_kwargs={"enable_thinking": False}, embedding="hidden")
-    with pytest.raises(ValueError, match="generation_prefix"):
+    with pytest.raises(ValueError, match="generation_prefix goes before the prompt's text, but the chat template"):
         rain_generate(model, tok, ["Hi"], SMALL, chat_template=True, generation_prefix="x", embedding="hidden")
     with pytest.raises(ValueError, match="has no chat template"):
         rain_generate(model, tokenizer(), ["Hi"], SMALL, chat_template=True, embedding="hidden")

@@ -8,7 +8,7 @@ from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.encoding import encode_answers, encode_pairs, tokenize_texts
 from fastalign.unlearn.records import DataError, QAPair
 from fastalign.unlearn.run import load_streams
-from fastalign.unlearn.templates import ChatTemplate
+from fastalign.unlearn.templates import ChatTemplate, chat_option_problem
 from tests.chat_families import family_tokenizer
 from tests.evaluation.chat_model import CHAT_TEMPLATE as LLAMA3_TEMPLATE
 from tests.evaluation.chat_model import EOT, SYSTEM, chat_tokenizer
@@ -134,3 +134,17 @@ def test_a_row_the_template_refuses_is_an_error_naming_the_row():
     tokenizer = chat_tokenizer(chat_template=refuses)
     with pytest.raises(DataError, match="test:row 2: the tokenizer's chat template refused the conversation: no such"):
         encode_pairs(tokenizer, ChatTemplate(tokenizer), pairs([("Who is Bob?", "Hi"), ("forbidden", "Hi")]), 64)
+
+
+def test_chat_options_without_the_chat_template_are_named_in_the_callers_words():
+    """One rule for every layer (the config, `fastalign eval`/`rain`, rain_generate): a system turn and template
+    variables need the chat template, a generation prefix cannot go before it; each names its own options."""
+    assert chat_option_problem(False) is None and chat_option_problem(True, "Be brief.", {}) is None
+    assert chat_option_problem(False, system="") == "system is a turn of the chat template: it needs chat_template=True"
+    assert chat_option_problem(False, template_kwargs={}, names=("--system", "--chat-template-kwargs", None),
+                               needs="--template chat, not raw") == \
+        "--chat-template-kwargs are variables of the chat template: they need --template chat, not raw"
+    assert chat_option_problem(True, generation_prefix="Q: 1+1? A: 2") == \
+        "generation_prefix goes before the prompt's text, but the chat template starts the sequence: give " \
+        "instructions as the system turn (system) instead"
+    assert chat_option_problem(False, generation_prefix="Q: 1+1? A: 2") is None
