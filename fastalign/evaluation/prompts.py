@@ -3,13 +3,14 @@ user turn in the tokenizer's own chat template (for instruct/chat models).
 
 A prompt file is jsonl, optionally gzipped (one object per line, the prompt in field `field`), csv (the
 prompt in column `field`) or any other text file (one prompt per non-blank line, "\\n" for a newline inside
-it); every error names the file and the line. `fastalign eval` and `fastalign rain` read the same formats.
+it); every error names the file and the row (the line a record starts on), as the unlearning data's errors do.
+`fastalign eval` and `fastalign rain` read the same formats.
 """
 import os
 from typing import List, Optional
 
 from fastalign.unlearn.formats import hh_line_break_hint
-from fastalign.unlearn.records import LINE_BREAK, not_text, read_csv, read_jsonl, read_text
+from fastalign.unlearn.records import LINE_BREAK, DataError, read_csv, read_jsonl, read_text, text_field
 from fastalign.unlearn.templates import SPEC_TEMPLATE, ChatTemplate
 
 # What a model continues to answer a question in the SPEC's format: the template up to the answer, without
@@ -44,10 +45,10 @@ def hh_messages(path: str):
     """The text of the first Human turn of each dialogue of an Anthropic HH jsonl(.gz) file (its 'chosen'
     transcript): the harmful request of a harmless-base dialogue. ValueError for a file without dialogues."""
     messages = []
-    for line_no, record in read_jsonl(path):  # gzip-aware; bad JSON names the row
-        text = _checked(record.get("chosen"), path, line_no, "chosen")
+    for row, record in read_jsonl(path):  # gzip-aware; bad JSON names the row
+        text = _prompt(record, "chosen", path, row)
         if not text.startswith(HH_HUMAN) or HH_ASSISTANT not in text:
-            raise ValueError(f"{path}: line {line_no}: 'chosen' must start with a '{HH_HUMAN.strip()}' turn "
+            raise ValueError(f"{path}: row {row}: 'chosen' must start with a '{HH_HUMAN.strip()}' turn "
                              f"followed by an '{HH_ASSISTANT.strip()}' turn{hh_line_break_hint(text)}")
         messages.append(text[len(HH_HUMAN):text.index(HH_ASSISTANT)])
     if not messages:
@@ -74,7 +75,7 @@ _UNREAD_DATA_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz", ".csv", ".c
 
 
 def read_prompts(path: str | os.PathLike[str], field: str = "prompt") -> List[str]:
-    """The prompts of a .jsonl(.gz), .csv or text file, in file order; ValueError naming the file and line if
+    """The prompts of a .jsonl(.gz), .csv or text file, in file order; ValueError naming the file and row if
     bad (DataError for an unreadable file), and for a data file of another format (.json, .csv.gz, .JSONL)
     rather than reading its lines as prompts."""
     path = os.fspath(path)   # a pathlib.Path, as read_answers and the unlearning loaders take
@@ -82,10 +83,9 @@ def read_prompts(path: str | os.PathLike[str], field: str = "prompt") -> List[st
         raise ValueError(f"{path}: is a directory, not a prompts file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file not found: {path}")
-    if path.endswith((".jsonl", ".jsonl.gz")):
-        prompts = _read_jsonl(path, field)
-    elif has_fields(path):
-        prompts = _read_csv(path, field)
+    if has_fields(path):   # a jsonl object's field or a csv row's column
+        rows = read_csv(path, (field,)) if path.endswith(".csv") else read_jsonl(path)
+        prompts = [_prompt(record, field, path, row) for row, record in rows]
     elif path.lower().endswith(_UNREAD_DATA_SUFFIXES):
         raise ValueError(f"{path}: a JSON document, a gzipped csv or an upper-case suffix is not read: give a "
                          ".jsonl(.gz) file (one JSON object per line), a .csv file or a text file (one prompt per "
@@ -97,24 +97,10 @@ def read_prompts(path: str | os.PathLike[str], field: str = "prompt") -> List[st
     return prompts
 
 
-def _checked(value, path: str, line: int, field: str) -> str:
-    """`value`, the field `field` of the record at `line`: a ValueError naming them unless it is text, not blank."""
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{path}: line {line}: field {field!r} must be a non-empty string, got {value!r}")
-    problem = not_text(value)
-    if problem:
-        raise ValueError(f"{path}: line {line}: field {field!r} {problem}")
+def _prompt(record: dict, field: str, path: str, row: int) -> str:
+    """`record`'s field `field` as records.text_field reads it (present, a string, text), and not blank: a blank
+    prompt asks the model nothing. A DataError names the file, the row and the field, as the data files' errors do."""
+    value = text_field(record, field, path, row)
+    if not value.strip():
+        raise DataError(f"{path}: row {row}: field {field!r} must not be blank, got {value!r}")
     return value
-
-
-def _read_jsonl(path: str, field: str) -> List[str]:
-    prompts = []
-    for line_number, row in read_jsonl(path):  # bad JSON and non-objects are errors naming the row
-        if field not in row:
-            raise ValueError(f"{path}: line {line_number}: expected an object with field {field!r}")
-        prompts.append(_checked(row[field], path, line_number, field))
-    return prompts
-
-
-def _read_csv(path: str, field: str) -> List[str]:
-    return [_checked(row[field], path, line, field) for line, row in read_csv(path, (field,))]

@@ -264,11 +264,11 @@ def test_eval_without_an_output_is_a_usage_error_naming_it(model_dir, harmful_pr
     assert exited.value.code == 2 and "the following arguments are required: --output" in capsys.readouterr().err
 
 
-def test_bad_prompt_file_names_the_line(model_dir, tmp_path, capsys):
+def test_bad_prompt_file_names_the_row(model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"question": "no prompt field"}\n')
     assert run("--model", model_dir, "--prompts", bad, "--output", tmp_path / "o.jsonl") == 2
-    assert f"--prompts: {bad}: line 2: expected an object with field 'prompt'" in capsys.readouterr().err
+    assert f"--prompts: {bad}: row 2: missing field 'prompt'" in capsys.readouterr().err
 
 
 _lines_on_disk = {}

@@ -46,18 +46,21 @@ def test_a_gzipped_csv_or_json_document_is_not_read_as_lines_of_text(tmp_path, n
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("p.jsonl", '{"q": "hi"}\n{"q": ""}\n', "line 2: field 'q' must be a non-empty string"),
-    ("p.jsonl", '{"q": "hi"}\n{"q": " \\n "}\n', "line 2: field 'q' must be a non-empty string"),  # blank: none either
-    ("p.jsonl", '{"q": "hi"}\n{"r": "x"}\n', "line 2: expected an object with field 'q'"),
+    ("p.jsonl", '{"q": "hi"}\n{"q": ""}\n', "row 2: field 'q' must not be blank, got ''"),
+    ("p.jsonl", '{"q": "hi"}\n{"q": " \\n "}\n', "row 2: field 'q' must not be blank"),  # blank: none either
+    ("p.jsonl", '{"q": "hi"}\n{"r": "x"}\n', r"row 2: missing field 'q' \(fields: \['r'\]\)"),
+    ("p.jsonl", '{"q": "hi"}\n{"q": 3}\n', "row 2: field 'q' must be a string, got int"),
+    ("p.jsonl", '{"q": "hi"}\n{"q": "hi"\n', "row 2: not valid JSON"),   # the same row, whichever check refuses it
+    ("p.csv", 'q\nhi\n" "\n', "row 3: field 'q' must not be blank"),
     # a lone surrogate (JSON's escape of half a pair) was a TypeError from the tokenizer once the model had loaded
-    ("p.jsonl", '{"q": "hi \\ud83d there"}\n', "line 1: field 'q' holds '\\\\ud83d', half of a UTF-16 surrogate pair"),
+    ("p.jsonl", '{"q": "hi \\ud83d there"}\n', "row 1: field 'q' holds '\\\\ud83d', half of a UTF-16 surrogate pair"),
     ("p.csv", "r\nhi\n", r"missing column\(s\) \['q'\]; header is \['r'\]"),
     ("p.txt", "\n  \n", "no prompts"),
     # data files read as text gave their lines of syntax ('[', '{"q": ...},') or csv header as prompts
     ("p.json", '[\n {"q": "hi"}\n]\n', "a JSON document, a gzipped csv or an upper-case suffix is not read"),
     ("p.JSONL", '{"q": "hi"}\n', "a JSON document, a gzipped csv or an upper-case suffix is not read"),
 ])
-def test_bad_files_name_the_file_and_line(tmp_path, name, content, message):
+def test_bad_files_name_the_file_and_row(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
     with pytest.raises(ValueError, match=message):
         read_prompts(str(tmp_path / name), "q")
@@ -68,12 +71,12 @@ def test_bad_files_name_the_file_and_line(tmp_path, name, content, message):
 
 
 @pytest.mark.parametrize("chosen", [None, 3, [{"role": "user", "content": "hi"}], "\ud83d"])
-def test_an_hh_dialogue_that_is_no_text_is_refused_naming_the_line(tmp_path, chosen):
+def test_an_hh_dialogue_that_is_no_text_is_refused_naming_the_row(tmp_path, chosen):
     """A 'chosen' of null, a number or a list of messages (as some exports of HH write it) was an AttributeError
     traceback; one with half a surrogate pair, a TypeError in the tokenizer."""
     (tmp_path / "hh.jsonl").write_text(json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: x"}) + "\n"
                                        + json.dumps({"chosen": chosen}) + "\n")
-    with pytest.raises(ValueError, match="hh.jsonl: line 2: field 'chosen' (must be a non-empty string|holds)"):
+    with pytest.raises(ValueError, match="hh.jsonl: row 2: field 'chosen' (must be a string|holds)"):
         hh_messages(str(tmp_path / "hh.jsonl"))
 
 
@@ -95,7 +98,7 @@ def test_an_hh_dialogue_that_does_not_open_with_a_human_turn_is_refused(tmp_path
     """The message is cut at the length of '\\n\\nHuman: ': a dialogue opening otherwise lost its first characters
     (or was read from the Assistant's turn), silently."""
     (tmp_path / "hh.jsonl").write_text(json.dumps({"chosen": chosen}) + "\n")
-    with pytest.raises(ValueError, match="hh.jsonl: line 1: 'chosen' must start with a 'Human:' turn"):
+    with pytest.raises(ValueError, match="hh.jsonl: row 1: 'chosen' must start with a 'Human:' turn"):
         hh_messages(str(tmp_path / "hh.jsonl"))
 
 

@@ -298,10 +298,10 @@ def test_rain_resumes_after_a_kill_tore_the_last_record(rain_setup, tmp_path):
 @pytest.mark.parametrize("content, message", [
     ('{"prompt": "Human: Hi\\nAssistant:"}\n{"prompt": \n', "row 2: not valid JSON"),
     ('{"prompt": "Human: Hi\\nAssistant:"}\n{"prompt": 3}\n',
-     "line 2: field 'prompt' must be a non-empty string, got 3"),
-    ('{"text": "Human: Hi\\nAssistant:"}\n', "line 1: expected an object with field 'prompt'"),
+     "row 2: field 'prompt' must be a string, got int"),
+    ('{"text": "Human: Hi\\nAssistant:"}\n', "row 1: missing field 'prompt'"),
 ])
-def test_rain_bad_prompts_file_is_a_usage_error_naming_the_line(rain_setup, tmp_path, capsys, content, message):
+def test_rain_bad_prompts_file_is_a_usage_error_naming_the_row(rain_setup, tmp_path, capsys, content, message):
     model_dir, out, _ = rain_setup
     prompts = tmp_path / "bad.jsonl"
     prompts.write_text(content)
@@ -604,7 +604,7 @@ def test_hh_prompts_are_first_human_turns(tmp_path):
     assert hh_prompts(str(hh)) == ["\n\nHuman: Hi there\n\nAssistant:"]
     assert hh_messages(str(hh)) == ["Hi there"]
     hh.write_text(json.dumps({"chosen": "Assistant: Hello\n\nHuman: Hi\n\nAssistant: x"}) + "\n")
-    with pytest.raises(ValueError, match="line 1: 'chosen' must start with a 'Human:' turn"):
+    with pytest.raises(ValueError, match="row 1: 'chosen' must start with a 'Human:' turn"):
         hh_messages(str(hh))
 
 
