@@ -1,5 +1,5 @@
 """The transformers model under the wrappers a caller may pass (torch.compile's, PEFT's), read the same way by the fused
-losses, unlearning and model_context."""
+losses, unlearning, model_context, model_vocabulary, model_devices and the runtime's cache argument."""
 
 
 def base_causal_lm(model):

@@ -10,6 +10,8 @@ import warnings
 
 import torch
 
+from fastalign.base_model import base_causal_lm
+
 META = torch.device("meta")
 CPU = torch.device("cpu")
 # where a parameter on the meta device comes from, as the refusals of one there say
@@ -98,9 +100,8 @@ def input_device(model: torch.nn.Module, user: str, name: str = "model") -> torc
     their weight waits on), else where its first module computes. ValueError when some of its weights are not
     loaded (loaded_devices)."""
     found = loaded_devices(model, user, name)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:   # transformers' get_input_embeddings raises NotImplementedError on a model that does not say which
-        embeddings = base.get_input_embeddings()
+        embeddings = base_causal_lm(model).get_input_embeddings()
     except (AttributeError, NotImplementedError):
         embeddings = None
     modules = embeddings.modules() if isinstance(embeddings, torch.nn.Module) else iter(())

@@ -1,13 +1,14 @@
 """How many token ids a Hugging Face model embeds, read the same way by the runtime and the unlearning trainer."""
 import torch
 
+from fastalign.base_model import base_causal_lm
+
 
 def input_vocabulary(model) -> int | None:
-    """The rows of the input embeddings' weight of `model` (under a PEFT wrapper: of its base model), or None
-    where it has none. The rows, not num_embeddings: PEFT's LoRA layer around the embeddings has no
+    """The rows of the input embeddings' weight of `model` (under a torch.compile or PEFT wrapper: of its base model),
+    or None where it has none. The rows, not num_embeddings: PEFT's LoRA layer around the embeddings has no
     num_embeddings, which crashed TreeRunner and silently skipped unlearning's check of the data's token ids."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    get_embeddings = getattr(base, "get_input_embeddings", None)
+    get_embeddings = getattr(base_causal_lm(model), "get_input_embeddings", None)
     weight = getattr(get_embeddings() if get_embeddings is not None else None, "weight", None)
     return weight.shape[0] if isinstance(weight, torch.Tensor) else None
 

@@ -8,6 +8,7 @@ PEFT prompt-learning adapters a forward per new token over the cache runs as PEF
 import functools
 import inspect
 
+from fastalign.base_model import base_causal_lm
 from fastalign.model_decoder import prompt_learning_adapter
 
 _NAMES = ("cache", "past_key_values", "cache_params")   # the first a forward takes is the one used
@@ -34,9 +35,9 @@ def _takes_keywords(parameters) -> bool:
 
 
 def _base_class(model):
-    """The class whose forward takes the cache: a PEFT wrapper's forward names neither argument and hands its keyword
-    arguments on to the transformers model it wraps."""
-    return type(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    """The class whose forward takes the cache: a PEFT wrapper's forward (and torch.compile's) names neither argument
+    and hands its keyword arguments on to the transformers model it wraps."""
+    return type(base_causal_lm(model))
 
 
 def cache_kwargs(model, cache) -> dict:

@@ -4,6 +4,7 @@ import inspect
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache, takes_a_cache, takes_logits_to_keep
 from tests.runtime.tiny_models import tiny_model
@@ -100,6 +101,15 @@ def test_a_peft_lora_model_gets_the_argument_its_transformers_model_names():
     model = peft.get_peft_model(tiny_model("llama-gqa-untied"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     (name,) = cache_kwargs(model, None)
     assert name in inspect.signature(type(model.get_base_model()).forward).parameters
+
+
+def test_a_compiled_model_gets_the_argument_and_logits_to_keep_of_the_model_it_wraps():
+    """torch.compile's wrapper, like PEFT's, hands its keywords on: its own forward's class named no cache, so a
+    compiled model took no cache (the fallback refused it) and was given `past_key_values` where it takes `cache`."""
+    model = tiny_model("qwen2-tied")
+    compiled = torch.compile(model)   # a wrapper only: nothing is compiled before it runs
+    assert cache_kwargs(compiled, None) == cache_kwargs(model, None) and takes_a_cache(compiled)
+    assert takes_logits_to_keep(compiled) == takes_logits_to_keep(model) is True
 
 
 class KeepsLogits:
