@@ -32,6 +32,21 @@ def assert_grads_close(names, actual, expected, inputs, rel):
         assert_rel_close(name, got, want, rel)
 
 
+def assert_func_grad_is_autograds(loss, ref, inputs, rel, name="loss"):
+    """torch.func.grad_and_value of the scalar `loss` wrt `inputs` (hidden, weight, bias): the value and gradients
+    torch.autograd takes of `loss` itself exactly, those of `ref` (its float64 reference) within `rel`."""
+    grads, value = torch.func.grad_and_value(loss, argnums=tuple(range(len(inputs))))(*inputs)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    autograd_value, ref_value = loss(*leaves), ref(*leaves)
+    assert torch.equal(value, autograd_value)
+    assert_rel_close(name, value, ref_value, rel)
+    for grad_name, got, same, want in zip(["d_hidden", "d_weight", "d_bias"], grads,
+                                          torch.autograd.grad(autograd_value, leaves),
+                                          torch.autograd.grad(ref_value, leaves)):
+        assert torch.equal(got, same), grad_name
+        assert_rel_close(grad_name, got, want, rel)
+
+
 def assert_vjp_and_jacrev_close(names, op, ref, inputs, rel):
     """torch.func.vjp of `op` under a random cotangent, and torch.func.jacrev's whole Jacobians, wrt every one of
     `inputs` agree with `ref`'s (float64) within `rel`; returns op's Jacobians."""

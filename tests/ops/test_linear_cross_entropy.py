@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fastalign
 from fastalign.ops.torch_chunked import chunking
 from fastalign.reference.linear_losses import linear_cross_entropy_reference
-from tests.compare import (COMPILED_CALLER_DIFFERENTIATIONS, REL_TOL, assert_grads_close,
+from tests.compare import (COMPILED_CALLER_DIFFERENTIATIONS, REL_TOL, assert_func_grad_is_autograds, assert_grads_close,
                            assert_grads_of_a_compiled_caller_close, assert_only_first_order,
                            assert_per_sample_grads_close, assert_rel_close, assert_vjp_and_jacrev_close, grads_of)
 from tests.conftest import HAS_CUDA, TRITON_DEVICE, device_for, triton_cases
@@ -489,18 +489,9 @@ def test_torch_func_grad_matches_autograd_and_reference(backend, shape, ignored,
     def scalar(loss_fn, h, w, b):
         return (loss_fn(h, w, target, bias=b, token_weight=token_weight, reduction=reduction) * seed).sum()
 
-    op = functools.partial(fastalign.linear_cross_entropy, backend=backend)
-    grads, value = torch.func.grad_and_value(functools.partial(scalar, op), argnums=(0, 1, 2))(hidden, weight, bias)
-    inputs = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    autograd_value = scalar(op, *inputs)
-    ref_value = scalar(linear_cross_entropy_reference, *inputs)
-    assert torch.equal(value, autograd_value)
-    assert_rel_close("loss", value, ref_value, REL_TOL[torch.float32])
-    for name, got, same, want in zip(["d_hidden", "d_weight", "d_bias"], grads,
-                                     torch.autograd.grad(autograd_value, inputs),
-                                     torch.autograd.grad(ref_value, inputs)):
-        assert torch.equal(got, same), name
-        assert_rel_close(name, got, want, REL_TOL[torch.float32])
+    op, ref = functools.partial(fastalign.linear_cross_entropy, backend=backend), linear_cross_entropy_reference
+    assert_func_grad_is_autograds(functools.partial(scalar, op), functools.partial(scalar, ref), (hidden, weight, bias),
+                                  REL_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,26 +1,15 @@
 """HFRecomputeModel: what it runs and what it does not. (Its random trees match Hugging Face's logits in
 test_tree_runner.py, on the "-recompute" models of tiny_models.py.)"""
-import warnings
-
 import pytest
 import torch
 
-from fastalign import TreeRunner
-from tests.runtime.tiny_models import VOCAB, CountedForward, assert_matches, reference, tiny_model
+from tests.runtime.tiny_models import VOCAB, assert_matches, counted_runner, reference
 from tests.vocab_rows import VocabRows
 
 
 def recompute_runner(name="reformer-padded-recompute", **kwargs):
-    """(model, TreeRunner on HFRecomputeModel, the model's forward calls: (batch rows, tokens per row, logits
-    positions kept))."""
-    model = tiny_model(name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # the warning that it runs by recomputing (test_tree_runner_errors.py)
-        runner = TreeRunner(model, block_size=4, attention_backend="torch", **({"max_tokens": 64} | kwargs))
-    assert type(runner.model_runner).__name__ == "HFRecomputeModel"
-    calls = []
-    runner.model_runner.model = CountedForward(model, calls)
-    return model, runner, calls
+    """counted_runner's (model, runner, calls) on HFRecomputeModel."""
+    return counted_runner(name, "HFRecomputeModel", **kwargs)
 
 
 def test_rows_of_one_length_run_as_one_batch_keeping_only_the_logits_asked_for():

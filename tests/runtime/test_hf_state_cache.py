@@ -9,21 +9,13 @@ import transformers
 from fastalign import TreeRunner
 from fastalign.runtime.hf_state_cache import HFStateCacheModel
 from fastalign.runtime.kv_pool import KVPool
-from tests.runtime.tiny_models import VOCAB, CountedForward, assert_matches, fill_with_nan, reference, tiny_model
+from tests.runtime.tiny_models import VOCAB, assert_matches, counted_runner, fill_with_nan, reference, tiny_model
 from tests.vocab_rows import rows_of_prefill_last_and_cuts
 
 
 def state_runner(name="qwen3.5-linear-attention-states", **kwargs):
-    """(model, TreeRunner on HFStateCacheModel, the model's forward calls: (batch rows, tokens per row, logits
-    positions kept))."""
-    model = tiny_model(name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # the warning that it runs with its states kept (test_tree_runner_errors.py)
-        runner = TreeRunner(model, block_size=4, attention_backend="torch", **({"max_tokens": 64} | kwargs))
-    assert type(runner.model_runner).__name__ == "HFStateCacheModel"
-    calls = []
-    runner.model_runner.model = CountedForward(model, calls)
-    return model, runner, calls
+    """counted_runner's (model, runner, calls) on HFStateCacheModel."""
+    return counted_runner(name, "HFStateCacheModel", **kwargs)
 
 
 def test_children_extended_alike_run_as_one_batch_of_their_new_tokens_alone():

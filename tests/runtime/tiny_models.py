@@ -1,6 +1,7 @@
 """Tiny random-weight causal LMs for the runtime tests, and a driver that grows and prunes a random tree
 on a TreeRunner while checking every new span against the Hugging Face model run on its full sequence."""
 import random
+import warnings
 
 import torch
 from transformers import (BloomConfig, BloomForCausalLM, CohereConfig, CohereForCausalLM, DeepseekV3Config,
@@ -18,6 +19,7 @@ from transformers import (BloomConfig, BloomForCausalLM, CohereConfig, CohereFor
                           Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3NextConfig,
                           Qwen3NextForCausalLM, Qwen3_5ForCausalLM, Qwen3_5TextConfig, ReformerConfig,
                           ReformerModelWithLMHead, SmolLM3Config, SmolLM3ForCausalLM)
+from fastalign import TreeRunner
 from fastalign.runtime.layer_layouts import LAYOUTS
 
 VOCAB = 101
@@ -194,6 +196,20 @@ class CountedForward(torch.nn.Module):
         """The model counted: as PEFT's wrappers, whose forward names no cache argument either, it says under which
         name the cache goes (transformers 5.25 warns that `past_key_values` goes away in 5.40)."""
         return self.model
+
+
+def counted_runner(name, kind, **kwargs):
+    """(model, TreeRunner of the tiny model `name` on the Hugging Face fallback `kind` (its class name), the model's
+    forward calls: (batch rows, tokens per row, logits positions kept)). The fallback's warning of how it runs is
+    silenced (test_tree_runner_errors.py checks it)."""
+    model = tiny_model(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runner = TreeRunner(model, block_size=4, attention_backend="torch", **({"max_tokens": 64} | kwargs))
+    assert type(runner.model_runner).__name__ == kind
+    calls = []
+    runner.model_runner.model = CountedForward(model, calls)
+    return model, runner, calls
 
 
 def fill_with_nan(pool):
