@@ -29,7 +29,7 @@ from fastalign.writable import naming_a_full_disk
 
 CHECKPOINTS = "checkpoints"
 _TMP_PREFIX = ".tmp-"
-_STEP_NAME = re.compile(r"step-\d{6,}")
+_STEP_NAME = re.compile(r"step-(\d{6,})")
 # what a run writes atomically (under a temporary name first): in output_dir, and in its checkpoints directory
 _WRITTEN_IN_OUTPUT_DIR = r"config\.json|run\.json|log\.jsonl|model|adapter"
 _WRITTEN_IN_CHECKPOINTS = rf"{_STEP_NAME.pattern}|latest"
@@ -166,7 +166,7 @@ def write_checkpoint(output_dir: str, step: int, state: dict, rank_state: dict, 
     later steps (a killed run's, past the one it was resumed from) are deleted in any case.
     """
     root = os.path.join(output_dir, CHECKPOINTS)
-    name = f"step-{step:06d}"
+    name = _checkpoint_name(step)
     final, tmp = os.path.join(root, name), os.path.join(root, _TMP_PREFIX + name)
     barrier()
     if is_main:
@@ -188,14 +188,25 @@ def write_checkpoint(output_dir: str, step: int, state: dict, rank_state: dict, 
             shutil.rmtree(final)
         os.replace(tmp, final)
         write_text_atomic(os.path.join(root, "latest"), name)
-        steps = sorted(n for n in os.listdir(root) if n.startswith("step-"))
+        steps = _checkpoint_steps(root)
         # past this one: left by a run killed before `latest` named it, which this run (resumed before it) redoes
-        stale = [n for n in steps if n > name]
-        kept = [n for n in steps if n <= name]
+        stale = [s for s in steps if s > step]
+        kept = [s for s in steps if s <= step]
         for old in stale + (kept[:-keep] if keep else []):
-            shutil.rmtree(os.path.join(root, old))
+            shutil.rmtree(os.path.join(root, _checkpoint_name(old)))
     barrier()
     return final
+
+
+def _checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _checkpoint_steps(root: str) -> list[int]:
+    """The steps of the checkpoints in `root`, ascending: read from their names as numbers (as text, step-999000
+    sorted after step-1000000), only the names write_checkpoint gives (nothing else there is deleted)."""
+    named = (match for match in map(_STEP_NAME.fullmatch, os.listdir(root)) if match)
+    return sorted(int(match[1]) for match in named if _checkpoint_name(int(match[1])) == match[0])
 
 
 def read_checkpoint(path: str, rank: int, keys: tuple[str, ...] = ()) -> tuple[dict, dict]:

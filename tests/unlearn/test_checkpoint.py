@@ -57,6 +57,26 @@ def test_keep_checkpoints_keeps_exactly_the_newest(tmp_path, keep, kept):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest"] + [f"step-{s:06d}" for s in kept]
 
 
+def test_checkpoints_past_step_999999_keep_the_earlier_ones_in_step_order(tmp_path):
+    """Names compared as text put step-999000 after step-1000000: the run's first 7-digit checkpoint took every
+    earlier one for a killed run's and deleted it (keep=0, "keep all", lost them). Names that only look like a
+    checkpoint's (step-1, step-0000005, step-x) are no checkpoint of the run's: never deleted."""
+    start = random.randrange(990_000, 999_000)
+    steps = [start, 999_999, 1_000_000, 1_000_000 + random.randrange(1, 10**6), 10**7 + 1]
+    others = ["step-1", "step-0000005", "step-x", "step-"]
+    for name in others:
+        os.makedirs(tmp_path / "checkpoints" / name)
+    for i, step in enumerate(steps):
+        write(tmp_path, step)
+        names = [f"step-{s:06d}" for s in steps[:i + 1]]
+        assert sorted(os.listdir(tmp_path / "checkpoints")) == sorted(["latest"] + names + others)
+    write(tmp_path, steps[-1] + 1, keep=2)   # the newest two by step
+    names = [f"step-{s:06d}" for s in (steps[-1], steps[-1] + 1)]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == sorted(["latest"] + names + others)
+    write(tmp_path, start, keep=0)   # resumed from before them: the later ones are a killed run's
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == sorted(["latest", f"step-{start:06d}"] + others)
+
+
 class Killed(Exception):
     pass
 
