@@ -205,7 +205,7 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
         crowded_out = _schedule(queue, runtime, embedder, tokenizer, end_ids, judge, required, config, concurrency,
                                 results, on_result, ledger)
         for ctx in crowded_out:   # from the start, as a run of it alone would (its stats go on counting)
-            ctx.judge_cache, ctx.sampler, ctx.stats.committed_tokens = {}, prompt_sampler(draw, names[ctx.index]), 0
+            ctx.sampler, ctx.stats.committed_tokens = prompt_sampler(draw, names[ctx.index]), 0
             runtime.close()
             runtime.prepare([ctx])
             _schedule([ctx], runtime, embedder, tokenizer, end_ids, judge, required, config, 1, results, on_result,
@@ -257,9 +257,10 @@ def _schedule(queue: List[PromptContext], engine, embedder, tokenizer, end_ids, 
         a.ctx.stats.wall_seconds += time.perf_counter() - a.started
         if error is not None:
             a.gen.close()
+        engine.finish(a.ctx)
+        a.ctx.end_search()
+        active.remove(a)
         if isinstance(error, PoolExhaustedError) and len(queue) > 1:   # searched beside others: again, alone
-            engine.finish(a.ctx)
-            active.remove(a)
             crowded_out.append(a.ctx)
             return
         result = results[a.ctx.index]
@@ -271,10 +272,8 @@ def _schedule(queue: List[PromptContext], engine, embedder, tokenizer, end_ids, 
             result.answer = cut_at_turn(tokenizer.decode(before_end(output.answer_ids, end_ids),
                                                          skip_special_tokens=True), config.turn_marker)
             result.commits = output.commits
-        engine.finish(a.ctx)
         for keys in (ledger.fed_keys, required.keys):
             keys.forget(a.ctx.stats)
-        active.remove(a)
         if on_result:
             on_result(result)
 

@@ -34,6 +34,11 @@ class PromptContext:
     def answer_start(self) -> int:
         return len(self.root_ids)
 
+    def end_search(self) -> None:
+        """Drops what only its search reads (the judge's values of its replies, its sampler): a finished prompt's
+        context stays with the run to its end, whose memory then grew with every prompt searched."""
+        self.judge_cache, self.judging, self.sampler = {}, set(), None
+
 
 @dataclass
 class Draft:

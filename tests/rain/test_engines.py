@@ -958,6 +958,34 @@ def test_error_inside_one_search_stays_with_its_prompt(monkeypatch, concurrency)
     assert not runner.live
 
 
+@pytest.mark.parametrize("engine", ["tree", "slow"])
+def test_a_finished_prompt_keeps_no_judge_cache(monkeypatch, engine):
+    """A prompt's judge cache (reply text -> value) and sampler serve its search only: each finished prompt's stayed
+    alive until the whole run returned (its context is in the run's queue), so memory grew with the prompts."""
+    engine_class = tree_engine.TreeEngine if engine == "tree" else SlowEngine
+    real_finish, finished = engine_class.finish, []
+
+    def recording_finish(self, ctx):
+        finished.append((ctx, len(ctx.judge_cache)))
+        real_finish(self, ctx)
+
+    monkeypatch.setattr(engine_class, "finish", recording_finish)
+
+    def on_result(result):
+        ctx = next(ctx for ctx, _ in finished if ctx.index == result.index)
+        assert (ctx.judge_cache, ctx.judging, ctx.sampler) == ({}, set(), None)
+
+    tok = tokenizer()
+    run = rain_generate(HashLM(len(tok)), tok, PROMPTS, RainConfig(root_visits=4, min_new_visits=2, max_new_tokens=6),
+                        engine=engine, runner=HashRunner(len(tok)) if engine == "tree" else None,
+                        judge_prompt=SHORT_JUDGE, embedding="hidden", sampler="keyed", concurrency=2,
+                        on_result=on_result)
+    assert all(r.error is None for r in run.results)
+    assert sorted(ctx.index for ctx, _ in finished) == list(range(len(PROMPTS)))
+    assert all(cached > 0 for _, cached in finished)   # each had judged replies before it finished
+    assert all(ctx.judge_cache == {} for ctx, _ in finished)
+
+
 def test_a_run_stopped_by_an_exception_leaves_no_span_behind():
     """An exception that ends the whole run (here: the caller's on_result, as a prompt finishes) leaves the
     runner, which the caller may reuse, without the spans of the prompts still being searched."""
