@@ -29,6 +29,7 @@ from fastalign.model_vocabulary import check_embedded, input_vocabulary, probe_i
 from fastalign.ops.checks import is_integer, refuse_one_string
 from fastalign.runtime.hf_cache_argument import (cache_kwargs, refuse_prompt_adapter_over_a_cache, returned_cache,
                                                  takes_logits_to_keep)
+from fastalign.token_text import CONTEXT, ending_text, text_after
 from fastalign.unlearn.encoding import tokenize_prompts
 from fastalign.unlearn.models import function_source
 from fastalign.unlearn.templates import end_of_turn_id
@@ -140,22 +141,6 @@ def _next_tokens(logits: torch.Tensor, config: GenerationConfig, generators: Lis
     return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)]).to(logits.device)
 
 
-def _decode(tokenizer, ids: List[int]) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=True)
-
-
-# prompt tokens decoded before the answer when a stop string is looked for at each step
-_STOP_CONTEXT = 8
-
-
-def _answer_text(tokenizer, prompt_ids: List[int], ids: List[int]) -> str:
-    """The text that `ids` add after the prompt. Decoding them alone would drop the space before the first
-    word with a SentencePiece tokenizer (Llama 2's, Mistral's), and prompt + answer would then read other
-    than what the model wrote."""
-    prompt, full = _decode(tokenizer, prompt_ids), _decode(tokenizer, prompt_ids + ids)
-    return full[len(prompt):] if full.startswith(prompt) else _decode(tokenizer, ids)
-
-
 def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> Tuple[str, bool]:
     cuts = [text.find(s) for s in stop_strings if s and s in text]
     return (text[: min(cuts)], True) if cuts else (text, False)
@@ -227,6 +212,7 @@ def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationC
     generated: List[List[int]] = [[] for _ in rows]
     ended_by: List[Tuple[int, ...]] = [() for _ in rows]   # the end token a row stopped on, if any
     done = [False] * len(rows)
+    longest = max(map(len, config.stop_strings), default=0)
     for step in range(config.max_new_tokens):
         next_ids = _next_tokens(out.logits[:, -1, :], config, generators)
         for i, token in enumerate(next_ids.tolist()):
@@ -238,8 +224,10 @@ def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationC
             generated[i].append(token)
             if config.stop_strings:   # on the text the answer will be: decoded alone, a SentencePiece first
                 # word loses its space, and a stop string that starts with one is missed there (the prompt's last
-                # tokens give that context; the whole prompt, decoded at every step, cost O(prompt) per token)
-                text = _answer_text(tokenizer, rows[i][-_STOP_CONTEXT:], generated[i])
+                # tokens give that context; the whole prompt, decoded at every step, cost O(prompt) per token).
+                # No stop string was found before this token, so a new one ends in its text: only the answer's end
+                # is read (the whole answer, decoded at every step, cost O(answer) per token)
+                text = ending_text(tokenizer, rows[i][-CONTEXT:], generated[i], longest)
                 done[i] = _cut_at_stop(text, config.stop_strings)[1]
         if all(done) or step + 1 == config.max_new_tokens:
             break
@@ -254,7 +242,7 @@ def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationC
             step_mask = None if _no_mask_when_cached(type(model)) else mask
             out = model(input_ids=next_ids[:, None], attention_mask=step_mask, position_ids=positions[:, -1:],
                         use_cache=True, **cache_kwargs(model, cache))
-    return [Generation(_cut_at_stop(_answer_text(tokenizer, row, ids), config.stop_strings)[0], tuple(row),
+    return [Generation(_cut_at_stop(text_after(tokenizer, row, ids), config.stop_strings)[0], tuple(row),
                        tuple(ids) + end)
             for row, ids, end in zip(rows, generated, ended_by)]
 

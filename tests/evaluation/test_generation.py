@@ -98,6 +98,32 @@ def test_bad_generation_settings_are_refused(kwargs, message):
         GenerationConfig(**kwargs)
 
 
+def test_stop_strings_decode_a_bounded_tail_of_the_answer_at_each_step(world, tokenizer, model):
+    """A stop string can only end in the newest token's text: each step decodes a window of the answer's last tokens
+    (the whole answer, decoded at every step, cost O(answer) per token: 542k tokens decoded for one 1024-token
+    answer), and the answer's text is decoded whole once, at its end."""
+    prompt, stops = "### Question: Hi", ("\u2603", "zz")
+    free = generations(model, tokenizer, [prompt], GenerationConfig(max_new_tokens=90))[0]
+    assert len(free.answer_ids) == 90 and not any(s in free.text for s in stops)
+    calls = []
+    real_decode = type(tokenizer).decode
+
+    def counting_decode(self, ids, *args, **kwargs):
+        calls.append(len(ids))
+        return real_decode(self, ids, *args, **kwargs)
+
+    type(tokenizer).decode = counting_decode
+    try:
+        stopped = generations(model, tokenizer, [prompt], GenerationConfig(max_new_tokens=90, stop_strings=stops))[0]
+    finally:
+        type(tokenizer).decode = real_decode
+    assert stopped == free
+    steps = calls[:-2]   # the last two: prompt, and prompt + answer, decoded for the answer's text
+    # 8 tokens of context and a window of the longest stop string's length + 8 tokens (doubled at most twice), or the
+    # answer itself while no longer than two windows with their context
+    assert calls[-1] == len(free.prompt_ids) + 90 and max(steps) <= 8 + max(4 * (2 + 8), 2 * (2 + 8 + 16)) < 90
+
+
 def test_generation_stops_at_eos_like_the_slow_reference(world, tokenizer, model):
     """Rows stop at EOS as one-at-a-time decoding does. The tiny model never picks EOS: make EOS win wherever
     its most common answer token would."""
