@@ -2,10 +2,12 @@
 
 The reference decodes the whole token state and checks its last character; decoding only a short tail
 gives the same last character at a fraction of the cost (the full text is decoded only when the tail
-decodes to nothing, e.g. special tokens).
+decodes to nothing, e.g. special tokens). Likewise a new turn a rollout's newest token opens ends in that token's
+text: only the answer's end is read for it (token_text.ending_text).
 """
 from typing import AbstractSet, List, Sequence
 
+from fastalign.token_text import ending_text
 from fastalign.unlearn.encoding import tokenize_prompts
 from fastalign.unlearn.templates import ChatTemplate
 
@@ -51,13 +53,18 @@ def has_new_turn(answer: str, turn_marker: str) -> bool:
 
 def rollout_stops(tokenizer, config: RainConfig, ctx, state: Sequence[int]) -> bool:
     """The simulation stops before drawing when the text ends in a stop character, the sequence is at its
-    maximum length, or the answer has opened a new user turn."""
+    maximum length, or the answer has opened a new user turn.
+
+    `state` without its last token opened none (a rollout stopped there, and starts at a leaf that is not
+    terminal): a new turn ends in the last token's text, so only the answer's end is decoded (the whole answer, at
+    every rollout token, cost O(answer) per token)."""
     if len(state) >= ctx.max_length:
         return True
     char = last_char(tokenizer, state)
     if char and char in config.rollout_stop_chars:    # "" (no text yet) is in every string: it is no stop
         return True
-    return has_new_turn(answer_text(tokenizer, state, ctx.answer_start), config.turn_marker)
+    marker = config.turn_marker
+    return has_new_turn(ending_text(tokenizer, [], state[ctx.answer_start:], len(marker)), marker)
 
 
 def judge_input(judge, tokenizer, end_ids: AbstractSet[int], config: RainConfig, ctx, state: Sequence[int],

@@ -1,8 +1,12 @@
 """The text rules of the search: where a rollout stops, and what the judge reads of a reply cut before a new
 user turn (the model's own tokens up to the cut, then the cut text tokenized anew)."""
+import random
+
 from fastalign.rain import JudgeTokens, RainConfig
 from fastalign.rain.dialogue import answer_text, cut_at_turn, has_new_turn, judge_input, last_char, rollout_stops
 from fastalign.rain.jobs import PromptContext
+
+from tests.test_token_text import TEXT, random_answer
 
 from .tiny import PROMPTS, SHORT_JUDGE, tokenizer
 
@@ -90,3 +94,42 @@ def test_judge_input_of_a_reply_cut_inside_the_answers_first_token_keeps_none_of
     leaf = ctx.root_ids + ids(" here")
     assert tok.decode(ids(" here")[:1]) == " he"
     assert judge_input(judge, tok, end, config, ctx, leaf, len(leaf)) == (" h", "head", judge.head_ids(" h"))
+
+
+def test_a_rollout_stops_at_the_token_that_opens_a_new_turn_as_the_whole_answer_says():
+    """rollout_stops reads only the answer's end for the turn marker: a rollout of random tokens (characters split
+    over byte tokens, special tokens) stops at the token where the whole answer's text first holds the marker."""
+    tok, ctx, rng = tokenizer(), context(max_length=10**6), random.Random()
+    for _ in range(30):
+        answer = random_answer(tok, rng, rng.randrange(20, 120))
+        whole = answer_text(tok, answer, 0)
+        size = rng.randrange(1, 12)
+        start = rng.randrange(max(len(whole) - size, 0) + 1)
+        config = RainConfig(rollout_stop_chars="", turn_marker=whole[start:start + size] or "x")
+        stop = next(n for n in range(len(answer) + 1) if rollout_stops(tok, config, ctx, ctx.root_ids + answer[:n]))
+        assert has_new_turn(answer_text(tok, answer[:stop], 0), config.turn_marker)
+        assert stop == 0 or not has_new_turn(answer_text(tok, answer[:stop - 1], 0), config.turn_marker)
+
+
+def test_rollout_stops_decodes_as_many_tokens_at_the_end_of_a_long_answer_as_early_on():
+    """Each rollout token's check decoded the whole answer (tokens decoded per token grew with the answer):
+    now a window of its last tokens, and the 8-token tail for the last character."""
+    tok, ctx = tokenizer(), context(max_length=10**6)
+    answer = tok(TEXT * 12, add_special_tokens=False)["input_ids"][:600]
+    config, decoded = RainConfig(rollout_stop_chars="", turn_marker="Human:"), []
+    real_decode = type(tok).decode
+
+    def counting_decode(self, ids, *args, **kwargs):
+        decoded[-1] += len(ids)
+        return real_decode(self, ids, *args, **kwargs)
+
+    type(tok).decode = counting_decode
+    try:
+        for n in range(60, 601, 60):
+            decoded.append(0)
+            assert not rollout_stops(tok, config, ctx, ctx.root_ids + answer[:n])
+    finally:
+        type(tok).decode = real_decode
+    # the last character's 8 tokens, then windows of len("Human:") + 8 tokens after 8 more, doubled twice at most
+    widths = [(6 + 8) * 2 ** k for k in range(3)]
+    assert max(decoded) <= 8 + sum(3 * (w + 8) for w in widths) < 600
