@@ -3,11 +3,14 @@
 Both implement the same launcher contract (`forward`, `backward`, `forward_with_gradients` in a module named after
 the op): `fastalign.kernels.<op>` (Triton) and `fastalign.ops.torch_chunked.<op>` (pure torch, bounded memory).
 """
+import functools
 import importlib
+import inspect
 import os
 from typing import Callable, Literal, get_args
 
 import torch
+from torch._functorch.utils import unwrap_dead_wrappers
 from torch._guards import active_fake_mode
 from torch._subclasses.fake_tensor import is_fake
 
@@ -140,7 +143,7 @@ def graph_break(op: str, untraceable: str = "its data-dependent row gather and k
 
 @graph_break("a layer op (rms_norm, gated_linear, gated_activation) on the Triton backend", "its kernel launches")
 def _apply_outside_graphs(function, *args):
-    return function.apply(*args)
+    return apply_function(function, *args)
 
 
 def apply_on(launcher, function, *args):
@@ -149,4 +152,21 @@ def apply_on(launcher, function, *args):
     launches, and failed under Triton's interpreter); a torch one as it is, for dynamo to trace."""
     if is_triton(launcher):
         return _apply_outside_graphs(function, *args)
-    return function.apply_in_graph(*args) if torch.compiler.is_compiling() else function.apply(*args)
+    return function.apply_in_graph(*args) if torch.compiler.is_compiling() else apply_function(function, *args)
+
+
+def apply_function(function, *args):
+    """function.apply(*args), an autograd Function given its forward's arguments positionally, without the cost
+    torch's Function.apply adds to a Function with a setup_context: it binds the arguments to forward's signature
+    (inspect.signature, every call: half the Python calls of a layer op) to fill defaults. Where forward has none
+    to fill, outside torch.func's transforms and dynamo's trace, it calls what Function.apply then calls."""
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or _forward_has_defaults(function)):
+        return function.apply(*args)
+    return super(torch.autograd.Function, function).apply(*unwrap_dead_wrappers(args))
+
+
+@functools.cache
+def _forward_has_defaults(function):
+    """True where binding positional arguments to function.forward's signature may add some (its defaults)."""
+    return any(p.default is not p.empty for p in inspect.signature(function.forward).parameters.values())

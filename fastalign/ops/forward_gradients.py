@@ -13,6 +13,7 @@ import torch
 from torch._C._functorch import TransformType, maybe_get_level
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
+from .backend import apply_function
 from .func_transforms import LauncherGradients
 
 
@@ -115,6 +116,6 @@ def backward_gradients(ctx, op, gradients, grad_output):
         saved = ctx.saved_tensors
         refuse_graph_of_gradients(op, saved)
         ctx.forward_gradients_taken = True
-        return LauncherGradients.apply(op, scaled, grad_output, *saved)
-    return LauncherGradients.apply(op, gradients, *ctx.saved_tensors, grad_output, ctx.reduction, ctx.softcap,
-                                   ctx.launcher, *ctx.needs_input_grad[:3])
+        return apply_function(LauncherGradients, op, scaled, grad_output, *saved)
+    return apply_function(LauncherGradients, op, gradients, *ctx.saved_tensors, grad_output, ctx.reduction,
+                          ctx.softcap, ctx.launcher, *ctx.needs_input_grad[:3])

@@ -6,7 +6,7 @@ gradients are taken in the forward pass instead, from blocks of whole logits row
 """
 import torch
 
-from .backend import (Backend, graph_break, autocast_off, refuse_fake_tensors, require_triton_dtype,
+from .backend import (Backend, apply_function, graph_break, autocast_off, refuse_fake_tensors, require_triton_dtype,
                       select_backend, TOKENS_CHOSEN_BY_VALUES)
 from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
                      check_tensor, check_token_shape, is_integer, out_of_range_targets, refuse_targets, token_dims,
@@ -126,6 +126,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     refuse_fake_tensors("linear_cross_entropy", [hidden], TOKENS_CHOSEN_BY_VALUES)
     launcher = select_backend("linear_cross_entropy", backend, hidden.device)
     require_triton_dtype(launcher, "hidden", hidden)
-    loss = LinearCrossEntropyFunction.apply(hidden, weight, bias, target, token_weight, ignore_index, reduction,
-                                            None if softcap is None else float(softcap), launcher, forward_needs)[0]
+    loss = apply_function(LinearCrossEntropyFunction, hidden, weight, bias, target, token_weight, ignore_index,
+                          reduction, None if softcap is None else float(softcap), launcher, forward_needs)[0]
     return loss.reshape(tokens) if reduction == "none" else loss

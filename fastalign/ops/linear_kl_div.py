@@ -8,7 +8,7 @@ grads_in_forward=True the gradients are taken in the forward pass, from blocks o
 """
 import torch
 
-from .backend import (Backend, graph_break, autocast_off, refuse_fake_tensors, require_triton_dtype,
+from .backend import (Backend, apply_function, graph_break, autocast_off, refuse_fake_tensors, require_triton_dtype,
                       select_backend, TOKENS_CHOSEN_BY_VALUES)
 from .checks import (as_rows, check_bias, check_constant, check_linear, check_per_token, check_reduction,
                      check_softcap, check_tensor, check_token_shape, token_dims, FLOAT_DTYPES, Reduction)
@@ -154,6 +154,6 @@ def linear_kl_div(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.
     launcher = select_backend("linear_kl_div", backend, hidden.device)
     require_triton_dtype(launcher, "hidden", hidden)
     require_triton_dtype(launcher, "ref_hidden", ref_hidden)
-    kl = LinearKLDivFunction.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_weight, mask,
-                                   reduction, None if softcap is None else float(softcap), launcher, forward_needs)[0]
+    kl = apply_function(LinearKLDivFunction, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_weight,
+                        mask, reduction, None if softcap is None else float(softcap), launcher, forward_needs)[0]
     return kl.reshape(tokens) if reduction == "none" else kl

@@ -1,5 +1,6 @@
 """Which implementation backend="auto" picks: the Triton kernels for CUDA tensors, the chunked torch path elsewhere."""
 import contextlib
+import inspect
 import sys
 
 import pytest
@@ -148,3 +149,47 @@ def test_real_tensors_under_an_active_fake_mode_are_refused_naming_the_op():
     with FakeTensorMode(allow_non_fake_inputs=True):
         with pytest.raises(ValueError, match="rms_norm on the Triton backend cannot run on fake tensors"):
             fastalign.rms_norm(x, weight, 1e-5, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op", ["rms_norm", "gated_linear", "gated_activation", "linear_cross_entropy",
+                                "linear_kl_div"])
+def test_an_op_binds_no_signature_per_call(op, backend, monkeypatch):
+    """torch's Function.apply binds the arguments of a Function with a setup_context to its forward's signature
+    (inspect.signature) at every call, to fill defaults that the ops' calls, which give every argument, leave none
+    of: twice per op (its Function, then its backward's), half the Python calls of a layer op (an RMSNorm's forward
+    and backward: 507 calls, 256 of them the binding). Results are the same Function's."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    x, weight, target = (torch.randn(2, 3, 8, device=device, requires_grad=True), torch.randn(5, 8, device=device),
+                         torch.randint(0, 5, (2, 3), device=device))
+    calls = {"linear_cross_entropy": lambda x: fastalign.linear_cross_entropy(x, weight, target, backend=backend),
+             "linear_kl_div": lambda x: fastalign.linear_kl_div(x, weight, torch.randn_like(x), weight,
+                                                                backend=backend)}
+    call = calls[op] if op in calls else _layer_op_call(op, backend, device)[0]
+    call(x).sum().backward()   # the first call of a Function reads its signature once
+    signatures = []
+    monkeypatch.setattr(inspect, "signature", lambda *args, **kwargs: signatures.append(args))
+    call(x).sum().backward()
+    assert signatures == []
+
+
+def test_a_function_whose_forward_has_defaults_gets_them():
+    """apply_function binds no signature where forward has nothing to fill; one with defaults is bound as
+    Function.apply binds it."""
+    class Scaled(torch.autograd.Function):
+        @staticmethod
+        def forward(x, scale=3.0):
+            return x * scale
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.scale = inputs[1]
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * ctx.scale, None
+
+    x = torch.randn(4, requires_grad=True)
+    y = backend_module.apply_function(Scaled, x)
+    y.sum().backward()
+    assert torch.equal(y, x * 3.0) and torch.equal(x.grad, torch.full_like(x, 3.0))
