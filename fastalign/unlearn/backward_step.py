@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 
 import torch
+from torch.optim import optimizer as optimizer_module
 
 
 def step_in_backward(optimizer: torch.optim.Optimizer) -> list:
@@ -26,7 +27,7 @@ def step_in_backward(optimizer: torch.optim.Optimizer) -> list:
     Each hook runs the optimizer's step() with its param_groups narrowed, for that call, to the parameter's own group
     holding that parameter alone: step() then reads one parameter, not all of them (a step over all, most without a
     gradient, in each of N hooks was N^2 reads of the groups per backward, host time a GPU waits for). Hooks of a backward that runs on several devices' threads
-    take turns (the groups are narrowed in place)."""
+    take turns (the groups are narrowed in place). The step is run by run_step."""
     group_of = {p: group for group in optimizer.param_groups for p in group["params"] if p.requires_grad}
     turns = threading.Lock()
 
@@ -36,8 +37,31 @@ def step_in_backward(optimizer: torch.optim.Optimizer) -> list:
             groups, params = optimizer.param_groups, group["params"]
             optimizer.param_groups, group["params"] = [group], [parameter]
             try:
-                optimizer.step()
+                run_step(optimizer)
             finally:
                 optimizer.param_groups, group["params"] = groups, params
         parameter.grad = None
     return [p.register_post_accumulate_grad_hook(step_one) for p in group_of]
+
+
+def run_step(optimizer: torch.optim.Optimizer):
+    """optimizer.step(), where nothing would see a difference as its class's step without the wrapper torch puts
+    around every Optimizer's step (a record_function and the step hooks' loops: more host time than a one-parameter
+    step, paid per parameter in the backward, 55 Python calls each): no step hook is registered (global or the
+    optimizer's), no profiler runs, and step() is not replaced on the optimizer, except by an LR scheduler's wrapper,
+    whose record of the call (_opt_called, read by its step()) is then kept. Elsewhere, or where torch lacks what is
+    read here, optimizer.step() itself."""
+    wrapped = type(optimizer).step
+    own = vars(optimizer).get("step")
+    scheduled = own is not None and getattr(own, "_wrapped_by_lr_sched", False) and getattr(
+        own, "__wrapped__", None) is wrapped
+    hooks = [getattr(optimizer_module, f"_global_optimizer_{when}_hooks", None) for when in ("pre", "post")] + [
+        getattr(optimizer, f"_optimizer_step_{when}_hooks", None) for when in ("pre", "post")]
+    if (not isinstance(optimizer, torch.optim.Optimizer) or not getattr(wrapped, "hooked", False)
+            or not hasattr(wrapped, "__wrapped__") or (own is not None and not scheduled)
+            or any(table is None or len(table) for table in hooks) or torch.autograd._profiler_enabled()):
+        optimizer.step()
+        return
+    wrapped.__wrapped__(optimizer)
+    if scheduled:
+        optimizer._opt_called = True

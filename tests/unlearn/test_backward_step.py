@@ -1,5 +1,6 @@
 """The optimizer's step inside the backward pass (fastalign/unlearn/backward_step.py) against a step after it."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -128,3 +129,33 @@ def test_each_hook_steps_its_own_parameter_alone_in_its_own_group(dtype):
     inside, seen = step_twice(True)
     assert all(torch.equal(a, b) for a, b in zip(after, inside))
     assert sorted(seen) == sorted(([[(1e-2, 1)]] * 4 + [[(3e-2, 1)]] * (len(params) - 4)) * 2)
+
+
+def test_a_step_in_the_backward_runs_no_profiling_wrapper_per_parameter(monkeypatch):
+    """torch wraps every Optimizer's step in a record_function and the step hooks' loops: in the backward that ran
+    once per parameter (55 Python calls each, more host time than a one-parameter step). With no step hook and no
+    profiler it is skipped; the LR scheduler still sees that the optimizer stepped (no warning that its step came
+    first), and a step hook registered later sees every parameter's step again."""
+    model = tiny_llama(50)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / 10)
+    handles = step_in_backward(optimizer)
+    record_function, names = torch.autograd.profiler.record_function, []
+
+    def counting(name, *args):
+        names.append(name)
+        return record_function(name, *args)
+    monkeypatch.setattr(torch.autograd.profiler, "record_function", counting)
+    ids = torch.randint(50, (2, 5))
+    model(ids, labels=ids).loss.backward()
+    assert [name for name in names if name.startswith("Optimizer.step")] == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduler.step()
+    seen = []
+    optimizer.register_step_pre_hook(lambda *_: seen.append(1))
+    model(ids, labels=ids).loss.backward()
+    assert len(seen) == len(params)
+    for handle in handles:
+        handle.remove()
