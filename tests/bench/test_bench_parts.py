@@ -1492,3 +1492,25 @@ def test_rain_record_of_the_demo_model_is_a_variant_beside_the_default(monkeypat
     """--demo and --random-model runs on one device and commit wrote one record name: the second replaced the first."""
     run_bench_rain(monkeypatch, tmp_path, [f"prompt {i}" for i in range(8)], argv=("--demo",))
     assert [path.name for path in tmp_path.glob("rain-*")] == ["rain-cpu-test-demo.json"]
+
+
+def test_unlearn_fastalign_enters_fused_layers_once_not_in_every_step(monkeypatch):
+    """The trainer enters fused_layers once a run; the bench entered and left it inside every timed step (a walk of
+    the model each way: 5,600 Python calls a step at 1B, charged to fastalign's rows alone). It is entered when the
+    way is built and left by release(), which gives the modules their own forwards back."""
+    entered, fused_layers = [], bench_unlearn.fused_layers
+
+    def counted(model):
+        entered.append(model)
+        return fused_layers(model)
+    monkeypatch.setattr(bench_unlearn, "fused_layers", counted)
+    args = unlearn_args()
+    batch, normal = bench_unlearn.synthetic_batch(bench_unlearn.PRESETS["quick"]["vocab_size"], args)
+    model = bench_unlearn.make_model(args, torch.device("cpu"), torch.float32)
+    step = bench_unlearn.fastalign_frozen_copy(model, batch, normal, args)
+    stood_in = [m for m in model.modules() if "forward" in vars(m)]
+    for _ in range(3):
+        step()
+    assert len(entered) == 1 and stood_in and all("forward" in vars(m) for m in stood_in)
+    step.release()
+    assert not any("forward" in vars(m) for m in model.modules())
