@@ -1,6 +1,7 @@
 """The module of a Hugging Face causal LM that turns input ids into its last hidden states (the decoder: embeddings,
 layers, final norm), read the same way by the runtime and the unlearning losses."""
 import inspect
+import weakref
 
 import torch
 
@@ -34,6 +35,25 @@ def forward_parameters(module) -> dict:
 
 
 def _takes_input_ids(module) -> bool:
-    """Whether module.forward takes an `input_ids` argument (by name, or among its **kwargs)."""
+    """Whether module.forward takes an `input_ids` argument (by name, or among its **kwargs). Read once per forward
+    function (the class's, or one set on the module), not at every call: decoder_of runs at every loss call, and
+    inspect.signature was most of its host time."""
+    forward = module.forward
+    function = getattr(forward, "__func__", forward)
+    try:
+        return _TAKES_INPUT_IDS[function]
+    except KeyError:
+        pass
+    except TypeError:   # a forward that cannot be weakly referenced
+        return _reads_input_ids(module)
+    takes = _TAKES_INPUT_IDS[function] = _reads_input_ids(module)
+    return takes
+
+
+def _reads_input_ids(module) -> bool:
+    """_takes_input_ids, read from the signature of module.forward."""
     parameters = forward_parameters(module)
     return "input_ids" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+_TAKES_INPUT_IDS = weakref.WeakKeyDictionary()   # forward function -> _takes_input_ids

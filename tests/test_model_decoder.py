@@ -55,3 +55,22 @@ def test_unlearning_takes_mllamas_text_model_and_refuses_modernberts_prediction_
     with pytest.raises(NotImplementedError, match="ModernBertDecoderForCausalLM: its logits are not its lm_head's "
                                                   "weight applied"):
         check_fused_logits(tiny_model("modernbert-decoder-prediction-head"))
+
+
+def test_the_decoder_is_found_without_reading_its_signature_at_every_call(monkeypatch):
+    """decoder_of runs at every loss call (causal_lm_parts: once an objective's forward, twice a CausalLMLoss call):
+    inspect.signature of the decoder's forward was most of its 242 Python calls (Llama-3.2-1B). It is read once per
+    forward function; a forward set on a module later is read anew."""
+    import inspect
+    model = tiny_model("llama-gqa-untied")
+    assert decoder_of(model) is model.model
+    signature, read = inspect.signature, []
+    monkeypatch.setattr(inspect, "signature", lambda *args, **kwargs: read.append(args) or signature(*args, **kwargs))
+    for _ in range(3):
+        assert causal_lm_parts(model)[0] is model.model
+    assert read == []
+    model.model.forward = lambda hidden: hidden   # no input_ids: not a decoder
+    model.get_decoder = lambda: model.model
+    with pytest.raises(TypeError, match="cannot find the decoder"):
+        decoder_of(model)
+    assert len(read) >= 1
