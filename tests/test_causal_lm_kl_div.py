@@ -44,6 +44,8 @@ CASES = {   # (student, reference): a wider teacher, lm_head biases, soft-capped
     "phi-biased-heads": (lambda: tiny_phi(VOCAB), lambda: tiny_phi(VOCAB, seed=1)),
     "gemma2-softcap": (lambda: tiny_gemma2(VOCAB, softcap=0.5), lambda: tiny_gemma2(VOCAB, softcap=0.5)),
     "cohere-logit-scale": (lambda: tiny_cohere(VOCAB, logit_scale=0.3), lambda: tiny_llama(VOCAB, seed=2)),
+    # a biased reference head with a logit factor (1) other than the model's (0.3): the bias takes the reference's
+    "cohere-student-phi-teacher": (lambda: tiny_cohere(VOCAB, logit_scale=0.3), lambda: tiny_phi(VOCAB, seed=1)),
 }
 
 
@@ -480,3 +482,27 @@ def test_hidden_states_not_at_the_inputs_positions_are_refused_naming_them(posit
     with pytest.raises(ValueError, match=message):
         CausalLMKLDiv(model, teacher, backend="torch").of_hidden_states(hidden[:, positions],
                                                                         labels[:, target_positions], **inputs)
+
+
+def test_hidden_states_of_another_rank_are_refused_naming_hidden():
+    """Hidden [B * T', H] with target [B * T'] is refused by of_hidden_states' own check, not an IndexError."""
+    model, teacher = tiny_llama(VOCAB), tiny_llama(VOCAB, seed=1)
+    inputs = batch(seed=22)
+    labels = inputs.pop("labels")
+    hidden = model.model(**inputs).last_hidden_state[:, :-1]
+    with pytest.raises(ValueError, match=r"^hidden must be \[B, T', H\] and target a tensor of its \[B, T'\], got "
+                                         r"hidden \(24, 32\) and target \(24,\)$"):
+        CausalLMKLDiv(model, teacher, backend="torch").of_hidden_states(hidden.flatten(0, 1),
+                                                                        labels[:, 1:].flatten(), **inputs)
+
+
+def test_hidden_states_longer_than_the_inputs_are_refused_naming_hidden():
+    """Hidden of more positions than the reference's (the inputs cut after the decoder ran) is refused naming hidden,
+    not by linear_kl_div's shape check."""
+    model, teacher = tiny_llama(VOCAB), tiny_llama(VOCAB, seed=1)
+    inputs = batch(seed=23)
+    labels = inputs.pop("labels")
+    hidden = model.model(**inputs).last_hidden_state            # all 9 positions, against shift_labels
+    shorter = {name: t[:, :-1] for name, t in inputs.items()}  # the reference sees 8
+    with pytest.raises(ValueError, match=r"the reference's are 8 positions, hidden's 9$"):
+        CausalLMKLDiv(model, teacher, backend="torch").of_hidden_states(hidden, labels, **shorter)
