@@ -1094,17 +1094,20 @@ def test_a_model_whose_dtype_changed_since_the_runner_was_made_is_refused_by_nam
         torch.testing.assert_close(logits[0], model(torch.tensor([[1, 2, 3, 4]])).logits[0, -1], rtol=1e-4, atol=1e-4)
 
 
-def test_embeddings_whose_dtype_changed_under_a_runner_of_mixed_dtypes_are_refused_by_name():
+@pytest.mark.parametrize("part, dtype, before, named", [
+    ("embed_tokens", torch.float32, "bfloat16", r"model\.embed_tokens\.weight"),
+    ("layers", torch.bfloat16, "float32", r"model\.layers\.0\.[a-z_.]+")], ids=["embeddings", "layers"])
+def test_weights_whose_dtype_changed_under_a_runner_of_mixed_dtypes_are_refused_by_name(part, dtype, before, named):
     """bf16 embeddings before fp32 layers: the pool holds fp32 K/V, and the runner watches the embeddings (the first
     floating weight) as well as the first fp32 one. Watching the pool's dtype alone, a change of the embeddings went
-    unchecked."""
+    unchecked; watching the embeddings alone, a change of the layers would."""
     model = tiny_model("llama-gqa-untied")
     model.model.embed_tokens.to(torch.bfloat16)
     runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
     span = runner.prefill([5, 9, 14])
-    model.model.embed_tokens.to(torch.float32)
-    with pytest.raises(ValueError, match=r"^model: its weights changed from torch.bfloat16 on cpu to torch.float32 on "
-                                         r"cpu \(model.embed_tokens.weight\) since this TreeRunner was made for them"):
+    getattr(model.model, part).to(dtype)
+    with pytest.raises(ValueError, match=rf"^model: its weights changed from torch.{before} on cpu to {dtype} on cpu "
+                                         rf"\({named}\) since this TreeRunner was made for them"):
         runner.extend([span], [[3]])
 
 
