@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import fastalign.optim.kahan_adamw as kahan_module
+from fastalign.ops.backend import select_backend
 from fastalign.optim import KahanAdamW
 from fastalign.unlearn.backward_step import step_in_backward
 from tests.conftest import TRITON_DEVICE, triton_cases
@@ -527,6 +529,36 @@ def test_fake_tensors_step_on_the_torch_backend_and_are_refused_on_the_triton_on
                 optimizers["triton"].step()
     assert int(optimizers["torch"].state[weights["torch"]]["step"]) == 2
     assert optimizers["triton"].state[weights["triton"]] == {}   # (its step not counted)
+
+
+def test_a_triton_step_checks_for_fake_tensors_once_not_once_per_parameter(monkeypatch):
+    """Fake tensors come together, so the first parameter on the Triton backend stands for all: the check (~8 us)
+    runs once a step, not once per parameter."""
+    calls = []
+    real = kahan_module.refuse_fake_tensors_on_triton
+    monkeypatch.setattr(kahan_module, "refuse_fake_tensors_on_triton", lambda *a: calls.append(a) or real(*a))
+    weights = [torch.nn.Parameter(torch.randn(4, 3, device=TRITON_DEVICE)) for _ in range(3)]
+    for w in weights:
+        w.grad = torch.randn_like(w)
+    optimizer = KahanAdamW(weights, backend="triton")
+    optimizer.step()
+    optimizer.step()
+    assert len(calls) == 2
+
+
+def test_fake_tensors_are_refused_on_the_triton_backend_after_a_parameter_on_the_torch_one(monkeypatch):
+    """With backend='auto', a CPU parameter (the torch launcher) before a CUDA one (Triton) does not stand for it: the
+    Triton parameter's fake tensors are still refused by name (select_backend stands in for the two devices)."""
+    launchers = iter([select_backend("kahan_adamw", "torch", torch.device("cpu")),
+                      select_backend("kahan_adamw", "triton", torch.device(TRITON_DEVICE))])
+    monkeypatch.setattr(kahan_module, "select_backend", lambda *a, **k: next(launchers))
+    with FakeTensorMode():
+        weights = [torch.nn.Parameter(torch.empty(4, 3)) for _ in range(2)]
+        for w in weights:
+            w.grad = torch.empty_like(w)
+        with pytest.raises(ValueError, match=r"parameter 1 of param_groups\[0\] on the Triton backend cannot run on "
+                                             "fake tensors"):
+            KahanAdamW(weights, backend="auto").step()
 
 
 def test_a_compiled_step_of_bf16_weights_gives_the_eager_steps_bits():
