@@ -206,6 +206,17 @@ def test_mean_token_kl_of_ids_takes_ids_as_1d_tensors_or_arrays_and_a_numpy_batc
     assert got == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("kind", [np.uint64, np.uint32, np.int32])
+def test_ids_listed_as_numpy_integer_scalars_are_taken_as_plain_ids(model, tokenizer, kind):
+    """A list of NumPy integer scalars (list(array), a dataset's column) is an id list: its ids are made plain ints
+    (torch.tensor of uint64 scalars beside the padding's 0 fails to promote)."""
+    other = tiny_llama(tokenizer, seed=2)
+    sequences = [((1, 5, 6), (7, 8)), ((1, 9), (10, 11, 12))]
+    expected = mean_token_kl_of_ids(other, model, sequences, batch_size=2)
+    numpy_ids = [([kind(t) for t in p], [kind(t) for t in a]) for p, a in sequences]
+    assert mean_token_kl_of_ids(other, model, numpy_ids, batch_size=2) == pytest.approx(expected)
+
+
 @pytest.mark.parametrize("sequence, message", [
     ((torch.tensor([[1, 5, 6]]), torch.tensor([[7, 8]])), "sequence 1's prompt ids must be 1-D integer token ids, "
                                                           "got Tensor of shape [1, 3]"),
