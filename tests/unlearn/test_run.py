@@ -132,6 +132,23 @@ def test_a_normal_file_or_reference_of_no_effect_with_normal_weight_0_is_warned_
         load_streams(config, byte_bpe_tokenizer())
 
 
+def test_a_reference_cache_without_a_cached_reference_is_warned_of_once_with_normal_weight_0(tmp_path):
+    """reference_cache without reference='cached' is said by the config; load_streams, with normal_weight=0, names
+    the reference alone, not reference_cache a second time."""
+    forget = write_jsonl(tmp_path / "forget.jsonl", FORGET_ROWS)
+    with warnings.catch_warnings(record=True) as made:
+        warnings.simplefilter("always")
+        config = UnlearnConfig(model="m", output_dir="o", forget=[str(forget)], normal=str(write_truthfulqa(
+            tmp_path / "tqa.csv")), max_length=64, normal_weight=0, reference="copy", reference_cache="host")
+    assert [w for w in made if "reference_cache" in str(w.message)]
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        load_streams(config, byte_bpe_tokenizer())
+    said = [str(w.message) for w in said]
+    assert [message for message in said if message.startswith("reference has no effect with normal_weight=0 ")]
+    assert not [message for message in said if "reference_cache" in message]
+
+
 @pytest.mark.parametrize("name", ["TruthfulQA.CSV", "TruthfulQA.csv.gz"])
 def test_truthfulqa_csv_with_an_upper_case_or_gz_extension_is_read_as_csv(tmp_path, name):
     """Windows tools write 'TruthfulQA.CSV': it was read as jsonl and refused as 'row 1: not valid JSON'. A gzipped
