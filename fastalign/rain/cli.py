@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import sys
-from typing import List, Optional, Set
+from typing import AbstractSet, List, Optional, Set
 
 import torch
 
@@ -186,16 +186,18 @@ def option_text(path: Optional[str], argument: str) -> str:
 
 @torch.no_grad()
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, turn_marker: str,
-                  max_length: Optional[int] = None, generation_prefix: str = "") -> str:
+                  max_length: Optional[int] = None, generation_prefix: str = "",
+                  end_ids: Optional[AbstractSet[int]] = None) -> str:
     """Plain KV-cached greedy decoding, cut before a new user turn, whatever the checkpoint's generation config sets
     (its num_beams, repetition_penalty or suppress_tokens decoded otherwise, its return_dict_in_generate failed every
     record): generate fills what the config it is given leaves unset from the model's, which is swapped out meanwhile.
     Like RAIN's answer, it reads the prompt after the `generation_prefix` as the same ids (`dialogue.after_prefix`),
     with one BOS where the text writes it (a chat template's rendering) and without an appended EOS
     (`tokenize_prompts`), ends at RAIN's end tokens (`eos_ids`: the generation config's, and a chat template's end of
-    turn that it leaves out), which its text leaves out as `fastalign eval` does, and stops at max_new_tokens (0 = no
-    limit), at max_length tokens in all and within the model's context (a model with learned positions fails past
-    it, which stopped the whole run)."""
+    turn that it leaves out; `end_ids` where the caller found them already: finding them renders the chat template),
+    which its text leaves out as `fastalign eval` does, and stops at max_new_tokens (0 = no limit), at max_length
+    tokens in all and within the model's context (a model with learned positions fails past it, which stopped the
+    whole run)."""
     from transformers import GenerationConfig
 
     prefix_ids = tokenize_prompts(tokenizer, [generation_prefix])[0] if generation_prefix else []
@@ -209,7 +211,7 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, turn_marke
         raise ValueError("greedy_answer: max_new_tokens 0 (no limit) needs max_length or a model context")
     if max_new_tokens <= 0:
         return ""
-    eos = eos_ids(model, tokenizer)   # before the swap: the checkpoint's end tokens are among them
+    eos = eos_ids(model, tokenizer) if end_ids is None else end_ids   # before the swap: the checkpoint's among them
     greedy = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                               pad_token_id=pad_id(tokenizer), eos_token_id=sorted(eos))
     checkpoint, model.generation_config = getattr(model, "generation_config", None), greedy
@@ -282,7 +284,7 @@ def _run(args) -> int:
     if args.output.endswith(".gz"):    # plain text under that name: `fastalign eval --answers` would gunzip it
         raise UsageError(f"--output: records are appended as plain text, so not to a .gz file: {args.output!r}")
     config, judge = settings(args)    # bad settings are usage errors found before the model loads
-    tokenizer, template = _checked_tokenizer(args, judge, chat)
+    tokenizer = _checked_tokenizer(args, judge, chat)
     try:
         embedder = make_embedder(args.embedding)   # else every prompt failed after its first iteration
     except (ValueError, ImportError) as exc:
@@ -304,6 +306,7 @@ def _run(args) -> int:
             raise UsageError(f"--model: cannot load a causal LM from {args.model!r}: {exc}") from None
         model = model.to(device).eval()
         runner = _tree_runner(model, args) if args.engine == "tree" else None
+        end_ids = eos_ids(model, tokenizer)   # once: each vanilla answer stops at them
         mine = placement.share(range(len(prompts)))   # skipped ones counted per share: other ranks write meanwhile
         todo = [i for i in mine if i not in done]
         failed = []
@@ -314,9 +317,8 @@ def _run(args) -> int:
                 index, vanilla, error = result.index, None, result.error
                 if not args.no_vanilla and error is None:
                     try:   # a failure here (a CUDA out-of-memory) would stop the search of every prompt
-                        prompt = template.prompt(prompts[index]) if chat else prompts[index]
-                        vanilla = greedy_answer(model, tokenizer, prompt, config.max_new_tokens, config.turn_marker,
-                                                config.max_length, prefix)
+                        vanilla = greedy_answer(model, tokenizer, result.model_prompt, config.max_new_tokens,
+                                                config.turn_marker, config.max_length, prefix, end_ids)
                     except Exception as exc:
                         error = f"vanilla answer: {type(exc).__name__}: {exc}"
                 if error is not None:
@@ -431,9 +433,9 @@ def done_indices(path: str, prompts: List[str], run_id: dict) -> Set[int]:
 
 
 def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):
-    """The model's tokenizer and its checked chat template (None without --template chat), once the tokenizer
-    serves the judge prompt and the chat template, and the judge prompt fits the model's context with room to
-    answer (else every prompt failed): UsageError before anything loads."""
+    """The model's tokenizer, once it serves the judge prompt and the chat template (with --template chat), and the
+    judge prompt fits the model's context with room to answer (else every prompt failed): UsageError before anything
+    loads."""
     from .generate import JUDGE_MARGIN
     from .judge import JudgeTokens
 
@@ -447,11 +449,9 @@ def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):
     except ValueError as exc:
         raise UsageError(f"judge prompt (--judge-template-file, --labels, --judge-dialogue, --judge-chat-template, "
                          f"--config): {exc}") from None
-    template = None
     if chat:
         try:
-            template = ChatTemplate(tokenizer, args.system, args.chat_template_kwargs)
-            template.check_prompting()
+            ChatTemplate(tokenizer, args.system, args.chat_template_kwargs).check_prompting()
         except ValueError as exc:
             raise UsageError(f"--template chat{' with --system' if args.system is not None else ''}: {exc}") from None
     fixed = len(tokens.prefix_ids) + max(map(len, tokens.suffix_ids)) + JUDGE_MARGIN
@@ -459,7 +459,7 @@ def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):
         raise UsageError(f"judge prompt: its {fixed - JUDGE_MARGIN} tokens (with {JUDGE_MARGIN} of slack) leave no "
                          f"room for a conversation in the model's context of {context} tokens; give a shorter one "
                          "(--judge-template-file)")
-    return tokenizer, template
+    return tokenizer
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ where it fails with the pool to itself.
 """
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Literal, Optional, Sequence, Union
+from typing import Callable, List, Literal, Optional, Sequence, Tuple, Union
 
 from fastalign.evaluation.generation import before_end, eos_ids
 from fastalign.model_context import model_positions
@@ -36,7 +36,9 @@ from .stats import RainStats
 @dataclass
 class RainResult:
     """One prompt's answer: its text (cut before a new user turn, as the judge reads it), the committed
-    tokens, the cost counters, each commit's decision, or the error that stopped this prompt."""
+    tokens, the cost counters, each commit's decision, or the error that stopped this prompt. `model_prompt`: the
+    prompt as the model read it after the generation prefix (in the chat template, with chat_template), None for a
+    prompt refused before its search; a caller decoding other answers to it reuses it instead of rendering again."""
     index: int
     prompt: str
     answer: str = ""
@@ -44,6 +46,7 @@ class RainResult:
     stats: RainStats = field(default_factory=RainStats)
     commits: List[dict] = field(default_factory=list)
     error: Optional[str] = None
+    model_prompt: Optional[str] = None
 
 
 @dataclass
@@ -72,13 +75,14 @@ def _context(model, runner) -> Optional[int]:
 
 def _prepare(index: int, name: int, prompt: str, tokenizer, judge: JudgeTokens, prefix: str, prefix_ids: List[int],
              config: RainConfig, context: Optional[int], required: RequiredPrefixes, prefix_key: int,
-             template: Optional[ChatTemplate], lead: str, vocab: Optional[int]) -> PromptContext:
-    """The context of the prompt at `index`; ValueError, naming the prompt by `name`, for a prompt that is not a
-    string, is empty, holds a token id past the model's `vocab` input embeddings or leaves no room to answer (the
-    answer is also kept short enough for its judge prompt to fit the model's context). With a chat `template` the
-    prompt is a user message: the model reads its rendering (after the template's system turn), the judge reads it
-    in JudgePrompt.dialogue followed by `lead` (see dialogue.reply_lead). The model reads it after
-    the generation `prefix`'s `prefix_ids` (see dialogue.after_prefix)."""
+             template: Optional[ChatTemplate], lead: str, vocab: Optional[int]) -> Tuple[PromptContext, str]:
+    """The context of the prompt at `index`, and the prompt's text as the model reads it; ValueError, naming the
+    prompt by `name`, for a prompt that is not a string, is empty, holds a token id past the model's `vocab` input
+    embeddings or leaves no room to answer (the answer is also kept short enough for its judge prompt to fit the
+    model's context). With a chat `template` the prompt is a user message: the model reads its rendering (after the
+    template's system turn), the judge reads it in JudgePrompt.dialogue followed by `lead` (see
+    dialogue.reply_lead). The model reads it after the generation `prefix`'s `prefix_ids` (see
+    dialogue.after_prefix)."""
     if not isinstance(prompt, str):
         raise ValueError(f"prompt {name} must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
@@ -111,7 +115,7 @@ def _prepare(index: int, name: int, prompt: str, tokenizer, judge: JudgeTokens, 
     ctx.gen_key = required.add(ctx.stats, "prompt", prefix_key, prompt_ids)
     ctx.stats.required_calls = 1                  # the prompt's state, before anything can be drawn
     ctx.head_key = required.add(ctx.stats, "judge", judge.prefix_key, head_ids)
-    return ctx
+    return ctx, text
 
 
 def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig = RainConfig(), *,
@@ -190,9 +194,11 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     for i, prompt in enumerate(prompts):
         try:
             own_draw = prompt_sampler(draw, names[i])   # by its name: a resumed run names it alike
-            queue.append(_prepare(i, names[i], prompt, tokenizer, judge, generation_prefix, prefix_ids, config,
-                                  context, required, prefix_key, template, lead, vocab))
-            queue[-1].sampler = own_draw
+            ctx, results[i].model_prompt = _prepare(i, names[i], prompt, tokenizer, judge, generation_prefix,
+                                                    prefix_ids, config, context, required, prefix_key, template, lead,
+                                                    vocab)
+            ctx.sampler = own_draw
+            queue.append(ctx)
         except ValueError as err:
             results[i].error = str(err)
             if on_result:

@@ -84,6 +84,7 @@ class ChatTemplate:
                           "(template_kwargs=) to ask without", stacklevel=2)
         added = getattr(tokenizer, "added_tokens_decoder", None) or {}
         self._special_texts = sorted({t.content for t in added.values() if getattr(t, "special", False) and t.content})
+        self._prompting_checked = False   # check_prompting's verdict, found once
         if system is not None:
             self._check_system()
 
@@ -113,24 +114,29 @@ class ChatTemplate:
     def prompt(self, text: str) -> str:
         """`text` as the user turn (after the system turn), up to where the assistant's answer starts: what
         a chat model is asked (`fastalign eval --template chat`), and what precedes each answer in training.
-        ValueError for a template that ignores add_generation_prompt and writes more than whitespace before the
-        answer (an assistant header): the model would write that text itself, at the start of its answer."""
-        head = self._head(text)
-        if head == self._render(self._turns(text)):   # the template ignores add_generation_prompt
-            try:   # (an answer it cannot find after the prompt: Mistral's puts the system turn in the last user turn)
-                rendered = self._locate(head, text, "Hi")
-            except ValueError:
-                return head
-            self._refuse_text_before_answer(head, rendered, "", (
-                "the template ignores add_generation_prompt, so a prompt ends at the user's turn and the model would "
-                "write that text itself, at the start of its answer; use a chat template that writes a generation "
-                "prompt"))
-        return head
+        ValueError where the template cannot ask a model (check_prompting)."""
+        self.check_prompting()
+        return self._head(text)
 
     def check_prompting(self) -> None:
-        """ValueError where this template cannot ask a model at all (prompt's refusals, found on a probe message):
-        checked once before a run, not in each prompt's record."""
-        self.prompt("Hi")
+        """ValueError for a template that ignores add_generation_prompt and writes more than whitespace before the
+        answer (an assistant header): the model would write that text itself, at the start of its answer. A property
+        of the template, found on a probe message once per ChatTemplate (its tokenizer and variables are fixed), not
+        rendered again for each prompt: a run checks it before it starts, not in each prompt's record."""
+        if self._prompting_checked:
+            return
+        head = self._head("Hi")
+        if head == self._render(self._turns("Hi")):   # the template ignores add_generation_prompt
+            try:
+                rendered = self._locate(head, "Hi", "Hi")
+            except ValueError:   # no answer after the prompt: Mistral's puts the system turn in the last user turn
+                pass
+            else:
+                self._refuse_text_before_answer(head, rendered, "", (
+                    "the template ignores add_generation_prompt, so a prompt ends at the user's turn and the model "
+                    "would write that text itself, at the start of its answer; use a chat template that writes a "
+                    "generation prompt"))
+        self._prompting_checked = True
 
     def _head(self, text: str) -> str:
         """The rendering of the turns before the answer, with the generation prompt where the template writes one."""

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 import fastalign.rain as rain_package
 import fastalign.rain.cli as rain_cli
@@ -572,6 +572,25 @@ def test_rain_chat_template_reads_hh_first_turns_as_user_messages(rain_setup, tm
     assert record["vanilla"] == greedy_answer(model, tok, rendered, 3, "Human:", 2048)
 
 
+def test_rain_chat_template_renders_each_prompt_once(rain_setup, tmp_path, monkeypatch):
+    """--template chat renders each prompt in the chat template once, for the search, and the vanilla answer decodes
+    from that text: each prompt was rendered 6 times (ChatTemplate.prompt checked anew, twice, whether the template
+    ignores add_generation_prompt; the vanilla answer rendered the prompt again, and a probe conversation for its end
+    tokens). Counted as the renders a second prompt adds to a run."""
+    model_dir, _, args = rain_setup
+    save_chat_template(model_dir, CHAT)
+    renders, render = [], PreTrainedTokenizerBase.apply_chat_template
+    monkeypatch.setattr(PreTrainedTokenizerBase, "apply_chat_template",
+                        lambda self, *a, **kw: renders.append(1) or render(self, *a, **kw))
+    counts = []
+    for limit in (1, 2):
+        renders.clear()
+        args[args.index("--output") + 1] = str(tmp_path / f"out{limit}.jsonl")
+        assert main(args + ["--template", "chat", "--limit", str(limit)]) == 0
+        counts.append(len(renders))
+    assert counts[0] > 0 and counts[1] - counts[0] == 1
+
+
 THINKING = CHAT + "{% if add_generation_prompt and enable_thinking is false %}<think></think>{% endif %}"
 
 
@@ -1093,8 +1112,8 @@ def test_rain_options_reach_the_search_and_the_vanilla_answer(rain_setup, tmp_pa
     (tmp_path / "rain.yaml").write_text("turn_marker: 'User:'\nmax_length: 500\n")
     seen = spy_on_search(monkeypatch, lambda a, kw: (a[2], a[3], kw))
     decoded, greedy = [], rain_cli.greedy_answer
-    monkeypatch.setattr(rain_cli, "greedy_answer", lambda model, tok, prompt, *rest: decoded.append((prompt, rest))
-                        or greedy(model, tok, prompt, *rest))
+    monkeypatch.setattr(rain_cli, "greedy_answer", lambda model, tok, prompt, *rest: decoded.append((prompt, rest[:4]))
+                        or greedy(model, tok, prompt, *rest))   # (rest[4]: the run's end tokens)
     args[args.index("--prompts") + 1] = str(prompts)
     assert main(args + ["--field", "text", "--concurrency", "3", "--sampler", "keyed", "--virtual-loss", "2.5",
                         "--parallel-leaves", "2", "--generation-prefix-file", str(tmp_path / "prefix.txt"),
