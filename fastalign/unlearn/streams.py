@@ -121,11 +121,17 @@ class UnlearningStreams:
                  filler_id: int = 0, seed: int = 0, skipped: dict[str, int] | None = None):
         if not forget:
             raise ValueError("UnlearningStreams: the forget set is empty")
-        counts = {"batch_size": (batch_size, 1), "mismatch_per_prompt": (mismatch_per_prompt, 0)}
+        counts = {"batch_size": (batch_size, 1), "mismatch_per_prompt": (mismatch_per_prompt, 0),
+                  "max_length": (max_length, 1), "seed": (seed, 0)}
         if normal_batch_size is not None:
             counts["normal_batch_size"] = (normal_batch_size, 0)   # (0: no normal rows; -1 was taken as 0, silently)
         for name, (value, least) in counts.items():
             check_count(name, value, least, "UnlearningStreams: ")
+        # a NumPy integer becomes a plain int, as run.json and a checkpoint's weights-only load need (filler_id is
+        # checked against the vocabulary by check_vocabulary)
+        batch_size, mismatch_per_prompt, max_length, seed, filler_id = map(
+            int, (batch_size, mismatch_per_prompt, max_length, seed, filler_id))
+        normal_batch_size = None if normal_batch_size is None else int(normal_batch_size)
         pool = [a if isinstance(a, PoolAnswer) else PoolAnswer(tuple(a)) for a in (mismatch_pool or [])]
         pool = [a for a in pool if a.answer_ids]
         self.forget, self.normal, self.pool = list(forget), list(normal or []), pool

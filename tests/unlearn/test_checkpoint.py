@@ -12,6 +12,8 @@ import torch
 
 from fastalign.unlearn import checkpoint
 from tests.conftest import requires_cuda
+from tests.unlearn.test_trainer import run as run_trainer
+from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_streams
 
 
 def write(output_dir, step, keep=0):
@@ -541,9 +543,21 @@ def test_a_latest_not_naming_a_checkpoint_beside_it_is_refused(tmp_path, pointer
 
 
 def test_every_state_the_trainer_writes_loads_back_whole(tmp_path):
-    """Loading only tensors, builtins and NumPy arrays still reads what a checkpoint holds: the optimizer states
-    (AdamW's, KahanAdamW's bf16 compensations), bf16 and fp32 weights, nested dicts of lists and tuples, and a
-    checkpoint written before 2026-12-07 with NumPy's and Python's generator states."""
+    """A real run's checkpoints (streams given NumPy integers, as a caller may) load back under weights_only, with
+    every entry the trainer saves."""
+    streams = tiny_streams(byte_bpe_tokenizer(), batch_size=np.int64(2), seed=np.int64(7))
+    _, summary = run_trainer(tmp_path, max_steps=3, save_every=1, keep_checkpoints=2, streams=streams)
+    for step in (1, 2):   # (the last step writes the model, not a checkpoint)
+        state, rank_state = checkpoint.read_checkpoint(str(tmp_path / "run" / "checkpoints" / f"step-{step:06d}"), 0)
+        assert state["step"] == step and state["draws"] == streams.draw_settings() and "torch" in rank_state
+        assert {"data", "model_files", "last", "trainable", "optimizer", "scheduler", "compute"} <= state.keys()
+    assert summary.steps == 3 and (tmp_path / "run" / "run.json").is_file()
+
+
+def test_tensors_containers_and_old_generator_states_load_back(tmp_path):
+    """Loading only tensors, builtins and NumPy arrays still reads the optimizer states (AdamW's, KahanAdamW's bf16
+    compensations), bf16 and fp32 weights, nested dicts of lists and tuples, and a checkpoint written before
+    2026-12-07 with NumPy's and Python's generator states."""
     weights = {"w": torch.randn(3, 4, dtype=torch.bfloat16), "b": torch.randn(4)}
     state = {"step": 2, "config": {"lr": 1e-3, "precision": "bf16", "lora_targets": ("q", "v"), "seed": None},
              "trainable": weights, "optimizer": {"state": {0: {"step": torch.tensor(2.0), "exp_avg": torch.randn(4),

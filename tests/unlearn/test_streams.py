@@ -1,6 +1,7 @@
 """Step-indexed batches: deterministic, disjoint across processes, mismatch rows built from the pool, read from
 several threads alike."""
 import dataclasses
+import json
 import threading
 
 import numpy as np
@@ -427,3 +428,13 @@ def test_a_batch_moves_its_tokens_to_a_device():
     assert moved.tokens.input_ids.device.type == moved.tokens.target_mask.device.type == "meta"
     assert (moved.num_forget, moved.num_mismatch, moved.num_normal, moved.examples) == \
         (batch.num_forget, batch.num_mismatch, batch.num_normal, batch.examples)
+
+
+def test_numpy_integers_are_kept_as_plain_ints():
+    """Counts given as NumPy integers are stored as ints: run.json (JSON) and a checkpoint's weights-only load of
+    draw_settings() take no NumPy scalars."""
+    streams = make(batch_size=np.int64(2), mismatch_per_prompt=np.int32(3), normal_batch_size=np.int64(1),
+                   max_length=np.int64(64), filler_id=np.int64(5), seed=np.int64(7))
+    values = [*streams.draw_settings().values(), streams.filler_id]
+    assert all(type(v) is int for v in values), values
+    assert json.loads(json.dumps(streams.draw_settings())) == streams.draw_settings()
