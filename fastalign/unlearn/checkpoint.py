@@ -33,8 +33,11 @@ _STEP_NAME = re.compile(r"step-(\d{6,})")
 # what a run writes atomically (under a temporary name first): in output_dir, and in its checkpoints directory
 _WRITTEN_IN_OUTPUT_DIR = r"config\.json|run\.json|log\.jsonl|model|adapter"
 _WRITTEN_IN_CHECKPOINTS = rf"{_STEP_NAME.pattern}|latest"
-# what a checkpoint written before 2026-12-07 holds beside tensors and builtins: NumPy's generator state (an array)
-_NUMPY_STATE = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+# what a checkpoint written before 2026-12-07 holds beside tensors and builtins: NumPy's generator state (an array),
+# its rebuilding function pickled under NumPy 1's name or NumPy 2's (torch matches the name written in the file)
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]
+_NUMPY_STATE = [*((_RECONSTRUCT, f"numpy.{core}.multiarray._reconstruct") for core in ("core", "_core")),
+                np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def save_file(obj, path: str) -> None:

@@ -5,6 +5,7 @@ import pathlib
 import random
 import shutil
 import threading
+import zipfile
 
 import numpy as np
 import pytest
@@ -552,6 +553,26 @@ def test_every_state_the_trainer_writes_loads_back_whole(tmp_path):
         assert state["step"] == step and state["draws"] == streams.draw_settings() and "torch" in rank_state
         assert {"data", "model_files", "last", "trainable", "optimizer", "scheduler", "compute"} <= state.keys()
     assert summary.steps == 3 and (tmp_path / "run" / "run.json").is_file()
+
+
+def test_an_old_numpy_state_loads_under_either_numpy_name(tmp_path):
+    """A rank file written before 2026-12-07 holds NumPy's generator state, pickled as numpy.core.multiarray's
+    _reconstruct under NumPy 1 and numpy._core's under NumPy 2: it loads whichever NumPy resumes it."""
+    numpy_state = np.random.default_rng().integers(0, 2**32, 624, dtype=np.uint32)
+    final = checkpoint.write_checkpoint(str(tmp_path), 1, {"step": 1}, {"numpy": numpy_state}, rank=0, is_main=True,
+                                        barrier=lambda: None, keep=0)
+    rank_file = os.path.join(final, "rank-0.pt")
+    running = np.zeros(0).__reduce__()[0].__module__.encode()
+    other = b"numpy.core.multiarray" if running == b"numpy._core.multiarray" else b"numpy._core.multiarray"
+    with zipfile.ZipFile(rank_file) as src:
+        files = {info.filename: (info, src.read(info)) for info in src.infolist()}
+    pickle_name = next(name for name in files if name.endswith("data.pkl"))
+    assert running in files[pickle_name][1]
+    with zipfile.ZipFile(rank_file, "w", zipfile.ZIP_STORED) as dst:
+        for name, (info, data) in files.items():
+            dst.writestr(info, data.replace(running, other) if name == pickle_name else data)
+    _, rank_state = checkpoint.read_checkpoint(final, 0)
+    assert np.array_equal(rank_state["numpy"], numpy_state)
 
 
 def test_tensors_containers_and_old_generator_states_load_back(tmp_path):
