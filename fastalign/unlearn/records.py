@@ -124,7 +124,7 @@ def read_jsonl(path: str | os.PathLike, *, skip_torn_last_line: bool | Callable[
 
 
 # The longest CSV field read: the csv module's default, 128 KiB, is short of a long-context prompt (a module-wide
-# setting, so raised only while a file is read)
+# setting, so raised only while a file is read, never between the rows read_csv yields)
 _CSV_FIELD_LIMIT = 2**31 - 1
 
 # What ends a line of a file read with newline="" (the csv module's lines): "\r\n", a lone "\r" or "\n".
@@ -133,9 +133,20 @@ LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 def read_csv(path: str | os.PathLike, required_columns: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
     """Yields (row number, row dict) of a CSV file with a header: the row number is the 1-based line the row
-    starts on (the header is line 1, as in a spreadsheet; a quoted field may span several lines)."""
-    path = os.fspath(path)
+    starts on (the header is line 1, as in a spreadsheet; a quoted field may span several lines). The whole file is
+    read under the raised field limit before the first row is yielded, so that no other reader (another read_csv
+    among them) sees the limit changed while this one is paused."""
     limit = csv.field_size_limit(_CSV_FIELD_LIMIT)
+    try:
+        rows = _csv_rows(os.fspath(path), required_columns)
+    finally:
+        csv.field_size_limit(limit)
+    yield from rows
+
+
+def _csv_rows(path: str, required_columns: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """read_csv's rows, read with the csv module's current field limit."""
+    rows = []
     with open_text(path) as f:
         try:
             reader = csv.DictReader(f)
@@ -151,13 +162,12 @@ def read_csv(path: str | os.PathLike, required_columns: tuple[str, ...]) -> Iter
                 row = reader.line_num - breaks
                 if None in record or any(record[c] is None for c in required_columns):
                     raise DataError(f"{path}: row {row}: wrong number of fields")
-                yield row, record
+                rows.append((row, record))
         except _UNREADABLE as e:
             raise _unreadable(path, e) from None
         except csv.Error as e:
             raise DataError(f"{path}: malformed CSV: {e}") from None
-        finally:
-            csv.field_size_limit(limit)
+    return rows
 
 
 def text_field(obj: dict, key: str, path: str, row: int) -> str:

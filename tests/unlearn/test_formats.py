@@ -478,6 +478,26 @@ def test_a_csv_field_past_the_csv_modules_default_limit_is_read(tmp_path):
     assert csv.field_size_limit() == before
 
 
+def test_a_paused_csv_reader_leaves_the_field_limit_alone(tmp_path):
+    """Between the rows it yields, read_csv leaves the csv module's limit as it was: two readers read in turn each
+    read their long fields, and other code never runs under the raised limit."""
+    def write(name, long_row):
+        rows = ["".join(random.choice("ab ") for _ in range(200_000)) if i == long_row else f"q{i}" for i in range(3)]
+        with open(tmp_path / name, "w", newline="") as f:
+            csv.writer(f).writerows([["Question", "Best Answer"]] + [[q, "a"] for q in rows])
+        return rows
+
+    a_rows, b_rows = write("a.csv", 0), write("b.csv", 2)
+    before = csv.field_size_limit()
+    a, b = read_csv(tmp_path / "a.csv", ("Question",)), read_csv(tmp_path / "b.csv", ("Question",))
+    read_a, read_b = [next(a)], [next(b)]
+    assert csv.field_size_limit() == before
+    read_a += list(a)   # a finishes while b is paused
+    read_b += list(b)
+    assert [r["Question"] for _, r in read_a] == a_rows and [r["Question"] for _, r in read_b] == b_rows
+    assert csv.field_size_limit() == before
+
+
 def test_a_csv_header_naming_a_read_column_twice_is_refused(tmp_path):
     """A header naming "Best Answer" twice (a reviewer's column appended) trained on the last one's cells without a
     word; a column nobody reads may repeat."""
