@@ -1,9 +1,11 @@
 """The packages' public names, imported on first use (fastalign/lazy_exports.py): each one resolves, dir() lists
 them, an unknown name is an AttributeError naming it, and importing fastalign or taking the fused ops from it
 loads none of the libraries the engines need."""
+import builtins
 import importlib
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 import zipfile
@@ -52,6 +54,18 @@ def test_every_public_name_resolves_also_by_a_star_import(name):
     star = {}
     exec(f"from {name} import *", star)
     assert set(package.__all__) <= set(star)
+
+
+def test_the_errors_run_unlearning_documents_are_public():
+    """run_unlearning says it raises MissingExtraError, which fastalign.unlearn did not export (its only module,
+    extras, is internal): every error its docstring names is a builtin or one of the package's public names."""
+    import fastalign.unlearn as unlearn
+    from fastalign.unlearn.extras import MissingExtraError
+
+    named = set(re.findall(r"\b[A-Z]\w*Error\b", unlearn.run_unlearning.__doc__))
+    assert "MissingExtraError" in named
+    assert all(hasattr(builtins, name) or name in unlearn.__all__ for name in named), named
+    assert unlearn.MissingExtraError is MissingExtraError
 
 
 def test_a_renamed_name_is_the_object_of_its_module():

@@ -11,6 +11,7 @@ if TYPE_CHECKING:   # what type checkers and editors read; at run time lazy_expo
     from fastalign.unlearn.batching import TokenBatch
     from fastalign.unlearn.config import UnlearnConfig
     from fastalign.unlearn.encoding import EncodedExample, PoolAnswer, encode_answers, encode_pairs
+    from fastalign.unlearn.extras import MissingExtraError
     from fastalign.unlearn.formats import (
         load_hh_rlhf, load_pairs, load_pku_saferlhf, load_prompt_answer_jsonl, load_truthfulqa)
     from fastalign.unlearn.layer_stand_ins import fused_layers
@@ -25,7 +26,7 @@ if TYPE_CHECKING:   # what type checkers and editors read; at run time lazy_expo
     from fastalign.unlearn.trainer import RunSummary, StepRecord, UnlearningTrainer
 
 __all__ = ["step_in_backward", "TokenBatch", "UnlearnConfig", "EncodedExample", "PoolAnswer", "encode_answers",
-           "encode_pairs", "load_hh_rlhf", "load_pairs", "load_pku_saferlhf", "load_prompt_answer_jsonl",
+           "encode_pairs", "MissingExtraError", "load_hh_rlhf", "load_pairs", "load_pku_saferlhf", "load_prompt_answer_jsonl",
            "load_truthfulqa", "fused_layers", "LossTerms", "LossWeights", "UnlearningObjective", "PackedRows",
            "RowPacker", "pack_rows", "DataError", "QAPair", "AdapterDisabledReference", "CachedReference",
            "FrozenCopyReference", "load_streams", "run_unlearning", "UnlearningBatch", "UnlearningStreams",
