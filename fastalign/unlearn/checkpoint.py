@@ -257,12 +257,14 @@ def _load(file: str):
 
 
 def _reason(e: Exception) -> str:
-    """What `e` says; of torch's refusal to unpickle more than tensors and builtins, the line naming what it met (its
-    advice, to load with weights_only=False, would run whatever code the file holds)."""
+    """What `e` says; of torch's refusal to unpickle more than tensors and builtins, the line naming what it met
+    without its advice (to load with weights_only=False, or to allowlist what it met: either would run whatever code
+    the file holds)."""
     lines = [line for line in str(e).splitlines() if line.strip()]
     if not str(e).startswith("Weights only load failed") or len(lines) < 3:
         return str(e)
-    return f"{lines[-2].strip()} (only tensors, numbers and strings are unpickled: anything else could run code)"
+    met = lines[-2].strip().split(" Please use ", 1)[0].rstrip(".")
+    return f"{met} (only tensors, builtin containers and NumPy arrays are unpickled: anything else could run code)"
 
 
 def torch_rng_state(device: torch.device) -> dict:

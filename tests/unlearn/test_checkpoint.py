@@ -525,10 +525,20 @@ def test_a_checkpoint_file_holding_code_is_refused_without_running_it(tmp_path, 
     marker = tmp_path / f"ran-{random.randrange(10**9)}"
     torch.save({"step": 1, "rank": _Payload(str(marker))}, final / file)
     with pytest.raises(ValueError, match=rf"cannot resume from .*{file}: it cannot be read \(UnpicklingError: .*"
-                                         r"only tensors, numbers and strings are unpickled: anything else could run "
-                                         r"code"):
+                                         r"only tensors, builtin containers and NumPy arrays are unpickled: anything "
+                                         r"else could run code"):
         checkpoint.read_checkpoint(checkpoint.latest_checkpoint(str(tmp_path / "run")), 0)
     assert not marker.exists()
+
+
+def test_a_refused_global_is_named_without_torchs_advice_to_allowlist_it(tmp_path):
+    """A checkpoint holding a global beyond the allowlist (here a NumPy scalar) is refused naming that global, but
+    not with torch's advice to allowlist it (add_safe_globals), which would let such a file run code."""
+    final = pathlib.Path(write(tmp_path / "run", 1))
+    torch.save({"step": 1, "lr": np.float64(random.random())}, final / "state.pt")
+    with pytest.raises(ValueError, match=r"GLOBAL numpy\.\w+\.multiarray\.scalar was not an allowed global") as e:
+        checkpoint.read_checkpoint(str(final), 0)
+    assert "safe_globals" not in str(e.value) and "weights_only" not in str(e.value)
 
 
 @pytest.mark.parametrize("pointer", ["../../elsewhere/checkpoints/step-000001", "ABSOLUTE", "step-000001/../x", ""])
