@@ -26,10 +26,11 @@ if TYPE_CHECKING:   # what type checkers and editors read; at run time lazy_expo
     from fastalign.unlearn.trainer import RunSummary, StepRecord, UnlearningTrainer
 
 __all__ = ["step_in_backward", "TokenBatch", "UnlearnConfig", "EncodedExample", "PoolAnswer", "encode_answers",
-           "encode_pairs", "MissingExtraError", "load_hh_rlhf", "load_pairs", "load_pku_saferlhf", "load_prompt_answer_jsonl",
-           "load_truthfulqa", "fused_layers", "LossTerms", "LossWeights", "UnlearningObjective", "PackedRows",
-           "RowPacker", "pack_rows", "DataError", "QAPair", "AdapterDisabledReference", "CachedReference",
-           "FrozenCopyReference", "load_streams", "run_unlearning", "UnlearningBatch", "UnlearningStreams",
-           "ChatTemplate", "TextTemplate", "unlearning_token_weights", "RunSummary", "StepRecord", "UnlearningTrainer"]
+           "encode_pairs", "MissingExtraError", "load_hh_rlhf", "load_pairs", "load_pku_saferlhf",
+           "load_prompt_answer_jsonl", "load_truthfulqa", "fused_layers", "LossTerms", "LossWeights",
+           "UnlearningObjective", "PackedRows", "RowPacker", "pack_rows", "DataError", "QAPair",
+           "AdapterDisabledReference", "CachedReference", "FrozenCopyReference", "load_streams", "run_unlearning",
+           "UnlearningBatch", "UnlearningStreams", "ChatTemplate", "TextTemplate", "unlearning_token_weights",
+           "RunSummary", "StepRecord", "UnlearningTrainer"]
 if not TYPE_CHECKING:   # a type checker reads the imports above: a __getattr__ would make any other name Any
     __getattr__, __dir__ = lazy_exports(globals())

@@ -26,8 +26,9 @@ def step_in_backward(optimizer: torch.optim.Optimizer) -> list:
 
     Each hook runs the optimizer's step() with its param_groups narrowed, for that call, to the parameter's own group
     holding that parameter alone: step() then reads one parameter, not all of them (a step over all, most without a
-    gradient, in each of N hooks was N^2 reads of the groups per backward, host time a GPU waits for). Hooks of a backward that runs on several devices' threads
-    take turns (the groups are narrowed in place). The step is run by run_step."""
+    gradient, in each of N hooks was N^2 reads of the groups per backward, host time a GPU waits for). Hooks of a
+    backward that runs on several devices' threads take turns (the groups are narrowed in place). The step is run by
+    run_step."""
     group_of = {p: group for group in optimizer.param_groups for p in group["params"] if p.requires_grad}
     turns = threading.Lock()
 

@@ -118,7 +118,8 @@ def test_settings_of_a_term_load_streams_leaves_out_are_warned_of_there(tmp_path
 
 
 @pytest.mark.parametrize("normal, reference, named", [
-    ("normal.jsonl", "auto", "normal"), ("tqa.csv", "copy", "reference"), ("normal.jsonl", "copy", "normal, reference")])
+    ("normal.jsonl", "auto", "normal"), ("tqa.csv", "copy", "reference"),
+    ("normal.jsonl", "copy", "normal, reference")])
 def test_a_normal_file_or_reference_of_no_effect_with_normal_weight_0_is_warned_of(tmp_path, normal, reference, named):
     """With normal_weight=0 a normal jsonl is never read and no reference model is built: both were taken without a
     word (a TruthfulQA .csv still feeds the mismatch pool, and a cached reference still freezes the lm_head)."""
