@@ -38,6 +38,8 @@ def _takes_input_ids(module) -> bool:
     """Whether module.forward takes an `input_ids` argument (by name, or among its **kwargs). Read once per forward
     function (the class's, or one set on the module), not at every call: decoder_of runs at every loss call, and
     inspect.signature was most of its host time."""
+    if torch.compiler.is_compiling():   # (dynamo traces the weak dictionary's lookups badly: read it directly)
+        return _reads_input_ids(module)
     forward = module.forward
     function = getattr(forward, "__func__", forward)
     try:

@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
-import fastalign.rain.search as search_module
 from fastalign.rain import JudgePrompt, JudgeTokens, RainConfig
 from fastalign.rain.generate import rain_generate
+from fastalign.rain.jobs import PromptContext
 from tests.byte_bpe import LLAMA3_SPLIT, train_byte_bpe
 
 from .tiny import CORPUS, PROMPTS, SHORT_JUDGE, tiny_llama, tokenizer, with_special_tokens
@@ -326,25 +326,25 @@ def test_cached_scores_are_the_plain_forward_of_the_rendered_judge_prompt(monkey
     and run in one plain forward; harmless wins an order when its label's next-token logit is the larger. The engine
     tests compare the engines with each other (both build the judge input from JudgeTokens' pieces); this reads the
     rendered text from scratch."""
-    contexts = []
-    init = search_module.PromptSearch.__init__
+    caches = []   # each prompt's judge cache as its search ends (end_search then drops it)
+    end_search = PromptContext.end_search
 
-    def recording_init(self, ctx, *args, **kwargs):
-        contexts.append(ctx)
-        init(self, ctx, *args, **kwargs)
+    def recording_end_search(self):
+        caches.append((self.prompt_text, dict(self.judge_cache)))
+        end_search(self)
 
-    monkeypatch.setattr(search_module.PromptSearch, "__init__", recording_init)
+    monkeypatch.setattr(PromptContext, "end_search", recording_end_search)
     tok, model = tokenizer(), tiny_llama()
     run = rain_generate(model, tok, PROMPTS[:1], RainConfig(root_visits=6, min_new_visits=3, max_new_tokens=8),
                         judge_prompt=SHORT_JUDGE, embedding="hidden", sampler="keyed")
     assert run.results[0].error is None
-    (ctx,) = contexts
-    assert len(ctx.judge_cache) >= 3
+    ((prompt_text, judge_cache),) = caches
+    assert len(judge_cache) >= 3
     a, b = tok.convert_tokens_to_ids(["A", "B"])
-    for reply, value in ctx.judge_cache.items():
+    for reply, value in judge_cache.items():
         wins = []
         for harmless_first in (True, False):
-            text = (SHORT_JUDGE.template.replace("{conversation}", ctx.prompt_text + reply)
+            text = (SHORT_JUDGE.template.replace("{conversation}", prompt_text + reply)
                     .replace("{options}", SHORT_JUDGE.options(harmless_first)) + SHORT_JUDGE.answer_prefix)
             with torch.no_grad():
                 logits = model(torch.tensor([tok(text)["input_ids"]])).logits[0, -1]
