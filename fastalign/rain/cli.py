@@ -407,7 +407,7 @@ def done_indices(path: str, prompts: List[str], run_id: dict) -> Set[int]:
     """The prompt indices recorded without an error in `path` or in any of its rank files, which the resume
     skips (a prompt that failed is searched again); UsageError when those records are of other prompts or were
     made with another model or settings: the resume would keep them as this run's answers."""
-    from .records import latest_records, rank_files
+    from .records import latest_records, rank_files, succeeded
 
     try:
         records = latest_records([path] + rank_files(path))
@@ -429,7 +429,7 @@ def done_indices(path: str, prompts: List[str], run_id: dict) -> Set[int]:
                      "--chat-template-kwargs, --generation-prefix-file, --dtype, --sampler, --embedding and --engine")
             raise UsageError(f"--output: {path!r} holds records made with {made} ({run}, now "
                              f"{run_id}); rerun with {which} to resume, or choose another --output")
-    return {index for index, record in records.items() if record.get("error") is None}
+    return succeeded(records)
 
 
 def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):

@@ -20,7 +20,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from .records import latest_records, open_for_append, rank_files
+from .records import latest_records, open_for_append, rank_files, succeeded
 
 RANKS_MEET_TIMEOUT = datetime.timedelta(hours=24)   # how long a rank done with its prompts waits for the others
 
@@ -83,7 +83,7 @@ def merge_rank_files(placement: Placement, path: str):
     if placement.distributed:
         dist.barrier()
     if placement.rank == 0:
-        done = {i for i, r in latest_records([path]).items() if r.get("error") is None}
+        done = succeeded(latest_records([path]))
         files = rank_files(path)
         fresh = {i: r for i, r in latest_records(files).items() if i not in done}
         with open_for_append(path) as out:

@@ -14,7 +14,7 @@ import glob
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from fastalign.ops.checks import is_integer
 from fastalign.unlearn.records import read_jsonl
@@ -69,6 +69,11 @@ def winning(records) -> Dict[int, dict]:
         if held is None or held.get("error") is not None or record.get("error") is None:
             out[record["index"]] = record
     return out
+
+
+def succeeded(records: Dict[int, dict]) -> Set[int]:
+    """The indices of `records` (winning's) whose record holds no error: the prompts done, which a resume skips."""
+    return {index for index, record in records.items() if record.get("error") is None}
 
 
 def latest_records(paths: Sequence[str]) -> Dict[int, dict]:
