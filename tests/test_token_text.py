@@ -31,12 +31,46 @@ def random_answer(tok, rng, length):
     return answer[:length]
 
 
-def first_stop(tok, lead, answer, stops, text_of):
-    """The first number of answer tokens whose text (text_of) holds a stop string, or None."""
-    for n in range(1, len(answer) + 1):
-        if any(s in text_of(tok, lead, answer[:n]) for s in stops):
+def first_stop(tok, lead, answer, stops, text_of, ends=None):
+    """The first of `ends` (numbers of answer tokens; each one by default) whose text (text_of(tok, lead, ids, the
+    tokens added since the end before)) holds a stop string, or None."""
+    ends = range(1, len(answer) + 1) if ends is None else ends
+    for before, n in zip([0] + list(ends), ends):
+        if any(s in text_of(tok, lead, answer[:n], n - before) for s in stops):
             return n
     return None
+
+
+def whole_text(tok, lead, ids, last):
+    """The text of the whole answer, as first_stop's text_of (whatever the tokens added last)."""
+    return text_after(tok, lead, ids)
+
+
+def random_steps(rng, start, stop, first=1):
+    """Ends of steps of 1 to 10 tokens (RAIN's token sets) from `start` to `stop`, the first of `first` or more."""
+    ends = []
+    while start < stop:
+        start = min(start + rng.randrange(first, 11), stop)
+        ends.append(start)
+        first = 1
+    return ends
+
+
+def trap(tok, rng):
+    """(answer, step ends, stop, the end of the step it opens): a random answer, then a run of special tokens and a
+    step that opens with the tokenizer's longest token, and a stop across the run, from a character found nowhere
+    else to that token's first: ending_text must find it in a window that holds the step's first token and what
+    comes before, while the text of that token alone (in a window one token short) holds the stop and its margin."""
+    longest = max(range(len(tok)), key=lambda i: len(tok.decode([i], skip_special_tokens=True)))
+    size = len(tok.decode([longest], skip_special_tokens=True)) - CONTEXT
+    assert size >= 2, "the tokenizer has no token long enough for the trap"
+    before = random_answer(tok, rng, rng.randrange(60, 120)) + tok(" #", add_special_tokens=False)["input_ids"]
+    special = [rng.choice(sorted(tok.all_special_ids)) for _ in range(rng.randrange(2 * CONTEXT, 3 * CONTEXT))]
+    answer = before + special + [longest] + random_answer(tok, rng, rng.randrange(10, 40))
+    at = len(before) + len(special)
+    after = random_steps(rng, at, len(answer), first=2)
+    shown = len(text_after(tok, [], answer[:at]))
+    return answer, random_steps(rng, 0, at) + after, text_after(tok, [], answer)[shown - size + 1:shown + 1], after[0]
 
 
 @pytest.mark.parametrize("name", sorted(TOKENIZERS))
@@ -56,10 +90,33 @@ def test_a_string_the_newest_token_completes_is_found_as_in_the_whole_text(name)
             start = rng.randrange(min(len(whole) // 2, last) if rng.random() < 0.8 else 0, last + 1)
             stops.append(whole[start:start + size] or "x")
         longest = max(map(len, stops))
-        expected = first_stop(tok, lead, answer, stops, text_after)
-        assert first_stop(tok, lead, answer, stops, lambda t, l, a: ending_text(t, l, a, longest)) == expected
+        expected = first_stop(tok, lead, answer, stops, whole_text)
+        assert first_stop(tok, lead, answer, stops, lambda t, l, a, _: ending_text(t, l, a, longest)) == expected
         checked += expected is not None and expected > 2 * (longest + 3 * CONTEXT)   # found in a window
     assert checked > 0
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_a_string_any_token_of_a_step_completes_is_found_as_in_the_whole_text(name):
+    """Answers added to in steps of 1 to 10 tokens (RAIN's token sets) end at the same step whether the whole text
+    or only its end (ending_text with `last` the step's tokens) is read after each: random stops, and a trap that a
+    window one token short of the step's first misses."""
+    tok, rng = TOKENIZERS[name](), random.Random()
+    trapped = 0
+    for _ in range(12):
+        answer, ends, stop, opened = trap(tok, rng)
+        whole = text_after(tok, [], answer)
+        size = rng.randrange(1, 16)
+        start = rng.randrange(len(whole) // 2, len(whole) - size + 1)
+        for stops in ([stop], [stop, whole[start:start + size]]):
+            longest = max(map(len, stops))
+            expected = first_stop(tok, [], answer, stops, whole_text, ends)
+            found = first_stop(tok, [], answer, stops, lambda t, l, a, last: ending_text(t, l, a, longest, last), ends)
+            assert found == expected
+            trapped += stops == [stop] and expected == opened
+    assert trapped >= 6
+    with pytest.raises(ValueError, match="last"):
+        ending_text(tok, [], answer, 5, 0)
 
 
 def test_the_tokens_decoded_do_not_grow_with_the_answer():

@@ -21,6 +21,8 @@ from typing import AbstractSet, Callable, List, Optional, Sequence
 
 import torch
 
+from fastalign.token_text import ending_text
+
 from .config import RainConfig
 from .dialogue import answer_text, has_new_turn, judge_path_ids
 from .embeddings import PathInfo
@@ -104,12 +106,17 @@ class PromptSearch:
 
     # --- helpers -------------------------------------------------------------------------------------
     def _ended(self, state: Sequence[int], tokens: Sequence[int]) -> bool:
-        c = self.config
+        """Whether `state`, whose last `tokens` a step added to a state that had not ended (none: the root), ended.
+        A new turn then ends in the text of those tokens: only the answer's end is decoded (the whole answer, at
+        every node, cost O(answer) per node)."""
         if any(t in self.end_ids for t in tokens):
             return True
         if len(state) >= self.ctx.max_length:
             return True
-        return has_new_turn(answer_text(self.tokenizer, state, self.ctx.answer_start), c.turn_marker)
+        marker, answer = self.config.turn_marker, state[self.ctx.answer_start:]
+        if not tokens:
+            return has_new_turn(answer_text(self.tokenizer, state, self.ctx.answer_start), marker)
+        return has_new_turn(ending_text(self.tokenizer, [], answer, len(marker), len(tokens)), marker)
 
     def _set_length(self, node: Node, state: Sequence[int]) -> int:
         room = self.ctx.max_length - len(state)

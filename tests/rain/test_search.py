@@ -1,17 +1,20 @@
 """PromptSearch's expansion: the priors of a node's children from what the engine drew."""
 import math
+import random
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from fastalign.rain import RainConfig
-from fastalign.rain.dialogue import judge_path_ids
+from fastalign.rain.dialogue import answer_text, has_new_turn, judge_path_ids
 from fastalign.rain.jobs import Draft, EvaluateJob, Evaluation, ExpandJob, ExpandResult, PromptContext
 from fastalign.rain.minimum import RequiredPrefixes, chain_key
 from fastalign.rain.search import PromptSearch
 
-from .tiny import tokenizer
+from tests.test_token_text import TEXT, trap
+
+from .tiny import PROMPTS, tokenizer
 
 END_IDS = frozenset({tokenizer().eos_token_id})
 
@@ -279,3 +282,57 @@ def test_a_leaf_picked_twice_ends_the_batch_of_parallel_leaves():
     search._select = lambda: selections.append(1) or select()
     jobs = next(search.run())
     assert [type(job) for job in jobs] == [EvaluateJob, ExpandJob] and len(selections) == 2
+
+
+def answer_search(config, end_ids=END_IDS):
+    ctx = PromptContext(index=0, prompt_text=PROMPTS[0], root_ids=tokenizer()(PROMPTS[0])["input_ids"], head_ids=[],
+                        root_key=0, max_length=10**6)
+    return PromptSearch(ctx, config, tokenizer(), end_ids, embedder=None, judge=None, required=RequiredPrefixes(),
+                        on_commit=None)
+
+
+def test_a_child_opens_a_new_turn_where_the_whole_answer_does():
+    """A child's new turn is looked for in the answer's end only (the text its token set ends): answers of random
+    tokens (characters split over byte tokens, special tokens) added to in token sets of 1 to 10 make the first child
+    whose whole answer holds the turn marker terminal, and none before it, for random markers and a trap for a window
+    one token short of the set."""
+    tok, rng = tokenizer(), random.Random()
+    for _ in range(16):
+        answer, ends, marker, _ = trap(tok, rng)
+        if rng.random() < 0.5:
+            whole = answer_text(tok, answer, 0)
+            size = rng.randrange(1, 12)
+            start = rng.randrange(len(whole) - size + 1)
+            marker = whole[start:start + size]
+        search = answer_search(RainConfig(turn_marker=marker), end_ids=frozenset())
+        node, root = search.tree.root, search.ctx.root_ids
+        for before, end in zip([0] + ends, ends):
+            node = search._add_child(node, root + answer[:before], answer[before:end], 1.0)
+            assert node.terminal == has_new_turn(answer_text(tok, answer[:end], 0), marker)
+            if node.terminal:
+                break
+
+
+def test_the_tokens_decoded_per_child_do_not_grow_with_the_answer():
+    """Each child's new-turn check decoded the whole answer (1000 tokens at the end of a 1000-token answer, O(answer^2)
+    per answer): now a window of its last tokens."""
+    tok = tokenizer()
+    answer = tok(TEXT * 20, add_special_tokens=False)["input_ids"][:1000]
+    search, decoded = answer_search(RainConfig(turn_marker="Human:")), []
+    node, root, real_decode = search.tree.root, search.ctx.root_ids, type(tok).decode
+
+    def counting_decode(self, ids, *args, **kwargs):
+        decoded[-1] += len(ids)
+        return real_decode(self, ids, *args, **kwargs)
+
+    type(tok).decode = counting_decode
+    try:
+        for start in range(0, len(answer), 10):
+            decoded.append(0)
+            node = search._add_child(node, root + answer[:start], answer[start:start + 10], 1.0)
+            assert not node.terminal
+    finally:
+        type(tok).decode = real_decode
+    # windows of len("Human:") + 8 + 9 tokens after 8 more, each decoded 3 times at most, doubled twice at most
+    widths = [(6 + 8 + 9) * 2 ** k for k in range(3)]
+    assert len(answer) == 1000 and max(decoded) <= sum(3 * (w + 8) for w in widths) < 1000
