@@ -153,9 +153,10 @@ def trl_fused_head_loss():
     return build
 
 
-def make_batch(rows, tokens, vocab, device, seed=0):
-    """B rows of T random tokens; labels are the ids with the first quarter of each row (the prompt) at -100."""
-    generator = torch.Generator().manual_seed(seed)
+def make_batch(rows, tokens, vocab, device):
+    """B rows of T random tokens (seed 0: every call the same batch); labels are the ids with the first quarter of
+    each row (the prompt) at -100."""
+    generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab, (rows, tokens), generator=generator)
     labels = input_ids.clone()
     labels[:, :tokens // 4] = -100
