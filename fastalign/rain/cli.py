@@ -21,28 +21,27 @@ import hashlib
 import json
 import os
 import sys
-from typing import AbstractSet, List, Optional, Set
+from typing import Callable, List, Optional, Set
 
 import torch
 
 from fastalign.cli import (INTERRUPTED_HINTS, MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_field_used,
                            check_model_dir, check_output_file, check_output_is_no_input, memory_size_argument,
                            template_kwargs_argument)
-from fastalign.evaluation.generation import before_end, eos_ids, pad_id
+from fastalign.evaluation.generation import eos_ids
 from fastalign.evaluation.prompts import hh_messages, hh_prompts, read_prompts
-from fastalign.model_context import config_positions, model_positions
+from fastalign.model_context import config_positions
 from fastalign.model_files import model_files_digest
 from fastalign.output_lock import output_lock
 from fastalign.pretrained import load_config, load_pretrained, load_tokenizer
-from fastalign.unlearn.encoding import tokenize_prompts
 from fastalign.unlearn.config import dataclass_from_dict, read_config_file, settings_mapping
 from fastalign.unlearn.records import DataError, read_text
 from fastalign.unlearn.templates import ChatTemplate, chat_option_problem
 from fastalign.writable import DiskFullError, naming_a_full_disk
 
 from .config import RainConfig
-from .dialogue import after_prefix
 from .judge import JudgePrompt
+from .vanilla import greedy_answer
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -184,45 +183,6 @@ def option_text(path: Optional[str], argument: str) -> str:
         raise UsageError(f"{argument}: {exc}") from None
 
 
-@torch.no_grad()
-def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, turn_marker: str,
-                  max_length: Optional[int] = None, generation_prefix: str = "",
-                  end_ids: Optional[AbstractSet[int]] = None) -> str:
-    """Plain KV-cached greedy decoding, cut before a new user turn, whatever the checkpoint's generation config sets
-    (its num_beams, repetition_penalty or suppress_tokens decoded otherwise, its return_dict_in_generate failed every
-    record): generate fills what the config it is given leaves unset from the model's, which is swapped out meanwhile.
-    Like RAIN's answer, it reads the prompt after the `generation_prefix` as the same ids (`dialogue.after_prefix`),
-    with one BOS where the text writes it (a chat template's rendering) and without an appended EOS
-    (`tokenize_prompts`), ends at RAIN's end tokens (`eos_ids`: the generation config's, and a chat template's end of
-    turn that it leaves out; `end_ids` where the caller found them already: finding them renders the chat template),
-    which its text leaves out as `fastalign eval` does, and stops at max_new_tokens (0 = no limit), at max_length
-    tokens in all and within the model's context (a model with learned positions fails past it, which stopped the
-    whole run)."""
-    from transformers import GenerationConfig
-
-    prefix_ids = tokenize_prompts(tokenizer, [generation_prefix])[0] if generation_prefix else []
-    ids = torch.tensor([prefix_ids + after_prefix(tokenizer, generation_prefix, prefix_ids, prompt)],
-                       device=next(model.parameters()).device)
-    totals = [n for n in (max_length, model_positions(model)) if n]
-    if totals:
-        room = min(totals) - ids.shape[1]
-        max_new_tokens = min(max_new_tokens, room) if max_new_tokens else room
-    elif not max_new_tokens:
-        raise ValueError("greedy_answer: max_new_tokens 0 (no limit) needs max_length or a model context")
-    if max_new_tokens <= 0:
-        return ""
-    eos = eos_ids(model, tokenizer) if end_ids is None else end_ids   # before the swap: the checkpoint's among them
-    greedy = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                              pad_token_id=pad_id(tokenizer), eos_token_id=sorted(eos))
-    checkpoint, model.generation_config = getattr(model, "generation_config", None), greedy
-    try:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=greedy)
-    finally:
-        model.generation_config = checkpoint
-    text = tokenizer.decode(before_end(out[0, ids.shape[1]:].tolist(), eos), skip_special_tokens=True)
-    return text.split(turn_marker)[0] if turn_marker else text
-
-
 def run(args) -> int:
     """Handler of `fastalign rain`: 0 on success, 2 on a usage error (another process writing --output too), 1 where
     prompts failed or the disk filled up."""
@@ -238,17 +198,69 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from transformers import AutoModelForCausalLM
-
     from fastalign._C import PoolExhaustedError
 
-    from . import RainStats, rain_generate
+    from . import rain_generate
     from .distributed import gather, join_from_env, leave, merge_rank_files
-    from .embeddings import make_embedder
     from .records import open_for_append
 
-    check_model_dir(args.model, "--model")
     source, source_arg = (args.hh, "--hh") if args.hh else (args.prompts, "--prompts")
+    chat = _check_arguments(args, source, source_arg)
+    prompts = _read_prompts(args, chat, source_arg)
+    config, judge = settings(args)    # bad settings are usage errors found before the model loads
+    tokenizer = _checked_tokenizer(args, judge, chat)
+    embedder = _embedder(args.embedding)
+    prefix = option_text(args.generation_prefix_file, "--generation-prefix-file")
+    check_output_file(args.output)
+    check_output_is_no_input(args.output, {source_arg: source})
+    run_id = run_identity(args, config, judge, prefix)
+    done = _done_indices(args.output, prompts, run_id)
+    if args.limit:
+        prompts = prompts[:args.limit]
+    placement = join_from_env()
+    try:
+        model = _load_model(args, placement.local_rank)
+        runner = _tree_runner(model, args) if args.engine == "tree" else None
+        end_ids = eos_ids(model, tokenizer)   # once: each vanilla answer stops at them
+        mine = placement.share(range(len(prompts)))   # skipped ones counted per share: other ranks write meanwhile
+        todo = [i for i in mine if i not in done]
+        failed: List[str] = []
+        records = placement.output(args.output)   # --output, or this process's rank file
+        with naming_a_full_disk(records), _progress(len(todo), placement.rank) as progress, \
+                open_for_append(records) as out:
+            vanilla = None if args.no_vanilla else (
+                lambda prompt: greedy_answer(model, tokenizer, prompt, config.max_new_tokens, config.turn_marker,
+                                             config.max_length, prefix, end_ids))
+            write = _record_writer(out, prompts, run_id, vanilla, failed, progress)
+            try:
+                run_ = rain_generate(model, tokenizer, [prompts[i] for i in todo], config, engine=args.engine,
+                                     judge_prompt=judge, embedding=embedder, sampler=args.sampler,
+                                     generation_prefix=prefix, chat_template=chat, system=args.system,
+                                     chat_template_kwargs=args.chat_template_kwargs,
+                                     concurrency=args.concurrency, runner=runner, on_result=write,
+                                     indices=todo)
+            except PoolExhaustedError as exc:   # a prompt's own shortage stays in its record: this is the shared one
+                raise UsageError(f"--kv-tokens {args.kv_tokens} is too small for the judge's few-shot prefix, which "
+                                 f"every prompt shares: {exc}") from None
+        summaries = gather(placement, (len(todo), len(mine) - len(todo), len(failed), run_.stats))
+        with naming_a_full_disk(args.output):
+            merge_rank_files(placement, args.output)
+        if summaries is not None:
+            print(json.dumps(_summary(summaries, placement.world_size), indent=1))
+    finally:
+        leave(placement)
+    if failed:   # a script that runs `fastalign eval --answers` next must not take a failed run for a finished one
+        hint = " (a KV pool too small for them: raise --kv-tokens)" if any("KV pool" in e for e in failed) else ""
+        print(f"fastalign rain: {len(failed)} of {len(todo)} prompts failed{hint}; their records hold the error, and "
+              f"rerunning the command retries them. First error: {failed[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_arguments(args, source: str, source_arg: str) -> bool:
+    """Checks the options that need no file read (the prompts' file must exist): UsageError for a bad one. Returns
+    whether the prompts are chat messages (--template chat)."""
+    check_model_dir(args.model, "--model")
     if not os.path.isfile(source):
         raise UsageError(f"{source_arg}: no file at {source!r}")
     check_field_used(args.field, "--field", args.prompts, source_arg)
@@ -261,13 +273,6 @@ def _run(args) -> int:
     if args.judge_dialogue is not None and not chat:
         raise UsageError(f"--judge-dialogue shows a user message of --template chat: it needs --template chat, "
                          f"not {args.template} (the judge reads a raw prompt as it is)")
-    try:
-        if args.hh:
-            prompts = hh_messages(args.hh) if chat else hh_prompts(args.hh)
-        else:
-            prompts = read_prompts(args.prompts, args.field or "prompt")
-    except ValueError as exc:  # DataError included: malformed JSON, unreadable file
-        raise UsageError(f"{source_arg}: {exc}") from None
     if args.limit < 0:
         raise UsageError(f"--limit must be >= 0 (0 = all prompts), got {args.limit}")
     if args.concurrency < 1:
@@ -283,83 +288,88 @@ def _run(args) -> int:
         check_device(args.device)
     if args.output.endswith(".gz"):    # plain text under that name: `fastalign eval --answers` would gunzip it
         raise UsageError(f"--output: records are appended as plain text, so not to a .gz file: {args.output!r}")
-    config, judge = settings(args)    # bad settings are usage errors found before the model loads
-    tokenizer = _checked_tokenizer(args, judge, chat)
+    return chat
+
+
+def _read_prompts(args, chat: bool, source_arg: str) -> List:
+    """The prompts of --hh (chat messages with --template chat) or --prompts; UsageError for a malformed file."""
     try:
-        embedder = make_embedder(args.embedding)   # else every prompt failed after its first iteration
+        if args.hh:
+            return hh_messages(args.hh) if chat else hh_prompts(args.hh)
+        return read_prompts(args.prompts, args.field or "prompt")
+    except ValueError as exc:  # DataError included: malformed JSON, unreadable file
+        raise UsageError(f"{source_arg}: {exc}") from None
+
+
+def _embedder(name: str):
+    """The sibling-similarity embedder --embedding names; UsageError where it cannot be made (else every prompt
+    failed after its first iteration)."""
+    from .embeddings import make_embedder
+
+    try:
+        return make_embedder(name)
     except (ValueError, ImportError) as exc:
         raise UsageError(str(exc)) from None
-    prefix = option_text(args.generation_prefix_file, "--generation-prefix-file")
-    check_output_file(args.output)
-    check_output_is_no_input(args.output, {source_arg: source})
-    run_id = run_identity(args, config, judge, prefix)
-    done = done_indices(args.output, prompts, run_id)
-    if args.limit:
-        prompts = prompts[:args.limit]
-    placement = join_from_env()
-    try:
-        device = args.device or (f"cuda:{placement.local_rank}" if torch.cuda.is_available() else "cpu")
-        try:
-            dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-            model = load_pretrained(AutoModelForCausalLM, args.model, dtype=dtype)
-        except (OSError, ValueError) as exc:   # e.g. no weights: a traceback, and exit code 1 (a failed prompt's)
-            raise UsageError(f"--model: cannot load a causal LM from {args.model!r}: {exc}") from None
-        model = model.to(device).eval()
-        runner = _tree_runner(model, args) if args.engine == "tree" else None
-        end_ids = eos_ids(model, tokenizer)   # once: each vanilla answer stops at them
-        mine = placement.share(range(len(prompts)))   # skipped ones counted per share: other ranks write meanwhile
-        todo = [i for i in mine if i not in done]
-        failed = []
-        records = placement.output(args.output)   # --output, or this process's rank file
-        with naming_a_full_disk(records), _progress(len(todo), placement.rank) as progress, \
-                open_for_append(records) as out:
-            def write(result):
-                index, vanilla, error = result.index, None, result.error
-                if not args.no_vanilla and error is None:
-                    try:   # a failure here (a CUDA out-of-memory) would stop the search of every prompt
-                        vanilla = greedy_answer(model, tokenizer, result.model_prompt, config.max_new_tokens,
-                                                config.turn_marker, config.max_length, prefix, end_ids)
-                    except Exception as exc:
-                        error = f"vanilla answer: {type(exc).__name__}: {exc}"
-                if error is not None:
-                    failed.append(error)
-                out.write(json.dumps({"index": index, "prompt": prompts[index], "rain": result.answer,
-                                      "vanilla": vanilla, "error": error,
-                                      "stats": result.stats.as_dict(), "run": run_id}) + "\n")
-                out.flush()
-                progress(result)
 
+
+def _done_indices(path: str, prompts: List[str], run_id: dict) -> Set[int]:
+    """records.done_indices, its ValueError (the records are of other prompts, model or settings) a UsageError."""
+    from .records import done_indices
+
+    try:
+        return done_indices(path, prompts, run_id)
+    except ValueError as exc:
+        raise UsageError(f"--output: {exc}") from None
+
+
+def _load_model(args, local_rank: int):
+    """--model in --dtype, evaluating on --device (default cuda:LOCAL_RANK where CUDA is present, else cpu)."""
+    from transformers import AutoModelForCausalLM
+
+    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+        model = load_pretrained(AutoModelForCausalLM, args.model, dtype=dtype)
+    except (OSError, ValueError) as exc:   # e.g. no weights: a traceback, and exit code 1 (a failed prompt's)
+        raise UsageError(f"--model: cannot load a causal LM from {args.model!r}: {exc}") from None
+    return model.to(device).eval()
+
+
+def _record_writer(out, prompts: List, run_id: dict, vanilla: Optional[Callable[[str], str]], failed: List[str],
+                   progress: Callable):
+    """rain_generate's on_result: appends a finished prompt's record to `out` and flushes it (a killed run resumes
+    after it), with the greedy answer `vanilla(model_prompt)` (None: --no-vanilla) of a prompt searched without an
+    error; a failing vanilla answer is the record's error (a CUDA out-of-memory must not stop every prompt's search).
+    Each record's error is appended to `failed`."""
+    def write(result):
+        answer, error = None, result.error
+        if vanilla is not None and error is None:
             try:
-                run_ = rain_generate(model, tokenizer, [prompts[i] for i in todo], config, engine=args.engine,
-                                     judge_prompt=judge, embedding=embedder, sampler=args.sampler,
-                                     generation_prefix=prefix, chat_template=chat, system=args.system,
-                                     chat_template_kwargs=args.chat_template_kwargs,
-                                     concurrency=args.concurrency, runner=runner, on_result=write,
-                                     indices=todo)
-            except PoolExhaustedError as exc:   # a prompt's own shortage stays in its record: this is the shared one
-                raise UsageError(f"--kv-tokens {args.kv_tokens} is too small for the judge's few-shot prefix, which "
-                                 f"every prompt shares: {exc}") from None
-        summaries = gather(placement, (len(todo), len(mine) - len(todo), len(failed), run_.stats))
-        with naming_a_full_disk(args.output):
-            merge_rank_files(placement, args.output)
-        if summaries is not None:
-            stats = RainStats()
-            for *_, s in summaries:
-                stats.add(s)
-            stats.model_calls = sum(s.model_calls for *_, s in summaries)
-            stats.wall_seconds = max(s.wall_seconds for *_, s in summaries)
-            print(json.dumps({"prompts": sum(n for n, _, _, _ in summaries),
-                              "skipped_done": sum(k for _, k, _, _ in summaries),
-                              "errors": sum(e for _, _, e, _ in summaries), "processes": placement.world_size,
-                              "stats": stats.as_dict()}, indent=1))
-    finally:
-        leave(placement)
-    if failed:   # a script that runs `fastalign eval --answers` next must not take a failed run for a finished one
-        hint = " (a KV pool too small for them: raise --kv-tokens)" if any("KV pool" in e for e in failed) else ""
-        print(f"fastalign rain: {len(failed)} of {len(todo)} prompts failed{hint}; their records hold the error, and "
-              f"rerunning the command retries them. First error: {failed[0]}", file=sys.stderr)
-        return 1
-    return 0
+                answer = vanilla(result.model_prompt)
+            except Exception as exc:
+                error = f"vanilla answer: {type(exc).__name__}: {exc}"
+        if error is not None:
+            failed.append(error)
+        out.write(json.dumps({"index": result.index, "prompt": prompts[result.index], "rain": result.answer,
+                              "vanilla": answer, "error": error,
+                              "stats": result.stats.as_dict(), "run": run_id}) + "\n")
+        out.flush()
+        progress(result)
+    return write
+
+
+def _summary(summaries, world_size: int) -> dict:
+    """The run's summary printed at its end, from each rank's (searched, skipped as done, failed, RainStats): their
+    sums, model calls summed and the wall time of the slowest rank."""
+    from . import RainStats
+
+    stats = RainStats()
+    for *_, s in summaries:
+        stats.add(s)
+    stats.model_calls = sum(s.model_calls for *_, s in summaries)
+    stats.wall_seconds = max(s.wall_seconds for *_, s in summaries)
+    return {"prompts": sum(n for n, _, _, _ in summaries), "skipped_done": sum(k for _, k, _, _ in summaries),
+            "errors": sum(e for _, _, e, _ in summaries), "processes": world_size, "stats": stats.as_dict()}
 
 
 def _tree_runner(model, args):
@@ -401,35 +411,6 @@ def run_identity(args, config: RainConfig, judge: JudgePrompt, prefix: str) -> d
         settings["engine"] = args.engine
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"model": os.path.abspath(args.model), "model_files": model_files_digest(args.model), "settings": digest}
-
-
-def done_indices(path: str, prompts: List[str], run_id: dict) -> Set[int]:
-    """The prompt indices recorded without an error in `path` or in any of its rank files, which the resume
-    skips (a prompt that failed is searched again); UsageError when those records are of other prompts or were
-    made with another model or settings: the resume would keep them as this run's answers."""
-    from .records import latest_records, rank_files, succeeded
-
-    try:
-        records = latest_records([path] + rank_files(path))
-    except ValueError as exc:    # a file of other data, a corrupted line: JSONDecodeError or KeyError tracebacks
-        raise UsageError(f"--output: {exc}; choose another --output") from None
-    for index, record in sorted(records.items()):
-        if index >= len(prompts) or record.get("prompt") != prompts[index]:
-            raise UsageError(f"--output: {path!r} holds a record of another prompt at index {index} "
-                             f"({str(record.get('prompt'))[:60]!r}): it was written for other prompts; choose "
-                             "another --output")
-        run = record.get("run", run_id)   # records written before 2026-12-01 carry none
-        if run != run_id:
-            model = {k: run_id[k] for k in ("model", "model_files")}
-            what = "model" if not isinstance(run, dict) or {k: run.get(k) for k in model} != model else "settings"
-            made = "another model" if what == "model" else "other settings"
-            which = ("the same --model (the same path, holding the same files)" if what == "model" else
-                     "the same search and judge settings (--config, --max-new-tokens, --root-visits, --seed, "
-                     "--parallel-leaves, --virtual-loss, the judge options), --template, --system, "
-                     "--chat-template-kwargs, --generation-prefix-file, --dtype, --sampler, --embedding and --engine")
-            raise UsageError(f"--output: {path!r} holds records made with {made} ({run}, now "
-                             f"{run_id}); rerun with {which} to resume, or choose another --output")
-    return succeeded(records)
 
 
 def _checked_tokenizer(args, judge: JudgePrompt, chat: bool):

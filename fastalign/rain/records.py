@@ -86,6 +86,34 @@ def rank_files(path: str) -> List[str]:
     return sorted(p for p in glob.glob(glob.escape(path) + ".rank*") if p[len(path) + len(".rank"):].isdigit())
 
 
+def done_indices(path: str, prompts: List[str], run_id: dict) -> Set[int]:
+    """The prompt indices recorded without an error in `path` or in any of its rank files, which the resume
+    skips (a prompt that failed is searched again); ValueError when those records are of other prompts or were
+    made with another model or settings (`run_id`, the run's "run" field): the resume would keep them as this run's
+    answers."""
+    try:
+        records = latest_records([path] + rank_files(path))
+    except ValueError as exc:    # a file of other data, a corrupted line: JSONDecodeError or KeyError tracebacks
+        raise ValueError(f"{exc}; choose another --output") from None
+    for index, record in sorted(records.items()):
+        if index >= len(prompts) or record.get("prompt") != prompts[index]:
+            raise ValueError(f"{path!r} holds a record of another prompt at index {index} "
+                             f"({str(record.get('prompt'))[:60]!r}): it was written for other prompts; choose "
+                             "another --output")
+        run = record.get("run", run_id)   # records written before 2026-12-01 carry none
+        if run != run_id:
+            model = {k: run_id[k] for k in ("model", "model_files")}
+            what = "model" if not isinstance(run, dict) or {k: run.get(k) for k in model} != model else "settings"
+            made = "another model" if what == "model" else "other settings"
+            which = ("the same --model (the same path, holding the same files)" if what == "model" else
+                     "the same search and judge settings (--config, --max-new-tokens, --root-visits, --seed, "
+                     "--parallel-leaves, --virtual-loss, the judge options), --template, --system, "
+                     "--chat-template-kwargs, --generation-prefix-file, --dtype, --sampler, --embedding and --engine")
+            raise ValueError(f"{path!r} holds records made with {made} ({run}, now "
+                             f"{run_id}); rerun with {which} to resume, or choose another --output")
+    return succeeded(records)
+
+
 def open_for_append(path: str):
     """Opens `path` to append records, so that the next one starts on a line of its own: a torn last line is cut
     off, a whole last record without its newline gets it; creates missing parent directories."""

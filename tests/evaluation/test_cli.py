@@ -861,7 +861,7 @@ def test_hh_dialogue_answers_end_at_a_new_human_turn_as_rains(tmp_path, capsys):
     that the judge reads the assistant's reply alone and the rate compares with rain's. The answer ran on through
     the turns the model went on to write for the human, and was judged on them."""
     import gzip
-    from fastalign.rain.cli import greedy_answer
+    from fastalign.rain.vanilla import greedy_answer
     model, tokenizer = dialogue_model()
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")

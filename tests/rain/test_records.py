@@ -7,7 +7,7 @@ import re
 import pytest
 
 from fastalign.evaluation.answers import read_answers
-from fastalign.rain.records import latest_records, open_for_append, read_records
+from fastalign.rain.records import done_indices, latest_records, open_for_append, read_records
 
 
 def record(index, error=None):
@@ -72,3 +72,21 @@ def test_a_last_line_of_other_data_without_its_newline_is_refused_not_cut_off(tm
     with pytest.raises(ValueError, match=f"{re.escape(str(path))}: row 1: "):
         latest_records([str(path)])
     assert path.read_text() == text
+
+
+def test_the_resume_skips_the_prompts_done_and_refuses_records_of_other_prompts_or_runs(tmp_path):
+    """done_indices: the indices recorded without an error (in the file or its rank files) for these prompts and
+    this run; records of other prompts or of another run are a ValueError naming the file, which the CLI makes a
+    usage error of --output."""
+    run = {"model": "/m", "model_files": "abc", "settings": "123"}
+    prompts = [f"prompt {i}" for i in range(4)]
+    path = tmp_path / "out.jsonl"
+    path.write_text(lines(*({**r, "run": run} for r in (record(0), record(1, error="interrupted")))))
+    (tmp_path / "out.jsonl.rank1").write_text(lines({**record(3), "run": run}))
+    assert done_indices(str(path), prompts, run) == {0, 3}
+    with pytest.raises(ValueError, match=f"{re.escape(repr(str(path)))} holds a record of another prompt at index 3"):
+        done_indices(str(path), prompts[:3], run)
+    with pytest.raises(ValueError, match="holds records made with other settings"):
+        done_indices(str(path), prompts, {**run, "settings": "456"})
+    with pytest.raises(ValueError, match="holds records made with another model"):
+        done_indices(str(path), prompts, {**run, "model_files": "def"})
