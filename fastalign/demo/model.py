@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Tuple, Union
 
+from fastalign.data_files import read_text
 from fastalign.ops.checks import is_integer
 from fastalign.pretrained import load_pretrained
-from fastalign.unlearn.records import read_text
 
 from .world import World
 

@@ -28,7 +28,7 @@ from ..unlearn.extras import require_extras
 from ..unlearn.records import QAPair
 from ..unlearn.reference import ReferenceMode
 from ..unlearn.streams import UnlearningStreams
-from ..unlearn.templates import TextTemplate
+from fastalign.prompt_templates import TextTemplate
 from ..unlearn.trainer import UnlearningTrainer
 from .model import ASSETS, load_model, load_world
 from .world import JUDGE_PROMPT, QA, World, prompt_text

@@ -51,8 +51,8 @@ from fastalign.cli import (INTERRUPTED_HINTS, MODEL_DTYPES, HelpFormatter, Usage
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.output_lock import output_lock
 from fastalign.pretrained import load_config, load_pretrained, load_tokenizer
+from fastalign.prompt_templates import ChatTemplate, chat_option_problem
 from fastalign.rain.records import rank_files
-from fastalign.unlearn.templates import ChatTemplate, chat_option_problem
 from fastalign.writable import DiskFullError, naming_a_full_disk
 
 from .answers import read_answers

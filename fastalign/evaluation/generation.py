@@ -29,10 +29,10 @@ from fastalign.model_vocabulary import check_embedded, input_vocabulary, probe_i
 from fastalign.ops.checks import is_integer, refuse_one_string
 from fastalign.runtime.hf_cache_argument import (cache_kwargs, refuse_prompt_adapter_over_a_cache, returned_cache,
                                                  takes_logits_to_keep)
+from fastalign.prompt_templates import end_of_turn_id
+from fastalign.prompt_tokens import tokenize_prompts
 from fastalign.token_text import CONTEXT, ending_text, text_after
-from fastalign.unlearn.encoding import tokenize_prompts
 from fastalign.unlearn.models import function_source
-from fastalign.unlearn.templates import end_of_turn_id
 
 
 @dataclass(frozen=True)

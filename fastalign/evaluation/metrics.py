@@ -15,12 +15,13 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from fastalign.unlearn.encoding import answer_tokens, tokenize_texts
 from fastalign.eval_mode import eval_mode
 from fastalign.model_devices import input_device
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.ops.checks import check_count, is_integer
+from fastalign.prompt_tokens import tokenize_texts
 from fastalign.runtime.hf_cache_argument import takes_logits_to_keep
+from fastalign.unlearn.encoding import answer_tokens
 
 from .judges import Judge, Pair, check_verdicts
 

@@ -9,9 +9,9 @@ it); every error names the file and the row (the line a record starts on), as th
 import os
 from typing import List, Optional
 
+from fastalign.data_files import LINE_BREAK, DataError, read_csv, read_jsonl, read_text, text_field
+from fastalign.prompt_templates import SPEC_TEMPLATE, ChatTemplate
 from fastalign.unlearn.formats import hh_line_break_hint
-from fastalign.unlearn.records import LINE_BREAK, DataError, read_csv, read_jsonl, read_text, text_field
-from fastalign.unlearn.templates import SPEC_TEMPLATE, ChatTemplate
 
 # What a model continues to answer a question in the SPEC's format: the template up to the answer, without
 # the trailing space (a tokenizer attaches that space to the answer's first word).
@@ -98,7 +98,7 @@ def read_prompts(path: str | os.PathLike[str], field: str = "prompt") -> List[st
 
 
 def _prompt(record: dict, field: str, path: str, row: int) -> str:
-    """`record`'s field `field` as records.text_field reads it (present, a string, text), and not blank: a blank
+    """`record`'s field `field` as data_files.text_field reads it (present, a string, text), and not blank: a blank
     prompt asks the model nothing. A DataError names the file, the row and the field, as the data files' errors do."""
     value = text_field(record, field, path, row)
     if not value.strip():

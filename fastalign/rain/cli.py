@@ -28,15 +28,15 @@ import torch
 from fastalign.cli import (INTERRUPTED_HINTS, MODEL_DTYPES, HelpFormatter, UsageError, check_device, check_field_used,
                            check_model_dir, check_output_file, check_output_is_no_input, memory_size_argument,
                            template_kwargs_argument)
+from fastalign.config_files import dataclass_from_dict, read_config_file, settings_mapping
+from fastalign.data_files import DataError, read_text
 from fastalign.evaluation.generation import eos_ids
 from fastalign.evaluation.prompts import hh_messages, hh_prompts, read_prompts
 from fastalign.model_context import config_positions
 from fastalign.model_files import model_files_digest
 from fastalign.output_lock import output_lock
 from fastalign.pretrained import load_config, load_pretrained, load_tokenizer
-from fastalign.unlearn.config import dataclass_from_dict, read_config_file, settings_mapping
-from fastalign.unlearn.records import DataError, read_text
-from fastalign.unlearn.templates import ChatTemplate, chat_option_problem
+from fastalign.prompt_templates import ChatTemplate, chat_option_problem
 from fastalign.writable import DiskFullError, naming_a_full_disk
 
 from .config import RainConfig

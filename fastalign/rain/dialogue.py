@@ -7,9 +7,9 @@ text: only the answer's end is read for it (token_text.ending_text).
 """
 from typing import AbstractSet, List, Sequence
 
+from fastalign.prompt_templates import ChatTemplate
+from fastalign.prompt_tokens import tokenize_prompts
 from fastalign.token_text import ending_text
-from fastalign.unlearn.encoding import tokenize_prompts
-from fastalign.unlearn.templates import ChatTemplate
 
 from .config import RainConfig
 from .judge import encode_piece

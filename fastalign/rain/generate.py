@@ -16,10 +16,10 @@ from fastalign.evaluation.generation import before_end, eos_ids
 from fastalign.model_context import model_positions
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.ops.checks import check_count, is_integer, refuse_one_string
+from fastalign.prompt_templates import ChatTemplate, chat_option_problem
+from fastalign.prompt_tokens import tokenize_prompts
 from fastalign.runtime import PoolExhaustedError
 from fastalign.runtime.hf_cache_argument import refuse_prompt_adapter_over_a_cache
-from fastalign.unlearn.templates import ChatTemplate, chat_option_problem
-from fastalign.unlearn.encoding import tokenize_prompts
 
 from .config import RainConfig
 from .dialogue import after_prefix, cut_at_turn, reply_lead

@@ -22,8 +22,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from fastalign.unlearn.encoding import tokenize_prompts
-from fastalign.unlearn.templates import ChatTemplate
+from fastalign.prompt_templates import ChatTemplate
+from fastalign.prompt_tokens import tokenize_prompts
 
 from .ledger import EMPTY_KEY
 from .minimum import chain_key

@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
+from fastalign.data_files import read_jsonl
 from fastalign.ops.checks import is_integer
-from fastalign.unlearn.records import read_jsonl
 
 _START = '{"index": '   # how every record begins (json.dumps of a dict whose first key is "index")
 

@@ -6,7 +6,7 @@ import torch
 
 from fastalign.evaluation.generation import before_end, eos_ids, pad_id
 from fastalign.model_context import model_positions
-from fastalign.unlearn.encoding import tokenize_prompts
+from fastalign.prompt_tokens import tokenize_prompts
 
 from .dialogue import after_prefix
 

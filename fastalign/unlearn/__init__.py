@@ -17,13 +17,15 @@ if TYPE_CHECKING:   # what type checkers and editors read; at run time lazy_expo
     from fastalign.unlearn.layer_stand_ins import fused_layers
     from fastalign.unlearn.objective import LossTerms, LossWeights, UnlearningObjective
     from fastalign.unlearn.packing import PackedRows, RowPacker, pack_rows
-    from fastalign.unlearn.records import DataError, QAPair
+    from fastalign.unlearn.records import QAPair
     from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
     from fastalign.unlearn.run import load_streams, run_unlearning
     from fastalign.unlearn.streams import UnlearningBatch, UnlearningStreams
-    from fastalign.unlearn.templates import ChatTemplate, TextTemplate
     from fastalign.unlearn.token_weights import unlearning_token_weights
     from fastalign.unlearn.trainer import RunSummary, StepRecord, UnlearningTrainer
+    # helpers of the whole package, which the README documents under fastalign.unlearn
+    from fastalign.data_files import DataError
+    from fastalign.prompt_templates import ChatTemplate, TextTemplate
 
 __all__ = ["step_in_backward", "TokenBatch", "UnlearnConfig", "EncodedExample", "PoolAnswer", "encode_answers",
            "encode_pairs", "MissingExtraError", "load_hh_rlhf", "load_pairs", "load_pku_saferlhf",

@@ -23,8 +23,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from fastalign.data_files import DataError, read_jsonl
 from fastalign.unlearn.config import UnlearnConfig
-from fastalign.unlearn.records import DataError, read_jsonl
 from fastalign.writable import naming_a_full_disk
 
 CHECKPOINTS = "checkpoints"

@@ -12,8 +12,9 @@ import sys
 from dataclasses import fields
 
 from fastalign.cli import INTERRUPTED_HINTS, check_model_dir, template_kwargs_argument
+from fastalign.config_files import read_config_file
 from fastalign.ops.backend import BACKENDS
-from fastalign.unlearn.config import PRECISIONS, UnlearnConfig, read_config_file
+from fastalign.unlearn.config import PRECISIONS, UnlearnConfig
 from fastalign.unlearn.formats import FORMATS
 from fastalign.unlearn.lora_merge import MERGE_ERROR_WARNING
 from fastalign.unlearn.packing import MODES as PACKING_MODES
@@ -256,10 +257,10 @@ def is_main_process() -> bool:
 
 
 def main(args: argparse.Namespace) -> int:
+    from fastalign.data_files import DataError
     from fastalign.unlearn.checkpoint import resume_point
     from fastalign.unlearn.extras import MissingExtraError, require_extras
     from fastalign.unlearn.packing import RowPacker
-    from fastalign.unlearn.records import DataError
     from fastalign.unlearn.run import load_model_and_tokenizer, load_streams, run_unlearning
     from fastalign.unlearn.trainer import UnlearningTrainer
 

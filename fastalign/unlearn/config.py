@@ -6,56 +6,26 @@ answers per prompt, weights 0.5 / 1.0 / 1.0, early stop once the forget NLL exce
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
 import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-import yaml
-
+from fastalign.config_files import dataclass_from_dict
+from fastalign.data_files import DataError, check_data_file
 from fastalign.ops.backend import Backend, check_backend
 from fastalign.ops.checks import check_count, is_real
-from fastalign.writable import cannot_create_in
-from fastalign.unlearn.records import DataError, KeyTwice, check_data_file, object_of_unique_keys, read_text
+from fastalign.prompt_templates import SPEC_TEMPLATE, chat_option_problem
 from fastalign.unlearn.formats import FORMATS, Format
 from fastalign.unlearn.objective import LossWeights
 from fastalign.unlearn.packing import MODES as PACKING_MODES, Packing
 from fastalign.unlearn.reference import CACHE_STORAGES, REFERENCE_MODES, CacheStorage, ReferenceMode
-from fastalign.unlearn.templates import SPEC_TEMPLATE, chat_option_problem
+from fastalign.writable import cannot_create_in
 
 Precision = Literal["fp32", "bf16-mixed", "bf16"]
 PRECISIONS = get_args(Precision)
 SEED_MAX = 2**64 - 1   # the largest seed torch.manual_seed takes (a larger one: "Overflow when unpacking long long")
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading `2e-6` and `1.0e5` as floats (YAML 1.1 reads them as strings, so the
-    default learning rate written as a YAML user writes it would be refused as text), and refusing a key written
-    twice in a mapping (PyYAML keeps the last value silently; a key merged in by `<<` may be written again, as YAML's
-    merge allows)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                if key_node.value in seen:
-                    raise yaml.constructor.ConstructorError(None, None, f"key {key_node.value!r} given twice",
-                                                            key_node.start_mark)
-                seen.add(key_node.value)
-        return super().construct_mapping(node, deep=deep)
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
-
-
-def _load_yaml(text: str):
-    return yaml.load(text, Loader=_YamlLoader)
 
 
 def _default(name: str):
@@ -296,50 +266,3 @@ def _items(name: str, value, expected: str, kinds=(str, os.PathLike)) -> list:
     if not isinstance(items, (list, tuple)) or not all(isinstance(item, kinds) for item in items):
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return list(items)
-
-
-def dataclass_from_dict(cls, values: dict, origin: str):
-    """cls(**values); ValueError naming `origin` and every unknown setting (with the known ones) first."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{origin}: unknown setting(s) {unknown}; known: {sorted(known)}")
-    return cls(**values)
-
-
-def read_config_file(path: str | os.PathLike) -> dict:
-    """The settings of a .json, .yaml or .yml file, as a dict (unknown names are refused later)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    text = read_text(path)   # a DataError naming the file where it is not UTF-8; a BOM (Notepad's) dropped
-    if path.endswith((".yaml", ".yml")):
-        loads, errors = _load_yaml, yaml.YAMLError
-    elif path.endswith(".json"):
-        loads = functools.partial(json.loads, object_pairs_hook=object_of_unique_keys)
-        errors = (json.JSONDecodeError, KeyTwice)
-    else:
-        raise ValueError(f"config file must end in .json, .yaml or .yml: {path}")
-    try:
-        values = loads(text)
-    except errors as e:
-        raise ValueError(f"{path}: cannot be read: {e}") from None
-    return settings_mapping(values, path)
-
-
-def settings_mapping(values, origin: str) -> dict:
-    """A mapping read from a config file (`origin` names where) as settings: text names, hyphens read as
-    underscores (`max-steps` is `max_steps`, as on the command line); ValueError naming `origin` otherwise."""
-    if not isinstance(values, dict):
-        raise ValueError(f"{origin}: expected a mapping of setting names to values, got {type(values).__name__}")
-    names = [k for k in values if not isinstance(k, str)]
-    if names:  # YAML reads an unquoted `on`, `off`, `yes` or a number as a non-text key
-        raise ValueError(f"{origin}: setting names must be text, got {names!r} (quote them)")
-    settings = {}
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name in settings:
-            twice = [k for k in values if k.replace("-", "_") == name]
-            raise ValueError(f"{origin}: setting {name} given twice (as {' and '.join(map(repr, twice))})")
-        settings[name] = value
-    return settings

@@ -16,7 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from fastalign.unlearn.records import DataError, QAPair, make_pair, read_csv, read_jsonl, text_field
+from fastalign.data_files import DataError, read_csv, read_jsonl, text_field
+from fastalign.unlearn.records import QAPair, make_pair
 
 Format = Literal["pku", "hh", "jsonl"]   # the data file formats (forget_format)
 FORMATS = get_args(Format)

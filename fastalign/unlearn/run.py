@@ -9,15 +9,15 @@ import os
 import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
+from fastalign.data_files import DataError
 from fastalign.output_lock import output_lock
 from fastalign.pretrained import load_pretrained, load_tokenizer
+from fastalign.prompt_templates import ChatTemplate, TextTemplate
 from fastalign.unlearn.batching import filler_token_id
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.encoding import encode_answers, encode_pairs
 from fastalign.unlearn.formats import load_pairs, load_truthfulqa
-from fastalign.unlearn.records import DataError
 from fastalign.unlearn.streams import UnlearningStreams, mismatch_fit
-from fastalign.unlearn.templates import ChatTemplate, TextTemplate
 
 if TYPE_CHECKING:   # the trainer (and with it accelerate) is imported when a run starts
     from fastalign.unlearn.trainer import RunSummary, StepRecord

@@ -17,11 +17,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from fastalign.data_files import DataError
 from fastalign.model_vocabulary import check_embedded
 from fastalign.ops.checks import check_count, is_integer
 from fastalign.unlearn.batching import TokenBatch, collate
 from fastalign.unlearn.encoding import EncodedExample, PoolAnswer
-from fastalign.unlearn.records import DataError
 
 _FORGET_STREAM, _NORMAL_STREAM, _MISMATCH_STREAM = 1, 2, 3
 

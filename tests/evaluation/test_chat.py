@@ -9,7 +9,7 @@ from fastalign.evaluation.cli import main
 from fastalign.evaluation.generation import GenerationConfig, encode_prompts, eos_ids, generate, generations
 from fastalign.evaluation.metrics import text_token_pairs
 from fastalign.evaluation.prompts import chat_prompt
-from fastalign.unlearn.templates import end_of_turn_id
+from fastalign.prompt_templates import end_of_turn_id
 from tests.evaluation.chat_model import (BOS, CHAT_TEMPLATE, END, EOT, QUESTION, START, SYSTEM, chat_tokenizer,
                                          rigged_chat_model)
 

@@ -262,7 +262,7 @@ def test_text_pairs_count_a_token_merged_across_the_boundary_as_answer():
 def test_text_pairs_do_not_score_an_rstrip_chat_marker_as_answer():
     """Phi-3's <|assistant|> ends a chat prompt and takes the whitespace after it: with an answer that starts with a
     space it reached into the answer, and the turn marker was scored in the KL as the answer's first token."""
-    from fastalign.unlearn.templates import ChatTemplate
+    from fastalign.prompt_templates import ChatTemplate
     from tests.unlearn.test_encoding import phi3_style_tokenizer
 
     tok = phi3_style_tokenizer()

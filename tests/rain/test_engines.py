@@ -1295,9 +1295,9 @@ def test_prompt_and_generation_prefix_that_write_their_bos_keep_one(engine):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fastalign.evaluation.prompts import chat_prompt
+    from fastalign.prompt_tokens import tokenize_texts
     from fastalign.rain.ledger import EMPTY_KEY
     from fastalign.rain.minimum import chain_key
-    from fastalign.unlearn.encoding import tokenize_texts
     from tests.evaluation.chat_model import chat_tokenizer
 
     tok = chat_tokenizer()
@@ -1328,9 +1328,9 @@ def test_a_sentencepiece_model_reads_generation_prefix_and_prompt_as_one_text(en
     tokenized apart from the generation prefix, was read with a space before it ("Hello\n\n Human: ..."), text that
     neither holds and that the vanilla answer (prefix + prompt as one text) never reads. The model now reads them as
     they tokenize together, the prefix's own ids first (every prompt shares them)."""
+    from fastalign.prompt_tokens import tokenize_prompts
     from fastalign.rain.ledger import EMPTY_KEY
     from fastalign.rain.minimum import chain_key
-    from fastalign.unlearn.encoding import tokenize_prompts
     from tests.chat_families import family_tokenizer
 
     tok = family_tokenizer("mistral")
@@ -1351,7 +1351,7 @@ def test_chat_template_prompts_read_as_a_user_turn_by_the_model_and_as_the_dialo
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fastalign.evaluation.prompts import chat_prompt
-    from fastalign.unlearn.encoding import tokenize_texts
+    from fastalign.prompt_tokens import tokenize_texts
     from tests.evaluation.chat_model import QUESTION, SYSTEM, chat_tokenizer
 
     tok = chat_tokenizer()
@@ -1403,7 +1403,7 @@ def test_chat_template_kwargs_render_the_models_prompt_and_the_judges(monkeypatc
     """chat_template_kwargs are the template variables of the model's prompt and of a judge prompt rendered in the
     chat template (here: a generation prompt that ends with a reasoning block when enable_thinking is false)."""
     from fastalign.evaluation.prompts import chat_prompt
-    from fastalign.unlearn.encoding import tokenize_prompts
+    from fastalign.prompt_tokens import tokenize_prompts
 
     tok = copy.deepcopy(tokenizer())
     tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
@@ -1435,8 +1435,8 @@ def test_chat_answers_follow_the_judge_dialogue_after_a_space(monkeypatch):
     """A byte-level BPE chat model starts its answer without a space ("Mix" after the template's newlines): the
     judge reads "Assistant: Mix", as its few-shot examples show, not "Assistant:Mix"; a SentencePiece answer
     ("▁Mix") and a dialogue that ends in whitespace bring their own."""
+    from fastalign.prompt_templates import ChatTemplate
     from fastalign.rain.dialogue import reply_lead
-    from fastalign.unlearn.templates import ChatTemplate
     from tests.byte_bpe import train_byte_bpe
 
     from .test_judge import _sentencepiece_style_tokenizer

@@ -130,7 +130,7 @@ def test_chat_template_places_the_answer_prefix_in_the_assistant_turn():
         judge = JudgeTokens(tok, chat)
         text = tok.decode(judge.full_ids([], 0)[1:])
         assert text.startswith("<|user|>Judge: ") and text.endswith("<|assistant|>The answer is: (")
-        # one BOS, as the model's chat prompts have it (encoding.tokenize_prompts), though the template writes none
+        # one BOS, as the model's chat prompts have it (prompt_tokens.tokenize_prompts), though the template writes none
         assert judge.prefix_ids[0] == tok.bos_token_id and judge.prefix_ids[1] != tok.bos_token_id
     finally:
         tok.chat_template = saved

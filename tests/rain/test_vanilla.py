@@ -20,9 +20,9 @@ def test_vanilla_answer_reads_the_ids_rain_reads_after_the_generation_prefix(pre
     answers to one input: prefix + prompt as one text (RAIN read a SentencePiece "\u2581" between them, which the
     vanilla answer did not), and where the prefix's end merges with the prompt into other tokens, the prefix's own ids
     (which RAIN computes once for all prompts) then the prompt's."""
+    from fastalign.prompt_tokens import tokenize_prompts
     from fastalign.rain.ledger import EMPTY_KEY
     from fastalign.rain.minimum import chain_key
-    from fastalign.unlearn.encoding import tokenize_prompts
     from tests.chat_families import family_tokenizer
 
     tok, prompt = family_tokenizer("mistral"), prompt + "\nAssistant:"

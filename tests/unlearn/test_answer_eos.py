@@ -4,12 +4,12 @@ import copy
 import pytest
 
 from fastalign.cli import build_parser
+from fastalign.prompt_templates import ChatTemplate, TextTemplate, end_of_turn_id
 from fastalign.unlearn.cli import config_from_args
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.encoding import encode_answers, encode_pairs
 from fastalign.unlearn.records import QAPair
 from fastalign.unlearn.run import load_streams
-from fastalign.unlearn.templates import ChatTemplate, TextTemplate, end_of_turn_id
 from tests.evaluation.chat_model import EOT, chat_tokenizer
 from tests.unlearn.tiny import (FORGET_ROWS, NORMAL_ROWS, byte_bpe_tokenizer, word_level_tokenizer, write_jsonl,
                                 write_truthfulqa)

@@ -7,13 +7,14 @@ import torch
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from fastalign.data_files import DataError
+from fastalign.prompt_templates import SPEC_TEMPLATE, ChatTemplate, TextTemplate, end_of_turn_id
+from fastalign.prompt_tokens import tokenize_texts
 from fastalign.unlearn import encoding
 from fastalign.unlearn.batching import collate, filler_token_id
-from fastalign.unlearn.encoding import (EncodedExample, PoolAnswer, appends_eos, encode_answers, encode_pairs,
-                                        tokenize_prompts, tokenize_texts)
-from fastalign.unlearn.records import DataError, QAPair
+from fastalign.unlearn.encoding import EncodedExample, PoolAnswer, encode_answers, encode_pairs
+from fastalign.unlearn.records import QAPair
 from fastalign.unlearn.streams import UnlearningStreams
-from fastalign.unlearn.templates import SPEC_TEMPLATE, ChatTemplate, TextTemplate, end_of_turn_id
 from tests.byte_bpe import LLAMA3_SPLIT, train_byte_bpe
 from tests.chat_families import FAMILIES, family_tokenizer
 from tests.unlearn.test_streams import assert_pool_reading_matches_the_rows
@@ -199,21 +200,6 @@ def test_plain_pool_answer_ids_follow_the_prompts_own_tokens_and_a_lead_keeps_th
     bare, led = (forget.with_answer(answer, "s") for answer in (PoolAnswer(rome), PoolAnswer(blank + rome, len(blank))))
     assert tokenizer.decode(bare.input_ids) == "<s>How?Rome" and tokenizer.decode(led.input_ids) == "<s>How?\n\nRome"
     assert bare.input_ids[bare.answer_start:bare.answer_end] == led.input_ids[led.answer_start:led.answer_end] == rome
-
-
-def test_prompts_keep_an_eos_their_text_writes():
-    """tokenize_prompts drops only the EOS a tokenizer appends to every text: a tokenizer that appends none, or one
-    that does but reads the text without special tokens, keeps the EOS the prompt's text writes itself."""
-    from tests.tokenizer_variants import appending_eos
-
-    tokenizer = byte_bpe_tokenizer()
-    appending, text = appending_eos(tokenizer), "Hi" + tokenizer.eos_token
-    assert not appends_eos(tokenizer) and appends_eos(appending)
-    written = tokenizer(text)["input_ids"]
-    assert written[-1] == tokenizer.eos_token_id
-    assert tokenize_prompts(tokenizer, [text]) == tokenize_prompts(appending, [text]) == [written]
-    bare = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert tokenize_prompts(appending, [text], add_special_tokens=False) == [bare] and bare[-1:] == written[-1:]
 
 
 def test_slow_tokenizer_is_refused():
@@ -507,4 +493,3 @@ def test_an_rstrip_chat_marker_before_an_answer_with_leading_space_is_not_answer
         assert tokenizer.decode(answer, skip_special_tokens=True).strip() == "Paris is nice."
         assert assistant not in answer and answer.count(end) == answer_eos
         assert example.input_ids.count(end) == 2      # the template's own end of turn, none inserted
-

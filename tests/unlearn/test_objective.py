@@ -11,13 +11,13 @@ from fastalign.unlearn import models, objective
 from fastalign.unlearn.objective import LossWeights, UnlearningObjective
 from fastalign.unlearn.reference import (AdapterDisabledReference, CachedReference, FrozenCopyReference,
                                          weight_fingerprint)
+from fastalign.prompt_templates import TextTemplate
 from fastalign.reference.unlearning_loss import spec_unlearning_terms
-from fastalign.unlearn.streams import UnlearningStreams
 from fastalign.unlearn.batching import collate
 from fastalign.unlearn.encoding import EncodedExample, encode_pairs
 from fastalign.unlearn.models import at_answer_targets, final_hidden_states
 from fastalign.unlearn.records import QAPair
-from fastalign.unlearn.templates import TextTemplate
+from fastalign.unlearn.streams import UnlearningStreams
 from tests.conftest import requires_cuda
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_phi, tiny_streams
 

@@ -6,13 +6,13 @@ import warnings
 import pytest
 import torch
 
+from fastalign.data_files import DataError
+from fastalign.prompt_templates import TextTemplate
+from fastalign.unlearn import run
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.encoding import encode_answers, encode_pairs
 from fastalign.unlearn.formats import load_pairs, load_truthfulqa
-from fastalign.unlearn.records import DataError
-from fastalign.unlearn import run
 from fastalign.unlearn.run import load_model_and_tokenizer, load_streams, run_unlearning
-from fastalign.unlearn.templates import TextTemplate
 from tests.unlearn.tiny import (FORGET_ROWS, NORMAL_ROWS, POOL_ANSWERS, byte_bpe_tokenizer, tiny_llama, write_jsonl,
                                write_truthfulqa)
 

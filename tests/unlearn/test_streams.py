@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from fastalign.data_files import DataError
 from fastalign.unlearn.encoding import EncodedExample, PoolAnswer, encode_answers, encode_pairs
-from fastalign.unlearn.records import DataError, QAPair
+from fastalign.unlearn.records import QAPair
 from fastalign.unlearn.streams import (_FORGET_STREAM, _MISMATCH_STREAM, _NORMAL_STREAM, UnlearningStreams,
                                        _EpochStream, _longest_mismatch_row, _longest_pool_answers, mismatch_fit)
-from fastalign.unlearn.templates import TextTemplate
+from fastalign.prompt_templates import TextTemplate
 from tests.unlearn.tiny import FORGET_ROWS, POOL_ANSWERS, byte_bpe_tokenizer
 
 

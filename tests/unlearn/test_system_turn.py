@@ -3,12 +3,14 @@ reads the prompt that `fastalign eval --template chat --system TEXT` generates f
 trained end of turn and the mismatch rows stay where they were."""
 import pytest
 
+from fastalign.data_files import DataError
 from fastalign.evaluation.prompts import chat_prompt
+from fastalign.prompt_templates import ChatTemplate, chat_option_problem
+from fastalign.prompt_tokens import tokenize_texts
 from fastalign.unlearn.config import UnlearnConfig
-from fastalign.unlearn.encoding import encode_answers, encode_pairs, tokenize_texts
-from fastalign.unlearn.records import DataError, QAPair
+from fastalign.unlearn.encoding import encode_answers, encode_pairs
+from fastalign.unlearn.records import QAPair
 from fastalign.unlearn.run import load_streams
-from fastalign.unlearn.templates import ChatTemplate, chat_option_problem
 from tests.chat_families import family_tokenizer
 from tests.evaluation.chat_model import CHAT_TEMPLATE as LLAMA3_TEMPLATE
 from tests.evaluation.chat_model import EOT, SYSTEM, chat_tokenizer

@@ -5,12 +5,13 @@ import re
 
 import pytest
 
+from fastalign import prompt_templates
+from fastalign.data_files import DataError
 from fastalign.evaluation.generation import eos_ids
 from fastalign.evaluation.prompts import chat_prompt
-from fastalign.unlearn import templates
-from fastalign.unlearn.encoding import encode_answers, encode_pairs, tokenize_texts
-from fastalign.unlearn.records import DataError
-from fastalign.unlearn.templates import ChatTemplate, end_of_turn_id
+from fastalign.prompt_templates import ChatTemplate, end_of_turn_id
+from fastalign.prompt_tokens import tokenize_texts
+from fastalign.unlearn.encoding import encode_answers, encode_pairs
 from tests.chat_families import family_tokenizer
 from tests.evaluation.chat_model import CHAT_TEMPLATE, EOT, SYSTEM, chat_tokenizer
 from tests.unlearn.test_encoding import check_span
@@ -136,6 +137,6 @@ def test_a_template_variable_named_kwargs_is_a_variable_like_any_other():
 
 def test_a_chat_template_of_named_templates_is_read_through_each():
     """A tokenizer's chat_template may be a mapping of named templates: a variable one of them reads is read."""
-    assert templates._reads({"default": "{{ messages }}", "tool_use": "{% if enable_thinking %}{% endif %}"},
+    assert prompt_templates._reads({"default": "{{ messages }}", "tool_use": "{% if enable_thinking %}{% endif %}"},
                             "enable_thinking")
-    assert not templates._reads({"default": "{{ messages }}"}, "enable_thinking")
+    assert not prompt_templates._reads({"default": "{{ messages }}"}, "enable_thinking")

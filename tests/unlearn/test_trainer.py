@@ -17,16 +17,16 @@ import pytest
 import torch
 from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
 
+from fastalign.reference.unlearning_loss import spec_unlearning_terms
 from fastalign.unlearn import checkpoint
+from fastalign.unlearn import trainer as trainer_module
 from fastalign.unlearn.batching import collate
 from fastalign.unlearn.compute import batch_compute
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.models import cast_weights, check_mergeable_adapter
 from fastalign.unlearn.objective import UnlearningObjective
-from fastalign.unlearn.streams import UnlearningStreams
-from fastalign.reference.unlearning_loss import spec_unlearning_terms
-from fastalign.unlearn import trainer as trainer_module
 from fastalign.unlearn.reference import CachedReference
+from fastalign.unlearn.streams import UnlearningStreams
 from fastalign.unlearn.trainer import UnlearningTrainer
 from tests.unlearn.test_layer_stand_ins import count_calls
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_phi, tiny_streams
@@ -1296,7 +1296,7 @@ def test_rows_longer_than_the_model_context_are_refused_up_front(tmp_path):
     """OPT's learned positions would fail with an IndexError at the first long batch, naming nothing."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    from fastalign.unlearn.records import DataError
+    from fastalign.data_files import DataError
 
     model = OPTForCausalLM(OPTConfig(vocab_size=len(byte_bpe_tokenizer()), hidden_size=32, ffn_dim=64,
                                      num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
@@ -1314,7 +1314,7 @@ def test_answer_ids_past_the_lm_heads_rows_are_refused_up_front(tmp_path):
     naming the example."""
     from transformers import MllamaForCausalLM, MllamaTextConfig
 
-    from fastalign.unlearn.records import DataError
+    from fastalign.data_files import DataError
 
     streams = tiny_streams(byte_bpe_tokenizer())
     largest = max(max(e.input_ids[e.answer_start:e.answer_end]) for e in streams.forget)

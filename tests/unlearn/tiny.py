@@ -94,11 +94,11 @@ def write_truthfulqa(path):
 def tiny_streams(tokenizer, *, batch_size=2, mismatch_per_prompt=2, normal_batch_size=None, seed=0,
                  max_length=64):
     """Streams over FORGET_ROWS, NORMAL_ROWS and POOL_ANSWERS encoded with the SPEC template."""
+    from fastalign.prompt_templates import TextTemplate
     from fastalign.unlearn.batching import filler_token_id
     from fastalign.unlearn.encoding import encode_answers, encode_pairs
     from fastalign.unlearn.records import QAPair
     from fastalign.unlearn.streams import UnlearningStreams
-    from fastalign.unlearn.templates import TextTemplate
 
     template = TextTemplate()
 

@@ -18,7 +18,7 @@ SPEC_TEMPLATE = "### Question: {prompt}\n ### Answer: {answer}"
 class RenderedPair:
     """A rendered example: its text and the answer's [start, end) character span. text[space_start:answer_start]
     is the template's whitespace before the answer (never the prompt's own trailing whitespace), where a
-    mismatch example joins a prompt to another answer (encoding.EncodedExample.with_answer)."""
+    mismatch example joins a prompt to another answer (unlearn.encoding.EncodedExample.with_answer)."""
 
     text: str
     answer_start: int
@@ -61,7 +61,7 @@ class ChatTemplate:
     before the last answer, which its generation prompt lacks unless enable_thinking is false) is a ValueError,
     as training would condition on text that evaluation never shows. The text is tokenized as `fastalign eval`
     tokenizes a chat prompt: with the tokenizer's special tokens, one BOS where the template writes its own
-    (encoding.tokenize_texts), so that a template without a BOS trains on the BOS that evaluation prompts start
+    (prompt_tokens.tokenize_texts), so that a template without a BOS trains on the BOS that evaluation prompts start
     with. A template that refuses a system turn, or drops its text, is a ValueError here. So is a prompt or answer
     that holds a special token's text ("<|im_end|>" in a user prompt): the template writes the turn markers, and
     the tokenizer would read that text as the control token itself, a turn marker inside the turn or an end of turn
