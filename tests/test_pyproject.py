@@ -38,6 +38,23 @@ def test_every_extra_is_documented_and_used(extra):
         assert imported or named or plugin, f"{extra}: nothing imports {module}"
 
 
+# The oldest version of a package that has what the code uses: no extra may allow an older one, which fails at run
+# time (accelerate 1.0-1.5: the trainer's sharding check died with an AttributeError, FSDP2 did not exist).
+FLOORS = {"accelerate": (1, 6)}   # FullyShardedDataParallelPlugin.fsdp_version (sharding.check_flat_units), FSDP2
+
+
+@pytest.mark.parametrize("package", sorted(FLOORS))
+def test_no_extra_allows_a_version_older_than_the_code_needs(package):
+    need = ".".join(map(str, FLOORS[package]))
+    pins = [pin for pins in EXTRAS.values() for pin in pins if re.match(rf"{package}\b", pin)]
+    assert pins, f"no extra installs {package}"
+    for pin in pins:
+        floor = re.search(r">=\s*([0-9.]+)", pin)
+        assert floor, f"{pin!r} has no lower bound: the code needs {package}>={need}"
+        assert tuple(int(part) for part in floor.group(1).split(".")) >= FLOORS[package], \
+            f"{pin!r} allows a {package} older than {need}, which the code needs"
+
+
 # What the sdist is made of: the build's inputs, the docs and the license, the tests and the benches they test.
 SDIST_SOURCES = ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "ARCHITECTURE.md", "LICENSE", "csrc",
                  "kernels", "fastalign", "tests", "bench")
