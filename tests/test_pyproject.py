@@ -39,8 +39,10 @@ def test_every_extra_is_documented_and_used(extra):
 
 
 # The oldest version of a package that has what the code uses: no extra may allow an older one, which fails at run
-# time (accelerate 1.0-1.5: the trainer's sharding check died with an AttributeError, FSDP2 did not exist).
-FLOORS = {"accelerate": (1, 6)}   # FullyShardedDataParallelPlugin.fsdp_version (sharding.check_flat_units), FSDP2
+# time (accelerate 1.0-1.5: the trainer's sharding check died with an AttributeError, FSDP2 did not exist) or
+# silently (peft 0.13-0.15: a made-up merge error for DoRA, the LoRA reference's fast toggle off).
+FLOORS = {"accelerate": (1, 6),   # FullyShardedDataParallelPlugin.fsdp_version (sharding.check_flat_units), FSDP2
+          "peft": (0, 16)}        # LoraLayer.lora_variant (lora_merge), AuxiliaryTrainingWrapper (reference)
 
 
 @pytest.mark.parametrize("package", sorted(FLOORS))

@@ -38,7 +38,7 @@ def merge_rounding_error(model) -> float | None:
             if not isinstance(module, LoraLayer):
                 continue
             adapters = [a for a in module.active_adapters if a in module.lora_A]
-            if any(a in getattr(module, "lora_variant", {}) for a in adapters):
+            if any(a in module.lora_variant for a in adapters):
                 return None
             weight = module.get_base_layer().weight
             original = weight.detach().float()
