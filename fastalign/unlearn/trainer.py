@@ -25,6 +25,7 @@ import json
 import os
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -254,9 +255,12 @@ class UnlearningTrainer:
                 # PEFT takes its shorthand ("all-linear") as a string only
                 targets = config.lora_targets[0] if config.lora_targets == ["all-linear"] else list(config.lora_targets)
                 try:
-                    model = peft.get_peft_model(model, peft.LoraConfig(
-                        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                        target_modules=targets))
+                    with warnings.catch_warnings():   # PEFT reads transformers' deprecated name: not the user's code
+                        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                                category=FutureWarning)
+                        model = peft.get_peft_model(model, peft.LoraConfig(
+                            r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                            target_modules=targets))
                 except ValueError as e:   # e.g. GPT-2 has no q_proj: name the setting that chose them
                     raise ValueError(f"lora_targets (--lora-targets) {config.lora_targets}: {e}") from None
             check_mergeable_adapter(model)   # (_finish merges the adapter into model/)

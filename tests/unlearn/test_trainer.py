@@ -787,6 +787,17 @@ def test_lora_is_merged_on_save(tmp_path):
     assert q_changed and k_same
 
 
+def test_a_lora_run_gives_no_future_warning(tmp_path):
+    """peft's get_peft_model reads transformers' deprecated is_gradient_checkpointing: every LoRA run printed a
+    FutureWarning from transformers' file, about code that is not the user's."""
+    pytest.importorskip("peft")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(tmp_path, max_steps=1, grad_accum=1, lora=True, lora_rank=4)
+    future = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if issubclass(w.category, FutureWarning)]
+    assert not future, future
+
+
 def test_lora_initialisation_draws_from_the_seed(tmp_path):
     """The adapter's random initialisation follows config.seed, whatever state the global RNG was left in."""
     pytest.importorskip("peft")
