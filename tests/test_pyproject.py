@@ -38,6 +38,13 @@ def test_every_extra_is_documented_and_used(extra):
         assert imported or named or plugin, f"{extra}: nothing imports {module}"
 
 
+def test_nothing_imports_tomllib_but_through_importorskip():
+    """requires-python allows 3.10, which has no tomllib (3.11+): a plain import of it failed a test there
+    (tests/test_typing.py); the tests take it by pytest.importorskip, which skips them on 3.10."""
+    plain = re.findall(r"^\s*(?:import|from) tomllib\b.*", sources(), re.M)
+    assert not plain, f"a plain import of tomllib, which Python 3.10 lacks: {plain}"
+
+
 # The oldest version of a package that has what the code uses: no extra may allow an older one, which fails at run
 # time (accelerate 1.0-1.5: the trainer's sharding check died with an AttributeError, FSDP2 did not exist) or
 # silently (peft 0.13-0.15: a made-up merge error for DoRA, the LoRA reference's fast toggle off).

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mypy.version import __version__ as MYPY_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,8 +177,7 @@ def test_typed_training_code_sees_precise_types_and_its_misspelled_choices(tmp_p
 
 def test_fastalign_ships_its_py_typed_marker_and_the_c_extensions_stub():
     """An installed fastalign without _C.pyi gave its users the C++ extension's names (PoolExhaustedError) as Any."""
-    import tomllib
-
+    tomllib = pytest.importorskip("tomllib")   # Python 3.11+; requires-python allows 3.10
     assert (ROOT / "fastalign" / "py.typed").is_file() and (ROOT / "fastalign" / "_C.pyi").is_file()
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert {"py.typed", "_C.pyi"} <= set(package_data["fastalign"])
