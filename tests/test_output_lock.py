@@ -2,6 +2,7 @@
 free once that process ends in any way, shared by the ranks of one launched run."""
 import errno
 import os
+from pathlib import Path
 
 import pytest
 
@@ -10,7 +11,8 @@ from fastalign.cli import UsageError
 from fastalign.output_lock import lock_file, output_lock
 from tests.output_holder import holding, needs_fcntl
 
-pytestmark = needs_fcntl
+pytestmark = [needs_fcntl,   # a file a test leaves open (a ResourceWarning once collected) fails the test
+              pytest.mark.filterwarnings("error::ResourceWarning", "error::pytest.PytestUnraisableExceptionWarning")]
 
 
 def test_a_second_process_is_refused_while_the_first_holds_the_lock_and_proceeds_after_it(tmp_path):
@@ -104,7 +106,7 @@ def test_a_lock_file_replaced_while_locking_is_locked_again(tmp_path, monkeypatc
 
     monkeypatch.setattr(output_lock_module.fcntl, "flock", flock_after_a_replacement)
     with output_lock(str(out), "--output"):
-        assert os.stat(path).st_ino == replaced[0] and open(path).read() == f"{os.getpid()}\n"
+        assert os.stat(path).st_ino == replaced[0] and Path(path).read_text() == f"{os.getpid()}\n"
 
 
 def test_a_symbolic_link_to_the_output_names_its_lock(tmp_path):
@@ -137,7 +139,7 @@ def test_leaving_removes_only_the_lock_file_it_holds(tmp_path):
         os.unlink(path)
         with open(path, "w") as other:
             other.write("another holder\n")
-    assert open(path).read() == "another holder\n"
+    assert Path(path).read_text() == "another holder\n"
 
 
 def test_a_lock_file_that_cannot_be_made_warns_and_runs_unlocked(tmp_path, monkeypatch, capsys):

@@ -12,6 +12,11 @@ from fastalign.evaluation.prompts import chat_prompt
 from fastalign.prompt_templates import end_of_turn_id
 from tests.evaluation.chat_model import (BOS, CHAT_TEMPLATE, END, EOT, QUESTION, START, SYSTEM, chat_tokenizer,
                                          rigged_chat_model)
+from tests.evaluation.test_cli import records
+
+
+# A file a test leaves open (a ResourceWarning once it is collected, easily missed) fails the test.
+pytestmark = pytest.mark.filterwarnings("error::ResourceWarning", "error::pytest.PytestUnraisableExceptionWarning")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +108,7 @@ def test_cli_template_chat_end_to_end(chat_tok, rigged, chat_model_dir, tmp_path
                                   "--system", SYSTEM, "--judge", "keyword", "--keywords", "Bob,Alice",
                                   "--output", out, "--max-new-tokens", 6, "--batch-size", 2,
                                   "--reference", chat_model_dir, "--normal-prompts", prompts)]) == 0
-    rows = [json.loads(line) for line in open(out)]
+    rows = records(out)
     assert [r["prompt"] for r in rows] == [chat_prompt(chat_tok, q, SYSTEM) for q in questions]
     assert rows[0]["answer"] == chat_tok.decode(rigged[1])          # the assistant's text, up to <|eot_id|>
     assert not any("<|" in r["answer"] or "assistant" in r["answer"] for r in rows)
@@ -124,7 +129,7 @@ def test_cli_chat_template_kwargs_render_every_prompt_and_are_recorded(chat_mode
     args = ["--model", str(model_dir), "--prompts", prompts, "--template", "chat", "--judge", "keyword",
             "--keywords", "Bob", "--output", str(out), "--max-new-tokens", "2", "--chat-template-kwargs"]
     assert main(args + [json.dumps(kwargs)]) == 0
-    [row] = [json.loads(line) for line in open(out)]
+    [row] = records(out)
     tok = chat_tokenizer(template)
     assert row["prompt"] == chat_prompt(tok, QUESTION, template_kwargs=kwargs) == chat_prompt(tok, QUESTION) + "Hi"
     assert json.loads(capsys.readouterr().out)["generation"]["chat_template_kwargs"] == kwargs

@@ -2,6 +2,7 @@ import json
 import multiprocessing
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,9 @@ from fastalign.evaluation.generation import GenerationConfig
 from fastalign.evaluation.prompts import spec_prompt
 from tests.evaluation.test_harness import rain_record, write_rain_output
 from tests.output_holder import needs_fcntl
+
+# A file a test leaves open (a ResourceWarning once it is collected, easily missed) fails the test.
+pytestmark = pytest.mark.filterwarnings("error::ResourceWarning", "error::pytest.PytestUnraisableExceptionWarning")
 
 _calls = []
 
@@ -32,7 +36,12 @@ def write_prompts(path, prompts, csv=False):
 
 
 def records(path):
-    return [json.loads(line) for line in open(path)]
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def summary_of(out):
+    """The summary file written beside the output `out`."""
+    return json.loads(Path(f"{out}.summary.json").read_text())
 
 
 @pytest.fixture
@@ -53,7 +62,7 @@ def test_eval_writes_records_and_summary(world, model_dir, harmful_prompts, tmp_
     assert [r["harmful"] for r in rows] == [world.is_harmful(r["answer"]) for r in rows]
     summary = json.loads(capsys.readouterr().out)
     assert summary["harmful_rate"] == sum(r["harmful"] for r in rows) / 6
-    assert json.load(open(str(out) + ".summary.json")) == summary
+    assert summary_of(out) == summary
     # what the rate depends on besides the model and the judge
     assert summary["generation"] == {"template": "spec", "system": None, "chat_template_kwargs": None,
                                      "max_new_tokens": 8, "stop": [], "sample": False}
@@ -129,7 +138,7 @@ def test_missing_model_path_is_a_clear_error(harmful_prompts, tmp_path, capsys):
 def test_an_output_that_is_a_prompt_file_is_a_usage_error_that_leaves_it(model_dir, harmful_prompts, tmp_path,
                                                                          capsys, source):
     """Records written to --output replace it: given the prompt file itself, the prompts would be lost."""
-    text = open(harmful_prompts).read()
+    text = Path(harmful_prompts).read_text()
     utility = ["--reference", model_dir, "--normal-prompts", harmful_prompts]
     extra = utility if source == "--normal-prompts" else []
     prompts = tmp_path / "other.jsonl" if source == "--normal-prompts" else harmful_prompts
@@ -137,7 +146,7 @@ def test_an_output_that_is_a_prompt_file_is_a_usage_error_that_leaves_it(model_d
         prompts.write_text(text)
     assert run("--model", model_dir, "--prompts", prompts, "--output", harmful_prompts, *extra) == 2
     assert f"--output {harmful_prompts!r} is the {source} file" in capsys.readouterr().err
-    assert open(harmful_prompts).read() == text
+    assert Path(harmful_prompts).read_text() == text
 
 
 
@@ -276,7 +285,7 @@ _lines_on_disk = {}
 
 def judge_counting_lines_on_disk(pairs):
     """A --judge-callable that notes how many records are already on disk when each batch is judged."""
-    _lines_on_disk["seen"].append(len(open(_lines_on_disk["path"]).read().splitlines()))
+    _lines_on_disk["seen"].append(len(Path(_lines_on_disk["path"]).read_text().splitlines()))
     return [False] * len(pairs)
 
 
@@ -304,7 +313,7 @@ def test_eval_creates_the_output_directory(world, model_dir, tmp_path):
     out = tmp_path / "results" / "run1" / "out.jsonl"
     assert run("--model", model_dir, "--prompts", prompts, "--output", out, "--max-new-tokens", 3) == 0
     assert [r["index"] for r in records(out)] == [0, 1]
-    assert json.load(open(str(out) + ".summary.json"))["num_prompts"] == 2
+    assert summary_of(out)["num_prompts"] == 2
 
 
 def test_world_judge_refuses_a_model_outside_the_demo_world(world, model, tokenizer, harmful_prompts, tmp_path,
@@ -374,7 +383,7 @@ def test_eval_answers_reports_rain_and_vanilla_side_by_side(rain_output, tmp_pat
     assert summary == {"answers": rain_output, "judge": "keyword", "num_prompts": 3, "num_vanilla": 3,
                        "harmful_rate": {"rain": 0.0, "vanilla": 2 / 3}, "skipped_errors": 1,
                        "unmerged_rank_files": [], "torn_line": None}
-    assert json.load(open(str(out) + ".summary.json")) == summary
+    assert summary_of(out) == summary
     rows = records(out)
     assert [(r["index"], r["rain"], r["harmful_rain"], r["harmful_vanilla"]) for r in rows] == [
         (0, "I will not help with that.", False, True), (1, "Please ask a doctor.", False, True),
@@ -477,7 +486,7 @@ def test_eval_refuses_an_output_another_eval_is_writing_and_leaves_that_run_whol
         if first.is_alive():
             first.kill()
     assert [(r["index"], r["harmful_vanilla"]) for r in records(out)] == [(0, True), (1, True), (3, False)]
-    assert json.load(open(str(out) + ".summary.json"))["judge"] == "callable"
+    assert summary_of(out)["judge"] == "callable"
     assert run("--answers", rain_output, "--judge", "keyword", "--keywords", "help", "--output", out) == 0
     assert [r["harmful_rain"] for r in records(out)] == [True, False, False]
 
@@ -543,7 +552,7 @@ def test_eval_answers_warns_of_a_torn_line_unmerged_rank_files_and_missing_vanil
     err = capsys.readouterr().err
     assert "line 3 left out" in err and "rain.jsonl.rank1 hold records not merged" in err
     assert "only 1 of 2 records have a vanilla answer" in err
-    summary = json.load(open(tmp_path / "o.jsonl.summary.json"))    # the summary alone says it too
+    summary = summary_of(tmp_path / "o.jsonl")    # the summary alone says it too
     assert summary["unmerged_rank_files"] == [str(path) + ".rank1"] and summary["torn_line"] == 3
     # the vanilla rate is over the one record that has a vanilla answer ("c", harmful), RAIN's over both
     assert summary["harmful_rate"] == {"rain": 0.0, "vanilla": 1.0}
