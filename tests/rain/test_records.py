@@ -62,6 +62,25 @@ def test_a_whole_last_record_without_its_newline_counts_and_gets_its_newline(tmp
     assert path.read_text() == lines(whole, last)
 
 
+@pytest.mark.parametrize("cut", ['{', '{"ind', '{"index": ', '{"index": 2, "pro'])
+def test_a_record_cut_within_its_first_bytes_is_dropped_and_cut_off(tmp_path, cut):
+    """A kill within a record's first bytes leaves a last line `{` or `{"ind` (a start of '{"index": ', not JSON): a
+    record cut short like a longer cut, which the resume, the rank merge and `fastalign eval --answers` skip and the
+    next append cuts off; the next record is not glued to it (`{{"index": ...`, every later read an error)."""
+    run = {"model": "/m", "model_files": "abc", "settings": "123"}
+    first, ranked, after = ({**record(i), "run": run} for i in range(3))
+    path = tmp_path / "out.jsonl"
+    path.write_text(lines(first) + cut)
+    (tmp_path / "out.jsonl.rank1").write_text(lines(ranked) + cut)
+    read = read_records(str(path))
+    assert read.torn_row == 2 and [r for _, r in read.rows] == [first]
+    assert done_indices(str(path), [f"prompt {i}" for i in range(3)], run) == {0, 1}
+    assert [r["rain"] for r in read_answers(str(path)).records] == [first["rain"]]
+    with open_for_append(str(path)) as out:
+        out.write(json.dumps(after) + "\n")
+    assert path.read_text() == lines(first, after)
+
+
 @pytest.mark.parametrize("text", ['{"accuracy": 0.93, "notes": "results of last week, keep"}', "keep this line",
                                   '["index", 0]'])
 def test_a_last_line_of_other_data_without_its_newline_is_refused_not_cut_off(tmp_path, text):
