@@ -80,18 +80,27 @@ def test_csv_edge_cases(tmp_path):
             [(2, "two\r\nlines"), (4, "a")]
 
 
-def test_a_csv_field_past_the_csv_modules_default_limit_is_read(tmp_path):
+@pytest.fixture
+def field_limit():
+    """A csv field limit of the test's own, set before it and restored after: one read mid-suite may be a limit an
+    earlier read_csv leaked, which a check that read_csv restores it would then compare with itself."""
+    limit = random.randrange(100_000, 150_000)
+    old = csv.field_size_limit(limit)
+    yield limit
+    csv.field_size_limit(old)
+
+
+def test_a_csv_field_past_the_csv_modules_default_limit_is_read(tmp_path, field_limit):
     """A 144k-character prompt in a csv was "malformed CSV: field larger than field limit (131072)", naming no row,
     while the same prompt in a jsonl read fine. It is read, and the csv module's limit is left as it was."""
     long = "".join(random.choice("ab ") for _ in range(200_000))
     (tmp_path / "long.csv").write_text(f"Question,Best Answer\nq,{long}\n")
-    before = csv.field_size_limit()
     assert list(read_csv(tmp_path / "long.csv", ("Question", "Best Answer"))) == [(2, {"Question": "q",
                                                                                    "Best Answer": long})]
-    assert csv.field_size_limit() == before
+    assert csv.field_size_limit() == field_limit
 
 
-def test_a_paused_csv_reader_leaves_the_field_limit_alone(tmp_path):
+def test_a_paused_csv_reader_leaves_the_field_limit_alone(tmp_path, field_limit):
     """Between the rows it yields, read_csv leaves the csv module's limit as it was: two readers read in turn each
     read their long fields, and other code never runs under the raised limit."""
     def write(name, long_row):
@@ -101,14 +110,13 @@ def test_a_paused_csv_reader_leaves_the_field_limit_alone(tmp_path):
         return rows
 
     a_rows, b_rows = write("a.csv", 0), write("b.csv", 2)
-    before = csv.field_size_limit()
     a, b = read_csv(tmp_path / "a.csv", ("Question",)), read_csv(tmp_path / "b.csv", ("Question",))
     read_a, read_b = [next(a)], [next(b)]
-    assert csv.field_size_limit() == before
+    assert csv.field_size_limit() == field_limit
     read_a += list(a)   # a finishes while b is paused
     read_b += list(b)
     assert [r["Question"] for _, r in read_a] == a_rows and [r["Question"] for _, r in read_b] == b_rows
-    assert csv.field_size_limit() == before
+    assert csv.field_size_limit() == field_limit
 
 
 def test_a_csv_header_naming_a_read_column_twice_is_refused(tmp_path):
