@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from fastalign.unlearn.backward_step import step_in_backward
+from fastalign.unlearn.backward_step import run_step, step_in_backward
 from fastalign.unlearn.optimizer import adamw
 from tests.conftest import requires_cuda
 from tests.unlearn.tiny import tiny_llama
@@ -159,3 +159,32 @@ def test_a_step_in_the_backward_runs_no_profiling_wrapper_per_parameter(monkeypa
     assert len(seen) == len(params)
     for handle in handles:
         handle.remove()
+
+
+def test_a_step_the_user_replaced_on_the_optimizer_is_the_one_run():
+    """A step() replaced on the optimizer (a wrapper that clips the gradient, logs or counts) is run once per call, as
+    optimizer.step() would: skipping to the class's step was an update of another size, silently."""
+    p = torch.nn.Parameter(torch.randn(3))
+    optimizer = torch.optim.SGD([p], lr=0.1)
+    step, calls = optimizer.step, []
+
+    def clipping(*args, **kwargs):
+        calls.append(1)
+        torch.nn.utils.clip_grad_norm_([p], 0.01)
+        return step(*args, **kwargs)
+    optimizer.step = clipping
+    before, grad = p.detach().clone(), torch.randn(3) * 10
+    p.grad = grad.clone()
+    run_step(optimizer)
+    assert len(calls) == 1
+    torch.testing.assert_close(p.detach(), before - 0.1 * grad * 0.01 / (grad.norm() + 1e-6))   # clip_grad_norm_'s
+
+
+def test_a_step_under_a_profiler_appears_in_its_trace():
+    """While a profiler runs, the step is optimizer.step() itself, with torch's record_function: the trace shows it."""
+    p = torch.nn.Parameter(torch.randn(3))
+    optimizer = torch.optim.SGD([p], lr=0.1)
+    p.grad = torch.randn(3)
+    with torch.profiler.profile() as profile:
+        run_step(optimizer)
+    assert "Optimizer.step#SGD.step" in {event.name for event in profile.events()}
