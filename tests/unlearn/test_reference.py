@@ -1,18 +1,16 @@
 """The reference sources of fastalign/unlearn/reference.py beyond those tested with the objective."""
+import warnings
+
 import pytest
 import torch
 
-from fastalign.unlearn.reference import AdapterDisabledReference
+from fastalign.unlearn import reference as reference_module
+from fastalign.unlearn.reference import AdapterDisabledReference, lora_layers
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
 
 
-@pytest.mark.parametrize("config", [dict(), dict(bias="lora_only"), dict(modules_to_save=["lm_head"])],
-                         ids=["lora", "lora-bias", "modules-to-save"])
-def test_the_adapter_reference_toggles_the_lora_layers_without_walking_the_model(config, monkeypatch):
-    """PeftModel.disable_adapter walks every module twice a call (47,844 Python calls a step at Llama-3.2-1B with
-    LoRA): for plain LoRA the reference toggles the LoRA layers it found once instead, with the same hidden states
-    and the same requires_grad after; a LoRA with bias terms or modules_to_save keeps PEFT's (its warning, its
-    wrappers). The adapter takes part in the policy's forward again after each call."""
+def lora_policy(**config):
+    """A tiny Llama with LoRA (`config`) on q_proj and v_proj, in train mode; a batch's normal rows and their index."""
     peft = pytest.importorskip("peft")
     tokenizer = byte_bpe_tokenizer()
     policy = peft.get_peft_model(tiny_llama(len(tokenizer)), peft.LoraConfig(
@@ -23,19 +21,60 @@ def test_the_adapter_reference_toggles_the_lora_layers_without_walking_the_model
                 p.normal_()   # B starts at zero: an adapter that changes the model
     batch = tiny_streams(tokenizer).batch(0)
     first = batch.num_forget + batch.num_mismatch
-    normal = batch.tokens.rows(first, first + batch.num_normal)
+    return policy, batch.tokens.rows(first, first + batch.num_normal), batch.normal_index
+
+
+@pytest.mark.parametrize("config", [dict(), dict(bias="lora_only"), dict(modules_to_save=["lm_head"])],
+                         ids=["lora", "lora-bias", "modules-to-save"])
+def test_the_adapter_reference_toggles_the_lora_layers_without_walking_the_model(config, monkeypatch):
+    """PeftModel.disable_adapter walks every module twice a call (47,844 Python calls a step at Llama-3.2-1B with
+    LoRA): for plain LoRA the reference toggles the LoRA layers it found once instead, with the same hidden states
+    and the same requires_grad after; a LoRA with bias terms or modules_to_save keeps PEFT's (its warning, its
+    wrappers). The adapter takes part in the policy's forward again after each call."""
+    policy, normal, normal_index = lora_policy(**config)
+    found = []
+    monkeypatch.setattr(reference_module, "lora_layers", lambda model: found.append(1) or lora_layers(model))
     reference = AdapterDisabledReference(policy)
     trains = {name: p.requires_grad for name, p in policy.named_parameters()}
     with policy.disable_adapter(), torch.no_grad():
-        expected = reference(normal, batch.normal_index, None)[0]
+        expected = reference(normal, normal_index, None)[0]
     with torch.no_grad():
         adapted = policy(normal.input_ids).logits
     walks = []
     disable_adapter = type(policy).disable_adapter
     monkeypatch.setattr(type(policy), "disable_adapter", lambda model: walks.append(1) or disable_adapter(model))
     for _ in range(2):
-        torch.testing.assert_close(reference(normal, batch.normal_index, None)[0], expected, rtol=0, atol=0)
+        torch.testing.assert_close(reference(normal, normal_index, None)[0], expected, rtol=0, atol=0)
         assert {name: p.requires_grad for name, p in policy.named_parameters()} == trains
         with torch.no_grad():
             torch.testing.assert_close(policy(normal.input_ids).logits, adapted, rtol=0, atol=0)
     assert len(walks) == (0 if not config else 2)
+    assert len(found) == 1   # the layers are found at the first call only, not by a walk of the model each step
+
+
+@pytest.mark.parametrize("disabled", ["all", "first"])
+def test_lora_layers_disabled_before_a_reference_call_are_as_peft_leaves_them(disabled):
+    """LoRA layers the user disabled before a reference call are left as PEFT's disable_adapter leaves them, their
+    gradients too: all disabled stay disabled (not trained again); some disabled take PEFT's own path, its warning,
+    then every layer enabled (a toggle would leave them all disabled: the policy its own reference for good)."""
+    policy, normal, normal_index = lora_policy()
+    layers = lora_layers(policy)
+    chosen = layers if disabled == "all" else layers[:1]
+
+    def after(call):
+        """The layers' state and requires_grad after `call` from the chosen layers disabled, and PEFT's warnings."""
+        for layer in layers:
+            layer.enable_adapters(layer not in chosen)
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            call()
+        trains = {name: p.requires_grad for name, p in policy.named_parameters()}
+        return ([layer.disable_adapters for layer in layers], trains,
+                [str(w.message) for w in warned if "adapter layers" in str(w.message)])
+
+    def peft_own():
+        with policy.disable_adapter():
+            pass
+    expected = after(peft_own)
+    assert expected[0] == [disabled == "all"] * len(layers) and bool(expected[2]) == (disabled == "first")
+    assert after(lambda: AdapterDisabledReference(policy)(normal, normal_index, None)) == expected
