@@ -16,6 +16,7 @@ from transformers import GenerationConfig
 
 from fastalign import PoolExhaustedError
 from fastalign.rain import JudgePrompt, JudgeTokens, RainConfig, rain_generate, tree_engine
+from fastalign.rain import generate as generate_module
 from fastalign.rain import search as search_module
 from fastalign.rain.embeddings import HiddenStateEmbedder
 from fastalign.rain.jobs import EvaluateJob, ExpandJob, PromptContext
@@ -397,6 +398,51 @@ def test_a_prompt_out_of_room_beside_another_is_searched_again_alone_with_the_re
     assert tried.committed_tokens == once.committed_tokens and tried.model_calls > once.model_calls
     assert tried.tokens > once.tokens and tried.recomputed_tokens > 0
     assert beside.stats.tokens == ran
+
+
+class FullOnceAllCommitted(HashRunner):
+    """A HashRunner whose pool is full from the first call after each of the prompts searched (`searched`, their
+    contexts) committed a token, until a search ends (`freed`)."""
+
+    def __init__(self, vocab):
+        super().__init__(vocab)
+        self.searched, self.full, self.freed = [], False, False
+
+    def extend(self, parents, token_lists, **kw):
+        self.full = self.full or bool(self.searched) and all(c.stats.committed_tokens for c in self.searched)
+        if self.full and not self.freed:
+            raise PoolExhaustedError("KV pool exhausted: test pool full")
+        return super().extend(parents, token_lists, **kw)
+
+
+def test_a_prompt_crowded_out_after_its_first_commits_counts_the_commits_of_its_run_alone(monkeypatch):
+    """Prompts crowded out after each committed a token are searched again alone: each gets the answer and
+    committed_tokens of a run of it alone (not its first try's commits too: 16 for 15 tokens, tokens_per_committed
+    off), while its model calls count both tries. The other crowded-out test's prompt had committed none."""
+    runner, at_end = FullOnceAllCommitted(len(tokenizer())), {}
+    prepare, end_search = generate_module._prepare, PromptContext.end_search
+
+    def preparing(*args):
+        ctx, model_prompt = prepare(*args)
+        runner.searched.append(ctx)
+        return ctx, model_prompt
+
+    def ending(ctx):
+        if runner.full:
+            runner.freed = True   # a prompt gave its room back
+            at_end.setdefault(ctx.index, ctx.stats.committed_tokens)
+        return end_search(ctx)
+    monkeypatch.setattr(generate_module, "_prepare", preparing)
+    monkeypatch.setattr(PromptContext, "end_search", ending)
+    beside = run_tree(PROMPTS[:2], SMALL, concurrency=2, runner=runner)
+    monkeypatch.undo()
+    alone = [run_tree([PROMPTS[i]], SMALL, indices=[i]).results[0] for i in (0, 1)]
+    assert all(r.error is None for r in beside.results) and decisions(beside) == [
+        (r.answer_ids, r.commits, r.error) for r in alone]
+    assert [r.stats.committed_tokens for r in beside.results] == [len(r.answer_ids) for r in alone] == [
+        r.stats.committed_tokens for r in alone]
+    assert all(0 < at_end[i] < len(alone[i].answer_ids) for i in (0, 1))   # crowded out after a commit, not done
+    assert all(b.stats.model_calls > a.stats.model_calls for b, a in zip(beside.results, alone))
 
 
 def test_first_commit_distribution_matches_with_torch_sampler():
