@@ -120,12 +120,16 @@ void SpanTree::attach(int64_t id, ForwardPlan& plan) {
         s.blocks.push_back(partial);
         s.shared_block = partial;
         s.shared_from = s.shared_to = offset;
+        p.in_place_child = id;
       } else {
         // all copies happen at once before the forward: a partial block that this plan copies into itself
         // (an earlier row's) holds nothing yet, so copy from where that block is copied from
         int32_t source = partial;
         for (size_t i = 0; i < plan.copy_dst.size(); ++i)
           if (plan.copy_dst[i] == partial) source = plan.copy_src[i];
+        // a copier from here: evicting for its block must not give `partial` away to an older copier's copy
+        p.copiers.push_back(id);
+        s.copy_locks = s.locks;
         int32_t copy = take_block();
         s.blocks.push_back(copy);
         fill_[copy] = offset;
@@ -235,13 +239,63 @@ void SpanTree::drop_kv(int64_t id) {
   for (int32_t block : s.blocks) allocator_.decref(block);
   if (s.shared_block >= 0 && fill_[s.shared_block] == s.shared_to) fill_[s.shared_block] = s.shared_from;
   s.shared_block = -1;
+  s.copy_locks = 0;
   s.blocks.clear();
   s.blocks.shrink_to_fit();
   s.resident = false;
   refresh_lru(id);
   if (s.parent >= 0) {
-    --node(s.parent).resident_children;
+    Span& p = node(s.parent);
+    --p.resident_children;
+    if (p.in_place_child == id) p.in_place_child = -1;
+    auto copier = std::find(p.copiers.begin(), p.copiers.end(), id);
+    if (copier != p.copiers.end()) p.copiers.erase(copier);
     refresh_lru(s.parent);
+    adopt_copy(s.parent);
+  }
+}
+
+// Frees a partial last block that no child writes into in place any more, while a child holds a copy of it
+// (see span_tree.h): the span `id` (or the deepest span writing into its partial last block in place) and every
+// ancestor sharing that block take the child's copy, whose slots before the child's tokens hold the same KV.
+// Not while a copy of that block is still to be made (a plan still to run copies from it). Called where that can
+// change: a child's KV dropped, a copier's plan done.
+void SpanTree::adopt_copy(int64_t id) {
+  while (true) {
+    const Span* s = &node(id);
+    if (!s->resident || s->length % block_size_ == 0) return;
+    size_t index = static_cast<size_t>(s->length / block_size_);
+    int32_t block = s->blocks[index];
+    for (; s->in_place_child >= 0; s = &node(id)) {
+      if (node(s->in_place_child).length / block_size_ != static_cast<int64_t>(index)) return;  // fills it
+      id = s->in_place_child;
+    }
+    if (s->copiers.empty()) return;
+    std::vector<int64_t> holders;  // id and the ancestors that share its block in place
+    for (int64_t h = id; h >= 0 && node(h).blocks.size() > index && node(h).blocks[index] == block;
+         h = node(h).parent) {
+      for (int64_t c : node(h).copiers)
+        if (node(c).copy_locks > 0) return;
+      holders.push_back(h);
+    }
+    Span& bottom = node(id);
+    int64_t child = bottom.copiers.front();
+    Span& c = node(child);
+    int32_t copy = c.blocks[index];
+    for (int64_t h : holders) {
+      Span& m = node(h);
+      m.blocks[index] = copy;
+      if (m.shared_block == block) m.shared_block = copy;
+      allocator_.incref(copy);
+      allocator_.decref(block);
+    }
+    bottom.copiers.erase(bottom.copiers.begin());
+    bottom.in_place_child = child;
+    c.shared_block = copy;
+    c.shared_from = static_cast<int32_t>(bottom.length % block_size_);
+    c.shared_to = static_cast<int32_t>(std::min<int64_t>(c.length - static_cast<int64_t>(index) * block_size_,
+                                                          block_size_));
+    id = child;  // its own partial last block may now be read only by it and these spans
   }
 }
 
@@ -385,6 +439,12 @@ void SpanTree::unlock(const std::vector<int64_t>& ids) {
     throw std::invalid_argument("unlock: " + span_name(ids[i]) + " is locked fewer times than it is listed");
   }
   for (int64_t id : ids) refresh_lru(id);
+  for (int64_t id : ids) {  // a copier's copy is made now: its parent's block may go
+    Span& s = node(id);
+    if (s.copy_locks == 0 || s.locks >= s.copy_locks) continue;
+    s.copy_locks = 0;
+    adopt_copy(s.parent);
+  }
 }
 
 void SpanTree::pin(int64_t id) {

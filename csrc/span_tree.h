@@ -9,6 +9,10 @@
 //     the runner copies on the device before the forward). A block's fill (its written slots) decides
 //     which case applies, so at most one span ever writes a given slot while a reader relies on it;
 //   - its own tokens go to blocks allocated from the pool.
+// Once no child writes into a partial last block in place any more (that child's KV was dropped), the block
+// is read only by its span and the ancestors that share it, while a child's copy holds the same KV in those
+// slots: they take the copy instead (the copying child becomes the in-place one) and the block goes back to
+// the pool. Otherwise it would stay for as long as any descendant is resident, read by none of them.
 //
 // Residency is closed under ancestors: a resident span's parent is resident. Eviction is a cache policy:
 // it drops the KV of a least-recently-used resident span that has no resident child, is not pinned and is
@@ -18,7 +22,8 @@
 //
 // Releasing a span ends its handle. Its node (and KV) stays only while live descendants need it as their
 // prefix; the last such release frees it. Reference counts equal the number of resident spans whose block
-// table names each block; a block returns to the pool when no resident span names it.
+// table names each block; a block returns to the pool when no resident span names it, or when its spans
+// take a child's copy of it (above).
 #pragma once
 
 #include <cstdint>
@@ -131,6 +136,13 @@ class SpanTree {
     int32_t locks = 0;
     int32_t num_children = 0;
     int32_t resident_children = 0;
+    // Resident children that hold their own copy of this span's partial last block, and the resident child
+    // that writes into that block in place (-1 for none).
+    std::vector<int64_t> copiers;
+    int64_t in_place_child = -1;
+    // While this span's copy of its parent's partial block is still to be made (by the plan that attached
+    // it): its lock count with that plan's lock; 0 once that lock goes (the forward done) or its KV is dropped.
+    int32_t copy_locks = 0;
     uint64_t last_used = 0;
     bool in_lru = false;
     uint64_t lru_key = 0;
@@ -152,6 +164,7 @@ class SpanTree {
   ForwardPlan plan_rows(const std::vector<std::vector<int64_t>>& rows);
   int32_t take_block();
   void drop_kv(int64_t id);
+  void adopt_copy(int64_t id);
   void erase_node(int64_t id);
   void touch(int64_t id);
   void refresh_lru(int64_t id);

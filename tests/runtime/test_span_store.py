@@ -255,6 +255,19 @@ class SpanTreeMachine(RuleBasedStateMachine):
                 assert np.array_equal(table[:full], tree.block_table(parent)[:full])
 
     @invariant()
+    def no_partial_block_stays_beside_a_child_s_copy(self):
+        """A span's partial last block that none of its resident children holds (none writes into it in place)
+        while one holds a copy of it is read by no descendant: it must go, not stay while one is resident."""
+        tree, bs = self.tree, self.tree.block_size
+        for span in tree.span_ids():
+            length = tree.length(span)
+            if not tree.is_resident(span) or length % bs == 0:
+                continue
+            block = tree.block_table(span)[length // bs]
+            held = {int(tree.block_table(c)[length // bs]) for c in self.resident_children(span)}
+            assert not held or block in held, f"span {span} keeps block {block} beside its children's {held}"
+
+    @invariant()
     def lru_holds_exactly_the_evictable_spans(self):
         tree = self.tree
         evictable = {s for s in tree.span_ids() if tree.is_resident(s) and tree.pins(s) == 0
@@ -421,6 +434,25 @@ def test_evicting_the_child_that_appended_in_place_spares_a_sibling_its_copy():
     assert not tree.is_resident(first)
     assert tree.block_table(second).tolist() == table and tree.num_free_blocks == 0
     assert tree.tokens(second).tolist() == [1, 2, 3, 4, 5, 6, 8, 9]
+
+
+def test_a_partial_block_no_child_writes_into_goes_for_a_child_s_copy():
+    """The root's partial block 0 is copied for its second child (the first wrote into it in place); once the first
+    is released, only the root reads block 0, and the second child's copy holds the same KV: the root takes the
+    copy and block 0 is free. Kept, it made the second child's 9-token extension fail in a pool of 3 blocks of 4
+    (issue #3: a prompt that fits beside another failed alone)."""
+    store, pool = fresh(3, 4)
+    tree = store.tree
+    (root,) = grow(store, pool, [-1], [[1, 2]])
+    (first,) = grow(store, pool, [root], [[3]])                  # in place into block 0
+    (second,) = grow(store, pool, [root], [[4]])                 # copies block 0 into block 1
+    tree.release(first)
+    assert tree.block_table(root).tolist() == tree.block_table(second).tolist() == [1]
+    assert tree.num_free_blocks == 2
+    (third,) = grow(store, pool, [second], [[5, 6, 7, 8, 9, 10]])   # 3 blocks: the whole pool
+    assert reads(tree, pool, third) == [1, 2, 4, 5, 6, 7, 8, 9, 10] and reads(tree, pool, root) == [1, 2]
+    (fourth,) = grow(store, pool, [root], [[11]])                # the root's block is its child's now: a copy
+    assert reads(tree, pool, fourth) == [1, 2, 11] and not tree.is_resident(third)
 
 
 def test_eviction_takes_the_least_recently_used_span():
