@@ -39,7 +39,7 @@ QUICK_SHAPE = dict(vocab_size=1000, hidden_size=256, intermediate_size=704, num_
 COLUMNS = [("method", "method", "{}"), ("step_ms", "step ms", "{:.3f}"), ("step_extra_mib", "step extra MiB", "{:.1f}"),
            ("bytes_per_weight", "bytes/weight", "{:.1f}"), ("fidelity_error", "fidelity error", "{:.4f}"),
            ("weights_fidelity_error", "weights alone", "{:.4f}"), ("bf16_floor", "bf16 floor", "{:.4f}"),
-           ("speedup_vs_fp32", "vs fp32 AdamW", "{:.2f}x")]
+           ("speedup_vs_fp32", "vs fp32 AdamW", "{:.2f}x"), ("error", "error", "{}")]
 
 
 def kahan(params):
@@ -101,20 +101,33 @@ def fidelity_error(build, dtype, device, steps, numel=1 << 20):
 
 
 def measure(name, build, dtype, shapes, args, device):
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter((0.02 * torch.randn(shape, device=device)).to(dtype)) for shape in shapes]
-    for p in params:
-        p.grad = (1e-3 * torch.randn(p.shape, device=device)).to(dtype)
-    optimizer = build(params)
-    optimizer.step()   # the state exists from here on: the step's extra memory is beyond it
-    row = {"method": name, "dtype": str(dtype).removeprefix("torch."),
-           "step_ms": harness.median_ms(optimizer.step, device, reps=args.reps),
-           "step_extra_mib": harness.peak_extra_mib(optimizer.step, device),
-           "bytes_per_weight": state_bytes(optimizer) / sum(p.numel() for p in params)}
-    row["fidelity_error"], row["weights_fidelity_error"], row["bf16_floor"] = fidelity_error(
-        build, dtype, device, args.fidelity_steps)
-    del optimizer, params
-    return row
+    """The row of one way; a way that raises (an OOM, torchao's compile failing) is an error row, so that the
+    others' rows and speed-ups are kept."""
+    try:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter((0.02 * torch.randn(shape, device=device)).to(dtype)) for shape in shapes]
+        for p in params:
+            p.grad = (1e-3 * torch.randn(p.shape, device=device)).to(dtype)
+        optimizer = build(params)
+        optimizer.step()   # the state exists from here on: the step's extra memory is beyond it
+        row = {"method": name, "dtype": str(dtype).removeprefix("torch."),
+               "step_ms": harness.median_ms(optimizer.step, device, reps=args.reps),
+               "step_extra_mib": harness.peak_extra_mib(optimizer.step, device),
+               "bytes_per_weight": state_bytes(optimizer) / sum(p.numel() for p in params)}
+        row["fidelity_error"], row["weights_fidelity_error"], row["bf16_floor"] = fidelity_error(
+            build, dtype, device, args.fidelity_steps)
+        return row
+    except Exception as err:
+        return harness.failure_row(name, err)
+
+
+def add_speedups(rows):
+    """Each measured row's speed-up against fp32 AdamW's step, once that row has run (it is measured before
+    torchao's, so that a run cut there or failing there keeps the speed-ups of the others)."""
+    fp32 = next((row for row in rows if row["method"] == FP32 and "step_ms" in row), None)
+    for row in rows:
+        if fp32 is not None and "step_ms" in row:
+            row["speedup_vs_fp32"] = fp32["step_ms"] / row["step_ms"]
 
 
 def main():
@@ -144,13 +157,10 @@ def main():
         if build is None:
             continue
         rows.append(measure(name, build, dtype, shapes, args, device))
-        # after each row: a cut run keeps them
-        harness.write_results("bench_optimizer", device, config, rows, quick=args.quick)
-        harness.print_table(rows[-1:], COLUMNS[:-1])
-    fp32_ms = next(row["step_ms"] for row in rows if row["method"] == FP32)
-    for row in rows:
-        row["speedup_vs_fp32"] = fp32_ms / row["step_ms"]
-    path = harness.write_results("bench_optimizer", device, config, rows, quick=args.quick)
+        add_speedups(rows)
+        # after each row: a cut run keeps them (the last row's write is the whole record)
+        path = harness.write_results("bench_optimizer", device, config, rows, quick=args.quick)
+        harness.print_table(rows[-1:], COLUMNS)
     print()
     harness.print_table(rows, COLUMNS)
     print("wrote", path)

@@ -1230,8 +1230,9 @@ def test_optimizer_main_records_the_run_its_arguments_and_speedups_against_fp32_
                             ("torch AdamW, bf16", torch.bfloat16, shapes, reps, steps),
                             (bench_optimizer.FP32, torch.float32, shapes, reps, steps),
                             ("torchao AdamW, bf16 stochastic rounding", torch.bfloat16, shapes, reps, steps)]
-        # written after each row (a run cut at its time limit keeps the rows measured), then with the speed-ups
-        assert [len(rows) for _, rows in written] == [1, 2, 3, 4, 4] and written[-2][1][:3] == written[2][1]
+        # written after each row (a run cut at its time limit keeps the rows measured), with the speed-ups from
+        # fp32 AdamW's row on (a run cut at torchao's keeps them)
+        assert [len(rows) for _, rows in written] == [1, 2, 3, 4] and written[-1][1][:3] == written[2][1]
         config, rows = written[-1]
         assert config["model"] == model and config["fidelity_steps"] == steps and config["lr"] == 2e-6
         assert config["reps"] == reps
@@ -1252,6 +1253,27 @@ def test_optimizer_main_without_torchao_records_why_and_measures_the_others(monk
     config, rows = written[-1]
     assert [row["method"] for row in rows] == ["KahanAdamW", "torch AdamW, bf16", bench_optimizer.FP32]
     assert config["unavailable"] == {"torchao_adamw_stochastic_rounding": "ImportError: no torchao"}
+
+
+def test_optimizer_way_that_raises_becomes_an_error_row_and_the_others_keep_their_speedups(monkeypatch):
+    """A failing way (torchao's compile, an OOM) raised out of main: the run exited 1 with the speed-ups never
+    written. Its row says why; every row that ran has its speed-up against fp32 AdamW."""
+    def failing(params):
+        raise RuntimeError("compile failed")
+    monkeypatch.setattr(bench_optimizer, "torchao_adamw_stochastic_rounding", lambda: failing)
+    monkeypatch.setattr(bench_optimizer, "kahan", Stepper)
+    monkeypatch.setattr(bench_optimizer, "torch_adamw", Stepper)
+    monkeypatch.setattr(bench_optimizer, "fidelity_error", lambda *args: (0.1, 0.2, 0.3))
+    monkeypatch.setattr(bench_optimizer.harness, "median_ms", lambda fn, device, reps: {
+        torch.float32: 12.0, torch.bfloat16: 3.0}[fn.__self__.param_groups[0]["params"][0].dtype])
+    written = records_written(monkeypatch, bench_optimizer)
+    monkeypatch.setattr(sys, "argv", ["bench_optimizer.py", "--device", "cpu", "--quick", "--reps", "1"])
+    bench_optimizer.main()
+    _, rows = written[-1]
+    assert [row["method"] for row in rows] == ["KahanAdamW", "torch AdamW, bf16", bench_optimizer.FP32,
+                                               "torchao AdamW, bf16 stochastic rounding"]
+    assert [row.get("speedup_vs_fp32") for row in rows] == [4.0, 4.0, 1.0, None]
+    assert rows[-1] == {"method": "torchao AdamW, bf16 stochastic rounding", "error": "RuntimeError: compile failed"}
 
 
 # ---- bench_causal_lm_loss ----
