@@ -322,29 +322,32 @@ def stage_rows(args, config, earlier_rows):
     kernel that writes each chunk of G alone, the recomputation of the logits included): the differences say what
     the G @ W and G^T @ x products, and their accumulation, cost. Then grads_in_forward's one pass, with both
     gradients and with neither (the library matmul of the logits and the kernels that read them), and with both in
-    blocks sized for each budget of --row-block-mib (what a larger block, fewer passes over d_weight, buys). One row per
+    blocks sized for each budget of --row-block-mib (what a larger block, fewer passes over d_weight, buys); the rows
+    with gradients in the forward record the block they ran (rows per block, MiB of its buffers), and a budget whose
+    block another row already ran is not run again (config's row_block_budgets_skipped says so). One row per
     (N, stage), ms and TFLOP/s on the products each stage computes, and on CUDA the share of the time the GPU runs
     kernels (the rest it waits for the host's launches). The JSON is rewritten after each row, with earlier_rows
     (the table's) first."""
     rows = []
     for n in args.tokens:
-        for name, step, flops in _stages(args, n):
+        for name, step, flops, block in _stages(args, n, config.setdefault("row_block_budgets_skipped", {})):
             try:
                 ms = harness.median_ms(step, args.device)
                 tflops = flops / ms / 1e9
                 busy_ms = harness.device_busy_ms(step, args.device)
                 row = {"method": f"fastalign {name}", "fwd_ms": ms, "tflops": tflops,
                        "fraction_of_matmul_peak": tflops / config["matmul_peak_tflops"],
-                       "busy": None if busy_ms is None else busy_ms / ms}
+                       "busy": None if busy_ms is None else busy_ms / ms, **block}
             except Exception as err:
-                row = harness.failure_row(name, err)
+                row = {**harness.failure_row(name, err), **block}
             rows.append({"op": "linear_cross_entropy stages", "n": n, **row})
             write(args, config, earlier_rows + rows)
     return rows
 
 
-def _stages(args, n):
-    """(name, step, FLOPs of its products) of each stage at N = n, on fresh inputs."""
+def _stages(args, n, skipped):
+    """(name, step, FLOPs of its products, {block: what it is}) of each stage at N = n, on fresh inputs; a
+    --row-block-mib budget whose block an earlier stage runs is left out, and said why in skipped."""
     from fastalign.kernels import linear_cross_entropy as kernel
     device, dtype, h, v = torch.device(args.device), getattr(torch, args.dtype), args.hidden, args.vocab
     torch.manual_seed(n)
@@ -354,21 +357,43 @@ def _stages(args, n):
     grad_scale = torch.full((n,), 1.0 / n, device=device)
     lse = kernel.forward(hidden, weight, None, target)[0]
     product = 2 * n * h * v
-    stages = [("forward", lambda: kernel.forward(hidden, weight, None, target), product)]
+    stages = [("forward", lambda: kernel.forward(hidden, weight, None, target), product, {})]
     for name, need_hidden, need_weight in (("backward", True, True), ("backward, d_hidden only", True, False),
                                             ("backward, d_weight only", False, True),
                                             ("backward, G chunks only", False, False)):
         stages.append((name, functools.partial(kernel.backward, hidden, weight, None, target, lse, grad_scale,
                                                need_weight, False, need_hidden_grad=need_hidden),
-                       product * (1 + need_hidden + need_weight)))
+                       product * (1 + need_hidden + need_weight), {}))
+    default = row_block(n, v, dtype, None)
     for name, need in (("forward with gradients", True), ("forward with gradients, G only", False)):
         stages.append((name, functools.partial(kernel.forward_with_gradients, hidden, weight, None, target, grad_scale,
-                                               need, False, need_hidden_grad=need), product * (1 + 2 * need)))
+                                               need, False, need_hidden_grad=need), product * (1 + 2 * need), default))
+    run = {default["rows_per_block"]: "forward with gradients"}
     for mib in args.row_block_mib:
-        stages.append((f"forward with gradients, {mib} MiB blocks",
-                       functools.partial(_with_row_block_bytes, mib * 2 ** 20, kernel.forward_with_gradients, hidden,
-                                         weight, None, target, grad_scale, True, False), 3 * product))
+        block = row_block(n, v, dtype, mib * 2 ** 20)
+        if block["rows_per_block"] in run:   # (row_block_plan keeps d_weight's rounding to 32 segments at most)
+            skipped[f"N={n}, {mib} MiB"] = (f"runs the {block['rows_per_block']}-row blocks "
+                                            f"({block['block_mib']:.0f} MiB) of '{run[block['rows_per_block']]}'")
+            print(f"--row-block-mib {mib} at N={n}: not run, it {skipped[f'N={n}, {mib} MiB']}")
+            continue
+        name = run[block["rows_per_block"]] = (f"forward with gradients, {block['rows_per_block']}-row blocks "
+                                               f"({block['block_mib']:.0f} MiB)")
+        stages.append((name, functools.partial(_with_row_block_bytes, mib * 2 ** 20, kernel.forward_with_gradients,
+                                               hidden, weight, None, target, grad_scale, True, False), 3 * product,
+                       block))
     return stages
+
+
+def row_block(n, v, dtype, budget):
+    """{rows_per_block, block_mib (its buffers), row_block_budget_mib} of the cross-entropy's forward with gradients
+    at N = n under a block budget of `budget` bytes (None: the default): row_block_plan's, which raises a budget's
+    rows to N/32 at least, so that a small budget may run the default's blocks."""
+    from fastalign.kernels import chunked_backward
+    bytes_per_logit = 4 + dtype.itemsize   # (linear_cross_entropy.forward_with_gradients' buffers)
+    budget = chunked_backward._ROW_BLOCK_BYTES if budget is None else budget
+    rows, _ = _with_row_block_bytes(budget, chunked_backward.row_block_plan, n, v, bytes_per_logit)
+    return {"rows_per_block": rows, "block_mib": rows * v * bytes_per_logit / 2 ** 20,
+            "row_block_budget_mib": budget / 2 ** 20}
 
 
 def _with_row_block_bytes(budget, fn, *args):
@@ -385,7 +410,8 @@ def _with_row_block_bytes(budget, fn, *args):
 
 STAGE_COLUMNS = [("op", "op", "{}"), ("n", "N", "{}"), ("method", "stage", "{}"), ("fwd_ms", "ms", "{:.2f}"),
                  ("tflops", "TFLOP/s", "{:.3g}"), ("fraction_of_matmul_peak", "of peak", "{:.0%}"),
-                 ("busy", "GPU busy", "{:.0%}"), ("error", "error", "{}")]
+                 ("busy", "GPU busy", "{:.0%}"), ("rows_per_block", "block rows", "{}"),
+                 ("block_mib", "block MiB", "{:.0f}"), ("error", "error", "{}")]
 
 
 def main():

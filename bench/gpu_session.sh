@@ -115,10 +115,13 @@ gpu_benches() {
     # the packages installed apart on the path of the benches that compare with them alone, so that nothing else imports
     # them (transformers' Trainer imports datasets wherever it is installed, and checks for torchao)
     local with_apart=(env "PYTHONPATH=/tmp/site-apart${PYTHONPATH:+:$PYTHONPATH}")
+    # the row blocks of the forward with gradients, other than the default 192 MiB: at N=8192 the rows of a block are
+    # N/32 = 256 at least (the default's), so the larger blocks there (512 and 1024 rows), the smaller at N=2048
+    # (128 rows against 256)
     step 110 "bench_loss" "${with_apart[@]}" python3 bench/bench_loss.py --tokens 8192 --verbose --stages \
-        --row-block-mib 96 384
+        --row-block-mib 384 768
     step 45 "bench_loss, 1B head" "${with_apart[@]}" python3 bench/bench_loss.py --hidden 2048 --tokens 256 2048 \
-        --verbose --stages
+        --verbose --stages --row-block-mib 96
     # (the fidelity column, the same bits as the CPU records', at 30 steps: its float64 reference runs on the host,
     # ~7 s a way at 300 steps, which left torchao's compile no time)
     step 25 "bench_optimizer" "${with_apart[@]}" python3 bench/bench_optimizer.py --fidelity-steps 30

@@ -168,7 +168,9 @@ def test_loss_rows_record_their_gradients_difference_from_the_quantitys_first(mo
 def test_loss_stages_run_the_kernels_with_the_gradients_each_names(monkeypatch, tmp_path):
     """--stages: the forward, then the backward with both, one and neither of the gradients' products, then the
     forward with gradients with both and neither, and with both in blocks of each --row-block-mib budget, each run on
-    the kernel API with those gradients asked for, its TFLOP/s counted on the products it computes (2NHV each)."""
+    the kernel API with those gradients asked for, its TFLOP/s counted on the products it computes (2NHV each). A
+    budget's row is named by the block it runs; a budget whose block another row ran is not run again (a 96 MiB row
+    at N 8192 ran the default's 256-row blocks under the name of a smaller block)."""
     from fastalign.kernels import chunked_backward, linear_cross_entropy as kernel
     asked = []
 
@@ -187,14 +189,19 @@ def test_loss_stages_run_the_kernels_with_the_gradients_each_names(monkeypatch, 
         budgets.append(chunked_backward._ROW_BLOCK_BYTES)
         return plan(*args)
     monkeypatch.setattr(kernel, "row_block_plan", plan_spy)
+
+    def block_plan(num_rows, vocab, bytes_per_logit):   # rows as the budget allows, 8 at least, N at most
+        return min(num_rows, max(8, chunked_backward._ROW_BLOCK_BYTES // 2 ** 23)), vocab
+    monkeypatch.setattr(chunked_backward, "row_block_plan", block_plan)   # (the bench's labels, not the kernel's)
     monkeypatch.setattr(bench_loss.harness, "median_ms", lambda fn, device, **kwargs: (fn(), 2.0)[1])
     monkeypatch.setattr(bench_loss.harness, "device_busy_ms", lambda fn, device: 1.5)   # a CUDA device's
     monkeypatch.setattr(bench_loss.harness, "RESULTS_DIR", str(tmp_path))
     n, h, v = 24, 16, 67
     args = SimpleNamespace(device="cpu", dtype="float32", quick=False, hidden=h, vocab=v, tokens=[n],
-                           row_block_mib=[96])
+                           row_block_mib=[96, 192, 48, 40, 384])
+    config = {"matmul_peak_tflops": 2.0}
     earlier = [{"op": "linear_cross_entropy", "method": "fastalign"}]   # the table's rows, kept first in the record
-    rows = bench_loss.stage_rows(args, {"matmul_peak_tflops": 2.0}, earlier)
+    rows = bench_loss.stage_rows(args, config, earlier)
     (path,) = tmp_path.glob("bench_loss-*.json")
     assert json.loads(path.read_text())["results"] == earlier + rows
     assert [row["method"] for row in rows] == ["fastalign forward", "fastalign backward",
@@ -202,15 +209,36 @@ def test_loss_stages_run_the_kernels_with_the_gradients_each_names(monkeypatch, 
                                                "fastalign backward, G chunks only",
                                                "fastalign forward with gradients",
                                                "fastalign forward with gradients, G only",
-                                               "fastalign forward with gradients, 96 MiB blocks"], rows
+                                               "fastalign forward with gradients, 12-row blocks (0 MiB)",
+                                               "fastalign forward with gradients, 8-row blocks (0 MiB)"], rows
+    assert [(row.get("rows_per_block"), row.get("row_block_budget_mib")) for row in rows] == [
+        *[(None, None)] * 5, (24, 192), (24, 192), (12, 96), (8, 48)]
+    assert all(row["block_mib"] == row["rows_per_block"] * v * 8 / 2 ** 20 for row in rows[5:])
+    assert config["row_block_budgets_skipped"] == {
+        f"N=24, {mib} MiB": f"runs the {rows}-row blocks (0 MiB) of '{name}'"
+        for mib, rows, name in ((192, 24, "forward with gradients"), (40, 8, "forward with gradients, 8-row blocks"
+                                                                                " (0 MiB)"),
+                                (384, 24, "forward with gradients"))}
     assert asked == [("backward", True, True), ("backward", True, False), ("backward", False, True),
                      ("backward", False, False), ("forward_with_gradients", True, True),
-                     ("forward_with_gradients", False, False), ("forward_with_gradients", True, True)]
+                     ("forward_with_gradients", False, False), *[("forward_with_gradients", True, True)] * 2]
     default = chunked_backward._ROW_BLOCK_BYTES
-    assert budgets == [default, default, 96 * 2 ** 20] and default == 192 * 2 ** 20
-    assert [row["tflops"] * 2e-3 * 1e12 / (2 * n * h * v) for row in rows] == pytest.approx([1, 3, 2, 2, 1, 3, 1, 3])
+    assert budgets == [default, default, 96 * 2 ** 20, 48 * 2 ** 20] and default == 192 * 2 ** 20
+    assert [row["tflops"] * 2e-3 * 1e12 / (2 * n * h * v) for row in rows] == pytest.approx(
+        [1, 3, 2, 2, 1, 3, 1, 3, 3])
     assert all(row["busy"] == 0.75 for row in rows)   # the GPU's kernel time against the wall time
     assert all(row["fraction_of_matmul_peak"] == row["tflops"] / 2.0 for row in rows)
+
+
+def test_loss_row_blocks_are_the_plans_the_gpu_runs_at_the_budget_asked_for(monkeypatch):
+    """At N 8192 of the 8B head in bf16, row_block_plan keeps d_weight's rounding to 32 segments: a 96 MiB budget runs
+    the default's 256-row blocks (188 MiB), 384 MiB 512 rows."""
+    from fastalign.kernels import chunked_backward
+    monkeypatch.setattr(chunked_backward, "INTERPRET", False)   # the GPU's plan
+    blocks = {mib: bench_loss.row_block(8192, 128256, torch.bfloat16, mib and mib * 2 ** 20) for mib in (None, 96, 384)}
+    assert {mib: block["rows_per_block"] for mib, block in blocks.items()} == {None: 256, 96: 256, 384: 512}
+    assert blocks[96]["block_mib"] == 256 * 128256 * 6 / 2 ** 20 and blocks[96]["row_block_budget_mib"] == 96
+    assert blocks[None]["row_block_budget_mib"] == 192 and chunked_backward._ROW_BLOCK_BYTES == 192 * 2 ** 20
 
 
 def test_loss_baseline_that_cannot_be_loaded_is_recorded_with_its_error(monkeypatch, tmp_path):
