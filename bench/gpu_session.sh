@@ -7,8 +7,8 @@
 #   then the device tool, fixing what the first call finds before the second:
 #   run(command="bash bench/gpu_session.sh tests", carry=[".whl", ".carry"], timeout_s=280)   (at most ~4 min)
 #   run(command="bash bench/gpu_session.sh benches", carry=[".whl", ".carry"], timeout_s=600)   (10 min; with less
-#   device time left, timeout_s=T and command="CALL_LIMIT_S=T bash bench/gpu_session.sh benches", so that the 8B
-#   preset ends, and its rows are bundled, before the tool's limit)
+#   device time left, timeout_s=T and command="CALL_LIMIT_S=T bash bench/gpu_session.sh benches", so that each
+#   step, cut to what the call has left, ends, and its rows are bundled, before the tool's limit)
 #   at 1800a8f an H200 took 3.2 and 4.6 min; each call starts a machine (~1 min)
 #   benches ends with the 8B preset of bench_unlearn in what is left of its call (under 2 minutes left: skipped);
 #   a session that did not get it there, or the 8B numbers alone (a full run leaves under the 4 minutes a machine
@@ -77,8 +77,13 @@ HH=.carry/data/hh-harmless-base-test.jsonl.gz
 # less (the session's device time left, which the tool's limit_s then says) passes it: CALL_LIMIT_S=420 bash ...
 CALL_LIMIT_S=${CALL_LIMIT_S:-600}
 
-step() {  # step SECONDS NAME COMMAND...: runs COMMAND under a time limit
+step() {  # step SECONDS NAME COMMAND...: runs COMMAND under a time limit, cut to what the call has left
     local limit=$1 name=$2; shift 2
+    # less 15 s to return $OUT and the 5 s of timeout's --kill-after: a step past the call's limit is killed with the
+    # command, its rows never bundled
+    local left=$(( CALL_LIMIT_S - 15 - 5 - SECONDS ))
+    if (( left < 10 )); then echo "=== $name: skipped (${left}s of the call left)"; return; fi
+    (( limit <= left )) || limit=$left
     echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
     timeout --kill-after=5 "$limit" "$@"
     echo "=== $name: exit $? $(date -u +%H:%M:%S)"
@@ -128,7 +133,7 @@ gpu_benches() {
     step 95 "bench_tree" python3 bench/bench_tree.py --prefix 1500 8000 32000 131072 --rows 1 10 64 \
         --branch-lengths 16 2048 8192 --decode-tokens 64 --splits 8 32 64
     step 95 "bench_unlearn" python3 bench/bench_unlearn.py --reps 3 --profile
-    step 150 "bench_rain" python3 bench/bench_rain.py --random-model --hh "$HH" --prompts 1 --max-new-tokens 8 \
+    step 115 "bench_rain" python3 bench/bench_rain.py --random-model --hh "$HH" --prompts 1 --max-new-tokens 8 \
         --concurrency 1 8 32 --judge-prompts 16 --cuda-graphs --profile
     step 25 "bench_causal_lm_loss" "${with_apart[@]}" python3 bench/bench_causal_lm_loss.py --reps 2
     # what the call has left (SECONDS: since this script started), less 15 s to return $OUT, for the 8B preset; it

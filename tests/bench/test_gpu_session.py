@@ -9,6 +9,7 @@ import subprocess
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "bench" / "gpu_session.sh"
 CALL_LIMIT_S = 600
 INSTALL_S = 40   # nvidia-smi, the carried wheels and the editable install of fastalign, before the first step
+RETURN_S, KILL_S = 15, 5   # the call's time to return $OUT; timeout's --kill-after, past each step's limit
 
 
 def function(text, name):
@@ -28,8 +29,33 @@ def test_every_session_fits_one_device_call():
     assert re.search(rf"^CALL_LIMIT_S=\${{CALL_LIMIT_S:-{CALL_LIMIT_S}}}$", text, re.MULTILINE)
     limits = step_limits(text)
     assert [len(v) for v in limits.values()] == [2, 7], limits
-    for name, part in limits.items():
-        assert INSTALL_S + sum(part) <= CALL_LIMIT_S, (name, part)
+    for name, part in limits.items():   # (each step may run to its limit and the kill after it)
+        assert INSTALL_S + sum(part) + KILL_S * len(part) + RETURN_S <= CALL_LIMIT_S, (name, part)
+
+
+def benches_ends(seconds_used, call_limit):
+    """The time each step of gpu_benches (the real `step`) would end, in seconds of a call of call_limit s, every
+    command running to its limit and the kill after it, the script `seconds_used` s old at the first step."""
+    text = SCRIPT.read_text()
+    limit = re.search(r"^CALL_LIMIT_S=.*$", text, re.MULTILINE).group(0)
+    timeout = 'timeout() { SECONDS=$(( SECONDS + $2 + 5 )); echo "end $SECONDS"; }'   # $1: --kill-after=5
+    program = "\n".join([f"CALL_LIMIT_S={call_limit}", limit, "RESULTS=/nonexistent", "bundle_results() { :; }",
+                          timeout, function(text, "step"), function(text, "gpu_benches"), function(text, "unlearn_8b"),
+                          f"SECONDS={seconds_used}", "gpu_benches"])
+    out = subprocess.run(["bash", "-c", program], capture_output=True, text=True, check=True).stdout
+    return out, [int(line.split()[1]) for line in out.splitlines() if line.startswith("end ")]
+
+
+def test_every_step_ends_within_the_calls_limit_with_the_time_to_return_its_rows():
+    """CALL_LIMIT_S=420 shortened the 8B step alone: the fixed steps ran to 585 s of a 420 s call, the tool killing
+    bench_rain mid-run and its rows never bundled. Each step is cut to what the call has left; one with under 10 s
+    left is skipped, and said so."""
+    for call_limit in (CALL_LIMIT_S, 420, 200):
+        out, ends = benches_ends(INSTALL_S, call_limit)
+        assert ends and max(ends) <= call_limit - RETURN_S, out
+    out, ends = benches_ends(INSTALL_S, 200)   # bench_loss's two steps, the second cut to 25 s; the rest skipped
+    assert "=== bench_loss, 1B head (limit 25s)" in out and "=== bench_optimizer: skipped (-5s of the call left)" \
+        in out and len(ends) == 2, out
 
 
 def benches_steps(seconds_used, call_limit=None):
@@ -78,7 +104,7 @@ def test_each_step_bundles_the_records_so_far_into_one_file_of_out(tmp_path):
     results.mkdir()
     def bench(name):   # a bench's command: its record, and one cut mid-rewrite
         return f"""bash -c 'echo {{}} > "$RESULTS/{name}.json"; echo {{ > "$RESULTS/{name}.json.partial"'"""
-    program = "\n".join([f'OUT="{out}"', f'export RESULTS="{results}"', function(text, "step"),
+    program = "\n".join([f'OUT="{out}"', f'export RESULTS="{results}"', "CALL_LIMIT_S=600", function(text, "step"),
                          function(text, "bundle_results"), f"step 5 first {bench('bench_a')}",
                          f"step 5 second {bench('bench_b')}"])
     subprocess.run(["bash", "-c", program], capture_output=True, text=True, check=True)
