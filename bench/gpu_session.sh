@@ -101,9 +101,11 @@ gpu_tests() {
     # pytest writes to files (a step killed at its limit takes its pipeline with it); 12 workers (of 16 cores) share
     # the Triton compiles, which dominate these tests on a fresh machine; the sm_90 builds without a GPU are skipped;
     # -v logs each test's outcome as it ends, so that a run cut at the limit still names what passed and failed
-    # (each run under its own limit, so that a slow first one leaves the second its time)
+    # (each run under its own limit, so that a slow first one leaves the second its time; the step's exit status is
+    # pytest's, not that of the tail of its log)
     step 110 "tests needing CUDA" bash -c "
-        python3 -m pytest -v -n 12 -rfE -m gpu tests > $OUT/pytest-gpu.log 2>&1; tail -25 $OUT/pytest-gpu.log"
+        python3 -m pytest -v -n 12 -rfE -m gpu tests > $OUT/pytest-gpu.log 2>&1; status=\$?
+        tail -25 $OUT/pytest-gpu.log; exit \$status"
     # (and the trainer's resume: on the GPU it saves and restores the CUDA generator, which LoRA's dropout draws from)
     step 90 "the Triton kernels, the runner's cascade, fused norms, rotation and MLP activation, the training layers" \
         bash -c "python3 -m pytest -v -n 12 -rfE -m 'not gpu' -k 'not compile_for_sm90' tests/kernels \
@@ -113,7 +115,7 @@ gpu_tests() {
             tests/unlearn/test_trainer.py::test_killed_and_resumed_run_is_bit_identical \
             tests/runtime/test_tree_runner.py::test_random_tree_on_the_triton_backend_matches_hugging_face_fp32 \
             tests/runtime/test_tree_runner.py::test_the_triton_backend_runs_no_norm_rotation_or_activation_op_of_torch \
-            > $OUT/pytest-triton.log 2>&1; tail -8 $OUT/pytest-triton.log"
+            > $OUT/pytest-triton.log 2>&1; status=\$?; tail -8 $OUT/pytest-triton.log; exit \$status"
 }
 
 gpu_benches() {

@@ -115,6 +115,21 @@ def test_each_step_bundles_the_records_so_far_into_one_file_of_out(tmp_path):
         assert not [name for name in bundle.getnames() if name.endswith(".partial")]
 
 
+def test_the_test_steps_exit_with_pytests_status(tmp_path):
+    """Each test step ran `pytest > LOG; tail LOG`: failing GPU tests logged "exit 0" (tail's status)."""
+    text = SCRIPT.read_text()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text('#!/bin/bash\necho "1 failed, 3 passed"\nexit 1\n')   # a failing pytest
+    (bin_dir / "python3").chmod(0o755)
+    program = "\n".join([f'OUT="{tmp_path}"', f'RESULTS="{tmp_path}"', "CALL_LIMIT_S=600", "bundle_results() { :; }",
+                         function(text, "step"), function(text, "gpu_tests"), "gpu_tests"])
+    out = subprocess.run(["bash", "-c", program], env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+                         capture_output=True, text=True, check=True).stdout
+    exits = re.findall(r"^=== .*: exit (\d+) ", out, re.MULTILINE)
+    assert exits == ["1", "1"] and out.count("1 failed, 3 passed") == 2, out
+
+
 def test_an_unknown_part_is_refused_before_anything_is_installed(tmp_path):
     """`bash bench/gpu_session.sh --help` (or a typo) ran `pip install -e .` into the caller's python3 first."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
