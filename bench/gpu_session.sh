@@ -2,8 +2,9 @@
 # Every GPU check the open issues ask for, in two device-tool calls of under ten minutes each (lent GPU sessions
 # have 15 minutes of device time in all, start-up included).
 #
-#   bash bench/gpu_session.sh --prepare   # here, with network: wheels into .whl/, the shared data and the
-#                                         # commit into .carry/ (prepare again after committing)
+#   bash bench/gpu_session.sh --prepare   # here, with network: wheels into .whl/, the shared data (from
+#                                         # FASTALIGN_SHARED_DATA, else ../shared/data) and the commit into .carry/
+#                                         # (prepare again after committing)
 #   then the device tool, fixing what the first call finds before the second:
 #   run(command="bash bench/gpu_session.sh tests", carry=[".whl", ".carry"], timeout_s=280)   (at most ~4 min)
 #   run(command="bash bench/gpu_session.sh benches", carry=[".whl", ".carry"], timeout_s=600)   (10 min; with less
@@ -31,17 +32,16 @@ cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "--prepare" ]]; then
     set -e
-    # one version of each wheel (two stop the install there): downloaded aside, replacing .whl only on success
-    rm -rf .whl.new && mkdir -p .whl.new/apart .carry/data
-    download=(python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
-              --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
-    "${download[@]}" -d .whl.new liger-kernel==0.8.5 cut-cross-entropy==25.1.1
-    # TRL (and what its trainer utilities import that the machine's image lacks) and torchao, installed apart (see
-    # gpu_benches' with_apart)
-    "${download[@]}" -d .whl.new/apart trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 torchao==0.18.0
-    rm -rf .whl && mv .whl.new .whl
+    # the shared data sets, where the tests read them (beside the checkout unless FASTALIGN_SHARED_DATA says), checked
+    # before anything here is replaced
+    data=${FASTALIGN_SHARED_DATA:-../shared/data}
+    files=("$data/hh-harmless-base-test.jsonl.gz" "$data/TruthfulQA.csv")
+    for file in "${files[@]}"; do
+        [[ -f $file ]] || { echo "--prepare: no $file (FASTALIGN_SHARED_DATA: the folder of the shared data)"; exit 1; }
+    done
+    mkdir -p .carry/data
     # -f: a copy left read-only by the last --prepare (the shared data's mode) is replaced, not refused
-    cp -f ../shared/data/hh-harmless-base-test.jsonl.gz ../shared/data/TruthfulQA.csv .carry/data/
+    cp -f "${files[@]}" .carry/data/
     # the device's copy of the tree has no .git: the bench JSON takes the commit from here
     git rev-parse --short HEAD | tr -d '\n' > .carry/commit
     [[ -z "$(git status --porcelain --untracked-files=no)" ]] || echo -n "-dirty" >> .carry/commit
@@ -49,6 +49,15 @@ if [[ "${1:-}" == "--prepare" ]]; then
     # tree changed since this --prepare are labelled <commit>-stale, not with a commit they did not measure
     # (a file deleted since the last commit is left out)
     git ls-files -z -- . ':!bench/results' | xargs -0 sha256sum > .carry/tracked.sha256 2>/dev/null || true
+    # one version of each wheel (two stop the install there): downloaded aside, replacing .whl only on success
+    rm -rf .whl.new && mkdir -p .whl.new/apart
+    download=(python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+              --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+    "${download[@]}" -d .whl.new liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+    # TRL (and what its trainer utilities import that the machine's image lacks) and torchao, installed apart (see
+    # gpu_benches' with_apart)
+    "${download[@]}" -d .whl.new/apart trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 torchao==0.18.0
+    rm -rf .whl && mv .whl.new .whl
     ls -la .whl .carry/data
     exit 0
 fi

@@ -130,6 +130,40 @@ def test_the_test_steps_exit_with_pytests_status(tmp_path):
     assert exits == ["1", "1"] and out.count("1 failed, 3 passed") == 2, out
 
 
+def test_prepare_takes_the_shared_data_from_fastalign_shared_data_and_checks_it_before_replacing_anything(tmp_path):
+    """--prepare read ../shared/data alone, and failed there after replacing .whl, before writing .carry/commit (the
+    device's records then labelled "unknown", or an older commit's "-stale")."""
+    import shutil
+
+    tree, data, bin_dir = tmp_path / "tree", tmp_path / "data", tmp_path / "bin"
+    (tree / "bench").mkdir(parents=True)
+    shutil.copy(SCRIPT, tree / "bench" / "gpu_session.sh")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tree)]
+    for command in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "tree"]):
+        subprocess.run(git + command, check=True)
+    (tree / ".whl").mkdir()
+    (tree / ".whl" / "old.whl").write_text("")
+    bin_dir.mkdir()   # pip download: a wheel into its -d folder
+    (bin_dir / "python3").write_text('#!/bin/bash\nwhile [[ $# -gt 0 ]]; do [[ $1 == -d ]] && touch "$2/new.whl"; '
+                                     'shift; done\n')
+    (bin_dir / "python3").chmod(0o755)
+    data.mkdir()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FASTALIGN_SHARED_DATA": str(data)}
+    prepare = ["bash", str(tree / "bench" / "gpu_session.sh"), "--prepare"]
+    done = subprocess.run(prepare, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and f"--prepare: no {data}/hh-harmless-base-test.jsonl.gz" in done.stdout, done
+    assert [p.name for p in (tree / ".whl").iterdir()] == ["old.whl"] and not (tree / ".carry" / "commit").exists()
+    for name in ("hh-harmless-base-test.jsonl.gz", "TruthfulQA.csv"):
+        (data / name).write_text(name)
+    done = subprocess.run(prepare, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert (tree / ".carry" / "commit").read_text() == head
+    assert sorted(p.name for p in (tree / ".carry" / "data").iterdir()) == ["TruthfulQA.csv",
+                                                                             "hh-harmless-base-test.jsonl.gz"]
+    assert sorted(p.name for p in (tree / ".whl").iterdir()) == ["apart", "new.whl"]
+
+
 def test_an_unknown_part_is_refused_before_anything_is_installed(tmp_path):
     """`bash bench/gpu_session.sh --help` (or a typo) ran `pip install -e .` into the caller's python3 first."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
