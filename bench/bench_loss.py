@@ -218,7 +218,9 @@ def measure(name, loss_fn, make_inputs, grad_inputs, flops_fwd, flops_fwd_bwd, d
             "extra_mib": extra, "extra_vs_logits": None if extra is None else extra * 2 ** 20 / logits_bytes}, grads
 
 
-COLUMNS = [("op", "op", "{}"), ("n", "N", "{}"), ("method", "method", "{}"), ("loss_rel_diff", "loss diff", "{:.1e}"),
+# (the quantity tells apart the methods of one name on other inputs, and is what the diffs are taken within)
+COLUMNS = [("op", "op", "{}"), ("quantity", "quantity", "{}"), ("n", "N", "{}"), ("method", "method", "{}"),
+           ("loss_rel_diff", "loss diff", "{:.1e}"),
            ("grad_rel_diff", "grad diff", "{:.1e}"),
            ("fwd_ms", "fwd ms", "{:.2f}"),
            ("fwd_bwd_ms", "fwd+bwd ms", "{:.2f}"), ("fwd_bwd_tflops", "fwd+bwd TFLOP/s", "{:.3g}"),

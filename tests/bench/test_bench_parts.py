@@ -120,6 +120,9 @@ def test_loss_rows_are_their_quantitys_definition_on_inputs_shared_within_the_qu
         ({"fastalign": "fastalign", "naive": "naive", "compiled": "torch.compile"}[name.split("_")[0]],
          "linear_kl_div" if "_kl" in name else "linear_cross_entropy") for name in called], rows
     assert [row["method"].endswith("grads-in-forward") for row in rows] == ["in_forward" in name for name in called]
+    # the table tells every row apart (two "linear_kl_div naive torch" rows, of two heads and of one, did not)
+    names = [key for key, _, fmt in bench_loss.COLUMNS if fmt == "{}" and key != "error"]
+    assert "quantity" in names and len({tuple(row[key] for key in names) for row in rows}) == len(rows), names
     first = {}
     for row, inputs in zip(rows, seen):
         quantity = row["quantity"]
