@@ -74,10 +74,23 @@ def test_the_torch_implementation_steps_in_chunks(monkeypatch):
     scalars = step_scalars(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=1)
     whole, chunked = ([t.clone() for t in start] for _ in range(2))
     torch_step.step(whole[0], grad, *whole[1:], **scalars)
-    monkeypatch.setattr(torch_step, "CHUNK", 300)
+    monkeypatch.setattr(torch_step, "CPU_CHUNK", 300)
     torch_step.step(chunked[0], grad, *chunked[1:], **scalars)
     for name, ours, theirs, before in zip(("param", "exp_avg", "exp_avg_sq", "compensation"), chunked, whole, start):
         assert torch.equal(ours, theirs) and not torch.equal(ours, before), name
+
+
+def test_the_torch_implementation_steps_cpu_tensors_in_chunks_whose_temporaries_the_allocator_reuses(monkeypatch):
+    """On the CPU, chunks of 4M elements made each of the step's fp32 temporaries 16 MiB, mapped afresh at each
+    step (26500 page faults a step of 2M weights, 4x its CPU time): chunks of 64K elements there, 4M on a GPU
+    (where each chunk is ~30 launches)."""
+    sizes = []
+    monkeypatch.setattr(torch_step, "_step_chunk", lambda param, *args, **scalars: sizes.append(param.numel()))
+    scalars = step_scalars(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=1)
+    for device, expected in (("cpu", [1 << 16] * 3), ("meta", [3 << 16])):   # (meta: a GPU's chunks, no memory)
+        sizes.clear()
+        torch_step.step(*[torch.zeros(3 << 16, dtype=torch.bfloat16, device=device)] * 5, **scalars)
+        assert sizes == expected, device
 
 
 COMPILE_FOR_SM90 = """

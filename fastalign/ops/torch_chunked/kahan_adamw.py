@@ -7,22 +7,27 @@ import torch
 
 from ..compiler_disable import compiler_disable
 
-CHUNK = 1 << 22   # elements stepped at a time: each fp32 temporary takes 16 MiB, whatever the parameter's size
+CHUNK = 1 << 22   # elements stepped at a time on an accelerator: each fp32 temporary takes 16 MiB, whatever the size
+# on the CPU: temporaries of 256 KiB, which the allocator reuses and the caches hold across the step's ~30 passes
+# (16 MiB ones were mapped afresh, page by page: 26500 page faults a step of 2M weights, 4x its CPU time)
+CPU_CHUNK = 1 << 16
 
 
 @compiler_disable(reason="KahanAdamW's step runs outside the compiled graph (one graph break a parameter): inductor "
                          "reads a bf16 weight it has just rounded back unrounded, which drops the compensation")
 def step(param, grad, exp_avg, exp_avg_sq, compensation, **scalars):
     """Updates contiguous param, exp_avg, exp_avg_sq and compensation (None: no compensation) in place from grad, all
-    of one shape, CHUNK elements at a time; `scalars` are fastalign.optim.kahan_adamw.step_scalars'. Kept out of
-    torch.compile's graphs: inductor (without emulate_precision_casts) fuses the weight's write with the
-    compensation's read of it and takes the unrounded fp32 sum for the rounded weight, so the compensation lost what
-    rounding dropped (an explicit cast to bf16 in the graph is elided the same way)."""
+    of one shape, CHUNK elements at a time (CPU_CHUNK on the CPU); `scalars` are
+    fastalign.optim.kahan_adamw.step_scalars'. Kept out of torch.compile's graphs: inductor (without
+    emulate_precision_casts) fuses the weight's write with the compensation's read of it and takes the unrounded fp32
+    sum for the rounded weight, so the compensation lost what rounding dropped (an explicit cast to bf16 in the graph
+    is elided the same way)."""
     tensors = [t.view(-1) for t in (param, grad, exp_avg, exp_avg_sq)]
     flat_compensation = None if compensation is None else compensation.view(-1)
-    for start in range(0, param.numel(), CHUNK):
-        chunk = [t[start:start + CHUNK] for t in tensors]
-        _step_chunk(*chunk, None if compensation is None else flat_compensation[start:start + CHUNK], **scalars)
+    size = CPU_CHUNK if param.device.type == "cpu" else CHUNK
+    for start in range(0, param.numel(), size):
+        chunk = [t[start:start + size] for t in tensors]
+        _step_chunk(*chunk, None if compensation is None else flat_compensation[start:start + size], **scalars)
 
 
 def _step_chunk(param, grad, exp_avg, exp_avg_sq, compensation, *, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
