@@ -19,6 +19,8 @@ def text_after(tokenizer, lead: Sequence[int], ids: Sequence[int]) -> str:
     """The text that `ids` add after `lead`. Decoding them alone would drop the space before the first word with a
     SentencePiece tokenizer (Llama 2's, Mistral's), and lead + ids would then read other than what the model
     wrote."""
+    if not lead:   # nothing before ids (every answer shorter than a window): no decode of [] to read "" from
+        return tokenizer.decode(list(ids), skip_special_tokens=True)
     before = tokenizer.decode(list(lead), skip_special_tokens=True)
     full = tokenizer.decode(list(lead) + list(ids), skip_special_tokens=True)
     return full[len(before):] if full.startswith(before) else tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -147,3 +147,21 @@ def test_the_tokens_decoded_do_not_grow_with_the_answer():
     # the answer itself, where shorter than two windows)
     widths = [(chars + CONTEXT) * 2 ** k for k in range(3)]
     assert max(decoded) <= sum(3 * (w + CONTEXT) for w in widths) < 600
+
+
+def test_text_after_no_lead_decodes_once(monkeypatch):
+    """With nothing before them (RAIN's stop checks of every answer shorter than a window), the ids' text costs one
+    decode, not a decode of [] as well: 2 decodes per check before."""
+    tok, rng = byte_bpe_tokenizer(), random.Random(7)
+    answer = random_answer(tok, rng, 40)
+    calls, real_decode = [], type(tok).decode
+
+    def counting_decode(self, ids, *args, **kwargs):
+        calls.append(ids)
+        return real_decode(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "decode", counting_decode)
+    text = text_after(tok, [], answer)
+    assert len(calls) == 1 and text == real_decode(tok, answer, skip_special_tokens=True)
+    calls.clear()
+    assert ending_text(tok, [], answer[:10], 5) == text_after(tok, [], answer[:10]) and len(calls) == 2
