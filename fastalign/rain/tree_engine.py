@@ -59,17 +59,17 @@ ROLLOUT_POOL = 16      # rollout tokens pre-drawn per computed position (a posit
 
 class Entry:
     """A computed prefix: its span and ledger key; on the generation side also what draws read from its
-    last position (top-k ids and probabilities, greedy column, ranked ids/logits, last hidden state,
-    pre-drawn rollout tokens; a prompt's root, which no row can compute again and prompts that start alike share,
-    keeps its full next-token probabilities instead, drawn from by each prompt's own sampler). `users` counts the
-    tries (and shared tables) holding it."""
-    __slots__ = ("span", "key", "top_ids", "top_probs", "greedy_col", "ranked", "hidden", "draws", "probs",
-                 "users")
+    last position (top-k ids and probabilities: a tensor for the sampler, floats for each drawn token's logp;
+    greedy column, ranked ids/logits, last hidden state, pre-drawn rollout tokens; a prompt's root, which no row
+    can compute again and prompts that start alike share, keeps its full next-token probabilities instead, drawn
+    from by each prompt's own sampler). `users` counts the tries (and shared tables) holding it."""
+    __slots__ = ("span", "key", "top_ids", "top_probs", "top_prob_list", "greedy_col", "ranked", "hidden", "draws",
+                 "probs", "users")
 
     def __init__(self, span, key):
         self.span, self.key = span, key
-        self.top_ids = self.top_probs = self.greedy_col = self.ranked = self.hidden = self.draws = None
-        self.probs = None
+        self.top_ids = self.top_probs = self.top_prob_list = self.greedy_col = self.ranked = self.hidden = None
+        self.draws = self.probs = None
         self.users = 1
 
 
@@ -287,7 +287,7 @@ class TreeEngine:
 
         def give(host):
             top_ids, top_probs, greedy, ranked_ids, ranked_logits = host[first:first + 5]
-            top_ids, greedy = top_ids.tolist(), greedy.tolist()
+            top_ids, greedy, top_prob_lists = top_ids.tolist(), greedy.tolist(), top_probs.tolist()
             ranked_ids, ranked_logits = ranked_ids.tolist(), ranked_logits.tolist()
             at = first + 5
             hidden_rows = [None] * len(entries)
@@ -298,6 +298,7 @@ class TreeEngine:
                     draws[i] = pool
             for i, (entry, row_probs, row_hidden) in enumerate(zip(entries, top_probs.unbind(), hidden_rows)):
                 entry.top_ids, entry.top_probs, entry.greedy_col = top_ids[i], row_probs, greedy[i]
+                entry.top_prob_list = top_prob_lists[i]   # floats: a drawn token's logp reads no tensor
                 entry.ranked = (ranked_ids[i], ranked_logits[i])
                 entry.hidden = row_hidden
                 entry.draws = draws[i]
@@ -565,7 +566,7 @@ class TreeEngine:
                 entry = d.node.entry
                 col = entry.greedy_col if d.stream is None else next(picks)
                 token = entry.top_ids[col]
-                d.logp += math.log(float(entry.top_probs[col]))
+                d.logp += math.log(entry.top_prob_list[col])
                 if entry.hidden is not None:
                     d.hidden = entry.hidden.clone() if d.hidden is None else d.hidden + entry.hidden
                 d.tokens.append(token)

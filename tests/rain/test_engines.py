@@ -12,6 +12,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GenerationConfig
 
 from fastalign import PoolExhaustedError
@@ -24,6 +25,7 @@ from fastalign.rain.sampling import ROLLOUT_STREAM, KeyedSampler, draw_key
 from fastalign.rain.slow import SlowEngine
 from fastalign.rain.tree import Node
 from tests.runtime.tiny_models import fill_with_nan
+from tests.sync_counter import _site
 from tests.vocab_rows import VocabRows
 
 from . import fake_model
@@ -2062,3 +2064,24 @@ def test_a_peft_prompt_learning_adapter_is_refused_by_either_engine(engine, adap
                                          "RAIN's search"):
         rain_generate(model, tokenizer(), PROMPTS[:1], config, engine=engine, judge_prompt=SHORT_JUDGE,
                       embedding="hidden")
+
+
+class OpSites(TorchDispatchMode):
+    """Counts aten ops by 'op @ file' (the innermost file of fastalign's code on the stack) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[f"{func.overloadpacket.__name__} @ {_site().rsplit(':', 1)[0]}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_drawn_token_s_logp_reads_no_tensor():
+    """A set's drawn tokens read their probabilities as floats given with the call's outputs: a float() of a tensor
+    per drawn token before (a select and a scalar read each: 700 of each in bench_rain --quick's tree row)."""
+    with OpSites() as sites:
+        run = run_tree(PROMPTS[:2], RainConfig(root_visits=8, min_new_visits=3, max_new_tokens=8))
+    assert all(r.error is None for r in run.results) and sum(len(r.commits) for r in run.results) >= 4
+    assert not [op for op in sites.ops if op.endswith("fastalign/rain/tree_engine.py") and "_local_scalar" in op]
