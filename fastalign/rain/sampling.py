@@ -2,7 +2,8 @@
 token sets.
 
 - `top_k_distribution`: the k most likely tokens (ascending token id, a canonical order) with their
-  probabilities renormalised over those k (the reference's top-k warper followed by a softmax).
+  probabilities renormalised over those k (the reference's top-k warper followed by a softmax);
+  `top_k_and_ranked` gives it and the ranked tokens of one call's logits from one topk.
 - Samplers draw one column per row of a probability matrix, all rows in one call (`draw`), or several
   draws per row (`draw_many`, for pools of rollout tokens drawn ahead; the built-in samplers' `draw_many_on_device`
   leaves them on the device, for the tree engine to read with a call's other outputs). `TorchSampler` uses a seeded
@@ -51,9 +52,7 @@ def draw_key(prefix_key: int, stream: int) -> int:
 
 def top_k_distribution(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """logits [R, V] -> (token ids [R, k'] ascending, probabilities [R, k'] float32), k' = min(k, V)."""
-    values, ids = logits.float().topk(min(k, logits.shape[-1]), dim=-1)
-    ids, order = ids.sort(dim=-1)
-    values = values.gather(-1, order)
+    ids, values = _by_id(*logits.float().topk(min(k, logits.shape[-1]), dim=-1))
     return ids, torch.softmax(values, dim=-1)
 
 
@@ -65,7 +64,19 @@ def ranked_tokens(logits: torch.Tensor, rank: int) -> Tuple[List[List[int]], Lis
 
 def ranked_token_tensors(logits: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """ranked_tokens as tensors [R, rank'] on the logits' device (ids int64, logits float32), rank' = min(rank, V)."""
-    values, ids = logits.float().topk(min(rank, logits.shape[-1]), dim=-1)
+    return _by_id(*logits.float().topk(min(rank, logits.shape[-1]), dim=-1))
+
+
+def top_k_and_ranked(logits: torch.Tensor, k: int, rank: int):
+    """(top_k_distribution(logits, k), ranked_token_tensors(logits, rank)) from one topk over the vocabulary, of
+    the larger count (a topk's columns come by value: its first k are the topk of k), not one each."""
+    values, ids = logits.float().topk(min(max(k, rank), logits.shape[-1]), dim=-1)
+    top_ids, top_values = _by_id(values[..., :k], ids[..., :k])
+    return (top_ids, torch.softmax(top_values, dim=-1)), _by_id(values[..., :rank], ids[..., :rank])
+
+
+def _by_id(values: torch.Tensor, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A topk's (values, ids), in the canonical order: (ids ascending, their values)."""
     ids, order = ids.sort(dim=-1)
     return ids, values.gather(-1, order)
 

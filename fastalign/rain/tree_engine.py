@@ -51,8 +51,7 @@ from .ledger import EMPTY_KEY, TokenLedger
 from .minimum import chain_key
 from .prefix_trie import PrefixNode, drop_all, keep_only_below
 from .roots import RootPlan
-from .sampling import (ROLLOUT_STREAM, draw_key, extend_key, on_device_draws, ranked_token_tensors, seed_key,
-                       top_k_distribution)
+from .sampling import ROLLOUT_STREAM, draw_key, extend_key, on_device_draws, seed_key, top_k_and_ranked
 
 ROLLOUT_POOL = 16      # rollout tokens pre-drawn per computed position (a position is rarely rolled past more)
 
@@ -261,8 +260,7 @@ class TreeEngine:
         Appends the device tensors the host must read to `to_read`; returns the function that gives the entries
         their values from `to_read`'s host copies (in its order)."""
         first = len(to_read)
-        top_ids, top_probs = top_k_distribution(logits, self.config.sample_top_k)
-        ranked = ranked_token_tensors(logits, self.config.max_children)
+        (top_ids, top_probs), ranked = top_k_and_ranked(logits, self.config.sample_top_k, self.config.max_children)
         # the hidden states come to the host too: the sums of a path's states, the embeddings and their similarities
         # are a few vectors each, which the host adds in less time than it takes to launch one device kernel
         to_read += [top_ids, top_probs, top_probs.argmax(dim=-1), *ranked,

@@ -2085,3 +2085,19 @@ def test_a_drawn_token_s_logp_reads_no_tensor():
         run = run_tree(PROMPTS[:2], RainConfig(root_visits=8, min_new_visits=3, max_new_tokens=8))
     assert all(r.error is None for r in run.results) and sum(len(r.commits) for r in run.results) >= 4
     assert not [op for op in sites.ops if op.endswith("fastalign/rain/tree_engine.py") and "_local_scalar" in op]
+
+
+def test_a_generation_call_ranks_the_vocabulary_once(monkeypatch):
+    """The top-k distribution and the ranked children of a call's generation rows come from one topk over the
+    vocabulary (a [rows, V] pass per call: two before, one for each)."""
+    calls, read = [], tree_engine.TreeEngine._read_distributions
+
+    def counted(engine, *args):
+        calls.append(1)
+        return read(engine, *args)
+
+    monkeypatch.setattr(tree_engine.TreeEngine, "_read_distributions", counted)
+    with OpSites() as sites:
+        run = run_tree(PROMPTS[:2], RainConfig(root_visits=8, min_new_visits=3, max_new_tokens=8))
+    assert all(r.error is None for r in run.results) and len(calls) >= 8
+    assert sites.ops["topk @ fastalign/rain/sampling.py"] == len(calls)   # (search.py's: of a node's children)

@@ -6,10 +6,12 @@ import re
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastalign.rain import KeyedSampler, RainConfig, TorchSampler, rain_generate, sampling
 from fastalign.rain.sampling import (ROLLOUT_STREAM, CheckedSampler, check_sampler, draw_key, extend_key,
-                                     make_sampler, prompt_sampler, ranked_tokens, seed_key, top_k_distribution)
+                                     make_sampler, prompt_sampler, ranked_token_tensors, ranked_tokens, seed_key,
+                                     top_k_and_ranked, top_k_distribution)
 
 from .tiny import PROMPTS, SHORT_JUDGE, tiny_llama, tokenizer
 
@@ -284,6 +286,27 @@ def test_top_k_probabilities_are_float32_whatever_the_logits_dtype():
     ids, probs = top_k_distribution(logits, 3)
     assert probs.dtype == torch.float32
     torch.testing.assert_close(probs[0], torch.softmax(torch.tensor([3.0, 1.0, 2.0]), dim=0), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("k, rank", [(15, 20), (20, 15), (5, 5), (40, 60)])
+def test_top_k_and_ranked_gives_both_from_one_topk(k, rank):
+    """The same ids, probabilities and ranked logits as top_k_distribution and ranked_token_tensors (k and rank
+    either way round, past the vocabulary), from one topk over the vocabulary instead of one each (float32 logits:
+    no exact ties, where either may keep another of the tied ids)."""
+    logits = torch.randn(6, 50) * 4
+    ops = []
+
+    class Topks(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket)
+            return func(*args, **(kwargs or {}))
+
+    with Topks():
+        both = top_k_and_ranked(logits, k, rank)
+    assert ops.count(torch.ops.aten.topk) == 1
+    expected = [*top_k_distribution(logits, k), *ranked_token_tensors(logits, rank)]
+    for got, wanted in zip([*both[0], *both[1]], expected):
+        assert torch.equal(got, wanted)
 
 
 def test_make_sampler_seeds_the_sampler_it_makes():
