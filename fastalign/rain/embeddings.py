@@ -181,11 +181,17 @@ class CheckedEmbedder:
                                  f"(vector {i})")
             if not v.is_floating_point():
                 raise ValueError(f"{where}: expected floating-point vectors, got {v.dtype} (vector {i})")
-            if not bool(torch.isfinite(v).all()):   # a NaN similarity made every prompt fail in the selection
-                raise ValueError(f"{where}: expected finite vectors, got NaN or inf (vector {i})")
+            if v.device != vectors[0].device:   # (their similarities are computed together)
+                raise ValueError(f"{where}: expected the vectors on one device: vector {i} on {v.device}, vector 0 on "
+                                 f"{vectors[0].device}")
             if v.numel() != vectors[0].numel():
                 raise ValueError(f"{where}: expected vectors of the same length d: vector {i} has {v.numel()}, "
                                  f"vector 0 {vectors[0].numel()}")
+        # a NaN similarity made every prompt fail in the selection: one check of all the vectors (one read of the
+        # device's answer, not one per vector); where it fails, the first bad vector is named
+        if vectors and not bool(torch.isfinite(torch.stack(vectors)).all()):
+            bad = next(i for i, v in enumerate(vectors) if not bool(torch.isfinite(v).all()))
+            raise ValueError(f"{where}: expected finite vectors, got NaN or inf (vector {bad})")
         if vectors and self.length not in (None, vectors[0].numel()):
             raise ValueError(f"{where}: expected vectors of the same length d in every call: got {vectors[0].numel()},"
                              f" earlier calls {self.length}")

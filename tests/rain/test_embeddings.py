@@ -337,3 +337,34 @@ def test_minilm_runs_a_text_repeated_in_one_call_once():
     assert [b.shape[0] for b in batches] == [2] and torch.equal(vectors[0], vectors[2])
     paths = enc.embed([PathInfo("same text."), PathInfo("other."), PathInfo("same text.")])   # one vector a path
     assert len(paths) == 3 and torch.equal(paths[0], paths[2]) and torch.equal(paths[1], vectors[1])
+
+
+class _Given:
+    """A plug-in embedder that returns the vectors it is given."""
+    needs_hidden = False
+
+    def __init__(self, vectors):
+        self.vectors = vectors
+
+    def embed(self, paths):
+        return self.vectors
+
+
+def test_checked_vectors_are_read_from_the_device_once_and_a_bad_one_is_named():
+    """The finiteness check of a call's vectors waits for the device once, not once per vector (5 here before:
+    each a scalar read of the device's answer, 228 in bench_rain --quick's tree row); a NaN still names its vector."""
+    from fastalign.rain.embeddings import CheckedEmbedder
+    from tests.sync_counter import SyncCounter
+    vectors = list(torch.randn(5, 8).unbind())
+    paths = [PathInfo("p", None, 1)] * len(vectors)
+    with SyncCounter() as counter:
+        counter.mark(*vectors)
+        got = CheckedEmbedder(_Given(vectors)).embed(paths)
+    assert counter.total == 1, counter.syncs
+    assert len(got) == len(vectors) and all(g is v for g, v in zip(got, vectors))   # the embedder's own tensors
+    vectors[3] = vectors[3].clone().index_fill_(0, torch.tensor([2]), float("nan"))
+    with pytest.raises(ValueError, match=r"_Given.embed: expected finite vectors, got NaN or inf \(vector 3\)"):
+        CheckedEmbedder(_Given(vectors)).embed(paths)
+    vectors[3] = torch.ones(8, device="meta")   # checked together: a vector elsewhere is named, not a stack error
+    with pytest.raises(ValueError, match=r"_Given.embed: expected the vectors on one device: vector 3 on meta"):
+        CheckedEmbedder(_Given(vectors)).embed(paths)
