@@ -21,6 +21,7 @@ from fastalign.base_model import base_causal_lm
 from fastalign.causal_lm_loss import CausalLMLoss, check_loss_is_causal_lm_cross_entropy, predicting_positions
 from fastalign.ops.backend import Backend
 from fastalign.own_forward import forward_is_its_own
+from fastalign.runtime.hf_cache_argument import refuse_a_prefix_not_taken
 from fastalign.unlearn.models import head_input_module, router_loss_added
 
 # Arguments of the model's forward that are the loss's (transformers passes them on to its loss function)
@@ -73,6 +74,7 @@ class FusedLossForward:
     def __init__(self, loss: CausalLMLoss, unfused: Callable):
         self.loss, self.unfused = loss, unfused
         self.warned_of_logits = False
+        self.past_key_values_taken = False   # (checked on the first call that passes them)
 
     @property
     def __self__(self) -> torch.nn.Module:
@@ -99,7 +101,7 @@ class FusedLossForward:
         arguments = _named_arguments(self.__signature__, args, kwargs)
         if (arguments is None or not torch.is_grad_enabled() or not _asks_for_nothing_but_the_loss(arguments)
                 or router_loss_added(self.loss.model)):   # (output_router_logits set on its config since it was fused)
-            return self.unfused(*args, **kwargs)
+            return self._unfused_taking_past_key_values(arguments, *args, **kwargs)
         if arguments.get("labels") is None:
             self._warn_of_logits()
             return self.unfused(*args, **kwargs)
@@ -119,6 +121,24 @@ class FusedLossForward:
         if return_dict is None:
             return_dict = getattr(model.config, "return_dict", True)
         return output if return_dict else output.to_tuple()
+
+    def _unfused_taking_past_key_values(self, arguments: dict | None, *args, **kwargs):
+        """The model's own forward's outputs; once, where a call passes K/V as past_key_values (as PEFT's forward
+        passes a prefix's) to a forward that names no such argument, a ValueError unless the forward took them: the
+        cache passed holds the inputs' positions after it (transformers maps past_key_values to `cache` until 5.40; a
+        forward whose **kwargs swallow it ran as the model without the prefix, silently)."""
+        arguments = arguments or {}
+        cache = arguments.get("past_key_values")
+        inputs = next((arguments[name] for name in ("input_ids", "inputs_embeds") if arguments.get(name) is not None),
+                      None)
+        if (self.past_key_values_taken or not hasattr(cache, "get_seq_length") or inputs is None
+                or "past_key_values" in self.__signature__.parameters):
+            return self.unfused(*args, **kwargs)
+        expected = cache.get_seq_length() + inputs.shape[1]
+        outputs = self.unfused(*args, **kwargs)
+        refuse_a_prefix_not_taken(cache, expected, type(self.loss.model).__name__)
+        self.past_key_values_taken = True
+        return outputs
 
     def _warn_of_logits(self) -> None:
         """Once: a call that takes a gradient without labels runs the model's own forward, logits and all. A Trainer

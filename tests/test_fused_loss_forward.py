@@ -510,3 +510,26 @@ def test_a_model_whose_lm_head_has_a_forward_of_its_own_is_refused_when_fused():
     model.lm_head = LoRAHead(model.lm_head)
     with pytest.raises(NotImplementedError, match="LlamaForCausalLM: .* the model's lm_head is a LoRAHead"):
         fuse_causal_lm_loss(model)
+
+
+def test_a_prefix_that_does_not_reach_the_models_forward_is_refused(monkeypatch):
+    """A prefix-tuned PEFT model's forward passes the prefix's K/V as past_key_values through the fused forward to the
+    model's own, which takes them because transformers maps them to `cache` until 5.40; a forward whose **kwargs
+    swallow them instead would train the model without the prefix, silently. The removal is stood in for: a
+    ValueError naming the model; the check runs on the first such call alone."""
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaForCausalLM
+    from tests.runtime.test_hf_cache_argument import drop_past_key_values
+
+    def tuned():
+        config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+        return peft.get_peft_model(fuse_causal_lm_loss(tiny_llama(VOCAB), backend="torch"), config)
+    inputs = batch(seed=11)
+    with monkeypatch.context() as patch:
+        drop_past_key_values(patch, LlamaForCausalLM)
+        with pytest.raises(ValueError, match=r"LlamaForCausalLM: the K/V passed as past_key_values did not reach the "
+                                             r"model's forward \(the cache it left holds 3 positions, not the \d+ "):
+            tuned()(**inputs)
+    model = tuned()
+    model(**inputs).loss.backward()
+    assert model.get_base_model().forward.past_key_values_taken   # checked: later calls skip the check

@@ -24,10 +24,12 @@ import torch
 
 from fastalign.eval_mode import eval_mode
 from fastalign.model_context import model_positions
+from fastalign.model_decoder import prompt_learning_adapter
 from fastalign.model_devices import input_device
 from fastalign.model_vocabulary import check_embedded, input_vocabulary, probe_ids
 from fastalign.ops.checks import is_integer, refuse_one_string
-from fastalign.runtime.hf_cache_argument import (cache_kwargs, refuse_prompt_adapter_over_a_cache, returned_cache,
+from fastalign.runtime.hf_cache_argument import (cache_kwargs, prefix_length, refuse_a_prefix_not_taken,
+                                                 refuse_prompt_adapter_over_a_cache, returned_cache,
                                                  takes_logits_to_keep)
 from fastalign.prompt_templates import end_of_turn_id
 from fastalign.prompt_tokens import tokenize_prompts
@@ -169,6 +171,10 @@ def _prompt_forward(model, tokenizer, rows: List[List[int]]):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=sequence, attention_mask=mask, position_ids=positions, use_cache=True,
                 **_last_logits_only(model))
+    prefix = prefix_length(model)
+    if prefix:   # the cache it starts holds the prefix's K/V, which later forwards carry on
+        refuse_a_prefix_not_taken(returned_cache(out), prefix + width, f"model: its PEFT adapter "
+                                  f"({prompt_learning_adapter(model)})")
     return sequence, mask, positions, out
 
 
@@ -267,7 +273,8 @@ def iter_generations(model, tokenizer, prompts: Sequence[str],
     Every prompt is tokenized and checked against the context first, so a too-long prompt fails before
     any compute is spent; so is a PEFT adapter that puts virtual tokens before the inputs (prompt tuning, P-tuning),
     which a forward per new token over the KV cache would prepend again at every step, and prefix tuning where the
-    model takes its cache as past_key_values (transformers 5.17), where PEFT's K/V would replace it.
+    model takes its cache as past_key_values (transformers 5.17), where PEFT's K/V would replace it; a prefix whose K/V
+    did not reach the model's forward (its cache holds none) is refused at the first forward.
     """
     refuse_prompt_adapter_over_a_cache(model, "generation")
     check_stop_strings(tokenizer, config.stop_strings)

@@ -3,9 +3,11 @@
 transformers 5.17 names both the forward argument and the output field `past_key_values` (`cache_params` for the
 Mamba models); newer releases name them `cache` (keeping the old arguments, deprecated, until 5.40). fastalign
 supports all three. Also whether a forward takes logits_to_keep (its lm_head at the positions read alone), and which
-PEFT prompt-learning adapters a forward per new token over the cache runs as PEFT's forward does.
+PEFT prompt-learning adapters a forward per new token over the cache runs as PEFT's forward does, and whether a
+prefix's K/V passed as past_key_values reached the forward.
 """
 import functools
+import importlib.metadata
 import inspect
 
 from fastalign.base_model import base_causal_lm
@@ -13,6 +15,7 @@ from fastalign.model_decoder import prompt_learning_adapter
 
 _NAMES = ("cache", "past_key_values", "cache_params")   # the first a forward takes is the one used
 _CACHE_NAMES = frozenset(_NAMES)
+_KV_PREFIXES = ("PREFIX_TUNING", "CARTRIDGE")   # PEFT's adapters whose K/V its forward passes as past_key_values
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +86,7 @@ def refuse_prompt_adapter_over_a_cache(model, decoding: str, kv_prefix: bool = T
     adapter = prompt_learning_adapter(model)
     if adapter is None:
         return
-    if model.active_peft_config.peft_type not in ("PREFIX_TUNING", "CARTRIDGE"):
+    if model.active_peft_config.peft_type not in _KV_PREFIXES:
         raise ValueError(f"model: its PEFT adapter ({adapter}) is a prompt-learning adapter whose virtual tokens "
                          f"PEFT's forward puts before the inputs at every call, also before each token {decoding} "
                          "decodes over the KV cache, which would answer what the model does not; use an adapter in "
@@ -93,3 +96,32 @@ def refuse_prompt_adapter_over_a_cache(model, decoding: str, kv_prefix: bool = T
                          f"passes as past_key_values at every call, which {decoding} does not carry over its KV cache "
                          "as PEFT's forward does (it would answer what the model does not); use an adapter in the "
                          "layers (LoRA and its kin, merged or not)")
+
+
+def prefix_length(model) -> int:
+    """How many positions the K/V of `model`'s active prefix-tuning (or cartridge) adapter put before the inputs in
+    PEFT's forward (0 for any other model)."""
+    if prompt_learning_adapter(model) is None or model.active_peft_config.peft_type not in _KV_PREFIXES:
+        return 0
+    return model.active_peft_config.num_virtual_tokens
+
+
+def refuse_a_prefix_not_taken(cache, expected: int, passed_by: str) -> None:
+    """ValueError where `cache`, which a forward given K/V as past_key_values returned (or updated: the one passed),
+    holds other than `expected` positions: the forward did not take the K/V. PEFT passes a prefix's K/V (prefix
+    tuning, a cartridge) as past_key_values, which transformers maps to the forward's `cache` until 5.40; a forward
+    whose **kwargs swallow it instead runs as the model without them, silently."""
+    held = 0 if cache is None else cache.get_seq_length()
+    if held != expected:
+        raise ValueError(f"{passed_by}: the K/V passed as past_key_values did not reach the model's forward (the cache "
+                         f"it left holds {held} positions, not the {expected} of the K/V and the inputs), so it would "
+                         f"answer and train as the model without them; transformers {_version('transformers')} and "
+                         f"peft {_version('peft')} no longer hand PEFT's past_key_values to the forward's cache: use "
+                         "an adapter in the layers (LoRA and its kin), or versions that do")
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"

@@ -609,6 +609,20 @@ def test_a_prefix_tuned_peft_model_generates_its_greedy_answers_or_is_refused(wo
         assert generate(tuned, tokenizer, prompts, config) == [slow_greedy(tuned, tokenizer, p, 6) for p in prompts]
 
 
+def test_a_prefix_that_does_not_reach_the_models_forward_is_refused(world, tokenizer, monkeypatch):
+    """PEFT passes the prefix's K/V as past_key_values, which reach the model because transformers maps them to its
+    forward's `cache` until 5.40; a forward whose **kwargs swallow them instead would answer as the model without the
+    prefix, silently. The removal is stood in for: a ValueError naming the adapter, not answers that drift."""
+    from transformers import LlamaForCausalLM
+    from tests.runtime.test_hf_cache_argument import drop_past_key_values
+    tuned = peft_model(tokenizer, "PrefixTuningConfig")
+    drop_past_key_values(monkeypatch, LlamaForCausalLM)
+    with pytest.raises(ValueError, match=r"model: its PEFT adapter \(PrefixTuningConfig\): the K/V passed as "
+                                         r"past_key_values did not reach the model's forward .* not the \d+ of the K/V "
+                                         r"and the inputs.* transformers [\d.]+\S* and peft "):
+        generate(tuned, tokenizer, prompts_of(world)[:2], GenerationConfig(max_new_tokens=2, batch_size=2))
+
+
 def rwkv_model(tokenizer):
     """A tiny RWKV (no attention mask: its logits change with padding) whose logits tell contexts apart."""
     from transformers import RwkvConfig, RwkvForCausalLM

@@ -1,12 +1,15 @@
 """hf_cache_argument: the cache goes to the forward argument the model names and is read back from either
 output field, under transformers' old convention (`past_key_values`) and its new one (`cache`)."""
+import functools
 import inspect
+import re
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache, takes_a_cache, takes_logits_to_keep
+from fastalign.runtime.hf_cache_argument import (cache_kwargs, prefix_length, refuse_a_prefix_not_taken,
+                                                 returned_cache, takes_a_cache, takes_logits_to_keep)
 from tests.runtime.tiny_models import tiny_model
 
 
@@ -151,3 +154,43 @@ def test_a_forward_naming_logits_to_keep_without_keywords_takes_it():
     model = OldStyle()
     model.forward = lambda input_ids, logits_to_keep=0: None
     assert takes_logits_to_keep(model)
+
+
+def drop_past_key_values(monkeypatch, model_class) -> None:
+    """model_class's forward, its signature kept, without the past_key_values it is given: as a forward whose **kwargs
+    swallow them would run once transformers maps them to `cache` no more (5.40)."""
+    forward = model_class.forward
+
+    @functools.wraps(forward)
+    def dropping(self, *args, **kwargs):
+        kwargs.pop("past_key_values", None)
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(model_class, "forward", dropping)
+
+
+def test_a_prefix_not_taken_is_refused_naming_the_adapter_and_the_versions():
+    """A prefix's K/V that PEFT passes as past_key_values reach the model only while transformers maps that argument
+    to the forward's `cache`: the cache it leaves must hold the prefix's positions and the inputs', else a
+    ValueError that names who passed them and the transformers and peft versions."""
+    peft = pytest.importorskip("peft")
+    import transformers
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    cache.update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), 0)
+    refuse_a_prefix_not_taken(cache, 5, "model")
+    versions = rf"transformers {re.escape(transformers.__version__)} and peft {re.escape(peft.__version__)}"
+    with pytest.raises(ValueError, match=r"^the adapter: the K/V passed as past_key_values did not reach the model's "
+                                         rf"forward \(the cache it left holds 5 positions, not the 8 .*{versions}"):
+        refuse_a_prefix_not_taken(cache, 8, "the adapter")
+    with pytest.raises(ValueError, match="holds 0 positions, not the 3"):
+        refuse_a_prefix_not_taken(None, 3, "model")
+
+
+@pytest.mark.parametrize("adapter", ["PrefixTuningConfig", "CartridgeConfig", "LoraConfig"])
+def test_the_prefix_length_is_the_virtual_tokens_of_a_kv_prefix_alone(adapter):
+    peft = pytest.importorskip("peft")
+    settings = {"target_modules": ["q_proj"]} if adapter == "LoraConfig" else {"num_virtual_tokens": 3}
+    config = getattr(peft, adapter)(task_type="CAUSAL_LM", **settings)
+    model = peft.get_peft_model(tiny_model("llama-gqa-untied"), config)
+    assert prefix_length(model) == (0 if adapter == "LoraConfig" else 3)
+    assert prefix_length(model.get_base_model()) == 0
