@@ -24,6 +24,8 @@ from typing import Iterable, List, Sequence, Tuple
 
 import torch
 
+from fastalign.transfers import index_on
+
 _MASK = (1 << 64) - 1
 ROLLOUT_STREAM = 1 << 40        # stream of the simulation draws; expansion samples use 1, 2, ...
 
@@ -138,9 +140,9 @@ class KeyedSampler:
 
     def draw_many_on_device(self, probs: torch.Tensor, keys: Sequence[int], count: int) -> torch.Tensor:
         """draw_many's draws as a tensor [R, 1] on the probabilities' device (R >= 1), not yet read by the host."""
-        salt = seed_key(self.seed)
-        u = torch.tensor([(_mix64(k ^ salt) >> 11) / float(1 << 53) for k in keys], dtype=torch.float64,
-                         device=probs.device)
+        salt = seed_key(self.seed)   # each uniform's 53 bits go as an int64 by index_on's non-blocking copy: the
+        # host need not wait for the device's queue; over 2**53 on the device, the same float64 as on the host
+        u = index_on([_mix64(k ^ salt) >> 11 for k in keys], probs.device).double() / float(1 << 53)
         cdf = probs.detach().double().cumsum(dim=-1)
         u = u.unsqueeze(1) * cdf[:, -1:]
         return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)

@@ -15,6 +15,7 @@ from fastalign.eval_mode import eval_mode
 from fastalign.model_devices import input_device
 from fastalign.ops.backend import autocast_off
 from fastalign.runtime.hf_cache_argument import cache_kwargs, returned_cache, takes_logits_to_keep
+from fastalign.transfers import index_on
 
 from .config import RainConfig
 from .dialogue import judge_input, judge_path_ids, rollout_stops
@@ -46,7 +47,7 @@ class SlowEngine:
         (a model in train mode is run in eval mode), as the tree engine's runner computes: an enclosing autocast does
         not apply."""
         with autocast_off(self.device), eval_mode(self.model):
-            out = self.model(input_ids=torch.tensor([list(ids)], device=self.device), use_cache=True,
+            out = self.model(input_ids=index_on([list(ids)], self.device), use_cache=True,
                              output_hidden_states=self.want_hidden, **cache_kwargs(self.model, cache),
                              **self.last_logits)
         self.ledger.call([stats])

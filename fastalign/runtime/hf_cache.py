@@ -25,6 +25,7 @@ from fastalign.model_vocabulary import probe_ids
 from fastalign.ops.paged_attention import write_kv
 from fastalign.runtime.hf_cache_argument import cache_kwargs, takes_a_cache, takes_logits_to_keep
 from fastalign.runtime.row_groups import LeftPadded, context_alike, left_padded_kv, row_chain
+from fastalign.transfers import index_on
 
 
 class HFCacheModel:
@@ -99,7 +100,7 @@ class HFCacheModel:
         for (_, new, *_), rows in sorted(groups.items(), key=lambda item: item[0][0]):   # first met first, per level
             contexts = [seq_lens[row] - new for row in rows]
             tokens = np.concatenate([np.arange(cu[row], cu[row + 1]) for row in rows])   # the group's, row by row
-            token_index = torch.from_numpy(tokens).to(self.device)
+            token_index = index_on(tokens, self.device)
             cache = DynamicCache(ddp_cache_data=gathered_context(pool, batch.block_table[rows], contexts,
                                                                  range(self.num_layers))) if max(contexts) else \
                 DynamicCache()
@@ -186,7 +187,7 @@ def gathered_context(pool, block_rows, lengths, layers):
     after zeros (its padding, which the forward masks)."""
     longest, size, device = max(lengths), pool.block_size, block_rows.device
     source = (torch.arange(longest, device=device)
-              - torch.tensor([longest - n for n in lengths], device=device)[:, None])   # < 0: padding
+              - index_on([longest - n for n in lengths], device)[:, None])   # < 0: padding
     padding = (source < 0)[:, :, None, None] if min(lengths) < longest else None
     source = source.clamp(min=0)
     slots = block_rows.long().gather(1, source // size) * size + source % size   # [rows, longest]
@@ -208,9 +209,9 @@ def write_rows_kv(pool, batch, tokens, layers_kv):
     place[tokens] = np.arange(len(tokens))
     extra = np.flatnonzero(place[batch.host_extra_src] >= 0)
     device = batch.slot_mapping.device
-    slots = batch.slot_mapping[torch.from_numpy(tokens).to(device)]
-    extra_src = torch.from_numpy(place[batch.host_extra_src[extra]]).to(device)
-    extra_dst = batch.extra_dst[torch.from_numpy(extra).to(device)]
+    slots = batch.slot_mapping[index_on(tokens, device)]
+    extra_src = index_on(place[batch.host_extra_src[extra]], device)
+    extra_dst = batch.extra_dst[index_on(extra, device)]
     for index, kv in enumerate(layers_kv):
         keys, values = (t.transpose(1, 2).flatten(0, 1) for t in kv)
         write_kv(keys, values, pool.k(index), pool.v(index), slots)
@@ -260,13 +261,13 @@ class KeptLogits:
             count = max(len(columns), 1)
             kept, columns = count, np.arange(length - count, length)
         else:
-            kept = torch.from_numpy(columns).to(self.device)
+            kept = index_on(columns, self.device)
         out = model(**arguments, **(dict(logits_to_keep=kept) if self.keeps_logits else {}))
         rows, places = np.nonzero(self.wanted[grid[:, columns]])
         if len(rows):
             self.tokens.append(grid[rows, columns[places]])
             device = out.logits.device   # (the last layer's, for a model spread over devices)
-            self.logits.append(out.logits[torch.from_numpy(rows).to(device), torch.from_numpy(places).to(device)])
+            self.logits.append(out.logits[index_on(rows, device), index_on(places, device)])
         return out
 
     def result(self):
@@ -277,7 +278,7 @@ class KeptLogits:
         place = np.zeros(len(self.wanted), dtype=np.int64)   # batch token -> its row among the kept logits
         place[tokens] = np.arange(len(tokens))
         logits = torch.cat(self.logits)
-        return logits[torch.from_numpy(place[self.at]).to(logits.device)].float()
+        return logits[index_on(place[self.at], logits.device)].float()
 
 
 def _rebuilt_cache_probe(model, probe):

@@ -35,6 +35,7 @@ from fastalign.model_vocabulary import input_vocabulary
 from fastalign.runtime.hf_cache import KeptLogits, agree_within_rounding, gathered_context, write_rows_kv
 from fastalign.runtime.hf_cache_argument import cache_kwargs, takes_a_cache, takes_logits_to_keep
 from fastalign.runtime.row_groups import LeftPadded, context_alike, left_padded_kv, row_chain
+from fastalign.transfers import index_on
 
 # What a forward costs beside its tokens, in tokens of a prefill: where the mixers continue a state over one token only
 # (steps_singly), running n tokens again from a state of b tokens takes n forwards, from no state one of b + n tokens.
@@ -167,11 +168,11 @@ class HFStateCacheModel:
             self._load(cache, kv, [self.states[member.source] for member in group], max(bases))
         if again:   # the tokens between each source and its row's start, from the span tree
             ids = np.stack([self.span_tree.tokens(member.start)[member.base:] for member in group])
-            self._forward_tokens(torch.from_numpy(ids).to(self.device, torch.long), np.full(ids.shape, -1), cache,
+            self._forward_tokens(index_on(ids, self.device), np.full(ids.shape, -1), cache,
                                  padded, fresh, kept)
             self._store(cache, [member.start for member in group])
             fresh = False
-        new_ids = batch.input_ids[torch.from_numpy(tokens).to(self.device)].view(len(rows), ends[-1])
+        new_ids = batch.input_ids[index_on(tokens, self.device)].view(len(rows), ends[-1])
         grid = tokens.reshape(len(rows), ends[-1])
         pieces = []
         for piece, (begin, end) in enumerate(zip((0,) + ends, ends)):

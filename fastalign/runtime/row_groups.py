@@ -4,6 +4,8 @@ makes runs one level above it), their contexts of different lengths left-padded 
 import torch
 import torch.nn.functional as F
 
+from fastalign.transfers import index_on
+
 
 def row_chain(tree, span, length):
     """(the ancestor of `span`, a row's new span in the span tree `tree`, that holds its first `length` tokens: where
@@ -44,7 +46,7 @@ class LeftPadded:
 
     def __init__(self, lengths, device, positions=True):
         longest = max(lengths)
-        self.padding = torch.tensor([longest - n for n in lengths], device=device)
+        self.padding = index_on([longest - n for n in lengths], device)
         self.seen = longest   # the cache's tokens, padding included
         self.positions = positions
 

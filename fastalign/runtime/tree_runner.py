@@ -38,6 +38,8 @@ from fastalign.runtime.llama import PagedLlama
 from fastalign.runtime.model_runners import choose_model_runner
 from fastalign.runtime.span import Span
 from fastalign.runtime.span_store import SpanStore
+from fastalign.transfers import index_on
+
 
 _Outputs = Literal["last", "all"]   # which outputs extend returns (logits=, hidden=): at the last tokens, or at all
 Output = _Outputs | None
@@ -575,7 +577,7 @@ class TreeRunner:
         if which is None:
             return None
         if which == "last" and out.shape[0] != len(ends):
-            return out[torch.from_numpy(ends).to(out.device)]
+            return out[index_on(ends, out.device)]
         if which == "all":
             return list(torch.split(out, np.diff(cu_lens).tolist()))
         return out

@@ -12,6 +12,7 @@ from fastalign.rain import KeyedSampler, RainConfig, TorchSampler, rain_generate
 from fastalign.rain.sampling import (ROLLOUT_STREAM, CheckedSampler, check_sampler, draw_key, extend_key,
                                      make_sampler, prompt_sampler, ranked_token_tensors, ranked_tokens, seed_key,
                                      top_k_and_ranked, top_k_distribution)
+from fastalign.transfers import index_on
 
 from .tiny import PROMPTS, SHORT_JUDGE, tiny_llama, tokenizer
 
@@ -168,6 +169,25 @@ def test_draws_left_on_the_device_are_the_draws_of_draw_many():
         def draw_many(self, probs, keys, count):
             return probs.argmax(-1, keepdim=True).expand(-1, count).tolist()
     assert on_device_draws(Greedy()) is None and on_device_draws(object()) is None
+
+
+def test_keyed_draws_put_their_uniforms_on_the_device_by_index_on(monkeypatch):
+    """The keyed sampler's uniforms, built on the host, go to the device by index_on's non-blocking copy, once per
+    call (torch.tensor(list, device=cuda) made the host wait for the device's queue each call), and are the float64
+    uniforms (mixed key >> 11) / 2**53 the host computes, bit for bit."""
+    calls = []
+
+    def counted(index, device):
+        calls.append(len(index))
+        return index_on(index, device)
+    monkeypatch.setattr(sampling, "index_on", counted)
+    probs = torch.softmax(torch.randn(5, 40), dim=-1)
+    keys = [draw_key(seed_key(3), s) for s in range(5)]
+    drawn = KeyedSampler(3).draw_many_on_device(probs, keys, 1)
+    assert calls == [5]
+    u = torch.tensor([(sampling._mix64(k ^ seed_key(3)) >> 11) / float(1 << 53) for k in keys], dtype=torch.float64)
+    cdf = probs.double().cumsum(-1)
+    assert drawn.tolist() == torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).tolist()
 
 
 class _PlugIn:
