@@ -57,14 +57,16 @@ def rollout_stops(tokenizer, config: RainConfig, ctx, state: Sequence[int]) -> b
 
     `state` without its last token opened none (a rollout stopped there, and starts at a leaf that is not
     terminal): a new turn ends in the last token's text, so only the answer's end is decoded (the whole answer, at
-    every rollout token, cost O(answer) per token)."""
+    every rollout token, cost O(answer) per token). The answer's end, where it holds text, gives the last character
+    too: one decode per token of a short answer, where the state's tail was decoded again for it."""
     if len(state) >= ctx.max_length:
         return True
-    char = last_char(tokenizer, state)
+    marker = config.turn_marker
+    end = ending_text(tokenizer, [], state[ctx.answer_start:], len(marker))
+    char = end[-1:] or last_char(tokenizer, state)
     if char and char in config.rollout_stop_chars:    # "" (no text yet) is in every string: it is no stop
         return True
-    marker = config.turn_marker
-    return has_new_turn(ending_text(tokenizer, [], state[ctx.answer_start:], len(marker)), marker)
+    return has_new_turn(end, marker)
 
 
 def judge_input(judge, tokenizer, end_ids: AbstractSet[int], config: RainConfig, ctx, state: Sequence[int],

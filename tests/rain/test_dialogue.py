@@ -55,6 +55,33 @@ def test_last_char_sees_a_character_split_over_byte_tokens():
                          context().root_ids + ids(" yes\u3002"))
 
 
+def test_rollout_stops_decodes_a_short_answer_once_and_stops_at_its_last_character():
+    """A rollout token's check decoded the state's tail for the last character and the answer for the turn marker:
+    now the answer's decode gives both (the tail alone where the answer holds no text yet), the same stops as the
+    last character of the state's text gives, on random answers (characters split over byte tokens, special
+    tokens)."""
+    tok, ctx, rng = tokenizer(), context(max_length=10**6), random.Random()
+    calls, real_decode = [], type(tok).decode
+
+    def counting_decode(self, ids, *args, **kwargs):
+        calls.append(len(ids))
+        return real_decode(self, ids, *args, **kwargs)
+
+    for _ in range(30):
+        answer = random_answer(tok, rng, rng.randrange(1, 20))
+        state = ctx.root_ids + answer
+        char = last_char(tok, state)
+        config = RainConfig(rollout_stop_chars=char if rng.random() < 0.5 else "\u3002", turn_marker="Human:")
+        type(tok).decode, calls[:] = counting_decode, []
+        try:
+            stops = rollout_stops(tok, config, ctx, state)
+        finally:
+            type(tok).decode = real_decode
+        assert stops == (bool(char) and char in config.rollout_stop_chars) or \
+            has_new_turn(answer_text(tok, answer, 0), "Human:")
+        assert len(calls) == 1 or not answer_text(tok, answer, 0)
+
+
 def test_judge_input_of_a_reply_cut_in_the_rollout_keeps_the_models_tokens():
     """Turn marker "e" cuts the reply inside the rollout: base "leaf" (the leaf's tokens are read from the
     search tree), then the rollout's tokens that end before the cut, then the cut text tokenized anew; a
