@@ -44,6 +44,7 @@ from fastalign.transfers import index_on
 _Outputs = Literal["last", "all"]   # which outputs extend returns (logits=, hidden=): at the last tokens, or at all
 Output = _Outputs | None
 _OUTPUTS = (*get_args(_Outputs), None)
+_BOOLS = frozenset((bool, np.bool_))   # the types of a token list that numpy would read as ids 0 and 1
 _FEW_STATES = 32   # fewer states than this in the default room: the runner warns (a search keeps more spans)
 
 
@@ -435,7 +436,8 @@ class TreeRunner:
             if array.ndim != 1 or array.size == 0 or array.dtype.kind not in "iu":  # ints, not bools
                 raise ValueError(f"{row_name.format(i)}: expected a non-empty 1-D sequence of int token ids, got "
                                  f"shape {list(array.shape)} of {array.dtype}")
-            if not isinstance(ids, np.ndarray) and any(isinstance(t, (bool, np.bool_)) for t in ids):
+            # numpy reads True among ints as 1: the list's types, gathered in C (bool and np.bool_ have no subclass)
+            if not isinstance(ids, np.ndarray) and not _BOOLS.isdisjoint(map(type, ids)):
                 raise ValueError(f"{row_name.format(i)}: expected int token ids, got a bool among them (numpy "
                                  "read True as token 1)")
             arrays.append(array)
