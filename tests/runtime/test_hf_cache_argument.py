@@ -158,8 +158,11 @@ def test_a_forward_naming_logits_to_keep_without_keywords_takes_it():
 
 def drop_past_key_values(monkeypatch, model_class) -> None:
     """model_class's forward, its signature kept, without the past_key_values it is given: as a forward whose **kwargs
-    swallow them would run once transformers maps them to `cache` no more (5.40)."""
+    swallow them would run once transformers maps them to `cache` no more (5.40). Skips where the forward names its
+    cache past_key_values (transformers 5.17): nothing maps it there, and prefix tuning is refused before a forward."""
     forward = model_class.forward
+    if "past_key_values" in inspect.signature(forward).parameters:
+        pytest.skip(f"{model_class.__name__}.forward takes past_key_values itself: no mapping to stand in for")
 
     @functools.wraps(forward)
     def dropping(self, *args, **kwargs):
