@@ -15,7 +15,7 @@ from fastalign.model_decoder import prompt_learning_adapter
 
 _NAMES = ("cache", "past_key_values", "cache_params")   # the first a forward takes is the one used
 _CACHE_NAMES = frozenset(_NAMES)
-_KV_PREFIXES = ("PREFIX_TUNING", "CARTRIDGE")   # PEFT's adapters whose K/V its forward passes as past_key_values
+_KV_PREFIXES = ("PREFIX_TUNING", "CARTRIDGE")   # PEFT's adapters whose K/V its forward passes as the cache
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,10 +79,11 @@ def refuse_prompt_adapter_over_a_cache(model, decoding: str, kv_prefix: bool = T
     over the KV cache, runs otherwise than PEFT's forward does (answering what the model does not): one that puts
     virtual tokens before the inputs (prompt tuning, P-tuning, ...), which PEFT's forward prepends at every call, also
     before a token decoded over the cache (and before left pads, with position_ids dropped); and prefix tuning (or a
-    cartridge), whose K/V PEFT's forward passes as past_key_values at every call, where `decoding` does not serve it
-    (`kv_prefix` False) or the model's forward takes its cache as past_key_values too (transformers 5.17): there they
-    replace the cache at every step. (Where it takes `cache`, the K/V start the first forward's cache and are ignored
-    after it, with a deprecation warning.)"""
+    cartridge), whose K/V PEFT's forward passes at every call (as `peft_prefix_argument()`), where `decoding` does not
+    serve it (`kv_prefix` False) or the model's forward takes its cache under that name too (past_key_values on
+    transformers 5.17; `cache` from peft 0.22 on transformers 5.24): there they replace the cache at every step.
+    (Where PEFT passes past_key_values and the forward takes `cache`, the K/V start the first forward's cache and are
+    ignored after it, with a deprecation warning.)"""
     adapter = prompt_learning_adapter(model)
     if adapter is None:
         return
@@ -91,11 +92,22 @@ def refuse_prompt_adapter_over_a_cache(model, decoding: str, kv_prefix: bool = T
                          f"PEFT's forward puts before the inputs at every call, also before each token {decoding} "
                          "decodes over the KV cache, which would answer what the model does not; use an adapter in "
                          "the layers (LoRA and its kin, merged or not)")
-    if not kv_prefix or "past_key_values" in cache_kwargs(model, None):
+    argument = peft_prefix_argument()
+    if not kv_prefix or argument in cache_kwargs(model, None):
         raise ValueError(f"model: its PEFT adapter ({adapter}) is a prompt-learning adapter whose K/V PEFT's forward "
-                         f"passes as past_key_values at every call, which {decoding} does not carry over its KV cache "
+                         f"passes as {argument} at every call, which {decoding} does not carry over its KV cache "
                          "as PEFT's forward does (it would answer what the model does not); use an adapter in the "
                          "layers (LoRA and its kin, merged or not)")
+
+
+def peft_prefix_argument() -> str:
+    """The forward argument under which PEFT passes a prefix's K/V (prefix tuning, a cartridge): `cache` from peft 0.22
+    with transformers 5.24 or later (peft's get_transformers_cache_name), past_key_values before."""
+    try:
+        from peft.import_utils import get_transformers_cache_name
+    except ImportError:
+        return "past_key_values"
+    return get_transformers_cache_name()
 
 
 def prefix_length(model) -> int:

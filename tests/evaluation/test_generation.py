@@ -598,12 +598,13 @@ def test_a_prefix_tuned_peft_model_generates_its_greedy_answers_or_is_refused(wo
     its cache as `cache`, they start the first forward's cache and generation carries them on: it answers what the
     model computes over the whole sequence. Where it takes the cache as past_key_values too (transformers 5.17), they
     replaced the cache at every step and the answers drifted, silently: refused by name there."""
-    from fastalign.runtime.hf_cache_argument import cache_kwargs
+    from fastalign.runtime.hf_cache_argument import cache_kwargs, peft_prefix_argument
     prompts, tuned = prompts_of(world)[:3], peft_model(tokenizer, "PrefixTuningConfig")
     config = GenerationConfig(max_new_tokens=6, batch_size=3)
-    if "past_key_values" in cache_kwargs(tuned, None):
+    argument = peft_prefix_argument()
+    if argument in cache_kwargs(tuned, None):
         with pytest.raises(ValueError, match=r"its PEFT adapter \(PrefixTuningConfig\) is a prompt-learning adapter "
-                                             "whose K/V PEFT's forward passes as past_key_values at every call"):
+                                             f"whose K/V PEFT's forward passes as {argument} at every call"):
             generate(tuned, tokenizer, prompts, config)
     else:
         assert generate(tuned, tokenizer, prompts, config) == [slow_greedy(tuned, tokenizer, p, 6) for p in prompts]
@@ -672,25 +673,32 @@ def test_a_cartridge_is_refused_or_taken_as_prefix_tuning_is(tokenizer):
     refused by that reason where the decoding does not serve them (RAIN) or the model takes its cache as
     past_key_values, taken where it takes `cache`. Only prefix tuning was tested: a cartridge refused as virtual tokens
     before the inputs passed."""
-    from fastalign.runtime.hf_cache_argument import cache_kwargs, refuse_prompt_adapter_over_a_cache
-    tuned = peft_model(tokenizer, "CartridgeConfig")
+    from fastalign.runtime.hf_cache_argument import (cache_kwargs, peft_prefix_argument,
+                                                     refuse_prompt_adapter_over_a_cache)
+    tuned, argument = peft_model(tokenizer, "CartridgeConfig"), peft_prefix_argument()
     with pytest.raises(ValueError, match=r"\(CartridgeConfig\) is a prompt-learning adapter whose K/V PEFT's forward "
-                                         "passes as past_key_values at every call, which RAIN's search does not"):
+                                         f"passes as {argument} at every call, which RAIN's search does not"):
         refuse_prompt_adapter_over_a_cache(tuned, "RAIN's search", kv_prefix=False)
-    if "past_key_values" not in cache_kwargs(tuned, None):
+    if argument not in cache_kwargs(tuned, None):
         refuse_prompt_adapter_over_a_cache(tuned, "generation")
 
 
-def test_prefix_tuning_where_the_model_takes_its_cache_as_past_key_values_is_refused(tokenizer, monkeypatch):
-    """transformers 5.17's forwards take the cache as past_key_values, which PEFT's prefix K/V then replace at every
-    step: refused there even for a decoding that serves them (generation). The installed transformers takes `cache`,
-    so the prefix-tuning test takes its other branch and dropping this check passed: 5.17's naming is stood in for."""
+@pytest.mark.parametrize("argument", ["past_key_values", "cache"])
+def test_prefix_tuning_where_the_model_takes_its_cache_as_peft_passes_the_prefix_is_refused(tokenizer, monkeypatch,
+                                                                                            argument):
+    """Where the model's forward takes its cache under the name PEFT passes the prefix's K/V as (past_key_values on
+    transformers 5.17; `cache` from peft 0.22 on transformers 5.24+, whose generation then drifted from the model's
+    greedy answers, silently), they replace the cache at every step: refused even for a decoding that serves them
+    (generation). Each naming is stood in for, whichever the installed versions have."""
     from fastalign.runtime import hf_cache_argument
     tuned = peft_model(tokenizer, "PrefixTuningConfig")
-    monkeypatch.setattr(hf_cache_argument, "cache_kwargs", lambda model, cache: {"past_key_values": cache})
+    monkeypatch.setattr(hf_cache_argument, "peft_prefix_argument", lambda: argument)
+    monkeypatch.setattr(hf_cache_argument, "cache_kwargs", lambda model, cache: {argument: cache})
     with pytest.raises(ValueError, match=r"\(PrefixTuningConfig\) is a prompt-learning adapter whose K/V PEFT's "
-                                         "forward passes as past_key_values at every call, which generation does not"):
+                                         f"forward passes as {argument} at every call, which generation does not"):
         hf_cache_argument.refuse_prompt_adapter_over_a_cache(tuned, "generation")
+    monkeypatch.setattr(hf_cache_argument, "peft_prefix_argument", lambda: "the other name")
+    hf_cache_argument.refuse_prompt_adapter_over_a_cache(tuned, "generation")
 
 
 def test_one_stop_string_or_one_that_is_no_text_is_refused(world, tokenizer, model):

@@ -8,8 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastalign.runtime.hf_cache_argument import (cache_kwargs, prefix_length, refuse_a_prefix_not_taken,
-                                                 returned_cache, takes_a_cache, takes_logits_to_keep)
+from fastalign.runtime.hf_cache_argument import (cache_kwargs, peft_prefix_argument, prefix_length,
+                                                 refuse_a_prefix_not_taken, returned_cache, takes_a_cache,
+                                                 takes_logits_to_keep)
 from tests.runtime.tiny_models import tiny_model
 
 
@@ -158,11 +159,13 @@ def test_a_forward_naming_logits_to_keep_without_keywords_takes_it():
 
 def drop_past_key_values(monkeypatch, model_class) -> None:
     """model_class's forward, its signature kept, without the past_key_values it is given: as a forward whose **kwargs
-    swallow them would run once transformers maps them to `cache` no more (5.40). Skips where the forward names its
-    cache past_key_values (transformers 5.17): nothing maps it there, and prefix tuning is refused before a forward."""
+    swallow them would run once transformers maps them to `cache` no more (5.40). Skips where PEFT passes the prefix
+    as `cache` (peft 0.22 on transformers 5.24+) or the forward names its cache past_key_values (transformers 5.17):
+    nothing maps past_key_values there."""
     forward = model_class.forward
-    if "past_key_values" in inspect.signature(forward).parameters:
-        pytest.skip(f"{model_class.__name__}.forward takes past_key_values itself: no mapping to stand in for")
+    if peft_prefix_argument() != "past_key_values" or "past_key_values" in inspect.signature(forward).parameters:
+        pytest.skip(f"PEFT passes the prefix as {peft_prefix_argument()} to a {model_class.__name__}.forward: no "
+                    "mapping of past_key_values to its cache to stand in for")
 
     @functools.wraps(forward)
     def dropping(self, *args, **kwargs):
