@@ -127,12 +127,12 @@ class FusedLossForward:
         passes a prefix's) to a forward that names no such argument, a ValueError unless the forward took them: the
         cache passed holds the inputs' positions after it (transformers maps past_key_values to `cache` until 5.40; a
         forward whose **kwargs swallow it ran as the model without the prefix, silently)."""
-        arguments = arguments or {}
-        cache = arguments.get("past_key_values")
-        inputs = next((arguments[name] for name in ("input_ids", "inputs_embeds") if arguments.get(name) is not None),
-                      None)
-        if (self.past_key_values_taken or not hasattr(cache, "get_seq_length") or inputs is None
-                or "past_key_values" in self.__signature__.parameters):
+        cache = None if self.past_key_values_taken or arguments is None else arguments.get("past_key_values")
+        # (the inputs are looked up only for a call that passes a cache so: every other call, a decoding step of the
+        # model's own generation among them, goes straight to the model's forward)
+        inputs = None if not hasattr(cache, "get_seq_length") else next(
+            (arguments[name] for name in ("input_ids", "inputs_embeds") if arguments.get(name) is not None), None)
+        if inputs is None or "past_key_values" in self.__signature__.parameters:
             return self.unfused(*args, **kwargs)
         expected = cache.get_seq_length() + inputs.shape[1]
         outputs = self.unfused(*args, **kwargs)
