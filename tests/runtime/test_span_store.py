@@ -62,6 +62,7 @@ class FakePool:
         cu = plan.cu_q_lens
         assert cu[0] == 0 and cu[-1] == plan.num_tokens and np.all(np.diff(cu) > 0)
         assert len(np.unique(plan.slot_mapping)) == plan.num_tokens
+        assert not set(plan.copy_src.tolist()) & set(plan.copy_dst.tolist()), "a block is copied onto itself"
         slots = np.concatenate([plan.slot_mapping, plan.extra_dst])
         assert len(np.unique(slots)) == len(slots), "a slot is written twice"
         for r, span in enumerate(plan.row_spans):
@@ -453,6 +454,20 @@ def test_a_partial_block_no_child_writes_into_goes_for_a_child_s_copy():
     assert reads(tree, pool, third) == [1, 2, 4, 5, 6, 7, 8, 9, 10] and reads(tree, pool, root) == [1, 2]
     (fourth,) = grow(store, pool, [root], [[11]])                # the root's block is its child's now: a copy
     assert reads(tree, pool, fourth) == [1, 2, 11] and not tree.is_resident(third)
+
+
+def test_evicting_for_a_copy_does_not_free_the_block_it_copies_from():
+    """A third child of a span whose partial block 0 the first child took in place and the second copied (block 1),
+    in a pool of 2: its copy's block is found by evicting the first child, after which the span would take the
+    second's copy and free block 0, the very block the third copies from, to become its copy (a plan that copies a
+    block onto itself). Registered as a copier before it evicts, the third keeps block 0 to copy from."""
+    store, pool = fresh(2, 4)
+    tree = store.tree
+    (root,) = grow(store, pool, [-1], [[1, 2]])
+    (first,) = grow(store, pool, [root], [[3]])                  # in place into block 0
+    grow(store, pool, [root], [[4]])                             # copies block 0 into block 1: the whole pool
+    (third,) = grow(store, pool, [root], [[5]])                  # FakePool.check_plan: no block copied onto itself
+    assert not tree.is_resident(first) and reads(tree, pool, third) == [1, 2, 5]
 
 
 def test_eviction_takes_the_least_recently_used_span():
