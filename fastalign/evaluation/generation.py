@@ -24,13 +24,11 @@ import torch
 
 from fastalign.eval_mode import eval_mode
 from fastalign.model_context import model_positions
-from fastalign.model_decoder import prompt_learning_adapter
 from fastalign.model_devices import input_device
 from fastalign.model_vocabulary import check_embedded, input_vocabulary, probe_ids
 from fastalign.ops.checks import is_integer, refuse_one_string
-from fastalign.runtime.hf_cache_argument import (cache_kwargs, prefix_length, refuse_a_prefix_not_taken,
-                                                 refuse_prompt_adapter_over_a_cache, returned_cache,
-                                                 takes_logits_to_keep)
+from fastalign.runtime.hf_cache_argument import (cache_kwargs, prefix_start, refuse_prompt_adapter_over_a_cache,
+                                                 returned_cache, takes_logits_to_keep)
 from fastalign.prompt_templates import end_of_turn_id
 from fastalign.prompt_tokens import tokenize_prompts
 from fastalign.token_text import CONTEXT, ending_text, text_after
@@ -162,20 +160,19 @@ def _last_logits_only(model) -> dict:
 
 
 def _prompt_forward(model, tokenizer, rows: List[List[int]]):
-    """(token ids, attention mask, position ids, the model's outputs with a cache) of `rows` left-padded into one
-    batch, every row's last token in the last column, its positions counting its real tokens alone."""
+    """(the model decoding steps run, token ids, attention mask, position ids, its outputs with a cache) of `rows`
+    left-padded into one batch, every row's last token in the last column, its positions counting its real tokens
+    alone. A prefix-tuned PEFT model's runs on the model it wraps, over a cache that starts with the prefix's K/V
+    (prefix_start), with the prefix's ones before each row's mask and its length added to the positions."""
     device = input_device(model, "generation")
     width, pad = max(len(r) for r in rows), pad_id(tokenizer, input_vocabulary(model))
     sequence = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=sequence, attention_mask=mask, position_ids=positions, use_cache=True,
-                **_last_logits_only(model))
-    prefix = prefix_length(model)
-    if prefix:   # the cache it starts holds the prefix's K/V, which later forwards carry on
-        refuse_a_prefix_not_taken(returned_cache(out), prefix + width, f"model: its PEFT adapter "
-                                  f"({prompt_learning_adapter(model)})")
-    return sequence, mask, positions, out
+    runner, start, prefix = prefix_start(model, len(rows))
+    mask = torch.tensor([[1] * prefix + [0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    positions = prefix + (mask[:, prefix:].cumsum(-1) - 1).clamp(min=0)
+    out = runner(input_ids=sequence, attention_mask=mask, position_ids=positions, use_cache=True, **start,
+                 **_last_logits_only(runner))
+    return runner, sequence, mask, positions, out
 
 
 @torch.no_grad()
@@ -213,7 +210,7 @@ def _generate_rows(model, tokenizer, rows: List[List[int]], config: GenerationCo
 @torch.no_grad()
 def _generate_batch(model, tokenizer, rows: List[List[int]], config: GenerationConfig, eos: Set[int],
                     generators: List[torch.Generator]) -> List[Generation]:
-    sequence, mask, positions, out = _prompt_forward(model, tokenizer, rows)
+    model, sequence, mask, positions, out = _prompt_forward(model, tokenizer, rows)
     last = _last_logits_only(model)
     generated: List[List[int]] = [[] for _ in rows]
     ended_by: List[Tuple[int, ...]] = [() for _ in rows]   # the end token a row stopped on, if any
@@ -272,9 +269,8 @@ def iter_generations(model, tokenizer, prompts: Sequence[str],
 
     Every prompt is tokenized and checked against the context first, so a too-long prompt fails before
     any compute is spent; so is a PEFT adapter that puts virtual tokens before the inputs (prompt tuning, P-tuning),
-    which a forward per new token over the KV cache would prepend again at every step, and prefix tuning where the
-    model takes its cache as past_key_values (transformers 5.17), where PEFT's K/V would replace it; a prefix whose K/V
-    did not reach the model's forward (its cache holds none) is refused at the first forward.
+    which a forward per new token over the KV cache would prepend again at every step. A prefix-tuned (or cartridge)
+    model decodes over a cache that starts with the prefix's K/V (see _prompt_forward).
     """
     refuse_prompt_adapter_over_a_cache(model, "generation")
     check_stop_strings(tokenizer, config.stop_strings)

@@ -3,8 +3,8 @@
 transformers 5.17 names both the forward argument and the output field `past_key_values` (`cache_params` for the
 Mamba models); newer releases name them `cache` (keeping the old arguments, deprecated, until 5.40). fastalign
 supports all three. Also whether a forward takes logits_to_keep (its lm_head at the positions read alone), and which
-PEFT prompt-learning adapters a forward per new token over the cache runs as PEFT's forward does, and whether a
-prefix's K/V passed as past_key_values reached the forward.
+PEFT prompt-learning adapters a forward per new token over the cache runs as PEFT's forward does, the cache a
+prefix-tuned model's decoding starts with, and whether a prefix's K/V passed as past_key_values reached the forward.
 """
 import functools
 import importlib.metadata
@@ -79,11 +79,8 @@ def refuse_prompt_adapter_over_a_cache(model, decoding: str, kv_prefix: bool = T
     over the KV cache, runs otherwise than PEFT's forward does (answering what the model does not): one that puts
     virtual tokens before the inputs (prompt tuning, P-tuning, ...), which PEFT's forward prepends at every call, also
     before a token decoded over the cache (and before left pads, with position_ids dropped); and prefix tuning (or a
-    cartridge), whose K/V PEFT's forward passes at every call (as `peft_prefix_argument()`), where `decoding` does not
-    serve it (`kv_prefix` False) or the model's forward takes its cache under that name too (past_key_values on
-    transformers 5.17; `cache` from peft 0.22 on transformers 5.24): there they replace the cache at every step.
-    (Where PEFT passes past_key_values and the forward takes `cache`, the K/V start the first forward's cache and are
-    ignored after it, with a deprecation warning.)"""
+    cartridge) where `decoding` does not start its cache with the prefix's K/V (`kv_prefix` False): PEFT's forward
+    passes them as the cache at every call, which would replace the decoding's cache at every step."""
     adapter = prompt_learning_adapter(model)
     if adapter is None:
         return
@@ -92,22 +89,11 @@ def refuse_prompt_adapter_over_a_cache(model, decoding: str, kv_prefix: bool = T
                          f"PEFT's forward puts before the inputs at every call, also before each token {decoding} "
                          "decodes over the KV cache, which would answer what the model does not; use an adapter in "
                          "the layers (LoRA and its kin, merged or not)")
-    argument = peft_prefix_argument()
-    if not kv_prefix or argument in cache_kwargs(model, None):
+    if not kv_prefix:
         raise ValueError(f"model: its PEFT adapter ({adapter}) is a prompt-learning adapter whose K/V PEFT's forward "
-                         f"passes as {argument} at every call, which {decoding} does not carry over its KV cache "
-                         "as PEFT's forward does (it would answer what the model does not); use an adapter in the "
-                         "layers (LoRA and its kin, merged or not)")
-
-
-def peft_prefix_argument() -> str:
-    """The forward argument under which PEFT passes a prefix's K/V (prefix tuning, a cartridge): `cache` from peft 0.22
-    with transformers 5.24 or later (peft's get_transformers_cache_name), past_key_values before."""
-    try:
-        from peft.import_utils import get_transformers_cache_name
-    except ImportError:
-        return "past_key_values"
-    return get_transformers_cache_name()
+                         f"passes as the KV cache at every call, which {decoding} does not start its cache with (it "
+                         "would answer what the model does not); use an adapter in the layers (LoRA and its kin, "
+                         "merged or not)")
 
 
 def prefix_length(model) -> int:
@@ -116,6 +102,21 @@ def prefix_length(model) -> int:
     if prompt_learning_adapter(model) is None or model.active_peft_config.peft_type not in _KV_PREFIXES:
         return 0
     return model.active_peft_config.num_virtual_tokens
+
+
+def prefix_start(model, batch_size: int) -> tuple:
+    """(the model that forwards over a cache run, the keyword argument that starts its cache, how many positions that
+    cache holds): for a model under a PEFT prefix-tuning (or cartridge) adapter, the transformers model it wraps and a
+    cache of `batch_size` rows that starts with the adapter's K/V (PEFT's get_prompt), which later forwards carry on.
+    PEFT's own forward passes them at every call, as the cache where the model takes it under the name PEFT passes
+    (peft 0.22 on transformers 5.24+, transformers 5.17), which replaced the cache at every decoding step. A caller
+    puts that many ones before each row's attention mask and adds it to the position ids, as PEFT's forward does.
+    Any other model: itself, no argument, 0."""
+    length = prefix_length(model)
+    if not length:
+        return model, {}, 0
+    wrapped = base_causal_lm(model)
+    return wrapped, cache_kwargs(wrapped, model.get_prompt(batch_size)), length
 
 
 def refuse_a_prefix_not_taken(cache, expected: int, passed_by: str) -> None:

@@ -593,35 +593,65 @@ def test_a_peft_adapter_of_virtual_tokens_before_the_inputs_is_refused(world, to
         evaluate_utility(tuned, model, tokenizer, prompts, config)
 
 
-def test_a_prefix_tuned_peft_model_generates_its_greedy_answers_or_is_refused(world, tokenizer):
-    """Prefix tuning: PEFT's forward passes its K/V as past_key_values at every call. Where the model's forward takes
-    its cache as `cache`, they start the first forward's cache and generation carries them on: it answers what the
-    model computes over the whole sequence. Where it takes the cache as past_key_values too (transformers 5.17), they
-    replaced the cache at every step and the answers drifted, silently: refused by name there."""
-    from fastalign.runtime.hf_cache_argument import cache_kwargs, peft_prefix_argument
-    prompts, tuned = prompts_of(world)[:3], peft_model(tokenizer, "PrefixTuningConfig")
-    config = GenerationConfig(max_new_tokens=6, batch_size=3)
-    argument = peft_prefix_argument()
-    if argument in cache_kwargs(tuned, None):
-        with pytest.raises(ValueError, match=r"its PEFT adapter \(PrefixTuningConfig\) is a prompt-learning adapter "
-                                             f"whose K/V PEFT's forward passes as {argument} at every call"):
-            generate(tuned, tokenizer, prompts, config)
-    else:
-        assert generate(tuned, tokenizer, prompts, config) == [slow_greedy(tuned, tokenizer, p, 6) for p in prompts]
+def prefix_tuned(tokenizer, adapter):
+    """A tiny Llama under a prefix-tuning (or cartridge) adapter of 3 virtual tokens whose fresh random K/V (larger
+    than PEFT's initial ones) change its answers."""
+    tuned = peft_model(tokenizer, adapter)
+    with torch.no_grad():
+        for parameter in tuned.prompt_encoder.parameters():
+            parameter.normal_(0, 3)
+    return tuned
 
 
-def test_a_prefix_that_does_not_reach_the_models_forward_is_refused(world, tokenizer, monkeypatch):
-    """PEFT passes the prefix's K/V as past_key_values, which reach the model because transformers maps them to its
-    forward's `cache` until 5.40; a forward whose **kwargs swallow them instead would answer as the model without the
-    prefix, silently. The removal is stood in for: a ValueError naming the adapter, not answers that drift."""
-    from transformers import LlamaForCausalLM
-    from tests.runtime.test_hf_cache_argument import drop_past_key_values
-    tuned = peft_model(tokenizer, "PrefixTuningConfig")
-    drop_past_key_values(monkeypatch, LlamaForCausalLM)
-    with pytest.raises(ValueError, match=r"model: its PEFT adapter \(PrefixTuningConfig\): the K/V passed as "
-                                         r"past_key_values did not reach the model's forward .* not the \d+ of the K/V "
-                                         r"and the inputs.* transformers [\d.]+\S* and peft "):
-        generate(tuned, tokenizer, prompts_of(world)[:2], GenerationConfig(max_new_tokens=2, batch_size=2))
+def peft_sampled(model, tokenizer, prompt, index, config):
+    """Prompt `index`'s answer sampled by generation's rule from the logits of PEFT's own forward (its prefix K/V
+    passed at every call) over the whole sequence, no cache: the reference for a prefix-tuned model."""
+    from fastalign.evaluation.generation import _next_tokens, _prompt_generators
+    ids, out = tokenizer(prompt)["input_ids"], []
+    generators = _prompt_generators(config.seed, index, 1)
+    with torch.no_grad():
+        for _ in range(config.max_new_tokens):
+            token = int(_next_tokens(model(input_ids=torch.tensor([ids + out])).logits[:, -1], config, generators))
+            if token == tokenizer.eos_token_id:
+                break
+            out.append(token)
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("adapter", ["PrefixTuningConfig", "CartridgeConfig"])
+def test_a_prefix_tuned_peft_model_generates_peft_forwards_greedy_answers(world, tokenizer, adapter):
+    """Prefix tuning (and a cartridge): PEFT's forward passes its K/V at every call, as the cache where the model's
+    forward takes it under the name PEFT passes (transformers 5.17; peft 0.22 on transformers 5.24+), which replaced
+    generation's cache at every step: such models were refused there. Generation runs the model under the adapter
+    over a cache that starts with the K/V: a left-padded batch of prompts of different lengths answers what PEFT's
+    forward answers over the whole sequence, and so does peft's generate, on every version."""
+    prompts, tuned = prompts_of(world), prefix_tuned(tokenizer, adapter)
+    answers = generate(tuned, tokenizer, prompts, GenerationConfig(max_new_tokens=6, batch_size=4))
+    assert answers == [slow_greedy(tuned, tokenizer, p, 6) for p in prompts]
+    assert answers != generate(tuned.get_base_model(), tokenizer, prompts, GenerationConfig(max_new_tokens=6))
+    ids = tokenizer(prompts[0], return_tensors="pt")
+    written = tuned.generate(**ids, max_new_tokens=6, do_sample=False)[0, ids["input_ids"].shape[1]:]
+    assert answers[0] == tokenizer.decode(written, skip_special_tokens=True)
+
+
+def test_a_prefix_tuned_peft_model_samples_as_peft_forward_with_the_seed(world, tokenizer):
+    """Sampling a prefix-tuned model draws each prompt's answer from PEFT's forward's softmax, with its generator."""
+    prompts, tuned = prompts_of(world)[:4], prefix_tuned(tokenizer, "PrefixTuningConfig")
+    config = GenerationConfig(max_new_tokens=6, batch_size=4, do_sample=True, temperature=1.5, seed=7)
+    assert generate(tuned, tokenizer, prompts, config) == \
+        [peft_sampled(tuned, tokenizer, p, i, config) for i, p in enumerate(prompts)]
+
+
+@pytest.mark.parametrize("adapter", ["PrefixTuningConfig", "CartridgeConfig"])
+def test_a_kv_prefix_is_refused_for_rains_search_alone(tokenizer, adapter):
+    """A prefix's (or a cartridge's) K/V, which PEFT's forward passes as the cache at every call, are refused by that
+    reason where the decoding does not start its cache with them (RAIN's search), not by generation."""
+    from fastalign.runtime.hf_cache_argument import refuse_prompt_adapter_over_a_cache
+    tuned = peft_model(tokenizer, adapter)
+    with pytest.raises(ValueError, match=rf"\({adapter}\) is a prompt-learning adapter whose K/V PEFT's forward "
+                                         "passes as the KV cache at every call, which RAIN's search does not start"):
+        refuse_prompt_adapter_over_a_cache(tuned, "RAIN's search", kv_prefix=False)
+    refuse_prompt_adapter_over_a_cache(tuned, "generation")
 
 
 def rwkv_model(tokenizer):
@@ -666,39 +696,6 @@ def test_no_padding_probe_where_no_batch_is_padded(world, tokenizer, monkeypatch
     assert not probes
     generations(model, tokenizer, [short, long], GenerationConfig(max_new_tokens=2, batch_size=2))
     assert len(probes) == 1
-
-
-def test_a_cartridge_is_refused_or_taken_as_prefix_tuning_is(tokenizer):
-    """A cartridge's K/V (PEFT's CartridgeConfig) go to PEFT's forward as past_key_values, as prefix tuning's do:
-    refused by that reason where the decoding does not serve them (RAIN) or the model takes its cache as
-    past_key_values, taken where it takes `cache`. Only prefix tuning was tested: a cartridge refused as virtual tokens
-    before the inputs passed."""
-    from fastalign.runtime.hf_cache_argument import (cache_kwargs, peft_prefix_argument,
-                                                     refuse_prompt_adapter_over_a_cache)
-    tuned, argument = peft_model(tokenizer, "CartridgeConfig"), peft_prefix_argument()
-    with pytest.raises(ValueError, match=r"\(CartridgeConfig\) is a prompt-learning adapter whose K/V PEFT's forward "
-                                         f"passes as {argument} at every call, which RAIN's search does not"):
-        refuse_prompt_adapter_over_a_cache(tuned, "RAIN's search", kv_prefix=False)
-    if argument not in cache_kwargs(tuned, None):
-        refuse_prompt_adapter_over_a_cache(tuned, "generation")
-
-
-@pytest.mark.parametrize("argument", ["past_key_values", "cache"])
-def test_prefix_tuning_where_the_model_takes_its_cache_as_peft_passes_the_prefix_is_refused(tokenizer, monkeypatch,
-                                                                                            argument):
-    """Where the model's forward takes its cache under the name PEFT passes the prefix's K/V as (past_key_values on
-    transformers 5.17; `cache` from peft 0.22 on transformers 5.24+, whose generation then drifted from the model's
-    greedy answers, silently), they replace the cache at every step: refused even for a decoding that serves them
-    (generation). Each naming is stood in for, whichever the installed versions have."""
-    from fastalign.runtime import hf_cache_argument
-    tuned = peft_model(tokenizer, "PrefixTuningConfig")
-    monkeypatch.setattr(hf_cache_argument, "peft_prefix_argument", lambda: argument)
-    monkeypatch.setattr(hf_cache_argument, "cache_kwargs", lambda model, cache: {argument: cache})
-    with pytest.raises(ValueError, match=r"\(PrefixTuningConfig\) is a prompt-learning adapter whose K/V PEFT's "
-                                         f"forward passes as {argument} at every call, which generation does not"):
-        hf_cache_argument.refuse_prompt_adapter_over_a_cache(tuned, "generation")
-    monkeypatch.setattr(hf_cache_argument, "peft_prefix_argument", lambda: "the other name")
-    hf_cache_argument.refuse_prompt_adapter_over_a_cache(tuned, "generation")
 
 
 def test_one_stop_string_or_one_that_is_no_text_is_refused(world, tokenizer, model):

@@ -8,9 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastalign.runtime.hf_cache_argument import (cache_kwargs, peft_prefix_argument, prefix_length,
-                                                 refuse_a_prefix_not_taken, returned_cache, takes_a_cache,
-                                                 takes_logits_to_keep)
+from fastalign.runtime.hf_cache_argument import (cache_kwargs, prefix_length, prefix_start, refuse_a_prefix_not_taken,
+                                                 returned_cache, takes_a_cache, takes_logits_to_keep)
 from tests.runtime.tiny_models import tiny_model
 
 
@@ -157,6 +156,16 @@ def test_a_forward_naming_logits_to_keep_without_keywords_takes_it():
     assert takes_logits_to_keep(model)
 
 
+def peft_prefix_argument() -> str:
+    """The forward argument under which PEFT's forward passes a prefix's K/V: `cache` from peft 0.22 on transformers
+    5.24 or later (peft's get_transformers_cache_name), past_key_values before."""
+    try:
+        from peft.import_utils import get_transformers_cache_name
+    except ImportError:
+        return "past_key_values"
+    return get_transformers_cache_name()
+
+
 def drop_past_key_values(monkeypatch, model_class) -> None:
     """model_class's forward, its signature kept, without the past_key_values it is given: as a forward whose **kwargs
     swallow them would run once transformers maps them to `cache` no more (5.40). Skips where PEFT passes the prefix
@@ -200,3 +209,23 @@ def test_the_prefix_length_is_the_virtual_tokens_of_a_kv_prefix_alone(adapter):
     model = peft.get_peft_model(tiny_model("llama-gqa-untied"), config)
     assert prefix_length(model) == (0 if adapter == "LoraConfig" else 3)
     assert prefix_length(model.get_base_model()) == 0
+
+
+@pytest.mark.parametrize("adapter", ["PrefixTuningConfig", "CartridgeConfig", "LoraConfig"])
+def test_a_kv_prefix_starts_the_cache_of_the_model_it_wraps(adapter):
+    """A prefix-tuned (or cartridge) model's decoding runs on the transformers model under PEFT's wrapper, its cache
+    started with the adapter's K/V for each row, under the cache argument that model takes; any other model runs
+    itself, with no argument."""
+    peft = pytest.importorskip("peft")
+    settings = {"target_modules": ["q_proj"]} if adapter == "LoraConfig" else {"num_virtual_tokens": 3}
+    model = peft.get_peft_model(tiny_model("llama-gqa-untied"), getattr(peft, adapter)(task_type="CAUSAL_LM",
+                                                                                       **settings))
+    runner, start, length = prefix_start(model, 2)
+    if adapter == "LoraConfig":
+        assert (runner, start, length) == (model, {}, 0)
+        return
+    assert runner is model.get_base_model() and length == 3
+    (name, cache), = start.items()
+    assert {name: cache} == cache_kwargs(runner, cache)
+    key = cache.layers[0].keys
+    assert cache.get_seq_length() == 3 and key.shape[0] == 2 and key.shape[2] == 3
