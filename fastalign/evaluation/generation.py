@@ -277,14 +277,19 @@ def iter_generations(model, tokenizer, prompts: Sequence[str],
     rows = encode_prompts(tokenizer, prompts, config.max_new_tokens, model)
     eos = eos_ids(model, tokenizer)   # once per call: finding a chat template's end of turn renders it
     starts = range(0, len(rows), config.batch_size)
-    with eval_mode(model):            # every module's own mode back afterwards
+    # the model is in eval mode (every module's own mode back afterwards) for the probe and each batch's generation,
+    # never across a yield: the caller's loop body (a training step on each batch) runs in the mode the caller set,
+    # and a mode it sets there neither changes the next batches' answers nor is undone when the loop ends
+    with eval_mode(model):
         # probed once, where some batch is padded; a model that pads exactly runs each batch as one
         padding_is_exact = all(len({len(r) for r in rows[s:s + config.batch_size]}) == 1 for s in starts) or \
             pads_exactly(model, tokenizer)
-        for start in starts:
-            batch = rows[start:start + config.batch_size]
-            yield start, _generate_rows(model, tokenizer, batch, config, eos,
-                                        _prompt_generators(config.seed, start, len(batch)), padding_is_exact)
+    for start in starts:
+        batch = rows[start:start + config.batch_size]
+        with eval_mode(model):
+            generated = _generate_rows(model, tokenizer, batch, config, eos,
+                                       _prompt_generators(config.seed, start, len(batch)), padding_is_exact)
+        yield start, generated
 
 
 def iter_generate(model, tokenizer, prompts: Sequence[str],

@@ -548,6 +548,46 @@ def test_batches_come_with_the_index_of_their_first_prompt(world, tokenizer, mod
     assert [start for start, _ in iter_generations(model, tokenizer, prompts, config)] == starts
 
 
+def check_the_loop_body_runs_in_the_callers_mode(stream, model, expected):
+    """`stream(m)` yields the answer texts of `expected` (generate's, in eval mode) batch by batch, generating with
+    `m`. On a copy of `model` being trained (its attention dropping half its weights, layer 0 frozen in eval mode):
+    the loop body runs with each module in the mode the caller set, dropout on (a training step on each batch); a
+    train() there leaves the next batches' answers as they were; an eval() there stays after the loop."""
+    training = copy.deepcopy(model).train()
+    training.model.layers[0].eval()
+    for layer in training.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    modes = [m.training for m in training.modules()]
+    ids = torch.randint(3, model.config.vocab_size, (1, 8))
+    batches = 0
+    for _ in stream(training):
+        assert [m.training for m in training.modules()] == modes
+        assert not torch.equal(training(ids).logits, training(ids).logits)
+        batches += 1
+    assert batches == len(expected) > 2 and [m.training for m in training.modules()] == modes
+    got = []
+    for answers in stream(training):
+        got += answers
+        training.train()
+    assert got == expected
+    for _ in stream(training):
+        training.eval()
+    assert not any(m.training for m in training.modules())
+
+
+def test_the_callers_loop_over_the_batches_runs_in_the_mode_it_set(world, tokenizer, model):
+    """iter_generate and iter_generations hold the model in eval mode while they generate, not between the batches
+    they yield: a caller training on each batch trained without dropout, a train() in its loop made the next batches
+    generate with dropout (3 of 4 answers differed), and an eval() in its loop was undone when the loop ended."""
+    prompts, config = prompts_of(world)[:4], GenerationConfig(max_new_tokens=6, batch_size=1)
+    expected = generate(model, tokenizer, prompts, config)
+    check_the_loop_body_runs_in_the_callers_mode(
+        lambda m: (answers for _, answers in iter_generate(m, tokenizer, prompts, config)), model, expected)
+    check_the_loop_body_runs_in_the_callers_mode(
+        lambda m: ([g.text for g in batch] for _, batch in iter_generations(m, tokenizer, prompts, config)), model,
+        expected)
+
+
 def test_the_temperature_is_only_checked_when_sampling_and_greedy_runs_64_tokens_by_default(world, tokenizer, model):
     """Greedy decoding reads no temperature, so any is accepted there; by default an answer that meets no EOS runs to
     64 new tokens (the tiny model never picks EOS)."""

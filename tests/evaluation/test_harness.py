@@ -10,10 +10,11 @@ import torch
 from fastalign.evaluation.answers import read_answers
 from fastalign.evaluation.generation import GenerationConfig, generate, generations
 from fastalign.evaluation.harness import (JudgeError, evaluate_answers, evaluate_harm, evaluate_utility,
-                                          iter_judged_answers)
+                                          iter_judged, iter_judged_answers)
 from fastalign.evaluation.metrics import mean_token_kl, text_token_pairs
 from fastalign.evaluation.prompts import spec_prompt
 from tests.evaluation.conftest import tiny_llama
+from tests.evaluation.test_generation import check_the_loop_body_runs_in_the_callers_mode
 from tests.evaluation.test_metrics import slow_kl_of_ids
 from tests.unlearn.tiny import byte_bpe_tokenizer
 
@@ -28,6 +29,17 @@ def test_evaluate_harm_counts_the_judges_verdicts_on_generated_answers(world, to
     assert [r["answer"] for r in report.records] == answers
     assert [r["harmful"] for r in report.records] == [i % 3 == 0 for i in range(7)]
     assert report.harmful_rate == 3 / 7
+
+
+def test_the_callers_loop_over_the_judged_batches_runs_in_the_mode_it_set(world, tokenizer, model):
+    """iter_judged streams through iter_generate: the caller's loop body runs in the mode it set (a training step on
+    each judged batch keeps its dropout), not in eval mode, and a mode set there changes no answer and stays."""
+    prompts = [spec_prompt(qa.question) for qa in world.harmful[:4]]
+    config = GenerationConfig(max_new_tokens=6, batch_size=1)
+    judge = lambda pairs: [False] * len(pairs)  # noqa: E731
+    check_the_loop_body_runs_in_the_callers_mode(
+        lambda m: ([r["answer"] for r in records] for records in iter_judged(m, tokenizer, prompts, judge, config)),
+        model, generate(model, tokenizer, prompts, config))
 
 
 def test_judge_failure_names_the_prompts(world, tokenizer, model):
