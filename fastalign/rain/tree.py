@@ -128,7 +128,7 @@ class SearchTree:
             emb = emb.float()
             node.embedding = (emb.clone() if node.embedding is None
                               else node.embedding + (emb - node.embedding) / node.fn)
-            self._share_with_siblings(node, value)
+        self._share_with_siblings(path, value)
         root = self.root
         root.n += 1
         root.fn += 1
@@ -138,14 +138,18 @@ class SearchTree:
             self.q_min = min(self.q_min, node.q)
             self.q_max = max(self.q_max, node.q)
 
-    def _share_with_siblings(self, node: Node, value: float):
+    def _share_with_siblings(self, path: Sequence[Node], value: float):
+        """Shares each path node's visit with its similar siblings. A sibling of a path node is never on the path,
+        so every similarity is read after all of the path's embeddings are updated: one cosine over all pairs and one
+        host read per back-up, not one per node (per row, the same numbers as one cosine per node)."""
         c = self.config
-        siblings = [s for s in node.parent.children if s is not node and s.embedding is not None]
-        if not siblings:
+        pairs = [(node, sibling) for node in path for sibling in node.parent.children
+                 if sibling is not node and sibling.embedding is not None]
+        if not pairs:
             return
-        sims = torch.nn.functional.cosine_similarity(node.embedding.unsqueeze(0),
-                                                     torch.stack([s.embedding for s in siblings]), dim=1)
-        for sibling, sim in zip(siblings, sims.tolist()):
+        sims = torch.nn.functional.cosine_similarity(torch.stack([node.embedding for node, _ in pairs]),
+                                                     torch.stack([sibling.embedding for _, sibling in pairs]), dim=1)
+        for (_, sibling), sim in zip(pairs, sims.tolist()):
             if sim < c.similarity_threshold:
                 continue
             share = c.similarity_weight * sim

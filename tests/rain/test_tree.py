@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastalign.rain import RainConfig
 from fastalign.rain.jobs import Draft
@@ -487,6 +488,50 @@ def test_backup_updates_every_node_of_a_deep_path():
         n = 2.0 + depth if depth < 3 else 1.0
         assert (visited.n, visited.fn) == (n, int(n)), depth
         assert visited.q == pytest.approx(-0.5 + 1.5 / n if depth < 3 else 1.0), depth
+
+
+def test_backup_reads_a_paths_sibling_similarities_in_one_cosine():
+    """Every node of a deep path has siblings, some similar: one cosine (two norms) and one host read per back-up,
+    not one per path node, and each sibling's share the same numbers as a cosine of the updated node alone."""
+    dim, tree = 16, tree_with_children([0.5, 0.3, 0.2])
+    node, path = tree.root.children[0], []
+    for depth in range(5):
+        path.append(node)
+        node.n, node.fn, node.q = 2.0, 2, 0.1
+        node.children = [Node((depth, i), node, 0.5, key=100 * depth + i) for i in range(3)]
+        node = node.children[0]
+    path.append(node)
+    path_embeddings = [torch.randn(dim) for _ in path]
+    siblings = {}
+    for visited, emb in zip(path, path_embeddings):
+        if visited is not path[-1]:
+            visited.embedding = emb + 0.01 * torch.randn(dim)
+        for i, sibling in enumerate(s for s in visited.parent.children if s is not visited):
+            sibling.n, sibling.q = 1.0 + i, -0.3
+            sibling.embedding = emb + (0.01 if i == 0 else 3.0) * torch.randn(dim)   # the first similar
+        siblings[visited] = [s for s in visited.parent.children if s is not visited]
+    norms = []
+
+    class Norms(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            norms.append(func.overloadpacket is torch.ops.aten.linalg_vector_norm)
+            return func(*args, **(kwargs or {}))
+
+    with Norms():
+        tree.backup(path[-1], 1.0, path_embeddings[::-1])
+    assert sum(norms) == 2
+    shared = 0
+    for visited, others in siblings.items():
+        sims = torch.nn.functional.cosine_similarity(visited.embedding.unsqueeze(0),
+                                                     torch.stack([s.embedding for s in others]), dim=1).tolist()
+        for i, (sibling, sim) in enumerate(zip(others, sims)):
+            n, q = 1.0 + i, -0.3
+            if sim >= tree.config.similarity_threshold:
+                n += 0.2 * sim
+                q += 0.2 * sim * (1.0 - q) / n
+                shared += 1
+            assert (sibling.n, sibling.q) == (n, q)
+    assert shared >= len(path)
 
 
 def test_virtual_visits_removed_in_another_order_leave_exactly_none():
