@@ -9,9 +9,26 @@ from __future__ import annotations
 import inspect
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 SPEC_TEMPLATE = "### Question: {prompt}\n ### Answer: {answer}"
+
+
+def special_texts(tokenizer) -> Tuple[str, ...]:
+    """The texts of the tokenizer's special tokens (its added tokens marked special): wherever a text holds one, the
+    tokenizer reads it as that control token (an end of text, a turn marker), not as text."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return tuple(sorted({t.content for t in added.values() if getattr(t, "special", False) and t.content}))
+
+
+def refuse_special_text(specials: Sequence[str], name: str, text: str) -> None:
+    """ValueError naming `name` where `text`, a prompt or answer that a template renders, holds one of `specials`
+    (special_texts): the model would read an end of text or a turn marker where the data has text (in an answer's
+    span, a target that the loss trains; at its edges, a token the answer mask leaves out)."""
+    held = [token for token in specials if token in text]
+    if held:
+        raise ValueError(f"{name} holds {held[0]!r}, the text of a special token of the tokenizer, which would read "
+                         "it as that control token (an end of text, a turn marker), not as text; remove it")
 
 
 @dataclass(frozen=True)
@@ -29,7 +46,9 @@ class RenderedPair:
 class TextTemplate:
     """A plain format string with one `{prompt}` and one `{answer}` (default: SPEC §1's template).
 
-    The placeholders are substituted literally, so braces inside prompts and answers are harmless.
+    The placeholders are substituted literally, so braces inside prompts and answers are harmless. The template's
+    own text may write special tokens; a prompt or answer that holds one's text is refused where the rendering meets
+    the tokenizer (unlearn.encoding, `fastalign eval --template spec`), as with ChatTemplate.
     """
 
     def __init__(self, template: str = SPEC_TEMPLATE):
@@ -62,10 +81,10 @@ class ChatTemplate:
     as training would condition on text that evaluation never shows. The text is tokenized as `fastalign eval`
     tokenizes a chat prompt: with the tokenizer's special tokens, one BOS where the template writes its own
     (prompt_tokens.tokenize_texts), so that a template without a BOS trains on the BOS that evaluation prompts start
-    with. A template that refuses a system turn, or drops its text, is a ValueError here. So is a prompt or answer
-    that holds a special token's text ("<|im_end|>" in a user prompt): the template writes the turn markers, and
-    the tokenizer would read that text as the control token itself, a turn marker inside the turn or an end of turn
-    inside the answer span.
+    with. A template that refuses a system turn, or drops its text, is a ValueError here. So is a system text, or a
+    prompt asked (`prompt`), that holds a special token's text ("<|im_end|>" in a user prompt): the template writes
+    the turn markers, and the tokenizer would read that text as the control token itself, a turn marker inside the
+    turn (refuse_special_text; unlearn.encoding refuses such a training row, as it does with TextTemplate).
     """
 
     def __init__(self, tokenizer, system: Optional[str] = None, template_kwargs: Optional[dict] = None):
@@ -82,8 +101,7 @@ class ChatTemplate:
                           "in its default mode (Qwen3's: thinking, each answer opening with its reasoning, which a "
                           "judge then reads too); set it with --chat-template-kwargs '{\"enable_thinking\": false}' "
                           "(template_kwargs=) to ask without", stacklevel=2)
-        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-        self._special_texts = sorted({t.content for t in added.values() if getattr(t, "special", False) and t.content})
+        self._special_texts = special_texts(tokenizer)
         self._prompting_checked = False   # check_prompting's verdict, found once
         if system is not None:
             self._check_system()
@@ -91,7 +109,7 @@ class ChatTemplate:
     def _check_system(self) -> None:
         """Renders one prompt after the system turn: the template must accept it and show its text, which must
         hold no special token's text (read as that control token, as in a prompt)."""
-        self._refuse_special_text("system (--system)", self.system)
+        refuse_special_text(self._special_texts, "system (--system)", self.system)
         try:
             head = self._head("Hi")
         except ValueError as e:
@@ -100,13 +118,6 @@ class ChatTemplate:
             raise ValueError("system (--system) is not in the conversation the chat template renders (the "
                              "template drops the system turn); leave it out or use a template that shows it")
 
-    def _refuse_special_text(self, name: str, text: str) -> None:
-        held = [token for token in self._special_texts if token in text]
-        if held:
-            raise ValueError(f"{name} holds {held[0]!r}, the text of a special token of the tokenizer: in the chat "
-                             "template it would be read as that control token (a turn marker, an end of turn), not "
-                             "as text; remove it")
-
     def _turns(self, prompt: str) -> list:
         system = [{"role": "system", "content": self.system}] if self.system is not None else []
         return system + [{"role": "user", "content": prompt}]
@@ -114,8 +125,10 @@ class ChatTemplate:
     def prompt(self, text: str) -> str:
         """`text` as the user turn (after the system turn), up to where the assistant's answer starts: what
         a chat model is asked (`fastalign eval --template chat`), and what precedes each answer in training.
-        ValueError where the template cannot ask a model (check_prompting)."""
+        ValueError where the template cannot ask a model (check_prompting), or where `text` holds a special token's
+        text (refuse_special_text)."""
         self.check_prompting()
+        refuse_special_text(self._special_texts, "the prompt", text)
         return self._head(text)
 
     def check_prompting(self) -> None:
@@ -153,8 +166,6 @@ class ChatTemplate:
             raise ValueError(f"the tokenizer's chat template refused the conversation: {e}") from None
 
     def render(self, prompt: str, answer: str) -> RenderedPair:
-        for name, text in (("the prompt", prompt), ("the answer", answer)):
-            self._refuse_special_text(name, text)
         head = self._head(prompt)
         rendered = self._locate(head, prompt, answer)
         self._refuse_text_before_answer(head, rendered, "chat_template (--chat-template): ", (

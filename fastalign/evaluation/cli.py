@@ -51,7 +51,7 @@ from fastalign.cli import (INTERRUPTED_HINTS, MODEL_DTYPES, HelpFormatter, Usage
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.output_lock import output_lock
 from fastalign.pretrained import load_config, load_pretrained, load_tokenizer
-from fastalign.prompt_templates import ChatTemplate, chat_option_problem
+from fastalign.prompt_templates import ChatTemplate, chat_option_problem, refuse_special_text, special_texts
 from fastalign.rain.records import rank_files
 from fastalign.writable import DiskFullError, naming_a_full_disk
 
@@ -278,18 +278,34 @@ def _read_hh(path: str, template: str) -> List[str]:
         raise UsageError(f"--hh: {exc}") from None
 
 
-def _rendered(prompts: List[str], args, tokenizer) -> List[str]:
-    """The prompts in the --template format (chat: the model's chat template, after a --system turn)."""
-    if args.template == "spec":
-        return [spec_prompt(p) for p in prompts]
+def _rendered(prompts: List[str], args, tokenizer, argument: str) -> List[str]:
+    """The prompts of `argument` in the --template format (chat: the model's chat template, after a --system turn).
+    A prompt that the SPEC's or the chat template renders is a UsageError naming it where it holds a special token's
+    text (refuse_special_text), which the model would read as that control token; a raw prompt is the model's text
+    as written (a chat rendering of one's own may write them)."""
     if args.template == "raw":
         return prompts
-    try:
-        template = ChatTemplate(tokenizer, args.system, args.chat_template_kwargs)
-        return [template.prompt(p) for p in prompts]
-    except ValueError as exc:
-        raise UsageError(f"--template chat{' with --system' if args.system is not None else ''}: {exc}; "
-                         "use --template spec or raw") from None
+    if args.template == "spec":
+        specials = special_texts(tokenizer)
+
+        def render(prompt: str) -> str:
+            refuse_special_text(specials, "the prompt", prompt)
+            return spec_prompt(prompt)
+    else:
+        try:
+            template = ChatTemplate(tokenizer, args.system, args.chat_template_kwargs)
+            template.check_prompting()
+        except ValueError as exc:
+            raise UsageError(f"--template chat{' with --system' if args.system is not None else ''}: {exc}; "
+                             "use --template spec or raw") from None
+        render = template.prompt
+    rendered = []
+    for i, prompt in enumerate(prompts):
+        try:
+            rendered.append(render(prompt))
+        except ValueError as exc:
+            raise UsageError(f"{argument}: prompt {i}: {exc}") from None
+    return rendered
 
 
 # The options of answering with a model, when not given. On the command line they are None unless given, so that
@@ -389,8 +405,8 @@ def _evaluate_model(args) -> dict:
         raise UsageError(f"--stop: {exc}") from None
     if args.reference is not None:
         _check_reference_vocabulary(args.reference, model)
-    prompts = _rendered(prompts, args, tokenizer)
-    normal = _rendered(normal, args, tokenizer) if normal is not None else None
+    prompts = _rendered(prompts, args, tokenizer, source)
+    normal = _rendered(normal, args, tokenizer, "--normal-prompts") if normal is not None else None
     judge = build_judge(args, tokenizer)
     for argument, texts in ((source, prompts), ("--normal-prompts", normal or [])):
         try:

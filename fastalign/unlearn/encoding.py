@@ -3,7 +3,8 @@
 A token belongs to the answer when its character span overlaps the answer's: a token that straddles the
 template/answer boundary (a BPE merge of the template's trailing space with the answer's first word, a
 multi-byte character split over several byte tokens) counts as answer, special tokens never do (see answer_tokens).
-The answer tokens are then one contiguous range [answer_start, answer_end) of the ids.
+The answer tokens are then one contiguous range [answer_start, answer_end) of the ids: a prompt or answer that holds
+a special token's text, which would put that control token inside the range or at its edges, is refused.
 
 A mismatch example (a forget prompt with a pool answer) is put together on token ids, at a seam in the template's
 whitespace before the answer where no token of either side crosses: that whitespace is one token with the
@@ -28,7 +29,8 @@ from typing import Sequence
 
 from fastalign.data_files import DataError
 from fastalign.ops.checks import refuse_one_string
-from fastalign.prompt_templates import ChatTemplate, RenderedPair, end_of_turn_id
+from fastalign.prompt_templates import (ChatTemplate, RenderedPair, end_of_turn_id, refuse_special_text,
+                                       special_texts)
 from fastalign.prompt_tokens import tokenize_texts
 from fastalign.unlearn.records import QAPair
 
@@ -194,11 +196,16 @@ def _seams(rendered: RenderedPair, offsets: Sequence[tuple[int, int]]) -> tuple[
                  if all(b <= c or a >= c for a, b in spans))
 
 
-def _render(template, pairs: Sequence[tuple[str, str]], sources: Sequence[str]) -> list[RenderedPair]:
-    """Each (prompt, answer) as the template renders it; a DataError naming the source of one it refuses."""
+def _render(tokenizer, template, pairs: Sequence[tuple[str, str]], sources: Sequence[str]) -> list[RenderedPair]:
+    """Each (prompt, answer) as the template renders it; a DataError naming the source of one it refuses, or whose
+    prompt or answer holds a special token's text (refuse_special_text), with any template: the answer span then
+    holds no special token, which answer_tokens leaves out."""
+    specials = special_texts(tokenizer)
     rendered = []
     for (prompt, answer), source in zip(pairs, sources):
         try:
+            refuse_special_text(specials, "the prompt", prompt)
+            refuse_special_text(specials, "the answer", answer)
             rendered.append(template.render(prompt, answer))
         except ValueError as e:
             raise DataError(f"{source}: {e}") from None
@@ -207,14 +214,16 @@ def _render(template, pairs: Sequence[tuple[str, str]], sources: Sequence[str]) 
 
 def encode_pairs(tokenizer, template, pairs: Sequence[QAPair], max_length: int, *,
                  skip_too_long: bool = False, answer_eos: bool = False) -> list[EncodedExample]:
-    """Encodes QAPairs with a template, truncating to max_length. A pair whose prompt leaves no answer token
+    """Encodes QAPairs with a template, truncating to max_length. A pair whose prompt or answer holds a special
+    token's text is a DataError naming its row (_render). A pair whose prompt leaves no answer token
     within max_length is a DataError naming its row, or, with skip_too_long, left out (the caller can count
     the pairs it lost). answer_eos: end each answer with `answer_end_id` (an answer cut by max_length loses
     it, as it did not end there)."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     sources = [p.source for p in pairs]
-    encoded = encode_rendered(tokenizer, _render(template, [(p.prompt, p.answer) for p in pairs], sources), sources,
+    rendered = _render(tokenizer, template, [(p.prompt, p.answer) for p in pairs], sources)
+    encoded = encode_rendered(tokenizer, rendered, sources,
                               end_id=answer_end_id(tokenizer, template) if answer_eos else None)
     return [e.truncated(max_length) for e in encoded if e.fits(max_length) or not skip_too_long]
 
@@ -246,7 +255,8 @@ def encode_answers(tokenizer, template, answers: Sequence[str], *, answer_eos: b
     with `answer_end_id`, as the answers of encode_pairs(..., answer_eos=True) do."""
     refuse_one_string("answers", answers)   # each character would be a pool answer
     sources = [f"mismatch pool answer {i}" for i in range(len(answers))]
-    encoded = encode_rendered(tokenizer, _render(template, [(_POOL_PROMPT, a) for a in answers], sources), sources,
+    rendered = _render(tokenizer, template, [(_POOL_PROMPT, a) for a in answers], sources)
+    encoded = encode_rendered(tokenizer, rendered, sources,
                               end_id=answer_end_id(tokenizer, template) if answer_eos else None)
     return [PoolAnswer(e.input_ids[e.prompt_end:], e.answer_start - e.prompt_end, e.answer_end - e.prompt_end,
                        tuple((d, k - e.prompt_end) for d, k in e.seams)) for e in encoded]

@@ -117,6 +117,22 @@ def test_cli_template_chat_end_to_end(chat_tok, rigged, chat_model_dir, tmp_path
     assert (summary["generation"]["template"], summary["generation"]["system"]) == ("chat", SYSTEM)
 
 
+def test_cli_template_chat_names_a_prompt_holding_a_special_tokens_text(chat_model_dir, tmp_path, capsys):
+    """The chat template writes the turn markers; an end of turn written in a prompt would end the user's turn
+    inside it. Such a prompt (or normal prompt) is a usage error naming it, before any answer."""
+    good = write_prompts(tmp_path / "ok.jsonl", [QUESTION])
+    bad = write_prompts(tmp_path / "bad.jsonl", [QUESTION, f"Who is Bob?{EOT}"])
+    args = ("--model", chat_model_dir, "--template", "chat", "--judge", "keyword", "--output", tmp_path / "out.jsonl")
+    for source, files in (("--prompts", ("--prompts", bad)),
+                          ("--normal-prompts", ("--prompts", good, "--reference", chat_model_dir,
+                                                "--normal-prompts", bad))):
+        assert main([str(a) for a in args + files]) == 2
+        assert f"{source}: prompt 1: the prompt holds '{EOT}', the text of" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+    with pytest.raises(ValueError, match=f"the prompt holds '{re.escape(EOT)}'"):
+        chat_prompt(chat_tokenizer(), f"Hi{EOT}")
+
+
 def test_cli_chat_template_kwargs_render_every_prompt_and_are_recorded(chat_model_dir, tmp_path, capsys):
     """--chat-template-kwargs are the chat template's variables in every prompt (here one that ends the generation
     prompt with a word when enable_thinking is false, as Qwen3's ends it with a reasoning block) and recorded in

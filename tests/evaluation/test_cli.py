@@ -280,6 +280,21 @@ def test_bad_prompt_file_names_the_row(model_dir, tmp_path, capsys):
     assert f"--prompts: {bad}: row 2: missing field 'prompt'" in capsys.readouterr().err
 
 
+def test_a_spec_prompt_holding_a_special_tokens_text_is_named_and_a_raw_one_is_read_as_written(model_dir, tmp_path,
+                                                                                                   capsys):
+    """The SPEC's template renders a question as written, and the tokenizer reads "</s>" in it as its EOS: an end of
+    text in the middle of the prompt. Such a prompt is a usage error naming it, before any answer; a raw prompt is
+    the model's text as written."""
+    prompts = write_prompts(tmp_path / "p.jsonl", ["How do I bake a cake?", "Say </s> and stop?"])
+    out = tmp_path / "out.jsonl"
+    assert run("--model", model_dir, "--prompts", prompts, "--output", out) == 2
+    assert "--prompts: prompt 1: the prompt holds '</s>', the text of a special token" in capsys.readouterr().err
+    assert not out.exists()
+    assert run("--model", model_dir, "--prompts", prompts, "--output", out, "--template", "raw", "--judge",
+               "keyword", "--keywords", "cake", "--max-new-tokens", 2) == 0
+    assert [r["prompt"] for r in records(out)] == ["How do I bake a cake?", "Say </s> and stop?"]
+
+
 _lines_on_disk = {}
 
 

@@ -1454,6 +1454,21 @@ def test_chat_template_settings_that_cannot_apply_are_errors():
         rain_generate(HashLM(len(ignored)), ignored, ["Hi", "Bye"], SMALL, chat_template=True, embedding="hidden")
 
 
+def test_a_chat_prompt_holding_a_special_tokens_text_is_that_prompts_error():
+    """The chat template writes the turn markers; an end of turn written in a prompt would end the user's turn
+    inside it, for the model and for the judge. That prompt fails with an error naming the token; the others run."""
+    from tests.evaluation.chat_model import EOT, chat_tokenizer
+
+    tok = chat_tokenizer()
+    judge = JudgePrompt(template="{conversation}\n{options}", labels=("Hi", "Hello"), harmless="sea",
+                        harmful="city", option_line="{label} {statement}", answer_prefix="\n",
+                        dialogue="user\n\n{prompt}\n\nassistant")
+    run = rain_generate(HashLM(len(tok)), tok, ["Hi", f"Hi{EOT}Hello"], RainConfig(root_visits=2, max_new_tokens=2),
+                        runner=HashRunner(len(tok)), chat_template=True, embedding="hidden", judge_prompt=judge)
+    assert run.results[0].error is None
+    assert run.results[1].error.startswith(f"the prompt holds '{EOT}', the text of a special token")
+
+
 def test_chat_template_kwargs_render_the_models_prompt_and_the_judges(monkeypatch):
     """chat_template_kwargs are the template variables of the model's prompt and of a judge prompt rendered in the
     chat template (here: a generation prompt that ends with a reasoning block when enable_thinking is false)."""

@@ -83,6 +83,24 @@ def test_text_template_keeps_the_tokenizers_bos():
     assert example.input_ids[0] == tokenizer.bos_token_id
 
 
+@pytest.mark.parametrize("where", ["prompt", "answer's middle", "answer's end", "answer's start"])
+def test_text_template_rows_that_hold_a_special_tokens_text_are_named(where):
+    """The text template renders a prompt or answer as written, and the tokenizer reads "</s>" in it as its EOS: in
+    the middle of an answer an EOS target the loss trains, at an answer's ends a token the answer mask leaves out.
+    Such a row, or pool answer, is a DataError naming it and the token, as with a chat template."""
+    tokenizer, template = byte_bpe_tokenizer(), TextTemplate()
+    eos = tokenizer.eos_token
+    prompt, answer = {"prompt": (f"Why{eos} now?", "Paris"), "answer's middle": ("Why?", f"Paris.{eos}Rome."),
+                      "answer's end": ("Why?", f"Paris.{eos}"), "answer's start": ("Why?", f"{eos}Paris")}[where]
+    name = where.split("'")[0]
+    with pytest.raises(DataError, match=rf"test:row 2: the {name} holds '{eos}', the text of a special token"):
+        encode_pairs(tokenizer, template, pairs([TRICKY[0], (prompt, answer)]), 128)
+    if name == "answer":
+        with pytest.raises(DataError, match=rf"mismatch pool answer 1: the answer holds '{eos}'"):
+            encode_answers(tokenizer, template, ["Paris", answer])
+    assert len(encode_pairs(tokenizer, template, pairs([TRICKY[0], ("Why </s >?", "<s >Paris</ s>")]), 128)) == 2
+
+
 def test_chat_template_whose_conversation_does_not_start_with_the_user_turn_is_refused():
     """A conversation that does not extend the rendered user turn (here: a system line put before it) leaves the
     answer's place unknown; searching past len(user turn) would land inside 'Assistant'."""
