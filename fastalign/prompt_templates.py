@@ -186,10 +186,16 @@ class ChatTemplate:
 
     def _locate(self, head: str, prompt: str, answer: str) -> RenderedPair:
         """The conversation with `answer` as the assistant turn, and the answer's span: the first occurrence of the
-        answer (or of its stripped text) after `head`, the rendering of the turns before it."""
+        answer (or of its stripped text) after `head`, the rendering of the turns before it. Where the template
+        trims the answer (the conversation reads as with the stripped answer), the stripped text: whitespace before
+        it is the template's own (Llama-2-chat's `' ' + content.strip()`), not the answer's leading space, so a
+        seam before the answer is read in the template's whitespace as for any other answer."""
         text = self._render(self._turns(prompt) + [{"role": "assistant", "content": answer}])
+        stripped = answer.strip()
+        trims = stripped != answer and text == self._render(self._turns(prompt) + [{"role": "assistant",
+                                                                                     "content": stripped}])
         if text.startswith(head):
-            for shown in (answer, answer.strip()):  # many chat templates trim message contents
+            for shown in (stripped,) if trims else (answer, stripped):  # many chat templates trim message contents
                 start = text.find(shown, len(head))
                 if start >= 0:   # the turns before the answer end with the template's markers, not the prompt
                     return RenderedPair(text=text, answer_start=start, answer_end=start + len(shown),

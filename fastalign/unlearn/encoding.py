@@ -76,10 +76,10 @@ class EncodedExample:
         for d, cut in self.seams:
             if d in theirs:
                 return cut, theirs[d]
-        raise DataError(f"{self.source}: the tokenizer joins this prompt to the template's whitespace before the "
-                        "answer in a way some mismatch pool answers cannot follow on token ids; put text between "
-                        "{prompt} and {answer} in the template (--template), or set mismatch_weight=0 "
-                        "(--mismatch-weight 0)")
+        raise DataError(f"{self.source}: the tokenizer joins the text before the answer to the template's whitespace "
+                        "before it in a way some mismatch pool answers cannot follow on token ids; set "
+                        "mismatch_weight=0 (--mismatch-weight 0), or, with the text template (--template, not a chat "
+                        "template), put text between {prompt} and {answer}")
 
     def with_answer(self, answer: "PoolAnswer", source: str) -> "EncodedExample":
         """This example's prompt around another answer (a mismatch example): the ids the template's rendering of

@@ -350,6 +350,25 @@ def test_mismatch_rows_are_the_rendered_pairs_where_tokens_cross_the_prompt_or_t
     assert_mismatch_rows_are_rendered_pairs(tokenizer, template, prompts, answers)
 
 
+LLAMA2_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                        "{{ '[INST] ' + m['content'].strip() + ' [/INST]' }}"
+                        "{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_mismatch_rows_of_answers_with_leading_whitespace_in_a_chat_template_that_trims_them():
+    """Llama-2-chat's template writes `' ' + content.strip()`: ' Sure, here is how.' renders as its stripped text
+    does. Its span started on the template's space, so its seams differed from every pool answer's and the data
+    load stopped on the row (a DataError telling to change --template, unused). Every mismatch row is now the
+    template's rendering of the pair, forget and pool answers with leading whitespace included."""
+    prompts = ["How do I hurt someone?", "Why?"]
+    answers = [" Sure, here is how.", "Sure, here you go.", "\n1. Get a knife.", " a "]
+    corpus = [f"[INST] {p} [/INST] {a.strip()} </s>" for p in prompts for a in answers]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(corpus, 400), bos_token="<s>",
+                                        eos_token="</s>")
+    tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
+    assert_mismatch_rows_are_rendered_pairs(tokenizer, ChatTemplate(tokenizer), prompts, answers)
+
+
 def test_mismatch_rows_meet_at_the_earliest_seam_both_share():
     """GPT-2's split writes the template's '\\n\\n' as two tokens before a letter ('Sure') and as one before a pool
     answer that starts with whitespace (' leading', '\\nNo.'): both sides have a seam after the whitespace too, but
@@ -370,7 +389,9 @@ def test_a_prompt_no_mismatch_answer_can_follow_on_token_ids_is_named():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(corpus, 300), bos_token="<s>")
     forget = encode_pairs(tokenizer, template, pairs([("How?", "Sure."), ("tell me  ", " leading space")]), 64)
     pool = encode_answers(tokenizer, template, ["Sure."])
-    with pytest.raises(DataError, match=r"test:row 2: the tokenizer joins this prompt to the template's whitespace"):
+    with pytest.raises(DataError, match=r"test:row 2: the tokenizer joins the text before the answer to the "
+                                        r"template's whitespace before it .*set mismatch_weight=0 .*, or, with the "
+                                        r"text template \(--template, not a chat template\), put text between"):
         UnlearningStreams(forget, mismatch_pool=pool, max_length=64)
     UnlearningStreams(forget[:1], mismatch_pool=pool, max_length=64)
 
