@@ -145,3 +145,20 @@ def test_vanilla_answer_with_a_tokenizer_that_appends_eos_reads_the_prompt_witho
     monkeypatch.setattr(model, "generate", lambda ids, **kw: fed.append(ids[0].tolist()) or generate(ids, **kw))
     answers = [greedy_answer(model, tok, PROMPTS[0], 4, "Human:") for tok in (tokenizer(), appending_eos(tokenizer()))]
     assert fed[1] == fed[0] == tokenizer()(PROMPTS[0])["input_ids"] and answers[1] == answers[0]
+
+
+def test_vanilla_answer_stops_decoding_at_the_token_that_opens_a_new_turn():
+    """The vanilla answer stops at the token whose text completes the turn marker, as RAIN's answer does: cut only
+    afterwards, it decoded on to max_new_tokens (256 forwards where a reply and its new turn took 11), for the
+    same text."""
+    model, tok = tiny_llama(5), tokenizer()
+    whole = greedy_answer(model, tok, PROMPTS[1], 40, "")
+    answer_ids = generations(model, tok, PROMPTS[1:2], GenerationConfig(max_new_tokens=40))[0].answer_ids
+    marker = whole[len(whole) // 3:][:3]
+    assert marker.strip() and whole.index(marker) > 0 and len(answer_ids) == 40
+    opened = next(n for n in range(1, 41) if marker in tok.decode(answer_ids[:n], skip_special_tokens=True))
+    assert opened < 30
+    forwards = []
+    model.register_forward_hook(lambda *a: forwards.append(1))
+    assert greedy_answer(model, tok, PROMPTS[1], 40, marker) == whole[:whole.index(marker)]
+    assert len(forwards) == opened
