@@ -51,7 +51,7 @@ from bench.harness import (LLAMA_SHAPES, PROFILE_COLUMNS, PYTHON_PROFILE_COLUMNS
                            device_argument, failure_row, print_table, profile_top, python_profile_top,
                            qwen3_5_layer_types, synchronize, write_results)
 from fastalign.cli import memory_size_argument  # noqa: E402
-from fastalign.evaluation.generation import pad_id  # noqa: E402
+from fastalign.model_vocabulary import pad_id  # noqa: E402
 from fastalign.pretrained import load_pretrained  # noqa: E402
 from fastalign.rain import JudgePrompt, RainConfig, rain_generate  # noqa: E402
 from fastalign.rain.cli import hh_prompts  # noqa: E402

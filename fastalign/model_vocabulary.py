@@ -1,4 +1,5 @@
-"""How many token ids a Hugging Face model embeds, read the same way by the runtime and the unlearning trainer."""
+"""How many token ids a Hugging Face model embeds, read the same way by the runtime and the unlearning trainer, and
+the id that padding takes among them."""
 import torch
 
 from fastalign.base_model import base_causal_lm
@@ -11,6 +12,16 @@ def input_vocabulary(model) -> int | None:
     get_embeddings = getattr(base_causal_lm(model), "get_input_embeddings", None)
     weight = getattr(get_embeddings() if get_embeddings is not None else None, "weight", None)
     return weight.shape[0] if isinstance(weight, torch.Tensor) else None
+
+
+def pad_id(tokenizer, vocab_size: int | None = None) -> int:
+    """The id that fills padded positions (masked out: generation's, unlearning's batches): the pad token, else
+    end-of-sequence, else 0, passing over one past the model's `vocab_size` input embeddings (a pad token added to the
+    tokenizer without resizing them: the embedding looks up masked positions too)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None and (vocab_size is None or token_id < vocab_size):
+            return int(token_id)
+    return 0
 
 
 def probe_ids(model, ids: list[int]) -> list[int]:

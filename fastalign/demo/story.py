@@ -19,9 +19,9 @@ from typing import Callable, Dict, List, Optional
 from ..evaluation.generation import Generation, GenerationConfig, generations
 from ..evaluation.metrics import mean_token_kl_of_ids, unchanged_share
 from ..model_context import model_positions
+from ..model_vocabulary import pad_id
 from ..ops.checks import is_integer
 from ..rain import RainConfig, rain_generate
-from ..unlearn.batching import filler_token_id
 from ..unlearn.config import UnlearnConfig
 from ..unlearn.encoding import encode_answers, encode_pairs
 from ..unlearn.extras import require_extras
@@ -113,7 +113,7 @@ def unlearning_streams(tokenizer, world: World, settings: DemoSettings, max_leng
         mismatch_pool=encode_answers(tokenizer, template, world.normal_answers, answer_eos=True),
         batch_size=settings.batch_size, mismatch_per_prompt=settings.mismatch_per_prompt,
         normal_batch_size=settings.normal_batch_size, max_length=max_length,
-        filler_id=filler_token_id(tokenizer), seed=settings.seed)
+        filler_id=pad_id(tokenizer), seed=settings.seed)
 
 
 def unlearn_config(settings: DemoSettings, progress: bool, output_dir: str) -> UnlearnConfig:

@@ -25,7 +25,7 @@ import torch
 from fastalign.eval_mode import eval_mode
 from fastalign.model_context import model_positions
 from fastalign.model_devices import input_device
-from fastalign.model_vocabulary import check_embedded, input_vocabulary, probe_ids
+from fastalign.model_vocabulary import check_embedded, input_vocabulary, pad_id, probe_ids
 from fastalign.ops.checks import is_integer, refuse_one_string
 from fastalign.runtime.hf_cache_argument import (cache_kwargs, prefix_start, refuse_prompt_adapter_over_a_cache,
                                                  returned_cache, takes_logits_to_keep)
@@ -89,16 +89,6 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_new_tokens: int, model
             raise ValueError(f"prompt {i} has {len(row)} tokens; with max_new_tokens={max_new_tokens} it "
                              f"exceeds the model's context of {limit} positions ({prompts[i][:60]!r}...)")
     return ids
-
-
-def pad_id(tokenizer, vocab_size: Optional[int] = None) -> int:
-    """The id that fills padded positions (masked out): the pad token, else end-of-sequence, else 0, passing over
-    one past the model's `vocab_size` input embeddings (a pad token added to the tokenizer without resizing them:
-    the embedding looks up masked positions too)."""
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None and (vocab_size is None or token_id < vocab_size):
-            return token_id
-    return 0
 
 
 def eos_ids(model, tokenizer) -> Set[int]:

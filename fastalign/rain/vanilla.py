@@ -4,8 +4,9 @@ from typing import AbstractSet, Optional
 
 import torch
 
-from fastalign.evaluation.generation import before_end, eos_ids, pad_id
+from fastalign.evaluation.generation import before_end, eos_ids
 from fastalign.model_context import model_positions
+from fastalign.model_vocabulary import pad_id
 from fastalign.prompt_tokens import tokenize_prompts
 from fastalign.token_text import ending_text
 

@@ -3,7 +3,8 @@
 `target_mask[b, t]` is True when position t's target, token t+1, is an answer token: the mask is aligned
 with the shifted targets (`input_ids[:, 1:]`) and with the hidden state that predicts them. Padding is
 right-side and carries attention 0 and target mask False, so the filler id never matters and need not
-be the tokenizer's pad token (a tokenizer without one works the same).
+be the tokenizer's pad token (a tokenizer without one works the same): the caller picks one the model embeds
+(model_vocabulary.pad_id, as generation does).
 
 A batch moved to the device keeps the host batch it came from (`host`): the host knows its lengths and answer
 positions, which read off the device tensors would make it wait for the device's queued work each time.
@@ -74,14 +75,6 @@ class TokenBatch:
     def answer_positions(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, columns) of the answer targets among the first width - 1 columns, row-major, on the host."""
         return self.on_host.target_mask[:, :width - 1].nonzero(as_tuple=True)
-
-
-def filler_token_id(tokenizer) -> int:
-    """The id written into padding: the pad token, else EOS, else 0 (masked out either way)."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def collate(examples: Sequence[EncodedExample], filler_id: int) -> TokenBatch:

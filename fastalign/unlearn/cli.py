@@ -258,6 +258,7 @@ def is_main_process() -> bool:
 
 def main(args: argparse.Namespace) -> int:
     from fastalign.data_files import DataError
+    from fastalign.model_vocabulary import input_vocabulary
     from fastalign.unlearn.checkpoint import resume_point
     from fastalign.unlearn.extras import MissingExtraError, require_extras
     from fastalign.unlearn.packing import RowPacker
@@ -273,7 +274,7 @@ def main(args: argparse.Namespace) -> int:
             config.check_paths()
             resume_point(config)
             model, tokenizer = load_model_and_tokenizer(config)
-            streams = load_streams(config, tokenizer)
+            streams = load_streams(config, tokenizer, input_vocabulary(model))
             # the run's own checks of the model, the data against it, the launch, the LoRA targets and the backend on
             # the accelerator's device: the trainer makes them as it is built, and writes nothing before train()
             UnlearningTrainer(model, streams, config, tokenizer=tokenizer)

@@ -10,10 +10,10 @@ import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
 from fastalign.data_files import DataError
+from fastalign.model_vocabulary import input_vocabulary, pad_id
 from fastalign.output_lock import output_lock
 from fastalign.pretrained import load_pretrained, load_tokenizer
 from fastalign.prompt_templates import ChatTemplate, TextTemplate
-from fastalign.unlearn.batching import filler_token_id
 from fastalign.unlearn.config import UnlearnConfig
 from fastalign.unlearn.encoding import encode_answers, encode_pairs
 from fastalign.unlearn.formats import load_pairs, load_truthfulqa
@@ -42,8 +42,10 @@ def _chat_template(tokenizer, config: UnlearnConfig) -> ChatTemplate:
             from None
 
 
-def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
-    """The forget, normal and mismatch streams the config describes, tokenized.
+def load_streams(config: UnlearnConfig, tokenizer, vocab_size: int | None = None) -> UnlearningStreams:
+    """The forget, normal and mismatch streams the config describes, tokenized, padded with the id generation pads
+    with (`pad_id`: one the model's `vocab_size` input embeddings hold, where given; a pad token added to the
+    tokenizer without resizing them, the common Llama-2 recipe, was refused though padding is masked out).
 
     normal: a TruthfulQA .csv (its train split; its pool rows also feed the mismatch pool unless mismatch_pool is
     given) or a {prompt, answer} jsonl. mismatch_pool: a TruthfulQA .csv or a {prompt, answer} jsonl whose answers
@@ -111,7 +113,7 @@ def load_streams(config: UnlearnConfig, tokenizer) -> UnlearningStreams:
         forget_examples, normal=normal_examples,
         mismatch_pool=pool_answers, batch_size=config.batch_size, mismatch_per_prompt=config.mismatch_per_prompt,
         normal_batch_size=config.normal_batch_size, max_length=config.max_length,
-        filler_id=filler_token_id(tokenizer), seed=config.seed, skipped=skipped)
+        filler_id=pad_id(tokenizer, vocab_size), seed=config.seed, skipped=skipped)
 
 
 def _warn_of_settings_of_terms_left_out(config: UnlearnConfig) -> None:
@@ -172,6 +174,6 @@ def run_unlearning(config: UnlearnConfig, *, accelerator: Any = None,
     with output_lock(config.output_dir, "output_dir (--output-dir)", directory=True, ranks_share=True):
         resume_point(config)
         model, tokenizer = load_model_and_tokenizer(config)
-        streams = load_streams(config, tokenizer)
+        streams = load_streams(config, tokenizer, input_vocabulary(model))
         return UnlearningTrainer(model, streams, config, tokenizer=tokenizer, accelerator=accelerator,
                                  step_callback=step_callback).train()

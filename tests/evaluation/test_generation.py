@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from fastalign.evaluation.generation import (GenerationConfig, encode_prompts, eos_ids, generate, generations,
-                                             iter_generate, iter_generations, pad_id, pads_exactly)
+                                             iter_generate, iter_generations, pads_exactly)
 from fastalign.evaluation.harness import evaluate_harm
 from fastalign.evaluation.prompts import spec_prompt
 from tests.runtime.tiny_models import WrappedEmbedding
@@ -513,19 +513,6 @@ def test_one_prompt_string_is_refused(world, tokenizer, model):
                  lambda: evaluate_harm(model, tokenizer, prompt, world.judge, GenerationConfig(max_new_tokens=2))):
         with pytest.raises(TypeError, match="prompts must be a list of strings, got a single string"):
             call()
-
-
-def test_padding_takes_the_pad_token_else_eos_else_0_each_only_where_the_model_embeds_it():
-    """pad_id: the pad token first; past the model's input embeddings (an added pad token), end-of-sequence; neither
-    (both missing or past them), 0, an id every model embeds."""
-    from types import SimpleNamespace
-
-    def pad(pad_token_id, eos_token_id, vocab_size=None):
-        return pad_id(SimpleNamespace(pad_token_id=pad_token_id, eos_token_id=eos_token_id), vocab_size)
-
-    assert pad(5, 3) == pad(5, 3, 6) == 5
-    assert pad(6, 3, 6) == pad(None, 3) == 3
-    assert pad(None, None) == pad(7, 6, 6) == 0
 
 
 def test_answers_end_at_each_listed_eos_id_0_and_a_tuple_of_them_included():

@@ -1,11 +1,9 @@
 """TokenBatch on the device: the host copy it keeps, from which lengths and answer positions are read without
 waiting for the device."""
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from fastalign.unlearn.batching import TokenBatch, collate, filler_token_id
+from fastalign.unlearn.batching import TokenBatch, collate
 from fastalign.unlearn.encoding import EncodedExample
 from tests.sync_counter import SyncCounter
 
@@ -50,11 +48,6 @@ def test_collate_gives_the_documented_dtypes():
 def test_collate_of_no_examples_is_an_error_naming_collate():
     with pytest.raises(ValueError, match="^collate: no examples$"):
         collate([], filler_id=0)
-
-
-def test_a_pad_token_of_id_0_is_the_filler():
-    """Id 0 is a token like any other: a tokenizer whose pad token is id 0 pads with it, not with EOS."""
-    assert filler_token_id(SimpleNamespace(pad_token_id=0, eos_token_id=2)) == 0
 
 
 @pytest.mark.parametrize("change, message", [

@@ -8,10 +8,11 @@ from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from fastalign.data_files import DataError
+from fastalign.model_vocabulary import pad_id
 from fastalign.prompt_templates import SPEC_TEMPLATE, ChatTemplate, TextTemplate, end_of_turn_id
 from fastalign.prompt_tokens import tokenize_texts
 from fastalign.unlearn import encoding
-from fastalign.unlearn.batching import collate, filler_token_id
+from fastalign.unlearn.batching import collate
 from fastalign.unlearn.encoding import EncodedExample, PoolAnswer, encode_answers, encode_pairs
 from fastalign.unlearn.records import QAPair
 from fastalign.unlearn.streams import UnlearningStreams
@@ -240,7 +241,7 @@ def test_collate_pads_to_longest_and_aligns_target_mask(with_pad, answer_eos):
     ending in EOS also hold as a real token."""
     tokenizer = byte_bpe_tokenizer(with_pad)
     examples = encode_pairs(tokenizer, TextTemplate(), pairs(TRICKY), max_length=512, answer_eos=answer_eos)
-    filler = filler_token_id(tokenizer)
+    filler = pad_id(tokenizer)
     assert filler == (tokenizer.pad_token_id if with_pad else tokenizer.eos_token_id)
     assert all(filler in e.input_ids for e in examples) == answer_eos
     batch = collate(examples, filler)
@@ -258,7 +259,7 @@ def test_collate_pads_to_longest_and_aligns_target_mask(with_pad, answer_eos):
 
 
 def test_filler_is_zero_without_pad_or_eos():
-    assert filler_token_id(word_level_tokenizer()) == 0
+    assert pad_id(word_level_tokenizer()) == 0
 
 
 def test_rows_slices_every_tensor_of_a_batch():

@@ -352,6 +352,33 @@ def test_the_streams_pad_with_the_tokenizers_filler(tmp_path):
     assert load_streams(config, tokenizer).filler_id == tokenizer.pad_token_id != 0
 
 
+def test_a_pad_token_past_the_models_embeddings_trains_as_one_it_embeds(tmp_path):
+    """A pad token added to the tokenizer without resizing the model's embeddings (the common Llama-2 recipe) stopped
+    the run ("the padding token id 1056 is past the model's 1056 input embeddings") though padding is masked out:
+    the streams pad with EOS instead, as generation does, and the losses are those of a pad the model embeds."""
+    pytest.importorskip("accelerate")
+    vocab = len(byte_bpe_tokenizer())
+    data = jsonl_data(tmp_path)
+    losses = {}
+    for pad in ("added", "bos"):
+        tokenizer = byte_bpe_tokenizer()
+        if pad == "added":
+            tokenizer.add_special_tokens({"pad_token": "<|padding|>"})
+            assert tokenizer.pad_token_id == vocab
+        else:
+            tokenizer.pad_token = tokenizer.bos_token
+        model_dir = tmp_path / pad
+        tiny_llama(vocab, seed=11).save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        config = UnlearnConfig(model=str(model_dir), output_dir=str(tmp_path / f"out-{pad}"), max_length=64,
+                               max_steps=2, lr=1e-3, **data)
+        records = []
+        run_unlearning(config, step_callback=records.append)
+        losses[pad] = torch.tensor([[r.loss, r.forget_nll, r.mismatch_nll, r.normal_kl] for r in records])
+    assert losses["added"].shape == (2, 4) and losses["added"].isfinite().all()
+    torch.testing.assert_close(losses["added"], losses["bos"], rtol=1e-5, atol=1e-6)
+
+
 def test_a_model_directory_without_weights_cannot_be_loaded_naming_it(tmp_path):
     """from_pretrained's OSError for a directory without weights is a FileNotFoundError naming the model."""
     tokenizer = byte_bpe_tokenizer()

@@ -94,8 +94,8 @@ def write_truthfulqa(path):
 def tiny_streams(tokenizer, *, batch_size=2, mismatch_per_prompt=2, normal_batch_size=None, seed=0,
                  max_length=64):
     """Streams over FORGET_ROWS, NORMAL_ROWS and POOL_ANSWERS encoded with the SPEC template."""
+    from fastalign.model_vocabulary import pad_id
     from fastalign.prompt_templates import TextTemplate
-    from fastalign.unlearn.batching import filler_token_id
     from fastalign.unlearn.encoding import encode_answers, encode_pairs
     from fastalign.unlearn.records import QAPair
     from fastalign.unlearn.streams import UnlearningStreams
@@ -110,4 +110,4 @@ def tiny_streams(tokenizer, *, batch_size=2, mismatch_per_prompt=2, normal_batch
                              mismatch_pool=encode_answers(tokenizer, template, POOL_ANSWERS), batch_size=batch_size,
                              mismatch_per_prompt=mismatch_per_prompt, normal_batch_size=normal_batch_size,
                              max_length=max_length,
-                             filler_id=filler_token_id(tokenizer), seed=seed)
+                             filler_id=pad_id(tokenizer), seed=seed)
