@@ -1,6 +1,7 @@
 """Token ids of texts as a model reads them: with the tokenizer's special tokens, but one BOS where the text writes its
-own (a chat template's rendering), and for a text the model continues, without the EOS a tokenizer appends to every
-text. Unlearning's encodings, evaluation's and RAIN's prompts and judge prompts all tokenize with it.
+own (a chat template's rendering), and for a text the model continues, without the end marker a tokenizer appends to
+every text (an EOS, a BERT-style [SEP]). Unlearning's encodings, evaluation's and RAIN's prompts and judge prompts all
+tokenize with it.
 """
 from __future__ import annotations
 
@@ -19,21 +20,22 @@ def tokenize_texts(tokenizer, texts: Sequence[str], *, add_special_tokens: bool 
     return {key: [row[d:] for row, d in zip(rows, drop)] for key, rows in enc.items()}
 
 
-def appends_eos(tokenizer) -> bool:
-    """Whether the tokenizer ends every text it encodes with special tokens with its EOS (Llama's
-    add_eos_token=True, a '$A </s>' post-processor), read off one encoding with and one without them."""
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        return False
-    with_special, plain = (tokenizer("a", add_special_tokens=special)["input_ids"] for special in (True, False))
-    return list(with_special[-1:]) == [eos] and list(plain[-1:]) != [eos]
+def appended_ids(tokenizer) -> list[int]:
+    """The ids the tokenizer puts after every text it encodes with special tokens: its EOS where it appends one
+    (Llama's add_eos_token=True, T5's '$A </s>'), BERT's [SEP] ('[CLS] $A [SEP]', which no eos_token names), none
+    for most; read off one encoding with and one without special tokens, as what follows the text's own ids."""
+    with_special, plain = (list(tokenizer("a", add_special_tokens=special)["input_ids"]) for special in (True, False))
+    for start in range(len(with_special) - len(plain) + 1 if plain else 0):
+        if with_special[start:start + len(plain)] == plain:
+            return with_special[start + len(plain):]
+    return []
 
 
 def tokenize_prompts(tokenizer, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[int]]:
     """Token ids of texts that a model continues (generation prompts, the judge prompt before its conversation), as
-    tokenize_texts reads them (one BOS) but without the EOS a tokenizer appends to every text (`appends_eos`): a
-    prompt ending with it asks the model to go on after the end of the sequence. An EOS the text writes stays."""
+    tokenize_texts reads them (one BOS, a [CLS]) but without what a tokenizer appends to every text (`appended_ids`:
+    an EOS, a [SEP]): a prompt ending with it asks the model to go on after the end of the sequence. An EOS the text
+    writes stays."""
     ids = [list(row) for row in tokenize_texts(tokenizer, texts, add_special_tokens=add_special_tokens)["input_ids"]]
-    if not add_special_tokens or not appends_eos(tokenizer):
-        return ids
-    return [row[:-1] if row[-1:] == [tokenizer.eos_token_id] else row for row in ids]
+    end = appended_ids(tokenizer) if add_special_tokens else []
+    return [row[:-len(end)] if end and row[-len(end):] == end else row for row in ids]
