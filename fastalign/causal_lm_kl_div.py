@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from fastalign.base_model import base_causal_lm
-from fastalign.causal_lm_loss import (final_hidden_states, hidden_and_targets, per_item,
-                                      refuse_tokens_before_the_text, text_tokens)
+from fastalign.causal_lm_loss import (check_loss_reduction, final_hidden_states, hidden_and_targets, per_item,
+                                      refuse_loss_keywords, refuse_tokens_before_the_text, text_tokens)
 from fastalign.compute_dtype import compute_dtype
 from fastalign.eval_mode import eval_mode
 from fastalign.ops.backend import Backend, check_backend
-from fastalign.ops.checks import is_real
+from fastalign.ops.checks import Reduction, is_real
 from fastalign.ops.forward_gradients import check_grads_in_forward
 from fastalign.ops.linear_kl_div import linear_kl_div
 from fastalign.unlearn.models import (causal_lm_parts, check_fused_logits, logit_multiplier, logit_setting_places,
@@ -49,8 +49,8 @@ def _check_embeddings_shared(model: torch.nn.Module, reference: torch.nn.Module,
 
 
 class CausalLMKLDiv(torch.nn.Module):
-    """forward(labels=None, *, shift_labels=None, num_items_in_batch=None, ignore_index=-100, **inputs) -> the KL
-    of `model`'s next-token distributions from `reference`'s, at the positions that have a label.
+    """forward(labels=None, *, shift_labels=None, num_items_in_batch=None, ignore_index=-100, reduction="mean",
+    **inputs) -> the KL of `model`'s next-token distributions from `reference`'s, at the positions that have a label.
 
     reference: a frozen causal LM over the same vocabulary (a teacher, or a copy of the model as it was), frozen here
     (requires_grad_(False)) and run in eval mode without gradients; or "adapter", for a PEFT `model`: the model with
@@ -58,10 +58,14 @@ class CausalLMKLDiv(torch.nn.Module):
     only with a reference whose input embeddings are the model's: else pass input_ids); labels and shift_labels say
     which positions count, as for CausalLMLoss (the label values themselves are not read: a position counts where its
     label is not ignore_index). The loss is the mean over the counted positions (0 where none counts), or with
-    num_items_in_batch their sum divided by it. temperature T compares softmax(z / T) of both models' logits
-    (standard distillation then multiplies the loss by T^2), soft-capped logits too. Both models are checked once,
-    here, to compute their logits the way the fused op does. of_hidden_states takes the model's final hidden states
-    and their targets, as CausalLMLoss.of_hidden_states does: one decoder run gives the cross-entropy and the KL.
+    num_items_in_batch their sum divided by it; reduction="sum" their sum, and "none" the per-token KLs of the
+    positions that predict ([B, T - 1] against labels, [B, T] against shift_labels; 0 at the positions not counted),
+    as CausalLMLoss's. A loss's keyword the call does not take (temperature, token_weight, mask, ...) is refused by
+    name: among the inputs the decoders' **kwargs dropped it. temperature T compares softmax(z / T) of both models'
+    logits (standard distillation then multiplies the loss by T^2), soft-capped logits too. Both models are checked
+    once, here, to compute their logits the way the fused op does. of_hidden_states takes the model's final hidden
+    states and their targets, as CausalLMLoss.of_hidden_states does: one decoder run gives the cross-entropy and the
+    KL.
     With "adapter" it is not for concurrent calls from threads: PEFT's disable_adapter turns the adapter off in the
     whole model, so that another thread's call meanwhile computes the model without it too (or the reference with it).
     """
@@ -113,23 +117,33 @@ class CausalLMKLDiv(torch.nn.Module):
                                             for m, places in zip(models, self.logit_places))
         return None if softcap is None else softcap / self.temperature, multiplier, reference_multiplier
 
+    def _check_call(self, inputs: dict, method: str, reduction: Reduction,
+                    num_items_in_batch: torch.Tensor | int | float | None) -> None:
+        """ValueError for a loss's keyword among the inputs, which the decoders would drop, or a bad reduction."""
+        refuse_loss_keywords(inputs, f"CausalLMKLDiv.{method}", "CausalLMKLDiv(model, reference, ...)",
+                             ("temperature", "backend", "grads_in_forward"),
+                             token_weight="multiply the per-token KLs of reduction='none' by it")
+        check_loss_reduction(reduction, num_items_in_batch, self.grads_in_forward, "CausalLMKLDiv")
+
     def forward(self, labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
                 num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
-                **inputs) -> torch.Tensor:
+                reduction: Reduction = "mean", **inputs) -> torch.Tensor:
+        self._check_call(inputs, "forward", reduction, num_items_in_batch)   # (before the decoder runs)
         hidden, target = hidden_and_targets(self.model, labels, shift_labels, inputs)
-        return self.of_hidden_states(hidden, target, num_items_in_batch, ignore_index, **inputs)
+        return self.of_hidden_states(hidden, target, num_items_in_batch, ignore_index, reduction=reduction, **inputs)
 
     if TYPE_CHECKING:   # Module.__call__ is Callable[..., Any]: callers see forward's types
         __call__ = forward
 
     def of_hidden_states(self, hidden: torch.Tensor, target: torch.Tensor,
-                         num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
-                         **inputs) -> torch.Tensor:
+                         num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100, *,
+                         reduction: Reduction = "mean", **inputs) -> torch.Tensor:
         """The KL as forward gives it, from the model's final hidden states [B, T', H] of `inputs` and their targets
         [B, T'] (already shifted), as CausalLMLoss.of_hidden_states takes them: the decoder's run that gives them can
         give the cross-entropy too. hidden are the first T' positions of the decoder's outputs (all but the last
         against labels[:, 1:], all against shift_labels); the reference runs on `inputs`, its hidden states taken at
-        the same positions."""
+        the same positions. reduction as forward's: "none" gives the KLs of target's shape."""
+        self._check_call(inputs, "of_hidden_states", reduction, num_items_in_batch)
         softcap, multiplier, reference_multiplier = self._head_factors()
         reference_model = self._reference_model()
         lm_head, ref_head = causal_lm_parts(self.model)[1], causal_lm_parts(reference_model)[1]
@@ -167,6 +181,6 @@ class CausalLMKLDiv(torch.nn.Module):
                            weight if shared else ref_weight.to(ref_dtype), bias=bias,
                            ref_bias=bias if shared and ref_bias is lm_head.bias else
                            scaled_head_input(ref_bias, reference_multiplier, ref_dtype),
-                           mask=target != ignore_index, reduction="mean" if num_items_in_batch is None else "sum",
+                           mask=target != ignore_index, reduction=reduction if num_items_in_batch is None else "sum",
                            softcap=softcap, backend=self.backend, grads_in_forward=self.grads_in_forward)
         return per_item(kl, num_items_in_batch)

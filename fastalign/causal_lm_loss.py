@@ -63,14 +63,15 @@ class CausalLMLoss(torch.nn.Module):
     def forward(self, labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
                 num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
                 reduction: Reduction = "mean", **inputs) -> torch.Tensor:
-        if "token_weight" in inputs:   # (else it went on to the decoder, whose **kwargs dropped it)
-            raise ValueError("CausalLMLoss.forward takes no token_weight: pass it to of_hidden_states, or multiply "
-                             "the per-token losses of forward(..., reduction='none') by it")
+        refuse_loss_keywords(inputs, "CausalLMLoss.forward", "CausalLMLoss(model, ...)",
+                             ("backend", "grads_in_forward"),
+                             token_weight="pass it to of_hidden_states, or multiply the per-token losses of "
+                                          "forward(..., reduction='none') by it")
         if inputs.get("output_router_logits"):
             raise NotImplementedError("output_router_logits=True asks for the router's auxiliary loss, which "
                                       "CausalLMLoss leaves out; add it yourself from the model's router logits")
         check_no_router_loss(self.model, "CausalLMLoss")   # (set on the config since)
-        check_loss_reduction(reduction, num_items_in_batch, self.grads_in_forward)   # (before the decoder runs)
+        check_loss_reduction(reduction, num_items_in_batch, self.grads_in_forward, "CausalLMLoss")   # (before the run)
         hidden, target = hidden_and_targets(self.model, labels, shift_labels, inputs)
         return self.of_hidden_states(hidden, target, num_items_in_batch, ignore_index, reduction=reduction)
 
@@ -86,7 +87,7 @@ class CausalLMLoss(torch.nn.Module):
         weighted sum over the number of targets not ignore_index, "sum" the weighted sum (with num_items_in_batch,
         either is the weighted sum divided by it), and "none" the per-token weighted losses of target's shape, 0 at
         ignored targets: -loss.sum(-1) over a row's answer tokens is the sequence's log-probability (DPO, SimPO)."""
-        check_loss_reduction(reduction, num_items_in_batch, self.grads_in_forward)
+        check_loss_reduction(reduction, num_items_in_batch, self.grads_in_forward, "CausalLMLoss")
         _, lm_head = causal_lm_parts(self.model)
         lm_weight = head_weight(lm_head)
         # under autocast the op takes the autocast dtype, as the lm_head's matmul would
@@ -105,17 +106,44 @@ class CausalLMLoss(torch.nn.Module):
 
 
 def check_loss_reduction(reduction: Reduction, num_items_in_batch: torch.Tensor | int | float | None,
-                         grads_in_forward: bool) -> None:
-    """ValueError for a reduction not of linear_cross_entropy's, "none" with num_items_in_batch, which divides a
-    summed loss, or "none" where grads_in_forward takes a gradient (grad mode on), which only a scalar loss has."""
+                         grads_in_forward: bool, computed_by: str) -> None:
+    """ValueError for a reduction not of the fused ops', "none" with num_items_in_batch, which divides a summed loss,
+    or "none" where `computed_by`'s grads_in_forward takes a gradient (grad mode on), which only a scalar loss has."""
     check_reduction(reduction)
     if reduction == "none" and grads_in_forward and torch.is_grad_enabled():
-        raise ValueError("CausalLMLoss(grads_in_forward=True) takes the gradient of a scalar loss in the forward: "
+        raise ValueError(f"{computed_by}(grads_in_forward=True) takes the gradient of a scalar loss in the forward: "
                          "reduction='none' (the per-token losses) needs grads_in_forward=False, or torch.no_grad() "
                          "where no gradient is taken")
     if reduction == "none" and num_items_in_batch is not None:
         raise ValueError("num_items_in_batch divides a summed loss: it cannot go with reduction='none' (the per-token "
                          "losses); pass one or the other")
+
+
+# what to do instead of passing a loss's keyword among a call's decoder inputs, whose **kwargs drop it
+_LOSS_KEYWORDS = {
+    "mask": "a position counts where its label is not ignore_index (set the others' labels to it)",
+    "softcap": "the model's own logit soft cap (its config's final_logit_softcapping) is applied",
+    "temperature": "the loss is the model's own, at temperature 1",
+}
+
+
+def refuse_loss_keywords(inputs: dict, called: str, constructor: str, made_with: tuple[str, ...], *,
+                         token_weight: str) -> None:
+    """ValueError naming a loss's keyword (token_weight, mask, softcap, temperature, or one of `made_with`) among the
+    decoder inputs of a call of `called`: it went on to the decoder, whose **kwargs dropped it, and the loss was
+    silently computed without it. The message says where it belongs: `constructor` for those in `made_with` (set when
+    the loss is made), the `token_weight` advice for a token weight."""
+    for name in inputs:
+        if name in made_with:
+            where = f"it is set when the loss is made, {constructor}'s {name}="
+        elif name == "token_weight":
+            where = token_weight
+        elif name in _LOSS_KEYWORDS:
+            where = _LOSS_KEYWORDS[name]
+        else:
+            continue
+        raise ValueError(f"{called} takes no {name}: {where} (among the inputs it went on to the decoder, which "
+                         "ignored it)")
 
 
 def check_loss_is_causal_lm_cross_entropy(model: torch.nn.Module, computed_by: str) -> None:

@@ -8,13 +8,14 @@ from fastalign import CausalLMKLDiv, linear_kl_div
 from fastalign.unlearn import models
 from tests.conftest import TRITON_DEVICE, requires_cuda
 from tests.runtime.tiny_models import drawn_weights
-from tests.test_causal_lm_loss import VOCAB, batch, grads_of, meta_llama, tiny_git
+from tests.test_causal_lm_loss import VOCAB, batch, grads_of, meta_llama, project, tiny_git
 from tests.unlearn.test_objective import tiny_cohere, tiny_gemma2, tiny_model
 from tests.unlearn.tiny import tiny_llama, tiny_phi
 
 
-def logits_kl(model, reference, inputs, temperature=1.0, adapter=False, ignore_index=-100):
-    """The token mean over labelled positions of KL(P || Q) from the models' own logits, in float64."""
+def logits_token_kls(model, reference, inputs, temperature=1.0, adapter=False, ignore_index=-100):
+    """KL(P || Q) of each position that predicts [B, T - 1] from the models' own logits, in float64, 0 where its
+    label is ignore_index."""
     labels = inputs["labels"]
     forward = {name: t for name, t in inputs.items() if name != "labels"}
     q_logits = model(**forward).logits[:, :-1].double() / temperature
@@ -26,8 +27,13 @@ def logits_kl(model, reference, inputs, temperature=1.0, adapter=False, ignore_i
             p_logits = reference(**forward).logits[:, :-1].double() / temperature
     log_p, log_q = torch.log_softmax(p_logits, -1), torch.log_softmax(q_logits, -1)
     per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
-    counted = labels[:, 1:] != ignore_index
-    return per_token[counted].sum() / counted.sum()
+    return per_token.masked_fill(labels[:, 1:] == ignore_index, 0)
+
+
+def logits_kl(model, reference, inputs, temperature=1.0, adapter=False, ignore_index=-100):
+    """The token mean over labelled positions of KL(P || Q) from the models' own logits, in float64."""
+    kls = logits_token_kls(model, reference, inputs, temperature, adapter, ignore_index)
+    return kls.sum() / (inputs["labels"][:, 1:] != ignore_index).sum()
 
 
 def assert_same_kl_and_gradients(model, fused, expected, rtol=1e-5):
@@ -119,6 +125,112 @@ def test_num_items_in_batch_divides_the_sum():
     counted = int((inputs["labels"][:, 1:] != -100).sum())
     fused = CausalLMKLDiv(model, teacher, backend="torch")(**inputs, num_items_in_batch=torch.tensor(7))
     assert_same_kl_and_gradients(model, fused, logits_kl(model, teacher, inputs) * counted / 7)
+
+
+@pytest.mark.parametrize("targets", ["labels", "shift_labels"])
+@pytest.mark.parametrize("case", ["llama-wider-teacher", "cohere-student-phi-teacher"])
+def test_per_token_kls_and_their_sum_are_those_of_the_models_logits(case, targets):
+    """reduction= went on to the decoders, whose **kwargs dropped it: "none" and "sum" both gave the mean, a scalar
+    (0.006447 on a tiny Llama). "none" is the per-token KLs ([B, T - 1] against labels, [B, T] against shift_labels;
+    0 at the positions not counted) and "sum" their sum, from forward and from of_hidden_states: the values and every
+    gradient of the models' float64 logits."""
+    from fastalign.causal_lm_loss import hidden_and_targets
+    make_model, make_reference = CASES[case]
+    model, teacher = make_model(), make_reference()
+    inputs = batch(seed=20)
+    labels = inputs.pop("labels")
+    given = {"labels": labels} if targets == "labels" else \
+        {"shift_labels": torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)}
+    kl = CausalLMKLDiv(model, teacher, backend="torch")
+    ignored = (labels[:, 1:] if targets == "labels" else given["shift_labels"]) == -100
+    for reduction in ("none", "sum"):
+        for method in ("forward", "of_hidden_states"):
+            expected = logits_token_kls(model, teacher, {**inputs, "labels": labels})
+            if targets == "shift_labels":   # (the last position, which predicts nothing, counts for nothing)
+                expected = torch.nn.functional.pad(expected, (0, 1))
+            expected = expected if reduction == "none" else expected.sum()
+            if method == "forward":
+                fused = kl(**inputs, **given, reduction=reduction)
+            else:
+                hidden, target = hidden_and_targets(model, given.get("labels"), given.get("shift_labels"), inputs)
+                fused = kl.of_hidden_states(hidden, target, reduction=reduction, **inputs)
+            assert fused.shape == expected.shape
+            if reduction == "none":
+                assert not fused[ignored].any()
+            torch.testing.assert_close(fused.double(), expected, rtol=1e-5, atol=1e-7)
+            cotangent = torch.randn(ignored.shape, dtype=torch.float64)
+            mine_and_theirs = zip(grads_of(model, project(fused, cotangent)),
+                                  grads_of(model, project(expected, cotangent)))
+            for mine, theirs in mine_and_theirs:
+                # (atol scales with the gradient: float32 rounding of the tokens' terms, of its magnitude)
+                torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5 * theirs.abs().max().item())
+
+
+@pytest.mark.parametrize("method", ["forward", "of_hidden_states"])
+@pytest.mark.parametrize("keyword, value, message", [
+    ("token_weight", torch.zeros(3, 8), r"token_weight: multiply the per-token KLs of reduction='none' by it"),
+    ("temperature", 4.0, r"temperature: it is set when the loss is made, CausalLMKLDiv\(model, reference, \.\.\.\)'s "
+                         "temperature="),
+    ("grads_in_forward", True, r"grads_in_forward: it is set when the loss is made, CausalLMKLDiv\("),
+    ("softcap", 30.0, r"softcap: the model's own logit soft cap \(its config's final_logit_softcapping\)"),
+    ("mask", torch.ones(3, 8, dtype=torch.bool), "mask: a position counts where its label is not ignore_index"),
+])
+def test_a_losss_keyword_among_the_inputs_is_refused_by_name_before_the_decoders_run(method, keyword, value, message):
+    """A token_weight, a temperature at the call, ... went on to the decoders, whose **kwargs dropped them: the loss
+    was silently the plain one (zero token weights gave the mean KL, 0.006447 on a tiny Llama; temperature=4.0 at the
+    call too, where CausalLMKLDiv(..., temperature=4.0) gives 0.000405). Each is refused naming it and what to do,
+    before either decoder runs."""
+    model, teacher = tiny_llama(VOCAB), tiny_llama(VOCAB, seed=1)
+    inputs = batch(seed=21)
+    labels = inputs.pop("labels")
+    kl = CausalLMKLDiv(model, teacher, backend="torch")
+    calls = []
+    for decoder in (model.model, teacher.model):
+        decoder.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match=rf"^CausalLMKLDiv\.{method} takes no {message}"):
+        if method == "forward":
+            kl(labels, **inputs, **{keyword: value})
+        else:
+            hidden = torch.randn(*labels[:, 1:].shape, model.config.hidden_size)
+            kl.of_hidden_states(hidden, labels[:, 1:], **inputs, **{keyword: value})
+    assert not calls
+
+
+@pytest.mark.parametrize("method", ["forward", "of_hidden_states"])
+@pytest.mark.parametrize("options, arguments, message", [
+    ({}, {"reduction": "none", "num_items_in_batch": 11},
+     r"num_items_in_batch divides a summed loss: it cannot go with reduction='none'"),
+    ({}, {"reduction": "avg"}, r"reduction must be one of \('mean', 'sum', 'none'\), got 'avg'"),
+    ({"grads_in_forward": True}, {"reduction": "none"},
+     r"^CausalLMKLDiv\(grads_in_forward=True\) takes the gradient of a scalar loss"),
+])
+def test_bad_reductions_are_refused_naming_them_before_the_decoders_run(method, options, arguments, message):
+    """reduction="none" gives per-token KLs, which num_items_in_batch (a divisor of a sum) cannot go with, nor
+    grads_in_forward in grad mode (a scalar's gradient); a reduction not of the op's is named."""
+    model, teacher = tiny_llama(VOCAB), tiny_llama(VOCAB, seed=1)
+    inputs = batch(seed=22)
+    labels = inputs.pop("labels")
+    kl = CausalLMKLDiv(model, teacher, backend="torch", **options)
+    calls = []
+    for decoder in (model.model, teacher.model):
+        decoder.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match=message):
+        if method == "forward":
+            kl(labels, **inputs, **arguments)
+        else:
+            hidden = torch.randn(*labels[:, 1:].shape, model.config.hidden_size)
+            kl.of_hidden_states(hidden, labels[:, 1:], **inputs, **arguments)
+    assert not calls
+
+
+def test_per_token_kls_with_grads_in_forward_under_no_grad():
+    """grads_in_forward takes no gradient under torch.no_grad(): "none" gives the per-token KLs there."""
+    model, teacher = tiny_llama(VOCAB), tiny_llama(VOCAB, seed=1)
+    inputs = batch(seed=23)
+    with torch.no_grad():
+        kls = CausalLMKLDiv(model, teacher, backend="torch", grads_in_forward=True)(**inputs, reduction="none")
+        assert kls.shape == inputs["labels"][:, 1:].shape
+        torch.testing.assert_close(kls, CausalLMKLDiv(model, teacher, backend="torch")(**inputs, reduction="none"))
 
 
 def test_a_lora_model_against_itself_with_its_adapter_off():

@@ -320,6 +320,25 @@ def test_a_token_weight_given_to_forward_is_refused_before_the_decoder_runs():
     assert not calls
 
 
+@pytest.mark.parametrize("keyword, value, message", [
+    ("temperature", 2.0, "temperature: the loss is the model's own, at temperature 1"),
+    ("backend", "torch", r"backend: it is set when the loss is made, CausalLMLoss\(model, \.\.\.\)'s backend="),
+    ("softcap", 30.0, "softcap: the model's own logit soft cap"),
+    ("mask", torch.ones(3, 8, dtype=torch.bool), "mask: a position counts where its label is not ignore_index"),
+])
+def test_a_losss_keyword_given_to_forward_is_refused_by_name_before_the_decoder_runs(keyword, value, message):
+    """Like token_weight, a temperature, softcap, mask or a constructor's setting went on to the decoder, whose
+    **kwargs dropped it: the loss was silently the plain one. Each is refused naming it and what to do instead."""
+    model = tiny_llama(VOCAB)
+    inputs = batch(seed=2)
+    loss_fn = CausalLMLoss(model, backend="torch")
+    calls = []
+    model.model.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match=rf"^CausalLMLoss\.forward takes no {message}"):
+        loss_fn(**inputs, **{keyword: value})
+    assert not calls
+
+
 def test_per_token_losses_with_grads_in_forward_are_refused_before_the_decoder_only_where_a_gradient_is_taken():
     """grads_in_forward=True with reduction="none" was refused by the op, naming linear_cross_entropy, after the
     decoder ran, and under torch.no_grad() too, where no gradient is taken. It is refused before the decoder naming
