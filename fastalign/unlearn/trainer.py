@@ -123,15 +123,19 @@ class RunSummary:
     draws: dict | None = None
 
 
-def _same_setting(name: str, recorded, value) -> bool:
+def _same_setting(name: str, recorded, value, recorded_in: str) -> bool:
     """Whether a resume's setting `name` is the interrupted run's `recorded` one: equal, or for a path setting the
-    same normalised absolute path(s)."""
-    if recorded == value or name not in _PATH_SETTINGS or recorded is None or value is None:
+    same normalised absolute path(s), the recorded ones resolved against `recorded_in` (the interrupted run's working
+    directory, where it read them), `value`'s against this process's. (A path spelled the same is the same setting,
+    as a Hub model id is: the checkpoint's digests of the data and the model files tell whether the files differ.)"""
+    if recorded == value or name not in _PATH_SETTINGS or not recorded or not value:
         return recorded == value
 
-    def absolute(paths):
-        return [os.path.abspath(p) for p in paths] if isinstance(paths, list) else os.path.abspath(paths)
-    return absolute(recorded) == absolute(value)
+    def absolute(paths, directory):
+        def resolve(path):   # (an absolute path stays as it is)
+            return os.path.normpath(os.path.join(directory, path))
+        return [resolve(p) for p in paths] if isinstance(paths, list) else resolve(paths)
+    return absolute(recorded, recorded_in) == absolute(value, os.getcwd())
 
 
 def _device_name(device: torch.device) -> str:
@@ -560,8 +564,9 @@ class UnlearningTrainer:
         if unrecorded:   # how the run went without them, and so which values continue it, the checkpoint cannot say
             raise ValueError(f"cannot resume {path}: it predates setting(s) {unrecorded}, which the fastalign that "
                              "wrote it did not have: resume it with that version of fastalign, or start the run over")
+        recorded_in = state.get("cwd", os.getcwd())   # unrecorded before 2026-12-07: read as this process's
         changed = sorted(k for k, v in settings.items()
-                         if k not in _RESUMABLE_CHANGES and not _same_setting(k, recorded.get(k), v))
+                         if k not in _RESUMABLE_CHANGES and not _same_setting(k, recorded.get(k), v, recorded_in))
         if changed:
             values = "; ".join(f"{k} {recorded.get(k)!r} then, {settings[k]!r} now" for k in changed)
             raise ValueError(f"cannot resume {path}: setting(s) {changed} differ from the interrupted run: {values}")
@@ -603,7 +608,8 @@ class UnlearningTrainer:
 
     def _save_checkpoint(self, step, totals, record, objective, optimizer, scheduler):
         acc = self.accelerator
-        state = {"step": step, "num_processes": acc.num_processes, "config": self.config.to_dict(),
+        # (the working directory, which the config's relative paths were read in: a resume from another resolves them)
+        state = {"step": step, "num_processes": acc.num_processes, "config": self.config.to_dict(), "cwd": os.getcwd(),
                  "data": self._data_digest(), "draws": self.streams.draw_settings(), "model_files": self._model_files,
                  "compute": totals.to_dict(), "last": asdict(record),
                  "trainable": trainable_state(objective),

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import random
+import re
 import threading
 import warnings
 import weakref
@@ -402,6 +403,39 @@ def test_resume_on_another_model_put_at_the_model_path_is_refused(tmp_path):
     with pytest.raises(ValueError, match=f"the model at {model_dir} is not the one the interrupted run started from"):
         lora_run(1, resume=True)
     assert lora_run(0, resume=True).steps == 5
+
+
+def test_a_relative_path_resumes_from_another_directory_as_the_file_it_named(tmp_path, monkeypatch):
+    """A run started in data/ with forget ["pku.jsonl"] and resumed from elsewhere with the file's absolute path was
+    refused ("forget ['pku.jsonl'] then, ['/.../data/pku.jsonl'] now"): the recorded path was resolved against the
+    resuming process's directory. It is resolved against the interrupted run's, where it was read: that file resumes,
+    by its absolute path or relative to this directory, and another file is still refused."""
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path / "data")
+    with pytest.raises(Killed):
+        run(tmp_path, save_every=2, callback=kill_after(3), forget=["pku.jsonl"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=re.escape("forget ['pku.jsonl'] then, ['pku.jsonl', 'data/pku.jsonl'] now")):
+        run(tmp_path, save_every=2, resume=True, forget=["pku.jsonl", "data/pku.jsonl"])
+    for spelled in (str(tmp_path / "data" / "pku.jsonl"), "data/pku.jsonl"):
+        with pytest.raises(Killed):   # (stopped before its next checkpoint: the next resume is from the first run's)
+            run(tmp_path, save_every=2, resume=True, forget=[spelled], callback=kill_after(3))
+    _, summary = run(tmp_path, save_every=2, resume=True, forget=["./data/pku.jsonl"])
+    assert summary.steps == 5
+
+
+def test_a_checkpoint_that_predates_the_working_directory_record_resolves_paths_here(tmp_path, monkeypatch):
+    """Checkpoints from before 2026-12-07 record no working directory: their relative paths are resolved against the
+    resuming process's, as they were."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Killed):
+        run(tmp_path, save_every=2, callback=kill_after(3), forget=["pku.jsonl"])
+    state_file = tmp_path / "run" / "checkpoints" / "step-000002" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    assert state.pop("cwd") == str(tmp_path)
+    torch.save(state, state_file)
+    _, summary = run(tmp_path, save_every=2, resume=True, forget=[str(tmp_path / "pku.jsonl")])
+    assert summary.steps == 5
 
 
 def test_a_checkpoint_written_before_data_digests_were_recorded_resumes(tmp_path):
