@@ -286,6 +286,10 @@ def _check_arguments(args, source: str, source_arg: str) -> bool:
         raise UsageError(f"--cuda-graphs replays the tree engine's calls: it needs --engine tree, not {args.engine}")
     if args.device is not None:
         check_device(args.device)
+    device = _device(args, local_rank=0)
+    if args.cuda_graphs and torch.device(device).type != "cuda":   # (TreeRunner refused it once the model had loaded)
+        raise UsageError(f"--cuda-graphs: CUDA graphs run on a CUDA device; this run's is {device}"
+                         f"{'' if args.device else ' (this machine has no CUDA device)'}: leave out --cuda-graphs")
     if args.output.endswith(".gz"):    # plain text under that name: `fastalign eval --answers` would gunzip it
         raise UsageError(f"--output: records are appended as plain text, so not to a .gz file: {args.output!r}")
     return chat
@@ -322,11 +326,16 @@ def _done_indices(path: str, prompts: List[str], run_id: dict) -> Set[int]:
         raise UsageError(f"--output: {exc}") from None
 
 
+def _device(args, local_rank: int) -> str:
+    """The device the model runs on: --device, by default cuda:LOCAL_RANK where CUDA is present, else cpu."""
+    return args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+
+
 def _load_model(args, local_rank: int):
-    """--model in --dtype, evaluating on --device (default cuda:LOCAL_RANK where CUDA is present, else cpu)."""
+    """--model in --dtype, evaluating on _device."""
     from transformers import AutoModelForCausalLM
 
-    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = _device(args, local_rank)
     try:
         dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
         model = load_pretrained(AutoModelForCausalLM, args.model, dtype=dtype)

@@ -1,5 +1,6 @@
 """`fastalign rain` end to end on a saved tiny model: records written per prompt, resume, bad paths, and
 several processes under torchrun."""
+import argparse
 import copy
 import json
 import os
@@ -914,13 +915,29 @@ def test_state_memory_for_a_model_that_keeps_no_state_is_a_usage_error(rain_setu
     assert not out.exists()
 
 
-def test_cuda_graphs_off_cuda_is_a_usage_error(rain_setup, capsys):
+def test_cuda_graphs_off_cuda_is_a_usage_error_before_the_model_loads(rain_setup, capsys, monkeypatch):
+    """--help: bad arguments are usage errors found before the model loads; --device cpu --cuda-graphs was refused
+    only once the model had loaded (minutes for a real one), by the tree engine's runner."""
     _, out, args = rain_setup
-    assert main([a if a != "slow" else "tree" for a in args] + ["--cuda-graphs", "--no-vanilla"]) == 2
-    assert ("--cuda-graphs: CUDA graphs take a model on the paged Llama path with the Triton attention backend, on a "
-            "CUDA device; this one runs on PagedLlama with the torch attention on cpu: leave out --cuda-graphs"
-            ) in capsys.readouterr().err
-    assert not out.exists()
+    loads = []
+    monkeypatch.setattr(rain_cli, "_load_model", lambda *a: loads.append(1))
+    tree = [a if a != "slow" else "tree" for a in args]
+    devices = {"cpu": ""} if torch.cuda.is_available() else {"cpu": "", None: " (this machine has no CUDA device)"}
+    for device, why in devices.items():
+        assert main(tree + ["--cuda-graphs", "--no-vanilla"] + (["--device", device] if device else [])) == 2
+        assert (f"--cuda-graphs: CUDA graphs run on a CUDA device; this run's is cpu{why}: leave out --cuda-graphs"
+                ) in capsys.readouterr().err
+    assert not loads and not out.exists()
+
+
+def test_cuda_graphs_for_a_model_the_runner_cannot_graph_is_a_usage_error():
+    """The runner's refusal (the family, the attention backend or the device), found once the model has loaded, is
+    a usage error naming --cuda-graphs."""
+    options = argparse.Namespace(kv_tokens=64, state_memory=None, cuda_graphs=True, device=None)
+    with pytest.raises(UsageError, match=r"^--cuda-graphs: CUDA graphs take a model on the paged Llama path with the "
+                                         r"Triton attention backend, on a CUDA device; this one runs on PagedLlama "
+                                         r"with the torch attention on cpu: leave out --cuda-graphs$"):
+        rain_cli._tree_runner(tiny_llama().eval(), options)
 
 
 def test_cuda_graphs_with_the_slow_engine_is_a_usage_error(rain_setup, capsys):
