@@ -283,7 +283,9 @@ def main(args: argparse.Namespace) -> int:
                 print(json.dumps({"model": type(model).__name__, "forget": len(streams.forget),
                                   "normal": len(streams.normal), "mismatch_pool": len(streams.pool),
                                   "skipped": streams.skipped, "answers_cut": streams.answers_cut,
-                                  "reference": config.reference_mode, "packing": config.packing,
+                                  # (none built without normal rows: --normal-weight 0)
+                                  "reference": config.reference_mode if streams.normal else None,
+                                  "packing": config.packing,
                                   "packing_unavailable": packer.unavailable}, indent=1))
             return 0
         summary = run_unlearning(config)

@@ -609,6 +609,18 @@ def test_check_reports_the_data_and_the_reference_the_run_would_use(workspace, c
                       "reference": "copy", "packing": "auto", "packing_unavailable": None}
 
 
+@pytest.mark.parametrize("reference", [[], ["--reference", "cached"]])
+def test_check_reports_no_reference_where_the_run_builds_none(workspace, capsys, reference):
+    """--normal-weight 0 draws no normal rows and builds no reference (the run's warning says so), but --check
+    reported "reference": "copy", a frozen copy of the model that never exists: it reports null, as run.json and the
+    log report the turned-off normal KL."""
+    code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
+                 "--check", "--normal-weight", "0", *reference])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert (report["normal"], report["reference"]) == (0, None)
+
+
 def test_the_report_of_a_run_is_its_run_json(workspace, capsys, monkeypatch):
     """The JSON a run prints holds run.json's values, each under its own name (here a model that cannot pack)."""
     from fastalign.unlearn import packing
