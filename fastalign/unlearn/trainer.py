@@ -160,11 +160,13 @@ class UnlearningTrainer:
     PEFT finds in no module and for a LoRA adapter on input embeddings tied to the lm_head (whose merge would change
     the lm_head too), refused after the cast. A finished run gives the model (trained in place, LoRA merged in) its
     requires_grad flags back, which LoRA and the cached reference set (a LoRA run, once it merged its adapter in, even
-    where writing model/ then fails). Each train() runs its steps in train mode, with activation checkpointing where
-    config.gradient_checkpointing asks for it, and when it ends, finished or failed, gives each module of the caller's
-    model its mode (train or eval) back, its checkpointing as found (each module's flag and function: off, or on with
-    the model's own options, such as use_reentrant=True), and turns the input-grads hook transformers registers with
-    checkpointing off again where the model was given without it.
+    where writing model/ then fails); a train() that ends with an exception (a refusal included) before any weight
+    stepped gives the model back as the constructor found it but for the bf16 cast (the LoRA layers taken out, the
+    flags given back), and the next train() on the trainer prepares it again. Each train() runs its steps in train
+    mode, with activation checkpointing where config.gradient_checkpointing asks for it, and when it ends, finished or
+    failed, gives each module of the caller's model its mode (train or eval) back, its checkpointing as found (each
+    module's flag and function: off, or on with the model's own options, such as use_reentrant=True), and turns the
+    input-grads hook transformers registers with checkpointing off again where the model was given without it.
     One train() runs at a time on a trainer: one called while another runs, from another thread or from the
     step_callback, is refused with a RuntimeError (the two would train one model with one optimizer into one
     output_dir); one called after the last returned runs (after an exception, a resume: see resume_point), but it is
@@ -229,6 +231,9 @@ class UnlearningTrainer:
         self._built_reference = None
         self.packer = None    # the objective's RowPacker, once train() built it: how each batch's forward ran
         self._prepared = False   # whether a train() gave the model to accelerate's prepare (FSDP shards it in place)
+        self._merged = False   # whether a LoRA run merged its adapter into the weights in place (_finish)
+        # whether a train() that stepped no weight gave the model back as given (the next one prepares it again)
+        self._given_back = False
         # whether a train() that did not finish stepped the weights: a later one can restore them from a checkpoint only
         self._stepped = False
         self._busy = threading.Lock()   # held by the running train() (see one_call_at_a_time)
@@ -240,8 +245,9 @@ class UnlearningTrainer:
         config, head = self.config, causal_lm_parts(model)[1]
         if config.packing == "on":   # (the one mode refused; train()'s RowPacker probes the model it runs again)
             packing_unavailable(model, "on")
-        new_adapter = config.lora and not hasattr(model, "disable_adapter")
-        # (LoRA freezes the base weights, the cached reference the lm_head: _finish gives the model its flags back)
+        new_adapter = self._new_adapter = config.lora and not hasattr(model, "disable_adapter")
+        # (LoRA freezes the base weights, the cached reference the lm_head: _finish gives the model its flags back, and
+        # _given_back_model where a run stepped no weight)
         self._given_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         self._given_modules = list(model.modules())   # (the caller's, not LoRA's: _train_mode gives their modes back)
         try:   # a refusal gives the flags back (the cached reference's frozen head, below)
@@ -271,11 +277,18 @@ class UnlearningTrainer:
             if config.gradient_checkpointing:   # (each train() enables it for its run: _train_mode)
                 check_activation_checkpointing(model)
         except Exception:
-            if new_adapter and hasattr(model, "unload"):   # get_peft_model put its layers into the caller's model
-                model.unload()
-            _set_requires_grad(self._given_requires_grad)
+            self._given_back_model(model)
             raise
         return model.to(self.accelerator.device)
+
+    def _given_back_model(self, model):
+        """The caller's model as _prepare_model found it (but for precision 'bf16''s cast, which rounded its weights for
+        good): the LoRA layers that get_peft_model put into it taken out, each weight's requires_grad flag given back
+        (LoRA froze the base weights, the cached reference the lm_head)."""
+        if self._new_adapter and hasattr(model, "unload"):
+            model = model.unload()
+        _set_requires_grad(self._given_requires_grad)
+        return model
 
     def _reference(self):
         mode, model = self.config.reference_mode, self.model
@@ -308,12 +321,25 @@ class UnlearningTrainer:
 
     @one_call_at_a_time("its step_callback", "wait for the running train() to return")
     def train(self) -> RunSummary:
+        try:
+            return self._checked_run()
+        except BaseException:
+            # no weight stepped: the caller may well reuse the model (retry with other settings, train it otherwise),
+            # which must then be as given, not hold this run's adapter and frozen weights
+            if not self._stepped:
+                self.model, self._given_back = self._given_back_model(self.model), True
+                if self._new_adapter:   # its reference is the policy with the adapter taken out, or was built from it
+                    self._built_reference = None
+            raise
+
+    def _checked_run(self) -> RunSummary:
+        """train()'s checks of the trainer, the config and the output_dir, then the run."""
         config, acc = self.config, self.accelerator
         if self.sharded and self._prepared:   # FSDP sharded the model in place in the first train()
             raise RuntimeError("under FSDP a trainer trains once: its first train() sharded the model in place, which "
                                "cannot be prepared again; resume with a new UnlearningTrainer over the model loaded "
                                "again (config.resume=True, --resume)")
-        if config.lora and not hasattr(self.model, "disable_adapter"):   # _finish merged the adapter into the weights
+        if self._merged:   # _finish merged the adapter into the weights
             raise RuntimeError("this trainer's model holds no LoRA adapter to train: its last train() merged it into "
                                "the weights in place to write model/; train (or resume a run whose model/ was not "
                                "written: config.resume=True, --resume) with a new UnlearningTrainer over the model "
@@ -323,6 +349,8 @@ class UnlearningTrainer:
                                f"not {MIXED_PRECISION[config.precision]!r} as precision={config.precision!r} needs: "
                                "a trainer of another precision constructed since in this process reset accelerate's "
                                "state, which is the process's; construct this trainer again")
+        if self._given_back:   # a train() that stepped no weight gave the model back as given
+            self.model, self._given_back = self._prepare_model(self.model), False
         out = config.output_dir
         resume_from = resume_point(config)
         if self._stepped and not resume_from:
@@ -660,7 +688,7 @@ class UnlearningTrainer:
                 warn_of_a_lossy_merge(summary)
                 # in place: the weights as they were are gone, and with them the adapter a later train() would train
                 # (it is refused), whether model/ is written or not: the model trains as given from now on
-                self.model = self.model.merge_and_unload()
+                self.model, self._merged = self.model.merge_and_unload(), True
                 _set_requires_grad(self._given_requires_grad)
             # before model/, whose presence marks the run finished (resume_point): a run.json that fails to be written
             # leaves a run that a resume finishes, not a finished one without its record

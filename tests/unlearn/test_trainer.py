@@ -1622,6 +1622,47 @@ def test_a_finished_cached_reference_run_trains_again_on_its_trainer(tmp_path):
     assert trainer.model.lm_head.weight.requires_grad   # (given back again)
 
 
+def test_a_lora_run_that_stepped_no_weight_gives_the_model_back_as_given(tmp_path, monkeypatch):
+    """The constructor put PEFT's LoRA layers into the caller's model and froze its weights, which only a finished run
+    undid: after a train() that failed before its first step (an out-of-memory error), the caller's untouched model
+    held the layers (q_proj.base_layer.weight where q_proj.weight was) with only the adapters trainable, and a full run
+    on it trained those alone and wrote a model/ whose q_proj and v_proj reloaded at random. A retry on the same
+    trainer puts the adapter in again and trains as a run that never failed."""
+    pytest.importorskip("peft")
+    tokenizer, model = byte_bpe_tokenizer(), tiny_llama(len(byte_bpe_tokenizer()))
+    model.model.embed_tokens.weight.requires_grad_(False)   # the caller's own choice, kept as well
+    keys, modules = list(model.state_dict()), [name for name, _ in model.named_modules()]
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    count = sum(p.numel() for p in model.parameters())
+    settings = dict(max_steps=2, grad_accum=1, lr=1e-2, lora=True, lora_rank=4, lora_dropout=0.5,
+                    reference="cached", progress=False)
+    config = UnlearnConfig(output_dir=str(tmp_path / "retried"), **settings)
+    trainer = UnlearningTrainer(model, tiny_streams(tokenizer), config, tokenizer=tokenizer)
+    fail_train_at_forward(monkeypatch, trainer, 1)
+    assert list(model.state_dict()) == keys and [name for name, _ in model.named_modules()] == modules
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert sum(p.numel() for p in model.parameters()) == count
+    assert trainer.train().steps == 2
+    _, summary = run(tmp_path, "whole", **settings)
+    for name in ("model", "adapter"):
+        for file in sorted(os.listdir(os.path.join(summary.model_dir, "..", name))):
+            expected = os.path.join(summary.model_dir, "..", name, file)
+            assert open(os.path.join(tmp_path, "retried", name, file), "rb").read() == open(expected, "rb").read(), file
+
+
+def test_a_cached_reference_run_that_stepped_no_weight_gives_the_lm_head_its_flag_back(tmp_path, monkeypatch):
+    """reference='cached' froze the caller's lm_head in the constructor, which only a finished run undid: after a
+    train() that failed before its first step, a retry with reference='copy' on the untouched model took the frozen
+    head for the caller's own choice, left it untrained (it moved by 0.0) and frozen for good."""
+    tokenizer, model = byte_bpe_tokenizer(), tiny_llama(len(byte_bpe_tokenizer()))
+    head = model.lm_head.weight.detach().clone()
+    config = UnlearnConfig(output_dir=str(tmp_path / "failed"), reference="cached", progress=False)
+    fail_train_at_forward(monkeypatch, UnlearningTrainer(model, tiny_streams(tokenizer), config), 1)
+    assert model.lm_head.weight.requires_grad
+    run(tmp_path, model=model, max_steps=1, grad_accum=1, reference="copy")
+    assert not torch.equal(model.lm_head.weight, head) and model.lm_head.weight.requires_grad
+
+
 @pytest.mark.parametrize("settings", [{}, {"gradient_checkpointing": True},
                                       {"lora": True, "lora_rank": 4, "gradient_checkpointing": True}],
                          ids=["plain", "checkpointing", "lora"])
