@@ -14,6 +14,7 @@ import functools
 import inspect
 import math
 import re
+import sys
 
 import torch
 
@@ -190,6 +191,24 @@ def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
                          "embeddings): the fused losses read lm_head.weight, without the trained tokens' rows; untie "
                          "the embeddings or leave trainable_token_indices out")
     return decoder_of(base), lm_head
+
+
+def check_no_stray_adapter(model) -> None:
+    """ValueError where `model` holds PEFT adapter layers without being a PeftModel: those a trainer with lora=True
+    constructed over it put in and no train() of it took out, or the caller's own (inject_adapter_in_model). A full
+    run on it would train what the layers leave trainable (PEFT froze the weights they wrap: the adapters alone) and
+    write a model/ under PEFT's names (q_proj.base_layer.weight), whose wrapped weights transformers reloads at
+    random."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")   # (a model holds such layers only once peft was imported)
+    if tuners is None or hasattr(model, "disable_adapter"):
+        return
+    names = [name for name, module in model.named_modules() if isinstance(module, tuners.BaseTunerLayer)]
+    if names:
+        raise ValueError(f"lora=False trains the model's own weights, but the model holds {len(names)} PEFT adapter "
+                         f"layer(s) outside a PeftModel ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): "
+                         "left by a trainer with lora=True constructed over it that never trained, or injected by "
+                         "your code; training it would train those layers alone and save them under PEFT's names. "
+                         "Load the model again, or train an adapter (lora=True)")
 
 
 def check_mergeable_adapter(model) -> None:

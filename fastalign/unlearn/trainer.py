@@ -52,8 +52,8 @@ from fastalign.unlearn.layer_stand_ins import fused_layers
 from fastalign.unlearn.lora_merge import merge_rounding_error, warn_of_a_lossy_merge
 from fastalign.unlearn.models import (activation_checkpointing_settings, cast_weights, causal_lm_parts,
                                       check_activation_checkpointing, check_fused_logits, check_mergeable_adapter,
-                                      check_trainable_dtypes, enable_activation_checkpointing, finite,
-                                      restore_activation_checkpointing)
+                                      check_no_stray_adapter, check_trainable_dtypes, enable_activation_checkpointing,
+                                      finite, restore_activation_checkpointing)
 from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.optimizer import adamw
 from fastalign.unlearn.packing import packing_unavailable
@@ -162,11 +162,13 @@ class UnlearningTrainer:
     requires_grad flags back, which LoRA and the cached reference set (a LoRA run, once it merged its adapter in, even
     where writing model/ then fails); a train() that ends with an exception (a refusal included) before any weight
     stepped gives the model back as the constructor found it but for the bf16 cast (the LoRA layers taken out, the
-    flags given back), and the next train() on the trainer prepares it again. Each train() runs its steps in train
-    mode, with activation checkpointing where config.gradient_checkpointing asks for it, and when it ends, finished or
-    failed, gives each module of the caller's model its mode (train or eval) back, its checkpointing as found (each
-    module's flag and function: off, or on with the model's own options, such as use_reentrant=True), and turns the
-    input-grads hook transformers registers with checkpointing off again where the model was given without it.
+    flags given back), and the next train() on the trainer prepares it again; a trainer never trained leaves them, and a
+    trainer with lora=False refuses a model holding such LoRA layers (or any PEFT adapter layers outside a PeftModel),
+    naming them, as it would train those alone. Each train() runs its steps in train mode, with activation
+    checkpointing where config.gradient_checkpointing asks for it, and when it ends, finished or failed, gives each
+    module of the caller's model its mode (train or eval) back, its checkpointing as found (each module's flag and
+    function: off, or on with the model's own options, such as use_reentrant=True), and turns the input-grads hook
+    transformers registers with checkpointing off again where the model was given without it.
     One train() runs at a time on a trainer: one called while another runs, from another thread or from the
     step_callback, is refused with a RuntimeError (the two would train one model with one optimizer into one
     output_dir); one called after the last returned runs (after an exception, a resume: see resume_point), but it is
@@ -243,6 +245,8 @@ class UnlearningTrainer:
         leaves the caller's model as it was given (the bf16 cast rounds its weights for good)."""
         check_fused_logits(model)  # (before train() writes anything)
         config, head = self.config, causal_lm_parts(model)[1]
+        if not config.lora:
+            check_no_stray_adapter(model)
         if config.packing == "on":   # (the one mode refused; train()'s RowPacker probes the model it runs again)
             packing_unavailable(model, "on")
         new_adapter = self._new_adapter = config.lora and not hasattr(model, "disable_adapter")

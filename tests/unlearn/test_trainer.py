@@ -1650,6 +1650,27 @@ def test_a_lora_run_that_stepped_no_weight_gives_the_model_back_as_given(tmp_pat
             assert open(os.path.join(tmp_path, "retried", name, file), "rb").read() == open(expected, "rb").read(), file
 
 
+@pytest.mark.parametrize("left_by", ["a lora trainer never trained", "the caller"])
+def test_a_full_run_on_a_model_holding_stray_adapter_layers_is_refused_naming_them(tmp_path, left_by):
+    """A model holding LoRA layers outside a PeftModel (a trainer with lora=True constructed over it and never
+    trained, or the caller's own inject_adapter_in_model) trained with lora=False trained the adapters alone, PEFT
+    having frozen the weights they wrap, and wrote a model/ whose wrapped weights transformers reloaded at random."""
+    peft = pytest.importorskip("peft")
+    tokenizer, model = byte_bpe_tokenizer(), tiny_llama(len(byte_bpe_tokenizer()))
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    if left_by == "the caller":
+        peft.inject_adapter_in_model(lora, model)
+    else:
+        config = UnlearnConfig(output_dir=str(tmp_path / "never"), lora=True, lora_rank=4,
+                               lora_targets=["q_proj", "v_proj"])
+        UnlearningTrainer(model, tiny_streams(tokenizer), config)
+    with pytest.raises(ValueError, match=r"lora=False trains the model's own weights, but the model holds 4 PEFT "
+                                         r"adapter layer\(s\) outside a PeftModel \(model.layers.0.self_attn.q_proj, "
+                                         r"model.layers.0.self_attn.v_proj, model.layers.1.self_attn.q_proj, ...\)"):
+        run(tmp_path, model=model, max_steps=1)
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_a_cached_reference_run_that_stepped_no_weight_gives_the_lm_head_its_flag_back(tmp_path, monkeypatch):
     """reference='cached' froze the caller's lm_head in the constructor, which only a finished run undid: after a
     train() that failed before its first step, a retry with reference='copy' on the untouched model took the frozen
