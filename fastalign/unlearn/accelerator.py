@@ -1,6 +1,6 @@
-"""The trainer's accelerate set-up: the Accelerator it makes (sharing or resetting the process's accelerate state),
-the checks of one given or launched otherwise, the DDP buckets it prepares with, and the release of what a run
-prepared on it when the run ends."""
+"""The trainer's accelerate set-up: the Accelerator it makes (sharing or resetting the process's accelerate state,
+which it resets again when a run ends), the checks of one given or launched otherwise, the DDP buckets it prepares
+with, and the release of what a run prepared on it when the run ends."""
 from __future__ import annotations
 
 import contextlib
@@ -55,9 +55,10 @@ def new_accelerator(precision: str):
     """An Accelerator computing in `precision`'s mixed precision, whose process group (where it makes one) waits
     _PROCESS_GROUP_TIMEOUT. accelerate keeps one state per process, which the first Accelerator sets and later ones
     may not change: in a process of its own (no launcher), a trainer of another precision than an earlier one's (a
-    sweep in a notebook) resets it, where accelerate refused (train() then refuses the earlier trainers, whose
-    accelerators share the state); a state the caller's own Accelerator set is shared where it computes in that
-    precision and refused otherwise: resetting it would switch the caller's training to another precision."""
+    sweep in a notebook) resets it, where accelerate refused (an earlier trainer makes its own again at its next
+    train(), and each train() resets the state it made when it ends: accelerator_of_a_run); a state the
+    caller's own Accelerator set is shared where it computes in that precision and refused otherwise: resetting it
+    would switch the caller's training to another precision."""
     accelerate = require("accelerate")
     mixed, state = MIXED_PRECISION[precision], accelerate.state.AcceleratorState
     options = dict(mixed_precision=mixed,
@@ -78,6 +79,30 @@ def new_accelerator(precision: str):
         accelerator = accelerate.Accelerator(**options)
     state._shared_state[_MADE_BY_A_TRAINER] = made_here
     return accelerator
+
+
+# the key counting the runs that use accelerate's process-wide state (accelerator_of_a_run; a reset clears it)
+_RUNS = "_fastalign_trainer_runs"
+
+
+@contextlib.contextmanager
+def accelerator_of_a_run(precision: str):
+    """new_accelerator(precision) for a run (the block). When the block ends, finished or failed, the accelerate state
+    is reset where new_accelerator made it (not where it shared the caller's) and no other run uses it (a trainer
+    trained from another's step_callback shares the state): left initialised after a run, it made accelerate refuse
+    an Accelerator of the caller's in another precision ("restart your runtime"). The process group (accelerate's
+    PartialState) stays; an Accelerator sharing the reset state is unusable after it."""
+    accelerator = new_accelerator(precision)
+    shared = type(accelerator.state)._shared_state
+    shared[_RUNS] = shared.get(_RUNS, 0) + 1
+    try:
+        yield accelerator
+    finally:
+        runs = shared.pop(_RUNS, 1) - 1   # (absent where a trainer of another precision reset the state meanwhile)
+        if runs:
+            shared[_RUNS] = runs
+        elif shared.get(_MADE_BY_A_TRAINER, False):
+            type(accelerator.state)._reset_state()
 
 
 class _TensorBuckets:

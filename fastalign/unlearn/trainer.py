@@ -38,8 +38,8 @@ from fastalign.model_files import model_files_digest
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.one_call import one_call_at_a_time
 from fastalign.ops.backend import select_backend
-from fastalign.unlearn.accelerator import (MIXED_PRECISION, bucket_per_tensor, check_launch, new_accelerator,
-                                          released_when_done)
+from fastalign.unlearn.accelerator import (MIXED_PRECISION, accelerator_of_a_run, bucket_per_tensor, check_launch,
+                                          new_accelerator, released_when_done)
 from fastalign.unlearn.backward_step import step_in_backward
 from fastalign.unlearn.checkpoint import (atomic_directory, read_checkpoint, remove_stale_temporaries, resume_point,
                                           set_rng_state, torch_rng_state, truncate_log, write_checkpoint,
@@ -152,7 +152,10 @@ class UnlearningTrainer:
     step_callback(record) runs on the main process after every step.
     `accelerator` must compute in the mixed precision config.precision names; without one the trainer makes its own,
     which shares the process's accelerate state with an Accelerator of the caller's in that precision and refuses one
-    of another precision (see accelerator.new_accelerator): it does not switch the caller's training to its own. A run
+    of another precision (see accelerator.new_accelerator): it does not switch the caller's training to its own. Each
+    train() makes its own again, and when it ends, finished or failed, resets the accelerate state it made (not one it
+    shared), so that an Accelerator the caller makes afterwards may compute in another precision; trainer.accelerator
+    (and an Accelerator made while the trainer's state was the process's, sharing it) is unusable from then on. A run
     takes what it prepared out of the accelerator when it ends, finished or failed, and leaves the rest (the objects
     the caller prepared on it, its step) as it was.
     The constructor checks the model before it changes it (casts it for precision 'bf16', wraps it for LoRA, moves it
@@ -198,6 +201,7 @@ class UnlearningTrainer:
             if not bool(finite(p)):
                 raise ValueError(f"model parameter {name} holds NaN or infinite values")
         self.config, self.streams, self.tokenizer, self.step_callback = config, streams, tokenizer, step_callback
+        self._own_accelerator = accelerator is None   # made again by each train(), whose end resets its state
         self.accelerator = accelerator or new_accelerator(config.precision)
         check_launch(self.accelerator, config.precision)
         # the losses' backend on the accelerator's device (backend='triton' needs CUDA): refused now, not at the first
@@ -325,8 +329,13 @@ class UnlearningTrainer:
 
     @one_call_at_a_time("its step_callback", "wait for the running train() to return")
     def train(self) -> RunSummary:
+        # the trainer's own Accelerator made again (the last run reset the state it made), and its state reset after
+        # the run: the caller's own Accelerator afterwards may compute in any precision
+        run_accelerator = (accelerator_of_a_run(self.config.precision) if self._own_accelerator else
+                           contextlib.nullcontext(self.accelerator))
         try:
-            return self._checked_run()
+            with run_accelerator as self.accelerator:
+                return self._checked_run()
         except BaseException:
             # no weight stepped: the caller may well reuse the model (retry with other settings, train it otherwise),
             # which must then be as given, not hold this run's adapter and frozen weights

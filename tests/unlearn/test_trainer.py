@@ -908,13 +908,35 @@ def test_run_json_records_how_the_streams_drew_the_batches(tmp_path):
 
 
 def test_trainers_of_two_precisions_run_one_after_the_other_in_one_process(tmp_path):
-    """accelerate's process-wide state refused a bf16-mixed trainer after an fp32 one (a sweep in a notebook); the
-    earlier trainer, whose accelerator shares that state, is refused by name if trained again, not run in bf16."""
-    fp32, _ = run(tmp_path, "fp32", max_steps=1, grad_accum=1)
-    mixed, summary = run(tmp_path, "mixed", max_steps=1, grad_accum=1, precision="bf16-mixed")
-    assert summary.steps == 1 and mixed.accelerator.mixed_precision == "bf16"
-    with pytest.raises(RuntimeError, match="construct this trainer again"):
-        fp32.train()
+    """accelerate's process-wide state refused a bf16-mixed trainer after an fp32 one (a sweep in a notebook); a trainer
+    constructed before one of another precision trains in its own precision after it (it was refused by name)."""
+    from accelerate.state import AcceleratorState
+
+    tokenizer, seen = byte_bpe_tokenizer(), []
+    config = UnlearnConfig(output_dir=str(tmp_path / "fp32"), max_steps=1, grad_accum=1, progress=False)
+    fp32 = UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config,
+                             step_callback=lambda record: seen.append(AcceleratorState().mixed_precision))
+    _, summary = run(tmp_path, "mixed", max_steps=1, grad_accum=1, precision="bf16-mixed",
+                     callback=lambda record: seen.append(AcceleratorState().mixed_precision))
+    assert summary.steps == 1 and fp32.train().steps == 1
+    assert seen == ["bf16", "no"]
+
+
+@pytest.mark.parametrize("ending", ["finished", "failed"])
+def test_an_accelerator_of_the_callers_in_another_precision_is_taken_after_a_run(tmp_path, monkeypatch, ending):
+    """The trainer's own Accelerator left accelerate's process-wide state initialised after train(): the caller's
+    Accelerator(mixed_precision='bf16') after an fp32 run was refused ("restart your runtime"), where a fresh process
+    took it. A run resets the state its trainer made when it ends, finished or failed."""
+    from accelerate import Accelerator
+
+    if ending == "finished":
+        run(tmp_path, max_steps=1, grad_accum=1)
+    else:
+        tokenizer = byte_bpe_tokenizer()
+        config = UnlearnConfig(output_dir=str(tmp_path / "run"), progress=False)
+        fail_train_at_forward(monkeypatch, UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer),
+                                                             config), 1)
+    assert Accelerator(mixed_precision="bf16", cpu=True).mixed_precision == "bf16"
 
 
 def test_a_trainer_without_an_accelerator_leaves_the_callers_own_as_it_computes(tmp_path):
