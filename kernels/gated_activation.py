@@ -31,7 +31,8 @@ from .device_guard import on_device_of_first_input
 def _activation(x, TANH_GELU: tl.constexpr):
     """(act(x), d act / dx) in fp32 for SiLU, x sigmoid(x), or the tanh GELU, x sigmoid(2u): both x sigmoid(s(x)),
     whose derivative is sigmoid(s) (1 + x (1 - sigmoid(s)) s'(x)); 0 where sigmoid(s) is 0, as torch's, not
-    0 * -inf = NaN where x s'(x) overflows (a tanh-GELU gate below ~-1.3e13), and NaN for a NaN gate, as torch's."""
+    0 * -inf = NaN where x s'(x) overflows (a tanh-GELU gate below ~-1.3e13), and NaN for a NaN gate or a gate of
+    -inf (0 * -inf there in torch's too), as torch's."""
     if TANH_GELU:
         slope = 1.5957691216057308 * (x + 0.044715 * x * x * x)   # 2 sqrt(2 / pi) (...): twice u
         slope_derivative = 1.5957691216057308 * (1.0 + 0.134145 * x * x)
@@ -39,7 +40,8 @@ def _activation(x, TANH_GELU: tl.constexpr):
         slope = x
         slope_derivative = 1.0
     sigmoid = 1.0 / (1.0 + tl.exp(-slope))
-    return x * sigmoid, tl.where(sigmoid == 0.0, 0.0, sigmoid * (1.0 + x * (1.0 - sigmoid) * slope_derivative))
+    return x * sigmoid, tl.where((sigmoid == 0.0) & (x != float("-inf")), 0.0,
+                                 sigmoid * (1.0 + x * (1.0 - sigmoid) * slope_derivative))
 
 
 @triton.jit(do_not_specialize=["num_cols", "stride_gate", "stride_up", "stride_out"])

@@ -166,6 +166,17 @@ def test_a_nan_gate_gives_a_nan_gradient_as_torchs(tanh_gelu):
     torch.testing.assert_close(grad_gate, torch_backward(gate, up, up, tanh_gelu)[1], equal_nan=True)
 
 
+@pytest.mark.parametrize("tanh_gelu", [False, True])
+def test_a_gate_of_minus_infinity_gives_a_nan_gradient_as_torchs(tanh_gelu):
+    """A gate of -inf has a sigmoid of 0, which the guard for a sigmoid of 0 took as a gradient of 0, where torch's
+    autograd gives 0 * -inf = NaN (its forward, -inf * 0, is NaN in both): the NaN hidden from the caller's checks."""
+    gate = torch.tensor([[float("-inf"), -1e4, 0.5, float("inf")]], device=TRITON_DEVICE)
+    up = torch.ones_like(gate)
+    grad_gate = gated_activation.backward(gate, up, up, tanh_gelu=tanh_gelu)[1]
+    torch.testing.assert_close(grad_gate, torch_backward(gate, up, up, tanh_gelu)[1], equal_nan=True)
+    assert grad_gate[0, 0].isnan()
+
+
 def test_silu_gradient_far_in_its_tail_is_torchs_not_zero():
     """SiLU's derivative at gates of -70 and -80 is ~1e-29 and ~1e-33, not 0: only a sigmoid of exactly 0 is zeroed
     (a threshold above that passes the hugely negative gates' test, whose atol swallows such values)."""
