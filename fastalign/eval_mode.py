@@ -5,7 +5,8 @@ import threading
 import torch
 
 _lock = threading.Lock()
-_held = {}   # module -> [blocks inside on it, its own mode before the first]: modules some block keeps in eval mode
+_blocks = {}  # a running block's token -> the modules it keeps in eval mode
+_own = {}     # module -> its own mode, while a block keeps it in eval mode (or a Ctrl-C stopped the block's start)
 
 
 @contextlib.contextmanager
@@ -17,26 +18,37 @@ def eval_mode(model: torch.nn.Module):
     back when the last block holding it ends, not while another block still runs in it.
     Modes are switched by their flags, both ways, not by train()/eval(): transformers >= 5.25 kernelizes a model that
     uses Hub kernels again at each change of its mode, and would leave a policy that trains on after the block with
-    the kernels it maps for inference (some for inference only), after two kernelize passes every step."""
-    with _lock:
-        if not _held and not _any_training(model):
-            modules = None
-        else:
-            modules = list(model.modules())
-            for module in modules:
-                _held.setdefault(module, [0, module.training])[0] += 1
-                module.training = False
+    the kernels it maps for inference (some for inference only), after two kernelize passes every step.
+    A Ctrl-C anywhere in the walks leaves nothing behind: the start is undone as far as it got, and the end's walk
+    runs to its end (modules left counted had kept their eval mode through every later block, for good)."""
+    token, modules = object(), []
     try:
+        with _lock:
+            if _own or _any_training(model):
+                modules = list(model.modules())
+                for module in modules:
+                    _own.setdefault(module, module.training)
+                    module.training = False
+                _blocks[token] = modules
         yield model
     finally:
-        if modules is not None:
-            with _lock:
-                for module in modules:
-                    entry = _held[module]
-                    entry[0] -= 1
-                    if entry[0] == 0:
-                        del _held[module]
-                        module.training = entry[1]
+        with _lock:
+            _blocks.pop(token, None)
+            held = {module for others in _blocks.values() for module in others}
+            try:
+                _give_back(modules, held)
+            except BaseException:   # a Ctrl-C stopped the walk half-way: the rest get their mode back all the same
+                _give_back(modules, held)
+                raise
+
+
+def _give_back(modules, held):
+    """Each of `modules` switched by a block and in no other block's `held` gets its own mode back (under _lock).
+    Running it again finishes what a first run left undone."""
+    for module in modules:
+        if module in _own and module not in held:
+            module.training = _own[module]
+            del _own[module]
 
 
 def _any_training(model):
