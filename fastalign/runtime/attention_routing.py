@@ -3,8 +3,8 @@
 transformers' decoders compute q, k and v (projections, q/k norms, rotary embeddings of any kind) in their own
 attention modules and then call the function that `config._attn_implementation` names in its AttentionInterface.
 `routed(configs, handler)` points the model's configs at the function registered here, which passes every call
-made in this thread to `handler`; when the block ends the configs name their own implementation again (a count
-per config lets blocks of several threads overlap). With a name transformers has no mask function for, its
+made in this thread to `handler`; when the block ends the configs name their own implementation again (the blocks
+recorded on each config let blocks of several threads overlap). With a name transformers has no mask function for, its
 decoders build no attention mask: the handler masks as it attends. A call from a thread without a handler (the
 model used elsewhere while a runner's forward runs in it) is refused rather than computed without its cache.
 fastalign's own uses of the model's plain forward (the probes that make a runner) run in an `unrouted(configs)`
@@ -19,8 +19,8 @@ IMPLEMENTATION = "fastalign_tree_runner"
 
 _local = threading.local()        # .handler: this thread's handler while a routed block runs; .routing: see _routing
 _changed = threading.Condition()  # guards the two below; notified as a block ends
-_routed = {}                      # id(config) -> [its own implementation, routed blocks running]
-_unrouted = {}                    # id(config) -> [the thread whose unrouted blocks run on it, how many]
+_routed = {}                      # id(config) -> [its own implementation, the routed blocks running (tokens)]
+_unrouted = {}                    # id(config) -> [the thread whose unrouted blocks run on it, those blocks (tokens)]
 
 
 def _routed_attention(module, query, key, value, attention_mask, **kwargs):
@@ -43,14 +43,14 @@ def routed(configs, handler):
     unrouted block runs on one of them, but not for one that waits for this thread's routed blocks to end (a block
     nested in them would wait for itself)."""
     routing, me, outer, registered = _routing(), threading.get_ident(), getattr(_local, "handler", None), []
+    token = object()
     try:
         with _changed:
             _changed.wait_for(lambda: _unrouted_only_by({me, *_waiting_for(routing)}, configs))
             for config in configs:
-                entry = _routed.setdefault(id(config), [config._attn_implementation, 0])
-                entry[1] += 1
-                routing[id(config)] = routing.get(id(config), 0) + 1
-                registered.append(config)
+                registered.append(config)   # first: the finally undoes whatever of the rest a Ctrl-C let happen
+                _join(_routed, id(config), config._attn_implementation, token)
+                _join(routing, id(config), None, token)
                 _set(config, IMPLEMENTATION)
         _local.handler = handler
         yield
@@ -58,14 +58,10 @@ def routed(configs, handler):
         _local.handler = outer
         with _changed:
             for config in registered:
-                entry = _routed[id(config)]
-                entry[1] -= 1
-                if entry[1] == 0:
-                    _set(config, entry[0])
-                    del _routed[id(config)]
-                routing[id(config)] -= 1
-                if routing[id(config)] == 0:
-                    del routing[id(config)]
+                _leave(routing, id(config), token)
+                left = _leave(_routed, id(config), token)
+                if left is not None:
+                    _set(config, left[0])
             _changed.notify_all()
 
 
@@ -78,23 +74,39 @@ def unrouted(configs):
     if any(id(config) in _routing() for config in configs):
         raise RuntimeError("model: a TreeRunner of it is being made inside a forward of another of its runners in the "
                            "same thread; make it before or after that forward")
-    me, claimed = threading.get_ident(), []
+    me, claimed, token = threading.get_ident(), [], object()
     try:
         with _changed:
             _changed.wait_for(lambda: _unrouted_only_by({me}, configs))
             for config in configs:
-                _unrouted.setdefault(id(config), [me, 0])[1] += 1
-                claimed.append(config)
+                claimed.append(config)   # first: the finally undoes whatever of the rest a Ctrl-C let happen
+                _join(_unrouted, id(config), me, token)
             _changed.wait_for(lambda: not any(id(config) in _routed for config in configs))
         yield
     finally:
         with _changed:
             for config in claimed:
-                entry = _unrouted[id(config)]
-                entry[1] -= 1
-                if entry[1] == 0:
-                    del _unrouted[id(config)]
+                _leave(_unrouted, id(config), token)
             _changed.notify_all()
+
+
+def _join(table, key, value, token):
+    """Adds the block `token` to table[key] = [value, the blocks on key], made with `value` by the first (under
+    _changed). A block, not a count: leaving one that had not joined yet (a Ctrl-C in between) is a no-op."""
+    table.setdefault(key, [value, set()])[1].add(token)
+
+
+def _leave(table, key, token):
+    """Takes the block `token` off table[key], if on it; the entry, deleted, where no block is left on it (a Ctrl-C
+    may have left it made and empty): what the caller undoes; else None."""
+    entry = table.get(key)
+    if entry is None:
+        return None
+    entry[1].discard(token)
+    if entry[1]:
+        return None
+    del table[key]
+    return entry
 
 
 def _unrouted_only_by(threads, configs):
@@ -115,7 +127,7 @@ def attention_configs(model):
 
 
 def _routing():
-    """This thread's routed blocks: config id -> how many run on it."""
+    """This thread's routed blocks: config id -> [None, those running on it (tokens)]."""
     return _local.__dict__.setdefault("routing", {})
 
 

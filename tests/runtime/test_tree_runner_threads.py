@@ -13,6 +13,7 @@ from transformers import PretrainedConfig
 from fastalign import TreeRunner
 from fastalign.eval_mode import eval_mode
 from fastalign.runtime import attention_routing
+from tests.interrupts import interrupted_at
 from tests.runtime.tiny_models import fill_with_nan, reference, tiny_model
 
 BUSY = "another call is running on this TreeRunner"
@@ -438,3 +439,22 @@ def test_a_block_interrupted_right_after_its_registration_leaves_nothing_behind(
             pass
     monkeypatch.undo()
     assert_left_nothing(a, b)
+
+
+@pytest.mark.parametrize("block", ["routed", "unrouted"])
+def test_a_ctrl_c_anywhere_in_a_blocks_registration_leaves_nothing_behind(block):
+    """A Ctrl-C (KeyboardInterrupt raised at each line of the registration in turn): one between a config's count and
+    its listing for the exit left the config routed for good, and the idle model's plain forward refused with a
+    misleading error ("... in another thread"); claimed for good by an unrouted block, it kept every other thread's
+    runner waiting. The block undoes exactly what it registered."""
+    a, b = PretrainedConfig(attn_implementation="eager"), PretrainedConfig(attn_implementation="eager")
+    function = getattr(attention_routing, block).__wrapped__
+    enter = (lambda: attention_routing.routed([a, b], None)) if block == "routed" else (
+        lambda: attention_routing.unrouted([a, b]))
+    with interrupted_at([function.__code__], 0) as seen, enter():
+        lines = seen[0]
+    assert lines >= 6
+    for line in range(1, lines + 1):
+        with pytest.raises(KeyboardInterrupt), interrupted_at([function.__code__], line), enter():
+            pass
+        assert_left_nothing(a, b)
