@@ -124,14 +124,15 @@ def _layers_off(layers):
     """What PeftModel.disable_adapter does to LoRA layers all enabled or all disabled: each one's
     enable_adapters(False) (which also stops its adapters' gradients), and enable_adapters(True) after where they
     were enabled."""
-    enabled = not layers[0].disable_adapters
-    for layer in layers:
-        layer.enable_adapters(False)
+    enabled, disabled = not layers[0].disable_adapters, []
     try:
+        for layer in layers:
+            disabled.append(layer)   # first: one a Ctrl-C stopped half-way through the call is enabled again too
+            layer.enable_adapters(False)
         yield
     finally:
-        if enabled:
-            for layer in layers:
+        if enabled:   # those disabled so far, where a Ctrl-C stopped the loop (left off, they were frozen for good)
+            for layer in disabled:
                 layer.enable_adapters(True)
 
 

@@ -148,7 +148,23 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
     set_model_state_dict(model, dict(state), options=_options(full_state_dict=True, strict=False))
 
 
+def check_trainable_names(model: torch.nn.Module, names, whose: str) -> None:
+    """A ValueError naming them where `names` are not the trainable parameters of `model` (as the state dicts above
+    spell them): `whose` (" lacks trainable parameter(s) ...") says what holds them."""
+    own, names = trainable_names(model), set(names)
+    missing, extra = sorted(own - names), sorted(names - own)
+    if missing or extra:
+        parts = ([f"lacks trainable parameter(s) {missing[:5]}"] if missing else []) + (
+            [f"holds parameter(s) {extra[:5]} that the model does not train"] if extra else [])
+        raise ValueError(f"{whose} {' and '.join(parts)}")
+
+
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Inverse of optimizer_state; each process reads the whole `state`."""
+    """Inverse of optimizer_state, into an optimizer over the trainable parameters of `model`; each process reads the
+    whole `state`. A ValueError naming them where the state's parameters are others: torch's loader loads those in
+    common and silently leaves the rest out (a resume whose optimizer had 12 of the 16 weights its checkpoint
+    trained)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    saved = [name for group in state["param_groups"] for name in group["params"]]
+    check_trainable_names(model, saved, "the optimizer state")
     set_optimizer_state_dict(model, optimizer, state, options=_options(full_state_dict=True))

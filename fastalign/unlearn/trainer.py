@@ -59,8 +59,8 @@ from fastalign.unlearn.optimizer import adamw
 from fastalign.unlearn.packing import packing_unavailable
 from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
 from fastalign.unlearn.saving import save_model
-from fastalign.unlearn.sharding import (check_flat_units, full_model_state, load_optimizer_state,
-                                        load_trainable_state, optimizer_state, trainable_names, trainable_state)
+from fastalign.unlearn.sharding import (check_flat_units, check_trainable_names, full_model_state, load_optimizer_state,
+                                        load_trainable_state, optimizer_state, trainable_state)
 from fastalign.unlearn.streams import UnlearningBatch, UnlearningStreams
 from fastalign.writable import naming_a_full_disk
 
@@ -628,9 +628,7 @@ class UnlearningTrainer:
         if state["step"] > self.config.max_steps:  # the saved model would have more steps than max_steps
             raise ValueError(f"cannot resume {path}: it is at step {state['step']}, past max_steps="
                              f"{self.config.max_steps}; set max_steps to at least {state['step']}")
-        missing = sorted(trainable_names(objective) - set(state["trainable"]))
-        if missing:
-            raise ValueError(f"cannot resume {path}: it lacks trainable parameter(s) {missing[:5]}")
+        check_trainable_names(objective, state["trainable"], f"cannot resume {path}: it")
         load_trainable_state(objective, state["trainable"])
         load_optimizer_state(objective, _torch_optimizer(optimizer), state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

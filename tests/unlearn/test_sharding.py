@@ -224,3 +224,24 @@ def test_a_checkpoints_trainable_and_optimizer_state_load_back_into_a_fresh_mode
     loaded = optimizer_state(fresh, fresh_optimizer)["state"]
     assert set(loaded) == names and all(
         torch.equal(loaded[name][key], moments["state"][name][key]) for name in names for key in loaded[name])
+
+
+@pytest.mark.parametrize("frozen", ["now", "then"])
+def test_an_optimizer_state_of_other_parameters_than_the_trainable_ones_is_refused_naming_them(frozen):
+    """A state whose parameters are not the model's trainable ones: torch's loader loaded those in common alone,
+    silently (a resume after a Ctrl-C that left LoRA layers frozen trained 12 of its 16 weights, the others' state
+    dropped). Refused, naming them, whether the model freezes a weight the state holds or trains one it lacks."""
+    def optimized(frozen_norm):
+        model = tiny_llama(37)
+        model.model.norm.weight.requires_grad_(not frozen_norm)
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    model, optimizer = optimized(frozen == "then")
+    model(input_ids=torch.arange(5)[None], labels=torch.arange(5)[None]).loss.backward()
+    optimizer.step()
+    moments = optimizer_state(model, optimizer)
+    fresh, fresh_optimizer = optimized(frozen == "now")
+    named = r"parameter\(s\) \['model\.norm\.weight'\]"
+    expected = f"holds {named} that the model does not train" if frozen == "now" else f"lacks trainable {named}"
+    with pytest.raises(ValueError, match=f"the optimizer state {expected}"):
+        load_optimizer_state(fresh, fresh_optimizer, moments)

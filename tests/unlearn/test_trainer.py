@@ -1988,6 +1988,19 @@ def test_a_resume_from_a_checkpoint_lacking_a_trainable_weight_is_refused(tmp_pa
         run(tmp_path, save_every=2, resume=True)
 
 
+def test_a_resume_freezing_a_weight_its_checkpoint_trained_is_refused_naming_it(tmp_path):
+    """A resume whose model freezes a weight the checkpoint trained (as a Ctrl-C that left LoRA layers disabled and
+    frozen did: the retried run's optimizer got 12 of its 16 weights) loaded the others' optimizer state alone and
+    trained on partly, silently: refused, naming the weight."""
+    with pytest.raises(Killed):
+        run(tmp_path, save_every=2, callback=kill_after(3))
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    model.model.norm.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"holds parameter\(s\) \['model\.model\.norm\.weight'\] that the model does "
+                                         "not train"):
+        run(tmp_path, model=model, save_every=2, resume=True)
+
+
 class QuantizedLinear(torch.nn.Linear):
     """A Linear storing its weight as `dtype` (int8 as bitsandbytes' Linear8bitLt, float8 as Hugging Face's FP8
     integrations) divided by a scale, which its forward multiplies back."""
