@@ -367,11 +367,14 @@ def check_fused_logits(model, *, whose: str = "model") -> None:
 
     This probe catches the transforms no known config name reveals: a multiplier under a name of its own, hidden
     states rescaled or normed between the decoder and the lm_head, a hook on the lm_head that changes its output.
-    It compares one short forward of the model (eval mode, its own dtype) with the same computation done the fused
-    losses' way, up to four roundings of that dtype (2 eps of the largest logit): the two are the same operations
-    when nothing is missed, and a looser bound lets a bf16 head that rescales its logits by 2% through. A
-    forward that accelerate's prepare wrapped in mixed precision's autocast (a Trainer's with bf16=True) is compared
-    unwrapped (accelerate keeps it as _original_forward): the wrapper's logits are bf16's, not that dtype's."""
+    It compares one short forward of the model (eval mode, its own dtype) with the computation the fused losses
+    stand for, done in the model's order (the multiplier after the linear map: the fused losses' scaled hidden
+    states and bias give the same product, which fp32 rounds otherwise by several ulps of the unscaled dot product,
+    beyond the bound at widths of 128 and more), up to four roundings of that dtype (2 eps of the largest logit): the
+    two are the same operations when nothing is missed, and a looser bound lets a bf16 head that rescales its logits
+    by 2% through. A forward that accelerate's prepare wrapped in mixed precision's autocast (a Trainer's with
+    bf16=True) is compared unwrapped (accelerate keeps it as _original_forward): the wrapper's logits are bf16's, not
+    that dtype's."""
     decoder, lm_head = causal_lm_parts(model)
     base, weight, softcap = base_causal_lm(model), lm_head.weight, logit_softcap(model)
     multiplier = logit_multiplier(model)
@@ -391,16 +394,19 @@ def check_fused_logits(model, *, whose: str = "model") -> None:
         logits = forward(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         if hidden.shape[-1] != weight.shape[-1]:
-            fused = None
+            expected = None
         else:
-            fused = torch.nn.functional.linear(scaled_head_input(hidden, multiplier, weight.dtype), weight,
-                                               scaled_head_input(lm_head.bias, multiplier, weight.dtype))
-            fused = (fused if softcap is None else torch.tanh(fused / softcap) * softcap).float()
-    if fused is None or fused.shape != logits.shape:
+            # in the model's order, the multiplier after the linear map: the fused losses' (s h) W^T + s b is the
+            # same product, rounded otherwise by a few ulps of the unscaled dot product (fp32 rounding, no transform)
+            expected = torch.nn.functional.linear(scaled_head_input(hidden, None, weight.dtype), weight,
+                                                  scaled_head_input(lm_head.bias, None, weight.dtype))
+            expected = expected if multiplier is None else expected * multiplier
+            expected = (expected if softcap is None else torch.tanh(expected / softcap) * softcap).float()
+    if expected is None or expected.shape != logits.shape:
         found = (f"hidden states {tuple(hidden.shape)}, lm_head weight {tuple(weight.shape)} {weight.dtype}, logits "
                  f"{tuple(logits.shape)}")
     else:
-        scale, error = float(logits.abs().max()), float((fused - logits).abs().max())
+        scale, error = float(logits.abs().max()), float((expected - logits).abs().max())
         # the dtype both compute in (a weight stored coarser than the hidden states must not loosen the bound)
         if error <= 2 * torch.finfo(torch.promote_types(hidden.dtype, weight.dtype)).eps * max(scale, 1.0):
             return

@@ -2,7 +2,11 @@
 import pytest
 import torch
 
-from fastalign.unlearn.models import finite
+from fastalign import CausalLMLoss
+from fastalign.unlearn.models import check_fused_logits, finite
+from tests.runtime.tiny_models import drawn_weights
+from tests.test_causal_lm_loss import VOCAB, assert_same_loss_and_gradients, batch
+from tests.unlearn.test_objective import tiny_model
 
 
 @pytest.mark.parametrize("where", [0, -1], ids=["first chunk", "last chunk"])
@@ -13,3 +17,52 @@ def test_a_nan_in_any_chunk_of_a_large_float8_weight_is_found(where):
     assert bool(finite(weight))
     weight[where] = float("nan")
     assert not bool(finite(weight))
+
+
+WIDE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=1)   # where fp32 rounding showed (128 and more)
+MULTIPLIED = {"cohere-logit-scale-0.3": ("Cohere", dict(logit_scale=0.3)),
+              "granite-logits-scaling-6": ("Granite", dict(logits_scaling=6.0, tie_word_embeddings=False))}
+
+
+def wide_model(case, seed):
+    """A 1-layer fp32 model of MULTIPLIED[case] of width 256, its weights drawn by `seed` so that logits are O(1)."""
+    architecture, settings = MULTIPLIED[case]
+    model = tiny_model(architecture, VOCAB, **WIDE, **settings)
+    torch.manual_seed(seed)
+    return drawn_weights(model)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("case", MULTIPLIED)
+def test_a_wide_fp32_model_whose_multiplier_is_no_power_of_two_is_served(case, seed):
+    """The probe computed (s h) W^T + s b, as the fused losses do, and compared it with the model's s (h W^T + b) to
+    2 fp32 eps of the largest logit: the two round differently, by several ulps of the unscaled dot product, so fp32
+    Cohere (logit_scale 0.3) and Granite (logits_scaling 6.0) models of width 128 and more were refused as models
+    that transform their logits (2.8e-7 to 4.8e-7 on logits of about 1), 10 seeds in 10 for Cohere. Served, their
+    loss and gradients are their own."""
+    model = wide_model(case, seed)
+    inputs = batch()
+    assert_same_loss_and_gradients(model, CausalLMLoss(model, backend="torch")(**inputs), model(**inputs).loss)
+
+
+TRANSFORMS = {   # changes of ~1e-4 relative between the decoder and the logits, which no config name reveals
+    "logits times 1 + 1e-4": ("forward", lambda output: output * (1 + 1e-4)),
+    "1e-4 of the largest logit added on every other token":
+        ("forward", lambda output: output + 1e-4 * output.abs().max() * (torch.arange(output.shape[-1]) % 2)),
+    "hidden states times 1 + 1e-4": ("input", lambda hidden: hidden * (1 + 1e-4))}
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("case", MULTIPLIED)
+def test_a_transform_of_1e_4_of_a_wide_fp32_models_logits_is_refused(case, transform):
+    """The probe's bound is a few fp32 roundings of the largest logit, no more: a wide model with a multiplier whose
+    lm_head's output or input is changed by 1e-4 relative is still refused, not trained on another objective."""
+    model = wide_model(case, seed=0)
+    check_fused_logits(model)
+    where, change = TRANSFORMS[transform]
+    if where == "forward":
+        model.lm_head.register_forward_hook(lambda module, args, output: change(output))
+    else:
+        model.lm_head.register_forward_pre_hook(lambda module, args: (change(args[0]),))
+    with pytest.raises(NotImplementedError, match="its logits are not its lm_head's weight applied to the final"):
+        check_fused_logits(model)
