@@ -20,9 +20,9 @@ from fastalign.ops.backend import Backend, check_backend
 from fastalign.ops.checks import Reduction, check_reduction
 from fastalign.ops.forward_gradients import check_grads_in_forward
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
-from fastalign.unlearn.models import (causal_lm_parts, check_fused_logits, check_no_router_loss, forward_reads,
-                                      head_input_module, logit_multiplier, logit_setting_places, logit_softcap,
-                                      scaled_head_input)
+from fastalign.unlearn.models import (SOFTCAPS, causal_lm_parts, check_fused_logits, check_no_router_loss,
+                                      forward_reads, head_input_module, logit_multiplier, logit_setting_places,
+                                      logit_softcap, scaled_head_input)
 from fastalign.unlearn.sharding import head_weight
 
 
@@ -122,7 +122,7 @@ def check_loss_reduction(reduction: Reduction, num_items_in_batch: torch.Tensor 
 # what to do instead of passing a loss's keyword among a call's decoder inputs, whose **kwargs drop it
 _LOSS_KEYWORDS = {
     "mask": "a position counts where its label is not ignore_index (set the others' labels to it)",
-    "softcap": "the model's own logit soft cap (its config's final_logit_softcapping) is applied",
+    "softcap": f"the model's own logit soft cap (its config's {' or '.join(SOFTCAPS)}) is applied",
     "temperature": "the loss is the model's own, at temperature 1",
 }
 

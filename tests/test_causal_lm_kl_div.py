@@ -172,7 +172,8 @@ def test_per_token_kls_and_their_sum_are_those_of_the_models_logits(case, target
     ("temperature", 4.0, r"temperature: it is set when the loss is made, CausalLMKLDiv\(model, reference, \.\.\.\)'s "
                          "temperature="),
     ("grads_in_forward", True, r"grads_in_forward: it is set when the loss is made, CausalLMKLDiv\("),
-    ("softcap", 30.0, r"softcap: the model's own logit soft cap \(its config's final_logit_softcapping\)"),
+    ("softcap", 30.0, r"softcap: the model's own logit soft cap \(its config's final_logit_softcapping or "
+                      r"logits_soft_cap\)"),
     ("mask", torch.ones(3, 8, dtype=torch.bool), "mask: a position counts where its label is not ignore_index"),
 ])
 def test_a_losss_keyword_among_the_inputs_is_refused_by_name_before_the_decoders_run(method, keyword, value, message):

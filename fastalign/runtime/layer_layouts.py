@@ -1,6 +1,6 @@
 """How each model family that runs on the paged pool arranges a decoder layer: which norms sit where around
 attention and the MLP, how q and k are normalised, how its RMSNorms apply their weight, whether RoPE differs by layer
-type, and which soft caps its forward applies. `PagedLlama` reads these instead of branching on model types.
+type, and whether its attention soft-caps its scores. `PagedLlama` reads these instead of branching on model types.
 
 A layer computes, with norm(None, x) = x:
     n = norm(input_norm, h)
@@ -26,7 +26,6 @@ class LayerLayout:
     windows: Optional[str] = None            # where config.sliding_window applies: None (nowhere), "every layer",
     #                                          "by layer type" (its config.layer_types entry is sliding_attention)
     score_softcap: bool = False              # attention scores capped at self_attn.attn_logit_softcapping
-    logit_softcap: bool = False              # logits capped at config.final_logit_softcapping
     rms_norm: str = "rounded"                # how its RMSNorms apply their weight (fastalign.ops.rms_norm.WEIGHT_RULES)
 
     def norms(self):
@@ -46,7 +45,7 @@ _LLAMA = LayerLayout()
 _SLIDING = LayerLayout(windows="every layer")
 _TYPED_WINDOWS = LayerLayout(windows="by layer type")
 _GEMMA_SANDWICH = dict(mlp_in_norm="pre_feedforward_layernorm", attention_out_norm="post_attention_layernorm",
-                       mlp_out_norm="post_feedforward_layernorm", logit_softcap=True, rms_norm="one plus")
+                       mlp_out_norm="post_feedforward_layernorm", rms_norm="one plus")
 _OLMO_POST_NORMS = dict(input_norm=None, mlp_in_norm=None, attention_out_norm="post_attention_layernorm",
                         mlp_out_norm="post_feedforward_layernorm", qk_norm="projection", rms_norm="fp32")
 

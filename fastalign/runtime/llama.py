@@ -38,6 +38,7 @@ from fastalign.runtime.module_hooks import runs_a_users_hooks
 from fastalign.runtime.pool_attention import pool_attention
 from fastalign.runtime.rms_norms import add_then_norm, fused_rms_norm
 from fastalign.runtime.rotary import qk_rotation
+from fastalign.unlearn.models import logit_setting_places, logit_softcap
 
 LLAMA_FAMILY = tuple(LAYOUTS)
 
@@ -138,6 +139,7 @@ class PagedLlama:
         self.head_dim = model.model.layers[0].self_attn.head_dim
         self.pool_shapes = [(self.num_kv_heads, self.head_dim)] * self.num_layers   # KVPool's layers: the model's
         self.layout = layout = LAYOUTS[config.model_type]
+        self._logit_places = logit_setting_places(model)   # where its forward reads its soft cap (read at each call)
         layer_windows(model, layout)   # a bad window refused when the runner is made (read again at each call)
         self.max_context = runner_context(config)
         # device: where the whole model computes (model_device), embeddings offloaded by accelerate included; dtype:
@@ -256,9 +258,9 @@ class PagedLlama:
         return {t: (cos[0, :, None, :], sin[0, :, None, :]) for t, (cos, sin) in pairs.items()}
 
     def _soft_capped(self, logits):
-        """c tanh(logits / c) with Gemma 2's or 3's final_logit_softcapping c (None: the logits themselves), in the
-        head's dtype as their forwards cap them."""
-        c = getattr(self.model.config, "final_logit_softcapping", None) if self.layout.logit_softcap else None
+        """c tanh(logits / c) with the soft cap c the model's forward reads (logit_softcap: Gemma 2's and 3's
+        final_logit_softcapping; None: the logits themselves), in the head's dtype as their forwards cap them."""
+        c = logit_softcap(self.model, self._logit_places)
         return logits if c is None else torch.tanh(logits / c) * c
 
 

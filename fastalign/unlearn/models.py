@@ -40,11 +40,12 @@ def _logits_scaling_factor(value: float, config) -> float:
 # Config attributes of models that multiply their logits by a constant after the lm_head, each with the factor it
 # names (of its value and the model's config): Cohere's logit_scale, Granite's logits_scaling (a divisor, which
 # HyperCLOVAX's is not), Falcon-H1's lm_head_multiplier. The objective scales the hidden states and the bias by it
-# instead (s (h W^T + b) = (s h) W^T + s b), so that the fused losses serve these models; a soft cap
-# (final_logit_softcapping: Gemma 2 and 3) the losses apply themselves.
+# instead (s (h W^T + b) = (s h) W^T + s b), so that the fused losses serve these models; a soft cap the losses
+# apply themselves.
 _LOGIT_MULTIPLIERS = {"logit_scale": lambda value, config: value, "logits_scaling": _logits_scaling_factor,
                       "lm_head_multiplier": lambda value, config: value}
-_SOFTCAP = "final_logit_softcapping"
+# Config attributes of a soft cap c of the logits (c tanh(z / c)): Gemma 2's and 3's name, RecurrentGemma's
+SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap")
 
 
 def forward_reads(model, name: str) -> bool:
@@ -259,7 +260,7 @@ def logit_setting_places(model) -> dict[str, str | None]:
     a loss finds the places once, when made, and reads the values there at each call."""
     base = base_causal_lm(model)
     places = {}
-    for name in (_SOFTCAP, *_LOGIT_MULTIPLIERS):
+    for name in (*SOFTCAPS, *_LOGIT_MULTIPLIERS):
         attribute = re.search(rf"\bself\.(model\.)?{name}\b", function_source(type(base).forward) or "")
         places[name] = (None if not forward_reads(base, name) else "config" if attribute is None
                         else "self.model" if attribute.group(1) else "self")
@@ -279,10 +280,13 @@ def _forward_setting(base, name: str, place: str | None):
 
 
 def logit_softcap(model, places: dict[str, str | None] | None = None) -> float | None:
-    """The model's final_logit_softcapping c where its forward applies it (its logits are c * tanh(z / c)), or None
-    for plain logits; read where its forward reads it (`places`: logit_setting_places(model), found now if None)."""
+    """The model's soft cap c (SOFTCAPS: its final_logit_softcapping, RecurrentGemma's logits_soft_cap) where its
+    forward applies it (its logits are c * tanh(z / c)), or None for plain logits; read where its forward reads it
+    (`places`: logit_setting_places(model), found now if None)."""
     places = logit_setting_places(model) if places is None else places
-    value = _forward_setting(base_causal_lm(model), _SOFTCAP, places[_SOFTCAP])
+    base = base_causal_lm(model)
+    values = [_forward_setting(base, name, places[name]) for name in SOFTCAPS]
+    value = next((value for value in values if value is not None), None)
     return None if value is None else float(value)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastalign import CausalLMLoss
-from fastalign.unlearn.models import check_fused_logits, finite
+from fastalign.unlearn.models import check_fused_logits, finite, logit_softcap
 from tests.runtime.tiny_models import drawn_weights
 from tests.test_causal_lm_loss import VOCAB, assert_same_loss_and_gradients, batch
 from tests.unlearn.test_objective import tiny_model
@@ -66,3 +66,18 @@ def test_a_transform_of_1e_4_of_a_wide_fp32_models_logits_is_refused(case, trans
         model.lm_head.register_forward_pre_hook(lambda module, args: (change(args[0]),))
     with pytest.raises(NotImplementedError, match="its logits are not its lm_head's weight applied to the final"):
         check_fused_logits(model)
+
+
+def test_recurrent_gemmas_soft_cap_is_the_models_own():
+    """RecurrentGemma caps its logits at c tanh(z / c) as Gemma 2 does, with c its config's logits_soft_cap: read
+    under Gemma 2's name alone (final_logit_softcapping), it was refused as a model that transforms its logits (they
+    differ by up to 0.93). Served, its loss and gradients are its own."""
+    from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+    torch.manual_seed(0)
+    config = RecurrentGemmaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=1, lru_width=32, attention_window_size=8,
+                                  logits_soft_cap=3.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = drawn_weights(RecurrentGemmaForCausalLM(config))
+    assert logit_softcap(model) == 3.0
+    inputs = batch()
+    assert_same_loss_and_gradients(model, CausalLMLoss(model, backend="torch")(**inputs), model(**inputs).loss)
