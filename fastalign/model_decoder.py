@@ -21,9 +21,12 @@ def decoder_of(model) -> torch.nn.Module:
 def prompt_learning_adapter(model) -> str | None:
     """The config type of `model`'s active PEFT adapter (PromptTuningConfig, PrefixTuningConfig, ...) where it is a
     prompt-learning one, else None: its virtual tokens (or their K/V) come before every sequence in the PEFT model's
-    forward alone, so a decoder run on the inputs does not see them."""
+    forward alone, so a decoder run on the inputs does not see them. None too inside PEFT's `disable_adapter()`,
+    which sets the base model's forward in place of the PEFT model's: then no forward puts them anywhere."""
     config = getattr(model, "active_peft_config", None)
-    return type(config).__name__ if config is not None and getattr(config, "is_prompt_learning", True) else None
+    if config is None or not getattr(config, "is_prompt_learning", True) or model.forward == model.base_model.forward:
+        return None
+    return type(config).__name__
 
 
 def forward_parameters(module) -> dict:

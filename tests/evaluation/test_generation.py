@@ -669,6 +669,20 @@ def test_a_prefix_tuned_peft_model_samples_as_peft_forward_with_the_seed(world, 
         [peft_sampled(tuned, tokenizer, p, i, config) for i, p in enumerate(prompts)]
 
 
+@pytest.mark.parametrize("adapter", ["PrefixTuningConfig", "PromptTuningConfig"])
+def test_a_prompt_learning_adapter_under_disable_adapter_generates_the_base_models_answers(world, tokenizer, adapter):
+    """Inside PEFT's disable_adapter(), PEFT's forward is the base model's: generation started its cache with the
+    prefix's K/V all the same (the adapter's answers, silently), and refused prompt tuning, which no
+    forward then runs. Both answer as the base model and PEFT's own forward do, and as the adapter once it is on."""
+    prompts, tuned = prompts_of(world)[:4], prefix_tuned(tokenizer, adapter)
+    config = GenerationConfig(max_new_tokens=6, batch_size=4)
+    base = generate(tuned.get_base_model(), tokenizer, prompts, config)
+    with tuned.disable_adapter():
+        assert generate(tuned, tokenizer, prompts, config) == base
+        assert [slow_greedy(tuned, tokenizer, p, 6) for p in prompts] == base
+    assert [slow_greedy(tuned, tokenizer, p, 6) for p in prompts] != base
+
+
 @pytest.mark.parametrize("adapter", ["PrefixTuningConfig", "CartridgeConfig"])
 def test_a_kv_prefix_is_refused_for_rains_search_alone(tokenizer, adapter):
     """A prefix's (or a cartridge's) K/V, which PEFT's forward passes as the cache at every call, are refused by that
