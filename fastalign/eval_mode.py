@@ -19,8 +19,8 @@ def eval_mode(model: torch.nn.Module):
     Modes are switched by their flags, both ways, not by train()/eval(): transformers >= 5.25 kernelizes a model that
     uses Hub kernels again at each change of its mode, and would leave a policy that trains on after the block with
     the kernels it maps for inference (some for inference only), after two kernelize passes every step.
-    A Ctrl-C anywhere in the walks leaves nothing behind: the start is undone as far as it got, and the end's walk
-    runs to its end (modules left counted had kept their eval mode through every later block, for good)."""
+    A Ctrl-C anywhere in the walks leaves nothing behind: the start is undone as far as it got, and the end runs to
+    its end (modules left counted had kept their eval mode through every later block, for good)."""
     token, modules = object(), []
     try:
         with _lock:
@@ -32,23 +32,24 @@ def eval_mode(model: torch.nn.Module):
                 _blocks[token] = modules
         yield model
     finally:
-        with _lock:
-            _blocks.pop(token, None)
-            held = {module for others in _blocks.values() for module in others}
-            try:
-                _give_back(modules, held)
-            except BaseException:   # a Ctrl-C stopped the walk half-way: the rest get their mode back all the same
-                _give_back(modules, held)
-                raise
+        try:
+            _end(token, modules)
+        except BaseException:   # a Ctrl-C stopped the end half-way: the rest get their mode back all the same
+            _end(token, modules)
+            raise
 
 
-def _give_back(modules, held):
-    """Each of `modules` switched by a block and in no other block's `held` gets its own mode back (under _lock).
-    Running it again finishes what a first run left undone."""
-    for module in modules:
-        if module in _own and module not in held:
-            module.training = _own[module]
-            del _own[module]
+def _end(token, modules):
+    """The end of block `token`: it leaves _blocks, and each of its `modules` that no other running block holds gets
+    its own mode back. Running it again finishes what a first run left undone (the lock too is taken inside: a
+    Ctrl-C while waiting for it is retried as well)."""
+    with _lock:
+        _blocks.pop(token, None)
+        held = {module for others in _blocks.values() for module in others}
+        for module in modules:
+            if module in _own and module not in held:
+                module.training = _own[module]
+                del _own[module]
 
 
 def _any_training(model):

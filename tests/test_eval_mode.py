@@ -3,6 +3,7 @@ already in eval mode throughout (the runtime enters it before every forward), al
 import importlib
 import random
 import threading
+import types
 
 import pytest
 import torch
@@ -131,26 +132,33 @@ def test_blocks_overlapping_in_two_threads_keep_eval_mode_until_the_last_one_end
     assert all(_modes(model))
 
 
+def _with_nested(code):
+    """`code` and the code objects nested in it (a comprehension's, before Python 3.12)."""
+    return [code] + [c for const in code.co_consts if isinstance(const, types.CodeType) for c in _with_nested(const)]
+
+
 @pytest.mark.parametrize("walk", ["start", "end"])
 def test_a_ctrl_c_anywhere_in_a_walk_leaves_every_module_its_own_mode(walk):
-    """A Ctrl-C (KeyboardInterrupt raised at each line of the walk in turn) as a block starts or ends: the modules
-    switched so far stayed counted, and every later block left them in eval mode for good (dropout off in training:
-    an unlearning run interrupted and resumed differed from an uninterrupted one by 0.0315). Each module has its own
-    mode back right after, and after a later block."""
+    """A Ctrl-C (KeyboardInterrupt raised at each line of the walk in turn) as a block starts or ends, while another
+    block runs on another model: the modules switched so far stayed counted, and every later block left them in eval
+    mode for good (dropout off in training: an unlearning run interrupted and resumed differed from an uninterrupted
+    one by 0.0315); at the end, one as the block left the running ones or as the modules the others hold were
+    gathered left them in eval mode. Each module has its own mode back right after, and after a later block."""
     model = _nested().train()
     list(model.modules())[5].training = False    # a module in eval mode inside a model that trains
     before = _modes(model)
     codes = ([eval_mode.__wrapped__.__code__, _any_training.__code__] if walk == "start"
-             else [eval_mode_module._give_back.__code__])
-    with interrupted_at(codes, 0) as seen, eval_mode(model):
-        started = seen[0]
-    lines = started if walk == "start" else seen[0]
-    assert lines >= 2 * len(before)
-    for line in range(1, lines + 1):
-        with pytest.raises(KeyboardInterrupt), interrupted_at(codes, line), eval_mode(model):
-            pass
-        assert _modes(model) == before, line
-        with eval_mode(model):
-            assert not any(_modes(model)), line
-        assert _modes(model) == before, line
+             else _with_nested(eval_mode_module._end.__code__))
+    with eval_mode(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout()).train()):
+        with interrupted_at(codes, 0) as seen, eval_mode(model):
+            started = seen[0]
+        lines = started if walk == "start" else seen[0]
+        assert lines >= 2 * len(before)
+        for line in range(1, lines + 1):
+            with pytest.raises(KeyboardInterrupt), interrupted_at(codes, line), eval_mode(model):
+                pass
+            assert _modes(model) == before, line
+            with eval_mode(model):
+                assert not any(_modes(model)), line
+            assert _modes(model) == before, line
     assert not eval_mode_module._own and not eval_mode_module._blocks
