@@ -24,11 +24,25 @@ def appended_ids(tokenizer) -> list[int]:
     """The ids the tokenizer puts after every text it encodes with special tokens: its EOS where it appends one
     (Llama's add_eos_token=True, T5's '$A </s>'), BERT's [SEP] ('[CLS] $A [SEP]', which no eos_token names), none
     for most; read off one encoding with and one without special tokens, as what follows the text's own ids."""
-    with_special, plain = (list(tokenizer("a", add_special_tokens=special)["input_ids"]) for special in (True, False))
-    for start in range(len(with_special) - len(plain) + 1 if plain else 0):
+    text = _ordinary_text(tokenizer)
+    with_special, plain = (list(tokenizer(text, add_special_tokens=special)["input_ids"]) for special in (True, False))
+    for start in range(len(with_special) - len(plain) + 1):
         if with_special[start:start + len(plain)] == plain:
             return with_special[start + len(plain):]
     return []
+
+
+def _ordinary_text(tokenizer) -> str:
+    """A text that the tokenizer encodes to some ids of its own: the text of its first vocabulary entry that is no
+    special token and encodes so. A fixed text may have none: "a" encodes to nothing in a BPE of Cyrillic text alone
+    without an unknown token, and then what follows its ids was never read (an appended EOS stayed in prompts)."""
+    specials = set(tokenizer.all_special_ids)
+    for token_id in range(len(tokenizer)):
+        text = "" if token_id in specials else tokenizer.decode([token_id])
+        if text and tokenizer(text, add_special_tokens=False)["input_ids"]:
+            return text
+    raise ValueError("tokenizer: none of its vocabulary entries but its special tokens encodes to ids of its own, so "
+                     "what it appends to every text cannot be read off an encoding")
 
 
 def tokenize_prompts(tokenizer, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[int]]:

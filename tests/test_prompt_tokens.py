@@ -54,3 +54,35 @@ def test_a_prompt_ends_without_the_sep_a_wordpiece_tokenizer_appends_to_every_te
     assert tokenize_prompts(tokenizer, texts) == [[cls] + ids for ids in plain]
     assert plain[-1][-1] == sep
     assert tokenize_prompts(tokenizer, texts, add_special_tokens=False) == plain
+
+
+CYRILLIC = ["привет мир как дела", "хорошо спасибо"]
+
+
+def cyrillic_bpe_tokenizer(appends_eos: bool):
+    """A BPE tokenizer trained on Cyrillic text alone, without an unknown token (it drops what it cannot encode:
+    "a" encodes to no ids), that starts every text with <s> and, where `appends_eos`, ends it with </s>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.train_from_iterator(CYRILLIC, trainers.BpeTrainer(vocab_size=60, special_tokens=["<s>", "</s>"]))
+    core.post_processor = processors.TemplateProcessing(single="<s> $A </s>" if appends_eos else "<s> $A",
+                                                        special_tokens=[("<s>", 0), ("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
+
+
+def test_a_prompt_ends_without_the_eos_of_a_tokenizer_that_has_no_ids_for_a():
+    """appended_ids read what a tokenizer appends off the encoding of "a": a tokenizer without ids for it appended
+    nothing after them, so prompts kept the EOS it appends to every text. It is read off a text of the vocabulary."""
+    import random
+
+    appending, plain_end = cyrillic_bpe_tokenizer(True), cyrillic_bpe_tokenizer(False)
+    assert appending("a", add_special_tokens=False)["input_ids"] == []
+    assert appended_ids(appending) == [appending.eos_token_id] and appended_ids(plain_end) == []
+    rng = random.Random(3)
+    words = " ".join(CYRILLIC).split()
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 6))) for _ in range(5)]
+    expected = [[appending.bos_token_id] + ids for ids in appending(texts, add_special_tokens=False)["input_ids"]]
+    assert tokenize_prompts(appending, texts) == tokenize_prompts(plain_end, texts) == expected
