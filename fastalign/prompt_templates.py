@@ -15,10 +15,18 @@ SPEC_TEMPLATE = "### Question: {prompt}\n ### Answer: {answer}"
 
 
 def special_texts(tokenizer) -> Tuple[str, ...]:
-    """The texts of the tokenizer's special tokens (its added tokens marked special): wherever a text holds one, the
-    tokenizer reads it as that control token (an end of text, a turn marker), not as text."""
+    """The texts of the tokenizer's special tokens (its added tokens marked special) that it reads, wherever a text
+    holds one, as that control token (an end of text, a turn marker), not as text. None where it reads them all as
+    text (split_special_tokens, HF's switch for it), nor one whose text it reads as text to that token's id alone (a
+    pad token set to an ordinary character, '!'): the ids are those of the text either way."""
+    if getattr(tokenizer, "split_special_tokens", False):
+        return ()
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    return tuple(sorted({t.content for t in added.values() if getattr(t, "special", False) and t.content}))
+    specials = {token_id: t.content for token_id, t in added.items() if getattr(t, "special", False) and t.content}
+    if not specials:
+        return ()
+    as_text = tokenizer(list(specials.values()), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return tuple(sorted({text for (token_id, text), ids in zip(specials.items(), as_text) if list(ids) != [token_id]}))
 
 
 def refuse_special_text(specials: Sequence[str], name: str, text: str) -> None:

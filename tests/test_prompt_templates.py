@@ -38,3 +38,33 @@ def test_a_template_that_keeps_the_answer_as_given_keeps_its_leading_whitespace(
     assert rendered.text[rendered.answer_start:rendered.answer_end] == " Sure."
     assert rendered.text[rendered.space_start:rendered.answer_start] == " "
     assert rendered.text[:rendered.space_start].endswith("[/INST]")
+
+
+def test_special_texts_are_those_the_tokenizer_reads_as_control_tokens():
+    """Every special token's text in a prompt or answer was refused as one the tokenizer reads as that control token,
+    also where it reads it as text: with split_special_tokens=True (HF's switch for it), and for a pad token set to an
+    ordinary character ('!', same id as the plain character), every row holding it. Those are not refused; the texts
+    the tokenizer does read as control tokens still are."""
+    import copy
+    import random
+
+    from fastalign.prompt_templates import refuse_special_text, special_texts
+    from tests.unlearn.tiny import byte_bpe_tokenizer
+
+    tokenizer = byte_bpe_tokenizer()
+    bang = tokenizer.convert_tokens_to_ids("!")
+    padded, split = copy.deepcopy(tokenizer), copy.deepcopy(tokenizer)
+    padded.add_special_tokens({"pad_token": "!"})
+    split.split_special_tokens = True
+    assert padded.pad_token_id == bang and {"<s>", "</s>"} <= set(special_texts(tokenizer))
+    assert special_texts(padded) == special_texts(tokenizer) and special_texts(split) == ()
+    rng = random.Random(4)
+    words = ["the", "capital", "of", "France", "is", "Paris", "use", "for", "strikethrough"]
+    text = " ".join(rng.choice(words) for _ in range(6))
+    refuse_special_text(special_texts(padded), "the answer", text + "!")
+    assert padded(text + "!")["input_ids"] == tokenizer(text + "!")["input_ids"]
+    refuse_special_text(special_texts(split), "the answer", text + " <s>")
+    assert tokenizer.bos_token_id not in split(text + " <s>", add_special_tokens=False)["input_ids"]
+    for reading in (tokenizer, padded):
+        with pytest.raises(ValueError, match="the answer holds '<s>', the text of a special token"):
+            refuse_special_text(special_texts(reading), "the answer", text + " <s>")
