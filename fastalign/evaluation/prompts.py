@@ -30,8 +30,9 @@ def chat_prompt(tokenizer, text: str, system: Optional[str] = None, template_kwa
     The result usually starts with the BOS token's text; generation (`encode_prompts`) keeps that one BOS.
     ValueError when the tokenizer has no chat template, the template refuses the conversation (e.g. one without a
     system role, given `system`), drops `system` or ignores add_generation_prompt and writes more than whitespace
-    before the answer (the prompt would end without the assistant's header), or `template_kwargs` are no template
-    variables."""
+    before the answer (the prompt would end without the assistant's header), `template_kwargs` are no template
+    variables, or `text` (or `system`) holds a special token's text that the tokenizer would read as that control
+    token (refuse_special_text)."""
     return ChatTemplate(tokenizer, system, template_kwargs).prompt(text)
 
 
