@@ -24,7 +24,9 @@ def prompt_learning_adapter(model) -> str | None:
     forward alone, so a decoder run on the inputs does not see them. None too inside PEFT's `disable_adapter()`,
     which sets the base model's forward in place of the PEFT model's: then no forward puts them anywhere."""
     config = getattr(model, "active_peft_config", None)
-    if config is None or not getattr(config, "is_prompt_learning", True) or model.forward == model.base_model.forward:
+    base = getattr(model, "base_model", None)
+    if config is None or not getattr(config, "is_prompt_learning", True) or \
+            (base is not None and model.forward == base.forward):
         return None
     return type(config).__name__
 
