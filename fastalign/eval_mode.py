@@ -32,11 +32,12 @@ def eval_mode(model: torch.nn.Module):
                 _blocks[token] = modules
         yield model
     finally:
-        try:
-            _end(token, modules)
-        except BaseException:   # a Ctrl-C stopped the end half-way: the rest get their mode back all the same
-            _end(token, modules)
-            raise
+        if modules:   # (none: a model in eval mode throughout, for which nothing was registered or switched)
+            try:
+                _end(token, modules)
+            except BaseException:   # a Ctrl-C stopped the end half-way: the rest get their mode back all the same
+                _end(token, modules)
+                raise
 
 
 def _end(token, modules):
