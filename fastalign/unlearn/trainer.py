@@ -158,20 +158,23 @@ class UnlearningTrainer:
     (and an Accelerator made while the trainer's state was the process's, sharing it) is unusable from then on. A run
     takes what it prepared out of the accelerator when it ends, finished or failed, and leaves the rest (the objects
     the caller prepared on it, its step) as it was.
-    The constructor checks the model before it changes it (casts it for precision 'bf16', wraps it for LoRA, moves it
-    to the accelerator's device): a model it refuses is left as given, but at precision 'bf16' for lora_targets that
+    The constructor checks the model as train() prepares it (cast for precision 'bf16', wrapped for LoRA, its weights
+    frozen but the adapter's, the lm_head frozen for the cached reference, moved to the accelerator's device), then
+    gives it back: the caller's model, trainer.model until train(), holds no LoRA layer and each weight keeps its
+    requires_grad flag (a trainer never trained leaves none of its changes), but stays cast and moved (the bf16 cast
+    rounds its weights for good). A model it refuses is left as given, but at precision 'bf16' for lora_targets that
     PEFT finds in no module and for a LoRA adapter on input embeddings tied to the lm_head (whose merge would change
-    the lm_head too), refused after the cast. A finished run gives the model (trained in place, LoRA merged in) its
-    requires_grad flags back, which LoRA and the cached reference set (a LoRA run, once it merged its adapter in, even
-    where writing model/ then fails); a train() that ends with an exception (a refusal included) before any weight
-    stepped gives the model back as the constructor found it but for the bf16 cast (the LoRA layers taken out, the
-    flags given back), and the next train() on the trainer prepares it again; a trainer never trained leaves them, and a
-    trainer with lora=False refuses a model holding such LoRA layers (or any PEFT adapter layers outside a PeftModel),
-    naming them, as it would train those alone. Each train() runs its steps in train mode, with activation
-    checkpointing where config.gradient_checkpointing asks for it, and when it ends, finished or failed, gives each
-    module of the caller's model its mode (train or eval) back, its checkpointing as found (each module's flag and
-    function: off, or on with the model's own options, such as use_reentrant=True), and turns the input-grads hook
-    transformers registers with checkpointing off again where the model was given without it.
+    the lm_head too), refused after the cast. Each train() prepares the model (trainer.model is then LoRA's PeftModel).
+    A finished run gives the model (trained in place, LoRA merged in) its requires_grad flags back (a LoRA run, once it
+    merged its adapter in, even where writing model/ then fails); a train() that ends with an exception (a refusal
+    included) before any weight stepped gives the model back as the constructor left it (the LoRA layers taken out,
+    the flags given back), and the next train() on the trainer prepares it again. A trainer with lora=False refuses a
+    model holding PEFT adapter layers outside a PeftModel, naming them, as it would train those alone. Each train()
+    runs its steps in train mode, with activation checkpointing where config.gradient_checkpointing asks for it, and
+    when it ends, finished or failed, gives each module of the caller's model its mode (train or eval) back, its
+    checkpointing as found (each module's flag and function: off, or on with the model's own options, such as
+    use_reentrant=True), and turns the input-grads hook transformers registers with checkpointing off again where the
+    model was given without it.
     One train() runs at a time on a trainer: one called while another runs, from another thread or from the
     step_callback, is refused with a RuntimeError (the two would train one model with one optimizer into one
     output_dir); one called after the last returned runs (after an exception, a resume: see resume_point), but it is
@@ -222,11 +225,15 @@ class UnlearningTrainer:
         self.optimizer_in_backward = (config.optimizer_in_backward if config.optimizer_in_backward is not None else
                                       self.accelerator.num_processes == 1 and not self.sharded
                                       and config.grad_accum == 1)
-        self.model = self._prepare_model(model)
-        # where a fresh run's dropout starts drawing (train() goes back to it: a caller's own draws in between must
-        # not change the run)
+        # the model prepared as train() will prepare it, for the checks only that refuse it now (the LoRA targets,
+        # the adapter's merge): given back at once, so that a trainer never trained leaves no LoRA layer or frozen
+        # weight in the caller's model (train() prepares it again, and gives it back as a finished run's end does)
+        prepared = self._prepare_model(model)
+        # where a fresh run's dropout starts drawing, LoRA's initialisation drawn (train() goes back to it: a
+        # caller's own draws in between must not change the run)
         self._fresh_rng = torch_rng_state(self.accelerator.device)
-        self.shape = ModelShape.of(self.model)
+        self.shape = ModelShape.of(prepared)   # (LoRA's matrices count)
+        self.model = self._given_back_model(prepared)
         self.setup_compute = ComputeTotals()  # what building the reference cost (the cached one: a forward)
         self.reference_cache_bytes = None  # what the cached reference holds (RunSummary.reference_cache_bytes)
         self._digest = None   # of the streams' data, recorded in checkpoints (_data_digest)
@@ -238,8 +245,9 @@ class UnlearningTrainer:
         self.packer = None    # the objective's RowPacker, once train() built it: how each batch's forward ran
         self._prepared = False   # whether a train() gave the model to accelerate's prepare (FSDP shards it in place)
         self._merged = False   # whether a LoRA run merged its adapter into the weights in place (_finish)
-        # whether a train() that stepped no weight gave the model back as given (the next one prepares it again)
-        self._given_back = False
+        # whether the model is as given (the constructor, or a train() that stepped no weight, gave it back): the next
+        # train() prepares it
+        self._given_back = True
         # whether a train() that did not finish stepped the weights: a later one can restore them from a checkpoint only
         self._stepped = False
         self._busy = threading.Lock()   # held by the running train() (see one_call_at_a_time)
@@ -362,7 +370,7 @@ class UnlearningTrainer:
                                f"not {MIXED_PRECISION[config.precision]!r} as precision={config.precision!r} needs: "
                                "a trainer of another precision constructed since in this process reset accelerate's "
                                "state, which is the process's; construct this trainer again")
-        if self._given_back:   # a train() that stepped no weight gave the model back as given
+        if self._given_back:   # the constructor, or a train() that stepped no weight, gave the model back as given
             self.model, self._given_back = self._prepare_model(self.model), False
         out = config.output_dir
         resume_from = resume_point(config)

@@ -841,12 +841,17 @@ def test_lora_initialisation_draws_from_the_seed(tmp_path):
         model = tiny_llama(len(tokenizer))
         torch.rand(draws)  # the global RNG in another state
         config = UnlearnConfig(output_dir=str(tmp_path / f"{seed}-{draws}"), lora=True, lora_rank=4, seed=seed,
-                               progress=False)
-        trainer = UnlearningTrainer(model, tiny_streams(tokenizer), config)
-        return trainer.model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.detach()
+                               max_steps=1, grad_accum=1, lr=0.0, progress=False)
+        trainer, seen = UnlearningTrainer(model, tiny_streams(tokenizer), config), []
+        # (read in the run: the constructor gives the model back without the adapter, train() puts it in)
+        trainer.step_callback = lambda record: seen.append(
+            trainer.model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.detach().clone())
+        trainer.train()
+        return seen[0]
 
-    assert torch.equal(lora_a(0, 1), lora_a(0, 2))
-    assert not torch.equal(lora_a(0, 1), lora_a(1, 1))
+    drawn = lora_a(0, 1)
+    assert torch.equal(drawn, lora_a(0, 2))
+    assert not torch.equal(drawn, lora_a(1, 1))
 
 
 def test_dropout_follows_the_seed_whatever_the_caller_draws_before_training(tmp_path):
@@ -1672,20 +1677,13 @@ def test_a_lora_run_that_stepped_no_weight_gives_the_model_back_as_given(tmp_pat
             assert open(os.path.join(tmp_path, "retried", name, file), "rb").read() == open(expected, "rb").read(), file
 
 
-@pytest.mark.parametrize("left_by", ["a lora trainer never trained", "the caller"])
-def test_a_full_run_on_a_model_holding_stray_adapter_layers_is_refused_naming_them(tmp_path, left_by):
-    """A model holding LoRA layers outside a PeftModel (a trainer with lora=True constructed over it and never
-    trained, or the caller's own inject_adapter_in_model) trained with lora=False trained the adapters alone, PEFT
-    having frozen the weights they wrap, and wrote a model/ whose wrapped weights transformers reloaded at random."""
+def test_a_full_run_on_a_model_holding_stray_adapter_layers_is_refused_naming_them(tmp_path):
+    """A model holding LoRA layers outside a PeftModel (the caller's own inject_adapter_in_model) trained with
+    lora=False trained the adapters alone, PEFT having frozen the weights they wrap, and wrote a model/ whose wrapped
+    weights transformers reloaded at random."""
     peft = pytest.importorskip("peft")
-    tokenizer, model = byte_bpe_tokenizer(), tiny_llama(len(byte_bpe_tokenizer()))
-    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
-    if left_by == "the caller":
-        peft.inject_adapter_in_model(lora, model)
-    else:
-        config = UnlearnConfig(output_dir=str(tmp_path / "never"), lora=True, lora_rank=4,
-                               lora_targets=["q_proj", "v_proj"])
-        UnlearningTrainer(model, tiny_streams(tokenizer), config)
+    model = tiny_llama(len(byte_bpe_tokenizer()))
+    peft.inject_adapter_in_model(peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), model)
     with pytest.raises(ValueError, match=r"lora=False trains the model's own weights, but the model holds 4 PEFT "
                                          r"adapter layer\(s\) outside a PeftModel \(model.layers.0.self_attn.q_proj, "
                                          r"model.layers.0.self_attn.v_proj, model.layers.1.self_attn.q_proj, ...\)"):
@@ -1704,6 +1702,28 @@ def test_a_cached_reference_run_that_stepped_no_weight_gives_the_lm_head_its_fla
     assert model.lm_head.weight.requires_grad
     run(tmp_path, model=model, max_steps=1, grad_accum=1, reference="copy")
     assert not torch.equal(model.lm_head.weight, head) and model.lm_head.weight.requires_grad
+
+
+@pytest.mark.parametrize("settings", [{"lora": True, "lora_rank": 4}, {"reference": "cached"}], ids=["lora", "cached"])
+def test_a_trainer_never_trained_leaves_the_model_as_given(tmp_path, settings):
+    """The constructor put PEFT's LoRA layers into the caller's model and froze its base weights, or froze its lm_head
+    (the cached reference), which only train() undid: a trainer built and never trained (a notebook cell run, then
+    other settings chosen) left them for good, and a full run on the model was refused (its stray LoRA layers) or
+    never trained the lm_head. The model trains after it as a fresh one does."""
+    if settings.get("lora"):
+        pytest.importorskip("peft")
+    tokenizer, seed = byte_bpe_tokenizer(), random.randrange(1 << 16)
+    model = tiny_llama(len(tokenizer), seed=seed)
+    keys, modules = list(model.state_dict()), [name for name, _ in model.named_modules()]
+    config = UnlearnConfig(output_dir=str(tmp_path / "never"), progress=False, **settings)
+    trainer = UnlearningTrainer(model, tiny_streams(tokenizer), config)
+    assert trainer.model is model and list(model.state_dict()) == keys
+    assert [name for name, _ in model.named_modules()] == modules
+    assert all(p.requires_grad for p in model.parameters())
+    trained, _ = run(tmp_path, "after", model=model, max_steps=1, grad_accum=1)
+    fresh, _ = run(tmp_path, "fresh", model=tiny_llama(len(tokenizer), seed=seed), max_steps=1, grad_accum=1)
+    for (name, a), (_, b) in zip(trained.model.named_parameters(), fresh.model.named_parameters()):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("settings", [{}, {"gradient_checkpointing": True},
