@@ -56,7 +56,8 @@ def new_accelerator(precision: str):
     _PROCESS_GROUP_TIMEOUT. accelerate keeps one state per process, which the first Accelerator sets and later ones
     may not change: in a process of its own (no launcher), a trainer of another precision than an earlier one's (a
     sweep in a notebook) resets it, where accelerate refused (an earlier trainer makes its own again at its next
-    train(), and each train() resets the state it made when it ends: accelerator_of_a_run); a state the
+    train(), and its constructor and each train() reset the state they made when they end: accelerator_of_a_run); a
+    state the
     caller's own Accelerator set is shared where it computes in that precision and refused otherwise: resetting it
     would switch the caller's training to another precision."""
     accelerate = require("accelerate")
@@ -87,11 +88,12 @@ _RUNS = "_fastalign_trainer_runs"
 
 @contextlib.contextmanager
 def accelerator_of_a_run(precision: str):
-    """new_accelerator(precision) for a run (the block). When the block ends, finished or failed, the accelerate state
-    is reset where new_accelerator made it (not where it shared the caller's) and no other run uses it (a trainer
-    trained from another's step_callback shares the state): left initialised after a run, it made accelerate refuse
-    an Accelerator of the caller's in another precision ("restart your runtime"). The process group (accelerate's
-    PartialState) stays; an Accelerator sharing the reset state is unusable after it."""
+    """new_accelerator(precision) for a run (the block: a trainer's train(), or its constructor's checks). When the
+    block ends, finished, refused or failed, the accelerate state is reset where new_accelerator made it (not where it
+    shared the caller's) and no other run uses it (a trainer trained or built from another's step_callback shares the
+    state): left initialised after a run, it made accelerate refuse an Accelerator of the caller's in another precision
+    ("restart your runtime"). The process group (accelerate's PartialState) stays; an Accelerator sharing the reset
+    state is unusable after it."""
     accelerator = new_accelerator(precision)
     shared = type(accelerator.state)._shared_state
     shared[_RUNS] = shared.get(_RUNS, 0) + 1

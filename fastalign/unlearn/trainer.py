@@ -39,7 +39,7 @@ from fastalign.model_vocabulary import input_vocabulary
 from fastalign.one_call import one_call_at_a_time
 from fastalign.ops.backend import select_backend
 from fastalign.unlearn.accelerator import (MIXED_PRECISION, accelerator_of_a_run, bucket_per_tensor, check_launch,
-                                          new_accelerator, released_when_done)
+                                          released_when_done)
 from fastalign.unlearn.backward_step import step_in_backward
 from fastalign.unlearn.checkpoint import (atomic_directory, read_checkpoint, remove_stale_temporaries, resume_point,
                                           set_rng_state, torch_rng_state, truncate_log, write_checkpoint,
@@ -152,10 +152,11 @@ class UnlearningTrainer:
     step_callback(record) runs on the main process after every step.
     `accelerator` must compute in the mixed precision config.precision names; without one the trainer makes its own,
     which shares the process's accelerate state with an Accelerator of the caller's in that precision and refuses one
-    of another precision (see accelerator.new_accelerator): it does not switch the caller's training to its own. Each
-    train() makes its own again, and when it ends, finished or failed, resets the accelerate state it made (not one it
-    shared), so that an Accelerator the caller makes afterwards may compute in another precision; trainer.accelerator
-    (and an Accelerator made while the trainer's state was the process's, sharing it) is unusable from then on. A run
+    of another precision (see accelerator.new_accelerator): it does not switch the caller's training to its own. The
+    constructor makes it for its checks, and each train() its own again; when either ends (refused, finished or
+    failed) it resets the accelerate state it made (not one it shared), so that an Accelerator the caller makes
+    afterwards may compute in another precision; trainer.accelerator (and an Accelerator made while the trainer's state
+    was the process's, sharing it) is unusable from then on, outside train(). A run
     takes what it prepared out of the accelerator when it ends, finished or failed, and leaves the rest (the objects
     the caller prepared on it, its step) as it was.
     The constructor checks the model as train() prepares it (cast for precision 'bf16', wrapped for LoRA, its weights
@@ -205,33 +206,37 @@ class UnlearningTrainer:
                 raise ValueError(f"model parameter {name} holds NaN or infinite values")
         self.config, self.streams, self.tokenizer, self.step_callback = config, streams, tokenizer, step_callback
         self._own_accelerator = accelerator is None   # made again by each train(), whose end resets its state
-        self.accelerator = accelerator or new_accelerator(config.precision)
-        check_launch(self.accelerator, config.precision)
-        # the losses' backend on the accelerator's device (backend='triton' needs CUDA): refused now, not at the first
-        # step, once train() has written config.json
-        select_backend("linear_cross_entropy", config.backend, self.accelerator.device)
-        check_not_dispatched(model, self.accelerator.device)
-        warn_if_moved({p.device for p in model.parameters()}, self.accelerator.device)
-        self.sharded = self.accelerator.distributed_type == "FSDP"  # accelerate's DistributedType is a str enum
-        if self.sharded and config.lora:
-            raise NotImplementedError("lora=True under FSDP is not supported (the adapter could not be merged "
-                                      "into sharded weights); LoRA's trainable weights are small: use DDP")
-        if config.optimizer_in_backward is True and (self.accelerator.num_processes != 1 or self.sharded):
-            raise ValueError(f"optimizer_in_backward (--optimizer-in-backward) needs one process without FSDP: under "
-                             f"{self.accelerator.num_processes} the gradients are reduced across them after the "
-                             "backward, where it would already have stepped on each process's own")
-        # AdamW inside the backward (backward_step.py) where nothing reads several gradients together: it steps
-        # the same weights, and the model's gradients never all exist at once
-        self.optimizer_in_backward = (config.optimizer_in_backward if config.optimizer_in_backward is not None else
-                                      self.accelerator.num_processes == 1 and not self.sharded
-                                      and config.grad_accum == 1)
-        # the model prepared as train() will prepare it, for the checks only that refuse it now (the LoRA targets,
-        # the adapter's merge): given back at once, so that a trainer never trained leaves no LoRA layer or frozen
-        # weight in the caller's model (train() prepares it again, and gives it back as a finished run's end does)
-        prepared = self._prepare_model(model)
-        # where a fresh run's dropout starts drawing, LoRA's initialisation drawn (train() goes back to it: a
-        # caller's own draws in between must not change the run)
-        self._fresh_rng = torch_rng_state(self.accelerator.device)
+        self.accelerator = accelerator
+        # the checks' accelerator: the trainer's own, made for them, resets the accelerate state it made when they
+        # end, refused or not: a trainer refused, or built and not trained (--check), left it to refuse an
+        # Accelerator of the caller's in another precision (train() makes its own again)
+        with self._accelerator_of_a_block() as self.accelerator:
+            check_launch(self.accelerator, config.precision)
+            # the losses' backend on the accelerator's device (backend='triton' needs CUDA): refused now, not at the
+            # first step, once train() has written config.json
+            select_backend("linear_cross_entropy", config.backend, self.accelerator.device)
+            check_not_dispatched(model, self.accelerator.device)
+            warn_if_moved({p.device for p in model.parameters()}, self.accelerator.device)
+            self.sharded = self.accelerator.distributed_type == "FSDP"  # accelerate's DistributedType is a str enum
+            if self.sharded and config.lora:
+                raise NotImplementedError("lora=True under FSDP is not supported (the adapter could not be merged "
+                                          "into sharded weights); LoRA's trainable weights are small: use DDP")
+            if config.optimizer_in_backward is True and (self.accelerator.num_processes != 1 or self.sharded):
+                raise ValueError(f"optimizer_in_backward (--optimizer-in-backward) needs one process without FSDP: "
+                                 f"under {self.accelerator.num_processes} the gradients are reduced across them after "
+                                 "the backward, where it would already have stepped on each process's own")
+            # AdamW inside the backward (backward_step.py) where nothing reads several gradients together: it steps
+            # the same weights, and the model's gradients never all exist at once
+            self.optimizer_in_backward = (config.optimizer_in_backward if config.optimizer_in_backward is not None
+                                          else self.accelerator.num_processes == 1 and not self.sharded
+                                          and config.grad_accum == 1)
+            # the model prepared as train() will prepare it, for the checks only that refuse it now (the LoRA targets,
+            # the adapter's merge): given back at once, so that a trainer never trained leaves no LoRA layer or frozen
+            # weight in the caller's model (train() prepares it again, and gives it back as a finished run's end does)
+            prepared = self._prepare_model(model)
+            # where a fresh run's dropout starts drawing, LoRA's initialisation drawn (train() goes back to it: a
+            # caller's own draws in between must not change the run)
+            self._fresh_rng = torch_rng_state(self.accelerator.device)
         self.shape = ModelShape.of(prepared)   # (LoRA's matrices count)
         self.model = self._given_back_model(prepared)
         self.setup_compute = ComputeTotals()  # what building the reference cost (the cached one: a forward)
@@ -335,14 +340,17 @@ class UnlearningTrainer:
         self.reference_cache_bytes = reference.num_bytes
         return reference
 
+    def _accelerator_of_a_block(self):
+        """The accelerator for a block (the constructor's checks, a run): the caller's, or the trainer's own made again
+        (the last block reset the state it made), whose state is reset when the block ends (accelerator_of_a_run): the
+        caller's own Accelerator afterwards may compute in any precision."""
+        return (accelerator_of_a_run(self.config.precision) if self._own_accelerator else
+                contextlib.nullcontext(self.accelerator))
+
     @one_call_at_a_time("its step_callback", "wait for the running train() to return")
     def train(self) -> RunSummary:
-        # the trainer's own Accelerator made again (the last run reset the state it made), and its state reset after
-        # the run: the caller's own Accelerator afterwards may compute in any precision
-        run_accelerator = (accelerator_of_a_run(self.config.precision) if self._own_accelerator else
-                           contextlib.nullcontext(self.accelerator))
         try:
-            with run_accelerator as self.accelerator:
+            with self._accelerator_of_a_block() as self.accelerator:
                 return self._checked_run()
         except BaseException:
             # no weight stepped: the caller may well reuse the model (retry with other settings, train it otherwise),

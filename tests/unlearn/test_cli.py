@@ -98,6 +98,10 @@ def test_help_tells_what_a_merge_into_bf16_weights_loses(capsys):
 
 
 def test_check_loads_everything_and_writes_nothing(workspace, capsys):
+    """Nothing written, and no accelerate state left: after it (fp32), an Accelerator of the caller's in bf16 was
+    refused in that process ("restart your runtime")."""
+    from accelerate import Accelerator
+
     code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(workspace / "out"),
                  "--check"])
     assert code == 0
@@ -105,6 +109,7 @@ def test_check_loads_everything_and_writes_nothing(workspace, capsys):
     assert report["forget"] == 3 and report["normal"] == 5 and report["mismatch_pool"] > 0
     assert (report["packing"], report["packing_unavailable"]) == ("auto", None)   # a Llama: it packs
     assert not os.path.exists(workspace / "out")
+    assert Accelerator(mixed_precision="bf16", cpu=True).mixed_precision == "bf16"
 
 
 def test_check_refuses_packing_on_for_a_model_that_cannot_pack(workspace, capsys, monkeypatch):

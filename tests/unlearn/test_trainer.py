@@ -927,20 +927,26 @@ def test_trainers_of_two_precisions_run_one_after_the_other_in_one_process(tmp_p
     assert seen == ["bf16", "no"]
 
 
-@pytest.mark.parametrize("ending", ["finished", "failed"])
+@pytest.mark.parametrize("ending", ["finished", "failed", "built", "refused"])
 def test_an_accelerator_of_the_callers_in_another_precision_is_taken_after_a_run(tmp_path, monkeypatch, ending):
-    """The trainer's own Accelerator left accelerate's process-wide state initialised after train(): the caller's
-    Accelerator(mixed_precision='bf16') after an fp32 run was refused ("restart your runtime"), where a fresh process
-    took it. A run resets the state its trainer made when it ends, finished or failed."""
+    """The trainer's own Accelerator left accelerate's process-wide state initialised after train(), and after a
+    constructor that refused the model or was never followed by train() (--check): the caller's
+    Accelerator(mixed_precision='bf16') after an fp32 trainer was refused ("restart your runtime"), where a fresh
+    process took it. The constructor and each run reset the state the trainer made when they end."""
     from accelerate import Accelerator
 
+    tokenizer = byte_bpe_tokenizer()
+    config = UnlearnConfig(output_dir=str(tmp_path / "run"), progress=False)
     if ending == "finished":
         run(tmp_path, max_steps=1, grad_accum=1)
-    else:
-        tokenizer = byte_bpe_tokenizer()
-        config = UnlearnConfig(output_dir=str(tmp_path / "run"), progress=False)
+    elif ending == "failed":
         fail_train_at_forward(monkeypatch, UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer),
                                                              config), 1)
+    elif ending == "built":
+        UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config)
+    else:   # float16 weights to train, refused once the trainer made its Accelerator
+        with pytest.raises(ValueError, match="float16 and trains"):
+            UnlearningTrainer(tiny_llama(len(tokenizer)).half(), tiny_streams(tokenizer), config)
     assert Accelerator(mixed_precision="bf16", cpu=True).mixed_precision == "bf16"
 
 
@@ -1208,12 +1214,17 @@ def test_the_bf16_mixed_frozen_copy_holds_its_linear_weights_in_bf16(tmp_path):
     assert reference.model.model.embed_tokens.weight.dtype == torch.float32
 
 
-def test_adamw_takes_the_configured_weight_decay(tmp_path):
+def test_adamw_takes_the_configured_weight_decay(tmp_path, monkeypatch):
     """The default 0.01 is torch's AdamW default too: only another value shows that the setting reaches AdamW."""
-    tokenizer = byte_bpe_tokenizer()
-    config = UnlearnConfig(output_dir=str(tmp_path / "run"), weight_decay=0.3, progress=False)
-    _, optimizer = UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config)._prepare_objective()
-    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.3]
+    optimizers, made = [], trainer_module.adamw
+
+    def recorded(*args, **kwargs):   # (read in the run: the constructor's accelerator is reset when it returns)
+        optimizers.append(made(*args, **kwargs))
+        return optimizers[-1]
+
+    monkeypatch.setattr(trainer_module, "adamw", recorded)
+    run(tmp_path, max_steps=1, grad_accum=1, weight_decay=0.3)
+    assert [group["weight_decay"] for optimizer in optimizers for group in optimizer.param_groups] == [0.3]
 
 
 def test_bf16_run_trains_the_model_it_saves(tmp_path):
