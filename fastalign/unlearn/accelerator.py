@@ -57,9 +57,8 @@ def new_accelerator(precision: str):
     may not change: in a process of its own (no launcher), a trainer of another precision than an earlier one's (a
     sweep in a notebook) resets it, where accelerate refused (an earlier trainer makes its own again at its next
     train(), and its constructor and each train() reset the state they made when they end: accelerator_of_a_run); a
-    state the
-    caller's own Accelerator set is shared where it computes in that precision and refused otherwise: resetting it
-    would switch the caller's training to another precision."""
+    state the caller's own Accelerator set is shared where it computes in that precision and refused otherwise:
+    resetting it would switch the caller's training to another precision."""
     accelerate = require("accelerate")
     mixed, state = MIXED_PRECISION[precision], accelerate.state.AcceleratorState
     options = dict(mixed_precision=mixed,

@@ -156,9 +156,9 @@ class UnlearningTrainer:
     constructor makes it for its checks, and each train() its own again; when either ends (refused, finished or
     failed) it resets the accelerate state it made (not one it shared), so that an Accelerator the caller makes
     afterwards may compute in another precision; trainer.accelerator (and an Accelerator made while the trainer's state
-    was the process's, sharing it) is unusable from then on, outside train(). A run
-    takes what it prepared out of the accelerator when it ends, finished or failed, and leaves the rest (the objects
-    the caller prepared on it, its step) as it was.
+    was the process's, sharing it) is unusable from then on, outside train(). A run takes what it prepared out of
+    the accelerator when it ends, finished or failed, and leaves the rest (the objects the caller prepared on it, its
+    step) as it was.
     The constructor checks the model as train() prepares it (cast for precision 'bf16', wrapped for LoRA, its weights
     frozen but the adapter's, the lm_head frozen for the cached reference, moved to the accelerator's device), then
     gives it back: the caller's model, trainer.model until train(), holds no LoRA layer and each weight keeps its
