@@ -8,6 +8,7 @@ import datetime
 import gc
 import inspect
 import os
+import threading
 import traceback
 
 import torch
@@ -49,16 +50,23 @@ def check_launch(accelerator, precision: str) -> None:
 
 # the key new_accelerator marks accelerate's process-wide state with where it made it (a reset clears it)
 _MADE_BY_A_TRAINER = "_fastalign_trainer_made_it"
+# the key counting the blocks that use accelerate's process-wide state (accelerator_of_a_run; a reset clears it)
+_RUNS = "_fastalign_trainer_runs"
+# held while a block makes or shares the state and counts itself in, and while one counts itself out and resets it:
+# another thread's block would reset the state between them (its count not yet, or no longer, zero)
+_STATE_LOCK = threading.Lock()
 
 
 def new_accelerator(precision: str):
     """An Accelerator computing in `precision`'s mixed precision, whose process group (where it makes one) waits
     _PROCESS_GROUP_TIMEOUT. accelerate keeps one state per process, which the first Accelerator sets and later ones
     may not change: in a process of its own (no launcher), a trainer of another precision than an earlier one's (a
-    sweep in a notebook) resets it, where accelerate refused (an earlier trainer makes its own again at its next
-    train(), and its constructor and each train() reset the state they made when they end: accelerator_of_a_run); a
-    state the caller's own Accelerator set is shared where it computes in that precision and refused otherwise:
-    resetting it would switch the caller's training to another precision."""
+    sweep in a notebook) resets a state a trainer made that no block uses (its constructor and each train() reset the
+    state they made when they end: accelerator_of_a_run), where accelerate refused; one a block of this process still
+    computes in (a trainer built or trained from another's step_callback, or in another thread) is refused: the reset
+    would end that run at its next step (accelerate's "no attribute 'device'"). A state the caller's own Accelerator
+    set is shared where it computes in that precision and refused otherwise: resetting it would switch the caller's
+    training to another precision."""
     accelerate = require("accelerate")
     mixed, state = MIXED_PRECISION[precision], accelerate.state.AcceleratorState
     options = dict(mixed_precision=mixed,
@@ -75,14 +83,18 @@ def new_accelerator(precision: str):
                              "state per process: the trainer's own Accelerator would reset it, switching yours to "
                              "another precision): pass yours as accelerator=, with a precision computing in its "
                              "mixed_precision ('bf16-mixed' for 'bf16', 'fp32' or 'bf16' for 'no')") from None
+        if state._shared_state.get(_RUNS, 0):
+            running = state().mixed_precision
+            alike = " or ".join(repr(name) for name, its in MIXED_PRECISION.items() if its == running)
+            raise RuntimeError(f"precision={precision!r} trains with accelerate's mixed_precision={mixed!r}, but "
+                               "another unlearning run of this process (a trainer built or trained in a step_callback, "
+                               f"or in another thread) computes in mixed_precision={running!r}, and accelerate keeps "
+                               "one state per process: run them one after the other, or both in a precision "
+                               f"computing in {running!r} ({alike})") from None
         state._reset_state()
         accelerator = accelerate.Accelerator(**options)
     state._shared_state[_MADE_BY_A_TRAINER] = made_here
     return accelerator
-
-
-# the key counting the runs that use accelerate's process-wide state (accelerator_of_a_run; a reset clears it)
-_RUNS = "_fastalign_trainer_runs"
 
 
 @contextlib.contextmanager
@@ -92,18 +104,20 @@ def accelerator_of_a_run(precision: str):
     shared the caller's) and no other run uses it (a trainer trained or built from another's step_callback shares the
     state): left initialised after a run, it made accelerate refuse an Accelerator of the caller's in another precision
     ("restart your runtime"). The process group (accelerate's PartialState) stays; an Accelerator sharing the reset
-    state is unusable after it."""
-    accelerator = new_accelerator(precision)
-    shared = type(accelerator.state)._shared_state
-    shared[_RUNS] = shared.get(_RUNS, 0) + 1
+    state is unusable after it. A block of another precision is refused while this one runs (new_accelerator)."""
+    with _STATE_LOCK:
+        accelerator = new_accelerator(precision)
+        shared = type(accelerator.state)._shared_state
+        shared[_RUNS] = shared.get(_RUNS, 0) + 1
     try:
         yield accelerator
     finally:
-        runs = shared.pop(_RUNS, 1) - 1   # (absent where a trainer of another precision reset the state meanwhile)
-        if runs:
-            shared[_RUNS] = runs
-        elif shared.get(_MADE_BY_A_TRAINER, False):
-            type(accelerator.state)._reset_state()
+        with _STATE_LOCK:
+            runs = shared.pop(_RUNS, 1) - 1   # (absent where the caller reset accelerate's state meanwhile)
+            if runs:
+                shared[_RUNS] = runs
+            elif shared.get(_MADE_BY_A_TRAINER, False):
+                type(accelerator.state)._reset_state()
 
 
 class _TensorBuckets:

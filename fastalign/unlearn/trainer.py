@@ -152,11 +152,14 @@ class UnlearningTrainer:
     step_callback(record) runs on the main process after every step.
     `accelerator` must compute in the mixed precision config.precision names; without one the trainer makes its own,
     which shares the process's accelerate state with an Accelerator of the caller's in that precision and refuses one
-    of another precision (see accelerator.new_accelerator): it does not switch the caller's training to its own. The
-    constructor makes it for its checks, and each train() its own again; when either ends (refused, finished or
-    failed) it resets the accelerate state it made (not one it shared), so that an Accelerator the caller makes
-    afterwards may compute in another precision; trainer.accelerator (and an Accelerator made while the trainer's state
-    was the process's, sharing it) is unusable from then on, outside train(). A run takes what it prepared out of
+    of another precision (see accelerator.new_accelerator): it does not switch the caller's training to its own. While
+    a trainer's constructor or run of this process computes in its own state (a trainer built or trained from a
+    step_callback, or in another thread), one of another mixed precision is refused with a RuntimeError: run them one
+    after the other (one of the same mixed precision shares the state). The constructor makes it for its checks, and
+    each train() its own again; when either ends (refused, finished or failed) it resets the accelerate state it made
+    (not one it shared) unless another block still computes in it, so that an Accelerator the caller makes afterwards
+    may compute in another precision; trainer.accelerator (and an Accelerator made while the trainer's state was the
+    process's, sharing it) is unusable from then on, outside train(). A run takes what it prepared out of
     the accelerator when it ends, finished or failed, and leaves the rest (the objects the caller prepared on it, its
     step) as it was.
     The constructor checks the model as train() prepares it (cast for precision 'bf16', wrapped for LoRA, its weights

@@ -1,11 +1,15 @@
 """The trainer's accelerate set-up (fastalign/unlearn/accelerator.py)."""
 import datetime
+import threading
 import types
 
 import pytest
 
 from fastalign.unlearn import accelerator as accelerator_module
 from fastalign.unlearn.accelerator import bucket_per_tensor, new_accelerator
+from fastalign.unlearn.config import UnlearnConfig
+from fastalign.unlearn.trainer import UnlearningTrainer
+from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
 
 pytest.importorskip("accelerate")
 
@@ -41,3 +45,68 @@ def test_ddp_buckets_a_tensor_alone_unless_the_callers_handler_sizes_them(monkey
             acc.ddp_handler.register_comm_hook("model")
         assert acc.ddp_handler is handler
     assert hooked == ["model", "model"]
+
+
+def trainer(tmp_path, name, precision, step_callback=None):
+    """A tiny trainer of two steps computing in `precision`, with its own Accelerator."""
+    tokenizer = byte_bpe_tokenizer()
+    config = UnlearnConfig(output_dir=str(tmp_path / name), max_steps=2, grad_accum=1, lr=1e-3, progress=False,
+                           precision=precision)
+    return UnlearningTrainer(tiny_llama(len(tokenizer)), tiny_streams(tokenizer), config, step_callback=step_callback)
+
+
+# the refusal of a trainer of precision 'bf16-mixed' while an fp32 run computes
+ANOTHER_RUN = (r"precision='bf16-mixed' trains with accelerate's mixed_precision='bf16', but another unlearning run of "
+               r"this process .* computes in mixed_precision='no'.*run them one after the other, or both in a "
+               r"precision computing in 'no' \('fp32' or 'bf16'\)")
+
+
+def test_a_trainer_of_another_precision_is_refused_inside_a_runs_step_callback(tmp_path):
+    """A bf16-mixed trainer built or trained from an fp32 run's step_callback reset accelerate's state, which the
+    process shares, under the fp32 run: that run died at its next step ("'AcceleratorState' object has no attribute
+    'device'"). It is refused before it resets anything; one of the run's mixed precision ('bf16': 'no') still runs
+    inside it, and the refused trainer trains once the run has returned."""
+    from accelerate.state import AcceleratorState
+
+    mixed, inner = trainer(tmp_path, "mixed", "bf16-mixed"), []
+
+    def callback(record):
+        if record.step == 1:
+            with pytest.raises(RuntimeError, match=ANOTHER_RUN):
+                trainer(tmp_path, "built inside", "bf16-mixed")
+            with pytest.raises(RuntimeError, match=ANOTHER_RUN):
+                mixed.train()
+            inner.append(trainer(tmp_path, "bf16", "bf16").train().steps)
+
+    assert trainer(tmp_path, "fp32", "fp32", callback).train().steps == 2 and inner == [2]
+    assert not AcceleratorState._shared_state   # reset by the run, the last block using it
+    assert mixed.train().steps == 2
+
+
+def test_a_trainer_of_another_precision_is_refused_while_another_thread_runs(tmp_path):
+    """The same overlap from two threads: the fp32 run waits in its step_callback while the other thread builds a
+    bf16-mixed trainer, which is refused, and then trains a bf16 one (mixed precision 'no', as the run's)."""
+    running, tried, inner = threading.Event(), threading.Event(), []
+
+    def callback(record):
+        if record.step == 1:
+            running.set()
+            assert tried.wait(600)
+
+    def other_thread():
+        assert running.wait(600)
+        try:
+            with pytest.raises(RuntimeError, match=ANOTHER_RUN):
+                trainer(tmp_path, "mixed", "bf16-mixed")
+            inner.append(trainer(tmp_path, "bf16", "bf16").train().steps)
+        finally:
+            tried.set()
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    try:
+        assert trainer(tmp_path, "fp32", "fp32", callback).train().steps == 2
+    finally:
+        running.set()
+        thread.join()
+    assert inner == [2]
