@@ -17,7 +17,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from fastalign.base_model import base_causal_lm
 from fastalign.compute_dtype import compute_dtype
 from fastalign.ops.backend import Backend, check_backend
-from fastalign.ops.checks import Reduction, check_reduction
+from fastalign.ops.checks import Reduction, check_label_smoothing, check_reduction
 from fastalign.ops.forward_gradients import check_grads_in_forward
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
 from fastalign.unlearn.models import (SOFTCAPS, causal_lm_parts, check_fused_logits, check_no_router_loss,
@@ -48,23 +48,28 @@ class CausalLMLoss(torch.nn.Module):
     router's auxiliary loss to its loss (output_router_logits; checked at every call too), which this loss leaves
     out. A vision-language model's inputs (pixel_values, ...) reach its multimodal model, whose hidden states its
     lm_head reads; one that puts other tokens before the text (GIT its images) is refused at the call
-    (predicting_positions). backend and grads_in_forward are linear_cross_entropy's, checked here.
+    (predicting_positions). backend, grads_in_forward and label_smoothing are linear_cross_entropy's, checked here:
+    with label_smoothing eps > 0 the loss is torch's cross_entropy(label_smoothing=eps) of the model's logits (what
+    a Trainer's label_smoothing_factor asks for, which it computes from the logits), no longer the model's own loss.
     """
 
-    def __init__(self, model: torch.nn.Module, *, backend: Backend = "auto", grads_in_forward: bool = False):
+    def __init__(self, model: torch.nn.Module, *, backend: Backend = "auto", grads_in_forward: bool = False,
+                 label_smoothing: float = 0.0):
         super().__init__()
         check_backend(backend)
         check_grads_in_forward("CausalLMLoss", grads_in_forward)
+        check_label_smoothing(label_smoothing)
         check_fused_logits(model)
         check_loss_is_causal_lm_cross_entropy(model, "CausalLMLoss")
         self.model, self.backend, self.grads_in_forward = model, backend, grads_in_forward
+        self.label_smoothing = label_smoothing
         self.logit_places = logit_setting_places(model)   # found in the forward's source: once, not traced per call
 
     def forward(self, labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
                 num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
                 reduction: Reduction = "mean", **inputs) -> torch.Tensor:
         refuse_loss_keywords(inputs, "CausalLMLoss.forward", "CausalLMLoss(model, ...)",
-                             ("backend", "grads_in_forward"),
+                             ("backend", "grads_in_forward", "label_smoothing"),
                              token_weight="pass it to of_hidden_states, or multiply the per-token losses of "
                                           "forward(..., reduction='none') by it")
         if inputs.get("output_router_logits"):
@@ -101,7 +106,8 @@ class CausalLMLoss(torch.nn.Module):
                                     ignore_index=ignore_index,
                                     reduction=reduction if num_items_in_batch is None else "sum",
                                     softcap=logit_softcap(self.model, self.logit_places),
-                                    backend=self.backend, grads_in_forward=self.grads_in_forward)
+                                    label_smoothing=self.label_smoothing, backend=self.backend,
+                                    grads_in_forward=self.grads_in_forward)
         return per_item(loss, num_items_in_batch)
 
 

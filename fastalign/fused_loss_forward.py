@@ -32,7 +32,8 @@ _CACHE_ARGUMENTS = ("past_key_values", "cache")
 Model = TypeVar("Model", bound=torch.nn.Module)
 
 
-def fuse_causal_lm_loss(model: Model, *, backend: Backend = "auto", grads_in_forward: bool = False) -> Model:
+def fuse_causal_lm_loss(model: Model, *, backend: Backend = "auto", grads_in_forward: bool = False,
+                        label_smoothing: float = 0.0) -> Model:
     """Makes `model`'s forward (a transformers causal LM, or the one under a PEFT model) take its loss on labels from
     the fused linear cross-entropy, with `loss` as it was and `logits` None; returns `model`.
 
@@ -46,7 +47,8 @@ def fuse_causal_lm_loss(model: Model, *, backend: Backend = "auto", grads_in_for
     something else replaced before (accelerate's autocast, or the hook of dispatch_model, cpu_offload or a device_map:
     fuse first, and it wraps the fused forward). Called again, it replaces the settings; copies of the model
     (copy.deepcopy, after accelerate's prepare too) keep the fused forward, on their own weights.
-    backend and grads_in_forward are linear_cross_entropy's.
+    backend, grads_in_forward and label_smoothing are CausalLMLoss's (label_smoothing > 0: the loss against smoothed
+    targets, in place of a Trainer's label_smoothing_factor, which takes the labels out and computes it from logits).
     """
     _refuse_wrapper(model)
     base = base_causal_lm(model)
@@ -55,7 +57,8 @@ def fuse_causal_lm_loss(model: Model, *, backend: Backend = "auto", grads_in_for
     if not (forward_is_its_own(base) or isinstance(current, FusedLossForward)):
         raise ValueError(_replaced_forward_refusal(base))
     unfused = current.unfused if isinstance(current, FusedLossForward) else current
-    fused = FusedLossForward(CausalLMLoss(base, backend=backend, grads_in_forward=grads_in_forward), unfused)
+    fused = FusedLossForward(CausalLMLoss(base, backend=backend, grads_in_forward=grads_in_forward,
+                                          label_smoothing=label_smoothing), unfused)
     base.forward = base.fused_loss_forward = fused
     return model
 
@@ -150,7 +153,8 @@ class FusedLossForward:
                           "labels, so its own forward ran and made the [tokens x vocab] logits: the fused loss saves "
                           "memory only when the labels reach the model's forward (a Trainer with "
                           "label_smoothing_factor or compute_loss_func takes them out of the batch and computes the "
-                          "loss from the logits itself)")
+                          "loss from the logits itself: fuse_causal_lm_loss(model, label_smoothing=...) smooths the "
+                          "fused loss instead)")
 
 
 def _named_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict | None:

@@ -152,10 +152,12 @@ def test_a_soft_cap_or_multiplier_of_the_text_config_or_a_multiplying_logits_sca
 
 @pytest.mark.parametrize("settings, error, message", [
     ({"backend": "bogus"}, ValueError, "backend must be one of .* got 'bogus'"),
-    ({"grads_in_forward": "yes"}, TypeError, "CausalLMLoss: grads_in_forward must be True or False, got 'yes'")])
+    ({"grads_in_forward": "yes"}, TypeError, "CausalLMLoss: grads_in_forward must be True or False, got 'yes'"),
+    ({"label_smoothing": 1.5}, ValueError, r"label_smoothing must lie in \[0, 1\], got 1.5"),
+    ({"label_smoothing": "0.1"}, TypeError, r"label_smoothing must be a real number in \[0, 1\], got '0.1'")])
 def test_bad_settings_are_refused_when_given(settings, error, message):
-    """A bad backend or grads_in_forward was taken, and raised only at the first training forward, after the decoder
-    ran."""
+    """A bad backend, grads_in_forward or label_smoothing was taken, and raised only at the first training forward,
+    after the decoder ran."""
     with pytest.raises(error, match=message):
         CausalLMLoss(tiny_llama(VOCAB), **settings)
 
@@ -323,6 +325,8 @@ def test_a_token_weight_given_to_forward_is_refused_before_the_decoder_runs():
 @pytest.mark.parametrize("keyword, value, message", [
     ("temperature", 2.0, "temperature: the loss is the model's own, at temperature 1"),
     ("backend", "torch", r"backend: it is set when the loss is made, CausalLMLoss\(model, \.\.\.\)'s backend="),
+    ("label_smoothing", 0.1, r"label_smoothing: it is set when the loss is made, CausalLMLoss\(model, \.\.\.\)'s "
+                             "label_smoothing="),
     ("softcap", 30.0, "softcap: the model's own logit soft cap"),
     ("mask", torch.ones(3, 8, dtype=torch.bool), "mask: a position counts where its label is not ignore_index"),
 ])
@@ -401,6 +405,21 @@ def test_packed_sequences_given_by_position_ids_are_split_as_without_a_cache():
     assert_same_loss_and_gradients(model, CausalLMLoss(model, backend="torch")(**inputs), expected)
     fused = fuse_causal_lm_loss(copy.deepcopy(model), backend="torch")
     torch.testing.assert_close(fused(**inputs).loss, expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_label_smoothing_is_torchs_cross_entropy_of_the_models_logits(backend):
+    """CausalLMLoss(label_smoothing=0.1): torch's cross_entropy(label_smoothing=0.1) of the model's shifted logits
+    (a tiny random Llama), the loss and every gradient; a loss that smoothing changes."""
+    device = device_for(backend)
+    model = tiny_llama(VOCAB).to(device)
+    inputs = {name: t.to(device) for name, t in batch(seed=5).items()}
+    logits = model(**{name: t for name, t in inputs.items() if name != "labels"}).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), inputs["labels"][:, 1:].flatten(),
+                                                 label_smoothing=0.1)
+    fused = CausalLMLoss(model, backend=backend, label_smoothing=0.1)(**inputs)
+    assert_same_loss_and_gradients(model, fused, expected)
+    assert abs(float(fused - model(**inputs).loss)) > 1e-3
 
 
 def test_the_triton_kernels_give_the_models_loss():

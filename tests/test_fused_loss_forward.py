@@ -304,10 +304,11 @@ def test_a_multiplier_is_read_where_the_models_forward_reads_it(family, setting,
 
 @pytest.mark.parametrize("settings, error, message", [
     ({"backend": "bogus"}, ValueError, "backend must be one of .* got 'bogus'"),
-    ({"grads_in_forward": "yes"}, TypeError, "grads_in_forward must be True or False, got 'yes'")])
+    ({"grads_in_forward": "yes"}, TypeError, "grads_in_forward must be True or False, got 'yes'"),
+    ({"label_smoothing": -0.5}, ValueError, r"label_smoothing must lie in \[0, 1\], got -0.5")])
 def test_bad_settings_are_refused_when_fusing_with_the_forward_left_as_it_was(settings, error, message):
-    """A bad backend or grads_in_forward was taken, the model's forward replaced, and raised only at the first
-    training forward."""
+    """A bad backend, grads_in_forward or label_smoothing was taken, the model's forward replaced, and raised only at
+    the first training forward."""
     model = tiny_llama(VOCAB)
     with pytest.raises(error, match=message):
         fuse_causal_lm_loss(model, **settings)
@@ -410,6 +411,21 @@ def test_a_plain_trainer_on_a_fused_model_takes_the_models_own_steps(tmp_path, m
     assert evaluated[0] == pytest.approx(evaluated[1], rel=1e-6 if precision == "fp32" else 1e-3)
 
 
+def test_label_smoothing_given_when_fusing_smooths_the_models_loss():
+    """fuse_causal_lm_loss(label_smoothing=0.1): the forward's loss is torch's cross_entropy(label_smoothing=0.1) of
+    the model's own shifted logits, with its gradients (where a Trainer's label_smoothing_factor makes the logits)."""
+    fused, own = fused_and_own(lambda: tiny_llama(VOCAB), label_smoothing=0.1)
+    inputs = batch(seed=6)
+    loss = fused(**inputs).loss
+    logits = own(**{name: t for name, t in inputs.items() if name != "labels"}).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), inputs["labels"][:, 1:].flatten(),
+                                                 label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    own_params = [p for p in own.parameters() if p.requires_grad]
+    for mine, theirs in zip(grads_of(fused, loss), torch.autograd.grad(expected, own_params)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
 def test_a_trainer_that_takes_the_labels_out_is_told_the_logits_are_made(tmp_path):
     """A Trainer with label_smoothing_factor pops the labels and smooths the model's logits: the fused model runs its
     own forward (the lm_head runs at each micro-batch), trains as the model would, and says so once."""
@@ -430,6 +446,7 @@ def test_a_trainer_that_takes_the_labels_out_is_told_the_logits_are_made(tmp_pat
     transformers.Trainer(model=own, args=args, train_dataset=data).train()
     said = [w for w in caught if "called with grad enabled and no labels" in str(w.message)]
     assert len(said) == 1 and "label_smoothing_factor" in str(said[0].message), [str(w.message) for w in caught]
+    assert "fuse_causal_lm_loss(model, label_smoothing=...)" in str(said[0].message)
     assert len(calls) == 2
     for (name, mine), theirs in zip(model.state_dict().items(), own.state_dict().values()):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7, msg=name)

@@ -164,3 +164,12 @@ def check_softcap(softcap):
     if softcap is not None and not (is_real(softcap) and math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"softcap must be None or a positive finite number (a model's final_logit_softcapping), "
                          f"got {softcap!r}")
+
+
+def check_label_smoothing(label_smoothing):
+    """A real number in [0, 1] (TypeError for another type, ValueError outside): the share eps of the uniform
+    distribution in the smoothed target, (1 - eps) onehot(y) + eps / V, as torch's cross_entropy takes it."""
+    if not is_real(label_smoothing):
+        raise TypeError(f"label_smoothing must be a real number in [0, 1], got {label_smoothing!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")

@@ -110,7 +110,8 @@ def save_for_backward(ctx, forward_needs, inputs, output):
 
 def backward_gradients(ctx, op, gradients, grad_output):
     """(d_hidden, d_weight, d_bias) of a fused loss's backward: the forward's, scaled, or the launcher's backward run
-    by gradients(*saved, grad_output, reduction, softcap, launcher, *needs) (see func_transforms)."""
+    by gradients(*saved, grad_output, reduction, *options, launcher, *needs) (see func_transforms), options the
+    loss's settings that its launchers take (ctx.options: the softcap, and the cross-entropy's label smoothing)."""
     if ctx.forward_gradients:
         refuse_second_backward(ctx, op)   # before saved_tensors, which refuses the gradients scaled in place
         saved = ctx.saved_tensors
@@ -118,4 +119,4 @@ def backward_gradients(ctx, op, gradients, grad_output):
         ctx.forward_gradients_taken = True
         return apply_function(LauncherGradients, op, scaled, grad_output, *saved)
     return apply_function(LauncherGradients, op, gradients, *ctx.saved_tensors, grad_output, ctx.reduction,
-                          ctx.softcap, ctx.launcher, *ctx.needs_input_grad[:3])
+                          *ctx.options, ctx.launcher, *ctx.needs_input_grad[:3])

@@ -8,9 +8,9 @@ import torch
 
 from .backend import (Backend, apply_function, graph_break, autocast_off, refuse_fake_tensors, require_triton_dtype,
                       select_backend, TOKENS_CHOSEN_BY_VALUES)
-from .checks import (as_rows, check_bias, check_linear, check_per_token, check_reduction, check_softcap,
-                     check_tensor, check_token_shape, is_integer, out_of_range_targets, refuse_targets, token_dims,
-                     FLOAT_DTYPES, Reduction)
+from .checks import (as_rows, check_bias, check_label_smoothing, check_linear, check_per_token, check_reduction,
+                     check_softcap, check_tensor, check_token_shape, is_integer, out_of_range_targets, refuse_targets,
+                     token_dims, FLOAT_DTYPES, Reduction)
 from .forward_gradients import backward_gradients, forward_gradient_needs, refuse_inference_tensors, save_for_backward
 from .func_transforms import FusedOpFunction
 from .token_rows import TokenRows
@@ -28,7 +28,8 @@ class LinearCrossEntropyFunction(FusedOpFunction):
     op = "linear_cross_entropy"
 
     @staticmethod
-    def forward(hidden, weight, bias, target, token_weight, ignore_index, reduction, softcap, launcher, forward_needs):
+    def forward(hidden, weight, bias, target, token_weight, ignore_index, reduction, softcap, label_smoothing, launcher,
+                forward_needs):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         out_of_range = out_of_range_targets(target, ignore_index, weight.shape[0])
         rows = TokenRows.counting(target != ignore_index, token_weight, reduction, acc, refused=out_of_range)
@@ -40,11 +41,11 @@ class LinearCrossEntropyFunction(FusedOpFunction):
                         None if bias is None else bias.contiguous(), rows.gather(target).contiguous())
             with autocast_off(hidden.device):
                 if forward_needs is None:
-                    lse, target_logit = launcher.forward(*operands, softcap)
+                    lse, target_logit = launcher.forward(*operands, softcap, label_smoothing)
                 else:
                     lse, target_logit, *grads = launcher.forward_with_gradients(
                         *operands, rows.grad_scale(torch.ones((), dtype=acc, device=hidden.device)),
-                        forward_needs[1], forward_needs[2], forward_needs[0], softcap)
+                        forward_needs[1], forward_needs[2], forward_needs[0], softcap, label_smoothing)
         else:
             lse = target_logit = hidden.new_zeros(0, dtype=acc)
         if forward_needs is not None:
@@ -53,18 +54,18 @@ class LinearCrossEntropyFunction(FusedOpFunction):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        hidden, weight, bias, target, _, _, reduction, softcap, launcher, forward_needs = inputs
+        hidden, weight, bias, target, _, _, reduction, softcap, label_smoothing, launcher, forward_needs = inputs
         save_for_backward(ctx, forward_needs, (hidden, weight, bias, target), output)
-        ctx.reduction, ctx.softcap, ctx.launcher = reduction, softcap, launcher
+        ctx.reduction, ctx.options, ctx.launcher = reduction, (softcap, label_smoothing), launcher
 
     @staticmethod
     def backward(ctx, grad_output, *_):
-        return backward_gradients(ctx, LinearCrossEntropyFunction.op, _gradients, grad_output) + (None,) * 7
+        return backward_gradients(ctx, LinearCrossEntropyFunction.op, _gradients, grad_output) + (None,) * 8
 
 
 @graph_break("linear_cross_entropy")  # a compiled caller that differentiates runs it in its frame
 def _gradients(hidden, weight, bias, target, lse, row_weight, num_counted, live_rows, num_live, grad_output, reduction,
-               softcap, launcher, need_hidden, need_weight, need_bias):
+               softcap, label_smoothing, launcher, need_hidden, need_weight, need_bias):
     """(d_hidden, d_weight, d_bias) of LinearCrossEntropyFunction, each None unless asked for: only those are
     computed, e.g. no G @ W products for hidden states of a frozen backbone."""
     rows = TokenRows(row_weight, num_counted, live_rows, num_live, reduction)
@@ -75,7 +76,7 @@ def _gradients(hidden, weight, bias, target, lse, row_weight, num_counted, live_
             live = launcher.backward(rows.gather(hidden).contiguous(), weight.contiguous(),
                                      None if bias is None else bias.contiguous(), rows.gather(target).contiguous(),
                                      rows.gather(lse).contiguous(), rows.grad_scale(grad_output), need_weight,
-                                     need_bias, need_hidden, softcap)
+                                     need_bias, need_hidden, softcap, label_smoothing)
     return rows.gradients(live, (need_hidden, need_weight, need_bias), hidden, weight, bias)
 
 
@@ -83,7 +84,8 @@ def _gradients(hidden, weight, bias, target, lse, row_weight, num_counted, live_
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
                          token_weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                          ignore_index: int = -100, reduction: Reduction = "mean", softcap: float | None = None,
-                         backend: Backend = "auto", grads_in_forward: bool = False) -> torch.Tensor:
+                         label_smoothing: float = 0.0, backend: Backend = "auto",
+                         grads_in_forward: bool = False) -> torch.Tensor:
     """Token-weighted cross-entropy of the logits `hidden @ weight.T + bias`, without materialising them.
 
     hidden [..., H] (e.g. a model's [B, T, H], or rows [N, H]), weight [V, H], target [...] (integer, hidden's
@@ -91,6 +93,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     a constant: one that requires grad is refused), bias [V].
     Per token CE_t = logsumexp(z_t) - z_t[y_t]; with softcap c, z = c * tanh((hidden @ weight.T + bias) / c), the
     logits of a model with final_logit_softcapping = c (Gemma 2 and 3).
+    label_smoothing eps in [0, 1], as torch's cross_entropy takes it: the target is (1 - eps) onehot(y_t) + eps / V,
+    CE_t = logsumexp(z_t) - (1 - eps) z_t[y_t] - eps mean_v z_t[v] (with token_weight 1 and no softcap,
+    F.cross_entropy(z, y, label_smoothing=eps) of the same reduction).
     reduction: "sum" = sum_t w_t CE_t; "mean" = that sum / number of non-ignored tokens (0 if none);
     "none" = w_t CE_t of shape [...] (0 at ignored tokens). The result is float32 (float64 for float64
     inputs) whatever the input dtype; ignored and zero-weight tokens never reach the matmul. An enclosing
@@ -119,6 +124,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     check_bias("bias", bias, "weight", weight)
     check_reduction(reduction)
     check_softcap(softcap)
+    check_label_smoothing(label_smoothing)
     forward_needs = forward_gradient_needs("linear_cross_entropy", grads_in_forward, reduction, hidden, weight, bias)
     refuse_inference_tensors("linear_cross_entropy", forward_needs, [("hidden", hidden), ("weight", weight),
                                                                      ("bias", bias), ("target", target)])
@@ -127,5 +133,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     launcher = select_backend("linear_cross_entropy", backend, hidden.device)
     require_triton_dtype(launcher, "hidden", hidden)
     loss = apply_function(LinearCrossEntropyFunction, hidden, weight, bias, target, token_weight, ignore_index,
-                          reduction, None if softcap is None else float(softcap), launcher, forward_needs)[0]
+                          reduction, None if softcap is None else float(softcap), float(label_smoothing), launcher,
+                          forward_needs)[0]
     return loss.reshape(tokens) if reduction == "none" else loss

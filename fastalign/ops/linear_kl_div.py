@@ -54,7 +54,7 @@ class LinearKLDivFunction(FusedOpFunction):
         (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, _, _, reduction, softcap, launcher,
          forward_needs) = inputs
         save_for_backward(ctx, forward_needs, (hidden, weight, bias, ref_hidden, ref_weight, ref_bias), output)
-        ctx.reduction, ctx.softcap, ctx.launcher = reduction, softcap, launcher
+        ctx.reduction, ctx.options, ctx.launcher = reduction, (softcap,), launcher
 
     @staticmethod
     def backward(ctx, grad_output, *_):

@@ -31,15 +31,19 @@ def _head_logits(hidden, weight, bias, softcap):
 
 
 def linear_cross_entropy_reference(hidden, weight, target, *, token_weight=None, bias=None, ignore_index=-100,
-                                   reduction="mean", softcap=None):
+                                   reduction="mean", softcap=None, label_smoothing=0.0):
     """float64 sum/mean/none of w_t * (logsumexp(z_t) - z_t[y_t]) over non-ignored tokens (z soft-capped,
-    softcap * tanh(z / softcap), with a softcap)."""
+    softcap * tanh(z / softcap), with a softcap); with label_smoothing eps, z_t[y_t] is
+    (1 - eps) z_t[y_t] + eps mean_v z_t[v], the cross-entropy against the target (1 - eps) onehot(y_t) + eps / V."""
     tokens = hidden.shape[:-1]
     logits = _head_logits(hidden.flatten(0, -2), weight, bias, softcap)
     target, token_weight = _flat(target).long(), _flat(token_weight)  # a uint8 target must not see -100 as 156
     counted = target != ignore_index
     safe_target = torch.where(counted, target, torch.zeros_like(target))
-    ce = torch.logsumexp(logits, dim=1) - logits.gather(1, safe_target[:, None]).squeeze(1)
+    target_logit = logits.gather(1, safe_target[:, None]).squeeze(1)
+    if label_smoothing:   # (only then: a bias of -inf makes the mean -inf, and 0 * -inf NaN)
+        target_logit = (1 - label_smoothing) * target_logit + label_smoothing * logits.mean(dim=1)
+    ce = torch.logsumexp(logits, dim=1) - target_logit
     if token_weight is not None:
         ce = ce * token_weight.double()
     return _reduce(torch.where(counted, ce, torch.zeros_like(ce)), counted, reduction, tokens)

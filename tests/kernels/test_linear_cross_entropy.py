@@ -3,6 +3,8 @@
 Without CUDA the kernels run under the Triton interpreter (tests/conftest.py), at small odd shapes:
 sizes that are no multiple of any block, a single row, vocabularies split among several programs.
 """
+import inspect
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from fastalign.kernels import linear_cross_entropy as kernel
 from fastalign.kernels import linear_softmax_tiles as tiles
 from tests.conftest import HAS_CUDA, requires_cuda
 from tests.kernels.gpu_plans import GPU_PLAN_SHAPES, force_tile_config, use_gpu_plans
+from tests.kernels.test_launch_options import record_launches
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -27,14 +30,17 @@ def make_inputs(num_rows, hidden_size, vocab, dtype, with_bias, logit_scale=3.0,
     return hidden, weight, bias, target, grad_scale
 
 
-def float64_reference(hidden, weight, bias, target, grad_scale):
-    """lse, z[target] and the gradients of sum_t grad_scale_t (lse_t - z_t[target_t]) from full float64 logits."""
+def float64_reference(hidden, weight, bias, target, grad_scale, label_smoothing=0.0):
+    """lse, z[target] and the gradients of sum_t grad_scale_t (lse_t - z_t[target_t]) from full float64 logits; with
+    label_smoothing eps, (1 - eps) z[target] + eps mean_v z[v] in place of z[target]."""
     leaves = [t.detach().double().requires_grad_() for t in (hidden, weight)]
     if bias is not None:
         leaves.append(bias.detach().double().requires_grad_())
     logits = leaves[0] @ leaves[1].T + (leaves[2] if bias is not None else 0.0)
     lse = torch.logsumexp(logits, dim=1)
     target_logit = logits.gather(1, target[:, None]).squeeze(1)
+    if label_smoothing:
+        target_logit = (1 - label_smoothing) * target_logit + label_smoothing * logits.mean(dim=1)
     (grad_scale.double() * (lse - target_logit)).sum().backward()
     grads = [leaf.grad for leaf in leaves] + ([None] if bias is None else [])
     return lse.detach(), target_logit.detach(), *grads
@@ -45,18 +51,21 @@ def assert_matches(actual, expected, tol):
     torch.testing.assert_close(actual.double(), expected, rtol=0, atol=tol * expected.abs().max().item())
 
 
-def check_against_reference(num_rows, hidden_size, vocab, dtype, with_bias, tol, **input_kwargs):
+def check_against_reference(num_rows, hidden_size, vocab, dtype, with_bias, tol, label_smoothing=0.0,
+                            **input_kwargs):
     hidden, weight, bias, target, grad_scale = make_inputs(num_rows, hidden_size, vocab, dtype, with_bias,
                                                            **input_kwargs)
-    ref_lse, ref_target_logit, ref_dh, ref_dw, ref_db = float64_reference(hidden, weight, bias, target, grad_scale)
+    ref_lse, ref_target_logit, ref_dh, ref_dw, ref_db = float64_reference(hidden, weight, bias, target, grad_scale,
+                                                                          label_smoothing)
 
-    lse, target_logit = kernel.forward(hidden, weight, bias, target)
+    lse, target_logit = kernel.forward(hidden, weight, bias, target, label_smoothing=label_smoothing)
     assert lse.shape == target_logit.shape == (num_rows,) and lse.dtype == target_logit.dtype == torch.float32
     assert_matches(lse, ref_lse, tol)
     assert_matches(target_logit, ref_target_logit, tol)
 
     d_hidden, d_weight, d_bias = kernel.backward(hidden, weight, bias, target, lse, grad_scale,
-                                                 need_weight_grad=True, need_bias_grad=with_bias)
+                                                 need_weight_grad=True, need_bias_grad=with_bias,
+                                                 label_smoothing=label_smoothing)
     assert d_hidden.dtype == d_weight.dtype == dtype
     assert_matches(d_hidden, ref_dh, tol)
     assert_matches(d_weight, ref_dw, tol)
@@ -74,6 +83,47 @@ def check_against_reference(num_rows, hidden_size, vocab, dtype, with_bias, tol,
 ])
 def test_fp32_matches_float64(num_rows, hidden_size, vocab, with_bias):
     check_against_reference(num_rows, hidden_size, vocab, torch.float32, with_bias, tol=1e-4)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.1, 1.0])
+@pytest.mark.parametrize("num_rows, hidden_size, vocab, with_bias", [
+    (1, 40, 131, True),     # a single row, several vocabulary splits whose sums of the logits are merged
+    (21, 40, 131, True),
+    (33, 24, 333, False),   # several row blocks and splits, backward chunks of part of the vocabulary
+])
+def test_label_smoothing_matches_float64(label_smoothing, num_rows, hidden_size, vocab, with_bias):
+    """(1 - eps) z[t, y_t] + eps mean_v z[t, v] from the forward, and G = softmax - (1 - eps) onehot - eps / V."""
+    check_against_reference(num_rows, hidden_size, vocab, torch.float32, with_bias, tol=1e-4,
+                            label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.1, 1.0])
+@pytest.mark.parametrize("num_rows, hidden_size, vocab", [(1, 40, 131), (33, 24, 333)])
+def test_label_smoothing_in_the_forward_with_gradients_matches_float64(label_smoothing, num_rows, hidden_size, vocab):
+    """forward_with_gradients: the kernels read the logits from the fp32 buffer of whole rows (FROM_BUFFER)."""
+    hidden, weight, bias, target, grad_scale = make_inputs(num_rows, hidden_size, vocab, torch.float32, True)
+    expected = float64_reference(hidden, weight, bias, target, grad_scale, label_smoothing)
+    got = kernel.forward_with_gradients(hidden, weight, bias, target, grad_scale, True, True,
+                                        label_smoothing=label_smoothing)
+    for actual, want in zip(got, expected):
+        assert_matches(actual, want, 1e-4)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_label_smoothing_is_a_compile_time_flag_and_a_runtime_number(monkeypatch, label_smoothing):
+    """Without smoothing the kernels build without it (HAS_SMOOTHING off: the kernels that ran before, with no work
+    or registers for it); eps itself is a runtime number, so that each eps does not build them anew."""
+    seen = record_launches(monkeypatch, lambda name, kwargs: (name.rsplit(".", 1)[1], kwargs.get("HAS_SMOOTHING")))
+    hidden, weight, bias, target, grad_scale = make_inputs(5, 24, 37, torch.float32, True)
+    lse, _ = kernel.forward(hidden, weight, bias, target, label_smoothing=label_smoothing)
+    kernel.backward(hidden, weight, bias, target, lse, grad_scale, True, True, label_smoothing=label_smoothing)
+    assert {name for name, _ in seen} == {"_forward_kernel", "_gradient_kernel"}
+    assert all(flag is bool(label_smoothing) for _, flag in seen), seen
+    for tuner in (kernel._forward_kernel, kernel._gradient_kernel):
+        assert "HAS_SMOOTHING" in tuner.keys   # (the autotuner's choice for one build is not taken for the other)
+        parameters = inspect.signature(tuner.fn.fn).parameters   # (the autotuner's kernel's Python function)
+        assert "constexpr" in str(parameters["HAS_SMOOTHING"].annotation)
+        assert parameters["smoothing"].annotation is parameters["uniform"].annotation is inspect.Parameter.empty
 
 
 def test_fp32_sharp_softmax_stays_finite_and_exact():
@@ -186,9 +236,9 @@ def test_only_the_split_holding_a_target_writes_its_logit(monkeypatch, gpu_plan)
                           device=hidden.device)
     split_stats = torch.empty(2, num_rows, num_splits, device=hidden.device)
     target_logit = torch.full((num_rows,), float("nan"), device=hidden.device)
-    kernel._forward_kernel[(1,)](hidden, weight, weight, hidden, target, split_stats, target_logit, 0.0,
+    kernel._forward_kernel[(1,)](hidden, weight, weight, hidden, target, split_stats, target_logit, 0.0, 0.0, 0.0,
                                  num_rows, hidden_size, vocab, per_split, num_splits, 0, HAS_BIAS=False,
-                                 HAS_SOFTCAP=False, FROM_BUFFER=False)
+                                 HAS_SOFTCAP=False, HAS_SMOOTHING=False, FROM_BUFFER=False)
     inside = target < per_split
     expected = (hidden.double() @ weight.double().T).gather(1, target[:, None]).squeeze(1)
     torch.testing.assert_close(target_logit[inside].double(), expected[inside], rtol=1e-5, atol=1e-5)

@@ -21,12 +21,15 @@ from tests.kernels.gpu_build import (SHARED_MEMORY_PER_BLOCK, build_for_gpu, che
 for dtype in ("bf16", "fp32"):
     x = "*" + dtype
     stats = dict(lse_ptr="*fp32", ref_lse_ptr="*fp32", scale_ptr="*fp32", split_stats_ptr="*fp32",
-                 target_logit_ptr="*fp32", target_ptr="*i64", softcap="fp32", z_ptr="*fp32", zr_ptr="*fp32")
-    # with the logit soft cap (Gemma's): the larger kernels, whose builds the plain ones' are a part of
+                 target_logit_ptr="*fp32", target_ptr="*i64", softcap="fp32", smoothing="fp32", uniform="fp32",
+                 z_ptr="*fp32", zr_ptr="*fp32")
+    # with the logit soft cap (Gemma's), and the cross-entropy's label smoothing: the larger kernels, whose builds the
+    # plain ones' are a part of
     cap = dict(HAS_SOFTCAP=True, FROM_BUFFER=False)
+    smooth = dict(HAS_BIAS=True, HAS_SMOOTHING=True, **cap)
     cases = [
-        (ce._forward_kernel, dict(x_ptr=x, w_ptr=x, b_ptr=x, **stats), dict(HAS_BIAS=True, **cap)),
-        (ce._gradient_kernel, dict(x_ptr=x, w_ptr=x, b_ptr=x, g_ptr=x, **stats), dict(HAS_BIAS=True, **cap)),
+        (ce._forward_kernel, dict(x_ptr=x, w_ptr=x, b_ptr=x, **stats), smooth),
+        (ce._gradient_kernel, dict(x_ptr=x, w_ptr=x, b_ptr=x, g_ptr=x, **stats), smooth),
         (kl._forward_kernel, dict(x_ptr=x, w_ptr=x, b_ptr=x, xr_ptr=x, wr_ptr=x, br_ptr=x, **stats),
          dict(SHARED_WEIGHT=False, HAS_BIAS=True, HAS_REF_BIAS=True, EXPM1_SERIES_LIMIT=0.5, **cap)),
         (kl._gradient_kernel, dict(x_ptr=x, w_ptr=x, b_ptr=x, xr_ptr=x, wr_ptr=x, br_ptr=x, g_ptr=x, **stats),

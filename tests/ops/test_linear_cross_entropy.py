@@ -30,8 +30,11 @@ def make_inputs(n, h, v, *, dtype=torch.float32, device="cpu", bias=False, weigh
     return hidden, weight, target, extra
 
 
-def check_against_reference(hidden, weight, target, extra, reduction, backend, rel):
-    out = fastalign.linear_cross_entropy(hidden, weight, target, reduction=reduction, backend=backend, **extra)
+def check_against_reference(hidden, weight, target, extra, reduction, backend, rel, **op_options):
+    """The loss and its gradients under a random upstream gradient agree with the reference's; op_options go to the
+    op alone (grads_in_forward)."""
+    out = fastalign.linear_cross_entropy(hidden, weight, target, reduction=reduction, backend=backend, **extra,
+                                         **op_options)
     ref = linear_cross_entropy_reference(hidden, weight, target, reduction=reduction, **extra)
     assert out.dtype == (torch.float64 if hidden.dtype == torch.float64 else torch.float32)
     assert_rel_close("loss", out, ref, rel)
@@ -85,11 +88,86 @@ def test_soft_capped_bf16_on_the_triton_backend(shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("label_smoothing", [0.1, 1.0])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_tokens_ignored_gives_zero_loss_and_gradients(backend, reduction):
+def test_label_smoothing_matches_reference(backend, shape, label_smoothing, reduction):
+    """label_smoothing eps: CE_t = lse_t - (1 - eps) z_t[y_t] - eps mean_v z_t[v], with a bias, signed token weights
+    and a soft cap that bends the logits (the mean is of the capped logits, and its gradient goes through the cap)."""
+    hidden, weight, target, extra = make_inputs(*shape, bias=True, weighted=True, device=device_for(backend))
+    with torch.no_grad():
+        weight.mul_(8.0)
+    check_against_reference(hidden, weight, target, {**extra, "softcap": 2.5, "label_smoothing": label_smoothing},
+                            reduction, backend, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("label_smoothing", [0.1, 1.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_label_smoothing_with_gradients_taken_in_the_forward(backend, shape, label_smoothing, reduction):
+    """grads_in_forward=True: the gradients from whole logits rows (the Triton kernels' FROM_BUFFER builds)."""
+    hidden, weight, target, extra = make_inputs(*shape, bias=True, weighted=True, device=device_for(backend))
+    check_against_reference(hidden, weight, target, {**extra, "label_smoothing": label_smoothing}, reduction,
+                            backend, REL_TOL[torch.float32], grads_in_forward=True)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_the_references_label_smoothing_is_torchs(label_smoothing, reduction):
+    """In float64: the reference's smoothed loss and gradients are torch's cross_entropy(label_smoothing=) of the
+    logits (token weight 1, no soft cap), ignored tokens left out of the mean."""
+    hidden, weight, target, extra = make_inputs(13, 24, 131, dtype=torch.float64, bias=True)
+    inputs = [hidden, weight, extra["bias"]]
+    ref = linear_cross_entropy_reference(hidden, weight, target, reduction=reduction, label_smoothing=label_smoothing,
+                                         **extra)
+    torchs = torch.nn.functional.cross_entropy(hidden @ weight.T + extra["bias"], target, reduction=reduction,
+                                               label_smoothing=label_smoothing)
+    torch.testing.assert_close(ref, torchs, rtol=1e-12, atol=1e-12)
+    seed = torch.randn(ref.shape, dtype=torch.float64)
+    for got, want in zip(grads_of(ref, inputs, seed), grads_of(torchs, inputs, seed)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_label_smoothing_is_torchs_cross_entropy_in_fp32(backend, reduction):
+    """A drop-in for torch's cross_entropy(logits, y, label_smoothing=eps) on materialised fp32 logits."""
+    hidden, weight, target, extra = make_inputs(13, 24, 131, bias=True, device=device_for(backend))
+    inputs = [hidden, weight, extra["bias"]]
+    out = fastalign.linear_cross_entropy(hidden, weight, target, reduction=reduction, backend=backend,
+                                         label_smoothing=0.1, **extra)
+    torchs = torch.nn.functional.cross_entropy(hidden @ weight.T + extra["bias"], target, reduction=reduction,
+                                               label_smoothing=0.1)
+    assert_rel_close("loss", out, torchs, REL_TOL[torch.float32])
+    seed = torch.randn(out.shape, device=out.device)
+    for name, got, want in zip(["d_hidden", "d_weight", "d_bias"], grads_of(out, inputs, seed),
+                               grads_of(torchs, inputs, seed)):
+        assert_rel_close(name, got, want, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("label_smoothing, error, message", [
+    (-0.1, ValueError, r"label_smoothing must lie in \[0, 1\], got -0.1"),
+    (1.5, ValueError, r"label_smoothing must lie in \[0, 1\], got 1.5"),
+    (float("nan"), ValueError, r"label_smoothing must lie in \[0, 1\], got nan"),
+    ("0.1", TypeError, r"label_smoothing must be a real number in \[0, 1\], got '0.1'"),
+    (None, TypeError, r"label_smoothing must be a real number in \[0, 1\], got None"),
+    (True, TypeError, r"label_smoothing must be a real number in \[0, 1\], got True"),
+])
+def test_bad_label_smoothing_is_refused_by_name(label_smoothing, error, message):
+    hidden, weight, target, _ = make_inputs(6, 16, 37)
+    with pytest.raises(error, match=message):
+        fastalign.linear_cross_entropy(hidden, weight, target, label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_all_tokens_ignored_gives_zero_loss_and_gradients(backend, reduction, label_smoothing):
     hidden, weight, target, extra = make_inputs(5, 16, 37, bias=True, weighted=True, ignored=1.0,
                                                 device=device_for(backend))
-    out = fastalign.linear_cross_entropy(hidden, weight, target, reduction=reduction, backend=backend, **extra)
+    out = fastalign.linear_cross_entropy(hidden, weight, target, reduction=reduction, backend=backend,
+                                         label_smoothing=label_smoothing, **extra)
     assert torch.all(out == 0) and not torch.isnan(out).any()
     for grad in grads_of(out, [hidden, weight, extra["bias"]], torch.ones_like(out)):
         assert torch.all(grad == 0)
