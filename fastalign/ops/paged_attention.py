@@ -405,7 +405,7 @@ def _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens
     out = torch.empty_like(q)
     seq_list, cu_list = seq_lens.tolist(), cu_q_lens.tolist()
     if window is not None:  # wider than every context is no window, and one past int64 fits in no tensor
-        window = min(int(window), max(1, *seq_list))
+        window = min(int(window), max([1, *seq_list]))
     for r, seq_len in enumerate(seq_list):
         start, q_len = cu_list[r], cu_list[r + 1] - cu_list[r]
         if q_len == 0:

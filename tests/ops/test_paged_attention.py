@@ -154,6 +154,18 @@ def test_window_past_every_context_is_no_window(backend):
                                paged_attention(**batch, backend=backend), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_batch_of_no_rows_with_a_window_is_empty(backend):
+    """The torch path bounded the window by max(1, *seq_lens): with no rows, max(1) raised a TypeError."""
+    device = device_for(backend)
+    q = torch.zeros(0, 2, 8, device=device)
+    k_cache, v_cache = torch.randn(3, 4, 1, 8, device=device), torch.randn(3, 4, 1, 8, device=device)
+    no_rows = dict(block_table=torch.zeros(0, 2, dtype=torch.int32, device=device),
+                   seq_lens=torch.zeros(0, dtype=torch.int32, device=device),
+                   cu_q_lens=torch.zeros(1, dtype=torch.int32, device=device))
+    assert paged_attention(q, k_cache, v_cache, **no_rows, backend=backend, window=4).shape == (0, 2, 8)
+
+
 def test_torch_path_query_chunks_with_a_window_match_reference(monkeypatch):
     """A score budget of a few elements forces the query-chunk loop: each chunk starts at its own first key."""
     monkeypatch.setattr(pa_module, "_SCORE_BUDGET", 200)
