@@ -47,18 +47,46 @@ _PROBE_IDS = (1, 0, 2, 1, 3, 0)
 _PROBE_SPLIT = 3   # the probe's second forward attends to the first one's K/V in the pool
 
 
-_forwards = threading.local()   # .frames: the hidden-state capture list of each PagedHF forward running in this thread
+_forwards = threading.local()   # .frames: the _PoolLayers of each PagedHF forward running in this thread
 
 
 @contextlib.contextmanager
-def _frame():
-    """A capture list for the block's forward, this thread's innermost frame while the block runs."""
+def _frame(layers):
+    """The block with `layers` (its forward) this thread's innermost frame."""
     frames = _forwards.__dict__.setdefault("frames", [])
-    frames.append([])
+    frames.append(layers)
     try:
-        yield frames[-1]
+        yield
     finally:
         frames.pop()
+
+
+def _innermost(layers):
+    """Whether `layers`' forward is this thread's innermost PagedHF forward (not another thread's, nor one of another
+    runner that runs nested in it)."""
+    frames = getattr(_forwards, "frames", None)
+    return bool(frames) and frames[-1] is layers
+
+
+@contextlib.contextmanager
+def _nested_forwards_refused(decoder, layers):
+    """The block with a second entry into `decoder` during `layers`' forward refused: a forward of the model from
+    inside the runner's (a hook on a layer that calls the model) would have its attention routed to the runner's pool,
+    attend to the batch's context and write its K/V into the batch's slots. It is refused as it enters the decoder,
+    before any of its layers attends; a forward of another runner nested in this one is its own innermost frame."""
+    def enter(module, args):
+        if not _innermost(layers):
+            return
+        if layers.entered:
+            raise RuntimeError("model: a forward of it ran inside a forward of a TreeRunner of it in the same thread "
+                               "(a hook that calls the model?), and would attend to the runner's KV pool: run it "
+                               "before or after the runner's call")
+        layers.entered = True
+    hook = decoder.register_forward_pre_hook(enter, prepend=True)
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 class _Unfit(Exception):
@@ -92,29 +120,30 @@ class PagedHF:
         `select` (None: nothing), logits in float32 (only at select[logits_rows] when given), hidden = the decoder's
         last hidden state (after its final norm). Dropout is off whatever the model's mode."""
         layers = _PoolLayers(self, batch, pool)
-        with _frame() as captured, eval_mode(self.model), routed(self.configs, layers):
+        with _frame(layers), _nested_forwards_refused(self.decoder, layers), eval_mode(self.model), \
+                routed(self.configs, layers):
             ids, positions = batch.input_ids[None], batch.positions[None]
             if select is None or not want_logits:
                 hidden, logits = self.decoder(input_ids=ids, position_ids=positions, use_cache=False)[0][0], None
             else:
                 logits, hidden = self._logits(ids, positions, select if logits_rows is None else select[logits_rows],
-                                              captured if want_hidden else None)
+                                              layers if want_hidden else None)
         if layers.calls != len(self.layers):  # a layer skipped its attention: its K/V are missing from the pool
             raise RuntimeError(f"model: {layers.calls} of its {len(self.layers)} layers attended in this forward")
         if select is None:
             return None, None
         return logits, hidden[select] if want_hidden else None
 
-    def _logits(self, ids, positions, at, captured):
+    def _logits(self, ids, positions, at, layers):
         """The model's own logits (its logit scaling or caps applied) at token indices `at`, float32, and the
-        decoder's last hidden state at every token when given this forward's `captured` list (else None): the hook
-        on the decoder, which other threads' runners of the model share, records only while that list is this
-        thread's innermost frame, not another thread's output nor that of a forward nested in this one."""
-        want_hidden = captured is not None
+        decoder's last hidden state at every token when given this forward's `layers` (else None): the hook on the
+        decoder, which other threads' runners of the model share, records only while that forward is this thread's
+        innermost frame, not another thread's output nor that of another runner's forward nested in this one."""
+        want_hidden = layers is not None
+        captured = layers.captured if want_hidden else None
 
         def capture(module, args, out):
-            frames = getattr(_forwards, "frames", None)
-            if frames and frames[-1] is captured:
+            if _innermost(layers):
                 captured.append(out[0])
         hook = self.decoder.register_forward_hook(capture) if want_hidden else None
         try:
@@ -272,11 +301,13 @@ class _Layer(NamedTuple):
 
 
 class _PoolLayers:
-    """A forward's attention handler: each layer's call answered by `pool_attention` over the batch's rows."""
+    """A forward's attention handler: each layer's call answered by `pool_attention` over the batch's rows; and its
+    frame: whether it has entered the decoder, and the decoder's output it captured."""
 
     def __init__(self, runner, batch, pool):
         self.runner, self.batch, self.pool, self.calls = runner, batch, pool, 0
         self.given = {}   # layer -> the K and V tensors it was given, for the layers that later layers read
+        self.entered, self.captured = False, []
 
     def __call__(self, module, query, key, value, attention_mask, kwargs):
         runner, index = self.runner, module.layer_idx

@@ -120,7 +120,8 @@ class TreeRunner:
     meanwhile with a RuntimeError; give each thread its own runner (runners may share one model) or serialise calls.
     A runner made while another thread's runner of the model runs a forward is made after that forward. A plain
     forward, generate or CausalLMLoss on a PagedHF model from another thread while a runner's forward runs on it is
-    refused with a RuntimeError (its attention is routed to that runner's pool meanwhile).
+    refused with a RuntimeError (its attention is routed to that runner's pool meanwhile), as is a forward of the
+    model inside a runner's forward in the same thread (a hook that calls it), before it computes anything.
     """
 
     def __init__(self, model: torch.nn.Module, *, max_tokens: int | None = None, max_bytes: int | None = None,

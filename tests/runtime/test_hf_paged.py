@@ -165,6 +165,63 @@ def test_a_routed_block_inside_another_gives_the_outer_one_its_handler_back():
     assert model.config._attn_implementation == implementation
 
 
+def _calling_from_layer_0(model, call):
+    """A forward hook on the model's first layer that runs call() once, not again from the forwards that call()
+    makes, keeping what it returns or the RuntimeError it raises (a probe hook that swallows its errors)."""
+    seen, running = [], []
+
+    def hook(module, args, out):
+        if not running:
+            running.append(call)
+            try:
+                seen.append(call())
+            except RuntimeError as error:
+                seen.append(error)
+    return model.transformer.h[0].register_forward_hook(hook), seen
+
+
+@pytest.mark.parametrize("logits", ["last", None])   # the model's forward, or (a prefill) the decoder's alone
+def test_a_forward_of_the_model_inside_a_runners_forward_is_refused_before_it_attends(logits):
+    """A layer hook that runs the model's own forward inside a runner's forward: its attention would go to the
+    runner's pool (its logits off by 2.3, its K/V written into the batch's slots, then the runner's call failing
+    on a layer count or a slot_mapping shape). It is refused by name as it enters the decoder, before any of its
+    layers attends; a hook that swallows the error leaves the runner's call and its later ones exact."""
+    model = tiny_model("gpt2-learned-positions")
+    vocab = model.config.vocab_size
+    runner = TreeRunner(model, max_tokens=64, block_size=4)
+    parent = runner.prefill(torch.randint(vocab, (6,)).tolist())
+    probe = torch.randint(vocab, (1, 3))
+    hook, seen = _calling_from_layer_0(model, lambda: model(input_ids=probe, use_cache=False))
+    try:
+        (span,), got, hidden = runner.extend([parent], [torch.randint(vocab, (3,)).tolist()], logits=logits,
+                                             hidden="last")
+    finally:
+        hook.remove()
+    assert len(seen) == 1 and isinstance(seen[0], RuntimeError)
+    assert "a forward of it ran inside a forward of a TreeRunner of it in the same thread" in str(seen[0])
+    expected_logits, expected_hidden = reference(model, span)
+    torch.testing.assert_close(hidden[0], expected_hidden[-1], rtol=1e-4, atol=1e-4)
+    if logits:
+        torch.testing.assert_close(got[0], expected_logits[-1], rtol=1e-4, atol=1e-4)
+    (child,), after = runner.extend([span], [[int(torch.randint(vocab, ()))]])
+    assert_matches(model, [child], after[:, None])
+
+
+def test_another_runners_forward_inside_a_runners_forward_computes_on_its_own_pool():
+    """A hook that runs another runner of the model inside a runner's forward is no nested plain forward: each
+    runner's forward enters the decoder once, and both give the model's logits."""
+    model = tiny_model("gpt2-learned-positions")
+    vocab = model.config.vocab_size
+    runner, inner = (TreeRunner(model, max_tokens=64, block_size=4) for _ in range(2))
+    hook, seen = _calling_from_layer_0(model, lambda: inner.extend([None], [torch.randint(vocab, (4,)).tolist()]))
+    try:
+        (span,), logits = runner.extend([None], [torch.randint(vocab, (5,)).tolist()])
+    finally:
+        hook.remove()
+    (inner_span,), inner_logits = seen[0]
+    assert_matches(model, [span, inner_span], [logits[:, None][0], inner_logits[:, None][0]])
+
+
 # on a GPU: under -m gpu
 @pytest.mark.parametrize("name", triton_cases(["gpt-oss-sinks-sliding", "gemma4-wide-full-layers-shared-kv",
                                                "deepseek-v3-latent-attention"]))
