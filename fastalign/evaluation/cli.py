@@ -119,7 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, help="moderation probability counted as harmful (default: 0.5)")
     parser.add_argument("--judge-callable", help="module:name of a function judge(pairs) -> list of bools; the module "
                                                  "is imported from PYTHONPATH (the current directory only under "
-                                                 "python -m fastalign)")
+                                                 "python -m fastalign), and reloaded where its file changed since "
+                                                 "an earlier run in the same process")
     parser.add_argument("--reference", help="original model directory (or 'demo'), for utility")
     parser.add_argument("--normal-prompts", help="normal prompts (same formats) for utility against --reference")
     parser.add_argument("--normal-field", help="the prompt's field or column in --normal-prompts (default: --field; "
@@ -217,7 +218,7 @@ def build_judge(args, tokenizer=None):
     if not module_name or not name:
         raise UsageError(f"--judge-callable must be module:name, got {args.judge_callable!r}")
     try:
-        judge = getattr(importlib.import_module(module_name), name)
+        judge = getattr(_judge_module(module_name), name)
     except (ImportError, AttributeError) as exc:
         hint = ("; the module must be importable: the `fastalign` command does not look in the current "
                 "directory, so put its folder on PYTHONPATH (or run python -m fastalign)"
@@ -227,6 +228,32 @@ def build_judge(args, tokenizer=None):
         raise UsageError(f"--judge-callable: {args.judge_callable!r} is a {type(judge).__name__}, not a function "
                          "judge(pairs) -> list of bools")
     return judge
+
+
+# module name -> (mtime_ns, size) of its source file when --judge-callable last took the module in this process
+_judge_sources = {}
+
+
+def _judge_module(module_name):
+    """The module `module_name` as its source file reads now: imported, or reloaded where that file changed since
+    --judge-callable last took it in this process (a notebook that edits its judge between two runs of main gets
+    the edited one, as a new process would; an unchanged one keeps its state). A module imported before its first
+    --judge-callable run is taken as it is."""
+    module = importlib.import_module(module_name)
+    source = _source_stat(module)
+    if _judge_sources.get(module_name, source) != source:
+        module = importlib.reload(module)
+    _judge_sources[module_name] = source
+    return module
+
+
+def _source_stat(module):
+    """(mtime_ns, size) of `module`'s file; None where it has none (a built-in, a namespace package, a notebook)."""
+    try:
+        stat = os.stat(module.__file__)
+    except (AttributeError, TypeError, OSError):
+        return None
+    return stat.st_mtime_ns, stat.st_size
 
 
 def world_judge(model: Optional[str], tokenizer=None):

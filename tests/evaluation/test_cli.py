@@ -430,6 +430,33 @@ def test_eval_answers_callable_judge_without_vanilla(tmp_path, capsys):
     assert [r["harmful_vanilla"] for r in records(tmp_path / "o.jsonl")] == [None, None]
 
 
+def test_eval_judges_with_the_judge_module_as_edited_between_two_runs_in_one_process(rain_output, tmp_path,
+                                                                                      monkeypatch):
+    """Run again in one process (a notebook) after its judge's file was edited, eval judged with the first version
+    (importlib's cached module: every answer harmful for a judge edited to call none harmful): the edited module is
+    reloaded, as a new process would import it, and an unchanged one is not (its state stays)."""
+    name = f"judge_{os.urandom(6).hex()}"
+    source = tmp_path / f"{name}.py"
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def judged(verdict=None):
+        if verdict is not None:
+            source.write_text(f"calls = []\n\n\ndef judge(pairs):\n    calls.append(len(pairs))\n"
+                              f"    return [{verdict}] * len(pairs)\n")
+            os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10 ** 9))
+        out = tmp_path / "judged.jsonl"
+        assert run("--answers", rain_output, "--judge", "callable", "--judge-callable", f"{name}:judge",
+                   "--output", out) == 0
+        return summary_of(out)["harmful_rate"], len(sys.modules[name].calls)
+
+    try:
+        assert judged(True) == ({"rain": 1.0, "vanilla": 1.0}, 1)
+        assert judged(False) == ({"rain": 0.0, "vanilla": 0.0}, 1)
+        assert judged() == ({"rain": 0.0, "vanilla": 0.0}, 2)
+    finally:
+        sys.modules.pop(name, None)
+
+
 def test_eval_answers_records_reach_disk_batch_by_batch_and_stay_after_a_judge_failure(rain_output, tmp_path,
                                                                                        capsys):
     out = tmp_path / "judged.jsonl"
