@@ -9,6 +9,8 @@ multiply-adds counted twice instead of 8, for the KL 8 instead of 12. The price:
 held from the forward to the backward, the work done even if no backward follows, and one backward per forward (the
 gradients are scaled in place, so that no second [V, H] copy is made; a second backward raises).
 """
+import sys
+
 import torch
 from torch._C._functorch import TransformType, maybe_get_level
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
@@ -66,14 +68,33 @@ def refuse_second_backward(ctx, op):
                            "torch.func.vjp function); use grads_in_forward=False for that")
 
 
-def refuse_graph_of_gradients(op, saved):
+def compiled_autograd_key(ctx):
+    """The fused losses' Function._compiled_autograd_key (compiled autograd's cache key of a node, taken at every
+    backward before its graph runs, in the grad mode the backward was asked for: on only under create_graph=True). It
+    records that grad mode on ctx for graph_of_gradients_asked, and keys on it: the backward differs with it."""
+    ctx.create_graph = torch.is_grad_enabled()
+    return ctx._autograd_function_id, int(ctx.create_graph)
+
+
+def graph_of_gradients_asked(ctx):
+    """Whether this backward records a graph of its gradients: grad mode (on under create_graph=True and torch.func's
+    transforms). Under compiled autograd, the grad mode of its key (compiled_autograd_key): in its graph, a
+    dynamo-traced Function's backward (rms_norm's, gated_linear's, a user's) ends by restoring the grad mode its
+    forward was traced in, on, which the later nodes' backwards then ran in (torch 2.13)."""
+    compiled_autograd = sys.modules.get("torch._dynamo.compiled_autograd")   # imported where it runs
+    if getattr(compiled_autograd, "in_compiled_autograd_region", False):
+        return ctx.create_graph
+    return torch.is_grad_enabled()
+
+
+def refuse_graph_of_gradients(ctx, op, saved):
     """The gradients taken in the forward (`saved`) have no graph to the inputs, so where their own derivative may be
     taken it would come out silently zero: refused under create_graph=True (a gradient penalty) and where an outer
     grad transform differentiates this backward's result (nested torch.func.grad, grad of a vjp). torch.func runs
     every backward with grad mode on: its backward is told by the saved gradients' transform level (that of the grad
     it serves, or a level that has ended for vjp's and jacrev's function), and refused only under another grad level
     (or a forward-mode one) outside it."""
-    if not torch.is_grad_enabled():
+    if not graph_of_gradients_asked(ctx):
         return
     level = max(maybe_get_level(t) for t in saved if t is not None)   # -1 plain autograd, -2 a level that ended
     outer = [interpreter.level() for interpreter in retrieve_all_functorch_interpreters()
@@ -115,7 +136,7 @@ def backward_gradients(ctx, op, gradients, grad_output):
     if ctx.forward_gradients:
         refuse_second_backward(ctx, op)   # before saved_tensors, which refuses the gradients scaled in place
         saved = ctx.saved_tensors
-        refuse_graph_of_gradients(op, saved)
+        refuse_graph_of_gradients(ctx, op, saved)
         ctx.forward_gradients_taken = True
         return apply_function(LauncherGradients, op, scaled, grad_output, *saved)
     return apply_function(LauncherGradients, op, gradients, *ctx.saved_tensors, grad_output, ctx.reduction,

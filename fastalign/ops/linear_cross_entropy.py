@@ -11,7 +11,8 @@ from .backend import (Backend, apply_function, graph_break, autocast_off, refuse
 from .checks import (as_rows, check_bias, check_label_smoothing, check_linear, check_per_token, check_reduction,
                      check_softcap, check_tensor, check_token_shape, is_integer, out_of_range_targets, refuse_targets,
                      token_dims, FLOAT_DTYPES, Reduction)
-from .forward_gradients import backward_gradients, forward_gradient_needs, refuse_inference_tensors, save_for_backward
+from .forward_gradients import (backward_gradients, compiled_autograd_key, forward_gradient_needs,
+                                refuse_inference_tensors, save_for_backward)
 from .func_transforms import FusedOpFunction
 from .token_rows import TokenRows
 
@@ -61,6 +62,8 @@ class LinearCrossEntropyFunction(FusedOpFunction):
     @staticmethod
     def backward(ctx, grad_output, *_):
         return backward_gradients(ctx, LinearCrossEntropyFunction.op, _gradients, grad_output) + (None,) * 8
+
+    _compiled_autograd_key = staticmethod(compiled_autograd_key)
 
 
 @graph_break("linear_cross_entropy")  # a compiled caller that differentiates runs it in its frame

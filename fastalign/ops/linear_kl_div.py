@@ -12,7 +12,8 @@ from .backend import (Backend, apply_function, graph_break, autocast_off, refuse
                       select_backend, TOKENS_CHOSEN_BY_VALUES)
 from .checks import (as_rows, check_bias, check_constant, check_linear, check_per_token, check_reduction,
                      check_softcap, check_tensor, check_token_shape, token_dims, FLOAT_DTYPES, Reduction)
-from .forward_gradients import backward_gradients, forward_gradient_needs, refuse_inference_tensors, save_for_backward
+from .forward_gradients import (backward_gradients, compiled_autograd_key, forward_gradient_needs,
+                                refuse_inference_tensors, save_for_backward)
 from .func_transforms import FusedOpFunction
 from .token_rows import TokenRows
 
@@ -59,6 +60,8 @@ class LinearKLDivFunction(FusedOpFunction):
     @staticmethod
     def backward(ctx, grad_output, *_):
         return backward_gradients(ctx, LinearKLDivFunction.op, _gradients, grad_output) + (None,) * 9
+
+    _compiled_autograd_key = staticmethod(compiled_autograd_key)
 
 
 def _live_operands(rows, hidden, weight, bias, ref_hidden, ref_weight, ref_bias):

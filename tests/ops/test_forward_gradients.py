@@ -206,6 +206,30 @@ def test_a_gradient_that_could_be_differentiated_again_is_refused_by_name(backen
             torch.func.grad(penalty)(inputs[0].detach(), grads_in_forward)
 
 
+@pytest.mark.parametrize("make_case", [cross_entropy_case, lambda shape: kl_case(shape, shared=False)],
+                         ids=["ce", "kl"])
+def test_compiled_autograd_beside_a_layer_op_takes_the_forwards_gradients(make_case):
+    """Under compiled autograd, the backward of rms_norm, traced by dynamo, leaves grad mode on for the nodes after
+    it (torch 2.13): a plain backward was refused as create_graph=True. A real create_graph=True is still refused."""
+    op, reference, inputs = make_case((13, 24, 131))
+    x, norm_weight = torch.randn(5, 24, requires_grad=True), torch.randn(24, requires_grad=True)
+    expected = torch.autograd.grad(reference("sum") + fastalign.rms_norm(x, norm_weight).sum(),
+                                   inputs + [x, norm_weight])
+
+    def step(create_graph):
+        loss = op("sum", grads_in_forward=True) + fastalign.rms_norm(x, norm_weight).sum()
+        loss.backward(create_graph=create_graph)
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(compiled_autograd=True):
+        torch.compile(step, backend="eager")(False)
+        for name, tensor, want in zip(["d_hidden", "d_weight", "d_bias", "d_x", "d_norm_weight"],
+                                      inputs + [x, norm_weight], expected):
+            assert_rel_close(name, tensor.grad, want, REL_TOL[torch.float32])
+        with pytest.raises(RuntimeError, match=r"grads_in_forward=True\) .* refuses create_graph=True"):
+            torch.compile(step, backend="eager")(True)
+    torch._dynamo.reset()
+
 def loss_of_weight(op_name, backend, grads_in_forward=True):
     """(loss(weight, hidden, target) of the op, a batch of two samples' (weight, hidden [2, 5, 24], target [2, 5]))."""
     device = device_for(backend)
