@@ -22,7 +22,8 @@ from typing import Any, overload
 import torch
 from torch.optim.optimizer import ParamsT
 
-from fastalign.ops.backend import Backend, check_backend, is_triton, refuse_fake_tensors_on_triton, select_backend
+from fastalign.ops.backend import (Backend, check_backend, graph_break, is_triton, refuse_fake_tensors_on_triton,
+                                   select_backend)
 from fastalign.ops.checks import is_real
 
 COMPENSATED_DTYPES = (torch.bfloat16,)
@@ -94,6 +95,14 @@ def _check_dtype(p, where):
 def _local(tensor):
     """The tensor itself, or the local shard of a DTensor (a parameter FSDP2 shards, its gradient and its state)."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+@graph_break("KahanAdamW's step on the Triton backend", "its kernel launch")
+def _step_outside_graphs(launcher, *operands, **scalars):
+    """launcher.step of a Triton launcher outside a compiled caller's graphs (one graph break a parameter, as the
+    torch step and the fused ops' Triton paths take): torch.compile(optimizer.step) traced into the kernel launch, and
+    failed under Triton's interpreter (a KeyError on a uint64 fake tensor)."""
+    launcher.step(*operands, **scalars)
 
 
 class KahanAdamW(torch.optim.Optimizer):
@@ -184,8 +193,12 @@ class KahanAdamW(torch.optim.Optimizer):
                 tensors = [_local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
                            + (() if "compensation" not in state else (state["compensation"],))]
                 contiguous = [t.contiguous() for t in tensors]   # the launchers take contiguous tensors
-                select_backend("kahan_adamw", self.backend, p.device).step(*contiguous[:4], *(contiguous[4:] or [None]),
-                                                                            **scalars)
+                launcher = select_backend("kahan_adamw", self.backend, p.device)
+                operands = (*contiguous[:4], *(contiguous[4:] or [None]))
+                if is_triton(launcher):
+                    _step_outside_graphs(launcher, *operands, **scalars)
+                else:
+                    launcher.step(*operands, **scalars)   # (itself kept out of compiled graphs: see its reason)
                 for i, (t, stepped) in enumerate(zip(tensors, contiguous)):
                     if stepped is not t and i != 1:   # a copy stepped in place of t (the gradient is only read)
                         t.copy_(stepped)

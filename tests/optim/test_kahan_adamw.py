@@ -561,18 +561,23 @@ def test_fake_tensors_are_refused_on_the_triton_backend_after_a_parameter_on_the
             KahanAdamW(weights, backend="auto").step()
 
 
-def test_a_compiled_step_of_bf16_weights_gives_the_eager_steps_bits():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_compiled_step_of_bf16_weights_gives_the_eager_steps_bits(backend):
     """torch.compile(optimizer.step), PyTorch's recipe for compiling an optimizer: inductor fused the bf16 weight's
     write with the compensation's read of it and took the unrounded fp32 sum for the rounded weight, so the
     compensation lost what rounding dropped (weight + compensation 50% off AdamW's path after 30 steps, 0.45%
-    eager). The torch backend's step runs outside the graph: the eager step's bits."""
-    start = (0.02 * torch.randn(512, generator=torch.Generator().manual_seed(0))).bfloat16()
+    eager). The step runs outside the graph: the eager step's bits. Dynamo traced into the Triton step's kernel
+    launch, which crashed under Triton's interpreter."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    start = (0.02 * torch.randn(512, generator=torch.Generator().manual_seed(0))).bfloat16().to(device)
     compiled_weight, eager_weight = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    compiled, eager = (KahanAdamW([w], lr=1e-5, backend="torch") for w in (compiled_weight, eager_weight))
+    compiled, eager = (KahanAdamW([w], lr=1e-5, backend=backend) for w in (compiled_weight, eager_weight))
+    torch._dynamo.reset()
     compiled_step = torch.compile(compiled.step)
     for grad in gradients(512, 3):
-        compiled_weight.grad, eager_weight.grad = grad.bfloat16(), grad.bfloat16()
+        compiled_weight.grad, eager_weight.grad = grad.bfloat16().to(device), grad.bfloat16().to(device)
         compiled_step()
         eager.step()
     assert torch.equal(compiled_weight, eager_weight)
     assert torch.equal(compiled.state[compiled_weight]["compensation"], eager.state[eager_weight]["compensation"])
+
