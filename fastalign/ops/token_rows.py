@@ -44,7 +44,7 @@ class TokenRows:
         if live.numel() > n:
             return None
         live_rows = torch.cat([live, live.new_full((n - live.numel(),), n)])
-        return cls(row_weight, counted.sum(), live_rows, torch.tensor(live.numel()), reduction)
+        return cls(row_weight, counted.sum(), live_rows, torch.tensor(live.numel(), device="cpu"), reduction)
 
     def state(self):
         """(row_weight, num_counted, live_rows, num_live): what builds this TokenRows again."""

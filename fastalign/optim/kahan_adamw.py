@@ -240,7 +240,7 @@ class KahanAdamW(torch.optim.Optimizer):
         without a compensation where p is not bf16 (cast to fp32 after bf16 steps)."""
         state = self.state[p]
         if not state:
-            state["step"] = torch.tensor(0.0)
+            state["step"] = torch.tensor(0.0, device="cpu")   # read at every step: on the host, without a wait
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         for name in ("exp_avg", "exp_avg_sq"):

@@ -93,3 +93,25 @@ def test_a_target_outside_the_vocabulary_is_refused_whatever_rows_live(backend, 
     token_weight = (torch.arange(7, device=device) < live).float()
     with pytest.raises(ValueError, match=r"target values must lie in \[0, 37\) .*; found 40"):
         fastalign.linear_cross_entropy(hidden, weight, target, token_weight=token_weight, backend=backend)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "kl_div"])
+def test_the_default_device_leaves_the_live_row_count_on_the_host(loss):
+    """torch.set_default_device put num_live, which the backward reads without waiting for the device, where the
+    default device was: on a GPU a wait at every backward; with 'meta' (tensors passed on the CPU), the loss failed
+    with torch's 'Tensor.item() cannot be called on meta tensors', naming neither."""
+    hidden = torch.randn(9, 16, requires_grad=True)
+    weight = (torch.randn(37, 16) / 4).requires_grad_()
+    target = torch.randint(0, 37, (9,))
+    want = grads_of(linear_cross_entropy_reference(hidden, weight, target) if loss == "cross_entropy"
+                    else linear_kl_div_reference(hidden, weight, hidden.detach().flip(0), weight.detach()),
+                    [hidden, weight], torch.ones(()))
+    torch.set_default_device("meta")
+    try:
+        got = (fastalign.linear_cross_entropy(hidden, weight, target) if loss == "cross_entropy"
+               else fastalign.linear_kl_div(hidden, weight, hidden.detach().flip(0), weight.detach()))
+        got_grads = torch.autograd.grad(got, [hidden, weight])
+    finally:
+        torch.set_default_device(None)
+    for name, g, w in zip(["d_hidden", "d_weight"], got_grads, want):
+        assert_rel_close(name, g, w, REL_TOL[torch.float32])

@@ -581,3 +581,17 @@ def test_a_compiled_step_of_bf16_weights_gives_the_eager_steps_bits(backend):
     assert torch.equal(compiled_weight, eager_weight)
     assert torch.equal(compiled.state[compiled_weight]["compensation"], eager.state[eager_weight]["compensation"])
 
+
+def test_the_default_device_leaves_the_step_count_on_the_host():
+    """torch.set_default_device put a fresh state's step count, read at every step, where the default device was: on
+    a GPU a wait a parameter a step; with 'meta' (the weights on the CPU), the step failed with torch's
+    'Tensor.item() cannot be called on meta tensors'. torch's AdamW keeps it on the CPU."""
+    start, grads = torch.randn(64), gradients(64, 2)
+    want, _ = run(torch.optim.AdamW, start, grads, lr=1e-3)
+    torch.set_default_device("meta")
+    try:
+        got, optimizer = run(KahanAdamW, start, grads, lr=1e-3)
+    finally:
+        torch.set_default_device(None)
+    assert optimizer.state[optimizer.param_groups[0]["params"][0]]["step"].device.type == "cpu"
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
