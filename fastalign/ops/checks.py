@@ -56,6 +56,10 @@ def _check_dense(name, t):
                          "hands the gradient back to the shards), or compute "
                          "the loss with fastalign.CausalLMLoss or CausalLMKLDiv, modules that FSDP wraps with the "
                          "model and that gather the lm_head weight inside their forward")
+    if t.is_nested:   # torch.nested's default layout is torch.strided: torch failed on its .shape ("Internal error")
+        raise TypeError(f"{name} must be a dense tensor, got a nested tensor (layout {t.layout}): pad it "
+                        "(torch.nested.to_padded_tensor; a loss then takes a mask or token weights of 0 at the "
+                        "padding), or pack its rows into one dense tensor")
     if t.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
 

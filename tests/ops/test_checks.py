@@ -32,3 +32,20 @@ def test_a_dtensor_weight_is_refused_by_name_with_the_way_to_gather_it(mesh, pla
             assert phrase in str(error.value), phrase
     loss = fastalign.linear_cross_entropy(hidden, sharded.full_tensor(), target)   # what the error advises
     torch.testing.assert_close(loss, fastalign.linear_cross_entropy(hidden, weight, target))
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+def test_a_nested_tensor_is_refused_by_name(layout):
+    """A nested tensor of torch's default layout (torch.strided) passed the dense check, then failed in torch with
+    "Internal error: NestedTensorImpl doesn't support sizes. Please file an issue"."""
+    def nested(*rows):
+        return torch.nested.nested_tensor(list(rows), layout=layout)
+    hidden, weight = nested(torch.randn(3, 8), torch.randn(2, 8)), torch.randn(16, 8)
+    calls = {"hidden": lambda: fastalign.linear_cross_entropy(hidden, weight, nested(torch.arange(3), torch.arange(2))),
+             "x": lambda: fastalign.rms_norm(hidden, torch.ones(8)),
+             "gate": lambda: fastalign.gated_linear(hidden, hidden, torch.randn(4, 8))}
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=f"^{name} must be a dense tensor, got a nested tensor .* pad it"):
+            call()
+    with pytest.raises(TypeError, match="^hidden must be a dense tensor, got a nested tensor"):
+        fastalign.linear_kl_div(hidden, weight, hidden, weight)
