@@ -26,6 +26,18 @@ def check_grads_in_forward(op, grads_in_forward):
         raise TypeError(f"{op}: grads_in_forward must be True or False, got {grads_in_forward!r}")
 
 
+_FROM_AUTOCAST = (" (float16 here from the enclosing float16 autocast, in which CausalLMLoss and CausalLMKLDiv take "
+                  "the head's matmul as the model's lm_head would: use torch.autocast(dtype=torch.bfloat16) instead)")
+
+
+def _float16_autocast(device):
+    """Whether an enclosing autocast on `device`'s type computes matmuls in float16 (the fused ops run outside
+    autocast; the modules that call them cast their inputs to its dtype)."""
+    kind = device.type
+    return (torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+            and torch.get_autocast_dtype(kind) == torch.float16)
+
+
 def forward_gradient_needs(op, grads_in_forward, reduction, hidden, weight, bias):
     """(need_hidden, need_weight, need_bias) to take in the forward pass, or None for a forward alone: when
     grads_in_forward is off, grad mode is off or no input is differentiated. A ValueError for reduction 'none' in grad
@@ -41,7 +53,8 @@ def forward_gradient_needs(op, grads_in_forward, reduction, hidden, weight, bias
         raise ValueError(f"{op}: grads_in_forward=True needs hidden and weight in float32, bfloat16 or float64, got "
                          f"{hidden.dtype} and {weight.dtype}: the gradients it rounds before the upstream gradient "
                          "scales them overflow float16 (a sum over many tokens) or underflow it (a mean, then a loss "
-                         "scaler's factor); use grads_in_forward=False, whose backward scales before it rounds")
+                         "scaler's factor); use grads_in_forward=False, whose backward scales before it rounds"
+                         + (_FROM_AUTOCAST if _float16_autocast(hidden.device) else ""))
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     return needs if torch.is_grad_enabled() and any(needs) else None
 

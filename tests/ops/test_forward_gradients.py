@@ -126,6 +126,20 @@ def test_float16_is_refused_where_its_gradients_would_overflow(backend):
             op()
 
 
+
+@pytest.mark.parametrize("make_case", [cross_entropy_case, kl_case], ids=["ce", "kl"])
+def test_float16_from_an_enclosing_autocast_is_named_as_its_cause(make_case):
+    """CausalLMLoss on an fp32 model under a float16 autocast casts the head's operands to float16, as the model's
+    lm_head would: the refusal blamed float16 inputs that the user never passed, and named no autocast."""
+    op, _, _ = make_case((13, 24, 131), dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"got torch.float16 and torch.float16: .* overflow float16") as plain:
+        op("sum", grads_in_forward=True)
+    assert "autocast" not in str(plain.value)
+    with torch.autocast("cpu", dtype=torch.float16):
+        with pytest.raises(ValueError, match=r"float16 here from the enclosing float16 autocast.*"
+                                             r"torch.autocast\(dtype=torch.bfloat16\)"):
+            op("sum", grads_in_forward=True)
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("make_case", [lambda b: cross_entropy_case((13, 24, 131), backend=b, ignored=1.0),
                                        lambda b: kl_case((13, 24, 131), backend=b, masked=1.0)], ids=["ce", "kl"])
