@@ -96,7 +96,7 @@ def graph_of_gradients_asked(ctx):
     forward was traced in, on, which the later nodes' backwards then ran in (torch 2.13)."""
     compiled_autograd = sys.modules.get("torch._dynamo.compiled_autograd")   # imported where it runs
     if getattr(compiled_autograd, "in_compiled_autograd_region", False):
-        return ctx.create_graph
+        return getattr(ctx, "create_graph", torch.is_grad_enabled())   # (a torch that took no key: its grad mode)
     return torch.is_grad_enabled()
 
 
