@@ -195,6 +195,7 @@ ForwardPlan SpanTree::plan_rows(const std::vector<std::vector<int64_t>>& rows) {
         for (int64_t id : row) attach(id, plan);
         end_row(row.back(), plan, tables);
       }
+      finish(plan, tables);  // the plan's largest allocation: a bad_alloc there is undone like one in attach
     } catch (const PoolExhausted&) {
       abandon(plan);
       if (attempt == 0) continue;
@@ -203,7 +204,6 @@ ForwardPlan SpanTree::plan_rows(const std::vector<std::vector<int64_t>>& rows) {
       abandon(plan);
       throw;
     }
-    finish(plan, tables);
     return plan;
   }
 }

@@ -2,6 +2,10 @@
 rarely or never reaches: misuse that must be refused with the state left as it was, the order in which
 blocks are handed out, and eviction sequences whose bookkeeping goes wrong only several steps later.
 Each test was seen failing on a mutated line of csrc/ that the other runtime tests let through."""
+import os
+import resource
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -23,6 +27,32 @@ def finished(tree, parents, lens):
     plan = tree.plan_extend(np.array(parents), np.ones(sum(lens), dtype=np.int32), np.cumsum([0, *lens]))
     tree.unlock(plan.spans)
     return plan
+
+
+def alone(scenario):
+    """Runs `scenario` (a function of this module) in a fresh Python, so that its memory limit touches no other
+    test; its asserts decide, and its stderr is the failure shown."""
+    call = f"from {__name__} import {scenario.__name__}; {scenario.__name__}()"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", call], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def out_of_memory(call):
+    """call() under an address-space limit 128 MiB above the process's size: a large allocation in it genuinely
+    fails (std::bad_alloc, a MemoryError in Python), as in a process near its memory limit. Linux only."""
+    with open("/proc/self/statm") as statm:
+        size = int(statm.read().split()[0]) * resource.getpagesize()
+    limits = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (size + 128 * 2 ** 20, limits[1]))
+    try:
+        with pytest.raises(MemoryError):
+            call()
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, limits)
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="limits memory by /proc and RLIMIT_AS")
 
 
 def root_and_child():
@@ -68,6 +98,31 @@ def test_abandoning_a_finished_plan_is_refused():
     with pytest.raises(ValueError, match="already finished"):
         tree.abandon(plan)
     assert state(tree) == before and tree.is_resident(plan.row_spans[0])
+
+
+def restore_whose_block_table_cannot_be_allocated():
+    """A restore of one long row beside many short ones, whose dense [rows, max_blocks] block table (800 MB), made
+    after every span is attached, fails."""
+    long, short = 100_000, 2000
+    tree = SpanTree(long + short + 16, 1)
+    (base,) = finished(tree, [-1], [long]).row_spans
+    targets = finished(tree, [base] + [-1] * short, [1] * (short + 1)).row_spans.tolist()
+    for span in targets:
+        tree.evict(span)
+    tree.pin(base)
+    before = state(tree)
+    out_of_memory(lambda: tree.plan_restore(targets))
+    assert state(tree) == before
+    assert sorted(tree.plan_restore(targets).row_spans.tolist()) == targets
+
+
+@linux_only
+def test_a_restore_failing_for_memory_changes_nothing():
+    """plan_restore made its block table after the try that undoes a failed plan: on std::bad_alloc there, every
+    span it attached stayed resident and locked with KV no forward wrote. The next restore then ran no forward (a
+    TreeRunner read never-written blocks as the context: silently wrong logits) and the spans could never be
+    released. It must fail as PoolExhausted does: a MemoryError that changes nothing."""
+    alone(restore_whose_block_table_cannot_be_allocated)
 
 
 def test_abandoning_a_plan_a_later_plan_builds_on_is_refused_and_changes_nothing():
