@@ -63,11 +63,13 @@ void SpanTree::touch(int64_t id) {
 }
 
 int64_t SpanTree::add_node(int64_t parent, const int32_t* tokens, int64_t n) {
-  int64_t id = next_id_++;
-  Span& s = spans_[id];
+  Span s;  // made whole before it joins the tree: a bad_alloc leaves the tree as it was
   s.parent = parent;
   s.length = (parent >= 0 ? node(parent).length : 0) + n;
   s.tokens.assign(tokens, tokens + n);
+  int64_t id = next_id_;
+  spans_.emplace(id, std::move(s));
+  ++next_id_;
   if (parent >= 0) ++node(parent).num_children;
   return id;
 }
@@ -357,27 +359,28 @@ ForwardPlan SpanTree::plan_extend(const std::vector<int64_t>& parents, const int
   for (int64_t p : parents)
     if (p >= 0) parent_ids.push_back(p);
   lock(parent_ids);
+  const int64_t first_new = next_id_;
   std::vector<int64_t> cut_spans;
-  std::vector<std::vector<int64_t>> chains;  // per row: its cut spans, then its child
-  for (size_t r = 0; r < rows; ++r) {
-    std::vector<int64_t> chain;
-    int64_t parent = parents[r] < -1 ? chains[-2 - parents[r]].back() : parents[r];
-    int64_t begin = 0, n = cu_lens[r + 1] - cu_lens[r];
-    for (int64_t k = cu_cuts ? cu_cuts[r] : 0; k < (cu_cuts ? cu_cuts[r + 1] : 0); ++k) {
-      parent = add_node(parent, tokens + cu_lens[r] + begin, cuts[k] - begin);
-      chain.push_back(parent);
-      cut_spans.push_back(parent);
-      begin = cuts[k];
-    }
-    chain.push_back(add_node(parent, tokens + cu_lens[r] + begin, n - begin));
-    chains.push_back(std::move(chain));
-  }
   ForwardPlan plan;
-  try {
+  try {  // from the first lock: any failure (a bad_alloc making a span included) undoes the whole call
+    std::vector<std::vector<int64_t>> chains;  // per row: its cut spans, then its child
+    for (size_t r = 0; r < rows; ++r) {
+      std::vector<int64_t> chain;
+      int64_t parent = parents[r] < -1 ? chains[-2 - parents[r]].back() : parents[r];
+      int64_t begin = 0, n = cu_lens[r + 1] - cu_lens[r];
+      for (int64_t k = cu_cuts ? cu_cuts[r] : 0; k < (cu_cuts ? cu_cuts[r + 1] : 0); ++k) {
+        parent = add_node(parent, tokens + cu_lens[r] + begin, cuts[k] - begin);
+        chain.push_back(parent);
+        cut_spans.push_back(parent);
+        begin = cuts[k];
+      }
+      chain.push_back(add_node(parent, tokens + cu_lens[r] + begin, n - begin));
+      chains.push_back(std::move(chain));
+    }
     plan = plan_rows(chains);
   } catch (...) {
-    for (auto chain = chains.rbegin(); chain != chains.rend(); ++chain)
-      for (auto it = chain->rbegin(); it != chain->rend(); ++it) erase_node(*it);
+    // every span made here, newest first (children before parents), listed in a chain or not yet
+    for (int64_t id = next_id_ - 1; id >= first_new; --id) erase_node(id);
     unlock(parent_ids);
     throw;
   }

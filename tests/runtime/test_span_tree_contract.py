@@ -125,6 +125,29 @@ def test_a_restore_failing_for_memory_changes_nothing():
     alone(restore_whose_block_table_cannot_be_allocated)
 
 
+def extend_whose_tokens_cannot_be_copied():
+    """An extend whose first row (cut in two) is made, and whose second row's 64 Mi tokens cannot be copied."""
+    tree = SpanTree(64, 16)
+    (root,) = finished(tree, [-1], [20]).row_spans
+    before, evictable = state(tree), tree.lru_order()
+    huge = 64 * 2 ** 20
+    tokens = np.random.randint(0, 1000, 3 + huge, dtype=np.int32)
+    out_of_memory(lambda: tree.plan_extend(np.array([root, -2]), tokens, np.array([0, 3, 3 + huge]), np.array([1]),
+                                           np.array([0, 1, 1])))
+    assert state(tree) == before and tree.lru_order() == evictable
+    tree.release(root)
+    assert tree.span_ids() == [] and tree.num_free_blocks == 64
+
+
+@linux_only
+def test_an_extend_failing_for_memory_while_making_its_spans_changes_nothing():
+    """plan_extend locked its parents and made its spans outside the try that undoes a failed call, and a span was
+    in the tree before its tokens were copied: on std::bad_alloc the parent stayed locked for good (never evicted,
+    never released) and a half-made span stayed (its length counting tokens it did not hold), beside the spans of
+    the rows before. It must be a MemoryError that changes nothing."""
+    alone(extend_whose_tokens_cannot_be_copied)
+
+
 def test_abandoning_a_plan_a_later_plan_builds_on_is_refused_and_changes_nothing():
     """abandon() of a plan whose span has a child from a plan still outstanding used to drop the span's lock,
     then fail in drop_kv: the span was left resident, unlocked and evictable with KV never written, and the
