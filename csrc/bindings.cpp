@@ -116,6 +116,8 @@ PYBIND11_MODULE(_C, m) {
            "their KV.")
       .def("plan_restore", &SpanTree::plan_restore, py::arg("targets"),
            "One round of recomputing evicted targets and their evicted ancestors; call until num_rows == 0.")
+      .def("finish", &SpanTree::finish, py::arg("plan"),
+           "The plan's forward is done: lift its locks; its copies count as made.")
       .def("abandon", &SpanTree::abandon, py::arg("plan"),
            "Undo a plan whose forward failed: its spans lose their KV; spans it created are deleted.")
       .def("lock", &SpanTree::lock, py::arg("ids"))

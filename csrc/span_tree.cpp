@@ -1,6 +1,7 @@
 #include "span_tree.h"
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <unordered_map>
 #include <unordered_set>
@@ -9,6 +10,11 @@ namespace fastalign {
 
 namespace {
 std::string span_name(int64_t id) { return "span " + std::to_string(id); }
+
+uint64_t next_plan_serial() {  // process-wide, so that a plan can name only the spans of its own tree
+  static std::atomic<uint64_t> last{0};
+  return ++last;
+}
 }  // namespace
 
 SpanTree::SpanTree(int32_t num_blocks, int32_t block_size)
@@ -100,9 +106,10 @@ void SpanTree::attach(int64_t id, ForwardPlan& plan) {
   // The allocations that may throw come first: a bad_alloc there leaves nothing changed.
   s.blocks.reserve(static_cast<size_t>((s.length + block_size_ - 1) / block_size_));
   plan.spans.push_back(id);
-  // Resident and locked from the start, so that abandon() undoes a partial attach like a complete one.
+  // Resident and locked by the plan from the start, so that abandon() undoes a partial attach like a complete one.
   s.resident = true;
   ++s.locks;
+  s.plan = plan.serial;
   int64_t start = 0;
   if (s.parent >= 0) {
     Span& p = node(s.parent);
@@ -131,7 +138,6 @@ void SpanTree::attach(int64_t id, ForwardPlan& plan) {
           if (plan.copy_dst[i] == partial) source = plan.copy_src[i];
         // a copier from here: evicting for its block must not give `partial` away to an older copier's copy
         p.copiers.push_back(id);
-        s.copy_locks = s.locks;
         int32_t copy = take_block();
         s.blocks.push_back(copy);
         fill_[copy] = offset;
@@ -174,7 +180,7 @@ void SpanTree::end_row(int64_t id, ForwardPlan& plan, std::vector<std::vector<in
   tables.push_back(s.blocks);
 }
 
-void SpanTree::finish(ForwardPlan& plan, const std::vector<std::vector<int32_t>>& tables) const {
+void SpanTree::fill_block_table(ForwardPlan& plan, const std::vector<std::vector<int32_t>>& tables) const {
   size_t width = 0;
   for (const auto& t : tables) width = std::max(width, t.size());
   plan.max_blocks = static_cast<int32_t>(width);
@@ -190,6 +196,7 @@ void SpanTree::finish(ForwardPlan& plan, const std::vector<std::vector<int32_t>>
 ForwardPlan SpanTree::plan_rows(const std::vector<std::vector<int64_t>>& rows) {
   for (int attempt = 0;; ++attempt) {
     ForwardPlan plan;
+    plan.serial = next_plan_serial();
     plan.cu_q_lens.push_back(0);
     std::vector<std::vector<int32_t>> tables;
     try {
@@ -197,7 +204,7 @@ ForwardPlan SpanTree::plan_rows(const std::vector<std::vector<int64_t>>& rows) {
         for (int64_t id : row) attach(id, plan);
         end_row(row.back(), plan, tables);
       }
-      finish(plan, tables);  // the plan's largest allocation: a bad_alloc there is undone like one in attach
+      fill_block_table(plan, tables);  // the plan's largest allocation: a bad_alloc there is undone like one in attach
     } catch (const PoolExhausted&) {
       abandon(plan);
       if (attempt == 0) continue;
@@ -208,6 +215,26 @@ ForwardPlan SpanTree::plan_rows(const std::vector<std::vector<int64_t>>& rows) {
     }
     return plan;
   }
+}
+
+bool SpanTree::holds(const ForwardPlan& plan) const {
+  for (int64_t id : plan.spans) {
+    auto it = spans_.find(id);
+    if (it == spans_.end() || it->second.plan != plan.serial) return false;
+  }
+  return true;
+}
+
+void SpanTree::finish(const ForwardPlan& plan) {
+  if (!holds(plan)) throw std::invalid_argument("finish: the plan was already finished or abandoned");
+  for (int64_t id : plan.spans) {
+    Span& s = node(id);
+    s.plan = 0;
+    --s.locks;
+    refresh_lru(id);
+  }
+  for (int64_t id : plan.spans)  // a copy the plan made: the block it copied from may go
+    if (node(id).parent >= 0) adopt_copy(node(id).parent);
 }
 
 void SpanTree::abandon(const ForwardPlan& plan) {
@@ -241,7 +268,7 @@ void SpanTree::drop_kv(int64_t id) {
   for (int32_t block : s.blocks) allocator_.decref(block);
   if (s.shared_block >= 0 && fill_[s.shared_block] == s.shared_to) fill_[s.shared_block] = s.shared_from;
   s.shared_block = -1;
-  s.copy_locks = 0;
+  s.plan = 0;
   s.blocks.clear();
   s.blocks.shrink_to_fit();
   s.resident = false;
@@ -277,7 +304,7 @@ void SpanTree::adopt_copy(int64_t id) {
     for (int64_t h = id; h >= 0 && node(h).blocks.size() > index && node(h).blocks[index] == block;
          h = node(h).parent) {
       for (int64_t c : node(h).copiers)
-        if (node(c).copy_locks > 0) return;
+        if (node(c).plan != 0) return;  // its copy is still to be made
       holders.push_back(h);
     }
     Span& bottom = node(id);
@@ -435,19 +462,17 @@ void SpanTree::lock(const std::vector<int64_t>& ids) {
 void SpanTree::unlock(const std::vector<int64_t>& ids) {
   for (int64_t id : ids)
     if (node(id).locks <= 0) throw std::invalid_argument("unlock: " + span_name(id) + " is not locked");
-  // All or nothing also for a span listed more often than it is locked: undo what was done, then refuse.
+  // All or nothing also for a span listed more often than it is locked (its plan's lock left out): undo what was
+  // done, then refuse.
   for (size_t i = 0; i < ids.size(); ++i) {
-    if (--node(ids[i]).locks >= 0) continue;
+    Span& s = node(ids[i]);
+    if (--s.locks >= (s.plan != 0 ? 1 : 0)) continue;
+    std::string message = "unlock: " + span_name(ids[i]) + " is locked fewer times than it is listed" +
+                          (s.plan != 0 ? ", one of its locks being a plan's (lifted by finish or abandon)" : "");
     for (size_t j = 0; j <= i; ++j) ++node(ids[j]).locks;
-    throw std::invalid_argument("unlock: " + span_name(ids[i]) + " is locked fewer times than it is listed");
+    throw std::invalid_argument(message);
   }
   for (int64_t id : ids) refresh_lru(id);
-  for (int64_t id : ids) {  // a copier's copy is made now: its parent's block may go
-    Span& s = node(id);
-    if (s.copy_locks == 0 || s.locks >= s.copy_locks) continue;
-    s.copy_locks = 0;
-    adopt_copy(s.parent);
-  }
 }
 
 void SpanTree::pin(int64_t id) {

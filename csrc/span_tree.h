@@ -49,7 +49,8 @@ class PoolExhausted : public std::runtime_error {
 struct ForwardPlan {
   std::vector<int64_t> row_spans;     // [R] the span whose last token ends each row
   std::vector<int64_t> cut_spans;     // spans that plan_extend created at cuts inside rows, row by row
-  std::vector<int64_t> spans;         // every span given KV by this plan, in order; all left locked
+  std::vector<int64_t> spans;         // every span given KV by this plan, in order; each locked by the plan
+                                      // until finish() or abandon()
   std::vector<int32_t> token_ids;     // [T]
   std::vector<int32_t> positions;     // [T] position of each new token in its sequence
   std::vector<int64_t> slot_mapping;  // [T] block * block_size + offset where each new token's KV goes
@@ -62,6 +63,7 @@ struct ForwardPlan {
   std::vector<int64_t> extra_src;     // [E] the forward writes the K/V of token extra_src[i] to slot extra_dst[i]
   std::vector<int64_t> extra_dst;     //     too: a copied block's slots that this very forward fills
   bool creates_spans = false;         // from plan_extend: the row spans are new
+  uint64_t serial = 0;                // names the plan in the spans it holds (unique in the process)
 };
 
 class SpanTree {
@@ -86,6 +88,10 @@ class SpanTree {
   // whose KV this very forward writes cannot be copied from). Call until the plan has no rows.
   ForwardPlan plan_restore(const std::vector<int64_t>& targets);
 
+  // The forward of a plan is done: lifts the plan's locks, and its copies count as made (a block they copied
+  // from may go). Refuses, changing nothing, a plan already finished or abandoned.
+  void finish(const ForwardPlan& plan);
+
   // Undoes a plan whose forward failed: its spans lose their KV (newest first, so that blocks shared in
   // place go back to their earlier fill) and lose the plan's locks; spans it created (cut spans included)
   // are deleted. Refuses, changing nothing, a plan already finished or one that a later plan builds on
@@ -94,7 +100,8 @@ class SpanTree {
 
   // Locked spans are never evicted: the runner locks what a call uses until its forward is done. Locks count
   // every listing (a span listed twice is locked twice); unlock refuses, changing nothing, any span it lists
-  // more often than the span is locked.
+  // more often than the span is locked, not counting the lock of a plan still to finish (finish or abandon
+  // lifts that one).
   void lock(const std::vector<int64_t>& ids);
   void unlock(const std::vector<int64_t>& ids);
   // Pins nest: a span stays resident while pinned at least once. Pinning needs a resident span.
@@ -140,9 +147,9 @@ class SpanTree {
     // that writes into that block in place (-1 for none).
     std::vector<int64_t> copiers;
     int64_t in_place_child = -1;
-    // While this span's copy of its parent's partial block is still to be made (by the plan that attached
-    // it): its lock count with that plan's lock; 0 once that lock goes (the forward done) or its KV is dropped.
-    int32_t copy_locks = 0;
+    // The serial of the plan that gave this span its KV and holds one of its locks, while that plan is still to
+    // finish (its copy of the parent's partial block still to be made); 0 once it finished or the KV is dropped.
+    uint64_t plan = 0;
     uint64_t last_used = 0;
     bool in_lru = false;
     uint64_t lru_key = 0;
@@ -160,7 +167,8 @@ class SpanTree {
   int64_t add_node(int64_t parent, const int32_t* tokens, int64_t n);
   void attach(int64_t id, ForwardPlan& plan);
   void end_row(int64_t id, ForwardPlan& plan, std::vector<std::vector<int32_t>>& tables);
-  void finish(ForwardPlan& plan, const std::vector<std::vector<int32_t>>& tables) const;
+  void fill_block_table(ForwardPlan& plan, const std::vector<std::vector<int32_t>>& tables) const;
+  bool holds(const ForwardPlan& plan) const;
   ForwardPlan plan_rows(const std::vector<std::vector<int64_t>>& rows);
   int32_t take_block();
   void drop_kv(int64_t id);

@@ -51,10 +51,10 @@ class SpanStore:
             self._run(plan, run)
 
     def _run(self, plan, run):
-        """run(plan), then lift the plan's locks; if run raises, the plan is undone."""
+        """run(plan), then finish the plan (lifting its locks); if run raises, the plan is undone."""
         try:
             result = run(plan)
-            self.tree.unlock(plan.spans)    # inside: an interrupt before it still undoes the plan
+            self.tree.finish(plan)          # inside: an interrupt before it still undoes the plan
         except BaseException:
             self.tree.abandon(plan)
             raise

@@ -25,7 +25,7 @@ def state(tree):
 def finished(tree, parents, lens):
     """The plan of rows of the given lengths (of token 1) on parents, unlocked as a finished call leaves it."""
     plan = tree.plan_extend(np.array(parents), np.ones(sum(lens), dtype=np.int32), np.cumsum([0, *lens]))
-    tree.unlock(plan.spans)
+    tree.finish(plan)
     return plan
 
 
@@ -218,6 +218,47 @@ def test_releasing_a_pinned_span_with_an_evicted_child_makes_it_evictable():
     assert tree.lru_order() == []
     tree.release(root)
     assert tree.exists(root) and tree.lru_order() == [root]
+
+
+def test_a_copy_counts_as_made_when_its_plan_finishes_not_when_a_caller_s_lock_goes():
+    """A copier's copy counted as made once its lock count fell below the count it had when its plan attached it,
+    whichever lock went: a caller's lock lifted before the plan's (lock, restore, unlock) gave the parent the copy
+    no forward had written and freed the parent's block, so that after the failed forward was abandoned the parent
+    read another sequence's tokens. Only the plan's finish makes its copies."""
+    store, pool = fresh(8, 4)
+    tree = store.tree
+    first, second, other = (np.random.randint(0, 1000, n).tolist() for n in (2, 2, 4))
+    (parent,) = grow(store, pool, [-1], [first])                 # block 0 holds 2 of 4 slots
+    (in_place,) = grow(store, pool, [parent], [second[:1]])
+    (copier,) = grow(store, pool, [parent], [second[1:]])        # a copy of block 0
+    tree.evict(copier)
+    tree.release(grow(store, pool, [-1], [other])[0])            # writes the block the copy had, and goes
+    tree.lock([copier])                                          # a caller's lock, taken before the plan's
+    plan = tree.plan_restore([copier])
+    assert len(plan.copy_src) == 1
+    tree.evict(in_place)                                         # no child writes into block 0 in place now
+    table = tree.block_table(parent).tolist()
+    tree.unlock([copier])                                        # the caller's lock goes; the plan still holds one
+    assert tree.block_table(parent).tolist() == table and tree.locks(copier) == 1
+    tree.abandon(plan)                                           # the forward failed
+    assert tree.block_table(parent).tolist() == table and reads(tree, pool, parent) == first
+
+
+def test_a_plan_s_lock_is_lifted_by_finish_or_abandon_only():
+    """unlock() cannot tell a plan's lock from a caller's: it refuses, changing nothing, to lift the lock of a plan
+    still to finish, and finish() lifts it once (making the spans evictable), then refuses the plan."""
+    tree = SpanTree(8, 4)
+    plan = tree.plan_extend(np.array([-1]), np.random.randint(0, 1000, 5, dtype=np.int32), np.array([0, 5]))
+    (span,) = plan.row_spans.tolist()
+    before = state(tree)
+    with pytest.raises(ValueError, match=f"span {span} is locked fewer times than it is listed.*finish"):
+        tree.unlock(plan.spans)
+    assert state(tree) == before and tree.locks(span) == 1
+    tree.finish(plan)
+    assert tree.locks(span) == 0 and tree.lru_order() == [span]
+    with pytest.raises(ValueError, match="finish: the plan was already finished or abandoned"):
+        tree.finish(plan)
+    assert tree.locks(span) == 0 and tree.lru_order() == [span]
 
 
 def test_restored_copy_does_not_give_back_the_in_place_slot_of_a_sibling():

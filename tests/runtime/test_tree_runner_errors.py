@@ -302,25 +302,25 @@ def test_a_failure_while_the_new_spans_get_their_handles_gives_them_back(runner,
     assert torch.equal(hidden, expected)
 
 
-def test_an_interrupt_between_the_forward_and_its_unlock_undoes_the_plan(runner, model):
-    """The forward of a plan returned, and an interrupt came before the plan's spans were unlocked: they stayed
+def test_an_interrupt_between_the_forward_and_its_finish_undoes_the_plan(runner, model):
+    """The forward of a plan returned, and an interrupt came before the plan was finished: its spans stayed
     locked and live with no handle (a leak no release could reach, as their ids were never returned)."""
     root = runner.prefill([1, 2, 3, 4, 5, 6])
     before = snapshot(runner)
     tree = runner.store.tree
 
     class Interrupted:
-        """The span tree, but its first unlock is interrupted (Ctrl-C) before it runs."""
+        """The span tree, but its first finish is interrupted (Ctrl-C) before it runs."""
         interrupted = False
 
         def __getattr__(self, name):
             return getattr(tree, name)
 
-        def unlock(self, ids):
+        def finish(self, plan):
             if not self.interrupted:
                 self.interrupted = True
                 raise KeyboardInterrupt
-            tree.unlock(ids)
+            tree.finish(plan)
 
     runner.store.tree = Interrupted()
     with pytest.raises(KeyboardInterrupt):
