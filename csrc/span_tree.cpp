@@ -241,10 +241,11 @@ void SpanTree::abandon(const ForwardPlan& plan) {
   // All or nothing: everything is checked before the first change. A child that is not the plan's own was
   // made by a later plan on KV this forward never wrote: that plan goes first (a resident child would block
   // dropping the KV, and a span the plan deletes would leave its child without a parent).
+  // Whether it is finished is the plan's own mark on its spans: a lock on them may be a later call's.
+  if (!holds(plan)) throw std::invalid_argument("abandon: the plan was already finished or abandoned");
   std::unordered_map<int64_t, int32_t> own_children;
   for (int64_t id : plan.spans) {
     const Span& s = node(id);
-    if (!s.resident || s.locks <= 0) throw std::invalid_argument("abandon: the plan was already finished");
     if (s.parent >= 0) ++own_children[s.parent];
   }
   for (int64_t id : plan.spans) {

@@ -94,8 +94,8 @@ class SpanTree {
 
   // Undoes a plan whose forward failed: its spans lose their KV (newest first, so that blocks shared in
   // place go back to their earlier fill) and lose the plan's locks; spans it created (cut spans included)
-  // are deleted. Refuses, changing nothing, a plan already finished or one that a later plan builds on
-  // (abandon that one first).
+  // are deleted. Refuses, changing nothing, a plan already finished or abandoned (whatever locks its spans
+  // hold since) or one that a later plan builds on (abandon that one first).
   void abandon(const ForwardPlan& plan);
 
   // Locked spans are never evicted: the runner locks what a call uses until its forward is done. Locks count

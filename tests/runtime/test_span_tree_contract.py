@@ -100,6 +100,22 @@ def test_abandoning_a_finished_plan_is_refused():
     assert state(tree) == before and tree.is_resident(plan.row_spans[0])
 
 
+def test_abandoning_a_finished_plan_whose_span_a_later_call_locked_is_refused():
+    """abandon() took a plan for unfinished while its span was locked: a finished plan whose span a later call had
+    locked since was accepted, the live span's KV dropped and the span deleted under the caller's lock and handle
+    (its unlock then failed: "unknown span"). A finished plan is refused whatever locks its spans hold now."""
+    tree = SpanTree(8, 4)
+    plan = finished(tree, [-1], [5])
+    (span,) = plan.row_spans.tolist()
+    tree.lock([span])
+    before = state(tree)
+    with pytest.raises(ValueError, match="already finished"):
+        tree.abandon(plan)
+    assert state(tree) == before and tree.is_resident(span)
+    tree.unlock([span])
+    assert tree.lru_order() == [span]
+
+
 def restore_whose_block_table_cannot_be_allocated():
     """A restore of one long row beside many short ones, whose dense [rows, max_blocks] block table (800 MB), made
     after every span is attached, fails."""
