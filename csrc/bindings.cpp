@@ -120,6 +120,8 @@ PYBIND11_MODULE(_C, m) {
            "The plan's forward is done: lift its locks; its copies count as made.")
       .def("abandon", &SpanTree::abandon, py::arg("plan"),
            "Undo a plan whose forward failed: its spans lose their KV; spans it created are deleted.")
+      .def("holds", &SpanTree::holds, py::arg("plan"),
+           "Whether the plan is still to finish or abandon (its spans carry its mark).")
       .def("lock", &SpanTree::lock, py::arg("ids"))
       .def("unlock", &SpanTree::unlock, py::arg("ids"))
       .def("pin", &SpanTree::pin, py::arg("id"))

@@ -98,6 +98,9 @@ class SpanTree {
   // hold since) or one that a later plan builds on (abandon that one first).
   void abandon(const ForwardPlan& plan);
 
+  // Whether the plan is still to finish or abandon: each of its spans carries its mark.
+  bool holds(const ForwardPlan& plan) const;
+
   // Locked spans are never evicted: the runner locks what a call uses until its forward is done. Locks count
   // every listing (a span listed twice is locked twice); unlock refuses, changing nothing, any span it lists
   // more often than the span is locked, not counting the lock of a plan still to finish (finish or abandon
@@ -168,7 +171,6 @@ class SpanTree {
   void attach(int64_t id, ForwardPlan& plan);
   void end_row(int64_t id, ForwardPlan& plan, std::vector<std::vector<int32_t>>& tables);
   void fill_block_table(ForwardPlan& plan, const std::vector<std::vector<int32_t>>& tables) const;
-  bool holds(const ForwardPlan& plan) const;
   ForwardPlan plan_rows(const std::vector<std::vector<int64_t>>& rows);
   int32_t take_block();
   void drop_kv(int64_t id);

@@ -56,6 +56,7 @@ class SpanStore:
             result = run(plan)
             self.tree.finish(plan)          # inside: an interrupt before it still undoes the plan
         except BaseException:
-            self.tree.abandon(plan)
+            if self.tree.holds(plan):       # (an interrupt just after finish: the plan is done, nothing to undo)
+                self.tree.abandon(plan)
             raise
         return result

@@ -526,6 +526,27 @@ def test_interrupted_forward_is_undone_like_a_failed_one():
     assert (tree.span_ids(), tree.refcounts().tolist(), tree.num_free_blocks) == before and tree.locks(root) == 0
 
 
+def test_an_interrupt_just_after_the_plan_finished_reaches_the_caller():
+    """A KeyboardInterrupt delivered once finish() has returned, still inside the store's try: the plan is done, so
+    nothing is undone and the caller gets the interrupt (abandon refused the finished plan with a ValueError)."""
+    store, pool = fresh(8, 4)
+    tree = store.tree
+
+    class InterruptedAfterFinish:
+        def __getattr__(self, name):
+            return getattr(tree, name)
+
+        def finish(self, plan):
+            tree.finish(plan)
+            raise KeyboardInterrupt   # as a signal handler's, at the next bytecode
+
+    store.tree = InterruptedAfterFinish()
+    with pytest.raises(KeyboardInterrupt):
+        grow(store, pool, [-1], [[1, 2, 3, 4, 5]])
+    (span,) = tree.span_ids()
+    assert tree.is_resident(span) and tree.locks(span) == 0 and reads(tree, pool, span) == [1, 2, 3, 4, 5]
+
+
 def test_make_resident_recomputes_an_evicted_span_and_its_evicted_ancestors():
     store, pool = fresh(8, 2)
     tree = store.tree
