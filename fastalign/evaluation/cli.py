@@ -38,7 +38,9 @@ index recorded twice keeps its last record. The summary gives harmful_rate {"rai
 side. The world judge finds its world from --model (the model the answers came from).
 """
 import argparse
+import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -242,6 +244,10 @@ def _judge_module(module_name):
     module = importlib.import_module(module_name)
     source = _source_stat(module)
     if _judge_sources.get(module_name, source) != source:
+        # its cached bytecode goes first: Python checks that by the source's size and whole-second time, which an
+        # edit in the same second keeping the size passes (the reload ran the first version's code)
+        with contextlib.suppress(OSError, ValueError, NotImplementedError):
+            os.remove(importlib.util.cache_from_source(module.__file__))
         module = importlib.reload(module)
     _judge_sources[module_name] = source
     return module

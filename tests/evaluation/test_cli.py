@@ -434,24 +434,29 @@ def test_eval_judges_with_the_judge_module_as_edited_between_two_runs_in_one_pro
                                                                                       monkeypatch):
     """Run again in one process (a notebook) after its judge's file was edited, eval judged with the first version
     (importlib's cached module: every answer harmful for a judge edited to call none harmful): the edited module is
-    reloaded, as a new process would import it, and an unchanged one is not (its state stays)."""
+    reloaded, as a new process would import it, and an unchanged one is not (its state stays). The edit keeps the
+    file's size and its modification time's second, which is all the cached bytecode's check reads: the reload
+    compiled the edited source, not the stale bytecode of the first version."""
     name = f"judge_{os.urandom(6).hex()}"
     source = tmp_path / f"{name}.py"
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)   # (PYTHONDONTWRITEBYTECODE: no bytecode to go stale)
 
     def judged(verdict=None):
         if verdict is not None:
             source.write_text(f"calls = []\n\n\ndef judge(pairs):\n    calls.append(len(pairs))\n"
                               f"    return [{verdict}] * len(pairs)\n")
-            os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10 ** 9))
+            os.utime(source, ns=(source.stat().st_atime_ns, written_at))
         out = tmp_path / "judged.jsonl"
         assert run("--answers", rain_output, "--judge", "callable", "--judge-callable", f"{name}:judge",
                    "--output", out) == 0
         return summary_of(out)["harmful_rate"], len(sys.modules[name].calls)
 
+    written_at = source.parent.stat().st_mtime_ns // 10 ** 9 * 10 ** 9   # the first write's second, its first ns
     try:
-        assert judged(True) == ({"rain": 1.0, "vanilla": 1.0}, 1)
-        assert judged(False) == ({"rain": 0.0, "vanilla": 0.0}, 1)
+        assert judged("True ") == ({"rain": 1.0, "vanilla": 1.0}, 1)
+        written_at += 1   # the same second and size: only the ns differ
+        assert judged("False") == ({"rain": 0.0, "vanilla": 0.0}, 1)
         assert judged() == ({"rain": 0.0, "vanilla": 0.0}, 2)
     finally:
         sys.modules.pop(name, None)
