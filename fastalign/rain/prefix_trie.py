@@ -76,10 +76,7 @@ def keep_only_below(node: PrefixNode, drop: Callable[[object], None], keep_origi
     while above is not None:
         for token, other in list(above.children.items()):
             if other is not child:
-                for n in other.subtree():
-                    if n.entry is not None:
-                        drop(n.entry)
-                        n.entry = None
+                _drop_subtrie(other, drop)
                 del above.children[token]
         if above.entry is not None:
             if keep_ancestor:
@@ -91,8 +88,16 @@ def keep_only_below(node: PrefixNode, drop: Callable[[object], None], keep_origi
 
 
 def drop_all(origin: PrefixNode, drop: Callable[[object], None]):
-    for n in origin.subtree():
+    _drop_subtrie(origin, drop)
+    origin.children = {}
+
+
+def _drop_subtrie(top: PrefixNode, drop: Callable[[object], None]):
+    """Hands every entry at or below `top` to `drop` and clears the parent links there: a node and its children
+    point at each other, so a subtrie left linked is cyclic garbage that only the collector's full passes free
+    (thousands of nodes per search, with their entries' tensors), where unlinked it goes as soon as it is dropped."""
+    for n in top.subtree():
         if n.entry is not None:
             drop(n.entry)
             n.entry = None
-    origin.children = {}
+        n.parent = None

@@ -172,6 +172,9 @@ class SearchTree:
             raise ValueError("commit: the node is not a child of the root")
         old_root = self.root
         discarded = [s for s in old_root.children if s is not child]
+        for sibling in discarded:      # unlinked, not cyclic: freed when the caller lets go, not by a full collection
+            for node in sibling.subtree():
+                node.parent = None
         old_root.children = []
         child.parent = None
         self.root = child

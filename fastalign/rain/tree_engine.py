@@ -285,8 +285,8 @@ class TreeEngine:
 
         def give(host):
             top_ids, top_probs, greedy, ranked_ids, ranked_logits = host[first:first + 5]
-            top_ids, greedy, top_prob_lists = top_ids.tolist(), greedy.tolist(), top_probs.tolist()
-            ranked_ids, ranked_logits = ranked_ids.tolist(), ranked_logits.tolist()
+            top_ids, top_prob_rows = _host_rows(top_ids), _host_rows(top_probs)
+            ranked_ids, ranked_logits, greedy = _host_rows(ranked_ids), _host_rows(ranked_logits), greedy.tolist()
             at = first + 5
             hidden_rows = [None] * len(entries)
             if hidden is not None:
@@ -296,7 +296,7 @@ class TreeEngine:
                     draws[i] = pool
             for i, (entry, row_probs, row_hidden) in enumerate(zip(entries, top_probs.unbind(), hidden_rows)):
                 entry.top_ids, entry.top_probs, entry.greedy_col = top_ids[i], row_probs, greedy[i]
-                entry.top_prob_list = top_prob_lists[i]   # floats: a drawn token's logp reads no tensor
+                entry.top_prob_list = top_prob_rows[i]   # floats: a drawn token's logp reads no tensor
                 entry.ranked = (ranked_ids[i], ranked_logits[i])
                 entry.hidden = row_hidden
                 entry.draws = draws[i]
@@ -684,6 +684,13 @@ def _judges_generation(ctx: PromptContext) -> bool:
     """True when the judge's input begins with exactly the generated sequence (few-shot prefix + head ==
     generation prefix + prompt): one trie then serves both sides."""
     return ctx.head_key == ctx.gen_key
+
+
+def _host_rows(values: torch.Tensor) -> List[tuple]:
+    """The rows of a host tensor as tuples of numbers: an entry keeps its rows as long as its trie holds it, and the
+    collector stops tracking a tuple of numbers at its first young pass, where a list stays tracked, moved to the old
+    generation and walked by every full collection (4 of the 12 objects kept per computed position)."""
+    return list(map(tuple, values.tolist()))
 
 
 def _judge_row_kind(ctx: PromptContext) -> str:

@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 from fastalign.rain.prefix_trie import PrefixNode, drop_all, keep_only_below
+from tests.cyclic_garbage import cyclic_garbage
 
 
 def trie():
@@ -40,6 +41,18 @@ def test_drop_all_hands_back_each_entry_once_and_empties_the_trie():
     drop_all(nodes["origin"], handed_back.append)
     assert sorted(handed_back) == ["a", "c", "d", "o", "x", "y"]
     assert nodes["origin"].children == {} and all(n.entry is None for n in nodes.values())
+
+
+def test_a_rewound_or_dropped_trie_is_no_cyclic_garbage():
+    """A node and its children point at each other: the branches a rewind cut off and the trie a finish dropped were
+    left in reference cycles (about 12,600 nodes per search of 48 tokens, with their entries), freed only by the
+    collector's full passes, which walk the whole heap (half a second each in a search with a model loaded)."""
+    def rewind_then_finish():
+        nodes = trie()
+        keep_only_below(nodes["c"], lambda entry: None, keep_origin=True)
+        drop_all(nodes["origin"], lambda entry: None)
+
+    assert cyclic_garbage(rewind_then_finish, PrefixNode) == 0
 
 
 def test_a_token_given_as_a_tensor_or_numpy_integer_finds_the_same_node():

@@ -10,6 +10,7 @@ from fastalign.rain import RainConfig
 from fastalign.rain.jobs import Draft
 from fastalign.rain.search import Expansion, ranked_top, token_set_priors
 from fastalign.rain.tree import Node, SearchTree
+from tests.cyclic_garbage import cyclic_garbage
 
 
 def tree_with_children(priors, config=RainConfig()):
@@ -208,6 +209,20 @@ def test_commit_picks_most_visited_ties_by_q_and_remixes_priors():
     assert tree.root is b and b.parent is None and discarded == [a, c]
     assert (tree.q_min, tree.q_max) == (-0.7, 0.9)
     assert [ch.p for ch in b.children] == pytest.approx([0.75 * 0.8 + 0.125, 0.75 * 0.2 + 0.125])
+
+
+def test_the_subtrees_a_commit_discards_are_no_cyclic_garbage():
+    """A node and its children point at each other: the siblings' subtrees a commit discarded were left in reference
+    cycles, freed only by the collector's full passes over the whole heap."""
+    def commit_and_let_go():
+        tree = tree_with_children([0.2, 0.3, 0.5])
+        kept, *discarded = tree.root.children        # the kept one stays a leaf, as a search's last root does
+        for child in discarded:
+            child.children = [Node((7,), child, 0.5, 1), Node((8,), child, 0.5, 2)]
+            child.children[0].children = [Node((9,), child.children[0], 1.0, 3)]
+        tree.commit(kept)
+
+    assert cyclic_garbage(commit_and_let_go, Node) == 0
 
 
 def test_best_child_ties_in_visits_and_q_go_to_the_first():
