@@ -214,12 +214,14 @@ def user_padded(examples, device):
 
 def unfused_step(model, batch, logits_at):
     """A well-written plain-torch step: one policy forward over all rows, `logits_at` materialising the logits of
-    the answer targets, signed weighted CE and KL on them in fp32, a frozen copy for the reference."""
+    the answer targets, signed weighted CE and KL on them in fp32, a frozen copy for the reference, run over the
+    normal rows padded to their own longest row (as fastalign's reference is), not to the whole batch's."""
     reference = copy.deepcopy(model).requires_grad_(False).eval()
     finish = optimizer_step(model)
     nf, nm, examples = batch.num_forget, batch.num_mismatch, batch.examples
-    tokens = user_padded(examples, next(model.parameters()).device)
-    normal_tokens = SimpleNamespace(**{name: rows[nf + nm:] for name, rows in vars(tokens).items()})
+    device = next(model.parameters()).device
+    tokens = user_padded(examples, device)
+    normal_tokens = user_padded(examples[nf + nm:], device)
     policy_mask = tokens.target_mask[:nf + nm]
     # SPEC §1 as a user writes it: each row's answer mean, averaged over its stream, ascent on the forget rows
     row_weight = torch.tensor([-WEIGHTS.forget / nf] * nf + [WEIGHTS.mismatch / nm] * nm, device=policy_mask.device)

@@ -552,6 +552,25 @@ def test_unlearn_spec_ways_agree_on_each_term_and_the_policy_has_drifted(monkeyp
         grids["unfused baseline"] == [len(batch.tokens.input_ids), batch.tokens.input_ids.shape[1]], grids
 
 
+@pytest.mark.parametrize("way", [bench_unlearn.unfused_baseline, bench_unlearn.unfused_sliced])
+def test_unlearn_unfused_reference_runs_over_the_normal_rows_at_their_own_longest_row(way):
+    """A careful user runs the frozen copy over the normal rows padded to their own longest row, as fastalign's
+    reference is: the baseline sliced them from the whole batch's padded width (2 x 309 slots where 2 x 186 suffice
+    at 1B), work that overstated fastalign's speedup."""
+    args = unlearn_args()
+    batch, normal = bench_unlearn.synthetic_batch(bench_unlearn.PRESETS["quick"]["vocab_size"], args)
+    model = bench_unlearn.make_model(args, torch.device("cpu"), torch.float32)
+    shapes = []   # (the policy's decoder or not, the forward's input shape); deepcopy gives the reference the hook
+    model.model.register_forward_pre_hook(
+        lambda module, a, kw: shapes.append((module is model.model, tuple(kw["input_ids"].shape))), with_kwargs=True)
+    step = way(model, batch, normal, args)
+    step()
+    normal_rows = batch.examples[batch.num_forget + batch.num_mismatch:]
+    trimmed = (len(normal_rows), max(len(e.input_ids) for e in normal_rows))
+    assert trimmed[1] < batch.tokens.input_ids.shape[1]   # the batch's other rows are longer: the test tells apart
+    assert shapes == [(True, tuple(batch.tokens.input_ids.shape)), (False, trimmed)], shapes
+
+
 # ---- bench_tree ----
 
 @pytest.mark.parametrize("rows,prefix,suffix,page", [(1, 100, 10, 16), (4, 100, 10, 16), (3, 64, 5, 16),
