@@ -148,9 +148,11 @@ class CachedReference:
     At every call the lm_head weight and bias the objective passes in are checked: neither may require a
     gradient, and each must hold the values the cache was computed with (an optimizer step or any in-place
     change would alter them); otherwise the KL term would silently compare against a different distribution, so
-    the call raises. The check compares exact fingerprints of the values (weight_fingerprint), not the identity
-    or version counter of one tensor object: under FSDP the weight seen in the forward is a freshly gathered
-    tensor each step, possibly in FSDP's compute dtype, and it is still valid when its values are unchanged.
+    the call raises. The check compares exact fingerprints of the values (weight_fingerprint): under FSDP the
+    weight seen in the forward is a freshly gathered tensor each step, possibly in FSDP's compute dtype, and it is
+    still valid when its values are unchanged. A fingerprint reads the whole weight and waits for the device (525 MB
+    and a sync a step at Llama-3.2-1B), so a call skips it where the tensor is the one last fingerprinted with no
+    write since that bumps its version counter (_same_as_checked; the writes that do not: _version_sees_writes).
     """
 
     def __init__(self, model, normal: Sequence[EncodedExample], *, batch_size: int = 8, filler_id: int = 0,
@@ -165,6 +167,7 @@ class CachedReference:
         if compute_dtype is not None:
             decoder = cast_weights(copy.deepcopy(decoder), compute_dtype)
         self._fingerprints = {name: _baselines(name, t) for name, t in (("weight", weight), ("bias", lm_head.bias))}
+        self._checked = {"weight": None, "bias": None}   # name -> (tensor last fingerprinted, its version then)
         batches = [collate(normal[start:start + batch_size], filler_id) for start in range(0, len(normal), batch_size)]
         # example i's rows are hidden[offsets[i]:offsets[i + 1]], counted on the host before anything runs
         self.offsets = [0, *itertools.accumulate(n for b in batches for n in b.target_mask.sum(1).tolist())]
@@ -187,7 +190,7 @@ class CachedReference:
     def __call__(self, tokens: TokenBatch, normal_index: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None = None):
         for name, t in (("weight", weight), ("bias", bias)):
-            _check_unchanged(name, t, self._fingerprints[name])
+            self._checked[name] = _check_unchanged(name, t, self._fingerprints[name], self._checked[name])
         if not normal_index.numel():
             return weight.new_zeros((0, weight.shape[1])), weight, bias
         indices = normal_index.tolist()
@@ -220,20 +223,45 @@ def _baselines(name: str, t: torch.Tensor | None) -> dict[torch.dtype, int] | No
     return {dtype: weight_fingerprint(t, dtype) for dtype in {t.dtype, torch.float32, torch.bfloat16, torch.float16}}
 
 
-def _check_unchanged(name: str, t: torch.Tensor | None, baselines: dict[torch.dtype, int] | None):
-    """`t` (the lm_head's weight or bias as the objective sees it) is frozen and holds its values at caching time."""
+def _check_unchanged(name: str, t: torch.Tensor | None, baselines: dict[torch.dtype, int] | None,
+                     checked: tuple[torch.Tensor, int] | None) -> tuple[torch.Tensor, int] | None:
+    """`t` (the lm_head's weight or bias as the objective sees it) is frozen and holds its values at caching time.
+    Returns (t, its version) to pass as `checked` to the next call, which then skips the fingerprint where
+    _same_as_checked."""
     if (t is None) != (baselines is None):
         raise RuntimeError(f"reference='cached': the lm_head {'lost' if t is None else 'gained'} its {name} after "
                            "the reference was cached")
     if t is None:
-        return
+        return None
     _check_frozen(name, t)
     expected = baselines.get(t.dtype)
     if expected is None:
         raise TypeError(f"reference='cached': the lm_head {name} arrived as {t.dtype}; the cache knows "
                         f"{sorted(str(d) for d in baselines)}")
-    if weight_fingerprint(t) != expected:
+    if not _same_as_checked(t, checked) and weight_fingerprint(t) != expected:
         raise RuntimeError(f"reference='cached': the lm_head {name} was modified after the reference was cached")
+    return (t, t._version) if _version_sees_writes(t) else None
+
+
+def _version_sees_writes(t: torch.Tensor) -> bool:
+    """Whether the version counter of `t`, which it shares with the parameter it was detached from, counts the writes
+    that could change it. Every in-place op bumps it (copy_, load_state_dict's copy_, an optimizer's step), and
+    `p.data = x` gives the parameter other memory. Writes that bypass it go unseen by _same_as_checked: in-place
+    writes through a `p.data` alias (a version counter of its own), through numpy or DLPack, by kernels given the raw
+    pointer, and FSDP's all-gathers into the parameter it keeps between steps (under
+    torch.autograd._unsafe_preserve_version_counter), so a process in a distributed group always fingerprints. An
+    inference tensor keeps no version."""
+    return not (t.is_inference() or torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+def _same_as_checked(t: torch.Tensor, checked: tuple[torch.Tensor, int] | None) -> bool:
+    """Whether `t` is the memory of the tensor `checked` holds (kept alive there: no other tensor can have its
+    address), in the same layout and dtype, with no in-place write since (_version_sees_writes)."""
+    if checked is None or not _version_sees_writes(t):
+        return False
+    held, version = checked
+    return (t.data_ptr() == held.data_ptr() and t.device == held.device and t.dtype == held.dtype
+            and t.shape == held.shape and t.stride() == held.stride() and t._version == version)
 
 
 _INTEGER_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}

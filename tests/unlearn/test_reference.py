@@ -97,3 +97,73 @@ def test_a_ctrl_c_anywhere_in_disabling_the_lora_layers_leaves_them_enabled_and_
             pass
         assert not any(layer.disable_adapters for layer in layers), line
         assert {name: p.requires_grad for name, p in policy.named_parameters()} == trains, line
+
+
+def cached_policy():
+    """A tiny Llama with a frozen lm_head, its CachedReference's objective and a batch."""
+    from fastalign.unlearn.objective import UnlearningObjective
+    tokenizer = byte_bpe_tokenizer()
+    streams = tiny_streams(tokenizer)
+    model = tiny_llama(len(tokenizer))
+    model.lm_head.requires_grad_(False)
+    reference = reference_module.CachedReference(model, streams.normal, batch_size=2)
+    return model, UnlearningObjective(model, reference=reference), streams.batch(0)
+
+
+def test_the_cached_reference_fingerprints_the_lm_head_once_while_it_is_the_same_unwritten_tensor():
+    """The fingerprint read the whole [V, H] weight and waited for the device at every step (525 MB and a sync at
+    Llama-3.2-1B): after the first step, a step of the same unwritten weight skips it, one sync fewer."""
+    from tests.sync_counter import SyncCounter
+    model, objective, batch = cached_policy()
+    counts = []
+    with SyncCounter(model) as counter:
+        on_device = batch.to(torch.device("cpu"))
+        for _ in range(3):
+            counter.reset()
+            objective(on_device).total.backward()
+            counts.append(dict(counter.by_file()))
+    fingerprint = "_local_scalar_dense.default @ fastalign/unlearn/reference.py"
+    assert counts[0].pop(fingerprint) == 1 and counts[1] == counts[2] == counts[0], counts
+
+
+def same_values_other_memory(p):
+    p.data = p.data.clone()
+
+
+def copied_in_place(p):
+    with torch.no_grad():
+        p.copy_(p * 1.01)
+
+
+def data_replaced(p):
+    p.data = p.data * 1.01
+
+
+def optimizer_step(p):
+    p.grad = torch.ones_like(p)
+    torch.optim.SGD([p], lr=0.1).step()
+
+
+def state_dict_loaded(p):
+    head = torch.nn.Linear(p.shape[1], p.shape[0], bias=False)
+    head.weight = p
+    head.load_state_dict({"weight": p * 1.01})
+
+
+@pytest.mark.parametrize("write, refused", [(same_values_other_memory, False), (copied_in_place, True),
+                                            (data_replaced, True), (optimizer_step, True),
+                                            (state_dict_loaded, True)],
+                         ids=["same-values", "copy_", "data-replaced", "optimizer-step", "load_state_dict"])
+def test_the_cached_reference_refuses_a_head_written_after_a_step_that_skipped_the_fingerprint(write, refused):
+    """After steps that skip the fingerprint, a write that bumps the weight's version (an in-place copy_, an
+    optimizer's step, load_state_dict's copy_) or gives it other memory (`.data` replaced) fingerprints it again:
+    the changed head is refused by name, one with the same values accepted."""
+    model, objective, batch = cached_policy()
+    for _ in range(2):
+        objective(batch)
+    write(model.lm_head.weight)
+    if refused:
+        with pytest.raises(RuntimeError, match="the lm_head weight was modified after the reference was cached"):
+            objective(batch)
+    else:
+        objective(batch)
