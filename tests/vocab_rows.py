@@ -5,13 +5,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
+_PRODUCTS = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.matmul)
+
+
 class VocabRows(TorchDispatchMode):
     """`most`: the most rows of any tensor an aten op makes while it is active whose last dimension is `vocab` (a new
-    one: not a view of an input, such as lm_head.weight.t())."""
+    one: not a view of an input, such as lm_head.weight.t()); `products`: the rows of all such tensors that matrix
+    products made (the lm_head's work)."""
 
     def __init__(self, vocab):
         super().__init__()
-        self.vocab, self.most = vocab, 0
+        self.vocab, self.most, self.products = vocab, 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -21,6 +25,8 @@ class VocabRows(TorchDispatchMode):
             if (isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.vocab
                     and t.untyped_storage().data_ptr() not in inputs):
                 self.most = max(self.most, t.numel() // self.vocab)
+                if func._overloadpacket in _PRODUCTS:
+                    self.products += t.numel() // self.vocab
         return out
 
 

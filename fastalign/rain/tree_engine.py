@@ -20,6 +20,9 @@
   full logits are kept and a rollout passing a computed position needs no model work. A prompt's root, which
   prompts that start alike share, keeps its full next-token probabilities instead, and each prompt's rollout
   draws from them with its own sampler.
+- The LM head runs where logits are read alone: at the generation rows' outputs. A judge's label rows get the label
+  columns' logits from their last hidden states (TreeRunner.head_at_columns; their whole logits on a runner that
+  cannot), the judge's KV-only rows none, and a call without a generation row runs no [rows, vocab] product.
 - Every job of every prompt in a `run` is a small program; each round of all programs' rows is ONE call
   of `runner.extend`, so concurrent prompts (and leaves picked together) share model calls; a round whose rows the
   KV pool cannot hold at once runs in parts, as small as one row with the rows built on it. Rows that
@@ -155,21 +158,28 @@ class TreeEngine:
         start = time.perf_counter()
         offsets = [[end for end, _ in r.cuts] for r in rows]
         index = {id(r): i for i, r in enumerate(rows)}
+        full, labels, outputs = _outputs_read(rows)
+        label_head = self.runner.head_at_columns(self.judge.label_columns) if labels else None
+        if labels and label_head is None:   # the runner cannot compute a few columns alone: the label rows' logits
+            full = sorted(full + labels)
+        hidden_wanted = self.want_hidden or label_head is not None
         try:
             result = self.runner.extend([index[id(r.after)] if r.after is not None else
                                          None if r.parent is None else r.parent.span for r in rows],
                                         [r.tokens for r in rows], cuts=offsets if any(offsets) else None,
-                                        logits="last", hidden="last" if self.want_hidden else None)
+                                        logits="last" if full else None,
+                                        logits_of=full if full and len(full) < outputs else None,
+                                        hidden="last" if hidden_wanted else None)
         except BaseException:
             self._record_recomputed(rows)
             _abandon(rows)
             raise
         self._record_recomputed(rows)
         chains = result[0] if any(offsets) else [[span] for span in result[0]]
-        logits = result[1]
-        hidden = result[2] if self.want_hidden else None
+        logits = _LogitRows(result[1], full)
+        hidden = result[2] if hidden_wanted else None
         try:    # the positions get their entries only once every read succeeded (a sampler, the device may fail)
-            outs, cut_entries, label_logits = self._entries(rows, chains, index, logits, hidden)
+            outs, cut_entries, label_logits = self._entries(rows, chains, index, logits, hidden, label_head)
         except BaseException:               # the call's spans are nobody's: give them back, and the positions
             self.runner.release([span for chain in chains for span in chain])
             _abandon(rows)
@@ -193,7 +203,7 @@ class TreeEngine:
                 row.stats.seconds[row.phase] += share
         return outs
 
-    def _entries(self, rows: List[Row], chains, index, logits: torch.Tensor, hidden):
+    def _entries(self, rows: List[Row], chains, index, logits: "_LogitRows", hidden, label_head):
         """Entries of a call's spans, what the search reads from its generation rows read into them: (one entry
         per row, [(cut position, its entry)], the label rows' logits on the host)."""
         # gen: (entry, output index, skey, is a root, sampler) to read; labels: the label rows' output indices
@@ -212,7 +222,7 @@ class TreeEngine:
             elif r.kind == "label":
                 labels.append(at)
             at += 1
-        return outs, cut_entries, self._read_outputs(gen, logits, hidden, labels)
+        return outs, cut_entries, self._read_outputs(gen, logits, hidden, labels, label_head)
 
     def _record_recomputed(self, rows: List[Row]):
         """Charges the tokens that the runner ran again in the last call to bring back evicted spans (also
@@ -231,22 +241,26 @@ class TreeEngine:
             if n:
                 self.ledger.recompute(row.stats, n)
 
-    def _read_outputs(self, gen, logits: torch.Tensor, hidden, labels: List[int]) -> List[torch.Tensor]:
+    def _read_outputs(self, gen, logits: "_LogitRows", hidden, labels: List[int], label_head) -> List[torch.Tensor]:
         """Reads what the search needs of a call's outputs: for each generation row (gen: (entry, output index,
         skey, is a root, sampler)) its draws (_read_distributions), and the logits of the label rows at `labels`,
         returned on the host. The host reads all of them in ONE copy from the device: a copy waits for the
         device's queued work, and the search needs them (token ids, probabilities, judge scores) to go on. Of a label
-        row only the judge's label columns are read (JudgeTokens.label_columns), not its whole vocabulary."""
+        row only the judge's label columns are read (JudgeTokens.label_columns), not its whole vocabulary: computed
+        from its last hidden state by `label_head` (TreeRunner.head_at_columns), or where that is None gathered from
+        its logits."""
         to_read = []
-        if labels:
+        if labels and label_head is not None:
+            to_read.append(label_head(hidden[index_on(labels, hidden.device)]))
+        elif labels:
             if self._label_columns is None or self._label_columns.device != logits.device:
                 self._label_columns = index_on(self.judge.label_columns, logits.device)
-            to_read.append(logits[index_on(labels, logits.device)[:, None], self._label_columns])
+            to_read.append(logits.at(labels)[:, self._label_columns])
         give = None
         if gen:
-            index = index_on([g[1] for g in gen], logits.device)
-            give = self._read_distributions([g[0] for g in gen], logits[index],
-                                            None if hidden is None else hidden[index.to(hidden.device)],
+            outputs = [g[1] for g in gen]
+            give = self._read_distributions([g[0] for g in gen], logits.at(outputs),
+                                            None if not self.want_hidden else hidden[index_on(outputs, hidden.device)],
                                             [g[2] for g in gen], [g[3] for g in gen], [g[4] for g in gen], to_read)
         host = to_host(to_read)
         if give is not None:
@@ -678,6 +692,37 @@ class TreeEngine:
             if shared_ids:                       # the row's end is the transient shared text
                 self._drop(shared)
         return self.judge.score(torch.stack(logits))
+
+
+def _outputs_read(rows: Sequence[Row]) -> Tuple[List[int], List[int], int]:
+    """Of a call's outputs (each row's cuts, then its end, in order): the indices of those whose logits the search
+    reads in full (a "gen" row's, cuts included), those of the "label" rows (the judge's label columns), and how many
+    outputs there are ("plain" rows' are read by nobody)."""
+    full, labels, at = [], [], 0
+    for row in rows:
+        if row.kind == "gen":
+            full += range(at, at + len(row.cuts) + 1)
+        elif row.kind == "label":
+            labels.append(at + len(row.cuts))
+        at += len(row.cuts) + 1
+    return full, labels, at
+
+
+class _LogitRows:
+    """A call's logits, computed at some of its outputs (`computed`, increasing): `at` gives those of chosen outputs."""
+
+    def __init__(self, logits: Optional[torch.Tensor], computed: List[int]):
+        self.logits, self.row = logits, {output: i for i, output in enumerate(computed)}
+
+    @property
+    def device(self):
+        return self.logits.device
+
+    def at(self, outputs: List[int]) -> torch.Tensor:
+        rows = [self.row[output] for output in outputs]
+        if rows == list(range(len(self.row))):   # all of them, in order: no index copy
+            return self.logits
+        return self.logits[index_on(rows, self.logits.device)]
 
 
 def _judges_generation(ctx: PromptContext) -> bool:

@@ -10,8 +10,9 @@ token), its block table's width to a power of two, its selected outputs to a pow
 to no row: their K/V go to a scratch block of the pool that no span holds, no attention is computed for them
 (their rows of the output are whatever the buffer held), and their outputs are dropped. Every op of the forward
 but attention works token by token, so padding never reaches a real token's result. Calls of more than
-`max_tokens` tokens, with a shared-prefix cascade, with K/V written twice (`extra_src`) or with logits at only
-some of the selected tokens run eagerly, as without graphs.
+`max_tokens` tokens, with a shared-prefix cascade or with K/V written twice (`extra_src`) run eagerly, as without
+graphs. A call with logits at only some of the selected tokens (`logits_rows`) pads those to a power of two too
+(padding rows point at the first selected token; their logits are dropped).
 
 Only PagedLlama on the Triton attention backend is graphed: its forward reads nothing of a call on the host but
 tensor shapes (the kernels' launch grids follow them), so a replay computes exactly what an eager call does. A
@@ -77,7 +78,7 @@ class _Graph:
     """One bucket's static inputs (a ForwardBatch of fixed tensors and the selected token indices), and once captured
     its replay and outputs."""
 
-    def __init__(self, num_tokens, table_width, num_selected, device, scratch_slot):
+    def __init__(self, num_tokens, table_width, num_selected, num_logits, device, scratch_slot):
         ids = dict(dtype=torch.int64, device=device)
         self.batch = ForwardBatch(
             input_ids=torch.zeros(num_tokens, **ids), positions=torch.zeros(num_tokens, **ids),
@@ -88,10 +89,11 @@ class _Graph:
             host_seq_lens=None, host_cu_q_lens=None, extra_src=None, extra_dst=None,
             host_extra_src=(), copy_src=None, copy_dst=None, outputs=None)
         self.select = None if num_selected is None else torch.zeros(num_selected, **ids)
+        self.logits_rows = None if num_logits is None else torch.zeros(num_logits, **ids)
         self.scratch_slot = scratch_slot
         self.replay, self.outputs = None, None
 
-    def load(self, batch, select):
+    def load(self, batch, select, logits_rows):
         """The call's inputs into the static tensors; the rest of each is padding (see the module's docstring)."""
         static, tokens, rows = self.batch, batch.num_tokens, batch.block_table.shape[0]
         static.input_ids[:tokens] = batch.input_ids
@@ -106,6 +108,9 @@ class _Graph:
         if select is not None:
             self.select[:select.shape[0]] = select
             self.select[select.shape[0]:] = 0
+        if logits_rows is not None:
+            self.logits_rows[:logits_rows.shape[0]] = logits_rows
+            self.logits_rows[logits_rows.shape[0]:] = 0
 
 
 class GraphedForward:
@@ -142,34 +147,36 @@ class GraphedForward:
     def forward(self, batch, pool, select, want_logits, want_hidden, logits_rows=None):
         """As PagedLlama.forward."""
         tokens, rows = batch.num_tokens, batch.block_table.shape[0]
-        if (batch.shared_prefix is not None or logits_rows is not None
-                or not self.takes(tokens, rows, len(batch.host_extra_src))):
+        if batch.shared_prefix is not None or not self.takes(tokens, rows, len(batch.host_extra_src)):
             return self.runner.forward(batch, pool, select, want_logits, want_hidden, logits_rows)
         num_selected = None if select is None else bucket(select.shape[0], 1)
+        num_logits = None if logits_rows is None else bucket(logits_rows.shape[0], 1)
         key = (bucket(tokens, _LEAST_TOKENS), bucket(batch.block_table.shape[1], _LEAST_BLOCKS), num_selected,
-               want_logits, want_hidden)
+               num_logits, want_logits, want_hidden)
         graph = self._graphs.get(key)
         if graph is None:
-            graph = _Graph(key[0], key[1], num_selected, batch.input_ids.device, self.scratch_slot)
-            graph.load(batch, select)
+            graph = _Graph(key[0], key[1], num_selected, num_logits, batch.input_ids.device, self.scratch_slot)
+            graph.load(batch, select, logits_rows)
             start = time.perf_counter()
             try:
                 graph.replay, graph.outputs = self._capture(
-                    lambda: self.runner.forward(graph.batch, pool, graph.select, want_logits, want_hidden),
+                    lambda: self.runner.forward(graph.batch, pool, graph.select, want_logits, want_hidden,
+                                                graph.logits_rows),
                     self._memory_pool)
             except Exception as err:   # noqa: BLE001 -- any failure to capture: eager from now on
                 self.refused = f"{type(err).__name__}: {err}"
                 warnings.warn(f"TreeRunner: cuda_graphs: {type(self.runner.model).__name__}'s forward could not be "
                               f"captured into a CUDA graph ({self.refused}); it runs eagerly", stacklevel=4)
-                return self.runner.forward(batch, pool, select, want_logits, want_hidden)
+                return self.runner.forward(batch, pool, select, want_logits, want_hidden, logits_rows)
             self.capture_seconds += time.perf_counter() - start
             self._graphs[key] = graph
             if len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
         else:
             self._graphs.move_to_end(key)
-            graph.load(batch, select)
+            graph.load(batch, select, logits_rows)
         graph.replay()
         self.replays += 1
         count = 0 if select is None else select.shape[0]
-        return tuple(None if out is None else out[:count].clone() for out in graph.outputs)
+        counts = (count if logits_rows is None else logits_rows.shape[0], count)   # (logits, hidden)
+        return tuple(None if out is None else out[:n].clone() for out, n in zip(graph.outputs, counts))

@@ -34,10 +34,11 @@ from fastalign.ops.checks import is_integer
 from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.gated_mlps import fused_gated_mlp
 from fastalign.runtime.layer_layouts import LAYOUTS
-from fastalign.runtime.module_hooks import runs_a_users_hooks
+from fastalign.runtime.module_hooks import runs_a_users_hooks, runs_more_than_its_forward
 from fastalign.runtime.pool_attention import pool_attention
 from fastalign.runtime.rms_norms import add_then_norm, fused_rms_norm
 from fastalign.runtime.rotary import qk_rotation
+from fastalign.transfers import index_on
 from fastalign.unlearn.models import logit_setting_places, logit_softcap
 
 LLAMA_FAMILY = tuple(LAYOUTS)
@@ -220,6 +221,24 @@ class PagedLlama:
             at = at.to(linear.weight.dtype)
         logits = self._soft_capped(head(at)).float() if want_logits else None
         return logits, hidden if want_hidden else None
+
+    def head_at_columns(self, columns):
+        """The function from final hidden states (forward's) to the float32 logits at vocabulary `columns` that
+        forward's head gives there, from those rows of the lm_head (and its bias) alone; None where the head is not a
+        plain torch.nn.Linear run as its class runs it (a LoRA on it, a quantized head, a hook: what it computes at a
+        few columns is not its weight's rows)."""
+        head = self.model.lm_head
+        if type(head).forward is not torch.nn.Linear.forward or runs_more_than_its_forward(head):
+            return None
+        weight = head.weight
+        if any(not is_integer(c) or not 0 <= c < weight.shape[0] for c in columns):
+            raise ValueError(f"columns: expected vocabulary ids in [0, {weight.shape[0]}), got {columns}")
+        index = index_on(columns, weight.device)
+
+        def logits(hidden):
+            bias = None if head.bias is None else head.bias[index]
+            return self._soft_capped(torch.nn.functional.linear(hidden.to(weight.dtype), weight[index], bias)).float()
+        return logits
 
     def _layers(self):
         """The decoder's layers as they are now, after making the stand-ins (norms, rotation, MLP) of any module

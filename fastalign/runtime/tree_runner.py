@@ -274,8 +274,8 @@ class TreeRunner:
 
     @_one_call_at_a_time
     def extend(self, parents: Sequence[Span | int | None], token_lists: Sequence[Sequence[int]], *,
-               cuts: Sequence[Sequence[int]] | None = None, logits: Output = "last", hidden: Output = None
-               ) -> tuple[Any, ...]:
+               cuts: Sequence[Sequence[int]] | None = None, logits: Output = "last", hidden: Output = None,
+               logits_of: Sequence[int] | None = None) -> tuple[Any, ...]:
         """Append token_lists[i] (one or more token ids) to parents[i] (a Span, None to start a new root,
         or the int j < i: the child of row j of this call), every row in ONE forward. Parents may repeat
         and may be evicted (they are recomputed). A row on an earlier row attends to that row's tokens as
@@ -294,12 +294,26 @@ class TreeRunner:
         states (after the final norm) in the dtype the model's final norm gives them (its own; float32 for a bf16
         Mamba or Mamba 2 with config.residual_in_fp32, the default: the norm returns its input's dtype, and that
         residual stream is kept in float32); both are ordinary tensors without grad.
+        logits_of: None, or with logits="last" the indices (into the S returned spans, in that order) of the spans
+        whose logits to compute: the logits are then [len(logits_of), vocab], in the order given, and the LM head runs
+        at those tokens alone (a search that reads some spans' logits need not pay the [S, vocab] product for all).
         Returns (children, logits), or (children, logits, hidden) when hidden is not None.
         """
         return self._extend(parents, token_lists, cuts=cuts, logits=logits, hidden=hidden,
-                            row_name="token_lists[{}]")
+                            row_name="token_lists[{}]", logits_of=logits_of)
 
-    def _extend(self, parents, token_lists, *, cuts, logits, hidden, row_name):
+    def head_at_columns(self, columns: Sequence[int]):
+        """A function from final hidden states [N, hidden_size] (as extend returns them) to the model's float32
+        logits at the vocabulary `columns` [N, len(columns)], computed from those rows of the LM head alone, as the
+        runner computes the model's head now (bias, soft cap): to read a few columns of many rows without the
+        [N, vocab] product. None where the runner cannot compute the head at chosen columns alone (a head other than
+        a plain Linear, or hooks on it; the runners other than PagedLlama, whose logits the model's forward makes):
+        ask extend for those rows' logits there."""
+        columns = _as_list(columns, "columns", "a sequence of vocabulary ids")
+        head_at = getattr(self.model_runner, "head_at_columns", None)
+        return None if head_at is None else head_at(columns)
+
+    def _extend(self, parents, token_lists, *, cuts, logits, hidden, row_name, logits_of=None):
         """`extend`, naming row i's token ids `row_name.format(i)` in its errors (prefill's are `token_ids`)."""
         self.last_restored = {}     # first: a call refused below restores nothing
         self.last_context_rerun = np.zeros(0, dtype=np.int64)
@@ -322,9 +336,10 @@ class TreeRunner:
         if row_cuts is not None:
             ends = np.array([cu_lens[r] + c - 1 for r, offsets in enumerate(row_cuts) for c in offsets
                              + [cu_lens[r + 1] - cu_lens[r]]], dtype=np.int64)
+        logits_of = self._check_logits_of(logits_of, logits, len(ends))
 
         def run(plan):  # outputs only for the new children, not for spans recomputed on the way
-            return self._forward(plan, logits, hidden, ends) if plan.creates_spans else self._forward(plan)
+            return self._forward(plan, logits, hidden, ends, logits_of) if plan.creates_spans else self._forward(plan)
 
         flat_cuts = cu_cuts = None
         if row_cuts is not None:
@@ -340,7 +355,8 @@ class TreeRunner:
             self.last_context_rerun = self.model_runner.last_rerun
         try:    # the new spans are the caller's only once returned: an interrupt or an error before gives them back
             children = self._handles(parents, row_cuts, child_ids, cut_ids, lengths, cu_lens)
-            results = (children, self._format(out_logits, logits, cu_lens, ends))
+            results = (children, out_logits if logits_of is not None else self._format(out_logits, logits, cu_lens,
+                                                                                         ends))
             if hidden is not None:
                 results += (self._format(out_hidden, hidden, cu_lens, ends),)
         except BaseException:
@@ -477,6 +493,23 @@ class TreeRunner:
             checked.append(offsets)
         return checked
 
+    @staticmethod
+    def _check_logits_of(logits_of, logits, spans):
+        """extend's `logits_of` as an int64 array of indices into its `spans` returned spans (None stays None)."""
+        if logits_of is None:
+            return None
+        if logits != "last":
+            raise ValueError(f"logits_of: chooses among the logits at the returned spans' last tokens, so it takes "
+                             f"logits=\"last\", got logits={logits!r}")
+        array = np.asarray(_as_list(logits_of, "logits_of", "a sequence of indices of returned spans"))
+        if array.ndim != 1 or array.size == 0 or not np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+            raise ValueError(f"logits_of: expected a non-empty 1-D sequence of int indices of returned spans (logits="
+                             f"None for no logits), got shape {list(array.shape)} of {array.dtype}")
+        if array.min() < 0 or array.max() >= spans:
+            raise ValueError(f"logits_of: expected indices in [0, {spans}) (this call returns {spans} spans), got "
+                             f"{array.tolist()}")
+        return array.astype(np.int64)
+
     def _parent_code(self, parent, row):
         """The span tree's code of parents[row]: its span id, -1 for a new root, -2 - j for row j's child."""
         if parent is None:
@@ -533,12 +566,13 @@ class TreeRunner:
                                      "the runner a larger pool (max_tokens / max_bytes) or extend fewer tokens per "
                                      "call")
 
-    def _forward(self, plan, logits=None, hidden=None, ends=None):
+    def _forward(self, plan, logits=None, hidden=None, ends=None, logits_of=None):
         """Run one plan: block copies, then the model over its rows. Returns (logits, hidden) at the tokens
         that the choices ("last", "all" or None) need: every token when either is "all" (logits only at
         `ends` when they are "last"), else the tokens at `ends` (the returned spans' last tokens); (None,
-        None) when both are None. Under no_grad, not inference_mode: the outputs are the caller's to modify
-        in place (`logits /= temperature`) or to feed a module that trains, which inference tensors refuse."""
+        None) when both are None. With `logits_of` (logits "last"), logits at ends[logits_of] alone. Under
+        no_grad, not inference_mode: the outputs are the caller's to modify in place (`logits /= temperature`)
+        or to feed a module that trains, which inference tensors refuse."""
         device = self.model_runner.device
         if not plan.creates_spans and getattr(self.model_runner, "pool_is_placeholder", False):
             return None, None   # a pure state-space model's evicted spans: nothing to bring back (states aside)
@@ -549,18 +583,21 @@ class TreeRunner:
         if isinstance(self.model_runner, GraphedForward) and self.model_runner.takes(
                 len(plan.token_ids), len(plan.seq_lens), len(plan.extra_src)):
             cascade = None   # a graph's launches are fixed: no cascade plan
+        some = logits_of is not None and hidden is not None   # the head at some of the tokens selected
+        if logits_of is not None and hidden is None:   # logits alone: only the tokens they are asked at
+            ends = ends[logits_of]
         with torch.no_grad(), autocast_off(device):
             batch = ForwardBatch.from_plan(plan, device, outputs=() if ends is None else ends,
                                            cascade_block_size=cascade)
             if len(batch.copy_src):
                 self.pool.copy_blocks(batch.copy_src, batch.copy_dst)
-            logits_rows = None
+            logits_rows = index_on(logits_of, device) if some else None
             if logits is None and hidden is None:
                 select = None
             elif "all" in (logits, hidden):
                 select = torch.arange(batch.num_tokens, device=device)
                 if logits == "last":  # hidden states at every token, but the LM head only where asked
-                    logits_rows = batch.outputs
+                    logits_rows = batch.outputs if logits_rows is None else batch.outputs[logits_rows]
             else:
                 select = batch.outputs
             outputs = self.model_runner.forward(batch, self.pool, select, logits is not None, hidden is not None,

@@ -55,9 +55,10 @@ class HashRunner:
         self.last_restored = {}   # nothing is ever evicted
         self.last_context_rerun = np.zeros(0, dtype=np.int64)   # contexts are read, not run again
 
-    def extend(self, parents, token_lists, *, cuts=None, logits="last", hidden=None):
+    def extend(self, parents, token_lists, *, cuts=None, logits="last", hidden=None, logits_of=None):
         """With cuts, row i returns a chain of spans (one per cut, then its child) and the outputs are at
-        every returned span's last token; an int parent j is row j's child; as TreeRunner.extend does."""
+        every returned span's last token (the logits at those `logits_of` names; none with logits None); an int
+        parent j is row j's child; as TreeRunner.extend does."""
         self.calls += 1
         children, out_logits, out_hidden = [], [], []
         for i, (parent, tokens) in enumerate(zip(parents, token_lists)):
@@ -78,10 +79,15 @@ class HashRunner:
                 out_logits.append(lg)
                 out_hidden.append(hd)
             children.append(chain if cuts is not None else chain[0])
-        result = (children, torch.stack(out_logits))
+        out_logits = torch.stack(out_logits)
+        result = (children, None if logits is None else out_logits if logits_of is None else out_logits[logits_of])
         if hidden is not None:
             result += (torch.stack(out_hidden),)
         return result
+
+    def head_at_columns(self, columns):
+        """None: HashLM's logits come whole (TreeRunner.head_at_columns)."""
+        return None
 
     def release(self, spans):
         spans = [spans] if isinstance(spans, FakeSpan) else list(spans)

@@ -277,21 +277,39 @@ def test_random_tree_from_graphs_matches_hugging_face(graph_device, name):
     assert graphs.refused is None and graphs.replays > 3 * graphs.num_graphs, (graphs.replays, graphs.num_graphs)
 
 
-def test_last_logits_from_graphs_equal_the_eager_runners(graph_device):
-    """logits="last" (the selected tokens are the rows' last ones, padded to a power of two) and hidden=None."""
-    model = tiny_model("llama-gqa-untied", device=graph_device)
+def eager_and_graphed(device):
+    """(model, [(runner, root)] without and with graphs): a tiny Llama, and a root of 29 tokens on each runner."""
+    model = tiny_model("llama-gqa-untied", device=device)
     runners = [TreeRunner(model, max_tokens=256, block_size=4, attention_backend="triton", cuda_graphs=graphs)
                for graphs in (False, True)]
+    return model, [(runner, runner.prefill(list(range(1, 30)))) for runner in runners]
+
+
+def test_last_logits_from_graphs_equal_the_eager_runners(graph_device):
+    """logits="last" (the selected tokens are the rows' last ones, padded to a power of two) and hidden=None."""
+    model, runners = eager_and_graphed(graph_device)
     outputs = []
-    for runner in runners:
-        root = runner.prefill(list(range(1, 30)))
+    for runner, root in runners:
         children, first = runner.extend([root] * 3, [[5, 6], [7], [8, 9, 10]])
         _, second = runner.extend(children, [[11], [12], [13]], logits="last")
         outputs.append((first, second))
-    assert runners[1].model_runner.replays >= 3
+    assert runners[1][0].model_runner.replays >= 3
     for eager, graphed in zip(*outputs):
         assert graphed.shape == eager.shape == (3, model.config.vocab_size)
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_at_some_returned_spans_replay_graphs_and_equal_the_eager_runners(graph_device):
+    """logits_of beside hidden states (the LM head at some of the selected tokens: logits_rows, padded to a power of
+    two): the call replays a graph, and gives the eager runner's logits at those spans and hidden states at all."""
+    model, runners = eager_and_graphed(graph_device)
+    outputs = [runner.extend([root] * 3, [[5, 6], [7], [8, 9, 10]], hidden="last", logits_of=[2, 0, 1])[1:]
+               for runner, root in runners]
+    assert runners[1][0].model_runner.replays == 2
+    (eager_logits, eager_hidden), (logits, hidden) = outputs
+    assert logits.shape == (3, model.config.vocab_size) and hidden.shape[0] == 3
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden, eager_hidden, rtol=1e-5, atol=1e-5)
 
 
 def test_calls_of_one_bucket_asking_other_outputs_get_them(graph_device):

@@ -412,3 +412,81 @@ def test_token_lists_are_checked_for_bools_without_a_python_step_per_token():
     assert steps == 0 and tokens.tolist() == lists[0] + lists[1] and cu_lens.tolist() == [0, 500, 2000]
     with pytest.raises(ValueError, match="token_lists\\[1\\]: expected int token ids, got a bool among them"):
         TreeRunner._pack_tokens(checker, [lists[0], lists[1][:-1] + [True]], 2, "token_lists[{}]")
+
+
+@pytest.mark.parametrize("hidden", [None, "last", "all"])
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-learned-positions", "bloom-alibi-fallback"])
+def test_logits_of_some_returned_spans_run_the_lm_head_at_those_alone(name, hidden):
+    """logits_of picks the returned spans (cuts included) whose logits a call computes: the rows, in the order asked,
+    of its logits at every span, with the hidden states of every span still returned; the head runs on those alone."""
+    model = tiny_model(name)
+    runner = TreeRunner(model, max_tokens=256, block_size=4, attention_backend="torch")
+    torch.manual_seed(0)
+    rows = [torch.randint(0, VOCAB, (n,)).tolist() for n in (9, 3, 6)]
+    cuts = [[4], [], [2, 5]]   # 6 returned spans: 4, 9 | 3 | 2, 5, 6
+    head_rows = []
+    model.lm_head.register_forward_hook(lambda module, args, out: head_rows.append(args[0][..., 0].numel()))
+    _, every, *every_hidden = runner.extend([None] * 3, rows, cuts=cuts, hidden=hidden)
+    head_rows.clear()
+    _, some, *some_hidden = runner.extend([None] * 3, rows, cuts=cuts, hidden=hidden, logits_of=[4, 1, 2])
+    assert sum(head_rows) == 3 and some.shape == (3, every.shape[1])
+    torch.testing.assert_close(some, every[[4, 1, 2]], rtol=1e-5, atol=1e-5)
+    if hidden is not None:
+        for got, expected in zip(some_hidden[0], every_hidden[0]):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("logits, logits_of, match", [
+    ("all", [0], r'logits_of: .* takes logits="last", got logits=\'all\''),
+    (None, [0], r'logits_of: .* takes logits="last", got logits=None'),
+    ("last", [], r"logits_of: expected a non-empty 1-D sequence of int indices .*logits=None for no logits"),
+    ("last", [True], r"logits_of: expected a non-empty 1-D sequence of int indices"),
+    ("last", [0, 2], r"logits_of: expected indices in \[0, 2\) \(this call returns 2 spans\), got \[0, 2\]"),
+    ("last", 3, r"logits_of: expected a sequence of indices of returned spans, got int"),
+])
+def test_logits_of_is_checked(logits, logits_of, match):
+    runner = TreeRunner(tiny_model("llama-gqa-untied"), max_tokens=64, block_size=4, attention_backend="torch")
+    with pytest.raises(ValueError, match=match):
+        runner.extend([None, None], [[1, 2], [3]], logits=logits, logits_of=logits_of)
+    assert runner.num_free_blocks == runner.num_blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name, bias", [("llama-gqa-untied", False), ("llama-gqa-untied", True),
+                                        ("gemma2-sliding-softcaps", False)])
+def test_head_at_columns_gives_the_logits_columns_from_hidden_states(name, bias, dtype):
+    """The logits at a few columns from the final hidden states equal those columns of the full logits, to the
+    rounding of the model's dtype: a head with a bias, and Gemma 2's soft-capped logits."""
+    model = tiny_model(name, dtype=dtype)
+    if bias:
+        head = model.lm_head
+        model.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True, dtype=dtype)
+        torch.nn.init.normal_(model.lm_head.bias)
+    if name.startswith("gemma2"):
+        assert model.config.final_logit_softcapping
+    runner = TreeRunner(model, max_tokens=128, block_size=4, attention_backend="torch")
+    torch.manual_seed(1)
+    columns = torch.randperm(VOCAB)[:4].tolist()
+    _, logits, hidden = runner.extend([None] * 3, [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 2, 7)],
+                                      hidden="last")
+    got = runner.head_at_columns(columns)(hidden)
+    assert got.dtype == torch.float32 and got.shape == (3, 4)
+    close = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(got, logits[:, columns], **close)
+
+
+def test_head_at_columns_is_none_where_the_head_is_not_computed_from_its_rows_alone():
+    """A head with a hook, or another module than a plain Linear, and the runners whose model's forward computes the
+    logits: None (the caller asks for those rows' logits); columns outside the head are refused."""
+    model = tiny_model("llama-gqa-untied")
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    assert runner.head_at_columns([1, 2]) is not None
+    with pytest.raises(ValueError, match=rf"columns: expected vocabulary ids in \[0, {VOCAB}\), got \[1, {VOCAB}\]"):
+        runner.head_at_columns([1, VOCAB])
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: out)
+    assert runner.head_at_columns([1, 2]) is None
+    hook.remove()
+    model.lm_head = torch.nn.Sequential(model.lm_head)
+    assert runner.head_at_columns([1, 2]) is None
+    gpt2 = TreeRunner(tiny_model("gpt2-learned-positions"), max_tokens=64, block_size=4, attention_backend="torch")
+    assert gpt2.head_at_columns([1, 2]) is None
