@@ -179,7 +179,7 @@ class TreeEngine:
         logits = _LogitRows(result[1], full)
         hidden = result[2] if hidden_wanted else None
         try:    # the positions get their entries only once every read succeeded (a sampler, the device may fail)
-            outs, cut_entries, label_logits = self._entries(rows, chains, index, logits, hidden, label_head)
+            outs, cut_entries, label_logits = self._entries(rows, chains, index, logits, hidden, labels, label_head)
         except BaseException:               # the call's spans are nobody's: give them back, and the positions
             self.runner.release([span for chain in chains for span in chain])
             _abandon(rows)
@@ -203,11 +203,12 @@ class TreeEngine:
                 row.stats.seconds[row.phase] += share
         return outs
 
-    def _entries(self, rows: List[Row], chains, index, logits: "_LogitRows", hidden, label_head):
+    def _entries(self, rows: List[Row], chains, index, logits: "_LogitRows", hidden, labels: List[int], label_head):
         """Entries of a call's spans, what the search reads from its generation rows read into them: (one entry
-        per row, [(cut position, its entry)], the label rows' logits on the host)."""
-        # gen: (entry, output index, skey, is a root, sampler) to read; labels: the label rows' output indices
-        outs, cut_entries, gen, labels, at = [], [], [], [], 0
+        per row, [(cut position, its entry)], the logits of the label rows (at output indices `labels`) on the
+        host)."""
+        # gen: (entry, output index, skey, is a root, sampler) to read
+        outs, cut_entries, gen, at = [], [], [], 0
         for r, chain in zip(rows, chains):
             parent = outs[index[id(r.after)]] if r.after is not None else r.parent
             parent_key = EMPTY_KEY if parent is None else parent.key
@@ -219,8 +220,6 @@ class TreeEngine:
             outs.append(Entry(chain[-1], self.ledger.feed(r.stats, parent_key, r.tokens)))
             if r.kind == "gen":
                 gen.append((outs[-1], at, r.skey, r.target is None, r.sampler))
-            elif r.kind == "label":
-                labels.append(at)
             at += 1
         return outs, cut_entries, self._read_outputs(gen, logits, hidden, labels, label_head)
 
