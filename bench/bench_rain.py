@@ -8,7 +8,9 @@ several concurrencies, and with several inner iterations at once under virtual l
    the search, the judge's prompt and score and the samplers, whose agreement with the SPEC is what tests/rain
    checks (the judge's score, the search's updates, the samplers' draws), not this bench.
 2. The tree engine's throughput at several concurrencies (distinct prompts, production sampler); these rows
-   run before the reference engine of 1., the slowest section, so that a run cut short keeps them.
+   run before the reference engine of 1., the slowest section, so that a run cut short keeps them. Every tree row's
+   `x slow` is the reference engine's seconds per committed token over its own (the reference engine runs prompts
+   one at a time, so its rate is that of any number of prompts run in turn).
 3. Virtual loss (`parallel_leaves`) off and on, same prompts: harmless rate of the answers by a judge
    (`--judge keyword` with --keywords, or `--judge moderation --judge-model DIR`, a local classifier),
    wall time and sequential model calls per committed token (and per prompt against the calls the search
@@ -248,6 +250,21 @@ def row(name, run, extra=None):
     return out
 
 
+def compare_with_slow(rows):
+    """Sets each tree-engine row's speedup_per_commit: the slow engine's seconds per committed token over the row's.
+    The slow engine runs one prompt at a time, so its seconds per committed token are those of any number of prompts
+    run one after another: a row at concurrency C compares its throughput with that. Only the rows on the slow
+    engine's own prompts with its sampler ("tree", "tree graphs": the same decisions) also get token_ratio_vs_slow,
+    the slow engine's tokens through the model per committed token over theirs."""
+    slow = next((r for r in rows if r["engine"] == "slow" and "s_per_commit" in r), None)
+    for tree in rows:
+        if slow is None or tree is slow or "s_per_commit" not in tree:
+            continue
+        tree["speedup_per_commit"] = slow["s_per_commit"] / tree["s_per_commit"]
+        if tree["engine"] in ("tree", "tree graphs"):
+            tree["token_ratio_vs_slow"] = slow["tokens_per_commit"] / tree["tokens_per_commit"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny random Llama on CPU")
@@ -338,6 +355,7 @@ def main():
 
     def write():   # a family other than Llama, and the demo's model, are variants beside the default run of the commit
         variant = [args.family] * (args.family != "llama") + ["demo"] * args.demo
+        compare_with_slow(rows)
         return write_results("rain", args.device, record, rows, tag="-".join(variant) or None, quick=args.quick)
 
     def section(name, measure):
@@ -382,22 +400,13 @@ def main():
     def slow_section():
         slow = rain_generate(model, tok, first, config, engine="slow", sampler="keyed", **common)
         same = None if tree is None else [r.answer_ids for r in slow.results] == [r.answer_ids for r in tree.results]
-        slow_row = row("slow", slow, {"same_decisions": same})
-        if tree is not None:   # rows[0] is the tree engine's row
-            rows[0]["speedup_per_commit"] = slow_row["s_per_commit"] / rows[0]["s_per_commit"]
-            rows[0]["token_ratio_vs_slow"] = slow_row["tokens_per_commit"] / rows[0]["tokens_per_commit"]
-        add(slow_row)
+        add(row("slow", slow, {"same_decisions": same}))
     if not args.skip_slow:   # after the concurrency rows: the slowest section, the likeliest to be cut short
         section("slow", slow_section)
 
     def graphs_section(name, run_prompts, concurrency, sampler):
         """A tree row again, on a fresh runner with CUDA graphs, captured as its calls first need them."""
-        graphed = row(name, *timed_tree(run_prompts, config, cuda_graphs=True, concurrency=concurrency,
-                                        sampler=sampler))
-        slow = next((r for r in rows if r["engine"] == "slow" and "s_per_commit" in r), None)
-        if slow is not None and concurrency == 1:
-            graphed["speedup_per_commit"] = slow["s_per_commit"] / graphed["s_per_commit"]
-        add(graphed)
+        add(row(name, *timed_tree(run_prompts, config, cuda_graphs=True, concurrency=concurrency, sampler=sampler)))
     if args.cuda_graphs:
         section("tree graphs", lambda: graphs_section("tree graphs", first, 1, "keyed"))
         for c in [c for c in args.concurrency if c <= len(prompts)]:
@@ -425,6 +434,7 @@ def main():
                        ("recomputed", "recomp", "{}"), ("calls_per_commit", "calls/commit", "{:.2f}"),
                        ("calls_over_required", "calls/req", "{:.2f}"),
                        ("s_per_commit", "s/commit", "{:.4f}"), ("commits_per_s", "commit/s", "{:.2f}"),
+                       ("speedup_per_commit", "x slow", "{:.1f}"),
                        ("outside_model_us_per_row", "host us/row", "{:.0f}"),
                        ("capture_s", "capture s", "{:.2f}"), ("s_per_commit_past_captures", "s/commit past capt.",
                                                               "{:.4f}"),
