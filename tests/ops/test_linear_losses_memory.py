@@ -157,11 +157,13 @@ def test_triton_backward_extra_memory_is_its_fixed_scratch(op):
 @pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_kl_div"])
 def test_triton_gradients_in_the_forward_take_their_row_blocks(op):
     """grads_in_forward=True on the GPU: beyond the inputs and the gradients, one block of whole logits rows (fp32
-    logits of each head, a bf16 G) and the segment's d_hidden scratch, as row_block_plan sizes them."""
+    logits of each head, a bf16 G) and the segment's d_hidden scratch, as row_block_plan sizes them; the KL's heads
+    share their weight here, so its block's rows of both hidden states are also stacked for their one product."""
     from fastalign.kernels.chunked_backward import row_block_plan
 
     extra, (n, h, v, dtype) = gpu_extra_bytes(op, grads_in_forward=True)
-    logit_bytes = 4 * (1 if op == "linear_cross_entropy" else 2) + dtype.itemsize
+    heads = 1 if op == "linear_cross_entropy" else 2
+    logit_bytes = 4 * heads + dtype.itemsize
     rows, _ = row_block_plan(n, v, logit_bytes)
-    block = rows * v * logit_bytes + rows * h * (4 + dtype.itemsize)
+    block = rows * v * logit_bytes + rows * h * (4 + dtype.itemsize) + (heads > 1) * 2 * rows * h * dtype.itemsize
     assert extra <= block + 64 * n + 2 ** 20, f"{extra / 2 ** 20:.1f} MiB extra, block {block / 2 ** 20:.1f} MiB"
