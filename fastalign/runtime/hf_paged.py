@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from fastalign.eval_mode import eval_mode
 from fastalign.model_context import runner_context
 from fastalign.model_decoder import decoder_of
-from fastalign.model_vocabulary import input_vocabulary
+from fastalign.model_vocabulary import probe_ids
 from fastalign.ops.checks import is_integer
 from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.attention_routing import attention_configs, routed
@@ -160,7 +160,7 @@ class PagedHF:
         pool's layers: pool_index[layer] of each, and pool_shapes, (K/V heads, K's head_dim) of each layer that stores
         its own K/V."""
         recorder = _Recorder()
-        ids = torch.tensor([_PROBE_IDS[:1]], device=self.device) % input_vocabulary(self.model)
+        ids = torch.tensor([probe_ids(self.model, _PROBE_IDS[:1])], device=self.device)
         _run_probe(lambda: self._routed_forward(ids, recorder))
         calls = recorder.calls
         if not calls:
@@ -199,7 +199,7 @@ class PagedHF:
         the pool), the same logits as in one (4 ulp: both are computed here). A mask or bias of the model's own fails
         the first; positions or state that the model draws from anything but the positions it is given fail the
         second, by far more than rounding."""
-        ids = torch.tensor(_PROBE_IDS, device=self.device) % input_vocabulary(self.model)
+        ids = torch.tensor(probe_ids(self.model, _PROBE_IDS), device=self.device)
         with torch.inference_mode(), eval_mode(self.model):
             own = _run_probe(lambda: self.model(input_ids=ids[None], use_cache=False, output_hidden_states=True))
         pool = KVPool(self.pool_shapes, num_blocks=1, block_size=len(_PROBE_IDS), device=self.device,

@@ -15,7 +15,7 @@ import torch
 
 from fastalign.eval_mode import eval_mode
 from fastalign.model_context import runner_context
-from fastalign.model_vocabulary import input_vocabulary
+from fastalign.model_vocabulary import probe_ids
 from fastalign.runtime.hf_cache import KeptLogits, agree_within_rounding
 from fastalign.runtime.hf_cache_argument import takes_logits_to_keep
 
@@ -80,7 +80,7 @@ class HFRecomputeModel:
     def _is_causal(self):
         """Whether a sequence's first tokens get the same logits when more tokens follow them (relative to the
         logits' scale, within rounding of the model's dtype)."""
-        ids = torch.tensor([[1, 0, 2, 1, 3, 0]], device=self.device) % input_vocabulary(self.model)
+        ids = torch.tensor([probe_ids(self.model, [1, 0, 2, 1, 3, 0])], device=self.device)
         with torch.inference_mode(), eval_mode(self.model):
             prefix, whole = (self.model(input_ids=x, use_cache=False).logits for x in (ids[:, :3], ids))
         return agree_within_rounding(self.model.dtype, whole, (prefix, whole[:, :3]))

@@ -31,7 +31,7 @@ from transformers import DynamicCache
 
 from fastalign.eval_mode import eval_mode
 from fastalign.model_context import runner_context
-from fastalign.model_vocabulary import input_vocabulary
+from fastalign.model_vocabulary import probe_ids
 from fastalign.runtime.hf_cache import KeptLogits, agree_within_rounding, gathered_context, write_rows_kv
 from fastalign.runtime.hf_cache_argument import cache_kwargs, takes_a_cache, takes_logits_to_keep
 from fastalign.runtime.row_groups import LeftPadded, context_alike, left_padded_kv, row_chain
@@ -274,8 +274,8 @@ class HFStateCacheModel:
         (a mixer that masks its input with it, say)."""
         if self.attention_layers and "position_ids" not in inspect.signature(self.model.forward).parameters:
             return False
-        ids = torch.tensor([[1, 0, 2, 1, 3, 0, 0], [2, 3, 1, 1, 0, 2, 3]], device=self.device)
-        ids = ids % input_vocabulary(self.model)
+        ids = torch.tensor([probe_ids(self.model, row) for row in ([1, 0, 2, 1, 3, 0, 0], [2, 3, 1, 1, 0, 2, 3])],
+                           device=self.device)
         lengths, new = (2, 4), 3
         try:
             with torch.inference_mode(), eval_mode(self.model):
@@ -313,8 +313,8 @@ class HFStateCacheModel:
         states too, and three pieces of several tokens: a mixer that drops the state it was given over several tokens
         (Mamba's, Jamba's) hardly moves a tiny random model's logits, and after one such piece (3 + 3 + 1 tokens)
         a tiny bf16 Jamba's states were within bf16's rounding of the whole forward's."""
-        ids = torch.tensor([[1, 0, 2, 1, 3, 0, 2], [2, 3, 1, 1, 0, 2, 3]], device=self.device)
-        ids = ids % input_vocabulary(self.model)
+        ids = torch.tensor([probe_ids(self.model, row) for row in ([1, 0, 2, 1, 3, 0, 2], [2, 3, 1, 1, 0, 2, 3])],
+                           device=self.device)
         with torch.inference_mode(), eval_mode(self.model):
             whole_cache = self._new_cache()
             whole = self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, whole_cache)).logits

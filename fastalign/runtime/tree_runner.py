@@ -461,12 +461,14 @@ class TreeRunner:
         cu_lens = np.zeros(rows + 1, dtype=np.int64)
         cu_lens[1:] = np.cumsum([a.size for a in arrays])
         tokens, vocab_size = np.concatenate(arrays), self.vocab_size
-        bad = (tokens < 0) | (tokens >= vocab_size)
+        bad = tokens < 0
+        if vocab_size is not None:   # None: not known (check_embedded's rule), no upper bound checked
+            bad |= tokens >= vocab_size
         if bad.any():
             i = int(np.searchsorted(cu_lens, np.argmax(bad), side="right")) - 1  # the first bad id's row
             token = arrays[i][bad[cu_lens[i]:cu_lens[i + 1]]][0]                # as given, not as concatenated
-            raise ValueError(f"{row_name.format(i)}: token id {token} is outside the vocabulary "
-                             f"[0, {vocab_size})")
+            bounds = f"[0, {vocab_size})" if vocab_size is not None else "[0, ...) (its size is not known)"
+            raise ValueError(f"{row_name.format(i)}: token id {token} is outside the vocabulary {bounds}")
         return tokens.astype(np.int32), cu_lens
 
     @staticmethod

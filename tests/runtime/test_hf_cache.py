@@ -1,6 +1,5 @@
 """HFCacheModel's batches of rows alike. (Its random trees match Hugging Face's logits in test_tree_runner.py, on the
 "-fallback" models of tiny_models.py; its refusals are in test_tree_runner_errors.py.)"""
-import copy
 import warnings
 
 import pytest
@@ -9,8 +8,8 @@ from transformers import BloomForCausalLM, Llama4ForCausalLM
 
 from fastalign import TreeRunner
 from fastalign.runtime.hf_cache import HFCacheModel
-from tests.runtime.tiny_models import (CONFIGS, VOCAB, CountedForward, WrappedEmbedding, assert_matches, drawn_weights,
-                                      fill_with_nan, tiny_model)
+from tests.runtime.tiny_models import (CONFIGS, VOCAB, CountedForward, assert_matches, drawn_weights, fill_with_nan,
+                                      tiny_model)
 from tests.vocab_rows import rows_of_prefill_last_and_cuts
 
 FALLBACKS = ["bloom-alibi-fallback", "mpt-alibi-fallback", "llama4-chunked-fallback"]
@@ -176,16 +175,6 @@ def test_a_model_whose_logits_drift_by_a_little_between_forwards_keeps_state_out
     with pytest.raises(ValueError, match="DriftsWithEachForward cannot run on the Hugging Face cache fallback: it "
                                          "keeps state outside its cache"):
         HFCacheModel(rebuilt_as(DriftsWithEachForward, "bloom-alibi-fallback"), torch.device("cpu"))
-
-
-def test_a_model_whose_vocabulary_is_not_known_is_probed_as_the_model():
-    """Embeddings wrapped in a module without a weight: the padding and causality probes took their token ids
-    `% None` (TypeError), and the model could not run on the fallback."""
-    model = tiny_model("bloom-alibi-fallback")
-    wrapped = copy.deepcopy(model)
-    wrapped.set_input_embeddings(WrappedEmbedding(wrapped.get_input_embeddings()))
-    cpu = torch.device("cpu")
-    assert HFCacheModel(wrapped, cpu).pads_context == HFCacheModel(model, cpu).pads_context
 
 
 def test_a_copy_of_a_later_rows_partly_filled_block_gets_that_rows_kv_from_its_own_group():

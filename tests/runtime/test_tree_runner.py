@@ -1,13 +1,16 @@
 """TreeRunner against Hugging Face: every span of a randomly grown and pruned tree, under eviction, gives
 the logits and final hidden states of the model run on the span's full sequence without a cache."""
+import copy
+import warnings
+
 import pytest
 import torch
 
 from fastalign import PoolExhaustedError, TreeRunner
 from tests.compare import rel_error
 from tests.conftest import TRITON_DEVICE, requires_cuda
-from tests.runtime.tiny_models import (CONFIGS, VOCAB, fill_with_nan, grow_random_tree, reference, runner_kind,
-                                      tiny_model)
+from tests.runtime.tiny_models import (CONFIGS, VOCAB, WrappedEmbedding, fill_with_nan, grow_random_tree, reference,
+                                      runner_kind, tiny_model)
 
 
 @pytest.mark.parametrize("index, name", list(enumerate(CONFIGS)))
@@ -300,6 +303,31 @@ def test_a_token_added_by_resizing_the_embeddings_after_the_runner_is_made_is_ta
     with pytest.raises(ValueError, match=rf"token_lists\[0\]: token id {VOCAB + 4} is outside the vocabulary "
                                          rf"\[0, {VOCAB + 4}\)"):
         runner.extend([span], [[VOCAB + 4]])
+
+
+@pytest.mark.parametrize("name", ["bloom-alibi-fallback", "llama-gqa-untied", "gpt2-learned-positions",
+                                  "mamba2-states", "reformer-padded-recompute"])
+def test_a_model_whose_vocabulary_is_not_known_runs_as_the_model(name):
+    """Embeddings wrapped in a module without a weight (input_vocabulary: None), on each model runner: the probes of
+    PagedHF, HFStateCacheModel and HFRecomputeModel took their token ids `% None` (a TypeError, or a refusal that
+    blamed the model), and every extend compared the token ids `>= None`. The upper bound is not checked then."""
+    model = tiny_model(name)
+    wrapped = copy.deepcopy(model)
+    wrapped.set_input_embeddings(WrappedEmbedding(wrapped.get_input_embeddings()))
+    tokens = torch.randint(VOCAB, (9,)).tolist()
+    outputs = []
+    for each in (model, wrapped):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # the fallbacks' warning of how they run (test_tree_runner_errors.py)
+            runner = TreeRunner(each, max_tokens=64, block_size=4, attention_backend="torch")
+        assert type(runner.model_runner).__name__ == runner_kind(name)
+        root = runner.prefill(tokens[:5])
+        outputs.append(runner.extend([root, root], [tokens[5:7], tokens[7:]], logits="all")[1])
+    assert runner.vocab_size is None
+    torch.testing.assert_close(outputs[1], outputs[0])
+    with pytest.raises(ValueError, match=r"token_lists\[0\]: token id -1 is outside the vocabulary \[0, \.\.\.\) "
+                                         r"\(its size is not known\)"):
+        runner.extend([root], [[-1]])
 
 
 @pytest.mark.parametrize("name, targets", [("llama-gqa-untied", ["embed_tokens", "lm_head", "q_proj"]),
