@@ -1,4 +1,4 @@
-"""Argument checks shared by the fused linear loss ops.
+"""Argument checks shared by the fused linear loss ops (and the runtime's integer arguments).
 
 Every check names the argument and what was expected, so that bad input fails here with a clear
 message instead of deep inside a kernel.
@@ -8,16 +8,38 @@ import numbers
 import sys
 from typing import Literal, get_args
 
+import numpy as np
 import torch
 
 Reduction = Literal["mean", "sum", "none"]   # the `reduction` argument of the losses
 REDUCTIONS = get_args(Reduction)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_BOOLS = frozenset((bool, np.bool_))   # the types of a list's elements that numpy reads as the ints 0 and 1
 
 
 def is_integer(value):
     """True for Python and NumPy integers; False for bools, which are ints to Python but never a count."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def int_ids(values, name, what, empty=False) -> np.ndarray:
+    """`values`, a 1-D sequence of ints (a list, NumPy array or tensor), as a NumPy int array; else a ValueError
+    naming `name` and the int `what` expected: another shape or dtype, no element (unless `empty`), or a bool among
+    ints, which numpy reads as 1 (the elements' types are gathered in C: no Python step per element)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    try:
+        array = np.asarray(values)
+    except ValueError:  # a ragged nested sequence: refused below as a 1-D array of objects
+        array = np.asarray(values, dtype=object)
+    if empty and array.shape == (0,):
+        return array.astype(np.int64)   # [] reads as float64
+    if array.ndim != 1 or array.size == 0 or array.dtype.kind not in "iu":   # bools are of kind "b"
+        raise ValueError(f"{name}: expected a {'' if empty else 'non-empty '}1-D sequence of int {what}, got shape "
+                         f"{list(array.shape)} of {array.dtype}")
+    if not isinstance(values, np.ndarray) and not _BOOLS.isdisjoint(map(type, values)):
+        raise ValueError(f"{name}: expected int {what}, got a bool among them (numpy reads True as 1)")
+    return array
 
 
 def is_real(value):

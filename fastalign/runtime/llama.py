@@ -30,7 +30,7 @@ import torch
 
 from fastalign.eval_mode import eval_mode
 from fastalign.model_context import runner_context
-from fastalign.ops.checks import is_integer
+from fastalign.ops.checks import int_ids, is_integer
 from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.gated_mlps import fused_gated_mlp
 from fastalign.runtime.layer_layouts import LAYOUTS
@@ -230,10 +230,10 @@ class PagedLlama:
         head = self.model.lm_head
         if type(head).forward is not torch.nn.Linear.forward or runs_more_than_its_forward(head):
             return None
-        weight = head.weight
-        if any(not is_integer(c) or not 0 <= c < weight.shape[0] for c in columns):
+        weight, ids = head.weight, int_ids(columns, "columns", "vocabulary ids", empty=True)
+        if ids.size and (ids.min() < 0 or ids.max() >= weight.shape[0]):
             raise ValueError(f"columns: expected vocabulary ids in [0, {weight.shape[0]}), got {columns}")
-        index = index_on(columns, weight.device)
+        index = index_on(ids, weight.device)
 
         def logits(hidden):
             bias = None if head.bias is None else head.bias[index]

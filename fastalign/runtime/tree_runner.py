@@ -28,7 +28,7 @@ from fastalign.model_devices import model_device
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.one_call import one_call_at_a_time
 from fastalign.ops.backend import BACKENDS, Backend, autocast_off
-from fastalign.ops.checks import is_integer
+from fastalign.ops.checks import int_ids, is_integer
 from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime import graphed_forward
 from fastalign.runtime.forward_batch import ForwardBatch
@@ -44,7 +44,6 @@ from fastalign.transfers import index_on
 _Outputs = Literal["last", "all"]   # which outputs extend returns (logits=, hidden=): at the last tokens, or at all
 Output = _Outputs | None
 _OUTPUTS = (*get_args(_Outputs), None)
-_BOOLS = frozenset((bool, np.bool_))   # the types of a token list that numpy would read as ids 0 and 1
 _FEW_STATES = 32   # fewer states than this in the default room: the runner warns (a search keeps more spans)
 
 
@@ -442,22 +441,7 @@ class TreeRunner:
         token_lists = _as_list(token_lists, "token_lists", "one sequence of token ids per parent")
         if len(token_lists) != rows:
             raise ValueError(f"token_lists: expected {rows} lists (one per parent), got {len(token_lists)}")
-        arrays = []
-        for i, ids in enumerate(token_lists):
-            if isinstance(ids, torch.Tensor):
-                ids = ids.detach().cpu().numpy()
-            try:
-                array = np.asarray(ids)
-            except ValueError:  # a ragged nested sequence: refused below as a 1-D array of objects
-                array = np.asarray(ids, dtype=object)
-            if array.ndim != 1 or array.size == 0 or array.dtype.kind not in "iu":  # ints, not bools
-                raise ValueError(f"{row_name.format(i)}: expected a non-empty 1-D sequence of int token ids, got "
-                                 f"shape {list(array.shape)} of {array.dtype}")
-            # numpy reads True among ints as 1: the list's types, gathered in C (bool and np.bool_ have no subclass)
-            if not isinstance(ids, np.ndarray) and not _BOOLS.isdisjoint(map(type, ids)):
-                raise ValueError(f"{row_name.format(i)}: expected int token ids, got a bool among them (numpy "
-                                 "read True as token 1)")
-            arrays.append(array)
+        arrays = [int_ids(ids, row_name.format(i), "token ids") for i, ids in enumerate(token_lists)]
         cu_lens = np.zeros(rows + 1, dtype=np.int64)
         cu_lens[1:] = np.cumsum([a.size for a in arrays])
         tokens, vocab_size = np.concatenate(arrays), self.vocab_size
@@ -483,12 +467,8 @@ class TreeRunner:
         checked = []
         for i, offsets in enumerate(cuts):
             n = int(cu_lens[i + 1] - cu_lens[i])
-            array = np.asarray(_as_list(offsets, f"cuts[{i}]", "a 1-D sequence of int offsets ([] for none)"))
-            integer = np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_
-            if array.size and (array.ndim != 1 or not integer):
-                raise ValueError(f"cuts[{i}]: expected a 1-D sequence of int offsets, got shape {list(array.shape)} "
-                                 f"of {array.dtype}")
-            offsets = [int(c) for c in array.ravel()]
+            offsets = _as_list(offsets, f"cuts[{i}]", "a 1-D sequence of int offsets ([] for none)")
+            offsets = int_ids(offsets, f"cuts[{i}]", "offsets", empty=True).tolist()
             if any(b <= a for a, b in zip([0] + offsets, offsets)) or (offsets and offsets[-1] >= n):
                 raise ValueError(f"cuts[{i}]: expected increasing offsets in [1, {n - 1}] (strictly inside the "
                                  f"row of {n} tokens), got {offsets}")
@@ -503,10 +483,8 @@ class TreeRunner:
         if logits != "last":
             raise ValueError(f"logits_of: chooses among the logits at the returned spans' last tokens, so it takes "
                              f"logits=\"last\", got logits={logits!r}")
-        array = np.asarray(_as_list(logits_of, "logits_of", "a sequence of indices of returned spans"))
-        if array.ndim != 1 or array.size == 0 or not np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
-            raise ValueError(f"logits_of: expected a non-empty 1-D sequence of int indices of returned spans (logits="
-                             f"None for no logits), got shape {list(array.shape)} of {array.dtype}")
+        array = int_ids(_as_list(logits_of, "logits_of", "a sequence of indices of returned spans"), "logits_of",
+                        "indices of returned spans (logits=None for no logits)")
         if array.min() < 0 or array.max() >= spans:
             raise ValueError(f"logits_of: expected indices in [0, {spans}) (this call returns {spans} spans), got "
                              f"{array.tolist()}")

@@ -1,9 +1,12 @@
-"""The argument checks of the fused linear losses (fastalign/ops/checks.py), through the ops that call them."""
+"""The argument checks of the fused linear losses (fastalign/ops/checks.py), through the ops that call them, and
+int_ids, which TreeRunner's integer arguments share."""
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
 import fastalign
+from fastalign.ops.checks import int_ids
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +52,25 @@ def test_a_nested_tensor_is_refused_by_name(layout):
             call()
     with pytest.raises(TypeError, match="^hidden must be a dense tensor, got a nested tensor"):
         fastalign.linear_kl_div(hidden, weight, hidden, weight)
+
+
+def test_int_ids_take_ints_of_any_container_and_refuse_bools_among_them():
+    """One check of "a 1-D sequence of int ids" for every integer list TreeRunner takes: its four copies disagreed on
+    a bool among ints (numpy reads True as 1), two of them taking it as 1."""
+    ids = torch.randint(0, 50, (6,))
+    for values in (ids.tolist(), tuple(ids.tolist()), ids.numpy(), ids, [np.int64(i) for i in ids.tolist()]):
+        assert int_ids(values, "ids", "token ids").tolist() == ids.tolist()
+    assert int_ids([], "cuts", "offsets", empty=True).dtype == np.int64
+    with pytest.raises(ValueError, match=r"^ids: expected int token ids, got a bool among them \(numpy reads True"):
+        int_ids([*ids.tolist(), True], "ids", "token ids")
+    with pytest.raises(ValueError, match="^ids: expected int token ids, got a bool among them"):
+        int_ids([np.bool_(False), 3], "ids", "token ids")
+    refused = [([], r"\[0\] of float64"), ([True, False], r"\[2\] of bool"), ([1.0], r"\[1\] of float64"),
+               (torch.tensor([True]), r"\[1\] of bool"), ([[1, 2]], r"\[1, 2\] of int64"),
+               ([[1], [2, 3]], r"\[2\] of object"), (5, r"\[\] of int64")]
+    for values, shape in refused:
+        with pytest.raises(ValueError, match=f"^ids: expected a non-empty 1-D sequence of int token ids, got shape "
+                                             f"{shape}$"):
+            int_ids(values, "ids", "token ids")
+    with pytest.raises(ValueError, match=r"^cuts: expected a 1-D sequence of int offsets, got shape \[1, 0\]"):
+        int_ids([[]], "cuts", "offsets", empty=True)

@@ -469,6 +469,7 @@ def test_logits_of_some_returned_spans_run_the_lm_head_at_those_alone(name, hidd
     (None, [0], r'logits_of: .* takes logits="last", got logits=None'),
     ("last", [], r"logits_of: expected a non-empty 1-D sequence of int indices .*logits=None for no logits"),
     ("last", [True], r"logits_of: expected a non-empty 1-D sequence of int indices"),
+    ("last", [True, 0], r"logits_of: expected int indices of returned spans .*, got a bool among them"),   # was 1
     ("last", [0, 2], r"logits_of: expected indices in \[0, 2\) \(this call returns 2 spans\), got \[0, 2\]"),
     ("last", 3, r"logits_of: expected a sequence of indices of returned spans, got int"),
 ])
@@ -511,6 +512,8 @@ def test_head_at_columns_is_none_where_the_head_is_not_computed_from_its_rows_al
     assert runner.head_at_columns([1, 2]) is not None
     with pytest.raises(ValueError, match=rf"columns: expected vocabulary ids in \[0, {VOCAB}\), got \[1, {VOCAB}\]"):
         runner.head_at_columns([1, VOCAB])
+    with pytest.raises(ValueError, match="columns: expected int vocabulary ids, got a bool among them"):
+        runner.head_at_columns([True, 0])
     hook = model.lm_head.register_forward_hook(lambda module, args, out: out)
     assert runner.head_at_columns([1, 2]) is None
     hook.remove()

@@ -107,6 +107,7 @@ def assert_extends_correctly(runner, model, parent):
     ([[], [1]], r"cuts\[1\]: expected increasing offsets in \[1, 0\]"),
     ([[1.5], []], r"cuts\[0\]: expected a 1-D sequence of int offsets"),
     ([[[1, 2]], []], r"cuts\[0\]: expected a 1-D sequence of int offsets, got shape \[1, 2\]"),  # not flattened
+    ([[True, 2], []], r"cuts\[0\]: expected int offsets, got a bool among them"),   # was a cut after token 1
     ([[1], None], r"cuts\[1\]: expected a 1-D sequence of int offsets \(\[\] for none\), got NoneType"),
     ([[1], 2], r"cuts\[1\]: expected a 1-D sequence of int offsets \(\[\] for none\), got int"),
     ("12", "cuts: expected one sequence of offsets per parent"),
