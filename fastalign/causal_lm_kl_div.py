@@ -23,6 +23,7 @@ from fastalign.ops.backend import Backend, check_backend
 from fastalign.ops.checks import Reduction, is_real
 from fastalign.ops.forward_gradients import check_grads_in_forward
 from fastalign.ops.linear_kl_div import linear_kl_div
+from fastalign.prepared_autocast import PreparedAutocast
 from fastalign.unlearn.models import (causal_lm_parts, check_fused_logits, logit_multiplier, logit_setting_places,
                                       logit_softcap, scaled_head_input)
 from fastalign.unlearn.sharding import head_weight
@@ -63,7 +64,9 @@ class CausalLMKLDiv(torch.nn.Module):
     as CausalLMLoss's. A loss's keyword the call does not take (temperature, token_weight, mask, ...) is refused by
     name: among the inputs the decoders' **kwargs dropped it. temperature T compares softmax(z / T) of both models'
     logits (standard distillation then multiplies the loss by T^2), soft-capped logits too. Both models are checked
-    once, here, to compute their logits the way the fused op does. of_hidden_states takes the model's final hidden
+    once, here, to compute their logits the way the fused op does. A model that accelerate's prepare wrapped in mixed
+    precision is run, with the reference, under the autocast its forward would be run under, as CausalLMLoss is.
+    of_hidden_states takes the model's final hidden
     states and their targets, as CausalLMLoss.of_hidden_states does: one decoder run gives the cross-entropy and the
     KL.
     With "adapter" it is not for concurrent calls from threads: PEFT's disable_adapter turns the adapter off in the
@@ -97,6 +100,7 @@ class CausalLMKLDiv(torch.nn.Module):
         # found in the forwards' sources: once, not traced per call
         self.logit_places = [logit_setting_places(m) for m in (model, self._reference_model())]
         self._head_factors()   # refused now, not at the first call
+        self.prepared_autocast = PreparedAutocast(model)
         if isinstance(reference, torch.nn.Module):   # (after every check: a refused reference is left as it was)
             reference.requires_grad_(False)
 
@@ -129,8 +133,11 @@ class CausalLMKLDiv(torch.nn.Module):
                 num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
                 reduction: Reduction = "mean", **inputs) -> torch.Tensor:
         self._check_call(inputs, "forward", reduction, num_items_in_batch)   # (before the decoder runs)
-        hidden, target = hidden_and_targets(self.model, labels, shift_labels, inputs)
-        return self.of_hidden_states(hidden, target, num_items_in_batch, ignore_index, reduction=reduction, **inputs)
+        # both decoders and heads run as the model's forward runs: in the autocast accelerate's prepare wrapped it in
+        with self.prepared_autocast():
+            hidden, target = hidden_and_targets(self.model, labels, shift_labels, inputs)
+            return self.of_hidden_states(hidden, target, num_items_in_batch, ignore_index, reduction=reduction,
+                                         **inputs)
 
     if TYPE_CHECKING:   # Module.__call__ is Callable[..., Any]: callers see forward's types
         __call__ = forward

@@ -20,6 +20,7 @@ from fastalign.ops.backend import Backend, check_backend
 from fastalign.ops.checks import Reduction, check_label_smoothing, check_reduction
 from fastalign.ops.forward_gradients import check_grads_in_forward
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
+from fastalign.prepared_autocast import PreparedAutocast
 from fastalign.unlearn.models import (SOFTCAPS, causal_lm_parts, check_fused_logits, check_no_router_loss,
                                       forward_reads, head_input_module, logit_multiplier, logit_setting_places,
                                       logit_softcap, scaled_head_input)
@@ -46,7 +47,9 @@ class CausalLMLoss(torch.nn.Module):
     training another loss; so does a model whose forward's loss is not transformers' causal LM loss (BartForCausalLM's,
     on labels it does not shift: check_loss_is_causal_lm_cross_entropy), and a mixture of experts whose config adds the
     router's auxiliary loss to its loss (output_router_logits; checked at every call too), which this loss leaves
-    out. A vision-language model's inputs (pixel_values, ...) reach its multimodal model, whose hidden states its
+    out. A model that accelerate's prepare wrapped in mixed precision (a Trainer's bf16=True) is run under the autocast
+    its forward would be run under (where none is on already): a loss in a Trainer's compute_loss computes as the
+    model does. A vision-language model's inputs (pixel_values, ...) reach its multimodal model, whose hidden states its
     lm_head reads; one that puts other tokens before the text (GIT its images) is refused at the call
     (predicting_positions). backend, grads_in_forward and label_smoothing are linear_cross_entropy's, checked here:
     with label_smoothing eps > 0 the loss is torch's cross_entropy(label_smoothing=eps) of the model's logits (what
@@ -64,6 +67,7 @@ class CausalLMLoss(torch.nn.Module):
         self.model, self.backend, self.grads_in_forward = model, backend, grads_in_forward
         self.label_smoothing = label_smoothing
         self.logit_places = logit_setting_places(model)   # found in the forward's source: once, not traced per call
+        self.prepared_autocast = PreparedAutocast(model)
 
     def forward(self, labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
                 num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
@@ -77,8 +81,10 @@ class CausalLMLoss(torch.nn.Module):
                                       "CausalLMLoss leaves out; add it yourself from the model's router logits")
         check_no_router_loss(self.model, "CausalLMLoss")   # (set on the config since)
         check_loss_reduction(reduction, num_items_in_batch, self.grads_in_forward, "CausalLMLoss")   # (before the run)
-        hidden, target = hidden_and_targets(self.model, labels, shift_labels, inputs)
-        return self.of_hidden_states(hidden, target, num_items_in_batch, ignore_index, reduction=reduction)
+        # the decoder and head run as the model's forward runs: in the autocast accelerate's prepare wrapped it in
+        with self.prepared_autocast():
+            hidden, target = hidden_and_targets(self.model, labels, shift_labels, inputs)
+            return self.of_hidden_states(hidden, target, num_items_in_batch, ignore_index, reduction=reduction)
 
     if TYPE_CHECKING:   # Module.__call__ is Callable[..., Any]: callers see forward's types
         __call__ = forward

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -612,8 +613,8 @@ def test_a_model_prepared_for_bf16_mixed_precision_is_served_and_other_logits_st
     halving.lm_head.forward = lambda hidden: torch.nn.functional.linear(hidden, head.weight) / 2
     model = prepared(tiny_llama(VOCAB))
     inputs = batch(seed=7)
-    expected = model._original_forward(**inputs).loss   # (the model's fp32 loss)
-    torch.testing.assert_close(CausalLMLoss(model, backend="torch")(**inputs), expected)
+    expected = model(**inputs).loss   # (the model's loss in bf16 mixed precision, as the loss computes it)
+    torch.testing.assert_close(CausalLMLoss(model, backend="torch")(**inputs), expected, rtol=1e-2, atol=1e-2)
     CausalLMKLDiv(model, tiny_llama(VOCAB, seed=1))
     with pytest.raises(NotImplementedError, match="its logits are not its lm_head's weight"):
         CausalLMLoss(prepared(halving))
@@ -779,6 +780,67 @@ def test_a_trainer_whose_compute_loss_calls_the_loss_module_takes_the_models_own
         torch.testing.assert_close(fused[name], own[name], rtol=1e-4, atol=1e-6, msg=name)
     # and evaluation, which asks for the outputs too, runs the model's own forward
     assert evaluated[FusedLossTrainer] == pytest.approx(evaluated[transformers.Trainer], rel=1e-4)
+
+
+def trained_in_bf16(tmp_path, fuse):
+    """The weights a Trainer(bf16=True) reaches in two steps on a fresh tiny Llama, fused (fuse=True), or through a
+    compute_loss that returns CausalLMLoss (fuse=False), or its own loss in fp32 (fuse=None: bf16 off)."""
+    transformers = pytest.importorskip("transformers")
+    rows = batch(seed=11, rows=4)
+    data = [{name: t[i] for name, t in rows.items()} for i in range(4)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2,
+                                          learning_rate=1e-1, optim="sgd", use_cpu=True, bf16=fuse is not None,
+                                          report_to=[], save_strategy="no", logging_strategy="no", seed=0)
+
+    class LossModuleTrainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return loss_fn(**inputs, num_items_in_batch=num_items_in_batch)
+
+    model = tiny_llama(VOCAB).train()
+    loss_fn = CausalLMLoss(model, backend="torch")
+    if fuse:
+        fuse_causal_lm_loss(model, backend="torch")
+    (LossModuleTrainer if fuse is False else transformers.Trainer)(model=model, args=args, train_dataset=data).train()
+    return model.state_dict()
+
+
+def test_a_trainers_compute_loss_in_bf16_mixed_precision_computes_as_the_fused_model_does(tmp_path):
+    """Trainer(bf16=True) wraps the model's forward in autocast, which a compute_loss returning CausalLMLoss (running
+    the decoder itself) never entered: its steps were fp32's. It now runs under that autocast: the fused model's bf16
+    steps, not the fp32 ones."""
+    pytest.importorskip("accelerate")
+    through_loss, fused, fp32 = (trained_in_bf16(tmp_path, fuse) for fuse in (False, True, None))
+    assert max(float((through_loss[name] - fp32[name]).abs().max()) for name in fp32) > 1e-6
+    for name in fused:
+        torch.testing.assert_close(through_loss[name], fused[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_loss_on_a_model_accelerate_prepared_in_bf16_computes_in_bf16_unless_under_an_autocast_of_its_own():
+    """An accelerate loop: CausalLMLoss and CausalLMKLDiv of a model prepared for bf16 give what they give under the
+    model's autocast (the prepared model's bf16 loss), where fp32's differs; an autocast already on (fp16's) is left as
+    it is; a prepared forward whose autocast cannot be found warns once, naming the fix."""
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_llama(VOCAB)
+    reference = tiny_llama(VOCAB, seed=1)
+    inputs = batch(seed=12)
+    loss, kl = CausalLMLoss(model, backend="torch"), CausalLMKLDiv(model, reference, backend="torch")
+    fp32 = loss(**inputs), kl(**inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = loss(**inputs), kl(**inputs)
+    with torch.autocast("cpu", dtype=torch.float16):
+        fp16 = loss(**inputs)
+    prepared = accelerate.Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)
+    torch.testing.assert_close(prepared(**inputs).loss, bf16[0], rtol=1e-2, atol=1e-2)   # (logits against fused)
+    for fresh, fp32_value, bf16_value in zip((loss(**inputs), kl(**inputs)), fp32, bf16):
+        assert fresh.item() == bf16_value.item() != fp32_value.item()
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert loss(**inputs).item() == fp16.item() != bf16[0].item()
+    model.forward = lambda **kwargs: prepared._original_forward(**kwargs)   # (a wrapper of no autocast)
+    with pytest.warns(UserWarning, match=r"call the loss under accelerator.autocast\(\), or prepare the loss"):
+        assert loss(**inputs).item() == fp32[0].item()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss(**inputs)   # (once)
 
 
 @requires_cuda
