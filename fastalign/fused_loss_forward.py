@@ -16,9 +16,11 @@ from typing import Callable, TypeVar
 import torch
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from fastalign.base_model import base_causal_lm
-from fastalign.causal_lm_loss import CausalLMLoss, check_loss_is_causal_lm_cross_entropy, predicting_positions
+from fastalign.causal_lm_loss import (CausalLMLoss, check_loss_is_causal_lm_cross_entropy, per_item,
+                                     predicting_positions)
 from fastalign.ops.backend import Backend
 from fastalign.own_forward import forward_is_its_own
 from fastalign.runtime.hf_cache_argument import refuse_a_prefix_not_taken
@@ -48,7 +50,9 @@ def fuse_causal_lm_loss(model: Model, *, backend: Backend = "auto", grads_in_for
     fuse first, and it wraps the fused forward). Called again, it replaces the settings; copies of the model
     (copy.deepcopy, after accelerate's prepare too) keep the fused forward, on their own weights.
     backend, grads_in_forward and label_smoothing are CausalLMLoss's (label_smoothing > 0: the loss against smoothed
-    targets, in place of a Trainer's label_smoothing_factor, which takes the labels out and computes it from logits).
+    targets, in place of a Trainer's label_smoothing_factor, which takes the labels out and computes it from logits;
+    under no_grad, as in a Trainer's evaluation, the model's own forward gives the logits and the loss is smoothed
+    from them, so that evaluation reports the smoothed loss too).
     """
     _refuse_wrapper(model)
     base = base_causal_lm(model)
@@ -102,9 +106,12 @@ class FusedLossForward:
 
     def __call__(self, *args, **kwargs):
         arguments = _named_arguments(self.__signature__, args, kwargs)
-        if (arguments is None or not torch.is_grad_enabled() or not _asks_for_nothing_but_the_loss(arguments)
-                or router_loss_added(self.loss.model)):   # (output_router_logits set on its config since it was fused)
-            return self._unfused_taking_past_key_values(arguments, *args, **kwargs)
+        # (output_router_logits set on its config since it was fused: the model's own forward, with its router loss)
+        loss_only = (arguments is not None and _asks_for_nothing_but_the_loss(arguments)
+                     and not router_loss_added(self.loss.model))
+        if not loss_only or not torch.is_grad_enabled():
+            outputs = self._unfused_taking_past_key_values(arguments, *args, **kwargs)
+            return self._smoothed(outputs, arguments) if loss_only else outputs
         if arguments.get("labels") is None:
             self._warn_of_logits()
             return self.unfused(*args, **kwargs)
@@ -124,6 +131,26 @@ class FusedLossForward:
         if return_dict is None:
             return_dict = getattr(model.config, "return_dict", True)
         return output if return_dict else output.to_tuple()
+
+    def _smoothed(self, outputs, arguments: dict):
+        """The model's own outputs of a call under no_grad (a Trainer's evaluation) with their loss smoothed as the
+        fused loss smooths it (label_smoothing > 0), from their logits: the model's own loss is not."""
+        epsilon = self.loss.label_smoothing
+        if not epsilon or arguments.get("labels") is None:   # (no loss asked for: labels, as the fused forward)
+            return outputs
+        as_tuple = not isinstance(outputs, ModelOutput)
+        logits, target = predicting_positions(outputs[1] if as_tuple else outputs.logits, arguments.get("labels"),
+                                              arguments.get("shift_labels"), self.loss.model, arguments)
+        ignore_index = arguments.get("ignore_index", -100)
+        total = torch.nn.functional.cross_entropy(logits.flatten(0, -2).float(), target.flatten(),
+                                                  ignore_index=ignore_index, reduction="sum",
+                                                  label_smoothing=epsilon)
+        items = arguments.get("num_items_in_batch")
+        loss = per_item(total, (target != ignore_index).sum().clamp(min=1) if items is None else items)
+        if as_tuple:
+            return (loss, *outputs[1:])
+        outputs.loss = loss
+        return outputs
 
     def _unfused_taking_past_key_values(self, arguments: dict | None, *args, **kwargs):
         """The model's own forward's outputs; once, where a call passes K/V as past_key_values (as PEFT's forward

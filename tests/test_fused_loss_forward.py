@@ -426,6 +426,51 @@ def test_label_smoothing_given_when_fusing_smooths_the_models_loss():
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("call", [{}, {"num_items_in_batch": 7}, {"shift_labels": True}, {"ignore_index": 5},
+                                  {"return_dict": False}], ids=["mean", "num-items", "shift-labels", "ignore-index",
+                                                                "tuple"])
+def test_label_smoothing_given_when_fusing_smooths_the_loss_of_the_models_own_forward_under_no_grad(call):
+    """Under no_grad (a Trainer's evaluation) the fused model runs its own forward for the logits: its loss was then
+    the unsmoothed one. It is the smoothed loss the fused forward gives in training, whatever the call's targets,
+    ignore_index, num_items_in_batch or return_dict."""
+    model = fuse_causal_lm_loss(tiny_llama(VOCAB), backend="torch", label_smoothing=0.2)
+    with torch.no_grad():
+        model.lm_head.weight *= 20   # (peaked logits, where smoothing moves the loss)
+    inputs = batch(seed=13)
+    if call.get("shift_labels"):   # (targets two tokens on; labels then only ask for the loss)
+        inputs["shift_labels"] = torch.nn.functional.pad(inputs["labels"][:, 2:], (0, 2), value=-100)
+    if "ignore_index" in call:
+        inputs["labels"] = inputs["labels"].masked_fill(inputs["labels"] == -100, call["ignore_index"])
+    call = {name: value for name, value in call.items() if name != "shift_labels"}
+    expected = model(**inputs, **{name: value for name, value in call.items() if name != "return_dict"}).loss
+    with torch.no_grad():
+        outputs = model(**inputs, **call)
+    loss, logits = outputs[:2] if call.get("return_dict") is False else (outputs.loss, outputs.logits)
+    assert logits is not None   # (the model's own forward ran)
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_trainers_evaluation_of_a_model_fused_with_label_smoothing_is_its_label_smoothing_factors(tmp_path):
+    """A Trainer evaluating a model fused with label_smoothing=0.1 reports the loss it reports for the model as it is
+    with label_smoothing_factor=0.1 (its evaluation smooths the logits): it reported the unsmoothed loss."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    rows = batch(seed=14, rows=4)
+    data = [{name: t[i] for name, t in rows.items()} for i in range(4)]
+    evaluated = {}
+    for setting in ("fused", "label_smoothing_factor", "none"):
+        model = tiny_llama(VOCAB)
+        with torch.no_grad():
+            model.lm_head.weight *= 20   # (peaked logits, where smoothing moves the loss)
+        if setting == "fused":
+            fuse_causal_lm_loss(model, backend="torch", label_smoothing=0.1)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, use_cpu=True,
+                                              report_to=[], label_smoothing_factor=0.1 if setting[0] == "l" else 0)
+        evaluated[setting] = transformers.Trainer(model=model, args=args).evaluate(eval_dataset=data)["eval_loss"]
+    assert evaluated["fused"] == pytest.approx(evaluated["label_smoothing_factor"], rel=1e-5)
+    assert evaluated["fused"] != pytest.approx(evaluated["none"], rel=1e-3)
+
+
 def test_a_trainer_that_takes_the_labels_out_is_told_the_logits_are_made(tmp_path):
     """A Trainer with label_smoothing_factor pops the labels and smooths the model's logits: the fused model runs its
     own forward (the lm_head runs at each micro-batch), trains as the model would, and says so once."""
