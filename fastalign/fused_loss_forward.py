@@ -47,7 +47,8 @@ def fuse_causal_lm_loss(model: Model, *, backend: Backend = "auto", grads_in_for
     is its loss function, which must be transformers' causal LM loss, and a mixture of experts whose config adds the
     router's auxiliary loss is refused (the fused forward would leave it out), and so is a model whose forward
     something else replaced before (accelerate's autocast, or the hook of dispatch_model, cpu_offload or a device_map:
-    fuse first, and it wraps the fused forward). Called again, it replaces the settings; copies of the model
+    fuse first, and it wraps the fused forward). Called again, it replaces the settings (after accelerate's prepare
+    too, whose autocast then covers them); copies of the model
     (copy.deepcopy, after accelerate's prepare too) keep the fused forward, on their own weights.
     backend, grads_in_forward and label_smoothing are CausalLMLoss's (label_smoothing > 0: the loss against smoothed
     targets, in place of a Trainer's label_smoothing_factor, which takes the labels out and computes it from logits;
@@ -57,13 +58,15 @@ def fuse_causal_lm_loss(model: Model, *, backend: Backend = "auto", grads_in_for
     _refuse_wrapper(model)
     base = base_causal_lm(model)
     check_loss_is_causal_lm_cross_entropy(base, "the fused forward")
-    current = base.forward
-    if not (forward_is_its_own(base) or isinstance(current, FusedLossForward)):
+    current, prepared = base.forward, _prepared_fused_forward(base)
+    if prepared is None and not (forward_is_its_own(base) or isinstance(current, FusedLossForward)):
         raise ValueError(_replaced_forward_refusal(base))
+    loss = CausalLMLoss(base, backend=backend, grads_in_forward=grads_in_forward, label_smoothing=label_smoothing)
+    if prepared is not None:   # (the wrapper, its autocast kept, calls the fused forward: only its settings change)
+        prepared.loss = loss
+        return model
     unfused = current.unfused if isinstance(current, FusedLossForward) else current
-    fused = FusedLossForward(CausalLMLoss(base, backend=backend, grads_in_forward=grads_in_forward,
-                                          label_smoothing=label_smoothing), unfused)
-    base.forward = base.fused_loss_forward = fused
+    base.forward = base.fused_loss_forward = FusedLossForward(loss, unfused)
     return model
 
 
@@ -210,6 +213,19 @@ def _asks_for_nothing_but_the_loss(arguments: dict) -> bool:
             and not arguments.get("output_router_logits"))
 
 
+def _prepared_fused_forward(model: torch.nn.Module) -> FusedLossForward | None:
+    """The fused forward of `model` where accelerate's prepare (mixed precision: a Trainer's bf16=True) wrapped it
+    after fusing: the model's forward is a wrapper, bound to the model, down to a fused forward (__wrapped__ links),
+    and the forward kept as _original_forward is the model's own fused_loss_forward, which the wrapper calls; else
+    None."""
+    original, forward = vars(model).get("_original_forward"), vars(model).get("forward")
+    if not isinstance(original, FusedLossForward) or original is not vars(model).get("fused_loss_forward"):
+        return None
+    if getattr(forward, "__self__", None) is not model or original.loss.model is not model:
+        return None
+    return original if isinstance(inspect.unwrap(getattr(forward, "__func__", forward)), FusedLossForward) else None
+
+
 def _replaced_forward_refusal(model: torch.nn.Module) -> str:
     """Why fuse_causal_lm_loss refuses `model`, whose forward something replaced: accelerate's hook where it can tell
     (add_hook_to_module keeps the hook at _hf_hook and the forward it wraps at _old_forward, whose __qualname__ the
@@ -219,6 +235,10 @@ def _replaced_forward_refusal(model: torch.nn.Module) -> str:
         return (f"{type(model).__name__}: this model's forward was already replaced by accelerate's hook "
                 f"{type(hook).__name__} (dispatch_model, cpu_offload or from_pretrained's device_map put it there); "
                 "call fuse_causal_lm_loss first, before dispatching the model: the hook then wraps the fused forward")
+    if isinstance(vars(model).get("fused_loss_forward"), FusedLossForward):
+        return (f"{type(model).__name__}: this model was fused and then its forward was replaced (by "
+                f"{getattr(forward, '__qualname__', type(forward).__name__)}), not by accelerate's prepare alone, "
+                "whose wrapper's fused forward takes new settings: fuse a fresh model, or reload this one, with them")
     return (f"{type(model).__name__}: this model's forward was already replaced (by "
             f"{getattr(forward, '__qualname__', type(forward).__name__)}); call fuse_causal_lm_loss first, before "
             "accelerate's prepare (or a Trainer's train) wraps the forward in autocast, which then covers the fused "

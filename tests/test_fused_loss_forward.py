@@ -193,6 +193,48 @@ def test_unwrapping_a_prepared_fused_model_gives_its_fused_forward_back():
     assert isinstance(pickle.loads(pickle.dumps(unwrapped)).forward, FusedLossForward)
 
 
+@pytest.mark.parametrize("prepare", ["accelerate", "trainer", "copy"])
+def test_fusing_again_after_a_mixed_precision_prepare_replaces_the_settings_under_its_autocast(prepare, tmp_path):
+    """fuse_causal_lm_loss again on a fused model that a bf16 Trainer (or accelerate's prepare) trained, to change its
+    settings, was refused with "call fuse_causal_lm_loss first", which the user did. The settings are replaced in the
+    fused forward that accelerate's wrapper calls: the loss is the newly fused one under the wrapper's autocast (a
+    prepared model's copy too), and unwrapping the model gives that forward back."""
+    transformers, accelerate = pytest.importorskip("transformers"), pytest.importorskip("accelerate")
+    model = fuse_causal_lm_loss(tiny_llama(VOCAB), backend="torch")
+    if prepare == "trainer":
+        rows = batch(seed=5, rows=2)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1,
+                                              use_cpu=True, bf16=True, report_to=[], save_strategy="no")
+        transformers.Trainer(model=model, args=args,
+                             train_dataset=[{name: t[i] for name, t in rows.items()} for i in range(2)]).train()
+    else:
+        accelerate.Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
+    model = copy.deepcopy(model) if prepare == "copy" else model
+    inputs = batch(seed=16)
+    fuse_causal_lm_loss(model, backend="torch", label_smoothing=0.3)
+    assert model.fused_loss_forward.loss.label_smoothing == 0.3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model.fused_loss_forward(**inputs).loss
+    loss = model(**inputs).loss
+    assert loss.item() == expected.item()
+    with torch.no_grad():
+        assert abs(loss.item() - model(**inputs).loss.item()) < 1e-2   # (the own forward's bf16 logits, smoothed)
+    if prepare != "copy":   # (a copy's wrapper leads down to the original's fused forward: unwrapped, it is not)
+        unwrapped = accelerate.utils.extract_model_from_parallel(model, keep_fp32_wrapper=False)
+        assert unwrapped.forward.loss.label_smoothing == 0.3 and unwrapped.forward.loss.model is model
+
+
+def test_fusing_again_a_fused_model_whose_forward_something_else_replaced_says_so():
+    """A fused model whose forward a wrapper of the user's replaced: refused saying it was fused and then replaced,
+    not "call fuse_causal_lm_loss first"."""
+    model = fuse_causal_lm_loss(tiny_llama(VOCAB), backend="torch")
+    fused = model.forward
+    model.forward = lambda **inputs: fused(**inputs)
+    with pytest.raises(ValueError, match="LlamaForCausalLM: this model was fused and then its forward was replaced .* "
+                                         "fuse a fresh model, or reload this one"):
+        fuse_causal_lm_loss(model, label_smoothing=0.1)
+
+
 def test_the_triton_kernels_run_in_the_fused_forward():
     """backend="triton" (on a GPU, else in the interpreter), an lm_head with a bias."""
     model = tiny_phi(VOCAB).to(TRITON_DEVICE)
