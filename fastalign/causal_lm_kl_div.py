@@ -16,7 +16,8 @@ import torch
 
 from fastalign.base_model import base_causal_lm
 from fastalign.causal_lm_loss import (check_loss_reduction, final_hidden_states, hidden_and_targets, per_item,
-                                      refuse_loss_keywords, refuse_tokens_before_the_text, text_tokens)
+                                      refuse_a_wrong_call, refuse_loss_keywords, refuse_tokens_before_the_text,
+                                      text_tokens)
 from fastalign.compute_dtype import compute_dtype
 from fastalign.eval_mode import eval_mode
 from fastalign.ops.backend import Backend, check_backend
@@ -129,9 +130,11 @@ class CausalLMKLDiv(torch.nn.Module):
                              token_weight="multiply the per-token KLs of reduction='none' by it")
         check_loss_reduction(reduction, num_items_in_batch, self.grads_in_forward, "CausalLMKLDiv")
 
-    def forward(self, labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
+    def forward(self, labels: torch.Tensor | None = None, *positional, shift_labels: torch.Tensor | None = None,
                 num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
                 reduction: Reduction = "mean", **inputs) -> torch.Tensor:
+        refuse_a_wrong_call(labels, positional, "CausalLMKLDiv", "the model and the reference",
+                            "return kl(**inputs) from a Trainer subclass's compute_loss")
         self._check_call(inputs, "forward", reduction, num_items_in_batch)   # (before the decoder runs)
         # both decoders and heads run as the model's forward runs: in the autocast accelerate's prepare wrapped it in
         with self.prepared_autocast():

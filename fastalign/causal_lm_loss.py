@@ -9,10 +9,12 @@ then read inside the wrapped forward).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.utils import ModelOutput
 
 from fastalign.base_model import base_causal_lm
 from fastalign.compute_dtype import compute_dtype
@@ -69,9 +71,12 @@ class CausalLMLoss(torch.nn.Module):
         self.logit_places = logit_setting_places(model)   # found in the forward's source: once, not traced per call
         self.prepared_autocast = PreparedAutocast(model)
 
-    def forward(self, labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
+    def forward(self, labels: torch.Tensor | None = None, *positional, shift_labels: torch.Tensor | None = None,
                 num_items_in_batch: torch.Tensor | int | float | None = None, ignore_index: int = -100,
                 reduction: Reduction = "mean", **inputs) -> torch.Tensor:
+        refuse_a_wrong_call(labels, positional, "CausalLMLoss", "the model",
+                            "fuse_causal_lm_loss(model) makes the model's forward take this loss under a plain "
+                            "Trainer (or return loss_fn(**inputs) from a Trainer subclass's compute_loss)")
         refuse_loss_keywords(inputs, "CausalLMLoss.forward", "CausalLMLoss(model, ...)",
                              ("backend", "grads_in_forward", "label_smoothing"),
                              token_weight="pass it to of_hidden_states, or multiply the per-token losses of "
@@ -131,6 +136,18 @@ def check_loss_reduction(reduction: Reduction, num_items_in_batch: torch.Tensor 
                          "losses); pass one or the other")
 
 
+def refuse_a_wrong_call(labels, positional: tuple, loss: str, runs: str, instead: str) -> None:
+    """TypeError, before the decoder runs, for a call of `loss`'s forward given more than the labels positionally
+    or a model's outputs, as a Trainer calls its compute_loss_func (outputs, labels, num_items_in_batch=...): it
+    `runs` the decoders itself on the batch, and `instead` says what serves; or given a batch (a dict) as labels."""
+    if positional or isinstance(labels, ModelOutput):
+        raise TypeError(f"{loss} is no compute_loss_func: it runs {runs} itself on the batch, without the [tokens x "
+                        "vocab] logits, where a Trainer's compute_loss_func gets the model's outputs, logits made "
+                        f"already: {instead}")
+    if isinstance(labels, Mapping):
+        raise TypeError(f"{loss} got a batch (a dict) as its labels: pass the batch as keywords: loss_fn(**batch)")
+
+
 # what to do instead of passing a loss's keyword among a call's decoder inputs, whose **kwargs drop it
 _LOSS_KEYWORDS = {
     "mask": "a position counts where its label is not ignore_index (set the others' labels to it)",
@@ -177,7 +194,8 @@ def check_loss_is_causal_lm_cross_entropy(model: torch.nn.Module, computed_by: s
 
 def hidden_and_targets(model: torch.nn.Module, labels: torch.Tensor | None, shift_labels: torch.Tensor | None,
                        inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """predicting_positions of the final_hidden_states of `inputs`."""
+    """predicting_positions of the final_hidden_states of `inputs`, the labels checked before the decoder runs."""
+    check_targets(labels, shift_labels, inputs)
     return predicting_positions(final_hidden_states(model, inputs), labels, shift_labels, model, inputs)
 
 
@@ -187,6 +205,22 @@ def final_hidden_states(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     Without a cache transformers' masks split a row packed by position_ids that restart (no attention_mask) into its
     sequences, where the model's default cache would not."""
     return head_input_module(model)(**{**inputs, "use_cache": False, "return_dict": True}).last_hidden_state
+
+
+def check_targets(labels: torch.Tensor | None, shift_labels: torch.Tensor | None, inputs: dict) -> tuple:
+    """ValueError unless labels or shift_labels is given, and the one read (shift_labels where given) is an integer
+    tensor of the shape of the inputs' tokens (input_ids', or inputs_embeds' first two dimensions: [B, T], where the
+    inputs give neither) (the one read, its name)."""
+    if labels is None and shift_labels is None:
+        raise ValueError("labels (aligned with the inputs) or shift_labels (already shifted) is needed, got neither")
+    given, name = (labels, "labels") if shift_labels is None else (shift_labels, "shift_labels")
+    text = text_tokens(inputs)
+    shape = tuple(text.shape[:2]) if isinstance(text, torch.Tensor) else None
+    if (not isinstance(given, torch.Tensor) or given.dim() != 2 or not holds_class_ids(given.dtype)
+            or shape not in (None, tuple(given.shape))):
+        found = f"{tuple(given.shape)} {given.dtype}" if isinstance(given, torch.Tensor) else type(given).__name__
+        raise ValueError(f"{name} must be an integer tensor of the inputs' shape {shape or '[B, T]'}, got {found}")
+    return given, name
 
 
 def predicting_positions(hidden: torch.Tensor, labels: torch.Tensor | None, shift_labels: torch.Tensor | None,
@@ -199,16 +233,13 @@ def predicting_positions(hidden: torch.Tensor, labels: torch.Tensor | None, shif
     NotImplementedError where the labels have the shape of the `inputs`' tokens (input_ids, inputs_embeds) and the
     hidden states of `model` are longer: it put other tokens before the text (GIT its image tokens, and takes its loss
     on the text's positions alone), whose loss is not the plain one."""
-    if labels is None and shift_labels is None:
-        raise ValueError("labels (aligned with the inputs) or shift_labels (already shifted) is needed, got neither")
-    given, name = (labels, "labels") if shift_labels is None else (shift_labels, "shift_labels")
+    given, name = check_targets(labels, shift_labels, inputs)
     text = text_tokens(inputs)
-    if isinstance(given, torch.Tensor) and isinstance(text, torch.Tensor) and given.shape == text.shape[:2]:
+    if isinstance(text, torch.Tensor):
         refuse_tokens_before_the_text(model, hidden, given.shape[1], f"the {name} ({given.shape[1]})")
-    if not isinstance(given, torch.Tensor) or given.shape != hidden.shape[:-1] or not holds_class_ids(given.dtype):
-        found = f"{tuple(given.shape)} {given.dtype}" if isinstance(given, torch.Tensor) else type(given).__name__
+    if given.shape != hidden.shape[:-1]:   # (inputs of no tokens: the decoder's positions)
         raise ValueError(f"{name} must be an integer tensor of the inputs' shape {tuple(hidden.shape[:-1])}, "
-                         f"got {found}")
+                         f"got {tuple(given.shape)} {given.dtype}")
     if shift_labels is None:   # position t predicts token t + 1: the last position has no target
         hidden, given = hidden[:, :-1], labels[:, 1:]
     return hidden, given.to(device=hidden.device, dtype=torch.long)

@@ -580,13 +580,57 @@ def test_a_return_dict_input_gives_the_same_loss():
     ("mask", None, r"labels must be an integer tensor .* torch.bool"),   # a mask where the ids belong: not 0 and 1
     (None, "mask", r"shift_labels must be an integer tensor .* torch.bool"),
 ])
-def test_bad_labels_are_refused_naming_the_argument(labels, shift_labels, message):
+@pytest.mark.parametrize("make_loss", [CausalLMLoss, lambda model, **settings: CausalLMKLDiv(
+    model, tiny_llama(VOCAB, seed=1), **settings)], ids=["loss", "kl"])
+def test_bad_labels_are_refused_naming_the_argument_before_the_decoder_runs(labels, shift_labels, message, make_loss):
+    """(They were refused after a whole forward of the decoder.)"""
     model = tiny_llama(VOCAB)
+    loss = make_loss(model, backend="torch")
     inputs = batch()
     ids = inputs.pop("labels")
     given = {"ids": ids, "short": ids[:, 1:], "float": ids.float(), "mask": ids > 20, None: None}
+    model.model.register_forward_pre_hook(refuse_to_run)
     with pytest.raises(ValueError, match=message):
-        CausalLMLoss(model, backend="torch")(**inputs, labels=given[labels], shift_labels=given[shift_labels])
+        loss(**inputs, labels=given[labels], shift_labels=given[shift_labels])
+
+
+def refuse_to_run(module, _):
+    raise AssertionError(f"{type(module).__name__} ran")
+
+
+@pytest.mark.parametrize("make_loss, advice", [
+    (CausalLMLoss, r"fuse_causal_lm_loss\(model\) makes the model's forward take this loss under a plain Trainer"),
+    (lambda model, **settings: CausalLMKLDiv(model, tiny_llama(VOCAB, seed=1), **settings),
+     r"return kl\(\*\*inputs\) from a Trainer subclass's compute_loss")], ids=["loss", "kl"])
+def test_a_batch_given_positionally_or_a_compute_loss_func_call_is_refused_saying_what_serves(make_loss, advice):
+    """loss_fn(batch) (the batch landed in labels) failed in the decoder ("You must specify exactly one of input_ids
+    or inputs_embeds"), and a Trainer's compute_loss_func call (outputs, labels, num_items_in_batch=...) with a
+    TypeError on forward's positional arguments: both say what to do, before the decoder runs."""
+    model = tiny_llama(VOCAB)
+    loss = make_loss(model, backend="torch")
+    inputs = batch(seed=17)
+    outputs = model(**inputs)
+    model.model.register_forward_pre_hook(refuse_to_run)
+    with pytest.raises(TypeError, match=r"got a batch \(a dict\) as its labels: pass the batch as keywords: "
+                                        r"loss_fn\(\*\*batch\)"):
+        loss(inputs)
+    for call in ((outputs, inputs["labels"]), (outputs,)):
+        with pytest.raises(TypeError, match=r"is no compute_loss_func: it runs the model.* itself on the batch, .*: "
+                                            + advice):
+            loss(*call, num_items_in_batch=11)
+
+
+def test_a_trainer_given_the_loss_as_compute_loss_func_is_told_what_serves(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    rows = batch(seed=18, rows=2)
+    model = tiny_llama(VOCAB)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1,
+                                          use_cpu=True, report_to=[], save_strategy="no")
+    trainer = transformers.Trainer(model=model, args=args, compute_loss_func=CausalLMLoss(model),
+                                   train_dataset=[{name: t[i] for name, t in rows.items()} for i in range(2)])
+    with pytest.raises(TypeError, match=r"CausalLMLoss is no compute_loss_func: .* fuse_causal_lm_loss\(model\)"):
+        trainer.train()
 
 
 @pytest.mark.parametrize("fuse", [CausalLMLoss, fuse_causal_lm_loss])
