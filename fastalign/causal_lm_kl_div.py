@@ -24,6 +24,7 @@ from fastalign.ops.backend import Backend, check_backend
 from fastalign.ops.checks import Reduction, is_real
 from fastalign.ops.forward_gradients import check_grads_in_forward
 from fastalign.ops.linear_kl_div import linear_kl_div
+from fastalign.peft_adapters import AdapterOff
 from fastalign.prepared_autocast import PreparedAutocast
 from fastalign.unlearn.models import (causal_lm_parts, check_fused_logits, logit_multiplier, logit_setting_places,
                                       logit_softcap, scaled_head_input)
@@ -70,8 +71,9 @@ class CausalLMKLDiv(torch.nn.Module):
     of_hidden_states takes the model's final hidden
     states and their targets, as CausalLMLoss.of_hidden_states does: one decoder run gives the cross-entropy and the
     KL.
-    With "adapter" it is not for concurrent calls from threads: PEFT's disable_adapter turns the adapter off in the
-    whole model, so that another thread's call meanwhile computes the model without it too (or the reference with it).
+    With "adapter" it is not for concurrent calls from threads: the adapter is turned off in the whole model
+    (peft_adapters.AdapterOff), so that another thread's call meanwhile computes the model without it too (or the
+    reference with it).
     """
 
     def __init__(self, model: torch.nn.Module, reference: torch.nn.Module | Literal["adapter"], *,
@@ -97,6 +99,7 @@ class CausalLMKLDiv(torch.nn.Module):
         if not (is_real(temperature) and 0 < temperature < float("inf")):
             raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
         self.model, self.reference, self.temperature = model, reference, temperature
+        self._adapter_off = AdapterOff(model) if reference == "adapter" else contextlib.nullcontext
         self.backend, self.grads_in_forward = backend, grads_in_forward
         # found in the forwards' sources: once, not traced per call
         self.logit_places = [logit_setting_places(m) for m in (model, self._reference_model())]
@@ -164,9 +167,8 @@ class CausalLMKLDiv(torch.nn.Module):
             found = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
             raise ValueError(f"hidden must be [B, T', H] and target a tensor of its [B, T'], got hidden "
                              f"{tuple(hidden.shape)} and target {found}")
-        adapter_off = self.model.disable_adapter() if self.reference == "adapter" else contextlib.nullcontext()
         # (the reference's head weight too is read with its adapter off: PEFT's modules_to_save copy switches)
-        with torch.no_grad(), eval_mode(base_causal_lm(reference_model)), adapter_off:
+        with torch.no_grad(), eval_mode(base_causal_lm(reference_model)), self._adapter_off():
             ref_hidden = final_hidden_states(reference_model, inputs)
             ref_weight, ref_bias = head_weight(ref_head, "reference"), ref_head.bias
         text = text_tokens(inputs)

@@ -13,7 +13,6 @@ P = softmax(hidden_ref @ weight_ref.T + bias_ref) without materialising it.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 from typing import Literal, Sequence, get_args
@@ -22,6 +21,7 @@ import torch
 
 from fastalign.base_model import base_causal_lm
 from fastalign.eval_mode import eval_mode
+from fastalign.peft_adapters import AdapterOff
 from fastalign.unlearn.batching import TokenBatch, collate
 from fastalign.unlearn.encoding import EncodedExample
 from fastalign.unlearn.models import at_answer_targets, causal_lm_parts, cast_weights, final_hidden_states
@@ -79,17 +79,7 @@ class AdapterDisabledReference:
             raise TypeError(f"reference='adapter' needs a PEFT model with an adapter (e.g. LoRA), got "
                             f"{type(model).__name__}; train with LoRA or choose reference='copy' or 'cached'")
         self.model = model
-        self._lora_layers = None   # found at the first call (the model may be wrapped or sharded before it)
-
-    def _adapter_off(self):
-        """model.disable_adapter(), which walks every module of the model twice a call (47,844 Python calls at
-        Llama-3.2-1B), as a toggle of its LoRA layers found once, where that is all it does (lora_layers); PEFT's
-        own where the layers are some enabled, some not (it warns, then enables them all)."""
-        if self._lora_layers is None:
-            self._lora_layers = lora_layers(self.model) or ()
-        if not self._lora_layers or len({layer.disable_adapters for layer in self._lora_layers}) != 1:
-            return self.model.disable_adapter()
-        return _layers_off(self._lora_layers)
+        self._adapter_off = AdapterOff(model)
 
     @torch.no_grad()
     def __call__(self, tokens: TokenBatch, normal_index: torch.Tensor, weight: torch.Tensor,
@@ -98,42 +88,6 @@ class AdapterDisabledReference:
             decoder, lm_head = causal_lm_parts(self.model)
             hidden = at_answer_targets(final_hidden_states(decoder, tokens), tokens)
             return hidden, lm_head.weight, lm_head.bias
-
-
-def lora_layers(model):
-    """The tuner layers of the PEFT model `model`, where its disable_adapter() does nothing but toggle them: LoRA
-    adapters alone, without bias terms (PEFT warns about those) nor modules_to_save (wrappers it toggles too); else
-    None."""
-    try:
-        from peft import LoraConfig
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils.other import AuxiliaryTrainingWrapper
-    except ImportError:
-        return None
-    configs = getattr(model, "peft_config", {}).values()
-    if not configs or not all(isinstance(c, LoraConfig) and c.bias == "none" for c in configs):
-        return None
-    modules = list(model.modules())
-    if any(isinstance(m, AuxiliaryTrainingWrapper) for m in modules):
-        return None
-    return [m for m in modules if isinstance(m, BaseTunerLayer)]   # the layers PEFT toggles
-
-
-@contextlib.contextmanager
-def _layers_off(layers):
-    """What PeftModel.disable_adapter does to LoRA layers all enabled or all disabled: each one's
-    enable_adapters(False) (which also stops its adapters' gradients), and enable_adapters(True) after where they
-    were enabled."""
-    enabled, disabled = not layers[0].disable_adapters, []
-    try:
-        for layer in layers:
-            disabled.append(layer)   # first: one a Ctrl-C stopped half-way through the call is enabled again too
-            layer.enable_adapters(False)
-        yield
-    finally:
-        if enabled:   # those disabled so far, where a Ctrl-C stopped the loop (left off, they were frozen for good)
-            for layer in disabled:
-                layer.enable_adapters(True)
 
 
 class CachedReference:

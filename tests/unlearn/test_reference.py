@@ -4,9 +4,10 @@ import warnings
 import pytest
 import torch
 
+from fastalign import peft_adapters
+from fastalign.peft_adapters import lora_layers
 from fastalign.unlearn import reference as reference_module
-from fastalign.unlearn.reference import AdapterDisabledReference, lora_layers
-from tests.interrupts import interrupted_at
+from fastalign.unlearn.reference import AdapterDisabledReference
 from tests.unlearn.tiny import byte_bpe_tokenizer, tiny_llama, tiny_streams
 
 
@@ -34,7 +35,7 @@ def test_the_adapter_reference_toggles_the_lora_layers_without_walking_the_model
     wrappers). The adapter takes part in the policy's forward again after each call."""
     policy, normal, normal_index = lora_policy(**config)
     found = []
-    monkeypatch.setattr(reference_module, "lora_layers", lambda model: found.append(1) or lora_layers(model))
+    monkeypatch.setattr(peft_adapters, "lora_layers", lambda model: found.append(1) or lora_layers(model))
     reference = AdapterDisabledReference(policy)
     trains = {name: p.requires_grad for name, p in policy.named_parameters()}
     with policy.disable_adapter(), torch.no_grad():
@@ -79,24 +80,6 @@ def test_lora_layers_disabled_before_a_reference_call_are_as_peft_leaves_them(di
     expected = after(peft_own)
     assert expected[0] == [disabled == "all"] * len(layers) and bool(expected[2]) == (disabled == "first")
     assert after(lambda: AdapterDisabledReference(policy)(normal, normal_index, None)) == expected
-
-
-def test_a_ctrl_c_anywhere_in_disabling_the_lora_layers_leaves_them_enabled_and_trained():
-    """A Ctrl-C (KeyboardInterrupt raised at each line of the toggle's start in turn) while the adapter reference
-    disabled the LoRA layers left those disabled so far disabled and frozen: the resumed unlearning run's optimizer
-    got 12 of its 16 LoRA weights. The layers are enabled again, their adapters' gradients on."""
-    policy = lora_policy()[0]
-    layers = lora_layers(policy)
-    trains = {name: p.requires_grad for name, p in policy.named_parameters()}
-    code = reference_module._layers_off.__wrapped__.__code__
-    with interrupted_at([code], 0) as seen, reference_module._layers_off(layers):
-        lines = seen[0]
-    assert lines >= 2 * len(layers)
-    for line in range(1, lines + 1):
-        with pytest.raises(KeyboardInterrupt), interrupted_at([code], line), reference_module._layers_off(layers):
-            pass
-        assert not any(layer.disable_adapters for layer in layers), line
-        assert {name: p.requires_grad for name, p in policy.named_parameters()} == trains, line
 
 
 def cached_policy():
