@@ -36,30 +36,43 @@ def triton_launch_method():
     return JITFunction, "run"
 
 
-def check_backend(backend):
-    """ValueError unless `backend` is one of BACKENDS (the modules that pass it on to an op check it when given)."""
+def check_backend(backend, name="backend"):
+    """ValueError unless `backend` (the argument `name`) is one of BACKENDS (the modules that pass it on to an op check
+    it when given)."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"{name} must be one of {BACKENDS}, got {backend!r}")
 
 
-def select_backend(op, backend, device):
-    """The launcher module of `op` for `backend` ("auto" = Triton on CUDA tensors, torch elsewhere); ValueError for
-    meta tensors, which hold no values to compute on (torch's errors named neither the op nor the device). Imports
-    nothing where the launcher was imported before, so that dynamo traces it in a compiled caller (an import is a
-    graph break, refused under fullgraph=True)."""
-    check_backend(backend)
+class TritonUnavailableError(ValueError, RuntimeError):
+    """backend='triton' for tensors that Triton cannot run on here (neither CUDA nor under the interpreter): a
+    ValueError, as the ops' other argument errors, and a RuntimeError, as paged_attention raised it before."""
+
+
+def resolve_backend(backend, device, name="backend"):
+    """The backend ("triton" or "torch") that `backend` (the argument `name`; "auto" = Triton on CUDA tensors, torch
+    elsewhere) runs for tensors on `device`; ValueError for a backend not of BACKENDS and for meta tensors, which hold
+    no values to compute on (torch's errors named neither the op nor the device), TritonUnavailableError for "triton"
+    where Triton cannot run. The one resolution of the ops and of the TreeRunner's attention_backend."""
+    check_backend(backend, name)
     if device.type == "meta":
         raise ValueError("fastalign's ops cannot run on tensors on the meta device (they hold no values): "
                          "materialize them first (a model built under torch.device('meta'): to_empty, then load "
                          "its weights)")
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
-    if backend == "torch":
-        return _TORCH_LAUNCHERS[op]
-    if device.type != "cuda" and not triton_interpreting():
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (got tensors on {device}); set TRITON_INTERPRET=1 before "
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and not triton_interpreting():
+        raise TritonUnavailableError(
+            f"{name}='triton' needs CUDA tensors (got tensors on {device}); set TRITON_INTERPRET=1 before "
             "importing fastalign to run the Triton kernels on the CPU through Triton's interpreter")
+    return backend
+
+
+def select_backend(op, backend, device):
+    """The launcher module of `op` for `backend` on `device` (resolve_backend). Imports nothing where the launcher was
+    imported before, so that dynamo traces it in a compiled caller (an import is a graph break, refused under
+    fullgraph=True)."""
+    if resolve_backend(backend, device) == "torch":
+        return _TORCH_LAUNCHERS[op]
     launcher = _triton_launchers.get(op)
     if launcher is None:
         launcher = _triton_launchers[op] = _import_triton_launcher(op)

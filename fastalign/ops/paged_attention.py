@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastalign.ops.backend import BACKENDS, autocast_off, refuse_fake_tensors, triton_interpreting
+from fastalign.ops.backend import autocast_off, refuse_fake_tensors, resolve_backend
 from fastalign.ops.checks import is_integer, is_real
 
 _INDEX_DTYPE = torch.int32
@@ -378,18 +378,6 @@ def _check_index(t, name, shape, dtype, device):
         raise ValueError(f"{name}: expected shape {list(shape)} of {dtype}, got {got}")
     if t.device != device:
         raise ValueError(f"{name}: expected device {device} (that of q / the cache), got {t.device}")
-
-
-def resolve_backend(backend, device):
-    """The backend ("triton" or "torch") that `paged_attention(backend=backend)` uses for tensors on `device`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and not triton_interpreting():
-        raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
-                           f"imported to run the kernels on the CPU; got tensors on {device}")
-    return backend
 
 
 def _paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens, scale, window=None, softcap=None,

@@ -29,7 +29,6 @@ from fastalign.model_context import runner_context
 from fastalign.model_decoder import decoder_of
 from fastalign.model_vocabulary import probe_ids
 from fastalign.ops.checks import is_integer
-from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.attention_routing import attention_configs, routed
 from fastalign.runtime.forward_batch import ForwardBatch
 from fastalign.runtime.hf_cache import counted_positions_problem, state_problem
@@ -99,8 +98,8 @@ class PagedHF:
     paged = True   # attention on the pool, every row of a forward in one batch
     recomputes_context = False   # a row's context runs once, when its span is made (HFRecomputeModel: every call)
 
-    def __init__(self, model, attention_backend, device):
-        self.model, self.device = model, device
+    def __init__(self, model, backend, device):
+        self.model, self.device, self.backend = model, device, backend   # backend: resolved, "triton" or "torch"
         self.keeps_logits = takes_logits_to_keep(model)
         self.max_context = runner_context(model.config)
         problem = _structure_problem(model)
@@ -110,7 +109,6 @@ class PagedHF:
             self.decoder = _decoder(model)
             self.configs = attention_configs(model)
             self._record_layers()
-            self.backend = resolve_backend(attention_backend, device)
             self._check_against_own_forward()
         except _Unfit as unfit:
             raise ValueError(f"model: {type(model).__name__} cannot run on the paged pool: {unfit}") from None

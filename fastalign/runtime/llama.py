@@ -31,7 +31,6 @@ import torch
 from fastalign.eval_mode import eval_mode
 from fastalign.model_context import runner_context
 from fastalign.ops.checks import int_ids, is_integer
-from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime.gated_mlps import fused_gated_mlp
 from fastalign.runtime.layer_layouts import LAYOUTS
 from fastalign.runtime.module_hooks import runs_a_users_hooks, runs_more_than_its_forward
@@ -128,7 +127,7 @@ class PagedLlama:
     paged = True   # attention on the pool, every row of a forward in one batch
     recomputes_context = False   # a row's context runs once, when its span is made (HFRecomputeModel: every call)
 
-    def __init__(self, model, attention_backend, device):
+    def __init__(self, model, backend, device):
         problem = llama_family_problem(model)
         if problem is not None:
             raise ValueError(f"model: cannot run on the paged Llama path: {problem}")
@@ -146,7 +145,7 @@ class PagedLlama:
         # device: where the whole model computes (model_device), embeddings offloaded by accelerate included; dtype:
         # the pool's, that of the K/V the layers compute (kv_dtype)
         self.dtype, self.device = kv_dtype(model), device
-        self.backend = resolve_backend(attention_backend, self.device)  # "triton" or "torch"
+        self.backend = backend   # resolved: "triton" or "torch"
         # on the Triton backend, one kernel for each RMSNorm (with the residual add before it), for the rotation
         # of q and k, and for a dense MLP's activation and product: fewer launches. These stand-ins hold the modules
         # they stand in for, so each call makes them again for a module replaced since (_layers)

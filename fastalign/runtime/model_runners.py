@@ -39,13 +39,13 @@ _FALLBACKS = (
 )
 
 
-def choose_model_runner(model, layered, attention_backend, device, fallback):
+def choose_model_runner(model, layered, backend, device, fallback):
     """The runner for `model` (`layered`: the transformers model whose layers the paged runners call, see
-    tree_runner._adapters_in_layers); a ValueError giving every runner's reason where none takes it, or where only a
-    fallback would and `fallback` is False."""
+    tree_runner._adapters_in_layers; `backend`: their attention's, resolved, "triton" or "torch"); a ValueError
+    giving every runner's reason where none takes it, or where only a fallback would and `fallback` is False."""
     problem = llama_family_problem(layered)
     if problem is None:
-        return PagedLlama(layered, attention_backend, device)
+        return PagedLlama(layered, backend, device)
     # a model of a family that PagedLlama runs is told why it does not (a user's hooks on its layers, say)
     said = [f"{type(layered).__name__} cannot run on the paged Llama path: {problem}"] \
         if getattr(getattr(layered, "config", None), "model_type", None) in LLAMA_FAMILY else []
@@ -54,7 +54,7 @@ def choose_model_runner(model, layered, attention_backend, device, fallback):
     from fastalign.runtime.hf_paged import PagedHF
     with autocast_off(device), unrouted(attention_configs(model)):
         try:
-            runner = PagedHF(layered, attention_backend, device)
+            runner = PagedHF(layered, backend, device)
         except ValueError as unfit:
             paged_reason = str(unfit).removeprefix("model: ")
         else:

@@ -27,9 +27,8 @@ from fastalign.model_decoder import prompt_learning_adapter
 from fastalign.model_devices import model_device
 from fastalign.model_vocabulary import input_vocabulary
 from fastalign.one_call import one_call_at_a_time
-from fastalign.ops.backend import BACKENDS, Backend, autocast_off
+from fastalign.ops.backend import Backend, autocast_off, resolve_backend
 from fastalign.ops.checks import int_ids, is_integer
-from fastalign.ops.paged_attention import resolve_backend
 from fastalign.runtime import graphed_forward
 from fastalign.runtime.forward_batch import ForwardBatch
 from fastalign.runtime.graphed_forward import GraphedForward
@@ -131,8 +130,6 @@ class TreeRunner:
         if not is_integer(block_size) or block_size <= 0:
             raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
         block_size = int(block_size)
-        if attention_backend not in BACKENDS:  # here, not at the first forward, on either path
-            raise ValueError(f"attention_backend: expected one of {BACKENDS}, got {attention_backend!r}")
         for name, value in (("fallback", fallback), ("cascade_attention", cascade_attention),
                             ("cuda_graphs", cuda_graphs)):
             if not isinstance(value, bool):  # a string such as "no" would count as True
@@ -145,7 +142,10 @@ class TreeRunner:
         # blocks, and the fallback's cache would mix devices
         device = model_device(model, "a TreeRunner") or torch.device("cpu")
         layered = _adapters_in_layers(model)
-        self.model_runner = choose_model_runner(model, layered, attention_backend, device, fallback)
+        # resolved here, on either path, once: before the runners, which take a model they cannot run as unfit (a
+        # ValueError) and fall back
+        backend = resolve_backend(attention_backend, device, "attention_backend")
+        self.model_runner = choose_model_runner(model, layered, backend, device, fallback)
         self.model = model
         mr = self.model_runner
         # weights whose dtype and device each call checks are still those the runner was made for (model.to(...)):
@@ -163,7 +163,7 @@ class TreeRunner:
         num_blocks = KVPool.num_blocks_for(max_tokens=max_tokens, max_bytes=max_bytes, shares=2 if halved else 1,
                                            block_size=block_size,
                                            bytes_per_block=KVPool.bytes_per_block(mr.pool_shapes, **geometry))
-        backend = resolve_backend(attention_backend, mr.device) if self.paged else None
+        backend = backend if self.paged else None   # (the fallbacks compute Hugging Face's attention)
         capture = _graph_capture(mr, backend) if cuda_graphs else None
         # with graphs, one block more, which no span holds: the padding tokens' K/V go there
         self.pool = KVPool(mr.pool_shapes, num_blocks=num_blocks + (capture is not None), device=mr.device,

@@ -9,7 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastalign
 import fastalign.ops.backend as backend_module
-from fastalign.ops.backend import select_backend
+from fastalign.ops.backend import resolve_backend, select_backend
 from tests.conftest import TRITON_DEVICE
 
 
@@ -19,6 +19,13 @@ def test_auto_picks_triton_on_cuda_and_torch_elsewhere(op):
     on the torch path: the interpreter is for testing the kernels, far too slow to train with."""
     assert select_backend(op, "auto", torch.device("cpu")).__name__ == f"fastalign.ops.torch_chunked.{op}"
     assert select_backend(op, "auto", torch.device("cuda")).__name__ == f"fastalign.kernels.{op}"
+
+
+def test_auto_resolves_to_torch_on_cpu_even_where_the_interpreter_runs_triton():
+    """The one resolution of the ops' backend and of the TreeRunner's attention_backend."""
+    assert backend_module.triton_interpreting()   # as the tests run (conftest)
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cuda")) == "triton"
 
 
 @pytest.mark.parametrize("missing, message", [

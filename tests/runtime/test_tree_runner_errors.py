@@ -17,6 +17,7 @@ from transformers import (BertConfig, BertLMHeadModel, BertModel, DynamicCache, 
                           Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM,
                           Qwen3MoeConfig, Qwen3MoeForCausalLM, RecurrentGemmaConfig, RecurrentGemmaForCausalLM)
 
+import fastalign
 from fastalign import PoolExhaustedError, Span, TreeRunner
 from fastalign.runtime import hf_cache
 from fastalign.runtime.hf_cache import HFCacheModel, _kv_problem
@@ -423,11 +424,28 @@ def test_unsupported_models_and_pool_sizes_are_refused(model):
         TreeRunner(model, max_tokens=64, block_size=0)
     # on every runner (whether or not it runs attention kernels), and with cascade attention off
     for m in (model, tiny_model("gpt2-learned-positions"), bloom):
-        with pytest.raises(ValueError, match="attention_backend: expected one of \\('auto', 'triton', 'torch'\\)"):
+        with pytest.raises(ValueError, match="attention_backend must be one of \\('auto', 'triton', 'torch'\\)"):
             TreeRunner(m, max_tokens=64, attention_backend="flash", cascade_attention=False)
     runner = TreeRunner(model, max_bytes=1 << 16, block_size=4)
     per_block = 2 * 2 * 4 * 2 * 12 * 4  # K and V, 2 layers, 4 tokens, 2 kv heads, head_dim 12, fp32
     assert runner.num_blocks == (1 << 16) // per_block and runner.pool.nbytes <= 1 << 16
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-learned-positions", "bloom-alibi-fallback"])
+def test_the_triton_attention_on_the_cpu_without_the_interpreter_is_refused_as_the_ops_refuse_it(name, monkeypatch):
+    """attention_backend="triton" for a CPU model without TRITON_INTERPRET raised a RuntimeError on the paged
+    runners where linear_cross_entropy(backend="triton") raises a ValueError for the same mistake; and a model that
+    PagedHF refused before it read the backend (Bloom) ran on the Hugging Face cache, the request for Triton dropped.
+    Resolved once, before any runner is tried: the ops' error on every runner, which no fallback takes for unfit."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    hidden, weight = torch.randn(3, 8), torch.randn(5, 8)
+    with pytest.raises(Exception) as ops_error:
+        fastalign.linear_cross_entropy(hidden, weight, torch.randint(0, 5, (3,)), backend="triton")
+    expected = str(ops_error.value).replace("backend=", "attention_backend=", 1)
+    with pytest.raises(ops_error.type) as runner_error:
+        TreeRunner(tiny_model(name), max_tokens=64, attention_backend="triton")
+    assert str(runner_error.value) == expected
+    assert isinstance(runner_error.value, ValueError)
 
 
 def test_span_handles_know_their_tree(runner):
