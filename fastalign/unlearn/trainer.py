@@ -68,7 +68,8 @@ from fastalign.writable import naming_a_full_disk
 # output_dir is where the checkpoint was found, whatever it is called now (moved, or given another way).
 _RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_checkpoints", "progress", "log_every", "resume", "output_dir",
                       "optimizer_in_backward"}   # (the same updates either way)
-# what a checkpoint's state.pt holds that a resume reads (the others, recorded since, are read where present)
+# what every checkpoint's state.pt holds that a resume reads; num_processes, model_files and last, recorded since but
+# before the fused_layers setting, are read once its config holds every setting, the others where present
 _STATE_KEYS = ("step", "config", "compute", "trainable", "optimizer", "scheduler")
 # Settings that name files: the same file spelled otherwise (relative or absolute, ./, a trailing /) resumes, as the
 # checkpoint's digests of the model files and the data tell whether the files themselves changed
@@ -612,18 +613,18 @@ class UnlearningTrainer:
                                      f"{bad} of {acc.num_processes}{f'; here {names[:5]}' if names else ''}: the "
                                      f"gradient of step {step} was not finite though its loss was (an overflow?)")
 
-    def _load(self, path, objective, optimizer, scheduler) -> tuple[int, ComputeTotals, StepRecord | None]:
+    def _load(self, path, objective, optimizer, scheduler) -> tuple[int, ComputeTotals, StepRecord]:
         state, rank_state = read_checkpoint(path, self.accelerator.process_index, _STATE_KEYS)
-        written_by = state.get("num_processes", self.accelerator.num_processes)  # unrecorded before 2026-11-30
-        if written_by != self.accelerator.num_processes:  # fewer processes find their rank files too
-            raise ValueError(f"cannot resume {path}: it was written by {written_by} process(es), this run "
-                             f"has {self.accelerator.num_processes}; the rows each process draws and the global batch "
-                             "depend on it: resume with the number of processes it was written with")
         settings, recorded = self.config.to_dict(), state["config"]
         unrecorded = sorted(k for k in settings if k not in recorded and k not in _RESUMABLE_CHANGES)
         if unrecorded:   # how the run went without them, and so which values continue it, the checkpoint cannot say
             raise ValueError(f"cannot resume {path}: it predates setting(s) {unrecorded}, which the fastalign that "
                              "wrote it did not have: resume it with that version of fastalign, or start the run over")
+        written_by = state["num_processes"]
+        if written_by != self.accelerator.num_processes:  # fewer processes find their rank files too
+            raise ValueError(f"cannot resume {path}: it was written by {written_by} process(es), this run "
+                             f"has {self.accelerator.num_processes}; the rows each process draws and the global batch "
+                             "depend on it: resume with the number of processes it was written with")
         recorded_in = state.get("cwd", os.getcwd())   # unrecorded before 2026-12-07: read as this process's
         changed = sorted(k for k, v in settings.items()
                          if k not in _RESUMABLE_CHANGES and not _same_setting(k, recorded.get(k), v, recorded_in))
@@ -639,7 +640,7 @@ class UnlearningTrainer:
         if changed:                                                                               # 2026-12-06
             raise ValueError(f"cannot resume {path}: the streams draw other batches than the interrupted run's "
                              f"(UnlearningStreams' {changed} differ); resume it with streams built as it was")
-        recorded = state.get("model_files")   # unrecorded before 2026-12-02, and for a model not from a directory
+        recorded = state["model_files"]   # None for a model not from a directory
         if recorded and self._model_files and recorded != self._model_files:
             raise ValueError(f"cannot resume {path}: the model at {self.config.model} is not the one the interrupted "
                              "run started from (its files differ: another model or revision was put there since); "
@@ -655,8 +656,7 @@ class UnlearningTrainer:
         for group, base_lr, lr_lambda in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base_lr * lr_lambda(scheduler.last_epoch)
         set_rng_state(rank_state, self.accelerator.device)
-        last = state.get("last")  # unrecorded before 2026-12-01
-        return state["step"], ComputeTotals(**state["compute"]), StepRecord(**last) if last else None
+        return state["step"], ComputeTotals(**state["compute"]), StepRecord(**state["last"])
 
     def _data_digest(self) -> str:
         """streams.digest(), computed once (it reads every token)."""

@@ -466,6 +466,21 @@ def test_a_checkpoint_that_predates_a_setting_is_refused_naming_it_not_as_none_t
             run(tmp_path, save_every=2, resume=True, **flags)
 
 
+def test_a_checkpoint_that_predates_a_setting_is_refused_for_it_before_its_number_of_processes(tmp_path):
+    """A checkpoint from before fused_layers (2026-12-05) written by 2 processes was refused as "written by 2
+    process(es): resume with the number of processes it was written with", which the run then refused again for
+    predating fused_layers: the settings it predates are checked first (and every checkpoint that records them all
+    records its number of processes, model files and last step, read without fallbacks)."""
+    with pytest.raises(Killed):
+        run(tmp_path, save_every=2, callback=kill_after(3))
+    state_file = tmp_path / "run" / "checkpoints" / "step-000002" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["config"]["fused_layers"]
+    torch.save({**state, "num_processes": 2}, state_file)
+    with pytest.raises(ValueError, match=r"predates setting\(s\) \['fused_layers'\]"):
+        run(tmp_path, save_every=2, resume=True)
+
+
 def test_a_state_of_another_tool_in_a_checkpoint_is_refused_naming_the_file(tmp_path):
     """A dict that another tool saved as state.pt ended the resume in KeyError: 'config'."""
     with pytest.raises(Killed):
