@@ -142,8 +142,7 @@ class CausalLMKLDiv(torch.nn.Module):
         # both decoders and heads run as the model's forward runs: in the autocast accelerate's prepare wrapped it in
         with self.prepared_autocast():
             hidden, target = hidden_and_targets(self.model, labels, shift_labels, inputs)
-            return self.of_hidden_states(hidden, target, num_items_in_batch, ignore_index, reduction=reduction,
-                                         **inputs)
+            return self._of_hidden_states(hidden, target, num_items_in_batch, ignore_index, reduction, inputs)
 
     if TYPE_CHECKING:   # Module.__call__ is Callable[..., Any]: callers see forward's types
         __call__ = forward
@@ -157,6 +156,12 @@ class CausalLMKLDiv(torch.nn.Module):
         against labels[:, 1:], all against shift_labels); the reference runs on `inputs`, its hidden states taken at
         the same positions. reduction as forward's: "none" gives the KLs of target's shape."""
         self._check_call(inputs, "of_hidden_states", reduction, num_items_in_batch)
+        return self._of_hidden_states(hidden, target, num_items_in_batch, ignore_index, reduction, inputs)
+
+    def _of_hidden_states(self, hidden: torch.Tensor, target: torch.Tensor,
+                          num_items_in_batch: torch.Tensor | int | float | None, ignore_index: int,
+                          reduction: Reduction, inputs: dict) -> torch.Tensor:
+        """of_hidden_states after its call checks (_check_call), which forward makes before the decoder runs."""
         softcap, multiplier, reference_multiplier = self._head_factors()
         reference_model = self._reference_model()
         lm_head, ref_head = causal_lm_parts(self.model)[1], causal_lm_parts(reference_model)[1]

@@ -89,7 +89,7 @@ class CausalLMLoss(torch.nn.Module):
         # the decoder and head run as the model's forward runs: in the autocast accelerate's prepare wrapped it in
         with self.prepared_autocast():
             hidden, target = hidden_and_targets(self.model, labels, shift_labels, inputs)
-            return self.of_hidden_states(hidden, target, num_items_in_batch, ignore_index, reduction=reduction)
+            return self._of_hidden_states(hidden, target, num_items_in_batch, ignore_index, None, reduction)
 
     if TYPE_CHECKING:   # Module.__call__ is Callable[..., Any]: callers see forward's types
         __call__ = forward
@@ -104,6 +104,12 @@ class CausalLMLoss(torch.nn.Module):
         either is the weighted sum divided by it), and "none" the per-token weighted losses of target's shape, 0 at
         ignored targets: -loss.sum(-1) over a row's answer tokens is the sequence's log-probability (DPO, SimPO)."""
         check_loss_reduction(reduction, num_items_in_batch, self.grads_in_forward, "CausalLMLoss")
+        return self._of_hidden_states(hidden, target, num_items_in_batch, ignore_index, token_weight, reduction)
+
+    def _of_hidden_states(self, hidden: torch.Tensor, target: torch.Tensor,
+                          num_items_in_batch: torch.Tensor | int | float | None, ignore_index: int,
+                          token_weight: torch.Tensor | None, reduction: Reduction) -> torch.Tensor:
+        """of_hidden_states after its checks, which forward makes before the decoder runs."""
         _, lm_head = causal_lm_parts(self.model)
         lm_weight = head_weight(lm_head)
         # under autocast the op takes the autocast dtype, as the lm_head's matmul would

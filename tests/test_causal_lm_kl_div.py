@@ -224,6 +224,29 @@ def test_bad_reductions_are_refused_naming_them_before_the_decoders_run(method, 
     assert not calls
 
 
+@pytest.mark.parametrize("method", ["forward", "of_hidden_states"])
+def test_a_call_checks_its_arguments_once(method, monkeypatch):
+    """forward checked its call (the loss's keywords among the inputs, the reduction) before the decoders ran, then
+    of_hidden_states checked it again under its own name: each method checks once, naming itself."""
+    from fastalign import causal_lm_kl_div
+    model, teacher = tiny_llama(VOCAB), tiny_llama(VOCAB, seed=1)
+    inputs = batch(seed=27)
+    labels = inputs.pop("labels")
+    kl = CausalLMKLDiv(model, teacher, backend="torch")
+    checked = []
+
+    def counted(name):
+        check = getattr(causal_lm_kl_div, name)
+        return lambda *args, **options: checked.append(name) or check(*args, **options)
+    for name in ("refuse_loss_keywords", "check_loss_reduction"):
+        monkeypatch.setattr(causal_lm_kl_div, name, counted(name))
+    if method == "forward":
+        kl(labels, **inputs)
+    else:
+        kl.of_hidden_states(model.model(**inputs).last_hidden_state[:, :-1], labels[:, 1:], **inputs)
+    assert checked == ["refuse_loss_keywords", "check_loss_reduction"]   # (naming the method: tests above)
+
+
 def test_per_token_kls_with_grads_in_forward_under_no_grad():
     """grads_in_forward takes no gradient under torch.no_grad(): "none" gives the per-token KLs there."""
     model, teacher = tiny_llama(VOCAB), tiny_llama(VOCAB, seed=1)

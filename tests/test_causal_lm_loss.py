@@ -309,6 +309,23 @@ def test_bad_reductions_and_token_weights_are_refused_naming_them(arguments, mes
             loss_fn(**inputs, labels=labels, **arguments)
 
 
+@pytest.mark.parametrize("method", ["forward", "of_hidden_states"])
+def test_a_call_checks_its_reduction_once(method, monkeypatch):
+    """forward checked the reduction before the decoder ran, then of_hidden_states checked it again: once a call."""
+    from fastalign import causal_lm_loss
+    model = tiny_llama(VOCAB)
+    inputs = batch(seed=3)
+    labels = inputs.pop("labels")
+    loss_fn = CausalLMLoss(model, backend="torch")
+    checked, check = [], causal_lm_loss.check_loss_reduction
+    monkeypatch.setattr(causal_lm_loss, "check_loss_reduction", lambda *args: checked.append(1) or check(*args))
+    if method == "forward":
+        loss_fn(labels, **inputs)
+    else:
+        loss_fn.of_hidden_states(model.model(**inputs).last_hidden_state[:, :-1], labels[:, 1:])
+    assert len(checked) == 1
+
+
 def test_a_token_weight_given_to_forward_is_refused_before_the_decoder_runs():
     """forward's **inputs took a token_weight on to the decoder, whose **kwargs dropped it: the loss was silently the
     unweighted one (zero weights gave the full loss). It is refused naming where it goes, before the decoder runs."""
