@@ -48,9 +48,10 @@ class TritonUnavailableError(ValueError, RuntimeError):
     ValueError, as the ops' other argument errors, and a RuntimeError, as paged_attention raised it before."""
 
 
-def resolve_backend(backend, device, name="backend"):
-    """The backend ("triton" or "torch") that `backend` (the argument `name`; "auto" = Triton on CUDA tensors, torch
-    elsewhere) runs for tensors on `device`; ValueError for a backend not of BACKENDS and for meta tensors, which hold
+def resolve_backend(backend, device, name="backend", dtype=None):
+    """The backend ("triton" or "torch") that `backend` (the argument `name`; "auto" = Triton on CUDA tensors but
+    float64 ones, whose `dtype` the Triton kernels do not take, torch elsewhere) runs for tensors on `device`;
+    ValueError for a backend not of BACKENDS and for meta tensors, which hold
     no values to compute on (torch's errors named neither the op nor the device), TritonUnavailableError for "triton"
     where Triton cannot run. The one resolution of the ops and of the TreeRunner's attention_backend."""
     check_backend(backend, name)
@@ -59,7 +60,7 @@ def resolve_backend(backend, device, name="backend"):
                          "materialize them first (a model built under torch.device('meta'): to_empty, then load "
                          "its weights)")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
     if backend == "triton" and device.type != "cuda" and not triton_interpreting():
         raise TritonUnavailableError(
             f"{name}='triton' needs CUDA tensors (got tensors on {device}); set TRITON_INTERPRET=1 before "
@@ -67,11 +68,11 @@ def resolve_backend(backend, device, name="backend"):
     return backend
 
 
-def select_backend(op, backend, device):
-    """The launcher module of `op` for `backend` on `device` (resolve_backend). Imports nothing where the launcher was
-    imported before, so that dynamo traces it in a compiled caller (an import is a graph break, refused under
-    fullgraph=True)."""
-    if resolve_backend(backend, device) == "torch":
+def select_backend(op, backend, device, dtype=None):
+    """The launcher module of `op` for `backend` on `device` for inputs of `dtype` (resolve_backend). Imports nothing
+    where the launcher was imported before, so that dynamo traces it in a compiled caller (an import is a graph break,
+    refused under fullgraph=True)."""
+    if resolve_backend(backend, device, dtype=dtype) == "torch":
         return _TORCH_LAUNCHERS[op]
     launcher = _triton_launchers.get(op)
     if launcher is None:

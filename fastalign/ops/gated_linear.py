@@ -112,7 +112,7 @@ def _launcher_of(op, gate, up, activation, backend, others=()):
         raise ValueError(f"up must have the shape of gate {tuple(gate.shape)}, got {tuple(up.shape)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    launcher = select_backend("gated_activation", backend, gate.device)
+    launcher = select_backend("gated_activation", backend, gate.device, gate.dtype)
     require_triton_dtype(launcher, "gate", gate)
     refuse_fake_tensors_on_triton(launcher, op, gate, up, *(t for _, t in others))
     return launcher

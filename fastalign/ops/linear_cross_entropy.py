@@ -133,7 +133,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
                                                                      ("bias", bias), ("target", target)])
     hidden, target, token_weight = as_rows(hidden, tokens), as_rows(target, tokens), as_rows(token_weight, tokens)
     refuse_fake_tensors("linear_cross_entropy", [hidden], TOKENS_CHOSEN_BY_VALUES)
-    launcher = select_backend("linear_cross_entropy", backend, hidden.device)
+    launcher = select_backend("linear_cross_entropy", backend, hidden.device, hidden.dtype)
     require_triton_dtype(launcher, "hidden", hidden)
     loss = apply_function(LinearCrossEntropyFunction, hidden, weight, bias, target, token_weight, ignore_index,
                           reduction, None if softcap is None else float(softcap), float(label_smoothing), launcher,

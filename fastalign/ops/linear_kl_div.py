@@ -154,7 +154,8 @@ def linear_kl_div(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.
     hidden, ref_hidden = as_rows(hidden, tokens), as_rows(ref_hidden, tokens)
     token_weight, mask = as_rows(token_weight, tokens), as_rows(mask, tokens)
     refuse_fake_tensors("linear_kl_div", [hidden], TOKENS_CHOSEN_BY_VALUES)
-    launcher = select_backend("linear_kl_div", backend, hidden.device)
+    launcher = select_backend("linear_kl_div", backend, hidden.device,
+                              torch.promote_types(hidden.dtype, ref_hidden.dtype))
     require_triton_dtype(launcher, "hidden", hidden)
     require_triton_dtype(launcher, "ref_hidden", ref_hidden)
     kl = apply_function(LinearKLDivFunction, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_weight,

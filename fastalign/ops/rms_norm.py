@@ -82,7 +82,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, rule: 
     # which math.isfinite cannot take there; eager calls check it)
     if not torch.compiler.is_dynamo_compiling() and not (is_real(eps) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    launcher = select_backend("rms_norm", backend, x.device)
+    launcher = select_backend("rms_norm", backend, x.device, x.dtype)
     require_triton_dtype(launcher, "x", x)
     refuse_fake_tensors_on_triton(launcher, "rms_norm", x, weight)
     return apply_on(launcher, RMSNormFunction, x.contiguous(), weight.contiguous(), float(eps), rule, launcher)

@@ -21,6 +21,31 @@ def test_auto_picks_triton_on_cuda_and_torch_elsewhere(op):
     assert select_backend(op, "auto", torch.device("cuda")).__name__ == f"fastalign.kernels.{op}"
 
 
+def _float64_inputs(op):
+    """(function, args) of `op` on small float64 CPU tensors."""
+    x = torch.randn(3, 8, dtype=torch.float64)
+    w = torch.randn(5, 8, dtype=torch.float64)
+    return {"linear_cross_entropy": (fastalign.linear_cross_entropy, (x, w, torch.tensor([0, 4, 2]))),
+            "linear_kl_div": (fastalign.linear_kl_div, (x, w, x + 0.1, w)),
+            "rms_norm": (fastalign.rms_norm, (x, torch.ones(8, dtype=torch.float64))),
+            "gated_linear": (fastalign.gated_linear, (x, x + 1, w, torch.randn(5, dtype=torch.float64)))}[op]
+
+
+@pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_kl_div", "rms_norm", "gated_linear"])
+def test_auto_keeps_float64_on_the_torch_path_on_cuda_too(op, monkeypatch):
+    """The Triton kernels take no float64: "auto" on a CUDA float64 input (a model in float64 for gradient checks)
+    raised the Triton launcher's TypeError where the same call on the CPU ran. Shown on CPU tensors with each op's
+    backend resolved as for CUDA ones: the op runs, as backend="torch" does."""
+    function, args = _float64_inputs(op)
+    expected = function(*args, backend="torch")
+    module = sys.modules[f"fastalign.ops.{op}"]
+    as_on_cuda = module.select_backend
+    monkeypatch.setattr(module, "select_backend", lambda name, backend, device, *dtype: as_on_cuda(
+        name, backend, torch.device("cuda"), *dtype))
+    torch.testing.assert_close(function(*args, backend="auto"), expected, rtol=0, atol=0)
+    assert resolve_backend("auto", torch.device("cuda"), dtype=torch.bfloat16) == "triton"
+
+
 def test_auto_resolves_to_torch_on_cpu_even_where_the_interpreter_runs_triton():
     """The one resolution of the ops' backend and of the TreeRunner's attention_backend."""
     assert backend_module.triton_interpreting()   # as the tests run (conftest)
