@@ -471,6 +471,7 @@ def test_logits_of_some_returned_spans_run_the_lm_head_at_those_alone(name, hidd
     ("last", [True], r"logits_of: expected a non-empty 1-D sequence of int indices"),
     ("last", [True, 0], r"logits_of: expected int indices of returned spans .*, got a bool among them"),   # was 1
     ("last", [0, 2], r"logits_of: expected indices in \[0, 2\) \(this call returns 2 spans\), got \[0, 2\]"),
+    ("last", [-1], r"logits_of: expected indices in \[0, 2\) \(this call returns 2 spans\), got \[-1\]"),
     ("last", 3, r"logits_of: expected a sequence of indices of returned spans, got int"),
 ])
 def test_logits_of_is_checked(logits, logits_of, match):
