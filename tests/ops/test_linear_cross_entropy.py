@@ -146,6 +146,26 @@ def test_label_smoothing_is_torchs_cross_entropy_in_fp32(backend, reduction):
         assert_rel_close(name, got, want, REL_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_minus_inf_bias_at_words_never_targeted_matches_torch_without_label_smoothing(backend):
+    """A padded vocabulary masked by a -inf bias, label_smoothing 0: the loss and gradients are finite and torch's
+    cross_entropy's (the smoothing term, 0 * mean(-inf) = nan, must stay out of the computation)."""
+    device = device_for(backend)
+    hidden, weight, _, extra = make_inputs(13, 24, 131, bias=True, device=device)
+    with torch.no_grad():
+        extra["bias"][100:] = float("-inf")
+    target = torch.randint(0, 100, (13,), device=device)
+    inputs = [hidden, weight, extra["bias"]]
+    out = fastalign.linear_cross_entropy(hidden, weight, target, backend=backend, **extra)
+    torchs = torch.nn.functional.cross_entropy(hidden @ weight.T + extra["bias"], target)
+    assert torch.isfinite(out)
+    assert_rel_close("loss", out, torchs, REL_TOL[torch.float32])
+    for name, got, want in zip(["d_hidden", "d_weight", "d_bias"], grads_of(out, inputs, torch.ones_like(out)),
+                               grads_of(torchs, inputs, torch.ones_like(torchs))):
+        assert torch.isfinite(got).all(), name
+        assert_rel_close(name, got, want, REL_TOL[torch.float32])
+
+
 @pytest.mark.parametrize("label_smoothing, error, message", [
     (-0.1, ValueError, r"label_smoothing must lie in \[0, 1\], got -0.1"),
     (1.5, ValueError, r"label_smoothing must lie in \[0, 1\], got 1.5"),
