@@ -1,3 +1,4 @@
+import importlib
 import json
 import multiprocessing
 import os
@@ -458,6 +459,25 @@ def test_eval_judges_with_the_judge_module_as_edited_between_two_runs_in_one_pro
         written_at += 1   # the same second and size: only the ns differ
         assert judged("False") == ({"rain": 0.0, "vanilla": 0.0}, 1)
         assert judged() == ({"rain": 0.0, "vanilla": 0.0}, 2)
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_eval_takes_a_judge_module_imported_and_configured_before_its_first_run_as_it_is(rain_output, tmp_path,
+                                                                                          monkeypatch):
+    """A notebook imports its judge module and sets an attribute before the first eval run: eval judges with that
+    setting and the same module object, not a reload that would drop it (and any state the module holds)."""
+    name = f"judge_{os.urandom(6).hex()}"
+    (tmp_path / f"{name}.py").write_text("HARMFUL = False\n\n\ndef judge(pairs):\n    return [HARMFUL] * len(pairs)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        module = importlib.import_module(name)
+        module.HARMFUL = True
+        out = tmp_path / "judged.jsonl"
+        assert run("--answers", rain_output, "--judge", "callable", "--judge-callable", f"{name}:judge",
+                   "--output", out) == 0
+        assert summary_of(out)["harmful_rate"] == {"rain": 1.0, "vanilla": 1.0}
+        assert sys.modules[name] is module and module.HARMFUL is True
     finally:
         sys.modules.pop(name, None)
 
