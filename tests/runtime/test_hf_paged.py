@@ -165,33 +165,38 @@ def test_a_routed_block_inside_another_gives_the_outer_one_its_handler_back():
     assert model.config._attn_implementation == implementation
 
 
-def _calling_from_layer_0(model, call):
-    """A forward hook on the model's first layer that runs call() once, not again from the forwards that call()
-    makes, keeping what it returns or the RuntimeError it raises (a probe hook that swallows its errors)."""
+def _calling_from(model, call, where="layer"):
+    """A hook that runs call() once, not again from the forwards that call() makes, keeping what it returns or the
+    RuntimeError it raises (a probe hook that swallows its errors): a forward hook on the model's first layer, or
+    (where="decoder") a forward pre-hook on the decoder itself, registered before any runner's call."""
     seen, running = [], []
 
-    def hook(module, args, out):
+    def hook(module, *_):
         if not running:
             running.append(call)
             try:
                 seen.append(call())
             except RuntimeError as error:
                 seen.append(error)
+    if where == "decoder":
+        return model.transformer.register_forward_pre_hook(hook), seen
     return model.transformer.h[0].register_forward_hook(hook), seen
 
 
+@pytest.mark.parametrize("where", ["layer", "decoder"])
 @pytest.mark.parametrize("logits", ["last", None])   # the model's forward, or (a prefill) the decoder's alone
-def test_a_forward_of_the_model_inside_a_runners_forward_is_refused_before_it_attends(logits):
-    """A layer hook that runs the model's own forward inside a runner's forward: its attention would go to the
-    runner's pool (its logits off by 2.3, its K/V written into the batch's slots, then the runner's call failing
-    on a layer count or a slot_mapping shape). It is refused by name as it enters the decoder, before any of its
-    layers attends; a hook that swallows the error leaves the runner's call and its later ones exact."""
+def test_a_forward_of_the_model_inside_a_runners_forward_is_refused_before_it_attends(logits, where):
+    """A hook that runs the model's own forward inside a runner's forward: its attention would go to the runner's
+    pool (its logits off by 2.3, its K/V written into the batch's slots, then the runner's call failing on a layer
+    count or a slot_mapping shape). It is refused by name as it enters the decoder, before any of its layers
+    attends, also from a pre-hook on the decoder registered before the runner's own guard; a hook that swallows the
+    error leaves the runner's call and its later ones exact."""
     model = tiny_model("gpt2-learned-positions")
     vocab = model.config.vocab_size
     runner = TreeRunner(model, max_tokens=64, block_size=4)
     parent = runner.prefill(torch.randint(vocab, (6,)).tolist())
     probe = torch.randint(vocab, (1, 3))
-    hook, seen = _calling_from_layer_0(model, lambda: model(input_ids=probe, use_cache=False))
+    hook, seen = _calling_from(model, lambda: model(input_ids=probe, use_cache=False), where)
     try:
         (span,), got, hidden = runner.extend([parent], [torch.randint(vocab, (3,)).tolist()], logits=logits,
                                              hidden="last")
@@ -213,7 +218,7 @@ def test_another_runners_forward_inside_a_runners_forward_computes_on_its_own_po
     model = tiny_model("gpt2-learned-positions")
     vocab = model.config.vocab_size
     runner, inner = (TreeRunner(model, max_tokens=64, block_size=4) for _ in range(2))
-    hook, seen = _calling_from_layer_0(model, lambda: inner.extend([None], [torch.randint(vocab, (4,)).tolist()]))
+    hook, seen = _calling_from(model, lambda: inner.extend([None], [torch.randint(vocab, (4,)).tolist()]))
     try:
         (span,), logits = runner.extend([None], [torch.randint(vocab, (5,)).tolist()])
     finally:
