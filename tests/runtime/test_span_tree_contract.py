@@ -116,6 +116,40 @@ def test_abandoning_a_finished_plan_whose_span_a_later_call_locked_is_refused():
     assert tree.lru_order() == [span]
 
 
+def test_a_finished_plan_whose_span_a_later_plan_restored_is_neither_held_nor_abandoned():
+    """A plan is named by a serial, not by the spans it holds: a finished plan whose span was evicted and is being
+    restored by a running plan is not held, and abandoning it is refused, leaving the running plan's span as it is
+    (with one serial for every plan, it was taken for the running one and its span deleted under it)."""
+    tree = SpanTree(8, 4)
+    plan = finished(tree, [-1], [5])
+    (span,) = plan.row_spans.tolist()
+    tree.evict(span)
+    running = tree.plan_restore(np.array([span]))
+    before = state(tree)
+    assert not tree.holds(plan) and tree.holds(running)
+    with pytest.raises(ValueError, match="already finished"):
+        tree.abandon(plan)
+    assert state(tree) == before and tree.is_resident(span)
+    tree.finish(running)
+    assert tree.lru_order() == [span]
+
+
+def test_a_plan_of_another_tree_is_neither_held_nor_abandoned():
+    """Plan serials are process-wide: a tree with a running plan of the same span ids neither holds nor abandons
+    another tree's plan, so its own running plan stays (with one serial for every plan, it was undone)."""
+    mine, other = SpanTree(8, 4), SpanTree(8, 4)
+    others = other.plan_extend(np.array([-1]), np.ones(3, dtype=np.int32), np.array([0, 3]))
+    running = mine.plan_extend(np.array([-1]), np.ones(3, dtype=np.int32), np.array([0, 3]))
+    assert others.row_spans.tolist() == running.row_spans.tolist()
+    before = state(mine)
+    assert not mine.holds(others) and mine.holds(running)
+    with pytest.raises(ValueError):
+        mine.abandon(others)
+    assert state(mine) == before
+    mine.finish(running)
+    other.finish(others)
+
+
 def restore_whose_block_table_cannot_be_allocated():
     """A restore of one long row beside many short ones, whose dense [rows, max_blocks] block table (800 MB), made
     after every span is attached, fails."""
