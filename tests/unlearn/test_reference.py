@@ -150,3 +150,27 @@ def test_the_cached_reference_refuses_a_head_written_after_a_step_that_skipped_t
             objective(batch)
     else:
         objective(batch)
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo group of one process, as a process under accelerate/FSDP is in; destroyed after the test."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("this torch has no gloo backend")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_cached_reference_fingerprints_the_lm_head_at_every_step_in_a_process_group(one_process_group):
+    """FSDP's all-gathers write the kept head without bumping its version counter, so a process in a distributed
+    group fingerprints at every step: a head changed by such a write (here through a `.data` alias) is refused."""
+    model, objective, batch = cached_policy()
+    for _ in range(2):
+        objective(batch)
+    model.lm_head.weight.data.mul_(1.01)
+    with pytest.raises(RuntimeError, match="the lm_head weight was modified after the reference was cached"):
+        objective(batch)
