@@ -154,14 +154,19 @@ def test_the_slow_engine_runs_a_model_in_train_mode_without_dropout():
     assert torch.equal(torch.get_rng_state(), rng) and model.training
 
 
-def test_the_tree_engine_runs_the_lm_head_only_at_the_outputs_whose_logits_the_search_reads(monkeypatch):
+@pytest.mark.parametrize("embedding", ["hidden", "plug-in"])   # a plug-in embedder needing no hidden states
+def test_the_tree_engine_runs_the_lm_head_only_at_the_outputs_whose_logits_the_search_reads(monkeypatch, embedding):
     """Generation rows' outputs (their ends and cuts) are read in full; of the judge's label rows only the label
     columns, computed from their hidden states; the judge's KV-only rows' outputs by nobody. The lm_head's
     vocabulary-wide products cover the generation outputs alone (they covered every output: 1123 rows where 651 were
-    read on bench_rain --quick), and a call without a generation row runs none."""
+    read on bench_rain --quick), and a call without a generation row runs none. The runner is asked for hidden
+    states where the embedder needs them or a label row's columns are computed from them (as with `fastalign rain`'s
+    default minilm embedder), and only there."""
     TreeRunner = pytest.importorskip("fastalign.runtime").TreeRunner
     model = tiny_llama()
     calls, call_once = [], tree_engine.TreeEngine._call_once
+    runner = TreeRunner(model, max_tokens=2048, attention_backend="torch")
+    extend, asked = runner.extend, []
 
     def counted(self, rows):
         with VocabRows(len(tokenizer())) as head:
@@ -169,17 +174,25 @@ def test_the_tree_engine_runs_the_lm_head_only_at_the_outputs_whose_logits_the_s
         outputs = collections.Counter()
         for row in rows:
             outputs[row.kind] += 1 + len(row.cuts)
-        calls.append((outputs, head.products))
+        calls.append((outputs, head.products, asked.pop()))
         return out
+
+    def recorded(*args, **options):
+        asked.append(options.get("hidden"))
+        return extend(*args, **options)
     monkeypatch.setattr(tree_engine.TreeEngine, "_call_once", counted)
-    runner = TreeRunner(model, max_tokens=2048, attention_backend="torch")
+    monkeypatch.setattr(runner, "extend", recorded)
+    embedder = "hidden" if embedding == "hidden" else _Vectors(lambda paths: torch.ones(len(paths), 2))
     run = rain_generate(model, tokenizer(), PROMPTS[:1], RainConfig(root_visits=4, min_new_visits=2, max_new_tokens=3),
-                        engine="tree", runner=runner, judge_prompt=SHORT_JUDGE, embedding="hidden", sampler="keyed")
+                        engine="tree", runner=runner, judge_prompt=SHORT_JUDGE, embedding=embedder, sampler="keyed")
     assert run.results[0].error is None
-    kinds = sum((kinds for kinds, _ in calls), collections.Counter())
+    kinds = sum((kinds for kinds, _, _ in calls), collections.Counter())
     assert kinds["label"] and kinds["plain"] and kinds["gen"]   # every kind of row ran
-    assert any(not kinds["gen"] for kinds, _ in calls)          # and calls without a generation row
-    assert [products for _, products in calls] == [kinds["gen"] for kinds, _ in calls]
+    assert any(not kinds["gen"] for kinds, _, _ in calls)       # and calls without a generation row
+    assert any(not kinds["label"] for kinds, _, _ in calls)     # and calls without a label row
+    assert [products for _, products, _ in calls] == [kinds["gen"] for kinds, _, _ in calls]
+    assert [hidden for _, _, hidden in calls] == [
+        "last" if embedding == "hidden" or kinds["label"] else None for kinds, _, _ in calls]
 
 
 def test_the_slow_engine_reads_a_bf16_models_logits_in_float32():
