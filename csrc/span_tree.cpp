@@ -226,7 +226,9 @@ bool SpanTree::holds(const ForwardPlan& plan) const {
 }
 
 void SpanTree::finish(const ForwardPlan& plan) {
-  if (!holds(plan)) throw std::invalid_argument("finish: the plan was already finished or abandoned");
+  if (!holds(plan))
+    throw std::invalid_argument("finish: the plan is not one this tree runs (already finished or abandoned, or "
+                                "another tree's)");
   for (int64_t id : plan.spans) {
     Span& s = node(id);
     s.plan = 0;
@@ -242,7 +244,9 @@ void SpanTree::abandon(const ForwardPlan& plan) {
   // made by a later plan on KV this forward never wrote: that plan goes first (a resident child would block
   // dropping the KV, and a span the plan deletes would leave its child without a parent).
   // Whether it is finished is the plan's own mark on its spans: a lock on them may be a later call's.
-  if (!holds(plan)) throw std::invalid_argument("abandon: the plan was already finished or abandoned");
+  if (!holds(plan))
+    throw std::invalid_argument("abandon: the plan is not one this tree runs (already finished or abandoned, or "
+                                "another tree's)");
   std::unordered_map<int64_t, int32_t> own_children;
   for (int64_t id : plan.spans) {
     const Span& s = node(id);
