@@ -34,6 +34,8 @@ def int_ids(values, name, what, empty=False) -> np.ndarray:
         array = np.asarray(values, dtype=object)
     if empty and array.shape == (0,):
         return array.astype(np.int64)   # [] reads as float64
+    if array.shape == (0,):
+        raise ValueError(f"{name}: expected a non-empty 1-D sequence of int {what}, got an empty one")
     if array.ndim != 1 or array.size == 0 or array.dtype.kind not in "iu":   # bools are of kind "b"
         raise ValueError(f"{name}: expected a {'' if empty else 'non-empty '}1-D sequence of int {what}, got shape "
                          f"{list(array.shape)} of {array.dtype}")

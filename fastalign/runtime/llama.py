@@ -235,6 +235,10 @@ class PagedLlama:
         index = index_on(ids, weight.device)
 
         def logits(hidden):
+            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+                found = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+                raise ValueError(f"hidden: expected final hidden states [N, {weight.shape[1]}] (extend's with "
+                                 f"hidden=\"last\"; torch.cat those of hidden=\"all\", a list by span), got {found}")
             bias = None if head.bias is None else head.bias[index]
             return self._soft_capped(torch.nn.functional.linear(hidden.to(weight.dtype), weight[index], bias)).float()
         return logits

@@ -302,7 +302,8 @@ class TreeRunner:
                             row_name="token_lists[{}]", logits_of=logits_of)
 
     def head_at_columns(self, columns: Sequence[int]):
-        """A function from final hidden states [N, hidden_size] (as extend returns them) to the model's float32
+        """A function from final hidden states [N, hidden_size] (extend's with hidden="last"; those of hidden="all",
+        a list by span, concatenated) to the model's float32
         logits at the vocabulary `columns` [N, len(columns)], computed from those rows of the LM head alone, as the
         runner computes the model's head now (bias, soft cap): to read a few columns of many rows without the
         [N, vocab] product. None where the runner cannot compute the head at chosen columns alone (a head other than

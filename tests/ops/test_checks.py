@@ -65,7 +65,9 @@ def test_int_ids_take_ints_of_any_container_and_refuse_bools_among_them():
         int_ids([*ids.tolist(), True], "ids", "token ids")
     with pytest.raises(ValueError, match="^ids: expected int token ids, got a bool among them"):
         int_ids([np.bool_(False), 3], "ids", "token ids")
-    refused = [([], r"\[0\] of float64"), ([True, False], r"\[2\] of bool"), ([1.0], r"\[1\] of float64"),
+    with pytest.raises(ValueError, match="^ids: expected a non-empty 1-D sequence of int token ids, got an empty one$"):
+        int_ids([], "ids", "token ids")   # (numpy reads [] as float64, nothing the caller gave)
+    refused = [([True, False], r"\[2\] of bool"), ([1.0], r"\[1\] of float64"),
                (torch.tensor([True]), r"\[1\] of bool"), ([[1, 2]], r"\[1, 2\] of int64"),
                ([[1], [2, 3]], r"\[2\] of object"), (5, r"\[\] of int64")]
     for values, shape in refused:

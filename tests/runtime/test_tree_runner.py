@@ -501,6 +501,12 @@ def test_head_at_columns_gives_the_logits_columns_from_hidden_states(name, bias,
                                       hidden="last")
     got = runner.head_at_columns(columns)(hidden)
     assert got.dtype == torch.float32 and got.shape == (3, 4)
+    # hidden="all" gives a list by span: refused by name (it failed on list.to), its concatenation taken
+    _, _, every = runner.extend([None, None], [[1, 2, 3], [4, 5]], hidden="all")
+    with pytest.raises(ValueError, match=r"hidden: expected final hidden states \[N, \d+\] .*torch.cat those of "
+                                         r"hidden=\"all\", a list by span\), got list"):
+        runner.head_at_columns(columns)(every)
+    assert runner.head_at_columns(columns)(torch.cat(every)).shape == (5, 4)
     close = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
     torch.testing.assert_close(got, logits[:, columns], **close)
 
