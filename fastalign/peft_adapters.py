@@ -7,17 +7,19 @@ import contextlib
 class AdapterOff:
     """AdapterOff(model)() -> a context in which the PEFT model `model` computes without its adapter, as in
     model.disable_adapter(): a toggle of its LoRA layers, found at the first call (the model may be wrapped or sharded
-    before it), where that is all disable_adapter does (lora_layers); PEFT's own where it does more (bias terms,
+    before it) and again where its adapters changed since (an adapter added on other modules: its layers, left out,
+    stayed on), where that is all disable_adapter does (lora_layers); PEFT's own where it does more (bias terms,
     modules_to_save copies, which it switches too), or where the layers are some enabled, some not (it warns, then
     enables them all)."""
 
     def __init__(self, model):
         self.model = model
-        self._layers = None
+        self._layers, self._found_for = None, None
 
     def __call__(self):
-        if self._layers is None:
-            self._layers = lora_layers(self.model) or ()
+        adapters = [(name, id(config)) for name, config in getattr(self.model, "peft_config", {}).items()]
+        if self._layers is None or adapters != self._found_for:
+            self._layers, self._found_for = lora_layers(self.model) or (), adapters
         if not self._layers or len({layer.disable_adapters for layer in self._layers}) != 1:
             return self.model.disable_adapter()
         return _layers_off(self._layers)
