@@ -120,7 +120,7 @@ def check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_q_lens,
     if validate or (validate is None and q.device.type == "cpu"):
         check_paged_metadata(block_table, seq_lens, cu_q_lens, num_tokens=q.shape[0],
                              num_blocks=k_cache.shape[0], block_size=k_cache.shape[1], shared_prefix=shared_prefix)
-    backend = resolve_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device, dtype=q.dtype)
     if backend == "triton":
         _refuse_gradients(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks)
     return float(scale), backend

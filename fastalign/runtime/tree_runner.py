@@ -144,7 +144,7 @@ class TreeRunner:
         layered = _adapters_in_layers(model)
         # resolved here, on either path, once: before the runners, which take a model they cannot run as unfit (a
         # ValueError) and fall back
-        backend = resolve_backend(attention_backend, device, "attention_backend")
+        backend = resolve_backend(attention_backend, device, "attention_backend", getattr(layered, "dtype", None))
         self.model_runner = choose_model_runner(model, layered, backend, device, fallback)
         self.model = model
         mr = self.model_runner

@@ -951,3 +951,13 @@ def test_write_kv_on_fake_tensors_writes_without_validation_and_refuses_it_namin
             with pytest.raises(ValueError, match=r"write_kv with validate=True .* cannot run on fake tensors .*: "
                                                  r"checking slot_mapping reads its values.*pass validate=False"):
                 write_kv(kv, kv, cache, cache, slots, validate=validate)
+
+
+def test_auto_keeps_float64_on_the_torch_path_on_cuda_too(monkeypatch):
+    """"auto" on CUDA float64 tensors picked the Triton kernel, which takes no float64 (a TypeError naming q), where
+    the same call on the CPU ran: shown on CPU tensors with the backend resolved as for CUDA ones."""
+    resolve = pa_module.resolve_backend
+    monkeypatch.setattr(pa_module, "resolve_backend", lambda backend, device, *rest, **options: resolve(
+        backend, torch.device("cuda"), *rest, **options))
+    out, ref = run_case("decode_gqa", "auto", dtype=torch.float64, device="cpu")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)   # (the torch path computes in fp32)

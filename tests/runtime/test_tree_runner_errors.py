@@ -1196,3 +1196,17 @@ def test_copying_or_pickling_a_runner_is_refused_naming_it(runner, duplicate):
     with pytest.raises(TypeError, match="a TreeRunner cannot be copied or pickled: .* make a new TreeRunner on the "
                                         "model, or on the copy of it"):
         duplicate(runner)
+
+
+def test_auto_attention_keeps_a_float64_model_on_the_torch_path_on_cuda_too(monkeypatch):
+    """attention_backend="auto" for a float64 model on CUDA took the Triton kernel, which takes no float64: the runner
+    was made and its first extend failed. Shown on the CPU with the backend resolved as for a CUDA model."""
+    import fastalign.runtime.tree_runner as tree_runner_module
+    resolve = tree_runner_module.resolve_backend
+    monkeypatch.setattr(tree_runner_module, "resolve_backend", lambda backend, device, *rest: resolve(
+        backend, torch.device("cuda"), *rest))
+    model = tiny_model("llama-gqa-untied", dtype=torch.float64)
+    runner = TreeRunner(model, max_tokens=64, block_size=4)
+    _, logits = runner.extend([None], [[1, 2, 3, 4]])
+    torch.testing.assert_close(logits, model(torch.tensor([[1, 2, 3, 4]])).logits[:, -1].float(), rtol=1e-5,
+                               atol=1e-5)
