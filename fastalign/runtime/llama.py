@@ -231,7 +231,7 @@ class PagedLlama:
             return None
         weight, ids = head.weight, int_ids(columns, "columns", "vocabulary ids", empty=True)
         if ids.size and (ids.min() < 0 or ids.max() >= weight.shape[0]):
-            raise ValueError(f"columns: expected vocabulary ids in [0, {weight.shape[0]}), got {columns}")
+            raise ValueError(f"columns: expected vocabulary ids in [0, {weight.shape[0]}), got {ids.tolist()}")
         index = index_on(ids, weight.device)
 
         def logits(hidden):

@@ -83,6 +83,14 @@ def _as_list(value, name, expected):
         raise ValueError(f"{name}: expected {expected}, got {type(value).__name__}") from None
 
 
+def _ids(value, name, what, expected, empty=False):
+    """int_ids of `value`, a tensor or array as it is (a list of its 0-d elements would cost a Python step each), any
+    other iterable as a list (_as_list's error where it is not iterable)."""
+    if not isinstance(value, (torch.Tensor, np.ndarray)):
+        value = _as_list(value, name, expected)
+    return int_ids(value, name, what, empty=empty)
+
+
 class TreeRunner:
     """Runs `model` (a loaded Hugging Face causal LM, without dropout whatever its mode) over a tree of cached spans.
     The model computes on one device, where the KV pool goes (weights that accelerate offloads are fine, a device_map
@@ -309,7 +317,7 @@ class TreeRunner:
         [N, vocab] product. None where the runner cannot compute the head at chosen columns alone (a head other than
         a plain Linear, or hooks on it; the runners other than PagedLlama, whose logits the model's forward makes):
         ask extend for those rows' logits there."""
-        columns = _as_list(columns, "columns", "a sequence of vocabulary ids")
+        columns = _ids(columns, "columns", "vocabulary ids", "a sequence of vocabulary ids", empty=True)
         head_at = getattr(self.model_runner, "head_at_columns", None)
         return None if head_at is None else head_at(columns)
 
@@ -468,8 +476,8 @@ class TreeRunner:
         checked = []
         for i, offsets in enumerate(cuts):
             n = int(cu_lens[i + 1] - cu_lens[i])
-            offsets = _as_list(offsets, f"cuts[{i}]", "a 1-D sequence of int offsets ([] for none)")
-            offsets = int_ids(offsets, f"cuts[{i}]", "offsets", empty=True).tolist()
+            offsets = _ids(offsets, f"cuts[{i}]", "offsets", "a 1-D sequence of int offsets ([] for none)",
+                           empty=True).tolist()
             if any(b <= a for a, b in zip([0] + offsets, offsets)) or (offsets and offsets[-1] >= n):
                 raise ValueError(f"cuts[{i}]: expected increasing offsets in [1, {n - 1}] (strictly inside the "
                                  f"row of {n} tokens), got {offsets}")
@@ -484,8 +492,8 @@ class TreeRunner:
         if logits != "last":
             raise ValueError(f"logits_of: chooses among the logits at the returned spans' last tokens, so it takes "
                              f"logits=\"last\", got logits={logits!r}")
-        array = int_ids(_as_list(logits_of, "logits_of", "a sequence of indices of returned spans"), "logits_of",
-                        "indices of returned spans (logits=None for no logits)")
+        array = _ids(logits_of, "logits_of", "indices of returned spans (logits=None for no logits)",
+                     "a sequence of indices of returned spans")
         if array.min() < 0 or array.max() >= spans:
             raise ValueError(f"logits_of: expected indices in [0, {spans}) (this call returns {spans} spans), got "
                              f"{array.tolist()}")
