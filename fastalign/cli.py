@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 
-from fastalign.writable import cannot_append_to, cannot_create_in
+from fastalign.writable import cannot_append_to, cannot_create_in, not_a_regular_file
 
 
 class UsageError(ValueError):
@@ -23,17 +23,15 @@ def check_output_file(path: str) -> None:
     another file than a regular one (a pipe, a device), its directory cannot be created, or the file (where it
     exists, else its directory) is not writable: a read-only file system or directory (found before any model
     loads, rather than as a traceback once it has)."""
-    if os.path.isdir(path):
-        raise UsageError(f"--output: {path!r} is a directory: give the path of the jsonl file to write")
+    what = not_a_regular_file(path)   # a pipe: opening it to try blocks until a reader comes, forever
+    if what:
+        raise UsageError(f"--output: {path!r} {what}: give the path of the jsonl file to write")
     directory = os.path.dirname(path) or "."
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--output: {path!r}: cannot create its directory: {exc}") from None
     if os.path.exists(path):
-        if not os.path.isfile(path):   # a pipe: opening it to try blocks until a reader comes, forever
-            raise UsageError(f"--output: {path!r} is not a regular file (a pipe or a device): give the path of a "
-                             "file to write")
         problem = cannot_append_to(path)
         if problem:
             raise UsageError(f"--output: {path!r} is not writable: {problem}")

@@ -23,6 +23,17 @@ def cannot_create_in(folder: str) -> str | None:
     return None
 
 
+def not_a_regular_file(path: str) -> str | None:
+    """What `path` is ("is a directory", "is not a regular file (a pipe or a device)") where it exists and is no
+    regular file, else None: a command that writes there would block, opening a pipe, until a reader came (forever,
+    once its work was done), or fail on a directory; the checks before its work refuse both."""
+    if os.path.isdir(path):
+        return "is a directory"
+    if os.path.exists(path) and not os.path.isfile(path):
+        return "is not a regular file (a pipe or a device)"
+    return None
+
+
 def cannot_append_to(path: str) -> str | None:
     """Why the existing file `path` cannot be opened for writing, or None where it can (opened, nothing written)."""
     try:

@@ -55,7 +55,7 @@ from fastalign.output_lock import output_lock
 from fastalign.pretrained import load_config, load_pretrained, load_tokenizer
 from fastalign.prompt_templates import ChatTemplate, chat_option_problem, refuse_special_text, special_texts
 from fastalign.rain.records import rank_files
-from fastalign.writable import DiskFullError, naming_a_full_disk
+from fastalign.writable import DiskFullError, naming_a_full_disk, not_a_regular_file
 
 from .answers import read_answers
 from .generation import GenerationConfig, check_stop_strings, encode_prompts
@@ -521,12 +521,13 @@ def _evaluate_answers(args) -> dict:
 
 def _check_output_files(output: str) -> None:
     """check_output_file of --output, and of the summary written beside it at the end (<output>.summary.json, in the
-    same directory, replacing a previous one): UsageError naming --output where the summary's place is a directory,
-    found before any record is generated or judged, not as a traceback after them all."""
+    same directory, replacing a previous one): UsageError naming --output where the summary's place is a directory or
+    a pipe (not_a_regular_file), found before any record is generated or judged, not as a traceback after them all."""
     check_output_file(output)
     summary = output + ".summary.json"
-    if os.path.isdir(summary):
-        raise UsageError(f"--output: its summary {summary!r} cannot be written: it is a directory")
+    what = not_a_regular_file(summary)   # a pipe hung the command once every record was generated and judged
+    if what:
+        raise UsageError(f"--output: its summary {summary!r} cannot be written: it {what}")
 
 
 def _written(path: str, batches):

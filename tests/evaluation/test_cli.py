@@ -373,19 +373,33 @@ def rain_output(tmp_path):
     ]))
 
 
+@pytest.mark.parametrize("kind, what", [("directory", "is a directory"),
+                                        ("pipe", "is not a regular file (a pipe or a device)")])
 @pytest.mark.parametrize("source", ["--answers", "--prompts"])
 def test_a_summary_path_that_cannot_be_written_is_a_usage_error_before_any_record(rain_output, model_dir,
                                                                                   harmful_prompts, tmp_path, capsys,
-                                                                                  source):
+                                                                                  monkeypatch, source, kind, what):
     """<output>.summary.json, written at the end, is checked with --output: a directory in its place made the
-    command judge (or generate) every record, then die with an IsADirectoryError traceback and no summary."""
-    out = tmp_path / "judged.jsonl"
-    (tmp_path / "judged.jsonl.summary.json").mkdir()
+    command judge (or generate) every record, then die with an IsADirectoryError traceback and no summary; a pipe
+    made it hang there, forever. Neither a model nor a judge is made before the refusal (a missing check fails here
+    rather than hanging)."""
+    if kind == "pipe" and not hasattr(os, "mkfifo"):
+        pytest.skip("needs named pipes")
+    out = tmp_path / f"judged-{os.urandom(3).hex()}.jsonl"
+    summary = Path(str(out) + ".summary.json")
+    if kind == "directory":
+        summary.mkdir()
+    else:
+        os.mkfifo(summary)
+
+    def too_soon(*args, **kwargs):
+        raise AssertionError("work began before the summary's path was checked")
+    monkeypatch.setattr("fastalign.evaluation.cli.load_causal_lm", too_soon)
+    monkeypatch.setattr("fastalign.evaluation.cli.build_judge", too_soon)
     given = ["--answers", rain_output] if source == "--answers" else ["--model", model_dir, "--prompts",
                                                                         harmful_prompts]
     assert run(*given, "--judge", "keyword", "--keywords", "poison", "--output", out) == 2
-    assert f"--output: its summary {str(out) + '.summary.json'!r} cannot be written: it is a directory" in \
-        capsys.readouterr().err
+    assert f"--output: its summary {str(summary)!r} cannot be written: it {what}" in capsys.readouterr().err
     assert not out.exists()
 
 
