@@ -21,7 +21,7 @@ from fastalign.unlearn.formats import FORMATS, Format
 from fastalign.unlearn.objective import LossWeights
 from fastalign.unlearn.packing import MODES as PACKING_MODES, Packing
 from fastalign.unlearn.reference import CACHE_STORAGES, REFERENCE_MODES, CacheStorage, ReferenceMode
-from fastalign.writable import cannot_create_in
+from fastalign.writable import cannot_create_in, not_a_regular_file
 
 Precision = Literal["fp32", "bf16-mixed", "bf16"]
 PRECISIONS = get_args(Precision)
@@ -241,11 +241,17 @@ def _path(name: str, value) -> str | None:
     return None if value is None else os.fspath(value)
 
 
+# The files a run writes in its output_dir. One that is a pipe hung the run at its first logged step (log.jsonl,
+# opened to append, blocks until a reader comes); a directory failed it once the model had loaded, or at its end.
+RUN_FILES = ("config.json", "log.jsonl", "run.json")
+
+
 def check_output_dir(path: str) -> None:
     """ValueError naming output_dir (--output-dir) unless `path` is a directory this process can create files in,
-    or can be made in one: a file at `path` or among its parents, or a read-only directory, failed only once the
-    model had loaded, with a bare "File exists" or a traceback. Creates and removes a file in `path` or in its
-    nearest existing parent, and makes no directory, so that a refused run leaves nothing behind."""
+    or can be made in one, and holds none of RUN_FILES that is no regular file (a pipe, a directory): a file at
+    `path` or among its parents, or a read-only directory, failed only once the model had loaded, with a bare "File
+    exists" or a traceback. Creates and removes a file in `path` or in its nearest existing parent, and makes no
+    directory, so that a refused run leaves nothing behind."""
     name = "output_dir (--output-dir)"
     folder = os.path.abspath(path)
     while not os.path.exists(folder):
@@ -257,6 +263,10 @@ def check_output_dir(path: str) -> None:
     problem = cannot_create_in(folder)
     if problem:
         raise ValueError(f"{name}: cannot write in {path!r}{made_in}: {problem}")
+    for file in () if made_in else RUN_FILES:
+        what = not_a_regular_file(os.path.join(folder, file))
+        if what:
+            raise ValueError(f"{name}: {os.path.join(path, file)!r} {what}: the run writes its {file} there")
 
 
 def _items(name: str, value, expected: str, kinds=(str, os.PathLike)) -> list:

@@ -432,6 +432,28 @@ def test_an_output_dir_that_cannot_be_written_is_a_usage_error_before_the_model_
     assert os.listdir(workspace / "readonly") == [] and (workspace / "afile").read_text() == ""
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+@pytest.mark.parametrize("check", [["--check"], []])
+def test_an_output_dir_whose_log_is_a_pipe_is_a_usage_error_before_the_model_loads(workspace, capsys, monkeypatch,
+                                                                                     check):
+    """A log.jsonl pipe in --output-dir passed every check: the run loaded the model, trained its first step, then
+    blocked forever opening the log to append. Now exit 2 before the model loads (a missing check fails the loader
+    patched here instead of hanging), the pipe left as it was."""
+    out = workspace / "out"
+    out.mkdir()
+    os.mkfifo(out / "log.jsonl")
+
+    def no_load(config):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("fastalign.unlearn.run.load_model_and_tokenizer", no_load)
+    code = main(["unlearn", "--config", str(workspace / "run.yaml"), "--output-dir", str(out), "--no-progress"] + check)
+    err = capsys.readouterr().err
+    assert code == 2 and err == (f"fastalign unlearn: error: output_dir (--output-dir): {str(out / 'log.jsonl')!r} is "
+                                 "not a regular file (a pipe or a device): the run writes its log.jsonl there\n"), err
+    assert os.listdir(out) == ["log.jsonl"] and not os.path.isfile(out / "log.jsonl")
+
+
 @needs_fcntl
 def test_an_output_dir_another_process_writes_is_refused_and_resumed_once_it_is_killed(workspace, capsys,
                                                                                         monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 
 from fastalign.config_files import read_config_file
 from fastalign.data_files import DataError
-from fastalign.unlearn.config import SEED_MAX, UnlearnConfig, check_output_dir
+from fastalign.unlearn.config import RUN_FILES, SEED_MAX, UnlearnConfig, check_output_dir
 
 
 def test_yaml_exponent_numbers_are_floats(tmp_path):
@@ -227,6 +227,31 @@ def test_an_existing_output_dir_that_cannot_be_written_is_refused():
     """/proc stands for an existing read-only directory (a read-only mount: root passes permission bits)."""
     with pytest.raises(ValueError, match=r"^output_dir \(--output-dir\): cannot write in '/proc': "):
         check_output_dir("/proc")
+
+
+@pytest.mark.parametrize("file", RUN_FILES)
+@pytest.mark.parametrize("kind, what", [("pipe", "is not a regular file (a pipe or a device)"),
+                                        ("directory", "is a directory")])
+def test_an_output_dir_whose_run_file_is_no_regular_file_is_refused(tmp_path, file, kind, what):
+    """A log.jsonl that was a pipe hung the run at its first logged step (opened to append, it waits for a reader);
+    a directory in the place of a file the run writes failed it after the model had loaded, or at its end (run.json).
+    Regular files, or none, pass (a run to resume has them)."""
+    if kind == "pipe" and not hasattr(os, "mkfifo"):
+        pytest.skip("needs named pipes")
+    out = tmp_path / f"out-{os.urandom(3).hex()}"
+    out.mkdir()
+    check_output_dir(str(out))
+    for other in RUN_FILES:
+        (out / other).write_text("")
+    check_output_dir(str(out))
+    (out / file).unlink()
+    if kind == "pipe":
+        os.mkfifo(out / file)
+    else:
+        (out / file).mkdir()
+    with pytest.raises(ValueError, match=rf"^output_dir \(--output-dir\): {re.escape(repr(str(out / file)))} "
+                                         rf"{re.escape(what)}: the run writes its {re.escape(file)} there$"):
+        check_output_dir(str(out))
 
 
 @pytest.mark.parametrize("name", ["lr", "weight_decay", "forget_weight", "mismatch_weight", "normal_weight",
