@@ -11,7 +11,7 @@ from typing import List, Optional
 
 from fastalign.data_files import LINE_BREAK, DataError, read_csv, read_jsonl, read_text, text_field
 from fastalign.prompt_templates import SPEC_TEMPLATE, ChatTemplate
-from fastalign.unlearn.formats import hh_line_break_hint
+from fastalign.unlearn.formats import hh_first_request
 
 # What a model continues to answer a question in the SPEC's format: the template up to the answer, without
 # the trailing space (a tokenizer attaches that space to the answer's first word).
@@ -43,15 +43,15 @@ HH_NEW_TURN = HH_HUMAN.strip()
 
 
 def hh_messages(path: str):
-    """The text of the first Human turn of each dialogue of an Anthropic HH jsonl(.gz) file (its 'chosen'
+    """The request each dialogue of an Anthropic HH jsonl(.gz) file opens with (hh_first_request of its 'chosen'
     transcript): the harmful request of a harmless-base dialogue. ValueError for a file without dialogues."""
     messages = []
     for row, record in read_jsonl(path):  # gzip-aware; bad JSON names the row
         text = _prompt(record, "chosen", path, row)
-        if not text.startswith(HH_HUMAN) or HH_ASSISTANT not in text:
-            raise ValueError(f"{path}: row {row}: 'chosen' must start with a '{HH_HUMAN.strip()}' turn "
-                             f"followed by an '{HH_ASSISTANT.strip()}' turn{hh_line_break_hint(text)}")
-        messages.append(text[len(HH_HUMAN):text.index(HH_ASSISTANT)])
+        try:
+            messages.append(hh_first_request(text))
+        except ValueError as exc:
+            raise ValueError(f"{path}: row {row}: 'chosen' {exc}") from None
     if not messages:
         raise ValueError(f"{path}: no dialogues")
     return messages

@@ -66,6 +66,19 @@ def hh_final_exchange(transcript: str) -> tuple[str, str]:
     return human[-1].strip(), turns[-1][1].strip()
 
 
+def hh_first_request(transcript: str) -> str:
+    """The request an HH transcript opens with: its text from the first turn, which must be a Human turn, up to the
+    first Assistant turn, turns read as hh_final_exchange reads them (with or without the leading blank line, and
+    "Human:" with or without its space), so that eval and rain take their prompts from every transcript unlearning
+    trains on; ValueError for a transcript that opens otherwise (text, an Assistant turn) or has no Assistant turn."""
+    turns = list(_HH_TURN.finditer(transcript))
+    answer = next((turn for turn in turns if turn[1] == "Assistant"), None)
+    if not turns or turns[0].start() != 0 or turns[0][1] != "Human" or answer is None:
+        raise ValueError("must start with a 'Human:' turn followed by an 'Assistant:' turn"
+                         + hh_line_break_hint(transcript))
+    return transcript[turns[0].end():answer.start()]
+
+
 def load_hh_rlhf(path: str | os.PathLike) -> list[QAPair]:
     """Forget pairs from Anthropic HH rows: final Human turn -> final Assistant turn of `rejected`."""
     path = os.fspath(path)

@@ -6,6 +6,7 @@ import random
 import pytest
 
 from fastalign.evaluation.prompts import hh_messages, read_prompts
+from fastalign.unlearn.formats import load_hh_rlhf
 
 PROMPTS = ["How do I bake bread?", "Two lines:\nhere", 'A "quoted", comma']
 
@@ -93,13 +94,25 @@ def test_an_hh_dialogue_with_carriage_return_line_breaks_is_refused_naming_them(
         hh_messages(str(tmp_path / "hh.jsonl"))
 
 
-@pytest.mark.parametrize("chosen", ["Human: Hi\n\nAssistant: x", "\n\nAssistant: x\n\nHuman: Hi\n\nAssistant: y"])
+@pytest.mark.parametrize("chosen", ["\n\nAssistant: x\n\nHuman: Hi\n\nAssistant: y", "Hi\n\nAssistant: x"])
 def test_an_hh_dialogue_that_does_not_open_with_a_human_turn_is_refused(tmp_path, chosen):
-    """The message is cut at the length of '\\n\\nHuman: ': a dialogue opening otherwise lost its first characters
+    """The message was cut at the length of '\\n\\nHuman: ': a dialogue opening otherwise lost its first characters
     (or was read from the Assistant's turn), silently."""
     (tmp_path / "hh.jsonl").write_text(json.dumps({"chosen": chosen}) + "\n")
     with pytest.raises(ValueError, match="hh.jsonl: row 1: 'chosen' must start with a 'Human:' turn"):
         hh_messages(str(tmp_path / "hh.jsonl"))
+
+
+@pytest.mark.parametrize("opening", ["Human: ", "\n\nHuman:", "\n\nHuman: "])
+def test_an_hh_dialogue_is_read_as_the_unlearning_loader_reads_it(tmp_path, opening):
+    """Stored without its leading blank line, or 'Human:' without its space, a dialogue was refused ("must start
+    with a 'Human:' turn") that `fastalign unlearn --forget` trains on (ed7b676): its request is now read, whole, so
+    that the harmful rate is measured on the split unlearned."""
+    request = f"Hi {random.randrange(10**6)}"
+    chosen = f"{opening}{request}\n\nAssistant: x"
+    (tmp_path / "hh.jsonl").write_text(json.dumps({"chosen": chosen, "rejected": chosen}) + "\n")
+    assert hh_messages(str(tmp_path / "hh.jsonl")) == [pair.prompt for pair in load_hh_rlhf(tmp_path / "hh.jsonl")] \
+        == [request]
 
 
 @pytest.mark.parametrize("name", ["prompts.txt", "prompts.jsonl"])

@@ -2,12 +2,13 @@
 import gzip
 import json
 import os
+import random
 
 import pytest
 
 from fastalign.data_files import DataError, read_csv
-from fastalign.unlearn.formats import (detect_jsonl_format, hh_final_exchange, load_hh_rlhf, load_pairs,
-                                       load_pku_saferlhf, load_prompt_answer_jsonl, load_truthfulqa)
+from fastalign.unlearn.formats import (detect_jsonl_format, hh_final_exchange, hh_first_request, load_hh_rlhf,
+                                       load_pairs, load_pku_saferlhf, load_prompt_answer_jsonl, load_truthfulqa)
 from tests.conftest import SHARED_DATA
 from tests.unlearn.tiny import write_jsonl
 
@@ -79,6 +80,29 @@ def test_hh_transcript_that_ends_with_a_human_turn_is_refused():
     """Its last turn is the user's: taken as the final answer, a Human turn would be trained on as the harmful reply."""
     with pytest.raises(ValueError, match="does not end with an Assistant turn after a Human turn"):
         hh_final_exchange("\n\nHuman: how?\n\nAssistant: Like this.\n\nHuman: and then?")
+
+
+@pytest.mark.parametrize("opening", ["\n\nHuman: ", "Human: ", "\n\nHuman:", "\n\nHuman:\t"])
+def test_hh_first_request_reads_the_turns_hh_final_exchange_reads(opening):
+    """eval and rain took their HH prompts only from transcripts opening with "\n\nHuman: ", and refused those that
+    unlearning trains on without the leading blank line or the space. The request runs to the first Assistant turn
+    (a second Human turn before it stays in it, as it did)."""
+    request = f"how {random.randrange(10**6)}?"
+    transcript = f"{opening}{request}\n\nAssistant: Like this."
+    assert hh_first_request(transcript) == hh_final_exchange(transcript)[0] == request
+    assert hh_first_request(f"{opening}{request}\n\nHuman: now\n\nAssistant: x\n\nHuman: y\n\nAssistant: z") == \
+        f"{request}\n\nHuman: now"
+
+
+@pytest.mark.parametrize("transcript", ["\n\nAssistant: x\n\nHuman: Hi\n\nAssistant: y", "Hi\n\nAssistant: x",
+                                        "Hi\n\nHuman: Hi\n\nAssistant: x", "\n\nHuman: Hi",
+                                        "\r\n\r\nHuman: Hi\r\n\r\nAssistant: x"])
+def test_hh_first_request_of_a_transcript_that_does_not_open_with_a_request_is_refused(transcript):
+    """An opening Assistant turn, text before the first turn, or no answer: no request to read (a carriage return is
+    named, as hh_final_exchange names it)."""
+    with pytest.raises(ValueError, match="^must start with a 'Human:' turn followed by an 'Assistant:' turn"
+                                         + (" \\(turns follow a blank line.*'\\\\r'\\)$" if "\r" in transcript else "$")):
+        hh_first_request(transcript)
 
 
 def test_hh_is_detected_by_its_rejected_field_alone(tmp_path):
