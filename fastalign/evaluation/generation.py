@@ -26,7 +26,7 @@ from fastalign.eval_mode import eval_mode
 from fastalign.model_context import model_positions
 from fastalign.model_devices import input_device
 from fastalign.model_vocabulary import check_embedded, input_vocabulary, pad_id, probe_ids
-from fastalign.ops.checks import is_integer, refuse_one_string
+from fastalign.ops.checks import check_seed, is_integer, refuse_one_string
 from fastalign.runtime.hf_cache_argument import (cache_kwargs, prefix_start, refuse_prompt_adapter_over_a_cache,
                                                  returned_cache, takes_logits_to_keep)
 from fastalign.prompt_templates import end_of_turn_id
@@ -66,6 +66,9 @@ class GenerationConfig:
                 raise ValueError(f"{name} must be an integer, got {value!r}")
             if value < least:
                 raise ValueError(f"{name} must be >= {least}, got {value}")
+        # as RainConfig's and UnlearnConfig's: each prompt's generator is seeded from the text f"{seed}:{i}", where
+        # 1.0, True and "1" drew otherwise than 1, and None, -1 or 2**70 were taken
+        object.__setattr__(self, "seed", check_seed("seed", self.seed))
         if self.do_sample and not 0 < self.temperature < math.inf:   # inf: every logit 0, a uniform draw; NaN
             raise ValueError(f"temperature must be a finite number > 0 when sampling, got {self.temperature}")
         refuse_one_string("stop_strings", self.stop_strings)   # "Human:" would be the stop strings H, u, m, a, ...

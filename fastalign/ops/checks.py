@@ -55,6 +55,19 @@ def check_count(name, value, least, where=""):
         raise ValueError(f"{where}{name} must be an integer >= {least}, got {value!r}")
 
 
+# The largest seed: the samplers key on 64 bits (2**64 was searched as seed 0, -1 as 2**64 - 1), and torch.manual_seed
+# refuses a larger one only once the model has loaded ("Overflow when unpacking long long").
+SEED_MAX = 2 ** 64 - 1
+
+
+def check_seed(name, value, where="") -> int:
+    """`value` as a plain int (a NumPy integer too); ValueError naming `name` (after `where`) unless it is an integer
+    in [0, SEED_MAX]: a bool, a float or a text stood for other draws than the integer it reads as."""
+    if not is_integer(value) or not 0 <= value <= SEED_MAX:
+        raise ValueError(f"{where}{name} must be an integer in [0, 2**64), got {value!r}")
+    return int(value)
+
+
 def refuse_one_string(name, value):
     """TypeError for a str where a list of texts belongs: a str is a sequence too, of its characters."""
     if isinstance(value, str):

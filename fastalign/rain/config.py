@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Tuple
 
-from fastalign.ops.checks import is_integer, is_real
+from fastalign.ops.checks import check_seed, is_integer, is_real
 
 
 @dataclass(frozen=True)
@@ -131,10 +131,9 @@ class RainConfig:
             (self.max_new_tokens >= 0, "max_new_tokens must be >= 0 (0 = no limit)"),
             (self.parallel_leaves >= 1, "parallel_leaves must be >= 1 (1 = one inner iteration at a time)"),
             (self.virtual_loss > 0, "virtual_loss must be > 0"),
-            # the samplers key on 64 bits: 2**64 searched as 0 did, -1 as 2**64 - 1
-            (0 <= self.seed < 2 ** 64, f"seed must be in [0, 2**64), got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"RainConfig: {message}")
+        check_seed("seed", self.seed, "RainConfig: ")
         return self

@@ -15,7 +15,7 @@ from typing import Literal, get_args
 from fastalign.config_files import dataclass_from_dict
 from fastalign.data_files import DataError, check_data_file
 from fastalign.ops.backend import Backend, check_backend
-from fastalign.ops.checks import check_count, is_real
+from fastalign.ops.checks import check_count, check_seed, is_real
 from fastalign.prompt_templates import SPEC_TEMPLATE, chat_option_problem
 from fastalign.unlearn.formats import FORMATS, Format
 from fastalign.unlearn.objective import LossWeights
@@ -25,7 +25,6 @@ from fastalign.writable import cannot_create_in, not_a_regular_file
 
 Precision = Literal["fp32", "bf16-mixed", "bf16"]
 PRECISIONS = get_args(Precision)
-SEED_MAX = 2**64 - 1   # the largest seed torch.manual_seed takes (a larger one: "Overflow when unpacking long long")
 
 
 def _default(name: str):
@@ -103,15 +102,13 @@ class UnlearnConfig:
             raise ValueError(f"forget_format must be 'auto' or one of {FORMATS}, got {self.forget_format!r}")
         self.loss_weights  # validates the three weights
         least = dict.fromkeys(("max_length", "batch_size", "max_steps", "grad_accum", "log_every", "lora_rank"), 1)
-        least |= dict.fromkeys(("mismatch_per_prompt", "save_every", "keep_checkpoints", "seed"), 0)
+        least |= dict.fromkeys(("mismatch_per_prompt", "save_every", "keep_checkpoints"), 0)
         if self.normal_batch_size is not None:
             least["normal_batch_size"] = 1
         for name, smallest in least.items():
             check_count(name, getattr(self, name), smallest)
             setattr(self, name, int(getattr(self, name)))  # a NumPy integer becomes a plain int, as JSON needs
-        if self.seed > SEED_MAX:
-            raise ValueError(f"seed (--seed) must be an integer in [0, {SEED_MAX}], the seeds torch.manual_seed "
-                             f"takes, got {self.seed!r}")
+        self.seed = check_seed("seed (--seed)", self.seed)
         for name in ("lr", "weight_decay"):
             value = getattr(self, name)
             if not is_real(value) or not math.isfinite(value) or value < 0:

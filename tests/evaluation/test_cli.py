@@ -237,6 +237,8 @@ def test_a_reference_of_another_vocabulary_is_an_error_before_any_answer(harmful
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--sample", "--top-k", "-1"], "--top-k must be >= 0"),
     (["--sample", "--temperature", "0"], "--temperature must be a finite number > 0 when sampling"),
+    # sampled with a stream of its own, where rain refuses it
+    (["--sample", "--seed", "-1"], "--seed must be an integer in [0, 2**64), got -1"),
     (["--stop", "</s>"], "--stop: stop string '</s>' holds the special token '</s>'"),   # never stopped an answer
     (["--judge", "keyword", "--keywords", ", ,"], "--keywords: KeywordJudge needs at least one non-empty keyword"),
     # another judge's options were ignored: the world judge ran where keywords were meant

@@ -1,7 +1,9 @@
 import collections
 import copy
 import dataclasses
+import random
 
+import numpy as np
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -96,6 +98,22 @@ def test_prompt_longer_than_context_is_refused(tokenizer, model):
 def test_bad_generation_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GenerationConfig(**kwargs)
+
+
+@pytest.mark.parametrize("seed", [1.0, True, "1", None, -1, 2 ** 64, 2 ** 70])
+def test_a_seed_that_is_no_64_bit_integer_is_refused(seed):
+    """Each prompt's generator is seeded from the text f"{seed}:{i}": 1.0, True and "1" sampled otherwise than 1,
+    and None, -1 or 2**70 were taken, where RainConfig and UnlearnConfig refuse them all."""
+    with pytest.raises(ValueError, match=r"^seed must be an integer in \[0, 2\*\*64\), got "):
+        GenerationConfig(do_sample=True, seed=seed)
+
+
+def test_a_numpy_seed_samples_as_its_python_int():
+    """A NumPy integer is taken as the int it holds, as UnlearnConfig takes it (its text, which seeds the draws, is
+    that int's)."""
+    seed = random.randrange(2 ** 64)
+    config = GenerationConfig(do_sample=True, seed=np.uint64(seed))
+    assert type(config.seed) is int and config.seed == seed
 
 
 def test_stop_strings_decode_a_bounded_tail_of_the_answer_at_each_step(world, tokenizer, model):

@@ -335,8 +335,8 @@ def test_config_validation_and_lengths():
     (dict(min_new_visits=0), "root_visits and min_new_visits must be >= 1"),
     (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
     (dict(virtual_loss=0.0, parallel_leaves=2), "virtual_loss must be > 0"),   # pending leaves would not steer
-    (dict(seed=2 ** 64), "seed must be in \\[0, 2\\*\\*64\\), got 18446744073709551616"),   # searched as seed 0
-    (dict(seed=-1), "seed must be in \\[0, 2\\*\\*64\\), got -1"),                   # searched as 2**64 - 1
+    (dict(seed=2 ** 64), "seed must be an integer in \\[0, 2\\*\\*64\\), got 18446744073709551616"),  # seed 0
+    (dict(seed=-1), "seed must be an integer in \\[0, 2\\*\\*64\\), got -1"),                 # searched as 2**64 - 1
     (dict(widen_group=0), "widen_group must be >= 1"),
     (dict(max_length=1), "max_length must be >= 2"),
     (dict(parallel_leaves=0), "parallel_leaves must be >= 1"),

@@ -1314,7 +1314,7 @@ def test_bad_models_and_settings(tmp_path):
                          ({"max_steps": 0}, "max_steps must be an integer >= 1"),
                          ({"batch_size": True}, "batch_size must be an integer >= 1"),
                          ({"normal_batch_size": 0}, "normal_batch_size must be an integer >= 1"),
-                         ({"seed": -1}, "seed must be an integer >= 0"),
+                         ({"seed": -1}, r"seed \(--seed\) must be an integer in \[0, 2\*\*64\)"),
                          ({"reference": "adapter"}, "reference='adapter' needs lora=True"),
                          ({"precision": "fp8"}, "precision must be one of")]:
         with pytest.raises(ValueError, match=message):
