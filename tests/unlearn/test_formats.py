@@ -100,8 +100,8 @@ def test_hh_first_request_reads_the_turns_hh_final_exchange_reads(opening):
 def test_hh_first_request_of_a_transcript_that_does_not_open_with_a_request_is_refused(transcript):
     """An opening Assistant turn, text before the first turn, or no answer: no request to read (a carriage return is
     named, as hh_final_exchange names it)."""
-    with pytest.raises(ValueError, match="^must start with a 'Human:' turn followed by an 'Assistant:' turn"
-                                         + (" \\(turns follow a blank line.*'\\\\r'\\)$" if "\r" in transcript else "$")):
+    hint = " \\(turns follow a blank line.*'\\\\r'\\)$" if "\r" in transcript else "$"
+    with pytest.raises(ValueError, match="^must start with a 'Human:' turn followed by an 'Assistant:' turn" + hint):
         hh_first_request(transcript)
 
 
