@@ -32,7 +32,7 @@ def test_every_extra_is_documented_and_used(extra):
     code = sources()
     for requirement in EXTRAS[extra]:
         module = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).replace("-", "_").lower()
-        imported = re.search(rf"^\s*(import|from) {module}\b", code, re.M)
+        imported = re.search(rf"^\s*(import|from) {module}\b|importorskip\(\"{module}\b", code, re.M)
         named = module in USED_THROUGH_TRANSFORMERS and USED_THROUGH_TRANSFORMERS[module] in code
         plugin = module in PYTEST_PLUGINS and PYTEST_PLUGINS[module] in readme
         assert imported or named or plugin, f"{extra}: nothing imports {module}"
@@ -49,7 +49,7 @@ def test_nothing_imports_tomllib_but_through_importorskip():
 # time (accelerate 1.0-1.5: the trainer's sharding check died with an AttributeError, FSDP2 did not exist) or
 # silently (peft 0.13-0.15: a made-up merge error for DoRA, the LoRA reference's fast toggle off).
 FLOORS = {"accelerate": (1, 6),   # FullyShardedDataParallelPlugin.fsdp_version (sharding.check_flat_units), FSDP2
-          "peft": (0, 16)}        # LoraLayer.lora_variant (lora_merge), AuxiliaryTrainingWrapper (reference)
+          "peft": (0, 16)}        # LoraLayer.lora_variant (lora_merge), AuxiliaryTrainingWrapper (peft_adapters)
 
 
 @pytest.mark.parametrize("package", sorted(FLOORS))
