@@ -32,11 +32,11 @@ def int_ids(values, name, what, empty=False) -> np.ndarray:
         array = np.asarray(values)
     except ValueError:  # a ragged nested sequence: refused below as a 1-D array of objects
         array = np.asarray(values, dtype=object)
-    if empty and array.shape == (0,):
-        return array.astype(np.int64)   # [] reads as float64
     if array.shape == (0,):
+        if empty:
+            return array.astype(np.int64)   # [] reads as float64
         raise ValueError(f"{name}: expected a non-empty 1-D sequence of int {what}, got an empty one")
-    if array.ndim != 1 or array.size == 0 or array.dtype.kind not in "iu":   # bools are of kind "b"
+    if array.ndim != 1 or array.dtype.kind not in "iu":   # bools are of kind "b"
         raise ValueError(f"{name}: expected a {'' if empty else 'non-empty '}1-D sequence of int {what}, got shape "
                          f"{list(array.shape)} of {array.dtype}")
     if not isinstance(values, np.ndarray) and not _BOOLS.isdisjoint(map(type, values)):
