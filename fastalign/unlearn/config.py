@@ -120,6 +120,12 @@ class UnlearnConfig:
             value = getattr(self, name)
             if not is_real(value) or not 0 <= value < 1:
                 raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+        # (load_truthfulqa's own rule, checked here so that a run is refused before its model loads)
+        test, pool = self.truthfulqa_test_fraction, self.truthfulqa_pool_fraction
+        if not (0 < pool and test + pool < 1):
+            raise ValueError(f"truthfulqa_pool_fraction must be > 0 and truthfulqa_test_fraction + "
+                             f"truthfulqa_pool_fraction < 1 (some TruthfulQA rows are left for the normal pairs), got "
+                             f"{pool!r} and {test!r}")
         if self.max_forget_nll is not None and not (is_real(self.max_forget_nll)
                                                     and math.isfinite(self.max_forget_nll)):
             raise ValueError(f"max_forget_nll must be a finite number, or null in a config file (none on the "

@@ -98,6 +98,11 @@ def test_a_setting_of_the_wrong_type_is_refused_by_name(settings, message):
     ({"lora": True, "lora_dropout": 1.0}, r"lora_dropout must be a number in \[0, 1\), got 1.0"),
     ({"truthfulqa_pool_fraction": 1}, r"truthfulqa_pool_fraction must be a number in \[0, 1\), got 1"),
     ({"max_forget_nll": float("nan")}, r"max_forget_nll must be a finite number, .* got nan"),
+    # (load_truthfulqa refuses these: they must not pass until the model has loaded)
+    ({"truthfulqa_pool_fraction": 0}, r"truthfulqa_pool_fraction must be > 0 and truthfulqa_test_fraction \+ "
+                                      r"truthfulqa_pool_fraction < 1 .* got 0 and 0.2"),
+    ({"truthfulqa_test_fraction": 0.6, "truthfulqa_pool_fraction": 0.4}, r"truthfulqa_pool_fraction must be > 0 .* "
+                                                                         r"got 0.4 and 0.6"),
 ])
 def test_a_value_out_of_range_is_refused_by_name(settings, message):
     """A seed torch.manual_seed cannot take failed after the model had loaded with only "Overflow when unpacking
@@ -198,7 +203,7 @@ def test_defaults_are_the_spec_recipe():
 def test_the_bounds_themselves_are_accepted():
     """Each range includes its documented bound: a learning rate of 0 or no weight decay is a setting, not a typo."""
     config = UnlearnConfig(lr=0, weight_decay=0.0, max_length=1, keep_checkpoints=0, save_every=0, seed=0,
-                           truthfulqa_test_fraction=0, truthfulqa_pool_fraction=0.0, max_forget_nll=-1.0)
+                           truthfulqa_test_fraction=0, max_forget_nll=-1.0)
     assert (config.lr, config.weight_decay, config.max_length, config.keep_checkpoints) == (0, 0.0, 1, 0)
 
 
