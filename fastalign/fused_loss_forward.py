@@ -9,6 +9,7 @@ the logits' memory unchanged: a Hugging Face Trainer, accelerate, DDP or FSDP2 a
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import warnings
 from typing import Callable, TypeVar
@@ -113,8 +114,9 @@ class FusedLossForward:
         loss_only = (arguments is not None and _asks_for_nothing_but_the_loss(arguments)
                      and not router_loss_added(self.loss.model))
         if not loss_only or not torch.is_grad_enabled():
-            outputs = self._unfused_taking_past_key_values(arguments, *args, **kwargs)
-            return self._smoothed(outputs, arguments) if loss_only else outputs
+            if loss_only and self.loss.label_smoothing and arguments.get("labels") is not None:
+                return self._smoothed(arguments)
+            return self._unfused_taking_past_key_values(arguments, *args, **kwargs)
         if arguments.get("labels") is None:
             self._warn_of_logits()
             return self.unfused(*args, **kwargs)
@@ -135,25 +137,22 @@ class FusedLossForward:
             return_dict = getattr(model.config, "return_dict", True)
         return output if return_dict else output.to_tuple()
 
-    def _smoothed(self, outputs, arguments: dict):
-        """The model's own outputs of a call under no_grad (a Trainer's evaluation) with their loss smoothed as the
-        fused loss smooths it (label_smoothing > 0), from their logits: the model's own loss is not."""
-        epsilon = self.loss.label_smoothing
-        if not epsilon or arguments.get("labels") is None:   # (no loss asked for: labels, as the fused forward)
-            return outputs
+    def _smoothed(self, arguments: dict):
+        """The model's own outputs of a call with labels under no_grad (a Trainer's evaluation), with the loss smoothed
+        as the fused loss smooths it (label_smoothing > 0), from their logits. The own forward runs without the
+        loss's arguments: its own loss, unsmoothed over the same [tokens x vocab] logits, would be thrown away."""
+        outputs = self.unfused(**{name: value for name, value in arguments.items() if name not in _LOSS_ARGUMENTS})
         as_tuple = not isinstance(outputs, ModelOutput)
-        logits, target = predicting_positions(outputs[1] if as_tuple else outputs.logits, arguments.get("labels"),
+        logits, target = predicting_positions(outputs[0] if as_tuple else outputs.logits, arguments["labels"],
                                               arguments.get("shift_labels"), self.loss.model, arguments)
         ignore_index = arguments.get("ignore_index", -100)
         total = torch.nn.functional.cross_entropy(logits.flatten(0, -2).float(), target.flatten(),
                                                   ignore_index=ignore_index, reduction="sum",
-                                                  label_smoothing=epsilon)
+                                                  label_smoothing=self.loss.label_smoothing)
         items = arguments.get("num_items_in_batch")
         loss = per_item(total, (target != ignore_index).sum().clamp(min=1) if items is None else items)
-        if as_tuple:
-            return (loss, *outputs[1:])
-        outputs.loss = loss
-        return outputs
+        # (the loss first, as the own forward with labels gives it: a tuple's, and a ModelOutput's first field)
+        return (loss, *outputs) if as_tuple else dataclasses.replace(outputs, loss=loss)
 
     def _unfused_taking_past_key_values(self, arguments: dict | None, *args, **kwargs):
         """The model's own forward's outputs; once, where a call passes K/V as past_key_values (as PEFT's forward

@@ -471,10 +471,12 @@ def test_label_smoothing_given_when_fusing_smooths_the_models_loss():
 @pytest.mark.parametrize("call", [{}, {"num_items_in_batch": 7}, {"shift_labels": True}, {"ignore_index": 5},
                                   {"return_dict": False}], ids=["mean", "num-items", "shift-labels", "ignore-index",
                                                                 "tuple"])
-def test_label_smoothing_given_when_fusing_smooths_the_loss_of_the_models_own_forward_under_no_grad(call):
+def test_label_smoothing_given_when_fusing_smooths_the_loss_of_the_models_own_forward_under_no_grad(
+        call, monkeypatch):
     """Under no_grad (a Trainer's evaluation) the fused model runs its own forward for the logits: its loss was then
     the unsmoothed one. It is the smoothed loss the fused forward gives in training, whatever the call's targets,
-    ignore_index, num_items_in_batch or return_dict."""
+    ignore_index, num_items_in_batch or return_dict, and the only cross-entropy computed: the own forward got the
+    labels too, and computed the unsmoothed loss over the [tokens x vocab] logits that the smoothed one replaced."""
     model = fuse_causal_lm_loss(tiny_llama(VOCAB), backend="torch", label_smoothing=0.2)
     with torch.no_grad():
         model.lm_head.weight *= 20   # (peaked logits, where smoothing moves the loss)
@@ -485,8 +487,13 @@ def test_label_smoothing_given_when_fusing_smooths_the_loss_of_the_models_own_fo
         inputs["labels"] = inputs["labels"].masked_fill(inputs["labels"] == -100, call["ignore_index"])
     call = {name: value for name, value in call.items() if name != "shift_labels"}
     expected = model(**inputs, **{name: value for name, value in call.items() if name != "return_dict"}).loss
+    cross_entropy, computed = torch.nn.functional.cross_entropy, []
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy",
+                        lambda *args, **kwargs: computed.append(kwargs.get("label_smoothing", 0.0)) or cross_entropy(
+                            *args, **kwargs))
     with torch.no_grad():
         outputs = model(**inputs, **call)
+    assert computed == [0.2]
     loss, logits = outputs[:2] if call.get("return_dict") is False else (outputs.loss, outputs.logits)
     assert logits is not None   # (the model's own forward ran)
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
