@@ -26,11 +26,12 @@ the runner is made.
 import functools
 import operator
 
+import numpy as np
 import torch
 
 from fastalign.eval_mode import eval_mode
 from fastalign.model_context import runner_context
-from fastalign.ops.checks import int_ids, is_integer
+from fastalign.ops.checks import is_integer
 from fastalign.runtime.gated_mlps import fused_gated_mlp
 from fastalign.runtime.layer_layouts import LAYOUTS
 from fastalign.runtime.module_hooks import runs_a_users_hooks, runs_more_than_its_forward
@@ -155,6 +156,7 @@ class PagedLlama:
         self.norms, self.rotations = [None] * self.num_layers, [None] * self.num_layers
         self.mlps = [None] * self.num_layers        # None: the module
         self.final_norm = self._final_norm_of = None
+        self._columns_index = (None, None)   # head_at_columns': (the ids, vocabulary size and device; their index)
         self._layers()
 
     def forward(self, batch, pool, select, want_logits, want_hidden, logits_rows=None):
@@ -221,18 +223,24 @@ class PagedLlama:
         logits = self._soft_capped(head(at)).float() if want_logits else None
         return logits, hidden if want_hidden else None
 
-    def head_at_columns(self, columns):
-        """The function from final hidden states (forward's) to the float32 logits at vocabulary `columns` that
-        forward's head gives there, from those rows of the lm_head (and its bias) alone; None where the head is not a
-        plain torch.nn.Linear run as its class runs it (a LoRA on it, a quantized head, a hook: what it computes at a
-        few columns is not its weight's rows)."""
+    def head_at_columns(self, ids: np.ndarray):
+        """The function from final hidden states (forward's) to the float32 logits at the vocabulary `ids` (an int
+        array: TreeRunner checked them) that forward's head gives there, from those rows of the lm_head (and its bias)
+        alone; None where the head is not a plain torch.nn.Linear run as its class runs it (a LoRA on it, a quantized
+        head, a hook: what it computes at a few columns is not its weight's rows). The head is looked at at each call,
+        as it is now; the ids' index on the device is kept for the next call with the same ids, vocabulary size and
+        device (a tree engine asks for the judge's label columns at each judge call): no copy to the device then."""
         head = self.model.lm_head
         if type(head).forward is not torch.nn.Linear.forward or runs_more_than_its_forward(head):
             return None
-        weight, ids = head.weight, int_ids(columns, "columns", "vocabulary ids", empty=True)
-        if ids.size and (ids.min() < 0 or ids.max() >= weight.shape[0]):
-            raise ValueError(f"columns: expected vocabulary ids in [0, {weight.shape[0]}), got {ids.tolist()}")
-        index = index_on(ids, weight.device)
+        weight, ids = head.weight, ids.astype(np.int64)   # (a copy: the index kept must not follow the caller's array)
+        key = (ids.tobytes(), weight.shape[0], weight.device)
+        kept_for, index = self._columns_index   # (one read: another thread may replace it)
+        if kept_for != key:
+            if ids.size and (ids.min() < 0 or ids.max() >= weight.shape[0]):
+                raise ValueError(f"columns: expected vocabulary ids in [0, {weight.shape[0]}), got {ids.tolist()}")
+            index = index_on(ids, weight.device)
+            self._columns_index = (key, index)
 
         def logits(hidden):
             if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or hidden.shape[1] != weight.shape[1]:

@@ -1,6 +1,7 @@
 """TreeRunner against Hugging Face: every span of a randomly grown and pruned tree, under eviction, gives
 the logits and final hidden states of the model run on the span's full sequence without a cache."""
 import copy
+import functools
 import warnings
 
 import numpy as np
@@ -529,6 +530,44 @@ def test_id_arguments_given_as_tensors_or_arrays_are_read_whole(monkeypatch):
     assert not {torch.Tensor, np.ndarray} & set(listed), listed
     torch.testing.assert_close(got, runner.head_at_columns(columns)(hidden))
     assert logits.shape[0] == 1
+
+
+def test_head_at_columns_asked_again_copies_its_index_to_the_device_once(monkeypatch):
+    """The tree engine asks for the judge's label columns at every judge call: each call checked the ids twice (the
+    runner, then PagedLlama) and copied their index to the device. The ids are checked once a call, their index copied
+    once for the same ids, vocabulary size and device; the head is looked at at each call, so a head changed since
+    (its weights, another head, a vocabulary the ids fall outside, a hook) gives its own logits, an error or None."""
+    import fastalign.runtime.llama as llama_module
+    import fastalign.runtime.tree_runner as tree_runner_module
+    from fastalign.ops.checks import int_ids
+    from fastalign.transfers import index_on
+    copies, checks = [], []
+    for module, made, name, counted in ((llama_module, copies, "index_on", index_on),
+                                        (llama_module, checks, "int_ids", int_ids),
+                                        (tree_runner_module, checks, "int_ids", int_ids)):
+        monkeypatch.setattr(module, name, functools.partial(lambda f, made, *a, **k: made.append(1) or f(*a, **k),
+                                                            counted, made), raising=False)
+    model = tiny_model("llama-gqa-untied")
+    runner = TreeRunner(model, max_tokens=64, block_size=4, attention_backend="torch")
+    _, _, hidden = runner.extend([None, None], [[1, 2, 3], [4, 5]], logits=None, hidden="last")
+    columns, checks[:] = [3, 1, 4], []
+    given = np.array(columns)
+    runner.head_at_columns(given)
+    given[:] = 0   # (the caller's array, changed after: the index kept is a copy)
+    with torch.no_grad():
+        for step in range(5):
+            model.lm_head.weight.mul_(1.5)   # (in place, as an optimizer step: read at each call)
+            torch.testing.assert_close(runner.head_at_columns(columns)(hidden), model.lm_head(hidden)[:, columns])
+        assert (len(copies), len(checks)) == (1, 6)
+        model.lm_head = torch.nn.Linear(hidden.shape[1], VOCAB, bias=True)
+        torch.testing.assert_close(runner.head_at_columns(columns)(hidden), model.lm_head(hidden)[:, columns])
+        model.lm_head = torch.nn.Linear(hidden.shape[1], 4, bias=False)
+        with pytest.raises(ValueError, match=r"columns: expected vocabulary ids in \[0, 4\), got \[3, 1, 4\]"):
+            runner.head_at_columns(columns)
+        torch.testing.assert_close(runner.head_at_columns([3, 1])(hidden), model.lm_head(hidden)[:, [3, 1]])
+        model.lm_head.register_forward_hook(lambda module, args, out: out * 2)
+        assert runner.head_at_columns([3, 1]) is None
+    assert len(copies) == 2
 
 
 def test_head_at_columns_is_none_where_the_head_is_not_computed_from_its_rows_alone():
