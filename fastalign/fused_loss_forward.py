@@ -141,7 +141,8 @@ class FusedLossForward:
         """The model's own outputs of a call with labels under no_grad (a Trainer's evaluation), with the loss smoothed
         as the fused loss smooths it (label_smoothing > 0), from their logits. The own forward runs without the
         loss's arguments: its own loss, unsmoothed over the same [tokens x vocab] logits, would be thrown away."""
-        outputs = self.unfused(**{name: value for name, value in arguments.items() if name not in _LOSS_ARGUMENTS})
+        kept = {name: value for name, value in arguments.items() if name not in _LOSS_ARGUMENTS}
+        outputs = self._unfused_taking_past_key_values(kept, **kept)
         as_tuple = not isinstance(outputs, ModelOutput)
         logits, target = predicting_positions(outputs[0] if as_tuple else outputs.logits, arguments["labels"],
                                               arguments.get("shift_labels"), self.loss.model, arguments)
