@@ -20,7 +20,7 @@ class PreparedAutocast:
     autocast is on for its device already; a null context for a forward no one wrapped. A wrapper whose autocast
     cannot be found warns, once, and leaves the precision as it is.
 
-    The settings are found once a wrapper, here (a model prepared already) or at the first call that meets it, and
+    The settings are found once per wrapper, here (a model prepared already) or at the first call that meets it, and
     kept with it: a compiled caller reads them and builds its autocast in its graph, where dynamo cannot trace the
     search nor copy the autocast found (a model prepared after the loss was made costs its first compiled call a graph
     break, once: under fullgraph=True, call the loss once uncompiled, or make it after the prepare)."""
@@ -44,7 +44,7 @@ class PreparedAutocast:
         return torch.autocast(**settings)   # (a new one: an autocast keeps the state it restores on itself)
 
     @compiler_disable(reason="PreparedAutocast finds the autocast of a model that accelerate's prepare wrapped outside "
-                             "the compiled graph (one graph break, once a wrapper): for fullgraph=True, call the loss "
+                             "the compiled graph (one graph break, once per wrapper): for fullgraph=True, call the loss "
                              "once uncompiled after the prepare, or make it after the prepare")
     def _find(self, model: torch.nn.Module) -> None:
         """Keeps the settings of the autocast around `model`'s prepared forward, None (and a warning) if none."""
