@@ -21,7 +21,7 @@ from fastalign.causal_lm_loss import (check_loss_reduction, final_hidden_states,
 from fastalign.compute_dtype import compute_dtype
 from fastalign.eval_mode import eval_mode
 from fastalign.ops.backend import Backend, check_backend
-from fastalign.ops.checks import Reduction, is_real
+from fastalign.ops.checks import Reduction, is_finite_real
 from fastalign.ops.forward_gradients import check_grads_in_forward
 from fastalign.ops.linear_kl_div import linear_kl_div
 from fastalign.peft_adapters import AdapterOff
@@ -96,7 +96,7 @@ class CausalLMKLDiv(torch.nn.Module):
             _check_same_vocabulary(causal_lm_parts(model)[1], causal_lm_parts(reference)[1])
         else:
             raise TypeError(f"reference must be a causal LM or 'adapter', got {type(reference).__name__}")
-        if not (is_real(temperature) and 0 < temperature < float("inf")):
+        if not (is_finite_real(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
         self.model, self.reference, self.temperature = model, reference, temperature
         self._adapter_off = AdapterOff(model) if reference == "adapter" else contextlib.nullcontext

@@ -401,6 +401,8 @@ def test_the_triton_kernels_give_the_same_kl():
     (lambda: "copy", {}, ValueError, "reference must be a causal LM, or 'adapter'"),
     (lambda: 3, {}, TypeError, "reference must be a causal LM or 'adapter', got int"),
     (lambda: tiny_llama(VOCAB), {"temperature": 0.0}, ValueError, "temperature must be a positive finite number"),
+    # (1.0 / T raised OverflowError at the first call)
+    (lambda: tiny_llama(VOCAB), {"temperature": 10 ** 400}, ValueError, "temperature must be a positive finite "),
     (lambda: tiny_gemma2(VOCAB, softcap=0.5), {}, NotImplementedError, "cap their logits differently"),
 ])
 def test_bad_references_are_refused_naming_the_argument(make_reference, options, error, message):

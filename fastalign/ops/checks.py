@@ -49,6 +49,24 @@ def is_real(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def real_as_float(value) -> float | None:
+    """`value` as a float (inf and NaN too) where is_real(value); None for another type, and for an int too big for a
+    float (YAML and JSON read 400 digits as one), which float() and math.isfinite refuse with an OverflowError."""
+    if not is_real(value):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
+def is_finite_real(value):
+    """True for a real number (is_real) that is finite as a float: False for inf, NaN and an int too big for a float,
+    so that a check of "a finite number" refuses such an int by name instead of raising OverflowError."""
+    number = real_as_float(value)
+    return number is not None and math.isfinite(number)
+
+
 def check_count(name, value, least, where=""):
     """ValueError, naming `name` (after `where`), unless `value` is an integer (NumPy's too, never a bool) >= least."""
     if not is_integer(value) or value < least:
@@ -202,7 +220,7 @@ def check_reduction(reduction):
 
 def check_softcap(softcap):
     """None (no cap) or a positive finite number: the logit soft cap c of c * tanh(z / c)."""
-    if softcap is not None and not (is_real(softcap) and math.isfinite(softcap) and softcap > 0):
+    if softcap is not None and not (is_finite_real(softcap) and softcap > 0):
         raise ValueError(f"softcap must be None or a positive finite number (a model's final_logit_softcapping), "
                          f"got {softcap!r}")
 

@@ -6,14 +6,13 @@ input and the rounded normalised rows (6 bytes a value of a 16-bit input) for th
 (2), recomputes the rest in its backward kernel (kernels/rms_norm.py) and applies the weight as each family's module
 does (`rule`).
 """
-import math
 from typing import Literal
 
 import torch
 
 from .backend import (Backend, apply_on, autocast_off, refuse_fake_tensors_on_triton, require_triton_dtype,
                       select_backend)
-from .checks import check_tensor, is_real, token_dims, FLOAT_DTYPES
+from .checks import check_tensor, is_finite_real, token_dims, FLOAT_DTYPES
 from .func_transforms import FusedOpFunction, LauncherGradients
 
 # How a family's module applies its weight to the normalised rows (fp32), and the launchers' arguments for it:
@@ -80,7 +79,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, rule: 
         raise TypeError(f"weight must have x's dtype ({x.dtype}) under rule 'rounded', got {weight.dtype}")
     # (not in dynamo's trace, as refuse_fake_tensors: compiled with dynamic=True, a module's float eps is a SymFloat,
     # which math.isfinite cannot take there; eager calls check it)
-    if not torch.compiler.is_dynamo_compiling() and not (is_real(eps) and math.isfinite(eps) and eps >= 0):
+    if not torch.compiler.is_dynamo_compiling() and not (is_finite_real(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     launcher = select_backend("rms_norm", backend, x.device, x.dtype)
     require_triton_dtype(launcher, "x", x)

@@ -161,10 +161,8 @@ def settings(args):
     try:
         return (dataclass_from_dict(RainConfig, _tuples(search), origin).validate(),
                 dataclass_from_dict(JudgePrompt, _tuples(judge), f"{origin}: judge"))
-    except ValueError as exc:
+    except ValueError as exc:   # (validate() checks every setting's type before its value)
         raise UsageError(str(exc)) from None
-    except TypeError as exc:   # e.g. a text where a number belongs
-        raise UsageError(f"{origin}: a setting has the wrong type: {exc}") from None
 
 
 def _tuples(values: dict) -> dict:

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Tuple
 
-from fastalign.ops.checks import check_seed, is_integer, is_real
+from fastalign.ops.checks import check_seed, is_finite_real, is_integer, is_real, real_as_float
 
 
 @dataclass(frozen=True)
@@ -87,17 +87,19 @@ class RainConfig:
                                                         "widen_variance_per_token", "widen_max_q", "early_stop_q",
                                                         "virtual_loss")}
         reals.update({f"initial_q_range[{i}]": x for i, x in enumerate(q_range)})
-        for name, value in reals.items():      # else the checks below raised a TypeError naming no setting
-            if not is_real(value):
-                raise ValueError(f"RainConfig: {name} must be a number, got {value!r}")
         # infinite values of these made selection ignore the values (every score infinite, or every q_norm 0),
         # a sibling's share of visits infinite, or crashed on a pending leaf; the other reals may be infinite
         # to switch a rule off (similarity_threshold=inf: no sharing; early_stop_q=inf: no early stop)
         finite = ("exploration", "q_norm_eps", "similarity_weight", "virtual_loss", "initial_q_range[0]",
                   "initial_q_range[1]")
-        for name in finite:
-            if name in reals and not math.isfinite(reals[name]):
-                raise ValueError(f"RainConfig: {name} must be finite, got {reals[name]!r}")
+        for name, value in reals.items():      # else the checks below raised a TypeError naming no setting
+            if not is_real(value):
+                raise ValueError(f"RainConfig: {name} must be a number, got {value!r}")
+            if name in finite and not is_finite_real(value):
+                raise ValueError(f"RainConfig: {name} must be finite, got {value!r}")
+            if real_as_float(value) is None:   # an int too big for a float, on which math.isnan raised OverflowError
+                raise ValueError(f"RainConfig: {name} must be a number a float can hold (of size below 1.8e308, "
+                                 f"or .inf or -.inf), got {value!r}")
         low, high = q_range if len(q_range) == 2 else (math.nan, math.nan)
         if not isinstance(self.widen_lone_child, bool):     # a YAML 'no' in quotes is a true string
             raise ValueError(f"RainConfig: widen_lone_child must be true or false, got {self.widen_lone_child!r}")

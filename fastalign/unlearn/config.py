@@ -6,7 +6,6 @@ answers per prompt, weights 0.5 / 1.0 / 1.0, early stop once the forget NLL exce
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from typing import Literal, get_args
 from fastalign.config_files import dataclass_from_dict
 from fastalign.data_files import DataError, check_data_file
 from fastalign.ops.backend import Backend, check_backend
-from fastalign.ops.checks import check_count, check_seed, is_real
+from fastalign.ops.checks import check_count, check_seed, is_finite_real, is_real
 from fastalign.prompt_templates import SPEC_TEMPLATE, chat_option_problem
 from fastalign.unlearn.formats import FORMATS, Format
 from fastalign.unlearn.objective import LossWeights
@@ -111,9 +110,9 @@ class UnlearnConfig:
         self.seed = check_seed("seed (--seed)", self.seed)
         for name in ("lr", "weight_decay"):
             value = getattr(self, name)
-            if not is_real(value) or not math.isfinite(value) or value < 0:
+            if not is_finite_real(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not is_real(self.lora_alpha) or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+        if not is_finite_real(self.lora_alpha) or self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha (--lora-alpha) must be a finite number > 0 (it scales the adapter's update: "
                              f"0 trains nothing), got {self.lora_alpha!r}")
         for name in ("lora_dropout", "truthfulqa_test_fraction", "truthfulqa_pool_fraction"):
@@ -126,8 +125,7 @@ class UnlearnConfig:
             raise ValueError(f"truthfulqa_pool_fraction must be > 0 and truthfulqa_test_fraction + "
                              f"truthfulqa_pool_fraction < 1 (some TruthfulQA rows are left for the normal pairs), got "
                              f"{pool!r} and {test!r}")
-        if self.max_forget_nll is not None and not (is_real(self.max_forget_nll)
-                                                    and math.isfinite(self.max_forget_nll)):
+        if self.max_forget_nll is not None and not is_finite_real(self.max_forget_nll):
             raise ValueError(f"max_forget_nll must be a finite number, or null in a config file (none on the "
                              f"command line) for no early stop, got {self.max_forget_nll!r}")
         reals = ("lr", "weight_decay", "lora_alpha", "lora_dropout", "truthfulqa_test_fraction",

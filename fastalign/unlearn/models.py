@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import re
 import sys
 
@@ -24,7 +23,7 @@ from fastalign.model_context import text_config
 from fastalign.model_decoder import decoder_of, forward_parameters, prompt_learning_adapter
 from fastalign.model_devices import META, check_head_loaded, compute_devices, loaded_devices
 from fastalign.model_vocabulary import input_vocabulary
-from fastalign.ops.checks import is_real
+from fastalign.ops.checks import is_finite_real
 from fastalign.transfers import index_on
 from fastalign.unlearn.batching import TokenBatch
 
@@ -300,7 +299,7 @@ def logit_multiplier(model, places: dict[str, str | None] | None = None) -> floa
         value = _forward_setting(base, name, places[name])
         if value is None:
             continue
-        if not is_real(value) or not math.isfinite(value) or value == 0:
+        if not is_finite_real(value) or value == 0:
             raise ValueError(f"{type(base).__name__}: its config's {name} must be a finite nonzero number, got "
                              f"{value!r}")
         multiplier *= factor(float(value), config)

@@ -15,7 +15,6 @@ weight used inside their forward (sharding.head_weight gathers it if FSDP gave t
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -25,7 +24,7 @@ import torch
 from fastalign.compute_dtype import compute_dtype
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.ops.backend import Backend, check_backend
-from fastalign.ops.checks import is_real
+from fastalign.ops.checks import is_finite_real
 from fastalign.ops.forward_gradients import check_grads_in_forward
 from fastalign.ops.linear_cross_entropy import linear_cross_entropy
 from fastalign.ops.linear_kl_div import linear_kl_div
@@ -48,7 +47,7 @@ class LossWeights:
     def __post_init__(self):
         for name in ("forget", "mismatch", "normal"):
             value = getattr(self, name)
-            if not is_real(value) or not math.isfinite(value) or value < 0:
+            if not is_finite_real(value) or value < 0:
                 raise ValueError(f"loss weight {name} must be a finite number >= 0, got {value!r}")
 
 
@@ -111,8 +110,7 @@ class UnlearningObjective(torch.nn.Module):
         return getattr(self.model, "_no_split_modules", None)
 
     def forward(self, batch: UnlearningBatch, normal_denominator: float | None = None) -> LossTerms:
-        if normal_denominator is not None and not (is_real(normal_denominator)
-                                                   and 0 < normal_denominator < float("inf")):
+        if normal_denominator is not None and not (is_finite_real(normal_denominator) and normal_denominator > 0):
             raise ValueError(f"normal_denominator must be a finite number > 0, got {normal_denominator!r}")
         self._check_embedded(batch)
         decoder, lm_head = causal_lm_parts(self.model)

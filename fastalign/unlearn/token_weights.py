@@ -5,11 +5,10 @@ L_rdn = mean_j (1/|A_j|) sum_{t in A_j} CE_t (descent on mismatched answers). Wi
 linear_cross_entropy(h, W, y, token_weight=w, reduction="sum") over the concatenated streams equals
 w_fgt * L_fgt + w_rdn * L_rdn exactly.
 """
-import math
 
 import torch
 
-from fastalign.ops.checks import is_real
+from fastalign.ops.checks import is_finite_real
 
 
 def _stream_weights(name, answer_mask, sign_weight):
@@ -34,7 +33,7 @@ def unlearning_token_weights(forget_mask: torch.Tensor | None, mismatch_mask: to
     weights are finite numbers >= 0 (SPEC §1's w_fgt and w_rdn): the streams give the signs.
     """
     for name, value in (("forget_weight", forget_weight), ("mismatch_weight", mismatch_weight)):
-        if not is_real(value) or not math.isfinite(value) or value < 0:   # the stream gives the sign
+        if not is_finite_real(value) or value < 0:   # the stream gives the sign
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     parts = []
     if forget_mask is not None:

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 import fastalign
-from fastalign.ops.checks import int_ids
+from fastalign.ops.checks import int_ids, is_finite_real, real_as_float
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,18 @@ def test_a_nested_tensor_is_refused_by_name(layout):
             call()
     with pytest.raises(TypeError, match="^hidden must be a dense tensor, got a nested tensor"):
         fastalign.linear_kl_div(hidden, weight, hidden, weight)
+
+
+def test_is_finite_real_is_false_for_an_int_too_big_for_a_float():
+    """YAML and JSON read 400 digits as an int, on which math.isfinite raised OverflowError: the settings it checked
+    crashed with a traceback where inf got an error naming the setting."""
+    finite = [0, -3, 1.5, 10 ** 308, np.float32(2.5), np.int64(7), np.float64(-1e308)]
+    other = [10 ** 400, -10 ** 400, float("inf"), float("-inf"), float("nan"), np.float32("inf"), True, "1", None, 1j]
+    assert [is_finite_real(value) for value in finite] == [True] * len(finite)
+    assert [is_finite_real(value) for value in other] == [False] * len(other)
+    # (RAIN's settings that may be infinite take any number a float holds: inf, and no int beyond one)
+    assert real_as_float(float("inf")) == float("inf") and real_as_float(np.int64(3)) == 3.0
+    assert real_as_float(10 ** 400) is None and real_as_float(True) is None and real_as_float("1") is None
 
 
 def test_int_ids_take_ints_of_any_container_and_refuse_bools_among_them():

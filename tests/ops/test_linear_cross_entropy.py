@@ -498,6 +498,7 @@ def test_bad_input_is_named(make_bad, message):
     ({"token_weight": torch.ones(6, requires_grad=True)}, "token_weight requires grad, but it is a constant"),
     ({"softcap": 0.0}, "softcap must be None or a positive finite number .* got 0.0"),
     ({"softcap": float("inf")}, "softcap must be None or a positive finite number .* got inf"),
+    ({"softcap": 10 ** 400}, "softcap must be None or a positive finite number .* got 10{400}$"),   # was OverflowError
     ({"softcap": True}, "softcap must be None or a positive finite number .* got True"),
     ({"backend": "cuda"}, "backend must be one of"),
 ])

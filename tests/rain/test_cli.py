@@ -570,6 +570,10 @@ def test_rain_config_file_sets_every_constant_and_options_override_it(rain_setup
     ("judge:\n  1: x\n", ": judge: setting names must be text, got [1]"),
     # was "a setting has the wrong type: '>=' not supported between instances of 'str' and 'int'", naming none
     ("exploration: lots\n", "RainConfig: exploration must be a number, got 'lots'"),
+    # an int too big for a float (YAML reads 400 digits as an int) ended in math.isfinite's OverflowError traceback
+    (f"exploration: 1{'0' * 400}\n", f"RainConfig: exploration must be finite, got 1{'0' * 400}\n"),
+    (f"initial_q_range: [-1, 1{'0' * 400}]\n", "RainConfig: initial_q_range[1] must be finite, got 1000"),
+    (f"similarity_threshold: 1{'0' * 400}\n", "RainConfig: similarity_threshold must be a number a float can hold "),
     ("early_stop_fresh_visits: .nan\n", "early_stop_fresh_visits must be an integer, got nan"),  # never stopped early
     ("token_set_lengths: [1, 2.5]\n", "token_set_lengths[1] must be an integer"),
     # wrong types crashed with a traceback, failed every prompt after the model loaded, or were misread

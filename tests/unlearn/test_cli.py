@@ -162,6 +162,10 @@ def test_errors_name_the_problem_and_write_nothing(workspace, capsys):
     (workspace / "typo.yaml").write_text("max_step: 3\n")
     assert main(["unlearn", "--config", str(workspace / "typo.yaml")]) == 2
     assert f"error: {workspace / 'typo.yaml'}: unknown setting(s) ['max_step']" in capsys.readouterr().err   # the file
+    # an int too big for a float (YAML reads 400 digits as an int) ended in math.isfinite's OverflowError traceback
+    (workspace / "huge.yaml").write_text(f"lr: 1{'0' * 400}\n")
+    assert main(["unlearn", "--config", str(workspace / "huge.yaml")]) == 2
+    assert f"error: lr must be a finite number >= 0, got 1{'0' * 400}\n" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("check", [["--check"], []])

@@ -94,6 +94,9 @@ def test_a_setting_of_the_wrong_type_is_refused_by_name(settings, message):
     ({"lora": True, "lora_rank": 0}, r"lora_rank must be an integer >= 1, got 0"),
     ({"keep_checkpoints": -1}, r"keep_checkpoints must be an integer >= 0, got -1"),
     ({"lr": float("inf")}, r"lr must be a finite number >= 0, got inf"),
+    ({"lr": 10 ** 400}, r"lr must be a finite number >= 0, got 10{400}$"),   # was math.isfinite's OverflowError
+    ({"lora": True, "lora_alpha": 10 ** 400}, r"lora_alpha \(--lora-alpha\) must be a finite number > 0"),
+    ({"max_forget_nll": 10 ** 400}, r"max_forget_nll must be a finite number"),
     ({"weight_decay": -0.01}, r"weight_decay must be a finite number >= 0, got -0.01"),
     ({"lora": True, "lora_dropout": 1.0}, r"lora_dropout must be a number in \[0, 1\), got 1.0"),
     ({"truthfulqa_pool_fraction": 1}, r"truthfulqa_pool_fraction must be a number in \[0, 1\), got 1"),

@@ -305,7 +305,7 @@ def test_transformed_logits_are_the_models_own(case):
         torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("value", [0.0, float("inf"), float("nan"), True, "4"])
+@pytest.mark.parametrize("value", [0.0, float("inf"), pytest.param(10 ** 400, id="10**400"), float("nan"), True, "4"])
 def test_a_logit_multiplier_that_is_not_a_finite_nonzero_number_is_refused(value):
     model = tiny_granite(len(byte_bpe_tokenizer()), logits_scaling=1.0)
     model.config.__dict__["logits_scaling"] = value  # past the config's own type check, as a remote-code config
@@ -426,7 +426,7 @@ def test_weights_scale_terms_and_absent_streams():
 
 def test_bad_inputs():
     model, streams, reference, _ = setup("copy")
-    for bad in [float("nan"), float("inf"), -1.0, "1", True]:  # True: a YAML `yes`, not the weight 1
+    for bad in [float("nan"), float("inf"), 10 ** 400, -1.0, "1", True]:  # True: a YAML `yes`, not the weight 1
         with pytest.raises(ValueError, match="loss weight normal must be a finite number"):
             LossWeights(normal=bad)
     with pytest.raises(TypeError, match="LlamaModel has no lm_head"):
@@ -459,7 +459,7 @@ def test_normal_denominator_divides_the_kl_sum():
         torch.testing.assert_close(b, a * count / 2.5)
     # a step's average of normal tokens per micro-batch may be under 1 (one token over two micro-batches)
     torch.testing.assert_close(objective(batch, normal_denominator=0.5).normal, mean.normal * count / 0.5)
-    for bad in (0, float("inf"), True):   # inf made the normal term 0, True was taken as 1
+    for bad in (0, float("inf"), 10 ** 400, True):   # inf made the normal term 0, True was taken as 1
         with pytest.raises(ValueError, match=f"normal_denominator must be a finite number > 0, got {bad}"):
             objective(batch, normal_denominator=bad)
 

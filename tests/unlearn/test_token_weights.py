@@ -62,6 +62,7 @@ def test_bad_masks_are_named(forget, mismatch, message):
     # were silent: NaN or inf weights on every answer token, a text read as its number, True as 1
     (dict(forget_weight=float("nan")), "forget_weight must be a finite number >= 0, got nan"),
     (dict(mismatch_weight=float("inf")), "mismatch_weight must be a finite number >= 0, got inf"),
+    (dict(forget_weight=10 ** 400), "forget_weight must be a finite number >= 0, got 10{400}$"),   # was OverflowError
     (dict(forget_weight="0.5"), "forget_weight must be a finite number >= 0, got '0.5'"),
     (dict(mismatch_weight=True), "mismatch_weight must be a finite number >= 0, got True"),
     (dict(forget_weight=-0.5), "forget_weight must be a finite number >= 0"),   # ascent would become descent
