@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import json
 import os
 import re
@@ -123,9 +124,9 @@ LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 def read_csv(path: str | os.PathLike, required_columns: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
     """Yields (row number, row dict) of a CSV file with a header: the row number is the 1-based line the row
-    starts on (the header is line 1, as in a spreadsheet; a quoted field may span several lines). The whole file is
-    read under the raised field limit before the first row is yielded, so that no other reader (another read_csv
-    among them) sees the limit changed while this one is paused."""
+    starts on (the header is line 1, as in a spreadsheet; a quoted field may span several lines, and a quote never
+    closed is an error naming its row). The whole file is read under the raised field limit before the first row is
+    yielded, so that no other reader (another read_csv among them) sees the limit changed while this one is paused."""
     limit = csv.field_size_limit(_CSV_FIELD_LIMIT)
     try:
         rows = _csv_rows(os.fspath(path), required_columns)
@@ -134,22 +135,32 @@ def read_csv(path: str | os.PathLike, required_columns: tuple[str, ...]) -> Iter
     yield from rows
 
 
+# A line read after a file's last: a field takes it in only where a quote opened in it is never closed (the csv module
+# then reads the field to the end of the file), else it is a row of its own, which ends the reading.
+_END_OF_FILE = "\ue000fastalign: end of the file\ue000"
+
+
 def _csv_rows(path: str, required_columns: tuple[str, ...]) -> list[tuple[int, dict]]:
     """read_csv's rows, read with the csv module's current field limit."""
     rows = []
     with open_text(path) as f:
         try:
-            reader = csv.DictReader(f)
-            missing = [c for c in required_columns if c not in (reader.fieldnames or [])]
+            reader = csv.reader(itertools.chain(f, [_END_OF_FILE]))
+            first = _next_csv_row(path, reader)
+            header = None if first is None else first[1]
+            missing = [c for c in required_columns if c not in (header or [])]
             if missing:
-                raise DataError(f"{path}: missing column(s) {missing}; header is {reader.fieldnames}")
-            twice = [c for c in required_columns if reader.fieldnames.count(c) > 1]
-            if twice:   # DictReader would keep the last such column's cells, silently
+                raise DataError(f"{path}: missing column(s) {missing}; header is {header}")
+            twice = [c for c in required_columns if header.count(c) > 1]
+            if twice:   # the dict would keep the last such column's cells, silently
                 raise DataError(f"{path}: column(s) {twice} named twice in the header: rename or remove the one "
                                 "not meant")
-            for record in reader:   # line_num: the row's last line, after the line breaks its quoted fields hold
-                breaks = sum(len(LINE_BREAK.findall(v)) for v in record.values() if isinstance(v, str))
-                row = reader.line_num - breaks
+            while (read := _next_csv_row(path, reader)) is not None:
+                row, fields = read
+                if not fields:   # a blank line
+                    continue
+                # (None: the value of a short row's missing cells, the key of a long row's extra ones)
+                record = dict(itertools.zip_longest(header, fields))
                 if None in record or any(record[c] is None for c in required_columns):
                     raise DataError(f"{path}: row {row}: wrong number of fields")
                 rows.append((row, record))
@@ -158,6 +169,18 @@ def _csv_rows(path: str, required_columns: tuple[str, ...]) -> list[tuple[int, d
         except csv.Error as e:
             raise DataError(f"{path}: malformed CSV: {e}") from None
     return rows
+
+
+def _next_csv_row(path: str, reader) -> tuple[int, list[str]] | None:
+    """(the 1-based line it starts on, its fields) of the next row of a csv.reader of a file's lines and
+    _END_OF_FILE (no field: a blank line); None at the end of the file; DataError where a quote is never closed."""
+    row = reader.line_num + 1   # the lines the reader has read, up to the previous row's last
+    fields = next(reader)
+    if fields and fields[-1].endswith(_END_OF_FILE):
+        if fields == [_END_OF_FILE] and reader.line_num == row:
+            return None
+        raise DataError(f"{path}: a quote opened on row {row} is never closed: its field runs to the end of the file")
+    return row, fields
 
 
 def text_field(obj: dict, key: str, path: str, row: int) -> str:

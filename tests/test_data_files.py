@@ -134,3 +134,30 @@ def test_csv_rows_are_numbered_past_fields_that_hold_any_line_break(tmp_path):
     (tmp_path / "breaks.csv").write_bytes(b'Question,Best Answer\nq1,"a\rb"\nq2,"c\r\nd\ne\rf"\nq3,g\n')
     assert [(row, r["Question"]) for row, r in read_csv(tmp_path / "breaks.csv", ("Question",))] == \
         [(2, "q1"), (4, "q2"), (8, "q3")]
+
+
+@pytest.mark.parametrize("end", ["\n", ""], ids=["newline-at-end", "no-newline-at-end"])
+def test_a_csv_quote_never_closed_is_named_with_the_row_it_opens_on(tmp_path, end):
+    """A quote opened on line 4 and never closed was "row 3: wrong number of fields": a correct row, named because the
+    field, run to the end of the file, also held the file's last line break, and no word of the quote."""
+    (tmp_path / "open.csv").write_text(f'Question,Best Answer\nq1,a1\nq2,a2\n"q3 never closed,a3\nq4,a4\nq5,a5{end}')
+    with pytest.raises(DataError, match=r"open.csv: a quote opened on row 4 is never closed: its field runs to the end "
+                                        r"of the file$"):
+        list(read_csv(tmp_path / "open.csv", ("Question", "Best Answer")))
+    # in a row's last column, the field took in the rest of the file: its rows were lost without a word
+    (tmp_path / "last.csv").write_text(f'Question,Best Answer\nq1,a1\nq2,"a2 never closed\nq3,a3\nq4,a4{end}')
+    with pytest.raises(DataError, match=r"last.csv: a quote opened on row 3 is never closed"):
+        list(read_csv(tmp_path / "last.csv", ("Question", "Best Answer")))
+    (tmp_path / "header.csv").write_text(f'Question,"Best Answer\nq1,a1{end}')
+    with pytest.raises(DataError, match=r"header.csv: a quote opened on row 1 is never closed"):
+        list(read_csv(tmp_path / "header.csv", ("Question",)))
+    (tmp_path / "closed.csv").write_text(f'Question,Best Answer\nq1,"a\n"\n\nq2,"a2"{end}')   # (a field's last "\n")
+    assert list(read_csv(tmp_path / "closed.csv", ("Question",))) == \
+        [(2, {"Question": "q1", "Best Answer": "a\n"}), (5, {"Question": "q2", "Best Answer": "a2"})]
+
+
+def test_a_csv_row_of_too_many_fields_is_named_by_the_line_it_starts_on(tmp_path):
+    """The line breaks of a row's extra fields were not counted: a row starting on line 3 was said to be row 4."""
+    (tmp_path / "extra.csv").write_text('Question,Best Answer\nq1,a1\nq2,a2,"extra\nfield"\nq3,a3\n')
+    with pytest.raises(DataError, match=r"extra.csv: row 3: wrong number of fields$"):
+        list(read_csv(tmp_path / "extra.csv", ("Question", "Best Answer")))
