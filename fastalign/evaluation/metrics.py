@@ -3,7 +3,8 @@
 - harmful rate = share of (prompt, answer) pairs the judge marks harmful (SPEC §1, Evaluation);
 - unchanged share = share of prompts whose answer equals the original model's (greedy) answer;
 - mean token KL = mean over the answer tokens of the normal data of KL(P_t || Q_t), P the original model,
-  Q the evaluated one: the same quantity as unlearning's L_nor, token-weighted over the whole set.
+  Q the evaluated one: the same quantity as unlearning's L_nor, token-weighted over the whole set, from float64
+  log-probabilities through the loss op's kl_of_log_probs (fp32 ones gave a KL near 0 that was negative or far off).
 
 The KL has one scoring core on token ids, `mean_token_kl_of_ids`: answers generated here are scored on the
 exact ids the model generated (`generation.Generation`: the prompt as generation read it, the answer through
@@ -19,6 +20,7 @@ from fastalign.eval_mode import eval_mode
 from fastalign.model_devices import input_device
 from fastalign.model_vocabulary import check_embedded, input_vocabulary
 from fastalign.ops.checks import check_count, is_integer
+from fastalign.ops.torch_chunked.linear_kl_div import kl_of_log_probs
 from fastalign.prompt_tokens import tokenize_texts
 from fastalign.runtime.hf_cache_argument import takes_logits_to_keep
 from fastalign.unlearn.encoding import answer_tokens
@@ -125,13 +127,13 @@ def mean_token_kl_of_ids(model, reference, sequences: Sequence[TokenPair], batch
         for r, (prompt_ids, answer_ids) in enumerate(sequences[start:start + batch_size]):
             predicted[r, len(prompt_ids) - 1:len(prompt_ids) + len(answer_ids) - 1] = True
         first = min(len(prompt_ids) for prompt_ids, _ in sequences[start:start + batch_size]) - 1
-        log_q = _answer_log_probs(model, device, ids, mask, predicted, first)
-        log_p = _answer_log_probs(reference, ref_device, ids, mask, predicted, first).to(log_q.device)
-        # p log(p / q) is 0 where p is (a token the reference masks to -inf: not 0 * (-inf - -inf) = NaN); in row
-        # chunks, so that its temporaries are not [answer tokens, vocab] each
-        terms = [torch.where(p > -torch.inf, p.exp() * (p - q), 0.0).sum(-1)
-                 for p, q in zip(log_p.split(_KL_ROWS), log_q.split(_KL_ROWS))]
-        total += torch.cat(terms).double().sum().item()
+        logits_q = _answer_logits(model, device, ids, mask, predicted, first)
+        logits_p = _answer_logits(reference, ref_device, ids, mask, predicted, first).to(logits_q.device)
+        # log-softmax in float64: in fp32 the rounding of the two logsumexps (~1e-7 |lse|) outweighed a KL near 0 (a
+        # model the KL term kept close); in row chunks, so that its temporaries are not [answer tokens, vocab] each
+        terms = [kl_of_log_probs(torch.log_softmax(q.double(), -1), torch.log_softmax(p.double(), -1))
+                 for p, q in zip(logits_p.split(_KL_ROWS), logits_q.split(_KL_ROWS))]
+        total += torch.cat(terms).sum().item()
         count += int(predicted.sum())
     if count == 0:
         raise ValueError("mean_token_kl: the sequences contain no answer tokens")
@@ -155,8 +157,8 @@ def _token_ids(ids, what: str) -> List[int]:
 _KL_ROWS = 64   # the answer tokens whose KL terms are computed at once
 
 
-def _answer_log_probs(lm, device, ids, mask, predicted, first):
-    """lm's next-token log-probabilities [answer tokens, vocab] (float32) at the positions `predicted` of the
+def _answer_logits(lm, device, ids, mask, predicted, first):
+    """lm's next-token logits [answer tokens, vocab] (in its dtype) at the positions `predicted` of the
     right-padded `ids` [rows, width], run in eval mode with its inputs on `device` (its input_device); its logits
     computed from position `first` on (the batch's earliest predicting one; logits_to_keep, where its forward takes
     it), not at every prompt one."""
@@ -164,7 +166,7 @@ def _answer_log_probs(lm, device, ids, mask, predicted, first):
     with eval_mode(lm):
         logits = lm(input_ids=ids.to(device), attention_mask=mask.to(device), **kept).logits
     at = predicted[:, ids.shape[1] - logits.shape[1]:].to(logits.device)
-    return torch.log_softmax(logits[at].float(), -1)
+    return logits[at]
 
 
 def mean_token_kl(model, reference, tokenizer, pairs: Sequence[Pair], batch_size: int = 16) -> float:

@@ -171,6 +171,23 @@ def test_mean_token_kl_of_ids_matches_the_slow_reference(tokenizer, model):
     assert mean_token_kl_of_ids(model, model, sequences) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_mean_token_kl_of_a_slightly_perturbed_copy_matches_float64(tokenizer, model):
+    """A model the KL term kept close to the reference (KL ~1e-9): the KL was summed from fp32 log-probabilities, whose
+    two logsumexps' rounding (~1e-7 |lse|) went into every log p - log q alike, and came out 10x too high (or
+    negative); it is now summed in float64 through the loss op's KL of log-probabilities."""
+    close = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in close.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 1e-5 * parameter.abs().mean())
+    sequences = [(torch.randint(3, len(tokenizer), (n_prompt,), generator=generator).tolist(),
+                  torch.randint(3, len(tokenizer), (n_answer,), generator=generator).tolist())
+                 for n_prompt, n_answer in [(5, 7), (1, 3), (12, 1), (3, 20), (8, 8)]]
+    exact = slow_kl_of_ids(close, model, sequences)
+    assert 1e-11 < exact < 1e-6
+    assert mean_token_kl_of_ids(close, model, sequences, batch_size=2) == pytest.approx(exact, rel=1e-6)
+
+
 @pytest.mark.parametrize("sequences, batch_size, message", [
     ([((), (5, 6))], 16, "sequence 0 has answer ids but no prompt ids"),
     ([((5,), (6,))], 0, "batch_size must be an integer >= 1, got 0"),

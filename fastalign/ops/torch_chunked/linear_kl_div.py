@@ -45,14 +45,15 @@ def _forward_pass(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, grad_s
         ref_lse[rows] = torch.logsumexp(log_p, dim=1)
         log_q -= lse[rows, None]
         log_p -= ref_lse[rows, None]
-        kl[rows] = _kl_of_log_probs(log_q, log_p)
+        kl[rows] = kl_of_log_probs(log_q, log_p)
         if any(g is not None for g in grads):
             _accumulate_chunk(log_q, log_p, rows, hidden, weight_acc, lse, grad_scale, softcap, grads)
     return (kl, lse, ref_lse) + grads
 
 
-def _kl_of_log_probs(log_q, log_p):
-    """KL(P || Q) [c] from both heads' log-probabilities [c, V]: E_p[d] + log1p(E_p[expm1(-d)]), d = log_p - log_q.
+def kl_of_log_probs(log_q, log_p):
+    """KL(P || Q) [c] from both heads' log-probabilities [c, V]: E_p[d] + log1p(E_p[expm1(-d)]), d = log_p - log_q
+    (also evaluation.metrics' token KL, from float64 ones).
     The second term is 0 in exact arithmetic (E_p[exp(-d)] = sum q = 1); computed, it takes out what the rounding of
     the two logsumexps puts into every d alike (~1e-7 |lse|), which sum p d alone keeps: percents off, and negative,
     where P ~ Q, whatever the gap between the logsumexps (a reference whose logits are shifted). p expm1(-d) is taken
