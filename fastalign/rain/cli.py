@@ -2,7 +2,9 @@
 decoding alongside for comparison.
 
 Each prompt's record {"index", "prompt", "rain", "vanilla", "error", "stats", "run"} ("run": the model and a
-digest of the settings that decide the answers) is appended to --output and
+digest of the settings that decide the answers; "stats": the prompt's costs, its "seconds" its share of each model
+call's time by phase, with no "host" time: prompts searched together overlap, and the summary printed at the end
+holds the run's "host", the wall time no phase took) is appended to --output and
 flushed as soon as that prompt finishes, so a killed run resumes where it stopped (prompts recorded without
 an error are skipped). A prompt that fails gets its error in its record; the others go on, and a resumed run
 searches it again and appends its new record: the file is append-only, and an index's last successful record wins

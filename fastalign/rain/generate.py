@@ -53,7 +53,7 @@ class RainResult:
 class RainRun:
     """Per-prompt results (in prompt order) and the run's totals: `stats` adds the prompts' counters and
     the shared prefixes; its model_calls, time per phase and wall time are the run's own (the shared prefixes' calls
-    included; "host": the wall time no phase took). `ledger` (what was fed) and
+    included; "host": the wall time no phase took, which a prompt's stats have not). `ledger` (what was fed) and
     `required` (the tree's minimum) are kept for inspection: their keys are those of the prompts' starting
     sequences and of prompts that could share sequences with another (see ledger.py), the others' are dropped as
     each is done."""
@@ -225,8 +225,7 @@ def rain_generate(model, tokenizer, prompts: Sequence[str], config: RainConfig =
     total.rows, total.tokens, total.recomputed_tokens = ledger.run.rows, ledger.run.tokens, ledger.run.recomputed_tokens
     total.wall_seconds = time.perf_counter() - start
     total.seconds = dict(ledger.run.seconds)     # the prompts' and the calls of shared prefixes, which are no prompt's
-    accounted = sum(v for k, v in total.seconds.items() if k != "host")
-    total.seconds["host"] = max(total.wall_seconds - accounted, 0.0)
+    total.seconds["host"] = max(total.wall_seconds - sum(total.seconds.values()), 0.0)   # the run's alone (stats.py)
     return RainRun(results, total, ledger, required)
 
 

@@ -16,12 +16,17 @@ one (the leaf's own state, then each rollout position; each step of an expansion
 candidate prefix), and a self-evaluation needs one more call once its reply is complete; leaves evaluated
 together run in parallel; a prompt's runs follow one another. A prompt's `model_calls` (the calls it took
 part in) over its `required_calls` says how far an engine is from that bound.
+
+`seconds` is time by phase ("expand", "simulate", "evaluate", "embed"): a prompt's, its share of each model call's
+time (split over the call's rows). A run's adds "host", the wall time no phase took (the search's own work, and
+waits); a prompt has no such time of its own: prompts searched together overlap, so its wall time less its phases
+counts the others' calls too.
 """
 import math
 from dataclasses import dataclass, field, asdict
 from typing import Dict
 
-PHASES = ("expand", "simulate", "evaluate", "embed", "host")
+PHASES = ("expand", "simulate", "evaluate", "embed")
 MINIMUM_PARTS = ("prompt", "tree", "rollout", "judge", "shared_prefix")
 
 
@@ -56,13 +61,13 @@ class RainStats:
 
     def add(self, other: "RainStats") -> "RainStats":
         """Adds the counters of `other` (calls and wall time excepted: those are not additive across
-        prompts that shared calls)."""
+        prompts that shared calls); a run's "host" seconds too (other ranks' runs)."""
         for name in ("committed_tokens", "iterations", "rows", "tokens", "recomputed_tokens", "required_calls"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for part, value in other.minimum.items():
             self.minimum[part] += value
         for phase, value in other.seconds.items():
-            self.seconds[phase] += value
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + value
         return self
 
     def as_dict(self) -> dict:

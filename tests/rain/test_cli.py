@@ -1033,6 +1033,7 @@ def test_rain_summary_on_rank_0_adds_up_every_ranks_counts(rain_setup, monkeypat
     assert (summary["prompts"], summary["skipped_done"], summary["errors"]) == (5, 4, 5)
     assert summary["stats"]["model_calls"] == stats.model_calls + 1000 and summary["stats"]["wall_seconds"] == 1e6
     assert summary["stats"]["committed_tokens"] == stats.committed_tokens + 7
+    assert summary["stats"]["seconds"]["host"] == stats.seconds["host"] > 0   # a run's, which no prompt has
 
 
 def test_rain_resume_refuses_records_made_after_another_generation_prefix(rain_setup, tmp_path, monkeypatch, capsys):

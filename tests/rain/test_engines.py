@@ -560,8 +560,11 @@ def test_cost_against_reference_and_tree_minimum():
         assert r.stats.committed_tokens == len(r.answer_ids)
         calls, required = r.stats.model_calls, r.stats.required_calls
         assert required <= calls <= 1.05 * required, (calls, required)   # 1.6x before cuts and rows on rows
-        assert set(r.stats.seconds) == {"expand", "simulate", "evaluate", "embed", "host"}
+        # a prompt's share of each call's time; no "host" (it was always 0.0): prompts searched together overlap, so
+        # its wall time less its phases is not time of its own
+        assert list(r.stats.seconds) == ["expand", "simulate", "evaluate", "embed"]
         assert all(seconds >= 0 for seconds in r.stats.seconds.values()) and r.stats.seconds["expand"] > 0
+    assert list(t.seconds) == ["expand", "simulate", "evaluate", "embed", "host"]
     run_and_prompts = [t] + [r.stats for r in tree.results]
     charged = [sum(seconds for phase, seconds in stats.seconds.items() if phase != "host")
                for stats in run_and_prompts]   # each call's time split over its rows

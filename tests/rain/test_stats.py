@@ -19,8 +19,16 @@ def test_add_sums_every_counter_but_calls_and_wall_time():
     assert (total.committed_tokens, total.iterations, total.required_calls, total.rows, total.tokens,
             total.recomputed_tokens) == (110, 112, 116, 118, 120, 122)
     assert list(total.minimum.values()) == [110, 112, 114, 116, 118]
-    assert list(total.seconds.values()) == [110.0, 110.5, 111.0, 111.5, 112.0]
+    assert list(total.seconds.values()) == [110.0, 110.5, 111.0, 111.5]
     assert (total.model_calls, total.wall_seconds) == (12, 17.0)     # calls were shared: not additive
+
+
+def test_add_sums_runs_host_seconds_which_a_prompt_has_not():
+    """A run's seconds add "host", the wall time no phase took; a prompt's have none (torchrun's summary adds runs)."""
+    run = RainStats()
+    run.seconds["host"] = 2.0
+    assert "host" not in RainStats().seconds
+    assert RainStats().add(run).add(run).seconds == dict(expand=0.0, simulate=0.0, evaluate=0.0, embed=0.0, host=4.0)
 
 
 def test_record_holds_the_derived_ratios():
