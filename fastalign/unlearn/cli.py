@@ -36,7 +36,8 @@ data formats:
 
 outputs in --output-dir: model/ (the unlearned model, LoRA merged, with its tokenizer), adapter/ (with
 --lora: the unmerged PEFT adapter, the update exactly as trained; load it with PeftModel.from_pretrained(base,
-"out/adapter") on the base model in the dtype it trained in), log.jsonl (one line every --log-every steps and
+"out/adapter") on the base model in the dtype it trained in; adapter_config.json names --model as the base only
+where it is a Hub id, else null: no path of this machine), log.jsonl (one line every --log-every steps and
 at the last: loss, forget NLL, mismatch NLL, normal KL, lr, tokens, FLOPs, seconds; a term turned off,
 --mismatch-weight or --mismatch-per-prompt 0, --normal-weight 0, is null: not computed), run.json (summary, the
 last step's line, and compute spent; with --lora, merge_rounding_error: the share of the update that merging it

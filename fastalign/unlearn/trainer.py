@@ -58,7 +58,7 @@ from fastalign.unlearn.objective import UnlearningObjective
 from fastalign.unlearn.optimizer import adamw
 from fastalign.unlearn.packing import packing_unavailable
 from fastalign.unlearn.reference import AdapterDisabledReference, CachedReference, FrozenCopyReference
-from fastalign.unlearn.saving import save_model
+from fastalign.unlearn.saving import save_adapter, save_model
 from fastalign.unlearn.sharding import (check_flat_units, check_trainable_names, full_model_state, load_optimizer_state,
                                         load_trainable_state, optimizer_state, trainable_state)
 from fastalign.unlearn.streams import UnlearningBatch, UnlearningStreams
@@ -147,9 +147,10 @@ class UnlearningTrainer:
     """Trains `model` (a transformers causal LM) on `streams` with the settings of `config`.
 
     config.output_dir receives checkpoints/, log.jsonl, run.json and, at the end, model/ (LoRA merged in) and,
-    with LoRA, adapter/ (PEFT's save_pretrained before the merge: PeftModel.from_pretrained(base, adapter/) is
-    the trained model, where model/ lost the part of the update its weights' precision rounds away; the share
-    lost is run.json's merge_rounding_error, and a warning names it above lora_merge.MERGE_ERROR_WARNING).
+    with LoRA, adapter/ (PEFT's save_pretrained before the merge, naming the base model by a Hub id only:
+    saving.save_adapter; PeftModel.from_pretrained(base, adapter/) is the trained model, where model/ lost the part
+    of the update its weights' precision rounds away; the share lost is run.json's merge_rounding_error, and a
+    warning names it above lora_merge.MERGE_ERROR_WARNING).
     step_callback(record) runs on the main process after every step.
     `accelerator` must compute in the mixed precision config.precision names; without one the trainer makes its own,
     which shares the process's accelerate state with an Accelerator of the caller's in that precision and refuses one
@@ -714,7 +715,7 @@ class UnlearningTrainer:
         if acc.is_main_process:
             if lora:
                 with atomic_directory(summary.adapter_dir) as tmp:
-                    self.model.save_pretrained(tmp)
+                    save_adapter(self.model, tmp)
                 warn_of_a_lossy_merge(summary)
                 # in place: the weights as they were are gone, and with them the adapter a later train() would train
                 # (it is refused), whether model/ is written or not: the model trains as given from now on

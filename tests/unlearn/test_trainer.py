@@ -547,6 +547,16 @@ def test_resume_with_max_steps_below_the_checkpoint_step_is_refused(tmp_path):
     assert {k: v for k, v in last.items() if k != "seconds"} == log_lines(tmp_path / "run")[-1]
 
 
+def test_a_lora_runs_adapter_names_no_local_path_of_its_base_model(tmp_path, monkeypatch):
+    """adapter/adapter_config.json named the base model by the path the model was loaded from (--model as typed), a
+    path of the training machine (saving.save_adapter)."""
+    monkeypatch.chdir(tmp_path)
+    tiny_llama(len(byte_bpe_tokenizer())).save_pretrained(tmp_path / "base")
+    run(tmp_path, model=LlamaForCausalLM.from_pretrained("base"), max_steps=1, grad_accum=1, lora=True, lora_rank=4)
+    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] is None
+
+
 def test_max_steps_schedule_compute_and_outputs(tmp_path):
     tokenizer = byte_bpe_tokenizer()
     trainer, summary = run(tmp_path, max_steps=3, grad_accum=1)
