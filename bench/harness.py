@@ -1,8 +1,8 @@
 """Shared benchmark plumbing: timing, peak memory, device and commit identification, table and JSON output.
 
 Every bench/ script measures its candidates in one run, prints a table and writes
-bench/results/<name>-<device>-<commit>.json, so that each claim in the README or an issue note traces back
-to a committed measurement on a named device.
+bench/results/<name>-<device>-<commit>.json (<device>: device_slug, the GPU or the CPU model), so that each claim in
+the README or an issue note traces back to a committed measurement on a named device.
 """
 import argparse
 import gc
@@ -41,13 +41,38 @@ def qwen3_5_layer_types(num_layers):
     return ["full_attention" if (num_layers - 1 - i) % 4 == 0 else "linear_attention" for i in range(num_layers)]
 
 
+# where Linux names the CPU's model (platform.processor() is '' or the architecture there)
+CPUINFO = "/proc/cpuinfo"
+
+
 def device_name(device):
+    """A record's device: the GPU's name, the CPU's model with the threads torch uses, another accelerator's type."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
     return device.type  # another accelerator (mps, xpu, ...): named by its type, never taken for the CPU
+
+
+def device_slug(device):
+    """The device in a record's file name: the GPU's name, or "cpu-" and the CPU's model without trademarks, clock,
+    "CPU", "Processor" and core count ("cpu-amd-epyc-7b13"), so that two CPUs' runs at one commit are two files."""
+    name = device_name(device).split(" (")[0]
+    if torch.device(device).type == "cpu":
+        name += " " + re.sub(r"\((R|TM)\)|@.*|\b(CPU|Processor|\d+-Core)\b", " ", cpu_model(), flags=re.IGNORECASE)
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+def cpu_model():
+    """The CPU's "model name" of /proc/cpuinfo, else (no such file or line: another system, ARM) platform's name."""
+    try:
+        with open(CPUINFO) as f:
+            names = [value.strip() for key, _, value in (line.partition(":") for line in f)
+                     if key.strip() == "model name" and value.strip()]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def changed_files(sums_path, root):
@@ -386,9 +411,8 @@ def write_results(name, device, config, rows, tag=None, quick=False):
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": config,
               "autotuned": autotuned_configs(), "results": rows}
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", record["device"].split(" (")[0]).strip("-").lower()
     tags = "".join(f"-{t}" for t in (tag, "quick" if quick else None) if t)
-    path = os.path.join(RESULTS_DIR, f"{name}-{slug}-{commit}{tags}.json")
+    path = os.path.join(RESULTS_DIR, f"{name}-{device_slug(device)}-{commit}{tags}.json")
     # written aside, then renamed over the record: a run killed at its time limit while writing (the benches rewrite
     # their record after each row) leaves the previous record whole, not a truncated file
     partial = f"{path}.partial"

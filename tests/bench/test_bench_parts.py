@@ -24,6 +24,7 @@ import bench_optimizer  # noqa: E402
 import bench_rain  # noqa: E402
 import bench_tree  # noqa: E402
 import bench_unlearn  # noqa: E402
+from bench import harness  # noqa: E402
 from tests.conftest import TRITON_DEVICE  # noqa: E402
 from tests.unlearn import tiny as unlearn_tiny  # noqa: E402
 
@@ -705,7 +706,8 @@ def test_tree_attention_rows_are_written_as_they_are_measured(monkeypatch, tmp_p
     monkeypatch.setattr(sys, "argv", ["bench_tree.py", "--quick", "--device", "cpu", "--sections", "attention"])
     with pytest.raises(KeyboardInterrupt):
         bench_tree.main()
-    (path,) = tmp_path.glob("bench_tree-cpu-test-attention-quick.json")   # one section alone: a variant
+    # one section alone: a variant
+    (path,) = tmp_path.glob(f"bench_tree-{harness.device_slug('cpu')}-test-attention-quick.json")
     record = json.loads(path.read_text())
     assert [(row["section"], row["prefix"], row["rows"], row["method"]) for row in record["results"]] == [
         ("attention", 100, 1, "fastalign paged (torch)"), ("attention", 100, 1, "dense sdpa")], record
@@ -1568,7 +1570,8 @@ def test_loss_quick_keeps_the_shapes_given_on_the_command_line_and_refuses_stage
 def test_rain_record_of_the_demo_model_is_a_variant_beside_the_default(monkeypatch, tmp_path):
     """--demo and --random-model runs on one device and commit wrote one record name: the second replaced the first."""
     run_bench_rain(monkeypatch, tmp_path, [f"prompt {i}" for i in range(8)], argv=("--demo",))
-    assert [path.name for path in tmp_path.glob("rain-*")] == ["rain-cpu-test-demo.json"]
+    record = f"rain-{harness.device_slug('cpu')}-test-demo.json"
+    assert [path.name for path in tmp_path.glob("rain-*")] == [record]
 
 
 def test_unlearn_fastalign_enters_fused_layers_once_not_in_every_step(monkeypatch):

@@ -154,18 +154,27 @@ def test_print_table_right_aligns_columns_and_shows_zero_but_dashes_missing(caps
                                                     "     a     12.5    3"]
 
 
+def on_a_cpu(monkeypatch, tmp_path, model):
+    """harness reading a /proc/cpuinfo of two cores of CPU `model` (None: a cpuinfo without model names, as ARM's)."""
+    lines = ["processor\t: 0", "vendor_id\t: AuthenticAMD"] + ([f"model name\t: {model}"] if model else [])
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("\n".join(lines + ["", "processor\t: 1"] + lines[1:]) + "\n")
+    monkeypatch.setattr(harness, "CPUINFO", str(cpuinfo))
+
+
 def test_write_results_records_device_commit_config_and_rows(monkeypatch, tmp_path):
     monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path / "results"))
     monkeypatch.setenv("FASTALIGN_COMMIT", "abc1234")
+    on_a_cpu(monkeypatch, tmp_path, "AMD EPYC 7B13 64-Core Processor")
     rows = [{"method": "fused", "ms": 1.5}]
     path = harness.write_results("bench_x", "cpu", {"quick": True}, rows)
-    assert path == str(tmp_path / "results" / "bench_x-cpu-abc1234.json")
+    assert path == str(tmp_path / "results" / "bench_x-cpu-amd-epyc-7b13-abc1234.json")
     # a variant's tag, then a smoke run's "quick": a --quick run never replaces a measured record
     assert harness.write_results("bench_x", "cpu", {}, rows, tag="8b", quick=True) == \
-        str(tmp_path / "results" / "bench_x-cpu-abc1234-8b-quick.json")
+        str(tmp_path / "results" / "bench_x-cpu-amd-epyc-7b13-abc1234-8b-quick.json")
     with open(path) as f:
         record = json.load(f)
-    assert record["device"] == harness.device_name("cpu") and record["device"].startswith("cpu (")
+    assert record["device"] == f"cpu (AMD EPYC 7B13 64-Core Processor, {torch.get_num_threads()} threads)"
     assert {k: record[k] for k in ("benchmark", "commit", "torch", "config", "results")} == \
         {"benchmark": "bench_x", "commit": "abc1234", "torch": torch.__version__, "config": {"quick": True},
          "results": rows}
@@ -195,6 +204,36 @@ def test_a_compared_package_without_its_distributions_metadata_gives_its_own_ver
 
 def test_other_accelerators_are_named_by_their_type_not_as_the_cpu():
     assert harness.device_name("meta") == "meta" and harness.device_name("cpu").startswith("cpu (")
+    assert harness.device_slug("meta") == "meta"
+
+
+def test_records_of_two_cpus_at_one_commit_name_each_cpu_and_are_two_files(monkeypatch, tmp_path):
+    """A CPU was named by platform.processor(), '' or the architecture on Linux, and its record's file by "cpu" alone:
+    a run on another CPU at the same commit replaced the record, which did not say which CPU measured it. The file
+    name holds the model, shortened (no trademarks, clock, "CPU", "Processor", core count)."""
+    monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("FASTALIGN_COMMIT", "abc1234")
+    records = {}
+    for model in ("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz", "AMD EPYC 7B13 64-Core Processor"):
+        on_a_cpu(monkeypatch, tmp_path, model)
+        with open(harness.write_results("bench_x", "cpu", {}, [])) as f:
+            records[Path(f.name).name] = json.load(f)["device"]
+    threads = torch.get_num_threads()
+    assert records == {
+        "bench_x-cpu-intel-xeon-platinum-8481c-abc1234.json":
+            f"cpu (Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz, {threads} threads)",
+        "bench_x-cpu-amd-epyc-7b13-abc1234.json": f"cpu (AMD EPYC 7B13 64-Core Processor, {threads} threads)"}
+
+
+@pytest.mark.parametrize("cpuinfo", ["without model names", "missing"])
+def test_a_cpu_without_a_model_name_in_cpuinfo_is_named_by_platform(monkeypatch, tmp_path, cpuinfo):
+    on_a_cpu(monkeypatch, tmp_path, None)
+    if cpuinfo == "missing":
+        monkeypatch.setattr(harness, "CPUINFO", str(tmp_path / "missing"))
+    monkeypatch.setattr(harness.platform, "processor", lambda: "")
+    monkeypatch.setattr(harness.platform, "machine", lambda: "aarch64")
+    assert harness.device_name("cpu") == f"cpu (aarch64, {torch.get_num_threads()} threads)"
+    assert harness.device_slug("cpu") == "cpu-aarch64"
 
 
 def test_llama_shapes_have_the_named_models_parameter_counts():

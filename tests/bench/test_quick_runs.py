@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import harness
+
 ROOT = Path(__file__).resolve().parents[2]
+CPU = harness.device_slug("cpu")   # the records' device in their file names
 RUNS = {
     "bench_loss": ["--quick"],
     "bench_tree": ["--quick"],
@@ -263,7 +266,7 @@ def test_quick_run_writes_its_record(script, tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), *RUNS[script]], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    (path,) = tmp_path.glob(f"{RECORD_NAMES.get(script, script)}-cpu-test-quick.json")
+    (path,) = tmp_path.glob(f"{RECORD_NAMES.get(script, script)}-{CPU}-test-quick.json")
     record = json.loads(path.read_text())
     assert record["commit"] == "test" and record["device"].startswith("cpu") and record["results"]
     assert not [row for row in record["results"] if row.get("error")], record["results"]
@@ -279,7 +282,7 @@ def test_quick_run_of_the_hybrid_family_writes_its_own_record(tmp_path):
                            "--family", "qwen3_5", "--branch-lengths", "16"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    (path,) = tmp_path.glob("bench_tree-cpu-test-qwen3_5-runner-quick.json")   # the family, the one section
+    (path,) = tmp_path.glob(f"bench_tree-{CPU}-test-qwen3_5-runner-quick.json")   # the family, the one section
     record = json.loads(path.read_text())
     assert record["config"]["family"] == "qwen3_5" and record["config"]["branch_lengths"] == [16]
     results = record["results"]
@@ -301,8 +304,8 @@ def test_quick_run_of_the_8b_ways(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     # a record of its own, beside the comparison's, which gpu_session.sh measures in the same call
-    assert [path.name for path in tmp_path.glob("bench_unlearn-*")] == ["bench_unlearn-cpu-test-8b-quick.json"]
-    record = json.loads((tmp_path / "bench_unlearn-cpu-test-8b-quick.json").read_text())
+    assert [path.name for path in tmp_path.glob("bench_unlearn-*")] == [f"bench_unlearn-{CPU}-test-8b-quick.json"]
+    record = json.loads((tmp_path / f"bench_unlearn-{CPU}-test-8b-quick.json").read_text())
     config, results = record["config"], record["results"]
     assert config["ways"] == "8b" and config["preset"] == "quick" and config["gradient_checkpointing"], config
     assert config["dtype"] == "torch.bfloat16", config
