@@ -44,8 +44,8 @@ class PreparedAutocast:
         return torch.autocast(**settings)   # (a new one: an autocast keeps the state it restores on itself)
 
     @compiler_disable(reason="PreparedAutocast finds the autocast of a model that accelerate's prepare wrapped outside "
-                             "the compiled graph (one graph break, once per wrapper): for fullgraph=True, call the loss "
-                             "once uncompiled after the prepare, or make it after the prepare")
+                             "the compiled graph (one graph break, once per wrapper): for fullgraph=True, call the "
+                             "loss once uncompiled after the prepare, or make it after the prepare")
     def _find(self, model: torch.nn.Module) -> None:
         """Keeps the settings of the autocast around `model`'s prepared forward, None (and a warning) if none."""
         autocast = _autocast_around(vars(model)["forward"], vars(model)["_original_forward"])

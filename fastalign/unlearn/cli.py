@@ -83,8 +83,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     add("--config", metavar="FILE", help="JSON or YAML file of settings (names as below, '_' or '-', and "
         f"truthfulqa_test_fraction, default {_default('truthfulqa_test_fraction')}, and truthfulqa_pool_fraction, "
         f"default {_default('truthfulqa_pool_fraction')}: the shares of TruthfulQA rows held out as test questions "
-        "and as the mismatch answer pool, the pool's > 0 and the two's sum < 1); command-line options override it. Relative paths in it are read from "
-        "the directory the command runs in, not the file's")
+        "and as the mismatch answer pool, the pool's > 0 and the two's sum < 1); command-line options override it. "
+        "Relative paths in it are read from the directory the command runs in, not the file's")
     add("--check", action="store_true", help="load the model and all data, report, and exit without training")
 
     g = p.add_argument_group("model and data").add_argument
